@@ -1,0 +1,1 @@
+"""Agent <-> control-plane protocol, one sub-package per version."""

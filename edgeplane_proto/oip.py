@@ -1,0 +1,362 @@
+"""Open Inference Protocol (KServe v2) tensors: JSON and binary-extension codec.
+
+The agent, the data-centre ONNX replica, the gateway and the Python client all read and
+write v2 inference bodies, so the encoding lives here once. Decoding validates everything
+a caller controls (datatype names, shapes against element counts, binary sizes) and raises
+:class:`ProtocolError`, which servers turn into a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+#: v2 datatype name -> numpy dtype (BYTES is handled apart: object arrays of bytes).
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+_DTYPE_TO_NAME = {dt: name for name, dt in DATATYPES.items()}
+
+#: Header that carries the JSON part's length when binary tensors follow it.
+BINARY_HEADER = "Inference-Header-Content-Length"
+MAX_DIMS = 16
+
+
+class ProtocolError(ValueError):
+    """A v2 body that cannot be decoded: the message is safe to return to the caller."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    array: np.ndarray
+
+    @property
+    def datatype(self) -> str:
+        return datatype_of(self.array)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    inputs: tuple[Tensor, ...]
+    id: str | None = None
+    outputs: tuple[str, ...] = ()  # requested output names; empty = all
+    binary_outputs: bool = False
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model_name: str
+    outputs: tuple[Tensor, ...]
+    model_version: str | None = None
+    id: str | None = None
+
+
+def datatype_of(array: np.ndarray) -> str:
+    if array.dtype == object or array.dtype.kind in ("S", "U"):
+        return "BYTES"
+    try:
+        return _DTYPE_TO_NAME[array.dtype]
+    except KeyError as exc:
+        raise ProtocolError(f"numpy dtype {array.dtype} has no v2 datatype") from exc
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    try:
+        return DATATYPES[datatype]
+    except KeyError as exc:
+        known = ", ".join([*DATATYPES, "BYTES"])
+        raise ProtocolError(f"unknown datatype {datatype!r} (known: {known})") from exc
+
+
+def _check_shape(shape: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise ProtocolError(f"{where}.shape must be a list of at most {MAX_DIMS} integers")
+    dims: list[int] = []
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise ProtocolError(f"{where}.shape must hold non-negative integers, got {dim!r}")
+        dims.append(dim)
+    return tuple(dims)
+
+
+def _flatten(data: Any, depth: int = 0) -> list[Any]:
+    if depth > MAX_DIMS:
+        raise ProtocolError("tensor data is nested deeper than any allowed shape")
+    if isinstance(data, list):
+        out: list[Any] = []
+        for item in data:
+            if isinstance(item, list):
+                out.extend(_flatten(item, depth + 1))
+            else:
+                out.append(item)
+        return out
+    return [data]
+
+
+def _array_from_json(spec: Mapping[str, Any], where: str) -> np.ndarray:
+    datatype = spec.get("datatype")
+    if not isinstance(datatype, str):
+        raise ProtocolError(f"{where}.datatype is required (e.g. \"FP32\")")
+    shape = _check_shape(spec.get("shape"), where)
+    if "data" not in spec:
+        raise ProtocolError(f"{where}.data is required")
+    flat = _flatten(spec["data"])
+    count = math.prod(shape)
+    if len(flat) != count:
+        raise ProtocolError(
+            f"{where}: shape {list(shape)} needs {count} elements, data has {len(flat)}"
+        )
+    if datatype == "BYTES":
+        values = [v.encode() if isinstance(v, str) else v for v in flat]
+        if not all(isinstance(v, bytes) for v in values):
+            raise ProtocolError(f"{where}: BYTES data must be strings")
+        arr = np.empty(count, dtype=object)
+        arr[:] = values
+        return arr.reshape(shape)
+    dtype = numpy_dtype(datatype)
+    for v in flat:
+        if isinstance(v, (str, bytes, dict, type(None))):
+            raise ProtocolError(f"{where}: {datatype} data must be numbers, got {type(v).__name__}")
+    try:
+        return np.asarray(flat, dtype=dtype).reshape(shape)
+    except (ValueError, OverflowError, TypeError) as exc:
+        raise ProtocolError(f"{where}: data does not fit {datatype}: {exc}") from exc
+
+
+def _array_from_bytes(raw: bytes, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    if datatype == "BYTES":
+        items: list[bytes] = []
+        pos = 0
+        while pos < len(raw):
+            if pos + 4 > len(raw):
+                raise ProtocolError(f"{where}: truncated BYTES element length")
+            size = int.from_bytes(raw[pos : pos + 4], "little")
+            pos += 4
+            if pos + size > len(raw):
+                raise ProtocolError(f"{where}: truncated BYTES element")
+            items.append(raw[pos : pos + size])
+            pos += size
+        if len(items) != math.prod(shape):
+            raise ProtocolError(f"{where}: shape {list(shape)} does not match {len(items)} elements")
+        arr = np.empty(len(items), dtype=object)
+        arr[:] = items
+        return arr.reshape(shape)
+    dtype = numpy_dtype(datatype)
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise ProtocolError(
+            f"{where}: shape {list(shape)} of {datatype} needs {expected} bytes, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _json_body(body: bytes, header_length: int | None) -> tuple[Any, bytes]:
+    if header_length is None:
+        head, rest = body, b""
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise ProtocolError(f"{BINARY_HEADER} {header_length} is outside the body")
+        head, rest = body[:header_length], body[header_length:]
+    try:
+        return json.loads(head), rest
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"body is not valid JSON: {exc}") from exc
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Decode a v2 ``/infer`` request body (JSON, optionally with binary tensors)."""
+    doc, binary = _json_body(body, header_length)
+    if not isinstance(doc, dict):
+        raise ProtocolError("request body must be a JSON object")
+    inputs_doc = doc.get("inputs")
+    if not isinstance(inputs_doc, list) or not inputs_doc:
+        raise ProtocolError("request needs a non-empty \"inputs\" list")
+    inputs: list[Tensor] = []
+    offset = 0
+    seen: set[str] = set()
+    for i, spec in enumerate(inputs_doc):
+        where = f"inputs[{i}]"
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ProtocolError(f"{where} must be an object with a \"name\"")
+        if spec["name"] in seen:
+            raise ProtocolError(f"{where}: input {spec['name']!r} given twice")
+        seen.add(spec["name"])
+        params = spec.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ProtocolError(f"{where}.parameters must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ProtocolError(f"{where}.parameters.binary_data_size must be an integer")
+            if offset + size > len(binary):
+                raise ProtocolError(f"{where}: binary data runs past the end of the body")
+            datatype = spec.get("datatype")
+            if not isinstance(datatype, str):
+                raise ProtocolError(f"{where}.datatype is required")
+            shape = _check_shape(spec.get("shape"), where)
+            arr = _array_from_bytes(binary[offset : offset + size], datatype, shape, where)
+            offset += size
+        else:
+            arr = _array_from_json(spec, where)
+        inputs.append(Tensor(spec["name"], arr))
+    outputs: list[str] = []
+    binary_outputs = False
+    for j, out in enumerate(doc.get("outputs") or []):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise ProtocolError(f"outputs[{j}] must be an object with a \"name\"")
+        outputs.append(out["name"])
+        binary_outputs |= bool((out.get("parameters") or {}).get("binary_data"))
+    req_id = doc.get("id")
+    parameters = doc.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError("parameters must be an object")
+    return InferRequest(
+        inputs=tuple(inputs),
+        id=str(req_id) if req_id is not None else None,
+        outputs=tuple(outputs),
+        binary_outputs=binary_outputs or bool(parameters.get("binary_data_output")),
+        parameters=parameters,
+    )
+
+
+def _tensor_json(t: Tensor) -> dict[str, Any]:
+    arr = t.array
+    datatype = datatype_of(arr)
+    if datatype == "BYTES":
+        data: list[Any] = [
+            v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)
+        ]
+    else:
+        data = arr.reshape(-1).tolist()
+    return {"name": t.name, "shape": list(arr.shape), "datatype": datatype, "data": data}
+
+
+def _tensor_bytes(arr: np.ndarray) -> bytes:
+    if datatype_of(arr) == "BYTES":
+        parts = []
+        for v in arr.reshape(-1):
+            b = v if isinstance(v, bytes) else str(v).encode()
+            parts.append(len(b).to_bytes(4, "little") + b)
+        return b"".join(parts)
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def _encode(doc: dict[str, Any], tensors: Sequence[Tensor], key: str, binary: bool) -> tuple[bytes, int | None]:
+    if not binary:
+        doc[key] = [_tensor_json(t) for t in tensors]
+        return json.dumps(doc, separators=(",", ":")).encode(), None
+    blobs = []
+    specs = []
+    for t in tensors:
+        raw = _tensor_bytes(t.array)
+        blobs.append(raw)
+        specs.append(
+            {
+                "name": t.name,
+                "shape": list(t.array.shape),
+                "datatype": datatype_of(t.array),
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        )
+    doc[key] = specs
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    return head + b"".join(blobs), len(head)
+
+
+def encode_request(
+    inputs: Sequence[Tensor] | Mapping[str, np.ndarray],
+    *,
+    id: str | None = None,
+    binary: bool = False,
+    outputs: Sequence[str] = (),
+) -> tuple[bytes, int | None]:
+    """Encode a request; returns ``(body, header_length)`` (the latter only for binary)."""
+    tensors = _as_tensors(inputs)
+    doc: dict[str, Any] = {}
+    if id is not None:
+        doc["id"] = id
+    if outputs:
+        doc["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]
+    elif binary:
+        doc["parameters"] = {"binary_data_output": True}
+    return _encode(doc, tensors, "inputs", binary)
+
+
+def encode_response(response: InferResponse, *, binary: bool = False) -> tuple[bytes, int | None]:
+    doc: dict[str, Any] = {"model_name": response.model_name}
+    if response.model_version is not None:
+        doc["model_version"] = response.model_version
+    if response.id is not None:
+        doc["id"] = response.id
+    return _encode(doc, response.outputs, "outputs", binary)
+
+
+def decode_response(body: bytes, header_length: int | None = None) -> InferResponse:
+    doc, binary = _json_body(body, header_length)
+    if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
+        raise ProtocolError("response body must be a JSON object with \"outputs\"")
+    outputs = []
+    offset = 0
+    for i, spec in enumerate(doc["outputs"]):
+        where = f"outputs[{i}]"
+        if not isinstance(spec, dict):
+            raise ProtocolError(f"{where} must be an object")
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            shape = _check_shape(spec.get("shape"), where)
+            arr = _array_from_bytes(binary[offset : offset + size], str(spec.get("datatype")), shape, where)
+            offset += size
+        else:
+            arr = _array_from_json(spec, where)
+        outputs.append(Tensor(str(spec.get("name")), arr))
+    return InferResponse(
+        model_name=str(doc.get("model_name", "")),
+        model_version=doc.get("model_version"),
+        id=doc.get("id"),
+        outputs=tuple(outputs),
+    )
+
+
+def _as_tensors(inputs: Sequence[Tensor] | Mapping[str, np.ndarray]) -> list[Tensor]:
+    if isinstance(inputs, Mapping):
+        return [Tensor(name, np.asarray(arr)) for name, arr in inputs.items()]
+    return list(inputs)
+
+
+def model_metadata(
+    name: str,
+    inputs: Sequence[tuple[str, str, Sequence[int]]],
+    outputs: Sequence[tuple[str, str, Sequence[int]]],
+    versions: Sequence[str] = ("1",),
+    platform: str = "onnxruntime_onnx",
+) -> dict[str, Any]:
+    """The body of ``GET /v2/models/{name}``: ``(name, datatype, shape)`` per tensor, -1 = dynamic."""
+    return {
+        "name": name,
+        "versions": list(versions),
+        "platform": platform,
+        "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in inputs],
+        "outputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in outputs],
+    }
+
+
+def error_body(message: str) -> bytes:
+    """v2 error object: ``{"error": "..."}``."""
+    return json.dumps({"error": message}).encode()

@@ -1,0 +1,1 @@
+"""User manifests: strict schema, line-aware loading, cross-document checks."""

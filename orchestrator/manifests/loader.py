@@ -1,0 +1,217 @@
+"""Parse YAML/JSON manifest text into validated documents, keeping line numbers.
+
+PyYAML's node graph carries positions, so the text is composed to nodes first, each
+field path is mapped to its line, and pydantic's error locations are translated back to
+``file:line``. The node walk also refuses what safe loading alone lets through: duplicate
+keys (silently overwritten by PyYAML), alias bombs and absurd nesting.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pydantic
+import yaml
+
+from orchestrator.manifests import schema
+from orchestrator.manifests.errors import ManifestError, ManifestIssue
+
+MAX_BYTES = 4 * 1024 * 1024
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+MAX_DOCUMENTS = 1_000
+
+Path = tuple[str | int, ...]
+
+_LABEL_HINT = "letters, digits, '-', '_', '.' (at most 63 characters, alphanumeric at both ends)"
+_PATTERN_HINTS = {
+    "name": "use lowercase letters, digits and '-' (a DNS label, at most 63 characters)",
+    "model": "use lowercase letters, digits and '-' (a DNS label, at most 63 characters)",
+    "sha256": "expected 64 lowercase hexadecimal digits",
+    "importPath": "expected 'package.module:attribute'",
+    "maxUnavailable": "expected a count or a percentage such as '25%'",
+}
+
+
+@dataclass(frozen=True)
+class LoadedDocument:
+    file: str
+    index: int
+    line: int
+    doc: schema.Document
+
+    @property
+    def kind(self) -> str:
+        return self.doc.kind
+
+    @property
+    def name(self) -> str:
+        return self.doc.metadata.name
+
+
+def format_path(path: Path) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+class _Walker:
+    """Turns a composed node into plain data and a path -> line map, with limits."""
+
+    def __init__(self, file: str, index: int):
+        self.file, self.index = file, index
+        self.lines: dict[Path, int] = {}
+        self.count = 0
+        self.constructor = yaml.SafeLoader.__new__(yaml.SafeLoader)
+        yaml.constructor.SafeConstructor.__init__(self.constructor)
+
+    def issue(self, path: Path, line: int | None, message: str) -> ManifestError:
+        return ManifestError([ManifestIssue(self.file, self.index, format_path(path), line, message)])
+
+    def to_data(self, node: yaml.Node, path: Path = (), depth: int = 0) -> Any:
+        self.count += 1
+        line = node.start_mark.line + 1
+        if self.count > MAX_NODES:
+            raise self.issue(path, line, f"document has more than {MAX_NODES} values (alias expansion?)")
+        if depth > MAX_DEPTH:
+            raise self.issue(path, line, f"document is nested deeper than {MAX_DEPTH} levels")
+        self.lines.setdefault(path, line)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise self.issue(path, key_node.start_mark.line + 1, "YAML merge keys (<<) are not supported")
+                key = self.constructor.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    raise self.issue(path, key_node.start_mark.line + 1, f"keys must be strings, got {key!r}")
+                if key in out:
+                    raise self.issue((*path, key), key_node.start_mark.line + 1, f"duplicate key {key!r}")
+                out[key] = self.to_data(value_node, (*path, key), depth + 1)
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.to_data(v, (*path, i), depth + 1) for i, v in enumerate(node.value)]
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as exc:
+            raise self.issue(path, line, f"cannot read value: {exc.problem}") from exc
+
+    def line_of(self, path: Path) -> int | None:
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.lines:
+                return self.lines[path[:end]]
+        return None
+
+
+def _decode(text: bytes | str, file: str) -> str:
+    if isinstance(text, bytes):
+        if len(text) > MAX_BYTES:
+            raise ManifestError([ManifestIssue(file, None, "", None, f"file is larger than {MAX_BYTES // (1024 * 1024)} MiB")])
+        try:
+            return text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError([ManifestIssue(file, None, "", None, f"not UTF-8 text (byte {exc.start})")]) from exc
+    if len(text) > MAX_BYTES:
+        raise ManifestError([ManifestIssue(file, None, "", None, f"file is larger than {MAX_BYTES // (1024 * 1024)} MiB")])
+    return text
+
+
+def _documents(text: str, file: str) -> Iterator[tuple[int, Any, _Walker]]:
+    loader = yaml.SafeLoader(text)
+    index = 0
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            if isinstance(node, yaml.SequenceNode):  # a JSON array (or YAML list) of documents
+                for item in node.value:
+                    walker = _Walker(file, index)
+                    yield index, walker.to_data(item), walker
+                    index += 1
+            else:
+                walker = _Walker(file, index)
+                yield index, walker.to_data(node), walker
+                index += 1
+            if index > MAX_DOCUMENTS:
+                raise ManifestError([ManifestIssue(file, index, "", None, f"more than {MAX_DOCUMENTS} documents in one file")])
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ManifestError([ManifestIssue(file, index, "", line, f"malformed YAML: {problem}")]) from exc
+    finally:
+        loader.dispose()
+
+
+def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssue]:
+    file, index = walker.file, walker.index
+
+    def issue(path: Path, message: str) -> ManifestIssue:
+        return ManifestIssue(file, index, format_path(path), walker.line_of(path), message)
+
+    if not isinstance(data, dict):
+        return [issue((), f"a document must be a mapping with apiVersion/kind/metadata/spec, got {type(data).__name__}")]
+    kind = data.get("kind")
+    if data.get("apiVersion") != schema.API_VERSION:
+        return [issue(("apiVersion",), f"apiVersion must be {schema.API_VERSION!r}, got {data.get('apiVersion')!r}")]
+    doc_type = schema.DOC_TYPES.get(kind) if isinstance(kind, str) else None
+    if doc_type is None:
+        return [issue(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(schema.KINDS)}")]
+    try:
+        return doc_type.model_validate(data)  # type: ignore[return-value]
+    except pydantic.ValidationError as exc:
+        out = []
+        for err in exc.errors(include_url=False):
+            loc = tuple(err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = f"unknown field {loc[-1]!r}"
+            elif err["type"] == "missing":
+                message = "required field is missing"
+            elif err["type"] == "string_pattern_mismatch":
+                message = f"{err.get('input')!r} is not valid: {_PATTERN_HINTS.get(str(loc[-1]), _LABEL_HINT)}"
+            out.append(issue(loc, message))
+        return out
+
+
+def load_text(text: bytes | str, file: str = "<input>") -> list[LoadedDocument]:
+    """Parse and validate every document of one file; raise :class:`ManifestError` on any problem."""
+    body = _decode(text, file)
+    docs: list[LoadedDocument] = []
+    issues: list[ManifestIssue] = []
+    for index, data, walker in _documents(body, file):
+        if data is None:
+            continue
+        result = _validate(data, walker)
+        if isinstance(result, list):
+            issues.extend(result)
+        else:
+            docs.append(LoadedDocument(file, index, walker.line_of(()) or 1, result))
+    if issues:
+        raise ManifestError(issues)
+    seen: dict[tuple[str, str], LoadedDocument] = {}
+    for d in docs:
+        key = (d.kind, d.name)
+        if key in seen:
+            first = seen[key]
+            issues.append(
+                ManifestIssue(file, d.index, "metadata.name", d.line, f"{d.kind} {d.name!r} is defined twice (also document {first.index})")
+            )
+        seen[key] = d
+    if issues:
+        raise ManifestError(issues)
+    return docs
+
+
+def manifest_files(target: pathlib.Path) -> list[pathlib.Path]:
+    """A file, or every ``*.yaml``/``*.yml``/``*.json`` in a directory (sorted, not recursive)."""
+    if target.is_dir():
+        return sorted(p for p in target.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
+    return [target]

@@ -1,0 +1,316 @@
+"""The user-facing documents: ``Site``, ``Model`` and ``ModelDeployment``.
+
+Field names are the product contract (SPEC.md). Every model forbids unknown fields and
+checks what a single document can check on its own (ranges, country codes, one-of
+rules); checks that need several documents (a deployment naming a missing model) live
+in :mod:`orchestrator.manifests.references`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+import pycountry
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+API_VERSION = "edgeplane.io/v1alpha1"
+KINDS = ("Site", "Model", "ModelDeployment")
+
+#: Residency groups a manifest may name besides single countries.
+RESIDENCY_GROUPS = ("EU",)
+
+Tier = Literal["datacenter", "edge"]
+Name = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63),
+]
+LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$", max_length=253)]
+LabelValue = Annotated[str, StringConstraints(pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$", max_length=63)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Positive = Annotated[float, Field(gt=0, le=1e6)]
+NonNegative = Annotated[float, Field(ge=0, le=1e6)]
+
+_ISO_ALPHA2 = frozenset(c.alpha_2 for c in pycountry.countries)
+
+
+def check_country(code: str) -> str:
+    if code not in _ISO_ALPHA2:
+        raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code (e.g. FR, DE)")
+    return code
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Metadata(Strict):
+    name: Name
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    #: Optimistic concurrency: when given, apply is refused unless it matches the stored one.
+    resourceVersion: str | None = None
+
+
+# --- Site -------------------------------------------------------------------------------
+
+
+class Location(Strict):
+    country: str
+    region: str | None = None
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+
+    _country = field_validator("country")(classmethod(lambda cls, v: check_country(v)))
+
+
+class GpuGroup(Strict):
+    model: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    count: int = Field(ge=1, le=1024)
+    memoryGiB: Positive
+
+
+class Capacity(Strict):
+    cpu: Positive
+    memoryGiB: Positive
+    gpus: list[GpuGroup] = Field(default_factory=list, max_length=64)
+
+
+class Energy(Strict):
+    carbonGramsPerKWh: NonNegative
+    pue: float = Field(default=1.0, ge=1.0, le=3.0)
+
+
+class RaySite(Strict):
+    #: ``local`` (edgeplane starts and owns a Ray head) or the dashboard URL of a cluster.
+    address: str
+    #: File holding the Ray auth token (Ray >= 2.60 enables token authentication by default).
+    tokenFile: str | None = None
+    #: Base URL of the cluster's Serve HTTP proxy, when it is not on the dashboard's host:8000.
+    serveUrl: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if v != "local" and not re.match(r"^https?://[^\s/]+(:\d+)?/?$", v):
+            raise ValueError("must be 'local' or a dashboard URL such as http://ray-head:8265")
+        return v
+
+
+class KubernetesSite(Strict):
+    context: Annotated[str, StringConstraints(min_length=1, max_length=253)]
+    namespace: Name = "default"
+
+
+class SiteSpec(Strict):
+    tier: Tier
+    location: Location
+    capacity: Capacity | None = None
+    energy: Energy | None = None
+    ray: RaySite | None = None
+    kubernetes: KubernetesSite | None = None
+
+    @model_validator(mode="after")
+    def _runtime_matches_tier(self) -> "SiteSpec":
+        if self.tier == "datacenter":
+            if (self.ray is None) == (self.kubernetes is None):
+                raise ValueError("a datacenter site needs exactly one of 'ray' or 'kubernetes'")
+            if self.capacity is None:
+                raise ValueError("a datacenter site needs 'capacity'")
+        elif self.ray is not None or self.kubernetes is not None:
+            raise ValueError("an edge site runs an edgeplane-agent: 'ray' and 'kubernetes' are for datacenter sites")
+        return self
+
+
+# --- Model ------------------------------------------------------------------------------
+
+
+class Artifact(Strict):
+    uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    sha256: Sha256
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not re.match(r"^(https?|file)://", v):
+            raise ValueError("must be an http://, https:// or file:// URI")
+        return v
+
+
+class Resources(Strict):
+    cpu: float = Field(default=1.0, gt=0, le=1024)
+    memoryMiB: int = Field(default=512, gt=0, le=16 * 1024 * 1024)
+    gpus: int = Field(default=0, ge=0, le=64)
+    gpuMemoryGiB: float = Field(default=0.0, ge=0, le=4096)
+
+    @model_validator(mode="after")
+    def _gpu_memory_needs_gpu(self) -> "Resources":
+        if self.gpuMemoryGiB > 0 and self.gpus == 0:
+            raise ValueError("gpuMemoryGiB is set but gpus is 0")
+        return self
+
+
+class Variant(Strict):
+    name: Name
+    runtime: Literal["onnx", "ray-serve"]
+    artifact: Artifact | None = None
+    importPath: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")] | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    throughputRps: Positive | None = None
+    #: Power drawn by one busy replica; estimated from resources when absent.
+    powerWatts: Positive | None = None
+
+    @model_validator(mode="after")
+    def _runtime_fields(self) -> "Variant":
+        if self.runtime == "onnx":
+            if self.artifact is None:
+                raise ValueError("an onnx variant needs 'artifact' (uri and sha256)")
+            if self.importPath is not None:
+                raise ValueError("'importPath' is for ray-serve variants")
+        else:
+            if self.importPath is None:
+                raise ValueError("a ray-serve variant needs 'importPath' (module:attribute)")
+            if self.artifact is not None:
+                raise ValueError("'artifact' is for onnx variants")
+        return self
+
+
+class ModelSpec(Strict):
+    description: str | None = None
+    variants: list[Variant] = Field(min_length=1, max_length=32)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[Variant]) -> list[Variant]:
+        names = [x.name for x in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names must be unique, repeated: {', '.join(dup)}")
+        return v
+
+
+# --- ModelDeployment --------------------------------------------------------------------
+
+
+class Replicas(Strict):
+    min: int = Field(default=1, ge=0, le=100_000)
+    max: int = Field(default=1, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Replicas":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class Spread(Strict):
+    by: Literal["region", "site"]
+    maxSkew: int = Field(default=1, ge=1, le=10_000)
+
+
+class PlacementSpec(Strict):
+    residency: list[str] = Field(default_factory=list, max_length=300)
+    tiers: list[Tier] = Field(default_factory=lambda: ["datacenter", "edge"], min_length=1)
+    siteSelector: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    spread: Spread | None = None
+
+    @field_validator("residency")
+    @classmethod
+    def _codes(cls, v: list[str]) -> list[str]:
+        for code in v:
+            if code not in RESIDENCY_GROUPS:
+                check_country(code)
+        return v
+
+
+class DemandPoint(Strict):
+    region: str | None = None
+    lat: float | None = Field(default=None, ge=-90, le=90)
+    lon: float | None = Field(default=None, ge=-180, le=180)
+    rps: NonNegative
+
+    @model_validator(mode="after")
+    def _where(self) -> "DemandPoint":
+        has_point = self.lat is not None and self.lon is not None
+        if (self.lat is None) != (self.lon is None):
+            raise ValueError("give both lat and lon, or neither")
+        if has_point == (self.region is not None):
+            raise ValueError("give either 'region' or 'lat'/'lon'")
+        return self
+
+
+class Routing(Strict):
+    fallback: list[Tier] = Field(default_factory=list)
+
+
+class Rollout(Strict):
+    maxUnavailable: int | Annotated[str, StringConstraints(pattern=r"^\d{1,3}%$")] = 1
+    #: Canary steps as percentages of the new replicas, e.g. [10, 50, 100].
+    canarySteps: list[Annotated[int, Field(ge=1, le=100)]] = Field(default_factory=list)
+
+
+class Autoscaling(Strict):
+    targetInflight: int | None = Field(default=None, ge=1)
+    targetRps: Positive | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Autoscaling":
+        if (self.targetInflight is None) == (self.targetRps is None):
+            raise ValueError("give exactly one of targetInflight or targetRps")
+        return self
+
+
+class ModelDeploymentSpec(Strict):
+    model: Name
+    #: One variant everywhere, or one per tier: ``{edge: distilled, datacenter: full}``.
+    variant: Name | dict[Tier, Name] | None = None
+    replicas: Replicas = Field(default_factory=Replicas)
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
+    demand: list[DemandPoint] = Field(default_factory=list, max_length=1000)
+    routing: Routing = Field(default_factory=Routing)
+    rollout: Rollout = Field(default_factory=Rollout)
+    autoscaling: Autoscaling | None = None
+
+
+# --- Documents --------------------------------------------------------------------------
+
+
+class SiteDoc(Strict):
+    apiVersion: Literal["edgeplane.io/v1alpha1"]
+    kind: Literal["Site"]
+    metadata: Metadata
+    spec: SiteSpec
+
+
+class ModelDoc(Strict):
+    apiVersion: Literal["edgeplane.io/v1alpha1"]
+    kind: Literal["Model"]
+    metadata: Metadata
+    spec: ModelSpec
+
+
+class ModelDeploymentDoc(Strict):
+    apiVersion: Literal["edgeplane.io/v1alpha1"]
+    kind: Literal["ModelDeployment"]
+    metadata: Metadata
+    spec: ModelDeploymentSpec
+
+
+Document = Union[SiteDoc, ModelDoc, ModelDeploymentDoc]
+DOC_TYPES: dict[str, type[Strict]] = {"Site": SiteDoc, "Model": ModelDoc, "ModelDeployment": ModelDeploymentDoc}
+
+
+def variant_for_tier(spec: ModelDeploymentSpec, model: ModelSpec, tier: str) -> Variant | None:
+    """The variant a deployment runs on a tier (the first variant when none is named)."""
+    wanted: str | None
+    if isinstance(spec.variant, dict):
+        wanted = spec.variant.get(tier)  # type: ignore[call-overload]
+        if wanted is None:
+            return None
+    else:
+        wanted = spec.variant
+    if wanted is None:
+        candidates = [v for v in model.variants if tier == "datacenter" or v.runtime == "onnx"]
+        return candidates[0] if candidates else None
+    return next((v for v in model.variants if v.name == wanted), None)

@@ -1,0 +1,1 @@
+"""Durable control-plane state: objects, placement intent, the event log, credentials."""

@@ -1,0 +1,1 @@
+"""Harness shared by tests, benchmarks and the demo: models, control plane, agents."""

@@ -1,0 +1,107 @@
+"""Small ONNX models built on the spot with ``onnx.helper``.
+
+Nothing is downloaded: tests, benchmarks and the demo generate the models they serve.
+The models are deterministic for a given seed so a test can compare outputs with a
+NumPy reference or across execution providers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    path: pathlib.Path
+    sha256: str
+    input_name: str
+    output_name: str
+    in_dim: int
+    out_dim: int
+
+
+def sha256_file(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mlp_weights(in_dim: int, hidden: int, out_dim: int, layers: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+    return [
+        (
+            (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32),
+            (rng.standard_normal(b) * 0.01).astype(np.float32),
+        )
+        for a, b in zip(dims[:-1], dims[1:])
+    ]
+
+
+def mlp_reference(x: np.ndarray, weights: list[tuple[np.ndarray, np.ndarray]], softmax: bool) -> np.ndarray:
+    """NumPy forward pass of :func:`build_mlp`, for checking served outputs."""
+    h = x.astype(np.float32)
+    for i, (w, b) in enumerate(weights):
+        h = h @ w + b
+        if i < len(weights) - 1:
+            h = np.maximum(h, 0)
+    if softmax:
+        e = np.exp(h - h.max(axis=-1, keepdims=True))
+        h = e / e.sum(axis=-1, keepdims=True)
+    return h
+
+
+def build_mlp(
+    path: pathlib.Path,
+    *,
+    in_dim: int = 8,
+    hidden: int = 16,
+    out_dim: int = 4,
+    layers: int = 2,
+    seed: int = 0,
+    softmax: bool = True,
+    input_name: str = "input",
+    output_name: str = "output",
+) -> BuiltModel:
+    """Write a ReLU MLP (``MatMul``/``Add``, optional ``Softmax``) with a dynamic batch axis."""
+    weights = mlp_weights(in_dim, hidden, out_dim, layers, seed)
+    nodes = []
+    inits = []
+    current = input_name
+    for i, (w, b) in enumerate(weights):
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        last = i == len(weights) - 1
+        mm, add = f"mm{i}", (f"logits" if last else f"add{i}")
+        nodes += [helper.make_node("MatMul", [current, f"w{i}"], [mm]), helper.make_node("Add", [mm, f"b{i}"], [add])]
+        if not last:
+            nodes.append(helper.make_node("Relu", [add], [f"relu{i}"]))
+            current = f"relu{i}"
+        else:
+            current = add
+    if softmax:
+        nodes.append(helper.make_node("Softmax", [current], [output_name], axis=-1))
+    else:
+        nodes.append(helper.make_node("Identity", [current], [output_name]))
+    graph = helper.make_graph(
+        nodes,
+        f"mlp_{in_dim}x{hidden}x{out_dim}",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", out_dim])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeplane")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return BuiltModel(path, sha256_file(path), input_name, output_name, in_dim, out_dim)
