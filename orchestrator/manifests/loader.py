@@ -181,12 +181,77 @@ def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssu
         return out
 
 
+SOURCE_MARKER = "#@edgeplane-source: "
+
+
+def bundle(files: list[tuple[str, str]]) -> str:
+    """Join several files into one apply body that keeps each file's name and line numbers."""
+    parts = []
+    for name, text in files:
+        parts.append(f"---\n{SOURCE_MARKER}{name}\n{text.rstrip()}\n")
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class _Source:
+    name: str
+    first_line: int  # line of the file's first line within the bundle (1-based)
+
+
+def _sources(text: str, default: str) -> list[_Source]:
+    sources = [_Source(default, 1)]
+    for i, line in enumerate(text.splitlines(), start=1):
+        if line.startswith(SOURCE_MARKER):
+            sources.append(_Source(line[len(SOURCE_MARKER):].strip()[:256] or default, i + 1))
+    return sources
+
+
+def _locate(sources: list[_Source], line: int | None) -> tuple[str, int | None]:
+    if line is None or len(sources) == 1:
+        return sources[0].name, line
+    src = sources[0]
+    for s in sources:
+        if s.first_line <= line:
+            src = s
+    return src.name, line - src.first_line + 1
+
+
 def load_text(text: bytes | str, file: str = "<input>") -> list[LoadedDocument]:
-    """Parse and validate every document of one file; raise :class:`ManifestError` on any problem."""
+    """Parse and validate every document of one file (or :func:`bundle`); raise :class:`ManifestError`."""
     body = _decode(text, file)
+    sources = _sources(body, file)
+    starts: list[int] = []  # start line of each document, by global index
+    try:
+        docs = _load(body, file, starts)
+    except ManifestError as exc:
+        if len(sources) == 1:
+            raise
+        raise ManifestError([_relocate(sources, starts, i) for i in exc.issues]) from None
+    if len(sources) == 1:
+        return docs
+    counters: dict[str, int] = {}
+    out = []
+    for d in docs:
+        name, line = _locate(sources, d.line)
+        index = counters.get(name, 0)
+        counters[name] = index + 1
+        out.append(LoadedDocument(name, index, line or 1, d.doc))
+    return out
+
+
+def _relocate(sources: list[_Source], starts: list[int], issue: ManifestIssue) -> ManifestIssue:
+    name, line = _locate(sources, issue.line)
+    document = issue.document
+    if document is not None and document < len(starts):
+        document = sum(1 for s in starts[:document] if _locate(sources, s)[0] == name)
+    return ManifestIssue(name, document, issue.field, line, issue.message)
+
+
+def _load(body: str, file: str, starts: list[int]) -> list[LoadedDocument]:
     docs: list[LoadedDocument] = []
     issues: list[ManifestIssue] = []
     for index, data, walker in _documents(body, file):
+        starts.append(walker.line_of(()) or 1)
         if data is None:
             continue
         result = _validate(data, walker)

@@ -132,9 +132,11 @@ class Artifact(Strict):
     @field_validator("uri")
     @classmethod
     def _scheme(cls, v: str) -> str:
-        if not re.match(r"^(https?|file)://", v):
-            raise ValueError("must be an http://, https:// or file:// URI")
-        return v
+        if re.match(r"^(https?|file)://", v):
+            return v
+        if re.match(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$", v) and ".." not in v.split("/"):
+            return v  # relative to the control plane's artifact roots
+        raise ValueError("must be an http://, https:// or file:// URI, or a path relative to the control plane's --artifact-root")
 
 
 class Resources(Strict):

@@ -184,6 +184,13 @@ class Store:
         db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version'")
         return int(db.execute("SELECT value FROM meta WHERE key = 'resource_version'").fetchone()[0])
 
+    def next_sequence(self, key: str) -> int:
+        """A durable counter that only grows (e.g. assignment versions agents compare)."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, 0)", (f"seq:{key}",))
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = ?", (f"seq:{key}",))
+            return int(db.execute("SELECT value FROM meta WHERE key = ?", (f"seq:{key}",)).fetchone()[0])
+
     def resource_version(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT value FROM meta WHERE key = 'resource_version'").fetchone()[0])

@@ -1,0 +1,15 @@
+"""The edgeplane edge agent: joins a control plane, fetches verified ONNX artifacts and
+serves them over the Open Inference Protocol, and keeps serving when the uplink is gone.
+
+``main``       command line, wiring, signals
+``daemon``     the Agent: composes everything below and owns the shutdown order
+``uplink``     the only gRPC client of the control plane (join, heartbeats, assignments)
+``registry``   which model versions serve now, and converging them on the desired set
+``artifacts``  content-addressed, resumable, sha256-verified artifact cache
+``runtime``    model execution (``runtime.onnx`` is the only user of onnxruntime)
+``http``       the v2 HTTP server and /metrics
+``capacity``   measured hardware and load
+``state``      what survives a restart (last assignment set, identity)
+"""
+
+__version__ = "0.1.0"

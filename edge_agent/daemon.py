@@ -1,0 +1,246 @@
+"""The Agent: wires cache, registry, HTTP server and uplink, and owns their life cycle.
+
+Start order gives autonomy: the HTTP server and the models of the last saved assignment
+set come up first, from the local cache, whether or not the control plane answers; the
+uplink then connects in the background and keeps retrying. Stop order drains: readiness
+turns 503, a final heartbeat says "draining", in-flight requests finish, then we exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import pathlib
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import uvicorn
+
+import edge_agent
+from edge_agent import artifacts, assignments, capacity, http, registry, state, uplink
+from edge_agent.runtime import onnx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    control_plane: str
+    site: str
+    token: str
+    data_dir: pathlib.Path
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    advertise_url: str | None = None
+    heartbeat_interval: float = 5.0
+    insecure: bool = False
+    ca_file: pathlib.Path | None = None
+    allow_file_artifacts: bool = False
+    country: str = ""
+    region: str = ""
+    lat: float | None = None
+    lon: float | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    max_body_bytes: int = http.DEFAULT_MAX_BODY_BYTES
+    drain_timeout: float = 30.0
+    workers: int = 0  # inference threads; 0 = one per core
+    intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the daemon decides when to drain."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def,override]
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        probe: capacity.CapacityProbe | None = None,
+        load_model: registry.Loader | None = None,
+    ) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._client = http_client or httpx.AsyncClient(
+            timeout=httpx.Timeout(30.0, connect=10.0), follow_redirects=True
+        )
+        self._owns_client = http_client is None
+        self._probe = probe or capacity.CapacityProbe(onnx.available_providers)
+        self._capacity = self._probe.capacity()
+        workers = config.workers or os.cpu_count() or 1
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
+        self.store = state.StateStore(config.data_dir)
+        self.cache = artifacts.ArtifactCache(
+            config.data_dir / "cache", self._client, allow_file_urls=config.allow_file_artifacts
+        )
+        threads = config.intra_op_threads
+        self.registry = registry.ModelRegistry(
+            self.cache,
+            load_model or (lambda data: onnx.OnnxModel.load(data, intra_op_threads=threads)),
+            on_change=self._models_changed,
+        )
+        self.server = http.InferenceServer(
+            self.registry, self._executor, max_body_bytes=config.max_body_bytes
+        )
+        self._desired = assignments.EMPTY
+        self._desired_changed = asyncio.Event()
+        self._converged = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._uvicorn: _QuietServer | None = None
+        self.uplink: uplink.Uplink | None = None
+        self.endpoint_url = ""
+
+    # -- Reporter protocol for the uplink ---------------------------------------------
+
+    def capacity(self) -> capacity.Capacity:
+        self._capacity = self._probe.capacity()
+        return self._capacity
+
+    def load(self) -> capacity.Load:
+        return self._probe.load()
+
+    def inflight(self) -> int:
+        return self.server.inflight
+
+    def model_statuses(self) -> tuple[registry.ModelStatus, ...]:
+        return self.registry.statuses()
+
+    def assignment_version(self) -> int:
+        return self.registry.applied_version
+
+    def draining(self) -> bool:
+        return self.server.draining
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        sock = _bind(cfg.listen_host, cfg.listen_port)
+        port = sock.getsockname()[1]
+        self.endpoint_url = cfg.advertise_url or _default_url(cfg.listen_host, port)
+        uv_config = uvicorn.Config(
+            self.server.app(),
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=int(cfg.drain_timeout),
+            http="httptools",
+            server_header=False,
+        )
+        self._uvicorn = _QuietServer(uv_config)
+        self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="http"))
+        saved = self.store.load_assignments(cfg.site)
+        if saved.assignments:
+            log.info("serving %d saved assignment(s) from the local cache", len(saved.assignments))
+        self._desired = saved
+        self._desired_changed.set()
+        self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
+        for _ in range(1000):  # uvicorn offers no event for "listening"; bounded poll
+            if self._uvicorn.started:
+                break
+            if self._tasks[0].done():
+                self._tasks[0].result()
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+        else:
+            raise RuntimeError("the HTTP server did not start within 10s")
+        self.uplink = uplink.Uplink(
+            cfg.control_plane,
+            uplink.JoinFacts(
+                site=cfg.site,
+                bootstrap_token=cfg.token,
+                endpoint_url=self.endpoint_url,
+                agent_version=edge_agent.__version__,
+                heartbeat_interval=cfg.heartbeat_interval,
+                country=cfg.country,
+                region=cfg.region,
+                lat=cfg.lat,
+                lon=cfg.lon,
+                labels=dict(cfg.labels),
+            ),
+            self.store,
+            self,
+            self._receive_assignments,
+            channel_credentials=None if cfg.insecure else _channel_credentials(cfg.ca_file),
+        )
+        self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
+        log.info("agent for site %s serving v2 on %s", cfg.site, self.endpoint_url)
+
+    async def stop(self) -> None:
+        """Drain: refuse readiness, tell the control plane, finish in-flight requests."""
+        self.server.draining = True
+        log.info("draining (%d request(s) in flight)", self.server.inflight)
+        if self.uplink is not None:
+            await self.uplink.stop()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        http_task, *others = self._tasks or [None]
+        if http_task is not None:
+            await http_task
+        for task in others:
+            if task.get_name() == "uplink":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), 2.0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._owns_client:
+            await self._client.aclose()
+        self._executor.shutdown(wait=True)
+        log.info("agent stopped")
+
+    async def _receive_assignments(self, desired: assignments.AssignmentSet) -> None:
+        self.store.save_assignments(self.config.site, desired)  # intent first, then act
+        self._desired = desired
+        self._desired_changed.set()
+
+    async def _reconcile(self) -> None:
+        while True:
+            await self._desired_changed.wait()
+            self._desired_changed.clear()
+            try:
+                await self.registry.converge(self._desired)  # latest wins: read it now
+            except Exception:  # the loop never dies
+                log.exception("converging on assignment set v%d failed", self._desired.version)
+            self.server.ready = True
+            self._converged.set()
+
+    async def wait_converged(self) -> None:
+        """Until the first desired set (saved or received) has been worked through."""
+        await self._converged.wait()
+
+    def _models_changed(self) -> None:
+        if self.uplink is not None:
+            self.uplink.nudge()
+
+
+def _default_url(host: str, port: int) -> str:
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_unspecified:
+            host = socket.getfqdn()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _channel_credentials(ca_file: pathlib.Path | None) -> grpc.ChannelCredentials:
+    roots = ca_file.read_bytes() if ca_file else None
+    return grpc.ssl_channel_credentials(root_certificates=roots)

@@ -1,0 +1,62 @@
+"""The agent's own errors; outside libraries' exceptions are translated at each boundary.
+
+    AgentError
+    ├── ArtifactError            fetching or verifying an artifact failed
+    │   ├── ArtifactUnavailable  network / HTTP status / refused URL scheme
+    │   └── ArtifactIntegrityError  sha256 mismatch or size limit: never loaded
+    ├── ModelLoadError           onnxruntime refused the model
+    ├── InvalidInput             an infer request does not fit the model (-> HTTP 400)
+    ├── ControlPlaneError        the uplink failed
+    │   ├── AgentUnavailable     control plane unreachable: back off and retry
+    │   ├── JoinRefused          token/credential refused, site taken, bad request
+    │   └── NotJoined            the control plane forgot us: join again
+    └── StateError               the state file is unreadable
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ArtifactError(AgentError):
+    pass
+
+
+class ArtifactUnavailable(ArtifactError):
+    pass
+
+
+class ArtifactIntegrityError(ArtifactError):
+    pass
+
+
+class ModelLoadError(AgentError):
+    pass
+
+
+class InvalidInput(AgentError):
+    pass
+
+
+class ControlPlaneError(AgentError):
+    pass
+
+
+class AgentUnavailable(ControlPlaneError):
+    pass
+
+
+class JoinRefused(ControlPlaneError):
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotJoined(ControlPlaneError):
+    pass
+
+
+class StateError(AgentError):
+    pass

@@ -1,0 +1,132 @@
+"""``edgeplane-agent``: the command an edge site operator runs.
+
+Parses flags into an :class:`edge_agent.daemon.AgentConfig`, runs the agent until SIGTERM
+or SIGINT, drains, and exits 0. The one line on stdout, ``serving <url>``, tells scripts
+(and tests) where the v2 API listens when ``--listen`` asked for port 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pathlib
+import signal
+import sys
+
+from edge_agent import daemon, errors
+
+log = logging.getLogger("edge_agent")
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise argparse.ArgumentTypeError(f"{value!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _label(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"label {value!r} must be key=value")
+    return key, val
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return number
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgeplane-agent",
+        description="Join an edgeplane control plane and serve its models at this edge site.",
+    )
+    p.add_argument("--control-plane", required=True, metavar="HOST:PORT", help="control plane gRPC address")
+    p.add_argument("--site", required=True, help="site name (DNS label), one agent per site")
+    p.add_argument("--token", default=os.environ.get("EDGEPLANE_TOKEN", ""),
+                   help="bootstrap token (or EDGEPLANE_TOKEN); unused once a credential is saved")
+    p.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8080), metavar="HOST:PORT",
+                   help="v2 HTTP listen address (port 0 = any free port) [127.0.0.1:8080]")
+    p.add_argument("--advertise-url", help="URL the control plane should route to (default: from --listen)")
+    p.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("/var/lib/edgeplane-agent"),
+                   help="cache, saved assignments and identity [/var/lib/edgeplane-agent]")
+    p.add_argument("--country", default="", help="ISO 3166 alpha-2 country code, e.g. FR")
+    p.add_argument("--region", default="", help="region name, e.g. eu-west")
+    p.add_argument("--lat", type=float)
+    p.add_argument("--lon", type=float)
+    p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--heartbeat-interval", type=_positive, default=5.0, metavar="SECONDS")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC to the control plane")
+    p.add_argument("--ca-file", type=pathlib.Path, help="CA bundle for the control plane's TLS")
+    p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
+    p.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS")
+    p.add_argument("--workers", type=int, default=0, help="inference threads (0 = one per core)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
+    if (args.lat is None) != (args.lon is None):
+        raise SystemExit("edgeplane-agent: --lat and --lon go together")
+    return daemon.AgentConfig(
+        control_plane=args.control_plane,
+        site=args.site,
+        token=args.token,
+        data_dir=args.data_dir,
+        listen_host=args.listen[0],
+        listen_port=args.listen[1],
+        advertise_url=args.advertise_url,
+        heartbeat_interval=args.heartbeat_interval,
+        insecure=args.insecure,
+        ca_file=args.ca_file,
+        allow_file_artifacts=args.allow_file_artifacts,
+        country=args.country.upper(),
+        region=args.region,
+        lat=args.lat,
+        lon=args.lon,
+        labels=dict(args.label),
+        max_body_bytes=args.max_request_bytes,
+        drain_timeout=args.drain_timeout,
+        workers=args.workers,
+    )
+
+
+async def run(config: daemon.AgentConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    agent = daemon.Agent(config)
+    await agent.start()
+    print(f"serving {agent.endpoint_url}", flush=True)
+    await stop.wait()
+    await agent.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not args.token and not (args.data_dir / "identity.json").exists():
+        log.error("a bootstrap token is needed for the first join (--token or EDGEPLANE_TOKEN)")
+        return 2
+    try:
+        asyncio.run(run(config_from_args(args)))
+    except (errors.AgentError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

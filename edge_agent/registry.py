@@ -1,0 +1,167 @@
+"""Which model versions answer requests, and converging them on the desired set.
+
+A new version replaces the serving one only once it is downloaded, verified and loaded;
+until then (and forever, if it fails) the previous version keeps serving and the model's
+state says why the new one is not there. Models absent from the desired set are unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent import artifacts, assignments, errors
+from edge_agent.runtime import onnx
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class ModelPhase(enum.Enum):
+    LOADING = pb.MODEL_PHASE_LOADING
+    READY = pb.MODEL_PHASE_READY
+    FAILED = pb.MODEL_PHASE_FAILED
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    sha256: str
+    phase: ModelPhase
+    message: str
+    provider: str
+    requests_served: int
+    serving_sha256: str
+    deployment: str
+    variant: str
+
+    def to_proto(self) -> pb.ModelState:
+        return pb.ModelState(
+            name=self.name,
+            sha256=self.sha256,
+            phase=self.phase.value,
+            message=self.message,
+            provider=self.provider,
+            requests_served=self.requests_served,
+            serving_sha256=self.serving_sha256,
+            deployment=self.deployment,
+            variant=self.variant,
+        )
+
+
+class ServedModel:
+    """One loaded version; ``requests`` is bumped by the HTTP layer on each answer."""
+
+    __slots__ = ("name", "requests", "runtime", "sha256")
+
+    def __init__(self, name: str, sha256: str, runtime: onnx.OnnxModel) -> None:
+        self.name = name
+        self.sha256 = sha256
+        self.runtime = runtime
+        self.requests = 0
+
+
+class _Slot:
+    __slots__ = ("assignment", "message", "phase", "serving")
+
+    def __init__(self, assignment: assignments.Assignment) -> None:
+        self.assignment = assignment
+        self.serving: ServedModel | None = None
+        self.phase = ModelPhase.LOADING
+        self.message = ""
+
+
+Loader = Callable[[bytes], onnx.OnnxModel]
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        cache: artifacts.ArtifactCache,
+        load: Loader,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._cache = cache
+        self._load = load
+        self._on_change = on_change
+        self._slots: dict[str, _Slot] = {}
+        self.applied_version = 0
+
+    def get(self, name: str) -> ServedModel | None:
+        slot = self._slots.get(name)
+        return slot.serving if slot is not None else None
+
+    def known(self, name: str) -> bool:
+        return name in self._slots
+
+    def serving(self) -> list[ServedModel]:
+        return [s.serving for s in self._slots.values() if s.serving is not None]
+
+    def statuses(self) -> tuple[ModelStatus, ...]:
+        out = []
+        for name, slot in self._slots.items():
+            served = slot.serving
+            out.append(
+                ModelStatus(
+                    name=name,
+                    sha256=slot.assignment.sha256,
+                    phase=slot.phase,
+                    message=slot.message,
+                    provider=served.runtime.provider if served else "",
+                    requests_served=served.requests if served else 0,
+                    serving_sha256=served.sha256 if served else "",
+                    deployment=slot.assignment.deployment,
+                    variant=slot.assignment.variant,
+                )
+            )
+        return tuple(out)
+
+    async def converge(self, desired: assignments.AssignmentSet) -> None:
+        """Make the serving set match ``desired``; per-model failures land in the states."""
+        wanted = {a.model: a for a in desired.assignments}
+        for name in [n for n in self._slots if n not in wanted]:
+            del self._slots[name]
+            log.info("model %s unassigned: unloaded", name)
+        self._on_change()
+        await asyncio.gather(*(self._converge_one(a) for a in wanted.values()))
+        self.applied_version = desired.version
+        self._on_change()
+
+    async def _converge_one(self, want: assignments.Assignment) -> None:
+        slot = self._slots.get(want.model)
+        if slot is None:
+            slot = self._slots[want.model] = _Slot(want)
+        slot.assignment = want
+        if want.desired_state is assignments.DesiredState.STOPPED:
+            slot.serving = None
+            slot.phase, slot.message = ModelPhase.READY, "stopped"
+            return
+        if slot.serving is not None and slot.serving.sha256 == want.sha256:
+            slot.phase, slot.message = ModelPhase.READY, ""
+            return
+        slot.phase, slot.message = ModelPhase.LOADING, f"fetching {want.artifact_url}"
+        self._on_change()
+        try:
+            await self._cache.fetch(want.artifact_url, want.sha256)
+            slot.message = "loading"
+            data = await self._cache.read(want.sha256)
+            runtime = await asyncio.to_thread(self._load, data)
+        except errors.AgentError as exc:
+            if slot.assignment is not want:
+                return  # superseded while it was loading
+            slot.phase = ModelPhase.FAILED
+            slot.message = str(exc)
+            if slot.serving is not None:
+                slot.message += f"; still serving sha256 {slot.serving.sha256[:12]}"
+            log.error("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
+            return
+        if slot.assignment is not want:
+            return
+        slot.serving = ServedModel(want.model, want.sha256, runtime)
+        slot.phase, slot.message = ModelPhase.READY, ""
+        log.info(
+            "model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider
+        )

@@ -1,0 +1,147 @@
+"""The only module that touches onnxruntime.
+
+It picks the execution provider (CUDA when onnxruntime-gpu offers it, else CPU), loads a
+model from bytes that were verified beforehand, describes its tensors in v2 terms, and
+checks every infer request against that description *before* onnxruntime sees it, so a
+bad request is a clear 400 and never a native error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_agent import errors
+
+#: Preference order; the first one available wins, CPU is always the fallback.
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+_ORT_TO_V2 = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+def available_providers() -> tuple[str, ...]:
+    return tuple(ort.get_available_providers())
+
+
+def choose_providers(available: Sequence[str], prefer: Sequence[str] = PREFERRED_PROVIDERS) -> list[str]:
+    chosen = [p for p in prefer if p in available]
+    return chosen or ["CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # v2 datatype name
+    shape: tuple[int, ...]  # -1 = any size
+
+    def check(self, array: np.ndarray, datatype: str) -> None:
+        if datatype != self.datatype:
+            raise errors.InvalidInput(
+                f"input {self.name!r} must be {self.datatype}, got {datatype}"
+            )
+        if array.ndim != len(self.shape):
+            raise errors.InvalidInput(
+                f"input {self.name!r} must have shape {list(self.shape)} (-1 = any), "
+                f"got {list(array.shape)}"
+            )
+        for want, got in zip(self.shape, array.shape, strict=True):
+            if want >= 0 and want != got:
+                raise errors.InvalidInput(
+                    f"input {self.name!r} must have shape {list(self.shape)} (-1 = any), "
+                    f"got {list(array.shape)}"
+                )
+
+
+def _spec(node: Any) -> TensorSpec:
+    datatype = _ORT_TO_V2.get(node.type, node.type)
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, datatype, shape)
+
+
+class OnnxModel:
+    """A loaded onnxruntime session plus its v2 tensor description. ``run`` is thread safe
+    (onnxruntime sessions allow concurrent ``run`` calls)."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        self.inputs = tuple(_spec(n) for n in session.get_inputs())
+        self.outputs = tuple(_spec(n) for n in session.get_outputs())
+        self._inputs_by_name = {s.name: s for s in self.inputs}
+        self._output_names = [s.name for s in self.outputs]
+        self.provider = session.get_providers()[0]
+
+    @classmethod
+    def load(
+        cls,
+        data: bytes,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+    ) -> OnnxModel:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        chosen = list(providers) if providers else choose_providers(available_providers())
+        try:
+            session = ort.InferenceSession(data, sess_options=options, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise errors.ModelLoadError(f"onnxruntime could not load the model: {exc}") from exc
+        return cls(session)
+
+    def feeds(self, named: Sequence[tuple[str, np.ndarray, str]]) -> dict[str, np.ndarray]:
+        """Check ``(name, array, v2 datatype)`` triples against the model's inputs."""
+        feeds: dict[str, np.ndarray] = {}
+        for name, array, datatype in named:
+            spec = self._inputs_by_name.get(name)
+            if spec is None:
+                known = ", ".join(self._inputs_by_name)
+                raise errors.InvalidInput(f"unknown input {name!r} (the model takes: {known})")
+            spec.check(array, datatype)
+            if datatype == "BYTES":
+                array = array.astype(str)
+            feeds[name] = array
+        missing = [n for n in self._inputs_by_name if n not in feeds]
+        if missing:
+            raise errors.InvalidInput(f"missing input(s): {', '.join(missing)}")
+        return feeds
+
+    def output_names(self, requested: Sequence[str]) -> list[str]:
+        if not requested:
+            return self._output_names
+        unknown = [n for n in requested if n not in self._output_names]
+        if unknown:
+            raise errors.InvalidInput(
+                f"unknown output(s) {', '.join(unknown)} (the model has: "
+                f"{', '.join(self._output_names)})"
+            )
+        return list(requested)
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        try:
+            return self._session.run(list(outputs), dict(feeds))
+        except Exception as exc:  # shape errors deeper in the graph, e.g. broadcasting
+            raise errors.InvalidInput(f"model rejected the input: {_short(exc)}") from exc
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) < 300 else text[:297] + "..."

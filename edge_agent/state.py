@@ -1,0 +1,97 @@
+"""What the agent keeps across restarts, written atomically under ``--data-dir``.
+
+``state.json`` holds the last assignment set so a rebooted agent whose uplink is down
+serves the same models from its cache at once. ``identity.json`` (mode 0600) holds the
+agent id and credential the control plane issued, so a restart rejoins as the same agent
+instead of spending the bootstrap token again. The credential lives only here and in
+:mod:`edge_agent.uplink`; a later mTLS pass replaces both with a key and certificate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent import assignments, errors
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Identity:
+    site: str
+    agent_id: str
+    credential: str
+
+
+def write_atomic(path: pathlib.Path, doc: dict[str, Any], mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read(path: pathlib.Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise errors.StateError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise errors.StateError(f"{path} is not an edgeplane agent state file (format {FORMAT})")
+    return doc
+
+
+class StateStore:
+    def __init__(self, data_dir: pathlib.Path) -> None:
+        self.data_dir = data_dir
+        self._state = data_dir / "state.json"
+        self._identity = data_dir / "identity.json"
+
+    def load_assignments(self, site: str) -> assignments.AssignmentSet:
+        doc = _read(self._state)
+        if doc is None or doc.get("site") != site:
+            return assignments.EMPTY
+        try:
+            return assignments.AssignmentSet.from_json(doc["assignments"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.StateError(f"{self._state} is malformed: {exc}") from exc
+
+    def save_assignments(self, site: str, desired: assignments.AssignmentSet) -> None:
+        write_atomic(self._state, {"format": FORMAT, "site": site, "assignments": desired.to_json()})
+
+    def load_identity(self, site: str) -> Identity | None:
+        doc = _read(self._identity)
+        if doc is None or doc.get("site") != site:
+            return None
+        return Identity(site, str(doc.get("agent_id", "")), str(doc.get("credential", "")))
+
+    def save_identity(self, identity: Identity) -> None:
+        write_atomic(
+            self._identity,
+            {
+                "format": FORMAT,
+                "site": identity.site,
+                "agent_id": identity.agent_id,
+                "credential": identity.credential,
+            },
+            mode=0o600,
+        )

@@ -1,0 +1,306 @@
+"""The agent's only gRPC client: join, heartbeat, receive assignments, and reconnect.
+
+An edge uplink drops; the agent must not care beyond logging it. :class:`Uplink.run`
+loops forever: join (with the saved credential when there is one, else the bootstrap
+token), then keep the heartbeat client stream and the assignment server stream open
+until either fails, then back off (exponential, jittered, capped) and start again.
+``grpc.RpcError`` never leaves this module: it becomes an :mod:`edge_agent.errors` value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+
+from edge_agent import assignments, capacity, errors, registry, state
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+#: Metadata keys of the per-agent identity (must match the control plane's servicer).
+SITE_KEY = "x-edgeplane-site"
+AGENT_ID_KEY = "x-edgeplane-agent-id"
+CREDENTIAL_KEY = "x-edgeplane-credential"
+
+MAX_RECEIVE_BYTES = 16 * 1024 * 1024
+JOIN_TIMEOUT_S = 10.0
+
+_REFUSED = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def translate(exc: grpc.RpcError) -> errors.ControlPlaneError:
+    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+    detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    if code in _REFUSED:
+        return errors.JoinRefused(f"{code.name}: {detail}", code.name)  # type: ignore[union-attr]
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return errors.NotJoined(detail or "not joined")
+    name = code.name if code is not None else "ERROR"
+    return errors.AgentUnavailable(f"control plane unavailable ({name}: {detail})")
+
+
+@dataclass(frozen=True)
+class JoinFacts:
+    """What the agent tells the control plane about itself when it joins."""
+
+    site: str
+    bootstrap_token: str
+    endpoint_url: str
+    agent_version: str
+    heartbeat_interval: float
+    country: str = ""
+    region: str = ""
+    lat: float | None = None
+    lon: float | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_proto(self, cap: capacity.Capacity, agent_id: str) -> pb.JoinRequest:
+        location = pb.Location(country=self.country, region=self.region)
+        if self.lat is not None and self.lon is not None:
+            location.lat, location.lon, location.has_coordinates = self.lat, self.lon, True
+        return pb.JoinRequest(
+            site=self.site,
+            bootstrap_token=self.bootstrap_token,
+            location=location,
+            labels=self.labels,
+            agent_version=self.agent_version,
+            endpoint_url=self.endpoint_url,
+            agent_id=agent_id,
+            heartbeat_interval_ms=round(self.heartbeat_interval * 1000),
+            capacity=cap.to_proto(),
+        )
+
+
+class Reporter(Protocol):
+    """What heartbeats carry; the daemon implements it."""
+
+    def capacity(self) -> capacity.Capacity: ...
+
+    def load(self) -> capacity.Load: ...
+
+    def inflight(self) -> int: ...
+
+    def model_statuses(self) -> tuple[registry.ModelStatus, ...]: ...
+
+    def assignment_version(self) -> int: ...
+
+    def draining(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 0.5
+    maximum: float = 30.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Full-jitter-ish: between half and all of the capped exponential step."""
+        step = min(self.maximum, self.initial * self.factor ** min(attempt, 32))
+        return step * rng.uniform(0.5, 1.0)
+
+
+def client_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+        ("grpc.max_send_message_length", 256 * 1024),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+class Uplink:
+    def __init__(
+        self,
+        target: str,
+        facts: JoinFacts,
+        store: state.StateStore,
+        reporter: Reporter,
+        on_assignments: Callable[[assignments.AssignmentSet], Awaitable[None]],
+        *,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        backoff: Backoff = Backoff(),
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._target = target
+        self._facts = facts
+        self._store = store
+        self._reporter = reporter
+        self._on_assignments = on_assignments
+        self._creds = channel_credentials
+        self._backoff = backoff
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.interval = facts.heartbeat_interval
+        self.identity = store.load_identity(facts.site)
+
+    def nudge(self) -> None:
+        """Send a heartbeat now (a model changed state) instead of at the next tick."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            started = self._clock()
+            try:
+                await self._session()
+            except errors.JoinRefused as exc:
+                log.error("control plane refused this agent: %s", exc)
+            except errors.NotJoined as exc:
+                log.warning("control plane asks to join again: %s", exc)
+            except errors.AgentUnavailable as exc:
+                log.warning("%s", exc)
+            except Exception:  # the uplink never dies: log, back off, go on
+                log.exception("uplink session failed")
+            finally:
+                self.connected.clear()
+            if self._stopping.is_set():
+                return
+            if self._clock() - started > 4 * self.interval:
+                attempt = 0  # the session was healthy for a while: start the ladder over
+            delay = self._backoff.delay(attempt, self._rng)
+            attempt += 1
+            log.info("reconnecting to %s in %.1fs", self._target, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def stop(self) -> None:
+        """Send one last heartbeat marked draining (best effort) and end the session."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def _session(self) -> None:
+        if self._creds is None:
+            channel = grpc.aio.insecure_channel(self._target, options=client_options())
+        else:
+            channel = grpc.aio.secure_channel(self._target, self._creds, options=client_options())
+        try:
+            stub = pb_grpc.AgentControlStub(channel)
+            await self._join(stub)
+            await self._streams(stub)
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        finally:
+            await channel.close(grace=None)
+
+    async def _join(self, stub: pb_grpc.AgentControlStub) -> None:
+        identity = self.identity
+        metadata = ((CREDENTIAL_KEY, identity.credential),) if identity else ()
+        request = self._facts.to_proto(
+            self._reporter.capacity(), identity.agent_id if identity else ""
+        )
+        response: pb.JoinResponse = await stub.Join(
+            request, metadata=metadata, timeout=JOIN_TIMEOUT_S
+        )
+        self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)
+        if self.identity != identity:
+            self._store.save_identity(self.identity)
+        if response.heartbeat_interval_ms:
+            self.interval = response.heartbeat_interval_ms / 1000
+        log.info(
+            "joined control plane %s as %s (site %s, heartbeat every %gs)",
+            self._target,
+            response.agent_id,
+            self._facts.site,
+            self.interval,
+        )
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        assert self.identity is not None  # set by _join before any stream opens
+        return (
+            (SITE_KEY, self._facts.site),
+            (AGENT_ID_KEY, self.identity.agent_id),
+            (CREDENTIAL_KEY, self.identity.credential),
+        )
+
+    async def _streams(self, stub: pb_grpc.AgentControlStub) -> None:
+        heartbeats = stub.Heartbeats(self._beats(), metadata=self._metadata())
+        watch = stub.WatchAssignments(
+            pb.WatchAssignmentsRequest(known_version=self._reporter.assignment_version()),
+            metadata=self._metadata(),
+        )
+        self.connected.set()
+
+        async def receive() -> None:
+            async for message in watch:
+                desired = assignments.AssignmentSet.from_proto(message)
+                log.info(
+                    "assignment set v%d received (%d models)",
+                    desired.version,
+                    len(desired.assignments),
+                )
+                await self._on_assignments(desired)
+
+        receiver = asyncio.ensure_future(receive())
+        sender = asyncio.ensure_future(heartbeats)
+        try:
+            done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises the stream's error
+            if not self._stopping.is_set():
+                raise errors.AgentUnavailable("control plane closed the stream")
+        finally:
+            watch.cancel()
+            for task in (receiver, sender):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                await receiver
+            with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                await sender
+
+    async def _beats(self) -> AsyncIterator[pb.Heartbeat]:
+        seq = 0
+        last_key: object = None
+        last_models: tuple[registry.ModelStatus, ...] | None = None
+        while True:
+            self._wake.clear()
+            report = self._reporter
+            load = report.load()
+            beat = pb.Heartbeat(
+                seq=seq,
+                sent_unix_ms=int(self._clock() * 1000),
+                inflight=report.inflight(),
+                cpu_percent=load.cpu_percent,
+                memory_available_bytes=load.memory_available_bytes,
+                assignment_version=report.assignment_version(),
+                draining=report.draining() or self._stopping.is_set(),
+            )
+            for index, free in load.gpu_free_bytes:
+                beat.gpu_load.add(index=index, memory_free_bytes=free)
+            if seq % 12 == 0:  # static facts are re-probed now and then, sent if changed
+                cap = report.capacity()
+                if cap.static_key() != last_key:
+                    last_key = cap.static_key()
+                    beat.capacity.CopyFrom(cap.to_proto())
+            models = report.model_statuses()
+            if models != last_models:
+                last_models = models
+                beat.models.SetInParent()
+                beat.models.models.extend(m.to_proto() for m in models)
+            yield beat
+            seq += 1
+            if self._stopping.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)

@@ -1,0 +1,413 @@
+"""The one place that talks to Kubernetes: a KubeRay ``RayService`` per data-centre site.
+
+A site declared with ``spec.kubernetes`` (kubeconfig context + namespace) does not expose a
+Ray dashboard to edgeplane; the KubeRay operator runs the cluster and applies Serve configs.
+So the placement for the site becomes one ``RayService`` object (``ray.io/v1``) that
+edgeplane owns: ``serveConfigV2`` holds the same Serve applications the REST adapter would
+PUT, and ``rayClusterConfig`` is sized from what those applications ask for (a CPU worker
+group, plus a GPU worker group when any replica wants a GPU). The operator reports
+application statuses back in the object's ``status``, which :meth:`KubeRayActuator.observe`
+translates. The kubernetes client is synchronous; calls run in a worker thread so the
+control plane's event loop never blocks on the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import kubernetes
+import urllib3
+import yaml
+from kubernetes.client.rest import ApiException
+
+from orchestrator.adapters import serve_config
+from orchestrator.adapters.serve_config import (
+    DataCentreError,
+    ServeAppSpec,
+    ServeAppState,
+    ServeAppStatus,
+)
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
+MANAGED_BY = "edgeplane"
+SPEC_HASH_ANNOTATION = "edgeplane.io/spec-hash"
+SITE_LABEL = "edgeplane.io/site"
+SERVE_PORT = 8000
+_T = TypeVar("_T")
+
+
+class KubernetesError(DataCentreError):
+    """The Kubernetes API answered with an error (see ``status_code``)."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class KubernetesUnreachable(KubernetesError):
+    """The API server did not answer."""
+
+
+class KubernetesAuthError(KubernetesError):
+    retryable = False
+
+
+class KubernetesRejected(KubernetesError):
+    """The API server refused the object itself (HTTP 422: it does not match the CRD)."""
+
+    retryable = False
+
+
+class ClusterShapeError(DataCentreError):
+    """A replica asks for more than any pod of the configured shape offers."""
+
+    retryable = False
+
+
+@dataclass(frozen=True)
+class PodShape:
+    cpu: float
+    memory_gib: float
+    gpus: int = 0
+
+
+def _ray_version() -> str:
+    return importlib.metadata.version("ray")
+
+
+@dataclass(frozen=True)
+class RayClusterShape:
+    """How the site's Ray cluster is built. The image must have edgeplane installed for
+    ``onnx`` applications (their import path is ``orchestrator.serving.onnx_app:build``)."""
+
+    image: str = field(default_factory=lambda: f"rayproject/ray:{_ray_version()}-py311")
+    ray_version: str = field(default_factory=_ray_version)
+    head: PodShape = PodShape(cpu=2, memory_gib=8)
+    cpu_worker: PodShape = PodShape(cpu=4, memory_gib=16)
+    gpu_worker: PodShape = PodShape(cpu=8, memory_gib=32, gpus=1)
+    #: Share of a pod's memory Ray hands to actors (the rest: object store, system).
+    usable_memory_fraction: float = 0.6
+    max_worker_pods: int = 64
+    gpu_resource: str = "nvidia.com/gpu"
+
+
+def rayservice_name(site: str) -> str:
+    return f"edgeplane-{site}"[:63].rstrip("-")
+
+
+def _quantity(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _container(name: str, shape: RayClusterShape, pod: PodShape) -> dict[str, Any]:
+    resources = {"cpu": _quantity(pod.cpu), "memory": f"{_quantity(pod.memory_gib)}Gi"}
+    if pod.gpus:
+        resources[shape.gpu_resource] = str(pod.gpus)
+    return {
+        "name": name,
+        "image": shape.image,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+    }
+
+
+def _pods_for(apps: Sequence[ServeAppSpec], pod: PodShape, shape: RayClusterShape) -> int:
+    demand = serve_config.total_demand(apps)
+    usable_mib = pod.memory_gib * 1024 * shape.usable_memory_fraction
+    if demand.largest_replica_cpu > pod.cpu or demand.largest_replica_memory_mib > usable_mib:
+        raise ClusterShapeError(
+            f"a replica asks for {demand.largest_replica_cpu} CPU / "
+            f"{demand.largest_replica_memory_mib} MiB but a worker pod offers {pod.cpu} CPU / "
+            f"{usable_mib:.0f} MiB usable"
+        )
+    if demand.largest_replica_gpus > pod.gpus:
+        raise ClusterShapeError(
+            f"a replica asks for {demand.largest_replica_gpus} GPUs but a GPU worker pod "
+            f"has {pod.gpus}"
+        )
+    needed = max(
+        math.ceil(demand.cpu / pod.cpu - 1e-9) if pod.cpu else 0,
+        math.ceil(demand.memory_mib / usable_mib - 1e-9) if usable_mib else 0,
+        math.ceil(demand.gpus / pod.gpus - 1e-9) if pod.gpus else 0,
+    )
+    if needed > shape.max_worker_pods:
+        raise ClusterShapeError(
+            f"the applications need {needed} worker pods, above the limit of "
+            f"{shape.max_worker_pods}"
+        )
+    return needed
+
+
+def _worker_group(name: str, replicas: int, pod: PodShape, shape: RayClusterShape) -> dict[str, Any]:
+    return {
+        "groupName": name,
+        "replicas": replicas,
+        "minReplicas": replicas,
+        "maxReplicas": replicas,
+        "rayStartParams": {},
+        "template": {"spec": {"containers": [_container("ray-worker", shape, pod)]}},
+    }
+
+
+def render_serve_config(
+    apps: Sequence[ServeAppSpec], learnt: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "applications": [
+            serve_config.render_application(a, (learnt or {}).get(a.name)) for a in apps
+        ]
+    }
+
+
+def render_rayservice(
+    site: str,
+    namespace: str,
+    apps: Sequence[ServeAppSpec],
+    shape: RayClusterShape,
+    learnt: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The full ``RayService`` object for ``apps`` on ``site`` (pure; validated by tests
+    against the KubeRay CRD schema)."""
+    gpu_apps = [a for a in apps if a.gpus > 0]
+    cpu_apps = [a for a in apps if a.gpus <= 0]
+    groups = [_worker_group("cpu", _pods_for(cpu_apps, shape.cpu_worker, shape), shape.cpu_worker, shape)]
+    if gpu_apps:
+        groups.append(
+            _worker_group("gpu", _pods_for(gpu_apps, shape.gpu_worker, shape), shape.gpu_worker, shape)
+        )
+    spec = {
+        "serveConfigV2": yaml.safe_dump(render_serve_config(apps, learnt), sort_keys=True),
+        "rayClusterConfig": {
+            "rayVersion": shape.ray_version,
+            "headGroupSpec": {
+                # The head runs the Serve controller and proxy, no replicas.
+                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                "template": {"spec": {"containers": [_container("ray-head", shape, shape.head)]}},
+            },
+            "workerGroupSpecs": groups,
+        },
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RayService",
+        "metadata": {
+            "name": rayservice_name(site),
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": MANAGED_BY, SITE_LABEL: site},
+            "annotations": {SPEC_HASH_ANNOTATION: digest},
+        },
+        "spec": spec,
+    }
+
+
+def statuses_from_rayservice(
+    obj: Mapping[str, Any], serve_url: str, owned_prefix: str = serve_config.OWNED_PREFIX
+) -> dict[str, ServeAppStatus]:
+    """Translate a RayService's ``status`` into per-application statuses.
+
+    KubeRay reports no replica counts, so a RUNNING application with healthy deployments
+    counts its configured replicas as running, anything else counts none.
+    """
+    try:
+        configured = yaml.safe_load(obj.get("spec", {}).get("serveConfigV2") or "") or {}
+    except yaml.YAMLError:
+        configured = {}
+    targets: dict[str, int] = {}
+    prefixes: dict[str, str] = {}
+    for app in configured.get("applications") or []:
+        targets[app["name"]] = sum(int(d.get("num_replicas") or 0) for d in app.get("deployments") or [])
+        prefixes[app["name"]] = app.get("route_prefix") or "/"
+    status = obj.get("status") or {}
+    reported = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
+    waiting = "; ".join(
+        c.get("message", "") for c in status.get("conditions") or [] if c.get("status") != "True"
+    )
+    result: dict[str, ServeAppStatus] = {}
+    for name in {*targets, *reported}:
+        if not serve_config.is_owned(name, owned_prefix):
+            continue
+        app = reported.get(name) or {}
+        try:
+            state = ServeAppState(app.get("status") or "NOT_STARTED")
+        except ValueError:
+            state = ServeAppState.UNHEALTHY
+        deployments = app.get("serveDeploymentStatuses") or {}
+        healthy = all(d.get("status") == "HEALTHY" for d in deployments.values())
+        detail = app.get("message") or "; ".join(
+            f"{n}: {d['message']}" for n, d in deployments.items() if d.get("message")
+        )
+        if not app:
+            detail = waiting or "the RayService has not reported this application yet"
+        target = targets.get(name, 0)
+        prefix = prefixes.get(name, "/")
+        result[name] = ServeAppStatus(
+            name=name,
+            status=state,
+            message=serve_config.summarize_message(detail),
+            replicas_running=target if state is ServeAppState.RUNNING and healthy else 0,
+            replicas_target=target,
+            endpoint_url=f"{serve_url}{'' if prefix == '/' else prefix}",
+            detail=detail,
+        )
+    return result
+
+
+def api_client_for(context: str | None = None, config_file: str | None = None) -> Any:
+    """A kubernetes ``ApiClient`` for a kubeconfig context (the site's ``spec.kubernetes``)."""
+    try:
+        return kubernetes.config.new_client_from_config(config_file=config_file, context=context)
+    except (kubernetes.config.ConfigException, OSError) as exc:
+        raise KubernetesError(f"cannot load kubeconfig context {context!r}: {exc}") from exc
+
+
+class KubeRayActuator:
+    """Declarative Serve applications on one site through its KubeRay ``RayService``.
+
+    ``api_client`` is a ``kubernetes.client.ApiClient`` (the seam: point it at any API
+    server). With no applications the RayService, and the Ray cluster with it, is deleted.
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        namespace: str,
+        site: str,
+        *,
+        shape: RayClusterShape | None = None,
+        serve_url: str | None = None,
+        request_timeout_s: float = 30.0,
+    ) -> None:
+        self._api = kubernetes.client.CustomObjectsApi(api_client)
+        self._api_client = api_client
+        self._namespace = namespace
+        self._site = site
+        self._shape = shape or RayClusterShape()
+        self._name = rayservice_name(site)
+        self._serve_url = serve_url or (
+            f"http://{self._name}-serve-svc.{namespace}.svc.cluster.local:{SERVE_PORT}"
+        )
+        self._timeout = request_timeout_s
+        self._learnt: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"KubeRayActuator({self._namespace}/{self._name})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def apply(self, apps: Sequence[ServeAppSpec]) -> None:
+        for app in apps:
+            if not serve_config.is_owned(app.name):
+                raise ValueError(f"application {app.name!r} lacks the {serve_config.OWNED_PREFIX!r} prefix")
+        current = await self._get()
+        if current is not None:
+            self._learn(current)
+        if not apps:
+            if current is not None:
+                log.info("deleting RayService %s/%s (no applications left)", self._namespace, self._name)
+                await self._call(
+                    self._api.delete_namespaced_custom_object,
+                    GROUP, VERSION, self._namespace, PLURAL, self._name,
+                    not_found_ok=True,
+                )  # fmt: skip
+            return
+        desired = render_rayservice(self._site, self._namespace, apps, self._shape, self._learnt)
+        if current is None:
+            log.info("creating RayService %s/%s", self._namespace, self._name)
+            await self._call(
+                self._api.create_namespaced_custom_object,
+                GROUP, VERSION, self._namespace, PLURAL, desired,
+            )  # fmt: skip
+            return
+        annotations = (current.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(SPEC_HASH_ANNOTATION) == desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]:
+            return
+        log.info("patching RayService %s/%s", self._namespace, self._name)
+        # A JSON merge patch: lists (worker groups, containers) are replaced whole, and the
+        # dicts we render always carry the same keys, so nothing stale survives a change.
+        patch = {
+            "metadata": {
+                "labels": desired["metadata"]["labels"],
+                "annotations": desired["metadata"]["annotations"],
+            },
+            "spec": desired["spec"],
+        }
+        await self._call(
+            self._api.patch_namespaced_custom_object,
+            GROUP, VERSION, self._namespace, PLURAL, self._name, patch,
+        )  # fmt: skip
+
+    async def observe(self) -> Mapping[str, ServeAppStatus]:
+        current = await self._get()
+        if current is None:
+            return {}
+        self._learn(current)
+        return statuses_from_rayservice(current, self._serve_url)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._api_client.close)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _learn(self, obj: Mapping[str, Any]) -> None:
+        """Remember the single deployment of ray-serve applications, to size them."""
+        status = obj.get("status") or {}
+        reported = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
+        for name, app in reported.items():
+            deployments = list((app.get("serveDeploymentStatuses") or {}).keys())
+            if len(deployments) == 1:
+                self._learnt[name] = deployments[0]
+
+    async def _get(self) -> dict[str, Any] | None:
+        return await self._call(
+            self._api.get_namespaced_custom_object,
+            GROUP, VERSION, self._namespace, PLURAL, self._name,
+            not_found_ok=True,
+        )  # fmt: skip
+
+    async def _call(
+        self, method: Callable[..., _T], *args: Any, not_found_ok: bool = False
+    ) -> _T | None:
+        where = f"RayService {self._namespace}/{self._name}"
+        try:
+            return await asyncio.to_thread(method, *args, _request_timeout=self._timeout)
+        except ApiException as exc:
+            if exc.status == 404 and not_found_ok:
+                return None
+            reason = _api_reason(exc)
+            if exc.status in (401, 403):
+                raise KubernetesAuthError(
+                    f"{where}: the Kubernetes API refused the credentials (HTTP {exc.status}): "
+                    f"{reason}",
+                    exc.status,
+                ) from exc
+            if exc.status in (400, 422):
+                raise KubernetesRejected(f"{where} was rejected: {reason}", exc.status) from exc
+            if exc.status == 404:
+                raise KubernetesError(
+                    f"{where}: not found (is the KubeRay RayService CRD installed and the "
+                    f"namespace present?): {reason}",
+                    404,
+                ) from exc
+            raise KubernetesError(f"{where}: HTTP {exc.status}: {reason}", exc.status) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubernetesUnreachable(f"{where}: the Kubernetes API is unreachable: {exc}") from exc
+
+
+def _api_reason(exc: ApiException) -> str:
+    try:
+        body = json.loads(exc.body or "")
+        return str(body.get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)

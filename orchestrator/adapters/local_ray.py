@@ -1,0 +1,339 @@
+"""A Ray head on this machine that edgeplane starts, owns and stops (``spec.ray.address: local``).
+
+The newcomer's one-machine setup needs a real data-centre site without installing anything,
+and the test suite needs one Ray cluster for the whole session; both use this. The cluster is
+made private to its owner so it can share a machine with other Ray clusters:
+
+- its own temp dir (sessions, sockets, logs) and free ports for everything Ray binds;
+- its own auth token, generated here, kept in a 0600 file and handed to Ray through
+  ``RAY_AUTH_TOKEN_PATH`` (``~/.ray/auth_token`` is never read or written);
+- ``ray start --head --block`` runs as our child in its own session, and stopping it sends
+  SIGTERM to that process only: Ray tears down the processes of *this* node. ``ray stop`` is
+  never used, because it stops every Ray process of the user on the machine. Processes that
+  outlive the head are found by a marker in their environment and ended by pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from orchestrator.adapters import ray_serve
+
+log = logging.getLogger(__name__)
+
+MARKER_ENV = "EDGEPLANE_RAY_CLUSTER"
+_PORT_FLAGS = (
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+    "--node-manager-port",
+    "--object-manager-port",
+)
+
+
+class LocalRayError(RuntimeError):
+    """The local Ray head could not be started (the message carries its log's tail)."""
+
+
+@dataclass(frozen=True)
+class LocalRayEndpoints:
+    """Where a started local cluster answers. The token itself stays in ``token_file``."""
+
+    dashboard_url: str
+    serve_url: str
+    serve_port: int
+    gcs_address: str
+    token_file: pathlib.Path
+    temp_dir: pathlib.Path
+
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def token_provider(self) -> ray_serve.TokenProvider:
+        return ray_serve.token_from_file(self.token_file)
+
+    def http_options(self) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": self.serve_port}
+
+    def actuator(self, **kwargs: Any) -> ray_serve.RayServeActuator:
+        """A :class:`~orchestrator.adapters.ray_serve.RayServeActuator` for this cluster."""
+        return ray_serve.RayServeActuator(
+            self.dashboard_url,
+            token_provider=self.token_provider(),
+            serve_url=self.serve_url,
+            http_options=self.http_options(),
+            **kwargs,
+        )
+
+    def client_env(self) -> dict[str, str]:
+        """Environment a Ray driver (``ray.init(address=...)``, ``serve`` CLI) needs."""
+        return {
+            "RAY_ADDRESS": self.gcs_address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_file),
+        }
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free right now (all held open while choosing)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def project_root() -> pathlib.Path:
+    """The folder holding the ``orchestrator`` package, for Ray workers' ``PYTHONPATH``."""
+    return pathlib.Path(__file__).resolve().parents[2]
+
+
+class LocalRayCluster:
+    """Start, own and stop one Ray head node on loopback.
+
+    ``base_dir`` holds everything of this cluster (a fresh short temp dir by default, as
+    Ray's socket paths must stay short). ``startup_timeout_s`` bounds :meth:`start`.
+    Usable as a context manager; :meth:`start` and :meth:`stop` block, the ``*_async``
+    variants run them in a thread for the control plane's event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_dir: pathlib.Path | None = None,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        object_store_mib: int = 256,
+        startup_timeout_s: float = 90.0,
+        stop_timeout_s: float = 30.0,
+        python_path: Sequence[pathlib.Path] = (),
+        extra_env: Mapping[str, str] | None = None,
+        ray_executable: pathlib.Path | None = None,
+    ) -> None:
+        self._owns_base_dir = base_dir is None
+        self._base_dir = base_dir
+        self._num_cpus = num_cpus
+        self._num_gpus = num_gpus
+        self._object_store_mib = object_store_mib
+        self._startup_timeout_s = startup_timeout_s
+        self._stop_timeout_s = stop_timeout_s
+        self._python_path = [project_root(), *python_path]
+        self._extra_env = dict(extra_env or {})
+        self._ray = ray_executable or _find_ray()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._endpoints: LocalRayEndpoints | None = None
+        self._cluster_id = secrets.token_hex(8)
+
+    @property
+    def endpoints(self) -> LocalRayEndpoints:
+        if self._endpoints is None:
+            raise LocalRayError("the local Ray cluster is not started")
+        return self._endpoints
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> LocalRayEndpoints:
+        if self._endpoints is not None:
+            return self._endpoints
+        base = self._base_dir or pathlib.Path(tempfile.mkdtemp(prefix="epray-", dir="/tmp"))
+        self._base_dir = base
+        base.mkdir(parents=True, exist_ok=True)
+        token_file = base / "auth_token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+        temp_dir = base / "ray"
+        ports = free_ports(len(_PORT_FLAGS) + 1)
+        port_args = dict(zip(_PORT_FLAGS, ports))
+        serve_port = ports[-1]
+        command = [
+            str(self._ray), "start", "--head", "--block",
+            "--temp-dir", str(temp_dir),
+            "--node-ip-address", "127.0.0.1",
+            "--dashboard-host", "127.0.0.1",
+            "--include-dashboard", "true",
+            "--disable-usage-stats",
+            "--object-store-memory", str(self._object_store_mib * 1024 * 1024),
+        ]  # fmt: skip
+        for flag, port in port_args.items():
+            command += [flag, str(port)]
+        if self._num_cpus is not None:
+            command += ["--num-cpus", str(self._num_cpus)]
+        if self._num_gpus is not None:
+            command += ["--num-gpus", str(self._num_gpus)]
+        log_path = base / "ray-start.log"
+        log.info("starting a local Ray head in %s", temp_dir)
+        with log_path.open("wb") as log_file:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self._environment(token_file),
+                start_new_session=True,
+            )
+        endpoints = LocalRayEndpoints(
+            dashboard_url=f"http://127.0.0.1:{port_args['--dashboard-port']}",
+            serve_url=f"http://127.0.0.1:{serve_port}",
+            serve_port=serve_port,
+            gcs_address=f"127.0.0.1:{port_args['--port']}",
+            token_file=token_file,
+            temp_dir=temp_dir,
+        )
+        try:
+            self._wait_ready(endpoints, log_path)
+        except BaseException:
+            self.stop()
+            raise
+        self._endpoints = endpoints
+        return endpoints
+
+    def stop(self) -> None:
+        """Stop this cluster's processes (and only them); idempotent."""
+        process, self._process = self._process, None
+        self._endpoints = None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self._stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("local Ray head did not stop in %ss; killing it", self._stop_timeout_s)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        self._end_stragglers()
+        if self._owns_base_dir and self._base_dir is not None:
+            shutil.rmtree(self._base_dir, ignore_errors=True)
+            self._base_dir = None
+
+    def leftover_pids(self) -> list[int]:
+        """Pids of live processes started for this cluster (empty once stopped)."""
+        marker = f"{MARKER_ENV}={self._cluster_id}".encode()
+        pids = []
+        for entry in pathlib.Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    async def start_async(self) -> LocalRayEndpoints:
+        return await asyncio.to_thread(self.start)
+
+    async def stop_async(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def __enter__(self) -> LocalRayEndpoints:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _environment(self, token_file: pathlib.Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(
+            {
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(token_file),
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # One node: draining on SIGTERM has nowhere to move replicas to.
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                MARKER_ENV: self._cluster_id,
+            }
+        )
+        paths = [str(p) for p in self._python_path]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env.update(self._extra_env)
+        return env
+
+    def _wait_ready(self, endpoints: LocalRayEndpoints, log_path: pathlib.Path) -> None:
+        """Poll the dashboard until the Serve REST API answers with our token (bounded)."""
+        deadline = time.monotonic() + self._startup_timeout_s
+        interval = 0.2
+        headers = {"Authorization": f"Bearer {endpoints.token()}"}
+        url = endpoints.dashboard_url + ray_serve.APPLICATIONS_PATH
+        with httpx.Client(timeout=5.0) as client:
+            for _ in range(int(self._startup_timeout_s / interval) + 1):
+                if self._process is None or self._process.poll() is not None:
+                    raise LocalRayError(f"ray start exited early:\n{_tail(log_path)}")
+                try:
+                    if client.get(url, headers=headers).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(interval)
+        raise LocalRayError(
+            f"the local Ray dashboard did not answer within {self._startup_timeout_s}s:\n"
+            f"{_tail(log_path)}"
+        )
+
+    def _end_stragglers(self) -> None:
+        """Give worker processes 2 s to follow their raylet out, then end them by pid."""
+        for attempt in range(50):
+            pids = self.leftover_pids()
+            if not pids:
+                return
+            if attempt >= 20:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        log.warning("processes of the local Ray cluster survive: %s", self.leftover_pids())
+
+
+def _find_ray() -> pathlib.Path:
+    beside = pathlib.Path(sys.executable).with_name("ray")
+    if beside.exists():
+        return beside
+    found = shutil.which("ray")
+    if found is None:
+        raise LocalRayError("the `ray` command is not installed (pip install 'ray[serve]')")
+    return pathlib.Path(found)
+
+
+def _tail(path: pathlib.Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+

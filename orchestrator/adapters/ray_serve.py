@@ -1,0 +1,324 @@
+"""The one place that talks to a Ray cluster's Serve REST API.
+
+A data-centre site declared with ``spec.ray.address`` runs edgeplane's replicas as Ray
+Serve applications. Serve is declarative already (``PUT /api/serve/applications/``
+replaces the whole set of declaratively deployed applications), so this adapter only has to
+turn the placement into that config, keep applications edgeplane does not own alive across
+the replace, and read statuses back. Everything Ray-specific - URLs, token headers, HTTP
+errors, the shape of Serve's status JSON - stays in this module; the reconciler sees
+:class:`~orchestrator.adapters.serve_config.DataCentreActuator`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import httpx
+
+from orchestrator.adapters import serve_config
+from orchestrator.adapters.serve_config import (
+    DataCentreActuator,
+    RayAuthError,
+    RayServeError,
+    RayUnreachable,
+    ServeAppFailed,
+    ServeAppSpec,
+    ServeAppState,
+    ServeAppStatus,
+    ServeConfigRejected,
+)
+
+log = logging.getLogger(__name__)
+
+APPLICATIONS_PATH = "/api/serve/applications/"
+#: Returns the bearer token for the dashboard, or None when the cluster has auth off.
+TokenProvider = Callable[[], "str | None"]
+
+
+def no_token() -> str | None:
+    return None
+
+
+def static_token(token: str) -> TokenProvider:
+    """A provider for a token read from the site's configuration."""
+
+    def provide() -> str | None:
+        return token
+
+    return provide
+
+
+def token_from_file(path: str | pathlib.Path) -> TokenProvider:
+    """A provider that reads a secret file on every call, so a rotated token is picked up."""
+    token_path = pathlib.Path(path)
+
+    def provide() -> str | None:
+        try:
+            return token_path.read_text().strip() or None
+        except OSError as exc:
+            raise RayServeError(f"cannot read the Ray token file {token_path}: {exc}") from exc
+
+    return provide
+
+
+class RayServeActuator:
+    """Declarative Serve applications on one Ray cluster, through its dashboard's REST API.
+
+    ``serve_url`` is the base URL of the cluster's Serve HTTP proxy as callers reach it;
+    without it the proxy is assumed on the dashboard's host at the port Serve reports.
+    ``http_options`` is sent when this actuator is the one that starts Serve (host, port of
+    the proxy); a running Serve keeps its own. ``transport`` is the seam for tests.
+    """
+
+    def __init__(
+        self,
+        dashboard_url: str,
+        *,
+        token_provider: TokenProvider = no_token,
+        serve_url: str | None = None,
+        http_options: Mapping[str, Any] | None = None,
+        owned_prefix: str = serve_config.OWNED_PREFIX,
+        timeout_s: float = 15.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._dashboard_url = dashboard_url.rstrip("/")
+        self._token_provider = token_provider
+        self._serve_url = serve_url.rstrip("/") if serve_url else None
+        self._http_options = dict(http_options or {})
+        self._owned_prefix = owned_prefix
+        self._client = httpx.AsyncClient(
+            base_url=self._dashboard_url, timeout=timeout_s, transport=transport
+        )
+        # Ingress deployment of each ray-serve application, learnt from the cluster, so
+        # that an application without an explicit ``deployment`` can still be sized.
+        self._ingress: dict[str, str] = {}
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"RayServeActuator({self._dashboard_url!r})"
+
+    @property
+    def dashboard_url(self) -> str:
+        return self._dashboard_url
+
+    async def apply(self, apps: Sequence[ServeAppSpec]) -> None:
+        names = [a.name for a in apps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"application names must be unique, got {names}")
+        for app in apps:
+            if not serve_config.is_owned(app.name, self._owned_prefix):
+                raise ValueError(f"application {app.name!r} lacks the {self._owned_prefix!r} prefix")
+        details = await self._get_details()
+        self._learn_ingress(details)
+        config = self._merge(details, apps)
+        log.info(
+            "applying %d edgeplane Serve application(s) to %s (%d others kept)",
+            len(apps),
+            self._dashboard_url,
+            len(config["applications"]) - len(apps),
+        )
+        await self._request("PUT", json=config)
+
+    async def observe(self) -> Mapping[str, ServeAppStatus]:
+        details = await self._get_details()
+        self._learn_ingress(details)
+        serve_url = self._proxy_url(details)
+        statuses: dict[str, ServeAppStatus] = {}
+        for name, app in (details.get("applications") or {}).items():
+            if serve_config.is_owned(name, self._owned_prefix):
+                statuses[name] = status_from_details(name, app, serve_url)
+        return statuses
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _merge(self, details: Mapping[str, Any], apps: Sequence[ServeAppSpec]) -> dict[str, Any]:
+        """The full PUT body: ours as specified, everyone else's as Serve reports them."""
+        applications: list[dict[str, Any]] = []
+        for name, app in (details.get("applications") or {}).items():
+            if serve_config.is_owned(name, self._owned_prefix):
+                continue
+            deployed = app.get("deployed_app_config")
+            # Imperatively deployed apps (serve.run) have no config; a PUT leaves them alone.
+            if app.get("source") == "declarative" and deployed:
+                applications.append(deployed)
+        applications += [
+            serve_config.render_application(a, self._ingress.get(a.name)) for a in apps
+        ]
+        config: dict[str, Any] = {"applications": applications}
+        http_options = details.get("http_options") or self._http_options
+        if http_options:
+            config["http_options"] = http_options
+        if details.get("proxy_location"):
+            config["proxy_location"] = details["proxy_location"]
+        return config
+
+    def _learn_ingress(self, details: Mapping[str, Any]) -> None:
+        for name, app in (details.get("applications") or {}).items():
+            topology = app.get("deployment_topology") or {}
+            ingress = topology.get("ingress_deployment")
+            if ingress:
+                self._ingress[name] = ingress
+
+    def _proxy_url(self, details: Mapping[str, Any]) -> str | None:
+        if self._serve_url:
+            return self._serve_url
+        http_options = details.get("http_options") or self._http_options
+        port = http_options.get("port") if http_options else None
+        if not port:
+            return None
+        host = urlsplit(self._dashboard_url).hostname or "127.0.0.1"
+        return f"http://{host}:{port}"
+
+    async def _get_details(self) -> dict[str, Any]:
+        response = await self._request("GET")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise RayServeError(f"{self._dashboard_url} answered non-JSON Serve details") from exc
+        if not isinstance(body, dict):
+            raise RayServeError(f"{self._dashboard_url} answered unexpected Serve details")
+        return body
+
+    async def _request(self, method: str, *, json: Any = None) -> httpx.Response:
+        headers = {}
+        token = self._token_provider()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            response = await self._client.request(
+                method, APPLICATIONS_PATH, json=json, headers=headers
+            )
+        except httpx.TimeoutException as exc:
+            raise RayUnreachable(self._dashboard_url, "timed out") from exc
+        except httpx.TransportError as exc:
+            raise RayUnreachable(self._dashboard_url, type(exc).__name__) from exc
+        if response.status_code in (401, 403):
+            raise RayAuthError(self._dashboard_url, response.status_code)
+        if response.status_code == 400 and method == "PUT":
+            raise ServeConfigRejected(response.text[:2000])
+        if response.status_code in (502, 503, 504):
+            raise RayUnreachable(
+                self._dashboard_url, f"HTTP {response.status_code}: {response.text[:300]}"
+            )
+        if response.status_code == 404:
+            raise RayServeError(
+                f"{self._dashboard_url} has no Serve REST API (HTTP 404): is this a Ray dashboard?",
+                404,
+            )
+        if response.is_error:
+            raise RayServeError(
+                f"{method} {APPLICATIONS_PATH} on {self._dashboard_url} answered "
+                f"HTTP {response.status_code}: {response.text[:300]}",
+                response.status_code,
+            )
+        return response
+
+
+def status_from_details(
+    name: str, app: Mapping[str, Any], serve_url: str | None
+) -> ServeAppStatus:
+    """Turn one entry of Serve's ``applications`` details into a :class:`ServeAppStatus`."""
+    try:
+        state = ServeAppState(app.get("status", "NOT_STARTED"))
+    except ValueError:
+        state = ServeAppState.UNHEALTHY
+    deployments: Mapping[str, Any] = app.get("deployments") or {}
+    ingress = (app.get("deployment_topology") or {}).get("ingress_deployment")
+    sized = deployments.get(ingress) if ingress else None
+    if sized is None and len(deployments) == 1:
+        sized = next(iter(deployments.values()))
+    chosen = [sized] if sized is not None else list(deployments.values())
+    running = sum(
+        1 for d in chosen for r in d.get("replicas") or [] if r.get("state") == "RUNNING"
+    )
+    target = sum(int(d.get("target_num_replicas") or 0) for d in chosen)
+    detail = str(app.get("message") or "")
+    if not detail:
+        # Serve puts "not enough resources to schedule" and health failures on deployments.
+        detail = "; ".join(
+            f"{d.get('name')}: {d['message']}" for d in deployments.values() if d.get("message")
+        )
+    prefix = app.get("route_prefix")
+    endpoint = f"{serve_url}{'' if prefix == '/' else prefix}" if serve_url and prefix else None
+    return ServeAppStatus(
+        name=name,
+        status=state,
+        message=serve_config.summarize_message(detail),
+        replicas_running=running,
+        replicas_target=target,
+        endpoint_url=endpoint,
+        detail=detail,
+    )
+
+
+async def wait_until_running(
+    actuator: DataCentreActuator,
+    names: Sequence[str],
+    *,
+    timeout_s: float = 120.0,
+    poll_interval_s: float = 0.25,
+    replicas: Mapping[str, int] | None = None,
+) -> Mapping[str, ServeAppStatus]:
+    """Poll ``observe()`` until every app in ``names`` is RUNNING (with ``replicas`` running).
+
+    Serve has no change feed, so this polls, bounded by ``timeout_s``. Raises
+    :class:`ServeAppFailed` as soon as one app reports DEPLOY_FAILED, and ``TimeoutError``
+    naming the apps still pending.
+    """
+    deadline = time.monotonic() + timeout_s
+    max_polls = int(timeout_s / poll_interval_s) + 1
+    statuses: Mapping[str, ServeAppStatus] = {}
+    for _ in range(max_polls):
+        statuses = await actuator.observe()
+        pending = []
+        for name in names:
+            status = statuses.get(name)
+            if status is not None and status.status is ServeAppState.DEPLOY_FAILED:
+                raise ServeAppFailed(name, status.message)
+            wanted = (replicas or {}).get(name)
+            if (
+                status is None
+                or status.status is not ServeAppState.RUNNING
+                or (wanted is not None and status.replicas_running != wanted)
+            ):
+                pending.append(name)
+        if not pending:
+            return statuses
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(poll_interval_s)
+    summary = {n: (s.status.value, s.message) for n, s in statuses.items() if n in names}
+    raise TimeoutError(f"Serve applications not RUNNING after {timeout_s:.0f}s: {summary}")
+
+
+async def wait_until_gone(
+    actuator: DataCentreActuator,
+    names: Sequence[str],
+    *,
+    timeout_s: float = 60.0,
+    poll_interval_s: float = 0.25,
+) -> None:
+    """Poll ``observe()`` until none of ``names`` is reported any more."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / poll_interval_s) + 1):
+        statuses = await actuator.observe()
+        if not any(n in statuses for n in names):
+            return
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(poll_interval_s)
+    raise TimeoutError(f"Serve applications {list(names)} still present after {timeout_s:.0f}s")

@@ -1,0 +1,272 @@
+"""What a data-centre site runs, as Ray Serve sees it: specs, statuses, errors, rendering.
+
+Two adapters drive Ray Serve for a data-centre site: :mod:`.ray_serve` over the Serve REST
+API of a running Ray cluster and :mod:`.kuberay` through a KubeRay ``RayService``. Both
+turn the same :class:`ServeAppSpec` values into the same Serve application config and read
+the same application statuses back, so that part lives here once, free of I/O: the
+reconciler can unit-test against it and the two adapters cannot drift apart.
+
+Error tree (every adapter error derives from :class:`DataCentreError`; ``retryable`` tells
+the reconciler whether backing off and trying again can help)::
+
+    DataCentreError
+    +-- RayUnreachable          dashboard / API server down or not answering (retryable)
+    +-- RayAuthError            the token was missing or rejected (not retryable)
+    +-- ServeConfigRejected     Ray refused the config itself, e.g. HTTP 400 (not retryable)
+    +-- ServeAppFailed          one application failed to deploy (retryable: it may be fixed)
+    +-- RayServeError           any other unexpected answer (retryable)
+    +-- KubernetesError         from the KubeRay adapter, see :mod:`.kuberay`
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+#: Applications whose name starts with this are edgeplane's; others on a shared cluster are
+#: left exactly as they are.
+OWNED_PREFIX = "ep-"
+#: Import path of the built-in ONNX application (see ``orchestrator/serving/onnx_app.py``).
+ONNX_IMPORT_PATH = "orchestrator.serving.onnx_app:build"
+#: Name of the one deployment inside the built-in ONNX application.
+ONNX_DEPLOYMENT = "OnnxModel"
+RUNTIMES = ("onnx", "ray-serve")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class DataCentreError(Exception):
+    """Base of every error the data-centre adapters raise."""
+
+    retryable: bool = True
+
+
+class RayUnreachable(DataCentreError):
+    """The Ray dashboard (or the Serve controller behind it) did not answer."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"Ray dashboard at {url} is unreachable: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class RayAuthError(DataCentreError):
+    """The dashboard answered 401/403. The message never contains the token itself."""
+
+    retryable = False
+
+    def __init__(self, url: str, status_code: int) -> None:
+        if status_code == 401:
+            why = (
+                "no token was sent but the cluster has token authentication on; set the "
+                "site's Ray token (token file or secret)"
+            )
+        else:
+            why = "the token was rejected; check that the site's Ray token matches the cluster's"
+        super().__init__(f"Ray dashboard at {url} refused the request (HTTP {status_code}): {why}")
+        self.url = url
+        self.status_code = status_code
+
+
+class ServeConfigRejected(DataCentreError):
+    """Ray refused the Serve config as a whole (invalid fields, HTTP 400)."""
+
+    retryable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"Ray Serve rejected the config: {message}")
+        self.detail = message
+
+
+class ServeAppFailed(DataCentreError):
+    """One application reached DEPLOY_FAILED (bad import path, bad artifact, crash...)."""
+
+    def __init__(self, app: str, message: str) -> None:
+        super().__init__(f"Serve application {app!r} failed: {message}")
+        self.app = app
+        self.message = message
+
+
+class RayServeError(DataCentreError):
+    """Any other unexpected answer from the Serve REST API."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ServeAppState(enum.StrEnum):
+    """Ray Serve's application statuses, as its REST API and KubeRay report them."""
+
+    NOT_STARTED = "NOT_STARTED"
+    DEPLOYING = "DEPLOYING"
+    RUNNING = "RUNNING"
+    UNHEALTHY = "UNHEALTHY"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    DELETING = "DELETING"
+
+
+@dataclass(frozen=True)
+class ServeAppSpec:
+    """One Serve application: one edgeplane deployment on one data-centre site.
+
+    ``deployment`` names the Serve deployment inside a ``ray-serve`` application that
+    edgeplane sizes (``num_replicas`` and resources); left empty, the application's ingress
+    deployment is used once the cluster has reported it. ONNX applications have exactly
+    one deployment, :data:`ONNX_DEPLOYMENT`.
+    """
+
+    name: str
+    route_prefix: str
+    model_name: str
+    runtime: str
+    num_replicas: int
+    cpu: float = 1.0
+    memory_mib: int = 0
+    gpus: float = 0.0
+    artifact_uri: str | None = None
+    sha256: str | None = None
+    import_path: str | None = None
+    args: Mapping[str, Any] = field(default_factory=dict)
+    deployment: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = spec_problems(self)
+        if problems:
+            raise ValueError(f"invalid Serve application {self.name!r}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ServeAppStatus:
+    """Observed state of one application; ``endpoint_url`` is its route on the Serve proxy."""
+
+    name: str
+    status: ServeAppState
+    message: str
+    replicas_running: int
+    replicas_target: int
+    endpoint_url: str | None
+    detail: str = ""  # the full message (tracebacks) when ``message`` is its summary
+
+
+class DataCentreActuator(Protocol):
+    """What the reconciler needs from a data-centre site."""
+
+    async def apply(self, apps: Sequence[ServeAppSpec]) -> None:
+        """Make edgeplane's applications on the site exactly ``apps``."""
+        ...
+
+    async def observe(self) -> Mapping[str, ServeAppStatus]:
+        """Status of every edgeplane application on the site, by application name."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def spec_problems(spec: ServeAppSpec) -> list[str]:
+    """Everything wrong with ``spec``; empty when it can be rendered."""
+    problems: list[str] = []
+    if not _APP_NAME.match(spec.name):
+        problems.append("name must be 1-63 letters, digits, '-', '_' or '.'")
+    if not spec.route_prefix.startswith("/") or (
+        spec.route_prefix != "/" and spec.route_prefix.endswith("/")
+    ):
+        problems.append("route_prefix must start with '/' and not end with '/'")
+    if spec.runtime not in RUNTIMES:
+        problems.append(f"runtime must be one of {', '.join(RUNTIMES)}, got {spec.runtime!r}")
+    if spec.num_replicas < 0:
+        problems.append("num_replicas must be >= 0")
+    if spec.cpu < 0 or spec.gpus < 0 or spec.memory_mib < 0:
+        problems.append("cpu, gpus and memory_mib must be >= 0")
+    if spec.runtime == "onnx":
+        if not spec.artifact_uri:
+            problems.append("an onnx application needs artifact_uri")
+        if not spec.sha256 or not re.fullmatch(r"[0-9a-f]{64}", spec.sha256):
+            problems.append("an onnx application needs sha256 (64 lowercase hex digits)")
+    if spec.runtime == "ray-serve" and (not spec.import_path or ":" not in spec.import_path):
+        problems.append("a ray-serve application needs import_path as 'module:attribute'")
+    return problems
+
+
+def is_owned(name: str, prefix: str = OWNED_PREFIX) -> bool:
+    return name.startswith(prefix)
+
+
+def actor_options(spec: ServeAppSpec) -> dict[str, Any]:
+    """``ray_actor_options`` for one replica of ``spec``."""
+    options: dict[str, Any] = {"num_cpus": spec.cpu}
+    if spec.gpus:
+        options["num_gpus"] = spec.gpus
+    if spec.memory_mib:
+        options["memory"] = spec.memory_mib * 1024 * 1024
+    return options
+
+
+def render_application(spec: ServeAppSpec, sized_deployment: str | None = None) -> dict[str, Any]:
+    """One entry of the Serve config's ``applications`` list.
+
+    ``sized_deployment`` is the deployment a ``ray-serve`` application is scaled through
+    when ``spec.deployment`` is empty (the ingress the cluster reported); without either,
+    the application runs with its own defaults until the next pass knows the name.
+    """
+    app: dict[str, Any] = {"name": spec.name, "route_prefix": spec.route_prefix}
+    if spec.runtime == "onnx":
+        app["import_path"] = ONNX_IMPORT_PATH
+        app["args"] = {
+            "artifact_uri": spec.artifact_uri,
+            "sha256": spec.sha256,
+            "model_name": spec.model_name,
+        }
+        deployment: str | None = ONNX_DEPLOYMENT
+    else:
+        app["import_path"] = spec.import_path
+        app["args"] = dict(spec.args)
+        deployment = spec.deployment or sized_deployment
+    if deployment is not None:
+        app["deployments"] = [
+            {
+                "name": deployment,
+                "num_replicas": spec.num_replicas,
+                "ray_actor_options": actor_options(spec),
+            }
+        ]
+    return app
+
+
+def summarize_message(message: str) -> str:
+    """The line of a Serve failure message a person needs: the exception, not the traceback."""
+    text = _ANSI.sub("", message).strip()
+    if "Traceback" not in text:
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("File ", "^", "~")) and ":" in line:
+            return line
+    return lines[-1] if lines else text
+
+
+@dataclass(frozen=True)
+class ClusterDemand:
+    """What a set of applications asks of a cluster, summed over replicas."""
+
+    cpu: float
+    memory_mib: int
+    gpus: float
+    largest_replica_cpu: float
+    largest_replica_memory_mib: int
+    largest_replica_gpus: float
+
+
+def total_demand(apps: Sequence[ServeAppSpec]) -> ClusterDemand:
+    return ClusterDemand(
+        cpu=math.fsum(a.cpu * a.num_replicas for a in apps),
+        memory_mib=sum(a.memory_mib * a.num_replicas for a in apps),
+        gpus=math.fsum(a.gpus * a.num_replicas for a in apps),
+        largest_replica_cpu=max((a.cpu for a in apps), default=0.0),
+        largest_replica_memory_mib=max((a.memory_mib for a in apps), default=0),
+        largest_replica_gpus=max((a.gpus for a in apps), default=0.0),
+    )

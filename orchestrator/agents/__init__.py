@@ -1,0 +1,8 @@
+"""Edge agents as seen from the control plane.
+
+``model``    typed values (AgentStatus, Assignment, AgentEvent...) with proto conversions
+``hub``      AgentHub: live inventory, health by missed heartbeats, assignment channels
+``auth``     JoinAuthenticator protocol and an in-memory implementation
+``service``  the grpc.aio servicer and ``start_agent_server``
+``errors``   the hub's error tree
+"""

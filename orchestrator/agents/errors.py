@@ -1,0 +1,40 @@
+"""Errors of the agent hub, mapped to gRPC status codes only by the servicer.
+
+    AgentHubError
+    ├── JoinRefused               a Join that cannot be granted
+    │   ├── NotAuthenticated      bad bootstrap token or credential   -> UNAUTHENTICATED
+    │   ├── SiteTaken             a live agent already holds the site -> ALREADY_EXISTS
+    │   └── InvalidJoin           malformed site, URL, labels...      -> INVALID_ARGUMENT
+    ├── NotJoined                 stream from an agent that must join -> FAILED_PRECONDITION
+    └── StaleAssignments          set_assignments with an older version
+"""
+
+from __future__ import annotations
+
+
+class AgentHubError(Exception):
+    """Base of every error the hub raises on purpose."""
+
+
+class JoinRefused(AgentHubError):
+    pass
+
+
+class NotAuthenticated(JoinRefused):
+    pass
+
+
+class SiteTaken(JoinRefused):
+    pass
+
+
+class InvalidJoin(JoinRefused):
+    pass
+
+
+class NotJoined(AgentHubError):
+    pass
+
+
+class StaleAssignments(AgentHubError):
+    pass

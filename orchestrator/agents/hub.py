@@ -1,0 +1,410 @@
+"""The live inventory of edge agents and the desired assignments for their sites.
+
+Why a hub and not the store: heartbeats arrive thousands of times a second and must cost
+O(1) each, so they update an in-memory record and never touch disk; only *changes* that
+matter to placement (an agent joined, was lost, came back, its capacity or model states
+moved) reach the rest of the control plane, through the injected ``on_change`` callback.
+
+Site identity rule: a site is held by at most one agent at a time. A Join for a site
+whose current agent is still healthy (it has not missed ``missed_heartbeats`` heartbeats)
+is refused with :class:`SiteTaken` unless it comes from that same agent (same agent id
+with a valid credential, as after a restart). Once the holder is marked unhealthy, a new
+agent presenting a valid bootstrap token or the site's credential takes the site over.
+
+Everything here runs on one event loop thread: call ``set_assignments`` from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import ipaddress
+import logging
+import re
+import secrets
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from orchestrator.agents import auth, errors, model
+
+log = logging.getLogger(__name__)
+
+SITE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 253
+
+
+class LagHistogram:
+    """Fixed log-spaced buckets of heartbeat lag (ms): O(1) per observation, no allocation."""
+
+    BOUNDS_MS = tuple(round(0.5 * 1.25**i, 3) for i in range(64))  # 0.5 ms .. ~800 s
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS_MS) + 1)
+        self.total = 0
+
+    def observe(self, lag_ms: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS_MS, lag_ms)] += 1
+        self.total += 1
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile ``q`` (ms); 0 when empty."""
+        if not self.total:
+            return 0.0
+        rank = q * self.total
+        seen = 0
+        for i, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank and count:
+                return self.BOUNDS_MS[i] if i < len(self.BOUNDS_MS) else float("inf")
+        return float("inf")
+
+
+@dataclass
+class _Record:
+    """Mutable state of one agent; only the hub touches it."""
+
+    site: str
+    agent_id: str
+    endpoint_url: str
+    location: model.Location
+    labels: object  # Mapping[str, str], frozen
+    agent_version: str
+    joined_at: float
+    heartbeat_interval: float
+    capacity: model.Capacity
+    last_heartbeat: float
+    deadline: float
+    healthy: bool = True
+    inflight: int = 0
+    cpu_percent: float = 0.0
+    memory_available_bytes: int = 0
+    assignment_version: int = 0
+    models: dict[str, model.ModelState] = field(default_factory=dict)
+    heartbeats: int = 0
+
+    def status(self) -> model.AgentStatus:
+        return model.AgentStatus(
+            site=self.site,
+            agent_id=self.agent_id,
+            endpoint_url=self.endpoint_url,
+            healthy=self.healthy,
+            last_heartbeat=self.last_heartbeat,
+            joined_at=self.joined_at,
+            location=self.location,
+            labels=self.labels,  # type: ignore[arg-type]
+            agent_version=self.agent_version,
+            capacity=self.capacity,
+            providers=self.capacity.execution_providers,
+            inflight=self.inflight,
+            cpu_percent=self.cpu_percent,
+            memory_available_bytes=self.memory_available_bytes,
+            models=dict(self.models),
+            assignment_version=self.assignment_version,
+            heartbeat_interval=self.heartbeat_interval,
+        )
+
+
+class _SiteChannel:
+    """Latest assignment set of a site and a wake-up for its watchers (latest wins)."""
+
+    def __init__(self) -> None:
+        self.latest: model.AssignmentSet | None = None
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+
+
+class AgentHub:
+    """Owns agent records, their health, and the assignment channel of every site.
+
+    ``clock`` returns seconds (``time.time`` by default; the same clock stamps
+    ``last_heartbeat`` and is compared with the agents' ``sent_unix_ms`` for lag).
+    An agent is unhealthy once ``missed_heartbeats`` of its intervals pass without one.
+    """
+
+    def __init__(
+        self,
+        authenticator: auth.JoinAuthenticator,
+        *,
+        on_change: Callable[[model.AgentEvent], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        heartbeat_interval: float = 5.0,
+        min_heartbeat_interval: float = 0.05,
+        max_heartbeat_interval: float = 300.0,
+        missed_heartbeats: int = 3,
+    ) -> None:
+        if missed_heartbeats < 1:
+            raise ValueError("missed_heartbeats must be at least 1")
+        self._auth = authenticator
+        self._on_change = on_change
+        self._clock = clock
+        self.heartbeat_interval = heartbeat_interval
+        self._interval_bounds = (min_heartbeat_interval, max_heartbeat_interval)
+        self.missed_heartbeats = missed_heartbeats
+        self._records: dict[str, _Record] = {}
+        self._channels: dict[str, _SiteChannel] = {}
+        self.lag = LagHistogram()
+        self.heartbeats_total = 0
+        self._beat_waiters: dict[str, asyncio.Event] = {}
+
+    # -- join and identity ----------------------------------------------------------
+
+    def join(self, application: model.JoinApplication) -> model.JoinGrant:
+        _validate(application)
+        site = application.site
+        by_credential = application.credential is not None and self._auth.verify_credential(
+            site, application.credential
+        )
+        if not by_credential and not self._auth.verify_bootstrap(application.bootstrap_token):
+            raise errors.NotAuthenticated(f"join for site {site!r} refused: invalid token or credential")
+        now = self._clock()
+        current = self._records.get(site)
+        same_agent = (
+            by_credential
+            and current is not None
+            and application.agent_id == current.agent_id
+        )
+        if current is not None and current.healthy and not same_agent and now <= current.deadline:
+            raise errors.SiteTaken(
+                f"site {site!r} is held by live agent {current.agent_id} (last heartbeat "
+                f"{now - current.last_heartbeat:.1f}s ago); another agent may take it over "
+                f"only after {self.missed_heartbeats} missed heartbeats "
+                f"({self.missed_heartbeats * current.heartbeat_interval:.1f}s)"
+            )
+        if by_credential and application.agent_id:
+            agent_id = application.agent_id
+            credential = application.credential or ""
+        else:
+            agent_id = "agt-" + secrets.token_hex(8)
+            credential = self._auth.issue_credential(site)
+        interval = self._clamp(application.heartbeat_interval)
+        record = _Record(
+            site=site,
+            agent_id=agent_id,
+            endpoint_url=application.endpoint_url,
+            location=application.location,
+            labels=model.frozen_mapping(application.labels),
+            agent_version=application.agent_version,
+            joined_at=now,
+            heartbeat_interval=interval,
+            capacity=application.capacity,
+            last_heartbeat=now,
+            deadline=now + interval * self.missed_heartbeats,
+        )
+        self._records[site] = record
+        self._channel(site).notify()  # a superseded agent's watch stream ends
+        log.info("agent %s joined site %s from %s", agent_id, site, application.endpoint_url)
+        self._emit(model.AgentEventKind.JOINED, record, "joined")
+        return model.JoinGrant(agent_id, credential, interval, self.missed_heartbeats)
+
+    def authenticate_stream(self, site: str, agent_id: str, credential: str) -> None:
+        """Check the metadata of a Heartbeats/WatchAssignments stream, once per stream."""
+        if not self._auth.verify_credential(site, credential):
+            raise errors.NotAuthenticated(f"invalid credential for site {site!r}")
+        current = self._records.get(site)
+        if current is None or current.agent_id != agent_id:
+            raise errors.NotJoined(f"agent {agent_id!r} does not hold site {site!r}; join again")
+
+    # -- heartbeats and health ------------------------------------------------------
+
+    def record_heartbeat(self, site: str, agent_id: str, beat: model.Heartbeat) -> None:
+        """Apply one heartbeat: O(1) unless capacity or model states are attached."""
+        record = self._records.get(site)
+        if record is None or record.agent_id != agent_id:
+            raise errors.NotJoined(f"agent {agent_id!r} does not hold site {site!r}; join again")
+        now = self._clock()
+        self.heartbeats_total += 1
+        if beat.sent_unix_ms:
+            self.lag.observe(now * 1000.0 - beat.sent_unix_ms)
+        record.heartbeats += 1
+        record.last_heartbeat = now
+        record.deadline = now + record.heartbeat_interval * self.missed_heartbeats
+        record.inflight = beat.inflight
+        record.cpu_percent = beat.cpu_percent
+        record.memory_available_bytes = beat.memory_available_bytes
+        record.assignment_version = beat.assignment_version
+        if beat.capacity is not None and beat.capacity != record.capacity:
+            record.capacity = beat.capacity
+            self._emit(model.AgentEventKind.CAPACITY_CHANGED, record, "capacity changed")
+        if beat.gpu_free_bytes and record.capacity.gpus:
+            free = dict(beat.gpu_free_bytes)
+            record.capacity = model.Capacity(
+                record.capacity.cpu_cores,
+                record.capacity.memory_total_bytes,
+                tuple(
+                    model.Gpu(g.index, g.model, g.memory_total_bytes, free.get(g.index, g.memory_free_bytes))
+                    for g in record.capacity.gpus
+                ),
+                record.capacity.execution_providers,
+            )
+        if beat.models is not None:
+            models = {m.name: m for m in beat.models}
+            changed = models != record.models  # request counters do not count as a change
+            record.models = models
+            if changed:
+                self._emit(model.AgentEventKind.MODELS_CHANGED, record, "model states changed")
+        if beat.draining:
+            if record.healthy:
+                record.healthy = False
+                record.deadline = now
+                self._emit(model.AgentEventKind.LOST, record, "agent is draining")
+        elif not record.healthy:
+            record.healthy = True
+            self._emit(model.AgentEventKind.RECOVERED, record, "heartbeats resumed")
+        if self._beat_waiters:
+            waiter = self._beat_waiters.pop(site, None)
+            if waiter is not None:
+                waiter.set()
+
+    async def next_heartbeat(self, site: str) -> model.AgentStatus:
+        """Wait for the next heartbeat from ``site`` and return the status it produced."""
+        waiter = self._beat_waiters.get(site)
+        if waiter is None:
+            waiter = self._beat_waiters[site] = asyncio.Event()
+        await waiter.wait()
+        status = self.status(site)
+        if status is None:
+            raise errors.NotJoined(f"site {site!r} has no agent")
+        return status
+
+    def sweep(self) -> list[model.AgentEvent]:
+        """Mark agents whose heartbeats stopped as unhealthy; returns the LOST events."""
+        now = self._clock()
+        lost = []
+        for record in self._records.values():
+            if record.healthy and now > record.deadline:
+                record.healthy = False
+                reason = (
+                    f"no heartbeat for {now - record.last_heartbeat:.1f}s "
+                    f"({self.missed_heartbeats} x {record.heartbeat_interval:g}s missed)"
+                )
+                log.warning("agent %s of site %s lost: %s", record.agent_id, record.site, reason)
+                event = self._emit(model.AgentEventKind.LOST, record, reason)
+                lost.append(event)
+        return lost
+
+    async def run_sweeper(self, period: float | None = None) -> None:
+        """Sweep forever (cancel to stop); by default at the smallest agent interval / 2."""
+        while True:
+            step = period
+            if step is None:
+                intervals = [r.heartbeat_interval for r in self._records.values()]
+                step = min(intervals, default=self.heartbeat_interval) / 2
+            await asyncio.sleep(max(step, 0.01))
+            try:
+                self.sweep()
+            except Exception:  # the loop never dies: a bad callback is logged, not fatal
+                log.exception("agent sweep failed")
+
+    # -- assignments ----------------------------------------------------------------
+
+    def set_assignments(
+        self, site: str, assignments: list[model.Assignment], version: int
+    ) -> None:
+        """Replace the desired set of ``site`` and push it to its agent (latest wins)."""
+        channel = self._channel(site)
+        if channel.latest is not None and version < channel.latest.version:
+            raise errors.StaleAssignments(
+                f"assignment version {version} for site {site!r} is older than "
+                f"{channel.latest.version}"
+            )
+        channel.latest = model.AssignmentSet(site, version, tuple(assignments))
+        channel.notify()
+
+    def assignments(self, site: str) -> model.AssignmentSet | None:
+        channel = self._channels.get(site)
+        return channel.latest if channel else None
+
+    async def watch_assignments(
+        self, site: str, agent_id: str, known_version: int = 0
+    ) -> AsyncIterator[model.AssignmentSet]:
+        """Yield the site's set now (unless the agent has it) and each newer one, until
+        another agent takes the site over. Sets that arrive while one is being sent are
+        collapsed: only the latest is sent."""
+        channel = self._channel(site)
+        sent: model.AssignmentSet | None = None
+        while True:
+            record = self._records.get(site)
+            if record is None or record.agent_id != agent_id:
+                return
+            latest = channel.latest
+            if latest is not None and latest is not sent:
+                if sent is not None or latest.version != known_version or known_version == 0:
+                    yield latest
+                sent = latest
+            await channel.wait()
+
+    # -- views ----------------------------------------------------------------------
+
+    def snapshot(self) -> list[model.AgentStatus]:
+        return [r.status() for r in self._records.values()]
+
+    def status(self, site: str) -> model.AgentStatus | None:
+        record = self._records.get(site)
+        return record.status() if record else None
+
+    def forget(self, site: str) -> None:
+        """Drop a site's agent record (e.g. the Site was deleted)."""
+        self._records.pop(site, None)
+        self._channel(site).notify()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _channel(self, site: str) -> _SiteChannel:
+        channel = self._channels.get(site)
+        if channel is None:
+            channel = self._channels[site] = _SiteChannel()
+        return channel
+
+    def _clamp(self, requested: float | None) -> float:
+        low, high = self._interval_bounds
+        value = requested if requested else self.heartbeat_interval
+        return min(max(value, low), high)
+
+    def _emit(self, kind: model.AgentEventKind, record: _Record, reason: str) -> model.AgentEvent:
+        event = model.AgentEvent(kind, record.site, record.agent_id, self._clock(), reason, record.status())
+        if self._on_change is not None:
+            try:
+                self._on_change(event)
+            except Exception:
+                log.exception("on_change callback failed for %s %s", kind.value, record.site)
+        return event
+
+
+def _validate(application: model.JoinApplication) -> None:
+    if not SITE_NAME.match(application.site):
+        raise errors.InvalidJoin(
+            f"site name {application.site!r} must be a DNS label: lowercase letters, digits "
+            "and '-', at most 63 characters"
+        )
+    url = urllib.parse.urlsplit(application.endpoint_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise errors.InvalidJoin(
+            f"endpoint_url {application.endpoint_url!r} must be an http(s) URL with a host"
+        )
+    try:
+        if ipaddress.ip_address(url.hostname).is_unspecified:
+            raise errors.InvalidJoin(
+                f"endpoint_url {application.endpoint_url!r} uses an unspecified address; "
+                "advertise a reachable one"
+            )
+    except ValueError:
+        pass  # a host name
+    if len(application.labels) > MAX_LABELS:
+        raise errors.InvalidJoin(f"at most {MAX_LABELS} labels are allowed")
+    for key, value in application.labels.items():
+        if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+            raise errors.InvalidJoin(f"label {key!r} must be 1-{MAX_LABEL_CHARS} characters")
+    loc = application.location
+    if loc.lat is not None and not (-90 <= loc.lat <= 90 and -180 <= (loc.lon or 0) <= 180):
+        raise errors.InvalidJoin(f"location {loc.lat},{loc.lon} is not a valid lat,lon")
+    if loc.country and not re.fullmatch(r"[A-Z]{2}", loc.country):
+        raise errors.InvalidJoin(f"country {loc.country!r} must be an ISO 3166 alpha-2 code")

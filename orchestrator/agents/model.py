@@ -1,0 +1,269 @@
+"""What the control plane knows about edge agents, as typed values.
+
+The gRPC messages of ``edgeplane.agent.v1`` stop at this module: everything above the
+servicer (the hub, the scheduler, the API) sees these frozen dataclasses. Each has an
+explicit ``from_proto`` / ``to_proto`` so the wire format can grow without leaking.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+
+
+class ModelPhase(enum.Enum):
+    UNKNOWN = "UNKNOWN"
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+    @classmethod
+    def from_proto(cls, value: int) -> ModelPhase:
+        return _PHASE_FROM_PROTO.get(value, cls.UNKNOWN)
+
+
+_PHASE_FROM_PROTO = {
+    pb.MODEL_PHASE_LOADING: ModelPhase.LOADING,
+    pb.MODEL_PHASE_READY: ModelPhase.READY,
+    pb.MODEL_PHASE_FAILED: ModelPhase.FAILED,
+}
+
+
+class DesiredState(enum.Enum):
+    SERVING = "SERVING"
+    STOPPED = "STOPPED"  # keep the artifact cached on the agent, do not serve it
+
+    def to_proto(self) -> int:
+        return pb.DESIRED_STATE_SERVING if self is DesiredState.SERVING else pb.DESIRED_STATE_STOPPED
+
+
+@dataclass(frozen=True)
+class Location:
+    country: str = ""
+    region: str = ""
+    lat: float | None = None
+    lon: float | None = None
+
+    @classmethod
+    def from_proto(cls, msg: pb.Location) -> Location:
+        if msg.has_coordinates:
+            return cls(msg.country, msg.region, msg.lat, msg.lon)
+        return cls(msg.country, msg.region)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    model: str
+    memory_total_bytes: int
+    # Free memory moves all the time; it is load, not capacity, so equality ignores it.
+    memory_free_bytes: int = field(default=0, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: pb.Gpu) -> Gpu:
+        return cls(msg.index, msg.model, msg.memory_total_bytes, msg.memory_free_bytes)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Measured by the agent; wins over the capacity a Site manifest declares."""
+
+    cpu_cores: int = 0
+    memory_total_bytes: int = 0
+    gpus: tuple[Gpu, ...] = ()
+    execution_providers: tuple[str, ...] = ()
+
+    @classmethod
+    def from_proto(cls, msg: pb.Capacity) -> Capacity:
+        return cls(
+            cpu_cores=msg.cpu_cores,
+            memory_total_bytes=msg.memory_total_bytes,
+            gpus=tuple(Gpu.from_proto(g) for g in msg.gpus),
+            execution_providers=tuple(msg.execution_providers),
+        )
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model on one agent. ``sha256`` is the version asked for, ``serving_sha256`` the
+    version answering requests (a failed upgrade keeps the previous one serving)."""
+
+    name: str
+    sha256: str
+    phase: ModelPhase
+    message: str = ""
+    provider: str = ""
+    requests_served: int = field(default=0, compare=False)
+    serving_sha256: str = ""
+    deployment: str = ""
+    variant: str = ""
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.serving_sha256)
+
+    @classmethod
+    def from_proto(cls, msg: pb.ModelState) -> ModelState:
+        return cls(
+            name=msg.name,
+            sha256=msg.sha256,
+            phase=ModelPhase.from_proto(msg.phase),
+            message=msg.message,
+            provider=msg.provider,
+            requests_served=msg.requests_served,
+            serving_sha256=msg.serving_sha256,
+            deployment=msg.deployment,
+            variant=msg.variant,
+        )
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One model the control plane wants on a site."""
+
+    model: str
+    deployment: str
+    variant: str
+    artifact_url: str
+    sha256: str
+    desired_state: DesiredState = DesiredState.SERVING
+
+    def to_proto(self) -> pb.Assignment:
+        return pb.Assignment(
+            model=self.model,
+            deployment=self.deployment,
+            variant=self.variant,
+            artifact_url=self.artifact_url,
+            sha256=self.sha256,
+            desired_state=self.desired_state.to_proto(),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class AssignmentSet:
+    """The full desired set for one site; anything absent is removed by the agent."""
+
+    site: str
+    version: int
+    assignments: tuple[Assignment, ...]
+
+    def to_proto(self) -> pb.AssignmentSet:
+        return pb.AssignmentSet(
+            version=self.version, assignments=[a.to_proto() for a in self.assignments]
+        )
+
+
+@dataclass(frozen=True)
+class JoinApplication:
+    """A Join request after the servicer has validated its shape."""
+
+    site: str
+    bootstrap_token: str
+    credential: str | None
+    agent_id: str
+    endpoint_url: str
+    location: Location
+    labels: Mapping[str, str]
+    agent_version: str
+    heartbeat_interval: float | None
+    capacity: Capacity
+
+
+@dataclass(frozen=True)
+class JoinGrant:
+    agent_id: str
+    credential: str
+    heartbeat_interval: float
+    missed_heartbeats_allowed: int
+
+    def to_proto(self) -> pb.JoinResponse:
+        return pb.JoinResponse(
+            agent_id=self.agent_id,
+            credential=self.credential,
+            heartbeat_interval_ms=round(self.heartbeat_interval * 1000),
+            missed_heartbeats_allowed=self.missed_heartbeats_allowed,
+        )
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """A read-only view of one agent, as returned by :meth:`AgentHub.snapshot`."""
+
+    site: str
+    agent_id: str
+    endpoint_url: str
+    healthy: bool
+    last_heartbeat: float  # clock seconds (wall time unless another clock is injected)
+    joined_at: float
+    location: Location
+    labels: Mapping[str, str]
+    agent_version: str
+    capacity: Capacity
+    providers: tuple[str, ...]
+    inflight: int
+    cpu_percent: float
+    memory_available_bytes: int
+    models: Mapping[str, ModelState]
+    assignment_version: int
+    heartbeat_interval: float
+
+
+class AgentEventKind(enum.Enum):
+    JOINED = "JOINED"
+    LOST = "LOST"
+    RECOVERED = "RECOVERED"
+    CAPACITY_CHANGED = "CAPACITY_CHANGED"
+    MODELS_CHANGED = "MODELS_CHANGED"
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    kind: AgentEventKind
+    site: str
+    agent_id: str
+    at: float
+    reason: str
+    status: AgentStatus
+
+
+def frozen_mapping(values: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType(dict(values or {}))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One heartbeat; ``capacity``/``models`` are None when unchanged since the last one."""
+
+    seq: int
+    sent_unix_ms: int
+    inflight: int
+    cpu_percent: float
+    memory_available_bytes: int
+    assignment_version: int
+    draining: bool
+    capacity: Capacity | None
+    models: tuple[ModelState, ...] | None
+    gpu_free_bytes: tuple[tuple[int, int], ...]  # (gpu index, free bytes)
+
+    @classmethod
+    def from_proto(cls, msg: pb.Heartbeat) -> Heartbeat:
+        return cls(
+            seq=msg.seq,
+            sent_unix_ms=msg.sent_unix_ms,
+            inflight=msg.inflight,
+            cpu_percent=msg.cpu_percent,
+            memory_available_bytes=msg.memory_available_bytes,
+            assignment_version=msg.assignment_version,
+            draining=msg.draining,
+            capacity=Capacity.from_proto(msg.capacity) if msg.HasField("capacity") else None,
+            models=(
+                tuple(ModelState.from_proto(m) for m in msg.models.models)
+                if msg.HasField("models")
+                else None
+            ),
+            gpu_free_bytes=tuple((g.index, g.memory_free_bytes) for g in msg.gpu_load),
+        )

@@ -1,0 +1,184 @@
+"""The gRPC face of the hub: ``edgeplane.agent.v1.AgentControl`` on ``grpc.aio``.
+
+This is the one place that speaks protobuf and gRPC status codes on the control-plane
+side. It validates what arrives, converts it into :mod:`orchestrator.agents.model` values
+and maps the hub's errors to status codes; the hub itself never sees a gRPC object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
+from orchestrator.agents import errors, hub, model
+
+log = logging.getLogger(__name__)
+
+#: Metadata keys of the per-agent identity (one place: an mTLS pass replaces them).
+SITE_KEY = "x-edgeplane-site"
+AGENT_ID_KEY = "x-edgeplane-agent-id"
+CREDENTIAL_KEY = "x-edgeplane-credential"
+
+#: Largest message an agent may send; a heartbeat is well under 1 KiB, a Join a few KiB.
+MAX_RECEIVE_BYTES = 256 * 1024
+#: Largest message sent to an agent (an assignment set of many models).
+MAX_SEND_BYTES = 16 * 1024 * 1024
+
+_CODES: list[tuple[type[errors.AgentHubError], grpc.StatusCode]] = [
+    (errors.NotAuthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.SiteTaken, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.InvalidJoin, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotJoined, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+def _status_code(exc: errors.AgentHubError) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+class AgentControlServicer(pb_grpc.AgentControlServicer):
+    def __init__(self, agent_hub: hub.AgentHub) -> None:
+        self._hub = agent_hub
+
+    async def Join(
+        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JoinResponse:
+        meta = _metadata(context)
+        application = model.JoinApplication(
+            site=request.site,
+            bootstrap_token=request.bootstrap_token,
+            credential=meta.get(CREDENTIAL_KEY),
+            agent_id=request.agent_id,
+            endpoint_url=request.endpoint_url,
+            location=model.Location.from_proto(request.location),
+            labels=dict(request.labels),
+            agent_version=request.agent_version,
+            heartbeat_interval=request.heartbeat_interval_ms / 1000 or None,
+            capacity=model.Capacity.from_proto(request.capacity),
+        )
+        try:
+            return self._hub.join(application).to_proto()
+        except errors.AgentHubError as exc:
+            await context.abort(_status_code(exc), str(exc))
+            raise  # unreachable: abort raises
+
+    async def Heartbeats(
+        self, request_iterator: AsyncIterator[pb.Heartbeat], context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatSummary:
+        site, agent_id = await self._authenticate(context)
+        received = 0
+        record = self._hub.record_heartbeat
+        try:
+            async for beat in request_iterator:
+                record(site, agent_id, model.Heartbeat.from_proto(beat))
+                received += 1
+        except errors.AgentHubError as exc:
+            await context.abort(_status_code(exc), str(exc))
+        return pb.HeartbeatSummary(received=received)
+
+    async def WatchAssignments(
+        self, request: pb.WatchAssignmentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AssignmentSet]:
+        site, agent_id = await self._authenticate(context)
+        async for assignment_set in self._hub.watch_assignments(
+            site, agent_id, request.known_version
+        ):
+            yield assignment_set.to_proto()
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION, f"site {site!r} was taken over; join again"
+        )
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        meta = _metadata(context)
+        site = meta.get(SITE_KEY, "")
+        agent_id = meta.get(AGENT_ID_KEY, "")
+        try:
+            self._hub.authenticate_stream(site, agent_id, meta.get(CREDENTIAL_KEY, ""))
+        except errors.AgentHubError as exc:
+            await context.abort(_status_code(exc), str(exc))
+        return site, agent_id
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM material for a TLS listener; ``client_ca`` set = require client certificates."""
+
+    certificate_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+
+def server_options(max_receive_bytes: int = MAX_RECEIVE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        # Agents ping every 20 s so a dead uplink is noticed even with no heartbeats due.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
+
+
+class AgentServer:
+    """A started gRPC listener for agents plus the hub's health sweeper."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, sweeper: asyncio.Task[None]) -> None:
+        self.server = server
+        self.port = port
+        self._sweeper = sweeper
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        self._sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
+        await self.server.stop(grace)
+
+
+async def start_agent_server(
+    agent_hub: hub.AgentHub,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls: ServerTls | None = None,
+    *,
+    max_receive_bytes: int = MAX_RECEIVE_BYTES,
+    sweep_period: float | None = None,
+) -> AgentServer:
+    """Listen for agents on ``host:port`` (0 = any free port) and start sweeping health."""
+    server = grpc.aio.server(options=server_options(max_receive_bytes))
+    pb_grpc.add_AgentControlServicer_to_server(AgentControlServicer(agent_hub), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.private_key, tls.certificate_chain)],
+            root_certificates=tls.client_ca,
+            require_client_auth=tls.client_ca is not None,
+        )
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
+        raise OSError(f"cannot listen for agents on {address}")
+    await server.start()
+    sweeper = asyncio.create_task(agent_hub.run_sweeper(sweep_period), name="agent-hub-sweeper")
+    log.info("agent gRPC listening on %s:%d (%s)", host, bound, "tls" if tls else "insecure")
+    return AgentServer(server, bound, sweeper)

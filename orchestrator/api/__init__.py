@@ -1,0 +1,1 @@
+"""The HTTP control API (``/v1``, ``/healthz``, ``/metrics``) served by ``edgeplane serve``."""

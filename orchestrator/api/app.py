@@ -1,0 +1,213 @@
+"""Routes of the control API; each handler is a thin translation to the catalog.
+
+Errors are translated here, at the boundary, into one JSON shape: ``{"error": ...}``
+plus ``issues`` for manifest problems. Nothing a client sends can raise past this layer
+as a 500 except a genuine bug.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from orchestrator import catalog
+from orchestrator.api import auth
+from orchestrator.manifests import loader
+from orchestrator.manifests.errors import ManifestError
+from orchestrator.store import sqlite as store_mod
+
+MAX_BODY = 4 * 1024 * 1024
+
+
+class Services(Protocol):
+    """What the API needs from the running control plane."""
+
+    store: store_mod.Store
+    authenticator: auth.Authenticator
+    registry: Any  # prometheus CollectorRegistry
+
+    def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]: ...
+    def changed(self, reason: str) -> None: ...
+    def placements_view(self) -> dict[str, Any]: ...
+    def endpoints_view(self, model: str, lat: float | None, lon: float | None, residency: str | None) -> dict[str, Any]: ...
+    def describe_extra(self, kind: str, name: str) -> dict[str, Any]: ...
+    def ready(self) -> bool: ...
+
+
+def error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+Handler = Callable[[Request, auth.Caller], Awaitable[Response]]
+
+
+def build_routes(services: Services) -> list[BaseRoute]:
+    store = services.store
+
+    def guarded(handler: Handler, write: bool = False) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                caller = services.authenticator.caller(request.headers.get("authorization"))
+            except auth.Unauthorized as exc:
+                return error(401, str(exc))
+            if write and not caller.may_write():
+                return error(403, f"{caller.identity} has role {caller.role!r}; this needs 'admin'")
+            try:
+                return await handler(request, caller)
+            except BodyTooLarge:
+                return error(413, f"request body is larger than {MAX_BODY // (1024 * 1024)} MiB")
+            except ManifestError as exc:
+                return error(422, f"{len(exc.issues)} problem(s) in the manifests; nothing was applied", issues=[i.to_dict() for i in exc.issues])
+            except catalog.UnknownKind as exc:
+                return error(404, str(exc))
+            except store_mod.NotFound as exc:
+                return error(404, str(exc))
+            except (store_mod.Conflict, catalog.InUse) as exc:
+                return error(409, str(exc))
+
+        return endpoint
+
+    async def apply(request: Request, caller: auth.Caller) -> Response:
+        body = await read_body(request)
+        dry_run = request.query_params.get("dryRun", "false").lower() in ("1", "true", "yes")
+        source = request.query_params.get("file") or "<request>"
+        docs = loader.load_text(body, source[:256])
+        if not docs:
+            return error(422, "the request holds no documents")
+        result = catalog.apply_documents(store, docs, actor=caller.identity, reason=request.headers.get("x-edgeplane-reason", "apply"), dry_run=dry_run)
+        payload: dict[str, Any] = {
+            "dryRun": dry_run,
+            "results": [
+                {"kind": o.kind, "name": o.name, "action": o.action, "generation": o.generation, "resourceVersion": str(o.resource_version)}
+                for o in result.outcomes
+            ],
+        }
+        if dry_run:
+            payload["plan"] = services.preview(docs)
+        elif any(o.action != "unchanged" for o in result.outcomes):
+            services.changed(f"apply by {caller.identity}")
+        return JSONResponse(payload)
+
+    async def list_kind(request: Request, caller: auth.Caller) -> Response:
+        kind = catalog.resolve_kind(request.path_params["kind"])
+        items = [catalog.to_manifest(o) for o in store.list(kind)]
+        return JSONResponse({"kind": kind, "items": items})
+
+    async def get_one(request: Request, caller: auth.Caller) -> Response:
+        kind = catalog.resolve_kind(request.path_params["kind"])
+        obj = store.get(kind, request.path_params["name"])
+        if obj is None:
+            return error(404, f"{kind} {request.path_params['name']!r} does not exist")
+        body = catalog.to_manifest(obj)
+        if request.query_params.get("describe") in ("1", "true"):
+            body["events"] = [_event(e) for e in store.recent_events(kind, obj.name)]
+            body.update(services.describe_extra(kind, obj.name))
+        return JSONResponse(body)
+
+    async def delete_one(request: Request, caller: auth.Caller) -> Response:
+        kind = catalog.resolve_kind(request.path_params["kind"])
+        outcome = catalog.delete_object(store, kind, request.path_params["name"], actor=caller.identity)
+        services.changed(f"delete by {caller.identity}")
+        return JSONResponse({"kind": kind, "name": outcome.name, "action": "deleted"})
+
+    async def events(request: Request, caller: auth.Caller) -> Response:
+        q = request.query_params
+        try:
+            since, limit = int(q.get("since", "0")), int(q.get("limit", "100"))
+        except ValueError:
+            return error(400, "since and limit must be integers")
+        kind = catalog.resolve_kind(q["kind"]) if q.get("kind") else None
+        return JSONResponse({"items": [_event(e) for e in store.events(since, limit, kind, q.get("name"))]})
+
+    async def placements(request: Request, caller: auth.Caller) -> Response:
+        return JSONResponse(services.placements_view())
+
+    async def endpoints(request: Request, caller: auth.Caller) -> Response:
+        q = request.query_params
+        try:
+            lat = float(q["lat"]) if "lat" in q else None
+            lon = float(q["lon"]) if "lon" in q else None
+        except ValueError:
+            return error(400, "lat and lon must be numbers")
+        return JSONResponse(services.endpoints_view(request.path_params["model"], lat, lon, q.get("residency")))
+
+    async def create_token(request: Request, caller: auth.Caller) -> Response:
+        try:
+            doc = json.loads(await read_body(request, 64 * 1024) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error(400, "body must be JSON: {\"purpose\": \"bootstrap\"|\"api\", \"role\": ..., \"ttlSeconds\": ...}")
+        if not isinstance(doc, dict):
+            return error(400, "body must be a JSON object")
+        purpose = doc.get("purpose", "bootstrap")
+        role = doc.get("role", "agent" if purpose == "bootstrap" else "read")
+        ttl = doc.get("ttlSeconds", 3600 if purpose == "bootstrap" else None)
+        if purpose not in ("bootstrap", "api"):
+            return error(400, "purpose must be 'bootstrap' or 'api'")
+        if purpose == "api" and role not in auth.ROLES:
+            return error(400, f"role must be one of {', '.join(auth.ROLES)}")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
+            return error(400, "ttlSeconds must be a positive number")
+        secret, info = store.create_token(purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
+        return JSONResponse({"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": info.expires_at}, status_code=201)
+
+    async def revoke(request: Request, caller: auth.Caller) -> Response:
+        what, name = request.path_params["what"], request.path_params["name"]
+        if what == "tokens":
+            ok = store.revoke_token(name, caller.identity)
+        elif what == "agents":
+            ok = store.revoke_agent(name, caller.identity)
+            services.changed(f"agent {name} revoked by {caller.identity}")
+        else:
+            return error(404, "revoke tokens/ID or agents/SITE")
+        return JSONResponse({"revoked": ok}, status_code=200 if ok else 404)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok" if services.ready() else "starting"}, status_code=200 if services.ready() else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(services.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/v1/apply", guarded(apply, write=True), methods=["POST"]),
+        Route("/v1/placements", guarded(placements), methods=["GET"]),
+        Route("/v1/events", guarded(events), methods=["GET"]),
+        Route("/v1/endpoints/{model}", guarded(endpoints), methods=["GET"]),
+        Route("/v1/tokens", guarded(create_token, write=True), methods=["POST"]),
+        Route("/v1/revoke/{what}/{name}", guarded(revoke, write=True), methods=["POST"]),
+        Route("/v1/{kind}", guarded(list_kind), methods=["GET"]),
+        Route("/v1/{kind}/{name}", guarded(get_one), methods=["GET"]),
+        Route("/v1/{kind}/{name}", guarded(delete_one, write=True), methods=["DELETE"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+
+
+def _event(e: store_mod.LoggedEvent) -> dict[str, Any]:
+    return {"id": e.id, "ts": e.ts, "actor": e.actor, "action": e.action, "kind": e.kind, "name": e.name, "reason": e.reason, "details": dict(e.details)}
+
+
+def build_app(services: Services, extra_routes: list[BaseRoute] | None = None) -> Starlette:
+    return Starlette(routes=[*build_routes(services), *(extra_routes or [])])

@@ -1,0 +1,58 @@
+"""Bearer-token roles for the control API.
+
+Two roles: ``read`` (GET) and ``admin`` (everything). Tokens live hashed in the store;
+the admin token that ``edgeplane serve`` writes on first start is one of them. With auth
+off (the loopback-only default), every caller is ``anonymous`` with admin rights; the
+server refuses to start on a non-loopback address in that mode.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from orchestrator.store import sqlite as store_mod
+
+ROLES = ("read", "admin")
+
+
+@dataclass(frozen=True)
+class Caller:
+    identity: str
+    role: str
+
+    def may_write(self) -> bool:
+        return self.role == "admin"
+
+
+class Unauthorized(Exception):
+    pass
+
+
+class Forbidden(Exception):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Authenticator:
+    store: store_mod.Store
+    required: bool
+
+    def caller(self, authorization: str | None) -> Caller:
+        if authorization and authorization.lower().startswith("bearer "):
+            info = self.store.verify_token(authorization[7:].strip(), "api")
+            if info is None:
+                raise Unauthorized("the bearer token is unknown, revoked or expired")
+            return Caller(f"token:{info.id}" + (f" ({info.description})" if info.description else ""), info.role)
+        if self.required:
+            raise Unauthorized("this API needs 'Authorization: Bearer <token>' (see 'edgeplane token create')")
+        return Caller("anonymous", "admin")

@@ -1,0 +1,1 @@
+"""Model artifacts the control plane hands out: local files resolved, verified, served."""

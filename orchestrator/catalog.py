@@ -1,0 +1,155 @@
+"""Desired state: applying, reading and deleting user objects on top of the store.
+
+The HTTP API and the in-process harness both go through here, so the rules hold no
+matter who calls: a request is validated as a whole (every document, then every
+reference against stored plus incoming objects) before anything is written, and the
+write is one store transaction, so a file with any error applies nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from orchestrator.manifests import loader, references, schema
+from orchestrator.manifests.errors import ManifestError, ManifestIssue
+from orchestrator.store import sqlite as store_mod
+
+#: URL/CLI spellings of each kind.
+KIND_ALIASES = {
+    "site": "Site",
+    "sites": "Site",
+    "model": "Model",
+    "models": "Model",
+    "modeldeployment": "ModelDeployment",
+    "modeldeployments": "ModelDeployment",
+    "deployment": "ModelDeployment",
+    "deployments": "ModelDeployment",
+    "md": "ModelDeployment",
+}
+PLURAL = {"Site": "sites", "Model": "models", "ModelDeployment": "modeldeployments"}
+MAX_OBJECTS_PER_APPLY = 1_000
+
+
+class UnknownKind(ValueError):
+    pass
+
+
+class InUse(Exception):
+    """Deleting an object that others still reference."""
+
+
+def resolve_kind(text: str) -> str:
+    kind = KIND_ALIASES.get(text.lower())
+    if kind is None:
+        raise UnknownKind(f"unknown kind {text!r}; use one of: sites, models, modeldeployments")
+    return kind
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    outcomes: list[store_mod.WriteOutcome]
+    dry_run: bool
+
+
+def stored_models(store: store_mod.Store) -> dict[str, schema.ModelSpec]:
+    return {o.name: schema.ModelSpec.model_validate(o.spec) for o in store.list("Model")}
+
+
+def validate(store: store_mod.Store, docs: list[loader.LoadedDocument]) -> None:
+    """Raise :class:`ManifestError` unless the documents can be applied together."""
+    if len(docs) > MAX_OBJECTS_PER_APPLY:
+        raise ManifestError([ManifestIssue(docs[0].file, None, "", None, f"more than {MAX_OBJECTS_PER_APPLY} objects in one apply")])
+    issues = references.check_references(docs, stored_models(store))
+    if issues:
+        raise ManifestError(issues)
+
+
+def writes_for(docs: Iterable[loader.LoadedDocument]) -> list[store_mod.ObjectWrite]:
+    out = []
+    for d in docs:
+        meta = d.doc.metadata
+        expected = None
+        if meta.resourceVersion is not None:
+            if not meta.resourceVersion.isdigit():
+                raise ManifestError([ManifestIssue(d.file, d.index, "metadata.resourceVersion", d.line, "must be a number as returned by get")])
+            expected = int(meta.resourceVersion)
+        out.append(
+            store_mod.ObjectWrite(
+                kind=d.kind,
+                name=d.name,
+                labels=dict(meta.labels),
+                spec=d.doc.spec.model_dump(mode="json", exclude_none=True),
+                expected_version=expected,
+            )
+        )
+    return out
+
+
+def apply_documents(
+    store: store_mod.Store,
+    docs: list[loader.LoadedDocument],
+    *,
+    actor: str,
+    reason: str = "apply",
+    dry_run: bool = False,
+) -> ApplyResult:
+    validate(store, docs)
+    writes = writes_for(docs)
+    if dry_run:
+        outcomes = []
+        for w in writes:
+            current = store.get(w.kind, w.name)
+            if w.expected_version is not None and (current.resource_version if current else 0) != w.expected_version:
+                raise store_mod.Conflict(f"{w.kind} {w.name!r} was changed since resourceVersion {w.expected_version}")
+            if current is None:
+                action = "created"
+            elif dict(current.spec) == dict(w.spec) and dict(current.labels) == dict(w.labels):
+                action = "unchanged"
+            else:
+                action = "configured"
+            outcomes.append(store_mod.WriteOutcome(w.kind, w.name, action, current.generation if current else 0, current.resource_version if current else 0))
+        return ApplyResult(outcomes, True)
+    outcomes = store.apply(writes, store_mod.Event(actor, "apply", "", "", reason))
+    return ApplyResult(outcomes, False)
+
+
+def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, reason: str = "delete") -> store_mod.WriteOutcome:
+    if kind == "Model":
+        users = [o.name for o in store.list("ModelDeployment") if o.spec.get("model") == name]
+        if users:
+            raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(sorted(users))}; delete those first")
+    return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason))
+
+
+def to_manifest(obj: store_mod.StoredObject) -> dict[str, Any]:
+    """The API/CLI view of a stored object: the manifest plus server-set metadata and status."""
+    return {
+        "apiVersion": schema.API_VERSION,
+        "kind": obj.kind,
+        "metadata": {
+            "name": obj.name,
+            "labels": dict(obj.labels),
+            "generation": obj.generation,
+            "resourceVersion": str(obj.resource_version),
+            "creationTimestamp": obj.created_at,
+        },
+        "spec": dict(obj.spec),
+        "status": dict(obj.status),
+    }
+
+
+def parse_site(obj: store_mod.StoredObject) -> schema.SiteSpec:
+    return schema.SiteSpec.model_validate(obj.spec)
+
+
+def parse_deployment(obj: store_mod.StoredObject) -> schema.ModelDeploymentSpec:
+    return schema.ModelDeploymentSpec.model_validate(obj.spec)
+
+
+def parse_model(obj: store_mod.StoredObject) -> schema.ModelSpec:
+    return schema.ModelSpec.model_validate(obj.spec)
+
+
+def labels_of(obj: store_mod.StoredObject) -> Mapping[str, str]:
+    return dict(obj.labels)

@@ -1,0 +1,1 @@
+"""The ``edgeplane`` command."""

@@ -1,0 +1,73 @@
+"""The CLI's one connection to the control plane, with errors a script can trust.
+
+Every failure becomes :class:`CliError` carrying a one-line reason and an exit code:
+1 for a refusal by the server (4xx/5xx), 3 when the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1, details: list[str] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.details = details or []
+
+
+def token_from_env(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    if os.environ.get("EDGEPLANE_TOKEN"):
+        return os.environ["EDGEPLANE_TOKEN"]
+    path = os.environ.get("EDGEPLANE_TOKEN_FILE")
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            return fh.read().strip()
+    return None
+
+
+class ApiClient:
+    def __init__(self, server: str | None, token: str | None, timeout: float = 30.0):
+        self.server = (server or os.environ.get("EDGEPLANE_SERVER") or DEFAULT_SERVER).rstrip("/")
+        headers = {"user-agent": "edgeplane-cli"}
+        tok = token_from_env(token)
+        if tok:
+            headers["authorization"] = f"Bearer {tok}"
+        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the control plane at {self.server}: {exc.__class__.__name__} ({exc}); is 'edgeplane serve' running? (--server / EDGEPLANE_SERVER)", 3) from exc
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {"error": resp.text[:200] or resp.reason_phrase}
+            issues = body.get("issues") or []
+            details = [_issue_line(i) for i in issues]
+            raise CliError(str(body.get("error", resp.reason_phrase)), 1, details)
+        if resp.headers.get("content-type", "").startswith("application/json"):
+            return resp.json()
+        return resp.text
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _issue_line(i: dict[str, Any]) -> str:
+    where = str(i.get("file", ""))
+    if i.get("line") is not None:
+        where += f":{i['line']}"
+    if i.get("document") is not None:
+        where += f" (document {i['document']})"
+    field = f" {i['field']}:" if i.get("field") else ""
+    return f"{where}:{field} {i.get('message', '')}"

@@ -1,0 +1,298 @@
+"""``edgeplane``: the platform team's command line.
+
+Exit codes scripts can trust: 0 done, 1 refused by the control plane (the reason is one
+line on stderr, manifest problems one per line after it), 2 wrong usage, 3 the control
+plane could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+from orchestrator.cli import render
+from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.manifests import loader
+from orchestrator.manifests.errors import ManifestError
+
+
+def _read_manifests(path: str) -> str:
+    target = pathlib.Path(path)
+    if path == "-":
+        return loader.bundle([("<stdin>", sys.stdin.read())])
+    if not target.exists():
+        raise CliError(f"{path}: no such file or directory", 2)
+    files = loader.manifest_files(target)
+    if not files:
+        raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
+    out = []
+    for f in files:
+        try:
+            out.append((str(f), f.read_text(encoding="utf-8")))
+        except UnicodeDecodeError as exc:
+            raise CliError(f"{f}: not UTF-8 text (byte {exc.start})", 1) from exc
+    return loader.bundle(out)
+
+
+def cmd_apply(api: ApiClient, args: argparse.Namespace) -> int:
+    body = _read_manifests(args.file)
+    result = api.request("POST", "/v1/apply", params={"dryRun": "true" if args.dry_run else "false"}, content=body.encode(), headers={"content-type": "application/yaml"})
+    if args.output in ("json", "yaml"):
+        render.dump(result, args.output)
+        return 0
+    suffix = " (dry run)" if args.dry_run else ""
+    for r in result["results"]:
+        print(f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}")
+    if args.dry_run and "plan" in result:
+        _print_plan(result["plan"])
+    return 0
+
+
+def cmd_plan(api: ApiClient, args: argparse.Namespace) -> int:
+    args.dry_run = True
+    body = _read_manifests(args.file)
+    result = api.request("POST", "/v1/apply", params={"dryRun": "true"}, content=body.encode(), headers={"content-type": "application/yaml"})
+    if args.output in ("json", "yaml"):
+        render.dump(result["plan"], args.output)
+        return 0
+    for r in result["results"]:
+        print(f"{r['kind'].lower()}/{r['name']} would be {r['action']}")
+    _print_plan(result["plan"])
+    return 0
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    changes = [c for c in plan.get("changes", []) if c["change"] != "unchanged"]
+    print()
+    if changes:
+        render.table("Replica changes per site", ["SITE", "DEPLOYMENT", "VARIANT", "BEFORE", "AFTER", "CHANGE"],
+                     [[c["site"], c["deployment"], c["variant"], c["before"], c["after"], c["change"]] for c in changes])
+    else:
+        print("No replica changes.")
+    deployments = plan.get("deployments", [])
+    if deployments:
+        print()
+        render.table("Deployments", ["DEPLOYMENT", "PHASE", "REPLICAS", "REASON"],
+                     [[d["name"], d["phase"], d.get("replicas", 0), d.get("reason", "")] for d in deployments])
+    latency = plan.get("latency", [])
+    if latency:
+        print()
+        render.table("Predicted latency per demand point", ["DEPLOYMENT", "DEMAND", "RPS", "SERVED FROM", "RTT ms"],
+                     [[x["deployment"], x["demand"], f"{x['rps']:g}", x.get("site") or "-", f"{x['ms']:.1f}" if x.get("ms") is not None else "-"] for x in latency])
+    energy = plan.get("energy")
+    if energy:
+        print(f"\nPredicted power {energy['watts']:.0f} W, {energy['gramsCO2PerHour']:.0f} gCO2/h"
+              + (f" (now {energy['currentWatts']:.0f} W, {energy['currentGramsCO2PerHour']:.0f} gCO2/h)" if "currentWatts" in energy else ""))
+
+
+def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.kind in ("placements", "placement"):
+        data = api.request("GET", "/v1/placements")
+        if args.output in ("json", "yaml"):
+            render.dump(data, args.output)
+        else:
+            rows = [[p["deployment"], p["site"], p["variant"], p["replicas"], p.get("ready", "-"), p.get("state", "-")] for p in data["items"]]
+            if rows:
+                render.table(None, ["DEPLOYMENT", "SITE", "VARIANT", "REPLICAS", "READY", "STATE"], rows)
+            else:
+                print("No replicas placed.")
+        return 0
+    if args.kind in ("events", "event"):
+        return cmd_events(api, args)
+    path = f"/v1/{args.kind}" + (f"/{args.name}" if args.name else "")
+    data = api.request("GET", path)
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
+    items = data["items"] if "items" in data else [data]
+    kind = data["kind"]
+    render.objects(kind, items)
+    return 0
+
+
+def cmd_describe(api: ApiClient, args: argparse.Namespace) -> int:
+    data = api.request("GET", f"/v1/{args.kind}/{args.name}", params={"describe": "true"})
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
+    events = data.pop("events", [])
+    render.dump({k: v for k, v in data.items()}, "yaml")
+    if events:
+        print("Events:")
+        render.table(None, ["ID", "ACTOR", "ACTION", "REASON"], [[e["id"], e["actor"], e["action"], e["reason"]] for e in events])
+    return 0
+
+
+def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
+    targets: list[tuple[str, str]] = []
+    if args.file:
+        docs = loader.load_text(_read_manifests(args.file))
+        # delete dependants first so a Model is not refused while its deployment is still there
+        order = {"ModelDeployment": 0, "Model": 1, "Site": 2}
+        targets = sorted(((d.kind, d.name) for d in docs), key=lambda t: order[t[0]])
+    elif args.kind and args.name:
+        targets = [(args.kind, args.name)]
+    else:
+        raise CliError("give -f FILE or KIND NAME", 2)
+    for kind, name in targets:
+        api.request("DELETE", f"/v1/{kind}/{name}")
+        print(f"{kind.lower()}/{name} deleted")
+    return 0
+
+
+def cmd_events(api: ApiClient, args: argparse.Namespace) -> int:
+    data = api.request("GET", "/v1/events", params={"limit": str(getattr(args, "limit", 50) or 50)})
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
+    render.table(None, ["ID", "ACTOR", "ACTION", "KIND", "NAME", "REASON"],
+                 [[e["id"], e["actor"], e["action"], e["kind"], e["name"], e["reason"][:70]] for e in data["items"]])
+    return 0
+
+
+def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
+    health = api.request("GET", "/healthz")
+    sites = api.request("GET", "/v1/sites")["items"]
+    deps = api.request("GET", "/v1/modeldeployments")["items"]
+    placements = api.request("GET", "/v1/placements")
+    data = {"server": api.server, "health": health, "sites": len(sites),
+            "healthySites": sum(1 for s in sites if s.get("status", {}).get("health") == "Healthy"),
+            "deployments": {d["metadata"]["name"]: d.get("status", {}).get("phase", "Pending") for d in deps},
+            "replicas": sum(p["replicas"] for p in placements["items"])}
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
+    print(f"control plane {api.server}: {health.get('status')}")
+    print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
+    for name, phase in data["deployments"].items():
+        print(f"  {name}: {phase}")
+    return 0
+
+
+def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
+    body = {"purpose": "api" if args.role in ("read", "admin") else "bootstrap", "role": args.role, "description": args.description or ""}
+    if args.ttl:
+        body["ttlSeconds"] = _parse_ttl(args.ttl)
+    data = api.request("POST", "/v1/tokens", json=body)
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+    else:
+        print(data["token"])
+    return 0
+
+
+def _parse_ttl(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError) as exc:
+        raise CliError(f"--ttl {text!r}: use e.g. 30m, 2h, 3600", 2) from exc
+
+
+def cmd_infer(api: ApiClient, args: argparse.Namespace) -> int:
+    from orchestrator.cli import infer
+
+    return infer.run(api, args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from orchestrator import server
+
+    return server.main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator import demo
+
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeplane", description="Place ML model replicas across data centres and edge sites.")
+    p.add_argument("--server", help="control plane URL (default: $EDGEPLANE_SERVER or http://127.0.0.1:8080)")
+    p.add_argument("--token", help="bearer token (default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_output(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+        return sp
+
+    from orchestrator import server
+
+    server.add_arguments(sub.add_parser("serve", help="run the control plane"))
+    demo_p = sub.add_parser("demo", help="run a whole fleet on this machine and send requests through it")
+    demo_p.add_argument("--requests", type=int, default=24, help="requests to send per simulated location")
+    demo_p.add_argument("--keep-running", action="store_true", help="keep the fleet up after the report (Ctrl-C stops it)")
+    demo_p.add_argument("--no-ray", action="store_true", help="skip the local Ray data-centre site")
+    sp = with_output(sub.add_parser("apply", help="create or update objects from manifests (atomic)"))
+    sp.add_argument("-f", "--file", required=True, help="file, directory or - for stdin")
+    sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
+    sp = with_output(sub.add_parser("plan", help="show what apply would change, per site"))
+    sp.add_argument("-f", "--file", required=True)
+    sp = with_output(sub.add_parser("get", help="list objects: sites, models, modeldeployments, placements, events"))
+    sp.add_argument("kind")
+    sp.add_argument("name", nargs="?")
+    sp = with_output(sub.add_parser("describe", help="an object with its status and recent events"))
+    sp.add_argument("kind")
+    sp.add_argument("name")
+    sp = sub.add_parser("delete", help="delete objects by manifest or by kind and name")
+    sp.add_argument("-f", "--file")
+    sp.add_argument("kind", nargs="?")
+    sp.add_argument("name", nargs="?")
+    sp = with_output(sub.add_parser("events", help="the audit/event log"))
+    sp.add_argument("--limit", type=int, default=50)
+    with_output(sub.add_parser("status", help="control plane health and a fleet summary"))
+    tok = sub.add_parser("token", help="credentials")
+    tsub = tok.add_subparsers(dest="token_command", required=True)
+    sp = with_output(tsub.add_parser("create", help="create a bootstrap token for agents, or an API token"))
+    sp.add_argument("--role", choices=["agent", "read", "admin"], default="agent", help="agent = bootstrap token for edgeplane-agent")
+    sp.add_argument("--ttl", help="lifetime, e.g. 30m, 2h (bootstrap default 1h; API tokens do not expire unless set)")
+    sp.add_argument("--description")
+    sp = with_output(sub.add_parser("infer", help="send one inference request through the gateway"))
+    sp.add_argument("model")
+    sp.add_argument("--data", required=True, help="JSON inputs ({\"input\": [[...]]} or a v2 body) or @FILE")
+    sp.add_argument("--location", help="caller position lat,lon")
+    sp.add_argument("--region", help="caller region")
+    sp.add_argument("--residency", help="caller residency, e.g. FR")
+    return p
+
+
+COMMANDS = {
+    "apply": cmd_apply, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe, "delete": cmd_delete,
+    "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "demo":
+        return cmd_demo(args)
+    api = ApiClient(args.server, args.token)
+    try:
+        return COMMANDS[args.command](api, args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        for line in exc.details:
+            print(f"  {line}", file=sys.stderr)
+        return exc.code
+    except ManifestError as exc:
+        print(f"error: {len(exc.issues)} problem(s) in the manifests", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 1
+    except json.JSONDecodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        api.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

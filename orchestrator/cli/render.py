@@ -1,0 +1,80 @@
+"""How read commands print: tables for people, ``-o json|yaml`` for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Sequence
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS: dict[str, list[tuple[str, Any]]] = {
+    "Site": [
+        ("NAME", lambda o: o["metadata"]["name"]),
+        ("TIER", lambda o: o["spec"]["tier"]),
+        ("COUNTRY", lambda o: o["spec"]["location"]["country"]),
+        ("REGION", lambda o: o["spec"]["location"].get("region") or "-"),
+        ("CPU", lambda o: _num(_capacity(o).get("cpu"))),
+        ("MEM GiB", lambda o: _num(_capacity(o).get("memoryGiB"))),
+        ("GPUS", lambda o: _gpus(_capacity(o).get("gpus") or [])),
+        ("HEALTH", lambda o: o.get("status", {}).get("health", "-")),
+        ("SOURCE", lambda o: o.get("status", {}).get("capacitySource", "declared")),
+    ],
+    "Model": [
+        ("NAME", lambda o: o["metadata"]["name"]),
+        ("VARIANTS", lambda o: ", ".join(f"{v['name']}({v['runtime']})" for v in o["spec"]["variants"])),
+        ("GENERATION", lambda o: o["metadata"]["generation"]),
+    ],
+    "ModelDeployment": [
+        ("NAME", lambda o: o["metadata"]["name"]),
+        ("MODEL", lambda o: o["spec"]["model"]),
+        ("REPLICAS", lambda o: f"{o.get('status', {}).get('readyReplicas', 0)}/{o.get('status', {}).get('replicas', 0)} (min {o['spec']['replicas']['min']}, max {o['spec']['replicas']['max']})"),
+        ("RESIDENCY", lambda o: ",".join(o["spec"].get("placement", {}).get("residency") or []) or "any"),
+        ("PHASE", lambda o: o.get("status", {}).get("phase", "Pending")),
+        ("REASON", lambda o: o.get("status", {}).get("reason") or ""),
+    ],
+}
+
+
+def _capacity(o: dict[str, Any]) -> dict[str, Any]:
+    return o.get("status", {}).get("capacity") or o["spec"].get("capacity") or {}
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def _gpus(gpus: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{g['count']}x{g['model']} {g['memoryGiB']:g}GiB" for g in gpus) or "-"
+
+
+def dump(data: Any, output: str) -> None:
+    if output == "json":
+        json.dump(data, sys.stdout, indent=2, sort_keys=False)
+        sys.stdout.write("\n")
+    else:
+        yaml.safe_dump(data, sys.stdout, sort_keys=False)
+
+
+def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for h in headers:
+        if h in ("REASON",):
+            t.add_column(h, no_wrap=True, overflow="ellipsis", max_width=70)
+        else:
+            t.add_column(h, no_wrap=h in ("NAME", "REPLICAS", "SITE", "DEPLOYMENT"))
+    for r in rows:
+        t.add_row(*[str(c) for c in r])
+    Console(soft_wrap=True, width=max(100, Console().width)).print(t)
+
+
+def objects(kind: str, items: list[dict[str, Any]]) -> None:
+    cols = COLUMNS[kind]
+    if not items:
+        print(f"No {kind} objects.")
+        return
+    table(None, [c[0] for c in cols], [[c[1](o) for c in cols] for o in items])

@@ -1,0 +1,73 @@
+"""The live endpoint table the gateway routes from, and the ejections it makes itself.
+
+The control plane rebuilds the table from observed state (agent heartbeats, Ray Serve
+status) with :meth:`EndpointTable.replace`; the gateway reads it on every request and
+records failures with :meth:`eject`, which takes an endpoint out of rotation at once,
+before any heartbeat could say so (passive outlier ejection). An ejection lasts
+``ejection_s``; an endpoint that fails again after it is readmitted is ejected again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from orchestrator.gateway import routing
+
+
+@dataclass
+class EndpointTable:
+    clock: Callable[[], float] = time.monotonic
+    ejection_s: float = 15.0
+    _by_model: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
+    _ejected_until: dict[str, float] = field(default_factory=dict)
+    _inflight: dict[str, int] = field(default_factory=dict)
+    regions: routing.RegionIndex = field(default_factory=routing.RegionIndex)
+    version: int = 0
+
+    def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None) -> None:
+        grouped: dict[str, list[routing.Endpoint]] = {}
+        for e in endpoints:
+            grouped.setdefault(e.model, []).append(e)
+        self._by_model = {m: tuple(es) for m, es in grouped.items()}
+        if regions is not None:
+            self.regions = regions
+        self.version += 1
+
+    def models(self) -> list[str]:
+        return sorted(self._by_model)
+
+    def endpoints(self, model: str) -> tuple[routing.Endpoint, ...]:
+        return self._by_model.get(model, ())
+
+    def with_local_load(self, model: str) -> list[routing.Endpoint]:
+        """The model's endpoints with the gateway's own in-flight count folded in."""
+        out = []
+        for e in self._by_model.get(model, ()):
+            mine = self._inflight.get(e.url, 0)
+            out.append(e if not mine else routing.Endpoint(**{**e.__dict__, "inflight": e.inflight + mine}))
+        return out
+
+    def ejected(self) -> frozenset[str]:
+        now = self.clock()
+        expired = [u for u, until in self._ejected_until.items() if until <= now]
+        for u in expired:
+            del self._ejected_until[u]
+        return frozenset(self._ejected_until)
+
+    def eject(self, url: str) -> None:
+        self._ejected_until[url] = self.clock() + self.ejection_s
+
+    def readmit(self, url: str) -> None:
+        self._ejected_until.pop(url, None)
+
+    def started(self, url: str) -> None:
+        self._inflight[url] = self._inflight.get(url, 0) + 1
+
+    def finished(self, url: str) -> None:
+        left = self._inflight.get(url, 1) - 1
+        if left:
+            self._inflight[url] = left
+        else:
+            self._inflight.pop(url, None)

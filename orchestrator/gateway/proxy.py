@@ -1,0 +1,165 @@
+"""Open Inference Protocol routes of the gateway: forward, fail over, report where.
+
+The body is forwarded as bytes (JSON or binary-extension tensors alike) and never
+decoded here: the serving replica validates it, and its 4xx answers are returned as they
+are. A connection failure or a 5xx is retried on the next-ranked endpoint within the
+same request (inference is idempotent) and ejects the endpoint that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from edgeplane_proto import oip
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import routing
+
+MAX_BODY = 16 * 1024 * 1024
+FORWARD_HEADERS = ("content-type", oip.BINARY_HEADER.lower(), "accept")
+
+
+@dataclass
+class GatewayMetrics:
+    requests: Counter
+    failovers: Counter
+    latency: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> "GatewayMetrics":
+        return cls(
+            requests=Counter("edgeplane_gateway_requests", "Inference requests answered by the gateway", ["model", "site", "code"], registry=registry),
+            failovers=Counter("edgeplane_gateway_failovers", "Attempts that failed and moved to the next endpoint", ["model", "site"], registry=registry),
+            latency=Histogram("edgeplane_gateway_request_seconds", "Gateway request duration", ["model"], registry=registry,
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)),
+        )
+
+
+def _error(status: int, message: str, site: str | None = None) -> Response:
+    headers = {"x-edgeplane-site": site} if site else None
+    return Response(oip.error_body(message), status_code=status, media_type="application/json", headers=headers)
+
+
+class Gateway:
+    def __init__(
+        self,
+        table: endpoints_mod.EndpointTable,
+        http: httpx.AsyncClient,
+        metrics: GatewayMetrics,
+        *,
+        position: tuple[float, float] | None = None,
+        max_attempts: int = 3,
+        ready: Any = lambda: True,
+    ):
+        self.table = table
+        self.http = http
+        self.metrics = metrics
+        self.position = position
+        self.max_attempts = max_attempts
+        self._ready = ready
+
+    def candidates(self, model: str, request: Request) -> list[routing.Ranked] | routing.NoRoute:
+        caller = routing.parse_caller(
+            request.headers.get("x-edgeplane-location"),
+            request.headers.get("x-edgeplane-region"),
+            request.headers.get("x-edgeplane-residency"),
+        )
+        if isinstance(caller, routing.NoRoute):
+            return caller
+        if not self.table.endpoints(model):
+            known = self.table.models()
+            return routing.NoRoute(f"model {model!r} has no replicas" + (f" (served models: {', '.join(known)})" if known else ""), 404 if not known or model not in known else 503)
+        return routing.rank(
+            self.table.with_local_load(model), caller,
+            regions=self.table.regions, gateway_position=self.position, ejected=self.table.ejected(),
+        )
+
+    async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None) -> Response:
+        ranked = self.candidates(model, request)
+        if isinstance(ranked, routing.NoRoute):
+            self.metrics.requests.labels(model, "", str(ranked.status)).inc()
+            return _error(ranked.status, ranked.reason)
+        headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+        failures = []
+        for choice in ranked[: self.max_attempts]:
+            e = choice.endpoint
+            url = f"{e.url}/v2/models/{e.model}{suffix}"
+            self.table.started(e.url)
+            try:
+                upstream = await self.http.request(method, url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                failures.append(f"{e.site}: {exc.__class__.__name__}")
+                self.table.eject(e.url)
+                self.metrics.failovers.labels(model, e.site).inc()
+                continue
+            finally:
+                self.table.finished(e.url)
+            if upstream.status_code >= 500:
+                failures.append(f"{e.site}: HTTP {upstream.status_code}")
+                self.table.eject(e.url)
+                self.metrics.failovers.labels(model, e.site).inc()
+                continue
+            self.metrics.requests.labels(model, e.site, str(upstream.status_code)).inc()
+            out_headers = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
+            binary = upstream.headers.get(oip.BINARY_HEADER)
+            if binary is not None:
+                out_headers[oip.BINARY_HEADER] = binary
+            return Response(upstream.content, status_code=upstream.status_code,
+                            media_type=upstream.headers.get("content-type", "application/json"), headers=out_headers)
+        self.metrics.requests.labels(model, "", "502").inc()
+        return _error(502, f"every replica tried failed: {'; '.join(failures)}")
+
+    async def infer(self, request: Request) -> Response:
+        model = request.path_params["model"]
+        started = time.perf_counter()
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+            return _error(413, f"request body is larger than {MAX_BODY // (1024 * 1024)} MiB")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return _error(413, f"request body is larger than {MAX_BODY // (1024 * 1024)} MiB")
+        try:
+            return await self._forward(model, request, "POST", "/infer", bytes(body))
+        finally:
+            self.metrics.latency.labels(model).observe(time.perf_counter() - started)
+
+    async def model_metadata(self, request: Request) -> Response:
+        return await self._forward(request.path_params["model"], request, "GET", "", None)
+
+    async def model_ready(self, request: Request) -> Response:
+        ranked = self.candidates(request.path_params["model"], request)
+        if isinstance(ranked, routing.NoRoute):
+            return _error(ranked.status if ranked.status != 404 else 404, ranked.reason)
+        return JSONResponse({"name": request.path_params["model"], "ready": True, "site": ranked[0].endpoint.site},
+                            headers={"x-edgeplane-site": ranked[0].endpoint.site})
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ok = bool(self._ready())
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return Response(json.dumps({"name": "edgeplane-gateway", "version": "1", "extensions": ["binary_tensor_data"]}), media_type="application/json")
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/v2", self.server_metadata, methods=["GET"]),
+            Route("/v2/health/live", self.live, methods=["GET"]),
+            Route("/v2/health/ready", self.ready, methods=["GET"]),
+            Route("/v2/models/{model}", self.model_metadata, methods=["GET"]),
+            Route("/v2/models/{model}/ready", self.model_ready, methods=["GET"]),
+            Route("/v2/models/{model}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
+        ]

@@ -1,0 +1,134 @@
+"""Which replica answers a request: a pure ranking of a model's endpoints.
+
+Order of concerns, none of which a later one can override:
+
+1. residency — the deployment's own countries and the caller's ``X-Edgeplane-Residency``;
+   an endpoint outside either is never a candidate, even if it is the only healthy one;
+2. health — unhealthy endpoints and endpoints the gateway ejected after a failure;
+3. expected latency — great-circle round trip from the caller (or the gateway's own
+   position) plus a load penalty per in-flight request;
+4. ``spec.routing.fallback`` — when given, tiers are tried in that order, nearest first
+   inside each tier.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from orchestrator.scheduler import geo, residency
+
+#: Milliseconds added to an endpoint's expected latency per request already in flight.
+INFLIGHT_PENALTY_MS = 1.5
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    model: str  # the v2 model name
+    deployment: str
+    site: str
+    tier: str
+    country: str
+    region: str
+    lat: float
+    lon: float
+    url: str  # base: f"{url}/v2/models/{model}/infer"
+    healthy: bool = True
+    inflight: int = 0
+    allowed_countries: frozenset[str] = frozenset()  # the deployment's residency; empty = any
+    fallback: tuple[str, ...] = ()  # the deployment's spec.routing.fallback
+
+
+@dataclass(frozen=True)
+class Caller:
+    lat: float | None = None
+    lon: float | None = None
+    region: str | None = None
+    residency: frozenset[str] = frozenset()  # empty = no restriction from the caller
+
+
+@dataclass(frozen=True)
+class Ranked:
+    endpoint: Endpoint
+    expected_ms: float
+
+
+@dataclass(frozen=True)
+class NoRoute:
+    reason: str
+    status: int = 503
+
+
+@dataclass(frozen=True)
+class RegionIndex:
+    """Centroids of regions, from the sites that declare them."""
+
+    centroids: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_points(cls, points: Iterable[tuple[str, float, float]]) -> "RegionIndex":
+        grouped: dict[str, list[tuple[float, float]]] = {}
+        for region, lat, lon in points:
+            if region:
+                grouped.setdefault(region, []).append((lat, lon))
+        return cls({r: geo.centroid([p[0] for p in pts], [p[1] for p in pts]) for r, pts in grouped.items()})
+
+
+def parse_caller(location: str | None, region: str | None, residency_header: str | None) -> Caller | NoRoute:
+    lat = lon = None
+    if location:
+        try:
+            lat_s, lon_s = location.split(",", 1)
+            lat, lon = float(lat_s), float(lon_s)
+        except ValueError:
+            return NoRoute("X-Edgeplane-Location must be 'lat,lon', e.g. 48.85,2.35", 400)
+        if not (-90 <= lat <= 90 and -180 <= lon <= 180) or math.isnan(lat) or math.isnan(lon):
+            return NoRoute("X-Edgeplane-Location is outside -90..90, -180..180", 400)
+    allowed: frozenset[str] = frozenset()
+    if residency_header:
+        try:
+            allowed = residency.expand_residency(c for c in residency_header.split(",") if c.strip())
+        except ValueError as exc:
+            return NoRoute(f"X-Edgeplane-Residency: {exc}", 400)
+    return Caller(lat, lon, (region or "").strip() or None, allowed)
+
+
+def _position(caller: Caller, regions: RegionIndex, default: tuple[float, float] | None) -> tuple[float, float] | None:
+    if caller.lat is not None and caller.lon is not None:
+        return caller.lat, caller.lon
+    if caller.region and caller.region in regions.centroids:
+        return regions.centroids[caller.region]
+    return default
+
+
+def rank(
+    endpoints: Sequence[Endpoint],
+    caller: Caller,
+    *,
+    regions: RegionIndex = RegionIndex(),
+    gateway_position: tuple[float, float] | None = None,
+    ejected: frozenset[str] = frozenset(),
+) -> list[Ranked] | NoRoute:
+    """Candidates best first, or why there are none."""
+    if not endpoints:
+        return NoRoute("no replica of this model is placed or running yet")
+    allowed = [e for e in endpoints if not e.allowed_countries or e.country in e.allowed_countries]
+    if caller.residency:
+        allowed = [e for e in allowed if e.country in caller.residency]
+        if not allowed:
+            return NoRoute(f"no replica in the caller's residency ({', '.join(sorted(caller.residency))}); replicas run in {', '.join(sorted({e.country for e in endpoints}))}")
+    if not allowed:
+        return NoRoute("no replica inside the deployment's residency")
+    live = [e for e in allowed if e.healthy and e.url not in ejected]
+    if not live:
+        sites = ", ".join(sorted({e.site for e in allowed}))
+        return NoRoute(f"no healthy replica among the allowed sites ({sites})")
+    where = _position(caller, regions, gateway_position)
+    scored = []
+    for e in live:
+        distance = geo.rtt_ms(where[0], where[1], e.lat, e.lon) if where else 0.0
+        scored.append(Ranked(e, distance + INFLIGHT_PENALTY_MS * e.inflight))
+    order = {t: i for i, t in enumerate(live[0].fallback)} if live[0].fallback else {}
+    scored.sort(key=lambda r: (order.get(r.endpoint.tier, len(order)), r.expected_ms, r.endpoint.site))
+    return scored

@@ -1,0 +1,47 @@
+"""What a reconcile pass decided, as typed values for the executor to carry out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from orchestrator.adapters import serve_config
+from orchestrator.agents import model as agent_model
+from orchestrator.gateway import routing
+from orchestrator.store import sqlite as store_mod
+
+
+@dataclass(frozen=True)
+class RecordPlacement:
+    """Persist the new placement (the intent) before anything outside is touched."""
+
+    rows: tuple[store_mod.PlacementRow, ...]
+    events: tuple[store_mod.Event, ...]
+
+
+@dataclass(frozen=True)
+class PushAssignments:
+    site: str
+    assignments: tuple[agent_model.Assignment, ...]
+
+
+@dataclass(frozen=True)
+class ApplyServeApps:
+    site: str
+    apps: tuple[serve_config.ServeAppSpec, ...]
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    kind: str
+    name: str
+    status: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PublishEndpoints:
+    endpoints: tuple[routing.Endpoint, ...]
+    regions: routing.RegionIndex
+
+
+Action = RecordPlacement | PushAssignments | ApplyServeApps | SetStatus | PublishEndpoints

@@ -1,0 +1,85 @@
+"""One actuator per data-centre site, built from its Site spec and kept while it is unchanged.
+
+``ray.address: local`` sites share one Ray head that the control plane starts on first
+need and stops on shutdown (or an existing cluster the operator points ``--local-ray``
+at, which is how tests share one cluster). ``ray.address: http://...`` sites get a REST
+actuator; ``kubernetes`` sites a KubeRay actuator on the named kubeconfig context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from orchestrator.adapters import local_ray, ray_serve, serve_config
+from orchestrator.manifests import schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalRay:
+    """The embedded data centre: started lazily, owned, stopped at shutdown."""
+
+    base_dir: pathlib.Path
+    endpoints: local_ray.LocalRayEndpoints | None = None  # given: use that cluster, do not own it
+    num_cpus: int | None = None
+    _cluster: local_ray.LocalRayCluster | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def ensure(self) -> local_ray.LocalRayEndpoints:
+        async with self._lock:
+            if self.endpoints is None:
+                log.info("starting the local Ray cluster (the embedded data centre) in %s", self.base_dir)
+                self._cluster = local_ray.LocalRayCluster(base_dir=self.base_dir, num_cpus=self.num_cpus)
+                self.endpoints = await self._cluster.start_async()
+                log.info("local Ray cluster up: dashboard %s, serve %s", self.endpoints.dashboard_url, self.endpoints.serve_url)
+            return self.endpoints
+
+    async def stop(self) -> None:
+        if self._cluster is not None:
+            await self._cluster.stop_async()
+            self._cluster = None
+            self.endpoints = None
+
+
+ActuatorFactory = Callable[[str, schema.SiteSpec], Any]
+
+
+class DataCentres:
+    def __init__(self, local: LocalRay, kube_factory: ActuatorFactory | None = None):
+        self.local = local
+        self._kube_factory = kube_factory
+        self._actuators: dict[str, tuple[schema.SiteSpec, serve_config.DataCentreActuator]] = {}
+
+    async def actuator(self, site: str, spec: schema.SiteSpec) -> serve_config.DataCentreActuator:
+        known = self._actuators.get(site)
+        if known is not None and known[0] == spec:
+            return known[1]
+        if known is not None:
+            await known[1].close()
+        actuator = await self._build(site, spec)
+        self._actuators[site] = (spec, actuator)
+        return actuator
+
+    async def _build(self, site: str, spec: schema.SiteSpec) -> serve_config.DataCentreActuator:
+        if spec.ray is not None:
+            if spec.ray.address == "local":
+                return (await self.local.ensure()).actuator()
+            token = ray_serve.token_from_file(spec.ray.tokenFile) if spec.ray.tokenFile else ray_serve.no_token
+            return ray_serve.RayServeActuator(spec.ray.address, token_provider=token, serve_url=spec.ray.serveUrl)
+        if self._kube_factory is None:
+            raise serve_config.DataCentreError(f"site {site!r} is on Kubernetes but no Kubernetes support is configured")
+        return self._kube_factory(site, spec)
+
+    async def forget(self, keep: set[str]) -> None:
+        for site in [s for s in self._actuators if s not in keep]:
+            _, actuator = self._actuators.pop(site)
+            await actuator.close()
+
+    async def close(self) -> None:
+        await self.forget(set())
+        await self.local.stop()

@@ -1,0 +1,119 @@
+"""Map validated manifests plus observed state onto the scheduler's input values.
+
+This is where "an agent's measured capacity wins over the declared one", where an edge
+site without a live agent becomes unhealthy, and where ``EU`` becomes 27 countries.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from orchestrator.agents import model as agent_model
+from orchestrator.manifests import schema
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import model as sched
+from orchestrator.scheduler import residency
+
+#: Grid intensity assumed for a site that declares no energy figures (gCO2/kWh).
+DEFAULT_CARBON_G_PER_KWH = 300.0
+GIB = 1024**3
+
+
+def measured_gpus(capacity: agent_model.Capacity) -> tuple[sched.GpuGroup, ...]:
+    groups: dict[tuple[str, float], int] = {}
+    for g in capacity.gpus:
+        key = (g.model, round(g.memory_total_bytes / GIB, 1))
+        groups[key] = groups.get(key, 0) + 1
+    return tuple(sched.GpuGroup(m, n, mem) for (m, mem), n in sorted(groups.items()))
+
+
+def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None) -> tuple[bool, str]:
+    if record.spec.tier == "edge":
+        if agent is None:
+            return False, "NoAgent"
+        return (True, "Healthy") if agent.healthy else (False, "Unhealthy")
+    if dc is not None and not dc.reachable:
+        return False, "Unreachable"
+    return True, "Healthy"
+
+
+def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None) -> sched.Site:
+    spec = record.spec
+    healthy, _ = site_health(record, agent, dc)
+    cpu = spec.capacity.cpu if spec.capacity else 0.0
+    memory = spec.capacity.memoryGiB if spec.capacity else 0.0
+    gpus = tuple(sched.GpuGroup(g.model, g.count, g.memoryGiB) for g in spec.capacity.gpus) if spec.capacity else ()
+    if agent is not None and agent.capacity.cpu_cores:
+        cpu = float(agent.capacity.cpu_cores)
+        memory = agent.capacity.memory_total_bytes / GIB
+        gpus = measured_gpus(agent.capacity)
+    energy = spec.energy
+    return sched.Site(
+        name=record.name,
+        tier=sched.Tier(spec.tier),
+        country=spec.location.country,
+        region=spec.location.region or "",
+        lat=spec.location.lat,
+        lon=spec.location.lon,
+        cpu=cpu,
+        memory_gib=memory,
+        gpus=gpus,
+        carbon_g_per_kwh=energy.carbonGramsPerKWh if energy else DEFAULT_CARBON_G_PER_KWH,
+        pue=energy.pue if energy else 1.0,
+        healthy=healthy,
+        labels=dict(record.labels),
+    )
+
+
+def to_variant(v: schema.Variant) -> sched.Variant:
+    r = v.resources
+    return sched.Variant(
+        name=v.name,
+        runtime=sched.Runtime(v.runtime),
+        cpu=r.cpu,
+        memory_mib=r.memoryMiB,
+        gpus=r.gpus,
+        gpu_memory_gib=r.gpuMemoryGiB,
+        throughput_rps=v.throughputRps,
+        power_watts=v.powerWatts,
+    )
+
+
+def to_deployment(record: snap.DeploymentRecord, model: schema.ModelSpec) -> sched.Deployment:
+    spec = record.spec
+    p = spec.placement
+    return sched.Deployment(
+        name=record.name,
+        model=spec.model,
+        variants=tuple(to_variant(v) for v in model.variants),
+        min_replicas=spec.replicas.min,
+        max_replicas=spec.replicas.max,
+        placement=sched.Placement(
+            residency=residency.expand_residency(p.residency) if p.residency else None,
+            tiers=frozenset(sched.Tier(t) for t in p.tiers),
+            site_selector=dict(p.siteSelector),
+            spread=sched.Spread(p.spread.by, p.spread.maxSkew) if p.spread else None,
+        ),
+        demand=tuple(sched.DemandPoint(rps=d.rps, region=d.region, lat=d.lat, lon=d.lon) for d in spec.demand),
+        variant_by_tier=_variant_by_tier(spec, model),
+        fallback=tuple(sched.Tier(t) for t in spec.routing.fallback),
+    )
+
+
+def _variant_by_tier(spec: schema.ModelDeploymentSpec, model: schema.ModelSpec) -> Mapping[sched.Tier, str]:
+    if isinstance(spec.variant, dict):
+        return {sched.Tier(t): v for t, v in spec.variant.items()}
+    if isinstance(spec.variant, str):
+        return {sched.Tier(t): spec.variant for t in spec.placement.tiers}
+    return {}
+
+
+def allowed_countries(spec: schema.ModelDeploymentSpec) -> frozenset[str]:
+    return residency.expand_residency(spec.placement.residency) if spec.placement.residency else frozenset()
+
+
+def current_replicas(rows: Iterable[snap.store_mod.PlacementRow]) -> tuple[sched.Replica, ...]:
+    out: list[sched.Replica] = []
+    for r in rows:
+        out.extend(sched.Replica(r.deployment, r.site, r.variant) for _ in range(r.replicas))
+    return tuple(out)

@@ -1,0 +1,212 @@
+"""The reconcile loop: gather a snapshot, plan the pass purely, execute, repeat.
+
+A pass runs when something changed (an apply, an agent joining or going silent) and at
+least every ``resync_s`` to observe data centres. The loop never dies: a failing pass
+is logged and retried with backoff; a data centre that cannot be reached is retried on
+its own schedule and reported in status and events without holding up other sites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from orchestrator import catalog
+from orchestrator.adapters import serve_config
+from orchestrator.agents import hub as hub_mod
+from orchestrator.artifacts import catalog as artifacts
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.manifests import schema
+from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import planning
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.reconciler.datacentres import DataCentres
+from orchestrator.store import sqlite as store_mod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    next_try: float = 0.0
+    last_error: str = ""
+
+    def fail(self, now: float, error: str, base: float = 1.0, cap: float = 60.0) -> None:
+        self.failures += 1
+        self.next_try = now + min(cap, base * 2 ** (self.failures - 1))
+        self.last_error = error
+
+
+@dataclass
+class Reconciler:
+    store: store_mod.Store
+    hub: hub_mod.AgentHub
+    datacentres: DataCentres
+    artifacts: artifacts.ArtifactCatalog
+    table: endpoints_mod.EndpointTable
+    clock: Callable[[], float] = time.monotonic
+    resync_s: float = 5.0
+    passes: int = 0
+    last_plan: planning.PassPlan | None = None
+    last_snapshot: snap.Snapshot | None = None
+    converging: bool = False
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
+    _dc_backoff: dict[str, _Backoff] = field(default_factory=dict)
+    _dc_observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
+    _pass_done: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _stopping: bool = False
+
+    def trigger(self, reason: str = "") -> None:
+        if reason:
+            log.debug("reconcile requested: %s", reason)
+        self._wake.set()
+
+    async def wait_for_pass(self, after: int, timeout: float = 30.0) -> int:
+        """Wait until a pass numbered > ``after`` has finished (for tests and the CLI)."""
+        async with self._pass_done:
+            await asyncio.wait_for(self._pass_done.wait_for(lambda: self.passes > after), timeout)
+        return self.passes
+
+    async def run(self) -> None:
+        backoff = _Backoff()
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(self.resync_s, 1.0) if self.converging else self.resync_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                await self.reconcile_once()
+                backoff = _Backoff()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop never dies
+                backoff.fail(self.clock(), str(exc), base=0.5, cap=30.0)
+                log.exception("reconcile pass failed; retrying in %.1fs", backoff.next_try - self.clock())
+                await asyncio.sleep(max(0.0, backoff.next_try - self.clock()))
+                self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    # -- gather --------------------------------------------------------------------
+
+    async def gather(self) -> snap.Snapshot:
+        sites, models, deployments = [], {}, []
+        for o in self.store.list("Site"):
+            sites.append(snap.SiteRecord(o.name, dict(o.labels), catalog.parse_site(o)))
+        for o in self.store.list("Model"):
+            models[o.name] = catalog.parse_model(o)
+        for o in self.store.list("ModelDeployment"):
+            deployments.append(snap.DeploymentRecord(o.name, o.generation, catalog.parse_deployment(o)))
+        await self._observe_datacentres([s for s in sites if s.spec.tier == "datacenter"])
+        return snap.Snapshot(
+            sites=tuple(sites),
+            models=models,
+            deployments=tuple(deployments),
+            placements=tuple(self.store.placements()),
+            agents=tuple(self.hub.snapshot()),
+            datacentres=dict(self._dc_observed),
+            artifacts=self._resolve_artifacts(models),
+            assignments={s.name: a.assignments for s in sites if (a := self.hub.assignments(s.name)) is not None},
+            applied_apps=dict(self._applied),
+        )
+
+    def _resolve_artifacts(self, models: dict[str, schema.ModelSpec]) -> dict[tuple[str, str], snap.ArtifactRef]:
+        out = {}
+        for name, spec in models.items():
+            for v in spec.variants:
+                if v.artifact is None:
+                    continue
+                try:
+                    out[(name, v.name)] = snap.ArtifactRef(self.artifacts.register(v.artifact.uri, v.artifact.sha256))
+                except (artifacts.ArtifactError, OSError) as exc:
+                    out[(name, v.name)] = snap.ArtifactRef(None, f"Model {name} variant {v.name}: {exc}")
+        return out
+
+    async def _observe_datacentres(self, sites: list[snap.SiteRecord]) -> None:
+        await self.datacentres.forget({s.name for s in sites})
+        for stale in set(self._dc_observed) - {s.name for s in sites}:
+            self._dc_observed.pop(stale)
+            self._applied.pop(stale, None)
+        results = await asyncio.gather(*(self._observe_one(s) for s in sites))
+        for site, observation in zip(sites, results):
+            self._dc_observed[site.name] = observation
+
+    async def _observe_one(self, site: snap.SiteRecord) -> snap.DataCentreObservation:
+        backoff = self._dc_backoff.get(site.name)
+        if backoff is not None and backoff.next_try > self.clock():
+            return snap.DataCentreObservation(False, error=backoff.last_error)
+        try:
+            actuator = await self.datacentres.actuator(site.name, site.spec)
+            apps = await actuator.observe()
+        except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
+            self._dc_failed(site.name, exc)
+            return snap.DataCentreObservation(False, error=str(exc))
+        return snap.DataCentreObservation(True, apps)
+
+    def _dc_failed(self, site: str, exc: Exception) -> None:
+        backoff = self._dc_backoff.setdefault(site, _Backoff())
+        message = str(exc)
+        if message != backoff.last_error:
+            self.store.record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
+        backoff.fail(self.clock(), message)
+        log.warning("data centre %s: %s (retry in %.0fs)", site, message, backoff.next_try - self.clock())
+
+    # -- execute -------------------------------------------------------------------
+
+    async def reconcile_once(self) -> planning.PassPlan:
+        snapshot = await self.gather()
+        plan = planning.plan_pass(snapshot)
+        for action in plan.actions:
+            await self.execute(action)
+        self.last_plan, self.last_snapshot = plan, snapshot
+        # While replicas are on their way up, look again soon rather than at the next resync.
+        self.converging = any(
+            isinstance(a, act.SetStatus) and a.kind == "ModelDeployment" and a.status.get("phase") in ("Progressing", "Failing")
+            for a in plan.actions
+        )
+        async with self._pass_done:
+            self.passes += 1
+            self._pass_done.notify_all()
+        return plan
+
+    async def execute(self, action: act.Action) -> None:
+        match action:
+            case act.RecordPlacement(rows, events):
+                self.store.replace_placements(rows, events)
+            case act.PushAssignments(site, assignments):
+                self.hub.set_assignments(site, list(assignments), self.store.next_sequence("assignments"))
+            case act.ApplyServeApps(site, apps):
+                await self._apply_datacentre(site, apps)
+            case act.SetStatus(kind, name, status):
+                self.store.set_status(kind, name, status)
+            case act.PublishEndpoints(endpoints, regions):
+                self.table.replace(endpoints, regions)
+
+    async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...]) -> None:
+        backoff = self._dc_backoff.get(site)
+        if backoff is not None and backoff.next_try > self.clock():
+            return
+        obj = self.store.get("Site", site)
+        if obj is None:
+            return
+        try:
+            actuator = await self.datacentres.actuator(site, catalog.parse_site(obj))
+            await actuator.apply(apps)
+        except (serve_config.DataCentreError, OSError, RuntimeError, ValueError) as exc:
+            self._dc_failed(site, exc)
+            return
+        self._dc_backoff.pop(site, None)
+        if apps != self._applied.get(site):
+            self.store.record(store_mod.Event("reconciler", "serve-applied", "Site", site,
+                                              f"{len(apps)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in apps)))
+        self._applied[site] = apps

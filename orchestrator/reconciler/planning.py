@@ -1,0 +1,256 @@
+"""One reconcile pass, decided purely: snapshot in, typed actions out.
+
+The scheduler places replicas; this module turns its placement into what each site must
+be told (agent assignments, Serve applications), the status users read, and the endpoint
+table the gateway routes from. No I/O and no clock: the same snapshot always yields the
+same actions, which is what makes a pass safe to repeat after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from orchestrator.adapters import serve_config
+from orchestrator.agents import model as agent_model
+from orchestrator.gateway import routing
+from orchestrator.manifests import schema
+from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import inventory
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import planner
+from orchestrator.scheduler import result as sched_result
+from orchestrator.store import sqlite as store_mod
+
+ACTOR = "scheduler"
+
+
+def app_name(site: str, deployment: str) -> str:
+    """Serve application of ``deployment`` on ``site``; site-qualified because several
+    data-centre sites may share one Ray cluster."""
+    name = f"ep-{deployment}--{site}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"ep-{deployment[:40]}-{digest}"
+
+
+def route_prefix(site: str, deployment: str) -> str:
+    return f"/ep/{site}/{deployment}"
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    actions: tuple[act.Action, ...]
+    result: sched_result.PlanResult
+
+
+def schedule(s: snap.Snapshot) -> tuple[sched_result.PlanResult, list[str]]:
+    """Run the scheduler on the snapshot; also returns deployments skipped as invalid."""
+    agents = {a.site: a for a in s.agents}
+    sites = [inventory.to_site(r, agents.get(r.name), s.datacentres.get(r.name)) for r in s.sites]
+    deployments, skipped = [], []
+    for d in s.deployments:
+        model = s.models.get(d.spec.model)
+        if model is None:
+            skipped.append(d.name)
+            continue
+        deployments.append(inventory.to_deployment(d, model))
+    current = [r for r in inventory.current_replicas(s.placements) if r.deployment in {d.name for d in deployments}]
+    return planner.plan(sites, deployments, current), skipped
+
+
+def placement_rows(result: sched_result.PlanResult) -> tuple[store_mod.PlacementRow, ...]:
+    counts = Counter((r.deployment, r.site, r.variant) for r in result.replicas)
+    return tuple(store_mod.PlacementRow(d, site, v, n) for (d, site, v), n in sorted(counts.items()))
+
+
+def placement_events(result: sched_result.PlanResult) -> tuple[store_mod.Event, ...]:
+    events = []
+    for a in result.actions:
+        if isinstance(a, sched_result.PlaceReplica):
+            events.append(store_mod.Event(ACTOR, "replica-placed", "ModelDeployment", a.deployment, a.reason, {"site": a.site, "variant": a.variant}))
+        elif isinstance(a, sched_result.RemoveReplica):
+            events.append(store_mod.Event(ACTOR, "replica-removed", "ModelDeployment", a.deployment, a.reason, {"site": a.site, "variant": a.variant}))
+        elif isinstance(a, sched_result.MoveReplica):
+            events.append(store_mod.Event(ACTOR, "replica-moved", "ModelDeployment", a.deployment, a.reason,
+                                          {"from": a.from_site, "to": a.to_site, "variant": a.to_variant}))
+    return tuple(events)
+
+
+def _variant(s: snap.Snapshot, deployment: snap.DeploymentRecord, name: str) -> schema.Variant | None:
+    model = s.models.get(deployment.spec.model)
+    return next((v for v in model.variants if v.name == name), None) if model else None
+
+
+def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, tuple[agent_model.Assignment, ...]]:
+    deployments = {d.name: d for d in s.deployments}
+    tiers = {r.name: r.spec.tier for r in s.sites}
+    out: dict[str, dict[str, agent_model.Assignment]] = {r.name: {} for r in s.sites if r.spec.tier == "edge"}
+    for row in rows:
+        if tiers.get(row.site) != "edge" or row.deployment not in deployments:
+            continue
+        d = deployments[row.deployment]
+        variant = _variant(s, d, row.variant)
+        ref = s.artifacts.get((d.spec.model, row.variant))
+        if variant is None or variant.artifact is None or ref is None or ref.url is None:
+            continue
+        # One agent serves a model once, under its Model name; the first deployment wins.
+        out[row.site].setdefault(d.spec.model, agent_model.Assignment(
+            model=d.spec.model, deployment=d.name, variant=row.variant, artifact_url=ref.url, sha256=variant.artifact.sha256))
+    return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items()}
+
+
+def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, tuple[serve_config.ServeAppSpec, ...]]:
+    deployments = {d.name: d for d in s.deployments}
+    dcs = [r.name for r in s.sites if r.spec.tier == "datacenter"]
+    out: dict[str, list[serve_config.ServeAppSpec]] = {site: [] for site in dcs}
+    for row in rows:
+        if row.site not in out or row.deployment not in deployments:
+            continue
+        d = deployments[row.deployment]
+        v = _variant(s, d, row.variant)
+        if v is None:
+            continue
+        common: dict[str, Any] = dict(
+            name=app_name(row.site, d.name), route_prefix=route_prefix(row.site, d.name), model_name=d.spec.model, runtime=v.runtime,
+            num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.resources.memoryMiB, gpus=float(v.resources.gpus),
+        )
+        if v.runtime == "onnx":
+            ref = s.artifacts.get((d.spec.model, v.name))
+            if ref is None or ref.url is None or v.artifact is None:
+                continue
+            out[row.site].append(serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256))
+        else:
+            out[row.site].append(serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args)))
+    return {site: tuple(sorted(apps, key=lambda a: a.name)) for site, apps in out.items()}
+
+
+def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple[routing.Endpoint, ...]:
+    """Replicas that can answer now: only where the current placement puts them."""
+    deployments = {d.name: d for d in s.deployments}
+    sites = {r.name: r for r in s.sites}
+    agents = {a.site: a for a in s.agents}
+    placed = {(r.deployment, r.site) for r in rows}
+    out: list[routing.Endpoint] = []
+    for deployment_name, site_name in sorted(placed):
+        d, site = deployments.get(deployment_name), sites.get(site_name)
+        if d is None or site is None:
+            continue
+        loc = site.spec.location
+        common = dict(model=d.spec.model, deployment=d.name, site=site.name, tier=site.spec.tier, country=loc.country,
+                      region=loc.region or "", lat=loc.lat, lon=loc.lon,
+                      allowed_countries=inventory.allowed_countries(d.spec), fallback=tuple(d.spec.routing.fallback))
+        if site.spec.tier == "edge":
+            agent = agents.get(site.name)
+            state = agent.models.get(d.spec.model) if agent else None
+            if agent is None or state is None or not state.serving or state.deployment not in ("", d.name):
+                continue
+            out.append(routing.Endpoint(url=agent.endpoint_url.rstrip("/"), healthy=agent.healthy, inflight=agent.inflight, **common))
+        else:
+            dc = s.datacentres.get(site.name)
+            app = dc.apps.get(app_name(site.name, d.name)) if dc else None
+            if app is None or app.endpoint_url is None or app.replicas_running < 1:
+                continue
+            healthy = dc is not None and dc.reachable and app.status in (serve_config.ServeAppState.RUNNING,)
+            out.append(routing.Endpoint(url=app.endpoint_url.rstrip("/"), healthy=healthy, **common))
+    return tuple(out)
+
+
+def ready_replicas(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow], deployment: str, model: str) -> int:
+    agents = {a.site: a for a in s.agents}
+    tiers = {r.name: r.spec.tier for r in s.sites}
+    ready = 0
+    for row in rows:
+        if row.deployment != deployment:
+            continue
+        if tiers.get(row.site) == "edge":
+            agent = agents.get(row.site)
+            state = agent.models.get(model) if agent else None
+            if agent is not None and agent.healthy and state is not None and state.serving:
+                ready += row.replicas
+        else:
+            dc = s.datacentres.get(row.site)
+            app = dc.apps.get(app_name(row.site, deployment)) if dc else None
+            if app is not None and dc is not None and dc.reachable:
+                ready += min(row.replicas, app.replicas_running)
+    return ready
+
+
+def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_result.DeploymentPlan | None,
+                      rows: tuple[store_mod.PlacementRow, ...]) -> dict[str, Any]:
+    if plan is None:
+        return {"phase": "Invalid", "reason": f"Model {d.spec.model!r} does not exist", "observedGeneration": d.generation}
+    mine = [r for r in rows if r.deployment == d.name]
+    problems = []
+    for r in mine:
+        ref = s.artifacts.get((d.spec.model, r.variant))
+        if ref is not None and ref.error:
+            problems.append(ref.error)
+        dc = s.datacentres.get(r.site)
+        if dc is not None:
+            app = dc.apps.get(app_name(r.site, d.name))
+            if not dc.reachable:
+                problems.append(f"{r.site}: {dc.error}")
+            elif app is not None and app.status in (serve_config.ServeAppState.DEPLOY_FAILED, serve_config.ServeAppState.UNHEALTHY):
+                problems.append(f"{r.site}: {app.status.value}: {app.message}")
+    ready = ready_replicas(s, rows, d.name, d.spec.model)
+    phase = str(plan.status)
+    if phase != "Unschedulable" and ready < plan.placed:
+        phase = "Progressing" if not problems else "Failing"
+    elif phase == "Scheduled" and ready >= plan.placed:
+        phase = "Running"
+    reason = "; ".join(dict.fromkeys([*problems, plan.reason] if problems else [plan.reason]))
+    return {
+        "phase": phase,
+        "reason": reason,
+        "replicas": plan.placed,
+        "wantedReplicas": plan.wanted,
+        "readyReplicas": ready,
+        "sites": sorted({f"{r.site}:{r.variant}x{r.replicas}" for r in mine}),
+        "observedGeneration": d.generation,
+    }
+
+
+def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
+    agent = next((a for a in s.agents if a.site == record.name), None)
+    dc = s.datacentres.get(record.name)
+    _, health = inventory.site_health(record, agent, dc)
+    status: dict[str, Any] = {"health": health}
+    if agent is not None:
+        caps = agent.capacity
+        status.update({
+            "capacitySource": "measured",
+            "capacity": {"cpu": caps.cpu_cores, "memoryGiB": round(caps.memory_total_bytes / inventory.GIB, 2),
+                         "gpus": [{"model": g.model, "count": g.count, "memoryGiB": g.memory_gib} for g in inventory.measured_gpus(caps)]},
+            "agent": {"id": agent.agent_id, "endpoint": agent.endpoint_url, "version": agent.agent_version,
+                      "providers": list(agent.providers), "models": {n: m.phase.value for n, m in sorted(agent.models.items())}},
+        })
+    elif record.spec.capacity is not None:
+        status["capacitySource"] = "declared"
+    if dc is not None and dc.error:
+        status["error"] = dc.error
+    return status
+
+
+def plan_pass(s: snap.Snapshot) -> PassPlan:
+    result, _skipped = schedule(s)
+    rows = placement_rows(result)
+    out: list[act.Action] = []
+    if rows != tuple(s.placements):
+        out.append(act.RecordPlacement(rows, placement_events(result)))
+    for site, assignments in edge_assignments(s, rows).items():
+        if assignments != s.assignments.get(site):
+            out.append(act.PushAssignments(site, assignments))
+    for site, apps in serve_apps(s, rows).items():
+        if apps != s.applied_apps.get(site) or (s.datacentres.get(site) is not None and not s.datacentres[site].reachable):
+            out.append(act.ApplyServeApps(site, apps))
+    for d in s.deployments:
+        out.append(act.SetStatus("ModelDeployment", d.name, deployment_status(s, d, result.deployments.get(d.name), rows)))
+    for r in s.sites:
+        out.append(act.SetStatus("Site", r.name, site_status(s, r)))
+    regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
+    out.append(act.PublishEndpoints(endpoints(s, rows), regions))
+    return PassPlan(tuple(out), result)

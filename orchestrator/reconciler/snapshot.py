@@ -1,0 +1,57 @@
+"""Everything one reconcile pass looks at, frozen at one instant.
+
+Gathering does the I/O (store reads, the agent hub's view, each data centre's Serve
+status, artifact checks); planning is then a pure function of this value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from orchestrator.adapters import serve_config
+from orchestrator.agents import model as agent_model
+from orchestrator.manifests import schema
+from orchestrator.store import sqlite as store_mod
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    name: str
+    labels: Mapping[str, str]
+    spec: schema.SiteSpec
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    name: str
+    generation: int
+    spec: schema.ModelDeploymentSpec
+
+
+@dataclass(frozen=True)
+class DataCentreObservation:
+    reachable: bool
+    apps: Mapping[str, serve_config.ServeAppStatus] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """Where consumers download a variant's artifact from, or why they cannot."""
+
+    url: str | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    sites: tuple[SiteRecord, ...]
+    models: Mapping[str, schema.ModelSpec]
+    deployments: tuple[DeploymentRecord, ...]
+    placements: tuple[store_mod.PlacementRow, ...]
+    agents: tuple[agent_model.AgentStatus, ...]
+    datacentres: Mapping[str, DataCentreObservation]
+    artifacts: Mapping[tuple[str, str], ArtifactRef]  # (model, variant) -> where to fetch
+    assignments: Mapping[str, tuple[agent_model.Assignment, ...]]  # what each agent was last sent
+    applied_apps: Mapping[str, tuple[serve_config.ServeAppSpec, ...]]  # what each DC was last given

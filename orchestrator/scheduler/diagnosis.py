@@ -1,0 +1,140 @@
+"""Why a deployment got fewer replicas than it wants, in words a platform team can act on.
+
+The planner knows *that* it fell short; this module finds *which* rule binds by walking
+the filters in the order a person would check them (countries, tiers, selector, health,
+hardware, free capacity, spread) and names the first one that leaves too little, with the
+numbers: "needs 2×80 GiB GPU in FR datacenter sites; FR datacenter sites have 1 free".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from orchestrator.scheduler.fleet import Capacity, Fleet
+from orchestrator.scheduler.model import ALL_TIERS, Deployment, Tier, Variant
+from orchestrator.scheduler.residency import EU_COUNTRIES
+
+if TYPE_CHECKING:
+    from orchestrator.scheduler.planner import Job
+
+
+def describe_countries(residency: frozenset[str] | None) -> str:
+    if residency is None:
+        return "any country"
+    if residency == EU_COUNTRIES:
+        return "EU"
+    if len(residency) <= 5:
+        return ", ".join(sorted(residency))
+    return f"{len(residency)} allowed countries"
+
+
+def describe_where(deployment: Deployment) -> str:
+    """e.g. "FR datacenter sites", "EU edge sites", "DE, AT sites"."""
+    rules = deployment.placement
+    tiers = "" if rules.tiers == ALL_TIERS else "/".join(sorted(t.value for t in rules.tiers))
+    countries = "" if rules.residency is None else describe_countries(rules.residency)
+    return " ".join(p for p in (countries, tiers, "sites") if p)
+
+
+def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
+    """The binding constraint for ``job``, given the capacity left right after it ran."""
+    deployment = job.deployment
+    rules = deployment.placement
+    countries = describe_countries(rules.residency)
+    where = describe_where(deployment)
+    short = f"{len(job.placed)} of {job.wanted} placed"
+    if rules.residency is not None and not rules.residency:
+        return f"residency lists no country; {short}"
+    mask = fleet.residency_mask(rules.residency)
+    if not mask.any():
+        return f"no site in {countries}; {short}"
+    mask = mask & fleet.tier_mask(rules.tiers)
+    if not mask.any():
+        return f"no {'/'.join(sorted(rules.tiers))} site in {countries}; {short}"
+    if rules.site_selector:
+        mask = mask & fleet.selector_mask(rules.site_selector)
+        if not mask.any():
+            selector = ",".join(f"{k}={v}" for k, v in sorted(rules.site_selector.items()))
+            return f"no site among {where} matches selector {selector}; {short}"
+    if not (mask & fleet.healthy).any():
+        return f"all {int(mask.sum())} matching {where} are unhealthy; {short}"
+    variant_tiers = np.zeros(fleet.size, dtype=bool)
+    for variant in deployment.variants:
+        tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
+        variant_tiers |= fleet.tier_mask(tiers)
+    if not (mask & fleet.healthy & variant_tiers).any():
+        return (
+            f"no variant of {deployment.model} may run on the allowed tiers "
+            f"(ray-serve runs only in data centres); {short}"
+        )
+    variants = job.variants()
+    need = " or ".join(f"{v.name} ({v.describe()})" for v in variants)
+    head = f"needs {job.wanted} × {need} in {where}; {short}"
+    if not job.any_eligible.any():
+        return f"{head}: no healthy one has the hardware ({_largest(fleet, mask)})"
+    reasons = []
+    for variant in variants:
+        eligible = job.eligible[variant.name]
+        if not eligible.any():
+            continue
+        if (eligible & capacity.fits_mask(variant)).any():
+            return f"{head}: {_spread_reason(fleet, capacity, job)}"
+        reasons.append(_resource_reason(fleet, capacity, variant, eligible, where))
+    return f"{head}: " + "; ".join(reasons)
+
+
+def _largest(fleet: Fleet, mask: np.ndarray) -> str:
+    sites = np.flatnonzero(mask & fleet.healthy)
+    cpu = float(fleet.cpu[sites].max())
+    memory = float(fleet.memory_mib[sites].max()) / 1024
+    gpu = float(fleet.gpu_memory[sites].max()) if fleet.gpu_groups else 0.0
+    largest = f"largest has {cpu:g} CPU, {memory:g} GiB"
+    return largest + (f", {gpu:g} GiB GPUs" if gpu else ", no GPU")
+
+
+def _resource_reason(
+    fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.ndarray, where: str
+) -> str:
+    sites = np.flatnonzero(eligible)
+    if variant.gpus:
+        big = fleet.gpu_memory[sites] >= variant.gpu_memory_gib - 1e-9
+        free = int((capacity.gpu_count[sites] * big).sum())
+        best = int((capacity.gpu_count[sites] * big).max(initial=0))
+        if best < variant.gpus:
+            return (
+                f"{where} have {free} free GPU(s) with ≥{variant.gpu_memory_gib:g} GiB "
+                f"(at most {best} on one site), {variant.gpus} needed per replica"
+            )
+    cpu = float(capacity.cpu[sites].max())
+    if cpu < variant.cpu - 1e-9:
+        return f"{where} have at most {cpu:g} free CPU on one site, {variant.cpu:g} needed"
+    memory = float(capacity.memory_mib[sites].max()) / 1024
+    if memory < variant.memory_mib / 1024 - 1e-9:
+        return (
+            f"{where} have at most {memory:g} GiB free memory on one site, "
+            f"{variant.memory_mib / 1024:g} GiB needed"
+        )
+    return f"no one site among {where} has the CPU, memory and GPU free together"
+
+
+def _spread_reason(fleet: Fleet, capacity: Capacity, job: Job) -> str:
+    spread = job.spread
+    rules = job.deployment.placement.spread
+    if spread is None or rules is None:
+        return "candidate sites ran out of room"
+    room = np.zeros(fleet.size, dtype=bool)
+    for variant in job.variants():
+        room |= job.eligible[variant.name] & capacity.fits_mask(variant)
+    keys = fleet.region if rules.by == "region" else np.arange(fleet.size)
+    with_room = set(np.unique(keys[room]).tolist())
+    low = spread.low()
+    stuck = sorted(d for d, c in spread.count.items() if c == low and d not in with_room)
+    names = [fleet.region_names[d] if rules.by == "region" else fleet.names[d] for d in stuck]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"spread by {rules.by} maxSkew {rules.max_skew} over {len(spread.count)} eligible "
+        f"{rules.by}s: {shown or 'some'} cannot take another replica"
+    )
+

@@ -1,0 +1,220 @@
+"""The site inventory as arrays, so that filtering 10,000 sites is a handful of vector ops.
+
+Every hard constraint that depends only on a site (country, tier, labels, health, total
+hardware) becomes a boolean mask; free capacity lives in mutable arrays that the planner
+draws down as it places replicas. The exact baseline and the diagnostics read the same
+masks, so "feasible" means one thing everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from orchestrator.scheduler import geo
+from orchestrator.scheduler.model import Deployment, DemandPoint, Site, Tier, Variant
+
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+
+class Fleet:
+    """Per-site arrays built once per plan call, plus caches of the masks asked for."""
+
+    def __init__(
+        self,
+        sites: Sequence[Site],
+        region_locations: Mapping[str, tuple[float, float]] | None = None,
+    ) -> None:
+        self.sites = tuple(sites)
+        self.names = [site.name for site in self.sites]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        if len(self.index) != len(self.names):
+            dup = sorted(n for n in self.index if self.names.count(n) > 1)
+            raise ValueError(f"site {dup[0]!r} is declared twice")
+        self.size = n = len(self.sites)
+        countries = sorted({site.country for site in self.sites})
+        self.country_ids = {code: i for i, code in enumerate(countries)}
+        self.country = np.array([self.country_ids[s.country] for s in self.sites], dtype=np.int64)
+        self.region_names = sorted({site.region for site in self.sites})
+        self.region_ids = {name: i for i, name in enumerate(self.region_names)}
+        self.region = np.array([self.region_ids[s.region] for s in self.sites], dtype=np.int64)
+        self.is_edge = np.array([s.tier is Tier.EDGE for s in self.sites], dtype=bool)
+        self.healthy = np.array([s.healthy for s in self.sites], dtype=bool)
+        self.lat = np.array([s.lat for s in self.sites], dtype=np.float64)
+        self.lon = np.array([s.lon for s in self.sites], dtype=np.float64)
+        self.xyz = geo.unit_vectors(self.lat, self.lon).reshape(n, 3)
+        self.cpu = np.array([s.cpu for s in self.sites], dtype=np.float64)
+        self.memory_mib = np.array([s.memory_gib * 1024 for s in self.sites], dtype=np.float64)
+        self.gpu_groups = max((len(s.gpus) for s in self.sites), default=0)
+        self.gpu_count = np.zeros((n, self.gpu_groups), dtype=np.int64)
+        self.gpu_memory = np.zeros((n, self.gpu_groups), dtype=np.float64)
+        for i, site in enumerate(self.sites):
+            for k, group in enumerate(site.gpus):
+                self.gpu_count[i, k] = group.count
+                self.gpu_memory[i, k] = group.memory_gib
+        self.pue = np.array([s.pue for s in self.sites], dtype=np.float64)
+        # gCO2 per hour per watt drawn by a replica: grid g/kWh × PUE / 1000
+        self.intensity = np.array(
+            [s.carbon_g_per_kwh * s.pue / 1000.0 for s in self.sites], dtype=np.float64
+        )
+        self.measured_rtt = {i: s.rtt_ms for i, s in enumerate(self.sites) if s.rtt_ms}
+        self.region_locations = self._locate_regions(region_locations or {})
+        self._residency_cache: dict[frozenset[str] | None, BoolArray] = {}
+        self._label_cache: dict[tuple[str, str], BoolArray] = {}
+        self._tier_cache: dict[frozenset[Tier], BoolArray] = {}
+
+    def _locate_regions(
+        self, given: Mapping[str, tuple[float, float]]
+    ) -> dict[str, tuple[float, float]]:
+        """A region is where the caller says, else the centroid of its sites."""
+        located = dict(given)
+        for name, rid in self.region_ids.items():
+            if name not in located:
+                members = self.region == rid
+                located[name] = geo.centroid(self.lat[members], self.lon[members])
+        return located
+
+    # -- masks of site-only constraints -------------------------------------------------
+
+    def residency_mask(self, residency: frozenset[str] | None) -> BoolArray:
+        mask = self._residency_cache.get(residency)
+        if mask is None:
+            if residency is None:
+                mask = np.ones(self.size, dtype=bool)
+            else:
+                allowed = np.zeros(len(self.country_ids) + 1, dtype=bool)
+                for code in residency:
+                    if code in self.country_ids:
+                        allowed[self.country_ids[code]] = True
+                mask = allowed[self.country]
+            self._residency_cache[residency] = mask
+        return mask
+
+    def tier_mask(self, tiers: frozenset[Tier]) -> BoolArray:
+        mask = self._tier_cache.get(tiers)
+        if mask is None:
+            mask = np.zeros(self.size, dtype=bool)
+            if Tier.EDGE in tiers:
+                mask |= self.is_edge
+            if Tier.DATACENTER in tiers:
+                mask |= ~self.is_edge
+            self._tier_cache[tiers] = mask
+        return mask
+
+    def selector_mask(self, selector: Mapping[str, str]) -> BoolArray:
+        mask = np.ones(self.size, dtype=bool)
+        for key, value in sorted(selector.items()):
+            label = self._label_cache.get((key, value))
+            if label is None:
+                label = np.array([s.labels.get(key) == value for s in self.sites], dtype=bool)
+                self._label_cache[(key, value)] = label
+            mask = mask & label
+        return mask
+
+    def placement_mask(self, deployment: Deployment) -> BoolArray:
+        """Sites the deployment may use at all: residency, tiers, selector and health."""
+        rules = deployment.placement
+        return (
+            self.residency_mask(rules.residency)
+            & self.tier_mask(rules.tiers)
+            & self.selector_mask(rules.site_selector)
+            & self.healthy
+        )
+
+    def variant_tiers_mask(self, deployment: Deployment, variant: Variant) -> BoolArray:
+        tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
+        return self.tier_mask(tiers)
+
+    def hardware_mask(self, variant: Variant) -> BoolArray:
+        """Sites whose total capacity holds one replica (whatever else runs there)."""
+        fits = (self.cpu >= variant.cpu - 1e-9) & (self.memory_mib >= variant.memory_mib - 1e-9)
+        if variant.gpus:
+            fits &= self.gpu_fit(self.gpu_count, variant).any(axis=1)
+        return fits
+
+    def gpu_fit(self, counts: npt.NDArray[np.int64], variant: Variant) -> BoolArray:
+        """(sites, groups) mask: the group holds ``variant.gpus`` GPUs big enough."""
+        return (self.gpu_memory >= variant.gpu_memory_gib - 1e-9) & (counts >= variant.gpus)
+
+    # -- demand ---------------------------------------------------------------------------
+
+    def locate(self, point: DemandPoint) -> tuple[float, float] | None:
+        if point.lat is not None and point.lon is not None:
+            return point.lat, point.lon
+        if point.region is not None:
+            return self.region_locations.get(point.region)
+        return None
+
+    def rtt_to(self, point: DemandPoint, where: tuple[float, float], sites: IntArray) -> FloatArray:
+        """Round-trip time (ms) from a demand point to each of ``sites``."""
+        xyz = geo.unit_vectors(where[0], where[1])
+        rtt = geo.rtt_from_dot(self.xyz[sites] @ xyz)
+        if point.region is not None and self.measured_rtt:
+            for j, site in enumerate(sites.tolist()):
+                measured = self.measured_rtt.get(site)
+                if measured is not None and point.region in measured:
+                    rtt[j] = measured[point.region]
+        return rtt
+
+
+class Capacity:
+    """Free CPU, memory and GPUs per site; drawn down and given back as replicas move."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.cpu = fleet.cpu.copy()
+        self.memory_mib = fleet.memory_mib.copy()
+        self.gpu_count = fleet.gpu_count.copy()
+
+    def fits_mask(self, variant: Variant) -> BoolArray:
+        fits = (self.cpu >= variant.cpu - 1e-9) & (self.memory_mib >= variant.memory_mib - 1e-9)
+        if variant.gpus:
+            fits &= self.fleet.gpu_fit(self.gpu_count, variant).any(axis=1)
+        return fits
+
+    def gpu_group(self, site: int, variant: Variant) -> int | None:
+        """The GPU group to take for one replica: the smallest cards that fit (best fit),
+        so large cards stay free for the variants that need them. -1: no GPU needed."""
+        if not variant.gpus:
+            return -1
+        best: int | None = None
+        memory = self.fleet.gpu_memory[site]
+        counts = self.gpu_count[site]
+        for k in range(self.fleet.gpu_groups):
+            if counts[k] >= variant.gpus and memory[k] >= variant.gpu_memory_gib - 1e-9:
+                if best is None or memory[k] < memory[best]:
+                    best = k
+        return best
+
+    def take(self, site: int, variant: Variant) -> int | None:
+        """Reserve one replica's resources; the GPU group used, or None if it does not fit."""
+        if (
+            self.cpu[site] < variant.cpu - 1e-9
+            or self.memory_mib[site] < variant.memory_mib - 1e-9
+        ):
+            return None
+        group = self.gpu_group(site, variant)
+        if group is None:
+            return None
+        self.cpu[site] -= variant.cpu
+        self.memory_mib[site] -= variant.memory_mib
+        if group >= 0:
+            self.gpu_count[site, group] -= variant.gpus
+        return group
+
+    def give_back(self, site: int, variant: Variant, group: int) -> None:
+        self.cpu[site] += variant.cpu
+        self.memory_mib[site] += variant.memory_mib
+        if group >= 0:
+            self.gpu_count[site, group] += variant.gpus
+
+    def hold(self, site: int, variant: Variant, group: int) -> None:
+        """Take back exactly what ``give_back`` returned (same GPU group)."""
+        self.cpu[site] -= variant.cpu
+        self.memory_mib[site] -= variant.memory_mib
+        if group >= 0:
+            self.gpu_count[site, group] -= variant.gpus

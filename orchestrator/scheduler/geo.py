@@ -1,0 +1,49 @@
+"""Distance to round-trip time: the latency model every part of the scheduler shares.
+
+Light in fibre covers about 200 km per millisecond; real paths are longer than the great
+circle and cross routers, which a fixed per-path cost stands in for. The planner, the exact
+baseline and the reported predictions all go through ``rtt_ms`` so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+EARTH_RADIUS_KM = 6371.0
+FIBRE_KM_PER_MS = 200.0  # one way
+FIXED_RTT_MS = 2.0  # switching, last mile and the serving stack's network hop
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def unit_vectors(lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> FloatArray:
+    """Points on the unit sphere, shape (n, 3): dot products give great-circle angles."""
+    lat = np.radians(np.asarray(lat_deg, dtype=np.float64))
+    lon = np.radians(np.asarray(lon_deg, dtype=np.float64))
+    cos_lat = np.cos(lat)
+    return np.stack([cos_lat * np.cos(lon), cos_lat * np.sin(lon), np.sin(lat)], axis=-1)
+
+
+def rtt_from_dot(dot: npt.ArrayLike) -> FloatArray:
+    """Round-trip time (ms) between points whose unit vectors have this dot product."""
+    angle = np.arccos(np.clip(np.asarray(dot, dtype=np.float64), -1.0, 1.0))
+    return 2.0 * angle * EARTH_RADIUS_KM / FIBRE_KM_PER_MS + FIXED_RTT_MS
+
+
+def rtt_ms(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Round-trip time (ms) between two coordinates by the haversine distance."""
+    p1, l1, p2, l2 = map(np.radians, (lat1, lon1, lat2, lon2))
+    h = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin((l2 - l1) / 2) ** 2
+    km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(min(1.0, float(h))))
+    return float(2.0 * km / FIBRE_KM_PER_MS + FIXED_RTT_MS)
+
+
+def centroid(lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> tuple[float, float]:
+    """Spherical centroid (mean of unit vectors), correct across the antimeridian."""
+    mean = unit_vectors(lat_deg, lon_deg).reshape(-1, 3).mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    if norm < 1e-12:  # antipodal points: any answer is as good; take the first
+        return float(np.ravel(lat_deg)[0]), float(np.ravel(lon_deg)[0])
+    x, y, z = mean / norm
+    return float(np.degrees(np.arcsin(z))), float(np.degrees(np.arctan2(y, x)))

@@ -1,0 +1,271 @@
+"""What the planner is asked: sites, deployments, the replicas running now, and the weights.
+
+These are the scheduler's own input types, kept apart from the pydantic manifests so the
+planner can be called (and tested, and benchmarked) with plain values; the control plane
+maps validated manifests onto them. Every type is a frozen dataclass: a plan is a function
+of these values and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Literal
+
+
+class Tier(StrEnum):
+    DATACENTER = "datacenter"
+    EDGE = "edge"
+
+
+class Runtime(StrEnum):
+    ONNX = "onnx"
+    RAY_SERVE = "ray-serve"
+
+
+ALL_TIERS: frozenset[Tier] = frozenset(Tier)
+
+# Where no power figure is given, a replica's draw is estimated from what it reserves.
+# The figures are round numbers for current server parts: a busy x86 core ~12 W, DRAM
+# ~0.4 W per GiB, an accelerator ~60 W idle-to-busy baseline plus ~4 W per GiB of HBM/GDDR
+# (24 GiB card ~156 W, 80 GiB card ~380 W).
+WATTS_PER_CPU = 12.0
+WATTS_PER_MEMORY_GIB = 0.4
+WATTS_PER_GPU = 60.0
+WATTS_PER_GPU_MEMORY_GIB = 4.0
+
+
+def _empty() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+def _frozen_mapping(value: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class GpuGroup:
+    """``count`` identical GPUs of one ``model`` with ``memory_gib`` each."""
+
+    model: str
+    count: int
+    memory_gib: float
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place that can run replicas, with its total capacity (not what is free)."""
+
+    name: str
+    tier: Tier
+    country: str
+    region: str
+    lat: float
+    lon: float
+    cpu: float
+    memory_gib: float
+    gpus: tuple[GpuGroup, ...] = ()
+    carbon_g_per_kwh: float = 0.0
+    pue: float = 1.0
+    healthy: bool = True
+    labels: Mapping[str, str] = field(default_factory=_empty)
+    # Measured round-trip times from a region's clients to this site; wins over the
+    # great-circle estimate for demand given by region.
+    rtt_ms: Mapping[str, float] = field(default_factory=_empty)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tier", Tier(self.tier))
+        object.__setattr__(self, "country", self.country.upper())
+        object.__setattr__(self, "labels", _frozen_mapping(self.labels))
+        object.__setattr__(self, "rtt_ms", MappingProxyType(dict(self.rtt_ms or {})))
+        object.__setattr__(self, "gpus", tuple(self.gpus))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to serve a model, with what one replica reserves."""
+
+    name: str
+    runtime: Runtime
+    cpu: float
+    memory_mib: float
+    gpus: int = 0
+    gpu_memory_gib: float = 0.0
+    throughput_rps: float | None = None
+    # None: derived, an ONNX variant without GPU counts as distilled (small).
+    distilled: bool | None = None
+    # None: estimated from the resources (see WATTS_PER_* above).
+    power_watts: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runtime", Runtime(self.runtime))
+
+    @property
+    def is_distilled(self) -> bool:
+        if self.distilled is not None:
+            return self.distilled
+        return self.runtime is Runtime.ONNX and self.gpus == 0
+
+    @property
+    def watts(self) -> float:
+        if self.power_watts is not None:
+            return self.power_watts
+        return (
+            self.cpu * WATTS_PER_CPU
+            + self.memory_mib / 1024 * WATTS_PER_MEMORY_GIB
+            + self.gpus * (WATTS_PER_GPU + self.gpu_memory_gib * WATTS_PER_GPU_MEMORY_GIB)
+        )
+
+    def runs_on(self, tier: Tier) -> bool:
+        """Ray Serve applications need a Ray cluster, which only data centres have."""
+        return self.runtime is Runtime.ONNX or tier is Tier.DATACENTER
+
+    def describe(self) -> str:
+        parts = [f"{self.cpu:g} CPU", f"{self.memory_mib / 1024:g} GiB"]
+        if self.gpus:
+            parts.insert(0, f"{self.gpus}×{self.gpu_memory_gib:g} GiB GPU")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Replica counts per domain may differ by at most ``max_skew``."""
+
+    by: Literal["region", "site"]
+    max_skew: int = 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Hard placement rules. ``residency`` None means any country; countries are ISO codes
+    already expanded (see ``residency.expand_residency``)."""
+
+    residency: frozenset[str] | None = None
+    tiers: frozenset[Tier] = ALL_TIERS
+    site_selector: Mapping[str, str] = field(default_factory=_empty)
+    spread: Spread | None = None
+
+    def __post_init__(self) -> None:
+        if self.residency is not None:
+            object.__setattr__(
+                self, "residency", frozenset(c.upper() for c in self.residency)
+            )
+        object.__setattr__(self, "tiers", frozenset(Tier(t) for t in self.tiers))
+        object.__setattr__(self, "site_selector", _frozen_mapping(self.site_selector))
+
+
+@dataclass(frozen=True)
+class DemandPoint:
+    """Where requests come from: a ``region`` (located at its sites' centroid unless the
+    caller gives its coordinates) or a ``lat``/``lon``."""
+
+    rps: float
+    region: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.region is not None:
+            return self.region
+        return f"{self.lat:.2f},{self.lon:.2f}"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Soft-objective weights, in cost points. One point ~ one millisecond of mean RTT."""
+
+    latency_per_ms: float = 1.0  # per ms of demand-weighted mean RTT of a deployment
+    carbon_per_g_per_hour: float = 0.2  # per gCO2/h of one replica (power × PUE × grid)
+    move_per_replica: float = 5.0  # per replica started where it did not run before
+    variant_fit_per_replica: float = 10.0  # distilled in a data centre / large at the edge
+    # Unplaced replicas dominate every soft term: any plan that places more wins.
+    shortfall_per_replica: float = 1_000.0  # below the wanted count
+    below_min_per_replica: float = 10_000.0  # below replicas.min, on top of the above
+    unserved_rtt_ms: float = 1_000.0  # latency charged to demand with no replica at all
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What should run: a model's variants, a replica range, placement rules and demand.
+
+    ``variants`` are the variants allowed; ``variant_by_tier`` (when non-empty) names the
+    one variant to run on each tier and leaves the tiers it omits unused.
+    """
+
+    name: str
+    model: str
+    variants: tuple[Variant, ...]
+    min_replicas: int = 1
+    max_replicas: int = 1
+    placement: Placement = field(default_factory=Placement)
+    demand: tuple[DemandPoint, ...] = ()
+    variant_by_tier: Mapping[Tier, str] = field(default_factory=_empty)  # type: ignore[assignment]
+    fallback: tuple[Tier, ...] = ()  # routing order, informational for the planner
+    weights: Weights | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "variants", tuple(self.variants))
+        object.__setattr__(self, "demand", tuple(self.demand))
+        object.__setattr__(
+            self,
+            "variant_by_tier",
+            MappingProxyType({Tier(k): v for k, v in (self.variant_by_tier or {}).items()}),
+        )
+        if self.min_replicas < 0 or self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"deployment {self.name}: replicas need 0 <= min <= max, "
+                f"got min={self.min_replicas} max={self.max_replicas}"
+            )
+
+    def variants_for(self, tier: Tier) -> tuple[Variant, ...]:
+        """The variants this deployment may run on ``tier``."""
+        if tier not in self.placement.tiers:
+            return ()
+        if self.variant_by_tier:
+            wanted = self.variant_by_tier.get(tier)
+            return tuple(v for v in self.variants if v.name == wanted and v.runs_on(tier))
+        return tuple(v for v in self.variants if v.runs_on(tier))
+
+    @property
+    def total_rps(self) -> float:
+        return sum(point.rps for point in self.demand)
+
+    def wanted_replicas(self) -> int:
+        """How many replicas to aim for.
+
+        ``ceil(total demand rps / throughputRps)`` clamped to [min, max]; where several
+        variants give a throughput the smallest one counts (enough replicas whichever
+        variant lands). Without demand or throughput the deployment runs ``min``.
+        """
+        rates = [v.throughput_rps for v in self.variants if v.throughput_rps]
+        total = self.total_rps
+        if not rates or total <= 0:
+            return self.min_replicas
+        need = math.ceil(total / min(rates) - 1e-9)
+        return max(self.min_replicas, min(self.max_replicas, need))
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One replica running now (or planned): of ``deployment``, as ``variant``, on ``site``."""
+
+    deployment: str
+    site: str
+    variant: str
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs that trade planning time for plan quality; the defaults meet the targets.
+
+    ``candidates`` bounds how many sites per deployment the greedy looks at (nearest to
+    each demand point, cheapest to run, where it runs now, best per spread domain); None
+    scans every feasible site. ``improve`` runs the relocation pass after the greedy.
+    """
+
+    candidates: int | None = 48
+    improve: bool = True

@@ -1,0 +1,198 @@
+"""Turns the planner's raw placement into the ``PlanResult`` people and the executor read.
+
+Kept apart from the search so the search stays about costs and this stays about words and
+bookkeeping: which replicas are kept, moved, added or removed (and why), each deployment's
+status, the predicted latency per demand point and the energy drawn.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from orchestrator.scheduler.fleet import Capacity, Fleet
+from orchestrator.scheduler.model import Replica
+from orchestrator.scheduler.objective import score_deployment
+from orchestrator.scheduler.result import (
+    Action,
+    DemandLatency,
+    DeploymentPlan,
+    Energy,
+    MoveReplica,
+    Objective,
+    PlaceReplica,
+    PlannedReplica,
+    PlanResult,
+    RemoveReplica,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.scheduler.planner import Job
+
+
+def build(
+    fleet: Fleet,
+    capacity: Capacity,
+    jobs: Sequence[Job],
+    current: Sequence[Replica],
+    dropped: Mapping[Replica, str],
+) -> PlanResult:
+    del capacity  # the shortfall reasons were taken when each job ran
+    replicas: list[PlannedReplica] = []
+    actions: list[Action] = []
+    plans: dict[str, DeploymentPlan] = {}
+    energy = Energy()
+    objective = Objective()
+    for job in sorted(jobs, key=lambda j: j.deployment.name):
+        one, cost = _build_one(fleet, job, dropped)
+        plans[job.deployment.name] = one
+        replicas.extend(one.replicas)
+        actions.extend(_actions(fleet, job, one, dropped))
+        energy = energy + one.energy
+        objective = objective + cost
+    known = {job.deployment.name for job in jobs}
+    for replica in current:  # replicas no plan can keep: deleted or on vanished sites
+        if replica.deployment not in known or replica.site not in fleet.index:
+            actions.append(
+                RemoveReplica(replica.deployment, replica.site, replica.variant,
+                              dropped[replica])
+            )
+    return PlanResult(
+        replicas=tuple(replicas),
+        actions=tuple(actions),
+        deployments=plans,
+        energy=energy,
+        objective=objective,
+    )
+
+
+def _build_one(
+    fleet: Fleet, job: Job, dropped: Mapping[Replica, str]
+) -> tuple[DeploymentPlan, Objective]:
+    deployment = job.deployment
+    placed = Counter((site, variant.name) for site, variant, _ in job.placed)
+    variants = {v.name: v for v in deployment.variants}
+    open_sites = np.array(sorted({site for site, _ in placed}), dtype=np.int64)
+
+    latency: list[DemandLatency] = []
+    serves: dict[int, list[str]] = {}
+    for demand in job.demand:
+        if open_sites.size == 0:
+            latency.append(DemandLatency(deployment.name, demand.point.label,
+                                         demand.point.rps, None, None))
+            continue
+        rtt = fleet.rtt_to(demand.point, (demand.lat, demand.lon), open_sites)
+        k = int(np.argmin(rtt))
+        site = int(open_sites[k])
+        latency.append(DemandLatency(deployment.name, demand.point.label, demand.point.rps,
+                                     fleet.names[site], float(rtt[k])))
+        serves.setdefault(site, []).append(f"{demand.point.label} ({float(rtt[k]):.0f} ms)")
+
+    planned: list[PlannedReplica] = []
+    watts = grams = 0.0
+    for (site, name), n in sorted(placed.items(), key=lambda kv: (fleet.names[kv[0][0]], kv[0][1])):
+        variant = variants[name]
+        draw = variant.watts * float(fleet.pue[site])
+        co2 = variant.watts * float(fleet.intensity[site])
+        watts += n * draw
+        grams += n * co2
+        running = job.running.get((site, name), 0)
+        for copy in range(n):
+            kept = copy < running
+            planned.append(PlannedReplica(
+                deployment=deployment.name,
+                site=fleet.names[site],
+                variant=name,
+                kept=kept,
+                reason=_replica_reason(kept, serves.get(site, []), copy, job, co2),
+            ))
+    status, reason = _status(job)
+    cost = score_deployment(fleet, deployment, job.weights, placed, job.running)
+    return (
+        DeploymentPlan(
+            name=deployment.name,
+            status=status,
+            wanted=job.wanted,
+            placed=len(job.placed),
+            reason=reason,
+            replicas=tuple(planned),
+            latency=tuple(latency),
+            energy=Energy(watts, grams),
+            notes=tuple(job.notes),
+        ),
+        cost,
+    )
+
+
+def _replica_reason(kept: bool, serves: list[str], copy: int, job: Job, co2: float) -> str:
+    parts = ["kept, already running here" if kept else "new"]
+    if serves and copy == 0:
+        shown = ", ".join(serves[:3]) + (f" and {len(serves) - 3} more" if len(serves) > 3 else "")
+        parts.append(f"nearest replica for {shown}")
+    elif job.demand:
+        parts.append(f"capacity for {job.deployment.total_rps:g} rps")
+    else:
+        parts.append("lowest cost among eligible sites (no demand given)")
+    parts.append(f"{co2:.1f} gCO2/h")
+    return "; ".join(parts)
+
+
+def _status(job: Job) -> tuple[Status, str]:
+    deployment = job.deployment
+    placed = len(job.placed)
+    if placed >= job.wanted:
+        return Status.SCHEDULED, f"{placed} replica(s): {_why_count(job)}"
+    status = Status.DEGRADED if placed >= deployment.min_replicas else Status.UNSCHEDULABLE
+    return status, job.shortfall
+
+
+def _why_count(job: Job) -> str:
+    deployment = job.deployment
+    rates = [v.throughput_rps for v in deployment.variants if v.throughput_rps]
+    if rates and deployment.total_rps > 0:
+        return (
+            f"{deployment.total_rps:g} rps at {min(rates):g} rps per replica, within "
+            f"replicas [{deployment.min_replicas}, {deployment.max_replicas}]"
+        )
+    return f"replicas.min = {deployment.min_replicas}"
+
+
+def _actions(
+    fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Replica, str]
+) -> list[Action]:
+    """Count differences per (site, variant) → moves first, then places, then removals."""
+    name = job.deployment.name
+    placed = Counter((r.site, r.variant) for r in plan.replicas)
+    running = Counter({(fleet.names[s], v): n for (s, v), n in job.running.items()})
+    gone: list[tuple[str, str, str]] = []
+    for (site, variant), n in sorted(running.items()):
+        why = dropped.get(Replica(name, site, variant))
+        if why is None:
+            why = (f"scale down to {plan.placed}" if plan.placed < sum(running.values())
+                   else "a better site was found")
+        gone.extend([(site, variant, why)] * max(0, n - placed.get((site, variant), 0)))
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for r in plan.replicas:
+        if not r.kept:
+            reasons.setdefault((r.site, r.variant), []).append(r.reason)
+    new = [
+        (site, variant)
+        for (site, variant), n in sorted(placed.items())
+        for _ in range(max(0, n - running.get((site, variant), 0)))
+    ]
+    # Replicas leaving a broken site pair first, so their replacements read as moves.
+    gone.sort(key=lambda g: (g[2].startswith(("scale", "a better")), g[0], g[1]))
+    out: list[Action] = []
+    pairs = min(len(gone), len(new))
+    for (from_site, from_variant, why), (to_site, to_variant) in zip(gone[:pairs], new[:pairs]):
+        out.append(MoveReplica(name, from_site, from_variant, to_site, to_variant,
+                               f"{why}; to: {reasons[(to_site, to_variant)].pop(0)}"))
+    for site, variant in new[pairs:]:
+        out.append(PlaceReplica(name, site, variant, reasons[(site, variant)].pop(0)))
+    for site, variant, why in gone[pairs:]:
+        out.append(RemoveReplica(name, site, variant, why))
+    return out

@@ -1,0 +1,461 @@
+"""The placement planner: desired deployments + site inventory + running replicas → a plan.
+
+A pure function of its arguments. The shape of the algorithm, and why:
+
+1. Running replicas that still satisfy every hard rule keep their seats: their capacity is
+   reserved before anything new is placed, so a re-plan never evicts a healthy replica to
+   make room for another deployment. Replicas that broke a rule (site unhealthy or gone,
+   residency or selector changed, capacity shrank) are released and replaced.
+2. Deployments are planned one at a time, scarcest first (GPU variants, then fewest
+   eligible sites), each against the capacity left by those before it.
+3. Per deployment, the hard rules become vector masks over all sites (``fleet.Fleet``);
+   a few dozen candidate sites are picked from the feasible ones (nearest to each demand
+   point, cheapest to run, where it runs now, best per spread domain) so the search does
+   not grow with the fleet, and a lazy greedy adds one replica at a time where it lowers
+   the cost the most (``objective``: latency, carbon, moves, variant fit). The latency
+   term is a facility-location objective whose gains only shrink as replicas are added,
+   which is what makes the lazy greedy exact step by step and cheap.
+4. A relocation pass then moves single replicas while that lowers the cost, which repairs
+   the greedy's early choices.
+
+When the hard rules leave room for fewer than ``replicas.min`` replicas, the planner still
+places what fits and reports the deployment Unschedulable with the binding constraint:
+tearing down replicas that serve traffic because a sibling cannot start would turn a
+partial outage into a full one. Residency is never relaxed: a replica only ever lands on a
+site in an allowed country.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from orchestrator.scheduler import diagnosis, outcome
+from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
+from orchestrator.scheduler.model import Deployment, Replica, Site, Tier, Tuning, Variant, Weights
+from orchestrator.scheduler.objective import LocatedDemand, locate_demand, replica_cost
+from orchestrator.scheduler.result import PlanResult
+
+
+@dataclass
+class Job:
+    """One deployment while it is being planned (mutable scratch, never returned)."""
+
+    deployment: Deployment
+    weights: Weights
+    wanted: int
+    allowed: BoolArray  # residency, tiers, selector, health
+    eligible: dict[str, BoolArray]  # per variant: allowed, tier fits variant, hardware fits
+    demand: list[LocatedDemand]
+    notes: list[str]
+    running: Counter[tuple[int, str]] = field(default_factory=Counter)  # all replicas now
+    seats: list[tuple[int, Variant, int]] = field(default_factory=list)  # valid, reserved
+    placed: list[tuple[int, Variant, int]] = field(default_factory=list)  # site, variant, gpu
+    spread: Spread | None = None
+    shortfall: str = ""  # why fewer than wanted were placed, as seen right after placing
+
+    @property
+    def any_eligible(self) -> BoolArray:
+        masks = list(self.eligible.values())
+        out = np.zeros_like(self.allowed) if not masks else masks[0].copy()
+        for mask in masks[1:]:
+            out |= mask
+        return out
+
+    def variants(self) -> list[Variant]:
+        names = self.eligible.keys()
+        return [v for v in self.deployment.variants if v.name in names]
+
+
+def plan(
+    sites: Sequence[Site],
+    deployments: Sequence[Deployment],
+    current: Iterable[Replica] = (),
+    *,
+    weights: Weights = Weights(),
+    tuning: Tuning = Tuning(),
+    region_locations: Mapping[str, tuple[float, float]] | None = None,
+) -> PlanResult:
+    """Plan where every replica of ``deployments`` runs, starting from ``current``.
+
+    ``weights`` apply to deployments without their own; ``region_locations`` places
+    demand regions that have no sites (others sit at the centroid of their sites).
+    """
+    fleet = Fleet(sites, region_locations)
+    names = [d.name for d in deployments]
+    if len(set(names)) != len(names):
+        dup = sorted(n for n in set(names) if names.count(n) > 1)
+        raise ValueError(f"deployment {dup[0]!r} is declared twice")
+    jobs = {d.name: _prepare(fleet, d, d.weights or weights) for d in deployments}
+    capacity = Capacity(fleet)
+    current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
+    dropped = _seat_incumbents(fleet, capacity, jobs, current)
+    for job in sorted(jobs.values(), key=_scarcity):
+        for site, variant, group in job.seats:
+            capacity.give_back(site, variant, group)
+        _place(fleet, capacity, job, tuning)
+        if len(job.placed) < job.wanted:
+            job.shortfall = diagnosis.explain(fleet, capacity, job)
+    return outcome.build(fleet, capacity, list(jobs.values()), current, dropped)
+
+
+def _prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
+    allowed = fleet.placement_mask(deployment)
+    eligible: dict[str, BoolArray] = {}
+    for variant in deployment.variants:
+        tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
+        if tiers and variant.name not in eligible:
+            eligible[variant.name] = (
+                allowed & fleet.tier_mask(tiers) & fleet.hardware_mask(variant)
+            )
+    demand, notes = locate_demand(fleet, deployment)
+    return Job(
+        deployment=deployment,
+        weights=weights,
+        wanted=deployment.wanted_replicas(),
+        allowed=allowed,
+        eligible=eligible,
+        demand=demand,
+        notes=notes,
+    )
+
+
+def _scarcity(job: Job) -> tuple[int, int, str]:
+    gpus = max((v.gpus for v in job.deployment.variants), default=0)
+    return (-gpus, int(job.any_eligible.sum()), job.deployment.name)
+
+
+def _seat_incumbents(
+    fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], current: Sequence[Replica]
+) -> dict[Replica, str]:
+    """Reserve capacity for running replicas that still obey every hard rule.
+
+    Returns, per replica that must go regardless of the plan, the reason (counted once
+    per copy by the caller through ``Job.running``).
+    """
+    dropped: dict[Replica, str] = {}
+    for replica in current:
+        job = jobs.get(replica.deployment)
+        if job is None:
+            dropped[replica] = "deployment deleted"
+            continue
+        site = fleet.index.get(replica.site)
+        if site is None:
+            dropped[replica] = f"site {replica.site} left the inventory"
+            continue
+        job.running[(site, replica.variant)] += 1
+        reason = _broken_rule(fleet, job, site, replica.variant)
+        if reason is not None:
+            dropped[replica] = reason
+            continue
+        variant = next(v for v in job.deployment.variants if v.name == replica.variant)
+        group = capacity.take(site, variant)
+        if group is None:
+            dropped.setdefault(replica, f"site {replica.site} no longer has room for it")
+            continue
+        job.seats.append((site, variant, group))
+    return dropped
+
+
+def _broken_rule(fleet: Fleet, job: Job, site: int, variant: str) -> str | None:
+    name = fleet.names[site]
+    rules = job.deployment.placement
+    if not fleet.healthy[site]:
+        return f"site {name} is unhealthy"
+    if not fleet.residency_mask(rules.residency)[site]:
+        return f"residency no longer allows {fleet.sites[site].country}"
+    if not fleet.tier_mask(rules.tiers)[site]:
+        return f"tier {fleet.sites[site].tier} no longer allowed"
+    if not fleet.selector_mask(rules.site_selector)[site]:
+        return f"site {name} no longer matches the site selector"
+    if variant not in job.eligible or not job.eligible[variant][site]:
+        return f"variant {variant} no longer allowed or no longer fits on {name}"
+    return None
+
+
+# -- one deployment ------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    """Candidate (site, variant) pairs for one deployment and their cost ingredients."""
+
+    site: list[int]
+    variant: list[Variant]
+    static: np.ndarray  # carbon + variant fit, cost points per replica
+    rtt: np.ndarray  # (options, demand points), ms
+    running: list[int]  # replicas of this deployment running there now
+    domain: list[int]
+
+
+class Spread:
+    """Replica counts per spread domain, with the min/max checks the greedy needs."""
+
+    def __init__(self, domains: Iterable[int], max_skew: int) -> None:
+        self.count: dict[int, int] = {d: 0 for d in domains}
+        self.hist: Counter[int] = Counter({0: len(self.count)})
+        self.max_skew = max_skew
+
+    def low(self) -> int:
+        return min((c for c, n in self.hist.items() if n > 0), default=0)
+
+    def allows(self, add: int, remove: int | None = None) -> bool:
+        if remove is not None and remove == add:
+            return True
+        self._shift(add, +1)
+        if remove is not None:
+            self._shift(remove, -1)
+        live = [c for c, n in self.hist.items() if n > 0]
+        ok = max(live) - min(live) <= self.max_skew
+        if remove is not None:
+            self._shift(remove, +1)
+        self._shift(add, -1)
+        return ok
+
+    def shift(self, domain: int, by: int) -> None:
+        self._shift(domain, by)
+
+    def _shift(self, domain: int, by: int) -> None:
+        old = self.count[domain]
+        self.hist[old] -= 1
+        self.hist[old + by] += 1
+        self.count[domain] = old + by
+
+
+def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning) -> None:
+    """Place ``job.wanted`` replicas (or as many as fit) into ``job.placed``."""
+    if job.wanted <= 0 or not job.eligible:
+        return
+    rules = job.deployment.placement
+    spread: Spread | None = None
+    if rules.spread is not None:
+        eligible = job.any_eligible
+        keys = fleet.region if rules.spread.by == "region" else np.arange(fleet.size)
+        spread = Spread(np.unique(keys[eligible]).tolist(), rules.spread.max_skew)
+        job.spread = spread
+    limit = tuning.candidates
+    while True:
+        options, complete = _candidates(fleet, capacity, job, spread, limit)
+        _greedy(capacity, job, options, spread)
+        if len(job.placed) >= job.wanted or complete:
+            break
+        limit = None if limit is None or limit * 4 >= fleet.size else limit * 4
+    if tuning.improve and job.demand and len(job.placed) > 0:
+        _relocate(capacity, job, options, spread)
+
+
+def _candidates(
+    fleet: Fleet, capacity: Capacity, job: Job, spread: Spread | None, limit: int | None
+) -> tuple[Options, bool]:
+    """Pick the (site, variant) pairs the greedy looks at; True when none were left out."""
+    w = job.weights
+    chosen: list[tuple[IntArray, Variant]] = []
+    complete = True
+    used = {site for site, _, _ in job.placed}
+    for variant in job.variants():
+        free = np.flatnonzero(job.eligible[variant.name] & capacity.fits_mask(variant))
+        if limit is not None and free.size > limit:
+            complete = False
+            free = _shortlist(fleet, job, variant, free, limit, spread)
+        if used:  # sites already holding replicas stay candidates even when full now
+            held = np.fromiter(used, dtype=np.int64)
+            free = np.union1d(free, held[job.eligible[variant.name][held]])
+        chosen.append((free, variant))
+    sites: list[int] = []
+    variants: list[Variant] = []
+    statics: list[np.ndarray] = []
+    for free, variant in chosen:
+        sites.extend(free.tolist())
+        variants.extend([variant] * free.size)
+        fit = np.where(
+            fleet.is_edge[free] != variant.is_distilled, w.variant_fit_per_replica, 0.0
+        )
+        statics.append(w.carbon_per_g_per_hour * variant.watts * fleet.intensity[free] + fit)
+    idx = np.array(sites, dtype=np.int64)
+    rtt = np.zeros((idx.size, len(job.demand)))
+    for p, demand in enumerate(job.demand):
+        rtt[:, p] = fleet.rtt_to(demand.point, (demand.lat, demand.lon), idx)
+    by_region = spread is not None and job.deployment.placement.spread.by == "region"  # type: ignore[union-attr]
+    domain = (fleet.region[idx] if by_region else idx).tolist()
+    return (
+        Options(
+            site=sites,
+            variant=variants,
+            static=np.concatenate(statics) if statics else np.zeros(0),
+            rtt=rtt,
+            running=[job.running.get((s, v.name), 0) for s, v in zip(sites, variants)],
+            domain=domain,
+        ),
+        complete,
+    )
+
+
+def _shortlist(
+    fleet: Fleet, job: Job, variant: Variant, free: IntArray, limit: int, spread: Spread | None
+) -> IntArray:
+    """The few feasible sites worth a look: nearest per demand point, cheapest, running
+    there now, and enough per spread domain for the counts to balance."""
+    picks: list[IntArray] = [np.fromiter(
+        (s for s, v in job.running if v == variant.name), dtype=np.int64)]
+    per_point = max(4, limit // (len(job.demand) + 1))
+    for demand in job.demand:
+        near = fleet.xyz[free] @ _unit(demand.lat, demand.lon)
+        k = min(per_point, free.size)
+        picks.append(free[np.argpartition(-near, k - 1)[:k]])
+    cost = fleet.intensity[free] * variant.watts
+    cost = cost + np.where(fleet.is_edge[free] != variant.is_distilled, 1e6, 0.0)
+    k = min(max(limit - per_point * len(job.demand), job.wanted + 4), free.size)
+    cheap_order = np.argpartition(cost, k - 1)[:k]
+    picks.append(free[cheap_order])
+    if spread is not None:
+        domains = (
+            fleet.region[free] if job.deployment.placement.spread.by == "region"  # type: ignore[union-attr]
+            else free
+        )
+        per_domain = math.ceil(job.wanted / max(1, len(spread.count))) + 1
+        order = np.lexsort((cost, domains))
+        sorted_domains = domains[order]
+        starts = np.r_[0, np.flatnonzero(sorted_domains[1:] != sorted_domains[:-1]) + 1]
+        rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
+        best = order[rank < per_domain]
+        if best.size > 4 * limit:  # spread by site over a huge fleet: cheapest suffice
+            best = best[np.argsort(cost[best], kind="stable")[: 2 * job.wanted + limit]]
+        picks.append(free[best])
+    out = np.unique(np.concatenate(picks))
+    return out[np.isin(out, free)]
+
+
+def _unit(lat: float, lon: float) -> np.ndarray:
+    la, lo = math.radians(lat), math.radians(lon)
+    return np.array([math.cos(la) * math.cos(lo), math.cos(la) * math.sin(lo), math.sin(la)])
+
+
+def _greedy(capacity: Capacity, job: Job, options: Options, spread: Spread | None) -> None:
+    """Add replicas one by one at the option that lowers the cost most (lazy greedy)."""
+    w = job.weights
+    weight = [w.latency_per_ms * d.share for d in job.demand]
+    points = range(len(weight))
+    best = _nearest(job, options)
+    rtt = options.rtt.tolist()
+    static = options.static.tolist()
+    count = Counter((s, v.name) for s, v, _ in job.placed)
+
+    def delta(o: int) -> float:
+        key = (options.site[o], options.variant[o].name)
+        cost = static[o] + (w.move_per_replica if count[key] >= options.running[o] else 0.0)
+        row = rtt[o]
+        for p in points:
+            if row[p] < best[p]:
+                cost -= weight[p] * (best[p] - row[p])
+        return cost
+
+    heap = [(delta(o), o) for o in range(len(static))]
+    heapq.heapify(heap)
+    blocked: list[int] = []
+    while len(job.placed) < job.wanted and heap:
+        _, o = heapq.heappop(heap)
+        fresh = delta(o)
+        if heap and fresh > heap[0][0] + 1e-12:
+            heapq.heappush(heap, (fresh, o))
+            continue
+        if spread is not None and not spread.allows(options.domain[o]):
+            blocked.append(o)
+            continue
+        site, variant = options.site[o], options.variant[o]
+        group = capacity.take(site, variant)
+        if group is None:
+            continue  # full now, and capacity only shrinks while this deployment is planned
+        job.placed.append((site, variant, group))
+        count[(site, variant.name)] += 1
+        for p in points:
+            best[p] = min(best[p], rtt[o][p])
+        if spread is not None:
+            low = spread.low()
+            spread.shift(options.domain[o], +1)
+            if spread.low() != low:
+                for b in blocked:
+                    heapq.heappush(heap, (delta(b), b))
+                blocked = []
+        heapq.heappush(heap, (delta(o), o))
+
+
+def _nearest(job: Job, options: Options) -> list[float]:
+    """Current RTT from each demand point to its nearest placed replica."""
+    best = [job.weights.unserved_rtt_ms] * len(job.demand)
+    placed_sites = {site for site, _, _ in job.placed}
+    for o, site in enumerate(options.site):
+        if site in placed_sites:
+            for p in range(len(best)):
+                best[p] = min(best[p], float(options.rtt[o, p]))
+    return best
+
+
+def _relocate(capacity: Capacity, job: Job, options: Options, spread: Spread | None) -> None:
+    """Move single replicas to other candidates while that lowers the cost."""
+    w = job.weights
+    weight = np.array([w.latency_per_ms * d.share for d in job.demand])
+    index = {(s, v.name): o for o, (s, v) in enumerate(zip(options.site, options.variant))}
+    running = np.array(options.running)
+    for _ in range(2 * len(job.placed) + 2):
+        count = Counter((s, v.name) for s, v, _ in job.placed)
+        opened = Counter(s for s, _, _ in job.placed)
+        if any(key not in index for key in count):
+            return  # placed outside the final candidate list (after a widened search)
+        counts = np.zeros(len(options.site), dtype=np.int64)
+        for key, n in count.items():
+            counts[index[key]] = n
+        move_in = options.static + np.where(counts >= running, w.move_per_replica, 0.0)
+        site_rows = {options.site[index[key]]: options.rtt[index[key]] for key in count}
+        best_all = np.min(np.array(list(site_rows.values())), axis=0)
+        latency_now = float(weight @ best_all)
+        improved = False
+        for key in sorted(count):
+            a = index[key]
+            site_a = options.site[a]
+            if opened[site_a] == 1:
+                rest = [row for s, row in site_rows.items() if s != site_a]
+                base = (np.min(np.array(rest), axis=0) if rest
+                        else np.full(len(weight), w.unserved_rtt_ms))
+            else:
+                base = best_all
+            refund = options.static[a] + (
+                w.move_per_replica if counts[a] > running[a] else 0.0
+            )
+            gain = move_in - refund + np.minimum(options.rtt, base) @ weight - latency_now
+            gain[a] = np.inf
+            for c in np.argsort(gain, kind="stable")[:8].tolist():
+                if gain[c] >= -1e-9:
+                    break
+                if spread is not None and not spread.allows(options.domain[c], options.domain[a]):
+                    continue
+                if _swap(capacity, job, a_key=key, to_site=options.site[c],
+                         to_variant=options.variant[c]):
+                    if spread is not None:
+                        spread.shift(options.domain[a], -1)
+                        spread.shift(options.domain[c], +1)
+                    improved = True
+                    break
+            if improved:
+                break
+        if not improved:
+            return
+
+
+def _swap(
+    capacity: Capacity, job: Job, a_key: tuple[int, str], to_site: int, to_variant: Variant
+) -> bool:
+    """Move one replica ``a_key`` → (to_site, to_variant) if the target has room."""
+    at = max(i for i, (s, v, _) in enumerate(job.placed) if (s, v.name) == a_key)
+    site, variant, group = job.placed[at]
+    capacity.give_back(site, variant, group)
+    new_group = capacity.take(to_site, to_variant)
+    if new_group is None:
+        capacity.hold(site, variant, group)
+        return False
+    job.placed[at] = (to_site, to_variant, new_group)
+    return True

@@ -1,0 +1,358 @@
+"""``edgeplane serve``: one process, one event loop, every control-plane part.
+
+The HTTP API and the gateway share a uvicorn server; agents talk to the gRPC listener;
+the reconcile loop runs beside them. :class:`ControlPlane` is also what the test harness,
+the benchmarks and the demo start in-process, so all of them run the same wiring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import uvicorn
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+
+from orchestrator import catalog, views
+from orchestrator.adapters import local_ray
+from orchestrator.agents import hub as hub_mod
+from orchestrator.agents import model as agent_model
+from orchestrator.agents import service as agent_service
+from orchestrator.api import app as api_app
+from orchestrator.api import auth
+from orchestrator.artifacts import catalog as artifacts
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import proxy, routing
+from orchestrator.manifests import loader, schema
+from orchestrator.reconciler import datacentres as dc_mod
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.reconciler.loop import Reconciler
+from orchestrator.store import sqlite as store_mod
+
+log = logging.getLogger("edgeplane")
+
+
+class ConfigError(Exception):
+    """The server was asked to start in an unsafe or impossible configuration."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: pathlib.Path = pathlib.Path(".edgeplane")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    agent_host: str | None = None  # default: host
+    agent_port: int = 8081
+    auth: str = "none"  # "none" (loopback only) | "token"
+    position: tuple[float, float] | None = None  # the gateway's own location
+    heartbeat_interval_s: float = 5.0
+    missed_heartbeats: int = 3
+    resync_s: float = 5.0
+    artifact_roots: tuple[pathlib.Path, ...] = ()
+    public_url: str | None = None  # how agents and Ray replicas reach this server
+    local_ray: local_ray.LocalRayEndpoints | None = None  # use this cluster for ray.address: local
+    local_ray_cpus: int | None = None
+    bootstrap_tokens: tuple[str, ...] = ()  # static agent bootstrap tokens (besides `token create`)
+    kube_factory: Any = None
+
+
+class StoreJoinAuthenticator:
+    """Agent joins checked against the store: bootstrap tokens, per-site credentials."""
+
+    def __init__(self, store: store_mod.Store, static_tokens: tuple[str, ...] = ()):
+        self.store = store
+        self._static = {store_mod.digest(t) for t in static_tokens if t}
+
+    def verify_bootstrap(self, token: str) -> bool:
+        if not token:
+            return False
+        return store_mod.digest(token) in self._static or self.store.verify_token(token, "bootstrap") is not None
+
+    def issue_credential(self, site: str) -> str:
+        import secrets
+
+        credential = secrets.token_urlsafe(32)
+        self.store.save_agent(site, "", credential, f"agent@{site}")
+        return credential
+
+    def verify_credential(self, site: str, credential: str) -> bool:
+        return self.store.agent_credential_ok(site, credential)
+
+
+@dataclass
+class ControlPlane:
+    config: ServerConfig
+    store: store_mod.Store = field(init=False)
+    authenticator: auth.Authenticator = field(init=False)
+    registry: CollectorRegistry = field(init=False)
+    hub: hub_mod.AgentHub = field(init=False)
+    table: endpoints_mod.EndpointTable = field(init=False)
+    reconciler: Reconciler = field(init=False)
+    http_url: str = ""
+    agent_target: str = ""
+    admin_token: str | None = None
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _started: bool = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> "ControlPlane":
+        cfg = self.config
+        if cfg.auth not in ("none", "token"):
+            raise ConfigError("--auth must be 'none' or 'token'")
+        if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
+            raise ConfigError(
+                f"refusing to serve the admin API on {cfg.host} without authentication: "
+                "bind 127.0.0.1, or start with --auth token (an admin token is written to <data-dir>/admin.token)"
+            )
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store_mod.Store(cfg.data_dir / "state.db")
+        self._ensure_admin_token()
+        self.authenticator = auth.Authenticator(self.store, required=cfg.auth == "token")
+        self.registry = CollectorRegistry()
+        self.registry.register(_FleetCollector(self))
+        self.table = endpoints_mod.EndpointTable()
+        self.hub = hub_mod.AgentHub(
+            StoreJoinAuthenticator(self.store, cfg.bootstrap_tokens),
+            on_change=self._agent_event,
+            heartbeat_interval=cfg.heartbeat_interval_s,
+            missed_heartbeats=cfg.missed_heartbeats,
+        )
+        agent_host = cfg.agent_host or cfg.host
+        self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port)
+        self.agent_target = f"{agent_host}:{self._agent_server.port}"
+
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        port = sock.getsockname()[1]
+        host_for_url = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        self.http_url = f"http://{host_for_url}:{port}"
+        roots = cfg.artifact_roots or (cfg.data_dir / "artifacts",)
+        self.artifacts = artifacts.ArtifactCatalog(tuple(pathlib.Path(r).resolve() for r in roots), cfg.public_url or self.http_url)
+
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0),
+                                       limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
+        self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
+                                     position=cfg.position, ready=lambda: self._started)
+        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(cfg.data_dir / "ray", endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus),
+                                              kube_factory=cfg.kube_factory)
+        self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
+
+        app = api_app.build_app(self, self.gateway.routes() + [self._artifact_route()])
+        self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                      timeout_graceful_shutdown=5, limit_concurrency=4096))
+        self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="http"))
+        for _ in range(500):
+            if self._uvicorn.started:
+                break
+            await asyncio.sleep(0.01)
+        self._tasks.append(asyncio.create_task(self.reconciler.run(), name="reconciler"))
+        self.reconciler.trigger("start")
+        self._started = True
+        log.info("control plane: API and gateway %s, agents %s, state %s", self.http_url, self.agent_target, self.store.path)
+        return self
+
+    async def stop(self) -> None:
+        self._started = False
+        self.reconciler.stop()
+        await self._agent_server.stop(grace=1.0)
+        self._uvicorn.should_exit = True
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(t, timeout=10)
+        await self._http.aclose()
+        await self.datacentres.close()
+        self.store.close()
+
+    def _ensure_admin_token(self) -> None:
+        if self.store.has_api_tokens():
+            return
+        secret, _ = self.store.create_token("api", "admin", None, "edgeplane serve", "initial admin token")
+        path = self.config.data_dir / "admin.token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+        self.admin_token = secret
+        log.info("wrote the initial admin token to %s", path)
+
+    def _artifact_route(self) -> Any:
+        from starlette.responses import FileResponse, JSONResponse
+        from starlette.routing import Route
+
+        async def artifact(request: Any) -> Any:
+            path = self.artifacts.path_for(request.path_params["sha256"])
+            if path is None or not path.is_file():
+                return JSONResponse({"error": "no such artifact"}, status_code=404)
+            return FileResponse(path, media_type="application/octet-stream")
+
+        return Route("/v1/artifacts/{sha256}", artifact, methods=["GET", "HEAD"])
+
+    # -- agent events ------------------------------------------------------------------
+
+    def _agent_event(self, event: agent_model.AgentEvent) -> None:
+        kind = event.kind
+        if kind in (agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED):
+            self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site, event.reason))
+        if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
+            self._register_site(event)
+        self.reconciler.trigger(f"agent {event.site} {kind.value}")
+
+    def _register_site(self, event: agent_model.AgentEvent) -> None:
+        """An agent joined a site nobody declared: record it as an edge Site from what it reports."""
+        loc = event.status.location
+        if not loc.country or loc.lat is None or loc.lon is None:
+            self.store.record(store_mod.Event(f"agent:{event.agent_id}", "site-undeclared", "Site", event.site,
+                                              "agent joined without --country/--lat/--lon and no Site declares it; it cannot be scheduled"))
+            return
+        doc = {"tier": "edge", "location": {"country": loc.country, "lat": loc.lat, "lon": loc.lon, **({"region": loc.region} if loc.region else {})}}
+        try:
+            schema.SiteSpec.model_validate(doc)
+            self.store.apply([store_mod.ObjectWrite("Site", event.site, dict(event.status.labels), doc)],
+                             store_mod.Event(f"agent:{event.agent_id}", "register", "Site", event.site, "site registered by its agent on join"))
+        except (ValueError, store_mod.StoreError) as exc:
+            self.store.record(store_mod.Event(f"agent:{event.agent_id}", "site-undeclared", "Site", event.site, f"cannot register: {exc}"))
+
+    # -- api.Services ------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return self._started
+
+    def changed(self, reason: str) -> None:
+        self.reconciler.trigger(reason)
+
+    def _current(self) -> snap.Snapshot:
+        s = self.reconciler.last_snapshot
+        if s is None:
+            s = snap.Snapshot((), {}, (), tuple(self.store.placements()), tuple(self.hub.snapshot()), {}, {}, {}, {})
+        sites = tuple(snap.SiteRecord(o.name, dict(o.labels), catalog.parse_site(o)) for o in self.store.list("Site"))
+        models = {o.name: catalog.parse_model(o) for o in self.store.list("Model")}
+        deps = tuple(snap.DeploymentRecord(o.name, o.generation, catalog.parse_deployment(o)) for o in self.store.list("ModelDeployment"))
+        return snap.Snapshot(sites, models, deps, tuple(self.store.placements()), tuple(self.hub.snapshot()),
+                             s.datacentres, s.artifacts, s.assignments, s.applied_apps)
+
+    def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
+        return views.preview(self._current(), docs)
+
+    def placements_view(self) -> dict[str, Any]:
+        return views.placements(self.reconciler.last_snapshot, self.store.placements())
+
+    def endpoints_view(self, model: str, lat: float | None, lon: float | None, residency: str | None) -> dict[str, Any]:
+        caller = routing.parse_caller(f"{lat},{lon}" if lat is not None and lon is not None else None, None, residency)
+        if isinstance(caller, routing.NoRoute):
+            return views.endpoint_list(caller, model)
+        ranked = routing.rank(self.table.with_local_load(model), caller, regions=self.table.regions,
+                              gateway_position=self.config.position, ejected=self.table.ejected())
+        return views.endpoint_list(ranked, model)
+
+    def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
+        if kind == "ModelDeployment":
+            return views.describe_deployment(self.reconciler.last_plan, name)
+        return {}
+
+
+class _FleetCollector:
+    """Fleet gauges computed at scrape time from live state (no bookkeeping on hot paths)."""
+
+    def __init__(self, cp: ControlPlane):
+        self.cp = cp
+
+    def collect(self) -> Any:
+        agents = self.cp.hub.snapshot() if hasattr(self.cp, "hub") else []
+        g = GaugeMetricFamily("edgeplane_agents", "Joined edge agents by health", labels=["health"])
+        g.add_metric(["healthy"], sum(1 for a in agents if a.healthy))
+        g.add_metric(["unhealthy"], sum(1 for a in agents if not a.healthy))
+        yield g
+        hb = GaugeMetricFamily("edgeplane_heartbeats_received", "Agent heartbeats received since start")
+        hb.add_metric([], getattr(getattr(self.cp, "hub", None), "heartbeats_total", 0))
+        yield hb
+        r = GaugeMetricFamily("edgeplane_reconcile_passes", "Reconcile passes completed since start")
+        r.add_metric([], getattr(getattr(self.cp, "reconciler", None), "passes", 0))
+        yield r
+        if hasattr(self.cp, "store"):
+            rows = self.cp.store.placements()
+            p = GaugeMetricFamily("edgeplane_replicas_placed", "Replicas placed, by deployment", labels=["deployment"])
+            per: dict[str, int] = {}
+            for row in rows:
+                per[row.deployment] = per.get(row.deployment, 0) + row.replicas
+            for d, n in sorted(per.items()):
+                p.add_metric([d], n)
+            yield p
+            e = GaugeMetricFamily("edgeplane_endpoints", "Routable endpoints, by model", labels=["model"])
+            for m in self.cp.table.models():
+                e.add_metric([m], len(self.cp.table.endpoints(m)))
+            yield e
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
+    p.add_argument("--agent-port", type=int, default=8081)
+    p.add_argument("--auth", choices=["none", "token"], default="none",
+                   help="'token' requires bearer tokens on the API; 'none' is allowed on loopback only")
+    p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
+    p.add_argument("--heartbeat-interval", type=float, default=5.0)
+    p.add_argument("--missed-heartbeats", type=int, default=3, help="an agent is unhealthy after this many missed heartbeats")
+    p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
+    p.add_argument("--public-url", help="URL agents and Ray replicas use to reach this server")
+    p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable)")
+    p.add_argument("--log-level", default="info")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    position = None
+    if args.location:
+        lat, lon = (float(x) for x in args.location.split(","))
+        position = (lat, lon)
+    tokens = tuple(args.bootstrap_token) + ((os.environ["EDGEPLANE_BOOTSTRAP_TOKEN"],) if os.environ.get("EDGEPLANE_BOOTSTRAP_TOKEN") else ())
+    return ServerConfig(
+        data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,
+        auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
+        artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), public_url=args.public_url, bootstrap_tokens=tokens,
+    )
+
+
+async def serve_forever(config: ServerConfig) -> None:
+    cp = await ControlPlane(config).start()
+    print(f"edgeplane control plane: API/gateway {cp.http_url}  agents {cp.agent_target}  state {cp.store.path}", flush=True)
+    if cp.admin_token:
+        print(f"initial admin token written to {config.data_dir / 'admin.token'}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("stopping...", flush=True)
+    await cp.stop()
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        config = config_from_args(args)
+    except ValueError:
+        print("error: --location must be lat,lon", flush=True)
+        return 2
+    try:
+        asyncio.run(serve_forever(config))
+    except ConfigError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    return 0

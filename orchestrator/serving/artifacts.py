@@ -1,0 +1,79 @@
+"""Fetching and verifying model artifacts on a Ray node before anything loads them.
+
+The security contract says artifacts are verified by sha256 before loading; a replica must
+refuse a file whose digest differs from the one in the manifest, whatever its source. The
+digest is checked on the bytes that will be loaded (after download, on the local copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import tempfile
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+CHUNK = 1 << 20
+
+
+class ArtifactError(RuntimeError):
+    """The artifact cannot be fetched, or its digest is not the expected one."""
+
+
+def sha256_of(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("EDGEPLANE_ARTIFACT_CACHE") or tempfile.gettempdir()) / (
+        "edgeplane-artifacts"
+    )
+
+
+def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0) -> pathlib.Path:
+    """Return a local path to ``uri`` whose sha256 is ``sha256``; raise :class:`ArtifactError`.
+
+    ``file://`` URIs and plain paths are read in place; ``http(s)://`` URIs are downloaded
+    into a cache keyed by digest, so replicas on one node share one download.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file"):
+        path = pathlib.Path(unquote(parts.path if parts.scheme else uri))
+        if not path.is_file():
+            raise ArtifactError(f"artifact {uri} does not exist on this node")
+    elif parts.scheme in ("http", "https"):
+        path = cache_dir() / f"{sha256}.onnx"
+        if not path.is_file() or sha256_of(path) != sha256:
+            _download(uri, path, timeout_s)
+    else:
+        raise ArtifactError(f"artifact {uri}: unsupported scheme {parts.scheme!r}")
+    actual = sha256_of(path)
+    if actual != sha256:
+        raise ArtifactError(
+            f"artifact {uri} has sha256 {actual}, expected {sha256}: refusing to load it"
+        )
+    return path
+
+
+def _download(uri: str, path: pathlib.Path, timeout_s: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, httpx.stream(
+            "GET", uri, timeout=timeout_s, follow_redirects=True
+        ) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes(CHUNK):
+                out.write(chunk)
+        os.replace(tmp_name, path)
+    except (httpx.HTTPError, OSError) as exc:
+        raise ArtifactError(f"cannot download artifact {uri}: {exc}") from exc
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)

@@ -1,0 +1,193 @@
+"""The built-in Ray Serve application that serves an ONNX variant on a data-centre site.
+
+Edge agents and data-centre replicas must look the same to the gateway and to any standard
+KServe v2 client, so this deployment answers the agent's Open Inference Protocol routes,
+relative to the route prefix the actuator gives the application:
+
+    GET  <prefix>/v2/health/live | /v2/health/ready
+    GET  <prefix>/v2/models/{name}          (metadata)
+    GET  <prefix>/v2/models/{name}/ready
+    POST <prefix>/v2/models/{name}/infer    (JSON or binary tensors)
+
+The artifact's sha256 is checked before onnxruntime sees the file, twice: once in
+:func:`build`, which Serve runs when the application is deployed, so a wrong digest fails
+the application at once with a clear message instead of after a round of replica
+restarts; and again in each replica, on the copy that replica loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from edgeplane_proto import oip
+from orchestrator.serving import artifacts
+
+#: onnxruntime element type -> v2 datatype.
+ORT_DATATYPES = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(bool)": "BOOL",
+    "tensor(string)": "BYTES",
+}
+# Anchored at the end: the route prefix in front can be anything, even contain "v2".
+_ROUTE = re.compile(
+    r"(?:^|/)v2/(?:health/(?P<health>live|ready)"
+    r"|models/(?P<model>[^/]+)(?:/versions/[^/]+)?(?P<action>/ready|/infer)?)/?$"
+)
+JSON = "application/json"
+
+
+class BadRequest(ValueError):
+    """A request the caller can fix; answered with 400 and the message."""
+
+
+def _providers() -> list[str]:
+    """CUDA when this replica was given a GPU and the CUDA build of onnxruntime is installed."""
+    available = ort.get_available_providers()
+    if ray.get_gpu_ids() and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _dims(shape: Sequence[Any]) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(oip.error_body(message), status_code=status, media_type=JSON)
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(json.dumps(doc), status_code=status, media_type=JSON)
+
+
+@serve.deployment(name="OnnxModel")
+class OnnxModel:
+    """One replica: a verified ONNX file in an onnxruntime session behind the v2 routes."""
+
+    def __init__(self, artifact_uri: str, sha256: str, model_name: str) -> None:
+        path = artifacts.fetch_verified(artifact_uri, sha256)
+        self._model_name = model_name
+        self._session = ort.InferenceSession(str(path), providers=_providers())
+        self._inputs = [
+            (i.name, ORT_DATATYPES.get(i.type, i.type), _dims(i.shape))
+            for i in self._session.get_inputs()
+        ]
+        self._outputs = [
+            (o.name, ORT_DATATYPES.get(o.type, o.type), _dims(o.shape))
+            for o in self._session.get_outputs()
+        ]
+        self._metadata = oip.model_metadata(model_name, self._inputs, self._outputs)
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        root = request.scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        match = _ROUTE.search(path)
+        if match is None:
+            return _error(404, f"no route {path!r}; this replica serves /v2/...")
+        if match["health"]:
+            return _json({"live": True} if match["health"] == "live" else {"ready": True})
+        if match["model"] != self._model_name:
+            return _error(404, f"model {match['model']!r} is not served here")
+        action = match["action"]
+        if action is None:
+            return _json(self._metadata)
+        if action == "/ready":
+            return _json({"name": self._model_name, "ready": True})
+        if request.method != "POST":
+            return _error(405, "infer needs POST")
+        return await self._infer(request)
+
+    async def _infer(self, request: Request) -> Response:
+        body = await request.body()
+        header = request.headers.get(oip.BINARY_HEADER)
+        try:
+            header_length = int(header) if header is not None else None
+            decoded = oip.decode_request(body, header_length)
+            feeds = self._feeds(decoded.inputs)
+            outputs = self._output_names(decoded.outputs)
+        except ValueError as exc:  # ProtocolError and BadRequest are ValueErrors
+            return _error(400, str(exc))
+        try:
+            results = await asyncio.to_thread(self._session.run, outputs, feeds)
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                ort.capi.onnxruntime_pybind11_state.InvalidGraph) as exc:  # fmt: skip
+            return _error(400, f"onnxruntime rejected the inputs: {exc}")
+        response = oip.InferResponse(
+            model_name=self._model_name,
+            model_version="1",
+            id=decoded.id,
+            outputs=tuple(oip.Tensor(n, np.asarray(a)) for n, a in zip(outputs, results)),
+        )
+        payload, length = oip.encode_response(response, binary=decoded.binary_outputs)
+        if length is None:
+            return Response(payload, media_type=JSON)
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={oip.BINARY_HEADER: str(length)},
+        )
+
+    def _feeds(self, tensors: Sequence[oip.Tensor]) -> dict[str, np.ndarray]:
+        given = {t.name: t for t in tensors}
+        expected = {name for name, _, _ in self._inputs}
+        unknown = sorted(set(given) - expected)
+        if unknown:
+            raise BadRequest(f"unknown input(s) {unknown}; the model takes {sorted(expected)}")
+        feeds: dict[str, np.ndarray] = {}
+        for name, datatype, dims in self._inputs:
+            tensor = given.get(name)
+            if tensor is None:
+                raise BadRequest(f"input {name!r} is missing")
+            if tensor.datatype != datatype:
+                raise BadRequest(f"input {name!r} must be {datatype}, got {tensor.datatype}")
+            shape = tensor.array.shape
+            if len(shape) != len(dims) or any(d not in (-1, s) for d, s in zip(dims, shape)):
+                raise BadRequest(f"input {name!r} must have shape {dims}, got {list(shape)}")
+            feeds[name] = tensor.array
+        return feeds
+
+    def _output_names(self, requested: Sequence[str]) -> list[str]:
+        names = [name for name, _, _ in self._outputs]
+        missing = [n for n in requested if n not in names]
+        if missing:
+            raise BadRequest(f"unknown output(s) {missing}; the model has {names}")
+        return list(requested) or names
+
+
+def _string_arg(args: Mapping[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"the onnx application needs a non-empty string argument {key!r}")
+    return value
+
+
+def build(args: Mapping[str, Any]) -> serve.Application:
+    """Serve application builder: ``args`` = ``{artifact_uri, sha256, model_name}``."""
+    uri = _string_arg(args, "artifact_uri")
+    sha256 = _string_arg(args, "sha256")
+    model_name = _string_arg(args, "model_name")
+    artifacts.fetch_verified(uri, sha256)  # fail the deploy now, not after replica retries
+    return OnnxModel.bind(uri, sha256, model_name)

@@ -1,0 +1,132 @@
+"""Read models the API serves: plan previews, live placements, endpoint lists, describe.
+
+Each is a pure function of a reconcile snapshot (plus, for previews, the documents being
+applied), so ``plan`` shows exactly what the next pass would do with the same inputs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from typing import Any, Iterable
+
+from orchestrator.gateway import routing
+from orchestrator.manifests import loader, schema
+from orchestrator.reconciler import planning
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import result as sched_result
+
+
+def overlay(s: snap.Snapshot, docs: Iterable[loader.LoadedDocument]) -> snap.Snapshot:
+    """The snapshot as it would be once ``docs`` are applied."""
+    sites = {r.name: r for r in s.sites}
+    models = dict(s.models)
+    deployments = {d.name: d for d in s.deployments}
+    for d in docs:
+        if isinstance(d.doc, schema.SiteDoc):
+            sites[d.name] = snap.SiteRecord(d.name, dict(d.doc.metadata.labels), d.doc.spec)
+        elif isinstance(d.doc, schema.ModelDoc):
+            models[d.name] = d.doc.spec
+        elif isinstance(d.doc, schema.ModelDeploymentDoc):
+            old = deployments.get(d.name)
+            deployments[d.name] = snap.DeploymentRecord(d.name, (old.generation + 1) if old else 1, d.doc.spec)
+    return replace(s, sites=tuple(sites.values()), models=models, deployments=tuple(deployments.values()))
+
+
+def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
+    future = overlay(current, docs)
+    result, _ = planning.schedule(future)
+    before = Counter({(r.deployment, r.site, r.variant): r.replicas for r in current.placements})
+    after = Counter((r.deployment, r.site, r.variant) for r in result.replicas)
+    moved_sites = {a.from_site for a in result.actions if isinstance(a, sched_result.MoveReplica)} | {
+        a.to_site for a in result.actions if isinstance(a, sched_result.MoveReplica)}
+    changes = []
+    for key in sorted(set(before) | set(after), key=lambda k: (k[1], k[0], k[2])):
+        deployment, site, variant = key
+        b, a = before.get(key, 0), after.get(key, 0)
+        if a == b:
+            change = "unchanged"
+        elif site in moved_sites:
+            change = "moved in" if a > b else "moved out"
+        else:
+            change = "added" if a > b else "removed"
+        changes.append({"site": site, "deployment": deployment, "variant": variant, "before": b, "after": a, "change": change})
+    current_energy = planning.schedule(current)[0].energy if current.deployments else None
+    energy: dict[str, Any] = {"watts": result.energy.watts, "gramsCO2PerHour": result.energy.g_co2_per_hour}
+    if current_energy is not None:
+        energy.update(currentWatts=current_energy.watts, currentGramsCO2PerHour=current_energy.g_co2_per_hour)
+    return {
+        "changes": changes,
+        "deployments": [
+            {"name": p.name, "phase": str(p.status), "replicas": p.placed, "wanted": p.wanted, "reason": p.reason,
+             "replicaReasons": [{"site": r.site, "variant": r.variant, "reason": r.reason} for r in p.replicas]}
+            for p in result.deployments.values()
+        ],
+        "latency": [
+            {"deployment": x.deployment, "demand": x.point, "rps": x.rps, "site": x.site, "ms": x.rtt_ms}
+            for p in result.deployments.values() for x in p.latency
+        ],
+        "energy": energy,
+    }
+
+
+def placements(s: snap.Snapshot | None, rows: Iterable[Any]) -> dict[str, Any]:
+    items = []
+    for r in rows:
+        item: dict[str, Any] = {"deployment": r.deployment, "site": r.site, "variant": r.variant, "replicas": r.replicas}
+        if s is not None:
+            item.update(_replica_state(s, r))
+        items.append(item)
+    return {"items": items}
+
+
+def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
+    site = next((x for x in s.sites if x.name == row.site), None)
+    if site is None:
+        return {"state": "SiteGone"}
+    if site.spec.tier == "edge":
+        agent = next((a for a in s.agents if a.site == row.site), None)
+        deployment = next((d for d in s.deployments if d.name == row.deployment), None)
+        if agent is None:
+            return {"state": "NoAgent", "ready": 0}
+        state = agent.models.get(deployment.spec.model) if deployment else None
+        if state is None:
+            return {"state": "Assigned", "ready": 0}
+        ready = row.replicas if (state.serving and agent.healthy) else 0
+        return {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}
+    dc = s.datacentres.get(row.site)
+    if dc is None or not dc.reachable:
+        return {"state": "Unreachable", "ready": 0}
+    app = dc.apps.get(planning.app_name(row.site, row.deployment))
+    if app is None:
+        return {"state": "Pending", "ready": 0}
+    return {"state": app.status.value, "ready": min(row.replicas, app.replicas_running)}
+
+
+def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) -> dict[str, Any]:
+    if isinstance(ranked, routing.NoRoute):
+        return {"model": model, "endpoints": [], "reason": ranked.reason, "ttlSeconds": 2}
+    return {
+        "model": model,
+        "ttlSeconds": 10,
+        "endpoints": [
+            {"site": r.endpoint.site, "tier": r.endpoint.tier, "country": r.endpoint.country, "region": r.endpoint.region,
+             "url": r.endpoint.url, "inferUrl": f"{r.endpoint.url}/v2/models/{r.endpoint.model}/infer",
+             "expectedMs": round(r.expected_ms, 2), "deployment": r.endpoint.deployment}
+            for r in ranked
+        ],
+    }
+
+
+def describe_deployment(plan: planning.PassPlan | None, name: str) -> dict[str, Any]:
+    if plan is None or name not in plan.result.deployments:
+        return {}
+    p = plan.result.deployments[name]
+    return {
+        "placement": {
+            "status": str(p.status), "wanted": p.wanted, "placed": p.placed, "reason": p.reason,
+            "replicas": [{"site": r.site, "variant": r.variant, "kept": r.kept, "reason": r.reason} for r in p.replicas],
+            "latency": [{"demand": x.point, "site": x.site, "ms": x.rtt_ms} for x in p.latency],
+            "notes": list(p.notes),
+        }
+    }

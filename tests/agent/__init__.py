@@ -1,0 +1,1 @@
+"""Tests of the edge agent and the agent <-> control-plane protocol."""

@@ -1,0 +1,157 @@
+"""Fixtures for the agent tests: real gRPC on loopback, a real HTTP artifact server with
+Range support, real ONNX models built on the spot, and an awaitable log of hub events."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import pathlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from orchestrator.agents import auth, hub, model, service
+from orchestrator.testing import onnx_models
+
+TOKEN = "bootstrap-token-for-tests"
+
+
+class _ArtifactHandler(http.server.BaseHTTPRequestHandler):
+    root: pathlib.Path
+    ranges: list[str]
+
+    def log_message(self, *args: object) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        path = self.root / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        header = self.headers.get("Range")
+        if header:
+            self.ranges.append(header)
+            start = int(header.removeprefix("bytes=").split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+
+@dataclass
+class ArtifactServer:
+    root: pathlib.Path
+    base_url: str
+    ranges: list[str]
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+
+@pytest.fixture(scope="session")
+def artifact_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArtifactServer]:
+    root = tmp_path_factory.mktemp("artifacts")
+    ranges: list[str] = []
+    handler = type("Handler", (_ArtifactHandler,), {"root": root, "ranges": ranges})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield ArtifactServer(root, f"http://127.0.0.1:{server.server_address[1]}", ranges)
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass(frozen=True)
+class Models:
+    v1: onnx_models.BuiltModel
+    v2: onnx_models.BuiltModel
+    corrupt_url: str
+    v1_url: str
+    v2_url: str
+
+
+@pytest.fixture(scope="session")
+def models(artifact_server: ArtifactServer) -> Models:
+    v1 = onnx_models.build_mlp(artifact_server.root / "mlp-v1.onnx", seed=0)
+    v2 = onnx_models.build_mlp(artifact_server.root / "mlp-v2.onnx", seed=1)
+    corrupt = bytearray(v2.path.read_bytes())
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    (artifact_server.root / "mlp-corrupt.onnx").write_bytes(bytes(corrupt))
+    return Models(
+        v1,
+        v2,
+        artifact_server.url("mlp-corrupt.onnx"),
+        artifact_server.url("mlp-v1.onnx"),
+        artifact_server.url("mlp-v2.onnx"),
+    )
+
+
+class EventLog:
+    """Hub events, awaitable: ``await events.wait_for(pred)`` instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.events: list[model.AgentEvent] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: model.AgentEvent) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    async def wait_for(
+        self, predicate: Callable[[model.AgentEvent], bool], timeout: float = 10.0
+    ) -> model.AgentEvent:
+        async def scan() -> model.AgentEvent:
+            seen = 0
+            while True:
+                for event in self.events[seen:]:
+                    if predicate(event):
+                        return event
+                seen = len(self.events)
+                self._changed.clear()
+                await self._changed.wait()
+
+        return await asyncio.wait_for(scan(), timeout)
+
+    def kinds(self, site: str) -> list[model.AgentEventKind]:
+        return [e.kind for e in self.events if e.site == site]
+
+
+@dataclass
+class ControlPlane:
+    hub: hub.AgentHub
+    server: service.AgentServer
+    events: EventLog
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+async def start_control_plane(port: int = 0, missed: int = 3) -> ControlPlane:
+    events = EventLog()
+    agent_hub = hub.AgentHub(
+        auth.InMemoryJoinAuthenticator([TOKEN]),
+        on_change=events,
+        heartbeat_interval=0.2,
+        missed_heartbeats=missed,
+    )
+    server = await service.start_agent_server(agent_hub, "127.0.0.1", port)
+    return ControlPlane(agent_hub, server, events)
+
+
+@pytest.fixture
+async def control_plane() -> AsyncIterator[ControlPlane]:
+    cp = await start_control_plane()
+    yield cp
+    await cp.server.stop(grace=None)

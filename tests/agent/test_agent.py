@@ -1,0 +1,244 @@
+"""An in-process agent against a real control-plane gRPC server on loopback: assignments
+are downloaded over real HTTP, verified, run by real onnxruntime and served over v2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from edge_agent import daemon
+from edgeplane_proto import oip
+from orchestrator.agents import model
+from orchestrator.testing import onnx_models
+
+from .conftest import TOKEN, ControlPlane, Models, start_control_plane
+
+SITE = "edge-paris-1"
+MakeAgent = Callable[..., Awaitable[daemon.Agent]]
+
+
+@pytest.fixture
+async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
+    started: list[daemon.Agent] = []
+
+    async def make(cp: ControlPlane, site: str = SITE, **overrides: object) -> daemon.Agent:
+        config = daemon.AgentConfig(
+            control_plane=cp.target,
+            site=site,
+            token=TOKEN,
+            data_dir=tmp_path / site,
+            listen_port=0,
+            heartbeat_interval=0.2,
+            insecure=True,
+            drain_timeout=2,
+            workers=2,
+            country="FR",
+            region="eu-west",
+            lat=48.85,
+            lon=2.35,
+            labels={"tier": "edge"},
+            **overrides,  # type: ignore[arg-type]
+        )
+        agent = daemon.Agent(config)
+        await agent.start()
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        if not agent.server.draining:
+            await agent.stop()
+
+
+def assignment(url: str, built: onnx_models.BuiltModel, name: str = "mlp") -> model.Assignment:
+    return model.Assignment(name, "intent", "small", url, built.sha256)
+
+
+async def wait_model(cp: ControlPlane, predicate: Callable[[model.ModelState], bool], name: str = "mlp") -> model.ModelState:
+    def match(event: model.AgentEvent) -> bool:
+        state = event.status.models.get(name)
+        return event.kind is model.AgentEventKind.MODELS_CHANGED and state is not None and predicate(state)
+
+    event = await cp.events.wait_for(match)
+    return event.status.models[name]
+
+
+def reference(built: onnx_models.BuiltModel, seed: int, x: np.ndarray) -> np.ndarray:
+    weights = onnx_models.mlp_weights(built.in_dim, 16, built.out_dim, 2, seed)
+    return onnx_models.mlp_reference(x, weights, softmax=True)
+
+
+async def infer(client: httpx.AsyncClient, x: np.ndarray, *, binary: bool = False) -> np.ndarray:
+    body, header = oip.encode_request({"input": x}, binary=binary)
+    headers = {oip.BINARY_HEADER: str(header)} if header is not None else {}
+    response = await client.post("/v2/models/mlp/infer", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    length = response.headers.get(oip.BINARY_HEADER)
+    decoded = oip.decode_response(response.content, int(length) if length else None)
+    return decoded.outputs[0].array
+
+
+async def test_assignment_is_downloaded_verified_served_and_reported(
+    control_plane: ControlPlane, make_agent: MakeAgent, models: Models
+) -> None:
+    agent = await make_agent(control_plane)
+    joined = await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+    assert joined.status.location == model.Location("FR", "eu-west", 48.85, 2.35)
+    assert joined.status.labels == {"tier": "edge"}
+
+    control_plane.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=1)
+    state = await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY)
+    assert state.serving_sha256 == models.v1.sha256
+    assert state.provider == "CPUExecutionProvider"
+
+    status = control_plane.hub.status(SITE)
+    assert status is not None and status.healthy
+    assert status.endpoint_url == agent.endpoint_url
+    assert status.capacity.cpu_cores == psutil.cpu_count(logical=True)
+    assert status.capacity.memory_total_bytes == psutil.virtual_memory().total
+    assert "CPUExecutionProvider" in status.providers
+    assert 0 < status.memory_available_bytes <= status.capacity.memory_total_bytes
+    assert (agent.config.data_dir / "cache" / "sha256" / models.v1.sha256).is_file()
+
+    x = np.random.default_rng(7).standard_normal((5, 8)).astype(np.float32)
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        for binary in (False, True):
+            out = await infer(client, x, binary=binary)
+            np.testing.assert_allclose(out, reference(models.v1, 0, x), rtol=1e-5, atol=1e-6)
+        meta = (await client.get("/v2/models/mlp")).json()
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8]}]
+        assert (await client.get("/v2/models/mlp/ready")).status_code == 200
+        assert (await client.get("/v2/health/ready")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'edgeplane_agent_infer_requests_total{code="200",model="mlp"} 2.0' in metrics
+
+    for _ in range(5):  # a heartbeat built before the last request may still be in flight
+        status = await asyncio.wait_for(control_plane.hub.next_heartbeat(SITE), 5)
+        if status.models["mlp"].requests_served == 2:
+            break
+    assert status.models["mlp"].requests_served == 2
+    assert status.inflight == 0
+
+
+async def test_corrupt_upgrade_is_refused_and_previous_version_keeps_serving(
+    control_plane: ControlPlane, make_agent: MakeAgent, models: Models
+) -> None:
+    agent = await make_agent(control_plane)
+    control_plane.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=1)
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY)
+
+    bad = model.Assignment("mlp", "intent", "small", models.corrupt_url, models.v2.sha256)
+    control_plane.hub.set_assignments(SITE, [bad], version=2)
+    failed = await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.FAILED)
+    assert failed.sha256 == models.v2.sha256
+    assert "expected " + models.v2.sha256 in failed.message
+    assert failed.serving_sha256 == models.v1.sha256
+    assert not (agent.config.data_dir / "cache" / "sha256" / models.v2.sha256).exists()
+
+    x = np.ones((2, 8), np.float32)
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        np.testing.assert_allclose(await infer(client, x), reference(models.v1, 0, x), rtol=1e-5)
+        control_plane.hub.set_assignments(SITE, [assignment(models.v2_url, models.v2)], version=3)
+        await wait_model(
+            control_plane,
+            lambda s: s.phase is model.ModelPhase.READY and s.serving_sha256 == models.v2.sha256,
+        )
+        np.testing.assert_allclose(await infer(client, x), reference(models.v2, 1, x), rtol=1e-5)
+        # Removing the assignment unloads the model.
+        control_plane.hub.set_assignments(SITE, [], version=4)
+        await control_plane.events.wait_for(
+            lambda e: e.kind is model.AgentEventKind.MODELS_CHANGED and not e.status.models
+        )
+        assert (await client.post("/v2/models/mlp/infer", content=b"{}")).status_code == 404
+
+
+async def test_agent_keeps_serving_without_control_plane_and_rejoins(
+    make_agent: MakeAgent, models: Models
+) -> None:
+    cp = await start_control_plane()
+    port = cp.server.port
+    agent = await make_agent(cp)
+    cp.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=1)
+    await wait_model(cp, lambda s: s.phase is model.ModelPhase.READY)
+    await cp.server.stop(grace=None)
+
+    x = np.ones((1, 8), np.float32)
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        for _ in range(3):
+            np.testing.assert_allclose(await infer(client, x), reference(models.v1, 0, x), rtol=1e-5)
+
+    # A fresh control plane on the same address: the agent reconnects (backoff) and rejoins.
+    cp2 = await start_control_plane(port)
+    try:
+        rejoined = await cp2.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+        assert rejoined.status.site == SITE
+    finally:
+        await cp2.server.stop(grace=None)
+
+
+BAD_BODIES = [
+    pytest.param(b"not json", {}, 400, "not valid JSON", id="garbage"),
+    pytest.param(b"[]", {}, 400, "JSON object", id="not-an-object"),
+    pytest.param(
+        json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}).encode(),
+        {}, 400, "must have shape [-1, 8]", id="wrong-shape",
+    ),
+    pytest.param(
+        json.dumps({"inputs": [{"name": "input", "datatype": "INT64", "shape": [1, 8], "data": [1] * 8}]}).encode(),
+        {}, 400, "must be FP32, got INT64", id="wrong-dtype",
+    ),
+    pytest.param(
+        json.dumps({"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1, 8], "data": [0] * 8}]}).encode(),
+        {}, 400, "unknown input 'nope'", id="unknown-input",
+    ),
+    pytest.param(
+        json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 8], "data": [0] * 8}]}).encode(),
+        {}, 400, "needs 16 elements", id="count-mismatch",
+    ),
+    pytest.param(
+        json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 8], "data": [0] * 8}],
+                    "outputs": [{"name": "secret"}]}).encode(),
+        {}, 400, "unknown output(s) secret", id="unknown-output",
+    ),
+    pytest.param(
+        json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 8],
+                                "parameters": {"binary_data_size": 32}}]}).encode() + b"\0" * 16,
+        {"x-binary": True}, 400, "binary data runs past", id="short-binary",
+    ),
+    pytest.param(b"{}", {oip.BINARY_HEADER: "abc"}, 400, "non-negative integer", id="bad-header"),
+    pytest.param(b"x" * 5000, {}, 413, "exceeds 4096 bytes", id="too-large"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "fragment"), BAD_BODIES)
+async def test_bad_infer_requests_get_clear_errors(
+    control_plane: ControlPlane,
+    make_agent: MakeAgent,
+    models: Models,
+    body: bytes,
+    headers: dict[str, object],
+    status: int,
+    fragment: str,
+) -> None:
+    agent = await make_agent(control_plane, max_body_bytes=4096)
+    control_plane.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=1)
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY)
+    if headers.pop("x-binary", False):
+        headers[oip.BINARY_HEADER] = str(len(body) - 16)
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        response = await client.post(
+            "/v2/models/mlp/infer", content=body, headers={k: str(v) for k, v in headers.items()}
+        )
+        assert response.status_code == status, response.text
+        assert fragment in response.json()["error"]
+        unknown = await client.post("/v2/models/ghost/infer", content=b"{}")
+        assert unknown.status_code == 404 and "ghost" in unknown.json()["error"]
+        assert (await client.get("/v2/health/live")).status_code == 200
+        x = np.ones((1, 8), np.float32)
+        np.testing.assert_allclose(await infer(client, x), reference(models.v1, 0, x), rtol=1e-5)

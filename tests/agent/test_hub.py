@@ -1,0 +1,199 @@
+"""The hub's bookkeeping with an injected clock: health by missed heartbeats, the site
+identity rule, change events and assignment channels. No network."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from orchestrator.agents import auth, errors, hub, model
+
+TOKEN = "t0k3n"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def application(site: str = "edge-1", **overrides: object) -> model.JoinApplication:
+    fields: dict[str, object] = dict(
+        site=site,
+        bootstrap_token=TOKEN,
+        credential=None,
+        agent_id="",
+        endpoint_url="http://10.0.0.5:8080",
+        location=model.Location("FR", "eu-west", 48.8, 2.3),
+        labels={"rack": "a"},
+        agent_version="0.1.0",
+        heartbeat_interval=1.0,
+        capacity=model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)),
+    )
+    fields.update(overrides)
+    return model.JoinApplication(**fields)  # type: ignore[arg-type]
+
+
+def beat(**overrides: object) -> model.Heartbeat:
+    fields: dict[str, object] = dict(
+        seq=1, sent_unix_ms=0, inflight=0, cpu_percent=1.0, memory_available_bytes=1 << 30,
+        assignment_version=0, draining=False, capacity=None, models=None, gpu_free_bytes=(),
+    )
+    fields.update(overrides)
+    return model.Heartbeat(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def events() -> list[model.AgentEvent]:
+    return []
+
+
+@pytest.fixture
+def agent_hub(clock: FakeClock, events: list[model.AgentEvent]) -> hub.AgentHub:
+    return hub.AgentHub(
+        auth.InMemoryJoinAuthenticator([TOKEN]),
+        on_change=events.append,
+        clock=clock,
+        missed_heartbeats=3,
+    )
+
+
+def kinds(events: list[model.AgentEvent]) -> list[str]:
+    return [e.kind.value for e in events]
+
+
+def test_lost_after_missed_heartbeats_and_recovered(agent_hub, clock, events) -> None:
+    grant = agent_hub.join(application())
+    assert grant.heartbeat_interval == 1.0 and grant.missed_heartbeats_allowed == 3
+    clock.now += 2.9
+    assert agent_hub.sweep() == []
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
+    clock.now += 3.01
+    lost = agent_hub.sweep()
+    assert [e.kind for e in lost] == [model.AgentEventKind.LOST]
+    assert "3 x 1s missed" in lost[0].reason
+    assert not agent_hub.snapshot()[0].healthy
+    assert agent_hub.sweep() == []  # reported once
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
+    assert kinds(events) == ["JOINED", "LOST", "RECOVERED"]
+    assert agent_hub.snapshot()[0].healthy
+
+
+def test_capacity_and_model_changes_emit_events_request_counts_do_not(agent_hub, events) -> None:
+    grant = agent_hub.join(application())
+    same = model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",))
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(capacity=same))
+    assert kinds(events) == ["JOINED"]
+    gpu = model.Gpu(0, "NVIDIA L4", 24 << 30, 20 << 30)
+    bigger = model.Capacity(4, 8 << 30, (gpu,), ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(capacity=bigger))
+    assert kinds(events) == ["JOINED", "CAPACITY_CHANGED"]
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(gpu_free_bytes=((0, 1 << 30),)))
+    assert agent_hub.snapshot()[0].capacity.gpus[0].memory_free_bytes == 1 << 30
+    assert kinds(events) == ["JOINED", "CAPACITY_CHANGED"]  # free memory is load
+    ready = model.ModelState("m", "a" * 64, model.ModelPhase.READY, serving_sha256="a" * 64)
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(models=(ready,)))
+    busier = model.ModelState("m", "a" * 64, model.ModelPhase.READY, requests_served=9, serving_sha256="a" * 64)
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(models=(busier,)))
+    assert kinds(events) == ["JOINED", "CAPACITY_CHANGED", "MODELS_CHANGED"]
+    assert agent_hub.snapshot()[0].models["m"].requests_served == 9
+
+
+def test_draining_agent_is_lost_at_once(agent_hub, events) -> None:
+    grant = agent_hub.join(application())
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(draining=True))
+    assert kinds(events) == ["JOINED", "LOST"]
+    assert events[-1].reason == "agent is draining"
+
+
+def test_site_identity_rule(agent_hub, clock) -> None:
+    first = agent_hub.join(application())
+    with pytest.raises(errors.SiteTaken, match="held by live agent"):
+        agent_hub.join(application())
+    # The same agent (id + credential), e.g. after a restart, may rejoin at once.
+    again = agent_hub.join(application(credential=first.credential, agent_id=first.agent_id))
+    assert again.agent_id == first.agent_id
+    # A valid credential does not let a bootstrap-only caller pick someone else's id.
+    with pytest.raises(errors.SiteTaken):
+        agent_hub.join(application(agent_id=first.agent_id))
+    clock.now += 3.5
+    agent_hub.sweep()
+    second = agent_hub.join(application())
+    assert second.agent_id != first.agent_id
+    with pytest.raises(errors.NotJoined):
+        agent_hub.record_heartbeat("edge-1", first.agent_id, beat())
+    with pytest.raises(errors.NotJoined):
+        agent_hub.authenticate_stream("edge-1", first.agent_id, second.credential)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"bootstrap_token": "wrong"}, errors.NotAuthenticated),
+        ({"bootstrap_token": ""}, errors.NotAuthenticated),
+        ({"bootstrap_token": "", "credential": "forged", "agent_id": "agt-x"}, errors.NotAuthenticated),
+        ({"site": "Edge_1"}, errors.InvalidJoin),
+        ({"site": ""}, errors.InvalidJoin),
+        ({"endpoint_url": "ftp://x"}, errors.InvalidJoin),
+        ({"endpoint_url": "http://0.0.0.0:80"}, errors.InvalidJoin),
+        ({"location": model.Location("France")}, errors.InvalidJoin),
+        ({"location": model.Location("FR", "", 91.0, 0.0)}, errors.InvalidJoin),
+        ({"labels": {f"k{i}": "v" for i in range(65)}}, errors.InvalidJoin),
+    ],
+)
+def test_bad_joins_are_refused(agent_hub, overrides, error) -> None:
+    with pytest.raises(error):
+        agent_hub.join(application(**overrides))
+    assert agent_hub.snapshot() == []
+
+
+def test_heartbeat_interval_is_clamped(agent_hub) -> None:
+    assert agent_hub.join(application("a", heartbeat_interval=0.001)).heartbeat_interval == 0.05
+    assert agent_hub.join(application("b", heartbeat_interval=None)).heartbeat_interval == 5.0
+
+
+def test_callback_errors_do_not_break_the_hub(clock) -> None:
+    def explode(event: model.AgentEvent) -> None:
+        raise RuntimeError("boom")
+
+    noisy = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), on_change=explode, clock=clock)
+    assert noisy.join(application()).agent_id
+
+
+async def test_assignments_latest_wins_and_stale_versions_refused(agent_hub) -> None:
+    grant = agent_hub.join(application())
+    a = model.Assignment("m", "d", "v", "http://x/m.onnx", "a" * 64)
+    agent_hub.set_assignments("edge-1", [a], 1)
+    agent_hub.set_assignments("edge-1", [a, a], 2)
+    with pytest.raises(errors.StaleAssignments):
+        agent_hub.set_assignments("edge-1", [], 1)
+    stream = agent_hub.watch_assignments("edge-1", grant.agent_id)
+    first = await anext(stream)
+    assert first.version == 2 and len(first.assignments) == 2
+    agent_hub.set_assignments("edge-1", [], 3)
+    agent_hub.set_assignments("edge-1", [a], 4)
+    assert (await asyncio.wait_for(anext(stream), 1)).version == 4
+    # Already known version: nothing is re-sent until a newer one comes.
+    known = agent_hub.watch_assignments("edge-1", grant.agent_id, known_version=4)
+    pending = asyncio.ensure_future(anext(known))
+    await asyncio.sleep(0)
+    assert not pending.done()
+    agent_hub.set_assignments("edge-1", [], 5)
+    assert (await asyncio.wait_for(pending, 1)).version == 5
+
+
+def test_lag_histogram_quantiles() -> None:
+    lag = hub.LagHistogram()
+    assert lag.quantile(0.99) == 0.0
+    for ms in [1.0] * 98 + [100.0, 5000.0]:
+        lag.observe(ms)
+    assert lag.quantile(0.5) <= 1.25
+    assert 100 <= lag.quantile(0.99) <= 130
+    assert lag.quantile(1.0) >= 5000

@@ -1,0 +1,47 @@
+"""Fixtures shared by the whole test suite.
+
+``ray_cluster`` is one real local Ray head per pytest session, started the first time a
+test asks for it (tests that never ask pay nothing) and stopped at the end of the session.
+It runs on loopback with its own temp dir, free ports and its own auth token, so it cannot
+collide with another Ray cluster on the machine. Tests using it are marked ``ray``
+automatically (deselect with ``-m "not ray"``).
+
+Sharing rules for tests that deploy to it: name applications uniquely per test, and use
+the ``serve_actuator`` fixture (or ``apply([])`` at the end) so no edgeplane application
+outlives the test that created it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from orchestrator.adapters import local_ray, ray_serve
+from orchestrator.testing import ray_cluster as ray_cluster_harness
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[local_ray.LocalRayEndpoints]:
+    """The session's local Ray cluster: ``dashboard_url``, ``serve_url``, ``token()``..."""
+    with ray_cluster_harness.shared_ray_cluster() as endpoints:
+        yield endpoints
+
+
+@pytest.fixture
+async def serve_actuator(
+    ray_cluster: local_ray.LocalRayEndpoints,
+) -> AsyncIterator[ray_serve.RayServeActuator]:
+    """A Serve REST actuator on the shared cluster; removes edgeplane's apps afterwards."""
+    actuator = ray_cluster.actuator()
+    try:
+        yield actuator
+    finally:
+        await actuator.apply([])
+        await actuator.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

@@ -1,0 +1,264 @@
+"""The Serve REST actuator against the session's real local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import httpx
+import numpy as np
+import pytest
+
+from edgeplane_proto import oip
+from orchestrator.adapters import local_ray, ray_serve
+from orchestrator.adapters.serve_config import (
+    RayAuthError,
+    RayUnreachable,
+    ServeAppFailed,
+    ServeAppSpec,
+    ServeAppState,
+)
+from orchestrator.testing import onnx_models
+
+SMALL_CPU = 0.1
+
+
+def onnx_spec(name: str, model: onnx_models.BuiltModel, **overrides: object) -> ServeAppSpec:
+    fields: dict[str, object] = {
+        "name": name,
+        "route_prefix": f"/ep/{name.removeprefix('ep-')}",
+        "model_name": "mlp",
+        "runtime": "onnx",
+        "num_replicas": 1,
+        "cpu": SMALL_CPU,
+        "memory_mib": 64,
+        "gpus": 0.0,
+        "artifact_uri": model.path.as_uri(),
+        "sha256": model.sha256,
+    }
+    fields.update(overrides)
+    return ServeAppSpec(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory: pytest.TempPathFactory) -> onnx_models.BuiltModel:
+    return onnx_models.build_mlp(tmp_path_factory.mktemp("models") / "mlp.onnx", seed=3)
+
+
+def reference(x: np.ndarray) -> np.ndarray:
+    return onnx_models.mlp_reference(x, onnx_models.mlp_weights(8, 16, 4, 2, 3), softmax=True)
+
+
+async def test_onnx_app_answers_v2_like_the_agent(
+    serve_actuator: ray_serve.RayServeActuator, mlp: onnx_models.BuiltModel
+) -> None:
+    await serve_actuator.apply([onnx_spec("ep-infer", mlp)])
+    statuses = await ray_serve.wait_until_running(serve_actuator, ["ep-infer"], timeout_s=90)
+    status = statuses["ep-infer"]
+    assert (status.replicas_running, status.replicas_target) == (1, 1)
+    assert status.endpoint_url is not None and status.endpoint_url.endswith("/ep/infer")
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    async with httpx.AsyncClient(base_url=status.endpoint_url, timeout=30) as client:
+        assert (await client.get("/v2/health/live")).json() == {"live": True}
+        assert (await client.get("/v2/health/ready")).status_code == 200
+        assert (await client.get("/v2/models/mlp/ready")).json()["ready"] is True
+        meta = (await client.get("/v2/models/mlp")).json()
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8]}]
+        assert (await client.get("/v2/models/other")).status_code == 404
+
+        body, _ = oip.encode_request({"input": x}, id="r1")
+        answer = await client.post("/v2/models/mlp/infer", content=body)
+        assert answer.status_code == 200, answer.text
+        decoded = oip.decode_response(answer.content)
+        assert decoded.id == "r1" and decoded.model_name == "mlp"
+        np.testing.assert_allclose(decoded.outputs[0].array, reference(x), rtol=1e-5, atol=1e-6)
+
+        body, length = oip.encode_request({"input": x}, binary=True)
+        answer = await client.post(
+            "/v2/models/mlp/infer", content=body, headers={oip.BINARY_HEADER: str(length)}
+        )
+        assert answer.status_code == 200, answer.text
+        decoded = oip.decode_response(answer.content, int(answer.headers[oip.BINARY_HEADER]))
+        np.testing.assert_allclose(decoded.outputs[0].array, reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "fragment"),
+    [
+        ({"name": "input", "datatype": "FP32", "shape": [2, 3], "data": [0.0] * 6}, "shape"),
+        ({"name": "input", "datatype": "INT64", "shape": [1, 8], "data": [0] * 8}, "FP32"),
+        ({"name": "nope", "datatype": "FP32", "shape": [1, 8], "data": [0.0] * 8}, "unknown"),
+        ({"name": "input", "datatype": "FP32", "shape": [1, 8], "data": [0.0] * 7}, "elements"),
+    ],
+)
+async def test_onnx_app_answers_400_on_bad_tensors(
+    serve_actuator: ray_serve.RayServeActuator,
+    mlp: onnx_models.BuiltModel,
+    tensor: dict[str, object],
+    fragment: str,
+) -> None:
+    # Same spec every case: the app is deployed once and only re-checked afterwards.
+    await serve_actuator.apply([onnx_spec("ep-badinput", mlp)])
+    statuses = await ray_serve.wait_until_running(serve_actuator, ["ep-badinput"], timeout_s=90)
+    url = f"{statuses['ep-badinput'].endpoint_url}/v2/models/mlp/infer"
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await client.post(url, content=json.dumps({"inputs": [tensor]}))
+    assert answer.status_code == 400
+    assert fragment in answer.json()["error"]
+
+
+async def test_scale_up_down_then_remove(
+    serve_actuator: ray_serve.RayServeActuator, mlp: onnx_models.BuiltModel
+) -> None:
+    await serve_actuator.apply([onnx_spec("ep-scale", mlp, num_replicas=2)])
+    statuses = await ray_serve.wait_until_running(
+        serve_actuator, ["ep-scale"], replicas={"ep-scale": 2}, timeout_s=90
+    )
+    assert statuses["ep-scale"].replicas_target == 2
+    await serve_actuator.apply([onnx_spec("ep-scale", mlp, num_replicas=1)])
+    statuses = await ray_serve.wait_until_running(
+        serve_actuator, ["ep-scale"], replicas={"ep-scale": 1}, timeout_s=90
+    )
+    assert statuses["ep-scale"].replicas_target == 1
+    await serve_actuator.apply([])
+    await ray_serve.wait_until_gone(serve_actuator, ["ep-scale"], timeout_s=60)
+
+
+async def test_ray_serve_runtime_passes_import_path_and_args_through(
+    ray_cluster: local_ray.LocalRayEndpoints,
+    serve_actuator: ray_serve.RayServeActuator,
+    mlp: onnx_models.BuiltModel,
+) -> None:
+    # Any importable Serve builder is a "user" application; the built-in one is at hand.
+    spec = ServeAppSpec(
+        name="ep-userapp",
+        route_prefix="/ep/userapp",
+        model_name="custom",
+        runtime="ray-serve",
+        num_replicas=1,
+        cpu=SMALL_CPU,
+        import_path="orchestrator.serving.onnx_app:build",
+        args={"artifact_uri": str(mlp.path), "sha256": mlp.sha256, "model_name": "custom"},
+    )
+    await serve_actuator.apply([spec])
+    statuses = await ray_serve.wait_until_running(serve_actuator, ["ep-userapp"], timeout_s=90)
+    async with httpx.AsyncClient(timeout=30) as client:
+        ready = await client.get(f"{statuses['ep-userapp'].endpoint_url}/v2/models/custom/ready")
+    assert ready.status_code == 200
+    # Second pass: the ingress deployment is now known, so edgeplane sizes it.
+    await serve_actuator.apply([spec])
+    headers = {"Authorization": f"Bearer {ray_cluster.token()}"}
+    async with httpx.AsyncClient(base_url=ray_cluster.dashboard_url, headers=headers) as admin:
+        details = (await admin.get(ray_serve.APPLICATIONS_PATH)).json()
+    deployed = details["applications"]["ep-userapp"]["deployed_app_config"]
+    assert deployed["import_path"] == "orchestrator.serving.onnx_app:build"
+    assert deployed["args"]["model_name"] == "custom"
+    assert deployed["route_prefix"] == "/ep/userapp"
+    assert deployed["deployments"][0]["name"] == "OnnxModel"
+    assert deployed["deployments"][0]["ray_actor_options"]["num_cpus"] == SMALL_CPU
+
+
+async def test_missing_import_path_surfaces_deploy_failed(
+    serve_actuator: ray_serve.RayServeActuator,
+) -> None:
+    spec = ServeAppSpec(
+        name="ep-missing",
+        route_prefix="/ep/missing",
+        model_name="m",
+        runtime="ray-serve",
+        num_replicas=1,
+        cpu=SMALL_CPU,
+        import_path="edgeplane_no_such_module.app:build",
+    )
+    await serve_actuator.apply([spec])
+    with pytest.raises(ServeAppFailed) as failed:
+        await ray_serve.wait_until_running(serve_actuator, ["ep-missing"], timeout_s=60)
+    assert failed.value.app == "ep-missing"
+    assert "No module named 'edgeplane_no_such_module'" in failed.value.message
+    status = (await serve_actuator.observe())["ep-missing"]
+    assert status.status is ServeAppState.DEPLOY_FAILED
+    assert "Traceback" not in status.message and "Traceback" in status.detail
+
+
+async def test_artifact_sha_mismatch_is_refused_before_loading(
+    serve_actuator: ray_serve.RayServeActuator, mlp: onnx_models.BuiltModel
+) -> None:
+    await serve_actuator.apply([onnx_spec("ep-badsha", mlp, sha256="0" * 64)])
+    with pytest.raises(ServeAppFailed) as failed:
+        await ray_serve.wait_until_running(serve_actuator, ["ep-badsha"], timeout_s=60)
+    assert "refusing to load" in failed.value.message
+    assert mlp.sha256 in failed.value.message
+
+
+async def test_apps_not_owned_by_edgeplane_survive_apply(
+    ray_cluster: local_ray.LocalRayEndpoints,
+    serve_actuator: ray_serve.RayServeActuator,
+    mlp: onnx_models.BuiltModel,
+    tmp_path: pathlib.Path,
+) -> None:
+    (tmp_path / "team_app.py").write_text(
+        "from ray import serve\n"
+        "@serve.deployment(ray_actor_options={'num_cpus': 0.1})\n"
+        "class Team:\n"
+        "    async def __call__(self, request):\n"
+        "        return 'team'\n"
+        "app = Team.bind()\n"
+    )
+    foreign = {
+        "name": "team-app",
+        "route_prefix": "/team",
+        "import_path": "team_app:app",
+        "runtime_env": {"env_vars": {"PYTHONPATH": str(tmp_path)}},
+    }
+    headers = {"Authorization": f"Bearer {ray_cluster.token()}"}
+    async with httpx.AsyncClient(base_url=ray_cluster.dashboard_url, headers=headers) as admin:
+        current = (await admin.get(ray_serve.APPLICATIONS_PATH)).json()
+        put = await admin.put(
+            ray_serve.APPLICATIONS_PATH,
+            json={
+                "http_options": current.get("http_options") or ray_cluster.http_options(),
+                "applications": [foreign],
+            },
+        )
+        assert put.status_code == 200, put.text
+        try:
+            await serve_actuator.apply([onnx_spec("ep-neighbour", mlp)])
+            await ray_serve.wait_until_running(serve_actuator, ["ep-neighbour"], timeout_s=90)
+            await serve_actuator.apply([])
+            await ray_serve.wait_until_gone(serve_actuator, ["ep-neighbour"], timeout_s=60)
+            apps = (await admin.get(ray_serve.APPLICATIONS_PATH)).json()["applications"]
+            assert apps["team-app"]["status"] == "RUNNING"
+            assert "team-app" not in await serve_actuator.observe()
+            async with httpx.AsyncClient(timeout=30) as client:
+                assert (await client.get(f"{ray_cluster.serve_url}/team")).text == "team"
+        finally:
+            await admin.put(
+                ray_serve.APPLICATIONS_PATH,
+                json={"http_options": ray_cluster.http_options(), "applications": []},
+            )
+
+
+@pytest.mark.parametrize("token", [None, "not-the-token"])
+async def test_missing_or_wrong_token_is_an_auth_error(
+    ray_cluster: local_ray.LocalRayEndpoints, token: str | None
+) -> None:
+    provider = ray_serve.static_token(token) if token else ray_serve.no_token
+    async with ray_serve.RayServeActuator(
+        ray_cluster.dashboard_url, token_provider=provider
+    ) as actuator:
+        with pytest.raises(RayAuthError) as refused:
+            await actuator.observe()
+    assert refused.value.status_code == (401 if token is None else 403)
+    assert ray_cluster.token() not in str(refused.value)
+    assert (token or "@@") not in str(refused.value)
+    assert refused.value.retryable is False
+
+
+async def test_unreachable_dashboard() -> None:
+    (port,) = local_ray.free_ports(1)
+    async with ray_serve.RayServeActuator(f"http://127.0.0.1:{port}", timeout_s=2) as actuator:
+        with pytest.raises(RayUnreachable) as down:
+            await actuator.apply([])
+    assert f"127.0.0.1:{port}" in str(down.value)
+    assert down.value.retryable is True
+

@@ -1,0 +1,226 @@
+"""Pure parts of the data-centre adapters: rendering, merging, status parsing (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from orchestrator.adapters import ray_serve, serve_config
+from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
+
+SHA = "a" * 64
+
+
+def onnx(name: str = "ep-a", **kw: Any) -> ServeAppSpec:
+    base: dict[str, Any] = dict(
+        name=name, route_prefix="/ep/a", model_name="m", runtime="onnx", num_replicas=2,
+        cpu=0.5, memory_mib=256, gpus=0.0, artifact_uri="file:///m.onnx", sha256=SHA,
+    )  # fmt: skip
+    base.update(kw)
+    return ServeAppSpec(**base)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"runtime": "tf"}, "runtime"),
+        ({"route_prefix": "ep/a"}, "route_prefix"),
+        ({"route_prefix": "/ep/a/"}, "route_prefix"),
+        ({"num_replicas": -1}, "num_replicas"),
+        ({"cpu": -1.0}, ">= 0"),
+        ({"sha256": None}, "sha256"),
+        ({"sha256": "ABC"}, "sha256"),
+        ({"artifact_uri": None}, "artifact_uri"),
+        ({"name": "bad name"}, "name"),
+        ({"runtime": "ray-serve", "import_path": "nocolon"}, "import_path"),
+    ],
+)
+def test_invalid_specs_are_refused(overrides: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        onnx(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("spec", "actor_options"),
+    [
+        (onnx(), {"num_cpus": 0.5, "memory": 256 * 1024 * 1024}),
+        (onnx(gpus=1.0, memory_mib=0), {"num_cpus": 0.5, "num_gpus": 1.0}),
+        (onnx(cpu=0.0, memory_mib=0), {"num_cpus": 0.0}),
+    ],
+)
+def test_onnx_render(spec: ServeAppSpec, actor_options: dict[str, Any]) -> None:
+    app = serve_config.render_application(spec)
+    assert app["import_path"] == serve_config.ONNX_IMPORT_PATH
+    assert app["args"] == {"artifact_uri": "file:///m.onnx", "sha256": SHA, "model_name": "m"}
+    assert app["deployments"] == [
+        {"name": "OnnxModel", "num_replicas": 2, "ray_actor_options": actor_options}
+    ]
+
+
+def test_ray_serve_render_sizes_named_or_learnt_deployment_only() -> None:
+    user = ServeAppSpec(
+        name="ep-u", route_prefix="/ep/u", model_name="u", runtime="ray-serve",
+        num_replicas=3, cpu=1, import_path="pkg.mod:app", args={"k": 1},
+    )  # fmt: skip
+    app = serve_config.render_application(user)
+    assert app == {"name": "ep-u", "route_prefix": "/ep/u", "import_path": "pkg.mod:app",
+                   "args": {"k": 1}}  # fmt: skip
+    learnt = serve_config.render_application(user, "Ingress")
+    assert learnt["deployments"][0]["name"] == "Ingress"
+    named = serve_config.render_application(
+        ServeAppSpec(**{**user.__dict__, "deployment": "Model"}), "Ingress"
+    )
+    assert named["deployments"][0]["name"] == "Model"
+
+
+@pytest.mark.parametrize(
+    ("message", "summary"),
+    [
+        ("", ""),
+        ("plain words", "plain words"),
+        (
+            "Deploying app 'x' failed with exception:\nTraceback (most recent call last):\n"
+            '  File "a.py", line 1, in <module>\n    import x\n    ^^^^\n'
+            "ModuleNotFoundError: No module named 'x'\n",
+            "ModuleNotFoundError: No module named 'x'",
+        ),
+        ("\x1b[36mcolour\x1b[39m", "colour"),
+    ],
+)
+def test_summarize_message(message: str, summary: str) -> None:
+    assert serve_config.summarize_message(message) == summary
+
+
+def _details(apps: dict[str, Any], http_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"applications": apps, "http_options": http_options, "proxy_location": "EveryNode"}
+
+
+class FakeServe:
+    """Records what the actuator PUTs; answers GET with canned Serve details."""
+
+    def __init__(self, details: dict[str, Any], status: int = 200) -> None:
+        self.details = details
+        self.status = status
+        self.puts: list[dict[str, Any]] = []
+        self.auth: list[str | None] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.auth.append(request.headers.get("Authorization"))
+        if self.status != 200:
+            return httpx.Response(self.status, text="nope")
+        if request.method == "PUT":
+            self.puts.append(json.loads(request.content))
+            return httpx.Response(200)
+        return httpx.Response(200, json=self.details)
+
+
+async def test_apply_keeps_foreign_declarative_apps_and_replaces_owned_ones() -> None:
+    foreign = {"name": "team", "route_prefix": "/team", "import_path": "t:app"}
+    fake = FakeServe(
+        _details(
+            {
+                "team": {"source": "declarative", "deployed_app_config": foreign},
+                "notebook": {"source": "imperative", "deployed_app_config": None},
+                "ep-old": {"source": "declarative", "deployed_app_config": {"name": "ep-old"}},
+            },
+            http_options={"host": "0.0.0.0", "port": 8000},
+        )
+    )
+    actuator = ray_serve.RayServeActuator(
+        "http://ray:8265",
+        token_provider=ray_serve.static_token("s3cret"),
+        transport=httpx.MockTransport(fake),
+    )
+    await actuator.apply([onnx()])
+    await actuator.close()
+    (put,) = fake.puts
+    assert [a["name"] for a in put["applications"]] == ["team", "ep-a"]
+    assert put["applications"][0] == foreign
+    assert put["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert set(fake.auth) == {"Bearer s3cret"}
+    assert "s3cret" not in repr(actuator)
+
+
+async def test_apply_starts_serve_with_own_http_options_when_not_running() -> None:
+    fake = FakeServe({"applications": {}})
+    async with ray_serve.RayServeActuator(
+        "http://ray:8265",
+        http_options={"host": "127.0.0.1", "port": 18000},
+        transport=httpx.MockTransport(fake),
+    ) as actuator:
+        await actuator.apply([])
+    assert fake.puts == [{"applications": [], "http_options": {"host": "127.0.0.1", "port": 18000}}]
+    assert fake.auth == [None, None]
+
+
+async def test_apply_refuses_unowned_or_duplicate_names() -> None:
+    async with ray_serve.RayServeActuator(
+        "http://ray:8265", transport=httpx.MockTransport(FakeServe({}))
+    ) as actuator:
+        with pytest.raises(ValueError, match="prefix"):
+            await actuator.apply([onnx(name="mine")])
+        with pytest.raises(ValueError, match="unique"):
+            await actuator.apply([onnx(), onnx()])
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (401, serve_config.RayAuthError),
+        (403, serve_config.RayAuthError),
+        (503, serve_config.RayUnreachable),
+        (404, serve_config.RayServeError),
+        (500, serve_config.RayServeError),
+    ],
+)
+async def test_http_errors_are_translated(status: int, error: type[Exception]) -> None:
+    async with ray_serve.RayServeActuator(
+        "http://ray:8265", transport=httpx.MockTransport(FakeServe({}, status))
+    ) as actuator:
+        with pytest.raises(error):
+            await actuator.observe()
+
+
+async def test_put_400_is_config_rejected() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            return httpx.Response(400, text="ValidationError: route_prefix")
+        return httpx.Response(200, json={"applications": {}})
+
+    async with ray_serve.RayServeActuator(
+        "http://ray:8265", transport=httpx.MockTransport(handler)
+    ) as actuator:
+        with pytest.raises(serve_config.ServeConfigRejected, match="route_prefix"):
+            await actuator.apply([])
+
+
+def test_status_from_details_counts_running_replicas_of_the_ingress() -> None:
+    app = {
+        "status": "DEPLOYING",
+        "message": "",
+        "route_prefix": "/ep/a",
+        "deployment_topology": {"ingress_deployment": "Ingress"},
+        "deployments": {
+            "Ingress": {
+                "name": "Ingress",
+                "target_num_replicas": 3,
+                "message": "Deployment 'Ingress' has 1 replicas that have taken more than 30s",
+                "replicas": [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "STARTING"}],
+            },
+            "Helper": {"name": "Helper", "target_num_replicas": 5, "replicas": []},
+        },
+    }
+    status = ray_serve.status_from_details("ep-a", app, "http://proxy:8000")
+    assert status.status is ServeAppState.DEPLOYING
+    assert (status.replicas_running, status.replicas_target) == (2, 3)
+    assert status.endpoint_url == "http://proxy:8000/ep/a"
+    assert "taken more than 30s" in status.message
+
+
+def test_demand_sums_replicas() -> None:
+    demand = serve_config.total_demand([onnx(), onnx(name="ep-b", gpus=0.5, num_replicas=4)])
+    assert (demand.cpu, demand.memory_mib, demand.gpus) == (3.0, 1536, 2.0)
+    assert demand.largest_replica_gpus == 0.5

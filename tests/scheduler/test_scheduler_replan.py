@@ -1,0 +1,124 @@
+"""Re-planning from a running placement: what stays, what moves, and the actions that say so."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from scheduler_builders import deployment, site
+
+from orchestrator.scheduler import (
+    MoveReplica,
+    PlaceReplica,
+    RemoveReplica,
+    Replica,
+    Status,
+    diff_by_site,
+    plan,
+)
+
+SITES = [site("paris-1", "paris"), site("paris-2", "paris"), site("lyon-1", "lyon"),
+         site("berlin-1", "berlin")]
+
+
+def running(result):
+    return [Replica(r.deployment, r.site, r.variant) for r in result.replicas]
+
+
+def test_same_inputs_plan_nothing_to_do():
+    deps = [deployment(replicas=(2, 2), demand=(("paris", 10), ("lyon", 5)))]
+    first = plan(SITES, deps)
+    again = plan(SITES, deps, running(first))
+    assert again.actions == ()
+    assert all(r.kept for r in again.replicas)
+
+
+def test_plan_is_deterministic():
+    deps = [deployment(f"d{i}", replicas=(2, 3), demand=(("paris", 70), ("berlin", 40)))
+            for i in range(4)]
+    assert plan(SITES, deps) == plan(SITES, deps)
+
+
+def test_small_gain_does_not_move_a_running_replica():
+    # lyon-1 serves paris demand at ~8 ms; moving to paris saves ~6 ms < move cost
+    dep = deployment(demand=(("paris", 10),))
+    result = plan(SITES, [dep], [Replica("d", "lyon-1", "small")])
+    assert result.actions == ()
+
+
+def test_large_gain_moves_a_running_replica():
+    dep = deployment(demand=(("berlin", 10),))
+    result = plan(SITES, [dep], [Replica("d", "paris-1", "small")])
+    (move,) = result.actions
+    assert isinstance(move, MoveReplica)
+    assert (move.from_site, move.to_site) == ("paris-1", "berlin-1")
+
+
+def test_site_loss_moves_its_replicas_in_one_plan():
+    deps = [deployment(f"d{i}", replicas=(2, 2), residency={"FR"}, demand=(("paris", 10),))
+            for i in range(3)]
+    first = plan(SITES, deps)
+    lost = next(r.site for r in first.replicas)
+    sites = [dataclasses.replace(s, healthy=False) if s.name == lost else s for s in SITES]
+    second = plan(sites, deps, running(first))
+    assert all(r.site != lost for r in second.replicas)
+    assert all(d.status is Status.SCHEDULED for d in second.deployments.values())
+    moved = [a for a in second.actions if isinstance(a, MoveReplica)]
+    assert moved and all(a.from_site == lost and "unhealthy" in a.reason for a in moved)
+    assert {a.to_site for a in moved} <= {"paris-1", "paris-2", "lyon-1"} - {lost}
+    # nothing else changed
+    assert len(moved) == len(second.actions) == sum(r.site == lost for r in first.replicas)
+
+
+def test_site_removed_from_inventory():
+    first = plan(SITES, [deployment(residency={"DE"})])
+    assert [r.site for r in first.replicas] == ["berlin-1"]
+    second = plan(SITES[:3], [deployment(residency={"DE"})], running(first))
+    (remove,) = second.actions
+    assert isinstance(remove, RemoveReplica) and "left the inventory" in remove.reason
+    assert second.deployments["d"].status is Status.UNSCHEDULABLE
+
+
+def test_deleted_deployment_is_removed():
+    result = plan(SITES, [], [Replica("gone", "paris-1", "small")])
+    assert result.actions == (RemoveReplica("gone", "paris-1", "small", "deployment deleted"),)
+
+
+def test_residency_change_evicts():
+    first = plan(SITES, [deployment(residency={"DE"})])
+    second = plan(SITES, [deployment(residency={"FR"})], running(first))
+    (move,) = second.actions
+    assert isinstance(move, MoveReplica)
+    assert move.from_site == "berlin-1" and "residency no longer allows DE" in move.reason
+
+
+def test_scale_down_and_up():
+    dep = deployment(replicas=(1, 4), demand=(("paris", 190),))
+    first = plan(SITES, [dep])
+    assert len(first.replicas) == 4
+    down = plan(SITES, [dataclasses.replace(dep, max_replicas=2)], running(first))
+    assert [type(a) for a in down.actions] == [RemoveReplica, RemoveReplica]
+    assert all("scale down to 2" in a.reason for a in down.actions)
+    up = plan(SITES, [dep], running(down))
+    assert [type(a) for a in up.actions] == [PlaceReplica, PlaceReplica]
+
+
+def test_running_replicas_keep_their_seats_against_newcomers():
+    one = [site("only", "paris", cpu=2)]
+    first = plan(one, [deployment("old", replicas=(2, 2))])
+    second = plan(one, [deployment("old", replicas=(2, 2)), deployment("new", replicas=(1, 1))],
+                  running(first))
+    assert second.deployments["old"].status is Status.SCHEDULED
+    assert second.deployments["new"].status is Status.UNSCHEDULABLE
+
+
+def test_diff_groups_changes_per_site():
+    actions = [
+        PlaceReplica("d", "a", "v", "r"),
+        MoveReplica("d", "a", "v", "b", "v", "r"),
+        RemoveReplica("e", "c", "v", "r"),
+    ]
+    by_site = {d.site: d for d in diff_by_site(actions)}
+    assert list(by_site) == ["a", "b", "c"]
+    assert by_site["a"].added == (actions[0],) and by_site["a"].moved_out == (actions[1],)
+    assert by_site["b"].moved_in == (actions[1],)
+    assert by_site["c"].removed == (actions[2],)
