@@ -72,7 +72,8 @@ def writes_for(docs: Iterable[loader.LoadedDocument]) -> list[store_mod.ObjectWr
         expected = None
         if meta.resourceVersion is not None:
             if not meta.resourceVersion.isdigit():
-                raise ManifestError([ManifestIssue(d.file, d.index, "metadata.resourceVersion", d.line, "must be a number as returned by get")])
+                raise ManifestError([ManifestIssue(d.file, d.index, "metadata.resourceVersion", d.line_of(("metadata", "resourceVersion")),
+                                                   "must be a number as returned by get")])
             expected = int(meta.resourceVersion)
         out.append(
             store_mod.ObjectWrite(

@@ -147,7 +147,9 @@ def _pods_for(apps: Sequence[ServeAppSpec], pod: PodShape, shape: RayClusterShap
     return needed
 
 
-def _worker_group(name: str, replicas: int, pod: PodShape, shape: RayClusterShape) -> dict[str, Any]:
+def _worker_group(
+    name: str, replicas: int, pod: PodShape, shape: RayClusterShape
+) -> dict[str, Any]:
     return {
         "groupName": name,
         "replicas": replicas,
@@ -179,10 +181,14 @@ def render_rayservice(
     against the KubeRay CRD schema)."""
     gpu_apps = [a for a in apps if a.gpus > 0]
     cpu_apps = [a for a in apps if a.gpus <= 0]
-    groups = [_worker_group("cpu", _pods_for(cpu_apps, shape.cpu_worker, shape), shape.cpu_worker, shape)]
+    groups = [
+        _worker_group("cpu", _pods_for(cpu_apps, shape.cpu_worker, shape), shape.cpu_worker, shape)
+    ]
     if gpu_apps:
         groups.append(
-            _worker_group("gpu", _pods_for(gpu_apps, shape.gpu_worker, shape), shape.gpu_worker, shape)
+            _worker_group(
+                "gpu", _pods_for(gpu_apps, shape.gpu_worker, shape), shape.gpu_worker, shape
+            )
         )
     spec = {
         "serveConfigV2": yaml.safe_dump(render_serve_config(apps, learnt), sort_keys=True),
@@ -225,7 +231,9 @@ def statuses_from_rayservice(
     targets: dict[str, int] = {}
     prefixes: dict[str, str] = {}
     for app in configured.get("applications") or []:
-        targets[app["name"]] = sum(int(d.get("num_replicas") or 0) for d in app.get("deployments") or [])
+        targets[app["name"]] = sum(
+            int(d.get("num_replicas") or 0) for d in app.get("deployments") or []
+        )
         prefixes[app["name"]] = app.get("route_prefix") or "/"
     status = obj.get("status") or {}
     reported = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
@@ -309,13 +317,17 @@ class KubeRayActuator:
     async def apply(self, apps: Sequence[ServeAppSpec]) -> None:
         for app in apps:
             if not serve_config.is_owned(app.name):
-                raise ValueError(f"application {app.name!r} lacks the {serve_config.OWNED_PREFIX!r} prefix")
+                raise ValueError(
+                    f"application {app.name!r} lacks the {serve_config.OWNED_PREFIX!r} prefix"
+                )
         current = await self._get()
         if current is not None:
             self._learn(current)
         if not apps:
             if current is not None:
-                log.info("deleting RayService %s/%s (no applications left)", self._namespace, self._name)
+                log.info(
+                    "deleting RayService %s/%s (no applications left)", self._namespace, self._name
+                )
                 await self._call(
                     self._api.delete_namespaced_custom_object,
                     GROUP, VERSION, self._namespace, PLURAL, self._name,
@@ -331,7 +343,10 @@ class KubeRayActuator:
             )  # fmt: skip
             return
         annotations = (current.get("metadata") or {}).get("annotations") or {}
-        if annotations.get(SPEC_HASH_ANNOTATION) == desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]:
+        if (
+            annotations.get(SPEC_HASH_ANNOTATION)
+            == desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        ):
             return
         log.info("patching RayService %s/%s", self._namespace, self._name)
         # A JSON merge patch: lists (worker groups, containers) are replaced whole, and the
@@ -402,7 +417,9 @@ class KubeRayActuator:
                 ) from exc
             raise KubernetesError(f"{where}: HTTP {exc.status}: {reason}", exc.status) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise KubernetesUnreachable(f"{where}: the Kubernetes API is unreachable: {exc}") from exc
+            raise KubernetesUnreachable(
+                f"{where}: the Kubernetes API is unreachable: {exc}"
+            ) from exc
 
 
 def _api_reason(exc: ApiException) -> str:

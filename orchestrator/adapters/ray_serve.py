@@ -12,6 +12,7 @@ errors, the shape of Serve's status JSON - stays in this module; the reconciler 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import pathlib
 import time
@@ -37,6 +38,7 @@ from orchestrator.adapters.serve_config import (
 log = logging.getLogger(__name__)
 
 APPLICATIONS_PATH = "/api/serve/applications/"
+NODES_PATH = "/api/v0/nodes"
 #: Returns the bearer token for the dashboard, or None when the cluster has auth off.
 TokenProvider = Callable[[], "str | None"]
 
@@ -112,7 +114,9 @@ class RayServeActuator:
             raise ValueError(f"application names must be unique, got {names}")
         for app in apps:
             if not serve_config.is_owned(app.name, self._owned_prefix):
-                raise ValueError(f"application {app.name!r} lacks the {self._owned_prefix!r} prefix")
+                raise ValueError(
+                    f"application {app.name!r} lacks the {self._owned_prefix!r} prefix"
+                )
         details = await self._get_details()
         self._learn_ingress(details)
         config = self._merge(details, apps)
@@ -122,16 +126,28 @@ class RayServeActuator:
             self._dashboard_url,
             len(config["applications"]) - len(apps),
         )
-        await self._request("PUT", json=config)
+        await self._request("PUT", APPLICATIONS_PATH, json=config)
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
         details = await self._get_details()
         self._learn_ingress(details)
         serve_url = self._proxy_url(details)
         statuses: dict[str, ServeAppStatus] = {}
-        for name, app in (details.get("applications") or {}).items():
-            if serve_config.is_owned(name, self._owned_prefix):
-                statuses[name] = status_from_details(name, app, serve_url)
+        owned = {
+            name: app
+            for name, app in (details.get("applications") or {}).items()
+            if serve_config.is_owned(name, self._owned_prefix)
+        }
+        nodes: list[Mapping[str, float]] | None = None
+        for name, app in owned.items():
+            status = status_from_details(name, app, serve_url)
+            if status.replicas_running < status.replicas_target:
+                if nodes is None:
+                    nodes = await self._node_capacities()
+                reason = unschedulable_reason(app, nodes)
+                if reason:
+                    status = dataclasses.replace(status, message=reason, detail=reason)
+            statuses[name] = status
         return statuses
 
     async def close(self) -> None:
@@ -183,8 +199,18 @@ class RayServeActuator:
         host = urlsplit(self._dashboard_url).hostname or "127.0.0.1"
         return f"http://{host}:{port}"
 
+    async def _node_capacities(self) -> list[Mapping[str, float]]:
+        """Total resources of each live node; empty if the state API cannot tell."""
+        try:
+            response = await self._request("GET", NODES_PATH, params={"detail": "true"})
+            rows = response.json()["data"]["result"]["result"]
+        except (RayServeError, ValueError, KeyError, TypeError) as exc:
+            log.debug("node resources unavailable on %s: %s", self._dashboard_url, exc)
+            return []
+        return [r.get("resources_total") or {} for r in rows if r.get("state") == "ALIVE"]
+
     async def _get_details(self) -> dict[str, Any]:
-        response = await self._request("GET")
+        response = await self._request("GET", APPLICATIONS_PATH)
         try:
             body = response.json()
         except ValueError as exc:
@@ -193,14 +219,21 @@ class RayServeActuator:
             raise RayServeError(f"{self._dashboard_url} answered unexpected Serve details")
         return body
 
-    async def _request(self, method: str, *, json: Any = None) -> httpx.Response:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
         headers = {}
         token = self._token_provider()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
             response = await self._client.request(
-                method, APPLICATIONS_PATH, json=json, headers=headers
+                method, path, json=json, params=params, headers=headers
             )
         except httpx.TimeoutException as exc:
             raise RayUnreachable(self._dashboard_url, "timed out") from exc
@@ -216,21 +249,19 @@ class RayServeActuator:
             )
         if response.status_code == 404:
             raise RayServeError(
-                f"{self._dashboard_url} has no Serve REST API (HTTP 404): is this a Ray dashboard?",
+                f"{self._dashboard_url} has no {path} (HTTP 404): is this a Ray dashboard?",
                 404,
             )
         if response.is_error:
             raise RayServeError(
-                f"{method} {APPLICATIONS_PATH} on {self._dashboard_url} answered "
+                f"{method} {path} on {self._dashboard_url} answered "
                 f"HTTP {response.status_code}: {response.text[:300]}",
                 response.status_code,
             )
         return response
 
 
-def status_from_details(
-    name: str, app: Mapping[str, Any], serve_url: str | None
-) -> ServeAppStatus:
+def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None) -> ServeAppStatus:
     """Turn one entry of Serve's ``applications`` details into a :class:`ServeAppStatus`."""
     try:
         state = ServeAppState(app.get("status", "NOT_STARTED"))
@@ -242,9 +273,7 @@ def status_from_details(
     if sized is None and len(deployments) == 1:
         sized = next(iter(deployments.values()))
     chosen = [sized] if sized is not None else list(deployments.values())
-    running = sum(
-        1 for d in chosen for r in d.get("replicas") or [] if r.get("state") == "RUNNING"
-    )
+    running = sum(1 for d in chosen for r in d.get("replicas") or [] if r.get("state") == "RUNNING")
     target = sum(int(d.get("target_num_replicas") or 0) for d in chosen)
     detail = str(app.get("message") or "")
     if not detail:
@@ -263,6 +292,43 @@ def status_from_details(
         endpoint_url=endpoint,
         detail=detail,
     )
+
+
+def unschedulable_reason(app: Mapping[str, Any], nodes: Sequence[Mapping[str, float]]) -> str:
+    """Why replicas of ``app`` cannot start, when no live node is big enough for one.
+
+    Ray Serve only says so after its slow-startup warning delay; comparing each
+    deployment's per-replica resources with the nodes' totals says it at once. Empty when
+    some node could take a replica (or the nodes are unknown).
+    """
+    if not nodes:
+        return ""
+    for name, deployment in (app.get("deployments") or {}).items():
+        required = {
+            k: float(v) for k, v in (deployment.get("required_resources") or {}).items() if v
+        }
+        if not required:
+            continue
+        if any(all(node.get(k, 0.0) >= v for k, v in required.items()) for node in nodes):
+            continue
+        short = sorted(k for k in required if max(n.get(k, 0.0) for n in nodes) < required[k])
+        largest = {k: max(n.get(k, 0.0) for n in nodes) for k in short}
+        return (
+            f"deployment {name!r} cannot place a replica: each needs "
+            f"{_fmt_resources({k: required[k] for k in short})} but the largest node has "
+            f"{_fmt_resources(largest)}; it stays pending until such a node joins"
+        )
+    return ""
+
+
+def _fmt_resources(resources: Mapping[str, float]) -> str:
+    parts = []
+    for key, value in resources.items():
+        if key == "memory":
+            parts.append(f"{value / 2**20:.0f} MiB memory")
+        else:
+            parts.append(f"{value:g} {key}")
+    return ", ".join(parts)
 
 
 async def wait_until_running(

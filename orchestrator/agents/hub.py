@@ -118,8 +118,9 @@ class _SiteChannel:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait(self) -> None:
-        await self._changed.wait()
+    def changed(self) -> asyncio.Event:
+        """Take this *before* reading ``latest``: it is set by the next ``notify``."""
+        return self._changed
 
 
 class AgentHub:
@@ -332,6 +333,7 @@ class AgentHub:
         channel = self._channel(site)
         sent: model.AssignmentSet | None = None
         while True:
+            changed = channel.changed()
             record = self._records.get(site)
             if record is None or record.agent_id != agent_id:
                 return
@@ -340,7 +342,7 @@ class AgentHub:
                 if sent is not None or latest.version != known_version or known_version == 0:
                     yield latest
                 sent = latest
-            await channel.wait()
+            await changed.wait()
 
     # -- views ----------------------------------------------------------------------
 

@@ -12,14 +12,18 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
-from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from orchestrator.agents import errors, hub, model
 
 log = logging.getLogger(__name__)
+
+_M = TypeVar("_M", bound=Message)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentControl"].full_name
 
 #: Metadata keys of the per-agent identity (one place: an mTLS pass replaces them).
 SITE_KEY = "x-edgeplane-site"
@@ -54,13 +58,48 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return out
 
 
-class AgentControlServicer(pb_grpc.AgentControlServicer):
+def _parse(message_type: type[_M], raw: bytes) -> _M:
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        raise _Malformed(f"malformed {message_type.DESCRIPTOR.name}: {exc}") from exc
+
+
+class _Malformed(Exception):
+    pass
+
+
+class AgentControlServicer:
+    """Implements ``edgeplane.agent.v1.AgentControl``.
+
+    Requests arrive as raw bytes and are parsed here, so a garbage message is answered
+    INVALID_ARGUMENT with a reason instead of gRPC's generic UNKNOWN and a stack trace.
+    """
+
     def __init__(self, agent_hub: hub.AgentHub) -> None:
         self._hub = agent_hub
 
-    async def Join(
-        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
-    ) -> pb.JoinResponse:
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Join": grpc.unary_unary_rpc_method_handler(
+                    self.Join, response_serializer=pb.JoinResponse.SerializeToString
+                ),
+                "Heartbeats": grpc.stream_unary_rpc_method_handler(
+                    self.Heartbeats, response_serializer=pb.HeartbeatSummary.SerializeToString
+                ),
+                "WatchAssignments": grpc.unary_stream_rpc_method_handler(
+                    self.WatchAssignments, response_serializer=pb.AssignmentSet.SerializeToString
+                ),
+            },
+        )
+
+    async def Join(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        try:
+            request = _parse(pb.JoinRequest, raw)
+        except _Malformed as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         meta = _metadata(context)
         application = model.JoinApplication(
             site=request.site,
@@ -81,22 +120,30 @@ class AgentControlServicer(pb_grpc.AgentControlServicer):
             raise  # unreachable: abort raises
 
     async def Heartbeats(
-        self, request_iterator: AsyncIterator[pb.Heartbeat], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatSummary:
         site, agent_id = await self._authenticate(context)
         received = 0
         record = self._hub.record_heartbeat
+        from_proto = model.Heartbeat.from_proto
+        parse = pb.Heartbeat.FromString
         try:
-            async for beat in request_iterator:
-                record(site, agent_id, model.Heartbeat.from_proto(beat))
+            async for raw in request_iterator:
+                record(site, agent_id, from_proto(parse(raw)))
                 received += 1
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed Heartbeat: {exc}")
         except errors.AgentHubError as exc:
             await context.abort(_status_code(exc), str(exc))
         return pb.HeartbeatSummary(received=received)
 
     async def WatchAssignments(
-        self, request: pb.WatchAssignmentsRequest, context: grpc.aio.ServicerContext
+        self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AssignmentSet]:
+        try:
+            request = _parse(pb.WatchAssignmentsRequest, raw)
+        except _Malformed as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         site, agent_id = await self._authenticate(context)
         async for assignment_set in self._hub.watch_assignments(
             site, agent_id, request.known_version
@@ -165,7 +212,7 @@ async def start_agent_server(
 ) -> AgentServer:
     """Listen for agents on ``host:port`` (0 = any free port) and start sweeping health."""
     server = grpc.aio.server(options=server_options(max_receive_bytes))
-    pb_grpc.add_AgentControlServicer_to_server(AgentControlServicer(agent_hub), server)
+    server.add_generic_rpc_handlers((AgentControlServicer(agent_hub).handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls is None:
         bound = server.add_insecure_port(address)

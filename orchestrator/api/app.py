@@ -210,4 +210,5 @@ def _event(e: store_mod.LoggedEvent) -> dict[str, Any]:
 
 
 def build_app(services: Services, extra_routes: list[BaseRoute] | None = None) -> Starlette:
-    return Starlette(routes=[*build_routes(services), *(extra_routes or [])])
+    # Specific routes (artifacts, the gateway) go before the generic /v1/{kind}/{name}.
+    return Starlette(routes=[*(extra_routes or []), *build_routes(services)])

@@ -24,19 +24,28 @@ class EndpointTable:
     _ejected_until: dict[str, float] = field(default_factory=dict)
     _inflight: dict[str, int] = field(default_factory=dict)
     regions: routing.RegionIndex = field(default_factory=routing.RegionIndex)
+    #: Every model some deployment serves, with why it has no endpoint when it has none.
+    _deployed: dict[str, str] = field(default_factory=dict)
     version: int = 0
 
-    def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None) -> None:
+    def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
+                deployed: dict[str, str] | None = None) -> None:
         grouped: dict[str, list[routing.Endpoint]] = {}
         for e in endpoints:
             grouped.setdefault(e.model, []).append(e)
         self._by_model = {m: tuple(es) for m, es in grouped.items()}
         if regions is not None:
             self.regions = regions
+        if deployed is not None:
+            self._deployed = dict(deployed)
         self.version += 1
 
     def models(self) -> list[str]:
-        return sorted(self._by_model)
+        return sorted(set(self._by_model) | set(self._deployed))
+
+    def unavailable_reason(self, model: str) -> str | None:
+        """Why a deployed model has no endpoint; None when the model is not deployed at all."""
+        return self._deployed.get(model) if model in self._deployed else None
 
     def endpoints(self, model: str) -> tuple[routing.Endpoint, ...]:
         return self._by_model.get(model, ())

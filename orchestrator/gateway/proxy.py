@@ -75,8 +75,11 @@ class Gateway:
         if isinstance(caller, routing.NoRoute):
             return caller
         if not self.table.endpoints(model):
+            reason = self.table.unavailable_reason(model)
+            if reason is not None:
+                return routing.NoRoute(f"model {model!r} has no replica to answer: {reason}", 503)
             known = self.table.models()
-            return routing.NoRoute(f"model {model!r} has no replicas" + (f" (served models: {', '.join(known)})" if known else ""), 404 if not known or model not in known else 503)
+            return routing.NoRoute(f"model {model!r} is not deployed" + (f" (deployed models: {', '.join(known)})" if known else ""), 404)
         return routing.rank(
             self.table.with_local_load(model), caller,
             regions=self.table.regions, gateway_position=self.position, ejected=self.table.ejected(),

@@ -9,8 +9,8 @@ keys (silently overwritten by PyYAML), alias bombs and absurd nesting.
 from __future__ import annotations
 
 import pathlib
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 import pydantic
 import yaml
@@ -22,16 +22,19 @@ MAX_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 32
 MAX_NODES = 100_000
 MAX_DOCUMENTS = 1_000
+COMPOSE_MAX_DEPTH = 4 * MAX_DEPTH
 
 Path = tuple[str | int, ...]
 
-_LABEL_HINT = "letters, digits, '-', '_', '.' (at most 63 characters, alphanumeric at both ends)"
+# Keyed by pattern, not field name: the same field (``spec.variant``) may hold a name or a
+# map, and a label key and a label value follow different rules.
 _PATTERN_HINTS = {
-    "name": "use lowercase letters, digits and '-' (a DNS label, at most 63 characters)",
-    "model": "use lowercase letters, digits and '-' (a DNS label, at most 63 characters)",
-    "sha256": "expected 64 lowercase hexadecimal digits",
-    "importPath": "expected 'package.module:attribute'",
-    "maxUnavailable": "expected a count or a percentage such as '25%'",
+    schema.NAME_PATTERN: "use lowercase letters, digits and '-' (a DNS label, at most 63 characters)",
+    schema.LABEL_KEY_PATTERN: "letters, digits, '-', '_', '.', '/' (alphanumeric at both ends)",
+    schema.LABEL_VALUE_PATTERN: "letters, digits, '-', '_', '.' (at most 63 characters, alphanumeric at both ends)",
+    schema.SHA256_PATTERN: "expected 64 lowercase hexadecimal digits",
+    schema.IMPORT_PATH_PATTERN: "expected 'package.module:attribute'",
+    schema.PERCENT_PATTERN: "expected a count or a percentage from 0% to 100% such as '25%'",
 }
 
 
@@ -41,6 +44,15 @@ class LoadedDocument:
     index: int
     line: int
     doc: schema.Document
+    #: field path -> line in ``file``, so later checks can point at the field itself
+    lines: Mapping[Path, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, path: Path) -> int:
+        """The line of ``path``, or of its nearest ancestor present in the text."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.lines:
+                return self.lines[path[:end]]
+        return self.line
 
     @property
     def kind(self) -> str:
@@ -109,6 +121,35 @@ class _Walker:
         return None
 
 
+class _TooDeep(yaml.YAMLError):
+    def __init__(self, line: int):
+        super().__init__(f"nested deeper than {MAX_DEPTH} levels")
+        self.line = line
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML composes nodes recursively: refuse absurd nesting before it overflows the stack."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            # Far deeper than _Walker's limit, which then reports the field path; this one
+            # only keeps the recursion clear of Python's stack limit.
+            if self._depth > COMPOSE_MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+
+def _is_empty(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
 def _decode(text: bytes | str, file: str) -> str:
     if isinstance(text, bytes):
         if len(text) > MAX_BYTES:
@@ -123,13 +164,17 @@ def _decode(text: bytes | str, file: str) -> str:
 
 
 def _documents(text: str, file: str) -> Iterator[tuple[int, Any, _Walker]]:
-    loader = yaml.SafeLoader(text)
+    loader = _LimitedLoader(text)
     index = 0
+    total = 0  # empty documents included, so a file of '---' lines stays bounded
     try:
         while loader.check_node():
             node = loader.get_node()
-            if node is None:
-                continue
+            total += 1
+            if total > MAX_DOCUMENTS:
+                raise ManifestError([ManifestIssue(file, None, "", None, f"more than {MAX_DOCUMENTS} documents in one file")])
+            if node is None or _is_empty(node):
+                continue  # empty documents (e.g. between two '---') are not counted
             if isinstance(node, yaml.SequenceNode):  # a JSON array (or YAML list) of documents
                 for item in node.value:
                     walker = _Walker(file, index)
@@ -141,6 +186,8 @@ def _documents(text: str, file: str) -> Iterator[tuple[int, Any, _Walker]]:
                 index += 1
             if index > MAX_DOCUMENTS:
                 raise ManifestError([ManifestIssue(file, index, "", None, f"more than {MAX_DOCUMENTS} documents in one file")])
+    except _TooDeep as exc:
+        raise ManifestError([ManifestIssue(file, index, "", exc.line, f"document is nested deeper than {MAX_DEPTH} levels")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -167,18 +214,39 @@ def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssu
     try:
         return doc_type.model_validate(data)  # type: ignore[return-value]
     except pydantic.ValidationError as exc:
-        out = []
+        messages: dict[Path, list[str]] = {}
         for err in exc.errors(include_url=False):
-            loc = tuple(err["loc"])
+            loc = _data_path(data, tuple(err["loc"]), err["type"] == "missing")
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 message = f"unknown field {loc[-1]!r}"
             elif err["type"] == "missing":
                 message = "required field is missing"
             elif err["type"] == "string_pattern_mismatch":
-                message = f"{err.get('input')!r} is not valid: {_PATTERN_HINTS.get(str(loc[-1]), _LABEL_HINT)}"
-            out.append(issue(loc, message))
-        return out
+                hint = _PATTERN_HINTS.get(str((err.get("ctx") or {}).get("pattern")), "does not match the expected format")
+                message = f"{err.get('input')!r} is not valid: {hint}"
+            if message not in messages.setdefault(loc, []):
+                messages[loc].append(message)
+        # one issue per field: a value failing every member of a union (name or map,
+        # count or percentage) gets the members' reasons joined
+        return [issue(loc, "; or ".join(msgs)) for loc, msgs in messages.items()]
+
+
+def _data_path(data: Any, loc: Path, missing: bool) -> Path:
+    """Pydantic's error location without its union-member tags (``int``, ``constrained-str``...)."""
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif missing and i == len(loc) - 1 and isinstance(node, dict):
+            node = None
+        else:
+            continue  # a union member's name or a '[key]' marker, not a place in the text
+        out.append(part)
+    return tuple(out)
 
 
 SOURCE_MARKER = "#@edgeplane-source: "
@@ -227,23 +295,43 @@ def load_text(text: bytes | str, file: str = "<input>") -> list[LoadedDocument]:
         if len(sources) == 1:
             raise
         raise ManifestError([_relocate(sources, starts, i) for i in exc.issues]) from None
-    if len(sources) == 1:
-        return docs
-    counters: dict[str, int] = {}
-    out = []
+    if len(sources) > 1:
+        docs = [_relocate_document(sources, starts, d) for d in docs]
+    _check_unique(docs)
+    return docs
+
+
+def _index_in_file(sources: list[_Source], starts: list[int], name: str, index: int) -> int:
+    """A bundle-wide document index as an index within file ``name``."""
+    return sum(1 for s in starts[:index] if _locate(sources, s)[0] == name)
+
+
+def _relocate_document(sources: list[_Source], starts: list[int], d: LoadedDocument) -> LoadedDocument:
+    name, line = _locate(sources, d.line)
+    offset = d.line - (line or d.line)
+    index = _index_in_file(sources, starts, name, d.index)
+    return LoadedDocument(name, index, line or 1, d.doc, {p: n - offset for p, n in d.lines.items()})
+
+
+def _check_unique(docs: list[LoadedDocument]) -> None:
+    issues = []
+    seen: dict[tuple[str, str], LoadedDocument] = {}
     for d in docs:
-        name, line = _locate(sources, d.line)
-        index = counters.get(name, 0)
-        counters[name] = index + 1
-        out.append(LoadedDocument(name, index, line or 1, d.doc))
-    return out
+        key = (d.kind, d.name)
+        first = seen.setdefault(key, d)
+        if first is not d:
+            where = f"document {first.index}" if first.file == d.file else f"{first.file} document {first.index}"
+            issues.append(ManifestIssue(d.file, d.index, "metadata.name", d.line_of(("metadata", "name")),
+                                        f"{d.kind} {d.name!r} is defined twice (also {where})"))
+    if issues:
+        raise ManifestError(issues)
 
 
 def _relocate(sources: list[_Source], starts: list[int], issue: ManifestIssue) -> ManifestIssue:
     name, line = _locate(sources, issue.line)
     document = issue.document
-    if document is not None and document < len(starts):
-        document = sum(1 for s in starts[:document] if _locate(sources, s)[0] == name)
+    if document is not None:
+        document = _index_in_file(sources, starts, name, document)
     return ManifestIssue(name, document, issue.field, line, issue.message)
 
 
@@ -252,24 +340,11 @@ def _load(body: str, file: str, starts: list[int]) -> list[LoadedDocument]:
     issues: list[ManifestIssue] = []
     for index, data, walker in _documents(body, file):
         starts.append(walker.line_of(()) or 1)
-        if data is None:
-            continue
         result = _validate(data, walker)
         if isinstance(result, list):
             issues.extend(result)
         else:
-            docs.append(LoadedDocument(file, index, walker.line_of(()) or 1, result))
-    if issues:
-        raise ManifestError(issues)
-    seen: dict[tuple[str, str], LoadedDocument] = {}
-    for d in docs:
-        key = (d.kind, d.name)
-        if key in seen:
-            first = seen[key]
-            issues.append(
-                ManifestIssue(file, d.index, "metadata.name", d.line, f"{d.kind} {d.name!r} is defined twice (also document {first.index})")
-            )
-        seen[key] = d
+            docs.append(LoadedDocument(file, index, walker.line_of(()) or 1, result, dict(walker.lines)))
     if issues:
         raise ManifestError(issues)
     return docs

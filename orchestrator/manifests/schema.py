@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 import pycountry
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 API_VERSION = "edgeplane.io/v1alpha1"
 KINDS = ("Site", "Model", "ModelDeployment")
@@ -20,14 +20,19 @@ KINDS = ("Site", "Model", "ModelDeployment")
 #: Residency groups a manifest may name besides single countries.
 RESIDENCY_GROUPS = ("EU",)
 
+#: Patterns of constrained strings; the loader maps each to a hint for the user.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$"
+LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+IMPORT_PATH_PATTERN = r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$"
+PERCENT_PATTERN = r"^(100|[1-9]?[0-9])%$"
+
 Tier = Literal["datacenter", "edge"]
-Name = Annotated[
-    str,
-    StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63),
-]
-LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$", max_length=253)]
-LabelValue = Annotated[str, StringConstraints(pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$", max_length=63)]
-Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN, max_length=253)]
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN, max_length=63)]
+Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
 Positive = Annotated[float, Field(gt=0, le=1e6)]
 NonNegative = Annotated[float, Field(ge=0, le=1e6)]
 
@@ -38,6 +43,14 @@ def check_country(code: str) -> str:
     if code not in _ISO_ALPHA2:
         raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code (e.g. FR, DE)")
     return code
+
+
+def check_residency(code: str) -> str:
+    return code if code in RESIDENCY_GROUPS else check_country(code)
+
+
+#: Validated per item, so an error names ``spec.placement.residency[1]``, not the whole list.
+ResidencyCode = Annotated[str, AfterValidator(check_residency)]
 
 
 class Strict(BaseModel):
@@ -156,7 +169,7 @@ class Variant(Strict):
     name: Name
     runtime: Literal["onnx", "ray-serve"]
     artifact: Artifact | None = None
-    importPath: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")] | None = None
+    importPath: Annotated[str, StringConstraints(pattern=IMPORT_PATH_PATTERN)] | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     throughputRps: Positive | None = None
@@ -212,18 +225,10 @@ class Spread(Strict):
 
 
 class PlacementSpec(Strict):
-    residency: list[str] = Field(default_factory=list, max_length=300)
+    residency: list[ResidencyCode] = Field(default_factory=list, max_length=300)
     tiers: list[Tier] = Field(default_factory=lambda: ["datacenter", "edge"], min_length=1)
     siteSelector: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     spread: Spread | None = None
-
-    @field_validator("residency")
-    @classmethod
-    def _codes(cls, v: list[str]) -> list[str]:
-        for code in v:
-            if code not in RESIDENCY_GROUPS:
-                check_country(code)
-        return v
 
 
 class DemandPoint(Strict):
@@ -247,7 +252,8 @@ class Routing(Strict):
 
 
 class Rollout(Strict):
-    maxUnavailable: int | Annotated[str, StringConstraints(pattern=r"^\d{1,3}%$")] = 1
+    #: A replica count or a percentage (0-100%) of the deployment's replicas.
+    maxUnavailable: Annotated[int, Field(ge=0, le=100_000)] | Annotated[str, StringConstraints(pattern=PERCENT_PATTERN)] = 1
     #: Canary steps as percentages of the new replicas, e.g. [10, 50, 100].
     canarySteps: list[Annotated[int, Field(ge=1, le=100)]] = Field(default_factory=list)
 

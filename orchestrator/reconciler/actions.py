@@ -42,6 +42,7 @@ class SetStatus:
 class PublishEndpoints:
     endpoints: tuple[routing.Endpoint, ...]
     regions: routing.RegionIndex
+    deployed: Mapping[str, str]  # model -> why it has no endpoint, when it has none
 
 
 Action = RecordPlacement | PushAssignments | ApplyServeApps | SetStatus | PublishEndpoints

@@ -189,8 +189,8 @@ class Reconciler:
                 await self._apply_datacentre(site, apps)
             case act.SetStatus(kind, name, status):
                 self.store.set_status(kind, name, status)
-            case act.PublishEndpoints(endpoints, regions):
-                self.table.replace(endpoints, regions)
+            case act.PublishEndpoints(endpoints, regions, deployed):
+                self.table.replace(endpoints, regions, dict(deployed))
 
     async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...]) -> None:
         backoff = self._dc_backoff.get(site)

@@ -247,10 +247,13 @@ def plan_pass(s: snap.Snapshot) -> PassPlan:
     for site, apps in serve_apps(s, rows).items():
         if apps != s.applied_apps.get(site) or (s.datacentres.get(site) is not None and not s.datacentres[site].reachable):
             out.append(act.ApplyServeApps(site, apps))
+    deployed: dict[str, str] = {}
     for d in s.deployments:
-        out.append(act.SetStatus("ModelDeployment", d.name, deployment_status(s, d, result.deployments.get(d.name), rows)))
+        status = deployment_status(s, d, result.deployments.get(d.name), rows)
+        out.append(act.SetStatus("ModelDeployment", d.name, status))
+        deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
     for r in s.sites:
         out.append(act.SetStatus("Site", r.name, site_status(s, r)))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
-    out.append(act.PublishEndpoints(endpoints(s, rows), regions))
+    out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed))
     return PassPlan(tuple(out), result)

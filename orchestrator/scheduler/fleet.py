@@ -16,6 +16,8 @@ import numpy.typing as npt
 from orchestrator.scheduler import geo
 from orchestrator.scheduler.model import Deployment, DemandPoint, Site, Tier, Variant
 
+NEAREST_KEPT = 1024  # sites remembered per demand point, nearest first
+
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -66,6 +68,8 @@ class Fleet:
         self._residency_cache: dict[frozenset[str] | None, BoolArray] = {}
         self._label_cache: dict[tuple[str, str], BoolArray] = {}
         self._tier_cache: dict[frozenset[Tier], BoolArray] = {}
+        self._near_cache: dict[tuple[float, float], IntArray] = {}
+        self._by_intensity: IntArray | None = None
 
     def _locate_regions(
         self, given: Mapping[str, tuple[float, float]]
@@ -140,6 +144,27 @@ class Fleet:
         """(sites, groups) mask: the group holds ``variant.gpus`` GPUs big enough."""
         return (self.gpu_memory >= variant.gpu_memory_gib - 1e-9) & (counts >= variant.gpus)
 
+    # -- the spatial index -------------------------------------------------------------
+
+    def nearest(self, lat: float, lon: float) -> IntArray:
+        """The ``NEAREST_KEPT`` sites closest to a point, nearest first; cached per point,
+        so deployments sharing a demand region share the work."""
+        order = self._near_cache.get((lat, lon))
+        if order is None:
+            dots = self.xyz @ geo.unit_vectors(lat, lon)
+            keep = min(self.size, NEAREST_KEPT)
+            part = np.argpartition(-dots, keep - 1)[:keep] if keep < self.size else np.arange(
+                self.size)
+            order = part[np.argsort(-dots[part], kind="stable")]
+            self._near_cache[(lat, lon)] = order
+        return order
+
+    def by_intensity(self) -> IntArray:
+        """All sites, lowest carbon intensity (gCO2/h per W) first."""
+        if self._by_intensity is None:
+            self._by_intensity = np.argsort(self.intensity, kind="stable")
+        return self._by_intensity
+
     # -- demand ---------------------------------------------------------------------------
 
     def locate(self, point: DemandPoint) -> tuple[float, float] | None:
@@ -189,6 +214,13 @@ class Capacity:
                 if best is None or memory[k] < memory[best]:
                     best = k
         return best
+
+    def has_room(self, site: int, variant: Variant) -> bool:
+        return (
+            self.cpu[site] >= variant.cpu - 1e-9
+            and self.memory_mib[site] >= variant.memory_mib - 1e-9
+            and self.gpu_group(site, variant) is not None
+        )
 
     def take(self, site: int, variant: Variant) -> int | None:
         """Reserve one replica's resources; the GPU group used, or None if it does not fit."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.scheduler import diagnosis, outcome
+from orchestrator.scheduler import diagnosis, geo, outcome, repair
 from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
 from orchestrator.scheduler.model import Deployment, Replica, Site, Tier, Tuning, Variant, Weights
 from orchestrator.scheduler.objective import LocatedDemand, locate_demand, replica_cost
@@ -57,6 +57,8 @@ class Job:
     seats: list[tuple[int, Variant, int]] = field(default_factory=list)  # valid, reserved
     placed: list[tuple[int, Variant, int]] = field(default_factory=list)  # site, variant, gpu
     spread: Spread | None = None
+    options: Options | None = None  # the candidates, kept between the two phases
+    complete: bool = False  # the candidates are every feasible site
     shortfall: str = ""  # why fewer than wanted were placed, as seen right after placing
 
     @property
@@ -95,10 +97,23 @@ def plan(
     capacity = Capacity(fleet)
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
     dropped = _seat_incumbents(fleet, capacity, jobs, current)
-    for job in sorted(jobs.values(), key=_scarcity):
+    order = sorted(jobs.values(), key=_scarcity)
+    # Phase 1: every deployment gets its min (and its running replicas back) before any
+    # grows, so a flexible deployment cannot starve a constrained one of its minimum.
+    for job in order:
         for site, variant, group in job.seats:
             capacity.give_back(site, variant, group)
-        _place(fleet, capacity, job, tuning)
+        _place(fleet, capacity, job, tuning,
+               upto=max(job.deployment.min_replicas, min(job.wanted, len(job.seats))))
+    # Phase 2: grow to the wanted count, then polish.
+    for job in order:
+        _place(fleet, capacity, job, tuning, upto=job.wanted)
+        if tuning.improve and job.demand and job.placed and job.options is not None:
+            _relocate(capacity, job, job.options, job.spread)
+    for job in order:
+        if len(job.placed) < job.wanted:
+            repair.make_room(fleet, capacity, job, order)
+    for job in order:
         if len(job.placed) < job.wanted:
             job.shortfall = diagnosis.explain(fleet, capacity, job)
     return outcome.build(fleet, capacity, list(jobs.values()), current, dropped)
@@ -227,26 +242,24 @@ class Spread:
         self.count[domain] = old + by
 
 
-def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning) -> None:
-    """Place ``job.wanted`` replicas (or as many as fit) into ``job.placed``."""
-    if job.wanted <= 0 or not job.eligible:
+def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) -> None:
+    """Grow ``job.placed`` towards ``upto`` replicas (or as many as fit)."""
+    if upto <= len(job.placed) or not job.eligible:
         return
     rules = job.deployment.placement
-    spread: Spread | None = None
-    if rules.spread is not None:
-        eligible = job.any_eligible
+    if rules.spread is not None and job.spread is None:
         keys = fleet.region if rules.spread.by == "region" else np.arange(fleet.size)
-        spread = Spread(np.unique(keys[eligible]).tolist(), rules.spread.max_skew)
-        job.spread = spread
+        job.spread = Spread(np.unique(keys[job.any_eligible]).tolist(), rules.spread.max_skew)
     limit = tuning.candidates
     while True:
-        options, complete = _candidates(fleet, capacity, job, spread, limit)
-        _greedy(capacity, job, options, spread)
-        if len(job.placed) >= job.wanted or complete:
+        if job.options is None:
+            job.options, job.complete = _candidates(fleet, capacity, job, job.spread, limit)
+        _greedy(capacity, job, job.options, job.spread, upto)
+        if len(job.placed) >= upto or job.complete:
             break
+        # the shortlist ran dry: look wider (the options are rebuilt from free capacity)
         limit = None if limit is None or limit * 4 >= fleet.size else limit * 4
-    if tuning.improve and job.demand and len(job.placed) > 0:
-        _relocate(capacity, job, options, spread)
+        job.options = None
 
 
 def _candidates(
@@ -258,10 +271,11 @@ def _candidates(
     complete = True
     used = {site for site, _, _ in job.placed}
     for variant in job.variants():
-        free = np.flatnonzero(job.eligible[variant.name] & capacity.fits_mask(variant))
+        mask = job.eligible[variant.name] & capacity.fits_mask(variant)
+        free = np.flatnonzero(mask)
         if limit is not None and free.size > limit:
             complete = False
-            free = _shortlist(fleet, job, variant, free, limit, spread)
+            free = _shortlist(fleet, job, variant, mask, free, limit, spread)
         if used:  # sites already holding replicas stay candidates even when full now
             held = np.fromiter(used, dtype=np.int64)
             free = np.union1d(free, held[job.eligible[variant.name][held]])
@@ -296,46 +310,64 @@ def _candidates(
 
 
 def _shortlist(
-    fleet: Fleet, job: Job, variant: Variant, free: IntArray, limit: int, spread: Spread | None
+    fleet: Fleet, job: Job, variant: Variant, mask: BoolArray, free: IntArray, limit: int,
+    spread: Spread | None,
 ) -> IntArray:
     """The few feasible sites worth a look: nearest per demand point, cheapest, running
-    there now, and enough per spread domain for the counts to balance."""
-    picks: list[IntArray] = [np.fromiter(
-        (s for s, v in job.running if v == variant.name), dtype=np.int64)]
+    there now, and enough per spread domain for the counts to balance.
+
+    The nearest and cheapest come from orders the fleet computes once per plan call and
+    shares between deployments (the spatial index), filtered by this deployment's mask.
+    """
+    running = [s for s, v in job.running if v == variant.name and mask[s]]
+    picks: list[IntArray] = [np.array(running, dtype=np.int64)]
     per_point = max(4, limit // (len(job.demand) + 1))
     for demand in job.demand:
-        near = fleet.xyz[free] @ _unit(demand.lat, demand.lon)
-        k = min(per_point, free.size)
-        picks.append(free[np.argpartition(-near, k - 1)[:k]])
-    cost = fleet.intensity[free] * variant.watts
-    cost = cost + np.where(fleet.is_edge[free] != variant.is_distilled, 1e6, 0.0)
-    k = min(max(limit - per_point * len(job.demand), job.wanted + 4), free.size)
-    cheap_order = np.argpartition(cost, k - 1)[:k]
-    picks.append(free[cheap_order])
-    if spread is not None:
-        domains = (
-            fleet.region[free] if job.deployment.placement.spread.by == "region"  # type: ignore[union-attr]
-            else free
-        )
-        per_domain = math.ceil(job.wanted / max(1, len(spread.count))) + 1
-        order = np.lexsort((cost, domains))
-        sorted_domains = domains[order]
-        starts = np.r_[0, np.flatnonzero(sorted_domains[1:] != sorted_domains[:-1]) + 1]
-        rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
-        best = order[rank < per_domain]
-        if best.size > 4 * limit:  # spread by site over a huge fleet: cheapest suffice
-            best = best[np.argsort(cost[best], kind="stable")[: 2 * job.wanted + limit]]
-        picks.append(free[best])
+        order = fleet.nearest(demand.lat, demand.lon)
+        near = order[mask[order]][:per_point]
+        if near.size < min(per_point, free.size) and order.size < fleet.size:
+            dots = fleet.xyz[free] @ geo.unit_vectors(demand.lat, demand.lon)
+            k = min(per_point, free.size)
+            near = free[np.argpartition(-dots, k - 1)[:k]]
+        picks.append(near)
+    k = max(limit - per_point * len(job.demand), job.wanted + 4)
+    by_cost = fleet.by_intensity()
+    for chunk in (by_cost[: 32 * k], by_cost):
+        ok = mask[chunk]
+        right_tier = chunk[ok & (fleet.is_edge[chunk] == variant.is_distilled)][:k]
+        other_tier = chunk[ok & (fleet.is_edge[chunk] != variant.is_distilled)][:k]
+        if right_tier.size + other_tier.size >= min(k, free.size) or chunk.size == fleet.size:
+            break
+    picks.extend([right_tier, other_tier])
     out = np.unique(np.concatenate(picks))
-    return out[np.isin(out, free)]
+    if spread is not None:
+        rules = job.deployment.placement.spread
+        domains = fleet.region if rules.by == "region" else np.arange(fleet.size)  # type: ignore[union-attr]
+        covered = np.unique(domains[out]).size
+        if job.wanted > covered * spread.max_skew:  # must reach more domains to balance
+            out = np.union1d(out, _best_per_domain(fleet, job, variant, free, domains, limit))
+    return out
 
 
-def _unit(lat: float, lon: float) -> np.ndarray:
-    la, lo = math.radians(lat), math.radians(lon)
-    return np.array([math.cos(la) * math.cos(lo), math.cos(la) * math.sin(lo), math.sin(la)])
+def _best_per_domain(
+    fleet: Fleet, job: Job, variant: Variant, free: IntArray, domains: IntArray, limit: int
+) -> IntArray:
+    cost = fleet.intensity[free] * variant.watts
+    keys = domains[free]
+    per_domain = math.ceil(job.wanted / max(1, np.unique(keys).size)) + 1
+    order = np.lexsort((cost, keys))
+    sorted_keys = keys[order]
+    starts = np.r_[0, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1]
+    rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
+    best = order[rank < per_domain]
+    if best.size > 4 * limit:  # spread by site over a huge fleet: the cheapest suffice
+        best = best[np.argsort(cost[best], kind="stable")[: 2 * job.wanted + limit]]
+    return free[best]
 
 
-def _greedy(capacity: Capacity, job: Job, options: Options, spread: Spread | None) -> None:
+def _greedy(
+    capacity: Capacity, job: Job, options: Options, spread: Spread | None, upto: int
+) -> None:
     """Add replicas one by one at the option that lowers the cost most (lazy greedy)."""
     w = job.weights
     weight = [w.latency_per_ms * d.share for d in job.demand]
@@ -354,10 +386,17 @@ def _greedy(capacity: Capacity, job: Job, options: Options, spread: Spread | Non
                 cost -= weight[p] * (best[p] - row[p])
         return cost
 
-    heap = [(delta(o), o) for o in range(len(static))]
+    names = [v.name for v in options.variant]
+    move = np.array([
+        w.move_per_replica if count[(site, name)] >= running else 0.0
+        for site, name, running in zip(options.site, names, options.running)
+    ])
+    gain = (np.maximum(np.array(best)[None, :] - options.rtt, 0.0) @ np.array(weight)
+            if weight else np.zeros(len(static)))
+    heap = list(zip((options.static + move - gain).tolist(), range(len(static))))
     heapq.heapify(heap)
     blocked: list[int] = []
-    while len(job.placed) < job.wanted and heap:
+    while len(job.placed) < upto and heap:
         _, o = heapq.heappop(heap)
         fresh = delta(o)
         if heap and fresh > heap[0][0] + 1e-12:
@@ -367,21 +406,32 @@ def _greedy(capacity: Capacity, job: Job, options: Options, spread: Spread | Non
             blocked.append(o)
             continue
         site, variant = options.site[o], options.variant[o]
-        group = capacity.take(site, variant)
-        if group is None:
-            continue  # full now, and capacity only shrinks while this deployment is planned
-        job.placed.append((site, variant, group))
-        count[(site, variant.name)] += 1
-        for p in points:
-            best[p] = min(best[p], rtt[o][p])
-        if spread is not None:
-            low = spread.low()
-            spread.shift(options.domain[o], +1)
-            if spread.low() != low:
-                for b in blocked:
-                    heapq.heappush(heap, (delta(b), b))
-                blocked = []
-        heapq.heappush(heap, (delta(o), o))
+        full = False
+        # Stack here while it stays the cheapest: a second replica on the same site changes
+        # no other option's cost, so the heap need not be consulted in between.
+        while len(job.placed) < upto:
+            if spread is not None and not spread.allows(options.domain[o]):
+                break
+            group = capacity.take(site, variant)
+            if group is None:
+                full = True  # capacity only shrinks while this deployment is planned
+                break
+            job.placed.append((site, variant, group))
+            count[(site, variant.name)] += 1
+            for p in points:
+                best[p] = min(best[p], rtt[o][p])
+            if spread is not None:
+                low = spread.low()
+                spread.shift(options.domain[o], +1)
+                if spread.low() != low:
+                    for b in blocked:
+                        heapq.heappush(heap, (delta(b), b))
+                    blocked = []
+            fresh = delta(o)
+            if heap and fresh > heap[0][0] + 1e-12:
+                break
+        if not full:
+            heapq.heappush(heap, (delta(o), o))
 
 
 def _nearest(job: Job, options: Options) -> list[float]:
@@ -431,6 +481,9 @@ def _relocate(capacity: Capacity, job: Job, options: Options, spread: Spread | N
             for c in np.argsort(gain, kind="stable")[:8].tolist():
                 if gain[c] >= -1e-9:
                     break
+                if options.site[c] != site_a and not capacity.has_room(
+                        options.site[c], options.variant[c]):
+                    continue
                 if spread is not None and not spread.allows(options.domain[c], options.domain[a]):
                     continue
                 if _swap(capacity, job, a_key=key, to_site=options.site[c],

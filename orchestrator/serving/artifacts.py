@@ -65,9 +65,10 @@ def _download(uri: str, path: pathlib.Path, timeout_s: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, httpx.stream(
-            "GET", uri, timeout=timeout_s, follow_redirects=True
-        ) as response:
+        with (
+            os.fdopen(fd, "wb") as out,
+            httpx.stream("GET", uri, timeout=timeout_s, follow_redirects=True) as response,
+        ):
             response.raise_for_status()
             for chunk in response.iter_bytes(CHUNK):
                 out.write(chunk)

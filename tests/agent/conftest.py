@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+
 from orchestrator.agents import auth, hub, model, service
 from orchestrator.testing import onnx_models
 
@@ -24,7 +25,7 @@ class _ArtifactHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # keep test output clean
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         path = self.root / self.path.lstrip("/")
         if not path.is_file():
             self.send_error(404)

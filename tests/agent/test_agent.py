@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+
 from edge_agent import daemon
 from edgeplane_proto import oip
 from orchestrator.agents import model

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from orchestrator.agents import auth, errors, hub, model
 
 TOKEN = "t0k3n"
@@ -20,27 +21,27 @@ class FakeClock:
 
 
 def application(site: str = "edge-1", **overrides: object) -> model.JoinApplication:
-    fields: dict[str, object] = dict(
-        site=site,
-        bootstrap_token=TOKEN,
-        credential=None,
-        agent_id="",
-        endpoint_url="http://10.0.0.5:8080",
-        location=model.Location("FR", "eu-west", 48.8, 2.3),
-        labels={"rack": "a"},
-        agent_version="0.1.0",
-        heartbeat_interval=1.0,
-        capacity=model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)),
-    )
+    fields: dict[str, object] = {
+        "site": site,
+        "bootstrap_token": TOKEN,
+        "credential": None,
+        "agent_id": "",
+        "endpoint_url": "http://10.0.0.5:8080",
+        "location": model.Location("FR", "eu-west", 48.8, 2.3),
+        "labels": {"rack": "a"},
+        "agent_version": "0.1.0",
+        "heartbeat_interval": 1.0,
+        "capacity": model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)),
+    }
     fields.update(overrides)
     return model.JoinApplication(**fields)  # type: ignore[arg-type]
 
 
 def beat(**overrides: object) -> model.Heartbeat:
-    fields: dict[str, object] = dict(
-        seq=1, sent_unix_ms=0, inflight=0, cpu_percent=1.0, memory_available_bytes=1 << 30,
-        assignment_version=0, draining=False, capacity=None, models=None, gpu_free_bytes=(),
-    )
+    fields: dict[str, object] = {
+        "seq": 1, "sent_unix_ms": 0, "inflight": 0, "cpu_percent": 1.0, "memory_available_bytes": 1 << 30,
+        "assignment_version": 0, "draining": False, "capacity": None, "models": None, "gpu_free_bytes": (),
+    }
     fields.update(overrides)
     return model.Heartbeat(**fields)  # type: ignore[arg-type]
 

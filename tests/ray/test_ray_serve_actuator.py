@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
 
@@ -238,6 +239,23 @@ async def test_apps_not_owned_by_edgeplane_survive_apply(
             )
 
 
+async def test_not_enough_gpus_is_visible_and_disturbs_nothing_else(
+    serve_actuator: ray_serve.RayServeActuator, mlp: onnx_models.BuiltModel
+) -> None:
+    greedy = onnx_spec("ep-greedy", mlp, gpus=1.0)
+    modest = onnx_spec("ep-modest", mlp)
+    await serve_actuator.apply([greedy, modest])
+    await ray_serve.wait_until_running(serve_actuator, ["ep-modest"], timeout_s=90)
+    status = None
+    for _ in range(120):  # the app is built first, then its deployment asks for resources
+        status = (await serve_actuator.observe())["ep-greedy"]
+        if "cannot place a replica" in status.message:
+            break
+        await asyncio.sleep(0.25)
+    assert status is not None and "1 GPU but the largest node has 0 GPU" in status.message
+    assert status.status is not ServeAppState.RUNNING and status.replicas_running == 0
+
+
 @pytest.mark.parametrize("token", [None, "not-the-token"])
 async def test_missing_or_wrong_token_is_an_auth_error(
     ray_cluster: local_ray.LocalRayEndpoints, token: str | None
@@ -261,4 +279,3 @@ async def test_unreachable_dashboard() -> None:
             await actuator.apply([])
     assert f"127.0.0.1:{port}" in str(down.value)
     assert down.value.retryable is True
-

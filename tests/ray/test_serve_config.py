@@ -15,10 +15,18 @@ SHA = "a" * 64
 
 
 def onnx(name: str = "ep-a", **kw: Any) -> ServeAppSpec:
-    base: dict[str, Any] = dict(
-        name=name, route_prefix="/ep/a", model_name="m", runtime="onnx", num_replicas=2,
-        cpu=0.5, memory_mib=256, gpus=0.0, artifact_uri="file:///m.onnx", sha256=SHA,
-    )  # fmt: skip
+    base: dict[str, Any] = {
+        "name": name,
+        "route_prefix": "/ep/a",
+        "model_name": "m",
+        "runtime": "onnx",
+        "num_replicas": 2,
+        "cpu": 0.5,
+        "memory_mib": 256,
+        "gpus": 0.0,
+        "artifact_uri": "file:///m.onnx",
+        "sha256": SHA,
+    }
     base.update(kw)
     return ServeAppSpec(**base)
 
@@ -82,9 +90,11 @@ def test_ray_serve_render_sizes_named_or_learnt_deployment_only() -> None:
         ("", ""),
         ("plain words", "plain words"),
         (
-            "Deploying app 'x' failed with exception:\nTraceback (most recent call last):\n"
-            '  File "a.py", line 1, in <module>\n    import x\n    ^^^^\n'
-            "ModuleNotFoundError: No module named 'x'\n",
+            (
+                "Deploying app 'x' failed with exception:\nTraceback (most recent call last):\n"
+                '  File "a.py", line 1, in <module>\n    import x\n    ^^^^\n'
+                "ModuleNotFoundError: No module named 'x'\n"
+            ),
             "ModuleNotFoundError: No module named 'x'",
         ),
         ("\x1b[36mcolour\x1b[39m", "colour"),
@@ -224,3 +234,28 @@ def test_demand_sums_replicas() -> None:
     demand = serve_config.total_demand([onnx(), onnx(name="ep-b", gpus=0.5, num_replicas=4)])
     assert (demand.cpu, demand.memory_mib, demand.gpus) == (3.0, 1536, 2.0)
     assert demand.largest_replica_gpus == 0.5
+
+
+def _app_needing(required: dict[str, float]) -> dict[str, Any]:
+    return {"deployments": {"OnnxModel": {"required_resources": required}}}
+
+
+@pytest.mark.parametrize(
+    ("required", "nodes", "fragment"),
+    [
+        ({"CPU": 0.1, "GPU": 1}, [{"CPU": 8.0}], "1 GPU but the largest node has 0 GPU"),
+        ({"CPU": 16}, [{"CPU": 8.0}, {"CPU": 4.0}], "16 CPU but the largest node has 8 CPU"),
+        ({"CPU": 1, "memory": 2**31}, [{"CPU": 8.0, "memory": 2.0**30}], "2048 MiB memory"),
+        ({"CPU": 1, "GPU": 1}, [{"CPU": 8.0}, {"CPU": 2.0, "GPU": 1.0}], ""),
+        ({"CPU": 1, "GPU": 1}, [], ""),  # nodes unknown: say nothing
+        ({}, [{"CPU": 1.0}], ""),
+    ],
+)
+def test_unschedulable_reason(
+    required: dict[str, float], nodes: list[dict[str, float]], fragment: str
+) -> None:
+    reason = ray_serve.unschedulable_reason(_app_needing(required), nodes)
+    if fragment:
+        assert fragment in reason and "'OnnxModel'" in reason
+    else:
+        assert reason == ""

@@ -1,0 +1,237 @@
+"""Heartbeat ingestion at the hub: many simulated agents on client streams.
+
+    .venv/bin/python -m bench.agent_heartbeats [--quick] [--agents N] [--rate R]
+
+The hub and its gRPC server run in this process; the simulated agents run in a second
+process (so the load generator does not share the hub's interpreter). Each agent joins
+with the bootstrap token, then keeps one Heartbeats client stream open.
+
+Phases, all in the same run:
+  paced      every agent sends at the interval that makes the fleet offer ``--rate``/s;
+             reports the achieved rate and the heartbeat lag (send stamp -> hub) p50/p99
+  saturated  every agent writes back to back: the hub's ceiling
+  baseline   the same saturated load into a servicer that only counts messages, which
+             is the floor of gRPC streaming in Python on this machine
+Writes bench/results/agent_heartbeats.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import grpc
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.agents import auth, hub, service
+
+RESULTS = Path(__file__).parent / "results" / "agent_heartbeats.json"
+TOKEN = "bench-token"
+
+
+# -- load generator (second process) -------------------------------------------------
+
+
+async def _generate(target: str, agents: int, interval: float, duration: float, join: bool) -> int:
+    channels = [grpc.aio.insecure_channel(target) for _ in range(min(8, agents))]
+    stubs = [pb_grpc.AgentControlStub(c) for c in channels]
+    idents: list[tuple[tuple[str, str], ...]] = []
+    for i in range(agents):
+        site = f"site-{i}"
+        if join:
+            stub = stubs[i % len(stubs)]
+            grant = await stub.Join(
+                pb.JoinRequest(
+                    site=site,
+                    bootstrap_token=TOKEN,
+                    endpoint_url=f"http://10.0.{i // 250}.{i % 250}:8080",
+                    heartbeat_interval_ms=max(50, round((interval or 1.0) * 1000)),
+                    capacity=pb.Capacity(cpu_cores=4, memory_total_bytes=8 << 30,
+                                         execution_providers=["CPUExecutionProvider"]),
+                )
+            )
+            idents.append((
+                (service.SITE_KEY, site),
+                (service.AGENT_ID_KEY, grant.agent_id),
+                (service.CREDENTIAL_KEY, grant.credential),
+            ))
+        else:
+            idents.append(())
+    calls = [stubs[i % len(stubs)].Heartbeats(metadata=idents[i]) for i in range(agents)]
+    seqs = [0] * agents
+    sent = 0
+    deadline = time.monotonic() + duration
+
+    def beat(i: int) -> pb.Heartbeat:
+        seqs[i] += 1
+        return pb.Heartbeat(
+            seq=seqs[i], sent_unix_ms=int(time.time() * 1000), inflight=seqs[i] % 3,
+            cpu_percent=7.5, memory_available_bytes=4 << 30, assignment_version=1,
+        )
+
+    if interval:
+        # One ticker for the fleet (not one timer per agent): every TICK, the agents whose
+        # turn it is write once, concurrently; each agent still sends once per interval.
+        tick = 0.01
+        per_tick = agents * tick / interval
+        due = 0.0
+        cursor = 0
+        next_tick = time.monotonic()
+        while time.monotonic() < deadline:
+            due += per_tick
+            batch = int(due)
+            due -= batch
+            idx = [(cursor + k) % agents for k in range(batch)]
+            cursor = (cursor + batch) % agents
+            await asyncio.gather(*(calls[i].write(beat(i)) for i in idx))
+            sent += batch
+            next_tick += tick
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+    else:
+        async def flood(i: int) -> None:
+            nonlocal sent
+            while time.monotonic() < deadline:
+                await calls[i].write(beat(i))
+                sent += 1
+
+        await asyncio.gather(*(flood(i) for i in range(agents)))
+    for call in calls:
+        await call.done_writing()
+    await asyncio.gather(*calls, return_exceptions=True)
+    for channel in channels:
+        await channel.close()
+    return sent
+
+
+def _generator_main(target: str, agents: int, interval: float, duration: float, join: bool, out) -> None:  # noqa: ANN001
+    out.send(asyncio.run(_generate(target, agents, interval, duration, join)))
+
+
+# -- control plane side (this process) -----------------------------------------------
+
+
+class _CountOnly:
+    """Baseline servicer: parses and counts, nothing else."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        async def beats(request_iterator, context):  # noqa: ANN001, ANN202
+            async for raw in request_iterator:
+                pb.Heartbeat.FromString(raw)
+                self.count += 1
+            return pb.HeartbeatSummary()
+
+        return grpc.method_handlers_generic_handler(
+            service.SERVICE_NAME,
+            {"Heartbeats": grpc.stream_unary_rpc_method_handler(
+                beats, response_serializer=pb.HeartbeatSummary.SerializeToString)},
+        )
+
+
+async def _run_phase(name: str, agents: int, interval: float, duration: float, baseline: bool) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    if baseline:
+        counter = _CountOnly()
+        server = grpc.aio.server(options=service.server_options())
+        server.add_generic_rpc_handlers((counter.handler(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        agent_hub = None
+        stop = server.stop
+    else:
+        agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), missed_heartbeats=5)
+        running = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
+        port = running.port
+        stop = running.stop
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(
+        target=_generator_main,
+        args=(f"127.0.0.1:{port}", agents, interval, duration, not baseline, child),
+    )
+    proc.start()
+
+    def received() -> int:
+        return counter.count if agent_hub is None else agent_hub.heartbeats_total
+
+    # Measure over the middle of the run: after joins and ramp-up, before ramp-down.
+    while received() == 0 and proc.is_alive():
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(min(1.0, duration / 5))
+    if agent_hub is not None:
+        agent_hub.lag = hub.LagHistogram()
+    cpu0, n0, t0 = time.process_time(), received(), time.perf_counter()
+    await asyncio.sleep(duration * 0.6)
+    cpu1, n1, t1 = time.process_time(), received(), time.perf_counter()
+    sent = await asyncio.to_thread(parent.recv)
+    await asyncio.to_thread(proc.join, 30)
+    await stop(None)
+    rate = (n1 - n0) / (t1 - t0)
+    row = {
+        "phase": name,
+        "agents": agents,
+        "offered_per_s": round(agents / interval) if interval else None,
+        "heartbeats_per_s": round(rate),
+        "hub_cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 2),
+        "sent": sent,
+    }
+    if agent_hub is not None:
+        row["lag_p50_ms"] = agent_hub.lag.quantile(0.5)
+        row["lag_p99_ms"] = agent_hub.lag.quantile(0.99)
+        row["agents_healthy"] = sum(s.healthy for s in agent_hub.snapshot())
+    return row
+
+
+async def run(agents: int, rate: float, duration: float) -> list[dict]:
+    interval = agents / rate
+    return [
+        await _run_phase("paced (hub)", agents, interval, duration, baseline=False),
+        await _run_phase("saturated (hub)", min(agents, 500), 0.0, duration, baseline=False),
+        await _run_phase("saturated (count-only baseline)", min(agents, 500), 0.0, duration, baseline=True),
+    ]
+
+
+def main() -> None:
+    logging.getLogger("orchestrator").setLevel(logging.ERROR)  # one LOST line per agent at the end
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run (about 20 s)")
+    parser.add_argument("--agents", type=int, default=None)
+    parser.add_argument("--rate", type=float, default=10_000.0, help="offered heartbeats/s when paced")
+    args = parser.parse_args()
+    agents = args.agents or (1000 if args.quick else 5000)
+    duration = 5.0 if args.quick else 15.0
+    rows = asyncio.run(run(agents, args.rate, duration))
+    table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, generator in a 2nd process)")
+    for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "lag p50 ms", "lag p99 ms"]:
+        table.add_column(col, justify="right" if col != "phase" else "left")
+    for r in rows:
+        table.add_row(
+            r["phase"], str(r["agents"]), str(r["offered_per_s"] or "max"), f"{r['heartbeats_per_s']:,}",
+            str(r["hub_cpu_cores"]), str(r.get("lag_p50_ms", "-")), str(r.get("lag_p99_ms", "-")),
+        )
+    Console().print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "benchmark": "agent_heartbeats",
+        "cpu_count": os.cpu_count(),
+        "quick": args.quick,
+        "duration_s": duration,
+        "target": {"heartbeats_per_s": 10_000, "lag_p99_ms": 1000},
+        "rows": rows,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Plan quality: the planner's objective against the exact MILP optimum, same instances.
+
+    .venv/bin/python -m bench.scheduler_quality [--quick] [--instances N]
+
+For each seeded instance (5–50 sites × 2–20 deployments; half of them re-plans from a
+running placement with one site lost) both the planner and ``exact.solve`` are scored by
+``objective.evaluate``. Reports the median and p95 relative gap and checks every hard rule
+on both answers. Writes bench/results/scheduler_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from bench.scheduler_instances import make_deployments, make_fleet
+from orchestrator.scheduler import Replica, Tuning, exact, plan
+from orchestrator.scheduler.model import Deployment, Site
+
+RESULTS = Path(__file__).parent / "results" / "scheduler_quality.json"
+
+
+def violations(sites: list[Site], deployments: list[Deployment], replicas) -> list[str]:
+    """Hard-rule breaches of a placement (empty when it is valid)."""
+    by_site = {s.name: s for s in sites}
+    by_dep = {d.name: d for d in deployments}
+    found = []
+    use: dict[str, list] = {}
+    for r in replicas:
+        s, d = by_site[r.site], by_dep[r.deployment]
+        rules = d.placement
+        if rules.residency is not None and s.country not in rules.residency:
+            found.append(f"{r}: residency")
+        if not s.healthy:
+            found.append(f"{r}: unhealthy")
+        if s.tier not in rules.tiers or r.variant not in {v.name for v in d.variants_for(s.tier)}:
+            found.append(f"{r}: tier/variant")
+        if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
+            found.append(f"{r}: selector")
+        use.setdefault(r.site, []).append(next(v for v in d.variants if v.name == r.variant))
+    for name, variants in use.items():
+        s = by_site[name]
+        if sum(v.cpu for v in variants) > s.cpu + 1e-6:
+            found.append(f"{name}: cpu")
+        if sum(v.memory_mib for v in variants) > s.memory_gib * 1024 + 1e-6:
+            found.append(f"{name}: memory")
+        for floor in {v.gpu_memory_gib for v in variants if v.gpus}:
+            need = sum(v.gpus for v in variants if v.gpus and v.gpu_memory_gib >= floor)
+            if need > sum(g.count for g in s.gpus if g.memory_gib >= floor):
+                found.append(f"{name}: gpu")
+    for d in deployments:
+        if d.placement.spread is None:
+            continue
+        key = (lambda s: s.region) if d.placement.spread.by == "region" else (lambda s: s.name)
+        eligible = {key(s) for s in sites if _eligible(s, d)}
+        counts = dict.fromkeys(eligible, 0)
+        for r in replicas:
+            if r.deployment == d.name:
+                counts[key(by_site[r.site])] += 1
+        if counts and max(counts.values()) - min(counts.values()) > d.placement.spread.max_skew:
+            found.append(f"{d.name}: spread")
+    return found
+
+
+def _eligible(s: Site, d: Deployment) -> bool:
+    rules = d.placement
+    if not s.healthy or s.tier not in rules.tiers:
+        return False
+    if rules.residency is not None and s.country not in rules.residency:
+        return False
+    if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
+        return False
+    return any(
+        s.cpu >= v.cpu and s.memory_gib * 1024 >= v.memory_mib and (
+            not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib
+                              for g in s.gpus))
+        for v in d.variants_for(s.tier)
+    )
+
+
+def make_instance(seed: int):
+    rng = np.random.default_rng(seed)
+    n_sites = int(rng.integers(5, 51))
+    n_deps = int(rng.integers(2, 21))
+    sites = make_fleet(rng, n_sites, n_regions=max(2, n_sites // 5))
+    # edge sites are small here so that capacity binds in some instances
+    deployments = make_deployments(rng, sites, n_deps, replicas_per=float(rng.uniform(1, 5)))
+    current: list[Replica] = []
+    if seed % 2:  # a re-plan: the previous plan ran, then one site was lost
+        before = plan(sites, deployments)
+        current = [Replica(r.deployment, r.site, r.variant) for r in before.replicas]
+        if current:
+            lost = current[int(rng.integers(len(current)))].site
+            sites = [dataclasses.replace(s, healthy=False) if s.name == lost else s
+                     for s in sites]
+    return sites, deployments, current
+
+
+def run(instances: int, time_limit_s: float, tuning: Tuning) -> dict:
+    rows = []
+    for seed in range(instances):
+        sites, deployments, current = make_instance(seed)
+        t0 = time.perf_counter()
+        ours = plan(sites, deployments, current, tuning=tuning)
+        t1 = time.perf_counter()
+        best = exact.solve(sites, deployments, current, time_limit_s=time_limit_s)
+        t2 = time.perf_counter()
+        mine = [Replica(r.deployment, r.site, r.variant) for r in ours.replicas]
+        gap = (ours.objective.total - best.objective.total) / max(1e-9, abs(best.objective.total))
+        rows.append({
+            "seed": seed,
+            "sites": len(sites),
+            "deployments": len(deployments),
+            "replicas": len(mine),
+            "planner": ours.objective.total,
+            "milp": best.objective.total,
+            "milp_optimal": best.optimal,
+            "gap": gap,
+            "planner_ms": (t1 - t0) * 1e3,
+            "milp_ms": (t2 - t1) * 1e3,
+            "planner_violations": violations(sites, deployments, mine),
+            "milp_violations": violations(sites, deployments, best.replicas),
+        })
+    gaps = np.array([r["gap"] for r in rows])
+    return {
+        "instances": len(rows),
+        "median_gap": float(np.median(gaps)),
+        "p95_gap": float(np.percentile(gaps, 95)),
+        "max_gap": float(gaps.max()),
+        "planner_better_than_milp": int((gaps < -1e-9).sum()),
+        "milp_not_proven_optimal": sum(not r["milp_optimal"] for r in rows),
+        "planner_violations": sum(len(r["planner_violations"]) for r in rows),
+        "milp_violations": sum(len(r["milp_violations"]) for r in rows),
+        "planner_ms_median": float(np.median([r["planner_ms"] for r in rows])),
+        "milp_ms_median": float(np.median([r["milp_ms"] for r in rows])),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20 instances (CI)")
+    parser.add_argument("--instances", type=int, default=200)
+    parser.add_argument("--time-limit", type=float, default=30.0, help="per MILP, seconds")
+    parser.add_argument("--no-improve", action="store_true", help="greedy only, no relocation")
+    args = parser.parse_args()
+    instances = 20 if args.quick else args.instances
+    report = run(instances, args.time_limit, Tuning(improve=not args.no_improve))
+    table = Table(title=f"scheduler quality: planner vs MILP over {instances} instances")
+    for col in ("median gap", "p95 gap", "max gap", "violations planner/MILP",
+                "MILP not proven optimal", "planner ms (median)", "MILP ms (median)"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{report['median_gap']:.2%}", f"{report['p95_gap']:.2%}", f"{report['max_gap']:.2%}",
+        f"{report['planner_violations']}/{report['milp_violations']}",
+        str(report["milp_not_proven_optimal"]),
+        f"{report['planner_ms_median']:.1f}", f"{report['milp_ms_median']:.0f}",
+    )
+    Console().print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Making room: shift another deployment's replica so a short deployment can start one.
+
+Planning deployments one after another leaves a classic gap: a flexible deployment (any
+EU country) may sit on the only site a constrained one (DE only) can use, while it could
+have run elsewhere. A missing replica costs more than any latency or carbon difference
+(``Weights.shortfall_per_replica``), so when a deployment is short, the planner looks for
+a single replica of another deployment whose move to another site with room frees enough
+capacity, and makes that trade. The moved replica keeps its count (a move, never a drop),
+and deployments with a spread rule are left alone so their balance is never broken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from orchestrator.scheduler.fleet import Capacity, Fleet
+
+if TYPE_CHECKING:
+    from orchestrator.scheduler.planner import Job
+
+SITES_TRIED = 64  # per replica sought; the nearest-cheapest full sites come first
+
+
+def make_room(fleet: Fleet, capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:
+    """Add replicas to ``job`` by moving single replicas of other deployments away."""
+    others = [j for j in jobs if j is not job and j.deployment.placement.spread is None]
+    while len(job.placed) < job.wanted and _make_room_once(fleet, capacity, job, others):
+        pass
+
+
+def _make_room_once(fleet: Fleet, capacity: Capacity, job: Job, others: Sequence[Job]) -> bool:
+    occupants: dict[int, list[tuple[Job, int]]] = {}
+    for other in others:
+        for i, (site, _, _) in enumerate(other.placed):
+            occupants.setdefault(site, []).append((other, i))
+    for variant in job.variants():
+        full = np.flatnonzero(job.eligible[variant.name] & ~capacity.fits_mask(variant))
+        full = full[[s in occupants for s in full.tolist()]] if full.size else full
+        if job.spread is not None and full.size:
+            keys = fleet.region if job.deployment.placement.spread.by == "region" else None  # type: ignore[union-attr]
+            full = np.array([s for s in full.tolist()
+                             if job.spread.allows(int(keys[s]) if keys is not None else s)],
+                            dtype=np.int64)
+        order = np.argsort(fleet.intensity[full], kind="stable")[:SITES_TRIED]
+        for site in full[order].tolist():
+            for other, i in occupants[site]:
+                if _trade(fleet, capacity, job, variant, site, other, i):
+                    return True
+    return False
+
+
+def _trade(fleet, capacity, job, variant, site, other, i) -> bool:  # type: ignore[no-untyped-def]
+    """Move ``other.placed[i]`` off ``site`` if that lets ``variant`` of ``job`` in."""
+    _, their_variant, their_group = other.placed[i]
+    capacity.give_back(site, their_variant, their_group)
+    ours = capacity.take(site, variant)
+    if ours is None:
+        capacity.hold(site, their_variant, their_group)
+        return False
+    room = other.eligible[their_variant.name] & capacity.fits_mask(their_variant)
+    room[site] = False
+    targets = np.flatnonzero(room)
+    if targets.size == 0:
+        capacity.give_back(site, variant, ours)
+        capacity.hold(site, their_variant, their_group)
+        return False
+    target = int(targets[np.argmin(fleet.intensity[targets])])
+    group = capacity.take(target, their_variant)
+    if group is None:  # cannot happen: fits_mask said it fits
+        capacity.give_back(site, variant, ours)
+        capacity.hold(site, their_variant, their_group)
+        return False
+    other.placed[i] = (target, their_variant, group)
+    job.placed.append((site, variant, ours))
+    if job.spread is not None:
+        rules = job.deployment.placement.spread
+        job.spread.shift(int(fleet.region[site]) if rules.by == "region" else site, +1)
+    return True

@@ -1,0 +1,165 @@
+"""Start a control plane in-process and edge agents as real subprocesses.
+
+Tests, benchmarks and the demo all build their fleets with this, so each of them runs
+the same binaries an operator runs: ``edgeplane-agent`` processes that join over gRPC on
+loopback and serve the Open Inference Protocol on their own ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from orchestrator import server
+from orchestrator.adapters import local_ray
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "manifests" / "examples"
+BOOTSTRAP_TOKEN = "harness-bootstrap-token"
+
+
+@dataclass
+class AgentProcess:
+    site: str
+    data_dir: pathlib.Path
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: pathlib.Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def agent_command(
+    control_plane: str, site: str, data_dir: pathlib.Path, *, token: str = BOOTSTRAP_TOKEN, country: str = "", region: str = "",
+    lat: float | None = None, lon: float | None = None, heartbeat_interval: float = 0.5, listen: str = "127.0.0.1:0",
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    cmd = [sys.executable, "-m", "edge_agent.main", "--control-plane", control_plane, "--site", site, "--token", token,
+           "--data-dir", str(data_dir), "--listen", listen, "--heartbeat-interval", str(heartbeat_interval), "--insecure"]
+    if country:
+        cmd += ["--country", country]
+    if region:
+        cmd += ["--region", region]
+    if lat is not None and lon is not None:
+        cmd += ["--lat", str(lat), "--lon", str(lon)]
+    return cmd + list(extra)
+
+
+def spawn_agent(cmd: list[str], site: str, data_dir: pathlib.Path, startup_timeout: float = 30.0) -> AgentProcess:
+    """Start ``edgeplane-agent`` and wait for its ``serving <url>`` line."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "agent.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_file = log_path.open("a")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, cwd=REPO)
+    log_file.close()
+    deadline = time.monotonic() + startup_timeout
+    url = ""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buffer = b""
+    while time.monotonic() < deadline and proc.poll() is None:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            buffer += os.read(fd, 4096)
+        if b"serving " in buffer and b"\n" in buffer.split(b"serving ", 1)[1]:
+            url = buffer.split(b"serving ", 1)[1].split(b"\n", 1)[0].decode().strip()
+            break
+    if not url:
+        proc.kill()
+        proc.wait(5)
+        raise RuntimeError(f"agent {site} did not start: {log_path.read_text(errors='replace')[-2000:]}")
+    return AgentProcess(site, data_dir, proc, url, log_path)
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``predicate`` until truthy (bounded); raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Fleet:
+    """A control plane plus agents, torn down together."""
+
+    root: pathlib.Path
+    cp: server.ControlPlane | None = None
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+
+    async def start_control_plane(self, *, local_ray_endpoints: local_ray.LocalRayEndpoints | None = None, **overrides: Any) -> server.ControlPlane:
+        config = server.ServerConfig(
+            data_dir=self.root / "control-plane", port=0, agent_port=0, heartbeat_interval_s=0.5, missed_heartbeats=3,
+            resync_s=2.0, artifact_roots=(EXAMPLES, self.root / "artifacts"), bootstrap_tokens=(BOOTSTRAP_TOKEN,),
+            local_ray=local_ray_endpoints, **overrides,
+        )
+        self.cp = await server.ControlPlane(config).start()
+        return self.cp
+
+    async def start_agent(self, site: str, *, country: str = "", region: str = "", lat: float | None = None, lon: float | None = None,
+                          wait_joined: bool = True, heartbeat_interval: float = 0.5, extra: tuple[str, ...] = ()) -> AgentProcess:
+        assert self.cp is not None, "start the control plane first"
+        data_dir = self.root / "agents" / site
+        cmd = agent_command(self.cp.agent_target, site, data_dir, country=country, region=region, lat=lat, lon=lon,
+                            heartbeat_interval=heartbeat_interval, extra=extra)
+        agent = await asyncio.to_thread(spawn_agent, cmd, site, data_dir)
+        self.agents[site] = agent
+        if wait_joined:
+            cp = self.cp
+            await wait_until(lambda: (s := cp.hub.status(site)) is not None and s.healthy, 30, what=f"agent {site} to join")
+        return agent
+
+    async def restart_agent(self, site: str) -> AgentProcess:
+        old = self.agents[site]
+        cmd = list(old.process.args)  # type: ignore[arg-type]
+        agent = await asyncio.to_thread(spawn_agent, cmd, site, old.data_dir)
+        self.agents[site] = agent
+        return agent
+
+    async def stop(self) -> None:
+        for agent in self.agents.values():
+            await asyncio.to_thread(agent.stop)
+        if self.cp is not None:
+            await self.cp.stop()
+            self.cp = None
+
+
+def ray_free_examples(folder: pathlib.Path, ray_address: str) -> pathlib.Path:
+    """Copy the examples with every ``ray: {address: local}`` pointed at ``ray_address``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in EXAMPLES.glob("*.yaml"):
+        (folder / f.name).write_text(f.read_text().replace("ray: {address: local}", f"ray: {{address: \"{ray_address}\"}}"))
+    return folder

@@ -1,0 +1,132 @@
+"""The artifact cache over real HTTP (resume, verification, URL policy) and the ONNX
+runtime's input checks, on models built by the test."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+
+import httpx
+import numpy as np
+import pytest
+
+from edge_agent import artifacts, errors
+from edge_agent.runtime import onnx
+
+from .conftest import ArtifactServer, Models
+
+
+@pytest.fixture
+async def client() -> httpx.AsyncClient:
+    async with httpx.AsyncClient() as c:
+        yield c
+
+
+async def test_download_resumes_with_range_and_verifies(
+    tmp_path: pathlib.Path, client: httpx.AsyncClient, models: Models, artifact_server: ArtifactServer
+) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, client)
+    data = models.v1.path.read_bytes()
+    partial = cache.root / (models.v1.sha256 + ".partial")
+    partial.write_bytes(data[:500])
+    before = len(artifact_server.ranges)
+    path = await cache.fetch(models.v1_url, models.v1.sha256)
+    assert artifact_server.ranges[before:] == ["bytes=500-"]
+    assert path.read_bytes() == data and not partial.exists()
+    assert await cache.read(models.v1.sha256) == data
+    # Cached: no second request.
+    assert await cache.fetch("http://127.0.0.1:1/unreachable", models.v1.sha256) == path
+
+
+async def test_mismatching_artifact_never_reaches_the_cache(
+    tmp_path: pathlib.Path, client: httpx.AsyncClient, models: Models
+) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, client)
+    with pytest.raises(errors.ArtifactIntegrityError, match="expected " + models.v2.sha256):
+        await cache.fetch(models.corrupt_url, models.v2.sha256)
+    assert list(cache.root.iterdir()) == []
+
+
+async def test_corruption_on_disk_is_detected_before_loading(
+    tmp_path: pathlib.Path, client: httpx.AsyncClient, models: Models
+) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, client)
+    path = await cache.fetch(models.v1_url, models.v1.sha256)
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(errors.ArtifactIntegrityError, match="corrupt"):
+        await cache.read(models.v1.sha256)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "sha", "error", "fragment"),
+    [
+        ("file:///etc/hostname", "0" * 64, errors.ArtifactUnavailable, "--allow-file-artifacts"),
+        ("ftp://example/x.onnx", "0" * 64, errors.ArtifactUnavailable, "scheme"),
+        ("http://127.0.0.1:1/x.onnx", "0" * 64, errors.ArtifactUnavailable, "failed"),
+        ("http://127.0.0.1:1/x.onnx", "not-a-digest", errors.ArtifactIntegrityError, "64 hex"),
+    ],
+)
+async def test_refused_urls(tmp_path, client, url, sha, error, fragment) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, client)
+    with pytest.raises(error, match=fragment):
+        await cache.fetch(url, sha)
+
+
+async def test_http_errors_are_reported(tmp_path, client, artifact_server) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, client)
+    with pytest.raises(errors.ArtifactUnavailable, match="HTTP 404"):
+        await cache.fetch(artifact_server.url("missing.onnx"), "0" * 64)
+
+
+async def test_file_urls_with_the_flag(tmp_path, client, models: Models) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, client, allow_file_urls=True)
+    path = await cache.fetch(models.v1.path.as_uri(), models.v1.sha256)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == models.v1.sha256
+
+
+@pytest.fixture(scope="module")
+def runtime(models: Models) -> onnx.OnnxModel:
+    return onnx.OnnxModel.load(models.v1.path.read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("named", "fragment"),
+    [
+        ([("input", np.zeros((1, 3), np.float32), "FP32")], "must have shape [-1, 8]"),
+        ([("input", np.zeros((8,), np.float32), "FP32")], "must have shape [-1, 8]"),
+        ([("input", np.zeros((1, 8), np.int32), "INT32")], "must be FP32, got INT32"),
+        ([("other", np.zeros((1, 8), np.float32), "FP32")], "unknown input 'other'"),
+        ([], "missing input(s): input"),
+    ],
+)
+def test_input_checks(runtime: onnx.OnnxModel, named, fragment) -> None:
+    with pytest.raises(errors.InvalidInput) as refused:
+        runtime.feeds(named)
+    assert fragment in str(refused.value)
+
+
+def test_runtime_describes_and_runs(runtime: onnx.OnnxModel) -> None:
+    assert runtime.inputs == (onnx.TensorSpec("input", "FP32", (-1, 8)),)
+    assert runtime.provider == "CPUExecutionProvider"
+    feeds = runtime.feeds([("input", np.zeros((0, 8), np.float32), "FP32")])
+    assert runtime.run(feeds, runtime.output_names(()))[0].shape == (0, 4)
+
+
+def test_garbage_model_is_a_load_error() -> None:
+    with pytest.raises(errors.ModelLoadError, match="could not load"):
+        onnx.OnnxModel.load(b"definitely not onnx")
+
+
+@pytest.mark.parametrize(
+    ("available", "chosen"),
+    [
+        (["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+         ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        ([], ["CPUExecutionProvider"]),
+    ],
+)
+def test_provider_choice(available, chosen) -> None:
+    assert onnx.choose_providers(available) == chosen

@@ -1,0 +1,123 @@
+"""``edgeplane-agent`` as a real process: kill -9, SIGTERM drain, restart without uplink."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import numpy as np
+import pytest
+
+from edgeplane_proto import oip
+from orchestrator.agents import model
+from orchestrator.testing import onnx_models
+
+from .conftest import TOKEN, ControlPlane, Models, start_control_plane
+
+SITE = "edge-lyon-1"
+
+
+def agent_command() -> list[str]:
+    script = pathlib.Path(sys.executable).parent / "edgeplane-agent"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "edge_agent.main"]
+
+
+class AgentProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    async def wait(self, timeout: float = 15) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+
+@pytest.fixture
+async def spawn(tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., object]]:
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(target: str, data_dir: pathlib.Path | None = None) -> AgentProcess:
+        proc = await asyncio.create_subprocess_exec(
+            *agent_command(),
+            "--control-plane", target,
+            "--site", SITE,
+            "--token", TOKEN,
+            "--listen", "127.0.0.1:0",
+            "--data-dir", str(data_dir or tmp_path / "agent"),
+            "--heartbeat-interval", "0.2",
+            "--drain-timeout", "5",
+            "--insecure",
+            "--country", "FR",
+            "--log-level", "WARNING",
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line.startswith("serving "), f"agent did not start: {line!r}"
+        return AgentProcess(proc, line.split()[1])
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), 10)
+
+
+async def wait_model_ready(url: str, name: str = "mlp") -> None:
+    """Poll across the process boundary (no event to await there); bounded."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        for _ in range(200):
+            if (await client.get(f"/v2/models/{name}/ready")).status_code == 200:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"model {name} never became ready at {url}")
+
+
+async def infer(url: str, x: np.ndarray) -> np.ndarray:
+    body, _ = oip.encode_request({"input": x})
+    async with httpx.AsyncClient(base_url=url) as client:
+        response = await client.post("/v2/models/mlp/infer", content=body)
+    assert response.status_code == 200, response.text
+    return oip.decode_response(response.content).outputs[0].array
+
+
+async def test_kill_9_is_noticed_by_missed_heartbeats(control_plane: ControlPlane, spawn) -> None:
+    agent = await spawn(control_plane.target)
+    await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+    agent.proc.send_signal(signal.SIGKILL)
+    lost = await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.LOST, timeout=5)
+    assert "missed" in lost.reason
+    assert control_plane.hub.status(SITE).healthy is False
+
+
+async def test_sigterm_drains_and_restart_serves_from_cache_without_control_plane(
+    spawn, models: Models, tmp_path: pathlib.Path
+) -> None:
+    cp = await start_control_plane()
+    try:
+        agent = await spawn(cp.target)
+        cp.hub.set_assignments(
+            SITE, [model.Assignment("mlp", "intent", "small", models.v1_url, models.v1.sha256)], 1
+        )
+        await wait_model_ready(agent.url)
+        agent.proc.send_signal(signal.SIGTERM)
+        assert await agent.wait() == 0
+        lost = await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.LOST)
+        assert lost.reason == "agent is draining"
+    finally:
+        await cp.server.stop(grace=None)
+
+    # Control plane gone for good: the restarted agent serves what it had, from its cache.
+    restarted = await spawn(cp.target)
+    await wait_model_ready(restarted.url)
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    weights = onnx_models.mlp_weights(8, 16, 4, 2, 0)
+    np.testing.assert_allclose(await infer(restarted.url, x), onnx_models.mlp_reference(x, weights, True), rtol=1e-5)
+    restarted.proc.send_signal(signal.SIGTERM)
+    assert await restarted.wait() == 0

@@ -1,0 +1,230 @@
+"""Helpers for the foundation tests: manifest text, a control plane in a thread, the CLI.
+
+The control plane runs for real (``ControlPlane`` on loopback, or ``edgeplane serve`` as a
+subprocess); data-centre sites point Ray at a closed port (``UNREACHABLE_RAY``) so the
+reconciler reports them Unreachable instead of starting a local Ray cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import yaml
+
+from orchestrator import server
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "manifests" / "examples"
+EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
+API_VERSION = "edgeplane.io/v1alpha1"
+UNREACHABLE_RAY = "http://127.0.0.1:9"
+
+
+# --- manifests ---------------------------------------------------------------------------
+
+
+def edge_site_spec(country: str = "FR", lat: float = 45.76, lon: float = 4.83, region: str = "eu-west") -> dict[str, Any]:
+    return {
+        "tier": "edge",
+        "location": {"country": country, "region": region, "lat": lat, "lon": lon},
+        "capacity": {"cpu": 8, "memoryGiB": 32},
+        "energy": {"carbonGramsPerKWh": 56},
+    }
+
+
+def dc_site_spec() -> dict[str, Any]:
+    return {
+        "tier": "datacenter",
+        "location": {"country": "FR", "region": "eu-west", "lat": 48.85, "lon": 2.35},
+        "capacity": {"cpu": 64, "memoryGiB": 256},
+        "ray": {"address": UNREACHABLE_RAY},
+    }
+
+
+SHA = "0" * 64
+
+
+def model_spec() -> dict[str, Any]:
+    return {
+        "variants": [
+            {"name": "small", "runtime": "onnx", "artifact": {"uri": "artifacts/intent-distilled.onnx", "sha256": SHA}},
+            {"name": "big", "runtime": "ray-serve", "importPath": "pkg.mod:app"},
+        ]
+    }
+
+
+def deployment_spec(model: str = "m") -> dict[str, Any]:
+    return {"model": model, "variant": "small", "replicas": {"min": 1, "max": 2}, "placement": {"residency": ["FR"]}}
+
+
+def doc(kind: str, name: str, spec: Any, labels: dict[str, str] | None = None, **metadata: Any) -> str:
+    """One manifest document as block-style YAML (one key per line, so lines are predictable)."""
+    meta: dict[str, Any] = {"name": name}
+    if labels:
+        meta["labels"] = labels
+    meta.update(metadata)
+    return yaml.safe_dump({"apiVersion": API_VERSION, "kind": kind, "metadata": meta, "spec": spec}, sort_keys=False)
+
+
+def join(*docs: str) -> str:
+    return "---\n".join(docs)
+
+
+def line_of(text: str, needle: str, nth: int = 1) -> int:
+    """1-based line of the ``nth`` line containing ``needle`` (the test's own expectation)."""
+    seen = 0
+    for i, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            seen += 1
+            if seen == nth:
+                return i
+    raise AssertionError(f"{needle!r} (#{nth}) not in the text")
+
+
+def offline_examples(dest: pathlib.Path) -> pathlib.Path:
+    """A copy of manifests/examples whose data centres point Ray at a closed port."""
+    shutil.copytree(EXAMPLES, dest)
+    sites = dest / "sites.yaml"
+    text = sites.read_text()
+    assert text.count("ray: {address: local}") == 2, "the example fleet changed; update this helper"
+    sites.write_text(text.replace("ray: {address: local}", f'ray: {{address: "{UNREACHABLE_RAY}"}}'))
+    return dest
+
+
+def example_names() -> dict[str, set[str]]:
+    """Kind -> names declared in the committed examples (read with plain YAML, not the loader)."""
+    out: dict[str, set[str]] = {}
+    for path in EXAMPLES.glob("*.yaml"):
+        for d in yaml.safe_load_all(path.read_text()):
+            if d:
+                out.setdefault(d["kind"], set()).add(d["metadata"]["name"])
+    return out
+
+
+# --- processes and servers ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound then released)."""
+    return free_port()
+
+
+class ServerThread:
+    """A real ``ControlPlane`` on its own event loop in a thread, for sync and async tests alike."""
+
+    def __init__(self, config: server.ServerConfig):
+        self.config = config
+        self.cp: server.ControlPlane | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="control-plane", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                self.cp = await server.ControlPlane(self.config).start()
+            except BaseException as exc:  # reported to the starting thread
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            await self._stop.wait()
+            await self.cp.stop()
+
+        asyncio.run(main())
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the control plane did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.cp is not None
+        return self.cp.http_url
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the control plane did not stop"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPLANE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, server_url: str | None = None, env: dict[str, str] | None = None, stdin: str | None = None,
+        timeout: float = 60.0, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``edgeplane`` command."""
+    environment = clean_env(**(env or {}))
+    if server_url is not None:
+        environment["EDGEPLANE_SERVER"] = server_url
+    return subprocess.run([str(EDGEPLANE), *args], capture_output=True, text=True, env=environment, input=stdin,
+                          timeout=timeout, cwd=cwd or REPO)
+
+
+class ServeProcess:
+    """``edgeplane serve`` as an operator starts it, on free loopback ports."""
+
+    def __init__(self, data_dir: pathlib.Path, *extra: str, artifact_root: pathlib.Path = EXAMPLES):
+        self.data_dir = data_dir
+        self.port, self.agent_port = free_port(), free_port()
+        self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [str(EDGEPLANE), "serve", "--data-dir", str(data_dir), "--port", str(self.port), "--agent-port", str(self.agent_port),
+             "--artifact-root", str(artifact_root), "--log-level", "warning", *extra],
+            stdout=self._log, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO, start_new_session=True,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> "ServeProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"edgeplane serve exited with {self.process.returncode}:\n{self.log()}")
+            if "edgeplane control plane:" in self.log():
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"edgeplane serve did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+        return self.process.returncode

@@ -1,0 +1,93 @@
+"""One control plane and three edge agents (FR, DE, ES), shared by the gateway tests."""
+
+from __future__ import annotations
+
+import pathlib
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from orchestrator.testing import harness, onnx_models
+
+FLEET = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: edge-paris}
+spec: {tier: edge, location: {country: FR, region: fr, lat: 48.8566, lon: 2.3522}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: edge-berlin}
+spec: {tier: edge, location: {country: DE, region: de, lat: 52.52, lon: 13.405}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: edge-madrid}
+spec: {tier: edge, location: {country: ES, region: es, lat: 40.4168, lon: -3.7038}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: intent}
+spec:
+  variants:
+    - name: distilled
+      runtime: onnx
+      artifact: {uri: intent.onnx, sha256: "SHA"}
+      resources: {cpu: 0.1, memoryMiB: 64}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: fields}
+spec:
+  variants:
+    - name: distilled
+      runtime: onnx
+      artifact: {uri: intent.onnx, sha256: "SHA"}
+      resources: {cpu: 0.1, memoryMiB: 64}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: intent-eu}
+spec:
+  model: intent
+  replicas: {min: 3, max: 3}
+  placement: {residency: [EU], tiers: [edge], spread: {by: site, maxSkew: 1}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: fields-fr}
+spec:
+  model: fields
+  replicas: {min: 1, max: 1}
+  placement: {residency: [FR], tiers: [edge]}
+"""
+
+AGENTS = {
+    "edge-paris": dict(country="FR", region="fr", lat=48.8566, lon=2.3522),
+    "edge-berlin": dict(country="DE", region="de", lat=52.52, lon=13.405),
+    "edge-madrid": dict(country="ES", region="es", lat=40.4168, lon=-3.7038),
+}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, onnx_models.BuiltModel]:
+    root = tmp_path_factory.mktemp("gw")
+    built = onnx_models.build_mlp(root / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=3)
+    return root, built
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(model_file: tuple[pathlib.Path, onnx_models.BuiltModel]):
+    root, built = model_file
+    f = harness.Fleet(root)
+    cp = await f.start_control_plane()
+    async with httpx.AsyncClient(base_url=cp.http_url) as http:
+        resp = await http.post("/v1/apply", content=FLEET.replace("SHA", built.sha256))
+        assert resp.status_code == 200, resp.text
+    for site, where in AGENTS.items():
+        await f.start_agent(site, **where)
+    await harness.wait_until(lambda: len([e for e in cp.table.endpoints("intent") if e.healthy]) == 3, 60, what="3 intent endpoints")
+    await harness.wait_until(lambda: len(cp.table.endpoints("fields")) == 1, 60, what="the fields endpoint")
+    yield f
+    await f.stop()

@@ -1,0 +1,264 @@
+"""KubeRayActuator over real HTTP against a stateful Kubernetes API emulator (kmock).
+
+kmock's gaps, and how these tests live with them: its POST answers without the created
+object (so the actuator never relies on create's answer), it keeps no resourceVersion (the
+actuator decides on its spec-hash annotation instead) and it has no namespaces (none are
+created). Status is written into the stored object directly, as the operator would.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jsonschema
+import kmock
+import kubernetes
+import pytest
+import yaml
+
+from orchestrator.adapters import kuberay, serve_config
+from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
+
+CRD = pathlib.Path("/work/shared/crds/ray.io_rayservices.yaml")
+SHA = "b" * 64
+NS = "edge-dc"
+RES = kmock.resource("ray.io", "v1", "rayservices")
+SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
+
+
+def _strip_extensions(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _strip_extensions(v) for k, v in node.items() if not k.startswith("x-kubernetes-")
+        }
+    if isinstance(node, list):
+        return [_strip_extensions(v) for v in node]
+    return node
+
+
+@pytest.fixture(scope="module")
+def rayservice_schema() -> dict[str, Any]:
+    if not CRD.exists():
+        pytest.skip(f"{CRD} is not present")
+    crd = yaml.safe_load(CRD.read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return _strip_extensions(v1["schema"]["openAPIV3Schema"])
+
+
+def app(name: str, **kw: Any) -> ServeAppSpec:
+    base: dict[str, Any] = {
+        "name": name,
+        "route_prefix": f"/ep/{name[3:]}",
+        "model_name": name[3:],
+        "runtime": "onnx",
+        "num_replicas": 2,
+        "cpu": 1.0,
+        "memory_mib": 1024,
+        "gpus": 0.0,
+        "artifact_uri": "https://models.example/m.onnx",
+        "sha256": SHA,
+    }
+    base.update(kw)
+    return ServeAppSpec(**base)
+
+
+USER_APP = ServeAppSpec(
+    name="ep-llm", route_prefix="/ep/llm", model_name="llm", runtime="ray-serve",
+    num_replicas=2, cpu=4.0, memory_mib=8192, gpus=1.0,
+    import_path="llm_service.app:build", args={"model": "mistral", "max_tokens": 512},
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "apps",
+    [[app("ep-intent")], [app("ep-intent"), USER_APP], [app("ep-a", cpu=0.25, memory_mib=0)]],
+    ids=["cpu", "cpu+gpu", "fractional"],
+)
+def test_rendered_rayservice_validates_against_the_crd(
+    rayservice_schema: dict[str, Any], apps: list[ServeAppSpec]
+) -> None:
+    obj = kuberay.render_rayservice("paris-dc", NS, apps, SHAPE)
+    jsonschema.validate(obj, rayservice_schema)
+    serve = yaml.safe_load(obj["spec"]["serveConfigV2"])
+    assert [a["name"] for a in serve["applications"]] == [a.name for a in apps]
+
+
+def test_crd_schema_catches_a_broken_object(rayservice_schema: dict[str, Any]) -> None:
+    obj = kuberay.render_rayservice("paris-dc", NS, [app("ep-a")], SHAPE)
+    del obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(obj, rayservice_schema)
+
+
+@pytest.mark.parametrize(
+    ("apps", "groups"),
+    [
+        ([app("ep-a", num_replicas=1, cpu=1, memory_mib=512)], {"cpu": 1}),
+        ([app("ep-a", num_replicas=8, cpu=1, memory_mib=512)], {"cpu": 2}),
+        ([app("ep-a", num_replicas=9, cpu=1, memory_mib=512)], {"cpu": 3}),
+        ([app("ep-a", num_replicas=2, cpu=0.5, memory_mib=9000)], {"cpu": 2}),  # memory-bound
+        ([app("ep-a", num_replicas=0)], {"cpu": 0}),
+        ([app("ep-a", num_replicas=3, cpu=2, gpus=1, memory_mib=1024)], {"cpu": 0, "gpu": 3}),
+        (
+            [app("ep-a", num_replicas=4, cpu=1, gpus=0.5, memory_mib=0), app("ep-b")],
+            {"cpu": 1, "gpu": 2},
+        ),
+    ],
+)
+def test_worker_groups_are_sized_from_the_apps(
+    apps: list[ServeAppSpec], groups: dict[str, int]
+) -> None:
+    obj = kuberay.render_rayservice("s", NS, apps, SHAPE)
+    sized = {
+        g["groupName"]: g["replicas"] for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    }
+    assert sized == groups
+    gpu_groups = [
+        g for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu"
+    ]
+    for group in gpu_groups:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        (app("ep-a", cpu=16), "CPU"),
+        (app("ep-a", memory_mib=64 * 1024), "MiB"),
+        (app("ep-a", gpus=2), "GPUs"),
+        (app("ep-a", num_replicas=1000), "limit"),
+    ],
+)
+def test_replicas_that_fit_no_pod_are_refused(spec: ServeAppSpec, fragment: str) -> None:
+    with pytest.raises(kuberay.ClusterShapeError, match=fragment) as refused:
+        kuberay.render_rayservice("s", NS, [spec], SHAPE)
+    assert refused.value.retryable is False
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
+    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
+        yield emulator
+
+
+def _client(url: str) -> kubernetes.client.ApiClient:
+    config = kubernetes.client.Configuration()
+    config.host = url.rstrip("/")
+    config.retries = 0
+    return kubernetes.client.ApiClient(config)
+
+
+@pytest.fixture
+async def actuator(kube: kmock.KubernetesEmulator) -> AsyncIterator[kuberay.KubeRayActuator]:
+    act = kuberay.KubeRayActuator(_client(str(kube.url)), NS, "paris-dc", shape=SHAPE)
+    yield act
+    await act.close()
+
+
+def _writes(kube: kmock.KubernetesEmulator) -> list[str]:
+    return [str(r.method).rsplit(".", 1)[-1] for r in list(kube) if str(r.method) != "method.GET"]
+
+
+def _set_status(kube: kmock.KubernetesEmulator, status: dict[str, Any]) -> None:
+    kube.objects[RES, NS, "edgeplane-paris-dc"].patch({"status": status})
+
+
+RUNNING_STATUS = {
+    "serviceStatus": "Running",
+    "activeServiceStatus": {
+        "rayClusterName": "edgeplane-paris-dc-abc12",
+        "applicationStatuses": {
+            "ep-intent": {
+                "status": "RUNNING",
+                "serveDeploymentStatuses": {"OnnxModel": {"status": "HEALTHY"}},
+            },
+            "ep-llm": {
+                "status": "DEPLOY_FAILED",
+                "message": 'Traceback (most recent call last):\n  File "x"\n'
+                "ModuleNotFoundError: No module named 'llm_service'",
+                "serveDeploymentStatuses": {},
+            },
+        },
+    },
+}
+
+
+async def test_create_observe_patch_delete(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
+) -> None:
+    assert await actuator.observe() == {}
+    await actuator.apply([app("ep-intent")])
+    assert _writes(kube) == ["POST"]
+    stored = kube.objects[RES, NS, "edgeplane-paris-dc"]
+    assert stored["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "edgeplane"
+
+    (pending,) = (await actuator.observe()).values()
+    assert pending.status is ServeAppState.NOT_STARTED and pending.replicas_target == 2
+
+    _set_status(kube, copy.deepcopy(RUNNING_STATUS))
+    statuses = await actuator.observe()
+    intent = statuses["ep-intent"]
+    assert (intent.status, intent.replicas_running, intent.replicas_target) == (
+        ServeAppState.RUNNING, 2, 2,
+    )  # fmt: skip
+    assert intent.endpoint_url == (
+        "http://edgeplane-paris-dc-serve-svc.edge-dc.svc.cluster.local:8000/ep/intent"
+    )
+
+    await actuator.apply([app("ep-intent")])  # unchanged: no write
+    assert _writes(kube) == ["POST"]
+
+    await actuator.apply([app("ep-intent", num_replicas=5), USER_APP])
+    assert _writes(kube) == ["POST", "PATCH"]
+    stored = kube.objects[RES, NS, "edgeplane-paris-dc"]
+    serve = yaml.safe_load(stored["spec"]["serveConfigV2"])
+    assert [a["deployments"][0]["num_replicas"] for a in serve["applications"][:1]] == [5]
+    assert serve["applications"][1]["import_path"] == "llm_service.app:build"
+    assert serve["applications"][1]["args"] == {"model": "mistral", "max_tokens": 512}
+    groups = {
+        g["groupName"]: g["replicas"]
+        for g in stored["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    }
+    assert groups == {"cpu": 2, "gpu": 2}
+
+    failed = (await actuator.observe())["ep-llm"]
+    assert failed.status is ServeAppState.DEPLOY_FAILED
+    assert failed.message == "ModuleNotFoundError: No module named 'llm_service'"
+
+    await actuator.apply([])
+    assert _writes(kube) == ["POST", "PATCH", "DELETE"]
+    assert await actuator.observe() == {}
+    await actuator.apply([])  # already gone: nothing to do
+    assert _writes(kube) == ["POST", "PATCH", "DELETE"]
+
+
+async def test_refused_credentials_are_an_auth_error(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
+) -> None:
+    kube["get"] << 403
+    with pytest.raises(kuberay.KubernetesAuthError) as refused:
+        await actuator.observe()
+    assert refused.value.retryable is False
+
+
+async def test_invalid_object_is_rejected_not_retried(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
+) -> None:
+    kube["post"] << 422
+    with pytest.raises(kuberay.KubernetesRejected):
+        await actuator.apply([app("ep-a")])
+
+
+async def test_unreachable_api_server() -> None:
+    from orchestrator.adapters import local_ray
+
+    (port,) = local_ray.free_ports(1)
+    act = kuberay.KubeRayActuator(_client(f"http://127.0.0.1:{port}"), NS, "s", shape=SHAPE)
+    with pytest.raises(kuberay.KubernetesUnreachable) as down:
+        await act.observe()
+    assert isinstance(down.value, serve_config.DataCentreError) and down.value.retryable
+    await act.close()
