@@ -78,9 +78,12 @@ def _eligible(s: Site, d: Deployment) -> bool:
     if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
         return False
     return any(
-        s.cpu >= v.cpu and s.memory_gib * 1024 >= v.memory_mib and (
-            not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib
-                              for g in s.gpus))
+        s.cpu >= v.cpu
+        and s.memory_gib * 1024 >= v.memory_mib
+        and (
+            not v.gpus
+            or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus)
+        )
         for v in d.variants_for(s.tier)
     )
 
@@ -98,8 +101,7 @@ def make_instance(seed: int):
         current = [Replica(r.deployment, r.site, r.variant) for r in before.replicas]
         if current:
             lost = current[int(rng.integers(len(current)))].site
-            sites = [dataclasses.replace(s, healthy=False) if s.name == lost else s
-                     for s in sites]
+            sites = [dataclasses.replace(s, healthy=False) if s.name == lost else s for s in sites]
     return sites, deployments, current
 
 
@@ -114,20 +116,22 @@ def run(instances: int, time_limit_s: float, tuning: Tuning) -> dict:
         t2 = time.perf_counter()
         mine = [Replica(r.deployment, r.site, r.variant) for r in ours.replicas]
         gap = (ours.objective.total - best.objective.total) / max(1e-9, abs(best.objective.total))
-        rows.append({
-            "seed": seed,
-            "sites": len(sites),
-            "deployments": len(deployments),
-            "replicas": len(mine),
-            "planner": ours.objective.total,
-            "milp": best.objective.total,
-            "milp_optimal": best.optimal,
-            "gap": gap,
-            "planner_ms": (t1 - t0) * 1e3,
-            "milp_ms": (t2 - t1) * 1e3,
-            "planner_violations": violations(sites, deployments, mine),
-            "milp_violations": violations(sites, deployments, best.replicas),
-        })
+        rows.append(
+            {
+                "seed": seed,
+                "sites": len(sites),
+                "deployments": len(deployments),
+                "replicas": len(mine),
+                "planner": ours.objective.total,
+                "milp": best.objective.total,
+                "milp_optimal": best.optimal,
+                "gap": gap,
+                "planner_ms": (t1 - t0) * 1e3,
+                "milp_ms": (t2 - t1) * 1e3,
+                "planner_violations": violations(sites, deployments, mine),
+                "milp_violations": violations(sites, deployments, best.replicas),
+            }
+        )
     gaps = np.array([r["gap"] for r in rows])
     return {
         "instances": len(rows),
@@ -154,16 +158,26 @@ def main() -> None:
     instances = 20 if args.quick else args.instances
     report = run(instances, args.time_limit, Tuning(improve=not args.no_improve))
     table = Table(title=f"scheduler quality: planner vs MILP over {instances} instances")
-    for col in ("median gap", "p95 gap", "max gap", "violations planner/MILP",
-                "MILP not proven optimal", "planner ms (median)", "MILP ms (median)"):
+    for col in (
+        "median gap",
+        "p95 gap",
+        "max gap",
+        "violations planner/MILP",
+        "MILP not proven optimal",
+        "planner ms (median)",
+        "MILP ms (median)",
+    ):
         table.add_column(col, justify="right")
     table.add_row(
-        f"{report['median_gap']:.2%}", f"{report['p95_gap']:.2%}", f"{report['max_gap']:.2%}",
+        f"{report['median_gap']:.2%}",
+        f"{report['p95_gap']:.2%}",
+        f"{report['max_gap']:.2%}",
         f"{report['planner_violations']}/{report['milp_violations']}",
         str(report["milp_not_proven_optimal"]),
-        f"{report['planner_ms_median']:.1f}", f"{report['milp_ms_median']:.0f}",
+        f"{report['planner_ms_median']:.1f}",
+        f"{report['milp_ms_median']:.0f}",
     )
-    Console().print(table)
+    Console(width=150).print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1))
 

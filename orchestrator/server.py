@@ -62,6 +62,7 @@ class ServerConfig:
     public_url: str | None = None  # how agents and Ray replicas reach this server
     local_ray: local_ray.LocalRayEndpoints | None = None  # use this cluster for ray.address: local
     local_ray_cpus: int | None = None
+    local_ray_gpus: int | None = None
     bootstrap_tokens: tuple[str, ...] = ()  # static agent bootstrap tokens (besides `token create`)
     kube_factory: Any = None
 
@@ -134,6 +135,9 @@ class ControlPlane:
 
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # uvicorn writes a response's head and body separately; without TCP_NODELAY (which
+        # accepted sockets inherit) Nagle holds the body for the client's delayed ACK: ~40 ms.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((cfg.host, cfg.port))
         port = sock.getsockname()[1]
         host_for_url = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -145,7 +149,7 @@ class ControlPlane:
                                        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
                                      position=cfg.position, ready=lambda: self._started)
-        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(cfg.data_dir / "ray", endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus),
+        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(cfg.data_dir / "ray", endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus),
                                               kube_factory=cfg.kube_factory)
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 

@@ -80,17 +80,26 @@ class _Walker:
         self.file, self.index = file, index
         self.lines: dict[Path, int] = {}
         self.count = 0
+        self._seen: set[int] = set()  # ids of nodes walked: meeting one again means an alias
         self.constructor = yaml.SafeLoader.__new__(yaml.SafeLoader)
         yaml.constructor.SafeConstructor.__init__(self.constructor)
 
     def issue(self, path: Path, line: int | None, message: str) -> ManifestError:
         return ManifestError([ManifestIssue(self.file, self.index, format_path(path), line, message)])
 
-    def to_data(self, node: yaml.Node, path: Path = (), depth: int = 0) -> Any:
+    def to_data(self, node: yaml.Node, path: Path = (), depth: int = 0, written_at: int | None = None,
+                alias: tuple[Path, int | None] | None = None) -> Any:
+        """``written_at``: the line this value sits on in the text; ``alias``: where the alias
+        this value was expanded from is written (path and line), once inside one."""
         self.count += 1
         line = node.start_mark.line + 1
+        if alias is None and id(node) in self._seen:
+            alias = (path, written_at)
+        self._seen.add(id(node))
         if self.count > MAX_NODES:
-            raise self.issue(path, line, f"document has more than {MAX_NODES} values (alias expansion?)")
+            # name the alias in the text, not a path that exists only in the expansion
+            where, at = alias if alias is not None else (path, line)
+            raise self.issue(where, at, f"document has more than {MAX_NODES} values (alias expansion?)")
         if depth > MAX_DEPTH:
             raise self.issue(path, line, f"document is nested deeper than {MAX_DEPTH} levels")
         self.lines.setdefault(path, line)
@@ -104,11 +113,11 @@ class _Walker:
                     raise self.issue(path, key_node.start_mark.line + 1, f"keys must be strings, got {key!r}")
                 if key in out:
                     raise self.issue((*path, key), key_node.start_mark.line + 1, f"duplicate key {key!r}")
-                out[key] = self.to_data(value_node, (*path, key), depth + 1)
+                out[key] = self.to_data(value_node, (*path, key), depth + 1, key_node.start_mark.line + 1, alias)
                 self.lines[(*path, key)] = key_node.start_mark.line + 1
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self.to_data(v, (*path, i), depth + 1) for i, v in enumerate(node.value)]
+            return [self.to_data(v, (*path, i), depth + 1, line, alias) for i, v in enumerate(node.value)]
         try:
             return self.constructor.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as exc:

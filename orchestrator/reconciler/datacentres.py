@@ -27,6 +27,7 @@ class LocalRay:
     base_dir: pathlib.Path
     endpoints: local_ray.LocalRayEndpoints | None = None  # given: use that cluster, do not own it
     num_cpus: int | None = None
+    num_gpus: int | None = None  # logical GPUs to declare (the demo's stand-in for real ones)
     _cluster: local_ray.LocalRayCluster | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -34,7 +35,7 @@ class LocalRay:
         async with self._lock:
             if self.endpoints is None:
                 log.info("starting the local Ray cluster (the embedded data centre) in %s", self.base_dir)
-                self._cluster = local_ray.LocalRayCluster(base_dir=self.base_dir, num_cpus=self.num_cpus)
+                self._cluster = local_ray.LocalRayCluster(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
                 self.endpoints = await self._cluster.start_async()
                 log.info("local Ray cluster up: dashboard %s, serve %s", self.endpoints.dashboard_url, self.endpoints.serve_url)
             return self.endpoints

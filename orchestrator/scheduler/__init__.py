@@ -9,8 +9,8 @@ measured against.
 
 from orchestrator.scheduler.model import (
     ALL_TIERS,
-    Deployment,
     DemandPoint,
+    Deployment,
     GpuGroup,
     Placement,
     Replica,
@@ -54,8 +54,8 @@ __all__ = [
     "MoveReplica",
     "Objective",
     "PlaceReplica",
-    "PlanResult",
     "Placement",
+    "PlanResult",
     "PlannedReplica",
     "RemoveReplica",
     "Replica",

@@ -137,4 +137,3 @@ def _spread_reason(fleet: Fleet, capacity: Capacity, job: Job) -> str:
         f"spread by {rules.by} maxSkew {rules.max_skew} over {len(spread.count)} eligible "
         f"{rules.by}s: {shown or 'some'} cannot take another replica"
     )
-

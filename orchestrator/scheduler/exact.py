@@ -30,7 +30,7 @@ import numpy as np
 from scipy import optimize, sparse
 
 from orchestrator.scheduler.fleet import Fleet
-from orchestrator.scheduler.model import Deployment, Replica, Site, Tier, Weights
+from orchestrator.scheduler.model import DEFAULT_WEIGHTS, Deployment, Replica, Site, Tier, Weights
 from orchestrator.scheduler.objective import evaluate, locate_demand, misfits
 from orchestrator.scheduler.result import Objective
 
@@ -80,7 +80,7 @@ def solve(
     deployments: Sequence[Deployment],
     current: Iterable[Replica] = (),
     *,
-    weights: Weights = Weights(),
+    weights: Weights = DEFAULT_WEIGHTS,
     region_locations: Mapping[str, tuple[float, float]] | None = None,
     time_limit_s: float = 60.0,
 ) -> ExactResult:
@@ -117,11 +117,16 @@ def solve(
                 static += w.variant_fit_per_replica if misfits(variant, tier) else 0.0
                 now = running.get((dep.name, s, variant.name), 0)
                 cost = static - w.shortfall_per_replica + (0.0 if now else w.move_per_replica)
-                groups = [-1] if not variant.gpus else [
-                    k for k in range(fleet.gpu_groups)
-                    if fleet.gpu_memory[s, k] >= variant.gpu_memory_gib - 1e-9
-                    and fleet.gpu_count[s, k] >= variant.gpus
-                ]
+                groups = (
+                    [-1]
+                    if not variant.gpus
+                    else [
+                        k
+                        for k in range(fleet.gpu_groups)
+                        if fleet.gpu_memory[s, k] >= variant.gpu_memory_gib - 1e-9
+                        and fleet.gpu_count[s, k] >= variant.gpus
+                    ]
+                )
                 for k in groups:
                     col = b.var(cost, 0, wanted, True)
                     x_of.append((col, dep.name, variant.name, s))
@@ -175,7 +180,11 @@ def _spread_rows(b: _Builder, fleet: Fleet, dep: Deployment, xs_at: dict[int, li
 
 
 def _latency(
-    b: _Builder, fleet: Fleet, dep: Deployment, w: Weights, wanted: int,
+    b: _Builder,
+    fleet: Fleet,
+    dep: Deployment,
+    w: Weights,
+    wanted: int,
     xs_at: dict[int, list[int]],
 ) -> None:
     demand, _ = locate_demand(fleet, dep)
@@ -207,12 +216,8 @@ def _run(
     n = len(b.cost)
     if n == 0:
         return (), True, 0.0, "empty"
-    matrix = sparse.csr_array(
-        (b.vals, (b.rows, b.cols)), shape=(len(b.row_low), n)
-    )
-    constraints = (
-        [optimize.LinearConstraint(matrix, b.row_low, b.row_high)] if b.row_low else []
-    )
+    matrix = sparse.csr_array((b.vals, (b.rows, b.cols)), shape=(len(b.row_low), n))
+    constraints = [optimize.LinearConstraint(matrix, b.row_low, b.row_high)] if b.row_low else []
     res = optimize.milp(
         c=np.array(b.cost),
         integrality=np.array(b.integer),
@@ -224,6 +229,6 @@ def _run(
         raise RuntimeError(f"MILP found no solution: {res.message}")
     replicas: list[Replica] = []
     for col, dep, variant, s in x_of:
-        replicas.extend([Replica(dep, fleet.names[s], variant)] * int(round(res.x[col])))
+        replicas.extend([Replica(dep, fleet.names[s], variant)] * round(res.x[col]))
     gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
     return tuple(replicas), res.status == 0, gap, str(res.message)

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from orchestrator.scheduler import geo
-from orchestrator.scheduler.model import Deployment, DemandPoint, Site, Tier, Variant
+from orchestrator.scheduler.model import DemandPoint, Deployment, Site, Tier, Variant
 
 NEAREST_KEPT = 1024  # sites remembered per demand point, nearest first
 
@@ -153,8 +153,11 @@ class Fleet:
         if order is None:
             dots = self.xyz @ geo.unit_vectors(lat, lon)
             keep = min(self.size, NEAREST_KEPT)
-            part = np.argpartition(-dots, keep - 1)[:keep] if keep < self.size else np.arange(
-                self.size)
+            part = (
+                np.argpartition(-dots, keep - 1)[:keep]
+                if keep < self.size
+                else np.arange(self.size)
+            )
             order = part[np.argsort(-dots[part], kind="stable")]
             self._near_cache[(lat, lon)] = order
         return order
@@ -210,9 +213,9 @@ class Capacity:
         memory = self.fleet.gpu_memory[site]
         counts = self.gpu_count[site]
         for k in range(self.fleet.gpu_groups):
-            if counts[k] >= variant.gpus and memory[k] >= variant.gpu_memory_gib - 1e-9:
-                if best is None or memory[k] < memory[best]:
-                    best = k
+            fits = counts[k] >= variant.gpus and memory[k] >= variant.gpu_memory_gib - 1e-9
+            if fits and (best is None or memory[k] < memory[best]):
+                best = k
         return best
 
     def has_room(self, site: int, variant: Variant) -> bool:
@@ -224,10 +227,7 @@ class Capacity:
 
     def take(self, site: int, variant: Variant) -> int | None:
         """Reserve one replica's resources; the GPU group used, or None if it does not fit."""
-        if (
-            self.cpu[site] < variant.cpu - 1e-9
-            or self.memory_mib[site] < variant.memory_mib - 1e-9
-        ):
+        if self.cpu[site] < variant.cpu - 1e-9 or self.memory_mib[site] < variant.memory_mib - 1e-9:
             return None
         group = self.gpu_group(site, variant)
         if group is None:

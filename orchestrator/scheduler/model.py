@@ -150,9 +150,7 @@ class Placement:
 
     def __post_init__(self) -> None:
         if self.residency is not None:
-            object.__setattr__(
-                self, "residency", frozenset(c.upper() for c in self.residency)
-            )
+            object.__setattr__(self, "residency", frozenset(c.upper() for c in self.residency))
         object.__setattr__(self, "tiers", frozenset(Tier(t) for t in self.tiers))
         object.__setattr__(self, "site_selector", _frozen_mapping(self.site_selector))
 
@@ -186,6 +184,9 @@ class Weights:
     shortfall_per_replica: float = 1_000.0  # below the wanted count
     below_min_per_replica: float = 10_000.0  # below replicas.min, on top of the above
     unserved_rtt_ms: float = 1_000.0  # latency charged to demand with no replica at all
+
+
+DEFAULT_WEIGHTS = Weights()
 
 
 @dataclass(frozen=True)
@@ -269,3 +270,6 @@ class Tuning:
 
     candidates: int | None = 48
     improve: bool = True
+
+
+DEFAULT_TUNING = Tuning()

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator.scheduler.fleet import Fleet
-from orchestrator.scheduler.model import Deployment, DemandPoint, Replica, Site, Tier, Variant, Weights
+from orchestrator.scheduler.model import (
+    DEFAULT_WEIGHTS,
+    DemandPoint,
+    Deployment,
+    Replica,
+    Site,
+    Tier,
+    Variant,
+    Weights,
+)
 from orchestrator.scheduler.result import Objective
 
 
@@ -80,21 +89,28 @@ def score_deployment(
     weights: Weights,
     placed: Mapping[tuple[int, str], int],
     current: Mapping[tuple[int, str], int],
+    nearest: Sequence[float | None] | None = None,
 ) -> Objective:
-    """Cost of one deployment's placement; keys are (site index, variant name)."""
+    """Cost of one deployment's placement; keys are (site index, variant name).
+
+    ``nearest`` may pass the RTT from each located demand point to its nearest replica
+    when the caller has it already (None where nothing is placed).
+    """
     variants = {v.name: v for v in deployment.variants}
     open_sites = sorted({site for (site, _), n in placed.items() if n > 0})
     located, _ = locate_demand(fleet, deployment)
     latency = 0.0
-    for demand in located:
-        if open_sites:
+    for p, demand in enumerate(located):
+        known = nearest[p] if nearest is not None else None
+        if known is not None:
+            latency += weights.latency_per_ms * demand.share * known
+        elif open_sites:
             rtt = fleet.rtt_to(
                 demand.point, (demand.lat, demand.lon), np.array(open_sites, dtype=np.int64)
             )
-            nearest = float(rtt.min())
+            latency += weights.latency_per_ms * demand.share * float(rtt.min())
         else:
-            nearest = weights.unserved_rtt_ms
-        latency += weights.latency_per_ms * demand.share * nearest
+            latency += weights.latency_per_ms * demand.share * weights.unserved_rtt_ms
     carbon = fit = moves = 0.0
     for (site, name), n in placed.items():
         if n <= 0:
@@ -120,13 +136,14 @@ def evaluate(
     deployments: Sequence[Deployment],
     current: Iterable[Replica],
     replicas: Iterable[Replica],
-    weights: Weights = Weights(),
+    weights: Weights = DEFAULT_WEIGHTS,
     region_locations: Mapping[str, tuple[float, float]] | None = None,
 ) -> Objective:
     """Score any placement (the planner's, the MILP's, a hand-made one) the same way."""
     fleet = Fleet(sites, region_locations)
-    now = Counter((r.deployment, fleet.index[r.site], r.variant) for r in current
-                  if r.site in fleet.index)
+    now = Counter(
+        (r.deployment, fleet.index[r.site], r.variant) for r in current if r.site in fleet.index
+    )
     new = Counter((r.deployment, fleet.index[r.site], r.variant) for r in replicas)
     total = Objective()
     for deployment in deployments:

@@ -58,8 +58,7 @@ def build(
     for replica in current:  # replicas no plan can keep: deleted or on vanished sites
         if replica.deployment not in known or replica.site not in fleet.index:
             actions.append(
-                RemoveReplica(replica.deployment, replica.site, replica.variant,
-                              dropped[replica])
+                RemoveReplica(replica.deployment, replica.site, replica.variant, dropped[replica])
             )
     return PlanResult(
         replicas=tuple(replicas),
@@ -82,14 +81,22 @@ def _build_one(
     serves: dict[int, list[str]] = {}
     for demand in job.demand:
         if open_sites.size == 0:
-            latency.append(DemandLatency(deployment.name, demand.point.label,
-                                         demand.point.rps, None, None))
+            latency.append(
+                DemandLatency(deployment.name, demand.point.label, demand.point.rps, None, None)
+            )
             continue
         rtt = fleet.rtt_to(demand.point, (demand.lat, demand.lon), open_sites)
         k = int(np.argmin(rtt))
         site = int(open_sites[k])
-        latency.append(DemandLatency(deployment.name, demand.point.label, demand.point.rps,
-                                     fleet.names[site], float(rtt[k])))
+        latency.append(
+            DemandLatency(
+                deployment.name,
+                demand.point.label,
+                demand.point.rps,
+                fleet.names[site],
+                float(rtt[k]),
+            )
+        )
         serves.setdefault(site, []).append(f"{demand.point.label} ({float(rtt[k]):.0f} ms)")
 
     planned: list[PlannedReplica] = []
@@ -101,17 +108,24 @@ def _build_one(
         watts += n * draw
         grams += n * co2
         running = job.running.get((site, name), 0)
+        reasons: dict[tuple[bool, bool], str] = {}  # copies past the first read alike
         for copy in range(n):
             kept = copy < running
-            planned.append(PlannedReplica(
-                deployment=deployment.name,
-                site=fleet.names[site],
-                variant=name,
-                kept=kept,
-                reason=_replica_reason(kept, serves.get(site, []), copy, job, co2),
-            ))
+            key = (kept, copy == 0)
+            if key not in reasons:
+                reasons[key] = _replica_reason(kept, serves.get(site, []), copy, job, co2)
+            planned.append(
+                PlannedReplica(
+                    deployment=deployment.name,
+                    site=fleet.names[site],
+                    variant=name,
+                    kept=kept,
+                    reason=reasons[key],
+                )
+            )
     status, reason = _status(job)
-    cost = score_deployment(fleet, deployment, job.weights, placed, job.running)
+    nearest = [point.rtt_ms for point in latency]
+    cost = score_deployment(fleet, deployment, job.weights, placed, job.running, nearest)
     return (
         DeploymentPlan(
             name=deployment.name,
@@ -172,8 +186,11 @@ def _actions(
     for (site, variant), n in sorted(running.items()):
         why = dropped.get(Replica(name, site, variant))
         if why is None:
-            why = (f"scale down to {plan.placed}" if plan.placed < sum(running.values())
-                   else "a better site was found")
+            why = (
+                f"scale down to {plan.placed}"
+                if plan.placed < sum(running.values())
+                else "a better site was found"
+            )
         gone.extend([(site, variant, why)] * max(0, n - placed.get((site, variant), 0)))
     reasons: dict[tuple[str, str], list[str]] = {}
     for r in plan.replicas:
@@ -189,8 +206,16 @@ def _actions(
     out: list[Action] = []
     pairs = min(len(gone), len(new))
     for (from_site, from_variant, why), (to_site, to_variant) in zip(gone[:pairs], new[:pairs]):
-        out.append(MoveReplica(name, from_site, from_variant, to_site, to_variant,
-                               f"{why}; to: {reasons[(to_site, to_variant)].pop(0)}"))
+        out.append(
+            MoveReplica(
+                name,
+                from_site,
+                from_variant,
+                to_site,
+                to_variant,
+                f"{why}; to: {reasons[(to_site, to_variant)].pop(0)}",
+            )
+        )
     for site, variant in new[pairs:]:
         out.append(PlaceReplica(name, site, variant, reasons[(site, variant)].pop(0)))
     for site, variant, why in gone[pairs:]:

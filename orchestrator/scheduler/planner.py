@@ -37,8 +37,18 @@ import numpy as np
 
 from orchestrator.scheduler import diagnosis, geo, outcome, repair
 from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
-from orchestrator.scheduler.model import Deployment, Replica, Site, Tier, Tuning, Variant, Weights
-from orchestrator.scheduler.objective import LocatedDemand, locate_demand, replica_cost
+from orchestrator.scheduler.model import (
+    DEFAULT_TUNING,
+    DEFAULT_WEIGHTS,
+    Deployment,
+    Replica,
+    Site,
+    Tier,
+    Tuning,
+    Variant,
+    Weights,
+)
+from orchestrator.scheduler.objective import LocatedDemand, locate_demand
 from orchestrator.scheduler.result import PlanResult
 
 
@@ -79,8 +89,8 @@ def plan(
     deployments: Sequence[Deployment],
     current: Iterable[Replica] = (),
     *,
-    weights: Weights = Weights(),
-    tuning: Tuning = Tuning(),
+    weights: Weights = DEFAULT_WEIGHTS,
+    tuning: Tuning = DEFAULT_TUNING,
     region_locations: Mapping[str, tuple[float, float]] | None = None,
 ) -> PlanResult:
     """Plan where every replica of ``deployments`` runs, starting from ``current``.
@@ -103,8 +113,13 @@ def plan(
     for job in order:
         for site, variant, group in job.seats:
             capacity.give_back(site, variant, group)
-        _place(fleet, capacity, job, tuning,
-               upto=max(job.deployment.min_replicas, min(job.wanted, len(job.seats))))
+        _place(
+            fleet,
+            capacity,
+            job,
+            tuning,
+            upto=max(job.deployment.min_replicas, min(job.wanted, len(job.seats))),
+        )
     # Phase 2: grow to the wanted count, then polish.
     for job in order:
         _place(fleet, capacity, job, tuning, upto=job.wanted)
@@ -125,9 +140,7 @@ def _prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
     for variant in deployment.variants:
         tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
         if tiers and variant.name not in eligible:
-            eligible[variant.name] = (
-                allowed & fleet.tier_mask(tiers) & fleet.hardware_mask(variant)
-            )
+            eligible[variant.name] = allowed & fleet.tier_mask(tiers) & fleet.hardware_mask(variant)
     demand, notes = locate_demand(fleet, deployment)
     return Job(
         deployment=deployment,
@@ -215,20 +228,23 @@ class Spread:
         self.count: dict[int, int] = {d: 0 for d in domains}
         self.hist: Counter[int] = Counter({0: len(self.count)})
         self.max_skew = max_skew
+        self._low = 0
 
     def low(self) -> int:
-        return min((c for c, n in self.hist.items() if n > 0), default=0)
+        return self._low
 
     def allows(self, add: int, remove: int | None = None) -> bool:
-        if remove is not None and remove == add:
+        """Would one more replica in ``add`` (and one fewer in ``remove``) keep the skew?"""
+        if remove is None:
+            c = self.count[add]
+            return c + 1 - self._low <= self.max_skew or (c == self._low and self.hist[c] == 1)
+        if remove == add:
             return True
         self._shift(add, +1)
-        if remove is not None:
-            self._shift(remove, -1)
+        self._shift(remove, -1)
         live = [c for c, n in self.hist.items() if n > 0]
         ok = max(live) - min(live) <= self.max_skew
-        if remove is not None:
-            self._shift(remove, +1)
+        self._shift(remove, +1)
         self._shift(add, -1)
         return ok
 
@@ -240,6 +256,9 @@ class Spread:
         self.hist[old] -= 1
         self.hist[old + by] += 1
         self.count[domain] = old + by
+        self._low = min(self._low, old + by)
+        while self.hist[self._low] == 0 and self._low < old + by:
+            self._low += 1
 
 
 def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) -> None:
@@ -251,14 +270,19 @@ def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int
         keys = fleet.region if rules.spread.by == "region" else np.arange(fleet.size)
         job.spread = Spread(np.unique(keys[job.any_eligible]).tolist(), rules.spread.max_skew)
     limit = tuning.candidates
+    fresh = False
     while True:
         if job.options is None:
             job.options, job.complete = _candidates(fleet, capacity, job, job.spread, limit)
+            fresh = True
         _greedy(capacity, job, job.options, job.spread, upto)
-        if len(job.placed) >= upto or job.complete:
+        if len(job.placed) >= upto:
             break
-        # the shortlist ran dry: look wider (the options are rebuilt from free capacity)
-        limit = None if limit is None or limit * 4 >= fleet.size else limit * 4
+        if fresh and job.complete:
+            break
+        if fresh:  # the shortlist ran dry: look wider
+            limit = None if limit is None or limit * 4 >= fleet.size else limit * 4
+        # else: candidates from an earlier phase; capacity has moved since, rebuild them
         job.options = None
 
 
@@ -286,9 +310,7 @@ def _candidates(
     for free, variant in chosen:
         sites.extend(free.tolist())
         variants.extend([variant] * free.size)
-        fit = np.where(
-            fleet.is_edge[free] != variant.is_distilled, w.variant_fit_per_replica, 0.0
-        )
+        fit = np.where(fleet.is_edge[free] != variant.is_distilled, w.variant_fit_per_replica, 0.0)
         statics.append(w.carbon_per_g_per_hour * variant.watts * fleet.intensity[free] + fit)
     idx = np.array(sites, dtype=np.int64)
     rtt = np.zeros((idx.size, len(job.demand)))
@@ -310,7 +332,12 @@ def _candidates(
 
 
 def _shortlist(
-    fleet: Fleet, job: Job, variant: Variant, mask: BoolArray, free: IntArray, limit: int,
+    fleet: Fleet,
+    job: Job,
+    variant: Variant,
+    mask: BoolArray,
+    free: IntArray,
+    limit: int,
     spread: Spread | None,
 ) -> IntArray:
     """The few feasible sites worth a look: nearest per demand point, cheapest, running
@@ -387,12 +414,17 @@ def _greedy(
         return cost
 
     names = [v.name for v in options.variant]
-    move = np.array([
-        w.move_per_replica if count[(site, name)] >= running else 0.0
-        for site, name, running in zip(options.site, names, options.running)
-    ])
-    gain = (np.maximum(np.array(best)[None, :] - options.rtt, 0.0) @ np.array(weight)
-            if weight else np.zeros(len(static)))
+    move = np.array(
+        [
+            w.move_per_replica if count[(site, name)] >= running else 0.0
+            for site, name, running in zip(options.site, names, options.running)
+        ]
+    )
+    gain = (
+        np.maximum(np.array(best)[None, :] - options.rtt, 0.0) @ np.array(weight)
+        if weight
+        else np.zeros(len(static))
+    )
     heap = list(zip((options.static + move - gain).tolist(), range(len(static))))
     heapq.heapify(heap)
     blocked: list[int] = []
@@ -469,25 +501,28 @@ def _relocate(capacity: Capacity, job: Job, options: Options, spread: Spread | N
             site_a = options.site[a]
             if opened[site_a] == 1:
                 rest = [row for s, row in site_rows.items() if s != site_a]
-                base = (np.min(np.array(rest), axis=0) if rest
-                        else np.full(len(weight), w.unserved_rtt_ms))
+                base = (
+                    np.min(np.array(rest), axis=0)
+                    if rest
+                    else np.full(len(weight), w.unserved_rtt_ms)
+                )
             else:
                 base = best_all
-            refund = options.static[a] + (
-                w.move_per_replica if counts[a] > running[a] else 0.0
-            )
+            refund = options.static[a] + (w.move_per_replica if counts[a] > running[a] else 0.0)
             gain = move_in - refund + np.minimum(options.rtt, base) @ weight - latency_now
             gain[a] = np.inf
             for c in np.argsort(gain, kind="stable")[:8].tolist():
                 if gain[c] >= -1e-9:
                     break
                 if options.site[c] != site_a and not capacity.has_room(
-                        options.site[c], options.variant[c]):
+                    options.site[c], options.variant[c]
+                ):
                     continue
                 if spread is not None and not spread.allows(options.domain[c], options.domain[a]):
                     continue
-                if _swap(capacity, job, a_key=key, to_site=options.site[c],
-                         to_variant=options.variant[c]):
+                if _swap(
+                    capacity, job, a_key=key, to_site=options.site[c], to_variant=options.variant[c]
+                ):
                     if spread is not None:
                         spread.shift(options.domain[a], -1)
                         spread.shift(options.domain[c], +1)

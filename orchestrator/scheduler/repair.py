@@ -41,9 +41,14 @@ def _make_room_once(fleet: Fleet, capacity: Capacity, job: Job, others: Sequence
         full = full[[s in occupants for s in full.tolist()]] if full.size else full
         if job.spread is not None and full.size:
             keys = fleet.region if job.deployment.placement.spread.by == "region" else None  # type: ignore[union-attr]
-            full = np.array([s for s in full.tolist()
-                             if job.spread.allows(int(keys[s]) if keys is not None else s)],
-                            dtype=np.int64)
+            full = np.array(
+                [
+                    s
+                    for s in full.tolist()
+                    if job.spread.allows(int(keys[s]) if keys is not None else s)
+                ],
+                dtype=np.int64,
+            )
         order = np.argsort(fleet.intensity[full], kind="stable")[:SITES_TRIED]
         for site in full[order].tolist():
             for other, i in occupants[site]:

@@ -121,11 +121,12 @@ class Fleet:
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
     async def start_control_plane(self, *, local_ray_endpoints: local_ray.LocalRayEndpoints | None = None, **overrides: Any) -> server.ControlPlane:
-        config = server.ServerConfig(
+        settings: dict[str, Any] = dict(
             data_dir=self.root / "control-plane", port=0, agent_port=0, heartbeat_interval_s=0.5, missed_heartbeats=3,
             resync_s=2.0, artifact_roots=(EXAMPLES, self.root / "artifacts"), bootstrap_tokens=(BOOTSTRAP_TOKEN,),
-            local_ray=local_ray_endpoints, **overrides,
+            local_ray=local_ray_endpoints,
         )
+        config = server.ServerConfig(**{**settings, **overrides})
         self.cp = await server.ControlPlane(config).start()
         return self.cp
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from orchestrator.scheduler import (
-    Deployment,
     DemandPoint,
+    Deployment,
     GpuGroup,
     Placement,
     Site,

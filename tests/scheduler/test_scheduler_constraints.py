@@ -18,43 +18,98 @@ BIG_MEM = Variant("bigmem", "onnx", cpu=1, memory_mib=64 * 1024)
 
 # (case id, sites, deployment, sites that may be used, status)
 PLACEMENT_CASES = [
-    ("residency-FR", [FR_EDGE, DE_EDGE], deployment(residency={"FR"}), {"fr-edge"},
-     Status.SCHEDULED),
-    ("residency-DE", [FR_EDGE, DE_EDGE], deployment(residency={"DE"}), {"de-edge"},
-     Status.SCHEDULED),
+    (
+        "residency-FR",
+        [FR_EDGE, DE_EDGE],
+        deployment(residency={"FR"}),
+        {"fr-edge"},
+        Status.SCHEDULED,
+    ),
+    (
+        "residency-DE",
+        [FR_EDGE, DE_EDGE],
+        deployment(residency={"DE"}),
+        {"de-edge"},
+        Status.SCHEDULED,
+    ),
     ("residency-none", [FR_EDGE], deployment(residency={"US"}), set(), Status.UNSCHEDULABLE),
     ("tier-edge", [FR_EDGE, FR_DC], deployment(tiers={"edge"}), {"fr-edge"}, Status.SCHEDULED),
-    ("tier-dc", [FR_EDGE, FR_DC], deployment(tiers={"datacenter"}), {"fr-dc"},
-     Status.SCHEDULED),
-    ("ray-serve-dc-only", [FR_EDGE, FR_DC],
-     deployment(variants=(Variant("r", "ray-serve", cpu=1, memory_mib=512),)), {"fr-dc"},
-     Status.SCHEDULED),
-    ("ray-serve-no-dc", [FR_EDGE],
-     deployment(variants=(Variant("r", "ray-serve", cpu=1, memory_mib=512),)), set(),
-     Status.UNSCHEDULABLE),
-    ("selector", [site("a", labels={"zone": "x"}), site("b", labels={"zone": "y"})],
-     deployment(selector={"zone": "y"}), {"b"}, Status.SCHEDULED),
-    ("selector-none", [site("a", labels={"zone": "x"})], deployment(selector={"zone": "y"}),
-     set(), Status.UNSCHEDULABLE),
-    ("unhealthy", [site("a", healthy=False), site("b", "lyon")], deployment(), {"b"},
-     Status.SCHEDULED),
+    ("tier-dc", [FR_EDGE, FR_DC], deployment(tiers={"datacenter"}), {"fr-dc"}, Status.SCHEDULED),
+    (
+        "ray-serve-dc-only",
+        [FR_EDGE, FR_DC],
+        deployment(variants=(Variant("r", "ray-serve", cpu=1, memory_mib=512),)),
+        {"fr-dc"},
+        Status.SCHEDULED,
+    ),
+    (
+        "ray-serve-no-dc",
+        [FR_EDGE],
+        deployment(variants=(Variant("r", "ray-serve", cpu=1, memory_mib=512),)),
+        set(),
+        Status.UNSCHEDULABLE,
+    ),
+    (
+        "selector",
+        [site("a", labels={"zone": "x"}), site("b", labels={"zone": "y"})],
+        deployment(selector={"zone": "y"}),
+        {"b"},
+        Status.SCHEDULED,
+    ),
+    (
+        "selector-none",
+        [site("a", labels={"zone": "x"})],
+        deployment(selector={"zone": "y"}),
+        set(),
+        Status.UNSCHEDULABLE,
+    ),
+    (
+        "unhealthy",
+        [site("a", healthy=False), site("b", "lyon")],
+        deployment(),
+        {"b"},
+        Status.SCHEDULED,
+    ),
     ("all-unhealthy", [site("a", healthy=False)], deployment(), set(), Status.UNSCHEDULABLE),
-    ("cpu", [site("a", cpu=8), site("b", cpu=32)], deployment(variants=(BIG_CPU,)), {"b"},
-     Status.SCHEDULED),
-    ("memory", [site("a", memory_gib=32), site("b", memory_gib=128)],
-     deployment(variants=(BIG_MEM,)), {"b"}, Status.SCHEDULED),
-    ("gpu-memory-80-not-24", [DE_DC_24, FR_DC], deployment(variants=(LARGE,)), {"fr-dc"},
-     Status.SCHEDULED),
-    ("gpu-memory-only-24", [DE_DC_24], deployment(variants=(LARGE,)), set(),
-     Status.UNSCHEDULABLE),
-    ("gpu-count", [site("g1", tier="datacenter", gpus=((1, 80),)), FR_DC],
-     deployment(variants=(LARGE,)), {"fr-dc"}, Status.SCHEDULED),
+    (
+        "cpu",
+        [site("a", cpu=8), site("b", cpu=32)],
+        deployment(variants=(BIG_CPU,)),
+        {"b"},
+        Status.SCHEDULED,
+    ),
+    (
+        "memory",
+        [site("a", memory_gib=32), site("b", memory_gib=128)],
+        deployment(variants=(BIG_MEM,)),
+        {"b"},
+        Status.SCHEDULED,
+    ),
+    (
+        "gpu-memory-80-not-24",
+        [DE_DC_24, FR_DC],
+        deployment(variants=(LARGE,)),
+        {"fr-dc"},
+        Status.SCHEDULED,
+    ),
+    ("gpu-memory-only-24", [DE_DC_24], deployment(variants=(LARGE,)), set(), Status.UNSCHEDULABLE),
+    (
+        "gpu-count",
+        [site("g1", tier="datacenter", gpus=((1, 80),)), FR_DC],
+        deployment(variants=(LARGE,)),
+        {"fr-dc"},
+        Status.SCHEDULED,
+    ),
     ("gpu-24-fits-80", [FR_DC], deployment(variants=(GPU_24,)), {"fr-dc"}, Status.SCHEDULED),
     ("no-gpu-on-edge", [FR_EDGE], deployment(variants=(GPU_24,)), set(), Status.UNSCHEDULABLE),
-    ("degraded", [site("a", cpu=2)],
-     deployment(replicas=(1, 5), demand=(("paris", 250),)), {"a"}, Status.DEGRADED),
-    ("min-not-met", [site("a", cpu=2)], deployment(replicas=(3, 3)), {"a"},
-     Status.UNSCHEDULABLE),
+    (
+        "degraded",
+        [site("a", cpu=2)],
+        deployment(replicas=(1, 5), demand=(("paris", 250),)),
+        {"a"},
+        Status.DEGRADED,
+    ),
+    ("min-not-met", [site("a", cpu=2)], deployment(replicas=(3, 3)), {"a"}, Status.UNSCHEDULABLE),
 ]
 
 
@@ -75,23 +130,45 @@ def test_hard_constraint(sites, dep, allowed, status):
 # (case id, sites, deployment, words the reason must contain)
 REASON_CASES = [
     ("no-country", [FR_EDGE], deployment(residency={"US"}), "no site in US"),
-    ("no-tier", [FR_EDGE], deployment(residency={"FR"}, tiers={"datacenter"}),
-     "no datacenter site in FR"),
+    (
+        "no-tier",
+        [FR_EDGE],
+        deployment(residency={"FR"}, tiers={"datacenter"}),
+        "no datacenter site in FR",
+    ),
     ("selector", [FR_EDGE], deployment(selector={"zone": "y"}), "matches selector zone=y"),
     ("unhealthy", [site("a", healthy=False)], deployment(), "are unhealthy"),
-    ("ray-serve-edge", [FR_EDGE],
-     deployment(variants=(Variant("r", "ray-serve", cpu=1, memory_mib=512),)),
-     "ray-serve runs only in data centres"),
+    (
+        "ray-serve-edge",
+        [FR_EDGE],
+        deployment(variants=(Variant("r", "ray-serve", cpu=1, memory_mib=512),)),
+        "ray-serve runs only in data centres",
+    ),
     ("hardware", [DE_DC_24], deployment(variants=(LARGE,)), "no healthy one has the hardware"),
-    ("gpu-free", [FR_DC], deployment(variants=(LARGE,), replicas=(3, 3), residency={"FR"},
-                                      tiers={"datacenter"}),
-     "FR datacenter sites have 0 free GPU(s) with ≥80 GiB"),
-    ("cpu-free", [site("a", cpu=2)], deployment(replicas=(3, 3)),
-     "at most 0 free CPU on one site, 1 needed"),
-    ("memory-free", [site("a", memory_gib=2)], deployment(replicas=(3, 3)),
-     "GiB free memory on one site, 1 GiB needed"),
-    ("spread", [site("a", "paris", cpu=1), site("b", "lyon", cpu=64)],
-     deployment(replicas=(5, 5), spread=("region", 1)), "spread by region maxSkew 1"),
+    (
+        "gpu-free",
+        [FR_DC],
+        deployment(variants=(LARGE,), replicas=(3, 3), residency={"FR"}, tiers={"datacenter"}),
+        "FR datacenter sites have 0 free GPU(s) with ≥80 GiB",
+    ),
+    (
+        "cpu-free",
+        [site("a", cpu=2)],
+        deployment(replicas=(3, 3)),
+        "at most 0 free CPU on one site, 1 needed",
+    ),
+    (
+        "memory-free",
+        [site("a", memory_gib=2)],
+        deployment(replicas=(3, 3)),
+        "GiB free memory on one site, 1 GiB needed",
+    ),
+    (
+        "spread",
+        [site("a", "paris", cpu=1), site("b", "lyon", cpu=64)],
+        deployment(replicas=(5, 5), spread=("region", 1)),
+        "spread by region maxSkew 1",
+    ),
     ("min-shortfall-count", [site("a", cpu=2)], deployment(replicas=(3, 3)), "2 of 3 placed"),
 ]
 
@@ -122,8 +199,9 @@ def test_gpu_reason_counts_free_cards():
 @pytest.mark.parametrize("replicas", [3, 4, 7])
 def test_spread_max_skew_by_region(skew, replicas):
     sites = [site(f"s{i}-{c}", c, cpu=64) for c in ("paris", "lyon", "marseille") for i in range(2)]
-    dep = deployment(replicas=(replicas, replicas), spread=("region", skew),
-                     demand=(("paris", 10),))
+    dep = deployment(
+        replicas=(replicas, replicas), spread=("region", skew), demand=(("paris", 10),)
+    )
     result = plan(sites, [dep])
     per_region = {c: 0 for c in ("paris", "lyon", "marseille")}
     for r in result.replicas:
@@ -157,8 +235,12 @@ def test_gpus_are_whole_units_per_group():
 def test_variant_by_tier_picks_distilled_at_edge_and_large_in_dc():
     dc = site("dc", "paris", tier="datacenter", cpu=64, memory_gib=512, gpus=((4, 80),))
     edge = site("edge", "lyon")
-    dep = deployment(variants=(SMALL, LARGE), replicas=(2, 2), spread=("site", 1),
-                     variant_by_tier={"edge": "small", "datacenter": "large"})
+    dep = deployment(
+        variants=(SMALL, LARGE),
+        replicas=(2, 2),
+        spread=("site", 1),
+        variant_by_tier={"edge": "small", "datacenter": "large"},
+    )
     placed = {(r.site, r.variant) for r in plan([dc, edge], [dep]).replicas}
     assert placed == {("dc", "large"), ("edge", "small")}
 

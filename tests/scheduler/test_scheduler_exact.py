@@ -37,16 +37,17 @@ def test_two_replicas_cover_two_cities_p_median():
 def test_capacity_contention_is_solved_globally():
     # one slot in berlin: the deployment whose demand is only in berlin should get it
     sites = [site("berlin-1", "berlin", cpu=1), site("paris-1", "paris", cpu=4)]
-    deps = [deployment("both", demand=(("berlin", 10), ("paris", 10))),
-            deployment("berlin-only", demand=(("berlin", 10),))]
+    deps = [
+        deployment("both", demand=(("berlin", 10), ("paris", 10))),
+        deployment("berlin-only", demand=(("berlin", 10),)),
+    ]
     best = exact.solve(sites, deps)
     assert placed(best) == [("berlin-only", "berlin-1"), ("both", "paris-1")]
 
 
 def test_spread_and_gpu_memory_are_modelled():
     dc24 = site("dc24", "paris", tier="datacenter", cpu=64, memory_gib=512, gpus=((8, 24),))
-    dc80 = site("dc80", "frankfurt", tier="datacenter", cpu=64, memory_gib=512,
-                gpus=((2, 80),))
+    dc80 = site("dc80", "frankfurt", tier="datacenter", cpu=64, memory_gib=512, gpus=((2, 80),))
     best = exact.solve([dc24, dc80], [deployment(variants=(LARGE,), replicas=(2, 2))])
     assert placed(best) == [("d", "dc80")]  # only one fits: 2 GPUs per replica
     assert best.objective.shortfall == pytest.approx(1000 + 10_000)
@@ -63,16 +64,24 @@ def test_move_cost_keeps_running_replicas():
     dep = deployment(demand=(("paris", 10),))
     stay = exact.solve(sites, [dep], [Replica("d", "lyon-1", "small")])
     assert placed(stay) == [("d", "lyon-1")]
-    go = exact.solve(sites, [dep], [Replica("d", "lyon-1", "small")],
-                     weights=Weights(move_per_replica=1.0))
+    go = exact.solve(
+        sites, [dep], [Replica("d", "lyon-1", "small")], weights=Weights(move_per_replica=1.0)
+    )
     assert placed(go) == [("d", "paris-1")]
 
 
 def test_milp_matches_brute_force_and_planner_is_close():
-    sites = [site("p1", "paris", cpu=2), site("p2", "paris", carbon=500), site("l1", "lyon"),
-             site("b1", "berlin", cpu=1), site("m1", "madrid")]
-    deps = [deployment("a", replicas=(2, 3), demand=(("paris", 60), ("berlin", 40))),
-            deployment("b", replicas=(1, 2), demand=(("madrid", 30), ("lyon", 30)))]
+    sites = [
+        site("p1", "paris", cpu=2),
+        site("p2", "paris", carbon=500),
+        site("l1", "lyon"),
+        site("b1", "berlin", cpu=1),
+        site("m1", "madrid"),
+    ]
+    deps = [
+        deployment("a", replicas=(2, 3), demand=(("paris", 60), ("berlin", 40))),
+        deployment("b", replicas=(1, 2), demand=(("madrid", 30), ("lyon", 30))),
+    ]
     names = [s.name for s in sites]
     best_brute = float("inf")
     for a in itertools.combinations_with_replacement(names, 2):

@@ -10,12 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.scheduler import (
-    Deployment,
     DemandPoint,
+    Deployment,
     GpuGroup,
     MoveReplica,
-    PlaceReplica,
     Placement,
+    PlaceReplica,
     RemoveReplica,
     Replica,
     Site,
@@ -32,8 +32,17 @@ REGIONS = ["r1", "r2", "r3", "r4"]
 sites_st = st.lists(
     st.builds(
         lambda i, country, region, tier, cpu, mem, gpus, healthy, zone, lat, lon, carbon: Site(
-            name=f"s{i}", tier=tier, country=country, region=region, lat=lat, lon=lon,
-            cpu=cpu, memory_gib=mem, gpus=gpus, carbon_g_per_kwh=carbon, healthy=healthy,
+            name=f"s{i}",
+            tier=tier,
+            country=country,
+            region=region,
+            lat=lat,
+            lon=lon,
+            cpu=cpu,
+            memory_gib=mem,
+            gpus=gpus,
+            carbon_g_per_kwh=carbon,
+            healthy=healthy,
             labels={"zone": zone},
         ),
         st.integers(0, 10**6),
@@ -42,15 +51,19 @@ sites_st = st.lists(
         st.sampled_from(list(Tier)),
         st.integers(0, 16),
         st.integers(0, 64),
-        st.lists(st.builds(GpuGroup, st.just("g"), st.integers(0, 4),
-                           st.sampled_from([16, 24, 80])), max_size=2).map(tuple),
+        st.lists(
+            st.builds(GpuGroup, st.just("g"), st.integers(0, 4), st.sampled_from([16, 24, 80])),
+            max_size=2,
+        ).map(tuple),
         st.booleans(),
         st.sampled_from(["a", "b"]),
         st.floats(35, 60),
         st.floats(-10, 20),
         st.floats(0, 800),
     ),
-    min_size=1, max_size=10, unique_by=lambda s: s.name,
+    min_size=1,
+    max_size=10,
+    unique_by=lambda s: s.name,
 )
 
 variant_st = st.builds(
@@ -72,31 +85,53 @@ def deployments_st(draw):
     for i in range(count):
         variants = draw(st.lists(variant_st, min_size=1, max_size=2, unique_by=lambda v: v.name))
         low = draw(st.integers(0, 3))
-        out.append(Deployment(
-            name=f"d{i}", model="m", variants=tuple(variants),
-            min_replicas=low, max_replicas=low + draw(st.integers(0, 3)),
-            placement=Placement(
-                residency=draw(st.one_of(st.none(), st.frozensets(st.sampled_from(COUNTRIES),
-                                                                  max_size=3))),
-                tiers=draw(st.frozensets(st.sampled_from(list(Tier)), min_size=1)),
-                site_selector=draw(st.sampled_from([{}, {"zone": "a"}])),
-                spread=draw(st.one_of(st.none(), st.builds(
-                    Spread, st.sampled_from(["region", "site"]), st.integers(1, 2)))),
-            ),
-            demand=tuple(draw(st.lists(st.builds(
-                DemandPoint, rps=st.floats(0, 100), region=st.sampled_from(REGIONS)),
-                max_size=3))),
-        ))
+        out.append(
+            Deployment(
+                name=f"d{i}",
+                model="m",
+                variants=tuple(variants),
+                min_replicas=low,
+                max_replicas=low + draw(st.integers(0, 3)),
+                placement=Placement(
+                    residency=draw(
+                        st.one_of(st.none(), st.frozensets(st.sampled_from(COUNTRIES), max_size=3))
+                    ),
+                    tiers=draw(st.frozensets(st.sampled_from(list(Tier)), min_size=1)),
+                    site_selector=draw(st.sampled_from([{}, {"zone": "a"}])),
+                    spread=draw(
+                        st.one_of(
+                            st.none(),
+                            st.builds(
+                                Spread, st.sampled_from(["region", "site"]), st.integers(1, 2)
+                            ),
+                        )
+                    ),
+                ),
+                demand=tuple(
+                    draw(
+                        st.lists(
+                            st.builds(
+                                DemandPoint, rps=st.floats(0, 100), region=st.sampled_from(REGIONS)
+                            ),
+                            max_size=3,
+                        )
+                    )
+                ),
+            )
+        )
     return out
 
 
 def current_st(sites, deployments):
-    return st.lists(st.builds(
-        Replica,
-        st.sampled_from([d.name for d in deployments] + ["gone"]),
-        st.sampled_from([s.name for s in sites] + ["vanished"]),
-        st.sampled_from(["v1", "v2", "v3"]),
-    ), max_size=8)
+    return st.lists(
+        st.builds(
+            Replica,
+            st.sampled_from([d.name for d in deployments] + ["gone"]),
+            st.sampled_from([s.name for s in sites] + ["vanished"]),
+            st.sampled_from(["v1", "v2", "v3"]),
+        ),
+        max_size=8,
+    )
 
 
 def check_hard_rules(sites, deployments, replicas):
@@ -142,9 +177,12 @@ def eligible(s, d):
     if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
         return False
     return any(
-        s.cpu >= v.cpu and s.memory_gib * 1024 >= v.memory_mib and (
-            not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib
-                              for g in s.gpus))
+        s.cpu >= v.cpu
+        and s.memory_gib * 1024 >= v.memory_mib
+        and (
+            not v.gpus
+            or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus)
+        )
         for v in d.variants_for(s.tier)
     )
 

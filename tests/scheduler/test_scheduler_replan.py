@@ -16,8 +16,12 @@ from orchestrator.scheduler import (
     plan,
 )
 
-SITES = [site("paris-1", "paris"), site("paris-2", "paris"), site("lyon-1", "lyon"),
-         site("berlin-1", "berlin")]
+SITES = [
+    site("paris-1", "paris"),
+    site("paris-2", "paris"),
+    site("lyon-1", "lyon"),
+    site("berlin-1", "berlin"),
+]
 
 
 def running(result):
@@ -33,8 +37,10 @@ def test_same_inputs_plan_nothing_to_do():
 
 
 def test_plan_is_deterministic():
-    deps = [deployment(f"d{i}", replicas=(2, 3), demand=(("paris", 70), ("berlin", 40)))
-            for i in range(4)]
+    deps = [
+        deployment(f"d{i}", replicas=(2, 3), demand=(("paris", 70), ("berlin", 40)))
+        for i in range(4)
+    ]
     assert plan(SITES, deps) == plan(SITES, deps)
 
 
@@ -54,8 +60,10 @@ def test_large_gain_moves_a_running_replica():
 
 
 def test_site_loss_moves_its_replicas_in_one_plan():
-    deps = [deployment(f"d{i}", replicas=(2, 2), residency={"FR"}, demand=(("paris", 10),))
-            for i in range(3)]
+    deps = [
+        deployment(f"d{i}", replicas=(2, 2), residency={"FR"}, demand=(("paris", 10),))
+        for i in range(3)
+    ]
     first = plan(SITES, deps)
     lost = next(r.site for r in first.replicas)
     sites = [dataclasses.replace(s, healthy=False) if s.name == lost else s for s in SITES]
@@ -105,8 +113,11 @@ def test_scale_down_and_up():
 def test_running_replicas_keep_their_seats_against_newcomers():
     one = [site("only", "paris", cpu=2)]
     first = plan(one, [deployment("old", replicas=(2, 2))])
-    second = plan(one, [deployment("old", replicas=(2, 2)), deployment("new", replicas=(1, 1))],
-                  running(first))
+    second = plan(
+        one,
+        [deployment("old", replicas=(2, 2)), deployment("new", replicas=(1, 1))],
+        running(first),
+    )
     assert second.deployments["old"].status is Status.SCHEDULED
     assert second.deployments["new"].status is Status.UNSCHEDULABLE
 

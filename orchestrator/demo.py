@@ -1,0 +1,171 @@
+"""``edgeplane demo``: a whole fleet on one machine, and requests sent through it.
+
+Starts a control plane, a local Ray cluster as the data centres, three edge agents on
+loopback posing as sites in France, Germany and Spain, applies ``manifests/examples``,
+waits for the replicas, then sends requests from simulated callers across Europe and
+prints where each was served and how fast. Ctrl-C (or the end of the run) stops
+everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator import client as client_mod
+from orchestrator.manifests import loader
+from orchestrator.testing import harness
+
+console = Console(width=140)
+
+AGENTS = {
+    "edge-lyon": dict(country="FR", region="eu-west", lat=45.764, lon=4.8357),
+    "edge-berlin": dict(country="DE", region="eu-central", lat=52.52, lon=13.405),
+    "edge-madrid": dict(country="ES", region="eu-south", lat=40.4168, lon=-3.7038),
+}
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    model: str
+    lat: float
+    lon: float
+    residency: str | None = None
+
+
+CALLERS = (
+    Caller("Paris", "intent-classifier", 48.8566, 2.3522),
+    Caller("Lyon", "intent-classifier", 45.75, 4.85),
+    Caller("Berlin", "intent-classifier", 52.52, 13.405),
+    Caller("Munich", "intent-classifier", 48.137, 11.575),
+    Caller("Madrid", "intent-classifier", 40.4168, -3.7038),
+    Caller("Lisbon", "intent-classifier", 38.7223, -9.1393),
+    Caller("Warsaw", "intent-classifier", 52.2297, 21.0122),
+    Caller("Lyon", "doc-fields", 45.75, 4.85, "FR"),
+    Caller("Berlin", "doc-fields", 52.52, 13.405),
+    Caller("Berlin", "doc-fields", 52.52, 13.405, "DE"),
+    Caller("Paris", "assistant-70b", 48.8566, 2.3522),
+)
+
+INPUT_DIMS = {"intent-classifier": 32, "doc-fields": 64}
+
+
+def _body(model: str, rng: np.random.Generator) -> dict[str, Any]:
+    if model == "assistant-70b":
+        return {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Where is my nearest shop?"]}]}
+    dim = INPUT_DIMS[model]
+    return {"inputs": [{"name": "input", "shape": [1, dim], "datatype": "FP32", "data": rng.standard_normal(dim).round(4).tolist()}]}
+
+
+async def _wait_ready(cp: Any, models: list[str], timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    with console.status("waiting for replicas...") as status:
+        while True:
+            phases = {o.name: o.status.get("phase", "Pending") for o in cp.store.list("ModelDeployment")}
+            ready = {m: any(e.healthy for e in cp.table.endpoints(m)) for m in models}
+            status.update("waiting for replicas: " + ", ".join(f"{n} {p}" for n, p in sorted(phases.items())))
+            if all(ready.values()) or time.monotonic() > deadline:
+                return phases
+            await asyncio.sleep(0.5)
+
+
+async def _send(http: httpx.AsyncClient, caller: Caller, count: int, rng: np.random.Generator) -> list[Any]:
+    headers = {"x-edgeplane-location": f"{caller.lat},{caller.lon}"}
+    if caller.residency:
+        headers["x-edgeplane-residency"] = caller.residency
+    times, sites, tiers, failures = [], [], [], []
+    for _ in range(count):
+        started = time.perf_counter()
+        resp = await http.post(f"/v2/models/{caller.model}/infer", json=_body(caller.model, rng), headers=headers)
+        times.append((time.perf_counter() - started) * 1000)
+        if resp.status_code == 200:
+            sites.append(resp.headers.get("x-edgeplane-site", "?"))
+            tiers.append(resp.headers.get("x-edgeplane-tier", "?"))
+        else:
+            failures.append(f"{resp.status_code}: {resp.json().get('error', '')}")
+    where = ", ".join(sorted(set(sites))) if sites else "refused"
+    detail = failures[0][:70] if failures and not sites else ""
+    return [caller.name, caller.model, caller.residency or "-", where, ", ".join(sorted(set(tiers))) or "-",
+            f"{statistics.median(times):.1f}", f"{len(sites)}/{count}", detail]
+
+
+async def run(args: argparse.Namespace) -> int:
+    root = __import__("pathlib").Path(tempfile.mkdtemp(prefix="edgeplane-demo-"))
+    fleet = harness.Fleet(root)
+    rng = np.random.default_rng(7)
+    try:
+        console.print("[bold]1/5[/] starting the control plane" + ("" if args.no_ray else " (a local Ray cluster starts with the first data-centre pass)"))
+        cp = await fleet.start_control_plane(local_ray_gpus=None if args.no_ray else 2, local_ray_cpus=None, heartbeat_interval_s=1.0, resync_s=2.0)
+        console.print(f"      API and gateway {cp.http_url}, agents connect to {cp.agent_target}")
+        examples = harness.EXAMPLES if not args.no_ray else harness.ray_free_examples(root / "examples", "http://127.0.0.1:9")
+        files = [(str(p.relative_to(p.parents[2])), p.read_text()) for p in loader.manifest_files(examples)]
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=60) as http:
+            console.print("[bold]2/5[/] applying manifests/examples (plan first)")
+            plan = (await http.post("/v1/apply", params={"dryRun": "true"}, content=loader.bundle(files))).json()
+            added = [c for c in plan["plan"]["changes"] if c["after"] > c["before"]]
+            console.print(f"      plan: {len(plan['results'])} objects, {sum(c['after'] for c in added)} replicas on {len({c['site'] for c in added})} sites "
+                          f"(edge sites have no agent yet, so the plan uses the data centres)")
+            resp = await http.post("/v1/apply", content=loader.bundle(files))
+            resp.raise_for_status()
+            console.print("[bold]3/5[/] starting edge agents: " + ", ".join(f"{s} ({a['country']})" for s, a in AGENTS.items()) + "; edge-zurich has none")
+            await asyncio.gather(*(fleet.start_agent(site, heartbeat_interval=1.0, **where) for site, where in AGENTS.items()))
+            console.print("[bold]4/5[/] waiting for replicas (agents download and verify artifacts, Ray starts Serve apps)")
+            models = ["intent-classifier", "doc-fields"] + ([] if args.no_ray else ["assistant-70b"])
+            await _wait_ready(cp, models, timeout=args.timeout)
+            placements = (await http.get("/v1/placements")).json()["items"]
+            table = Table(title="Placement", box=None, header_style="bold")
+            for h in ("DEPLOYMENT", "SITE", "VARIANT", "REPLICAS", "STATE"):
+                table.add_column(h)
+            for p in placements:
+                table.add_row(p["deployment"], p["site"], p["variant"], str(p["replicas"]), str(p.get("state", "-")))
+            console.print(table)
+            console.print(f"[bold]5/5[/] sending {args.requests} requests per caller through the gateway")
+            rows = [await _send(http, c, args.requests, rng) for c in CALLERS if not (args.no_ray and c.model == "assistant-70b")]
+        table = Table(title="Where each request was served", box=None, header_style="bold")
+        for h in ("CALLER", "MODEL", "RESIDENCY", "SERVED BY", "TIER", "p50 ms", "OK", "NOTE"):
+            table.add_column(h)
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+        async with client_mod.AsyncClient(cp.http_url, location=(52.52, 13.405)) as c:
+            x = {"input": rng.standard_normal((1, 32)).astype(np.float32)}
+            result = await c.infer("intent-classifier", x)
+            started = time.perf_counter()
+            for _ in range(args.requests):
+                await c.infer("intent-classifier", x)
+            per = (time.perf_counter() - started) * 1000 / args.requests
+        console.print(f"Python client from Berlin calls {result.site} directly ({result.url}): {per:.2f} ms per request")
+        if args.keep_running:
+            console.print(f"\nThe fleet keeps running: try\n  EDGEPLANE_SERVER={cp.http_url} edgeplane get placements\n"
+                          f"  EDGEPLANE_SERVER={cp.http_url} edgeplane infer intent-classifier --location 52.5,13.4 --data '{{\"input\": [[{', '.join(['0.1'] * 32)}]]}}'\n"
+                          "Ctrl-C stops everything.")
+            await asyncio.Event().wait()
+        return 0
+    finally:
+        console.print("stopping agents, the control plane and the local Ray cluster...")
+        await fleet.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.no_ray:  # the data-centre sites are declared but deliberately unreachable
+        logging.getLogger("orchestrator.reconciler").setLevel(logging.ERROR)
+    args.timeout = getattr(args, "timeout", 300)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
