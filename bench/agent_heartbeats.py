@@ -92,7 +92,11 @@ async def _generate(target: str, agents: int, interval: float, duration: float, 
             due -= batch
             idx = [(cursor + k) % agents for k in range(batch)]
             cursor = (cursor + batch) % agents
-            await asyncio.gather(*(calls[i].write(beat(i)) for i in idx))
+            done = await asyncio.gather(*(calls[i].write(beat(i)) for i in idx), return_exceptions=True)
+            failed = [e for e in done if e is not None]
+            if failed:
+                codes = {i: calls[i].code() for i in idx if calls[i].done()}
+                raise RuntimeError(f"{len(failed)} heartbeat streams failed: {failed[0]!r} {list(codes.values())[:3]} {await calls[idx[0]].details() if calls[idx[0]].done() else ''}")
             sent += batch
             next_tick += tick
             delay = next_tick - time.monotonic()

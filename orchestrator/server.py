@@ -18,7 +18,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -145,8 +145,11 @@ class ControlPlane:
         roots = cfg.artifact_roots or (cfg.data_dir / "artifacts",)
         self.artifacts = artifacts.ArtifactCatalog(tuple(pathlib.Path(r).resolve() for r in roots), cfg.public_url or self.http_url)
 
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0),
-                                       limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30.0, sock_connect=2.0),
+            connector=aiohttp.TCPConnector(limit=512, limit_per_host=128, keepalive_timeout=30, enable_cleanup_closed=True),
+            auto_decompress=False,
+        )
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
                                      position=cfg.position, ready=lambda: self._started)
         self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(cfg.data_dir / "ray", endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus),
@@ -176,7 +179,7 @@ class ControlPlane:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(t, timeout=10)
-        await self._http.aclose()
+        await self._http.close()
         await self.datacentres.close()
         self.store.close()
 
@@ -343,6 +346,17 @@ async def serve_forever(config: ServerConfig) -> None:
     await cp.stop()
 
 
+def _run(main: Any) -> Any:
+    """Run on uvloop when it is installed (it is, with uvicorn[standard] and Ray): the
+    gateway's per-request cost is mostly event-loop overhead."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -352,7 +366,7 @@ def main(args: argparse.Namespace) -> int:
         print("error: --location must be lat,lon", flush=True)
         return 2
     try:
-        asyncio.run(serve_forever(config))
+        _run(serve_forever(config))
     except ConfigError as exc:
         print(f"error: {exc}", flush=True)
         return 2

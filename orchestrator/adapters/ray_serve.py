@@ -75,7 +75,10 @@ class RayServeActuator:
     ``serve_url`` is the base URL of the cluster's Serve HTTP proxy as callers reach it;
     without it the proxy is assumed on the dashboard's host at the port Serve reports.
     ``http_options`` is sent when this actuator is the one that starts Serve (host, port of
-    the proxy); a running Serve keeps its own. ``transport`` is the seam for tests.
+    the proxy); a running Serve keeps its own. Applications this actuator owns are those
+    named with ``owned_prefix``, or those ``owns(name)`` accepts: several sites sharing
+    one Ray cluster each pass a predicate that recognises only their own applications, so
+    one site's ``apply()`` never removes another's. ``transport`` is the seam for tests.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class RayServeActuator:
         serve_url: str | None = None,
         http_options: Mapping[str, Any] | None = None,
         owned_prefix: str = serve_config.OWNED_PREFIX,
+        owns: Callable[[str], bool] | None = None,
         timeout_s: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -94,6 +98,7 @@ class RayServeActuator:
         self._serve_url = serve_url.rstrip("/") if serve_url else None
         self._http_options = dict(http_options or {})
         self._owned_prefix = owned_prefix
+        self._owns = owns or (lambda name: serve_config.is_owned(name, owned_prefix))
         self._client = httpx.AsyncClient(
             base_url=self._dashboard_url, timeout=timeout_s, transport=transport
         )
@@ -113,9 +118,10 @@ class RayServeActuator:
         if len(set(names)) != len(names):
             raise ValueError(f"application names must be unique, got {names}")
         for app in apps:
-            if not serve_config.is_owned(app.name, self._owned_prefix):
+            if not self._owns(app.name):
                 raise ValueError(
-                    f"application {app.name!r} lacks the {self._owned_prefix!r} prefix"
+                    f"application {app.name!r} is not one this actuator owns "
+                    f"(prefix {self._owned_prefix!r})"
                 )
         details = await self._get_details()
         self._learn_ingress(details)
@@ -136,7 +142,7 @@ class RayServeActuator:
         owned = {
             name: app
             for name, app in (details.get("applications") or {}).items()
-            if serve_config.is_owned(name, self._owned_prefix)
+            if self._owns(name)
         }
         nodes: list[Mapping[str, float]] | None = None
         for name, app in owned.items():
@@ -165,7 +171,7 @@ class RayServeActuator:
         """The full PUT body: ours as specified, everyone else's as Serve reports them."""
         applications: list[dict[str, Any]] = []
         for name, app in (details.get("applications") or {}).items():
-            if serve_config.is_owned(name, self._owned_prefix):
+            if self._owns(name):
                 continue
             deployed = app.get("deployed_app_config")
             # Imperatively deployed apps (serve.run) have no config; a PUT leaves them alone.

@@ -54,7 +54,8 @@ ResidencyCode = Annotated[str, AfterValidator(check_residency)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # NaN and infinity pass or fail range checks confusingly (NaN > 0 is False): refuse them outright
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Metadata(Strict):

@@ -14,8 +14,9 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from orchestrator.adapters import local_ray, ray_serve, serve_config
+from orchestrator.adapters import kuberay, local_ray, ray_serve, serve_config
 from orchestrator.manifests import schema
+from orchestrator.reconciler import planning
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,16 @@ class DataCentres:
 
     async def _build(self, site: str, spec: schema.SiteSpec) -> serve_config.DataCentreActuator:
         if spec.ray is not None:
+            owns = planning.owns_app(site)  # sites may share one cluster: touch only this site's apps
             if spec.ray.address == "local":
-                return (await self.local.ensure()).actuator()
+                return (await self.local.ensure()).actuator(owns=owns)
             token = ray_serve.token_from_file(spec.ray.tokenFile) if spec.ray.tokenFile else ray_serve.no_token
-            return ray_serve.RayServeActuator(spec.ray.address, token_provider=token, serve_url=spec.ray.serveUrl)
-        if self._kube_factory is None:
-            raise serve_config.DataCentreError(f"site {site!r} is on Kubernetes but no Kubernetes support is configured")
-        return self._kube_factory(site, spec)
+            return ray_serve.RayServeActuator(spec.ray.address, token_provider=token, serve_url=spec.ray.serveUrl, owns=owns)
+        if self._kube_factory is not None:
+            return self._kube_factory(site, spec)
+        assert spec.kubernetes is not None  # SiteSpec guarantees ray or kubernetes for a data centre
+        client = kuberay.api_client_for(spec.kubernetes.context)
+        return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site)
 
     async def forget(self, keep: set[str]) -> None:
         for site in [s for s in self._actuators if s not in keep]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
@@ -27,14 +27,25 @@ from orchestrator.store import sqlite as store_mod
 ACTOR = "scheduler"
 
 
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def site_suffix(site: str) -> str:
+    """The part of every Serve application name that says which site owns it."""
+    return f"--{_short(site, 28)}"
+
+
+def owns_app(site: str) -> Callable[[str], bool]:
+    """Which applications on a (possibly shared) Ray cluster belong to ``site``."""
+    suffix = site_suffix(site)
+    return lambda name: name.startswith("ep-") and name.endswith(suffix)
+
+
 def app_name(site: str, deployment: str) -> str:
-    """Serve application of ``deployment`` on ``site``; site-qualified because several
-    data-centre sites may share one Ray cluster."""
-    name = f"ep-{deployment}--{site}"
-    if len(name) <= 63:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
-    return f"ep-{deployment[:40]}-{digest}"
+    """Serve application of ``deployment`` on ``site`` (at most 63 characters); site-qualified
+    because several data-centre sites may share one Ray cluster."""
+    return f"ep-{_short(deployment, 30)}{site_suffix(site)}"
 
 
 def route_prefix(site: str, deployment: str) -> str:

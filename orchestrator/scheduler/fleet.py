@@ -204,6 +204,16 @@ class Capacity:
             fits &= self.fleet.gpu_fit(self.gpu_count, variant).any(axis=1)
         return fits
 
+    def fits(self, sites: IntArray, variant: Variant) -> BoolArray:
+        """``fits_mask`` restricted to ``sites`` (cheaper when they are few)."""
+        ok = (self.cpu[sites] >= variant.cpu - 1e-9) & (
+            self.memory_mib[sites] >= variant.memory_mib - 1e-9
+        )
+        if variant.gpus:
+            big = self.fleet.gpu_memory[sites] >= variant.gpu_memory_gib - 1e-9
+            ok &= (big & (self.gpu_count[sites] >= variant.gpus)).any(axis=1)
+        return ok
+
     def gpu_group(self, site: int, variant: Variant) -> int | None:
         """The GPU group to take for one replica: the smallest cards that fit (best fit),
         so large cards stay free for the variants that need them. -1: no GPU needed."""

@@ -69,7 +69,15 @@ class Job:
     spread: Spread | None = None
     options: Options | None = None  # the candidates, kept between the two phases
     complete: bool = False  # the candidates are every feasible site
-    shortfall: str = ""  # why fewer than wanted were placed, as seen right after placing
+    shortfall: str = ""  # why fewer than wanted were placed
+    _eligible_sites: dict[str, IntArray] = field(default_factory=dict)
+
+    def eligible_sites(self, variant: str) -> IntArray:
+        """Indices of the sites eligible for ``variant`` (fixed for one plan call)."""
+        found = self._eligible_sites.get(variant)
+        if found is None:
+            found = self._eligible_sites[variant] = np.flatnonzero(self.eligible[variant])
+        return found
 
     @property
     def any_eligible(self) -> BoolArray:
@@ -123,7 +131,9 @@ def plan(
     # Phase 2: grow to the wanted count, then polish.
     for job in order:
         _place(fleet, capacity, job, tuning, upto=job.wanted)
-        if tuning.improve and job.demand and job.placed and job.options is not None:
+        # With one demand point the greedy's order is already right; relocation pays off
+        # where it trades one point's latency against another's.
+        if tuning.improve and len(job.demand) > 1 and job.placed and job.options is not None:
             _relocate(capacity, job, job.options, job.spread)
     for job in order:
         if len(job.placed) < job.wanted:
@@ -295,10 +305,12 @@ def _candidates(
     complete = True
     used = {site for site, _, _ in job.placed}
     for variant in job.variants():
-        mask = job.eligible[variant.name] & capacity.fits_mask(variant)
-        free = np.flatnonzero(mask)
+        eligible = job.eligible_sites(variant.name)
+        free = eligible[capacity.fits(eligible, variant)]
         if limit is not None and free.size > limit:
             complete = False
+            mask = np.zeros(fleet.size, dtype=bool)
+            mask[free] = True
             free = _shortlist(fleet, job, variant, mask, free, limit, spread)
         if used:  # sites already holding replicas stay candidates even when full now
             held = np.fromiter(used, dtype=np.int64)

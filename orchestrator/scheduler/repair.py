@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from orchestrator.scheduler.fleet import Capacity, Fleet
+from orchestrator.scheduler.model import Variant
 
 if TYPE_CHECKING:
     from orchestrator.scheduler.planner import Job
 
-SITES_TRIED = 64  # per replica sought; the nearest-cheapest full sites come first
+SITES_TRIED = 64  # per replica sought; the lowest-carbon full sites come first
+TRADES_TRIED = 256  # per replica sought: bounds the work when nothing can give way
 
 
 def make_room(fleet: Fleet, capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:
@@ -32,6 +34,7 @@ def make_room(fleet: Fleet, capacity: Capacity, job: Job, jobs: Sequence[Job]) -
 
 
 def _make_room_once(fleet: Fleet, capacity: Capacity, job: Job, others: Sequence[Job]) -> bool:
+    tries = TRADES_TRIED
     occupants: dict[int, list[tuple[Job, int]]] = {}
     for other in others:
         for i, (site, _, _) in enumerate(other.placed):
@@ -54,10 +57,15 @@ def _make_room_once(fleet: Fleet, capacity: Capacity, job: Job, others: Sequence
             for other, i in occupants[site]:
                 if _trade(fleet, capacity, job, variant, site, other, i):
                     return True
+                tries -= 1
+                if tries == 0:
+                    return False
     return False
 
 
-def _trade(fleet, capacity, job, variant, site, other, i) -> bool:  # type: ignore[no-untyped-def]
+def _trade(
+    fleet: Fleet, capacity: Capacity, job: Job, variant: Variant, site: int, other: Job, i: int
+) -> bool:
     """Move ``other.placed[i]`` off ``site`` if that lets ``variant`` of ``job`` in."""
     _, their_variant, their_group = other.placed[i]
     capacity.give_back(site, their_variant, their_group)
@@ -65,19 +73,22 @@ def _trade(fleet, capacity, job, variant, site, other, i) -> bool:  # type: igno
     if ours is None:
         capacity.hold(site, their_variant, their_group)
         return False
-    room = other.eligible[their_variant.name] & capacity.fits_mask(their_variant)
-    room[site] = False
-    targets = np.flatnonzero(room)
-    if targets.size == 0:
+    best: tuple[float, int, Variant] | None = None
+    for candidate in other.variants():  # it may change variant, e.g. edge → data centre
+        room = other.eligible[candidate.name] & capacity.fits_mask(candidate)
+        room[site] = False
+        targets = np.flatnonzero(room)
+        if targets.size:
+            t = int(targets[np.argmin(fleet.intensity[targets])])
+            score = float(fleet.intensity[t]) * candidate.watts
+            if best is None or score < best[0]:
+                best = (score, t, candidate)
+    group = None if best is None else capacity.take(best[1], best[2])
+    if best is None or group is None:
         capacity.give_back(site, variant, ours)
         capacity.hold(site, their_variant, their_group)
         return False
-    target = int(targets[np.argmin(fleet.intensity[targets])])
-    group = capacity.take(target, their_variant)
-    if group is None:  # cannot happen: fits_mask said it fits
-        capacity.give_back(site, variant, ours)
-        capacity.hold(site, their_variant, their_group)
-        return False
+    target, their_variant = best[1], best[2]
     other.placed[i] = (target, their_variant, group)
     job.placed.append((site, variant, ours))
     if job.spread is not None:

@@ -36,7 +36,7 @@ class ToyLLM:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/")
-        if path.endswith("/v2/health/live") or path.endswith("/v2/health/ready") or path.endswith("/ready"):
+        if path.endswith(("/v2/health/live", "/v2/health/ready", "/ready")):
             return Response(json.dumps({"ready": True}), media_type="application/json")
         if request.method == "GET" and "/v2/models/" in path:
             name = path.rsplit("/v2/models/", 1)[1].split("/")[0]

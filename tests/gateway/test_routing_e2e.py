@@ -125,3 +125,25 @@ async def test_kill_9_during_a_stream_loses_no_client_request(fleet: harness.Fle
     assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] != "edge-berlin"
     # and the placement heals: berlin's replica moves elsewhere within the EU
     await harness.wait_until(lambda: all(p.site != "edge-berlin" for p in cp.store.placements() if p.deployment == "intent-eu"), 20, what="replica moved")
+
+
+async def test_sync_client_calls_the_nearest_replica_directly(fleet: harness.Fleet) -> None:
+    x = np.full((2, 8), 0.3, dtype=np.float32)
+
+    def call() -> client_mod.InferResult:
+        with client_mod.Client(fleet.cp.http_url, location=(40.4, -3.7), binary=True) as c:
+            first = c.infer("intent", {"input": x})
+            assert c.cache.fresh("intent")
+            return first
+
+    result = await asyncio.to_thread(call)
+    assert result.site == "edge-madrid" and result.attempts == 1
+    assert result.url != fleet.cp.http_url  # direct, not through the gateway
+    assert result["output"].shape == (2, 4)
+    np.testing.assert_allclose(result["output"].sum(axis=1), 1.0, rtol=1e-5)
+
+
+async def test_client_residency_refusal_is_no_endpoint(fleet: harness.Fleet) -> None:
+    async with client_mod.AsyncClient(fleet.cp.http_url, residency="PL") as c:
+        with pytest.raises(client_mod.NoEndpoint):
+            await c.infer("intent", {"input": np.zeros((1, 8), dtype=np.float32)})

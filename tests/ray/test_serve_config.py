@@ -259,3 +259,24 @@ def test_unschedulable_reason(
         assert fragment in reason and "'OnnxModel'" in reason
     else:
         assert reason == ""
+
+
+async def test_sites_sharing_a_cluster_keep_each_others_apps() -> None:
+    other_site = {"name": "ep-b--lyon", "route_prefix": "/ep/lyon/b", "import_path": "x:app"}
+    fake = FakeServe(
+        {
+            "applications": {
+                "ep-b--lyon": {"source": "declarative", "deployed_app_config": other_site},
+                "ep-a--paris": {"source": "declarative", "deployed_app_config": {}},
+            }
+        }
+    )
+    async with ray_serve.RayServeActuator(
+        "http://ray:8265",
+        owns=lambda name: name.startswith("ep-") and name.endswith("--paris"),
+        transport=httpx.MockTransport(fake),
+    ) as paris:
+        await paris.apply([])
+        with pytest.raises(ValueError, match="not one this actuator owns"):
+            await paris.apply([onnx(name="ep-a--lyon")])
+    assert fake.puts[0]["applications"] == [other_site]

@@ -1,0 +1,249 @@
+"""Gateway and client overhead, and failover time, with baselines from the same run.
+
+Measured, each sequentially over one keep-alive connection, on the same ONNX model:
+
+- ``direct``   POST straight to the edge agent's v2 route (the baseline);
+- ``gateway``  the same request through the control plane's gateway (added = gateway - direct);
+- ``ray-proxy`` the same model behind Ray Serve's own HTTP proxy (the peer a user would
+  otherwise put in front of replicas), deployed by edgeplane's Ray actuator;
+- ``client``   ``orchestrator.client.Client.infer`` (endpoint cache, direct call) vs ``direct``.
+
+Failover: a client streams requests through the gateway while the serving agent is
+killed with SIGKILL; the time until the first answer from another site and the count of
+failed requests are recorded over several kills.
+
+    .venv/bin/python -m bench.gateway [--quick] [--no-ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator import client as client_mod
+from orchestrator.testing import harness, onnx_models
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+FLEET = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: edge-a}
+spec: {tier: edge, location: {country: FR, lat: 48.85, lon: 2.35}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: edge-b}
+spec: {tier: edge, location: {country: FR, lat: 45.76, lon: 4.84}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: bench}
+spec:
+  variants:
+    - name: v
+      runtime: onnx
+      artifact: {uri: bench.onnx, sha256: "SHA"}
+      resources: {cpu: 0.1, memoryMiB: 64}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: bench}
+spec:
+  model: bench
+  replicas: {min: 2, max: 2}
+  placement: {tiers: [edge], spread: {by: site, maxSkew: 1}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {"p50_ms": s[len(s) // 2], "p99_ms": s[min(len(s) - 1, int(len(s) * 0.99))], "mean_ms": statistics.fmean(s), "n": len(s)}
+
+
+def timed(call: Callable[[], Any], n: int, warmup: int = 50) -> list[float]:
+    for _ in range(warmup):
+        call()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+class Setup:
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self.port, self.agent_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = onnx_models.build_mlp(root / "artifacts" / "bench.onnx", in_dim=256, hidden=512, out_dim=16, layers=3, seed=5)
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli.main", "serve", "--data-dir", str(root / "cp"), "--port", str(self.port),
+             "--agent-port", str(self.agent_port), "--artifact-root", str(root / "artifacts"), "--bootstrap-token", harness.BOOTSTRAP_TOKEN,
+             "--heartbeat-interval", "0.5", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=(root / "cp.log").open("w"))
+        wait_for(self._up, 30, "control plane")
+        httpx.post(f"{self.url}/v1/apply", content=FLEET.replace("SHA", self.model.sha256)).raise_for_status()
+        self.agents: dict[str, harness.AgentProcess] = {}
+        for site in ("edge-a", "edge-b"):
+            self.start_agent(site)
+        wait_for(lambda: len(self.endpoints()) == 2, 60, "two endpoints")
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_agent(self, site: str) -> harness.AgentProcess:
+        cmd = harness.agent_command(f"127.0.0.1:{self.agent_port}", site, self.root / site, heartbeat_interval=0.5,
+                                    extra=("--log-level", "WARNING"))
+        self.agents[site] = harness.spawn_agent(cmd, site, self.root / site)
+        return self.agents[site]
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.url}/v1/endpoints/bench", params={"lat": 48.85, "lon": 2.35}).json()["endpoints"]
+
+    def stop(self) -> None:
+        for a in self.agents.values():
+            a.stop()
+        self.server.send_signal(signal.SIGTERM)
+        self.server.wait(30)
+
+
+def measure_paths(s: Setup, n: int, with_ray: bool) -> dict[str, Any]:
+    x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 256], "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
+    nearest = s.endpoints()[0]
+    out: dict[str, Any] = {"nearest_site": nearest["site"]}
+    headers = {"content-type": "application/json", "x-edgeplane-location": "48.85,2.35"}
+    with httpx.Client(timeout=30) as http:
+        direct = lambda: http.post(nearest["inferUrl"], content=body, headers=headers).raise_for_status()  # noqa: E731
+        gateway = lambda: http.post(f"{s.url}/v2/models/bench/infer", content=body, headers=headers).raise_for_status()  # noqa: E731
+        # interleave rounds so drift on a busy 2-core machine hits both alike
+        d, g = [], []
+        for _ in range(4):
+            d += timed(direct, n // 4, warmup=20)
+            g += timed(gateway, n // 4, warmup=20)
+        out["direct"], out["gateway"] = percentiles(d), percentiles(g)
+    with client_mod.Client(s.url, location=(48.85, 2.35)) as c:
+        out["client"] = percentiles(timed(lambda: c.infer("bench", {"input": x}), n))
+    if with_ray:
+        out["ray-proxy"] = measure_ray_proxy(s, body, n)
+    return out
+
+
+def measure_ray_proxy(s: Setup, body: bytes, n: int) -> dict[str, Any]:
+    from orchestrator.adapters import local_ray, ray_serve, serve_config
+
+    async def deploy(endpoints: local_ray.LocalRayEndpoints) -> str:
+        actuator = endpoints.actuator()
+        spec = serve_config.ServeAppSpec(name="ep-bench--ray", route_prefix="/ep/ray/bench", model_name="bench", runtime="onnx",
+                                         num_replicas=1, cpu=0.5, artifact_uri=str(s.model.path), sha256=s.model.sha256)
+        await actuator.apply([spec])
+        status = await ray_serve.wait_until_running(actuator, spec.name, timeout_s=240)
+        await actuator.close()
+        return status.endpoint_url
+
+    with local_ray.LocalRayCluster(num_cpus=2) as endpoints:
+        url = asyncio.run(deploy(endpoints))
+        with httpx.Client(timeout=30) as http:
+            call = lambda: http.post(f"{url}/v2/models/bench/infer", content=body, headers={"content-type": "application/json"}).raise_for_status()  # noqa: E731
+            return percentiles(timed(call, n))
+
+
+def measure_failover(s: Setup, kills: int) -> dict[str, Any]:
+    results = []
+    body = {"inputs": [{"name": "input", "shape": [1, 256], "datatype": "FP32", "data": [0.01] * 256}]}
+    with httpx.Client(timeout=10) as http:
+        for _ in range(kills):
+            wait_for(lambda: len([e for e in s.endpoints()]) == 2, 60, "both endpoints back")
+            headers = {"x-edgeplane-location": "48.85,2.35"}
+            victim = http.post(f"{s.url}/v2/models/bench/infer", json=body, headers=headers).headers["x-edgeplane-site"]
+            failed, answered_elsewhere, victim_answers = 0, None, 0
+            s.agents[victim].kill(signal.SIGKILL)
+            killed_at = time.perf_counter()
+            deadline = killed_at + 10
+            while time.perf_counter() < deadline:
+                r = http.post(f"{s.url}/v2/models/bench/infer", json=body, headers=headers)
+                if r.status_code != 200:
+                    failed += 1
+                elif r.headers["x-edgeplane-site"] == victim:
+                    victim_answers += 1
+                elif answered_elsewhere is None:
+                    answered_elsewhere = (time.perf_counter() - killed_at) * 1000
+                if answered_elsewhere is not None and time.perf_counter() - killed_at > 1.0:
+                    break
+            results.append({"victim": victim, "failover_ms": answered_elsewhere, "failed": failed})
+            s.agents[victim].process.wait(5)
+            s.start_agent(victim)
+    times = [r["failover_ms"] for r in results if r["failover_ms"] is not None]
+    return {"kills": results, "failover_p50_ms": statistics.median(times), "failover_max_ms": max(times), "failed_requests": sum(r["failed"] for r in results)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-ray", action="store_true")
+    args = p.parse_args()
+    n = 400 if args.quick else 2000
+    root = pathlib.Path(tempfile.mkdtemp(prefix="ep-bench-gw-"))
+    s = Setup(root)
+    try:
+        paths = measure_paths(s, n, not args.no_ray)
+        failover = measure_failover(s, 3 if args.quick else 8)
+    finally:
+        s.stop()
+    d = paths["direct"]
+    table = Table(title=f"Gateway and client overhead ({n} sequential requests, MLP 256x512x16)", header_style="bold")
+    for h in ("path", "p50 ms", "p99 ms", "vs direct p50"):
+        table.add_column(h)
+    for name in ("direct", "gateway", "client", "ray-proxy"):
+        if name in paths:
+            r = paths[name]
+            table.add_row(name, f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['p50_ms'] - d['p50_ms']:+.3f} ms ({r['p50_ms'] / d['p50_ms']:.2f}x)")
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"failover after kill -9 of the serving agent: p50 {failover['failover_p50_ms']:.1f} ms, max {failover['failover_max_ms']:.1f} ms, "
+                  f"failed requests {failover['failed_requests']} over {len(failover['kills'])} kills")
+    RESULTS.mkdir(exist_ok=True)
+    result = {"benchmark": "gateway", "requests": n, "paths": paths, "failover": failover,
+              "gateway_added_p50_ms": paths["gateway"]["p50_ms"] - d["p50_ms"],
+              "client_vs_direct_p50": paths["client"]["p50_ms"] / d["p50_ms"], "cpu_count": os.cpu_count()}
+    (RESULTS / "gateway.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

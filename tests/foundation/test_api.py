@@ -1,0 +1,359 @@
+"""The control API over real HTTP against a real in-process control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.manifests import loader
+
+from . import support
+from .conftest import start_control_plane
+from .support import doc
+
+
+@pytest.fixture(scope="module")
+def api(control_plane: support.ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=control_plane.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def fleet(api: httpx.Client, offline_fleet: pathlib.Path) -> dict:
+    """The example fleet applied once (data centres unreachable, edge sites without agents)."""
+    body = loader.bundle([(p.name, p.read_text()) for p in sorted(offline_fleet.glob("*.yaml"))])
+    r = api.post("/v1/apply", content=body, headers={"x-edgeplane-reason": "initial fleet"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def store_of(control_plane: support.ServerThread):  # type: ignore[no-untyped-def]
+    assert control_plane.cp is not None
+    return control_plane.cp.store
+
+
+def names(api: httpx.Client, kind: str) -> list[str]:
+    r = api.get(f"/v1/{kind}")
+    assert r.status_code == 200, r.text
+    return [o["metadata"]["name"] for o in r.json()["items"]]
+
+
+def test_healthz(api: httpx.Client) -> None:
+    r = api.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_apply_the_example_fleet_and_read_it_back(api: httpx.Client, fleet: dict) -> None:
+    expected = support.example_names()
+    assert not fleet["dryRun"]
+    assert sorted((r["kind"], r["name"]) for r in fleet["results"]) == sorted((k, n) for k, ns in expected.items() for n in ns)
+    assert {r["action"] for r in fleet["results"]} == {"created"}
+    versions = [int(r["resourceVersion"]) for r in fleet["results"]]
+    assert len(set(versions)) == len(versions)  # each write has its own version
+    assert sorted(names(api, "sites")) == sorted(expected["Site"])
+    assert sorted(names(api, "models")) == sorted(expected["Model"])
+    assert sorted(names(api, "modeldeployments")) == sorted(expected["ModelDeployment"])
+    assert names(api, "deployments") == names(api, "ModelDeployment") == names(api, "md")  # aliases
+
+    paris = api.get("/v1/sites/dc-paris").json()
+    assert paris["apiVersion"] == support.API_VERSION and paris["kind"] == "Site"
+    assert paris["metadata"]["name"] == "dc-paris" and paris["metadata"]["generation"] == 1
+    assert paris["metadata"]["labels"] == {"operator": "core", "zone": "eu-west"}
+    assert paris["spec"]["location"] == {"country": "FR", "region": "eu-west", "lat": 48.8566, "lon": 2.3522}
+    assert paris["spec"]["ray"]["address"] == support.UNREACHABLE_RAY
+
+    events = api.get("/v1/events", params={"limit": 1000}).json()["items"]
+    created = [(e["kind"], e["name"]) for e in events if e["action"] == "created" and e["reason"] == "initial fleet"]
+    assert sorted(created) == sorted((r["kind"], r["name"]) for r in fleet["results"])
+    assert all(e["actor"] == "anonymous" for e in events if e["reason"] == "initial fleet")
+
+
+def test_apply_again_is_unchanged(api: httpx.Client, fleet: dict, offline_fleet: pathlib.Path,
+                                  control_plane: support.ServerThread) -> None:
+    before = store_of(control_plane).resource_version()
+    body = loader.bundle([(p.name, p.read_text()) for p in sorted(offline_fleet.glob("*.yaml"))])
+    r = api.post("/v1/apply", content=body)
+    assert r.status_code == 200
+    assert {x["action"] for x in r.json()["results"]} == {"unchanged"}
+    assert store_of(control_plane).resource_version() == before
+
+
+def test_get_unknown_things(api: httpx.Client) -> None:
+    r = api.get("/v1/widgets")
+    assert r.status_code == 404 and "unknown kind 'widgets'" in r.json()["error"]
+    assert api.get("/v1/sites/no-such-site").status_code == 404
+    assert api.delete("/v1/sites/no-such-site").status_code == 404
+
+
+def test_dry_run_changes_nothing_and_returns_a_plan(api: httpx.Client, fleet: dict, control_plane: support.ServerThread) -> None:
+    store = store_of(control_plane)
+    before_version, before_events, before_objects = store.resource_version(), store.events(limit=10_000), store.list()
+    new = doc("ModelDeployment", "doc-fields-es", {"model": "doc-fields", "variant": "distilled", "replicas": {"min": 1, "max": 1},
+                                                   "placement": {"residency": ["ES"], "tiers": ["edge"]}})
+    changed = api.get("/v1/modeldeployments/doc-fields-fr").json()
+    changed_doc = doc("ModelDeployment", "doc-fields-fr", {**changed["spec"], "replicas": {"min": 2, "max": 3}})
+    r = api.post("/v1/apply", params={"dryRun": "true"}, content=new + "---\n" + changed_doc)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dryRun"] is True
+    assert [(x["name"], x["action"]) for x in body["results"]] == [("doc-fields-es", "created"), ("doc-fields-fr", "configured")]
+    plan = body["plan"]
+    assert {"changes", "deployments", "latency", "energy"} <= set(plan)
+    planned = {d["name"]: d for d in plan["deployments"]}
+    assert {"doc-fields-es", "doc-fields-fr", "intent-eu", "assistant"} <= set(planned)
+    assert planned["doc-fields-fr"]["wanted"] >= 2
+    for c in plan["changes"]:
+        assert c["change"] in ("added", "removed", "moved in", "moved out", "unchanged")
+        assert c["site"] in support.example_names()["Site"]
+    assert store.resource_version() == before_version
+    assert store.events(limit=10_000) == before_events
+    assert store.list() == before_objects
+    assert api.get("/v1/modeldeployments/doc-fields-es").status_code == 404
+
+
+def test_dry_run_of_a_bad_manifest_is_refused_too(api: httpx.Client) -> None:
+    r = api.post("/v1/apply", params={"dryRun": "true"}, content=doc("Site", "x", {"tier": "edge"}))
+    assert r.status_code == 422 and r.json()["issues"][0]["field"] == "spec.location"
+
+
+def test_metrics_are_prometheus_text(api: httpx.Client, fleet: dict) -> None:
+    r = api.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in ("edgeplane_agents", "edgeplane_reconcile_passes", "edgeplane_replicas_placed", "edgeplane_endpoints"):
+        assert name in families, sorted(families)
+    agents = {s.labels["health"]: s.value for s in families["edgeplane_agents"].samples}
+    assert agents == {"healthy": 0.0, "unhealthy": 0.0}  # no agent joined this control plane
+
+
+def test_placements_and_events_endpoints(api: httpx.Client, fleet: dict) -> None:
+    r = api.get("/v1/placements")
+    assert r.status_code == 200
+    for item in r.json()["items"]:
+        assert item["site"] in support.example_names()["Site"] and item["replicas"] > 0
+    all_events = api.get("/v1/events", params={"limit": 1000}).json()["items"]
+    ids = [e["id"] for e in all_events]
+    assert ids == sorted(ids)
+    page = api.get("/v1/events", params={"since": ids[2], "limit": 2}).json()["items"]
+    assert [e["id"] for e in page] == ids[3:5]
+    only = api.get("/v1/events", params={"kind": "models", "limit": 1000}).json()["items"]
+    assert only and {e["kind"] for e in only} == {"Model"}
+    assert api.get("/v1/events", params={"since": "yesterday"}).status_code == 400
+
+
+def test_describe_includes_events(api: httpx.Client, fleet: dict) -> None:
+    r = api.get("/v1/modeldeployments/intent-eu", params={"describe": "true"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["metadata"]["name"] == "intent-eu"
+    assert [e["action"] for e in body["events"]][0] == "created"
+
+
+# --- bad input: a clear 4xx, the server keeps running, the store is unchanged ----------------
+
+
+@pytest.fixture
+def unchanged(control_plane: support.ServerThread, api: httpx.Client) -> Iterator[None]:
+    store = store_of(control_plane)
+    before = (store.resource_version(), store.events(limit=10_000), store.list())
+    yield
+    assert (store.resource_version(), store.events(limit=10_000), store.list()) == before
+    assert api.get("/healthz").status_code == 200
+
+
+def test_ten_megabyte_body_is_413(api: httpx.Client, unchanged: None) -> None:
+    body = (doc("Site", "big", support.edge_site_spec()) + "# " + "x" * 1000 + "\n") * 10_000
+    assert len(body) > 10_000_000
+    r = api.post("/v1/apply", content=body)
+    assert r.status_code == 413 and "larger than 4 MiB" in r.json()["error"]
+
+
+def test_ten_megabyte_chunked_body_is_413(api: httpx.Client, unchanged: None) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(160):
+            yield b"#" + b"x" * 65_535
+
+    r = api.post("/v1/apply", content=chunks())  # no Content-Length: the server counts as it reads
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"apiVersion: edgeplane.io/v1alpha1\nkind: Site\nmetadata: {name: caf\xe9}\n", "not UTF-8"),
+        (b"a: " + b"[" * 100_000 + b"]" * 100_000, "nested deeper than 32 levels"),
+        (b"spec: " + b"{a: " * 60 + b"1" + b"}" * 60, "nested deeper than 32 levels"),
+        (b"kind: [unclosed\n", "malformed YAML"),
+        (b'{"apiVersion": "edgeplane.io/v1alpha1", "kind": "Site",', "malformed YAML"),
+        (b"apiVersion: edgeplane.io/v1alpha1\nkind: Gadget\nmetadata: {name: g}\nspec: {}\n", "unknown kind 'Gadget'"),
+        (b"# only a comment\n", "no documents"),
+        (b"", "no documents"),
+    ],
+    ids=["non-utf8", "nested-100k", "nested-60", "malformed-yaml", "truncated-json", "unknown-kind", "comment-only", "empty"],
+)
+def test_bad_bodies_are_422(api: httpx.Client, unchanged: None, body: bytes, message: str) -> None:
+    r = api.post("/v1/apply", content=body)
+    assert r.status_code == 422, r.text
+    payload = r.json()
+    assert message in payload["error"] + " ".join(i["message"] for i in payload.get("issues", []))
+
+
+def test_non_numeric_resource_version_is_422(api: httpx.Client, fleet: dict, unchanged: None) -> None:
+    text = doc("Site", "edge-lyon", support.edge_site_spec(), resourceVersion="abc")
+    r = api.post("/v1/apply", content=text)
+    assert r.status_code == 422
+    [issue] = r.json()["issues"]
+    assert issue["field"] == "metadata.resourceVersion" and issue["line"] == support.line_of(text, "resourceVersion")
+
+
+async def test_concurrent_conflicting_applies(control_plane: support.ServerThread) -> None:
+    """Many clients update one object from the same resourceVersion: one wins per version."""
+    store = store_of(control_plane)
+    async with httpx.AsyncClient(base_url=control_plane.url, timeout=60) as client:
+        r = await client.post("/v1/apply", content=doc("Site", "contended", support.edge_site_spec()))
+        assert r.status_code == 200
+        for round_ in range(1, 4):
+            current = (await client.get("/v1/sites/contended")).json()
+            version, generation = current["metadata"]["resourceVersion"], current["metadata"]["generation"]
+            events_before = len(store.events(limit=100_000))
+
+            async def attempt(i: int) -> tuple[int, int]:
+                # every attempt differs from the current spec and from each other
+                spec = {**support.edge_site_spec(), "capacity": {"cpu": 1 + i, "memoryGiB": 100 * round_ + i}}
+                resp = await client.post("/v1/apply", content=doc("Site", "contended", spec, resourceVersion=version))
+                return i, resp.status_code
+
+            outcomes = await asyncio.gather(*(attempt(i) for i in range(12)))
+            winners = [i for i, status in outcomes if status == 200]
+            assert len(winners) == 1, outcomes
+            assert sorted(status for _, status in outcomes) == [200] + [409] * 11
+            after = (await client.get("/v1/sites/contended")).json()
+            capacity = after["spec"]["capacity"]
+            assert (capacity["cpu"], capacity["memoryGiB"]) == (1 + winners[0], 100 * round_ + winners[0])  # the winner's, whole
+            assert after["metadata"]["generation"] == generation + 1
+            assert int(after["metadata"]["resourceVersion"]) > int(version)
+            new_events = store.events(since=0, limit=100_000)[events_before:]
+            assert [(e.action, e.name) for e in new_events if e.kind == "Site"] == [("configured", "contended")]
+        refused = await client.post("/v1/apply", content=doc("Site", "contended", support.edge_site_spec(), resourceVersion=version))
+        assert refused.status_code == 409 and "re-read and retry" in refused.json()["error"]
+
+
+def test_delete(api: httpx.Client, control_plane: support.ServerThread) -> None:
+    model = doc("Model", "tmp-model", support.model_spec())
+    dep = doc("ModelDeployment", "tmp-dep", support.deployment_spec("tmp-model"))
+    assert api.post("/v1/apply", content=model + "---\n" + dep).status_code == 200
+    r = api.delete("/v1/models/tmp-model")
+    assert r.status_code == 409 and "tmp-dep" in r.json()["error"]
+    assert api.get("/v1/models/tmp-model").status_code == 200
+    assert api.delete("/v1/modeldeployments/tmp-dep").status_code == 200
+    assert api.delete("/v1/models/tmp-model").status_code == 200
+    assert api.get("/v1/models/tmp-model").status_code == 404
+    assert api.delete("/v1/models/tmp-model").status_code == 404
+    deleted = [(e.kind, e.name, e.actor) for e in store_of(control_plane).events(limit=100_000) if e.action == "deleted"]
+    assert ("ModelDeployment", "tmp-dep", "anonymous") in deleted and ("Model", "tmp-model", "anonymous") in deleted
+    # a deployment naming a model that is now gone is refused
+    r = api.post("/v1/apply", content=dep)
+    assert r.status_code == 422 and r.json()["issues"][0]["field"] == "spec.model"
+
+
+def test_stale_resource_version_is_409_and_current_one_applies(api: httpx.Client) -> None:
+    assert api.post("/v1/apply", content=doc("Site", "versioned", support.edge_site_spec())).status_code == 200
+    rv = api.get("/v1/sites/versioned").json()["metadata"]["resourceVersion"]
+    spec = {**support.edge_site_spec(), "energy": {"carbonGramsPerKWh": 99}}
+    assert api.post("/v1/apply", content=doc("Site", "versioned", spec, resourceVersion=rv)).status_code == 200
+    stale = api.post("/v1/apply", content=doc("Site", "versioned", support.edge_site_spec(), resourceVersion=rv))
+    assert stale.status_code == 409
+    assert api.get("/v1/sites/versioned").json()["spec"]["energy"]["carbonGramsPerKWh"] == 99
+
+
+# --- authentication -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServerThread]:
+    cp = start_control_plane(tmp_path_factory.mktemp("secured"), offline_fleet, auth="token")
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+def test_token_auth_roles(secured: support.ServerThread) -> None:
+    assert secured.cp is not None and secured.cp.admin_token
+    admin = {"authorization": f"Bearer {secured.cp.admin_token}"}
+    token_file = secured.config.data_dir / "admin.token"
+    assert token_file.read_text().strip() == secured.cp.admin_token
+    assert token_file.stat().st_mode & 0o077 == 0  # only the owner may read it
+    site = doc("Site", "edge-a", support.edge_site_spec())
+    with httpx.Client(base_url=secured.url, timeout=30) as c:
+        r = c.get("/v1/sites")
+        assert r.status_code == 401 and "Bearer" in r.json()["error"]
+        assert c.post("/v1/apply", content=site).status_code == 401
+        assert c.get("/v1/sites", headers={"authorization": "Bearer nonsense"}).status_code == 401
+        assert c.get("/healthz").status_code == 200  # probes need no token
+
+        r = c.post("/v1/tokens", json={"purpose": "api", "role": "read", "description": "dashboards"}, headers=admin)
+        assert r.status_code == 201, r.text
+        read = {"authorization": f"Bearer {r.json()['token']}"}
+        read_id = r.json()["id"]
+        assert c.get("/v1/sites", headers=read).status_code == 200
+        r = c.post("/v1/apply", content=site, headers=read)
+        assert r.status_code == 403 and "'read'" in r.json()["error"]
+        assert c.post("/v1/tokens", json={"purpose": "api", "role": "admin"}, headers=read).status_code == 403
+        assert c.delete("/v1/sites/edge-a", headers=read).status_code == 403
+        assert c.get("/v1/sites/edge-a", headers=admin).status_code == 404  # the refused apply applied nothing
+
+        r = c.post("/v1/apply", content=site, headers=admin)
+        assert r.status_code == 200
+        assert c.get("/v1/sites/edge-a", headers=read).json()["metadata"]["name"] == "edge-a"
+        actors = {e["actor"] for e in c.get("/v1/events", headers=read, params={"kind": "sites"}).json()["items"]}
+        assert any(a.startswith("token:") and "initial admin token" in a for a in actors), actors
+
+        # a bootstrap token is not an API token
+        boot = c.post("/v1/tokens", json={"purpose": "bootstrap"}, headers=admin).json()
+        assert boot["role"] == "agent" and boot["expiresAt"] is not None
+        assert c.get("/v1/sites", headers={"authorization": f"Bearer {boot['token']}"}).status_code == 401
+
+        assert c.post(f"/v1/revoke/tokens/{read_id}", headers=admin).json() == {"revoked": True}
+        assert c.get("/v1/sites", headers=read).status_code == 401
+
+        for bad in ({"purpose": "root"}, {"purpose": "api", "role": "god"}, {"purpose": "api", "role": "read", "ttlSeconds": -1}):
+            assert c.post("/v1/tokens", json=bad, headers=admin).status_code == 400, bad
+        assert c.post("/v1/tokens", content=b"not json", headers=admin).status_code == 400
+
+
+def test_serve_refuses_a_public_address_without_auth(tmp_path: pathlib.Path) -> None:
+    data_dir = tmp_path / "data"
+    proc = support.cli("serve", "--data-dir", str(data_dir), "--host", "0.0.0.0", "--port", str(support.free_port()),
+                       "--agent-port", str(support.free_port()), timeout=60)
+    assert proc.returncode == 2, proc
+    out = proc.stdout + proc.stderr
+    assert "refusing to serve the admin API on 0.0.0.0 without authentication" in out, out
+    assert "--auth token" in out
+    assert not data_dir.exists()  # refused before anything was written
+
+
+def test_edgeplane_serve_subprocess_answers_and_stops(tmp_path: pathlib.Path, offline_fleet: pathlib.Path) -> None:
+    serve = support.ServeProcess(tmp_path / "data", artifact_root=offline_fleet).wait_ready()
+    try:
+        assert httpx.get(f"{serve.url}/healthz", timeout=10).json() == {"status": "ok"}
+        sites = (offline_fleet / "sites.yaml").read_text()
+        r = httpx.post(f"{serve.url}/v1/apply", content=sites, timeout=30)
+        assert r.status_code == 200
+    finally:
+        assert serve.stop() == 0, serve.log()
+    assert (tmp_path / "data" / "admin.token").exists()
+    # restart on the same data: the state is still there
+    serve = support.ServeProcess(tmp_path / "data", artifact_root=offline_fleet).wait_ready()
+    try:
+        items = httpx.get(f"{serve.url}/v1/sites", timeout=10).json()["items"]
+        assert sorted(o["metadata"]["name"] for o in items) == sorted(support.example_names()["Site"])
+        assert {yaml.safe_dump(o["spec"]["location"]) for o in items}  # specs came back whole
+    finally:
+        serve.stop()

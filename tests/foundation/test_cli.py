@@ -1,0 +1,197 @@
+"""The ``edgeplane`` command line as a subprocess against ``edgeplane serve`` as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from orchestrator.testing import harness
+
+from . import support
+from .support import cli, doc
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServeProcess]:
+    proc = support.ServeProcess(tmp_path_factory.mktemp("cli") / "data", artifact_root=offline_fleet).wait_ready()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def applied(serve: support.ServeProcess, offline_fleet: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    proc = cli("apply", "-f", str(offline_fleet), server_url=serve.url)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def ok(*args: str, server: support.ServeProcess, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    proc = cli(*args, server_url=server.url, **kwargs)
+    assert proc.returncode == 0, f"edgeplane {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_apply_a_directory(applied, offline_fleet: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    expected = support.example_names()
+    lines = applied.stdout.splitlines()
+    want = {f"{kind.lower()}/{name} created" for kind, names in expected.items() for name in names}
+    assert set(lines) == want, applied.stdout
+
+
+def test_get_sites_shows_the_fleet(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    out = ok("get", "sites", server=serve)
+    header, *rows = [line for line in out.splitlines() if line.strip()]
+    assert header.split()[:4] == ["NAME", "TIER", "COUNTRY", "REGION"]
+    by_name = {r.split()[0]: r.split() for r in rows}
+    assert set(by_name) == support.example_names()["Site"]
+    assert by_name["dc-paris"][1:3] == ["datacenter", "FR"] and by_name["edge-zurich"][1:3] == ["edge", "CH"]
+
+
+def test_get_output_formats(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    items = json.loads(ok("get", "sites", "-o", "json", server=serve))["items"]
+    assert {o["metadata"]["name"] for o in items} == support.example_names()["Site"]
+    one = json.loads(ok("get", "site", "edge-lyon", "-o", "json", server=serve))
+    assert one["spec"]["location"]["country"] == "FR" and one["metadata"]["generation"] == 1
+    as_yaml = yaml.safe_load(ok("get", "models", "-o", "yaml", server=serve))
+    assert {o["metadata"]["name"] for o in as_yaml["items"]} == support.example_names()["Model"]
+    table = ok("get", "modeldeployments", server=serve)
+    assert "intent-eu" in table and "EU" in table
+    placements = json.loads(ok("get", "placements", "-o", "json", server=serve))
+    assert isinstance(placements["items"], list)
+    for p in placements["items"]:
+        assert p["site"] in support.example_names()["Site"]
+    out = ok("get", "placements", server=serve)
+    assert ("No replicas placed." in out) == (placements["items"] == [])
+
+
+def test_describe_and_events(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    out = ok("describe", "modeldeployment", "intent-eu", server=serve)
+    body, _, events = out.partition("Events:")
+    data = yaml.safe_load(body)
+    assert data["metadata"]["name"] == "intent-eu" and data["spec"]["model"] == "intent-classifier"
+    assert "created" in events and "anonymous" in events
+    log = json.loads(ok("events", "-o", "json", "--limit", "500", server=serve))["items"]
+    assert ("created", "ModelDeployment", "intent-eu") in {(e["action"], e["kind"], e["name"]) for e in log}
+    status = json.loads(ok("status", "-o", "json", server=serve))
+    assert status["sites"] == len(support.example_names()["Site"]) and set(status["deployments"]) == support.example_names()["ModelDeployment"]
+
+
+def test_apply_from_stdin_and_delete_by_file(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    text = doc("Model", "cli-model", support.model_spec()) + "---\n" + doc("ModelDeployment", "cli-dep", support.deployment_spec("cli-model"))
+    out = ok("apply", "-f", "-", server=serve, stdin=text)
+    assert out.splitlines() == ["model/cli-model created", "modeldeployment/cli-dep created"]
+    # deleting the model first is refused by the server ...
+    refused = cli("delete", "model", "cli-model", server_url=serve.url)
+    assert refused.returncode == 1 and refused.stderr.startswith("error: Model 'cli-model' is used by ModelDeployment cli-dep")
+    # ... delete -f orders dependants first
+    path = tmp_path / "both.yaml"
+    path.write_text(text)
+    out = ok("delete", "-f", str(path), server=serve)
+    assert out.splitlines() == ["modeldeployment/cli-dep deleted", "model/cli-model deleted"]
+    gone = cli("get", "model", "cli-model", server_url=serve.url)
+    assert gone.returncode == 1 and "does not exist" in gone.stderr
+
+
+def test_dry_run_changes_nothing(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    before = json.loads(ok("get", "sites", "-o", "json", server=serve))
+    path = tmp_path / "s.yaml"
+    path.write_text(doc("Site", "edge-lyon", {**support.edge_site_spec(), "capacity": {"cpu": 4, "memoryGiB": 8}}))
+    out = ok("apply", "-f", str(path), "--dry-run", server=serve)
+    assert out.splitlines()[0] == "site/edge-lyon configured (dry run)"
+    assert json.loads(ok("get", "sites", "-o", "json", server=serve)) == before
+
+
+def test_exit_codes(serve: support.ServeProcess, tmp_path: pathlib.Path) -> None:
+    # 1: refused by the control plane, with a one-line reason
+    proc = cli("get", "widgets", server_url=serve.url)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == ["error: unknown kind 'widgets'; use one of: sites, models, modeldeployments"]
+    # 2: wrong usage
+    assert cli("get", server_url=serve.url).returncode == 2
+    assert cli("frobnicate", server_url=serve.url).returncode == 2
+    assert cli("get", "sites", "-o", "xml", server_url=serve.url).returncode == 2
+    proc = cli("delete", server_url=serve.url)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: give -f FILE or KIND NAME")
+    proc = cli("apply", "-f", str(tmp_path / "missing.yaml"), server_url=serve.url)
+    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    assert cli("apply", "-f", str(tmp_path / "empty"), server_url=serve.url).returncode == 2
+    proc = cli("token", "create", "--ttl", "soon", server_url=serve.url)
+    assert proc.returncode == 2 and "--ttl 'soon'" in proc.stderr
+    # 3: nothing listening
+    dead = f"http://127.0.0.1:{support.closed_port()}"
+    proc = cli("get", "sites", server_url=dead)
+    assert proc.returncode == 3, proc
+    assert proc.stderr.startswith(f"error: cannot reach the control plane at {dead}")
+    assert cli("--server", dead, "status").returncode == 3  # the flag works as well as the variable
+    # 0
+    assert cli("--server", serve.url, "get", "sites").returncode == 0
+
+
+def test_bootstrap_token_lets_an_agent_join_and_plan_shows_per_site_changes(
+    serve: support.ServeProcess, applied, tmp_path: pathlib.Path  # type: ignore[no-untyped-def]
+) -> None:
+    token = ok("token", "create", "--description", "lyon", server=serve).strip()
+    assert token.startswith("epb_")
+    agent = harness.spawn_agent(
+        harness.agent_command(f"127.0.0.1:{serve.agent_port}", "edge-lyon", tmp_path / "agent", token=token, heartbeat_interval=0.3),
+        "edge-lyon", tmp_path / "agent")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            site = json.loads(ok("get", "site", "edge-lyon", "-o", "json", server=serve))
+            if site.get("status", {}).get("health") == "Healthy":
+                break
+            assert time.monotonic() < deadline, f"edge-lyon never became healthy: {site.get('status')}\n{agent.log()}"
+            time.sleep(0.2)
+        path = tmp_path / "lyon.yaml"
+        path.write_text(doc("ModelDeployment", "lyon-only", {
+            "model": "doc-fields", "variant": "distilled", "replicas": {"min": 1, "max": 1},
+            "placement": {"residency": ["FR"], "tiers": ["edge"], "siteSelector": {"zone": "eu-west"}}}))
+        out = ok("plan", "-f", str(path), server=serve)
+        assert out.splitlines()[0] == "modeldeployment/lyon-only would be created"
+        assert "Replica changes per site" in out
+        rows = [line.split() for line in out.splitlines() if "lyon-only" in line and "edge-lyon" in line]
+        assert rows and rows[0][:3] == ["edge-lyon", "lyon-only", "distilled"] and rows[0][-1] == "added", out
+        plan = json.loads(ok("plan", "-f", str(path), "-o", "json", server=serve))
+        assert {"site": "edge-lyon", "deployment": "lyon-only", "variant": "distilled", "before": 0, "after": 1,
+                "change": "added"} in plan["changes"]
+        assert cli("get", "modeldeployment", "lyon-only", server_url=serve.url).returncode == 1  # plan applied nothing
+    finally:
+        agent.stop()
+
+
+def test_api_tokens_with_auth_on(tmp_path: pathlib.Path, offline_fleet: pathlib.Path) -> None:
+    secured = support.ServeProcess(tmp_path / "data", "--auth", "token", artifact_root=offline_fleet).wait_ready()
+    try:
+        admin_file = str(tmp_path / "data" / "admin.token")
+        denied = cli("get", "sites", server_url=secured.url)
+        assert denied.returncode == 1 and denied.stderr.startswith("error: this API needs 'Authorization: Bearer <token>'")
+        proc = cli("token", "create", "--role", "read", "--description", "ci", server_url=secured.url,
+                   env={"EDGEPLANE_TOKEN_FILE": admin_file})
+        assert proc.returncode == 0, proc.stderr
+        read_token = proc.stdout.strip()
+        assert read_token.startswith("epa_")
+        as_reader = {"EDGEPLANE_TOKEN": read_token}
+        assert cli("get", "sites", server_url=secured.url, env=as_reader).returncode == 0
+        site = tmp_path / "site.yaml"
+        site.write_text(doc("Site", "edge-x", support.edge_site_spec()))
+        refused = cli("apply", "-f", str(site), server_url=secured.url, env=as_reader)
+        assert refused.returncode == 1 and "has role 'read'; this needs 'admin'" in refused.stderr.splitlines()[0]
+        assert cli("--token", "wrong", "get", "sites", server_url=secured.url).returncode == 1
+        applied = cli("apply", "-f", str(site), server_url=secured.url, env={"EDGEPLANE_TOKEN_FILE": admin_file})
+        assert applied.returncode == 0 and applied.stdout.strip() == "site/edge-x created"
+        listed = cli("get", "sites", "-o", "json", server_url=secured.url, env=as_reader)
+        assert [o["metadata"]["name"] for o in json.loads(listed.stdout)["items"]] == ["edge-x"]
+        created = json.loads(cli("token", "create", "--role", "admin", "--ttl", "2h", "-o", "json", server_url=secured.url,
+                                 env={"EDGEPLANE_TOKEN_FILE": admin_file}).stdout)
+        assert created["role"] == "admin" and created["purpose"] == "api" and created["expiresAt"] is not None
+    finally:
+        secured.stop()

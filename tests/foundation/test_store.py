@@ -1,0 +1,358 @@
+"""The SQLite state store: versions, optimistic concurrency, atomicity, the event log,
+tokens, and consistency after a kill -9 in the middle of writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from orchestrator.store import sqlite as store_mod
+from orchestrator.store.sqlite import Conflict, Event, NotFound, ObjectWrite, Store
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path: pathlib.Path, clock: FakeClock) -> Store:
+    s = Store(tmp_path / "state.db", clock=clock)
+    yield s
+    s.close()
+
+
+def write(name: str, spec: dict, labels: dict | None = None, expected: int | None = None, kind: str = "Site") -> ObjectWrite:
+    return ObjectWrite(kind, name, labels or {}, spec, expected)
+
+
+WHO = Event("alice", "apply", "", "", "rollout ticket 42")
+
+
+def test_generation_counts_spec_changes_and_resource_version_counts_every_write(store: Store, clock: FakeClock) -> None:
+    [created] = store.apply([write("a", {"x": 1})], WHO)
+    assert (created.action, created.generation, created.resource_version) == ("created", 1, 1)
+
+    [same] = store.apply([write("a", {"x": 1})], WHO)
+    assert (same.action, same.generation, same.resource_version) == ("unchanged", 1, 1)
+    assert store.resource_version() == 1  # a no-op write does not bump anything
+
+    clock.now += 10
+    [labels] = store.apply([write("a", {"x": 1}, {"team": "care"})], WHO)
+    assert (labels.action, labels.generation, labels.resource_version) == ("configured", 1, 2)  # labels: not a spec change
+
+    [spec] = store.apply([write("a", {"x": 2}, {"team": "care"})], WHO)
+    assert (spec.action, spec.generation, spec.resource_version) == ("configured", 2, 3)
+
+    [other] = store.apply([write("b", {"y": 1})], WHO)
+    assert other.resource_version == 4  # the version is store-wide
+
+    obj = store.get("Site", "a")
+    assert obj is not None
+    assert (obj.generation, obj.resource_version, dict(obj.spec), dict(obj.labels)) == (2, 3, {"x": 2}, {"team": "care"})
+    assert obj.created_at == 1_000_000.0 and obj.updated_at == 1_000_010.0
+
+
+def test_key_order_in_a_spec_is_not_a_change(store: Store) -> None:
+    store.apply([write("a", {"x": 1, "y": {"b": 2, "a": 1}})])
+    [again] = store.apply([write("a", {"y": {"a": 1, "b": 2}, "x": 1})])
+    assert again.action == "unchanged"
+
+
+def test_status_updates_do_not_touch_generation(store: Store) -> None:
+    store.apply([write("a", {"x": 1})])
+    assert store.set_status("Site", "a", {"health": "Healthy"}) is True
+    obj = store.get("Site", "a")
+    assert obj is not None and obj.generation == 1 and dict(obj.status) == {"health": "Healthy"}
+    assert store.set_status("Site", "missing", {"health": "Healthy"}) is False
+
+
+def test_stale_update_is_refused_not_lost(store: Store) -> None:
+    [v1] = store.apply([write("a", {"replicas": 1})])
+    # two writers read version v1; the first wins
+    [won] = store.apply([write("a", {"replicas": 2}, expected=v1.resource_version)])
+    assert won.action == "configured"
+    with pytest.raises(Conflict, match="resourceVersion is 2, the request expected 1"):
+        store.apply([write("a", {"replicas": 3}, expected=v1.resource_version)])
+    obj = store.get("Site", "a")
+    assert obj is not None and dict(obj.spec) == {"replicas": 2} and obj.resource_version == won.resource_version
+    # re-read and retry succeeds
+    [retry] = store.apply([write("a", {"replicas": 3}, expected=won.resource_version)])
+    assert retry.action == "configured" and store.get("Site", "a").spec == {"replicas": 3}  # type: ignore[union-attr]
+
+
+def test_expected_version_zero_means_create_only(store: Store) -> None:
+    store.apply([write("a", {"x": 1}, expected=0)])
+    with pytest.raises(Conflict):
+        store.apply([write("a", {"x": 2}, expected=0)])
+
+
+def test_one_bad_write_applies_none(store: Store) -> None:
+    store.apply([write("a", {"x": 1})])
+    version, events = store.resource_version(), store.events(limit=1000)
+    with pytest.raises(Conflict):
+        store.apply([write("b", {"y": 1}), write("c", {"z": 1}), write("a", {"x": 2}, expected=999)], WHO)
+    assert store.get("Site", "b") is None and store.get("Site", "c") is None
+    assert store.get("Site", "a").spec == {"x": 1}  # type: ignore[union-attr]
+    assert store.resource_version() == version
+    assert store.events(limit=1000) == events
+
+
+def test_a_non_serialisable_spec_applies_nothing(store: Store) -> None:
+    with pytest.raises(TypeError):
+        store.apply([write("b", {"y": 1}), write("c", {"z": object()})], WHO)
+    assert store.list() == [] and store.resource_version() == 0 and store.events() == []
+
+
+def test_event_log_records_who_what_when_why(store: Store, clock: FakeClock) -> None:
+    store.apply([write("a", {"x": 1}), write("m", {"v": 1}, kind="Model")], Event("alice", "apply", "", "", "ticket 42", {"via": "cli"}))
+    clock.now += 5
+    store.apply([write("a", {"x": 1})], Event("bob", "apply", "", "", "no-op"))  # unchanged: nothing to log
+    store.apply([write("a", {"x": 2})], Event("bob", "apply", "", "", "resize"))
+    clock.now += 5
+    store.delete("Site", "a", Event("carol", "delete", "Site", "a", "decommissioned"))
+    got = [(e.actor, e.action, e.kind, e.name, e.reason, e.ts) for e in store.events()]
+    assert got == [
+        ("alice", "created", "Site", "a", "ticket 42", 1_000_000.0),
+        ("alice", "created", "Model", "m", "ticket 42", 1_000_000.0),
+        ("bob", "configured", "Site", "a", "resize", 1_000_005.0),
+        ("carol", "deleted", "Site", "a", "decommissioned", 1_000_010.0),
+    ]
+    first = store.events()[0]
+    assert dict(first.details) == {"via": "cli", "generation": 1}
+    ids = [e.id for e in store.events()]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # paging and filtering
+    assert [e.id for e in store.events(since=ids[1])] == ids[2:]
+    assert [e.id for e in store.events(limit=2)] == ids[:2]
+    assert [e.name for e in store.events(kind="Model")] == ["m"]
+    assert [e.action for e in store.recent_events("Site", "a")] == ["created", "configured", "deleted"]
+
+
+def test_event_log_is_append_only_across_deletes_and_reopen(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "s.db"
+    s = Store(path)
+    s.apply([write("a", {"x": 1})], WHO)
+    s.delete("Site", "a", Event("bob", "delete", "Site", "a", "gone"))
+    s.apply([write("a", {"x": 1})], WHO)  # same name again: a new object, generation 1
+    before = s.events()
+    s.close()
+    s = Store(path)
+    try:
+        assert s.events() == before
+        assert [e.action for e in before] == ["created", "deleted", "created"]
+        assert s.get("Site", "a").generation == 1  # type: ignore[union-attr]
+        s.record(Event("x", "note", "Site", "a", "later"))
+        assert s.events()[: len(before)] == before and s.events()[-1].id > before[-1].id
+    finally:
+        s.close()
+
+
+def test_delete(store: Store) -> None:
+    [v] = store.apply([write("a", {"x": 1})])
+    with pytest.raises(NotFound):
+        store.delete("Site", "nope", WHO)
+    with pytest.raises(Conflict):
+        store.delete("Site", "a", WHO, expected_version=v.resource_version + 5)
+    assert store.get("Site", "a") is not None
+    out = store.delete("Site", "a", WHO, expected_version=v.resource_version)
+    assert out.action == "deleted" and out.resource_version == v.resource_version + 1 == store.resource_version()
+    assert store.get("Site", "a") is None and store.list("Site") == []
+
+
+def test_deleting_a_deployment_removes_its_placements(store: Store) -> None:
+    store.apply([write("d1", {}, kind="ModelDeployment"), write("d2", {}, kind="ModelDeployment")])
+    store.replace_placements([store_mod.PlacementRow("d1", "s", "v", 2), store_mod.PlacementRow("d2", "s", "v", 1),
+                              store_mod.PlacementRow("d2", "t", "v", 0)])
+    assert [(p.deployment, p.site) for p in store.placements()] == [("d1", "s"), ("d2", "s")]  # zero rows are not intent
+    store.delete("ModelDeployment", "d1", WHO)
+    assert [p.deployment for p in store.placements()] == ["d2"]
+
+
+def test_tokens_expire_by_the_injected_clock(store: Store, clock: FakeClock) -> None:
+    secret, info = store.create_token("bootstrap", "agent", 60, "admin", "for lyon")
+    assert info.expires_at == clock.now + 60
+    assert store.verify_token(secret, "bootstrap") == info
+    assert store.verify_token(secret, "api") is None  # a bootstrap token is not an API token
+    clock.now += 59
+    assert store.verify_token(secret, "bootstrap") is not None
+    clock.now += 2
+    assert store.verify_token(secret, "bootstrap") is None
+    assert store.events()[-1].action == "token-created" and store.events()[-1].actor == "admin"
+
+
+def test_tokens_revoke_and_only_digests_are_stored(store: Store, tmp_path: pathlib.Path) -> None:
+    secret, info = store.create_token("api", "read", None, "admin")
+    assert info.expires_at is None and store.has_api_tokens()
+    assert store.verify_token(secret + "x", "api") is None
+    assert store.revoke_token(info.id, "admin") is True
+    assert store.verify_token(secret, "api") is None
+    assert store.revoke_token("nope", "admin") is False
+    assert not store.has_api_tokens()
+    assert [e.action for e in store.events()][-1] == "token-revoked"
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("state.db"))
+    assert secret.encode() not in raw and store_mod.digest(secret).encode() in raw
+
+
+def test_agent_credentials(store: Store) -> None:
+    store.save_agent("edge-lyon", "agent-1", "cred-1", "agent@edge-lyon")
+    assert store.agent_credential_ok("edge-lyon", "cred-1")
+    assert not store.agent_credential_ok("edge-lyon", "cred-2")
+    assert not store.agent_credential_ok("edge-berlin", "cred-1")
+    store.save_agent("edge-lyon", "agent-2", "cred-2", "agent@edge-lyon")  # a re-join replaces the credential
+    assert not store.agent_credential_ok("edge-lyon", "cred-1") and store.agent_credential_ok("edge-lyon", "cred-2")
+    assert store.revoke_agent("edge-lyon", "admin")
+    assert not store.agent_credential_ok("edge-lyon", "cred-2")
+
+
+def test_sequences_only_grow_and_survive_reopen(tmp_path: pathlib.Path) -> None:
+    s = Store(tmp_path / "s.db")
+    assert [s.next_sequence("a"), s.next_sequence("a"), s.next_sequence("b")] == [1, 2, 1]
+    s.close()
+    s = Store(tmp_path / "s.db")
+    assert s.next_sequence("a") == 3
+    s.close()
+
+
+def test_concurrent_writers_in_threads_lose_nothing(store: Store) -> None:
+    """Many threads doing read-modify-write with expected versions: every increment lands once."""
+    store.apply([write("counter", {"n": 0})])
+    done = {"ok": 0, "conflicts": 0}
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(25):
+            for _attempt in range(1000):
+                obj = store.get("Site", "counter")
+                assert obj is not None
+                try:
+                    store.apply([write("counter", {"n": obj.spec["n"] + 1}, expected=obj.resource_version)])
+                except Conflict:
+                    with lock:
+                        done["conflicts"] += 1
+                    continue
+                with lock:
+                    done["ok"] += 1
+                break
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert done["ok"] == 100
+    obj = store.get("Site", "counter")
+    assert obj is not None and obj.spec["n"] == 100 and obj.generation == 101
+
+
+# --- crash consistency -------------------------------------------------------------------
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from orchestrator.store.sqlite import Event, ObjectWrite, Store, PlacementRow
+
+    store = Store(sys.argv[1])
+    current = store.get("Site", "s0")
+    i = current.spec["round"] if current else 0  # resume after the previous kill
+    print("ready", flush=True)
+    while True:
+        i += 1
+        blob = "x" * (i % 7 * 1000)  # uneven sizes so pages split at different points
+        writes = [ObjectWrite("Site", f"s{k}", {"round": str(i)}, {"round": i, "blob": blob, "k": k}) for k in range(3)]
+        store.apply(writes, Event("writer", "apply", "", "", f"round {i}"))
+        store.replace_placements([PlacementRow("d", f"s{k}", "v", i) for k in range(3)],
+                                 [Event("writer", "place", "ModelDeployment", "d", f"round {i}")])
+        print(i, flush=True)
+    """
+)
+
+
+def run_writer_and_kill(path: pathlib.Path, after_rounds: int) -> int:
+    """Start the writer, let it commit ``after_rounds`` more rounds, SIGKILL it while it writes."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                            cwd=pathlib.Path(__file__).resolve().parents[2])
+    last = 0
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        seen = 0
+        while seen < after_rounds and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            last, seen = int(line), seen + 1
+        assert seen >= after_rounds, f"the writer stopped after {seen} rounds"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    return last
+
+
+def check_consistent(path: pathlib.Path, committed: int) -> int:
+    """The invariants every prefix of the writer's history satisfies; returns the last round."""
+    db = sqlite3.connect(path)  # the raw file first: SQLite itself must find it sound
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        db.close()
+    store = Store(path)
+    try:
+        objs = store.list("Site")
+        assert [o.name for o in objs] == ["s0", "s1", "s2"]
+        rounds_seen = {o.spec["round"] for o in objs}
+        assert len(rounds_seen) == 1, f"a transaction was torn: {rounds_seen}"  # all three come from one apply
+        last = rounds_seen.pop()
+        assert last >= committed  # every round reported as committed is there
+        for o in objs:
+            assert o.spec == {"round": last, "blob": "x" * (last % 7 * 1000), "k": int(o.name[1])}  # complete, not truncated
+            assert dict(o.labels) == {"round": str(last)}
+            assert o.generation == last  # one generation per round, none lost
+        # counters agree with the objects and with the log
+        assert store.resource_version() == max(o.resource_version for o in objs) == 3 * last
+        events = store.events(limit=100_000)
+        assert len([e for e in events if e.action in ("created", "configured")]) == 3 * last
+        placed = [e for e in events if e.action == "place"]
+        placements = store.placements()
+        placed_rounds = {p.replicas for p in placements}
+        assert len(placements) == 3 and len(placed_rounds) == 1
+        assert placed_rounds.pop() == len(placed) and len(placed) in (last - 1, last)
+        assert [e.id for e in events] == sorted({e.id for e in events})
+        return last
+    finally:
+        store.close()
+
+
+def test_kill_9_mid_write_leaves_the_store_consistent(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "state.db"
+    last = 0
+    for after_rounds in (60, 1, 35):  # a long run, a kill right after start, another run
+        committed = run_writer_and_kill(path, after_rounds)
+        last = check_consistent(path, committed)
+        assert last >= committed > 0
+    store = Store(path)  # and the store takes writes again
+    try:
+        store.apply([ObjectWrite("Site", "s0", {}, {"round": 0})], WHO)
+        assert store.resource_version() == 3 * last + 1
+    finally:
+        store.close()

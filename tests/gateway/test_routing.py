@@ -1,0 +1,112 @@
+"""Table tests of the pure endpoint ranking."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.gateway import routing
+from orchestrator.gateway.endpoints import EndpointTable
+
+
+def ep(site: str, country: str, lat: float, lon: float, *, tier: str = "edge", healthy: bool = True, inflight: int = 0,
+       allowed: frozenset[str] = frozenset(), fallback: tuple[str, ...] = (), region: str = "") -> routing.Endpoint:
+    return routing.Endpoint("m", "d", site, tier, country, region, lat, lon, f"http://{site}", healthy, inflight, allowed, fallback)
+
+
+PARIS = ep("paris", "FR", 48.85, 2.35, region="west")
+BERLIN = ep("berlin", "DE", 52.52, 13.40, region="central")
+MADRID = ep("madrid", "ES", 40.42, -3.70, region="south")
+ZURICH = ep("zurich", "CH", 47.37, 8.54, region="central")
+EU = frozenset({"FR", "DE", "ES"})
+
+
+def sites(result: list[routing.Ranked] | routing.NoRoute) -> list[str] | str:
+    if isinstance(result, routing.NoRoute):
+        return f"{result.status}: {result.reason}"
+    return [r.endpoint.site for r in result]
+
+
+@pytest.mark.parametrize(
+    "endpoints, caller, expected",
+    [
+        ([PARIS, BERLIN, MADRID], routing.Caller(52.0, 13.0), ["berlin", "paris", "madrid"]),
+        ([PARIS, BERLIN, MADRID], routing.Caller(41.0, -3.0), ["madrid", "paris", "berlin"]),
+        ([PARIS, BERLIN], routing.Caller(region="south"), ["paris", "berlin"]),  # unknown region -> gateway position absent -> tie by name... distance 0
+        ([PARIS, BERLIN, MADRID], routing.Caller(residency=frozenset({"DE"})), ["berlin"]),
+        ([PARIS, BERLIN, MADRID], routing.Caller(40.0, -3.0, residency=frozenset({"FR", "DE"})), ["paris", "berlin"]),
+        ([ep("p2", "FR", 48.85, 2.35, healthy=False), BERLIN], routing.Caller(48.85, 2.35), ["berlin"]),
+        ([ep("p3", "FR", 48.85, 2.35, inflight=1000), BERLIN], routing.Caller(48.85, 2.35), ["berlin", "p3"]),
+        ([ep("pa", "FR", 48.85, 2.35, allowed=EU), ep("zu", "CH", 47.37, 8.54, allowed=EU)], routing.Caller(47.37, 8.54), ["pa"]),
+        ([ep("dc", "FR", 48.85, 2.35, tier="datacenter", fallback=("edge", "datacenter")),
+          ep("far", "ES", 40.4, -3.7, fallback=("edge", "datacenter"))], routing.Caller(48.85, 2.35), ["far", "dc"]),
+        ([ep("dc", "FR", 48.85, 2.35, tier="datacenter"), ep("far", "ES", 40.4, -3.7)], routing.Caller(48.85, 2.35), ["dc", "far"]),
+    ],
+)
+def test_rank(endpoints: list[routing.Endpoint], caller: routing.Caller, expected: list[str]) -> None:
+    regions = routing.RegionIndex.from_points([("west", 48.85, 2.35), ("central", 52.5, 13.4)])
+    got = sites(routing.rank(endpoints, caller, regions=regions))
+    if caller.region == "south":
+        assert isinstance(got, list) and sorted(got) == sorted(expected)
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize(
+    "endpoints, caller, fragment",
+    [
+        ([], routing.Caller(), "no replica of this model"),
+        ([PARIS, BERLIN], routing.Caller(residency=frozenset({"PL"})), "caller's residency (PL)"),
+        ([ZURICH.__class__(**{**ZURICH.__dict__, "allowed_countries": EU})], routing.Caller(), "deployment's residency"),
+        ([ep("x", "FR", 1, 1, healthy=False)], routing.Caller(), "no healthy replica"),
+    ],
+)
+def test_no_route_reasons(endpoints: list[routing.Endpoint], caller: routing.Caller, fragment: str) -> None:
+    result = routing.rank(endpoints, caller)
+    assert isinstance(result, routing.NoRoute) and result.status == 503 and fragment in result.reason
+
+
+def test_region_header_uses_site_centroid() -> None:
+    regions = routing.RegionIndex.from_points([("south", 40.42, -3.70), ("central", 52.5, 13.4)])
+    assert sites(routing.rank([PARIS, BERLIN, MADRID], routing.Caller(region="south"), regions=regions))[0] == "madrid"
+
+
+def test_gateway_position_is_the_default_caller() -> None:
+    assert sites(routing.rank([PARIS, BERLIN, MADRID], routing.Caller(), gateway_position=(52.0, 13.0)))[0] == "berlin"
+
+
+def test_ejected_endpoints_are_skipped() -> None:
+    assert sites(routing.rank([PARIS, BERLIN], routing.Caller(48.8, 2.3), ejected=frozenset({"http://paris"}))) == ["berlin"]
+
+
+@pytest.mark.parametrize(
+    "location, region, residency, ok",
+    [("48.8,2.3", None, None, True), ("north", None, None, False), ("91,0", None, None, False), ("nan,1", None, None, False),
+     (None, "eu-west", "EU", True), (None, None, "FR,DE", True), (None, None, "Narnia", False), (None, None, "", True)],
+)
+def test_parse_caller(location: str | None, region: str | None, residency: str | None, ok: bool) -> None:
+    result = routing.parse_caller(location, region, residency)
+    assert isinstance(result, routing.Caller) is ok
+    if not ok:
+        assert result.status == 400
+
+
+def test_ejection_expires_with_the_clock() -> None:
+    now = [100.0]
+    table = EndpointTable(clock=lambda: now[0], ejection_s=5)
+    table.replace([PARIS])
+    table.eject("http://paris")
+    assert table.ejected() == {"http://paris"}
+    now[0] += 5.1
+    assert table.ejected() == frozenset()
+
+
+def test_local_inflight_counts_in_ranking() -> None:
+    table = EndpointTable()
+    table.replace([PARIS, ep("paris2", "FR", 48.85, 2.35)])
+    for _ in range(3):
+        table.started("http://paris")
+    ranked = routing.rank(table.with_local_load("m"), routing.Caller(48.85, 2.35))
+    assert sites(ranked)[0] == "paris2"
+    for _ in range(3):
+        table.finished("http://paris")
+    assert all(e.inflight == 0 for e in table.with_local_load("m"))
