@@ -8,8 +8,9 @@ write is one store transaction, so a file with any error applies nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from orchestrator.manifests import loader, references, schema
 from orchestrator.manifests.errors import ManifestError, ManifestIssue

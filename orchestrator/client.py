@@ -13,8 +13,9 @@ the gateway, so a replica dying mid-stream costs latency, not requests.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import httpx
 import numpy as np
@@ -145,7 +146,7 @@ class Client(_Base):
         super().__init__(server, **kwargs)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=2.0), transport=transport)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -203,7 +204,7 @@ class AsyncClient(_Base):
         super().__init__(server, **kwargs)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=2.0), transport=transport)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

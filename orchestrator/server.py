@@ -107,7 +107,7 @@ class ControlPlane:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self) -> "ControlPlane":
+    async def start(self) -> ControlPlane:
         cfg = self.config
         if cfg.auth not in ("none", "token"):
             raise ConfigError("--auth must be 'none' or 'token'")

@@ -7,8 +7,9 @@ applied), so ``plan`` shows exactly what the next pass would do with the same in
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any
 
 from orchestrator.gateway import routing
 from orchestrator.manifests import loader, schema

@@ -10,8 +10,8 @@ before any heartbeat could say so (passive outlier ejection). An ejection lasts
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from orchestrator.gateway import routing
 

@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import asyncio
-
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
@@ -40,7 +38,7 @@ class GatewayMetrics:
     latency: Histogram
 
     @classmethod
-    def create(cls, registry: CollectorRegistry) -> "GatewayMetrics":
+    def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
         return cls(
             requests=Counter("edgeplane_gateway_requests", "Inference requests answered by the gateway", ["model", "site", "code"], registry=registry),
             failovers=Counter("edgeplane_gateway_failovers", "Attempts that failed and moved to the next endpoint", ["model", "site"], registry=registry),
@@ -107,7 +105,7 @@ class Gateway:
                     status = upstream.status
                     content = await upstream.read()
                     upstream_headers = upstream.headers
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 failures.append(f"{e.site}: {exc.__class__.__name__}")
                 self.table.eject(e.url)
                 self.metrics.failovers.labels(model, e.site).inc()

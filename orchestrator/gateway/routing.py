@@ -14,8 +14,8 @@ Order of concerns, none of which a later one can override:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from orchestrator.scheduler import geo, residency
 
@@ -67,7 +67,7 @@ class RegionIndex:
     centroids: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
-    def from_points(cls, points: Iterable[tuple[str, float, float]]) -> "RegionIndex":
+    def from_points(cls, points: Iterable[tuple[str, float, float]]) -> RegionIndex:
         grouped: dict[str, list[tuple[float, float]]] = {}
         for region, lat, lon in points:
             if region:

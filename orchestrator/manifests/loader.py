@@ -9,8 +9,9 @@ keys (silently overwritten by PyYAML), alias bombs and absurd nesting.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import pydantic
 import yaml
@@ -246,9 +247,7 @@ def _data_path(data: Any, loc: Path, missing: bool) -> Path:
     out: list[str | int] = []
     node = data
     for i, part in enumerate(loc):
-        if isinstance(node, dict) and isinstance(part, str) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if isinstance(node, dict) and isinstance(part, str) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
         elif missing and i == len(loc) - 1 and isinstance(node, dict):
             node = None

@@ -7,7 +7,7 @@ name a Model applied earlier.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from orchestrator.manifests import schema
 from orchestrator.manifests.errors import ManifestIssue

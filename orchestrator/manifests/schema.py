@@ -12,7 +12,15 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 import pycountry
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 API_VERSION = "edgeplane.io/v1alpha1"
 KINDS = ("Site", "Model", "ModelDeployment")
@@ -125,7 +133,7 @@ class SiteSpec(Strict):
     kubernetes: KubernetesSite | None = None
 
     @model_validator(mode="after")
-    def _runtime_matches_tier(self) -> "SiteSpec":
+    def _runtime_matches_tier(self) -> SiteSpec:
         if self.tier == "datacenter":
             if (self.ray is None) == (self.kubernetes is None):
                 raise ValueError("a datacenter site needs exactly one of 'ray' or 'kubernetes'")
@@ -160,7 +168,7 @@ class Resources(Strict):
     gpuMemoryGiB: float = Field(default=0.0, ge=0, le=4096)
 
     @model_validator(mode="after")
-    def _gpu_memory_needs_gpu(self) -> "Resources":
+    def _gpu_memory_needs_gpu(self) -> Resources:
         if self.gpuMemoryGiB > 0 and self.gpus == 0:
             raise ValueError("gpuMemoryGiB is set but gpus is 0")
         return self
@@ -178,7 +186,7 @@ class Variant(Strict):
     powerWatts: Positive | None = None
 
     @model_validator(mode="after")
-    def _runtime_fields(self) -> "Variant":
+    def _runtime_fields(self) -> Variant:
         if self.runtime == "onnx":
             if self.artifact is None:
                 raise ValueError("an onnx variant needs 'artifact' (uri and sha256)")
@@ -214,7 +222,7 @@ class Replicas(Strict):
     max: int = Field(default=1, ge=1, le=100_000)
 
     @model_validator(mode="after")
-    def _order(self) -> "Replicas":
+    def _order(self) -> Replicas:
         if self.min > self.max:
             raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
         return self
@@ -239,7 +247,7 @@ class DemandPoint(Strict):
     rps: NonNegative
 
     @model_validator(mode="after")
-    def _where(self) -> "DemandPoint":
+    def _where(self) -> DemandPoint:
         has_point = self.lat is not None and self.lon is not None
         if (self.lat is None) != (self.lon is None):
             raise ValueError("give both lat and lon, or neither")
@@ -264,7 +272,7 @@ class Autoscaling(Strict):
     targetRps: Positive | None = None
 
     @model_validator(mode="after")
-    def _one(self) -> "Autoscaling":
+    def _one(self) -> Autoscaling:
         if (self.targetInflight is None) == (self.targetRps is None):
             raise ValueError("give exactly one of targetInflight or targetRps")
         return self

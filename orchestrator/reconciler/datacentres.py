@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from orchestrator.adapters import kuberay, local_ray, ray_serve, serve_config
 from orchestrator.manifests import schema

@@ -6,7 +6,7 @@ site without a live agent becomes unhealthy, and where ``EU`` becomes 27 countri
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from orchestrator.agents import model as agent_model
 from orchestrator.manifests import schema

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from orchestrator import catalog
 from orchestrator.adapters import serve_config
@@ -77,7 +77,7 @@ class Reconciler:
         while not self._stopping:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=min(self.resync_s, 1.0) if self.converging else self.resync_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             if self._stopping:

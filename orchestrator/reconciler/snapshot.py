@@ -6,8 +6,8 @@ status, artifact checks); planning is then a pure function of this value.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model

@@ -81,7 +81,7 @@ def build_mlp(
     for i, (w, b) in enumerate(weights):
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         last = i == len(weights) - 1
-        mm, add = f"mm{i}", (f"logits" if last else f"add{i}")
+        mm, add = f"mm{i}", ("logits" if last else f"add{i}")
         nodes += [helper.make_node("MatMul", [current, f"w{i}"], [mm]), helper.make_node("Add", [mm, f"b{i}"], [add])]
         if not last:
             nodes.append(helper.make_node("Relu", [add], [f"relu{i}"]))
