@@ -212,7 +212,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
+    """``serve_options=False`` leaves out the options of ``serve``, whose definition imports
+    the whole control plane (about half a second): every other command starts without it."""
     p = argparse.ArgumentParser(prog="edgeplane", description="Place ML model replicas across data centres and edge sites.")
     p.add_argument("--server", help="control plane URL (default: $EDGEPLANE_SERVER or http://127.0.0.1:8080)")
     p.add_argument("--token", help="bearer token (default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)")
@@ -222,9 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
         return sp
 
-    from orchestrator import server
+    serve_p = sub.add_parser("serve", help="run the control plane")
+    if serve_options:
+        from orchestrator import server
 
-    server.add_arguments(sub.add_parser("serve", help="run the control plane"))
+        server.add_arguments(serve_p)
     demo_p = sub.add_parser("demo", help="run a whole fleet on this machine and send requests through it")
     demo_p.add_argument("--requests", type=int, default=24, help="requests to send per simulated location")
     demo_p.add_argument("--keep-running", action="store_true", help="keep the fleet up after the report (Ctrl-C stops it)")
@@ -268,8 +272,20 @@ COMMANDS = {
 }
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not a global option or its value)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--server", "--token"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(serve_options="serve" in argv or _command_of(argv) is None).parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "demo":
