@@ -121,6 +121,14 @@ def _refusal(resp: httpx.Response) -> InferenceError:
     return InferenceError(resp.status_code, str(message)[:500])
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    url: str
+    headers: dict[str, str]
+    endpoint: str | None = None  # base URL of a replica; None for the gateway
+    site: str | None = None
+
+
 class _Base:
     def __init__(self, server: str, *, token: str | None = None, location: tuple[float, float] | None = None,
                  region: str | None = None, residency: str | None = None, binary: bool = False,
@@ -138,6 +146,44 @@ class _Base:
             headers[oip.BINARY_HEADER] = str(header_len)
         return body, headers
 
+    # The decisions are shared by both clients; only sending differs.
+
+    def _endpoints_request(self, model: str) -> tuple[str, dict[str, str]]:
+        return f"{self.server}/v1/endpoints/{model}", _endpoint_params(self.location, self.residency)
+
+    def _endpoints_answer(self, model: str, resp: httpx.Response | None) -> list[dict[str, Any]]:
+        if resp is not None and resp.status_code == 200:
+            self.cache.store(model, resp.json())
+        elif not self.cache.order(model):
+            self.cache.invalidate(model)
+        return self.cache.order(model)
+
+    def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> list[_Attempt]:
+        direct = [_Attempt(e["inferUrl"], headers, e["url"], e["site"]) for e in endpoints]
+        gateway = _Attempt(f"{self.server}/v2/models/{model}/infer",
+                           {**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)})
+        return [*direct, gateway]
+
+    def _outcome(self, model: str, attempt: _Attempt, number: int, resp: httpx.Response | None,
+                 error: Exception | None) -> InferResult | None:
+        """The result, None to try the next attempt, or an exception for a refusal."""
+        if attempt.endpoint is not None:  # a replica, directly
+            if resp is None or resp.status_code >= 500:
+                self.cache.eject(attempt.endpoint)
+                return None
+            if resp.status_code >= 400:
+                raise _refusal(resp)
+            return InferResult(_decode(resp), attempt.site or "", attempt.endpoint, number)
+        # Every direct endpoint failed or none is known: the gateway decided and failed over.
+        self.cache.invalidate(model)
+        if resp is None:
+            raise EdgeplaneError(f"neither a replica nor the gateway answered: {error}") from error
+        if resp.status_code in (404, 503):
+            raise NoEndpoint(_refusal(resp).args[0])
+        if resp.status_code >= 400:
+            raise _refusal(resp)
+        return InferResult(_decode(resp), resp.headers.get("x-edgeplane-site", ""), self.server, number)
+
 
 class Client(_Base):
     """Synchronous client; use as a context manager or call :meth:`close`."""
@@ -146,7 +192,7 @@ class Client(_Base):
         super().__init__(server, **kwargs)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=2.0), transport=transport)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> "Client":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -156,45 +202,27 @@ class Client(_Base):
         self._http.close()
 
     def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
-        if refresh or not self.cache.fresh(model):
-            try:
-                resp = self._http.get(f"{self.server}/v1/endpoints/{model}", params=_endpoint_params(self.location, self.residency), headers=self._auth)
-                resp.raise_for_status()
-                self.cache.store(model, resp.json())
-            except httpx.HTTPError:
-                if not self.cache.order(model):
-                    self.cache.invalidate(model)
-        return self.cache.order(model)
+        if not refresh and self.cache.fresh(model):
+            return self.cache.order(model)
+        url, params = self._endpoints_request(model)
+        try:
+            resp = self._http.get(url, params=params, headers=self._auth)
+        except httpx.HTTPError:
+            resp = None
+        return self._endpoints_answer(model, resp)
 
     def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
         body, headers = self._body(inputs)
-        attempts = 0
-        for endpoint in self.endpoints(model):
-            attempts += 1
+        for number, attempt in enumerate(self._attempts(model, self.endpoints(model), headers), start=1):
+            resp, error = None, None
             try:
-                resp = self._http.post(endpoint["inferUrl"], content=body, headers=headers)
-            except httpx.HTTPError:
-                self.cache.eject(endpoint["url"])
-                continue
-            if resp.status_code >= 500:
-                self.cache.eject(endpoint["url"])
-                continue
-            if resp.status_code >= 400:
-                raise _refusal(resp)
-            return InferResult(_decode(resp), endpoint["site"], endpoint["url"], attempts)
-        # Every direct endpoint failed or none is known: the gateway decides and fails over.
-        self.cache.invalidate(model)
-        attempts += 1
-        try:
-            resp = self._http.post(f"{self.server}/v2/models/{model}/infer", content=body,
-                                   headers={**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)})
-        except httpx.HTTPError as exc:
-            raise EdgeplaneError(f"neither a replica nor the gateway answered: {exc}") from exc
-        if resp.status_code == 503 or resp.status_code == 404:
-            raise NoEndpoint(_refusal(resp).args[0])
-        if resp.status_code >= 400:
-            raise _refusal(resp)
-        return InferResult(_decode(resp), resp.headers.get("x-edgeplane-site", ""), self.server, attempts)
+                resp = self._http.post(attempt.url, content=body, headers=attempt.headers)
+            except httpx.HTTPError as exc:
+                error = exc
+            result = self._outcome(model, attempt, number, resp, error)
+            if result is not None:
+                return result
+        raise EdgeplaneError("no attempt left")  # the gateway attempt always answers or raises
 
 
 class AsyncClient(_Base):
@@ -204,7 +232,7 @@ class AsyncClient(_Base):
         super().__init__(server, **kwargs)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=2.0), transport=transport)
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> "AsyncClient":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -214,41 +242,24 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
-        if refresh or not self.cache.fresh(model):
-            try:
-                resp = await self._http.get(f"{self.server}/v1/endpoints/{model}", params=_endpoint_params(self.location, self.residency), headers=self._auth)
-                resp.raise_for_status()
-                self.cache.store(model, resp.json())
-            except httpx.HTTPError:
-                if not self.cache.order(model):
-                    self.cache.invalidate(model)
-        return self.cache.order(model)
+        if not refresh and self.cache.fresh(model):
+            return self.cache.order(model)
+        url, params = self._endpoints_request(model)
+        try:
+            resp = await self._http.get(url, params=params, headers=self._auth)
+        except httpx.HTTPError:
+            resp = None
+        return self._endpoints_answer(model, resp)
 
     async def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
         body, headers = self._body(inputs)
-        attempts = 0
-        for endpoint in await self.endpoints(model):
-            attempts += 1
+        for number, attempt in enumerate(self._attempts(model, await self.endpoints(model), headers), start=1):
+            resp, error = None, None
             try:
-                resp = await self._http.post(endpoint["inferUrl"], content=body, headers=headers)
-            except httpx.HTTPError:
-                self.cache.eject(endpoint["url"])
-                continue
-            if resp.status_code >= 500:
-                self.cache.eject(endpoint["url"])
-                continue
-            if resp.status_code >= 400:
-                raise _refusal(resp)
-            return InferResult(_decode(resp), endpoint["site"], endpoint["url"], attempts)
-        self.cache.invalidate(model)
-        attempts += 1
-        try:
-            resp = await self._http.post(f"{self.server}/v2/models/{model}/infer", content=body,
-                                         headers={**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)})
-        except httpx.HTTPError as exc:
-            raise EdgeplaneError(f"neither a replica nor the gateway answered: {exc}") from exc
-        if resp.status_code in (404, 503):
-            raise NoEndpoint(_refusal(resp).args[0])
-        if resp.status_code >= 400:
-            raise _refusal(resp)
-        return InferResult(_decode(resp), resp.headers.get("x-edgeplane-site", ""), self.server, attempts)
+                resp = await self._http.post(attempt.url, content=body, headers=attempt.headers)
+            except httpx.HTTPError as exc:
+                error = exc
+            result = self._outcome(model, attempt, number, resp, error)
+            if result is not None:
+                return result
+        raise EdgeplaneError("no attempt left")

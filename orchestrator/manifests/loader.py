@@ -242,12 +242,18 @@ def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssu
         return [issue(loc, "; or ".join(msgs)) for loc, msgs in messages.items()]
 
 
+def _holds(node: Any, part: str | int) -> bool:
+    if isinstance(node, dict):
+        return isinstance(part, str) and part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+
+
 def _data_path(data: Any, loc: Path, missing: bool) -> Path:
     """Pydantic's error location without its union-member tags (``int``, ``constrained-str``...)."""
     out: list[str | int] = []
     node = data
     for i, part in enumerate(loc):
-        if isinstance(node, dict) and isinstance(part, str) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if _holds(node, part):
             node = node[part]
         elif missing and i == len(loc) - 1 and isinstance(node, dict):
             node = None
@@ -264,7 +270,9 @@ def bundle(files: list[tuple[str, str]]) -> str:
     """Join several files into one apply body that keeps each file's name and line numbers."""
     parts = []
     for name, text in files:
-        parts.append(f"---\n{SOURCE_MARKER}{name}\n{text.rstrip()}\n")
+        # a byte-order mark (Windows editors) is only allowed at the start of the stream;
+        # inside the bundle it would become part of the first key
+        parts.append(f"---\n{SOURCE_MARKER}{name}\n{text.removeprefix(chr(0xFEFF)).rstrip()}\n")
     return "".join(parts)
 
 

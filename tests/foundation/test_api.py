@@ -216,20 +216,20 @@ async def test_concurrent_conflicting_applies(control_plane: support.ServerThrea
     """Many clients update one object from the same resourceVersion: one wins per version."""
     store = store_of(control_plane)
     async with httpx.AsyncClient(base_url=control_plane.url, timeout=60) as client:
+
+        async def attempt(i: int, round_: int, version: str) -> tuple[int, int]:
+            # every attempt differs from the current spec and from each other
+            spec = {**support.edge_site_spec(), "capacity": {"cpu": 1 + i, "memoryGiB": 100 * round_ + i}}
+            resp = await client.post("/v1/apply", content=doc("Site", "contended", spec, resourceVersion=version))
+            return i, resp.status_code
+
         r = await client.post("/v1/apply", content=doc("Site", "contended", support.edge_site_spec()))
         assert r.status_code == 200
         for round_ in range(1, 4):
             current = (await client.get("/v1/sites/contended")).json()
             version, generation = current["metadata"]["resourceVersion"], current["metadata"]["generation"]
             events_before = len(store.events(limit=100_000))
-
-            async def attempt(i: int) -> tuple[int, int]:
-                # every attempt differs from the current spec and from each other
-                spec = {**support.edge_site_spec(), "capacity": {"cpu": 1 + i, "memoryGiB": 100 * round_ + i}}
-                resp = await client.post("/v1/apply", content=doc("Site", "contended", spec, resourceVersion=version))
-                return i, resp.status_code
-
-            outcomes = await asyncio.gather(*(attempt(i) for i in range(12)))
+            outcomes = await asyncio.gather(*(attempt(i, round_, version) for i in range(12)))
             winners = [i for i, status in outcomes if status == 200]
             assert len(winners) == 1, outcomes
             assert sorted(status for _, status in outcomes) == [200] + [409] * 11

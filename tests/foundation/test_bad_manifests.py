@@ -444,3 +444,15 @@ def test_cli_refuses_non_utf8_file_locally(tmp_path: pathlib.Path) -> None:
     proc = support.cli("apply", "-f", str(path), server_url=f"http://127.0.0.1:{support.closed_port()}")
     assert proc.returncode == 1, proc
     assert proc.stderr.startswith(f"error: {path}: not UTF-8 text"), proc.stderr
+
+
+@pytest.mark.parametrize(("prefix", "newline"), [("\ufeff", "\n"), ("", "\r\n"), ("\ufeff", "\r\n")], ids=["bom", "crlf", "bom-crlf"])
+def test_bundled_files_with_a_bom_or_crlf_keep_their_positions(prefix: str, newline: str) -> None:
+    """Files saved by Windows editors: a byte-order mark and CRLF line ends."""
+    first = site(name="s2")
+    text = prefix + join(first, site(("spec.location.country", "XX"), name="s3")).replace("\n", newline)
+    issues = check(loader.bundle([("a.yaml", GOOD_SITE), ("b.yaml", text)]))
+    assert [(i.file, i.document, i.field, i.line) for i in issues] == [
+        ("b.yaml", 1, "spec.location.country", len(first.splitlines()) + 1 + line_of(site(), "country:"))]
+    docs = loader.load_text(loader.bundle([("a.yaml", GOOD_SITE), ("b.yaml", prefix + first.replace("\n", newline))]))
+    assert [(d.file, d.index, d.line, d.name) for d in docs] == [("a.yaml", 0, 1, "s1"), ("b.yaml", 0, 1, "s2")]

@@ -101,6 +101,13 @@ def test_apply_from_stdin_and_delete_by_file(serve: support.ServeProcess, applie
     assert gone.returncode == 1 and "does not exist" in gone.stderr
 
 
+def test_apply_a_file_saved_with_a_bom_and_crlf(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "windows.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + doc("Site", "edge-bom", support.edge_site_spec()).replace("\n", "\r\n").encode())
+    assert ok("apply", "-f", str(path), server=serve).splitlines() == ["site/edge-bom created"]
+    assert ok("delete", "site", "edge-bom", server=serve).splitlines() == ["site/edge-bom deleted"]
+
+
 def test_dry_run_changes_nothing(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     before = json.loads(ok("get", "sites", "-o", "json", server=serve))
     path = tmp_path / "s.yaml"

@@ -3,7 +3,6 @@ tokens, and consistency after a kill -9 in the middle of writing."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import signal
