@@ -95,8 +95,9 @@ async def _generate(target: str, agents: int, interval: float, duration: float, 
             done = await asyncio.gather(*(calls[i].write(beat(i)) for i in idx), return_exceptions=True)
             failed = [e for e in done if e is not None]
             if failed:
-                codes = {i: calls[i].code() for i in idx if calls[i].done()}
-                raise RuntimeError(f"{len(failed)} heartbeat streams failed: {failed[0]!r} {list(codes.values())[:3]} {await calls[idx[0]].details() if calls[idx[0]].done() else ''}")
+                dead = [i for i in idx if calls[i].done()]
+                detail = f"{await calls[dead[0]].code()}: {await calls[dead[0]].details()}" if dead else ""
+                raise RuntimeError(f"{len(failed)} heartbeat streams failed: {detail}")
             sent += batch
             next_tick += tick
             delay = next_tick - time.monotonic()

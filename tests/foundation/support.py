@@ -228,3 +228,16 @@ class ServeProcess:
                 self.process.wait(5)
         self._log.close()
         return self.process.returncode
+
+
+# --- what a user changed, ignoring the control plane's own background writes ----------------
+
+
+def desired_state(store: Any) -> list[tuple[Any, ...]]:
+    """Every object without its status (the reconciler updates status in the background)."""
+    return [(o.kind, o.name, dict(o.labels), dict(o.spec), o.generation, o.resource_version) for o in store.list()]
+
+
+def user_events(store: Any) -> list[Any]:
+    """The event log without the reconciler's own entries, which may land at any time."""
+    return [e for e in store.events(limit=100_000) if e.actor != "reconciler"]

@@ -93,7 +93,7 @@ def test_get_unknown_things(api: httpx.Client) -> None:
 
 def test_dry_run_changes_nothing_and_returns_a_plan(api: httpx.Client, fleet: dict, control_plane: support.ServerThread) -> None:
     store = store_of(control_plane)
-    before_version, before_events, before_objects = store.resource_version(), store.events(limit=10_000), store.list()
+    before_version, before_events, before_objects = store.resource_version(), support.user_events(store), support.desired_state(store)
     new = doc("ModelDeployment", "doc-fields-es", {"model": "doc-fields", "variant": "distilled", "replicas": {"min": 1, "max": 1},
                                                    "placement": {"residency": ["ES"], "tiers": ["edge"]}})
     changed = api.get("/v1/modeldeployments/doc-fields-fr").json()
@@ -112,8 +112,8 @@ def test_dry_run_changes_nothing_and_returns_a_plan(api: httpx.Client, fleet: di
         assert c["change"] in ("added", "removed", "moved in", "moved out", "unchanged")
         assert c["site"] in support.example_names()["Site"]
     assert store.resource_version() == before_version
-    assert store.events(limit=10_000) == before_events
-    assert store.list() == before_objects
+    assert support.user_events(store) == before_events
+    assert support.desired_state(store) == before_objects
     assert api.get("/v1/modeldeployments/doc-fields-es").status_code == 404
 
 
@@ -161,9 +161,9 @@ def test_describe_includes_events(api: httpx.Client, fleet: dict) -> None:
 @pytest.fixture
 def unchanged(control_plane: support.ServerThread, api: httpx.Client) -> Iterator[None]:
     store = store_of(control_plane)
-    before = (store.resource_version(), store.events(limit=10_000), store.list())
+    before = (store.resource_version(), support.user_events(store), support.desired_state(store))
     yield
-    assert (store.resource_version(), store.events(limit=10_000), store.list()) == before
+    assert (store.resource_version(), support.user_events(store), support.desired_state(store)) == before
     assert api.get("/healthz").status_code == 200
 
 
@@ -228,7 +228,7 @@ async def test_concurrent_conflicting_applies(control_plane: support.ServerThrea
         for round_ in range(1, 4):
             current = (await client.get("/v1/sites/contended")).json()
             version, generation = current["metadata"]["resourceVersion"], current["metadata"]["generation"]
-            events_before = len(store.events(limit=100_000))
+            events_before = len(support.user_events(store))
             outcomes = await asyncio.gather(*(attempt(i, round_, version) for i in range(12)))
             winners = [i for i, status in outcomes if status == 200]
             assert len(winners) == 1, outcomes
@@ -238,7 +238,7 @@ async def test_concurrent_conflicting_applies(control_plane: support.ServerThrea
             assert (capacity["cpu"], capacity["memoryGiB"]) == (1 + winners[0], 100 * round_ + winners[0])  # the winner's, whole
             assert after["metadata"]["generation"] == generation + 1
             assert int(after["metadata"]["resourceVersion"]) > int(version)
-            new_events = store.events(since=0, limit=100_000)[events_before:]
+            new_events = support.user_events(store)[events_before:]
             assert [(e.action, e.name) for e in new_events if e.kind == "Site"] == [("configured", "contended")]
         refused = await client.post("/v1/apply", content=doc("Site", "contended", support.edge_site_spec(), resourceVersion=version))
         assert refused.status_code == 409 and "re-read and retry" in refused.json()["error"]

@@ -403,7 +403,7 @@ def seeded(control_plane: support.ServerThread) -> support.ServerThread:
 def test_api_refuses_bad_manifest_and_applies_nothing(seeded: support.ServerThread, case: Bad) -> None:
     assert seeded.cp is not None
     store = seeded.cp.store
-    before_version, before_events = store.resource_version(), store.events(limit=10_000)
+    before_version, before_events, before_objects = store.resource_version(), support.user_events(store), support.desired_state(store)
     # a good document in the same request must not be applied either
     body = case.text if isinstance(case.text, bytes) else case.text + "\n---\n" + doc("Site", "innocent", support.edge_site_spec())
     r = httpx.post(f"{seeded.url}/v1/apply", params={"file": "bad.yaml"}, content=body, timeout=30)
@@ -413,7 +413,8 @@ def test_api_refuses_bad_manifest_and_applies_nothing(seeded: support.ServerThre
     issues = [ManifestIssue(**i) for i in payload["issues"]]
     assert_names(issues, case, "bad.yaml")
     assert store.resource_version() == before_version
-    assert store.events(limit=10_000) == before_events
+    assert support.user_events(store) == before_events
+    assert support.desired_state(store) == before_objects
     assert httpx.get(f"{seeded.url}/v1/sites/innocent", timeout=10).status_code == 404
     assert [o["metadata"]["name"] for o in httpx.get(f"{seeded.url}/v1/sites", timeout=10).json()["items"]] == ["seed"]
 
