@@ -15,6 +15,7 @@ import os
 import pathlib
 import signal
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,14 +364,14 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ValueError:
-        print("error: --location must be lat,lon", flush=True)
+        print("error: --location must be lat,lon", file=sys.stderr, flush=True)
         return 2
     try:
         _run(serve_forever(config))
     except ConfigError as exc:
-        print(f"error: {exc}", flush=True)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:
-        print(f"error: {exc}", flush=True)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -220,6 +220,16 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--token", help="bearer token (default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)")
     sub = p.add_subparsers(dest="command", required=True)
 
+    # --server/--token are accepted after the command too (`edgeplane get sites --server X`);
+    # SUPPRESS keeps a value given before the command when none is given after it.
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("--server", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    connection.add_argument("--token", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_parser = sub.add_parser
+
+    def client_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return add_parser(name, parents=[connection], **kwargs)
+
     def with_output(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
         return sp
@@ -233,31 +243,31 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     demo_p.add_argument("--requests", type=int, default=24, help="requests to send per simulated location")
     demo_p.add_argument("--keep-running", action="store_true", help="keep the fleet up after the report (Ctrl-C stops it)")
     demo_p.add_argument("--no-ray", action="store_true", help="skip the local Ray data-centre site")
-    sp = with_output(sub.add_parser("apply", help="create or update objects from manifests (atomic)"))
+    sp = with_output(client_parser("apply", help="create or update objects from manifests (atomic)"))
     sp.add_argument("-f", "--file", required=True, help="file, directory or - for stdin")
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
-    sp = with_output(sub.add_parser("plan", help="show what apply would change, per site"))
+    sp = with_output(client_parser("plan", help="show what apply would change, per site"))
     sp.add_argument("-f", "--file", required=True)
-    sp = with_output(sub.add_parser("get", help="list objects: sites, models, modeldeployments, placements, events"))
+    sp = with_output(client_parser("get", help="list objects: sites, models, modeldeployments, placements, events"))
     sp.add_argument("kind")
     sp.add_argument("name", nargs="?")
-    sp = with_output(sub.add_parser("describe", help="an object with its status and recent events"))
+    sp = with_output(client_parser("describe", help="an object with its status and recent events"))
     sp.add_argument("kind")
     sp.add_argument("name")
-    sp = sub.add_parser("delete", help="delete objects by manifest or by kind and name")
+    sp = client_parser("delete", help="delete objects by manifest or by kind and name")
     sp.add_argument("-f", "--file")
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
-    sp = with_output(sub.add_parser("events", help="the audit/event log"))
+    sp = with_output(client_parser("events", help="the audit/event log"))
     sp.add_argument("--limit", type=int, default=50)
-    with_output(sub.add_parser("status", help="control plane health and a fleet summary"))
-    tok = sub.add_parser("token", help="credentials")
+    with_output(client_parser("status", help="control plane health and a fleet summary"))
+    tok = client_parser("token", help="credentials")
     tsub = tok.add_subparsers(dest="token_command", required=True)
-    sp = with_output(tsub.add_parser("create", help="create a bootstrap token for agents, or an API token"))
+    sp = with_output(tsub.add_parser("create", parents=[connection], help="create a bootstrap token for agents, or an API token"))
     sp.add_argument("--role", choices=["agent", "read", "admin"], default="agent", help="agent = bootstrap token for edgeplane-agent")
     sp.add_argument("--ttl", help="lifetime, e.g. 30m, 2h (bootstrap default 1h; API tokens do not expire unless set)")
     sp.add_argument("--description")
-    sp = with_output(sub.add_parser("infer", help="send one inference request through the gateway"))
+    sp = with_output(client_parser("infer", help="send one inference request through the gateway"))
     sp.add_argument("model")
     sp.add_argument("--data", required=True, help="JSON inputs ({\"input\": [[...]]} or a v2 body) or @FILE")
     sp.add_argument("--location", help="caller position lat,lon")

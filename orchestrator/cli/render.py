@@ -67,10 +67,12 @@ def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any
         if h in ("REASON",):
             t.add_column(h, no_wrap=True, overflow="ellipsis", max_width=70)
         else:
-            t.add_column(h, no_wrap=h in ("NAME", "REPLICAS", "SITE", "DEPLOYMENT"))
+            t.add_column(h, no_wrap=True)  # one object, one line: tables stay greppable
     for r in rows:
         t.add_row(*[str(c) for c in r])
-    Console(soft_wrap=True, width=max(100, Console().width)).print(t)
+    console = Console()
+    # Piped output (scripts, grep) gets the width it needs; a terminal gets its own width.
+    Console(width=console.width if console.is_terminal else 400).print(t)
 
 
 def objects(kind: str, items: list[dict[str, Any]]) -> None:
