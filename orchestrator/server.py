@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import pathlib
 import signal
 import socket
@@ -23,8 +24,10 @@ import aiohttp
 import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Route
 
-from orchestrator import catalog, views
+from orchestrator import views
 from orchestrator.adapters import local_ray
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
@@ -36,7 +39,6 @@ from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import proxy, routing
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import datacentres as dc_mod
-from orchestrator.reconciler import snapshot as snap
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.store import sqlite as store_mod
 
@@ -81,8 +83,6 @@ class StoreJoinAuthenticator:
         return store_mod.digest(token) in self._static or self.store.verify_token(token, "bootstrap") is not None
 
     def issue_credential(self, site: str) -> str:
-        import secrets
-
         credential = secrets.token_urlsafe(32)
         self.store.save_agent(site, "", credential, f"agent@{site}")
         return credential
@@ -195,10 +195,7 @@ class ControlPlane:
         self.admin_token = secret
         log.info("wrote the initial admin token to %s", path)
 
-    def _artifact_route(self) -> Any:
-        from starlette.responses import FileResponse, JSONResponse
-        from starlette.routing import Route
-
+    def _artifact_route(self) -> Route:
         async def artifact(request: Any) -> Any:
             path = self.artifacts.path_for(request.path_params["sha256"])
             if path is None or not path.is_file():
@@ -240,18 +237,8 @@ class ControlPlane:
     def changed(self, reason: str) -> None:
         self.reconciler.trigger(reason)
 
-    def _current(self) -> snap.Snapshot:
-        s = self.reconciler.last_snapshot
-        if s is None:
-            s = snap.Snapshot((), {}, (), tuple(self.store.placements()), tuple(self.hub.snapshot()), {}, {}, {}, {})
-        sites = tuple(snap.SiteRecord(o.name, dict(o.labels), catalog.parse_site(o)) for o in self.store.list("Site"))
-        models = {o.name: catalog.parse_model(o) for o in self.store.list("Model")}
-        deps = tuple(snap.DeploymentRecord(o.name, o.generation, catalog.parse_deployment(o)) for o in self.store.list("ModelDeployment"))
-        return snap.Snapshot(sites, models, deps, tuple(self.store.placements()), tuple(self.hub.snapshot()),
-                             s.datacentres, s.artifacts, s.assignments, s.applied_apps)
-
     def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
-        return views.preview(self._current(), docs)
+        return views.preview(self.reconciler.current(), docs)
 
     def placements_view(self) -> dict[str, Any]:
         return views.placements(self.reconciler.last_snapshot, self.store.placements())

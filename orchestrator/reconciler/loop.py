@@ -99,19 +99,30 @@ class Reconciler:
 
     # -- gather --------------------------------------------------------------------
 
+    def read_desired(self) -> tuple[tuple[snap.SiteRecord, ...], dict[str, schema.ModelSpec], tuple[snap.DeploymentRecord, ...]]:
+        """The stored Sites, Models and ModelDeployments as validated values."""
+        sites = tuple(snap.SiteRecord(o.name, dict(o.labels), catalog.parse_site(o)) for o in self.store.list("Site"))
+        models = {o.name: catalog.parse_model(o) for o in self.store.list("Model")}
+        deployments = tuple(snap.DeploymentRecord(o.name, o.generation, catalog.parse_deployment(o)) for o in self.store.list("ModelDeployment"))
+        return sites, models, deployments
+
+    def current(self) -> snap.Snapshot:
+        """Desired state as stored now, observed state as of the last pass (for previews)."""
+        sites, models, deployments = self.read_desired()
+        last = self.last_snapshot
+        return snap.Snapshot(
+            sites, models, deployments, tuple(self.store.placements()), tuple(self.hub.snapshot()),
+            datacentres=last.datacentres if last else {}, artifacts=last.artifacts if last else {},
+            assignments=last.assignments if last else {}, applied_apps=last.applied_apps if last else {},
+        )
+
     async def gather(self) -> snap.Snapshot:
-        sites, models, deployments = [], {}, []
-        for o in self.store.list("Site"):
-            sites.append(snap.SiteRecord(o.name, dict(o.labels), catalog.parse_site(o)))
-        for o in self.store.list("Model"):
-            models[o.name] = catalog.parse_model(o)
-        for o in self.store.list("ModelDeployment"):
-            deployments.append(snap.DeploymentRecord(o.name, o.generation, catalog.parse_deployment(o)))
+        sites, models, deployments = self.read_desired()
         await self._observe_datacentres([s for s in sites if s.spec.tier == "datacenter"])
         return snap.Snapshot(
-            sites=tuple(sites),
+            sites=sites,
             models=models,
-            deployments=tuple(deployments),
+            deployments=deployments,
             placements=tuple(self.store.placements()),
             agents=tuple(self.hub.snapshot()),
             datacentres=dict(self._dc_observed),
