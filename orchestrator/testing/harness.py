@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import pathlib
 import select
@@ -74,16 +75,28 @@ def agent_command(
     return cmd + list(extra)
 
 
-def spawn_agent(cmd: list[str], site: str, data_dir: pathlib.Path, startup_timeout: float = 30.0) -> AgentProcess:
-    """Start ``edgeplane-agent`` and wait for its ``serving <url>`` line."""
+def _die_with_parent() -> None:
+    """Runs in the child before exec: a harness agent must not outlive its test or demo."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: rely on Fleet.stop()
+
+
+def launch_agent(cmd: list[str], data_dir: pathlib.Path) -> tuple[subprocess.Popen[bytes], pathlib.Path]:
+    """Start ``edgeplane-agent``; call from the thread that should own it (see _die_with_parent)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "agent.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log_file = log_path.open("a")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, cwd=REPO)
-    log_file.close()
+    with log_path.open("a") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, cwd=REPO, preexec_fn=_die_with_parent)
+    return proc, log_path
+
+
+def await_serving(proc: subprocess.Popen[bytes], site: str, log_path: pathlib.Path, startup_timeout: float = 30.0) -> str:
+    """Block until the agent prints ``serving <url>``; return the URL (kill it on failure)."""
     deadline = time.monotonic() + startup_timeout
-    url = ""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     buffer = b""
@@ -92,12 +105,21 @@ def spawn_agent(cmd: list[str], site: str, data_dir: pathlib.Path, startup_timeo
         if ready:
             buffer += os.read(fd, 4096)
         if b"serving " in buffer and b"\n" in buffer.split(b"serving ", 1)[1]:
-            url = buffer.split(b"serving ", 1)[1].split(b"\n", 1)[0].decode().strip()
-            break
-    if not url:
-        proc.kill()
-        proc.wait(5)
-        raise RuntimeError(f"agent {site} did not start: {log_path.read_text(errors='replace')[-2000:]}")
+            return buffer.split(b"serving ", 1)[1].split(b"\n", 1)[0].decode().strip()
+    proc.kill()
+    proc.wait(5)
+    raise RuntimeError(f"agent {site} did not start: {log_path.read_text(errors='replace')[-2000:]}")
+
+
+def spawn_agent(cmd: list[str], site: str, data_dir: pathlib.Path, startup_timeout: float = 30.0) -> AgentProcess:
+    """Start ``edgeplane-agent`` and wait for its ``serving <url>`` line (blocking)."""
+    proc, log_path = launch_agent(cmd, data_dir)
+    return AgentProcess(site, data_dir, proc, await_serving(proc, site, log_path, startup_timeout), log_path)
+
+
+async def spawn_agent_async(cmd: list[str], site: str, data_dir: pathlib.Path) -> AgentProcess:
+    proc, log_path = launch_agent(cmd, data_dir)  # in the loop's thread, which outlives the agent
+    url = await asyncio.to_thread(await_serving, proc, site, log_path)
     return AgentProcess(site, data_dir, proc, url, log_path)
 
 
@@ -137,7 +159,7 @@ class Fleet:
         data_dir = self.root / "agents" / site
         cmd = agent_command(self.cp.agent_target, site, data_dir, country=country, region=region, lat=lat, lon=lon,
                             heartbeat_interval=heartbeat_interval, extra=extra)
-        agent = await asyncio.to_thread(spawn_agent, cmd, site, data_dir)
+        agent = await spawn_agent_async(cmd, site, data_dir)
         self.agents[site] = agent
         if wait_joined:
             cp = self.cp
@@ -147,7 +169,7 @@ class Fleet:
     async def restart_agent(self, site: str) -> AgentProcess:
         old = self.agents[site]
         cmd = list(old.process.args)  # type: ignore[arg-type]
-        agent = await asyncio.to_thread(spawn_agent, cmd, site, old.data_dir)
+        agent = await spawn_agent_async(cmd, site, old.data_dir)
         self.agents[site] = agent
         return agent
 

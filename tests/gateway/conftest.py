@@ -81,13 +81,15 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, 
 async def fleet(model_file: tuple[pathlib.Path, onnx_models.BuiltModel]):
     root, built = model_file
     f = harness.Fleet(root)
-    cp = await f.start_control_plane()
-    async with httpx.AsyncClient(base_url=cp.http_url) as http:
-        resp = await http.post("/v1/apply", content=FLEET.replace("SHA", built.sha256))
-        assert resp.status_code == 200, resp.text
-    for site, where in AGENTS.items():
-        await f.start_agent(site, **where)
-    await harness.wait_until(lambda: len([e for e in cp.table.endpoints("intent") if e.healthy]) == 3, 60, what="3 intent endpoints")
-    await harness.wait_until(lambda: len(cp.table.endpoints("fields")) == 1, 60, what="the fields endpoint")
-    yield f
-    await f.stop()
+    try:
+        cp = await f.start_control_plane()
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            resp = await http.post("/v1/apply", content=FLEET.replace("SHA", built.sha256))
+            assert resp.status_code == 200, resp.text
+        for site, where in AGENTS.items():
+            await f.start_agent(site, **where)
+        await harness.wait_until(lambda: len([e for e in cp.table.endpoints("intent") if e.healthy]) == 3, 60, what="3 intent endpoints")
+        await harness.wait_until(lambda: len(cp.table.endpoints("fields")) == 1, 60, what="the fields endpoint")
+        yield f
+    finally:
+        await f.stop()
