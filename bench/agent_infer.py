@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench.agent_infer [--quick]
 
-Models (built on the spot): ``wide`` = MLP 1024 -> 1024 x3 -> 16 (one run of a batch of 8
-takes a few ms on CPU) and ``tiny`` = MLP 8 -> 16 -> 4 (run time in microseconds: the
+Models (built on the spot): ``wide`` = MLP 1024 -> 1024 x3 -> 16 (one run of a batch of 64
+takes over 1 ms on CPU) and ``tiny`` = MLP 8 -> 16 -> 4 (run time in microseconds: the
 result is the agent's per-request overhead). The raw baseline runs the same ONNX bytes
 with the same session options in this process, sequentially; the agent is a subprocess
 joined to a control plane in this process and is called over HTTP keep-alive, one request
@@ -93,7 +93,7 @@ async def run(duration: float) -> list[dict]:
         wide = onnx_models.build_mlp(root / "wide.onnx", in_dim=1024, hidden=1024, out_dim=16, layers=4, softmax=False)
         tiny = onnx_models.build_mlp(root / "tiny.onnx")
         cases = [
-            ("wide", wide, np.random.default_rng(0).standard_normal((8, 1024)).astype(np.float32)),
+            ("wide", wide, np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)),
             ("tiny", tiny, np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)),
         ]
         baselines = {name: raw_baseline(built.path, x, duration) for name, built, x in cases}

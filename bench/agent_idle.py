@@ -1,0 +1,107 @@
+"""Idle cost of a real ``edgeplane-agent``: resident memory and CPU at the default heartbeat.
+
+    .venv/bin/python -m bench.agent_idle [--quick]
+
+The agent is a subprocess joined to a control plane in this process, holding one small
+model, heartbeating every 5 s (the default), with no inference traffic. Baseline in the
+same run: a bare Python process that imports the same libraries (numpy, onnxruntime,
+grpc, uvicorn) and sleeps, i.e. what any Python agent costs before doing anything.
+Writes bench/results/agent_idle.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from bench.agent_common import ControlPlaneAndAgent
+from orchestrator.agents import model
+from orchestrator.testing import onnx_models
+
+RESULTS = Path(__file__).parent / "results" / "agent_idle.json"
+BASELINE = "import numpy, onnxruntime, grpc, uvicorn, starlette, httpx, psutil, time; time.sleep(3600)"
+
+
+async def sample(pid: int, duration: float) -> dict:
+    proc = psutil.Process(pid)
+    cpu0 = proc.cpu_times()
+    t0 = time.perf_counter()
+    rss = []
+    deadline = t0 + duration
+    while time.perf_counter() < deadline:
+        rss.append(proc.memory_info().rss)
+        await asyncio.sleep(1.0)
+    cpu1 = proc.cpu_times()
+    wall = time.perf_counter() - t0
+    busy = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    return {
+        "rss_mb": round(max(rss) / 2**20, 1),
+        "cpu_percent_of_core": round(100 * busy / wall, 3),
+        "seconds": round(wall, 1),
+    }
+
+
+async def run(duration: float) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        built = onnx_models.build_mlp(root / "tiny.onnx")
+        rig = ControlPlaneAndAgent(root / "agent")
+        await rig.start()
+        try:
+            await rig.assign(
+                [model.Assignment("tiny", "tiny", "cpu", built.path.as_uri(), built.sha256)], ["tiny"]
+            )
+            await asyncio.sleep(2.0)  # let start-up work settle before measuring idle
+            assert rig.proc is not None
+            agent = await sample(rig.proc.pid, duration)
+            status = rig.hub.status(rig.site)
+            rows.append({"process": "edgeplane-agent (1 model, 5 s heartbeat)", **agent,
+                         "healthy_at_hub": bool(status and status.healthy)})
+        finally:
+            code = await rig.stop()
+        rows[-1]["sigterm_exit_code"] = code
+    base = await asyncio.create_subprocess_exec(sys.executable, "-c", BASELINE)
+    try:
+        await asyncio.sleep(3.0)
+        rows.append({"process": "baseline: python + same imports, sleeping", **await sample(base.pid, duration)})
+    finally:
+        base.kill()
+        await base.wait()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run (about 15 s)")
+    args = parser.parse_args()
+    duration = 5.0 if args.quick else 20.0
+    rows = asyncio.run(run(duration))
+    table = Table(title=f"Idle agent ({os.cpu_count()} cores, {duration:g} s each)")
+    for col in ["process", "RSS MB", "CPU % of a core"]:
+        table.add_column(col, justify="left" if col == "process" else "right")
+    for r in rows:
+        table.add_row(r["process"], str(r["rss_mb"]), str(r["cpu_percent_of_core"]))
+    Console().print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "benchmark": "agent_idle",
+        "cpu_count": os.cpu_count(),
+        "quick": args.quick,
+        "target": {"rss_mb": 80, "cpu_percent_of_core": 0.5},
+        "rows": rows,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
