@@ -1,0 +1,70 @@
+"""Agents and the control plane's inventory: joined sites appear with measured capacity,
+lose health when their agent goes silent, and their replicas move."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import psutil
+import pytest
+
+from orchestrator.testing import harness
+
+pytestmark = pytest.mark.asyncio
+
+
+async def cli(cp_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI, in a thread: the control plane under test runs on this event loop."""
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "orchestrator.cli.main", "--server", cp_url, *args],
+                                   capture_output=True, text=True, timeout=60)
+
+
+async def test_an_undeclared_agent_registers_its_site_with_measured_capacity(tmp_path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        await fleet.start_agent("edge-porto", country="PT", region="eu-south", lat=41.15, lon=-8.61)
+        await harness.wait_until(lambda: (o := cp.store.get("Site", "edge-porto")) is not None and o.status.get("health") == "Healthy",
+                                 20, what="site registered and healthy")
+        proc = await cli(cp.http_url, "get", "sites", "-o", "json")
+        assert proc.returncode == 0, proc.stderr
+        [site] = [s for s in json.loads(proc.stdout)["items"] if s["metadata"]["name"] == "edge-porto"]
+        assert site["spec"]["tier"] == "edge" and site["spec"]["location"]["country"] == "PT"
+        status = site["status"]
+        assert status["capacitySource"] == "measured"
+        assert status["capacity"]["cpu"] == psutil.cpu_count(logical=True) or status["capacity"]["cpu"] == os.cpu_count()
+        assert abs(status["capacity"]["memoryGiB"] - psutil.virtual_memory().total / 1024**3) < 0.5
+        assert "CPUExecutionProvider" in status["agent"]["providers"]
+        table = await cli(cp.http_url, "get", "sites")
+        line = next(x for x in table.stdout.splitlines() if x.startswith("edge-porto"))
+        assert "Healthy" in line and "measured" in line
+        events = [e for e in cp.store.events(limit=1000) if e.name == "edge-porto"]
+        assert "agent-joined" in {e.action for e in events}
+        assert any(e.action == "created" and "registered by its agent" in e.reason and e.actor.startswith("agent:") for e in events)
+
+        # kill -9: the site turns unhealthy after the configured missed heartbeats
+        fleet.agents["edge-porto"].kill(signal.SIGKILL)
+        await harness.wait_until(lambda: cp.store.get("Site", "edge-porto").status.get("health") == "Unhealthy", 15, what="site unhealthy")
+        assert any(e.action == "agent-lost" for e in cp.store.events(limit=1000) if e.name == "edge-porto")
+    finally:
+        await fleet.stop()
+
+
+async def test_an_agent_without_location_is_reported_not_scheduled(tmp_path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        await fleet.start_agent("edge-nowhere")
+        await harness.wait_until(lambda: any(e.action == "site-undeclared" for e in cp.store.events(limit=100)), 15, what="event")
+        assert cp.store.get("Site", "edge-nowhere") is None
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            events = (await http.get("/v1/events")).json()["items"]
+        assert any("--country" in e["reason"] for e in events if e["name"] == "edge-nowhere")
+    finally:
+        await fleet.stop()
