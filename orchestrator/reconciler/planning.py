@@ -196,7 +196,8 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
     if plan is None:
         return {"phase": "Invalid", "reason": f"Model {d.spec.model!r} does not exist", "observedGeneration": d.generation}
     mine = [r for r in rows if r.deployment == d.name]
-    problems = []
+    problems: list[str] = []  # make the deployment Failing
+    notes: list[str] = []  # shown, but the replicas may still come (e.g. waiting for a GPU node)
     for r in mine:
         ref = s.artifacts.get((d.spec.model, r.variant))
         if ref is not None and ref.error:
@@ -208,13 +209,15 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
                 problems.append(f"{r.site}: {dc.error}")
             elif app is not None and app.status in (serve_config.ServeAppState.DEPLOY_FAILED, serve_config.ServeAppState.UNHEALTHY):
                 problems.append(f"{r.site}: {app.status.value}: {app.message}")
+            elif app is not None and app.message and app.replicas_running < app.replicas_target:
+                notes.append(f"{r.site}: {app.message}")
     ready = ready_replicas(s, rows, d.name, d.spec.model)
     phase = str(plan.status)
     if phase != "Unschedulable" and ready < plan.placed:
         phase = "Progressing" if not problems else "Failing"
     elif phase == "Scheduled" and ready >= plan.placed:
         phase = "Running"
-    reason = "; ".join(dict.fromkeys([*problems, plan.reason] if problems else [plan.reason]))
+    reason = "; ".join(dict.fromkeys([*problems, *notes, plan.reason]))
     return {
         "phase": phase,
         "reason": reason,

@@ -112,3 +112,52 @@ async def test_datacentre_lifecycle_through_the_control_plane(ray_cluster: local
             assert any(e["action"] == "replica-placed" and e["name"] == "dc-dep" for e in events)
     finally:
         await fleet.stop()
+
+
+GPU_FLEET = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: dc-gpu}
+spec:
+  tier: datacenter
+  location: {country: FR, lat: 48.85, lon: 2.35}
+  capacity: {cpu: 64, memoryGiB: 256, gpus: [{model: H100, count: 2, memoryGiB: 80}]}
+  ray: {address: local}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: gpumodel}
+spec:
+  variants:
+    - name: v
+      runtime: onnx
+      artifact: {uri: dc.onnx, sha256: "SHA"}
+      resources: {cpu: 0.1, memoryMiB: 128, gpus: 1, gpuMemoryGiB: 40}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: gpu-dep}
+spec:
+  model: gpumodel
+  placement: {tiers: [datacenter]}
+"""
+
+
+@pytest.mark.timeout(240)
+async def test_a_cluster_without_the_gpus_says_so(ray_cluster: local_ray.LocalRayEndpoints, tmp_path: pathlib.Path) -> None:
+    """The Site declares GPUs, the Ray cluster has none: the cause shows in status and describe."""
+    built = onnx_models.build_mlp(tmp_path / "artifacts" / "dc.onnx", in_dim=8, hidden=16, out_dim=4, seed=9)
+    fleet = harness.Fleet(tmp_path)
+    cp = await fleet.start_control_plane(local_ray_endpoints=ray_cluster, resync_s=1.0)
+    try:
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            assert (await http.post("/v1/apply", content=GPU_FLEET.replace("SHA", built.sha256))).status_code == 200
+            await harness.wait_until(lambda: "GPU" in (cp.store.get("ModelDeployment", "gpu-dep").status.get("reason") or ""), 120,
+                                     what="the missing GPU in the status")
+            described = (await http.get("/v1/modeldeployments/gpu-dep", params={"describe": "true"})).json()
+            assert "largest node has" in described["status"]["reason"]
+            assert described["status"]["readyReplicas"] == 0
+            assert (await http.delete("/v1/modeldeployments/gpu-dep")).status_code == 200
+            await harness.wait_until(lambda: not cp.reconciler.last_snapshot.datacentres["dc-gpu"].apps, 60, what="app removed")
+    finally:
+        await fleet.stop()
