@@ -31,7 +31,7 @@ bench: $(STAMP) proto
 	$(PY) -m bench
 
 serve: $(STAMP) proto
-	$(VENV)/bin/edgeplane serve
+	$(VENV)/bin/edgeplane serve --artifact-root manifests/examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info edgeplane_proto/agent/v1/*_pb2*.py*
