@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from orchestrator import views
 from orchestrator.adapters import local_ray
+from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
 from orchestrator.agents import service as agent_service
@@ -40,6 +41,7 @@ from orchestrator.gateway import proxy, routing
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.reconciler.loop import Reconciler
+from orchestrator.security import admission, ratelimit
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger("edgeplane")
@@ -68,21 +70,43 @@ class ServerConfig:
     local_ray_gpus: int | None = None
     bootstrap_tokens: tuple[str, ...] = ()  # static agent bootstrap tokens (besides `token create`)
     kube_factory: Any = None
+    gateway_auth: str = "none"  # "none" (open) | "token" (any valid API token)
+    gateway_rate: float = 0.0  # requests/s per client (token, else address); 0 = no limit
+    gateway_burst: float = 0.0  # bucket size; default max(rate, 1)
+    gateway_max_body: int = proxy.MAX_BODY
 
 
 class StoreJoinAuthenticator:
-    """Agent joins checked against the store: bootstrap tokens, per-site credentials."""
+    """Agent joins checked against the store: bootstrap tokens, per-site credentials.
+
+    A revoked site stays refused for bootstrap tokens that existed when it was revoked
+    (static ``--bootstrap-token`` ones included): an admin re-admits it by creating a new
+    token. ``verify_bootstrap`` remembers which token it accepted for the
+    ``issue_credential`` call of the same join (the hub runs on one thread, one join at a time).
+    """
 
     def __init__(self, store: store_mod.Store, static_tokens: tuple[str, ...] = ()):
         self.store = store
         self._static = {store_mod.digest(t) for t in static_tokens if t}
+        self._accepted_created_at = 0.0
 
     def verify_bootstrap(self, token: str) -> bool:
         if not token:
             return False
-        return store_mod.digest(token) in self._static or self.store.verify_token(token, "bootstrap") is not None
+        if store_mod.digest(token) in self._static:
+            self._accepted_created_at = 0.0
+            return True
+        info = self.store.verify_token(token, "bootstrap")
+        if info is None:
+            return False
+        self._accepted_created_at = info.created_at
+        return True
 
     def issue_credential(self, site: str) -> str:
+        revoked_at = self.store.agent_revoked_at(site)
+        if revoked_at is not None and self._accepted_created_at <= revoked_at:
+            raise agent_errors.NotAuthenticated(
+                f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
         credential = secrets.token_urlsafe(32)
         self.store.save_agent(site, "", credential, f"agent@{site}")
         return credential
@@ -112,6 +136,10 @@ class ControlPlane:
         cfg = self.config
         if cfg.auth not in ("none", "token"):
             raise ConfigError("--auth must be 'none' or 'token'")
+        if cfg.gateway_auth not in admission.GATEWAY_AUTH:
+            raise ConfigError("--gateway-auth must be 'none' or 'token'")
+        if cfg.gateway_rate < 0 or cfg.gateway_burst < 0 or cfg.gateway_max_body <= 0:
+            raise ConfigError("--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0")
         if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
             raise ConfigError(
                 f"refusing to serve the admin API on {cfg.host} without authentication: "
@@ -151,8 +179,13 @@ class ControlPlane:
             connector=aiohttp.TCPConnector(limit=512, limit_per_host=128, keepalive_timeout=30, enable_cleanup_closed=True),
             auto_decompress=False,
         )
+        self.admission = admission.GatewayAdmission(
+            ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
+            (lambda secret: self.store.verify_token(secret, "api")) if cfg.gateway_auth == "token" else None,
+        )
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
-                                     position=cfg.position, ready=lambda: self._started)
+                                     position=cfg.position, ready=lambda: self._started, max_body=cfg.gateway_max_body,
+                                     admit=self.admission.check if (cfg.gateway_auth == "token" or cfg.gateway_rate > 0) else None)
         self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(cfg.data_dir / "ray", endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus),
                                               kube_factory=cfg.kube_factory)
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
@@ -237,6 +270,10 @@ class ControlPlane:
     def changed(self, reason: str) -> None:
         self.reconciler.trigger(reason)
 
+    def agent_revoked(self, site: str) -> None:
+        """Drop the agent now: its streams end and it cannot rejoin on its credential."""
+        self.hub.forget(site)
+
     def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
         return views.preview(self.reconciler.current(), docs)
 
@@ -304,6 +341,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
     p.add_argument("--public-url", help="URL agents and Ray replicas use to reach this server")
     p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable)")
+    p.add_argument("--gateway-auth", choices=list(admission.GATEWAY_AUTH), default="none",
+                   help="'token' requires a valid API token (any role) on the gateway's model routes; 'none' leaves them open")
+    p.add_argument("--gateway-rate", type=float, default=0.0, metavar="RPS",
+                   help="per-client request rate on the gateway (client = token, else address); 0 = no limit")
+    p.add_argument("--gateway-burst", type=float, default=0.0, help="requests a client may send at once (default: the rate)")
+    p.add_argument("--gateway-max-body", type=int, default=proxy.MAX_BODY, metavar="BYTES", help="largest inference request body")
     p.add_argument("--log-level", default="info")
 
 
@@ -317,6 +360,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), public_url=args.public_url, bootstrap_tokens=tokens,
+        gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
+        gateway_max_body=args.gateway_max_body,
     )
 
 

@@ -39,6 +39,7 @@ class Services(Protocol):
     def endpoints_view(self, model: str, lat: float | None, lon: float | None, residency: str | None) -> dict[str, Any]: ...
     def describe_extra(self, kind: str, name: str) -> dict[str, Any]: ...
     def ready(self) -> bool: ...
+    def agent_revoked(self, site: str) -> None: ...
 
 
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -98,7 +99,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         docs = loader.load_text(body, source[:256])
         if not docs:
             return error(422, "the request holds no documents")
-        result = catalog.apply_documents(store, docs, actor=caller.identity, reason=request.headers.get("x-edgeplane-reason", "apply"), dry_run=dry_run)
+        result = catalog.apply_documents(store, docs, actor=caller.identity, reason=_reason(request, "apply"), dry_run=dry_run)
         payload: dict[str, Any] = {
             "dryRun": dry_run,
             "results": [
@@ -130,7 +131,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def delete_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        outcome = catalog.delete_object(store, kind, request.path_params["name"], actor=caller.identity)
+        outcome = catalog.delete_object(store, kind, request.path_params["name"], actor=caller.identity,
+                                        reason=_reason(request, "delete"))
         services.changed(f"delete by {caller.identity}")
         return JSONResponse({"kind": kind, "name": outcome.name, "action": "deleted"})
 
@@ -180,6 +182,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
             ok = store.revoke_token(name, caller.identity)
         elif what == "agents":
             ok = store.revoke_agent(name, caller.identity)
+            if ok:
+                services.agent_revoked(name)  # its open streams end now, not at their next join
             services.changed(f"agent {name} revoked by {caller.identity}")
         else:
             return error(404, "revoke tokens/ID or agents/SITE")
@@ -204,6 +208,11 @@ def build_routes(services: Services) -> list[BaseRoute]:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+
+
+def _reason(request: Request, default: str) -> str:
+    """The caller's stated reason (``X-Edgeplane-Reason``), kept short for the event log."""
+    return (request.headers.get("x-edgeplane-reason") or default)[:500]
 
 
 def _event(e: store_mod.LoggedEvent) -> dict[str, Any]:

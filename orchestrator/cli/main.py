@@ -39,7 +39,7 @@ def _read_manifests(path: str) -> str:
 
 def cmd_apply(api: ApiClient, args: argparse.Namespace) -> int:
     body = _read_manifests(args.file)
-    result = api.request("POST", "/v1/apply", params={"dryRun": "true" if args.dry_run else "false"}, content=body.encode(), headers={"content-type": "application/yaml"})
+    result = api.request("POST", "/v1/apply", params={"dryRun": "true" if args.dry_run else "false"}, content=body.encode(), headers=_with_reason({"content-type": "application/yaml"}, args))
     if args.output in ("json", "yaml"):
         render.dump(result, args.output)
         return 0
@@ -126,6 +126,12 @@ def cmd_describe(api: ApiClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_reason(headers: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
+    """``--reason`` travels as X-Edgeplane-Reason and lands in the event log."""
+    reason = getattr(args, "reason", None)
+    return {**headers, "x-edgeplane-reason": reason} if reason else headers
+
+
 def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
     targets: list[tuple[str, str]] = []
     if args.file:
@@ -138,7 +144,7 @@ def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
     else:
         raise CliError("give -f FILE or KIND NAME", 2)
     for kind, name in targets:
-        api.request("DELETE", f"/v1/{kind}/{name}")
+        api.request("DELETE", f"/v1/{kind}/{name}", headers=_with_reason({}, args))
         print(f"{kind.lower()}/{name} deleted")
     return 0
 
@@ -246,6 +252,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("apply", help="create or update objects from manifests (atomic)"))
     sp.add_argument("-f", "--file", required=True, help="file, directory or - for stdin")
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
+    sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("plan", help="show what apply would change, per site"))
     sp.add_argument("-f", "--file", required=True)
     sp = with_output(client_parser("get", help="list objects: sites, models, modeldeployments, placements, events"))
@@ -258,6 +265,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("-f", "--file")
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
+    sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("events", help="the audit/event log"))
     sp.add_argument("--limit", type=int, default=50)
     with_output(client_parser("status", help="control plane health and a fleet summary"))

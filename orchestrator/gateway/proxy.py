@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -62,6 +63,8 @@ class Gateway:
         position: tuple[float, float] | None = None,
         max_attempts: int = 3,
         ready: Any = lambda: True,
+        admit: Callable[[Request], Response | None] | None = None,
+        max_body: int = MAX_BODY,
     ):
         self.table = table
         self.http = http
@@ -69,6 +72,8 @@ class Gateway:
         self.position = position
         self.max_attempts = max_attempts
         self._ready = ready
+        self._admit = admit  # auth and rate limits (orchestrator.security.admission)
+        self.max_body = max_body
 
     def candidates(self, model: str, request: Request) -> list[routing.Ranked] | routing.NoRoute:
         caller = routing.parse_caller(
@@ -130,13 +135,14 @@ class Gateway:
         model = request.path_params["model"]
         started = time.perf_counter()
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-            return _error(413, f"request body is larger than {MAX_BODY // (1024 * 1024)} MiB")
+        too_large = f"request body is larger than {self.max_body} bytes"
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return _error(413, too_large)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > MAX_BODY:
-                return _error(413, f"request body is larger than {MAX_BODY // (1024 * 1024)} MiB")
+            if len(body) > self.max_body:
+                return _error(413, too_large)
         try:
             return await self._forward(model, request, "POST", "/infer", bytes(body))
         finally:
@@ -162,13 +168,26 @@ class Gateway:
     async def server_metadata(self, request: Request) -> Response:
         return Response(json.dumps({"name": "edgeplane-gateway", "version": "1", "extensions": ["binary_tensor_data"]}), media_type="application/json")
 
+    def _admitted(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        admit = self._admit
+        if admit is None:
+            return handler
+
+        async def endpoint(request: Request) -> Response:
+            refused = admit(request)
+            return refused if refused is not None else await handler(request)
+
+        return endpoint
+
     def routes(self) -> list[BaseRoute]:
+        # Health and server metadata stay open (probes); model routes pass admission.
+        guarded = self._admitted
         return [
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
-            Route("/v2/models/{model}", self.model_metadata, methods=["GET"]),
-            Route("/v2/models/{model}/ready", self.model_ready, methods=["GET"]),
-            Route("/v2/models/{model}/infer", self.infer, methods=["POST"]),
-            Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/{model}", guarded(self.model_metadata), methods=["GET"]),
+            Route("/v2/models/{model}/ready", guarded(self.model_ready), methods=["GET"]),
+            Route("/v2/models/{model}/infer", guarded(self.infer), methods=["POST"]),
+            Route("/v2/models/{model}/versions/{version}/infer", guarded(self.infer), methods=["POST"]),
         ]

@@ -174,7 +174,10 @@ def _decode(text: bytes | str, file: str) -> str:
 
 
 def _documents(text: str, file: str) -> Iterator[tuple[int, Any, _Walker]]:
-    loader = _LimitedLoader(text)
+    try:
+        loader = _LimitedLoader(text)  # the reader refuses control characters right here
+    except yaml.YAMLError as exc:
+        raise ManifestError([ManifestIssue(file, 0, "", None, f"malformed YAML: {exc}")]) from exc
     index = 0
     total = 0  # empty documents included, so a file of '---' lines stays bounded
     try:

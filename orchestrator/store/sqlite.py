@@ -138,6 +138,7 @@ class TokenInfo:
     role: str  # "admin" | "read" | "agent"
     expires_at: float | None
     description: str
+    created_at: float = 0.0
 
 
 def digest(secret: str) -> str:
@@ -364,7 +365,7 @@ class Store:
                 (token_id, digest(secret), purpose, role, now, expires, description),
             )
             self._log(db, Event(actor, "token-created", "Token", token_id, description or f"{purpose} token", {"role": role, "expiresAt": expires}), now)
-        return secret, TokenInfo(token_id, purpose, role, expires, description)
+        return secret, TokenInfo(token_id, purpose, role, expires, description, now)
 
     def verify_token(self, secret: str, purpose: str) -> TokenInfo | None:
         with self._lock:
@@ -373,7 +374,7 @@ class Store:
             ).fetchone()
         if row is None or (row["expires_at"] is not None and row["expires_at"] < self._clock()):
             return None
-        return TokenInfo(row["id"], row["purpose"], row["role"], row["expires_at"], row["description"])
+        return TokenInfo(row["id"], row["purpose"], row["role"], row["expires_at"], row["description"], row["created_at"])
 
     def revoke_token(self, token_id: str, actor: str) -> bool:
         with self._tx() as db:
@@ -401,6 +402,17 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT credential_digest, revoked FROM agents WHERE site = ?", (site,)).fetchone()
         return bool(row) and not row["revoked"] and secrets.compare_digest(row["credential_digest"], digest(credential))
+
+    def agent_revoked_at(self, site: str) -> float | None:
+        """When the site's agent identity was revoked, or None if it is not revoked."""
+        with self._lock:
+            row = self._db.execute("SELECT revoked FROM agents WHERE site = ?", (site,)).fetchone()
+            if row is None or not row["revoked"]:
+                return None
+            ts = self._db.execute(
+                "SELECT MAX(ts) FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'", (site,)
+            ).fetchone()[0]
+        return float(ts) if ts is not None else 0.0
 
     def revoke_agent(self, site: str, actor: str) -> bool:
         with self._tx() as db:

@@ -8,6 +8,7 @@ loopback and serve the Open Inference Protocol on their own ports.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import os
@@ -75,22 +76,38 @@ def agent_command(
     return cmd + list(extra)
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: a harness agent must not outlive its test or demo."""
+def die_with_parent() -> None:
+    """``preexec_fn`` making a child die with its parent (Linux PR_SET_PDEATHSIG).
+
+    Only for processes that run no gRPC threads themselves (e.g. tests that run the
+    control plane as a subprocess): ``preexec_fn`` forces a real fork().
+    """
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except OSError:
-        pass  # not Linux: rely on Fleet.stop()
+        pass  # not Linux
+
+
+_LAUNCHED: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A harness agent must not outlive its test run or demo, even after a crash."""
+    for proc in _LAUNCHED:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def launch_agent(cmd: list[str], data_dir: pathlib.Path) -> tuple[subprocess.Popen[bytes], pathlib.Path]:
-    """Start ``edgeplane-agent``; call from the thread that should own it (see _die_with_parent)."""
+    """Start ``edgeplane-agent``. No ``preexec_fn``: it would force a fork() in a process that
+    runs gRPC threads (the in-process control plane), which gRPC's fork handlers do not survive."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "agent.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("a") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, cwd=REPO, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, cwd=REPO)
+    _LAUNCHED.append(proc)
     return proc, log_path
 
 
@@ -118,7 +135,7 @@ def spawn_agent(cmd: list[str], site: str, data_dir: pathlib.Path, startup_timeo
 
 
 async def spawn_agent_async(cmd: list[str], site: str, data_dir: pathlib.Path) -> AgentProcess:
-    proc, log_path = launch_agent(cmd, data_dir)  # in the loop's thread, which outlives the agent
+    proc, log_path = launch_agent(cmd, data_dir)
     url = await asyncio.to_thread(await_serving, proc, site, log_path)
     return AgentProcess(site, data_dir, proc, url, log_path)
 

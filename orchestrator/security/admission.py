@@ -1,0 +1,57 @@
+"""Who may use the gateway, and how fast: bearer tokens (optional) and per-client rates.
+
+The gateway calls :meth:`GatewayAdmission.check` before routing a model request; a
+``Response`` back means "answer this instead" (401 or 429 with ``Retry-After``). The
+client key of the rate limit is the token's id when the caller presents a valid token,
+else its peer address: behind a proxy every caller shares the proxy's address, so put the
+limit on tokens there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from edgeplane_proto import oip
+from orchestrator.security import ratelimit
+from orchestrator.store import sqlite as store_mod
+
+GATEWAY_AUTH = ("none", "token")
+
+
+def _refuse(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(oip.error_body(message), status_code=status, media_type="application/json", headers=headers)
+
+
+class GatewayAdmission:
+    def __init__(self, limiter: ratelimit.RateLimiter, verify_token: Callable[[str], store_mod.TokenInfo | None] | None = None) -> None:
+        """``verify_token`` set = every model request needs a valid API token (any role)."""
+        self.limiter = limiter
+        self._verify = verify_token
+        self.refused = {"401": 0, "429": 0}
+
+    @property
+    def requires_token(self) -> bool:
+        return self._verify is not None
+
+    def check(self, request: Request) -> Response | None:
+        key = None
+        header = request.headers.get("authorization")
+        if self._verify is not None:
+            info = self._verify(header[7:].strip()) if header and header.lower().startswith("bearer ") else None
+            if info is None:
+                self.refused["401"] += 1
+                return _refuse(401, "the gateway needs 'Authorization: Bearer <token>' with a valid API token",
+                               {"www-authenticate": "Bearer"})
+            key = f"token:{info.id}"
+        if key is None:
+            key = f"addr:{request.client.host if request.client else '?'}"
+        wait = self.limiter.take(key)
+        if wait is not None:
+            self.refused["429"] += 1
+            return _refuse(429, f"rate limit of {self.limiter.limit.rate:g} requests/s exceeded; retry later",
+                           {"retry-after": str(max(1, math.ceil(wait)))})
+        return None

@@ -1,0 +1,146 @@
+"""The control plane's certificate authority for agent identities (mTLS).
+
+Why a CA of our own: an edge agent must prove *which site* it is on every connection, and
+a revocable, per-agent X.509 certificate checked in the TLS handshake does that without
+a secret in each request. The CA lives in ``<data-dir>/ca`` (key 0600), created on first
+start; it signs the agent gRPC listener's server certificate (SANs for its host,
+127.0.0.1 and localhost) and one client certificate per site, whose identity is the SAN
+URI ``spiffe://edgeplane/site/<name>`` (the CN says ``site/<name>`` for humans). The
+identity comes from the CA, never from the CSR: whatever subject an agent asks for, the
+certificate names the site it joined as.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import pathlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+SPIFFE_PREFIX = "spiffe://edgeplane/site/"
+CA_DAYS = 3650
+SERVER_DAYS = 365
+AGENT_DAYS = 30
+
+
+class CertificateError(Exception):
+    """A CSR or certificate that cannot be accepted."""
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _write_private(path: pathlib.Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def site_uri(site: str) -> str:
+    return SPIFFE_PREFIX + site
+
+
+def new_key_and_csr(site: str) -> tuple[bytes, bytes]:
+    """What an agent makes: a P-256 key (PEM) and a CSR for ``site/<name>`` (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"site/{site}")]))
+           .sign(key, hashes.SHA256()))
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def site_of(certificate_pem: bytes) -> str | None:
+    """The site a certificate names in its SAN URI, or None."""
+    try:
+        cert = x509.load_pem_x509_certificate(certificate_pem)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(SPIFFE_PREFIX):
+            return uri[len(SPIFFE_PREFIX):]
+    return None
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    @classmethod
+    def load_or_create(cls, folder: pathlib.Path, name: str = "edgeplane agent CA") -> CertificateAuthority:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_path, cert_path = folder / "ca.key", folder / "ca.crt"
+        if key_path.exists() and cert_path.exists():
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise CertificateError(f"{key_path} is not an EC private key")
+            return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = _now()
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                             key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                             encipher_only=False, decipher_only=False), critical=True)
+                .sign(key, hashes.SHA256()))
+        _write_private(key_path, _key_pem(key))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cls(key, cert)
+
+    def _issue(self, subject: str, public_key: ec.EllipticCurvePublicKey, sans: list[x509.GeneralName],
+               usage: x509.ObjectIdentifier, days: int) -> bytes:
+        now = _now()
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(self.certificate.subject).public_key(public_key)
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue_server(self, hosts: list[str]) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) for the agent listener, valid for ``hosts`` + loopback."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = []
+        for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        return self._issue("edgeplane control plane", key.public_key(), sans, ExtendedKeyUsageOID.SERVER_AUTH, SERVER_DAYS), _key_pem(key)
+
+    def issue_agent(self, site: str, csr_pem: bytes) -> bytes:
+        """Sign an agent's CSR as ``site``: the identity is ours to set, not the CSR's."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise CertificateError(f"not a PEM certificate signing request: {exc}") from exc
+        if not csr.is_signature_valid:
+            raise CertificateError("the CSR's signature does not match its key")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise CertificateError("agent keys must be EC (P-256)")
+        return self._issue(f"site/{site}", public_key, [x509.UniformResourceIdentifier(site_uri(site))],
+                           ExtendedKeyUsageOID.CLIENT_AUTH, AGENT_DAYS)

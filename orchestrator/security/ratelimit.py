@@ -1,0 +1,62 @@
+"""Per-client token buckets for the gateway.
+
+Pure bookkeeping with an injected clock: :meth:`RateLimiter.take` says whether a request
+may pass now and, when not, how long the client should wait (the ``Retry-After``). Keys
+are whatever identifies a client (the bearer token's digest, else the peer address).
+The table of buckets is bounded: when full, the least recently used key is dropped, so a
+flood of distinct addresses costs memory proportional to ``max_clients`` only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """``rate`` requests per second sustained, up to ``burst`` at once; rate 0 = no limit."""
+
+    rate: float = 0.0
+    burst: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def capacity(self) -> float:
+        """The bucket size: ``burst``, or when unset the rate (at least one request)."""
+        return self.burst if self.burst > 0 else max(self.rate, 1.0)
+
+
+class RateLimiter:
+    def __init__(self, limit: RateLimit, *, clock: Callable[[], float] = time.monotonic, max_clients: int = 100_000) -> None:
+        if limit.rate < 0 or limit.burst < 0:
+            raise ValueError("rate and burst must be >= 0")
+        self.limit = limit
+        self._clock = clock
+        self._max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, updated)
+
+    def take(self, key: str, cost: float = 1.0) -> float | None:
+        """Spend ``cost`` tokens of ``key``'s bucket: None if allowed, else seconds to wait."""
+        if not self.limit.enabled:
+            return None
+        now = self._clock()
+        capacity = self.limit.capacity()
+        tokens, updated = self._buckets.pop(key, (capacity, now))
+        tokens = min(capacity, tokens + (now - updated) * self.limit.rate)
+        if tokens >= cost:
+            self._buckets[key] = (tokens - cost, now)
+            allowed = None
+        else:
+            self._buckets[key] = (tokens, now)
+            allowed = (cost - tokens) / self.limit.rate
+        while len(self._buckets) > self._max_clients:
+            self._buckets.popitem(last=False)
+        return allowed
+
+    def __len__(self) -> int:
+        return len(self._buckets)

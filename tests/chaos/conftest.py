@@ -1,0 +1,163 @@
+"""Chaos fixtures: ``edgeplane serve`` as a subprocess that tests kill -9 and restart on
+the same data dir and ports, agents as subprocesses (optionally with a file-size limit),
+one-model fleet manifests, and a recorder of measured recovery times."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from orchestrator.testing import harness, onnx_models
+
+EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
+RECOVERY: dict[str, float] = {}
+
+FLEET = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: intent}
+spec:
+  variants:
+    - name: distilled
+      runtime: onnx
+      artifact: {uri: URI, sha256: "SHA"}
+      resources: {cpu: 0.1, memoryMiB: 64}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: intent-fr}
+spec:
+  model: intent
+  replicas: {min: REPLICAS, max: REPLICAS}
+  placement: {residency: [FR], tiers: [edge], spread: {by: site, maxSkew: 1}}
+"""
+
+
+def site_yaml(name: str, lat: float) -> str:
+    return (f"apiVersion: edgeplane.io/v1alpha1\nkind: Site\nmetadata: {{name: {name}}}\n"
+            f"spec: {{tier: edge, location: {{country: FR, region: fr, lat: {lat}, lon: 2.35}}}}\n")
+
+
+def fleet_yaml(sites: dict[str, float], model: onnx_models.BuiltModel, replicas: int) -> str:
+    docs = [site_yaml(n, lat) for n, lat in sites.items()]
+    docs.append(FLEET.replace("URI", model.path.name).replace("SHA", model.sha256).replace("REPLICAS", str(replicas)))
+    return "---\n".join(docs)
+
+
+def infer_body(model: onnx_models.BuiltModel, rows: int = 1) -> bytes:
+    x = np.ones((rows, model.in_dim), dtype=np.float32)
+    return json.dumps({"inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [rows, model.in_dim], "data": x.ravel().tolist()}]}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (httpx.TransportError, OSError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class ServeProcess:
+    """``edgeplane serve`` on fixed ports and a fixed data dir, restartable after kill -9."""
+
+    def __init__(self, root: pathlib.Path, artifacts: pathlib.Path, extra: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.port, self.agent_port = free_port(), free_port()
+        self.cmd = [str(EDGEPLANE), "serve", "--data-dir", str(root / "cp"), "--port", str(self.port), "--agent-port", str(self.agent_port),
+                    "--heartbeat-interval", "0.5", "--missed-heartbeats", "3", "--artifact-root", str(artifacts),
+                    "--bootstrap-token", harness.BOOTSTRAP_TOKEN, "--log-level", "warning", *extra]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.agent_target = f"127.0.0.1:{self.agent_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 30.0) -> float:
+        """Start and wait for /healthz; returns the seconds it took."""
+        started = time.monotonic()
+        self.starts += 1
+        log = (self.root / f"serve-{self.starts}.log").open("w")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=harness.die_with_parent)
+        wait_for(lambda: self.proc.poll() is None and httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, timeout, "edgeplane serve")
+        return time.monotonic() - started
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def spawn_agent(target: str, site: str, data_dir: pathlib.Path, lat: float, fsize_limit: int | None = None,
+                extra: tuple[str, ...] = ()) -> harness.AgentProcess:
+    """An ``edgeplane-agent`` subprocess; ``fsize_limit`` caps the size of any file it writes
+    (RLIMIT_FSIZE: a full disk as the process sees it, write() fails with EFBIG)."""
+    cmd = harness.agent_command(target, site, data_dir, country="FR", region="fr", lat=lat, lon=2.35, heartbeat_interval=0.5, extra=extra)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "agent.log"
+
+    def prepare() -> None:
+        harness.die_with_parent()
+        if fsize_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+
+    with log_path.open("a") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                cwd=harness.REPO, preexec_fn=prepare)
+    return harness.AgentProcess(site, data_dir, proc, harness.await_serving(proc, site, log_path), log_path)
+
+
+@pytest.fixture
+def models(tmp_path: pathlib.Path) -> tuple[onnx_models.BuiltModel, onnx_models.BuiltModel]:
+    art = tmp_path / "artifacts"
+    v1 = onnx_models.build_mlp(art / "intent-v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    v2 = onnx_models.build_mlp(art / "intent-v2.onnx", in_dim=8, hidden=16, out_dim=4, seed=2)
+    return v1, v2
+
+
+@pytest.fixture
+def agents() -> Iterator[list[harness.AgentProcess]]:
+    started: list[harness.AgentProcess] = []
+    yield started
+    for a in started:
+        a.kill(signal.SIGCONT)
+        a.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if RECOVERY:
+        terminalreporter.write_sep("-", "chaos recovery times (s)")
+        for name, seconds in RECOVERY.items():
+            terminalreporter.write_line(f"{name}: {seconds:.2f}")

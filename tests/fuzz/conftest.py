@@ -1,0 +1,100 @@
+"""Fuzzing fixtures: example counts, a fleet on its own event-loop thread, a tally.
+
+Hypothesis tests are synchronous, so the control plane and its agents run on a loop in a
+background thread (:class:`FleetThread`) and the tests talk to them over real HTTP and
+gRPC. ``EDGEPLANE_FUZZ_EXAMPLES`` scales every fuzz test (default 300 inputs each); the
+number of inputs each test tried is printed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import threading
+from collections import Counter
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, settings
+
+from orchestrator.testing import harness, onnx_models
+
+T = TypeVar("T")
+
+EXAMPLES = int(os.environ.get("EDGEPLANE_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+TRIED: Counter[str] = Counter()
+
+FLEET = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: edge-fuzz}
+spec: {tier: edge, location: {country: FR, region: fr, lat: 48.85, lon: 2.35}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: intent}
+spec:
+  variants:
+    - name: distilled
+      runtime: onnx
+      artifact: {uri: intent.onnx, sha256: "SHA"}
+      resources: {cpu: 0.1, memoryMiB: 64}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: intent-fr}
+spec:
+  model: intent
+  replicas: {min: 1, max: 1}
+  placement: {residency: [FR], tiers: [edge]}
+"""
+
+
+class FleetThread:
+    """A :class:`harness.Fleet` whose event loop runs in a daemon thread."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        self.fleet = harness.Fleet(root)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fuzz-fleet", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.run(self.fleet.stop(), 60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def fuzz_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
+    """Control plane + one agent serving ``intent`` (8 floats in, 4 out) at ``edge-fuzz``."""
+    root = tmp_path_factory.mktemp("fuzz")
+    built = onnx_models.build_mlp(root / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=7)
+    ft = FleetThread(root)
+    ft.built = built  # type: ignore[attr-defined]
+    try:
+        cp = ft.run(ft.fleet.start_control_plane())
+        resp = httpx.post(f"{cp.http_url}/v1/apply", content=FLEET.replace("SHA", built.sha256).encode())
+        assert resp.status_code == 200, resp.text
+        ft.run(ft.fleet.start_agent("edge-fuzz", country="FR", region="fr", lat=48.85, lon=2.35))
+        ft.run(harness.wait_until(lambda: any(e.healthy for e in cp.table.endpoints("intent")), 60, what="the intent endpoint"))
+        yield ft
+    finally:
+        ft.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if TRIED:
+        terminalreporter.write_sep("-", "fuzz inputs tried")
+        for name, count in sorted(TRIED.items()):
+            terminalreporter.write_line(f"{name}: {count}")
+        terminalreporter.write_line(f"total: {sum(TRIED.values())} (EDGEPLANE_FUZZ_EXAMPLES={EXAMPLES})")

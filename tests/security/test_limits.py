@@ -1,0 +1,148 @@
+"""Limits: per-client gateway rate, gateway auth, body sizes, tensor sizes, objects per apply."""
+
+from __future__ import annotations
+
+import pathlib
+
+import httpx
+import pytest
+
+from orchestrator import server
+from orchestrator.security import ratelimit
+from orchestrator.testing import harness
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "steps", "expected"),
+    [
+        # steps: (advance seconds, key); expected: None = allowed, float = Retry-After seconds
+        (0, 0, [(0, "a")] * 5, [None] * 5),  # rate 0 = no limit
+        (1, 2, [(0, "a"), (0, "a"), (0, "a")], [None, None, 1.0]),
+        (2, 1, [(0, "a"), (0, "a"), (0.5, "a")], [None, 0.5, None]),
+        (1, 1, [(0, "a"), (0, "b"), (0, "a"), (0, "b")], [None, None, 1.0, 1.0]),  # keys are independent
+        (10, 10, [(0, "a")] * 10 + [(0, "a"), (1.0, "a")], [None] * 10 + [0.1, None]),
+        (1, 3, [(0, "a"), (100, "a"), (0, "a"), (0, "a"), (0, "a")], [None, None, None, None, 1.0]),  # refill capped at burst
+    ],
+)
+def test_token_bucket(rate: float, burst: float, steps: list[tuple[float, str]], expected: list[float | None]) -> None:
+    clock = FakeClock()
+    limiter = ratelimit.RateLimiter(ratelimit.RateLimit(rate, burst), clock=clock)
+    got = []
+    for advance, key in steps:
+        clock.now += advance
+        wait = limiter.take(key)
+        got.append(None if wait is None else round(wait, 6))
+    assert got == expected
+
+
+def test_bucket_table_is_bounded() -> None:
+    limiter = ratelimit.RateLimiter(ratelimit.RateLimit(1, 1), clock=FakeClock(), max_clients=100)
+    for i in range(1000):
+        limiter.take(f"addr:{i}")
+    assert len(limiter) == 100
+
+
+def test_negative_rate_is_refused() -> None:
+    with pytest.raises(ValueError):
+        ratelimit.RateLimiter(ratelimit.RateLimit(-1, 0))
+
+
+async def _control_plane(tmp_path: pathlib.Path, **overrides: object) -> harness.Fleet:
+    fleet = harness.Fleet(tmp_path)
+    await fleet.start_control_plane(**overrides)
+    return fleet
+
+
+async def test_gateway_rate_limit_answers_429_with_retry_after(tmp_path: pathlib.Path) -> None:
+    fleet = await _control_plane(tmp_path, gateway_rate=1.0, gateway_burst=3.0)
+    try:
+        assert fleet.cp is not None
+        async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
+            codes = [(await http.post("/v2/models/nope/infer", content=b"{}")).status_code for _ in range(3)]
+            assert codes == [404, 404, 404]  # admitted, then routed: no such model
+            limited = await http.post("/v2/models/nope/infer", content=b"{}")
+            assert limited.status_code == 429
+            assert int(limited.headers["retry-after"]) >= 1
+            assert "rate limit" in limited.json()["error"]
+            # health probes are never limited
+            assert (await http.get("/v2/health/live")).status_code == 200
+            # the control API is not the gateway: not limited either
+            assert (await http.get("/v1/sites")).status_code == 200
+    finally:
+        await fleet.stop()
+
+
+async def test_gateway_token_auth(tmp_path: pathlib.Path) -> None:
+    fleet = await _control_plane(tmp_path, gateway_auth="token", gateway_rate=0.01, gateway_burst=2.0)
+    try:
+        cp = fleet.cp
+        assert cp is not None
+        secret, _ = cp.store.create_token("api", "read", None, "test", "app")
+        bootstrap, _ = cp.store.create_token("bootstrap", "agent", 60, "test", "agent")
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            assert (await http.post("/v2/models/m/infer", content=b"{}")).status_code == 401
+            bad = await http.post("/v2/models/m/infer", content=b"{}", headers={"authorization": "Bearer nope"})
+            assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
+            # a bootstrap token is for agents, not for the gateway
+            assert (await http.get("/v2/models/m", headers={"authorization": f"Bearer {bootstrap}"})).status_code == 401
+            ok = {"authorization": f"Bearer {secret}"}
+            assert (await http.post("/v2/models/m/infer", content=b"{}", headers=ok)).status_code == 404
+            assert (await http.get("/v2/models/m/ready", headers=ok)).status_code == 404
+            # with a token the bucket is the token's: a third request in the burst is limited
+            assert (await http.get("/v2/models/m", headers=ok)).status_code == 429
+            assert (await http.get("/v2/health/ready")).status_code == 200
+    finally:
+        await fleet.stop()
+
+
+async def test_gateway_body_limit(tmp_path: pathlib.Path) -> None:
+    fleet = await _control_plane(tmp_path, gateway_max_body=1024)
+    try:
+        assert fleet.cp is not None
+        async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
+            assert (await http.post("/v2/models/m/infer", content=b"x" * 2048)).status_code == 413
+
+            async def chunks():  # no content-length: the stream is counted
+                for _ in range(4):
+                    yield b"x" * 512
+
+            assert (await http.post("/v2/models/m/infer", content=chunks())).status_code == 413
+            assert (await http.post("/v2/models/m/infer", content=b"x" * 512)).status_code == 404
+    finally:
+        await fleet.stop()
+
+
+async def test_api_limits_body_and_objects_per_apply(tmp_path: pathlib.Path) -> None:
+    fleet = await _control_plane(tmp_path)
+    try:
+        assert fleet.cp is not None
+        async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
+            assert (await http.post("/v1/apply", content=b"#" * (5 * 1024 * 1024))).status_code == 413
+            site = "apiVersion: edgeplane.io/v1alpha1\nkind: Site\nmetadata: {{name: s{i}}}\nspec: {{tier: edge, location: {{country: FR, lat: 1, lon: 1}}}}\n"
+            many = "---\n".join(site.format(i=i) for i in range(1001))
+            resp = await http.post("/v1/apply", content=many.encode())
+            assert resp.status_code == 422 and "more than 1000" in resp.text
+            assert (await http.get("/v1/sites")).json()["items"] == []  # nothing applied
+            resp = await http.post("/v1/tokens", content=b"{" * (70 * 1024))
+            assert resp.status_code == 413
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("overrides", [dict(gateway_auth="open"), dict(gateway_rate=-1.0), dict(gateway_max_body=0)])
+async def test_bad_gateway_settings_refuse_to_start(tmp_path: pathlib.Path, overrides: dict[str, object]) -> None:
+    with pytest.raises(server.ConfigError):
+        await server.ControlPlane(server.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, **overrides)).start()  # type: ignore[arg-type]
+
+
+async def test_public_address_without_auth_refuses_with_how_to(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(server.ConfigError, match="--auth token"):
+        await server.ControlPlane(server.ServerConfig(data_dir=tmp_path, host="0.0.0.0", port=0, agent_port=0)).start()
