@@ -1,14 +1,15 @@
 """Heartbeat ingestion at the hub: many simulated agents on client streams.
 
-    .venv/bin/python -m bench.agent_heartbeats [--quick] [--agents N] [--rate R]
+    .venv/bin/python -m bench.agent_heartbeats [--quick] [--agents N ...] [--rate R]
 
 The hub and its gRPC server run in this process; the simulated agents run in a second
 process (so the load generator does not share the hub's interpreter). Each agent joins
 with the bootstrap token, then keeps one Heartbeats client stream open.
 
 Phases, all in the same run:
-  paced      every agent sends at the interval that makes the fleet offer ``--rate``/s;
-             reports the achieved rate and the heartbeat lag (send stamp -> hub) p50/p99
+  paced      for each fleet size (1k, 5k, 10k agents by default), every agent sends at the
+             interval that makes the fleet offer ``--rate``/s; reports the achieved rate
+             and the heartbeat lag (send stamp -> hub) p50/p99
   saturated  every agent writes back to back: the hub's ceiling
   baseline   the same saturated load into a servicer that only counts messages, which
              is the floor of gRPC streaming in Python on this machine
@@ -42,10 +43,16 @@ TOKEN = "bench-token"
 
 
 async def _generate(target: str, agents: int, interval: float, duration: float, join: bool) -> int:
-    channels = [grpc.aio.insecure_channel(target) for _ in range(min(agents, max(8, agents // 100)))]
+    # A local subchannel pool per channel: without it every channel with the same target
+    # shares one TCP connection, and the whole fleet multiplexes on a single HTTP/2 link.
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(min(agents, max(8, agents // 100)))
+    ]
     stubs = [pb_grpc.AgentControlStub(c) for c in channels]
-    idents: list[tuple[tuple[str, str], ...]] = []
-    for i in range(agents):
+    idents: list[tuple[tuple[str, str], ...]] = [()] * agents
+
+    async def join_one(i: int) -> None:
         site = f"site-{i}"
         if join:
             stub = stubs[i % len(stubs)]
@@ -59,13 +66,14 @@ async def _generate(target: str, agents: int, interval: float, duration: float, 
                                          execution_providers=["CPUExecutionProvider"]),
                 )
             )
-            idents.append((
+            idents[i] = (
                 (service.SITE_KEY, site),
                 (service.AGENT_ID_KEY, grant.agent_id),
                 (service.CREDENTIAL_KEY, grant.credential),
-            ))
-        else:
-            idents.append(())
+            )
+
+    for first in range(0, agents, 200):  # joins 200 at a time
+        await asyncio.gather(*(join_one(i) for i in range(first, min(agents, first + 200))))
     calls = [stubs[i % len(stubs)].Heartbeats(metadata=idents[i]) for i in range(agents)]
     seqs = [0] * agents
     sent = 0
@@ -171,10 +179,14 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
     def received() -> int:
         return counter.count if agent_hub is None else agent_hub.heartbeats_total
 
-    # Measure over the middle of the run: after joins and ramp-up, before ramp-down.
+    # Measure over the middle of the run: after joins and ramp-up (every stream open and
+    # past its first beats, bounded by a fifth of the run), before ramp-down.
     while received() == 0 and proc.is_alive():
         await asyncio.sleep(0.05)
-    await asyncio.sleep(min(1.0, duration / 5))
+    ramp_end = time.perf_counter() + duration / 5
+    while received() < 2 * agents and proc.is_alive() and time.perf_counter() < ramp_end:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(min(1.0, duration / 10))
     if agent_hub is not None:
         agent_hub.lag = hub.LagHistogram()
     cpu0, n0, t0 = time.process_time(), received(), time.perf_counter()
@@ -199,29 +211,34 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
     return row
 
 
-def run(agents: int, rate: float, duration: float) -> list[dict]:
+def run(fleets: list[int], rate: float, duration: float) -> list[dict]:
     """Each phase gets a fresh event loop, so one phase's teardown cannot slow the next."""
-    interval = agents / rate
-    return [
-        asyncio.run(_run_phase("paced (hub)", agents, interval, duration, baseline=False)),
-        asyncio.run(_run_phase("saturated (hub)", min(agents, 500), 0.0, duration, baseline=False)),
-        asyncio.run(
-            _run_phase("saturated (count-only baseline)", min(agents, 500), 0.0, duration, baseline=True)
-        ),
+    rows = [
+        asyncio.run(_run_phase("paced (hub)", agents, agents / rate, duration, baseline=False))
+        for agents in fleets
     ]
+    saturated = min(min(fleets), 500)
+    rows.append(asyncio.run(_run_phase("saturated (hub)", saturated, 0.0, duration, baseline=False)))
+    rows.append(
+        asyncio.run(
+            _run_phase("saturated (count-only baseline)", saturated, 0.0, duration, baseline=True)
+        )
+    )
+    return rows
 
 
 def main() -> None:
     logging.getLogger("orchestrator").setLevel(logging.ERROR)  # one LOST line per agent at the end
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run (about 20 s)")
-    parser.add_argument("--agents", type=int, default=None)
+    parser.add_argument("--agents", type=int, action="append", default=None,
+                        help="simulated fleet size of a paced phase (repeatable) [1000, 5000, 10000]")
     parser.add_argument("--rate", type=float, default=10_000.0, help="offered heartbeats/s when paced")
     args = parser.parse_args()
-    agents = args.agents or 1000  # see docs/agent.md: >1000 generator streams are cancelled
+    fleets = args.agents or [1000, 5000, 10000]
     duration = 5.0 if args.quick else 15.0
 
-    rows = run(agents, args.rate, duration)
+    rows = run(fleets, args.rate, duration)
     table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, generator in a 2nd process)")
     for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "lag p50 ms", "lag p99 ms"]:
         table.add_column(col, justify="right" if col != "phase" else "left")

@@ -81,6 +81,7 @@ class Agent:
         http_client: httpx.AsyncClient | None = None,
         probe: capacity.CapacityProbe | None = None,
         load_model: registry.Loader | None = None,
+        model_retry: registry.RetryPolicy | None = None,
     ) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +102,7 @@ class Agent:
             self.cache,
             load_model or (lambda data: onnx.OnnxModel.load(data, intra_op_threads=threads)),
             on_change=self._models_changed,
+            retry=model_retry or registry.RetryPolicy(),
         )
         self.server = http.InferenceServer(
             self.registry, self._executor, max_body_bytes=config.max_body_bytes
@@ -218,8 +220,14 @@ class Agent:
         self._desired_changed.set()
 
     async def _reconcile(self) -> None:
+        """Converge on each new desired set, and again whenever a failed model is due."""
         while True:
-            await self._desired_changed.wait()
+            retry_in = self.registry.retry_due_in()
+            if retry_in is None:
+                await self._desired_changed.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._desired_changed.wait(), retry_in)
             self._desired_changed.clear()
             try:
                 await self.registry.converge(self._desired)  # latest wins: read it now

@@ -14,10 +14,24 @@ import os
 import pathlib
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from edge_agent import daemon, errors
+from edge_agent import errors
+
+if TYPE_CHECKING:
+    from edge_agent import daemon
 
 log = logging.getLogger("edge_agent")
+
+#: httpx imports its command-line client whenever it is imported, and that client pulls in
+#: rich and pygments (3.5 MB resident) that the agent never uses. When they cannot be
+#: imported httpx skips its CLI, so the daemon refuses them before it imports httpx.
+_UNUSED_BY_THE_DAEMON = ("rich", "pygments")
+
+
+def _refuse_unused_modules() -> None:
+    for name in _UNUSED_BY_THE_DAEMON:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -72,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
+    from edge_agent import daemon  # imported by main() once unused modules are refused
+
     if (args.lat is None) != (args.lon is None):
         raise SystemExit("edgeplane-agent: --lat and --lon go together")
     return daemon.AgentConfig(
@@ -98,6 +114,8 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
 
 
 async def run(config: daemon.AgentConfig) -> None:
+    from edge_agent import daemon
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,6 +128,7 @@ async def run(config: daemon.AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _refuse_unused_modules()
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -1,8 +1,15 @@
 """Which model versions answer requests, and converging them on the desired set.
 
 A new version replaces the serving one only once it is downloaded, verified and loaded;
-until then (and forever, if it fails) the previous version keeps serving and the model's
-state says why the new one is not there. Models absent from the desired set are unloaded.
+until then the previous version keeps serving and the model's state says why the new one
+is not there. Models absent from the desired set are unloaded.
+
+A failed fetch or load is retried with jittered exponential backoff (:class:`RetryPolicy`,
+1 s doubling to 60 s), because the usual causes pass on their own: a control plane or
+artifact store briefly unreachable, an artifact published a moment after its assignment.
+The registry only records *when* a slot is due again (:meth:`ModelRegistry.retry_due_in`);
+the daemon's reconcile loop owns the waiting and calls :meth:`ModelRegistry.converge`
+again, so a new assignment set simply supersedes a pending retry.
 """
 
 from __future__ import annotations
@@ -10,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from edge_agent import artifacts, assignments, errors
 from edge_agent.runtime import onnx
@@ -64,14 +74,34 @@ class ServedModel:
         self.requests = 0
 
 
+class Jitter(Protocol):
+    def uniform(self, a: float, b: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delay before the next attempt after ``failures`` consecutive failed ones."""
+
+    initial: float = 1.0
+    maximum: float = 60.0
+    factor: float = 2.0
+
+    def delay(self, failures: int, rng: Jitter) -> float:
+        """Between half and all of the capped exponential step (spreads a fleet's retries)."""
+        step = min(self.maximum, self.initial * self.factor ** min(max(failures - 1, 0), 32))
+        return step * rng.uniform(0.5, 1.0)
+
+
 class _Slot:
-    __slots__ = ("assignment", "message", "phase", "serving")
+    __slots__ = ("assignment", "failures", "message", "phase", "retry_at", "serving")
 
     def __init__(self, assignment: assignments.Assignment) -> None:
         self.assignment = assignment
         self.serving: ServedModel | None = None
         self.phase = ModelPhase.LOADING
         self.message = ""
+        self.failures = 0  # consecutive failed attempts at ``assignment``
+        self.retry_at: float | None = None  # clock time of the next attempt, when FAILED
 
 
 Loader = Callable[[bytes], onnx.OnnxModel]
@@ -83,10 +113,17 @@ class ModelRegistry:
         cache: artifacts.ArtifactCache,
         load: Loader,
         on_change: Callable[[], None] = lambda: None,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        clock: Callable[[], float] = time.monotonic,
+        rng: Jitter | None = None,
     ) -> None:
         self._cache = cache
         self._load = load
         self._on_change = on_change
+        self._retry = retry
+        self._clock = clock
+        self._rng = rng or random.Random()
         self._slots: dict[str, _Slot] = {}
         self.applied_version = 0
 
@@ -119,8 +156,17 @@ class ModelRegistry:
             )
         return tuple(out)
 
+    def retry_due_in(self) -> float | None:
+        """Seconds until the earliest failed model is due another attempt (None: none is)."""
+        due = [s.retry_at for s in self._slots.values() if s.retry_at is not None]
+        return max(0.0, min(due) - self._clock()) if due else None
+
     async def converge(self, desired: assignments.AssignmentSet) -> None:
-        """Make the serving set match ``desired``; per-model failures land in the states."""
+        """Make the serving set match ``desired``; per-model failures land in the states.
+
+        A model that failed at the same assignment is attempted again only once its
+        backoff has run out; a changed assignment starts afresh at once.
+        """
         wanted = {a.model: a for a in desired.assignments}
         for name in [n for n in self._slots if n not in wanted]:
             del self._slots[name]
@@ -134,7 +180,12 @@ class ModelRegistry:
         slot = self._slots.get(want.model)
         if slot is None:
             slot = self._slots[want.model] = _Slot(want)
+        if slot.assignment != want:
+            slot.failures, slot.retry_at = 0, None  # a new assignment cancels the backoff
+        elif slot.retry_at is not None and self._clock() < slot.retry_at:
+            return  # failed at this very assignment and not due yet: keep backing off
         slot.assignment = want
+        slot.retry_at = None
         if want.desired_state is assignments.DesiredState.STOPPED:
             slot.serving = None
             slot.phase, slot.message = ModelPhase.READY, "stopped"
@@ -142,7 +193,8 @@ class ModelRegistry:
         if slot.serving is not None and slot.serving.sha256 == want.sha256:
             slot.phase, slot.message = ModelPhase.READY, ""
             return
-        slot.phase, slot.message = ModelPhase.LOADING, f"fetching {want.artifact_url}"
+        attempt = f" (attempt {slot.failures + 1})" if slot.failures else ""
+        slot.phase, slot.message = ModelPhase.LOADING, f"fetching {want.artifact_url}{attempt}"
         self._on_change()
         try:
             await self._cache.fetch(want.artifact_url, want.sha256)
@@ -152,15 +204,20 @@ class ModelRegistry:
         except errors.AgentError as exc:
             if slot.assignment is not want:
                 return  # superseded while it was loading
+            slot.failures += 1
+            delay = self._retry.delay(slot.failures, self._rng)
+            slot.retry_at = self._clock() + delay
             slot.phase = ModelPhase.FAILED
             slot.message = str(exc)
             if slot.serving is not None:
                 slot.message += f"; still serving sha256 {slot.serving.sha256[:12]}"
+            slot.message += f"; retrying in {delay:.1f}s (failed {slot.failures}x)"
             log.error("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
             return
         if slot.assignment is not want:
             return
         slot.serving = ServedModel(want.model, want.sha256, runtime)
+        slot.failures, slot.retry_at = 0, None
         slot.phase, slot.message = ModelPhase.READY, ""
         log.info(
             "model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider

@@ -100,6 +100,9 @@ class OnnxModel:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle intra-op threads spin-wait by default, burning the cores that the HTTP event
+        # loop, the decode/encode hop and co-located callers need between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = list(providers) if providers else choose_providers(available_providers())
         try:
             session = ort.InferenceSession(data, sess_options=options, providers=chosen)

@@ -34,6 +34,12 @@ CREDENTIAL_KEY = "x-edgeplane-credential"
 MAX_RECEIVE_BYTES = 256 * 1024
 #: Largest message sent to an agent (an assignment set of many models).
 MAX_SEND_BYTES = 16 * 1024 * 1024
+#: Streams gRPC core may hold before the servicer picks them up. Its defaults (1,000 soft,
+#: 3,000 hard, random early rejection in between) cancel streams when more than ~1,000
+#: agents open theirs at once (a fleet reconnecting after a control-plane restart): the
+#: asyncio server accepts calls one at a time, so the backlog briefly reaches the fleet size.
+#: Each pending call is a few KiB; the limits stay well above the largest expected fleet.
+MAX_PENDING_STREAMS = 100_000
 
 _CODES: list[tuple[type[errors.AgentHubError], grpc.StatusCode]] = [
     (errors.NotAuthenticated, grpc.StatusCode.UNAUTHENTICATED),
@@ -183,6 +189,8 @@ def server_options(max_receive_bytes: int = MAX_RECEIVE_BYTES) -> list[tuple[str
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.server.max_pending_requests", MAX_PENDING_STREAMS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_STREAMS),
     ]
 
 

@@ -7,26 +7,37 @@ import asyncio
 import http.server
 import pathlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from edge_agent import daemon, registry
 from orchestrator.agents import auth, hub, model, service
 from orchestrator.testing import onnx_models
 
 TOKEN = "bootstrap-token-for-tests"
+SITE = "edge-paris-1"
+MakeAgent = Callable[..., Awaitable[daemon.Agent]]
 
 
 class _ArtifactHandler(http.server.BaseHTTPRequestHandler):
     root: pathlib.Path
     ranges: list[str]
+    hits: list[str]
+    scripted: dict[str, list[int]]
 
     def log_message(self, *args: object) -> None:  # keep test output clean
         pass
 
     def do_GET(self) -> None:
-        path = self.root / self.path.lstrip("/")
+        name = self.path.lstrip("/")
+        self.hits.append(name)
+        queued = self.scripted.get(name)
+        if queued:
+            self.send_error(queued.pop(0))
+            return
+        path = self.root / name
         if not path.is_file():
             self.send_error(404)
             return
@@ -55,20 +66,37 @@ class ArtifactServer:
     root: pathlib.Path
     base_url: str
     ranges: list[str]
+    hits: list[str]  # names of every GET, in order
+    scripted: dict[str, list[int]]
 
     def url(self, name: str) -> str:
         return f"{self.base_url}/{name}"
+
+    def fail_next(self, name: str, *statuses: int) -> None:
+        """Answer the next GETs of ``name`` with these HTTP error statuses, then serve it."""
+        self.scripted[name] = list(statuses)
+
+    def attempts(self, name: str) -> int:
+        return self.hits.count(name)
 
 
 @pytest.fixture(scope="session")
 def artifact_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArtifactServer]:
     root = tmp_path_factory.mktemp("artifacts")
     ranges: list[str] = []
-    handler = type("Handler", (_ArtifactHandler,), {"root": root, "ranges": ranges})
+    hits: list[str] = []
+    scripted: dict[str, list[int]] = {}
+    handler = type(
+        "Handler",
+        (_ArtifactHandler,),
+        {"root": root, "ranges": ranges, "hits": hits, "scripted": scripted},
+    )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield ArtifactServer(root, f"http://127.0.0.1:{server.server_address[1]}", ranges)
+    yield ArtifactServer(
+        root, f"http://127.0.0.1:{server.server_address[1]}", ranges, hits, scripted
+    )
     server.shutdown()
     server.server_close()
 
@@ -156,3 +184,41 @@ async def control_plane() -> AsyncIterator[ControlPlane]:
     cp = await start_control_plane()
     yield cp
     await cp.server.stop(grace=None)
+
+
+@pytest.fixture
+async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
+    started: list[daemon.Agent] = []
+
+    async def make(
+        cp: ControlPlane,
+        site: str = SITE,
+        model_retry: registry.RetryPolicy | None = None,
+        **overrides: object,
+    ) -> daemon.Agent:
+        config = daemon.AgentConfig(
+            control_plane=cp.target,
+            site=site,
+            token=TOKEN,
+            data_dir=tmp_path / site,
+            listen_port=0,
+            heartbeat_interval=0.2,
+            insecure=True,
+            drain_timeout=2,
+            workers=2,
+            country="FR",
+            region="eu-west",
+            lat=48.85,
+            lon=2.35,
+            labels={"tier": "edge"},
+            **overrides,  # type: ignore[arg-type]
+        )
+        agent = daemon.Agent(config, model_retry=model_retry or registry.RetryPolicy())
+        await agent.start()
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        if not agent.server.draining:
+            await agent.stop()

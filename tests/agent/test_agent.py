@@ -5,56 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pathlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 
 import httpx
 import numpy as np
 import psutil
 import pytest
 
-from edge_agent import daemon
 from edgeplane_proto import oip
 from orchestrator.agents import model
 from orchestrator.testing import onnx_models
 
-from .conftest import TOKEN, ControlPlane, Models, start_control_plane
+from .conftest import SITE, ControlPlane, MakeAgent, Models, start_control_plane
 
-SITE = "edge-paris-1"
-MakeAgent = Callable[..., Awaitable[daemon.Agent]]
-
-
-@pytest.fixture
-async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
-    started: list[daemon.Agent] = []
-
-    async def make(cp: ControlPlane, site: str = SITE, **overrides: object) -> daemon.Agent:
-        config = daemon.AgentConfig(
-            control_plane=cp.target,
-            site=site,
-            token=TOKEN,
-            data_dir=tmp_path / site,
-            listen_port=0,
-            heartbeat_interval=0.2,
-            insecure=True,
-            drain_timeout=2,
-            workers=2,
-            country="FR",
-            region="eu-west",
-            lat=48.85,
-            lon=2.35,
-            labels={"tier": "edge"},
-            **overrides,  # type: ignore[arg-type]
-        )
-        agent = daemon.Agent(config)
-        await agent.start()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        if not agent.server.draining:
-            await agent.stop()
 
 
 def assignment(url: str, built: onnx_models.BuiltModel, name: str = "mlp") -> model.Assignment:

@@ -152,3 +152,21 @@ async def test_invalid_join_fields(channel: grpc.aio.Channel) -> None:
         await stub.Join(join_request("Not A Site"))
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "DNS label" in (refused.value.details() or "")
+
+
+async def test_a_fleet_opening_its_streams_at_once_is_not_cancelled(
+    control_plane: ControlPlane, channel: grpc.aio.Channel
+) -> None:
+    """Thousands of streams arriving together (a fleet reconnecting) all reach the servicer.
+
+    With gRPC core's default pending-call limits (1,000 soft / 3,000 hard) part of such a
+    burst was cancelled before the servicer saw it; here every stream gets the servicer's
+    own answer (UNAUTHENTICATED: no credentials), none a transport-level CANCELLED.
+    """
+    stub = pb_grpc.AgentControlStub(channel)
+    calls = [stub.Heartbeats(metadata=((service.SITE_KEY, f"s-{i}"),)) for i in range(3500)]
+    codes: dict[grpc.StatusCode, int] = {}
+    for call in calls:
+        code = await call.code()
+        codes[code] = codes.get(code, 0) + 1
+    assert codes == {grpc.StatusCode.UNAUTHENTICATED: 3500}
