@@ -63,9 +63,7 @@ def make_fleet(rng: np.random.Generator, n_sites: int, n_regions: int | None = N
         )
     sites = []
     for i in range(n_sites):
-        name, code, lat, lon = (
-            regions[i % n_regions] if i < n_regions else regions[int(rng.integers(n_regions))]
-        )
+        name, code, lat, lon = regions[i % n_regions] if i < n_regions else regions[int(rng.integers(n_regions))]
         datacenter = i < n_regions // 2 or rng.random() < 0.1
         if datacenter:
             gpus = [
@@ -97,9 +95,7 @@ def make_fleet(rng: np.random.Generator, n_sites: int, n_regions: int | None = N
     return sites
 
 
-def make_deployments(
-    rng: np.random.Generator, sites: list[Site], n: int, replicas_per: float = 4.0
-) -> list[Deployment]:
+def make_deployments(rng: np.random.Generator, sites: list[Site], n: int, replicas_per: float = 4.0) -> list[Deployment]:
     """``n`` deployments whose demand asks for about ``replicas_per`` replicas each."""
     regions = sorted({(s.region, s.country) for s in sites})
     out = []
@@ -155,19 +151,9 @@ def make_deployments(
         else:
             residency = None
         local = [r for r in regions if residency is None or r[1] in residency] or [home]
-        points = rng.choice(
-            len(local), size=min(len(local), int(rng.integers(1, 5))), replace=False
-        )
-        rates = (
-            rng.dirichlet(np.ones(len(points)))
-            * replicas_per
-            * min(v.throughput_rps or 1 for v in variants)
-            * rng.uniform(0.5, 1.5)
-        )
-        demand = tuple(
-            DemandPoint(rps=float(round(rate, 1)), region=local[p][0])
-            for p, rate in zip(points, rates)
-        )
+        points = rng.choice(len(local), size=min(len(local), int(rng.integers(1, 5))), replace=False)
+        rates = rng.dirichlet(np.ones(len(points))) * replicas_per * min(v.throughput_rps or 1 for v in variants) * rng.uniform(0.5, 1.5)
+        demand = tuple(DemandPoint(rps=float(round(rate, 1)), region=local[p][0]) for p, rate in zip(points, rates))
         low = int(rng.integers(1, 3))
         spread = None
         if rng.random() < 0.2:
@@ -192,17 +178,12 @@ def make_deployments(
     return out
 
 
-def perturb_demand(
-    rng: np.random.Generator, deployments: list[Deployment], change: float = 0.10
-) -> list[Deployment]:
+def perturb_demand(rng: np.random.Generator, deployments: list[Deployment], change: float = 0.10) -> list[Deployment]:
     """Every demand point's rate scaled by a factor in [1 - change, 1 + change]."""
     return [
         dataclasses.replace(
             d,
-            demand=tuple(
-                dataclasses.replace(p, rps=p.rps * float(rng.uniform(1 - change, 1 + change)))
-                for p in d.demand
-            ),
+            demand=tuple(dataclasses.replace(p, rps=p.rps * float(rng.uniform(1 - change, 1 + change))) for p in d.demand),
         )
         for d in deployments
     ]

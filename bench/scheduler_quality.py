@@ -80,10 +80,7 @@ def _eligible(s: Site, d: Deployment) -> bool:
     return any(
         s.cpu >= v.cpu
         and s.memory_gib * 1024 >= v.memory_mib
-        and (
-            not v.gpus
-            or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus)
-        )
+        and (not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus))
         for v in d.variants_for(s.tier)
     )
 

@@ -67,9 +67,7 @@ def main() -> None:
         ours = measure(sites, deployments, Tuning(), repeats)
         base = None
         if n_sites < 10_000 or args.baseline_10k:
-            base = measure(
-                sites, deployments, Tuning(candidates=None), 1 if n_sites >= 10_000 else 3
-            )
+            base = measure(sites, deployments, Tuning(candidates=None), 1 if n_sites >= 10_000 else 3)
         rows.append(
             {
                 "sites": n_sites,

@@ -48,9 +48,7 @@ def run(seeds: int, n_sites: int, n_deps: int) -> dict:
         again = plan(sites, changed, running)
         kinds = Counter(type(a).__name__ for a in again.actions)
         scratch = plan(sites, changed)
-        scratch_moves = placement_churn(
-            running, [Replica(r.deployment, r.site, r.variant) for r in scratch.replicas]
-        )
+        scratch_moves = placement_churn(running, [Replica(r.deployment, r.site, r.variant) for r in scratch.replicas])
         rows.append(
             {
                 "seed": seed,
@@ -72,8 +70,7 @@ def run(seeds: int, n_sites: int, n_deps: int) -> dict:
         "worst_moved_fraction": max(r["moved_fraction"] for r in rows),
         "added_fraction": sum(r["added"] for r in rows) / total,
         "removed_fraction": sum(r["removed"] for r in rows) / total,
-        "scratch_moved_fraction": sum(r["scratch_moved_fraction"] * r["replicas"] for r in rows)
-        / total,
+        "scratch_moved_fraction": sum(r["scratch_moved_fraction"] * r["replicas"] for r in rows) / total,
         "rows": rows,
     }
 

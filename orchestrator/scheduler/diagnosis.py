@@ -65,10 +65,7 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
         tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
         variant_tiers |= fleet.tier_mask(tiers)
     if not (mask & fleet.healthy & variant_tiers).any():
-        return (
-            f"no variant of {deployment.model} may run on the allowed tiers "
-            f"(ray-serve runs only in data centres); {short}"
-        )
+        return f"no variant of {deployment.model} may run on the allowed tiers (ray-serve runs only in data centres); {short}"
     variants = job.variants()
     need = " or ".join(f"{v.name} ({v.describe()})" for v in variants)
     head = f"needs {job.wanted} × {need} in {where}; {short}"
@@ -94,9 +91,7 @@ def _largest(fleet: Fleet, mask: np.ndarray) -> str:
     return largest + (f", {gpu:g} GiB GPUs" if gpu else ", no GPU")
 
 
-def _resource_reason(
-    fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.ndarray, where: str
-) -> str:
+def _resource_reason(fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.ndarray, where: str) -> str:
     sites = np.flatnonzero(eligible)
     if variant.gpus:
         big = fleet.gpu_memory[sites] >= variant.gpu_memory_gib - 1e-9
@@ -112,10 +107,7 @@ def _resource_reason(
         return f"{where} have at most {cpu:g} free CPU on one site, {variant.cpu:g} needed"
     memory = float(capacity.memory_mib[sites].max()) / 1024
     if memory < variant.memory_mib / 1024 - 1e-9:
-        return (
-            f"{where} have at most {memory:g} GiB free memory on one site, "
-            f"{variant.memory_mib / 1024:g} GiB needed"
-        )
+        return f"{where} have at most {memory:g} GiB free memory on one site, {variant.memory_mib / 1024:g} GiB needed"
     return f"no one site among {where} has the CPU, memory and GPU free together"
 
 

@@ -87,9 +87,7 @@ def solve(
     """Optimal placement for the same objective the planner minimises."""
     current = list(current)
     fleet = Fleet(sites, region_locations)
-    running = Counter(
-        (r.deployment, fleet.index[r.site], r.variant) for r in current if r.site in fleet.index
-    )
+    running = Counter((r.deployment, fleet.index[r.site], r.variant) for r in current if r.site in fleet.index)
     b = _Builder()
     x_of: list[tuple[int, str, str, int]] = []  # (x column, deployment, variant, site)
     cpu_use: dict[int, list[tuple[int, float]]] = {}
@@ -123,8 +121,7 @@ def solve(
                     else [
                         k
                         for k in range(fleet.gpu_groups)
-                        if fleet.gpu_memory[s, k] >= variant.gpu_memory_gib - 1e-9
-                        and fleet.gpu_count[s, k] >= variant.gpus
+                        if fleet.gpu_memory[s, k] >= variant.gpu_memory_gib - 1e-9 and fleet.gpu_count[s, k] >= variant.gpus
                     ]
                 )
                 for k in groups:

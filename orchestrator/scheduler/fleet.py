@@ -16,7 +16,7 @@ import numpy.typing as npt
 from orchestrator.scheduler import geo
 from orchestrator.scheduler.model import DemandPoint, Deployment, Site, Tier, Variant
 
-NEAREST_KEPT = 1024  # sites remembered per demand point, nearest first
+NEAREST_KEPT = 256  # sites remembered per demand point, nearest first
 
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
@@ -60,20 +60,17 @@ class Fleet:
                 self.gpu_memory[i, k] = group.memory_gib
         self.pue = np.array([s.pue for s in self.sites], dtype=np.float64)
         # gCO2 per hour per watt drawn by a replica: grid g/kWh × PUE / 1000
-        self.intensity = np.array(
-            [s.carbon_g_per_kwh * s.pue / 1000.0 for s in self.sites], dtype=np.float64
-        )
+        self.intensity = np.array([s.carbon_g_per_kwh * s.pue / 1000.0 for s in self.sites], dtype=np.float64)
         self.measured_rtt = {i: s.rtt_ms for i, s in enumerate(self.sites) if s.rtt_ms}
         self.region_locations = self._locate_regions(region_locations or {})
         self._residency_cache: dict[frozenset[str] | None, BoolArray] = {}
         self._label_cache: dict[tuple[str, str], BoolArray] = {}
         self._tier_cache: dict[frozenset[Tier], BoolArray] = {}
-        self._near_cache: dict[tuple[float, float], IntArray] = {}
+        self._near_cache: dict[tuple[float, float], tuple[IntArray, FloatArray]] = {}
         self._by_intensity: IntArray | None = None
+        self._hardware_cache: dict[tuple[float, float, int, float], BoolArray] = {}
 
-    def _locate_regions(
-        self, given: Mapping[str, tuple[float, float]]
-    ) -> dict[str, tuple[float, float]]:
+    def _locate_regions(self, given: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """A region is where the caller says, else the centroid of its sites."""
         located = dict(given)
         for name, rid in self.region_ids.items():
@@ -122,12 +119,7 @@ class Fleet:
     def placement_mask(self, deployment: Deployment) -> BoolArray:
         """Sites the deployment may use at all: residency, tiers, selector and health."""
         rules = deployment.placement
-        return (
-            self.residency_mask(rules.residency)
-            & self.tier_mask(rules.tiers)
-            & self.selector_mask(rules.site_selector)
-            & self.healthy
-        )
+        return self.residency_mask(rules.residency) & self.tier_mask(rules.tiers) & self.selector_mask(rules.site_selector) & self.healthy
 
     def variant_tiers_mask(self, deployment: Deployment, variant: Variant) -> BoolArray:
         tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
@@ -135,9 +127,14 @@ class Fleet:
 
     def hardware_mask(self, variant: Variant) -> BoolArray:
         """Sites whose total capacity holds one replica (whatever else runs there)."""
+        key = (variant.cpu, variant.memory_mib, variant.gpus, variant.gpu_memory_gib)
+        cached = self._hardware_cache.get(key)
+        if cached is not None:
+            return cached
         fits = (self.cpu >= variant.cpu - 1e-9) & (self.memory_mib >= variant.memory_mib - 1e-9)
         if variant.gpus:
             fits &= self.gpu_fit(self.gpu_count, variant).any(axis=1)
+        self._hardware_cache[key] = fits
         return fits
 
     def gpu_fit(self, counts: npt.NDArray[np.int64], variant: Variant) -> BoolArray:
@@ -146,21 +143,17 @@ class Fleet:
 
     # -- the spatial index -------------------------------------------------------------
 
-    def nearest(self, lat: float, lon: float) -> IntArray:
-        """The ``NEAREST_KEPT`` sites closest to a point, nearest first; cached per point,
-        so deployments sharing a demand region share the work."""
-        order = self._near_cache.get((lat, lon))
-        if order is None:
+    def nearest(self, lat: float, lon: float) -> tuple[IntArray, FloatArray]:
+        """The ``NEAREST_KEPT`` sites closest to a point, nearest first, with their RTT
+        estimate; cached per point, so deployments sharing a demand region share it."""
+        found = self._near_cache.get((lat, lon))
+        if found is None:
             dots = self.xyz @ geo.unit_vectors(lat, lon)
             keep = min(self.size, NEAREST_KEPT)
-            part = (
-                np.argpartition(-dots, keep - 1)[:keep]
-                if keep < self.size
-                else np.arange(self.size)
-            )
+            part = np.argpartition(-dots, keep - 1)[:keep] if keep < self.size else np.arange(self.size)
             order = part[np.argsort(-dots[part], kind="stable")]
-            self._near_cache[(lat, lon)] = order
-        return order
+            found = self._near_cache[(lat, lon)] = (order, geo.rtt_from_dot(dots[order]))
+        return found
 
     def by_intensity(self) -> IntArray:
         """All sites, lowest carbon intensity (gCO2/h per W) first."""
@@ -206,13 +199,21 @@ class Capacity:
 
     def fits(self, sites: IntArray, variant: Variant) -> BoolArray:
         """``fits_mask`` restricted to ``sites`` (cheaper when they are few)."""
-        ok = (self.cpu[sites] >= variant.cpu - 1e-9) & (
-            self.memory_mib[sites] >= variant.memory_mib - 1e-9
-        )
+        ok = (self.cpu[sites] >= variant.cpu - 1e-9) & (self.memory_mib[sites] >= variant.memory_mib - 1e-9)
         if variant.gpus:
             big = self.fleet.gpu_memory[sites] >= variant.gpu_memory_gib - 1e-9
             ok &= (big & (self.gpu_count[sites] >= variant.gpus)).any(axis=1)
         return ok
+
+    def room(self, sites: IntArray, variant: Variant) -> npt.NDArray[np.int64]:
+        """How many more replicas of ``variant`` each of ``sites`` holds (GPU groups
+        counted separately, each whole)."""
+        n = np.floor((self.cpu[sites] + 1e-9) / max(variant.cpu, 1e-9))
+        n = np.minimum(n, np.floor((self.memory_mib[sites] + 1e-9) / max(variant.memory_mib, 1e-9)))
+        if variant.gpus:
+            big = self.fleet.gpu_memory[sites] >= variant.gpu_memory_gib - 1e-9
+            n = np.minimum(n, ((self.gpu_count[sites] // variant.gpus) * big).sum(axis=1))
+        return n.astype(np.int64)
 
     def gpu_group(self, site: int, variant: Variant) -> int | None:
         """The GPU group to take for one replica: the smallest cards that fit (best fit),

@@ -23,9 +23,7 @@ def unit_vectors(lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> FloatArray:
     """Points on the unit sphere, shape (n, 3): dot products give great-circle angles."""
     if isinstance(lat_deg, float | int) and isinstance(lon_deg, float | int):
         lat_r, lon_r = math.radians(lat_deg), math.radians(lon_deg)
-        return np.array(
-            [math.cos(lat_r) * math.cos(lon_r), math.cos(lat_r) * math.sin(lon_r), math.sin(lat_r)]
-        )
+        return np.array([math.cos(lat_r) * math.cos(lon_r), math.cos(lat_r) * math.sin(lon_r), math.sin(lat_r)])
     lat = np.radians(np.asarray(lat_deg, dtype=np.float64))
     lon = np.radians(np.asarray(lon_deg, dtype=np.float64))
     cos_lat = np.cos(lat)

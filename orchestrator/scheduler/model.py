@@ -217,10 +217,7 @@ class Deployment:
             MappingProxyType({Tier(k): v for k, v in (self.variant_by_tier or {}).items()}),
         )
         if self.min_replicas < 0 or self.max_replicas < self.min_replicas:
-            raise ValueError(
-                f"deployment {self.name}: replicas need 0 <= min <= max, "
-                f"got min={self.min_replicas} max={self.max_replicas}"
-            )
+            raise ValueError(f"deployment {self.name}: replicas need 0 <= min <= max, got min={self.min_replicas} max={self.max_replicas}")
 
     def variants_for(self, tier: Tier) -> tuple[Variant, ...]:
         """The variants this deployment may run on ``tier``."""

@@ -105,9 +105,7 @@ def score_deployment(
         if known is not None:
             latency += weights.latency_per_ms * demand.share * known
         elif open_sites:
-            rtt = fleet.rtt_to(
-                demand.point, (demand.lat, demand.lon), np.array(open_sites, dtype=np.int64)
-            )
+            rtt = fleet.rtt_to(demand.point, (demand.lat, demand.lon), np.array(open_sites, dtype=np.int64))
             latency += weights.latency_per_ms * demand.share * float(rtt.min())
         else:
             latency += weights.latency_per_ms * demand.share * weights.unserved_rtt_ms
@@ -141,15 +139,11 @@ def evaluate(
 ) -> Objective:
     """Score any placement (the planner's, the MILP's, a hand-made one) the same way."""
     fleet = Fleet(sites, region_locations)
-    now = Counter(
-        (r.deployment, fleet.index[r.site], r.variant) for r in current if r.site in fleet.index
-    )
+    now = Counter((r.deployment, fleet.index[r.site], r.variant) for r in current if r.site in fleet.index)
     new = Counter((r.deployment, fleet.index[r.site], r.variant) for r in replicas)
     total = Objective()
     for deployment in deployments:
         placed = {(s, v): n for (d, s, v), n in new.items() if d == deployment.name}
         running = {(s, v): n for (d, s, v), n in now.items() if d == deployment.name}
-        total = total + score_deployment(
-            fleet, deployment, deployment.weights or weights, placed, running
-        )
+        total = total + score_deployment(fleet, deployment, deployment.weights or weights, placed, running)
     return total

@@ -57,9 +57,7 @@ def build(
     known = {job.deployment.name for job in jobs}
     for replica in current:  # replicas no plan can keep: deleted or on vanished sites
         if replica.deployment not in known or replica.site not in fleet.index:
-            actions.append(
-                RemoveReplica(replica.deployment, replica.site, replica.variant, dropped[replica])
-            )
+            actions.append(RemoveReplica(replica.deployment, replica.site, replica.variant, dropped[replica]))
     return PlanResult(
         replicas=tuple(replicas),
         actions=tuple(actions),
@@ -69,9 +67,7 @@ def build(
     )
 
 
-def _build_one(
-    fleet: Fleet, job: Job, dropped: Mapping[Replica, str]
-) -> tuple[DeploymentPlan, Objective]:
+def _build_one(fleet: Fleet, job: Job, dropped: Mapping[Replica, str]) -> tuple[DeploymentPlan, Objective]:
     deployment = job.deployment
     placed = Counter((site, variant.name) for site, variant, _ in job.placed)
     variants = {v.name: v for v in deployment.variants}
@@ -81,9 +77,7 @@ def _build_one(
     serves: dict[int, list[str]] = {}
     for demand in job.demand:
         if open_sites.size == 0:
-            latency.append(
-                DemandLatency(deployment.name, demand.point.label, demand.point.rps, None, None)
-            )
+            latency.append(DemandLatency(deployment.name, demand.point.label, demand.point.rps, None, None))
             continue
         rtt = fleet.rtt_to(demand.point, (demand.lat, demand.lon), open_sites)
         k = int(np.argmin(rtt))
@@ -175,9 +169,7 @@ def _why_count(job: Job) -> str:
     return f"replicas.min = {deployment.min_replicas}"
 
 
-def _actions(
-    fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Replica, str]
-) -> list[Action]:
+def _actions(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Replica, str]) -> list[Action]:
     """Count differences per (site, variant) → moves first, then places, then removals."""
     name = job.deployment.name
     placed = Counter((r.site, r.variant) for r in plan.replicas)
@@ -186,21 +178,13 @@ def _actions(
     for (site, variant), n in sorted(running.items()):
         why = dropped.get(Replica(name, site, variant))
         if why is None:
-            why = (
-                f"scale down to {plan.placed}"
-                if plan.placed < sum(running.values())
-                else "a better site was found"
-            )
+            why = f"scale down to {plan.placed}" if plan.placed < sum(running.values()) else "a better site was found"
         gone.extend([(site, variant, why)] * max(0, n - placed.get((site, variant), 0)))
     reasons: dict[tuple[str, str], list[str]] = {}
     for r in plan.replicas:
         if not r.kept:
             reasons.setdefault((r.site, r.variant), []).append(r.reason)
-    new = [
-        (site, variant)
-        for (site, variant), n in sorted(placed.items())
-        for _ in range(max(0, n - running.get((site, variant), 0)))
-    ]
+    new = [(site, variant) for (site, variant), n in sorted(placed.items()) for _ in range(max(0, n - running.get((site, variant), 0)))]
     # Replicas leaving a broken site pair first, so their replacements read as moves.
     gone.sort(key=lambda g: (g[2].startswith(("scale", "a better")), g[0], g[1]))
     out: list[Action] = []

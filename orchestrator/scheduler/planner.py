@@ -28,14 +28,14 @@ site in an allowed country.
 from __future__ import annotations
 
 import heapq
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.scheduler import diagnosis, geo, outcome, repair
+from orchestrator.scheduler import candidates, diagnosis, outcome, repair
+from orchestrator.scheduler.spread import DomainCounts
 from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
 from orchestrator.scheduler.model import (
     DEFAULT_TUNING,
@@ -52,7 +52,11 @@ from orchestrator.scheduler.objective import LocatedDemand, locate_demand
 from orchestrator.scheduler.result import PlanResult
 
 
-@dataclass
+RELOCATION_ROUNDS = 4  # improving moves per deployment; later ones gain little
+WIDEN_MARGIN = 1.0  # cost points a left-out site must save per replica to widen the search
+
+
+@dataclass(eq=False)  # identity: jobs are compared and hashed as themselves
 class Job:
     """One deployment while it is being planned (mutable scratch, never returned)."""
 
@@ -66,8 +70,8 @@ class Job:
     running: Counter[tuple[int, str]] = field(default_factory=Counter)  # all replicas now
     seats: list[tuple[int, Variant, int]] = field(default_factory=list)  # valid, reserved
     placed: list[tuple[int, Variant, int]] = field(default_factory=list)  # site, variant, gpu
-    spread: Spread | None = None
-    options: Options | None = None  # the candidates, kept between the two phases
+    spread: DomainCounts | None = None
+    options: candidates.Options | None = None  # the candidates, kept between the two phases
     complete: bool = False  # the candidates are every feasible site
     shortfall: str = ""  # why fewer than wanted were placed
     _eligible_sites: dict[str, IntArray] = field(default_factory=dict)
@@ -168,9 +172,7 @@ def _scarcity(job: Job) -> tuple[int, int, str]:
     return (-gpus, int(job.any_eligible.sum()), job.deployment.name)
 
 
-def _seat_incumbents(
-    fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], current: Sequence[Replica]
-) -> dict[Replica, str]:
+def _seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], current: Sequence[Replica]) -> dict[Replica, str]:
     """Reserve capacity for running replicas that still obey every hard rule.
 
     Returns, per replica that must go regardless of the plan, the reason (counted once
@@ -219,58 +221,6 @@ def _broken_rule(fleet: Fleet, job: Job, site: int, variant: str) -> str | None:
 # -- one deployment ------------------------------------------------------------------------
 
 
-@dataclass
-class Options:
-    """Candidate (site, variant) pairs for one deployment and their cost ingredients."""
-
-    site: list[int]
-    variant: list[Variant]
-    static: np.ndarray  # carbon + variant fit, cost points per replica
-    rtt: np.ndarray  # (options, demand points), ms
-    running: list[int]  # replicas of this deployment running there now
-    domain: list[int]
-
-
-class Spread:
-    """Replica counts per spread domain, with the min/max checks the greedy needs."""
-
-    def __init__(self, domains: Iterable[int], max_skew: int) -> None:
-        self.count: dict[int, int] = {d: 0 for d in domains}
-        self.hist: Counter[int] = Counter({0: len(self.count)})
-        self.max_skew = max_skew
-        self._low = 0
-
-    def low(self) -> int:
-        return self._low
-
-    def allows(self, add: int, remove: int | None = None) -> bool:
-        """Would one more replica in ``add`` (and one fewer in ``remove``) keep the skew?"""
-        if remove is None:
-            c = self.count[add]
-            return c + 1 - self._low <= self.max_skew or (c == self._low and self.hist[c] == 1)
-        if remove == add:
-            return True
-        self._shift(add, +1)
-        self._shift(remove, -1)
-        live = [c for c, n in self.hist.items() if n > 0]
-        ok = max(live) - min(live) <= self.max_skew
-        self._shift(remove, +1)
-        self._shift(add, -1)
-        return ok
-
-    def shift(self, domain: int, by: int) -> None:
-        self._shift(domain, by)
-
-    def _shift(self, domain: int, by: int) -> None:
-        old = self.count[domain]
-        self.hist[old] -= 1
-        self.hist[old + by] += 1
-        self.count[domain] = old + by
-        self._low = min(self._low, old + by)
-        while self.hist[self._low] == 0 and self._low < old + by:
-            self._low += 1
-
-
 def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) -> None:
     """Grow ``job.placed`` towards ``upto`` replicas (or as many as fit)."""
     if upto <= len(job.placed) or not job.eligible:
@@ -278,12 +228,12 @@ def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int
     rules = job.deployment.placement
     if rules.spread is not None and job.spread is None:
         keys = fleet.region if rules.spread.by == "region" else np.arange(fleet.size)
-        job.spread = Spread(np.unique(keys[job.any_eligible]).tolist(), rules.spread.max_skew)
+        job.spread = DomainCounts(np.unique(keys[job.any_eligible]).tolist(), rules.spread.max_skew)
     limit = tuning.candidates
     fresh = False
     while True:
         if job.options is None:
-            job.options, job.complete = _candidates(fleet, capacity, job, job.spread, limit)
+            job.options, job.complete = candidates.build(fleet, capacity, job, job.spread, limit)
             fresh = True
         _greedy(capacity, job, job.options, job.spread, upto)
         if len(job.placed) >= upto:
@@ -296,117 +246,7 @@ def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int
         job.options = None
 
 
-def _candidates(
-    fleet: Fleet, capacity: Capacity, job: Job, spread: Spread | None, limit: int | None
-) -> tuple[Options, bool]:
-    """Pick the (site, variant) pairs the greedy looks at; True when none were left out."""
-    w = job.weights
-    chosen: list[tuple[IntArray, Variant]] = []
-    complete = True
-    used = {site for site, _, _ in job.placed}
-    for variant in job.variants():
-        eligible = job.eligible_sites(variant.name)
-        free = eligible[capacity.fits(eligible, variant)]
-        if limit is not None and free.size > limit:
-            complete = False
-            mask = np.zeros(fleet.size, dtype=bool)
-            mask[free] = True
-            free = _shortlist(fleet, job, variant, mask, free, limit, spread)
-        if used:  # sites already holding replicas stay candidates even when full now
-            held = np.fromiter(used, dtype=np.int64)
-            free = np.union1d(free, held[job.eligible[variant.name][held]])
-        chosen.append((free, variant))
-    sites: list[int] = []
-    variants: list[Variant] = []
-    statics: list[np.ndarray] = []
-    for free, variant in chosen:
-        sites.extend(free.tolist())
-        variants.extend([variant] * free.size)
-        fit = np.where(fleet.is_edge[free] != variant.is_distilled, w.variant_fit_per_replica, 0.0)
-        statics.append(w.carbon_per_g_per_hour * variant.watts * fleet.intensity[free] + fit)
-    idx = np.array(sites, dtype=np.int64)
-    rtt = np.zeros((idx.size, len(job.demand)))
-    for p, demand in enumerate(job.demand):
-        rtt[:, p] = fleet.rtt_to(demand.point, (demand.lat, demand.lon), idx)
-    by_region = spread is not None and job.deployment.placement.spread.by == "region"  # type: ignore[union-attr]
-    domain = (fleet.region[idx] if by_region else idx).tolist()
-    return (
-        Options(
-            site=sites,
-            variant=variants,
-            static=np.concatenate(statics) if statics else np.zeros(0),
-            rtt=rtt,
-            running=[job.running.get((s, v.name), 0) for s, v in zip(sites, variants)],
-            domain=domain,
-        ),
-        complete,
-    )
-
-
-def _shortlist(
-    fleet: Fleet,
-    job: Job,
-    variant: Variant,
-    mask: BoolArray,
-    free: IntArray,
-    limit: int,
-    spread: Spread | None,
-) -> IntArray:
-    """The few feasible sites worth a look: nearest per demand point, cheapest, running
-    there now, and enough per spread domain for the counts to balance.
-
-    The nearest and cheapest come from orders the fleet computes once per plan call and
-    shares between deployments (the spatial index), filtered by this deployment's mask.
-    """
-    running = [s for s, v in job.running if v == variant.name and mask[s]]
-    picks: list[IntArray] = [np.array(running, dtype=np.int64)]
-    per_point = max(4, limit // (len(job.demand) + 1))
-    for demand in job.demand:
-        order = fleet.nearest(demand.lat, demand.lon)
-        near = order[mask[order]][:per_point]
-        if near.size < min(per_point, free.size) and order.size < fleet.size:
-            dots = fleet.xyz[free] @ geo.unit_vectors(demand.lat, demand.lon)
-            k = min(per_point, free.size)
-            near = free[np.argpartition(-dots, k - 1)[:k]]
-        picks.append(near)
-    k = max(limit - per_point * len(job.demand), job.wanted + 4)
-    by_cost = fleet.by_intensity()
-    for chunk in (by_cost[: 32 * k], by_cost):
-        ok = mask[chunk]
-        right_tier = chunk[ok & (fleet.is_edge[chunk] == variant.is_distilled)][:k]
-        other_tier = chunk[ok & (fleet.is_edge[chunk] != variant.is_distilled)][:k]
-        if right_tier.size + other_tier.size >= min(k, free.size) or chunk.size == fleet.size:
-            break
-    picks.extend([right_tier, other_tier])
-    out = np.unique(np.concatenate(picks))
-    if spread is not None:
-        rules = job.deployment.placement.spread
-        domains = fleet.region if rules.by == "region" else np.arange(fleet.size)  # type: ignore[union-attr]
-        covered = np.unique(domains[out]).size
-        if job.wanted > covered * spread.max_skew:  # must reach more domains to balance
-            out = np.union1d(out, _best_per_domain(fleet, job, variant, free, domains, limit))
-    return out
-
-
-def _best_per_domain(
-    fleet: Fleet, job: Job, variant: Variant, free: IntArray, domains: IntArray, limit: int
-) -> IntArray:
-    cost = fleet.intensity[free] * variant.watts
-    keys = domains[free]
-    per_domain = math.ceil(job.wanted / max(1, np.unique(keys).size)) + 1
-    order = np.lexsort((cost, keys))
-    sorted_keys = keys[order]
-    starts = np.r_[0, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1]
-    rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
-    best = order[rank < per_domain]
-    if best.size > 4 * limit:  # spread by site over a huge fleet: the cheapest suffice
-        best = best[np.argsort(cost[best], kind="stable")[: 2 * job.wanted + limit]]
-    return free[best]
-
-
-def _greedy(
-    capacity: Capacity, job: Job, options: Options, spread: Spread | None, upto: int
-) -> None:
+def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: DomainCounts | None, upto: int) -> None:
     """Add replicas one by one at the option that lowers the cost most (lazy greedy)."""
     w = job.weights
     weight = [w.latency_per_ms * d.share for d in job.demand]
@@ -427,16 +267,10 @@ def _greedy(
 
     names = [v.name for v in options.variant]
     move = np.array(
-        [
-            w.move_per_replica if count[(site, name)] >= running else 0.0
-            for site, name, running in zip(options.site, names, options.running)
-        ]
+        [w.move_per_replica if count[(site, name)] >= running else 0.0 for site, name, running in zip(options.site, names, options.running)]
     )
-    gain = (
-        np.maximum(np.array(best)[None, :] - options.rtt, 0.0) @ np.array(weight)
-        if weight
-        else np.zeros(len(static))
-    )
+    gain = np.maximum(np.array(best)[None, :] - options.rtt, 0.0) @ np.array(weight) if weight else np.zeros(len(static))
+    ceiling = options.outside + w.move_per_replica + WIDEN_MARGIN
     heap = list(zip((options.static + move - gain).tolist(), range(len(static))))
     heapq.heapify(heap)
     blocked: list[int] = []
@@ -446,6 +280,8 @@ def _greedy(
         if heap and fresh > heap[0][0] + 1e-12:
             heapq.heappush(heap, (fresh, o))
             continue
+        if fresh > ceiling:
+            return  # a site outside the shortlist would do better: let _place widen it
         if spread is not None and not spread.allows(options.domain[o]):
             blocked.append(o)
             continue
@@ -461,9 +297,31 @@ def _greedy(
                 full = True  # capacity only shrinks while this deployment is planned
                 break
             job.placed.append((site, variant, group))
-            count[(site, variant.name)] += 1
+            key = (site, variant.name)
+            count[key] += 1
             for p in points:
                 best[p] = min(best[p], rtt[o][p])
+            if spread is None:
+                # Further copies here cost the same until the running count is passed:
+                # place them without going back to the heap.
+                same = options.running[o] - count[key] if count[key] < options.running[o] else 0
+                fresh = delta(o)
+                if fresh > ceiling:
+                    break
+                if same == 0 or (heap and fresh > heap[0][0] + 1e-12):
+                    if heap and fresh > heap[0][0] + 1e-12:
+                        break
+                    continue
+                for _ in range(min(same, upto - len(job.placed))):
+                    group = capacity.take(site, variant)
+                    if group is None:
+                        full = True
+                        break
+                    job.placed.append((site, variant, group))
+                    count[key] += 1
+                if full:
+                    break
+                continue
             if spread is not None:
                 low = spread.low()
                 spread.shift(options.domain[o], +1)
@@ -472,13 +330,13 @@ def _greedy(
                         heapq.heappush(heap, (delta(b), b))
                     blocked = []
             fresh = delta(o)
-            if heap and fresh > heap[0][0] + 1e-12:
+            if heap and fresh > heap[0][0] + 1e-12 or fresh > ceiling:
                 break
         if not full:
             heapq.heappush(heap, (delta(o), o))
 
 
-def _nearest(job: Job, options: Options) -> list[float]:
+def _nearest(job: Job, options: candidates.Options) -> list[float]:
     """Current RTT from each demand point to its nearest placed replica."""
     best = [job.weights.unserved_rtt_ms] * len(job.demand)
     placed_sites = {site for site, _, _ in job.placed}
@@ -489,66 +347,71 @@ def _nearest(job: Job, options: Options) -> list[float]:
     return best
 
 
-def _relocate(capacity: Capacity, job: Job, options: Options, spread: Spread | None) -> None:
-    """Move single replicas to other candidates while that lowers the cost."""
+def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread: DomainCounts | None) -> None:
+    """Move single replicas to other candidates while that lowers the cost.
+
+    Each round scores every (replica to take away, option to put it) pair in one array
+    operation and makes the best improving move that capacity and spread allow.
+    """
     w = job.weights
     weight = np.array([w.latency_per_ms * d.share for d in job.demand])
     index = {(s, v.name): o for o, (s, v) in enumerate(zip(options.site, options.variant))}
     running = np.array(options.running)
-    for _ in range(2 * len(job.placed) + 2):
+    for _ in range(RELOCATION_ROUNDS):
         count = Counter((s, v.name) for s, v, _ in job.placed)
-        opened = Counter(s for s, _, _ in job.placed)
         if any(key not in index for key in count):
             return  # placed outside the final candidate list (after a widened search)
+        opened = Counter(s for s, _, _ in job.placed)
         counts = np.zeros(len(options.site), dtype=np.int64)
         for key, n in count.items():
             counts[index[key]] = n
         move_in = options.static + np.where(counts >= running, w.move_per_replica, 0.0)
-        site_rows = {options.site[index[key]]: options.rtt[index[key]] for key in count}
-        best_all = np.min(np.array(list(site_rows.values())), axis=0)
-        latency_now = float(weight @ best_all)
-        improved = False
-        for key in sorted(count):
-            a = index[key]
-            site_a = options.site[a]
-            if opened[site_a] == 1:
-                rest = [row for s, row in site_rows.items() if s != site_a]
-                base = (
-                    np.min(np.array(rest), axis=0)
-                    if rest
-                    else np.full(len(weight), w.unserved_rtt_ms)
-                )
-            else:
-                base = best_all
-            refund = options.static[a] + (w.move_per_replica if counts[a] > running[a] else 0.0)
-            gain = move_in - refund + np.minimum(options.rtt, base) @ weight - latency_now
-            gain[a] = np.inf
-            for c in np.argsort(gain, kind="stable")[:8].tolist():
-                if gain[c] >= -1e-9:
-                    break
-                if options.site[c] != site_a and not capacity.has_room(
-                    options.site[c], options.variant[c]
-                ):
-                    continue
-                if spread is not None and not spread.allows(options.domain[c], options.domain[a]):
-                    continue
-                if _swap(
-                    capacity, job, a_key=key, to_site=options.site[c], to_variant=options.variant[c]
-                ):
-                    if spread is not None:
-                        spread.shift(options.domain[a], -1)
-                        spread.shift(options.domain[c], +1)
-                    improved = True
-                    break
-            if improved:
+        refund_all = options.static + np.where(counts > running, w.move_per_replica, 0.0)
+        open_sites = sorted(opened)
+        rows = np.array([options.rtt[index[next(k for k in count if k[0] == s)]] for s in open_sites])
+        best_all = rows.min(axis=0)
+        # RTT per point without each open site: the runner-up where that site was nearest
+        if len(open_sites) > 1:
+            ranked = np.sort(rows, axis=0)
+            without = np.where(rows == ranked[0], ranked[1], ranked[0])
+        else:
+            without = np.full((1, len(weight)), w.unserved_rtt_ms)
+        keys = sorted(count)
+        if spread is None:
+            # Taking one replica off a site that keeps others changes no latency: of those,
+            # only the one whose removal refunds the most can give the best move.
+            stacked = [k for k in keys if opened[k[0]] > 1]
+            if len(stacked) > 1:
+                keep = max(stacked, key=lambda k: (refund_all[index[k]], k))
+                keys = [k for k in keys if opened[k[0]] == 1 or k == keep]
+        a = np.array([index[k] for k in keys])
+        base = np.array([without[open_sites.index(k[0])] if opened[k[0]] == 1 else best_all for k in keys])
+        latency = np.minimum(options.rtt[None, :, :], base[:, None, :]) @ weight
+        gain = move_in[None, :] - refund_all[a][:, None] + latency - float(weight @ best_all)
+        gain[np.arange(a.size), a] = np.inf
+        if gain.min() >= -1e-9:
+            return
+        moved = False
+        for flat in np.argsort(gain, axis=None, kind="stable")[:16].tolist():
+            i, c = divmod(flat, gain.shape[1])
+            if gain[i, c] >= -1e-9:
                 break
-        if not improved:
+            site_a = options.site[a[i]]
+            if options.site[c] != site_a and not capacity.has_room(options.site[c], options.variant[c]):
+                continue
+            if spread is not None and not spread.allows(options.domain[c], options.domain[a[i]]):
+                continue
+            if _swap(capacity, job, keys[i], options.site[c], options.variant[c]):
+                if spread is not None:
+                    spread.shift(options.domain[a[i]], -1)
+                    spread.shift(options.domain[c], +1)
+                moved = True
+                break
+        if not moved:
             return
 
 
-def _swap(
-    capacity: Capacity, job: Job, a_key: tuple[int, str], to_site: int, to_variant: Variant
-) -> bool:
+def _swap(capacity: Capacity, job: Job, a_key: tuple[int, str], to_site: int, to_variant: Variant) -> bool:
     """Move one replica ``a_key`` → (to_site, to_variant) if the target has room."""
     at = max(i for i, (s, v, _) in enumerate(job.placed) if (s, v.name) == a_key)
     site, variant, group = job.placed[at]

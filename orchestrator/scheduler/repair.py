@@ -29,33 +29,32 @@ TRADES_TRIED = 256  # per replica sought: bounds the work when nothing can give 
 def make_room(fleet: Fleet, capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:
     """Add replicas to ``job`` by moving single replicas of other deployments away."""
     others = [j for j in jobs if j is not job and j.deployment.placement.spread is None]
-    while len(job.placed) < job.wanted and _make_room_once(fleet, capacity, job, others):
-        pass
-
-
-def _make_room_once(fleet: Fleet, capacity: Capacity, job: Job, others: Sequence[Job]) -> bool:
-    tries = TRADES_TRIED
     occupants: dict[int, list[tuple[Job, int]]] = {}
     for other in others:
         for i, (site, _, _) in enumerate(other.placed):
             occupants.setdefault(site, []).append((other, i))
+    while len(job.placed) < job.wanted and _make_room_once(fleet, capacity, job, occupants):
+        pass
+
+
+def _make_room_once(fleet: Fleet, capacity: Capacity, job: Job, occupants: dict[int, list[tuple[Job, int]]]) -> bool:
+    tries = TRADES_TRIED
+    rooms: dict[tuple[int, str], np.ndarray] = {}  # valid until a trade succeeds
     for variant in job.variants():
         full = np.flatnonzero(job.eligible[variant.name] & ~capacity.fits_mask(variant))
-        full = full[[s in occupants for s in full.tolist()]] if full.size else full
+        full = full[[bool(occupants.get(s)) for s in full.tolist()]] if full.size else full
         if job.spread is not None and full.size:
             keys = fleet.region if job.deployment.placement.spread.by == "region" else None  # type: ignore[union-attr]
             full = np.array(
-                [
-                    s
-                    for s in full.tolist()
-                    if job.spread.allows(int(keys[s]) if keys is not None else s)
-                ],
+                [s for s in full.tolist() if job.spread.allows(int(keys[s]) if keys is not None else s)],
                 dtype=np.int64,
             )
         order = np.argsort(fleet.intensity[full], kind="stable")[:SITES_TRIED]
         for site in full[order].tolist():
             for other, i in occupants[site]:
-                if _trade(fleet, capacity, job, variant, site, other, i):
+                if _trade(fleet, capacity, job, variant, site, other, i, rooms):
+                    occupants[site].remove((other, i))
+                    occupants.setdefault(other.placed[i][0], []).append((other, i))
                     return True
                 tries -= 1
                 if tries == 0:
@@ -64,7 +63,14 @@ def _make_room_once(fleet: Fleet, capacity: Capacity, job: Job, others: Sequence
 
 
 def _trade(
-    fleet: Fleet, capacity: Capacity, job: Job, variant: Variant, site: int, other: Job, i: int
+    fleet: Fleet,
+    capacity: Capacity,
+    job: Job,
+    variant: Variant,
+    site: int,
+    other: Job,
+    i: int,
+    rooms: dict[tuple[int, str], np.ndarray],
 ) -> bool:
     """Move ``other.placed[i]`` off ``site`` if that lets ``variant`` of ``job`` in."""
     _, their_variant, their_group = other.placed[i]
@@ -75,9 +81,10 @@ def _trade(
         return False
     best: tuple[float, int, Variant] | None = None
     for candidate in other.variants():  # it may change variant, e.g. edge → data centre
-        room = other.eligible[candidate.name] & capacity.fits_mask(candidate)
-        room[site] = False
-        targets = np.flatnonzero(room)
+        key = (id(other), candidate.name)
+        if key not in rooms:  # only ``site`` changes between failed trades: mask it below
+            rooms[key] = np.flatnonzero(other.eligible[candidate.name] & capacity.fits_mask(candidate))
+        targets = rooms[key][rooms[key] != site]
         if targets.size:
             t = int(targets[np.argmin(fleet.intensity[targets])])
             score = float(fleet.intensity[t]) * candidate.watts

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-SPIFFE_PREFIX = "spiffe://edgeplane/site/"
+from edgeplane_proto import identity
+
 CA_DAYS = 3650
 SERVER_DAYS = 365
 AGENT_DAYS = 30
@@ -37,40 +38,18 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
 def _write_private(path: pathlib.Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
 
 
-def site_uri(site: str) -> str:
-    return SPIFFE_PREFIX + site
-
-
-def new_key_and_csr(site: str) -> tuple[bytes, bytes]:
-    """What an agent makes: a P-256 key (PEM) and a CSR for ``site/<name>`` (PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"site/{site}")]))
-           .sign(key, hashes.SHA256()))
-    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
-
-
-def site_of(certificate_pem: bytes) -> str | None:
-    """The site a certificate names in its SAN URI, or None."""
-    try:
-        cert = x509.load_pem_x509_certificate(certificate_pem)
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
-        return None
-    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith(SPIFFE_PREFIX):
-            return uri[len(SPIFFE_PREFIX):]
-    return None
+# The identity format is a wire contract shared with the agent.
+site_uri = identity.site_uri
+new_key_and_csr = identity.new_key_and_csr
+site_of = identity.site_of
+SPIFFE_PREFIX = identity.SPIFFE_PREFIX
+_key_pem = identity.key_pem
 
 
 @dataclass(frozen=True)

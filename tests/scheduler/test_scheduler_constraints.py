@@ -199,9 +199,7 @@ def test_gpu_reason_counts_free_cards():
 @pytest.mark.parametrize("replicas", [3, 4, 7])
 def test_spread_max_skew_by_region(skew, replicas):
     sites = [site(f"s{i}-{c}", c, cpu=64) for c in ("paris", "lyon", "marseille") for i in range(2)]
-    dep = deployment(
-        replicas=(replicas, replicas), spread=("region", skew), demand=(("paris", 10),)
-    )
+    dep = deployment(replicas=(replicas, replicas), spread=("region", skew), demand=(("paris", 10),))
     result = plan(sites, [dep])
     per_region = {c: 0 for c in ("paris", "lyon", "marseille")}
     for r in result.replicas:

@@ -64,9 +64,7 @@ def test_move_cost_keeps_running_replicas():
     dep = deployment(demand=(("paris", 10),))
     stay = exact.solve(sites, [dep], [Replica("d", "lyon-1", "small")])
     assert placed(stay) == [("d", "lyon-1")]
-    go = exact.solve(
-        sites, [dep], [Replica("d", "lyon-1", "small")], weights=Weights(move_per_replica=1.0)
-    )
+    go = exact.solve(sites, [dep], [Replica("d", "lyon-1", "small")], weights=Weights(move_per_replica=1.0))
     assert placed(go) == [("d", "paris-1")]
 
 

@@ -93,26 +93,20 @@ def deployments_st(draw):
                 min_replicas=low,
                 max_replicas=low + draw(st.integers(0, 3)),
                 placement=Placement(
-                    residency=draw(
-                        st.one_of(st.none(), st.frozensets(st.sampled_from(COUNTRIES), max_size=3))
-                    ),
+                    residency=draw(st.one_of(st.none(), st.frozensets(st.sampled_from(COUNTRIES), max_size=3))),
                     tiers=draw(st.frozensets(st.sampled_from(list(Tier)), min_size=1)),
                     site_selector=draw(st.sampled_from([{}, {"zone": "a"}])),
                     spread=draw(
                         st.one_of(
                             st.none(),
-                            st.builds(
-                                Spread, st.sampled_from(["region", "site"]), st.integers(1, 2)
-                            ),
+                            st.builds(Spread, st.sampled_from(["region", "site"]), st.integers(1, 2)),
                         )
                     ),
                 ),
                 demand=tuple(
                     draw(
                         st.lists(
-                            st.builds(
-                                DemandPoint, rps=st.floats(0, 100), region=st.sampled_from(REGIONS)
-                            ),
+                            st.builds(DemandPoint, rps=st.floats(0, 100), region=st.sampled_from(REGIONS)),
                             max_size=3,
                         )
                     )
@@ -179,10 +173,7 @@ def eligible(s, d):
     return any(
         s.cpu >= v.cpu
         and s.memory_gib * 1024 >= v.memory_mib
-        and (
-            not v.gpus
-            or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus)
-        )
+        and (not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus))
         for v in d.variants_for(s.tier)
     )
 

@@ -37,10 +37,7 @@ def test_same_inputs_plan_nothing_to_do():
 
 
 def test_plan_is_deterministic():
-    deps = [
-        deployment(f"d{i}", replicas=(2, 3), demand=(("paris", 70), ("berlin", 40)))
-        for i in range(4)
-    ]
+    deps = [deployment(f"d{i}", replicas=(2, 3), demand=(("paris", 70), ("berlin", 40))) for i in range(4)]
     assert plan(SITES, deps) == plan(SITES, deps)
 
 
@@ -60,10 +57,7 @@ def test_large_gain_moves_a_running_replica():
 
 
 def test_site_loss_moves_its_replicas_in_one_plan():
-    deps = [
-        deployment(f"d{i}", replicas=(2, 2), residency={"FR"}, demand=(("paris", 10),))
-        for i in range(3)
-    ]
+    deps = [deployment(f"d{i}", replicas=(2, 2), residency={"FR"}, demand=(("paris", 10),)) for i in range(3)]
     first = plan(SITES, deps)
     lost = next(r.site for r in first.replicas)
     sites = [dataclasses.replace(s, healthy=False) if s.name == lost else s for s in SITES]

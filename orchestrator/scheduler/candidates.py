@@ -1,0 +1,174 @@
+"""Which sites a deployment's greedy looks at: the shortlist that keeps planning flat in
+fleet size.
+
+Scanning all 10,000 sites for every replica is what makes naive planners slow. Per
+deployment this picks a few dozen feasible sites that can matter: the best near each
+demand point (its latency share against carbon), the lowest-carbon sites of the variant's
+own tier with room for every wanted replica, where the deployment runs now, and enough
+per spread domain to balance. ``Options.outside`` remembers the best site left out, so
+the greedy can tell when the shortlist is too short and ask for a wider one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from orchestrator.scheduler import geo
+from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
+from orchestrator.scheduler.model import Variant, Weights
+from orchestrator.scheduler.spread import DomainCounts
+
+if TYPE_CHECKING:
+    from orchestrator.scheduler.planner import Job
+
+
+@dataclass
+class Options:
+    """Candidate (site, variant) pairs for one deployment and their cost ingredients."""
+
+    site: list[int]
+    variant: list[Variant]
+    static: np.ndarray  # carbon + variant fit, cost points per replica
+    rtt: np.ndarray  # (options, demand points), ms
+    running: list[int]  # replicas of this deployment running there now
+    domain: list[int]
+    # Lowest per-replica cost (carbon + fit) of a feasible site left out of the shortlist:
+    # once every option costs more than a new replica there, the shortlist is too short.
+    outside: float = math.inf
+
+
+def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | None, limit: int | None) -> tuple[Options, bool]:
+    """Pick the (site, variant) pairs the greedy looks at; True when none were left out."""
+    w = job.weights
+    chosen: list[tuple[IntArray, Variant]] = []
+    complete = True
+    outside = math.inf
+    used = {site for site, _, _ in job.placed}
+    for variant in job.variants():
+        eligible = job.eligible_sites(variant.name)
+        if eligible.size * 4 > fleet.size:  # contiguous masks beat gathers when most qualify
+            free = np.flatnonzero(job.eligible[variant.name] & capacity.fits_mask(variant))
+        else:
+            free = eligible[capacity.fits(eligible, variant)]
+        if limit is not None and free.size > limit:
+            complete = False
+            mask = np.zeros(fleet.size, dtype=bool)
+            mask[free] = True
+            free, left_out = _shortlist(fleet, capacity, job, variant, mask, free, limit, spread)
+            outside = min(outside, left_out)
+        if used:  # sites already holding replicas stay candidates even when full now
+            held = np.fromiter(used, dtype=np.int64)
+            free = np.union1d(free, held[job.eligible[variant.name][held]])
+        chosen.append((free, variant))
+    sites: list[int] = []
+    variants: list[Variant] = []
+    statics: list[np.ndarray] = []
+    for free, variant in chosen:
+        sites.extend(free.tolist())
+        variants.extend([variant] * free.size)
+        statics.append(static_cost(fleet, w, variant, free))
+    idx = np.array(sites, dtype=np.int64)
+    rtt = np.zeros((idx.size, len(job.demand)))
+    for p, demand in enumerate(job.demand):
+        rtt[:, p] = fleet.rtt_to(demand.point, (demand.lat, demand.lon), idx)
+    by_region = spread is not None and job.deployment.placement.spread.by == "region"  # type: ignore[union-attr]
+    domain = (fleet.region[idx] if by_region else idx).tolist()
+    return (
+        Options(
+            site=sites,
+            variant=variants,
+            static=np.concatenate(statics) if statics else np.zeros(0),
+            rtt=rtt,
+            running=[job.running.get((s, v.name), 0) for s, v in zip(sites, variants)],
+            domain=domain,
+            outside=outside,
+        ),
+        complete,
+    )
+
+
+def _shortlist(
+    fleet: Fleet,
+    capacity: Capacity,
+    job: Job,
+    variant: Variant,
+    mask: BoolArray,
+    free: IntArray,
+    limit: int,
+    spread: DomainCounts | None,
+) -> tuple[IntArray, float]:
+    """The few feasible sites worth a look: nearest per demand point, cheapest, running
+    there now, and enough per spread domain for the counts to balance.
+
+    The nearest and cheapest come from orders the fleet computes once per plan call and
+    shares between deployments (the spatial index), filtered by this deployment's mask.
+    """
+    w = job.weights
+    running = [s for s, v in job.running if v == variant.name and mask[s]]
+    picks: list[IntArray] = [np.array(running, dtype=np.int64)]
+    per_point = max(4, limit // (len(job.demand) + 1))
+    for demand in job.demand:
+        order, order_rtt = fleet.nearest(demand.lat, demand.lon)
+        feasible = mask[order]
+        near = order[feasible]
+        if near.size > per_point:
+            # Among the nearby feasible sites, the best for this point alone: its latency
+            # share against the site's carbon and variant fit.
+            rtt = order_rtt[feasible]
+            cost = w.latency_per_ms * demand.share * rtt + static_cost(fleet, w, variant, near)
+            near = near[np.argsort(cost, kind="stable")[:per_point]]
+        if near.size < min(per_point, free.size) and order.size < fleet.size:
+            dots = fleet.xyz[free] @ geo.unit_vectors(demand.lat, demand.lon)
+            k = min(per_point, free.size)
+            near = free[np.argpartition(-dots, k - 1)[:k]]
+        picks.append(near)
+    k = max(limit - per_point * len(job.demand), job.wanted + 4)
+    by_cost = fleet.by_intensity()
+    for chunk in (by_cost[: 32 * k], by_cost):
+        ok = mask[chunk]
+        # The variant's own tier (distilled → edge) first, with room for every replica;
+        # the other tier only as a fallback.
+        right_all = chunk[ok & (fleet.is_edge[chunk] == variant.is_distilled)]
+        # enough sites to hold every wanted replica twice over, not just one each
+        room = np.cumsum(capacity.room(right_all[: 8 * k], variant))
+        right_tier = right_all[: max(k, int(np.searchsorted(room, 2 * job.wanted)) + 1)]
+        other_all = chunk[ok & (fleet.is_edge[chunk] != variant.is_distilled)]
+        other_tier = other_all[: k if right_tier.size < k else 4]
+        if right_tier.size + other_tier.size >= min(k, free.size) or chunk.size == fleet.size:
+            break
+    picks.extend([right_tier, other_tier])
+    out = np.unique(np.concatenate(picks))
+    # the cheapest of each tier past the taken prefix (a lower bound for the left-out ones)
+    rest = np.concatenate([right_all[right_tier.size :][:1], other_all[other_tier.size :][:1]])
+    left_out = float(static_cost(fleet, w, variant, rest).min()) if rest.size else math.inf
+    if spread is not None:
+        rules = job.deployment.placement.spread
+        domains = fleet.region if rules.by == "region" else np.arange(fleet.size)  # type: ignore[union-attr]
+        covered = np.unique(domains[out]).size
+        if job.wanted > covered * spread.max_skew:  # must reach more domains to balance
+            out = np.union1d(out, _best_per_domain(fleet, job, variant, free, domains, limit))
+    return out, left_out
+
+
+def static_cost(fleet: Fleet, w: Weights, variant: Variant, sites: IntArray) -> np.ndarray:
+    """Carbon and variant-fit cost points of one replica at each of ``sites``."""
+    fit = np.where(fleet.is_edge[sites] != variant.is_distilled, w.variant_fit_per_replica, 0.0)
+    return w.carbon_per_g_per_hour * variant.watts * fleet.intensity[sites] + fit
+
+
+def _best_per_domain(fleet: Fleet, job: Job, variant: Variant, free: IntArray, domains: IntArray, limit: int) -> IntArray:
+    cost = fleet.intensity[free] * variant.watts
+    keys = domains[free]
+    per_domain = math.ceil(job.wanted / max(1, np.unique(keys).size)) + 1
+    order = np.lexsort((cost, keys))
+    sorted_keys = keys[order]
+    starts = np.r_[0, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1]
+    rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
+    best = order[rank < per_domain]
+    if best.size > 4 * limit:  # spread by site over a huge fleet: the cheapest suffice
+        best = best[np.argsort(cost[best], kind="stable")[: 2 * job.wanted + limit]]
+    return free[best]

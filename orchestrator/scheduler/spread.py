@@ -1,0 +1,51 @@
+"""Replica counts per spread domain, kept balanced while replicas are added and moved.
+
+``maxSkew`` bounds the difference between the fullest and the emptiest eligible domain
+(region or site). The planner asks before every placement or move, so the counts are
+kept with a histogram that answers in constant time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+
+class DomainCounts:
+    """Replica counts per spread domain, with the min/max checks the greedy needs."""
+
+    def __init__(self, domains: Iterable[int], max_skew: int) -> None:
+        self.count: dict[int, int] = {d: 0 for d in domains}
+        self.hist: Counter[int] = Counter({0: len(self.count)})
+        self.max_skew = max_skew
+        self._low = 0
+
+    def low(self) -> int:
+        return self._low
+
+    def allows(self, add: int, remove: int | None = None) -> bool:
+        """Would one more replica in ``add`` (and one fewer in ``remove``) keep the skew?"""
+        if remove is None:
+            c = self.count[add]
+            return c + 1 - self._low <= self.max_skew or (c == self._low and self.hist[c] == 1)
+        if remove == add:
+            return True
+        self._shift(add, +1)
+        self._shift(remove, -1)
+        live = [c for c, n in self.hist.items() if n > 0]
+        ok = max(live) - min(live) <= self.max_skew
+        self._shift(remove, +1)
+        self._shift(add, -1)
+        return ok
+
+    def shift(self, domain: int, by: int) -> None:
+        self._shift(domain, by)
+
+    def _shift(self, domain: int, by: int) -> None:
+        old = self.count[domain]
+        self.hist[old] -= 1
+        self.hist[old + by] += 1
+        self.count[domain] = old + by
+        self._low = min(self._low, old + by)
+        while self.hist[self._low] == 0 and self._low < old + by:
+            self._low += 1
