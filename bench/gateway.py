@@ -105,12 +105,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 class Setup:
     def __init__(self, root: pathlib.Path):
         self.root = root
-        self.port, self.agent_port = free_port(), free_port()
+        self.port, self.agent_port, self.join_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = onnx_models.build_mlp(root / "artifacts" / "bench.onnx", in_dim=256, hidden=512, out_dim=16, layers=3, seed=5)
         self.server = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli.main", "serve", "--data-dir", str(root / "cp"), "--port", str(self.port),
-             "--agent-port", str(self.agent_port), "--artifact-root", str(root / "artifacts"), "--bootstrap-token", harness.BOOTSTRAP_TOKEN,
+             "--agent-port", str(self.agent_port), "--agent-join-port", str(self.join_port), "--artifact-root", str(root / "artifacts"), "--bootstrap-token", harness.BOOTSTRAP_TOKEN,
              "--heartbeat-interval", "0.5", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=(root / "cp.log").open("w"))
         wait_for(self._up, 30, "control plane")
@@ -128,7 +128,7 @@ class Setup:
 
     def start_agent(self, site: str) -> harness.AgentProcess:
         cmd = harness.agent_command(f"127.0.0.1:{self.agent_port}", site, self.root / site, heartbeat_interval=0.5,
-                                    extra=("--log-level", "WARNING"))
+                                    extra=("--log-level", "WARNING"), tls=(self.root / "cp" / "ca" / "ca.crt", f"127.0.0.1:{self.join_port}"))
         self.agents[site] = harness.spawn_agent(cmd, site, self.root / site)
         return self.agents[site]
 

@@ -71,10 +71,16 @@ class ArtifactCache:
             if final.is_file():
                 return final
             scheme = urllib.parse.urlsplit(url).scheme
-            if scheme in ("http", "https"):
-                await self._download(url, digest, final)
-            elif scheme == "file" and self._allow_file:
-                await asyncio.to_thread(self._copy_file, url, digest, final)
+            if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
+                try:
+                    if scheme == "file":
+                        await asyncio.to_thread(self._copy_file, url, digest, final)
+                    else:
+                        await self._download(url, digest, final)
+                except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
+                    raise errors.ArtifactUnavailable(
+                        f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
+                    ) from exc
             elif scheme == "file":
                 raise errors.ArtifactUnavailable(
                     f"file:// artifact {url!r} refused (start the agent with --allow-file-artifacts)"

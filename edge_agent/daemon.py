@@ -18,12 +18,11 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import grpc
 import httpx
 import uvicorn
 
 import edge_agent
-from edge_agent import artifacts, assignments, capacity, http, registry, state, uplink
+from edge_agent import artifacts, assignments, capacity, http, registry, state, tls, uplink
 from edge_agent.runtime import onnx
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,7 @@ class AgentConfig:
     heartbeat_interval: float = 5.0
     insecure: bool = False
     ca_file: pathlib.Path | None = None
+    join_address: str | None = None  # default: the control plane's host, its port + 1
     allow_file_artifacts: bool = False
     country: str = ""
     region: str = ""
@@ -186,7 +186,8 @@ class Agent:
             self.store,
             self,
             self._receive_assignments,
-            channel_credentials=None if cfg.insecure else _channel_credentials(cfg.ca_file),
+            agent_tls=None if cfg.insecure else tls.AgentTls(
+                cfg.data_dir, cfg.join_address or tls.join_address(cfg.control_plane), cfg.ca_file),
         )
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         log.info("agent for site %s serving v2 on %s", cfg.site, self.endpoint_url)
@@ -252,6 +253,3 @@ def _default_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _channel_credentials(ca_file: pathlib.Path | None) -> grpc.ChannelCredentials:
-    roots = ca_file.read_bytes() if ca_file else None
-    return grpc.ssl_channel_credentials(root_certificates=roots)

@@ -75,8 +75,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lon", type=float)
     p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--heartbeat-interval", type=_positive, default=5.0, metavar="SECONDS")
-    p.add_argument("--insecure", action="store_true", help="plaintext gRPC to the control plane")
-    p.add_argument("--ca-file", type=pathlib.Path, help="CA bundle for the control plane's TLS")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext gRPC with a bearer credential instead of mutual TLS (only with 'edgeplane serve --insecure-agents')")
+    p.add_argument("--ca-file", type=pathlib.Path,
+                   help="the control plane's CA certificate (<control-plane data dir>/ca/ca.crt), trusted for the first join")
+    p.add_argument("--join-address", metavar="HOST:PORT",
+                   help="the control plane's join listener for the first join (default: the --control-plane port + 1)")
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
     p.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS")
@@ -101,6 +105,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         heartbeat_interval=args.heartbeat_interval,
         insecure=args.insecure,
         ca_file=args.ca_file,
+        join_address=args.join_address,
         allow_file_artifacts=args.allow_file_artifacts,
         country=args.country.upper(),
         region=args.region,

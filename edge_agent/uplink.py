@@ -20,7 +20,7 @@ from typing import Protocol
 
 import grpc
 
-from edge_agent import assignments, capacity, errors, registry, state
+from edge_agent import assignments, capacity, errors, registry, state, tls
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 
@@ -135,6 +135,7 @@ class Uplink:
         on_assignments: Callable[[assignments.AssignmentSet], Awaitable[None]],
         *,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        agent_tls: tls.AgentTls | None = None,
         backoff: Backoff = Backoff(),
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
@@ -145,6 +146,7 @@ class Uplink:
         self._reporter = reporter
         self._on_assignments = on_assignments
         self._creds = channel_credentials
+        self._tls = agent_tls
         self._backoff = backoff
         self._rng = rng or random.Random()
         self._clock = clock
@@ -190,7 +192,11 @@ class Uplink:
         self._wake.set()
 
     async def _session(self) -> None:
-        if self._creds is None:
+        if self._tls is not None:
+            if not self._tls.enrolled():
+                await self._enroll(self._tls)
+            channel = grpc.aio.secure_channel(self._target, self._tls.mutual_credentials(), options=client_options())
+        elif self._creds is None:
             channel = grpc.aio.insecure_channel(self._target, options=client_options())
         else:
             channel = grpc.aio.secure_channel(self._target, self._creds, options=client_options())
@@ -202,6 +208,26 @@ class Uplink:
             raise translate(exc) from exc
         finally:
             await channel.close(grace=None)
+
+    async def _enroll(self, agent_tls: tls.AgentTls) -> None:
+        """First join over the join port: bootstrap token + CSR in, client certificate out."""
+        key_pem, csr_pem = agent_tls.new_request(self._facts.site)
+        channel = grpc.aio.secure_channel(agent_tls.join_target, agent_tls.join_credentials(), options=client_options())
+        try:
+            request = self._facts.to_proto(self._reporter.capacity(), self.identity.agent_id if self.identity else "")
+            request.csr_pem = csr_pem.decode()
+            metadata = ((CREDENTIAL_KEY, self.identity.credential),) if self.identity else ()
+            response: pb.JoinResponse = await pb_grpc.AgentControlStub(channel).Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        finally:
+            await channel.close(grace=None)
+        if not response.certificate_pem:
+            raise errors.JoinRefused("the control plane issued no client certificate; is it running with --insecure-agents?")
+        agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
+        self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)
+        self._store.save_identity(self.identity)
+        log.info("enrolled: client certificate for site %s issued by the control plane's CA", self._facts.site)
 
     async def _join(self, stub: pb_grpc.AgentControlStub) -> None:
         identity = self.identity

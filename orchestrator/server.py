@@ -40,6 +40,7 @@ from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import proxy, routing
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import datacentres as dc_mod
+from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
 from orchestrator.store import sqlite as store_mod
@@ -58,6 +59,8 @@ class ServerConfig:
     port: int = 8080
     agent_host: str | None = None  # default: host
     agent_port: int = 8081
+    agent_join_port: int = 8082  # first joins (bootstrap token + CSR) over server-authenticated TLS
+    insecure_agents: bool = False  # plaintext agent gRPC: only when explicitly asked for
     auth: str = "none"  # "none" (loopback only) | "token"
     position: tuple[float, float] | None = None  # the gateway's own location
     heartbeat_interval_s: float = 5.0
@@ -159,8 +162,15 @@ class ControlPlane:
             missed_heartbeats=cfg.missed_heartbeats,
         )
         agent_host = cfg.agent_host or cfg.host
-        self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port)
+        mtls = None
+        if not cfg.insecure_agents:
+            self.ca = ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca")
+            server_cert, server_key = self.ca.issue_server(sorted({agent_host, "127.0.0.1", "localhost"}))
+            mtls = agent_service.MutualTls(self.ca, server_cert, server_key, cfg.agent_join_port)
+        self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls)
         self.agent_target = f"{agent_host}:{self._agent_server.port}"
+        self.agent_join_target = f"{agent_host}:{self._agent_server.join_port}" if self._agent_server.join_port else None
+        self.ca_file = cfg.data_dir / "ca" / "ca.crt" if mtls else None
 
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -332,7 +342,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
-    p.add_argument("--agent-port", type=int, default=8081)
+    p.add_argument("--agent-port", type=int, default=8081, help="agents' gRPC port (mutual TLS)")
+    p.add_argument("--agent-join-port", type=int, default=8082, help="first joins: bootstrap token + CSR over TLS")
+    p.add_argument("--insecure-agents", action="store_true",
+                   help="plaintext agent gRPC with bearer credentials instead of mutual TLS (agents then need --insecure)")
     p.add_argument("--auth", choices=["none", "token"], default="none",
                    help="'token' requires bearer tokens on the API; 'none' is allowed on loopback only")
     p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
@@ -358,6 +371,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     tokens = tuple(args.bootstrap_token) + ((os.environ["EDGEPLANE_BOOTSTRAP_TOKEN"],) if os.environ.get("EDGEPLANE_BOOTSTRAP_TOKEN") else ())
     return ServerConfig(
         data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,
+        agent_join_port=args.agent_join_port, insecure_agents=args.insecure_agents,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), public_url=args.public_url, bootstrap_tokens=tokens,
         gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
@@ -368,6 +382,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 async def serve_forever(config: ServerConfig) -> None:
     cp = await ControlPlane(config).start()
     print(f"edgeplane control plane: API/gateway {cp.http_url}  agents {cp.agent_target}  state {cp.store.path}", flush=True)
+    if cp.ca_file is not None:
+        print(f"agents: mutual TLS; first joins on {cp.agent_join_target}; give agents --ca-file {cp.ca_file}", flush=True)
+    else:
+        print("agents: PLAINTEXT gRPC (--insecure-agents); agents need --insecure", flush=True)
     if cp.admin_token:
         print(f"initial admin token written to {config.data_dir / 'admin.token'}", flush=True)
     stop = asyncio.Event()

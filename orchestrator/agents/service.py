@@ -12,11 +12,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from edgeplane_proto import identity
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator.agents import errors, hub, model
 
@@ -82,8 +83,10 @@ class AgentControlServicer:
     INVALID_ARGUMENT with a reason instead of gRPC's generic UNKNOWN and a stack trace.
     """
 
-    def __init__(self, agent_hub: hub.AgentHub) -> None:
+    def __init__(self, agent_hub: hub.AgentHub, *, issuer: CertificateIssuer | None = None) -> None:
         self._hub = agent_hub
+        # With an issuer, every stream must come with a client certificate naming its site.
+        self._issuer = issuer
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -119,11 +122,24 @@ class AgentControlServicer:
             heartbeat_interval=request.heartbeat_interval_ms / 1000 or None,
             capacity=model.Capacity.from_proto(request.capacity),
         )
+        peer = _peer_site(context)
+        if peer is not None and peer != request.site:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this certificate is for site {peer!r}, not {request.site!r}")
         try:
-            return self._hub.join(application).to_proto()
+            response = self._hub.join(application).to_proto()
         except errors.AgentHubError as exc:
             await context.abort(_status_code(exc), str(exc))
             raise  # unreachable: abort raises
+        if request.csr_pem:
+            if self._issuer is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "this control plane runs agents without TLS (--insecure-agents); start the agent with --insecure")
+            try:
+                response.certificate_pem = self._issuer.issue_agent(request.site, request.csr_pem.encode()).decode()
+            except ValueError as exc:  # CertificateError and malformed PEM alike
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot sign this CSR: {exc}")
+            response.ca_pem = self._issuer.certificate_pem.decode()
+        return response
 
     async def Heartbeats(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -163,11 +179,41 @@ class AgentControlServicer:
         meta = _metadata(context)
         site = meta.get(SITE_KEY, "")
         agent_id = meta.get(AGENT_ID_KEY, "")
+        if self._issuer is not None and _peer_site(context) != site:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"streams for site {site!r} need that site's client certificate (join with a bootstrap token first)")
         try:
             self._hub.authenticate_stream(site, agent_id, meta.get(CREDENTIAL_KEY, ""))
         except errors.AgentHubError as exc:
             await context.abort(_status_code(exc), str(exc))
         return site, agent_id
+
+
+class CertificateIssuer(Protocol):
+    """The control plane's CA as the servicer sees it."""
+
+    @property
+    def certificate_pem(self) -> bytes: ...
+
+    def issue_agent(self, site: str, csr_pem: bytes) -> bytes: ...
+
+
+def _peer_site(context: grpc.aio.ServicerContext) -> str | None:
+    """The site named by the verified client certificate of this call, if there is one."""
+    pem = (context.auth_context() or {}).get("x509_pem_cert")
+    return identity.site_of(pem[0]) if pem else None
+
+
+@dataclass(frozen=True)
+class MutualTls:
+    """Agent identity by client certificate. The agent port requires a certificate from the
+    issuer's CA; a second, join port takes the first join (bootstrap token + CSR) over
+    server-authenticated TLS, since gRPC cannot make client certificates optional."""
+
+    issuer: CertificateIssuer
+    certificate_chain: bytes  # the listener's server certificate
+    private_key: bytes
+    join_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,9 +243,10 @@ def server_options(max_receive_bytes: int = MAX_RECEIVE_BYTES) -> list[tuple[str
 class AgentServer:
     """A started gRPC listener for agents plus the hub's health sweeper."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, sweeper: asyncio.Task[None]) -> None:
+    def __init__(self, server: grpc.aio.Server, port: int, sweeper: asyncio.Task[None], join_port: int | None = None) -> None:
         self.server = server
         self.port = port
+        self.join_port = join_port
         self._sweeper = sweeper
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -215,14 +262,25 @@ async def start_agent_server(
     port: int = 0,
     tls: ServerTls | None = None,
     *,
+    mtls: MutualTls | None = None,
     max_receive_bytes: int = MAX_RECEIVE_BYTES,
     sweep_period: float | None = None,
 ) -> AgentServer:
     """Listen for agents on ``host:port`` (0 = any free port) and start sweeping health."""
     server = grpc.aio.server(options=server_options(max_receive_bytes))
-    server.add_generic_rpc_handlers((AgentControlServicer(agent_hub).handler(),))
+    issuer = mtls.issuer if mtls is not None else None
+    server.add_generic_rpc_handlers((AgentControlServicer(agent_hub, issuer=issuer).handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if tls is None:
+    join_port = None
+    if mtls is not None:
+        key_pair = [(mtls.private_key, mtls.certificate_chain)]
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials(
+            key_pair, root_certificates=mtls.issuer.certificate_pem, require_client_auth=True))
+        join_address = f"[{host}]:{mtls.join_port}" if ":" in host else f"{host}:{mtls.join_port}"
+        join_port = server.add_secure_port(join_address, grpc.ssl_server_credentials(key_pair))
+        if join_port == 0:
+            raise OSError(f"cannot listen for agent joins on {join_address}")
+    elif tls is None:
         bound = server.add_insecure_port(address)
     else:
         credentials = grpc.ssl_server_credentials(
@@ -235,5 +293,6 @@ async def start_agent_server(
         raise OSError(f"cannot listen for agents on {address}")
     await server.start()
     sweeper = asyncio.create_task(agent_hub.run_sweeper(sweep_period), name="agent-hub-sweeper")
-    log.info("agent gRPC listening on %s:%d (%s)", host, bound, "tls" if tls else "insecure")
-    return AgentServer(server, bound, sweeper)
+    mode = "mutual TLS, joins on port %d" % join_port if join_port else ("tls" if tls else "insecure")
+    log.info("agent gRPC listening on %s:%d (%s)", host, bound, mode)
+    return AgentServer(server, bound, sweeper, join_port)

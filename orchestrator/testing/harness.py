@@ -63,10 +63,12 @@ class AgentProcess:
 def agent_command(
     control_plane: str, site: str, data_dir: pathlib.Path, *, token: str = BOOTSTRAP_TOKEN, country: str = "", region: str = "",
     lat: float | None = None, lon: float | None = None, heartbeat_interval: float = 0.5, listen: str = "127.0.0.1:0",
-    extra: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (), tls: tuple[pathlib.Path, str] | None = None,
 ) -> list[str]:
+    """``tls`` = (the control plane's CA file, its join address) for mutual TLS; None = ``--insecure``."""
     cmd = [sys.executable, "-m", "edge_agent.main", "--control-plane", control_plane, "--site", site, "--token", token,
-           "--data-dir", str(data_dir), "--listen", listen, "--heartbeat-interval", str(heartbeat_interval), "--insecure"]
+           "--data-dir", str(data_dir), "--listen", listen, "--heartbeat-interval", str(heartbeat_interval)]
+    cmd += ["--ca-file", str(tls[0]), "--join-address", tls[1]] if tls else ["--insecure"]
     if country:
         cmd += ["--country", country]
     if region:
@@ -162,7 +164,7 @@ class Fleet:
 
     async def start_control_plane(self, *, local_ray_endpoints: local_ray.LocalRayEndpoints | None = None, **overrides: Any) -> server.ControlPlane:
         settings: dict[str, Any] = dict(
-            data_dir=self.root / "control-plane", port=0, agent_port=0, heartbeat_interval_s=0.5, missed_heartbeats=3,
+            data_dir=self.root / "control-plane", port=0, agent_port=0, agent_join_port=0, heartbeat_interval_s=0.5, missed_heartbeats=3,
             resync_s=2.0, artifact_roots=(EXAMPLES, self.root / "artifacts"), bootstrap_tokens=(BOOTSTRAP_TOKEN,),
             local_ray=local_ray_endpoints,
         )
@@ -174,8 +176,9 @@ class Fleet:
                           wait_joined: bool = True, heartbeat_interval: float = 0.5, extra: tuple[str, ...] = ()) -> AgentProcess:
         assert self.cp is not None, "start the control plane first"
         data_dir = self.root / "agents" / site
+        tls = (self.cp.ca_file, self.cp.agent_join_target) if self.cp.ca_file is not None else None
         cmd = agent_command(self.cp.agent_target, site, data_dir, country=country, region=region, lat=lat, lon=lon,
-                            heartbeat_interval=heartbeat_interval, extra=extra)
+                            heartbeat_interval=heartbeat_interval, extra=extra, tls=tls)
         agent = await spawn_agent_async(cmd, site, data_dir)
         self.agents[site] = agent
         if wait_joined:

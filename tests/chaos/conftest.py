@@ -5,9 +5,7 @@ one-model fleet manifests, and a recorder of measured recovery times."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import resource
 import signal
 import socket
 import subprocess
@@ -90,7 +88,8 @@ class ServeProcess:
         self.port, self.agent_port = free_port(), free_port()
         self.cmd = [str(EDGEPLANE), "serve", "--data-dir", str(root / "cp"), "--port", str(self.port), "--agent-port", str(self.agent_port),
                     "--heartbeat-interval", "0.5", "--missed-heartbeats", "3", "--artifact-root", str(artifacts),
-                    "--bootstrap-token", harness.BOOTSTRAP_TOKEN, "--log-level", "warning", *extra]
+                    "--bootstrap-token", harness.BOOTSTRAP_TOKEN, "--log-level", "warning",
+                    "--insecure-agents", *extra]  # faults, not identity, are under test here (tests/security covers mTLS)
         self.url = f"http://127.0.0.1:{self.port}"
         self.agent_target = f"127.0.0.1:{self.agent_port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -120,22 +119,21 @@ class ServeProcess:
                 self.proc.wait(5)
 
 
+#: Sets RLIMIT_FSIZE, then becomes the agent: no preexec_fn, so no fork() of a process
+#: that may run gRPC threads (an in-process control plane).
+_WITH_FSIZE = ("import os, resource, sys; n = int(sys.argv[1]); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])")
+
+
 def spawn_agent(target: str, site: str, data_dir: pathlib.Path, lat: float, fsize_limit: int | None = None,
-                extra: tuple[str, ...] = ()) -> harness.AgentProcess:
+                extra: tuple[str, ...] = (), tls: tuple[pathlib.Path, str] | None = None) -> harness.AgentProcess:
     """An ``edgeplane-agent`` subprocess; ``fsize_limit`` caps the size of any file it writes
     (RLIMIT_FSIZE: a full disk as the process sees it, write() fails with EFBIG)."""
-    cmd = harness.agent_command(target, site, data_dir, country="FR", region="fr", lat=lat, lon=2.35, heartbeat_interval=0.5, extra=extra)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / "agent.log"
-
-    def prepare() -> None:
-        harness.die_with_parent()
-        if fsize_limit is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
-
-    with log_path.open("a") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                cwd=harness.REPO, preexec_fn=prepare)
+    cmd = harness.agent_command(target, site, data_dir, country="FR", region="fr", lat=lat, lon=2.35, heartbeat_interval=0.5,
+                                extra=extra, tls=tls)
+    if fsize_limit is not None:
+        cmd = [sys.executable, "-c", _WITH_FSIZE, str(fsize_limit), *cmd]
+    proc, log_path = harness.launch_agent(cmd, data_dir)
     return harness.AgentProcess(site, data_dir, proc, harness.await_serving(proc, site, log_path), log_path)
 
 

@@ -10,7 +10,6 @@ import signal
 import time
 
 import httpx
-import pytest
 
 from orchestrator.testing import harness, onnx_models
 
@@ -37,7 +36,9 @@ def _lost_events(cp) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 async def _spawn(fleet: harness.Fleet, target: str, site: str, lat: float, **kw) -> harness.AgentProcess:  # type: ignore[no-untyped-def]
-    agent = await asyncio.to_thread(spawn_agent, target, site, fleet.root / "agents" / site, lat, **kw)
+    cp = fleet.cp
+    tls = (cp.ca_file, cp.agent_join_target) if cp is not None and cp.ca_file is not None else None
+    agent = await asyncio.to_thread(spawn_agent, target, site, fleet.root / "agents" / site, lat, tls=tls, **kw)
     fleet.agents[site] = agent
     return agent
 
@@ -154,8 +155,6 @@ async def test_full_cache_disk_keeps_the_old_model_serving(tmp_path: pathlib.Pat
         await fleet.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="edge_agent.artifacts lets OSError (EFBIG/ENOSPC) escape ArtifactCache.fetch: the "
-                   "model state stays 'fetching ...' and is never retried; fix: translate OSError to errors.ArtifactUnavailable")
 async def test_full_cache_disk_is_reported_to_the_control_plane(tmp_path: pathlib.Path) -> None:
     fleet, agent, small = await _full_disk_fleet(tmp_path)
     try:

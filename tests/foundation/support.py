@@ -195,12 +195,13 @@ class ServeProcess:
 
     def __init__(self, data_dir: pathlib.Path, *extra: str, artifact_root: pathlib.Path = EXAMPLES):
         self.data_dir = data_dir
-        self.port, self.agent_port = free_port(), free_port()
+        self.port, self.agent_port, self.join_port = free_port(), free_port(), free_port()
+        self.ca_file = data_dir / "ca" / "ca.crt"
         self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [str(EDGEPLANE), "serve", "--data-dir", str(data_dir), "--port", str(self.port), "--agent-port", str(self.agent_port),
-             "--artifact-root", str(artifact_root), "--log-level", "warning", *extra],
+             "--agent-join-port", str(self.join_port), "--artifact-root", str(artifact_root), "--log-level", "warning", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO, start_new_session=True,
         )
         self.url = f"http://127.0.0.1:{self.port}"

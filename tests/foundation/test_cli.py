@@ -149,7 +149,8 @@ def test_bootstrap_token_lets_an_agent_join_and_plan_shows_per_site_changes(
     token = ok("token", "create", "--description", "lyon", server=serve).strip()
     assert token.startswith("epb_")
     agent = harness.spawn_agent(
-        harness.agent_command(f"127.0.0.1:{serve.agent_port}", "edge-lyon", tmp_path / "agent", token=token, heartbeat_interval=0.3),
+        harness.agent_command(f"127.0.0.1:{serve.agent_port}", "edge-lyon", tmp_path / "agent", token=token, heartbeat_interval=0.3,
+                              tls=(serve.ca_file, f"127.0.0.1:{serve.join_port}")),
         "edge-lyon", tmp_path / "agent")
     try:
         deadline = time.monotonic() + 30

@@ -1,0 +1,75 @@
+"""Agent identity end to end: bootstrap join over TLS, client certificate, mutual TLS after."""
+
+from __future__ import annotations
+
+import stat
+
+import grpc
+import pytest
+
+from edgeplane_proto import identity
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
+from orchestrator.agents import service
+from orchestrator.testing import harness
+
+pytestmark = pytest.mark.asyncio
+
+
+def _beats():
+    yield pb.Heartbeat()
+
+
+async def _stream_status(target: str, creds: grpc.ChannelCredentials, site: str) -> grpc.StatusCode:
+    async with grpc.aio.secure_channel(target, creds) as channel:
+        call = pb_grpc.AgentControlStub(channel).Heartbeats(
+            _beats(), metadata=((service.SITE_KEY, site), (service.AGENT_ID_KEY, "x"), (service.CREDENTIAL_KEY, "y")), timeout=5)
+        try:
+            await call
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_agents_enrol_then_talk_mutual_tls_and_cannot_pose_as_another_site(tmp_path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        assert cp.ca_file is not None and cp.agent_join_target
+        agent = await fleet.start_agent("edge-a", country="FR", lat=48.8, lon=2.3)
+        cert_path, key_path = agent.data_dir / "agent.crt", agent.data_dir / "agent.key"
+        assert identity.site_of(cert_path.read_bytes()) == "edge-a"
+        assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+        ca = cp.ca_file.read_bytes()
+
+        # No client certificate: the agent port refuses the handshake itself.
+        with pytest.raises(grpc.RpcError) as no_cert:
+            async with grpc.aio.secure_channel(cp.agent_target, grpc.ssl_channel_credentials(ca)) as ch:
+                await pb_grpc.AgentControlStub(ch).Join(pb.JoinRequest(site="edge-a"), timeout=5)
+        assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The join port has no client certificates, so it serves no streams.
+        assert await _stream_status(cp.agent_join_target, grpc.ssl_channel_credentials(ca), "edge-a") == grpc.StatusCode.UNAUTHENTICATED
+        # edge-a's certificate cannot open streams for edge-b, nor join as edge-b.
+        mine = grpc.ssl_channel_credentials(ca, private_key=key_path.read_bytes(), certificate_chain=cert_path.read_bytes())
+        assert await _stream_status(cp.agent_target, mine, "edge-b") == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as other:
+            async with grpc.aio.secure_channel(cp.agent_target, mine) as ch:
+                await pb_grpc.AgentControlStub(ch).Join(pb.JoinRequest(site="edge-b", bootstrap_token=harness.BOOTSTRAP_TOKEN), timeout=5)
+        assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # A CA of someone else's: refused in the handshake.
+        foreign_dir = tmp_path / "foreign"
+        from orchestrator.security import ca as ca_mod
+
+        foreign = ca_mod.CertificateAuthority.load_or_create(foreign_dir)
+        fkey, fcsr = identity.new_key_and_csr("edge-a")
+        forged = grpc.ssl_channel_credentials(ca, private_key=fkey, certificate_chain=foreign.issue_agent("edge-a", fcsr))
+        assert await _stream_status(cp.agent_target, forged, "edge-a") == grpc.StatusCode.UNAVAILABLE
+
+        # Restart: the agent comes back on its certificate, without spending a token.
+        agent.stop()
+        restarted = await fleet.restart_agent("edge-a")
+        await harness.wait_until(lambda: cp.hub.status("edge-a") is not None and cp.hub.status("edge-a").healthy, 20, what="rejoin")
+        assert "enrolled" not in restarted.log().split("serving")[-1]
+        assert cert_path.read_bytes() == (agent.data_dir / "agent.crt").read_bytes()
+    finally:
+        await fleet.stop()
