@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgeplane_proto import identity
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator.agents import service
 from orchestrator.testing import harness
@@ -34,9 +35,13 @@ payloads = st.one_of(
 
 @pytest.fixture(scope="module")
 def channel(fuzz_fleet: FleetThread):
+    """Mutual TLS with a real client certificate for site edge-hb, so the fuzz reaches the
+    parsing and hub code behind authentication (the handshake itself is tests/security's)."""
     cp = fuzz_fleet.fleet.cp
-    assert cp is not None
-    with grpc.insecure_channel(cp.agent_target) as ch:
+    assert cp is not None and cp.ca_file is not None
+    key, csr = identity.new_key_and_csr("edge-hb")
+    creds = grpc.ssl_channel_credentials(cp.ca_file.read_bytes(), private_key=key, certificate_chain=cp.ca.issue_agent("edge-hb", csr))
+    with grpc.secure_channel(cp.agent_target, creds) as ch:
         yield ch
 
 
