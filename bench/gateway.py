@@ -172,9 +172,9 @@ def measure_ray_proxy(s: Setup, body: bytes, n: int) -> dict[str, Any]:
         spec = serve_config.ServeAppSpec(name="ep-bench--ray", route_prefix="/ep/ray/bench", model_name="bench", runtime="onnx",
                                          num_replicas=1, cpu=0.5, artifact_uri=str(s.model.path), sha256=s.model.sha256)
         await actuator.apply([spec])
-        status = await ray_serve.wait_until_running(actuator, spec.name, timeout_s=240)
+        statuses = await ray_serve.wait_until_running(actuator, [spec.name], timeout_s=240)
         await actuator.close()
-        return status.endpoint_url
+        return statuses[spec.name].endpoint_url
 
     with local_ray.LocalRayCluster(num_cpus=2) as endpoints:
         url = asyncio.run(deploy(endpoints))
