@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from edgeplane_proto import identity
-
 
 def _write_private(path: pathlib.Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -68,6 +66,9 @@ class AgentTls:
         )
 
     def new_request(self, site: str) -> tuple[bytes, bytes]:
+        # Imported here: cryptography (~7 MB) is needed once, to enrol, not by a running agent.
+        from edgeplane_proto import identity
+
         return identity.new_key_and_csr(site)
 
     def save(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes) -> None:
