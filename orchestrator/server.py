@@ -67,6 +67,7 @@ class ServerConfig:
     missed_heartbeats: int = 3
     resync_s: float = 5.0
     artifact_roots: tuple[pathlib.Path, ...] = ()
+    artifact_hosts: tuple[str, ...] = ()  # allowed hosts of remote artifact URLs; empty = any
     public_url: str | None = None  # how agents and Ray replicas reach this server
     local_ray: local_ray.LocalRayEndpoints | None = None  # use this cluster for ray.address: local
     local_ray_cpus: int | None = None
@@ -182,7 +183,8 @@ class ControlPlane:
         host_for_url = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.http_url = f"http://{host_for_url}:{port}"
         roots = cfg.artifact_roots or (cfg.data_dir / "artifacts",)
-        self.artifacts = artifacts.ArtifactCatalog(tuple(pathlib.Path(r).resolve() for r in roots), cfg.public_url or self.http_url)
+        self.artifacts = artifacts.ArtifactCatalog(tuple(pathlib.Path(r).resolve() for r in roots), cfg.public_url or self.http_url,
+                                                  allowed_hosts=cfg.artifact_hosts)
 
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=30.0, sock_connect=2.0),
@@ -352,6 +354,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-interval", type=float, default=5.0)
     p.add_argument("--missed-heartbeats", type=int, default=3, help="an agent is unhealthy after this many missed heartbeats")
     p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
+    p.add_argument("--artifact-host", action="append", default=[],
+                   help="allowed host for http(s) artifact URIs, exact or .domain for subdomains (repeatable; default: any)")
     p.add_argument("--public-url", help="URL agents and Ray replicas use to reach this server")
     p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable)")
     p.add_argument("--gateway-auth", choices=list(admission.GATEWAY_AUTH), default="none",
@@ -373,7 +377,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,
         agent_join_port=args.agent_join_port, insecure_agents=args.insecure_agents,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
-        artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), public_url=args.public_url, bootstrap_tokens=tokens,
+        artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,
         gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
         gateway_max_body=args.gateway_max_body,
     )

@@ -31,11 +31,15 @@ def sha256_file(path: pathlib.Path) -> str:
 class ArtifactCatalog:
     roots: tuple[pathlib.Path, ...]
     public_base: str = ""  # control plane URL as agents reach it, e.g. http://10.0.0.5:8080
+    #: Hosts remote artifact URLs may name (exact, or ".example.com" for its subdomains);
+    #: empty = any host. Applied before a URL is handed to an agent or a replica.
+    allowed_hosts: tuple[str, ...] = ()
     _verified: dict[str, pathlib.Path] = field(default_factory=dict)
 
     def local_path(self, uri: str) -> pathlib.Path | None:
         """The file behind a local URI, or None for remote URIs. Raises outside the roots."""
         if uri.startswith(("http://", "https://")):
+            self._check_host(uri)
             return None
         if uri.startswith("file://"):
             parsed = urllib.parse.urlparse(uri)
@@ -51,6 +55,16 @@ class ArtifactCatalog:
             if candidate.is_relative_to(root.resolve()) and candidate.exists():
                 return candidate
         raise ArtifactError(f"artifact {uri!r} was not found under the artifact roots ({', '.join(str(r) for r in self.roots)})")
+
+    def _check_host(self, uri: str) -> None:
+        if not self.allowed_hosts:
+            return
+        host = (urllib.parse.urlsplit(uri).hostname or "").lower()
+        for allowed in self.allowed_hosts:
+            allowed = allowed.lower()
+            if host == allowed or (allowed.startswith(".") and host.endswith(allowed)):
+                return
+        raise ArtifactError(f"{uri}: host {host!r} is not an allowed artifact host ({', '.join(self.allowed_hosts)}); see --artifact-host")
 
     def register(self, uri: str, sha256: str) -> str:
         """Check a local artifact and return the URL consumers should download it from."""

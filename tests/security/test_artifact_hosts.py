@@ -1,0 +1,78 @@
+"""Remote artifact URLs are limited to the configured hosts; local ones to artifact roots."""
+
+from __future__ import annotations
+
+import pathlib
+
+import httpx
+import pytest
+
+from orchestrator.artifacts import catalog
+from orchestrator.testing import harness
+
+SHA = "0" * 64
+
+
+@pytest.mark.parametrize(
+    "allowed, uri, ok",
+    [
+        ((), "https://anywhere.example/m.onnx", True),
+        (("models.example.com",), "https://models.example.com/m.onnx", True),
+        (("models.example.com",), "https://MODELS.example.com:8443/m.onnx", True),
+        (("models.example.com",), "https://evil.example.net/m.onnx", False),
+        (("models.example.com",), "https://models.example.com.evil.net/m.onnx", False),
+        ((".example.com",), "https://eu.models.example.com/m.onnx", True),
+        ((".example.com",), "https://example.com.evil.net/m.onnx", False),
+    ],
+)
+def test_remote_hosts(allowed: tuple[str, ...], uri: str, ok: bool, tmp_path: pathlib.Path) -> None:
+    cat = catalog.ArtifactCatalog((tmp_path,), "http://cp", allowed_hosts=allowed)
+    if ok:
+        assert cat.register(uri, SHA) == uri
+    else:
+        with pytest.raises(catalog.ArtifactError, match="not an allowed artifact host"):
+            cat.register(uri, SHA)
+
+
+def test_file_uris_outside_the_roots_are_refused(tmp_path: pathlib.Path) -> None:
+    cat = catalog.ArtifactCatalog((tmp_path / "root",), "http://cp")
+    with pytest.raises(catalog.ArtifactError, match="outside the allowed artifact roots"):
+        cat.register("file:///etc/passwd", SHA)
+    with pytest.raises(catalog.ArtifactError, match="must not name a host"):
+        cat.register("file://server/share/m.onnx", SHA)
+
+
+FLEET = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: edge-x}
+spec: {tier: edge, location: {country: FR, lat: 48.8, lon: 2.3}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: remote}
+spec:
+  variants:
+    - {name: v, runtime: onnx, artifact: {uri: "https://evil.example.net/m.onnx", sha256: "%s"}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: remote-dep}
+spec: {model: remote, placement: {tiers: [edge]}}
+""" % SHA
+
+
+@pytest.mark.asyncio
+async def test_a_disallowed_host_is_never_assigned_and_status_says_why(tmp_path: pathlib.Path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(artifact_hosts=("models.example.com",))
+        await fleet.start_agent("edge-x", country="FR", lat=48.8, lon=2.3)
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            assert (await http.post("/v1/apply", content=FLEET)).status_code == 200
+        await harness.wait_until(lambda: "not an allowed artifact host" in (cp.store.get("ModelDeployment", "remote-dep").status.get("reason") or ""),
+                                 15, what="the refusal in the status")
+        assigned = cp.hub.assignments("edge-x")
+        assert assigned is None or not assigned.assignments
+    finally:
+        await fleet.stop()
