@@ -70,15 +70,22 @@ def _body(model: str, rng: np.random.Generator) -> dict[str, Any]:
     return {"inputs": [{"name": "input", "shape": [1, dim], "datatype": "FP32", "data": rng.standard_normal(dim).round(4).tolist()}]}
 
 
-async def _wait_ready(cp: Any, models: list[str], timeout: float) -> dict[str, str]:
+def _settled(status: dict[str, Any]) -> bool:
+    """A deployment whose placed replicas are all serving (or that cannot be placed at all)."""
+    if status.get("phase") in (None, "Pending", "Progressing"):
+        return False
+    return status.get("readyReplicas", 0) >= status.get("replicas", 0)
+
+
+async def _wait_ready(cp: Any, timeout: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     with console.status("waiting for replicas...") as status:
         while True:
-            phases = {o.name: o.status.get("phase", "Pending") for o in cp.store.list("ModelDeployment")}
-            ready = {m: any(e.healthy for e in cp.table.endpoints(m)) for m in models}
-            status.update("waiting for replicas: " + ", ".join(f"{n} {p}" for n, p in sorted(phases.items())))
-            if all(ready.values()) or time.monotonic() > deadline:
-                return phases
+            deployments = {o.name: dict(o.status) for o in cp.store.list("ModelDeployment")}
+            status.update("waiting for replicas: " + ", ".join(
+                f"{n} {s.get('phase', 'Pending')} {s.get('readyReplicas', 0)}/{s.get('replicas', 0)}" for n, s in sorted(deployments.items())))
+            if (deployments and all(_settled(s) for s in deployments.values())) or time.monotonic() > deadline:
+                return {n: s.get("phase", "Pending") for n, s in deployments.items()}
             await asyncio.sleep(0.5)
 
 
@@ -111,20 +118,21 @@ async def run(args: argparse.Namespace) -> int:
         cp = await fleet.start_control_plane(local_ray_gpus=None if args.no_ray else 2, local_ray_cpus=None, heartbeat_interval_s=1.0, resync_s=2.0)
         console.print(f"      API and gateway {cp.http_url}, agents connect to {cp.agent_target}")
         examples = harness.EXAMPLES if not args.no_ray else harness.ray_free_examples(root / "examples", "http://127.0.0.1:9")
-        files = [(str(p.relative_to(p.parents[2])), p.read_text()) for p in loader.manifest_files(examples)]
+        files = [(p.name, p.read_text()) for p in loader.manifest_files(examples)]
+        sites = [f for f in files if f[0] == "sites.yaml"]
+        workloads = [f for f in files if f[0] != "sites.yaml"]
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=60) as http:
-            console.print("[bold]2/5[/] applying manifests/examples (plan first)")
-            plan = (await http.post("/v1/apply", params={"dryRun": "true"}, content=loader.bundle(files))).json()
-            added = [c for c in plan["plan"]["changes"] if c["after"] > c["before"]]
-            console.print(f"      plan: {len(plan['results'])} objects, {sum(c['after'] for c in added)} replicas on {len({c['site'] for c in added})} sites "
-                          f"(edge sites have no agent yet, so the plan uses the data centres)")
-            resp = await http.post("/v1/apply", content=loader.bundle(files))
-            resp.raise_for_status()
+            console.print("[bold]2/5[/] declaring the sites (manifests/examples/sites.yaml)")
+            (await http.post("/v1/apply", content=loader.bundle(sites))).raise_for_status()
             console.print("[bold]3/5[/] starting edge agents: " + ", ".join(f"{s} ({a['country']})" for s, a in AGENTS.items()) + "; edge-zurich has none")
             await asyncio.gather(*(fleet.start_agent(site, heartbeat_interval=1.0, **where) for site, where in AGENTS.items()))
-            console.print("[bold]4/5[/] waiting for replicas (agents download and verify artifacts, Ray starts Serve apps)")
-            models = ["intent-classifier", "doc-fields"] + ([] if args.no_ray else ["assistant-70b"])
-            await _wait_ready(cp, models, timeout=args.timeout)
+            console.print("[bold]4/5[/] planning and applying the models and deployments, then waiting for replicas")
+            plan = (await http.post("/v1/apply", params={"dryRun": "true"}, content=loader.bundle(workloads))).json()
+            added = [c for c in plan["plan"]["changes"] if c["after"] > c["before"]]
+            console.print(f"      plan: {sum(c['after'] for c in added)} replicas on {len({c['site'] for c in added})} sites: "
+                          + ", ".join(sorted({c['site'] for c in added})))
+            (await http.post("/v1/apply", content=loader.bundle(workloads))).raise_for_status()
+            await _wait_ready(cp, timeout=args.timeout)
             placements = (await http.get("/v1/placements")).json()["items"]
             table = Table(title="Placement", box=None, header_style="bold")
             for h in ("DEPLOYMENT", "SITE", "VARIANT", "REPLICAS", "STATE"):
