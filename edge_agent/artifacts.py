@@ -154,13 +154,7 @@ class ArtifactCache:
                     os.fsync(fh.fileno())
         except httpx.HTTPError as exc:
             raise errors.ArtifactUnavailable(f"download of {url} failed: {exc}") from exc
-        actual = hasher.hexdigest()
-        if actual != digest:
-            partial.unlink(missing_ok=True)
-            raise errors.ArtifactIntegrityError(
-                f"artifact {url} has sha256 {actual}, expected {digest}: refused"
-            )
-        os.replace(partial, final)
+        _publish(partial, final, url, digest, hasher.hexdigest())
         log.info(
             "downloaded %s (%d bytes, sha256 verified) in %.1fs",
             url,
@@ -188,13 +182,15 @@ class ArtifactCache:
         except OSError as exc:
             partial.unlink(missing_ok=True)
             raise errors.ArtifactUnavailable(f"cannot read {url}: {exc}") from exc
-        actual = hasher.hexdigest()
-        if actual != digest:
-            partial.unlink(missing_ok=True)
-            raise errors.ArtifactIntegrityError(
-                f"artifact {url} has sha256 {actual}, expected {digest}: refused"
-            )
-        os.replace(partial, final)
+        _publish(partial, final, url, digest, hasher.hexdigest())
+
+
+def _publish(partial: pathlib.Path, final: pathlib.Path, url: str, digest: str, actual: str) -> None:
+    """Move a fully written artifact into the cache, only if its digest is the expected one."""
+    if actual != digest:
+        partial.unlink(missing_ok=True)
+        raise errors.ArtifactIntegrityError(f"artifact {url} has sha256 {actual}, expected {digest}: refused")
+    os.replace(partial, final)
 
 
 def _hash_into(path: pathlib.Path, hasher: hashlib._Hash) -> int:

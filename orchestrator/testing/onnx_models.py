@@ -7,13 +7,14 @@ NumPy reference or across execution providers.
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from orchestrator.artifacts import catalog
 
 OPSET = 17
 
@@ -28,12 +29,7 @@ class BuiltModel:
     out_dim: int
 
 
-def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_file = catalog.sha256_file
 
 
 def mlp_weights(in_dim: int, hidden: int, out_dim: int, layers: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
