@@ -287,7 +287,8 @@ class ControlPlane:
         self.hub.forget(site)
 
     def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
-        return views.preview(self.reconciler.current(), docs)
+        last = self.reconciler.last_plan
+        return views.preview(self.reconciler.current(), docs, last.result.energy if last else None)
 
     def placements_view(self) -> dict[str, Any]:
         return views.placements(self.reconciler.last_snapshot, self.store.placements())

@@ -34,7 +34,10 @@ def overlay(s: snap.Snapshot, docs: Iterable[loader.LoadedDocument]) -> snap.Sna
     return replace(s, sites=tuple(sites.values()), models=models, deployments=tuple(deployments.values()))
 
 
-def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
+def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],
+            current_energy: sched_result.Energy | None = None) -> dict[str, Any]:
+    """``current_energy`` is that of the placement the last reconcile pass decided (the one
+    running), so a dry run schedules once, for the future only."""
     future = overlay(current, docs)
     result, _ = planning.schedule(future)
     before = Counter({(r.deployment, r.site, r.variant): r.replicas for r in current.placements})
@@ -52,7 +55,6 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[s
         else:
             change = "added" if a > b else "removed"
         changes.append({"site": site, "deployment": deployment, "variant": variant, "before": b, "after": a, "change": change})
-    current_energy = planning.schedule(current)[0].energy if current.deployments else None
     energy: dict[str, Any] = {"watts": result.energy.watts, "gramsCO2PerHour": result.energy.g_co2_per_hour}
     if current_energy is not None:
         energy.update(currentWatts=current_energy.watts, currentGramsCO2PerHour=current_energy.g_co2_per_hour)
@@ -82,12 +84,12 @@ def placements(s: snap.Snapshot | None, rows: Iterable[Any]) -> dict[str, Any]:
 
 
 def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
-    site = next((x for x in s.sites if x.name == row.site), None)
+    site = s.site_by_name.get(row.site)
     if site is None:
         return {"state": "SiteGone"}
     if site.spec.tier == "edge":
-        agent = next((a for a in s.agents if a.site == row.site), None)
-        deployment = next((d for d in s.deployments if d.name == row.deployment), None)
+        agent = s.agent_by_site.get(row.site)
+        deployment = s.deployment_by_name.get(row.deployment)
         if agent is None:
             return {"state": "NoAgent", "ready": 0}
         state = agent.models.get(deployment.spec.model) if deployment else None

@@ -61,8 +61,7 @@ class PassPlan:
 
 def schedule(s: snap.Snapshot) -> tuple[sched_result.PlanResult, list[str]]:
     """Run the scheduler on the snapshot; also returns deployments skipped as invalid."""
-    agents = {a.site: a for a in s.agents}
-    sites = [inventory.to_site(r, agents.get(r.name), s.datacentres.get(r.name)) for r in s.sites]
+    sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name)) for r in s.sites]
     deployments, skipped = [], []
     for d in s.deployments:
         model = s.models.get(d.spec.model)
@@ -98,7 +97,7 @@ def _variant(s: snap.Snapshot, deployment: snap.DeploymentRecord, name: str) -> 
 
 
 def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, tuple[agent_model.Assignment, ...]]:
-    deployments = {d.name: d for d in s.deployments}
+    deployments = s.deployment_by_name
     tiers = {r.name: r.spec.tier for r in s.sites}
     out: dict[str, dict[str, agent_model.Assignment]] = {r.name: {} for r in s.sites if r.spec.tier == "edge"}
     for row in rows:
@@ -116,7 +115,7 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -
 
 
 def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, tuple[serve_config.ServeAppSpec, ...]]:
-    deployments = {d.name: d for d in s.deployments}
+    deployments = s.deployment_by_name
     dcs = [r.name for r in s.sites if r.spec.tier == "datacenter"]
     out: dict[str, list[serve_config.ServeAppSpec]] = {site: [] for site in dcs}
     for row in rows:
@@ -142,9 +141,7 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
 
 def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple[routing.Endpoint, ...]:
     """Replicas that can answer now: only where the current placement puts them."""
-    deployments = {d.name: d for d in s.deployments}
-    sites = {r.name: r for r in s.sites}
-    agents = {a.site: a for a in s.agents}
+    deployments, sites, agents = s.deployment_by_name, s.site_by_name, s.agent_by_site
     placed = {(r.deployment, r.site) for r in rows}
     out: list[routing.Endpoint] = []
     for deployment_name, site_name in sorted(placed):
@@ -171,15 +168,13 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
     return tuple(out)
 
 
-def ready_replicas(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow], deployment: str, model: str) -> int:
-    agents = {a.site: a for a in s.agents}
-    tiers = {r.name: r.spec.tier for r in s.sites}
+def ready_replicas(s: snap.Snapshot, mine: Iterable[store_mod.PlacementRow], deployment: str, model: str) -> int:
+    """Replicas of ``deployment`` (its placement rows: ``mine``) that answer now."""
     ready = 0
-    for row in rows:
-        if row.deployment != deployment:
-            continue
-        if tiers.get(row.site) == "edge":
-            agent = agents.get(row.site)
+    for row in mine:
+        site = s.site_by_name.get(row.site)
+        if site is not None and site.spec.tier == "edge":
+            agent = s.agent_by_site.get(row.site)
             state = agent.models.get(model) if agent else None
             if agent is not None and agent.healthy and state is not None and state.serving:
                 ready += row.replicas
@@ -192,10 +187,10 @@ def ready_replicas(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow], dep
 
 
 def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_result.DeploymentPlan | None,
-                      rows: tuple[store_mod.PlacementRow, ...]) -> dict[str, Any]:
+                      mine: list[store_mod.PlacementRow]) -> dict[str, Any]:
+    """What ``get``/``describe`` show for ``d``; ``mine`` are its placement rows."""
     if plan is None:
         return {"phase": "Invalid", "reason": f"Model {d.spec.model!r} does not exist", "observedGeneration": d.generation}
-    mine = [r for r in rows if r.deployment == d.name]
     problems: list[str] = []  # make the deployment Failing
     notes: list[str] = []  # shown, but the replicas may still come (e.g. waiting for a GPU node)
     for r in mine:
@@ -211,7 +206,7 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
                 problems.append(f"{r.site}: {app.status.value}: {app.message}")
             elif app is not None and app.message and app.replicas_running < app.replicas_target:
                 notes.append(f"{r.site}: {app.message}")
-    ready = ready_replicas(s, rows, d.name, d.spec.model)
+    ready = ready_replicas(s, mine, d.name, d.spec.model)
     phase = str(plan.status)
     if phase != "Unschedulable" and ready < plan.placed:
         phase = "Progressing" if not problems else "Failing"
@@ -230,7 +225,7 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
 
 
 def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
-    agent = next((a for a in s.agents if a.site == record.name), None)
+    agent = s.agent_by_site.get(record.name)
     dc = s.datacentres.get(record.name)
     _, health = inventory.site_health(record, agent, dc)
     status: dict[str, Any] = {"health": health}
@@ -262,9 +257,12 @@ def plan_pass(s: snap.Snapshot) -> PassPlan:
     for site, apps in serve_apps(s, rows).items():
         if apps != s.applied_apps.get(site) or (s.datacentres.get(site) is not None and not s.datacentres[site].reachable):
             out.append(act.ApplyServeApps(site, apps))
+    rows_of: dict[str, list[store_mod.PlacementRow]] = {}
+    for row in rows:
+        rows_of.setdefault(row.deployment, []).append(row)
     deployed: dict[str, str] = {}
     for d in s.deployments:
-        status = deployment_status(s, d, result.deployments.get(d.name), rows)
+        status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []))
         out.append(act.SetStatus("ModelDeployment", d.name, status))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
     for r in s.sites:

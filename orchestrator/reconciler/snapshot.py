@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
@@ -55,3 +56,18 @@ class Snapshot:
     artifacts: Mapping[tuple[str, str], ArtifactRef]  # (model, variant) -> where to fetch
     assignments: Mapping[str, tuple[agent_model.Assignment, ...]]  # what each agent was last sent
     applied_apps: Mapping[str, tuple[serve_config.ServeAppSpec, ...]]  # what each DC was last given
+
+    # Lookups by name, built once per snapshot: a pass touches every site and deployment,
+    # and scanning the lists for each would make it quadratic in the fleet's size.
+
+    @cached_property
+    def site_by_name(self) -> Mapping[str, SiteRecord]:
+        return {r.name: r for r in self.sites}
+
+    @cached_property
+    def agent_by_site(self) -> Mapping[str, agent_model.AgentStatus]:
+        return {a.site: a for a in self.agents}
+
+    @cached_property
+    def deployment_by_name(self) -> Mapping[str, DeploymentRecord]:
+        return {d.name: d for d in self.deployments}
