@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.scheduler_instances import make_deployments, make_fleet
+from orchestrator.testing.placement_rules import eligible
 from orchestrator.scheduler import Replica, Tuning, exact, plan
 from orchestrator.scheduler.model import Deployment, Site
 
@@ -59,30 +60,14 @@ def violations(sites: list[Site], deployments: list[Deployment], replicas) -> li
         if d.placement.spread is None:
             continue
         key = (lambda s: s.region) if d.placement.spread.by == "region" else (lambda s: s.name)
-        eligible = {key(s) for s in sites if _eligible(s, d)}
-        counts = dict.fromkeys(eligible, 0)
+        domains = {key(s) for s in sites if eligible(s, d)}
+        counts = dict.fromkeys(domains, 0)
         for r in replicas:
             if r.deployment == d.name:
                 counts[key(by_site[r.site])] += 1
         if counts and max(counts.values()) - min(counts.values()) > d.placement.spread.max_skew:
             found.append(f"{d.name}: spread")
     return found
-
-
-def _eligible(s: Site, d: Deployment) -> bool:
-    rules = d.placement
-    if not s.healthy or s.tier not in rules.tiers:
-        return False
-    if rules.residency is not None and s.country not in rules.residency:
-        return False
-    if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
-        return False
-    return any(
-        s.cpu >= v.cpu
-        and s.memory_gib * 1024 >= v.memory_mib
-        and (not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus))
-        for v in d.variants_for(s.tier)
-    )
 
 
 def make_instance(seed: int):

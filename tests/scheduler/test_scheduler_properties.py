@@ -9,6 +9,7 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from orchestrator.testing.placement_rules import eligible
 from orchestrator.scheduler import (
     DemandPoint,
     Deployment,
@@ -160,22 +161,6 @@ def check_hard_rules(sites, deployments, replicas):
                 counts[key(by_site[r.site])] += 1
         if counts:
             assert max(counts.values()) - min(counts.values()) <= spread.max_skew, counts
-
-
-def eligible(s, d):
-    rules = d.placement
-    if not s.healthy or s.tier not in rules.tiers:
-        return False
-    if rules.residency is not None and s.country not in rules.residency:
-        return False
-    if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
-        return False
-    return any(
-        s.cpu >= v.cpu
-        and s.memory_gib * 1024 >= v.memory_mib
-        and (not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus))
-        for v in d.variants_for(s.tier)
-    )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
