@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orchestrator.scheduler import geo
 from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
 from orchestrator.scheduler.model import Variant, Weights
 from orchestrator.scheduler.spread import DomainCounts
@@ -36,9 +35,20 @@ class Options:
     rtt: np.ndarray  # (options, demand points), ms
     running: list[int]  # replicas of this deployment running there now
     domain: list[int]
+    keys: list[tuple[int, str]]  # (site, variant name) per option
+    index: IntArray  # the sites again, as an array
+    spans: list[tuple[Variant, int, int]]  # options [start, end) are of this variant
     # Lowest per-replica cost (carbon + fit) of a feasible site left out of the shortlist:
     # once every option costs more than a new replica there, the shortlist is too short.
     outside: float = math.inf
+    _position: dict[tuple[int, str], int] | None = None
+
+    @property
+    def position(self) -> dict[tuple[int, str], int]:
+        """Option index per (site, variant name) key (each key appears once)."""
+        if self._position is None:
+            self._position = {key: o for o, key in enumerate(self.keys)}
+        return self._position
 
 
 def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | None, limit: int | None) -> tuple[Options, bool]:
@@ -62,19 +72,19 @@ def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | Non
             outside = min(outside, left_out)
         if used:  # sites already holding replicas stay candidates even when full now
             held = np.fromiter(used, dtype=np.int64)
-            free = np.union1d(free, held[job.eligible[variant.name][held]])
+            free = fleet.union(free, held[job.eligible[variant.name][held]])
         chosen.append((free, variant))
     sites: list[int] = []
     variants: list[Variant] = []
     statics: list[np.ndarray] = []
+    spans: list[tuple[Variant, int, int]] = []
     for free, variant in chosen:
+        spans.append((variant, len(sites), len(sites) + free.size))
         sites.extend(free.tolist())
         variants.extend([variant] * free.size)
         statics.append(static_cost(fleet, w, variant, free))
     idx = np.array(sites, dtype=np.int64)
-    rtt = np.zeros((idx.size, len(job.demand)))
-    for p, demand in enumerate(job.demand):
-        rtt[:, p] = fleet.rtt_to(demand.point, (demand.lat, demand.lon), idx)
+    rtt = fleet.rtt_table([d.point for d in job.demand], [(d.lat, d.lon) for d in job.demand], idx)
     by_region = spread is not None and job.deployment.placement.spread.by == "region"  # type: ignore[union-attr]
     domain = (fleet.region[idx] if by_region else idx).tolist()
     return (
@@ -83,12 +93,23 @@ def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | Non
             variant=variants,
             static=np.concatenate(statics) if statics else np.zeros(0),
             rtt=rtt,
-            running=[job.running.get((s, v.name), 0) for s, v in zip(sites, variants)],
+            running=[job.running.get((s, v.name), 0) for s, v in zip(sites, variants)] if job.running else [0] * len(sites),
             domain=domain,
+            keys=list(zip(sites, [v.name for v in variants])),
+            index=idx,
+            spans=spans,
             outside=outside,
         ),
         complete,
     )
+
+
+def with_room(capacity: Capacity, options: Options) -> BoolArray:
+    """Per option: its site has room for one more replica of its variant now."""
+    ok = np.zeros(len(options.site), dtype=bool)
+    for variant, start, end in options.spans:
+        ok[start:end] = capacity.fits(options.index[start:end], variant)
+    return ok
 
 
 def _shortlist(
@@ -122,7 +143,7 @@ def _shortlist(
             cost = w.latency_per_ms * demand.share * rtt + static_cost(fleet, w, variant, near)
             near = near[np.argsort(cost, kind="stable")[:per_point]]
         if near.size < min(per_point, free.size) and order.size < fleet.size:
-            dots = fleet.xyz[free] @ geo.unit_vectors(demand.lat, demand.lon)
+            dots = fleet.xyz[free] @ fleet.unit_vector(demand.lat, demand.lon)
             k = min(per_point, free.size)
             near = free[np.argpartition(-dots, k - 1)[:k]]
         picks.append(near)
@@ -141,7 +162,7 @@ def _shortlist(
         if right_tier.size + other_tier.size >= min(k, free.size) or chunk.size == fleet.size:
             break
     picks.extend([right_tier, other_tier])
-    out = np.unique(np.concatenate(picks))
+    out = fleet.union(*picks)
     # the cheapest of each tier past the taken prefix (a lower bound for the left-out ones)
     rest = np.concatenate([right_all[right_tier.size :][:1], other_all[other_tier.size :][:1]])
     left_out = float(static_cost(fleet, w, variant, rest).min()) if rest.size else math.inf
@@ -150,14 +171,13 @@ def _shortlist(
         domains = fleet.region if rules.by == "region" else np.arange(fleet.size)  # type: ignore[union-attr]
         covered = np.unique(domains[out]).size
         if job.wanted > covered * spread.max_skew:  # must reach more domains to balance
-            out = np.union1d(out, _best_per_domain(fleet, job, variant, free, domains, limit))
+            out = fleet.union(out, _best_per_domain(fleet, job, variant, free, domains, limit))
     return out, left_out
 
 
 def static_cost(fleet: Fleet, w: Weights, variant: Variant, sites: IntArray) -> np.ndarray:
     """Carbon and variant-fit cost points of one replica at each of ``sites``."""
-    fit = np.where(fleet.is_edge[sites] != variant.is_distilled, w.variant_fit_per_replica, 0.0)
-    return w.carbon_per_g_per_hour * variant.watts * fleet.intensity[sites] + fit
+    return fleet.replica_cost(w.carbon_per_g_per_hour * variant.watts, w.variant_fit_per_replica, variant.is_distilled)[sites]
 
 
 def _best_per_domain(fleet: Fleet, job: Job, variant: Variant, free: IntArray, domains: IntArray, limit: int) -> IntArray:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
+from scipy.spatial import cKDTree
 
 from orchestrator.scheduler import geo
 from orchestrator.scheduler.model import DemandPoint, Deployment, Site, Tier, Variant
@@ -68,6 +69,9 @@ class Fleet:
         self._tier_cache: dict[frozenset[Tier], BoolArray] = {}
         self._near_cache: dict[tuple[float, float], tuple[IntArray, FloatArray]] = {}
         self._by_intensity: IntArray | None = None
+        self._kdtree: cKDTree | None = None
+        self._unit_cache: dict[tuple[float, float], FloatArray] = {}
+        self._static_cache: dict[tuple[float, float, bool], FloatArray] = {}
         self._hardware_cache: dict[tuple[float, float, int, float], BoolArray] = {}
 
     def _locate_regions(self, given: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -148,11 +152,47 @@ class Fleet:
         estimate; cached per point, so deployments sharing a demand region share it."""
         found = self._near_cache.get((lat, lon))
         if found is None:
-            dots = self.xyz @ geo.unit_vectors(lat, lon)
             keep = min(self.size, NEAREST_KEPT)
-            part = np.argpartition(-dots, keep - 1)[:keep] if keep < self.size else np.arange(self.size)
-            order = part[np.argsort(-dots[part], kind="stable")]
-            found = self._near_cache[(lat, lon)] = (order, geo.rtt_from_dot(dots[order]))
+            if keep == 0:
+                order = np.zeros(0, dtype=np.int64)
+            else:
+                # chord distance on the unit sphere grows with the great-circle angle
+                _, order = self._tree().query(self.unit_vector(lat, lon), k=keep)
+                order = np.atleast_1d(np.asarray(order, dtype=np.int64))
+            dots = self.xyz[order] @ self.unit_vector(lat, lon)
+            found = self._near_cache[(lat, lon)] = (order, geo.rtt_from_dot(dots))
+        return found
+
+    def _tree(self) -> cKDTree:
+        if self._kdtree is None:
+            self._kdtree = cKDTree(self.xyz)
+        return self._kdtree
+
+    def unit_vector(self, lat: float, lon: float) -> FloatArray:
+        """The point's unit vector, cached: demand points recur across deployments."""
+        found = self._unit_cache.get((lat, lon))
+        if found is None:
+            found = self._unit_cache[(lat, lon)] = geo.unit_vectors(float(lat), float(lon))
+        return found
+
+    @staticmethod
+    def union(*parts: IntArray) -> IntArray:
+        """Sorted distinct site indices of ``parts`` (``np.union1d`` of many, without its
+        per-call overhead, which dominates on the few dozen sites of a shortlist)."""
+        joined = np.sort(np.concatenate(parts).astype(np.int64, copy=False))
+        keep = np.empty(joined.size, dtype=bool)
+        keep[:1] = True
+        np.not_equal(joined[1:], joined[:-1], out=keep[1:])
+        return joined[keep]
+
+    def replica_cost(self, carbon: float, fit: float, distilled: bool) -> FloatArray:
+        """Per-replica carbon and variant-fit cost points at every site, for a variant
+        drawing ``carbon`` points per unit of intensity; cached, variants recur."""
+        key = (carbon, fit, distilled)
+        found = self._static_cache.get(key)
+        if found is None:
+            found = carbon * self.intensity + np.where(self.is_edge != distilled, fit, 0.0)
+            self._static_cache[key] = found
         return found
 
     def by_intensity(self) -> IntArray:
@@ -172,13 +212,23 @@ class Fleet:
 
     def rtt_to(self, point: DemandPoint, where: tuple[float, float], sites: IntArray) -> FloatArray:
         """Round-trip time (ms) from a demand point to each of ``sites``."""
-        xyz = geo.unit_vectors(where[0], where[1])
+        return self.rtt_table([point], [where], sites)[:, 0]
+
+    def rtt_table(self, points: Sequence[DemandPoint], where: Sequence[tuple[float, float]], sites: IntArray) -> FloatArray:
+        """Round-trip times (ms), shape (sites, points): one product for every point,
+        then the measured RTTs of sites that report them for a point's region."""
+        if not points:
+            return np.zeros((sites.size, 0))
+        xyz = np.stack([self.unit_vector(lat, lon) for lat, lon in where], axis=1)
         rtt = geo.rtt_from_dot(self.xyz[sites] @ xyz)
-        if point.region is not None and self.measured_rtt:
-            for j, site in enumerate(sites.tolist()):
-                measured = self.measured_rtt.get(site)
-                if measured is not None and point.region in measured:
-                    rtt[j] = measured[point.region]
+        if self.measured_rtt:
+            for p, point in enumerate(points):
+                if point.region is None:
+                    continue
+                for j, site in enumerate(sites.tolist()):
+                    measured = self.measured_rtt.get(site)
+                    if measured is not None and point.region in measured:
+                        rtt[j, p] = measured[point.region]
         return rtt
 
 
@@ -238,13 +288,14 @@ class Capacity:
 
     def take(self, site: int, variant: Variant) -> int | None:
         """Reserve one replica's resources; the GPU group used, or None if it does not fit."""
-        if self.cpu[site] < variant.cpu - 1e-9 or self.memory_mib[site] < variant.memory_mib - 1e-9:
+        cpu, memory = self.cpu.item(site), self.memory_mib.item(site)  # Python floats: cheaper
+        if cpu < variant.cpu - 1e-9 or memory < variant.memory_mib - 1e-9:
             return None
-        group = self.gpu_group(site, variant)
+        group = self.gpu_group(site, variant) if variant.gpus else -1
         if group is None:
             return None
-        self.cpu[site] -= variant.cpu
-        self.memory_mib[site] -= variant.memory_mib
+        self.cpu[site] = cpu - variant.cpu
+        self.memory_mib[site] = memory - variant.memory_mib
         if group >= 0:
             self.gpu_count[site, group] -= variant.gpus
         return group

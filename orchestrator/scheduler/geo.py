@@ -15,6 +15,7 @@ import numpy.typing as npt
 EARTH_RADIUS_KM = 6371.0
 FIBRE_KM_PER_MS = 200.0  # one way
 FIXED_RTT_MS = 2.0  # switching, last mile and the serving stack's network hop
+_MS_PER_RADIAN = 2.0 * EARTH_RADIUS_KM / FIBRE_KM_PER_MS  # there and back
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -33,7 +34,9 @@ def unit_vectors(lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> FloatArray:
 def rtt_from_dot(dot: npt.ArrayLike) -> FloatArray:
     """Round-trip time (ms) between points whose unit vectors have this dot product."""
     angle = np.arccos(np.clip(np.asarray(dot, dtype=np.float64), -1.0, 1.0))
-    return 2.0 * angle * EARTH_RADIUS_KM / FIBRE_KM_PER_MS + FIXED_RTT_MS
+    angle *= _MS_PER_RADIAN
+    angle += FIXED_RTT_MS
+    return angle
 
 
 def rtt_ms(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

@@ -90,15 +90,18 @@ def score_deployment(
     placed: Mapping[tuple[int, str], int],
     current: Mapping[tuple[int, str], int],
     nearest: Sequence[float | None] | None = None,
+    located: Sequence[LocatedDemand] | None = None,
 ) -> Objective:
     """Cost of one deployment's placement; keys are (site index, variant name).
 
     ``nearest`` may pass the RTT from each located demand point to its nearest replica
-    when the caller has it already (None where nothing is placed).
+    when the caller has it already (None where nothing is placed), and ``located`` the
+    deployment's ``locate_demand`` points.
     """
     variants = {v.name: v for v in deployment.variants}
     open_sites = sorted({site for (site, _), n in placed.items() if n > 0})
-    located, _ = locate_demand(fleet, deployment)
+    if located is None:
+        located, _ = locate_demand(fleet, deployment)
     latency = 0.0
     for p, demand in enumerate(located):
         known = nearest[p] if nearest is not None else None
@@ -114,8 +117,8 @@ def score_deployment(
         if n <= 0:
             continue
         variant = variants[name]
-        tier = Tier.EDGE if fleet.is_edge[site] else Tier.DATACENTER
-        carbon += n * weights.carbon_per_g_per_hour * variant.watts * float(fleet.intensity[site])
+        tier = Tier.EDGE if fleet.is_edge.item(site) else Tier.DATACENTER
+        carbon += n * weights.carbon_per_g_per_hour * variant.watts * fleet.intensity.item(site)
         if misfits(variant, tier):
             fit += n * weights.variant_fit_per_replica
         moves += max(0, n - current.get((site, name), 0)) * weights.move_per_replica

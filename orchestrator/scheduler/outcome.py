@@ -75,51 +75,45 @@ def _build_one(fleet: Fleet, job: Job, dropped: Mapping[Replica, str]) -> tuple[
 
     latency: list[DemandLatency] = []
     serves: dict[int, list[str]] = {}
-    for demand in job.demand:
+    if open_sites.size and job.demand:
+        table = fleet.rtt_table([d.point for d in job.demand], [(d.lat, d.lon) for d in job.demand], open_sites)
+        closest = table.argmin(axis=0).tolist()
+        rtts = table.min(axis=0).tolist()
+    for p, demand in enumerate(job.demand):
         if open_sites.size == 0:
             latency.append(DemandLatency(deployment.name, demand.point.label, demand.point.rps, None, None))
             continue
-        rtt = fleet.rtt_to(demand.point, (demand.lat, demand.lon), open_sites)
-        k = int(np.argmin(rtt))
-        site = int(open_sites[k])
-        latency.append(
-            DemandLatency(
-                deployment.name,
-                demand.point.label,
-                demand.point.rps,
-                fleet.names[site],
-                float(rtt[k]),
-            )
-        )
-        serves.setdefault(site, []).append(f"{demand.point.label} ({float(rtt[k]):.0f} ms)")
+        site = int(open_sites[closest[p]])
+        latency.append(DemandLatency(deployment.name, demand.point.label, demand.point.rps, fleet.names[site], rtts[p]))
+        serves.setdefault(site, []).append(f"{demand.point.label} ({rtts[p]:.0f} ms)")
 
     planned: list[PlannedReplica] = []
     watts = grams = 0.0
     for (site, name), n in sorted(placed.items(), key=lambda kv: (fleet.names[kv[0][0]], kv[0][1])):
         variant = variants[name]
-        draw = variant.watts * float(fleet.pue[site])
-        co2 = variant.watts * float(fleet.intensity[site])
+        draw = variant.watts * fleet.pue.item(site)
+        co2 = variant.watts * fleet.intensity.item(site)
         watts += n * draw
         grams += n * co2
         running = job.running.get((site, name), 0)
-        reasons: dict[tuple[bool, bool], str] = {}  # copies past the first read alike
+        # Copies past the first read alike; being immutable, they share one object.
+        same: dict[tuple[bool, bool], PlannedReplica] = {}
         for copy in range(n):
             kept = copy < running
             key = (kept, copy == 0)
-            if key not in reasons:
-                reasons[key] = _replica_reason(kept, serves.get(site, []), copy, job, co2)
-            planned.append(
-                PlannedReplica(
+            replica = same.get(key)
+            if replica is None:
+                replica = same[key] = PlannedReplica(
                     deployment=deployment.name,
                     site=fleet.names[site],
                     variant=name,
                     kept=kept,
-                    reason=reasons[key],
+                    reason=_replica_reason(kept, serves.get(site, []), copy, job, co2),
                 )
-            )
+            planned.append(replica)
     status, reason = _status(job)
     nearest = [point.rtt_ms for point in latency]
-    cost = score_deployment(fleet, deployment, job.weights, placed, job.running, nearest)
+    cost = score_deployment(fleet, deployment, job.weights, placed, job.running, nearest, job.demand)
     return (
         DeploymentPlan(
             name=deployment.name,
@@ -184,6 +178,8 @@ def _actions(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Repl
     for r in plan.replicas:
         if not r.kept:
             reasons.setdefault((r.site, r.variant), []).append(r.reason)
+    for queue in reasons.values():
+        queue.reverse()  # popped from the end, first replica first
     new = [(site, variant) for (site, variant), n in sorted(placed.items()) for _ in range(max(0, n - running.get((site, variant), 0)))]
     # Replicas leaving a broken site pair first, so their replacements read as moves.
     gone.sort(key=lambda g: (g[2].startswith(("scale", "a better")), g[0], g[1]))
@@ -197,11 +193,15 @@ def _actions(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Repl
                 from_variant,
                 to_site,
                 to_variant,
-                f"{why}; to: {reasons[(to_site, to_variant)].pop(0)}",
+                f"{why}; to: {reasons[(to_site, to_variant)].pop()}",
             )
         )
+    last: PlaceReplica | None = None
     for site, variant in new[pairs:]:
-        out.append(PlaceReplica(name, site, variant, reasons[(site, variant)].pop(0)))
+        reason = reasons[(site, variant)].pop()
+        if last is None or (last.site, last.variant, last.reason) != (site, variant, reason):
+            last = PlaceReplica(name, site, variant, reason)
+        out.append(last)
     for site, variant, why in gone[pairs:]:
         out.append(RemoveReplica(name, site, variant, why))
     return out

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.scheduler import candidates, diagnosis, outcome, repair
+from orchestrator.scheduler import candidates, diagnosis, gcpause, outcome, repair
 from orchestrator.scheduler.spread import DomainCounts
 from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
 from orchestrator.scheduler.model import (
@@ -110,6 +110,21 @@ def plan(
     ``weights`` apply to deployments without their own; ``region_locations`` places
     demand regions that have no sites (others sit at the centroid of their sites).
     """
+    # A plan allocates tens of thousands of short-lived, acyclic objects; the cyclic
+    # collector would walk the whole heap several times over for nothing.
+    with gcpause.paused():
+        return _plan(sites, deployments, current, weights=weights, tuning=tuning, region_locations=region_locations)
+
+
+def _plan(
+    sites: Sequence[Site],
+    deployments: Sequence[Deployment],
+    current: Iterable[Replica],
+    *,
+    weights: Weights,
+    tuning: Tuning,
+    region_locations: Mapping[str, tuple[float, float]] | None,
+) -> PlanResult:
     fleet = Fleet(sites, region_locations)
     names = [d.name for d in deployments]
     if len(set(names)) != len(names):
@@ -227,8 +242,12 @@ def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int
         return
     rules = job.deployment.placement
     if rules.spread is not None and job.spread is None:
-        keys = fleet.region if rules.spread.by == "region" else np.arange(fleet.size)
-        job.spread = DomainCounts(np.unique(keys[job.any_eligible]).tolist(), rules.spread.max_skew)
+        eligible = job.any_eligible
+        if rules.spread.by == "region":
+            domains = np.flatnonzero(np.bincount(fleet.region[eligible], minlength=len(fleet.region_names)))
+        else:
+            domains = np.flatnonzero(eligible)
+        job.spread = DomainCounts(domains.tolist(), rules.spread.max_skew)
     limit = tuning.candidates
     fresh = False
     while True:
@@ -254,24 +273,31 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
     best = _nearest(job, options)
     rtt = options.rtt.tolist()
     static = options.static.tolist()
-    count = Counter((s, v.name) for s, v, _ in job.placed)
+    running = options.running
+    keys = options.keys
+    count: dict[tuple[int, str], int] = {}
+    for s, v, _ in job.placed:
+        count[(s, v.name)] = count.get((s, v.name), 0) + 1
+    move_cost = w.move_per_replica
 
     def delta(o: int) -> float:
-        key = (options.site[o], options.variant[o].name)
-        cost = static[o] + (w.move_per_replica if count[key] >= options.running[o] else 0.0)
-        row = rtt[o]
-        for p in points:
-            if row[p] < best[p]:
-                cost -= weight[p] * (best[p] - row[p])
+        cost = static[o] + (move_cost if count.get(keys[o], 0) >= running[o] else 0.0)
+        for r, b, share in zip(rtt[o], best, weight):
+            if r < b:
+                cost -= share * (b - r)
         return cost
 
-    names = [v.name for v in options.variant]
-    move = np.array(
-        [w.move_per_replica if count[(site, name)] >= running else 0.0 for site, name, running in zip(options.site, names, options.running)]
-    )
+    move = np.where(np.asarray(running) <= 0, move_cost, 0.0)  # as if nothing were placed
+    for key, n in count.items():
+        o = options.position.get(key)
+        if o is not None:
+            move[o] = move_cost if n >= running[o] else 0.0
     gain = np.maximum(np.array(best)[None, :] - options.rtt, 0.0) @ np.array(weight) if weight else np.zeros(len(static))
     ceiling = options.outside + w.move_per_replica + WIDEN_MARGIN
-    heap = list(zip((options.static + move - gain).tolist(), range(len(static))))
+    # Options whose site is full now (other deployments filled it since the candidates
+    # were picked) can only be popped and dropped: leave them out from the start.
+    usable = np.flatnonzero(candidates.with_room(capacity, options))
+    heap = list(zip((options.static + move - gain)[usable].tolist(), usable.tolist()))
     heapq.heapify(heap)
     blocked: list[int] = []
     while len(job.placed) < upto and heap:
@@ -297,14 +323,14 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
                 full = True  # capacity only shrinks while this deployment is planned
                 break
             job.placed.append((site, variant, group))
-            key = (site, variant.name)
-            count[key] += 1
+            key = keys[o]
+            count[key] = count.get(key, 0) + 1
             for p in points:
                 best[p] = min(best[p], rtt[o][p])
             if spread is None:
                 # Further copies here cost the same until the running count is passed:
                 # place them without going back to the heap.
-                same = options.running[o] - count[key] if count[key] < options.running[o] else 0
+                same = running[o] - count[key] if count[key] < running[o] else 0
                 fresh = delta(o)
                 if fresh > ceiling:
                     break
@@ -318,7 +344,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
                         full = True
                         break
                     job.placed.append((site, variant, group))
-                    count[key] += 1
+                    count[key] = count.get(key, 0) + 1
                 if full:
                     break
                 continue
@@ -338,13 +364,13 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
 
 def _nearest(job: Job, options: candidates.Options) -> list[float]:
     """Current RTT from each demand point to its nearest placed replica."""
-    best = [job.weights.unserved_rtt_ms] * len(job.demand)
-    placed_sites = {site for site, _, _ in job.placed}
-    for o, site in enumerate(options.site):
-        if site in placed_sites:
-            for p in range(len(best)):
-                best[p] = min(best[p], float(options.rtt[o, p]))
-    return best
+    best = np.full(len(job.demand), job.weights.unserved_rtt_ms)
+    if job.placed and len(job.demand):
+        placed = np.fromiter({site for site, _, _ in job.placed}, dtype=np.int64)
+        rows = options.rtt[np.isin(options.index, placed)]
+        if rows.size:
+            best = np.minimum(best, rows.min(axis=0))
+    return best.tolist()
 
 
 def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread: DomainCounts | None) -> None:
@@ -355,7 +381,7 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
     """
     w = job.weights
     weight = np.array([w.latency_per_ms * d.share for d in job.demand])
-    index = {(s, v.name): o for o, (s, v) in enumerate(zip(options.site, options.variant))}
+    index = options.position
     running = np.array(options.running)
     for _ in range(RELOCATION_ROUNDS):
         count = Counter((s, v.name) for s, v, _ in job.placed)
@@ -368,7 +394,10 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
         move_in = options.static + np.where(counts >= running, w.move_per_replica, 0.0)
         refund_all = options.static + np.where(counts > running, w.move_per_replica, 0.0)
         open_sites = sorted(opened)
-        rows = np.array([options.rtt[index[next(k for k in count if k[0] == s)]] for s in open_sites])
+        first: dict[int, tuple[int, str]] = {}
+        for key in count:
+            first.setdefault(key[0], key)
+        rows = options.rtt[[index[first[s]] for s in open_sites]]
         best_all = rows.min(axis=0)
         # RTT per point without each open site: the runner-up where that site was nearest
         if len(open_sites) > 1:
@@ -392,7 +421,7 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
         if gain.min() >= -1e-9:
             return
         moved = False
-        for flat in np.argsort(gain, axis=None, kind="stable")[:16].tolist():
+        for flat in _smallest(gain.ravel(), 16):
             i, c = divmod(flat, gain.shape[1])
             if gain[i, c] >= -1e-9:
                 break
@@ -409,6 +438,15 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
                 break
         if not moved:
             return
+
+
+def _smallest(values: np.ndarray, k: int) -> list[int]:
+    """``np.argsort(values, kind="stable")[:k]`` without sorting all of ``values``."""
+    if values.size <= k:
+        return np.argsort(values, kind="stable").tolist()
+    bound = np.partition(values, k - 1)[k - 1]
+    within = np.flatnonzero(values <= bound)  # ascending index: ties keep stable order
+    return within[np.argsort(values[within], kind="stable")[:k]].tolist()
 
 
 def _swap(capacity: Capacity, job: Job, a_key: tuple[int, str], to_site: int, to_variant: Variant) -> bool:

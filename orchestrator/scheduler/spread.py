@@ -15,7 +15,7 @@ class DomainCounts:
     """Replica counts per spread domain, with the min/max checks the greedy needs."""
 
     def __init__(self, domains: Iterable[int], max_skew: int) -> None:
-        self.count: dict[int, int] = {d: 0 for d in domains}
+        self.count: dict[int, int] = dict.fromkeys(domains, 0)
         self.hist: Counter[int] = Counter({0: len(self.count)})
         self.max_skew = max_skew
         self._low = 0
