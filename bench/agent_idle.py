@@ -5,7 +5,7 @@
 The agent is a subprocess joined to a control plane in this process, holding one small
 model, heartbeating every 5 s (the default), with no inference traffic. Baseline in the
 same run: a bare Python process that imports the same libraries (numpy, onnxruntime,
-grpc, uvicorn) and sleeps, i.e. what any Python agent costs before doing anything.
+grpc, httptools, psutil) and sleeps, i.e. what any Python agent costs before doing anything.
 Writes bench/results/agent_idle.json.
 """
 
@@ -29,23 +29,28 @@ from orchestrator.agents import model
 from orchestrator.testing import onnx_models
 
 RESULTS = Path(__file__).parent / "results" / "agent_idle.json"
-BASELINE = "import numpy, onnxruntime, grpc, uvicorn, starlette, httpx, psutil, time; time.sleep(3600)"
+BASELINE = "import numpy, onnxruntime, grpc, grpc.aio, httptools, psutil, time; time.sleep(3600)"
 
 
 async def sample(pid: int, duration: float) -> dict:
     proc = psutil.Process(pid)
     cpu0 = proc.cpu_times()
     t0 = time.perf_counter()
-    rss = []
+    rss, uss = [], []
     deadline = t0 + duration
     while time.perf_counter() < deadline:
-        rss.append(proc.memory_info().rss)
+        full = proc.memory_full_info()
+        rss.append(full.rss)
+        uss.append(full.uss)
         await asyncio.sleep(1.0)
     cpu1 = proc.cpu_times()
     wall = time.perf_counter() - t0
     busy = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     return {
         "rss_mb": round(max(rss) / 2**20, 1),
+        # unique set: RSS less the pages shared with other processes or backed by a file
+        # and still clean (library code, most of all onnxruntime's 20 MB)
+        "uss_mb": round(max(uss) / 2**20, 1),
         "cpu_percent_of_core": round(100 * busy / wall, 3),
         "seconds": round(wall, 1),
     }
@@ -88,10 +93,10 @@ def main() -> None:
     duration = 5.0 if args.quick else 20.0
     rows = asyncio.run(run(duration))
     table = Table(title=f"Idle agent ({os.cpu_count()} cores, {duration:g} s each)")
-    for col in ["process", "RSS MB", "CPU % of a core"]:
+    for col in ["process", "RSS MB", "USS MB", "CPU % of a core"]:
         table.add_column(col, justify="left" if col == "process" else "right")
     for r in rows:
-        table.add_row(r["process"], str(r["rss_mb"]), str(r["cpu_percent_of_core"]))
+        table.add_row(r["process"], str(r["rss_mb"]), str(r["uss_mb"]), str(r["cpu_percent_of_core"]))
     Console().print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({

@@ -5,21 +5,28 @@ what ``<hex>.partial`` already holds. A file reaches its final name
 ``<root>/sha256/<hex>`` only after its sha256 matched, and :meth:`ArtifactCache.read`
 hashes the bytes it returns once more, so what onnxruntime loads is exactly what was
 verified (a file corrupted on disk later is refused, not served).
+
+Downloads are one streamed GET each, made with the standard library's ``http.client`` in
+a worker thread: an HTTP client library would add 10 MB to an agent whose whole budget is
+80 MB, for a request this simple. The thread checks a stop flag between chunks, so a
+cancelled fetch ends before anything else may touch its ``.partial`` file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import http.client
 import logging
 import os
 import pathlib
 import re
+import ssl
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable
-
-import httpx
+from collections.abc import Callable, Mapping
 
 from edge_agent import errors
 
@@ -27,6 +34,12 @@ log = logging.getLogger(__name__)
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class _Stopped(Exception):
+    """The fetch that started this download was cancelled."""
 
 
 def check_sha256(sha256: str) -> str:
@@ -37,22 +50,22 @@ def check_sha256(sha256: str) -> str:
 
 
 class ArtifactCache:
-    """Artifacts by sha256 under ``root``; ``client`` is the injected HTTP transport."""
+    """Artifacts by sha256 under ``root``."""
 
     def __init__(
         self,
         root: pathlib.Path,
-        client: httpx.AsyncClient,
         *,
         allow_file_urls: bool = False,
         max_bytes: int = 8 << 30,
+        timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root / "sha256"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._client = client
         self._allow_file = allow_file_urls
         self._max_bytes = max_bytes
+        self._timeout = timeout
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -108,59 +121,69 @@ class ArtifactCache:
         return data
 
     async def _download(self, url: str, digest: str, final: pathlib.Path) -> None:
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(None, self._download_sync, url, digest, final, stop)
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            stop.set()  # the thread stops at its next chunk; wait so the lock stays held
+            with contextlib.suppress(Exception):
+                await job
+            raise
+
+    def _download_sync(self, url: str, digest: str, final: pathlib.Path, stop: threading.Event) -> None:
         partial = final.with_name(digest + ".partial")
         hasher = hashlib.sha256()
-        have = 0
-        if partial.exists():
-            have = await asyncio.to_thread(_hash_into, partial, hasher)
+        have = _hash_into(partial, hasher) if partial.exists() else 0
         # Identity encoding: the hash covers the bytes as stored, and Range counts them.
-        headers = {"Accept-Encoding": "identity"}
+        headers = {"Accept-Encoding": "identity", "User-Agent": "edgeplane-agent"}
         if have:
             headers["Range"] = f"bytes={have}-"
         started = last_log = self._clock()
         try:
-            async with self._client.stream("GET", url, headers=headers) as response:
-                if response.status_code == 416 and have:
-                    # The partial file is already complete (or bogus): let the hash decide.
-                    pass
-                elif response.status_code == 206 and have:
-                    log.info("resuming %s at %d bytes", url, have)
-                elif response.status_code == 200:
-                    if have:
-                        log.info("server ignored Range for %s; downloading from the start", url)
-                    have = 0
-                    hasher = hashlib.sha256()
-                    partial.unlink(missing_ok=True)
-                else:
-                    raise errors.ArtifactUnavailable(
-                        f"GET {url} answered HTTP {response.status_code}"
-                    )
-                total = _total_size(response, have)
-                with partial.open("ab") as fh:
-                    if response.status_code != 416:
-                        async for chunk in response.aiter_raw(CHUNK):
-                            have += len(chunk)
-                            if have > self._max_bytes:
-                                raise errors.ArtifactIntegrityError(
-                                    f"artifact at {url} is larger than {self._max_bytes} bytes"
-                                )
-                            hasher.update(chunk)
-                            fh.write(chunk)
-                            now = self._clock()
-                            if now - last_log >= 5.0:
-                                last_log = now
-                                log.info("downloading %s: %s", url, _progress(have, total))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-        except httpx.HTTPError as exc:
+            conn, response = _get(url, headers, self._timeout)
+        except (OSError, http.client.HTTPException) as exc:
             raise errors.ArtifactUnavailable(f"download of {url} failed: {exc}") from exc
+        try:
+            if response.status == 416 and have:
+                pass  # the partial file is already complete (or bogus): let the hash decide
+            elif response.status == 206 and have:
+                log.info("resuming %s at %d bytes", url, have)
+            elif response.status == 200:
+                if have:
+                    log.info("server ignored Range for %s; downloading from the start", url)
+                have = 0
+                hasher = hashlib.sha256()
+                partial.unlink(missing_ok=True)
+            else:
+                raise errors.ArtifactUnavailable(f"GET {url} answered HTTP {response.status}")
+            total = _total_size(response.headers, have)
+            with partial.open("ab") as fh:
+                while response.status != 416:
+                    if stop.is_set():
+                        raise _Stopped
+                    try:
+                        chunk = response.read(CHUNK)
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise errors.ArtifactUnavailable(f"download of {url} failed: {exc}") from exc
+                    if not chunk:
+                        break
+                    have += len(chunk)
+                    if have > self._max_bytes:
+                        raise errors.ArtifactIntegrityError(f"artifact at {url} is larger than {self._max_bytes} bytes")
+                    hasher.update(chunk)
+                    fh.write(chunk)
+                    now = self._clock()
+                    if now - last_log >= 5.0:
+                        last_log = now
+                        log.info("downloading %s: %s", url, _progress(have, total))
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            conn.close()
         _publish(partial, final, url, digest, hasher.hexdigest())
-        log.info(
-            "downloaded %s (%d bytes, sha256 verified) in %.1fs",
-            url,
-            have,
-            self._clock() - started,
-        )
+        log.info("downloaded %s (%d bytes, sha256 verified) in %.1fs", url, have, self._clock() - started)
 
     def _copy_file(self, url: str, digest: str, final: pathlib.Path) -> None:
         source = pathlib.Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
@@ -202,12 +225,39 @@ def _hash_into(path: pathlib.Path, hasher: hashlib._Hash) -> int:
     return size
 
 
-def _total_size(response: httpx.Response, have: int) -> int | None:
-    content_range = response.headers.get("content-range", "")
+def _get(url: str, headers: Mapping[str, str], timeout: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET ``url``, following up to ``MAX_REDIRECTS`` http(s) redirects; the caller closes."""
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise errors.ArtifactUnavailable(f"artifact URL {url!r}: scheme must be http(s)")
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            conn.request("GET", target, headers=dict(headers))
+            response = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        location = response.getheader("location")
+        if response.status in _REDIRECTS and location:
+            conn.close()
+            url = urllib.parse.urljoin(url, location)
+            continue
+        return conn, response
+    raise errors.ArtifactUnavailable(f"download of {url} failed: more than {MAX_REDIRECTS} redirects")
+
+
+def _total_size(headers: http.client.HTTPMessage, have: int) -> int | None:
+    content_range = headers.get("content-range", "")
     if "/" in content_range:
         tail = content_range.rsplit("/", 1)[1]
         return int(tail) if tail.isdigit() else None
-    length = response.headers.get("content-length")
+    length = headers.get("content-length")
     return have + int(length) if length and length.isdigit() else None
 
 

@@ -18,11 +18,9 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import httpx
-import uvicorn
 
 import edge_agent
-from edge_agent import artifacts, assignments, capacity, http, registry, state, tls, uplink
+from edge_agent import artifacts, assignments, capacity, http, httpserver, registry, state, tls, uplink
 from edge_agent.runtime import onnx
 
 log = logging.getLogger(__name__)
@@ -53,20 +51,12 @@ class AgentConfig:
     intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
 
 
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the daemon decides when to drain."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def,override]
-        yield
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted sockets inherit TCP_NODELAY: without it Nagle holds each response body
-    # (uvicorn writes head and body apart) until the client's delayed ACK, ~40 ms.
+    # Accepted sockets inherit TCP_NODELAY: a response is one write, and it should leave
+    # at once rather than wait for the ACK of the previous one.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
@@ -78,25 +68,18 @@ class Agent:
         self,
         config: AgentConfig,
         *,
-        http_client: httpx.AsyncClient | None = None,
         probe: capacity.CapacityProbe | None = None,
         load_model: registry.Loader | None = None,
         model_retry: registry.RetryPolicy | None = None,
     ) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self._client = http_client or httpx.AsyncClient(
-            timeout=httpx.Timeout(30.0, connect=10.0), follow_redirects=True
-        )
-        self._owns_client = http_client is None
         self._probe = probe or capacity.CapacityProbe(onnx.available_providers)
         self._capacity = self._probe.capacity()
         workers = config.workers or os.cpu_count() or 1
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
         self.store = state.StateStore(config.data_dir)
-        self.cache = artifacts.ArtifactCache(
-            config.data_dir / "cache", self._client, allow_file_urls=config.allow_file_artifacts
-        )
+        self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts)
         threads = config.intra_op_threads
         self.registry = registry.ModelRegistry(
             self.cache,
@@ -111,7 +94,7 @@ class Agent:
         self._desired_changed = asyncio.Event()
         self._converged = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._uvicorn: _QuietServer | None = None
+        self._http: httpserver.HttpServer | None = None
         self.uplink: uplink.Uplink | None = None
         self.endpoint_url = ""
 
@@ -143,32 +126,16 @@ class Agent:
         sock = _bind(cfg.listen_host, cfg.listen_port)
         port = sock.getsockname()[1]
         self.endpoint_url = cfg.advertise_url or _default_url(cfg.listen_host, port)
-        uv_config = uvicorn.Config(
-            self.server.app(),
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=int(cfg.drain_timeout),
-            http="httptools",
-            server_header=False,
+        self._http = httpserver.HttpServer(
+            self.server.handle, httpserver.Limits(max_body_bytes=cfg.max_body_bytes)
         )
-        self._uvicorn = _QuietServer(uv_config)
-        self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="http"))
+        await self._http.start(sock)
         saved = self.store.load_assignments(cfg.site)
         if saved.assignments:
             log.info("serving %d saved assignment(s) from the local cache", len(saved.assignments))
         self._desired = saved
         self._desired_changed.set()
         self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
-        for _ in range(1000):  # uvicorn offers no event for "listening"; bounded poll
-            if self._uvicorn.started:
-                break
-            if self._tasks[0].done():
-                self._tasks[0].result()
-                raise RuntimeError("the HTTP server stopped while starting")
-            await asyncio.sleep(0.01)
-        else:
-            raise RuntimeError("the HTTP server did not start within 10s")
         self.uplink = uplink.Uplink(
             cfg.control_plane,
             uplink.JoinFacts(
@@ -198,20 +165,15 @@ class Agent:
         log.info("draining (%d request(s) in flight)", self.server.inflight)
         if self.uplink is not None:
             await self.uplink.stop()
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
-        http_task, *others = self._tasks or [None]
-        if http_task is not None:
-            await http_task
-        for task in others:
+        if self._http is not None:
+            await self._http.shutdown(self.config.drain_timeout)
+        for task in self._tasks:
             if task.get_name() == "uplink":
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(task), 2.0)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._owns_client:
-            await self._client.aclose()
         self._executor.shutdown(wait=True)
         log.info("agent stopped")
 

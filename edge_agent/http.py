@@ -3,76 +3,35 @@
 Any standard v2 client works against an agent exactly as against the gateway. The event
 loop only routes and reads bodies; decoding, validation, ``session.run`` and encoding run
 together in one worker-thread hop, so a large JSON body never stalls other requests and
-binary tensors go from the request bytes to onnxruntime without a copy.
+binary tensors go from the request bytes to onnxruntime without a copy. Connections are
+handled by ``edge_agent.httpserver``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 import edge_agent
 from edge_agent import errors, registry
+from edge_agent.metrics import CONTENT_TYPE, AgentMetrics
+from edge_agent.httpserver import Request, Response
 from edgeplane_proto import oip
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
-_JSON = "application/json"
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _error(status: int, message: str) -> Response:
-    return Response(oip.error_body(message), status_code=status, media_type=_JSON)
+    return Response(status, oip.error_body(message))
 
 
-class AgentMetrics:
-    """Prometheus series of one agent, in its own registry (no process-wide globals)."""
-
-    def __init__(self, inflight: Callable[[], int], serving: Callable[[], int]) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "edgeplane_agent_infer_requests",
-            "Inference requests by model and HTTP status",
-            ["model", "code"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "edgeplane_agent_infer_seconds",
-            "Inference latency inside the agent (body read to response)",
-            ["model"],
-            registry=self.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-        )
-        Gauge("edgeplane_agent_inflight", "Requests being served", registry=self.registry).set_function(inflight)
-        Gauge("edgeplane_agent_models_serving", "Models serving", registry=self.registry).set_function(serving)
-        self._ok: dict[str, tuple[Counter, Histogram]] = {}
-
-    def observe_ok(self, model: str, seconds: float) -> None:
-        children = self._ok.get(model)
-        if children is None:
-            children = self._ok[model] = (
-                self.requests.labels(model, "200"),
-                self.latency.labels(model),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
-
-    def observe_error(self, model: str, code: int) -> None:
-        self.requests.labels(model, str(code)).inc()
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(status, json.dumps(obj, separators=(",", ":")).encode())
 
 
 def _infer_sync(
@@ -93,7 +52,8 @@ def _infer_sync(
 
 
 class InferenceServer:
-    """Builds the Starlette app; ``ready``/``draining`` are set by the daemon."""
+    """Routes v2 requests to the registry's models; ``ready``/``draining`` are set by the
+    daemon. ``handle`` is the ``httpserver`` handler."""
 
     def __init__(
         self,
@@ -104,34 +64,47 @@ class InferenceServer:
     ) -> None:
         self._models = models
         self._executor = executor
-        self._max_body = max_body_bytes
+        self.max_body_bytes = max_body_bytes  # enforced by the HTTP server's limits
         self.inflight = 0
         self.ready = False
         self.draining = False
         self.metrics = AgentMetrics(lambda: self.inflight, lambda: len(models.serving()))
+        self._fixed = {
+            "/v2/health/live": self.live,
+            "/v2/health/ready": self.server_ready,
+            "/v2": self.server_metadata,
+            "/metrics": self.prometheus,
+        }
 
-    def app(self) -> Starlette:
-        return Starlette(
-            routes=[
-                Route("/v2/health/live", self.live, methods=["GET"]),
-                Route("/v2/health/ready", self.server_ready, methods=["GET"]),
-                Route("/v2", self.server_metadata, methods=["GET"]),
-                Route("/v2/models/{name}", self.model_metadata, methods=["GET"]),
-                Route("/v2/models/{name}/ready", self.model_ready, methods=["GET"]),
-                Route("/v2/models/{name}/infer", self.infer, methods=["POST"]),
-                Route("/metrics", self.prometheus, methods=["GET"]),
-            ]
-        )
+    async def handle(self, request: Request) -> Response:
+        path = request.path
+        fixed = self._fixed.get(path)
+        if fixed is not None:
+            return fixed() if request.method == "GET" else _not_allowed("GET")
+        parts = path.split("/")
+        # "", "v2", "models", name[, "ready" | "infer"]
+        if len(parts) in (4, 5) and parts[1] == "v2" and parts[2] == "models" and parts[3]:
+            name = parts[3]
+            action = parts[4] if len(parts) == 5 else ""
+            if action == "infer":
+                if request.method != "POST":
+                    return _not_allowed("POST")
+                return await self.infer(name, request)
+            if action in ("", "ready"):
+                if request.method != "GET":
+                    return _not_allowed("GET")
+                return self.model_metadata(name) if action == "" else self.model_ready(name)
+        return _error(404, f"no such endpoint: {request.method} {path}")
 
-    async def live(self, request: Request) -> Response:
-        return JSONResponse({"live": True})
+    def live(self) -> Response:
+        return _json({"live": True})
 
-    async def server_ready(self, request: Request) -> Response:
+    def server_ready(self) -> Response:
         ok = self.ready and not self.draining
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        return _json({"ready": ok}, status=200 if ok else 503)
 
-    async def server_metadata(self, request: Request) -> Response:
-        return JSONResponse(
+    def server_metadata(self) -> Response:
+        return _json(
             {
                 "name": "edgeplane-agent",
                 "version": edge_agent.__version__,
@@ -149,8 +122,8 @@ class InferenceServer:
             return _error(503, f"model {name!r} is not ready{detail}")
         return _error(404, f"model {name!r} is not served by this agent")
 
-    async def model_metadata(self, request: Request) -> Response:
-        served = self._lookup(request.path_params["name"])
+    def model_metadata(self, name: str) -> Response:
+        served = self._lookup(name)
         if isinstance(served, Response):
             return served
         runtime = served.runtime
@@ -160,39 +133,24 @@ class InferenceServer:
             [(s.name, s.datatype, s.shape) for s in runtime.outputs],
             versions=(served.sha256[:12],),
         )
-        return JSONResponse(body)
+        return _json(body)
 
-    async def model_ready(self, request: Request) -> Response:
-        name = request.path_params["name"]
+    def model_ready(self, name: str) -> Response:
         served = self._lookup(name)
         if isinstance(served, Response):
             return served
-        return JSONResponse({"name": name, "ready": True})
+        return _json({"name": name, "ready": True})
 
-    async def prometheus(self, request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    def prometheus(self) -> Response:
+        return Response(200, self.metrics.render(), content_type=CONTENT_TYPE)
 
-    async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            raise _TooLarge
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self._max_body:
-                raise _TooLarge
-            chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def infer(self, request: Request) -> Response:
-        name = request.path_params["name"]
+    async def infer(self, name: str, request: Request) -> Response:
         started = time.perf_counter()
         served = self._lookup(name)
         if isinstance(served, Response):
-            self.metrics.observe_error(name, served.status_code)
+            self.metrics.observe_error(name, served.status)
             return served
-        header = request.headers.get(oip.BINARY_HEADER)
+        header = request.headers.get(oip.BINARY_HEADER.lower())
         header_length: int | None = None
         if header is not None:
             if not header.isdigit():
@@ -201,15 +159,10 @@ class InferenceServer:
             header_length = int(header)
         self.inflight += 1
         try:
-            try:
-                body = await self._body(request)
-            except _TooLarge:
-                self.metrics.observe_error(name, 413)
-                return _error(413, f"request body exceeds {self._max_body} bytes")
             loop = asyncio.get_running_loop()
             try:
                 payload, out_header = await loop.run_in_executor(
-                    self._executor, _infer_sync, served, body, header_length
+                    self._executor, _infer_sync, served, request.body, header_length
                 )
             except (oip.ProtocolError, errors.InvalidInput) as exc:
                 self.metrics.observe_error(name, 400)
@@ -219,9 +172,14 @@ class InferenceServer:
         served.requests += 1
         self.metrics.observe_ok(name, time.perf_counter() - started)
         if out_header is None:
-            return Response(payload, media_type=_JSON)
+            return Response(200, payload)
         return Response(
+            200,
             payload,
-            media_type="application/octet-stream",
-            headers={oip.BINARY_HEADER: str(out_header)},
+            content_type="application/octet-stream",
+            headers=((oip.BINARY_HEADER, str(out_header)),),
         )
+
+
+def _not_allowed(method: str) -> Response:
+    return Response(405, oip.error_body(f"method not allowed; use {method}"), headers=(("allow", method),))

@@ -23,17 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_agent")
 
-#: httpx imports its command-line client whenever it is imported, and that client pulls in
-#: rich and pygments (3.5 MB resident) that the agent never uses. When they cannot be
-#: imported httpx skips its CLI, so the daemon refuses them before it imports httpx.
-_UNUSED_BY_THE_DAEMON = ("rich", "pygments")
-
-
-def _refuse_unused_modules() -> None:
-    for name in _UNUSED_BY_THE_DAEMON:
-        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
-
-
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not host:
@@ -133,14 +122,12 @@ async def run(config: daemon.AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _refuse_unused_modules()
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     if not args.token and not (args.data_dir / "identity.json").exists():
         log.error("a bootstrap token is needed for the first join (--token or EDGEPLANE_TOKEN)")
         return 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import pathlib
 
-import httpx
 import numpy as np
 import pytest
 
@@ -16,16 +15,10 @@ from edge_agent.runtime import onnx
 from .conftest import ArtifactServer, Models
 
 
-@pytest.fixture
-async def client() -> httpx.AsyncClient:
-    async with httpx.AsyncClient() as c:
-        yield c
-
-
 async def test_download_resumes_with_range_and_verifies(
-    tmp_path: pathlib.Path, client: httpx.AsyncClient, models: Models, artifact_server: ArtifactServer
+    tmp_path: pathlib.Path, models: Models, artifact_server: ArtifactServer
 ) -> None:
-    cache = artifacts.ArtifactCache(tmp_path, client)
+    cache = artifacts.ArtifactCache(tmp_path)
     data = models.v1.path.read_bytes()
     partial = cache.root / (models.v1.sha256 + ".partial")
     partial.write_bytes(data[:500])
@@ -39,18 +32,18 @@ async def test_download_resumes_with_range_and_verifies(
 
 
 async def test_mismatching_artifact_never_reaches_the_cache(
-    tmp_path: pathlib.Path, client: httpx.AsyncClient, models: Models
+    tmp_path: pathlib.Path, models: Models
 ) -> None:
-    cache = artifacts.ArtifactCache(tmp_path, client)
+    cache = artifacts.ArtifactCache(tmp_path)
     with pytest.raises(errors.ArtifactIntegrityError, match="expected " + models.v2.sha256):
         await cache.fetch(models.corrupt_url, models.v2.sha256)
     assert list(cache.root.iterdir()) == []
 
 
 async def test_corruption_on_disk_is_detected_before_loading(
-    tmp_path: pathlib.Path, client: httpx.AsyncClient, models: Models
+    tmp_path: pathlib.Path, models: Models
 ) -> None:
-    cache = artifacts.ArtifactCache(tmp_path, client)
+    cache = artifacts.ArtifactCache(tmp_path)
     path = await cache.fetch(models.v1_url, models.v1.sha256)
     path.write_bytes(path.read_bytes()[:-1] + b"\0")
     with pytest.raises(errors.ArtifactIntegrityError, match="corrupt"):
@@ -67,20 +60,20 @@ async def test_corruption_on_disk_is_detected_before_loading(
         ("http://127.0.0.1:1/x.onnx", "not-a-digest", errors.ArtifactIntegrityError, "64 hex"),
     ],
 )
-async def test_refused_urls(tmp_path, client, url, sha, error, fragment) -> None:
-    cache = artifacts.ArtifactCache(tmp_path, client)
+async def test_refused_urls(tmp_path, url, sha, error, fragment) -> None:
+    cache = artifacts.ArtifactCache(tmp_path)
     with pytest.raises(error, match=fragment):
         await cache.fetch(url, sha)
 
 
-async def test_http_errors_are_reported(tmp_path, client, artifact_server) -> None:
-    cache = artifacts.ArtifactCache(tmp_path, client)
+async def test_http_errors_are_reported(tmp_path, artifact_server) -> None:
+    cache = artifacts.ArtifactCache(tmp_path)
     with pytest.raises(errors.ArtifactUnavailable, match="HTTP 404"):
         await cache.fetch(artifact_server.url("missing.onnx"), "0" * 64)
 
 
-async def test_file_urls_with_the_flag(tmp_path, client, models: Models) -> None:
-    cache = artifacts.ArtifactCache(tmp_path, client, allow_file_urls=True)
+async def test_file_urls_with_the_flag(tmp_path, models: Models) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, allow_file_urls=True)
     path = await cache.fetch(models.v1.path.as_uri(), models.v1.sha256)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == models.v1.sha256
 

@@ -63,42 +63,41 @@ async def test_registry_backs_off_on_a_mismatching_artifact_and_a_new_assignment
     tmp_path: pathlib.Path, models: Models, artifact_server: ArtifactServer
 ) -> None:
     clock = _Clock()
-    async with httpx.AsyncClient() as client:
-        models_reg = registry.ModelRegistry(
-            artifacts.ArtifactCache(tmp_path, client),
-            lambda data: onnx.OnnxModel.load(data),
-            retry=registry.RetryPolicy(initial=1.0, maximum=4.0),
-            clock=clock,
-            rng=_MaxJitter(),
-        )
-        bad = _one(models.corrupt_url, models.v2.sha256)
-        name = "mlp-corrupt.onnx"
-        before = artifact_server.attempts(name)
-        assert models_reg.retry_due_in() is None
-        expected_delays = [1.0, 2.0, 4.0, 4.0]
-        for attempt, delay in enumerate(expected_delays, start=1):
-            await models_reg.converge(bad)
-            assert artifact_server.attempts(name) - before == attempt
-            (status,) = models_reg.statuses()
-            assert status.phase is registry.ModelPhase.FAILED
-            assert f"expected {models.v2.sha256}" in status.message
-            assert f"retrying in {delay:.1f}s (failed {attempt}x)" in status.message
-            assert models_reg.get("mlp") is None  # refused, never served
-            assert models_reg.retry_due_in() == delay
-            # Not due yet: the same set converges without touching the network.
-            clock.now += delay / 2
-            await models_reg.converge(bad)
-            assert artifact_server.attempts(name) - before == attempt
-            assert models_reg.retry_due_in() == delay / 2
-            clock.now += delay / 2
-        assert not (tmp_path / "sha256" / models.v2.sha256).exists()
-
-        # A changed assignment is attempted at once, whatever the backoff said.
-        await models_reg.converge(_one(models.v2_url, models.v2.sha256, version=2))
+    models_reg = registry.ModelRegistry(
+        artifacts.ArtifactCache(tmp_path),
+        lambda data: onnx.OnnxModel.load(data),
+        retry=registry.RetryPolicy(initial=1.0, maximum=4.0),
+        clock=clock,
+        rng=_MaxJitter(),
+    )
+    bad = _one(models.corrupt_url, models.v2.sha256)
+    name = "mlp-corrupt.onnx"
+    before = artifact_server.attempts(name)
+    assert models_reg.retry_due_in() is None
+    expected_delays = [1.0, 2.0, 4.0, 4.0]
+    for attempt, delay in enumerate(expected_delays, start=1):
+        await models_reg.converge(bad)
+        assert artifact_server.attempts(name) - before == attempt
         (status,) = models_reg.statuses()
-        assert status.phase is registry.ModelPhase.READY and status.message == ""
-        assert status.serving_sha256 == models.v2.sha256
-        assert models_reg.retry_due_in() is None
+        assert status.phase is registry.ModelPhase.FAILED
+        assert f"expected {models.v2.sha256}" in status.message
+        assert f"retrying in {delay:.1f}s (failed {attempt}x)" in status.message
+        assert models_reg.get("mlp") is None  # refused, never served
+        assert models_reg.retry_due_in() == delay
+        # Not due yet: the same set converges without touching the network.
+        clock.now += delay / 2
+        await models_reg.converge(bad)
+        assert artifact_server.attempts(name) - before == attempt
+        assert models_reg.retry_due_in() == delay / 2
+        clock.now += delay / 2
+    assert not (tmp_path / "sha256" / models.v2.sha256).exists()
+
+    # A changed assignment is attempted at once, whatever the backoff said.
+    await models_reg.converge(_one(models.v2_url, models.v2.sha256, version=2))
+    (status,) = models_reg.statuses()
+    assert status.phase is registry.ModelPhase.READY and status.message == ""
+    assert status.serving_sha256 == models.v2.sha256
+    assert models_reg.retry_due_in() is None
 
 
 async def test_artifact_that_is_unavailable_at_first_becomes_ready_without_a_new_assignment(

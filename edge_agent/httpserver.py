@@ -1,0 +1,309 @@
+"""The agent's HTTP/1.1 server: asyncio protocol + httptools (the llhttp parser).
+
+The agent serves one small, fixed API (``edge_agent.http``), so it does not carry an ASGI
+server and web framework: together they were 8 MB of the idle agent's resident memory and
+about half of the per-request overhead. Parsing is llhttp's; what is here is connection
+handling:
+
+- keep-alive (HTTP/1.1 default, ``Connection: close``, HTTP/1.0), pipelined requests
+  answered in order, one at a time per connection;
+- ``Expect: 100-continue`` answered before the body is read (curl sends it for bodies
+  over 1 KiB);
+- limits: header bytes (431), body bytes (413, refused from ``Content-Length`` before the
+  body is read), time to receive a whole request, idle keep-alive time;
+- malformed input gets a 400 and the connection is closed; a handler's exception a 500;
+  nothing a client sends stops the server;
+- write flow control (a client that does not read does not grow our buffers without
+  bound) and a graceful shutdown that lets in-flight requests finish.
+
+Each response goes out in a single ``write`` (head and body together), so Nagle's
+algorithm never holds a body back waiting for the client's delayed ACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import socket
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # percent-decoded, without the query
+    query: str
+    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    request_timeout: float = 30.0  # from a request's first byte to its last
+    idle_timeout: float = 75.0  # keep-alive connection with nothing to do
+    max_pipelined: int = 32  # requests read ahead of the one being answered
+
+
+def encode(response: Response, keep_alive: bool) -> bytes:
+    reason = _REASONS.get(response.status, "")
+    lines = [
+        f"HTTP/1.1 {response.status} {reason}",
+        f"content-length: {len(response.body)}",
+        f"content-type: {response.content_type}",
+    ]
+    lines.extend(f"{name}: {value}" for name, value in response.headers)
+    if not keep_alive:
+        lines.append("connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + response.body
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(status, json.dumps({"error": message}).encode())
+
+
+class _Refused(Exception):
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._limits = server.limits
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: collections.deque[tuple[Request, bool]] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closing = False
+        self._reading = True
+        self._in_message = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = bytearray()
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._server.connections.add(self)
+        self._arm(self._limits.idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._disarm()
+        self._server.forget(self)
+        self._writable.set()
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(_error(400, "protocol upgrades are not supported"))
+        except httptools.HttpParserError as exc:
+            # httptools wraps what a callback raised; a refusal carries its own answer
+            cause = exc.__context__
+            self._refuse(cause.response if isinstance(cause, _Refused) else _error(400, f"malformed HTTP request: {exc}"))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        self._in_message = True
+        self._arm(self._limits.request_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_header_bytes(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value))
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        declared = self._headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._limits.max_body_bytes:
+            raise _Refused(_error(413, f"request body exceeds {self._limits.max_body_bytes} bytes"))
+        if self._headers.get("expect", "").lower() == "100-continue" and self._transport is not None:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise _Refused(_error(413, f"request body exceeds {self._limits.max_body_bytes} bytes"))
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        try:
+            parsed = httptools.parse_url(bytes(self._url))
+        except httptools.HttpParserInvalidURLError:
+            raise _Refused(_error(400, "malformed request target")) from None
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = Request(
+            method=self._parser.get_method().decode("latin-1"),
+            path=urllib.parse.unquote((parsed.path or b"/").decode("latin-1")),
+            query=(parsed.query or b"").decode("latin-1"),
+            headers=self._headers,
+            body=body,
+        )
+        self._queue.append((request, self._parser.should_keep_alive()))
+        self._in_message = False
+        self._disarm()
+        if len(self._queue) >= self._limits.max_pipelined and self._transport is not None:
+            self._transport.pause_reading()
+            self._reading = False
+        if self._worker is None or self._worker.done():
+            self._worker = self._loop.create_task(self._answer())
+
+    # -- answering -------------------------------------------------------------------------
+
+    async def _answer(self) -> None:
+        while self._queue and not self._closing:
+            request, keep_alive = self._queue.popleft()
+            if not self._reading and self._transport is not None:
+                self._transport.resume_reading()
+                self._reading = True
+            self._server.busy += 1
+            try:
+                response = await self._server.handler(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s %s failed", request.method, request.path)
+                response = _error(500, "internal error")
+            finally:
+                self._server.busy -= 1
+            keep_alive = keep_alive and not self._server.stopping
+            await self._writable.wait()
+            if self._transport is None or self._closing:
+                return
+            self._transport.write(encode(response, keep_alive))
+            if not keep_alive:
+                self.close()
+                return
+        if not self._closing:
+            self._arm(self._limits.idle_timeout)
+            if self._server.stopping:
+                self.close()
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and (self._worker is None or self._worker.done())
+
+    def _refuse(self, response: Response) -> None:
+        """Answer an unusable request and close: what follows on the wire is unreadable."""
+        if self._transport is not None and not self._closing:
+            self._transport.write(encode(response, keep_alive=False))
+        self.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self._disarm()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self._limits.max_header_bytes:
+            raise _Refused(_error(431, f"request head exceeds {self._limits.max_header_bytes} bytes"))
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self._loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.idle and not self._in_message:
+            self.close()  # an idle keep-alive connection: just close
+        else:
+            self._refuse(_error(408, "request not received in time"))
+
+
+class HttpServer:
+    """Serves ``handler`` on a bound, listening-ready socket."""
+
+    def __init__(self, handler: Handler, limits: Limits | None = None) -> None:
+        self.handler = handler
+        self.limits = limits or Limits()
+        self.connections: set[_Connection] = set()
+        self.busy = 0  # requests being answered
+        self.stopping = False
+        self._server: asyncio.Server | None = None
+        self._all_closed = asyncio.Event()
+
+    def forget(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_closed.set()
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, close idle connections, let busy ones answer (up to ``timeout``)."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.close()
+        if self.connections:
+            self._all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()

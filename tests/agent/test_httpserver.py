@@ -1,0 +1,205 @@
+"""The agent's HTTP/1.1 server over real loopback sockets: keep-alive, pipelining,
+100-continue, limits, malformed input, timeouts and a draining shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+
+from edge_agent import httpserver
+from edge_agent.httpserver import Limits, Request, Response
+
+
+class Echo:
+    """Answers with method, path, query and body; ``/slow`` waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.seen: list[Request] = []
+
+    async def __call__(self, request: Request) -> Response:
+        self.seen.append(request)
+        if request.path == "/boom":
+            raise RuntimeError("handler bug")
+        if request.path == "/slow":
+            self.entered.set()
+            await self.release.wait()
+        body = f"{request.method} {request.path} {request.query} ".encode() + request.body
+        return Response(200, body, content_type="text/plain", headers=(("x-len", str(len(request.body))),))
+
+
+async def start(limits: Limits | None = None) -> tuple[httpserver.HttpServer, Echo, int]:
+    echo = Echo()
+    server = httpserver.HttpServer(echo, limits)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    return server, echo, sock.getsockname()[1]
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 5)
+    return status, headers, body
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_a_standard_client_keeps_one_connection_alive() -> None:
+    server, echo, port = await start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for i in range(3):
+                r = await client.post(f"/a%20b/{i}?x=1", content=b"payload")
+                assert r.status_code == 200
+                assert r.content == f"POST /a b/{i} x=1 payload".encode()
+                assert r.headers["x-len"] == "7"
+        assert len(server.connections) <= 1
+    finally:
+        await server.shutdown(1)
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    server, _, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        bodies = [(await read_response(reader))[2] for _ in range(3)]
+        assert bodies == [b"GET /one  ", b"POST /two  abc", b"GET /three  "]
+        assert await closed(reader)
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_chunked_bodies_and_http10_close() -> None:
+    server, _, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        assert (await read_response(reader))[2] == b"POST /c  abcde"
+        writer.write(b"GET /old HTTP/1.0\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await closed(reader)
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_expect_100_continue_is_answered_before_the_body() -> None:
+    server, _, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"data")
+        assert (await read_response(reader))[2] == b"POST /big  data"
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n", 413),  # refused before the body
+        (b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"a" * 1000 + b"\r\n0\r\n\r\n", 413),
+        (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"h" * 3000 + b"\r\n\r\n", 431),
+        (b"NONSENSE\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+        (b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(200)), 400),  # a TLS hello
+    ],
+)
+async def test_bad_requests_get_an_answer_and_a_closed_connection(request_bytes: bytes, status: int) -> None:
+    server, echo, port = await start(Limits(max_body_bytes=500, max_header_bytes=2048))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request_bytes)
+        got, headers, body = await read_response(reader)
+        assert got == status and headers["connection"] == "close" and b'"error"' in body
+        assert await closed(reader)
+        assert echo.seen == []  # nothing reached the handler
+        # and the server still serves
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://127.0.0.1:{port}/ok")).status_code == 200
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_a_handler_exception_is_a_500_and_the_connection_lives_on() -> None:
+    server, _, port = await start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            r = await client.get("/boom")
+            assert r.status_code == 500 and r.json() == {"error": "internal error"}
+            assert (await client.get("/after")).status_code == 200
+    finally:
+        await server.shutdown(1)
+
+
+async def test_slow_requests_time_out_and_idle_connections_are_closed() -> None:
+    server, _, port = await start(Limits(request_timeout=0.2, idle_timeout=0.2))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+        status, _, _ = await read_response(reader)
+        assert status == 408 and await closed(reader)
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+        assert await closed(reader)  # then idle past idle_timeout: closed without a word
+        writer.close()
+    finally:
+        await server.shutdown(1)
+
+
+async def test_shutdown_lets_the_request_in_flight_finish_and_closes_idle_ones() -> None:
+    server, echo, port = await start()
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_writer.write(b"GET /warm HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(idle_reader)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(echo.entered.wait(), 5)
+    stopping = asyncio.create_task(server.shutdown(5))
+    assert await closed(idle_reader)
+    assert not stopping.done()
+    echo.release.set()
+    status, headers, body = await read_response(reader)
+    assert status == 200 and body == b"GET /slow  " and headers["connection"] == "close"
+    await asyncio.wait_for(stopping, 5)
+    assert not server.connections
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    writer.close()
+    idle_writer.close()
+
+
+async def test_shutdown_gives_up_on_a_stuck_request_after_its_timeout() -> None:
+    server, echo, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(echo.entered.wait(), 5)
+    await asyncio.wait_for(server.shutdown(0.1), 5)
+    assert await closed(reader)
+    writer.close()
+    echo.release.set()

@@ -1,0 +1,46 @@
+"""The agent's hand-written exposition, read back by prometheus_client's own parser."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge_agent.metrics import AgentMetrics
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_counters_histograms_and_gauges_parse_back() -> None:
+    metrics = AgentMetrics(lambda: 3, lambda: 2)
+    for seconds in (0.0004, 0.0005, 0.003, 7.0):
+        metrics.observe_ok("mlp", seconds)
+    metrics.observe_error("mlp", 400)
+    metrics.observe_error('we"ird\\name\n', 503)
+    samples = _samples(metrics.render().decode())
+
+    assert samples[("edgeplane_agent_infer_requests_total", (("code", "200"), ("model", "mlp")))] == 4
+    assert samples[("edgeplane_agent_infer_requests_total", (("code", "400"), ("model", "mlp")))] == 1
+    assert samples[("edgeplane_agent_infer_requests_total", (("code", "503"), ("model", 'we"ird\\name\n')))] == 1
+
+    def bucket(le: str) -> float:
+        return samples[("edgeplane_agent_infer_seconds_bucket", (("le", le), ("model", "mlp")))]
+
+    assert bucket("0.0005") == 2  # a value on a bound belongs to that bucket
+    assert bucket("0.001") == 2
+    assert bucket("0.005") == 3
+    assert bucket("5.0") == 3
+    assert bucket("+Inf") == 4
+    assert samples[("edgeplane_agent_infer_seconds_count", (("model", "mlp"),))] == 4
+    assert abs(samples[("edgeplane_agent_infer_seconds_sum", (("model", "mlp"),))] - 7.0039) < 1e-9
+    assert samples[("edgeplane_agent_inflight", ())] == 3
+    assert samples[("edgeplane_agent_models_serving", ())] == 2
+
+
+def test_empty_metrics_still_parse() -> None:
+    samples = _samples(AgentMetrics(lambda: 0, lambda: 0).render().decode())
+    assert samples == {("edgeplane_agent_inflight", ()): 0, ("edgeplane_agent_models_serving", ()): 0}
