@@ -2,11 +2,14 @@
 
 Measured, each sequentially over one keep-alive connection, on the same ONNX model:
 
-- ``direct``   POST straight to the edge agent's v2 route (the baseline);
+- ``direct``   POST of a pre-encoded body straight to the edge agent's v2 route (the baseline);
 - ``gateway``  the same request through the control plane's gateway (added = gateway - direct);
 - ``ray-proxy`` the same model behind Ray Serve's own HTTP proxy (the peer a user would
   otherwise put in front of replicas), deployed by edgeplane's Ray actuator;
-- ``client``   ``orchestrator.client.Client.infer`` (endpoint cache, direct call) vs ``direct``.
+- ``client``   ``orchestrator.client.Client.infer`` from a numpy array (encode, endpoint
+  cache, direct call, decode) vs ``direct``.
+
+Each with JSON tensors and with binary-extension tensors (the client's default).
 
 Failover: a client streams requests through the gateway while the serving agent is
 killed with SIGKILL; the time until the first answer from another site and the count of
@@ -36,6 +39,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from edgeplane_proto import oip
 from orchestrator import client as client_mod
 from orchestrator.testing import harness, onnx_models
 
@@ -143,24 +147,33 @@ class Setup:
 
 
 def measure_paths(s: Setup, n: int, with_ray: bool) -> dict[str, Any]:
+    """Every path with JSON tensors and with binary-extension tensors; the client sends the
+    encoding it is compared with. Rounds interleave so drift on a busy 2-core machine hits
+    every path alike."""
     x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
-    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 256], "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
     nearest = s.endpoints()[0]
     out: dict[str, Any] = {"nearest_site": nearest["site"]}
-    headers = {"content-type": "application/json", "x-edgeplane-location": "48.85,2.35"}
-    with httpx.Client(timeout=30) as http:
-        direct = lambda: http.post(nearest["inferUrl"], content=body, headers=headers).raise_for_status()  # noqa: E731
-        gateway = lambda: http.post(f"{s.url}/v2/models/bench/infer", content=body, headers=headers).raise_for_status()  # noqa: E731
-        # interleave rounds so drift on a busy 2-core machine hits both alike
-        d, g = [], []
-        for _ in range(4):
-            d += timed(direct, n // 4, warmup=20)
-            g += timed(gateway, n // 4, warmup=20)
-        out["direct"], out["gateway"] = percentiles(d), percentiles(g)
-    with client_mod.Client(s.url, location=(48.85, 2.35)) as c:
-        out["client"] = percentiles(timed(lambda: c.infer("bench", {"input": x}), n))
+    where = {"x-edgeplane-location": "48.85,2.35"}
+    for encoding in ("json", "binary"):
+        body, header_len = oip.encode_request({"input": x}, binary=encoding == "binary")
+        headers = {**where, "content-type": "application/json" if header_len is None else "application/octet-stream"}
+        if header_len is not None:
+            headers[oip.BINARY_HEADER] = str(header_len)
+        samples: dict[str, list[float]] = {"direct": [], "gateway": [], "client": []}
+        with httpx.Client(timeout=30) as http, client_mod.Client(s.url, location=(48.85, 2.35), binary=encoding == "binary") as c:
+            calls = {
+                "direct": lambda b=body, h=headers: http.post(nearest["inferUrl"], content=b, headers=h).raise_for_status(),
+                "gateway": lambda b=body, h=headers: http.post(f"{s.url}/v2/models/bench/infer", content=b, headers=h).raise_for_status(),
+                "client": lambda: c.infer("bench", {"input": x}),
+            }
+            for _ in range(4):
+                for name, call in calls.items():
+                    samples[name] += timed(call, n // 4, warmup=20)
+        for name, values in samples.items():
+            out[f"{name}-{encoding}"] = percentiles(values)
     if with_ray:
-        out["ray-proxy"] = measure_ray_proxy(s, body, n)
+        body, _ = oip.encode_request({"input": x})
+        out["ray-proxy-json"] = measure_ray_proxy(s, body, n)
     return out
 
 
@@ -225,22 +238,24 @@ def main() -> int:
         failover = measure_failover(s, 3 if args.quick else 8)
     finally:
         s.stop()
-    d = paths["direct"]
     table = Table(title=f"Gateway and client overhead ({n} sequential requests, MLP 256x512x16)", header_style="bold")
-    for h in ("path", "p50 ms", "p99 ms", "vs direct p50"):
+    for h in ("path", "p50 ms", "p99 ms", "vs direct p50 (same encoding)"):
         table.add_column(h)
-    for name in ("direct", "gateway", "client", "ray-proxy"):
-        if name in paths:
-            r = paths[name]
-            table.add_row(name, f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['p50_ms'] - d['p50_ms']:+.3f} ms ({r['p50_ms'] / d['p50_ms']:.2f}x)")
+    for encoding in ("json", "binary"):
+        d = paths[f"direct-{encoding}"]
+        for name in ("direct", "gateway", "client", "ray-proxy"):
+            r = paths.get(f"{name}-{encoding}")
+            if r is not None:
+                table.add_row(f"{name} ({encoding})", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                              f"{r['p50_ms'] - d['p50_ms']:+.3f} ms ({r['p50_ms'] / d['p50_ms']:.2f}x)")
     console = Console(width=120)
     console.print(table)
     console.print(f"failover after kill -9 of the serving agent: p50 {failover['failover_p50_ms']:.1f} ms, max {failover['failover_max_ms']:.1f} ms, "
                   f"failed requests {failover['failed_requests']} over {len(failover['kills'])} kills")
     RESULTS.mkdir(exist_ok=True)
-    result = {"benchmark": "gateway", "requests": n, "paths": paths, "failover": failover,
-              "gateway_added_p50_ms": paths["gateway"]["p50_ms"] - d["p50_ms"],
-              "client_vs_direct_p50": paths["client"]["p50_ms"] / d["p50_ms"], "cpu_count": os.cpu_count()}
+    result = {"benchmark": "gateway", "requests": n, "paths": paths, "failover": failover, "cpu_count": os.cpu_count(),
+              **{f"gateway_added_p50_ms_{e}": paths[f"gateway-{e}"]["p50_ms"] - paths[f"direct-{e}"]["p50_ms"] for e in ("json", "binary")},
+              **{f"client_vs_direct_p50_{e}": paths[f"client-{e}"]["p50_ms"] / paths[f"direct-{e}"]["p50_ms"] for e in ("json", "binary")}}
     (RESULTS / "gateway.json").write_text(json.dumps(result, indent=2))
     return 0
 

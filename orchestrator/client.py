@@ -7,13 +7,17 @@ A connection error or 5xx moves on to the next endpoint at once and keeps the fa
 out of rotation for a while; when every direct endpoint fails, the request goes through
 the gateway, so a replica dying mid-stream costs latency, not requests.
 
+Tensors travel with the v2 binary extension by default (every edgeplane endpoint, agent,
+Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as bytes and
+140 µs as JSON. Pass ``binary=False`` for a server that only takes JSON.
+
 :class:`AsyncClient` is the same over ``httpx.AsyncClient``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +135,7 @@ class _Attempt:
 
 class _Base:
     def __init__(self, server: str, *, token: str | None = None, location: tuple[float, float] | None = None,
-                 region: str | None = None, residency: str | None = None, binary: bool = False,
+                 region: str | None = None, residency: str | None = None, binary: bool = True,
                  cache: EndpointCache | None = None):
         self.server = server.rstrip("/")
         self.location, self.region, self.residency, self.binary = location, region, residency, binary
@@ -158,11 +162,13 @@ class _Base:
             self.cache.invalidate(model)
         return self.cache.order(model)
 
-    def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> list[_Attempt]:
-        direct = [_Attempt(e["inferUrl"], headers, e["url"], e["site"]) for e in endpoints]
-        gateway = _Attempt(f"{self.server}/v2/models/{model}/infer",
-                           {**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)})
-        return [*direct, gateway]
+    def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> Iterator[_Attempt]:
+        """The replicas nearest first, then the gateway; made as they are needed (the
+        first one nearly always answers)."""
+        for e in endpoints:
+            yield _Attempt(e["inferUrl"], headers, e["url"], e["site"])
+        yield _Attempt(f"{self.server}/v2/models/{model}/infer",
+                       {**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)})
 
     def _outcome(self, model: str, attempt: _Attempt, number: int, resp: httpx.Response | None,
                  error: Exception | None) -> InferResult | None:

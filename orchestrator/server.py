@@ -20,7 +20,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -37,7 +36,7 @@ from orchestrator.api import app as api_app
 from orchestrator.api import auth
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import proxy, routing
+from orchestrator.gateway import proxy, routing, upstream
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.security import ca as ca_mod
@@ -186,11 +185,7 @@ class ControlPlane:
         self.artifacts = artifacts.ArtifactCatalog(tuple(pathlib.Path(r).resolve() for r in roots), cfg.public_url or self.http_url,
                                                   allowed_hosts=cfg.artifact_hosts)
 
-        self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=30.0, sock_connect=2.0),
-            connector=aiohttp.TCPConnector(limit=512, limit_per_host=128, keepalive_timeout=30, enable_cleanup_closed=True),
-            auto_decompress=False,
-        )
+        self._http = upstream.UpstreamPool(connect_timeout=2.0, timeout=30.0)
         self.admission = admission.GatewayAdmission(
             ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
             (lambda secret: self.store.verify_token(secret, "api")) if cfg.gateway_auth == "token" else None,

@@ -1,0 +1,127 @@
+"""The gateway's upstream pool against real loopback servers, well- and ill-behaved."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from edge_agent import httpserver
+from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
+
+
+async def echo_server() -> tuple[httpserver.HttpServer, int]:
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        return httpserver.Response(200, request.body, headers=(("x-path", request.path),))
+
+    server = httpserver.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    return server, sock.getsockname()[1]
+
+
+async def raw_server(answer: bytes, *, close: bool = True, delay: float = 0.0) -> tuple[asyncio.Server, int, list[int]]:
+    """Reads one request head, writes ``answer`` verbatim; counts connections."""
+    accepted: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await asyncio.sleep(delay)
+                writer.write(answer)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], accepted
+
+
+async def test_connections_are_reused_and_answers_are_complete() -> None:
+    server, port = await echo_server()
+    pool = UpstreamPool()
+    try:
+        for i in range(5):
+            answer = await pool.request("POST", f"http://127.0.0.1:{port}/v2/x?i={i}", b"body-%d" % i, {"content-type": "text/plain"})
+            assert answer.status == 200 and answer.body == b"body-%d" % i and answer.headers["x-path"] == "/v2/x"
+        assert len(server.connections) == 1
+        get = await pool.request("GET", f"http://127.0.0.1:{port}/v2/y")
+        assert get.status == 200 and get.body == b""
+    finally:
+        await pool.close()
+        await server.shutdown(1)
+
+
+async def test_an_idle_connection_closed_by_the_server_is_replaced_transparently() -> None:
+    server, port = await echo_server()
+    pool = UpstreamPool()
+    try:
+        assert (await pool.request("POST", f"http://127.0.0.1:{port}/a", b"1")).body == b"1"
+        for conn in list(server.connections):  # the server drops its idle keep-alive socket
+            conn.close()
+        assert (await pool.request("POST", f"http://127.0.0.1:{port}/a", b"2")).body == b"2"
+    finally:
+        await pool.close()
+        await server.shutdown(1)
+
+
+async def test_chunked_and_close_delimited_answers() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    server, port, _ = await raw_server(chunked, close=False)
+    until_close, port2, _ = await raw_server(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+    pool = UpstreamPool()
+    try:
+        assert (await pool.request("GET", f"http://127.0.0.1:{port}/")).body == b"abcde"
+        assert (await pool.request("GET", f"http://127.0.0.1:{port2}/")).body == b"all of it"
+    finally:
+        await pool.close()
+        server.close()
+        until_close.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", "malformed answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", "connection closed"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000, "larger than 1000 bytes"),
+        (b"", "connection closed"),
+    ],
+)
+async def test_broken_answers_are_upstream_errors(answer: bytes, fragment: str) -> None:
+    server, port, accepted = await raw_server(answer)
+    pool = UpstreamPool(max_body=1000)
+    try:
+        with pytest.raises(UpstreamError, match=fragment):
+            await pool.request("POST", f"http://127.0.0.1:{port}/", b"x")
+        assert len(accepted) == 1  # a fresh connection is never retried
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_refused_and_slow_upstreams() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        pool = UpstreamPool()
+        with pytest.raises(UpstreamError, match="failed"):
+            await pool.request("GET", f"http://127.0.0.1:{port}/")
+    slow, slow_port, _ = await raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", delay=5)
+    pool = UpstreamPool(timeout=0.2)
+    try:
+        with pytest.raises(UpstreamError, match="no answer within 0.2s"):
+            await pool.request("GET", f"http://127.0.0.1:{slow_port}/")
+        with pytest.raises(UpstreamError, match="cannot forward"):
+            await pool.request("GET", "ftp://127.0.0.1/x")
+    finally:
+        await pool.close()
+        slow.close()
