@@ -85,8 +85,7 @@ def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | Non
         statics.append(static_cost(fleet, w, variant, free))
     idx = np.array(sites, dtype=np.int64)
     rtt = fleet.rtt_table([d.point for d in job.demand], [(d.lat, d.lon) for d in job.demand], idx)
-    by_region = spread is not None and job.deployment.placement.spread.by == "region"  # type: ignore[union-attr]
-    domain = (fleet.region[idx] if by_region else idx).tolist()
+    domain = (spread.keys[idx] if spread is not None else idx).tolist()
     return (
         Options(
             site=sites,
@@ -167,11 +166,9 @@ def _shortlist(
     rest = np.concatenate([right_all[right_tier.size :][:1], other_all[other_tier.size :][:1]])
     left_out = float(static_cost(fleet, w, variant, rest).min()) if rest.size else math.inf
     if spread is not None:
-        rules = job.deployment.placement.spread
-        domains = fleet.region if rules.by == "region" else np.arange(fleet.size)  # type: ignore[union-attr]
-        covered = np.unique(domains[out]).size
+        covered = np.unique(spread.keys[out]).size
         if job.wanted > covered * spread.max_skew:  # must reach more domains to balance
-            out = fleet.union(out, _best_per_domain(fleet, job, variant, free, domains, limit))
+            out = fleet.union(out, _best_per_domain(fleet, job, variant, free, spread.keys, limit))
     return out, left_out
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from orchestrator.scheduler.fleet import Capacity, Fleet
-from orchestrator.scheduler.model import ALL_TIERS, Deployment, Tier, Variant
+from orchestrator.scheduler.model import ALL_TIERS, Deployment, Variant
 from orchestrator.scheduler.residency import EU_COUNTRIES
 
 if TYPE_CHECKING:
@@ -62,8 +62,7 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
         return f"all {int(mask.sum())} matching {where} are unhealthy; {short}"
     variant_tiers = np.zeros(fleet.size, dtype=bool)
     for variant in deployment.variants:
-        tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
-        variant_tiers |= fleet.tier_mask(tiers)
+        variant_tiers |= fleet.variant_tiers_mask(deployment, variant)
     if not (mask & fleet.healthy & variant_tiers).any():
         return f"no variant of {deployment.model} may run on the allowed tiers (ray-serve runs only in data centres); {short}"
     variants = job.variants()
@@ -119,8 +118,7 @@ def _spread_reason(fleet: Fleet, capacity: Capacity, job: Job) -> str:
     room = np.zeros(fleet.size, dtype=bool)
     for variant in job.variants():
         room |= job.eligible[variant.name] & capacity.fits_mask(variant)
-    keys = fleet.region if rules.by == "region" else np.arange(fleet.size)
-    with_room = set(np.unique(keys[room]).tolist())
+    with_room = set(np.unique(spread.keys[room]).tolist())
     low = spread.low()
     stuck = sorted(d for d, c in spread.count.items() if c == low and d not in with_room)
     names = [fleet.region_names[d] if rules.by == "region" else fleet.names[d] for d in stuck]

@@ -30,8 +30,8 @@ import numpy as np
 from scipy import optimize, sparse
 
 from orchestrator.scheduler.fleet import Fleet
-from orchestrator.scheduler.model import DEFAULT_WEIGHTS, Deployment, Replica, Site, Tier, Weights
-from orchestrator.scheduler.objective import evaluate, locate_demand, misfits
+from orchestrator.scheduler.model import DEFAULT_WEIGHTS, Deployment, Replica, Site, Weights
+from orchestrator.scheduler.objective import evaluate, locate_demand, replica_cost
 from orchestrator.scheduler.result import Objective
 
 
@@ -93,37 +93,21 @@ def solve(
     cpu_use: dict[int, list[tuple[int, float]]] = {}
     mem_use: dict[int, list[tuple[int, float]]] = {}
     gpu_use: dict[tuple[int, int], list[tuple[int, float]]] = {}
-    constant = 0.0
     for dep in deployments:
         w = dep.weights or weights
         wanted = dep.wanted_replicas()
-        constant += w.shortfall_per_replica * wanted
-        allowed = fleet.placement_mask(dep)
         xs_at: dict[int, list[int]] = {}
         all_x: list[int] = []
         new_terms: dict[tuple[int, str], list[int]] = {}
-        seen: set[str] = set()
-        for variant in dep.variants:
-            tiers = frozenset(t for t in Tier if variant in dep.variants_for(t))
-            if not tiers or variant.name in seen:
-                continue
-            seen.add(variant.name)
-            eligible = allowed & fleet.tier_mask(tiers) & fleet.hardware_mask(variant)
+        runnable = dep.runnable_variants()
+        for name, eligible in fleet.eligible_masks(dep).items():
+            variant = runnable[name]
+            gpu_fit = fleet.gpu_fit(fleet.gpu_count, variant)
             for s in np.flatnonzero(eligible).tolist():
-                tier = Tier.EDGE if fleet.is_edge[s] else Tier.DATACENTER
-                static = w.carbon_per_g_per_hour * variant.watts * float(fleet.intensity[s])
-                static += w.variant_fit_per_replica if misfits(variant, tier) else 0.0
+                static = replica_cost(fleet, s, variant, w)
                 now = running.get((dep.name, s, variant.name), 0)
                 cost = static - w.shortfall_per_replica + (0.0 if now else w.move_per_replica)
-                groups = (
-                    [-1]
-                    if not variant.gpus
-                    else [
-                        k
-                        for k in range(fleet.gpu_groups)
-                        if fleet.gpu_memory[s, k] >= variant.gpu_memory_gib - 1e-9 and fleet.gpu_count[s, k] >= variant.gpus
-                    ]
-                )
+                groups = np.flatnonzero(gpu_fit[s]).tolist() if variant.gpus else [-1]
                 for k in groups:
                     col = b.var(cost, 0, wanted, True)
                     x_of.append((col, dep.name, variant.name, s))
@@ -152,7 +136,6 @@ def solve(
     for (s, k), terms in gpu_use.items():
         b.row(terms, -np.inf, float(fleet.gpu_count[s, k]))
     replicas, optimal, gap, message = _run(b, x_of, fleet, time_limit_s)
-    del constant  # evaluate() recomputes the full cost, constant included
     return ExactResult(
         replicas=replicas,
         objective=evaluate(sites, deployments, current, replicas, weights, region_locations),
@@ -168,7 +151,7 @@ def _spread_rows(b: _Builder, fleet: Fleet, dep: Deployment, xs_at: dict[int, li
         return
     domains: dict[int, list[int]] = {}
     for s, cols in xs_at.items():
-        key = int(fleet.region[s]) if spread.by == "region" else s
+        key = int(fleet.domains(spread.by)[s])
         domains.setdefault(key, []).extend(cols)
     lo = b.var(0.0, 0, np.inf, False)
     for cols in domains.values():

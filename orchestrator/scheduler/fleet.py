@@ -70,6 +70,7 @@ class Fleet:
         self._near_cache: dict[tuple[float, float], tuple[IntArray, FloatArray]] = {}
         self._by_intensity: IntArray | None = None
         self._kdtree: cKDTree | None = None
+        self._arange: IntArray | None = None
         self._unit_cache: dict[tuple[float, float], FloatArray] = {}
         self._static_cache: dict[tuple[float, float, bool], FloatArray] = {}
         self._hardware_cache: dict[tuple[float, float, int, float], BoolArray] = {}
@@ -126,8 +127,27 @@ class Fleet:
         return self.residency_mask(rules.residency) & self.tier_mask(rules.tiers) & self.selector_mask(rules.site_selector) & self.healthy
 
     def variant_tiers_mask(self, deployment: Deployment, variant: Variant) -> BoolArray:
+        """Sites of the tiers where ``deployment`` may run ``variant`` (none: all False)."""
         tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
         return self.tier_mask(tiers)
+
+    def eligible_masks(self, deployment: Deployment) -> dict[str, BoolArray]:
+        """Per variant name that may run somewhere: the sites allowed for the deployment
+        whose tier takes that variant and whose total hardware holds one replica."""
+        allowed = self.placement_mask(deployment)
+        return {
+            name: allowed & self.variant_tiers_mask(deployment, variant) & self.hardware_mask(variant)
+            for name, variant in deployment.runnable_variants().items()
+        }
+
+    def domains(self, by: str) -> IntArray:
+        """The spread domain of every site: its region index, or the site itself."""
+        return self.region if by == "region" else self._site_indices()
+
+    def _site_indices(self) -> IntArray:
+        if self._arange is None:
+            self._arange = np.arange(self.size)
+        return self._arange
 
     def hardware_mask(self, variant: Variant) -> BoolArray:
         """Sites whose total capacity holds one replica (whatever else runs there)."""

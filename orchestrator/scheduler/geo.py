@@ -2,7 +2,8 @@
 
 Light in fibre covers about 200 km per millisecond; real paths are longer than the great
 circle and cross routers, which a fixed per-path cost stands in for. The planner, the exact
-baseline and the reported predictions all go through ``rtt_ms`` so they cannot disagree.
+baseline and the reported predictions all go through ``rtt_from_dot`` (``rtt_ms`` is the
+same formula for one pair of coordinates) so they cannot disagree.
 """
 
 from __future__ import annotations

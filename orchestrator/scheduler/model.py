@@ -228,6 +228,14 @@ class Deployment:
             return tuple(v for v in self.variants if v.name == wanted and v.runs_on(tier))
         return tuple(v for v in self.variants if v.runs_on(tier))
 
+    def runnable_variants(self) -> dict[str, Variant]:
+        """The variants that may run on some tier, by name (the first of a name wins)."""
+        out: dict[str, Variant] = {}
+        for variant in self.variants:
+            if variant.name not in out and any(variant in self.variants_for(t) for t in Tier):
+                out[variant.name] = variant
+        return out
+
     @property
     def total_rps(self) -> float:
         return sum(point.rps for point in self.demand)

@@ -142,11 +142,18 @@ def evaluate(
 ) -> Objective:
     """Score any placement (the planner's, the MILP's, a hand-made one) the same way."""
     fleet = Fleet(sites, region_locations)
-    now = Counter((r.deployment, fleet.index[r.site], r.variant) for r in current if r.site in fleet.index)
-    new = Counter((r.deployment, fleet.index[r.site], r.variant) for r in replicas)
+    now = _by_deployment(fleet, (r for r in current if r.site in fleet.index))
+    new = _by_deployment(fleet, replicas)
     total = Objective()
     for deployment in deployments:
-        placed = {(s, v): n for (d, s, v), n in new.items() if d == deployment.name}
-        running = {(s, v): n for (d, s, v), n in now.items() if d == deployment.name}
+        placed, running = new.get(deployment.name, {}), now.get(deployment.name, {})
         total = total + score_deployment(fleet, deployment, deployment.weights or weights, placed, running)
     return total
+
+
+def _by_deployment(fleet: Fleet, replicas: Iterable[Replica]) -> dict[str, Counter[tuple[int, str]]]:
+    """Replica counts per deployment, keyed by (site index, variant)."""
+    out: dict[str, Counter[tuple[int, str]]] = {}
+    for r in replicas:
+        out.setdefault(r.deployment, Counter())[(fleet.index[r.site], r.variant)] += 1
+    return out

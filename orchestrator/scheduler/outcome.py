@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orchestrator.scheduler.fleet import Capacity, Fleet
+from orchestrator.scheduler.fleet import Fleet
 from orchestrator.scheduler.model import Replica
 from orchestrator.scheduler.objective import score_deployment
 from orchestrator.scheduler.result import (
@@ -36,12 +36,10 @@ if TYPE_CHECKING:
 
 def build(
     fleet: Fleet,
-    capacity: Capacity,
     jobs: Sequence[Job],
     current: Sequence[Replica],
     dropped: Mapping[Replica, str],
 ) -> PlanResult:
-    del capacity  # the shortfall reasons were taken when each job ran
     replicas: list[PlannedReplica] = []
     actions: list[Action] = []
     plans: dict[str, DeploymentPlan] = {}

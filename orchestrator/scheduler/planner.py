@@ -43,7 +43,6 @@ from orchestrator.scheduler.model import (
     Deployment,
     Replica,
     Site,
-    Tier,
     Tuning,
     Variant,
     Weights,
@@ -160,23 +159,17 @@ def _plan(
     for job in order:
         if len(job.placed) < job.wanted:
             job.shortfall = diagnosis.explain(fleet, capacity, job)
-    return outcome.build(fleet, capacity, list(jobs.values()), current, dropped)
+    return outcome.build(fleet, list(jobs.values()), current, dropped)
 
 
 def _prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
-    allowed = fleet.placement_mask(deployment)
-    eligible: dict[str, BoolArray] = {}
-    for variant in deployment.variants:
-        tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
-        if tiers and variant.name not in eligible:
-            eligible[variant.name] = allowed & fleet.tier_mask(tiers) & fleet.hardware_mask(variant)
     demand, notes = locate_demand(fleet, deployment)
     return Job(
         deployment=deployment,
         weights=weights,
         wanted=deployment.wanted_replicas(),
-        allowed=allowed,
-        eligible=eligible,
+        allowed=fleet.placement_mask(deployment),
+        eligible=fleet.eligible_masks(deployment),
         demand=demand,
         notes=notes,
     )
@@ -219,14 +212,14 @@ def _seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], 
 
 def _broken_rule(fleet: Fleet, job: Job, site: int, variant: str) -> str | None:
     name = fleet.names[site]
-    rules = job.deployment.placement
-    if not fleet.healthy[site]:
-        return f"site {name} is unhealthy"
-    if not fleet.residency_mask(rules.residency)[site]:
-        return f"residency no longer allows {fleet.sites[site].country}"
-    if not fleet.tier_mask(rules.tiers)[site]:
-        return f"tier {fleet.sites[site].tier} no longer allowed"
-    if not fleet.selector_mask(rules.site_selector)[site]:
+    if not job.allowed[site]:  # residency, tiers, selector or health: say which
+        rules = job.deployment.placement
+        if not fleet.healthy[site]:
+            return f"site {name} is unhealthy"
+        if not fleet.residency_mask(rules.residency)[site]:
+            return f"residency no longer allows {fleet.sites[site].country}"
+        if not fleet.tier_mask(rules.tiers)[site]:
+            return f"tier {fleet.sites[site].tier} no longer allowed"
         return f"site {name} no longer matches the site selector"
     if variant not in job.eligible or not job.eligible[variant][site]:
         return f"variant {variant} no longer allowed or no longer fits on {name}"
@@ -247,7 +240,7 @@ def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int
             domains = np.flatnonzero(np.bincount(fleet.region[eligible], minlength=len(fleet.region_names)))
         else:
             domains = np.flatnonzero(eligible)
-        job.spread = DomainCounts(domains.tolist(), rules.spread.max_skew)
+        job.spread = DomainCounts(domains.tolist(), rules.spread.max_skew, fleet.domains(rules.spread.by))
     limit = tuning.candidates
     fresh = False
     while True:
@@ -332,11 +325,9 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
                 # place them without going back to the heap.
                 same = running[o] - count[key] if count[key] < running[o] else 0
                 fresh = delta(o)
-                if fresh > ceiling:
+                if fresh > ceiling or (heap and fresh > heap[0][0] + 1e-12):
                     break
-                if same == 0 or (heap and fresh > heap[0][0] + 1e-12):
-                    if heap and fresh > heap[0][0] + 1e-12:
-                        break
+                if same == 0:
                     continue
                 for _ in range(min(same, upto - len(job.placed))):
                     group = capacity.take(site, variant)
@@ -348,13 +339,12 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
                 if full:
                     break
                 continue
-            if spread is not None:
-                low = spread.low()
-                spread.shift(options.domain[o], +1)
-                if spread.low() != low:
-                    for b in blocked:
-                        heapq.heappush(heap, (delta(b), b))
-                    blocked = []
+            low = spread.low()
+            spread.shift(options.domain[o], +1)
+            if spread.low() != low:
+                for b in blocked:
+                    heapq.heappush(heap, (delta(b), b))
+                blocked = []
             fresh = delta(o)
             if heap and fresh > heap[0][0] + 1e-12 or fresh > ceiling:
                 break

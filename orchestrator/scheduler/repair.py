@@ -44,11 +44,7 @@ def _make_room_once(fleet: Fleet, capacity: Capacity, job: Job, occupants: dict[
         full = np.flatnonzero(job.eligible[variant.name] & ~capacity.fits_mask(variant))
         full = full[[bool(occupants.get(s)) for s in full.tolist()]] if full.size else full
         if job.spread is not None and full.size:
-            keys = fleet.region if job.deployment.placement.spread.by == "region" else None  # type: ignore[union-attr]
-            full = np.array(
-                [s for s in full.tolist() if job.spread.allows(int(keys[s]) if keys is not None else s)],
-                dtype=np.int64,
-            )
+            full = np.array([s for s in full.tolist() if job.spread.allows(int(job.spread.keys[s]))], dtype=np.int64)
         order = np.argsort(fleet.intensity[full], kind="stable")[:SITES_TRIED]
         for site in full[order].tolist():
             for other, i in occupants[site]:
@@ -99,6 +95,5 @@ def _trade(
     other.placed[i] = (target, their_variant, group)
     job.placed.append((site, variant, ours))
     if job.spread is not None:
-        rules = job.deployment.placement.spread
-        job.spread.shift(int(fleet.region[site]) if rules.by == "region" else site, +1)
+        job.spread.shift(int(job.spread.keys[site]), +1)
     return True

@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
+import numpy.typing as npt
+
 
 class DomainCounts:
     """Replica counts per spread domain, with the min/max checks the greedy needs."""
 
-    def __init__(self, domains: Iterable[int], max_skew: int) -> None:
+    def __init__(self, domains: Iterable[int], max_skew: int, keys: npt.NDArray[np.int64]) -> None:
+        self.keys = keys  # the domain of every site (``Fleet.domains``)
         self.count: dict[int, int] = dict.fromkeys(domains, 0)
         self.hist: Counter[int] = Counter({0: len(self.count)})
         self.max_skew = max_skew
@@ -30,18 +34,15 @@ class DomainCounts:
             return c + 1 - self._low <= self.max_skew or (c == self._low and self.hist[c] == 1)
         if remove == add:
             return True
-        self._shift(add, +1)
-        self._shift(remove, -1)
+        self.shift(add, +1)
+        self.shift(remove, -1)
         live = [c for c, n in self.hist.items() if n > 0]
         ok = max(live) - min(live) <= self.max_skew
-        self._shift(remove, +1)
-        self._shift(add, -1)
+        self.shift(remove, +1)
+        self.shift(add, -1)
         return ok
 
     def shift(self, domain: int, by: int) -> None:
-        self._shift(domain, by)
-
-    def _shift(self, domain: int, by: int) -> None:
         old = self.count[domain]
         self.hist[old] -= 1
         self.hist[old + by] += 1

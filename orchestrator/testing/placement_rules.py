@@ -6,7 +6,9 @@ used the planner's own feasibility code could not catch a bug in it.
 
 from __future__ import annotations
 
-from orchestrator.scheduler.model import Deployment, Site
+from collections.abc import Iterable, Sequence
+
+from orchestrator.scheduler.model import Deployment, Replica, Site, Variant
 
 
 def eligible(s: Site, d: Deployment) -> bool:
@@ -24,3 +26,46 @@ def eligible(s: Site, d: Deployment) -> bool:
         and (not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus))
         for v in d.variants_for(s.tier)
     )
+
+
+def violations(sites: Sequence[Site], deployments: Sequence[Deployment], replicas: Iterable[Replica]) -> list[str]:
+    """Hard-rule breaches of a placement (empty when it is valid)."""
+    by_site = {s.name: s for s in sites}
+    by_dep = {d.name: d for d in deployments}
+    found = []
+    replicas = list(replicas)
+    use: dict[str, list[Variant]] = {}
+    for r in replicas:
+        s, d = by_site[r.site], by_dep[r.deployment]
+        rules = d.placement
+        if rules.residency is not None and s.country not in rules.residency:
+            found.append(f"{r}: residency")
+        if not s.healthy:
+            found.append(f"{r}: unhealthy")
+        if s.tier not in rules.tiers or r.variant not in {v.name for v in d.variants_for(s.tier)}:
+            found.append(f"{r}: tier/variant")
+        if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
+            found.append(f"{r}: selector")
+        use.setdefault(r.site, []).append(next(v for v in d.variants if v.name == r.variant))
+    for name, variants in use.items():
+        s = by_site[name]
+        if sum(v.cpu for v in variants) > s.cpu + 1e-6:
+            found.append(f"{name}: cpu")
+        if sum(v.memory_mib for v in variants) > s.memory_gib * 1024 + 1e-6:
+            found.append(f"{name}: memory")
+        for floor in {v.gpu_memory_gib for v in variants if v.gpus}:
+            need = sum(v.gpus for v in variants if v.gpus and v.gpu_memory_gib >= floor)
+            if need > sum(g.count for g in s.gpus if g.memory_gib >= floor):
+                found.append(f"{name}: gpu")
+    for d in deployments:
+        if d.placement.spread is None:
+            continue
+        key = (lambda s: s.region) if d.placement.spread.by == "region" else (lambda s: s.name)
+        domains = {key(s) for s in sites if eligible(s, d)}
+        counts = dict.fromkeys(domains, 0)
+        for r in replicas:
+            if r.deployment == d.name:
+                counts[key(by_site[r.site])] += 1
+        if counts and max(counts.values()) - min(counts.values()) > d.placement.spread.max_skew:
+            found.append(f"{d.name}: spread")
+    return found

@@ -9,7 +9,7 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.testing.placement_rules import eligible
+from orchestrator.testing.placement_rules import violations
 from orchestrator.scheduler import (
     DemandPoint,
     Deployment,
@@ -130,37 +130,7 @@ def current_st(sites, deployments):
 
 
 def check_hard_rules(sites, deployments, replicas):
-    by_site = {s.name: s for s in sites}
-    by_dep = {d.name: d for d in deployments}
-    use: dict[str, list[Variant]] = {}
-    for r in replicas:
-        s, d = by_site[r.site], by_dep[r.deployment]
-        rules = d.placement
-        assert rules.residency is None or s.country in rules.residency, (r, s.country)
-        assert s.healthy
-        assert s.tier in rules.tiers
-        assert all(s.labels.get(k) == v for k, v in rules.site_selector.items())
-        variant = next(v for v in d.variants_for(s.tier) if v.name == r.variant)
-        use.setdefault(r.site, []).append(variant)
-    for name, variants in use.items():
-        s = by_site[name]
-        assert sum(v.cpu for v in variants) <= s.cpu + 1e-6
-        assert sum(v.memory_mib for v in variants) <= s.memory_gib * 1024 + 1e-6
-        for floor in {v.gpu_memory_gib for v in variants if v.gpus}:
-            need = sum(v.gpus for v in variants if v.gpus and v.gpu_memory_gib >= floor)
-            have = sum(g.count for g in s.gpus if g.memory_gib >= floor)
-            assert need <= have
-    for d in deployments:
-        spread = d.placement.spread
-        if spread is None:
-            continue
-        key = (lambda s: s.region) if spread.by == "region" else (lambda s: s.name)
-        counts = {key(s): 0 for s in sites if eligible(s, d)}
-        for r in replicas:
-            if r.deployment == d.name:
-                counts[key(by_site[r.site])] += 1
-        if counts:
-            assert max(counts.values()) - min(counts.values()) <= spread.max_skew, counts
+    assert violations(sites, deployments, replicas) == []
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
