@@ -193,7 +193,7 @@ class ControlPlane:
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
                                      position=cfg.position, ready=lambda: self._started, max_body=cfg.gateway_max_body,
                                      admit=self.admission.check if (cfg.gateway_auth == "token" or cfg.gateway_rate > 0) else None)
-        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(cfg.data_dir / "ray", endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus),
+        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus),
                                               kube_factory=cfg.kube_factory)
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 

@@ -39,7 +39,7 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],
     """``current_energy`` is that of the placement the last reconcile pass decided (the one
     running), so a dry run schedules once, for the future only."""
     future = overlay(current, docs)
-    result, _ = planning.schedule(future)
+    result = planning.schedule(future)
     before = Counter({(r.deployment, r.site, r.variant): r.replicas for r in current.placements})
     after = Counter((r.deployment, r.site, r.variant) for r in result.replicas)
     moved_sites = {a.from_site for a in result.actions if isinstance(a, sched_result.MoveReplica)} | {
@@ -87,15 +87,15 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
     site = s.site_by_name.get(row.site)
     if site is None:
         return {"state": "SiteGone"}
+    deployment = s.deployment_by_name.get(row.deployment)
+    ready = planning.row_ready(s, row, deployment.spec.model if deployment else None)
     if site.spec.tier == "edge":
         agent = s.agent_by_site.get(row.site)
-        deployment = s.deployment_by_name.get(row.deployment)
         if agent is None:
             return {"state": "NoAgent", "ready": 0}
         state = agent.models.get(deployment.spec.model) if deployment else None
         if state is None:
             return {"state": "Assigned", "ready": 0}
-        ready = row.replicas if (state.serving and agent.healthy) else 0
         return {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}
     dc = s.datacentres.get(row.site)
     if dc is None or not dc.reachable:
@@ -103,7 +103,7 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
     app = dc.apps.get(planning.app_name(row.site, row.deployment))
     if app is None:
         return {"state": "Pending", "ready": 0}
-    return {"state": app.status.value, "ready": min(row.replicas, app.replicas_running)}
+    return {"state": app.status.value, "ready": ready}
 
 
 def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) -> dict[str, Any]:

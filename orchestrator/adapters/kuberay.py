@@ -245,15 +245,10 @@ def statuses_from_rayservice(
         if not serve_config.is_owned(name, owned_prefix):
             continue
         app = reported.get(name) or {}
-        try:
-            state = ServeAppState(app.get("status") or "NOT_STARTED")
-        except ValueError:
-            state = ServeAppState.UNHEALTHY
+        state = serve_config.parse_state(app.get("status") or "NOT_STARTED")
         deployments = app.get("serveDeploymentStatuses") or {}
         healthy = all(d.get("status") == "HEALTHY" for d in deployments.values())
-        detail = app.get("message") or "; ".join(
-            f"{n}: {d['message']}" for n, d in deployments.items() if d.get("message")
-        )
+        detail = app.get("message") or serve_config.deployment_messages(deployments)
         if not app:
             detail = waiting or "the RayService has not reported this application yet"
         target = targets.get(name, 0)
@@ -264,7 +259,7 @@ def statuses_from_rayservice(
             message=serve_config.summarize_message(detail),
             replicas_running=target if state is ServeAppState.RUNNING and healthy else 0,
             replicas_target=target,
-            endpoint_url=f"{serve_url}{'' if prefix == '/' else prefix}",
+            endpoint_url=serve_config.route_url(serve_url, prefix),
             detail=detail,
         )
     return result

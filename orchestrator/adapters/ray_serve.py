@@ -269,10 +269,7 @@ class RayServeActuator:
 
 def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None) -> ServeAppStatus:
     """Turn one entry of Serve's ``applications`` details into a :class:`ServeAppStatus`."""
-    try:
-        state = ServeAppState(app.get("status", "NOT_STARTED"))
-    except ValueError:
-        state = ServeAppState.UNHEALTHY
+    state = serve_config.parse_state(app.get("status", "NOT_STARTED"))
     deployments: Mapping[str, Any] = app.get("deployments") or {}
     ingress = (app.get("deployment_topology") or {}).get("ingress_deployment")
     sized = deployments.get(ingress) if ingress else None
@@ -281,14 +278,9 @@ def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None
     chosen = [sized] if sized is not None else list(deployments.values())
     running = sum(1 for d in chosen for r in d.get("replicas") or [] if r.get("state") == "RUNNING")
     target = sum(int(d.get("target_num_replicas") or 0) for d in chosen)
-    detail = str(app.get("message") or "")
-    if not detail:
-        # Serve puts "not enough resources to schedule" and health failures on deployments.
-        detail = "; ".join(
-            f"{d.get('name')}: {d['message']}" for d in deployments.values() if d.get("message")
-        )
+    detail = str(app.get("message") or "") or serve_config.deployment_messages(deployments)
     prefix = app.get("route_prefix")
-    endpoint = f"{serve_url}{'' if prefix == '/' else prefix}" if serve_url and prefix else None
+    endpoint = serve_config.route_url(serve_url, prefix) if serve_url and prefix else None
     return ServeAppStatus(
         name=name,
         status=state,

@@ -237,6 +237,24 @@ def render_application(spec: ServeAppSpec, sized_deployment: str | None = None) 
     return app
 
 
+def parse_state(value: object) -> ServeAppState:
+    """An application state as Serve (or KubeRay) reports it; unknown values are unhealthy."""
+    try:
+        return ServeAppState(value)
+    except ValueError:
+        return ServeAppState.UNHEALTHY
+
+
+def deployment_messages(deployments: Mapping[str, Mapping[str, Any]]) -> str:
+    """The messages Serve puts on deployments ("not enough resources", health failures)."""
+    return "; ".join(f"{name}: {d['message']}" for name, d in deployments.items() if d.get("message"))
+
+
+def route_url(serve_url: str, prefix: str) -> str:
+    """Where an application mounted at ``prefix`` answers on a Serve proxy."""
+    return f"{serve_url}{'' if prefix == '/' else prefix}"
+
+
 def summarize_message(message: str) -> str:
     """The line of a Serve failure message a person needs: the exception, not the traceback."""
     text = _ANSI.sub("", message).strip()

@@ -13,7 +13,10 @@ from orchestrator.cli.http import ApiClient, CliError
 
 
 def _body(data: str) -> dict[str, Any]:
-    text = pathlib.Path(data[1:]).read_text() if data.startswith("@") else data
+    try:
+        text = pathlib.Path(data[1:]).read_text() if data.startswith("@") else data
+    except OSError as exc:
+        raise CliError(f"--data {data}: cannot read the file: {exc.strerror or exc}", 2) from exc
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -50,7 +53,10 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     resp = api.raw("POST", f"/v2/models/{args.model}/infer", json=_body(args.data), headers=headers)
     elapsed = (time.perf_counter() - started) * 1000
-    body = resp.json()
+    try:
+        body = resp.json()
+    except ValueError:  # not JSON: a proxy's error page, say
+        raise CliError(f"HTTP {resp.status_code}: {resp.text[:300] or resp.reason_phrase}") from None
     if resp.status_code >= 400:
         raise CliError(body.get("error", resp.reason_phrase))
     site = resp.headers.get("x-edgeplane-site", "?")

@@ -37,9 +37,14 @@ def _read_manifests(path: str) -> str:
     return loader.bundle(out)
 
 
-def cmd_apply(api: ApiClient, args: argparse.Namespace) -> int:
+def _post_apply(api: ApiClient, args: argparse.Namespace, dry_run: bool) -> Any:
     body = _read_manifests(args.file)
-    result = api.request("POST", "/v1/apply", params={"dryRun": "true" if args.dry_run else "false"}, content=body.encode(), headers=_with_reason({"content-type": "application/yaml"}, args))
+    return api.request("POST", "/v1/apply", params={"dryRun": "true" if dry_run else "false"}, content=body.encode(),
+                       headers=_with_reason({"content-type": "application/yaml"}, args))
+
+
+def cmd_apply(api: ApiClient, args: argparse.Namespace) -> int:
+    result = _post_apply(api, args, args.dry_run)
     if args.output in ("json", "yaml"):
         render.dump(result, args.output)
         return 0
@@ -52,9 +57,7 @@ def cmd_apply(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 def cmd_plan(api: ApiClient, args: argparse.Namespace) -> int:
-    args.dry_run = True
-    body = _read_manifests(args.file)
-    result = api.request("POST", "/v1/apply", params={"dryRun": "true"}, content=body.encode(), headers={"content-type": "application/yaml"})
+    result = _post_apply(api, args, dry_run=True)
     if args.output in ("json", "yaml"):
         render.dump(result["plan"], args.output)
         return 0

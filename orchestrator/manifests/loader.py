@@ -8,7 +8,9 @@ keys (silently overwritten by PyYAML), alias bombs and absurd nesting.
 
 from __future__ import annotations
 
+import bisect
 import pathlib
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -293,14 +295,44 @@ def _sources(text: str, default: str) -> list[_Source]:
     return sources
 
 
-def _locate(sources: list[_Source], line: int | None) -> tuple[str, int | None]:
-    if line is None or len(sources) == 1:
-        return sources[0].name, line
-    src = sources[0]
-    for s in sources:
-        if s.first_line <= line:
-            src = s
-    return src.name, line - src.first_line + 1
+class _Bundle:
+    """Where each line and document of a :func:`bundle` came from, worked out once."""
+
+    def __init__(self, sources: list[_Source], starts: list[int]) -> None:
+        self.sources = sources
+        self._firsts = [s.first_line for s in sources]
+        self._files = [self.locate(start)[0] for start in starts]  # file of each document
+        self._in_file: list[int] = []  # each document's index within its own file
+        seen: Counter[str] = Counter()
+        for name in self._files:
+            self._in_file.append(seen[name])
+            seen[name] += 1
+
+    def locate(self, line: int | None) -> tuple[str, int | None]:
+        """A bundle line as (file, line within that file)."""
+        if line is None or len(self.sources) == 1:
+            return self.sources[0].name, line
+        src = self.sources[max(0, bisect.bisect_right(self._firsts, line) - 1)]
+        return src.name, line - src.first_line + 1
+
+    def index_in_file(self, name: str, index: int) -> int:
+        """A bundle-wide document index as an index within file ``name``."""
+        if index < len(self._files) and self._files[index] == name:
+            return self._in_file[index]
+        return sum(1 for f in self._files[:index] if f == name)
+
+    def relocate_document(self, d: LoadedDocument) -> LoadedDocument:
+        name, line = self.locate(d.line)
+        offset = d.line - (line or d.line)
+        index = self.index_in_file(name, d.index)
+        return LoadedDocument(name, index, line or 1, d.doc, {p: n - offset for p, n in d.lines.items()})
+
+    def relocate(self, issue: ManifestIssue) -> ManifestIssue:
+        name, line = self.locate(issue.line)
+        document = issue.document
+        if document is not None:
+            document = self.index_in_file(name, document)
+        return ManifestIssue(name, document, issue.field, line, issue.message)
 
 
 def load_text(text: bytes | str, file: str = "<input>") -> list[LoadedDocument]:
@@ -313,23 +345,13 @@ def load_text(text: bytes | str, file: str = "<input>") -> list[LoadedDocument]:
     except ManifestError as exc:
         if len(sources) == 1:
             raise
-        raise ManifestError([_relocate(sources, starts, i) for i in exc.issues]) from None
+        where = _Bundle(sources, starts)
+        raise ManifestError([where.relocate(i) for i in exc.issues]) from None
     if len(sources) > 1:
-        docs = [_relocate_document(sources, starts, d) for d in docs]
+        where = _Bundle(sources, starts)
+        docs = [where.relocate_document(d) for d in docs]
     _check_unique(docs)
     return docs
-
-
-def _index_in_file(sources: list[_Source], starts: list[int], name: str, index: int) -> int:
-    """A bundle-wide document index as an index within file ``name``."""
-    return sum(1 for s in starts[:index] if _locate(sources, s)[0] == name)
-
-
-def _relocate_document(sources: list[_Source], starts: list[int], d: LoadedDocument) -> LoadedDocument:
-    name, line = _locate(sources, d.line)
-    offset = d.line - (line or d.line)
-    index = _index_in_file(sources, starts, name, d.index)
-    return LoadedDocument(name, index, line or 1, d.doc, {p: n - offset for p, n in d.lines.items()})
 
 
 def _check_unique(docs: list[LoadedDocument]) -> None:
@@ -344,14 +366,6 @@ def _check_unique(docs: list[LoadedDocument]) -> None:
                                         f"{d.kind} {d.name!r} is defined twice (also {where})"))
     if issues:
         raise ManifestError(issues)
-
-
-def _relocate(sources: list[_Source], starts: list[int], issue: ManifestIssue) -> ManifestIssue:
-    name, line = _locate(sources, issue.line)
-    document = issue.document
-    if document is not None:
-        document = _index_in_file(sources, starts, name, document)
-    return ManifestIssue(name, document, issue.field, line, issue.message)
 
 
 def _load(body: str, file: str, starts: list[int]) -> list[LoadedDocument]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,6 @@ log = logging.getLogger(__name__)
 class LocalRay:
     """The embedded data centre: started lazily, owned, stopped at shutdown."""
 
-    base_dir: pathlib.Path
     endpoints: local_ray.LocalRayEndpoints | None = None  # given: use that cluster, do not own it
     num_cpus: int | None = None
     num_gpus: int | None = None  # logical GPUs to declare (the demo's stand-in for real ones)
@@ -36,7 +34,7 @@ class LocalRay:
     async def ensure(self) -> local_ray.LocalRayEndpoints:
         async with self._lock:
             if self.endpoints is None:
-                log.info("starting the local Ray cluster (the embedded data centre) in %s", self.base_dir)
+                log.info("starting the local Ray cluster (the embedded data centre)")
                 self._cluster = local_ray.LocalRayCluster(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
                 self.endpoints = await self._cluster.start_async()
                 log.info("local Ray cluster up: dashboard %s, serve %s", self.endpoints.dashboard_url, self.endpoints.serve_url)

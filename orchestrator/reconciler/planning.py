@@ -59,18 +59,13 @@ class PassPlan:
     result: sched_result.PlanResult
 
 
-def schedule(s: snap.Snapshot) -> tuple[sched_result.PlanResult, list[str]]:
-    """Run the scheduler on the snapshot; also returns deployments skipped as invalid."""
+def schedule(s: snap.Snapshot) -> sched_result.PlanResult:
+    """Run the scheduler on the snapshot (deployments of a model not declared are left out)."""
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name)) for r in s.sites]
-    deployments, skipped = [], []
-    for d in s.deployments:
-        model = s.models.get(d.spec.model)
-        if model is None:
-            skipped.append(d.name)
-            continue
-        deployments.append(inventory.to_deployment(d, model))
-    current = [r for r in inventory.current_replicas(s.placements) if r.deployment in {d.name for d in deployments}]
-    return planner.plan(sites, deployments, current), skipped
+    deployments = [inventory.to_deployment(d, s.models[d.spec.model]) for d in s.deployments if d.spec.model in s.models]
+    planned = {d.name for d in deployments}
+    current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
+    return planner.plan(sites, deployments, current)
 
 
 def placement_rows(result: sched_result.PlanResult) -> tuple[store_mod.PlacementRow, ...]:
@@ -168,22 +163,22 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
     return tuple(out)
 
 
-def ready_replicas(s: snap.Snapshot, mine: Iterable[store_mod.PlacementRow], deployment: str, model: str) -> int:
-    """Replicas of ``deployment`` (its placement rows: ``mine``) that answer now."""
-    ready = 0
-    for row in mine:
-        site = s.site_by_name.get(row.site)
-        if site is not None and site.spec.tier == "edge":
-            agent = s.agent_by_site.get(row.site)
-            state = agent.models.get(model) if agent else None
-            if agent is not None and agent.healthy and state is not None and state.serving:
-                ready += row.replicas
-        else:
-            dc = s.datacentres.get(row.site)
-            app = dc.apps.get(app_name(row.site, deployment)) if dc else None
-            if app is not None and dc is not None and dc.reachable:
-                ready += min(row.replicas, app.replicas_running)
-    return ready
+def ready_replicas(s: snap.Snapshot, mine: Iterable[store_mod.PlacementRow], model: str) -> int:
+    """Replicas of one deployment (its placement rows: ``mine``) that answer now."""
+    return sum(row_ready(s, row, model) for row in mine)
+
+
+def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) -> int:
+    """How many replicas of one placement row answer now: on an edge site, all of them
+    when its healthy agent serves ``model``; in a data centre, those its app runs."""
+    site = s.site_by_name.get(row.site)
+    if site is not None and site.spec.tier == "edge":
+        agent = s.agent_by_site.get(row.site)
+        state = agent.models.get(model) if agent is not None and model is not None else None
+        return row.replicas if agent is not None and agent.healthy and state is not None and state.serving else 0
+    dc = s.datacentres.get(row.site)
+    app = dc.apps.get(app_name(row.site, row.deployment)) if dc is not None and dc.reachable else None
+    return min(row.replicas, app.replicas_running) if app is not None else 0
 
 
 def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_result.DeploymentPlan | None,
@@ -206,7 +201,7 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
                 problems.append(f"{r.site}: {app.status.value}: {app.message}")
             elif app is not None and app.message and app.replicas_running < app.replicas_target:
                 notes.append(f"{r.site}: {app.message}")
-    ready = ready_replicas(s, mine, d.name, d.spec.model)
+    ready = ready_replicas(s, mine, d.spec.model)
     phase = str(plan.status)
     if phase != "Unschedulable" and ready < plan.placed:
         phase = "Progressing" if not problems else "Failing"
@@ -246,7 +241,7 @@ def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
 
 
 def plan_pass(s: snap.Snapshot) -> PassPlan:
-    result, _skipped = schedule(s)
+    result = schedule(s)
     rows = placement_rows(result)
     out: list[act.Action] = []
     if rows != tuple(s.placements):

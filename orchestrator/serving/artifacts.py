@@ -49,8 +49,9 @@ def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0) -> pathli
             raise ArtifactError(f"artifact {uri} does not exist on this node")
     elif parts.scheme in ("http", "https"):
         path = cache_dir() / f"{sha256}.onnx"
-        if not path.is_file() or sha256_of(path) != sha256:
-            _download(uri, path, timeout_s)
+        if path.is_file() and sha256_of(path) == sha256:
+            return path  # cached and just verified
+        _download(uri, path, timeout_s)
     else:
         raise ArtifactError(f"artifact {uri}: unsupported scheme {parts.scheme!r}")
     actual = sha256_of(path)
