@@ -7,9 +7,13 @@ serves them over the Open Inference Protocol, and keeps serving when the uplink 
 ``registry``   which model versions serve now, and converging them on the desired set
 ``artifacts``  content-addressed, resumable, sha256-verified artifact cache
 ``runtime``    model execution (``runtime.onnx`` is the only user of onnxruntime)
-``http``       the v2 HTTP server and /metrics
+``http``       the v2 API routes and /metrics
+``httpserver`` the HTTP/1.1 server those routes run on
+``metrics``    the Prometheus series, in the text format
 ``capacity``   measured hardware and load
 ``state``      what survives a restart (last assignment set, identity)
 """
 
 __version__ = "0.1.0"
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024  # --max-request-bytes: larger bodies get a 413

@@ -69,12 +69,6 @@ class ArtifactCache:
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def path(self, sha256: str) -> pathlib.Path:
-        return self.root / check_sha256(sha256)
-
-    def has(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
-
     async def fetch(self, url: str, sha256: str) -> pathlib.Path:
         """Return the verified file for ``sha256``, downloading it from ``url`` if needed."""
         digest = check_sha256(sha256)
@@ -86,10 +80,8 @@ class ArtifactCache:
             scheme = urllib.parse.urlsplit(url).scheme
             if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
                 try:
-                    if scheme == "file":
-                        await asyncio.to_thread(self._copy_file, url, digest, final)
-                    else:
-                        await self._download(url, digest, final)
+                    work = self._copy_file if scheme == "file" else self._download
+                    await _in_thread(work, url, digest, final)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
                         f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
@@ -120,19 +112,7 @@ class ArtifactCache:
             )
         return data
 
-    async def _download(self, url: str, digest: str, final: pathlib.Path) -> None:
-        stop = threading.Event()
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(None, self._download_sync, url, digest, final, stop)
-        try:
-            await asyncio.shield(job)
-        except asyncio.CancelledError:
-            stop.set()  # the thread stops at its next chunk; wait so the lock stays held
-            with contextlib.suppress(Exception):
-                await job
-            raise
-
-    def _download_sync(self, url: str, digest: str, final: pathlib.Path, stop: threading.Event) -> None:
+    def _download(self, url: str, digest: str, final: pathlib.Path, stop: threading.Event) -> None:
         partial = final.with_name(digest + ".partial")
         hasher = hashlib.sha256()
         have = _hash_into(partial, hasher) if partial.exists() else 0
@@ -170,7 +150,8 @@ class ArtifactCache:
                     if not chunk:
                         break
                     have += len(chunk)
-                    if have > self._max_bytes:
+                    if have > self._max_bytes:  # nothing of it is worth resuming
+                        partial.unlink(missing_ok=True)
                         raise errors.ArtifactIntegrityError(f"artifact at {url} is larger than {self._max_bytes} bytes")
                     hasher.update(chunk)
                     fh.write(chunk)
@@ -185,7 +166,7 @@ class ArtifactCache:
         _publish(partial, final, url, digest, hasher.hexdigest())
         log.info("downloaded %s (%d bytes, sha256 verified) in %.1fs", url, have, self._clock() - started)
 
-    def _copy_file(self, url: str, digest: str, final: pathlib.Path) -> None:
+    def _copy_file(self, url: str, digest: str, final: pathlib.Path, stop: threading.Event) -> None:
         source = pathlib.Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
         partial = final.with_name(digest + ".partial")
         hasher = hashlib.sha256()
@@ -193,6 +174,8 @@ class ArtifactCache:
         try:
             with source.open("rb") as src, partial.open("wb") as dst:
                 for chunk in iter(lambda: src.read(CHUNK), b""):
+                    if stop.is_set():
+                        raise _Stopped
                     size += len(chunk)
                     if size > self._max_bytes:
                         raise errors.ArtifactIntegrityError(
@@ -205,7 +188,25 @@ class ArtifactCache:
         except OSError as exc:
             partial.unlink(missing_ok=True)
             raise errors.ArtifactUnavailable(f"cannot read {url}: {exc}") from exc
+        except BaseException:  # too large, or stopped: a local copy is not resumed
+            partial.unlink(missing_ok=True)
+            raise
         _publish(partial, final, url, digest, hasher.hexdigest())
+
+
+async def _in_thread(work: Callable[[str, str, pathlib.Path, threading.Event], None], url: str, digest: str, final: pathlib.Path) -> None:
+    """Run a blocking fetch in a worker thread. Cancelled, it asks the thread to stop at
+    its next chunk and waits for that, so the caller's lock is held until nobody writes
+    the ``.partial`` file any more."""
+    stop = threading.Event()
+    job = asyncio.get_running_loop().run_in_executor(None, work, url, digest, final, stop)
+    try:
+        await asyncio.shield(job)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await job
+        raise
 
 
 def _publish(partial: pathlib.Path, final: pathlib.Path, url: str, digest: str, actual: str) -> None:
@@ -231,11 +232,15 @@ def _get(url: str, headers: Mapping[str, str], timeout: float) -> tuple[http.cli
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise errors.ArtifactUnavailable(f"artifact URL {url!r}: scheme must be http(s)")
+        try:
+            port = parts.port
+        except ValueError:
+            raise errors.ArtifactUnavailable(f"artifact URL {url!r}: the port is not a number from 0 to 65535") from None
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context())
+            conn = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout, context=ssl.create_default_context())
         else:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+            conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
             conn.request("GET", target, headers=dict(headers))

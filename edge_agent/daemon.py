@@ -45,7 +45,7 @@ class AgentConfig:
     lat: float | None = None
     lon: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
-    max_body_bytes: int = http.DEFAULT_MAX_BODY_BYTES
+    max_body_bytes: int = httpserver.DEFAULT_MAX_BODY_BYTES
     drain_timeout: float = 30.0
     workers: int = 0  # inference threads; 0 = one per core
     intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
@@ -75,7 +75,6 @@ class Agent:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._probe = probe or capacity.CapacityProbe(onnx.available_providers)
-        self._capacity = self._probe.capacity()
         workers = config.workers or os.cpu_count() or 1
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
         self.store = state.StateStore(config.data_dir)
@@ -87,12 +86,9 @@ class Agent:
             on_change=self._models_changed,
             retry=model_retry or registry.RetryPolicy(),
         )
-        self.server = http.InferenceServer(
-            self.registry, self._executor, max_body_bytes=config.max_body_bytes
-        )
+        self.server = http.InferenceServer(self.registry, self._executor)
         self._desired = assignments.EMPTY
         self._desired_changed = asyncio.Event()
-        self._converged = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._http: httpserver.HttpServer | None = None
         self.uplink: uplink.Uplink | None = None
@@ -101,8 +97,7 @@ class Agent:
     # -- Reporter protocol for the uplink ---------------------------------------------
 
     def capacity(self) -> capacity.Capacity:
-        self._capacity = self._probe.capacity()
-        return self._capacity
+        return self._probe.capacity()
 
     def load(self) -> capacity.Load:
         return self._probe.load()
@@ -197,11 +192,6 @@ class Agent:
             except Exception:  # the loop never dies
                 log.exception("converging on assignment set v%d failed", self._desired.version)
             self.server.ready = True
-            self._converged.set()
-
-    async def wait_converged(self) -> None:
-        """Until the first desired set (saved or received) has been worked through."""
-        await self._converged.wait()
 
     def _models_changed(self) -> None:
         if self.uplink is not None:

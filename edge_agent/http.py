@@ -23,7 +23,9 @@ from edgeplane_proto import oip
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+UNKNOWN_MODEL = "(unknown)"  # the metrics label of requests for models not served here
 
 
 def _error(status: int, message: str) -> Response:
@@ -59,12 +61,9 @@ class InferenceServer:
         self,
         models: registry.ModelRegistry,
         executor: Executor,
-        *,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self._models = models
         self._executor = executor
-        self.max_body_bytes = max_body_bytes  # enforced by the HTTP server's limits
         self.inflight = 0
         self.ready = False
         self.draining = False
@@ -148,7 +147,9 @@ class InferenceServer:
         started = time.perf_counter()
         served = self._lookup(name)
         if isinstance(served, Response):
-            self.metrics.observe_error(name, served.status)
+            # A name this agent was never asked to serve is the caller's to choose: one
+            # series for all of them, or any client could grow /metrics without bound.
+            self.metrics.observe_error(name if self._models.known(name) else UNKNOWN_MODEL, served.status)
             return served
         header = request.headers.get(oip.BINARY_HEADER.lower())
         header_length: int | None = None
@@ -182,4 +183,5 @@ class InferenceServer:
 
 
 def _not_allowed(method: str) -> Response:
-    return Response(405, oip.error_body(f"method not allowed; use {method}"), headers=(("allow", method),))
+    refused = _error(405, f"method not allowed; use {method}")
+    return Response(refused.status, refused.body, headers=(("allow", method),))

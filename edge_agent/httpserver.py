@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import socket
 import urllib.parse
@@ -35,6 +34,10 @@ from http import HTTPStatus
 from typing import cast
 
 import httptools
+
+import edge_agent
+
+from edgeplane_proto.oip import error_body
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +64,21 @@ Handler = Callable[[Request], Awaitable[Response]]
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
+DEFAULT_MAX_BODY_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_header_bytes: int = 64 * 1024
     request_timeout: float = 30.0  # from a request's first byte to its last
     idle_timeout: float = 75.0  # keep-alive connection with nothing to do
     max_pipelined: int = 32  # requests read ahead of the one being answered
 
 
-def encode(response: Response, keep_alive: bool) -> bytes:
+def encode(response: Response, keep_alive: bool, *, head_only: bool = False) -> bytes:
+    """Status line, headers and body; ``head_only`` (a HEAD request) leaves the body out
+    but keeps its length, as RFC 9110 asks."""
     reason = _REASONS.get(response.status, "")
     lines = [
         f"HTTP/1.1 {response.status} {reason}",
@@ -81,11 +89,14 @@ def encode(response: Response, keep_alive: bool) -> bytes:
     if not keep_alive:
         lines.append("connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head + response.body
+    return head if head_only else head + response.body
 
 
 def _error(status: int, message: str) -> Response:
-    return Response(status, json.dumps({"error": message}).encode())
+    return Response(status, error_body(message))
+
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Refused(Exception):
@@ -109,6 +120,8 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self._reading = True
         self._in_message = False
+        self._continue_owed = False  # a 100 Continue to send once earlier answers are out
+        self._last_words: Response | None = None  # a refusal waiting for earlier answers
         self._reset()
 
     def _reset(self) -> None:
@@ -134,11 +147,14 @@ class _Connection(asyncio.Protocol):
             self._worker.cancel()
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._last_words is not None:
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            last = self._queue[-1][0] if self._queue else None
+            if last is not None and ("upgrade" in last.headers or last.method == "CONNECT"):
+                self._queue.pop()  # the parser completed the upgrade request: it is not served
             self._refuse(_error(400, "protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
             # httptools wraps what a callback raised; a refusal carries its own answer
@@ -170,8 +186,11 @@ class _Connection(asyncio.Protocol):
         declared = self._headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._limits.max_body_bytes:
             raise _Refused(_error(413, f"request body exceeds {self._limits.max_body_bytes} bytes"))
-        if self._headers.get("expect", "").lower() == "100-continue" and self._transport is not None:
-            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self._headers.get("expect", "").lower() == "100-continue":
+            if self.idle:
+                self._write(_CONTINUE)
+            else:  # it would reach the client before the answers it is still waiting for
+                self._continue_owed = True
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -194,6 +213,7 @@ class _Connection(asyncio.Protocol):
         )
         self._queue.append((request, self._parser.should_keep_alive()))
         self._in_message = False
+        self._continue_owed = False
         self._disarm()
         if len(self._queue) >= self._limits.max_pipelined and self._transport is not None:
             self._transport.pause_reading()
@@ -206,10 +226,9 @@ class _Connection(asyncio.Protocol):
     async def _answer(self) -> None:
         while self._queue and not self._closing:
             request, keep_alive = self._queue.popleft()
-            if not self._reading and self._transport is not None:
+            if not self._reading and self._last_words is None and self._transport is not None:
                 self._transport.resume_reading()
                 self._reading = True
-            self._server.busy += 1
             try:
                 response = await self._server.handler(request)
             except asyncio.CancelledError:
@@ -217,17 +236,23 @@ class _Connection(asyncio.Protocol):
             except Exception:
                 log.exception("%s %s failed", request.method, request.path)
                 response = _error(500, "internal error")
-            finally:
-                self._server.busy -= 1
             keep_alive = keep_alive and not self._server.stopping
             await self._writable.wait()
             if self._transport is None or self._closing:
                 return
-            self._transport.write(encode(response, keep_alive))
+            self._transport.write(encode(response, keep_alive, head_only=request.method == "HEAD"))
             if not keep_alive:
                 self.close()
                 return
-        if not self._closing:
+        if self._closing:
+            return
+        if self._last_words is not None:
+            self._write(encode(self._last_words, keep_alive=False))
+            self.close()
+        elif self._continue_owed:
+            self._continue_owed = False
+            self._write(_CONTINUE)
+        elif not self._in_message:  # a request half received keeps its own timer
             self._arm(self._limits.idle_timeout)
             if self._server.stopping:
                 self.close()
@@ -237,10 +262,22 @@ class _Connection(asyncio.Protocol):
         return not self._queue and (self._worker is None or self._worker.done())
 
     def _refuse(self, response: Response) -> None:
-        """Answer an unusable request and close: what follows on the wire is unreadable."""
-        if self._transport is not None and not self._closing:
-            self._transport.write(encode(response, keep_alive=False))
+        """Answer an unusable request and close: what follows on the wire is unreadable.
+        Requests before it that are still being answered get their answers first."""
+        if self._closing or self._last_words is not None:
+            return
+        if not self.idle:
+            self._last_words = response
+            self._disarm()
+            if self._transport is not None:
+                self._transport.pause_reading()
+            return
+        self._write(encode(response, keep_alive=False))
         self.close()
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.write(data)
 
     def close(self) -> None:
         self._closing = True
@@ -277,7 +314,6 @@ class HttpServer:
         self.handler = handler
         self.limits = limits or Limits()
         self.connections: set[_Connection] = set()
-        self.busy = 0  # requests being answered
         self.stopping = False
         self._server: asyncio.Server | None = None
         self._all_closed = asyncio.Event()

@@ -16,6 +16,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+import edge_agent
 from edge_agent import errors
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--join-address", metavar="HOST:PORT",
                    help="the control plane's join listener for the first join (default: the --control-plane port + 1)")
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
-    p.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--max-request-bytes", type=int, default=edge_agent.DEFAULT_MAX_REQUEST_BYTES)
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS")
     p.add_argument("--workers", type=int, default=0, help="inference threads (0 = one per core)")
     p.add_argument("--log-level", default="INFO")

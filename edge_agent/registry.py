@@ -21,9 +21,9 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from edge_agent import artifacts, assignments, errors
+from edge_agent.retry import MODEL_RETRY, Jitter, RetryPolicy
 from edge_agent.runtime import onnx
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 
@@ -74,24 +74,6 @@ class ServedModel:
         self.requests = 0
 
 
-class Jitter(Protocol):
-    def uniform(self, a: float, b: float) -> float: ...
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Delay before the next attempt after ``failures`` consecutive failed ones."""
-
-    initial: float = 1.0
-    maximum: float = 60.0
-    factor: float = 2.0
-
-    def delay(self, failures: int, rng: Jitter) -> float:
-        """Between half and all of the capped exponential step (spreads a fleet's retries)."""
-        step = min(self.maximum, self.initial * self.factor ** min(max(failures - 1, 0), 32))
-        return step * rng.uniform(0.5, 1.0)
-
-
 class _Slot:
     __slots__ = ("assignment", "failures", "message", "phase", "retry_at", "serving")
 
@@ -114,7 +96,7 @@ class ModelRegistry:
         load: Loader,
         on_change: Callable[[], None] = lambda: None,
         *,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = MODEL_RETRY,
         clock: Callable[[], float] = time.monotonic,
         rng: Jitter | None = None,
     ) -> None:

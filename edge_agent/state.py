@@ -29,11 +29,17 @@ class Identity:
 
 
 def write_atomic(path: pathlib.Path, doc: dict[str, Any], mode: int = 0o644) -> None:
+    write_bytes_atomic(path, json.dumps(doc, indent=1).encode(), mode)
+
+
+def write_bytes_atomic(path: pathlib.Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` whole or not at all, durably. The temporary file is
+    created 0600, so a private key is never readable by others on its way in."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)

@@ -8,19 +8,12 @@ later connection, restarts included, use mutual TLS on the agent port without th
 
 from __future__ import annotations
 
-import os
 import pathlib
 from dataclasses import dataclass
 
 import grpc
 
-
-def _write_private(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+from edge_agent import state
 
 
 def join_address(control_plane: str) -> str:
@@ -74,10 +67,6 @@ class AgentTls:
     def save(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if ca_pem and self.ca_file is None:
-            _write_private(self.saved_ca_path, ca_pem)
-        _write_private(self.key_path, key_pem)
-        _write_private(self.cert_path, certificate_pem)
-
-    def forget(self) -> None:
-        for path in (self.key_path, self.cert_path):
-            path.unlink(missing_ok=True)
+            state.write_bytes_atomic(self.saved_ca_path, ca_pem, 0o600)
+        state.write_bytes_atomic(self.key_path, key_pem, 0o600)
+        state.write_bytes_atomic(self.cert_path, certificate_pem, 0o600)

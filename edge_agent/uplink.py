@@ -21,6 +21,7 @@ from typing import Protocol
 import grpc
 
 from edge_agent import assignments, capacity, errors, registry, state, tls
+from edge_agent.retry import RECONNECT, RetryPolicy
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 
@@ -101,18 +102,6 @@ class Reporter(Protocol):
     def draining(self) -> bool: ...
 
 
-@dataclass(frozen=True)
-class Backoff:
-    initial: float = 0.5
-    maximum: float = 30.0
-    factor: float = 2.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Full-jitter-ish: between half and all of the capped exponential step."""
-        step = min(self.maximum, self.initial * self.factor ** min(attempt, 32))
-        return step * rng.uniform(0.5, 1.0)
-
-
 def client_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
@@ -136,7 +125,7 @@ class Uplink:
         *,
         channel_credentials: grpc.ChannelCredentials | None = None,
         agent_tls: tls.AgentTls | None = None,
-        backoff: Backoff = Backoff(),
+        backoff: RetryPolicy = RECONNECT,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -152,7 +141,6 @@ class Uplink:
         self._clock = clock
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self.connected = asyncio.Event()
         self.interval = facts.heartbeat_interval
         self.identity = store.load_identity(facts.site)
 
@@ -174,13 +162,11 @@ class Uplink:
                 log.warning("%s", exc)
             except Exception:  # the uplink never dies: log, back off, go on
                 log.exception("uplink session failed")
-            finally:
-                self.connected.clear()
             if self._stopping.is_set():
                 return
             if self._clock() - started > 4 * self.interval:
                 attempt = 0  # the session was healthy for a while: start the ladder over
-            delay = self._backoff.delay(attempt, self._rng)
+            delay = self._backoff.delay(attempt + 1, self._rng)
             attempt += 1
             log.info("reconnecting to %s in %.1fs", self._target, delay)
             with contextlib.suppress(TimeoutError):
@@ -214,9 +200,8 @@ class Uplink:
         key_pem, csr_pem = agent_tls.new_request(self._facts.site)
         channel = grpc.aio.secure_channel(agent_tls.join_target, agent_tls.join_credentials(), options=client_options())
         try:
-            request = self._facts.to_proto(self._reporter.capacity(), self.identity.agent_id if self.identity else "")
+            request, metadata = self._join_request()
             request.csr_pem = csr_pem.decode()
-            metadata = ((CREDENTIAL_KEY, self.identity.credential),) if self.identity else ()
             response: pb.JoinResponse = await pb_grpc.AgentControlStub(channel).Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         except grpc.RpcError as exc:
             raise translate(exc) from exc
@@ -229,15 +214,17 @@ class Uplink:
         self._store.save_identity(self.identity)
         log.info("enrolled: client certificate for site %s issued by the control plane's CA", self._facts.site)
 
+    def _join_request(self) -> tuple[pb.JoinRequest, tuple[tuple[str, str], ...]]:
+        """A Join with this site's facts and measured capacity; a known identity rejoins
+        with its agent id and credential."""
+        identity = self.identity
+        request = self._facts.to_proto(self._reporter.capacity(), identity.agent_id if identity else "")
+        return request, ((CREDENTIAL_KEY, identity.credential),) if identity else ()
+
     async def _join(self, stub: pb_grpc.AgentControlStub) -> None:
         identity = self.identity
-        metadata = ((CREDENTIAL_KEY, identity.credential),) if identity else ()
-        request = self._facts.to_proto(
-            self._reporter.capacity(), identity.agent_id if identity else ""
-        )
-        response: pb.JoinResponse = await stub.Join(
-            request, metadata=metadata, timeout=JOIN_TIMEOUT_S
-        )
+        request, metadata = self._join_request()
+        response: pb.JoinResponse = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)
         if self.identity != identity:
             self._store.save_identity(self.identity)
@@ -265,7 +252,6 @@ class Uplink:
             pb.WatchAssignmentsRequest(known_version=self._reporter.assignment_version()),
             metadata=self._metadata(),
         )
-        self.connected.set()
 
         async def receive() -> None:
             async for message in watch:

@@ -123,3 +123,16 @@ def test_garbage_model_is_a_load_error() -> None:
 )
 def test_provider_choice(available, chosen) -> None:
     assert onnx.choose_providers(available) == chosen
+
+
+async def test_an_oversized_download_leaves_nothing_to_resume(tmp_path: pathlib.Path, models: Models) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, max_bytes=100)
+    with pytest.raises(errors.ArtifactIntegrityError, match="larger than 100 bytes"):
+        await cache.fetch(models.v1_url, models.v1.sha256)
+    assert list(cache.root.iterdir()) == []
+
+
+async def test_a_url_with_an_impossible_port_is_refused_clearly(tmp_path: pathlib.Path) -> None:
+    cache = artifacts.ArtifactCache(tmp_path)
+    with pytest.raises(errors.ArtifactUnavailable, match="port"):
+        await cache.fetch("http://127.0.0.1:99999/x.onnx", "0" * 64)

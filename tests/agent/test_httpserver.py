@@ -203,3 +203,69 @@ async def test_shutdown_gives_up_on_a_stuck_request_after_its_timeout() -> None:
     assert await closed(reader)
     writer.close()
     echo.release.set()
+
+
+async def test_a_refusal_waits_for_the_answers_before_it() -> None:
+    server, echo, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(echo.entered.wait(), 5)
+        writer.write(b"NONSENSE\r\n\r\n")  # while /slow is still being answered
+        await asyncio.sleep(0.05)
+        echo.release.set()
+        first = await read_response(reader)
+        second = await read_response(reader)
+        assert (first[0], first[2]) == (200, b"GET /slow  ")
+        assert second[0] == 400 and second[1]["connection"] == "close"
+        assert await closed(reader)
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_100_continue_is_not_sent_ahead_of_an_earlier_answer() -> None:
+    server, echo, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(echo.entered.wait(), 5)
+        writer.write(b"POST /next HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        await asyncio.sleep(0.05)
+        echo.release.set()
+        assert (await read_response(reader))[2] == b"GET /slow  "
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"ok")
+        assert (await read_response(reader))[2] == b"POST /next  ok"
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_a_pipelined_request_keeps_its_own_timer() -> None:
+    server, _, port = await start(Limits(request_timeout=0.3, idle_timeout=30))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n")  # /b never ends
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert (await read_response(reader))[0] == 200
+        assert (await read_response(reader))[0] == 408
+        assert loop.time() - started < 5  # the request timeout, not the idle one
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_head_answers_carry_no_body() -> None:
+    server, _, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /g HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 9" in head  # "HEAD /h  " is not sent
+        assert (await read_response(reader))[2] == b"GET /g  "  # framing intact
+    finally:
+        writer.close()
+        await server.shutdown(1)

@@ -1,0 +1,28 @@
+"""Jittered exponential backoff, for the uplink's reconnects and failed model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Jitter(Protocol):
+    def uniform(self, a: float, b: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delay before the next attempt after ``failures`` consecutive failed ones."""
+
+    initial: float = 1.0
+    maximum: float = 60.0
+    factor: float = 2.0
+
+    def delay(self, failures: int, rng: Jitter) -> float:
+        """Between half and all of the capped exponential step (spreads a fleet's retries)."""
+        step = min(self.maximum, self.initial * self.factor ** min(max(failures - 1, 0), 32))
+        return step * rng.uniform(0.5, 1.0)
+
+
+MODEL_RETRY = RetryPolicy()  # a failed download or load: 1 s doubling to 60 s
+RECONNECT = RetryPolicy(initial=0.5, maximum=30.0)  # the uplink to the control plane
