@@ -292,9 +292,7 @@ class ControlPlane:
         caller = routing.parse_caller(f"{lat},{lon}" if lat is not None and lon is not None else None, None, residency)
         if isinstance(caller, routing.NoRoute):
             return views.endpoint_list(caller, model)
-        ranked = routing.rank(self.table.with_local_load(model), caller, regions=self.table.regions,
-                              gateway_position=self.config.position, ejected=self.table.ejected())
-        return views.endpoint_list(ranked, model)
+        return views.endpoint_list(self.table.rank(model, caller, self.config.position), model)
 
     def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":

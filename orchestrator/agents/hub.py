@@ -83,7 +83,6 @@ class _Record:
     memory_available_bytes: int = 0
     assignment_version: int = 0
     models: dict[str, model.ModelState] = field(default_factory=dict)
-    heartbeats: int = 0
 
     def status(self) -> model.AgentStatus:
         return model.AgentStatus(
@@ -225,7 +224,6 @@ class AgentHub:
         self.heartbeats_total += 1
         if beat.sent_unix_ms:
             self.lag.observe(now * 1000.0 - beat.sent_unix_ms)
-        record.heartbeats += 1
         record.last_heartbeat = now
         record.deadline = now + record.heartbeat_interval * self.missed_heartbeats
         record.inflight = beat.inflight

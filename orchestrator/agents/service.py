@@ -125,19 +125,22 @@ class AgentControlServicer:
         peer = _peer_site(context)
         if peer is not None and peer != request.site:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this certificate is for site {peer!r}, not {request.site!r}")
+        if request.csr_pem:  # refused before the join touches the site's record
+            if self._issuer is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "this control plane runs agents without TLS (--insecure-agents); start the agent with --insecure")
+            try:
+                self._issuer.check_agent_csr(request.csr_pem.encode())
+            except ValueError as exc:  # CertificateError and malformed PEM alike
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot sign this CSR: {exc}")
         try:
             response = self._hub.join(application).to_proto()
         except errors.AgentHubError as exc:
             await context.abort(_status_code(exc), str(exc))
             raise  # unreachable: abort raises
         if request.csr_pem:
-            if self._issuer is None:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    "this control plane runs agents without TLS (--insecure-agents); start the agent with --insecure")
-            try:
-                response.certificate_pem = self._issuer.issue_agent(request.site, request.csr_pem.encode()).decode()
-            except ValueError as exc:  # CertificateError and malformed PEM alike
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot sign this CSR: {exc}")
+            assert self._issuer is not None
+            response.certificate_pem = self._issuer.issue_agent(request.site, request.csr_pem.encode()).decode()
             response.ca_pem = self._issuer.certificate_pem.decode()
         return response
 
@@ -194,6 +197,8 @@ class CertificateIssuer(Protocol):
 
     @property
     def certificate_pem(self) -> bytes: ...
+
+    def check_agent_csr(self, csr_pem: bytes) -> None: ...
 
     def issue_agent(self, site: str, csr_pem: bytes) -> bytes: ...
 

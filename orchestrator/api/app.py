@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
-from orchestrator.api import auth
+from orchestrator.api import auth, bodies
 from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.store import sqlite as store_mod
@@ -46,23 +46,6 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge()
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge()
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 Handler = Callable[[Request, auth.Caller], Awaitable[Response]]
 
 
@@ -79,8 +62,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 return error(403, f"{caller.identity} has role {caller.role!r}; this needs 'admin'")
             try:
                 return await handler(request, caller)
-            except BodyTooLarge:
-                return error(413, f"request body is larger than {MAX_BODY // (1024 * 1024)} MiB")
+            except bodies.BodyTooLarge as exc:
+                return error(413, str(exc))
             except ManifestError as exc:
                 return error(422, f"{len(exc.issues)} problem(s) in the manifests; nothing was applied", issues=[i.to_dict() for i in exc.issues])
             except catalog.UnknownKind as exc:
@@ -93,7 +76,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return endpoint
 
     async def apply(request: Request, caller: auth.Caller) -> Response:
-        body = await read_body(request)
+        body = await bodies.read_body(request, MAX_BODY)
         dry_run = request.query_params.get("dryRun", "false").lower() in ("1", "true", "yes")
         source = request.query_params.get("file") or "<request>"
         docs = loader.load_text(body, source[:256])
@@ -159,7 +142,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def create_token(request: Request, caller: auth.Caller) -> Response:
         try:
-            doc = json.loads(await read_body(request, 64 * 1024) or b"{}")
+            doc = json.loads(await bodies.read_body(request, 64 * 1024) or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError):
             return error(400, "body must be JSON: {\"purpose\": \"bootstrap\"|\"api\", \"role\": ..., \"ttlSeconds\": ...}")
         if not isinstance(doc, dict):

@@ -29,10 +29,6 @@ class Unauthorized(Exception):
     pass
 
 
-class Forbidden(Exception):
-    pass
-
-
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"

@@ -9,6 +9,7 @@ before any heartbeat could say so (passive outlier ejection). An ejection lasts
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ class EndpointTable:
     regions: routing.RegionIndex = field(default_factory=routing.RegionIndex)
     #: Every model some deployment serves, with why it has no endpoint when it has none.
     _deployed: dict[str, str] = field(default_factory=dict)
-    version: int = 0
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
                 deployed: dict[str, str] | None = None) -> None:
@@ -38,14 +38,13 @@ class EndpointTable:
             self.regions = regions
         if deployed is not None:
             self._deployed = dict(deployed)
-        self.version += 1
 
     def models(self) -> list[str]:
         return sorted(set(self._by_model) | set(self._deployed))
 
     def unavailable_reason(self, model: str) -> str | None:
         """Why a deployed model has no endpoint; None when the model is not deployed at all."""
-        return self._deployed.get(model) if model in self._deployed else None
+        return self._deployed.get(model)
 
     def endpoints(self, model: str) -> tuple[routing.Endpoint, ...]:
         return self._by_model.get(model, ())
@@ -55,8 +54,15 @@ class EndpointTable:
         out = []
         for e in self._by_model.get(model, ()):
             mine = self._inflight.get(e.url, 0)
-            out.append(e if not mine else routing.Endpoint(**{**e.__dict__, "inflight": e.inflight + mine}))
+            out.append(e if not mine else dataclasses.replace(e, inflight=e.inflight + mine))
         return out
+
+    def rank(self, model: str, caller: routing.Caller, position: tuple[float, float] | None) -> list[routing.Ranked] | routing.NoRoute:
+        """The model's endpoints for ``caller``, best first (``routing.rank`` on the live
+        table: the gateway's own load and ejections included); ``position`` is the
+        gateway's, for callers that give none."""
+        return routing.rank(self.with_local_load(model), caller, regions=self.regions,
+                            gateway_position=position, ejected=self.ejected())
 
     def ejected(self) -> frozenset[str]:
         now = self.clock()
@@ -67,9 +73,6 @@ class EndpointTable:
 
     def eject(self, url: str) -> None:
         self._ejected_until[url] = self.clock() + self.ejection_s
-
-    def readmit(self, url: str) -> None:
-        self._ejected_until.pop(url, None)
 
     def started(self, url: str) -> None:
         self._inflight[url] = self._inflight.get(url, 0) + 1

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from edgeplane_proto import oip
+from orchestrator.api import bodies
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
@@ -88,10 +89,7 @@ class Gateway:
                 return routing.NoRoute(f"model {model!r} has no replica to answer: {reason}", 503)
             known = self.table.models()
             return routing.NoRoute(f"model {model!r} is not deployed" + (f" (deployed models: {', '.join(known)})" if known else ""), 404)
-        return routing.rank(
-            self.table.with_local_load(model), caller,
-            regions=self.table.regions, gateway_position=self.position, ejected=self.table.ejected(),
-        )
+        return self.table.rank(model, caller, self.position)
 
     async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None) -> Response:
         ranked = self.candidates(model, request)
@@ -131,17 +129,12 @@ class Gateway:
     async def infer(self, request: Request) -> Response:
         model = request.path_params["model"]
         started = time.perf_counter()
-        declared = request.headers.get("content-length")
-        too_large = f"request body is larger than {self.max_body} bytes"
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            return _error(413, too_large)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body:
-                return _error(413, too_large)
         try:
-            return await self._forward(model, request, "POST", "/infer", bytes(body))
+            body = await bodies.read_body(request, self.max_body)
+        except bodies.BodyTooLarge:
+            return _error(413, f"request body is larger than {self.max_body} bytes")
+        try:
+            return await self._forward(model, request, "POST", "/infer", body)
         finally:
             self.metrics.latency.labels(model).observe(time.perf_counter() - started)
 
@@ -151,7 +144,7 @@ class Gateway:
     async def model_ready(self, request: Request) -> Response:
         ranked = self.candidates(request.path_params["model"], request)
         if isinstance(ranked, routing.NoRoute):
-            return _error(ranked.status if ranked.status != 404 else 404, ranked.reason)
+            return _error(ranked.status, ranked.reason)
         return JSONResponse({"name": request.path_params["model"], "ready": True, "site": ranked[0].endpoint.site},
                             headers={"x-edgeplane-site": ranked[0].endpoint.site})
 

@@ -80,10 +80,14 @@ class _Connection(asyncio.Protocol):
             self.on_message_complete()
         return None
 
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._answer is not None and self._answer.done():
+            raise UpstreamError("bytes after the answer")  # the connection is out of step: close it
+
     def on_headers_complete(self) -> None:
         self._head_done = True
 
-    # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
@@ -95,7 +99,11 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self._parser is not None and self._answer is not None
-        answer = Answer(self._parser.get_status_code(), self._headers, b"".join(self._body))
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # interim (100 Continue, 103 Early Hints): the answer follows
+            self._headers, self._body, self._size, self._head_done = {}, [], 0, False
+            return
+        answer = Answer(status, self._headers, b"".join(self._body))
         if not self._parser.should_keep_alive() or self.transport is None or self.transport.is_closing():
             self.close()
         self._parser = None
@@ -156,27 +164,30 @@ class UpstreamPool:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
             async with asyncio.timeout(self.timeout):
-                for _ in range(2):  # a reused connection may have been closed by the server just now
-                    conn, reused = await self._connection(origin)
-                    try:
-                        answer = await conn.send(head, body)
-                    except UpstreamError:
-                        conn.close()
-                        if reused and not conn.got_bytes:
-                            continue
+                conn, reused = await self._connection(origin)
+                try:
+                    return await self._exchange(origin, conn, head, body)
+                except UpstreamError:
+                    if not reused or conn.got_bytes:
                         raise
-                    except BaseException:
-                        conn.close()
-                        raise
-                    self._release(origin, conn)
-                    return answer
-                raise UpstreamError("the connection was closed before the answer")  # pragma: no cover - loop returns or raises
+                # The server closed the idle socket just as we took it: once more, on a new one.
+                conn, _ = await self._connection(origin, fresh=True)
+                return await self._exchange(origin, conn, head, body)
         except TimeoutError:
             raise UpstreamError(f"no answer within {self.timeout:g}s") from None
 
-    async def _connection(self, origin: tuple[str, str, int]) -> tuple[_Connection, bool]:
+    async def _exchange(self, origin: tuple[str, str, int], conn: _Connection, head: bytes, body: bytes | None) -> Answer:
+        try:
+            answer = await conn.send(head, body)
+        except BaseException:
+            conn.close()
+            raise
+        self._release(origin, conn)
+        return answer
+
+    async def _connection(self, origin: tuple[str, str, int], *, fresh: bool = False) -> tuple[_Connection, bool]:
         idle = self._idle.get(origin)
-        while idle:
+        while idle and not fresh:
             conn = idle.pop()
             if conn.reusable:
                 return conn, True

@@ -126,7 +126,8 @@ class Reconciler:
             placements=tuple(self.store.placements()),
             agents=tuple(self.hub.snapshot()),
             datacentres=dict(self._dc_observed),
-            artifacts=self._resolve_artifacts(models),
+            # a new local artifact is hashed here, in a thread: the gateway shares this loop
+            artifacts=await asyncio.to_thread(self._resolve_artifacts, models),
             assignments={s.name: a.assignments for s in sites if (a := self.hub.assignments(s.name)) is not None},
             applied_apps=dict(self._applied),
         )

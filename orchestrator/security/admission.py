@@ -31,11 +31,6 @@ class GatewayAdmission:
         """``verify_token`` set = every model request needs a valid API token (any role)."""
         self.limiter = limiter
         self._verify = verify_token
-        self.refused = {"401": 0, "429": 0}
-
-    @property
-    def requires_token(self) -> bool:
-        return self._verify is not None
 
     def check(self, request: Request) -> Response | None:
         key = None
@@ -43,7 +38,6 @@ class GatewayAdmission:
         if self._verify is not None:
             info = self._verify(header[7:].strip()) if header and header.lower().startswith("bearer ") else None
             if info is None:
-                self.refused["401"] += 1
                 return _refuse(401, "the gateway needs 'Authorization: Bearer <token>' with a valid API token",
                                {"www-authenticate": "Bearer"})
             key = f"token:{info.id}"
@@ -51,7 +45,6 @@ class GatewayAdmission:
             key = f"addr:{request.client.host if request.client else '?'}"
         wait = self.limiter.take(key)
         if wait is not None:
-            self.refused["429"] += 1
             return _refuse(429, f"rate limit of {self.limiter.limit.rate:g} requests/s exceeded; retry later",
                            {"retry-after": str(max(1, math.ceil(wait)))})
         return None

@@ -30,8 +30,22 @@ SERVER_DAYS = 365
 AGENT_DAYS = 30
 
 
-class CertificateError(Exception):
+class CertificateError(ValueError):
     """A CSR or certificate that cannot be accepted."""
+
+
+def check_agent_csr(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The key of a well-formed agent CSR; raise :class:`CertificateError` otherwise."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise CertificateError(f"not a PEM certificate signing request: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise CertificateError("the CSR's signature does not match its key")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise CertificateError("agent keys must be EC (P-256)")
+    return public_key
 
 
 def _now() -> datetime.datetime:
@@ -48,7 +62,6 @@ def _write_private(path: pathlib.Path, data: bytes) -> None:
 site_uri = identity.site_uri
 new_key_and_csr = identity.new_key_and_csr
 site_of = identity.site_of
-SPIFFE_PREFIX = identity.SPIFFE_PREFIX
 _key_pem = identity.key_pem
 
 
@@ -110,16 +123,12 @@ class CertificateAuthority:
                 sans.append(x509.DNSName(host))
         return self._issue("edgeplane control plane", key.public_key(), sans, ExtendedKeyUsageOID.SERVER_AUTH, SERVER_DAYS), _key_pem(key)
 
+    def check_agent_csr(self, csr_pem: bytes) -> None:
+        """Raise :class:`CertificateError` unless :meth:`issue_agent` would sign ``csr_pem``."""
+        check_agent_csr(csr_pem)
+
     def issue_agent(self, site: str, csr_pem: bytes) -> bytes:
         """Sign an agent's CSR as ``site``: the identity is ours to set, not the CSR's."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise CertificateError(f"not a PEM certificate signing request: {exc}") from exc
-        if not csr.is_signature_valid:
-            raise CertificateError("the CSR's signature does not match its key")
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise CertificateError("agent keys must be EC (P-256)")
+        public_key = check_agent_csr(csr_pem)
         return self._issue(f"site/{site}", public_key, [x509.UniformResourceIdentifier(site_uri(site))],
                            ExtendedKeyUsageOID.CLIENT_AUTH, AGENT_DAYS)

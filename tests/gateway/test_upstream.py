@@ -125,3 +125,30 @@ async def test_refused_and_slow_upstreams() -> None:
     finally:
         await pool.close()
         slow.close()
+
+
+async def test_every_idle_connection_closed_by_the_server_still_gets_an_answer() -> None:
+    server, port = await echo_server()
+    pool = UpstreamPool()
+    try:
+        url = f"http://127.0.0.1:{port}/a"
+        await asyncio.gather(*(pool.request("POST", url, b"%d" % i) for i in range(3)))  # three idle sockets
+        assert len(server.connections) == 3
+        for conn in list(server.connections):
+            conn.close()
+        assert (await pool.request("POST", url, b"after")).body == b"after"
+    finally:
+        await pool.close()
+        await server.shutdown(1)
+
+
+async def test_interim_answers_are_skipped() -> None:
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nfinal"
+    server, port, _ = await raw_server(hints, close=False)
+    pool = UpstreamPool()
+    try:
+        answer = await pool.request("GET", f"http://127.0.0.1:{port}/")
+        assert (answer.status, answer.body, answer.headers.get("x-final"), "link" in answer.headers) == (200, b"final", "yes", False)
+    finally:
+        await pool.close()
+        server.close()

@@ -73,3 +73,25 @@ async def test_agents_enrol_then_talk_mutual_tls_and_cannot_pose_as_another_site
         assert cert_path.read_bytes() == (agent.data_dir / "agent.crt").read_bytes()
     finally:
         await fleet.stop()
+
+
+async def test_a_bad_csr_is_refused_before_the_join_touches_the_site(tmp_path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        assert cp.ca_file is not None and cp.agent_join_target
+        await fleet.start_agent("edge-a", country="FR", lat=48.8, lon=2.3)
+        await harness.wait_until(lambda: cp.hub.status("edge-a") is not None and cp.hub.status("edge-a").healthy, 20, what="join")
+        before = cp.hub.status("edge-a")
+        creds = grpc.ssl_channel_credentials(cp.ca_file.read_bytes())
+        for csr in ("not a csr", identity.new_key_and_csr("edge-a")[1].decode().replace("A", "B", 40)):
+            with pytest.raises(grpc.RpcError) as refused:
+                async with grpc.aio.secure_channel(cp.agent_join_target, creds) as ch:
+                    await pb_grpc.AgentControlStub(ch).Join(
+                        pb.JoinRequest(site="edge-a", bootstrap_token=harness.BOOTSTRAP_TOKEN, csr_pem=csr), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "cannot sign this CSR" in (refused.value.details() or "")
+        after = cp.hub.status("edge-a")
+        assert after is not None and after.healthy and after.agent_id == before.agent_id
+    finally:
+        await fleet.stop()
