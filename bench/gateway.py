@@ -41,39 +41,18 @@ from rich.table import Table
 
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
-from orchestrator.testing import harness, onnx_models
+from orchestrator.testing import harness, manifests, onnx_models
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
-FLEET = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-a}
-spec: {tier: edge, location: {country: FR, lat: 48.85, lon: 2.35}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-b}
-spec: {tier: edge, location: {country: FR, lat: 45.76, lon: 4.84}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Model
-metadata: {name: bench}
-spec:
-  variants:
-    - name: v
-      runtime: onnx
-      artifact: {uri: bench.onnx, sha256: "SHA"}
-      resources: {cpu: 0.1, memoryMiB: 64}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {name: bench}
-spec:
-  model: bench
-  replicas: {min: 2, max: 2}
-  placement: {tiers: [edge], spread: {by: site, maxSkew: 1}}
-"""
+def fleet_yaml(sha256: str) -> str:
+    """Two FR edge sites (Paris, Lyon), one replica of the bench model on each."""
+    return manifests.bundle(
+        manifests.edge_site("edge-a", "FR", 48.85, 2.35),
+        manifests.edge_site("edge-b", "FR", 45.76, 4.84),
+        manifests.onnx_model("bench", "bench.onnx", sha256, variant="v"),
+        manifests.deployment("bench", "bench", 2, manifests.spread_by_site(tiers=["edge"])),
+    )
 
 
 def free_port() -> int:
@@ -118,7 +97,7 @@ class Setup:
              "--heartbeat-interval", "0.5", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=(root / "cp.log").open("w"))
         wait_for(self._up, 30, "control plane")
-        httpx.post(f"{self.url}/v1/apply", content=FLEET.replace("SHA", self.model.sha256)).raise_for_status()
+        httpx.post(f"{self.url}/v1/apply", content=fleet_yaml(self.model.sha256)).raise_for_status()
         self.agents: dict[str, harness.AgentProcess] = {}
         for site in ("edge-a", "edge-b"):
             self.start_agent(site)

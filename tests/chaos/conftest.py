@@ -18,41 +18,18 @@ import httpx
 import numpy as np
 import pytest
 
-from orchestrator.testing import harness, onnx_models
+from orchestrator.testing import harness, manifests, onnx_models
 
 EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
 RECOVERY: dict[str, float] = {}
 
-FLEET = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Model
-metadata: {name: intent}
-spec:
-  variants:
-    - name: distilled
-      runtime: onnx
-      artifact: {uri: URI, sha256: "SHA"}
-      resources: {cpu: 0.1, memoryMiB: 64}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {name: intent-fr}
-spec:
-  model: intent
-  replicas: {min: REPLICAS, max: REPLICAS}
-  placement: {residency: [FR], tiers: [edge], spread: {by: site, maxSkew: 1}}
-"""
-
-
-def site_yaml(name: str, lat: float) -> str:
-    return (f"apiVersion: edgeplane.io/v1alpha1\nkind: Site\nmetadata: {{name: {name}}}\n"
-            f"spec: {{tier: edge, location: {{country: FR, region: fr, lat: {lat}, lon: 2.35}}}}\n")
-
-
 def fleet_yaml(sites: dict[str, float], model: onnx_models.BuiltModel, replicas: int) -> str:
-    docs = [site_yaml(n, lat) for n, lat in sites.items()]
-    docs.append(FLEET.replace("URI", model.path.name).replace("SHA", model.sha256).replace("REPLICAS", str(replicas)))
-    return "---\n".join(docs)
+    """FR edge sites at the given latitudes and one intent model spread over them."""
+    return manifests.bundle(
+        *(manifests.edge_site(name, "FR", lat, 2.35, region="fr") for name, lat in sites.items()),
+        manifests.onnx_model("intent", model.path.name, model.sha256),
+        manifests.deployment("intent-fr", "intent", replicas, manifests.spread_by_site(residency=["FR"], tiers=["edge"])),
+    )
 
 
 def infer_body(model: onnx_models.BuiltModel, rows: int = 1) -> bytes:

@@ -11,9 +11,9 @@ import time
 
 import httpx
 
-from orchestrator.testing import harness, onnx_models
+from orchestrator.testing import harness, manifests, onnx_models
 
-from .conftest import RECOVERY, ServeProcess, fleet_yaml, infer_body, site_yaml, spawn_agent, wait_for
+from .conftest import RECOVERY, ServeProcess, fleet_yaml, infer_body, spawn_agent, wait_for
 
 SITES = {"edge-a": 48.0, "edge-b": 48.1}
 
@@ -44,7 +44,7 @@ def test_kill9_mid_apply_and_mid_rollout(tmp_path: pathlib.Path, models: tuple[o
 
         # -- mid-apply: a 300-object apply is in flight when the process dies -------------
         for round_, delay in enumerate((0.0, 0.05, 0.6)):
-            batch = "---\n".join(site_yaml(f"batch{round_}-{i}", 45.0) for i in range(300)).encode()
+            batch = manifests.bundle(*(manifests.edge_site(f"batch{round_}-{i}", "FR", 45.0, 2.35, region="fr") for i in range(300))).encode()
             outcome: dict[str, int | str] = {}
 
             def send(batch: bytes = batch, outcome: dict[str, int | str] = outcome) -> None:

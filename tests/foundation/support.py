@@ -11,7 +11,6 @@ import asyncio
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,11 +21,13 @@ from typing import Any
 import yaml
 
 from orchestrator import server
+from orchestrator.testing import harness
+from orchestrator.testing.manifests import API_VERSION, doc  # noqa: F401 (the foundation tests' manifest text)
+from orchestrator.testing.manifests import bundle as join  # noqa: F401
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "manifests" / "examples"
 EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
-API_VERSION = "edgeplane.io/v1alpha1"
 UNREACHABLE_RAY = "http://127.0.0.1:9"
 
 
@@ -65,19 +66,6 @@ def model_spec() -> dict[str, Any]:
 
 def deployment_spec(model: str = "m") -> dict[str, Any]:
     return {"model": model, "variant": "small", "replicas": {"min": 1, "max": 2}, "placement": {"residency": ["FR"]}}
-
-
-def doc(kind: str, name: str, spec: Any, labels: dict[str, str] | None = None, **metadata: Any) -> str:
-    """One manifest document as block-style YAML (one key per line, so lines are predictable)."""
-    meta: dict[str, Any] = {"name": name}
-    if labels:
-        meta["labels"] = labels
-    meta.update(metadata)
-    return yaml.safe_dump({"apiVersion": API_VERSION, "kind": kind, "metadata": meta, "spec": spec}, sort_keys=False)
-
-
-def join(*docs: str) -> str:
-    return "---\n".join(docs)
 
 
 def line_of(text: str, needle: str, nth: int = 1) -> int:
@@ -220,13 +208,7 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        harness.terminate(self.process, timeout)
         self._log.close()
         return self.process.returncode
 

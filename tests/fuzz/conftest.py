@@ -20,7 +20,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
-from orchestrator.testing import harness, onnx_models
+from orchestrator.testing import harness, manifests, onnx_models
 
 T = TypeVar("T")
 
@@ -28,30 +28,12 @@ EXAMPLES = int(os.environ.get("EDGEPLANE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 TRIED: Counter[str] = Counter()
 
-FLEET = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-fuzz}
-spec: {tier: edge, location: {country: FR, region: fr, lat: 48.85, lon: 2.35}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Model
-metadata: {name: intent}
-spec:
-  variants:
-    - name: distilled
-      runtime: onnx
-      artifact: {uri: intent.onnx, sha256: "SHA"}
-      resources: {cpu: 0.1, memoryMiB: 64}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {name: intent-fr}
-spec:
-  model: intent
-  replicas: {min: 1, max: 1}
-  placement: {residency: [FR], tiers: [edge]}
-"""
+def fleet_yaml(sha256: str) -> str:
+    return manifests.bundle(
+        manifests.edge_site("edge-fuzz", "FR", 48.85, 2.35, region="fr"),
+        manifests.onnx_model("intent", "intent.onnx", sha256),
+        manifests.deployment("intent-fr", "intent", 1, {"residency": ["FR"], "tiers": ["edge"]}),
+    )
 
 
 class FleetThread:
@@ -83,7 +65,7 @@ def fuzz_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread
     ft.built = built  # type: ignore[attr-defined]
     try:
         cp = ft.run(ft.fleet.start_control_plane())
-        resp = httpx.post(f"{cp.http_url}/v1/apply", content=FLEET.replace("SHA", built.sha256).encode())
+        resp = httpx.post(f"{cp.http_url}/v1/apply", content=fleet_yaml(built.sha256).encode())
         assert resp.status_code == 200, resp.text
         ft.run(ft.fleet.start_agent("edge-fuzz", country="FR", region="fr", lat=48.85, lon=2.35))
         ft.run(harness.wait_until(lambda: any(e.healthy for e in cp.table.endpoints("intent")), 60, what="the intent endpoint"))

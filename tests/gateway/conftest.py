@@ -8,66 +8,24 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from orchestrator.testing import harness, onnx_models
-
-FLEET = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-paris}
-spec: {tier: edge, location: {country: FR, region: fr, lat: 48.8566, lon: 2.3522}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-berlin}
-spec: {tier: edge, location: {country: DE, region: de, lat: 52.52, lon: 13.405}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-madrid}
-spec: {tier: edge, location: {country: ES, region: es, lat: 40.4168, lon: -3.7038}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Model
-metadata: {name: intent}
-spec:
-  variants:
-    - name: distilled
-      runtime: onnx
-      artifact: {uri: intent.onnx, sha256: "SHA"}
-      resources: {cpu: 0.1, memoryMiB: 64}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Model
-metadata: {name: fields}
-spec:
-  variants:
-    - name: distilled
-      runtime: onnx
-      artifact: {uri: intent.onnx, sha256: "SHA"}
-      resources: {cpu: 0.1, memoryMiB: 64}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {name: intent-eu}
-spec:
-  model: intent
-  replicas: {min: 3, max: 3}
-  placement: {residency: [EU], tiers: [edge], spread: {by: site, maxSkew: 1}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {name: fields-fr}
-spec:
-  model: fields
-  replicas: {min: 1, max: 1}
-  placement: {residency: [FR], tiers: [edge]}
-"""
+from orchestrator.testing import harness, manifests, onnx_models
 
 AGENTS = {
     "edge-paris": dict(country="FR", region="fr", lat=48.8566, lon=2.3522),
     "edge-berlin": dict(country="DE", region="de", lat=52.52, lon=13.405),
     "edge-madrid": dict(country="ES", region="es", lat=40.4168, lon=-3.7038),
 }
+
+
+def fleet_yaml(sha256: str) -> str:
+    """Three edge sites, two models on the same file, intent over the EU and fields in FR."""
+    return manifests.bundle(
+        *(manifests.edge_site(name, **where) for name, where in AGENTS.items()),
+        manifests.onnx_model("intent", "intent.onnx", sha256),
+        manifests.onnx_model("fields", "intent.onnx", sha256),
+        manifests.deployment("intent-eu", "intent", 3, manifests.spread_by_site(residency=["EU"], tiers=["edge"])),
+        manifests.deployment("fields-fr", "fields", 1, {"residency": ["FR"], "tiers": ["edge"]}),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +42,7 @@ async def fleet(model_file: tuple[pathlib.Path, onnx_models.BuiltModel]):
     try:
         cp = await f.start_control_plane()
         async with httpx.AsyncClient(base_url=cp.http_url) as http:
-            resp = await http.post("/v1/apply", content=FLEET.replace("SHA", built.sha256))
+            resp = await http.post("/v1/apply", content=fleet_yaml(built.sha256))
             assert resp.status_code == 200, resp.text
         for site, where in AGENTS.items():
             await f.start_agent(site, **where)

@@ -6,42 +6,15 @@ import pathlib
 
 import pytest
 
-from orchestrator.testing import onnx_models
-
-SITE = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {{name: {name}}}
-spec: {{tier: edge, location: {{country: FR, region: fr, lat: {lat}, lon: 2.35}}}}
-"""
-
-MODEL = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Model
-metadata: {name: intent}
-spec:
-  variants:
-    - name: distilled
-      runtime: onnx
-      artifact: {uri: intent.onnx, sha256: "SHA"}
-      resources: {cpu: 0.1, memoryMiB: 64}
-"""
-
-DEPLOYMENT = """
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {name: intent-fr}
-spec:
-  model: intent
-  replicas: {min: REPLICAS, max: REPLICAS}
-  placement: {residency: [FR], tiers: [edge], spread: {by: site, maxSkew: 1}}
-"""
-
+from orchestrator.testing import manifests, onnx_models
 
 def fleet_yaml(sites: list[str], sha: str, replicas: int = 1) -> str:
-    docs = [SITE.format(name=s, lat=48.0 + i * 0.1) for i, s in enumerate(sites)]
-    docs += [MODEL.replace("SHA", sha), DEPLOYMENT.replace("REPLICAS", str(replicas))]
-    return "\n---\n".join(docs)
+    """FR edge sites 0.1° apart and one intent model spread over them."""
+    return manifests.bundle(
+        *(manifests.edge_site(s, "FR", 48.0 + i * 0.1, 2.35, region="fr") for i, s in enumerate(sites)),
+        manifests.onnx_model("intent", "intent.onnx", sha),
+        manifests.deployment("intent-fr", "intent", replicas, manifests.spread_by_site(residency=["FR"], tiers=["edge"])),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from orchestrator.artifacts import catalog
-from orchestrator.testing import harness
+from orchestrator.testing import harness, manifests
 
 SHA = "0" * 64
 
@@ -42,24 +42,11 @@ def test_file_uris_outside_the_roots_are_refused(tmp_path: pathlib.Path) -> None
         cat.register("file://server/share/m.onnx", SHA)
 
 
-FLEET = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-x}
-spec: {tier: edge, location: {country: FR, lat: 48.8, lon: 2.3}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Model
-metadata: {name: remote}
-spec:
-  variants:
-    - {name: v, runtime: onnx, artifact: {uri: "https://evil.example.net/m.onnx", sha256: "%s"}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {name: remote-dep}
-spec: {model: remote, placement: {tiers: [edge]}}
-""" % SHA
+FLEET = manifests.bundle(
+    manifests.edge_site("edge-x", "FR", 48.8, 2.3),
+    manifests.onnx_model("remote", "https://evil.example.net/m.onnx", SHA, variant="v"),
+    manifests.doc("ModelDeployment", "remote-dep", {"model": "remote", "placement": {"tiers": ["edge"]}}),
+)
 
 
 @pytest.mark.asyncio
