@@ -10,54 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 
-from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from edgeplane_proto.capacity import Capacity, Gpu
+
+__all__ = ["Capacity", "CapacityProbe", "Gpu", "Load", "probe_gpus"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Gpu:
-    index: int
-    model: str
-    memory_total_bytes: int
-    memory_free_bytes: int
-
-    def to_proto(self) -> pb.Gpu:
-        return pb.Gpu(
-            index=self.index,
-            model=self.model,
-            memory_total_bytes=self.memory_total_bytes,
-            memory_free_bytes=self.memory_free_bytes,
-        )
-
-
-@dataclass(frozen=True)
-class Capacity:
-    cpu_cores: int
-    memory_total_bytes: int
-    gpus: tuple[Gpu, ...]
-    execution_providers: tuple[str, ...]
-
-    def static_key(self) -> tuple[Any, ...]:
-        """What must change for the control plane to re-plan (free GPU memory is load)."""
-        return (
-            self.cpu_cores,
-            self.memory_total_bytes,
-            tuple((g.index, g.model, g.memory_total_bytes) for g in self.gpus),
-            self.execution_providers,
-        )
-
-    def to_proto(self) -> pb.Capacity:
-        return pb.Capacity(
-            cpu_cores=self.cpu_cores,
-            memory_total_bytes=self.memory_total_bytes,
-            gpus=[g.to_proto() for g in self.gpus],
-            execution_providers=list(self.execution_providers),
-        )
 
 
 @dataclass(frozen=True)

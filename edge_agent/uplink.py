@@ -283,7 +283,7 @@ class Uplink:
 
     async def _beats(self) -> AsyncIterator[pb.Heartbeat]:
         seq = 0
-        last_key: object = None
+        last_capacity: capacity.Capacity | None = None
         last_models: tuple[registry.ModelStatus, ...] | None = None
         while True:
             self._wake.clear()
@@ -302,8 +302,8 @@ class Uplink:
                 beat.gpu_load.add(index=index, memory_free_bytes=free)
             if seq % 12 == 0:  # static facts are re-probed now and then, sent if changed
                 cap = report.capacity()
-                if cap.static_key() != last_key:
-                    last_key = cap.static_key()
+                if cap != last_capacity:  # equality ignores free GPU memory, which is load
+                    last_capacity = cap
                     beat.capacity.CopyFrom(cap.to_proto())
             models = report.model_statuses()
             if models != last_models:

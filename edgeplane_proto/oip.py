@@ -141,7 +141,7 @@ def _array_from_json(spec: Mapping[str, Any], where: str) -> np.ndarray:
         raise ProtocolError(f"{where}: data does not fit {datatype}: {exc}") from exc
 
 
-def _array_from_bytes(raw: bytes, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+def _array_from_bytes(raw: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     if datatype == "BYTES":
         items: list[bytes] = []
         pos = 0
@@ -152,7 +152,7 @@ def _array_from_bytes(raw: bytes, datatype: str, shape: tuple[int, ...], where: 
             pos += 4
             if pos + size > len(raw):
                 raise ProtocolError(f"{where}: truncated BYTES element")
-            items.append(raw[pos : pos + size])
+            items.append(bytes(raw[pos : pos + size]))
             pos += size
         if len(items) != math.prod(shape):
             raise ProtocolError(f"{where}: shape {list(shape)} does not match {len(items)} elements")
@@ -168,13 +168,14 @@ def _array_from_bytes(raw: bytes, datatype: str, shape: tuple[int, ...], where: 
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def _json_body(body: bytes, header_length: int | None) -> tuple[Any, bytes]:
+def _json_body(body: bytes, header_length: int | None) -> tuple[Any, memoryview]:
+    """The JSON head, and the binary tensors after it as a view (no copy of the bytes)."""
     if header_length is None:
-        head, rest = body, b""
+        head, rest = body, memoryview(b"")
     else:
         if header_length < 0 or header_length > len(body):
             raise ProtocolError(f"{BINARY_HEADER} {header_length} is outside the body")
-        head, rest = body[:header_length], body[header_length:]
+        head, rest = body[:header_length], memoryview(body)[header_length:]
     try:
         return json.loads(head), rest
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -278,7 +279,7 @@ def _encode(doc: dict[str, Any], tensors: Sequence[Tensor], key: str, binary: bo
         )
     doc[key] = specs
     head = json.dumps(doc, separators=(",", ":")).encode()
-    return head + b"".join(blobs), len(head)
+    return b"".join([head, *blobs]), len(head)
 
 
 def encode_request(

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from edgeplane_proto.assignment import Assignment, DesiredState  # noqa: F401 (part of this module's vocabulary)
+from edgeplane_proto.capacity import Capacity, Gpu  # noqa: F401
 
 
 class ModelPhase(enum.Enum):
@@ -33,14 +35,6 @@ _PHASE_FROM_PROTO = {
 }
 
 
-class DesiredState(enum.Enum):
-    SERVING = "SERVING"
-    STOPPED = "STOPPED"  # keep the artifact cached on the agent, do not serve it
-
-    def to_proto(self) -> int:
-        return pb.DESIRED_STATE_SERVING if self is DesiredState.SERVING else pb.DESIRED_STATE_STOPPED
-
-
 @dataclass(frozen=True)
 class Location:
     country: str = ""
@@ -53,38 +47,6 @@ class Location:
         if msg.has_coordinates:
             return cls(msg.country, msg.region, msg.lat, msg.lon)
         return cls(msg.country, msg.region)
-
-
-@dataclass(frozen=True)
-class Gpu:
-    index: int
-    model: str
-    memory_total_bytes: int
-    # Free memory moves all the time; it is load, not capacity, so equality ignores it.
-    memory_free_bytes: int = field(default=0, compare=False)
-
-    @classmethod
-    def from_proto(cls, msg: pb.Gpu) -> Gpu:
-        return cls(msg.index, msg.model, msg.memory_total_bytes, msg.memory_free_bytes)
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """Measured by the agent; wins over the capacity a Site manifest declares."""
-
-    cpu_cores: int = 0
-    memory_total_bytes: int = 0
-    gpus: tuple[Gpu, ...] = ()
-    execution_providers: tuple[str, ...] = ()
-
-    @classmethod
-    def from_proto(cls, msg: pb.Capacity) -> Capacity:
-        return cls(
-            cpu_cores=msg.cpu_cores,
-            memory_total_bytes=msg.memory_total_bytes,
-            gpus=tuple(Gpu.from_proto(g) for g in msg.gpus),
-            execution_providers=tuple(msg.execution_providers),
-        )
 
 
 @dataclass(frozen=True)
@@ -118,28 +80,6 @@ class ModelState:
             serving_sha256=msg.serving_sha256,
             deployment=msg.deployment,
             variant=msg.variant,
-        )
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """One model the control plane wants on a site."""
-
-    model: str
-    deployment: str
-    variant: str
-    artifact_url: str
-    sha256: str
-    desired_state: DesiredState = DesiredState.SERVING
-
-    def to_proto(self) -> pb.Assignment:
-        return pb.Assignment(
-            model=self.model,
-            deployment=self.deployment,
-            variant=self.variant,
-            artifact_url=self.artifact_url,
-            sha256=self.sha256,
-            desired_state=self.desired_state.to_proto(),  # type: ignore[arg-type]
         )
 
 

@@ -1,0 +1,65 @@
+"""One model the control plane wants on a site: the typed value both ends of the
+``edgeplane.agent.v1`` stream use, with its proto conversions (and JSON, for the state
+file the agent keeps across restarts)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+
+
+class DesiredState(enum.Enum):
+    SERVING = "SERVING"
+    STOPPED = "STOPPED"  # keep the artifact cached on the agent, do not serve it
+
+    def to_proto(self) -> int:
+        return pb.DESIRED_STATE_SERVING if self is DesiredState.SERVING else pb.DESIRED_STATE_STOPPED
+
+
+@dataclass(frozen=True)
+class Assignment:
+    model: str
+    deployment: str
+    variant: str
+    artifact_url: str
+    sha256: str
+    desired_state: DesiredState = DesiredState.SERVING
+
+    def to_proto(self) -> pb.Assignment:
+        return pb.Assignment(
+            model=self.model,
+            deployment=self.deployment,
+            variant=self.variant,
+            artifact_url=self.artifact_url,
+            sha256=self.sha256,
+            desired_state=self.desired_state.to_proto(),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.Assignment) -> Assignment:
+        state = DesiredState.STOPPED if msg.desired_state == pb.DESIRED_STATE_STOPPED else DesiredState.SERVING
+        return cls(msg.model, msg.deployment, msg.variant, msg.artifact_url, msg.sha256.lower(), state)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "deployment": self.deployment,
+            "variant": self.variant,
+            "artifact_url": self.artifact_url,
+            "sha256": self.sha256,
+            "desired_state": self.desired_state.value,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Assignment:
+        return cls(
+            model=str(doc["model"]),
+            deployment=str(doc.get("deployment", "")),
+            variant=str(doc.get("variant", "")),
+            artifact_url=str(doc["artifact_url"]),
+            sha256=str(doc["sha256"]),
+            desired_state=DesiredState(doc.get("desired_state", "SERVING")),
+        )
