@@ -37,7 +37,7 @@ def make_instance(seed: int):
     current: list[Replica] = []
     if seed % 2:  # a re-plan: the previous plan ran, then one site was lost
         before = plan(sites, deployments)
-        current = [Replica(r.deployment, r.site, r.variant) for r in before.replicas]
+        current = before.as_running()
         if current:
             lost = current[int(rng.integers(len(current)))].site
             sites = [dataclasses.replace(s, healthy=False) if s.name == lost else s for s in sites]
@@ -53,7 +53,7 @@ def run(instances: int, time_limit_s: float, tuning: Tuning) -> dict:
         t1 = time.perf_counter()
         best = exact.solve(sites, deployments, current, time_limit_s=time_limit_s)
         t2 = time.perf_counter()
-        mine = [Replica(r.deployment, r.site, r.variant) for r in ours.replicas]
+        mine = ours.as_running()
         gap = (ours.objective.total - best.objective.total) / max(1e-9, abs(best.objective.total))
         rows.append(
             {

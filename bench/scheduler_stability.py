@@ -43,12 +43,12 @@ def run(seeds: int, n_sites: int, n_deps: int) -> dict:
         sites = make_fleet(rng, n_sites)
         deployments = make_deployments(rng, sites, n_deps, replicas_per=6)
         first = plan(sites, deployments)
-        running = [Replica(r.deployment, r.site, r.variant) for r in first.replicas]
+        running = first.as_running()
         changed = perturb_demand(rng, deployments, 0.10)
         again = plan(sites, changed, running)
         kinds = Counter(type(a).__name__ for a in again.actions)
         scratch = plan(sites, changed)
-        scratch_moves = placement_churn(running, [Replica(r.deployment, r.site, r.variant) for r in scratch.replicas])
+        scratch_moves = placement_churn(running, scratch.as_running())
         rows.append(
             {
                 "seed": seed,

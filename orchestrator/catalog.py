@@ -8,7 +8,7 @@ write is one store transaction, so a file with any error applies nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,7 @@ class ApplyResult:
 
 
 def stored_models(store: store_mod.Store) -> dict[str, schema.ModelSpec]:
-    return {o.name: schema.ModelSpec.model_validate(o.spec) for o in store.list("Model")}
+    return {o.name: parse_model(o) for o in store.list("Model")}
 
 
 def validate(store: store_mod.Store, docs: list[loader.LoadedDocument]) -> None:
@@ -153,5 +153,3 @@ def parse_model(obj: store_mod.StoredObject) -> schema.ModelSpec:
     return schema.ModelSpec.model_validate(obj.spec)
 
 
-def labels_of(obj: store_mod.StoredObject) -> Mapping[str, str]:
-    return dict(obj.labels)

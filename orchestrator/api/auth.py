@@ -38,14 +38,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bearer_secret(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None for anything else."""
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
 @dataclass(frozen=True)
 class Authenticator:
     store: store_mod.Store
     required: bool
 
     def caller(self, authorization: str | None) -> Caller:
-        if authorization and authorization.lower().startswith("bearer "):
-            info = self.store.verify_token(authorization[7:].strip(), "api")
+        secret = bearer_secret(authorization)
+        if secret is not None:
+            info = self.store.verify_token(secret, "api")
             if info is None:
                 raise Unauthorized("the bearer token is unknown, revoked or expired")
             return Caller(f"token:{info.id}" + (f" ({info.description})" if info.description else ""), info.role)

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from orchestrator.scheduler.model import Replica
+
 
 class Status(StrEnum):
     SCHEDULED = "Scheduled"  # the wanted number of replicas is placed
@@ -144,6 +146,10 @@ class PlanResult:
     def counts(self) -> dict[tuple[str, str, str], int]:
         """Replicas per (deployment, site, variant)."""
         return dict(Counter((r.deployment, r.site, r.variant) for r in self.replicas))
+
+    def as_running(self) -> list[Replica]:
+        """The planned replicas as the running placement of a next plan."""
+        return [Replica(r.deployment, r.site, r.variant) for r in self.replicas]
 
 
 @dataclass(frozen=True)

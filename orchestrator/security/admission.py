@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edgeplane_proto import oip
+from orchestrator.api import auth
 from orchestrator.security import ratelimit
 from orchestrator.store import sqlite as store_mod
 
@@ -36,7 +37,8 @@ class GatewayAdmission:
         key = None
         header = request.headers.get("authorization")
         if self._verify is not None:
-            info = self._verify(header[7:].strip()) if header and header.lower().startswith("bearer ") else None
+            secret = auth.bearer_secret(header)
+            info = self._verify(secret) if secret is not None else None
             if info is None:
                 return _refuse(401, "the gateway needs 'Authorization: Bearer <token>' with a valid API token",
                                {"www-authenticate": "Bearer"})

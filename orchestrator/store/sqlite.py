@@ -336,20 +336,14 @@ class Store:
         sql += " ORDER BY id LIMIT ?"
         with self._lock:
             rows = self._db.execute(sql, (*args, max(1, min(limit, 10_000)))).fetchall()
-        return [
-            LoggedEvent(r["id"], r["ts"], r["actor"], r["action"], r["kind"], r["name"], r["reason"], json.loads(r["details"]))
-            for r in rows
-        ]
+        return [_event(r) for r in rows]
 
     def recent_events(self, kind: str, name: str, limit: int = 20) -> list[LoggedEvent]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM events WHERE kind = ? AND name = ? ORDER BY id DESC LIMIT ?", (kind, name, limit)
             ).fetchall()
-        return [
-            LoggedEvent(r["id"], r["ts"], r["actor"], r["action"], r["kind"], r["name"], r["reason"], json.loads(r["details"]))
-            for r in reversed(rows)
-        ]
+        return [_event(r) for r in reversed(rows)]
 
     # --- tokens and agent identities ---------------------------------------------------
 
@@ -420,3 +414,7 @@ class Store:
             if n:
                 self._log(db, Event(actor, "agent-revoked", "Site", site, "agent identity revoked"), self._clock())
         return bool(n)
+
+
+def _event(row: sqlite3.Row) -> LoggedEvent:
+    return LoggedEvent(row["id"], row["ts"], row["actor"], row["action"], row["kind"], row["name"], row["reason"], json.loads(row["details"]))

@@ -140,7 +140,7 @@ def test_hard_rules_hold_over_random_fleets(data):
     deployments = data.draw(deployments_st())
     current = data.draw(current_st(sites, deployments))
     result = plan(sites, deployments, current)
-    replicas = [Replica(r.deployment, r.site, r.variant) for r in result.replicas]
+    replicas = result.as_running()
     check_hard_rules(sites, deployments, replicas)
     for d in deployments:
         placed = result.deployments[d.name].placed

@@ -25,7 +25,7 @@ SITES = [
 
 
 def running(result):
-    return [Replica(r.deployment, r.site, r.variant) for r in result.replicas]
+    return result.as_running()
 
 
 def test_same_inputs_plan_nothing_to_do():
