@@ -48,6 +48,15 @@ async def infer(client: httpx.AsyncClient, x: np.ndarray, *, binary: bool = Fals
     return decoded.outputs[0].array
 
 
+async def v1_then_v2(cp: ControlPlane, client: httpx.AsyncClient, models: Models, version: int) -> None:
+    """v1 answers; an assignment of v2 replaces it, and then v2 answers."""
+    x = np.ones((2, 8), np.float32)
+    np.testing.assert_allclose(await infer(client, x), reference(models.v1, 0, x), rtol=1e-5)
+    cp.hub.set_assignments(SITE, [assignment(models.v2_url, models.v2)], version=version)
+    await wait_model(cp, lambda s: s.phase is model.ModelPhase.READY and s.serving_sha256 == models.v2.sha256)
+    np.testing.assert_allclose(await infer(client, x), reference(models.v2, 1, x), rtol=1e-5)
+
+
 async def test_assignment_is_downloaded_verified_served_and_reported(
     control_plane: ControlPlane, make_agent: MakeAgent, models: Models
 ) -> None:
@@ -105,15 +114,8 @@ async def test_corrupt_upgrade_is_refused_and_previous_version_keeps_serving(
     assert failed.serving_sha256 == models.v1.sha256
     assert not (agent.config.data_dir / "cache" / "sha256" / models.v2.sha256).exists()
 
-    x = np.ones((2, 8), np.float32)
     async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
-        np.testing.assert_allclose(await infer(client, x), reference(models.v1, 0, x), rtol=1e-5)
-        control_plane.hub.set_assignments(SITE, [assignment(models.v2_url, models.v2)], version=3)
-        await wait_model(
-            control_plane,
-            lambda s: s.phase is model.ModelPhase.READY and s.serving_sha256 == models.v2.sha256,
-        )
-        np.testing.assert_allclose(await infer(client, x), reference(models.v2, 1, x), rtol=1e-5)
+        await v1_then_v2(control_plane, client, models, version=3)
         # Removing the assignment unloads the model.
         control_plane.hub.set_assignments(SITE, [], version=4)
         await control_plane.events.wait_for(

@@ -20,7 +20,7 @@ from edge_agent.runtime import onnx
 from orchestrator.agents import model
 
 from .conftest import SITE, ArtifactServer, ControlPlane, MakeAgent, Models
-from .test_agent import assignment, infer, reference, wait_model
+from .test_agent import assignment, infer, reference, v1_then_v2, wait_model
 
 
 class _MaxJitter:
@@ -148,14 +148,6 @@ async def test_mismatching_upgrade_keeps_being_refused_while_the_old_version_ser
     assert "expected " + models.v2.sha256 in third.message
     assert third.serving_sha256 == models.v1.sha256
     assert not (agent.config.data_dir / "cache" / "sha256" / models.v2.sha256).exists()
-    x = np.ones((2, 8), np.float32)
     async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
-        np.testing.assert_allclose(await infer(client, x), reference(models.v1, 0, x), rtol=1e-5)
-        # A corrected assignment replaces the retry loop.
-        control_plane.hub.set_assignments(SITE, [assignment(models.v2_url, models.v2)], version=3)
-        await wait_model(
-            control_plane,
-            lambda s: s.phase is model.ModelPhase.READY and s.serving_sha256 == models.v2.sha256,
-        )
-        np.testing.assert_allclose(await infer(client, x), reference(models.v2, 1, x), rtol=1e-5)
+        await v1_then_v2(control_plane, client, models, version=3)  # a corrected assignment replaces the retry loop
     assert agent.registry.retry_due_in() is None
