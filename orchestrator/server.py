@@ -105,13 +105,13 @@ class StoreJoinAuthenticator:
         self._accepted_created_at = info.created_at
         return True
 
-    def issue_credential(self, site: str) -> str:
+    def issue_credential(self, site: str, agent_id: str) -> str:
         revoked_at = self.store.agent_revoked_at(site)
         if revoked_at is not None and self._accepted_created_at <= revoked_at:
             raise agent_errors.NotAuthenticated(
                 f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
         credential = secrets.token_urlsafe(32)
-        self.store.save_agent(site, "", credential, f"agent@{site}")
+        self.store.save_agent(site, agent_id, credential, f"agent@{site}")
         return credential
 
     def verify_credential(self, site: str, credential: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Protocol
 class JoinAuthenticator(Protocol):
     def verify_bootstrap(self, token: str) -> bool: ...
 
-    def issue_credential(self, site: str) -> str: ...
+    def issue_credential(self, site: str, agent_id: str) -> str: ...
 
     def verify_credential(self, site: str, credential: str) -> bool: ...
 
@@ -43,7 +43,7 @@ class InMemoryJoinAuthenticator:
             matched |= hmac.compare_digest(probe, known)
         return matched
 
-    def issue_credential(self, site: str) -> str:
+    def issue_credential(self, site: str, agent_id: str) -> str:
         credential = secrets.token_urlsafe(32)
         self._credentials[site] = _digest(credential)
         return credential

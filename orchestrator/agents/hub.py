@@ -184,7 +184,7 @@ class AgentHub:
             credential = application.credential or ""
         else:
             agent_id = "agt-" + secrets.token_hex(8)
-            credential = self._auth.issue_credential(site)
+            credential = self._auth.issue_credential(site, agent_id)
         interval = self._clamp(application.heartbeat_interval)
         record = _Record(
             site=site,

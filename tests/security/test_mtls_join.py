@@ -83,6 +83,8 @@ async def test_a_bad_csr_is_refused_before_the_join_touches_the_site(tmp_path) -
         await fleet.start_agent("edge-a", country="FR", lat=48.8, lon=2.3)
         await harness.wait_until(lambda: cp.hub.status("edge-a") is not None and cp.hub.status("edge-a").healthy, 20, what="join")
         before = cp.hub.status("edge-a")
+        enrolled = [e for e in cp.store.events(kind="Site", name="edge-a") if e.reason == "agent joined with a bootstrap token"]
+        assert enrolled and enrolled[-1].details["agentId"] == before.agent_id  # the audit names the agent
         creds = grpc.ssl_channel_credentials(cp.ca_file.read_bytes())
         for csr in ("not a csr", identity.new_key_and_csr("edge-a")[1].decode().replace("A", "B", 40)):
             with pytest.raises(grpc.RpcError) as refused:
