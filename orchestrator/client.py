@@ -16,6 +16,7 @@ Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as byte
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,22 +126,29 @@ def _refusal(resp: httpx.Response) -> InferenceError:
     return InferenceError(resp.status_code, str(message)[:500])
 
 
+@functools.lru_cache(maxsize=1024)
+def _url(url: str) -> httpx.URL:
+    """Parsed once per replica URL: httpx's parser takes half of building a request."""
+    return httpx.URL(url)
+
+
 @dataclass(frozen=True)
 class _Attempt:
-    url: str
+    url: httpx.URL
     headers: dict[str, str]
     endpoint: str | None = None  # base URL of a replica; None for the gateway
     site: str | None = None
 
 
 class _Base:
-    def __init__(self, server: str, *, token: str | None = None, location: tuple[float, float] | None = None,
+    def __init__(self, server: str, *, timeout: float = 30.0, token: str | None = None, location: tuple[float, float] | None = None,
                  region: str | None = None, residency: str | None = None, binary: bool = True,
                  cache: EndpointCache | None = None):
         self.server = server.rstrip("/")
         self.location, self.region, self.residency, self.binary = location, region, residency, binary
         self.cache = cache or EndpointCache()
         self._auth = {"authorization": f"Bearer {token}"} if token else {}
+        self._timeout = httpx.Timeout(timeout, connect=2.0)
 
     def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> tuple[bytes, dict[str, str]]:
         tensors = inputs if not isinstance(inputs, Mapping) else {k: np.asarray(v) for k, v in inputs.items()}
@@ -149,6 +157,14 @@ class _Base:
         if header_len is not None:
             headers[oip.BINARY_HEADER] = str(header_len)
         return body, headers
+
+    def _request(self, attempt: _Attempt, body: bytes) -> httpx.Request:
+        """An inference post, for the transport (the connection pool) directly: it needs
+        none of the ``httpx.Client`` layer's cookies, redirects, auth flows or hooks, and
+        skipping that layer saves about 0.1 ms a call, more than encoding and decoding
+        take together."""
+        return httpx.Request("POST", attempt.url, content=body, headers=attempt.headers,
+                             extensions={"timeout": self._timeout.as_dict()})
 
     # The decisions are shared by both clients; only sending differs.
 
@@ -166,8 +182,8 @@ class _Base:
         """The replicas nearest first, then the gateway; made as they are needed (the
         first one nearly always answers)."""
         for e in endpoints:
-            yield _Attempt(e["inferUrl"], headers, e["url"], e["site"])
-        yield _Attempt(f"{self.server}/v2/models/{model}/infer",
+            yield _Attempt(_url(e["inferUrl"]), headers, e["url"], e["site"])
+        yield _Attempt(_url(f"{self.server}/v2/models/{model}/infer"),
                        {**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)})
 
     def _outcome(self, model: str, attempt: _Attempt, number: int, resp: httpx.Response | None,
@@ -195,8 +211,9 @@ class Client(_Base):
     """Synchronous client; use as a context manager or call :meth:`close`."""
 
     def __init__(self, server: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None, **kwargs: Any):
-        super().__init__(server, **kwargs)
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=2.0), transport=transport)
+        super().__init__(server, timeout=timeout, **kwargs)
+        self._transport = transport or httpx.HTTPTransport()
+        self._http = httpx.Client(timeout=self._timeout, transport=self._transport)
 
     def __enter__(self) -> "Client":
         return self
@@ -217,12 +234,20 @@ class Client(_Base):
             resp = None
         return self._endpoints_answer(model, resp)
 
+    def _post(self, attempt: _Attempt, body: bytes) -> httpx.Response:
+        resp = self._transport.handle_request(self._request(attempt, body))
+        try:
+            resp.read()
+        finally:
+            resp.close()
+        return resp
+
     def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
         body, headers = self._body(inputs)
         for number, attempt in enumerate(self._attempts(model, self.endpoints(model), headers), start=1):
             resp, error = None, None
             try:
-                resp = self._http.post(attempt.url, content=body, headers=attempt.headers)
+                resp = self._post(attempt, body)
             except httpx.HTTPError as exc:
                 error = exc
             result = self._outcome(model, attempt, number, resp, error)
@@ -235,8 +260,9 @@ class AsyncClient(_Base):
     """Asynchronous client with the same behaviour as :class:`Client`."""
 
     def __init__(self, server: str, *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None, **kwargs: Any):
-        super().__init__(server, **kwargs)
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=2.0), transport=transport)
+        super().__init__(server, timeout=timeout, **kwargs)
+        self._transport = transport or httpx.AsyncHTTPTransport()
+        self._http = httpx.AsyncClient(timeout=self._timeout, transport=self._transport)
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -257,12 +283,20 @@ class AsyncClient(_Base):
             resp = None
         return self._endpoints_answer(model, resp)
 
+    async def _post(self, attempt: _Attempt, body: bytes) -> httpx.Response:
+        resp = await self._transport.handle_async_request(self._request(attempt, body))
+        try:
+            await resp.aread()
+        finally:
+            await resp.aclose()
+        return resp
+
     async def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
         body, headers = self._body(inputs)
         for number, attempt in enumerate(self._attempts(model, await self.endpoints(model), headers), start=1):
             resp, error = None, None
             try:
-                resp = await self._http.post(attempt.url, content=body, headers=attempt.headers)
+                resp = await self._post(attempt, body)
             except httpx.HTTPError as exc:
                 error = exc
             result = self._outcome(model, attempt, number, resp, error)

@@ -1,0 +1,93 @@
+"""The Python client against real loopback servers: a replica that hangs, one that
+answers, and a gateway, without a control plane (the endpoint list is put in its cache)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from edge_agent import httpserver
+from edgeplane_proto import oip
+from orchestrator import client as client_mod
+
+
+async def v2_server(site: str) -> tuple[httpserver.HttpServer, str]:
+    """Answers every infer with the input doubled, in the encoding it came in."""
+
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        header = request.headers.get(oip.BINARY_HEADER.lower())
+        decoded = oip.decode_request(request.body, int(header) if header else None)
+        answer = oip.InferResponse("m", (oip.Tensor("output", decoded.inputs[0].array * 2),))
+        body, header_len = oip.encode_response(answer, binary=header is not None)
+        headers = [("x-edgeplane-site", site)]
+        if header_len is not None:
+            headers.append((oip.BINARY_HEADER, str(header_len)))
+        return httpserver.Response(200, body, headers=tuple(headers))
+
+    server = httpserver.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest_asyncio.fixture
+async def silent() -> AsyncIterator[str]:
+    """Accepts connections, reads, never answers."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 20)
+        await asyncio.sleep(60)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+
+
+def cache_with(*endpoints: tuple[str, str]) -> client_mod.EndpointCache:
+    cache = client_mod.EndpointCache()
+    cache.store("m", {"ttlSeconds": 600, "endpoints": [
+        {"site": site, "url": url, "inferUrl": f"{url}/v2/models/m/infer"} for site, url in endpoints]})
+    return cache
+
+
+@pytest.mark.parametrize("binary", [True, False])
+async def test_a_replica_that_never_answers_costs_the_timeout_then_fails_over(silent: str, binary: bool) -> None:
+    replica, replica_url = await v2_server("edge-b")
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    try:
+        cache = cache_with(("edge-hang", silent), ("edge-b", replica_url))
+        async with client_mod.AsyncClient("http://127.0.0.1:9", timeout=0.3, cache=cache, binary=binary) as c:
+            t = time.monotonic()
+            result = await c.infer("m", {"input": x})
+            took = time.monotonic() - t
+        assert result.site == "edge-b" and result.attempts == 2
+        np.testing.assert_array_equal(result["output"], x * 2)
+        assert 0.25 < took < 10  # the timeout applied: neither ignored nor waited for forever
+        assert cache.order("m") == [e for e in cache.order("m") if e["site"] == "edge-b"]  # the silent one is ejected
+
+        def sync_call() -> client_mod.InferResult:
+            with client_mod.Client("http://127.0.0.1:9", timeout=0.3, cache=cache_with(("edge-hang", silent), ("edge-b", replica_url)),
+                                   binary=binary) as sc:
+                return sc.infer("m", {"input": x})
+
+        result = await asyncio.to_thread(sync_call)
+        assert result.site == "edge-b" and result.attempts == 2
+    finally:
+        await replica.shutdown(1)
+
+
+async def test_when_every_replica_fails_the_gateway_answers(silent: str) -> None:
+    gateway, gateway_url = await v2_server("edge-via-gateway")
+    try:
+        async with client_mod.AsyncClient(gateway_url, timeout=0.3, cache=cache_with(("edge-hang", silent))) as c:
+            result = await c.infer("m", {"input": np.ones((2, 3), dtype=np.float32)})
+        assert result.site == "edge-via-gateway" and result.url == gateway_url and result.attempts == 2
+        np.testing.assert_array_equal(result["output"], np.full((2, 3), 2, dtype=np.float32))
+    finally:
+        await gateway.shutdown(1)
