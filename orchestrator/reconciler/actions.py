@@ -40,10 +40,17 @@ class SetStatus:
 
 
 @dataclass(frozen=True)
+class SetStatuses:
+    """Every status of a pass, written in one transaction."""
+
+    items: tuple[SetStatus, ...]
+
+
+@dataclass(frozen=True)
 class PublishEndpoints:
     endpoints: tuple[routing.Endpoint, ...]
     regions: routing.RegionIndex
     deployed: Mapping[str, str]  # model -> why it has no endpoint, when it has none
 
 
-Action = RecordPlacement | PushAssignments | ApplyServeApps | SetStatus | PublishEndpoints
+Action = RecordPlacement | PushAssignments | ApplyServeApps | SetStatuses | PublishEndpoints

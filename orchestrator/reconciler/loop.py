@@ -183,8 +183,8 @@ class Reconciler:
         self.last_plan, self.last_snapshot = plan, snapshot
         # While replicas are on their way up, look again soon rather than at the next resync.
         self.converging = any(
-            isinstance(a, act.SetStatus) and a.kind == "ModelDeployment" and a.status.get("phase") in ("Progressing", "Failing")
-            for a in plan.actions
+            item.kind == "ModelDeployment" and item.status.get("phase") in ("Progressing", "Failing")
+            for a in plan.actions if isinstance(a, act.SetStatuses) for item in a.items
         )
         async with self._pass_done:
             self.passes += 1
@@ -199,8 +199,8 @@ class Reconciler:
                 self.hub.set_assignments(site, list(assignments), self.store.next_sequence("assignments"))
             case act.ApplyServeApps(site, apps):
                 await self._apply_datacentre(site, apps)
-            case act.SetStatus(kind, name, status):
-                self.store.set_status(kind, name, status)
+            case act.SetStatuses(items):
+                self.store.set_statuses([(i.kind, i.name, i.status) for i in items])
             case act.PublishEndpoints(endpoints, regions, deployed):
                 self.table.replace(endpoints, regions, dict(deployed))
 

@@ -256,12 +256,13 @@ def plan_pass(s: snap.Snapshot) -> PassPlan:
     for row in rows:
         rows_of.setdefault(row.deployment, []).append(row)
     deployed: dict[str, str] = {}
+    statuses: list[act.SetStatus] = []
     for d in s.deployments:
         status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []))
-        out.append(act.SetStatus("ModelDeployment", d.name, status))
+        statuses.append(act.SetStatus("ModelDeployment", d.name, status))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
-    for r in s.sites:
-        out.append(act.SetStatus("Site", r.name, site_status(s, r)))
+    statuses.extend(act.SetStatus("Site", r.name, site_status(s, r)) for r in s.sites)
+    out.append(act.SetStatuses(tuple(statuses)))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
     out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed))
     return PassPlan(tuple(out), result)

@@ -84,6 +84,24 @@ def test_status_updates_do_not_touch_generation(store: Store) -> None:
     assert store.set_status("Site", "missing", {"health": "Healthy"}) is False
 
 
+def test_statuses_of_a_pass_are_written_together_skipping_the_gone(store: Store) -> None:
+    store.apply([write("a", {"x": 1}), write("b", {"x": 2})])
+    store.set_status("Site", "b", {"health": "Healthy"})
+    version = store.resource_version()
+    existing = store.set_statuses([
+        ("Site", "a", {"health": "Healthy"}),
+        ("Site", "b", {"health": "Unhealthy", "reason": "no heartbeat"}),
+        ("Site", "gone", {"health": "Healthy"}),
+        ("ModelDeployment", "a", {"phase": "Running"}),  # same name, another kind: not there
+    ])
+    assert existing == 2
+    a, b = store.get("Site", "a"), store.get("Site", "b")
+    assert a is not None and dict(a.status) == {"health": "Healthy"} and a.generation == 1
+    assert b is not None and dict(b.status) == {"health": "Unhealthy", "reason": "no heartbeat"}
+    assert store.get("Site", "gone") is None and store.get("ModelDeployment", "a") is None
+    assert store.resource_version() == version  # status is not spec
+
+
 def test_stale_update_is_refused_not_lost(store: Store) -> None:
     [v1] = store.apply([write("a", {"replicas": 1})])
     # two writers read version v1; the first wins
