@@ -108,6 +108,9 @@ class Agent:
     def model_statuses(self) -> tuple[registry.ModelStatus, ...]:
         return self.registry.statuses()
 
+    def model_load(self) -> list[tuple[str, int, float]]:
+        return self.server.metrics.model_load()
+
     def assignment_version(self) -> int:
         return self.registry.applied_version
 

@@ -52,6 +52,11 @@ class AgentMetrics:
         histogram.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         histogram.sum += seconds
 
+    def model_load(self) -> list[tuple[str, int, float]]:
+        """``(model, requests answered, their seconds summed)`` per model, since start:
+        what heartbeats carry for the control plane's autoscaler."""
+        return [(model, sum(h.counts), h.sum) for model, h in self._latency.items()]
+
     def observe_error(self, model: str, code: int) -> None:
         key = (model, str(code))
         self._requests[key] = self._requests.get(key, 0) + 1

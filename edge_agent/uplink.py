@@ -97,6 +97,8 @@ class Reporter(Protocol):
 
     def model_statuses(self) -> tuple[registry.ModelStatus, ...]: ...
 
+    def model_load(self) -> list[tuple[str, int, float]]: ...
+
     def assignment_version(self) -> int: ...
 
     def draining(self) -> bool: ...
@@ -300,6 +302,8 @@ class Uplink:
             )
             for index, free in load.gpu_free_bytes:
                 beat.gpu_load.add(index=index, memory_free_bytes=free)
+            for name, requests, busy in report.model_load():
+                beat.model_load.add(name=name, requests_total=requests, busy_seconds_total=busy)
             if seq % 12 == 0:  # static facts are re-probed now and then, sent if changed
                 cap = report.capacity()
                 if cap != last_capacity:  # equality ignores free GPU memory, which is load

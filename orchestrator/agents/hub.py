@@ -24,7 +24,7 @@ import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from orchestrator.agents import auth, errors, model
@@ -83,6 +83,7 @@ class _Record:
     memory_available_bytes: int = 0
     assignment_version: int = 0
     models: dict[str, model.ModelState] = field(default_factory=dict)
+    model_load: Mapping[str, model.ModelLoad] = field(default_factory=dict)
 
     def status(self) -> model.AgentStatus:
         return model.AgentStatus(
@@ -103,6 +104,7 @@ class _Record:
             models=dict(self.models),
             assignment_version=self.assignment_version,
             heartbeat_interval=self.heartbeat_interval,
+            model_load=self.model_load,
         )
 
 
@@ -230,6 +232,8 @@ class AgentHub:
         record.cpu_percent = beat.cpu_percent
         record.memory_available_bytes = beat.memory_available_bytes
         record.assignment_version = beat.assignment_version
+        if beat.model_load:  # replaced whole: a status holds the previous mapping, not a copy
+            record.model_load = {name: model.ModelLoad(n, busy, now) for name, n, busy in beat.model_load}
         if beat.capacity is not None and beat.capacity != record.capacity:
             record.capacity = beat.capacity
             self._emit(model.AgentEventKind.CAPACITY_CHANGED, record, "capacity changed")

@@ -150,6 +150,7 @@ class AgentStatus:
     models: Mapping[str, ModelState]
     assignment_version: int
     heartbeat_interval: float
+    model_load: Mapping[str, ModelLoad] = field(default_factory=dict)
 
 
 class AgentEventKind(enum.Enum):
@@ -175,6 +176,15 @@ def frozen_mapping(values: Mapping[str, str] | None) -> Mapping[str, str]:
 
 
 @dataclass(frozen=True)
+class ModelLoad:
+    """A model's counters on one agent since it started; ``at`` is when the hub got them."""
+
+    requests_total: int
+    busy_seconds_total: float
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     """One heartbeat; ``capacity``/``models`` are None when unchanged since the last one."""
 
@@ -188,6 +198,7 @@ class Heartbeat:
     capacity: Capacity | None
     models: tuple[ModelState, ...] | None
     gpu_free_bytes: tuple[tuple[int, int], ...]  # (gpu index, free bytes)
+    model_load: tuple[tuple[str, int, float], ...] = ()  # (model, requests, busy seconds)
 
     @classmethod
     def from_proto(cls, msg: pb.Heartbeat) -> Heartbeat:
@@ -206,4 +217,5 @@ class Heartbeat:
                 else None
             ),
             gpu_free_bytes=tuple((g.index, g.memory_free_bytes) for g in msg.gpu_load),
+            model_load=tuple((m.name, m.requests_total, m.busy_seconds_total) for m in msg.model_load),
         )

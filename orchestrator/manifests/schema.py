@@ -268,8 +268,12 @@ class Rollout(Strict):
 
 
 class Autoscaling(Strict):
+    #: Mean requests in flight per replica to aim for (measured over each interval).
     targetInflight: int | None = Field(default=None, ge=1)
+    #: Requests per second per replica to aim for.
     targetRps: Positive | None = None
+    #: A lower replica count is adopted only once every recommendation of this long agreed.
+    scaleDownDelaySeconds: int = Field(default=60, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _one(self) -> Autoscaling:

@@ -79,7 +79,7 @@ def to_variant(v: schema.Variant) -> sched.Variant:
     )
 
 
-def to_deployment(record: snap.DeploymentRecord, model: schema.ModelSpec) -> sched.Deployment:
+def to_deployment(record: snap.DeploymentRecord, model: schema.ModelSpec, autoscaled: int | None = None) -> sched.Deployment:
     spec = record.spec
     p = spec.placement
     return sched.Deployment(
@@ -97,6 +97,7 @@ def to_deployment(record: snap.DeploymentRecord, model: schema.ModelSpec) -> sch
         demand=tuple(sched.DemandPoint(rps=d.rps, region=d.region, lat=d.lat, lon=d.lon) for d in spec.demand),
         variant_by_tier=_variant_by_tier(spec, model),
         fallback=tuple(sched.Tier(t) for t in spec.routing.fallback),
+        autoscaled_replicas=autoscaled,
     )
 
 

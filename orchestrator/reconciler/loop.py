@@ -21,6 +21,7 @@ from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import autoscaler as autoscaler_mod
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.reconciler.datacentres import DataCentres
@@ -58,6 +59,7 @@ class Reconciler:
     _applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     _dc_backoff: dict[str, _Backoff] = field(default_factory=dict)
     _dc_observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
+    autoscaler: autoscaler_mod.Autoscaler = field(default_factory=autoscaler_mod.Autoscaler)
     _pass_done: asyncio.Condition = field(default_factory=asyncio.Condition)
     _stopping: bool = False
 
@@ -114,22 +116,27 @@ class Reconciler:
             sites, models, deployments, tuple(self.store.placements()), tuple(self.hub.snapshot()),
             datacentres=last.datacentres if last else {}, artifacts=last.artifacts if last else {},
             assignments=last.assignments if last else {}, applied_apps=last.applied_apps if last else {},
+            autoscale=dict(self.autoscaler.latest),
         )
 
     async def gather(self) -> snap.Snapshot:
         sites, models, deployments = self.read_desired()
         await self._observe_datacentres([s for s in sites if s.spec.tier == "datacenter"])
+        placements = tuple(self.store.placements())
+        agents = tuple(self.hub.snapshot())
+        autoscale = self.autoscaler.evaluate(((d.name, d.spec) for d in deployments), placements, {a.site: a for a in agents})
         return snap.Snapshot(
             sites=sites,
             models=models,
             deployments=deployments,
-            placements=tuple(self.store.placements()),
-            agents=tuple(self.hub.snapshot()),
+            placements=placements,
+            agents=agents,
             datacentres=dict(self._dc_observed),
             # a new local artifact is hashed here, in a thread: the gateway shares this loop
             artifacts=await asyncio.to_thread(self._resolve_artifacts, models),
             assignments={s.name: a.assignments for s in sites if (a := self.hub.assignments(s.name)) is not None},
             applied_apps=dict(self._applied),
+            autoscale=autoscale,
         )
 
     def _resolve_artifacts(self, models: dict[str, schema.ModelSpec]) -> dict[tuple[str, str], snap.ArtifactRef]:

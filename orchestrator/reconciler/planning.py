@@ -62,10 +62,15 @@ class PassPlan:
 def schedule(s: snap.Snapshot) -> sched_result.PlanResult:
     """Run the scheduler on the snapshot (deployments of a model not declared are left out)."""
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name)) for r in s.sites]
-    deployments = [inventory.to_deployment(d, s.models[d.spec.model]) for d in s.deployments if d.spec.model in s.models]
+    deployments = [inventory.to_deployment(d, s.models[d.spec.model], _autoscaled(s, d.name)) for d in s.deployments if d.spec.model in s.models]
     planned = {d.name for d in deployments}
     current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
     return planner.plan(sites, deployments, current)
+
+
+def _autoscaled(s: snap.Snapshot, deployment: str) -> int | None:
+    scaled = s.autoscale.get(deployment)
+    return scaled.replicas if scaled is not None else None
 
 
 def placement_rows(result: sched_result.PlanResult) -> tuple[store_mod.PlacementRow, ...]:
@@ -208,7 +213,7 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
     elif phase == "Scheduled" and ready >= plan.placed:
         phase = "Running"
     reason = "; ".join(dict.fromkeys([*problems, *notes, plan.reason]))
-    return {
+    status = {
         "phase": phase,
         "reason": reason,
         "replicas": plan.placed,
@@ -217,6 +222,10 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
         "sites": sorted({f"{r.site}:{r.variant}x{r.replicas}" for r in mine}),
         "observedGeneration": d.generation,
     }
+    scaled = s.autoscale.get(d.name)
+    if scaled is not None:
+        status["autoscaling"] = scaled.status()
+    return status
 
 
 def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:

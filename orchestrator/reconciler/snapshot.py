@@ -13,6 +13,7 @@ from functools import cached_property
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.manifests import schema
+from orchestrator.reconciler import autoscaler
 from orchestrator.store import sqlite as store_mod
 
 
@@ -56,6 +57,7 @@ class Snapshot:
     artifacts: Mapping[tuple[str, str], ArtifactRef]  # (model, variant) -> where to fetch
     assignments: Mapping[str, tuple[agent_model.Assignment, ...]]  # what each agent was last sent
     applied_apps: Mapping[str, tuple[serve_config.ServeAppSpec, ...]]  # what each DC was last given
+    autoscale: Mapping[str, autoscaler.Recommendation] = field(default_factory=dict)  # by deployment
 
     # Lookups by name, built once per snapshot: a pass touches every site and deployment,
     # and scanning the lists for each would make it quadratic in the fleet's size.

@@ -207,6 +207,7 @@ class Deployment:
     variant_by_tier: Mapping[Tier, str] = field(default_factory=_empty)  # type: ignore[assignment]
     fallback: tuple[Tier, ...] = ()  # routing order, informational for the planner
     weights: Weights | None = None
+    autoscaled_replicas: int | None = None  # the autoscaler's count, when it has one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variants", tuple(self.variants))
@@ -243,10 +244,13 @@ class Deployment:
     def wanted_replicas(self) -> int:
         """How many replicas to aim for.
 
-        ``ceil(total demand rps / throughputRps)`` clamped to [min, max]; where several
-        variants give a throughput the smallest one counts (enough replicas whichever
-        variant lands). Without demand or throughput the deployment runs ``min``.
+        The autoscaler's count when it has one, else ``ceil(total demand rps /
+        throughputRps)``, clamped to [min, max]; where several variants give a throughput
+        the smallest one counts (enough replicas whichever variant lands). Without any of
+        these the deployment runs ``min``.
         """
+        if self.autoscaled_replicas is not None:
+            return max(self.min_replicas, min(self.max_replicas, self.autoscaled_replicas))
         rates = [v.throughput_rps for v in self.variants if v.throughput_rps]
         total = self.total_rps
         if not rates or total <= 0:

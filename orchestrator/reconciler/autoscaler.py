@@ -1,0 +1,157 @@
+"""Replica counts from observed load, for deployments with ``spec.autoscaling``.
+
+Every edge agent reports, on each heartbeat, two counters per model since it started:
+requests answered and their durations summed. Between two samples of a site at least
+``MIN_INTERVAL_S`` apart, their deltas over the elapsed time give the site's request rate
+and its mean number of requests in flight (busy seconds per second, Little's law), which
+is steadier than sampling an in-flight gauge. For a deployment whose ``reporting``
+replicas sit on edge sites with a rate and ``dc`` replicas in data centres::
+
+    per_replica = observed total / reporting
+    desired     = ceil(per_replica * (reporting + dc) / target), within [replicas.min, replicas.max]
+
+A ratio within ``TOLERANCE`` of the target keeps the current count. Data-centre replicas,
+whose load Ray Serve does not report here, are taken to carry what the reporting ones
+carry on average; edge replicas without a rate yet (just placed, still loading) are taken
+to carry nothing, so a scale-up is not counted twice while new replicas come up. A higher
+count is adopted at once; a lower one only
+once every recommendation of the last ``scaleDownDelaySeconds`` agreed (the highest of
+them is used), so a dip in traffic does not tear replicas down. A deployment with no
+reporting replica gets no recommendation and keeps what the scheduler would give it
+without autoscaling (``min``, or what its declared demand asks).
+
+This class keeps the samples between passes and does no I/O; the reconciler calls
+:meth:`Autoscaler.evaluate` once per pass with what it gathered.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.agents import model as agent_model
+from orchestrator.manifests import schema
+from orchestrator.store import sqlite as store_mod
+
+MIN_INTERVAL_S = 1.0  # a rate spans at least this long
+TOLERANCE = 0.1  # |per replica / target - 1| within this keeps the current count
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    replicas: int | None  # None: no load reported yet
+    metric: str  # "inflight" | "rps"
+    target: float
+    current: int
+    reporting: int = 0
+    per_replica: float | None = None
+
+    def status(self) -> dict[str, Any]:
+        """The deployment status's ``autoscaling`` block."""
+        out: dict[str, Any] = {"metric": self.metric, "target": self.target, "currentReplicas": self.current}
+        if self.replicas is None:
+            out["reason"] = "no replica has reported load yet"
+            return out
+        out.update(
+            desiredReplicas=self.replicas,
+            reportingReplicas=self.reporting,
+            observedPerReplica=round(self.per_replica or 0.0, 3),
+        )
+        return out
+
+
+@dataclass
+class _Site:
+    sample: agent_model.ModelLoad
+    rps: float | None = None
+    inflight: float | None = None
+
+
+@dataclass
+class Autoscaler:
+    clock: Callable[[], float] = time.time
+    latest: dict[str, Recommendation] = field(default_factory=dict)
+    _sites: dict[tuple[str, str], _Site] = field(default_factory=dict)  # (deployment, site)
+    _history: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
+
+    def evaluate(
+        self,
+        deployments: Iterable[tuple[str, schema.ModelDeploymentSpec]],
+        placements: Iterable[store_mod.PlacementRow],
+        agents: Mapping[str, agent_model.AgentStatus],
+    ) -> dict[str, Recommendation]:
+        """One recommendation per autoscaled deployment, from the agents' latest counters."""
+        now = self.clock()
+        rows: dict[str, list[store_mod.PlacementRow]] = {}
+        for row in placements:
+            rows.setdefault(row.deployment, []).append(row)
+        out: dict[str, Recommendation] = {}
+        seen: set[tuple[str, str]] = set()
+        for name, spec in deployments:
+            if spec.autoscaling is None:
+                continue
+            mine = rows.get(name, [])
+            for row in mine:
+                seen.add((name, row.site))
+            out[name] = self._recommend(now, name, spec, mine, agents)
+        for key in [k for k in self._sites if k not in seen]:
+            del self._sites[key]
+        for key in [k for k in self._history if k not in out]:
+            del self._history[key]
+        self.latest = out
+        return out
+
+    def _recommend(self, now: float, name: str, spec: schema.ModelDeploymentSpec,
+                   rows: list[store_mod.PlacementRow], agents: Mapping[str, agent_model.AgentStatus]) -> Recommendation:
+        scaling = spec.autoscaling
+        assert scaling is not None
+        metric, target = ("inflight", float(scaling.targetInflight)) if scaling.targetInflight else ("rps", float(scaling.targetRps or 1.0))
+        current = sum(r.replicas for r in rows)
+        total, reporting, unobservable = 0.0, 0, 0
+        for row in rows:
+            agent = agents.get(row.site)
+            if agent is None:  # a data centre: Ray Serve's load is not reported here
+                unobservable += row.replicas
+                continue
+            load = agent.model_load.get(spec.model) if agent.healthy else None
+            rate = self._rate(name, row.site, load)
+            if rate is not None:
+                total += rate.inflight if metric == "inflight" else rate.rps  # type: ignore[operator]
+                reporting += row.replicas
+        history = self._history.setdefault(name, deque([(now, current)]))
+        if reporting == 0:
+            return Recommendation(None, metric, target, current)
+        # Data-centre replicas are taken to carry what the reporting ones carry on average;
+        # edge replicas without a rate yet (just placed, still loading) to carry nothing.
+        per_replica = total / reporting
+        if abs(per_replica / target - 1.0) <= TOLERANCE:
+            raw = current
+        else:
+            raw = math.ceil(per_replica * (reporting + unobservable) / target - 1e-9)
+        raw = max(spec.replicas.min, min(spec.replicas.max, raw))
+        history.append((now, raw))
+        while history and history[0][0] < now - scaling.scaleDownDelaySeconds:
+            history.popleft()
+        replicas = max(max((n for _, n in history), default=raw), raw)
+        return Recommendation(replicas, metric, target, current, reporting, per_replica)
+
+    def _rate(self, deployment: str, site: str, load: agent_model.ModelLoad | None) -> _Site | None:
+        """The site's latest rate (None until two samples far enough apart exist)."""
+        key = (deployment, site)
+        if load is None:
+            self._sites.pop(key, None)
+            return None
+        known = self._sites.get(key)
+        if known is None or load.requests_total < known.sample.requests_total:  # new, or the agent restarted
+            self._sites[key] = _Site(load)
+            return None
+        elapsed = load.at - known.sample.at
+        if elapsed >= MIN_INTERVAL_S:
+            known.rps = (load.requests_total - known.sample.requests_total) / elapsed
+            known.inflight = max(0.0, load.busy_seconds_total - known.sample.busy_seconds_total) / elapsed
+            known.sample = load
+        return known if known.rps is not None else None

@@ -1,0 +1,142 @@
+"""The autoscaler's arithmetic, fed counters the way heartbeats deliver them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.agents import model as agent_model
+from orchestrator.manifests import schema
+from orchestrator.reconciler.autoscaler import Autoscaler
+from orchestrator.store.sqlite import PlacementRow
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def spec(**autoscaling: Any) -> schema.ModelDeploymentSpec:
+    return schema.ModelDeploymentSpec.model_validate(
+        {"model": "intent", "replicas": {"min": 1, "max": 6}, "autoscaling": autoscaling}
+    )
+
+
+def agent(site: str, requests: int, busy: float, at: float, healthy: bool = True) -> agent_model.AgentStatus:
+    return agent_model.AgentStatus(
+        site=site, agent_id="a-" + site, endpoint_url="http://127.0.0.1:1", healthy=healthy, last_heartbeat=at,
+        joined_at=0.0, location=agent_model.Location(), labels={}, agent_version="test",
+        capacity=agent_model.Capacity(2, 1 << 30), providers=(), inflight=0, cpu_percent=0.0,
+        memory_available_bytes=0, models={}, assignment_version=0, heartbeat_interval=1.0,
+        model_load={"intent": agent_model.ModelLoad(requests, busy, at)},
+    )
+
+
+class Fleet:
+    """Edge sites whose request counters grow at a given rate per site."""
+
+    def __init__(self, scaler: Autoscaler, clock: Clock, sites: list[str]) -> None:
+        self.scaler, self.clock = scaler, clock
+        self.counts = {s: 0.0 for s in sites}
+        self.busy = {s: 0.0 for s in sites}
+
+    def run(self, seconds: float, rps: float, latency_s: float = 0.01, dc: tuple[str, ...] = (), **spec_fields: Any):
+        for s in self.counts:
+            self.counts[s] += rps * seconds
+            self.busy[s] += rps * seconds * latency_s
+        self.clock.now += seconds
+        agents = {s: agent(s, int(self.counts[s]), self.busy[s], self.clock.now) for s in self.counts}
+        rows = [PlacementRow("intent-eu", s, "v", 1) for s in [*self.counts, *dc]]
+        return self.scaler.evaluate([("intent-eu", spec(**spec_fields))], rows, agents)["intent-eu"]
+
+
+def test_rate_needs_two_samples_then_scales_up_at_once() -> None:
+    clock = Clock()
+    fleet = Fleet(Autoscaler(clock), clock, ["paris"])
+    first = fleet.run(2, rps=50, targetRps=20)
+    assert first.replicas is None and first.status()["reason"]  # one sample: no rate yet
+    second = fleet.run(2, rps=50, targetRps=20)
+    assert second.replicas == 3 and second.per_replica == pytest.approx(50)  # ceil(50 / 20)
+    assert second.status()["desiredReplicas"] == 3
+
+
+def test_inflight_is_mean_concurrency_from_busy_seconds() -> None:
+    clock = Clock()
+    fleet = Fleet(Autoscaler(clock), clock, ["paris", "berlin"])
+    fleet.run(2, rps=100, latency_s=0.05, targetInflight=2)
+    rec = fleet.run(2, rps=100, latency_s=0.05, targetInflight=2)
+    # 100 rps x 50 ms = 5 requests in flight on average at each of the two sites
+    assert rec.per_replica == pytest.approx(5.0) and rec.replicas == 5
+
+
+def test_within_tolerance_keeps_the_count_and_bounds_apply() -> None:
+    clock = Clock()
+    fleet = Fleet(Autoscaler(clock), clock, ["paris", "berlin"])
+    fleet.run(2, rps=21, targetRps=20)
+    assert fleet.run(2, rps=21, targetRps=20).replicas == 2  # 5 % over: not worth a move
+    assert fleet.run(2, rps=1000, targetRps=20).replicas == 6  # max
+    clock.now += 3600  # long after any scale-down delay
+    assert fleet.run(2, rps=0, targetRps=20, scaleDownDelaySeconds=0).replicas == 1  # min
+
+
+def test_scale_down_waits_for_the_delay_scale_up_does_not() -> None:
+    clock = Clock()
+    fleet = Fleet(Autoscaler(clock), clock, ["paris"])
+    fleet.run(1, rps=80, targetRps=20, scaleDownDelaySeconds=30)
+    assert fleet.run(1, rps=80, targetRps=20, scaleDownDelaySeconds=30).replicas == 4
+    for _ in range(14):  # 28 s of low traffic: still within the delay
+        assert fleet.run(2, rps=10, targetRps=20, scaleDownDelaySeconds=30).replicas == 4
+    for _ in range(3):
+        last = fleet.run(2, rps=10, targetRps=20, scaleDownDelaySeconds=30)
+    assert last.replicas == 1
+    assert fleet.run(1, rps=200, targetRps=20, scaleDownDelaySeconds=30).replicas == 6  # up: immediately
+
+
+def test_data_centre_replicas_count_like_the_reporting_ones_new_edge_ones_do_not() -> None:
+    clock = Clock()
+    fleet = Fleet(Autoscaler(clock), clock, ["paris"])
+    fleet.run(2, rps=30, targetRps=20, dc=("dc-1",))
+    rec = fleet.run(2, rps=30, targetRps=20, dc=("dc-1",))
+    assert rec.reporting == 1 and rec.current == 2
+    assert rec.replicas == 3  # paris 30 rps and dc-1 taken as 30 too: 60 / 20
+    # a new edge replica with no rate yet carries nothing: no double counting
+    scaler = Autoscaler(clock)
+    scaler.evaluate([("intent-eu", spec(targetRps=20))], [PlacementRow("intent-eu", "paris", "v", 1)],
+                    {"paris": agent("paris", 0, 0.0, clock.now)})
+    clock.now += 2
+    rows = [PlacementRow("intent-eu", "paris", "v", 1), PlacementRow("intent-eu", "berlin", "v", 1)]
+    agents = {"paris": agent("paris", 100, 1.0, clock.now), "berlin": agent("berlin", 0, 0.0, clock.now)}
+    rec = scaler.evaluate([("intent-eu", spec(targetRps=20))], rows, agents)["intent-eu"]
+    assert rec.reporting == 1 and rec.replicas == 3  # ceil(50 / 20), not ceil(2 x 50 / 20)
+
+
+def test_agent_restart_and_unhealthy_agents_give_no_rate() -> None:
+    clock = Clock()
+    scaler = Autoscaler(clock)
+    rows = [PlacementRow("intent-eu", "paris", "v", 1)]
+    scaling = [("intent-eu", spec(targetRps=20))]
+    scaler.evaluate(scaling, rows, {"paris": agent("paris", 500, 5.0, clock.now)})
+    clock.now += 2
+    restarted = scaler.evaluate(scaling, rows, {"paris": agent("paris", 10, 0.1, clock.now)})["intent-eu"]
+    assert restarted.replicas is None  # counters went back: a new first sample, not a negative rate
+    clock.now += 2
+    assert scaler.evaluate(scaling, rows, {"paris": agent("paris", 90, 0.9, clock.now)})["intent-eu"].replicas == 2
+    clock.now += 2
+    lost = scaler.evaluate(scaling, rows, {"paris": agent("paris", 170, 1.7, clock.now, healthy=False)})["intent-eu"]
+    assert lost.replicas is None
+
+
+def test_deployments_without_autoscaling_are_left_alone() -> None:
+    plain = schema.ModelDeploymentSpec.model_validate({"model": "intent"})
+    assert Autoscaler().evaluate([("plain", plain)], [PlacementRow("plain", "paris", "v", 1)], {}) == {}
+
+
+def test_exactly_one_target_and_a_bounded_delay() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        spec(targetRps=10, targetInflight=2)
+    with pytest.raises(ValueError):
+        spec(targetRps=10, scaleDownDelaySeconds=-1)
