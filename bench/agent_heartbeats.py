@@ -88,10 +88,13 @@ async def _generate(target: str, agents: int, interval: float, stop, join: bool)
 
     def beat(i: int) -> pb.Heartbeat:
         seqs[i] += 1
-        return pb.Heartbeat(
+        beat = pb.Heartbeat(
             seq=seqs[i], sent_unix_ms=int(time.time() * 1000), inflight=seqs[i] % 3,
             cpu_percent=7.5, memory_available_bytes=4 << 30, assignment_version=1,
         )
+        # one model's counters, as an agent serving one model sends on every beat
+        beat.model_load.add(name="intent", requests_total=seqs[i] * 40, busy_seconds_total=seqs[i] * 0.4)
+        return beat
 
     if interval:
         # One ticker for the fleet (not one timer per agent): every TICK, the agents whose
