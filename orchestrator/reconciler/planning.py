@@ -19,7 +19,7 @@ from orchestrator.agents import model as agent_model
 from orchestrator.gateway import routing
 from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
-from orchestrator.reconciler import inventory
+from orchestrator.reconciler import inventory, rollout
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import planner
 from orchestrator.scheduler import result as sched_result
@@ -96,22 +96,43 @@ def _variant(s: snap.Snapshot, deployment: snap.DeploymentRecord, name: str) -> 
     return next((v for v in model.variants if v.name == name), None) if model else None
 
 
-def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, tuple[agent_model.Assignment, ...]]:
+def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
+                     ) -> tuple[dict[str, tuple[agent_model.Assignment, ...]], dict[str, rollout.Rollout]]:
+    """What each edge agent should serve, and the deployments whose new version is still
+    rolling out (canary steps and ``maxUnavailable``; see ``rollout``)."""
     deployments = s.deployment_by_name
     tiers = {r.name: r.spec.tier for r in s.sites}
     out: dict[str, dict[str, agent_model.Assignment]] = {r.name: {} for r in s.sites if r.spec.tier == "edge"}
+    groups: dict[tuple[str, str], list[str]] = {}  # (deployment, variant) -> its edge sites
     for row in rows:
-        if tiers.get(row.site) != "edge" or row.deployment not in deployments:
-            continue
-        d = deployments[row.deployment]
-        variant = _variant(s, d, row.variant)
-        ref = s.artifacts.get((d.spec.model, row.variant))
+        if tiers.get(row.site) == "edge" and row.deployment in deployments:
+            groups.setdefault((row.deployment, row.variant), []).append(row.site)
+    rollouts: dict[str, rollout.Rollout] = {}
+    for (name, variant_name), sites in sorted(groups.items()):
+        d = deployments[name]
+        model = d.spec.model
+        variant = _variant(s, d, variant_name)
+        ref = s.artifacts.get((model, variant_name))
         if variant is None or variant.artifact is None or ref is None or ref.url is None:
             continue
-        # One agent serves a model once, under its Model name; the first deployment wins.
-        out[row.site].setdefault(d.spec.model, agent_model.Assignment(
-            model=d.spec.model, deployment=d.name, variant=row.variant, artifact_url=ref.url, sha256=variant.artifact.sha256))
-    return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items()}
+        sent = {site: _sent(s, site, model) for site in sites}
+        new_sites, kept, state = rollout.plan(d.spec.rollout, model, variant.artifact.sha256, sites, s.agent_by_site, sent)
+        if state is not None and not state.done:
+            rollouts[name] = state
+        for site in sites:
+            if site in new_sites:
+                sha, url = variant.artifact.sha256, ref.url
+            else:  # waiting for its turn: the version it serves (cached there; the URL is not fetched)
+                prior = sent[site]
+                sha, url = kept[site], prior.artifact_url if prior is not None and prior.sha256 == kept[site] else ref.url
+            # One agent serves a model once, under its Model name; the first deployment wins.
+            out[site].setdefault(model, agent_model.Assignment(
+                model=model, deployment=name, variant=variant_name, artifact_url=url, sha256=sha))
+    return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items()}, rollouts
+
+
+def _sent(s: snap.Snapshot, site: str, model: str) -> agent_model.Assignment | None:
+    return next((a for a in s.assignments.get(site, ()) if a.model == model), None)
 
 
 def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, tuple[serve_config.ServeAppSpec, ...]]:
@@ -187,7 +208,7 @@ def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) 
 
 
 def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_result.DeploymentPlan | None,
-                      mine: list[store_mod.PlacementRow]) -> dict[str, Any]:
+                      mine: list[store_mod.PlacementRow], rolling: rollout.Rollout | None = None) -> dict[str, Any]:
     """What ``get``/``describe`` show for ``d``; ``mine`` are its placement rows."""
     if plan is None:
         return {"phase": "Invalid", "reason": f"Model {d.spec.model!r} does not exist", "observedGeneration": d.generation}
@@ -206,12 +227,16 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
                 problems.append(f"{r.site}: {app.status.value}: {app.message}")
             elif app is not None and app.message and app.replicas_running < app.replicas_target:
                 notes.append(f"{r.site}: {app.message}")
+    if rolling is not None and rolling.failed:
+        problems.append(rolling.status()["halted"])
     ready = ready_replicas(s, mine, d.spec.model)
     phase = str(plan.status)
     if phase != "Unschedulable" and ready < plan.placed:
         phase = "Progressing" if not problems else "Failing"
     elif phase == "Scheduled" and ready >= plan.placed:
         phase = "Running"
+    if rolling is not None and phase == "Running":  # every replica answers, some on the old version
+        phase = "Failing" if rolling.failed else "Progressing"
     reason = "; ".join(dict.fromkeys([*problems, *notes, plan.reason]))
     status = {
         "phase": phase,
@@ -225,6 +250,8 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
     scaled = s.autoscale.get(d.name)
     if scaled is not None:
         status["autoscaling"] = scaled.status()
+    if rolling is not None:
+        status["rollout"] = rolling.status()
     return status
 
 
@@ -255,7 +282,8 @@ def plan_pass(s: snap.Snapshot) -> PassPlan:
     out: list[act.Action] = []
     if rows != tuple(s.placements):
         out.append(act.RecordPlacement(rows, placement_events(result)))
-    for site, assignments in edge_assignments(s, rows).items():
+    assigned, rollouts = edge_assignments(s, rows)
+    for site, assignments in assigned.items():
         if assignments != s.assignments.get(site):
             out.append(act.PushAssignments(site, assignments))
     for site, apps in serve_apps(s, rows).items():
@@ -267,7 +295,7 @@ def plan_pass(s: snap.Snapshot) -> PassPlan:
     deployed: dict[str, str] = {}
     statuses: list[act.SetStatus] = []
     for d in s.deployments:
-        status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []))
+        status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []), rollouts.get(d.name))
         statuses.append(act.SetStatus("ModelDeployment", d.name, status))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
     statuses.extend(act.SetStatus("Site", r.name, site_status(s, r)) for r in s.sites)

@@ -1,0 +1,96 @@
+"""Rollout decisions (canary steps, maxUnavailable, halting) from what agents report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.agents import model as agent_model
+from orchestrator.manifests import schema
+from orchestrator.reconciler import rollout
+
+OLD, NEW = "a" * 64, "b" * 64
+
+
+def agent(site: str, serving: str, *, wanted: str | None = None, failed: str = "") -> agent_model.AgentStatus:
+    state = agent_model.ModelState(
+        name="intent", sha256=wanted or serving, phase=agent_model.ModelPhase.FAILED if failed else agent_model.ModelPhase.READY,
+        message=failed, serving_sha256=serving,
+    )
+    return agent_model.AgentStatus(
+        site=site, agent_id="a-" + site, endpoint_url="http://127.0.0.1:1", healthy=True, last_heartbeat=0.0, joined_at=0.0,
+        location=agent_model.Location(), labels={}, agent_version="test", capacity=agent_model.Capacity(2, 1 << 30), providers=(),
+        inflight=0, cpu_percent=0.0, memory_available_bytes=0, models={"intent": state} if serving or failed else {},
+        assignment_version=0, heartbeat_interval=1.0,
+    )
+
+
+def sent(sha: str) -> agent_model.Assignment:
+    return agent_model.Assignment("intent", "intent-eu", "distilled", f"http://cp/{sha[:4]}", sha)
+
+
+def run(fleet: dict[str, tuple[str, str | None]], **spec: Any) -> tuple[set[str], dict[str, str], rollout.Rollout | None]:
+    """``fleet``: site -> (sha it serves, sha it was last sent)."""
+    agents = {site: agent(site, serving, wanted=last) for site, (serving, last) in fleet.items()}
+    return rollout.plan(schema.Rollout(**spec), "intent", NEW, fleet, agents, {s: sent(last) if last else None for s, (_, last) in fleet.items()})
+
+
+def ten(serving_new: int = 0, switching: int = 0) -> dict[str, tuple[str, str | None]]:
+    """Ten sites, the first ``serving_new`` on NEW, the next ``switching`` sent NEW."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for i in range(10):
+        site = f"s{i}"
+        if i < serving_new:
+            out[site] = (NEW, NEW)
+        elif i < serving_new + switching:
+            out[site] = (OLD, NEW)
+        else:
+            out[site] = (OLD, OLD)
+    return out
+
+
+def test_without_rollout_rules_every_site_switches_at_once() -> None:
+    new, kept, state = run(ten())
+    assert len(new) == 10 and kept == {}
+    assert state is not None and len(state.switching) == 10 and not state.waiting
+
+
+def test_canary_steps_open_as_the_previous_one_serves() -> None:
+    new, kept, state = run(ten(), canarySteps=[10, 50])
+    assert new == {"s0"} and set(kept.values()) == {OLD} and len(kept) == 9
+    assert state is not None and state.step == 10 and state.status()["canaryStep"] == "10%"
+    new, _, state = run(ten(switching=1), canarySteps=[10, 50])
+    assert new == {"s0"}  # the canary has not loaded it yet: nothing more
+    new, _, state = run(ten(serving_new=1), canarySteps=[10, 50])
+    assert new == {f"s{i}" for i in range(5)} and state is not None and state.step == 50
+    new, kept, state = run(ten(serving_new=5), canarySteps=[10, 50])
+    assert len(new) == 10 and not kept and state is not None and state.step is None  # the rest: 100 %
+    assert run(ten(serving_new=10), canarySteps=[10, 50])[2] is None  # done
+
+
+def test_max_unavailable_bounds_the_sites_switching_at_once() -> None:
+    new, _, _ = run(ten(), maxUnavailable=3)
+    assert new == {"s0", "s1", "s2"}
+    new, _, _ = run(ten(serving_new=2, switching=2), maxUnavailable=3)
+    assert new == {"s0", "s1", "s2", "s3", "s4"}  # 2 done, 2 switching, room for one more
+    new, _, _ = run(ten(), maxUnavailable="25%")
+    assert len(new) == 2  # floor(25 % of 10)
+    new, _, _ = run(ten(), maxUnavailable=0)
+    assert len(new) == 1  # at least one, or the rollout would never move
+
+
+def test_a_failed_canary_halts_the_rollout_and_says_why() -> None:
+    fleet = ten(switching=1)
+    agents = {site: agent(site, serving, wanted=last) for site, (serving, last) in fleet.items()}
+    agents["s0"] = agent("s0", OLD, wanted=NEW, failed="onnxruntime could not load the model: invalid protobuf")
+    new, kept, state = rollout.plan(schema.Rollout(canarySteps=[10, 50]), "intent", NEW, fleet, agents,
+                                    {s: sent(last) if last else None for s, (_, last) in fleet.items()})
+    assert new == {"s0"} and len(kept) == 9
+    assert state is not None and state.failed and "s0 could not load version bbbbbbbbbbbb" in state.status()["halted"]
+    assert "invalid protobuf" in state.status()["halted"]
+
+
+def test_new_sites_get_the_new_version_without_waiting() -> None:
+    fleet = ten()
+    fleet["fresh"] = ("", None)  # placed just now: serves nothing of this model
+    new, _, _ = run(fleet, canarySteps=[10])
+    assert "fresh" in new and "s0" in new and len(new) == 2

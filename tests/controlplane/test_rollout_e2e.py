@@ -1,0 +1,111 @@
+"""Rollouts with real agents: a new version reaches a canary first and one site at a
+time; a version the canary cannot load halts the rollout with every site still serving."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import pathlib
+
+import httpx
+import pytest_asyncio
+
+from orchestrator.testing import harness, manifests, onnx_models
+
+SITES = {
+    "edge-paris": dict(country="FR", lat=48.8566, lon=2.3522),
+    "edge-berlin": dict(country="DE", lat=52.52, lon=13.405),
+    "edge-madrid": dict(country="ES", lat=40.4168, lon=-3.7038),
+}
+
+
+def fleet_yaml(uri: str, sha256: str) -> str:
+    deployment = manifests.doc("ModelDeployment", "intent-eu", {
+        "model": "intent",
+        "replicas": {"min": 3, "max": 3},
+        "placement": {"residency": ["EU"], "tiers": ["edge"], "spread": {"by": "site", "maxSkew": 1}},
+        "rollout": {"canarySteps": [30], "maxUnavailable": 1},
+    })
+    return manifests.bundle(*(manifests.edge_site(n, **w) for n, w in SITES.items()),
+                            manifests.onnx_model("intent", uri, sha256), deployment)
+
+
+@pytest_asyncio.fixture
+async def fleet(tmp_path: pathlib.Path):
+    f = harness.Fleet(tmp_path)
+    try:
+        await f.start_control_plane(resync_s=0.5)
+        yield f
+    finally:
+        await f.stop()
+
+
+async def apply(cp, body: str) -> None:  # noqa: ANN001
+    async with httpx.AsyncClient(base_url=cp.http_url) as http:
+        resp = await http.post("/v1/apply", content=body)
+        assert resp.status_code == 200, resp.text
+
+
+def sent(cp, sha: str) -> set[str]:  # noqa: ANN001
+    return {s for s in SITES if (a := cp.hub.assignments(s)) is not None and any(x.sha256 == sha for x in a.assignments)}
+
+
+def serving(cp, sha: str) -> set[str]:  # noqa: ANN001
+    return {s for s in SITES if (st := cp.hub.status(s)) is not None and (m := st.models.get("intent")) is not None
+            and m.serving_sha256 == sha}
+
+
+async def test_canary_first_one_site_at_a_time_then_a_bad_version_halts(fleet: harness.Fleet, tmp_path: pathlib.Path) -> None:
+    cp = fleet.cp
+    assert cp is not None
+    art = tmp_path / "artifacts"
+    v1 = onnx_models.build_mlp(art / "v1.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    v2 = onnx_models.build_mlp(art / "v2.onnx", in_dim=8, hidden=16, out_dim=4, seed=2)
+    await apply(cp, fleet_yaml("v1.onnx", v1.sha256))
+    for site, where in SITES.items():
+        await fleet.start_agent(site, **where)
+    await harness.wait_until(lambda: serving(cp, v1.sha256) == set(SITES), 60, what="v1 everywhere")
+
+    # Watch every state the control plane passes through while v2 rolls out.
+    too_many_switching, ahead_of_canary, first_sent, stop = [], [], [], asyncio.Event()
+
+    async def watch() -> None:
+        for _ in range(20_000):  # bounded: at most ~100 s at 5 ms
+            if stop.is_set():
+                return
+            on_v2, sent_v2 = serving(cp, v2.sha256), sent(cp, v2.sha256)
+            if sent_v2 and not first_sent:
+                first_sent.append(sent_v2)
+            if len(sent_v2 - on_v2) > 1:
+                too_many_switching.append(sent_v2 - on_v2)
+            if not on_v2 and len(sent_v2) > 1:
+                ahead_of_canary.append(sent_v2)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    await apply(cp, fleet_yaml("v2.onnx", v2.sha256))
+    await harness.wait_until(lambda: serving(cp, v2.sha256) == set(SITES), 60, what="v2 everywhere")
+    stop.set()
+    await watcher
+    assert len(first_sent[0]) == 1, first_sent  # the canary alone
+    assert not too_many_switching, too_many_switching  # maxUnavailable: 1
+    assert not ahead_of_canary, ahead_of_canary  # canarySteps: [30] -> one site first
+    await harness.wait_until(lambda: "rollout" not in (cp.store.get("ModelDeployment", "intent-eu").status or {}), 20,
+                             what="rollout finished in status")
+
+    # v3 passes the control plane's sha256 check but is no ONNX model: the canary fails it.
+    garbage = b"not an onnx model" * 64
+    (art / "v3.onnx").write_bytes(garbage)
+    v3 = hashlib.sha256(garbage).hexdigest()
+    await apply(cp, fleet_yaml("v3.onnx", v3))
+
+    def halted() -> dict | None:
+        obj = cp.store.get("ModelDeployment", "intent-eu")
+        rollout = (obj.status or {}).get("rollout", {}) if obj is not None else {}
+        return obj.status if "halted" in rollout else None
+
+    status = await harness.wait_until(halted, 60, what="the rollout halted")
+    assert status["phase"] == "Failing"
+    assert "could not load version" in status["rollout"]["halted"] and "could not load version" in status["reason"]
+    assert len(sent(cp, v3)) == 1 and len(sent(cp, v2.sha256)) == 2  # nobody else was sent v3
+    assert serving(cp, v2.sha256) == set(SITES)  # and every site still answers, on v2
