@@ -33,10 +33,24 @@ COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("MODEL", lambda o: o["spec"]["model"]),
         ("REPLICAS", lambda o: f"{o.get('status', {}).get('readyReplicas', 0)}/{o.get('status', {}).get('replicas', 0)} (min {o['spec']['replicas']['min']}, max {o['spec']['replicas']['max']})"),
         ("RESIDENCY", lambda o: ",".join(o["spec"].get("placement", {}).get("residency") or []) or "any"),
-        ("PHASE", lambda o: o.get("status", {}).get("phase", "Pending")),
+        ("PHASE", lambda o: _phase(o.get("status", {}))),
         ("REASON", lambda o: o.get("status", {}).get("reason") or ""),
     ],
 }
+
+
+def _phase(status: dict[str, Any]) -> str:
+    """The phase, with a rollout's progress and the autoscaler's count when there are."""
+    out = status.get("phase", "Pending")
+    rollout = status.get("rollout")
+    if rollout:
+        total = rollout["upgraded"] + rollout["switching"] + rollout["waiting"]
+        step = f", canary {rollout['canaryStep']}" if "canaryStep" in rollout else ""
+        out += f", rollout {rollout['upgraded']}/{total}{step}" + (" HALTED" if "halted" in rollout else "")
+    scaling = status.get("autoscaling")
+    if scaling and "desiredReplicas" in scaling:
+        out += f", autoscaled to {scaling['desiredReplicas']} ({scaling['observedPerReplica']:g} {scaling['metric']}/replica)"
+    return out
 
 
 def _capacity(o: dict[str, Any]) -> dict[str, Any]:

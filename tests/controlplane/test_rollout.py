@@ -94,3 +94,18 @@ def test_new_sites_get_the_new_version_without_waiting() -> None:
     fleet["fresh"] = ("", None)  # placed just now: serves nothing of this model
     new, _, _ = run(fleet, canarySteps=[10])
     assert "fresh" in new and "s0" in new and len(new) == 2
+
+
+def test_get_shows_rollout_progress_and_the_autoscaled_count(capsys) -> None:  # noqa: ANN001
+    from orchestrator.cli import render
+
+    deployment = {
+        "metadata": {"name": "intent-eu"}, "spec": {"model": "intent", "replicas": {"min": 1, "max": 3}},
+        "status": {"phase": "Progressing", "replicas": 3, "readyReplicas": 3,
+                   "rollout": {"version": NEW[:12], "upgraded": 1, "switching": 1, "waiting": 1, "canaryStep": "30%"},
+                   "autoscaling": {"metric": "rps", "target": 20, "currentReplicas": 3, "desiredReplicas": 3,
+                                   "reportingReplicas": 3, "observedPerReplica": 26.7}},
+    }
+    render.objects("ModelDeployment", [deployment])
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "Progressing, rollout 1/3, canary 30%, autoscaled to 3 (26.7 rps/replica)" in line
