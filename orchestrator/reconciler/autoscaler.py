@@ -122,9 +122,11 @@ class Autoscaler:
             if rate is not None:
                 total += rate.inflight if metric == "inflight" else rate.rps  # type: ignore[operator]
                 reporting += row.replicas
-        history = self._history.setdefault(name, deque([(now, current)]))
         if reporting == 0:
             return Recommendation(None, metric, target, current)
+        # The delay runs from the first recommendation: the count the deployment had then
+        # stands until the delay has passed.
+        history = self._history.setdefault(name, deque([(now, current)]))
         # Data-centre replicas are taken to carry what the reporting ones carry on average;
         # edge replicas without a rate yet (just placed, still loading) to carry nothing.
         per_replica = total / reporting

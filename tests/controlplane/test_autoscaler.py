@@ -140,3 +140,19 @@ def test_exactly_one_target_and_a_bounded_delay() -> None:
         spec(targetRps=10, targetInflight=2)
     with pytest.raises(ValueError):
         spec(targetRps=10, scaleDownDelaySeconds=-1)
+
+
+def test_the_scale_down_delay_runs_from_the_first_recommendation() -> None:
+    clock = Clock()
+    scaler = Autoscaler(clock)
+    scaling = [("intent-eu", spec(targetRps=20, scaleDownDelaySeconds=30))]
+    assert scaler.evaluate(scaling, [], {}) == {"intent-eu": scaler.latest["intent-eu"]}  # nothing placed yet
+    rows = [PlacementRow("intent-eu", s, "v", 1) for s in ("paris", "berlin", "madrid", "rome")]
+    for rps in (0, 1):  # two samples: idle sites, one rate
+        clock.now += 2
+        agents = {s: agent(s, rps, 0.0, clock.now) for s in ("paris", "berlin", "madrid", "rome")}
+        rec = scaler.evaluate(scaling, rows, agents)["intent-eu"]
+    assert rec.replicas == 4  # idle, but the four placed replicas stand for the delay
+    clock.now += 31
+    agents = {s: agent(s, 2, 0.0, clock.now) for s in ("paris", "berlin", "madrid", "rome")}
+    assert scaler.evaluate(scaling, rows, agents)["intent-eu"].replicas == 1
