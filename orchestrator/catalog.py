@@ -98,22 +98,8 @@ def apply_documents(
 ) -> ApplyResult:
     validate(store, docs)
     writes = writes_for(docs)
-    if dry_run:
-        outcomes = []
-        for w in writes:
-            current = store.get(w.kind, w.name)
-            if w.expected_version is not None and (current.resource_version if current else 0) != w.expected_version:
-                raise store_mod.Conflict(f"{w.kind} {w.name!r} was changed since resourceVersion {w.expected_version}")
-            if current is None:
-                action = "created"
-            elif dict(current.spec) == dict(w.spec) and dict(current.labels) == dict(w.labels):
-                action = "unchanged"
-            else:
-                action = "configured"
-            outcomes.append(store_mod.WriteOutcome(w.kind, w.name, action, current.generation if current else 0, current.resource_version if current else 0))
-        return ApplyResult(outcomes, True)
-    outcomes = store.apply(writes, store_mod.Event(actor, "apply", "", "", reason))
-    return ApplyResult(outcomes, False)
+    outcomes = store.apply(writes, store_mod.Event(actor, "apply", "", "", reason), dry_run=dry_run)
+    return ApplyResult(outcomes, dry_run)
 
 
 def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, reason: str = "delete") -> store_mod.WriteOutcome:

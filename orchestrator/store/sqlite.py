@@ -171,7 +171,8 @@ class Store:
             self._db.close()
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; ``commit=False`` rolls it back at the end (a dry run)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -180,7 +181,7 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             else:
-                self._db.execute("COMMIT")
+                self._db.execute("COMMIT" if commit else "ROLLBACK")
 
     def _next_version(self, db: sqlite3.Connection) -> int:
         db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version'")
@@ -226,11 +227,12 @@ class Store:
                 rows = self._db.execute("SELECT * FROM objects WHERE kind = ? ORDER BY name", (kind,)).fetchall()
         return [self._row(r) for r in rows]
 
-    def apply(self, writes: Sequence[ObjectWrite], event: Event | None = None) -> list[WriteOutcome]:
-        """Create or update all objects in one transaction: all of them or none."""
+    def apply(self, writes: Sequence[ObjectWrite], event: Event | None = None, dry_run: bool = False) -> list[WriteOutcome]:
+        """Create or update all objects in one transaction: all of them or none. A dry run
+        decides the same way and rolls back: what it says is what the write would do."""
         now = self._clock()
         outcomes: list[WriteOutcome] = []
-        with self._tx() as db:
+        with self._tx(commit=not dry_run) as db:
             for w in writes:
                 row = db.execute("SELECT * FROM objects WHERE kind = ? AND name = ?", (w.kind, w.name)).fetchone()
                 current = self._row(row) if row else None

@@ -102,6 +102,20 @@ def test_statuses_of_a_pass_are_written_together_skipping_the_gone(store: Store)
     assert store.resource_version() == version  # status is not spec
 
 
+def test_a_dry_run_says_what_apply_would_do_and_leaves_no_trace(store: Store) -> None:
+    store.apply([write("a", {"x": 1}), write("b", {"x": 2})])
+    version, before = store.resource_version(), [(o.name, dict(o.spec), o.generation) for o in store.list("Site")]
+    writes = [write("a", {"x": 1}), write("b", {"x": 3}), write("c", {"x": 4})]
+    dry = store.apply(writes, dry_run=True)
+    assert [o.action for o in dry] == ["unchanged", "configured", "created"]
+    assert [(o.name, dict(o.spec), o.generation) for o in store.list("Site")] == before
+    assert store.resource_version() == version
+    real = store.apply(writes)
+    assert [(o.action, o.generation) for o in real] == [(o.action, o.generation) for o in dry]
+    with pytest.raises(Conflict):
+        store.apply([write("a", {"x": 9}, expected=99)], dry_run=True)
+
+
 def test_stale_update_is_refused_not_lost(store: Store) -> None:
     [v1] = store.apply([write("a", {"replicas": 1})])
     # two writers read version v1; the first wins
