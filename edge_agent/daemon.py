@@ -48,6 +48,7 @@ class AgentConfig:
     max_body_bytes: int = httpserver.DEFAULT_MAX_BODY_BYTES
     drain_timeout: float = 30.0
     workers: int = 0  # inference threads; 0 = one per core
+    inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
     intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
 
 
@@ -86,7 +87,7 @@ class Agent:
             on_change=self._models_changed,
             retry=model_retry or registry.RetryPolicy(),
         )
-        self.server = http.InferenceServer(self.registry, self._executor)
+        self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000)
         self._desired = assignments.EMPTY
         self._desired_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int, default=edge_agent.DEFAULT_MAX_REQUEST_BYTES)
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS")
     p.add_argument("--workers", type=int, default=0, help="inference threads (0 = one per core)")
+    p.add_argument("--inline-max-ms", type=float, default=20.0, metavar="MS",
+                   help="a request alone in flight whose model runs in at most this long is computed on the "
+                        "event loop instead of a worker thread (0 = always a worker thread)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -105,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         max_body_bytes=args.max_request_bytes,
         drain_timeout=args.drain_timeout,
         workers=args.workers,
+        inline_max_ms=max(0.0, args.inline_max_ms),
     )
 
 

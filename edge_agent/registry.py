@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -63,15 +64,22 @@ class ModelStatus:
 
 
 class ServedModel:
-    """One loaded version; ``requests`` is bumped by the HTTP layer on each answer."""
+    """One loaded version; ``requests`` and ``run_s`` are kept by the HTTP layer:
+    answers given, and a moving average of how long one takes to compute (infinite
+    until the first answer)."""
 
-    __slots__ = ("name", "requests", "runtime", "sha256")
+    __slots__ = ("name", "requests", "run_s", "runtime", "sha256")
 
     def __init__(self, name: str, sha256: str, runtime: onnx.OnnxModel) -> None:
         self.name = name
         self.sha256 = sha256
         self.runtime = runtime
         self.requests = 0
+        self.run_s = math.inf
+
+    def answered(self, run_s: float) -> None:
+        self.requests += 1
+        self.run_s = run_s if self.run_s == math.inf else 0.8 * self.run_s + 0.2 * run_s
 
 
 class _Slot:

@@ -44,3 +44,13 @@ def test_counters_histograms_and_gauges_parse_back() -> None:
 def test_empty_metrics_still_parse() -> None:
     samples = _samples(AgentMetrics(lambda: 0, lambda: 0).render().decode())
     assert samples == {("edgeplane_agent_inflight", ()): 0, ("edgeplane_agent_models_serving", ()): 0}
+
+
+def test_model_load_counts_answers_and_their_seconds() -> None:
+    metrics = AgentMetrics(lambda: 0, lambda: 1)
+    assert metrics.model_load() == []
+    for seconds in (0.01, 0.02, 0.5):
+        metrics.observe_ok("mlp", seconds)
+    metrics.observe_error("mlp", 400)  # refusals are not load the autoscaler should follow
+    [(name, requests, busy)] = metrics.model_load()
+    assert name == "mlp" and requests == 3 and abs(busy - 0.53) < 1e-9

@@ -1,0 +1,121 @@
+"""Where the agent computes an answer: on the event loop for a short run alone in flight,
+on a worker thread otherwise (the first run of a model, a long one, concurrent ones,
+large JSON bodies)."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_agent import http, registry
+from edge_agent.httpserver import Request
+from edge_agent.runtime import onnx
+from edgeplane_proto import oip
+from orchestrator.testing import onnx_models
+
+
+class Recorded:
+    """An onnxruntime model that notes the thread of each run, and can be made slow."""
+
+    def __init__(self, inner: onnx.OnnxModel) -> None:
+        self._inner = inner
+        self.threads: list[str] = []
+        self.delay = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def run(self, feeds: Any, outputs: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        if self.delay:
+            time.sleep(self.delay)
+        return self._inner.run(feeds, outputs)
+
+
+class OneModel:
+    """The part of the registry the HTTP layer reads."""
+
+    def __init__(self, served: registry.ServedModel) -> None:
+        self.served = served
+
+    def get(self, name: str) -> registry.ServedModel | None:
+        return self.served if name == self.served.name else None
+
+    def known(self, name: str) -> bool:
+        return name == self.served.name
+
+    def serving(self) -> list[registry.ServedModel]:
+        return [self.served]
+
+
+@pytest.fixture
+def server(tmp_path: pathlib.Path):  # noqa: ANN201
+    built = onnx_models.build_mlp(tmp_path / "m.onnx", in_dim=8, hidden=16, out_dim=4)
+    runtime = Recorded(onnx.OnnxModel.load(built.path.read_bytes()))
+    served = registry.ServedModel("m", built.sha256, runtime)  # type: ignore[arg-type]
+    with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool:
+        yield http.InferenceServer(OneModel(served), pool), runtime  # type: ignore[arg-type]
+
+
+def request(x: np.ndarray, binary: bool = True) -> Request:
+    body, header = oip.encode_request({"input": x}, binary=binary)
+    headers = {oip.BINARY_HEADER.lower(): str(header)} if header is not None else {}
+    return Request("POST", "/v2/models/m/infer", "", headers, body)
+
+
+X = np.ones((1, 8), dtype=np.float32)
+
+
+async def test_short_runs_alone_stay_on_the_loop_after_the_first(server) -> None:  # noqa: ANN001
+    app, runtime = server
+    for _ in range(3):
+        assert (await app.infer("m", request(X))).status == 200
+    loop_thread = threading.current_thread().name
+    assert runtime.threads[0].startswith("infer")  # unknown run time: a worker
+    assert runtime.threads[1:] == [loop_thread, loop_thread]
+    assert (await app.infer("m", request(X, binary=False))).status == 200  # a small JSON body too
+    assert runtime.threads[-1] == loop_thread
+
+
+async def test_concurrent_long_and_large_requests_go_to_workers(server) -> None:  # noqa: ANN001
+    app, runtime = server
+    await app.infer("m", request(X))
+    runtime.threads.clear()
+    # with another request in flight (awaiting its worker), a short one does not take the loop
+    app.inflight += 1
+    try:
+        assert (await app.infer("m", request(X))).status == 200
+    finally:
+        app.inflight -= 1
+    assert runtime.threads[-1].startswith("infer")
+    # a JSON body over 64 KiB is parsed on a worker
+    runtime.threads.clear()
+    big = np.full((4000, 8), 0.123456, dtype=np.float32)
+    assert len(request(big, binary=False).body) > http.INLINE_MAX_JSON_BYTES
+    assert (await app.infer("m", request(big, binary=False))).status == 200
+    assert runtime.threads[-1].startswith("infer")
+    # a model whose runs grew long leaves the loop free for others
+    runtime.delay = 0.05
+    for _ in range(12):  # the moving average crosses 20 ms
+        await app.infer("m", request(X))
+    runtime.threads.clear()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    t = asyncio.create_task(ticker())
+    assert (await app.infer("m", request(X))).status == 200
+    t.cancel()
+    assert runtime.threads == [runtime.threads[0]] and runtime.threads[0].startswith("infer")
+    assert ticks >= 3  # the loop kept running during the 50 ms run
