@@ -9,7 +9,8 @@
     ├── ControlPlaneError        the uplink failed
     │   ├── AgentUnavailable     control plane unreachable: back off and retry
     │   ├── JoinRefused          token/credential refused, site taken, bad request
-    │   └── NotJoined            the control plane forgot us: join again
+    │   ├── NotJoined            the control plane forgot us: join again
+    │   └── RenewalDue           the client certificate is due: join again with a CSR
     └── StateError               the state file is unreadable
 """
 
@@ -45,6 +46,10 @@ class ControlPlaneError(AgentError):
 
 
 class AgentUnavailable(ControlPlaneError):
+    pass
+
+
+class RenewalDue(ControlPlaneError):
     pass
 
 

@@ -4,16 +4,31 @@ On first start the agent makes a key and a CSR, joins over the control plane's j
 (server-authenticated TLS, bootstrap token) and receives a client certificate naming its
 site, signed by the control plane's CA. Key, certificate and CA (0600) then let every
 later connection, restarts included, use mutual TLS on the agent port without the token.
+Two thirds into the certificate's life the agent sends a new CSR with its next join (over
+mutual TLS, with the certificate still valid) and saves what comes back.
+
+Keys, CSRs and reading a certificate's dates are done by ``python -m
+edgeplane_proto.identity`` in a child process: cryptography would cost the daemon about
+7 MB, for the rest of its life, for a job it does once every few weeks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import json
 import pathlib
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from edge_agent import state
+from edge_agent import errors, state
+
+TOOL_TIMEOUT_S = 60.0
+RENEW_AT = 2 / 3  # of the certificate's validity
 
 
 def join_address(control_plane: str) -> str:
@@ -58,11 +73,30 @@ class AgentTls:
             root_certificates=self._roots(), private_key=self.key_path.read_bytes(), certificate_chain=self.cert_path.read_bytes()
         )
 
-    def new_request(self, site: str) -> tuple[bytes, bytes]:
-        # Imported here: cryptography (~7 MB) is needed once, to enrol, not by a running agent.
-        from edgeplane_proto import identity
+    async def new_request(self, site: str) -> tuple[bytes, bytes]:
+        """A fresh private key and a CSR for ``site`` (PEM each)."""
+        made = await _identity_tool("csr", site)
+        return made["key"].encode(), made["csr"].encode()
 
-        return identity.new_key_and_csr(site)
+    @property
+    def schedule_path(self) -> pathlib.Path:
+        return self.data_dir / "agent.crt.renewal.json"
+
+    async def renewal_time(self) -> tuple[float, float]:
+        """(when to renew the saved certificate, when it expires), as Unix times. Read
+        from the certificate once (by the identity tool) and kept next to it, keyed by its
+        digest, so that a restart costs no child process."""
+        cert = self.cert_path.read_bytes()
+        digest = hashlib.sha256(cert).hexdigest()
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            kept = json.loads(self.schedule_path.read_text())
+            if kept["sha256"] == digest:
+                return float(kept["renewAt"]), float(kept["expires"])
+        dates = await _identity_tool("validity", str(self.cert_path))
+        not_before, not_after = float(dates["notBefore"]), float(dates["notAfter"])
+        renew_at = not_before + (not_after - not_before) * RENEW_AT
+        state.write_atomic(self.schedule_path, {"sha256": digest, "renewAt": renew_at, "expires": not_after}, 0o600)
+        return renew_at, not_after
 
     def save(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -70,3 +104,22 @@ class AgentTls:
             state.write_bytes_atomic(self.saved_ca_path, ca_pem, 0o600)
         state.write_bytes_atomic(self.key_path, key_pem, 0o600)
         state.write_bytes_atomic(self.cert_path, certificate_pem, 0o600)
+
+
+async def _identity_tool(*args: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeplane_proto.identity", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise errors.ControlPlaneError(f"the identity tool ({args[0]}) did not finish in {TOOL_TIMEOUT_S:g}s") from None
+    if proc.returncode != 0:
+        raise errors.ControlPlaneError(f"the identity tool ({args[0]}) failed: {err.decode(errors='replace').strip()[-300:]}")
+    try:
+        return dict(json.loads(out))
+    except ValueError as exc:
+        raise errors.ControlPlaneError(f"the identity tool ({args[0]}) printed no JSON: {exc}") from exc

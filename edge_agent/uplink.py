@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SITE_KEY = "x-edgeplane-site"
 AGENT_ID_KEY = "x-edgeplane-agent-id"
 CREDENTIAL_KEY = "x-edgeplane-credential"
+RENEW_RETRY_S = 600.0  # after a join that brought no renewed certificate
 
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 JOIN_TIMEOUT_S = 10.0
@@ -145,6 +146,7 @@ class Uplink:
         self._stopping = asyncio.Event()
         self.interval = facts.heartbeat_interval
         self.identity = store.load_identity(facts.site)
+        self._renew_at: float | None = None  # when the client certificate is due (mutual TLS)
 
     def nudge(self) -> None:
         """Send a heartbeat now (a model changed state) instead of at the next tick."""
@@ -156,6 +158,9 @@ class Uplink:
             started = self._clock()
             try:
                 await self._session()
+            except errors.RenewalDue:
+                log.info("client certificate due for renewal: joining again with a new CSR")
+                continue
             except errors.JoinRefused as exc:
                 log.error("control plane refused this agent: %s", exc)
             except errors.NotJoined as exc:
@@ -199,7 +204,7 @@ class Uplink:
 
     async def _enroll(self, agent_tls: tls.AgentTls) -> None:
         """First join over the join port: bootstrap token + CSR in, client certificate out."""
-        key_pem, csr_pem = agent_tls.new_request(self._facts.site)
+        key_pem, csr_pem = await agent_tls.new_request(self._facts.site)
         channel = grpc.aio.secure_channel(agent_tls.join_target, agent_tls.join_credentials(), options=client_options())
         try:
             request, metadata = self._join_request()
@@ -212,6 +217,7 @@ class Uplink:
         if not response.certificate_pem:
             raise errors.JoinRefused("the control plane issued no client certificate; is it running with --insecure-agents?")
         agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
+        self._renew_at = None
         self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)
         self._store.save_identity(self.identity)
         log.info("enrolled: client certificate for site %s issued by the control plane's CA", self._facts.site)
@@ -226,7 +232,22 @@ class Uplink:
     async def _join(self, stub: pb_grpc.AgentControlStub) -> None:
         identity = self.identity
         request, metadata = self._join_request()
-        response: pb.JoinResponse = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
+        renewal = await self._renewal_request() if self._tls is not None else None
+        if renewal is not None:
+            request.csr_pem = renewal[1].decode()
+        try:
+            response: pb.JoinResponse = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            if renewal is None or exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+            # The certificate is still valid: join without renewing, ask again later.
+            log.warning("the control plane refused the renewal CSR (%s); asking again in %gs", exc.details(), RENEW_RETRY_S)
+            self._renew_at = self._clock() + RENEW_RETRY_S
+            request.ClearField("csr_pem")
+            renewal = None
+            response = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
+        if renewal is not None:
+            self._renewed(renewal[0], response)
         self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)
         if self.identity != identity:
             self._store.save_identity(self.identity)
@@ -239,6 +260,39 @@ class Uplink:
             self._facts.site,
             self.interval,
         )
+
+    async def _renewal_request(self) -> tuple[bytes, bytes] | None:
+        """A new key and CSR when the certificate is two thirds through its life."""
+        assert self._tls is not None
+        if self._renew_at is None:
+            self._renew_at, expires = await self._tls.renewal_time()
+            if expires <= self._clock():
+                log.error("the client certificate expired at %s: this agent must enrol again (remove agent.key and "
+                          "agent.crt from its data dir and start it with a new bootstrap token)",
+                          time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires)))
+        if self._clock() < self._renew_at:
+            return None
+        return await self._tls.new_request(self._facts.site)
+
+    def _renewed(self, key_pem: bytes, response: pb.JoinResponse) -> None:
+        assert self._tls is not None
+        if not response.certificate_pem:
+            self._renew_at = self._clock() + RENEW_RETRY_S  # the current one is still valid
+            log.warning("the control plane issued no new client certificate; asking again in %gs", RENEW_RETRY_S)
+            return
+        self._tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
+        self._renew_at = None  # read from the new certificate at the next join
+        log.info("client certificate for site %s renewed; the next connection uses it", self._facts.site)
+
+    async def _renewal_due(self) -> None:
+        """Ends the session (raising RenewalDue) when the certificate is due, so that the
+        next join renews it; a long-lived session would otherwise outlast it."""
+        assert self._tls is not None
+        if self._renew_at is None:
+            self._renew_at, _ = await self._tls.renewal_time()
+        while (wait := self._renew_at - self._clock()) > 0:
+            await asyncio.sleep(min(wait, 3600.0))
+        raise errors.RenewalDue("client certificate due for renewal")
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         assert self.identity is not None  # set by _join before any stream opens
@@ -267,14 +321,20 @@ class Uplink:
 
         receiver = asyncio.ensure_future(receive())
         sender = asyncio.ensure_future(heartbeats)
+        tasks = {receiver, sender}
+        renewal = asyncio.ensure_future(self._renewal_due()) if self._tls is not None else None
+        if renewal is not None:
+            tasks.add(renewal)
         try:
-            done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # raises the stream's error
             if not self._stopping.is_set():
                 raise errors.AgentUnavailable("control plane closed the stream")
         finally:
             watch.cancel()
+            if renewal is not None:
+                renewal.cancel()
             for task in (receiver, sender):
                 if not task.done():
                     task.cancel()

@@ -7,6 +7,10 @@ with the other wire contracts.
 
 from __future__ import annotations
 
+import json
+import pathlib
+import sys
+
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -43,3 +47,34 @@ def site_of(certificate_pem: bytes) -> str | None:
         if uri.startswith(SPIFFE_PREFIX):
             return uri[len(SPIFFE_PREFIX):]
     return None
+
+
+def validity(certificate_pem: bytes) -> tuple[float, float]:
+    """(not before, not after) of a certificate, as Unix times."""
+    cert = x509.load_pem_x509_certificate(certificate_pem)
+    return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edgeplane_proto.identity csr SITE | validity CERT_FILE``, one JSON object
+    on stdout. The agent runs these in a child process: cryptography costs a running agent
+    about 7 MB that it would keep for a job it does once a few weeks."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "csr":
+        key, csr = new_key_and_csr(args[1])
+        print(json.dumps({"key": key.decode(), "csr": csr.decode()}))
+        return 0
+    if len(args) == 2 and args[0] == "validity":
+        try:
+            not_before, not_after = validity(pathlib.Path(args[1]).read_bytes())
+        except (OSError, ValueError) as exc:
+            print(f"cannot read the certificate {args[1]}: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({"notBefore": not_before, "notAfter": not_after}))
+        return 0
+    print("usage: python -m edgeplane_proto.identity csr SITE | validity CERT_FILE", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import datetime
 import logging
 import os
 import secrets
@@ -60,6 +62,7 @@ class ServerConfig:
     agent_port: int = 8081
     agent_join_port: int = 8082  # first joins (bootstrap token + CSR) over server-authenticated TLS
     insecure_agents: bool = False  # plaintext agent gRPC: only when explicitly asked for
+    agent_cert_ttl_s: float = ca_mod.AGENT_DAYS * 86400.0  # agents renew theirs two thirds in
     auth: str = "none"  # "none" (loopback only) | "token"
     position: tuple[float, float] | None = None  # the gateway's own location
     heartbeat_interval_s: float = 5.0
@@ -164,7 +167,8 @@ class ControlPlane:
         agent_host = cfg.agent_host or cfg.host
         mtls = None
         if not cfg.insecure_agents:
-            self.ca = ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca")
+            self.ca = dataclasses.replace(ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca"),
+                                          agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
             server_cert, server_key = self.ca.issue_server(sorted({agent_host, "127.0.0.1", "localhost"}))
             mtls = agent_service.MutualTls(self.ca, server_cert, server_key, cfg.agent_join_port)
         self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls)
@@ -342,6 +346,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent-join-port", type=int, default=8082, help="first joins: bootstrap token + CSR over TLS")
     p.add_argument("--insecure-agents", action="store_true",
                    help="plaintext agent gRPC with bearer credentials instead of mutual TLS (agents then need --insecure)")
+    p.add_argument("--agent-cert-days", type=float, default=float(ca_mod.AGENT_DAYS), metavar="DAYS",
+                   help="lifetime of the client certificates agents receive; agents renew theirs two thirds in")
     p.add_argument("--auth", choices=["none", "token"], default="none",
                    help="'token' requires bearer tokens on the API; 'none' is allowed on loopback only")
     p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
@@ -362,6 +368,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if not 0 < args.agent_cert_days <= 3650:
+        raise SystemExit("edgeplane serve: --agent-cert-days must be more than 0 and at most 3650")
     position = None
     if args.location:
         lat, lon = (float(x) for x in args.location.split(","))
@@ -370,6 +378,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,
         agent_join_port=args.agent_join_port, insecure_agents=args.insecure_agents,
+        agent_cert_ttl_s=args.agent_cert_days * 86400.0,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,
         gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,

@@ -69,6 +69,7 @@ _key_pem = identity.key_pem
 class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
+    agent_ttl: datetime.timedelta = datetime.timedelta(days=AGENT_DAYS)  # agents renew at two thirds
 
     @property
     def certificate_pem(self) -> bytes:
@@ -99,13 +100,14 @@ class CertificateAuthority:
         return cls(key, cert)
 
     def _issue(self, subject: str, public_key: ec.EllipticCurvePublicKey, sans: list[x509.GeneralName],
-               usage: x509.ObjectIdentifier, days: int) -> bytes:
+               usage: x509.ObjectIdentifier, ttl: datetime.timedelta) -> bytes:
         now = _now()
+        backdate = min(datetime.timedelta(minutes=5), ttl / 10)  # for clocks a little behind ours
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
                 .issuer_name(self.certificate.subject).public_key(public_key)
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=days))
+                .serial_number(x509.random_serial_number()).not_valid_before(now - backdate)
+                .not_valid_after(now + ttl)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                 .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -121,7 +123,8 @@ class CertificateAuthority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
             except ValueError:
                 sans.append(x509.DNSName(host))
-        return self._issue("edgeplane control plane", key.public_key(), sans, ExtendedKeyUsageOID.SERVER_AUTH, SERVER_DAYS), _key_pem(key)
+        return self._issue("edgeplane control plane", key.public_key(), sans, ExtendedKeyUsageOID.SERVER_AUTH,
+                           datetime.timedelta(days=SERVER_DAYS)), _key_pem(key)
 
     def check_agent_csr(self, csr_pem: bytes) -> None:
         """Raise :class:`CertificateError` unless :meth:`issue_agent` would sign ``csr_pem``."""
@@ -131,4 +134,4 @@ class CertificateAuthority:
         """Sign an agent's CSR as ``site``: the identity is ours to set, not the CSR's."""
         public_key = check_agent_csr(csr_pem)
         return self._issue(f"site/{site}", public_key, [x509.UniformResourceIdentifier(site_uri(site))],
-                           ExtendedKeyUsageOID.CLIENT_AUTH, AGENT_DAYS)
+                           ExtendedKeyUsageOID.CLIENT_AUTH, self.agent_ttl)

@@ -1,0 +1,43 @@
+"""Agents renew their client certificates before they expire, over mutual TLS, without
+cryptography ever entering the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+
+import pytest
+
+from edgeplane_proto import identity
+from orchestrator.testing import harness
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_an_agent_renews_its_certificate_twice_and_outlives_the_first(tmp_path: pathlib.Path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        # 9 s certificates: renewed about 6 s in, so the agent outlives its first one
+        cp = await fleet.start_control_plane(agent_cert_ttl_s=9.0)
+        agent = await fleet.start_agent("edge-a", country="FR", lat=48.8, lon=2.3)
+        cert_path = agent.data_dir / "agent.crt"
+        await harness.wait_until(cert_path.exists, 10, what="the first certificate saved")  # the join precedes the save
+        certs = [cert_path.read_bytes()]
+        for renewal in (1, 2):
+            await harness.wait_until(lambda: cert_path.read_bytes() != certs[-1], 30, interval=0.1, what=f"renewal {renewal}")
+            certs.append(cert_path.read_bytes())
+        first_expires = identity.validity(certs[0])[1]
+        assert identity.validity(certs[2])[1] > identity.validity(certs[1])[1] > first_expires
+        assert {identity.site_of(c) for c in certs} == {"edge-a"}
+        # past the first certificate's expiry, the agent is still heard from over mutual TLS
+        await harness.wait_until(lambda: time.time() > first_expires + 1, 30, what="first certificate expired")
+        before = cp.hub.status("edge-a")
+        assert before is not None and before.healthy
+        after = await asyncio.wait_for(cp.hub.next_heartbeat("edge-a"), 10)
+        assert after.healthy
+        maps = pathlib.Path(f"/proc/{agent.pid}/maps").read_text()
+        assert "cryptography" not in maps  # keys, CSRs and dates came from a child process
+        assert "renewed" in agent.log()
+    finally:
+        await fleet.stop()
