@@ -2,10 +2,13 @@
 
     .venv/bin/python -m bench.agent_idle [--quick]
 
-The agent is a subprocess joined to a control plane in this process, holding one small
-model, heartbeating every 5 s (the default), with no inference traffic. Baseline in the
-same run: a bare Python process that imports the same libraries (numpy, onnxruntime,
-grpc, httptools, psutil) and sleeps, i.e. what any Python agent costs before doing anything.
+The agent is a subprocess holding one small model, heartbeating every 5 s (the default),
+with no inference traffic, measured twice: joined to a bare agent hub in this process
+(plaintext gRPC, the model copied from a file:// URL: the least an agent loads), and
+joined to a whole control plane in this process the way a site runs it (enrolled with a
+bootstrap token, mutual TLS, the model downloaded over HTTP). Baseline in the same run: a
+bare Python process that imports the same libraries (numpy, onnxruntime, grpc, httptools,
+psutil) and sleeps, i.e. what any Python agent costs before doing anything.
 Writes bench/results/agent_idle.json.
 """
 
@@ -20,13 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 from rich.console import Console
 from rich.table import Table
 
 from bench.agent_common import ControlPlaneAndAgent
 from orchestrator.agents import model
-from orchestrator.testing import onnx_models
+from orchestrator.testing import harness, manifests, onnx_models
 
 RESULTS = Path(__file__).parent / "results" / "agent_idle.json"
 BASELINE = "import numpy, onnxruntime, grpc, grpc.aio, httptools, psutil, time; time.sleep(3600)"
@@ -56,6 +60,28 @@ async def sample(pid: int, duration: float) -> dict:
     }
 
 
+async def _with_control_plane(root: Path, duration: float) -> dict:
+    """An enrolled agent on mutual TLS that downloaded its model from the control plane."""
+    built = onnx_models.build_mlp(root / "artifacts" / "tiny.onnx")
+    fleet = harness.Fleet(root)
+    try:
+        cp = await fleet.start_control_plane(heartbeat_interval_s=5.0)
+        body = manifests.bundle(manifests.edge_site("bench-site", "FR", 48.8, 2.3),
+                                manifests.onnx_model("tiny", "tiny.onnx", built.sha256),
+                                manifests.deployment("tiny", "tiny", 1, {"tiers": ["edge"]}))
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            (await http.post("/v1/apply", content=body)).raise_for_status()
+        agent = await fleet.start_agent("bench-site", country="FR", lat=48.8, lon=2.3, heartbeat_interval=5.0,
+                                        extra=("--log-level", "WARNING"))
+        await harness.wait_until(lambda: any(e.healthy for e in cp.table.endpoints("tiny")), 60, what="the model served")
+        await asyncio.sleep(2.0)
+        measured = await sample(agent.pid, duration)
+        status = cp.hub.status("bench-site")
+        return {**measured, "healthy_at_hub": bool(status and status.healthy)}
+    finally:
+        await fleet.stop()
+
+
 async def run(duration: float) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,6 +102,7 @@ async def run(duration: float) -> list[dict]:
         finally:
             code = await rig.stop()
         rows[-1]["sigterm_exit_code"] = code
+        rows.append({"process": "edgeplane-agent, mutual TLS, model over HTTP", **await _with_control_plane(root / "tls", duration)})
     base = await asyncio.create_subprocess_exec(sys.executable, "-c", BASELINE)
     try:
         await asyncio.sleep(3.0)
