@@ -34,4 +34,4 @@ serve: $(STAMP) proto
 	$(VENV)/bin/edgeplane serve --artifact-root manifests/examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info edgeplane_proto/agent/v1/*_pb2*.py*
+	rm -rf $(VENV) build *.egg-info edgeplane_proto/agent/v1/*_pb2*.py* edgeplane_proto/inference/v2/*_pb2*.py*

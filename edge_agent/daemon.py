@@ -18,6 +18,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import grpc
 
 import edge_agent
 from edge_agent import artifacts, assignments, capacity, http, httpserver, registry, state, tls, uplink
@@ -49,6 +50,7 @@ class AgentConfig:
     drain_timeout: float = 30.0
     workers: int = 0  # inference threads; 0 = one per core
     inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
+    grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
     intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
 
 
@@ -92,6 +94,8 @@ class Agent:
         self._desired_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._http: httpserver.HttpServer | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self.grpc_port = 0
         self.uplink: uplink.Uplink | None = None
         self.endpoint_url = ""
 
@@ -129,6 +133,12 @@ class Agent:
             self.server.handle, httpserver.Limits(max_body_bytes=cfg.max_body_bytes)
         )
         await self._http.start(sock)
+        if cfg.grpc_listen is not None:
+            from edge_agent import grpc_inference  # only agents that serve gRPC load it
+
+            self._grpc, self.grpc_port = await grpc_inference.start(
+                *cfg.grpc_listen, self.server, self.registry, cfg.max_body_bytes)
+            log.info("serving v2 over gRPC on %s:%d", cfg.grpc_listen[0], self.grpc_port)
         saved = self.store.load_assignments(cfg.site)
         if saved.assignments:
             log.info("serving %d saved assignment(s) from the local cache", len(saved.assignments))
@@ -166,6 +176,8 @@ class Agent:
             await self.uplink.stop()
         if self._http is not None:
             await self._http.shutdown(self.config.drain_timeout)
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.drain_timeout)
         for task in self._tasks:
             if task.get_name() == "uplink":
                 with contextlib.suppress(TimeoutError):

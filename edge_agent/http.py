@@ -20,7 +20,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 import edge_agent
 from edge_agent import errors, registry
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 
+T = TypeVar("T")
 UNKNOWN_MODEL = "(unknown)"
 DEFAULT_INLINE_MAX_S = 0.02  # runs this short, alone in flight, skip the worker thread
 INLINE_MAX_JSON_BYTES = 64 << 10  # larger JSON bodies are parsed on a worker (binary ones cost nothing)  # the metrics label of requests for models not served here
@@ -154,6 +157,22 @@ class InferenceServer:
     def prometheus(self) -> Response:
         return Response(200, self.metrics.render(), content_type=CONTENT_TYPE)
 
+    async def compute(self, served: registry.ServedModel, step: Callable[..., T], small: bool, *args: Any) -> T:
+        """Run ``step(*args)`` (decode, ``session.run``, encode) for ``served``: on the event
+        loop when it is alone in flight, small, and the model's runs are short; on a
+        worker thread otherwise. Shared by the HTTP and gRPC front ends."""
+        self.inflight += 1
+        try:
+            started = time.perf_counter()
+            if self.inflight == 1 and small and served.run_s <= self._inline_max_s:
+                result = step(*args)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, step, *args)
+        finally:
+            self.inflight -= 1
+        served.answered(time.perf_counter() - started)
+        return result
+
     async def infer(self, name: str, request: Request) -> Response:
         started = time.perf_counter()
         served = self._lookup(name)
@@ -169,25 +188,13 @@ class InferenceServer:
                 self.metrics.observe_error(name, 400)
                 return _error(400, f"{oip.BINARY_HEADER} must be a non-negative integer")
             header_length = int(header)
-        self.inflight += 1
+        small = header_length is not None or len(request.body) <= INLINE_MAX_JSON_BYTES
         try:
-            run_started = time.perf_counter()
-            try:
-                if self.inflight == 1 and served.run_s <= self._inline_max_s and (
-                        header_length is not None or len(request.body) <= INLINE_MAX_JSON_BYTES):
-                    payload, out_header = _infer_sync(served, request.body, header_length)
-                else:
-                    payload, out_header = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, _infer_sync, served, request.body, header_length
-                    )
-            except (oip.ProtocolError, errors.InvalidInput) as exc:
-                self.metrics.observe_error(name, 400)
-                return _error(400, str(exc))
-        finally:
-            self.inflight -= 1
-        finished = time.perf_counter()
-        served.answered(finished - run_started)
-        self.metrics.observe_ok(name, finished - started)
+            payload, out_header = await self.compute(served, _infer_sync, small, served, request.body, header_length)
+        except (oip.ProtocolError, errors.InvalidInput) as exc:
+            self.metrics.observe_error(name, 400)
+            return _error(400, str(exc))
+        self.metrics.observe_ok(name, time.perf_counter() - started)
         if out_header is None:
             return Response(200, payload)
         return Response(

@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    help="bootstrap token (or EDGEPLANE_TOKEN); unused once a credential is saved")
     p.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8080), metavar="HOST:PORT",
                    help="v2 HTTP listen address (port 0 = any free port) [127.0.0.1:8080]")
+    p.add_argument("--grpc-listen", type=_host_port, default=None, metavar="HOST:PORT",
+                   help="also serve the v2 protocol over gRPC (inference.GRPCInferenceService) here")
     p.add_argument("--advertise-url", help="URL the control plane should route to (default: from --listen)")
     p.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("/var/lib/edgeplane-agent"),
                    help="cache, saved assignments and identity [/var/lib/edgeplane-agent]")
@@ -109,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         drain_timeout=args.drain_timeout,
         workers=args.workers,
         inline_max_ms=max(0.0, args.inline_max_ms),
+        grpc_listen=args.grpc_listen,
     )
 
 

@@ -362,3 +362,36 @@ def model_metadata(
 def error_body(message: str) -> bytes:
     """v2 error object: ``{"error": "..."}``."""
     return json.dumps({"error": message}).encode()
+
+
+# -- the gRPC form (inference.GRPCInferenceService) -----------------------------------
+# Tensors arrive as a datatype, a shape and either their raw bytes (the same layout as the
+# binary extension's) or a typed list of values; they leave as raw bytes.
+
+def array_from_raw(raw: bytes, datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
+    """A tensor from its raw little-endian bytes (BYTES: 4-byte length + bytes per element)."""
+    return _array_from_bytes(memoryview(raw), datatype, _check_shape(list(shape), where), where)
+
+
+def array_from_values(values: Sequence[Any], datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
+    """A tensor from a typed list of values (``fp32_contents`` and the like)."""
+    dims = _check_shape(list(shape), where)
+    count = math.prod(dims)
+    if len(values) != count:
+        raise ProtocolError(f"{where}: shape {list(dims)} needs {count} elements, got {len(values)}")
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+        return arr.reshape(dims)
+    dtype = numpy_dtype(datatype)
+    if dtype.itemsize == 2 and dtype.kind == "f":
+        raise ProtocolError(f"{where}: FP16 tensors travel as raw bytes only")
+    try:
+        return np.asarray(values, dtype=dtype).reshape(dims)
+    except (ValueError, OverflowError, TypeError) as exc:
+        raise ProtocolError(f"{where}: values do not fit {datatype}: {exc}") from exc
+
+
+def raw_bytes(array: np.ndarray) -> bytes:
+    """A tensor's raw form, as ``raw_output_contents`` carries it."""
+    return _tensor_bytes(array)

@@ -1,0 +1,160 @@
+"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``), next to HTTP.
+
+Started with ``edgeplane-agent --grpc-listen HOST:PORT``. The same models, the same input
+checks and the same dispatch as the HTTP API (``http.InferenceServer.compute``); tensors
+come as raw bytes (``raw_input_contents``) or typed values (``contents``), and answers
+carry raw bytes (``raw_output_contents``). Errors are gRPC status codes: NOT_FOUND for a
+model not served here, UNAVAILABLE while it loads or while the agent drains,
+INVALID_ARGUMENT for a request that does not fit the model, RESOURCE_EXHAUSTED for one over
+the size limit (enforced by the server before the handler runs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+import edge_agent
+from edge_agent import errors, http, registry
+from edgeplane_proto import oip
+from edgeplane_proto.inference.v2 import inference_pb2 as pb
+
+SERVICE = "inference.GRPCInferenceService"
+
+# Which typed list carries each datatype when raw bytes are not used.
+_CONTENTS = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+def _inputs(request: pb.ModelInferRequest) -> list[tuple[str, np.ndarray, str]]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise oip.ProtocolError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    out = []
+    for i, tensor in enumerate(request.inputs):
+        where = f"inputs[{i}] ({tensor.name!r})"
+        if raw:
+            array = oip.array_from_raw(raw[i], tensor.datatype, tensor.shape, where)
+        else:
+            field = _CONTENTS.get(tensor.datatype)
+            if field is None:
+                oip.numpy_dtype(tensor.datatype)  # raises the clear error for an unknown name
+                raise oip.ProtocolError(f"{where}: {tensor.datatype} tensors travel in raw_input_contents only")
+            array = oip.array_from_values(getattr(tensor.contents, field), tensor.datatype, tensor.shape, where)
+        out.append((tensor.name, array, tensor.datatype))
+    return out
+
+
+def _infer(served: registry.ServedModel, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """Decode, run, encode: the step ``InferenceServer.compute`` places."""
+    runtime = served.runtime
+    feeds = runtime.feeds(_inputs(request))
+    names = runtime.output_names([o.name for o in request.outputs])
+    arrays = runtime.run(feeds, names)
+    response = pb.ModelInferResponse(model_name=served.name, model_version=served.sha256[:12], id=request.id)
+    for name, array in zip(names, arrays, strict=True):
+        response.outputs.add(name=name, datatype=oip.datatype_of(array), shape=array.shape)
+        response.raw_output_contents.append(oip.raw_bytes(array))
+    return response
+
+
+class InferenceServicer:
+    def __init__(self, server: http.InferenceServer, models: registry.ModelRegistry) -> None:
+        self._server = server
+        self._models = models
+
+    async def _served(self, name: str, context: grpc.aio.ServicerContext) -> registry.ServedModel:
+        served = self._models.get(name)
+        if served is not None and not self._server.draining:
+            return served
+        if self._server.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the agent is draining")
+        if self._models.known(name):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"model {name!r} is not ready")
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not served by this agent")
+        raise AssertionError("unreachable: abort raises")
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._server.ready and not self._server.draining)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._models.get(request.name) is not None and not self._server.draining)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="edgeplane-agent", version=edge_agent.__version__)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        served = await self._served(request.name, context)
+        runtime = served.runtime
+        return pb.ModelMetadataResponse(
+            name=served.name, versions=[served.sha256[:12]], platform="onnx",
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in runtime.inputs],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in runtime.outputs],
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        started = time.perf_counter()
+        metrics = self._server.metrics
+        served = self._models.get(request.model_name)
+        if served is None or self._server.draining:
+            metrics.observe_error(request.model_name if self._models.known(request.model_name) else http.UNKNOWN_MODEL, 503)
+            await self._served(request.model_name, context)
+        assert served is not None
+        try:
+            response = await self._server.compute(served, _infer, True, served, request)
+        except (oip.ProtocolError, errors.InvalidInput) as exc:
+            metrics.observe_error(served.name, 400)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        metrics.observe_ok(served.name, time.perf_counter() - started)
+        return response
+
+
+def _handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The service's methods, each parsing its own request: a body that is not the message
+    gets INVALID_ARGUMENT naming it, not gRPC's UNKNOWN "unexpected DecodeError"."""
+
+    def parsing(message: Any, method: Any) -> Any:
+        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                request = message.FromString(raw)
+            except DecodeError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message.DESCRIPTOR.name}: {exc}")
+            return await method(request, context)
+
+        return call
+
+    methods = {
+        "ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest, "ModelReady": pb.ModelReadyRequest,
+        "ServerMetadata": pb.ServerMetadataRequest, "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": pb.ModelInferRequest,
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        name: grpc.unary_unary_rpc_method_handler(parsing(message, getattr(servicer, name)),
+                                                  response_serializer=lambda m: m.SerializeToString())
+        for name, message in methods.items()
+    })
+
+
+async def start(host: str, port: int, server: http.InferenceServer, models: registry.ModelRegistry,
+                max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
+    """Serve on ``host:port`` (0 = any free port); returns the server and its port."""
+    grpc_server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ])
+    grpc_server.add_generic_rpc_handlers((_handlers(InferenceServicer(server, models)),))
+    bound = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot serve gRPC inference on {host}:{port}")
+    await grpc_server.start()
+    return grpc_server, bound

@@ -1,0 +1,1 @@
+"""The Open Inference Protocol's gRPC form (package ``inference``), one sub-package per version."""
