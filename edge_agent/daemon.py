@@ -133,6 +133,8 @@ class Agent:
             self.server.handle, httpserver.Limits(max_body_bytes=cfg.max_body_bytes)
         )
         await self._http.start(sock)
+        http_server = self._http
+        self.server.received = lambda: http_server.pending
         if cfg.grpc_listen is not None:
             from edge_agent import grpc_inference  # only agents that serve gRPC load it
 
@@ -174,10 +176,10 @@ class Agent:
         log.info("draining (%d request(s) in flight)", self.server.inflight)
         if self.uplink is not None:
             await self.uplink.stop()
-        if self._http is not None:
-            await self._http.shutdown(self.config.drain_timeout)
-        if self._grpc is not None:
-            await self._grpc.stop(self.config.drain_timeout)
+        await asyncio.gather(  # both drain within the one timeout
+            *([self._http.shutdown(self.config.drain_timeout)] if self._http is not None else []),
+            *([self._grpc.stop(self.config.drain_timeout)] if self._grpc is not None else []),
+        )
         for task in self._tasks:
             if task.get_name() == "uplink":
                 with contextlib.suppress(TimeoutError):

@@ -48,6 +48,8 @@ def _inputs(request: pb.ModelInferRequest) -> list[tuple[str, np.ndarray, str]]:
                 oip.numpy_dtype(tensor.datatype)  # raises the clear error for an unknown name
                 raise oip.ProtocolError(f"{where}: {tensor.datatype} tensors travel in raw_input_contents only")
             array = oip.array_from_values(getattr(tensor.contents, field), tensor.datatype, tensor.shape, where)
+        if any(tensor.name == name for name, _, _ in out):
+            raise oip.ProtocolError(f"{where}: input {tensor.name!r} is given twice")
         out.append((tensor.name, array, tensor.datatype))
     return out
 
@@ -107,11 +109,13 @@ class InferenceServicer:
         metrics = self._server.metrics
         served = self._models.get(request.model_name)
         if served is None or self._server.draining:
-            metrics.observe_error(request.model_name if self._models.known(request.model_name) else http.UNKNOWN_MODEL, 503)
+            known = self._models.known(request.model_name)
+            metrics.observe_error(request.model_name if known else http.UNKNOWN_MODEL, 503 if known or served else 404)
             await self._served(request.model_name, context)
         assert served is not None
         try:
-            response = await self._server.compute(served, _infer, True, served, request)
+            # Always a worker: gRPC hands no count of the calls waiting behind this one.
+            response = await self._server.compute(served, _infer, False, served, request)
         except (oip.ProtocolError, errors.InvalidInput) as exc:
             metrics.observe_error(served.name, 400)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -149,11 +153,14 @@ async def start(host: str, port: int, server: http.InferenceServer, models: regi
     """Serve on ``host:port`` (0 = any free port); returns the server and its port."""
     grpc_server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", -1),  # answers are as large as the model makes them
         ("grpc.so_reuseport", 0),
     ])
     grpc_server.add_generic_rpc_handlers((_handlers(InferenceServicer(server, models)),))
-    bound = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        bound = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    except RuntimeError as exc:  # grpc's way of saying the address is taken
+        raise OSError(f"cannot serve gRPC inference on {host}:{port}: {exc}") from None
     if bound == 0:
         raise OSError(f"cannot serve gRPC inference on {host}:{port}")
     await grpc_server.start()

@@ -140,6 +140,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._server.pending -= len(self._queue)  # received, never to be answered
+        self._queue.clear()
         self._disarm()
         self._server.forget(self)
         self._writable.set()
@@ -155,6 +157,7 @@ class _Connection(asyncio.Protocol):
             last = self._queue[-1][0] if self._queue else None
             if last is not None and ("upgrade" in last.headers or last.method == "CONNECT"):
                 self._queue.pop()  # the parser completed the upgrade request: it is not served
+                self._server.pending -= 1
             self._refuse(_error(400, "protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
             # httptools wraps what a callback raised; a refusal carries its own answer
@@ -212,6 +215,7 @@ class _Connection(asyncio.Protocol):
             body=body,
         )
         self._queue.append((request, self._parser.should_keep_alive()))
+        self._server.pending += 1
         self._in_message = False
         self._continue_owed = False
         self._disarm()
@@ -236,6 +240,8 @@ class _Connection(asyncio.Protocol):
             except Exception:
                 log.exception("%s %s failed", request.method, request.path)
                 response = _error(500, "internal error")
+            finally:
+                self._server.pending -= 1
             keep_alive = keep_alive and not self._server.stopping
             await self._writable.wait()
             if self._transport is None or self._closing:
@@ -315,6 +321,7 @@ class HttpServer:
         self.limits = limits or Limits()
         self.connections: set[_Connection] = set()
         self.stopping = False
+        self.pending = 0  # requests received and not answered yet, on every connection
         self._server: asyncio.Server | None = None
         self._all_closed = asyncio.Event()
 

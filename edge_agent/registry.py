@@ -48,6 +48,7 @@ class ModelStatus:
     serving_sha256: str
     deployment: str
     variant: str
+    failures: int = 0
 
     def to_proto(self) -> pb.ModelState:
         return pb.ModelState(
@@ -60,6 +61,7 @@ class ModelStatus:
             serving_sha256=self.serving_sha256,
             deployment=self.deployment,
             variant=self.variant,
+            failures=self.failures,
         )
 
 
@@ -68,7 +70,7 @@ class ServedModel:
     answers given, and a moving average of how long one takes to compute (infinite
     until the first answer)."""
 
-    __slots__ = ("name", "requests", "run_s", "runtime", "sha256")
+    __slots__ = ("body_bytes", "name", "requests", "run_s", "runtime", "sha256")
 
     def __init__(self, name: str, sha256: str, runtime: onnx.OnnxModel) -> None:
         self.name = name
@@ -76,10 +78,18 @@ class ServedModel:
         self.runtime = runtime
         self.requests = 0
         self.run_s = math.inf
+        self.body_bytes = 0.0  # moving average of request sizes
 
     def answered(self, run_s: float) -> None:
         self.requests += 1
         self.run_s = run_s if self.run_s == math.inf else 0.8 * self.run_s + 0.2 * run_s
+
+    def usual_size(self, body_bytes: int) -> bool:
+        """Whether a request of ``body_bytes`` is no larger than this model usually gets
+        (twice the moving average, 4 KiB of slack), and fold it into the average."""
+        usual = body_bytes <= 2 * self.body_bytes + 4096
+        self.body_bytes = body_bytes if not self.body_bytes else 0.8 * self.body_bytes + 0.2 * body_bytes
+        return usual
 
 
 class _Slot:
@@ -142,6 +152,7 @@ class ModelRegistry:
                     serving_sha256=served.sha256 if served else "",
                     deployment=slot.assignment.deployment,
                     variant=slot.assignment.variant,
+                    failures=slot.failures,
                 )
             )
         return tuple(out)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import pathlib
 import sys
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class AgentTls:
         return self.data_dir / "ca.crt"
 
     def enrolled(self) -> bool:
+        self.recover()
         return self.key_path.exists() and self.cert_path.exists()
 
     def _roots(self) -> bytes | None:
@@ -95,15 +97,33 @@ class AgentTls:
         dates = await _identity_tool("validity", str(self.cert_path))
         not_before, not_after = float(dates["notBefore"]), float(dates["notAfter"])
         renew_at = not_before + (not_after - not_before) * RENEW_AT
-        state.write_atomic(self.schedule_path, {"sha256": digest, "renewAt": renew_at, "expires": not_after}, 0o600)
+        with contextlib.suppress(OSError):  # only a cache: a read-only disk costs a child process per start
+            state.write_atomic(self.schedule_path, {"sha256": digest, "renewAt": renew_at, "expires": not_after}, 0o600)
         return renew_at, not_after
 
     def save(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes) -> None:
+        """Replace key and certificate as a pair: both are written beside the old ones
+        (``.new``), then renamed key first; :meth:`recover` finishes or drops a pair that a
+        crash interrupted, so the two never stay mismatched."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if ca_pem and self.ca_file is None:
             state.write_bytes_atomic(self.saved_ca_path, ca_pem, 0o600)
-        state.write_bytes_atomic(self.key_path, key_pem, 0o600)
-        state.write_bytes_atomic(self.cert_path, certificate_pem, 0o600)
+        key_new, cert_new = _new(self.key_path), _new(self.cert_path)
+        state.write_bytes_atomic(key_new, key_pem, 0o600)
+        state.write_bytes_atomic(cert_new, certificate_pem, 0o600)
+        os.replace(key_new, self.key_path)
+        os.replace(cert_new, self.cert_path)
+
+    def recover(self) -> None:
+        """After a crash in :meth:`save`: both ``.new`` files written -> finish; only the
+        certificate's left (the key was renamed) -> finish; only the key's -> drop it."""
+        key_new, cert_new = _new(self.key_path), _new(self.cert_path)
+        if cert_new.exists():
+            if key_new.exists():
+                os.replace(key_new, self.key_path)
+            os.replace(cert_new, self.cert_path)
+        else:
+            key_new.unlink(missing_ok=True)
 
 
 async def _identity_tool(*args: str) -> dict[str, Any]:
@@ -123,3 +143,7 @@ async def _identity_tool(*args: str) -> dict[str, Any]:
         return dict(json.loads(out))
     except ValueError as exc:
         raise errors.ControlPlaneError(f"the identity tool ({args[0]}) printed no JSON: {exc}") from exc
+
+
+def _new(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name + ".new")

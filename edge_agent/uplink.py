@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 SITE_KEY = "x-edgeplane-site"
 AGENT_ID_KEY = "x-edgeplane-agent-id"
 CREDENTIAL_KEY = "x-edgeplane-credential"
-RENEW_RETRY_S = 600.0  # after a join that brought no renewed certificate
+RENEW_RETRY_S = 3600.0  # after a renewal that failed; the certificate is still valid
+RENEW_MIN_GAP_S = 60.0  # between sessions ended for a renewal
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 JOIN_TIMEOUT_S = 10.0
@@ -147,6 +149,9 @@ class Uplink:
         self.interval = facts.heartbeat_interval
         self.identity = store.load_identity(facts.site)
         self._renew_at: float | None = None  # when the client certificate is due (mutual TLS)
+        self._expires: float | None = None
+        self._pending_csr: tuple[bytes, bytes] | None = None  # (key, CSR) not yet accepted
+        self._renewed_at: float | None = None  # when a session last ended for a renewal
 
     def nudge(self) -> None:
         """Send a heartbeat now (a model changed state) instead of at the next tick."""
@@ -217,7 +222,7 @@ class Uplink:
         if not response.certificate_pem:
             raise errors.JoinRefused("the control plane issued no client certificate; is it running with --insecure-agents?")
         agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
-        self._renew_at = None
+        self._renew_at = self._expires = None
         self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)
         self._store.save_identity(self.identity)
         log.info("enrolled: client certificate for site %s issued by the control plane's CA", self._facts.site)
@@ -238,11 +243,10 @@ class Uplink:
         try:
             response: pb.JoinResponse = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         except grpc.RpcError as exc:
-            if renewal is None or exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+            if renewal is None or exc.code() in _UNREACHABLE:
                 raise
-            # The certificate is still valid: join without renewing, ask again later.
-            log.warning("the control plane refused the renewal CSR (%s); asking again in %gs", exc.details(), RENEW_RETRY_S)
-            self._renew_at = self._clock() + RENEW_RETRY_S
+            # Renewal is best effort while the certificate is valid: join without it.
+            self._renewal_failed(f"the control plane refused the renewal ({exc.code().name}: {exc.details()})")
             request.ClearField("csr_pem")
             renewal = None
             response = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
@@ -261,37 +265,61 @@ class Uplink:
             self.interval,
         )
 
-    async def _renewal_request(self) -> tuple[bytes, bytes] | None:
-        """A new key and CSR when the certificate is two thirds through its life."""
+    async def _schedule(self) -> float:
+        """When the certificate is due (read once, then after each renewal); logs an
+        expired one on every attempt, since no join can succeed with it."""
         assert self._tls is not None
-        if self._renew_at is None:
-            self._renew_at, expires = await self._tls.renewal_time()
-            if expires <= self._clock():
-                log.error("the client certificate expired at %s: this agent must enrol again (remove agent.key and "
-                          "agent.crt from its data dir and start it with a new bootstrap token)",
-                          time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires)))
-        if self._clock() < self._renew_at:
+        if self._renew_at is None or self._expires is None:
+            self._renew_at, self._expires = await self._tls.renewal_time()
+        if self._expires <= self._clock():
+            log.error("the client certificate expired at %s: this agent must enrol again (remove agent.key and "
+                      "agent.crt from its data dir and start it with a new bootstrap token)",
+                      time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._expires)))
+        return self._renew_at
+
+    async def _renewal_request(self) -> tuple[bytes, bytes] | None:
+        """A key and CSR when the certificate is two thirds through its life (the same pair
+        until one is accepted, so reconnect attempts do not each make a key). Best effort:
+        a failure here is logged and the join goes on without renewing."""
+        try:
+            if self._clock() < await self._schedule():
+                return None
+            if self._pending_csr is None:
+                self._pending_csr = await self._tls.new_request(self._facts.site)  # type: ignore[union-attr]
+            return self._pending_csr
+        except (OSError, errors.AgentError) as exc:
+            self._renewal_failed(f"cannot prepare the renewal: {exc}")
             return None
-        return await self._tls.new_request(self._facts.site)
+
+    def _renewal_failed(self, why: str) -> None:
+        self._renew_at = self._clock() + RENEW_RETRY_S
+        log.warning("%s; the certificate is still valid, asking again in %gs", why, RENEW_RETRY_S)
 
     def _renewed(self, key_pem: bytes, response: pb.JoinResponse) -> None:
         assert self._tls is not None
         if not response.certificate_pem:
-            self._renew_at = self._clock() + RENEW_RETRY_S  # the current one is still valid
-            log.warning("the control plane issued no new client certificate; asking again in %gs", RENEW_RETRY_S)
+            self._renewal_failed("the control plane issued no new client certificate")
             return
-        self._tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
-        self._renew_at = None  # read from the new certificate at the next join
+        try:
+            self._tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
+        except OSError as exc:
+            self._renewal_failed(f"cannot save the renewed certificate: {exc}")
+            return
+        self._pending_csr = None
+        self._renew_at = self._expires = None  # read from the new certificate at the next join
         log.info("client certificate for site %s renewed; the next connection uses it", self._facts.site)
 
     async def _renewal_due(self) -> None:
         """Ends the session (raising RenewalDue) when the certificate is due, so that the
-        next join renews it; a long-lived session would otherwise outlast it."""
-        assert self._tls is not None
-        if self._renew_at is None:
-            self._renew_at, _ = await self._tls.renewal_time()
-        while (wait := self._renew_at - self._clock()) > 0:
+        next join renews it; a long-lived session would otherwise outlast it. A renewal due
+        again at once (a clock far off) waits a while first (RENEW_MIN_GAP_S, or a quarter of
+        what is left of a short-lived certificate)."""
+        due = await self._schedule()
+        if self._renewed_at is not None and self._expires is not None:
+            due = max(due, self._renewed_at + min(RENEW_MIN_GAP_S, (self._expires - due) / 4))
+        while (wait := due - self._clock()) > 0:
             await asyncio.sleep(min(wait, 3600.0))
+        self._renewed_at = self._clock()
         raise errors.RenewalDue("client certificate due for renewal")
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:

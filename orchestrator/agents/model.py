@@ -63,6 +63,7 @@ class ModelState:
     serving_sha256: str = ""
     deployment: str = ""
     variant: str = ""
+    failures: int = 0  # failed attempts at sha256 so far: a rollout halts on any
 
     @property
     def serving(self) -> bool:
@@ -80,6 +81,7 @@ class ModelState:
             serving_sha256=msg.serving_sha256,
             deployment=msg.deployment,
             variant=msg.variant,
+            failures=msg.failures,
         )
 
 

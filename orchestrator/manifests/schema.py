@@ -262,8 +262,8 @@ class Routing(Strict):
 
 class Rollout(Strict):
     #: How many edge sites switch to a new version at once: a count, or a percentage
-    #: (0-100%) of the sites being upgraded (at least one). Unset: no bound.
-    maxUnavailable: Annotated[int, Field(ge=0, le=100_000)] | Annotated[str, StringConstraints(pattern=PERCENT_PATTERN)] | None = None
+    #: (0-100%) of the sites being upgraded (at least one).
+    maxUnavailable: Annotated[int, Field(ge=0, le=100_000)] | Annotated[str, StringConstraints(pattern=PERCENT_PATTERN)] = 1
     #: Canary steps as percentages of the new replicas, e.g. [10, 50, 100].
     canarySteps: list[Annotated[int, Field(ge=1, le=100)]] = Field(default_factory=list)
 

@@ -13,7 +13,10 @@ replicas sit on edge sites with a rate and ``dc`` replicas in data centres::
 A ratio within ``TOLERANCE`` of the target keeps the current count. Data-centre replicas,
 whose load Ray Serve does not report here, are taken to carry what the reporting ones
 carry on average; edge replicas without a rate yet (just placed, still loading) are taken
-to carry nothing, so a scale-up is not counted twice while new replicas come up. A higher
+to carry nothing, so a scale-up is not counted twice while new replicas come up. When no
+replica reports load for a while (agents restarting, a control plane that just started),
+the count is held, not dropped. A site that serves the model for another deployment
+credits its load to that one. A higher
 count is adopted at once; a lower one only
 once every recommendation of the last ``scaleDownDelaySeconds`` agreed (the highest of
 them is used), so a dip in traffic does not tear replicas down. A deployment with no
@@ -53,8 +56,10 @@ class Recommendation:
     def status(self) -> dict[str, Any]:
         """The deployment status's ``autoscaling`` block."""
         out: dict[str, Any] = {"metric": self.metric, "target": self.target, "currentReplicas": self.current}
-        if self.replicas is None:
-            out["reason"] = "no replica has reported load yet"
+        if self.replicas is None or self.per_replica is None:
+            out["reason"] = "no replica reports load now: the count is held"
+            if self.replicas is not None:
+                out["desiredReplicas"] = self.replicas
             return out
         out.update(
             desiredReplicas=self.replicas,
@@ -67,6 +72,7 @@ class Recommendation:
 @dataclass
 class _Site:
     sample: agent_model.ModelLoad
+    agent_id: str  # a restarted agent joins with a new id and counts from zero
     rps: float | None = None
     inflight: float | None = None
 
@@ -117,16 +123,28 @@ class Autoscaler:
             if agent is None:  # a data centre: Ray Serve's load is not reported here
                 unobservable += row.replicas
                 continue
+            state = agent.models.get(spec.model)
+            if state is not None and state.deployment and state.deployment != name:
+                continue  # the site serves this model for another deployment: its load is that one's
             load = agent.model_load.get(spec.model) if agent.healthy else None
-            rate = self._rate(name, row.site, load)
+            rate = self._rate(name, row.site, load, agent.agent_id)
             if rate is not None:
                 total += rate.inflight if metric == "inflight" else rate.rps  # type: ignore[operator]
                 reporting += row.replicas
+        history = self._history.get(name)
         if reporting == 0:
-            return Recommendation(None, metric, target, current)
+            # No load known right now (agents restarting or silent, or this control plane
+            # just started): hold the count rather than fall back and tear replicas down.
+            if history is not None:
+                self._expire(history, now, scaling.scaleDownDelaySeconds)
+                held = max((n for _, n in history), default=current)
+            else:
+                held = current
+            return Recommendation(held or None, metric, target, current)
         # The delay runs from the first recommendation: the count the deployment had then
         # stands until the delay has passed.
-        history = self._history.setdefault(name, deque([(now, current)]))
+        if history is None:
+            history = self._history[name] = deque([(now, current)])
         # Data-centre replicas are taken to carry what the reporting ones carry on average;
         # edge replicas without a rate yet (just placed, still loading) to carry nothing.
         per_replica = total / reporting
@@ -136,20 +154,24 @@ class Autoscaler:
             raw = math.ceil(per_replica * (reporting + unobservable) / target - 1e-9)
         raw = max(spec.replicas.min, min(spec.replicas.max, raw))
         history.append((now, raw))
-        while history and history[0][0] < now - scaling.scaleDownDelaySeconds:
-            history.popleft()
+        self._expire(history, now, scaling.scaleDownDelaySeconds)
         replicas = max(max((n for _, n in history), default=raw), raw)
         return Recommendation(replicas, metric, target, current, reporting, per_replica)
 
-    def _rate(self, deployment: str, site: str, load: agent_model.ModelLoad | None) -> _Site | None:
+    @staticmethod
+    def _expire(history: deque[tuple[float, int]], now: float, delay: float) -> None:
+        while history and history[0][0] < now - delay:
+            history.popleft()
+
+    def _rate(self, deployment: str, site: str, load: agent_model.ModelLoad | None, agent_id: str) -> _Site | None:
         """The site's latest rate (None until two samples far enough apart exist)."""
         key = (deployment, site)
         if load is None:
             self._sites.pop(key, None)
             return None
         known = self._sites.get(key)
-        if known is None or load.requests_total < known.sample.requests_total:  # new, or the agent restarted
-            self._sites[key] = _Site(load)
+        if known is None or known.agent_id != agent_id or load.requests_total < known.sample.requests_total:
+            self._sites[key] = _Site(load, agent_id)  # new, or the agent restarted: a first sample
             return None
         elapsed = load.at - known.sample.at
         if elapsed >= MIN_INTERVAL_S:

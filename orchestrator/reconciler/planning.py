@@ -99,15 +99,23 @@ def _variant(s: snap.Snapshot, deployment: snap.DeploymentRecord, name: str) -> 
 def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
                      ) -> tuple[dict[str, tuple[agent_model.Assignment, ...]], dict[str, rollout.Rollout]]:
     """What each edge agent should serve, and the deployments whose new version is still
-    rolling out (canary steps and ``maxUnavailable``; see ``rollout``)."""
+    rolling out (canary steps and ``maxUnavailable``; see ``rollout``). A site whose agent
+    has not reported since it joined, mid-rollout, is left out: nothing is pushed to it."""
     deployments = s.deployment_by_name
     tiers = {r.name: r.spec.tier for r in s.sites}
     out: dict[str, dict[str, agent_model.Assignment]] = {r.name: {} for r in s.sites if r.spec.tier == "edge"}
+    # One agent serves a model once, under its Model name: the first deployment (by name) wins.
+    winner: dict[tuple[str, str], str] = {}
+    for row in sorted(rows, key=lambda r: (r.deployment, r.variant)):
+        if tiers.get(row.site) == "edge" and row.deployment in deployments:
+            winner.setdefault((row.site, deployments[row.deployment].spec.model), row.deployment)
     groups: dict[tuple[str, str], list[str]] = {}  # (deployment, variant) -> its edge sites
     for row in rows:
-        if tiers.get(row.site) == "edge" and row.deployment in deployments:
+        d = deployments.get(row.deployment)
+        if tiers.get(row.site) == "edge" and d is not None and winner[(row.site, d.spec.model)] == row.deployment:
             groups.setdefault((row.deployment, row.variant), []).append(row.site)
     rollouts: dict[str, rollout.Rollout] = {}
+    held: set[str] = set()
     for (name, variant_name), sites in sorted(groups.items()):
         d = deployments[name]
         model = d.spec.model
@@ -116,19 +124,22 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
         if variant is None or variant.artifact is None or ref is None or ref.url is None:
             continue
         sent = {site: _sent(s, site, model) for site in sites}
-        new_sites, kept, state = rollout.plan(d.spec.rollout, model, variant.artifact.sha256, sites, s.agent_by_site, sent)
-        if state is not None and not state.done:
-            rollouts[name] = state
+        decision = rollout.plan(d.spec.rollout, model, variant.artifact.sha256, sites, s.agent_by_site, sent)
+        if decision.rollout is not None and not decision.rollout.done:
+            rollouts[name] = decision.rollout
+        held |= decision.held
         for site in sites:
-            if site in new_sites:
+            if site in decision.new:
                 sha, url = variant.artifact.sha256, ref.url
-            else:  # waiting for its turn: the version it serves (cached there; the URL is not fetched)
+            elif site in decision.kept:  # waiting for its turn: the version it serves (cached there)
                 prior = sent[site]
-                sha, url = kept[site], prior.artifact_url if prior is not None and prior.sha256 == kept[site] else ref.url
-            # One agent serves a model once, under its Model name; the first deployment wins.
-            out[site].setdefault(model, agent_model.Assignment(
-                model=model, deployment=name, variant=variant_name, artifact_url=url, sha256=sha))
-    return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items()}, rollouts
+                sha = decision.kept[site]
+                url = prior.artifact_url if prior is not None and prior.sha256 == sha else ref.url
+            else:
+                continue
+            out[site][model] = agent_model.Assignment(
+                model=model, deployment=name, variant=variant_name, artifact_url=url, sha256=sha)
+    return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items() if site not in held}, rollouts
 
 
 def _sent(s: snap.Snapshot, site: str, model: str) -> agent_model.Assignment | None:

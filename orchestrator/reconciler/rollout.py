@@ -5,19 +5,24 @@ A site that serves an older version of the deployment's model is *waiting*; one 
 sent the new version and does not serve it yet is *switching* (an agent keeps serving the
 old version until the new one is verified and loaded, so a switching site still answers);
 one that serves it is *upgraded*. A site that served no version gets the new one at once:
-there is nothing there to protect.
+there is nothing there to protect (while a rollout is halted it gets the version the other
+sites keep). A site whose agent has joined but not reported yet (it restarted, or this
+control plane did) is sent again what it was last sent, or nothing this pass. A switching
+site is known by what it was last sent or, after a control-plane restart, by what its agent
+says it was asked for; one whose agent reports any failed attempt at the new version
+halts the rollout.
 
 With ``canarySteps`` ``[10, 50]``, the first ``ceil(10 % of the sites)`` switch first; the
 next step opens once that many serve the new version, and the last (100 %) once half do.
 ``maxUnavailable`` bounds how many sites switch at once (a count, or a percentage of the
-sites being upgraded, rounded down; at least one); unset, there is no bound. When a switching site
+sites being upgraded, rounded down; at least one; 1 by default). When a switching site
 reports that the new version failed (a corrupt artifact, a model onnxruntime cannot load),
 the rollout halts: no further site is sent it, the failing site keeps serving its old
 version, and the deployment's status says which site failed and why. Applying a fixed
 version (a new sha256) starts a new rollout.
 
 Nothing is stored: the state is what the agents report and what they were last sent, so a
-control plane that restarts mid-rollout resumes it where the fleet is.
+control plane that restarts mid-rollout resumes it where the fleet is, halt included.
 """
 
 from __future__ import annotations
@@ -60,6 +65,14 @@ class Rollout:
         return out
 
 
+@dataclass(frozen=True)
+class Decision:
+    new: frozenset[str]  # sites sent the version rolling out
+    kept: Mapping[str, str]  # site -> the older sha256 it keeps for now
+    held: frozenset[str]  # sites sent nothing this pass: their agent has not reported yet
+    rollout: Rollout | None  # None: no site is on another version
+
+
 def plan(
     spec: schema.Rollout,
     model: str,
@@ -67,31 +80,34 @@ def plan(
     sites: Iterable[str],
     agents: Mapping[str, agent_model.AgentStatus],
     sent: Mapping[str, agent_model.Assignment | None],
-) -> tuple[set[str], dict[str, str], Rollout | None]:
-    """``(sites sent the new version, old sha256 kept per waiting site, the rollout)``.
-
-    ``sent`` is each site's last assignment of ``model``; the rollout is None when no site
-    is on another version.
-    """
-    upgraded, switching, waiting, fresh = [], [], {}, []
+) -> Decision:
+    """Where the version ``sha256`` of ``model`` goes this pass. ``sent`` is each site's
+    last assignment of the model from this control plane (None after a restart: the
+    agent's own report of what it was asked for stands in)."""
+    upgraded, switching, waiting, fresh, unknown = [], [], {}, [], []
     failed: list[tuple[str, str]] = []
     for site in sorted(set(sites)):
         agent = agents.get(site)
-        state = agent.models.get(model) if agent is not None else None
+        if agent is None or agent.last_heartbeat <= agent.joined_at:
+            unknown.append(site)  # joined, not reported yet: what it serves is not known
+            continue
+        state = agent.models.get(model)
         serving = state.serving_sha256 if state is not None else ""
         prior = sent.get(site)
+        asked = prior.sha256 if prior is not None else (state.sha256 if state is not None else "")
         if serving == sha256:
             upgraded.append(site)
-        elif prior is not None and prior.sha256 == sha256:
+        elif asked == sha256:
             switching.append(site)
-            if state is not None and state.sha256 == sha256 and state.phase is agent_model.ModelPhase.FAILED:
+            if state is not None and state.sha256 == sha256 and (
+                    state.failures or state.phase is agent_model.ModelPhase.FAILED):
                 failed.append((site, state.message))
         elif serving:
             waiting[site] = serving
         else:
             fresh.append(site)
     if not switching and not waiting:
-        return {*upgraded, *fresh}, {}, None
+        return Decision(frozenset({*upgraded, *fresh, *unknown}), {}, frozenset(), None)
     total = len(upgraded) + len(switching) + len(waiting)
     cap, step = total, None
     for percent in sorted(set(spec.canarySteps)):
@@ -103,13 +119,24 @@ def plan(
     slots = 0 if failed else max(0, min(cap - len(upgraded) - len(switching), at_once - len(switching)))
     promoted = list(waiting)[:slots]
     kept = {site: old for site, old in waiting.items() if site not in promoted}
+    new = {*upgraded, *switching, *promoted, *fresh}
+    if failed and kept:
+        # Halted: a site that serves nothing yet gets the version the others keep.
+        good = max(set(kept.values()), key=list(kept.values()).count)
+        kept.update((site, good) for site in fresh)
+        new.difference_update(fresh)
+    held = {site for site in unknown if sent.get(site) is None}
+    for site in unknown:  # resent what it was last sent, or nothing at all this pass
+        prior = sent.get(site)
+        if prior is not None and prior.sha256 == sha256:
+            new.add(site)
+        elif prior is not None:
+            kept[site] = prior.sha256
     state = Rollout(sha256, tuple(upgraded), tuple(switching) + tuple(promoted), tuple(kept), tuple(failed), step)
-    return {*upgraded, *switching, *promoted, *fresh}, kept, state
+    return Decision(frozenset(new), kept, frozenset(held), state)
 
 
-def _max_switching(value: int | str | None, sites: int) -> int:
-    if value is None:
-        return 1 << 30
+def _max_switching(value: int | str, sites: int) -> int:
     if isinstance(value, str):
         return max(1, math.floor(int(value.rstrip("%")) / 100 * sites))
     return max(1, value)

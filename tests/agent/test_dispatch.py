@@ -119,3 +119,42 @@ async def test_concurrent_long_and_large_requests_go_to_workers(server) -> None:
     t.cancel()
     assert runtime.threads == [runtime.threads[0]] and runtime.threads[0].startswith("infer")
     assert ticks >= 3  # the loop kept running during the 50 ms run
+
+
+async def test_requests_waiting_behind_one_send_it_to_a_worker(server) -> None:  # noqa: ANN001
+    """Over the real HTTP server: requests received together are not computed one after
+    another on the loop; a lone one is."""
+    import socket
+
+    from edge_agent import httpserver
+
+    app, runtime = server
+    http_server = httpserver.HttpServer(app.handle)
+    app.received = lambda: http_server.pending
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await http_server.start(sock)
+    port = sock.getsockname()[1]
+    try:
+        one = request(X)
+        head = (f"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n{oip.BINARY_HEADER}: {one.headers[oip.BINARY_HEADER.lower()]}\r\n"
+                f"Content-Length: {len(one.body)}\r\n\r\n").encode() + one.body
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def send(n: int) -> list[str]:
+            runtime.threads.clear()
+            writer.write(head * n)  # pipelined: all received in one read
+            for _ in range(n):
+                status = await reader.readuntil(b"\r\n\r\n")
+                assert status.startswith(b"HTTP/1.1 200")
+                length = int(next(h for h in status.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+                await reader.readexactly(length)
+            return [t for t in runtime.threads if not t.startswith("infer")]
+
+        await send(1)  # the model's first run: a worker (its run time is unknown)
+        assert len(await send(4)) <= 1, runtime.threads  # only the last, once nothing waits behind it
+        assert len(await send(1)) == 1  # a lone request: on the loop
+        assert http_server.pending == 0
+        writer.close()
+    finally:
+        await http_server.shutdown(1)

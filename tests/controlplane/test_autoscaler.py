@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -58,7 +59,7 @@ def test_rate_needs_two_samples_then_scales_up_at_once() -> None:
     clock = Clock()
     fleet = Fleet(Autoscaler(clock), clock, ["paris"])
     first = fleet.run(2, rps=50, targetRps=20)
-    assert first.replicas is None and first.status()["reason"]  # one sample: no rate yet
+    assert first.per_replica is None and first.replicas == 1 and first.status()["reason"]  # one sample: held
     second = fleet.run(2, rps=50, targetRps=20)
     assert second.replicas == 3 and second.per_replica == pytest.approx(50)  # ceil(50 / 20)
     assert second.status()["desiredReplicas"] == 3
@@ -122,12 +123,46 @@ def test_agent_restart_and_unhealthy_agents_give_no_rate() -> None:
     scaler.evaluate(scaling, rows, {"paris": agent("paris", 500, 5.0, clock.now)})
     clock.now += 2
     restarted = scaler.evaluate(scaling, rows, {"paris": agent("paris", 10, 0.1, clock.now)})["intent-eu"]
-    assert restarted.replicas is None  # counters went back: a new first sample, not a negative rate
+    assert restarted.per_replica is None  # counters went back: a new first sample, not a negative rate
     clock.now += 2
     assert scaler.evaluate(scaling, rows, {"paris": agent("paris", 90, 0.9, clock.now)})["intent-eu"].replicas == 2
     clock.now += 2
     lost = scaler.evaluate(scaling, rows, {"paris": agent("paris", 170, 1.7, clock.now, healthy=False)})["intent-eu"]
-    assert lost.replicas is None
+    assert lost.per_replica is None and lost.replicas == 2  # no load known: the count is held
+
+
+def test_load_lost_holds_the_count_it_does_not_drop_to_min() -> None:
+    clock = Clock()
+    fleet = Fleet(Autoscaler(clock), clock, ["paris"])
+    fleet.run(1, rps=80, targetRps=20, scaleDownDelaySeconds=30)
+    assert fleet.run(1, rps=80, targetRps=20, scaleDownDelaySeconds=30).replicas == 4
+    rows = [PlacementRow("intent-eu", s, "v", 1) for s in ("paris", "dc-1", "dc-2", "dc-3")]
+    for _ in range(3):  # paris silent (unhealthy); the data-centre replicas report nothing
+        clock.now += 5
+        silent = {"paris": agent("paris", 999, 9.0, clock.now, healthy=False)}
+        rec = fleet.scaler.evaluate([("intent-eu", spec(targetRps=20, scaleDownDelaySeconds=30))], rows, silent)["intent-eu"]
+        assert rec.replicas == 4
+    # a fresh autoscaler (a restarted control plane) keeps what is placed until it has a rate
+    fresh = Autoscaler(clock).evaluate([("intent-eu", spec(targetRps=20))], rows, {})["intent-eu"]
+    assert fresh.replicas == 4 and fresh.per_replica is None
+
+
+def test_load_of_a_site_serving_the_model_for_another_deployment_is_not_counted() -> None:
+    clock = Clock()
+    scaler = Autoscaler(clock)
+    rows = [PlacementRow("a", "paris", "v", 1), PlacementRow("b", "paris", "v", 1)]
+    both = [("a", spec(targetRps=10)), ("b", spec(targetRps=10))]
+
+    def paris(requests: int) -> agent_model.AgentStatus:
+        status = agent("paris", requests, 0.0, clock.now)
+        state = agent_model.ModelState("intent", "s", agent_model.ModelPhase.READY, serving_sha256="s", deployment="a")
+        return dataclasses.replace(status, models={"intent": state})
+
+    scaler.evaluate(both, rows, {"paris": paris(0)})
+    clock.now += 2
+    recs = scaler.evaluate(both, rows, {"paris": paris(40)})
+    assert recs["a"].replicas == 2 and recs["a"].per_replica == pytest.approx(20)
+    assert recs["b"].per_replica is None  # not double counted
 
 
 def test_deployments_without_autoscaling_are_left_alone() -> None:

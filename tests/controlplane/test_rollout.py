@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from orchestrator.agents import model as agent_model
@@ -17,7 +18,7 @@ def agent(site: str, serving: str, *, wanted: str | None = None, failed: str = "
         message=failed, serving_sha256=serving,
     )
     return agent_model.AgentStatus(
-        site=site, agent_id="a-" + site, endpoint_url="http://127.0.0.1:1", healthy=True, last_heartbeat=0.0, joined_at=0.0,
+        site=site, agent_id="a-" + site, endpoint_url="http://127.0.0.1:1", healthy=True, last_heartbeat=1.0, joined_at=0.0,
         location=agent_model.Location(), labels={}, agent_version="test", capacity=agent_model.Capacity(2, 1 << 30), providers=(),
         inflight=0, cpu_percent=0.0, memory_available_bytes=0, models={"intent": state} if serving or failed else {},
         assignment_version=0, heartbeat_interval=1.0,
@@ -31,7 +32,8 @@ def sent(sha: str) -> agent_model.Assignment:
 def run(fleet: dict[str, tuple[str, str | None]], **spec: Any) -> tuple[set[str], dict[str, str], rollout.Rollout | None]:
     """``fleet``: site -> (sha it serves, sha it was last sent)."""
     agents = {site: agent(site, serving, wanted=last) for site, (serving, last) in fleet.items()}
-    return rollout.plan(schema.Rollout(**spec), "intent", NEW, fleet, agents, {s: sent(last) if last else None for s, (_, last) in fleet.items()})
+    d = rollout.plan(schema.Rollout(**spec), "intent", NEW, fleet, agents, {s: sent(last) if last else None for s, (_, last) in fleet.items()})
+    return set(d.new), dict(d.kept), d.rollout
 
 
 def ten(serving_new: int = 0, switching: int = 0) -> dict[str, tuple[str, str | None]]:
@@ -48,8 +50,10 @@ def ten(serving_new: int = 0, switching: int = 0) -> dict[str, tuple[str, str | 
     return out
 
 
-def test_without_rollout_rules_every_site_switches_at_once() -> None:
+def test_one_site_at_a_time_by_default_all_at_once_when_asked() -> None:
     new, kept, state = run(ten())
+    assert new == {"s0"} and len(kept) == 9
+    new, kept, state = run(ten(), maxUnavailable="100%")
     assert len(new) == 10 and kept == {}
     assert state is not None and len(state.switching) == 10 and not state.waiting
 
@@ -60,9 +64,9 @@ def test_canary_steps_open_as_the_previous_one_serves() -> None:
     assert state is not None and state.step == 10 and state.status()["canaryStep"] == "10%"
     new, _, state = run(ten(switching=1), canarySteps=[10, 50])
     assert new == {"s0"}  # the canary has not loaded it yet: nothing more
-    new, _, state = run(ten(serving_new=1), canarySteps=[10, 50])
+    new, _, state = run(ten(serving_new=1), canarySteps=[10, 50], maxUnavailable=10)
     assert new == {f"s{i}" for i in range(5)} and state is not None and state.step == 50
-    new, kept, state = run(ten(serving_new=5), canarySteps=[10, 50])
+    new, kept, state = run(ten(serving_new=5), canarySteps=[10, 50], maxUnavailable=10)
     assert len(new) == 10 and not kept and state is not None and state.step is None  # the rest: 100 %
     assert run(ten(serving_new=10), canarySteps=[10, 50])[2] is None  # done
 
@@ -82,11 +86,49 @@ def test_a_failed_canary_halts_the_rollout_and_says_why() -> None:
     fleet = ten(switching=1)
     agents = {site: agent(site, serving, wanted=last) for site, (serving, last) in fleet.items()}
     agents["s0"] = agent("s0", OLD, wanted=NEW, failed="onnxruntime could not load the model: invalid protobuf")
-    new, kept, state = rollout.plan(schema.Rollout(canarySteps=[10, 50]), "intent", NEW, fleet, agents,
-                                    {s: sent(last) if last else None for s, (_, last) in fleet.items()})
+    d = rollout.plan(schema.Rollout(canarySteps=[10, 50]), "intent", NEW, fleet, agents,
+                     {s: sent(last) if last else None for s, (_, last) in fleet.items()})
+    new, kept, state = set(d.new), dict(d.kept), d.rollout
     assert new == {"s0"} and len(kept) == 9
     assert state is not None and state.failed and "s0 could not load version bbbbbbbbbbbb" in state.status()["halted"]
     assert "invalid protobuf" in state.status()["halted"]
+
+
+def test_a_retrying_canary_keeps_the_halt_and_a_restarted_control_plane_remembers_it() -> None:
+    fleet = ten(switching=1)
+    agents = {site: agent(site, serving, wanted=last) for site, (serving, last) in fleet.items()}
+    retrying = agent("s0", OLD, wanted=NEW)
+    state = dataclasses.replace(retrying.models["intent"], phase=agent_model.ModelPhase.LOADING, failures=2)
+    agents["s0"] = dataclasses.replace(retrying, models={"intent": state})
+    spec = schema.Rollout(maxUnavailable=3)
+    # loading again after two failures: still halted, nobody else gets it
+    d = rollout.plan(spec, "intent", NEW, fleet, agents, {s: sent(last) if last else None for s, (_, last) in fleet.items()})
+    assert d.new == {"s0"} and d.rollout is not None and d.rollout.failed
+    # a control plane that restarted knows nothing it sent: the agents' reports stand in
+    d = rollout.plan(spec, "intent", NEW, fleet, agents, {s: None for s in fleet})
+    assert d.new == {"s0"} and d.rollout is not None and d.rollout.failed
+
+
+def test_a_site_not_reported_since_it_joined_is_held_or_resent_its_last_version() -> None:
+    fleet = ten()
+    agents = {site: agent(site, serving, wanted=last) for site, (serving, last) in fleet.items()}
+    for site in ("s0", "s1"):  # rejoined a moment ago: no heartbeat yet, no models known
+        agents[site] = dataclasses.replace(agents[site], models={}, last_heartbeat=0.0)
+    sent_before = {s: sent(OLD) for s in fleet}
+    sent_before["s1"] = None  # and this one, nothing known at all
+    d = rollout.plan(schema.Rollout(canarySteps=[10]), "intent", NEW, fleet, agents, sent_before)
+    assert "s0" not in d.new and d.kept["s0"] == OLD  # resent what it had, not the new version
+    assert d.held == {"s1"} and "s1" not in d.new and "s1" not in d.kept
+    assert len(d.new) == 1  # the canary is one of the sites that reported
+
+
+def test_while_halted_a_new_site_gets_the_version_the_others_keep() -> None:
+    fleet = ten(switching=1)
+    fleet["fresh"] = ("", None)
+    agents = {site: agent(site, serving, wanted=last) for site, (serving, last) in fleet.items()}
+    agents["s0"] = agent("s0", OLD, wanted=NEW, failed="bad model")
+    d = rollout.plan(schema.Rollout(), "intent", NEW, fleet, agents, {s: sent(last) if last else None for s, (_, last) in fleet.items()})
+    assert d.kept["fresh"] == OLD and "fresh" not in d.new
 
 
 def test_new_sites_get_the_new_version_without_waiting() -> None:

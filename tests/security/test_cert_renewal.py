@@ -12,9 +12,7 @@ import pytest
 from edgeplane_proto import identity
 from orchestrator.testing import harness
 
-pytestmark = pytest.mark.asyncio
-
-
+@pytest.mark.asyncio
 async def test_an_agent_renews_its_certificate_twice_and_outlives_the_first(tmp_path: pathlib.Path) -> None:
     fleet = harness.Fleet(tmp_path)
     try:
@@ -41,3 +39,26 @@ async def test_an_agent_renews_its_certificate_twice_and_outlives_the_first(tmp_
         assert "renewed" in agent.log()
     finally:
         await fleet.stop()
+
+
+@pytest.mark.parametrize("crash", ["after both .new files", "after the key's rename", "while writing the key"])
+def test_a_crash_while_saving_never_leaves_key_and_certificate_mismatched(tmp_path: pathlib.Path, crash: str) -> None:
+    from edge_agent import tls
+
+    agent_tls = tls.AgentTls(tmp_path, "127.0.0.1:1")
+    agent_tls.save(b"old key", b"old cert", b"")
+    key_new, cert_new = tmp_path / "agent.key.new", tmp_path / "agent.crt.new"
+    if crash == "after both .new files":
+        key_new.write_bytes(b"new key")
+        cert_new.write_bytes(b"new cert")
+        expected = (b"new key", b"new cert")
+    elif crash == "after the key's rename":
+        (tmp_path / "agent.key").write_bytes(b"new key")
+        cert_new.write_bytes(b"new cert")
+        expected = (b"new key", b"new cert")
+    else:
+        key_new.write_bytes(b"new k")
+        expected = (b"old key", b"old cert")
+    assert agent_tls.enrolled()  # recovers first
+    assert (agent_tls.key_path.read_bytes(), agent_tls.cert_path.read_bytes()) == expected
+    assert not key_new.exists() and not cert_new.exists()
