@@ -72,16 +72,18 @@ class InferenceServicer:
         self._server = server
         self._models = models
 
-    async def _served(self, name: str, context: grpc.aio.ServicerContext) -> registry.ServedModel:
-        served = self._models.get(name)
-        if served is not None and not self._server.draining:
-            return served
-        if self._server.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the agent is draining")
-        if self._models.known(name):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"model {name!r} is not ready")
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not served by this agent")
-        raise AssertionError("unreachable: abort raises")
+    async def _served(self, name: str, context: grpc.aio.ServicerContext, count: bool = False) -> registry.ServedModel:
+        """The model answering for ``name``, or the call aborted with the reason (the
+        same decision as HTTP's 404/503); ``count`` records a refused inference."""
+        found = self._server.find(name)
+        refusal = http.Refusal(503, "the agent is draining") if self._server.draining else found
+        if isinstance(refusal, http.Refusal):
+            if count:
+                self._server.refused(name, refusal.status)
+            code = grpc.StatusCode.NOT_FOUND if refusal.status == 404 else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, refusal.message)
+        assert not isinstance(found, http.Refusal)
+        return found
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -107,12 +109,7 @@ class InferenceServicer:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         started = time.perf_counter()
         metrics = self._server.metrics
-        served = self._models.get(request.model_name)
-        if served is None or self._server.draining:
-            known = self._models.known(request.model_name)
-            metrics.observe_error(request.model_name if known else http.UNKNOWN_MODEL, 503 if known or served else 404)
-            await self._served(request.model_name, context)
-        assert served is not None
+        served = await self._served(request.model_name, context, count=True)
         try:
             # Always a worker: gRPC hands no count of the calls waiting behind this one.
             response = await self._server.compute(served, _infer, False, served, request)

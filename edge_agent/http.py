@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import edge_agent
 from edge_agent import errors, registry
@@ -39,6 +39,11 @@ T = TypeVar("T")
 UNKNOWN_MODEL = "(unknown)"
 DEFAULT_INLINE_MAX_S = 0.02  # runs this short, alone in flight, skip the worker thread
 INLINE_MAX_JSON_BYTES = 64 << 10  # larger JSON bodies are parsed on a worker (binary ones cost nothing)  # the metrics label of requests for models not served here
+
+
+class Refusal(NamedTuple):
+    status: int  # the HTTP status; gRPC maps 404 to NOT_FOUND, 503 to UNAVAILABLE
+    message: str
 
 
 def _error(status: int, message: str) -> Response:
@@ -130,15 +135,27 @@ class InferenceServer:
             }
         )
 
-    def _lookup(self, name: str) -> registry.ServedModel | Response:
+    def find(self, name: str) -> registry.ServedModel | Refusal:
+        """The model answering for ``name``, or why none does (404: never assigned here;
+        503: assigned, not ready). Shared by the HTTP and gRPC front ends."""
         served = self._models.get(name)
         if served is not None:
             return served
         if self._models.known(name):
             status = {s.name: s for s in self._models.statuses()}.get(name)
             detail = f" ({status.phase.name}: {status.message})" if status and status.message else ""
-            return _error(503, f"model {name!r} is not ready{detail}")
-        return _error(404, f"model {name!r} is not served by this agent")
+            return Refusal(503, f"model {name!r} is not ready{detail}")
+        return Refusal(404, f"model {name!r} is not served by this agent")
+
+    def refused(self, name: str, status: int) -> None:
+        """Count a refused inference. A name this agent was never asked to serve is the
+        caller's to choose: one series for all of them, or any client could grow
+        /metrics without bound."""
+        self.metrics.observe_error(name if self._models.known(name) else UNKNOWN_MODEL, status)
+
+    def _lookup(self, name: str) -> registry.ServedModel | Response:
+        found = self.find(name)
+        return _error(found.status, found.message) if isinstance(found, Refusal) else found
 
     def model_metadata(self, name: str) -> Response:
         served = self._lookup(name)
@@ -180,9 +197,7 @@ class InferenceServer:
         started = time.perf_counter()
         served = self._lookup(name)
         if isinstance(served, Response):
-            # A name this agent was never asked to serve is the caller's to choose: one
-            # series for all of them, or any client could grow /metrics without bound.
-            self.metrics.observe_error(name if self._models.known(name) else UNKNOWN_MODEL, served.status)
+            self.refused(name, served.status)
             return served
         header = request.headers.get(oip.BINARY_HEADER.lower())
         header_length: int | None = None
