@@ -179,7 +179,8 @@ class InferenceServer:
     def prometheus(self) -> Response:
         return Response(200, self.metrics.render(), content_type=CONTENT_TYPE)
 
-    async def compute(self, served: registry.ServedModel, step: Callable[..., T], small: bool, *args: Any) -> T:
+    async def compute(self, served: registry.ServedModel, step: Callable[..., T], small: bool, *args: Any,
+                      body_bytes: int | None = None) -> T:
         """Run ``step(*args)`` (decode, ``session.run``, encode) for ``served``: on the event
         loop when it is alone in flight, small, and the model's runs are short; on a
         worker thread otherwise. Shared by the HTTP and gRPC front ends."""
@@ -191,7 +192,7 @@ class InferenceServer:
             return await asyncio.get_running_loop().run_in_executor(self._executor, step, *args)
         finally:
             self.inflight -= 1
-            served.answered(time.perf_counter() - started)  # failed runs count: a slow refusal is slow
+            served.answered(time.perf_counter() - started, body_bytes)  # failed runs count: a slow refusal is slow
 
     async def infer(self, name: str, request: Request) -> Response:
         started = time.perf_counter()
@@ -211,7 +212,8 @@ class InferenceServer:
         json_part = header_length if header_length is not None else len(request.body)
         small = json_part <= INLINE_MAX_JSON_BYTES and served.usual_size(len(request.body))
         try:
-            payload, out_header = await self.compute(served, _infer_sync, small, served, request.body, header_length)
+            payload, out_header = await self.compute(served, _infer_sync, small, served, request.body, header_length,
+                                                     body_bytes=len(request.body))
         except (oip.ProtocolError, errors.InvalidInput) as exc:
             self.metrics.observe_error(name, 400)
             return _error(400, str(exc))

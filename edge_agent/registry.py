@@ -80,16 +80,17 @@ class ServedModel:
         self.run_s = math.inf
         self.body_bytes = 0.0  # moving average of request sizes
 
-    def answered(self, run_s: float) -> None:
+    def answered(self, run_s: float, body_bytes: int | None = None) -> None:
+        """Fold one answer's compute time (and request size, when known) into the averages."""
         self.requests += 1
         self.run_s = run_s if self.run_s == math.inf else 0.8 * self.run_s + 0.2 * run_s
+        if body_bytes is not None:
+            self.body_bytes = body_bytes if not self.body_bytes else 0.8 * self.body_bytes + 0.2 * body_bytes
 
     def usual_size(self, body_bytes: int) -> bool:
         """Whether a request of ``body_bytes`` is no larger than this model usually gets
-        (twice the moving average, 4 KiB of slack), and fold it into the average."""
-        usual = body_bytes <= 2 * self.body_bytes + 4096
-        self.body_bytes = body_bytes if not self.body_bytes else 0.8 * self.body_bytes + 0.2 * body_bytes
-        return usual
+        (twice the moving average, 4 KiB of slack)."""
+        return body_bytes <= 2 * self.body_bytes + 4096
 
 
 class _Slot:
