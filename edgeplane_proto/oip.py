@@ -119,24 +119,29 @@ def _array_from_json(spec: Mapping[str, Any], where: str) -> np.ndarray:
     if "data" not in spec:
         raise ProtocolError(f"{where}.data is required")
     flat = _flatten(spec["data"])
-    count = math.prod(shape)
-    if len(flat) != count:
-        raise ProtocolError(
-            f"{where}: shape {list(shape)} needs {count} elements, data has {len(flat)}"
-        )
     if datatype == "BYTES":
-        values = [v.encode() if isinstance(v, str) else v for v in flat]
-        if not all(isinstance(v, bytes) for v in values):
+        flat = [v.encode() if isinstance(v, str) else v for v in flat]
+        if not all(isinstance(v, bytes) for v in flat):
             raise ProtocolError(f"{where}: BYTES data must be strings")
+    else:
+        numpy_dtype(datatype)  # an unknown name is named before the values are looked at
+        for v in flat:
+            if isinstance(v, (str, bytes, dict, type(None))):
+                raise ProtocolError(f"{where}: {datatype} data must be numbers, got {type(v).__name__}")
+    return _array_from_list(flat, datatype, shape, where)
+
+
+def _array_from_list(values: Sequence[Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A tensor from flat, already type-checked values: JSON ``data`` and gRPC ``contents``."""
+    count = math.prod(shape)
+    if len(values) != count:
+        raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, data has {len(values)}")
+    if datatype == "BYTES":
         arr = np.empty(count, dtype=object)
-        arr[:] = values
+        arr[:] = list(values)
         return arr.reshape(shape)
-    dtype = numpy_dtype(datatype)
-    for v in flat:
-        if isinstance(v, (str, bytes, dict, type(None))):
-            raise ProtocolError(f"{where}: {datatype} data must be numbers, got {type(v).__name__}")
     try:
-        return np.asarray(flat, dtype=dtype).reshape(shape)
+        return np.asarray(values, dtype=numpy_dtype(datatype)).reshape(shape)
     except (ValueError, OverflowError, TypeError) as exc:
         raise ProtocolError(f"{where}: data does not fit {datatype}: {exc}") from exc
 
@@ -375,21 +380,10 @@ def array_from_raw(raw: bytes, datatype: str, shape: Sequence[int], where: str) 
 
 def array_from_values(values: Sequence[Any], datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
     """A tensor from a typed list of values (``fp32_contents`` and the like)."""
-    dims = _check_shape(list(shape), where)
-    count = math.prod(dims)
-    if len(values) != count:
-        raise ProtocolError(f"{where}: shape {list(dims)} needs {count} elements, got {len(values)}")
-    if datatype == "BYTES":
-        arr = np.empty(count, dtype=object)
-        arr[:] = list(values)
-        return arr.reshape(dims)
-    dtype = numpy_dtype(datatype)
-    if dtype.itemsize == 2 and dtype.kind == "f":
+    dtype = None if datatype == "BYTES" else numpy_dtype(datatype)
+    if dtype is not None and dtype.itemsize == 2 and dtype.kind == "f":
         raise ProtocolError(f"{where}: FP16 tensors travel as raw bytes only")
-    try:
-        return np.asarray(values, dtype=dtype).reshape(dims)
-    except (ValueError, OverflowError, TypeError) as exc:
-        raise ProtocolError(f"{where}: values do not fit {datatype}: {exc}") from exc
+    return _array_from_list(values, datatype, _check_shape(list(shape), where), where)
 
 
 def raw_bytes(array: np.ndarray) -> bytes:
