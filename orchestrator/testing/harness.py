@@ -188,7 +188,10 @@ class Fleet:
         self.agents[site] = agent
         if wait_joined:
             cp = self.cp
-            await wait_until(lambda: (s := cp.hub.status(site)) is not None and s.healthy, 30, what=f"agent {site} to join")
+            # Heard from, not just joined: a first join (bootstrap token + CSR) registers the
+            # agent before it has saved its certificate; its first heartbeat comes after.
+            await wait_until(lambda: (s := cp.hub.status(site)) is not None and s.healthy and s.last_heartbeat > s.joined_at,
+                             30, what=f"agent {site} to join")
         return agent
 
     async def restart_agent(self, site: str) -> AgentProcess:
