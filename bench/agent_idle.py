@@ -7,8 +7,8 @@ with no inference traffic, measured twice: joined to a bare agent hub in this pr
 (plaintext gRPC, the model copied from a file:// URL: the least an agent loads), and
 joined to a whole control plane in this process the way a site runs it (enrolled with a
 bootstrap token, mutual TLS, the model downloaded over HTTP). Baseline in the same run: a
-bare Python process that imports the same libraries (numpy, onnxruntime, grpc, httptools,
-psutil) and sleeps, i.e. what any Python agent costs before doing anything.
+bare Python process that imports the same libraries (numpy, onnxruntime, grpc, httptools)
+and sleeps, i.e. what any Python agent costs before doing anything.
 Writes bench/results/agent_idle.json.
 """
 
@@ -33,7 +33,7 @@ from orchestrator.agents import model
 from orchestrator.testing import harness, manifests, onnx_models
 
 RESULTS = Path(__file__).parent / "results" / "agent_idle.json"
-BASELINE = "import numpy, onnxruntime, grpc, grpc.aio, httptools, psutil, time; time.sleep(3600)"
+BASELINE = "import numpy, onnxruntime, grpc, grpc.aio, httptools, time; time.sleep(3600)"
 
 
 async def sample(pid: int, duration: float) -> dict:

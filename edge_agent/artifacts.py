@@ -6,10 +6,11 @@ what ``<hex>.partial`` already holds. A file reaches its final name
 hashes the bytes it returns once more, so what onnxruntime loads is exactly what was
 verified (a file corrupted on disk later is refused, not served).
 
-Downloads are one streamed GET each, made with the standard library's ``http.client`` in
-a worker thread: an HTTP client library would add 10 MB to an agent whose whole budget is
-80 MB, for a request this simple. The thread checks a stop flag between chunks, so a
-cancelled fetch ends before anything else may touch its ``.partial`` file.
+Downloads are one streamed GET each, made with the standard library's ``http.client`` by
+a child process (:mod:`edge_agent.fetch`): an HTTP client library would add 10 MB to an
+agent whose whole budget is 80 MB, and even ``http.client`` costs the daemon 1 MB for
+good. A cancelled fetch kills its child and waits for it, so nothing else may touch the
+``.partial`` file before the writer is gone.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import http.client
+import json
 import logging
 import os
 import pathlib
 import re
-import ssl
+import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from typing import Any
 
 from edge_agent import errors
 
@@ -34,8 +36,8 @@ log = logging.getLogger(__name__)
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
-MAX_REDIRECTS = 5
-_REDIRECTS = (301, 302, 303, 307, 308)
+#: Beyond the socket timeout, how long a download child may say nothing before it is killed.
+STALL_GRACE_S = 10.0
 
 
 class _Stopped(Exception):
@@ -80,8 +82,10 @@ class ArtifactCache:
             scheme = urllib.parse.urlsplit(url).scheme
             if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
                 try:
-                    work = self._copy_file if scheme == "file" else self._download
-                    await _in_thread(work, url, digest, final)
+                    if scheme == "file":
+                        await _in_thread(self._copy_file, url, digest, final)
+                    else:
+                        await self._download(url, digest, final)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
                         f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
@@ -112,59 +116,64 @@ class ArtifactCache:
             )
         return data
 
-    def _download(self, url: str, digest: str, final: pathlib.Path, stop: threading.Event) -> None:
+    async def _download(self, url: str, digest: str, final: pathlib.Path) -> None:
+        """One download, made by ``python -m edge_agent.fetch`` in a child process, which
+        is killed if this is cancelled or the child goes quiet for longer than a socket
+        timeout could explain."""
         partial = final.with_name(digest + ".partial")
-        hasher = hashlib.sha256()
-        have = _hash_into(partial, hasher) if partial.exists() else 0
-        # Identity encoding: the hash covers the bytes as stored, and Range counts them.
-        headers = {"Accept-Encoding": "identity", "User-Agent": "edgeplane-agent"}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        started = last_log = self._clock()
+        started = self._clock()
         try:
-            conn, response = _get(url, headers, self._timeout)
-        except (OSError, http.client.HTTPException) as exc:
-            raise errors.ArtifactUnavailable(f"download of {url} failed: {exc}") from exc
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "edge_agent.fetch", url, str(partial),
+                "--timeout", str(self._timeout), "--max-bytes", str(self._max_bytes),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise errors.ArtifactUnavailable(f"download of {url} failed: cannot start {sys.executable}: {exc}") from exc
         try:
-            if response.status == 416 and have:
-                pass  # the partial file is already complete (or bogus): let the hash decide
-            elif response.status == 206 and have:
-                log.info("resuming %s at %d bytes", url, have)
-            elif response.status == 200:
-                if have:
-                    log.info("server ignored Range for %s; downloading from the start", url)
-                have = 0
-                hasher = hashlib.sha256()
-                partial.unlink(missing_ok=True)
-            else:
-                raise errors.ArtifactUnavailable(f"GET {url} answered HTTP {response.status}")
-            total = _total_size(response.headers, have)
-            with partial.open("ab") as fh:
-                while response.status != 416:
-                    if stop.is_set():
-                        raise _Stopped
-                    try:
-                        chunk = response.read(CHUNK)
-                    except (OSError, http.client.HTTPException) as exc:
-                        raise errors.ArtifactUnavailable(f"download of {url} failed: {exc}") from exc
-                    if not chunk:
-                        break
-                    have += len(chunk)
-                    if have > self._max_bytes:  # nothing of it is worth resuming
-                        partial.unlink(missing_ok=True)
-                        raise errors.ArtifactIntegrityError(f"artifact at {url} is larger than {self._max_bytes} bytes")
-                    hasher.update(chunk)
-                    fh.write(chunk)
-                    now = self._clock()
-                    if now - last_log >= 5.0:
-                        last_log = now
-                        log.info("downloading %s: %s", url, _progress(have, total))
-                fh.flush()
-                os.fsync(fh.fileno())
+            report = await self._follow(proc, url)
         finally:
-            conn.close()
-        _publish(partial, final, url, digest, hasher.hexdigest())
-        log.info("downloaded %s (%d bytes, sha256 verified) in %.1fs", url, have, self._clock() - started)
+            await asyncio.shield(_reap(proc))
+        if "done" not in report:
+            assert proc.stderr is not None
+            raise self._failure(url, digest, report, proc.returncode, await proc.stderr.read())
+        _publish(partial, final, url, digest, str(report["sha256"]))
+        log.info("downloaded %s (%d bytes, sha256 verified) in %.1fs", url, report["done"], self._clock() - started)
+
+    async def _follow(self, proc: asyncio.subprocess.Process, url: str) -> dict[str, Any]:
+        """Log the child's progress; return its last report (``{}`` if it printed none)."""
+        assert proc.stdout is not None
+        report: dict[str, Any] = {}
+        last_log = self._clock()
+        while True:
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), self._timeout + STALL_GRACE_S)
+            except TimeoutError:
+                raise errors.ArtifactUnavailable(
+                    f"download of {url} stalled: nothing received for {self._timeout + STALL_GRACE_S:g}s"
+                ) from None
+            if not line:
+                return report
+            try:
+                report = dict(json.loads(line))
+            except ValueError:
+                continue  # not one of its reports; the exit status tells the rest
+            if "resumed" in report:
+                log.info("resuming %s at %d bytes", url, report["resumed"])
+            elif "progress" in report and self._clock() - last_log >= 5.0:
+                last_log = self._clock()
+                log.info("downloading %s: %s", url, _progress(report["progress"], report.get("total")))
+
+    def _failure(self, url: str, digest: str, report: dict[str, Any], code: int | None, stderr: bytes) -> errors.AgentError:
+        kind, message = report.get("error"), str(report.get("message", ""))
+        if kind == "integrity":
+            return errors.ArtifactIntegrityError(message)
+        if kind == "disk":
+            return errors.ArtifactUnavailable(f"cannot store artifact {digest[:12]} in the cache {self.root}: {message}")
+        if kind == "unavailable":
+            return errors.ArtifactUnavailable(message)
+        tail = stderr.decode(errors="replace").strip()[-300:]
+        return errors.ArtifactUnavailable(f"download of {url} failed: the fetch process exited with status {code}: {tail}")
 
     def _copy_file(self, url: str, digest: str, final: pathlib.Path, stop: threading.Event) -> None:
         source = pathlib.Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
@@ -194,6 +203,13 @@ class ArtifactCache:
         _publish(partial, final, url, digest, hasher.hexdigest())
 
 
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    await proc.wait()
+
+
 async def _in_thread(work: Callable[[str, str, pathlib.Path, threading.Event], None], url: str, digest: str, final: pathlib.Path) -> None:
     """Run a blocking fetch in a worker thread. Cancelled, it asks the thread to stop at
     its next chunk and waits for that, so the caller's lock is held until nobody writes
@@ -215,55 +231,6 @@ def _publish(partial: pathlib.Path, final: pathlib.Path, url: str, digest: str, 
         partial.unlink(missing_ok=True)
         raise errors.ArtifactIntegrityError(f"artifact {url} has sha256 {actual}, expected {digest}: refused")
     os.replace(partial, final)
-
-
-def _hash_into(path: pathlib.Path, hasher: hashlib._Hash) -> int:
-    size = 0
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            hasher.update(chunk)
-            size += len(chunk)
-    return size
-
-
-def _get(url: str, headers: Mapping[str, str], timeout: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """GET ``url``, following up to ``MAX_REDIRECTS`` http(s) redirects; the caller closes."""
-    for _ in range(MAX_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise errors.ArtifactUnavailable(f"artifact URL {url!r}: scheme must be http(s)")
-        try:
-            port = parts.port
-        except ValueError:
-            raise errors.ArtifactUnavailable(f"artifact URL {url!r}: the port is not a number from 0 to 65535") from None
-        conn: http.client.HTTPConnection
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout, context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        try:
-            conn.request("GET", target, headers=dict(headers))
-            response = conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
-        location = response.getheader("location")
-        if response.status in _REDIRECTS and location:
-            conn.close()
-            url = urllib.parse.urljoin(url, location)
-            continue
-        return conn, response
-    raise errors.ArtifactUnavailable(f"download of {url} failed: more than {MAX_REDIRECTS} redirects")
-
-
-def _total_size(headers: http.client.HTTPMessage, have: int) -> int | None:
-    content_range = headers.get("content-range", "")
-    if "/" in content_range:
-        tail = content_range.rsplit("/", 1)[1]
-        return int(tail) if tail.isdigit() else None
-    length = headers.get("content-length")
-    return have + int(length) if length and length.isdigit() else None
 
 
 def _progress(have: int, total: int | None) -> str:

@@ -1,23 +1,41 @@
 """Measured hardware and load, reported to the control plane.
 
-The numbers placement uses must be what this machine has, not what a manifest claims:
-CPU cores and memory from psutil, GPUs through NVML when ``pynvml`` is importable, and the
-onnxruntime execution providers that can actually run here.
+The numbers placement uses must be what this process can have, not what a manifest
+claims, nor what the host has when the agent runs in a container:
+
+- CPU cores: the CPUs this process may run on (its affinity), capped by its cgroup's CPU
+  quota, rounded up (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``);
+- memory: ``MemTotal`` / ``MemAvailable`` of ``/proc/meminfo``, capped by the cgroup's
+  memory limit and what is left under it (v2 ``memory.max`` / ``memory.current``, v1
+  ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``);
+- CPU load: the whole machine's busy share between two reports, from ``/proc/stat``;
+- GPUs through NVML when ``pynvml`` is importable, and the onnxruntime execution
+  providers that can actually run here.
+
+The limits read are those of the process's own cgroup (looked up under its path from
+``/proc/self/cgroup``, or at the mount's root inside a cgroup namespace); a tighter limit
+set on a parent cgroup is not seen. Where there is no ``/proc`` (not Linux), psutil
+measures instead. Reading a few files costs the agent nothing, where psutil's import costs
+it 1 MB of its 80 MB.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import psutil
+from typing import Protocol
 
 from edgeplane_proto.capacity import Capacity, Gpu
 
 __all__ = ["Capacity", "CapacityProbe", "Gpu", "Load", "probe_gpus"]
 
 log = logging.getLogger(__name__)
+PROC = pathlib.Path("/proc")
+CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True)
@@ -58,23 +76,28 @@ def probe_gpus() -> tuple[Gpu, ...]:
 
 
 class CapacityProbe:
-    """Measures capacity and load; the GPU and provider probes are injectable."""
+    """Measures capacity and load; the GPU and provider probes, and the roots of ``/proc``
+    and the cgroup file system, are injectable."""
 
     def __init__(
         self,
         providers: Callable[[], Sequence[str]],
         gpus: Callable[[], tuple[Gpu, ...]] = probe_gpus,
+        *,
+        proc: pathlib.Path = PROC,
+        cgroup_root: pathlib.Path = CGROUP_ROOT,
     ) -> None:
         self._providers = providers
         self._gpus = gpus
-        psutil.cpu_percent(interval=None)  # primes the counter: later calls are deltas
+        self._host: _Host = _Linux(proc, cgroup_root) if (proc / "meminfo").is_file() else _Psutil()
+        self._host.cpu_percent()  # primes the counter: later calls are deltas
         self._last_gpus: tuple[Gpu, ...] = ()
 
     def capacity(self) -> Capacity:
         self._last_gpus = self._gpus()
         return Capacity(
-            cpu_cores=psutil.cpu_count(logical=True) or 1,
-            memory_total_bytes=psutil.virtual_memory().total,
+            cpu_cores=self._host.cpu_cores(),
+            memory_total_bytes=self._host.memory_total(),
             gpus=self._last_gpus,
             execution_providers=tuple(self._providers()),
         )
@@ -82,7 +105,130 @@ class CapacityProbe:
     def load(self) -> Load:
         gpus = self._gpus() if self._last_gpus else ()
         return Load(
-            cpu_percent=psutil.cpu_percent(interval=None),
-            memory_available_bytes=psutil.virtual_memory().available,
+            cpu_percent=self._host.cpu_percent(),
+            memory_available_bytes=self._host.memory_available(),
             gpu_free_bytes=tuple((g.index, g.memory_free_bytes) for g in gpus),
         )
+
+
+class _Host(Protocol):
+    def cpu_cores(self) -> int: ...
+    def memory_total(self) -> int: ...
+    def memory_available(self) -> int: ...
+    def cpu_percent(self) -> float: ...
+
+
+class _Linux:
+    def __init__(self, proc: pathlib.Path, cgroup_root: pathlib.Path) -> None:
+        self._proc = proc
+        self._cgroups = _cgroup_dirs(proc, cgroup_root)
+        self._last_stat: tuple[int, int] | None = None
+
+    def cpu_cores(self) -> int:
+        cores = len(os.sched_getaffinity(0))
+        quota = self._cpu_quota()
+        return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+    def memory_total(self) -> int:
+        limit = self._memory_limit()
+        total = self._meminfo("MemTotal")
+        return min(total, limit) if limit else total
+
+    def memory_available(self) -> int:
+        available = self._meminfo("MemAvailable")
+        limit = self._memory_limit()
+        if limit:
+            used = self._read_int("memory", "memory.current", "memory.usage_in_bytes")
+            available = min(available, max(0, limit - (used or 0)))
+        return available
+
+    def cpu_percent(self) -> float:
+        fields = [int(v) for v in (self._proc / "stat").read_text().split("\n", 1)[0].split()[1:9]]
+        total, idle = sum(fields), fields[3] + fields[4]  # idle + iowait
+        last, self._last_stat = self._last_stat, (total, idle)
+        if last is None or total <= last[0]:
+            return 0.0
+        return round(100.0 * (1 - (idle - last[1]) / (total - last[0])), 1)
+
+    def _meminfo(self, key: str) -> int:
+        for line in (self._proc / "meminfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0]) * 1024
+        raise OSError(f"{self._proc / 'meminfo'} has no {key}")
+
+    def _cpu_quota(self) -> float | None:
+        """Cores' worth of CPU time the cgroup may use; None when unlimited."""
+        text = self._read("cpu", "cpu.max")
+        if text is not None:  # v2: "max 100000" or "150000 100000"
+            quota, _, period = text.partition(" ")
+            return int(quota) / int(period) if quota.isdigit() and period.isdigit() and int(period) else None
+        quota_us, period_us = self._read_int("cpu", "cpu.cfs_quota_us"), self._read_int("cpu", "cpu.cfs_period_us")
+        return quota_us / period_us if quota_us and quota_us > 0 and period_us else None
+
+    def _memory_limit(self) -> int | None:
+        limit = self._read_int("memory", "memory.max", "memory.limit_in_bytes")
+        # v1 writes "no limit" as a huge number (2^63 rounded down to a page)
+        return limit if limit and limit < 1 << 62 else None
+
+    def _read_int(self, controller: str, *names: str) -> int | None:
+        for name in names:
+            text = self._read(controller, name)
+            if text is not None:
+                return int(text) if text.isdigit() else None
+        return None
+
+    def _read(self, controller: str, name: str) -> str | None:
+        for folder in self._cgroups.get(controller, ()):
+            try:
+                return (folder / name).read_text().strip()
+            except OSError:
+                continue
+        return None
+
+
+def _cgroup_dirs(proc: pathlib.Path, root: pathlib.Path) -> dict[str, tuple[pathlib.Path, ...]]:
+    """Where each controller's files for this process may be, most specific first.
+
+    ``/proc/self/cgroup`` names the process's cgroup path per hierarchy: ``0::/path`` for
+    v2, ``4:memory:/path`` for v1. Inside a cgroup namespace that path is relative to a
+    root the container cannot see, so the mount's own root is tried after it.
+    """
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, tuple[pathlib.Path, ...]] = {}
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        rel = path.lstrip("/")
+        if not controllers:  # v2: one hierarchy, every controller's files in one folder
+            if (root / "cgroup.controllers").exists():
+                for c in ("cpu", "memory"):
+                    found.setdefault(c, (root / rel, root))
+            continue
+        for c in controllers.split(","):
+            if c in ("cpu", "memory"):
+                found[c] = (root / c / rel, root / c)
+    return found
+
+
+class _Psutil:
+    """Not Linux: psutil knows how to ask."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+
+    def cpu_cores(self) -> int:
+        return int(self._psutil.cpu_count(logical=True) or 1)
+
+    def memory_total(self) -> int:
+        return int(self._psutil.virtual_memory().total)
+
+    def memory_available(self) -> int:
+        return int(self._psutil.virtual_memory().available)
+
+    def cpu_percent(self) -> float:
+        return float(self._psutil.cpu_percent(interval=None))

@@ -15,6 +15,7 @@ again, so a new assignment set simply supersedes a pending retry.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import enum
 import logging
 import math
@@ -170,6 +171,7 @@ class ModelRegistry:
         backoff has run out; a changed assignment starts afresh at once.
         """
         wanted = {a.model: a for a in desired.assignments}
+        before = {id(m) for m in self.serving()}
         for name in [n for n in self._slots if n not in wanted]:
             del self._slots[name]
             log.info("model %s unassigned: unloaded", name)
@@ -177,6 +179,8 @@ class ModelRegistry:
         await asyncio.gather(*(self._converge_one(a) for a in wanted.values()))
         self.applied_version = desired.version
         self._on_change()
+        if {id(m) for m in self.serving()} != before:
+            _release_freed_memory()
 
     async def _converge_one(self, want: assignments.Assignment) -> None:
         slot = self._slots.get(want.model)
@@ -224,3 +228,24 @@ class ModelRegistry:
         log.info(
             "model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider
         )
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap memory freed since the last call back to the system (glibc only).
+
+    Loading a model parses it and builds its graph in temporary buffers; once freed,
+    glibc keeps most of them mapped for reuse, in the middle of the heap and in the
+    arenas of the threads that loaded. For a daemon that then idles for weeks that is
+    about 1 MB of resident memory for nothing. ``malloc_trim`` returns whole free pages.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):  # not glibc
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Callable[[int], int] | bool | None = None

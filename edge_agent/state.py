@@ -9,16 +9,18 @@ instead of spending the bootstrap token again. The credential lives only here an
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import pathlib
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from edge_agent import assignments, errors
 
 FORMAT = 1
+_TMP_SEQ = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,12 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes, mode: int = 0o644) -> No
     """Replace ``path`` with ``data`` whole or not at all, durably. The temporary file is
     created 0600, so a private key is never readable by others on its way in."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    # Unique among live writers (process id, then a counter). One left by a crash under
+    # the same name, once a reboot reused the pid, is removed: its mode may not be 0600.
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_SEQ)}.tmp"))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

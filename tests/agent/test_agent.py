@@ -12,6 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
+from edge_agent import capacity
 from edgeplane_proto import oip
 from orchestrator.agents import model
 from orchestrator.testing import onnx_models
@@ -73,8 +74,10 @@ async def test_assignment_is_downloaded_verified_served_and_reported(
     status = control_plane.hub.status(SITE)
     assert status is not None and status.healthy
     assert status.endpoint_url == agent.endpoint_url
-    assert status.capacity.cpu_cores == psutil.cpu_count(logical=True)
-    assert status.capacity.memory_total_bytes == psutil.virtual_memory().total
+    # measured, and never more than the host has (a container's limits may make it less)
+    measured = capacity.CapacityProbe(lambda: [], gpus=lambda: ()).capacity()
+    assert status.capacity.cpu_cores == measured.cpu_cores <= psutil.cpu_count(logical=True)
+    assert status.capacity.memory_total_bytes == measured.memory_total_bytes <= psutil.virtual_memory().total
     assert "CPUExecutionProvider" in status.providers
     assert 0 < status.memory_available_bytes <= status.capacity.memory_total_bytes
     assert (agent.config.data_dir / "cache" / "sha256" / models.v1.sha256).is_file()

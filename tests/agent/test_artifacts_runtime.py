@@ -3,8 +3,12 @@ runtime's input checks, on models built by the test."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -136,3 +140,57 @@ async def test_a_url_with_an_impossible_port_is_refused_clearly(tmp_path: pathli
     cache = artifacts.ArtifactCache(tmp_path)
     with pytest.raises(errors.ArtifactUnavailable, match="port"):
         await cache.fetch("http://127.0.0.1:99999/x.onnx", "0" * 64)
+
+
+class _SilentServer:
+    """A loopback TCP server that sends ``reply`` to each connection and then nothing."""
+
+    def __init__(self, reply: bytes = b"") -> None:
+        self.reply = reply
+        self.connected = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/m.onnx"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connected.set()
+        writer.write(self.reply)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass  # the request, then wait for the peer to go away
+        self.closed.set()
+        writer.close()
+
+
+async def test_a_cancelled_download_is_stopped_at_once(tmp_path: pathlib.Path) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, timeout=60.0)
+    silent = _SilentServer()
+    async with silent as url:
+        fetch = asyncio.create_task(cache.fetch(url, "0" * 64))
+        await asyncio.wait_for(silent.connected.wait(), 30)
+        fetch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(fetch, 10)
+        # the child that held the connection is gone, long before its 60 s timeout
+        await asyncio.wait_for(silent.closed.wait(), 10)
+
+
+async def test_a_stalled_download_fails_on_the_socket_timeout(tmp_path: pathlib.Path) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, timeout=0.5)
+    headers = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10
+    async with _SilentServer(headers) as url:
+        with pytest.raises(errors.ArtifactUnavailable, match="timed out"):
+            await asyncio.wait_for(cache.fetch(url, "0" * 64), 30)
+    # what came before the stall is kept for the next attempt's Range request
+    assert (cache.root / ("0" * 64 + ".partial")).read_bytes() == b"x" * 10
+
+
+def test_the_daemon_never_imports_the_download_client() -> None:
+    code = "import sys, edge_agent.daemon, edge_agent.main; print(sorted({'http.client', 'email', 'tempfile'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # http.client lives in the download child (edge_agent.fetch)

@@ -1,0 +1,174 @@
+"""Download one artifact into its ``.partial`` file, in a process of its own.
+
+    python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N
+
+:class:`edge_agent.artifacts.ArtifactCache` runs this as a child process for every
+http(s) download. ``http.client`` and the ``email`` package it parses headers with cost
+an agent about 1 MB for the rest of its life, for a job it does once per model version;
+here they go away with the child. A child is also the one thing that can be stopped at
+any point: a fetch cancelled in the middle of a DNS lookup or a stalled read is killed,
+not waited for.
+
+A download resumes with an HTTP ``Range`` request from what ``PARTIAL`` already holds.
+The child reports on stdout, one JSON object a line, and exits 0 when it finished:
+
+``{"resumed": N}``                     the server resumed at byte N
+``{"progress": N, "total": T}``        at most once a second (T is null when unknown)
+``{"done": N, "sha256": HEX}``         the last line of a finished download
+``{"error": KIND, "message": TEXT}``   the last line of a failed one (exit 1); KIND is
+                                       ``unavailable`` (worth retrying) or ``integrity``
+
+The caller compares the digest, moves the file into the cache, and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import pathlib
+import ssl
+import sys
+import time
+import urllib.parse
+from collections.abc import Mapping
+
+CHUNK = 1 << 20
+MAX_REDIRECTS = 5
+PROGRESS_EVERY_S = 1.0
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class Failed(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int) -> tuple[int, str]:
+    """Fetch ``url`` into ``partial`` (resuming), fsync it; return its size and sha256."""
+    hasher = hashlib.sha256()
+    have = hash_into(partial, hasher) if partial.exists() else 0
+    # Identity encoding: the hash covers the bytes as stored, and Range counts them.
+    headers = {"Accept-Encoding": "identity", "User-Agent": "edgeplane-agent"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        conn, response = _get(url, headers, timeout)
+    except (OSError, http.client.HTTPException) as exc:
+        raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
+    try:
+        if response.status == 416 and have:
+            return have, hasher.hexdigest()  # already complete (or bogus): the hash decides
+        if response.status == 206 and have:
+            _emit(resumed=have)
+        elif response.status == 200:
+            have = 0  # the server ignored Range, or there was nothing to resume
+            hasher = hashlib.sha256()
+            partial.unlink(missing_ok=True)
+        else:
+            raise Failed("unavailable", f"GET {url} answered HTTP {response.status}")
+        total = _total_size(response.headers, have)
+        last = time.monotonic()
+        with partial.open("ab") as fh:
+            while True:
+                try:  # what one socket read brings: a slow link still shows progress
+                    chunk = response.read1(CHUNK)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
+                if not chunk:
+                    break
+                have += len(chunk)
+                if have > max_bytes:  # nothing of it is worth resuming
+                    partial.unlink(missing_ok=True)
+                    raise Failed("integrity", f"artifact at {url} is larger than {max_bytes} bytes")
+                hasher.update(chunk)
+                fh.write(chunk)
+                now = time.monotonic()
+                if now - last >= PROGRESS_EVERY_S:
+                    last = now
+                    _emit(progress=have, total=total)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        conn.close()
+    return have, hasher.hexdigest()
+
+
+def hash_into(path: pathlib.Path, hasher: hashlib._Hash) -> int:
+    size = 0
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            hasher.update(chunk)
+            size += len(chunk)
+    return size
+
+
+def _get(url: str, headers: Mapping[str, str], timeout: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET ``url``, following up to ``MAX_REDIRECTS`` http(s) redirects; the caller closes."""
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise Failed("unavailable", f"artifact URL {url!r}: scheme must be http(s)")
+        try:
+            port = parts.port
+        except ValueError:
+            raise Failed("unavailable", f"artifact URL {url!r}: the port is not a number from 0 to 65535") from None
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout, context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            conn.request("GET", target, headers=dict(headers))
+            response = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        location = response.getheader("location")
+        if response.status in _REDIRECTS and location:
+            conn.close()
+            url = urllib.parse.urljoin(url, location)
+            continue
+        return conn, response
+    raise Failed("unavailable", f"download of {url} failed: more than {MAX_REDIRECTS} redirects")
+
+
+def _total_size(headers: http.client.HTTPMessage, have: int) -> int | None:
+    content_range = headers.get("content-range", "")
+    if "/" in content_range:
+        tail = content_range.rsplit("/", 1)[1]
+        return int(tail) if tail.isdigit() else None
+    length = headers.get("content-length")
+    return have + int(length) if length and length.isdigit() else None
+
+
+def _emit(**fields: object) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edge_agent.fetch", description=__doc__.split("\n")[0])
+    parser.add_argument("url")
+    parser.add_argument("partial", type=pathlib.Path)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--max-bytes", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        size, digest = download(args.url, args.partial, timeout=args.timeout, max_bytes=args.max_bytes)
+    except Failed as exc:
+        _emit(error=exc.kind, message=str(exc))
+        return 1
+    except OSError as exc:  # the partial file itself: a full or read-only disk
+        _emit(error="disk", message=exc.strerror or str(exc))
+        return 1
+    _emit(done=size, sha256=digest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

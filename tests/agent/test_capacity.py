@@ -1,0 +1,122 @@
+"""Measured capacity: /proc and the cgroup file system (v2 and v1), on trees the tests
+write, then on this machine."""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+
+import psutil
+import pytest
+
+from edge_agent import capacity
+
+GiB = 1 << 30
+HOST_MEMORY = 64 * GiB
+HOST_AVAILABLE = 60 * GiB
+
+
+def fake_proc(root: pathlib.Path, cgroup: str, stat: tuple[int, ...] = (100, 0, 100, 800, 0, 0, 0, 0)) -> pathlib.Path:
+    proc = root / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(
+        f"MemTotal:       {HOST_MEMORY // 1024} kB\nMemFree:        1 kB\nMemAvailable:   {HOST_AVAILABLE // 1024} kB\n"
+    )
+    write_stat(proc, stat)
+    (proc / "self" / "cgroup").write_text(cgroup)
+    return proc
+
+
+def write_stat(proc: pathlib.Path, fields: tuple[int, ...]) -> None:
+    (proc / "stat").write_text("cpu  " + " ".join(map(str, fields)) + " 0 0\ncpu0 1 2 3\n")
+
+
+def files(folder: pathlib.Path, **contents: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in contents.items():
+        (folder / name.replace("_", ".", 1)).write_text(text + "\n")
+
+
+def probe(proc: pathlib.Path, cgroups: pathlib.Path) -> capacity.CapacityProbe:
+    return capacity.CapacityProbe(lambda: ["CPUExecutionProvider"], gpus=lambda: (), proc=proc, cgroup_root=cgroups)
+
+
+CORES = len(os.sched_getaffinity(0))
+
+
+def test_cgroup_v2_limits_cap_what_is_reported(tmp_path: pathlib.Path) -> None:
+    cgroups = tmp_path / "cgroup"
+    files(cgroups, cgroup_controllers="cpu memory")
+    files(cgroups / "kubepods" / "pod1", cpu_max="50000 100000", memory_max=str(GiB), memory_current=str(GiB // 4))
+    measured = probe(fake_proc(tmp_path, "0::/kubepods/pod1\n"), cgroups)
+    assert measured.capacity().cpu_cores == 1  # half a core's quota is still one core to place on
+    assert measured.capacity().memory_total_bytes == GiB
+    assert measured.load().memory_available_bytes == GiB - GiB // 4
+
+
+def test_cgroup_v2_inside_a_namespace_reads_the_mount_root(tmp_path: pathlib.Path) -> None:
+    cgroups = tmp_path / "cgroup"
+    files(cgroups, cgroup_controllers="cpu memory", cpu_max="150000 100000", memory_max=str(2 * GiB), memory_current="0")
+    # the path names the cgroup on the host; inside the container only the root is mounted
+    measured = probe(fake_proc(tmp_path, "0::/system.slice/edge.service\n"), cgroups).capacity()
+    assert measured.cpu_cores == min(CORES, 2)
+    assert measured.memory_total_bytes == 2 * GiB
+
+
+def test_cgroup_v2_without_limits_reports_the_host(tmp_path: pathlib.Path) -> None:
+    cgroups = tmp_path / "cgroup"
+    files(cgroups, cgroup_controllers="cpu memory", cpu_max="max 100000", memory_max="max", memory_current=str(GiB))
+    measured = probe(fake_proc(tmp_path, "0::/\n"), cgroups)
+    assert measured.capacity().cpu_cores == CORES
+    assert measured.capacity().memory_total_bytes == HOST_MEMORY
+    assert measured.load().memory_available_bytes == HOST_AVAILABLE
+
+
+def test_cgroup_v1_limits(tmp_path: pathlib.Path) -> None:
+    cgroups = tmp_path / "cgroup"
+    files(cgroups / "cpu,cpuacct" / "docker" / "abc", cpu_cfs_quota_us="100000", cpu_cfs_period_us="100000")
+    files(cgroups / "cpu" / "docker" / "abc", cpu_cfs_quota_us="100000", cpu_cfs_period_us="100000")
+    files(cgroups / "memory" / "docker" / "abc", memory_limit_in_bytes=str(3 * GiB), memory_usage_in_bytes=str(GiB))
+    cgroup = "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n0::/\n"
+    measured = probe(fake_proc(tmp_path, cgroup), cgroups)
+    assert measured.capacity().cpu_cores == 1
+    assert measured.capacity().memory_total_bytes == 3 * GiB
+    assert measured.load().memory_available_bytes == 2 * GiB
+
+
+def test_cgroup_v1_unlimited_is_a_huge_number_not_a_limit(tmp_path: pathlib.Path) -> None:
+    cgroups = tmp_path / "cgroup"
+    files(cgroups / "cpu", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    files(cgroups / "memory", memory_limit_in_bytes="9223372036854771712", memory_usage_in_bytes=str(GiB))
+    measured = probe(fake_proc(tmp_path, "4:memory:/\n3:cpu:/\n"), cgroups)
+    assert measured.capacity().cpu_cores == CORES
+    assert measured.capacity().memory_total_bytes == HOST_MEMORY
+    assert measured.load().memory_available_bytes == HOST_AVAILABLE
+
+
+def test_cpu_load_is_the_busy_share_between_two_reports(tmp_path: pathlib.Path) -> None:
+    proc = fake_proc(tmp_path, "")
+    measured = probe(proc, tmp_path / "no-cgroups")
+    # user nice system idle iowait irq softirq steal: +300 busy, +100 idle, +100 iowait
+    write_stat(proc, (300, 0, 200, 900, 100, 0, 0, 0))
+    assert measured.load().cpu_percent == 60.0
+    assert measured.load().cpu_percent == 0.0  # nothing moved since
+
+
+@pytest.mark.parametrize("broken", ["garbage", "", "max", "abc 100000", "5000 0"])
+def test_unreadable_limit_files_mean_no_limit(tmp_path: pathlib.Path, broken: str) -> None:
+    cgroups = tmp_path / "cgroup"
+    files(cgroups, cgroup_controllers="cpu memory", cpu_max=broken, memory_max=broken)
+    measured = probe(fake_proc(tmp_path, "0::/\n"), cgroups).capacity()
+    assert (measured.cpu_cores, measured.memory_total_bytes) == (CORES, HOST_MEMORY)
+
+
+def test_this_machine() -> None:
+    measured = capacity.CapacityProbe(lambda: [], gpus=lambda: ())
+    cap, load = measured.capacity(), measured.load()
+    assert 1 <= cap.cpu_cores <= (psutil.cpu_count(logical=True) or 1)
+    assert 0 < cap.memory_total_bytes <= psutil.virtual_memory().total
+    assert 0 < load.memory_available_bytes <= cap.memory_total_bytes
+    assert 0.0 <= load.cpu_percent <= 100.0
+    assert math.isfinite(load.cpu_percent)
