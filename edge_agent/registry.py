@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import enum
+import functools
 import logging
 import math
 import random
@@ -238,14 +239,14 @@ def _release_freed_memory() -> None:
     arenas of the threads that loaded. For a daemon that then idles for weeks that is
     about 1 MB of resident memory for nothing. ``malloc_trim`` returns whole free pages.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError):  # not glibc
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim: Callable[[int], int] | bool | None = None
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (AttributeError, OSError):  # not glibc
+        return None

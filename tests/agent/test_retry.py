@@ -151,3 +151,20 @@ async def test_mismatching_upgrade_keeps_being_refused_while_the_old_version_ser
     async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
         await v1_then_v2(control_plane, client, models, version=3)  # a corrected assignment replaces the retry loop
     assert agent.registry.retry_due_in() is None
+
+
+async def test_freed_memory_is_returned_when_the_serving_set_changes(
+    tmp_path: pathlib.Path, models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(registry, "_release_freed_memory", lambda: trims.append(1))
+    models_reg = registry.ModelRegistry(artifacts.ArtifactCache(tmp_path), lambda data: onnx.OnnxModel.load(data))
+    await models_reg.converge(_one(models.v1_url, models.v1.sha256))
+    assert len(trims) == 1  # loaded
+    await models_reg.converge(_one(models.v1_url, models.v1.sha256, version=2))
+    assert len(trims) == 1  # nothing changed
+    await models_reg.converge(assignments.AssignmentSet(3, ()))
+    assert len(trims) == 2  # unloaded
+    monkeypatch.undo()
+    assert registry._malloc_trim() is not None  # glibc, on the machines the tests run on
+    registry._release_freed_memory()
