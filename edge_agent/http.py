@@ -186,13 +186,21 @@ class InferenceServer:
         worker thread otherwise. Shared by the HTTP and gRPC front ends."""
         self.inflight += 1
         started = time.perf_counter()
-        try:
-            if small and self.inflight == 1 and self.received() <= 1 and served.run_s <= self._inline_max_s:
-                return step(*args)
-            return await asyncio.get_running_loop().run_in_executor(self._executor, step, *args)
-        finally:
+
+        def finished(_: object = None) -> None:
             self.inflight -= 1
             served.answered(time.perf_counter() - started, body_bytes)  # failed runs count: a slow refusal is slow
+
+        if small and self.inflight == 1 and self.received() <= 1 and served.run_s <= self._inline_max_s:
+            try:
+                return step(*args)
+            finally:
+                finished()
+        job = asyncio.get_running_loop().run_in_executor(self._executor, step, *args)
+        # A caller that goes away (a gRPC deadline, a cancelled task) leaves the run going on
+        # its worker: the slot is freed when the run ends, not when the caller stopped waiting.
+        job.add_done_callback(finished)
+        return await asyncio.shield(job)
 
     async def infer(self, name: str, request: Request) -> Response:
         started = time.perf_counter()

@@ -158,3 +158,23 @@ async def test_requests_waiting_behind_one_send_it_to_a_worker(server) -> None: 
         writer.close()
     finally:
         await http_server.shutdown(1)
+
+
+async def test_a_caller_that_goes_away_keeps_its_slot_until_the_run_ends(server) -> None:  # noqa: ANN001
+    app, runtime = server
+    runtime.delay = 0.3  # long runs: a worker each
+    assert (await app.infer("m", request(X))).status == 200
+    call = asyncio.create_task(app.infer("m", request(X)))
+    for _ in range(500):  # bounded: until the worker is inside the run
+        if len(runtime.threads) == 2:
+            break
+        await asyncio.sleep(0.002)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert app.inflight == 1  # the run still holds a worker
+    for _ in range(500):
+        if app.inflight == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert app.inflight == 0
