@@ -164,6 +164,11 @@ class _CountOnly:
         )
 
 
+def _report(conn, timeout: float) -> object:  # noqa: ANN001
+    """The generator's last word, or None if it died without one."""
+    return conn.recv() if conn.poll(timeout) else None
+
+
 async def _run_phase(name: str, agents: int, interval: float, duration: float, baseline: bool) -> dict:
     ctx = multiprocessing.get_context("spawn")
     if baseline:
@@ -216,11 +221,13 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         cpu0, n0, t0 = time.process_time(), received(), time.perf_counter()
         await asyncio.sleep(duration)
         cpu1, n1, t1 = time.process_time(), received(), time.perf_counter()
-    finally:
+    finally:  # the generator and the server go whether the phase finished or not
         generator_stop.set()
-    sent = await asyncio.to_thread(parent.recv)
-    await asyncio.to_thread(proc.join, 30)
-    await stop(None)
+        sent = await asyncio.to_thread(_report, parent, 30.0)
+        await asyncio.to_thread(proc.join, 30)
+        if proc.is_alive():
+            proc.kill()
+        await stop(None)
     rate = (n1 - n0) / (t1 - t0)
     row = {
         "phase": name,
