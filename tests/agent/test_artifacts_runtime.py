@@ -194,3 +194,21 @@ def test_the_daemon_never_imports_the_download_client() -> None:
     code = "import sys, edge_agent.daemon, edge_agent.main; print(sorted({'http.client', 'email', 'tempfile'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # http.client lives in the download child (edge_agent.fetch)
+
+
+async def test_a_cache_that_cannot_be_written_is_reported_as_such(tmp_path: pathlib.Path, models: Models) -> None:
+    cache = artifacts.ArtifactCache(tmp_path)
+    (cache.root / (models.v1.sha256 + ".partial")).mkdir()  # what the download must write to
+    with pytest.raises(errors.ArtifactUnavailable, match="cannot store artifact .* in the cache"):
+        await cache.fetch(models.v1_url, models.v1.sha256)
+    assert not (cache.root / models.v1.sha256).exists()
+
+
+async def test_a_download_child_that_says_nothing_is_killed(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(artifacts, "STALL_GRACE_S", -29.5)  # 0.5 s of silence with a 30 s socket timeout
+    cache = artifacts.ArtifactCache(tmp_path, timeout=30.0)
+    silent = _SilentServer()
+    async with silent as url:
+        with pytest.raises(errors.ArtifactUnavailable, match="stalled"):
+            await asyncio.wait_for(cache.fetch(url, "0" * 64), 20)
+        await asyncio.wait_for(silent.closed.wait(), 10)  # the child, and its connection, are gone
