@@ -80,6 +80,7 @@ class ServerConfig:
     gateway_rate: float = 0.0  # requests/s per client (token, else address); 0 = no limit
     gateway_burst: float = 0.0  # bucket size; default max(rate, 1)
     gateway_max_body: int = proxy.MAX_BODY
+    cold_start_timeout_s: float = proxy.COLD_START_S
 
 
 class StoreJoinAuthenticator:
@@ -146,6 +147,8 @@ class ControlPlane:
             raise ConfigError("--gateway-auth must be 'none' or 'token'")
         if cfg.gateway_rate < 0 or cfg.gateway_burst < 0 or cfg.gateway_max_body <= 0:
             raise ConfigError("--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0")
+        if not 0 <= cfg.cold_start_timeout_s <= 600:
+            raise ConfigError("--cold-start-timeout must be from 0 to 600 seconds")
         if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
             raise ConfigError(
                 f"refusing to serve the admin API on {cfg.host} without authentication: "
@@ -196,6 +199,7 @@ class ControlPlane:
         )
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
                                      position=cfg.position, ready=lambda: self._started, max_body=cfg.gateway_max_body,
+                                     cold_start_s=cfg.cold_start_timeout_s,
                                      admit=self.admission.check if (cfg.gateway_auth == "token" or cfg.gateway_rate > 0) else None)
         self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus),
                                               kube_factory=cfg.kube_factory)
@@ -364,6 +368,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-client request rate on the gateway (client = token, else address); 0 = no limit")
     p.add_argument("--gateway-burst", type=float, default=0.0, help="requests a client may send at once (default: the rate)")
     p.add_argument("--gateway-max-body", type=int, default=proxy.MAX_BODY, metavar="BYTES", help="largest inference request body")
+    p.add_argument("--cold-start-timeout", type=float, default=proxy.COLD_START_S, metavar="SECONDS",
+                   help="how long a request for a model scaled to zero waits for its replica before a 503")
     p.add_argument("--log-level", default="info")
 
 
@@ -383,6 +389,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,
         gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
         gateway_max_body=args.gateway_max_body,
+        cold_start_timeout_s=args.cold_start_timeout,
     )
 
 

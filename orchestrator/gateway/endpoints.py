@@ -5,10 +5,15 @@ status) with :meth:`EndpointTable.replace`; the gateway reads it on every reques
 records failures with :meth:`eject`, which takes an endpoint out of rotation at once,
 before any heartbeat could say so (passive outlier ejection). An ejection lasts
 ``ejection_s``; an endpoint that fails again after it is readmitted is ejected again.
+
+A model whose autoscaled deployment is at zero replicas is *cold*. A request for it
+:meth:`wakes <EndpointTable.wake>` it (the autoscaler reads the count of wakes and asks for
+a replica) and waits in :meth:`EndpointTable.wait_for_endpoints` until the table has one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
@@ -27,9 +32,16 @@ class EndpointTable:
     regions: routing.RegionIndex = field(default_factory=routing.RegionIndex)
     #: Every model some deployment serves, with why it has no endpoint when it has none.
     _deployed: dict[str, str] = field(default_factory=dict)
+    #: Models scaled to zero by autoscaling: a request starts a replica.
+    _cold: frozenset[str] = frozenset()
+    #: Requests that found a cold model, by model, since the control plane started.
+    wakes: dict[str, int] = field(default_factory=dict)
+    #: Called with the model on each wake (the reconciler's trigger).
+    on_wake: Callable[[str], None] = lambda model: None
+    _waiters: dict[str, list[asyncio.Future[None]]] = field(default_factory=dict)
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
-                deployed: dict[str, str] | None = None) -> None:
+                deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None) -> None:
         grouped: dict[str, list[routing.Endpoint]] = {}
         for e in endpoints:
             grouped.setdefault(e.model, []).append(e)
@@ -38,6 +50,38 @@ class EndpointTable:
             self.regions = regions
         if deployed is not None:
             self._deployed = dict(deployed)
+        if cold is not None:
+            self._cold = frozenset(cold)
+        for model in [m for m in self._waiters if m in self._by_model]:
+            for waiter in self._waiters.pop(model):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def is_cold(self, model: str) -> bool:
+        return model in self._cold and not self._by_model.get(model)
+
+    def wake(self, model: str) -> None:
+        """Note a request for a cold model, so that the autoscaler starts a replica."""
+        self.wakes[model] = self.wakes.get(model, 0) + 1
+        self.on_wake(model)
+
+    async def wait_for_endpoints(self, model: str, timeout: float) -> bool:
+        """Wait until ``model`` has an endpoint; False if ``timeout`` passed first."""
+        if self._by_model.get(model):
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(model, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiting = self._waiters.get(model)
+            if waiting is not None and waiter in waiting:
+                waiting.remove(waiter)
+                if not waiting:
+                    del self._waiters[model]
 
     def models(self) -> list[str]:
         return sorted(set(self._by_model) | set(self._deployed))

@@ -29,6 +29,7 @@ from orchestrator.gateway import routing
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
 
 MAX_BODY = 16 * 1024 * 1024
+COLD_START_S = 30.0  # --cold-start-timeout: a request for a model scaled to zero waits this long
 FORWARD_HEADERS = ("content-type", oip.BINARY_HEADER.lower(), "accept")
 
 
@@ -37,6 +38,7 @@ class GatewayMetrics:
     requests: Counter
     failovers: Counter
     latency: Histogram
+    cold_starts: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
@@ -45,11 +47,15 @@ class GatewayMetrics:
             failovers=Counter("edgeplane_gateway_failovers", "Attempts that failed and moved to the next endpoint", ["model", "site"], registry=registry),
             latency=Histogram("edgeplane_gateway_request_seconds", "Gateway request duration", ["model"], registry=registry,
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)),
+            cold_starts=Counter("edgeplane_gateway_cold_starts", "Requests that found their model scaled to zero and waited for a replica",
+                                ["model"], registry=registry),
         )
 
 
-def _error(status: int, message: str, site: str | None = None) -> Response:
-    headers = {"x-edgeplane-site": site} if site else None
+def _error(status: int, message: str, site: str | None = None, retry_after: int | None = None) -> Response:
+    headers = {"x-edgeplane-site": site} if site else {}
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
     return Response(oip.error_body(message), status_code=status, media_type="application/json", headers=headers)
 
 
@@ -65,6 +71,7 @@ class Gateway:
         ready: Any = lambda: True,
         admit: Callable[[Request], Response | None] | None = None,
         max_body: int = MAX_BODY,
+        cold_start_s: float = COLD_START_S,
     ):
         self.table = table
         self.http = http
@@ -74,6 +81,7 @@ class Gateway:
         self._ready = ready
         self._admit = admit  # auth and rate limits (orchestrator.security.admission)
         self.max_body = max_body
+        self.cold_start_s = cold_start_s  # how long a request for a model scaled to zero waits
 
     def candidates(self, model: str, request: Request) -> list[routing.Ranked] | routing.NoRoute:
         caller = routing.parse_caller(
@@ -92,6 +100,15 @@ class Gateway:
         return self.table.rank(model, caller, self.position)
 
     async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None) -> Response:
+        if self.table.is_cold(model):
+            # Scaled to zero: this request asks for a replica and waits for it (cold start).
+            self.table.wake(model)
+            self.metrics.cold_starts.labels(model).inc()
+            if not await self.table.wait_for_endpoints(model, self.cold_start_s):
+                self.metrics.requests.labels(model, "", "503").inc()
+                why = self.table.unavailable_reason(model) or "no replica yet"
+                return _error(503, f"model {model!r} was scaled to zero and no replica was ready within "
+                                   f"{self.cold_start_s:g}s ({why}); retry", retry_after=5)
         ranked = self.candidates(model, request)
         if isinstance(ranked, routing.NoRoute):
             self.metrics.requests.labels(model, "", str(ranked.status)).inc()

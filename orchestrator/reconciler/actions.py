@@ -51,6 +51,7 @@ class PublishEndpoints:
     endpoints: tuple[routing.Endpoint, ...]
     regions: routing.RegionIndex
     deployed: Mapping[str, str]  # model -> why it has no endpoint, when it has none
+    cold: frozenset[str] = frozenset()  # models scaled to zero (or starting from zero): requests wait
 
 
 Action = RecordPlacement | PushAssignments | ApplyServeApps | SetStatuses | PublishEndpoints

@@ -23,6 +23,11 @@ them is used), so a dip in traffic does not tear replicas down. A deployment wit
 reporting replica gets no recommendation and keeps what the scheduler would give it
 without autoscaling (``min``, or what its declared demand asks).
 
+With ``replicas.min: 0`` a deployment whose traffic stopped goes down to zero replicas
+once the delay has passed. The gateway then holds a request for its model and counts it
+as a *wake* (:attr:`EndpointTable.wakes`); a wake that came after the deployment was last
+seen with replicas gets it ``max(1, min)`` at once, held for the delay like any scale-up.
+
 This class keeps the samples between passes and does no I/O; the reconciler calls
 :meth:`Autoscaler.evaluate` once per pass with what it gathered.
 """
@@ -52,10 +57,16 @@ class Recommendation:
     current: int
     reporting: int = 0
     per_replica: float | None = None
+    reason: str = ""  # why the count is what it is, when no load decided it
 
     def status(self) -> dict[str, Any]:
         """The deployment status's ``autoscaling`` block."""
         out: dict[str, Any] = {"metric": self.metric, "target": self.target, "currentReplicas": self.current}
+        if self.reason:
+            out["reason"] = self.reason
+            if self.replicas is not None:
+                out["desiredReplicas"] = self.replicas
+            return out
         if self.replicas is None or self.per_replica is None:
             out["reason"] = "no replica reports load now: the count is held"
             if self.replicas is not None:
@@ -83,14 +94,17 @@ class Autoscaler:
     latest: dict[str, Recommendation] = field(default_factory=dict)
     _sites: dict[tuple[str, str], _Site] = field(default_factory=dict)  # (deployment, site)
     _history: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
+    _wakes_seen: dict[str, int] = field(default_factory=dict)  # by deployment: wakes when it last had replicas
 
     def evaluate(
         self,
         deployments: Iterable[tuple[str, schema.ModelDeploymentSpec]],
         placements: Iterable[store_mod.PlacementRow],
         agents: Mapping[str, agent_model.AgentStatus],
+        wakes: Mapping[str, int] | None = None,
     ) -> dict[str, Recommendation]:
-        """One recommendation per autoscaled deployment, from the agents' latest counters."""
+        """One recommendation per autoscaled deployment, from the agents' latest counters
+        and the gateway's wakes of models scaled to zero (by model)."""
         now = self.clock()
         rows: dict[str, list[store_mod.PlacementRow]] = {}
         for row in placements:
@@ -103,13 +117,39 @@ class Autoscaler:
             mine = rows.get(name, [])
             for row in mine:
                 seen.add((name, row.site))
-            out[name] = self._recommend(now, name, spec, mine, agents)
+            out[name] = self._woken(now, name, spec, mine, (wakes or {}).get(spec.model, 0)) or \
+                self._recommend(now, name, spec, mine, agents)
         for key in [k for k in self._sites if k not in seen]:
             del self._sites[key]
         for key in [k for k in self._history if k not in out]:
             del self._history[key]
+        for key in [k for k in self._wakes_seen if k not in out]:
+            del self._wakes_seen[key]
         self.latest = out
         return out
+
+    def _woken(self, now: float, name: str, spec: schema.ModelDeploymentSpec,
+               rows: list[store_mod.PlacementRow], wakes: int) -> Recommendation | None:
+        """A deployment at zero replicas that a request asked for since it last had some:
+        ``max(1, min)`` now, held through the scale-down delay."""
+        scaling = spec.autoscaling
+        assert scaling is not None
+        metric, target = ("inflight", float(scaling.targetInflight)) if scaling.targetInflight else ("rps", float(scaling.targetRps or 1.0))
+        current = sum(r.replicas for r in rows)
+        if current > 0 or spec.replicas.min > 0:
+            self._wakes_seen[name] = wakes
+            return None
+        if wakes <= self._wakes_seen.get(name, 0):
+            history = self._history.get(name)
+            if history is not None:
+                self._expire(history, now, scaling.scaleDownDelaySeconds)
+                if any(n for _, n in history):
+                    return None  # woken a moment ago, not placed yet: the held count decides
+            return Recommendation(0, metric, target, 0, reason="scaled to zero: the next request starts a replica")
+        self._wakes_seen[name] = wakes
+        replicas = min(spec.replicas.max, max(1, spec.replicas.min))
+        self._history[name] = deque([(now, replicas)])
+        return Recommendation(replicas, metric, target, 0, reason="scaled to zero and asked for: starting a replica")
 
     def _recommend(self, now: float, name: str, spec: schema.ModelDeploymentSpec,
                    rows: list[store_mod.PlacementRow], agents: Mapping[str, agent_model.AgentStatus]) -> Recommendation:

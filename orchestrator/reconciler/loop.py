@@ -63,6 +63,10 @@ class Reconciler:
     _pass_done: asyncio.Condition = field(default_factory=asyncio.Condition)
     _stopping: bool = False
 
+    def __post_init__(self) -> None:
+        # A request for a model scaled to zero starts a pass at once, not at the next resync.
+        self.table.on_wake = lambda model: self.trigger(f"request for {model}, scaled to zero")
+
     def trigger(self, reason: str = "") -> None:
         if reason:
             log.debug("reconcile requested: %s", reason)
@@ -124,7 +128,8 @@ class Reconciler:
         await self._observe_datacentres([s for s in sites if s.spec.tier == "datacenter"])
         placements = tuple(self.store.placements())
         agents = tuple(self.hub.snapshot())
-        autoscale = self.autoscaler.evaluate(((d.name, d.spec) for d in deployments), placements, {a.site: a for a in agents})
+        autoscale = self.autoscaler.evaluate(((d.name, d.spec) for d in deployments), placements, {a.site: a for a in agents},
+                                             self.table.wakes)
         return snap.Snapshot(
             sites=sites,
             models=models,
@@ -208,8 +213,8 @@ class Reconciler:
                 await self._apply_datacentre(site, apps)
             case act.SetStatuses(items):
                 self.store.set_statuses([(i.kind, i.name, i.status) for i in items])
-            case act.PublishEndpoints(endpoints, regions, deployed):
-                self.table.replace(endpoints, regions, dict(deployed))
+            case act.PublishEndpoints(endpoints, regions, deployed, cold):
+                self.table.replace(endpoints, regions, dict(deployed), cold)
 
     async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...]) -> None:
         backoff = self._dc_backoff.get(site)

@@ -248,6 +248,9 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
         phase = "Running"
     if rolling is not None and phase == "Running":  # every replica answers, some on the old version
         phase = "Failing" if rolling.failed else "Progressing"
+    scaled = s.autoscale.get(d.name)
+    if phase == "Running" and plan.placed == 0 and scaled is not None and scaled.replicas == 0:
+        phase = "ScaledToZero"
     reason = "; ".join(dict.fromkeys([*problems, *notes, plan.reason]))
     status = {
         "phase": phase,
@@ -258,7 +261,6 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
         "sites": sorted({f"{r.site}:{r.variant}x{r.replicas}" for r in mine}),
         "observedGeneration": d.generation,
     }
-    scaled = s.autoscale.get(d.name)
     if scaled is not None:
         status["autoscaling"] = scaled.status()
     if rolling is not None:
@@ -304,13 +306,16 @@ def plan_pass(s: snap.Snapshot) -> PassPlan:
     for row in rows:
         rows_of.setdefault(row.deployment, []).append(row)
     deployed: dict[str, str] = {}
+    cold: set[str] = set()
     statuses: list[act.SetStatus] = []
     for d in s.deployments:
         status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []), rollouts.get(d.name))
         statuses.append(act.SetStatus("ModelDeployment", d.name, status))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
+        if d.spec.autoscaling is not None and d.spec.replicas.min == 0 and not status.get("readyReplicas"):
+            cold.add(d.spec.model)  # scaled to zero, or on its way up from zero
     statuses.extend(act.SetStatus("Site", r.name, site_status(s, r)) for r in s.sites)
     out.append(act.SetStatuses(tuple(statuses)))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
-    out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed))
+    out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed, frozenset(cold)))
     return PassPlan(tuple(out), result)

@@ -191,3 +191,40 @@ def test_the_scale_down_delay_runs_from_the_first_recommendation() -> None:
     clock.now += 31
     agents = {s: agent(s, 2, 0.0, clock.now) for s in ("paris", "berlin", "madrid", "rome")}
     assert scaler.evaluate(scaling, rows, agents)["intent-eu"].replicas == 1
+
+
+def test_scale_to_zero_and_a_request_wakes_it() -> None:
+    clock = Clock()
+    scaler = Autoscaler(clock)
+    zero = schema.ModelDeploymentSpec.model_validate(
+        {"model": "intent", "replicas": {"min": 0, "max": 4}, "autoscaling": {"targetRps": 10, "scaleDownDelaySeconds": 5}})
+    one = [PlacementRow("intent-eu", "paris", "v", 1)]
+
+    def step(rows: list[PlacementRow], wakes: int, requests: int = 0, seconds: float = 1.0):  # noqa: ANN202
+        clock.now += seconds
+        agents = {"paris": agent("paris", requests, 0.0, clock.now)} if rows else {}
+        return scaler.evaluate([("intent-eu", zero)], rows, agents, {"intent": wakes})["intent-eu"]
+
+    # Nothing placed and nobody asked: it stays at zero, and says why.
+    rec = step([], wakes=0)
+    assert rec.replicas == 0 and "scaled to zero" in rec.status()["reason"]
+    # A request found the model cold: one replica at once.
+    rec = step([], wakes=1)
+    assert rec.replicas == 1 and rec.status()["desiredReplicas"] == 1
+    # Not placed yet (or placed and still loading, reporting nothing): the count is held.
+    assert step([], wakes=1).replicas == 1
+    assert step(one, wakes=2).replicas == 1  # a wake while starting up: nothing more
+    # Serving, then idle: down to zero only once the delay has passed.
+    assert step(one, wakes=2, requests=0).replicas == 1
+    assert step(one, wakes=2, requests=0).replicas == 1
+    assert step(one, wakes=2, requests=0, seconds=6).replicas == 0
+    # At zero again, the wakes counted while it had a replica do not start another.
+    assert step([], wakes=2).replicas == 0
+    assert step([], wakes=3).replicas == 1
+
+
+def test_wakes_do_nothing_to_a_deployment_with_a_minimum() -> None:
+    clock = Clock()
+    scaler = Autoscaler(clock)
+    rec = scaler.evaluate([("intent-eu", spec(targetRps=10))], [], {}, {"intent": 5})["intent-eu"]
+    assert rec.replicas is None  # held/no load: the scheduler's min (1) applies

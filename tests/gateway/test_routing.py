@@ -110,3 +110,24 @@ def test_local_inflight_counts_in_ranking() -> None:
     for _ in range(3):
         table.finished("http://paris")
     assert all(e.inflight == 0 for e in table.with_local_load("m"))
+
+
+async def test_a_cold_model_is_woken_and_waited_for() -> None:
+    import asyncio
+
+    table = EndpointTable()
+    woken: list[str] = []
+    table.on_wake = woken.append
+    table.replace([], deployed={"m": "scaled to zero"}, cold={"m"})
+    assert table.is_cold("m") and not table.is_cold("other")
+    table.wake("m")
+    assert woken == ["m"] and table.wakes == {"m": 1}
+    waiting = asyncio.create_task(table.wait_for_endpoints("m", 10))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    table.replace([PARIS], cold={"m"})
+    assert await asyncio.wait_for(waiting, 5) is True
+    assert not table.is_cold("m")  # it has an endpoint now, whatever the last pass said
+    table.replace([], cold={"m"})
+    assert await table.wait_for_endpoints("m", 0.05) is False  # nobody came: the caller gives up
+    assert table._waiters == {}
