@@ -134,7 +134,7 @@ class Autoscaler:
         ``max(1, min)`` now, held through the scale-down delay."""
         scaling = spec.autoscaling
         assert scaling is not None
-        metric, target = ("inflight", float(scaling.targetInflight)) if scaling.targetInflight else ("rps", float(scaling.targetRps or 1.0))
+        metric, target = _target(scaling)
         current = sum(r.replicas for r in rows)
         if current > 0 or spec.replicas.min > 0:
             self._wakes_seen[name] = wakes
@@ -155,7 +155,7 @@ class Autoscaler:
                    rows: list[store_mod.PlacementRow], agents: Mapping[str, agent_model.AgentStatus]) -> Recommendation:
         scaling = spec.autoscaling
         assert scaling is not None
-        metric, target = ("inflight", float(scaling.targetInflight)) if scaling.targetInflight else ("rps", float(scaling.targetRps or 1.0))
+        metric, target = _target(scaling)
         current = sum(r.replicas for r in rows)
         total, reporting, unobservable = 0.0, 0, 0
         for row in rows:
@@ -219,3 +219,10 @@ class Autoscaler:
             known.inflight = max(0.0, load.busy_seconds_total - known.sample.busy_seconds_total) / elapsed
             known.sample = load
         return known if known.rps is not None else None
+
+
+def _target(scaling: schema.Autoscaling) -> tuple[str, float]:
+    """The metric a deployment scales on and its per-replica target."""
+    if scaling.targetInflight:
+        return "inflight", float(scaling.targetInflight)
+    return "rps", float(scaling.targetRps or 1.0)
