@@ -9,7 +9,8 @@ verified (a file corrupted on disk later is refused, not served).
 Downloads are one streamed GET each, made with the standard library's ``http.client`` by
 a child process (:mod:`edge_agent.fetch`): an HTTP client library would add 10 MB to an
 agent whose whole budget is 80 MB, and even ``http.client`` costs the daemon 1 MB for
-good. A cancelled fetch kills its child and waits for it, so nothing else may touch the
+good. The same child copies ``file://`` artifacts (with ``--allow-file-artifacts``). A
+cancelled fetch kills its child and waits for it, so nothing else may touch the
 ``.partial`` file before the writer is gone.
 """
 
@@ -24,7 +25,6 @@ import os
 import pathlib
 import re
 import sys
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -35,13 +35,8 @@ from edge_agent import errors
 log = logging.getLogger(__name__)
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
-CHUNK = 1 << 20
 #: Beyond the socket timeout, how long a download child may say nothing before it is killed.
 STALL_GRACE_S = 10.0
-
-
-class _Stopped(Exception):
-    """The fetch that started this download was cancelled."""
 
 
 def check_sha256(sha256: str) -> str:
@@ -82,10 +77,7 @@ class ArtifactCache:
             scheme = urllib.parse.urlsplit(url).scheme
             if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
                 try:
-                    if scheme == "file":
-                        await _in_thread(self._copy_file, url, digest, final)
-                    else:
-                        await self._download(url, digest, final)
+                    await self._download(url, digest, final)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
                         f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
@@ -175,54 +167,12 @@ class ArtifactCache:
         tail = stderr.decode(errors="replace").strip()[-300:]
         return errors.ArtifactUnavailable(f"download of {url} failed: the fetch process exited with status {code}: {tail}")
 
-    def _copy_file(self, url: str, digest: str, final: pathlib.Path, stop: threading.Event) -> None:
-        source = pathlib.Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
-        partial = final.with_name(digest + ".partial")
-        hasher = hashlib.sha256()
-        size = 0
-        try:
-            with source.open("rb") as src, partial.open("wb") as dst:
-                for chunk in iter(lambda: src.read(CHUNK), b""):
-                    if stop.is_set():
-                        raise _Stopped
-                    size += len(chunk)
-                    if size > self._max_bytes:
-                        raise errors.ArtifactIntegrityError(
-                            f"artifact {url} is larger than {self._max_bytes} bytes"
-                        )
-                    hasher.update(chunk)
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-        except OSError as exc:
-            partial.unlink(missing_ok=True)
-            raise errors.ArtifactUnavailable(f"cannot read {url}: {exc}") from exc
-        except BaseException:  # too large, or stopped: a local copy is not resumed
-            partial.unlink(missing_ok=True)
-            raise
-        _publish(partial, final, url, digest, hasher.hexdigest())
-
 
 async def _reap(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
     await proc.wait()
-
-
-async def _in_thread(work: Callable[[str, str, pathlib.Path, threading.Event], None], url: str, digest: str, final: pathlib.Path) -> None:
-    """Run a blocking fetch in a worker thread. Cancelled, it asks the thread to stop at
-    its next chunk and waits for that, so the caller's lock is held until nobody writes
-    the ``.partial`` file any more."""
-    stop = threading.Event()
-    job = asyncio.get_running_loop().run_in_executor(None, work, url, digest, final, stop)
-    try:
-        await asyncio.shield(job)
-    except asyncio.CancelledError:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await job
-        raise
 
 
 def _publish(partial: pathlib.Path, final: pathlib.Path, url: str, digest: str, actual: str) -> None:

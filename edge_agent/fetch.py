@@ -2,6 +2,9 @@
 
     python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N
 
+(``file://`` URLs too, copied from the start: the agent only passes them on with
+``--allow-file-artifacts``.)
+
 :class:`edge_agent.artifacts.ArtifactCache` runs this as a child process for every
 http(s) download. ``http.client`` and the ``email`` package it parses headers with cost
 an agent about 1 MB for the rest of its life, for a job it does once per model version;
@@ -33,7 +36,8 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
@@ -48,34 +52,26 @@ class Failed(Exception):
 
 
 def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int) -> tuple[int, str]:
-    """Fetch ``url`` into ``partial`` (resuming), fsync it; return its size and sha256."""
+    """Fetch ``url`` into ``partial`` (resuming over HTTP), fsync it; return its size and
+    sha256. ``file://`` URLs are copied from the start (the caller decides whether they
+    are allowed)."""
     hasher = hashlib.sha256()
     have = hash_into(partial, hasher) if partial.exists() else 0
-    # Identity encoding: the hash covers the bytes as stored, and Range counts them.
-    headers = {"Accept-Encoding": "identity", "User-Agent": "edgeplane-agent"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
+    source = _open(url, have, timeout)
     try:
-        conn, response = _get(url, headers, timeout)
-    except (OSError, http.client.HTTPException) as exc:
-        raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
-    try:
-        if response.status == 416 and have:
-            return have, hasher.hexdigest()  # already complete (or bogus): the hash decides
-        if response.status == 206 and have:
+        if source.start is None:
+            return have, hasher.hexdigest()  # nothing left to fetch (or bogus): the hash decides
+        if source.start:
             _emit(resumed=have)
-        elif response.status == 200:
-            have = 0  # the server ignored Range, or there was nothing to resume
+        else:
+            have = 0  # the server ignored Range, there was nothing to resume, or a local copy
             hasher = hashlib.sha256()
             partial.unlink(missing_ok=True)
-        else:
-            raise Failed("unavailable", f"GET {url} answered HTTP {response.status}")
-        total = _total_size(response.headers, have)
         last = time.monotonic()
         with partial.open("ab") as fh:
             while True:
-                try:  # what one socket read brings: a slow link still shows progress
-                    chunk = response.read1(CHUNK)
+                try:
+                    chunk = source.read(CHUNK)
                 except (OSError, http.client.HTTPException) as exc:
                     raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
                 if not chunk:
@@ -89,12 +85,46 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int)
                 now = time.monotonic()
                 if now - last >= PROGRESS_EVERY_S:
                     last = now
-                    _emit(progress=have, total=total)
+                    _emit(progress=have, total=source.total)
             fh.flush()
             os.fsync(fh.fileno())
     finally:
-        conn.close()
+        source.close()
     return have, hasher.hexdigest()
+
+
+@dataclass
+class _Source:
+    read: Callable[[int], bytes]  # up to n bytes as they come (one socket read), b"" at the end
+    start: int | None  # the byte it begins at: 0, or what ``partial`` holds (resumed); None: nothing left
+    total: int | None  # the artifact's size, when known
+    close: Callable[[], None]
+
+
+def _open(url: str, have: int, timeout: float) -> _Source:
+    if urllib.parse.urlsplit(url).scheme == "file":
+        path = pathlib.Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+        try:
+            fh = path.open("rb")
+        except OSError as exc:
+            raise Failed("unavailable", f"cannot read {url}: {exc}") from exc
+        return _Source(fh.read1, 0, os.fstat(fh.fileno()).st_size, fh.close)
+    # Identity encoding: the hash covers the bytes as stored, and Range counts them.
+    headers = {"Accept-Encoding": "identity", "User-Agent": "edgeplane-agent"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        conn, response = _get(url, headers, timeout)
+    except (OSError, http.client.HTTPException) as exc:
+        raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
+    if response.status == 416 and have:
+        return _Source(response.read1, None, have, conn.close)
+    if response.status == 206 and have:
+        return _Source(response.read1, have, _total_size(response.headers, have), conn.close)
+    if response.status == 200:
+        return _Source(response.read1, 0, _total_size(response.headers, 0), conn.close)
+    conn.close()
+    raise Failed("unavailable", f"GET {url} answered HTTP {response.status}")
 
 
 def hash_into(path: pathlib.Path, hasher: hashlib._Hash) -> int:
