@@ -140,6 +140,9 @@ class ModelRegistry:
     def serving(self) -> list[ServedModel]:
         return [s.serving for s in self._slots.values() if s.serving is not None]
 
+    def _serving_versions(self) -> set[tuple[str, str]]:
+        return {(m.name, m.sha256) for m in self.serving()}
+
     def statuses(self) -> tuple[ModelStatus, ...]:
         out = []
         for name, slot in self._slots.items():
@@ -172,7 +175,7 @@ class ModelRegistry:
         backoff has run out; a changed assignment starts afresh at once.
         """
         wanted = {a.model: a for a in desired.assignments}
-        before = {id(m) for m in self.serving()}
+        before = self._serving_versions()
         for name in [n for n in self._slots if n not in wanted]:
             del self._slots[name]
             log.info("model %s unassigned: unloaded", name)
@@ -180,7 +183,7 @@ class ModelRegistry:
         await asyncio.gather(*(self._converge_one(a) for a in wanted.values()))
         self.applied_version = desired.version
         self._on_change()
-        if {id(m) for m in self.serving()} != before:
+        if self._serving_versions() != before:
             _release_freed_memory()
 
     async def _converge_one(self, want: assignments.Assignment) -> None:
