@@ -64,7 +64,10 @@ def fuzz_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread
     ft = FleetThread(root)
     ft.built = built  # type: ignore[attr-defined]
     try:
-        cp = ft.run(ft.fleet.start_control_plane())
+        # These tests are about bytes, not liveness: a 2-core machine busy with the fuzzer
+        # must not be able to starve the agent's heartbeats past the hub's deadline (the
+        # harness default is 3 x 0.5 s), which would turn every later answer into a 503.
+        cp = ft.run(ft.fleet.start_control_plane(missed_heartbeats=20))
         resp = httpx.post(f"{cp.http_url}/v1/apply", content=fleet_yaml(built.sha256).encode())
         assert resp.status_code == 200, resp.text
         ft.run(ft.fleet.start_agent("edge-fuzz", country="FR", region="fr", lat=48.85, lon=2.35))

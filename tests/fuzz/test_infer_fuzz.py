@@ -4,6 +4,7 @@ gets a 2xx/4xx answer (never a 5xx while the agent is up) and the daemon stays a
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -86,11 +87,20 @@ def _valid_body(fuzz_fleet: FleetThread) -> bytes:
     return json.dumps({"inputs": [{"name": built.input_name, "datatype": "FP32", "shape": [2, 8], "data": x.ravel().tolist()}]}).encode()
 
 
+def _fleet_state(fuzz_fleet: FleetThread) -> str:
+    cp = fuzz_fleet.fleet.cp
+    assert cp is not None
+    status = cp.hub.status("edge-fuzz")
+    heard = f"healthy={status.healthy}, last heartbeat {time.time() - status.last_heartbeat:.2f}s ago" if status else "no agent"
+    return f"agent {heard}; gateway ejections {sorted(cp.table.ejected())}"
+
+
 @pytest.mark.parametrize("where", ["agent", "gateway"])
 def test_infer_bodies_never_5xx(fuzz_fleet: FleetThread, targets: dict[str, str], where: str) -> None:
     agent = fuzz_fleet.fleet.agents["edge-fuzz"]
     built = fuzz_fleet.built  # type: ignore[attr-defined]
     codes: dict[int, int] = {}
+    first: list[str] = []  # Hypothesis reports the shrunk case; the first one says more
     with httpx.Client(base_url=targets[where], timeout=10) as http:
         assert http.post("/v2/models/intent/infer", content=_valid_body(fuzz_fleet)).status_code == 200
 
@@ -101,11 +111,16 @@ def test_infer_bodies_never_5xx(fuzz_fleet: FleetThread, targets: dict[str, str]
             body, headers = body_headers
             resp = http.post(f"/v2/models/{model}/infer", content=body, headers=headers)
             codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
+            if resp.status_code >= 500 and not first:
+                first.append(f"{resp.status_code} {resp.text[:300]!r} for {body[:300]!r} {headers}; {_fleet_state(fuzz_fleet)}")
             assert resp.status_code < 500, (resp.status_code, resp.text[:300], body[:300], headers)
             if resp.status_code >= 400:
                 assert "error" in resp.json()
 
-        fuzz()
+        try:
+            fuzz()
+        except AssertionError as exc:
+            raise AssertionError(f"first 5xx: {first[0] if first else '-'}") from exc
         assert agent.process.poll() is None, "the agent died"
         ok = http.post("/v2/models/intent/infer", content=_valid_body(fuzz_fleet))
         assert ok.status_code == 200 and oip.decode_response(ok.content).outputs
