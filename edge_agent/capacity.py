@@ -7,7 +7,11 @@ claims, nor what the host has when the agent runs in a container:
   quota, rounded up (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``);
 - memory: ``MemTotal`` / ``MemAvailable`` of ``/proc/meminfo``, capped by the cgroup's
   memory limit and what is left under it (v2 ``memory.max`` / ``memory.current``, v1
-  ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``);
+  ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``). What is used under the limit is
+  the working set, as the kubelet counts it: the usage less the inactive file cache
+  (``inactive_file`` of ``memory.stat``, v1 ``total_inactive_file``), which the kernel
+  reclaims before it would hit the limit. A container that has read a large model file
+  is not full;
 - CPU load: the whole machine's busy share between two reports, from ``/proc/stat``;
 - GPUs through NVML when ``pynvml`` is importable, and the onnxruntime execution
   providers that can actually run here.
@@ -138,9 +142,16 @@ class _Linux:
         available = self._meminfo("MemAvailable")
         limit = self._memory_limit()
         if limit:
-            used = self._read_int("memory", "memory.current", "memory.usage_in_bytes")
-            available = min(available, max(0, limit - (used or 0)))
+            available = min(available, max(0, limit - self._working_set()))
         return available
+
+    def _working_set(self) -> int:
+        used = self._read_int("memory", "memory.current", "memory.usage_in_bytes") or 0
+        stat = self._read("memory", "memory.stat") or ""
+        counters = dict(line.split(" ", 1) for line in stat.splitlines() if line.count(" ") == 1)
+        # v1 names the hierarchy's total (what usage_in_bytes counts) total_inactive_file
+        inactive = counters.get("total_inactive_file", counters.get("inactive_file", "0"))
+        return max(0, used - int(inactive)) if inactive.isdigit() else used
 
     def cpu_percent(self) -> float:
         fields = [int(v) for v in (self._proc / "stat").read_text().split("\n", 1)[0].split()[1:9]]

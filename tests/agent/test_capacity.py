@@ -55,6 +55,25 @@ def test_cgroup_v2_limits_cap_what_is_reported(tmp_path: pathlib.Path) -> None:
     assert measured.load().memory_available_bytes == GiB - GiB // 4
 
 
+@pytest.mark.parametrize("v1", [False, True])
+def test_inactive_file_cache_under_the_limit_counts_as_available(tmp_path: pathlib.Path, v1: bool) -> None:
+    # 3/4 GiB "used", of which 1/2 GiB is a model file read once: the kernel gives that
+    # back before the limit is hit, so 3/4 GiB is available, not 1/4 (the kubelet's working set).
+    cgroups = tmp_path / "cgroup"
+    used = str(3 * GiB // 4)
+    if v1:
+        stat = f"cache {GiB // 2}\ninactive_file 1\ntotal_inactive_file {GiB // 2}\ntotal_active_file 0"
+        files(cgroups / "memory" / "pod", memory_limit_in_bytes=str(GiB), memory_usage_in_bytes=used, memory_stat=stat)
+        cgroup = "4:memory:/pod\n"
+    else:
+        stat = f"anon {GiB // 4}\nfile {GiB // 2}\nactive_file 0\ninactive_file {GiB // 2}"
+        files(cgroups, cgroup_controllers="cpu memory")
+        files(cgroups / "pod", memory_max=str(GiB), memory_current=used, memory_stat=stat)
+        cgroup = "0::/pod\n"
+    measured = probe(fake_proc(tmp_path, cgroup), cgroups)
+    assert measured.load().memory_available_bytes == min(HOST_AVAILABLE, GiB - GiB // 4)
+
+
 def test_cgroup_v2_inside_a_namespace_reads_the_mount_root(tmp_path: pathlib.Path) -> None:
     cgroups = tmp_path / "cgroup"
     files(cgroups, cgroup_controllers="cpu memory", cpu_max="150000 100000", memory_max=str(2 * GiB), memory_current="0")
