@@ -74,6 +74,8 @@ class ArtifactCache:
             final = self.root / digest
             if final.is_file():
                 return final
+            if not url:  # a version the control plane only expects from this cache
+                raise errors.ArtifactUnavailable(f"artifact {digest[:12]} is not cached here and no URL was given for it")
             scheme = urllib.parse.urlsplit(url).scheme
             if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
                 try:

@@ -60,6 +60,7 @@ async def test_corruption_on_disk_is_detected_before_loading(
     [
         ("file:///etc/hostname", "0" * 64, errors.ArtifactUnavailable, "--allow-file-artifacts"),
         ("ftp://example/x.onnx", "0" * 64, errors.ArtifactUnavailable, "scheme"),
+        ("", "0" * 64, errors.ArtifactUnavailable, "not cached here and no URL was given"),
         ("http://127.0.0.1:1/x.onnx", "0" * 64, errors.ArtifactUnavailable, "failed"),
         ("http://127.0.0.1:1/x.onnx", "not-a-digest", errors.ArtifactIntegrityError, "64 hex"),
     ],

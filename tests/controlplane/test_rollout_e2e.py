@@ -19,14 +19,14 @@ SITES = {
 }
 
 
-def fleet_yaml(uri: str, sha256: str) -> str:
+def fleet_yaml(uri: str, sha256: str, sites: dict[str, dict] = SITES) -> str:
     deployment = manifests.doc("ModelDeployment", "intent-eu", {
         "model": "intent",
-        "replicas": {"min": 3, "max": 3},
+        "replicas": {"min": len(sites), "max": len(sites)},
         "placement": {"residency": ["EU"], "tiers": ["edge"], "spread": {"by": "site", "maxSkew": 1}},
         "rollout": {"canarySteps": [30], "maxUnavailable": 1},
     })
-    return manifests.bundle(*(manifests.edge_site(n, **w) for n, w in SITES.items()),
+    return manifests.bundle(*(manifests.edge_site(n, **w) for n, w in sites.items()),
                             manifests.onnx_model("intent", uri, sha256), deployment)
 
 
@@ -109,3 +109,20 @@ async def test_canary_first_one_site_at_a_time_then_a_bad_version_halts(fleet: h
     assert "could not load version" in status["rollout"]["halted"] and "could not load version" in status["reason"]
     assert len(sent(cp, v3)) == 1 and len(sent(cp, v2.sha256)) == 2  # nobody else was sent v3
     assert serving(cp, v2.sha256) == set(SITES)  # and every site still answers, on v2
+
+    # While halted, a site placed anew gets the version the others keep, from the URL they
+    # got it from (not the halted version's URL, whose bytes are another sha256).
+    rome = dict(country="IT", lat=41.9028, lon=12.4964)
+    await apply(cp, fleet_yaml("v3.onnx", v3, {**SITES, "edge-rome": rome}))
+    await fleet.start_agent("edge-rome", **rome)
+
+    def rome_serves() -> str:
+        st = cp.hub.status("edge-rome")
+        m = st.models.get("intent") if st is not None else None
+        return m.serving_sha256 if m is not None else ""
+
+    await harness.wait_until(lambda: rome_serves() == v2.sha256, 60, what="the new site serving the kept version")
+    kept_url = {a.artifact_url for s in SITES for a in cp.hub.assignments(s).assignments if a.sha256 == v2.sha256}
+    (rome_sent,) = cp.hub.assignments("edge-rome").assignments
+    assert (rome_sent.sha256, {rome_sent.artifact_url}) == (v2.sha256, kept_url)
+    assert len(sent(cp, v3)) == 1 and serving(cp, v2.sha256) == set(SITES)  # still halted
