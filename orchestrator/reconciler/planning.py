@@ -116,7 +116,6 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
             groups.setdefault((row.deployment, row.variant), []).append(row.site)
     rollouts: dict[str, rollout.Rollout] = {}
     held: set[str] = set()
-    urls: dict[tuple[str, str], str] | None = None
     for (name, variant_name), sites in sorted(groups.items()):
         d = deployments[name]
         model = d.spec.model
@@ -133,27 +132,17 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
             if site in decision.new:
                 sha, url = variant.artifact.sha256, ref.url
             elif site in decision.kept:  # waiting for its turn: the version it serves (cached there)
-                # Where it was downloaded from: what this site was sent for it, else what any
-                # site was (a site placed while a rollout is halted gets the version the
-                # others keep, and was never sent it). "" when none was since this control
-                # plane started: the site serves it from its cache, and the current variant's
-                # URL would name other bytes.
-                sha, prior = decision.kept[site], sent[site]
-                if prior is not None and prior.sha256 == sha and prior.artifact_url:
-                    url = prior.artifact_url
-                else:
-                    urls = urls if urls is not None else _urls_sent(s)  # built once, on the first need
-                    url = urls.get((model, sha), "")
+                # From where that version was sent (to this site, or to another: a site
+                # placed while a rollout is halted has never had it); "" if to none since
+                # this control plane started, and the site serves it from its cache.
+                # Never the current variant's URL: its bytes have another sha256.
+                sha = decision.kept[site]
+                url = s.urls_sent.get((model, sha), "")
             else:
                 continue
             out[site][model] = agent_model.Assignment(
                 model=model, deployment=name, variant=variant_name, artifact_url=url, sha256=sha)
     return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items() if site not in held}, rollouts
-
-
-def _urls_sent(s: snap.Snapshot) -> dict[tuple[str, str], str]:
-    """(model, sha256) -> the URL some site was last sent for that version."""
-    return {(a.model, a.sha256): a.artifact_url for assignments in s.assignments.values() for a in assignments if a.artifact_url}
 
 
 def _sent(s: snap.Snapshot, site: str, model: str) -> agent_model.Assignment | None:

@@ -71,5 +71,10 @@ class Snapshot:
         return {a.site: a for a in self.agents}
 
     @cached_property
+    def urls_sent(self) -> Mapping[tuple[str, str], str]:
+        """(model, sha256) -> the artifact URL agents were last sent for that version."""
+        return {(a.model, a.sha256): a.artifact_url for sent in self.assignments.values() for a in sent if a.artifact_url}
+
+    @cached_property
     def deployment_by_name(self) -> Mapping[str, DeploymentRecord]:
         return {d.name: d for d in self.deployments}
