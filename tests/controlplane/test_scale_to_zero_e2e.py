@@ -46,8 +46,8 @@ def placed(cp) -> int:  # noqa: ANN001
     return sum(p.replicas for p in cp.store.placements() if p.deployment == "lazy-fr")
 
 
-def phase(cp) -> str:  # noqa: ANN001
-    obj = cp.store.get("ModelDeployment", "lazy-fr")
+def phase(cp, deployment: str = "lazy-fr") -> str:  # noqa: ANN001
+    obj = cp.store.get("ModelDeployment", deployment)
     return obj.status.get("phase", "") if obj is not None else ""
 
 
@@ -96,7 +96,9 @@ async def test_a_replica_that_cannot_start_gives_a_503_after_the_cold_start_time
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         assert (await http.delete("/v1/modeldeployments/lazy-fr")).status_code == 200
         assert (await http.post("/v1/apply", content=body)).status_code == 200
-        await harness.wait_until(lambda: cp.table.is_cold("lazy") and not cp.table.endpoints("lazy"), 30, what="lazy cold")
+        # lazy-fr was cold too: wait for a pass that has seen lazy-de, not for the old state
+        await harness.wait_until(lambda: phase(cp, "lazy-de") == "ScaledToZero" and cp.table.is_cold("lazy")
+                                 and not cp.table.endpoints("lazy"), 30, what="lazy-de cold")
         x, _ = oip.encode_request({"input": np.zeros((1, 8), dtype=np.float32)})
         resp = await http.post("/v2/models/lazy/infer", content=x, headers={"content-type": "application/json"})
     assert resp.status_code == 503
