@@ -181,3 +181,35 @@ async def test_cascade_tune_prints_a_sweep(fleet: harness.Fleet, task: tuple[pat
     bad.write_text('{"input": [[1, 2]]}\nnot json\n')
     out = await asyncio.to_thread(subprocess.run, [*cmd[:5], str(bad), "--server", fleet.cp.http_url], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "bad.jsonl:2: not JSON" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stage_one_killed_under_load_fails_no_request(fleet: harness.Fleet, task: tuple[pathlib.Path, cascade_task.Task, str]) -> None:
+    """Last in this module: it leaves edge-paris dead. A French caller's only first stage is
+    edge-paris; killed with SIGKILL mid-load, every request is answered by the data centre."""
+    cp, t = fleet.cp, task[1]
+    french = {**PARIS, "x-edgeplane-residency": "FR"}
+    statuses: list[tuple[int, str, float]] = []  # status, site, time
+    killed_at: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def worker(offset: int) -> None:
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            for i in range(offset, 400, 4):
+                resp = await http.post("/v2/models/task/infer", json=body(t.x_test[i % len(t.x_test)]), headers=french)
+                statuses.append((resp.status_code, resp.headers.get("x-edgeplane-site", ""), loop.time()))
+                after = [s for s in statuses if killed_at and s[2] > killed_at[0]]
+                if len(after) >= 60:
+                    return
+
+    async def killer() -> None:
+        await harness.wait_until(lambda: sum(s[1] == "edge-paris" for s in statuses) >= 20, 60, interval=0.01, what="load at edge-paris")
+        fleet.agents["edge-paris"].kill()
+        killed_at.append(loop.time())
+
+    await asyncio.gather(killer(), *(worker(k) for k in range(4)))
+    assert killed_at, "the agent was never killed"
+    failed = [s for s in statuses if s[0] != 200]
+    assert not failed, failed[:5]
+    after = [s for s in statuses if s[2] > killed_at[0] + 0.5]
+    assert after and {s[1] for s in after} == {"dc-paris"}
