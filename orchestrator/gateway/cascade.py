@@ -98,12 +98,13 @@ class CascadeStats:
 
     def snapshot(self, routes: Mapping[str, rules.CascadeRoute]) -> list[dict[str, Any]]:
         out = []
-        for model, route in sorted(routes.items()):
-            t = self._by_cascade.get(model, _Totals())
+        unique = {route.deployment: route for route in routes.values()}  # a cascade is listed under its model and its name
+        for name, route in sorted(unique.items()):
+            t = self._by_cascade.get(name, _Totals())
             n = t.requests or 0
             escalated = sum(t.escalations.values())
             out.append({
-                "name": route.deployment, "model": model, "stages": [s.variant for s in route.stages],
+                "name": route.deployment, "model": route.model, "stages": [s.variant for s in route.stages],
                 "requests": n, "failed": t.failed,
                 "answered": {s.variant: t.answered.get(s.variant, 0) for s in route.stages},
                 "firstStageShare": round(t.answered.get(route.stages[0].variant, 0) / n, 4) if n else None,
@@ -162,7 +163,7 @@ class CascadeHandler:
         if mode == "off":
             return await plain()
         started = self.clock()
-        totals = self.stats.totals(route.model)
+        totals = self.stats.totals(route.deployment)
         totals.requests += 1
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         stage = rules.first_stage(route, mode)
@@ -214,7 +215,7 @@ class CascadeHandler:
                     return Response(oip.error_body(f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}"),
                                     status_code=code, media_type="application/json")
                 case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
-                    self.metrics.escalations.labels(route.model, route.stages[stage].variant, cause).inc()
+                    self.metrics.escalations.labels(route.deployment, route.stages[stage].variant, cause).inc()
                     totals.escalations[cause] = totals.escalations.get(cause, 0) + 1
                     if escalated_at is None:
                         escalated_at = self.clock()
@@ -225,7 +226,7 @@ class CascadeHandler:
 
     def _not_escalated(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: _Trip,
                        started: float, why: str, totals: _Totals) -> Response:
-        self.metrics.not_escalated.labels(route.model, route.stages[answer.stage].variant).inc()
+        self.metrics.not_escalated.labels(route.deployment, route.stages[answer.stage].variant).inc()
         totals.not_escalated += 1
         return self._respond(route, answer, confidence, trip, started, None, "not-escalated", why, totals)
 
@@ -246,8 +247,8 @@ class CascadeHandler:
                 busy = self.clock() - began
                 joules = rules.energy_joules(route, stage, e.site, busy)
                 grams = rules.grams_co2(route, e.site, joules)
-                self.metrics.energy.labels(route.model, e.site).inc(joules)
-                self.metrics.co2.labels(route.model, e.site).inc(grams)
+                self.metrics.energy.labels(route.deployment, e.site).inc(joules)
+                self.metrics.co2.labels(route.deployment, e.site).inc(grams)
                 totals.energy_j += joules
                 totals.co2_g += grams
                 trip.joules += joules
@@ -287,13 +288,13 @@ class CascadeHandler:
                  escalated_at: float | None, escalation: str, reason: str, totals: _Totals) -> Response:
         now = self.clock()
         variant = route.stages[answer.stage].variant
-        self.metrics.answered.labels(route.model, variant).inc()
+        self.metrics.answered.labels(route.deployment, variant).inc()
         totals.answered[variant] = totals.answered.get(variant, 0) + 1
         totals.latency_s += now - started
         if escalated_at is not None:
             # what the earlier stages cost this request before the one that answered began
             added = escalated_at - started
-            self.metrics.added.labels(route.model).observe(added)
+            self.metrics.added.labels(route.deployment).observe(added)
             totals.added_s += added
         out = {"x-edgeplane-site": answer.site, "x-edgeplane-tier": answer.tier, "x-edgeplane-cascade-stage": variant,
                "x-edgeplane-cascade-sites": ",".join(trip.sites), "x-edgeplane-cascade-escalation": escalation,

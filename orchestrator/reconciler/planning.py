@@ -326,7 +326,7 @@ def plan_pass(s: snap.Snapshot) -> PassPlan:
 
 
 def cascade_routes(s: snap.Snapshot) -> dict[str, cascade_rules.CascadeRoute]:
-    """The gateway's cascades, by model: each stage's tiers, rule and power per replica, and
+    """The gateway's cascades, by model and by deployment name: each stage's tiers, rule and power per replica, and
     each site's grid intensity and PUE (for the energy and gCO2 of each request)."""
     energy = {r.name: cascade_rules.SiteEnergy(r.spec.energy.carbonGramsPerKWh if r.spec.energy else inventory.DEFAULT_CARBON_G_PER_KWH,
                                                r.spec.energy.pue if r.spec.energy else 1.0) for r in s.sites}
@@ -337,6 +337,7 @@ def cascade_routes(s: snap.Snapshot) -> dict[str, cascade_rules.CascadeRoute]:
             continue
         watts = {v.name: inventory.to_variant(v).watts for v in model.variants}
         route = cascade_rules.route_of(d.name, d.spec, watts, energy)
-        if route is not None:
+        if route is not None:  # called by the model's name, or by the deployment's
             out.setdefault(d.spec.model, route)
+            out.setdefault(d.name, route)
     return out

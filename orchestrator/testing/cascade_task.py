@@ -168,7 +168,7 @@ def write_jsonl(path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> None:
 def manifests(student: onnx_models.BuiltModel, teacher: onnx_models.BuiltModel, *, threshold: float,
               edges: dict[str, tuple[str, float, float]], datacentre: tuple[str, str, float, float],
               student_watts: float = 10.0, teacher_watts: float = 250.0, residency: tuple[str, ...] = ("EU",),
-              name: str = "task", dc_cpu: float = 1.0) -> str:
+              name: str = "task", deployment: str | None = None, dc_cpu: float = 1.0) -> str:
     """Sites (``edges``: name -> (country, lat, lon); ``datacentre``: (name, country, lat,
     lon) on the local Ray cluster), the Model with both variants (artifacts named by file
     under an artifact root), and the cascading deployment: one replica per site."""
@@ -190,7 +190,7 @@ def manifests(student: onnx_models.BuiltModel, teacher: onnx_models.BuiltModel, 
          "resources": {"cpu": dc_cpu, "memoryMiB": 256}, "powerWatts": teacher_watts, **io},
     ]}})
     replicas = len(edges) + 1
-    docs.append({"kind": "ModelDeployment", "metadata": {"name": name}, "spec": {
+    docs.append({"kind": "ModelDeployment", "metadata": {"name": deployment or name}, "spec": {
         "model": name, "variant": {"edge": "student", "datacenter": "teacher"},
         "replicas": {"min": replicas, "max": replicas},
         "placement": {"residency": list(residency), "spread": {"by": "site", "maxSkew": 1}},

@@ -42,7 +42,8 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, cascad
     task = cascade_task.build(teacher_width=64, teacher_depth=2, student_hidden=32, train=3000, validation=200, test=400, epochs=30)
     student = cascade_task.write_onnx(task.student, root / "artifacts" / "student.onnx", "student")
     teacher = cascade_task.write_onnx(task.teacher, root / "artifacts" / "teacher.onnx", "teacher")
-    return root, task, cascade_task.manifests(student, teacher, threshold=THRESHOLD, edges=EDGES, datacentre=DC, dc_cpu=0.2)
+    return root, task, cascade_task.manifests(student, teacher, threshold=THRESHOLD, edges=EDGES, datacentre=DC, dc_cpu=0.2,
+                                                          deployment="task-cascade")
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +82,9 @@ async def fleet(task: tuple[pathlib.Path, cascade_task.Task, str], ray_cluster: 
             await actuator.close()
 
 
-async def infer(cp: Any, x: np.ndarray, headers: dict[str, str]) -> httpx.Response:
+async def infer(cp: Any, x: np.ndarray, headers: dict[str, str], name: str = "task") -> httpx.Response:
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        return await http.post("/v2/models/task/infer", json=body(x), headers=headers)
+        return await http.post(f"/v2/models/{name}/infer", json=body(x), headers=headers)
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -95,6 +96,8 @@ async def test_a_confident_answer_stays_at_the_edge(fleet: harness.Fleet, sample
     assert h["x-edgeplane-cascade-sites"] == "edge-paris"
     assert float(h["x-edgeplane-cascade-confidence"]) >= THRESHOLD
     assert float(h["x-edgeplane-cascade-energy-j"]) > 0
+    by_name = await infer(fleet.cp, samples[0], PARIS, name="task-cascade")  # the deployment's name calls it too
+    assert by_name.status_code == 200 and by_name.headers["x-edgeplane-cascade-stage"] == "student"
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -144,7 +147,7 @@ async def test_get_cascades_and_metrics(fleet: harness.Fleet, samples: tuple[np.
                                   capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     [item] = json.loads(out.stdout)["items"]
-    assert item["name"] == "task" and item["stages"] == ["student", "teacher"]
+    assert (item["name"], item["model"]) == ("task-cascade", "task") and item["stages"] == ["student", "teacher"]
     assert item["answered"]["student"] >= 1 and item["answered"]["teacher"] >= 1
     assert item["requests"] == sum(item["answered"].values()) + item["failed"]
     assert 0 < item["escalationRate"] < 1 and item["energyPerRequestJ"] > 0 and item["co2PerRequestG"] > 0
@@ -153,8 +156,8 @@ async def test_get_cascades_and_metrics(fleet: harness.Fleet, samples: tuple[np.
     assert table.returncode == 0 and "student > teacher" in table.stdout
     async with httpx.AsyncClient(base_url=cp.http_url) as http:
         metrics = (await http.get("/metrics")).text
-    assert 'edgeplane_cascade_answered_total{cascade="task",stage="teacher"}' in metrics
-    assert 'edgeplane_cascade_escalations_total{cascade="task",cause="unsure",stage="student"}' in metrics
+    assert 'edgeplane_cascade_answered_total{cascade="task-cascade",stage="teacher"}' in metrics
+    assert 'edgeplane_cascade_escalations_total{cascade="task-cascade",cause="unsure",stage="student"}' in metrics
     assert "edgeplane_cascade_energy_joules_total" in metrics and "edgeplane_cascade_added_seconds_bucket" in metrics
 
 
@@ -163,7 +166,7 @@ async def test_cascade_tune_prints_a_sweep(fleet: harness.Fleet, task: tuple[pat
     root, t, _ = task
     sample = root / "sample.jsonl"
     cascade_task.write_jsonl(sample, t.x_val[:40], t.y_val[:40])
-    cmd = [str(EDGEPLANE), "cascade", "tune", "task", "-f", str(sample), "--thresholds", "0.5,0.9,1", "--location", "48.85,2.35",
+    cmd = [str(EDGEPLANE), "cascade", "tune", "task-cascade", "-f", str(sample), "--thresholds", "0.5,0.9,1", "--location", "48.85,2.35",
            "--server", fleet.cp.http_url]
     out = await asyncio.to_thread(subprocess.run, [*cmd, "-o", "json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
