@@ -174,11 +174,16 @@ class Gateway:
         return await handler.infer(route, mode, caller, request, body,
                                    lambda: self._forward(route.model, request, "POST", "/infer", body))
 
+    def _model_of(self, name: str) -> str:
+        """The model a v2 name means: a cascade is called by its deployment's name too."""
+        route = self.table.cascades.get(name)
+        return route.model if route is not None else name
+
     async def model_metadata(self, request: Request) -> Response:
-        return await self._forward(request.path_params["model"], request, "GET", "", None)
+        return await self._forward(self._model_of(request.path_params["model"]), request, "GET", "", None)
 
     async def model_ready(self, request: Request) -> Response:
-        ranked = self.candidates(request.path_params["model"], request)
+        ranked = self.candidates(self._model_of(request.path_params["model"]), request)
         if isinstance(ranked, routing.NoRoute):
             return _error(ranked.status, ranked.reason)
         return JSONResponse({"name": request.path_params["model"], "ready": True, "site": ranked[0].endpoint.site},

@@ -98,6 +98,10 @@ async def test_a_confident_answer_stays_at_the_edge(fleet: harness.Fleet, sample
     assert float(h["x-edgeplane-cascade-energy-j"]) > 0
     by_name = await infer(fleet.cp, samples[0], PARIS, name="task-cascade")  # the deployment's name calls it too
     assert by_name.status_code == 200 and by_name.headers["x-edgeplane-cascade-stage"] == "student"
+    async with httpx.AsyncClient(base_url=fleet.cp.http_url, timeout=30) as http:
+        assert (await http.get("/v2/models/task-cascade/ready", headers=PARIS)).status_code == 200
+        meta = await http.get("/v2/models/task-cascade", headers=PARIS)
+        assert meta.status_code == 200 and meta.json()["inputs"][0]["name"] == cascade_task.INPUT
 
 
 @pytest.mark.asyncio(loop_scope="module")
