@@ -11,39 +11,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
-from edgeplane_proto import oip
 from orchestrator.gateway import cascade, cascade_rules, endpoints, routing
-from orchestrator.gateway.upstream import Answer, UpstreamError
+
+from .transport import Transport
 
 COUNTRIES = ["FR", "DE", "ES", "IT", "US", "CH"]
 BEHAVIOURS = ["sure", "unsure", "5xx", "down"]
 RULE = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8)
-
-
-class Transport:
-    """Answers as each replica was told to, and records every URL it was asked for."""
-
-    def __init__(self, behaviour: dict[str, str]):
-        self.behaviour = behaviour
-        self.calls: list[str] = []
-
-    async def request(self, method: str, url: str, body: bytes | None = None, headers: Any = None) -> Answer:
-        base = url.split("/v2/")[0]
-        self.calls.append(base)
-        how = self.behaviour[base]
-        if how == "down":
-            raise UpstreamError("connection refused")
-        if how == "5xx":
-            return Answer(503, {"content-type": "application/json"}, oip.error_body("busy"))
-        p = np.array([[0.9, 0.1]] if how == "sure" else [[0.55, 0.45]], dtype=np.float32)
-        payload, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor("p", p),)))
-        return Answer(200, {"content-type": "application/json"}, payload)
 
 
 @st.composite
