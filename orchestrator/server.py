@@ -310,7 +310,9 @@ class ControlPlane:
 
     def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":
-            return views.describe_deployment(self.reconciler.last_plan, name)
+            extra = views.describe_deployment(self.reconciler.last_plan, name)
+            cascade = next((c for c in self.cascades.stats.snapshot(self.table.cascades) if c["name"] == name), None)
+            return {**extra, "cascade": cascade} if cascade is not None else extra
         return {}
 
 

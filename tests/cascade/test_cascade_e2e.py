@@ -158,6 +158,9 @@ async def test_get_cascades_and_metrics(fleet: harness.Fleet, samples: tuple[np.
     table = await asyncio.to_thread(subprocess.run, [str(EDGEPLANE), "get", "cascades", "--server", cp.http_url],
                                     capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "student > teacher" in table.stdout
+    described = await asyncio.to_thread(subprocess.run, [str(EDGEPLANE), "describe", "md", "task-cascade", "-o", "json",
+                                                         "--server", cp.http_url], capture_output=True, text=True, timeout=60)
+    assert described.returncode == 0 and json.loads(described.stdout)["cascade"]["requests"] == item["requests"]
     async with httpx.AsyncClient(base_url=cp.http_url) as http:
         metrics = (await http.get("/metrics")).text
     assert 'edgeplane_cascade_answered_total{cascade="task-cascade",stage="teacher"}' in metrics
