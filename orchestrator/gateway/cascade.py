@@ -188,6 +188,11 @@ class CascadeHandler:
                 got = await self._run_stage(route, stage, ranked, body, headers, trip, totals)
                 cause = "down" if got is None else "unsure"
             if got is not None:
+                if got.status >= 400 and answer is not None:
+                    # a later stage refused what an earlier one answered: the earlier answer stands
+                    return self._not_escalated(route, answer, answer_confidence, trip, started,
+                                               f"{escalated_why}, but stage {route.stages[stage].variant!r} refused the request "
+                                               f"(HTTP {got.status})", totals)
                 if got.status >= 400 or mode != "on":  # a caller's error, or a stage the caller chose
                     confidence = self._confidence(route, got) if got.status < 400 else None
                     return self._respond(route, got, confidence, trip, started, escalated_at, "none", "", totals)

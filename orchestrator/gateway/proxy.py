@@ -171,8 +171,11 @@ class Gateway:
                                       request.headers.get("x-edgeplane-residency"))
         if isinstance(caller, routing.NoRoute):
             return _error(caller.status, caller.reason)
-        return await handler.infer(route, mode, caller, request, body,
-                                   lambda: self._forward(route.model, request, "POST", "/infer", body))
+        response = await handler.infer(route, mode, caller, request, body,
+                                       lambda: self._forward(route.model, request, "POST", "/infer", body))
+        if mode != "off":  # plain routing counted itself
+            self.metrics.requests.labels(route.model, response.headers.get("x-edgeplane-site", ""), str(response.status_code)).inc()
+        return response
 
     def _model_of(self, name: str) -> str:
         """The model a v2 name means: a cascade is called by its deployment's name too."""

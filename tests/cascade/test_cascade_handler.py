@@ -68,6 +68,9 @@ CASES: list[tuple[str, list[routing.Endpoint], dict[str, str], int, dict[str, st
      "but the last stage (large) gave no answer"),
     ("unsure and no allowed data centre", [EDGE, ep("dc-de", "datacenter", "DE")], {"edge-fr": "unsure", "dc-de": "sure"}, 200,
      {"x-edgeplane-site": "edge-fr", "x-edgeplane-cascade-escalation": "not-escalated"}, "no replica in the caller's residency (FR)"),
+    ("a later stage refusing keeps the answer in hand", [EDGE, DC], {"edge-fr": "unsure", "dc-fr": "4xx"}, 200,
+     {"x-edgeplane-site": "edge-fr", "x-edgeplane-cascade-escalation": "not-escalated", "x-edgeplane-cascade-sites": "edge-fr,dc-fr"},
+     "stage 'large' refused the request (HTTP 400)"),
     ("a caller's error is not escalated", [EDGE, DC], {"edge-fr": "4xx", "dc-fr": "sure"}, 400,
      {"x-edgeplane-site": "edge-fr", "x-edgeplane-cascade-sites": "edge-fr"}, ""),
 ]
