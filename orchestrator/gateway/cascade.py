@@ -199,6 +199,13 @@ class CascadeHandler:
                 answer = got
                 rule = route.stages[stage].rule
                 verdict = self._judge(rule, got) if rule is not None else None
+            if got is None and mode == "force-first":  # the caller asked for this stage alone
+                totals.failed += 1
+                totals.latency_s += self.clock() - started
+                why = "; ".join(trip.failures) or (verdict.reason if verdict is not None else "no answer")
+                return Response(oip.error_body(f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
+                                               f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}"),
+                                status_code=503, media_type="application/json")
             last = stage == len(route.stages) - 1
             next_ranked = None if last else self.ranking(route, stage + 1, caller)
             decision = rules.after_stage(route, stage, verdict, got is not None, next_ranked)

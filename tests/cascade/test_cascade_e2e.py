@@ -187,6 +187,8 @@ async def test_cascade_tune_prints_a_sweep(fleet: harness.Fleet, task: tuple[pat
     assert last["accuracy"] == pytest.approx(float((teacher == t.y_val[:40]).mean()), abs=1e-4)
     assert rows["cascade below 1"]["firstStageShare"] <= rows["cascade below 0.9"]["firstStageShare"] <= rows["cascade below 0.5"]["firstStageShare"]
     assert rows["cascade below 0.9"]["energyPerRequestJ"] > first["energyPerRequestJ"]
+    table = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "cascade below 0.9" in table.stdout and "AGREES WITH LAST" in table.stdout
     bad = sample.with_name("bad.jsonl")
     bad.write_text('{"input": [[1, 2]]}\nnot json\n')
     out = await asyncio.to_thread(subprocess.run, [*cmd[:5], str(bad), "--server", fleet.cp.http_url], capture_output=True, text=True, timeout=60)

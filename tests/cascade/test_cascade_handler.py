@@ -115,3 +115,9 @@ def test_forced_stage(mode: str, site: str) -> None:
     response, transport, _ = run([EDGE, DC], {"edge-fr": "unsure", "dc-fr": "unsure"}, mode=mode)
     assert response.headers["x-edgeplane-site"] == site and transport.calls == [f"http://{site}"]
     assert response.headers["x-edgeplane-cascade-confidence"] == "0.5500"
+
+
+def test_force_first_never_escalates() -> None:
+    response, transport, _ = run([EDGE, DC], {"edge-fr": "down", "dc-fr": "sure"}, mode="force-first")
+    assert response.status_code == 503 and transport.calls == ["http://edge-fr"]
+    assert b"force-first" in response.body and b"connection refused" in response.body

@@ -113,3 +113,13 @@ def test_bad_cascade_names_field_and_line(changes: dict[str, Any], dep: dict[str
 
 def test_undeclared_inputs_are_not_compared() -> None:
     assert check(model(inputs=[]), deployment()) == []
+
+
+def test_a_ray_serve_stage_may_take_generative_rules() -> None:
+    """ray-serve applications may be generative (onnx-genai and vllm stages take only these rules)."""
+    m = model()
+    small = m["spec"]["variants"][0]
+    del small["artifact"]
+    small.update(runtime="ray-serve", importPath="apps.chat:app")
+    rule = {"meanLogprobBelow": -1.2, "truncated": True, "refusal": ["(?i)^I cannot"]}
+    assert check(m, deployment(stages(rule), variant={"datacenter": "small", "edge": "large"})) == []
