@@ -37,6 +37,7 @@ from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import auth
 from orchestrator.artifacts import catalog as artifacts
+from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import proxy, routing, upstream
 from orchestrator.manifests import loader, schema
@@ -197,9 +198,11 @@ class ControlPlane:
             ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
             (lambda secret: self.store.verify_token(secret, "api")) if cfg.gateway_auth == "token" else None,
         )
+        self.cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry),
+                                                   position=cfg.position)
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
                                      position=cfg.position, ready=lambda: self._started, max_body=cfg.gateway_max_body,
-                                     cold_start_s=cfg.cold_start_timeout_s,
+                                     cold_start_s=cfg.cold_start_timeout_s, cascade=self.cascades,
                                      admit=self.admission.check if (cfg.gateway_auth == "token" or cfg.gateway_rate > 0) else None)
         self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus),
                                               kube_factory=cfg.kube_factory)
@@ -302,9 +305,14 @@ class ControlPlane:
             return views.endpoint_list(caller, model)
         return views.endpoint_list(self.table.rank(model, caller, self.config.position), model)
 
+    def cascades_view(self) -> dict[str, Any]:
+        return {"items": self.cascades.stats.snapshot(self.table.cascades)}
+
     def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":
-            return views.describe_deployment(self.reconciler.last_plan, name)
+            extra = views.describe_deployment(self.reconciler.last_plan, name)
+            cascade = next((c for c in self.cascades.stats.snapshot(self.table.cascades) if c["name"] == name), None)
+            return {**extra, "cascade": cascade} if cascade is not None else extra
         return {}
 
 

@@ -38,6 +38,7 @@ class Services(Protocol):
     def placements_view(self) -> dict[str, Any]: ...
     def endpoints_view(self, model: str, lat: float | None, lon: float | None, residency: str | None) -> dict[str, Any]: ...
     def describe_extra(self, kind: str, name: str) -> dict[str, Any]: ...
+    def cascades_view(self) -> dict[str, Any]: ...
     def ready(self) -> bool: ...
     def agent_revoked(self, site: str) -> None: ...
 
@@ -128,6 +129,15 @@ def build_routes(services: Services) -> list[BaseRoute]:
         kind = catalog.resolve_kind(q["kind"]) if q.get("kind") else None
         return JSONResponse({"items": [_event(e) for e in store.events(since, limit, kind, q.get("name"))]})
 
+    async def cascades(request: Request, caller: auth.Caller) -> Response:
+        name = request.path_params.get("name")
+        items = services.cascades_view()["items"]
+        if name is None:
+            return JSONResponse({"kind": "Cascade", "items": items})
+        found = next((c for c in items if name in (c["name"], c["model"])), None)
+        return JSONResponse(found) if found is not None else error(404, f"no cascade {name!r} (deployments with spec.cascade: "
+                                                                      f"{', '.join(c['name'] for c in items) or 'none'})")
+
     async def placements(request: Request, caller: auth.Caller) -> Response:
         return JSONResponse(services.placements_view())
 
@@ -181,6 +191,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
     return [
         Route("/v1/apply", guarded(apply, write=True), methods=["POST"]),
         Route("/v1/placements", guarded(placements), methods=["GET"]),
+        Route("/v1/cascades", guarded(cascades), methods=["GET"]),
+        Route("/v1/cascades/{name}", guarded(cascades), methods=["GET"]),
         Route("/v1/events", guarded(events), methods=["GET"]),
         Route("/v1/endpoints/{model}", guarded(endpoints), methods=["GET"]),
         Route("/v1/tokens", guarded(create_token, write=True), methods=["POST"]),

@@ -12,7 +12,7 @@ from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError
 
 
-def _body(data: str) -> dict[str, Any]:
+def body_of(data: str) -> dict[str, Any]:
     try:
         text = pathlib.Path(data[1:]).read_text() if data.startswith("@") else data
     except OSError as exc:
@@ -51,7 +51,7 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     if args.residency:
         headers["x-edgeplane-residency"] = args.residency
     started = time.perf_counter()
-    resp = api.raw("POST", f"/v2/models/{args.model}/infer", json=_body(args.data), headers=headers)
+    resp = api.raw("POST", f"/v2/models/{args.model}/infer", json=body_of(args.data), headers=headers)
     elapsed = (time.perf_counter() - started) * 1000
     try:
         body = resp.json()

@@ -13,6 +13,7 @@ import pathlib
 import sys
 from typing import Any
 
+from orchestrator.cli import cascade as cascade_cli
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError
 from orchestrator.manifests import loader
@@ -105,6 +106,8 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
         return 0
     if args.kind in ("events", "event"):
         return cmd_events(api, args)
+    if args.kind in ("cascades", "cascade"):
+        return cascade_cli.cmd_get(api, args)
     path = f"/v1/{args.kind}" + (f"/{args.name}" if args.name else "")
     data = api.request("GET", path)
     if args.output in ("json", "yaml"):
@@ -258,7 +261,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("plan", help="show what apply would change, per site"))
     sp.add_argument("-f", "--file", required=True)
-    sp = with_output(client_parser("get", help="list objects: sites, models, modeldeployments, placements, events"))
+    sp = with_output(client_parser("get", help="list objects: sites, models, modeldeployments, placements, events, cascades"))
     sp.add_argument("kind")
     sp.add_argument("name", nargs="?")
     sp = with_output(client_parser("describe", help="an object with its status and recent events"))
@@ -284,12 +287,22 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--location", help="caller position lat,lon")
     sp.add_argument("--region", help="caller region")
     sp.add_argument("--residency", help="caller residency, e.g. FR")
+    casc = client_parser("cascade", help="cascades: pick a threshold from replayed samples")
+    csub = casc.add_subparsers(dest="cascade_command", required=True)
+    sp = with_output(csub.add_parser("tune", parents=[connection],
+                                     help="replay a labelled JSONL sample through the first and last stage and sweep thresholds"))
+    sp.add_argument("name", help="the deployment with spec.cascade")
+    sp.add_argument("-f", "--file", required=True, help='JSONL, one sample a line: {"input": [[...]], "label": 2}')
+    sp.add_argument("--thresholds", help="comma-separated, in (0, 1] (default 0.5,0.6,0.7,0.75,0.8,0.85,0.9,0.95,0.99)")
+    sp.add_argument("--location", help="caller position lat,lon")
+    sp.add_argument("--region", help="caller region")
+    sp.add_argument("--residency", help="caller residency, e.g. FR")
     return p
 
 
 COMMANDS = {
     "apply": cmd_apply, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe, "delete": cmd_delete,
-    "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer,
+    "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer, "cascade": cascade_cli.cmd_tune,
 }
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from orchestrator.gateway import routing
+from orchestrator.gateway import cascade_rules, routing
 
 
 @dataclass
@@ -39,6 +39,8 @@ class EndpointTable:
     #: Called with the model on each wake (the reconciler's trigger).
     on_wake: Callable[[str], None] = lambda model: None
     _waiters: dict[str, list[asyncio.Future[None]]] = field(default_factory=dict)
+    #: Models whose deployment has a cascade, by model: requests to them run it.
+    cascades: dict[str, cascade_rules.CascadeRoute] = field(default_factory=dict)
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
                 deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None) -> None:

@@ -24,6 +24,8 @@ from starlette.routing import BaseRoute, Route
 
 from edgeplane_proto import oip
 from orchestrator.api import bodies
+from orchestrator.gateway import cascade as cascade_mod
+from orchestrator.gateway import cascade_rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
@@ -72,6 +74,7 @@ class Gateway:
         admit: Callable[[Request], Response | None] | None = None,
         max_body: int = MAX_BODY,
         cold_start_s: float = COLD_START_S,
+        cascade: cascade_mod.CascadeHandler | None = None,
     ):
         self.table = table
         self.http = http
@@ -82,6 +85,7 @@ class Gateway:
         self._admit = admit  # auth and rate limits (orchestrator.security.admission)
         self.max_body = max_body
         self.cold_start_s = cold_start_s  # how long a request for a model scaled to zero waits
+        self.cascade = cascade  # runs requests to models whose deployment has spec.cascade
 
     def candidates(self, model: str, request: Request) -> list[routing.Ranked] | routing.NoRoute:
         caller = routing.parse_caller(
@@ -151,15 +155,38 @@ class Gateway:
         except bodies.BodyTooLarge:
             return _error(413, f"request body is larger than {self.max_body} bytes")
         try:
+            route = self.table.cascades.get(model) if self.cascade is not None else None
+            if route is not None and self.cascade is not None and not self.table.is_cold(model):
+                return await self._cascade(self.cascade, route, request, body)
             return await self._forward(model, request, "POST", "/infer", body)
         finally:
             self.metrics.latency.labels(model).observe(time.perf_counter() - started)
 
+    async def _cascade(self, handler: cascade_mod.CascadeHandler, route: cascade_rules.CascadeRoute, request: Request,
+                       body: bytes) -> Response:
+        mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
+        if mode is None:
+            return _error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}")
+        caller = routing.parse_caller(request.headers.get("x-edgeplane-location"), request.headers.get("x-edgeplane-region"),
+                                      request.headers.get("x-edgeplane-residency"))
+        if isinstance(caller, routing.NoRoute):
+            return _error(caller.status, caller.reason)
+        response = await handler.infer(route, mode, caller, request, body,
+                                       lambda: self._forward(route.model, request, "POST", "/infer", body))
+        if mode != "off":  # plain routing counted itself
+            self.metrics.requests.labels(route.model, response.headers.get("x-edgeplane-site", ""), str(response.status_code)).inc()
+        return response
+
+    def _model_of(self, name: str) -> str:
+        """The model a v2 name means: a cascade is called by its deployment's name too."""
+        route = self.table.cascades.get(name)
+        return route.model if route is not None else name
+
     async def model_metadata(self, request: Request) -> Response:
-        return await self._forward(request.path_params["model"], request, "GET", "", None)
+        return await self._forward(self._model_of(request.path_params["model"]), request, "GET", "", None)
 
     async def model_ready(self, request: Request) -> Response:
-        ranked = self.candidates(request.path_params["model"], request)
+        ranked = self.candidates(self._model_of(request.path_params["model"]), request)
         if isinstance(ranked, routing.NoRoute):
             return _error(ranked.status, ranked.reason)
         return JSONResponse({"name": request.path_params["model"], "ready": True, "site": ranked[0].endpoint.site},

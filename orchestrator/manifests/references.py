@@ -7,8 +7,9 @@ name a Model applied earlier.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
+from orchestrator.manifests import cascade as cascade_schema
 from orchestrator.manifests import schema
 from orchestrator.manifests.errors import ManifestIssue
 from orchestrator.manifests.loader import LoadedDocument, Path, format_path
@@ -63,4 +64,66 @@ def _check_deployment(d: LoadedDocument, spec: schema.ModelDeploymentSpec, model
     for i, tier in enumerate(spec.routing.fallback):
         if tier not in tiers:
             out.append(issue(("spec", "routing", "fallback", i), f"tier {tier!r} is not in spec.placement.tiers"))
+    if spec.cascade is not None:
+        out.extend(_check_cascade(issue, spec, spec.cascade, spec.model, by_name))
     return out
+
+
+def _check_cascade(issue: Callable[[Path, str], ManifestIssue], spec: schema.ModelDeploymentSpec, cascade: cascade_schema.Cascade,
+                   model: str, variants: Mapping[str, schema.Variant]) -> list[ManifestIssue]:
+    """Stages are variants this deployment places on distinct tiers, each rule fits its
+    stage's runtime, and every stage accepts what the first one does."""
+    if not isinstance(spec.variant, dict):
+        return [issue(("spec", "cascade"), "a cascade needs one variant per tier in spec.variant "
+                                           "(e.g. {edge: distilled, datacenter: full}): its stages are those variants")]
+    placed = {name: sorted(t for t, v in spec.variant.items() if v == name) for name in set(spec.variant.values())}
+    out: list[ManifestIssue] = []
+    first: tuple[int, schema.Variant] | None = None
+    for i, stage in enumerate(cascade.stages):
+        at: Path = ("spec", "cascade", "stages", i)
+        variant = variants.get(stage.variant)
+        if variant is None:
+            out.append(issue((*at, "variant"), f"Model {model!r} has no variant {stage.variant!r} (has: {', '.join(variants)})"))
+            continue
+        if stage.variant not in placed:
+            out.append(issue((*at, "variant"), f"variant {stage.variant!r} is on no tier of spec.variant "
+                                               f"({', '.join(f'{t}: {v}' for t, v in spec.variant.items())})"))
+        rule = stage.escalate
+        if rule is not None and rule.confidence is not None and variant.runtime in cascade_schema.GENERATIVE_RUNTIMES:
+            out.append(issue((*at, "escalate", "confidence"), f"variant {stage.variant!r} is generative ({variant.runtime}): "
+                                                              "use meanLogprobBelow, truncated or refusal"))
+        if rule is not None and rule.generative and variant.runtime in cascade_schema.TENSOR_RUNTIMES:
+            out.append(issue((*at, "escalate"), f"variant {stage.variant!r} is a tensor model ({variant.runtime}): "
+                                                "use confidence (meanLogprobBelow, truncated and refusal are for generative models)"))
+        if rule is not None and rule.confidence is not None and variant.outputs:
+            names = [o.name for o in variant.outputs]
+            if rule.confidence.output not in names:
+                out.append(issue((*at, "escalate", "confidence", "output"),
+                                 f"variant {stage.variant!r} has no output {rule.confidence.output!r} (declares: {', '.join(names)})"))
+        if first is None:
+            first = (i, variant)
+        else:
+            out.extend(issue((*at, "variant"), m) for m in _incompatible(first[1], variant))
+    return out
+
+
+def _incompatible(first: schema.Variant, later: schema.Variant) -> list[str]:
+    """Why ``later`` cannot take a request written for ``first`` (only what both declare)."""
+    if not first.inputs or not later.inputs:
+        return []
+    theirs = {t.name: t for t in later.inputs}
+    out = []
+    for mine in first.inputs:
+        other = theirs.get(mine.name)
+        if other is None:
+            out.append(f"variant {later.name!r} has no input {mine.name!r}, which stage {first.name!r} takes "
+                       f"(declares: {', '.join(theirs)})")
+        elif other.datatype != mine.datatype:
+            out.append(f"input {mine.name!r} is {other.datatype} in variant {later.name!r} but {mine.datatype} in {first.name!r}")
+        elif not _shapes_agree(mine.shape, other.shape):
+            out.append(f"input {mine.name!r} has shape {other.shape} in variant {later.name!r} but {mine.shape} in {first.name!r}")
+    return out
+
+
+def _shapes_agree(a: list[int], b: list[int]) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))

@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.manifests import cascade as cascade_schema
+
 API_VERSION = "edgeplane.io/v1alpha1"
 KINDS = ("Site", "Model", "ModelDeployment")
 
@@ -174,6 +176,19 @@ class Resources(Strict):
         return self
 
 
+#: Open Inference Protocol datatypes a tensor declaration may name.
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                   "FP16", "FP32", "FP64", "BF16", "BYTES"]
+
+
+class TensorSpec(Strict):
+    """An input or output a variant declares; ``-1`` is a dimension of any size."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    datatype: Datatype
+    shape: list[Annotated[int, Field(ge=-1, le=2**31)]] = Field(max_length=16)
+
+
 class Variant(Strict):
     name: Name
     runtime: Literal["onnx", "ray-serve"]
@@ -184,6 +199,9 @@ class Variant(Strict):
     throughputRps: Positive | None = None
     #: Power drawn by one busy replica; estimated from resources when absent.
     powerWatts: Positive | None = None
+    #: What the variant takes and returns, where known (checked across cascade stages).
+    inputs: list[TensorSpec] = Field(default_factory=list, max_length=64)
+    outputs: list[TensorSpec] = Field(default_factory=list, max_length=64)
 
     @model_validator(mode="after")
     def _runtime_fields(self) -> Variant:
@@ -293,6 +311,8 @@ class ModelDeploymentSpec(Strict):
     routing: Routing = Field(default_factory=Routing)
     rollout: Rollout = Field(default_factory=Rollout)
     autoscaling: Autoscaling | None = None
+    #: Stages in order (variants this deployment places) and when each escalates.
+    cascade: cascade_schema.Cascade | None = None
 
 
 # --- Documents --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
-from orchestrator.gateway import routing
+from orchestrator.gateway import cascade_rules, routing
 from orchestrator.store import sqlite as store_mod
 
 
@@ -54,4 +54,11 @@ class PublishEndpoints:
     cold: frozenset[str] = frozenset()  # models scaled to zero (or starting from zero): requests wait
 
 
-Action = RecordPlacement | PushAssignments | ApplyServeApps | SetStatuses | PublishEndpoints
+@dataclass(frozen=True)
+class PublishCascades:
+    """The cascades the gateway runs, by model (deployments with ``spec.cascade``)."""
+
+    routes: Mapping[str, cascade_rules.CascadeRoute]
+
+
+Action = RecordPlacement | PushAssignments | ApplyServeApps | SetStatuses | PublishEndpoints | PublishCascades

@@ -215,6 +215,8 @@ class Reconciler:
                 self.store.set_statuses([(i.kind, i.name, i.status) for i in items])
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold)
+            case act.PublishCascades(routes):
+                self.table.cascades = dict(routes)
 
     async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...]) -> None:
         backoff = self._dc_backoff.get(site)

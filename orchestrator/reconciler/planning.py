@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
-from orchestrator.gateway import routing
+from orchestrator.gateway import cascade_rules, routing
 from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import inventory, rollout
@@ -321,4 +321,23 @@ def plan_pass(s: snap.Snapshot) -> PassPlan:
     out.append(act.SetStatuses(tuple(statuses)))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
     out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed, frozenset(cold)))
+    out.append(act.PublishCascades(cascade_routes(s)))
     return PassPlan(tuple(out), result)
+
+
+def cascade_routes(s: snap.Snapshot) -> dict[str, cascade_rules.CascadeRoute]:
+    """The gateway's cascades, by model and by deployment name: each stage's tiers, rule and power per replica, and
+    each site's grid intensity and PUE (for the energy and gCO2 of each request)."""
+    energy = {r.name: cascade_rules.SiteEnergy(r.spec.energy.carbonGramsPerKWh if r.spec.energy else inventory.DEFAULT_CARBON_G_PER_KWH,
+                                               r.spec.energy.pue if r.spec.energy else 1.0) for r in s.sites}
+    out: dict[str, cascade_rules.CascadeRoute] = {}
+    for d in s.deployments:
+        model = s.models.get(d.spec.model)
+        if d.spec.cascade is None or model is None:
+            continue
+        watts = {v.name: inventory.to_variant(v).watts for v in model.variants}
+        route = cascade_rules.route_of(d.name, d.spec, watts, energy)
+        if route is not None:  # called by the model's name, or by the deployment's
+            out.setdefault(d.spec.model, route)
+            out.setdefault(d.name, route)
+    return out

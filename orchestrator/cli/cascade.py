@@ -1,0 +1,225 @@
+"""``edgeplane get cascades`` and ``edgeplane cascade tune``.
+
+``tune`` replays a labelled sample through the gateway twice per line — the first stage
+alone (``X-Edgeplane-Cascade: force-first``) and the last stage alone (``force-last``),
+each at the nearest replica the caller may use — and computes from those answers, for a
+sweep of thresholds, what the cascade would do: the share answered by the first stage,
+accuracy against the labels (or agreement with the last stage where a line has none),
+mean latency and energy per request. The sweep itself (:func:`sweep`) is a pure function
+of the replayed answers, so a platform team reads the trade-off from a table instead of
+guessing a threshold.
+
+Sample lines are JSON objects: ``{"inputs": [...v2 inputs...], "label": 2}`` or
+``{"input": [[...]], "label": [2, 0]}`` (tensor name → nested list, as ``infer --data``);
+``label`` is a class index per row, optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from orchestrator.cli import infer, render
+from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.gateway import cascade_rules
+from orchestrator.manifests import cascade as cascade_schema
+
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
+MAX_LINES = 100_000
+
+
+def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
+    data = api.request("GET", "/v1/cascades" + (f"/{args.name}" if args.name else ""))
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
+    items = data["items"] if "items" in data else [data]
+    if not items:
+        print("No cascades (deployments with spec.cascade).")
+        return 0
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    rows = [[c["name"], " > ".join(c["stages"]), c["requests"], " / ".join(str(c["answered"][s]) for s in c["stages"]),
+             num(c["escalationRate"], ".1%"), c["notEscalated"], num(c["meanLatencyMs"], ".2f"), num(c["meanAddedLatencyMs"], ".2f"),
+             num(c["energyPerRequestJ"], ".4g"), num(c["co2PerRequestG"], ".3g")] for c in items]
+    render.table(None, ["NAME", "STAGES", "REQUESTS", "ANSWERED", "ESCALATED", "NOT ESCALATED", "MEAN MS", "ADDED MS",
+                        "J/REQ", "gCO2/REQ"], rows)
+    return 0
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """One sample line's answers from the first and the last stage."""
+
+    confidence: float  # the first stage's, under its rule (least sure row)
+    first: tuple[int, ...]  # predicted class per row
+    last: tuple[int, ...]
+    labels: tuple[int, ...] | None
+    first_ms: float
+    last_ms: float
+    first_j: float
+    last_j: float
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    threshold: float | None  # None: a baseline row
+    name: str
+    firstStageShare: float
+    accuracy: float | None  # against labels, over the rows that have one
+    agreement: float  # with the last stage
+    meanMs: float
+    energyPerRequestJ: float
+
+
+def _score(answers: Sequence[tuple[Replayed, bool]], threshold: float | None, name: str) -> SweepRow:
+    """``answers``: each sample with whether the first stage's answer stands."""
+    rows = labelled = correct = agree = 0
+    ms = joules = 0.0
+    for r, stays in answers:
+        chosen = r.first if stays else r.last
+        rows += len(chosen)
+        agree += sum(a == b for a, b in zip(chosen, r.last))
+        if r.labels is not None:
+            labelled += len(r.labels)
+            correct += sum(a == b for a, b in zip(chosen, r.labels))
+        ms += r.first_ms + (0.0 if stays else r.last_ms) if threshold is not None else (r.first_ms if stays else r.last_ms)
+        joules += r.first_j + (0.0 if stays else r.last_j) if threshold is not None else (r.first_j if stays else r.last_j)
+    n = max(len(answers), 1)
+    return SweepRow(threshold, name, round(sum(s for _, s in answers) / n, 4), round(correct / labelled, 4) if labelled else None,
+                    round(agree / max(rows, 1), 4), round(ms / n, 3), round(joules / n, 6))
+
+
+def sweep(replayed: Sequence[Replayed], thresholds: Sequence[float]) -> list[SweepRow]:
+    """Baselines (first stage only, last stage only), then one row per threshold: a sample
+    stays at the first stage when its confidence is at least the threshold (as the gateway
+    decides), and otherwise pays for both stages."""
+    out = [_score([(r, True) for r in replayed], None, "first stage only"),
+           _score([(r, False) for r in replayed], None, "last stage only")]
+    out.extend(_score([(r, r.confidence >= t) for r in replayed], t, f"cascade below {t:g}") for t in thresholds)
+    return out
+
+
+def _rule(api: ApiClient, name: str) -> tuple[str, cascade_rules.TensorRule]:
+    dep = api.request("GET", f"/v1/modeldeployments/{name}")
+    cascade = dep.get("spec", {}).get("cascade")
+    if not cascade:
+        raise CliError(f"deployment {name!r} has no spec.cascade")
+    rule = cascade_rules.rule_of(cascade_schema.Escalation.model_validate(cascade["stages"][0].get("escalate") or {}))
+    if not isinstance(rule, cascade_rules.TensorRule):
+        raise CliError(f"cascade tune sweeps a confidence threshold; the first stage of {name!r} has no 'confidence' rule")
+    return dep["spec"]["model"], rule
+
+
+def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
+    try:
+        text = pathlib.Path(path).read_text()
+    except OSError as exc:
+        raise CliError(f"-f {path}: cannot read the file: {exc.strerror or exc}", 2) from exc
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if len(out) >= MAX_LINES:
+            raise CliError(f"{path}: more than {MAX_LINES} samples; replay a sample of them")
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{path}:{number}: not JSON: {exc.msg}") from None
+        if not isinstance(doc, dict):
+            raise CliError(f"{path}:{number}: a sample is a JSON object with \"inputs\" (or tensor names) and an optional \"label\"")
+        label = doc.pop("label", None)
+        labels: tuple[int, ...] | None
+        if label is None:
+            labels = None
+        elif isinstance(label, int) and not isinstance(label, bool):
+            labels = (label,)
+        elif isinstance(label, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in label):
+            labels = tuple(label)
+        else:
+            raise CliError(f"{path}:{number}: \"label\" must be a class index or a list of them (one per row)")
+        try:
+            body = infer.body_of(json.dumps(doc))
+        except CliError as exc:
+            raise CliError(f"{path}:{number}: {exc}") from None
+        out.append((body, labels))
+    if not out:
+        raise CliError(f"{path}: no samples")
+    return out
+
+
+def _call(api: ApiClient, model: str, body: dict[str, Any], mode: str, headers: dict[str, str], rule: cascade_rules.TensorRule,
+          where: str) -> tuple[np.ndarray, float, float]:
+    started = time.perf_counter()
+    resp = api.raw("POST", f"/v2/models/{model}/infer", json=body, headers={**headers, "x-edgeplane-cascade": mode})
+    ms = (time.perf_counter() - started) * 1000
+    try:
+        doc = resp.json()
+    except ValueError:
+        raise CliError(f"{where}: HTTP {resp.status_code}: {resp.text[:200]}") from None
+    if resp.status_code >= 400:
+        raise CliError(f"{where}: {doc.get('error', resp.reason_phrase) if isinstance(doc, dict) else resp.reason_phrase}")
+    output = next((o for o in doc.get("outputs", []) if o.get("name") == rule.output), None)
+    if output is None:
+        raise CliError(f"{where}: the answer has no output {rule.output!r}")
+    scores = np.asarray(output["data"], dtype=np.float64).reshape(output["shape"])
+    try:
+        joules = float(resp.headers.get("x-edgeplane-cascade-energy-j", "0"))
+    except ValueError:
+        joules = 0.0
+    return scores, ms, joules
+
+
+def replay(api: ApiClient, model: str, rule: cascade_rules.TensorRule, samples: Sequence[tuple[dict[str, Any], tuple[int, ...] | None]],
+           headers: dict[str, str], path: str) -> list[Replayed]:
+    out = []
+    for i, (body, labels) in enumerate(samples, 1):
+        where = f"{path} sample {i}"
+        first, first_ms, first_j = _call(api, model, body, "force-first", headers, rule, where)
+        last, last_ms, last_j = _call(api, model, body, "force-last", headers, rule, where)
+        try:
+            confidence = cascade_rules.confidence_of(rule, first)
+        except ValueError as exc:
+            raise CliError(f"{where}: {exc}") from None
+        out.append(Replayed(confidence, tuple(int(x) for x in np.atleast_2d(first).argmax(-1)),
+                            tuple(int(x) for x in np.atleast_2d(last).argmax(-1)), labels, first_ms, last_ms, first_j, last_j))
+    return out
+
+
+def _thresholds(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return DEFAULT_THRESHOLDS
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CliError("--thresholds is a comma-separated list of numbers in (0, 1], e.g. 0.6,0.8,0.9", 2) from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise CliError("--thresholds must be numbers in (0, 1]", 2)
+    return values
+
+
+def cmd_tune(api: ApiClient, args: argparse.Namespace) -> int:
+    thresholds = _thresholds(args.thresholds)
+    samples = _lines(args.file)
+    model, rule = _rule(api, args.name)
+    headers = {k: v for k, v in (("x-edgeplane-location", args.location), ("x-edgeplane-region", args.region),
+                                 ("x-edgeplane-residency", args.residency)) if v}
+    rows = sweep(replay(api, model, rule, samples, headers, args.file), thresholds)
+    if args.output in ("json", "yaml"):
+        render.dump({"cascade": args.name, "samples": len(samples), "rule": asdict(rule), "rows": [asdict(r) for r in rows]}, args.output)
+        return 0
+    print(f"cascade {args.name}: {len(samples)} samples, {rule.measure} {'logits→softmax' if rule.logits else 'probabilities'} "
+          f"of {rule.output!r}")
+    render.table(None, ["ROUTE", "FIRST STAGE", "ACCURACY", "AGREES WITH LAST", "MEAN MS", "J/REQ"],
+                 [[r.name, f"{r.firstStageShare:.1%}", "-" if r.accuracy is None else f"{r.accuracy:.2%}", f"{r.agreement:.2%}",
+                   f"{r.meanMs:.2f}", f"{r.energyPerRequestJ:.4g}"] for r in rows])
+    return 0

@@ -1,0 +1,322 @@
+"""The gateway's cascade: run the cheap stage, judge its answer, escalate when unsure.
+
+A v2 inference request to a model whose deployment has ``spec.cascade`` comes here from
+``proxy.Gateway.infer``. Stage by stage, the nearest allowed replica of that stage runs the
+request (with the same failover as a plain request: the next replica of the stage on a
+connection error or a 5xx); its answer is decoded and judged
+(:mod:`orchestrator.gateway.cascade_rules`, pure), and either returned or the request
+goes to the next stage. A stage with no allowed replica, failing, or overloaded
+(``maxInflight``) hands over at once, so the cascade is also the fallback. Residency
+binds every stage: the next stage's candidates are ranked for the same caller, and when
+none is allowed the answer in hand is returned with ``X-Edgeplane-Cascade-Escalation:
+not-escalated`` and the reason.
+
+Response headers: ``X-Edgeplane-Site`` / ``-Tier`` (who answered),
+``X-Edgeplane-Cascade-Stage`` (its variant), ``X-Edgeplane-Cascade-Confidence`` (the
+answering stage's confidence under the first stage's rule, when it can be computed),
+``X-Edgeplane-Cascade-Sites`` (every site that ran, in order),
+``X-Edgeplane-Cascade-Escalation`` (``none``, ``escalated`` or ``not-escalated``) and
+``X-Edgeplane-Cascade-Reason``. Callers may send ``X-Edgeplane-Cascade: off`` (route like
+a deployment without a cascade: the nearest allowed replica of any stage) or
+``force-last`` (the last stage only).
+
+Measurement: per cascade, requests answered per stage, escalations by cause, the latency
+the earlier stages added to escalated requests, and energy per request — each stage's
+declared (or estimated) power per replica × the site's PUE × the busy time the gateway
+measured for the call (the upstream round trip, which on a local network is the
+replica's service time) — with its gCO2 at the site's grid intensity. Prometheus metrics
+``edgeplane_cascade_*`` and :meth:`CascadeStats.snapshot` (``edgeplane get cascades``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.requests import Request
+from starlette.responses import Response
+
+from edgeplane_proto import oip
+from orchestrator.gateway import cascade_rules as rules
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import routing
+from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
+
+FORWARD_HEADERS = ("content-type", oip.BINARY_HEADER.lower(), "accept")
+
+
+@dataclass
+class CascadeMetrics:
+    answered: Counter
+    escalations: Counter
+    not_escalated: Counter
+    added: Histogram
+    energy: Counter
+    co2: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> CascadeMetrics:
+        return cls(
+            answered=Counter("edgeplane_cascade_answered", "Cascade requests answered, by the stage that answered",
+                             ["cascade", "stage"], registry=registry),
+            escalations=Counter("edgeplane_cascade_escalations", "Requests a stage handed to the next one, by cause "
+                                "(unsure, down, overloaded)", ["cascade", "stage", "cause"], registry=registry),
+            not_escalated=Counter("edgeplane_cascade_not_escalated", "Answers returned although their stage wanted to "
+                                  "escalate (no allowed replica of a later stage)", ["cascade", "stage"], registry=registry),
+            added=Histogram("edgeplane_cascade_added_seconds", "Time earlier stages added to escalated requests",
+                            ["cascade"], registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)),
+            energy=Counter("edgeplane_cascade_energy_joules", "Estimated energy of cascade requests (power × PUE × busy time)",
+                           ["cascade", "site"], registry=registry),
+            co2=Counter("edgeplane_cascade_co2_grams", "Estimated gCO2 of cascade requests", ["cascade", "site"], registry=registry),
+        )
+
+
+@dataclass
+class _Totals:
+    requests: int = 0
+    failed: int = 0
+    answered: dict[str, int] = field(default_factory=dict)
+    escalations: dict[str, int] = field(default_factory=dict)  # by cause
+    not_escalated: int = 0
+    added_s: float = 0.0
+    latency_s: float = 0.0
+    energy_j: float = 0.0
+    co2_g: float = 0.0
+
+
+@dataclass
+class CascadeStats:
+    """Totals per cascade since this gateway started, for ``edgeplane get cascades``."""
+
+    _by_cascade: dict[str, _Totals] = field(default_factory=dict)
+
+    def totals(self, cascade: str) -> _Totals:
+        return self._by_cascade.setdefault(cascade, _Totals())
+
+    def snapshot(self, routes: Mapping[str, rules.CascadeRoute]) -> list[dict[str, Any]]:
+        out = []
+        unique = {route.deployment: route for route in routes.values()}  # a cascade is listed under its model and its name
+        for name, route in sorted(unique.items()):
+            t = self._by_cascade.get(name, _Totals())
+            n = t.requests or 0
+            escalated = sum(t.escalations.values())
+            out.append({
+                "name": route.deployment, "model": route.model, "stages": [s.variant for s in route.stages],
+                "requests": n, "failed": t.failed,
+                "answered": {s.variant: t.answered.get(s.variant, 0) for s in route.stages},
+                "firstStageShare": round(t.answered.get(route.stages[0].variant, 0) / n, 4) if n else None,
+                "escalationRate": round(escalated / n, 4) if n else None,
+                "escalations": dict(sorted(t.escalations.items())), "notEscalated": t.not_escalated,
+                "meanLatencyMs": round(t.latency_s / n * 1000, 3) if n else None,
+                "meanAddedLatencyMs": round(t.added_s / escalated * 1000, 3) if escalated else None,
+                "energyPerRequestJ": round(t.energy_j / n, 6) if n else None,
+                "co2PerRequestG": round(t.co2_g / n, 9) if n else None,
+            })
+        return out
+
+
+def _header(text: str) -> str:
+    # header values: one line of latin-1
+    return " ".join(text.split()).encode("latin-1", "replace").decode("latin-1")[:500]
+
+
+@dataclass
+class _Trip:
+    """One request's way through the stages."""
+
+    sites: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    joules: float = 0.0
+
+
+@dataclass
+class _Attempt:
+    stage: int
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+    site: str
+    tier: str
+
+
+class CascadeHandler:
+    def __init__(self, table: endpoints_mod.EndpointTable, http: UpstreamPool, metrics: CascadeMetrics,
+                 stats: CascadeStats | None = None, *, position: tuple[float, float] | None = None,
+                 max_attempts: int = 3, clock: Callable[[], float] = time.perf_counter):
+        self.table = table
+        self.http = http
+        self.metrics = metrics
+        self.stats = stats if stats is not None else CascadeStats()
+        self.position = position
+        self.max_attempts = max_attempts
+        self.clock = clock
+
+    def ranking(self, route: rules.CascadeRoute, stage: int, caller: routing.Caller) -> list[routing.Ranked] | routing.NoRoute:
+        return rules.stage_ranking(route, stage, self.table.with_local_load(route.model), caller, regions=self.table.regions,
+                                   gateway_position=self.position, ejected=self.table.ejected())
+
+    async def infer(self, route: rules.CascadeRoute, mode: rules.Mode, caller: routing.Caller, request: Request, body: bytes,
+                    plain: Callable[[], Awaitable[Response]]) -> Response:
+        if mode == "off":
+            return await plain()
+        started = self.clock()
+        totals = self.stats.totals(route.deployment)
+        totals.requests += 1
+        headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+        stage = rules.first_stage(route, mode)
+        ranked = self.ranking(route, stage, caller)
+        trip = _Trip()
+        answer: _Attempt | None = None
+        verdict: rules.Verdict | None = None
+        escalated_at: float | None = None
+        escalated_why = ""
+        answer_confidence: float | None = None
+        while True:
+            got: _Attempt | None = None
+            verdict = None
+            if isinstance(ranked, routing.NoRoute):
+                trip.failures.append(f"{route.stages[stage].variant}: {ranked.reason}")
+                cause = "down"
+            elif rules.overloaded(route, stage, ranked):
+                verdict = rules.Verdict(True, None, f"stage {route.stages[stage].variant!r} is overloaded "
+                                                    f"({ranked[0].endpoint.inflight} in flight at {ranked[0].endpoint.site})")
+                cause = "overloaded"
+            else:
+                got = await self._run_stage(route, stage, ranked, body, headers, trip, totals)
+                cause = "down" if got is None else "unsure"
+            if got is not None:
+                if got.status >= 400 and answer is not None:
+                    # a later stage refused what an earlier one answered: the earlier answer stands
+                    return self._not_escalated(route, answer, answer_confidence, trip, started,
+                                               f"{escalated_why}, but stage {route.stages[stage].variant!r} refused the request "
+                                               f"(HTTP {got.status})", totals)
+                if got.status >= 400 or mode != "on":  # a caller's error, or a stage the caller chose
+                    confidence = self._confidence(route, got) if got.status < 400 else None
+                    return self._respond(route, got, confidence, trip, started, escalated_at, "none", "", totals)
+                answer = got
+                rule = route.stages[stage].rule
+                verdict = self._judge(rule, got) if rule is not None else None
+            if got is None and mode == "force-first":  # the caller asked for this stage alone
+                totals.failed += 1
+                totals.latency_s += self.clock() - started
+                why = "; ".join(trip.failures) or (verdict.reason if verdict is not None else "no answer")
+                return Response(oip.error_body(f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
+                                               f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}"),
+                                status_code=503, media_type="application/json")
+            last = stage == len(route.stages) - 1
+            next_ranked = None if last else self.ranking(route, stage + 1, caller)
+            decision = rules.after_stage(route, stage, verdict, got is not None, next_ranked)
+            match decision:
+                case rules.Answer(not_escalated=why):
+                    assert answer is not None  # after_stage answers only with this stage's answer in hand
+                    confidence = verdict.confidence if verdict is not None else self._confidence(route, answer)
+                    answer_confidence = confidence
+                    if why:
+                        return self._not_escalated(route, answer, confidence, trip, started, why, totals)
+                    status = "escalated" if escalated_at is not None else "none"
+                    return self._respond(route, answer, confidence, trip, started, escalated_at, status, escalated_why, totals)
+                case rules.Fail(status=code, reason=reason):
+                    if answer is not None:  # an earlier stage answered: its answer stands
+                        return self._not_escalated(route, answer, answer_confidence, trip, started,
+                                                   f"{escalated_why}, but {reason}", totals)
+                    totals.failed += 1
+                    totals.latency_s += self.clock() - started
+                    return Response(oip.error_body(f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}"),
+                                    status_code=code, media_type="application/json")
+                case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
+                    self.metrics.escalations.labels(route.deployment, route.stages[stage].variant, cause).inc()
+                    totals.escalations[cause] = totals.escalations.get(cause, 0) + 1
+                    if escalated_at is None:
+                        escalated_at = self.clock()
+                    if got is not None:
+                        answer_confidence = verdict.confidence if verdict is not None else None
+                    escalated_why = f"{route.stages[stage].variant}: {why}"
+                    stage, ranked = next_stage, list(candidates)
+
+    def _not_escalated(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: _Trip,
+                       started: float, why: str, totals: _Totals) -> Response:
+        self.metrics.not_escalated.labels(route.deployment, route.stages[answer.stage].variant).inc()
+        totals.not_escalated += 1
+        return self._respond(route, answer, confidence, trip, started, None, "not-escalated", why, totals)
+
+    async def _run_stage(self, route: rules.CascadeRoute, stage: int, ranked: list[routing.Ranked], body: bytes,
+                         headers: Mapping[str, str], trip: _Trip, totals: _Totals) -> _Attempt | None:
+        for choice in ranked[: self.max_attempts]:
+            e = choice.endpoint
+            self.table.started(e.url)
+            began = self.clock()
+            try:
+                upstream = await self.http.request("POST", f"{e.url}/v2/models/{e.model}/infer", body, headers)
+            except UpstreamError as exc:
+                trip.failures.append(f"{e.site}: {exc}")
+                self.table.eject(e.url)
+                continue
+            finally:
+                self.table.finished(e.url)
+                busy = self.clock() - began
+                joules = rules.energy_joules(route, stage, e.site, busy)
+                grams = rules.grams_co2(route, e.site, joules)
+                self.metrics.energy.labels(route.deployment, e.site).inc(joules)
+                self.metrics.co2.labels(route.deployment, e.site).inc(grams)
+                totals.energy_j += joules
+                totals.co2_g += grams
+                trip.joules += joules
+                trip.sites.append(e.site)
+            if upstream.status >= 500:
+                trip.failures.append(f"{e.site}: HTTP {upstream.status}")
+                self.table.eject(e.url)
+                continue
+            return _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
+        return None
+
+    def _outputs(self, attempt: _Attempt) -> dict[str, Any] | None:
+        length = attempt.headers.get(oip.BINARY_HEADER.lower())
+        try:
+            decoded = oip.decode_response(attempt.body, int(length) if length is not None else None)
+        except (oip.ProtocolError, ValueError):
+            return None
+        return {t.name: t.array for t in decoded.outputs}
+
+    def _judge(self, rule: rules.Rule, attempt: _Attempt) -> rules.Verdict:
+        if isinstance(rule, rules.GenerativeRule):
+            # generative stages answer on the OpenAI routes, which judge with judge_generative
+            return rules.Verdict(False, None, "")
+        outputs = self._outputs(attempt)
+        if outputs is None:
+            return rules.Verdict(True, None, "the answer is not a valid v2 inference response")
+        return rules.judge_tensor(rule, outputs)
+
+    def _confidence(self, route: rules.CascadeRoute, attempt: _Attempt) -> float | None:
+        rule = next((s.rule for s in route.stages if isinstance(s.rule, rules.TensorRule)), None)
+        if rule is None:
+            return None
+        outputs = self._outputs(attempt)
+        return rules.judge_tensor(rule, outputs).confidence if outputs is not None else None
+
+    def _respond(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: _Trip, started: float,
+                 escalated_at: float | None, escalation: str, reason: str, totals: _Totals) -> Response:
+        now = self.clock()
+        variant = route.stages[answer.stage].variant
+        self.metrics.answered.labels(route.deployment, variant).inc()
+        totals.answered[variant] = totals.answered.get(variant, 0) + 1
+        totals.latency_s += now - started
+        if escalated_at is not None:
+            # what the earlier stages cost this request before the one that answered began
+            added = escalated_at - started
+            self.metrics.added.labels(route.deployment).observe(added)
+            totals.added_s += added
+        out = {"x-edgeplane-site": answer.site, "x-edgeplane-tier": answer.tier, "x-edgeplane-cascade-stage": variant,
+               "x-edgeplane-cascade-sites": ",".join(trip.sites), "x-edgeplane-cascade-escalation": escalation,
+               "x-edgeplane-cascade-energy-j": f"{trip.joules:.6g}"}
+        if confidence is not None:
+            out["x-edgeplane-cascade-confidence"] = f"{confidence:.4f}"
+        if reason:
+            out["x-edgeplane-cascade-reason"] = _header(reason)
+        binary = answer.headers.get(oip.BINARY_HEADER.lower())
+        if binary is not None:
+            out[oip.BINARY_HEADER] = binary
+        return Response(answer.body, status_code=answer.status, media_type=answer.headers.get("content-type", "application/json"),
+                        headers=out)

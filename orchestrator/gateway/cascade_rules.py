@@ -1,0 +1,297 @@
+"""What a cascade decides, as pure functions: is this answer good enough, and who is next.
+
+The gateway's cascade handler (:mod:`orchestrator.gateway.cascade`) does the I/O; every
+decision it takes is one of these functions of data, so each can be table-tested:
+
+- :func:`judge_tensor` — an Open Inference Protocol answer (its decoded output tensors)
+  against a confidence rule;
+- :func:`judge_generative` — an OpenAI-shaped chat or text completion (a ``dict`` as the
+  OpenAI routes return it, with ``logprobs`` when the stage was asked for them) against a
+  generative rule: mean token log-probability, ``max_tokens`` reached, refusal patterns;
+- :func:`stage_ranking` — the replicas that may run a stage for a caller, best first:
+  ``routing.rank`` on that stage's tiers only, so residency binds every stage exactly as it
+  binds a plain request;
+- :func:`after_stage` — given what a stage did, answer now or go to the next stage, and why.
+
+A batched tensor request is judged as a whole: its confidence is that of its least sure
+row, and the whole request escalates when that is below the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from orchestrator.gateway import routing
+from orchestrator.manifests import cascade as cascade_schema
+from orchestrator.manifests import schema
+
+#: ``X-Edgeplane-Cascade``: ``on`` (default), ``off`` (plain routing over every stage's
+#: replicas), ``force-last`` (the last stage only), ``force-first`` (the first stage only,
+#: never escalated: what ``edgeplane cascade tune`` replays).
+Mode = Literal["on", "off", "force-last", "force-first"]
+MODES: tuple[Mode, ...] = ("on", "off", "force-last", "force-first")
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    output: str
+    logits: bool  # scores are logits: take a softmax first
+    measure: Literal["top", "margin"]
+    below: float
+
+
+@dataclass(frozen=True)
+class GenerativeRule:
+    mean_logprob_below: float | None = None
+    truncated: bool = False
+    refusal: tuple[str, ...] = ()
+
+
+Rule = TensorRule | GenerativeRule
+
+
+@dataclass(frozen=True)
+class StageRoute:
+    variant: str
+    tiers: frozenset[str]  # where this deployment places the variant
+    rule: Rule | None  # None: the last stage, or a stage that escalates on load only
+    max_inflight: int | None = None
+    watts: float = 0.0  # one busy replica's draw (declared powerWatts, or estimated)
+
+
+@dataclass(frozen=True)
+class SiteEnergy:
+    carbon_g_per_kwh: float
+    pue: float = 1.0
+
+
+@dataclass(frozen=True)
+class CascadeRoute:
+    """A deployment's cascade as the gateway routes it: requests to ``model`` run it."""
+
+    model: str
+    deployment: str
+    stages: tuple[StageRoute, ...]
+    energy: Mapping[str, SiteEnergy] = field(default_factory=dict)  # by site
+
+
+@dataclass(frozen=True)
+class Verdict:
+    escalate: bool
+    confidence: float | None
+    reason: str  # why it escalates, or "" when it does not
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Return the answer in hand; ``not_escalated`` says why a wanted escalation did not happen."""
+
+    not_escalated: str = ""
+
+
+@dataclass(frozen=True)
+class Escalate:
+    stage: int
+    candidates: tuple[routing.Ranked, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    """No stage answered and none is left: the caller gets ``status`` with ``reason``."""
+
+    status: int
+    reason: str
+
+
+def rule_of(escalation: cascade_schema.Escalation | None) -> Rule | None:
+    if escalation is None:
+        return None
+    if escalation.confidence is not None:
+        c = escalation.confidence
+        return TensorRule(c.output, c.scores == "logits", c.measure, c.below)
+    if escalation.generative:
+        return GenerativeRule(escalation.meanLogprobBelow, escalation.truncated, tuple(escalation.refusal))
+    return None
+
+
+def route_of(deployment: str, spec: schema.ModelDeploymentSpec, watts: Mapping[str, float],
+             energy: Mapping[str, SiteEnergy]) -> CascadeRoute | None:
+    """The gateway's view of a deployment's cascade (None without one); ``watts`` by variant."""
+    if spec.cascade is None or not isinstance(spec.variant, dict):
+        return None
+    stages = []
+    for stage in spec.cascade.stages:
+        tiers = frozenset(t for t, v in spec.variant.items() if v == stage.variant)
+        max_inflight = stage.escalate.maxInflight if stage.escalate is not None else None
+        stages.append(StageRoute(stage.variant, tiers, rule_of(stage.escalate), max_inflight, watts.get(stage.variant, 0.0)))
+    return CascadeRoute(spec.model, deployment, tuple(stages), dict(energy))
+
+
+def parse_mode(header: str | None) -> Mode | None:
+    """``X-Edgeplane-Cascade``: absent means ``on``; None when the value is not a mode."""
+    value = (header or "on").strip().lower()
+    return value if value in MODES else None  # type: ignore[return-value]
+
+
+# --- judges -----------------------------------------------------------------------------
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def confidence_of(rule: TensorRule, scores: np.ndarray) -> float:
+    """The least sure row's confidence (top probability or margin) in ``scores``."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] < 2 or x.shape[0] < 1:
+        raise ValueError(f"output {rule.output!r} has shape {list(np.shape(scores))}; a confidence needs [batch, classes >= 2]")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"output {rule.output!r} holds NaN or infinite scores")
+    p = _softmax(x) if rule.logits else x
+    top2 = np.sort(p, axis=-1)[:, -2:]
+    per_row = top2[:, 1] if rule.measure == "top" else top2[:, 1] - top2[:, 0]
+    return float(per_row.min())
+
+
+def judge_tensor(rule: TensorRule, outputs: Mapping[str, np.ndarray]) -> Verdict:
+    """Escalate when the confidence in ``rule.output`` is below the threshold, or when the
+    answer cannot be judged (missing or malformed output): a wrong-looking answer is no
+    reason to trust it."""
+    scores = outputs.get(rule.output)
+    if scores is None:
+        return Verdict(True, None, f"the answer has no output {rule.output!r} (has: {', '.join(outputs) or 'none'})")
+    try:
+        confidence = confidence_of(rule, scores)
+    except ValueError as exc:
+        return Verdict(True, None, str(exc))
+    if confidence < rule.below:
+        return Verdict(True, confidence, f"{rule.measure} {'probability' if rule.measure == 'top' else 'margin'} "
+                                         f"{confidence:.3f} < {rule.below:g}")
+    return Verdict(False, confidence, "")
+
+
+def _choices(response: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    choices = response.get("choices")
+    return [c for c in choices if isinstance(c, Mapping)] if isinstance(choices, list) else []
+
+
+def _text(choice: Mapping[str, Any]) -> str:
+    message = choice.get("message")
+    if isinstance(message, Mapping):
+        content = message.get("content")
+        return content if isinstance(content, str) else ""
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _token_logprobs(choice: Mapping[str, Any]) -> list[float] | None:
+    """Token log-probabilities of a chat (``logprobs.content[].logprob``) or text completion
+    (``logprobs.token_logprobs``); None when the stage returned none."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, Mapping):
+        return None
+    if isinstance(lp.get("content"), list):
+        values = [t.get("logprob") for t in lp["content"] if isinstance(t, Mapping)]
+    elif isinstance(lp.get("token_logprobs"), list):
+        values = list(lp["token_logprobs"])
+    else:
+        return None
+    return [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def mean_logprob(response: Mapping[str, Any]) -> float | None:
+    """Mean token log-probability over every choice's tokens; None when none were returned."""
+    tokens: list[float] = []
+    for choice in _choices(response):
+        values = _token_logprobs(choice)
+        if values:
+            tokens.extend(values)
+    return sum(tokens) / len(tokens) if tokens else None
+
+
+def judge_generative(rule: GenerativeRule, response: Mapping[str, Any]) -> Verdict:
+    """Judge an OpenAI chat/text completion. The confidence reported is ``exp`` of the mean
+    token log-probability (the geometric-mean token probability), when logprobs came back."""
+    choices = _choices(response)
+    if not choices:
+        return Verdict(True, None, "the answer has no choices")
+    mean = mean_logprob(response)
+    confidence = math.exp(mean) if mean is not None else None
+    if rule.truncated and any(c.get("finish_reason") == "length" for c in choices):
+        return Verdict(True, confidence, "the answer stopped at max_tokens")
+    for pattern in rule.refusal:
+        if any(re.search(pattern, _text(c)) for c in choices):
+            return Verdict(True, confidence, f"the answer matches refusal pattern {pattern!r}")
+    if rule.mean_logprob_below is not None:
+        if mean is None:
+            return Verdict(True, None, "the answer carries no token logprobs to judge")
+        if mean < rule.mean_logprob_below:
+            return Verdict(True, confidence, f"mean token logprob {mean:.3f} < {rule.mean_logprob_below:g}")
+    return Verdict(False, confidence, "")
+
+
+# --- routing ----------------------------------------------------------------------------
+
+
+def stage_ranking(route: CascadeRoute, stage: int, endpoints: Sequence[routing.Endpoint], caller: routing.Caller, *,
+                  regions: routing.RegionIndex | None = None, gateway_position: tuple[float, float] | None = None,
+                  ejected: frozenset[str] = frozenset()) -> list[routing.Ranked] | routing.NoRoute:
+    """Replicas that may run ``stage`` for ``caller``, best first (residency never crossed)."""
+    spec = route.stages[stage]
+    mine = [e for e in endpoints if e.deployment == route.deployment and e.tier in spec.tiers]
+    if not mine:
+        return routing.NoRoute(f"stage {spec.variant!r} has no replica running")
+    return routing.rank(mine, caller, regions=regions if regions is not None else routing.RegionIndex(), gateway_position=gateway_position, ejected=ejected)
+
+
+def first_stage(route: CascadeRoute, mode: Mode) -> int:
+    return len(route.stages) - 1 if mode == "force-last" else 0
+
+
+def overloaded(route: CascadeRoute, stage: int, ranked: Sequence[routing.Ranked]) -> bool:
+    """The stage's best replica already has ``maxInflight`` requests in flight."""
+    limit = route.stages[stage].max_inflight
+    return limit is not None and bool(ranked) and ranked[0].endpoint.inflight >= limit
+
+
+def after_stage(route: CascadeRoute, stage: int, verdict: Verdict | None, has_answer: bool,
+                next_ranked: list[routing.Ranked] | routing.NoRoute | None) -> Answer | Escalate | Fail:
+    """What to do once ``stage`` ran (or could not run).
+
+    ``verdict`` is the judge's (None when the stage gave no answer: down, failing, or
+    overloaded, which always escalates); ``next_ranked`` the next stage's candidates for
+    this caller (None when ``stage`` is the last).
+    """
+    if has_answer and (verdict is None or not verdict.escalate):
+        return Answer()
+    why = verdict.reason if verdict is not None else "the stage gave no answer"
+    if next_ranked is None:
+        return Answer("no later stage") if has_answer else Fail(502, f"the last stage ({route.stages[stage].variant}) gave no answer")
+    if isinstance(next_ranked, routing.NoRoute):
+        if has_answer:
+            return Answer(f"{why}, but {next_ranked.reason}")
+        return Fail(next_ranked.status, f"stage {route.stages[stage].variant!r} gave no answer and stage "
+                                        f"{route.stages[stage + 1].variant!r} cannot run: {next_ranked.reason}")
+    return Escalate(stage + 1, tuple(next_ranked), why)
+
+
+def energy_joules(route: CascadeRoute, stage: int, site: str, busy_s: float) -> float:
+    """Energy one request took at ``site``: the replica's draw × its busy time × the site's PUE."""
+    pue = route.energy[site].pue if site in route.energy else 1.0
+    return route.stages[stage].watts * pue * max(busy_s, 0.0)
+
+
+def grams_co2(route: CascadeRoute, site: str, joules: float) -> float:
+    carbon = route.energy[site].carbon_g_per_kwh if site in route.energy else 0.0
+    return joules / 3.6e6 * carbon

@@ -1,0 +1,123 @@
+"""The cascade handler's outcomes, table-tested over a real ``EndpointTable`` and an
+in-memory upstream: who answers, what the headers say, what is counted."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.requests import Request
+
+from orchestrator.gateway import cascade, cascade_rules, endpoints, routing
+
+from .transport import Transport
+
+RULE = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8)
+ROUTE = cascade_rules.CascadeRoute("m", "dep", (
+    cascade_rules.StageRoute("small", frozenset({"edge"}), RULE, max_inflight=3, watts=10.0),
+    cascade_rules.StageRoute("large", frozenset({"datacenter"}), None, watts=300.0),
+), {"dc-fr": cascade_rules.SiteEnergy(100.0, 1.5)})
+FR = routing.Caller(48.85, 2.35, residency=frozenset({"FR"}))
+
+
+def ep(site: str, tier: str, country: str = "FR", **kw: Any) -> routing.Endpoint:
+    return routing.Endpoint(model="m", deployment="dep", site=site, tier=tier, country=country, region="", lat=48.8, lon=2.3,
+                            url=f"http://{site}", **kw)
+
+
+def run(fleet: list[routing.Endpoint], behaviour: dict[str, str], caller: routing.Caller = FR, mode: str = "on"
+        ) -> tuple[Any, Transport, cascade.CascadeHandler]:
+    table = endpoints.EndpointTable()
+    table.replace(fleet)
+    table.cascades = {"m": ROUTE}
+    transport = Transport({f"http://{k}": v for k, v in behaviour.items()})
+    handler = cascade.CascadeHandler(table, transport, cascade.CascadeMetrics.create(CollectorRegistry()))  # type: ignore[arg-type]
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+
+    async def plain() -> Any:
+        raise AssertionError("not in this table")
+
+    return asyncio.run(handler.infer(ROUTE, mode, caller, request, b"{}", plain)), transport, handler  # type: ignore[arg-type]
+
+
+EDGE, DC = ep("edge-fr", "edge"), ep("dc-fr", "datacenter")
+
+CASES: list[tuple[str, list[routing.Endpoint], dict[str, str], int, dict[str, str], str]] = [
+    # (case, fleet, behaviour, status, headers expected, reason part)
+    ("sure at the edge", [EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, 200,
+     {"x-edgeplane-site": "edge-fr", "x-edgeplane-cascade-escalation": "none", "x-edgeplane-cascade-sites": "edge-fr"}, ""),
+    ("binary tensors are judged too", [EDGE, DC], {"edge-fr": "sure-binary", "dc-fr": "sure"}, 200,
+     {"x-edgeplane-site": "edge-fr", "x-edgeplane-cascade-confidence": "0.9000"}, ""),
+    ("unsure escalates", [EDGE, DC], {"edge-fr": "unsure", "dc-fr": "sure"}, 200,
+     {"x-edgeplane-site": "dc-fr", "x-edgeplane-cascade-escalation": "escalated", "x-edgeplane-cascade-sites": "edge-fr,dc-fr"},
+     "small: top probability 0.550 < 0.8"),
+    ("an unreadable answer escalates", [EDGE, DC], {"edge-fr": "garbage", "dc-fr": "sure"}, 200,
+     {"x-edgeplane-site": "dc-fr"}, "not a valid v2 inference response"),
+    ("edge down escalates", [EDGE, DC], {"edge-fr": "down", "dc-fr": "sure"}, 200,
+     {"x-edgeplane-site": "dc-fr", "x-edgeplane-cascade-escalation": "escalated", "x-edgeplane-cascade-sites": "edge-fr,dc-fr"},
+     "gave no answer"),
+    ("edge 5xx escalates", [EDGE, DC], {"edge-fr": "5xx", "dc-fr": "unsure"}, 200, {"x-edgeplane-site": "dc-fr"}, ""),
+    ("edge not running escalates", [DC], {"dc-fr": "sure"}, 200,
+     {"x-edgeplane-site": "dc-fr", "x-edgeplane-cascade-sites": "dc-fr"}, "gave no answer"),
+    ("overloaded edge is skipped", [ep("edge-fr", "edge", inflight=3), DC], {"edge-fr": "sure", "dc-fr": "sure"}, 200,
+     {"x-edgeplane-site": "dc-fr", "x-edgeplane-cascade-sites": "dc-fr"}, "overloaded (3 in flight at edge-fr)"),
+    ("unsure but the data centre is down", [EDGE, DC], {"edge-fr": "unsure", "dc-fr": "down"}, 200,
+     {"x-edgeplane-site": "edge-fr", "x-edgeplane-cascade-escalation": "not-escalated", "x-edgeplane-cascade-confidence": "0.5500"},
+     "but the last stage (large) gave no answer"),
+    ("unsure and no allowed data centre", [EDGE, ep("dc-de", "datacenter", "DE")], {"edge-fr": "unsure", "dc-de": "sure"}, 200,
+     {"x-edgeplane-site": "edge-fr", "x-edgeplane-cascade-escalation": "not-escalated"}, "no replica in the caller's residency (FR)"),
+    ("a later stage refusing keeps the answer in hand", [EDGE, DC], {"edge-fr": "unsure", "dc-fr": "4xx"}, 200,
+     {"x-edgeplane-site": "edge-fr", "x-edgeplane-cascade-escalation": "not-escalated", "x-edgeplane-cascade-sites": "edge-fr,dc-fr"},
+     "stage 'large' refused the request (HTTP 400)"),
+    ("a caller's error is not escalated", [EDGE, DC], {"edge-fr": "4xx", "dc-fr": "sure"}, 400,
+     {"x-edgeplane-site": "edge-fr", "x-edgeplane-cascade-sites": "edge-fr"}, ""),
+]
+
+
+@pytest.mark.parametrize(("fleet", "behaviour", "status", "headers", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_outcomes(fleet: list[routing.Endpoint], behaviour: dict[str, str], status: int, headers: dict[str, str], reason: str) -> None:
+    response, _, handler = run(fleet, behaviour)
+    assert response.status_code == status, response.body
+    for name, value in headers.items():
+        assert response.headers.get(name) == value, (name, dict(response.headers))
+    assert reason in response.headers.get("x-edgeplane-cascade-reason", "")
+    [row] = handler.stats.snapshot({"m": ROUTE})
+    assert row["requests"] == 1 and row["failed"] == 0
+
+
+def test_no_stage_answers() -> None:
+    response, transport, handler = run([EDGE, DC], {"edge-fr": "down", "dc-fr": "5xx"})
+    assert response.status_code == 502
+    assert b"edge-fr: connection refused" in response.body and b"dc-fr: HTTP 503" in response.body
+    assert transport.calls == ["http://edge-fr", "http://dc-fr"]
+    [row] = handler.stats.snapshot({"m": ROUTE})
+    assert (row["requests"], row["failed"], row["escalations"]) == (1, 1, {"down": 1})
+
+
+def test_nothing_allowed_is_refused_without_a_call() -> None:
+    response, transport, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, caller=routing.Caller(residency=frozenset({"DE"})))
+    assert response.status_code == 503 and transport.calls == []
+    assert b"caller's residency (DE)" in response.body
+
+
+def test_energy_and_stats_add_up() -> None:
+    response, _, handler = run([EDGE, DC], {"edge-fr": "unsure", "dc-fr": "sure"})
+    joules = float(response.headers["x-edgeplane-cascade-energy-j"])
+    [row] = handler.stats.snapshot({"m": ROUTE, "dep": ROUTE})  # listed once, under both names
+    assert row["energyPerRequestJ"] == pytest.approx(joules, rel=1e-3) and joules > 0
+    assert row["answered"] == {"small": 0, "large": 1} and row["escalationRate"] == 1.0 and row["meanAddedLatencyMs"] is not None
+
+
+@pytest.mark.parametrize(("mode", "site"), [("force-last", "dc-fr"), ("force-first", "edge-fr")])
+def test_forced_stage(mode: str, site: str) -> None:
+    response, transport, _ = run([EDGE, DC], {"edge-fr": "unsure", "dc-fr": "unsure"}, mode=mode)
+    assert response.headers["x-edgeplane-site"] == site and transport.calls == [f"http://{site}"]
+    assert response.headers["x-edgeplane-cascade-confidence"] == "0.5500"
+
+
+def test_force_first_never_escalates() -> None:
+    response, transport, _ = run([EDGE, DC], {"edge-fr": "down", "dc-fr": "sure"}, mode="force-first")
+    assert response.status_code == 503 and transport.calls == ["http://edge-fr"]
+    assert b"force-first" in response.body and b"connection refused" in response.body

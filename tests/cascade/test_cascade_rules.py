@@ -1,0 +1,160 @@
+"""The cascade's pure decisions, table-tested: judges on v2 tensors and on OpenAI-shaped
+responses, the per-stage ranking, and what happens after each stage."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from orchestrator.gateway import cascade_rules as rules
+from orchestrator.gateway import routing
+
+TOP = rules.TensorRule("probabilities", logits=False, measure="top", below=0.8)
+MARGIN = rules.TensorRule("probabilities", logits=False, measure="margin", below=0.3)
+LOGITS = rules.TensorRule("logits", logits=True, measure="top", below=0.8)
+
+
+@pytest.mark.parametrize(("rule", "outputs", "escalate", "confidence"), [
+    (TOP, {"probabilities": np.array([[0.9, 0.05, 0.05]])}, False, 0.9),
+    (TOP, {"probabilities": np.array([[0.7, 0.2, 0.1]])}, True, 0.7),
+    (TOP, {"probabilities": np.array([0.85, 0.15])}, False, 0.85),  # one row without a batch axis
+    (TOP, {"probabilities": np.array([[0.95, 0.05], [0.6, 0.4]])}, True, 0.6),  # a batch: its least sure row
+    (TOP, {"probabilities": np.array([[0.8, 0.2]])}, False, 0.8),  # at the threshold: confident enough
+    (MARGIN, {"probabilities": np.array([[0.5, 0.4, 0.1]])}, True, 0.1),
+    (MARGIN, {"probabilities": np.array([[0.6, 0.2, 0.2]])}, False, 0.4),
+    (LOGITS, {"logits": np.array([[4.0, 0.0, 0.0]])}, False, math.exp(4) / (math.exp(4) + 2)),
+    (LOGITS, {"logits": np.array([[1.0, 0.5, 0.0]])}, True, math.exp(1) / (math.exp(1) + math.exp(0.5) + 1)),
+    (LOGITS, {"logits": np.array([[1000.0, 0.0]])}, False, 1.0),  # no overflow
+])
+def test_judge_tensor(rule: rules.TensorRule, outputs: dict[str, np.ndarray], escalate: bool, confidence: float) -> None:
+    verdict = rules.judge_tensor(rule, outputs)
+    assert verdict.escalate is escalate
+    assert verdict.confidence == pytest.approx(confidence)
+    assert bool(verdict.reason) is escalate
+
+
+@pytest.mark.parametrize(("outputs", "reason"), [
+    ({"other": np.array([[0.9, 0.1]])}, "has no output 'probabilities'"),
+    ({"probabilities": np.array([[1.0]])}, "classes >= 2"),
+    ({"probabilities": np.zeros((2, 2, 2))}, "classes >= 2"),
+    ({"probabilities": np.array([[np.nan, 0.5]])}, "NaN"),
+])
+def test_an_answer_that_cannot_be_judged_escalates(outputs: dict[str, np.ndarray], reason: str) -> None:
+    verdict = rules.judge_tensor(TOP, outputs)
+    assert verdict.escalate and verdict.confidence is None and reason in verdict.reason
+
+
+def chat(content: str = "Paris.", finish: str = "stop", logprobs: list[float] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": [{"token": f"t{i}", "logprob": lp, "top_logprobs": []} for i, lp in enumerate(logprobs)]}
+    return {"id": "chatcmpl-1", "object": "chat.completion", "model": "m", "choices": [choice]}
+
+
+def completion(text: str = "Paris.", finish: str = "stop", logprobs: list[float] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish}
+    if logprobs is not None:
+        choice["logprobs"] = {"tokens": ["a"] * len(logprobs), "token_logprobs": logprobs}
+    return {"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [choice]}
+
+
+LOGPROB = rules.GenerativeRule(mean_logprob_below=-1.0)
+TRUNCATED = rules.GenerativeRule(truncated=True)
+REFUSAL = rules.GenerativeRule(refusal=(r"(?i)\bI can(no|')t help\b", r"^As an AI"))
+
+
+@pytest.mark.parametrize(("rule", "response", "escalate", "reason"), [
+    (LOGPROB, chat(logprobs=[-0.1, -0.3, -0.2]), False, ""),
+    (LOGPROB, chat(logprobs=[-0.5, -2.5, -1.5]), True, "mean token logprob -1.500 < -1"),
+    (LOGPROB, completion(logprobs=[-0.2, -0.4]), False, ""),
+    (LOGPROB, completion(logprobs=[-3.0, None, -2.0]), True, "-2.500"),  # the first token of a prompt echo has none
+    (LOGPROB, chat(), True, "no token logprobs"),
+    (TRUNCATED, chat(finish="length"), True, "max_tokens"),
+    (TRUNCATED, completion(finish="length"), True, "max_tokens"),
+    (TRUNCATED, chat(finish="stop"), False, ""),
+    (REFUSAL, chat("Sorry, I can't help with that."), True, "refusal pattern"),
+    (REFUSAL, completion("As an AI model I won't"), True, "refusal pattern"),
+    (REFUSAL, chat("The capital is Paris."), False, ""),
+    (REFUSAL, {"choices": []}, True, "no choices"),
+    (REFUSAL, {"error": "x"}, True, "no choices"),
+])
+def test_judge_generative(rule: rules.GenerativeRule, response: dict[str, Any], escalate: bool, reason: str) -> None:
+    verdict = rules.judge_generative(rule, response)
+    assert verdict.escalate is escalate
+    assert reason in verdict.reason
+
+
+def test_generative_confidence_is_the_geometric_mean_token_probability() -> None:
+    verdict = rules.judge_generative(LOGPROB, chat(logprobs=[-0.2, -0.4]))
+    assert verdict.confidence == pytest.approx(math.exp(-0.3))
+
+
+def endpoint(site: str, tier: str, country: str, lat: float = 48.0, lon: float = 2.0, **kw: Any) -> routing.Endpoint:
+    return routing.Endpoint(model="task", deployment="task", site=site, tier=tier, country=country, region="", lat=lat, lon=lon,
+                            url=f"http://{site}", **kw)
+
+
+ROUTE = rules.CascadeRoute("task", "task", (
+    rules.StageRoute("small", frozenset({"edge"}), TOP, max_inflight=4, watts=10.0),
+    rules.StageRoute("large", frozenset({"datacenter"}), None, watts=300.0),
+), {"dc": rules.SiteEnergy(400.0, 1.5)})
+
+FLEET = [endpoint("edge-fr", "edge", "FR"), endpoint("edge-de", "edge", "DE", 52.5, 13.4),
+         endpoint("dc", "datacenter", "FR", 48.9, 2.4), endpoint("dc-us", "datacenter", "US", 40.0, -74.0)]
+
+
+def test_each_stage_ranks_its_own_tiers_inside_the_callers_residency() -> None:
+    caller = routing.Caller(48.8, 2.3, residency=frozenset({"FR"}))
+    first = rules.stage_ranking(ROUTE, 0, FLEET, caller)
+    last = rules.stage_ranking(ROUTE, 1, FLEET, caller)
+    assert isinstance(first, list) and [r.endpoint.site for r in first] == ["edge-fr"]
+    assert isinstance(last, list) and [r.endpoint.site for r in last] == ["dc"]
+    nowhere = rules.stage_ranking(ROUTE, 1, FLEET[:2], caller)
+    assert isinstance(nowhere, routing.NoRoute) and "no replica running" in nowhere.reason
+
+
+def test_other_deployments_of_the_model_are_not_stages() -> None:
+    other = [endpoint("edge-x", "edge", "FR")]
+    other = [routing.Endpoint(**{**e.__dict__, "deployment": "other"}) for e in other]
+    assert isinstance(rules.stage_ranking(ROUTE, 0, other, routing.Caller()), routing.NoRoute)
+
+
+def test_overloaded_when_the_best_replica_is_at_max_inflight() -> None:
+    busy = [routing.Ranked(endpoint("edge-fr", "edge", "FR", inflight=4), 1.0)]
+    calm = [routing.Ranked(endpoint("edge-fr", "edge", "FR", inflight=3), 1.0)]
+    assert rules.overloaded(ROUTE, 0, busy) and not rules.overloaded(ROUTE, 0, calm) and not rules.overloaded(ROUTE, 1, busy)
+
+
+SURE = rules.Verdict(False, 0.9, "")
+UNSURE = rules.Verdict(True, 0.5, "top probability 0.500 < 0.8")
+NEXT = [routing.Ranked(endpoint("dc", "datacenter", "FR"), 2.0)]
+
+
+@pytest.mark.parametrize(("stage", "verdict", "answered", "next_ranked", "expected"), [
+    (0, SURE, True, NEXT, rules.Answer()),
+    (0, UNSURE, True, NEXT, rules.Escalate(1, tuple(NEXT), UNSURE.reason)),
+    (0, None, False, NEXT, rules.Escalate(1, tuple(NEXT), "the stage gave no answer")),
+    (0, UNSURE, True, routing.NoRoute("no replica in the caller's residency (FR)"),
+     rules.Answer("top probability 0.500 < 0.8, but no replica in the caller's residency (FR)")),
+    (0, None, False, routing.NoRoute("nothing", 503), rules.Fail(503, "stage 'small' gave no answer and stage 'large' cannot run: nothing")),
+    (1, None, True, None, rules.Answer()),
+    (1, None, False, None, rules.Fail(502, "the last stage (large) gave no answer")),
+])
+def test_after_stage(stage: int, verdict: rules.Verdict | None, answered: bool, next_ranked: Any, expected: Any) -> None:
+    assert rules.after_stage(ROUTE, stage, verdict, answered, next_ranked) == expected
+
+
+def test_energy_and_co2() -> None:
+    joules = rules.energy_joules(ROUTE, 1, "dc", 0.01)
+    assert joules == pytest.approx(300.0 * 1.5 * 0.01)
+    assert rules.grams_co2(ROUTE, "dc", joules) == pytest.approx(joules / 3.6e6 * 400.0)
+    assert rules.energy_joules(ROUTE, 0, "edge-fr", 0.01) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("header", "mode"), [(None, "on"), ("off", "off"), (" Force-Last ", "force-last"),
+                                              ("force-first", "force-first"), ("maybe", None)])
+def test_parse_mode(header: str | None, mode: str | None) -> None:
+    assert rules.parse_mode(header) == mode
