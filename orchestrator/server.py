@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from starlette.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from starlette.responses import FileResponse, JSONResponse
@@ -36,6 +37,7 @@ from orchestrator.agents import model as agent_model
 from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import auth
+from orchestrator.api import simulate as simulate_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import proxy, routing, upstream
@@ -301,6 +303,10 @@ class ControlPlane:
         if isinstance(caller, routing.NoRoute):
             return views.endpoint_list(caller, model)
         return views.endpoint_list(self.table.rank(model, caller, self.config.position), model)
+
+    async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
+        # The store is read here, on the loop; the planning runs off it so the gateway keeps answering.
+        return await run_in_threadpool(simulate_api.run, self.reconciler.current(), body, each, top)
 
     def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":
