@@ -80,6 +80,7 @@ class Report:
     removed: tuple[sched_result.RemoveReplica, ...]
     short: tuple[Shortfall, ...]
     crossings: tuple[Crossing, ...]
+    replicas: tuple[sched.Replica, ...]  # the simulated placement
 
     @property
     def unschedulable_replicas(self) -> int:
@@ -202,6 +203,7 @@ def _report(changes: Changes, before: measure_mod.Metrics, after: measure_mod.Me
         removed=tuple(a for a in result.actions if isinstance(a, sched_result.RemoveReplica)),
         short=short,
         crossings=audit_residency(sites, deployments, replicas),
+        replicas=tuple(replicas),
     )
 
 
