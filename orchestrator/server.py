@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from orchestrator import views
+from orchestrator import console, views
 from orchestrator.adapters import local_ray
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
@@ -207,7 +207,7 @@ class ControlPlane:
                                               kube_factory=cfg.kube_factory)
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 
-        app = api_app.build_app(self, self.gateway.routes() + [self._artifact_route()])
+        app = api_app.build_app(self, self.gateway.routes() + [self._artifact_route()] + console.routes())
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                                       timeout_graceful_shutdown=5, limit_concurrency=4096))
         self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]

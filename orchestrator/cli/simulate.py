@@ -150,7 +150,9 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ms(x: float | None) -> str:
+def _ms(x: float | None, metrics: dict[str, Any] | None = None) -> str:
+    if metrics is not None and not metrics["demand"]:
+        return "no demand"
     return "unserved" if x is None else f"{x:.1f}"
 
 
@@ -162,8 +164,8 @@ def print_report(r: dict[str, Any]) -> None:
     b, a = r["before"], r["after"]
     render.table("Today vs the scenario", ["", "TODAY", "SCENARIO"], [
         ["replicas", b["replicas"], a["replicas"]],
-        ["latency p50 ms", _ms(b["latencyP50Ms"]), _ms(a["latencyP50Ms"])],
-        ["latency p95 ms", _ms(b["latencyP95Ms"]), _ms(a["latencyP95Ms"])],
+        ["latency p50 ms", _ms(b["latencyP50Ms"], b), _ms(a["latencyP50Ms"], a)],
+        ["latency p95 ms", _ms(b["latencyP95Ms"], b), _ms(a["latencyP95Ms"], a)],
         ["unserved rps", f"{b['unservedRps']:g}", f"{a['unservedRps']:g}"],
         ["power W", f"{b['watts']:.0f}", f"{a['watts']:.0f}"],
         ["gCO2/h", f"{b['gramsCO2PerHour']:.0f}", f"{a['gramsCO2PerHour']:.0f}"],

@@ -70,14 +70,14 @@ def measure(fleet: Fleet, deployments: Iterable[sched.Deployment], replicas: Ite
 
 
 def measure_one(fleet: Fleet, deployment: sched.Deployment, placed: Sequence[tuple[int, str]]) -> DeploymentMeasure:
-    variants = {v.name: v for v in deployment.variants}
+    draw = {v.name: v.watts for v in deployment.variants}
     watts = co2 = 0.0
+    pue, intensity = fleet.pue, fleet.intensity
     for site, name in placed:
-        variant = variants.get(name)
-        if variant is None:
-            continue
-        watts += variant.watts * fleet.pue.item(site)
-        co2 += variant.watts * fleet.intensity.item(site)
+        w = draw.get(name)
+        if w is not None:
+            watts += w * pue.item(site)
+            co2 += w * intensity.item(site)
     sites = np.array(sorted({s for s, _ in placed}), dtype=np.int64)
     rows = []
     located = [(p, fleet.locate(p)) for p in deployment.demand]

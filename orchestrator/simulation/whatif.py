@@ -148,6 +148,8 @@ def scale_demand(d: sched.Deployment, scales: Sequence[DemandScale]) -> sched.De
             if s.matches(p):
                 factor *= s.factor
         points.append(dataclasses.replace(p, rps=p.rps * factor) if factor != 1.0 else p)
+    if all(a is b for a, b in zip(points, d.demand)):
+        return d
     old, new = d.total_rps, sum(p.rps for p in points)
     autoscaled = d.autoscaled_replicas
     if autoscaled is not None and old > 0:
@@ -176,11 +178,24 @@ def simulate(state: State, changes: Changes, *, before: measure_mod.Metrics | No
     """
     check(state, changes)
     sites, deployments = apply_changes(state, changes)
+    today_fleet = Fleet(state.sites)
+    measured = measure_mod.measure(today_fleet, state.deployments, state.current)
     if before is None:
-        before = measure_mod.summarize(measure_mod.measure(Fleet(state.sites), state.deployments, state.current))
+        before = measure_mod.summarize(measured)
     result = planner.plan(sites, deployments, state.current)
     replicas = result.as_running()
-    after = measure_mod.summarize(measure_mod.measure(Fleet(sites), deployments, replicas))
+    # Latency and energy of a deployment depend only on its replicas, its demand and the
+    # sites; re-measure what the scenario touched (everything when sites changed).
+    if changes.added or changes.edits:
+        touched = list(deployments)
+    else:
+        was, now = _placed(state.current), _placed(replicas)
+        old = {d.name: d for d in state.deployments}
+        touched = [d for d in deployments if d is not old.get(d.name) or was.get(d.name) != now.get(d.name)]
+    if touched:
+        after_fleet = Fleet(sites) if (changes.added or changes.edits) else today_fleet
+        measured = {**measured, **measure_mod.measure(after_fleet, touched, (r for r in replicas if r.deployment in {d.name for d in touched}))}
+    after = measure_mod.summarize(measured)
     running = replica_counts(state.current)
     short_today = {d.name: max(0, d.wanted_replicas() - running.get(d.name, 0)) for d in state.deployments}
     return _report(changes, before, after, result, sites, deployments, replicas, short_today)
@@ -211,6 +226,13 @@ def today(sites: Sequence[sched.Site], deployments: Sequence[sched.Deployment]) 
     """A fleet with nothing running yet, and today's plan planned from scratch (``-f``)."""
     result = planner.plan(sites, deployments)
     return State(tuple(sites), tuple(deployments), tuple(result.as_running()))
+
+
+def _placed(replicas: Iterable[sched.Replica]) -> dict[str, Counter[tuple[str, str]]]:
+    out: dict[str, Counter[tuple[str, str]]] = {}
+    for r in replicas:
+        out.setdefault(r.deployment, Counter())[(r.site, r.variant)] += 1
+    return out
 
 
 def replica_counts(replicas: Iterable[sched.Replica]) -> Counter[str]:
