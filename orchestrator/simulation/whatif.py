@@ -194,7 +194,8 @@ def simulate(state: State, changes: Changes, *, before: measure_mod.Metrics | No
         touched = [d for d in deployments if d is not old.get(d.name) or was.get(d.name) != now.get(d.name)]
     if touched:
         after_fleet = Fleet(sites) if (changes.added or changes.edits) else today_fleet
-        measured = {**measured, **measure_mod.measure(after_fleet, touched, (r for r in replicas if r.deployment in {d.name for d in touched}))}
+        names = {d.name for d in touched}
+        measured = {**measured, **measure_mod.measure(after_fleet, touched, (r for r in replicas if r.deployment in names))}
     after = measure_mod.summarize(measured)
     running = replica_counts(state.current)
     short_today = {d.name: max(0, d.wanted_replicas() - running.get(d.name, 0)) for d in state.deployments}
@@ -231,7 +232,10 @@ def today(sites: Sequence[sched.Site], deployments: Sequence[sched.Deployment]) 
 def _placed(replicas: Iterable[sched.Replica]) -> dict[str, Counter[tuple[str, str]]]:
     out: dict[str, Counter[tuple[str, str]]] = {}
     for r in replicas:
-        out.setdefault(r.deployment, Counter())[(r.site, r.variant)] += 1
+        counts = out.get(r.deployment)
+        if counts is None:
+            counts = out[r.deployment] = Counter()
+        counts[(r.site, r.variant)] += 1
     return out
 
 
