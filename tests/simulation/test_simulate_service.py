@@ -23,7 +23,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
-SCENARIO = REPO / "manifests" / "scenarios" / "lyon-dark.yaml"
 TWO_SITES = """
 apiVersion: edgeplane.io/v1alpha1
 kind: Site
