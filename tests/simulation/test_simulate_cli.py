@@ -18,6 +18,18 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     return subprocess.run([str(EDGEPLANE), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def test_the_fleet_may_span_several_files_and_folders(tmp_path: pathlib.Path) -> None:
+    sites = tmp_path / "sites.yaml"
+    sites.write_text((REPO / "manifests" / "examples" / "sites.yaml").read_text())
+    rest = tmp_path / "rest"
+    rest.mkdir()
+    for name in ("models.yaml", "deployments.yaml"):
+        (rest / name).write_text((REPO / "manifests" / "examples" / name).read_text())
+    proc = run_cli("simulate", "-f", str(sites), "-f", str(rest), "--fail-site", "edge-lyon", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert "simulated in" in proc.stderr and "reading the manifests" in proc.stderr
+
+
 def test_the_cli_simulates_the_examples_offline() -> None:
     proc = run_cli("simulate", "-f", "manifests/examples", "--scenario", str(SCENARIO), "-o", "yaml")
     assert proc.returncode == 0, proc.stderr
@@ -37,6 +49,7 @@ def test_the_cli_simulates_the_examples_offline() -> None:
     (["--fail-country", "XX"], 1, "spec.fail.countries"),
     (["--each-site", "--top", "0"], 2, "--top must be at least 1"),
     (["--carbon", "edge-lyon=-5"], 1, "carbonGramsPerKWh"),
+    (["-f", "manifests/examples/sites.yaml"], 1, "Site 'dc-paris' is also declared in"),
 ])
 def test_bad_cli_input_is_one_line(args: list[str], code: int, message: str) -> None:
     proc = run_cli("simulate", "-f", "manifests/examples", *args)
