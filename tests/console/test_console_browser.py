@@ -48,6 +48,8 @@ async def test_the_map_shows_every_site_with_health_replicas_and_residency(brows
         assert "health: Healthy" in (tooltip or "")
         await page.click("nav button[data-tab=deployments]")
         await page.wait_for_selector("#deployments-body tr[data-deployment=intent-eu]", timeout=10_000)
+        await page.wait_for_function("document.querySelector('#deployments-body tr[data-deployment=intent-eu]').textContent.includes('Running')",
+                                     timeout=10_000)
         await page.click("nav button[data-tab=events]")
         await page.wait_for_selector("#events-list li[data-action=replica-placed]", timeout=10_000)
         await page.click("nav button[data-tab=sites]")
@@ -101,7 +103,7 @@ async def test_the_what_if_panel_shows_the_moves_on_the_map(browser, fleet: harn
         await page.close()
 
 
-async def test_a_killed_agent_turns_its_site_unhealthy_on_the_page(browser, fleet: harness.Fleet) -> None:
+async def test_a_killed_agent_turns_its_site_unhealthy_on_the_page(browser, fleet: harness.Fleet, screenshots: pathlib.Path) -> None:
     page, errors = await open_console(browser, fleet.cp.http_url)
     try:
         await page.wait_for_selector("#map g.site[data-site=edge-berlin][data-health=Healthy]", timeout=15_000)
@@ -110,6 +112,7 @@ async def test_a_killed_agent_turns_its_site_unhealthy_on_the_page(browser, flee
         await page.wait_for_selector("#map g.site[data-site=edge-berlin]:not([data-health=Healthy])", timeout=10_000)
         row = page.locator("#sites-body tr", has_text="edge-berlin")
         assert "Healthy" not in (await row.inner_text()).split("\t")[3]
+        await page.screenshot(path=str(screenshots / "console-unhealthy.png"))
         assert errors == []
     finally:
         await page.close()
