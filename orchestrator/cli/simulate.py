@@ -139,7 +139,7 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
             loading = time.perf_counter() - started
             started = time.perf_counter()
             if each:
-                data = report.sweep_result(sweep.sweep(state, each), args.top)  # type: ignore[arg-type]
+                data = report.sweep_result(_sweep_with_progress(state, each), args.top)
             else:
                 data = report.report(whatif.simulate(state, scenario.parse(doc, args.scenario or "<flags>")))
         else:
@@ -158,6 +158,18 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     read = f" (reading the manifests and planning today: {loading:.2f} s)" if args.file else ""
     print(f"\nsimulated in {elapsed:.2f} s{read}; nothing was changed", file=sys.stderr)
     return 0
+
+
+def _sweep_with_progress(state: whatif.State, by: str) -> sweep.SweepResult:
+    """A sweep, with a progress bar on a terminal (a 10,000-site sweep takes a while)."""
+    if not sys.stderr.isatty():
+        return sweep.sweep(state, by)  # type: ignore[arg-type]
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"losing each {by}", total=None)
+        return sweep.sweep(state, by, progress=lambda done, total: bar.update(task, completed=done, total=total))  # type: ignore[arg-type]
 
 
 def _ms(x: float | None, metrics: dict[str, Any] | None = None) -> str:
