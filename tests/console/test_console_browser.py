@@ -103,6 +103,16 @@ async def test_the_what_if_panel_shows_the_moves_on_the_map(browser, fleet: harn
         await page.close()
 
 
+async def test_an_empty_scenario_reproduces_the_running_placement(fleet: harness.Fleet) -> None:
+    """The simulation's inputs are the reconciler's: with no change, nothing moves."""
+    async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
+        data = (await http.post("/v1/simulate", content=b"")).json()
+    assert data["scenario"] == "no change"
+    assert data["summary"] == {"moved": 0, "added": 0, "removed": 0, "unschedulableReplicas": 0, "residencyCrossings": 0}
+    assert data["before"]["replicas"] == data["after"]["replicas"] == sum(r.replicas for r in fleet.cp.store.placements())
+    assert data["before"]["latencyP95Ms"] is not None
+
+
 async def test_a_killed_agent_turns_its_site_unhealthy_on_the_page(browser, fleet: harness.Fleet, screenshots: pathlib.Path) -> None:
     page, errors = await open_console(browser, fleet.cp.http_url)
     try:
