@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from starlette.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from orchestrator import views
+from orchestrator import console, views
 from orchestrator.adapters import local_ray
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
@@ -36,6 +37,7 @@ from orchestrator.agents import model as agent_model
 from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import auth
+from orchestrator.api import simulate as simulate_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
@@ -208,7 +210,7 @@ class ControlPlane:
                                               kube_factory=cfg.kube_factory)
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 
-        app = api_app.build_app(self, self.gateway.routes() + [self._artifact_route()])
+        app = api_app.build_app(self, self.gateway.routes() + [self._artifact_route()] + console.routes())
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                                       timeout_graceful_shutdown=5, limit_concurrency=4096))
         self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -307,6 +309,10 @@ class ControlPlane:
 
     def cascades_view(self) -> dict[str, Any]:
         return {"items": self.cascades.stats.snapshot(self.table.cascades)}
+
+    async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
+        # The store is read here, on the loop; the planning runs off it so the gateway keeps answering.
+        return await run_in_threadpool(simulate_api.run, self.reconciler.current(), body, each, top)
 
     def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":

@@ -21,6 +21,7 @@ from orchestrator import catalog
 from orchestrator.api import auth, bodies
 from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
+from orchestrator.simulation.scenario import ScenarioError
 from orchestrator.store import sqlite as store_mod
 
 MAX_BODY = 4 * 1024 * 1024
@@ -41,6 +42,7 @@ class Services(Protocol):
     def cascades_view(self) -> dict[str, Any]: ...
     def ready(self) -> bool: ...
     def agent_revoked(self, site: str) -> None: ...
+    async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]: ...
 
 
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -182,6 +184,19 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return error(404, "revoke tokens/ID or agents/SITE")
         return JSONResponse({"revoked": ok}, status_code=200 if ok else 404)
 
+    async def simulate(request: Request, caller: auth.Caller) -> Response:
+        """A what-if changes nothing, so read tokens may ask it."""
+        body = await bodies.read_body(request, MAX_BODY)
+        q = request.query_params
+        try:
+            top = int(q["top"]) if "top" in q else None
+        except ValueError:
+            return error(400, "top must be an integer")
+        try:
+            return JSONResponse(await services.simulate(body, q.get("each"), top))
+        except ScenarioError as exc:
+            return error(422, str(exc))
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok" if services.ready() else "starting"}, status_code=200 if services.ready() else 503)
 
@@ -196,6 +211,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         Route("/v1/events", guarded(events), methods=["GET"]),
         Route("/v1/endpoints/{model}", guarded(endpoints), methods=["GET"]),
         Route("/v1/tokens", guarded(create_token, write=True), methods=["POST"]),
+        Route("/v1/simulate", guarded(simulate), methods=["POST"]),
         Route("/v1/revoke/{what}/{name}", guarded(revoke, write=True), methods=["POST"]),
         Route("/v1/{kind}", guarded(list_kind), methods=["GET"]),
         Route("/v1/{kind}/{name}", guarded(get_one), methods=["GET"]),

@@ -212,6 +212,12 @@ def cmd_infer(api: ApiClient, args: argparse.Namespace) -> int:
     return infer.run(api, args)
 
 
+def cmd_simulate(api: ApiClient, args: argparse.Namespace) -> int:
+    from orchestrator.cli import simulate
+
+    return simulate.run(api, args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from orchestrator import server
 
@@ -281,6 +287,10 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--role", choices=["agent", "read", "admin"], default="agent", help="agent = bootstrap token for edgeplane-agent")
     sp.add_argument("--ttl", help="lifetime, e.g. 30m, 2h (bootstrap default 1h; API tokens do not expire unless set)")
     sp.add_argument("--description")
+    sp = with_output(client_parser("simulate", help="what-if: fail sites/regions, scale demand, change carbon; nothing changes"))
+    from orchestrator.cli import simulate as simulate_cli
+
+    simulate_cli.add_arguments(sp)
     sp = with_output(client_parser("infer", help="send one inference request through the gateway"))
     sp.add_argument("model")
     sp.add_argument("--data", required=True, help="JSON inputs ({\"input\": [[...]]} or a v2 body) or @FILE")
@@ -303,6 +313,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
 COMMANDS = {
     "apply": cmd_apply, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe, "delete": cmd_delete,
     "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer, "cascade": cascade_cli.cmd_tune,
+    "simulate": cmd_simulate,
 }
 
 

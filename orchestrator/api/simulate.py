@@ -1,0 +1,41 @@
+"""``POST /v1/simulate``: a what-if against the control plane's current state.
+
+The fleet is taken as the reconciler sees it now (declared sites, each agent's measured
+capacity and health, the stored placement as today's plan, the autoscaler's counts) and
+handed to the pure simulation; nothing is written anywhere. The body is a scenario
+document (YAML or JSON, see docs/simulation.md); ``?each=site|region`` runs an N-1 sweep
+instead, ``?top=N`` keeps the N worst.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.reconciler import inventory
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.simulation import report, scenario, sweep, whatif
+
+SWEEPS = ("site", "region")
+
+
+def state_of(s: snap.Snapshot) -> whatif.State:
+    """The planner's inputs for ``s``, exactly as a reconcile pass builds them."""
+    sites = tuple(inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name)) for r in s.sites)
+    deployments = tuple(
+        inventory.to_deployment(d, s.models[d.spec.model], s.autoscale[d.name].replicas if d.name in s.autoscale else None)
+        for d in s.deployments if d.spec.model in s.models
+    )
+    planned = {d.name for d in deployments}
+    current = tuple(r for r in inventory.current_replicas(s.placements) if r.deployment in planned)
+    return whatif.State(sites, deployments, current)
+
+
+def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None = None) -> dict[str, Any]:
+    """The report of one scenario, or of a sweep; raises ``scenario.ScenarioError``."""
+    state = state_of(s)
+    if each:
+        if each not in SWEEPS:
+            raise scenario.ScenarioError(f"each must be one of {', '.join(SWEEPS)}")
+        return report.sweep_result(sweep.sweep(state, each), top)  # type: ignore[arg-type]
+    changes = scenario.load_text(body, "<request>")
+    return report.report(whatif.simulate(state, changes))

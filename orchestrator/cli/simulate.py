@@ -1,0 +1,222 @@
+"""``edgeplane simulate``: what-if drills from the command line.
+
+Without ``-f`` the scenario goes to the control plane (``POST /v1/simulate``), which runs
+it against the live fleet. With ``-f`` the fleet is the one those manifests describe (every
+site healthy, today's plan planned from scratch) and everything runs here, with no control
+plane: for drills in CI and for fleets too large to send.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from orchestrator.cli import render
+from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.manifests import loader, references, schema
+from orchestrator.manifests.errors import ManifestError
+from orchestrator.reconciler import inventory
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.simulation import report, scenario, sweep, whatif
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("-f", "--file", action="append", help="simulate the fleet of these manifests here, not the live one (repeatable)")
+    sp.add_argument("--scenario", help="scenario file (kind: Scenario; see docs/simulation.md)")
+    sp.add_argument("--fail-site", action="append", default=[], metavar="SITE")
+    sp.add_argument("--fail-region", action="append", default=[], metavar="REGION")
+    sp.add_argument("--fail-country", action="append", default=[], metavar="CC")
+    sp.add_argument("--fail-tier", action="append", default=[], choices=["edge", "datacenter"])
+    sp.add_argument("--demand", action="append", default=[], metavar="WHERE=FACTOR",
+                    help="scale demand: REGION=2, LAT,LON=1.5 or '*'=1.2 (all demand)")
+    sp.add_argument("--carbon", action="append", default=[], metavar="SITE=G_PER_KWH", help="another grid intensity for a site")
+    sp.add_argument("--capacity", action="append", default=[], metavar="SITE=FACTOR", help="scale a site's capacity (0.5: half lost)")
+    each = sp.add_mutually_exclusive_group()
+    each.add_argument("--each-site", action="store_true", help="N-1 sweep: lose each site in turn, rank by harm")
+    each.add_argument("--each-region", action="store_true", help="N-1 sweep: lose each region in turn, rank by harm")
+    sp.add_argument("--top", type=int, default=None, help="sweeps: show the N most harmful (table default 15)")
+
+
+def _pair(text: str, flag: str) -> tuple[str, float]:
+    where, sep, value = text.rpartition("=")
+    try:
+        if not sep or not where:
+            raise ValueError
+        return where, float(value)
+    except ValueError:
+        raise CliError(f"{flag} {text!r}: expected NAME=NUMBER", 2) from None
+
+
+def scenario_document(args: argparse.Namespace) -> dict[str, Any]:
+    """The scenario file with the command-line changes added to it."""
+    doc: dict[str, Any] = {"apiVersion": schema.API_VERSION, "kind": "Scenario", "metadata": {"name": "cli"}, "spec": {}}
+    if args.scenario:
+        path = pathlib.Path(args.scenario)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise CliError(f"{args.scenario}: {exc.strerror or exc}", 2) from None
+        except yaml.YAMLError as exc:
+            raise CliError(f"{args.scenario}: not valid YAML ({exc})", 1) from None
+        scenario.parse(data, args.scenario)  # one-line error naming the field before anything else
+        doc = data if "spec" in data else {**doc, "spec": data}
+    spec = doc.setdefault("spec", {}) or {}
+    doc["spec"] = spec
+    fail = spec.setdefault("fail", {})
+    for key, values in (("sites", args.fail_site), ("regions", args.fail_region), ("countries", args.fail_country), ("tiers", args.fail_tier)):
+        if values:
+            fail[key] = list(fail.get(key, [])) + list(values)
+    for text in args.demand:
+        where, factor = _pair(text, "--demand")
+        change: dict[str, Any] = {"factor": factor}
+        if where != "*":
+            lat, comma, lon = where.partition(",")
+            try:
+                change.update(lat=float(lat), lon=float(lon)) if comma else change.update(region=where)
+            except ValueError:
+                change["region"] = where
+        spec.setdefault("demand", []).append(change)
+    for text in args.carbon:
+        site, value = _pair(text, "--carbon")
+        spec.setdefault("sites", {}).setdefault(site, {})["carbonGramsPerKWh"] = value
+    for text in args.capacity:
+        site, value = _pair(text, "--capacity")
+        spec.setdefault("sites", {}).setdefault(site, {})["capacityFactor"] = value
+    return doc
+
+
+def _load(paths: list[str]) -> list[loader.LoadedDocument]:
+    """Every document of every file (each file read on its own, so a fleet may span many)."""
+    docs: list[loader.LoadedDocument] = []
+    for path in paths:
+        target = pathlib.Path(path)
+        if not target.exists():
+            raise CliError(f"{path}: no such file or directory", 2)
+        found = loader.manifest_files(target)
+        if not found:
+            raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
+        for f in found:
+            try:
+                docs.extend(loader.load_text(f.read_text(encoding="utf-8"), str(f)))
+            except UnicodeDecodeError as exc:
+                raise CliError(f"{f}: not UTF-8 text (byte {exc.start})", 1) from exc
+    seen: dict[tuple[str, str], str] = {}
+    for d in docs:
+        if (d.kind, d.name) in seen:
+            raise CliError(f"{d.file}: {d.kind} {d.name!r} is also declared in {seen[(d.kind, d.name)]}", 1)
+        seen[(d.kind, d.name)] = d.file
+    return docs
+
+
+def local_state(paths: list[str]) -> whatif.State:
+    """The fleet of the manifests at ``paths``: every site healthy, today's plan planned from scratch."""
+    docs = _load(paths)
+    issues = references.check_references(docs, {})
+    if issues:
+        raise ManifestError(issues)
+    models = {d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)}
+    sites = [scenario.site_from_spec(d.name, d.doc.metadata.labels, d.doc.spec) for d in docs if isinstance(d.doc, schema.SiteDoc)]
+    deployments = [inventory.to_deployment(snap.DeploymentRecord(d.name, 1, d.doc.spec), models[d.doc.spec.model])
+                   for d in docs if isinstance(d.doc, schema.ModelDeploymentDoc)]
+    return whatif.today(sites, deployments)
+
+
+def run(api: ApiClient, args: argparse.Namespace) -> int:
+    doc = scenario_document(args)
+    each = "site" if args.each_site else "region" if args.each_region else None
+    if args.top is not None and args.top < 1:
+        raise CliError("--top must be at least 1", 2)
+    started = time.perf_counter()
+    loading = 0.0
+    try:
+        if args.file:
+            state = local_state(args.file)
+            loading = time.perf_counter() - started
+            started = time.perf_counter()
+            if each:
+                data = report.sweep_result(_sweep_with_progress(state, each), args.top)
+            else:
+                data = report.report(whatif.simulate(state, scenario.parse(doc, args.scenario or "<flags>")))
+        else:
+            scenario.parse(doc, args.scenario or "<flags>")
+            params = {k: v for k, v in (("each", each), ("top", str(args.top) if args.top else None)) if v}
+            data = api.request("POST", "/v1/simulate", params=params, json=doc)
+    except scenario.ScenarioError as exc:
+        raise CliError(str(exc), 1) from None
+    elapsed = time.perf_counter() - started
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+    elif each:
+        print_sweep(data, args.top or 15)
+    else:
+        print_report(data)
+    read = f" (reading the manifests and planning today: {loading:.2f} s)" if args.file else ""
+    print(f"\nsimulated in {elapsed:.2f} s{read}; nothing was changed", file=sys.stderr)
+    return 0
+
+
+def _sweep_with_progress(state: whatif.State, by: str) -> sweep.SweepResult:
+    """A sweep, with a progress bar on a terminal (a 10,000-site sweep takes a while)."""
+    if not sys.stderr.isatty():
+        return sweep.sweep(state, by)  # type: ignore[arg-type]
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"losing each {by}", total=None)
+        return sweep.sweep(state, by, progress=lambda done, total: bar.update(task, completed=done, total=total))  # type: ignore[arg-type]
+
+
+def _ms(x: float | None, metrics: dict[str, Any] | None = None) -> str:
+    if metrics is not None and not metrics["demand"]:
+        return "no demand"
+    return "unserved" if x is None else f"{x:.1f}"
+
+
+def print_report(r: dict[str, Any]) -> None:
+    s = r["summary"]
+    print(f"Scenario {r['name']}: {r['scenario']}")
+    print(f"  {s['moved']} replica(s) moved, {s['added']} added, {s['removed']} removed, "
+          f"{s['unschedulableReplicas']} no longer fit; residency crossings: {s['residencyCrossings']}\n")
+    b, a = r["before"], r["after"]
+    render.table("Today vs the scenario", ["", "TODAY", "SCENARIO"], [
+        ["replicas", b["replicas"], a["replicas"]],
+        ["latency p50 ms", _ms(b["latencyP50Ms"], b), _ms(a["latencyP50Ms"], a)],
+        ["latency p95 ms", _ms(b["latencyP95Ms"], b), _ms(a["latencyP95Ms"], a)],
+        ["unserved rps", f"{b['unservedRps']:g}", f"{a['unservedRps']:g}"],
+        ["power W", f"{b['watts']:.0f}", f"{a['watts']:.0f}"],
+        ["gCO2/h", f"{b['gramsCO2PerHour']:.0f}", f"{a['gramsCO2PerHour']:.0f}"],
+    ])
+    if r["moves"]:
+        print()
+        render.table("Replicas moved", ["DEPLOYMENT", "FROM", "TO", "VARIANT"],
+                     [[m["deployment"], m["from"], m["to"], m["variant"]] for m in r["moves"][:50]])
+        if len(r["moves"]) > 50:
+            print(f"... and {len(r['moves']) - 50} more (-o json for all)")
+    if r["unschedulable"]:
+        print()
+        render.table("Deployments short of replicas", ["DEPLOYMENT", "PHASE", "PLACED/WANTED", "NEW", "REASON"],
+                     [[u["deployment"], u["phase"], f"{u['placed']}/{u['wanted']}", u["newlyShort"], u["reason"]] for u in r["unschedulable"][:50]])
+    before = {p["point"]: p for p in b["demand"]}
+    rows = [[p["point"], f"{p['rps']:g}", _ms(before.get(p["point"], {}).get("p50Ms")), _ms(before.get(p["point"], {}).get("p95Ms")),
+             _ms(p["p50Ms"]), _ms(p["p95Ms"])] for p in a["demand"]]
+    if rows:
+        print()
+        render.table("Predicted latency per demand point (ms)", ["DEMAND", "RPS", "P50 TODAY", "P95 TODAY", "P50", "P95"], rows[:50])
+    crossings = r["residency"]["crossings"]
+    print(f"\nResidency audit: {len(crossings)} crossing(s)" + ("" if not crossings else ": " + ", ".join(f"{c['deployment']}@{c['site']}" for c in crossings[:10])))
+
+
+def print_sweep(r: dict[str, Any], top: int) -> None:
+    print(f"N-1 sweep by {r['by']}: {r['swept']} lost one at a time; most harmful first\n")
+    render.table(None, ["RANK", r["by"].upper(), "SITES", "REPLICAS LOST", "MOVED", "NO LONGER FIT", "UNSERVED RPS", "P95 ms (Δ)", "gCO2/h"], [
+        [i["rank"], i["target"], i["sites"], i["replicasLost"], i["moved"], i["unschedulableReplicas"], f"{i['unservedRps']:g}",
+         f"{_ms(i['latencyP95Ms'])} ({i['latencyP95DeltaMs']:+.1f})" if i["latencyP95DeltaMs"] is not None else _ms(i["latencyP95Ms"]),
+         f"{i['gramsCO2PerHour']:.0f}"]
+        for i in r["ranked"][:top]
+    ])

@@ -1,0 +1,36 @@
+// The console's only door to the control plane: the /v1 API with the tab's bearer token.
+const KEY = "edgeplane.token";
+
+export class Unauthorized extends Error {}
+
+export function token() { return sessionStorage.getItem(KEY) || ""; }
+export function setToken(value) { value ? sessionStorage.setItem(KEY, value) : sessionStorage.removeItem(KEY); }
+
+async function call(method, path, body) {
+  const headers = {};
+  if (token()) headers.authorization = `Bearer ${token()}`;
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (resp.status === 401) throw new Unauthorized((await resp.json()).error || "unauthorized");
+  const text = await resp.text();
+  if (!resp.ok) {
+    let message = text;
+    try { message = JSON.parse(text).error || text; } catch (_) { /* not JSON */ }
+    throw new Error(`${resp.status}: ${message}`);
+  }
+  return path === "/metrics" ? text : JSON.parse(text);
+}
+
+export const get = (path) => call("GET", path);
+export const post = (path, body) => call("POST", path, body);
+
+// Gateway requests per site from the Prometheus text (edgeplane_gateway_requests_total{site=...}).
+export function requestsBySite(metrics) {
+  const out = {};
+  const re = /^edgeplane_gateway_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)$/gm;
+  for (const m of metrics.matchAll(re)) {
+    const site = /site="([^"]*)"/.exec(m[1]);
+    if (site) out[site[1]] = (out[site[1]] || 0) + Number(m[2]);
+  }
+  return out;
+}

@@ -1,0 +1,228 @@
+// The console page: polls the read API once a second and redraws; the what-if panel asks
+// POST /v1/simulate and draws the moves on the map. Read-only: nothing here writes.
+import * as api from "./api.js";
+import { FleetMap } from "./map.js";
+
+const $ = (id) => document.getElementById(id);
+const POLL_MS = 1000;
+const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, requests: {}, rates: {},
+                lastMetricsAt: 0, whatif: null, map: null, timer: null };
+
+function text(tag, value, cls) { const td = document.createElement(tag); td.textContent = value; if (cls) td.className = cls; return td; }
+
+function row(cells) { const tr = document.createElement("tr"); for (const c of cells) tr.appendChild(c); return tr; }
+
+function showLogin(message) {
+  clearTimeout(state.timer);
+  $("console").hidden = true;
+  $("login").hidden = false;
+  $("logout").hidden = true;
+  $("login-error").textContent = message || "";
+  $("server-state").textContent = "signed out";
+}
+
+async function start() {
+  $("login").hidden = true;
+  $("console").hidden = false;
+  $("logout").hidden = !api.token();
+  if (!state.map) {
+    const [world, iso] = await Promise.all([fetch("vendor/countries-110m.json").then((r) => r.json()), fetch("iso-countries.json").then((r) => r.json())]);
+    state.map = new FleetMap($("map"), world, iso);
+  }
+  poll();
+}
+
+async function poll() {
+  clearTimeout(state.timer);
+  try {
+    const [sites, deployments, placements, events, metrics] = await Promise.all([
+      api.get("/v1/sites"), api.get("/v1/modeldeployments"), api.get("/v1/placements"),
+      api.get(`/v1/events?since=${state.lastEvent}&limit=200`), api.get("/metrics").catch(() => ""),
+    ]);
+    state.sites = sites.items;
+    state.deployments = deployments.items;
+    state.placements = placements.items;
+    for (const e of events.items) { state.events.push(e); state.lastEvent = Math.max(state.lastEvent, e.id); }
+    state.events = state.events.slice(-300);
+    updateRequests(api.requestsBySite(metrics));
+    $("server-state").textContent = `live · ${new Date().toLocaleTimeString()}`;
+    render();
+  } catch (err) {
+    if (err instanceof api.Unauthorized) { showLogin(err.message); return; }
+    $("server-state").textContent = `unreachable: ${err.message}`;
+  }
+  state.timer = setTimeout(poll, POLL_MS);
+}
+
+function updateRequests(counts) {
+  const now = performance.now();
+  const dt = (now - state.lastMetricsAt) / 1000;
+  if (state.lastMetricsAt && dt > 0) {
+    for (const [site, n] of Object.entries(counts)) state.rates[site] = Math.max(0, (n - (state.requests[site] || 0)) / dt);
+  }
+  state.requests = counts;
+  state.lastMetricsAt = now;
+}
+
+function modelOf(deploymentName) {
+  const d = state.deployments.find((x) => x.metadata.name === deploymentName);
+  return d ? d.spec.model : deploymentName;
+}
+
+function siteViews() {
+  const failed = new Set(state.whatif ? state.whatif.failedSites : []);
+  return state.sites.map((s) => {
+    const here = state.placements.filter((p) => p.site === s.metadata.name);
+    const loc = s.spec.location;
+    return {
+      name: s.metadata.name, tier: s.spec.tier, country: loc.country, region: loc.region || "", lat: loc.lat, lon: loc.lon,
+      health: (s.status && s.status.health) || "Unknown", replicas: here.reduce((n, p) => n + p.replicas, 0),
+      models: [...new Set(here.map((p) => modelOf(p.deployment)))].sort(),
+      requests: Math.round(state.requests[s.metadata.name] || 0), rate: state.rates[s.metadata.name] || 0,
+      failed: failed.has(s.metadata.name),
+    };
+  });
+}
+
+function render() {
+  const views = siteViews();
+  const healthy = views.filter((v) => v.health === "Healthy").length;
+  const replicas = views.reduce((n, v) => n + v.replicas, 0);
+  $("summary").textContent = `${views.length} sites (${healthy} healthy) · ${state.deployments.length} deployments · ${replicas} replicas`;
+  state.map.drawSites(views);
+  renderResidency();
+  if (state.whatif) state.map.drawMoves(state.whatif.moves, Object.fromEntries(views.map((v) => [v.name, v])));
+  $("sites-body").replaceChildren(...views.map((v) => row([
+    text("td", v.name), text("td", v.tier), text("td", v.country), text("td", v.health, v.health === "Healthy" ? "Healthy" : "bad"),
+    text("td", String(v.replicas)), text("td", v.models.join(", ")), text("td", v.requests ? `${v.requests} (${v.rate.toFixed(1)}/s)` : "0"),
+  ])));
+  $("deployments-body").replaceChildren(...state.deployments.map((d) => {
+    const st = d.status || {};
+    const r = st.rollout;
+    const rollout = r ? `${r.upgraded}/${r.upgraded + r.switching + r.waiting} upgraded${r.halted ? " HALTED" : ""}` : "–";
+    const a = st.autoscaling;
+    const scaling = a && a.desiredReplicas !== undefined ? `${a.desiredReplicas} replicas (${a.observedPerReplica} ${a.metric}/replica)` : (d.spec.autoscaling ? "waiting for load" : "–");
+    const tr = row([text("td", d.metadata.name), text("td", d.spec.model), text("td", st.phase || "Pending", st.phase === "Running" || st.phase === "Scheduled" ? "Healthy" : ""),
+      text("td", `${st.readyReplicas || 0}/${st.replicas || 0}`), text("td", rollout), text("td", scaling)]);
+    tr.title = st.reason || "";
+    tr.dataset.deployment = d.metadata.name;
+    return tr;
+  }));
+  const list = $("events-list");
+  list.replaceChildren(...state.events.slice(-100).reverse().map((e) => {
+    const li = document.createElement("li");
+    li.appendChild(text("span", new Date(e.ts * 1000).toLocaleTimeString(), "when"));
+    li.appendChild(text("span", `${e.action} ${e.kind}/${e.name} — ${e.reason}`));
+    li.dataset.action = e.action;
+    return li;
+  }));
+  fillResidencyChoices();
+  fillWhatifTargets(views);
+}
+
+function residencyOf(d) { return (d.spec.placement && d.spec.placement.residency) || []; }
+
+function renderResidency() {
+  const chosen = $("residency-of").value;
+  const zone = new Set();
+  for (const d of state.deployments) {
+    if (chosen && d.metadata.name !== chosen) continue;
+    for (const code of residencyOf(d)) {
+      if (code === "EU") for (const c of EU) zone.add(c); else zone.add(code);
+    }
+  }
+  state.map.shadeResidency(zone);
+}
+
+const EU = ["AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT", "LV", "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE"];
+
+function fillResidencyChoices() {
+  const select = $("residency-of");
+  const names = state.deployments.map((d) => d.metadata.name);
+  const have = [...select.options].slice(1).map((o) => o.value);
+  if (have.join() === names.join()) return;
+  const keep = select.value;
+  select.replaceChildren(new Option("every deployment", ""), ...names.map((n) => new Option(`${n} (${residencyOf(state.deployments.find((d) => d.metadata.name === n)).join(",") || "any"})`, n)));
+  select.value = names.includes(keep) ? keep : "";
+}
+
+function fillWhatifTargets(views) {
+  const kind = $("whatif-kind").value;
+  const values = kind === "sites" ? views.map((v) => v.name) : kind === "regions" ? views.map((v) => v.region).filter(Boolean)
+    : kind === "countries" ? views.map((v) => v.country) : ["edge", "datacenter"];
+  const unique = [...new Set(values)].sort();
+  const select = $("whatif-target");
+  if ([...select.options].map((o) => o.value).join() === unique.join()) return;
+  const keep = select.value;
+  select.replaceChildren(...unique.map((v) => new Option(v, v)));
+  if (unique.includes(keep)) select.value = keep;
+}
+
+async function runWhatif(event) {
+  event.preventDefault();
+  const kind = $("whatif-kind").value, target = $("whatif-target").value, factor = Number($("whatif-demand").value || 1);
+  const spec = { fail: { [kind]: [target] } };
+  if (factor !== 1) spec.demand = [{ factor }];
+  const out = $("whatif-result");
+  out.replaceChildren(text("p", "simulating…", "muted"));
+  try {
+    const r = await api.post("/v1/simulate", { kind: "Scenario", metadata: { name: "console" }, spec });
+    const views = siteViews();
+    const lost = views.filter((v) => (kind === "sites" && v.name === target) || (kind === "regions" && v.region === target)
+      || (kind === "countries" && v.country === target) || (kind === "tiers" && v.tier === target)).map((v) => v.name);
+    state.whatif = { moves: r.moves, failedSites: lost };
+    showReport(r);
+    render();
+  } catch (err) {
+    if (err instanceof api.Unauthorized) { showLogin(err.message); return; }
+    out.replaceChildren(text("p", err.message, "error"));
+  }
+}
+
+function card(label, value, bad) {
+  const div = document.createElement("div");
+  div.className = bad ? "card bad" : "card";
+  div.appendChild(text("b", String(value)));
+  div.appendChild(text("span", label));
+  return div;
+}
+
+function ms(x, m) { return m && !m.demand.length ? "no demand" : x === null || x === undefined ? "unserved" : `${x.toFixed(1)} ms`; }
+
+function showReport(r) {
+  const s = r.summary, b = r.before, a = r.after;
+  const cards = document.createElement("div");
+  cards.className = "cards";
+  cards.id = "whatif-summary";
+  cards.append(card("replicas moved", s.moved), card("no longer fit", s.unschedulableReplicas, s.unschedulableReplicas > 0),
+    card("residency crossings", s.residencyCrossings, s.residencyCrossings > 0),
+    card(`p50 (today ${ms(b.latencyP50Ms, b)})`, ms(a.latencyP50Ms, a), a.latencyP50Ms === null && a.demand.length > 0),
+    card(`p95 (today ${ms(b.latencyP95Ms, b)})`, ms(a.latencyP95Ms, a), a.latencyP95Ms === null && a.demand.length > 0),
+    card(`gCO2/h (today ${Math.round(b.gramsCO2PerHour)})`, Math.round(a.gramsCO2PerHour)));
+  const moves = document.createElement("table");
+  moves.id = "whatif-moves";
+  moves.appendChild(row([text("th", "deployment"), text("th", "from"), text("th", "to"), text("th", "variant")]));
+  for (const m of r.moves) moves.appendChild(row([text("td", m.deployment), text("td", m.from), text("td", m.to), text("td", m.variant)]));
+  const parts = [text("h3", r.scenario), cards, text("h4", `Moves (${r.moves.length})`), moves];
+  if (r.unschedulable.length) {
+    const t = document.createElement("table");
+    t.appendChild(row([text("th", "deployment"), text("th", "placed/wanted"), text("th", "reason")]));
+    for (const u of r.unschedulable) t.appendChild(row([text("td", u.deployment), text("td", `${u.placed}/${u.wanted}`), text("td", u.reason)]));
+    parts.push(text("h4", "Short of replicas"), t);
+  }
+  $("whatif-result").replaceChildren(...parts);
+}
+
+function selectTab(name) {
+  for (const b of document.querySelectorAll("#side nav button")) b.classList.toggle("active", b.dataset.tab === name);
+  for (const t of document.querySelectorAll(".tab")) t.hidden = t.id !== `tab-${name}`;
+}
+
+$("login").addEventListener("submit", (e) => { e.preventDefault(); api.setToken($("token").value.trim()); start(); });
+$("logout").addEventListener("click", () => { api.setToken(""); showLogin(""); });
+$("residency-of").addEventListener("change", renderResidency);
+$("whatif-kind").addEventListener("change", () => fillWhatifTargets(siteViews()));
+$("whatif-form").addEventListener("submit", runWhatif);
+$("whatif-clear").addEventListener("click", () => { state.whatif = null; $("whatif-result").replaceChildren(); state.map.drawMoves([], {}); render(); });
+for (const b of document.querySelectorAll("#side nav button")) b.addEventListener("click", () => selectTab(b.dataset.tab));
+start();

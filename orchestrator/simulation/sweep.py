@@ -1,0 +1,168 @@
+"""N-1 sweeps: lose each site (or each region) in turn and rank the losses by harm.
+
+A sweep runs one what-if per site, so it cannot afford a whole-fleet plan each time. It
+re-plans only the deployments that had a replica on what was lost, against the capacity
+the other deployments leave: their replicas keep their seats, which is what the planner
+does with a running replica whose site is still healthy. Losing a site that hosts nothing
+moves nothing, so it is reported without planning. The harm is ranked by replicas that no
+longer fit, then demand left without any replica, then the rise in p95 latency, then
+replicas moved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from orchestrator.scheduler import model as sched
+from orchestrator.scheduler import planner
+from orchestrator.scheduler import result as sched_result
+from orchestrator.scheduler.fleet import Fleet
+from orchestrator.simulation import measure as measure_mod
+from orchestrator.simulation import whatif
+
+By = Literal["site", "region"]
+
+
+@dataclass(frozen=True)
+class Impact:
+    """What losing one site or region does, against today's plan."""
+
+    target: str
+    sites: int  # sites lost
+    replicas_lost: int  # replicas today's plan runs there
+    moved: int
+    unschedulable: int  # replicas short of the wanted count afterwards (more than today)
+    deployments_short: tuple[str, ...]
+    unserved_rps: float
+    p95_ms: float | None
+    p95_delta_ms: float | None
+    g_co2_per_hour: float
+
+    def harm(self) -> tuple[float, float, float, float]:
+        return (-self.unschedulable, -self.unserved_rps, -(self.p95_delta_ms or 0.0), -self.moved)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    by: By
+    before: measure_mod.Metrics
+    impacts: tuple[Impact, ...]  # most harmful first
+
+
+def _usage(state: whatif.State) -> tuple[np.ndarray, np.ndarray, dict[str, list[sched.GpuGroup]], dict[str, list[tuple[int, int, int]]]]:
+    """CPU and memory (GiB) each site's replicas take, and the GPU group each replica takes."""
+    index = {s.name: i for i, s in enumerate(state.sites)}
+    cpu = np.zeros(len(state.sites))
+    mem = np.zeros(len(state.sites))
+    free = {s.name: list(s.gpus) for s in state.sites}
+    taken: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # deployment -> (site, group, gpus) per GPU replica
+    variants = {d.name: {v.name: v for v in d.variants} for d in state.deployments}
+    for r in state.current:
+        i = index.get(r.site)
+        v = variants.get(r.deployment, {}).get(r.variant)
+        if i is None or v is None:
+            continue
+        cpu[i] += v.cpu
+        mem[i] += v.memory_mib / 1024
+        if v.gpus:
+            groups = free[r.site]
+            fits = [k for k, g in enumerate(groups) if g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib - 1e-9]
+            if fits:  # best fit, as the planner takes them
+                k = min(fits, key=lambda k: groups[k].memory_gib)
+                groups[k] = dataclasses.replace(groups[k], count=groups[k].count - v.gpus)
+                taken[r.deployment].append((i, k, v.gpus))
+    return cpu, mem, free, taken
+
+
+class Sweeper:
+    """Today's state, measured once, and the capacity every running replica holds."""
+
+    def __init__(self, state: whatif.State) -> None:
+        self.state = state
+        self.fleet = Fleet(state.sites)
+        self.measures = measure_mod.measure(self.fleet, state.deployments, state.current)
+        self.before = measure_mod.summarize(self.measures)
+        self.by_name = {d.name: d for d in state.deployments}
+        self.replicas_by_deployment: dict[str, list[sched.Replica]] = defaultdict(list)
+        self.deployments_at: dict[str, set[str]] = defaultdict(set)
+        for r in state.current:
+            self.replicas_by_deployment[r.deployment].append(r)
+            self.deployments_at[r.site].add(r.deployment)
+        self.cpu, self.mem, free_gpus, self.gpu_taken = _usage(state)
+        self.reserved = [
+            dataclasses.replace(s, cpu=max(0.0, s.cpu - self.cpu[i]), memory_gib=max(0.0, s.memory_gib - self.mem[i]),
+                                gpus=tuple(free_gpus[s.name]))
+            for i, s in enumerate(state.sites)
+        ]
+        self.short_before = {d.name: max(0, d.wanted_replicas() - len(self.replicas_by_deployment.get(d.name, [])))
+                             for d in state.deployments}
+
+    def lose(self, target: str, lost: Sequence[int]) -> Impact:
+        """Fail the sites at indices ``lost`` and re-plan the deployments they hosted."""
+        sites = self.state.sites
+        affected = sorted({d for i in lost for d in self.deployments_at.get(sites[i].name, ())})
+        replicas_lost = sum(1 for d in affected for r in self.replicas_by_deployment[d] if r.site in {sites[i].name for i in lost})
+        if not affected:
+            return Impact(target, len(lost), 0, 0, 0, (), self.before.unserved_rps, self.before.p95_ms, 0.0, self.before.g_co2_per_hour)
+        # Give back what the affected deployments hold, on top of what the others leave.
+        back_cpu: dict[int, float] = defaultdict(float)
+        back_mem: dict[int, float] = defaultdict(float)
+        back_gpu: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        current: list[sched.Replica] = []
+        for d in affected:
+            variants = {v.name: v for v in self.by_name[d].variants}
+            for r in self.replicas_by_deployment[d]:
+                i = self.fleet.index.get(r.site)
+                v = variants.get(r.variant)
+                if i is None or v is None:
+                    continue
+                back_cpu[i] += v.cpu
+                back_mem[i] += v.memory_mib / 1024
+                current.append(r)
+            for i, k, n in self.gpu_taken.get(d, ()):
+                back_gpu[i][k] += n
+        planned_sites = list(self.reserved)
+        for i in set(back_cpu) | set(back_gpu):
+            s = planned_sites[i]
+            gpus = tuple(dataclasses.replace(g, count=g.count + back_gpu[i].get(k, 0)) for k, g in enumerate(s.gpus))
+            planned_sites[i] = dataclasses.replace(s, cpu=s.cpu + back_cpu[i], memory_gib=s.memory_gib + back_mem[i], gpus=gpus)
+        for i in lost:
+            planned_sites[i] = dataclasses.replace(planned_sites[i], healthy=False)
+        deployments = [self.by_name[d] for d in affected]
+        result = planner.plan(planned_sites, deployments, current)
+        after_fleet = Fleet(planned_sites)
+        measures = dict(self.measures)
+        measures.update(measure_mod.measure(after_fleet, deployments, result.as_running()))
+        after = measure_mod.summarize(measures)
+        short = {p.name: p.wanted - p.placed for p in result.deployments.values() if p.placed < p.wanted}
+        worse = {name: n - self.short_before.get(name, 0) for name, n in short.items() if n > self.short_before.get(name, 0)}
+        moved = sum(1 for a in result.actions if isinstance(a, sched_result.MoveReplica))
+        p95_delta = None if after.p95_ms is None or self.before.p95_ms is None else after.p95_ms - self.before.p95_ms
+        return Impact(target, len(lost), replicas_lost, moved, sum(worse.values()), tuple(sorted(worse)),
+                      after.unserved_rps, after.p95_ms, p95_delta, after.g_co2_per_hour)
+
+
+def sweep(state: whatif.State, by: By, targets: Iterable[str] | None = None,
+          progress: Callable[[int, int], None] | None = None) -> SweepResult:
+    """Lose each site (``by="site"``) or region in turn; impacts ranked most harmful first."""
+    sweeper = Sweeper(state)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(state.sites):
+        groups[s.name if by == "site" else s.region].append(i)
+    wanted = list(targets) if targets is not None else sorted(groups)
+    for t in wanted:
+        if t not in groups:
+            raise whatif.ScenarioError(f"{by} {t!r} is not in the fleet")
+    impacts = []
+    for n, target in enumerate(wanted):
+        impacts.append(sweeper.lose(target, groups[target]))
+        if progress is not None:
+            progress(n + 1, len(wanted))
+    impacts.sort(key=lambda x: (x.harm(), x.target))
+    return SweepResult(by, sweeper.before, tuple(impacts))

@@ -1,0 +1,243 @@
+"""One what-if: today's fleet and placement, a scenario, and the plan the planner would make.
+
+``simulate`` is a pure function of its arguments: it changes copies of the planner's input
+values (sites failed, capacity or grid intensity changed, demand scaled, sites added),
+asks the same planner the control plane uses to plan from today's placement, and reports
+the difference: replicas moved, replicas that no longer fit (with the planner's reason),
+latency percentiles per demand point, power and emissions, and an independent audit that
+no replica sits outside its deployment's residency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from orchestrator.scheduler import model as sched
+from orchestrator.scheduler import planner
+from orchestrator.scheduler import result as sched_result
+from orchestrator.scheduler.fleet import Fleet
+from orchestrator.simulation import measure as measure_mod
+from orchestrator.simulation.scenario import Changes, DemandScale, ScenarioError, SiteEdit
+
+
+@dataclass(frozen=True)
+class State:
+    """The fleet as the planner sees it and the replicas running (today's plan)."""
+
+    sites: tuple[sched.Site, ...]
+    deployments: tuple[sched.Deployment, ...]
+    current: tuple[sched.Replica, ...]
+
+
+@dataclass(frozen=True)
+class Move:
+    deployment: str
+    from_site: str
+    to_site: str
+    variant: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """A deployment that ends with fewer replicas than it wants, and why."""
+
+    deployment: str
+    status: str
+    wanted: int
+    placed: int
+    reason: str
+    short_today: int  # replicas it was already short of in today's placement
+
+    @property
+    def new(self) -> int:
+        """Replicas short because of the scenario (not already short today)."""
+        return max(0, self.wanted - self.placed - self.short_today)
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """A replica on a site outside its deployment's residency (must never happen)."""
+
+    deployment: str
+    site: str
+    country: str
+    allowed: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    name: str
+    scenario: str
+    before: measure_mod.Metrics
+    after: measure_mod.Metrics
+    moved: tuple[Move, ...]
+    added: tuple[sched_result.PlaceReplica, ...]
+    removed: tuple[sched_result.RemoveReplica, ...]
+    short: tuple[Shortfall, ...]
+    crossings: tuple[Crossing, ...]
+    replicas: tuple[sched.Replica, ...]  # the simulated placement
+
+    @property
+    def unschedulable_replicas(self) -> int:
+        """Replicas that no longer fit because of the scenario."""
+        return sum(s.new for s in self.short)
+
+
+def failed(site: sched.Site, changes: Changes) -> bool:
+    return (site.name in changes.fail_sites or site.region in changes.fail_regions
+            or site.country in changes.fail_countries or site.tier in changes.fail_tiers)
+
+
+def check(state: State, changes: Changes) -> None:
+    """Refuse a scenario that names what the fleet does not have (a typo must not look safe)."""
+    names = {s.name for s in state.sites}
+    regions = {s.region for s in state.sites} | {s.region for s in changes.added}
+    for name in sorted(changes.fail_sites | set(changes.edits)):
+        if name not in names and name not in {s.name for s in changes.added}:
+            raise ScenarioError(f"site {name!r} is not in the fleet")
+    for region in sorted(changes.fail_regions):
+        if region not in regions:
+            raise ScenarioError(f"region {region!r} has no site (regions: {', '.join(sorted(regions)) or 'none'})")
+    demand_regions = {p.region for d in state.deployments for p in d.demand if p.region}
+    for scale in changes.demand:
+        if scale.region is not None and scale.region not in demand_regions | regions:
+            raise ScenarioError(f"demand region {scale.region!r} is neither a site region nor a deployment's demand region")
+    for site in changes.added:
+        if site.name in names:
+            raise ScenarioError(f"added site {site.name!r} is already in the fleet")
+
+
+def apply_changes(state: State, changes: Changes) -> tuple[tuple[sched.Site, ...], tuple[sched.Deployment, ...]]:
+    """The planner's inputs as they would be under ``changes``."""
+    sites = []
+    for site in (*state.sites, *changes.added):
+        edit = changes.edits.get(site.name)
+        if edit is not None:
+            site = _edit(site, edit)
+        if failed(site, changes):
+            site = dataclasses.replace(site, healthy=False)
+        sites.append(site)
+    deployments = tuple(scale_demand(d, changes.demand) for d in state.deployments) if changes.demand else state.deployments
+    return tuple(sites), deployments
+
+
+def _edit(site: sched.Site, e: SiteEdit) -> sched.Site:
+    fields: dict[str, object] = {}
+    if e.carbon_g_per_kwh is not None:
+        fields["carbon_g_per_kwh"] = e.carbon_g_per_kwh
+    if e.capacity_factor is not None:
+        f = e.capacity_factor
+        fields.update(cpu=site.cpu * f, memory_gib=site.memory_gib * f,
+                      gpus=tuple(dataclasses.replace(g, count=int(g.count * f)) for g in site.gpus))
+    elif e.cpu is not None:
+        fields.update(cpu=e.cpu, memory_gib=e.memory_gib, gpus=e.gpus or ())
+    return dataclasses.replace(site, **fields) if fields else site  # type: ignore[arg-type]
+
+
+def scale_demand(d: sched.Deployment, scales: Sequence[DemandScale]) -> sched.Deployment:
+    """Demand multiplied where a scale matches; an autoscaled count follows the total."""
+    points = []
+    for p in d.demand:
+        factor = 1.0
+        for s in scales:
+            if s.matches(p):
+                factor *= s.factor
+        points.append(dataclasses.replace(p, rps=p.rps * factor) if factor != 1.0 else p)
+    if all(a is b for a, b in zip(points, d.demand)):
+        return d
+    old, new = d.total_rps, sum(p.rps for p in points)
+    autoscaled = d.autoscaled_replicas
+    if autoscaled is not None and old > 0:
+        autoscaled = math.ceil(autoscaled * new / old - 1e-9)
+    return dataclasses.replace(d, demand=tuple(points), autoscaled_replicas=autoscaled)
+
+
+def audit_residency(sites: Iterable[sched.Site], deployments: Iterable[sched.Deployment],
+                    replicas: Iterable[sched.Replica]) -> tuple[Crossing, ...]:
+    """Every replica whose site's country its deployment does not allow (independent of the planner)."""
+    country = {s.name: s.country for s in sites}
+    allowed = {d.name: d.placement.residency for d in deployments}
+    out = []
+    for r in replicas:
+        rule = allowed.get(r.deployment)
+        where = country.get(r.site)
+        if rule is not None and where is not None and where not in rule:
+            out.append(Crossing(r.deployment, r.site, where, tuple(sorted(rule))))
+    return tuple(out)
+
+
+def simulate(state: State, changes: Changes, *, before: measure_mod.Metrics | None = None) -> Report:
+    """Plan ``state`` under ``changes`` from today's placement and compare.
+
+    ``before`` may pass today's metrics when the caller measured them already (a sweep).
+    """
+    check(state, changes)
+    sites, deployments = apply_changes(state, changes)
+    today_fleet = Fleet(state.sites)
+    measured = measure_mod.measure(today_fleet, state.deployments, state.current)
+    if before is None:
+        before = measure_mod.summarize(measured)
+    result = planner.plan(sites, deployments, state.current)
+    replicas = result.as_running()
+    # Latency and energy of a deployment depend only on its replicas, its demand and the
+    # sites; re-measure what the scenario touched (everything when sites changed).
+    if changes.added or changes.edits:
+        touched = list(deployments)
+    else:
+        was, now = _placed(state.current), _placed(replicas)
+        old = {d.name: d for d in state.deployments}
+        touched = [d for d in deployments if d is not old.get(d.name) or was.get(d.name) != now.get(d.name)]
+    if touched:
+        after_fleet = Fleet(sites) if (changes.added or changes.edits) else today_fleet
+        names = {d.name for d in touched}
+        measured = {**measured, **measure_mod.measure(after_fleet, touched, (r for r in replicas if r.deployment in names))}
+    after = measure_mod.summarize(measured)
+    running = replica_counts(state.current)
+    short_today = {d.name: max(0, d.wanted_replicas() - running.get(d.name, 0)) for d in state.deployments}
+    return _report(changes, before, after, result, sites, deployments, replicas, short_today)
+
+
+def _report(changes: Changes, before: measure_mod.Metrics, after: measure_mod.Metrics, result: sched_result.PlanResult,
+            sites: Sequence[sched.Site], deployments: Sequence[sched.Deployment], replicas: Sequence[sched.Replica],
+            short_today: Mapping[str, int]) -> Report:
+    moved = tuple(Move(a.deployment, a.from_site, a.to_site, a.to_variant, a.reason)
+                  for a in result.actions if isinstance(a, sched_result.MoveReplica))
+    short = tuple(Shortfall(p.name, str(p.status), p.wanted, p.placed, p.reason, short_today.get(p.name, 0))
+                  for p in result.deployments.values() if p.placed < p.wanted)
+    return Report(
+        name=changes.name,
+        scenario=changes.describe(),
+        before=before,
+        after=after,
+        moved=moved,
+        added=tuple(a for a in result.actions if isinstance(a, sched_result.PlaceReplica)),
+        removed=tuple(a for a in result.actions if isinstance(a, sched_result.RemoveReplica)),
+        short=short,
+        crossings=audit_residency(sites, deployments, replicas),
+        replicas=tuple(replicas),
+    )
+
+
+def today(sites: Sequence[sched.Site], deployments: Sequence[sched.Deployment]) -> State:
+    """A fleet with nothing running yet, and today's plan planned from scratch (``-f``)."""
+    result = planner.plan(sites, deployments)
+    return State(tuple(sites), tuple(deployments), tuple(result.as_running()))
+
+
+def _placed(replicas: Iterable[sched.Replica]) -> dict[str, Counter[tuple[str, str]]]:
+    out: dict[str, Counter[tuple[str, str]]] = {}
+    for r in replicas:
+        counts = out.get(r.deployment)
+        if counts is None:
+            counts = out[r.deployment] = Counter()
+        counts[(r.site, r.variant)] += 1
+    return out
+
+
+def replica_counts(replicas: Iterable[sched.Replica]) -> Counter[str]:
+    return Counter(r.deployment for r in replicas)

@@ -1,0 +1,91 @@
+"""A control plane with four edge agents and headless Chromium, for the console tests.
+
+Chromium comes from the Debian package (``make chromium`` installs it; ``make test`` runs
+that first) and is driven by Playwright for Python through ``executable_path``: Playwright's
+own browser download is never used. Without a Chromium binary the browser tests skip and
+say why.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from orchestrator.testing import harness, manifests, onnx_models
+
+AGENTS = {
+    "edge-paris": dict(country="FR", region="fr", lat=48.8566, lon=2.3522),
+    "edge-lyon": dict(country="FR", region="fr", lat=45.764, lon=4.8357),
+    "edge-berlin": dict(country="DE", region="de", lat=52.52, lon=13.405),
+    "edge-madrid": dict(country="ES", region="es", lat=40.4168, lon=-3.7038),
+}
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def fleet_yaml(sha256: str) -> str:
+    return manifests.bundle(
+        *(manifests.edge_site(name, **where) for name, where in AGENTS.items()),
+        manifests.onnx_model("intent", "intent.onnx", sha256),
+        manifests.onnx_model("fields", "intent.onnx", sha256),
+        manifests.doc("ModelDeployment", "intent-eu", {
+            "model": "intent", "replicas": {"min": 3, "max": 3}, "placement": manifests.spread_by_site(residency=["EU"], tiers=["edge"]),
+            "demand": [{"lat": 48.85, "lon": 2.35, "rps": 50}, {"lat": 40.4, "lon": -3.7, "rps": 20}, {"lat": 52.5, "lon": 13.4, "rps": 20}]}),
+        manifests.doc("ModelDeployment", "fields-fr", {
+            "model": "fields", "replicas": {"min": 1, "max": 1}, "placement": {"residency": ["FR"], "tiers": ["edge"]},
+            "demand": [{"lat": 45.76, "lon": 4.84, "rps": 10}]}),
+    )
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Where screenshots go: $EDGEPLANE_CONSOLE_SCREENSHOTS (docs/img for the docs), else a temp dir."""
+    target = os.environ.get("EDGEPLANE_CONSOLE_SCREENSHOTS")
+    path = pathlib.Path(target) if target else tmp_path_factory.mktemp("screens")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser():
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("no Chromium on this machine and `make chromium` (apt-get install chromium) could not install it")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("console")
+    built = onnx_models.build_mlp(root / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=3)
+    f = harness.Fleet(root)
+    try:
+        cp = await f.start_control_plane()
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            resp = await http.post("/v1/apply", content=fleet_yaml(built.sha256))
+            assert resp.status_code == 200, resp.text
+        for site, where in AGENTS.items():
+            await f.start_agent(site, **where)
+        await harness.wait_until(lambda: len([e for e in cp.table.endpoints("intent") if e.healthy]) == 3, 60, what="3 intent endpoints")
+        await harness.wait_until(lambda: len(cp.table.endpoints("fields")) == 1, 60, what="the fields endpoint")
+        yield f
+    finally:
+        await f.stop()

@@ -1,0 +1,51 @@
+"""The console under token auth: a login form, the token kept in the tab, a bad one refused."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from orchestrator.testing import harness, manifests
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def guarded(tmp_path_factory: pytest.TempPathFactory):
+    f = harness.Fleet(tmp_path_factory.mktemp("login"))
+    try:
+        cp = await f.start_control_plane(auth="token")
+        async with httpx.AsyncClient(base_url=cp.http_url, headers={"authorization": f"Bearer {cp.admin_token}"}) as http:
+            resp = await http.post("/v1/apply", content=manifests.edge_site("edge-oslo", "NO", 59.91, 10.75, region="no"))
+            assert resp.status_code == 200, resp.text
+        read, _ = cp.store.create_token("api", "read", None, "test", "console viewer")
+        yield cp, read
+    finally:
+        await f.stop()
+
+
+async def test_the_console_asks_for_a_token_and_keeps_it_in_the_tab(browser, guarded) -> None:  # type: ignore[no-untyped-def]
+    cp, read = guarded
+    context = await browser.new_context()
+    page = await context.new_page()
+    try:
+        await page.goto(f"{cp.http_url}/ui/")
+        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        await page.fill("#token", "not-a-token")
+        await page.click("#login button[type=submit]")
+        await page.wait_for_function("document.getElementById('login-error').textContent.includes('unknown')", timeout=10_000)
+        await page.fill("#token", read)
+        await page.click("#login button[type=submit]")
+        await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)
+        assert await page.evaluate("sessionStorage.getItem('edgeplane.token')") == read
+        await page.reload()  # same tab: still signed in
+        await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)
+        other = await context.new_page()  # another tab starts signed out
+        await other.goto(f"{cp.http_url}/ui/")
+        await other.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        await page.click("#logout")
+        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        assert await page.evaluate("sessionStorage.getItem('edgeplane.token')") is None
+    finally:
+        await context.close()

@@ -1,0 +1,29 @@
+"""Small hand-made fleets for the simulation tests."""
+
+from __future__ import annotations
+
+from orchestrator.scheduler import model as sched
+
+SMALL = sched.Variant("small", sched.Runtime.ONNX, cpu=1, memory_mib=512, throughput_rps=100)
+
+
+def site(name: str, country: str, region: str, lat: float, lon: float, tier: str = "edge", cpu: float = 8,
+         carbon: float = 100.0) -> sched.Site:
+    return sched.Site(name, sched.Tier(tier), country, region, lat, lon, cpu=cpu, memory_gib=32, carbon_g_per_kwh=carbon)
+
+
+def deployment(name: str, replicas: int = 1, residency: set[str] | None = None, demand: tuple[sched.DemandPoint, ...] = (),
+               tiers: frozenset[sched.Tier] = sched.ALL_TIERS, max_replicas: int | None = None,
+               variant: sched.Variant = SMALL) -> sched.Deployment:
+    return sched.Deployment(
+        name, name, (variant,), min_replicas=replicas, max_replicas=max_replicas or replicas,
+        placement=sched.Placement(residency=frozenset(residency) if residency else None, tiers=tiers), demand=demand,
+    )
+
+
+PARIS = site("edge-paris", "FR", "eu-west", 48.86, 2.35)
+LYON = site("edge-lyon", "FR", "eu-west", 45.76, 4.84)
+BERLIN = site("edge-berlin", "DE", "eu-central", 52.52, 13.40)
+MADRID = site("edge-madrid", "ES", "eu-south", 40.42, -3.70)
+FRANKFURT = site("dc-frankfurt", "DE", "eu-central", 50.11, 8.68, tier="datacenter", cpu=64, carbon=380.0)
+SITES = (PARIS, LYON, BERLIN, MADRID, FRANKFURT)

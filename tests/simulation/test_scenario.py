@@ -1,0 +1,82 @@
+"""Scenario documents: what a drill file may say, and one clear error for what it may not."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.reconciler import inventory
+from orchestrator.scheduler import model as sched
+from orchestrator.simulation import scenario
+
+FULL = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Scenario
+metadata: {name: lyon-dark}
+spec:
+  fail:
+    sites: [edge-lyon]
+    regions: [eu-south]
+    countries: [fr]
+    tiers: [edge]
+  demand:
+    - {region: eu-central, factor: 2}
+    - {lat: 48.85, lon: 2.35, factor: 1.5}
+    - {factor: 1.1}
+  sites:
+    dc-frankfurt: {carbonGramsPerKWh: 650}
+    dc-paris: {capacityFactor: 0.5}
+    edge-berlin: {capacity: {cpu: 2, memoryGiB: 4}}
+  addSites:
+    - metadata: {name: edge-lille, labels: {operator: access}}
+      spec:
+        tier: edge
+        location: {country: FR, region: eu-west, lat: 50.63, lon: 3.06}
+        capacity: {cpu: 8, memoryGiB: 32}
+"""
+
+
+def test_a_full_scenario_parses_into_changes() -> None:
+    c = scenario.load_text(FULL, "drill.yaml")
+    assert c.name == "lyon-dark"
+    assert (c.fail_sites, c.fail_regions, c.fail_countries, c.fail_tiers) == (
+        frozenset({"edge-lyon"}), frozenset({"eu-south"}), frozenset({"FR"}), frozenset({sched.Tier.EDGE}))
+    assert c.demand == (scenario.DemandScale(2.0, "eu-central"), scenario.DemandScale(1.5, None, (48.85, 2.35)), scenario.DemandScale(1.1))
+    assert c.edits["dc-frankfurt"].carbon_g_per_kwh == 650 and c.edits["dc-paris"].capacity_factor == 0.5
+    assert (c.edits["edge-berlin"].cpu, c.edits["edge-berlin"].memory_gib) == (2, 4)
+    (added,) = c.added
+    assert (added.name, added.country, added.healthy, added.cpu, added.labels["operator"]) == ("edge-lille", "FR", True, 8, "access")
+    assert "fail site edge-lyon" in c.describe() and "add site edge-lille" in c.describe()
+
+
+def test_a_bare_spec_and_an_empty_document_are_accepted() -> None:
+    assert scenario.load_text("fail: {sites: [a]}").fail_sites == frozenset({"a"})
+    assert scenario.load_text("").empty
+
+
+@pytest.mark.parametrize("text, message", [
+    ("spec: {fail: {site: [a]}}", "d.yaml: spec.fail.site: Extra inputs are not permitted"),
+    ("spec: {fail: {countries: [XX]}}", "spec.fail.countries"),
+    ("spec: {fail: {tiers: [cloud]}}", "spec.fail.tiers.0"),
+    ("spec: {demand: [{lat: 1, factor: 2}]}", "give both lat and lon"),
+    ("spec: {demand: [{region: a, lat: 1, lon: 2, factor: 2}]}", "not both"),
+    ("spec: {demand: [{region: a, factor: -1}]}", "spec.demand.0.factor"),
+    ("spec: {sites: {a: {capacity: {cpu: 1, memoryGiB: 1}, capacityFactor: 2}}}", "not both"),
+    ("kind: Site", "kind"),
+    ("[1, 2]", "a scenario is a mapping"),
+    ("spec: {fail: [", "d.yaml:1: not valid YAML"),
+])
+def test_bad_scenarios_get_one_line_naming_the_field(text: str, message: str) -> None:
+    with pytest.raises(scenario.ScenarioError) as exc:
+        scenario.load_text(text, "d.yaml")
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_added_sites_default_to_the_control_planes_grid_intensity() -> None:
+    assert scenario.DEFAULT_CARBON_G_PER_KWH == inventory.DEFAULT_CARBON_G_PER_KWH
+
+
+def test_merge_adds_flags_to_a_file() -> None:
+    a = scenario.load_text("metadata: {name: f}\nspec: {fail: {sites: [a]}, sites: {x: {carbonGramsPerKWh: 1}}}")
+    b = scenario.Changes(fail_sites=frozenset({"b"}), edits={"x": scenario.SiteEdit(carbon_g_per_kwh=2)})
+    m = scenario.merge(a, b)
+    assert m.name == "f" and m.fail_sites == frozenset({"a", "b"}) and m.edits["x"].carbon_g_per_kwh == 2

@@ -1,0 +1,58 @@
+"""``edgeplane simulate -f``: the fleet of manifests simulated here, no control plane."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
+SCENARIO = REPO / "manifests" / "scenarios" / "lyon-dark.yaml"
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(EDGEPLANE), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_the_fleet_may_span_several_files_and_folders(tmp_path: pathlib.Path) -> None:
+    sites = tmp_path / "sites.yaml"
+    sites.write_text((REPO / "manifests" / "examples" / "sites.yaml").read_text())
+    rest = tmp_path / "rest"
+    rest.mkdir()
+    for name in ("models.yaml", "deployments.yaml"):
+        (rest / name).write_text((REPO / "manifests" / "examples" / name).read_text())
+    proc = run_cli("simulate", "-f", str(sites), "-f", str(rest), "--fail-site", "edge-lyon", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert "simulated in" in proc.stderr and "reading the manifests" in proc.stderr
+
+
+def test_the_cli_simulates_the_examples_offline() -> None:
+    proc = run_cli("simulate", "-f", "manifests/examples", "--scenario", str(SCENARIO), "-o", "yaml")
+    assert proc.returncode == 0, proc.stderr
+    data = yaml.safe_load(proc.stdout)
+    assert data["name"] == "lyon-dark" and data["summary"]["residencyCrossings"] == 0
+    assert all(m["from"] == "edge-lyon" for m in data["moves"]) and data["moves"]
+    assert {p["point"] for p in data["after"]["demand"]} >= {"eu-central", "eu-west"}
+    assert next(p for p in data["after"]["demand"] if p["point"] == "eu-central")["rps"] == 2 * next(
+        p for p in data["before"]["demand"] if p["point"] == "eu-central")["rps"]
+    table = run_cli("simulate", "-f", "manifests/examples", "--each-site")
+    assert table.returncode == 0 and "N-1 sweep by site: 6 lost" in table.stdout
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--demand", "eu-west"], 2, "--demand 'eu-west': expected NAME=NUMBER"),
+    (["--scenario", "missing.yaml"], 2, "missing.yaml"),
+    (["--fail-country", "XX"], 1, "spec.fail.countries"),
+    (["--each-site", "--top", "0"], 2, "--top must be at least 1"),
+    (["--carbon", "edge-lyon=-5"], 1, "carbonGramsPerKWh"),
+    (["-f", "manifests/examples/sites.yaml"], 1, "Site 'dc-paris' is also declared in"),
+])
+def test_bad_cli_input_is_one_line(args: list[str], code: int, message: str) -> None:
+    proc = run_cli("simulate", "-f", "manifests/examples", *args)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr

@@ -1,0 +1,174 @@
+"""What-if simulation on small fleets: every kind of change, and what the report says."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.scheduler import model as sched
+from orchestrator.simulation import measure, report, scenario, sweep, whatif
+
+from .fleets import BERLIN, FRANKFURT, LYON, MADRID, PARIS, SITES, deployment, site
+
+PARIS_DEMAND = (sched.DemandPoint(rps=80, lat=48.86, lon=2.35),)
+
+
+def state(*deployments: sched.Deployment, sites: tuple[sched.Site, ...] = SITES) -> whatif.State:
+    return whatif.today(sites, deployments)
+
+
+def where(st: whatif.State, name: str) -> list[str]:
+    return sorted(r.site for r in st.current if r.deployment == name)
+
+
+def test_failing_a_site_moves_its_replica_within_residency() -> None:
+    st = state(deployment("fr", residency={"FR"}, demand=PARIS_DEMAND))
+    assert where(st, "fr") == ["edge-paris"]
+    r = whatif.simulate(st, scenario.Changes(fail_sites=frozenset({"edge-paris"})))
+    assert [(m.from_site, m.to_site) for m in r.moved] == [("edge-paris", "edge-lyon")]
+    assert r.unschedulable_replicas == 0 and r.crossings == ()
+    assert r.after.p50_ms is not None and r.before.p50_ms is not None and r.after.p50_ms > r.before.p50_ms
+
+
+@pytest.mark.parametrize("changes, reason_part", [
+    (scenario.Changes(fail_regions=frozenset({"eu-west"})), "FR"),
+    (scenario.Changes(fail_countries=frozenset({"FR"})), "FR"),
+    (scenario.Changes(fail_sites=frozenset({"edge-paris", "edge-lyon"})), "FR"),
+])
+def test_losing_every_allowed_site_is_unschedulable_with_a_reason_and_never_crosses(changes: scenario.Changes, reason_part: str) -> None:
+    st = state(deployment("fr", residency={"FR"}, demand=PARIS_DEMAND))
+    r = whatif.simulate(st, changes)
+    assert [(s.deployment, s.status, s.placed, s.new) for s in r.short] == [("fr", "Unschedulable", 0, 1)]
+    assert r.short[0].reason  # the planner's binding constraint, in words
+    assert r.unschedulable_replicas == 1 and r.crossings == ()
+    assert r.after.unserved_rps == 80 and r.after.p50_ms is None
+
+
+def test_failing_the_edge_tier_leaves_data_centres() -> None:
+    st = state(deployment("any", demand=PARIS_DEMAND), deployment("edge-only", tiers=frozenset({sched.Tier.EDGE})))
+    r = whatif.simulate(st, scenario.Changes(fail_tiers=frozenset({sched.Tier.EDGE})))
+    short = {s.deployment for s in r.short}
+    assert short == {"edge-only"}
+    assert [m.to_site for m in r.moved if m.deployment == "any"] == ["dc-frankfurt"]
+
+
+def test_scaling_demand_adds_replicas_and_power() -> None:
+    d = deployment("grow", residency={"FR", "DE"}, demand=(sched.DemandPoint(rps=90, region="eu-west"),), replicas=1, max_replicas=10)
+    st = state(d)
+    r = whatif.simulate(st, scenario.Changes(demand=(scenario.DemandScale(3.0, region="eu-west"),)))
+    assert len(r.added) == 2  # 270 rps at 100 rps per replica
+    assert r.after.replicas == 3 and r.after.watts > r.before.watts
+    assert [p.rps for p in r.after.points] == [270]
+
+
+def test_demand_scale_matches_only_its_region_or_point() -> None:
+    d = deployment("d", demand=(sched.DemandPoint(rps=10, region="eu-west"), sched.DemandPoint(rps=10, lat=48.86, lon=2.35)))
+    scaled = whatif.scale_demand(d, (scenario.DemandScale(2.0, region="eu-west"), scenario.DemandScale(5.0, point=(48.86, 2.35))))
+    assert [p.rps for p in scaled.demand] == [20, 50]
+    everything = whatif.scale_demand(d, (scenario.DemandScale(0.5),))
+    assert [p.rps for p in everything.demand] == [5, 5]
+    autoscaled = whatif.scale_demand(sched.Deployment("a", "a", (), 1, 10, demand=d.demand, autoscaled_replicas=3), (scenario.DemandScale(2.0),))
+    assert autoscaled.autoscaled_replicas == 6
+
+
+def test_a_dirtier_grid_moves_replicas_to_cleaner_sites_and_lowers_emissions() -> None:
+    # Two sites equally far from the demand; the planner picks the cleaner one.
+    a = site("edge-a", "FR", "r", 48.0, 2.0, carbon=50.0)
+    b = site("edge-b", "FR", "r", 48.0, 2.0001, carbon=60.0)
+    hungry = sched.Variant("hungry", sched.Runtime.ONNX, cpu=1, memory_mib=512, power_watts=200.0)
+    st = state(deployment("d", demand=(sched.DemandPoint(rps=10, lat=48.0, lon=2.0),), variant=hungry), sites=(a, b))
+    assert where(st, "d") == ["edge-a"]
+    r = whatif.simulate(st, scenario.Changes(edits={"edge-a": scenario.SiteEdit(carbon_g_per_kwh=900.0)}))
+    assert [(m.from_site, m.to_site) for m in r.moved] == [("edge-a", "edge-b")]
+    assert r.before.g_co2_per_hour == pytest.approx(200 * 50 / 1000)
+    assert r.after.g_co2_per_hour == pytest.approx(200 * 60 / 1000)  # at edge-b, not 200 W at 900 g/kWh
+
+
+def test_capacity_cut_moves_what_no_longer_fits() -> None:
+    st = state(deployment("d", residency={"FR"}, replicas=4, demand=PARIS_DEMAND))
+    at_paris = where(st, "d").count("edge-paris")
+    assert at_paris >= 1
+    r = whatif.simulate(st, scenario.Changes(edits={"edge-paris": scenario.SiteEdit(capacity_factor=0.0)}))
+    assert len(r.moved) == at_paris and all(m.from_site == "edge-paris" for m in r.moved)
+
+
+def test_an_added_site_near_demand_attracts_the_replica() -> None:
+    st = state(deployment("d", residency={"ES", "FR"}, demand=PARIS_DEMAND), sites=(MADRID,))
+    new = site("edge-paris-2", "FR", "eu-west", 48.85, 2.36)
+    r = whatif.simulate(st, scenario.Changes(added=(new,)))
+    assert [(m.from_site, m.to_site) for m in r.moved] == [("edge-madrid", "edge-paris-2")]
+    assert r.after.p50_ms is not None and r.before.p50_ms is not None and r.after.p50_ms < r.before.p50_ms / 3
+
+
+@pytest.mark.parametrize("changes, message", [
+    (scenario.Changes(fail_sites=frozenset({"edge-nowhere"})), "site 'edge-nowhere' is not in the fleet"),
+    (scenario.Changes(fail_regions=frozenset({"mars"})), "region 'mars' has no site"),
+    (scenario.Changes(edits={"nope": scenario.SiteEdit(carbon_g_per_kwh=1)}), "site 'nope' is not in the fleet"),
+    (scenario.Changes(demand=(scenario.DemandScale(2, region="atlantis"),)), "demand region 'atlantis'"),
+    (scenario.Changes(added=(PARIS,)), "already in the fleet"),
+])
+def test_a_scenario_naming_what_the_fleet_lacks_is_refused(changes: scenario.Changes, message: str) -> None:
+    with pytest.raises(scenario.ScenarioError, match=message):
+        whatif.simulate(state(deployment("d")), changes)
+
+
+def test_simulation_is_deterministic_and_changes_nothing() -> None:
+    st = state(deployment("fr", residency={"FR"}, replicas=2, demand=PARIS_DEMAND), deployment("eu", replicas=3))
+    before = list(st.current)
+    ch = scenario.Changes(fail_sites=frozenset({"edge-paris"}), demand=(scenario.DemandScale(2.0),))
+    assert report.report(whatif.simulate(st, ch)) == report.report(whatif.simulate(st, ch))
+    assert list(st.current) == before
+
+
+def test_no_change_moves_nothing() -> None:
+    st = state(deployment("fr", residency={"FR"}, replicas=2, demand=PARIS_DEMAND), deployment("eu", replicas=3))
+    r = whatif.simulate(st, scenario.Changes())
+    assert (r.moved, r.added, r.removed, r.short) == ((), (), (), ())
+    assert r.after == r.before
+
+
+@pytest.mark.parametrize("values, weights, q, expected", [
+    ([1.0, 2.0, 3.0], [1, 1, 1], 0.5, 2.0),
+    ([1.0, 2.0, 3.0], [1, 1, 1], 0.95, 3.0),
+    ([10.0, 1.0], [1, 9], 0.5, 1.0),
+    ([10.0, 1.0], [1, 9], 0.95, 10.0),
+    ([1.0, float("inf")], [1, 1], 0.95, None),
+    ([5.0], [0], 0.5, 5.0),
+    ([], [], 0.5, None),
+])
+def test_weighted_percentile(values: list[float], weights: list[float], q: float, expected: float | None) -> None:
+    assert measure.weighted_percentile(values, weights, q) == expected
+
+
+def test_sweep_ranks_the_only_allowed_site_first() -> None:
+    st = state(deployment("de", residency={"DE"}, tiers=frozenset({sched.Tier.EDGE})), deployment("fr", residency={"FR"}, demand=PARIS_DEMAND))
+    result = sweep.sweep(st, "site")
+    assert result.impacts[0].target == "edge-berlin"
+    assert result.impacts[0].unschedulable == 1 and result.impacts[0].deployments_short == ("de",)
+    empty = next(i for i in result.impacts if i.target == "edge-madrid")
+    assert (empty.replicas_lost, empty.moved, empty.unschedulable) == (0, 0, 0)
+    assert {i.target for i in result.impacts} == {s.name for s in SITES}
+
+
+def test_sweep_agrees_with_a_full_simulation_on_what_no_longer_fits() -> None:
+    st = state(deployment("de", residency={"DE"}, replicas=2), deployment("fr", residency={"FR"}, replicas=2, demand=PARIS_DEMAND),
+               deployment("eu", replicas=3, demand=(sched.DemandPoint(rps=50, region="eu-south"),)))
+    by_region = {i.target: i for i in sweep.sweep(st, "region").impacts}
+    for region in ("eu-west", "eu-central", "eu-south"):
+        full = whatif.simulate(st, scenario.Changes(fail_regions=frozenset({region})))
+        assert by_region[region].unschedulable == full.unschedulable_replicas, region
+        assert by_region[region].moved == len(full.moved), region
+
+
+def test_sweep_of_an_unknown_target_is_refused() -> None:
+    with pytest.raises(scenario.ScenarioError, match="site 'x' is not in the fleet"):
+        sweep.sweep(state(deployment("d")), "site", ["x"])
+
+
+def test_report_as_data_carries_every_part() -> None:
+    st = state(deployment("fr", residency={"FR"}, demand=PARIS_DEMAND), sites=(PARIS, LYON, BERLIN, FRANKFURT))
+    data = report.report(whatif.simulate(st, scenario.Changes(name="drill", fail_sites=frozenset({"edge-paris"}))))
+    assert data["name"] == "drill" and data["scenario"] == "fail site edge-paris"
+    assert data["summary"] == {"moved": 1, "added": 0, "removed": 0, "unschedulableReplicas": 0, "residencyCrossings": 0}
+    assert data["moves"][0]["from"] == "edge-paris" and data["moves"][0]["to"] == "edge-lyon"
+    assert data["before"]["demand"][0]["point"] == "48.86,2.35" and data["after"]["latencyP95Ms"] > data["before"]["latencyP95Ms"]
+    assert data["residency"] == {"crossings": []}
