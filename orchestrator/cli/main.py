@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 from typing import Any
@@ -305,7 +306,20 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # the reader stopped reading (`edgeplane get sites -o yaml | head`): nothing more to say,
+        # and the interpreter must not complain either when it flushes stdout on exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     args = build_parser(serve_options="serve" in argv or _command_of(argv) is None).parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
@@ -326,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except json.JSONDecodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (BrokenPipeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a bug of ours: one line for the user, the traceback on request
+        if os.environ.get("EDGEPLANE_DEBUG"):
+            raise
+        print(f"error: {args.command} failed unexpectedly: {exc.__class__.__name__}: {exc} "
+              "(this is a bug; EDGEPLANE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     finally:
         api.close()

@@ -204,3 +204,15 @@ def test_api_tokens_with_auth_on(tmp_path: pathlib.Path, offline_fleet: pathlib.
         assert created["role"] == "admin" and created["purpose"] == "api" and created["expiresAt"] is not None
     finally:
         secured.stop()
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    """`edgeplane get sites -o yaml | head`: the pipe closes before the command writes."""
+    env = support.clean_env(EDGEPLANE_SERVER=serve.url)
+    proc = subprocess.Popen([str(support.EDGEPLANE), "get", "sites", "-o", "yaml"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # like `head` that has read its lines and gone
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 1
+    assert err == "", err
