@@ -20,21 +20,31 @@ from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 
 
-def _read_manifests(path: str) -> str:
-    target = pathlib.Path(path)
-    if path == "-":
-        return loader.bundle([("<stdin>", sys.stdin.read())])
-    if not target.exists():
-        raise CliError(f"{path}: no such file or directory", 2)
-    files = loader.manifest_files(target)
-    if not files:
-        raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
-    out = []
-    for f in files:
-        try:
-            out.append((str(f), f.read_text(encoding="utf-8")))
-        except UnicodeDecodeError as exc:
-            raise CliError(f"{f}: not UTF-8 text (byte {exc.start})", 1) from exc
+def _read_manifests(paths: list[str]) -> str:
+    """Every ``-f`` (files, directories, ``-`` for stdin) as one bundle: the server applies
+    all of it or nothing, and names each file in its errors."""
+    out: list[tuple[str, str]] = []
+    seen: set[pathlib.Path] = set()
+    if paths.count("-") > 1:
+        raise CliError("-f - (stdin) may be given only once", 2)
+    for path in paths:
+        if path == "-":
+            out.append(("<stdin>", sys.stdin.read()))
+            continue
+        target = pathlib.Path(path)
+        if not target.exists():
+            raise CliError(f"{path}: no such file or directory", 2)
+        files = loader.manifest_files(target)
+        if not files:
+            raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
+        for f in files:
+            if f.resolve() in seen:  # `-f dir -f dir/a.yaml` names a.yaml once
+                continue
+            seen.add(f.resolve())
+            try:
+                out.append((str(f), f.read_text(encoding="utf-8")))
+            except UnicodeDecodeError as exc:
+                raise CliError(f"{f}: not UTF-8 text (byte {exc.start})", 1) from exc
     return loader.bundle(out)
 
 
@@ -222,6 +232,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+FILE_HELP = "file, directory or - for stdin; repeat -f for more (one atomic bundle)"
+
+
 def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     """``serve_options=False`` leaves out the options of ``serve``, whose definition imports
     the whole control plane (about half a second): every other command starts without it."""
@@ -254,11 +267,11 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     demo_p.add_argument("--keep-running", action="store_true", help="keep the fleet up after the report (Ctrl-C stops it)")
     demo_p.add_argument("--no-ray", action="store_true", help="skip the local Ray data-centre site")
     sp = with_output(client_parser("apply", help="create or update objects from manifests (atomic)"))
-    sp.add_argument("-f", "--file", required=True, help="file, directory or - for stdin")
+    sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
     sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("plan", help="show what apply would change, per site"))
-    sp.add_argument("-f", "--file", required=True)
+    sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
     sp = with_output(client_parser("get", help="list objects: sites, models, modeldeployments, placements, events"))
     sp.add_argument("kind")
     sp.add_argument("name", nargs="?")
@@ -266,7 +279,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("kind")
     sp.add_argument("name")
     sp = client_parser("delete", help="delete objects by manifest or by kind and name")
-    sp.add_argument("-f", "--file")
+    sp.add_argument("-f", "--file", action="append", help=FILE_HELP)
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
     sp.add_argument("--reason", help="why (recorded in the event log with your identity)")

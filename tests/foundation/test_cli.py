@@ -216,3 +216,31 @@ def test_a_reader_that_stops_early_gets_no_traceback(serve: support.ServeProcess
     proc.stderr.close()
     assert proc.wait(timeout=60) == 1
     assert err == "", err
+
+
+def test_repeated_f_is_one_atomic_bundle(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    a, b, folder = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "more"
+    folder.mkdir()
+    a.write_text(doc("Model", "multi-model", support.model_spec()))
+    b.write_text(doc("ModelDeployment", "multi-dep", support.deployment_spec("multi-model")))
+    (folder / "c.yaml").write_text(doc("Site", "edge-multi", support.edge_site_spec()))
+    everything = ["-f", str(a), "-f", str(b), "-f", str(folder), "-f", "-"]
+    stdin = doc("Site", "edge-stdin", support.edge_site_spec())
+    plan = ok("plan", *everything, server=serve, stdin=stdin).splitlines()
+    assert plan[:4] == ["model/multi-model would be created", "modeldeployment/multi-dep would be created",
+                        "site/edge-multi would be created", "site/edge-stdin would be created"], plan
+    dry = ok("apply", *everything, "--dry-run", server=serve, stdin=stdin).splitlines()
+    assert dry[:4] == ["model/multi-model created (dry run)", "modeldeployment/multi-dep created (dry run)",
+                       "site/edge-multi created (dry run)", "site/edge-stdin created (dry run)"], dry
+    assert cli("get", "model", "multi-model", server_url=serve.url).returncode == 1
+    # a bad file anywhere in the bundle applies nothing, and is named
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(doc("Site", "edge-bad", {**support.edge_site_spec(), "colour": "blue"}))
+    refused = cli("apply", "-f", str(a), "-f", str(bad), server_url=serve.url)
+    assert refused.returncode == 1 and str(bad) in refused.stderr, refused.stderr
+    assert cli("get", "model", "multi-model", server_url=serve.url).returncode == 1
+    out = ok("apply", *everything, server=serve, stdin=stdin).splitlines()
+    assert out == ["model/multi-model created", "modeldeployment/multi-dep created", "site/edge-multi created", "site/edge-stdin created"]
+    out = ok("delete", *everything, server=serve, stdin=stdin).splitlines()
+    assert out == ["modeldeployment/multi-dep deleted", "model/multi-model deleted", "site/edge-multi deleted", "site/edge-stdin deleted"]
+    assert cli("apply", "-f", "-", "-f", "-", server_url=serve.url, stdin="").returncode == 2
