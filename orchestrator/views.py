@@ -66,11 +66,16 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],
             for p in result.deployments.values()
         ],
         "latency": [
-            {"deployment": x.deployment, "demand": x.point, "rps": x.rps, "site": x.site, "ms": x.rtt_ms}
+            {"deployment": x.deployment, "demand": x.point, "rps": x.rps, "site": x.site, "ms": _ms(x.rtt_ms)}
             for p in result.deployments.values() for x in p.latency
         ],
         "energy": energy,
     }
+
+
+def _ms(value: float | None) -> float | None:
+    """Predicted latencies to a tenth of a millisecond: the model is not finer than that."""
+    return None if value is None else round(value, 1)
 
 
 def placements(s: snap.Snapshot | None, rows: Iterable[Any]) -> dict[str, Any]:
@@ -129,7 +134,7 @@ def describe_deployment(plan: planning.PassPlan | None, name: str) -> dict[str, 
         "placement": {
             "status": str(p.status), "wanted": p.wanted, "placed": p.placed, "reason": p.reason,
             "replicas": [{"site": r.site, "variant": r.variant, "kept": r.kept, "reason": r.reason} for r in p.replicas],
-            "latency": [{"demand": x.point, "site": x.site, "ms": x.rtt_ms} for x in p.latency],
+            "latency": [{"demand": x.point, "site": x.site, "ms": _ms(x.rtt_ms)} for x in p.latency],
             "notes": list(p.notes),
         }
     }

@@ -244,3 +244,26 @@ def test_repeated_f_is_one_atomic_bundle(serve: support.ServeProcess, applied, t
     out = ok("delete", *everything, server=serve, stdin=stdin).splitlines()
     assert out == ["modeldeployment/multi-dep deleted", "model/multi-model deleted", "site/edge-multi deleted", "site/edge-stdin deleted"]
     assert cli("apply", "-f", "-", "-f", "-", server_url=serve.url, stdin="").returncode == 2
+
+
+RFC3339 = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+
+
+def test_times_are_rfc3339_and_numbers_readable(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    site = yaml.safe_load(ok("get", "site", "edge-lyon", "-o", "yaml", server=serve))
+    assert re.match(RFC3339, site["metadata"]["creationTimestamp"]), site["metadata"]
+    listed = json.loads(ok("get", "modeldeployments", "-o", "json", server=serve))["items"]
+    assert all(re.match(RFC3339, o["metadata"]["creationTimestamp"]) for o in listed)
+    events = json.loads(ok("events", "-o", "json", server=serve))["items"]
+    assert events and all(re.match(RFC3339, e["ts"]) for e in events)
+    token = json.loads(ok("token", "create", "--ttl", "1h", "-o", "json", server=serve))
+    assert re.match(RFC3339, token["expiresAt"])
+    out = ok("describe", "modeldeployment", "doc-fields-fr", server=serve)
+    described = yaml.safe_load(out.partition("Events:")[0])
+    assert described["placement"]["latency"], described
+    assert re.match(RFC3339, described["metadata"]["creationTimestamp"])
+    computed = yaml.safe_dump({"placement": described["placement"], "status": described.get("status")})
+    long_decimals = re.findall(r"\d+\.\d{4,}", computed)  # the manifest's own coordinates aside
+    assert not long_decimals, long_decimals
