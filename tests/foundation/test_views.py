@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+
+import pytest
 
 from orchestrator import views
 from orchestrator.manifests import loader, schema
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import autoscaler, planning
 from orchestrator.reconciler import snapshot as snap
 
 from . import support
@@ -40,3 +43,33 @@ def test_predicted_latencies_are_rounded_in_describe_and_plan() -> None:
     assert previewed
     for ms in latencies + previewed:
         assert re.fullmatch(r"\d+(\.\d)?", repr(ms)), ms
+
+
+def _with_eu_south(rps: int) -> list[loader.LoadedDocument]:
+    files = loader.manifest_files(support.EXAMPLES)
+    texts = [(str(f), f.read_text().replace("{region: eu-south, rps: 150}", f"{{region: eu-south, rps: {rps}}}")) for f in files]
+    return loader.load_text(loader.bundle(texts))
+
+
+@pytest.mark.parametrize(("eu_south_rps", "autoscaled", "expected"), [
+    # intent-eu: demand 300 + 250 + eu-south rps, slowest variant 150 rps per replica, replicas [2, 6]
+    (150, None, "5 replica(s): ceil(700 rps / 150 rps per replica) = 5, within replicas [2, 6]"),
+    (900, None, "6 replica(s): ceil(1450 rps / 150 rps per replica) = 10, capped to 6 by replicas [2, 6]"),
+    (0, None, "4 replica(s): ceil(550 rps / 150 rps per replica) = 4, within replicas [2, 6]"),
+    (900, 5, "5 replica(s): autoscaler's count from observed load = 5, within replicas [2, 6];"
+             " declared demand (1450 rps) is not used while the autoscaler has a count"),
+    (900, 1, "2 replica(s): autoscaler's count from observed load = 1, raised to 2 by replicas [2, 6];"
+             " declared demand (1450 rps) is not used while the autoscaler has a count"),
+    (150, 9, "6 replica(s): autoscaler's count from observed load = 9, capped to 6 by replicas [2, 6];"
+             " declared demand (700 rps) is not used while the autoscaler has a count"),
+])
+def test_the_count_reason_adds_up(eu_south_rps: int, autoscaled: int | None, expected: str) -> None:
+    docs = _with_eu_south(eu_south_rps)
+    s = example_snapshot(docs)
+    if autoscaled is not None:
+        s = dataclasses.replace(s, autoscale={"intent-eu": autoscaler.Recommendation(autoscaled, "inflight", 8.0, 2)})
+    plan = planning.plan_pass(s).result.deployments["intent-eu"]
+    assert plan.reason == expected
+    assert plan.reason.startswith(f"{plan.placed} replica(s)")
+    previewed = {d["name"]: d for d in views.preview(s, docs)["deployments"]}["intent-eu"]
+    assert previewed["reason"] == expected and previewed["replicas"] == plan.placed
