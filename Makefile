@@ -9,9 +9,10 @@ PROTOS := $(shell find protos -name '*.proto')
 .PHONY: demo test lint proto bench serve clean
 
 $(STAMP): pyproject.toml setup.py $(PROTOS)
+	@echo "Creating $(VENV) and installing edgeplane with its dependencies (about a minute the first time)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on -e '.[cpu,dev]'
 	touch $(STAMP)
 
 proto: $(STAMP)
