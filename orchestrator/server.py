@@ -174,18 +174,28 @@ class ControlPlane:
                                           agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
             server_cert, server_key = self.ca.issue_server(sorted({agent_host, "127.0.0.1", "localhost"}))
             mtls = agent_service.MutualTls(self.ca, server_cert, server_key, cfg.agent_join_port)
-        self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls)
-        self.agent_target = f"{agent_host}:{self._agent_server.port}"
-        self.agent_join_target = f"{agent_host}:{self._agent_server.join_port}" if self._agent_server.join_port else None
-        self.ca_file = cfg.data_dir / "ca" / "ca.crt" if mtls else None
-
+        # bound first: a port in use stops the start before anything else listens
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # uvicorn writes a response's head and body separately; without TCP_NODELAY (which
         # accepted sockets inherit) Nagle holds the body for the client's delayed ACK: ~40 ms.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((cfg.host, cfg.port))
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as exc:  # the bare errno says neither what nor where
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {_address(cfg.host, cfg.port)} (HTTP API and gateway, --host/--port): "
+                                     f"{exc.strerror or exc}") from exc
         port = sock.getsockname()[1]
+        try:
+            self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls)
+        except OSError:
+            sock.close()
+            raise
+        self.agent_target = f"{agent_host}:{self._agent_server.port}"
+        self.agent_join_target = f"{agent_host}:{self._agent_server.join_port}" if self._agent_server.join_port else None
+        self.ca_file = cfg.data_dir / "ca" / "ca.crt" if mtls else None
+
         host_for_url = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.http_url = f"http://{host_for_url}:{port}"
         roots = cfg.artifact_roots or (cfg.data_dir / "artifacts",)
@@ -420,6 +430,10 @@ def _run(main: Any) -> Any:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main(args: argparse.Namespace) -> int:
