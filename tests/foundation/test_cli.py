@@ -160,6 +160,12 @@ def test_bootstrap_token_lets_an_agent_join_and_plan_shows_per_site_changes(
                 break
             assert time.monotonic() < deadline, f"edge-lyon never became healthy: {site.get('status')}\n{agent.log()}"
             time.sleep(0.2)
+        while "joined control plane" not in agent.log():  # enrolled over the join port, then the session over mutual TLS
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.1)
+        log = json.loads(ok("events", "-o", "json", "--limit", "500", server=serve))["items"]
+        joins = [e for e in log if e["action"] == "agent-joined" and e["name"] == "edge-lyon"]
+        assert len(joins) == 1 and joins[0]["reason"] == "agent joined with a bootstrap token", joins
         path = tmp_path / "lyon.yaml"
         path.write_text(doc("ModelDeployment", "lyon-only", {
             "model": "doc-fields", "variant": "distilled", "replicas": {"min": 1, "max": 1},
