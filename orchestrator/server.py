@@ -211,8 +211,10 @@ class ControlPlane:
                                      position=cfg.position, ready=lambda: self._started, max_body=cfg.gateway_max_body,
                                      cold_start_s=cfg.cold_start_timeout_s,
                                      admit=self.admission.check if (cfg.gateway_auth == "token" or cfg.gateway_rate > 0) else None)
-        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus),
+        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus,
+                                                             record_file=cfg.data_dir / "local-ray.json"),
                                               kube_factory=cfg.kube_factory)
+        await self.datacentres.local.reclaim()  # a control plane killed with -9 on this data dir left its Ray running
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 
         app = api_app.build_app(self, self.gateway.routes() + [self._artifact_route()])
