@@ -31,8 +31,10 @@ lint: $(STAMP)
 bench: $(STAMP) proto
 	$(PY) -m bench
 
+# The examples' data centres ask for GPUs: the embedded Ray declares two (as `make demo` does)
+# so the walkthrough runs on a machine without any. SERVE_ARGS adds flags (other ports...).
 serve: $(STAMP) proto
-	$(VENV)/bin/edgeplane serve --artifact-root manifests/examples
+	$(VENV)/bin/edgeplane serve --artifact-root manifests/examples --local-ray-gpus 2 $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info edgeplane_proto/agent/v1/*_pb2*.py* edgeplane_proto/inference/v2/*_pb2*.py*

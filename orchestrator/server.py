@@ -28,7 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from orchestrator import views
+from orchestrator import catalog, views
 from orchestrator.adapters import local_ray
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
@@ -37,6 +37,7 @@ from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import auth
 from orchestrator.artifacts import catalog as artifacts
+from orchestrator.artifacts import signature
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import proxy, routing, upstream
 from orchestrator.manifests import loader, schema
@@ -317,6 +318,9 @@ class ControlPlane:
     def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":
             return views.describe_deployment(self.reconciler.last_plan, name)
+        if kind == "Model":
+            obj = self.store.get("Model", name)
+            return {"variants": signature.describe_variants(catalog.parse_model(obj), self.artifacts)} if obj is not None else {}
         return {}
 
 
@@ -382,6 +386,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway-max-body", type=int, default=proxy.MAX_BODY, metavar="BYTES", help="largest inference request body")
     p.add_argument("--cold-start-timeout", type=float, default=proxy.COLD_START_S, metavar="SECONDS",
                    help="how long a request for a model scaled to zero waits for its replica before a 503")
+    p.add_argument("--local-ray-cpus", type=int, metavar="N", help="CPUs the embedded Ray (sites with ray.address: local) offers [all]")
+    p.add_argument("--local-ray-gpus", type=int, metavar="N",
+                   help="GPUs the embedded Ray declares [those it finds]; on a machine without any, a number lets replicas "
+                        "that ask for a GPU run there anyway (a stand-in, as the demo does)")
     p.add_argument("--log-level", default="info")
 
 
@@ -402,6 +410,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
         gateway_max_body=args.gateway_max_body,
         cold_start_timeout_s=args.cold_start_timeout,
+        local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
     )
 
 

@@ -97,18 +97,20 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
     if site.spec.tier == "edge":
         agent = s.agent_by_site.get(row.site)
         if agent is None:
-            return {"state": "NoAgent", "ready": 0}
+            return {"state": "NoAgent", "ready": 0, "reason": "no edge agent has joined this site"}
         state = agent.models.get(deployment.spec.model) if deployment else None
         if state is None:
-            return {"state": "Assigned", "ready": 0}
-        return {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}
+            return {"state": "Assigned", "ready": 0, "reason": "sent to the agent, which has not reported the model yet"}
+        out = {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}
+        return out | ({"reason": state.message} if state.message and ready < row.replicas else {})
     dc = s.datacentres.get(row.site)
     if dc is None or not dc.reachable:
-        return {"state": "Unreachable", "ready": 0}
+        return {"state": "Unreachable", "ready": 0, "reason": dc.error if dc is not None and dc.error else "the data centre does not answer"}
     app = dc.apps.get(planning.app_name(row.site, row.deployment))
     if app is None:
-        return {"state": "Pending", "ready": 0}
-    return {"state": app.status.value, "ready": ready}
+        return {"state": "Pending", "ready": 0, "reason": "the Serve application is not deployed yet"}
+    # a replica waiting (for a GPU, say) says why, as Ray Serve reports it
+    return {"state": app.status.value, "ready": ready} | ({"reason": app.message} if app.message and ready < row.replicas else {})
 
 
 def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) -> dict[str, Any]:

@@ -108,9 +108,10 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
         if args.output in ("json", "yaml"):
             render.dump(data, args.output)
         else:
-            rows = [[p["deployment"], p["site"], p["variant"], p["replicas"], p.get("ready", "-"), p.get("state", "-")] for p in data["items"]]
+            rows = [[p["deployment"], p["site"], p["variant"], p["replicas"], p.get("ready", "-"), p.get("state", "-"), p.get("reason", "")]
+                    for p in data["items"]]
             if rows:
-                render.table(None, ["DEPLOYMENT", "SITE", "VARIANT", "REPLICAS", "READY", "STATE"], rows)
+                render.table(None, ["DEPLOYMENT", "SITE", "VARIANT", "REPLICAS", "READY", "STATE", "REASON"], rows)
             else:
                 print("No replicas placed.")
         return 0
@@ -181,7 +182,9 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     data = {"server": api.server, "health": health, "sites": len(sites),
             "healthySites": sum(1 for s in sites if s.get("status", {}).get("health") == "Healthy"),
             "deployments": {d["metadata"]["name"]: d.get("status", {}).get("phase", "Pending") for d in deps},
-            "replicas": sum(p["replicas"] for p in placements["items"])}
+            "replicas": sum(p["replicas"] for p in placements["items"]),
+            # why a replica is not ready yet (waiting for a GPU, an agent...), by deployment
+            "waiting": _waiting(placements["items"])}
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
         return 0
@@ -189,7 +192,17 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
     for name, phase in data["deployments"].items():
         print(f"  {name}: {phase}")
+        for reason in data["waiting"].get(name, []):
+            print(f"    waiting: {reason}")
     return 0
+
+
+def _waiting(placements: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in placements:
+        if p.get("reason") and p.get("ready", 0) < p["replicas"]:
+            out.setdefault(p["deployment"], []).append(f"{p['site']}: {p['reason']}")
+    return out
 
 
 def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
