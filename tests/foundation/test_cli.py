@@ -273,3 +273,14 @@ def test_times_are_rfc3339_and_numbers_readable(serve: support.ServeProcess, app
     computed = yaml.safe_dump({"placement": described["placement"], "status": described.get("status")})
     long_decimals = re.findall(r"\d+\.\d{4,}", computed)  # the manifest's own coordinates aside
     assert not long_decimals, long_decimals
+
+
+def test_describe_model_shows_each_variants_inputs_and_outputs(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads(ok("describe", "model", "intent-classifier", "-o", "json", server=serve))
+    variants = {v["name"]: v for v in data["variants"]}
+    for name in ("distilled", "full"):
+        assert variants[name]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 32]}]
+        assert variants[name]["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 8]}]
+    llm = json.loads(ok("describe", "model", "assistant-70b", "-o", "json", server=serve))["variants"]
+    assert llm == [{"name": "full", "runtime": "ray-serve", "io": "defined by the application this runtime serves"}]
+    assert "datatype: FP32" in ok("describe", "model", "doc-fields", server=serve)

@@ -8,9 +8,12 @@ import re
 import pytest
 
 from orchestrator import views
+from orchestrator.adapters import serve_config
+from orchestrator.cli import main as cli_main
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import autoscaler, planning
 from orchestrator.reconciler import snapshot as snap
+from orchestrator.store import sqlite as store_mod
 
 from . import support
 
@@ -73,3 +76,24 @@ def test_the_count_reason_adds_up(eu_south_rps: int, autoscaled: int | None, exp
     assert plan.reason.startswith(f"{plan.placed} replica(s)")
     previewed = {d["name"]: d for d in views.preview(s, docs)["deployments"]}["intent-eu"]
     assert previewed["reason"] == expected and previewed["replicas"] == plan.placed
+
+
+def test_a_waiting_replica_says_why_in_placements_and_status() -> None:
+    docs = examples()
+    waiting = "Deployment 'full' has 1 replica that cannot be scheduled: resources {'GPU': 1.0} not available"
+    app = serve_config.ServeAppStatus(planning.app_name("dc-paris", "assistant"), serve_config.ServeAppState.DEPLOYING, waiting, 0, 1, None)
+    s = dataclasses.replace(example_snapshot(docs), datacentres={
+        "dc-paris": snap.DataCentreObservation(True, {app.name: app}),
+        "dc-frankfurt": snap.DataCentreObservation(False, error="connection refused"),
+    })
+    rows = [store_mod.PlacementRow("assistant", "dc-paris", "full", 1), store_mod.PlacementRow("intent-eu", "dc-frankfurt", "full", 2),
+            store_mod.PlacementRow("intent-eu", "edge-lyon", "distilled", 1)]
+    items = {(p["deployment"], p["site"]): p for p in views.placements(s, rows)["items"]}
+    assert items[("assistant", "dc-paris")] == {"deployment": "assistant", "site": "dc-paris", "variant": "full", "replicas": 1,
+                                                "state": "DEPLOYING", "ready": 0, "reason": waiting}
+    assert items[("intent-eu", "dc-frankfurt")]["reason"] == "connection refused"
+    assert items[("intent-eu", "edge-lyon")]["reason"] == "no edge agent has joined this site"
+    assert cli_main._waiting(list(items.values())) == {
+        "assistant": [f"dc-paris: {waiting}"],
+        "intent-eu": ["dc-frankfurt: connection refused", "edge-lyon: no edge agent has joined this site"],
+    }
