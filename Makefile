@@ -9,9 +9,10 @@ PROTOS := $(shell find protos -name '*.proto')
 .PHONY: demo test lint proto bench serve clean chromium
 
 $(STAMP): pyproject.toml setup.py $(PROTOS)
+	@echo "Creating $(VENV) and installing edgeplane with its dependencies (about a minute the first time)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on -e '.[cpu,dev]'
 	touch $(STAMP)
 
 proto: $(STAMP)
@@ -43,8 +44,10 @@ lint: $(STAMP)
 bench: $(STAMP) proto
 	$(PY) -m bench
 
+# The examples' data centres ask for GPUs: the embedded Ray declares two (as `make demo` does)
+# so the walkthrough runs on a machine without any. SERVE_ARGS adds flags (other ports...).
 serve: $(STAMP) proto
-	$(VENV)/bin/edgeplane serve --artifact-root manifests/examples
+	$(VENV)/bin/edgeplane serve --artifact-root manifests/examples --local-ray-gpus 2 $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info edgeplane_proto/agent/v1/*_pb2*.py* edgeplane_proto/inference/v2/*_pb2*.py*

@@ -34,7 +34,7 @@ class AgentConfig:
     token: str
     data_dir: pathlib.Path
     listen_host: str = "127.0.0.1"
-    listen_port: int = 8080
+    listen_port: int = edge_agent.DEFAULT_LISTEN_PORT
     advertise_url: str | None = None
     heartbeat_interval: float = 5.0
     insecure: bool = False
@@ -55,6 +55,14 @@ class AgentConfig:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    try:
+        return _bind_socket(host, port)
+    except OSError as exc:  # the bare errno says neither what nor where
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise OSError(exc.errno, f"cannot listen on {where} (v2 HTTP API, --listen): {exc.strerror or exc}") from exc
+
+
+def _bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -54,8 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--site", required=True, help="site name (DNS label), one agent per site")
     p.add_argument("--token", default=os.environ.get("EDGEPLANE_TOKEN", ""),
                    help="bootstrap token (or EDGEPLANE_TOKEN); unused once a credential is saved")
-    p.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8080), metavar="HOST:PORT",
-                   help="v2 HTTP listen address (port 0 = any free port) [127.0.0.1:8080]")
+    p.add_argument("--listen", type=_host_port, default=("127.0.0.1", edge_agent.DEFAULT_LISTEN_PORT), metavar="HOST:PORT",
+                   help=f"v2 HTTP listen address (port 0 = any free port) [127.0.0.1:{edge_agent.DEFAULT_LISTEN_PORT}]")
     p.add_argument("--grpc-listen", type=_host_port, default=None, metavar="HOST:PORT",
                    help="also serve the v2 protocol over gRPC (inference.GRPCInferenceService) here")
     p.add_argument("--advertise-url", help="URL the control plane should route to (default: from --listen)")

@@ -8,6 +8,7 @@ write is one store transaction, so a file with any error applies nothing.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,13 @@ def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, r
     return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason))
 
 
+def rfc3339(ts: float | None) -> str | None:
+    """A stored Unix time as users read times in Kubernetes: RFC 3339 in UTC, to the second."""
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def to_manifest(obj: store_mod.StoredObject) -> dict[str, Any]:
     """The API/CLI view of a stored object: the manifest plus server-set metadata and status."""
     return {
@@ -120,7 +128,7 @@ def to_manifest(obj: store_mod.StoredObject) -> dict[str, Any]:
             "labels": dict(obj.labels),
             "generation": obj.generation,
             "resourceVersion": str(obj.resource_version),
-            "creationTimestamp": obj.created_at,
+            "creationTimestamp": rfc3339(obj.created_at),
         },
         "spec": dict(obj.spec),
         "status": dict(obj.status),

@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from orchestrator import console, views
+from orchestrator import catalog, console, views
 from orchestrator.adapters import local_ray
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
@@ -39,6 +39,7 @@ from orchestrator.api import app as api_app
 from orchestrator.api import auth
 from orchestrator.api import simulate as simulate_api
 from orchestrator.artifacts import catalog as artifacts
+from orchestrator.artifacts import signature
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import proxy, routing, upstream
@@ -177,18 +178,28 @@ class ControlPlane:
                                           agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
             server_cert, server_key = self.ca.issue_server(sorted({agent_host, "127.0.0.1", "localhost"}))
             mtls = agent_service.MutualTls(self.ca, server_cert, server_key, cfg.agent_join_port)
-        self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls)
-        self.agent_target = f"{agent_host}:{self._agent_server.port}"
-        self.agent_join_target = f"{agent_host}:{self._agent_server.join_port}" if self._agent_server.join_port else None
-        self.ca_file = cfg.data_dir / "ca" / "ca.crt" if mtls else None
-
+        # bound first: a port in use stops the start before anything else listens
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # uvicorn writes a response's head and body separately; without TCP_NODELAY (which
         # accepted sockets inherit) Nagle holds the body for the client's delayed ACK: ~40 ms.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((cfg.host, cfg.port))
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as exc:  # the bare errno says neither what nor where
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {_address(cfg.host, cfg.port)} (HTTP API and gateway, --host/--port): "
+                                     f"{exc.strerror or exc}") from exc
         port = sock.getsockname()[1]
+        try:
+            self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls)
+        except OSError:
+            sock.close()
+            raise
+        self.agent_target = f"{agent_host}:{self._agent_server.port}"
+        self.agent_join_target = f"{agent_host}:{self._agent_server.join_port}" if self._agent_server.join_port else None
+        self.ca_file = cfg.data_dir / "ca" / "ca.crt" if mtls else None
+
         host_for_url = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.http_url = f"http://{host_for_url}:{port}"
         roots = cfg.artifact_roots or (cfg.data_dir / "artifacts",)
@@ -206,8 +217,10 @@ class ControlPlane:
                                      position=cfg.position, ready=lambda: self._started, max_body=cfg.gateway_max_body,
                                      cold_start_s=cfg.cold_start_timeout_s, cascade=self.cascades,
                                      admit=self.admission.check if (cfg.gateway_auth == "token" or cfg.gateway_rate > 0) else None)
-        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus),
+        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus,
+                                                             record_file=cfg.data_dir / "local-ray.json"),
                                               kube_factory=cfg.kube_factory)
+        await self.datacentres.local.reclaim()  # a control plane killed with -9 on this data dir left its Ray running
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 
         app = api_app.build_app(self, self.gateway.routes() + [self._artifact_route()] + console.routes())
@@ -319,6 +332,9 @@ class ControlPlane:
             extra = views.describe_deployment(self.reconciler.last_plan, name)
             cascade = next((c for c in self.cascades.stats.snapshot(self.table.cascades) if c["name"] == name), None)
             return {**extra, "cascade": cascade} if cascade is not None else extra
+        if kind == "Model":
+            obj = self.store.get("Model", name)
+            return {"variants": signature.describe_variants(catalog.parse_model(obj), self.artifacts)} if obj is not None else {}
         return {}
 
 
@@ -384,6 +400,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway-max-body", type=int, default=proxy.MAX_BODY, metavar="BYTES", help="largest inference request body")
     p.add_argument("--cold-start-timeout", type=float, default=proxy.COLD_START_S, metavar="SECONDS",
                    help="how long a request for a model scaled to zero waits for its replica before a 503")
+    p.add_argument("--local-ray-cpus", type=int, metavar="N", help="CPUs the embedded Ray (sites with ray.address: local) offers [all]")
+    p.add_argument("--local-ray-gpus", type=int, metavar="N",
+                   help="GPUs the embedded Ray declares [those it finds]; on a machine without any, a number lets replicas "
+                        "that ask for a GPU run there anyway (a stand-in, as the demo does)")
     p.add_argument("--log-level", default="info")
 
 
@@ -404,6 +424,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
         gateway_max_body=args.gateway_max_body,
         cold_start_timeout_s=args.cold_start_timeout,
+        local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
     )
 
 
@@ -434,6 +455,10 @@ def _run(main: Any) -> Any:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main(args: argparse.Namespace) -> int:

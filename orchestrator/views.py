@@ -66,11 +66,16 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],
             for p in result.deployments.values()
         ],
         "latency": [
-            {"deployment": x.deployment, "demand": x.point, "rps": x.rps, "site": x.site, "ms": x.rtt_ms}
+            {"deployment": x.deployment, "demand": x.point, "rps": x.rps, "site": x.site, "ms": _ms(x.rtt_ms)}
             for p in result.deployments.values() for x in p.latency
         ],
         "energy": energy,
     }
+
+
+def _ms(value: float | None) -> float | None:
+    """Predicted latencies to a tenth of a millisecond: the model is not finer than that."""
+    return None if value is None else round(value, 1)
 
 
 def placements(s: snap.Snapshot | None, rows: Iterable[Any]) -> dict[str, Any]:
@@ -92,18 +97,20 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
     if site.spec.tier == "edge":
         agent = s.agent_by_site.get(row.site)
         if agent is None:
-            return {"state": "NoAgent", "ready": 0}
+            return {"state": "NoAgent", "ready": 0, "reason": "no edge agent has joined this site"}
         state = agent.models.get(deployment.spec.model) if deployment else None
         if state is None:
-            return {"state": "Assigned", "ready": 0}
-        return {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}
+            return {"state": "Assigned", "ready": 0, "reason": "sent to the agent, which has not reported the model yet"}
+        out = {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}
+        return out | ({"reason": state.message} if state.message and ready < row.replicas else {})
     dc = s.datacentres.get(row.site)
     if dc is None or not dc.reachable:
-        return {"state": "Unreachable", "ready": 0}
+        return {"state": "Unreachable", "ready": 0, "reason": dc.error if dc is not None and dc.error else "the data centre does not answer"}
     app = dc.apps.get(planning.app_name(row.site, row.deployment))
     if app is None:
-        return {"state": "Pending", "ready": 0}
-    return {"state": app.status.value, "ready": ready}
+        return {"state": "Pending", "ready": 0, "reason": "the Serve application is not deployed yet"}
+    # a replica waiting (for a GPU, say) says why, as Ray Serve reports it
+    return {"state": app.status.value, "ready": ready} | ({"reason": app.message} if app.message and ready < row.replicas else {})
 
 
 def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) -> dict[str, Any]:
@@ -129,7 +136,7 @@ def describe_deployment(plan: planning.PassPlan | None, name: str) -> dict[str, 
         "placement": {
             "status": str(p.status), "wanted": p.wanted, "placed": p.placed, "reason": p.reason,
             "replicas": [{"site": r.site, "variant": r.variant, "kept": r.kept, "reason": r.reason} for r in p.replicas],
-            "latency": [{"demand": x.point, "site": x.site, "ms": x.rtt_ms} for x in p.latency],
+            "latency": [{"demand": x.point, "site": x.site, "ms": _ms(x.rtt_ms)} for x in p.latency],
             "notes": list(p.notes),
         }
     }

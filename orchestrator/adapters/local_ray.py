@@ -11,6 +11,13 @@ made private to its owner so it can share a machine with other Ray clusters:
   SIGTERM to that process only: Ray tears down the processes of *this* node. ``ray stop`` is
   never used, because it stops every Ray process of the user on the machine. Processes that
   outlive the head are found by a marker in their environment and ended by pid.
+
+An owner that can die without stopping its cluster (kill -9 of ``edgeplane serve``) gives a
+``record_file`` in its own state dir: the head's pid, the marker and the base dir are written
+there before the head starts. The next owner on that state dir calls :func:`reclaim` first,
+which stops whatever of the recorded cluster still runs, so a restart never leaves an orphan
+next to the cluster it starts. (Stopping rather than adopting: the owner re-creates its Serve
+applications from its own store anyway, and a head that is not our child cannot be waited on.)
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +143,7 @@ class LocalRayCluster:
         python_path: Sequence[pathlib.Path] = (),
         extra_env: Mapping[str, str] | None = None,
         ray_executable: pathlib.Path | None = None,
+        record_file: pathlib.Path | None = None,
     ) -> None:
         self._owns_base_dir = base_dir is None
         self._base_dir = base_dir
@@ -149,6 +158,7 @@ class LocalRayCluster:
         self._process: subprocess.Popen[bytes] | None = None
         self._endpoints: LocalRayEndpoints | None = None
         self._cluster_id = secrets.token_hex(8)
+        self._record_file = record_file
 
     @property
     def endpoints(self) -> LocalRayEndpoints:
@@ -191,6 +201,7 @@ class LocalRayCluster:
             command += ["--num-gpus", str(self._num_gpus)]
         log_path = base / "ray-start.log"
         log.info("starting a local Ray head in %s", temp_dir)
+        self._write_record(None)  # before the head exists: an owner killed from here on leaves a trace
         with log_path.open("wb") as log_file:
             self._process = subprocess.Popen(
                 command,
@@ -200,6 +211,7 @@ class LocalRayCluster:
                 env=self._environment(token_file),
                 start_new_session=True,
             )
+        self._write_record(self._process.pid)
         endpoints = LocalRayEndpoints(
             dashboard_url=f"http://127.0.0.1:{port_args['--dashboard-port']}",
             serve_url=f"http://127.0.0.1:{serve_port}",
@@ -229,26 +241,16 @@ class LocalRayCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
-        self._end_stragglers()
+        _end_stragglers(self._cluster_id)
         if self._owns_base_dir and self._base_dir is not None:
             shutil.rmtree(self._base_dir, ignore_errors=True)
             self._base_dir = None
+        if self._record_file is not None:
+            self._record_file.unlink(missing_ok=True)
 
     def leftover_pids(self) -> list[int]:
         """Pids of live processes started for this cluster (empty once stopped)."""
-        marker = f"{MARKER_ENV}={self._cluster_id}".encode()
-        pids = []
-        for entry in pathlib.Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                    if state != "Z":
-                        pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
+        return marked_pids(self._cluster_id)
 
     async def start_async(self) -> LocalRayEndpoints:
         return await asyncio.to_thread(self.start)
@@ -306,18 +308,90 @@ class LocalRayCluster:
             f"{_tail(log_path)}"
         )
 
-    def _end_stragglers(self) -> None:
-        """Give worker processes 2 s to follow their raylet out, then end them by pid."""
-        for attempt in range(50):
-            pids = self.leftover_pids()
-            if not pids:
-                return
-            if attempt >= 20:
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+    def _write_record(self, pid: int | None) -> None:
+        if self._record_file is None:
+            return
+        record = {"clusterId": self._cluster_id, "pid": pid, "baseDir": str(self._base_dir) if self._owns_base_dir else None,
+                  "owner": {"pid": os.getpid(), "started": _start_time(os.getpid())}}
+        self._record_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self._record_file.with_suffix(".partial")
+        partial.write_text(json.dumps(record))
+        partial.replace(self._record_file)
+
+
+def marked_pids(cluster_id: str) -> list[int]:
+    """Pids of live (not zombie) processes carrying the marker of cluster ``cluster_id``."""
+    marker = f"{MARKER_ENV}={cluster_id}".encode()
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def reclaim(record_file: pathlib.Path, stop_timeout_s: float = 10.0) -> list[int]:
+    """Stop the cluster a previous owner recorded in ``record_file`` and left running;
+    returns the pids that were still alive (empty: nothing was left)."""
+    try:
+        record = json.loads(record_file.read_text())
+        cluster_id = str(record["clusterId"])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring an unreadable local Ray record %s: %s", record_file, exc)
+        record_file.unlink(missing_ok=True)
+        return []
+    owner = record.get("owner") or {}
+    if owner.get("pid") not in (None, os.getpid()) and _start_time(owner["pid"]) == owner.get("started"):
+        log.warning("the local Ray cluster recorded in %s belongs to a control plane that still runs (pid %s); leaving it",
+                    record_file, owner["pid"])
+        return []
+    pids = marked_pids(cluster_id)
+    head = record.get("pid")
+    if pids:
+        log.warning("stopping the local Ray cluster a previous control plane left running (pids %s)", ", ".join(map(str, pids)))
+        if head in pids:  # the head tears its node down on SIGTERM, as at a clean stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(head, signal.SIGTERM)
+        for _ in range(int(stop_timeout_s / 0.1)):
+            if not marked_pids(cluster_id):
+                break
             time.sleep(0.1)
-        log.warning("processes of the local Ray cluster survive: %s", self.leftover_pids())
+        _end_stragglers(cluster_id)
+    base = record.get("baseDir")
+    if base and pathlib.Path(base).name.startswith("epray-"):  # only a dir this module created
+        shutil.rmtree(base, ignore_errors=True)
+    record_file.unlink(missing_ok=True)
+    return pids
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), which tells a reused pid apart."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _end_stragglers(cluster_id: str) -> None:
+    """Give worker processes 2 s to follow their raylet out, then end them by pid."""
+    for attempt in range(50):
+        pids = marked_pids(cluster_id)
+        if not pids:
+            return
+        if attempt >= 20:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    log.warning("processes of the local Ray cluster survive: %s", marked_pids(cluster_id))
 
 
 def _find_ray() -> pathlib.Path:

@@ -203,8 +203,15 @@ class AgentHub:
         )
         self._records[site] = record
         self._channel(site).notify()  # a superseded agent's watch stream ends
-        log.info("agent %s joined site %s from %s", agent_id, site, application.endpoint_url)
-        self._emit(model.AgentEventKind.JOINED, record, "joined")
+        if same_agent and current is not None and current.healthy and now <= current.deadline:
+            # A live agent opening a new session: right after its first join over the join
+            # port (enrolment), or after a dropped connection. Not a second join.
+            log.debug("agent %s reconnected to site %s from %s", agent_id, site, application.endpoint_url)
+            self._emit(model.AgentEventKind.RECONNECTED, record, "reconnected with its credential")
+        else:
+            log.info("agent %s joined site %s from %s", agent_id, site, application.endpoint_url)
+            how = "with its credential" if by_credential else "with a bootstrap token"
+            self._emit(model.AgentEventKind.JOINED, record, f"agent joined {how}")
         return model.JoinGrant(agent_id, credential, interval, self.missed_heartbeats)
 
     def authenticate_stream(self, site: str, agent_id: str, credential: str) -> None:

@@ -157,6 +157,7 @@ class AgentStatus:
 
 class AgentEventKind(enum.Enum):
     JOINED = "JOINED"
+    RECONNECTED = "RECONNECTED"  # a live agent's new session (after enrolment, a dropped connection)
     LOST = "LOST"
     RECOVERED = "RECOVERED"
     CAPACITY_CHANGED = "CAPACITY_CHANGED"

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -261,6 +262,18 @@ class AgentServer:
         await self.server.stop(grace)
 
 
+def _add_port(add: Callable[[], int], address: str, what: str) -> int:
+    """gRPC reports a port it cannot bind as 0 or as a RuntimeError, by version: either way
+    the user reads which address, for what, and why it is most likely taken."""
+    try:
+        port = add()
+    except RuntimeError as exc:
+        raise OSError(errno.EADDRINUSE, f"cannot listen on {address} ({what}): {exc}") from None
+    if port == 0:
+        raise OSError(errno.EADDRINUSE, f"cannot listen on {address} ({what}): address already in use or not available")
+    return port
+
+
 async def start_agent_server(
     agent_hub: hub.AgentHub,
     host: str = "127.0.0.1",
@@ -279,23 +292,20 @@ async def start_agent_server(
     join_port = None
     if mtls is not None:
         key_pair = [(mtls.private_key, mtls.certificate_chain)]
-        bound = server.add_secure_port(address, grpc.ssl_server_credentials(
-            key_pair, root_certificates=mtls.issuer.certificate_pem, require_client_auth=True))
+        bound = _add_port(lambda: server.add_secure_port(address, grpc.ssl_server_credentials(
+            key_pair, root_certificates=mtls.issuer.certificate_pem, require_client_auth=True)), address, "agents, --agent-port")
         join_address = f"[{host}]:{mtls.join_port}" if ":" in host else f"{host}:{mtls.join_port}"
-        join_port = server.add_secure_port(join_address, grpc.ssl_server_credentials(key_pair))
-        if join_port == 0:
-            raise OSError(f"cannot listen for agent joins on {join_address}")
+        join_port = _add_port(lambda: server.add_secure_port(join_address, grpc.ssl_server_credentials(key_pair)),
+                              join_address, "agent joins, --agent-join-port")
     elif tls is None:
-        bound = server.add_insecure_port(address)
+        bound = _add_port(lambda: server.add_insecure_port(address), address, "agents, --agent-port")
     else:
         credentials = grpc.ssl_server_credentials(
             [(tls.private_key, tls.certificate_chain)],
             root_certificates=tls.client_ca,
             require_client_auth=tls.client_ca is not None,
         )
-        bound = server.add_secure_port(address, credentials)
-    if bound == 0:
-        raise OSError(f"cannot listen for agents on {address}")
+        bound = _add_port(lambda: server.add_secure_port(address, credentials), address, "agents, --agent-port")
     await server.start()
     sweeper = asyncio.create_task(agent_hub.run_sweeper(sweep_period), name="agent-hub-sweeper")
     mode = "mutual TLS, joins on port %d" % join_port if join_port else ("tls" if tls else "insecure")

@@ -169,7 +169,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
             return error(400, "ttlSeconds must be a positive number")
         secret, info = store.create_token(purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
-        return JSONResponse({"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": info.expires_at}, status_code=201)
+        return JSONResponse({"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at)}, status_code=201)
 
     async def revoke(request: Request, caller: auth.Caller) -> Response:
         what, name = request.path_params["what"], request.path_params["name"]
@@ -227,7 +227,11 @@ def _reason(request: Request, default: str) -> str:
 
 
 def _event(e: store_mod.LoggedEvent) -> dict[str, Any]:
-    return {"id": e.id, "ts": e.ts, "actor": e.actor, "action": e.action, "kind": e.kind, "name": e.name, "reason": e.reason, "details": dict(e.details)}
+    details = dict(e.details)
+    if isinstance(details.get("expiresAt"), (int, float)):
+        details["expiresAt"] = catalog.rfc3339(details["expiresAt"])
+    return {"id": e.id, "ts": catalog.rfc3339(e.ts), "actor": e.actor, "action": e.action, "kind": e.kind, "name": e.name,
+            "reason": e.reason, "details": details}
 
 
 def build_app(services: Services, extra_routes: list[BaseRoute] | None = None) -> Starlette:

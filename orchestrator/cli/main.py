@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 from typing import Any
@@ -20,21 +21,31 @@ from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 
 
-def _read_manifests(path: str) -> str:
-    target = pathlib.Path(path)
-    if path == "-":
-        return loader.bundle([("<stdin>", sys.stdin.read())])
-    if not target.exists():
-        raise CliError(f"{path}: no such file or directory", 2)
-    files = loader.manifest_files(target)
-    if not files:
-        raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
-    out = []
-    for f in files:
-        try:
-            out.append((str(f), f.read_text(encoding="utf-8")))
-        except UnicodeDecodeError as exc:
-            raise CliError(f"{f}: not UTF-8 text (byte {exc.start})", 1) from exc
+def _read_manifests(paths: list[str]) -> str:
+    """Every ``-f`` (files, directories, ``-`` for stdin) as one bundle: the server applies
+    all of it or nothing, and names each file in its errors."""
+    out: list[tuple[str, str]] = []
+    seen: set[pathlib.Path] = set()
+    if paths.count("-") > 1:
+        raise CliError("-f - (stdin) may be given only once", 2)
+    for path in paths:
+        if path == "-":
+            out.append(("<stdin>", sys.stdin.read()))
+            continue
+        target = pathlib.Path(path)
+        if not target.exists():
+            raise CliError(f"{path}: no such file or directory", 2)
+        files = loader.manifest_files(target)
+        if not files:
+            raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
+        for f in files:
+            if f.resolve() in seen:  # `-f dir -f dir/a.yaml` names a.yaml once
+                continue
+            seen.add(f.resolve())
+            try:
+                out.append((str(f), f.read_text(encoding="utf-8")))
+            except UnicodeDecodeError as exc:
+                raise CliError(f"{f}: not UTF-8 text (byte {exc.start})", 1) from exc
     return loader.bundle(out)
 
 
@@ -98,9 +109,10 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
         if args.output in ("json", "yaml"):
             render.dump(data, args.output)
         else:
-            rows = [[p["deployment"], p["site"], p["variant"], p["replicas"], p.get("ready", "-"), p.get("state", "-")] for p in data["items"]]
+            rows = [[p["deployment"], p["site"], p["variant"], p["replicas"], p.get("ready", "-"), p.get("state", "-"), p.get("reason", "")]
+                    for p in data["items"]]
             if rows:
-                render.table(None, ["DEPLOYMENT", "SITE", "VARIANT", "REPLICAS", "READY", "STATE"], rows)
+                render.table(None, ["DEPLOYMENT", "SITE", "VARIANT", "REPLICAS", "READY", "STATE", "REASON"], rows)
             else:
                 print("No replicas placed.")
         return 0
@@ -173,7 +185,9 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     data = {"server": api.server, "health": health, "sites": len(sites),
             "healthySites": sum(1 for s in sites if s.get("status", {}).get("health") == "Healthy"),
             "deployments": {d["metadata"]["name"]: d.get("status", {}).get("phase", "Pending") for d in deps},
-            "replicas": sum(p["replicas"] for p in placements["items"])}
+            "replicas": sum(p["replicas"] for p in placements["items"]),
+            # why a replica is not ready yet (waiting for a GPU, an agent...), by deployment
+            "waiting": _waiting(placements["items"])}
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
         return 0
@@ -181,7 +195,17 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
     for name, phase in data["deployments"].items():
         print(f"  {name}: {phase}")
+        for reason in data["waiting"].get(name, []):
+            print(f"    waiting: {reason}")
     return 0
+
+
+def _waiting(placements: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in placements:
+        if p.get("reason") and p.get("ready", 0) < p["replicas"]:
+            out.setdefault(p["deployment"], []).append(f"{p['site']}: {p['reason']}")
+    return out
 
 
 def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
@@ -230,6 +254,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+FILE_HELP = "file, directory or - for stdin; repeat -f for more (one atomic bundle)"
+
+
 def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     """``serve_options=False`` leaves out the options of ``serve``, whose definition imports
     the whole control plane (about half a second): every other command starts without it."""
@@ -262,11 +289,11 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     demo_p.add_argument("--keep-running", action="store_true", help="keep the fleet up after the report (Ctrl-C stops it)")
     demo_p.add_argument("--no-ray", action="store_true", help="skip the local Ray data-centre site")
     sp = with_output(client_parser("apply", help="create or update objects from manifests (atomic)"))
-    sp.add_argument("-f", "--file", required=True, help="file, directory or - for stdin")
+    sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
     sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("plan", help="show what apply would change, per site"))
-    sp.add_argument("-f", "--file", required=True)
+    sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
     sp = with_output(client_parser("get", help="list objects: sites, models, modeldeployments, placements, events, cascades"))
     sp.add_argument("kind")
     sp.add_argument("name", nargs="?")
@@ -274,7 +301,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("kind")
     sp.add_argument("name")
     sp = client_parser("delete", help="delete objects by manifest or by kind and name")
-    sp.add_argument("-f", "--file")
+    sp.add_argument("-f", "--file", action="append", help=FILE_HELP)
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
     sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
@@ -329,7 +356,20 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # the reader stopped reading (`edgeplane get sites -o yaml | head`): nothing more to say,
+        # and the interpreter must not complain either when it flushes stdout on exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     args = build_parser(serve_options="serve" in argv or _command_of(argv) is None).parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
@@ -350,6 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except json.JSONDecodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (BrokenPipeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a bug of ours: one line for the user, the traceback on request
+        if os.environ.get("EDGEPLANE_DEBUG"):
+            raise
+        print(f"error: {args.command} failed unexpectedly: {exc.__class__.__name__}: {exc} "
+              "(this is a bug; EDGEPLANE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     finally:
         api.close()

@@ -49,7 +49,9 @@ def _phase(status: dict[str, Any]) -> str:
         out += f", rollout {rollout['upgraded']}/{total}{step}" + (" HALTED" if "halted" in rollout else "")
     scaling = status.get("autoscaling")
     if scaling and "desiredReplicas" in scaling:
-        out += f", autoscaled to {scaling['desiredReplicas']} ({scaling['observedPerReplica']:g} {scaling['metric']}/replica)"
+        out += f", autoscaled to {scaling['desiredReplicas']}"
+        if "observedPerReplica" in scaling:  # absent while no replica reports load (the count is held)
+            out += f" ({scaling['observedPerReplica']:g} {scaling.get('metric', '')}/replica)"
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,14 +29,23 @@ class LocalRay:
     endpoints: local_ray.LocalRayEndpoints | None = None  # given: use that cluster, do not own it
     num_cpus: int | None = None
     num_gpus: int | None = None  # logical GPUs to declare (the demo's stand-in for real ones)
+    record_file: pathlib.Path | None = None  # in the owner's state dir: finds the cluster again after a crash
     _cluster: local_ray.LocalRayCluster | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def reclaim(self) -> list[int]:
+        """Stop the cluster a previous owner of ``record_file`` left running (it was killed
+        before it could stop it); the pids that were still alive."""
+        if self.record_file is None or self.endpoints is not None:
+            return []
+        async with self._lock:
+            return await asyncio.to_thread(local_ray.reclaim, self.record_file)
 
     async def ensure(self) -> local_ray.LocalRayEndpoints:
         async with self._lock:
             if self.endpoints is None:
                 log.info("starting the local Ray cluster (the embedded data centre)")
-                self._cluster = local_ray.LocalRayCluster(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+                self._cluster = local_ray.LocalRayCluster(num_cpus=self.num_cpus, num_gpus=self.num_gpus, record_file=self.record_file)
                 self.endpoints = await self._cluster.start_async()
                 log.info("local Ray cluster up: dashboard %s, serve %s", self.endpoints.dashboard_url, self.endpoints.serve_url)
             return self.endpoints

@@ -251,12 +251,22 @@ class Deployment:
         """
         if self.autoscaled_replicas is not None:
             return max(self.min_replicas, min(self.max_replicas, self.autoscaled_replicas))
-        rates = [v.throughput_rps for v in self.variants if v.throughput_rps]
-        total = self.total_rps
-        if not rates or total <= 0:
+        need = self.demand_replicas()
+        if need is None:
             return self.min_replicas
-        need = math.ceil(total / min(rates) - 1e-9)
         return max(self.min_replicas, min(self.max_replicas, need))
+
+    def slowest_rps(self) -> float | None:
+        """The smallest ``throughputRps`` among the variants (None: none gives one)."""
+        rates = [v.throughput_rps for v in self.variants if v.throughput_rps]
+        return min(rates) if rates else None
+
+    def demand_replicas(self) -> int | None:
+        """``ceil(total demand rps / slowest throughputRps)`` before [min, max] (None: no demand or rate)."""
+        rate = self.slowest_rps()
+        if rate is None or self.total_rps <= 0:
+            return None
+        return math.ceil(self.total_rps / rate - 1e-9)
 
 
 @dataclass(frozen=True)

@@ -145,20 +145,32 @@ def _status(job: Job) -> tuple[Status, str]:
     deployment = job.deployment
     placed = len(job.placed)
     if placed >= job.wanted:
-        return Status.SCHEDULED, f"{placed} replica(s): {_why_count(job)}"
+        return Status.SCHEDULED, f"{placed} replica(s): {_why_count(job)}" + (
+            f"; {placed - job.wanted} more placed than wanted" if placed > job.wanted else "")
     status = Status.DEGRADED if placed >= deployment.min_replicas else Status.UNSCHEDULABLE
     return status, job.shortfall
 
 
 def _why_count(job: Job) -> str:
+    """How the wanted count was reached, with every number a reader needs to redo it."""
     deployment = job.deployment
-    rates = [v.throughput_rps for v in deployment.variants if v.throughput_rps]
-    if rates and deployment.total_rps > 0:
-        return (
-            f"{deployment.total_rps:g} rps at {min(rates):g} rps per replica, within "
-            f"replicas [{deployment.min_replicas}, {deployment.max_replicas}]"
-        )
+    bounds = f"replicas [{deployment.min_replicas}, {deployment.max_replicas}]"
+    rate, need = deployment.slowest_rps(), deployment.demand_replicas()
+    if deployment.autoscaled_replicas is not None:
+        declared = f"; declared demand ({deployment.total_rps:g} rps) is not used while the autoscaler has a count" \
+            if need is not None else ""
+        return f"autoscaler's count from observed load = {_clamped(deployment.autoscaled_replicas, job.wanted, bounds)}{declared}"
+    if need is not None and rate is not None:
+        return f"ceil({deployment.total_rps:g} rps / {rate:g} rps per replica) = {_clamped(need, job.wanted, bounds)}"
     return f"replicas.min = {deployment.min_replicas}"
+
+
+def _clamped(asked: int, wanted: int, bounds: str) -> str:
+    if asked > wanted:
+        return f"{asked}, capped to {wanted} by {bounds}"
+    if asked < wanted:
+        return f"{asked}, raised to {wanted} by {bounds}"
+    return f"{asked}, within {bounds}"
 
 
 def _actions(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Replica, str]) -> list[Action]:

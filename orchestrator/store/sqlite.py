@@ -403,7 +403,7 @@ class Store:
                 " credential_digest = excluded.credential_digest, joined_at = excluded.joined_at, revoked = 0",
                 (site, agent_id, digest(credential), now),
             )
-            self._log(db, Event(actor, "agent-joined", "Site", site, "agent joined with a bootstrap token", {"agentId": agent_id}), now)
+            # the join itself is logged once, as `agent-joined`, when the agent hub records it
 
     def agent_credential_ok(self, site: str, credential: str) -> bool:
         with self._lock:

@@ -198,3 +198,18 @@ def test_lag_histogram_quantiles() -> None:
     assert lag.quantile(0.5) <= 1.25
     assert 100 <= lag.quantile(0.99) <= 130
     assert lag.quantile(1.0) >= 5000
+
+
+def test_a_live_agents_new_session_is_not_a_second_join(agent_hub, clock, events) -> None:
+    """Enrolment over the join port, then the session over mutual TLS: one join."""
+    grant = agent_hub.join(application())
+    clock.now += 0.1
+    again = agent_hub.join(application(bootstrap_token="", credential=grant.credential, agent_id=grant.agent_id))
+    assert again.agent_id == grant.agent_id
+    assert kinds(events) == ["JOINED", "RECONNECTED"]
+    # once it was lost, coming back with the same credential is a join again
+    clock.now += 10
+    agent_hub.sweep()
+    agent_hub.join(application(bootstrap_token="", credential=grant.credential, agent_id=grant.agent_id))
+    assert kinds(events) == ["JOINED", "RECONNECTED", "LOST", "JOINED"]
+    assert events[0].reason == "agent joined with a bootstrap token" and events[-1].reason == "agent joined with its credential"

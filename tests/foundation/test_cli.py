@@ -160,6 +160,12 @@ def test_bootstrap_token_lets_an_agent_join_and_plan_shows_per_site_changes(
                 break
             assert time.monotonic() < deadline, f"edge-lyon never became healthy: {site.get('status')}\n{agent.log()}"
             time.sleep(0.2)
+        while "joined control plane" not in agent.log():  # enrolled over the join port, then the session over mutual TLS
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.1)
+        log = json.loads(ok("events", "-o", "json", "--limit", "500", server=serve))["items"]
+        joins = [e for e in log if e["action"] == "agent-joined" and e["name"] == "edge-lyon"]
+        assert len(joins) == 1 and joins[0]["reason"] == "agent joined with a bootstrap token", joins
         path = tmp_path / "lyon.yaml"
         path.write_text(doc("ModelDeployment", "lyon-only", {
             "model": "doc-fields", "variant": "distilled", "replicas": {"min": 1, "max": 1},
@@ -204,3 +210,77 @@ def test_api_tokens_with_auth_on(tmp_path: pathlib.Path, offline_fleet: pathlib.
         assert created["role"] == "admin" and created["purpose"] == "api" and created["expiresAt"] is not None
     finally:
         secured.stop()
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    """`edgeplane get sites -o yaml | head`: the pipe closes before the command writes."""
+    env = support.clean_env(EDGEPLANE_SERVER=serve.url)
+    proc = subprocess.Popen([str(support.EDGEPLANE), "get", "sites", "-o", "yaml"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # like `head` that has read its lines and gone
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 1
+    assert err == "", err
+
+
+def test_repeated_f_is_one_atomic_bundle(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    a, b, folder = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "more"
+    folder.mkdir()
+    a.write_text(doc("Model", "multi-model", support.model_spec()))
+    b.write_text(doc("ModelDeployment", "multi-dep", support.deployment_spec("multi-model")))
+    (folder / "c.yaml").write_text(doc("Site", "edge-multi", support.edge_site_spec()))
+    everything = ["-f", str(a), "-f", str(b), "-f", str(folder), "-f", "-"]
+    stdin = doc("Site", "edge-stdin", support.edge_site_spec())
+    plan = ok("plan", *everything, server=serve, stdin=stdin).splitlines()
+    assert plan[:4] == ["model/multi-model would be created", "modeldeployment/multi-dep would be created",
+                        "site/edge-multi would be created", "site/edge-stdin would be created"], plan
+    dry = ok("apply", *everything, "--dry-run", server=serve, stdin=stdin).splitlines()
+    assert dry[:4] == ["model/multi-model created (dry run)", "modeldeployment/multi-dep created (dry run)",
+                       "site/edge-multi created (dry run)", "site/edge-stdin created (dry run)"], dry
+    assert cli("get", "model", "multi-model", server_url=serve.url).returncode == 1
+    # a bad file anywhere in the bundle applies nothing, and is named
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(doc("Site", "edge-bad", {**support.edge_site_spec(), "colour": "blue"}))
+    refused = cli("apply", "-f", str(a), "-f", str(bad), server_url=serve.url)
+    assert refused.returncode == 1 and str(bad) in refused.stderr, refused.stderr
+    assert cli("get", "model", "multi-model", server_url=serve.url).returncode == 1
+    out = ok("apply", *everything, server=serve, stdin=stdin).splitlines()
+    assert out == ["model/multi-model created", "modeldeployment/multi-dep created", "site/edge-multi created", "site/edge-stdin created"]
+    out = ok("delete", *everything, server=serve, stdin=stdin).splitlines()
+    assert out == ["modeldeployment/multi-dep deleted", "model/multi-model deleted", "site/edge-multi deleted", "site/edge-stdin deleted"]
+    assert cli("apply", "-f", "-", "-f", "-", server_url=serve.url, stdin="").returncode == 2
+
+
+RFC3339 = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+
+
+def test_times_are_rfc3339_and_numbers_readable(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    site = yaml.safe_load(ok("get", "site", "edge-lyon", "-o", "yaml", server=serve))
+    assert re.match(RFC3339, site["metadata"]["creationTimestamp"]), site["metadata"]
+    listed = json.loads(ok("get", "modeldeployments", "-o", "json", server=serve))["items"]
+    assert all(re.match(RFC3339, o["metadata"]["creationTimestamp"]) for o in listed)
+    events = json.loads(ok("events", "-o", "json", server=serve))["items"]
+    assert events and all(re.match(RFC3339, e["ts"]) for e in events)
+    token = json.loads(ok("token", "create", "--ttl", "1h", "-o", "json", server=serve))
+    assert re.match(RFC3339, token["expiresAt"])
+    out = ok("describe", "modeldeployment", "doc-fields-fr", server=serve)
+    described = yaml.safe_load(out.partition("Events:")[0])
+    assert described["placement"]["latency"], described
+    assert re.match(RFC3339, described["metadata"]["creationTimestamp"])
+    computed = yaml.safe_dump({"placement": described["placement"], "status": described.get("status")})
+    long_decimals = re.findall(r"\d+\.\d{4,}", computed)  # the manifest's own coordinates aside
+    assert not long_decimals, long_decimals
+
+
+def test_describe_model_shows_each_variants_inputs_and_outputs(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads(ok("describe", "model", "intent-classifier", "-o", "json", server=serve))
+    variants = {v["name"]: v for v in data["variants"]}
+    for name in ("distilled", "full"):
+        assert variants[name]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 32]}]
+        assert variants[name]["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 8]}]
+    llm = json.loads(ok("describe", "model", "assistant-70b", "-o", "json", server=serve))["variants"]
+    assert llm == [{"name": "full", "runtime": "ray-serve", "io": "defined by the application this runtime serves"}]
+    assert "datatype: FP32" in ok("describe", "model", "doc-fields", server=serve)

@@ -111,7 +111,7 @@ function render() {
   const list = $("events-list");
   list.replaceChildren(...state.events.slice(-100).reverse().map((e) => {
     const li = document.createElement("li");
-    li.appendChild(text("span", new Date(e.ts * 1000).toLocaleTimeString(), "when"));
+    li.appendChild(text("span", new Date(typeof e.ts === "number" ? e.ts * 1000 : e.ts).toLocaleTimeString(), "when"));
     li.appendChild(text("span", `${e.action} ${e.kind}/${e.name} — ${e.reason}`));
     li.dataset.action = e.action;
     return li;

@@ -1,0 +1,57 @@
+"""Ports: the agent's default does not collide with the control plane's, and an address that
+cannot be bound is named in the error (one line, exit code 1, no traceback)."""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+import edge_agent
+from orchestrator import server
+
+from . import support
+
+AGENT = support.EDGEPLANE.parent / "edgeplane-agent"
+
+
+def test_the_agents_default_port_is_not_one_of_the_control_planes() -> None:
+    cfg = server.ServerConfig()
+    assert edge_agent.DEFAULT_LISTEN_PORT not in {cfg.port, cfg.agent_port, cfg.agent_join_port}
+    proc = subprocess.run([str(AGENT), "--help"], capture_output=True, text=True, timeout=60)
+    assert f"[127.0.0.1:{edge_agent.DEFAULT_LISTEN_PORT}]" in " ".join(proc.stdout.split())
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def test_the_agent_names_the_address_it_cannot_bind(busy_port: int, tmp_path: pathlib.Path) -> None:
+    proc = subprocess.run([str(AGENT), "--control-plane", f"127.0.0.1:{support.closed_port()}", "--site", "edge-x", "--token", "t",
+                           "--insecure", "--data-dir", str(tmp_path), "--listen", f"127.0.0.1:{busy_port}"],
+                          capture_output=True, text=True, timeout=60, env=support.clean_env())
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stderr
+    assert f"cannot listen on 127.0.0.1:{busy_port} (v2 HTTP API, --listen)" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("flag", "what"), [
+    ("--port", "HTTP API and gateway"), ("--agent-port", "agents"), ("--agent-join-port", "agent joins")])
+def test_the_control_plane_names_the_address_it_cannot_bind(flag: str, what: str, busy_port: int, tmp_path: pathlib.Path) -> None:
+    ports = {"--port": support.free_port(), "--agent-port": support.free_port(), "--agent-join-port": support.free_port(), flag: busy_port}
+    args = [a for kv in ports.items() for a in (kv[0], str(kv[1]))]
+    proc = subprocess.run([str(support.EDGEPLANE), "serve", "--data-dir", str(tmp_path / "data"), *args, "--log-level", "warning"],
+                          capture_output=True, text=True, timeout=60, env=support.clean_env(), cwd=tmp_path)
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{busy_port} ({what}" in proc.stderr, proc.stderr

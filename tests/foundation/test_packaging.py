@@ -1,0 +1,37 @@
+"""Installing edgeplane: the build reads its metadata without deprecation warnings (an SPDX
+license expression) and ``make`` shows pip's progress instead of a silent minute."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+import tomllib
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_metadata_builds_without_warnings(tmp_path: pathlib.Path) -> None:
+    script = ("import sys, setuptools.build_meta as b; "
+              "print(b.prepare_metadata_for_build_wheel(sys.argv[1]))")
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "deprecat" not in (proc.stdout + proc.stderr).lower(), proc.stderr
+    metadata = (tmp_path / proc.stdout.strip().splitlines()[-1] / "METADATA").read_text()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+
+
+def test_the_build_asks_for_a_setuptools_that_reads_spdx_licenses() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    setuptools_req = next(r for r in project["build-system"]["requires"] if r.startswith("setuptools"))
+    major = int(re.search(r">=\s*(\d+)", setuptools_req).group(1))  # type: ignore[union-attr]
+    assert major >= 77, setuptools_req  # project.license as a string (PEP 639) needs setuptools 77
+
+
+def test_make_shows_what_pip_installs() -> None:
+    installs = [line for line in (REPO / "Makefile").read_text().splitlines() if "pip install" in line]
+    assert installs
+    assert not [line for line in installs if re.search(r"\s-q\b|--quiet", line)], installs

@@ -1,0 +1,119 @@
+"""Every status the reconciler writes renders in every output format, and a CLI bug is one
+line and exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.cli import main as cli_main
+from orchestrator.cli import render
+from orchestrator.manifests import schema
+from orchestrator.reconciler import autoscaler, planning, rollout
+from orchestrator.reconciler import snapshot as snap
+
+from . import support
+
+
+def _autoscaling_shapes() -> dict[str, dict[str, Any]]:
+    rec = autoscaler.Recommendation
+    return {
+        "no load yet": rec(None, "inflight", 8.0, 2).status(),
+        "count held, no load now": rec(3, "inflight", 8.0, 2).status(),  # desired count, no observedPerReplica
+        "measured": rec(4, "rps", 100.0, 3, reporting=2, per_replica=131.5).status(),
+        "scaled to zero": rec(0, "inflight", 8.0, 0, reason="scaled to zero: the next request starts a replica").status(),
+        "woken": rec(1, "inflight", 8.0, 0, reason="scaled to zero and asked for: starting a replica").status(),
+    }
+
+
+def _rollout_shapes() -> dict[str, dict[str, Any]]:
+    sha = "ab" * 32
+    return {
+        "rolling": rollout.Rollout(sha, ("edge-lyon",), ("edge-berlin",), ("edge-madrid",)).status(),
+        "canary": rollout.Rollout(sha, (), ("edge-lyon",), ("edge-berlin", "edge-madrid"), step=10).status(),
+        "halted": rollout.Rollout(sha, (), (), ("edge-berlin",), failed=(("edge-lyon", "corrupt artifact"),)).status(),
+    }
+
+
+def _statuses() -> dict[str, dict[str, Any]]:
+    spec = schema.ModelDeploymentSpec.model_validate({"model": "m", "replicas": {"min": 1, "max": 3}})
+    invalid = planning.deployment_status(None, snap.DeploymentRecord("d", 1, spec), None, [])  # type: ignore[arg-type]
+    base = {"phase": "Progressing", "reason": "waiting", "replicas": 2, "wantedReplicas": 3, "readyReplicas": 1,
+            "sites": ["edge-lyon:distillednx1"], "observedGeneration": 1}
+    out: dict[str, dict[str, Any]] = {"before the first pass": {}, "model missing": invalid, "plain": base}
+    out.update({f"autoscaling: {k}": {**base, "autoscaling": v} for k, v in _autoscaling_shapes().items()})
+    out.update({f"rollout: {k}": {**base, "rollout": v} for k, v in _rollout_shapes().items()})
+    out["autoscaling and rollout"] = {**base, "autoscaling": _autoscaling_shapes()["count held, no load now"],
+                                      "rollout": _rollout_shapes()["halted"]}
+    return out
+
+
+def _deployment(status: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "edgeplane.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "d", "labels": {}, "generation": 1, "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"model": "m", "replicas": {"min": 1, "max": 3}, "placement": {"residency": ["EU"]}}, "status": status}
+
+
+@pytest.mark.parametrize("output", ["table", "json", "yaml"])
+@pytest.mark.parametrize("name", sorted(_statuses()))
+def test_every_deployment_status_renders(name: str, output: str, capsys: pytest.CaptureFixture[str]) -> None:
+    obj = _deployment(_statuses()[name])
+    if output == "table":
+        render.objects("ModelDeployment", [obj])
+        header, row = capsys.readouterr().out.splitlines()[:2]
+        assert header.split()[:2] == ["NAME", "MODEL"] and row.split()[:2] == ["d", "m"]
+        phase = obj["status"].get("phase", "Pending")
+        assert phase in row
+        if "desiredReplicas" in obj["status"].get("autoscaling", {}):
+            assert f"autoscaled to {obj['status']['autoscaling']['desiredReplicas']}" in row
+    else:
+        render.dump({"items": [obj]}, output)
+        text = capsys.readouterr().out
+        back = json.loads(text) if output == "json" else yaml.safe_load(text)
+        assert back["items"][0] == obj
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    body: bytes = b""
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def odd_server() -> Iterator[str]:
+    """A server answering a list whose object has no spec: something the CLI does not expect."""
+    _Handler.body = json.dumps({"kind": "ModelDeployment", "items": [{"metadata": {"name": "x"}}]}).encode()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_an_unexpected_error_is_one_line_and_exit_1(odd_server: str) -> None:
+    proc = support.cli("get", "modeldeployments", server_url=odd_server)
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: get failed unexpectedly: KeyError")
+
+
+def test_main_returns_1_in_process(odd_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main.main(["--server", odd_server, "get", "modeldeployments"]) == 1
+    assert capsys.readouterr().err.startswith("error: get failed unexpectedly")

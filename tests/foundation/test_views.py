@@ -1,0 +1,99 @@
+"""Read models computed from a reconcile snapshot of the example fleet: numbers a person reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from orchestrator import views
+from orchestrator.adapters import serve_config
+from orchestrator.cli import main as cli_main
+from orchestrator.manifests import loader, schema
+from orchestrator.reconciler import autoscaler, planning
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.store import sqlite as store_mod
+
+from . import support
+
+
+def example_snapshot(docs: list[loader.LoadedDocument]) -> snap.Snapshot:
+    """The examples applied, both data centres reachable and empty, no agent yet."""
+    sites = tuple(snap.SiteRecord(d.name, dict(d.doc.metadata.labels), d.doc.spec) for d in docs if isinstance(d.doc, schema.SiteDoc))
+    return snap.Snapshot(
+        sites=sites,
+        models={d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)},
+        deployments=tuple(snap.DeploymentRecord(d.name, 1, d.doc.spec) for d in docs if isinstance(d.doc, schema.ModelDeploymentDoc)),
+        placements=(), agents=(),
+        datacentres={s.name: snap.DataCentreObservation(True) for s in sites if s.spec.tier == "datacenter"},
+        artifacts={}, assignments={}, applied_apps={},
+    )
+
+
+def examples() -> list[loader.LoadedDocument]:
+    files = loader.manifest_files(support.EXAMPLES)
+    return loader.load_text(loader.bundle([(str(f), f.read_text()) for f in files]))
+
+
+def test_predicted_latencies_are_rounded_in_describe_and_plan() -> None:
+    docs = examples()
+    s = example_snapshot(docs)
+    described = views.describe_deployment(planning.plan_pass(s), "doc-fields-fr")
+    latencies = [x["ms"] for x in described["placement"]["latency"]]
+    assert latencies and all(ms is not None for ms in latencies), described
+    previewed = [x["ms"] for x in views.preview(s, docs)["latency"] if x["ms"] is not None]
+    assert previewed
+    for ms in latencies + previewed:
+        assert re.fullmatch(r"\d+(\.\d)?", repr(ms)), ms
+
+
+def _with_eu_south(rps: int) -> list[loader.LoadedDocument]:
+    files = loader.manifest_files(support.EXAMPLES)
+    texts = [(str(f), f.read_text().replace("{region: eu-south, rps: 150}", f"{{region: eu-south, rps: {rps}}}")) for f in files]
+    return loader.load_text(loader.bundle(texts))
+
+
+@pytest.mark.parametrize(("eu_south_rps", "autoscaled", "expected"), [
+    # intent-eu: demand 300 + 250 + eu-south rps, slowest variant 150 rps per replica, replicas [2, 6]
+    (150, None, "5 replica(s): ceil(700 rps / 150 rps per replica) = 5, within replicas [2, 6]"),
+    (900, None, "6 replica(s): ceil(1450 rps / 150 rps per replica) = 10, capped to 6 by replicas [2, 6]"),
+    (0, None, "4 replica(s): ceil(550 rps / 150 rps per replica) = 4, within replicas [2, 6]"),
+    (900, 5, "5 replica(s): autoscaler's count from observed load = 5, within replicas [2, 6];"
+             " declared demand (1450 rps) is not used while the autoscaler has a count"),
+    (900, 1, "2 replica(s): autoscaler's count from observed load = 1, raised to 2 by replicas [2, 6];"
+             " declared demand (1450 rps) is not used while the autoscaler has a count"),
+    (150, 9, "6 replica(s): autoscaler's count from observed load = 9, capped to 6 by replicas [2, 6];"
+             " declared demand (700 rps) is not used while the autoscaler has a count"),
+])
+def test_the_count_reason_adds_up(eu_south_rps: int, autoscaled: int | None, expected: str) -> None:
+    docs = _with_eu_south(eu_south_rps)
+    s = example_snapshot(docs)
+    if autoscaled is not None:
+        s = dataclasses.replace(s, autoscale={"intent-eu": autoscaler.Recommendation(autoscaled, "inflight", 8.0, 2)})
+    plan = planning.plan_pass(s).result.deployments["intent-eu"]
+    assert plan.reason == expected
+    assert plan.reason.startswith(f"{plan.placed} replica(s)")
+    previewed = {d["name"]: d for d in views.preview(s, docs)["deployments"]}["intent-eu"]
+    assert previewed["reason"] == expected and previewed["replicas"] == plan.placed
+
+
+def test_a_waiting_replica_says_why_in_placements_and_status() -> None:
+    docs = examples()
+    waiting = "Deployment 'full' has 1 replica that cannot be scheduled: resources {'GPU': 1.0} not available"
+    app = serve_config.ServeAppStatus(planning.app_name("dc-paris", "assistant"), serve_config.ServeAppState.DEPLOYING, waiting, 0, 1, None)
+    s = dataclasses.replace(example_snapshot(docs), datacentres={
+        "dc-paris": snap.DataCentreObservation(True, {app.name: app}),
+        "dc-frankfurt": snap.DataCentreObservation(False, error="connection refused"),
+    })
+    rows = [store_mod.PlacementRow("assistant", "dc-paris", "full", 1), store_mod.PlacementRow("intent-eu", "dc-frankfurt", "full", 2),
+            store_mod.PlacementRow("intent-eu", "edge-lyon", "distilled", 1)]
+    items = {(p["deployment"], p["site"]): p for p in views.placements(s, rows)["items"]}
+    assert items[("assistant", "dc-paris")] == {"deployment": "assistant", "site": "dc-paris", "variant": "full", "replicas": 1,
+                                                "state": "DEPLOYING", "ready": 0, "reason": waiting}
+    assert items[("intent-eu", "dc-frankfurt")]["reason"] == "connection refused"
+    assert items[("intent-eu", "edge-lyon")]["reason"] == "no edge agent has joined this site"
+    assert cli_main._waiting(list(items.values())) == {
+        "assistant": [f"dc-paris: {waiting}"],
+        "intent-eu": ["dc-frankfurt: connection refused", "edge-lyon: no edge agent has joined this site"],
+    }
