@@ -275,7 +275,8 @@ class ControlPlane:
     def _agent_event(self, event: agent_model.AgentEvent) -> None:
         kind = event.kind
         if kind in (agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED):
-            self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site, event.reason))
+            self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site, event.reason,
+                                              {"agentId": event.agent_id}))
         if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
             self._register_site(event)
         self.reconciler.trigger(f"agent {event.site} {kind.value}")
