@@ -1,0 +1,64 @@
+"""``runtime: onnx-genai`` variants: strict validation and the memory placement counts."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from orchestrator.manifests import schema
+from orchestrator.reconciler import inventory
+from orchestrator.scheduler.model import Tier
+
+SHA = "a" * 64
+GEN = {"parameters": 135_000_000, "weightBytes": 270_000_000, "contextLength": 2048, "kvBytesPerToken": 46080,
+       "maxConcurrentSequences": 4}
+
+
+def variant(**over):
+    doc = {"name": "small", "runtime": "onnx-genai", "artifact": {"uri": "m.tar", "sha256": SHA}, "generative": dict(GEN)}
+    doc.update(over)
+    return schema.Variant.model_validate(doc)
+
+
+def test_memory_need_is_weights_plus_a_full_kv_cache_per_sequence():
+    v = variant()
+    need = 270_000_000 + 46080 * 2048 * 4
+    assert v.generative.memory_bytes() == need
+    assert v.memory_mib() == -(-need // (1024 * 1024))
+    sched = inventory.to_variant(v)
+    assert sched.memory_mib == v.memory_mib()
+    assert sched.runs_on(Tier.EDGE) and sched.runs_on(Tier.DATACENTER)
+
+
+def test_on_a_gpu_the_need_is_gpu_memory():
+    v = variant(resources={"gpus": 1, "memoryMiB": 1024})
+    assert v.memory_mib() == 1024
+    assert v.gpu_memory_gib() == pytest.approx((270_000_000 + 46080 * 2048 * 4) / 2**30)
+
+
+@pytest.mark.parametrize(
+    ("over", "words"),
+    [
+        ({"generative": None}, "needs 'generative'"),
+        ({"artifact": None}, "needs 'artifact'"),
+        ({"resources": {"memoryMiB": 100}}, "resources.memoryMiB (100) is below what the model needs"),
+        ({"resources": {"gpus": 1, "gpuMemoryGiB": 0.1}}, "gpuMemoryGiB (0.1) is below"),
+        ({"generative": {**GEN, "kvBytesPerToken": 0}}, "greater than 0"),
+        ({"generative": {**GEN, "contextLength": "2048"}}, "valid integer"),
+        ({"generative": {**GEN, "extra": 1}}, "Extra inputs"),
+        ({"importPath": "a.b:c"}, "'importPath' is for ray-serve"),
+    ],
+)
+def test_bad_generative_variants_are_refused_with_the_reason(over, words):
+    with pytest.raises(ValidationError) as info:
+        variant(**over)
+    assert words in str(info.value)
+
+
+def test_generative_block_only_on_onnx_genai():
+    with pytest.raises(ValidationError, match="'generative' is for onnx-genai"):
+        schema.Variant.model_validate({"name": "x", "runtime": "onnx", "artifact": {"uri": "m.onnx", "sha256": SHA}, "generative": GEN})
+
+
+def test_explicit_memory_above_the_need_stands():
+    assert variant(resources={"memoryMiB": 4096}).memory_mib() == 4096
