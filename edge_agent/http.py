@@ -26,9 +26,9 @@ from concurrent.futures import Executor
 from typing import Any, NamedTuple, TypeVar
 
 import edge_agent
-from edge_agent import errors, registry
+from edge_agent import errors, generation, registry
 from edge_agent.metrics import CONTENT_TYPE, AgentMetrics
-from edge_agent.httpserver import Request, Response
+from edge_agent.httpserver import Request, Response, StreamingResponse
 from edgeplane_proto import oip
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,10 @@ class InferenceServer:
         self.inflight = 0
         self.ready = False
         self.draining = False
-        self.metrics = AgentMetrics(lambda: self.inflight, lambda: len(models.serving()))
+        self.metrics = AgentMetrics(lambda: self.inflight + self.generation.active, lambda: len(models.serving()))
+        #: The OpenAI-compatible routes (/v1/...) of generative models.
+        self.generation = generation.GenerationServer(models, self.metrics)
+        self.metrics.generation_gauges = self.generation.gauges
         self._fixed = {
             "/v2/health/live": self.live,
             "/v2/health/ready": self.server_ready,
@@ -99,8 +102,10 @@ class InferenceServer:
             "/metrics": self.prometheus,
         }
 
-    async def handle(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response | StreamingResponse:
         path = request.path
+        if path.startswith("/v1/"):
+            return await self.generation.handle(request)
         fixed = self._fixed.get(path)
         if fixed is not None:
             return fixed() if request.method == "GET" else _not_allowed("GET")
@@ -139,6 +144,8 @@ class InferenceServer:
         """The model answering for ``name``, or why none does (404: never assigned here;
         503: assigned, not ready). Shared by the HTTP and gRPC front ends."""
         served = self._models.get(name)
+        if served is not None and served.kind != registry.assignments.RUNTIME_ONNX:
+            return Refusal(400, f"model {name!r} is a generative model: use /v1/chat/completions or /v1/completions")
         if served is not None:
             return served
         if self._models.known(name):

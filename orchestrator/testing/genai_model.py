@@ -13,7 +13,9 @@ ONNX graph with the KV-cache inputs and outputs onnxruntime-genai drives, a
   vocabulary), so it writes corpus-like text that depends on the prompt, greedy decoding
   is deterministic, and the KV cache grows one position per token like a real model.
   ``<|im_end|>``/``<|endoftext|>`` get a very low score unless ``eos_bias`` says
-  otherwise, so greedy generation runs until ``max_tokens`` or a stop string.
+  otherwise, so greedy generation runs until ``max_tokens`` or a stop string;
+* ``ffn_layers`` adds a residual MLP per token (compute standing in for a larger model's
+  layers), for benchmarks and for generations slow enough to interrupt.
 
 Everything is seeded: the same arguments give byte-identical packages (same sha256).
 
@@ -129,7 +131,8 @@ def _bigram_logits(tok, text: list[str], vocab: int, eos_ids: list[int], eos_bia
     return logp.astype(np.float32)
 
 
-def _decoder(vocab: int, layers: int, kv_heads: int, head_size: int, logits_table: np.ndarray, rng: np.random.Generator) -> onnx.ModelProto:
+def _decoder(vocab: int, layers: int, kv_heads: int, head_size: int, logits_table: np.ndarray, rng: np.random.Generator,
+             ffn_layers: int = 0, ffn_dim: int = 0, embed_dim: int = 0) -> onnx.ModelProto:
     hidden = kv_heads * head_size
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
@@ -165,8 +168,28 @@ def _decoder(vocab: int, layers: int, kv_heads: int, head_size: int, logits_tabl
         helper.make_node("Transpose", ["ctx_heads"], ["ctx_t"], perm=[0, 2, 1, 3]),  # [B, 1, H, D]
         helper.make_node("Reshape", ["ctx_t", "flat_shape"], ["ctx"]),  # [B, 1, H*D]
         helper.make_node("MatMul", ["ctx", "context_proj"], ["ctx_logits"]),  # [B, 1, V]
-        helper.make_node("Add", ["bigram", "ctx_logits"], ["logits"]),
     ]
+    if ffn_layers:
+        # Compute that stands in for a larger model's layers (benchmarks, slow generations):
+        # a residual ReLU MLP over the token embedding whose output nudges the logits.
+        d, f = embed_dim or 4 * hidden, ffn_dim or 16 * hidden
+        inits.append(numpy_helper.from_array((rng.standard_normal((vocab, d)) / np.sqrt(d)).astype(np.float32), "ffn_embed"))
+        nodes.append(helper.make_node("Gather", ["ffn_embed", "input_ids"], ["ffn_x0"], axis=0))
+        x = "ffn_x0"
+        for i in range(ffn_layers):
+            inits += [numpy_helper.from_array((rng.standard_normal((d, f)) / np.sqrt(d)).astype(np.float32), f"ffn_w1_{i}"),
+                      numpy_helper.from_array((rng.standard_normal((f, d)) / np.sqrt(f) * 0.1).astype(np.float32), f"ffn_w2_{i}")]
+            nodes += [helper.make_node("MatMul", [x, f"ffn_w1_{i}"], [f"ffn_h{i}"]),
+                      helper.make_node("Relu", [f"ffn_h{i}"], [f"ffn_r{i}"]),
+                      helper.make_node("MatMul", [f"ffn_r{i}", f"ffn_w2_{i}"], [f"ffn_o{i}"]),
+                      helper.make_node("Add", [x, f"ffn_o{i}"], [f"ffn_x{i + 1}"])]
+            x = f"ffn_x{i + 1}"
+        inits.append(numpy_helper.from_array((rng.standard_normal((d, vocab)) * 0.01).astype(np.float32), "ffn_out"))
+        nodes += [helper.make_node("MatMul", [x, "ffn_out"], ["ffn_logits"]),
+                  helper.make_node("Add", ["ctx_logits", "ffn_logits"], ["ctx_ffn_logits"])]
+        nodes.append(helper.make_node("Add", ["bigram", "ctx_ffn_logits"], ["logits"]))
+    else:
+        nodes.append(helper.make_node("Add", ["bigram", "ctx_logits"], ["logits"]))
     graph = helper.make_graph(nodes, "edgeplane_tiny_decoder", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", OPSET)], producer_name="edgeplane")
     model.ir_version = 8
@@ -184,6 +207,9 @@ def build_model_dir(
     context_length: int = 256,
     eos_bias: float = -30.0,
     seed: int = 0,
+    ffn_layers: int = 0,
+    ffn_dim: int = 0,
+    embed_dim: int = 0,
 ) -> pathlib.Path:
     """Write genai_config.json, model.onnx and the tokenizer files into ``out_dir``."""
     out_dir = pathlib.Path(out_dir)
@@ -194,7 +220,7 @@ def build_model_dir(
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     rng = np.random.default_rng(seed)
     table = _bigram_logits(tok, text, vocab, [ids["<|im_end|>"], ids["<|endoftext|>"]], eos_bias, rng)
-    model = _decoder(vocab, layers, kv_heads, head_size, table, rng)
+    model = _decoder(vocab, layers, kv_heads, head_size, table, rng, ffn_layers, ffn_dim, embed_dim)
     onnx.save_model(model, str(out_dir / "model.onnx"))
     tok.save(str(out_dir / "tokenizer.json"))
     tokenizer_config = {
@@ -296,10 +322,14 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-size", type=int, default=8)
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ffn-layers", type=int, default=0, help="extra compute per token, standing in for a larger model")
+    parser.add_argument("--ffn-dim", type=int, default=0)
+    parser.add_argument("--embed-dim", type=int, default=0)
     args = parser.parse_args(argv)
     built = build_package(
         args.out_dir, name=args.name, vocab_size=args.vocab_size, layers=args.layers, kv_heads=args.kv_heads,
         head_size=args.head_size, context_length=args.context_length, seed=args.seed,
+        ffn_layers=args.ffn_layers, ffn_dim=args.ffn_dim, embed_dim=args.embed_dim,
     )
     info = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in built.__dict__.items()}
     json.dump(info, sys.stdout, indent=2)
