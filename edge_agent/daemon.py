@@ -200,7 +200,7 @@ class Agent:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.server.generation.close()
+        self.server.close()
         self._executor.shutdown(wait=True)
         log.info("agent stopped")
 

@@ -26,9 +26,14 @@ from concurrent.futures import Executor
 from typing import Any, NamedTuple, TypeVar
 
 import edge_agent
-from edge_agent import errors, generation, registry
+from typing import TYPE_CHECKING
+
+from edge_agent import errors, registry
 from edge_agent.metrics import CONTENT_TYPE, AgentMetrics
 from edge_agent.httpserver import Request, Response, StreamingResponse
+
+if TYPE_CHECKING:
+    from edge_agent import generation
 from edgeplane_proto import oip
 
 log = logging.getLogger(__name__)
@@ -91,16 +96,30 @@ class InferenceServer:
         self.inflight = 0
         self.ready = False
         self.draining = False
-        self.metrics = AgentMetrics(lambda: self.inflight + self.generation.active, lambda: len(models.serving()))
-        #: The OpenAI-compatible routes (/v1/...) of generative models.
-        self.generation = generation.GenerationServer(models, self.metrics)
-        self.metrics.generation_gauges = self.generation.gauges
+        self.metrics = AgentMetrics(lambda: self.inflight + (self._generation.active if self._generation else 0),
+                                    lambda: len(models.serving()))
+        self._generation: generation.GenerationServer | None = None
         self._fixed = {
             "/v2/health/live": self.live,
             "/v2/health/ready": self.server_ready,
             "/v2": self.server_metadata,
             "/metrics": self.prometheus,
         }
+
+    @property
+    def generation(self) -> generation.GenerationServer:
+        """The OpenAI-compatible routes (/v1/...) of generative models; imported on first use,
+        so an agent serving only v2 models does not carry them."""
+        if self._generation is None:
+            from edge_agent import generation
+
+            self._generation = generation.GenerationServer(self._models, self.metrics)
+            self.metrics.generation_gauges = self._generation.gauges
+        return self._generation
+
+    def close(self) -> None:
+        if self._generation is not None:
+            self._generation.close()
 
     async def handle(self, request: Request) -> Response | StreamingResponse:
         path = request.path

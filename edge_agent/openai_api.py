@@ -240,6 +240,7 @@ class Shaper:
         self.id = request_id
         self.created = int(time.time()) if created is None else created
         self.object = "chat.completion" if request.chat else "text_completion"
+        self._template: tuple[bytes, bytes] | None = None
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.request.model}
@@ -256,6 +257,17 @@ class Shaper:
                                "finish_reason": finish_reason(reason)}]
         out["usage"] = usage(prompt_tokens, completion_tokens)
         return out
+
+    def token_event(self, text: str) -> bytes:
+        """The SSE event of one token without logprobs: the same bytes as ``sse(chunk(text))``,
+        made from a template (only the text is encoded per token)."""
+        template = self._template
+        if template is None:
+            marker = "\x00"
+            whole = sse(self.chunk(marker)).decode()
+            at = whole.index(json.dumps(marker))
+            template = self._template = (whole[:at].encode(), whole[at + len(json.dumps(marker)):].encode())
+        return template[0] + json.dumps(text).encode() + template[1]
 
     def chunk(self, text: str, tokens: Sequence[Any] = (), *, first: bool = False, reason: str | None = None,
               offset: int = 0) -> dict[str, Any]:

@@ -239,31 +239,30 @@ class Variant(Strict):
         return self
 
     def _check_memory(self, g: Generative) -> None:
+        # Only a GPU memory figure is checked: 0 (the default) means "what the model needs",
+        # and the stored spec carries defaults, so a rule on "given or not" would not survive
+        # a round trip. Host memory below the need is raised to it (memory_mib).
         need = g.memory_bytes()
-        detail = (f"weights {_size(g.weightBytes)} + KV cache {g.kvBytesPerToken} B/token x {g.contextLength} tokens"
-                  f" x {g.maxConcurrentSequences} sequences = {_size(need)}")
         r = self.resources
-        if r.gpus > 0:
-            if "gpuMemoryGiB" in r.model_fields_set and r.gpuMemoryGiB * GIB < need:
-                raise ValueError(f"resources.gpuMemoryGiB ({r.gpuMemoryGiB:g}) is below what the model needs: {detail};"
-                                 " raise it, or lower maxConcurrentSequences")
-        elif "memoryMiB" in r.model_fields_set and r.memoryMiB * MIB < need:
-            raise ValueError(f"resources.memoryMiB ({r.memoryMiB}) is below what the model needs: {detail};"
-                             " raise it, or lower maxConcurrentSequences")
+        if r.gpus > 0 and 0 < r.gpuMemoryGiB * GIB < need:
+            detail = (f"weights {_size(g.weightBytes)} + KV cache {g.kvBytesPerToken} B/token x {g.contextLength} tokens"
+                      f" x {g.maxConcurrentSequences} sequences = {_size(need)}")
+            raise ValueError(f"resources.gpuMemoryGiB ({r.gpuMemoryGiB:g}) is below what the model needs: {detail};"
+                             " raise it, leave it out (0) to use that figure, or lower maxConcurrentSequences")
 
     def memory_mib(self) -> int:
-        """Host memory one replica needs: the declared figure, or what a CPU generative model takes."""
+        """Host memory one replica needs: the declared figure, raised to what a CPU generative model takes."""
         g, r = self.generative, self.resources
-        if g is None or r.gpus > 0 or "memoryMiB" in r.model_fields_set:
+        if g is None or r.gpus > 0:
             return r.memoryMiB
         return max(r.memoryMiB, -(-g.memory_bytes() // MIB))
 
     def gpu_memory_gib(self) -> float:
-        """GPU memory one replica needs: the declared figure, or what a GPU generative model takes."""
+        """GPU memory one replica needs: the declared figure, or (0) what a GPU generative model takes."""
         g, r = self.generative, self.resources
-        if g is None or r.gpus == 0 or "gpuMemoryGiB" in r.model_fields_set:
+        if g is None or r.gpus == 0 or r.gpuMemoryGiB > 0:
             return r.gpuMemoryGiB
-        return max(r.gpuMemoryGiB, g.memory_bytes() / GIB)
+        return g.memory_bytes() / GIB
 
 
 def _size(n: int) -> str:

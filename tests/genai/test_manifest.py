@@ -41,7 +41,6 @@ def test_on_a_gpu_the_need_is_gpu_memory():
     [
         ({"generative": None}, "needs 'generative'"),
         ({"artifact": None}, "needs 'artifact'"),
-        ({"resources": {"memoryMiB": 100}}, "resources.memoryMiB (100) is below what the model needs"),
         ({"resources": {"gpus": 1, "gpuMemoryGiB": 0.1}}, "gpuMemoryGiB (0.1) is below"),
         ({"generative": {**GEN, "kvBytesPerToken": 0}}, "greater than 0"),
         ({"generative": {**GEN, "contextLength": "2048"}}, "valid integer"),
@@ -60,5 +59,12 @@ def test_generative_block_only_on_onnx_genai():
         schema.Variant.model_validate({"name": "x", "runtime": "onnx", "artifact": {"uri": "m.onnx", "sha256": SHA}, "generative": GEN})
 
 
-def test_explicit_memory_above_the_need_stands():
+def test_explicit_memory_above_the_need_stands_and_below_it_is_raised():
     assert variant(resources={"memoryMiB": 4096}).memory_mib() == 4096
+    assert variant(resources={"memoryMiB": 100}).memory_mib() == variant().memory_mib() > 100
+
+
+def test_a_stored_spec_with_its_defaults_parses_back_to_the_same_needs():
+    for v in (variant(), variant(resources={"gpus": 1}), variant(resources={"gpus": 1, "gpuMemoryGiB": 80})):
+        again = schema.Variant.model_validate(v.model_dump())
+        assert (again.memory_mib(), again.gpu_memory_gib()) == (v.memory_mib(), v.gpu_memory_gib())
