@@ -47,7 +47,7 @@ INLINE_MAX_JSON_BYTES = 64 << 10  # larger JSON bodies are parsed on a worker (b
 
 
 class Refusal(NamedTuple):
-    status: int  # the HTTP status; gRPC maps 404 to NOT_FOUND, 503 to UNAVAILABLE
+    status: int  # the HTTP status; gRPC maps 404 to NOT_FOUND, 400 to INVALID_ARGUMENT, 503 to UNAVAILABLE
     message: str
 
 

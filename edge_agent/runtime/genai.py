@@ -16,9 +16,15 @@ This module adds what a server needs around its ``Generator`` loop:
 CUDA is used when the installed onnxruntime-genai has it (``onnxruntime-genai-cuda``, the
 ``gpu`` extra) and a GPU is present; otherwise the CPU.
 
-A step runs in native code that lets other Python threads run (measured: a busy loop on
-the main thread kept 87 % of its speed while a 5 ms-per-step model generated on a worker),
-so the event loop keeps serving other requests while sequences generate.
+While a step runs, the event loop does not get to send the token made before it (the
+0.18 binding does not release the GIL around a step, as far as measurements tell: on a
+5 ms-per-step model the first streamed token reached the client 1-3 steps late, +14.7 ms), so a streamed sequence is *paced*
+after its first token: the generating thread waits until the event loop has written it,
+then starts the second step (time to first token: +1.5 to +3 ms over a bare loop on a loaded 2-core machine). Pacing every
+token cost 13 % of the tokens per second on that model (a round trip between the two
+threads per token), so later tokens are not paced: each may leave up to one step after it
+was made, and tokens per second stay those of the bare loop. ``bench/genai_agent.py``
+measures both.
 """
 
 from __future__ import annotations
@@ -178,9 +184,11 @@ class GenAIModel:
     # -- generation --------------------------------------------------------------------------
 
     def generate(self, prompt: np.ndarray, options: SamplingOptions, emit: Callable[[TokenEvent | Finished], None],
-                 cancel: Cancel) -> Finished:
+                 cancel: Cancel, pace: Callable[[], None] | None = None) -> Finished:
         """Generate on the calling thread, handing each token to ``emit``; ends with one
-        :class:`Finished`. Stops between steps once ``cancel`` is set."""
+        :class:`Finished`. Stops between steps once ``cancel`` is set. ``pace``, called after
+        the first token, returns when the consumer has sent it: a step holds the GIL, so
+        starting the next one at once would hold back the event loop that sends it."""
         import onnxruntime_genai as og
 
         n_prompt = int(prompt.shape[0])
@@ -224,6 +232,8 @@ class GenAIModel:
             if stopped:
                 reason = "stop"
                 break
+            if pace is not None and produced == 1:
+                pace()
         rest = "" if reason == "stop" else stops.flush()
         finished = Finished(reason, n_prompt, produced, rest)
         emit(finished)
