@@ -68,3 +68,23 @@ def test_a_stored_spec_with_its_defaults_parses_back_to_the_same_needs():
     for v in (variant(), variant(resources={"gpus": 1}), variant(resources={"gpus": 1, "gpuMemoryGiB": 80})):
         again = schema.Variant.model_validate(v.model_dump())
         assert (again.memory_mib(), again.gpu_memory_gib()) == (v.memory_mib(), v.gpu_memory_gib())
+
+
+def test_placement_counts_the_kv_cache_as_memory_and_gpu_memory():
+    from orchestrator.scheduler import model as sched
+    from orchestrator.scheduler import planner
+
+    # 2 GiB of weights + 64 KiB/token x 8192 tokens = 0.5 GiB of KV cache per sequence.
+    gen = {"parameters": 1_000_000_000, "weightBytes": 2 * 2**30, "contextLength": 8192, "kvBytesPerToken": 65536}
+    edge = sched.Site("edge-a", "edge", "FR", "eu-west", 48.0, 2.0, cpu=8, memory_gib=5)
+    dc = sched.Site("dc-a", "datacenter", "FR", "eu-west", 48.0, 2.0, cpu=64, memory_gib=256, gpus=(sched.GpuGroup("L4", 1, 24),))
+
+    def placed(site, concurrency: int, **resources) -> int:
+        v = variant(generative={**gen, "maxConcurrentSequences": concurrency}, resources={"cpu": 1, **resources})
+        d = sched.Deployment("d", "m", (inventory.to_variant(v),), 1, 1)
+        return sum(planner.plan([site], [d]).counts().values())
+
+    assert placed(edge, 4) == 1  # 2 + 4 x 0.5 = 4 GiB of a 5 GiB site
+    assert placed(edge, 8) == 0  # 6 GiB: not placed
+    assert placed(dc, 40, gpus=1) == 1  # 22 GiB of GPU memory on a 24 GiB L4
+    assert placed(dc, 48, gpus=1) == 0  # 26 GiB: not placed
