@@ -124,6 +124,11 @@ class InferenceServer:
     async def handle(self, request: Request) -> Response | StreamingResponse:
         path = request.path
         if path.startswith("/v1/"):
+            if self.draining and request.method == "POST":
+                from edge_agent import openai_api
+
+                return Response(503, openai_api.error_body("the agent is draining", "server_error", None, "draining"),
+                                headers=(("retry-after", "1"),))
             return await self.generation.handle(request)
         fixed = self._fixed.get(path)
         if fixed is not None:
