@@ -235,6 +235,25 @@ async def test_a_client_that_disconnects_stops_its_generation(control_plane: Con
         generated = await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL)
         assert 3 <= generated < 4000
 
+        # Not streamed: the client leaves while the whole answer is being generated.
+        host, port = s.agent.endpoint_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        payload = json.dumps({**body, "stream": False}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(payload), payload))
+        for _ in range(200):
+            if await s.metric("edgeplane_agent_generation_running", model=MODEL) == 1:
+                break
+            await asyncio.sleep(0.02)
+        writer.close()
+        for _ in range(200):
+            if await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 2 \
+                    and await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 2
+        assert await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL) < generated + 4000
+
 
 async def test_beyond_running_and_queued_requests_get_429_with_retry_after(control_plane: ControlPlane, make_agent: MakeAgent,
                                                                          packages: Packages) -> None:
