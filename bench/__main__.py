@@ -17,6 +17,7 @@ BENCHMARKS = (
     "scheduler_stability",
     "agent_idle",
     "agent_infer",
+    "genai_agent",
     "agent_heartbeats",
     "gateway",
     "ray_serve_path",

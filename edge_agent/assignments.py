@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
-from edgeplane_proto.assignment import Assignment, DesiredState
+from edgeplane_proto.assignment import RUNTIME_GENAI, RUNTIME_ONNX, Assignment, DesiredState
 
-__all__ = ["EMPTY", "Assignment", "AssignmentSet", "DesiredState"]
+__all__ = ["EMPTY", "RUNTIME_GENAI", "RUNTIME_ONNX", "Assignment", "AssignmentSet", "DesiredState"]
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import grpc
 
 import edge_agent
-from edge_agent import artifacts, assignments, capacity, http, httpserver, registry, state, tls, uplink
-from edge_agent.runtime import onnx
+from edge_agent import artifacts, assignments, capacity, errors, http, httpserver, packages, registry, state, tls, uplink
+from edge_agent.runtime import genai, onnx
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Agent:
             load_model or (lambda data: onnx.OnnxModel.load(data, intra_op_threads=threads)),
             on_change=self._models_changed,
             retry=model_retry or registry.RetryPolicy(),
+            load_package=self._load_package,
         )
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000)
         self._desired = assignments.EMPTY
@@ -106,6 +107,18 @@ class Agent:
         self.grpc_port = 0
         self.uplink: uplink.Uplink | None = None
         self.endpoint_url = ""
+
+    @property
+    def models_dir(self) -> pathlib.Path:
+        """Unpacked generative-model packages, one folder per sha256."""
+        return self.config.data_dir / "models"
+
+    def _load_package(self, package: pathlib.Path, sha256: str) -> genai.GenAIModel:
+        try:
+            directory = packages.unpack(package, sha256, self.models_dir)
+        except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
+            raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.models_dir}: {exc.strerror or exc}") from exc
+        return genai.GenAIModel.load(directory)
 
     # -- Reporter protocol for the uplink ---------------------------------------------
 
@@ -195,6 +208,7 @@ class Agent:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.server.close()
         self._executor.shutdown(wait=True)
         log.info("agent stopped")
 
@@ -215,6 +229,8 @@ class Agent:
             self._desired_changed.clear()
             try:
                 await self.registry.converge(self._desired)  # latest wins: read it now
+                keep = {m.sha256 for m in self.registry.serving()} | {a.sha256 for a in self._desired.assignments}
+                await asyncio.to_thread(packages.prune, self.models_dir, keep)  # versions no longer wanted
             except Exception:  # the loop never dies
                 log.exception("converging on assignment set v%d failed", self._desired.version)
             self.server.ready = True

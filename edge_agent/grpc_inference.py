@@ -80,7 +80,7 @@ class InferenceServicer:
         if isinstance(refusal, http.Refusal):
             if count:
                 self._server.refused(name, refusal.status)
-            code = grpc.StatusCode.NOT_FOUND if refusal.status == 404 else grpc.StatusCode.UNAVAILABLE
+            code = {404: grpc.StatusCode.NOT_FOUND, 400: grpc.StatusCode.INVALID_ARGUMENT}.get(refusal.status, grpc.StatusCode.UNAVAILABLE)
             await context.abort(code, refusal.message)
         assert not isinstance(found, http.Refusal)
         return found

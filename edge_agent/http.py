@@ -26,9 +26,14 @@ from concurrent.futures import Executor
 from typing import Any, NamedTuple, TypeVar
 
 import edge_agent
+from typing import TYPE_CHECKING
+
 from edge_agent import errors, registry
 from edge_agent.metrics import CONTENT_TYPE, AgentMetrics
-from edge_agent.httpserver import Request, Response
+from edge_agent.httpserver import Request, Response, StreamingResponse
+
+if TYPE_CHECKING:
+    from edge_agent import generation
 from edgeplane_proto import oip
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,7 @@ INLINE_MAX_JSON_BYTES = 64 << 10  # larger JSON bodies are parsed on a worker (b
 
 
 class Refusal(NamedTuple):
-    status: int  # the HTTP status; gRPC maps 404 to NOT_FOUND, 503 to UNAVAILABLE
+    status: int  # the HTTP status; gRPC maps 404 to NOT_FOUND, 400 to INVALID_ARGUMENT, 503 to UNAVAILABLE
     message: str
 
 
@@ -91,7 +96,9 @@ class InferenceServer:
         self.inflight = 0
         self.ready = False
         self.draining = False
-        self.metrics = AgentMetrics(lambda: self.inflight, lambda: len(models.serving()))
+        self.metrics = AgentMetrics(lambda: self.inflight + (self._generation.active if self._generation else 0),
+                                    lambda: len(models.serving()))
+        self._generation: generation.GenerationServer | None = None
         self._fixed = {
             "/v2/health/live": self.live,
             "/v2/health/ready": self.server_ready,
@@ -99,8 +106,30 @@ class InferenceServer:
             "/metrics": self.prometheus,
         }
 
-    async def handle(self, request: Request) -> Response:
+    @property
+    def generation(self) -> generation.GenerationServer:
+        """The OpenAI-compatible routes (/v1/...) of generative models; imported on first use,
+        so an agent serving only v2 models does not carry them."""
+        if self._generation is None:
+            from edge_agent import generation
+
+            self._generation = generation.GenerationServer(self._models, self.metrics)
+            self.metrics.generation_gauges = self._generation.gauges
+        return self._generation
+
+    def close(self) -> None:
+        if self._generation is not None:
+            self._generation.close()
+
+    async def handle(self, request: Request) -> Response | StreamingResponse:
         path = request.path
+        if path.startswith("/v1/"):
+            if self.draining and request.method == "POST":
+                from edge_agent import openai_api
+
+                return Response(503, openai_api.error_body("the agent is draining", "server_error", None, "draining"),
+                                headers=(("retry-after", "1"),))
+            return await self.generation.handle(request)
         fixed = self._fixed.get(path)
         if fixed is not None:
             return fixed() if request.method == "GET" else _not_allowed("GET")
@@ -139,6 +168,8 @@ class InferenceServer:
         """The model answering for ``name``, or why none does (404: never assigned here;
         503: assigned, not ready). Shared by the HTTP and gRPC front ends."""
         served = self._models.get(name)
+        if served is not None and served.kind != registry.assignments.RUNTIME_ONNX:
+            return Refusal(400, f"model {name!r} is a generative model: use /v1/chat/completions or /v1/completions")
         if served is not None:
             return served
         if self._models.known(name):

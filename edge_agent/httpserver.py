@@ -28,7 +28,7 @@ import contextlib
 import logging
 import socket
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import cast
@@ -59,7 +59,24 @@ class Response:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+@dataclass(frozen=True)
+class StreamingResponse:
+    """A response whose body is produced while it is sent (server-sent events).
+
+    It goes out with ``transfer-encoding: chunked``, one chunk per item of ``chunks``, each
+    written as soon as it is produced (no buffering) and only once the transport has room
+    (a client that does not read holds the producer back instead of growing our buffers).
+    When the client goes away the iterator is closed at once (``aclose``: its ``finally``
+    blocks run), which is how a generation learns that nobody is listening any more.
+    """
+
+    status: int
+    chunks: AsyncIterator[bytes]
+    content_type: str = "text/event-stream"
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+Handler = Callable[[Request], Awaitable["Response | StreamingResponse"]]
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -90,6 +107,27 @@ def encode(response: Response, keep_alive: bool, *, head_only: bool = False) -> 
         lines.append("connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + response.body
+
+
+def encode_stream_head(response: StreamingResponse, keep_alive: bool) -> bytes:
+    reason = _REASONS.get(response.status, "")
+    lines = [
+        f"HTTP/1.1 {response.status} {reason}",
+        "transfer-encoding: chunked",
+        f"content-type: {response.content_type}",
+        "cache-control: no-cache",
+    ]
+    lines.extend(f"{name}: {value}" for name, value in response.headers)
+    if not keep_alive:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 def _error(status: int, message: str) -> Response:
@@ -243,6 +281,13 @@ class _Connection(asyncio.Protocol):
             finally:
                 self._server.pending -= 1
             keep_alive = keep_alive and not self._server.stopping
+            if isinstance(response, StreamingResponse):
+                if not await self._stream(response, keep_alive):
+                    return
+                if not keep_alive:
+                    self.close()
+                    return
+                continue
             await self._writable.wait()
             if self._transport is None or self._closing:
                 return
@@ -262,6 +307,39 @@ class _Connection(asyncio.Protocol):
             self._arm(self._limits.idle_timeout)
             if self._server.stopping:
                 self.close()
+
+    async def _stream(self, response: StreamingResponse, keep_alive: bool) -> bool:
+        """Send a chunked response; False when the client went away first (the producer
+        is closed either way). A producer that fails mid-stream ends the connection
+        without the last chunk, so the client sees a truncated body, never a complete one."""
+        chunks = response.chunks
+        try:
+            await self._writable.wait()
+            if self._transport is None or self._closing:
+                return False
+            self._transport.write(encode_stream_head(response, keep_alive))
+            async for data in chunks:
+                if not data:
+                    continue
+                await self._writable.wait()  # back-pressure: wait until the client reads
+                if self._transport is None or self._closing:
+                    return False
+                self._transport.write(encode_chunk(data))
+            await self._writable.wait()
+            if self._transport is None or self._closing:
+                return False
+            self._transport.write(LAST_CHUNK)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("stream failed")
+            self.close()
+            return False
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await asyncio.shield(aclose())
 
     @property
     def idle(self) -> bool:

@@ -42,6 +42,26 @@ class AgentMetrics:
         self._serving = serving
         self._requests: dict[tuple[str, str], int] = {}
         self._latency: dict[str, _Histogram] = {}
+        # Generative models: outcomes, token counts, time to first token, running/queued.
+        self._generation: dict[tuple[str, str], int] = {}
+        self._ttft: dict[str, _Histogram] = {}
+        self.generation_gauges: Callable[[], list[tuple[str, int, int]]] = list
+
+    def generation(self, model: str, what: str, n: int) -> None:
+        """Count ``n`` of ``what``: an outcome (completed, cancelled, failed) or
+        prompt_tokens / completion_tokens."""
+        key = (model, what)
+        self._generation[key] = self._generation.get(key, 0) + n
+
+    def generation_count(self, model: str, what: str) -> int:
+        return self._generation.get((model, what), 0)
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        histogram = self._ttft.get(model)
+        if histogram is None:
+            histogram = self._ttft[model] = _Histogram(len(LATENCY_BUCKETS))
+        histogram.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        histogram.sum += seconds
 
     def observe_ok(self, model: str, seconds: float) -> None:
         key = (model, "200")
@@ -80,9 +100,38 @@ class AgentMetrics:
                 out.append(f'edgeplane_agent_infer_seconds_bucket{{le="{_number(bound)}",model="{name}"}} {_number(running)}')
             out.append(f'edgeplane_agent_infer_seconds_count{{model="{name}"}} {_number(running)}')
             out.append(f'edgeplane_agent_infer_seconds_sum{{model="{name}"}} {_number(histogram.sum)}')
+        out += self._render_generation()
         for metric, help_text, read in (
             ("edgeplane_agent_inflight", "Requests being served", self._inflight),
             ("edgeplane_agent_models_serving", "Models serving", self._serving),
         ):
             out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge", f"{metric} {_number(read())}"]
         return ("\n".join(out) + "\n").encode()
+
+    def _render_generation(self) -> list[str]:
+        if not self._generation and not self._ttft:
+            return []
+        out = ["# HELP edgeplane_agent_generations_total Generations by model and outcome (completed, cancelled: the client left, failed)",
+               "# TYPE edgeplane_agent_generations_total counter"]
+        tokens = {"prompt_tokens": "edgeplane_agent_prompt_tokens_total", "completion_tokens": "edgeplane_agent_completion_tokens_total"}
+        for (model, what), n in sorted(self._generation.items()):
+            if what not in tokens:
+                out.append(f'edgeplane_agent_generations_total{{model="{_label(model)}",outcome="{what}"}} {_number(n)}')
+        for what, metric in tokens.items():
+            out += [f"# HELP {metric} Tokens {'read from prompts' if what == 'prompt_tokens' else 'generated'}", f"# TYPE {metric} counter"]
+            out += [f'{metric}{{model="{_label(m)}"}} {_number(n)}' for (m, w), n in sorted(self._generation.items()) if w == what]
+        out += ["# HELP edgeplane_agent_time_to_first_token_seconds Request received to first token generated",
+                "# TYPE edgeplane_agent_time_to_first_token_seconds histogram"]
+        for model, histogram in sorted(self._ttft.items()):
+            name, running = _label(model), 0
+            for bound, n in zip((*LATENCY_BUCKETS, math.inf), histogram.counts):
+                running += n
+                out.append(f'edgeplane_agent_time_to_first_token_seconds_bucket{{le="{_number(bound)}",model="{name}"}} {_number(running)}')
+            out.append(f'edgeplane_agent_time_to_first_token_seconds_count{{model="{name}"}} {_number(running)}')
+            out.append(f'edgeplane_agent_time_to_first_token_seconds_sum{{model="{name}"}} {_number(histogram.sum)}')
+        gauges = self.generation_gauges()
+        for metric, idx, help_text in (("edgeplane_agent_generation_running", 1, "Sequences being generated"),
+                                       ("edgeplane_agent_generation_queued", 2, "Requests waiting for a sequence slot")):
+            out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
+            out += [f'{metric}{{model="{_label(g[0])}"}} {_number(g[idx])}' for g in gauges]
+        return out

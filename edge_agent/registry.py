@@ -21,13 +21,14 @@ import functools
 import logging
 import math
 import random
+import pathlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_agent import artifacts, assignments, errors
 from edge_agent.retry import MODEL_RETRY, Jitter, RetryPolicy
-from edge_agent.runtime import onnx
+from edge_agent.runtime import genai, onnx
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,16 @@ class ServedModel:
     answers given, and a moving average of how long one takes to compute (infinite
     until the first answer)."""
 
-    __slots__ = ("body_bytes", "name", "requests", "run_s", "runtime", "sha256")
+    __slots__ = ("body_bytes", "kind", "max_concurrent", "max_queued", "name", "requests", "run_s", "runtime", "sha256")
 
-    def __init__(self, name: str, sha256: str, runtime: onnx.OnnxModel) -> None:
+    def __init__(self, name: str, sha256: str, runtime: onnx.OnnxModel | genai.GenAIModel,
+                 max_concurrent: int = 0, max_queued: int = 0) -> None:
         self.name = name
         self.sha256 = sha256
         self.runtime = runtime
+        self.kind = getattr(runtime, "kind", assignments.RUNTIME_ONNX)
+        self.max_concurrent = max_concurrent  # generative models: sequences at once (0 = default)
+        self.max_queued = max_queued
         self.requests = 0
         self.run_s = math.inf
         self.body_bytes = 0.0  # moving average of request sizes
@@ -108,6 +113,8 @@ class _Slot:
 
 
 Loader = Callable[[bytes], onnx.OnnxModel]
+#: Loads a generative package: (the cached package file, its sha256) -> the model.
+PackageLoader = Callable[[pathlib.Path, str], genai.GenAIModel]
 
 
 class ModelRegistry:
@@ -117,12 +124,14 @@ class ModelRegistry:
         load: Loader,
         on_change: Callable[[], None] = lambda: None,
         *,
+        load_package: PackageLoader | None = None,
         retry: RetryPolicy = MODEL_RETRY,
         clock: Callable[[], float] = time.monotonic,
         rng: Jitter | None = None,
     ) -> None:
         self._cache = cache
         self._load = load
+        self._load_package = load_package
         self._on_change = on_change
         self._retry = retry
         self._clock = clock
@@ -207,10 +216,16 @@ class ModelRegistry:
         slot.phase, slot.message = ModelPhase.LOADING, f"fetching {want.artifact_url}{attempt}"
         self._on_change()
         try:
-            await self._cache.fetch(want.artifact_url, want.sha256)
+            path = await self._cache.fetch(want.artifact_url, want.sha256)
             slot.message = "loading"
-            data = await self._cache.read(want.sha256)
-            runtime = await asyncio.to_thread(self._load, data)
+            runtime: onnx.OnnxModel | genai.GenAIModel
+            if want.runtime == assignments.RUNTIME_GENAI:
+                if self._load_package is None:
+                    raise errors.ModelLoadError("this agent cannot serve onnx-genai models")
+                runtime = await asyncio.to_thread(self._load_package, path, want.sha256)
+            else:
+                data = await self._cache.read(want.sha256)
+                runtime = await asyncio.to_thread(self._load, data)
         except errors.AgentError as exc:
             if slot.assignment is not want:
                 return  # superseded while it was loading
@@ -226,7 +241,7 @@ class ModelRegistry:
             return
         if slot.assignment is not want:
             return
-        slot.serving = ServedModel(want.model, want.sha256, runtime)
+        slot.serving = ServedModel(want.model, want.sha256, runtime, want.max_concurrent_sequences, want.max_queued)
         slot.failures, slot.retry_at = 0, None
         slot.phase, slot.message = ModelPhase.READY, ""
         log.info(

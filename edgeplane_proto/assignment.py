@@ -11,6 +11,10 @@ from typing import Any
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 
 
+RUNTIME_ONNX = "onnx"
+RUNTIME_GENAI = "onnx-genai"
+
+
 class DesiredState(enum.Enum):
     SERVING = "SERVING"
     STOPPED = "STOPPED"  # keep the artifact cached on the agent, do not serve it
@@ -27,6 +31,10 @@ class Assignment:
     artifact_url: str
     sha256: str
     desired_state: DesiredState = DesiredState.SERVING
+    runtime: str = RUNTIME_ONNX
+    #: onnx-genai: sequences generated at once, and requests that may wait (0 = agent default)
+    max_concurrent_sequences: int = 0
+    max_queued: int = 0
 
     def to_proto(self) -> pb.Assignment:
         return pb.Assignment(
@@ -36,12 +44,15 @@ class Assignment:
             artifact_url=self.artifact_url,
             sha256=self.sha256,
             desired_state=self.desired_state.to_proto(),  # type: ignore[arg-type]
+            runtime=self.runtime,
+            generation=pb.GenerationLimits(max_concurrent_sequences=self.max_concurrent_sequences, max_queued=self.max_queued),
         )
 
     @classmethod
     def from_proto(cls, msg: pb.Assignment) -> Assignment:
         state = DesiredState.STOPPED if msg.desired_state == pb.DESIRED_STATE_STOPPED else DesiredState.SERVING
-        return cls(msg.model, msg.deployment, msg.variant, msg.artifact_url, msg.sha256.lower(), state)
+        return cls(msg.model, msg.deployment, msg.variant, msg.artifact_url, msg.sha256.lower(), state,
+                   msg.runtime or RUNTIME_ONNX, msg.generation.max_concurrent_sequences, msg.generation.max_queued)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +62,9 @@ class Assignment:
             "artifact_url": self.artifact_url,
             "sha256": self.sha256,
             "desired_state": self.desired_state.value,
+            "runtime": self.runtime,
+            "max_concurrent_sequences": self.max_concurrent_sequences,
+            "max_queued": self.max_queued,
         }
 
     @classmethod
@@ -62,4 +76,7 @@ class Assignment:
             artifact_url=str(doc["artifact_url"]),
             sha256=str(doc["sha256"]),
             desired_state=DesiredState(doc.get("desired_state", "SERVING")),
+            runtime=str(doc.get("runtime", RUNTIME_ONNX)),
+            max_concurrent_sequences=int(doc.get("max_concurrent_sequences", 0)),
+            max_queued=int(doc.get("max_queued", 0)),
         )

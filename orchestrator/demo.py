@@ -57,15 +57,12 @@ CALLERS = (
     Caller("Lyon", "doc-fields", 45.75, 4.85, "FR"),
     Caller("Berlin", "doc-fields", 52.52, 13.405),
     Caller("Berlin", "doc-fields", 52.52, 13.405, "DE"),
-    Caller("Paris", "assistant-70b", 48.8566, 2.3522),
 )
 
 INPUT_DIMS = {"intent-classifier": 32, "doc-fields": 64}
 
 
 def _body(model: str, rng: np.random.Generator) -> dict[str, Any]:
-    if model == "assistant-70b":
-        return {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Where is my nearest shop?"]}]}
     dim = INPUT_DIMS[model]
     return {"inputs": [{"name": "input", "shape": [1, dim], "datatype": "FP32", "data": rng.standard_normal(dim).round(4).tolist()}]}
 
@@ -141,7 +138,7 @@ async def run(args: argparse.Namespace) -> int:
                 table.add_row(p["deployment"], p["site"], p["variant"], str(p["replicas"]), str(p.get("state", "-")))
             console.print(table)
             console.print(f"[bold]5/5[/] sending {args.requests} requests per caller through the gateway")
-            rows = [await _send(http, c, args.requests, rng) for c in CALLERS if not (args.no_ray and c.model == "assistant-70b")]
+            rows = [await _send(http, c, args.requests, rng) for c in CALLERS]
         table = Table(title="Where each request was served", box=None, header_style="bold")
         for h in ("CALLER", "MODEL", "RESIDENCY", "SERVED BY", "TIER", "p50 ms", "OK", "NOTE"):
             table.add_column(h)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from orchestrator.adapters import local_ray, ray_serve
+from orchestrator.testing import genai_model
 from orchestrator.testing import ray_cluster as ray_cluster_harness
 
 
@@ -26,6 +27,12 @@ def ray_cluster() -> Iterator[local_ray.LocalRayEndpoints]:
     """The session's local Ray cluster: ``dashboard_url``, ``serve_url``, ``token()``..."""
     with ray_cluster_harness.shared_ray_cluster() as endpoints:
         yield endpoints
+
+
+@pytest.fixture(scope="session")
+def genai_package(tmp_path_factory: pytest.TempPathFactory) -> genai_model.GenAIModel:
+    """The tiny generative model (``runtime: onnx-genai``), built once per session, packed and read-only by convention."""
+    return genai_model.build_package(tmp_path_factory.mktemp("genai"), name="tiny-chat")
 
 
 @pytest.fixture

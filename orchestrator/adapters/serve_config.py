@@ -34,7 +34,10 @@ OWNED_PREFIX = "ep-"
 ONNX_IMPORT_PATH = "orchestrator.serving.onnx_app:build"
 #: Name of the one deployment inside the built-in ONNX application.
 ONNX_DEPLOYMENT = "OnnxModel"
-RUNTIMES = ("onnx", "ray-serve")
+#: Import path of the built-in generative application (``orchestrator/serving/genai_app.py``).
+GENAI_IMPORT_PATH = "orchestrator.serving.genai_app:build"
+GENAI_DEPLOYMENT = "GenAIModel"
+RUNTIMES = ("onnx", "onnx-genai", "ray-serve")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -182,11 +185,11 @@ def spec_problems(spec: ServeAppSpec) -> list[str]:
         problems.append("num_replicas must be >= 0")
     if spec.cpu < 0 or spec.gpus < 0 or spec.memory_mib < 0:
         problems.append("cpu, gpus and memory_mib must be >= 0")
-    if spec.runtime == "onnx":
+    if spec.runtime in ("onnx", "onnx-genai"):
         if not spec.artifact_uri:
-            problems.append("an onnx application needs artifact_uri")
+            problems.append(f"an {spec.runtime} application needs artifact_uri")
         if not spec.sha256 or not re.fullmatch(r"[0-9a-f]{64}", spec.sha256):
-            problems.append("an onnx application needs sha256 (64 lowercase hex digits)")
+            problems.append(f"an {spec.runtime} application needs sha256 (64 lowercase hex digits)")
     if spec.runtime == "ray-serve" and (not spec.import_path or ":" not in spec.import_path):
         problems.append("a ray-serve application needs import_path as 'module:attribute'")
     return problems
@@ -222,6 +225,10 @@ def render_application(spec: ServeAppSpec, sized_deployment: str | None = None) 
             "model_name": spec.model_name,
         }
         deployment: str | None = ONNX_DEPLOYMENT
+    elif spec.runtime == "onnx-genai":
+        app["import_path"] = GENAI_IMPORT_PATH
+        app["args"] = {"artifact_uri": spec.artifact_uri, "sha256": spec.sha256, "model_name": spec.model_name, **dict(spec.args)}
+        deployment = GENAI_DEPLOYMENT
     else:
         app["import_path"] = spec.import_path
         app["args"] = dict(spec.args)

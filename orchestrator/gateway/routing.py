@@ -23,6 +23,10 @@ from orchestrator.scheduler import geo, residency
 INFLIGHT_PENALTY_MS = 1.5
 
 
+API_V2 = "v2"
+API_OPENAI = "openai"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     model: str  # the v2 model name
@@ -33,11 +37,14 @@ class Endpoint:
     region: str
     lat: float
     lon: float
-    url: str  # base: f"{url}/v2/models/{model}/infer"
+    url: str  # base: f"{url}/v2/models/{model}/infer", or f"{url}/v1/chat/completions" when api is "openai"
     healthy: bool = True
     inflight: int = 0
     allowed_countries: frozenset[str] = frozenset()  # the deployment's residency; empty = any
     fallback: tuple[str, ...] = ()  # the deployment's spec.routing.fallback
+    #: What the replica speaks: API_V2 (KServe v2 tensors) or API_OPENAI (a generative model:
+    #: /v1/models, /v1/chat/completions, /v1/completions under ``url``, whatever engine answers).
+    api: str = "v2"
 
 
 @dataclass(frozen=True)

@@ -49,13 +49,13 @@ def _check_deployment(d: LoadedDocument, spec: schema.ModelDeploymentSpec, model
             variant = by_name.get(name)
             if variant is None:
                 out.append(issue(("spec", "variant", tier), f"Model {spec.model!r} has no variant {name!r} (has: {', '.join(by_name)})"))
-            elif tier == "edge" and variant.runtime != "onnx":
-                out.append(issue(("spec", "variant", tier), f"variant {name!r} is {variant.runtime}: only onnx variants run at the edge"))
+            elif tier == "edge" and variant.runtime not in schema.EDGE_RUNTIMES:
+                out.append(issue(("spec", "variant", tier), f"variant {name!r} is {variant.runtime}: only onnx and onnx-genai variants run at the edge"))
     elif spec.variant is not None:
         variant = by_name.get(spec.variant)
         if variant is None:
             out.append(issue(("spec", "variant"), f"Model {spec.model!r} has no variant {spec.variant!r} (has: {', '.join(by_name)})"))
-        elif variant.runtime != "onnx" and tiers == {"edge"}:
+        elif variant.runtime not in schema.EDGE_RUNTIMES and tiers == {"edge"}:
             out.append(issue(("spec", "variant"), f"variant {spec.variant!r} is {variant.runtime}, which runs only in data centres, but tiers are [edge]"))
     else:
         usable = [t for t in tiers if schema.variant_for_tier(spec, model, t) is not None]

@@ -39,6 +39,8 @@ IMPORT_PATH_PATTERN = r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$"
 PERCENT_PATTERN = r"^(100|[1-9]?[0-9])%$"
 
 Tier = Literal["datacenter", "edge"]
+#: Runtimes an edge agent runs; ray-serve needs a data centre's Ray cluster.
+EDGE_RUNTIMES = ("onnx", "onnx-genai")
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN, max_length=253)]
 LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN, max_length=63)]
@@ -189,10 +191,40 @@ class TensorSpec(Strict):
     shape: list[Annotated[int, Field(ge=-1, le=2**31)]] = Field(max_length=16)
 
 
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+class Generative(Strict):
+    """What placement needs to know about a generative model (``runtime: onnx-genai``).
+
+    Memory for one replica is the weights plus a full KV cache for every sequence it runs at
+    once: ``weightBytes + kvBytesPerToken x contextLength x maxConcurrentSequences``. The
+    figures of a package are printed by ``python -m orchestrator.artifacts.genai_package pack``.
+    """
+
+    #: Parameter count (informational; shown by ``describe`` and used for nothing else).
+    parameters: int = Field(gt=0, le=10**13)
+    #: Bytes of the weights as loaded (the ONNX initializers).
+    weightBytes: int = Field(gt=0, le=2**44)
+    #: Longest sequence (prompt + completion) in tokens; longer prompts are refused.
+    contextLength: int = Field(gt=0, le=10_000_000)
+    #: KV-cache bytes per token: 2 x layers x KV heads x head size x element size.
+    kvBytesPerToken: int = Field(gt=0, le=2**30)
+    #: Sequences generated at once by one replica; more requests wait in a bounded queue.
+    maxConcurrentSequences: int = Field(default=4, ge=1, le=4096)
+    #: Requests that may wait for a sequence slot; beyond it, 429 with Retry-After.
+    maxQueued: int = Field(default=16, ge=0, le=100_000)
+
+    def memory_bytes(self) -> int:
+        return self.weightBytes + self.kvBytesPerToken * self.contextLength * self.maxConcurrentSequences
+
+
 class Variant(Strict):
     name: Name
-    runtime: Literal["onnx", "ray-serve"]
+    runtime: Literal["onnx", "onnx-genai", "ray-serve"]
     artifact: Artifact | None = None
+    generative: Generative | None = None
     importPath: Annotated[str, StringConstraints(pattern=IMPORT_PATH_PATTERN)] | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
@@ -205,17 +237,57 @@ class Variant(Strict):
 
     @model_validator(mode="after")
     def _runtime_fields(self) -> Variant:
-        if self.runtime == "onnx":
+        if self.runtime in ("onnx", "onnx-genai"):
             if self.artifact is None:
-                raise ValueError("an onnx variant needs 'artifact' (uri and sha256)")
+                what = "the package's uri and sha256" if self.runtime == "onnx-genai" else "uri and sha256"
+                raise ValueError(f"an {self.runtime} variant needs 'artifact' ({what})")
             if self.importPath is not None:
                 raise ValueError("'importPath' is for ray-serve variants")
         else:
             if self.importPath is None:
                 raise ValueError("a ray-serve variant needs 'importPath' (module:attribute)")
             if self.artifact is not None:
-                raise ValueError("'artifact' is for onnx variants")
+                raise ValueError("'artifact' is for onnx and onnx-genai variants")
+        if self.runtime == "onnx-genai":
+            if self.generative is None:
+                raise ValueError("an onnx-genai variant needs 'generative' (parameters, weightBytes, contextLength, kvBytesPerToken)")
+            self._check_memory(self.generative)
+        elif self.generative is not None:
+            raise ValueError("'generative' is for onnx-genai variants")
         return self
+
+    def _check_memory(self, g: Generative) -> None:
+        # Only a GPU memory figure is checked: 0 (the default) means "what the model needs",
+        # and the stored spec carries defaults, so a rule on "given or not" would not survive
+        # a round trip. Host memory below the need is raised to it (memory_mib).
+        need = g.memory_bytes()
+        r = self.resources
+        if r.gpus > 0 and 0 < r.gpuMemoryGiB * GIB < need:
+            detail = (f"weights {_size(g.weightBytes)} + KV cache {g.kvBytesPerToken} B/token x {g.contextLength} tokens"
+                      f" x {g.maxConcurrentSequences} sequences = {_size(need)}")
+            raise ValueError(f"resources.gpuMemoryGiB ({r.gpuMemoryGiB:g}) is below what the model needs: {detail};"
+                             " raise it, leave it out (0) to use that figure, or lower maxConcurrentSequences")
+
+    def memory_mib(self) -> int:
+        """Host memory one replica needs: the declared figure, raised to what a CPU generative model takes."""
+        g, r = self.generative, self.resources
+        if g is None or r.gpus > 0:
+            return r.memoryMiB
+        return max(r.memoryMiB, -(-g.memory_bytes() // MIB))
+
+    def gpu_memory_gib(self) -> float:
+        """GPU memory one replica needs: the declared figure, or (0) what a GPU generative model takes."""
+        g, r = self.generative, self.resources
+        if g is None or r.gpus == 0 or r.gpuMemoryGiB > 0:
+            return r.gpuMemoryGiB
+        return g.memory_bytes() / GIB
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
 
 
 class ModelSpec(Strict):
@@ -353,6 +425,6 @@ def variant_for_tier(spec: ModelDeploymentSpec, model: ModelSpec, tier: str) -> 
     else:
         wanted = spec.variant
     if wanted is None:
-        candidates = [v for v in model.variants if tier == "datacenter" or v.runtime == "onnx"]
+        candidates = [v for v in model.variants if tier == "datacenter" or v.runtime in EDGE_RUNTIMES]
         return candidates[0] if candidates else None
     return next((v for v in model.variants if v.name == wanted), None)

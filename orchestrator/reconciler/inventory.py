@@ -71,9 +71,9 @@ def to_variant(v: schema.Variant) -> sched.Variant:
         name=v.name,
         runtime=sched.Runtime(v.runtime),
         cpu=r.cpu,
-        memory_mib=r.memoryMiB,
+        memory_mib=v.memory_mib(),
         gpus=r.gpus,
-        gpu_memory_gib=r.gpuMemoryGiB,
+        gpu_memory_gib=v.gpu_memory_gib(),
         throughput_rps=v.throughputRps,
         power_watts=v.powerWatts,
     )

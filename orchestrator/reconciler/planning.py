@@ -140,8 +140,10 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
                 url = s.urls_sent.get((model, sha), "")
             else:
                 continue
+            g = variant.generative
             out[site][model] = agent_model.Assignment(
-                model=model, deployment=name, variant=variant_name, artifact_url=url, sha256=sha)
+                model=model, deployment=name, variant=variant_name, artifact_url=url, sha256=sha, runtime=variant.runtime,
+                max_concurrent_sequences=g.maxConcurrentSequences if g else 0, max_queued=g.maxQueued if g else 0)
     return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items() if site not in held}, rollouts
 
 
@@ -162,12 +164,15 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
             continue
         common: dict[str, Any] = dict(
             name=app_name(row.site, d.name), route_prefix=route_prefix(row.site, d.name), model_name=d.spec.model, runtime=v.runtime,
-            num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.resources.memoryMiB, gpus=float(v.resources.gpus),
+            num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.memory_mib(), gpus=float(v.resources.gpus),
         )
-        if v.runtime == "onnx":
+        if v.runtime in ("onnx", "onnx-genai"):
             ref = s.artifacts.get((d.spec.model, v.name))
             if ref is None or ref.url is None or v.artifact is None:
                 continue
+            if v.generative is not None:
+                g = v.generative
+                common["args"] = {"max_concurrent_sequences": g.maxConcurrentSequences, "max_queued": g.maxQueued}
             out[row.site].append(serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256))
         else:
             out[row.site].append(serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args)))
@@ -177,14 +182,16 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
 def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple[routing.Endpoint, ...]:
     """Replicas that can answer now: only where the current placement puts them."""
     deployments, sites, agents = s.deployment_by_name, s.site_by_name, s.agent_by_site
-    placed = {(r.deployment, r.site) for r in rows}
+    placed = {(r.deployment, r.site): r.variant for r in rows}
     out: list[routing.Endpoint] = []
-    for deployment_name, site_name in sorted(placed):
+    for (deployment_name, site_name), variant_name in sorted(placed.items()):
         d, site = deployments.get(deployment_name), sites.get(site_name)
         if d is None or site is None:
             continue
         loc = site.spec.location
-        common = dict(model=d.spec.model, deployment=d.name, site=site.name, tier=site.spec.tier, country=loc.country,
+        v = _variant(s, d, variant_name)
+        api = routing.API_OPENAI if v is not None and v.runtime == "onnx-genai" else routing.API_V2
+        common = dict(model=d.spec.model, deployment=d.name, site=site.name, tier=site.spec.tier, country=loc.country, api=api,
                       region=loc.region or "", lat=loc.lat, lon=loc.lon,
                       allowed_countries=inventory.allowed_countries(d.spec), fallback=tuple(d.spec.routing.fallback))
         if site.spec.tier == "edge":

@@ -23,7 +23,12 @@ class Tier(StrEnum):
 
 class Runtime(StrEnum):
     ONNX = "onnx"
+    ONNX_GENAI = "onnx-genai"
     RAY_SERVE = "ray-serve"
+
+
+#: Runtimes an edge agent runs.
+EDGE_RUNTIMES = frozenset({Runtime.ONNX, Runtime.ONNX_GENAI})
 
 
 ALL_TIERS: frozenset[Tier] = frozenset(Tier)
@@ -107,7 +112,7 @@ class Variant:
     def is_distilled(self) -> bool:
         if self.distilled is not None:
             return self.distilled
-        return self.runtime is Runtime.ONNX and self.gpus == 0
+        return self.runtime in EDGE_RUNTIMES and self.gpus == 0
 
     @property
     def watts(self) -> float:
@@ -121,7 +126,7 @@ class Variant:
 
     def runs_on(self, tier: Tier) -> bool:
         """Ray Serve applications need a Ray cluster, which only data centres have."""
-        return self.runtime is Runtime.ONNX or tier is Tier.DATACENTER
+        return self.runtime in EDGE_RUNTIMES or tier is Tier.DATACENTER
 
     def describe(self) -> str:
         parts = [f"{self.cpu:g} CPU", f"{self.memory_mib / 1024:g} GiB"]

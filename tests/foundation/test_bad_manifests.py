@@ -247,7 +247,7 @@ BAD: list[Bad] = [
     Bad("ray-serve-at-the-edge", join(MODEL, deployment(("spec.variant", "big"), ("spec.placement.tiers", ["edge"]))), "spec.variant",
         "variant: big", "runs only in data centres", document=1),
     Bad("ray-serve-per-tier-edge", join(MODEL, deployment(("spec.variant", {"edge": "big"}))), "spec.variant.edge", "edge: big",
-        "only onnx variants run at the edge", document=1),
+        "only onnx and onnx-genai variants run at the edge", document=1),
     Bad("variant-tier-not-placed", join(MODEL, deployment(("spec.variant", {"datacenter": "big"}), ("spec.placement.tiers", ["edge"]))),
         "spec.variant.datacenter", "datacenter: big", "not in spec.placement.tiers", document=1),
     Bad("fallback-tier-not-placed", join(MODEL, deployment(("spec.placement.tiers", ["edge"]), ("spec.routing", {"fallback": ["datacenter"]}))),

@@ -32,7 +32,7 @@ def declared_artifacts() -> dict[str, str]:
 def test_committed_artifacts_are_what_the_generator_builds(tmp_path: pathlib.Path) -> None:
     regenerated = examples.write(tmp_path)
     committed = {p.name: sha256_of(p) for p in (EXAMPLES / "artifacts").iterdir() if p.is_file()}
-    assert set(committed) == set(examples.ARTIFACTS) == set(regenerated)
+    assert set(committed) == set(examples.ARTIFACTS) | set(examples.GENAI_PACKAGES) == set(regenerated)
     for name, digest in regenerated.items():
         assert sha256_of(tmp_path / name) == digest  # the generator reports the file it wrote
         assert committed[name] == digest, f"{name}: committed file differs; run python -m orchestrator.testing.examples"
@@ -45,7 +45,18 @@ def test_models_yaml_names_the_committed_artifacts() -> None:
         path = (EXAMPLES / uri).resolve()
         assert path.is_relative_to(EXAMPLES.resolve()) and path.is_file(), uri
         assert sha256_of(path) == digest, f"{uri}: models.yaml says {digest}, the file is {sha256_of(path)}"
-    assert {pathlib.PurePosixPath(u).name for u in declared} == set(examples.ARTIFACTS)
+    assert {pathlib.PurePosixPath(u).name for u in declared} == set(examples.ARTIFACTS) | set(examples.GENAI_PACKAGES)
+
+
+def test_generative_figures_in_models_yaml_are_the_packages_own(tmp_path: pathlib.Path) -> None:
+    docs = loader.load_text((EXAMPLES / "models.yaml").read_text(), "models.yaml")
+    variants = [v for d in docs if isinstance(d.doc, schema.ModelDoc) for v in d.doc.spec.variants if v.runtime == "onnx-genai"]
+    assert len(variants) == 2
+    for v in variants:
+        built = examples.write_genai(tmp_path, pathlib.PurePosixPath(v.artifact.uri).name)
+        g = v.generative
+        assert (g.parameters, g.weightBytes, g.contextLength, g.kvBytesPerToken) == (
+            built.parameters, built.weight_bytes, built.context_length, built.kv_bytes_per_token), v.name
 
 
 def test_all_examples_validate_together() -> None:

@@ -1,0 +1,201 @@
+"""Generation through a real ``edgeplane-agent`` vs a bare onnxruntime-genai loop, same model.
+
+    .venv/bin/python -m bench.genai_agent [--quick]
+
+Models (built on the spot by ``orchestrator.testing.genai_model``): ``tiny`` (the test
+model: a step takes tens of microseconds, so the result is the agent's per-token cost)
+and ``step`` (the same with a residual MLP per token standing in for a small real model's
+layers, 17 M parameters: a step of about 5 ms on 2 cores). Each case generates ``max_tokens`` tokens greedily
+from the same prompt:
+
+- bare: in this process, onnxruntime-genai's own loop (``append_tokens``, then
+  ``generate_next_token`` / ``get_next_tokens`` / the tokenizer stream's ``decode`` per
+  token), timed from before ``append_tokens`` (time to first token includes the prefill);
+- agent: a subprocess agent joined to a control plane in this process, streaming
+  ``/v1/completions`` (server-sent events over chunked transfer) to a raw keep-alive
+  HTTP/1.1 client in this process; time to first token is from the request's first byte
+  sent to the first token's event received.
+
+The two alternate, request by request, so machine noise hits both alike. The agent's
+resident memory is read while it serves the model. Writes bench/results/genai_agent.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from bench.agent_common import ControlPlaneAndAgent
+from orchestrator.agents import model
+from orchestrator.testing import genai_model
+
+RESULTS = Path(__file__).parent / "results" / "genai_agent.json"
+PROMPT = "The agent serves the request"
+CASES = {
+    "tiny": dict(context_length=1024),
+    "step": dict(context_length=1024, ffn_layers=8, embed_dim=512, ffn_dim=2048, seed=5),
+}
+
+
+class Bare:
+    """onnxruntime-genai's generation loop, nothing around it."""
+
+    def __init__(self, directory: Path) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(directory))
+        self.tokenizer = og.Tokenizer(self.model)
+        self.prompt = self.tokenizer.encode(PROMPT)
+
+    def run(self, max_tokens: int) -> tuple[float, float, int]:
+        og = self.og
+        started = time.perf_counter()
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(self.prompt) + max_tokens, do_sample=False)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(self.prompt)
+        stream = self.tokenizer.create_stream()
+        first = 0.0
+        n = 0
+        while n < max_tokens and not generator.is_done():
+            generator.generate_next_token()
+            stream.decode(int(generator.get_next_tokens()[0]))
+            n += 1
+            if n == 1:
+                first = time.perf_counter() - started
+        return first, time.perf_counter() - started, n
+
+
+class StreamClient:
+    """One keep-alive connection; reads a chunked SSE answer event by event."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, url: str) -> StreamClient:
+        host, port = url.removeprefix("http://").split(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def run(self, model_name: str, max_tokens: int) -> tuple[float, float, int]:
+        body = json.dumps({"model": model_name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+        request = (b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                   % len(body)) + body
+        started = time.perf_counter()
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode(errors="replace"))
+        first, tokens = 0.0, 0
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            data = await self.reader.readexactly(size + 2)
+            if size == 0:
+                break
+            if data.startswith(b"data: {") and b'"text":""' not in data:
+                tokens += 1
+                if tokens == 1:
+                    first = time.perf_counter() - started
+        return first, time.perf_counter() - started, tokens
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def summary(runs: list[tuple[float, float, int]]) -> dict:
+    ttft = sorted(r[0] for r in runs)
+    rates = [r[2] / r[1] for r in runs]
+    return {"runs": len(runs), "tokens": runs[0][2], "ttft_p50_ms": round(ttft[len(ttft) // 2] * 1000, 3),
+            "ttft_p90_ms": round(ttft[int(len(ttft) * 0.9)] * 1000, 3), "tokens_per_s": round(statistics.median(rates), 1)}
+
+
+async def run_case(name: str, built: genai_model.GenAIModel, agent: ControlPlaneAndAgent, runs: int, max_tokens: int) -> dict:
+    bare = Bare(built.directory)
+    client = await StreamClient.connect(agent.url)
+    try:
+        for _ in range(3):  # warm both
+            bare.run(max_tokens)
+            await client.run(name, max_tokens)
+        bare_runs, agent_runs = [], []
+        for _ in range(runs):
+            bare_runs.append(bare.run(max_tokens))
+            agent_runs.append(await client.run(name, max_tokens))
+    finally:
+        client.close()
+    b, a = summary(bare_runs), summary(agent_runs)
+    assert a["tokens"] == b["tokens"] == max_tokens, (a, b)
+    return {"case": name, "parameters": built.parameters, "bare": b, "agent": a,
+            "tokens_per_s_ratio": round(a["tokens_per_s"] / b["tokens_per_s"], 3),
+            "ttft_overhead_p50_ms": round(a["ttft_p50_ms"] - b["ttft_p50_ms"], 3),
+            "step_ms": round(1000 / b["tokens_per_s"], 3)}
+
+
+async def wait_ready(agent: ControlPlaneAndAgent, names: list[str]) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=agent.url) as client:
+        for name in names:
+            for _ in range(600):  # bounded poll across the process boundary
+                if (await client.get(f"/v1/models/{name}")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError(f"model {name} never became ready")
+
+
+async def main_async(quick: bool) -> dict:
+    runs, max_tokens = (15, 128) if quick else (60, 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        built = {name: genai_model.build_package(root / "models", name=name, **kwargs) for name, kwargs in CASES.items()}
+        agent = ControlPlaneAndAgent(root / "agent")
+        await agent.start()
+        try:
+            rss_idle = psutil.Process(agent.proc.pid).memory_info().rss
+            agent.hub.set_assignments(agent.site, [
+                model.Assignment(name, "bench", "v", b.package.as_uri(), b.sha256, runtime="onnx-genai",
+                                 max_concurrent_sequences=1, max_queued=1)
+                for name, b in built.items()], int(time.time()))
+            await wait_ready(agent, list(built))
+            rows = [await run_case(name, b, agent, runs, max_tokens) for name, b in built.items()]
+            rss_serving = psutil.Process(agent.proc.pid).memory_info().rss
+        finally:
+            await agent.stop()
+    return {"quick": quick, "max_tokens": max_tokens, "cases": rows,
+            "agent_rss_mib": {"idle": round(rss_idle / 2**20, 1), "serving_both_models": round(rss_serving / 2**20, 1)},
+            "numpy": np.__version__}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.genai_agent")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    result = asyncio.run(main_async(args.quick))
+    table = Table(title=f"Generation: agent (SSE) vs bare onnxruntime-genai loop, {result['max_tokens']} tokens greedy", header_style="bold")
+    for h in ("case", "step ms", "bare tok/s", "agent tok/s", "ratio", "bare TTFT p50", "agent TTFT p50", "TTFT overhead"):
+        table.add_column(h)
+    for r in result["cases"]:
+        table.add_row(r["case"], f"{r['step_ms']:.3f}", f"{r['bare']['tokens_per_s']:.0f}", f"{r['agent']['tokens_per_s']:.0f}",
+                      f"{r['tokens_per_s_ratio']:.3f}x", f"{r['bare']['ttft_p50_ms']:.2f} ms", f"{r['agent']['ttft_p50_ms']:.2f} ms",
+                      f"{r['ttft_overhead_p50_ms']:+.2f} ms")
+    Console().print(table)
+    rss = result["agent_rss_mib"]
+    print(f"agent RSS: {rss['idle']} MiB idle, {rss['serving_both_models']} MiB serving both models")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Unpacking generative-model packages: verified first, atomically, and only inside the folder.
+
+A ``runtime: onnx-genai`` artifact is a tar of a model folder. Its bytes are checked against
+the assignment's sha256 before the first member is read (the cache already refused a
+mismatching download; this re-hashes the file on disk, so a package corrupted in the cache
+is not unpacked either). Then every member is checked before anything is written:
+
+- regular files and folders only: no symbolic or hard links, devices or FIFOs;
+- relative names without ``..``, absolute paths, backslashes or NUL, so nothing lands
+  outside the folder whatever the tar says;
+- at most ``max_files`` members and ``max_bytes`` unpacked, so a tar bomb is refused
+  before it fills the disk;
+- a ``genai_config.json`` at the top.
+
+Members go into a fresh temporary folder beside the final one, which is renamed into
+place only when all of them are written: a crash or a refusal leaves no half-unpacked
+model, and the version already serving is never touched. The final folder is named by the
+sha256, so a version unpacked once is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+from typing import TYPE_CHECKING
+
+from edge_agent import errors
+
+if TYPE_CHECKING:  # tarfile and tempfile cost resident memory: imported when a package is unpacked
+    import tarfile
+
+CONFIG_NAME = "genai_config.json"
+DEFAULT_MAX_BYTES = 256 << 30
+DEFAULT_MAX_FILES = 4096
+
+
+class PackageRefused(errors.ArtifactIntegrityError):
+    """The package is not one this agent unpacks (links, traversal, too large, no config)."""
+
+
+def sha256_of(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_name(name: str) -> str:
+    if not name or "\x00" in name or "\\" in name:
+        raise PackageRefused(f"package member {name!r} has an invalid name")
+    if name.startswith("/") or pathlib.PurePosixPath(name).is_absolute():
+        raise PackageRefused(f"package member {name!r} is an absolute path: refused")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise PackageRefused(f"package member {name!r} leaves the package folder ('..'): refused")
+    if not parts:
+        raise PackageRefused(f"package member {name!r} has an empty name")
+    return "/".join(parts)
+
+
+def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int) -> list[tuple[tarfile.TarInfo, str]]:
+    """Every member with its normalised name, or :class:`PackageRefused` naming the first bad one."""
+    out: list[tuple[tarfile.TarInfo, str]] = []
+    total = 0
+    seen: set[str] = set()
+    for member in tar:
+        if len(out) >= max_files:
+            raise PackageRefused(f"package has more than {max_files} members: refused")
+        name = _check_name(member.name)
+        if member.issym() or member.islnk():
+            raise PackageRefused(f"package member {member.name!r} is a link (to {member.linkname!r}): refused")
+        if not (member.isfile() or member.isdir()):
+            raise PackageRefused(f"package member {member.name!r} is not a regular file or folder: refused")
+        if name in seen:
+            raise PackageRefused(f"package member {member.name!r} appears twice: refused")
+        seen.add(name)
+        total += member.size
+        if total > max_bytes:
+            raise PackageRefused(f"package unpacks to more than {max_bytes} bytes: refused")
+        out.append((member, name))
+    if CONFIG_NAME not in seen:
+        raise PackageRefused(f"package has no {CONFIG_NAME} at its top: not an onnxruntime-genai model")
+    return out
+
+
+def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
+           max_bytes: int = DEFAULT_MAX_BYTES, max_files: int = DEFAULT_MAX_FILES) -> pathlib.Path:
+    """The model folder of ``package`` under ``models_root/<sha256>``, unpacked if not there yet."""
+    import tarfile
+    import tempfile
+
+    models_root.mkdir(parents=True, exist_ok=True)
+    final = models_root / sha256
+    if (final / CONFIG_NAME).is_file():
+        return final  # renamed into place only once complete
+    actual = sha256_of(package)
+    if actual != sha256:
+        raise errors.ArtifactIntegrityError(f"package {package.name} has sha256 {actual}, expected {sha256}: refused before unpacking")
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=models_root))
+    try:
+        try:
+            tar = tarfile.open(package, "r:")
+        except tarfile.TarError as exc:
+            raise PackageRefused(f"package {sha256[:12]} is not a tar archive: {exc}") from None
+        with tar:
+            try:
+                members = check_members(tar, max_bytes, max_files)
+                for member, name in members:
+                    target = tmp / name
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = tar.extractfile(member)
+                    if src is None:
+                        raise PackageRefused(f"package member {member.name!r} cannot be read")
+                    with src, open(target, "xb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+            except tarfile.TarError as exc:
+                raise PackageRefused(f"package {sha256[:12]} is a damaged tar archive: {exc}") from None
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / CONFIG_NAME).is_file():  # not a concurrent unpack of the same version
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prune(models_root: pathlib.Path, keep: set[str]) -> None:
+    """Remove unpacked versions not in ``keep`` and leftovers of interrupted unpacks."""
+    if not models_root.is_dir():
+        return
+    for entry in models_root.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry, ignore_errors=True)

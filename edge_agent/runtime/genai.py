@@ -1,0 +1,262 @@
+"""The only module that touches onnxruntime-genai: load a generative model, generate tokens.
+
+onnxruntime-genai owns the KV cache, the sampling (greedy, temperature, top-p, seed) and
+the tokenizer (``tokenizer.json``, and the chat template of ``tokenizer_config.json``).
+This module adds what a server needs around its ``Generator`` loop:
+
+- one sequence runs on a worker thread, one ``generate_next_token`` at a time, and hands
+  each token to the caller's ``emit`` as it is produced; between two steps it checks a
+  cancel flag, so a client that went away stops its generation within one step;
+- stop strings are matched here, in the generating thread, so generation ends on the
+  token that completes one and the text before it is all that is sent (text that could be
+  the start of a stop string is held back until it cannot be);
+- log-probabilities come from the step's logits (a log-softmax over the vocabulary),
+  computed only when asked for.
+
+CUDA is used when the installed onnxruntime-genai has it (``onnxruntime-genai-cuda``, the
+``gpu`` extra) and a GPU is present; otherwise the CPU.
+
+While a step runs, the event loop does not get to send the token made before it (the
+0.18 binding does not release the GIL around a step, as far as measurements tell: on a
+5 ms-per-step model the first streamed token reached the client 1-3 steps late, +14.7 ms), so a streamed sequence is *paced*
+after its first token: the generating thread waits until the event loop has written it,
+then starts the second step (time to first token: +1.5 to +3 ms over a bare loop on a loaded 2-core machine). Pacing every
+token cost 13 % of the tokens per second on that model (a round trip between the two
+threads per token), so later tokens are not paced: each may leave up to one step after it
+was made, and tokens per second stay those of the bare loop. ``bench/genai_agent.py``
+measures both.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent import errors
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str  # text to send now (may be "" while a possible stop string is held back)
+    token_id: int
+    token: str  # this token's own text, for logprobs
+    logprob: float | None = None
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (end of sequence or a stop string), "length", "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""  # held-back text released at the end (no stop string completed)
+
+
+@dataclass
+class Cancel:
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def set(self) -> None:
+        self.event.set()
+
+    @property
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+class StopMatcher:
+    """Cuts generated text at the first stop string; holds back a possible prefix of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """``(text to send now, stopped)``."""
+        if not self._stops:
+            return text, False
+        buf = self._pending + text
+        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._pending = ""
+            return buf[:cut], True
+        keep = 0
+        for n in range(min(self._longest - 1, len(buf)), 0, -1):
+            tail = buf[-n:]
+            if any(s.startswith(tail) for s in self._stops):
+                keep = n
+                break
+        self._pending = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+
+def cuda_available() -> bool:
+    import onnxruntime_genai as og
+
+    try:
+        return bool(og.is_cuda_available()) and _has_gpu()
+    except Exception:
+        return False
+
+
+def _has_gpu() -> bool:
+    return pathlib.Path("/dev/nvidia0").exists() or pathlib.Path("/proc/driver/nvidia/gpus").is_dir()
+
+
+class GenAIModel:
+    """A loaded onnxruntime-genai model and its tokenizer. ``generate`` is thread safe:
+    each call has its own generator (and KV cache)."""
+
+    kind = "onnx-genai"
+
+    def __init__(self, directory: pathlib.Path, model: object, tokenizer: object, provider: str) -> None:
+        config = json.loads((directory / "genai_config.json").read_text())
+        self.directory = directory
+        self._model = model
+        self._tokenizer = tokenizer
+        self.provider = provider
+        section = config.get("model", {})
+        self.context_length = int(section.get("context_length") or config.get("search", {}).get("max_length") or 0)
+        self.vocab_size = int(section.get("vocab_size") or 0)
+        self._token_text: dict[int, str] = {}
+
+    @classmethod
+    def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None) -> GenAIModel:
+        try:
+            import onnxruntime_genai as og
+        except ImportError as exc:
+            raise errors.ModelLoadError(
+                "onnxruntime-genai is not installed: install edgeplane[cpu] (or [gpu]) to serve onnx-genai models") from exc
+        cuda = cuda_available() if use_cuda is None else use_cuda
+        try:
+            config = og.Config(str(directory))
+            config.clear_providers()
+            if cuda:
+                config.append_provider("cuda")
+            model = og.Model(config)
+            tokenizer = og.Tokenizer(model)
+        except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors
+            raise errors.ModelLoadError(f"onnxruntime-genai could not load the model: {exc}") from exc
+        return cls(directory, model, tokenizer, CUDA if cuda else CPU)
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        """The model's own chat template applied to ``messages``, ready for the answer."""
+        try:
+            return str(self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True))
+        except Exception as exc:
+            raise errors.InvalidInput(f"the model's chat template could not format the messages: {exc}") from exc
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tokenizer.encode(text), dtype=np.int32)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = str(self._tokenizer.decode(np.array([token_id], dtype=np.int32)))
+        return text
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(self, prompt: np.ndarray, options: SamplingOptions, emit: Callable[[TokenEvent | Finished], None],
+                 cancel: Cancel, pace: Callable[[], None] | None = None) -> Finished:
+        """Generate on the calling thread, handing each token to ``emit``; ends with one
+        :class:`Finished`. Stops between steps once ``cancel`` is set. ``pace``, called after
+        the first token, returns when the consumer has sent it: a step holds the GIL, so
+        starting the next one at once would hold back the event loop that sends it."""
+        import onnxruntime_genai as og
+
+        n_prompt = int(prompt.shape[0])
+        params = og.GeneratorParams(self._model)
+        search: dict[str, object] = {"max_length": n_prompt + options.max_tokens}
+        if options.temperature > 0:
+            search.update(do_sample=True, temperature=float(options.temperature), top_p=float(options.top_p), top_k=0)
+            if options.seed is not None:
+                search["random_seed"] = int(options.seed) & 0x7FFFFFFF
+        else:
+            search["do_sample"] = False
+        params.set_search_options(**search)
+        generator = og.Generator(self._model, params)
+        generator.append_tokens(prompt)
+        stream = self._tokenizer.create_stream()
+        stops = StopMatcher(options.stop)
+        produced = 0
+        reason = "length"
+        while produced < options.max_tokens:
+            if cancel.is_set:
+                reason = "cancelled"
+                break
+            if generator.is_done():
+                reason = "stop"
+                break
+            # The logits the next token is drawn from: asked for before the step, which then
+            # uses them (asked for after, they would be the following position's).
+            logits = generator.get_logits() if options.logprobs else None
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            produced += 1
+            if token in self._eos:
+                produced -= 1  # the end-of-sequence token is not part of the answer
+                reason = "stop"
+                break
+            logprob, top = (None, ())
+            if logits is not None:
+                logprob, top = self._logprobs(logits, token, options.top_logprobs)
+            text, stopped = stops.feed(stream.decode(token))
+            emit(TokenEvent(text, token, self.token_text(token) if options.logprobs else "", logprob, top))
+            if stopped:
+                reason = "stop"
+                break
+            if pace is not None and produced == 1:
+                pace()
+        rest = "" if reason == "stop" else stops.flush()
+        finished = Finished(reason, n_prompt, produced, rest)
+        emit(finished)
+        return finished
+
+    @property
+    def _eos(self) -> frozenset[int]:
+        eos = getattr(self, "_eos_ids", None)
+        if eos is None:
+            try:
+                eos = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
+            except Exception:
+                eos = frozenset()
+            self._eos_ids = eos
+        return eos
+
+    def _logprobs(self, raw: object, token: int, top_n: int) -> tuple[float, tuple[tuple[str, float], ...]]:
+        logits = np.asarray(raw, dtype=np.float64).reshape(-1)
+        shifted = logits - logits.max()
+        logp = shifted - np.log(np.exp(shifted).sum())
+        top: tuple[tuple[str, float], ...] = ()
+        if top_n:
+            idx = np.argpartition(-logp, min(top_n, logp.size - 1))[:top_n]
+            idx = idx[np.argsort(-logp[idx])]
+            top = tuple((self.token_text(int(i)), float(logp[i])) for i in idx)
+        return float(logp[token]), top

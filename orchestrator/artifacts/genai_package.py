@@ -1,0 +1,156 @@
+"""Content-addressed packages of generative models (``runtime: onnx-genai``).
+
+An onnxruntime-genai model is a folder: ``genai_config.json``, one or more ONNX files
+(with their external-data files) and the tokenizer files. Agents and Ray replicas need
+it as one artifact whose sha256 is known before a byte is unpacked, so the folder is
+packed into a plain, uncompressed tar with a canonical order and zeroed metadata: the
+same folder always gives the same bytes, hence the same digest.
+
+``describe`` reads the figures a ``Model`` manifest declares for placement (parameters,
+weight bytes, context length, KV-cache bytes per token) from the folder itself, so an
+operator can copy them into the manifest instead of working them out.
+
+    python -m orchestrator.artifacts.genai_package pack MODEL_DIR OUT.tar
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pathlib
+import sys
+import tarfile
+from dataclasses import asdict, dataclass
+
+from orchestrator.artifacts.catalog import sha256_file
+
+CONFIG_NAME = "genai_config.json"
+#: dtype name in genai_config / ONNX → bytes per element of the KV cache.
+_KV_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
+
+
+class PackageError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class PackageFacts:
+    """What placement needs to know about a packed model."""
+
+    path: pathlib.Path
+    sha256: str
+    size_bytes: int
+    parameters: int
+    weight_bytes: int
+    context_length: int
+    kv_bytes_per_token: int
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+def pack(model_dir: pathlib.Path, out: pathlib.Path) -> str:
+    """Tar ``model_dir``'s regular files (no links, no folders above it) into ``out``; returns sha256."""
+    model_dir = pathlib.Path(model_dir)
+    if not (model_dir / CONFIG_NAME).is_file():
+        raise PackageError(f"{model_dir} has no {CONFIG_NAME}: not an onnxruntime-genai model folder")
+    files = []
+    for path in sorted(model_dir.rglob("*")):
+        rel = path.relative_to(model_dir).as_posix()
+        if path.is_symlink():
+            raise PackageError(f"{rel} is a symbolic link; a package holds regular files only")
+        if path.is_file():
+            files.append((rel, path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for rel, path in files:
+            info = tarfile.TarInfo(rel)
+            info.size = path.stat().st_size
+            info.mode = 0o644
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+    tmp.replace(out)
+    return sha256_file(out)
+
+
+def kv_bytes_per_token(config: dict) -> int:
+    """2 (key and value) x layers x KV heads x head size x element size, from genai_config."""
+    decoder = config.get("model", {}).get("decoder", {})
+    try:
+        layers = int(decoder["num_hidden_layers"])
+        heads = int(decoder.get("num_key_value_heads") or decoder["num_attention_heads"])
+        head_size = int(decoder["head_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"{CONFIG_NAME}: model.decoder lacks {exc} needed to size the KV cache") from None
+    dtype = str(decoder.get("kv_cache_dtype", "float32"))
+    return 2 * layers * heads * head_size * _KV_DTYPE_BYTES.get(dtype, 4)
+
+
+def _onnx_weights(model_dir: pathlib.Path) -> tuple[int, int]:
+    import numpy as np
+    import onnx
+
+    params = nbytes = 0
+    for path in sorted(model_dir.rglob("*.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        for init in model.graph.initializer:
+            count = int(np.prod(init.dims)) if init.dims else 1
+            params += count
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+            nbytes += count * itemsize
+    return params, nbytes
+
+
+def describe(model_dir: pathlib.Path, package: pathlib.Path) -> PackageFacts:
+    config = json.loads((pathlib.Path(model_dir) / CONFIG_NAME).read_text())
+    params, nbytes = _onnx_weights(pathlib.Path(model_dir))
+    context = int(config.get("model", {}).get("context_length") or config.get("search", {}).get("max_length") or 0)
+    return PackageFacts(
+        path=package,
+        sha256=sha256_file(package),
+        size_bytes=package.stat().st_size,
+        parameters=params,
+        weight_bytes=nbytes,
+        context_length=context,
+        kv_bytes_per_token=kv_bytes_per_token(config),
+    )
+
+
+def read_member(package: pathlib.Path, name: str) -> bytes:
+    """One file of a package (e.g. its genai_config.json), without unpacking the rest."""
+    with tarfile.open(package, "r:") as tar:
+        member = tar.getmember(name)
+        fh = tar.extractfile(member)
+        if fh is None:
+            raise PackageError(f"{name} in {package} is not a regular file")
+        return fh.read()
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.artifacts.genai_package", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack", help="pack a model folder and print the figures a Model manifest needs")
+    p.add_argument("model_dir", type=pathlib.Path)
+    p.add_argument("out", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    try:
+        pack(args.model_dir, args.out)
+        facts = describe(args.model_dir, args.out)
+    except (PackageError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    buf = io.StringIO()
+    json.dump(facts.as_dict(), buf, indent=2)
+    print(buf.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

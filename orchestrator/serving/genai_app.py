@@ -1,0 +1,115 @@
+"""The built-in Ray Serve application that serves a generative (``onnx-genai``) variant.
+
+A data-centre replica answers exactly what an edge agent answers, relative to the route
+prefix the actuator gives the application:
+
+    GET  <prefix>/v1/models
+    POST <prefix>/v1/chat/completions      (stream: true → server-sent events)
+    POST <prefix>/v1/completions
+
+so the gateway, the Python client and any OpenAI SDK treat both alike (the endpoint's
+``api`` is ``openai`` either way; a later engine, e.g. vLLM behind ``ray-serve``, only has
+to answer the same routes). To guarantee it, the replica runs the agent's own generation
+code (``edge_agent.generation``: validation, the OpenAI objects, bounded concurrency with a
+queue and 429, cancel on disconnect) and the same package handling
+(``edge_agent.packages``: sha256 before unpacking, no traversal or links, atomic).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from edge_agent import generation, httpserver, openai_api, packages, registry
+from edge_agent.metrics import AgentMetrics
+from edge_agent.runtime import genai
+from orchestrator.serving import artifacts
+
+
+class _OneModel:
+    """The registry view ``GenerationServer`` needs, over the one model of this replica."""
+
+    def __init__(self, served: registry.ServedModel) -> None:
+        self._served = served
+
+    def serving(self) -> list[registry.ServedModel]:
+        return [self._served]
+
+    def get(self, name: str) -> registry.ServedModel | None:
+        return self._served if name == self._served.name else None
+
+    def known(self, name: str) -> bool:
+        return name == self._served.name
+
+
+def models_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("EDGEPLANE_ARTIFACT_CACHE") or tempfile.gettempdir()) / "edgeplane-genai-models"
+
+
+def load(artifact_uri: str, sha256: str) -> genai.GenAIModel:
+    """Fetch and verify the package, unpack it safely (once per node and version), load it."""
+    package = artifacts.fetch_verified(artifact_uri, sha256)
+    directory = packages.unpack(package, sha256, models_root())
+    return genai.GenAIModel.load(directory, use_cuda=bool(ray.get_gpu_ids()) and genai.cuda_available())
+
+
+@serve.deployment(name="GenAIModel")
+class GenAIReplica:
+    """One replica: an onnxruntime-genai model behind the OpenAI-compatible routes."""
+
+    def __init__(self, artifact_uri: str, sha256: str, model_name: str, max_concurrent_sequences: int = 0,
+                 max_queued: int = 0) -> None:
+        served = registry.ServedModel(model_name, sha256, load(artifact_uri, sha256), max_concurrent_sequences, max_queued)
+        self.metrics = AgentMetrics(lambda: 0, lambda: 1)
+        self._server = generation.GenerationServer(_OneModel(served), self.metrics)  # type: ignore[arg-type]
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        root = request.scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):]
+        at = path.find("/v1/")
+        if at < 0:
+            if path.rstrip("/").endswith(("/v2/health/live", "/v2/health/ready", "/ready")):
+                return Response('{"ready": true}', media_type="application/json")
+            return Response(openai_api.error_body(f"no route {path!r}; this replica serves /v1/...", code="not_found"),
+                            status_code=404, media_type="application/json")
+        answer = await self._server.handle(httpserver.Request(
+            method=request.method, path=path[at:], query=request.url.query,
+            headers={k.lower(): v for k, v in request.headers.items()}, body=await request.body()))
+        if isinstance(answer, httpserver.StreamingResponse):
+            return StreamingResponse(_closing(answer.chunks), status_code=answer.status, media_type=answer.content_type,
+                                     headers={"cache-control": "no-cache", **dict(answer.headers)})
+        return Response(answer.body, status_code=answer.status, media_type=answer.content_type, headers=dict(answer.headers))
+
+
+async def _closing(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Yield ``chunks``; when the client goes (Serve cancels the request), close them so the
+    generation stops."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+def _string_arg(args: Mapping[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"the onnx-genai application needs a non-empty string argument {key!r}")
+    return value
+
+
+def build(args: Mapping[str, Any]) -> serve.Application:
+    """Serve application builder: ``{artifact_uri, sha256, model_name[, max_concurrent_sequences, max_queued]}``."""
+    uri, sha256, name = _string_arg(args, "artifact_uri"), _string_arg(args, "sha256"), _string_arg(args, "model_name")
+    artifacts.fetch_verified(uri, sha256)  # fail the deploy now, not after replica retries
+    return GenAIReplica.bind(uri, sha256, name, int(args.get("max_concurrent_sequences", 0)), int(args.get("max_queued", 0)))

@@ -1,0 +1,309 @@
+"""Generative models on an agent, through the official ``openai`` SDK.
+
+A real agent (in process) joins a real control-plane gRPC server on loopback, is assigned
+a ``runtime: onnx-genai`` package served over real HTTP, verifies, unpacks and loads it
+with onnxruntime-genai, and answers ``/v1`` — streamed and not — to ``openai.AsyncOpenAI``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tokenizers import Tokenizer
+
+from orchestrator.agents import model
+from orchestrator.testing import genai_model
+
+from .conftest import SITE, ArtifactServer, ControlPlane, MakeAgent
+
+MODEL = "chat"
+USER = [{"role": "user", "content": "Where does the model run?"}]
+
+
+@dataclass(frozen=True)
+class Packages:
+    small: genai_model.GenAIModel  # context 256, fast
+    slow: genai_model.GenAIModel  # context 4096, with per-token compute: long generations to interrupt
+    small_url: str
+    slow_url: str
+
+
+@pytest.fixture(scope="session")
+def packages(artifact_server: ArtifactServer) -> Packages:
+    small = genai_model.build_package(artifact_server.root, name="tiny-chat")
+    slow = genai_model.build_package(artifact_server.root, name="slow-chat", context_length=4096, ffn_layers=4,
+                                     embed_dim=256, ffn_dim=1024, seed=1)
+    return Packages(small, slow, artifact_server.url("tiny-chat.tar"), artifact_server.url("slow-chat.tar"))
+
+
+def assignment(url: str, sha256: str, *, concurrent: int = 4, queued: int = 16) -> model.Assignment:
+    return model.Assignment(MODEL, "assistant", "small", url, sha256, runtime="onnx-genai",
+                            max_concurrent_sequences=concurrent, max_queued=queued)
+
+
+async def wait_state(cp: ControlPlane, predicate) -> model.ModelState:
+    def match(event: model.AgentEvent) -> bool:
+        state = event.status.models.get(MODEL)
+        return event.kind is model.AgentEventKind.MODELS_CHANGED and state is not None and predicate(state)
+
+    return (await cp.events.wait_for(match, timeout=30)).status.models[MODEL]
+
+
+@dataclass
+class Serving:
+    agent: object
+    client: openai.AsyncOpenAI
+    http: httpx.AsyncClient
+
+    async def metric(self, name: str, **labels: str) -> float:
+        text = (await self.http.get("/metrics")).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+
+async def serve(cp: ControlPlane, make_agent: MakeAgent, url: str, sha256: str, **limits: int) -> AsyncIterator[Serving]:
+    agent = await make_agent(cp)
+    await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+    cp.hub.set_assignments(SITE, [assignment(url, sha256, **limits)], version=1)
+    await wait_state(cp, lambda s: s.serving_sha256 == sha256)
+    client = openai.AsyncOpenAI(base_url=f"{agent.endpoint_url}/v1", api_key="unused", max_retries=0, timeout=30)
+    async with httpx.AsyncClient(base_url=agent.endpoint_url, timeout=30) as http:
+        yield Serving(agent, client, http)
+    await client.close()
+
+
+@pytest.fixture
+async def small(control_plane: ControlPlane, make_agent: MakeAgent, packages: Packages) -> AsyncIterator[Serving]:
+    async for s in serve(control_plane, make_agent, packages.small_url, packages.small.sha256):
+        yield s
+
+
+def chatml(messages: list[dict[str, str]]) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
+def token_count(pkg: genai_model.GenAIModel, text: str) -> int:
+    return len(Tokenizer.from_file(str(pkg.directory / "tokenizer.json")).encode(text).ids)
+
+
+# --- the protocol ------------------------------------------------------------------------------
+
+
+async def test_models_lists_the_generative_model(small: Serving) -> None:
+    listed = await small.client.models.list()
+    assert [m.id for m in listed.data] == [MODEL]
+
+
+async def test_stream_sends_one_chunk_per_token_and_the_usage(small: Serving, packages: Packages) -> None:
+    whole = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0)
+    stream = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0, stream=True,
+                                                        stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert len(content) == 12  # one chunk per generated token
+    assert "".join(content) == whole.choices[0].message.content  # the same greedy answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    prompt_tokens = token_count(packages.small, chatml(USER))
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (prompt_tokens, 12, prompt_tokens + 12)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens, 12)
+    assert whole.choices[0].finish_reason == "length" and whole.object == "chat.completion"
+
+
+async def test_stop_string_ends_the_answer_before_it(small: Serving) -> None:
+    free = (await small.client.completions.create(model=MODEL, prompt="The agent", max_tokens=30, temperature=0)).choices[0].text
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    assert stop.strip(), free
+    cut = free[:free.index(stop)]
+    whole = await small.client.completions.create(model=MODEL, prompt="The agent", max_tokens=30, temperature=0, stop=[stop, "zzz"])
+    assert whole.choices[0].text == cut and whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens < 30
+    streamed = await small.client.completions.create(model=MODEL, prompt="The agent", max_tokens=30, temperature=0, stop=stop,
+                                                      stream=True)
+    parts = [c async for c in streamed]
+    assert "".join(c.choices[0].text for c in parts) == cut
+    assert parts[-1].choices[0].finish_reason == "stop"
+
+
+async def test_max_tokens_bounds_the_answer(small: Serving) -> None:
+    for n in (1, 5):
+        r = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=n, temperature=0)
+        assert r.usage.completion_tokens == n and r.choices[0].finish_reason == "length"
+
+
+async def test_logprobs_and_top_logprobs(small: Serving) -> None:
+    r = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    items = r.choices[0].logprobs.content
+    plain = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == plain.choices[0].message.content  # asking for logprobs changes nothing
+    assert len(items) == 4 and "".join(i.token for i in items) == r.choices[0].message.content
+    for item in items:
+        tops = [t.logprob for t in item.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and all(lp <= 0 for lp in tops)
+        assert item.logprob == pytest.approx(tops[0])  # greedy picks the most likely token
+
+
+async def test_seed_makes_sampling_reproducible(small: Serving) -> None:
+    async def sample(seed: int) -> str:
+        r = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=24, temperature=1.0, top_p=0.95, seed=seed)
+        return r.choices[0].message.content
+
+    first = await sample(7)
+    assert await sample(7) == first
+    assert {await sample(s) for s in (1, 2, 3)} != {first}
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": USER, "max_tokens": "ten"}, "max_tokens"),
+        ({"messages": USER, "temperature": 5}, "temperature"),
+        ({"messages": USER, "n": 2}, "n"),
+        ({"messages": USER, "stream": "yes"}, "stream"),
+        ({"messages": USER, "stop": [1, 2]}, "stop"),
+        ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+async def test_bad_bodies_get_400_naming_the_field(small: Serving, body: dict, param: str) -> None:
+    response = await small.http.post("/v1/chat/completions", json={"model": MODEL, **body})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and param in error["message"]
+
+
+async def test_errors_are_openai_error_objects(small: Serving) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        await small.client.chat.completions.create(model="nope", messages=USER)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as long:
+        await small.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the model " * 200}])
+    assert long.value.body["code"] == "context_length_exceeded" and "maximum context length is 256 tokens" in long.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as over:
+        await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=250)
+    assert over.value.body["param"] == "max_tokens"
+    raw = await small.http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    # A generative model is not a v2 tensor model, and the agent says so.
+    v2 = await small.http.post(f"/v2/models/{MODEL}/infer", json={"inputs": []})
+    assert v2.status_code == 400 and "/v1/chat/completions" in v2.text
+    # Nothing above broke the model.
+    ok = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2
+
+
+# --- disconnects and overload ---------------------------------------------------------------------
+
+
+async def test_a_client_that_disconnects_stops_its_generation(control_plane: ControlPlane, make_agent: MakeAgent,
+                                                              packages: Packages) -> None:
+    async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256):
+        body = {"model": MODEL, "prompt": "The agent", "max_tokens": 4000, "temperature": 0, "stream": True}
+        async with s.http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200 and response.headers["transfer-encoding"] == "chunked"
+            lines = response.aiter_lines()
+            got = 0
+            async for line in lines:
+                got += line.startswith("data: ")
+                if got == 3:
+                    break
+        # The connection is closed: the generating thread sees the cancel within one step.
+        for _ in range(200):
+            if await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 1 \
+                    and await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 1
+        assert await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0
+        generated = await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL)
+        assert 3 <= generated < 4000
+
+        # Not streamed: the client leaves while the whole answer is being generated.
+        host, port = s.agent.endpoint_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        payload = json.dumps({**body, "stream": False}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(payload), payload))
+        for _ in range(200):
+            if await s.metric("edgeplane_agent_generation_running", model=MODEL) == 1:
+                break
+            await asyncio.sleep(0.02)
+        writer.close()
+        for _ in range(200):
+            if await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 2 \
+                    and await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 2
+        assert await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL) < generated + 4000
+
+
+async def test_beyond_running_and_queued_requests_get_429_with_retry_after(control_plane: ControlPlane, make_agent: MakeAgent,
+                                                                         packages: Packages) -> None:
+    async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256, concurrent=1, queued=1):
+        body = {"model": MODEL, "prompt": "The agent", "max_tokens": 4000, "temperature": 0, "stream": True}
+        async with s.http.stream("POST", "/v1/completions", json=body) as running:
+            first = running.aiter_lines()
+            assert (await anext(first)).startswith("data: ")  # it holds the one slot
+            waiting = asyncio.create_task(s.http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 3}))
+            for _ in range(200):
+                if await s.metric("edgeplane_agent_generation_queued", model=MODEL) == 1:
+                    break
+                await asyncio.sleep(0.02)
+            with pytest.raises(openai.RateLimitError) as refused:
+                await s.client.completions.create(model=MODEL, prompt="The agent", max_tokens=3)
+            assert int(refused.value.response.headers["retry-after"]) >= 1
+            assert refused.value.body["type"] == "rate_limit_error"
+        # The stream's client left: the queued request gets the slot and is answered.
+        answered = await asyncio.wait_for(waiting, 30)
+        assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 3
+
+
+# --- packages -------------------------------------------------------------------------------------
+
+
+async def test_a_mismatching_package_is_refused_and_the_old_version_keeps_serving(
+        small: Serving, control_plane: ControlPlane, packages: Packages, artifact_server: ArtifactServer) -> None:
+    data = bytearray(packages.slow.package.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (artifact_server.root / "corrupt-chat.tar").write_bytes(bytes(data))
+    control_plane.hub.set_assignments(SITE, [assignment(artifact_server.url("corrupt-chat.tar"), packages.slow.sha256)], version=2)
+    state = await wait_state(control_plane, lambda st: st.phase is model.ModelPhase.FAILED)
+    assert "sha256" in state.message and state.serving_sha256 == packages.small.sha256
+    r = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+    models_dir = small.agent.models_dir
+    assert sorted(p.name for p in models_dir.iterdir()) == [packages.small.sha256]  # nothing half-unpacked
+
+
+async def test_a_package_escaping_its_folder_is_refused_before_anything_is_written(
+        small: Serving, control_plane: ControlPlane, packages: Packages, artifact_server: ArtifactServer, tmp_path) -> None:
+    from tests.agent.genai_packages import evil_package
+
+    for version, kind in enumerate(("dotdot", "symlink", "absolute", "hardlink"), start=2):
+        path, sha = evil_package(packages.small.directory, artifact_server.root / f"evil-{kind}.tar", kind)
+        control_plane.hub.set_assignments(SITE, [assignment(artifact_server.url(path.name), sha)], version=version)
+        state = await wait_state(control_plane, lambda st, sha=sha: st.sha256 == sha and st.phase is model.ModelPhase.FAILED)
+        assert "refused" in state.message and state.serving_sha256 == packages.small.sha256, state.message
+        assert sorted(p.name for p in small.agent.models_dir.iterdir()) == [packages.small.sha256]
+        assert not (small.agent.models_dir.parent / "escaped").exists()
+    r = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+    assert json.loads(r.model_dump_json())["model"] == MODEL

@@ -1,0 +1,116 @@
+"""Pure parts of generative serving: package checks, stop strings, admission, request parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import pathlib
+import tarfile
+
+import pytest
+
+from edge_agent import errors, openai_api, packages
+from edge_agent.generation import Admission, Overloaded
+from edge_agent.runtime.genai import StopMatcher
+
+
+def _tar(path: pathlib.Path, members: dict[str, bytes]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_good_package_unpacks_once_into_its_digest_folder(tmp_path: pathlib.Path) -> None:
+    sha = _tar(tmp_path / "p.tar", {"genai_config.json": b"{}", "sub/model.onnx": b"x"})
+    folder = packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models")
+    assert folder == tmp_path / "models" / sha and (folder / "sub" / "model.onnx").read_bytes() == b"x"
+    assert packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models") == folder  # reused
+    packages.prune(tmp_path / "models", keep=set())
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("members", "words"),
+    [
+        ({"genai_config.json": b"{}", "/abs/x": b"x"}, "absolute path"),
+        ({"genai_config.json": b"{}", "a/../../x": b"x"}, "leaves the package folder"),
+        ({"genai_config.json": b"{}", "a\\b": b"x"}, "invalid name"),
+        ({"model.onnx": b"x"}, "no genai_config.json"),
+        ({"genai_config.json": b"{}", "big": b"x" * 2000}, "more than 1000 bytes"),
+    ],
+)
+def test_bad_packages_are_refused_and_leave_nothing(tmp_path: pathlib.Path, members: dict[str, bytes], words: str) -> None:
+    sha = _tar(tmp_path / "p.tar", members)
+    with pytest.raises(packages.PackageRefused, match=words.replace("(", r"\(")):
+        packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models", max_bytes=1000)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_mismatching_package_is_refused_before_it_is_read(tmp_path: pathlib.Path) -> None:
+    _tar(tmp_path / "p.tar", {"genai_config.json": b"{}"})
+    with pytest.raises(errors.ArtifactIntegrityError, match="refused before unpacking"):
+        packages.unpack(tmp_path / "p.tar", "0" * 64, tmp_path / "models")
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    junk_sha = hashlib.sha256((tmp_path / "junk.tar").read_bytes()).hexdigest()
+    with pytest.raises(packages.PackageRefused, match="not a tar archive"):
+        packages.unpack(tmp_path / "junk.tar", junk_sha, tmp_path / "models")
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_too_many_members_are_refused(tmp_path: pathlib.Path) -> None:
+    sha = _tar(tmp_path / "p.tar", {"genai_config.json": b"{}", **{f"f{i}": b"" for i in range(5)}})
+    with pytest.raises(packages.PackageRefused, match="more than 3 members"):
+        packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models", max_files=3)
+
+
+def test_stop_strings_cut_text_and_hold_back_possible_starts() -> None:
+    m = StopMatcher(["END", "\n\n"])
+    assert m.feed("hello E") == ("hello ", False)  # "E" may start "END"
+    assert m.feed("x") == ("Ex", False)  # it did not
+    assert m.feed("ab\n") == ("ab", False)
+    assert m.feed("\nmore") == ("", True)
+    m = StopMatcher(["END"])
+    assert m.feed("aEN") == ("a", False) and m.flush() == "EN"
+    assert StopMatcher([]).feed("anything") == ("anything", False)
+
+
+async def test_admission_bounds_running_and_queued_and_hands_slots_on_in_order() -> None:
+    gate = Admission(1, 1)
+    await gate.acquire()
+    waiter = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0)
+    assert gate.queued == 1
+    with pytest.raises(Overloaded) as full:
+        await gate.acquire()
+    assert full.value.retry_after >= 1
+    gate.release(0.5)
+    await asyncio.wait_for(waiter, 1)
+    assert (gate.active, gate.queued) == (1, 0)
+    leaver = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0)
+    leaver.cancel()  # a waiter whose client left gives its place up
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
+    assert gate.queued == 0
+    gate.release()
+    assert gate.active == 0
+
+
+def test_request_parsing_defaults_and_names() -> None:
+    r = openai_api.parse(json.dumps({"model": "m", "prompt": ["one"], "logprobs": 2}).encode(), chat=False)
+    assert (r.prompt, r.max_tokens, r.options.logprobs, r.options.top_logprobs, r.options.temperature) == ("one", 16, True, 2, 1.0)
+    r = openai_api.parse(json.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                           {"type": "text", "text": "b"}]}],
+                                     "max_completion_tokens": 3, "stop": "x"}).encode(), chat=True)
+    assert (r.messages[0]["content"], r.max_tokens, r.options.stop) == ("ab", 3, ("x",))
+    with pytest.raises(openai_api.ApiError) as err:
+        openai_api.parse(b'{"model": "m", "messages": [], "stream": true, "stream_options": {"include_usage": true}}', chat=True)
+    assert err.value.param == "messages"
+    with pytest.raises(openai_api.ApiError) as err:
+        openai_api.parse(b'{"model": "m", "prompt": "p", "stream_options": {"include_usage": true}}', chat=False)
+    assert err.value.param == "stream_options"

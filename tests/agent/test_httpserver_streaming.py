@@ -1,0 +1,148 @@
+"""Streamed responses on the agent's HTTP server, over real loopback sockets: chunked
+framing, keep-alive after a stream, back-pressure from a client that does not read,
+disconnect detection, and a producer that fails mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+
+from edge_agent import httpserver
+from edge_agent.httpserver import Request, Response, StreamingResponse
+
+CHUNK = 64 * 1024
+
+
+class Streams:
+    def __init__(self) -> None:
+        self.produced = 0
+        self.closed = asyncio.Event()
+        self.first_sent = asyncio.Event()
+
+    async def __call__(self, request: Request) -> Response | StreamingResponse:
+        if request.path == "/small":
+            return StreamingResponse(200, self._items([b"a", b"bb", b"", b"ccc"]))
+        if request.path == "/big":
+            return StreamingResponse(200, self._big(int(request.query.split("=")[1])))
+        if request.path == "/forever":
+            return StreamingResponse(200, self._forever())
+        if request.path == "/fails":
+            return StreamingResponse(200, self._fails())
+        return Response(200, b"plain", content_type="text/plain")
+
+    async def _items(self, items: list[bytes]) -> AsyncIterator[bytes]:
+        for item in items:
+            yield item
+
+    async def _big(self, n: int) -> AsyncIterator[bytes]:
+        for i in range(n):
+            self.produced = i + 1
+            yield bytes([i % 251]) * CHUNK
+
+    async def _forever(self) -> AsyncIterator[bytes]:
+        try:
+            yield b"data: first\n\n"
+            self.first_sent.set()
+            await asyncio.Event().wait()  # a generation that would never end by itself
+            yield b"never"
+        finally:
+            self.closed.set()
+
+    async def _fails(self) -> AsyncIterator[bytes]:
+        yield b"data: one\n\n"
+        raise RuntimeError("producer bug")
+
+
+async def start() -> tuple[httpserver.HttpServer, Streams, int]:
+    streams = Streams()
+    server = httpserver.HttpServer(streams)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    return server, streams, sock.getsockname()[1]
+
+
+async def test_chunked_framing_then_the_connection_serves_the_next_request() -> None:
+    server, _, port = await start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\nGET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"transfer-encoding: chunked" in head and b"content-length" not in head
+        body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+        assert body == b"1\r\na\r\n2\r\nbb\r\n3\r\nccc\r\n0\r\n\r\n"  # the empty item sends nothing
+        second = await asyncio.wait_for(reader.readuntil(b"plain"), 5)
+        assert second.startswith(b"HTTP/1.1 200 OK") and b"content-length: 5" in second
+        writer.close()
+        async with httpx.AsyncClient() as client:  # and a standard client decodes it
+            assert (await client.get(f"http://127.0.0.1:{port}/small")).content == b"abbccc"
+    finally:
+        await server.shutdown(1)
+
+
+async def test_a_client_that_does_not_read_holds_the_producer_back() -> None:
+    server, streams, port = await start()
+    n = 400  # 25 MiB in all
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(f"GET /big?n={n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        # Wait until production stops growing (bounded: 100 looks, 20 ms apart).
+        last = -1
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if streams.produced == last and last > 0:
+                break
+            last = streams.produced
+        assert 0 < streams.produced < n // 4, streams.produced  # kernel buffers + one write-buffer high-water mark
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        received = 0
+        while True:
+            size_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+            size = int(size_line.strip(), 16)
+            data = await asyncio.wait_for(reader.readexactly(size + 2), 5)
+            if size == 0:
+                break
+            received += size
+            assert data[:-2] == bytes([data[0]]) * size
+        assert received == n * CHUNK and streams.produced == n
+        writer.close()
+    finally:
+        await server.shutdown(1)
+
+
+async def test_a_client_that_leaves_closes_the_producer_at_once() -> None:
+    server, streams, port = await start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"data: first\n\n\r\n"), 5)
+        writer.close()
+        await asyncio.wait_for(streams.closed.wait(), 5)  # its finally ran: it knows nobody listens
+        assert not server.connections or all(c.idle for c in server.connections)
+    finally:
+        await server.shutdown(1)
+
+
+async def test_a_producer_that_fails_truncates_the_stream_visibly() -> None:
+    server, _, port = await start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /fails HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        rest = await asyncio.wait_for(reader.read(), 5)  # EOF: the server closed the connection
+        assert rest == b"b\r\ndata: one\n\n\r\n"  # no terminating zero-size chunk: the client knows it is cut
+        async with httpx.AsyncClient() as client:
+            try:
+                await client.get(f"http://127.0.0.1:{port}/fails")
+                raise AssertionError("a truncated chunked body must not read as complete")
+            except httpx.RemoteProtocolError:
+                pass
+    finally:
+        await server.shutdown(1)
