@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgeplane-installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: demo test lint proto bench serve clean
+.PHONY: demo test lint proto bench serve clean postgres
 
 $(STAMP): pyproject.toml setup.py $(PROTOS)
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ proto: $(STAMP)
 demo: $(STAMP) proto
 	$(VENV)/bin/edgeplane demo
 
-test: $(STAMP) proto lint
+test: $(STAMP) proto lint postgres
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the PostgreSQL server the store tests start (Debian packages; quiet when present)
+postgres:
+	@tests/install-postgres
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
