@@ -88,8 +88,7 @@ class PostgresStore:
         self._timeout = connect_timeout_s
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
-        with self._tx() as db:
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))  # two replicas starting at once
+        with self._tx() as db:  # under the write lock: two replicas starting at once
             db.execute(SCHEMA)
 
     def close(self) -> None:
@@ -107,22 +106,47 @@ class PostgresStore:
                 raise StoreUnavailable(f"cannot reach the PostgreSQL store at {self.path}: {_one_line(e)}") from e
         return self._conn
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """One read. A read changes nothing, so a connection found broken (the server
+        restarted since the last call) is replaced and the read made once more."""
         with self._lock:
-            conn = self._connection()
-            try:
-                yield conn
-            except psycopg.OperationalError as e:
-                raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
+            for attempt in (1, 2):
+                conn = self._connection()
+                try:
+                    return conn.execute(sql, args).fetchall()  # type: ignore[arg-type]
+                except psycopg.OperationalError as e:
+                    if attempt == 2 or not conn.broken:
+                        raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
+        raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def _tx(self, commit: bool = True) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         """One write transaction, serialised with every other writer on the database;
-        ``commit=False`` rolls it back at the end (a dry run)."""
-        with self._read() as conn, conn.transaction(force_rollback=not commit):
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            yield conn
+        ``commit=False`` rolls it back at the end (a dry run). A connection found broken
+        when the transaction begins (nothing sent yet) is replaced once; a failure after
+        that raises :class:`StoreUnavailable`: the write may or may not have committed."""
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._connection()
+                try:
+                    conn.execute("BEGIN")
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                    break
+                except psycopg.OperationalError as e:
+                    if attempt == 2 or not conn.broken:
+                        raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
+            try:
+                yield conn
+            except BaseException as e:
+                with contextlib.suppress(psycopg.OperationalError):
+                    conn.execute("ROLLBACK")
+                if isinstance(e, psycopg.OperationalError):
+                    raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
+                raise
+            try:
+                conn.execute("COMMIT" if commit else "ROLLBACK")
+            except psycopg.OperationalError as e:
+                raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
 
     def _next_version(self, db: psycopg.Connection[dict[str, Any]]) -> int:
         row = db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version' RETURNING value").fetchone()
@@ -138,8 +162,7 @@ class PostgresStore:
             return int(row["value"])  # type: ignore[index]
 
     def resource_version(self) -> int:
-        with self._read() as db:
-            return int(db.execute("SELECT value FROM meta WHERE key = 'resource_version'").fetchone()["value"])  # type: ignore[index]
+        return int(self._fetch("SELECT value FROM meta WHERE key = 'resource_version'")[0]["value"])
 
     @staticmethod
     def _row(row: Mapping[str, Any]) -> StoredObject:
@@ -152,16 +175,14 @@ class PostgresStore:
     # --- objects --------------------------------------------------------------------
 
     def get(self, kind: str, name: str) -> StoredObject | None:
-        with self._read() as db:
-            row = db.execute("SELECT * FROM objects WHERE kind = %s AND name = %s", (kind, name)).fetchone()
-        return self._row(row) if row else None
+        rows = self._fetch("SELECT * FROM objects WHERE kind = %s AND name = %s", (kind, name))
+        return self._row(rows[0]) if rows else None
 
     def list(self, kind: str | None = None) -> list[StoredObject]:
-        with self._read() as db:
-            if kind is None:
-                rows = db.execute("SELECT * FROM objects ORDER BY kind COLLATE \"C\", name COLLATE \"C\"").fetchall()
-            else:
-                rows = db.execute("SELECT * FROM objects WHERE kind = %s ORDER BY name COLLATE \"C\"", (kind,)).fetchall()
+        if kind is None:
+            rows = self._fetch('SELECT * FROM objects ORDER BY kind COLLATE "C", name COLLATE "C"')
+        else:
+            rows = self._fetch('SELECT * FROM objects WHERE kind = %s ORDER BY name COLLATE "C"', (kind,))
         return [self._row(r) for r in rows]
 
     def apply(self, writes: Sequence[ObjectWrite], event: Event | None = None, dry_run: bool = False) -> list[WriteOutcome]:
@@ -245,10 +266,7 @@ class PostgresStore:
     # --- placement intent ------------------------------------------------------------
 
     def placements(self) -> list[PlacementRow]:
-        with self._read() as db:
-            rows = db.execute(
-                'SELECT * FROM placements ORDER BY deployment COLLATE "C", site COLLATE "C", variant COLLATE "C"'
-            ).fetchall()
+        rows = self._fetch('SELECT * FROM placements ORDER BY deployment COLLATE "C", site COLLATE "C", variant COLLATE "C"')
         return [PlacementRow(r["deployment"], r["site"], r["variant"], r["replicas"]) for r in rows]
 
     def replace_placements(self, rows: Sequence[PlacementRow], events: Sequence[Event] = ()) -> None:
@@ -284,15 +302,11 @@ class PostgresStore:
         if name:
             sql, args = sql + " AND name = %s", [*args, name]
         sql += " ORDER BY id LIMIT %s"
-        with self._read() as db:
-            rows = db.execute(sql, (*args, max(1, min(limit, 10_000)))).fetchall()
+        rows = self._fetch(sql, (*args, max(1, min(limit, 10_000))))
         return [_event(r) for r in rows]
 
     def recent_events(self, kind: str, name: str, limit: int = 20) -> list[LoggedEvent]:
-        with self._read() as db:
-            rows = db.execute(
-                "SELECT * FROM events WHERE kind = %s AND name = %s ORDER BY id DESC LIMIT %s", (kind, name, limit)
-            ).fetchall()
+        rows = self._fetch("SELECT * FROM events WHERE kind = %s AND name = %s ORDER BY id DESC LIMIT %s", (kind, name, limit))
         return [_event(r) for r in reversed(rows)]
 
     # --- tokens and agent identities ---------------------------------------------------
@@ -312,10 +326,8 @@ class PostgresStore:
         return secret, TokenInfo(token_id, purpose, role, expires, description, now)
 
     def verify_token(self, secret: str, purpose: str) -> TokenInfo | None:
-        with self._read() as db:
-            row = db.execute(
-                "SELECT * FROM tokens WHERE digest = %s AND purpose = %s AND NOT revoked", (digest(secret), purpose)
-            ).fetchone()
+        rows = self._fetch("SELECT * FROM tokens WHERE digest = %s AND purpose = %s AND NOT revoked", (digest(secret), purpose))
+        row = rows[0] if rows else None
         if row is None or (row["expires_at"] is not None and row["expires_at"] < self._clock()):
             return None
         return TokenInfo(row["id"], row["purpose"], row["role"], row["expires_at"], row["description"], row["created_at"])
@@ -328,8 +340,7 @@ class PostgresStore:
         return bool(n)
 
     def has_api_tokens(self) -> bool:
-        with self._read() as db:
-            return db.execute("SELECT 1 FROM tokens WHERE purpose = 'api' AND NOT revoked LIMIT 1").fetchone() is not None
+        return bool(self._fetch("SELECT 1 FROM tokens WHERE purpose = 'api' AND NOT revoked LIMIT 1"))
 
     def save_agent(self, site: str, agent_id: str, credential: str, actor: str) -> None:
         now = self._clock()
@@ -343,19 +354,16 @@ class PostgresStore:
             self._log(db, Event(actor, "agent-joined", "Site", site, "agent joined with a bootstrap token", {"agentId": agent_id}), now)
 
     def agent_credential_ok(self, site: str, credential: str) -> bool:
-        with self._read() as db:
-            row = db.execute("SELECT credential_digest, revoked FROM agents WHERE site = %s", (site,)).fetchone()
+        rows = self._fetch("SELECT credential_digest, revoked FROM agents WHERE site = %s", (site,))
+        row = rows[0] if rows else None
         return bool(row) and not row["revoked"] and secrets.compare_digest(row["credential_digest"], digest(credential))
 
     def agent_revoked_at(self, site: str) -> float | None:
         """When the site's agent identity was revoked, or None if it is not revoked."""
-        with self._read() as db:
-            row = db.execute("SELECT revoked FROM agents WHERE site = %s", (site,)).fetchone()
-            if row is None or not row["revoked"]:
-                return None
-            ts = db.execute(
-                "SELECT MAX(ts) AS ts FROM events WHERE kind = 'Site' AND name = %s AND action = 'agent-revoked'", (site,)
-            ).fetchone()["ts"]  # type: ignore[index]
+        rows = self._fetch("SELECT revoked FROM agents WHERE site = %s", (site,))
+        if not rows or not rows[0]["revoked"]:
+            return None
+        ts = self._fetch("SELECT MAX(ts) AS ts FROM events WHERE kind = 'Site' AND name = %s AND action = 'agent-revoked'", (site,))[0]["ts"]
         return float(ts) if ts is not None else 0.0
 
     def revoke_agent(self, site: str, actor: str) -> bool:

@@ -339,6 +339,9 @@ WRITER = textwrap.dedent(
     store = open_store(sys.argv[1])
     current = store.get("Site", "s0")
     i = current.spec["round"] if current else 0  # resume after the previous kill
+    if current and {p.replicas for p in store.placements()} != {i}:  # killed between the two writes of a round
+        store.replace_placements([PlacementRow("d", f"s{k}", "v", i) for k in range(3)],
+                                 [Event("writer", "place", "ModelDeployment", "d", f"round {i}")])
     print("ready", flush=True)
     while True:
         i += 1
