@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgeplane-installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: demo test lint proto bench serve clean chromium
+.PHONY: demo test lint proto bench serve clean system-packages
 
 $(STAMP): pyproject.toml setup.py $(PROTOS)
 	@echo "Creating $(VENV) and installing edgeplane with its dependencies (about a minute the first time)"
@@ -21,21 +21,13 @@ proto: $(STAMP)
 demo: $(STAMP) proto
 	$(VENV)/bin/edgeplane demo
 
-test: $(STAMP) proto lint chromium
+test: $(STAMP) proto lint system-packages
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The console's browser tests drive the Debian Chromium package (never a downloaded browser).
-# Quiet when it is there; when apt-get cannot install it, those tests skip and say so.
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
-chromium:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
-	  echo "installing chromium (Debian package) for the web console's browser tests"; \
-	  if [ "$$(id -u)" != 0 ] && ! command -v sudo >/dev/null 2>&1; then echo "not root and no sudo: cannot run apt-get"; else \
-	  for i in 1 2 3 4 5 6 7 8 9 10; do \
-	    $(SUDO) env DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium' >/dev/null 2>&1 && break; \
-	    echo "apt-get failed (another install holding the lock?), retrying in 15 s"; sleep 15; \
-	  done; fi; \
-	  command -v chromium >/dev/null 2>&1 || echo "chromium could not be installed: the browser tests will skip"; }
+# Debian packages some tests drive (Chromium for the console, the PostgreSQL server for the
+# store); quiet when present, and those tests skip with the reason when they cannot be had.
+system-packages:
+	@tests/install-system-packages
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports

@@ -48,6 +48,7 @@ from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
+from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger("edgeplane")
@@ -85,6 +86,7 @@ class ServerConfig:
     gateway_burst: float = 0.0  # bucket size; default max(rate, 1)
     gateway_max_body: int = proxy.MAX_BODY
     cold_start_timeout_s: float = proxy.COLD_START_S
+    store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
 
 
 class StoreJoinAuthenticator:
@@ -159,7 +161,10 @@ class ControlPlane:
                 "bind 127.0.0.1, or start with --auth token (an admin token is written to <data-dir>/admin.token)"
             )
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = store_mod.Store(cfg.data_dir / "state.db")
+        try:
+            self.store = open_store(cfg.store or cfg.data_dir / "state.db")  # type: ignore[assignment]
+        except store_mod.StoreError as e:
+            raise ConfigError(str(e)) from e
         self._ensure_admin_token()
         self.authenticator = auth.Authenticator(self.store, required=cfg.auth == "token")
         self.registry = CollectorRegistry()
@@ -374,6 +379,8 @@ class _FleetCollector:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
+    p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
+                   help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas); default: SQLite in --data-dir")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
@@ -426,6 +433,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gateway_max_body=args.gateway_max_body,
         cold_start_timeout_s=args.cold_start_timeout,
         local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
+        store=args.store,
     )
 
 

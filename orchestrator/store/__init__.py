@@ -1,1 +1,73 @@
-"""Durable control-plane state: objects, placement intent, the event log, credentials."""
+"""Durable control-plane state: objects, placement intent, the event log, credentials.
+
+Two backends honour one contract (:class:`StateStore`): an embedded SQLite file, the
+default for one machine, and PostgreSQL (``postgresql://…``) for several control-plane
+replicas sharing one database. :func:`open_store` picks by the location's form.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from orchestrator.store.sqlite import (
+    Event,
+    LoggedEvent,
+    ObjectWrite,
+    PlacementRow,
+    StoredObject,
+    TokenInfo,
+    WriteOutcome,
+)
+
+
+class StateStore(Protocol):
+    """What the control plane needs of its store; both backends pass one test suite."""
+
+    path: str
+
+    def close(self) -> None: ...
+    def next_sequence(self, key: str) -> int: ...
+    def resource_version(self) -> int: ...
+    def get(self, kind: str, name: str) -> StoredObject | None: ...
+    def list(self, kind: str | None = None) -> list[StoredObject]: ...
+    def apply(self, writes: Sequence[ObjectWrite], event: Event | None = None, dry_run: bool = False) -> list[WriteOutcome]: ...
+    def delete(self, kind: str, name: str, event: Event, expected_version: int | None = None) -> WriteOutcome: ...
+    def set_status(self, kind: str, name: str, status: Mapping[str, Any]) -> bool: ...
+    def set_statuses(self, statuses: Sequence[tuple[str, str, Mapping[str, Any]]]) -> int: ...
+    def placements(self) -> list[PlacementRow]: ...
+    def replace_placements(self, rows: Sequence[PlacementRow], events: Sequence[Event] = ()) -> None: ...
+    def record(self, *events: Event) -> None: ...
+    def events(self, since: int = 0, limit: int = 100, kind: str | None = None, name: str | None = None) -> list[LoggedEvent]: ...
+    def recent_events(self, kind: str, name: str, limit: int = 20) -> list[LoggedEvent]: ...
+    def create_token(self, purpose: str, role: str, ttl_s: float | None, actor: str, description: str = "") -> tuple[str, TokenInfo]: ...
+    def verify_token(self, secret: str, purpose: str) -> TokenInfo | None: ...
+    def revoke_token(self, token_id: str, actor: str) -> bool: ...
+    def has_api_tokens(self) -> bool: ...
+    def save_agent(self, site: str, agent_id: str, credential: str, actor: str) -> None: ...
+    def agent_credential_ok(self, site: str, credential: str) -> bool: ...
+    def agent_revoked_at(self, site: str) -> float | None: ...
+    def revoke_agent(self, site: str, actor: str) -> bool: ...
+
+
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.time) -> StateStore:
+    """A ``postgresql://`` URL opens the PostgreSQL store (psycopg is imported only
+    then, so one machine on SQLite needs no driver); anything else is a SQLite path."""
+    if isinstance(location, str) and is_postgres_url(location):
+        try:
+            from orchestrator.store.postgres import PostgresStore
+        except ImportError as e:
+            from orchestrator.store.sqlite import StoreError
+
+            raise StoreError(f"the PostgreSQL store needs psycopg: pip install 'edgeplane[postgres]' ({e})") from e
+
+        return PostgresStore(location, clock=clock)
+    from orchestrator.store.sqlite import Store
+
+    return Store(location, clock=clock)

@@ -1,6 +1,6 @@
 """A control plane with four edge agents and headless Chromium, for the console tests.
 
-Chromium comes from the Debian package (``make chromium`` installs it; ``make test`` runs
+Chromium comes from the Debian package (``make system-packages`` installs it; ``make test`` runs
 that first) and is driven by Playwright for Python through ``executable_path``: Playwright's
 own browser download is never used. Without a Chromium binary the browser tests skip and
 say why.
@@ -61,7 +61,7 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 async def browser():
     executable = chromium_path()
     if executable is None:
-        pytest.skip("no Chromium on this machine and `make chromium` (apt-get install chromium) could not install it")
+        pytest.skip("no Chromium on this machine and `make system-packages` (apt-get install chromium) could not install it")
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator import server
 
-from . import support
+from . import postgres_server, support
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +35,12 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathl
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[postgres_server.PostgresServer]:
+    """One PostgreSQL server for the session (tests take a fresh database each)."""
+    with postgres_server.running() as server:
+        if isinstance(server, str):
+            pytest.skip(server)
+        yield server

@@ -1,5 +1,6 @@
-"""The SQLite state store: versions, optimistic concurrency, atomicity, the event log,
-tokens, and consistency after a kill -9 in the middle of writing."""
+"""The state store, on both backends (an SQLite file and a real PostgreSQL server): versions,
+optimistic concurrency, atomicity, the event log, tokens, and consistency after a kill -9
+in the middle of writing. Every test runs against both; they must behave identically."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from orchestrator.store import StateStore, open_store
 from orchestrator.store import sqlite as store_mod
-from orchestrator.store.sqlite import Conflict, Event, NotFound, ObjectWrite, Store
+from orchestrator.store.sqlite import Conflict, Event, NotFound, ObjectWrite
+
+Store = StateStore
 
 
 class FakeClock:
@@ -32,11 +37,43 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> str:
+    """Where a test's store lives: an SQLite file, or a fresh database on the session's server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.db")
+    return request.getfixturevalue("postgres").create_database()
+
+
 @pytest.fixture
-def store(tmp_path: pathlib.Path, clock: FakeClock) -> Store:
-    s = Store(tmp_path / "state.db", clock=clock)
-    yield s
-    s.close()
+def reopen(location: str) -> Iterator[Callable[..., Store]]:
+    """Opens (again) the store at this test's location; closes all it opened at the end."""
+    opened: list[Store] = []
+
+    def make(clock: Callable[[], float] = time.time) -> Store:
+        opened.append(open_store(location, clock=clock))
+        return opened[-1]
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(reopen: Callable[..., Store], clock: FakeClock) -> Store:
+    return reopen(clock)
+
+
+def stored_bytes(location: str) -> bytes:
+    """Everything the backend keeps on disk or in its tables, as bytes."""
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+            return b"".join(str(conn.execute(f"SELECT * FROM {t}").fetchall()).encode() for t in tables)
+    folder = pathlib.Path(location).parent
+    return b"".join(p.read_bytes() for p in folder.iterdir() if p.name.startswith(pathlib.Path(location).name))
 
 
 def write(name: str, spec: dict, labels: dict | None = None, expected: int | None = None, kind: str = "Site") -> ObjectWrite:
@@ -178,15 +215,14 @@ def test_event_log_records_who_what_when_why(store: Store, clock: FakeClock) -> 
     assert [e.action for e in store.recent_events("Site", "a")] == ["created", "configured", "deleted"]
 
 
-def test_event_log_is_append_only_across_deletes_and_reopen(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "s.db"
-    s = Store(path)
+def test_event_log_is_append_only_across_deletes_and_reopen(reopen: Callable[..., Store]) -> None:
+    s = reopen()
     s.apply([write("a", {"x": 1})], WHO)
     s.delete("Site", "a", Event("bob", "delete", "Site", "a", "gone"))
     s.apply([write("a", {"x": 1})], WHO)  # same name again: a new object, generation 1
     before = s.events()
     s.close()
-    s = Store(path)
+    s = reopen()
     try:
         assert s.events() == before
         assert [e.action for e in before] == ["created", "deleted", "created"]
@@ -230,7 +266,7 @@ def test_tokens_expire_by_the_injected_clock(store: Store, clock: FakeClock) -> 
     assert store.events()[-1].action == "token-created" and store.events()[-1].actor == "admin"
 
 
-def test_tokens_revoke_and_only_digests_are_stored(store: Store, tmp_path: pathlib.Path) -> None:
+def test_tokens_revoke_and_only_digests_are_stored(store: Store, location: str) -> None:
     secret, info = store.create_token("api", "read", None, "admin")
     assert info.expires_at is None and store.has_api_tokens()
     assert store.verify_token(secret + "x", "api") is None
@@ -239,7 +275,7 @@ def test_tokens_revoke_and_only_digests_are_stored(store: Store, tmp_path: pathl
     assert store.revoke_token("nope", "admin") is False
     assert not store.has_api_tokens()
     assert [e.action for e in store.events()][-1] == "token-revoked"
-    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("state.db"))
+    raw = stored_bytes(location)
     assert secret.encode() not in raw and store_mod.digest(secret).encode() in raw
 
 
@@ -254,13 +290,11 @@ def test_agent_credentials(store: Store) -> None:
     assert not store.agent_credential_ok("edge-lyon", "cred-2")
 
 
-def test_sequences_only_grow_and_survive_reopen(tmp_path: pathlib.Path) -> None:
-    s = Store(tmp_path / "s.db")
+def test_sequences_only_grow_and_survive_reopen(reopen: Callable[..., Store]) -> None:
+    s = reopen()
     assert [s.next_sequence("a"), s.next_sequence("a"), s.next_sequence("b")] == [1, 2, 1]
     s.close()
-    s = Store(tmp_path / "s.db")
-    assert s.next_sequence("a") == 3
-    s.close()
+    assert reopen().next_sequence("a") == 3
 
 
 def test_concurrent_writers_in_threads_lose_nothing(store: Store) -> None:
@@ -299,11 +333,15 @@ def test_concurrent_writers_in_threads_lose_nothing(store: Store) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from orchestrator.store.sqlite import Event, ObjectWrite, Store, PlacementRow
+    from orchestrator.store import open_store
+    from orchestrator.store.sqlite import Event, ObjectWrite, PlacementRow
 
-    store = Store(sys.argv[1])
+    store = open_store(sys.argv[1])
     current = store.get("Site", "s0")
     i = current.spec["round"] if current else 0  # resume after the previous kill
+    if current and {p.replicas for p in store.placements()} != {i}:  # killed between the two writes of a round
+        store.replace_placements([PlacementRow("d", f"s{k}", "v", i) for k in range(3)],
+                                 [Event("writer", "place", "ModelDeployment", "d", f"round {i}")])
     print("ready", flush=True)
     while True:
         i += 1
@@ -317,7 +355,7 @@ WRITER = textwrap.dedent(
 )
 
 
-def run_writer_and_kill(path: pathlib.Path, after_rounds: int) -> int:
+def run_writer_and_kill(path: str, after_rounds: int) -> int:
     """Start the writer, let it commit ``after_rounds`` more rounds, SIGKILL it while it writes."""
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
                             cwd=pathlib.Path(__file__).resolve().parents[2])
@@ -340,14 +378,15 @@ def run_writer_and_kill(path: pathlib.Path, after_rounds: int) -> int:
     return last
 
 
-def check_consistent(path: pathlib.Path, committed: int) -> int:
+def check_consistent(path: str, committed: int) -> int:
     """The invariants every prefix of the writer's history satisfies; returns the last round."""
-    db = sqlite3.connect(path)  # the raw file first: SQLite itself must find it sound
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    finally:
-        db.close()
-    store = Store(path)
+    if not path.startswith("postgresql://"):
+        db = sqlite3.connect(path)  # the raw file first: SQLite itself must find it sound
+        try:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finally:
+            db.close()
+    store = open_store(path)
     try:
         objs = store.list("Site")
         assert [o.name for o in objs] == ["s0", "s1", "s2"]
@@ -374,14 +413,14 @@ def check_consistent(path: pathlib.Path, committed: int) -> int:
         store.close()
 
 
-def test_kill_9_mid_write_leaves_the_store_consistent(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "state.db"
+def test_kill_9_mid_write_leaves_the_store_consistent(location: str) -> None:
+    path = location
     last = 0
     for after_rounds in (60, 1, 35):  # a long run, a kill right after start, another run
         committed = run_writer_and_kill(path, after_rounds)
         last = check_consistent(path, committed)
         assert last >= committed > 0
-    store = Store(path)  # and the store takes writes again
+    store = open_store(path)  # and the store takes writes again
     try:
         store.apply([ObjectWrite("Site", "s0", {}, {"round": 0})], WHO)
         assert store.resource_version() == 3 * last + 1

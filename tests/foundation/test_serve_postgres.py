@@ -1,0 +1,64 @@
+"""`edgeplane serve --store postgresql://…`: the control plane keeps its state in a real
+PostgreSQL server; a control plane killed with -9 and another started on the same
+database (with an empty data dir) sees every acknowledged write; a database that cannot
+be reached is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+
+from orchestrator.store import open_store
+
+from . import support
+from .postgres_server import PostgresServer
+
+
+def test_state_in_postgresql_survives_kill_9_and_is_seen_by_another_control_plane(
+    tmp_path: pathlib.Path, offline_fleet: pathlib.Path, postgres: PostgresServer
+) -> None:
+    url = postgres.create_database()
+    first = support.ServeProcess(tmp_path / "one", "--store", url, artifact_root=offline_fleet).wait_ready()
+    try:
+        applied = support.cli("apply", "-f", str(offline_fleet), server_url=first.url)
+        assert applied.returncode == 0, applied.stderr
+        before = json.loads(support.cli("get", "sites", "-o", "json", server_url=first.url).stdout)
+        assert before, "the example fleet has sites"
+    finally:
+        os.killpg(first.process.pid, signal.SIGKILL)
+        first.stop()
+    store = open_store(url)
+    try:
+        assert support.user_events(store), "the apply was logged in PostgreSQL"
+        desired = support.desired_state(store)
+    finally:
+        store.close()
+    second = support.ServeProcess(tmp_path / "two", "--store", url, artifact_root=offline_fleet).wait_ready()
+    try:
+        after = json.loads(support.cli("get", "sites", "-o", "json", server_url=second.url).stdout)
+        names = lambda doc: sorted(item["metadata"]["name"] for item in doc["items"])  # noqa: E731
+        assert names(after) == names(before)
+        again = support.cli("apply", "-f", str(offline_fleet), server_url=second.url)
+        assert again.returncode == 0 and "configured" not in again.stdout and "created" not in again.stdout, again.stdout
+    finally:
+        second.stop()
+    assert not (tmp_path / "one" / "state.db").exists()  # nothing went to SQLite
+    store = open_store(url)
+    try:
+        assert support.desired_state(store) == desired
+    finally:
+        store.close()
+
+
+def test_an_unreachable_database_is_a_one_line_error(tmp_path: pathlib.Path) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{support.closed_port()}/nowhere"
+    proc = support.ServeProcess(tmp_path / "cp", "--store", url)
+    code = proc.process.wait(60)
+    log = proc.log()
+    proc.stop()
+    assert code == 2, log  # serve's exit status for a configuration it cannot start with
+    assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
+    assert "cannot reach the PostgreSQL store" in log and "Connection refused" in log
+    assert "postgresql://postgres@127.0.0.1" in log

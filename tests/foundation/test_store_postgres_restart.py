@@ -1,0 +1,48 @@
+"""The PostgreSQL store across a restart of the database server: while it is down a
+write fails loudly and changes nothing; once it is back the same store object (no new
+process) reads and writes again, and every acknowledged write is there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator.store.postgres import PostgresStore, StoreUnavailable
+from orchestrator.store.sqlite import Event, ObjectWrite
+
+from . import postgres_server
+
+
+@pytest.fixture
+def own_server() -> Iterator[postgres_server.PostgresServer]:
+    """A server of this test's own: it is stopped and started, which others must not see."""
+    with postgres_server.running() as server:
+        if isinstance(server, str):
+            pytest.skip(server)
+        yield server
+
+
+def test_the_store_reconnects_after_the_server_restarts_and_loses_nothing(own_server: postgres_server.PostgresServer) -> None:
+    store = PostgresStore(own_server.create_database())
+    try:
+        acknowledged = [store.apply([ObjectWrite("Site", f"s{i}", {}, {"i": i})], Event("t", "apply", "", "", "before"))
+                        for i in range(5)]
+        own_server.stop("fast")
+        with pytest.raises(StoreUnavailable, match="PostgreSQL store"):
+            store.apply([ObjectWrite("Site", "down", {}, {"i": -1})])
+        with pytest.raises(StoreUnavailable):
+            store.get("Site", "s0")
+        own_server.start()
+        # reads and writes on the same object, no reopen
+        assert [o.name for o in store.list("Site")] == [f"s{i}" for i in range(5)]
+        assert store.get("Site", "down") is None  # the write refused while down left nothing
+        assert store.resource_version() == acknowledged[-1][0].resource_version
+        [after] = store.apply([ObjectWrite("Site", "s5", {}, {"i": 5})], Event("t", "apply", "", "", "after"))
+        assert after.resource_version == acknowledged[-1][0].resource_version + 1
+        assert [e.reason for e in store.events()] == ["before"] * 5 + ["after"]
+        own_server.stop("fast")
+        own_server.start()
+        assert store.next_sequence("x") == 1  # a write is the first call after the restart
+    finally:
+        store.close()
