@@ -51,6 +51,26 @@ def _stdlib_decode(body: bytes) -> np.ndarray:
     return np.asarray(spec["data"], dtype=np.float32).reshape(spec["shape"])
 
 
+def _row(batch: int, arr: np.ndarray, budget: float) -> dict:
+    response = oip.InferResponse("m", (oip.Tensor("o", arr),))
+    body, _ = oip.encode_response(response)
+    binary, length = oip.encode_response(response, binary=True)
+    assert oip.decode_response(body).outputs[0].array.tobytes() == arr.tobytes()
+    old = _stdlib_encode(arr)
+    row = {
+        "batch": batch, "elements": arr.size, "json_bytes": len(body),
+        "stdlib_encode_ms": _best_ms(lambda: _stdlib_encode(arr), budget),
+        "stdlib_decode_ms": _best_ms(lambda: _stdlib_decode(old), budget),
+        "codec_encode_ms": _best_ms(lambda: oip.encode_response(response), budget),
+        "codec_decode_ms": _best_ms(lambda: oip.decode_response(body), budget),
+        "binary_encode_ms": _best_ms(lambda: oip.encode_response(response, binary=True), budget),
+        "binary_decode_ms": _best_ms(lambda: oip.decode_response(binary, length), budget),
+    }
+    row["speedup_round_trip"] = round(
+        (row["stdlib_encode_ms"] + row["stdlib_decode_ms"]) / (row["codec_encode_ms"] + row["codec_decode_ms"]), 1)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter timing budget per case")
@@ -58,24 +78,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for batch in BATCHES:
-        arr = rng.standard_normal((batch, 2048)).astype(np.float32)
-        response = oip.InferResponse("m", (oip.Tensor("o", arr),))
-        body, _ = oip.encode_response(response)
-        binary, length = oip.encode_response(response, binary=True)
-        assert oip.decode_response(body).outputs[0].array.tobytes() == arr.tobytes()
-        old = _stdlib_encode(arr)
-        row = {
-            "batch": batch, "elements": arr.size, "json_bytes": len(body),
-            "stdlib_encode_ms": _best_ms(lambda: _stdlib_encode(arr), budget),
-            "stdlib_decode_ms": _best_ms(lambda: _stdlib_decode(old), budget),
-            "codec_encode_ms": _best_ms(lambda: oip.encode_response(response), budget),
-            "codec_decode_ms": _best_ms(lambda: oip.decode_response(body), budget),
-            "binary_encode_ms": _best_ms(lambda: oip.encode_response(response, binary=True), budget),
-            "binary_decode_ms": _best_ms(lambda: oip.decode_response(binary, length), budget),
-        }
-        row["speedup_round_trip"] = round(
-            (row["stdlib_encode_ms"] + row["stdlib_decode_ms"]) / (row["codec_encode_ms"] + row["codec_decode_ms"]), 1)
-        rows.append(row)
+        rows.append(_row(batch, rng.standard_normal((batch, 2048)).astype(np.float32), budget))
     table = Table(title=f"v2 JSON codec vs the standard library, best of runs, ms ({os.cpu_count()} cores)")
     cols = ["batch", "json_bytes", "stdlib_encode_ms", "codec_encode_ms", "stdlib_decode_ms", "codec_decode_ms",
             "binary_encode_ms", "binary_decode_ms", "speedup_round_trip"]
