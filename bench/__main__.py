@@ -16,6 +16,7 @@ BENCHMARKS = (
     "scheduler_quality",
     "scheduler_stability",
     "agent_idle",
+    "oip_codec",
     "agent_infer",
     "genai_agent",
     "agent_heartbeats",

@@ -18,7 +18,6 @@ own threads use the cores.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -56,7 +55,7 @@ def _error(status: int, message: str) -> Response:
 
 
 def _json(obj: object, status: int = 200) -> Response:
-    return Response(status, json.dumps(obj, separators=(",", ":")).encode())
+    return Response(status, oip.dumps(obj))
 
 
 def _infer_sync(

@@ -4,6 +4,13 @@ The agent, the data-centre ONNX replica, the gateway and the Python client all r
 write v2 inference bodies, so the encoding lives here once. Decoding validates everything
 a caller controls (datatype names, shapes against element counts, binary sizes) and raises
 :class:`ProtocolError`, which servers turn into a 400.
+
+JSON goes through orjson: numeric ``data`` is written straight from numpy (float32 in its
+shortest exact form, so FP32 round-trips bit for bit) and read back as one vectorised
+conversion, ten times and more faster than ``json`` with ``tolist``. JSON has no NaN or
+Infinity; like the standard library and tritonclient the codec writes and reads them as
+the bare literals ``NaN``/``Infinity``/``-Infinity`` (a rare body with them takes the slower
+standard-library path), so a non-finite value is never silently turned into ``null``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 #: v2 datatype name -> numpy dtype (BYTES is handled apart: object arrays of bytes).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -118,17 +126,49 @@ def _array_from_json(spec: Mapping[str, Any], where: str) -> np.ndarray:
     shape = _check_shape(spec.get("shape"), where)
     if "data" not in spec:
         raise ProtocolError(f"{where}.data is required")
-    flat = _flatten(spec["data"])
     if datatype == "BYTES":
-        flat = [v.encode() if isinstance(v, str) else v for v in flat]
+        flat = [v.encode() if isinstance(v, str) else v for v in _flatten(spec["data"])]
         if not all(isinstance(v, bytes) for v in flat):
             raise ProtocolError(f"{where}: BYTES data must be strings")
-    else:
-        numpy_dtype(datatype)  # an unknown name is named before the values are looked at
-        for v in flat:
-            if isinstance(v, (str, bytes, dict, type(None))):
-                raise ProtocolError(f"{where}: {datatype} data must be numbers, got {type(v).__name__}")
-    return _array_from_list(flat, datatype, shape, where)
+        return _array_from_list(flat, datatype, shape, where)
+    return _numbers_to_array(spec["data"], numpy_dtype(datatype), datatype, shape, where)
+
+
+def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Flat or nested JSON numbers as one vectorised conversion (no per-element Python)."""
+    if isinstance(data, list) and len(data) > 0 and isinstance(data[0], list):
+        _check_depth(data)
+    try:
+        values = np.asarray(data)
+    except (ValueError, OverflowError, TypeError) as exc:  # ragged nesting
+        raise ProtocolError(f"{where}: {datatype} data must be a list of numbers nested evenly: {exc}") from exc
+    if values.dtype.kind not in "biuf":
+        raise ProtocolError(f"{where}: {datatype} data must be numbers, got {_kind_name(values)}")
+    count = math.prod(shape)
+    if values.size != count:
+        raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, data has {values.size}")
+    if dtype.kind in "iu" and values.dtype.kind in "iu" and values.size and values.dtype != dtype:
+        info = np.iinfo(dtype)
+        low, high = values.min(), values.max()
+        if low < info.min or high > info.max:
+            raise ProtocolError(f"{where}: data does not fit {datatype}: values span {low}..{high}")
+    return values.astype(dtype, copy=False).reshape(shape)
+
+
+def _check_depth(data: list[Any]) -> None:
+    depth = 0
+    while isinstance(data, list) and data:
+        depth += 1
+        if depth > MAX_DIMS:
+            raise ProtocolError("tensor data is nested deeper than any allowed shape")
+        data = data[0]
+
+
+def _kind_name(values: np.ndarray) -> str:
+    if values.dtype.kind in "US":
+        return "str"
+    kinds = {type(v).__name__ for v in values.reshape(-1)[:64] if not isinstance(v, (int, float, bool))}
+    return ", ".join(sorted(kinds)) or "numbers out of range"
 
 
 def _array_from_list(values: Sequence[Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -181,10 +221,33 @@ def _json_body(body: bytes, header_length: int | None) -> tuple[Any, memoryview]
         if header_length < 0 or header_length > len(body):
             raise ProtocolError(f"{BINARY_HEADER} {header_length} is outside the body")
         head, rest = body[:header_length], memoryview(body)[header_length:]
+    return loads(head), rest
+
+
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """Parse JSON; ``NaN``/``Infinity`` literals (which orjson refuses) fall back to ``json``."""
     try:
-        return json.loads(head), rest
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if not _has_nonfinite_literal(data):
+            raise ProtocolError(f"body is not valid JSON: {exc}") from exc
+    try:
+        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"body is not valid JSON: {exc}") from exc
+
+
+def _has_nonfinite_literal(data: bytes | bytearray | memoryview | str) -> bool:
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    return b"NaN" in raw or b"Infinity" in raw
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON; numpy arrays are written natively, non-finite floats as ``NaN``/``Infinity``."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError as exc:
+        raise ProtocolError(f"cannot encode as JSON: {exc}") from exc
 
 
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
@@ -251,8 +314,18 @@ def _tensor_json(t: Tensor) -> dict[str, Any]:
             v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)
         ]
     else:
-        data = arr.reshape(-1).tolist()
+        data = np.ascontiguousarray(arr.reshape(-1))  # orjson writes it natively
     return {"name": t.name, "shape": list(arr.shape), "datatype": datatype, "data": data}
+
+
+def _finite(tensors: Sequence[Tensor]) -> bool:
+    return all(t.array.dtype.kind != "f" or bool(np.isfinite(t.array).all()) for t in tensors)
+
+
+def _tolist_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def _tensor_bytes(arr: np.ndarray) -> bytes:
@@ -268,7 +341,10 @@ def _tensor_bytes(arr: np.ndarray) -> bytes:
 def _encode(doc: dict[str, Any], tensors: Sequence[Tensor], key: str, binary: bool) -> tuple[bytes, int | None]:
     if not binary:
         doc[key] = [_tensor_json(t) for t in tensors]
-        return json.dumps(doc, separators=(",", ":")).encode(), None
+        if _finite(tensors):
+            return dumps(doc), None
+        # JSON cannot spell NaN/Infinity; the standard library's literals are what v2 clients read.
+        return json.dumps(doc, separators=(",", ":"), default=_tolist_default).encode(), None
     blobs = []
     specs = []
     for t in tensors:
@@ -283,7 +359,7 @@ def _encode(doc: dict[str, Any], tensors: Sequence[Tensor], key: str, binary: bo
             }
         )
     doc[key] = specs
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = dumps(doc)
     return b"".join([head, *blobs]), len(head)
 
 
@@ -366,7 +442,7 @@ def model_metadata(
 
 def error_body(message: str) -> bytes:
     """v2 error object: ``{"error": "..."}``."""
-    return json.dumps({"error": message}).encode()
+    return dumps({"error": message})
 
 
 # -- the gRPC form (inference.GRPCInferenceService) -----------------------------------

@@ -18,7 +18,6 @@ restarts; and again in each replica, on the copy that replica loads.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -78,7 +77,7 @@ def _error(status: int, message: str) -> Response:
 
 
 def _json(doc: Any, status: int = 200) -> Response:
-    return Response(json.dumps(doc), status_code=status, media_type=JSON)
+    return Response(oip.dumps(doc), status_code=status, media_type=JSON)
 
 
 @serve.deployment(name="OnnxModel")

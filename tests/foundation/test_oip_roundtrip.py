@@ -1,0 +1,92 @@
+"""Every v2 datatype round-trips exactly through the codec, as JSON and as binary tensors.
+
+Exactness is checked on the bytes (FP32/FP16/FP64 bit for bit, NaN payloads aside: JSON
+spells one NaN), so a codec that rounds floats through a shorter form fails here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edgeplane_proto import oip
+
+NUMERIC = sorted(oip.DATATYPES)
+shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)
+
+
+@st.composite
+def tensors(draw: st.DrawFn, datatype: str) -> np.ndarray:
+    shape = draw(shapes)
+    if datatype == "BYTES":
+        # JSON carries BYTES as text, so they are UTF-8 strings there; binary carries any bytes.
+        items = draw(st.lists(st.text(max_size=8).map(str.encode), min_size=int(np.prod(shape)),
+                              max_size=int(np.prod(shape))))
+        arr = np.empty(len(items), dtype=object)
+        arr[:] = items
+        return arr.reshape(shape)
+    dtype = oip.DATATYPES[datatype]
+    elements = st.floats(width=dtype.itemsize * 8, allow_nan=True) if dtype.kind == "f" else None
+    return draw(hnp.arrays(dtype, shape, elements=elements))
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    assert oip.datatype_of(a) == oip.datatype_of(b)
+    if a.dtype == object:
+        assert a.reshape(-1).tolist() == b.reshape(-1).tolist()
+    elif a.dtype.kind == "f":
+        nan = np.isnan(a)
+        assert np.array_equal(nan, np.isnan(b))
+        assert a[~nan].tobytes() == b[~nan].tobytes()  # bit for bit, -0.0 included
+    else:
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("datatype", [*NUMERIC, "BYTES"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_tensor_round_trips_exactly(datatype: str, binary: bool, data: st.DataObject) -> None:
+    first = data.draw(tensors(datatype), label="x")
+    second = data.draw(tensors(datatype), label="y")
+    body, length = oip.encode_request({"x": first, "y": second}, id="r", binary=binary)
+    request = oip.decode_request(body, length)
+    assert [t.name for t in request.inputs] == ["x", "y"]
+    _same(first, request.inputs[0].array)
+    _same(second, request.inputs[1].array)
+    response = oip.InferResponse("m", request.inputs, model_version="1", id="r")
+    out_body, out_length = oip.encode_response(response, binary=binary)
+    decoded = oip.decode_response(out_body, out_length)
+    _same(first, decoded.outputs[0].array)
+    _same(second, decoded.outputs[1].array)
+
+
+def test_json_nonfinite_values_use_the_literals_v2_clients_read() -> None:
+    arr = np.array([np.nan, np.inf, -np.inf, 1.5], dtype=np.float32)
+    body, _ = oip.encode_request({"x": arr})
+    assert b"NaN" in body and b"-Infinity" in body and b"null" not in body
+    back = oip.decode_request(body).inputs[0].array
+    assert np.isnan(back[0]) and back[1] == np.inf and back[2] == -np.inf and back[3] == 1.5
+
+
+@pytest.mark.parametrize(
+    ("data", "datatype", "message"),
+    [
+        (["1.5"], "FP32", "must be numbers"),
+        ([1, None], "FP32", "must be numbers"),
+        ([[1, 2], [3]], "FP32", "nested evenly"),
+        ([300], "UINT8", "does not fit UINT8"),
+        ([-1], "UINT32", "does not fit UINT32"),
+        ([1, 2, 3], "INT32", "needs 2 elements"),
+        ([1], "FP8", "unknown datatype"),
+    ],
+)
+def test_json_data_that_does_not_fit_is_refused_clearly(data: list, datatype: str, message: str) -> None:
+    shape = [2] if datatype == "INT32" else [len(data)] if not isinstance(data[0], list) else [2, 2]
+    body = oip.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}]})
+    with pytest.raises(oip.ProtocolError, match=message):
+        oip.decode_request(body)
