@@ -308,6 +308,7 @@ class _Relay(Response):
             async for batch in events:
                 await send({"type": "http.response.body", "body": batch, "more_body": True})
         except _UpstreamCut as exc:
+            # Not ejected here: the next request finds out at once (a refused connection is retried).
             owner.gw.metrics.failovers.labels(self.model, e.site).inc()
             await send({"type": "http.response.body", "body": sse_error(f"{e.site}: {exc}") + SSE_DONE, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

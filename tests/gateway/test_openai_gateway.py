@@ -9,7 +9,7 @@ queue, so that a second caller is refused with 429). The agent kill runs last.
 from __future__ import annotations
 
 import asyncio
-import pathlib
+import json
 import signal
 
 import httpx
@@ -18,6 +18,8 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator import client as client_mod
+from orchestrator.cli import main as cli
 from orchestrator.gateway import routing
 from orchestrator.testing import genai_model, harness, manifests
 
@@ -197,10 +199,44 @@ async def test_bad_inputs_get_openai_error_objects(sdk: openai.AsyncOpenAI, flee
             assert resp.status_code == 400 and error["type"] == "invalid_request_error" and error["param"] == param, resp.text
 
 
+async def test_client_chat_streams_deltas_from_the_nearest_replica(fleet: harness.Fleet) -> None:
+    assert fleet.cp is not None
+    async with client_mod.AsyncClient(fleet.cp.http_url, location=(52.52, 13.40)) as c:
+        answer = c.chat("chat", USER, max_tokens=6, temperature=0)
+        deltas = [d async for d in answer]
+        assert len(deltas) == 6 and answer.text == "".join(deltas)
+        assert answer.site == "edge-berlin" and answer.url == endpoint(fleet, "chat", "edge-berlin").url  # direct, no gateway hop
+        assert answer.ttft_s is not None and answer.usage["completion_tokens"] == 6 and answer.finish_reason == "length"
+        whole = c.chat("chat", USER, max_tokens=6, temperature=0, stream=False)
+        assert [d async for d in whole] == [answer.text] and whole.usage["completion_tokens"] == 6
+        with pytest.raises(client_mod.NoEndpoint):
+            [d async for d in c.chat("nope", USER)]
+        with pytest.raises(client_mod.InferenceError) as bad:
+            [d async for d in c.chat("chat", USER, max_tokens=-1)]
+        assert bad.value.status == 400 and "max_tokens" in str(bad.value)
+
+
+async def test_cli_chat_streams_and_prints_json(fleet: harness.Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    assert fleet.cp is not None
+    server = fleet.cp.http_url
+    # The sync client would block the control plane's own loop: run the CLI in a thread.
+    code = await asyncio.to_thread(cli.main, ["chat", "chat", "Hello", "--max-tokens", "5", "--location", "48.85,2.35", "--server", server])
+    out = capsys.readouterr()
+    assert code == 0 and out.out.strip() and "edge-paris" in out.err and "first token" in out.err
+    code = await asyncio.to_thread(cli.main, ["chat", "chat", "Hello", "--max-tokens", "5", "-o", "json", "--server", server])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["usage"]["completion_tokens"] == 5 and doc["servedBy"] in SITES and doc["content"]
+    code = await asyncio.to_thread(cli.main, ["chat", "nope", "Hello", "--server", server])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 async def test_a_killed_replica_ends_a_started_stream_and_is_retried_before_the_first_token(sdk: openai.AsyncOpenAI,
                                                                                           fleet: harness.Fleet) -> None:
     assert fleet.cp is not None
     paris = endpoint(fleet, "chat", "edge-paris")
+    app = client_mod.AsyncClient(fleet.cp.http_url, location=(48.85, 2.35))
+    assert (await app.endpoints("chat"))[0]["site"] == "edge-paris"  # cached for its TTL, as applications do
     started = await sdk.chat.completions.create(model="slow", messages=USER, max_tokens=3000, stream=True)
     async for chunk in started:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -212,7 +248,12 @@ async def test_a_killed_replica_ends_a_started_stream_and_is_retried_before_the_
             pass
     assert "edge-paris" in cut.value.message
     assert paris in fleet.cp.table.endpoints("chat")  # still listed: no heartbeat has been missed yet
-    raw = await sdk.chat.completions.with_raw_response.create(model="chat", messages=USER, max_tokens=4, stream=True, extra_headers=PARIS)
+    raw = await sdk.chat.completions.with_raw_response.create(model="chat", messages=USER, max_tokens=4, temperature=0, stream=True,
+                                                              extra_headers=PARIS)
     assert raw.headers["x-edgeplane-site"] == "edge-berlin"  # Paris refused the connection: retried, nobody saw it
     content = [c.choices[0].delta.content async for c in raw.parse() if c.choices and c.choices[0].delta.content]
     assert len(content) == 4
+    # The client's cached list still names Paris first: it is skipped, Berlin answers.
+    async with app:
+        answer = app.chat("chat", USER, max_tokens=4, temperature=0)
+        assert len([d async for d in answer]) == 4 and answer.site == "edge-berlin" and answer.attempts == 2
