@@ -7,6 +7,11 @@ A connection error or 5xx moves on to the next endpoint at once and keeps the fa
 out of rotation for a while; when every direct endpoint fails, the request goes through
 the gateway, so a replica dying mid-stream costs latency, not requests.
 
+``Client(server).chat(model, messages)`` does the same for a generative model: the
+nearest replica that speaks OpenAI first, then the gateway's ``/openai/v1``; it yields the
+answer's text as it arrives. A replica that fails before the first token is skipped; once
+text has been yielded a failure raises :class:`StreamCut` (the text cannot be taken back).
+
 Tensors travel with the v2 binary extension by default (every edgeplane endpoint, agent,
 Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as bytes and
 140 µs as JSON. Pass ``binary=False`` for a server that only takes JSON.
@@ -17,8 +22,9 @@ Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as byte
 from __future__ import annotations
 
 import functools
+import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +48,65 @@ class InferenceError(EdgeplaneError):
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+
+
+class StreamCut(EdgeplaneError):
+    """A generation failed after part of its text was delivered."""
+
+
+@dataclass
+class Chat:
+    """One answer: iterate it for the text deltas; ``site``, ``ttft_s`` (seconds to the
+    first token), ``usage`` and ``finish_reason`` are filled in as it arrives."""
+
+    _deltas: Any
+    site: str = ""
+    url: str = ""
+    ttft_s: float | None = None
+    usage: dict[str, int] | None = None
+    finish_reason: str | None = None
+    attempts: int = 0
+    text: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._deltas)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._deltas.__aiter__()
+
+
+@dataclass(frozen=True)
+class _Event:
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    error: str | None = None
+    done: bool = False
+
+
+def _chat_event(line: str) -> _Event | None:
+    """One SSE line of a chat stream; None for lines that carry nothing (comments, blanks)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return _Event(done=True)
+    obj = json.loads(data)
+    if "error" in obj:
+        err = obj["error"]
+        return _Event(error=str(err.get("message", err) if isinstance(err, dict) else err))
+    choice = (obj.get("choices") or [{}])[0]
+    delta = choice.get("delta") or choice.get("message") or {}
+    return _Event(delta.get("content") or "", choice.get("finish_reason"), obj.get("usage"))
+
+
+def _openai_refusal(resp: httpx.Response) -> InferenceError:
+    try:
+        err = resp.json().get("error", resp.text)
+        message = err.get("message", err) if isinstance(err, dict) else err
+    except ValueError:
+        message = resp.text
+    return InferenceError(resp.status_code, str(message)[:500])
 
 
 @dataclass(frozen=True)
@@ -187,6 +252,56 @@ class _Base:
         yield _Attempt(_url(f"{self.server}/v2/models/{model}/infer"),
                        {**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)})
 
+    def _chat_attempts(self, model: str, endpoints: list[dict[str, Any]]) -> Iterator[_Attempt]:
+        """Generative replicas nearest first, then the gateway's OpenAI routes."""
+        for e in endpoints:
+            if e.get("api") == "openai":
+                yield _Attempt(_url(f"{e['url']}/v1/chat/completions"), {"content-type": "application/json"}, e["url"], e["site"])
+        yield _Attempt(_url(f"{self.server}/openai/v1/chat/completions"),
+                       {"content-type": "application/json", **self._auth, **_caller_headers(self.location, self.region, self.residency)})
+
+    def _chat_body(self, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> bytes:
+        body = {"model": model, "messages": list(messages), "stream": stream, **params}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return json.dumps(body).encode()
+
+    def _chat_refused(self, model: str, attempt: _Attempt, resp: httpx.Response | None, error: Exception | None) -> bool:
+        """Whether to try the next attempt (True); raises for a refusal or when the gateway failed."""
+        if attempt.endpoint is not None:
+            if resp is None or resp.status_code >= 500:
+                self.cache.eject(attempt.endpoint)
+                return True
+            if resp.status_code >= 400:
+                raise _openai_refusal(resp)
+            return False
+        self.cache.invalidate(model)
+        if resp is None:
+            raise EdgeplaneError(f"neither a replica nor the gateway answered: {error}") from error
+        if resp.status_code >= 400:
+            refusal = _openai_refusal(resp)
+            raise NoEndpoint(refusal.args[0]) if resp.status_code in (404, 503) else refusal
+        return False
+
+    def _chat_line(self, chat: Chat, attempt: _Attempt, line: str, started: float) -> str | None:
+        """The text of one line; raises ``_Retry`` before the first token, ``StreamCut`` after."""
+        event = _chat_event(line)
+        if event is None or event.done:
+            return None
+        if event.error is not None:
+            if not chat.text:
+                raise _Retry(event.error)
+            raise StreamCut(f"{chat.site}: {event.error}")
+        if event.finish_reason:
+            chat.finish_reason = event.finish_reason
+        if event.usage:
+            chat.usage = event.usage
+        if event.text and chat.ttft_s is None:
+            chat.ttft_s = time.perf_counter() - started
+            chat.site = attempt.site or chat.site
+        chat.text += event.text
+        return event.text or None
+
     def _outcome(self, model: str, attempt: _Attempt, number: int, resp: httpx.Response | None,
                  error: Exception | None) -> InferResult | None:
         """The result, None to try the next attempt, or an exception for a refusal."""
@@ -206,6 +321,19 @@ class _Base:
         if resp.status_code >= 400:
             raise _refusal(resp)
         return InferResult(_decode(resp), resp.headers.get("x-edgeplane-site", ""), self.server, number)
+
+
+class _Retry(Exception):
+    """This attempt failed before its first token: the next one may answer."""
+
+
+def _whole(chat: Chat, resp: httpx.Response, started: float) -> str:
+    obj = resp.json()
+    choice = obj["choices"][0]
+    chat.ttft_s = time.perf_counter() - started
+    chat.text = choice["message"]["content"] or ""
+    chat.finish_reason, chat.usage = choice.get("finish_reason"), obj.get("usage")
+    return chat.text
 
 
 class Client(_Base):
@@ -250,6 +378,47 @@ class Client(_Base):
                 return result
         raise EdgeplaneError("no attempt left")  # the gateway attempt always answers or raises
 
+    def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
+        """The answer's text deltas as they arrive (one delta with ``stream=False``);
+        ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...)."""
+        chat = Chat(None)
+        chat._deltas = self._chat(chat, model, messages, stream, params)
+        return chat
+
+    def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> Iterator[str]:
+        body = self._chat_body(model, messages, stream, params)
+        for number, attempt in enumerate(self._chat_attempts(model, self.endpoints(model)), start=1):
+            chat.attempts, started = number, time.perf_counter()
+            request = httpx.Request("POST", attempt.url, content=body, headers=attempt.headers, extensions={"timeout": self._timeout.as_dict()})
+            try:
+                resp = self._http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                self._chat_refused(model, attempt, None, exc)
+                continue
+            try:
+                if resp.status_code >= 400:
+                    resp.read()
+                    if self._chat_refused(model, attempt, resp, None):
+                        continue
+                chat.site, chat.url = resp.headers.get("x-edgeplane-site", attempt.site or ""), attempt.endpoint or self.server
+                if not stream:
+                    resp.read()
+                    yield _whole(chat, resp, started)
+                    return
+                for line in resp.iter_lines():
+                    text = self._chat_line(chat, attempt, line, started)
+                    if text:
+                        yield text
+                return
+            except (_Retry, httpx.HTTPError) as exc:
+                if chat.text:
+                    raise StreamCut(f"{chat.site}: {exc}") from None
+                if attempt.endpoint is None:
+                    raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
+                self.cache.eject(attempt.endpoint)
+            finally:
+                resp.close()
+
 
 class AsyncClient(_Base):
     """Asynchronous client with the same behaviour as :class:`Client`."""
@@ -292,3 +461,44 @@ class AsyncClient(_Base):
             if result is not None:
                 return result
         raise EdgeplaneError("no attempt left")
+
+    def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
+        """The answer's text deltas as they arrive (one delta with ``stream=False``);
+        ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...)."""
+        chat = Chat(None)
+        chat._deltas = self._chat(chat, model, messages, stream, params)
+        return chat
+
+    async def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> AsyncIterator[str]:
+        body = self._chat_body(model, messages, stream, params)
+        for number, attempt in enumerate(self._chat_attempts(model, await self.endpoints(model)), start=1):
+            chat.attempts, started = number, time.perf_counter()
+            request = httpx.Request("POST", attempt.url, content=body, headers=attempt.headers, extensions={"timeout": self._timeout.as_dict()})
+            try:
+                resp = await self._http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                self._chat_refused(model, attempt, None, exc)
+                continue
+            try:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    if self._chat_refused(model, attempt, resp, None):
+                        continue
+                chat.site, chat.url = resp.headers.get("x-edgeplane-site", attempt.site or ""), attempt.endpoint or self.server
+                if not stream:
+                    await resp.aread()
+                    yield _whole(chat, resp, started)
+                    return
+                async for line in resp.aiter_lines():
+                    text = self._chat_line(chat, attempt, line, started)
+                    if text:
+                        yield text
+                return
+            except (_Retry, httpx.HTTPError) as exc:
+                if chat.text:
+                    raise StreamCut(f"{chat.site}: {exc}") from None
+                if attempt.endpoint is None:
+                    raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
+                self.cache.eject(attempt.endpoint)
+            finally:
+                await resp.aclose()

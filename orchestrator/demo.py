@@ -106,6 +106,25 @@ async def _send(http: httpx.AsyncClient, caller: Caller, count: int, rng: np.ran
             f"{statistics.median(times):.1f}", f"{len(sites)}/{count}", detail]
 
 
+async def _chat(cp: Any) -> None:
+    """One streamed answer of the generative ``assistant`` per tier: the caller stands at
+    the replica's site, so routing sends it there (the nearest)."""
+    endpoints = cp.table.endpoints("assistant")
+    for tier in ("edge", "datacenter"):
+        e = next((e for e in endpoints if e.tier == tier), None)
+        if e is None:
+            console.print(f"  no {tier} replica of assistant is serving: skipped")
+            continue
+        async with client_mod.AsyncClient(cp.http_url, location=(e.lat, e.lon)) as c:
+            console.print(f"  caller at {e.site} asks [italic]assistant[/]: ", end="")
+            answer = c.chat("assistant", [{"role": "user", "content": "Where is my answer computed?"}], max_tokens=24, temperature=0)
+            async for delta in answer:
+                console.print(delta, end="", markup=False, highlight=False)
+            ttft = f"{answer.ttft_s * 1000:.1f} ms" if answer.ttft_s is not None else "-"
+            console.print(f"\n    answered by [bold]{answer.site}[/] ({tier}), first token after {ttft}, "
+                          f"{(answer.usage or {}).get('completion_tokens', '?')} tokens")
+
+
 async def run(args: argparse.Namespace) -> int:
     root = __import__("pathlib").Path(tempfile.mkdtemp(prefix="edgeplane-demo-"))
     fleet = harness.Fleet(root)
@@ -153,9 +172,13 @@ async def run(args: argparse.Namespace) -> int:
                 await c.infer("intent-classifier", x)
             per = (time.perf_counter() - started) * 1000 / args.requests
         console.print(f"Python client from Berlin calls {result.site} directly ({result.url}): {per:.2f} ms per request")
+        console.print("[bold]Chat[/] with the generative assistant, streamed (Client.chat; the openai SDK works the same "
+                      f"with base_url={cp.http_url}/openai/v1):")
+        await _chat(cp)
         if args.keep_running:
             console.print(f"\nThe fleet keeps running: try\n  EDGEPLANE_SERVER={cp.http_url} edgeplane get placements\n"
                           f"  EDGEPLANE_SERVER={cp.http_url} edgeplane infer intent-classifier --location 52.5,13.4 --data '{{\"input\": [[{', '.join(['0.1'] * 32)}]]}}'\n"
+                          f"  EDGEPLANE_SERVER={cp.http_url} edgeplane chat assistant 'Hello' --location 48.85,2.35\n"
                           "Ctrl-C stops everything.")
             await asyncio.Event().wait()
         return 0

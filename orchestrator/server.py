@@ -42,7 +42,7 @@ from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import proxy, routing, upstream
+from orchestrator.gateway import openai_routes, proxy, routing, upstream
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.security import ca as ca_mod
@@ -228,7 +228,8 @@ class ControlPlane:
         await self.datacentres.local.reclaim()  # a control plane killed with -9 on this data dir left its Ray running
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 
-        app = api_app.build_app(self, self.gateway.routes() + [self._artifact_route()] + console.routes())
+        self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
+        app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [self._artifact_route()] + console.routes())
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                                       timeout_graceful_shutdown=5, limit_concurrency=4096))
         self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -252,6 +253,7 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(t, timeout=10)
         await self._http.close()
+        await self.openai_gateway.close()
         await self.datacentres.close()
         self.store.close()
 

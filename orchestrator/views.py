@@ -122,7 +122,9 @@ def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) ->
         "endpoints": [
             {"site": r.endpoint.site, "tier": r.endpoint.tier, "country": r.endpoint.country, "region": r.endpoint.region,
              "url": r.endpoint.url, "inferUrl": f"{r.endpoint.url}/v2/models/{r.endpoint.model}/infer",
-             "expectedMs": round(r.expected_ms, 2), "deployment": r.endpoint.deployment}
+             "expectedMs": round(r.expected_ms, 2), "deployment": r.endpoint.deployment, "api": r.endpoint.api,
+             # OpenAI SDK base_url of a generative replica (whatever engine answers there)
+             **({"openaiUrl": f"{r.endpoint.url}/v1"} if r.endpoint.api == routing.API_OPENAI else {})}
             for r in ranked
         ],
     }

@@ -242,6 +242,12 @@ def cmd_simulate(api: ApiClient, args: argparse.Namespace) -> int:
     return simulate.run(api, args)
 
 
+def cmd_chat(api: ApiClient, args: argparse.Namespace) -> int:
+    from orchestrator.cli import chat
+
+    return chat.run(api, args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from orchestrator import server
 
@@ -334,6 +340,17 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--location", help="caller position lat,lon")
     sp.add_argument("--region", help="caller region")
     sp.add_argument("--residency", help="caller residency, e.g. FR")
+    sp = client_parser("chat", help="ask a generative model; the answer streams to the terminal")
+    sp.add_argument("-o", "--output", choices=["text", "json", "yaml"], default="text", help="json/yaml: the whole answer at once")
+    sp.add_argument("model")
+    sp.add_argument("prompt")
+    sp.add_argument("--system", help="a system message before the prompt")
+    sp.add_argument("--max-tokens", type=int, help="most tokens to generate")
+    sp.add_argument("--temperature", type=float)
+    sp.add_argument("--location", help="caller position lat,lon")
+    sp.add_argument("--region", help="caller region")
+    sp.add_argument("--residency", help="caller residency, e.g. FR")
+    sp.add_argument("--timeout", type=float, default=120.0, help="seconds")
     return p
 
 
@@ -341,6 +358,7 @@ COMMANDS = {
     "apply": cmd_apply, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe, "delete": cmd_delete,
     "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer, "cascade": cascade_cli.cmd_tune,
     "simulate": cmd_simulate,
+    "chat": cmd_chat,
 }
 
 

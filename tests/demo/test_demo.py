@@ -24,4 +24,5 @@ def test_demo_serves_every_caller_from_an_allowed_nearby_site() -> None:
     assert {k: served.get(k) for k in expected} == expected, out
     assert "refused" in out and "caller's residency (DE)" in out  # FR-only data is never served to a DE-only caller
     assert "3/3" in out
+    assert "answered by edge-" in out and "(edge), first token after" in out  # a chat answer streamed from the edge
     assert "stopping agents" in out

@@ -1,0 +1,62 @@
+"""``edgeplane chat MODEL PROMPT``: one chat answer, streamed to the terminal.
+
+It goes the way an application's would (:meth:`orchestrator.client.Client.chat`): the
+nearest generative replica directly, then the gateway; the site that answered and the time
+to first token are printed after the answer (on stderr, so that stdout is the text alone).
+``-o json|yaml`` asks for the whole answer at once and prints it with those facts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from orchestrator import client as client_mod
+from orchestrator.cli import render
+from orchestrator.cli.http import ApiClient, CliError, token_from_env
+
+
+def _location(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    try:
+        lat, lon = (float(v) for v in text.split(",", 1))
+    except ValueError:
+        raise CliError(f"--location {text!r}: use lat,lon, e.g. 48.85,2.35", 2) from None
+    return lat, lon
+
+
+def run(api: ApiClient, args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature)) if v is not None}
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    whole = args.output in ("json", "yaml")
+    started = time.perf_counter()
+    answer: client_mod.Chat | None = None
+    try:
+        with client_mod.Client(api.server, token=token_from_env(getattr(args, "token", None)), location=_location(args.location),
+                               region=args.region, residency=args.residency, timeout=args.timeout) as c:
+            answer = c.chat(args.model, messages, stream=not whole, **params)
+            for delta in answer:
+                if not whole:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+    except client_mod.EdgeplaneError as exc:
+        if answer is not None and answer.text and not whole:
+            print()  # end the partial answer's line before the error
+        raise CliError(str(exc)) from None
+    elapsed = time.perf_counter() - started
+    assert answer is not None
+    ttft = f"{answer.ttft_s * 1000:.0f} ms" if answer.ttft_s is not None else "-"
+    if whole:
+        render.dump({"model": args.model, "servedBy": answer.site, "url": answer.url, "attempts": answer.attempts,
+                     "timeToFirstTokenMs": round(answer.ttft_s * 1000, 2) if answer.ttft_s is not None else None,
+                     "seconds": round(elapsed, 3), "finishReason": answer.finish_reason, "usage": answer.usage,
+                     "content": answer.text}, args.output)
+        return 0
+    print()
+    tokens = (answer.usage or {}).get("completion_tokens")
+    print(f"[{answer.site or '?'} · first token {ttft} · {tokens if tokens is not None else '?'} tokens in {elapsed:.2f} s"
+          f" · {answer.finish_reason or '?'}]", file=sys.stderr)
+    return 0
+

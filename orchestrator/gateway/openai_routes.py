@@ -1,0 +1,355 @@
+"""OpenAI-compatible routes of the gateway, under ``/openai/v1`` (SDK ``base_url``).
+
+``/v1/models`` already is the control API's list of Model objects, so the OpenAI routes
+live under their own prefix, as KServe serves them: an application points the official
+SDK at ``{gateway}/openai/v1``. A chat or text completion is routed by the body's
+``model`` with the v2 rules (residency, health, nearest, load, fallback, the
+``X-Edgeplane-*`` headers in and ``X-Edgeplane-Site``/``-Tier`` out) among the endpoints
+that speak OpenAI (``Endpoint.api``); whichever engine answers behind ``{url}/v1`` (the
+agent, the data-centre Serve app, later another engine) is the same to the gateway.
+
+Streams are relayed event by event as they arrive, never buffered whole. The answer to
+the caller is committed only once its first token is in hand (a chat stream's leading
+empty ``role`` event is held until then): a replica that fails before that — refused
+connection, 5xx, a stream cut before any token — is ejected and the request goes to the
+next candidate, so no caller sees it. After the commit an upstream failure ends the
+stream with an SSE error event and ``[DONE]``. A caller that goes away cancels the
+upstream request, which closes its connection, and the replica stops generating.
+
+Upstream calls here use ``aiohttp`` rather than the gateway's own ``UpstreamPool``: that
+pool buffers whole answers, and a streaming client has to get back-pressure (its reader
+pauses the socket past a high-water mark), chunked framing and release-or-close on
+cancellation right; aiohttp does, and its cost per stream is measured in
+``bench/genai_gateway.py`` (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Histogram
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from orchestrator.api import bodies
+from orchestrator.gateway import routing
+from orchestrator.gateway.proxy import Gateway
+
+PREFIX = "/openai/v1"
+FORWARD_HEADERS = ("content-type", "accept")
+SSE_DONE = b"data: [DONE]\n\n"
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_body(message: str, status: int, *, param: str | None = None, code: str | None = None) -> bytes:
+    """OpenAI's error object."""
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+def error(status: int, message: str, *, param: str | None = None, code: str | None = None,
+          headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(message, status, param=param, code=code), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def sse_error(message: str, code: str = "upstream_failed") -> bytes:
+    return b"data: " + error_body(message, 502, code=code) + b"\n\n"
+
+
+def _is_preamble(event: bytes) -> bool:
+    """A chat stream's opening event: an empty ``role`` delta, no token, no finish."""
+    try:
+        obj = json.loads(event[len(b"data: "):]) if event.startswith(b"data: {") else None
+    except ValueError:
+        return False
+    if not isinstance(obj, dict) or "error" in obj or not obj.get("choices"):
+        return False
+    choice = obj["choices"][0]
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    return isinstance(delta, dict) and not delta.get("content") and not choice.get("finish_reason")
+
+
+class _Failed(Exception):
+    """This attempt failed before anything reached the caller: try the next replica."""
+
+
+class OpenAIGateway:
+    def __init__(self, gateway: Gateway, *, registry: CollectorRegistry | None = None,
+                 connect_timeout: float = 2.0, first_token_timeout: float = 60.0, idle_timeout: float = 60.0) -> None:
+        self.gw = gateway
+        self.connect_timeout = connect_timeout
+        self.first_token_timeout = first_token_timeout  # a replica silent this long before its first token is skipped
+        self.idle_timeout = idle_timeout  # the longest pause between two chunks after that
+        self._session: aiohttp.ClientSession | None = None
+        self.ttft = Histogram("edgeplane_gateway_time_to_first_token_seconds", "Time from a generation request to its first token at the gateway",
+                              ["model"], registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+                                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # admission ---------------------------------------------------------------------------
+
+    def _admit(self, request: Request) -> Response | None:
+        """Token auth and rate limits of the v2 routes, answered as OpenAI error objects.
+        With auth off the ``Authorization`` header is not looked at: the SDK always sends one."""
+        admit = self.gw._admit
+        refused = admit(request) if admit is not None else None
+        if refused is None:
+            return None
+        try:
+            message = json.loads(bytes(refused.body)).get("error", "refused")
+        except ValueError:
+            message = "refused"
+        headers = {k: v for k in ("retry-after", "www-authenticate") if (v := refused.headers.get(k)) is not None}
+        return error(refused.status_code, str(message), headers=headers,
+                     code="rate_limit_exceeded" if refused.status_code == 429 else "invalid_api_key")
+
+    def _openai_candidates(self, model: str, request: Request) -> list[routing.Ranked] | Response:
+        ranked = self.gw.candidates(model, request)
+        if isinstance(ranked, routing.NoRoute):
+            code = "model_not_found" if ranked.status == 404 else None
+            return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code)
+        ours = [r for r in ranked if r.endpoint.api == routing.API_OPENAI]
+        if not ours:
+            return error(400, f"model {model!r} is not a generative model; call it with the v2 inference API (/v2/models/{model}/infer)",
+                         param="model", code="model_not_generative")
+        return ours
+
+    # routes ------------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        refused = self._admit(request)
+        if refused is not None:
+            return refused
+        data = []
+        for model in self.gw.table.models():
+            ranked = self.gw.candidates(model, request)
+            if isinstance(ranked, list) and any(r.endpoint.api == routing.API_OPENAI for r in ranked):
+                data.append({"id": model, "object": "model", "created": 0, "owned_by": "edgeplane"})
+        return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
+
+    async def get_model(self, request: Request) -> Response:
+        refused = self._admit(request)
+        if refused is not None:
+            return refused
+        model = request.path_params["model"]
+        ranked = self._openai_candidates(model, request)
+        if isinstance(ranked, Response):
+            return ranked
+        return Response(json.dumps({"id": model, "object": "model", "created": 0, "owned_by": "edgeplane"}),
+                        media_type="application/json", headers={"x-edgeplane-site": ranked[0].endpoint.site})
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, "/chat/completions")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "/completions")
+
+    async def _generate(self, request: Request, suffix: str) -> Response:
+        refused = self._admit(request)
+        if refused is not None:
+            return refused
+        try:
+            raw = await bodies.read_body(request, self.gw.max_body)
+        except bodies.BodyTooLarge:
+            return error(413, f"request body is larger than {self.gw.max_body} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return error(400, f"the body is not valid JSON: {exc}")
+        if not isinstance(body, dict):
+            return error(400, "the body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return error(400, "'model' is required and must be a non-empty string", param="model")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            return error(400, "'stream' must be true or false", param="stream")
+        if self.gw.table.is_cold(model):
+            self.gw.table.wake(model)
+            self.gw.metrics.cold_starts.labels(model).inc()
+            if not await self.gw.table.wait_for_endpoints(model, self.gw.cold_start_s):
+                return error(503, f"model {model!r} was scaled to zero and no replica was ready within {self.gw.cold_start_s:g}s; retry",
+                             headers={"retry-after": "5"})
+        ranked = self._openai_candidates(model, request)
+        if isinstance(ranked, Response):
+            self.gw.metrics.requests.labels(model, "", str(ranked.status_code)).inc()
+            return ranked
+        headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+        return _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions")
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route(f"{PREFIX}/models", self.list_models, methods=["GET"]),
+            Route(f"{PREFIX}/models/{{model:path}}", self.get_model, methods=["GET"]),
+            Route(f"{PREFIX}/chat/completions", self.chat, methods=["POST"]),
+            Route(f"{PREFIX}/completions", self.completions, methods=["POST"]),
+        ]
+
+
+class _Relay(Response):
+    """The ASGI answer that picks the replica, relays it, and watches the caller: a
+    disconnect at any point cancels the work, which closes the upstream connection."""
+
+    def __init__(self, owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes,
+                 headers: dict[str, str], stream: bool, *, chat: bool) -> None:
+        self.owner, self.model, self.ranked, self.suffix = owner, model, ranked, suffix
+        self.raw, self.fwd_headers, self.stream, self.chat = raw, headers, stream, chat
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        work = asyncio.ensure_future(self._run(send))
+        watch = asyncio.ensure_future(self._disconnected(receive))
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, watch):
+                task.cancel()
+            await asyncio.gather(work, watch, return_exceptions=True)
+        if work.done() and not work.cancelled() and work.exception() is not None:
+            raise work.exception()  # type: ignore[misc]
+
+    @staticmethod
+    async def _disconnected(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def _run(self, send: Send) -> None:
+        gw = self.owner.gw
+        started = time.perf_counter()
+        failures: list[str] = []
+        try:
+            for choice in self.ranked:
+                e = choice.endpoint
+                gw.table.started(e.url)
+                try:
+                    await self._attempt(e, send, started)
+                    return
+                except _Failed as exc:
+                    failures.append(f"{e.site}: {exc}")
+                    gw.table.eject(e.url)
+                    gw.metrics.failovers.labels(self.model, e.site).inc()
+                finally:
+                    gw.table.finished(e.url)
+            gw.metrics.requests.labels(self.model, "", "502").inc()
+            await _send_whole(send, 502, error_body(f"every replica tried failed: {'; '.join(failures)}", 502, code="upstream_failed"), {})
+        finally:
+            gw.metrics.latency.labels(self.model).observe(time.perf_counter() - started)
+
+    async def _attempt(self, e: routing.Endpoint, send: Send, started: float) -> None:
+        owner = self.owner
+        try:
+            resp = await owner.session().post(f"{e.url}/v1{self.suffix}", data=self.raw, headers=self.fwd_headers)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise _Failed(f"connect: {exc or type(exc).__name__}") from None
+        out = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
+        try:
+            if resp.status >= 500:
+                raise _Failed(f"HTTP {resp.status}")
+            ctype = resp.headers.get("content-type", "application/json")
+            if resp.status != 200 or not ctype.startswith("text/event-stream"):
+                try:
+                    async with asyncio.timeout(owner.first_token_timeout):
+                        content = await resp.read()
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    raise _Failed(f"answer cut: {exc or type(exc).__name__}") from None
+                owner.gw.metrics.requests.labels(self.model, e.site, str(resp.status)).inc()
+                if resp.status == 200:
+                    owner.ttft.labels(self.model).observe(time.perf_counter() - started)
+                for name in ("retry-after",):
+                    if (v := resp.headers.get(name)) is not None:
+                        out[name] = v
+                await _send_whole(send, resp.status, content, {**out, "content-type": ctype})
+                return
+            await self._relay_stream(e, resp, send, out, started)
+        finally:
+            resp.close()  # an unfinished answer closes its connection: the replica sees the caller leave
+
+    async def _relay_stream(self, e: routing.Endpoint, resp: aiohttp.ClientResponse, send: Send,
+                            out: dict[str, str], started: float) -> None:
+        owner = self.owner
+        events = _events(resp, owner.first_token_timeout, owner.idle_timeout)
+        held: list[bytes] = []
+        # Hold the opening until a token (or the end): a failure before it is retried elsewhere.
+        try:
+            async for batch in events:
+                held.append(batch)
+                if not (self.chat and len(held) == 1 and batch.count(b"\n\n") == 1 and _is_preamble(batch)):
+                    break
+            else:
+                if not held or not b"".join(held).endswith(SSE_DONE):
+                    raise _Failed("stream ended before its first token")
+        except _UpstreamCut as exc:
+            raise _Failed(str(exc)) from None
+        owner.gw.metrics.requests.labels(self.model, e.site, "200").inc()
+        owner.ttft.labels(self.model).observe(time.perf_counter() - started)
+        head = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        head += [(k.encode(), v.encode()) for k, v in out.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": b"".join(held), "more_body": True})
+        try:
+            async for batch in events:
+                await send({"type": "http.response.body", "body": batch, "more_body": True})
+        except _UpstreamCut as exc:
+            # Not ejected here: the next request finds out at once (a refused connection is retried).
+            owner.gw.metrics.failovers.labels(self.model, e.site).inc()
+            await send({"type": "http.response.body", "body": sse_error(f"{e.site}: {exc}") + SSE_DONE, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _UpstreamCut(Exception):
+    """The replica's stream broke or went silent."""
+
+
+async def _events(resp: aiohttp.ClientResponse, first_timeout: float, idle_timeout: float) -> AsyncIterator[bytes]:
+    """Whole SSE events as they arrive (a read's worth at a time, never a partial event),
+    ending cleanly at the end of the stream; a cut or a stall raises ``_UpstreamCut``."""
+    tail = b""
+    timeout = first_timeout
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                data = await resp.content.readany()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _UpstreamCut(f"stream cut: {exc or type(exc).__name__}") from None
+        except TimeoutError:
+            raise _UpstreamCut(f"no data for {timeout:g}s") from None
+        if not data:
+            if tail.strip():
+                raise _UpstreamCut("stream ended inside an event")
+            if not resp.content.is_eof():
+                raise _UpstreamCut("stream cut")
+            return
+        timeout = idle_timeout
+        tail += data
+        cut = tail.rfind(b"\n\n")
+        if cut >= 0:
+            whole, tail = tail[: cut + 2], tail[cut + 2:]
+            yield whole
+
+
+async def _send_whole(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    head = [(k.encode(), v.encode()) for k, v in headers.items()]
+    if not any(k == b"content-type" for k, _ in head):
+        head.append((b"content-type", b"application/json"))
+    head.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
