@@ -134,17 +134,22 @@ def _plan(
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
     dropped = _seat_incumbents(fleet, capacity, jobs, current)
     order = sorted(jobs.values(), key=_scarcity)
-    # Phase 1: every deployment gets its min (and its running replicas back) before any
-    # grows, so a flexible deployment cannot starve a constrained one of its minimum.
+    # Phase 1: every deployment gets its min and as many replicas as ran before (the
+    # replacements of lost ones included) before any grows, so a flexible deployment
+    # cannot starve a constrained one of its minimum. Counting the lost ones here matters:
+    # were only the kept seats re-placed, the greedy could move a kept replica towards
+    # the lost one's demand, free its seat for another deployment, and leave the
+    # replacement to phase 2 with that seat gone: two or three moves where one was due.
     for job in order:
         for site, variant, group in job.seats:
             capacity.give_back(site, variant, group)
+        ran = sum(job.running.values())
         _place(
             fleet,
             capacity,
             job,
             tuning,
-            upto=max(job.deployment.min_replicas, min(job.wanted, len(job.seats))),
+            upto=max(job.deployment.min_replicas, min(job.wanted, ran)),
         )
     # Phase 2: grow to the wanted count, then polish.
     for job in order:
@@ -156,6 +161,8 @@ def _plan(
     for job in order:
         if len(job.placed) < job.wanted:
             repair.make_room(fleet, capacity, job, order)
+        if len(job.placed) < job.wanted:
+            repair.trade_down(capacity, job, order)
     for job in order:
         if len(job.placed) < job.wanted:
             job.shortfall = diagnosis.explain(fleet, capacity, job)
