@@ -53,7 +53,7 @@ def test_a_lost_replica_is_replaced_without_moving_the_others():
         site("paris-1", "paris", cpu=3),
         site("lyon-1", "lyon", cpu=8),
     ]
-    a = deployment("a", replicas=(4, 4), demand=(("berlin", 10),))
+    a = wants(deployment("a", replicas=(1, 4), demand=(("berlin", 10),)), 4)
     b = deployment("b", replicas=(1, 1), demand=(("paris", 10),))
     running = [Replica("a", "berlin-lost", "small")] + [Replica("a", "paris-1", "small")] * 3
     ours = plan(sites, [a, b], running)
