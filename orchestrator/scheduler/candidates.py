@@ -61,11 +61,12 @@ def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | Non
     for variant in job.variants():
         eligible = job.eligible_sites(fleet, variant.name)
         mask = None
+        fits = capacity.fits_mask(variant)  # kept up to date per changed site
         if eligible.size * 4 > fleet.size:  # contiguous masks beat gathers when most qualify
-            mask = job.eligible[variant.name] & capacity.fits_mask(variant)
+            mask = job.eligible[variant.name] & fits
             free = np.flatnonzero(mask)
         else:
-            free = eligible[capacity.fits(eligible, variant)]
+            free = eligible[fits[eligible]]
         if limit is not None and free.size > limit:
             complete = False
             if mask is None:

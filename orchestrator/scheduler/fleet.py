@@ -84,10 +84,20 @@ class Fleet:
     def _locate_regions(self, given: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """A region is where the caller says, else the centroid of its sites."""
         located = dict(given)
-        for name, rid in self.region_ids.items():
-            if name not in located:
-                members = self.region == rid
-                located[name] = geo.centroid(self.lat[members], self.lon[members])
+        missing = [(name, rid) for name, rid in self.region_ids.items() if name not in located]
+        if not missing:
+            return located
+        # one pass over the sites for every region (a mask per region is O(sites × regions))
+        sums = np.stack([np.bincount(self.region, weights=self.xyz[:, k], minlength=len(self.region_ids)) for k in range(3)], axis=1)
+        first = np.full(len(self.region_ids), -1, dtype=np.int64)
+        first[self.region[::-1]] = np.arange(self.size - 1, -1, -1)
+        for name, rid in missing:
+            norm = float(np.linalg.norm(sums[rid]))
+            if norm < 1e-12:  # antipodal sites: any answer is as good; take the first
+                located[name] = (float(self.lat[first[rid]]), float(self.lon[first[rid]]))
+                continue
+            x, y, z = sums[rid] / norm
+            located[name] = (float(np.degrees(np.arcsin(z))), float(np.degrees(np.arctan2(y, x))))
         return located
 
     # -- masks of site-only constraints -------------------------------------------------
