@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-from scheduler_builders import SMALL, deployment, site
+from scheduler_builders import deployment, site
 
 from orchestrator.scheduler import MoveReplica, Replica, Variant, exact, plan
 
