@@ -15,6 +15,7 @@ BENCHMARKS = (
     "scheduler_scale",
     "scheduler_quality",
     "scheduler_stability",
+    "scheduler_repair",
     "agent_idle",
     "oip_codec",
     "agent_infer",

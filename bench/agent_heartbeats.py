@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from rich.console import Console
@@ -40,6 +41,15 @@ from orchestrator.agents import auth, hub, service
 RESULTS = Path(__file__).parent / "results" / "agent_heartbeats.json"
 TOKEN = "bench-token"
 MAX_RUN_S = 300.0  # a generator is stopped by the hub side; this bounds it if that fails
+RAMP_S_PER_1000 = 3.0  # joins and first beats may take this long per 1,000 agents (min 120 s)
+
+
+def _ramp_limit(agents: int) -> float:
+    return max(120.0, agents / 1000 * RAMP_S_PER_1000)
+
+
+def _rss_mib() -> float:
+    return psutil.Process().memory_info().rss / 2**20
 
 
 # -- load generator (second process) -------------------------------------------------
@@ -81,7 +91,7 @@ async def _generate(target: str, agents: int, interval: float, stop, join: bool)
     calls = [stubs[i % len(stubs)].Heartbeats(metadata=idents[i]) for i in range(agents)]
     seqs = [0] * agents
     sent = 0
-    deadline = time.monotonic() + MAX_RUN_S
+    deadline = time.monotonic() + MAX_RUN_S + _ramp_limit(agents)
 
     def running() -> bool:
         return time.monotonic() < deadline and not stop.is_set()
@@ -171,6 +181,7 @@ def _report(conn, timeout: float) -> object:  # noqa: ANN001
 
 async def _run_phase(name: str, agents: int, interval: float, duration: float, baseline: bool) -> dict:
     ctx = multiprocessing.get_context("spawn")
+    rss_before = _rss_mib()
     if baseline:
         counter = _CountOnly()
         server = grpc.aio.server(options=service.server_options())
@@ -209,7 +220,7 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         while received() == 0 and proc.is_alive():
             await asyncio.sleep(0.05)
         first = time.perf_counter()
-        ramp_deadline = first + 120
+        ramp_deadline = first + _ramp_limit(agents)
         while streams_open() < agents and proc.is_alive() and time.perf_counter() < ramp_deadline:
             await asyncio.sleep(0.25)
         ramp_s = time.perf_counter() - first
@@ -221,6 +232,7 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         cpu0, n0, t0 = time.process_time(), received(), time.perf_counter()
         await asyncio.sleep(duration)
         cpu1, n1, t1 = time.process_time(), received(), time.perf_counter()
+        rss_steady = _rss_mib()
     finally:  # the generator and the server go whether the phase finished or not
         generator_stop.set()
         sent = await asyncio.to_thread(_report, parent, 30.0)
@@ -237,6 +249,10 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         "hub_cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 2),
         "sent": sent,
         "ramp_s": round(ramp_s, 2),
+        # the control-plane process: what holding this many agents' streams and records adds
+        "hub_rss_mib": round(rss_steady, 1),
+        "hub_rss_added_mib": round(rss_steady - rss_before, 1),
+        "hub_mib_per_10k_agents": round((rss_steady - rss_before) / agents * 10_000, 1),
     }
     if agent_hub is not None:
         row["lag_p50_ms"] = agent_hub.lag.quantile(0.5)
@@ -245,12 +261,14 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
     return row
 
 
-def run(fleets: list[int], rate: float, duration: float) -> list[dict]:
+def run(fleets: list[int], rate: float, duration: float, saturated_phases: bool = True) -> list[dict]:
     """Each phase gets a fresh event loop, so one phase's teardown cannot slow the next."""
     rows = [
         asyncio.run(_run_phase("paced (hub)", agents, agents / rate, duration, baseline=False))
         for agents in fleets
     ]
+    if not saturated_phases:
+        return rows
     saturated = min(min(fleets), 500)
     rows.append(asyncio.run(_run_phase("saturated (hub)", saturated, 0.0, duration, baseline=False)))
     rows.append(
@@ -265,6 +283,8 @@ def main() -> None:
     logging.getLogger("orchestrator").setLevel(logging.ERROR)  # one LOST line per agent at the end
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run (about 20 s)")
+    parser.add_argument("--no-saturated", action="store_true",
+                        help="paced phases only (large fleets, where the saturated phases add nothing)")
     parser.add_argument("--agents", type=int, action="append", default=None,
                         help="simulated fleet size of a paced phase (repeatable) [1000, 5000, 10000]")
     parser.add_argument("--rate", type=float, default=10_000.0, help="offered heartbeats/s when paced")
@@ -272,14 +292,16 @@ def main() -> None:
     fleets = args.agents or [1000, 5000, 10000]
     duration = 5.0 if args.quick else 15.0
 
-    rows = run(fleets, args.rate, duration)
+    rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated)
     table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, generator in a 2nd process)")
-    for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "lag p50 ms", "lag p99 ms", "ramp s"]:
+    for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "lag p50 ms", "lag p99 ms", "ramp s",
+                "hub RSS MiB", "MiB / 10k agents"]:
         table.add_column(col, justify="right" if col != "phase" else "left")
     for r in rows:
         table.add_row(
             r["phase"], str(r["agents"]), str(r["offered_per_s"] or "max"), f"{r['heartbeats_per_s']:,}",
             str(r["hub_cpu_cores"]), str(r.get("lag_p50_ms", "-")), str(r.get("lag_p99_ms", "-")), str(r["ramp_s"]),
+            f"{r['hub_rss_mib']:,.0f}", f"{r['hub_mib_per_10k_agents']:,.0f}",
         )
     Console().print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

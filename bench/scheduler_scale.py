@@ -1,13 +1,17 @@
 """Planning time against fleet size: 100, 1,000 and 10,000 sites, deployments at 10 %.
 
-    .venv/bin/python -m bench.scheduler_scale [--quick] [--baseline-10k]
+    .venv/bin/python -m bench.scheduler_scale [--quick] [--baseline-10k] [--huge]
 
 Each size plans ~20 replicas per deployment from scratch (10,000 sites × 1,000 deployments
 ≥ 20,000 replicas). The baseline, measured in the same run, is the same planner without
 the spatial index / shortlist (``Tuning(candidates=None)``: every feasible site is a
 candidate at every step), which shows what the index buys and that it costs no quality.
 Times are the best of a few runs, wall clock and process CPU (the CPU figure is less
-disturbed by other work on a shared machine). Writes bench/results/scheduler_scale.json.
+disturbed by other work on a shared machine). ``--huge`` adds 100,000 sites × 10,000
+deployments (≥ 200,000 replicas, one run, no baseline) and reports the process's peak
+memory before and after planning it (``ru_maxrss``; the instance itself is built first).
+``--only-huge`` runs that size alone and writes scheduler_scale_100k.json instead.
+Writes bench/results/scheduler_scale.json.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -27,7 +32,12 @@ from bench.scheduler_instances import make_deployments, make_fleet
 from orchestrator.scheduler import Tuning, plan
 
 RESULTS = Path(__file__).parent / "results" / "scheduler_scale.json"
-TARGETS_MS = {1_000: 100.0, 10_000: 1_000.0}
+RESULTS_HUGE = Path(__file__).parent / "results" / "scheduler_scale_100k.json"  # --only-huge
+TARGETS_MS = {1_000: 100.0, 10_000: 1_000.0, 100_000: 10_000.0}
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measure(sites, deployments, tuning: Tuning, repeats: int) -> dict:
@@ -56,17 +66,26 @@ def main() -> None:
         action="store_true",
         help="also run the full-scan baseline at 10,000 sites (slow)",
     )
+    parser.add_argument("--huge", action="store_true", help="also 100,000 sites × 10,000 deployments (~2 min)")
+    parser.add_argument("--only-huge", action="store_true", help="100,000 × 10,000 alone")
     args = parser.parse_args()
     sizes = [100, 1_000] if args.quick else [100, 1_000, 10_000]
+    if args.only_huge:
+        sizes = []
+    if args.huge or args.only_huge:
+        sizes.append(100_000)
     rows = []
     for n_sites in sizes:
         rng = np.random.default_rng(n_sites)
         sites = make_fleet(rng, n_sites)
         deployments = make_deployments(rng, sites, n_sites // 10, replicas_per=20)
-        repeats = 5 if n_sites <= 1_000 else 3
+        repeats = 5 if n_sites <= 1_000 else 3 if n_sites <= 10_000 else 1
+        peak_before = _peak_mib()
         ours = measure(sites, deployments, Tuning(), repeats)
+        ours["peak_rss_mib_before"] = peak_before
+        ours["peak_rss_mib_after"] = _peak_mib()
         base = None
-        if n_sites < 10_000 or args.baseline_10k:
+        if n_sites < 10_000 or (n_sites == 10_000 and args.baseline_10k):
             base = measure(sites, deployments, Tuning(candidates=None), 1 if n_sites >= 10_000 else 3)
         rows.append(
             {
@@ -87,6 +106,7 @@ def main() -> None:
         "full scan wall ms",
         "speed-up",
         "objective planner / full scan",
+        "peak RSS MiB before → after",
     ):
         table.add_column(col, justify="right")
     for row in rows:
@@ -100,6 +120,7 @@ def main() -> None:
             f"{base['wall_ms']:.0f}" if base else "–",
             f"{base['wall_ms'] / ours['wall_ms']:.1f}×" if base else "–",
             f"{ours['objective']:.0f} / {base['objective']:.0f}" if base else "–",
+            f"{ours['peak_rss_mib_before']:,.0f} → {ours['peak_rss_mib_after']:,.0f}",
         )
     Console(width=150).print(table)
     if len(rows) >= 2:
@@ -109,8 +130,9 @@ def main() -> None:
             for a, b in itertools.pairwise(rows)
         ]
         Console(width=150).print("growth (CPU time): " + "; ".join(growth))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=1))
+    out = RESULTS_HUGE if args.only_huge else RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

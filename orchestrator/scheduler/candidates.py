@@ -59,15 +59,19 @@ def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | Non
     outside = math.inf
     used = {site for site, _, _ in job.placed}
     for variant in job.variants():
-        eligible = job.eligible_sites(variant.name)
+        eligible = job.eligible_sites(fleet, variant.name)
+        mask = None
+        fits = capacity.fits_mask(variant)  # kept up to date per changed site
         if eligible.size * 4 > fleet.size:  # contiguous masks beat gathers when most qualify
-            free = np.flatnonzero(job.eligible[variant.name] & capacity.fits_mask(variant))
+            mask = job.eligible[variant.name] & fits
+            free = np.flatnonzero(mask)
         else:
-            free = eligible[capacity.fits(eligible, variant)]
+            free = eligible[fits[eligible]]
         if limit is not None and free.size > limit:
             complete = False
-            mask = np.zeros(fleet.size, dtype=bool)
-            mask[free] = True
+            if mask is None:
+                mask = np.zeros(fleet.size, dtype=bool)
+                mask[free] = True
             free, left_out = _shortlist(fleet, capacity, job, variant, mask, free, limit, spread)
             outside = min(outside, left_out)
         if used:  # sites already holding replicas stay candidates even when full now

@@ -120,10 +120,10 @@ def _spread_reason(fleet: Fleet, capacity: Capacity, job: Job) -> str:
         room |= job.eligible[variant.name] & capacity.fits_mask(variant)
     with_room = set(np.unique(spread.keys[room]).tolist())
     low = spread.low()
-    stuck = sorted(d for d, c in spread.count.items() if c == low and d not in with_room)
+    stuck = sorted(d for d in spread.domains.tolist() if spread.of(d) == low and d not in with_room)
     names = [fleet.region_names[d] if rules.by == "region" else fleet.names[d] for d in stuck]
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return (
-        f"spread by {rules.by} maxSkew {rules.max_skew} over {len(spread.count)} eligible "
+        f"spread by {rules.by} maxSkew {rules.max_skew} over {spread.domains.size} eligible "
         f"{rules.by}s: {shown or 'some'} cannot take another replica"
     )

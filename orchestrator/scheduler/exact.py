@@ -15,9 +15,14 @@ planner takes milliseconds). It models the same hard rules and the same objectiv
 - shortfall below the wanted count and below ``min`` priced as in ``Weights``;
 - spread: ``lo[d] ≤ count(domain) ≤ lo[d] + maxSkew`` for every eligible domain.
 
-What it does not model: the planner's rule that running replicas keep their seats
-against other deployments (the MILP is free to reshuffle everything), so on contended
-instances the MILP optimum is a bound the planner may not reach.
+By default it does not model the planner's rule that running replicas keep their seats
+against other deployments: the MILP is then free to reshuffle everything, and on contended
+re-plans its optimum is a bound the planner may not reach by design (it would evict a
+healthy replica of one deployment to start more of another). ``keep_seats=True`` adds
+the rule in the form a placement shows it: no deployment ends with fewer replicas than it
+has seated (running on a site that still obeys every hard rule and has room for them,
+taken in the planner's order; capped at the wanted count). Replicas may still move, as
+the planner's may; they may not be given up for another deployment's.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, sparse
 
-from orchestrator.scheduler.fleet import Fleet
+from orchestrator.scheduler.fleet import Capacity, Fleet
 from orchestrator.scheduler.model import DEFAULT_WEIGHTS, Deployment, Replica, Site, Weights
 from orchestrator.scheduler.objective import evaluate, locate_demand, replica_cost
 from orchestrator.scheduler.result import Objective
@@ -83,11 +88,13 @@ def solve(
     weights: Weights = DEFAULT_WEIGHTS,
     region_locations: Mapping[str, tuple[float, float]] | None = None,
     time_limit_s: float = 60.0,
+    keep_seats: bool = False,
 ) -> ExactResult:
     """Optimal placement for the same objective the planner minimises."""
     current = list(current)
     fleet = Fleet(sites, region_locations)
     running = Counter((r.deployment, fleet.index[r.site], r.variant) for r in current if r.site in fleet.index)
+    seats = _seats(fleet, deployments, current) if keep_seats else Counter()
     b = _Builder()
     x_of: list[tuple[int, str, str, int]] = []  # (x column, deployment, variant, site)
     cpu_use: dict[int, list[tuple[int, float]]] = {}
@@ -123,7 +130,8 @@ def solve(
             new = b.var(w.move_per_replica, 0, np.inf, False)
             now = running[(dep.name, s, name)]
             b.row([(new, 1.0)] + [(c, -1.0) for c in cols], -now, np.inf)
-        b.row([(c, 1.0) for c in all_x], -np.inf, wanted)
+        kept = min(seats[dep.name], wanted)  # zero unless keep_seats
+        b.row([(c, 1.0) for c in all_x], float(kept) if all_x else -np.inf, wanted)
         if dep.min_replicas > 0:
             below = b.var(w.below_min_per_replica, 0, np.inf, False)
             b.row([(below, 1.0)] + [(c, 1.0) for c in all_x], dep.min_replicas, np.inf)
@@ -143,6 +151,26 @@ def solve(
         mip_gap=gap,
         message=message,
     )
+
+
+def _seats(fleet: Fleet, deployments: Sequence[Deployment], current: Sequence[Replica]) -> Counter[str]:
+    """Running replicas per deployment that the planner seats: sorted, on sites that still
+    obey every hard rule, while they fit."""
+    by_name = {d.name: d for d in deployments}
+    masks = {d.name: fleet.eligible_masks(d) for d in deployments}
+    capacity = Capacity(fleet)
+    seats: Counter[str] = Counter()
+    for replica in sorted(current, key=lambda r: (r.deployment, r.site, r.variant)):
+        dep = by_name.get(replica.deployment)
+        site = fleet.index.get(replica.site)
+        if dep is None or site is None:
+            continue
+        mask = masks[dep.name].get(replica.variant)
+        if mask is None or not mask[site]:
+            continue
+        if capacity.take(site, dep.runnable_variants()[replica.variant]) is not None:
+            seats[dep.name] += 1
+    return seats
 
 
 def _spread_rows(b: _Builder, fleet: Fleet, dep: Deployment, xs_at: dict[int, list[int]]) -> None:

@@ -74,14 +74,30 @@ class Fleet:
         self._unit_cache: dict[tuple[float, float], FloatArray] = {}
         self._static_cache: dict[tuple[float, float, bool], FloatArray] = {}
         self._hardware_cache: dict[tuple[float, float, int, float], BoolArray] = {}
+        # Deployments repeat a few rule sets (a country, the EU, anywhere) and variant
+        # sizes: at 100,000 sites × 10,000 deployments one mask per deployment would be
+        # gigabytes and most of the planning time, one per distinct rule set is neither.
+        self._placement_cache: dict[tuple[object, ...], BoolArray] = {}
+        self._eligible_cache: dict[tuple[object, ...], BoolArray] = {}
+        self._sites_cache: dict[int, tuple[BoolArray, IntArray]] = {}
 
     def _locate_regions(self, given: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """A region is where the caller says, else the centroid of its sites."""
         located = dict(given)
-        for name, rid in self.region_ids.items():
-            if name not in located:
-                members = self.region == rid
-                located[name] = geo.centroid(self.lat[members], self.lon[members])
+        missing = [(name, rid) for name, rid in self.region_ids.items() if name not in located]
+        if not missing:
+            return located
+        # one pass over the sites for every region (a mask per region is O(sites × regions))
+        sums = np.stack([np.bincount(self.region, weights=self.xyz[:, k], minlength=len(self.region_ids)) for k in range(3)], axis=1)
+        first = np.full(len(self.region_ids), -1, dtype=np.int64)
+        first[self.region[::-1]] = np.arange(self.size - 1, -1, -1)
+        for name, rid in missing:
+            norm = float(np.linalg.norm(sums[rid]))
+            if norm < 1e-12:  # antipodal sites: any answer is as good; take the first
+                located[name] = (float(self.lat[first[rid]]), float(self.lon[first[rid]]))
+                continue
+            x, y, z = sums[rid] / norm
+            located[name] = (float(np.degrees(np.arcsin(z))), float(np.degrees(np.arctan2(y, x))))
         return located
 
     # -- masks of site-only constraints -------------------------------------------------
@@ -124,7 +140,13 @@ class Fleet:
     def placement_mask(self, deployment: Deployment) -> BoolArray:
         """Sites the deployment may use at all: residency, tiers, selector and health."""
         rules = deployment.placement
-        return self.residency_mask(rules.residency) & self.tier_mask(rules.tiers) & self.selector_mask(rules.site_selector) & self.healthy
+        key = (rules.residency, rules.tiers, tuple(sorted(rules.site_selector.items())))
+        mask = self._placement_cache.get(key)
+        if mask is None:
+            mask = self.residency_mask(rules.residency) & self.tier_mask(rules.tiers) & self.selector_mask(rules.site_selector) & self.healthy
+            mask.flags.writeable = False  # shared by every deployment with the same rules
+            self._placement_cache[key] = mask
+        return mask
 
     def variant_tiers_mask(self, deployment: Deployment, variant: Variant) -> BoolArray:
         """Sites of the tiers where ``deployment`` may run ``variant`` (none: all False)."""
@@ -135,10 +157,33 @@ class Fleet:
         """Per variant name that may run somewhere: the sites allowed for the deployment
         whose tier takes that variant and whose total hardware holds one replica."""
         allowed = self.placement_mask(deployment)
-        return {
-            name: allowed & self.variant_tiers_mask(deployment, variant) & self.hardware_mask(variant)
-            for name, variant in deployment.runnable_variants().items()
-        }
+        rules = deployment.placement
+        out: dict[str, BoolArray] = {}
+        for name, variant in deployment.runnable_variants().items():
+            tiers = frozenset(t for t in Tier if variant in deployment.variants_for(t))
+            key = (
+                rules.residency,
+                rules.tiers,
+                tuple(sorted(rules.site_selector.items())),
+                tiers,
+                (variant.cpu, variant.memory_mib, variant.gpus, variant.gpu_memory_gib),
+            )
+            mask = self._eligible_cache.get(key)
+            if mask is None:
+                mask = allowed & self.tier_mask(tiers) & self.hardware_mask(variant)
+                mask.flags.writeable = False
+                self._eligible_cache[key] = mask
+            out[name] = mask
+        return out
+
+    def sites_of(self, mask: BoolArray) -> IntArray:
+        """``np.flatnonzero(mask)``, cached for the shared read-only masks above."""
+        if mask.flags.writeable:
+            return np.flatnonzero(mask)
+        found = self._sites_cache.get(id(mask))
+        if found is None or found[0] is not mask:
+            found = self._sites_cache[id(mask)] = (mask, np.flatnonzero(mask))
+        return found[1]
 
     def domains(self, by: str) -> IntArray:
         """The spread domain of every site: its region index, or the site itself."""
@@ -260,11 +305,27 @@ class Capacity:
         self.cpu = fleet.cpu.copy()
         self.memory_mib = fleet.memory_mib.copy()
         self.gpu_count = fleet.gpu_count.copy()
+        # Sites whose free capacity changed, in order; a cached ``fits_mask`` per variant
+        # size remembers how far into this log it is up to date. Each deployment changes
+        # a few sites, so refreshing those beats a pass over 100,000 sites per deployment.
+        self._changed: list[int] = []
+        self._fits: dict[tuple[float, float, int, float], tuple[BoolArray, int]] = {}
 
     def fits_mask(self, variant: Variant) -> BoolArray:
-        fits = (self.cpu >= variant.cpu - 1e-9) & (self.memory_mib >= variant.memory_mib - 1e-9)
-        if variant.gpus:
-            fits &= self.fleet.gpu_fit(self.gpu_count, variant).any(axis=1)
+        """Per site: room for one more replica of ``variant`` now. The array is shared and
+        kept up to date by later calls: read it, do not keep or change it."""
+        key = (variant.cpu, variant.memory_mib, variant.gpus, variant.gpu_memory_gib)
+        found = self._fits.get(key)
+        if found is None or len(self._changed) - found[1] > self.fleet.size // 8:
+            fits = (self.cpu >= variant.cpu - 1e-9) & (self.memory_mib >= variant.memory_mib - 1e-9)
+            if variant.gpus:
+                fits &= self.fleet.gpu_fit(self.gpu_count, variant).any(axis=1)
+        else:
+            fits, seen = found
+            if seen < len(self._changed):
+                sites = np.unique(np.array(self._changed[seen:], dtype=np.int64))
+                fits[sites] = self.fits(sites, variant)
+        self._fits[key] = (fits, len(self._changed))
         return fits
 
     def fits(self, sites: IntArray, variant: Variant) -> BoolArray:
@@ -318,9 +379,11 @@ class Capacity:
         self.memory_mib[site] = memory - variant.memory_mib
         if group >= 0:
             self.gpu_count[site, group] -= variant.gpus
+        self._changed.append(site)
         return group
 
     def give_back(self, site: int, variant: Variant, group: int) -> None:
+        self._changed.append(site)
         self.cpu[site] += variant.cpu
         self.memory_mib[site] += variant.memory_mib
         if group >= 0:
@@ -328,6 +391,7 @@ class Capacity:
 
     def hold(self, site: int, variant: Variant, group: int) -> None:
         """Take back exactly what ``give_back`` returned (same GPU group)."""
+        self._changed.append(site)
         self.cpu[site] -= variant.cpu
         self.memory_mib[site] -= variant.memory_mib
         if group >= 0:

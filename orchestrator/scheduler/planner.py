@@ -74,21 +74,26 @@ class Job:
     complete: bool = False  # the candidates are every feasible site
     shortfall: str = ""  # why fewer than wanted were placed
     _eligible_sites: dict[str, IntArray] = field(default_factory=dict)
+    _any_eligible: BoolArray | None = None
 
-    def eligible_sites(self, variant: str) -> IntArray:
+    def eligible_sites(self, fleet: Fleet, variant: str) -> IntArray:
         """Indices of the sites eligible for ``variant`` (fixed for one plan call)."""
         found = self._eligible_sites.get(variant)
         if found is None:
-            found = self._eligible_sites[variant] = np.flatnonzero(self.eligible[variant])
+            found = self._eligible_sites[variant] = fleet.sites_of(self.eligible[variant])
         return found
 
     @property
     def any_eligible(self) -> BoolArray:
-        masks = list(self.eligible.values())
-        out = np.zeros_like(self.allowed) if not masks else masks[0].copy()
-        for mask in masks[1:]:
-            out |= mask
-        return out
+        if self._any_eligible is None:
+            masks = list(self.eligible.values())
+            if not masks:
+                self._any_eligible = np.zeros_like(self.allowed)
+            elif len(masks) == 1:
+                self._any_eligible = masks[0]  # shared and read-only: no copy needed
+            else:
+                self._any_eligible = np.logical_or.reduce(masks)
+        return self._any_eligible
 
     def variants(self) -> list[Variant]:
         names = self.eligible.keys()
@@ -134,17 +139,22 @@ def _plan(
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
     dropped = _seat_incumbents(fleet, capacity, jobs, current)
     order = sorted(jobs.values(), key=_scarcity)
-    # Phase 1: every deployment gets its min (and its running replicas back) before any
-    # grows, so a flexible deployment cannot starve a constrained one of its minimum.
+    # Phase 1: every deployment gets its min and as many replicas as ran before (the
+    # replacements of lost ones included) before any grows, so a flexible deployment
+    # cannot starve a constrained one of its minimum. Counting the lost ones here matters:
+    # were only the kept seats re-placed, the greedy could move a kept replica towards
+    # the lost one's demand, free its seat for another deployment, and leave the
+    # replacement to phase 2 with that seat gone: two or three moves where one was due.
     for job in order:
         for site, variant, group in job.seats:
             capacity.give_back(site, variant, group)
+        ran = sum(job.running.values())
         _place(
             fleet,
             capacity,
             job,
             tuning,
-            upto=max(job.deployment.min_replicas, min(job.wanted, len(job.seats))),
+            upto=max(job.deployment.min_replicas, min(job.wanted, ran)),
         )
     # Phase 2: grow to the wanted count, then polish.
     for job in order:
@@ -156,6 +166,8 @@ def _plan(
     for job in order:
         if len(job.placed) < job.wanted:
             repair.make_room(fleet, capacity, job, order)
+        if len(job.placed) < job.wanted:
+            repair.trade_down(capacity, job, order)
     for job in order:
         if len(job.placed) < job.wanted:
             job.shortfall = diagnosis.explain(fleet, capacity, job)
@@ -240,7 +252,7 @@ def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int
             domains = np.flatnonzero(np.bincount(fleet.region[eligible], minlength=len(fleet.region_names)))
         else:
             domains = np.flatnonzero(eligible)
-        job.spread = DomainCounts(domains.tolist(), rules.spread.max_skew, fleet.domains(rules.spread.by))
+        job.spread = DomainCounts(domains, rules.spread.max_skew, fleet.domains(rules.spread.by))
     limit = tuning.candidates
     fresh = False
     while True:

@@ -7,10 +7,19 @@ have run elsewhere. A missing replica costs more than any latency or carbon diff
 a single replica of another deployment whose move to another site with room frees enough
 capacity, and makes that trade. The moved replica keeps its count (a move, never a drop),
 and deployments with a spread rule are left alone so their balance is never broken.
+
+When no move frees room, ``trade_down`` looks at sizes: a deployment of two-GPU replicas
+grown past its minimum may hold the GPUs that two one-GPU replicas of a short deployment
+need. Every missing replica costs the same, so giving one large replica back for two or
+more small ones in its place lowers the cost; planning in scarcity order (largest GPU
+count first) is what creates this case. Only replicas this plan started are given back,
+never one running now (a re-plan never evicts a healthy replica for another
+deployment), and never below the giver's ``replicas.min``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,6 +33,7 @@ if TYPE_CHECKING:
 
 SITES_TRIED = 64  # per replica sought; the lowest-carbon full sites come first
 TRADES_TRIED = 256  # per replica sought: bounds the work when nothing can give way
+GIVERS_TRIED = 64  # per trade_down round: replicas of other deployments tried
 
 
 def make_room(fleet: Fleet, capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:
@@ -97,3 +107,64 @@ def _trade(
     if job.spread is not None:
         job.spread.shift(int(job.spread.keys[site]), +1)
     return True
+
+
+def trade_down(capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:
+    """Add replicas to ``job`` by giving back single new replicas of other deployments
+    where two or more of ``job``'s fit in their place (fewer replicas short overall)."""
+    eligible = job.any_eligible
+    while len(job.placed) < job.wanted and _trade_down_once(capacity, job, jobs, eligible):
+        pass
+
+
+def _trade_down_once(capacity: Capacity, job: Job, jobs: Sequence[Job], eligible: np.ndarray) -> bool:
+    tries = GIVERS_TRIED
+    for other in jobs:
+        if other is job or other.deployment.placement.spread is not None:
+            continue
+        if len(other.placed) <= other.deployment.min_replicas:
+            continue
+        held = Counter((s, v.name) for s, v, _ in other.placed)
+        count: dict[tuple[int, str], int] = {}
+        for i in range(len(other.placed) - 1, -1, -1):  # the latest placed first
+            site, variant, group = other.placed[i]
+            key = (site, variant.name)
+            count[key] = count.get(key, 0) + 1
+            if not eligible[site] or count[key] + other.running.get(key, 0) > held[key]:
+                continue  # not usable by ``job``, or one of the replicas running now
+            if _swap_for_more(capacity, job, site, other, i):
+                return True
+            tries -= 1
+            if tries == 0:
+                return False
+    return False
+
+
+def _swap_for_more(capacity: Capacity, job: Job, site: int, other: Job, i: int) -> bool:
+    """Give back ``other.placed[i]`` if at least two replicas of ``job`` then fit there."""
+    _, their_variant, their_group = other.placed[i]
+    capacity.give_back(site, their_variant, their_group)
+    added: list[tuple[int, Variant, int]] = []
+    spread = job.spread
+    for variant in job.variants():
+        if not job.eligible[variant.name][site]:
+            continue
+        while len(job.placed) + len(added) < job.wanted:
+            if spread is not None and not spread.allows(int(spread.keys[site])):
+                break
+            group = capacity.take(site, variant)
+            if group is None:
+                break
+            added.append((site, variant, group))
+            if spread is not None:
+                spread.shift(int(spread.keys[site]), +1)
+    if len(added) >= 2:
+        del other.placed[i]
+        job.placed.extend(added)
+        return True
+    for s, variant, group in reversed(added):
+        capacity.give_back(s, variant, group)
+        if spread is not None:
+            spread.shift(int(spread.keys[s]), -1)
+    capacity.hold(site, their_variant, their_group)
+    return False

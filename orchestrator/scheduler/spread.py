@@ -19,10 +19,17 @@ class DomainCounts:
 
     def __init__(self, domains: Iterable[int], max_skew: int, keys: npt.NDArray[np.int64]) -> None:
         self.keys = keys  # the domain of every site (``Fleet.domains``)
-        self.count: dict[int, int] = dict.fromkeys(domains, 0)
-        self.hist: Counter[int] = Counter({0: len(self.count)})
+        # Spread by site over 100,000 sites has 100,000 domains: only those holding a
+        # replica get an entry, the others count zero through the histogram.
+        self.domains = np.asarray(domains, dtype=np.int64)
+        self.count: dict[int, int] = {}
+        self.hist: Counter[int] = Counter({0: int(self.domains.size)})
         self.max_skew = max_skew
         self._low = 0
+
+    def of(self, domain: int) -> int:
+        """Replicas in ``domain`` now."""
+        return self.count.get(domain, 0)
 
     def low(self) -> int:
         return self._low
@@ -30,7 +37,7 @@ class DomainCounts:
     def allows(self, add: int, remove: int | None = None) -> bool:
         """Would one more replica in ``add`` (and one fewer in ``remove``) keep the skew?"""
         if remove is None:
-            c = self.count[add]
+            c = self.count.get(add, 0)
             return c + 1 - self._low <= self.max_skew or (c == self._low and self.hist[c] == 1)
         if remove == add:
             return True
@@ -43,7 +50,7 @@ class DomainCounts:
         return ok
 
     def shift(self, domain: int, by: int) -> None:
-        old = self.count[domain]
+        old = self.count.get(domain, 0)
         self.hist[old] -= 1
         self.hist[old + by] += 1
         self.count[domain] = old + by
