@@ -276,6 +276,10 @@ def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None
     if sized is None and len(deployments) == 1:
         sized = next(iter(deployments.values()))
     chosen = [sized] if sized is not None else list(deployments.values())
+    # A Ray Serve LLM application's replicas are its engine servers, not its OpenAI ingress.
+    engines = [d for n, d in deployments.items() if n.split(":", 1)[0] == serve_config.LLM_SERVER_DEPLOYMENT]
+    if engines:
+        chosen = engines
     running = sum(1 for d in chosen for r in d.get("replicas") or [] if r.get("state") == "RUNNING")
     target = sum(int(d.get("target_num_replicas") or 0) for d in chosen)
     detail = str(app.get("message") or "") or serve_config.deployment_messages(deployments)

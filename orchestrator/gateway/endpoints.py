@@ -101,12 +101,13 @@ class EndpointTable:
             out.append(e if not mine else dataclasses.replace(e, inflight=e.inflight + mine))
         return out
 
-    def rank(self, model: str, caller: routing.Caller, position: tuple[float, float] | None) -> list[routing.Ranked] | routing.NoRoute:
-        """The model's endpoints for ``caller``, best first (``routing.rank`` on the live
-        table: the gateway's own load and ejections included); ``position`` is the
-        gateway's, for callers that give none."""
-        return routing.rank(self.with_local_load(model), caller, regions=self.regions,
-                            gateway_position=position, ejected=self.ejected())
+    def rank(self, model: str, caller: routing.Caller, position: tuple[float, float] | None,
+             protocol: str = "v2") -> list[routing.Ranked] | routing.NoRoute:
+        """The model's endpoints that speak ``protocol`` for ``caller``, best first
+        (``routing.rank`` on the live table: the gateway's own load and ejections
+        included); ``position`` is the gateway's, for callers that give none."""
+        endpoints = [e for e in self.with_local_load(model) if e.protocol == protocol]
+        return routing.rank(endpoints, caller, regions=self.regions, gateway_position=position, ejected=self.ejected())
 
     def ejected(self) -> frozenset[str]:
         now = self.clock()

@@ -33,11 +33,17 @@ class Endpoint:
     region: str
     lat: float
     lon: float
-    url: str  # base: f"{url}/v2/models/{model}/infer"
+    url: str  # base: f"{url}/v2/models/{model}/infer", or f"{url}/v1/chat/completions" for openai
     healthy: bool = True
     inflight: int = 0
     allowed_countries: frozenset[str] = frozenset()  # the deployment's residency; empty = any
     fallback: tuple[str, ...] = ()  # the deployment's spec.routing.fallback
+    #: What ``url`` speaks: ``v2`` (Open Inference Protocol, ONNX and ray-serve replicas) or
+    #: ``openai`` (a Ray Serve LLM replica: /v1/chat/completions, /v1/completions, /v1/models
+    #: under ``url``, the application's route prefix).
+    protocol: str = "v2"
+    #: The ``model`` an OpenAI request names at this endpoint (the served model name).
+    served_model: str = ""
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,11 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
             name=app_name(row.site, d.name), route_prefix=route_prefix(row.site, d.name), model_name=d.spec.model, runtime=v.runtime,
             num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.resources.memoryMiB, gpus=float(v.resources.gpus),
         )
-        if v.runtime == "onnx":
+        if v.llm is not None:
+            llm = llm_app(v.llm, d.spec.model)
+            common["gpus"] = float(llm.tensor_parallel_size)
+            out[row.site].append(serve_config.ServeAppSpec(**common, llm=llm))
+        elif v.runtime == "onnx":
             ref = s.artifacts.get((d.spec.model, v.name))
             if ref is None or ref.url is None or v.artifact is None:
                 continue
@@ -174,12 +178,26 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
     return {site: tuple(sorted(apps, key=lambda a: a.name)) for site, apps in out.items()}
 
 
+def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:
+    """The Ray Serve LLM application of a vllm variant: its fields as vLLM engine arguments
+    (``engineArgs`` last, which the manifest keeps from repeating these)."""
+    kwargs: dict[str, Any] = {"max_model_len": llm.contextLength, "max_num_seqs": llm.maxConcurrentSequences,
+                              "dtype": llm.dtype, "gpu_memory_utilization": llm.gpuMemoryUtilization}
+    if llm.quantization:
+        kwargs["quantization"] = llm.quantization
+    if llm.kvCacheDtypeBytes == 1:
+        kwargs["kv_cache_dtype"] = "fp8"
+    return serve_config.LlmApp(model_id=llm.servedModelName or model, source=llm.source,
+                               engine_kwargs={**kwargs, **llm.engineArgs}, tensor_parallel_size=llm.tensorParallelSize,
+                               accelerator_type=llm.acceleratorType)
+
+
 def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple[routing.Endpoint, ...]:
     """Replicas that can answer now: only where the current placement puts them."""
     deployments, sites, agents = s.deployment_by_name, s.site_by_name, s.agent_by_site
-    placed = {(r.deployment, r.site) for r in rows}
+    placed = {(r.deployment, r.site): r.variant for r in rows}
     out: list[routing.Endpoint] = []
-    for deployment_name, site_name in sorted(placed):
+    for (deployment_name, site_name), variant_name in sorted(placed.items()):
         d, site = deployments.get(deployment_name), sites.get(site_name)
         if d is None or site is None:
             continue
@@ -199,6 +217,9 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
             if app is None or app.endpoint_url is None or app.replicas_running < 1:
                 continue
             healthy = dc is not None and dc.reachable and app.status in (serve_config.ServeAppState.RUNNING,)
+            v = _variant(s, d, variant_name)
+            if v is not None and v.llm is not None:  # Ray Serve LLM: OpenAI routes under the route prefix
+                common.update(protocol="openai", served_model=v.llm.servedModelName or d.spec.model)
             out.append(routing.Endpoint(url=app.endpoint_url.rstrip("/"), healthy=healthy, **common))
     return tuple(out)
 
