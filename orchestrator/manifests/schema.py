@@ -122,6 +122,8 @@ class RaySite(Strict):
 class KubernetesSite(Strict):
     context: Annotated[str, StringConstraints(min_length=1, max_length=253)]
     namespace: Name = "default"
+    #: Image of the GPU pods that run vllm variants (Ray's LLM image, or one built from it).
+    llmImage: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")] | None = None
 
 
 class SiteSpec(Strict):

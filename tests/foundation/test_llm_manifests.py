@@ -39,6 +39,7 @@ def llm_model(*changes: tuple[str, Any]) -> str:
 
 
 V = "spec.variants[0]"
+KUBE_DC = {k: v for k, v in support.dc_site_spec().items() if k != "ray"}
 BAD = [
     Bad("vllm-without-llm", llm_model((f"{V}.llm", DELETE)), V, "- name:", "a vllm variant needs 'llm'"),
     Bad("llm-on-onnx", mutate("Model", "m", {"variants": [{**support.model_spec()["variants"][0], "llm": GPT_OSS_120B["llm"]}]}),
@@ -70,6 +71,8 @@ BAD = [
     Bad("llm-unknown-field", llm_model((f"{V}.llm.maxTokens", 5)), f"{V}.llm.maxTokens", "maxTokens:", "unknown field"),
     Bad("llm-bad-accelerator", llm_model((f"{V}.llm.acceleratorType", "H100 80GB")), f"{V}.llm.acceleratorType", "acceleratorType:",
         "match"),
+    Bad("llm-image-with-space", mutate("Site", "dc1", {**KUBE_DC, "kubernetes": {"context": "prod", "llmImage": "ray llm"}}),
+        "spec.kubernetes.llmImage", "llmImage:", "match"),
     Bad("vllm-at-the-edge", join(llm_model(), deployment(("spec.variant", "gpt-oss-120b"), ("spec.placement.tiers", ["edge"]))),
         "spec.variant", "variant: gpt-oss-120b", "runs only in data centres", document=1),
 ]
@@ -86,3 +89,8 @@ def test_a_good_llm_variant_loads_as_written() -> None:
     assert variant.llm.architecture.slidingWindowTokens == 128
     assert variant.llm.gpuMemoryUtilization == 0.9 and variant.llm.dtype == "auto"
     assert check(llm_model()) == []
+
+
+def test_a_kubernetes_site_names_its_llm_image() -> None:
+    text = mutate("Site", "dc1", {**KUBE_DC, "kubernetes": {"context": "prod", "llmImage": "registry.example/ray-llm:2.60.0-py311-cu128"}})
+    assert check(text) == []
