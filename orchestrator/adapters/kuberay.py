@@ -285,9 +285,7 @@ def statuses_from_rayservice(
     targets: dict[str, int] = {}
     prefixes: dict[str, str] = {}
     for app in configured.get("applications") or []:
-        targets[app["name"]] = sum(
-            int(d.get("num_replicas") or 0) for d in app.get("deployments") or []
-        )
+        targets[app["name"]] = serve_config.configured_replicas(app)
         prefixes[app["name"]] = app.get("route_prefix") or "/"
     status = obj.get("status") or {}
     reported = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}

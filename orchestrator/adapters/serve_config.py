@@ -299,6 +299,19 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
     return config
 
 
+def configured_replicas(app: Mapping[str, Any]) -> int:
+    """Replicas a rendered application asks for: its sized deployments', or for a Ray
+    Serve LLM application its engines' (fixed, or the autoscaling start)."""
+    if app.get("import_path") == LLM_IMPORT_PATH:
+        total = 0
+        for config in (app.get("args") or {}).get("llm_configs") or []:
+            deployment = config.get("deployment_config") or {} if isinstance(config, Mapping) else {}
+            scaling = deployment.get("autoscaling_config") or {}
+            total += int(deployment.get("num_replicas") or scaling.get("initial_replicas") or scaling.get("min_replicas") or 0)
+        return total
+    return sum(int(d.get("num_replicas") or 0) for d in app.get("deployments") or [])
+
+
 def parse_state(value: object) -> ServeAppState:
     """An application state as Serve (or KubeRay) reports it; unknown values are unhealthy."""
     try:

@@ -301,3 +301,18 @@ def test_llm_apps_get_gpu_worker_groups_per_accelerator_and_parallelism(rayservi
 def test_too_many_llm_pods_are_refused() -> None:
     with pytest.raises(kuberay.ClusterShapeError, match="GPU pods"):
         kuberay.render_rayservice("s", NS, [llm_app("ep-x", "H100", 1, 65)], LLM_SHAPE)
+
+
+def test_llm_app_status_from_the_rayservice_counts_its_engine_replicas() -> None:
+    apps = [llm_app("ep-gpt", "H100", 1, 2), llm_app("ep-llama", "H100", 8, 1, autoscaling=(1, 3))]
+    obj = kuberay.render_rayservice("s", NS, apps, LLM_SHAPE)
+    healthy = {"status": "HEALTHY"}
+    obj["status"] = {"activeServiceStatus": {"applicationStatuses": {
+        "ep-gpt": {"status": "RUNNING", "serveDeploymentStatuses": {"OpenAiIngress": healthy, "LLMServer:gpt": healthy}},
+        "ep-llama": {"status": "DEPLOYING", "serveDeploymentStatuses": {"LLMServer:llama": {"status": "UPDATING"}}},
+    }}}
+    statuses = kuberay.statuses_from_rayservice(obj, "http://svc:8000")
+    assert (statuses["ep-gpt"].replicas_running, statuses["ep-gpt"].replicas_target) == (2, 2)
+    assert statuses["ep-gpt"].endpoint_url == "http://svc:8000/ep/gpt"
+    assert (statuses["ep-llama"].status, statuses["ep-llama"].replicas_running, statuses["ep-llama"].replicas_target) == (
+        ServeAppState.DEPLOYING, 0, 1)

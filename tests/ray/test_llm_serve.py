@@ -182,3 +182,28 @@ def test_the_gateway_table_ranks_endpoints_by_protocol() -> None:
     assert isinstance(ranked, list) and [r.endpoint.site for r in ranked] == ["dc-a"]
     ranked = table.rank("gpt", routing.Caller(), None, protocol="openai")
     assert isinstance(ranked, list) and [r.endpoint.site for r in ranked] == ["dc-b"]
+
+
+
+@pytest.mark.parametrize(
+    ("nodes", "fragment"),
+    [
+        ([{"CPU": 8.0}], "'LLMServer:openai--gpt-oss-120b' cannot place a replica: each needs 2 GPU, 1 accelerator_type:H100 but the largest node has 0 GPU"),
+        ([{"CPU": 16.0, "GPU": 1.0, "accelerator_type:H100": 1.0}, {"CPU": 16.0, "GPU": 1.0, "accelerator_type:H100": 1.0}],
+         "each needs 2 GPU but the largest node has 1 GPU"),
+        ([{"CPU": 16.0, "GPU": 8.0, "accelerator_type:A100-80G": 1.0}], "but the largest node has 0 accelerator_type:H100"),
+        ([{"CPU": 16.0, "GPU": 8.0, "accelerator_type:H100": 1.0}], ""),
+        ([{"CPU": 2.0, "GPU": 8.0, "accelerator_type:H100": 1.0}], "each needs 4 CPU but the largest node has 2 CPU"),
+    ],
+)
+def test_an_engine_that_fits_no_node_is_reported_like_any_gpu_shortage(nodes: list[dict[str, float]], fragment: str) -> None:
+    """Serve's details leave out placement groups: the engine's come from the config edgeplane PUT."""
+    # Ray Serve LLM names the engine deployment LLMServer:<model id, '/' -> '--', '.' -> '_'>
+    llm = LlmApp(model_id="openai/gpt-oss-120b", source="/m", tensor_parallel_size=2, accelerator_type="H100")
+    app = {**llm_details(0, 1, "DEPLOYING"), "deployed_app_config": serve_config.render_application(app_spec(llm, replicas=1))}
+    app["deployments"]["LLMServer:openai--gpt-oss-120b"]["required_resources"] = {"CPU": 4.0}
+    reason = ray_serve.unschedulable_reason(app, nodes)
+    if fragment:
+        assert fragment in reason, reason
+    else:
+        assert reason == ""
