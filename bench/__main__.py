@@ -20,6 +20,7 @@ BENCHMARKS = (
     "agent_heartbeats",
     "gateway",
     "ray_serve_path",
+    "vllm_gpu",
 )
 
 
