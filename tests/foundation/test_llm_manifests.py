@@ -4,11 +4,14 @@ accepted as written, each bad one is refused naming its field, line and the fix.
 from __future__ import annotations
 
 import copy
+import pathlib
+import re
 from typing import Any
 
 import pytest
 
 from orchestrator.manifests import loader
+from orchestrator.reconciler import inventory
 
 from . import support
 from .support import join
@@ -94,3 +97,22 @@ def test_a_good_llm_variant_loads_as_written() -> None:
 def test_a_kubernetes_site_names_its_llm_image() -> None:
     text = mutate("Site", "dc1", {**KUBE_DC, "kubernetes": {"context": "prod", "llmImage": "registry.example/ray-llm:2.60.0-py311-cu128"}})
     assert check(text) == []
+
+
+def _doc_section() -> str:
+    text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "datacentre.md").read_text()
+    start = text.index("## Large language models")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_the_manifests_in_the_docs_load_and_their_arithmetic_is_what_the_planner_uses() -> None:
+    section = _doc_section()
+    blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    docs = [d for block in blocks if "kind:" in block for d in loader.load_text(block, "datacentre.md")]
+    variants = {f"{d.name}/{v.name}": v for d in docs if d.kind == "Model" for v in d.doc.spec.variants}  # type: ignore[union-attr]
+    assert set(variants) == {"gpt-oss-120b/h100", "gpt-oss-20b/dc", "gpt-oss-20b/gpu16"}
+    shown = {"gpt-oss-120b/h100": ("71.35", "79.28"), "gpt-oss-20b/dc": ("38.38", "42.64"), "gpt-oss-20b/gpu16": ("15.11", "15.90")}
+    for key, (per_gpu, card) in shown.items():
+        memory = inventory.llm_memory(variants[key].llm)  # type: ignore[arg-type]
+        assert (f"{memory.per_gpu_gib:.2f}", f"{memory.card_gib:.2f}") == (per_gpu, card), key
+        assert f"**{per_gpu} GiB**" in section and f"**{card} GiB**" in section
