@@ -107,6 +107,9 @@ class EndpointTable:
         (``routing.rank`` on the live table: the gateway's own load and ejections
         included); ``position`` is the gateway's, for callers that give none."""
         endpoints = [e for e in self.with_local_load(model) if e.protocol == protocol]
+        if not endpoints and self._by_model.get(model):
+            spoken = ", ".join(sorted({e.protocol for e in self._by_model[model]}))
+            return routing.NoRoute(f"model {model!r} is served over {spoken} only, not {protocol}", 404)
         return routing.rank(endpoints, caller, regions=self.regions, gateway_position=position, ejected=self.ejected())
 
     def ejected(self) -> frozenset[str]:

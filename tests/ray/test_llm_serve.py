@@ -207,3 +207,7 @@ def test_an_engine_that_fits_no_node_is_reported_like_any_gpu_shortage(nodes: li
         assert fragment in reason, reason
     else:
         assert reason == ""
+    table.replace([openai])
+    refused = table.rank("gpt", routing.Caller(), None)
+    assert isinstance(refused, routing.NoRoute) and refused.status == 404
+    assert "served over openai only, not v2" in refused.reason
