@@ -182,6 +182,10 @@ def test_the_gateway_table_ranks_endpoints_by_protocol() -> None:
     assert isinstance(ranked, list) and [r.endpoint.site for r in ranked] == ["dc-a"]
     ranked = table.rank("gpt", routing.Caller(), None, protocol="openai")
     assert isinstance(ranked, list) and [r.endpoint.site for r in ranked] == ["dc-b"]
+    table.replace([openai])
+    refused = table.rank("gpt", routing.Caller(), None)
+    assert isinstance(refused, routing.NoRoute) and refused.status == 404
+    assert "served over openai only, not v2" in refused.reason
 
 
 
@@ -207,7 +211,3 @@ def test_an_engine_that_fits_no_node_is_reported_like_any_gpu_shortage(nodes: li
         assert fragment in reason, reason
     else:
         assert reason == ""
-    table.replace([openai])
-    refused = table.rank("gpt", routing.Caller(), None)
-    assert isinstance(refused, routing.NoRoute) and refused.status == 404
-    assert "served over openai only, not v2" in refused.reason
