@@ -25,6 +25,7 @@ BENCHMARKS = (
     "ray_serve_path",
     "cascade",
     "simulate",
+    "vllm_gpu",
 )
 
 

@@ -326,7 +326,7 @@ class ControlPlane:
         caller = routing.parse_caller(f"{lat},{lon}" if lat is not None and lon is not None else None, None, residency)
         if isinstance(caller, routing.NoRoute):
             return views.endpoint_list(caller, model)
-        return views.endpoint_list(self.table.rank(model, caller, self.config.position), model)
+        return views.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model)
 
     def cascades_view(self) -> dict[str, Any]:
         return {"items": self.cascades.stats.snapshot(self.table.cascades)}

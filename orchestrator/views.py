@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.gateway import routing
 from orchestrator.manifests import loader, schema
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import inventory, planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
 
@@ -54,7 +54,8 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],
             change = "moved in" if a > b else "moved out"
         else:
             change = "added" if a > b else "removed"
-        changes.append({"site": site, "deployment": deployment, "variant": variant, "before": b, "after": a, "change": change})
+        changes.append({"site": site, "deployment": deployment, "variant": variant, "before": b, "after": a, "change": change,
+                        **_replica_gpus(future, deployment, variant)})
     energy: dict[str, Any] = {"watts": result.energy.watts, "gramsCO2PerHour": result.energy.g_co2_per_hour}
     if current_energy is not None:
         energy.update(currentWatts=current_energy.watts, currentGramsCO2PerHour=current_energy.g_co2_per_hour)
@@ -76,6 +77,23 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],
 def _ms(value: float | None) -> float | None:
     """Predicted latencies to a tenth of a millisecond: the model is not finer than that."""
     return None if value is None else round(value, 1)
+
+
+def _replica_gpus(s: snap.Snapshot, deployment: str, variant: str) -> dict[str, Any]:
+    """What one replica takes of GPUs: how many, and how much memory on each (a vllm
+    variant's from its memory model, see ``scheduler.gpu_memory``)."""
+    record = next((d for d in s.deployments if d.name == deployment), None)
+    model = s.models.get(record.spec.model) if record is not None else None
+    v = next((x for x in model.variants if x.name == variant), None) if model is not None else None
+    if v is None:
+        return {}
+    if v.llm is not None:
+        memory = inventory.llm_memory(v.llm)
+        return {"gpusPerReplica": memory.gpus, "gpuMemoryGiBPerGpu": round(memory.per_gpu_gib, 2),
+                "gpuModel": v.llm.acceleratorType}
+    if not v.resources.gpus:
+        return {}
+    return {"gpusPerReplica": v.resources.gpus, "gpuMemoryGiBPerGpu": v.resources.gpuMemoryGiB}
 
 
 def placements(s: snap.Snapshot | None, rows: Iterable[Any]) -> dict[str, Any]:

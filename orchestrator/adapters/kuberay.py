@@ -5,7 +5,9 @@ Ray dashboard to edgeplane; the KubeRay operator runs the cluster and applies Se
 So the placement for the site becomes one ``RayService`` object (``ray.io/v1``) that
 edgeplane owns: ``serveConfigV2`` holds the same Serve applications the REST adapter would
 PUT, and ``rayClusterConfig`` is sized from what those applications ask for (a CPU worker
-group, plus a GPU worker group when any replica wants a GPU). The operator reports
+group, a GPU worker group when any replica wants a GPU, and for Ray Serve LLM
+applications one group per accelerator type and tensor-parallel size, each pod holding the
+GPUs of one replica on a node with that GPU model). The operator reports
 application statuses back in the object's ``status``, which :meth:`KubeRayActuator.observe`
 translates. The kubernetes client is synchronous; calls run in a worker thread so the
 control plane's event loop never blocks on the API server.
@@ -99,6 +101,28 @@ class RayClusterShape:
     usable_memory_fraction: float = 0.6
     max_worker_pods: int = 64
     gpu_resource: str = "nvidia.com/gpu"
+    #: Image of the pods that run Ray Serve LLM applications: Ray's LLM image has vLLM.
+    llm_image: str = field(default_factory=lambda: f"rayproject/ray-llm:{_ray_version()}-py311-cu128")
+    #: The least a pod of an LLM replica gets (loading weights takes host memory).
+    llm_worker: PodShape = PodShape(cpu=8, memory_gib=64)
+    #: Node selector per accelerator type; types not listed select on ACCELERATOR_LABEL.
+    accelerator_node_selectors: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: dict(GPU_PRODUCT_SELECTORS)
+    )
+
+
+#: Label a platform team puts on GPU nodes whose model is not in GPU_PRODUCT_SELECTORS.
+ACCELERATOR_LABEL = "edgeplane.io/accelerator-type"
+#: Ray accelerator types as NVIDIA GPU feature discovery labels the nodes (nvidia.com/gpu.product).
+GPU_PRODUCT_SELECTORS: Mapping[str, Mapping[str, str]] = {
+    "H100": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    "H200": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+    "A100-80G": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+    "A100-40G": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"},
+    "L40S": {"nvidia.com/gpu.product": "NVIDIA-L40S"},
+    "L4": {"nvidia.com/gpu.product": "NVIDIA-L4"},
+    "A10G": {"nvidia.com/gpu.product": "NVIDIA-A10G"},
+}
 
 
 def rayservice_name(site: str) -> str:
@@ -109,13 +133,13 @@ def _quantity(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def _container(name: str, shape: RayClusterShape, pod: PodShape) -> dict[str, Any]:
+def _container(name: str, shape: RayClusterShape, pod: PodShape, image: str | None = None) -> dict[str, Any]:
     resources = {"cpu": _quantity(pod.cpu), "memory": f"{_quantity(pod.memory_gib)}Gi"}
     if pod.gpus:
         resources[shape.gpu_resource] = str(pod.gpus)
     return {
         "name": name,
-        "image": shape.image,
+        "image": image or shape.image,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
     }
 
@@ -160,6 +184,34 @@ def _worker_group(
     }
 
 
+def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> list[dict[str, Any]]:
+    """One worker group per (accelerator type, tensor-parallel size) of the LLM apps: a pod
+    per replica (its autoscaling maximum when Serve scales it), holding that replica's GPUs,
+    on nodes of that GPU model."""
+    by_kind: dict[tuple[str, int], list[ServeAppSpec]] = {}
+    for a in apps:
+        assert a.llm is not None
+        by_kind.setdefault((a.llm.accelerator_type or "", a.llm.tensor_parallel_size), []).append(a)
+    groups = []
+    for (accelerator, tp), mine in sorted(by_kind.items()):
+        pods = sum(a.llm.autoscaling[1] if a.llm and a.llm.autoscaling else a.num_replicas for a in mine)
+        if pods > shape.max_worker_pods:
+            raise ClusterShapeError(f"the LLM applications need {pods} GPU pods, above the limit of {shape.max_worker_pods}")
+        memory_gib = max([shape.llm_worker.memory_gib]
+                         + [a.memory_mib / 1024 / shape.usable_memory_fraction for a in mine])
+        pod = PodShape(cpu=max([shape.llm_worker.cpu] + [a.cpu for a in mine]), memory_gib=math.ceil(memory_gib), gpus=tp)
+        slug = "".join(c if c.isalnum() else "-" for c in accelerator.lower()) or "gpu"
+        group = _worker_group(f"llm-{slug}-x{tp}", pods, pod, shape)
+        template = group["template"]["spec"]
+        template["containers"] = [_container("ray-worker", shape, pod, image=shape.llm_image)]
+        template["tolerations"] = [{"key": shape.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+        if accelerator:
+            selector = shape.accelerator_node_selectors.get(accelerator) or {ACCELERATOR_LABEL: accelerator}
+            template["nodeSelector"] = dict(selector)
+        groups.append(group)
+    return groups
+
+
 def render_serve_config(
     apps: Sequence[ServeAppSpec], learnt: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
@@ -179,8 +231,9 @@ def render_rayservice(
 ) -> dict[str, Any]:
     """The full ``RayService`` object for ``apps`` on ``site`` (pure; validated by tests
     against the KubeRay CRD schema)."""
-    gpu_apps = [a for a in apps if a.gpus > 0]
-    cpu_apps = [a for a in apps if a.gpus <= 0]
+    llm_apps = [a for a in apps if a.llm is not None]
+    gpu_apps = [a for a in apps if a.gpus > 0 and a.llm is None]
+    cpu_apps = [a for a in apps if a.gpus <= 0 and a.llm is None]
     groups = [
         _worker_group("cpu", _pods_for(cpu_apps, shape.cpu_worker, shape), shape.cpu_worker, shape)
     ]
@@ -190,6 +243,7 @@ def render_rayservice(
                 "gpu", _pods_for(gpu_apps, shape.gpu_worker, shape), shape.gpu_worker, shape
             )
         )
+    groups += _llm_groups(llm_apps, shape)
     spec = {
         "serveConfigV2": yaml.safe_dump(render_serve_config(apps, learnt), sort_keys=True),
         "rayClusterConfig": {
@@ -231,9 +285,7 @@ def statuses_from_rayservice(
     targets: dict[str, int] = {}
     prefixes: dict[str, str] = {}
     for app in configured.get("applications") or []:
-        targets[app["name"]] = sum(
-            int(d.get("num_replicas") or 0) for d in app.get("deployments") or []
-        )
+        targets[app["name"]] = serve_config.configured_replicas(app)
         prefixes[app["name"]] = app.get("route_prefix") or "/"
     status = obj.get("status") or {}
     reported = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}

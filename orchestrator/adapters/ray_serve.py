@@ -276,6 +276,10 @@ def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None
     if sized is None and len(deployments) == 1:
         sized = next(iter(deployments.values()))
     chosen = [sized] if sized is not None else list(deployments.values())
+    # A Ray Serve LLM application's replicas are its engine servers, not its OpenAI ingress.
+    engines = [d for n, d in deployments.items() if n.split(":", 1)[0] == serve_config.LLM_SERVER_DEPLOYMENT]
+    if engines:
+        chosen = engines
     running = sum(1 for d in chosen for r in d.get("replicas") or [] if r.get("state") == "RUNNING")
     target = sum(int(d.get("target_num_replicas") or 0) for d in chosen)
     detail = str(app.get("message") or "") or serve_config.deployment_messages(deployments)
@@ -301,10 +305,12 @@ def unschedulable_reason(app: Mapping[str, Any], nodes: Sequence[Mapping[str, fl
     """
     if not nodes:
         return ""
+    engines = _llm_engine_resources(app)
     for name, deployment in (app.get("deployments") or {}).items():
         required = {
             k: float(v) for k, v in (deployment.get("required_resources") or {}).items() if v
         }
+        required.update(engines.get(name, {}))
         if not required:
             continue
         if any(all(node.get(k, 0.0) >= v for k, v in required.items()) for node in nodes):
@@ -317,6 +323,31 @@ def unschedulable_reason(app: Mapping[str, Any], nodes: Sequence[Mapping[str, fl
             f"{_fmt_resources(largest)}; it stays pending until such a node joins"
         )
     return ""
+
+
+def _llm_engine_resources(app: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """What one engine replica of a Ray Serve LLM application needs on one node, by its
+    deployment name (``LLMServer:<model id>``).
+
+    Serve's details leave placement groups out (its ``required_resources`` is the replica
+    actor alone), so this reads the ``STRICT_PACK`` bundles and accelerator type from the
+    config edgeplane deployed.
+    """
+    deployed = app.get("deployed_app_config") or {}
+    if deployed.get("import_path") != serve_config.LLM_IMPORT_PATH:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for config in (deployed.get("args") or {}).get("llm_configs") or []:
+        model_id = ((config.get("model_loading_config") or {}).get("model_id") or "").replace("/", "--").replace(".", "_")
+        required: dict[str, float] = {}
+        for bundle in (config.get("placement_group_config") or {}).get("bundles") or []:
+            for k, v in bundle.items():
+                if k != "CPU" and v:  # CPU is checked on the replica actor, as for other apps
+                    required[k] = required.get(k, 0.0) + float(v)
+        if config.get("accelerator_type"):
+            required[f"accelerator_type:{config['accelerator_type']}"] = 1.0
+        out[f"{serve_config.LLM_SERVER_DEPLOYMENT}:{model_id}"] = required
+    return out
 
 
 def _fmt_resources(resources: Mapping[str, float]) -> str:

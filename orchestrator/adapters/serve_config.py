@@ -37,7 +37,11 @@ ONNX_DEPLOYMENT = "OnnxModel"
 #: Import path of the built-in generative application (``orchestrator/serving/genai_app.py``).
 GENAI_IMPORT_PATH = "orchestrator.serving.genai_app:build"
 GENAI_DEPLOYMENT = "GenAIModel"
-RUNTIMES = ("onnx", "onnx-genai", "ray-serve")
+#: Ray Serve LLM's OpenAI application builder (vLLM engine), for ``vllm`` applications.
+LLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"
+#: Serve names the engine deployment of an LLM application ``LLMServer:<model id>``.
+LLM_SERVER_DEPLOYMENT = "LLMServer"
+RUNTIMES = ("onnx", "onnx-genai", "ray-serve", "vllm")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -114,6 +118,23 @@ class ServeAppState(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class LlmApp:
+    """What a ``vllm`` application serves: one Ray Serve LLM ``LLMConfig``.
+
+    ``engine_kwargs`` go to vLLM as they are (context length, dtype, tensor parallelism...).
+    Replicas are the application's ``num_replicas`` unless ``autoscaling`` gives Serve
+    (min, max) bounds to scale within itself.
+    """
+
+    model_id: str
+    source: str
+    engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    tensor_parallel_size: int = 1
+    accelerator_type: str | None = None
+    autoscaling: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class ServeAppSpec:
     """One Serve application: one edgeplane deployment on one data-centre site.
 
@@ -136,6 +157,7 @@ class ServeAppSpec:
     import_path: str | None = None
     args: Mapping[str, Any] = field(default_factory=dict)
     deployment: str | None = None
+    llm: LlmApp | None = None
 
     def __post_init__(self) -> None:
         problems = spec_problems(self)
@@ -192,6 +214,13 @@ def spec_problems(spec: ServeAppSpec) -> list[str]:
             problems.append(f"an {spec.runtime} application needs sha256 (64 lowercase hex digits)")
     if spec.runtime == "ray-serve" and (not spec.import_path or ":" not in spec.import_path):
         problems.append("a ray-serve application needs import_path as 'module:attribute'")
+    if (spec.runtime == "vllm") != (spec.llm is not None):
+        problems.append("a vllm application needs llm, and only a vllm application takes it")
+    elif spec.llm is not None:
+        if spec.llm.tensor_parallel_size < 1:
+            problems.append("llm.tensor_parallel_size must be >= 1")
+        if spec.llm.autoscaling is not None and not 0 <= spec.llm.autoscaling[0] <= spec.llm.autoscaling[1]:
+            problems.append("llm.autoscaling must be (min, max) with 0 <= min <= max")
     return problems
 
 
@@ -217,6 +246,10 @@ def render_application(spec: ServeAppSpec, sized_deployment: str | None = None) 
     the application runs with its own defaults until the next pass knows the name.
     """
     app: dict[str, Any] = {"name": spec.name, "route_prefix": spec.route_prefix}
+    if spec.llm is not None:
+        app["import_path"] = LLM_IMPORT_PATH
+        app["args"] = {"llm_configs": [llm_config(spec)]}
+        return app  # sized through its LLMConfig: Serve names the deployments itself
     if spec.runtime == "onnx":
         app["import_path"] = ONNX_IMPORT_PATH
         app["args"] = {
@@ -242,6 +275,48 @@ def render_application(spec: ServeAppSpec, sized_deployment: str | None = None) 
             }
         ]
     return app
+
+
+def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
+    """The ``LLMConfig`` (as Serve's config file spells it) of a ``vllm`` application.
+
+    Each engine worker gets one GPU in one bundle of a ``STRICT_PACK`` placement group, so
+    the ``tensor_parallel_size`` GPUs of a replica are on one node (the planner placed
+    them on one GPU group). The replica's CPU is spread over its bundles.
+    """
+    llm = spec.llm
+    assert llm is not None
+    tp = llm.tensor_parallel_size
+    deployment: dict[str, Any]
+    if llm.autoscaling is not None:
+        low, high = llm.autoscaling
+        initial = min(max(spec.num_replicas, low), high)
+        deployment = {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": initial}}
+    else:
+        deployment = {"num_replicas": spec.num_replicas}
+    bundle: dict[str, float] = {"CPU": max(spec.cpu / tp, 0.001), "GPU": 1}
+    config: dict[str, Any] = {
+        "model_loading_config": {"model_id": llm.model_id, "model_source": llm.source},
+        "engine_kwargs": {**llm.engine_kwargs, "tensor_parallel_size": tp},
+        "deployment_config": deployment,
+        "placement_group_config": {"bundles": [dict(bundle) for _ in range(tp)], "strategy": "STRICT_PACK"},
+    }
+    if llm.accelerator_type:
+        config["accelerator_type"] = llm.accelerator_type
+    return config
+
+
+def configured_replicas(app: Mapping[str, Any]) -> int:
+    """Replicas a rendered application asks for: its sized deployments', or for a Ray
+    Serve LLM application its engines' (fixed, or the autoscaling start)."""
+    if app.get("import_path") == LLM_IMPORT_PATH:
+        total = 0
+        for config in (app.get("args") or {}).get("llm_configs") or []:
+            deployment = config.get("deployment_config") or {} if isinstance(config, Mapping) else {}
+            scaling = deployment.get("autoscaling_config") or {}
+            total += int(deployment.get("num_replicas") or scaling.get("initial_replicas") or scaling.get("min_replicas") or 0)
+        return total
+    return sum(int(d.get("num_replicas") or 0) for d in app.get("deployments") or [])
 
 
 def parse_state(value: object) -> ServeAppState:

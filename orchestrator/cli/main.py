@@ -83,8 +83,8 @@ def _print_plan(plan: dict[str, Any]) -> None:
     changes = [c for c in plan.get("changes", []) if c["change"] != "unchanged"]
     print()
     if changes:
-        render.table("Replica changes per site", ["SITE", "DEPLOYMENT", "VARIANT", "BEFORE", "AFTER", "CHANGE"],
-                     [[c["site"], c["deployment"], c["variant"], c["before"], c["after"], c["change"]] for c in changes])
+        render.table("Replica changes per site", ["SITE", "DEPLOYMENT", "VARIANT", "BEFORE", "AFTER", "GPUS PER REPLICA", "CHANGE"],
+                     [[c["site"], c["deployment"], c["variant"], c["before"], c["after"], _gpus(c), c["change"]] for c in changes])
     else:
         print("No replica changes.")
     deployments = plan.get("deployments", [])
@@ -101,6 +101,14 @@ def _print_plan(plan: dict[str, Any]) -> None:
     if energy:
         print(f"\nPredicted power {energy['watts']:.0f} W, {energy['gramsCO2PerHour']:.0f} gCO2/h"
               + (f" (now {energy['currentWatts']:.0f} W, {energy['currentGramsCO2PerHour']:.0f} gCO2/h)" if "currentWatts" in energy else ""))
+
+
+def _gpus(change: dict[str, Any]) -> str:
+    n = change.get("gpusPerReplica")
+    if not n:
+        return "-"
+    model = f"{change['gpuModel']} " if change.get("gpuModel") else ""
+    return f"{n}×{model}{change['gpuMemoryGiBPerGpu']:g} GiB"
 
 
 def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:

@@ -103,12 +103,16 @@ class EndpointTable:
             out.append(e if not mine else dataclasses.replace(e, inflight=e.inflight + mine))
         return out
 
-    def rank(self, model: str, caller: routing.Caller, position: tuple[float, float] | None) -> list[routing.Ranked] | routing.NoRoute:
-        """The model's endpoints for ``caller``, best first (``routing.rank`` on the live
-        table: the gateway's own load and ejections included); ``position`` is the
-        gateway's, for callers that give none."""
-        return routing.rank(self.with_local_load(model), caller, regions=self.regions,
-                            gateway_position=position, ejected=self.ejected())
+    def rank(self, model: str, caller: routing.Caller, position: tuple[float, float] | None,
+             api: str | None = routing.API_V2) -> list[routing.Ranked] | routing.NoRoute:
+        """The model's endpoints that speak ``api`` (any, when None) for ``caller``, best
+        first (``routing.rank`` on the live table: the gateway's own load and ejections
+        included); ``position`` is the gateway's, for callers that give none."""
+        endpoints = [e for e in self.with_local_load(model) if api is None or e.api == api]
+        if not endpoints and self._by_model.get(model):
+            spoken = ", ".join(sorted({e.api for e in self._by_model[model]}))
+            return routing.NoRoute(f"model {model!r} is served over {spoken} only, not {api}", 404)
+        return routing.rank(endpoints, caller, regions=self.regions, gateway_position=position, ejected=self.ejected())
 
     def ejected(self) -> frozenset[str]:
         now = self.clock()

@@ -121,7 +121,7 @@ class OpenAIGateway:
                      code="rate_limit_exceeded" if refused.status_code == 429 else "invalid_api_key")
 
     def _openai_candidates(self, model: str, request: Request) -> list[routing.Ranked] | Response:
-        ranked = self.gw.candidates(model, request)
+        ranked = self.gw.candidates(model, request, api=None)
         if isinstance(ranked, routing.NoRoute):
             code = "model_not_found" if ranked.status == 404 else None
             return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code)
@@ -139,7 +139,7 @@ class OpenAIGateway:
             return refused
         data = []
         for model in self.gw.table.models():
-            ranked = self.gw.candidates(model, request)
+            ranked = self.gw.candidates(model, request, api=None)
             if isinstance(ranked, list) and any(r.endpoint.api == routing.API_OPENAI for r in ranked):
                 data.append({"id": model, "object": "model", "created": 0, "owned_by": "edgeplane"})
         return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")

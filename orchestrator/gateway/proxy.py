@@ -87,7 +87,7 @@ class Gateway:
         self.cold_start_s = cold_start_s  # how long a request for a model scaled to zero waits
         self.cascade = cascade  # runs requests to models whose deployment has spec.cascade
 
-    def candidates(self, model: str, request: Request) -> list[routing.Ranked] | routing.NoRoute:
+    def candidates(self, model: str, request: Request, api: str | None = routing.API_V2) -> list[routing.Ranked] | routing.NoRoute:
         caller = routing.parse_caller(
             request.headers.get("x-edgeplane-location"),
             request.headers.get("x-edgeplane-region"),
@@ -101,7 +101,7 @@ class Gateway:
                 return routing.NoRoute(f"model {model!r} has no replica to answer: {reason}", 503)
             known = self.table.models()
             return routing.NoRoute(f"model {model!r} is not deployed" + (f" (deployed models: {', '.join(known)})" if known else ""), 404)
-        return self.table.rank(model, caller, self.position)
+        return self.table.rank(model, caller, self.position, api)
 
     async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None) -> Response:
         if self.table.is_cold(model):

@@ -45,6 +45,8 @@ class Endpoint:
     #: What the replica speaks: API_V2 (KServe v2 tensors) or API_OPENAI (a generative model:
     #: /v1/models, /v1/chat/completions, /v1/completions under ``url``, whatever engine answers).
     api: str = "v2"
+    #: The ``model`` an OpenAI request names at this endpoint (a vllm variant's served model name).
+    served_model: str = ""
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,8 @@ class RaySite(Strict):
 class KubernetesSite(Strict):
     context: Annotated[str, StringConstraints(min_length=1, max_length=253)]
     namespace: Name = "default"
+    #: Image of the GPU pods that run vllm variants (Ray's LLM image, or one built from it).
+    llmImage: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")] | None = None
 
 
 class SiteSpec(Strict):
@@ -220,9 +222,68 @@ class Generative(Strict):
         return self.weightBytes + self.kvBytesPerToken * self.contextLength * self.maxConcurrentSequences
 
 
+class Architecture(Strict):
+    """The numbers of a transformer that size its KV cache (from the model's config.json)."""
+
+    layers: int = Field(ge=1, le=1024)
+    kvHeads: int = Field(ge=1, le=1024)
+    headDim: int = Field(ge=1, le=4096)
+    #: Layers that attend over a sliding window only (gpt-oss: every other layer, 128 tokens).
+    slidingWindowLayers: int = Field(default=0, ge=0, le=1024)
+    slidingWindowTokens: int | None = Field(default=None, ge=1, le=16 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _window(self) -> Architecture:
+        if self.slidingWindowLayers > self.layers:
+            raise ValueError(f"slidingWindowLayers ({self.slidingWindowLayers}) is more than layers ({self.layers})")
+        if (self.slidingWindowLayers > 0) != (self.slidingWindowTokens is not None):
+            raise ValueError("give slidingWindowLayers and slidingWindowTokens together")
+        return self
+
+
+#: ``engineArgs`` keys edgeplane sets itself from the fields above; giving them twice is refused.
+LLM_RESERVED_ENGINE_ARGS = ("model", "served_model_name", "max_model_len", "dtype", "quantization",
+                            "tensor_parallel_size", "max_num_seqs", "kv_cache_dtype")
+
+
+class LlmSpec(Strict):
+    """A large language model served by an engine on GPUs (``runtime: vllm``).
+
+    ``source`` is handed to the engine as is: a path on the data centre's storage, an
+    ``s3://``/``gs://`` URI, or a model id the cluster resolves. edgeplane never fetches it.
+    The weight and architecture numbers size GPU memory (see ``scheduler.gpu_memory``).
+    """
+
+    source: Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^\S+$")]
+    #: The ``model`` name OpenAI clients send; defaults to the Model's name.
+    servedModelName: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")] | None = None
+    contextLength: int = Field(ge=16, le=16 * 1024 * 1024)
+    maxConcurrentSequences: int = Field(default=1, ge=1, le=4096)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")] | None = None
+    tensorParallelSize: int = Field(default=1, ge=1, le=64)
+    #: Ray's accelerator type (``H100``, ``A100-80G``, ``L4``...); must match the site's GPU model.
+    acceleratorType: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
+    weightBytes: int = Field(ge=1, le=2**50)
+    architecture: Architecture
+    #: Bytes per KV-cache element: 2 for bf16/fp16, 1 for an fp8 KV cache.
+    kvCacheDtypeBytes: Literal[1, 2, 4] = 2
+    #: Fraction of each GPU's memory the engine may take (vLLM's gpu_memory_utilization).
+    gpuMemoryUtilization: float = Field(default=0.9, gt=0.1, le=1.0)
+    engineArgs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("engineArgs")
+    @classmethod
+    def _not_twice(cls, v: dict[str, Any]) -> dict[str, Any]:
+        twice = sorted(k for k in v if k in LLM_RESERVED_ENGINE_ARGS or k == "gpu_memory_utilization")
+        if twice:
+            raise ValueError(f"set {', '.join(twice)} through the llm fields, not engineArgs")
+        return v
+
+
 class Variant(Strict):
     name: Name
-    runtime: Literal["onnx", "onnx-genai", "ray-serve"]
+    runtime: Literal["onnx", "onnx-genai", "ray-serve", "vllm"]
     artifact: Artifact | None = None
     generative: Generative | None = None
     importPath: Annotated[str, StringConstraints(pattern=IMPORT_PATH_PATTERN)] | None = None
@@ -235,9 +296,20 @@ class Variant(Strict):
     inputs: list[TensorSpec] = Field(default_factory=list, max_length=64)
     outputs: list[TensorSpec] = Field(default_factory=list, max_length=64)
 
+    llm: LlmSpec | None = None
+
     @model_validator(mode="after")
     def _runtime_fields(self) -> Variant:
-        if self.runtime in ("onnx", "onnx-genai"):
+        if (self.llm is None) != (self.runtime != "vllm"):
+            raise ValueError("a vllm variant needs 'llm' (source, contextLength, weightBytes, architecture)"
+                             if self.runtime == "vllm" else "'llm' is for vllm variants")
+        if self.runtime == "vllm":
+            if self.artifact is not None or self.importPath is not None or self.args:
+                raise ValueError("a vllm variant takes 'llm', not 'artifact', 'importPath' or 'args'")
+            if self.resources.gpus or self.resources.gpuMemoryGiB:
+                raise ValueError("a vllm variant's GPUs come from llm.tensorParallelSize and its memory model: "
+                                 "leave resources.gpus and resources.gpuMemoryGiB out")
+        elif self.runtime in ("onnx", "onnx-genai"):
             if self.artifact is None:
                 what = "the package's uri and sha256" if self.runtime == "onnx-genai" else "uri and sha256"
                 raise ValueError(f"an {self.runtime} variant needs 'artifact' ({what})")

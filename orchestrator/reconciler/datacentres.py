@@ -87,7 +87,8 @@ class DataCentres:
             return self._kube_factory(site, spec)
         assert spec.kubernetes is not None  # SiteSpec guarantees ray or kubernetes for a data centre
         client = kuberay.api_client_for(spec.kubernetes.context)
-        return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site)
+        shape = kuberay.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
+        return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site, shape=shape)
 
     async def forget(self, keep: set[str]) -> None:
         for site in [s for s in self._actuators if s not in keep]:

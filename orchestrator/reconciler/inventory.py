@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from orchestrator.agents import model as agent_model
 from orchestrator.manifests import schema
 from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import gpu_memory
 from orchestrator.scheduler import model as sched
 from orchestrator.scheduler import residency
 
@@ -67,16 +68,41 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
 
 def to_variant(v: schema.Variant) -> sched.Variant:
     r = v.resources
+    llm = llm_memory(v.llm) if v.llm is not None else None
     return sched.Variant(
         name=v.name,
         runtime=sched.Runtime(v.runtime),
         cpu=r.cpu,
         memory_mib=v.memory_mib(),
-        gpus=r.gpus,
-        gpu_memory_gib=v.gpu_memory_gib(),
+        gpus=llm.gpus if llm else r.gpus,
+        gpu_memory_gib=llm.card_gib if llm else v.gpu_memory_gib(),
         throughput_rps=v.throughputRps,
         power_watts=v.powerWatts,
+        gpu_model=v.llm.acceleratorType if v.llm is not None else None,
+        llm_memory=llm,
     )
+
+
+def llm_shape(llm: schema.LlmSpec) -> gpu_memory.LlmShape:
+    a = llm.architecture
+    return gpu_memory.LlmShape(
+        weight_bytes=llm.weightBytes,
+        layers=a.layers,
+        kv_heads=a.kvHeads,
+        head_dim=a.headDim,
+        context_length=llm.contextLength,
+        max_sequences=llm.maxConcurrentSequences,
+        kv_bytes=llm.kvCacheDtypeBytes,
+        sliding_window_layers=a.slidingWindowLayers,
+        sliding_window_tokens=a.slidingWindowTokens,
+        tensor_parallel_size=llm.tensorParallelSize,
+        gpu_memory_utilization=llm.gpuMemoryUtilization,
+    )
+
+
+def llm_memory(llm: schema.LlmSpec) -> gpu_memory.GpuMemory:
+    """The GPUs and GPU memory one replica of ``llm`` takes (see ``scheduler.gpu_memory``)."""
+    return gpu_memory.replica_memory(llm_shape(llm))
 
 
 def to_deployment(record: snap.DeploymentRecord, model: schema.ModelSpec, autoscaled: int | None = None) -> sched.Deployment:

@@ -166,7 +166,11 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
             name=app_name(row.site, d.name), route_prefix=route_prefix(row.site, d.name), model_name=d.spec.model, runtime=v.runtime,
             num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.memory_mib(), gpus=float(v.resources.gpus),
         )
-        if v.runtime in ("onnx", "onnx-genai"):
+        if v.llm is not None:
+            llm = llm_app(v.llm, d.spec.model)
+            common["gpus"] = float(llm.tensor_parallel_size)
+            out[row.site].append(serve_config.ServeAppSpec(**common, llm=llm))
+        elif v.runtime in ("onnx", "onnx-genai"):
             ref = s.artifacts.get((d.spec.model, v.name))
             if ref is None or ref.url is None or v.artifact is None:
                 continue
@@ -177,6 +181,20 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
         else:
             out[row.site].append(serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args)))
     return {site: tuple(sorted(apps, key=lambda a: a.name)) for site, apps in out.items()}
+
+
+def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:
+    """The Ray Serve LLM application of a vllm variant: its fields as vLLM engine arguments
+    (``engineArgs`` last, which the manifest keeps from repeating these)."""
+    kwargs: dict[str, Any] = {"max_model_len": llm.contextLength, "max_num_seqs": llm.maxConcurrentSequences,
+                              "dtype": llm.dtype, "gpu_memory_utilization": llm.gpuMemoryUtilization}
+    if llm.quantization:
+        kwargs["quantization"] = llm.quantization
+    if llm.kvCacheDtypeBytes == 1:
+        kwargs["kv_cache_dtype"] = "fp8"
+    return serve_config.LlmApp(model_id=llm.servedModelName or model, source=llm.source,
+                               engine_kwargs={**kwargs, **llm.engineArgs}, tensor_parallel_size=llm.tensorParallelSize,
+                               accelerator_type=llm.acceleratorType)
 
 
 def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple[routing.Endpoint, ...]:
@@ -190,7 +208,7 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
             continue
         loc = site.spec.location
         v = _variant(s, d, variant_name)
-        api = routing.API_OPENAI if v is not None and v.runtime == "onnx-genai" else routing.API_V2
+        api = routing.API_OPENAI if v is not None and v.runtime in ("onnx-genai", "vllm") else routing.API_V2
         common = dict(model=d.spec.model, deployment=d.name, site=site.name, tier=site.spec.tier, country=loc.country, api=api,
                       region=loc.region or "", lat=loc.lat, lon=loc.lon,
                       allowed_countries=inventory.allowed_countries(d.spec), fallback=tuple(d.spec.routing.fallback))
@@ -206,6 +224,8 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
             if app is None or app.endpoint_url is None or app.replicas_running < 1:
                 continue
             healthy = dc is not None and dc.reachable and app.status in (serve_config.ServeAppState.RUNNING,)
+            if v is not None and v.llm is not None:  # Ray Serve LLM: OpenAI routes under the route prefix
+                common.update(served_model=v.llm.servedModelName or d.spec.model)
             out.append(routing.Endpoint(url=app.endpoint_url.rstrip("/"), healthy=healthy, **common))
     return tuple(out)
 

@@ -64,7 +64,7 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
     for variant in deployment.variants:
         variant_tiers |= fleet.variant_tiers_mask(deployment, variant)
     if not (mask & fleet.healthy & variant_tiers).any():
-        return f"no variant of {deployment.model} may run on the allowed tiers (ray-serve runs only in data centres); {short}"
+        return f"no variant of {deployment.model} may run on the allowed tiers (ray-serve runs only in data centres, as does vllm); {short}"
     variants = job.variants()
     need = " or ".join(f"{v.name} ({v.describe()})" for v in variants)
     head = f"needs {job.wanted} × {need} in {where}; {short}"
@@ -87,18 +87,24 @@ def _largest(fleet: Fleet, mask: np.ndarray) -> str:
     memory = float(fleet.memory_mib[sites].max()) / 1024
     gpu = float(fleet.gpu_memory[sites].max()) if fleet.gpu_groups else 0.0
     largest = f"largest has {cpu:g} CPU, {memory:g} GiB"
-    return largest + (f", {gpu:g} GiB GPUs" if gpu else ", no GPU")
+    if not gpu:
+        return largest + ", no GPU"
+    row = int(np.argmax(fleet.gpu_memory[sites].max(axis=1)))
+    groups = [f"{int(c)}×{fleet.gpu_model[sites[row], k]} {m:g} GiB" for k, (c, m)
+              in enumerate(zip(fleet.gpu_count[sites[row]], fleet.gpu_memory[sites[row]])) if c]
+    return largest + ", GPUs " + " + ".join(groups)
 
 
 def _resource_reason(fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.ndarray, where: str) -> str:
     sites = np.flatnonzero(eligible)
     if variant.gpus:
-        big = fleet.gpu_memory[sites] >= variant.gpu_memory_gib - 1e-9
+        big = fleet.gpu_big(variant, sites)
         free = int((capacity.gpu_count[sites] * big).sum())
         best = int((capacity.gpu_count[sites] * big).max(initial=0))
         if best < variant.gpus:
+            model = f"{variant.gpu_model} " if variant.gpu_model else ""
             return (
-                f"{where} have {free} free GPU(s) with ≥{variant.gpu_memory_gib:g} GiB "
+                f"{where} have {free} free {model}GPU(s) with ≥{variant.gpu_memory_gib:.4g} GiB "
                 f"(at most {best} on one site), {variant.gpus} needed per replica"
             )
     cpu = float(capacity.cpu[sites].max())

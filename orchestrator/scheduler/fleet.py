@@ -55,10 +55,12 @@ class Fleet:
         self.gpu_groups = max((len(s.gpus) for s in self.sites), default=0)
         self.gpu_count = np.zeros((n, self.gpu_groups), dtype=np.int64)
         self.gpu_memory = np.zeros((n, self.gpu_groups), dtype=np.float64)
+        self.gpu_model = np.full((n, self.gpu_groups), "", dtype=object)
         for i, site in enumerate(self.sites):
             for k, group in enumerate(site.gpus):
                 self.gpu_count[i, k] = group.count
                 self.gpu_memory[i, k] = group.memory_gib
+                self.gpu_model[i, k] = group.model
         self.pue = np.array([s.pue for s in self.sites], dtype=np.float64)
         # gCO2 per hour per watt drawn by a replica: grid g/kWh × PUE / 1000
         self.intensity = np.array([s.carbon_g_per_kwh * s.pue / 1000.0 for s in self.sites], dtype=np.float64)
@@ -196,7 +198,7 @@ class Fleet:
 
     def hardware_mask(self, variant: Variant) -> BoolArray:
         """Sites whose total capacity holds one replica (whatever else runs there)."""
-        key = (variant.cpu, variant.memory_mib, variant.gpus, variant.gpu_memory_gib)
+        key = (variant.cpu, variant.memory_mib, variant.gpus, variant.gpu_memory_gib, variant.gpu_model)
         cached = self._hardware_cache.get(key)
         if cached is not None:
             return cached
@@ -208,7 +210,15 @@ class Fleet:
 
     def gpu_fit(self, counts: npt.NDArray[np.int64], variant: Variant) -> BoolArray:
         """(sites, groups) mask: the group holds ``variant.gpus`` GPUs big enough."""
-        return (self.gpu_memory >= variant.gpu_memory_gib - 1e-9) & (counts >= variant.gpus)
+        return self.gpu_big(variant) & (counts >= variant.gpus)
+
+    def gpu_big(self, variant: Variant, sites: IntArray | None = None) -> BoolArray:
+        """(sites, groups) mask: the group's cards are big enough and of the wanted model."""
+        memory = self.gpu_memory if sites is None else self.gpu_memory[sites]
+        big: BoolArray = memory >= variant.gpu_memory_gib - 1e-9
+        if variant.gpu_model:
+            big &= (self.gpu_model if sites is None else self.gpu_model[sites]) == variant.gpu_model
+        return big
 
     # -- the spatial index -------------------------------------------------------------
 
@@ -332,7 +342,7 @@ class Capacity:
         """``fits_mask`` restricted to ``sites`` (cheaper when they are few)."""
         ok = (self.cpu[sites] >= variant.cpu - 1e-9) & (self.memory_mib[sites] >= variant.memory_mib - 1e-9)
         if variant.gpus:
-            big = self.fleet.gpu_memory[sites] >= variant.gpu_memory_gib - 1e-9
+            big = self.fleet.gpu_big(variant, sites)
             ok &= (big & (self.gpu_count[sites] >= variant.gpus)).any(axis=1)
         return ok
 
@@ -342,7 +352,7 @@ class Capacity:
         n = np.floor((self.cpu[sites] + 1e-9) / max(variant.cpu, 1e-9))
         n = np.minimum(n, np.floor((self.memory_mib[sites] + 1e-9) / max(variant.memory_mib, 1e-9)))
         if variant.gpus:
-            big = self.fleet.gpu_memory[sites] >= variant.gpu_memory_gib - 1e-9
+            big = self.fleet.gpu_big(variant, sites)
             n = np.minimum(n, ((self.gpu_count[sites] // variant.gpus) * big).sum(axis=1))
         return n.astype(np.int64)
 
@@ -356,6 +366,7 @@ class Capacity:
         counts = self.gpu_count[site]
         for k in range(self.fleet.gpu_groups):
             fits = counts[k] >= variant.gpus and memory[k] >= variant.gpu_memory_gib - 1e-9
+            fits = fits and (not variant.gpu_model or self.fleet.gpu_model[site, k] == variant.gpu_model)
             if fits and (best is None or memory[k] < memory[best]):
                 best = k
         return best

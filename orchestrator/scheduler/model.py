@@ -15,6 +15,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Literal
 
+from orchestrator.scheduler.gpu_memory import GpuMemory
+
 
 class Tier(StrEnum):
     DATACENTER = "datacenter"
@@ -25,6 +27,7 @@ class Runtime(StrEnum):
     ONNX = "onnx"
     ONNX_GENAI = "onnx-genai"
     RAY_SERVE = "ray-serve"
+    VLLM = "vllm"
 
 
 #: Runtimes an edge agent runs.
@@ -104,6 +107,10 @@ class Variant:
     distilled: bool | None = None
     # None: estimated from the resources (see WATTS_PER_* above).
     power_watts: float | None = None
+    # The GPU model every one of its GPUs must be (a vllm variant's accelerator type).
+    gpu_model: str | None = None
+    # How a vllm replica's GPU memory was worked out (gpus and gpu_memory_gib follow it).
+    llm_memory: GpuMemory | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "runtime", Runtime(self.runtime))
@@ -130,7 +137,9 @@ class Variant:
 
     def describe(self) -> str:
         parts = [f"{self.cpu:g} CPU", f"{self.memory_mib / 1024:g} GiB"]
-        if self.gpus:
+        if self.llm_memory is not None:
+            parts.insert(0, (f"{self.gpu_model} " if self.gpu_model else "") + self.llm_memory.describe())
+        elif self.gpus:
             parts.insert(0, f"{self.gpus}×{self.gpu_memory_gib:g} GiB GPU")
         return ", ".join(parts)
 

@@ -262,3 +262,57 @@ async def test_unreachable_api_server() -> None:
         await act.observe()
     assert isinstance(down.value, serve_config.DataCentreError) and down.value.retryable
     await act.close()
+
+
+def llm_app(name: str, accelerator: str | None, tp: int, replicas: int, autoscaling: tuple[int, int] | None = None) -> ServeAppSpec:
+    llm = serve_config.LlmApp(model_id=name[3:], source=f"/mnt/models/{name[3:]}", engine_kwargs={"max_model_len": 8192},
+                              tensor_parallel_size=tp, accelerator_type=accelerator, autoscaling=autoscaling)
+    return ServeAppSpec(name=name, route_prefix=f"/ep/{name[3:]}", model_name=name[3:], runtime="vllm",
+                        num_replicas=replicas, cpu=8.0, memory_mib=96 * 1024, gpus=float(tp), llm=llm)
+
+
+LLM_SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0",
+                                    llm_image="registry.example/ray-llm:2.60.0-py311-cu128",
+                                    accelerator_node_selectors={"H100": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}})
+
+
+def test_llm_apps_get_gpu_worker_groups_per_accelerator_and_parallelism(rayservice_schema: dict[str, Any]) -> None:
+    apps = [app("ep-intent"), llm_app("ep-gpt-oss-120b", "H100", 1, 2), llm_app("ep-llama", "H100", 8, 1, autoscaling=(1, 3)),
+            llm_app("ep-gpt-oss-20b", "L40S", 1, 1)]
+    obj = kuberay.render_rayservice("paris-dc", NS, apps, LLM_SHAPE)
+    jsonschema.validate(obj, rayservice_schema)
+    groups = {g["groupName"]: g for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert {name: g["replicas"] for name, g in groups.items()} == {"cpu": 1, "llm-h100-x1": 2, "llm-h100-x8": 3, "llm-l40s-x1": 1}
+    h100x8 = groups["llm-h100-x8"]["template"]["spec"]
+    (container,) = h100x8["containers"]
+    assert container["image"] == "registry.example/ray-llm:2.60.0-py311-cu128"
+    # 96 GiB asked per replica / 0.6 of a pod usable for actors = 160 GiB
+    assert container["resources"]["limits"] == {"cpu": "8", "memory": "160Gi", "nvidia.com/gpu": "8"}
+    assert h100x8["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    # a GPU model without a known product label selects on the label a platform team sets
+    assert groups["llm-l40s-x1"]["template"]["spec"]["nodeSelector"] == {kuberay.ACCELERATOR_LABEL: "L40S"}
+    assert groups["cpu"]["template"]["spec"]["containers"][0]["image"] == "registry.example/edgeplane-ray:2.60.0"
+    serve = yaml.safe_load(obj["spec"]["serveConfigV2"])
+    llm = next(a for a in serve["applications"] if a["name"] == "ep-llama")
+    assert llm["import_path"] == "ray.serve.llm:build_openai_app"
+    assert llm["args"]["llm_configs"][0]["placement_group_config"]["strategy"] == "STRICT_PACK"
+
+
+def test_too_many_llm_pods_are_refused() -> None:
+    with pytest.raises(kuberay.ClusterShapeError, match="GPU pods"):
+        kuberay.render_rayservice("s", NS, [llm_app("ep-x", "H100", 1, 65)], LLM_SHAPE)
+
+
+def test_llm_app_status_from_the_rayservice_counts_its_engine_replicas() -> None:
+    apps = [llm_app("ep-gpt", "H100", 1, 2), llm_app("ep-llama", "H100", 8, 1, autoscaling=(1, 3))]
+    obj = kuberay.render_rayservice("s", NS, apps, LLM_SHAPE)
+    healthy = {"status": "HEALTHY"}
+    obj["status"] = {"activeServiceStatus": {"applicationStatuses": {
+        "ep-gpt": {"status": "RUNNING", "serveDeploymentStatuses": {"OpenAiIngress": healthy, "LLMServer:gpt": healthy}},
+        "ep-llama": {"status": "DEPLOYING", "serveDeploymentStatuses": {"LLMServer:llama": {"status": "UPDATING"}}},
+    }}}
+    statuses = kuberay.statuses_from_rayservice(obj, "http://svc:8000")
+    assert (statuses["ep-gpt"].replicas_running, statuses["ep-gpt"].replicas_target) == (2, 2)
+    assert statuses["ep-gpt"].endpoint_url == "http://svc:8000/ep/gpt"
+    assert (statuses["ep-llama"].status, statuses["ep-llama"].replicas_running, statuses["ep-llama"].replicas_target) == (
+        ServeAppState.DEPLOYING, 0, 1)

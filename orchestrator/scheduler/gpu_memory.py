@@ -1,0 +1,98 @@
+"""How much GPU memory one replica of a large language model takes, and on how many GPUs.
+
+A vLLM replica holds the model's weights and a KV cache big enough for the context and
+concurrency it promises, spread evenly over ``tensor_parallel_size`` GPUs of one node.
+Placement needs that number before anything runs, so it is computed here from what the
+Model manifest declares (weights and the architecture of its ``config.json``), as a pure
+function the planner and ``edgeplane plan`` share::
+
+    KV bytes per token of one layer = 2 (K and V) x kv_heads x head_dim x kv_bytes
+    KV cache = per-layer bytes x (full layers x context x sequences
+                                  + window layers x min(window, context) x sequences)
+    per GPU  = (weights + KV cache) / tensor_parallel_size + RUNTIME_OVERHEAD_GIB
+    card     = per GPU / gpu_memory_utilization
+
+``RUNTIME_OVERHEAD_GIB`` is what each GPU holds besides weights and cache: the CUDA
+context, NCCL buffers, CUDA graphs and the activations of one prefill batch (vLLM
+profiles these at start; 1.5 GiB covers the models documented in docs/datacentre.md).
+vLLM takes only ``gpu_memory_utilization`` of each card (0.9 unless told), so the card
+must be that much larger than what the replica uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1024**3
+#: Per GPU, besides weights and KV cache: CUDA context, NCCL, CUDA graphs, activations.
+RUNTIME_OVERHEAD_GIB = 1.5
+
+
+@dataclass(frozen=True)
+class LlmShape:
+    """What sizes one replica: weights, architecture, context, concurrency, parallelism."""
+
+    weight_bytes: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    context_length: int
+    max_sequences: int = 1
+    kv_bytes: int = 2
+    sliding_window_layers: int = 0
+    sliding_window_tokens: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One replica's GPU memory, whole and per GPU, in bytes (``card_gib``: the smallest
+    card each GPU may be)."""
+
+    gpus: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    kv_bytes_per_token: int  # over every full-attention layer
+    per_gpu_bytes: int
+    card_gib: float
+
+    @property
+    def total_bytes(self) -> int:
+        return self.per_gpu_bytes * self.gpus
+
+    @property
+    def per_gpu_gib(self) -> float:
+        return self.per_gpu_bytes / GIB
+
+    def describe(self) -> str:
+        return (
+            f"{self.gpus}×GPU ≥{self.card_gib:.1f} GiB (weights {self.weight_bytes / GIB:.1f} GiB + "
+            f"KV cache {self.kv_cache_bytes / GIB:.1f} GiB + {RUNTIME_OVERHEAD_GIB:g} GiB/GPU runtime, "
+            f"{self.per_gpu_gib:.1f} GiB per GPU)"
+        )
+
+
+def layer_kv_bytes_per_token(shape: LlmShape) -> int:
+    """K and V of one token in one layer."""
+    return 2 * shape.kv_heads * shape.head_dim * shape.kv_bytes
+
+
+def replica_memory(shape: LlmShape) -> GpuMemory:
+    """The GPU memory one replica of ``shape`` takes (see the module docstring)."""
+    per_layer = layer_kv_bytes_per_token(shape)
+    full_layers = shape.layers - shape.sliding_window_layers
+    window = min(shape.sliding_window_tokens or 0, shape.context_length)
+    tokens_full = shape.context_length * shape.max_sequences
+    tokens_window = window * shape.max_sequences
+    kv = per_layer * (full_layers * tokens_full + shape.sliding_window_layers * tokens_window)
+    tp = shape.tensor_parallel_size
+    per_gpu = -(-(shape.weight_bytes + kv) // tp) + int(RUNTIME_OVERHEAD_GIB * GIB)
+    return GpuMemory(
+        gpus=tp,
+        weight_bytes=shape.weight_bytes,
+        kv_cache_bytes=kv,
+        kv_bytes_per_token=per_layer * full_layers,
+        per_gpu_bytes=per_gpu,
+        card_gib=per_gpu / GIB / shape.gpu_memory_utilization,
+    )

@@ -1,0 +1,118 @@
+"""``runtime: vllm`` variants, table-tested like every other manifest field: a good one is
+accepted as written, each bad one is refused naming its field, line and the fix."""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+import re
+from typing import Any
+
+import pytest
+
+from orchestrator.manifests import loader
+from orchestrator.reconciler import inventory
+
+from . import support
+from .support import join
+from .test_bad_manifests import DELETE, Bad, assert_names, check, deployment, mutate
+
+GPT_OSS_120B: dict[str, Any] = {
+    "name": "gpt-oss-120b",
+    "runtime": "vllm",
+    "resources": {"cpu": 8, "memoryMiB": 65536},
+    "llm": {
+        "source": "/mnt/models/gpt-oss-120b",
+        "servedModelName": "openai/gpt-oss-120b",
+        "contextLength": 32768,
+        "maxConcurrentSequences": 8,
+        "quantization": "mxfp4",
+        "tensorParallelSize": 1,
+        "acceleratorType": "H100",
+        "weightBytes": 65_300_000_000,
+        "architecture": {"layers": 36, "kvHeads": 8, "headDim": 64, "slidingWindowLayers": 18, "slidingWindowTokens": 128},
+        "engineArgs": {"enable_prefix_caching": True},
+    },
+}
+
+
+def llm_model(*changes: tuple[str, Any]) -> str:
+    spec = {"variants": [copy.deepcopy(GPT_OSS_120B)]}
+    return mutate("Model", "m", spec, *changes)
+
+
+V = "spec.variants[0]"
+KUBE_DC = {k: v for k, v in support.dc_site_spec().items() if k != "ray"}
+BAD = [
+    Bad("vllm-without-llm", llm_model((f"{V}.llm", DELETE)), V, "- name:", "a vllm variant needs 'llm'"),
+    Bad("llm-on-onnx", mutate("Model", "m", {"variants": [{**support.model_spec()["variants"][0], "llm": GPT_OSS_120B["llm"]}]}),
+        V, "- name:", "'llm' is for vllm variants"),
+    Bad("vllm-with-import-path", llm_model((f"{V}.importPath", "pkg.mod:app")), V, "- name:", "not 'artifact', 'importPath'"),
+    Bad("vllm-with-resources-gpus", llm_model((f"{V}.resources.gpus", 2)), V, "- name:", "llm.tensorParallelSize"),
+    Bad("llm-missing-source", llm_model((f"{V}.llm.source", DELETE)), f"{V}.llm.source", "llm:", "required field is missing"),
+    Bad("llm-source-with-space", llm_model((f"{V}.llm.source", "/models/my model")), f"{V}.llm.source", "source:", "match"),
+    Bad("llm-zero-context", llm_model((f"{V}.llm.contextLength", 0)), f"{V}.llm.contextLength", "contextLength:",
+        "greater than or equal to 16"),
+    Bad("llm-context-is-a-word", llm_model((f"{V}.llm.contextLength", "long")), f"{V}.llm.contextLength", "contextLength:",
+        "valid integer"),
+    Bad("llm-tp-zero", llm_model((f"{V}.llm.tensorParallelSize", 0)), f"{V}.llm.tensorParallelSize", "tensorParallelSize:",
+        "greater than or equal to 1"),
+    Bad("llm-bad-dtype", llm_model((f"{V}.llm.dtype", "int3")), f"{V}.llm.dtype", "dtype:", "'bfloat16'"),
+    Bad("llm-bad-kv-bytes", llm_model((f"{V}.llm.kvCacheDtypeBytes", 3)), f"{V}.llm.kvCacheDtypeBytes", "kvCacheDtypeBytes:", "1, 2 or 4"),
+    Bad("llm-no-weights", llm_model((f"{V}.llm.weightBytes", DELETE)), f"{V}.llm.weightBytes", "llm:", "required field is missing"),
+    Bad("llm-negative-weights", llm_model((f"{V}.llm.weightBytes", -1)), f"{V}.llm.weightBytes", "weightBytes:", "greater than or equal to 1"),
+    Bad("llm-no-head-dim", llm_model((f"{V}.llm.architecture.headDim", DELETE)), f"{V}.llm.architecture.headDim", "architecture:",
+        "required field is missing"),
+    Bad("llm-window-without-tokens", llm_model((f"{V}.llm.architecture.slidingWindowTokens", DELETE)), f"{V}.llm.architecture",
+        "architecture:", "slidingWindowLayers and slidingWindowTokens together"),
+    Bad("llm-more-window-layers-than-layers", llm_model((f"{V}.llm.architecture.slidingWindowLayers", 40)), f"{V}.llm.architecture",
+        "architecture:", "slidingWindowLayers (40) is more than layers (36)"),
+    Bad("llm-engine-arg-twice", llm_model((f"{V}.llm.engineArgs", {"tensor_parallel_size": 2, "max_model_len": 4096})),
+        f"{V}.llm.engineArgs", "engineArgs:", "set max_model_len, tensor_parallel_size through the llm fields"),
+    Bad("llm-utilization-over-one", llm_model((f"{V}.llm.gpuMemoryUtilization", 1.5)), f"{V}.llm.gpuMemoryUtilization",
+        "gpuMemoryUtilization:", "less than or equal to 1"),
+    Bad("llm-unknown-field", llm_model((f"{V}.llm.maxTokens", 5)), f"{V}.llm.maxTokens", "maxTokens:", "unknown field"),
+    Bad("llm-bad-accelerator", llm_model((f"{V}.llm.acceleratorType", "H100 80GB")), f"{V}.llm.acceleratorType", "acceleratorType:",
+        "match"),
+    Bad("llm-image-with-space", mutate("Site", "dc1", {**KUBE_DC, "kubernetes": {"context": "prod", "llmImage": "ray llm"}}),
+        "spec.kubernetes.llmImage", "llmImage:", "match"),
+    Bad("vllm-at-the-edge", join(llm_model(), deployment(("spec.variant", "gpt-oss-120b"), ("spec.placement.tiers", ["edge"]))),
+        "spec.variant", "variant: gpt-oss-120b", "runs only in data centres", document=1),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c.id for c in BAD])
+def test_bad_llm_variant_names_its_field(case: Bad) -> None:
+    assert_names(check(case.text), case, "bad.yaml")
+
+
+def test_a_good_llm_variant_loads_as_written() -> None:
+    docs = loader.load_text(llm_model(), "ok.yaml")
+    variant = docs[0].doc.spec.variants[0]  # type: ignore[union-attr]
+    assert variant.llm.architecture.slidingWindowTokens == 128
+    assert variant.llm.gpuMemoryUtilization == 0.9 and variant.llm.dtype == "auto"
+    assert check(llm_model()) == []
+
+
+def test_a_kubernetes_site_names_its_llm_image() -> None:
+    text = mutate("Site", "dc1", {**KUBE_DC, "kubernetes": {"context": "prod", "llmImage": "registry.example/ray-llm:2.60.0-py311-cu128"}})
+    assert check(text) == []
+
+
+def _doc_section() -> str:
+    text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "datacentre.md").read_text()
+    start = text.index("## Large language models")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_the_manifests_in_the_docs_load_and_their_arithmetic_is_what_the_planner_uses() -> None:
+    section = _doc_section()
+    blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    docs = [d for block in blocks if "kind:" in block for d in loader.load_text(block, "datacentre.md")]
+    variants = {f"{d.name}/{v.name}": v for d in docs if d.kind == "Model" for v in d.doc.spec.variants}  # type: ignore[union-attr]
+    assert set(variants) == {"gpt-oss-120b/h100", "gpt-oss-20b/dc", "gpt-oss-20b/gpu16"}
+    shown = {"gpt-oss-120b/h100": ("71.35", "79.28"), "gpt-oss-20b/dc": ("38.38", "42.64"), "gpt-oss-20b/gpu16": ("15.11", "15.90")}
+    for key, (per_gpu, card) in shown.items():
+        memory = inventory.llm_memory(variants[key].llm)  # type: ignore[arg-type]
+        assert (f"{memory.per_gpu_gib:.2f}", f"{memory.card_gib:.2f}") == (per_gpu, card), key
+        assert f"**{per_gpu} GiB**" in section and f"**{card} GiB**" in section

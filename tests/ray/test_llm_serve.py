@@ -1,0 +1,213 @@
+"""Ray Serve LLM applications: every generated ``LLMConfig`` is one Ray itself accepts,
+status counts engine replicas, and on the shared local Ray (no vLLM there) a deployed one
+fails clearly.
+
+Ray's ``LLMConfig`` is imported from the module that defines it: ``ray.serve.llm``
+re-exports it but also imports the OpenAI protocol models, which need vLLM (or SGLang)
+installed. The config module needs only ``pyarrow`` (the ``dev`` extra).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.adapters import ray_serve, serve_config
+from orchestrator.adapters.serve_config import LlmApp, ServeAppFailed, ServeAppSpec, ServeAppState
+from orchestrator.manifests import schema
+from orchestrator.reconciler import planning
+
+llm_config_module = pytest.importorskip("ray.llm._internal.serve.core.configs.llm_config",
+                                        reason="Ray Serve LLM's config module needs pyarrow (pip install -e '.[dev]')")
+LLMConfig = llm_config_module.LLMConfig
+
+
+def llm_variant(**llm: Any) -> schema.Variant:
+    base: dict[str, Any] = {
+        "source": "/mnt/models/gpt-oss-120b", "servedModelName": "openai/gpt-oss-120b", "contextLength": 32768,
+        "maxConcurrentSequences": 8, "quantization": "mxfp4", "acceleratorType": "H100", "weightBytes": 65_300_000_000,
+        "architecture": {"layers": 36, "kvHeads": 8, "headDim": 64, "slidingWindowLayers": 18, "slidingWindowTokens": 128},
+    }
+    base.update(llm)
+    return schema.Variant.model_validate({"name": "v", "runtime": "vllm", "resources": {"cpu": 8}, "llm": base})
+
+
+def app_spec(llm: LlmApp, replicas: int = 2, cpu: float = 8) -> ServeAppSpec:
+    return ServeAppSpec(name="ep-gpt--dc", route_prefix="/ep/dc/gpt", model_name="gpt", runtime="vllm",
+                        num_replicas=replicas, cpu=cpu, gpus=float(llm.tensor_parallel_size), llm=llm)
+
+
+GENERATED = [
+    ("gpt-oss-120b-1xH100", planning.llm_app(llm_variant().llm, "gpt")),  # type: ignore[arg-type]
+    ("llama-70b-tp8-fp8-kv", planning.llm_app(llm_variant(
+        source="s3://weights/llama-3-70b", servedModelName=None, tensorParallelSize=8, acceleratorType="A100-80G",
+        quantization=None, kvCacheDtypeBytes=1, weightBytes=141_107_412_992,
+        architecture={"layers": 80, "kvHeads": 8, "headDim": 128},
+        engineArgs={"enable_prefix_caching": True, "enforce_eager": True}).llm, "llama")),  # type: ignore[arg-type]
+    ("hub-id-no-accelerator", planning.llm_app(llm_variant(source="openai/gpt-oss-20b", acceleratorType=None,
+                                                           dtype="bfloat16").llm, "gpt-20b")),  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize("case_id,llm", GENERATED, ids=[c[0] for c in GENERATED])
+@pytest.mark.parametrize("autoscaling", [None, (1, 4)])
+def test_generated_config_validates_against_rays_llmconfig(case_id: str, llm: LlmApp, autoscaling: tuple[int, int] | None) -> None:
+    if autoscaling is not None:
+        llm = LlmApp(**{**llm.__dict__, "autoscaling": autoscaling})
+    app = serve_config.render_application(app_spec(llm))
+    assert app["import_path"] == "ray.serve.llm:build_openai_app" and app["route_prefix"] == "/ep/dc/gpt"
+    assert "deployments" not in app  # sized through the LLMConfig, whose deployment names Serve makes up
+    (raw,) = app["args"]["llm_configs"]
+    config = LLMConfig.model_validate(raw)
+    assert config.model_loading_config.model_id == llm.model_id
+    assert config.model_loading_config.model_source == llm.source
+    assert config.engine_kwargs["tensor_parallel_size"] == llm.tensor_parallel_size
+    bundles = config.placement_group_config["bundles"]
+    assert len(bundles) == llm.tensor_parallel_size and all(b["GPU"] == 1 for b in bundles)
+    assert config.placement_group_config["strategy"] == "STRICT_PACK"
+    assert sum(b["CPU"] for b in bundles) == pytest.approx(8)
+    if autoscaling is None:
+        assert config.deployment_config == {"num_replicas": 2}
+    else:
+        assert config.deployment_config["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2}
+    assert (config.accelerator_type or None) == llm.accelerator_type
+
+
+def test_manifest_fields_become_engine_arguments() -> None:
+    llm = planning.llm_app(llm_variant(kvCacheDtypeBytes=1, gpuMemoryUtilization=0.95,
+                                       engineArgs={"enable_prefix_caching": True}).llm, "gpt")  # type: ignore[arg-type]
+    assert llm.model_id == "openai/gpt-oss-120b"
+    assert dict(llm.engine_kwargs) == {"max_model_len": 32768, "max_num_seqs": 8, "dtype": "auto", "gpu_memory_utilization": 0.95,
+                                       "quantization": "mxfp4", "kv_cache_dtype": "fp8", "enable_prefix_caching": True}
+
+
+def test_rays_llmconfig_does_check_what_it_is_given() -> None:
+    """The validation above can fail: an accelerator Ray does not know is refused."""
+    raw = serve_config.llm_config(app_spec(LlmApp(model_id="m", source="/m", accelerator_type="H100-80GB")))
+    with pytest.raises(ValueError, match="Unsupported accelerator type"):
+        LLMConfig.model_validate(raw)
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"runtime": "vllm"}, "a vllm application needs llm"),
+        ({"runtime": "onnx", "artifact_uri": "file:///m", "sha256": "a" * 64, "llm": LlmApp("m", "/m")}, "only a vllm application"),
+        ({"runtime": "vllm", "llm": LlmApp("m", "/m", tensor_parallel_size=0)}, "tensor_parallel_size"),
+        ({"runtime": "vllm", "llm": LlmApp("m", "/m", autoscaling=(3, 1))}, "0 <= min <= max"),
+    ],
+)
+def test_bad_llm_app_specs_are_refused(fields: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        ServeAppSpec(name="ep-x", route_prefix="/x", model_name="m", num_replicas=1, **fields)
+
+
+def llm_details(running: int, target: int, status: str = "RUNNING") -> dict[str, Any]:
+    """An LLM application as Serve's REST API describes it: an OpenAI ingress and an engine."""
+    def deployment(n_running: int, n_target: int) -> dict[str, Any]:
+        return {"status": "HEALTHY", "target_num_replicas": n_target, "message": "",
+                "replicas": [{"state": "RUNNING"}] * n_running + [{"state": "STARTING"}] * (n_target - n_running)}
+    return {
+        "status": status, "route_prefix": "/ep/dc/gpt", "message": "",
+        "deployment_topology": {"ingress_deployment": "OpenAiIngress"},
+        "deployments": {"OpenAiIngress": deployment(4, 4), "LLMServer:openai--gpt-oss-120b": deployment(running, target)},
+    }
+
+
+def test_llm_app_status_counts_engine_replicas_not_the_ingress() -> None:
+    status = ray_serve.status_from_details("ep-gpt--dc", llm_details(1, 2, "DEPLOYING"), "http://serve:8000")
+    assert (status.replicas_running, status.replicas_target) == (1, 2)
+    assert status.status is ServeAppState.DEPLOYING
+    assert status.endpoint_url == "http://serve:8000/ep/dc/gpt"
+
+
+async def test_deploying_without_vllm_fails_with_the_import_error(serve_actuator: ray_serve.RayServeActuator) -> None:
+    spec = app_spec(planning.llm_app(llm_variant(acceleratorType=None).llm, "gpt"), replicas=1, cpu=0.1)  # type: ignore[arg-type]
+    await serve_actuator.apply([spec])
+    with pytest.raises(ServeAppFailed) as failed:
+        await ray_serve.wait_until_running(serve_actuator, [spec.name], timeout_s=90)
+    assert "ImportError" in failed.value.message and "vLLM" in failed.value.message, failed.value.message
+    status = (await serve_actuator.observe())[spec.name]
+    assert status.status is ServeAppState.DEPLOY_FAILED and status.replicas_running == 0
+
+
+def llm_snapshot(apps: dict[str, serve_config.ServeAppStatus] | None = None) -> Any:
+    from orchestrator.reconciler import snapshot as snap
+    from orchestrator.store import sqlite as store_mod
+
+    site = schema.SiteSpec.model_validate({
+        "tier": "datacenter", "location": {"country": "FR", "region": "eu-west", "lat": 48.86, "lon": 2.35},
+        "capacity": {"cpu": 64, "memoryGiB": 512, "gpus": [{"model": "H100", "count": 8, "memoryGiB": 80}]},
+        "ray": {"address": "http://ray-head:8265"}})
+    model = schema.ModelSpec(variants=[llm_variant()])
+    dep = schema.ModelDeploymentSpec.model_validate({"model": "gpt", "replicas": {"min": 2, "max": 2},
+                                                     "placement": {"residency": ["FR"], "tiers": ["datacenter"]}})
+    return snap.Snapshot(
+        sites=(snap.SiteRecord("dc-paris", {}, site),), models={"gpt": model}, deployments=(snap.DeploymentRecord("gpt", 1, dep),),
+        placements=(store_mod.PlacementRow("gpt", "dc-paris", "v", 2),), agents=(),
+        datacentres={"dc-paris": snap.DataCentreObservation(True, apps or {})}, artifacts={}, assignments={}, applied_apps={})
+
+
+def test_plan_preview_shows_the_gpus_each_replica_takes() -> None:
+    from orchestrator import views
+
+    preview = views.preview(llm_snapshot(), [])
+    (change,) = preview["changes"]
+    # 65.3e9 B weights + 9,701,425,152 B KV (see tests/scheduler/test_gpu_memory.py) + 1.5 GiB = 71.35 GiB per GPU
+    shown = {k: change.get(k) for k in ("gpusPerReplica", "gpuMemoryGiBPerGpu", "gpuModel", "after")}
+    assert shown == {"gpusPerReplica": 1, "gpuMemoryGiBPerGpu": 71.35, "gpuModel": "H100", "after": 2}
+
+
+def test_a_running_llm_app_is_an_openai_endpoint_at_its_route_prefix() -> None:
+    s = llm_snapshot()
+    (app,) = planning.serve_apps(s, s.placements)["dc-paris"]
+    assert app.runtime == "vllm" and app.gpus == 1.0 and app.llm is not None and app.llm.model_id == "openai/gpt-oss-120b"
+    running = serve_config.ServeAppStatus(name=app.name, status=ServeAppState.RUNNING, message="", replicas_running=2,
+                                          replicas_target=2, endpoint_url=f"http://ray-head:8000{app.route_prefix}")
+    (endpoint,) = planning.endpoints(llm_snapshot({app.name: running}), s.placements)
+    assert (endpoint.api, endpoint.served_model, endpoint.url) == ("openai", "openai/gpt-oss-120b", running.endpoint_url)
+    assert endpoint.allowed_countries and "FR" in endpoint.allowed_countries
+
+
+def test_the_gateway_table_ranks_endpoints_by_protocol() -> None:
+    from orchestrator.gateway import endpoints, routing
+
+    common = dict(model="gpt", deployment="gpt", tier="datacenter", country="FR", region="eu-west", lat=48.86, lon=2.35)
+    v2 = routing.Endpoint(site="dc-a", url="http://a:8000/ep/a", **common)  # type: ignore[arg-type]
+    openai = routing.Endpoint(site="dc-b", url="http://b:8000/ep/b", api="openai", served_model="gpt-oss", **common)  # type: ignore[arg-type]
+    table = endpoints.EndpointTable()
+    table.replace([v2, openai])
+    ranked = table.rank("gpt", routing.Caller(), None)
+    assert isinstance(ranked, list) and [r.endpoint.site for r in ranked] == ["dc-a"]
+    ranked = table.rank("gpt", routing.Caller(), None, api="openai")
+    assert isinstance(ranked, list) and [r.endpoint.site for r in ranked] == ["dc-b"]
+    table.replace([openai])
+    refused = table.rank("gpt", routing.Caller(), None)
+    assert isinstance(refused, routing.NoRoute) and refused.status == 404
+    assert "served over openai only, not v2" in refused.reason
+
+
+
+@pytest.mark.parametrize(
+    ("nodes", "fragment"),
+    [
+        ([{"CPU": 8.0}], "'LLMServer:openai--gpt-oss-120b' cannot place a replica: each needs 2 GPU, 1 accelerator_type:H100 but the largest node has 0 GPU"),
+        ([{"CPU": 16.0, "GPU": 1.0, "accelerator_type:H100": 1.0}, {"CPU": 16.0, "GPU": 1.0, "accelerator_type:H100": 1.0}],
+         "each needs 2 GPU but the largest node has 1 GPU"),
+        ([{"CPU": 16.0, "GPU": 8.0, "accelerator_type:A100-80G": 1.0}], "but the largest node has 0 accelerator_type:H100"),
+        ([{"CPU": 16.0, "GPU": 8.0, "accelerator_type:H100": 1.0}], ""),
+        ([{"CPU": 2.0, "GPU": 8.0, "accelerator_type:H100": 1.0}], "each needs 4 CPU but the largest node has 2 CPU"),
+    ],
+)
+def test_an_engine_that_fits_no_node_is_reported_like_any_gpu_shortage(nodes: list[dict[str, float]], fragment: str) -> None:
+    """Serve's details leave out placement groups: the engine's come from the config edgeplane PUT."""
+    # Ray Serve LLM names the engine deployment LLMServer:<model id, '/' -> '--', '.' -> '_'>
+    llm = LlmApp(model_id="openai/gpt-oss-120b", source="/m", tensor_parallel_size=2, accelerator_type="H100")
+    app = {**llm_details(0, 1, "DEPLOYING"), "deployed_app_config": serve_config.render_application(app_spec(llm, replicas=1))}
+    app["deployments"]["LLMServer:openai--gpt-oss-120b"]["required_resources"] = {"CPU": 4.0}
+    reason = ray_serve.unschedulable_reason(app, nodes)
+    if fragment:
+        assert fragment in reason, reason
+    else:
+        assert reason == ""
