@@ -39,6 +39,7 @@ from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import auth
 from orchestrator.api import captures as captures_api
+from orchestrator.api import distill as distill_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade as cascade_mod
@@ -217,7 +218,9 @@ class ControlPlane:
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 
         app = api_app.build_app(self, self.gateway.routes() + [self._artifact_route()]
-                                + captures_api.routes(self.authenticator, self.store, self.captures))
+                                + captures_api.routes(self.authenticator, self.store, self.captures)
+                                + distill_api.routes(self.authenticator, self.store, self.captures, self.artifacts, self.changed,
+                                                     self.cascades_view))
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                                       timeout_graceful_shutdown=5, limit_concurrency=4096))
         self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]

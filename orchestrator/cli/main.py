@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from orchestrator.cli import cascade as cascade_cli
+from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError
 from orchestrator.manifests import loader
@@ -297,12 +298,14 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--location", help="caller position lat,lon")
     sp.add_argument("--region", help="caller region")
     sp.add_argument("--residency", help="caller residency, e.g. FR")
+    distill_cli.add_parsers(client_parser, with_output)
     return p
 
 
 COMMANDS = {
     "apply": cmd_apply, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe, "delete": cmd_delete,
     "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer, "cascade": cascade_cli.cmd_tune,
+    "distill": distill_cli.cmd_distill, "captures": distill_cli.cmd_captures,
 }
 
 
