@@ -21,6 +21,7 @@ BENCHMARKS = (
     "gateway",
     "ray_serve_path",
     "cascade",
+    "distill",
 )
 
 
