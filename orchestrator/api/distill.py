@@ -93,6 +93,18 @@ def _published_model(model_obj: store_mod.StoredObject, variant: str, artifact: 
     return json.dumps(doc)
 
 
+def _summary(result: dict[str, Any]) -> str:
+    """The event's one line (``edgeplane describe`` shows it; the details hold the whole report)."""
+    gate = result.get("gate") or {}
+    cur, cand = gate.get("current") or {}, gate.get("candidate") or {}
+    measured = (f"agreement {cur.get('agreement')} -> {cand.get('agreement')}, escalation {cur.get('escalation')} -> "
+                f"{cand.get('escalation')}, latency {cur.get('latency_ms')} -> {cand.get('latency_ms')} ms") if cur else ""
+    if result.get("published"):
+        return f"published {result['artifact']['uri']}: {measured}"[:500]
+    why = result.get("error") or "; ".join(gate.get("reasons") or [])
+    return (f"not published: {why}" + (f" ({measured})" if measured else ""))[:500]
+
+
 def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: capture_store.ZoneStores,
            artifacts: ArtifactCatalog, changed: Callable[[str], None], cascades_view: Callable[[], dict[str, Any]],
            clock: Callable[[], float] = time.time) -> list[BaseRoute]:
@@ -156,8 +168,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                 else:
                     result["generation"] = applied.outcomes[0].generation
                     changed(f"distill {name} by {caller.identity}")
-            store.record(store_mod.Event(caller.identity, "distill", "ModelDeployment", name,
-                                         "published" if result["published"] else "not published", result))
+            store.record(store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
             return result
 
         async def stream() -> AsyncIterator[bytes]:

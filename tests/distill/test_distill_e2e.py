@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -25,6 +27,8 @@ DC = ("dc-paris", "FR", 48.86, 2.34)
 THRESHOLD = 0.9
 PARIS = {"x-edgeplane-location": "48.85,2.35"}
 CAPTURE = {"sampleRate": 1.0, "dailyCap": 100_000, "retentionDays": 7, "zones": ["EU"]}
+
+EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -119,10 +123,16 @@ async def test_one_loop_lowers_escalation_without_losing_accuracy(fleet: harness
             return next(v["artifact"]["sha256"] for v in model.spec["variants"] if v["name"] == "student")
         serving = student_sha()
 
-        # a run asked for more than it can give publishes nothing and leaves the serving version alone
-        _, refused = await distill(http, epochs=5, minGain=0.5)
-        assert refused["published"] is False and "does not beat" in " ".join(refused["gate"]["reasons"])
+        # a run asked for more than it can give publishes nothing and leaves the serving version alone (CLI)
+        cli = await asyncio.to_thread(edgeplane, cp.http_url, "distill", "task-cascade", "--epochs", "5", "--min-gain", "0.5")
+        assert cli.returncode == 1 and "not published: agreement with the teacher" in cli.stdout, cli.stdout + cli.stderr
+        assert "train: epoch 5/5" in cli.stdout and "serving" in cli.stdout and "candidate" in cli.stdout
         assert student_sha() == serving and not (root / "artifacts" / "distilled").exists()
+        missing = await asyncio.to_thread(edgeplane, cp.http_url, "distill", "nope")
+        assert missing.returncode == 1 and missing.stderr.strip() == "error: ModelDeployment 'nope' does not exist"
+        listed = await asyncio.to_thread(edgeplane, cp.http_url, "captures", "EU", "--deployment", "task-cascade", "--limit", "5",
+                                         "-o", "json")
+        assert listed.returncode == 0 and len(json.loads(listed.stdout)["items"]) == 5
 
         progress, result = await distill(http, epochs=60)
         assert result["published"] is True, result
@@ -154,6 +164,10 @@ async def test_one_loop_lowers_escalation_without_losing_accuracy(fleet: harness
         after_esc, after_acc = measure(await send(http, t.x_test), t.y_test)
     assert after_esc < before_esc, (before_esc, after_esc)
     assert after_acc >= before_acc - 0.005, (before_acc, after_acc)
+
+
+def edgeplane(server: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(EDGEPLANE), "--server", server, *args], capture_output=True, text=True, timeout=300)
 
 
 def _layers(path: pathlib.Path) -> tuple[Any, str]:
