@@ -10,7 +10,7 @@ traffic. Then:
    accuracy against the labels) and the serving student's agreement with the teacher's
    class is measured on it;
 2. **capture**: ``--traffic`` fresh requests go through the cascade with
-   ``spec.cascade.capture`` on (EU zone, sample rate 1); the records are written off the
+   ``spec.cascade.capture`` on (FR zone, sample rate 1); the records are written off the
    request path;
 3. **distil**: ``POST /v1/distill/task`` (what ``edgeplane distill`` calls): train from
    the captured records, gate on held-out captured data, publish;
@@ -44,7 +44,8 @@ from orchestrator.distill import student as student_mod
 from orchestrator.testing import cascade_task, harness
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "distill.json"
-CAPTURE = {"sampleRate": 1.0, "dailyCap": 1_000_000, "retentionDays": 30, "zones": ["EU"]}
+# the caller states residency FR (bench.cascade.CALLER): its records may be kept in a FR store only
+CAPTURE = {"sampleRate": 1.0, "dailyCap": 1_000_000, "retentionDays": 30, "zones": ["FR"]}
 
 
 def _measure(rows: list[dict[str, Any]], labels: np.ndarray) -> dict[str, float]:
@@ -87,10 +88,12 @@ async def run(quick: bool, student_train: int, traffic: int) -> dict[str, Any]:
             url = f"{cp.http_url}/v2/models/task/infer"
             before = _measure(await _send(client, url, test_bodies, "on", 2), task.y_test)
             began = time.perf_counter()
-            await _send(client, url, [_body(x) for x in traffic_x], "on", 2)
+            await _send(client, url, [_body(x) for x in traffic_x], "on", 4)
             capture_s = time.perf_counter() - began
             await cp.capture_writer.flush()
             captured, dropped = cp.capture_writer.captured, cp.capture_writer.dropped
+            if captured < traffic:
+                raise RuntimeError(f"only {captured} of {traffic} requests were captured ({dropped} dropped)")
             began = time.perf_counter()
             result = await _distil(client)
             distil_s = time.perf_counter() - began

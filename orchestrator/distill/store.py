@@ -232,7 +232,9 @@ class CaptureWriter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            await self.flush()
+            if not self._task.done():  # write what is queued, but never hang a shutdown on a disk
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.flush(), timeout=10)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
