@@ -26,6 +26,7 @@ BENCHMARKS = (
     "cascade",
     "simulate",
     "vllm_gpu",
+    "distill",
 )
 
 

@@ -18,7 +18,9 @@ import secrets
 import pathlib
 import signal
 import socket
+import sqlite3
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +39,12 @@ from orchestrator.agents import model as agent_model
 from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import auth
+from orchestrator.api import captures as captures_api
+from orchestrator.api import distill as distill_api
 from orchestrator.api import simulate as simulate_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
+from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, routing, upstream
@@ -216,8 +221,12 @@ class ControlPlane:
             ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
             (lambda secret: self.store.verify_token(secret, "api")) if cfg.gateway_auth == "token" else None,
         )
+        self.captures = capture_store.ZoneStores(cfg.data_dir / "captures")  # one SQLite file per residency zone
+        self.capture_writer = capture_store.CaptureWriter(self.captures, self.registry)
+        self.capture_writer.start()
+        self._tasks.append(asyncio.create_task(self._purge_captures(), name="capture-retention"))
         self.cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry),
-                                                   position=cfg.position)
+                                                   position=cfg.position, capture=self.capture_writer.offer)
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
                                      position=cfg.position, ready=lambda: self._started, max_body=cfg.gateway_max_body,
                                      cold_start_s=cfg.cold_start_timeout_s, cascade=self.cascades,
@@ -229,7 +238,10 @@ class ControlPlane:
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 
         self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
-        app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [self._artifact_route()] + console.routes())
+        app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [self._artifact_route()] + console.routes()
+                                + captures_api.routes(self.authenticator, self.store, self.captures)
+                                + distill_api.routes(self.authenticator, self.store, self.captures, self.artifacts, self.changed,
+                                                     self.cascades_view))
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                                       timeout_graceful_shutdown=5, limit_concurrency=4096))
         self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -255,7 +267,16 @@ class ControlPlane:
         await self._http.close()
         await self.openai_gateway.close()
         await self.datacentres.close()
+        await self.capture_writer.stop()
+        self.captures.close()
         self.store.close()
+
+    async def _purge_captures(self, every_s: float = 600.0) -> None:
+        """Retention: captured records past their retentionDays are deleted (checked every ten minutes)."""
+        while True:
+            with contextlib.suppress(sqlite3.Error, OSError):
+                await asyncio.to_thread(self.captures.purge, time.time())
+            await asyncio.sleep(every_s)
 
     def _ensure_admin_token(self) -> None:
         if self.store.has_api_tokens():

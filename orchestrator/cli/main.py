@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from orchestrator.cli import cascade as cascade_cli
+from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError
 from orchestrator.manifests import loader
@@ -359,6 +360,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--region", help="caller region")
     sp.add_argument("--residency", help="caller residency, e.g. FR")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds")
+    distill_cli.add_parsers(client_parser, with_output)
     return p
 
 
@@ -367,6 +369,7 @@ COMMANDS = {
     "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer, "cascade": cascade_cli.cmd_tune,
     "simulate": cmd_simulate,
     "chat": cmd_chat,
+    "distill": distill_cli.cmd_distill, "captures": distill_cli.cmd_captures,
 }
 
 

@@ -40,6 +40,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edgeplane_proto import oip
+from orchestrator.distill import capture as capture_mod
+from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
@@ -130,6 +132,11 @@ class _Trip:
     sites: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     joules: float = 0.0
+    caller: routing.Caller | None = None
+    body: bytes = b""  # the request, kept for capture
+    body_binary: int | None = None
+    first_country: str | None = None  # of the site that received the request
+    first_confidence: float | None = None
 
 
 @dataclass
@@ -145,7 +152,9 @@ class _Attempt:
 class CascadeHandler:
     def __init__(self, table: endpoints_mod.EndpointTable, http: UpstreamPool, metrics: CascadeMetrics,
                  stats: CascadeStats | None = None, *, position: tuple[float, float] | None = None,
-                 max_attempts: int = 3, clock: Callable[[], float] = time.perf_counter):
+                 max_attempts: int = 3, clock: Callable[[], float] = time.perf_counter,
+                 capture: Callable[[capture_store.Record], bool] | None = None, sampler: capture_mod.Sampler | None = None,
+                 wall: Callable[[], float] = time.time):
         self.table = table
         self.http = http
         self.metrics = metrics
@@ -153,6 +162,10 @@ class CascadeHandler:
         self.position = position
         self.max_attempts = max_attempts
         self.clock = clock
+        # distillation capture (spec.cascade.capture): ``capture`` only queues, it never waits
+        self.capture = capture
+        self.sampler = sampler if sampler is not None else capture_mod.Sampler()
+        self.wall = wall
 
     def ranking(self, route: rules.CascadeRoute, stage: int, caller: routing.Caller) -> list[routing.Ranked] | routing.NoRoute:
         return rules.stage_ranking(route, stage, self.table.with_local_load(route.model), caller, regions=self.table.regions,
@@ -168,7 +181,9 @@ class CascadeHandler:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         stage = rules.first_stage(route, mode)
         ranked = self.ranking(route, stage, caller)
-        trip = _Trip()
+        trip = _Trip(caller=caller, body=body)
+        if route.capture is not None and (length := request.headers.get(oip.BINARY_HEADER.lower())) is not None:
+            trip.body_binary = int(length) if length.isdigit() else None
         answer: _Attempt | None = None
         verdict: rules.Verdict | None = None
         escalated_at: float | None = None
@@ -199,6 +214,8 @@ class CascadeHandler:
                 answer = got
                 rule = route.stages[stage].rule
                 verdict = self._judge(rule, got) if rule is not None else None
+                if stage == 0 and verdict is not None:
+                    trip.first_confidence = verdict.confidence
             if got is None and mode == "force-first":  # the caller asked for this stage alone
                 totals.failed += 1
                 totals.latency_s += self.clock() - started
@@ -265,6 +282,8 @@ class CascadeHandler:
                 totals.co2_g += grams
                 trip.joules += joules
                 trip.sites.append(e.site)
+                if trip.first_country is None:
+                    trip.first_country = e.country
             if upstream.status >= 500:
                 trip.failures.append(f"{e.site}: HTTP {upstream.status}")
                 self.table.eject(e.url)
@@ -318,5 +337,19 @@ class CascadeHandler:
         binary = answer.headers.get(oip.BINARY_HEADER.lower())
         if binary is not None:
             out[oip.BINARY_HEADER] = binary
+        if route.capture is not None and self.capture is not None and answer.status < 400:
+            self._capture(route, route.capture, answer, trip)
         return Response(answer.body, status_code=answer.status, media_type=answer.headers.get("content-type", "application/json"),
                         headers=out)
+
+    def _capture(self, route: rules.CascadeRoute, policy: capture_mod.CapturePolicy, answer: _Attempt, trip: _Trip) -> None:
+        residency = trip.caller.residency if trip.caller is not None else frozenset()
+        zone = capture_mod.zone_for(policy.zones, residency, trip.first_country)
+        now = self.wall()
+        if zone is None or self.capture is None or not self.sampler.take(route.deployment, zone, policy, now):
+            return
+        binary = answer.headers.get(oip.BINARY_HEADER.lower())
+        self.capture(capture_store.Record(
+            capture_store.Record.new_id(), route.deployment, route.model, zone, now, now + policy.retention_s,
+            trip.sites[0] if trip.sites else answer.site, route.stages[answer.stage].variant, trip.first_confidence,
+            trip.body, trip.body_binary, answer.body, int(binary) if binary is not None and binary.isdigit() else None))

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from orchestrator.distill.capture import DAY_S, CapturePolicy
 from orchestrator.gateway import routing
 from orchestrator.manifests import cascade as cascade_schema
 from orchestrator.manifests import schema
@@ -79,6 +80,7 @@ class CascadeRoute:
     deployment: str
     stages: tuple[StageRoute, ...]
     energy: Mapping[str, SiteEnergy] = field(default_factory=dict)  # by site
+    capture: CapturePolicy | None = None  # spec.cascade.capture: None = nothing is kept
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,9 @@ def route_of(deployment: str, spec: schema.ModelDeploymentSpec, watts: Mapping[s
         tiers = frozenset(t for t, v in spec.variant.items() if v == stage.variant)
         max_inflight = stage.escalate.maxInflight if stage.escalate is not None else None
         stages.append(StageRoute(stage.variant, tiers, rule_of(stage.escalate), max_inflight, watts.get(stage.variant, 0.0)))
-    return CascadeRoute(spec.model, deployment, tuple(stages), dict(energy))
+    c = spec.cascade.capture
+    policy = CapturePolicy(c.sampleRate, c.dailyCap, c.retentionDays * DAY_S, tuple(c.zones)) if c is not None else None
+    return CascadeRoute(spec.model, deployment, tuple(stages), dict(energy), policy)
 
 
 def parse_mode(header: str | None) -> Mode | None:

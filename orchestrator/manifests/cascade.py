@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
+import pycountry
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 #: Runtimes whose stages answer through the OpenAI routes; ``ray-serve`` may be either.
@@ -100,8 +101,38 @@ class Stage(_Strict):
     escalate: Escalation | None = None
 
 
+class Capture(_Strict):
+    """Keep a sample of this cascade's requests for distillation (``docs/distillation.md``).
+
+    Absent: nothing is captured. A record (inputs, the last stage's output, the first
+    stage's confidence, time, site, jurisdiction) goes to the store of the first zone in
+    ``zones`` that holds the caller's jurisdiction; a request whose jurisdiction no zone
+    holds is not captured."""
+
+    #: Share of cascade requests kept, in (0, 1].
+    sampleRate: float = Field(gt=0, le=1)
+    #: At most this many records a day (UTC) per zone.
+    dailyCap: int = Field(default=10_000, ge=1, le=10_000_000)
+    #: Records are deleted this many days after they were captured.
+    retentionDays: float = Field(default=30, gt=0, le=3650)
+    #: Residency zones with a store (``EU`` or ISO country codes); one store each, never merged.
+    zones: list[Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]] = Field(min_length=1, max_length=50)
+
+    @field_validator("zones")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each zone once")
+        for i, zone in enumerate(v):
+            if zone != "EU" and pycountry.countries.get(alpha_2=zone) is None:
+                raise ValueError(f"zones[{i}] {zone!r} is neither 'EU' nor an ISO 3166 alpha-2 country code")
+        return v
+
+
 class Cascade(_Strict):
     stages: list[Stage] = Field(min_length=2, max_length=MAX_STAGES)
+    #: Opt-in capture of requests for distillation; absent = nothing is kept.
+    capture: Capture | None = None
 
     @model_validator(mode="after")
     def _stages(self) -> Cascade:

@@ -1,0 +1,83 @@
+"""Routes for captured cascade traffic: reading and deleting it needs the ``admin`` role.
+
+Captured requests are personal data, so unlike the rest of the API even reading them is
+an admin action, and every read and delete is written to the event log (``action``
+``capture-read`` / ``capture-delete``, actor, zone, how many records) — the audit trail
+an operator shows a data protection officer.
+
+- ``GET /v1/captures/{zone}?deployment=NAME&limit=N`` — record summaries (no payloads);
+  ``&payload=true`` adds the base64 request and answer bodies.
+- ``DELETE /v1/captures/{zone}/{id}`` — erase one record (a data subject's request).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from orchestrator.api import auth
+from orchestrator.distill import store as capture_store
+from orchestrator.store import sqlite as store_mod
+
+
+def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: capture_store.ZoneStores,
+           clock: Callable[[], float] = time.time) -> list[BaseRoute]:
+    def admin_only(handler: Callable[[Request, auth.Caller], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                caller = authenticator.caller(request.headers.get("authorization"))
+            except auth.Unauthorized as exc:
+                return JSONResponse({"error": str(exc)}, status_code=401)
+            if not caller.may_write():
+                return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; captured data needs 'admin'"},
+                                    status_code=403)
+            zone = request.path_params["zone"].upper()
+            if zone not in captures.zones():
+                return JSONResponse({"error": f"no captured data in zone {zone!r} (zones: {', '.join(captures.zones()) or 'none'})"},
+                                    status_code=404)
+            return await handler(request, caller)
+        return endpoint
+
+    async def read(request: Request, caller: auth.Caller) -> Response:
+        zone = request.path_params["zone"].upper()
+        q = request.query_params
+        try:
+            limit = max(1, min(int(q.get("limit", "100")), 10_000))
+        except ValueError:
+            return JSONResponse({"error": "limit must be an integer"}, status_code=400)
+        payload = q.get("payload", "false").lower() in ("1", "true", "yes")
+        deployment = q.get("deployment")
+        zs = captures.zone(zone)
+        zs.purge(clock())
+        records = zs.records(deployment, now=clock(), limit=limit)
+        store.record(store_mod.Event(caller.identity, "capture-read", "ModelDeployment", deployment or "*",
+                                     (request.headers.get("x-edgeplane-reason") or "read captured records")[:500],
+                                     {"zone": zone, "records": len(records), "payload": payload}))
+        items = []
+        for r in records:
+            item = r.summary()
+            if payload:
+                item["input"] = base64.b64encode(r.input).decode()
+                item["output"] = base64.b64encode(r.output).decode()
+            items.append(item)
+        return JSONResponse({"zone": zone, "items": items})
+
+    async def delete(request: Request, caller: auth.Caller) -> Response:
+        zone, record_id = request.path_params["zone"].upper(), request.path_params["id"]
+        deleted = captures.zone(zone).delete(record_id)
+        store.record(store_mod.Event(caller.identity, "capture-delete", "CapturedRecord", record_id,
+                                     (request.headers.get("x-edgeplane-reason") or "erasure request")[:500],
+                                     {"zone": zone, "deleted": deleted}))
+        if not deleted:
+            return JSONResponse({"error": f"no record {record_id!r} in zone {zone}"}, status_code=404)
+        return JSONResponse({"zone": zone, "id": record_id, "action": "deleted"})
+
+    return [
+        Route("/v1/captures/{zone}", admin_only(read), methods=["GET"]),
+        Route("/v1/captures/{zone}/{id}", admin_only(delete), methods=["DELETE"]),
+    ]

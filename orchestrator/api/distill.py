@@ -1,0 +1,184 @@
+"""``POST /v1/distill/{deployment}``: run one distillation loop and publish what passes.
+
+The run happens in the control plane's process, next to the zone store it reads (the
+embedded setup, where the control plane's machine is the data centre that keeps the
+zone's records), in a worker thread so the gateway keeps serving. Progress streams back
+as NDJSON lines (``{"progress": {...}}``) and the last line is ``{"result": {...}}``.
+
+What it does, in order, and why nothing is published otherwise:
+
+1. checks the deployment: a tensor cascade (``onnx`` first and last stage) with
+   ``spec.cascade.capture``, and picks the zone (``zone`` in the body, or the only zone
+   with records);
+2. trains and verifies (:func:`orchestrator.distill.job.run`); a failed or worse run
+   writes no artifact and changes no object;
+3. records the report as a ``distill`` event on the deployment (``edgeplane describe``);
+4. on a pass, applies the Model with the edge variant's new ``artifact`` through the
+   normal apply path, so the deployment's ``spec.rollout`` canaries it to the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from orchestrator import catalog
+from orchestrator.api import auth, bodies
+from orchestrator.artifacts.catalog import ArtifactCatalog, ArtifactError
+from orchestrator.distill import job
+from orchestrator.distill import store as capture_store
+from orchestrator.manifests import loader
+from orchestrator.manifests.errors import ManifestError
+from orchestrator.store import sqlite as store_mod
+
+
+class Refused(ValueError):
+    """The deployment cannot be distilled as it is; the message says why."""
+
+
+def _plan(store: store_mod.Store, captures: capture_store.ZoneStores, artifacts: ArtifactCatalog, name: str,
+          zone: str | None) -> dict[str, Any]:
+    obj = store.get("ModelDeployment", name)
+    if obj is None:
+        raise Refused(f"ModelDeployment {name!r} does not exist")
+    spec = catalog.parse_deployment(obj)
+    if spec.cascade is None or spec.cascade.capture is None:
+        raise Refused(f"ModelDeployment {name!r} captures nothing: distillation needs spec.cascade.capture")
+    first, last = spec.cascade.stages[0], spec.cascade.stages[-1]
+    if first.escalate is None or first.escalate.confidence is None:
+        raise Refused("distillation trains tensor students: the first stage needs an 'escalate.confidence' rule")
+    model_obj = store.get("Model", spec.model)
+    if model_obj is None:
+        raise Refused(f"Model {spec.model!r} does not exist")
+    variants = {v.name: v for v in catalog.parse_model(model_obj).variants}
+    edge = variants.get(first.variant)
+    if edge is None or edge.runtime != "onnx" or edge.artifact is None or not edge.inputs:
+        raise Refused(f"variant {first.variant!r} is not an ONNX tensor model with declared inputs")
+    try:
+        current = artifacts.local_path(edge.artifact.uri)
+    except ArtifactError as exc:
+        raise Refused(str(exc)) from None
+    if current is None:
+        raise Refused(f"the serving student {edge.artifact.uri} is remote; distillation warm-starts from a local artifact")
+    # the new artifact goes next to the serving one, under the same artifact root
+    root = next(r for r in artifacts.roots if current.resolve().is_relative_to(r.resolve()))
+    with_records = [z for z in spec.cascade.capture.zones if z in captures.zones() and captures.zone(z).count(name)]
+    if zone is None:
+        if len(with_records) != 1:
+            raise Refused(f"say which zone's records to train on ('zone'); zones with records: {', '.join(with_records) or 'none'}")
+        zone = with_records[0]
+    elif zone not in with_records:
+        raise Refused(f"zone {zone!r} holds no records of {name!r} (zones with records: {', '.join(with_records) or 'none'})")
+    rule = first.escalate.confidence
+    if rule.scores != "probabilities":
+        raise Refused("the edge student must output probabilities (escalate.confidence.scores: probabilities)")
+    return {"spec": spec, "model": model_obj, "edge": first.variant, "teacher": last.variant, "current": current, "zone": zone,
+            "root": root, "input": edge.inputs[0].name, "output": rule.output, "threshold": job.Threshold(rule.below, rule.measure)}
+
+
+def _published_model(model_obj: store_mod.StoredObject, variant: str, artifact: dict[str, str]) -> str:
+    spec = json.loads(json.dumps(model_obj.spec))
+    for v in spec["variants"]:
+        if v["name"] == variant:
+            v["artifact"] = {"uri": artifact["uri"], "sha256": artifact["sha256"]}
+    doc = {"apiVersion": "edgeplane.io/v1alpha1", "kind": "Model",
+           "metadata": {"name": model_obj.name, **({"labels": dict(model_obj.labels)} if model_obj.labels else {})}, "spec": spec}
+    return json.dumps(doc)
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """The event's one line (``edgeplane describe`` shows it; the details hold the whole report)."""
+    gate = result.get("gate") or {}
+    cur, cand = gate.get("current") or {}, gate.get("candidate") or {}
+    measured = (f"agreement {cur.get('agreement')} -> {cand.get('agreement')}, escalation {cur.get('escalation')} -> "
+                f"{cand.get('escalation')}, latency {cur.get('latency_ms')} -> {cand.get('latency_ms')} ms") if cur else ""
+    if result.get("published"):
+        return f"published {result['artifact']['uri']}: {measured}"[:500]
+    why = result.get("error") or "; ".join(gate.get("reasons") or [])
+    return (f"not published: {why}" + (f" ({measured})" if measured else ""))[:500]
+
+
+def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: capture_store.ZoneStores,
+           artifacts: ArtifactCatalog, changed: Callable[[str], None], cascades_view: Callable[[], dict[str, Any]],
+           clock: Callable[[], float] = time.time) -> list[BaseRoute]:
+    async def distill(request: Request) -> Response:
+        try:
+            caller = authenticator.caller(request.headers.get("authorization"))
+        except auth.Unauthorized as exc:
+            return JSONResponse({"error": str(exc)}, status_code=401)
+        if not caller.may_write():
+            return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; distillation needs 'admin'"}, status_code=403)
+        name = request.path_params["deployment"]
+        try:
+            options = json.loads(await bodies.read_body(request, 64 * 1024) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError, bodies.BodyTooLarge):
+            return JSONResponse({"error": "body must be a JSON object: {\"zone\", \"epochs\", \"minGain\"}"}, status_code=400)
+        epochs, min_gain = options.get("epochs", 60) if isinstance(options, dict) else None, options.get("minGain", 0.005) if isinstance(options, dict) else None
+        if (not isinstance(options, dict) or not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 1000
+                or not isinstance(min_gain, (int, float)) or isinstance(min_gain, bool) or not 0 <= min_gain < 1):
+            return JSONResponse({"error": "options: zone (string), epochs (1..1000), minGain (0..1)"}, status_code=400)
+        try:
+            plan = _plan(store, captures, artifacts, name, options.get("zone"))
+        except Refused as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def progress(p: dict[str, object]) -> None:
+            loop.call_soon_threadsafe(lines.put_nowait, {"progress": p})
+
+        def work() -> dict[str, Any]:
+            records = captures.zone(plan["zone"]).records(name, now=clock())
+            return _run(plan, records, progress)
+
+        async def produce() -> None:
+            try:
+                result = await asyncio.to_thread(work)
+            except (ValueError, OSError, RuntimeError) as exc:  # DistillError, a bad artifact, onnxruntime
+                result = {"published": False, "error": str(exc)}
+            try:
+                lines.put_nowait({"result": _finish(name, plan, result, caller)})
+            finally:
+                lines.put_nowait(None)
+
+        def _run(plan: dict[str, Any], records: list[capture_store.Record], progress: job.Progress) -> dict[str, Any]:
+            outcome = job.run(records, plan["current"], plan["root"], input_name=plan["input"], output_name=plan["output"],
+                              teacher_variant=plan["teacher"], threshold=plan["threshold"], epochs=epochs, min_gain=float(min_gain),
+                              progress=progress)
+            return {"published": outcome.artifact is not None, **outcome.report}
+
+        def _finish(name: str, plan: dict[str, Any], result: dict[str, Any], caller: auth.Caller) -> dict[str, Any]:
+            live = next((c for c in cascades_view().get("items", []) if c.get("name") == name), {})
+            result = {"deployment": name, "zone": plan["zone"], "variant": plan["edge"],
+                      "liveEscalationRateBefore": live.get("escalationRate"), **result}
+            if result["published"]:
+                try:
+                    applied = catalog.apply_documents(store, loader.load_text(_published_model(plan["model"], plan["edge"], result["artifact"])),
+                                                      actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
+                except (ManifestError, store_mod.Conflict) as exc:
+                    result = {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
+                else:
+                    result["generation"] = applied.outcomes[0].generation
+                    changed(f"distill {name} by {caller.identity}")
+            store.record(store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
+            return result
+
+        async def stream() -> AsyncIterator[bytes]:
+            task = asyncio.create_task(produce())
+            try:
+                while (line := await lines.get()) is not None:
+                    yield (json.dumps(line) + "\n").encode()
+            finally:
+                await task
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    return [Route("/v1/distill/{deployment}", distill, methods=["POST"])]

@@ -1,0 +1,96 @@
+"""``edgeplane distill DEPLOYMENT`` and ``edgeplane captures ZONE``: the distillation loop from the shell.
+
+``distill`` streams the run's progress (one line per epoch) and ends with the gate's
+report: agreement with the teacher and escalation rate of the serving and the new
+student on held-out captured data, their latency, and whether a new artifact was
+published. Exit status 0 when published, 1 when not (a run that published nothing is
+not an error of the tool, but a script must be able to tell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import httpx
+
+from orchestrator.cli import render
+from orchestrator.cli.http import ApiClient, CliError
+
+
+def cmd_distill(api: ApiClient, args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {"epochs": args.epochs, "minGain": args.min_gain}
+    if args.zone:
+        options["zone"] = args.zone.upper()
+    result: dict[str, Any] | None = None
+    try:
+        with api._http.stream("POST", f"/v1/distill/{args.deployment}", json=options, timeout=None) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                try:
+                    message = resp.json().get("error", resp.reason_phrase)
+                except ValueError:
+                    message = resp.text[:200] or resp.reason_phrase
+                raise CliError(str(message))
+            for line in resp.iter_lines():
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if "progress" in item and args.output == "table":
+                    p = item["progress"]
+                    if "epoch" in p:
+                        print(f"train: epoch {p['epoch']}/{p['epochs']}  loss {p['loss']}", flush=True)
+                    else:
+                        print(f"{p.get('phase')}: " + ", ".join(f"{k} {v}" for k, v in p.items() if k != "phase"), flush=True)
+                elif "result" in item:
+                    result = item["result"]
+    except httpx.TransportError as exc:
+        raise CliError(f"cannot reach the control plane at {api.server}: {exc}", 3) from exc
+    if result is None:
+        raise CliError("the control plane ended the run without a result")
+    if args.output != "table":
+        render.dump(result, args.output)
+    else:
+        gate = result.get("gate") or {}
+        cur, cand = gate.get("current") or {}, gate.get("candidate") or {}
+        if cur:
+            render.table(f"held-out captured data, zone {result.get('zone')}", ["STUDENT", "AGREEMENT", "ESCALATION", "LATENCY-MS"],
+                         [[name, e.get("agreement"), e.get("escalation"), e.get("latency_ms")] for name, e in
+                          (("serving", cur), ("candidate", cand))])
+        if result.get("published"):
+            print(f"published {result['variant']} {result['artifact']['uri']} (sha256 {result['artifact']['sha256'][:12]}…); "
+                  f"the deployment's rollout takes it")
+        else:
+            reasons = result.get("error") or "; ".join(gate.get("reasons") or [])
+            print(f"not published: {reasons}")
+    return 0 if result.get("published") else 1
+
+
+def cmd_captures(api: ApiClient, args: argparse.Namespace) -> int:
+    zone = args.zone.upper()
+    if args.delete:
+        api.request("DELETE", f"/v1/captures/{zone}/{args.delete}")
+        print(f"record {args.delete} deleted from zone {zone}")
+        return 0
+    params = {"limit": str(args.limit), **({"deployment": args.deployment} if args.deployment else {})}
+    body = api.request("GET", f"/v1/captures/{zone}", params=params)
+    if args.output != "table":
+        render.dump(body, args.output)
+        return 0
+    keys = ["id", "deployment", "site", "stage", "firstConfidence", "capturedAt", "expiresAt"]
+    render.table(f"zone {zone}", [k.upper() for k in keys], [[i.get(k) for k in keys] for i in body["items"]])
+    return 0
+
+
+def add_parsers(client_parser: Any, with_output: Any) -> None:
+    sp = with_output(client_parser("distill", help="train a new edge student from captured traffic, verify it, publish it"))
+    sp.add_argument("deployment", help="a deployment with spec.cascade.capture")
+    sp.add_argument("--zone", help="whose records to train on (default: the only zone with records)")
+    sp.add_argument("--epochs", type=int, default=60)
+    sp.add_argument("--min-gain", type=float, default=0.005, help="agreement the new student must add (default 0.005)")
+    sp = with_output(client_parser("captures", help="captured cascade records of one residency zone (admin; audited)"))
+    sp.add_argument("zone")
+    sp.add_argument("--deployment")
+    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--delete", metavar="ID", help="erase one record")

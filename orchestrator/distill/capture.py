@@ -1,0 +1,75 @@
+"""What to capture and where it may be kept: pure decisions, no I/O.
+
+Captured requests are personal data. Three rules decide their fate and live here so
+that tests can state them exactly:
+
+- :func:`zone_for` — the jurisdiction of a record: the first zone of the cascade's
+  ``capture.zones`` whose countries all lie inside the caller's residency
+  (``X-Edgeplane-Residency``), or, for a caller who states none, the first zone that
+  holds the country of the site that received the request. No such zone: the request
+  is not captured, since no store may hold it.
+- :class:`Sampler` — the sample rate and the daily cap per zone (UTC days); the random
+  draw and the clock are injected.
+- :func:`expired` — retention: a record captured at ``t`` is gone after ``t +
+  retentionDays``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from orchestrator.scheduler.residency import expand_residency
+
+DAY_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class CapturePolicy:
+    """``spec.cascade.capture`` as the gateway applies it."""
+
+    sample_rate: float
+    daily_cap: int
+    retention_s: float
+    zones: tuple[str, ...]
+
+
+def zone_countries(zone: str) -> frozenset[str]:
+    return expand_residency([zone])
+
+
+def zone_for(zones: Sequence[str], caller_residency: frozenset[str], site_country: str | None) -> str | None:
+    """The zone whose store keeps this request's record, or None (not captured)."""
+    for zone in zones:
+        countries = zone_countries(zone)
+        if caller_residency:
+            if countries <= caller_residency:
+                return zone
+        elif site_country is not None and site_country in countries:
+            return zone
+    return None
+
+
+def expired(captured_at: float, retention_s: float, now: float) -> bool:
+    return now >= captured_at + retention_s
+
+
+@dataclass
+class Sampler:
+    """Sample rate and daily cap per zone; ``draw`` in [0, 1) and ``clock`` (epoch seconds) injected."""
+
+    draw: Callable[[], float] = field(default_factory=lambda: random.Random().random)
+    _day: dict[tuple[str, str], int] = field(default_factory=dict)  # (deployment, zone) -> day number
+    _count: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def take(self, deployment: str, zone: str, policy: CapturePolicy, now: float) -> bool:
+        if self.draw() >= policy.sample_rate:
+            return False
+        key, day = (deployment, zone), int(now // DAY_S)
+        if self._day.get(key) != day:
+            self._day[key], self._count[key] = day, 0
+        if self._count[key] >= policy.daily_cap:
+            return False
+        self._count[key] += 1
+        return True

@@ -1,0 +1,189 @@
+"""One distillation run: captured records in, a verified candidate student (or nothing) out.
+
+The run reads one zone's records (the caller runs it where that zone's store is, so no
+record leaves it), splits them by record id into training and held-out sets, and
+trains a new student warm-started from the serving one (:mod:`orchestrator.distill.student`):
+
+- soft labels: a record answered by the last stage carries the teacher's probabilities
+  — the hard cases the cascade escalated; a record the first stage answered carries that
+  stage's own (confident) probabilities, replayed so the new student keeps what the old
+  one knew;
+- the gate (:func:`gate`, pure) compares the serving student and the candidate on the
+  held-out records: agreement with the teacher's class on the escalated ones must rise by
+  at least ``min_gain``, and the candidate's batch-1 latency must stay within
+  ``latency_factor`` × the serving one's (plus a small absolute slack for timer noise).
+  It also reports the escalation rate each would have at the cascade's threshold.
+
+Only a passing candidate's ONNX file is kept, named by its sha256 under the artifact
+root (``distilled/<sha256>.onnx``). Publishing it is the caller's: a new artifact on the
+Model's edge variant, applied like any manifest, so the deployment's rollout takes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeplane_proto import oip
+from orchestrator.artifacts.catalog import sha256_file
+from orchestrator.distill import student as student_mod
+from orchestrator.distill.store import Record
+
+Progress = Callable[[dict[str, object]], None]
+
+
+class DistillError(ValueError):
+    """The run cannot start or cannot finish (too few records, wrong model); nothing is published."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The first stage's ``escalate.confidence`` rule."""
+
+    below: float
+    measure: str = "top"  # or "margin"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    agreement: float  # share of held-out escalated records whose teacher class this student picks
+    escalation: float  # share of all held-out records this student would escalate at the threshold
+    latency_ms: float  # median batch-1 latency with onnxruntime on this machine
+    records: int
+
+
+@dataclass(frozen=True)
+class GateReport:
+    passed: bool
+    reasons: tuple[str, ...]
+    current: Evaluation
+    candidate: Evaluation
+
+    def to_dict(self) -> dict[str, object]:
+        return {"passed": self.passed, "reasons": list(self.reasons), "current": asdict(self.current),
+                "candidate": asdict(self.candidate)}
+
+
+def gate(current: Evaluation, candidate: Evaluation, *, min_gain: float = 0.005, latency_factor: float = 1.5,
+         latency_slack_ms: float = 0.05) -> GateReport:
+    """Publish only a candidate that agrees more with the teacher and is not much slower."""
+    reasons = []
+    if candidate.agreement < current.agreement + min_gain:
+        reasons.append(f"agreement with the teacher {candidate.agreement:.4f} does not beat the serving student's "
+                       f"{current.agreement:.4f} by {min_gain}")
+    bound = current.latency_ms * latency_factor + latency_slack_ms
+    if candidate.latency_ms > bound:
+        reasons.append(f"latency {candidate.latency_ms:.3f} ms exceeds the bound {bound:.3f} ms")
+    return GateReport(not reasons, tuple(reasons), current, candidate)
+
+
+def held_out(record_id: str, share: float) -> bool:
+    """A fixed split by record id: the same record is always on the same side."""
+    return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share
+
+
+@dataclass(frozen=True)
+class Examples:
+    x: np.ndarray
+    soft: np.ndarray  # the probabilities of the stage that answered
+    by_teacher: np.ndarray  # bool: answered by the last stage (the teacher)
+
+
+def examples(records: Sequence[Record], input_name: str, output_name: str, teacher_variant: str) -> Examples:
+    xs, ps, flags = [], [], []
+    for r in records:
+        try:
+            request = oip.decode_request(r.input, r.input_binary)
+            response = oip.decode_response(r.output, r.output_binary)
+        except (oip.ProtocolError, ValueError):
+            continue  # a record that does not decode teaches nothing
+        x = next((t.array for t in request.inputs if t.name == input_name), None)
+        p = next((t.array for t in response.outputs if t.name == output_name), None)
+        if x is None or p is None:
+            continue
+        x, p = np.asarray(x, np.float32).reshape(-1, x.shape[-1]), np.asarray(p, np.float32).reshape(-1, p.shape[-1])
+        if len(x) != len(p):
+            continue
+        xs.append(x)
+        ps.append(p)
+        flags.append(np.full(len(x), r.stage == teacher_variant))
+    if not xs:
+        return Examples(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, bool))
+    return Examples(np.concatenate(xs), np.concatenate(ps), np.concatenate(flags))
+
+
+def confidence(p: np.ndarray, measure: str) -> np.ndarray:
+    top = np.sort(p, axis=-1)
+    return top[:, -1] - top[:, -2] if measure == "margin" else top[:, -1]
+
+
+def evaluate(path: pathlib.Path, held: Examples, threshold: Threshold, latency_runs: int = 200) -> Evaluation:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    probs = session.run(None, {name: held.x})[0]
+    hard = held.by_teacher
+    agreement = float((probs[hard].argmax(-1) == held.soft[hard].argmax(-1)).mean()) if hard.any() else 0.0
+    escalation = float((confidence(probs, threshold.measure) < threshold.below).mean()) if len(probs) else 0.0
+    timings = []
+    for row in held.x[:latency_runs]:
+        began = time.perf_counter()
+        session.run(None, {name: row[None, :]})
+        timings.append((time.perf_counter() - began) * 1000)
+    return Evaluation(round(agreement, 4), round(escalation, 4), round(statistics.median(timings), 4), int(hard.sum()))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: dict[str, object]
+    artifact: student_mod.BuiltModel | None  # the passing candidate, content-addressed; None: nothing to publish
+
+
+def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib.Path, *, input_name: str, output_name: str,
+        teacher_variant: str, threshold: Threshold, epochs: int = 60, lr: float = 3e-4, held_out_share: float = 0.2,
+        min_records: int = 50, seed: int = 0, progress: Progress | None = None, min_gain: float = 0.005) -> Outcome:
+    """Train, evaluate, gate; write the candidate into the artifact root only when it passes."""
+    say = progress or (lambda _: None)
+    train_records = [r for r in records if not held_out(r.id, held_out_share)]
+    test_records = [r for r in records if held_out(r.id, held_out_share)]
+    train = examples(train_records, input_name, output_name, teacher_variant)
+    held = examples(test_records, input_name, output_name, teacher_variant)
+    if len(train.x) < min_records or not held.by_teacher.any():
+        raise DistillError(f"too little captured data: {len(train.x)} training examples (need {min_records}) and "
+                           f"{int(held.by_teacher.sum())} held-out escalated ones (need 1); capture more traffic first")
+    try:
+        serving = student_mod.read_onnx(current)
+    except student_mod.NotAStudent as exc:
+        raise DistillError(f"the serving student cannot be warm-started: {exc}") from None
+    if serving.layers[0][0].shape[0] != train.x.shape[1] or serving.layers[-1][0].shape[1] != train.soft.shape[1]:
+        raise DistillError(f"captured tensors ({train.x.shape[1]} in, {train.soft.shape[1]} out) do not fit the serving "
+                           f"student ({serving.layers[0][0].shape[0]} in, {serving.layers[-1][0].shape[1]} out)")
+    say({"phase": "train", "examples": len(train.x), "escalated": int(train.by_teacher.sum()), "heldOut": len(held.x)})
+    hidden = serving.layers[0][0].shape[1]
+    candidate = student_mod.distil(train.soft, train.x, hidden, seed, epochs=epochs, lr=lr,
+                                   init=serving if len(serving.layers) == 2 and serving.activation == "Relu" else None,
+                                   progress=lambda epoch, loss: say({"phase": "train", "epoch": epoch, "epochs": epochs,
+                                                                     "loss": round(loss, 5)}))
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=artifact_root) as tmp:
+        built = student_mod.write_onnx(candidate, pathlib.Path(tmp) / "candidate.onnx", "distilled")
+        say({"phase": "verify"})
+        report = gate(evaluate(current, held, threshold), evaluate(built.path, held, threshold), min_gain=min_gain)
+        out: dict[str, object] = {"gate": report.to_dict(), "trainExamples": len(train.x), "heldOutExamples": len(held.x)}
+        if not report.passed:
+            return Outcome(out, None)
+        final = artifact_root / "distilled" / f"{built.sha256}.onnx"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(built.path, final)
+    if sha256_file(final) != built.sha256:
+        raise DistillError(f"{final} changed while it was written")
+    out["artifact"] = {"uri": final.relative_to(artifact_root).as_posix(), "sha256": built.sha256}
+    return Outcome(out, student_mod.BuiltModel(final, built.sha256, built.input_name, built.output_name, built.in_dim, built.out_dim))

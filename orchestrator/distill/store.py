@@ -1,0 +1,241 @@
+"""Captured records on disk: one SQLite file per residency zone, and the writer that fills them.
+
+Each zone's records live in their own file (``<root>/<ZONE>.db``) and nothing here copies
+a record from one file to another: a record's zone is decided once, when it is captured
+(:func:`orchestrator.distill.capture.zone_for`), and the store of that zone is the only
+place it is ever written. The root is the control plane's data directory by default; an
+operator bound to keep a zone's data on storage inside that zone mounts it there.
+
+The gateway never waits for a disk: :meth:`CaptureWriter.offer` puts the record on a
+bounded queue and returns; a background task writes batches in a worker thread. When the
+queue is full the record is dropped and counted (``edgeplane_capture_dropped_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+
+from orchestrator.distill import capture
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id TEXT PRIMARY KEY,
+    deployment TEXT NOT NULL,
+    model TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    captured_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    site TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    first_confidence REAL,
+    input BLOB NOT NULL,
+    input_binary INTEGER,
+    output BLOB NOT NULL,
+    output_binary INTEGER
+);
+CREATE INDEX IF NOT EXISTS records_by_deployment ON records (deployment, captured_at);
+CREATE INDEX IF NOT EXISTS records_by_expiry ON records (expires_at);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One captured request: the v2 request body and the answer the cascade returned."""
+
+    id: str
+    deployment: str
+    model: str
+    zone: str
+    captured_at: float
+    expires_at: float
+    site: str  # the site that received the request (the first stage's)
+    stage: str  # the variant whose answer was returned: the last stage that ran
+    first_confidence: float | None
+    input: bytes
+    input_binary: int | None  # Inference-Header-Content-Length of the request, if binary
+    output: bytes
+    output_binary: int | None
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+    def summary(self) -> dict[str, object]:
+        return {"id": self.id, "deployment": self.deployment, "model": self.model, "zone": self.zone,
+                "capturedAt": self.captured_at, "expiresAt": self.expires_at, "site": self.site, "stage": self.stage,
+                "firstConfidence": self.first_confidence, "inputBytes": len(self.input), "outputBytes": len(self.output)}
+
+
+class ZoneStore:
+    """The records of one zone."""
+
+    def __init__(self, path: pathlib.Path, zone: str):
+        self.path, self.zone = path, zone
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def add(self, records: list[Record]) -> None:
+        wrong = [r.id for r in records if r.zone != self.zone]
+        if wrong:  # a programming error, never a user's: the zone was decided at capture
+            raise ValueError(f"records {wrong} belong to another zone than {self.zone}")
+        with self._tx() as db:
+            db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(r.id, r.deployment, r.model, r.zone, r.captured_at, r.expires_at, r.site, r.stage,
+                             r.first_confidence, r.input, r.input_binary, r.output, r.output_binary) for r in records])
+
+    def records(self, deployment: str | None = None, *, now: float, limit: int = 1_000_000) -> list[Record]:
+        """Unexpired records, oldest first."""
+        sql, args = "SELECT * FROM records WHERE expires_at > ?", [now]
+        if deployment is not None:
+            sql, args = sql + " AND deployment = ?", [*args, deployment]
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY captured_at, id LIMIT ?", [*args, limit]).fetchall()
+        return [Record(*row) for row in rows]
+
+    def count(self, deployment: str | None = None) -> int:
+        sql, args = "SELECT COUNT(*) FROM records", []
+        if deployment is not None:
+            sql, args = sql + " WHERE deployment = ?", [deployment]
+        with self._lock:
+            return int(self._db.execute(sql, args).fetchone()[0])
+
+    def delete(self, record_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM records WHERE id = ?", (record_id,)).rowcount > 0
+
+    def purge(self, now: float) -> int:
+        """Delete the records whose retention has run out (``capture.expired``); how many."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM records WHERE expires_at <= ?", (now,)).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class ZoneStores:
+    """The zone stores under one root, opened on first use."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self._open: dict[str, ZoneStore] = {}
+        self._lock = threading.Lock()
+
+    def zone(self, zone: str) -> ZoneStore:
+        if capture.zone_countries(zone) == frozenset() or not zone.isalpha() or len(zone) != 2 or not zone.isupper():
+            raise ValueError(f"{zone!r} is not a residency zone")
+        with self._lock:
+            if zone not in self._open:
+                self._open[zone] = ZoneStore(self.root / f"{zone}.db", zone)
+            return self._open[zone]
+
+    def zones(self) -> list[str]:
+        """Zones that have a store on disk."""
+        found = {p.stem for p in self.root.glob("*.db")} if self.root.is_dir() else set()
+        return sorted(found | set(self._open))
+
+    def find(self, record_id: str) -> ZoneStore | None:
+        for zone in self.zones():
+            store = self.zone(zone)
+            with store._lock:
+                if store._db.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone():
+                    return store
+        return None
+
+    def purge(self, now: float) -> int:
+        return sum(self.zone(z).purge(now) for z in self.zones())
+
+    def close(self) -> None:
+        with self._lock:
+            for store in self._open.values():
+                store.close()
+            self._open.clear()
+
+
+class CaptureWriter:
+    """A bounded queue between the gateway and the zone stores."""
+
+    def __init__(self, stores: ZoneStores, registry: CollectorRegistry | None = None, *, maxsize: int = 1024, batch: int = 256):
+        self.stores = stores
+        self.queue: asyncio.Queue[Record] = asyncio.Queue(maxsize)
+        self.batch = batch
+        self.captured = self.dropped = self.failed = 0
+        self._captured_c = Counter("edgeplane_capture_records", "Cascade requests captured for distillation, by zone",
+                                   ["zone"], registry=registry) if registry is not None else None
+        self._dropped_c = Counter("edgeplane_capture_dropped", "Captured requests dropped because the write queue was full",
+                                  registry=registry) if registry is not None else None
+        self._task: asyncio.Task[None] | None = None
+
+    def offer(self, record: Record) -> bool:
+        try:
+            self.queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self._dropped_c is not None:
+                self._dropped_c.inc()
+            return False
+        return True
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="capture-writer")
+
+    async def _run(self) -> None:
+        while True:
+            items = [await self.queue.get()]
+            while len(items) < self.batch and not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            await asyncio.to_thread(self._write, items)
+            for _ in items:
+                self.queue.task_done()
+
+    def _write(self, items: list[Record]) -> None:
+        by_zone: dict[str, list[Record]] = {}
+        for r in items:
+            by_zone.setdefault(r.zone, []).append(r)
+        for zone, records in by_zone.items():
+            try:
+                self.stores.zone(zone).add(records)
+            except (sqlite3.Error, OSError, ValueError):
+                self.failed += len(records)
+                continue
+            self.captured += len(records)
+            if self._captured_c is not None:
+                self._captured_c.labels(zone).inc(len(records))
+
+    async def flush(self) -> None:
+        """Wait until every record offered so far is written."""
+        await self.queue.join()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            if not self._task.done():  # write what is queued, but never hang a shutdown on a disk
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.flush(), timeout=10)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

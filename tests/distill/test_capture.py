@@ -1,0 +1,178 @@
+"""Capture: opt-in, sampled and capped, kept only in the store of the caller's jurisdiction,
+expired after retention, erasable by id, and readable only by an admin (audited)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import pathlib
+import tempfile
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.testclient import TestClient
+
+from orchestrator.api import auth
+from orchestrator.api import captures as captures_api
+from orchestrator.distill import capture
+from orchestrator.distill import store as capture_store
+from orchestrator.gateway import cascade, cascade_rules, endpoints, routing
+from orchestrator.manifests import cascade as cascade_schema
+from orchestrator.store import sqlite as store_mod
+from tests.cascade.transport import Transport
+
+RULE = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8)
+POLICY = capture.CapturePolicy(sample_rate=1.0, daily_cap=1000, retention_s=7 * capture.DAY_S, zones=("EU",))
+ROUTE = cascade_rules.CascadeRoute("m", "dep", (
+    cascade_rules.StageRoute("small", frozenset({"edge"}), RULE),
+    cascade_rules.StageRoute("large", frozenset({"datacenter"}), None),
+), {}, POLICY)
+COUNTRIES = ["FR", "DE", "IT", "CH", "US"]
+
+
+def ep(site: str, tier: str, country: str) -> routing.Endpoint:
+    return routing.Endpoint(model="m", deployment="dep", site=site, tier=tier, country=country, region="", lat=48.8, lon=2.3,
+                            url=f"http://{site}")
+
+
+def serve(route: cascade_rules.CascadeRoute, fleet: list[routing.Endpoint], behaviour: dict[str, str], caller: routing.Caller,
+          n: int = 1, now: float = 1_000_000.0) -> list[capture_store.Record]:
+    table = endpoints.EndpointTable()
+    table.replace(fleet)
+    table.cascades = {"m": route}
+    kept: list[capture_store.Record] = []
+    answered: list[int] = []
+    handler = cascade.CascadeHandler(table, Transport({f"http://{k}": v for k, v in behaviour.items()}),  # type: ignore[arg-type]
+                                     cascade.CascadeMetrics.create(CollectorRegistry()),
+                                     capture=lambda r: kept.append(r) is None, sampler=capture.Sampler(draw=lambda: 0.0),
+                                     wall=lambda: now)
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+
+    async def plain() -> Any:
+        raise AssertionError("cascade off is not asked for")
+
+    async def go() -> None:
+        for _ in range(n):
+            response = await handler.infer(route, "on", caller, request, b'{"inputs": []}', plain)
+            answered.append(response.status_code)
+    asyncio.run(go())
+    assert len(kept) <= answered.count(200)  # a failed request is never kept
+    return kept
+
+
+def test_nothing_is_captured_without_capture_in_the_manifest() -> None:
+    fleet = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
+    assert serve(dataclasses.replace(ROUTE, capture=None), fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), n=5) == []
+
+
+def test_a_record_holds_input_last_output_first_confidence_time_site_and_zone() -> None:
+    fleet = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
+    [record] = serve(ROUTE, fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller())
+    assert (record.zone, record.site, record.stage, record.deployment) == ("EU", "edge-fr", "large", "dep")
+    assert record.first_confidence == pytest.approx(0.55)
+    assert record.input == b'{"inputs": []}' and b"0.89999" in record.output  # the teacher's (last stage's) answer
+    assert record.captured_at == 1_000_000.0 and record.expires_at == 1_000_000.0 + 7 * capture.DAY_S
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edge_country=st.sampled_from(COUNTRIES), dc_country=st.sampled_from(COUNTRIES),
+       zones=st.lists(st.sampled_from(["EU", *COUNTRIES]), min_size=1, max_size=4, unique=True),
+       residency=st.sets(st.sampled_from(COUNTRIES), max_size=3), sure=st.booleans())
+def test_records_stay_in_the_store_of_their_jurisdiction(edge_country: str, dc_country: str, zones: list[str],
+                                                         residency: set[str], sure: bool) -> None:
+    fleet = [ep("edge", "edge", edge_country), ep("dc", "datacenter", dc_country)]
+    route = dataclasses.replace(ROUTE, capture=dataclasses.replace(POLICY, zones=tuple(zones)))
+    caller = routing.Caller(residency=frozenset(residency))
+    records = serve(route, fleet, {"edge": "sure" if sure else "unsure", "dc": "sure"}, caller, n=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = capture_store.ZoneStores(pathlib.Path(tmp))
+        writer = capture_store.CaptureWriter(stores)
+
+        async def write() -> None:
+            writer.start()
+            for r in records:
+                assert writer.offer(r)
+            await writer.stop()
+        asyncio.run(write())
+        total = 0
+        for zone in stores.zones():
+            kept = stores.zone(zone).records(now=0)
+            total += len(kept)
+            for r in kept:
+                assert r.zone == zone  # never in another zone's file
+                countries = capture.zone_countries(zone)
+                if residency:
+                    assert countries <= residency  # the caller's data stays inside its residency
+                else:
+                    assert edge_country in countries  # the country the request came in through
+        assert total == len(records)
+        stores.close()
+
+
+def test_sample_rate_and_daily_cap() -> None:
+    draws = iter([0.1, 0.9, 0.2, 0.3, 0.4])
+    sampler = capture.Sampler(draw=lambda: next(draws))
+    policy = dataclasses.replace(POLICY, sample_rate=0.5, daily_cap=2)
+    day = 10 * capture.DAY_S
+    assert [sampler.take("d", "EU", policy, day) for _ in range(4)] == [True, False, True, False]  # 0.3: the cap
+    assert sampler.take("d", "EU", policy, day + capture.DAY_S)  # a new day
+
+
+def test_retention_and_deletion_by_id(tmp_path: pathlib.Path) -> None:
+    stores = capture_store.ZoneStores(tmp_path)
+    eu = stores.zone("EU")
+    old, new = (capture_store.Record(capture_store.Record.new_id(), "dep", "m", "EU", t, t + 100, "edge", "large", 0.5,
+                                     b"{}", None, b"{}", None) for t in (0.0, 50.0))
+    eu.add([old, new])
+    assert capture.expired(0.0, 100, 100.0) and not capture.expired(50.0, 100, 100.0)
+    assert [r.id for r in eu.records(now=100.0)] == [new.id]  # expired records are not read ...
+    assert stores.purge(100.0) == 1 and eu.count() == 1  # ... and are deleted
+    assert eu.delete(new.id) and not eu.delete(new.id) and eu.count() == 0
+    with pytest.raises(ValueError):
+        stores.zone("FR").add([new])  # a record never lands in another zone's store
+    stores.close()
+
+
+def test_a_full_queue_drops_and_counts() -> None:
+    async def go() -> capture_store.CaptureWriter:
+        writer = capture_store.CaptureWriter(capture_store.ZoneStores(pathlib.Path("/nonexistent")), maxsize=2)
+        record = capture_store.Record("x", "dep", "m", "EU", 0, 1, "s", "v", None, b"", None, b"", None)
+        return writer if [writer.offer(record) for _ in range(3)] == [True, True, False] else pytest.fail("no drop")
+    assert asyncio.run(go()).dropped == 1
+
+
+def test_manifest_capture_is_checked() -> None:
+    ok = cascade_schema.Capture(sampleRate=0.1, zones=["EU", "CH"])
+    assert ok.dailyCap == 10_000 and ok.retentionDays == 30
+    for bad in ({"sampleRate": 0, "zones": ["EU"]}, {"sampleRate": 0.1, "zones": []}, {"sampleRate": 0.1, "zones": ["XX"]},
+                {"sampleRate": 0.1, "zones": ["EU", "EU"]}, {"sampleRate": 0.1, "zones": ["EU"], "where": "x"}):
+        with pytest.raises(ValueError):
+            cascade_schema.Capture.model_validate(bad)
+
+
+def test_only_an_admin_reads_or_deletes_and_it_is_audited(tmp_path: pathlib.Path) -> None:
+    store = store_mod.Store(tmp_path / "state.db")
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    record = capture_store.Record("r1", "dep", "m", "EU", 0, 1e12, "edge", "large", 0.4, b"{}", None, b"{}", None)
+    stores.zone("EU").add([record])
+    admin, _ = store.create_token("api", "admin", None, "test", "admin")
+    reader, _ = store.create_token("api", "read", None, "test", "reader")
+    app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=True), store, stores))
+    with TestClient(app) as client:
+        assert client.get("/v1/captures/EU").status_code == 401
+        assert client.get("/v1/captures/EU", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert client.get("/v1/captures/EU", headers={"Authorization": f"Bearer {reader}"}).status_code == 403
+        assert client.delete("/v1/captures/EU/r1", headers={"Authorization": f"Bearer {reader}"}).status_code == 403
+        got = client.get("/v1/captures/EU?payload=true", headers={"Authorization": f"Bearer {admin}"})
+        assert got.status_code == 200 and [i["id"] for i in got.json()["items"]] == ["r1"] and got.json()["items"][0]["input"]
+        assert client.delete("/v1/captures/EU/r1", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+        assert client.delete("/v1/captures/EU/r1", headers={"Authorization": f"Bearer {admin}"}).status_code == 404
+    audit = [(e.action, e.details.get("zone")) for e in store.events(0, 100) if e.action.startswith("capture-")]
+    assert audit == [("capture-read", "EU"), ("capture-delete", "EU"), ("capture-delete", "EU")]
+    stores.close()
+    store.close()

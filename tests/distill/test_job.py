@@ -1,0 +1,86 @@
+"""The training run and its gate: what passes is content-addressed in the artifact root;
+what fails or is worse leaves nothing behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import pytest
+
+from edgeplane_proto import oip
+from orchestrator.artifacts.catalog import sha256_file
+from orchestrator.distill import job
+from orchestrator.distill import student as student_mod
+from orchestrator.distill.store import Record
+from orchestrator.testing import cascade_task
+
+THRESHOLD = job.Threshold(0.9)
+
+
+@pytest.fixture(scope="module")
+def task() -> cascade_task.Task:
+    return cascade_task.build(teacher_width=64, teacher_depth=2, student_hidden=32, train=300, validation=10, test=10, epochs=30)
+
+
+def records(t: cascade_task.Task, n: int, seed: int = 3, teacher: cascade_task.Mlp | None = None) -> list[Record]:
+    """Traffic as the cascade captures it: the teacher's answer when the student was unsure."""
+    x = np.random.default_rng(seed).standard_normal((n, t.dim)).astype(np.float32)
+    sp, tp = t.student.probabilities(x), (teacher or t.teacher).probabilities(x)
+    out = []
+    for i in range(n):
+        escalated = bool(sp[i].max() < THRESHOLD.below)
+        body, _ = oip.encode_request({cascade_task.INPUT: x[i:i + 1]})
+        answer, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor(cascade_task.OUTPUT, (tp if escalated else sp)[i:i + 1]),)))
+        out.append(Record(Record.new_id(), "d", "m", "EU", 0.0, 1e12, "edge", "teacher" if escalated else "student",
+                          float(sp[i].max()), body, None, answer, None))
+    return out
+
+
+def go(t: cascade_task.Task, recs: list[Record], root: pathlib.Path, **kw: object) -> job.Outcome:
+    current = cascade_task.write_onnx(t.student, root / "student.onnx", "student")
+    return job.run(recs, current.path, root, input_name=cascade_task.INPUT, output_name=cascade_task.OUTPUT,
+                   teacher_variant="teacher", threshold=THRESHOLD, **kw)  # type: ignore[arg-type]
+
+
+def test_a_passing_run_writes_a_content_addressed_student_warm_started(task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
+    seen: list[dict[str, object]] = []
+    outcome = go(task, records(task, 2000), tmp_path, epochs=20, progress=seen.append)
+    assert outcome.artifact is not None, outcome.report
+    assert outcome.artifact.path == tmp_path / "distilled" / f"{outcome.artifact.sha256}.onnx"
+    assert sha256_file(outcome.artifact.path) == outcome.artifact.sha256
+    gate = outcome.report["gate"]
+    assert gate["passed"] and gate["candidate"]["agreement"] > gate["current"]["agreement"]  # type: ignore[index]
+    assert [p["epoch"] for p in seen if "epoch" in p] == list(range(1, 21))
+    new = student_mod.read_onnx(outcome.artifact.path)
+    assert [w.shape for w, _ in new.layers] == [w.shape for w, _ in task.student.layers]
+
+
+def test_a_worse_run_publishes_nothing(task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
+    # the training side labelled by another network: the candidate learns it and loses agreement with
+    # the real teacher on the held-out side
+    other = cascade_task.construct_teacher(task.dim, task.classes, 64, 2, seed=99)
+    right, wrong = records(task, 3000), records(task, 3000, teacher=other)  # same inputs, other answers
+    mixed = [dataclasses.replace(w, id=r.id) if not job.held_out(r.id, 0.2) else r for r, w in zip(right, wrong)]
+    assert sum(job.held_out(r.id, 0.2) for r in mixed) > 0
+    outcome = go(task, mixed, tmp_path, epochs=20)
+    gate = outcome.report["gate"]
+    assert not gate["passed"] and gate["candidate"]["agreement"] < gate["current"]["agreement"]  # type: ignore[index]
+    assert outcome.artifact is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]  # no candidate left behind
+
+
+def test_too_little_data_is_refused(task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
+    with pytest.raises(job.DistillError, match="too little captured data"):
+        go(task, records(task, 20), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]
+
+
+def test_the_gate() -> None:
+    cur = job.Evaluation(agreement=0.80, escalation=0.2, latency_ms=0.10, records=100)
+    assert job.gate(cur, job.Evaluation(0.82, 0.18, 0.12, 100)).passed
+    assert not job.gate(cur, job.Evaluation(0.80, 0.18, 0.10, 100)).passed  # no gain
+    slow = job.gate(cur, job.Evaluation(0.90, 0.1, 0.30, 100))
+    assert not slow.passed and "latency" in slow.reasons[0]
+    assert job.held_out("abc", 0.2) == job.held_out("abc", 0.2)
