@@ -226,6 +226,13 @@ class _Relay(Response):
         if work.done() and not work.cancelled() and work.exception() is not None:
             raise work.exception()  # type: ignore[misc]
 
+    def _body_for(self, e: routing.Endpoint) -> bytes:
+        """The caller's body, naming the model as this replica's engine knows it (a vllm
+        variant's ``servedModelName`` may differ from the Model's name)."""
+        if not e.served_model or e.served_model == self.model:
+            return self.raw
+        return json.dumps({**json.loads(self.raw), "model": e.served_model}).encode()
+
     @staticmethod
     async def _disconnected(receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -256,7 +263,7 @@ class _Relay(Response):
     async def _attempt(self, e: routing.Endpoint, send: Send, started: float) -> None:
         owner = self.owner
         try:
-            resp = await owner.session().post(f"{e.url}/v1{self.suffix}", data=self.raw, headers=self.fwd_headers)
+            resp = await owner.session().post(f"{e.url}/v1{self.suffix}", data=self._body_for(e), headers=self.fwd_headers)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise _Failed(f"connect: {exc or type(exc).__name__}") from None
         out = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
