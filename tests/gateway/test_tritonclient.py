@@ -10,10 +10,12 @@ call runs in a worker thread while the event loop serves the gateway."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import pathlib
 import re
 import sys
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -295,3 +297,45 @@ async def test_grpc_agent_health_metadata_infer_and_errors(served: Served, tmp_p
     assert unknown["status"] == "StatusCode.NOT_FOUND" and "no-such-model" in unknown["message"], unknown
     assert wrong["status"] == "StatusCode.INVALID_ARGUMENT" and "shape" in wrong["message"], wrong
     assert unknown["ready_after"] and wrong["ready_after"]  # the agent goes on serving
+
+
+def http_infer_options(url: str, x: np.ndarray, **options: Any) -> np.ndarray:
+    client = http_client(url)
+    try:
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        result = client.infer(MLP, [inp], outputs=[httpclient.InferRequestedOutput("output", binary_data=True)], **options)
+        return result.as_numpy("output")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("options", [
+    {"request_compression_algorithm": "gzip"},
+    {"request_compression_algorithm": "deflate"},
+    {"response_compression_algorithm": "gzip"},
+    {"parameters": {"note": "kept", "n": 3}, "headers": {"x-trace": "t-1"}},
+    {"priority": 1, "timeout": 5_000_000},
+], ids=["gzip-request", "deflate-request", "gzip-response", "parameters", "priority-timeout"])
+@pytest.mark.parametrize("target", HTTP_TARGETS)
+async def test_http_client_options(served: Served, target: str, options: dict[str, Any]) -> None:
+    x = features(seed=4)
+    got = await call(http_infer_options, http_url(served, target), x, **options)
+    [want] = served.mlp.run(["output"], {"input": x})
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("encoding", "body", "status", "words"), [
+    ("gzip", b"not gzip at all", 400, "not valid gzip"),
+    ("gzip", gzip.compress(b'{"inputs": []}')[:-6], 400, "truncated"),
+    ("br", b"\x00", 415, "not supported"),
+    ("deflate", zlib.compress(bytes(65 << 20)), 413, "once inflated"),  # a 64 KiB bomb of 65 MiB
+])
+@pytest.mark.parametrize("target", HTTP_TARGETS)
+async def test_bad_compressed_bodies_are_refused(served: Served, target: str, encoding: str, body: bytes,
+                                                 status: int, words: str) -> None:
+    async with httpx.AsyncClient(base_url=f"http://{http_url(served, target)}", timeout=30) as http:
+        resp = await http.post(f"/v2/models/{MLP}/infer", content=body, headers={"content-encoding": encoding})
+        assert resp.status_code == status, resp.text
+        assert words in resp.json()["error"]
+        assert (await http.get(f"/v2/models/{MLP}/ready")).status_code == 200
