@@ -59,7 +59,7 @@ def main(url: str, workdir: pathlib.Path) -> None:
         for name, (datatype, arr) in TYPED_INPUTS.items():
             typed_inputs.append(grpcclient.InferInput(name, list(arr.shape), datatype))
             typed_inputs[-1].set_data_from_numpy(arr)
-        typed = client.infer("typed", typed_inputs)
+        typed = client.infer("typed", typed_inputs, compression_algorithm="gzip")
         for name in ("ids_twice", "half_squared"):
             outputs[name] = typed.as_numpy(name)
         report["text_out"] = [bytes(v).decode() for v in typed.as_numpy("text_out")]
