@@ -99,6 +99,7 @@ class Agent:
             load_package=self._load_package,
         )
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000)
+        self.server.max_body_bytes = config.max_body_bytes
         self._desired = assignments.EMPTY
         self._desired_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -18,8 +18,10 @@ own threads use the cores.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, NamedTuple, TypeVar
@@ -48,6 +50,28 @@ INLINE_MAX_JSON_BYTES = 64 << 10  # larger JSON bodies are parsed on a worker (b
 class Refusal(NamedTuple):
     status: int  # the HTTP status; gRPC maps 404 to NOT_FOUND, 400 to INVALID_ARGUMENT, 503 to UNAVAILABLE
     message: str
+
+
+#: Content-Encoding -> zlib window bits: the request compressions v2 clients send
+#: (tritonclient's ``request_compression_algorithm``); "deflate" is the zlib format.
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes | Response:
+    """The body a compressed request stands for, never more than ``limit`` bytes of it."""
+    wbits = _ENCODINGS.get(encoding)
+    if wbits is None:
+        return _error(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        return _error(400, f"body is not valid {encoding}: {exc}")
+    if len(data) > limit:
+        return _error(413, f"request body exceeds {limit} bytes once inflated")
+    if not inflater.eof or inflater.unused_data:
+        return _error(400, f"body is not valid {encoding}: truncated or followed by other data")
+    return data
 
 
 def _error(status: int, message: str) -> Response:
@@ -93,6 +117,7 @@ class InferenceServer:
         # that wait behind it are only visible there.
         self.received: Callable[[], int] = lambda: self.inflight
         self.inflight = 0
+        self.max_body_bytes = edge_agent.DEFAULT_MAX_REQUEST_BYTES  # of a compressed body once inflated
         self.ready = False
         self.draining = False
         self.metrics = AgentMetrics(lambda: self.inflight + (self._generation.active if self._generation else 0),
@@ -238,6 +263,13 @@ class InferenceServer:
         if isinstance(served, Response):
             self.refused(name, served.status)
             return served
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            inflated = _inflate(request.body, encoding, self.max_body_bytes)
+            if isinstance(inflated, Response):
+                self.metrics.observe_error(name, inflated.status)
+                return inflated
+            request = dataclasses.replace(request, body=inflated)
         header = request.headers.get(oip.BINARY_HEADER.lower())
         header_length: int | None = None
         if header is not None:

@@ -144,6 +144,8 @@ def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tup
         raise ProtocolError(f"{where}: {datatype} data must be a list of numbers nested evenly: {exc}") from exc
     if values.dtype.kind not in "biuf":
         raise ProtocolError(f"{where}: {datatype} data must be numbers, got {_kind_name(values)}")
+    if values.dtype.kind == "f" and dtype.kind == "u":
+        values = _exact_unsigned(data, values, where)
     count = math.prod(shape)
     if values.size != count:
         raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, data has {values.size}")
@@ -153,6 +155,17 @@ def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tup
         if low < info.min or high > info.max:
             raise ProtocolError(f"{where}: data does not fit {datatype}: values span {low}..{high}")
     return values.astype(dtype, copy=False).reshape(shape)
+
+
+def _exact_unsigned(data: Any, values: np.ndarray, where: str) -> np.ndarray:
+    """Integers on both sides of 2**63 promote to float64, which rounds those past 2**53:
+    read them as uint64 instead (negatives are then refused as not fitting)."""
+    if not all(isinstance(v, int) for v in np.asarray(data, dtype=object).reshape(-1)):
+        return values
+    try:
+        return np.asarray(data, dtype=np.uint64)
+    except OverflowError as exc:
+        raise ProtocolError(f"{where}: data does not fit UINT64: {exc}") from exc
 
 
 def _check_depth(data: list[Any]) -> None:

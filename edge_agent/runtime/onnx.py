@@ -120,7 +120,7 @@ class OnnxModel:
                 raise errors.InvalidInput(f"unknown input {name!r} (the model takes: {known})")
             spec.check(array, datatype)
             if datatype == "BYTES":
-                array = array.astype(str)
+                array = _utf8_strings(array, name)
             feeds[name] = array
         missing = [n for n in self._inputs_by_name if n not in feeds]
         if missing:
@@ -143,6 +143,16 @@ class OnnxModel:
             return self._session.run(list(outputs), dict(feeds))
         except Exception as exc:  # shape errors deeper in the graph, e.g. broadcasting
             raise errors.InvalidInput(f"model rejected the input: {_short(exc)}") from exc
+
+
+def _utf8_strings(array: np.ndarray, name: str) -> np.ndarray:
+    """BYTES elements as the ``str`` that onnxruntime's string tensors take: UTF-8 text,
+    whatever its characters (``astype(str)`` would decode ASCII only)."""
+    try:
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)],
+                        dtype=object).reshape(array.shape)
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidInput(f"input {name!r}: string tensors take UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def _short(exc: Exception) -> str:

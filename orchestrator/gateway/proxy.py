@@ -32,7 +32,8 @@ from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
 
 MAX_BODY = 16 * 1024 * 1024
 COLD_START_S = 30.0  # --cold-start-timeout: a request for a model scaled to zero waits this long
-FORWARD_HEADERS = ("content-type", oip.BINARY_HEADER.lower(), "accept")
+# content-encoding: a compressed body (gzip, deflate) is inflated by the replica, as the body is never decoded here
+FORWARD_HEADERS = ("content-type", "content-encoding", oip.BINARY_HEADER.lower(), "accept")
 
 
 @dataclass
