@@ -247,7 +247,8 @@ def _wants_usage(body: Mapping[str, Any]) -> bool:
 
 def replay(answer: Mapping[str, Any], *, chat: bool, usage: bool) -> list[bytes]:
     """A whole chat or text completion as the server-sent events a streaming caller expects:
-    per choice, its text in one chunk and its end; the usage chunk when asked; ``[DONE]``.
+    per choice, its text in one chunk and its end (a chat choice opens with its role); the
+    usage chunk when asked; ``[DONE]``.
     The ``edgeplane`` object rides on the last chunk."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     head = {"id": answer.get("id", ""), "object": kind, "created": answer.get("created", int(time.time())),
@@ -265,8 +266,7 @@ def replay(answer: Mapping[str, Any], *, chat: bool, usage: bool) -> list[bytes]
             events.append({**head, "choices": [{"index": index, "delta": {}, "finish_reason": c.get("finish_reason")}]})
         else:
             events.append({**head, "choices": [{"index": index, "text": c.get("text") or "", "logprobs": c.get("logprobs"),
-                                                "finish_reason": None}]})
-            events.append({**head, "choices": [{"index": index, "text": "", "finish_reason": c.get("finish_reason")}]})
+                                                "finish_reason": c.get("finish_reason")}]})
     if usage:
         events.append({**head, "choices": [], "usage": answer.get("usage")})
     if events and "edgeplane" in answer:

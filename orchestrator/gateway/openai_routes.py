@@ -199,13 +199,13 @@ class OpenAIGateway:
         if not isinstance(stream, bool):
             return error(400, "'stream' must be true or false", param="stream")
         route = self.gw.table.cascades.get(model) if self.gw.cascade is not None else None
-        if route is not None and not self.gw.table.is_cold(route.model):
+        if route is not None:
             mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
             if mode is None:
                 return error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}")
-            if mode != "off":
+            if mode != "off" and not self.gw.table.is_cold(route.model):
                 return await openai_cascade.generate(self, route, mode, request, body, suffix, stream)
-            # off: plain routing over every stage's replicas, under the model's name
+            # off (or scaled to zero: woken below): plain routing over every stage's replicas, by the model's name
             model, raw = route.model, json.dumps({**body, "model": route.model}).encode()
         if self.gw.table.is_cold(model):
             self.gw.table.wake(model)
