@@ -16,6 +16,10 @@ next candidate, so no caller sees it. After the commit an upstream failure ends 
 stream with an SSE error event and ``[DONE]``. A caller that goes away cancels the
 upstream request, which closes its connection, and the replica stops generating.
 
+A ``model`` naming a cascade (``spec.cascade``, by its deployment's or its model's name)
+goes to :mod:`orchestrator.gateway.openai_cascade`, which judges each stage's whole answer
+and uses this relay (with its ``RelayHooks``) for the stream of the stage that answers.
+
 Upstream calls here use ``aiohttp`` rather than the gateway's own ``UpstreamPool``: that
 pool buffers whole answers, and a streaming client has to get back-pressure (its reader
 pauses the socket past a high-water mark), chunked framing and release-or-close on
