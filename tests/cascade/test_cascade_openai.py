@@ -131,6 +131,10 @@ async def test_an_unsure_answer_escalates_within_the_callers_residency(sdk: open
     text = await sdk.completions.with_raw_response.create(model=DEPLOYMENT, prompt="Once", max_tokens=3, temperature=0,
                                                           extra_headers=PARIS_FR)
     assert text.headers["x-edgeplane-cascade-escalation"] == "escalated" and text.parse().choices[0].text
+    assert fleet.cp is not None
+    async with httpx.AsyncClient(base_url=fleet.cp.http_url, timeout=10) as http:  # what `edgeplane get cascades` shows
+        (view,) = [c for c in (await http.get("/v1/cascades")).json()["items"] if c["name"] == DEPLOYMENT]
+    assert view["answered"]["large"] >= 3 and view["escalations"]["unsure"] >= 3 and view["energyPerRequestJ"] > 0
 
 
 async def test_a_sure_answer_stays_at_the_edge_with_its_confidence(sdk: openai.AsyncOpenAI) -> None:
