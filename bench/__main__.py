@@ -24,6 +24,7 @@ BENCHMARKS = (
     "gateway",
     "ray_serve_path",
     "cascade",
+    "cascade_genai",
     "simulate",
     "vllm_gpu",
     "distill",

@@ -77,7 +77,7 @@ class CascadeMetrics:
 
 
 @dataclass
-class _Totals:
+class Totals:
     requests: int = 0
     failed: int = 0
     answered: dict[str, int] = field(default_factory=dict)
@@ -93,16 +93,16 @@ class _Totals:
 class CascadeStats:
     """Totals per cascade since this gateway started, for ``edgeplane get cascades``."""
 
-    _by_cascade: dict[str, _Totals] = field(default_factory=dict)
+    _by_cascade: dict[str, Totals] = field(default_factory=dict)
 
-    def totals(self, cascade: str) -> _Totals:
-        return self._by_cascade.setdefault(cascade, _Totals())
+    def totals(self, cascade: str) -> Totals:
+        return self._by_cascade.setdefault(cascade, Totals())
 
     def snapshot(self, routes: Mapping[str, rules.CascadeRoute]) -> list[dict[str, Any]]:
         out = []
         unique = {route.deployment: route for route in routes.values()}  # a cascade is listed under its model and its name
         for name, route in sorted(unique.items()):
-            t = self._by_cascade.get(name, _Totals())
+            t = self._by_cascade.get(name, Totals())
             n = t.requests or 0
             escalated = sum(t.escalations.values())
             out.append({
@@ -120,13 +120,13 @@ class CascadeStats:
         return out
 
 
-def _header(text: str) -> str:
+def header_value(text: str) -> str:
     # header values: one line of latin-1
     return " ".join(text.split()).encode("latin-1", "replace").decode("latin-1")[:500]
 
 
 @dataclass
-class _Trip:
+class Trip:
     """One request's way through the stages."""
 
     sites: list[str] = field(default_factory=list)
@@ -181,7 +181,7 @@ class CascadeHandler:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         stage = rules.first_stage(route, mode)
         ranked = self.ranking(route, stage, caller)
-        trip = _Trip(caller=caller, body=body)
+        trip = Trip(caller=caller, body=body)
         if route.capture is not None and (length := request.headers.get(oip.BINARY_HEADER.lower())) is not None:
             trip.body_binary = int(length) if length.isdigit() else None
         answer: _Attempt | None = None
@@ -244,8 +244,7 @@ class CascadeHandler:
                     return Response(oip.error_body(f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}"),
                                     status_code=code, media_type="application/json")
                 case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
-                    self.metrics.escalations.labels(route.deployment, route.stages[stage].variant, cause).inc()
-                    totals.escalations[cause] = totals.escalations.get(cause, 0) + 1
+                    self.escalation(route, stage, cause, totals)
                     if escalated_at is None:
                         escalated_at = self.clock()
                     if got is not None:
@@ -253,14 +252,13 @@ class CascadeHandler:
                     escalated_why = f"{route.stages[stage].variant}: {why}"
                     stage, ranked = next_stage, list(candidates)
 
-    def _not_escalated(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: _Trip,
-                       started: float, why: str, totals: _Totals) -> Response:
-        self.metrics.not_escalated.labels(route.deployment, route.stages[answer.stage].variant).inc()
-        totals.not_escalated += 1
+    def _not_escalated(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: Trip,
+                       started: float, why: str, totals: Totals) -> Response:
+        self.not_escalated(route, answer.stage, totals)
         return self._respond(route, answer, confidence, trip, started, None, "not-escalated", why, totals)
 
     async def _run_stage(self, route: rules.CascadeRoute, stage: int, ranked: list[routing.Ranked], body: bytes,
-                         headers: Mapping[str, str], trip: _Trip, totals: _Totals) -> _Attempt | None:
+                         headers: Mapping[str, str], trip: Trip, totals: Totals) -> _Attempt | None:
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
             self.table.started(e.url)
@@ -273,15 +271,7 @@ class CascadeHandler:
                 continue
             finally:
                 self.table.finished(e.url)
-                busy = self.clock() - began
-                joules = rules.energy_joules(route, stage, e.site, busy)
-                grams = rules.grams_co2(route, e.site, joules)
-                self.metrics.energy.labels(route.deployment, e.site).inc(joules)
-                self.metrics.co2.labels(route.deployment, e.site).inc(grams)
-                totals.energy_j += joules
-                totals.co2_g += grams
-                trip.joules += joules
-                trip.sites.append(e.site)
+                self.charge(route, stage, e.site, self.clock() - began, trip, totals)
                 if trip.first_country is None:
                     trip.first_country = e.country
             if upstream.status >= 500:
@@ -290,6 +280,37 @@ class CascadeHandler:
                 continue
             return _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
         return None
+
+    def charge(self, route: rules.CascadeRoute, stage: int, site: str, busy_s: float, trip: Trip, totals: Totals) -> None:
+        """Count one call of ``stage`` at ``site``: its energy and gCO2, and the site in the trip."""
+        joules = rules.energy_joules(route, stage, site, busy_s)
+        grams = rules.grams_co2(route, site, joules)
+        self.metrics.energy.labels(route.deployment, site).inc(joules)
+        self.metrics.co2.labels(route.deployment, site).inc(grams)
+        totals.energy_j += joules
+        totals.co2_g += grams
+        trip.joules += joules
+        trip.sites.append(site)
+
+    def escalation(self, route: rules.CascadeRoute, stage: int, cause: str, totals: Totals) -> None:
+        self.metrics.escalations.labels(route.deployment, route.stages[stage].variant, cause).inc()
+        totals.escalations[cause] = totals.escalations.get(cause, 0) + 1
+
+    def not_escalated(self, route: rules.CascadeRoute, stage: int, totals: Totals) -> None:
+        self.metrics.not_escalated.labels(route.deployment, route.stages[stage].variant).inc()
+        totals.not_escalated += 1
+
+    def answered(self, route: rules.CascadeRoute, stage: int, started: float, escalated_at: float | None, totals: Totals) -> None:
+        """Count an answer of ``stage``: per stage, the request's latency, and what earlier stages added."""
+        variant = route.stages[stage].variant
+        self.metrics.answered.labels(route.deployment, variant).inc()
+        totals.answered[variant] = totals.answered.get(variant, 0) + 1
+        totals.latency_s += self.clock() - started
+        if escalated_at is not None:
+            # what the earlier stages cost this request before the one that answered began
+            added = escalated_at - started
+            self.metrics.added.labels(route.deployment).observe(added)
+            totals.added_s += added
 
     def _outputs(self, attempt: _Attempt) -> dict[str, Any] | None:
         length = attempt.headers.get(oip.BINARY_HEADER.lower())
@@ -315,25 +336,17 @@ class CascadeHandler:
         outputs = self._outputs(attempt)
         return rules.judge_tensor(rule, outputs).confidence if outputs is not None else None
 
-    def _respond(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: _Trip, started: float,
-                 escalated_at: float | None, escalation: str, reason: str, totals: _Totals) -> Response:
-        now = self.clock()
+    def _respond(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: Trip, started: float,
+                 escalated_at: float | None, escalation: str, reason: str, totals: Totals) -> Response:
         variant = route.stages[answer.stage].variant
-        self.metrics.answered.labels(route.deployment, variant).inc()
-        totals.answered[variant] = totals.answered.get(variant, 0) + 1
-        totals.latency_s += now - started
-        if escalated_at is not None:
-            # what the earlier stages cost this request before the one that answered began
-            added = escalated_at - started
-            self.metrics.added.labels(route.deployment).observe(added)
-            totals.added_s += added
+        self.answered(route, answer.stage, started, escalated_at, totals)
         out = {"x-edgeplane-site": answer.site, "x-edgeplane-tier": answer.tier, "x-edgeplane-cascade-stage": variant,
                "x-edgeplane-cascade-sites": ",".join(trip.sites), "x-edgeplane-cascade-escalation": escalation,
                "x-edgeplane-cascade-energy-j": f"{trip.joules:.6g}"}
         if confidence is not None:
             out["x-edgeplane-cascade-confidence"] = f"{confidence:.4f}"
         if reason:
-            out["x-edgeplane-cascade-reason"] = _header(reason)
+            out["x-edgeplane-cascade-reason"] = header_value(reason)
         binary = answer.headers.get(oip.BINARY_HEADER.lower())
         if binary is not None:
             out[oip.BINARY_HEADER] = binary
@@ -342,7 +355,7 @@ class CascadeHandler:
         return Response(answer.body, status_code=answer.status, media_type=answer.headers.get("content-type", "application/json"),
                         headers=out)
 
-    def _capture(self, route: rules.CascadeRoute, policy: capture_mod.CapturePolicy, answer: _Attempt, trip: _Trip) -> None:
+    def _capture(self, route: rules.CascadeRoute, policy: capture_mod.CapturePolicy, answer: _Attempt, trip: Trip) -> None:
         residency = trip.caller.residency if trip.caller is not None else frozenset()
         zone = capture_mod.zone_for(policy.zones, residency, trip.first_country)
         now = self.wall()

@@ -16,6 +16,10 @@ next candidate, so no caller sees it. After the commit an upstream failure ends 
 stream with an SSE error event and ``[DONE]``. A caller that goes away cancels the
 upstream request, which closes its connection, and the replica stops generating.
 
+A ``model`` naming a cascade (``spec.cascade``, by its deployment's or its model's name)
+goes to :mod:`orchestrator.gateway.openai_cascade`, which judges each stage's whole answer
+and uses this relay (with its ``RelayHooks``) for the stream of the stage that answers.
+
 Upstream calls here use ``aiohttp`` rather than the gateway's own ``UpstreamPool``: that
 pool buffers whole answers, and a streaming client has to get back-pressure (its reader
 pauses the socket past a high-water mark), chunked framing and release-or-close on
@@ -29,6 +33,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Histogram
@@ -38,7 +43,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from orchestrator.api import bodies
-from orchestrator.gateway import routing
+from orchestrator.gateway import cascade_rules, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway
 
 PREFIX = "/openai/v1"
@@ -75,6 +80,22 @@ def _is_preamble(event: bytes) -> bool:
     choice = obj["choices"][0]
     delta = choice.get("delta") if isinstance(choice, dict) else None
     return isinstance(delta, dict) and not delta.get("content") and not choice.get("finish_reason")
+
+
+class RelayHooks(Protocol):
+    """What a caller of the relay (the generative cascade) learns of it and adds to it."""
+
+    def committed(self, e: routing.Endpoint) -> dict[str, str]:
+        """``e``'s answer goes to the caller: the headers to add to it."""
+        ...
+
+    def busy(self, e: routing.Endpoint, seconds: float) -> None:
+        """An attempt at ``e`` ended (answered or failed) after ``seconds``."""
+        ...
+
+    async def failed(self, send: Send, failures: list[str]) -> bool:
+        """Every replica failed before answering; True when this hook answered instead."""
+        ...
 
 
 class _Failed(Exception):
@@ -181,6 +202,15 @@ class OpenAIGateway:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             return error(400, "'stream' must be true or false", param="stream")
+        route = self.gw.table.cascades.get(model) if self.gw.cascade is not None else None
+        if route is not None:
+            mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
+            if mode is None:
+                return error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}")
+            if mode != "off" and not self.gw.table.is_cold(route.model):
+                return await openai_cascade.generate(self, route, mode, request, body, suffix, stream)
+            # off (or scaled to zero: woken below): plain routing over every stage's replicas, by the model's name
+            model, raw = route.model, json.dumps({**body, "model": route.model}).encode()
         if self.gw.table.is_cold(model):
             self.gw.table.wake(model)
             self.gw.metrics.cold_starts.labels(model).inc()
@@ -203,16 +233,30 @@ class OpenAIGateway:
         ]
 
 
+def relay(owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes, stream: bool, *, chat: bool,
+          hooks: RelayHooks | None = None) -> Response:
+    """Send ``raw`` (a JSON body) to the first of ``ranked`` that answers and relay its answer."""
+    return _Relay(owner, model, ranked, suffix, raw, {"content-type": "application/json"}, stream, chat=chat, hooks=hooks)
+
+
 class _Relay(Response):
     """The ASGI answer that picks the replica, relays it, and watches the caller: a
     disconnect at any point cancels the work, which closes the upstream connection."""
 
     def __init__(self, owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes,
-                 headers: dict[str, str], stream: bool, *, chat: bool) -> None:
+                 headers: dict[str, str], stream: bool, *, chat: bool, hooks: RelayHooks | None = None) -> None:
         self.owner, self.model, self.ranked, self.suffix = owner, model, ranked, suffix
         self.raw, self.fwd_headers, self.stream, self.chat = raw, headers, stream, chat
+        self.hooks = hooks
         self.status_code = 200
         self.background = None
+
+    def _out(self, e: routing.Endpoint) -> dict[str, str]:
+        """Headers of the answer ``e`` gives, once it is committed to the caller."""
+        out = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
+        if self.hooks is not None:
+            out.update(self.hooks.committed(e))
+        return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         work = asyncio.ensure_future(self._run(send))
@@ -246,6 +290,7 @@ class _Relay(Response):
             for choice in self.ranked:
                 e = choice.endpoint
                 gw.table.started(e.url)
+                began = time.perf_counter()
                 try:
                     await self._attempt(e, send, started)
                     return
@@ -255,6 +300,10 @@ class _Relay(Response):
                     gw.metrics.failovers.labels(self.model, e.site).inc()
                 finally:
                     gw.table.finished(e.url)
+                    if self.hooks is not None:
+                        self.hooks.busy(e, time.perf_counter() - began)
+            if self.hooks is not None and await self.hooks.failed(send, failures):
+                return
             gw.metrics.requests.labels(self.model, "", "502").inc()
             await _send_whole(send, 502, error_body(f"every replica tried failed: {'; '.join(failures)}", 502, code="upstream_failed"), {})
         finally:
@@ -266,7 +315,6 @@ class _Relay(Response):
             resp = await owner.session().post(f"{e.url}/v1{self.suffix}", data=self._body_for(e), headers=self.fwd_headers)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise _Failed(f"connect: {exc or type(exc).__name__}") from None
-        out = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
         try:
             if resp.status >= 500:
                 raise _Failed(f"HTTP {resp.status}")
@@ -278,6 +326,7 @@ class _Relay(Response):
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     raise _Failed(f"answer cut: {exc or type(exc).__name__}") from None
                 owner.gw.metrics.requests.labels(self.model, e.site, str(resp.status)).inc()
+                out = self._out(e)
                 if resp.status == 200:
                     owner.ttft.labels(self.model).observe(time.perf_counter() - started)
                 for name in ("retry-after",):
@@ -285,12 +334,11 @@ class _Relay(Response):
                         out[name] = v
                 await _send_whole(send, resp.status, content, {**out, "content-type": ctype})
                 return
-            await self._relay_stream(e, resp, send, out, started)
+            await self._relay_stream(e, resp, send, started)
         finally:
             resp.close()  # an unfinished answer closes its connection: the replica sees the caller leave
 
-    async def _relay_stream(self, e: routing.Endpoint, resp: aiohttp.ClientResponse, send: Send,
-                            out: dict[str, str], started: float) -> None:
+    async def _relay_stream(self, e: routing.Endpoint, resp: aiohttp.ClientResponse, send: Send, started: float) -> None:
         owner = self.owner
         events = _events(resp, owner.first_token_timeout, owner.idle_timeout)
         held: list[bytes] = []
@@ -308,7 +356,7 @@ class _Relay(Response):
         owner.gw.metrics.requests.labels(self.model, e.site, "200").inc()
         owner.ttft.labels(self.model).observe(time.perf_counter() - started)
         head = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-        head += [(k.encode(), v.encode()) for k, v in out.items()]
+        head += [(k.encode(), v.encode()) for k, v in self._out(e).items()]
         await send({"type": "http.response.start", "status": 200, "headers": head})
         await send({"type": "http.response.body", "body": b"".join(held), "more_body": True})
         try:

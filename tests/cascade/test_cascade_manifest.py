@@ -123,3 +123,29 @@ def test_a_ray_serve_stage_may_take_generative_rules() -> None:
     small.update(runtime="ray-serve", importPath="apps.chat:app")
     rule = {"meanLogprobBelow": -1.2, "truncated": True, "refusal": ["(?i)^I cannot"]}
     assert check(m, deployment(stages(rule), variant={"datacenter": "small", "edge": "large"})) == []
+
+
+def genai_model() -> dict[str, Any]:
+    """Both stages ``runtime: onnx-genai`` (edge small, data-centre large), as the OpenAI routes serve them."""
+    def variant(name: str, parameters: int, watts: float) -> dict[str, Any]:
+        return {"name": name, "runtime": "onnx-genai", "artifact": {"uri": f"{name}.tar", "sha256": SHA}, "powerWatts": watts,
+                "generative": {"parameters": parameters, "weightBytes": parameters * 4, "contextLength": 256,
+                               "kvBytesPerToken": 64}}
+    return {"apiVersion": "edgeplane.io/v1alpha1", "kind": "Model", "metadata": {"name": "task"},
+            "spec": {"variants": [variant("small", 1_000, 5), variant("large", 100_000, 300)]}}
+
+
+def test_onnx_genai_stages_take_generative_rules() -> None:
+    rule = {"meanLogprobBelow": -1.2, "truncated": True, "refusal": ["(?i)^I cannot"], "maxInflight": 4}
+    assert check(genai_model(), deployment(stages(rule))) == []
+
+
+@pytest.mark.parametrize(("rule", "field", "message"), [
+    ({"confidence": {"output": "probabilities", "below": 0.8}}, "spec.cascade.stages[0].escalate.confidence", "is generative (onnx-genai)"),
+    ({"meanLogprobBelow": 0.5}, "spec.cascade.stages[0].escalate.meanLogprobBelow", "less than 0"),
+    ({"refusal": ["("]}, "spec.cascade.stages[0].escalate.refusal", "not a regular expression"),
+])
+def test_bad_rules_on_onnx_genai_stages_are_named(rule: dict[str, Any], field: str, message: str) -> None:
+    issues = check(genai_model(), deployment(stages(rule)))
+    hit = [i for i in issues if f" {field}:" in i or f" {field}[" in i]
+    assert hit and any(message in i for i in hit), issues

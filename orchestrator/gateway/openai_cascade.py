@@ -1,0 +1,318 @@
+"""Cascades of generative models on the OpenAI routes: the edge answers first, a later
+stage when the edge is unsure, never outside the caller's residency.
+
+A chat or text completion whose ``model`` names a deployment with ``spec.cascade`` (by the
+deployment's name or its model's) comes here from :mod:`orchestrator.gateway.openai_routes`.
+The decisions are the v2 cascade's, pure, in :mod:`orchestrator.gateway.cascade_rules`:
+``stage_ranking`` (the nearest allowed replicas of a stage: residency binds every stage),
+``overloaded``, ``judge_generative`` (mean token log-probability, ``max_tokens`` reached,
+refusal patterns) and ``after_stage`` (answer, escalate, or answer saying why not
+escalated); the counters and energy are the v2 cascade's too (``CascadeHandler``).
+
+A stage with a rule runs non-streaming, whatever the caller asked, because only a whole
+answer can be judged; when the rule has ``meanLogprobBelow`` the stage is asked for token
+logprobs (removed again from the answer unless the caller asked for them). For a streaming
+caller the judged answer is then replayed as server-sent events, or — escalated — the
+answering stage's stream is relayed chunk by chunk as it is generated. So a streaming
+caller's first token comes after stage 1's whole answer: the added latency is stage 1's
+full generation time (docs/generative.md).
+
+The answer carries the v2 cascade's headers (``X-Edgeplane-Cascade-Stage``,
+``-Confidence``, ``-Sites``, ``-Escalation``, ``-Reason``, ``-Energy-J``) and, in a JSON
+body or in a replayed stream's last chunk, an ``edgeplane`` object with the same facts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Send
+
+from orchestrator.gateway import cascade as cascade_mod
+from orchestrator.gateway import cascade_rules as rules
+from orchestrator.gateway import openai_routes, routing
+
+
+@dataclass
+class _Answer:
+    stage: int
+    status: int
+    body: dict[str, Any] | bytes  # parsed JSON of a 200, the raw body otherwise
+    site: str
+    tier: str
+
+
+@dataclass
+class _Request:
+    """One cascade request's way through the stages."""
+
+    owner: openai_routes.OpenAIGateway
+    handler: cascade_mod.CascadeHandler
+    route: rules.CascadeRoute
+    body: dict[str, Any]
+    suffix: str
+    stream: bool
+    started: float
+    totals: cascade_mod.Totals
+    trip: cascade_mod.Trip
+
+    @property
+    def chat(self) -> bool:
+        return self.suffix == "/chat/completions"
+
+
+async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute, mode: rules.Mode, request: Request,
+                   body: dict[str, Any], suffix: str, stream: bool) -> Response:
+    handler = owner.gw.cascade
+    assert handler is not None  # openai_routes sends cascades here only when the gateway runs them
+    caller = routing.parse_caller(request.headers.get("x-edgeplane-location"), request.headers.get("x-edgeplane-region"),
+                                  request.headers.get("x-edgeplane-residency"))
+    if isinstance(caller, routing.NoRoute):
+        return openai_routes.error(caller.status, caller.reason)
+    totals = handler.stats.totals(route.deployment)
+    totals.requests += 1
+    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), totals, cascade_mod.Trip())
+    stage = rules.first_stage(route, mode)
+    ranked = handler.ranking(route, stage, caller)
+    answer: _Answer | None = None
+    answer_confidence: float | None = None
+    escalated_at: float | None = None
+    escalated_why = ""
+    while True:
+        rule = route.stages[stage].rule if mode == "on" else None
+        judged = isinstance(rule, rules.GenerativeRule)
+        last = stage == len(route.stages) - 1
+        got: _Answer | None = None
+        verdict: rules.Verdict | None = None
+        if isinstance(ranked, routing.NoRoute):
+            req.trip.failures.append(f"{route.stages[stage].variant}: {ranked.reason}")
+            cause = "down"
+        elif rules.overloaded(route, stage, ranked):
+            verdict = rules.Verdict(True, None, f"stage {route.stages[stage].variant!r} is overloaded "
+                                                f"({ranked[0].endpoint.inflight} in flight at {ranked[0].endpoint.site})")
+            cause = "overloaded"
+        elif stream and not judged and (last or mode != "on"):
+            # the stage that answers streams: relay it as it is generated
+            fallback = None if answer is None else (answer, answer_confidence, f"{escalated_why}, but")
+            return _relay(req, stage, ranked, escalated_at, escalated_why, fallback)
+        else:
+            got = await _call(req, stage, ranked, logprobs=isinstance(rule, rules.GenerativeRule) and rule.mean_logprob_below is not None)
+            cause = "down" if got is None else "unsure"
+        if got is not None:
+            if got.status != 200 and answer is not None:
+                # a later stage refused what an earlier one answered: the earlier answer stands
+                return _not_escalated(req, answer, answer_confidence, f"{escalated_why}, but stage "
+                                      f"{route.stages[stage].variant!r} refused the request (HTTP {got.status})")
+            if got.status != 200 or mode != "on":  # a caller's error, or a stage the caller chose
+                confidence = _confidence(got)
+                return _respond(req, got, confidence, escalated_at, "none", "")
+            answer = got
+            assert isinstance(got.body, dict)
+            verdict = rules.judge_generative(rule, got.body) if isinstance(rule, rules.GenerativeRule) else None
+        if got is None and mode == "force-first":
+            totals.failed += 1
+            totals.latency_s += handler.clock() - req.started
+            why = "; ".join(req.trip.failures) or (verdict.reason if verdict is not None else "no answer")
+            return openai_routes.error(503, f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
+                                            f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}", code="stage_unavailable")
+        next_ranked = None if last else handler.ranking(route, stage + 1, caller)
+        match rules.after_stage(route, stage, verdict, got is not None, next_ranked):
+            case rules.Answer(not_escalated=why):
+                assert answer is not None  # after_stage answers only with this stage's answer in hand
+                confidence = verdict.confidence if verdict is not None else _confidence(answer)
+                if why:
+                    return _not_escalated(req, answer, confidence, why)
+                return _respond(req, answer, confidence, escalated_at, "escalated" if escalated_at is not None else "none", escalated_why)
+            case rules.Fail(status=code, reason=reason):
+                if answer is not None:  # an earlier stage answered: its answer stands
+                    return _not_escalated(req, answer, answer_confidence, f"{escalated_why}, but {reason}")
+                totals.failed += 1
+                totals.latency_s += handler.clock() - req.started
+                tried = "; ".join(req.trip.failures) or "nothing"
+                return openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}", code="upstream_failed")
+            case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
+                handler.escalation(route, stage, cause, totals)
+                if escalated_at is None:
+                    escalated_at = handler.clock()
+                if got is not None:
+                    answer_confidence = verdict.confidence if verdict is not None else None
+                escalated_why = f"{route.stages[stage].variant}: {why}"
+                stage, ranked = next_stage, list(candidates)
+
+
+def _confidence(answer: _Answer) -> float | None:
+    """exp(mean token logprob) of an answer that carries logprobs."""
+    if not isinstance(answer.body, dict):
+        return None
+    mean = rules.mean_logprob(answer.body)
+    return None if mean is None else math.exp(mean)
+
+
+async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logprobs: bool) -> _Answer | None:
+    """Run ``stage`` non-streaming at the first of ``ranked`` that answers (failover on a
+    refused connection, a cut answer or a 5xx, as a plain request); None when none did."""
+    owner, handler = req.owner, req.handler
+    body = {k: v for k, v in req.body.items() if k != "stream_options"}
+    body["stream"] = False
+    if logprobs and not body.get("logprobs"):
+        body["logprobs"] = True if req.chat else 1
+    for choice in ranked[: owner.gw.max_attempts]:
+        e = choice.endpoint
+        owner.gw.table.started(e.url)
+        began = handler.clock()
+        try:
+            try:
+                async with asyncio.timeout(owner.first_token_timeout):
+                    async with owner.session().post(f"{e.url}/v1{req.suffix}", json={**body, "model": e.model}) as resp:
+                        status, content = resp.status, await resp.read()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                req.trip.failures.append(f"{e.site}: {exc or type(exc).__name__}")
+                owner.gw.table.eject(e.url)
+                owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
+                continue
+        finally:
+            owner.gw.table.finished(e.url)
+            handler.charge(req.route, stage, e.site, handler.clock() - began, req.trip, req.totals)
+        if status >= 500:
+            req.trip.failures.append(f"{e.site}: HTTP {status}")
+            owner.gw.table.eject(e.url)
+            owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
+            continue
+        owner.gw.metrics.requests.labels(req.route.model, e.site, str(status)).inc()
+        if status != 200:
+            return _Answer(stage, status, content, e.site, e.tier)
+        try:
+            parsed = json.loads(content)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            req.trip.failures.append(f"{e.site}: the answer is not a JSON object")
+            continue
+        return _Answer(stage, 200, parsed, e.site, e.tier)
+    return None
+
+
+def _headers(req: _Request, stage: int, site: str, tier: str, confidence: float | None, escalation: str, reason: str,
+             sites: list[str]) -> dict[str, str]:
+    out = {"x-edgeplane-site": site, "x-edgeplane-tier": tier, "x-edgeplane-cascade-stage": req.route.stages[stage].variant,
+           "x-edgeplane-cascade-sites": ",".join(sites), "x-edgeplane-cascade-escalation": escalation,
+           "x-edgeplane-cascade-energy-j": f"{req.trip.joules:.6g}"}
+    if confidence is not None:
+        out["x-edgeplane-cascade-confidence"] = f"{confidence:.4f}"
+    if reason:
+        out["x-edgeplane-cascade-reason"] = cascade_mod.header_value(reason)
+    return out
+
+
+def _metadata(req: _Request, stage: int, confidence: float | None, escalation: str, reason: str, sites: list[str]) -> dict[str, Any]:
+    return {"cascade": req.route.deployment, "stage": req.route.stages[stage].variant, "confidence": confidence,
+            "sites": list(sites), "escalated": escalation == "escalated", "escalation": escalation, "reason": reason or None}
+
+
+def _not_escalated(req: _Request, answer: _Answer, confidence: float | None, why: str) -> Response:
+    req.handler.not_escalated(req.route, answer.stage, req.totals)
+    return _respond(req, answer, confidence, None, "not-escalated", why)
+
+
+def _respond(req: _Request, answer: _Answer, confidence: float | None, escalated_at: float | None, escalation: str,
+             reason: str) -> Response:
+    req.handler.answered(req.route, answer.stage, req.started, escalated_at, req.totals)
+    sites = req.trip.sites
+    headers = _headers(req, answer.stage, answer.site, answer.tier, confidence, escalation, reason, sites)
+    if not isinstance(answer.body, dict):
+        return Response(answer.body, status_code=answer.status, media_type="application/json", headers=headers)
+    body = {**answer.body, "edgeplane": _metadata(req, answer.stage, confidence, escalation, reason, sites)}
+    if not req.body.get("logprobs") and isinstance(body.get("choices"), list):
+        # asked of the stage for its judge only: not the caller's
+        body["choices"] = [{**c, "logprobs": None} if isinstance(c, dict) else c for c in body["choices"]]
+    if not req.stream:
+        return Response(json.dumps(body), media_type="application/json", headers=headers)
+    return Response(b"".join(replay(body, chat=req.chat, usage=_wants_usage(req.body))), media_type="text/event-stream",
+                    headers={**headers, "cache-control": "no-cache"})
+
+
+def _wants_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True
+
+
+def replay(answer: Mapping[str, Any], *, chat: bool, usage: bool) -> list[bytes]:
+    """A whole chat or text completion as the server-sent events a streaming caller expects:
+    per choice, its text in one chunk and its end (a chat choice opens with its role); the
+    usage chunk when asked; ``[DONE]``.
+    The ``edgeplane`` object rides on the last chunk."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    head = {"id": answer.get("id", ""), "object": kind, "created": answer.get("created", int(time.time())),
+            "model": answer.get("model", "")}
+    events: list[dict[str, Any]] = []
+    for c in answer.get("choices") or []:
+        if not isinstance(c, Mapping):
+            continue
+        index = c.get("index", 0)
+        if chat:
+            message = c.get("message") if isinstance(c.get("message"), Mapping) else {}
+            events.append({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            events.append({**head, "choices": [{"index": index, "delta": {"content": message.get("content") or ""},
+                                                "logprobs": c.get("logprobs"), "finish_reason": None}]})
+            events.append({**head, "choices": [{"index": index, "delta": {}, "finish_reason": c.get("finish_reason")}]})
+        else:
+            events.append({**head, "choices": [{"index": index, "text": c.get("text") or "", "logprobs": c.get("logprobs"),
+                                                "finish_reason": c.get("finish_reason")}]})
+    if usage:
+        events.append({**head, "choices": [], "usage": answer.get("usage")})
+    if events and "edgeplane" in answer:
+        events[-1]["edgeplane"] = answer["edgeplane"]
+    return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [openai_routes.SSE_DONE]
+
+
+class _StageHooks:
+    """Cascade headers and energy for the stage whose stream the relay passes on; when its
+    every replica fails, the answer of an earlier stage (if any) is replayed instead."""
+
+    def __init__(self, req: _Request, stage: int, escalated_at: float | None, escalated_why: str,
+                 fallback: tuple[_Answer, float | None, str] | None) -> None:
+        self.req, self.stage, self.escalated_at, self.escalated_why, self.fallback = req, stage, escalated_at, escalated_why, fallback
+
+    def committed(self, e: routing.Endpoint) -> dict[str, str]:
+        req = self.req
+        req.handler.answered(req.route, self.stage, req.started, self.escalated_at, req.totals)
+        escalation = "escalated" if self.escalated_at is not None else "none"
+        return _headers(req, self.stage, e.site, e.tier, None, escalation, self.escalated_why, [*req.trip.sites, e.site])
+
+    def busy(self, e: routing.Endpoint, seconds: float) -> None:
+        self.req.handler.charge(self.req.route, self.stage, e.site, seconds, self.req.trip, self.req.totals)
+
+    async def failed(self, send: Send, failures: list[str]) -> bool:
+        req = self.req
+        if self.fallback is None:
+            req.totals.failed += 1
+            req.totals.latency_s += req.handler.clock() - req.started
+            return False
+        answer, confidence, why = self.fallback
+        response = _not_escalated(req, answer, confidence, f"{why} stage {req.route.stages[self.stage].variant!r} failed: "
+                                                           f"{'; '.join(failures)}")
+        await response({"type": "http"}, _never, send)
+        return True
+
+
+async def _never() -> dict[str, Any]:
+    await asyncio.Event().wait()
+    return {}
+
+
+def _relay(req: _Request, stage: int, ranked: list[routing.Ranked], escalated_at: float | None, escalated_why: str,
+           fallback: tuple[_Answer, float | None, str] | None) -> Response:
+    raw = json.dumps({**req.body, "model": req.route.model}).encode()
+    hooks = _StageHooks(req, stage, escalated_at, escalated_why, fallback)
+    return openai_routes.relay(req.owner, req.route.model, ranked[: req.owner.gw.max_attempts], req.suffix, raw, req.stream,
+                               chat=req.chat, hooks=hooks)
+
