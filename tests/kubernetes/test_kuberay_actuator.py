@@ -22,7 +22,8 @@ import yaml
 from orchestrator.adapters import kuberay, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
 
-CRD = pathlib.Path("/work/shared/crds/ray.io_rayservices.yaml")
+#: The real KubeRay CRD, from the shared folder beside the repository's clone.
+CRD = pathlib.Path(__file__).resolve().parents[3] / "shared" / "crds" / "ray.io_rayservices.yaml"
 SHA = "b" * 64
 NS = "edge-dc"
 RES = kmock.resource("ray.io", "v1", "rayservices")
