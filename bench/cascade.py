@@ -22,7 +22,6 @@ the edge, the teacher 250 W in a data centre with PUE 1.3). Run::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -37,6 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench import cli
 from orchestrator.adapters import local_ray
 from orchestrator.cli import cascade as cascade_cli
 from orchestrator.gateway import cascade_rules
@@ -68,8 +68,7 @@ def choose_threshold(task: cascade_task.Task) -> tuple[float, dict[str, Any]]:
 
 
 def _body(x: np.ndarray) -> bytes:
-    return json.dumps({"inputs": [{"name": cascade_task.INPUT, "datatype": "FP32", "shape": [1, len(x)],
-                                   "data": [float(v) for v in x]}]}).encode()
+    return json.dumps(cascade_task.infer_body(x)).encode()
 
 
 async def _send(client: httpx.AsyncClient, url: str, bodies: list[bytes], mode: str, concurrency: int) -> list[dict[str, Any]]:
@@ -111,8 +110,7 @@ async def run(quick: bool) -> dict[str, Any]:
     task = cascade_task.build(test=600 if quick else 2000, seed=0)
     build_s = time.perf_counter() - began
     threshold, chosen = choose_threshold(task)
-    student = cascade_task.write_onnx(task.student, workdir / "artifacts" / "student.onnx", "student")
-    teacher = cascade_task.write_onnx(task.teacher, workdir / "artifacts" / "teacher.onnx", "teacher")
+    student, teacher = cascade_task.write_models(task, workdir / "artifacts")
     manifests = cascade_task.manifests(student, teacher, threshold=threshold, edges=EDGES, datacentre=DC)
     bodies = [_body(x) for x in task.x_test]
     cluster = local_ray.LocalRayCluster(num_cpus=2)
@@ -178,15 +176,8 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="600 held-out requests per route instead of 2000")
-    args = parser.parse_args(argv)
-    report = asyncio.run(run(args.quick))
-    print_table(report)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
-    return 0
+    parser = cli.parser(__doc__, "600 held-out requests per route instead of 2000")
+    return cli.main(parser, argv, lambda args: run(args.quick), print_table, RESULTS)
 
 
 if __name__ == "__main__":

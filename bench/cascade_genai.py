@@ -21,8 +21,6 @@ bench/results/cascade_genai.json.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import os
 import pathlib
@@ -34,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from bench import cli
 from orchestrator.adapters import local_ray
 from orchestrator.testing import genai_model, harness, manifests
 
@@ -158,15 +157,8 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="40 prompts per route instead of 150")
-    args = parser.parse_args(argv)
-    report = asyncio.run(run(args.quick))
-    print_table(report)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
-    return 0
+    parser = cli.parser(__doc__, "40 prompts per route instead of 150")
+    return cli.main(parser, argv, lambda args: run(args.quick), print_table, RESULTS)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -38,6 +37,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench import cli
 from bench.cascade import CALLER, DC, EDGES, _body, _send, choose_threshold
 from orchestrator.adapters import local_ray
 from orchestrator.distill import student as student_mod
@@ -68,8 +68,7 @@ async def run(quick: bool, student_train: int, traffic: int) -> dict[str, Any]:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="epbench-distill-"))
     task = cascade_task.build(train=student_train, test=600 if quick else 2000, seed=0)
     threshold, chosen = choose_threshold(task)
-    student = cascade_task.write_onnx(task.student, workdir / "artifacts" / "student.onnx", "student")
-    teacher = cascade_task.write_onnx(task.teacher, workdir / "artifacts" / "teacher.onnx", "teacher")
+    student, teacher = cascade_task.write_models(task, workdir / "artifacts")
     manifests = cascade_task.manifests(student, teacher, threshold=threshold, edges=EDGES, datacentre=DC, capture=CAPTURE)
     test_bodies = [_body(x) for x in task.x_test]
     traffic_x = np.random.default_rng(101).standard_normal((traffic, task.dim)).astype(np.float32)
@@ -154,17 +153,10 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="600 held-out requests and 3,000 captured instead of 2,000 and 10,000")
+    parser = cli.parser(__doc__, "600 held-out requests and 3,000 captured instead of 2,000 and 10,000")
     parser.add_argument("--student-train", type=int, default=2000, help="examples the first student is distilled from")
     parser.add_argument("--traffic", type=int, help="captured requests (default 10,000; 3,000 with --quick)")
-    args = parser.parse_args(argv)
-    report = asyncio.run(run(args.quick, args.student_train, args.traffic or (3000 if args.quick else 10_000)))
-    print_table(report)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
-    return 0
+    return cli.main(parser, argv, lambda args: run(args.quick, args.student_train, args.traffic or (3000 if args.quick else 10_000)), print_table, RESULTS)
 
 
 if __name__ == "__main__":

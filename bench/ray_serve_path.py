@@ -16,7 +16,6 @@ from ``apply()`` to RUNNING. Run::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -31,6 +30,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench import cli
 from orchestrator.adapters import local_ray, ray_serve
 from orchestrator.adapters.serve_config import ServeAppSpec
 from orchestrator.testing import onnx_models
@@ -202,15 +202,8 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200 requests per point")
-    args = parser.parse_args(argv)
-    report = asyncio.run(run(args.quick))
-    print_table(report)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
-    return 0
+    parser = cli.parser(__doc__, "200 requests per point")
+    return cli.main(parser, argv, lambda args: run(args.quick), print_table, RESULTS)
 
 
 if __name__ == "__main__":

@@ -283,6 +283,21 @@ class _Base:
             raise NoEndpoint(refusal.args[0]) if resp.status_code in (404, 503) else refusal
         return False
 
+    def _chat_request(self, attempt: _Attempt, body: bytes) -> httpx.Request:
+        return httpx.Request("POST", attempt.url, content=body, headers=attempt.headers, extensions={"timeout": self._timeout.as_dict()})
+
+    def _chat_answering(self, chat: Chat, attempt: _Attempt, resp: httpx.Response) -> None:
+        chat.site, chat.url = resp.headers.get("x-edgeplane-site", attempt.site or ""), attempt.endpoint or self.server
+
+    def _chat_failed(self, chat: Chat, attempt: _Attempt, exc: Exception) -> None:
+        """After a failed answer: a cut once text has arrived, an error from the gateway,
+        else the replica is ejected and the next attempt follows."""
+        if chat.text:
+            raise StreamCut(f"{chat.site}: {exc}") from None
+        if attempt.endpoint is None:
+            raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
+        self.cache.eject(attempt.endpoint)
+
     def _chat_line(self, chat: Chat, attempt: _Attempt, line: str, started: float) -> str | None:
         """The text of one line; raises ``_Retry`` before the first token, ``StreamCut`` after."""
         event = _chat_event(line)
@@ -389,7 +404,7 @@ class Client(_Base):
         body = self._chat_body(model, messages, stream, params)
         for number, attempt in enumerate(self._chat_attempts(model, self.endpoints(model)), start=1):
             chat.attempts, started = number, time.perf_counter()
-            request = httpx.Request("POST", attempt.url, content=body, headers=attempt.headers, extensions={"timeout": self._timeout.as_dict()})
+            request = self._chat_request(attempt, body)
             try:
                 resp = self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
@@ -400,7 +415,7 @@ class Client(_Base):
                     resp.read()
                     if self._chat_refused(model, attempt, resp, None):
                         continue
-                chat.site, chat.url = resp.headers.get("x-edgeplane-site", attempt.site or ""), attempt.endpoint or self.server
+                self._chat_answering(chat, attempt, resp)
                 if not stream:
                     resp.read()
                     yield _whole(chat, resp, started)
@@ -411,11 +426,7 @@ class Client(_Base):
                         yield text
                 return
             except (_Retry, httpx.HTTPError) as exc:
-                if chat.text:
-                    raise StreamCut(f"{chat.site}: {exc}") from None
-                if attempt.endpoint is None:
-                    raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
-                self.cache.eject(attempt.endpoint)
+                self._chat_failed(chat, attempt, exc)
             finally:
                 resp.close()
 
@@ -473,7 +484,7 @@ class AsyncClient(_Base):
         body = self._chat_body(model, messages, stream, params)
         for number, attempt in enumerate(self._chat_attempts(model, await self.endpoints(model)), start=1):
             chat.attempts, started = number, time.perf_counter()
-            request = httpx.Request("POST", attempt.url, content=body, headers=attempt.headers, extensions={"timeout": self._timeout.as_dict()})
+            request = self._chat_request(attempt, body)
             try:
                 resp = await self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
@@ -484,7 +495,7 @@ class AsyncClient(_Base):
                     await resp.aread()
                     if self._chat_refused(model, attempt, resp, None):
                         continue
-                chat.site, chat.url = resp.headers.get("x-edgeplane-site", attempt.site or ""), attempt.endpoint or self.server
+                self._chat_answering(chat, attempt, resp)
                 if not stream:
                     await resp.aread()
                     yield _whole(chat, resp, started)
@@ -495,10 +506,6 @@ class AsyncClient(_Base):
                         yield text
                 return
             except (_Retry, httpx.HTTPError) as exc:
-                if chat.text:
-                    raise StreamCut(f"{chat.site}: {exc}") from None
-                if attempt.endpoint is None:
-                    raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
-                self.cache.eject(attempt.endpoint)
+                self._chat_failed(chat, attempt, exc)
             finally:
                 await resp.aclose()

@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import json
 import pathlib
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from orchestrator.adapters import local_ray
 from orchestrator.distill.student import INPUT, OUTPUT, BuiltModel, Layers, Mlp, distil, softmax, write_onnx
+from orchestrator.testing import harness
 
-__all__ = ["INPUT", "OUTPUT", "Mlp", "Task", "build", "distil", "manifests", "softmax", "write_jsonl", "write_onnx"]
+__all__ = ["INPUT", "OUTPUT", "Mlp", "Task", "build", "distil", "infer_body", "manifests", "serving_fleet", "softmax", "write_jsonl",
+           "write_models", "write_onnx"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,16 @@ def build(*, dim: int = 16, classes: int = 4, teacher_width: int = 1024, teacher
     student = distil(probs[:train], x[:train], student_hidden, seed + 2, epochs=epochs)
     v_end = train + validation
     return Task(dim, classes, teacher, student, x[v_end:], labels[v_end:], x[train:v_end], labels[train:v_end])
+
+
+def write_models(task: Task, folder: pathlib.Path) -> tuple[BuiltModel, BuiltModel]:
+    """The student and the teacher written as ``student.onnx`` and ``teacher.onnx`` in ``folder``."""
+    return write_onnx(task.student, folder / "student.onnx", "student"), write_onnx(task.teacher, folder / "teacher.onnx", "teacher")
+
+
+def infer_body(x: np.ndarray) -> dict[str, Any]:
+    """The Open Inference Protocol request for one input of the task."""
+    return {"inputs": [{"name": INPUT, "datatype": "FP32", "shape": [1, len(x)], "data": [float(v) for v in x]}]}
 
 
 def write_jsonl(path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> None:
@@ -115,3 +130,19 @@ def manifests(student: BuiltModel, teacher: BuiltModel, *, threshold: float,
         ], **({"capture": capture} if capture is not None else {})},
     }})
     return "---\n".join(json.dumps({"apiVersion": "edgeplane.io/v1alpha1", **d}) + "\n" for d in docs)
+
+
+def serving_fleet(root: pathlib.Path, yaml_text: str, *, edges: dict[str, tuple[str, float, float]],
+                  datacentre: tuple[str, str, float, float], local_ray_endpoints: local_ray.LocalRayEndpoints,
+                  name: str = "task") -> AbstractAsyncContextManager[harness.Fleet]:
+    """A fleet serving :func:`manifests`' ``yaml_text``: an agent per edge site, the data
+    centre on ``local_ray_endpoints``; it is yielded once every replica is healthy and the
+    cascade is routed, and leaves no Serve application behind."""
+    agents = {site: dict(country=country, lat=lat, lon=lon) for site, (country, lat, lon) in edges.items()}
+
+    def ready(cp: Any) -> bool:
+        sites = {e.site for e in cp.table.endpoints(name) if e.healthy}
+        return sites == {*edges, datacentre[0]} and name in cp.table.cascades
+
+    return harness.serving_fleet(root, yaml_text, agents, ready=ready, what="the edge replicas and the data-centre replica", timeout=240,
+                                 interval=0.2, local_ray_endpoints=local_ray_endpoints, resync_s=1.0)

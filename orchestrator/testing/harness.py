@@ -18,9 +18,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import httpx
 
 from orchestrator import server
 from orchestrator.adapters import local_ray
@@ -207,6 +209,35 @@ class Fleet:
         if self.cp is not None:
             await self.cp.stop()
             self.cp = None
+
+
+@contextlib.asynccontextmanager
+async def serving_fleet(root: pathlib.Path, yaml_text: str, agents: Mapping[str, Mapping[str, Any]], *,
+                        ready: Callable[[server.ControlPlane], Any] | None = None, what: str = "the fleet", timeout: float = 60.0,
+                        interval: float = 0.05, local_ray_endpoints: local_ray.LocalRayEndpoints | None = None,
+                        **overrides: Any) -> AsyncIterator[Fleet]:
+    """A control plane with ``yaml_text`` applied and ``agents`` (site: ``start_agent``
+    keywords) joined, yielded once ``ready(cp)`` holds (if given); torn down on exit, and with
+    ``local_ray_endpoints`` no Serve application is left behind on that shared cluster."""
+    f = Fleet(root)
+    try:
+        cp = await f.start_control_plane(local_ray_endpoints=local_ray_endpoints, **overrides)
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            resp = await http.post("/v1/apply", content=yaml_text)
+            assert resp.status_code == 200, resp.text
+        for site, where in agents.items():
+            await f.start_agent(site, **where)
+        if ready is not None:
+            await wait_until(lambda: ready(cp), timeout, interval=interval, what=what)
+        yield f
+    finally:
+        await f.stop()
+        if local_ray_endpoints is not None:
+            actuator = local_ray_endpoints.actuator()
+            try:
+                await actuator.apply([])
+            finally:
+                await actuator.close()
 
 
 def ray_free_examples(folder: pathlib.Path, ray_address: str) -> pathlib.Path:

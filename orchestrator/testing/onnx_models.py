@@ -8,25 +8,15 @@ NumPy reference or across execution providers.
 from __future__ import annotations
 
 import pathlib
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from orchestrator.artifacts import catalog
+from orchestrator.distill.student import BuiltModel
 
 OPSET = 17
-
-
-@dataclass(frozen=True)
-class BuiltModel:
-    path: pathlib.Path
-    sha256: str
-    input_name: str
-    output_name: str
-    in_dim: int
-    out_dim: int
 
 
 sha256_file = catalog.sha256_file

@@ -32,16 +32,11 @@ EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
 pytestmark = pytest.mark.timeout(300)
 
 
-def body(x: np.ndarray) -> dict[str, Any]:
-    return {"inputs": [{"name": cascade_task.INPUT, "datatype": "FP32", "shape": [1, len(x)], "data": [float(v) for v in x]}]}
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, cascade_task.Task, str]:
     root = tmp_path_factory.mktemp("cascade")
     task = cascade_task.build(teacher_width=64, teacher_depth=2, student_hidden=32, train=3000, validation=200, test=400, epochs=30)
-    student = cascade_task.write_onnx(task.student, root / "artifacts" / "student.onnx", "student")
-    teacher = cascade_task.write_onnx(task.teacher, root / "artifacts" / "teacher.onnx", "teacher")
+    student, teacher = cascade_task.write_models(task, root / "artifacts")
     return root, task, cascade_task.manifests(student, teacher, threshold=THRESHOLD, edges=EDGES, datacentre=DC, dc_cpu=0.2,
                                                           deployment="task-cascade")
 
@@ -57,34 +52,13 @@ def samples(task: tuple[pathlib.Path, cascade_task.Task, str]) -> tuple[np.ndarr
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(task: tuple[pathlib.Path, cascade_task.Task, str], ray_cluster: local_ray.LocalRayEndpoints):
     root, _, yaml_text = task
-    f = harness.Fleet(root)
-    try:
-        cp = await f.start_control_plane(local_ray_endpoints=ray_cluster, resync_s=1.0)
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            resp = await http.post("/v1/apply", content=yaml_text)
-            assert resp.status_code == 200, resp.text
-        for site, (country, lat, lon) in EDGES.items():
-            await f.start_agent(site, country=country, lat=lat, lon=lon)
-
-        def ready() -> bool:
-            sites = {e.site for e in cp.table.endpoints("task") if e.healthy}
-            return sites == {*EDGES, DC[0]} and "task" in cp.table.cascades
-
-        await harness.wait_until(ready, 240, interval=0.2, what="both edge replicas and the data-centre replica")
+    async with cascade_task.serving_fleet(root, yaml_text, edges=EDGES, datacentre=DC, local_ray_endpoints=ray_cluster) as f:
         yield f
-    finally:
-        await f.stop()
-        # leave no Serve application behind on the shared cluster
-        actuator = ray_cluster.actuator()
-        try:
-            await actuator.apply([])
-        finally:
-            await actuator.close()
 
 
 async def infer(cp: Any, x: np.ndarray, headers: dict[str, str], name: str = "task") -> httpx.Response:
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        return await http.post(f"/v2/models/{name}/infer", json=body(x), headers=headers)
+        return await http.post(f"/v2/models/{name}/infer", json=cascade_task.infer_body(x), headers=headers)
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -208,7 +182,7 @@ async def test_stage_one_killed_under_load_fails_no_request(fleet: harness.Fleet
     async def worker(offset: int) -> None:
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
             for i in range(offset, 400, 4):
-                resp = await http.post("/v2/models/task/infer", json=body(t.x_test[i % len(t.x_test)]), headers=french)
+                resp = await http.post("/v2/models/task/infer", json=cascade_task.infer_body(t.x_test[i % len(t.x_test)]), headers=french)
                 statuses.append((resp.status_code, resp.headers.get("x-edgeplane-site", ""), loop.time()))
                 after = [s for s in statuses if killed_at and s[2] > killed_at[0]]
                 if len(after) >= 60:

@@ -59,30 +59,16 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory, ray_cluster: local_ray
             "cascade": {"stages": [{"variant": "small", "escalate": {"truncated": True, "meanLogprobBelow": -99}},
                                    {"variant": "large"}]}}),
     )
-    f = harness.Fleet(root)
-    try:
-        # 20 missed heartbeats before an agent is declared dead: the kill test finds the killed
-        # stage-1 replica still in the table, as a gateway does in the first seconds.
-        cp = await f.start_control_plane(local_ray_endpoints=ray_cluster, resync_s=1.0, missed_heartbeats=20)
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            resp = await http.post("/v1/apply", content=body)
-            assert resp.status_code == 200, resp.text
-        for site, where in EDGES.items():
-            await f.start_agent(site, **where)
 
-        def ready() -> bool:
-            sites = {e.site for e in cp.table.endpoints(MODEL) if e.healthy}
-            return sites == {*EDGES, "dc-paris"} and MODEL in cp.table.cascades
+    def ready(cp: Any) -> bool:
+        sites = {e.site for e in cp.table.endpoints(MODEL) if e.healthy}
+        return sites == {*EDGES, "dc-paris"} and MODEL in cp.table.cascades
 
-        await harness.wait_until(ready, 240, interval=0.2, what="both edge replicas and the data-centre replica")
+    # 20 missed heartbeats before an agent is declared dead: the kill test finds the killed
+    # stage-1 replica still in the table, as a gateway does in the first seconds.
+    async with harness.serving_fleet(root, body, EDGES, ready=ready, what="both edge replicas and the data-centre replica", timeout=240,
+                                     interval=0.2, local_ray_endpoints=ray_cluster, resync_s=1.0, missed_heartbeats=20) as f:
         yield f
-    finally:
-        await f.stop()
-        actuator = ray_cluster.actuator()  # leave no Serve application behind on the shared cluster
-        try:
-            await actuator.apply([])
-        finally:
-            await actuator.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -30,16 +30,8 @@ async def fleet(tmp_path: pathlib.Path):
             "autoscaling": {"targetRps": 10, "scaleDownDelaySeconds": 1},
         }),
     )
-    f = harness.Fleet(tmp_path)
-    try:
-        cp = await f.start_control_plane(resync_s=0.5)
-        async with httpx.AsyncClient(base_url=cp.http_url) as http:
-            resp = await http.post("/v1/apply", content=body)
-            assert resp.status_code == 200, resp.text
-        await f.start_agent("edge-paris", **SITE)
+    async with harness.serving_fleet(tmp_path, body, {"edge-paris": SITE}, resync_s=0.5) as f:
         yield f
-    finally:
-        await f.stop()
 
 
 def placed(cp) -> int:  # noqa: ANN001

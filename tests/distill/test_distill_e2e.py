@@ -33,17 +33,12 @@ EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
 pytestmark = pytest.mark.timeout(400)
 
 
-def body(x: np.ndarray) -> dict[str, Any]:
-    return {"inputs": [{"name": cascade_task.INPUT, "datatype": "FP32", "shape": [1, len(x)], "data": [float(v) for v in x]}]}
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, cascade_task.Task, str]:
     root = tmp_path_factory.mktemp("distill")
     # a student distilled from little data: the captured traffic has something to teach it
     task = cascade_task.build(teacher_width=64, teacher_depth=2, student_hidden=32, train=400, validation=100, test=600, epochs=40)
-    student = cascade_task.write_onnx(task.student, root / "artifacts" / "student.onnx", "student")
-    teacher = cascade_task.write_onnx(task.teacher, root / "artifacts" / "teacher.onnx", "teacher")
+    student, teacher = cascade_task.write_models(task, root / "artifacts")
     return root, task, cascade_task.manifests(student, teacher, threshold=THRESHOLD, edges=EDGES, datacentre=DC, dc_cpu=0.2,
                                               deployment="task-cascade", capture=CAPTURE)
 
@@ -51,34 +46,14 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, cascad
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(task: tuple[pathlib.Path, cascade_task.Task, str], ray_cluster: local_ray.LocalRayEndpoints):
     root, _, yaml_text = task
-    f = harness.Fleet(root)
-    try:
-        cp = await f.start_control_plane(local_ray_endpoints=ray_cluster, resync_s=1.0)
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            resp = await http.post("/v1/apply", content=yaml_text)
-            assert resp.status_code == 200, resp.text
-        for site, (country, lat, lon) in EDGES.items():
-            await f.start_agent(site, country=country, lat=lat, lon=lon)
-
-        def ready() -> bool:
-            sites = {e.site for e in cp.table.endpoints("task") if e.healthy}
-            return sites == {*EDGES, DC[0]} and "task" in cp.table.cascades
-
-        await harness.wait_until(ready, 240, interval=0.2, what="the edge replica and the data-centre replica")
+    async with cascade_task.serving_fleet(root, yaml_text, edges=EDGES, datacentre=DC, local_ray_endpoints=ray_cluster) as f:
         yield f
-    finally:
-        await f.stop()
-        actuator = ray_cluster.actuator()
-        try:
-            await actuator.apply([])
-        finally:
-            await actuator.close()
 
 
 async def send(http: httpx.AsyncClient, xs: np.ndarray, headers: dict[str, str] | None = None) -> list[httpx.Response]:
     out: list[httpx.Response] = []
     for start in range(0, len(xs), 16):
-        out += await asyncio.gather(*(http.post("/v2/models/task/infer", json=body(x), headers={**PARIS, **(headers or {})})
+        out += await asyncio.gather(*(http.post("/v2/models/task/infer", json=cascade_task.infer_body(x), headers={**PARIS, **(headers or {})})
                                       for x in xs[start:start + 16]))
     assert all(r.status_code == 200 for r in out), [r.text for r in out if r.status_code != 200][:3]
     return out

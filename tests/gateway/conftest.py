@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
-import httpx
 import pytest
 import pytest_asyncio
 
@@ -35,19 +35,13 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, 
     return root, built
 
 
+def intent_and_fields_ready(cp: Any) -> bool:
+    return len([e for e in cp.table.endpoints("intent") if e.healthy]) == 3 and len(cp.table.endpoints("fields")) == 1
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(model_file: tuple[pathlib.Path, onnx_models.BuiltModel]):
     root, built = model_file
-    f = harness.Fleet(root)
-    try:
-        cp = await f.start_control_plane()
-        async with httpx.AsyncClient(base_url=cp.http_url) as http:
-            resp = await http.post("/v1/apply", content=fleet_yaml(built.sha256))
-            assert resp.status_code == 200, resp.text
-        for site, where in AGENTS.items():
-            await f.start_agent(site, **where)
-        await harness.wait_until(lambda: len([e for e in cp.table.endpoints("intent") if e.healthy]) == 3, 60, what="3 intent endpoints")
-        await harness.wait_until(lambda: len(cp.table.endpoints("fields")) == 1, 60, what="the fields endpoint")
+    async with harness.serving_fleet(root, fleet_yaml(built.sha256), AGENTS, ready=intent_and_fields_ready, timeout=120,
+                                     what="3 intent endpoints and the fields endpoint") as f:
         yield f
-    finally:
-        await f.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from typing import Any
 
 import httpx
 import openai
@@ -54,21 +55,15 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory):
         manifests.deployment("chat-eu", "chat", 2, manifests.spread_by_site(residency=["EU"], tiers=["edge"])),
         manifests.deployment("slow-fr", "slow", 1, {"residency": ["FR"], "tiers": ["edge"]}),
     )
-    f = harness.Fleet(root)
-    try:
-        # Agents are declared dead only after 20 missed heartbeats: the kill test finds the
-        # killed replica still in the table, as a gateway does in the first seconds.
-        cp = await f.start_control_plane(missed_heartbeats=20)
-        async with httpx.AsyncClient(base_url=cp.http_url) as http:
-            resp = await http.post("/v1/apply", content=body)
-            assert resp.status_code == 200, resp.text
-        for site, where in SITES.items():
-            await f.start_agent(site, **where)
-        await harness.wait_until(lambda: len(cp.table.endpoints("chat")) == 2 and len(cp.table.endpoints("slow")) == 1, 90,
-                                 what="chat on two sites and slow in Paris")
+
+    def ready(cp: Any) -> bool:
+        return len(cp.table.endpoints("chat")) == 2 and len(cp.table.endpoints("slow")) == 1
+
+    # Agents are declared dead only after 20 missed heartbeats: the kill test finds the
+    # killed replica still in the table, as a gateway does in the first seconds.
+    async with harness.serving_fleet(root, body, SITES, ready=ready, what="chat on two sites and slow in Paris", timeout=90,
+                                     missed_heartbeats=20) as f:
         yield f
-    finally:
-        await f.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

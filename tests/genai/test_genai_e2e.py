@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pathlib
 
-import httpx
 import openai
 import pytest_asyncio
 
@@ -27,16 +26,8 @@ async def fleet(tmp_path: pathlib.Path):
         manifests.doc("Model", "assistant", {"variants": [variant]}),
         manifests.deployment("assistant-fr", "assistant", 1, {"residency": ["FR"], "tiers": ["edge"]}),
     )
-    f = harness.Fleet(tmp_path)
-    try:
-        cp = await f.start_control_plane(resync_s=0.5)
-        async with httpx.AsyncClient(base_url=cp.http_url) as http:
-            resp = await http.post("/v1/apply", content=body)
-            assert resp.status_code == 200, resp.text
-        await f.start_agent("edge-paris", **SITE)
+    async with harness.serving_fleet(tmp_path, body, {"edge-paris": SITE}, resync_s=0.5) as f:
         yield f
-    finally:
-        await f.stop()
 
 
 async def test_an_applied_generative_model_answers_chat_at_the_edge(fleet: harness.Fleet) -> None:
