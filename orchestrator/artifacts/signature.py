@@ -53,7 +53,9 @@ def describe_variants(spec: schema.ModelSpec, catalog: catalog_mod.ArtifactCatal
     for variant in spec.variants:
         item: dict[str, Any] = {"name": variant.name, "runtime": variant.runtime}
         artifact = variant.artifact
-        if variant.runtime != "onnx" or artifact is None:
+        if variant.runtime in ("onnx-genai", "vllm"):
+            item["io"] = "OpenAI chat and text completions (/openai/v1 at the gateway)"
+        elif variant.runtime != "onnx" or artifact is None:
             item["io"] = "defined by the application this runtime serves"
         else:
             try:

@@ -89,7 +89,6 @@ class Lease:
 class PostgresStore(SqlStore):
     placeholder = "%s"
     collate = ' COLLATE "C"'  # byte-wise, as SQLite sorts text
-    log_agent_join = True
 
     def __init__(self, url: str, clock: Callable[[], float] = time.time, connect_timeout_s: float = 5.0):
         self.url = url

@@ -120,7 +120,6 @@ class SqlStore:
 
     placeholder = "?"  # how the driver marks a parameter
     collate = ""  # appended to each ORDER BY column so text sorts byte-wise
-    log_agent_join = False  # whether save_agent itself logs `agent-joined`
 
     _clock: Callable[[], float]
 
@@ -349,8 +348,6 @@ class SqlStore:
                         " credential_digest = excluded.credential_digest, joined_at = excluded.joined_at, revoked = FALSE"),
                 (site, agent_id, digest(credential), now),
             )
-            if self.log_agent_join:
-                self._log(db, Event(actor, "agent-joined", "Site", site, "agent joined with a bootstrap token", {"agentId": agent_id}), now)
 
     def agent_credential_ok(self, site: str, credential: str) -> bool:
         rows = self._fetch(self._q("SELECT credential_digest, revoked FROM agents WHERE site = ?"), (site,))

@@ -281,6 +281,7 @@ def test_describe_model_shows_each_variants_inputs_and_outputs(serve: support.Se
     for name in ("distilled", "full"):
         assert variants[name]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 32]}]
         assert variants[name]["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 8]}]
-    llm = json.loads(ok("describe", "model", "assistant-70b", "-o", "json", server=serve))["variants"]
-    assert llm == [{"name": "full", "runtime": "ray-serve", "io": "defined by the application this runtime serves"}]
+    llm = json.loads(ok("describe", "model", "assistant", "-o", "json", server=serve))["variants"]
+    assert llm == [{"name": name, "runtime": "onnx-genai", "io": "OpenAI chat and text completions (/openai/v1 at the gateway)"}
+                   for name in ("small", "large")]
     assert "datatype: FP32" in ok("describe", "model", "doc-fields", server=serve)
