@@ -145,7 +145,8 @@ class ControlPlane:
     http_url: str = ""
     agent_target: str = ""
     admin_token: str | None = None
-    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # end on their own once told to stop
+    _background: list[asyncio.Task[Any]] = field(default_factory=list)  # run until cancelled
     _started: bool = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -224,7 +225,7 @@ class ControlPlane:
         self.captures = capture_store.ZoneStores(cfg.data_dir / "captures")  # one SQLite file per residency zone
         self.capture_writer = capture_store.CaptureWriter(self.captures, self.registry)
         self.capture_writer.start()
-        self._tasks.append(asyncio.create_task(self._purge_captures(), name="capture-retention"))
+        self._background.append(asyncio.create_task(self._purge_captures(), name="capture-retention"))
         self.cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry),
                                                    position=cfg.position, capture=self.capture_writer.offer)
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
@@ -261,7 +262,9 @@ class ControlPlane:
         self.reconciler.stop()
         await self._agent_server.stop(grace=1.0)
         self._uvicorn.should_exit = True
-        for t in self._tasks:
+        for t in self._background:
+            t.cancel()
+        for t in self._tasks + self._background:
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(t, timeout=10)
         await self._http.close()
