@@ -14,7 +14,6 @@ import pathlib
 import sys
 from typing import Any
 
-from orchestrator.cli import cascade as cascade_cli
 from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError
@@ -128,6 +127,8 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
     if args.kind in ("events", "event"):
         return cmd_events(api, args)
     if args.kind in ("cascades", "cascade"):
+        from orchestrator.cli import cascade as cascade_cli  # numpy and the cascade rules: only for this command
+
         return cascade_cli.cmd_get(api, args)
     path = f"/v1/{args.kind}" + (f"/{args.name}" if args.name else "")
     data = api.request("GET", path)
@@ -364,9 +365,15 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def cmd_cascade_tune(api: ApiClient, args: argparse.Namespace) -> int:
+    from orchestrator.cli import cascade as cascade_cli  # numpy and the cascade rules: only for this command
+
+    return cascade_cli.cmd_tune(api, args)
+
+
 COMMANDS = {
     "apply": cmd_apply, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe, "delete": cmd_delete,
-    "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer, "cascade": cascade_cli.cmd_tune,
+    "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer, "cascade": cmd_cascade_tune,
     "simulate": cmd_simulate,
     "chat": cmd_chat,
     "distill": distill_cli.cmd_distill, "captures": distill_cli.cmd_captures,
