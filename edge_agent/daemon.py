@@ -48,6 +48,7 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     max_body_bytes: int = httpserver.DEFAULT_MAX_BODY_BYTES
     drain_timeout: float = 30.0
+    write_timeout: float = 60.0  # a client that reads nothing for this long is dropped
     workers: int = 0  # inference threads; 0 = one per core
     inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
     grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
@@ -152,7 +153,7 @@ class Agent:
         port = sock.getsockname()[1]
         self.endpoint_url = cfg.advertise_url or _default_url(cfg.listen_host, port)
         self._http = httpserver.HttpServer(
-            self.server.handle, httpserver.Limits(max_body_bytes=cfg.max_body_bytes)
+            self.server.handle, httpserver.Limits(max_body_bytes=cfg.max_body_bytes, write_timeout=cfg.write_timeout)
         )
         await self._http.start(sock)
         http_server = self._http

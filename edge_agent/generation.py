@@ -21,7 +21,6 @@ import collections
 import logging
 import math
 import random
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -210,7 +209,7 @@ class GenerationServer:
             self._metrics.observe_error(label, 400)
             raise openai_api.ApiError(400, str(exc), param="messages" if chat else "prompt") from None
         self._metrics.generation(served.name, "prompt_tokens", n)
-        seq = _Sequence(self, state, prompt, options, started, paced=body.stream)
+        seq = _Sequence(self, state, prompt, options, started)
         shaper = openai_api.Shaper(body, ("chatcmpl-" if chat else "cmpl-") + f"{_IDS.getrandbits(96):024x}")
         if body.stream:
             return StreamingResponse(200, _Closing(_sse(shaper, seq.events()), seq.close))
@@ -225,7 +224,7 @@ class _Sequence:
     it between two steps if it is still running; the slot is freed when its thread returns."""
 
     def __init__(self, server: GenerationServer, state: _Model, prompt: Any, options: genai.SamplingOptions,
-                 started: float, paced: bool) -> None:
+                 started: float) -> None:
         loop = asyncio.get_running_loop()
         self._metrics = server._metrics
         self._queue: asyncio.Queue[genai.TokenEvent | genai.Finished | Failed] = asyncio.Queue()
@@ -238,13 +237,12 @@ class _Sequence:
         runtime: genai.GenAIModel = state.served.runtime  # type: ignore[assignment]
         queue, cancel = self._queue, self._cancel
         emit: Callable[[Any], None] = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731
-        # One permit per token the consumer has finished with (see runtime.genai: pacing).
-        self._done_with = threading.Semaphore(0)
-        pace = self._done_with.acquire if paced else None
+        # The thread may not run far ahead of what was sent (see runtime.genai.Window).
+        self._window = window = genai.Window()
 
         def work() -> int:
             try:
-                return runtime.generate(prompt, options, emit, cancel, pace).completion_tokens
+                return runtime.generate(prompt, options, emit, cancel, window).completion_tokens
             except Exception as exc:  # a native error mid-generation: end this stream with it
                 log.exception("generation for %s failed", name)
                 emit(Failed(f"generation failed: {exc}"))
@@ -277,14 +275,14 @@ class _Sequence:
             yield ev  # resumed when the consumer wants the next one: this one is written
             if not isinstance(ev, genai.TokenEvent):
                 return
-            self._done_with.release()
+            self._window.consumed()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._cancel.set()
-        self._done_with.release()  # a paced thread waiting for this consumer sees the cancel
+        self._window.close()  # a thread waiting for this consumer wakes and sees the cancel
         m, name = self._metrics, self._name
         m.generation(name, self._outcome, 1)
         if self._outcome == "completed":

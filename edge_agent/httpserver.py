@@ -90,6 +90,9 @@ class Limits:
     max_header_bytes: int = 64 * 1024
     request_timeout: float = 30.0  # from a request's first byte to its last
     idle_timeout: float = 75.0  # keep-alive connection with nothing to do
+    # A client that reads nothing of its answer for this long is cut off: its stream's
+    # producer (a generation holding a sequence slot) is closed instead of waiting forever.
+    write_timeout: float = 60.0
     max_pipelined: int = 32  # requests read ahead of the one being answered
 
 
@@ -288,8 +291,7 @@ class _Connection(asyncio.Protocol):
                     self.close()
                     return
                 continue
-            await self._writable.wait()
-            if self._transport is None or self._closing:
+            if not await self._wait_writable():
                 return
             self._transport.write(encode(response, keep_alive, head_only=request.method == "HEAD"))
             if not keep_alive:
@@ -314,19 +316,16 @@ class _Connection(asyncio.Protocol):
         without the last chunk, so the client sees a truncated body, never a complete one."""
         chunks = response.chunks
         try:
-            await self._writable.wait()
-            if self._transport is None or self._closing:
+            if not await self._wait_writable():
                 return False
             self._transport.write(encode_stream_head(response, keep_alive))
             async for data in chunks:
                 if not data:
                     continue
-                await self._writable.wait()  # back-pressure: wait until the client reads
-                if self._transport is None or self._closing:
+                if not await self._wait_writable():  # back-pressure: wait until the client reads
                     return False
                 self._transport.write(encode_chunk(data))
-            await self._writable.wait()
-            if self._transport is None or self._closing:
+            if not await self._wait_writable():
                 return False
             self._transport.write(LAST_CHUNK)
             return True
@@ -340,6 +339,18 @@ class _Connection(asyncio.Protocol):
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await asyncio.shield(aclose())
+
+    async def _wait_writable(self) -> bool:
+        """True once the client has room for more; False when the connection is gone or the
+        client read nothing for ``write_timeout`` (then it is closed)."""
+        if not self._writable.is_set():
+            try:
+                await asyncio.wait_for(self._writable.wait(), self._limits.write_timeout)
+            except TimeoutError:
+                log.warning("dropping a connection whose client read nothing for %.0fs", self._limits.write_timeout)
+                self.abort()
+                return False
+        return self._transport is not None and not self._closing
 
     @property
     def idle(self) -> bool:
@@ -368,6 +379,13 @@ class _Connection(asyncio.Protocol):
         self._disarm()
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        """Close without flushing: what is buffered for a client that does not read is dropped."""
+        self._closing = True
+        self._disarm()
+        if self._transport is not None:
+            self._transport.abort()
 
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n

@@ -76,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
     p.add_argument("--max-request-bytes", type=int, default=edge_agent.DEFAULT_MAX_REQUEST_BYTES)
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS")
+    p.add_argument("--write-timeout", type=_positive, default=60.0, metavar="SECONDS",
+                   help="drop a client that reads nothing of its answer for this long (a stalled stream frees its slot)")
     p.add_argument("--workers", type=int, default=0, help="inference threads (0 = one per core)")
     p.add_argument("--inline-max-ms", type=float, default=20.0, metavar="MS",
                    help="a request alone in flight whose model runs in at most this long is computed on the "
@@ -109,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         labels=dict(args.label),
         max_body_bytes=args.max_request_bytes,
         drain_timeout=args.drain_timeout,
+        write_timeout=args.write_timeout,
         workers=args.workers,
         inline_max_ms=max(0.0, args.inline_max_ms),
         grpc_listen=args.grpc_listen,

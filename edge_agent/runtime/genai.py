@@ -16,14 +16,16 @@ This module adds what a server needs around its ``Generator`` loop:
 CUDA is used when the installed onnxruntime-genai has it (``onnxruntime-genai-cuda``, the
 ``gpu`` extra) and a GPU is present; otherwise the CPU.
 
-While a step runs, the event loop does not get to send the token made before it (the
-0.18 binding does not release the GIL around a step, as far as measurements tell: on a
-5 ms-per-step model the first streamed token reached the client 1-3 steps late, +14.7 ms), so a streamed sequence is *paced*
-after its first token: the generating thread waits until the event loop has written it,
-then starts the second step (time to first token: +1.5 to +3 ms over a bare loop on a loaded 2-core machine). Pacing every
-token cost 13 % of the tokens per second on that model (a round trip between the two
-threads per token), so later tokens are not paced: each may leave up to one step after it
-was made, and tokens per second stay those of the bare loop. ``bench/genai_agent.py``
+A step holds the GIL (the 0.18 binding does not release it around
+``generate_next_token``, as far as measurements tell), so a generating thread that runs
+freely takes the interpreter from the event loop that sends its tokens: on a loaded
+machine a stream's tokens, other requests and even a client's disconnect waited behind a
+whole generation. A streamed sequence therefore runs inside a :class:`Window`: its first
+token waits until the event loop has written it (time to first token), and after that the
+thread runs at most ``Window.ahead`` tokens ahead of what the loop has written, then
+blocks (releasing the GIL) until the loop catches up. A reader that stops reading stops the
+generation within that many tokens, a disconnect is seen by the loop at once, and tokens
+per second stay those of the bare loop while the consumer keeps up. ``bench/genai_agent.py``
 measures both.
 """
 
@@ -81,6 +83,36 @@ class Cancel:
     @property
     def is_set(self) -> bool:
         return self.event.is_set()
+
+
+class Window:
+    """How far a generating thread may run ahead of its consumer (see the module docstring).
+
+    The thread calls :meth:`wait` after each token it produced; the consumer calls
+    :meth:`consumed` once it has sent a token, and :meth:`close` when it stops consuming
+    (the thread then never blocks again and sees its cancel flag at the next step)."""
+
+    def __init__(self, ahead: int = 16) -> None:
+        self.ahead = max(1, ahead)
+        self._cond = threading.Condition()
+        self._consumed = 0
+        self._closed = False
+
+    def wait(self, produced: int) -> None:
+        # The first token is sent before the second step starts: that is the time to first token.
+        allowed = 0 if produced == 1 else self.ahead
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or produced - self._consumed <= allowed)
+
+    def consumed(self) -> None:
+        with self._cond:
+            self._consumed += 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 class StopMatcher:
@@ -184,11 +216,10 @@ class GenAIModel:
     # -- generation --------------------------------------------------------------------------
 
     def generate(self, prompt: np.ndarray, options: SamplingOptions, emit: Callable[[TokenEvent | Finished], None],
-                 cancel: Cancel, pace: Callable[[], None] | None = None) -> Finished:
+                 cancel: Cancel, window: Window | None = None) -> Finished:
         """Generate on the calling thread, handing each token to ``emit``; ends with one
-        :class:`Finished`. Stops between steps once ``cancel`` is set. ``pace``, called after
-        the first token, returns when the consumer has sent it: a step holds the GIL, so
-        starting the next one at once would hold back the event loop that sends it."""
+        :class:`Finished`. Stops between steps once ``cancel`` is set. With a ``window``, the
+        thread waits after each token until the consumer is close enough behind it."""
         import onnxruntime_genai as og
 
         n_prompt = int(prompt.shape[0])
@@ -232,8 +263,8 @@ class GenAIModel:
             if stopped:
                 reason = "stop"
                 break
-            if pace is not None and produced == 1:
-                pace()
+            if window is not None:
+                window.wait(produced)
         rest = "" if reason == "stop" else stops.flush()
         finished = Finished(reason, n_prompt, produced, rest)
         emit(finished)

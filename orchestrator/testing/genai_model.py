@@ -132,7 +132,7 @@ def _bigram_logits(tok, text: list[str], vocab: int, eos_ids: list[int], eos_bia
 
 
 def _decoder(vocab: int, layers: int, kv_heads: int, head_size: int, logits_table: np.ndarray, rng: np.random.Generator,
-             ffn_layers: int = 0, ffn_dim: int = 0, embed_dim: int = 0) -> onnx.ModelProto:
+             ffn_layers: int = 0, ffn_dim: int = 0, embed_dim: int = 0, ffn_repeat: int = 1) -> onnx.ModelProto:
     hidden = kv_heads * head_size
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
@@ -179,9 +179,13 @@ def _decoder(vocab: int, layers: int, kv_heads: int, head_size: int, logits_tabl
         for i in range(ffn_layers):
             inits += [numpy_helper.from_array((rng.standard_normal((d, f)) / np.sqrt(d)).astype(np.float32), f"ffn_w1_{i}"),
                       numpy_helper.from_array((rng.standard_normal((f, d)) / np.sqrt(f) * 0.1).astype(np.float32), f"ffn_w2_{i}")]
-            nodes += [helper.make_node("MatMul", [x, f"ffn_w1_{i}"], [f"ffn_h{i}"]),
+        # ``ffn_repeat`` runs the stack again with the same weights: more compute per token,
+        # not more bytes to package, download and load.
+        for i in range(ffn_layers * max(1, ffn_repeat)):
+            w = i % ffn_layers
+            nodes += [helper.make_node("MatMul", [x, f"ffn_w1_{w}"], [f"ffn_h{i}"]),
                       helper.make_node("Relu", [f"ffn_h{i}"], [f"ffn_r{i}"]),
-                      helper.make_node("MatMul", [f"ffn_r{i}", f"ffn_w2_{i}"], [f"ffn_o{i}"]),
+                      helper.make_node("MatMul", [f"ffn_r{i}", f"ffn_w2_{w}"], [f"ffn_o{i}"]),
                       helper.make_node("Add", [x, f"ffn_o{i}"], [f"ffn_x{i + 1}"])]
             x = f"ffn_x{i + 1}"
         inits.append(numpy_helper.from_array((rng.standard_normal((d, vocab)) * 0.01).astype(np.float32), "ffn_out"))
@@ -210,6 +214,7 @@ def build_model_dir(
     ffn_layers: int = 0,
     ffn_dim: int = 0,
     embed_dim: int = 0,
+    ffn_repeat: int = 1,
 ) -> pathlib.Path:
     """Write genai_config.json, model.onnx and the tokenizer files into ``out_dir``."""
     out_dir = pathlib.Path(out_dir)
@@ -220,7 +225,7 @@ def build_model_dir(
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     rng = np.random.default_rng(seed)
     table = _bigram_logits(tok, text, vocab, [ids["<|im_end|>"], ids["<|endoftext|>"]], eos_bias, rng)
-    model = _decoder(vocab, layers, kv_heads, head_size, table, rng, ffn_layers, ffn_dim, embed_dim)
+    model = _decoder(vocab, layers, kv_heads, head_size, table, rng, ffn_layers, ffn_dim, embed_dim, ffn_repeat)
     onnx.save_model(model, str(out_dir / "model.onnx"))
     tok.save(str(out_dir / "tokenizer.json"))
     tokenizer_config = {
@@ -325,11 +330,12 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ffn-layers", type=int, default=0, help="extra compute per token, standing in for a larger model")
     parser.add_argument("--ffn-dim", type=int, default=0)
     parser.add_argument("--embed-dim", type=int, default=0)
+    parser.add_argument("--ffn-repeat", type=int, default=1, help="run the extra layers this many times (compute, no more weights)")
     args = parser.parse_args(argv)
     built = build_package(
         args.out_dir, name=args.name, vocab_size=args.vocab_size, layers=args.layers, kv_heads=args.kv_heads,
         head_size=args.head_size, context_length=args.context_length, seed=args.seed,
-        ffn_layers=args.ffn_layers, ffn_dim=args.ffn_dim, embed_dim=args.embed_dim,
+        ffn_layers=args.ffn_layers, ffn_dim=args.ffn_dim, embed_dim=args.embed_dim, ffn_repeat=args.ffn_repeat,
     )
     info = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in built.__dict__.items()}
     json.dump(info, sys.stdout, indent=2)

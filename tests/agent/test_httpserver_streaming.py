@@ -5,6 +5,7 @@ disconnect detection, and a producer that fails mid-stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 
@@ -56,9 +57,9 @@ class Streams:
         raise RuntimeError("producer bug")
 
 
-async def start() -> tuple[httpserver.HttpServer, Streams, int]:
+async def start(limits: httpserver.Limits | None = None) -> tuple[httpserver.HttpServer, Streams, int]:
     streams = Streams()
-    server = httpserver.HttpServer(streams)
+    server = httpserver.HttpServer(streams, limits) if limits else httpserver.HttpServer(streams)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await server.start(sock)
@@ -112,6 +113,28 @@ async def test_a_client_that_does_not_read_holds_the_producer_back() -> None:
             received += size
             assert data[:-2] == bytes([data[0]]) * size
         assert received == n * CHUNK and streams.produced == n
+        writer.close()
+    finally:
+        await server.shutdown(1)
+
+
+async def test_a_client_that_reads_nothing_for_the_write_timeout_is_dropped_and_its_producer_closed() -> None:
+    server, streams, port = await start(httpserver.Limits(write_timeout=0.5))
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /big?n=400 HTTP/1.1\r\nHost: x\r\n\r\n")  # 25 MiB, never read
+        for _ in range(200):  # bounded: 20 s
+            if not server.connections:
+                break
+            await asyncio.sleep(0.1)
+        assert not server.connections  # dropped without flushing what the client never read
+        assert 0 < streams.produced < 100
+        with contextlib.suppress(ConnectionError):
+            assert len(await asyncio.wait_for(reader.read(), 10)) < 400 * CHUNK  # the stream ends, truncated
         writer.close()
     finally:
         await server.shutdown(1)

@@ -81,11 +81,11 @@ async def test_heartbeat_stream_needs_the_joined_identity(
         (identity("edge-1", pb.JoinResponse(agent_id="agt-other", credential=joined.credential)),
          grpc.StatusCode.FAILED_PRECONDITION),
     ]:
+        # The identity is checked before the first message is read: the call is refused
+        # without writing (a write racing the refusal fails on the client with INTERNAL).
         call = stub.Heartbeats(metadata=metadata)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await call.write(pb.Heartbeat(seq=1))
-            await call.done_writing()
-            await call
+            await asyncio.wait_for(call, 30)  # an accepted call would wait for heartbeats: TimeoutError
         assert refused.value.code() is code
 
     call = stub.Heartbeats(metadata=identity("edge-1", joined))

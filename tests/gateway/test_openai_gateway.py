@@ -46,7 +46,7 @@ def variant(built: genai_model.GenAIModel, uri: str, **generative: int) -> dict:
 async def fleet(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("gw-openai")
     chat = genai_model.build_package(root / "artifacts", name="chat")
-    slow = genai_model.build_package(root / "artifacts", name="slow", context_length=4096, ffn_layers=4,
+    slow = genai_model.build_package(root / "artifacts", name="slow", context_length=4096, ffn_layers=4, ffn_repeat=32,
                                      embed_dim=256, ffn_dim=1024, seed=1)
     body = manifests.bundle(
         *(manifests.edge_site(name, **where) for name, where in SITES.items()),
