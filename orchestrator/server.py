@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,7 @@ class ServerConfig:
     artifact_roots: tuple[pathlib.Path, ...] = ()
     artifact_hosts: tuple[str, ...] = ()  # allowed hosts of remote artifact URLs; empty = any
     public_url: str | None = None  # how agents and Ray replicas reach this server
+    agent_tls_names: tuple[str, ...] = ()  # more names (DNS or IP) agents may dial; the agent certificate names them
     local_ray: local_ray.LocalRayEndpoints | None = None  # use this cluster for ray.address: local
     local_ray_cpus: int | None = None
     local_ray_gpus: int | None = None
@@ -187,7 +189,7 @@ class ControlPlane:
         if not cfg.insecure_agents:
             self.ca = dataclasses.replace(ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca"),
                                           agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
-            server_cert, server_key = self.ca.issue_server(sorted({agent_host, "127.0.0.1", "localhost"}))
+            server_cert, server_key = self.ca.issue_server(agent_tls_hosts(cfg))
             mtls = agent_service.MutualTls(self.ca, server_cert, server_key, cfg.agent_join_port)
         # bound first: a port in use stops the start before anything else listens
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -425,6 +427,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact-host", action="append", default=[],
                    help="allowed host for http(s) artifact URIs, exact or .domain for subdomains (repeatable; default: any)")
     p.add_argument("--public-url", help="URL agents and Ray replicas use to reach this server")
+    p.add_argument("--agent-tls-name", action="append", default=[], metavar="NAME",
+                   help="a DNS name or address agents dial (repeatable): the agent listener's certificate names it, "
+                        "as it names --agent-host and the --public-url host")
     p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable)")
     p.add_argument("--gateway-auth", choices=list(admission.GATEWAY_AUTH), default="none",
                    help="'token' requires a valid API token (any role) on the gateway's model routes; 'none' leaves them open")
@@ -441,6 +446,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
+def agent_tls_hosts(cfg: ServerConfig) -> list[str]:
+    """The names the agent listener's certificate carries: where it listens (unless that is a
+    wildcard address), the host of ``--public-url``, and each ``--agent-tls-name``."""
+    names = [cfg.agent_host or cfg.host, *cfg.agent_tls_names]
+    if cfg.public_url:
+        names.append(urllib.parse.urlsplit(cfg.public_url).hostname or "")
+    return sorted({n for n in names if n and n not in ("0.0.0.0", "::")} | {"127.0.0.1", "localhost"})
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not 0 < args.agent_cert_days <= 3650:
         raise SystemExit("edgeplane serve: --agent-cert-days must be more than 0 and at most 3650")
@@ -455,6 +469,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         agent_cert_ttl_s=args.agent_cert_days * 86400.0,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,
+        agent_tls_names=tuple(args.agent_tls_name),
         gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
         gateway_max_body=args.gateway_max_body,
         cold_start_timeout_s=args.cold_start_timeout,

@@ -1,0 +1,150 @@
+"""The Kubernetes install in ``manifests/deploy`` is checked against what it deploys.
+
+No API server runs here, so each document is read into the official ``kubernetes`` client's
+typed models and written back: a misspelt or misplaced field is dropped by the model and the
+round trip differs. Container arguments are parsed by the real command-line parsers, names
+(selectors, ports, Secrets, Services) are checked against each other, and the control
+plane's probe paths are asked of a real control plane.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import httpx
+import kubernetes.client
+import pytest
+import yaml
+
+from edge_agent import main as agent_main
+from orchestrator import server
+from orchestrator.cli import main as cli_main
+
+DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "manifests" / "deploy"
+DOCS = [(path.name, i, doc) for path in sorted(DEPLOY.glob("*.yaml"))
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc]
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
+
+
+def by_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, _, doc in DOCS if doc["kind"] == kind]
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def model_name(doc: dict[str, Any]) -> str:
+    version = doc["apiVersion"].split("/")[-1]
+    return version[0].upper() + version[1:] + doc["kind"]
+
+
+@pytest.mark.parametrize("name,index,doc", DOCS, ids=[f"{n}#{i}-{d['kind']}" for n, i, d in DOCS])
+def test_each_document_is_a_valid_kubernetes_object(name: str, index: int, doc: dict[str, Any]) -> None:
+    api = kubernetes.client.ApiClient()
+    typed = api._ApiClient__deserialize(doc, model_name(doc))  # type: ignore[attr-defined]
+    assert api.sanitize_for_serialization(typed) == doc, f"{name} document {index}: a field the {doc['kind']} model does not know"
+    if doc["kind"] != "Namespace" and doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        assert doc["metadata"].get("namespace") == "edgeplane", f"{name} document {index} is outside the edgeplane namespace"
+
+
+def test_every_workload_selects_its_own_pods_and_every_service_finds_them() -> None:
+    workloads = [d for kind in WORKLOADS for d in by_kind(kind)]
+    assert workloads
+    for w in workloads:
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert w["spec"]["selector"]["matchLabels"].items() <= labels.items(), w["metadata"]["name"]
+    for svc in by_kind("Service"):
+        selected = [w for w in workloads if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert selected, f"Service {svc['metadata']['name']} selects no pods"
+        named = {p["name"] for w in selected for c in containers(w) for p in c.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in named, f"Service {svc['metadata']['name']}: no container port {port['targetPort']!r}"
+    for sts in by_kind("StatefulSet"):
+        assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in by_kind("Service")}
+
+
+def test_probes_name_ports_their_container_has() -> None:
+    for w in [d for kind in WORKLOADS for d in by_kind(kind)]:
+        for c in containers(w):
+            ports = {p["name"] for p in c.get("ports", [])}
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                get = c.get(probe, {}).get("httpGet")
+                if get is not None:
+                    assert get["port"] in ports, f"{w['metadata']['name']}: {probe} on unknown port {get['port']!r}"
+            assert "readinessProbe" in c, f"{w['metadata']['name']}: no readiness probe"
+
+
+def edgeplane_args(kind: str, name: str) -> list[str]:
+    (doc,) = [d for d in by_kind(kind) if d["metadata"]["name"] == name]
+    (c,) = containers(doc)
+    env = {e["name"] for e in c.get("env", [])}
+    args = [a.replace("$(NODE_IP)", "10.0.0.1") for a in c["args"]]
+    for a in c["args"]:  # every $(VAR) Kubernetes expands must be defined in the container
+        for var in [part.split(")")[0] for part in a.split("$(")[1:]]:
+            assert var in env, f"{name}: $({var}) is not in the container's env"
+    return args
+
+
+def test_the_control_plane_arguments_are_ones_serve_accepts() -> None:
+    args = edgeplane_args("Deployment", "edgeplane-control-plane")
+    parsed = cli_main.build_parser().parse_args(args)
+    config = server.config_from_args(parsed)
+    assert parsed.command == "serve" and parsed.auth == "token" and parsed.host == "0.0.0.0"
+    assert parsed.store.startswith("postgresql://") and "@edgeplane-postgres:5432/" in parsed.store
+    assert ":" not in parsed.store.split("//")[1].split("@")[0], "the password belongs in a Secret, not in the URL"
+    assert config.port == 8080 and config.agent_port == 8081 and config.agent_join_port == 8082
+
+
+def test_the_agent_arguments_are_ones_the_agent_accepts() -> None:
+    (doc,) = by_kind("DaemonSet")
+    args = edgeplane_args("DaemonSet", doc["metadata"]["name"])
+    parsed = agent_main.parser().parse_args(args)
+    assert parsed.listen[1] == 9000 and parsed.advertise_url == "http://10.0.0.1:9000"
+
+
+def test_secrets_the_manifests_read_are_the_ones_the_docs_say_to_create() -> None:
+    guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
+    used = {ref["secretKeyRef"]["name"] for _, _, doc in DOCS if doc["kind"] in WORKLOADS
+            for c in containers(doc) for e in c.get("env", []) for ref in [e.get("valueFrom", {})] if "secretKeyRef" in ref}
+    assert used == {"edgeplane-postgres", "edgeplane-bootstrap"}
+    for secret in used:
+        assert f"create secret generic {secret}" in guide, f"docs/deploy.md does not say how to create {secret}"
+    for path in sorted(DEPLOY.glob("*.yaml")):
+        assert f"manifests/deploy/{path.name}" in guide, f"docs/deploy.md does not mention {path.name}"
+
+
+async def test_the_control_plane_answers_its_probe_paths(tmp_path: pathlib.Path) -> None:
+    (doc,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "edgeplane-control-plane"]
+    (c,) = containers(doc)
+    paths = {c[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe") if p in c}
+    cp = await server.ControlPlane(server.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0,
+                                                       insecure_agents=True)).start()
+    try:
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            for path in sorted(paths):
+                assert (await http.get(path)).status_code == 200, path
+    finally:
+        await cp.stop()
+
+
+def test_the_agent_certificate_names_the_address_the_agents_dial() -> None:
+    config = server.config_from_args(cli_main.build_parser().parse_args(edgeplane_args("Deployment", "edgeplane-control-plane")))
+    (doc,) = by_kind("DaemonSet")
+    dialled = agent_main.parser().parse_args(edgeplane_args("DaemonSet", doc["metadata"]["name"])).control_plane
+    assert dialled.rsplit(":", 1)[0] in server.agent_tls_hosts(config)
+
+
+@pytest.mark.parametrize("host,agent_host,public_url,names,expected", [
+    ("127.0.0.1", None, None, (), ["127.0.0.1", "localhost"]),
+    ("0.0.0.0", None, None, (), ["127.0.0.1", "localhost"]),  # a wildcard is no name to verify
+    ("0.0.0.0", "10.1.2.3", None, (), ["10.1.2.3", "127.0.0.1", "localhost"]),
+    ("0.0.0.0", None, "http://cp.example.test:8080", (), ["127.0.0.1", "cp.example.test", "localhost"]),
+    ("::", None, None, ("agents.example.test", "192.0.2.7"), ["127.0.0.1", "192.0.2.7", "agents.example.test", "localhost"]),
+])
+def test_agent_tls_hosts(host: str, agent_host: str | None, public_url: str | None, names: tuple[str, ...],
+                         expected: list[str]) -> None:
+    config = server.ServerConfig(data_dir=pathlib.Path("."), host=host, agent_host=agent_host, public_url=public_url,
+                                 agent_tls_names=names)
+    assert server.agent_tls_hosts(config) == expected
