@@ -42,6 +42,10 @@ MAX_SEND_BYTES = 16 * 1024 * 1024
 #: asyncio server accepts calls one at a time, so the backlog briefly reaches the fleet size.
 #: Each pending call is a few KiB; the limits stay well above the largest expected fleet.
 MAX_PENDING_STREAMS = 100_000
+#: How long an accepted call may wait for the server to take it up before gRPC cancels it
+#: (default 30 s). A reconnecting fleet of tens of thousands queues longer than that behind
+#: the one-at-a-time asyncio server, and its cancelled streams reconnect and queue again.
+MAX_UNREQUESTED_S = 300
 
 _CODES: list[tuple[type[errors.AgentHubError], grpc.StatusCode]] = [
     (errors.NotAuthenticated, grpc.StatusCode.UNAUTHENTICATED),
@@ -243,6 +247,7 @@ def server_options(max_receive_bytes: int = MAX_RECEIVE_BYTES) -> list[tuple[str
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.server.max_pending_requests", MAX_PENDING_STREAMS),
         ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_STREAMS),
+        ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_S),
     ]
 
 
