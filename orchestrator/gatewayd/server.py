@@ -256,7 +256,7 @@ def config_from_args(args: argparse.Namespace, token: str | None) -> GatewayConf
 
 async def serve_forever(config: GatewayConfig) -> None:
     gw = await StandaloneGateway(config).start()
-    print(f"edgeplane gateway: serving {gw.http_url}, following {', '.join(config.control_planes)}", flush=True)
+    print(f"edgeplane gateway following {', '.join(config.control_planes)}: serving {gw.http_url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
