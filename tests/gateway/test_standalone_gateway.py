@@ -10,6 +10,7 @@ control plane is stopped last and the gateway keeps answering from its last tabl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -254,3 +255,25 @@ async def test_an_unreachable_control_plane_leaves_the_gateway_unready_with_the_
     finally:
         proc.stop()
     assert "Traceback" not in proc.log() and "unreachable" in proc.log()
+
+
+async def test_a_control_plane_with_auth_needs_the_gateways_token(tmp_path: Any) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(auth="token")
+        assert cp.admin_token
+        config = gatewayd.GatewayConfig(control_planes=(cp.http_url,), port=0, backoff_max_s=0.5)
+        without = await gatewayd.StandaloneGateway(config).start()
+        try:
+            await harness.wait_until(lambda: without.follower.last_error, 30, what="the refused watch to be reported")
+            assert "HTTP 401" in str(without.follower.last_error) and not without.follower.ready
+        finally:
+            await without.stop()
+        with_token = await gatewayd.StandaloneGateway(dataclasses.replace(config, token=cp.admin_token)).start()
+        try:
+            assert await with_token.follower.wait_snapshot(0, 60), with_token.follower.status()
+            assert with_token.follower.epoch == cp.publisher.epoch
+        finally:
+            await with_token.stop()
+    finally:
+        await fleet.stop()
