@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,6 +99,9 @@ class TableFollower:
                 problem = "closed the watch"
             except (httpx.HTTPError, WatchFailed, wire.WireError, json.JSONDecodeError, UnicodeDecodeError) as exc:
                 problem = describe(exc)
+            except Exception as exc:  # a bug of ours must not stop the gateway following: log it, back off, go on
+                log.exception("control plane %s: following the endpoint table failed", url)
+                problem = f"{type(exc).__name__}: {exc}"
             self.connected = False
             if self.snapshots > before:
                 backoff = self.backoff_min_s
@@ -164,7 +168,7 @@ class TableFollower:
     async def _wake(self, model: str) -> None:
         for url in [self.current] + [u for u in self.urls if u != self.current]:
             with contextlib.suppress(httpx.HTTPError):
-                resp = await self._http.post(f"{url}/v1/wake/{model}", timeout=5.0)
+                resp = await self._http.post(f"{url}/v1/wake/{urllib.parse.quote(model, safe='')}", timeout=5.0)
                 if resp.status_code < 500:
                     return
         log.warning("could not ask a control plane to wake %s", model)
@@ -194,9 +198,13 @@ class TokenChecker:
         self.ttl_s, self.negative_ttl_s, self.max_entries = ttl_s, negative_ttl_s, max_entries
         self.clock = clock
         self._cache: collections.OrderedDict[str, tuple[Token | None, float]] = collections.OrderedDict()
+        self._asking: dict[str, asyncio.Future[Token | None]] = {}  # one control-plane call per token at a time
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
 
     async def close(self) -> None:
+        for asking in list(self._asking.values()):
+            asking.cancel()
+        await asyncio.gather(*self._asking.values(), return_exceptions=True)
         await self._http.aclose()
 
     @staticmethod
@@ -214,6 +222,14 @@ class TokenChecker:
         hit = self._cache.get(key)
         if hit is not None and hit[1] > self.clock():
             return hit[0]
+        asking = self._asking.get(key)
+        if asking is None:  # callers with the same new token wait for one call, which a caller leaving does not cancel
+            asking = asyncio.ensure_future(self._ask(secret, key, hit))
+            self._asking[key] = asking
+            asking.add_done_callback(lambda done: (self._asking.pop(key, None), done.cancelled() or done.exception()))
+        return await asyncio.shield(asking)
+
+    async def _ask(self, secret: str, key: str, hit: tuple[Token | None, float] | None) -> Token | None:
         urls = [self.follower.current] + [u for u in self.follower.urls if u != self.follower.current]
         for url in urls:
             try:
@@ -221,7 +237,10 @@ class TokenChecker:
             except httpx.HTTPError:
                 continue
             if resp.status_code == 200:
-                token_id = resp.json().get("id")
+                try:
+                    token_id = resp.json().get("id")
+                except (ValueError, AttributeError):
+                    continue
                 verdict = Token(str(token_id)) if token_id else None
             elif resp.status_code in (401, 403):
                 verdict = None

@@ -28,6 +28,8 @@ import pytest
 import pytest_asyncio
 
 from orchestrator import client as client_mod
+from orchestrator.gateway import endpoints
+from orchestrator.gatewayd import follow
 from orchestrator.gatewayd import server as gatewayd
 from orchestrator.testing import genai_model, harness, manifests, onnx_models
 
@@ -275,5 +277,31 @@ async def test_a_control_plane_with_auth_needs_the_gateways_token(tmp_path: Any)
             assert with_token.follower.epoch == cp.publisher.epoch
         finally:
             await with_token.stop()
+    finally:
+        await fleet.stop()
+
+
+async def test_token_checks_are_cached_and_outlive_the_control_plane(tmp_path: Any) -> None:
+    now = [0.0]
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            token = (await http.post("/v1/tokens", json={"purpose": "api", "role": "read"})).json()["token"]
+        follower = follow.TableFollower([f"http://127.0.0.1:{free_port()}", cp.http_url], endpoints.EndpointTable())
+        checker = follow.TokenChecker(follower, clock=lambda: now[0])
+        try:
+            verdicts = await asyncio.gather(*(checker.check(token) for _ in range(20)))  # the dead URL is skipped
+            assert len({v.id for v in verdicts if v is not None}) == 1 and None not in verdicts
+            assert await checker.check("wrong") is None and checker.cached("wrong") is None
+            await cp.stop()
+            fleet.cp = None
+            now[0] += 3600  # every entry is stale and no control plane answers
+            assert await checker.check(token) == verdicts[0]  # known valid: stays valid
+            with pytest.raises(follow.Unverifiable):
+                await checker.check("wrong")  # known invalid, or never seen: nobody can tell now
+        finally:
+            await checker.close()
+            await follower.close()
     finally:
         await fleet.stop()
