@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator.distill.capture import CapturePolicy
+from orchestrator.distill import capture as capture_mod
 from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
@@ -85,7 +85,7 @@ def cascade_from_json(d: Mapping[str, Any]) -> rules.CascadeRoute:
                                     s.get("maxInflight"), float(s.get("watts", 0.0))) for s in d["stages"])
     energy = {str(site): rules.SiteEnergy(float(e["carbonGPerKwh"]), float(e.get("pue", 1.0))) for site, e in d.get("energy", {}).items()}
     c = d.get("capture")
-    capture = None if c is None else CapturePolicy(float(c["sampleRate"]), int(c["dailyCap"]), float(c["retentionS"]), tuple(c["zones"]))
+    capture = None if c is None else capture_mod.CapturePolicy(float(c["sampleRate"]), int(c["dailyCap"]), float(c["retentionS"]), tuple(c["zones"]))
     return rules.CascadeRoute(str(d["model"]), str(d["deployment"]), stages, energy, capture)
 
 

@@ -130,7 +130,7 @@ class StandaloneGateway:
             sock.bind((cfg.host, cfg.port))
         except OSError as exc:
             sock.close()
-            raise OSError(exc.errno, f"cannot listen on {cfg.host}:{cfg.port} (--host/--port): {exc.strerror or exc}") from exc
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (--host/--port): {exc.strerror or exc}") from exc
         port = sock.getsockname()[1]
         self.http_url = f"http://{f'[{cfg.host}]' if ':' in cfg.host else cfg.host}:{port}"
 

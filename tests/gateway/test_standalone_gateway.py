@@ -305,3 +305,13 @@ async def test_token_checks_are_cached_and_outlive_the_control_plane(tmp_path: A
             await follower.close()
     finally:
         await fleet.stop()
+
+
+async def test_a_port_in_use_is_a_one_line_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = await asyncio.to_thread(gateway_cli, "--control-plane", "http://127.0.0.1:8080", "--port", port)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port} (--host/--port): Address already in use"
