@@ -110,7 +110,8 @@ class StandaloneGateway:
     http_url: str = ""
     table: endpoints_mod.EndpointTable = field(init=False)
     follower: follow.TableFollower = field(init=False)
-    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _serving: asyncio.Task[Any] | None = None
+    _following: asyncio.Task[Any] | None = None
 
     async def start(self) -> StandaloneGateway:
         cfg = self.config
@@ -142,10 +143,10 @@ class StandaloneGateway:
         self._http = upstream.UpstreamPool(connect_timeout=2.0, timeout=30.0)
         self.admission = admission.GatewayAdmission(ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
                                                     self.checker.cached if cfg.gateway_auth == "token" else None)
-        limited = cfg.gateway_auth == "token" or cfg.gateway_rate > 0
+        self._limited = cfg.gateway_auth == "token" or cfg.gateway_rate > 0
         cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry), position=cfg.position)
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry), position=cfg.position,
-                                     ready=lambda: self.follower.ready, admit=lambda request: self._admit(request, limited),
+                                     ready=lambda: self.follower.ready, admit=self._admit,
                                      max_body=cfg.gateway_max_body, cold_start_s=cfg.cold_start_timeout_s, cascade=cascades)
         self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
         app: ASGIApp = Starlette(routes=self.gateway.routes() + self.openai_gateway.routes() + [
@@ -159,8 +160,8 @@ class StandaloneGateway:
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                                       timeout_graceful_shutdown=5, limit_concurrency=4096))
         self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="gateway-http"))
-        self._tasks.append(asyncio.create_task(self.follower.run(), name="gateway-follow"))
+        self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="gateway-http")
+        self._following = asyncio.create_task(self.follower.run(), name="gateway-follow")
         for _ in range(500):
             if self._uvicorn.started:
                 break
@@ -169,25 +170,27 @@ class StandaloneGateway:
 
     async def stop(self) -> None:
         self._uvicorn.should_exit = True
-        for t in self._tasks[1:]:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(t, timeout=10)
+        if self._following is not None:
+            self._following.cancel()  # it runs until cancelled; uvicorn ends on should_exit
+        for t in (self._following, self._serving):
+            if t is not None:
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                    await asyncio.wait_for(t, timeout=10)
         await self.follower.close()
         await self.checker.close()
         await self._http.close()
         await self.openai_gateway.close()
 
-    def _admit(self, request: Request, limited: bool) -> Response | None:
+    def _admit(self, request: Request) -> Response | None:
+        """Every model route: 503 until the first table, then auth and rate limits when set."""
         if not self.follower.ready:
             why = f" ({self.follower.last_error})" if self.follower.last_error else ""
             return Response(oip.error_body(f"the gateway has no endpoint table from the control plane yet{why}; retry"),
                             status_code=503, media_type="application/json", headers={"retry-after": "2"})
-        return self.admission.check(request) if limited else None
+        return self.admission.check(request) if self._limited else None
 
     async def _endpoints(self, request: Request) -> Response:
-        refused = self.gateway._admit(request) if self.gateway._admit is not None else None
+        refused = self._admit(request)
         if refused is not None:
             return refused
         q = request.query_params
