@@ -9,11 +9,14 @@ import signal
 
 import httpx
 import numpy as np
+import pytest
 
 from orchestrator import client as client_mod
+from orchestrator.gatewayd import server as gatewayd
 from orchestrator.testing import harness, onnx_models
 
 from .conftest import fleet_yaml
+from .proxy import ChaosProxy
 
 SITES = {"edge-a": 48.0}
 WORKERS = 4
@@ -76,3 +79,31 @@ async def _run(gateways: list[harness.AgentProcess], model: onnx_models.BuiltMod
     assert gateways[0].process.wait(10) == -signal.SIGKILL
     assert failures == [], failures[:5]
     assert answered_by.get(urls[1], 0) > 0, answered_by  # the survivor took over
+
+
+async def test_a_silent_watch_is_given_up_for_the_next_control_plane(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A partition that drops every byte and resets nothing: only the missing heartbeats tell."""
+    fleet = harness.Fleet(tmp_path)
+    proxy: ChaosProxy | None = None
+    gw: gatewayd.StandaloneGateway | None = None
+    try:
+        cp = await fleet.start_control_plane()
+        host, port = cp.http_url.removeprefix("http://").rsplit(":", 1)
+        proxy = await ChaosProxy(host, int(port)).start()
+        through_proxy = f"http://{proxy.address}"
+        # heartbeats come every 5 s: 8 s of silence is a dead connection
+        config = gatewayd.GatewayConfig(control_planes=(through_proxy, cp.http_url), port=0, silence_s=8.0, backoff_max_s=0.5)
+        gw = await gatewayd.StandaloneGateway(config).start()
+        follower = gw.follower
+        assert await follower.wait_snapshot(0, 60) and follower.source == through_proxy
+        seen = follower.snapshots
+        proxy.blackhole()
+        assert await follower.wait_snapshot(seen, 60), follower.status()  # the next snapshot comes from the next URL
+        assert follower.source == cp.http_url and follower.ready
+        assert f"control plane {through_proxy}: timed out" in caplog.text  # the silence, not a reset, ended it
+    finally:
+        if gw is not None:
+            await gw.stop()
+        if proxy is not None:
+            await proxy.stop()
+        await fleet.stop()
