@@ -26,8 +26,10 @@ import numpy as np
 import openai
 import pytest
 import pytest_asyncio
+import yaml
 
 from orchestrator import client as client_mod
+from orchestrator.cli import main as cli
 from orchestrator.gateway import endpoints
 from orchestrator.gatewayd import follow
 from orchestrator.gatewayd import server as gatewayd
@@ -315,3 +317,14 @@ async def test_a_port_in_use_is_a_one_line_error() -> None:
         done = await asyncio.to_thread(gateway_cli, "--control-plane", "http://127.0.0.1:8080", "--port", port)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port} (--host/--port): Address already in use"
+
+
+async def test_the_kubernetes_manifest_starts_the_gateway_with_flags_it_accepts() -> None:
+    docs = list(yaml.safe_load_all((harness.REPO / "manifests" / "deploy" / "gateway.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = cli.build_parser().parse_args(container["args"])
+    config = gatewayd.config_from_args(args, token="from-the-secret")
+    assert args.command == "gateway" and config.control_planes == ("http://edgeplane-control-plane.edgeplane.svc:8080",)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert any(e["name"] == "EDGEPLANE_TOKEN" for e in container["env"])
