@@ -45,6 +45,7 @@ class TablePublisher:
         self.doc = wire.table_to_json(table)
         self.closed = False
         self._changed = asyncio.Event()
+        self._encoded: tuple[int, bytes] | None = None  # the current snapshot event, encoded once for every watcher
 
     def publish(self) -> None:
         """Called after each change of the table: a new version when its document differs."""
@@ -72,10 +73,15 @@ class TablePublisher:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
     def event(self, kind: str) -> bytes:
+        if kind == "snapshot" and self._encoded is not None and self._encoded[0] == self.version:
+            return self._encoded[1]
         body: dict[str, object] = {"type": kind, "epoch": self.epoch, "version": self.version}
         if kind == "snapshot":
             body["table"] = self.doc
-        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        line = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        if kind == "snapshot":
+            self._encoded = (self.version, line)
+        return line
 
 
 def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher: TablePublisher,
