@@ -88,6 +88,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class Setup:
+    gateway: subprocess.Popen[bytes] | None = None  # the standalone gateway (bench.genai_gateway's setup has none)
+
     def __init__(self, root: pathlib.Path):
         self.root = root
         self.port, self.agent_port, self.join_port = free_port(), free_port(), free_port()
@@ -132,7 +134,8 @@ class Setup:
         return httpx.get(f"{self.url}/v1/endpoints/bench", params={"lat": 48.85, "lon": 2.35}).json()["endpoints"]
 
     def stop(self) -> None:
-        harness.terminate(self.gateway, 10)
+        if self.gateway is not None:
+            harness.terminate(self.gateway, 10)
         for a in self.agents.values():
             a.stop()
         self.server.send_signal(signal.SIGTERM)
