@@ -17,6 +17,7 @@ first and after every change, ``{"type": "heartbeat", ...}`` in between.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.distill import capture as capture_mod
@@ -89,29 +90,59 @@ def cascade_from_json(d: Mapping[str, Any]) -> rules.CascadeRoute:
     return rules.CascadeRoute(str(d["model"]), str(d["deployment"]), stages, energy, capture)
 
 
-def table_to_json(table: endpoints_mod.EndpointTable) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TableContents:
+    """What a table document holds, as values: equal contents mean an equal document."""
+
+    endpoints: tuple[routing.Endpoint, ...]
+    regions: routing.RegionIndex
+    deployed: Mapping[str, str]
+    cold: frozenset[str]
+    cascades: Mapping[str, rules.CascadeRoute]
+
+
+def contents_of(table: endpoints_mod.EndpointTable) -> TableContents:
     """Everything a gateway routes with; the gateway's own load and ejections stay local."""
+    return TableContents(tuple(table.all_endpoints()), table.regions, table.deployed(), table.cold(), dict(table.cascades))
+
+
+def contents_to_json(c: TableContents) -> dict[str, Any]:
     return {
-        "endpoints": [endpoint_to_json(e) for e in table.all_endpoints()],
-        "regions": {r: list(c) for r, c in sorted(table.regions.centroids.items())},
-        "deployed": dict(sorted(table.deployed().items())),
-        "cold": sorted(table.cold()),
-        "cascades": {name: cascade_to_json(route) for name, route in sorted(table.cascades.items())},
+        "endpoints": [endpoint_to_json(e) for e in c.endpoints],
+        "regions": {r: list(xy) for r, xy in sorted(c.regions.centroids.items())},
+        "deployed": dict(sorted(c.deployed.items())),
+        "cold": sorted(c.cold),
+        "cascades": {name: cascade_to_json(route) for name, route in sorted(c.cascades.items())},
     }
+
+
+def contents_from_json(doc: Mapping[str, Any]) -> TableContents:
+    """A table document's contents (no table is touched: a standalone gateway decodes off its event loop)."""
+    try:
+        return TableContents(
+            tuple(endpoint_from_json(e) for e in doc["endpoints"]),
+            routing.RegionIndex({str(r): (float(c[0]), float(c[1])) for r, c in doc.get("regions", {}).items()}),
+            {str(m): str(why) for m, why in doc.get("deployed", {}).items()},
+            frozenset(str(m) for m in doc.get("cold", ())),
+            {str(name): cascade_from_json(route) for name, route in doc.get("cascades", {}).items()},
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise WireError(f"not an endpoint table: {type(exc).__name__}: {exc}") from None
+
+
+def apply(table: endpoints_mod.EndpointTable, c: TableContents) -> None:
+    """Replace ``table``'s contents with ``c`` (cold-start waiters for models that now have an endpoint wake)."""
+    table.set_cascades(dict(c.cascades))
+    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold)
+
+
+def table_to_json(table: endpoints_mod.EndpointTable) -> dict[str, Any]:
+    return contents_to_json(contents_of(table))
 
 
 def apply_json(table: endpoints_mod.EndpointTable, doc: Mapping[str, Any]) -> None:
     """Replace ``table``'s contents with ``doc``'s (all or nothing: a bad document changes nothing)."""
-    try:
-        endpoints = [endpoint_from_json(e) for e in doc["endpoints"]]
-        regions = routing.RegionIndex({str(r): (float(c[0]), float(c[1])) for r, c in doc.get("regions", {}).items()})
-        deployed = {str(m): str(why) for m, why in doc.get("deployed", {}).items()}
-        cold = [str(m) for m in doc.get("cold", ())]
-        cascades = {str(name): cascade_from_json(route) for name, route in doc.get("cascades", {}).items()}
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise WireError(f"not an endpoint table: {type(exc).__name__}: {exc}") from None
-    table.set_cascades(cascades)
-    table.replace(endpoints, regions, deployed, cold)
+    apply(table, contents_from_json(doc))
 
 
 def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) -> dict[str, Any]:

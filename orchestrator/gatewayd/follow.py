@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
+import orjson
 
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
@@ -46,6 +47,20 @@ def describe(exc: BaseException) -> str:
 
 class WatchFailed(Exception):
     """The control plane answered the watch with something other than a stream of events."""
+
+
+def decode_snapshot(line: str) -> tuple[str, int | None, wire.TableContents | None]:
+    """(epoch, version, contents) of one watch event; contents None for an event that is no snapshot."""
+    event = orjson.loads(line)
+    if not isinstance(event, dict):
+        raise WatchFailed("an event is not a JSON object")
+    if event.get("type") != "snapshot":
+        return "", None, None
+    table = event.get("table")
+    if not isinstance(table, dict):
+        raise wire.WireError("a snapshot without a table")
+    version = event.get("version")
+    return str(event.get("epoch")), version if isinstance(version, int) else None, wire.contents_from_json(table)
 
 
 class TableFollower:
@@ -97,7 +112,7 @@ class TableFollower:
             try:
                 await self._watch(url)
                 problem = "closed the watch"
-            except (httpx.HTTPError, WatchFailed, wire.WireError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except (httpx.HTTPError, WatchFailed, wire.WireError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
                 problem = describe(exc)
             except Exception as exc:  # a bug of ours must not stop the gateway following: log it, back off, go on
                 log.exception("control plane %s: following the endpoint table failed", url)
@@ -128,20 +143,18 @@ class TableFollower:
             async for line in resp.aiter_lines():
                 if not line.strip():
                     continue
-                event = json.loads(line)
-                if not isinstance(event, dict):
-                    raise WatchFailed("an event is not a JSON object")
-                if event.get("type") == "snapshot":
-                    await self._apply(url, event)
+                if line.startswith('{"type":"heartbeat"'):
+                    continue  # it only had to arrive (the read timeout measures the silence)
+                # A big table takes tens of milliseconds to decode: off the event loop, so
+                # requests are not held behind it; only the swap into the table runs on it.
+                epoch, version, contents = await asyncio.to_thread(decode_snapshot, line)
+                if contents is not None:
+                    await self._apply(url, epoch, version, contents)
 
-    async def _apply(self, url: str, event: dict[str, object]) -> None:
-        table = event.get("table")
-        if not isinstance(table, dict):
-            raise wire.WireError("a snapshot without a table")
-        wire.apply_json(self.table, table)
+    async def _apply(self, url: str, epoch: str, version: int | None, contents: wire.TableContents) -> None:
+        wire.apply(self.table, contents)
         first = not self.ready
-        self.source, self.epoch = url, str(event.get("epoch"))
-        self.version = event.get("version") if isinstance(event.get("version"), int) else None  # type: ignore[assignment]
+        self.source, self.epoch, self.version = url, epoch, version
         self.snapshots += 1
         self.last_snapshot_at = self.clock()
         if self.last_error is not None or first:

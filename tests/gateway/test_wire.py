@@ -11,6 +11,7 @@ import pytest
 from orchestrator.api import watch
 from orchestrator.distill.capture import CapturePolicy
 from orchestrator.gateway import cascade_rules, endpoints, routing, wire
+from orchestrator.gatewayd import follow
 
 V2 = routing.Endpoint("intent", "intent-eu", "edge-paris", "edge", "FR", "fr", 48.85, 2.35, "http://10.0.0.1:9000",
                       healthy=True, inflight=2, allowed_countries=frozenset({"FR", "DE"}), fallback=("edge", "datacenter"))
@@ -34,6 +35,7 @@ def full_table() -> endpoints.EndpointTable:
 
 
 def test_a_table_survives_the_wire_unchanged() -> None:
+    assert wire.contents_from_json(wire.table_to_json(full_table())) == wire.contents_of(full_table())
     doc = json.loads(json.dumps(wire.table_to_json(full_table())))
     copy = endpoints.EndpointTable()
     wire.apply_json(copy, doc)
@@ -83,9 +85,13 @@ async def test_the_publisher_counts_changes_only_and_wakes_its_watchers() -> Non
     table.replace([V2])
     await asyncio.wait_for(waiting, 5)
     assert publisher.version == 1
-    event = json.loads(publisher.event("snapshot"))
+    line = await publisher.snapshot()
+    assert await publisher.snapshot() is line  # encoded once per version
+    event = json.loads(line)
     assert event["version"] == 1 and event["epoch"] == publisher.epoch and event["table"]["endpoints"][0]["site"] == "edge-paris"
-    assert "table" not in json.loads(publisher.event("heartbeat"))
+    assert follow.decode_snapshot(line.decode()) == (publisher.epoch, 1, wire.contents_of(table))
+    heartbeat = publisher.heartbeat().decode()
+    assert "table" not in json.loads(heartbeat) and follow.decode_snapshot(heartbeat) == ("", None, None)
     table.set_cascades({"intent": ROUTE})
     assert publisher.version == 2
     closing = asyncio.create_task(publisher.wait_change(2, 30))
