@@ -18,7 +18,7 @@ Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as byte
 
 :class:`AsyncClient` is the same over ``httpx.AsyncClient``.
 
-Several gateways: ``Client(["http://gw1:8090", "http://gw2:8090"])`` (standalone
+Several gateways: ``Client(["http://gw1:8088", "http://gw2:8088"])`` (standalone
 ``edgeplane gateway`` processes, or control planes). The endpoint list is asked of the
 first URL that answers; a request that no replica answered directly goes to the gateways
 in order, and a connection error or a 5xx from one moves it to the next (inference is

@@ -58,7 +58,7 @@ class ConfigError(Exception):
 class GatewayConfig:
     control_planes: tuple[str, ...]
     host: str = "127.0.0.1"
-    port: int = 8090
+    port: int = 8088
     token: str | None = None  # to read the control plane's watch (any API role)
     position: tuple[float, float] | None = None
     gateway_auth: str = "none"
@@ -220,7 +220,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-plane", nargs="+", required=True, metavar="URL",
                    help="the control plane's URL; several (replicas of it) are tried in turn when one fails")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on")
-    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--port", type=int, default=8088)
     p.add_argument("--token", default=argparse.SUPPRESS,
                    help="API token (any role) to read the control plane's endpoint table (default: $EDGEPLANE_TOKEN)")
     p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
