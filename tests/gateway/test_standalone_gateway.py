@@ -328,3 +328,14 @@ async def test_the_kubernetes_manifest_starts_the_gateway_with_flags_it_accepts(
     assert args.command == "gateway" and config.control_planes == ("http://edgeplane-control-plane.edgeplane.svc:8080",)
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert any(e["name"] == "EDGEPLANE_TOKEN" for e in container["env"])
+
+
+async def test_edgeplane_infer_goes_through_a_standalone_gateway(gateway: gatewayd.StandaloneGateway, fleet: harness.Fleet,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """After the test that stopped the control plane: the gateway alone answers."""
+    assert fleet.cp is None
+    data = json.dumps({"input": [[0.1] * 8]})
+    code = await asyncio.to_thread(cli.main, ["infer", "intent", "--server", gateway.http_url, "--data", data, "-o", "json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert json.loads(out)["servedBy"] == "edge-paris"
