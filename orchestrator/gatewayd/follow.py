@@ -138,7 +138,9 @@ class TableFollower:
                     reason = json.loads(body).get("error", body)
                 except ValueError:
                     reason = body
-                raise WatchFailed(f"HTTP {resp.status_code}: {str(reason)[:200]}")
+                hint = " (no endpoint-table watch at this URL: is it an edgeplane control plane, of this version?)" \
+                    if resp.status_code in (404, 405) else ""
+                raise WatchFailed(f"HTTP {resp.status_code}: {str(reason)[:200]}{hint}")
             self.connected = True
             async for line in resp.aiter_lines():
                 if not line.strip():

@@ -273,6 +273,19 @@ async def test_a_control_plane_with_auth_needs_the_gateways_token(tmp_path: Any)
             assert "HTTP 401" in str(without.follower.last_error) and not without.follower.ready
         finally:
             await without.stop()
+        # a standalone gateway is not a control plane: following one says so
+        config = gatewayd.GatewayConfig(control_planes=(cp.http_url,), port=0, token=cp.admin_token)
+        first = await gatewayd.StandaloneGateway(config).start()
+        try:
+            assert await first.follower.wait_snapshot(0, 60)
+            second = await gatewayd.StandaloneGateway(dataclasses.replace(config, control_planes=(first.http_url,))).start()
+            try:
+                await harness.wait_until(lambda: second.follower.last_error, 30, what="the refused watch to be reported")
+                assert "HTTP 404" in str(second.follower.last_error) and "is it an edgeplane control plane" in str(second.follower.last_error)
+            finally:
+                await second.stop()
+        finally:
+            await first.stop()
         with_token = await gatewayd.StandaloneGateway(dataclasses.replace(config, token=cp.admin_token)).start()
         try:
             assert await with_token.follower.wait_snapshot(0, 60), with_token.follower.status()
