@@ -136,7 +136,7 @@ class TableFollower:
                 body = (await resp.aread()).decode(errors="replace")
                 try:
                     reason = json.loads(body).get("error", body)
-                except ValueError:
+                except (ValueError, AttributeError):  # not JSON, or not an object: the body as it is
                     reason = body
                 hint = " (no endpoint-table watch at this URL: is it an edgeplane control plane, of this version?)" \
                     if resp.status_code in (404, 405) else ""
