@@ -256,6 +256,9 @@ async def test_an_unreachable_control_plane_leaves_the_gateway_unready_with_the_
             refused = await http.post("/v2/models/intent/infer", json=BODY)
             assert refused.status_code == 503 and "no endpoint table" in refused.json()["error"]
             assert (await http.get("/v2/health/ready")).status_code == 503
+            chat = await http.post("/openai/v1/chat/completions", json={"model": "chat", "messages": USER})
+            assert chat.status_code == 503 and chat.json()["error"]["type"] == "server_error" and chat.json()["error"]["code"] is None
+            assert chat.headers["retry-after"] == "2"
     finally:
         proc.stop()
     assert "Traceback" not in proc.log() and "unreachable" in proc.log()
