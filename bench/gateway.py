@@ -4,6 +4,8 @@ Measured, each sequentially over one keep-alive connection, on the same ONNX mod
 
 - ``direct``   POST of a pre-encoded body straight to the edge agent's v2 route (the baseline);
 - ``gateway``  the same request through the control plane's gateway (added = gateway - direct);
+- ``standalone`` the same request through a standalone gateway process (``edgeplane gateway``,
+  following the control plane's endpoint table), added = standalone - direct;
 - ``ray-proxy`` the same model behind Ray Serve's own HTTP proxy (the peer a user would
   otherwise put in front of replicas), deployed by edgeplane's Ray actuator;
 - ``client``   ``orchestrator.client.Client.infer`` from a numpy array (encode, endpoint
@@ -15,7 +17,7 @@ Failover: a client streams requests through the gateway while the serving agent 
 killed with SIGKILL; the time until the first answer from another site and the count of
 failed requests are recorded over several kills.
 
-    .venv/bin/python -m bench.gateway [--quick] [--no-ray]
+    .venv/bin/python -m bench.gateway [--quick] [--no-ray] [--output gateway.json]
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class Setup:
+    gateway: subprocess.Popen[bytes] | None = None  # the standalone gateway (bench.genai_gateway's setup has none)
+
     def __init__(self, root: pathlib.Path):
         self.root = root
         self.port, self.agent_port, self.join_port = free_port(), free_port(), free_port()
@@ -102,6 +106,17 @@ class Setup:
         for site in ("edge-a", "edge-b"):
             self.start_agent(site)
         wait_for(lambda: len(self.endpoints()) == 2, 60, "two endpoints")
+        self.gateway_port = free_port()
+        self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        self.gateway = subprocess.Popen(harness.gateway_command([self.url], port=self.gateway_port, extra=("--log-level", "warning")),
+                                        stdout=subprocess.DEVNULL, stderr=(root / "gateway.log").open("w"))
+        wait_for(self._gateway_ready, 30, "standalone gateway with the endpoint table")
+
+    def _gateway_ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.gateway_url}/readyz").json()["endpoints"] == 2
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
 
     def _up(self) -> bool:
         try:
@@ -119,6 +134,8 @@ class Setup:
         return httpx.get(f"{self.url}/v1/endpoints/bench", params={"lat": 48.85, "lon": 2.35}).json()["endpoints"]
 
     def stop(self) -> None:
+        if self.gateway is not None:
+            harness.terminate(self.gateway, 10)
         for a in self.agents.values():
             a.stop()
         self.server.send_signal(signal.SIGTERM)
@@ -138,11 +155,14 @@ def measure_paths(s: Setup, n: int, with_ray: bool) -> dict[str, Any]:
         headers = {**where, "content-type": "application/json" if header_len is None else "application/octet-stream"}
         if header_len is not None:
             headers[oip.BINARY_HEADER] = str(header_len)
-        samples: dict[str, list[float]] = {"direct": [], "gateway": [], "client": [], "direct-vs-gateway": [], "direct-vs-client": []}
+        samples: dict[str, list[float]] = {"direct": [], "gateway": [], "standalone": [], "client": [], "direct-vs-gateway": [],
+                                           "direct-vs-standalone": [], "direct-vs-client": []}
         with httpx.Client(timeout=30) as http, client_mod.Client(s.url, location=(48.85, 2.35), binary=encoding == "binary") as c:
             calls = {
                 "direct": lambda b=body, h=headers: http.post(nearest["inferUrl"], content=b, headers=h).raise_for_status(),
                 "gateway": lambda b=body, h=headers: http.post(f"{s.url}/v2/models/bench/infer", content=b, headers=h).raise_for_status(),
+                "standalone": lambda b=body, h=headers: http.post(f"{s.gateway_url}/v2/models/bench/infer", content=b,
+                                                                  headers=h).raise_for_status(),
                 "client": lambda: c.infer("bench", {"input": x}),
             }
             for call in calls.values():
@@ -150,13 +170,13 @@ def measure_paths(s: Setup, n: int, with_ray: bool) -> dict[str, Any]:
                     call()
             # Each path alternates request by request with a direct call, its own baseline:
             # both see the same moment of a busy 2-core machine.
-            for name in ("gateway", "client"):
+            for name in ("gateway", "standalone", "client"):
                 for _ in range(n):
                     for key, call in ((f"direct-vs-{name}", calls["direct"]), (name, calls[name])):
                         t = time.perf_counter()
                         call()
                         samples[key].append((time.perf_counter() - t) * 1000)
-            samples["direct"] = samples["direct-vs-gateway"] + samples["direct-vs-client"]
+            samples["direct"] = samples["direct-vs-gateway"] + samples["direct-vs-standalone"] + samples["direct-vs-client"]
         for name, values in samples.items():
             out[f"{name}-{encoding}"] = percentiles(values)
     if with_ray:
@@ -217,6 +237,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--output", default="gateway.json", help="file name under bench/results/ (a partial run need not replace the full one)")
     args = p.parse_args()
     n = 400 if args.quick else 2000
     root = pathlib.Path(tempfile.mkdtemp(prefix="ep-bench-gw-"))
@@ -230,7 +251,7 @@ def main() -> int:
     for h in ("path", "p50 ms", "p99 ms", "vs direct p50 (same encoding)"):
         table.add_column(h)
     for encoding in ("json", "binary"):
-        for name in ("direct", "gateway", "client", "ray-proxy"):
+        for name in ("direct", "gateway", "standalone", "client", "ray-proxy"):
             r = paths.get(f"{name}-{encoding}")
             d = paths.get(f"direct-vs-{name}-{encoding}", paths[f"direct-{encoding}"])
             if r is not None:
@@ -243,8 +264,10 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     result = {"benchmark": "gateway", "requests": n, "paths": paths, "failover": failover, "cpu_count": os.cpu_count(),
               **{f"gateway_added_p50_ms_{e}": paths[f"gateway-{e}"]["p50_ms"] - paths[f"direct-vs-gateway-{e}"]["p50_ms"] for e in ("json", "binary")},
+              **{f"standalone_gateway_added_p50_ms_{e}": paths[f"standalone-{e}"]["p50_ms"] - paths[f"direct-vs-standalone-{e}"]["p50_ms"]
+                 for e in ("json", "binary")},
               **{f"client_vs_direct_p50_{e}": paths[f"client-{e}"]["p50_ms"] / paths[f"direct-vs-client-{e}"]["p50_ms"] for e in ("json", "binary")}}
-    (RESULTS / "gateway.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / pathlib.Path(args.output).name).write_text(json.dumps(result, indent=2))
     return 0
 
 

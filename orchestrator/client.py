@@ -17,6 +17,14 @@ Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as byte
 140 µs as JSON. Pass ``binary=False`` for a server that only takes JSON.
 
 :class:`AsyncClient` is the same over ``httpx.AsyncClient``.
+
+Several gateways: ``Client(["http://gw1:8088", "http://gw2:8088"])`` (standalone
+``edgeplane gateway`` processes, or control planes). The endpoint list is asked of the
+first URL that answers; a request that no replica answered directly goes to the gateways
+in order, and a connection error or a 5xx from one moves it to the next (inference is
+idempotent; a chat moves on only before its first token). A gateway that could not be
+reached is tried last for ``ejection_s`` seconds. ``direct=False`` sends every request
+through the gateways (replicas the callers cannot reach, or one place to meter).
 """
 
 from __future__ import annotations
@@ -201,15 +209,26 @@ def _url(url: str) -> httpx.URL:
 class _Attempt:
     url: httpx.URL
     headers: dict[str, str]
-    endpoint: str | None = None  # base URL of a replica; None for the gateway
+    endpoint: str | None = None  # base URL of a replica; None for a gateway
     site: str | None = None
+    gateway: str = ""  # base URL of the gateway (attempts through one)
+    last: bool = True  # the last gateway: its answer is the caller's, whatever it is
+
+
+def _servers(server: str | Sequence[str]) -> list[str]:
+    urls = [server] if isinstance(server, str) else list(server)
+    if not urls or not all(isinstance(u, str) and u for u in urls):
+        raise ValueError("give the gateway's URL, or a list of gateway URLs")
+    return [u.rstrip("/") for u in urls]
 
 
 class _Base:
-    def __init__(self, server: str, *, timeout: float = 30.0, token: str | None = None, location: tuple[float, float] | None = None,
-                 region: str | None = None, residency: str | None = None, binary: bool = True,
-                 cache: EndpointCache | None = None):
-        self.server = server.rstrip("/")
+    def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, token: str | None = None,
+                 location: tuple[float, float] | None = None, region: str | None = None, residency: str | None = None,
+                 binary: bool = True, cache: EndpointCache | None = None, direct: bool = True):
+        self.servers = _servers(server)
+        self.server = self.servers[0]
+        self.direct = direct
         self.location, self.region, self.residency, self.binary = location, region, residency, binary
         self.cache = cache or EndpointCache()
         self._auth = {"authorization": f"Bearer {token}"} if token else {}
@@ -234,8 +253,15 @@ class _Base:
 
     # The decisions are shared by both clients; only sending differs.
 
-    def _endpoints_request(self, model: str) -> tuple[str, dict[str, str]]:
-        return f"{self.server}/v1/endpoints/{model}", _endpoint_params(self.location, self.residency)
+    def _gateways(self) -> list[str]:
+        """The gateway URLs in the order to try: those not ejected first."""
+        now = self.cache.clock()
+        return sorted(self.servers, key=lambda u: self.cache._ejected.get(u, 0) > now)
+
+    def _endpoints_requests(self, model: str) -> Iterator[tuple[str, str, dict[str, str]]]:
+        """(gateway, URL, parameters) of the endpoint list, one per gateway in order."""
+        for gateway in self._gateways():
+            yield gateway, f"{gateway}/v1/endpoints/{model}", _endpoint_params(self.location, self.residency)
 
     def _endpoints_answer(self, model: str, resp: httpx.Response | None) -> list[dict[str, Any]]:
         if resp is not None and resp.status_code == 200:
@@ -245,20 +271,31 @@ class _Base:
         return self.cache.order(model)
 
     def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> Iterator[_Attempt]:
-        """The replicas nearest first, then the gateway; made as they are needed (the
+        """The replicas nearest first, then the gateways; made as they are needed (the
         first one nearly always answers)."""
         for e in endpoints:
             yield _Attempt(_url(e["inferUrl"]), headers, e["url"], e["site"])
-        yield _Attempt(_url(f"{self.server}/v2/models/{model}/infer"),
-                       {**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)})
+        through = {**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)}
+        gateways = self._gateways()
+        for i, gateway in enumerate(gateways):
+            yield _Attempt(_url(f"{gateway}/v2/models/{model}/infer"), through, gateway=gateway, last=i == len(gateways) - 1)
 
     def _chat_attempts(self, model: str, endpoints: list[dict[str, Any]]) -> Iterator[_Attempt]:
-        """Generative replicas nearest first, then the gateway's OpenAI routes."""
+        """Generative replicas nearest first, then the gateways' OpenAI routes."""
         for e in endpoints:
             if e.get("api") == "openai":
                 yield _Attempt(_url(f"{e['url']}/v1/chat/completions"), {"content-type": "application/json"}, e["url"], e["site"])
-        yield _Attempt(_url(f"{self.server}/openai/v1/chat/completions"),
-                       {"content-type": "application/json", **self._auth, **_caller_headers(self.location, self.region, self.residency)})
+        through = {"content-type": "application/json", **self._auth, **_caller_headers(self.location, self.region, self.residency)}
+        gateways = self._gateways()
+        for i, gateway in enumerate(gateways):
+            yield _Attempt(_url(f"{gateway}/openai/v1/chat/completions"), through, gateway=gateway, last=i == len(gateways) - 1)
+
+    def _gateway_failed(self, attempt: _Attempt, resp: httpx.Response | None) -> bool:
+        """Whether a gateway's failure sends the request to the next gateway: a connection
+        error (the gateway is then tried last for a while) or a 5xx, unless it is the last."""
+        if resp is None:
+            self.cache.eject(attempt.gateway)
+        return not attempt.last and (resp is None or resp.status_code >= 500)
 
     def _chat_body(self, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> bytes:
         body = {"model": model, "messages": list(messages), "stream": stream, **params}
@@ -276,6 +313,8 @@ class _Base:
                 raise _openai_refusal(resp)
             return False
         self.cache.invalidate(model)
+        if self._gateway_failed(attempt, resp):
+            return True
         if resp is None:
             raise EdgeplaneError(f"neither a replica nor the gateway answered: {error}") from error
         if resp.status_code >= 400:
@@ -287,7 +326,7 @@ class _Base:
         return httpx.Request("POST", attempt.url, content=body, headers=attempt.headers, extensions={"timeout": self._timeout.as_dict()})
 
     def _chat_answering(self, chat: Chat, attempt: _Attempt, resp: httpx.Response) -> None:
-        chat.site, chat.url = resp.headers.get("x-edgeplane-site", attempt.site or ""), attempt.endpoint or self.server
+        chat.site, chat.url = resp.headers.get("x-edgeplane-site", attempt.site or ""), attempt.endpoint or attempt.gateway
 
     def _chat_failed(self, chat: Chat, attempt: _Attempt, exc: Exception) -> None:
         """After a failed answer: a cut once text has arrived, an error from the gateway,
@@ -295,6 +334,8 @@ class _Base:
         if chat.text:
             raise StreamCut(f"{chat.site}: {exc}") from None
         if attempt.endpoint is None:
+            if not attempt.last:
+                return  # the next gateway
             raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
         self.cache.eject(attempt.endpoint)
 
@@ -329,13 +370,15 @@ class _Base:
             return InferResult(_decode(resp), attempt.site or "", attempt.endpoint, number)
         # Every direct endpoint failed or none is known: the gateway decided and failed over.
         self.cache.invalidate(model)
+        if self._gateway_failed(attempt, resp):
+            return None
         if resp is None:
             raise EdgeplaneError(f"neither a replica nor the gateway answered: {error}") from error
         if resp.status_code in (404, 503):
             raise NoEndpoint(_refusal(resp).args[0])
         if resp.status_code >= 400:
             raise _refusal(resp)
-        return InferResult(_decode(resp), resp.headers.get("x-edgeplane-site", ""), self.server, number)
+        return InferResult(_decode(resp), resp.headers.get("x-edgeplane-site", ""), attempt.gateway, number)
 
 
 class _Retry(Exception):
@@ -354,7 +397,8 @@ def _whole(chat: Chat, resp: httpx.Response, started: float) -> str:
 class Client(_Base):
     """Synchronous client; use as a context manager or call :meth:`close`."""
 
-    def __init__(self, server: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None, **kwargs: Any):
+    def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
+                 **kwargs: Any):
         super().__init__(server, timeout=timeout, **kwargs)
         self._http = httpx.Client(timeout=self._timeout, transport=transport)
 
@@ -368,13 +412,18 @@ class Client(_Base):
         self._http.close()
 
     def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
+        """The model's replicas nearest first (cached for the list's TTL); [] with ``direct=False``."""
+        if not self.direct:
+            return []
         if not refresh and self.cache.fresh(model):
             return self.cache.order(model)
-        url, params = self._endpoints_request(model)
-        try:
-            resp = self._http.get(url, params=params, headers=self._auth)
-        except httpx.HTTPError:
-            resp = None
+        resp = None
+        for gateway, url, params in self._endpoints_requests(model):
+            try:
+                resp = self._http.get(url, params=params, headers=self._auth)
+                break
+            except httpx.HTTPError:
+                self.cache.eject(gateway)
         return self._endpoints_answer(model, resp)
 
     def _post(self, attempt: _Attempt, body: bytes) -> httpx.Response:
@@ -434,7 +483,8 @@ class Client(_Base):
 class AsyncClient(_Base):
     """Asynchronous client with the same behaviour as :class:`Client`."""
 
-    def __init__(self, server: str, *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None, **kwargs: Any):
+    def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
+                 **kwargs: Any):
         super().__init__(server, timeout=timeout, **kwargs)
         self._http = httpx.AsyncClient(timeout=self._timeout, transport=transport)
 
@@ -448,13 +498,18 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
+        """The model's replicas nearest first (cached for the list's TTL); [] with ``direct=False``."""
+        if not self.direct:
+            return []
         if not refresh and self.cache.fresh(model):
             return self.cache.order(model)
-        url, params = self._endpoints_request(model)
-        try:
-            resp = await self._http.get(url, params=params, headers=self._auth)
-        except httpx.HTTPError:
-            resp = None
+        resp = None
+        for gateway, url, params in self._endpoints_requests(model):
+            try:
+                resp = await self._http.get(url, params=params, headers=self._auth)
+                break
+            except httpx.HTTPError:
+                self.cache.eject(gateway)
         return self._endpoints_answer(model, resp)
 
     async def _post(self, attempt: _Attempt, body: bytes) -> httpx.Response:

@@ -43,6 +43,7 @@ from orchestrator.api import auth
 from orchestrator.api import captures as captures_api
 from orchestrator.api import distill as distill_api
 from orchestrator.api import simulate as simulate_api
+from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
 from orchestrator.distill import store as capture_store
@@ -241,7 +242,10 @@ class ControlPlane:
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 
         self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
+        self.publisher = watch_api.TablePublisher(self.table)  # standalone gateways follow the table (GET /v1/endpoints?watch=1)
+        self.table.on_change = self.publisher.publish
         app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [self._artifact_route()] + console.routes()
+                                + watch_api.routes(self.authenticator, self.store, self.publisher)
                                 + captures_api.routes(self.authenticator, self.store, self.captures)
                                 + distill_api.routes(self.authenticator, self.store, self.captures, self.artifacts, self.changed,
                                                      self.cascades_view))
@@ -262,6 +266,7 @@ class ControlPlane:
     async def stop(self) -> None:
         self._started = False
         self.reconciler.stop()
+        self.publisher.close()  # watching gateways see the stream end now, not at uvicorn's grace timeout
         await self._agent_server.stop(grace=1.0)
         self._uvicorn.should_exit = True
         for t in self._background:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from orchestrator.gateway import routing
+from orchestrator.gateway import wire
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import inventory, planning
 from orchestrator.reconciler import snapshot as snap
@@ -131,21 +131,7 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
     return {"state": app.status.value, "ready": ready} | ({"reason": app.message} if app.message and ready < row.replicas else {})
 
 
-def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) -> dict[str, Any]:
-    if isinstance(ranked, routing.NoRoute):
-        return {"model": model, "endpoints": [], "reason": ranked.reason, "ttlSeconds": 2}
-    return {
-        "model": model,
-        "ttlSeconds": 10,
-        "endpoints": [
-            {"site": r.endpoint.site, "tier": r.endpoint.tier, "country": r.endpoint.country, "region": r.endpoint.region,
-             "url": r.endpoint.url, "inferUrl": f"{r.endpoint.url}/v2/models/{r.endpoint.model}/infer",
-             "expectedMs": round(r.expected_ms, 2), "deployment": r.endpoint.deployment, "api": r.endpoint.api,
-             # OpenAI SDK base_url of a generative replica (whatever engine answers there)
-             **({"openaiUrl": f"{r.endpoint.url}/v1"} if r.endpoint.api == routing.API_OPENAI else {})}
-            for r in ranked
-        ],
-    }
+endpoint_list = wire.endpoint_list  # one shape, served by the control plane and by standalone gateways
 
 
 def describe_deployment(plan: planning.PassPlan | None, name: str) -> dict[str, Any]:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from orchestrator.security.bearer import bearer_secret
 from orchestrator.store import sqlite as store_mod
+
+__all__ = ["ROLES", "Authenticator", "Caller", "Unauthorized", "bearer_secret", "is_loopback"]
 
 ROLES = ("read", "admin")
 
@@ -36,13 +39,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def bearer_secret(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header; None for anything else."""
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
 
 
 @dataclass(frozen=True)

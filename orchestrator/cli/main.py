@@ -264,6 +264,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.main(args)
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from orchestrator.gatewayd import server as gatewayd
+
+    token = getattr(args, "token", None) or os.environ.get("EDGEPLANE_TOKEN")
+    if not token and os.environ.get("EDGEPLANE_TOKEN_FILE"):
+        try:
+            token = pathlib.Path(os.environ["EDGEPLANE_TOKEN_FILE"]).read_text().strip()
+        except OSError as exc:
+            print(f"error: EDGEPLANE_TOKEN_FILE: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    return gatewayd.main(args, token)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator import demo
 
@@ -300,6 +313,11 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
         from orchestrator import server
 
         server.add_arguments(serve_p)
+    gateway_p = sub.add_parser("gateway", help="run a gateway alone, following a control plane's endpoint table")
+    if serve_options:
+        from orchestrator.gatewayd import server as gatewayd
+
+        gatewayd.add_arguments(gateway_p)
     demo_p = sub.add_parser("demo", help="run a whole fleet on this machine and send requests through it")
     demo_p.add_argument("--requests", type=int, default=24, help="requests to send per simulated location")
     demo_p.add_argument("--keep-running", action="store_true", help="keep the fleet up after the report (Ctrl-C stops it)")
@@ -406,9 +424,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    args = build_parser(serve_options="serve" in argv or _command_of(argv) is None).parse_args(argv)
+    command = _command_of(argv)
+    args = build_parser(serve_options=command in ("serve", "gateway") or "serve" in argv or command is None).parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "gateway":
+        return cmd_gateway(args)
     if args.command == "demo":
         return cmd_demo(args)
     api = ApiClient(args.server, args.token)

@@ -41,6 +41,8 @@ class EndpointTable:
     _waiters: dict[str, list[asyncio.Future[None]]] = field(default_factory=dict)
     #: Models whose deployment has a cascade, by model: requests to them run it.
     cascades: dict[str, cascade_rules.CascadeRoute] = field(default_factory=dict)
+    #: Called after each :meth:`replace` and :meth:`set_cascades` (the control plane's watch publisher).
+    on_change: Callable[[], None] = lambda: None
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
                 deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None) -> None:
@@ -58,6 +60,21 @@ class EndpointTable:
             for waiter in self._waiters.pop(model):
                 if not waiter.done():
                     waiter.set_result(None)
+        self.on_change()
+
+    def set_cascades(self, routes: dict[str, cascade_rules.CascadeRoute]) -> None:
+        self.cascades = dict(routes)
+        self.on_change()
+
+    def all_endpoints(self) -> list[routing.Endpoint]:
+        return [e for m in sorted(self._by_model) for e in self._by_model[m]]
+
+    def deployed(self) -> dict[str, str]:
+        """Every deployed model, with why it has no endpoint ("" or a reason)."""
+        return dict(self._deployed)
+
+    def cold(self) -> frozenset[str]:
+        return self._cold
 
     def is_cold(self, model: str) -> bool:
         return model in self._cold and not self._by_model.get(model)

@@ -138,8 +138,8 @@ class OpenAIGateway:
         except ValueError:
             message = "refused"
         headers = {k: v for k in ("retry-after", "www-authenticate") if (v := refused.headers.get(k)) is not None}
-        return error(refused.status_code, str(message), headers=headers,
-                     code="rate_limit_exceeded" if refused.status_code == 429 else "invalid_api_key")
+        code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(refused.status_code)  # 503: a gateway without a table yet
+        return error(refused.status_code, str(message), headers=headers, code=code)
 
     def _openai_candidates(self, model: str, request: Request) -> list[routing.Ranked] | Response:
         ranked = self.gw.candidates(model, request, api=None)

@@ -216,7 +216,7 @@ class Reconciler:
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold)
             case act.PublishCascades(routes):
-                self.table.cascades = dict(routes)
+                self.table.set_cascades(dict(routes))
 
     async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...]) -> None:
         backoff = self._dc_backoff.get(site)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from edgeplane_proto import oip
-from orchestrator.api import auth
-from orchestrator.security import ratelimit
-from orchestrator.store import sqlite as store_mod
+from orchestrator.security import bearer, ratelimit
 
 GATEWAY_AUTH = ("none", "token")
 
@@ -27,8 +26,15 @@ def _refuse(status: int, message: str, headers: dict[str, str] | None = None) ->
     return Response(oip.error_body(message), status_code=status, media_type="application/json", headers=headers)
 
 
+class VerifiedToken(Protocol):
+    """A valid token, as the store (or a standalone gateway's cache) knows it."""
+
+    @property
+    def id(self) -> str: ...
+
+
 class GatewayAdmission:
-    def __init__(self, limiter: ratelimit.RateLimiter, verify_token: Callable[[str], store_mod.TokenInfo | None] | None = None) -> None:
+    def __init__(self, limiter: ratelimit.RateLimiter, verify_token: Callable[[str], VerifiedToken | None] | None = None) -> None:
         """``verify_token`` set = every model request needs a valid API token (any role)."""
         self.limiter = limiter
         self._verify = verify_token
@@ -37,7 +43,7 @@ class GatewayAdmission:
         key = None
         header = request.headers.get("authorization")
         if self._verify is not None:
-            secret = auth.bearer_secret(header)
+            secret = bearer.bearer_secret(header)
             info = self._verify(secret) if secret is not None else None
             if info is None:
                 return _refuse(401, "the gateway needs 'Authorization: Bearer <token>' with a valid API token",

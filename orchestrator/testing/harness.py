@@ -85,6 +85,21 @@ def agent_command(
     return cmd + list(extra)
 
 
+def gateway_command(control_planes: list[str], *, port: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
+    """``edgeplane gateway`` (standalone) following ``control_planes``, on loopback."""
+    return [sys.executable, "-m", "orchestrator.cli.main", "gateway", "--control-plane", *control_planes,
+            "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+async def spawn_gateway_async(control_planes: list[str], name: str, data_dir: pathlib.Path, *,
+                              extra: tuple[str, ...] = ()) -> AgentProcess:
+    """Start a standalone gateway process and wait for its ``serving <url>`` line (its log
+    goes to ``data_dir``/agent.log, as an agent's)."""
+    proc, log_path = launch_agent(gateway_command(control_planes, extra=extra), data_dir)
+    url = await asyncio.to_thread(await_serving, proc, name, log_path)
+    return AgentProcess(name, data_dir, proc, url, log_path)
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` making a child die with its parent (Linux PR_SET_PDEATHSIG).
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest_asyncio
 
 from edgeplane_proto import oip
+from orchestrator.gatewayd import server as gatewayd
 from orchestrator.testing import harness, manifests, onnx_models
 
 SITE = dict(country="FR", lat=48.8566, lon=2.3522)
@@ -97,3 +98,22 @@ async def test_a_replica_that_cannot_start_gives_a_503_after_the_cold_start_time
     assert resp.headers["retry-after"] == "5"
     assert "scaled to zero" in resp.json()["error"]
     assert cp.table.wakes["lazy"] >= 1
+
+
+async def test_a_request_at_a_standalone_gateway_wakes_the_model(fleet: harness.Fleet) -> None:
+    cp = fleet.cp
+    assert cp is not None
+    await harness.wait_until(lambda: phase(cp) == "ScaledToZero", 30, what="the deployment at zero")
+    gw = await gatewayd.StandaloneGateway(gatewayd.GatewayConfig(control_planes=(cp.http_url,), port=0)).start()
+    try:
+        assert await gw.follower.wait_snapshot(0, 60)
+        await harness.wait_until(lambda: gw.table.is_cold("lazy"), 30, what="the gateway's table to show lazy cold")
+        body, _ = oip.encode_request({"input": np.full((1, 8), 0.25, dtype=np.float32)})
+        async with httpx.AsyncClient(base_url=gw.http_url, timeout=60) as http:
+            # the wake goes to the control plane (POST /v1/wake/lazy); the replica comes back through the watch
+            resp = await http.post("/v2/models/lazy/infer", content=body, headers={"content-type": "application/json"})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-edgeplane-site"] == "edge-paris"
+        assert cp.table.wakes["lazy"] >= 1 and gw.table.wakes["lazy"] == 1
+    finally:
+        await gw.stop()

@@ -4,6 +4,7 @@ answers, and a gateway, without a control plane (the endpoint list is put in its
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -91,3 +92,72 @@ async def test_when_every_replica_fails_the_gateway_answers(silent: str) -> None
         np.testing.assert_array_equal(result["output"], np.full((2, 3), 2, dtype=np.float32))
     finally:
         await gateway.shutdown(1)
+
+
+async def answering(status: int, body: dict[str, object]) -> tuple[httpserver.HttpServer, str]:
+    """Answers every request with ``status`` and ``body`` (a gateway with no table, or a chat replica)."""
+
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        return httpserver.Response(status, json.dumps(body).encode(), headers=(("x-edgeplane-site", f"status-{status}"),))
+
+    server = httpserver.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def refused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connections are refused
+
+
+async def test_requests_fail_over_between_gateways_in_order() -> None:
+    unready, unready_url = await answering(503, {"error": "the gateway has no endpoint table from the control plane yet"})
+    good, good_url = await v2_server("edge-via-gateway-2")
+    dead = refused_url()
+    x = np.ones((1, 3), dtype=np.float32)
+    try:
+        async with client_mod.AsyncClient([dead, unready_url, good_url], direct=False, timeout=5) as c:
+            assert await c.endpoints("m") == []  # direct=False: no endpoint list is asked for
+            first = await c.infer("m", {"input": x})
+            assert first.url == good_url and first.attempts == 3
+            again = await c.infer("m", {"input": x})  # the unreachable gateway is now tried last
+            assert again.url == good_url and again.attempts == 2
+
+        def sync_call() -> client_mod.InferResult:
+            with client_mod.Client([dead, good_url], direct=False, timeout=5) as sc:
+                return sc.infer("m", {"input": x})
+
+        result = await asyncio.to_thread(sync_call)
+        assert result.url == good_url and result.attempts == 2
+        np.testing.assert_array_equal(result["output"], x * 2)
+        # The last gateway's answer is the caller's: its 503 says no replica can answer.
+        async with client_mod.AsyncClient([dead, unready_url], direct=False, timeout=5) as c:
+            with pytest.raises(client_mod.NoEndpoint, match="no endpoint table"):
+                await c.infer("m", {"input": x})
+    finally:
+        await unready.shutdown(1)
+        await good.shutdown(1)
+
+
+async def test_a_chat_moves_to_the_next_gateway_before_its_first_token() -> None:
+    failing, failing_url = await answering(502, {"error": {"message": "every replica tried failed"}})
+    answer = {"choices": [{"message": {"role": "assistant", "content": "from the second gateway"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    good, good_url = await answering(200, answer)
+    try:
+        async with client_mod.AsyncClient([refused_url(), failing_url, good_url], direct=False, timeout=5) as c:
+            chat = c.chat("m", [{"role": "user", "content": "hi"}], stream=False)
+            assert [t async for t in chat] == ["from the second gateway"]
+            assert chat.url == good_url and chat.attempts == 3
+    finally:
+        await failing.shutdown(1)
+        await good.shutdown(1)
+
+
+@pytest.mark.parametrize("servers", [[], [""], "", [None]])
+def test_a_client_needs_a_url(servers: object) -> None:
+    with pytest.raises(ValueError, match="gateway"):
+        client_mod.Client(servers)  # type: ignore[arg-type]

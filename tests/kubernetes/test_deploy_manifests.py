@@ -65,6 +65,19 @@ def test_every_workload_selects_its_own_pods_and_every_service_finds_them() -> N
         assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in by_kind("Service")}
 
 
+def test_the_gateways_disruption_budget_and_autoscaler_act_on_the_gateway_deployment() -> None:
+    deployments = {d["metadata"]["name"]: d for d in by_kind("Deployment")}
+    (pdb,) = by_kind("PodDisruptionBudget")
+    (hpa,) = by_kind("HorizontalPodAutoscaler")
+    gateway = deployments["edgeplane-gateway"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= gateway["spec"]["template"]["metadata"]["labels"].items()
+    assert pdb["spec"]["minAvailable"] < gateway["spec"]["replicas"]  # a drain can always take one down
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "edgeplane-gateway"}
+    assert hpa["spec"]["minReplicas"] == gateway["spec"]["replicas"]
+    (c,) = containers(gateway)
+    assert "cpu" in c["resources"]["requests"]  # utilisation is measured against the request
+
+
 def test_probes_name_ports_their_container_has() -> None:
     for w in [d for kind in WORKLOADS for d in by_kind(kind)]:
         for c in containers(w):
@@ -108,7 +121,7 @@ def test_secrets_the_manifests_read_are_the_ones_the_docs_say_to_create() -> Non
     guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
     used = {ref["secretKeyRef"]["name"] for _, _, doc in DOCS if doc["kind"] in WORKLOADS
             for c in containers(doc) for e in c.get("env", []) for ref in [e.get("valueFrom", {})] if "secretKeyRef" in ref}
-    assert used == {"edgeplane-postgres", "edgeplane-bootstrap"}
+    assert used == {"edgeplane-postgres", "edgeplane-bootstrap", "edgeplane-gateway-token"}
     for secret in used:
         assert f"create secret generic {secret}" in guide, f"docs/deploy.md does not say how to create {secret}"
     for path in sorted(DEPLOY.glob("*.yaml")):

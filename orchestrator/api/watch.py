@@ -1,0 +1,153 @@
+"""What standalone gateways (``edgeplane gateway``) ask the control plane.
+
+- ``GET /v1/endpoints``: the endpoint table (:mod:`orchestrator.gateway.wire`) once;
+  with ``?watch=1`` a stream of newline-delimited JSON events that stays open: a
+  ``snapshot`` at once and after every change of the table, a ``heartbeat`` every
+  :data:`HEARTBEAT_S` seconds in between, so a gateway notices a dead connection by the
+  silence. Each event carries the control plane's ``epoch`` (new at every start) and the
+  table's ``version`` (counted from 0 in that epoch).
+- ``GET /v1/whoami``: who the bearer token is (200) or 401: a gateway with
+  ``--gateway-auth token`` checks its callers' tokens with it.
+- ``POST /v1/wake/{model}``: a request for a model scaled to zero reached a standalone
+  gateway; the autoscaler starts a replica as for a request at the control plane.
+
+All three pass the same authentication as the other read APIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from orchestrator.api import auth
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import wire
+from orchestrator.store import sqlite as store_mod
+
+HEARTBEAT_S = 5.0
+
+
+class TablePublisher:
+    """The table's current contents and version; watchers wait on :meth:`wait_change`.
+
+    A change is found by comparing the table's contents as values (cheap next to encoding
+    them), and the snapshot is encoded once per version, when a watcher first asks for it:
+    with no gateway watching, publishing costs one comparison per reconcile pass."""
+
+    def __init__(self, table: endpoints_mod.EndpointTable) -> None:
+        self.table = table
+        self.epoch = f"{int(time.time())}-{secrets.token_hex(4)}"
+        self.version = 0
+        self.contents = wire.contents_of(table)
+        self.closed = False
+        self._changed = asyncio.Event()
+        self._encoded: tuple[int, bytes] | None = None  # the current snapshot event, encoded once for every watcher
+
+    def publish(self) -> None:
+        """Called after each change of the table: a new version when its contents differ."""
+        contents = wire.contents_of(self.table)
+        if contents == self.contents:
+            return
+        self.contents = contents
+        self.version += 1
+        self._wake()
+
+    def close(self) -> None:
+        """End every watch (the control plane is stopping)."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_change(self, seen: int, timeout: float) -> None:
+        """Return when the version is no longer ``seen``, the publisher closed, or ``timeout`` passed."""
+        if self.version != seen or self.closed:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def heartbeat(self) -> bytes:
+        return orjson.dumps({"type": "heartbeat", "epoch": self.epoch, "version": self.version}) + b"\n"
+
+    async def snapshot(self) -> bytes:
+        """The current snapshot event, encoded off the event loop once per version (a big
+        table takes tens of milliseconds to encode, which requests must not wait behind)."""
+        version, contents = self.version, self.contents
+        if self._encoded is not None and self._encoded[0] == version:
+            return self._encoded[1]
+        line = await asyncio.to_thread(self._encode, version, contents)
+        if self._encoded is None or self._encoded[0] < version:
+            self._encoded = (version, line)
+        return line
+
+    def _encode(self, version: int, contents: wire.TableContents) -> bytes:
+        body = {"type": "snapshot", "epoch": self.epoch, "version": version, "table": wire.contents_to_json(contents)}
+        return orjson.dumps(body) + b"\n"
+
+
+def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher: TablePublisher,
+           heartbeat_s: float = HEARTBEAT_S) -> list[BaseRoute]:
+    def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                authenticator.caller(request.headers.get("authorization"))
+            except auth.Unauthorized as exc:
+                return JSONResponse({"error": str(exc)}, status_code=401)
+            return await handler(request)
+
+        return endpoint
+
+    async def stream() -> AsyncIterator[bytes]:
+        seen = publisher.version
+        yield await publisher.snapshot()
+        while not publisher.closed:
+            await publisher.wait_change(seen, heartbeat_s)
+            if publisher.closed:
+                return
+            if publisher.version != seen:
+                seen = publisher.version
+                yield await publisher.snapshot()
+            else:
+                yield publisher.heartbeat()
+
+    async def endpoints(request: Request) -> Response:
+        watch = request.query_params.get("watch", "")
+        if watch not in ("", "0", "1", "true", "false"):
+            return JSONResponse({"error": "watch must be 1 or 0"}, status_code=400)
+        if watch in ("1", "true"):
+            return StreamingResponse(stream(), media_type="application/x-ndjson", headers={"cache-control": "no-cache"})
+        return Response(await publisher.snapshot(), media_type="application/json")
+
+    async def whoami(request: Request) -> Response:
+        secret = auth.bearer_secret(request.headers.get("authorization"))
+        if secret is None:
+            if authenticator.required:
+                return JSONResponse({"error": "this API needs 'Authorization: Bearer <token>'"}, status_code=401)
+            return JSONResponse({"id": None, "identity": "anonymous", "role": "admin"})
+        info = store.verify_token(secret, "api")
+        if info is None:
+            return JSONResponse({"error": "the bearer token is unknown, revoked or expired"}, status_code=401)
+        return JSONResponse({"id": info.id, "identity": f"token:{info.id}", "role": info.role})
+
+    async def wake(request: Request) -> Response:
+        model = request.path_params["model"]
+        cold = publisher.table.is_cold(model)
+        if cold:
+            publisher.table.wake(model)
+        return JSONResponse({"model": model, "woken": cold}, status_code=202 if cold else 200)
+
+    return [
+        Route("/v1/endpoints", guarded(endpoints), methods=["GET"]),
+        Route("/v1/whoami", whoami, methods=["GET"]),
+        Route("/v1/wake/{model}", guarded(wake), methods=["POST"]),
+    ]

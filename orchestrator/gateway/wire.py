@@ -1,0 +1,163 @@
+"""The endpoint table on the wire: what the control plane's watch sends, what a standalone
+gateway applies, and the endpoint list clients read. Both sides use this module only.
+
+A table document is plain JSON::
+
+    {"endpoints": [{"model": ..., "site": ..., "url": ..., ...}],
+     "regions": {"fr": [48.8, 2.3]},
+     "deployed": {"model": "why it has no endpoint"},
+     "cold": ["model scaled to zero"],
+     "cascades": {"model or deployment": {"model": ..., "stages": [...], ...}}}
+
+The watch (``GET /v1/endpoints?watch=1``, :mod:`orchestrator.api.watch`) sends it as
+newline-delimited events: ``{"type": "snapshot", "epoch": ..., "version": ..., "table": {...}}``
+first and after every change, ``{"type": "heartbeat", ...}`` in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.distill import capture as capture_mod
+from orchestrator.gateway import cascade_rules as rules
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import routing
+
+
+class WireError(ValueError):
+    """A table document that does not have the expected shape."""
+
+
+def endpoint_to_json(e: routing.Endpoint) -> dict[str, Any]:
+    return {"model": e.model, "deployment": e.deployment, "site": e.site, "tier": e.tier, "country": e.country,
+            "region": e.region, "lat": e.lat, "lon": e.lon, "url": e.url, "healthy": e.healthy, "inflight": e.inflight,
+            "allowedCountries": sorted(e.allowed_countries), "fallback": list(e.fallback), "api": e.api,
+            "servedModel": e.served_model}
+
+
+def endpoint_from_json(d: Mapping[str, Any]) -> routing.Endpoint:
+    return routing.Endpoint(
+        model=str(d["model"]), deployment=str(d["deployment"]), site=str(d["site"]), tier=str(d["tier"]),
+        country=str(d["country"]), region=str(d["region"]), lat=float(d["lat"]), lon=float(d["lon"]), url=str(d["url"]),
+        healthy=bool(d.get("healthy", True)), inflight=int(d.get("inflight", 0)),
+        allowed_countries=frozenset(str(c) for c in d.get("allowedCountries", ())),
+        fallback=tuple(str(t) for t in d.get("fallback", ())), api=str(d.get("api", routing.API_V2)),
+        served_model=str(d.get("servedModel", "")),
+    )
+
+
+def _rule_to_json(rule: rules.Rule | None) -> dict[str, Any] | None:
+    if isinstance(rule, rules.TensorRule):
+        return {"kind": "tensor", "output": rule.output, "logits": rule.logits, "measure": rule.measure, "below": rule.below}
+    if isinstance(rule, rules.GenerativeRule):
+        return {"kind": "generative", "meanLogprobBelow": rule.mean_logprob_below, "truncated": rule.truncated,
+                "refusal": list(rule.refusal)}
+    return None
+
+
+def _rule_from_json(d: Mapping[str, Any] | None) -> rules.Rule | None:
+    if d is None:
+        return None
+    if d["kind"] == "tensor":
+        return rules.TensorRule(str(d["output"]), bool(d["logits"]), d["measure"], float(d["below"]))
+    if d["kind"] == "generative":
+        below = d.get("meanLogprobBelow")
+        return rules.GenerativeRule(float(below) if below is not None else None, bool(d.get("truncated", False)),
+                                    tuple(str(r) for r in d.get("refusal", ())))
+    raise WireError(f"unknown escalation rule kind {d['kind']!r}")
+
+
+def cascade_to_json(route: rules.CascadeRoute) -> dict[str, Any]:
+    c = route.capture
+    return {
+        "model": route.model, "deployment": route.deployment,
+        "stages": [{"variant": s.variant, "tiers": sorted(s.tiers), "rule": _rule_to_json(s.rule), "maxInflight": s.max_inflight,
+                    "watts": s.watts} for s in route.stages],
+        "energy": {site: {"carbonGPerKwh": e.carbon_g_per_kwh, "pue": e.pue} for site, e in route.energy.items()},
+        "capture": None if c is None else {"sampleRate": c.sample_rate, "dailyCap": c.daily_cap, "retentionS": c.retention_s,
+                                           "zones": list(c.zones)},
+    }
+
+
+def cascade_from_json(d: Mapping[str, Any]) -> rules.CascadeRoute:
+    stages = tuple(rules.StageRoute(str(s["variant"]), frozenset(s["tiers"]), _rule_from_json(s.get("rule")),
+                                    s.get("maxInflight"), float(s.get("watts", 0.0))) for s in d["stages"])
+    energy = {str(site): rules.SiteEnergy(float(e["carbonGPerKwh"]), float(e.get("pue", 1.0))) for site, e in d.get("energy", {}).items()}
+    c = d.get("capture")
+    capture = None if c is None else capture_mod.CapturePolicy(float(c["sampleRate"]), int(c["dailyCap"]), float(c["retentionS"]), tuple(c["zones"]))
+    return rules.CascadeRoute(str(d["model"]), str(d["deployment"]), stages, energy, capture)
+
+
+@dataclass(frozen=True)
+class TableContents:
+    """What a table document holds, as values: equal contents mean an equal document."""
+
+    endpoints: tuple[routing.Endpoint, ...]
+    regions: routing.RegionIndex
+    deployed: Mapping[str, str]
+    cold: frozenset[str]
+    cascades: Mapping[str, rules.CascadeRoute]
+
+
+def contents_of(table: endpoints_mod.EndpointTable) -> TableContents:
+    """Everything a gateway routes with; the gateway's own load and ejections stay local."""
+    return TableContents(tuple(table.all_endpoints()), table.regions, table.deployed(), table.cold(), dict(table.cascades))
+
+
+def contents_to_json(c: TableContents) -> dict[str, Any]:
+    return {
+        "endpoints": [endpoint_to_json(e) for e in c.endpoints],
+        "regions": {r: list(xy) for r, xy in sorted(c.regions.centroids.items())},
+        "deployed": dict(sorted(c.deployed.items())),
+        "cold": sorted(c.cold),
+        "cascades": {name: cascade_to_json(route) for name, route in sorted(c.cascades.items())},
+    }
+
+
+def contents_from_json(doc: Mapping[str, Any]) -> TableContents:
+    """A table document's contents (no table is touched: a standalone gateway decodes off its event loop)."""
+    try:
+        return TableContents(
+            tuple(endpoint_from_json(e) for e in doc["endpoints"]),
+            routing.RegionIndex({str(r): (float(c[0]), float(c[1])) for r, c in doc.get("regions", {}).items()}),
+            {str(m): str(why) for m, why in doc.get("deployed", {}).items()},
+            frozenset(str(m) for m in doc.get("cold", ())),
+            {str(name): cascade_from_json(route) for name, route in doc.get("cascades", {}).items()},
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise WireError(f"not an endpoint table: {type(exc).__name__}: {exc}") from None
+
+
+def apply(table: endpoints_mod.EndpointTable, c: TableContents) -> None:
+    """Replace ``table``'s contents with ``c`` (cold-start waiters for models that now have an endpoint wake)."""
+    table.set_cascades(dict(c.cascades))
+    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold)
+
+
+def table_to_json(table: endpoints_mod.EndpointTable) -> dict[str, Any]:
+    return contents_to_json(contents_of(table))
+
+
+def apply_json(table: endpoints_mod.EndpointTable, doc: Mapping[str, Any]) -> None:
+    """Replace ``table``'s contents with ``doc``'s (all or nothing: a bad document changes nothing)."""
+    apply(table, contents_from_json(doc))
+
+
+def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) -> dict[str, Any]:
+    """``GET /v1/endpoints/{model}``: the model's endpoints for one caller, best first."""
+    if isinstance(ranked, routing.NoRoute):
+        return {"model": model, "endpoints": [], "reason": ranked.reason, "ttlSeconds": 2}
+    return {
+        "model": model,
+        "ttlSeconds": 10,
+        "endpoints": [
+            {"site": r.endpoint.site, "tier": r.endpoint.tier, "country": r.endpoint.country, "region": r.endpoint.region,
+             "url": r.endpoint.url, "inferUrl": f"{r.endpoint.url}/v2/models/{r.endpoint.model}/infer",
+             "expectedMs": round(r.expected_ms, 2), "deployment": r.endpoint.deployment, "api": r.endpoint.api,
+             # OpenAI SDK base_url of a generative replica (whatever engine answers there)
+             **({"openaiUrl": f"{r.endpoint.url}/v1"} if r.endpoint.api == routing.API_OPENAI else {})}
+            for r in ranked
+        ],
+    }

@@ -1,0 +1,1 @@
+"""The standalone gateway (``edgeplane gateway``): routing without the control plane's store."""

@@ -1,0 +1,271 @@
+"""A standalone gateway's link to the control plane: the table watch, token checks, wakes.
+
+:class:`TableFollower` keeps one ``GET /v1/endpoints?watch=1`` stream open to one of the
+control-plane URLs it was given and applies every snapshot to the gateway's
+:class:`~orchestrator.gateway.endpoints.EndpointTable`. When the stream fails (refused,
+cut, a 4xx/5xx, or silent for :attr:`TableFollower.silence_s`, three missed heartbeats)
+it moves to the next URL after a pause that doubles from ``backoff_min_s`` up to
+``backoff_max_s`` and resets after a snapshot. The table is never cleared on a failure:
+the gateway keeps routing with the last one it had while the control plane is away.
+
+:class:`TokenChecker` answers "is this API token valid" from ``GET /v1/whoami`` with a
+small cache, so that ``--gateway-auth token`` costs one control-plane call per token per
+:attr:`TokenChecker.ttl_s`, not one per request. A token already known valid stays valid
+while no control plane answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+import orjson
+
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import wire
+
+log = logging.getLogger("edgeplane.gateway")
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an HTTP failure: what happened, without a traceback."""
+    if isinstance(exc, httpx.ConnectError):
+        return f"unreachable ({exc or 'connection refused'})"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class WatchFailed(Exception):
+    """The control plane answered the watch with something other than a stream of events."""
+
+
+def decode_snapshot(line: str) -> tuple[str, int | None, wire.TableContents | None]:
+    """(epoch, version, contents) of one watch event; contents None for an event that is no snapshot."""
+    event = orjson.loads(line)
+    if not isinstance(event, dict):
+        raise WatchFailed("an event is not a JSON object")
+    if event.get("type") != "snapshot":
+        return "", None, None
+    table = event.get("table")
+    if not isinstance(table, dict):
+        raise wire.WireError("a snapshot without a table")
+    version = event.get("version")
+    return str(event.get("epoch")), version if isinstance(version, int) else None, wire.contents_from_json(table)
+
+
+class TableFollower:
+    def __init__(self, urls: Sequence[str], table: endpoints_mod.EndpointTable, *, token: str | None = None,
+                 silence_s: float = 15.0, connect_timeout_s: float = 3.0, backoff_min_s: float = 0.2, backoff_max_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not urls:
+            raise ValueError("at least one control-plane URL is needed")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.table = table
+        self.silence_s = silence_s
+        self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
+        self.clock = clock
+        self._headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(silence_s, connect=connect_timeout_s), headers=self._headers)
+        self._index = 0
+        #: The URL of the control plane the last snapshot came from (None before the first).
+        self.source: str | None = None
+        self.epoch: str | None = None
+        self.version: int | None = None
+        self.snapshots = 0  # applied since start
+        self.last_snapshot_at: float | None = None
+        self.last_error: str | None = None
+        self.connected = False
+        self._snapshot = asyncio.Condition()
+        self._wakes: set[asyncio.Task[None]] = set()
+
+    @property
+    def ready(self) -> bool:
+        """A table has been received: the gateway can route (it stays so while the control plane is away)."""
+        return self.snapshots > 0
+
+    @property
+    def current(self) -> str:
+        return self.urls[self._index]
+
+    async def close(self) -> None:
+        for task in list(self._wakes):
+            task.cancel()
+        await asyncio.gather(*self._wakes, return_exceptions=True)
+        await self._http.aclose()
+
+    async def run(self) -> None:
+        """Follow the control planes until cancelled."""
+        backoff = self.backoff_min_s
+        while True:
+            url = self.current
+            before = self.snapshots
+            try:
+                await self._watch(url)
+                problem = "closed the watch"
+            except (httpx.HTTPError, WatchFailed, wire.WireError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+                problem = describe(exc)
+            except Exception as exc:  # a bug of ours must not stop the gateway following: log it, back off, go on
+                log.exception("control plane %s: following the endpoint table failed", url)
+                problem = f"{type(exc).__name__}: {exc}"
+            self.connected = False
+            if self.snapshots > before:
+                backoff = self.backoff_min_s
+            message = f"control plane {url}: {problem}"
+            if message != self.last_error:
+                log.warning("%s; %s in %.1fs", message,
+                            "serving the last endpoint table, retrying" if self.ready else "no endpoint table yet, retrying", backoff)
+            self.last_error = message
+            if len(self.urls) > 1:
+                self._index = (self._index + 1) % len(self.urls)
+            await asyncio.sleep(backoff)
+            backoff = min(self.backoff_max_s, backoff * 2)
+
+    async def _watch(self, url: str) -> None:
+        async with self._http.stream("GET", f"{url}/v1/endpoints", params={"watch": "1"}) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                try:
+                    reason = json.loads(body).get("error", body)
+                except (ValueError, AttributeError):  # not JSON, or not an object: the body as it is
+                    reason = body
+                hint = " (no endpoint-table watch at this URL: is it an edgeplane control plane, of this version?)" \
+                    if resp.status_code in (404, 405) else ""
+                raise WatchFailed(f"HTTP {resp.status_code}: {str(reason)[:200]}{hint}")
+            self.connected = True
+            async for line in resp.aiter_lines():
+                if not line.strip():
+                    continue
+                if line.startswith('{"type":"heartbeat"'):
+                    continue  # it only had to arrive (the read timeout measures the silence)
+                # A big table takes tens of milliseconds to decode: off the event loop, so
+                # requests are not held behind it; only the swap into the table runs on it.
+                epoch, version, contents = await asyncio.to_thread(decode_snapshot, line)
+                if contents is not None:
+                    await self._apply(url, epoch, version, contents)
+
+    async def _apply(self, url: str, epoch: str, version: int | None, contents: wire.TableContents) -> None:
+        wire.apply(self.table, contents)
+        first = not self.ready
+        self.source, self.epoch, self.version = url, epoch, version
+        self.snapshots += 1
+        self.last_snapshot_at = self.clock()
+        if self.last_error is not None or first:
+            log.info("control plane %s: endpoint table version %s (%d endpoints)", url, self.version, len(self.table.all_endpoints()))
+        self.last_error = None
+        async with self._snapshot:
+            self._snapshot.notify_all()
+
+    async def wait_snapshot(self, after: int, timeout: float) -> bool:
+        """Wait until more than ``after`` snapshots were applied; False if ``timeout`` passed first."""
+        async with self._snapshot:
+            try:
+                await asyncio.wait_for(self._snapshot.wait_for(lambda: self.snapshots > after), timeout)
+                return True
+            except TimeoutError:
+                return False
+
+    def wake(self, model: str) -> None:
+        """A request found ``model`` scaled to zero: tell the control plane (in the background)."""
+        task = asyncio.get_running_loop().create_task(self._wake(model))
+        self._wakes.add(task)
+        task.add_done_callback(self._wakes.discard)
+
+    async def _wake(self, model: str) -> None:
+        for url in [self.current] + [u for u in self.urls if u != self.current]:
+            with contextlib.suppress(httpx.HTTPError):
+                resp = await self._http.post(f"{url}/v1/wake/{urllib.parse.quote(model, safe='')}", timeout=5.0)
+                if resp.status_code < 500:
+                    return
+        log.warning("could not ask a control plane to wake %s", model)
+
+    def status(self) -> dict[str, object]:
+        age = None if self.last_snapshot_at is None else round(self.clock() - self.last_snapshot_at, 3)
+        return {"ready": self.ready, "controlPlane": self.current, "connected": self.connected, "source": self.source,
+                "epoch": self.epoch, "version": self.version, "snapshots": self.snapshots, "secondsSinceSnapshot": age,
+                "lastError": self.last_error, "endpoints": len(self.table.all_endpoints())}
+
+
+@dataclass(frozen=True)
+class Token:
+    """A valid API token, as the rate limiter keys it."""
+
+    id: str
+
+
+class Unverifiable(Exception):
+    """No control plane could say whether a token is valid."""
+
+
+class TokenChecker:
+    def __init__(self, follower: TableFollower, *, ttl_s: float = 30.0, negative_ttl_s: float = 5.0, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.follower = follower
+        self.ttl_s, self.negative_ttl_s, self.max_entries = ttl_s, negative_ttl_s, max_entries
+        self.clock = clock
+        self._cache: collections.OrderedDict[str, tuple[Token | None, float]] = collections.OrderedDict()
+        self._asking: dict[str, asyncio.Future[Token | None]] = {}  # one control-plane call per token at a time
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
+
+    async def close(self) -> None:
+        for asking in list(self._asking.values()):
+            asking.cancel()
+        await asyncio.gather(*self._asking.values(), return_exceptions=True)
+        await self._http.aclose()
+
+    @staticmethod
+    def _key(secret: str) -> str:
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    def cached(self, secret: str) -> Token | None:
+        """The verdict in the cache (fresh or not): what admission reads, synchronously."""
+        hit = self._cache.get(self._key(secret))
+        return hit[0] if hit is not None else None
+
+    async def check(self, secret: str) -> Token | None:
+        """Valid (a :class:`Token`) or not (None); :class:`Unverifiable` when nobody can tell."""
+        key = self._key(secret)
+        hit = self._cache.get(key)
+        if hit is not None and hit[1] > self.clock():
+            return hit[0]
+        asking = self._asking.get(key)
+        if asking is None:  # callers with the same new token wait for one call, which a caller leaving does not cancel
+            asking = asyncio.ensure_future(self._ask(secret, key, hit))
+            self._asking[key] = asking
+            asking.add_done_callback(lambda done: (self._asking.pop(key, None), done.cancelled() or done.exception()))
+        return await asyncio.shield(asking)
+
+    async def _ask(self, secret: str, key: str, hit: tuple[Token | None, float] | None) -> Token | None:
+        urls = [self.follower.current] + [u for u in self.follower.urls if u != self.follower.current]
+        for url in urls:
+            try:
+                resp = await self._http.get(f"{url}/v1/whoami", headers={"authorization": f"Bearer {secret}"})
+            except httpx.HTTPError:
+                continue
+            if resp.status_code == 200:
+                try:
+                    token_id = resp.json().get("id")
+                except (ValueError, AttributeError):
+                    continue
+                verdict = Token(str(token_id)) if token_id else None
+            elif resp.status_code in (401, 403):
+                verdict = None
+            else:
+                continue
+            self._cache[key] = (verdict, self.clock() + (self.ttl_s if verdict is not None else self.negative_ttl_s))
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+            return verdict
+        if hit is not None and hit[0] is not None:
+            return hit[0]  # known valid: stays valid while the control plane is away
+        raise Unverifiable("no control plane answered to check the token")

@@ -1,0 +1,293 @@
+"""``edgeplane gateway``: the gateway alone, following the control plane's endpoint table.
+
+The same routes as the control plane's in-process gateway (``/v2`` inference,
+``/openai/v1``, cascades) built from the same parts (:class:`~orchestrator.gateway.proxy.Gateway`,
+:class:`~orchestrator.gateway.openai_routes.OpenAIGateway`), over a table that
+:class:`~orchestrator.gatewayd.follow.TableFollower` fills from ``GET /v1/endpoints?watch=1``.
+No store, no scheduler, no agent gRPC: gateways are added and removed freely, and the data
+path scales apart from the control plane.
+
+Besides inference it answers ``GET /v1/endpoints/{model}`` (what :mod:`orchestrator.client`
+reads; through admission), ``/readyz`` (503 until the first table, then 200 with the
+follower's state, also while the control plane is away), ``/healthz`` and ``/metrics``.
+Until the first table arrives every model route answers 503.
+
+Distillation capture (``spec.cascade.capture``) needs the control plane's capture stores:
+cascades run on a standalone gateway, but their requests are not captured there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edgeplane_proto import oip
+from orchestrator.gatewayd import follow
+from orchestrator.gateway import cascade as cascade_mod
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import openai_routes, proxy, routing, upstream, wire
+from orchestrator.security import admission, bearer, ratelimit
+
+log = logging.getLogger("edgeplane.gateway")
+
+#: Routes whose callers' tokens are checked (with ``--gateway-auth token``).
+GUARDED_PREFIXES = ("/v2/models", openai_routes.PREFIX, "/v1/endpoints/")
+
+
+class ConfigError(Exception):
+    """The gateway was asked to start with flags that cannot work."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    control_planes: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8088
+    token: str | None = None  # to read the control plane's watch (any API role)
+    position: tuple[float, float] | None = None
+    gateway_auth: str = "none"
+    gateway_rate: float = 0.0
+    gateway_burst: float = 0.0
+    gateway_max_body: int = proxy.MAX_BODY
+    cold_start_timeout_s: float = proxy.COLD_START_S
+    silence_s: float = 15.0  # no event (heartbeats come every 5 s) for this long: the connection is dead
+    backoff_max_s: float = 5.0
+
+
+def parse_control_plane(url: str) -> str:
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"--control-plane {url!r} is not an http(s) URL such as http://10.0.0.5:8080")
+    try:
+        parsed.port  # noqa: B018 (a bad port raises here)
+    except ValueError:
+        raise ConfigError(f"--control-plane {url!r} has an invalid port") from None
+    if parsed.query or parsed.fragment or parsed.path not in ("", "/"):
+        raise ConfigError(f"--control-plane {url!r}: give the control plane's base URL, without a path")
+    return url.rstrip("/")
+
+
+class _TokenPrefetch:
+    """Checks the caller's bearer token with the control plane (cached) before admission reads it."""
+
+    def __init__(self, app: ASGIApp, checker: follow.TokenChecker) -> None:
+        self.app, self.checker = app, checker
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(GUARDED_PREFIXES):
+            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            secret = bearer.bearer_secret(header)
+            if secret is not None:
+                try:
+                    await self.checker.check(secret)
+                except follow.Unverifiable as exc:
+                    response = Response(oip.error_body(f"cannot check the API token now: {exc}; retry"), status_code=503,
+                                        media_type="application/json", headers={"retry-after": "2"})
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class StandaloneGateway:
+    config: GatewayConfig
+    http_url: str = ""
+    table: endpoints_mod.EndpointTable = field(init=False)
+    follower: follow.TableFollower = field(init=False)
+    _serving: asyncio.Task[Any] | None = None
+    _following: asyncio.Task[Any] | None = None
+
+    async def start(self) -> StandaloneGateway:
+        cfg = self.config
+        if not cfg.control_planes:
+            raise ConfigError("give at least one --control-plane URL")
+        urls = [parse_control_plane(u) for u in cfg.control_planes]
+        if cfg.gateway_auth not in admission.GATEWAY_AUTH:
+            raise ConfigError("--gateway-auth must be 'none' or 'token'")
+        if cfg.gateway_rate < 0 or cfg.gateway_burst < 0 or cfg.gateway_max_body <= 0:
+            raise ConfigError("--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0")
+        if not 0 <= cfg.cold_start_timeout_s <= 600:
+            raise ConfigError("--cold-start-timeout must be from 0 to 600 seconds")
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the control plane's: no Nagle delay on answers
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (--host/--port): {exc.strerror or exc}") from exc
+        port = sock.getsockname()[1]
+        self.http_url = f"http://{f'[{cfg.host}]' if ':' in cfg.host else cfg.host}:{port}"
+
+        self.table = endpoints_mod.EndpointTable()
+        self.follower = follow.TableFollower(urls, self.table, token=cfg.token, silence_s=cfg.silence_s, backoff_max_s=cfg.backoff_max_s)
+        self.table.on_wake = self.follower.wake
+        self.checker = follow.TokenChecker(self.follower)
+        self.registry = CollectorRegistry()
+        self._http = upstream.UpstreamPool(connect_timeout=2.0, timeout=30.0)
+        self.admission = admission.GatewayAdmission(ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
+                                                    self.checker.cached if cfg.gateway_auth == "token" else None)
+        self._limited = cfg.gateway_auth == "token" or cfg.gateway_rate > 0
+        cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry), position=cfg.position)
+        self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry), position=cfg.position,
+                                     ready=lambda: self.follower.ready, admit=self._admit,
+                                     max_body=cfg.gateway_max_body, cold_start_s=cfg.cold_start_timeout_s, cascade=cascades)
+        self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
+        app: ASGIApp = Starlette(routes=self.gateway.routes() + self.openai_gateway.routes() + [
+            Route("/v1/endpoints/{model}", self._endpoints, methods=["GET"]),
+            Route("/readyz", self._readyz, methods=["GET"]),
+            Route("/healthz", self._healthz, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+        ])
+        if cfg.gateway_auth == "token":
+            app = _TokenPrefetch(app, self.checker)
+        self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                      timeout_graceful_shutdown=5, limit_concurrency=4096))
+        self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="gateway-http")
+        self._following = asyncio.create_task(self.follower.run(), name="gateway-follow")
+        for _ in range(500):
+            if self._uvicorn.started:
+                break
+            await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        self._uvicorn.should_exit = True
+        if self._following is not None:
+            self._following.cancel()  # it runs until cancelled; uvicorn ends on should_exit
+        for t in (self._following, self._serving):
+            if t is not None:
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                    await asyncio.wait_for(t, timeout=10)
+        await self.follower.close()
+        await self.checker.close()
+        await self._http.close()
+        await self.openai_gateway.close()
+
+    def _admit(self, request: Request) -> Response | None:
+        """Every model route: 503 until the first table, then auth and rate limits when set."""
+        if not self.follower.ready:
+            why = f" ({self.follower.last_error})" if self.follower.last_error else ""
+            return Response(oip.error_body(f"the gateway has no endpoint table from the control plane yet{why}; retry"),
+                            status_code=503, media_type="application/json", headers={"retry-after": "2"})
+        return self.admission.check(request) if self._limited else None
+
+    async def _endpoints(self, request: Request) -> Response:
+        refused = self._admit(request)
+        if refused is not None:
+            return refused
+        q = request.query_params
+        try:
+            lat = float(q["lat"]) if "lat" in q else None
+            lon = float(q["lon"]) if "lon" in q else None
+        except ValueError:
+            return JSONResponse({"error": "lat and lon must be numbers"}, status_code=400)
+        model = request.path_params["model"]
+        caller = routing.parse_caller(f"{lat},{lon}" if lat is not None and lon is not None else None, None, q.get("residency"))
+        if isinstance(caller, routing.NoRoute):
+            return JSONResponse(wire.endpoint_list(caller, model))
+        return JSONResponse(wire.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model))
+
+    async def _readyz(self, request: Request) -> Response:
+        status = self.follower.status()
+        return JSONResponse(status, status_code=200 if status["ready"] else 503)
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control-plane", nargs="+", required=True, metavar="URL",
+                   help="the control plane's URL; several (replicas of it) are tried in turn when one fails")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--port", type=int, default=8088)
+    p.add_argument("--token", default=argparse.SUPPRESS,
+                   help="API token (any role) to read the control plane's endpoint table (default: $EDGEPLANE_TOKEN)")
+    p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
+    p.add_argument("--gateway-auth", choices=list(admission.GATEWAY_AUTH), default="none",
+                   help="'token' requires a valid API token (checked with the control plane, cached 30 s) on model routes")
+    p.add_argument("--gateway-rate", type=float, default=0.0, metavar="RPS",
+                   help="per-client request rate (client = token, else address); 0 = no limit; per gateway")
+    p.add_argument("--gateway-burst", type=float, default=0.0, help="requests a client may send at once (default: the rate)")
+    p.add_argument("--gateway-max-body", type=int, default=proxy.MAX_BODY, metavar="BYTES", help="largest inference request body")
+    p.add_argument("--cold-start-timeout", type=float, default=proxy.COLD_START_S, metavar="SECONDS",
+                   help="how long a request for a model scaled to zero waits for its replica before a 503")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _position(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    try:
+        lat, lon = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--location {text!r} must be lat,lon, e.g. 48.85,2.35") from None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise ConfigError(f"--location {text!r} is outside -90..90, -180..180")
+    return lat, lon
+
+
+def config_from_args(args: argparse.Namespace, token: str | None) -> GatewayConfig:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port number")
+    return GatewayConfig(
+        control_planes=tuple(parse_control_plane(u) for u in args.control_plane), host=args.host, port=args.port, token=token,
+        position=_position(args.location), gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate,
+        gateway_burst=args.gateway_burst, gateway_max_body=args.gateway_max_body, cold_start_timeout_s=args.cold_start_timeout,
+    )
+
+
+async def serve_forever(config: GatewayConfig) -> None:
+    gw = await StandaloneGateway(config).start()
+    print(f"edgeplane gateway following {', '.join(config.control_planes)}: serving {gw.http_url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("stopping...", flush=True)
+    await gw.stop()
+
+
+def main(args: argparse.Namespace, token: str | None) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        config = config_from_args(args, token)
+        _run(serve_forever(config))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _run(main: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)

@@ -1,0 +1,100 @@
+"""The endpoint table on the wire (what standalone gateways follow) and its publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from orchestrator.api import watch
+from orchestrator.distill.capture import CapturePolicy
+from orchestrator.gateway import cascade_rules, endpoints, routing, wire
+from orchestrator.gatewayd import follow
+
+V2 = routing.Endpoint("intent", "intent-eu", "edge-paris", "edge", "FR", "fr", 48.85, 2.35, "http://10.0.0.1:9000",
+                      healthy=True, inflight=2, allowed_countries=frozenset({"FR", "DE"}), fallback=("edge", "datacenter"))
+OPENAI = routing.Endpoint("chat", "chat-eu", "dc-frankfurt", "datacenter", "DE", "de", 50.11, 8.68, "http://10.0.0.2:8000/chat",
+                          healthy=False, api=routing.API_OPENAI, served_model="org/chat-small")
+ROUTE = cascade_rules.CascadeRoute(
+    "intent", "intent-eu",
+    (cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.TensorRule("probs", True, "margin", 0.2), 4, 12.5),
+     cascade_rules.StageRoute("chatty", frozenset({"edge", "regional"}), cascade_rules.GenerativeRule(-1.5, True, ("I cannot",))),
+     cascade_rules.StageRoute("large", frozenset({"datacenter"}), None, None, 300.0)),
+    {"edge-paris": cascade_rules.SiteEnergy(56.0, 1.2)},
+    CapturePolicy(0.1, 1000, 86400.0, ("EU",)),
+)
+
+
+def full_table() -> endpoints.EndpointTable:
+    table = endpoints.EndpointTable()
+    table.set_cascades({"intent": ROUTE, "intent-eu": ROUTE})
+    table.replace([V2, OPENAI], routing.RegionIndex({"fr": (48.0, 2.0)}), {"intent": "", "lazy": "scaled to zero"}, {"lazy"})
+    return table
+
+
+def test_a_table_survives_the_wire_unchanged() -> None:
+    assert wire.contents_from_json(wire.table_to_json(full_table())) == wire.contents_of(full_table())
+    doc = json.loads(json.dumps(wire.table_to_json(full_table())))
+    copy = endpoints.EndpointTable()
+    wire.apply_json(copy, doc)
+    assert copy.endpoints("intent") == (V2,) and copy.endpoints("chat") == (OPENAI,)
+    assert copy.cascades == {"intent": ROUTE, "intent-eu": ROUTE}
+    assert copy.regions == routing.RegionIndex({"fr": (48.0, 2.0)})
+    assert copy.is_cold("lazy") and copy.unavailable_reason("lazy") == "scaled to zero"
+    assert wire.table_to_json(copy) == doc
+
+
+def test_the_gateways_own_load_and_ejections_stay_local() -> None:
+    table = full_table()
+    before = wire.table_to_json(table)
+    table.eject(V2.url)
+    table.started(V2.url)
+    assert wire.table_to_json(table) == before
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.pop("endpoints"),
+    lambda d: d["endpoints"][0].pop("url"),
+    lambda d: d["endpoints"][0].update(lat="north"),
+    lambda d: d["regions"].update(fr=[1]),
+    lambda d: d["cascades"]["intent"]["stages"][0]["rule"].update(kind="vibes"),
+    lambda d: d.update(cascades=[]),
+])
+def test_a_bad_document_changes_nothing(mutate: Any) -> None:
+    doc = wire.table_to_json(full_table())
+    mutate(doc)
+    table = endpoints.EndpointTable()
+    table.replace([V2])
+    with pytest.raises(wire.WireError):
+        wire.apply_json(table, doc)
+    assert table.endpoints("intent") == (V2,) and table.endpoints("chat") == () and table.cascades == {}
+
+
+async def test_the_publisher_counts_changes_only_and_wakes_its_watchers() -> None:
+    table = endpoints.EndpointTable()
+    publisher = watch.TablePublisher(table)
+    table.on_change = publisher.publish
+    assert publisher.version == 0
+    table.replace([])  # the same document: no new version
+    assert publisher.version == 0
+    waiting = asyncio.create_task(publisher.wait_change(0, 30))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    table.replace([V2])
+    await asyncio.wait_for(waiting, 5)
+    assert publisher.version == 1
+    line = await publisher.snapshot()
+    assert await publisher.snapshot() is line  # encoded once per version
+    event = json.loads(line)
+    assert event["version"] == 1 and event["epoch"] == publisher.epoch and event["table"]["endpoints"][0]["site"] == "edge-paris"
+    assert follow.decode_snapshot(line.decode()) == (publisher.epoch, 1, wire.contents_of(table))
+    heartbeat = publisher.heartbeat().decode()
+    assert "table" not in json.loads(heartbeat) and follow.decode_snapshot(heartbeat) == ("", None, None)
+    table.set_cascades({"intent": ROUTE})
+    assert publisher.version == 2
+    closing = asyncio.create_task(publisher.wait_change(2, 30))
+    publisher.close()
+    await asyncio.wait_for(closing, 5)
+    await publisher.wait_change(2, 30)  # closed: returns at once
