@@ -1,7 +1,9 @@
 """``edgeplane serve``: one process, one event loop, every control-plane part.
 
 The HTTP API and the gateway share a uvicorn server; agents talk to the gRPC listener;
-the reconcile loop runs beside them. :class:`ControlPlane` is also what the test harness,
+the reconcile loop runs beside them. On a PostgreSQL store several of these processes
+share one database: each serves the API, the gateway and agents, and only the one that
+holds the leader lease (:mod:`orchestrator.leadership`) runs the reconcile loop. :class:`ControlPlane` is also what the test harness,
 the benchmarks and the demo start in-process, so all of them run the same wiring.
 """
 
@@ -27,11 +29,11 @@ from typing import Any
 import uvicorn
 from starlette.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from orchestrator import catalog, console, views
+from orchestrator import catalog, console, leadership, views
 from orchestrator.adapters import local_ray
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
@@ -53,7 +55,7 @@ from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
-from orchestrator.store import open_store
+from orchestrator.store import is_postgres_url, open_store
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger("edgeplane")
@@ -92,6 +94,7 @@ class ServerConfig:
     gateway_max_body: int = proxy.MAX_BODY
     cold_start_timeout_s: float = proxy.COLD_START_S
     store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
+    leader_lease_s: float = 6.0  # shared database: the leader lease's time to live (renewed every third of it)
 
 
 class StoreJoinAuthenticator:
@@ -148,6 +151,9 @@ class ControlPlane:
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # end on their own once told to stop
     _background: list[asyncio.Task[Any]] = field(default_factory=list)  # run until cancelled
     _started: bool = False
+    replica_id: str = ""
+    elector: leadership.Elector | None = None  # shared database only; None: this process always leads
+    _reconciling: asyncio.Task[Any] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -161,6 +167,8 @@ class ControlPlane:
             raise ConfigError("--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0")
         if not 0 <= cfg.cold_start_timeout_s <= 600:
             raise ConfigError("--cold-start-timeout must be from 0 to 600 seconds")
+        if not 1 <= cfg.leader_lease_s <= 300:
+            raise ConfigError("--leader-lease must be from 1 to 300 seconds")
         if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
             raise ConfigError(
                 f"refusing to serve the admin API on {cfg.host} without authentication: "
@@ -251,8 +259,14 @@ class ControlPlane:
             if self._uvicorn.started:
                 break
             await asyncio.sleep(0.01)
-        self._tasks.append(asyncio.create_task(self.reconciler.run(), name="reconciler"))
-        self.reconciler.trigger("start")
+        self.replica_id = f"{socket.gethostname()}:{port}-{secrets.token_hex(3)}"  # a new holder each start
+        if cfg.store and is_postgres_url(cfg.store):  # replicas may share the database: lead by the lease
+            self.elector = leadership.Elector(self.store, self.replica_id, cfg.leader_lease_s, self._gain_lead, self._lose_lead)
+            self._background.append(asyncio.create_task(self.elector.run(), name="leader-election"))
+            self._background.append(asyncio.create_task(self._follow_store(), name="store-changes"))
+        else:  # one process owns the SQLite file: it always leads
+            self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
+            self.reconciler.trigger("start")
         self._started = True
         log.info("control plane: API and gateway %s, agents %s, state %s", self.http_url, self.agent_target, self.store.path)
         return self
@@ -264,15 +278,64 @@ class ControlPlane:
         self._uvicorn.should_exit = True
         for t in self._background:
             t.cancel()
-        for t in self._tasks + self._background:
+        reconciling = [self._reconciling] if self._reconciling is not None else []
+        for t in self._tasks + self._background + reconciling:
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(t, timeout=10)
+        if self.elector is not None:
+            await asyncio.to_thread(self.elector.release)  # another replica takes over now, not when the lease runs out
         await self._http.close()
         await self.openai_gateway.close()
         await self.datacentres.close()
         await self.capture_writer.stop()
         self.captures.close()
         self.store.close()
+
+    # -- leadership (shared database) -----------------------------------------------------
+
+    def _gain_lead(self, lease: Any) -> None:
+        self.reconciler.lead(lease)
+        self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
+        with contextlib.suppress(store_mod.StoreError):
+            self.store.record(store_mod.Event(self.replica_id, "leader-elected", "ControlPlane", "leader",
+                                              f"replica {self.replica_id} leads with fencing token {lease.token}",
+                                              {"fencingToken": lease.token}))
+
+    def _lose_lead(self, reason: str) -> None:
+        """Stop reconciling at once: a pass in flight is cancelled (its writes are fenced anyway)."""
+        self.reconciler.lease = None
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            self._reconciling = None
+
+    async def _follow_store(self, every_s: float = 1.0) -> None:
+        """The leader passes soon after an apply made through any replica (a follower's
+        trigger reaches no reconciler): a change of the store's resourceVersion wakes it."""
+        seen = -1
+        while True:
+            await asyncio.sleep(every_s)
+            if self.elector is None or not self.elector.leading:
+                continue
+            with contextlib.suppress(store_mod.StoreError):
+                version = await asyncio.to_thread(self.store.resource_version)
+                if version != seen:
+                    seen = version
+                    self.reconciler.trigger(f"store changed (resourceVersion {version})")
+
+    def leadership_view(self) -> dict[str, Any]:
+        """This replica and who leads: ``GET /v1/controlplane``, ``edgeplane status``."""
+        if self.elector is None:
+            return {"replica": self.replica_id, "role": "leader", "election": "none (SQLite: this process owns the store)",
+                    "leader": {"replica": self.replica_id, "fencingToken": None}, "leaderChanges": 0}
+        view: dict[str, Any] = {"replica": self.replica_id, "role": "leader" if self.elector.leading else "follower",
+                                "election": "lease", "leaseSeconds": self.elector.ttl_s, "leaderChanges": self.elector.changes}
+        try:
+            current = self.store.current_lease(leadership.LEASE)
+        except store_mod.StoreError as exc:
+            return {**view, "leader": None, "error": str(exc)}
+        view["leader"] = ({"replica": current.holder, "fencingToken": current.token, "expiresInSeconds": round(current.remaining_s, 2)}
+                          if current is not None else None)
+        return view
 
     async def _purge_captures(self, every_s: float = 600.0) -> None:
         """Retention: captured records past their retentionDays are deleted (checked every ten minutes)."""
@@ -388,6 +451,13 @@ class _FleetCollector:
         r = GaugeMetricFamily("edgeplane_reconcile_passes", "Reconcile passes completed since start")
         r.add_metric([], getattr(getattr(self.cp, "reconciler", None), "passes", 0))
         yield r
+        elector = self.cp.elector
+        lead = GaugeMetricFamily("edgeplane_leader", "1 while this replica leads (runs the reconciler), else 0")
+        lead.add_metric([], 1 if elector is None or elector.leading else 0)
+        yield lead
+        changes = CounterMetricFamily("edgeplane_leader_changes", "Times this replica gained or lost the leader lease")
+        changes.add_metric([], elector.changes if elector is not None else 0)
+        yield changes
         if hasattr(self.cp, "store"):
             rows = self.cp.store.placements()
             p = GaugeMetricFamily("edgeplane_replicas_placed", "Replicas placed, by deployment", labels=["deployment"])
@@ -407,6 +477,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
     p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
                    help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas); default: SQLite in --data-dir")
+    p.add_argument("--leader-lease", type=float, default=6.0, metavar="SECONDS",
+                   help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
+                        "a dead leader is replaced within about this long")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
@@ -459,7 +532,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gateway_max_body=args.gateway_max_body,
         cold_start_timeout_s=args.cold_start_timeout,
         local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
-        store=args.store,
+        store=args.store, leader_lease_s=args.leader_lease,
     )
 
 
@@ -470,6 +543,8 @@ async def serve_forever(config: ServerConfig) -> None:
         print(f"agents: mutual TLS; first joins on {cp.agent_join_target}; give agents --ca-file {cp.ca_file}", flush=True)
     else:
         print("agents: PLAINTEXT gRPC (--insecure-agents); agents need --insecure", flush=True)
+    if cp.elector is not None:
+        print(f"replica {cp.replica_id}: shared store; the holder of the leader lease ({config.leader_lease_s:g}s) reconciles", flush=True)
     if cp.admin_token:
         print(f"initial admin token written to {config.data_dir / 'admin.token'}", flush=True)
     stop = asyncio.Event()
