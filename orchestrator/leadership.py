@@ -59,7 +59,7 @@ class Elector:
                 lease = await asyncio.wait_for(asyncio.to_thread(self.store.acquire_lease, LEASE, self.holder, self.ttl_s), timeout)
                 reason = "another replica holds the lease"
             except Exception as exc:  # the store unreachable, slow or failing: the campaign goes on
-                lease, reason = None, f"the store did not grant the lease: {exc or 'no answer in time'}"
+                lease, reason = None, f"the store did not grant the lease: {str(exc) or 'no answer in time'}"
             if lease is not None:
                 self._deadline = asked + lease.remaining_s - self.margin_s
                 if self.lease is None:
