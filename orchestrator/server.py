@@ -61,6 +61,9 @@ from orchestrator.store import sqlite as store_mod
 log = logging.getLogger("edgeplane")
 
 
+NOT_LEADING = "this control-plane replica does not lead; join the leader (agents try their next --control-plane address)"
+
+
 class ConfigError(Exception):
     """The server was asked to start in an unsafe or impossible configuration."""
 
@@ -262,6 +265,7 @@ class ControlPlane:
         self.replica_id = f"{socket.gethostname()}:{port}-{secrets.token_hex(3)}"  # a new holder each start
         if cfg.store and is_postgres_url(cfg.store):  # replicas may share the database: lead by the lease
             self.elector = leadership.Elector(self.store, self.replica_id, cfg.leader_lease_s, self._gain_lead, self._lose_lead)
+            self.hub.refuse(NOT_LEADING)
             self._background.append(asyncio.create_task(self.elector.run(), name="leader-election"))
             self._background.append(asyncio.create_task(self._follow_store(), name="store-changes"))
         else:  # one process owns the SQLite file: it always leads
@@ -294,6 +298,7 @@ class ControlPlane:
     # -- leadership (shared database) -----------------------------------------------------
 
     def _gain_lead(self, lease: Any) -> None:
+        self.hub.refuse(None)
         self.reconciler.lead(lease)
         self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
         with contextlib.suppress(store_mod.StoreError):
@@ -307,6 +312,7 @@ class ControlPlane:
         if self._reconciling is not None:
             self._reconciling.cancel()
             self._reconciling = None
+        self.hub.refuse(NOT_LEADING)  # its agents go to the new leader, which plans with them
 
     async def _follow_store(self, every_s: float = 1.0) -> None:
         """The leader passes soon after an apply made through any replica (a follower's

@@ -1,7 +1,8 @@
 """Several `edgeplane serve` processes on one PostgreSQL store: every replica serves the
-API, exactly one (the holder of the leader lease) reconciles; when the leader is killed
-with -9 another takes over with a larger fencing token, reconciles what is applied after
-the failover, and no acknowledged write is lost."""
+API, exactly one (the holder of the leader lease) reconciles and takes agents; when the
+leader is killed with -9 another takes over with a larger fencing token, the agent (given
+both addresses) moves to it, what is applied after the failover is reconciled, and no
+acknowledged write is lost."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.store import open_store
+from orchestrator.testing import harness
 
 from . import support
 from .postgres_server import PostgresServer
 
 LEASE_S = 2.0
+SITE = "edge-lyon"
 
 
 def view(replica: support.ServeProcess) -> dict[str, Any]:
@@ -64,12 +67,23 @@ def observed(replica: support.ServeProcess, name: str) -> tuple[int, int] | None
     return doc["metadata"]["generation"], doc.get("status", {}).get("observedGeneration", 0)
 
 
+def agent_joins(url: str, after_event: int) -> list[Any]:
+    """The agent's joins at SITE logged after event ``after_event`` (a replica logs those it takes)."""
+    store = open_store(url)
+    try:
+        return [e for e in store.events(since=after_event, limit=10_000) if e.action == "agent-joined" and e.name == SITE]
+    finally:
+        store.close()
+
+
 def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing_token(
     tmp_path: pathlib.Path, offline_fleet: pathlib.Path, postgres: PostgresServer
 ) -> None:
     url = postgres.create_database()
-    extra = ("--store", url, "--leader-lease", str(LEASE_S))
+    extra = ("--store", url, "--leader-lease", str(LEASE_S), "--insecure-agents", "--bootstrap-token", harness.BOOTSTRAP_TOKEN,
+             "--heartbeat-interval", "0.5")
     replicas = [support.ServeProcess(tmp_path / name, *extra, artifact_root=offline_fleet) for name in ("one", "two")]
+    agent: harness.AgentProcess | None = None
     try:
         for r in replicas:
             r.wait_ready()
@@ -95,6 +109,15 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
         assert f"follower; leader {elected[0]} (fencing token {token})" in status.stdout, status.stdout
         as_json = json.loads(support.cli("status", "-o", "json", server_url=leader.url).stdout)
         assert as_json["controlPlane"]["role"] == "leader" and as_json["controlPlane"]["leader"]["fencingToken"] == token
+
+        # an agent given both addresses, the follower's first: the follower refuses it, the leader takes it
+        addresses = ",".join(f"127.0.0.1:{r.agent_port}" for r in (follower, leader))
+        agent = harness.spawn_agent(harness.agent_command(addresses, SITE, tmp_path / "agent", heartbeat_interval=0.5), SITE,
+                                    tmp_path / "agent")
+        wait_for("the agent joined the leader", lambda: agent_joins(url, 0), within_s=60, every_s=0.2)
+        assert "does not lead" in agent.log(), agent.log()  # the follower sent it on
+        wait_for("the leader saw the site healthy", lambda: httpx.get(f"{follower.url}/v1/sites/{SITE}", timeout=10).json()
+                 .get("status", {}).get("health") == "Healthy", within_s=60, every_s=0.2)
         store = open_store(url)
         try:
             acknowledged = support.desired_state(store)
@@ -116,10 +139,14 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
             assert [e.details["fencingToken"] for e in elected_events] == [token, after["leader"]["fencingToken"]]
         finally:
             store.close()
+        # the agent moves to the new leader: its join is logged after the new leader's election
+        wait_for("the agent joined the new leader", lambda: agent_joins(url, elected_events[-1].id), within_s=60, every_s=0.2)
         put = support.cli("apply", "-f", "-", server_url=follower.url, stdin=deployment("before", 3))  # generation 2
         assert put.returncode == 0 and "configured" in put.stdout, put.stdout + put.stderr
         wait_for("the new leader reconciled an apply made after the failover",
                  lambda: observed(follower, "before") == (2, 2), within_s=60, every_s=0.2)
     finally:
+        if agent is not None:
+            agent.stop()
         for r in replicas:
             r.stop()
