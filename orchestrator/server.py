@@ -157,6 +157,7 @@ class ControlPlane:
     replica_id: str = ""
     elector: leadership.Elector | None = None  # shared database only; None: this process always leads
     _reconciling: asyncio.Task[Any] | None = None
+    _election: asyncio.Task[Any] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -266,7 +267,8 @@ class ControlPlane:
         if cfg.store and is_postgres_url(cfg.store):  # replicas may share the database: lead by the lease
             self.elector = leadership.Elector(self.store, self.replica_id, cfg.leader_lease_s, self._gain_lead, self._lose_lead)
             self.hub.refuse(NOT_LEADING)
-            self._background.append(asyncio.create_task(self.elector.run(), name="leader-election"))
+            self._election = asyncio.create_task(self.elector.run(), name="leader-election")
+            self._background.append(self._election)
             self._background.append(asyncio.create_task(self._follow_store(), name="store-changes"))
         else:  # one process owns the SQLite file: it always leads
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
@@ -278,6 +280,13 @@ class ControlPlane:
     async def stop(self) -> None:
         self._started = False
         self.reconciler.stop()
+        if self.elector is not None:  # step down first: another replica takes over while this one closes
+            for t in (self._election, self._reconciling):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                        await asyncio.wait_for(t, timeout=10)
+            await asyncio.to_thread(self.elector.release)
         await self._agent_server.stop(grace=1.0)
         self._uvicorn.should_exit = True
         for t in self._background:
@@ -286,8 +295,6 @@ class ControlPlane:
         for t in self._tasks + self._background + reconciling:
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(t, timeout=10)
-        if self.elector is not None:
-            await asyncio.to_thread(self.elector.release)  # another replica takes over now, not when the lease runs out
         await self._http.close()
         await self.openai_gateway.close()
         await self.datacentres.close()

@@ -21,7 +21,7 @@ from orchestrator.store import open_store
 from orchestrator.testing import harness
 
 from . import support
-from .postgres_server import PostgresServer
+from orchestrator.testing.postgres import PostgresServer
 
 LEASE_S = 2.0
 SITE = "edge-lyon"
