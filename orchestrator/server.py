@@ -322,18 +322,31 @@ class ControlPlane:
         self.hub.refuse(NOT_LEADING)  # its agents go to the new leader, which plans with them
 
     async def _follow_store(self, every_s: float = 1.0) -> None:
-        """The leader passes soon after an apply made through any replica (a follower's
-        trigger reaches no reconciler): a change of the store's resourceVersion wakes it."""
-        seen = -1
+        """Each second: on the leader, a change of the store's resourceVersion wakes the
+        reconciler (an apply made through a follower reaches no reconciler); on a follower,
+        the endpoint table the leader published replaces this gateway's."""
+        seen, table_version = -1, 0
         while True:
             await asyncio.sleep(every_s)
-            if self.elector is None or not self.elector.leading:
+            if self.elector is None:
                 continue
-            with contextlib.suppress(store_mod.StoreError):
-                version = await asyncio.to_thread(self.store.resource_version)
-                if version != seen:
-                    seen = version
-                    self.reconciler.trigger(f"store changed (resourceVersion {version})")
+            try:
+                if self.elector.leading:
+                    table_version = 0  # read again whenever this replica follows again
+                    version = await asyncio.to_thread(self.store.resource_version)
+                    if version != seen:
+                        seen = version
+                        self.reconciler.trigger(f"store changed (resourceVersion {version})")
+                    continue
+                got = await asyncio.to_thread(self.store.published, endpoints_mod.PUBLISHED_KEY, table_version)
+                if got is not None and self.elector is not None and not self.elector.leading:
+                    table_version, body = got
+                    table = endpoints_mod.Published.from_json(body)
+                    self.table.replace(table.endpoints, table.regions, dict(table.deployed), table.cold)
+            except store_mod.StoreError as exc:
+                log.warning("following the store: %s", exc)
+            except (ValueError, KeyError, TypeError) as exc:  # a table this version cannot read
+                log.warning("the leader's endpoint table is unreadable here: %s", exc)
 
     def leadership_view(self) -> dict[str, Any]:
         """This replica and who leads: ``GET /v1/controlplane``, ``edgeplane status``."""

@@ -15,11 +15,45 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 
 from orchestrator.gateway import cascade_rules, routing
+
+
+PUBLISHED_KEY = "gateway-endpoints"  # where the leader keeps its table in the store
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the leader's gateway routes from, as other control-plane replicas receive it
+    (through the store) to route from the same table."""
+
+    endpoints: tuple[routing.Endpoint, ...]
+    regions: routing.RegionIndex
+    deployed: Mapping[str, str]
+    cold: frozenset[str]
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "endpoints": [{**dataclasses.asdict(e), "allowed_countries": sorted(e.allowed_countries), "fallback": list(e.fallback)}
+                          for e in self.endpoints],
+            "regions": {r: list(c) for r, c in sorted(self.regions.centroids.items())},
+            "deployed": dict(sorted(self.deployed.items())), "cold": sorted(self.cold),
+        }, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Published:
+        doc: dict[str, Any] = json.loads(text)
+        return cls(
+            tuple(routing.Endpoint(**{**e, "allowed_countries": frozenset(e["allowed_countries"]), "fallback": tuple(e["fallback"])})
+                  for e in doc["endpoints"]),
+            routing.RegionIndex({r: (c[0], c[1]) for r, c in doc["regions"].items()}),
+            dict(doc["deployed"]), frozenset(doc["cold"]),
+        )
 
 
 @dataclass

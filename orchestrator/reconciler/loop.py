@@ -233,6 +233,9 @@ class Reconciler:
                 self.store.set_statuses([(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold)
+                if self.lease is not None:  # other replicas' gateways route from the leader's table
+                    published = endpoints_mod.Published(endpoints, regions, deployed, frozenset(cold))
+                    self.store.publish(endpoints_mod.PUBLISHED_KEY, published.to_json(), lease=self.lease)
             case act.PublishCascades(routes):
                 self.table.cascades = dict(routes)
 

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT NULL, body TEXT NOT NULL);
 DO $$ BEGIN  -- databases made before leases were kept in epoch seconds, as on SQLite
     IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'leases' AND column_name = 'expires_at'
                AND data_type LIKE 'timestamp%') THEN

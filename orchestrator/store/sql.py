@@ -436,6 +436,26 @@ class SqlStore:
             return None
         return Lease(name, row["holder"], int(row["token"]), float(row["expires_at"]) - now)
 
+    def publish(self, key: str, body: str, lease: Lease | None = None) -> int:
+        """Keep ``body`` under ``key`` for other replicas to read (the leader's endpoint
+        table); returns its version, which grows only when the body changes."""
+        with self._tx() as db:
+            if lease is not None:
+                self._fence(db, lease)
+            row = self._one(db, "SELECT version, body FROM published WHERE key = ?", (key,))
+            if row is None:
+                db.execute(self._q("INSERT INTO published (key, version, body) VALUES (?, 1, ?)"), (key, body))
+                return 1
+            if row["body"] == body:
+                return int(row["version"])
+            db.execute(self._q("UPDATE published SET version = ?, body = ? WHERE key = ?"), (int(row["version"]) + 1, body, key))
+            return int(row["version"]) + 1
+
+    def published(self, key: str, newer_than: int = 0) -> tuple[int, str] | None:
+        """``(version, body)`` under ``key`` when its version is above ``newer_than``, else None."""
+        rows = self._fetch(self._q("SELECT version, body FROM published WHERE key = ? AND version > ?"), (key, newer_than))
+        return (int(rows[0]["version"]), rows[0]["body"]) if rows else None
+
     def _fence(self, db: Any, lease: Lease) -> None:
         """Inside a write transaction: refuse unless ``lease`` is still held and current."""
         row = self._one(db, "SELECT 1 AS held FROM leases WHERE name = ? AND holder = ? AND token = ? AND expires_at > ?",

@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version INTEGER NOT NULL, body TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 """
 

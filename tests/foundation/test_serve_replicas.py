@@ -25,6 +25,8 @@ from orchestrator.testing.postgres import PostgresServer
 
 LEASE_S = 2.0
 SITE = "edge-lyon"
+MODEL = "intent-classifier"
+REQUEST = support.REPO / "manifests" / "examples" / "requests" / f"{MODEL}.json"
 
 
 def view(replica: support.ServeProcess) -> dict[str, Any]:
@@ -65,6 +67,10 @@ def observed(replica: support.ServeProcess, name: str) -> tuple[int, int] | None
         return None
     doc = r.json()
     return doc["metadata"]["generation"], doc.get("status", {}).get("observedGeneration", 0)
+
+
+def endpoints(replica: support.ServeProcess) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{replica.url}/v1/endpoints/{MODEL}", timeout=10).json()["endpoints"])
 
 
 def agent_joins(url: str, after_event: int) -> list[Any]:
@@ -118,6 +124,12 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
         assert "does not lead" in agent.log(), agent.log()  # the follower sent it on
         wait_for("the leader saw the site healthy", lambda: httpx.get(f"{follower.url}/v1/sites/{SITE}", timeout=10).json()
                  .get("status", {}).get("health") == "Healthy", within_s=60, every_s=0.2)
+
+        # the follower's gateway routes from the table the leader published: to the leader's agent
+        routed = wait_for("the leader routes to the agent", lambda: (e := endpoints(leader)) and e, within_s=120, every_s=0.2)
+        wait_for("the follower routes from the leader's table", lambda: endpoints(follower) == routed, within_s=30, every_s=0.2)
+        answer = support.cli("infer", MODEL, "--location", "45.7,4.8", "--data", f"@{REQUEST}", server_url=follower.url)
+        assert answer.returncode == 0 and SITE in answer.stdout + answer.stderr, (answer.stdout, answer.stderr)
         store = open_store(url)
         try:
             acknowledged = support.desired_state(store)
@@ -141,6 +153,9 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
             store.close()
         # the agent moves to the new leader: its join is logged after the new leader's election
         wait_for("the agent joined the new leader", lambda: agent_joins(url, elected_events[-1].id), within_s=60, every_s=0.2)
+        wait_for("the new leader routes to the agent", lambda: endpoints(follower), within_s=60, every_s=0.2)
+        answer = support.cli("infer", MODEL, "--location", "45.7,4.8", "--data", f"@{REQUEST}", server_url=follower.url)
+        assert answer.returncode == 0 and SITE in answer.stdout + answer.stderr, (answer.stdout, answer.stderr)
         put = support.cli("apply", "-f", "-", server_url=follower.url, stdin=deployment("before", 3))  # generation 2
         assert put.returncode == 0 and "configured" in put.stdout, put.stdout + put.stderr
         wait_for("the new leader reconciled an apply made after the failover",

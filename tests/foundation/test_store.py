@@ -482,3 +482,19 @@ def test_a_lease_that_ran_out_is_taken_over_and_the_old_holders_writes_are_fence
     assert b.get("ModelDeployment", "d").status == {"phase": "Ready"}  # type: ignore[union-attr]
     b.replace_placements([PlacementRow("d", "s", "v", 2)], lease=lease_b)
     assert [p.replicas for p in a.placements()] == [2]
+
+
+def test_published_bodies_are_versioned_by_change_and_fenced(reopen: Callable[..., Store]) -> None:
+    a, b = reopen(), reopen()
+    assert b.published("table") is None
+    lease = a.acquire_lease("leader", "a", 30.0)
+    assert lease is not None
+    assert a.publish("table", '{"x":1}', lease=lease) == 1
+    assert a.publish("table", '{"x":1}', lease=lease) == 1  # unchanged: the same version
+    assert a.publish("table", '{"x":2}', lease=lease) == 2
+    assert b.published("table") == (2, '{"x":2}') and b.published("table", newer_than=2) is None
+    a.release_lease(lease)
+    assert b.acquire_lease("leader", "b", 30.0) is not None
+    with pytest.raises(store_mod.Fenced):
+        a.publish("table", '{"x":3}', lease=lease)  # a deposed leader's table does not land
+    assert b.published("table") == (2, '{"x":2}')
