@@ -325,24 +325,28 @@ class ControlPlane:
         """Each second: on the leader, a change of the store's resourceVersion wakes the
         reconciler (an apply made through a follower reaches no reconciler); on a follower,
         the endpoint table the leader published replaces this gateway's."""
-        seen, table_version = -1, 0
+        seen, table_version, cascades_version = -1, 0, 0
         while True:
             await asyncio.sleep(every_s)
             if self.elector is None:
                 continue
             try:
                 if self.elector.leading:
-                    table_version = 0  # read again whenever this replica follows again
+                    table_version = cascades_version = 0  # read again whenever this replica follows again
                     version = await asyncio.to_thread(self.store.resource_version)
                     if version != seen:
                         seen = version
                         self.reconciler.trigger(f"store changed (resourceVersion {version})")
                     continue
                 got = await asyncio.to_thread(self.store.published, endpoints_mod.PUBLISHED_KEY, table_version)
-                if got is not None and self.elector is not None and not self.elector.leading:
+                if got is not None and not self.elector.leading:
                     table_version, body = got
                     table = endpoints_mod.Published.from_json(body)
                     self.table.replace(table.endpoints, table.regions, dict(table.deployed), table.cold)
+                got = await asyncio.to_thread(self.store.published, endpoints_mod.CASCADES_KEY, cascades_version)
+                if got is not None and not self.elector.leading:
+                    cascades_version, body = got
+                    self.table.cascades = endpoints_mod.cascades_from_json(body)
             except store_mod.StoreError as exc:
                 log.warning("following the store: %s", exc)
             except (ValueError, KeyError, TypeError) as exc:  # a table this version cannot read

@@ -238,6 +238,8 @@ class Reconciler:
                     self.store.publish(endpoints_mod.PUBLISHED_KEY, published.to_json(), lease=self.lease)
             case act.PublishCascades(routes):
                 self.table.cascades = dict(routes)
+                if self.lease is not None:
+                    self.store.publish(endpoints_mod.CASCADES_KEY, endpoints_mod.cascades_to_json(routes), lease=self.lease)
 
     async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...]) -> None:
         backoff = self._dc_backoff.get(site)

@@ -1,8 +1,9 @@
-"""The leader's endpoint table survives its trip through the store to other replicas."""
+"""The leader's endpoint table and cascades survive their trip through the store to other replicas."""
 
 from __future__ import annotations
 
-from orchestrator.gateway import endpoints, routing
+from orchestrator.distill import capture
+from orchestrator.gateway import cascade_rules, endpoints, routing
 
 
 def test_the_published_table_reads_back_equal() -> None:
@@ -17,3 +18,18 @@ def test_the_published_table_reads_back_equal() -> None:
     )
     assert endpoints.Published.from_json(table.to_json()) == table
     assert endpoints.Published.from_json(table.to_json()).to_json() == table.to_json()
+
+
+def test_the_published_cascades_read_back_equal() -> None:
+    routes = {
+        "intent": cascade_rules.CascadeRoute("intent", "intent-eu", (
+            cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.TensorRule("probs", True, "margin", 0.2), 8, 15.0),
+            cascade_rules.StageRoute("full", frozenset({"datacenter", "edge"}), None),
+        ), {"edge-lyon": cascade_rules.SiteEnergy(56.0), "dc-paris": cascade_rules.SiteEnergy(52.0, 1.3)},
+            capture.CapturePolicy(0.5, 1000, 86400.0, ("FR", "EU"))),
+        "chat": cascade_rules.CascadeRoute("chat", "chat", (
+            cascade_rules.StageRoute("tiny", frozenset({"edge"}), cascade_rules.GenerativeRule(-1.5, True, ("I cannot",))),
+            cascade_rules.StageRoute("big", frozenset({"datacenter"}), None),
+        )),
+    }
+    assert endpoints.cascades_from_json(endpoints.cascades_to_json(routes)) == routes
