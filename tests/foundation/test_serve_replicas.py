@@ -165,3 +165,36 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
             agent.stop()
         for r in replicas:
             r.stop()
+
+
+def test_a_paused_leader_is_replaced_and_steps_down_when_it_resumes(
+    tmp_path: pathlib.Path, offline_fleet: pathlib.Path, postgres: PostgresServer
+) -> None:
+    """SIGSTOP stands for a leader cut off (a long pause, a partition): the other replica
+    takes over with a larger token; the old leader, resumed, finds its lease gone and
+    follows; there is one leader throughout."""
+    url = postgres.create_database()
+    replicas = [support.ServeProcess(tmp_path / name, "--store", url, "--leader-lease", str(LEASE_S), artifact_root=offline_fleet)
+                for name in ("one", "two")]
+    try:
+        for r in replicas:
+            r.wait_ready()
+        elected = wait_for("a leader elected", lambda: leaders(replicas), within_s=30)
+        leader = next(r for r in replicas if view(r)["replica"] == elected[0])
+        follower = next(r for r in replicas if r is not leader)
+        token = view(follower)["leader"]["fencingToken"]
+        applied = support.cli("apply", "-f", str(offline_fleet), server_url=follower.url)
+        assert applied.returncode == 0, applied.stderr
+        os.killpg(leader.process.pid, signal.SIGSTOP)
+        try:
+            after = wait_for("the other took over", lambda: (v := view(follower))["role"] == "leader" and v, within_s=30)
+            assert after["leader"]["fencingToken"] == token + 1
+        finally:
+            os.killpg(leader.process.pid, signal.SIGCONT)
+        resumed = wait_for("the resumed leader follows", lambda: (v := view(leader))["role"] == "follower" and v, within_s=30)
+        assert resumed["leader"]["replica"] == after["replica"] and resumed["leader"]["fencingToken"] == token + 1
+        assert leaders(replicas) == [after["replica"]]
+        assert "no longer leading" in leader.log() or "not written" in leader.log(), leader.log()
+    finally:
+        for r in replicas:
+            r.stop()
