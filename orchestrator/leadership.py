@@ -41,6 +41,7 @@ class Elector:
     lease: store_mod.Lease | None = None  # held now (as this replica knows it)
     changes: int = 0  # times this replica gained or lost the lease
     _deadline: float = 0.0
+    _attempt: tuple[float, asyncio.Future[store_mod.Lease | None]] | None = None  # (asked at, the call)
 
     @property
     def margin_s(self) -> float:
@@ -52,14 +53,22 @@ class Elector:
 
     async def run(self) -> None:
         while True:
-            asked = self.clock()
+            # One call to the store at a time: one that hangs (the database unreachable) is
+            # waited for again rather than joined by more threads.
+            if self._attempt is None or self._attempt[1].done():
+                self._attempt = (self.clock(), asyncio.ensure_future(
+                    asyncio.to_thread(self.store.acquire_lease, LEASE, self.holder, self.ttl_s)))
+            asked, attempt = self._attempt
             # a renewal that has not answered by the deadline is a loss, not a wait
-            timeout = max(0.01, self._deadline - asked) if self.lease is not None else self.ttl_s
+            timeout = max(0.01, self._deadline - self.clock()) if self.lease is not None else self.ttl_s
             try:
-                lease = await asyncio.wait_for(asyncio.to_thread(self.store.acquire_lease, LEASE, self.holder, self.ttl_s), timeout)
+                lease = await asyncio.wait_for(asyncio.shield(attempt), timeout)
+                self._attempt = None
                 reason = "another replica holds the lease"
             except Exception as exc:  # the store unreachable, slow or failing: the campaign goes on
                 lease, reason = None, f"the store did not grant the lease: {str(exc) or 'no answer in time'}"
+            if lease is not None and asked + lease.remaining_s - self.margin_s <= self.clock():
+                lease, reason = None, "the store granted the lease too late to lead on it"  # ask again now
             if lease is not None:
                 self._deadline = asked + lease.remaining_s - self.margin_s
                 if self.lease is None:

@@ -1,10 +1,12 @@
 """``edgeplane serve``: one process, one event loop, every control-plane part.
 
 The HTTP API and the gateway share a uvicorn server; agents talk to the gRPC listener;
-the reconcile loop runs beside them. On a PostgreSQL store several of these processes
-share one database: each serves the API, the gateway and agents, and only the one that
-holds the leader lease (:mod:`orchestrator.leadership`) runs the reconcile loop. :class:`ControlPlane` is also what the test harness,
+the reconcile loop runs beside them. :class:`ControlPlane` is also what the test harness,
 the benchmarks and the demo start in-process, so all of them run the same wiring.
+
+On a PostgreSQL store several of these processes may share one database: each serves the
+API and the gateway (routing from the table the leader publishes), and only the holder of
+the leader lease (:mod:`orchestrator.leadership`) reconciles and takes agents.
 """
 
 from __future__ import annotations
@@ -304,7 +306,7 @@ class ControlPlane:
 
     # -- leadership (shared database) -----------------------------------------------------
 
-    def _gain_lead(self, lease: Any) -> None:
+    def _gain_lead(self, lease: store_mod.Lease) -> None:
         self.hub.refuse(None)
         self.reconciler.lead(lease)
         self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
@@ -324,7 +326,7 @@ class ControlPlane:
     async def _follow_store(self, every_s: float = 1.0) -> None:
         """Each second: on the leader, a change of the store's resourceVersion wakes the
         reconciler (an apply made through a follower reaches no reconciler); on a follower,
-        the endpoint table the leader published replaces this gateway's."""
+        the endpoint table and cascades the leader published replace this gateway's."""
         seen, table_version, cascades_version = -1, 0, 0
         while True:
             await asyncio.sleep(every_s)
@@ -509,7 +511,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas); default: SQLite in --data-dir")
     p.add_argument("--leader-lease", type=float, default=6.0, metavar="SECONDS",
                    help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
-                        "a dead leader is replaced within about this long")
+                        "a leader that died is replaced within 4/3 of it")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
