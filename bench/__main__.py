@@ -28,6 +28,7 @@ BENCHMARKS = (
     "simulate",
     "vllm_gpu",
     "distill",
+    "failover",
 )
 
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AgentConfig:
-    control_plane: str
+    control_plane: str  # HOST:PORT, or several replicas' addresses separated by commas (tried in turn)
     site: str
     token: str
     data_dir: pathlib.Path
@@ -53,6 +53,10 @@ class AgentConfig:
     inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
     grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
     intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
+
+    @property
+    def control_planes(self) -> list[str]:
+        return [t.strip() for t in self.control_plane.split(",") if t.strip()]
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -171,7 +175,7 @@ class Agent:
         self._desired_changed.set()
         self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
         self.uplink = uplink.Uplink(
-            cfg.control_plane,
+            cfg.control_planes,
             uplink.JoinFacts(
                 site=cfg.site,
                 bootstrap_token=cfg.token,
@@ -188,7 +192,7 @@ class Agent:
             self,
             self._receive_assignments,
             agent_tls=None if cfg.insecure else tls.AgentTls(
-                cfg.data_dir, cfg.join_address or tls.join_address(cfg.control_plane), cfg.ca_file),
+                cfg.data_dir, cfg.join_address or tls.join_address(cfg.control_planes[0]), cfg.ca_file),
         )
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         log.info("agent for site %s serving v2 on %s", cfg.site, self.endpoint_url)

@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
         prog="edgeplane-agent",
         description="Join an edgeplane control plane and serve its models at this edge site.",
     )
-    p.add_argument("--control-plane", required=True, metavar="HOST:PORT", help="control plane gRPC address")
+    p.add_argument("--control-plane", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="control plane gRPC address; several replicas' addresses separated by commas are tried in turn "
+                        "(the next one when a session cannot be had)")
     p.add_argument("--site", required=True, help="site name (DNS label), one agent per site")
     p.add_argument("--token", default=os.environ.get("EDGEPLANE_TOKEN", ""),
                    help="bootstrap token (or EDGEPLANE_TOKEN); unused once a credential is saved")
@@ -91,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
 
     if (args.lat is None) != (args.lon is None):
         raise SystemExit("edgeplane-agent: --lat and --lon go together")
+    if not [t for t in args.control_plane.split(",") if t.strip()]:
+        raise SystemExit("edgeplane-agent: --control-plane needs at least one HOST:PORT")
     return daemon.AgentConfig(
         control_plane=args.control_plane,
         site=args.site,

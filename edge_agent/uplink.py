@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -122,7 +122,7 @@ def client_options() -> list[tuple[str, int]]:
 class Uplink:
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         facts: JoinFacts,
         store: state.StateStore,
         reporter: Reporter,
@@ -134,7 +134,11 @@ class Uplink:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._target = target
+        # several control-plane replicas: a session that cannot be had moves to the next address
+        self._targets = [target] if isinstance(target, str) else list(target)
+        if not self._targets:
+            raise ValueError("no control-plane address")
+        self._current = 0
         self._facts = facts
         self._store = store
         self._reporter = reporter
@@ -152,6 +156,10 @@ class Uplink:
         self._expires: float | None = None
         self._pending_csr: tuple[bytes, bytes] | None = None  # (key, CSR) not yet accepted
         self._renewed_at: float | None = None  # when a session last ended for a renewal
+
+    @property
+    def _target(self) -> str:
+        return self._targets[self._current]
 
     def nudge(self) -> None:
         """Send a heartbeat now (a model changed state) instead of at the next tick."""
@@ -178,8 +186,10 @@ class Uplink:
                 return
             if self._clock() - started > 4 * self.interval:
                 attempt = 0  # the session was healthy for a while: start the ladder over
-            delay = self._backoff.delay(attempt + 1, self._rng)
+            # the next address at once; the backoff ladder steps once per round of addresses
+            self._current = (self._current + 1) % len(self._targets)
             attempt += 1
+            delay = 0.0 if self._current else self._backoff.delay(-(-attempt // len(self._targets)), self._rng)
             log.info("reconnecting to %s in %.1fs", self._target, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)

@@ -3,6 +3,10 @@
 The HTTP API and the gateway share a uvicorn server; agents talk to the gRPC listener;
 the reconcile loop runs beside them. :class:`ControlPlane` is also what the test harness,
 the benchmarks and the demo start in-process, so all of them run the same wiring.
+
+On a PostgreSQL store several of these processes may share one database: each serves the
+API and the gateway (routing from the table the leader publishes), and only the holder of
+the leader lease (:mod:`orchestrator.leadership`) reconciles and takes agents.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ from typing import Any
 import uvicorn
 from starlette.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from orchestrator import catalog, console, views
+from orchestrator import catalog, console, leadership, views
 from orchestrator.adapters import local_ray
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
@@ -55,10 +59,13 @@ from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
-from orchestrator.store import open_store
+from orchestrator.store import is_postgres_url, open_store
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger("edgeplane")
+
+
+NOT_LEADING = "this control-plane replica does not lead; join the leader (agents try their next --control-plane address)"
 
 
 class ConfigError(Exception):
@@ -95,6 +102,7 @@ class ServerConfig:
     gateway_max_body: int = proxy.MAX_BODY
     cold_start_timeout_s: float = proxy.COLD_START_S
     store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
+    leader_lease_s: float = 6.0  # shared database: the leader lease's time to live (renewed every third of it)
 
 
 class StoreJoinAuthenticator:
@@ -151,6 +159,10 @@ class ControlPlane:
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # end on their own once told to stop
     _background: list[asyncio.Task[Any]] = field(default_factory=list)  # run until cancelled
     _started: bool = False
+    replica_id: str = ""
+    elector: leadership.Elector | None = None  # shared database only; None: this process always leads
+    _reconciling: asyncio.Task[Any] | None = None
+    _election: asyncio.Task[Any] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -164,6 +176,8 @@ class ControlPlane:
             raise ConfigError("--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0")
         if not 0 <= cfg.cold_start_timeout_s <= 600:
             raise ConfigError("--cold-start-timeout must be from 0 to 600 seconds")
+        if not 1 <= cfg.leader_lease_s <= 300:
+            raise ConfigError("--leader-lease must be from 1 to 300 seconds")
         if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
             raise ConfigError(
                 f"refusing to serve the admin API on {cfg.host} without authentication: "
@@ -257,8 +271,16 @@ class ControlPlane:
             if self._uvicorn.started:
                 break
             await asyncio.sleep(0.01)
-        self._tasks.append(asyncio.create_task(self.reconciler.run(), name="reconciler"))
-        self.reconciler.trigger("start")
+        self.replica_id = f"{socket.gethostname()}:{port}-{secrets.token_hex(3)}"  # a new holder each start
+        if cfg.store and is_postgres_url(cfg.store):  # replicas may share the database: lead by the lease
+            self.elector = leadership.Elector(self.store, self.replica_id, cfg.leader_lease_s, self._gain_lead, self._lose_lead)
+            self.hub.refuse(NOT_LEADING)
+            self._election = asyncio.create_task(self.elector.run(), name="leader-election")
+            self._background.append(self._election)
+            self._background.append(asyncio.create_task(self._follow_store(), name="store-changes"))
+        else:  # one process owns the SQLite file: it always leads
+            self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
+            self.reconciler.trigger("start")
         self._started = True
         log.info("control plane: API and gateway %s, agents %s, state %s", self.http_url, self.agent_target, self.store.path)
         return self
@@ -267,11 +289,19 @@ class ControlPlane:
         self._started = False
         self.reconciler.stop()
         self.publisher.close()  # watching gateways see the stream end now, not at uvicorn's grace timeout
+        if self.elector is not None:  # step down first: another replica takes over while this one closes
+            for t in (self._election, self._reconciling):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                        await asyncio.wait_for(t, timeout=10)
+            await asyncio.to_thread(self.elector.release)
         await self._agent_server.stop(grace=1.0)
         self._uvicorn.should_exit = True
         for t in self._background:
             t.cancel()
-        for t in self._tasks + self._background:
+        reconciling = [self._reconciling] if self._reconciling is not None else []
+        for t in self._tasks + self._background + reconciling:
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(t, timeout=10)
         await self._http.close()
@@ -280,6 +310,71 @@ class ControlPlane:
         await self.capture_writer.stop()
         self.captures.close()
         self.store.close()
+
+    # -- leadership (shared database) -----------------------------------------------------
+
+    def _gain_lead(self, lease: store_mod.Lease) -> None:
+        self.hub.refuse(None)
+        self.reconciler.lead(lease)
+        self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
+        with contextlib.suppress(store_mod.StoreError):
+            self.store.record(store_mod.Event(self.replica_id, "leader-elected", "ControlPlane", "leader",
+                                              f"replica {self.replica_id} leads with fencing token {lease.token}",
+                                              {"fencingToken": lease.token}))
+
+    def _lose_lead(self, reason: str) -> None:
+        """Stop reconciling at once: a pass in flight is cancelled (its writes are fenced anyway)."""
+        self.reconciler.lease = None
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            self._reconciling = None
+        self.hub.refuse(NOT_LEADING)  # its agents go to the new leader, which plans with them
+
+    async def _follow_store(self, every_s: float = 1.0) -> None:
+        """Each second: on the leader, a change of the store's resourceVersion wakes the
+        reconciler (an apply made through a follower reaches no reconciler); on a follower,
+        the endpoint table and cascades the leader published replace this gateway's."""
+        seen, table_version, cascades_version = -1, 0, 0
+        while True:
+            await asyncio.sleep(every_s)
+            if self.elector is None:
+                continue
+            try:
+                if self.elector.leading:
+                    table_version = cascades_version = 0  # read again whenever this replica follows again
+                    version = await asyncio.to_thread(self.store.resource_version)
+                    if version != seen:
+                        seen = version
+                        self.reconciler.trigger(f"store changed (resourceVersion {version})")
+                    continue
+                got = await asyncio.to_thread(self.store.published, endpoints_mod.PUBLISHED_KEY, table_version)
+                if got is not None and not self.elector.leading:
+                    table_version, body = got
+                    table = endpoints_mod.Published.from_json(body)
+                    self.table.replace(table.endpoints, table.regions, dict(table.deployed), table.cold)
+                got = await asyncio.to_thread(self.store.published, endpoints_mod.CASCADES_KEY, cascades_version)
+                if got is not None and not self.elector.leading:
+                    cascades_version, body = got
+                    self.table.cascades = endpoints_mod.cascades_from_json(body)
+            except store_mod.StoreError as exc:
+                log.warning("following the store: %s", exc)
+            except (ValueError, KeyError, TypeError) as exc:  # a table this version cannot read
+                log.warning("the leader's endpoint table is unreadable here: %s", exc)
+
+    def leadership_view(self) -> dict[str, Any]:
+        """This replica and who leads: ``GET /v1/controlplane``, ``edgeplane status``."""
+        if self.elector is None:
+            return {"replica": self.replica_id, "role": "leader", "election": "none (SQLite: this process owns the store)",
+                    "leader": {"replica": self.replica_id, "fencingToken": None}, "leaderChanges": 0}
+        view: dict[str, Any] = {"replica": self.replica_id, "role": "leader" if self.elector.leading else "follower",
+                                "election": "lease", "leaseSeconds": self.elector.ttl_s, "leaderChanges": self.elector.changes}
+        try:
+            current = self.store.current_lease(leadership.LEASE)
+        except store_mod.StoreError as exc:
+            return {**view, "leader": None, "error": str(exc)}
+        view["leader"] = ({"replica": current.holder, "fencingToken": current.token, "expiresInSeconds": round(current.remaining_s, 2)}
+                          if current is not None else None)
+        return view
 
     async def _purge_captures(self, every_s: float = 600.0) -> None:
         """Retention: captured records past their retentionDays are deleted (checked every ten minutes)."""
@@ -395,6 +490,13 @@ class _FleetCollector:
         r = GaugeMetricFamily("edgeplane_reconcile_passes", "Reconcile passes completed since start")
         r.add_metric([], getattr(getattr(self.cp, "reconciler", None), "passes", 0))
         yield r
+        elector = self.cp.elector
+        lead = GaugeMetricFamily("edgeplane_leader", "1 while this replica leads (runs the reconciler), else 0")
+        lead.add_metric([], 1 if elector is None or elector.leading else 0)
+        yield lead
+        changes = CounterMetricFamily("edgeplane_leader_changes", "Times this replica gained or lost the leader lease")
+        changes.add_metric([], elector.changes if elector is not None else 0)
+        yield changes
         if hasattr(self.cp, "store"):
             rows = self.cp.store.placements()
             p = GaugeMetricFamily("edgeplane_replicas_placed", "Replicas placed, by deployment", labels=["deployment"])
@@ -414,6 +516,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
     p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
                    help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas); default: SQLite in --data-dir")
+    p.add_argument("--leader-lease", type=float, default=6.0, metavar="SECONDS",
+                   help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
+                        "a leader that died is replaced within 4/3 of it")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
@@ -479,7 +584,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gateway_max_body=args.gateway_max_body,
         cold_start_timeout_s=args.cold_start_timeout,
         local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
-        store=args.store,
+        store=args.store, leader_lease_s=args.leader_lease,
     )
 
 
@@ -490,6 +595,8 @@ async def serve_forever(config: ServerConfig) -> None:
         print(f"agents: mutual TLS; first joins on {cp.agent_join_target}; give agents --ca-file {cp.ca_file}", flush=True)
     else:
         print("agents: PLAINTEXT gRPC (--insecure-agents); agents need --insecure", flush=True)
+    if cp.elector is not None:
+        print(f"replica {cp.replica_id}: shared store; the holder of the leader lease ({config.leader_lease_s:g}s) reconciles", flush=True)
     if cp.admin_token:
         print(f"initial admin token written to {config.data_dir / 'admin.token'}", flush=True)
     stop = asyncio.Event()

@@ -156,10 +156,13 @@ class AgentHub:
         self.lag = LagHistogram()
         self.heartbeats_total = 0
         self._beat_waiters: dict[str, asyncio.Event] = {}
+        self.refusing: str | None = None  # why joins are refused now (a replica that does not lead)
 
     # -- join and identity ----------------------------------------------------------
 
     def join(self, application: model.JoinApplication) -> model.JoinGrant:
+        if self.refusing is not None:
+            raise errors.NotLeading(self.refusing)
         _validate(application)
         site = application.site
         by_credential = application.credential is not None and self._auth.verify_credential(
@@ -366,6 +369,14 @@ class AgentHub:
         """Drop a site's agent record (e.g. the Site was deleted)."""
         self._records.pop(site, None)
         self._channel(site).notify()
+
+    def refuse(self, reason: str | None) -> None:
+        """Refuse joins while ``reason`` is set, and let every agent go now: their streams
+        end at their next heartbeat (``NotJoined``) and they join elsewhere."""
+        self.refusing = reason
+        if reason is not None:
+            for site in list(self._records):
+                self.forget(site)
 
     # -- internals ------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ class Services(Protocol):
     def cascades_view(self) -> dict[str, Any]: ...
     def ready(self) -> bool: ...
     def agent_revoked(self, site: str) -> None: ...
+    def leadership_view(self) -> dict[str, Any]: ...
     async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]: ...
 
 
@@ -197,6 +198,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
         except ScenarioError as exc:
             return error(422, str(exc))
 
+    async def controlplane(request: Request, caller: auth.Caller) -> Response:
+        return JSONResponse(services.leadership_view())
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok" if services.ready() else "starting"}, status_code=200 if services.ready() else 503)
 
@@ -213,6 +217,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         Route("/v1/tokens", guarded(create_token, write=True), methods=["POST"]),
         Route("/v1/simulate", guarded(simulate), methods=["POST"]),
         Route("/v1/revoke/{what}/{name}", guarded(revoke, write=True), methods=["POST"]),
+        Route("/v1/controlplane", guarded(controlplane), methods=["GET"]),
         Route("/v1/{kind}", guarded(list_kind), methods=["GET"]),
         Route("/v1/{kind}/{name}", guarded(get_one), methods=["GET"]),
         Route("/v1/{kind}/{name}", guarded(delete_one, write=True), methods=["DELETE"]),

@@ -197,17 +197,29 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
             "deployments": {d["metadata"]["name"]: d.get("status", {}).get("phase", "Pending") for d in deps},
             "replicas": sum(p["replicas"] for p in placements["items"]),
             # why a replica is not ready yet (waiting for a GPU, an agent...), by deployment
-            "waiting": _waiting(placements["items"])}
+            "waiting": _waiting(placements["items"]),
+            "controlPlane": api.request("GET", "/v1/controlplane")}
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
         return 0
     print(f"control plane {api.server}: {health.get('status')}")
+    print(_leadership_line(data["controlPlane"]))
     print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
     for name, phase in data["deployments"].items():
         print(f"  {name}: {phase}")
         for reason in data["waiting"].get(name, []):
             print(f"    waiting: {reason}")
     return 0
+
+
+def _leadership_line(cp: dict[str, Any]) -> str:
+    """Which replica answered and who reconciles (several replicas share a PostgreSQL store)."""
+    if cp.get("election") == "lease":
+        leader = cp.get("leader")
+        who = (f"leader {leader['replica']} (fencing token {leader['fencingToken']})" if leader
+               else f"no leader now{': ' + cp['error'] if cp.get('error') else ''}")
+        return f"replica {cp['replica']}: {cp['role']}; {who}"
+    return f"replica {cp['replica']}: leader (the only replica)"
 
 
 def _waiting(placements: list[dict[str, Any]]) -> dict[str, list[str]]:

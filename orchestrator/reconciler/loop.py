@@ -62,6 +62,7 @@ class Reconciler:
     autoscaler: autoscaler_mod.Autoscaler = field(default_factory=autoscaler_mod.Autoscaler)
     _pass_done: asyncio.Condition = field(default_factory=asyncio.Condition)
     _stopping: bool = False
+    lease: store_mod.Lease | None = None  # several replicas: the leader's lease, which fences its writes of intent
 
     def __post_init__(self) -> None:
         # A request for a model scaled to zero starts a pass at once, not at the next resync.
@@ -93,6 +94,11 @@ class Reconciler:
                 backoff = _Backoff()
             except asyncio.CancelledError:
                 raise
+            except store_mod.Fenced as exc:  # the replica is about to learn it no longer leads
+                backoff.fail(self.clock(), str(exc), base=0.5, cap=5.0)
+                log.warning("reconcile pass not written: %s", exc)
+                await asyncio.sleep(max(0.0, backoff.next_try - self.clock()))
+                self._wake.set()
             except Exception as exc:  # the loop never dies
                 backoff.fail(self.clock(), str(exc), base=0.5, cap=30.0)
                 log.exception("reconcile pass failed; retrying in %.1fs", backoff.next_try - self.clock())
@@ -102,6 +108,18 @@ class Reconciler:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+
+    def lead(self, lease: store_mod.Lease) -> None:
+        """Before :meth:`run` on a replica that just became the leader: what this replica
+        observed while it did not lead is forgotten (another leader may have changed it)."""
+        self.lease = lease
+        self._stopping = False
+        self._applied.clear()
+        self._dc_backoff.clear()
+        self._dc_observed.clear()
+        self.autoscaler = autoscaler_mod.Autoscaler()
+        self.converging = False
+        self._wake.set()  # the first pass runs at once
 
     # -- gather --------------------------------------------------------------------
 
@@ -206,17 +224,22 @@ class Reconciler:
     async def execute(self, action: act.Action) -> None:
         match action:
             case act.RecordPlacement(rows, events):
-                self.store.replace_placements(rows, events)
+                self.store.replace_placements(rows, events, lease=self.lease)
             case act.PushAssignments(site, assignments):
                 self.hub.set_assignments(site, list(assignments), self.store.next_sequence("assignments"))
             case act.ApplyServeApps(site, apps):
                 await self._apply_datacentre(site, apps)
             case act.SetStatuses(items):
-                self.store.set_statuses([(i.kind, i.name, i.status) for i in items])
+                self.store.set_statuses([(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold)
+                if self.lease is not None:  # other replicas' gateways route from the leader's table
+                    published = endpoints_mod.Published(endpoints, regions, deployed, frozenset(cold))
+                    self.store.publish(endpoints_mod.PUBLISHED_KEY, published.to_json(), lease=self.lease)
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))
+                if self.lease is not None:
+                    self.store.publish(endpoints_mod.CASCADES_KEY, endpoints_mod.cascades_to_json(routes), lease=self.lease)
 
     async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...]) -> None:
         backoff = self._dc_backoff.get(site)

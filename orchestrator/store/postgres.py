@@ -21,13 +21,14 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
-from orchestrator.store.sql import Event, PlacementRow, SqlStore, StoreError
+from orchestrator.store.sql import Fenced, Lease, SqlStore, StoreError
+
+__all__ = ["Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
@@ -59,8 +60,15 @@ CREATE TABLE IF NOT EXISTS agents (
     joined_at DOUBLE PRECISION NOT NULL, revoked BOOLEAN NOT NULL DEFAULT FALSE
 );
 CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT NULL, body TEXT NOT NULL);
+DO $$ BEGIN  -- databases made before leases were kept in epoch seconds, as on SQLite
+    IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'leases' AND column_name = 'expires_at'
+               AND data_type LIKE 'timestamp%') THEN
+        ALTER TABLE leases ALTER COLUMN expires_at TYPE DOUBLE PRECISION USING EXTRACT(EPOCH FROM expires_at);
+    END IF;
+END $$;
 INSERT INTO meta (key, value) VALUES ('resource_version', 0) ON CONFLICT (key) DO NOTHING
 """
 
@@ -69,21 +77,6 @@ WRITE_LOCK = 0x6564_6765  # the advisory lock every write transaction holds ("ed
 
 class StoreUnavailable(StoreError):
     """The database could not be reached; the call may or may not have taken effect."""
-
-
-class Fenced(StoreError):
-    """A write of intent named a lease that is no longer held: another replica leads."""
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A held lease: ``token`` (the fencing token) grows each time the lease changes hands;
-    ``remaining_s`` is how long it is held from the moment the database granted it."""
-
-    name: str
-    holder: str
-    token: int
-    remaining_s: float
 
 
 class PostgresStore(SqlStore):
@@ -174,44 +167,9 @@ class PostgresStore(SqlStore):
         with db.cursor() as cur:
             cur.executemany(sql, rows)
 
-    # --- leadership ------------------------------------------------------------------
-
-    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
-        """Take or renew the lease; None when another holder has it and it has not run
-        out. Time is the database's own clock, so replicas' clocks do not matter. A
-        renewal keeps the token; a take-over increments it (the fencing token)."""
-        with self._tx() as db:
-            row = db.execute(
-                "INSERT INTO leases (name, holder, token, expires_at) VALUES (%s, %s, 1, now() + make_interval(secs => %s))"
-                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
-                " token = leases.token + (CASE WHEN leases.holder = excluded.holder THEN 0 ELSE 1 END),"
-                " expires_at = excluded.expires_at"
-                " WHERE leases.holder = excluded.holder OR leases.expires_at <= now()"
-                " RETURNING token, EXTRACT(EPOCH FROM expires_at - now())::float8 AS remaining",
-                (name, holder, ttl_s),
-            ).fetchone()
-        return Lease(name, holder, int(row["token"]), float(row["remaining"])) if row else None
-
-    def release_lease(self, lease: Lease) -> None:
-        """Give the lease up at once (a clean shutdown), if it is still this holder's."""
-        with self._tx() as db:
-            db.execute("UPDATE leases SET expires_at = now() WHERE name = %s AND holder = %s AND token = %s",
-                       (lease.name, lease.holder, lease.token))
-
-    def _fence(self, db: psycopg.Connection[dict[str, Any]], lease: Lease) -> None:
-        """Inside a write transaction: refuse unless ``lease`` is still held and current."""
-        row = db.execute("SELECT 1 FROM leases WHERE name = %s AND holder = %s AND token = %s AND expires_at > now()",
-                         (lease.name, lease.holder, lease.token)).fetchone()
-        if row is None:
-            raise Fenced(f"lease {lease.name!r} (token {lease.token}) is no longer held by {lease.holder}; not writing")
-
-    def replace_placements_fenced(self, lease: Lease, rows: Sequence[PlacementRow], events: Sequence[Event] = ()) -> None:
-        """:meth:`replace_placements`, only while ``lease`` is held: the check and the
-        write are one transaction, so a deposed leader's late write never lands."""
-        now = self._clock()
-        with self._tx() as db:
-            self._fence(db, lease)
-            self._write_placements(db, rows, events, now)
+    def _lease_now(self, db: psycopg.Connection[dict[str, Any]]) -> float:
+        row = db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now").fetchone()
+        return float(row["now"])  # type: ignore[index]  # the database's clock, the same for every replica
 
 
 def _one_line(error: Exception) -> str:

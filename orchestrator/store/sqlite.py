@@ -26,6 +26,8 @@ from typing import Any
 from orchestrator.store.sql import (  # re-exported: the store's records are named from here
     Conflict,
     Event,
+    Fenced,
+    Lease,
     LoggedEvent,
     NotFound,
     ObjectWrite,
@@ -40,7 +42,7 @@ from orchestrator.store.sql import (  # re-exported: the store's records are nam
 )
 
 __all__ = [
-    "Conflict", "Event", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
+    "Conflict", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
     "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "digest",
 ]
 
@@ -73,6 +75,10 @@ CREATE TABLE IF NOT EXISTS agents (
     site TEXT PRIMARY KEY, agent_id TEXT NOT NULL, credential_digest TEXT NOT NULL,
     joined_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version INTEGER NOT NULL, body TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 """
 
@@ -110,6 +116,9 @@ class Store(SqlStore):
                 raise
             else:
                 self._db.execute("COMMIT" if commit else "ROLLBACK")
+
+    def _lease_now(self, db: sqlite3.Connection) -> float:
+        return self._clock()  # one machine: its processes share this clock
 
     def _next_version(self, db: sqlite3.Connection) -> int:
         db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version'")

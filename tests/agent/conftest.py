@@ -197,7 +197,7 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
         **overrides: object,
     ) -> daemon.Agent:
         config = daemon.AgentConfig(
-            control_plane=cp.target,
+            control_plane=str(overrides.pop("control_plane", cp.target)),
             site=site,
             token=TOKEN,
             data_dir=tmp_path / site,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 
 import httpx
@@ -149,6 +150,22 @@ async def test_agent_keeps_serving_without_control_plane_and_rejoins(
         assert rejoined.status.site == SITE
     finally:
         await cp2.server.stop(grace=None)
+
+
+async def test_agent_given_several_control_plane_addresses_moves_to_the_next_when_one_fails(make_agent: MakeAgent) -> None:
+    first, second = await start_control_plane(), await start_control_plane()
+    with socket.socket() as s:  # a replica that is down: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"
+    try:
+        await make_agent(first, control_plane=f"{down},{first.target},{second.target}")
+        joined = await first.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED, timeout=30)
+        assert joined.status.site == SITE
+        await first.server.stop(grace=None)  # the replica it talks to fails: the next address takes it
+        rejoined = await second.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED, timeout=30)
+        assert rejoined.status.site == SITE
+    finally:
+        await second.server.stop(grace=None)
 
 
 BAD_BODIES = [

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from orchestrator import server
+from orchestrator.testing import postgres as postgres_server
 
-from . import postgres_server, support
+from . import support
 
 
 @pytest.fixture(scope="session")

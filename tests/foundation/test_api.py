@@ -132,6 +132,15 @@ def test_metrics_are_prometheus_text(api: httpx.Client, fleet: dict) -> None:
     assert agents == {"healthy": 0.0, "unhealthy": 0.0}  # no agent joined this control plane
 
 
+def test_one_process_on_sqlite_always_leads(api: httpx.Client) -> None:
+    view = api.get("/v1/controlplane").json()
+    assert view["role"] == "leader" and view["leader"]["replica"] == view["replica"] and view["leader"]["fencingToken"] is None
+    assert view["election"].startswith("none") and view["leaderChanges"] == 0
+    families = {f.name: f for f in text_string_to_metric_families(api.get("/metrics").text)}
+    assert families["edgeplane_leader"].samples[0].value == 1
+    assert families["edgeplane_leader_changes"].samples[0].value == 0
+
+
 def test_placements_and_events_endpoints(api: httpx.Client, fleet: dict) -> None:
     r = api.get("/v1/placements")
     assert r.status_code == 200

@@ -13,7 +13,7 @@ import signal
 from orchestrator.store import open_store
 
 from . import support
-from .postgres_server import PostgresServer
+from orchestrator.testing.postgres import PostgresServer
 
 
 def test_state_in_postgresql_survives_kill_9_and_is_seen_by_another_control_plane(

@@ -11,7 +11,7 @@ import pytest
 from orchestrator.store.postgres import PostgresStore, StoreUnavailable
 from orchestrator.store.sqlite import Event, ObjectWrite
 
-from . import postgres_server
+from orchestrator.testing import postgres as postgres_server
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server for tests, from the Debian packages.
+"""A throwaway PostgreSQL server for tests and benchmarks, from the Debian packages.
 
 Why a real server: the PostgreSQL store must keep exactly the SQLite store's contract,
 and only the real server shows its locking, transactions and types. The server runs

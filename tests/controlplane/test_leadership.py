@@ -1,0 +1,107 @@
+"""The leader election on a real store file: one elector leads at a time, a leader that
+dies is replaced with a larger fencing token (its late writes refused), and a leader whose
+store stops answering steps down before its lease can run out, then leads again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import sqlite3
+import time
+from collections.abc import Callable
+
+from orchestrator import leadership
+from orchestrator.store import open_store
+from orchestrator.store import sqlite as store_mod
+
+TTL_S = 1.0
+
+
+class Replica:
+    """An elector with a log of what it was told, as the control plane would act on it."""
+
+    def __init__(self, path: pathlib.Path, name: str):
+        self.store = open_store(path)
+        self.gains: list[store_mod.Lease] = []
+        self.losses: list[tuple[float, str]] = []  # (wall time, reason)
+        self.elector = leadership.Elector(self.store, name, TTL_S, self.gains.append,
+                                          lambda reason: self.losses.append((time.time(), reason)))
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> Replica:
+        self.task = asyncio.create_task(self.elector.run())
+        return self
+
+    async def kill(self) -> None:
+        """Dies without giving the lease up (as with kill -9)."""
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def until(what: str, check: Callable[[], object], within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {within_s}s"
+        await asyncio.sleep(0.01)
+
+
+def test_one_elector_leads_and_a_dead_leader_is_replaced_with_a_larger_token(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        a, b = Replica(tmp_path / "state.db", "a").start(), Replica(tmp_path / "state.db", "b").start()
+        try:
+            await until("a leader", lambda: a.elector.leading or b.elector.leading)
+            for _ in range(50):  # over a few renewals: never two leaders
+                assert a.elector.leading != b.elector.leading
+                await asyncio.sleep(TTL_S / 25)
+            leader, other = (a, b) if a.elector.leading else (b, a)
+            old = leader.gains[-1]
+            await leader.kill()
+            await until("the other took over", lambda: other.elector.leading)
+            new = other.gains[-1]
+            assert new.token == old.token + 1 and new.holder == other.elector.holder
+            assert other.elector.changes == 1 and not other.losses
+            try:
+                leader.store.replace_placements([store_mod.PlacementRow("d", "s", "v", 1)], lease=old)
+            except store_mod.Fenced:
+                pass
+            else:
+                raise AssertionError("the dead leader's write of intent was not fenced")
+            await other.kill()
+            other.elector.release()  # a clean stop frees the lease at once
+            assert other.store.current_lease(leadership.LEASE) is None
+        finally:
+            for r in (a, b):
+                await r.kill()
+                r.store.close()
+
+    asyncio.run(main())
+
+
+def test_a_leader_whose_store_stops_answering_steps_down_before_its_lease_ends(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "state.db"
+        a = Replica(path, "a").start()
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            await until("a leads", lambda: a.elector.leading)
+            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database: renewals cannot land
+            try:
+                await until("a stepped down", lambda: a.losses, within_s=TTL_S * 10)
+                lease_row = blocker.execute("SELECT holder, token, expires_at FROM leases").fetchone()
+            finally:
+                blocker.execute("ROLLBACK")
+            stepped_down_at, reason = a.losses[0]
+            assert "no answer in time" in reason or "ran out" in reason, reason
+            assert lease_row[0] == "a" and stepped_down_at < lease_row[2]  # before the lease could have passed to anyone
+            await until("a leads again", lambda: a.elector.leading)
+            assert [g.token for g in a.gains] == [1, 1]  # nobody else held it in between: the same token
+            assert a.elector.changes == 3
+        finally:
+            await a.kill()
+            blocker.close()
+            a.store.close()
+
+    asyncio.run(main())

@@ -1,0 +1,200 @@
+"""Several `edgeplane serve` processes on one PostgreSQL store: every replica serves the
+API, exactly one (the holder of the leader lease) reconciles and takes agents; when the
+leader is killed with -9 another takes over with a larger fencing token, the agent (given
+both addresses) moves to it, what is applied after the failover is reconciled, and no
+acknowledged write is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.store import open_store
+from orchestrator.testing import harness
+
+from . import support
+from orchestrator.testing.postgres import PostgresServer
+
+LEASE_S = 2.0
+SITE = "edge-lyon"
+MODEL = "intent-classifier"
+REQUEST = support.REPO / "manifests" / "examples" / "requests" / f"{MODEL}.json"
+
+
+def view(replica: support.ServeProcess) -> dict[str, Any]:
+    return dict(httpx.get(f"{replica.url}/v1/controlplane", timeout=10).json())
+
+
+def leaders(replicas: list[support.ServeProcess]) -> list[str]:
+    return [v["replica"] for v in map(view, replicas) if v["role"] == "leader"]
+
+
+def wait_for(what: str, check: Any, within_s: float, every_s: float = 0.05) -> Any:
+    """Polls ``check`` until it returns something truthy (bounded in time)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every_s)
+    raise AssertionError(f"{what}: not within {within_s}s")
+
+
+def metric(replica: support.ServeProcess, name: str) -> float:
+    text = httpx.get(f"{replica.url}/metrics", timeout=10).text
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def deployment(name: str, max_replicas: int) -> str:
+    doc = {"apiVersion": support.API_VERSION, "kind": "ModelDeployment", "metadata": {"name": name},
+           "spec": {"model": "doc-fields", "variant": "distilled", "replicas": {"min": 1, "max": max_replicas},
+                    "placement": {"residency": ["FR"]}}}
+    return yaml.safe_dump(doc)
+
+
+def observed(replica: support.ServeProcess, name: str) -> tuple[int, int] | None:
+    """(generation, observedGeneration) of a ModelDeployment: the leader writes the latter."""
+    r = httpx.get(f"{replica.url}/v1/modeldeployments/{name}", timeout=10)
+    if r.status_code != 200:
+        return None
+    doc = r.json()
+    return doc["metadata"]["generation"], doc.get("status", {}).get("observedGeneration", 0)
+
+
+def endpoints(replica: support.ServeProcess) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{replica.url}/v1/endpoints/{MODEL}", timeout=10).json()["endpoints"])
+
+
+def agent_joins(url: str, after_event: int) -> list[Any]:
+    """The agent's joins at SITE logged after event ``after_event`` (a replica logs those it takes)."""
+    store = open_store(url)
+    try:
+        return [e for e in store.events(since=after_event, limit=10_000) if e.action == "agent-joined" and e.name == SITE]
+    finally:
+        store.close()
+
+
+def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing_token(
+    tmp_path: pathlib.Path, offline_fleet: pathlib.Path, postgres: PostgresServer
+) -> None:
+    url = postgres.create_database()
+    extra = ("--store", url, "--leader-lease", str(LEASE_S), "--insecure-agents", "--bootstrap-token", harness.BOOTSTRAP_TOKEN,
+             "--heartbeat-interval", "0.5")
+    replicas = [support.ServeProcess(tmp_path / name, *extra, artifact_root=offline_fleet) for name in ("one", "two")]
+    agent: harness.AgentProcess | None = None
+    try:
+        for r in replicas:
+            r.wait_ready()
+        elected = wait_for("a leader elected", lambda: leaders(replicas), within_s=30)
+        assert len(elected) == 1, elected  # exactly one leads
+        leader = next(r for r in replicas if view(r)["replica"] == elected[0])
+        follower = next(r for r in replicas if r is not leader)
+        before = view(follower)
+        assert before["role"] == "follower" and before["leader"]["replica"] == elected[0], before
+        token = before["leader"]["fencingToken"]
+        assert metric(leader, "edgeplane_leader") == 1 and metric(follower, "edgeplane_leader") == 0
+        assert metric(leader, "edgeplane_leader_changes_total") == 1
+
+        # writes through the follower land in the shared store; the leader reconciles them
+        applied = support.cli("apply", "-f", str(offline_fleet), server_url=follower.url)
+        assert applied.returncode == 0, applied.stderr
+        put = support.cli("apply", "-f", "-", server_url=follower.url, stdin=deployment("before", 2))
+        assert put.returncode == 0, put.stderr
+        wait_for("the leader reconciled an apply made through the follower", lambda: (o := observed(follower, "before")) and o[0] == o[1],
+                 within_s=60, every_s=0.2)
+        status = support.cli("status", server_url=follower.url)
+        assert status.returncode == 0, status.stderr
+        assert f"follower; leader {elected[0]} (fencing token {token})" in status.stdout, status.stdout
+        as_json = json.loads(support.cli("status", "-o", "json", server_url=leader.url).stdout)
+        assert as_json["controlPlane"]["role"] == "leader" and as_json["controlPlane"]["leader"]["fencingToken"] == token
+
+        # an agent given both addresses, the follower's first: the follower refuses it, the leader takes it
+        addresses = ",".join(f"127.0.0.1:{r.agent_port}" for r in (follower, leader))
+        agent = harness.spawn_agent(harness.agent_command(addresses, SITE, tmp_path / "agent", heartbeat_interval=0.5), SITE,
+                                    tmp_path / "agent")
+        wait_for("the agent joined the leader", lambda: agent_joins(url, 0), within_s=60, every_s=0.2)
+        assert "does not lead" in agent.log(), agent.log()  # the follower sent it on
+        wait_for("the leader saw the site healthy", lambda: httpx.get(f"{follower.url}/v1/sites/{SITE}", timeout=10).json()
+                 .get("status", {}).get("health") == "Healthy", within_s=60, every_s=0.2)
+
+        # the follower's gateway routes from the table the leader published: to the leader's agent
+        routed = wait_for("the leader routes to the agent", lambda: (e := endpoints(leader)) and e, within_s=120, every_s=0.2)
+        wait_for("the follower routes from the leader's table", lambda: endpoints(follower) == routed, within_s=30, every_s=0.2)
+        answer = support.cli("infer", MODEL, "--location", "45.7,4.8", "--data", f"@{REQUEST}", server_url=follower.url)
+        assert answer.returncode == 0 and SITE in answer.stdout + answer.stderr, (answer.stdout, answer.stderr)
+        store = open_store(url)
+        try:
+            acknowledged = support.desired_state(store)
+        finally:
+            store.close()
+
+        os.killpg(leader.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        after = wait_for("the follower took over", lambda: (v := view(follower))["role"] == "leader" and v, within_s=5.0, every_s=0.02)
+        print(f"\nfailover after kill -9 of the leader: {time.monotonic() - killed:.2f}s (leader lease {LEASE_S:g}s)")
+        assert after["leader"]["replica"] == after["replica"] and after["leader"]["fencingToken"] > token, after
+        assert metric(follower, "edgeplane_leader") == 1
+
+        # nothing acknowledged was lost, and the new leader reconciles what comes next
+        store = open_store(url)
+        try:
+            assert support.desired_state(store) == acknowledged
+            elected_events = [e for e in store.events(limit=10_000) if e.action == "leader-elected"]
+            assert [e.details["fencingToken"] for e in elected_events] == [token, after["leader"]["fencingToken"]]
+        finally:
+            store.close()
+        # the agent moves to the new leader: its join is logged after the new leader's election
+        wait_for("the agent joined the new leader", lambda: agent_joins(url, elected_events[-1].id), within_s=60, every_s=0.2)
+        wait_for("the new leader routes to the agent", lambda: endpoints(follower), within_s=60, every_s=0.2)
+        answer = support.cli("infer", MODEL, "--location", "45.7,4.8", "--data", f"@{REQUEST}", server_url=follower.url)
+        assert answer.returncode == 0 and SITE in answer.stdout + answer.stderr, (answer.stdout, answer.stderr)
+        put = support.cli("apply", "-f", "-", server_url=follower.url, stdin=deployment("before", 3))  # generation 2
+        assert put.returncode == 0 and "configured" in put.stdout, put.stdout + put.stderr
+        wait_for("the new leader reconciled an apply made after the failover",
+                 lambda: observed(follower, "before") == (2, 2), within_s=60, every_s=0.2)
+    finally:
+        if agent is not None:
+            agent.stop()
+        for r in replicas:
+            r.stop()
+
+
+def test_a_paused_leader_is_replaced_and_steps_down_when_it_resumes(
+    tmp_path: pathlib.Path, offline_fleet: pathlib.Path, postgres: PostgresServer
+) -> None:
+    """SIGSTOP stands for a leader cut off (a long pause, a partition): the other replica
+    takes over with a larger token; the old leader, resumed, finds its lease gone and
+    follows; there is one leader throughout."""
+    url = postgres.create_database()
+    replicas = [support.ServeProcess(tmp_path / name, "--store", url, "--leader-lease", str(LEASE_S), artifact_root=offline_fleet)
+                for name in ("one", "two")]
+    try:
+        for r in replicas:
+            r.wait_ready()
+        elected = wait_for("a leader elected", lambda: leaders(replicas), within_s=30)
+        leader = next(r for r in replicas if view(r)["replica"] == elected[0])
+        follower = next(r for r in replicas if r is not leader)
+        token = view(follower)["leader"]["fencingToken"]
+        applied = support.cli("apply", "-f", str(offline_fleet), server_url=follower.url)
+        assert applied.returncode == 0, applied.stderr
+        os.killpg(leader.process.pid, signal.SIGSTOP)
+        try:
+            after = wait_for("the other took over", lambda: (v := view(follower))["role"] == "leader" and v, within_s=30)
+            assert after["leader"]["fencingToken"] == token + 1
+        finally:
+            os.killpg(leader.process.pid, signal.SIGCONT)
+        resumed = wait_for("the resumed leader follows", lambda: (v := view(leader))["role"] == "follower" and v, within_s=30)
+        assert resumed["leader"]["replica"] == after["replica"] and resumed["leader"]["fencingToken"] == token + 1
+        assert leaders(replicas) == [after["replica"]]
+        assert "no longer leading" in leader.log() or "not written" in leader.log(), leader.log()
+    finally:
+        for r in replicas:
+            r.stop()
