@@ -407,3 +407,17 @@ class Capacity:
         self.memory_mib[site] -= variant.memory_mib
         if group >= 0:
             self.gpu_count[site, group] -= variant.gpus
+
+    def close(self, site: int) -> None:
+        """Nothing fits at ``site`` any more (it was lost); what ran there is gone too."""
+        self._changed.append(site)
+        self.cpu[site] = -1.0
+        self.memory_mib[site] = -1.0
+        self.gpu_count[site] = 0
+
+    def reopen(self, site: int) -> None:
+        """``site`` is back, empty: all its capacity is free again."""
+        self._changed.append(site)
+        self.cpu[site] = self.fleet.cpu[site]
+        self.memory_mib[site] = self.fleet.memory_mib[site]
+        self.gpu_count[site] = self.fleet.gpu_count[site]

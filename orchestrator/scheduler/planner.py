@@ -134,11 +134,11 @@ def _plan(
     if len(set(names)) != len(names):
         dup = sorted(n for n in set(names) if names.count(n) > 1)
         raise ValueError(f"deployment {dup[0]!r} is declared twice")
-    jobs = {d.name: _prepare(fleet, d, d.weights or weights) for d in deployments}
+    jobs = {d.name: prepare(fleet, d, d.weights or weights) for d in deployments}
     capacity = Capacity(fleet)
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
-    dropped = _seat_incumbents(fleet, capacity, jobs, current)
-    order = sorted(jobs.values(), key=_scarcity)
+    dropped = seat_incumbents(fleet, capacity, jobs, current)
+    order = sorted(jobs.values(), key=scarcity)
     # Phase 1: every deployment gets its min and as many replicas as ran before (the
     # replacements of lost ones included) before any grows, so a flexible deployment
     # cannot starve a constrained one of its minimum. Counting the lost ones here matters:
@@ -149,7 +149,7 @@ def _plan(
         for site, variant, group in job.seats:
             capacity.give_back(site, variant, group)
         ran = sum(job.running.values())
-        _place(
+        grow(
             fleet,
             capacity,
             job,
@@ -158,7 +158,7 @@ def _plan(
         )
     # Phase 2: grow to the wanted count, then polish.
     for job in order:
-        _place(fleet, capacity, job, tuning, upto=job.wanted)
+        grow(fleet, capacity, job, tuning, upto=job.wanted)
         # With one demand point the greedy's order is already right; relocation pays off
         # where it trades one point's latency against another's.
         if tuning.improve and len(job.demand) > 1 and job.placed and job.options is not None:
@@ -174,7 +174,7 @@ def _plan(
     return outcome.build(fleet, list(jobs.values()), current, dropped)
 
 
-def _prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
+def prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
     demand, notes = locate_demand(fleet, deployment)
     return Job(
         deployment=deployment,
@@ -187,12 +187,12 @@ def _prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
     )
 
 
-def _scarcity(job: Job) -> tuple[int, int, str]:
+def scarcity(job: Job) -> tuple[int, int, str]:
     gpus = max((v.gpus for v in job.deployment.variants), default=0)
     return (-gpus, int(job.any_eligible.sum()), job.deployment.name)
 
 
-def _seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], current: Sequence[Replica]) -> dict[Replica, str]:
+def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], current: Sequence[Replica]) -> dict[Replica, str]:
     """Reserve capacity for running replicas that still obey every hard rule.
 
     Returns, per replica that must go regardless of the plan, the reason (counted once
@@ -241,7 +241,7 @@ def _broken_rule(fleet: Fleet, job: Job, site: int, variant: str) -> str | None:
 # -- one deployment ------------------------------------------------------------------------
 
 
-def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) -> None:
+def grow(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) -> None:
     """Grow ``job.placed`` towards ``upto`` replicas (or as many as fit)."""
     if upto <= len(job.placed) or not job.eligible:
         return
@@ -312,7 +312,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
             heapq.heappush(heap, (fresh, o))
             continue
         if fresh > ceiling:
-            return  # a site outside the shortlist would do better: let _place widen it
+            return  # a site outside the shortlist would do better: let grow widen it
         if spread is not None and not spread.allows(options.domain[o]):
             blocked.append(o)
             continue
