@@ -71,6 +71,7 @@ class Standing:
                 dup = sorted(n for n in self.jobs if names.count(n) > 1)
                 raise ValueError(f"deployment {dup[0]!r} is declared twice")
             self.names = sorted(self.jobs)
+            self.deployments = tuple(deployments)
             self.capacity = Capacity(fleet)
             current = sorted(placement, key=lambda r: (r.deployment, r.site, r.variant))
             dropped = planner.seat_incumbents(fleet, self.capacity, self.jobs, current)
@@ -94,6 +95,14 @@ class Standing:
     def result(self) -> PlanResult:
         """The plan in force, every replica kept, no action."""
         return self._assemble(self.plans, self.costs, [])
+
+    def stands_for(self, deployments: Sequence[Deployment], current: Iterable[Replica]) -> bool:
+        """Whether this is the plan in force for ``deployments`` running ``current``: the
+        same deployments, and every replica where this plan put it."""
+        if tuple(deployments) != self.deployments:
+            return False
+        mine = Counter(Replica(r.deployment, r.site, r.variant) for r in chain.from_iterable(p.replicas for p in self.plans.values()))
+        return Counter(current) == mine
 
     def repair(self, sites: Sequence[Site]) -> PlanResult | None:
         """The plan for ``sites``, keeping every replica that still stands; None when
