@@ -82,6 +82,8 @@ class Fleet:
         self._placement_cache: dict[tuple[object, ...], BoolArray] = {}
         self._eligible_cache: dict[tuple[object, ...], BoolArray] = {}
         self._sites_cache: dict[int, tuple[BoolArray, IntArray]] = {}
+        self._cheapest_cache: dict[tuple[int, bool], tuple[BoolArray, IntArray]] = {}
+        self._union_cache: dict[tuple[int, ...], tuple[tuple[BoolArray, ...], BoolArray]] = {}
 
     def _locate_regions(self, given: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """A region is where the caller says, else the centroid of its sites."""
@@ -185,6 +187,28 @@ class Fleet:
         found = self._sites_cache.get(id(mask))
         if found is None or found[0] is not mask:
             found = self._sites_cache[id(mask)] = (mask, np.flatnonzero(mask))
+        return found[1]
+
+    def cheapest_of(self, mask: BoolArray, edge: bool) -> IntArray:
+        """The sites of ``mask`` in the edge tier (``edge``) or the data-centre tier, lowest
+        carbon intensity first; cached for the shared read-only masks above, so a
+        deployment's shortlist walks its own sites, not the whole fleet's order."""
+        order = self.by_intensity()
+        if mask.flags.writeable:
+            return order[mask[order] & (self.is_edge[order] == edge)]
+        found = self._cheapest_cache.get((id(mask), edge))
+        if found is None or found[0] is not mask:
+            found = self._cheapest_cache[(id(mask), edge)] = (mask, order[mask[order] & (self.is_edge[order] == edge)])
+        return found[1]
+
+    def any_of(self, masks: Sequence[BoolArray]) -> BoolArray:
+        """The union of shared read-only masks, itself shared and read-only (cached)."""
+        key = tuple(id(m) for m in masks)
+        found = self._union_cache.get(key)
+        if found is None or any(a is not b for a, b in zip(found[0], masks)):
+            union = np.logical_or.reduce(list(masks))
+            union.flags.writeable = False
+            found = self._union_cache[key] = (tuple(masks), union)
         return found[1]
 
     def domains(self, by: str) -> IntArray:

@@ -74,6 +74,7 @@ class Job:
     complete: bool = False  # the candidates are every feasible site
     shortfall: str = ""  # why fewer than wanted were placed
     keep_margin: float = 0.0  # extra cost points a running replica's move must save
+    eligible_count: int = 0  # sites eligible for any variant
     _eligible_sites: dict[str, IntArray] = field(default_factory=dict)
     _any_eligible: BoolArray | None = None
 
@@ -187,7 +188,7 @@ def _plan(
 
 def prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
     demand, notes = locate_demand(fleet, deployment)
-    return Job(
+    job = Job(
         deployment=deployment,
         weights=weights,
         wanted=deployment.wanted_replicas(),
@@ -196,11 +197,16 @@ def prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
         demand=demand,
         notes=notes,
     )
+    masks = list(job.eligible.values())
+    if len(masks) > 1:  # shared by the deployments with the same rules and sizes
+        job._any_eligible = fleet.any_of(masks)
+    job.eligible_count = int(fleet.sites_of(job.any_eligible).size)
+    return job
 
 
 def scarcity(job: Job) -> tuple[int, int, str]:
     gpus = max((v.gpus for v in job.deployment.variants), default=0)
-    return (-gpus, int(job.any_eligible.sum()), job.deployment.name)
+    return (-gpus, job.eligible_count, job.deployment.name)
 
 
 def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], current: Sequence[Replica]) -> dict[Replica, str]:
