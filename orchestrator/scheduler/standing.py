@@ -99,10 +99,17 @@ class Standing:
     def stands_for(self, deployments: Sequence[Deployment], current: Iterable[Replica]) -> bool:
         """Whether this is the plan in force for ``deployments`` running ``current``: the
         same deployments, and every replica where this plan put it."""
-        if tuple(deployments) != self.deployments:
+        if len(deployments) != len(self.deployments) or any(
+            a is not b and a != b for a, b in zip(deployments, self.deployments)
+        ):
             return False
-        mine = Counter(Replica(r.deployment, r.site, r.variant) for r in chain.from_iterable(p.replicas for p in self.plans.values()))
-        return Counter(current) == mine
+        names = self.fleet.names
+        mine = {
+            (name, names[site], variant): n
+            for name, job in self.jobs.items()
+            for (site, variant), n in job.running.items()
+        }
+        return Counter((r.deployment, r.site, r.variant) for r in current) == mine
 
     def repair(self, sites: Sequence[Site]) -> PlanResult | None:
         """The plan for ``sites``, keeping every replica that still stands; None when
