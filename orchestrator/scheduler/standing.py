@@ -4,8 +4,8 @@ milliseconds instead of re-planned.
 ``planner.plan`` plans every deployment again: about a second at 10,000 sites × 1,000
 deployments, and free to move a healthy replica where it finds a seat better by more
 than a move costs. When the only change since the plan in force is capacity (sites lost,
-being unhealthy or gone from the inventory, or sites lost earlier coming back), nothing
-but what was lost has to change. ``Standing.repair`` keeps every replica that still runs
+being unhealthy or gone from the inventory; sites lost earlier coming back; new sites),
+nothing but what was lost has to change. ``Standing.repair`` keeps every replica that still runs
 exactly where it is (the keep step) and places only the lost ones, with the planner's
 greedy, against the capacity the others hold: replicas moved = replicas lost, and the
 work grows with the deployments that ran on the lost sites, not with the fleet.
@@ -13,9 +13,11 @@ Deployments short of their wanted count try again whenever capacity comes back; 
 lost replica finds no room, the planner's ``repair.make_room`` may shift another
 deployment's replica, as a full plan would.
 
-Anything else (a new site, a site whose capacity, labels or carbon changed, a site that
-was already unhealthy when the standing plan was built coming back, changed deployments)
-is no capacity change: ``repair`` returns None, the caller runs ``planner.plan`` and
+New sites (with no other change) rebuild the standing plan over the larger fleet, every
+replica kept, and let short deployments grow into them. Anything else (a site whose
+capacity, labels or carbon changed, a site that was already unhealthy when the standing
+plan was built coming back, new sites along with other changes, changed deployments) is
+no capacity change: ``repair`` returns None, the caller runs ``planner.plan`` and
 builds a new ``Standing`` from its answer.
 
 Pure like the planner: no I/O, no clock, no globals. A ``Standing`` is mutable on
@@ -62,34 +64,38 @@ class Standing:
         """``placement``: the replicas in force (``PlanResult.as_running()`` of a plan over
         the same sites and deployments). A replica that breaks a hard rule or finds no
         room is an error: a standing plan is one the planner could have made."""
+        self.weights, self.tuning, self.region_locations = weights, tuning, region_locations
         with gcpause.paused():
-            self.fleet = fleet = Fleet(sites, region_locations)
-            self.tuning = tuning
-            self.jobs = {d.name: planner.prepare(fleet, d, d.weights or weights) for d in deployments}
-            if len(self.jobs) != len(deployments):
-                names = [d.name for d in deployments]
-                dup = sorted(n for n in self.jobs if names.count(n) > 1)
-                raise ValueError(f"deployment {dup[0]!r} is declared twice")
-            self.names = sorted(self.jobs)
-            self.deployments = tuple(deployments)
-            self.capacity = Capacity(fleet)
-            current = sorted(placement, key=lambda r: (r.deployment, r.site, r.variant))
-            dropped = planner.seat_incumbents(fleet, self.capacity, self.jobs, current)
-            if dropped:
-                replica, why = min(dropped.items(), key=lambda kv: (kv[0].deployment, kv[0].site, kv[0].variant))
-                raise ValueError(f"replica of {replica.deployment!r} ({replica.variant}) on {replica.site!r} cannot stand: {why}")
-            for job in self.jobs.values():  # the nearest sites per demand point, before any repair needs them
-                for demand in job.demand:
-                    fleet.nearest(demand.lat, demand.lon)
-            self.open = fleet.healthy.copy()  # sites that count: healthy when built, not lost since
-            self.at: dict[int, set[str]] = {}  # deployments with a replica per site
-            self.plans: dict[str, DeploymentPlan] = {}
-            self.costs: dict[str, Objective] = {}
-            for job in self.jobs.values():
-                job.placed, job.seats = job.seats, []
-                if len(job.placed) < job.wanted:
-                    job.shortfall = diagnosis.explain(fleet, self.capacity, job)
-                self._settle(job, ())
+            self._build(sites, deployments, placement)
+
+    def _build(self, sites: Sequence[Site], deployments: Sequence[Deployment], placement: Iterable[Replica]) -> None:
+        self.fleet = fleet = Fleet(sites, self.region_locations)
+        weights = self.weights
+        self.jobs = {d.name: planner.prepare(fleet, d, d.weights or weights) for d in deployments}
+        if len(self.jobs) != len(deployments):
+            names = [d.name for d in deployments]
+            dup = sorted(n for n in self.jobs if names.count(n) > 1)
+            raise ValueError(f"deployment {dup[0]!r} is declared twice")
+        self.names = sorted(self.jobs)
+        self.deployments = tuple(deployments)
+        self.capacity = Capacity(fleet)
+        current = sorted(placement, key=lambda r: (r.deployment, r.site, r.variant))
+        dropped = planner.seat_incumbents(fleet, self.capacity, self.jobs, current)
+        if dropped:
+            replica, why = min(dropped.items(), key=lambda kv: (kv[0].deployment, kv[0].site, kv[0].variant))
+            raise ValueError(f"replica of {replica.deployment!r} ({replica.variant}) on {replica.site!r} cannot stand: {why}")
+        for job in self.jobs.values():  # the nearest sites per demand point, before any repair needs them
+            for demand in job.demand:
+                fleet.nearest(demand.lat, demand.lon)
+        self.open = fleet.healthy.copy()  # sites that count: healthy when built, not lost since
+        self.at: dict[int, set[str]] = {}  # deployments with a replica per site
+        self.plans: dict[str, DeploymentPlan] = {}
+        self.costs: dict[str, Objective] = {}
+        for job in self.jobs.values():
+            job.placed, job.seats = job.seats, []
+            if len(job.placed) < job.wanted:
+                job.shortfall = diagnosis.explain(fleet, self.capacity, job)
+            self._settle(job, ())
 
     @property
     def result(self) -> PlanResult:
@@ -115,6 +121,21 @@ class Standing:
         """The plan for ``sites``, keeping every replica that still stands; None when
         ``sites`` differ from the standing ones by more than sites lost or back."""
         with gcpause.paused():
+            known = [site for site in sites if site.name in self.fleet.index]
+            if len(known) < len(sites):
+                # New sites and nothing else: the standing plan is built again over the
+                # larger fleet, every replica kept; short deployments may grow into them.
+                change = self._capacity_change(known)
+                if change is None or change[0] or change[1]:
+                    return None  # new sites along with other changes: plan in full
+                placement = [
+                    Replica(name, self.fleet.names[site], variant)
+                    for name in self.names
+                    for (site, variant), n in sorted(self.jobs[name].running.items())
+                    for _ in range(n)
+                ]
+                self._build(sites, self.deployments, placement)
+                return self._repair({}, [], grow_short=True)
             change = self._capacity_change(sites)
             if change is None:
                 return None
@@ -130,7 +151,7 @@ class Standing:
         else:
             found = [fleet.index.get(site.name) for site in sites]
             if None in found:
-                return None  # a new site: only a full plan can weigh it
+                return None  # a new site (handled by ``repair`` before this)
             if len(set(found)) != len(found):
                 dup = next(site.name for n, site in enumerate(sites) if found.index(found[n]) != n)
                 raise ValueError(f"site {dup!r} is declared twice")
@@ -153,7 +174,7 @@ class Standing:
 
     # -- the keep step and the repair ------------------------------------------------------
 
-    def _repair(self, lost: Mapping[int, str], back: Sequence[int]) -> PlanResult:
+    def _repair(self, lost: Mapping[int, str], back: Sequence[int], grow_short: bool = False) -> PlanResult:
         fleet, capacity = self.fleet, self.capacity
         dropped: dict[Replica, str] = {}
         touched: dict[str, planner.Job] = {}
@@ -169,7 +190,7 @@ class Standing:
         for i in back:
             self.open[i] = True
             capacity.reopen(i)
-        if back:  # room came back: the short deployments try again
+        if back or grow_short:  # room came back or was added: the short deployments try again
             touched.update((n, j) for n, j in self.jobs.items() if len(j.placed) < j.wanted)
         before = {name: list(job.placed) for name, job in touched.items()}
         for job in sorted(touched.values(), key=planner.scarcity):

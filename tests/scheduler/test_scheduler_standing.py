@@ -137,15 +137,30 @@ def test_short_deployment_grows_when_its_site_comes_back():
 @pytest.mark.parametrize(
     "change",
     [
-        lambda sites: [*sites, site("new-1", "paris")],
         lambda sites: [dataclasses.replace(s, cpu=s.cpu * 2) if s.name == "paris-1" else s for s in sites],
         lambda sites: [dataclasses.replace(s, carbon_g_per_kwh=900.0) if s.name == "lyon-1" else s for s in sites],
+        lambda sites: [*down(sites, "lyon-1"), site("new-1", "paris")],
     ],
-    ids=["new site", "capacity changed", "carbon changed"],
+    ids=["capacity changed", "carbon changed", "new site and a site lost"],
 )
 def test_other_changes_need_a_full_plan(change):
     _, standing = standing_plan()
     assert standing.repair(change(SITES)) is None
+
+
+def test_a_new_site_keeps_every_replica_and_lets_short_deployments_grow():
+    sites = [site("de-1", "berlin", cpu=2)]
+    deps = [deployment("de", replicas=(1, 4), residency={"DE"}, demand=(("berlin", 200),)), DEPLOYMENTS[0]]
+    running, standing = standing_plan([*sites, *SITES[:3]], deps)
+    assert sum(r.deployment == "de" for r in running) == 2  # de-1 holds two
+    grown = standing.repair([*sites, *SITES[:3], site("de-2", "frankfurt", cpu=2)])
+    assert grown is not None
+    assert [(type(a), a.site) for a in grown.actions] == [(PlaceReplica, "de-2")] * 2
+    assert not Counter(running) - Counter(grown.as_running())  # nothing moved or removed
+    assert grown.deployments["de"].status is Status.SCHEDULED
+    # the standing plan now covers the new site: losing it moves only what runs there
+    lost = standing.repair(down([*sites, *SITES[:3], site("de-2", "frankfurt", cpu=2)], "de-2"))
+    assert lost is not None and all(a.site == "de-2" for a in lost.actions)
 
 
 def test_a_site_unhealthy_when_built_coming_back_needs_a_full_plan():
