@@ -84,7 +84,10 @@ def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
     result = planner.plan(sites, deployments, current)
     if result.actions:
         return result, None
-    return result, standing_mod.Standing(sites, deployments, current)
+    try:
+        return result, standing_mod.Standing(sites, deployments, current)
+    except ValueError:  # cannot happen for a plan at rest; the next pass plans in full
+        return result, None
 
 
 def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sched_model.Deployment], list[sched_model.Replica]]:
