@@ -381,8 +381,9 @@ class Capacity:
         return n.astype(np.int64)
 
     def gpu_group(self, site: int, variant: Variant) -> int | None:
-        """The GPU group to take for one replica: the smallest cards that fit (best fit),
-        so large cards stay free for the variants that need them. -1: no GPU needed."""
+        """The GPU group to take for one replica: the smallest cards that fit, then the
+        fewest GPUs free (best fit), so large cards and whole groups stay free for the
+        variants that need them. -1: no GPU needed."""
         if not variant.gpus:
             return -1
         best: int | None = None
@@ -391,7 +392,9 @@ class Capacity:
         for k in range(self.fleet.gpu_groups):
             fits = counts[k] >= variant.gpus and memory[k] >= variant.gpu_memory_gib - 1e-9
             fits = fits and (not variant.gpu_model or self.fleet.gpu_model[site, k] == variant.gpu_model)
-            if fits and (best is None or memory[k] < memory[best]):
+            # smallest cards first, then the group with the fewest GPUs free: a one-GPU
+            # replica must not split the only pair a two-GPU one could use
+            if fits and (best is None or (memory[k], counts[k]) < (memory[best], counts[best])):
                 best = k
         return best
 

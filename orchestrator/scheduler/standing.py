@@ -192,11 +192,28 @@ class Standing:
             capacity.reopen(i)
         if back or grow_short:  # room came back or was added: the short deployments try again
             touched.update((n, j) for n, j in self.jobs.items() if len(j.placed) < j.wanted)
+        if back:  # a spread domain back, empty, may put a deployment over its max skew
+            touched.update((n, j) for n, j in self.jobs.items() if _skewed(self._spread(j)))
         before = {name: list(job.placed) for name, job in touched.items()}
         for job in sorted(touched.values(), key=planner.scarcity):
-            job.options, job.complete, job.shortfall = None, False, ""
-            job.spread = self._spread(job)
-            planner.grow(fleet, capacity, job, self.tuning, upto=job.wanted)
+            for attempt in range(2):
+                job.options, job.complete, job.shortfall = None, False, ""
+                job.spread = self._spread(job)
+                if attempt == 0 and not _skewed(job.spread):
+                    planner.grow(fleet, capacity, job, self.tuning, upto=job.wanted)
+                    if not _skewed(job.spread):
+                        break
+                    continue
+                # Over its max skew (a domain came back empty, or the lost replicas found
+                # no room where the balance needs them): this deployment is planned again
+                # from no replica, as a full plan would, its running seats still free of
+                # move cost; the others stay as they are.
+                for site, variant, group in job.placed:
+                    capacity.give_back(site, variant, group)
+                job.placed = []
+                job.spread = self._spread(job)
+                planner.grow(fleet, capacity, job, self.tuning, upto=job.wanted)
+                break
         short = [job for job in sorted(touched.values(), key=planner.scarcity) if len(job.placed) < job.wanted]
         if short:
             # As a full plan would: shift another deployment's replica to make room.
@@ -264,3 +281,10 @@ class Standing:
             objective=objective,
         )
 
+
+def _skewed(counts: DomainCounts | None) -> bool:
+    """Whether the spread counts are over their max skew (no spread rule: never)."""
+    if counts is None:
+        return False
+    live = [c for c, n in counts.hist.items() if n > 0]
+    return bool(live) and max(live) - min(live) > counts.max_skew
