@@ -10,12 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.scheduler import MoveReplica, PlaceReplica, RemoveReplica, Replica, Status, plan
+from orchestrator.scheduler import MoveReplica, PlaceReplica, RemoveReplica, Replica, Status, Variant, plan
 from orchestrator.scheduler.standing import Standing
 from orchestrator.testing.placement_rules import violations
 from scheduler_builders import deployment, site
 from test_scheduler_properties import deployments_st, sites_st
 
+SMALL_GPU = Variant("gpu", "onnx", cpu=1, memory_mib=1024, gpus=1, gpu_memory_gib=16)
 SITES = [
     site("paris-1", "paris"),
     site("paris-2", "paris"),
@@ -220,3 +221,15 @@ def test_repairs_keep_every_rule_and_move_at_most_what_was_lost(data):
     if not any(d.placement.spread for d in deployments):  # nothing moves back but a spread's balance
         assert not any(isinstance(a, (MoveReplica, RemoveReplica)) for a in back.actions)
     assert violations(sites, deployments, back.as_running()) == []
+
+
+def test_gpu_groups_are_taken_so_that_a_valid_plan_seats_again():
+    # groups of 2 and 1 equal cards: the one-GPU replica must take the single card
+    sites = [site("dc", "paris", tier="datacenter", cpu=8, memory_gib=32, gpus=((2, 16), (1, 16)))]
+    two = dataclasses.replace(SMALL_GPU, name="pair", gpus=2)
+    deps = [deployment("a-one", variants=(SMALL_GPU,)), deployment("b-two", variants=(two,))]
+    running, standing = standing_plan(sites, deps)
+    assert len(running) == 2
+    assert plan(sites, deps, running).actions == ()
+    again = standing.repair(sites)
+    assert again is not None and again.actions == ()
