@@ -121,26 +121,26 @@ class Standing:
         """The plan for ``sites``, keeping every replica that still stands; None when
         ``sites`` differ from the standing ones by more than sites lost or back."""
         with gcpause.paused():
-            known = [site for site in sites if site.name in self.fleet.index]
-            if len(known) < len(sites):
-                # New sites and nothing else: the standing plan is built again over the
-                # larger fleet, every replica kept; short deployments may grow into them.
-                change = self._capacity_change(known)
-                if change is None or change[0] or change[1]:
-                    return None  # new sites along with other changes: plan in full
-                placement = [
-                    Replica(name, self.fleet.names[site], variant)
-                    for name in self.names
-                    for (site, variant), n in sorted(self.jobs[name].running.items())
-                    for _ in range(n)
-                ]
-                self._build(sites, self.deployments, placement)
-                return self._repair({}, [], grow_short=True)
             change = self._capacity_change(sites)
-            if change is None:
-                return None
-            lost, back = change
-            return self._repair(lost, back)
+            if change is not None:
+                lost, back = change
+                return self._repair(lost, back)
+            known = [site for site in sites if site.name in self.fleet.index]
+            if len(known) == len(sites):
+                return None  # no new site: something else changed
+            # New sites and nothing else: the standing plan is built again over the
+            # larger fleet, every replica kept; short deployments may grow into them.
+            change = self._capacity_change(known)
+            if change is None or change[0] or change[1]:
+                return None  # new sites along with other changes: plan in full
+            placement = [
+                Replica(name, self.fleet.names[site], variant)
+                for name in self.names
+                for (site, variant), n in sorted(self.jobs[name].running.items())
+                for _ in range(n)
+            ]
+            self._build(sites, self.deployments, placement)
+            return self._repair({}, [], grow_short=True)
 
     # -- what changed --------------------------------------------------------------------
 
@@ -151,7 +151,7 @@ class Standing:
         else:
             found = [fleet.index.get(site.name) for site in sites]
             if None in found:
-                return None  # a new site (handled by ``repair`` before this)
+                return None  # a new site (``repair`` sees whether it is the only change)
             if len(set(found)) != len(found):
                 dup = next(site.name for n, site in enumerate(sites) if found.index(found[n]) != n)
                 raise ValueError(f"site {dup!r} is declared twice")
@@ -193,7 +193,12 @@ class Standing:
         if back or grow_short:  # room came back or was added: the short deployments try again
             touched.update((n, j) for n, j in self.jobs.items() if len(j.placed) < j.wanted)
         if back:  # a spread domain back, empty, may put a deployment over its max skew
-            touched.update((n, j) for n, j in self.jobs.items() if _skewed(self._spread(j)))
+            returned = np.array(back, dtype=np.int64)
+            touched.update(
+                (n, j)
+                for n, j in self.jobs.items()
+                if j.deployment.placement.spread is not None and j.any_eligible[returned].any() and _skewed(self._spread(j))
+            )
         before = {name: list(job.placed) for name, job in touched.items()}
         for job in sorted(touched.values(), key=planner.scarcity):
             for attempt in range(2):
