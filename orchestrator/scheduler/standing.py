@@ -119,7 +119,7 @@ class Standing:
 
     def repair(self, sites: Sequence[Site]) -> PlanResult | None:
         """The plan for ``sites``, keeping every replica that still stands; None when
-        ``sites`` differ from the standing ones by more than sites lost or back."""
+        ``sites`` differ from the standing ones by more than sites lost, back or added."""
         with gcpause.paused():
             change = self._capacity_change(sites)
             if change is not None:
