@@ -207,7 +207,7 @@ class Reconciler:
 
     async def reconcile_once(self) -> planning.PassPlan:
         snapshot = await self.gather()
-        plan = planning.plan_pass(snapshot)
+        plan = planning.plan_pass(snapshot, self.last_plan.standing if self.last_plan is not None else None)
         for action in plan.actions:
             await self.execute(action)
         self.last_plan, self.last_snapshot = plan, snapshot

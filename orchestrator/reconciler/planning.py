@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.adapters import serve_config
@@ -22,7 +22,9 @@ from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import inventory, rollout
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import planner
+from orchestrator.scheduler import model as sched_model
 from orchestrator.scheduler import result as sched_result
+from orchestrator.scheduler import standing as standing_mod
 from orchestrator.store import sqlite as store_mod
 
 ACTOR = "scheduler"
@@ -57,15 +59,43 @@ def route_prefix(site: str, deployment: str) -> str:
 class PassPlan:
     actions: tuple[act.Action, ...]
     result: sched_result.PlanResult
+    # The plan in force, kept for the next pass to repair a site loss without a full plan.
+    standing: standing_mod.Standing | None = field(default=None, compare=False, repr=False)
 
 
 def schedule(s: snap.Snapshot) -> sched_result.PlanResult:
     """Run the scheduler on the snapshot (deployments of a model not declared are left out)."""
+    return planner.plan(*scheduler_inputs(s))
+
+
+def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
+                  ) -> tuple[sched_result.PlanResult, standing_mod.Standing | None]:
+    """``schedule`` for a reconcile pass, with the plan in force of the one before.
+
+    When ``standing`` is that plan (the same deployments, every replica where it put it)
+    and only sites were lost or came back, it is repaired: the lost replicas move, nothing
+    else does, in milliseconds. Otherwise a full plan; one that changes nothing becomes
+    the standing plan the next pass may repair (the placement is at rest)."""
+    sites, deployments, current = scheduler_inputs(s)
+    if standing is not None and standing.stands_for(deployments, current):
+        repaired = standing.repair(sites)
+        if repaired is not None:
+            return repaired, standing
+    result = planner.plan(sites, deployments, current)
+    if result.actions:
+        return result, None
+    try:
+        return result, standing_mod.Standing(sites, deployments, current)
+    except ValueError:  # cannot happen for a plan at rest; the next pass plans in full
+        return result, None
+
+
+def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sched_model.Deployment], list[sched_model.Replica]]:
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name)) for r in s.sites]
     deployments = [inventory.to_deployment(d, s.models[d.spec.model], _autoscaled(s, d.name)) for d in s.deployments if d.spec.model in s.models]
     planned = {d.name for d in deployments}
     current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
-    return planner.plan(sites, deployments, current)
+    return sites, deployments, current
 
 
 def _autoscaled(s: snap.Snapshot, deployment: str) -> int | None:
@@ -319,8 +349,8 @@ def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
     return status
 
 
-def plan_pass(s: snap.Snapshot) -> PassPlan:
-    result = schedule(s)
+def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -> PassPlan:
+    result, standing = schedule_pass(s, standing)
     rows = placement_rows(result)
     out: list[act.Action] = []
     if rows != tuple(s.placements):
@@ -349,7 +379,7 @@ def plan_pass(s: snap.Snapshot) -> PassPlan:
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
     out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed, frozenset(cold)))
     out.append(act.PublishCascades(cascade_routes(s)))
-    return PassPlan(tuple(out), result)
+    return PassPlan(tuple(out), result, standing)
 
 
 def cascade_routes(s: snap.Snapshot) -> dict[str, cascade_rules.CascadeRoute]:

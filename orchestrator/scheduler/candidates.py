@@ -151,18 +151,23 @@ def _shortlist(
             near = free[np.argpartition(-dots, k - 1)[:k]]
         picks.append(near)
     k = max(limit - per_point * len(job.demand), job.wanted + 4)
-    by_cost = fleet.by_intensity()
-    for chunk in (by_cost[: 32 * k], by_cost):
-        ok = mask[chunk]
-        # The variant's own tier (distilled → edge) first, with room for every replica;
-        # the other tier only as a fallback.
-        right_all = chunk[ok & (fleet.is_edge[chunk] == variant.is_distilled)]
+    # The variant's own tier (distilled → edge) first, with room for every replica; the
+    # other tier only as a fallback. Both walk this deployment's eligible sites, cheapest
+    # first, a prefix at a time: most deployments find enough in the first.
+    eligible = job.eligible[variant.name]
+    right_order = fleet.cheapest_of(eligible, edge=variant.is_distilled)
+    other_order = fleet.cheapest_of(eligible, edge=not variant.is_distilled)
+    for n in (32 * k, None):
+        chunk = right_order[:n]
+        right_all = chunk[mask[chunk]]
         # enough sites to hold every wanted replica twice over, not just one each
         room = np.cumsum(capacity.room(right_all[: 8 * k], variant))
         right_tier = right_all[: max(k, int(np.searchsorted(room, 2 * job.wanted)) + 1)]
-        other_all = chunk[ok & (fleet.is_edge[chunk] != variant.is_distilled)]
+        chunk = other_order[:n]
+        other_all = chunk[mask[chunk]]
         other_tier = other_all[: k if right_tier.size < k else 4]
-        if right_tier.size + other_tier.size >= min(k, free.size) or chunk.size == fleet.size:
+        whole = n is None or (right_order.size <= n and other_order.size <= n)
+        if right_tier.size + other_tier.size >= min(k, free.size) or whole:
             break
     picks.extend([right_tier, other_tier])
     out = fleet.union(*picks)

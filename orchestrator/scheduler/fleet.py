@@ -82,6 +82,8 @@ class Fleet:
         self._placement_cache: dict[tuple[object, ...], BoolArray] = {}
         self._eligible_cache: dict[tuple[object, ...], BoolArray] = {}
         self._sites_cache: dict[int, tuple[BoolArray, IntArray]] = {}
+        self._cheapest_cache: dict[tuple[int, bool], tuple[BoolArray, IntArray]] = {}
+        self._union_cache: dict[tuple[int, ...], tuple[tuple[BoolArray, ...], BoolArray]] = {}
 
     def _locate_regions(self, given: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """A region is where the caller says, else the centroid of its sites."""
@@ -185,6 +187,28 @@ class Fleet:
         found = self._sites_cache.get(id(mask))
         if found is None or found[0] is not mask:
             found = self._sites_cache[id(mask)] = (mask, np.flatnonzero(mask))
+        return found[1]
+
+    def cheapest_of(self, mask: BoolArray, edge: bool) -> IntArray:
+        """The sites of ``mask`` in the edge tier (``edge``) or the data-centre tier, lowest
+        carbon intensity first; cached for the shared read-only masks above, so a
+        deployment's shortlist walks its own sites, not the whole fleet's order."""
+        order = self.by_intensity()
+        if mask.flags.writeable:
+            return order[mask[order] & (self.is_edge[order] == edge)]
+        found = self._cheapest_cache.get((id(mask), edge))
+        if found is None or found[0] is not mask:
+            found = self._cheapest_cache[(id(mask), edge)] = (mask, order[mask[order] & (self.is_edge[order] == edge)])
+        return found[1]
+
+    def any_of(self, masks: Sequence[BoolArray]) -> BoolArray:
+        """The union of shared read-only masks, itself shared and read-only (cached)."""
+        key = tuple(id(m) for m in masks)
+        found = self._union_cache.get(key)
+        if found is None or any(a is not b for a, b in zip(found[0], masks)):
+            union = np.logical_or.reduce(list(masks))
+            union.flags.writeable = False
+            found = self._union_cache[key] = (tuple(masks), union)
         return found[1]
 
     def domains(self, by: str) -> IntArray:
@@ -357,8 +381,9 @@ class Capacity:
         return n.astype(np.int64)
 
     def gpu_group(self, site: int, variant: Variant) -> int | None:
-        """The GPU group to take for one replica: the smallest cards that fit (best fit),
-        so large cards stay free for the variants that need them. -1: no GPU needed."""
+        """The GPU group to take for one replica: the smallest cards that fit, then the
+        fewest GPUs free (best fit), so large cards and whole groups stay free for the
+        variants that need them. -1: no GPU needed."""
         if not variant.gpus:
             return -1
         best: int | None = None
@@ -367,7 +392,9 @@ class Capacity:
         for k in range(self.fleet.gpu_groups):
             fits = counts[k] >= variant.gpus and memory[k] >= variant.gpu_memory_gib - 1e-9
             fits = fits and (not variant.gpu_model or self.fleet.gpu_model[site, k] == variant.gpu_model)
-            if fits and (best is None or memory[k] < memory[best]):
+            # smallest cards first, then the group with the fewest GPUs free: a one-GPU
+            # replica must not split the only pair a two-GPU one could use
+            if fits and (best is None or (memory[k], counts[k]) < (memory[best], counts[best])):
                 best = k
         return best
 
@@ -407,3 +434,17 @@ class Capacity:
         self.memory_mib[site] -= variant.memory_mib
         if group >= 0:
             self.gpu_count[site, group] -= variant.gpus
+
+    def close(self, site: int) -> None:
+        """Nothing fits at ``site`` any more (it was lost); what ran there is gone too."""
+        self._changed.append(site)
+        self.cpu[site] = -1.0
+        self.memory_mib[site] = -1.0
+        self.gpu_count[site] = 0
+
+    def reopen(self, site: int) -> None:
+        """``site`` is back, empty: all its capacity is free again."""
+        self._changed.append(site)
+        self.cpu[site] = self.fleet.cpu[site]
+        self.memory_mib[site] = self.fleet.memory_mib[site]
+        self.gpu_count[site] = self.fleet.gpu_count[site]

@@ -299,10 +299,14 @@ class Tuning:
     ``candidates`` bounds how many sites per deployment the greedy looks at (nearest to
     each demand point, cheapest to run, where it runs now, best per spread domain); None
     scans every feasible site. ``improve`` runs the relocation pass after the greedy.
+    ``keep_margin`` is what a running replica's move must save on top of its move cost
+    (cost points): the search is a heuristic, and a re-plan that moved replicas for gains
+    of a point or two would move them back and forth between plans of the same fleet.
     """
 
     candidates: int | None = 48
     improve: bool = True
+    keep_margin: float = 2.5
 
 
 DEFAULT_TUNING = Tuning()

@@ -46,10 +46,10 @@ def build(
     energy = Energy()
     objective = Objective()
     for job in sorted(jobs, key=lambda j: j.deployment.name):
-        one, cost = _build_one(fleet, job, dropped)
+        one, cost = build_one(fleet, job, dropped)
         plans[job.deployment.name] = one
         replicas.extend(one.replicas)
-        actions.extend(_actions(fleet, job, one, dropped))
+        actions.extend(actions_of(fleet, job, one, dropped))
         energy = energy + one.energy
         objective = objective + cost
     known = {job.deployment.name for job in jobs}
@@ -65,7 +65,7 @@ def build(
     )
 
 
-def _build_one(fleet: Fleet, job: Job, dropped: Mapping[Replica, str]) -> tuple[DeploymentPlan, Objective]:
+def build_one(fleet: Fleet, job: Job, dropped: Mapping[Replica, str]) -> tuple[DeploymentPlan, Objective]:
     deployment = job.deployment
     placed = Counter((site, variant.name) for site, variant, _ in job.placed)
     variants = {v.name: v for v in deployment.variants}
@@ -173,7 +173,7 @@ def _clamped(asked: int, wanted: int, bounds: str) -> str:
     return f"{asked}, within {bounds}"
 
 
-def _actions(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Replica, str]) -> list[Action]:
+def actions_of(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Replica, str]) -> list[Action]:
     """Count differences per (site, variant) → moves first, then places, then removals."""
     name = job.deployment.name
     placed = Counter((r.site, r.variant) for r in plan.replicas)

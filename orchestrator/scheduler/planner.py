@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.scheduler import candidates, diagnosis, gcpause, outcome, repair
+from orchestrator.scheduler import candidates, diagnosis, gcpause, objective, outcome, repair
 from orchestrator.scheduler.spread import DomainCounts
 from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
 from orchestrator.scheduler.model import (
@@ -73,6 +73,8 @@ class Job:
     options: candidates.Options | None = None  # the candidates, kept between the two phases
     complete: bool = False  # the candidates are every feasible site
     shortfall: str = ""  # why fewer than wanted were placed
+    keep_margin: float = 0.0  # extra cost points a running replica's move must save
+    eligible_count: int = 0  # sites eligible for any variant
     _eligible_sites: dict[str, IntArray] = field(default_factory=dict)
     _any_eligible: BoolArray | None = None
 
@@ -94,6 +96,13 @@ class Job:
             else:
                 self._any_eligible = np.logical_or.reduce(masks)
         return self._any_eligible
+
+    @property
+    def move_cost(self) -> float:
+        """What the search charges a replica started where none ran: the move itself, and
+        for a deployment already running, the margin that keeps it where it runs unless
+        a move clearly pays (``Tuning.keep_margin``)."""
+        return self.weights.move_per_replica + (self.keep_margin if self.running else 0.0)
 
     def variants(self) -> list[Variant]:
         names = self.eligible.keys()
@@ -134,11 +143,13 @@ def _plan(
     if len(set(names)) != len(names):
         dup = sorted(n for n in set(names) if names.count(n) > 1)
         raise ValueError(f"deployment {dup[0]!r} is declared twice")
-    jobs = {d.name: _prepare(fleet, d, d.weights or weights) for d in deployments}
+    jobs = {d.name: prepare(fleet, d, d.weights or weights) for d in deployments}
+    for job in jobs.values():
+        job.keep_margin = tuning.keep_margin
     capacity = Capacity(fleet)
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
-    dropped = _seat_incumbents(fleet, capacity, jobs, current)
-    order = sorted(jobs.values(), key=_scarcity)
+    dropped = seat_incumbents(fleet, capacity, jobs, current)
+    order = sorted(jobs.values(), key=scarcity)
     # Phase 1: every deployment gets its min and as many replicas as ran before (the
     # replacements of lost ones included) before any grows, so a flexible deployment
     # cannot starve a constrained one of its minimum. Counting the lost ones here matters:
@@ -149,7 +160,7 @@ def _plan(
         for site, variant, group in job.seats:
             capacity.give_back(site, variant, group)
         ran = sum(job.running.values())
-        _place(
+        grow(
             fleet,
             capacity,
             job,
@@ -158,11 +169,12 @@ def _plan(
         )
     # Phase 2: grow to the wanted count, then polish.
     for job in order:
-        _place(fleet, capacity, job, tuning, upto=job.wanted)
+        grow(fleet, capacity, job, tuning, upto=job.wanted)
         # With one demand point the greedy's order is already right; relocation pays off
         # where it trades one point's latency against another's.
         if tuning.improve and len(job.demand) > 1 and job.placed and job.options is not None:
             _relocate(capacity, job, job.options, job.spread)
+        _keep_if_no_better(fleet, capacity, job)
     for job in order:
         if len(job.placed) < job.wanted:
             repair.make_room(fleet, capacity, job, order)
@@ -174,9 +186,9 @@ def _plan(
     return outcome.build(fleet, list(jobs.values()), current, dropped)
 
 
-def _prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
+def prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
     demand, notes = locate_demand(fleet, deployment)
-    return Job(
+    job = Job(
         deployment=deployment,
         weights=weights,
         wanted=deployment.wanted_replicas(),
@@ -185,14 +197,19 @@ def _prepare(fleet: Fleet, deployment: Deployment, weights: Weights) -> Job:
         demand=demand,
         notes=notes,
     )
+    masks = list(job.eligible.values())
+    if len(masks) > 1:  # shared by the deployments with the same rules and sizes
+        job._any_eligible = fleet.any_of(masks)
+    job.eligible_count = int(fleet.sites_of(job.any_eligible).size)
+    return job
 
 
-def _scarcity(job: Job) -> tuple[int, int, str]:
+def scarcity(job: Job) -> tuple[int, int, str]:
     gpus = max((v.gpus for v in job.deployment.variants), default=0)
-    return (-gpus, int(job.any_eligible.sum()), job.deployment.name)
+    return (-gpus, job.eligible_count, job.deployment.name)
 
 
-def _seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], current: Sequence[Replica]) -> dict[Replica, str]:
+def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], current: Sequence[Replica]) -> dict[Replica, str]:
     """Reserve capacity for running replicas that still obey every hard rule.
 
     Returns, per replica that must go regardless of the plan, the reason (counted once
@@ -241,7 +258,7 @@ def _broken_rule(fleet: Fleet, job: Job, site: int, variant: str) -> str | None:
 # -- one deployment ------------------------------------------------------------------------
 
 
-def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) -> None:
+def grow(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) -> None:
     """Grow ``job.placed`` towards ``upto`` replicas (or as many as fit)."""
     if upto <= len(job.placed) or not job.eligible:
         return
@@ -270,6 +287,41 @@ def _place(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int
         job.options = None
 
 
+def _keep_if_no_better(fleet: Fleet, capacity: Capacity, job: Job) -> None:
+    """Put ``job`` back on its running seats when the search found nothing better.
+
+    The search starts each deployment over (its seats cost no move, every other site
+    does), and a greedy is no optimiser: now and then it ends worse than where the
+    replicas run, or better by less than ``Tuning.keep_margin`` per move. Moving them
+    then would be churn, and planning the same fleet again would move them back.
+    """
+    if not job.seats or len(job.seats) != len(job.placed) or job.spread is not None:
+        return
+    seats = Counter((s, v.name) for s, v, _ in job.seats)
+    placed = Counter((s, v.name) for s, v, _ in job.placed)
+    if seats == placed:
+        return
+    moved = sum((placed - seats).values())
+    new = objective.score_deployment(fleet, job.deployment, job.weights, placed, job.running, located=job.demand)
+    old = objective.score_deployment(fleet, job.deployment, job.weights, seats, job.running, located=job.demand)
+    if new.total + moved * job.keep_margin < old.total - 1e-9:
+        return
+    for site, variant, group in job.placed:
+        capacity.give_back(site, variant, group)
+    back: list[tuple[int, Variant, int]] = []
+    for site, variant, _ in job.seats:
+        group = capacity.take(site, variant)
+        if group is None:  # another deployment took the seat since: keep what was found
+            for s, v, g in back:
+                capacity.give_back(s, v, g)
+            for s, v, g in job.placed:
+                capacity.hold(s, v, g)
+            return
+        back.append((site, variant, group))
+    job.placed = back
+    job.options = None  # built around the placement given up
+
+
 def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: DomainCounts | None, upto: int) -> None:
     """Add replicas one by one at the option that lowers the cost most (lazy greedy)."""
     w = job.weights
@@ -283,7 +335,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
     count: dict[tuple[int, str], int] = {}
     for s, v, _ in job.placed:
         count[(s, v.name)] = count.get((s, v.name), 0) + 1
-    move_cost = w.move_per_replica
+    move_cost = job.move_cost
 
     def delta(o: int) -> float:
         cost = static[o] + (move_cost if count.get(keys[o], 0) >= running[o] else 0.0)
@@ -298,7 +350,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
         if o is not None:
             move[o] = move_cost if n >= running[o] else 0.0
     gain = np.maximum(np.array(best)[None, :] - options.rtt, 0.0) @ np.array(weight) if weight else np.zeros(len(static))
-    ceiling = options.outside + w.move_per_replica + WIDEN_MARGIN
+    ceiling = options.outside + move_cost + WIDEN_MARGIN
     # Options whose site is full now (other deployments filled it since the candidates
     # were picked) can only be popped and dropped: leave them out from the start.
     usable = np.flatnonzero(candidates.with_room(capacity, options))
@@ -312,7 +364,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
             heapq.heappush(heap, (fresh, o))
             continue
         if fresh > ceiling:
-            return  # a site outside the shortlist would do better: let _place widen it
+            return  # a site outside the shortlist would do better: let grow widen it
         if spread is not None and not spread.allows(options.domain[o]):
             blocked.append(o)
             continue
@@ -393,8 +445,8 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
         counts = np.zeros(len(options.site), dtype=np.int64)
         for key, n in count.items():
             counts[index[key]] = n
-        move_in = options.static + np.where(counts >= running, w.move_per_replica, 0.0)
-        refund_all = options.static + np.where(counts > running, w.move_per_replica, 0.0)
+        move_in = options.static + np.where(counts >= running, job.move_cost, 0.0)
+        refund_all = options.static + np.where(counts > running, job.move_cost, 0.0)
         open_sites = sorted(opened)
         first: dict[int, tuple[int, str]] = {}
         for key in count:

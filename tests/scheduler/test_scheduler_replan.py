@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+import pytest
 from scheduler_builders import deployment, site
+
+from bench.scheduler_instances import make_deployments, make_fleet
 
 from orchestrator.scheduler import (
     MoveReplica,
@@ -12,6 +16,7 @@ from orchestrator.scheduler import (
     RemoveReplica,
     Replica,
     Status,
+    Tuning,
     diff_by_site,
     plan,
 )
@@ -127,3 +132,24 @@ def test_diff_groups_changes_per_site():
     assert by_site["a"].added == (actions[0],) and by_site["a"].moved_out == (actions[1],)
     assert by_site["b"].moved_in == (actions[1],)
     assert by_site["c"].removed == (actions[2],)
+
+
+def test_a_move_that_saves_less_than_the_keep_margin_is_not_made():
+    # marseille → paris saves 1.6 points net of the move: less than Tuning.keep_margin
+    sites = [*SITES, site("marseille-1", "marseille")]
+    dep = deployment(demand=(("paris", 10),))
+    running = [Replica("d", "marseille-1", "small")]
+    assert plan(sites, [dep], running).actions == ()
+    (move,) = plan(sites, [dep], running, tuning=Tuning(keep_margin=0.0)).actions
+    assert isinstance(move, MoveReplica) and move.to_site.startswith("paris")
+
+
+@pytest.mark.parametrize(("n_sites", "n_deployments", "seed"), [(300, 30, s) for s in range(4)] + [(1000, 100, 0)])
+def test_planning_a_fleet_from_its_own_plan_moves_nothing(n_sites, n_deployments, seed):
+    rng = np.random.default_rng(seed)
+    sites = make_fleet(rng, n_sites)
+    deployments = make_deployments(rng, sites, n_deployments, replicas_per=8)
+    first = plan(sites, deployments)
+    again = plan(sites, deployments, first.as_running())
+    assert again.actions == ()
+    assert again.replicas and all(r.kept for r in again.replicas)
