@@ -54,6 +54,7 @@ from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, routing, upstream
+from orchestrator.gateway import options as gateway_options
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.security import ca as ca_mod
@@ -530,7 +531,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lifetime of the client certificates agents receive; agents renew theirs two thirds in")
     p.add_argument("--auth", choices=["none", "token"], default="none",
                    help="'token' requires bearer tokens on the API; 'none' is allowed on loopback only")
-    p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
     p.add_argument("--heartbeat-interval", type=float, default=5.0)
     p.add_argument("--missed-heartbeats", type=int, default=3, help="an agent is unhealthy after this many missed heartbeats")
     p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
@@ -541,14 +541,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a DNS name or address agents dial (repeatable): the agent listener's certificate names it, "
                         "as it names --agent-host and the --public-url host")
     p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable)")
-    p.add_argument("--gateway-auth", choices=list(admission.GATEWAY_AUTH), default="none",
-                   help="'token' requires a valid API token (any role) on the gateway's model routes; 'none' leaves them open")
-    p.add_argument("--gateway-rate", type=float, default=0.0, metavar="RPS",
-                   help="per-client request rate on the gateway (client = token, else address); 0 = no limit")
-    p.add_argument("--gateway-burst", type=float, default=0.0, help="requests a client may send at once (default: the rate)")
-    p.add_argument("--gateway-max-body", type=int, default=proxy.MAX_BODY, metavar="BYTES", help="largest inference request body")
-    p.add_argument("--cold-start-timeout", type=float, default=proxy.COLD_START_S, metavar="SECONDS",
-                   help="how long a request for a model scaled to zero waits for its replica before a 503")
+    gateway_options.add_arguments(p)
     p.add_argument("--local-ray-cpus", type=int, metavar="N", help="CPUs the embedded Ray (sites with ray.address: local) offers [all]")
     p.add_argument("--local-ray-gpus", type=int, metavar="N",
                    help="GPUs the embedded Ray declares [those it finds]; on a machine without any, a number lets replicas "
@@ -568,10 +561,10 @@ def agent_tls_hosts(cfg: ServerConfig) -> list[str]:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not 0 < args.agent_cert_days <= 3650:
         raise SystemExit("edgeplane serve: --agent-cert-days must be more than 0 and at most 3650")
-    position = None
-    if args.location:
-        lat, lon = (float(x) for x in args.location.split(","))
-        position = (lat, lon)
+    try:
+        position = gateway_options.position(args.location)
+    except gateway_options.OptionError as exc:
+        raise SystemExit(f"edgeplane serve: {exc}") from None
     tokens = tuple(args.bootstrap_token) + ((os.environ["EDGEPLANE_BOOTSTRAP_TOKEN"],) if os.environ.get("EDGEPLANE_BOOTSTRAP_TOKEN") else ())
     return ServerConfig(
         data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,

@@ -41,7 +41,7 @@ from edgeplane_proto import oip
 from orchestrator.gatewayd import follow
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import openai_routes, proxy, routing, upstream, wire
+from orchestrator.gateway import openai_routes, options, proxy, routing, upstream, wire
 from orchestrator.security import admission, bearer, ratelimit
 
 log = logging.getLogger("edgeplane.gateway")
@@ -223,28 +223,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8088)
     p.add_argument("--token", default=argparse.SUPPRESS,
                    help="API token (any role) to read the control plane's endpoint table (default: $EDGEPLANE_TOKEN)")
-    p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
-    p.add_argument("--gateway-auth", choices=list(admission.GATEWAY_AUTH), default="none",
-                   help="'token' requires a valid API token (checked with the control plane, cached 30 s) on model routes")
-    p.add_argument("--gateway-rate", type=float, default=0.0, metavar="RPS",
-                   help="per-client request rate (client = token, else address); 0 = no limit; per gateway")
-    p.add_argument("--gateway-burst", type=float, default=0.0, help="requests a client may send at once (default: the rate)")
-    p.add_argument("--gateway-max-body", type=int, default=proxy.MAX_BODY, metavar="BYTES", help="largest inference request body")
-    p.add_argument("--cold-start-timeout", type=float, default=proxy.COLD_START_S, metavar="SECONDS",
-                   help="how long a request for a model scaled to zero waits for its replica before a 503")
+    options.add_arguments(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def _position(text: str | None) -> tuple[float, float] | None:
-    if not text:
-        return None
+def _gateway_position(text: str | None) -> tuple[float, float] | None:
     try:
-        lat, lon = (float(x) for x in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--location {text!r} must be lat,lon, e.g. 48.85,2.35") from None
-    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-        raise ConfigError(f"--location {text!r} is outside -90..90, -180..180")
-    return lat, lon
+        return options.position(text)
+    except options.OptionError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def config_from_args(args: argparse.Namespace, token: str | None) -> GatewayConfig:
@@ -252,7 +239,7 @@ def config_from_args(args: argparse.Namespace, token: str | None) -> GatewayConf
         raise ConfigError(f"--port {args.port} is not a port number")
     return GatewayConfig(
         control_planes=tuple(parse_control_plane(u) for u in args.control_plane), host=args.host, port=args.port, token=token,
-        position=_position(args.location), gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate,
+        position=_gateway_position(args.location), gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate,
         gateway_burst=args.gateway_burst, gateway_max_body=args.gateway_max_body, cold_start_timeout_s=args.cold_start_timeout,
     )
 

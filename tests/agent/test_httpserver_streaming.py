@@ -66,6 +66,15 @@ async def start(limits: httpserver.Limits | None = None) -> tuple[httpserver.Htt
     return server, streams, sock.getsockname()[1]
 
 
+async def slow_reader(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection with a small receive buffer, so that a client that does not read is felt soon."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
+
 async def test_chunked_framing_then_the_connection_serves_the_next_request() -> None:
     server, _, port = await start()
     try:
@@ -88,11 +97,7 @@ async def test_a_client_that_does_not_read_holds_the_producer_back() -> None:
     server, streams, port = await start()
     n = 400  # 25 MiB in all
     try:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await slow_reader(port)
         writer.write(f"GET /big?n={n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         # Wait until production stops growing (bounded: 100 looks, 20 ms apart).
         last = -1
@@ -121,11 +126,7 @@ async def test_a_client_that_does_not_read_holds_the_producer_back() -> None:
 async def test_a_client_that_reads_nothing_for_the_write_timeout_is_dropped_and_its_producer_closed() -> None:
     server, streams, port = await start(httpserver.Limits(write_timeout=0.5))
     try:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await slow_reader(port)
         writer.write(b"GET /big?n=400 HTTP/1.1\r\nHost: x\r\n\r\n")  # 25 MiB, never read
         for _ in range(200):  # bounded: 20 s
             if not server.connections:

@@ -1,0 +1,38 @@
+"""The gateway's command-line options, shared by ``edgeplane serve`` (its in-process gateway)
+and ``edgeplane gateway`` (a gateway on its own), so both take the same flags the same way."""
+
+from __future__ import annotations
+
+import argparse
+
+from orchestrator.gateway import proxy
+from orchestrator.security import admission
+
+
+class OptionError(ValueError):
+    """A gateway flag that cannot work; its message names the flag."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
+    p.add_argument("--gateway-auth", choices=list(admission.GATEWAY_AUTH), default="none",
+                   help="'token' requires a valid API token (any role) on the gateway's model routes; 'none' leaves them open")
+    p.add_argument("--gateway-rate", type=float, default=0.0, metavar="RPS",
+                   help="per-client request rate, per gateway (client = token, else address); 0 = no limit")
+    p.add_argument("--gateway-burst", type=float, default=0.0, help="requests a client may send at once (default: the rate)")
+    p.add_argument("--gateway-max-body", type=int, default=proxy.MAX_BODY, metavar="BYTES", help="largest inference request body")
+    p.add_argument("--cold-start-timeout", type=float, default=proxy.COLD_START_S, metavar="SECONDS",
+                   help="how long a request for a model scaled to zero waits for its replica before a 503")
+
+
+def position(text: str | None) -> tuple[float, float] | None:
+    """``--location lat,lon`` as a pair, None when not given."""
+    if not text:
+        return None
+    try:
+        lat, lon = (float(x) for x in text.split(","))
+    except ValueError:
+        raise OptionError(f"--location {text!r} must be lat,lon, e.g. 48.85,2.35") from None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise OptionError(f"--location {text!r} is outside -90..90, -180..180")
+    return lat, lon
