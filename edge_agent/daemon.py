@@ -39,7 +39,7 @@ class AgentConfig:
     heartbeat_interval: float = 5.0
     insecure: bool = False
     ca_file: pathlib.Path | None = None
-    join_address: str | None = None  # default: the control plane's host, its port + 1
+    join_address: str | None = None  # default: the host of the control-plane address in use, its port + 1
     allow_file_artifacts: bool = False
     country: str = ""
     region: str = ""
@@ -192,7 +192,7 @@ class Agent:
             self,
             self._receive_assignments,
             agent_tls=None if cfg.insecure else tls.AgentTls(
-                cfg.data_dir, cfg.join_address or tls.join_address(cfg.control_planes[0]), cfg.ca_file),
+                cfg.data_dir, cfg.join_address, cfg.ca_file),
         )
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         log.info("agent for site %s serving v2 on %s", cfg.site, self.endpoint_url)

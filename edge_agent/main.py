@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-file", type=pathlib.Path,
                    help="the control plane's CA certificate (<control-plane data dir>/ca/ca.crt), trusted for the first join")
     p.add_argument("--join-address", metavar="HOST:PORT",
-                   help="the control plane's join listener for the first join (default: the --control-plane port + 1)")
+                   help="the control plane's join listener for the first join (default: the --control-plane address in use, port + 1)")
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
     p.add_argument("--max-request-bytes", type=int, default=edge_agent.DEFAULT_MAX_REQUEST_BYTES)
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS")

@@ -41,8 +41,14 @@ def join_address(control_plane: str) -> str:
 @dataclass(frozen=True)
 class AgentTls:
     data_dir: pathlib.Path
-    join_target: str
+    join_target: str | None  # None: the join listener beside whichever control plane is dialled
     ca_file: pathlib.Path | None = None  # trust anchor given by the operator
+
+    def join_target_for(self, control_plane: str) -> str:
+        """Where to enrol while ``control_plane`` is the address in use: with several
+        replicas, only the leader's join listener accepts, so the first join moves with
+        the agent from one address to the next unless ``--join-address`` fixes it."""
+        return self.join_target or join_address(control_plane)
 
     @property
     def key_path(self) -> pathlib.Path:

@@ -220,7 +220,8 @@ class Uplink:
     async def _enroll(self, agent_tls: tls.AgentTls) -> None:
         """First join over the join port: bootstrap token + CSR in, client certificate out."""
         key_pem, csr_pem = await agent_tls.new_request(self._facts.site)
-        channel = grpc.aio.secure_channel(agent_tls.join_target, agent_tls.join_credentials(), options=client_options())
+        channel = grpc.aio.secure_channel(agent_tls.join_target_for(self._target), agent_tls.join_credentials(),
+                                         options=client_options())
         try:
             request, metadata = self._join_request()
             request.csr_pem = csr_pem.decode()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from edge_agent import tls as agent_tls
 from edgeplane_proto import identity
 from orchestrator.testing import harness
 
@@ -61,3 +62,14 @@ def test_a_crash_while_saving_never_leaves_key_and_certificate_mismatched(tmp_pa
     assert agent_tls.enrolled()  # recovers first
     assert (agent_tls.key_path.read_bytes(), agent_tls.cert_path.read_bytes()) == expected
     assert not key_new.exists() and not cert_new.exists()
+
+
+@pytest.mark.parametrize("fixed,dialled,expected", [
+    (None, "cp-1.example.test:8081", "cp-1.example.test:8082"),
+    (None, "10.0.0.7:9001", "10.0.0.7:9002"),
+    (None, "[2001:db8::1]:8081", "[2001:db8::1]:8082"),
+    ("join.example.test:443", "cp-2.example.test:8081", "join.example.test:443"),
+])
+def test_the_first_join_goes_beside_the_replica_in_use_unless_fixed(fixed: str | None, dialled: str, expected: str,
+                                                                    tmp_path: pathlib.Path) -> None:
+    assert agent_tls.AgentTls(tmp_path, fixed).join_target_for(dialled) == expected
