@@ -330,6 +330,10 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
         from orchestrator.gatewayd import server as gatewayd
 
         gatewayd.add_arguments(gateway_p)
+    ca_p = sub.add_parser("ca", help="the agents' certificate authority")
+    ca_sub = ca_p.add_subparsers(dest="ca_command", required=True)
+    ca_init = ca_sub.add_parser("init", help="create a CA in a folder (ca.key, ca.crt) for several control-plane replicas to share")
+    ca_init.add_argument("folder", help="where to write ca.key (mode 0600) and ca.crt; refused if they exist")
     demo_p = sub.add_parser("demo", help="run a whole fleet on this machine and send requests through it")
     demo_p.add_argument("--requests", type=int, default=24, help="requests to send per simulated location")
     demo_p.add_argument("--keep-running", action="store_true", help="keep the fleet up after the report (Ctrl-C stops it)")
@@ -435,6 +439,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    """Every control-plane replica must sign agent certificates with the same CA, and agents
+    must trust it: make it once, then give the folder to each replica as ``<data-dir>/ca``."""
+    from orchestrator.security import ca as ca_mod
+
+    folder = pathlib.Path(args.folder)
+    existing = [p.name for p in (folder / "ca.key", folder / "ca.crt") if p.exists()]
+    if existing:
+        print(f"error: {folder} already holds {' and '.join(existing)}; a CA is made once", file=sys.stderr)
+        return 1
+    try:
+        ca_mod.CertificateAuthority.load_or_create(folder)
+    except OSError as exc:
+        print(f"error: cannot write the CA to {folder}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {folder / 'ca.key'} (keep it secret) and {folder / 'ca.crt'} (give it to agents: --ca-file)")
+    return 0
+
+
 def _run(argv: list[str]) -> int:
     command = _command_of(argv)
     args = build_parser(serve_options=command in ("serve", "gateway") or "serve" in argv or command is None).parse_args(argv)
@@ -444,6 +467,8 @@ def _run(argv: list[str]) -> int:
         return cmd_gateway(args)
     if args.command == "demo":
         return cmd_demo(args)
+    if args.command == "ca":
+        return cmd_ca_init(args)
     api = ApiClient(args.server, args.token)
     try:
         return COMMANDS[args.command](api, args)

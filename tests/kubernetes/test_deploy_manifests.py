@@ -25,6 +25,12 @@ DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "manifests" / "deploy"
 DOCS = [(path.name, i, doc) for path in sorted(DEPLOY.glob("*.yaml"))
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc]
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
+POD_NAME = "statefulset.kubernetes.io/pod-name"
+CONTROL_PLANE = ("StatefulSet", "edgeplane-control-plane")
+
+
+def pod_names(sts: dict[str, Any]) -> list[str]:
+    return [f"{sts['metadata']['name']}-{i}" for i in range(sts["spec"]["replicas"])]
 
 
 def by_kind(kind: str) -> list[dict[str, Any]]:
@@ -56,7 +62,10 @@ def test_every_workload_selects_its_own_pods_and_every_service_finds_them() -> N
         labels = w["spec"]["template"]["metadata"]["labels"]
         assert w["spec"]["selector"]["matchLabels"].items() <= labels.items(), w["metadata"]["name"]
     for svc in by_kind("Service"):
-        selected = [w for w in workloads if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        selector = dict(svc["spec"]["selector"])
+        pod = selector.pop(POD_NAME, None)  # set on each pod by the StatefulSet controller
+        selected = [w for w in workloads if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+                    and (pod is None or (w["kind"] == "StatefulSet" and pod in pod_names(w)))]
         assert selected, f"Service {svc['metadata']['name']} selects no pods"
         named = {p["name"] for w in selected for c in containers(w) for p in c.get("ports", [])}
         for port in svc["spec"]["ports"]:
@@ -67,7 +76,7 @@ def test_every_workload_selects_its_own_pods_and_every_service_finds_them() -> N
 
 def test_the_gateways_disruption_budget_and_autoscaler_act_on_the_gateway_deployment() -> None:
     deployments = {d["metadata"]["name"]: d for d in by_kind("Deployment")}
-    (pdb,) = by_kind("PodDisruptionBudget")
+    (pdb,) = [b for b in by_kind("PodDisruptionBudget") if b["metadata"]["name"] == "edgeplane-gateway"]
     (hpa,) = by_kind("HorizontalPodAutoscaler")
     gateway = deployments["edgeplane-gateway"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= gateway["spec"]["template"]["metadata"]["labels"].items()
@@ -101,7 +110,7 @@ def edgeplane_args(kind: str, name: str) -> list[str]:
 
 
 def test_the_control_plane_arguments_are_ones_serve_accepts() -> None:
-    args = edgeplane_args("Deployment", "edgeplane-control-plane")
+    args = edgeplane_args(*CONTROL_PLANE)
     parsed = cli_main.build_parser().parse_args(args)
     config = server.config_from_args(parsed)
     assert parsed.command == "serve" and parsed.auth == "token" and parsed.host == "0.0.0.0"
@@ -121,7 +130,9 @@ def test_secrets_the_manifests_read_are_the_ones_the_docs_say_to_create() -> Non
     guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
     used = {ref["secretKeyRef"]["name"] for _, _, doc in DOCS if doc["kind"] in WORKLOADS
             for c in containers(doc) for e in c.get("env", []) for ref in [e.get("valueFrom", {})] if "secretKeyRef" in ref}
-    assert used == {"edgeplane-postgres", "edgeplane-bootstrap", "edgeplane-gateway-token"}
+    used |= {v["secret"]["secretName"] for _, _, doc in DOCS if doc["kind"] in WORKLOADS
+             for v in doc["spec"]["template"]["spec"].get("volumes", []) if "secret" in v}
+    assert used == {"edgeplane-postgres", "edgeplane-bootstrap", "edgeplane-gateway-token", "edgeplane-agent-ca"}
     for secret in used:
         assert f"create secret generic {secret}" in guide, f"docs/deploy.md does not say how to create {secret}"
     for path in sorted(DEPLOY.glob("*.yaml")):
@@ -129,7 +140,7 @@ def test_secrets_the_manifests_read_are_the_ones_the_docs_say_to_create() -> Non
 
 
 async def test_the_control_plane_answers_its_probe_paths(tmp_path: pathlib.Path) -> None:
-    (doc,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "edgeplane-control-plane"]
+    (doc,) = [d for d in by_kind(CONTROL_PLANE[0]) if d["metadata"]["name"] == CONTROL_PLANE[1]]
     (c,) = containers(doc)
     paths = {c[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe") if p in c}
     cp = await server.ControlPlane(server.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0,
@@ -142,11 +153,30 @@ async def test_the_control_plane_answers_its_probe_paths(tmp_path: pathlib.Path)
         await cp.stop()
 
 
-def test_the_agent_certificate_names_the_address_the_agents_dial() -> None:
-    config = server.config_from_args(cli_main.build_parser().parse_args(edgeplane_args("Deployment", "edgeplane-control-plane")))
+def test_agents_list_every_replica_each_reachable_and_named_in_the_certificate() -> None:
+    config = server.config_from_args(cli_main.build_parser().parse_args(edgeplane_args(*CONTROL_PLANE)))
+    (sts,) = [d for d in by_kind(CONTROL_PLANE[0]) if d["metadata"]["name"] == CONTROL_PLANE[1]]
     (doc,) = by_kind("DaemonSet")
-    dialled = agent_main.parser().parse_args(edgeplane_args("DaemonSet", doc["metadata"]["name"])).control_plane
-    assert dialled.rsplit(":", 1)[0] in server.agent_tls_hosts(config)
+    dialled = agent_main.parser().parse_args(edgeplane_args("DaemonSet", doc["metadata"]["name"])).control_plane.split(",")
+    assert len(dialled) == sts["spec"]["replicas"] == 3  # agents find the leader among all of them
+    names = server.agent_tls_hosts(config)
+    assert all(address.rsplit(":", 1)[0] in names for address in dialled)
+    exposed = {svc["spec"]["selector"].get(POD_NAME): {p["port"] for p in svc["spec"]["ports"]} for svc in by_kind("Service")}
+    for pod in pod_names(sts):  # each replica's agent and join ports, on their own address
+        assert exposed.get(pod) == {config.agent_port, config.agent_join_port}, pod
+
+
+def test_the_control_plane_survives_a_node_drain_and_shares_one_agent_ca() -> None:
+    (sts,) = [d for d in by_kind(CONTROL_PLANE[0]) if d["metadata"]["name"] == CONTROL_PLANE[1]]
+    (pdb,) = [b for b in by_kind("PodDisruptionBudget") if b["metadata"]["name"] == CONTROL_PLANE[1]]
+    assert pdb["spec"]["minAvailable"] < sts["spec"]["replicas"] and pdb["spec"]["minAvailable"] >= 2
+    args = cli_main.build_parser().parse_args(edgeplane_args(*CONTROL_PLANE))
+    assert 1 <= args.leader_lease <= 30
+    (c,) = containers(sts)
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    ca = volumes[mounts[f"{args.data_dir}/ca"]]  # the CA every replica signs with: one Secret
+    assert ca["secret"]["secretName"] == "edgeplane-agent-ca"
 
 
 @pytest.mark.parametrize("host,agent_host,public_url,names,expected", [
@@ -161,3 +191,22 @@ def test_agent_tls_hosts(host: str, agent_host: str | None, public_url: str | No
     config = server.ServerConfig(data_dir=pathlib.Path("."), host=host, agent_host=agent_host, public_url=public_url,
                                  agent_tls_names=names)
     assert server.agent_tls_hosts(config) == expected
+
+
+async def test_a_ca_made_by_ca_init_is_the_one_a_replica_signs_with(tmp_path: pathlib.Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    shared = tmp_path / "edgeplane-ca"
+    assert cli_main.main(["ca", "init", str(shared)]) == 0
+    assert (shared / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert cli_main.main(["ca", "init", str(shared)]) == 1  # made once: never overwritten
+    assert "already holds ca.key and ca.crt" in capsys.readouterr().err
+    data_dir = tmp_path / "replica"
+    (data_dir / "ca").mkdir(parents=True)
+    for name in ("ca.key", "ca.crt"):  # as the Secret mount puts them
+        (data_dir / "ca" / name).write_bytes((shared / name).read_bytes())
+    cp = await server.ControlPlane(server.ServerConfig(data_dir=data_dir, port=0, agent_port=0, agent_join_port=0)).start()
+    try:
+        assert cp.ca is not None and cp.ca_file is not None
+        assert cp.ca_file.read_bytes() == (shared / "ca.crt").read_bytes()
+    finally:
+        await cp.stop()
