@@ -97,7 +97,7 @@ PY
 @pytest.mark.ray
 def test_the_walkthrough_runs_as_written(tmp_path: pathlib.Path) -> None:
     commands, snippet = readme_blocks()
-    http, agent_port, listen = _free(), _free_pair(), _free()
+    http, agent_port, listen, gateway = _free(), _free_pair(), _free(), _free()
     data_dir, agent_dir = tmp_path / "cp", tmp_path / "edge-lyon"
     serve_args = f"--port {http} --agent-port {agent_port} --agent-join-port {agent_port + 1} --data-dir {data_dir}"
     shell = _rewrite("\n".join(commands), {
@@ -106,6 +106,9 @@ def test_the_walkthrough_runs_as_written(tmp_path: pathlib.Path) -> None:
         ".edgeplane/ca/ca.crt": f"{data_dir}/ca/ca.crt",
         "/tmp/edge-lyon": str(agent_dir),
         "127.0.0.1:9001": f"127.0.0.1:{listen}",
+        "edgeplane gateway --control-plane http://127.0.0.1:8080 &":
+            f"edgeplane gateway --control-plane http://127.0.0.1:{http} --port {gateway} &",
+        "--server http://127.0.0.1:8088": f"--server http://127.0.0.1:{gateway}",
     }).splitlines()
     snippet = _rewrite(snippet, {"http://127.0.0.1:8080": f"http://127.0.0.1:{http}"})
     assert shell[-1].startswith("kill "), "the walkthrough ends by saying how to stop"
@@ -116,6 +119,9 @@ def test_the_walkthrough_runs_as_written(tmp_path: pathlib.Path) -> None:
             script += [line, "wait_until 120 'the control plane' .venv/bin/edgeplane status"]
         elif line.startswith("edgeplane-agent"):
             script += [line, 'wait_until 60 "edge-lyon to join" sh -c "edgeplane get site edge-lyon -o json | grep -q Healthy"']
+        elif line.startswith("edgeplane gateway"):  # ready once it holds the control plane's table
+            script += [line, f"wait_until 60 'the gateway' python -c \"import urllib.request; "
+                             f"urllib.request.urlopen('http://127.0.0.1:{gateway}/readyz')\""]
         elif line.startswith("edgeplane get placements"):
             script += ['wait_until 300 "every replica to be ready" placements_ready', f"{line} || fail {shlex.quote(line)}"]
         else:
