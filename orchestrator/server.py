@@ -20,7 +20,6 @@ import logging
 import os
 import secrets
 import pathlib
-import signal
 import socket
 import sqlite3
 import sys
@@ -51,6 +50,7 @@ from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
 from orchestrator.distill import store as capture_store
+from orchestrator import runloop
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, routing, upstream
@@ -592,24 +592,10 @@ async def serve_forever(config: ServerConfig) -> None:
         print(f"replica {cp.replica_id}: shared store; the holder of the leader lease ({config.leader_lease_s:g}s) reconciles", flush=True)
     if cp.admin_token:
         print(f"initial admin token written to {config.data_dir / 'admin.token'}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("stopping...", flush=True)
+    await runloop.until_signalled()
     await cp.stop()
 
 
-def _run(main: Any) -> Any:
-    """Run on uvloop when it is installed (it is, with uvicorn[standard] and Ray): the
-    gateway's per-request cost is mostly event-loop overhead."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 def _address(host: str, port: int) -> str:
@@ -625,7 +611,7 @@ def main(args: argparse.Namespace) -> int:
         print("error: --location must be lat,lon", file=sys.stderr, flush=True)
         return 2
     try:
-        _run(serve_forever(config))
+        runloop.run(serve_forever(config))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

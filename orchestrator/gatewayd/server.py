@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import sys
 import urllib.parse
@@ -39,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeplane_proto import oip
 from orchestrator.gatewayd import follow
+from orchestrator import runloop
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, options, proxy, routing, upstream, wire
@@ -247,12 +247,7 @@ def config_from_args(args: argparse.Namespace, token: str | None) -> GatewayConf
 async def serve_forever(config: GatewayConfig) -> None:
     gw = await StandaloneGateway(config).start()
     print(f"edgeplane gateway following {', '.join(config.control_planes)}: serving {gw.http_url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("stopping...", flush=True)
+    await runloop.until_signalled()
     await gw.stop()
 
 
@@ -261,7 +256,7 @@ def main(args: argparse.Namespace, token: str | None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = config_from_args(args, token)
-        _run(serve_forever(config))
+        runloop.run(serve_forever(config))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -271,10 +266,3 @@ def main(args: argparse.Namespace, token: str | None) -> int:
     return 0
 
 
-def _run(main: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
