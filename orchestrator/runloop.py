@@ -1,6 +1,7 @@
-"""How the long-running commands (``edgeplane serve``, ``edgeplane gateway``) run their event
-loop: on uvloop when it is installed (it is, with uvicorn[standard] and Ray; a gateway's
-per-request cost is mostly event-loop overhead), until SIGINT or SIGTERM."""
+"""How the long-running commands (``edgeplane serve``, ``edgeplane gateway``) run: their event
+loop on uvloop when it is installed (it is, with uvicorn[standard] and Ray; a gateway's
+per-request cost is mostly event-loop overhead), until SIGINT or SIGTERM, and their HTTP
+server."""
 
 from __future__ import annotations
 
@@ -8,6 +9,13 @@ import asyncio
 import signal
 from collections.abc import Coroutine
 from typing import Any
+
+import uvicorn
+
+#: Idle keep-alive connections are kept this long (uvicorn's default is 5 s). Clients keep
+#: theirs for 5 s too (httpx), so with equal limits a request sent on a pooled connection
+#: just as the server closed it failed with a reset; 75 s is what the agent's own server keeps.
+KEEP_ALIVE_S = 75
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
@@ -27,3 +35,11 @@ async def until_signalled() -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("stopping...", flush=True)
+
+
+def http_server(app: Any) -> uvicorn.Server:
+    """uvicorn for ``app``, driven by the caller's loop and signal handling."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                                           limit_concurrency=4096, timeout_keep_alive=KEEP_ALIVE_S))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    return server

@@ -28,7 +28,6 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -264,9 +263,7 @@ class ControlPlane:
                                 + captures_api.routes(self.authenticator, self.store, self.captures)
                                 + distill_api.routes(self.authenticator, self.store, self.captures, self.artifacts, self.changed,
                                                      self.cascades_view))
-        self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                                      timeout_graceful_shutdown=5, limit_concurrency=4096))
-        self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._uvicorn = runloop.http_server(app)
         self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="http"))
         for _ in range(500):
             if self._uvicorn.started:

@@ -28,7 +28,6 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -157,9 +156,7 @@ class StandaloneGateway:
         ])
         if cfg.gateway_auth == "token":
             app = _TokenPrefetch(app, self.checker)
-        self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                                      timeout_graceful_shutdown=5, limit_concurrency=4096))
-        self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._uvicorn = runloop.http_server(app)
         self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="gateway-http")
         self._following = asyncio.create_task(self.follower.run(), name="gateway-follow")
         for _ in range(500):
