@@ -6,8 +6,10 @@ server."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-from collections.abc import Coroutine
+import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import uvicorn
@@ -43,3 +45,19 @@ def http_server(app: Any) -> uvicorn.Server:
                                            limit_concurrency=4096, timeout_keep_alive=KEEP_ALIVE_S))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     return server
+
+
+def main(log_level: str, start: Callable[[], Coroutine[Any, Any, Any]], config_errors: tuple[type[Exception], ...]) -> int:
+    """Run ``start()`` until a signal; a configuration error is one line and exit code 2, an
+    address that cannot be bound (an ``OSError`` naming it) one line and exit code 1."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        run(start())
+    except config_errors as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -22,7 +22,6 @@ import secrets
 import pathlib
 import socket
 import sqlite3
-import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -600,19 +599,4 @@ def _address(host: str, port: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        config = config_from_args(args)
-    except ValueError:
-        print("error: --location must be lat,lon", file=sys.stderr, flush=True)
-        return 2
-    try:
-        runloop.run(serve_forever(config))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return runloop.main(args.log_level, lambda: serve_forever(config_from_args(args)), (ConfigError,))

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import sys
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,17 +248,6 @@ async def serve_forever(config: GatewayConfig) -> None:
 
 
 def main(args: argparse.Namespace, token: str | None) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        config = config_from_args(args, token)
-        runloop.run(serve_forever(config))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return runloop.main(args.log_level, lambda: serve_forever(config_from_args(args, token)), (ConfigError,))
 
 
