@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import secrets
@@ -51,7 +52,7 @@ from orchestrator.distill import store as capture_store
 from orchestrator import runloop
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import openai_routes, proxy, routing, upstream
+from orchestrator.gateway import openai_routes, proxy, routing, upstream, wire
 from orchestrator.gateway import options as gateway_options
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import datacentres as dc_mod
@@ -169,12 +170,9 @@ class ControlPlane:
         cfg = self.config
         if cfg.auth not in ("none", "token"):
             raise ConfigError("--auth must be 'none' or 'token'")
-        if cfg.gateway_auth not in admission.GATEWAY_AUTH:
-            raise ConfigError("--gateway-auth must be 'none' or 'token'")
-        if cfg.gateway_rate < 0 or cfg.gateway_burst < 0 or cfg.gateway_max_body <= 0:
-            raise ConfigError("--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0")
-        if not 0 <= cfg.cold_start_timeout_s <= 600:
-            raise ConfigError("--cold-start-timeout must be from 0 to 600 seconds")
+        wrong = gateway_options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s)
+        if wrong:
+            raise ConfigError(wrong)
         if not 1 <= cfg.leader_lease_s <= 300:
             raise ConfigError("--leader-lease must be from 1 to 300 seconds")
         if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
@@ -331,31 +329,26 @@ class ControlPlane:
         """Each second: on the leader, a change of the store's resourceVersion wakes the
         reconciler (an apply made through a follower reaches no reconciler); on a follower,
         the endpoint table and cascades the leader published replace this gateway's."""
-        seen, table_version, cascades_version = -1, 0, 0
+        seen, table_version = -1, 0
         while True:
             await asyncio.sleep(every_s)
             if self.elector is None:
                 continue
             try:
                 if self.elector.leading:
-                    table_version = cascades_version = 0  # read again whenever this replica follows again
+                    table_version = 0  # read again whenever this replica follows again
                     version = await asyncio.to_thread(self.store.resource_version)
                     if version != seen:
                         seen = version
                         self.reconciler.trigger(f"store changed (resourceVersion {version})")
                     continue
-                got = await asyncio.to_thread(self.store.published, endpoints_mod.PUBLISHED_KEY, table_version)
+                got = await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, table_version)
                 if got is not None and not self.elector.leading:
                     table_version, body = got
-                    table = endpoints_mod.Published.from_json(body)
-                    self.table.replace(table.endpoints, table.regions, dict(table.deployed), table.cold)
-                got = await asyncio.to_thread(self.store.published, endpoints_mod.CASCADES_KEY, cascades_version)
-                if got is not None and not self.elector.leading:
-                    cascades_version, body = got
-                    self.table.cascades = endpoints_mod.cascades_from_json(body)
+                    wire.apply_json(self.table, json.loads(body))  # all or nothing
             except store_mod.StoreError as exc:
                 log.warning("following the store: %s", exc)
-            except (ValueError, KeyError, TypeError) as exc:  # a table this version cannot read
+            except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
                 log.warning("the leader's endpoint table is unreadable here: %s", exc)
 
     def leadership_view(self) -> dict[str, Any]:

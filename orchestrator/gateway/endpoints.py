@@ -15,87 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from orchestrator.distill import capture as capture_mod
 from orchestrator.gateway import cascade_rules, routing
-
-
-PUBLISHED_KEY = "gateway-endpoints"  # where the leader keeps its table in the store
-CASCADES_KEY = "gateway-cascades"  # and its cascades
-
-
-def cascades_to_json(routes: Mapping[str, cascade_rules.CascadeRoute]) -> str:
-    """The leader's cascades, by model, as other replicas receive them through the store."""
-    def rule(r: cascade_rules.Rule | None) -> dict[str, Any] | None:
-        if r is None:
-            return None
-        if isinstance(r, cascade_rules.TensorRule):
-            return {"kind": "tensor", **dataclasses.asdict(r)}
-        return {"kind": "generative", **dataclasses.asdict(r), "refusal": list(r.refusal)}
-
-    return json.dumps({m: {
-        "model": c.model, "deployment": c.deployment,
-        "stages": [{"variant": s.variant, "tiers": sorted(s.tiers), "rule": rule(s.rule), "max_inflight": s.max_inflight, "watts": s.watts}
-                   for s in c.stages],
-        "energy": {site: [e.carbon_g_per_kwh, e.pue] for site, e in sorted(c.energy.items())},
-        "capture": {**dataclasses.asdict(c.capture), "zones": list(c.capture.zones)} if c.capture is not None else None,
-    } for m, c in sorted(routes.items())}, sort_keys=True, separators=(",", ":"))
-
-
-def cascades_from_json(text: str) -> dict[str, cascade_rules.CascadeRoute]:
-    def rule(doc: dict[str, Any] | None) -> cascade_rules.Rule | None:
-        if doc is None:
-            return None
-        fields = {k: v for k, v in doc.items() if k != "kind"}
-        if doc["kind"] == "tensor":
-            return cascade_rules.TensorRule(**fields)
-        return cascade_rules.GenerativeRule(**{**fields, "refusal": tuple(fields.get("refusal", ()))})
-
-    out = {}
-    for m, c in json.loads(text).items():
-        capture = c["capture"]
-        out[m] = cascade_rules.CascadeRoute(
-            c["model"], c["deployment"],
-            tuple(cascade_rules.StageRoute(s["variant"], frozenset(s["tiers"]), rule(s["rule"]), s["max_inflight"], s["watts"])
-                  for s in c["stages"]),
-            {site: cascade_rules.SiteEnergy(e[0], e[1]) for site, e in c["energy"].items()},
-            capture_mod.CapturePolicy(**{**capture, "zones": tuple(capture["zones"])}) if capture is not None else None,
-        )
-    return out
-
-
-@dataclass(frozen=True)
-class Published:
-    """What the leader's gateway routes from, as other control-plane replicas receive it
-    (through the store) to route from the same table."""
-
-    endpoints: tuple[routing.Endpoint, ...]
-    regions: routing.RegionIndex
-    deployed: Mapping[str, str]
-    cold: frozenset[str]
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "endpoints": [{**dataclasses.asdict(e), "allowed_countries": sorted(e.allowed_countries), "fallback": list(e.fallback)}
-                          for e in self.endpoints],
-            "regions": {r: list(c) for r, c in sorted(self.regions.centroids.items())},
-            "deployed": dict(sorted(self.deployed.items())), "cold": sorted(self.cold),
-        }, sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> Published:
-        doc: dict[str, Any] = json.loads(text)
-        return cls(
-            tuple(routing.Endpoint(**{**e, "allowed_countries": frozenset(e["allowed_countries"]), "fallback": tuple(e["fallback"])})
-                  for e in doc["endpoints"]),
-            routing.RegionIndex({r: (c[0], c[1]) for r, c in doc["regions"].items()}),
-            dict(doc["deployed"]), frozenset(doc["cold"]),
-        )
 
 
 @dataclass

@@ -36,3 +36,14 @@ def position(text: str | None) -> tuple[float, float] | None:
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):
         raise OptionError(f"--location {text!r} is outside -90..90, -180..180")
     return lat, lon
+
+
+def problem(gateway_auth: str, rate: float, burst: float, max_body: int, cold_start_timeout_s: float) -> str | None:
+    """What is wrong with these gateway settings, or None (each command raises its own error)."""
+    if gateway_auth not in admission.GATEWAY_AUTH:
+        return "--gateway-auth must be 'none' or 'token'"
+    if rate < 0 or burst < 0 or max_body <= 0:
+        return "--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0"
+    if not 0 <= cold_start_timeout_s <= 600:
+        return "--cold-start-timeout must be from 0 to 600 seconds"
+    return None

@@ -16,6 +16,7 @@ first and after every change, ``{"type": "heartbeat", ...}`` in between.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,11 @@ from orchestrator.distill import capture as capture_mod
 from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
+
+
+#: Where the leading control-plane replica keeps its table document in the store, for the
+#: other replicas' gateways to route from.
+PUBLISHED_KEY = "gateway-table"
 
 
 class WireError(ValueError):
@@ -138,6 +144,12 @@ def apply(table: endpoints_mod.EndpointTable, c: TableContents) -> None:
 
 def table_to_json(table: endpoints_mod.EndpointTable) -> dict[str, Any]:
     return contents_to_json(contents_of(table))
+
+
+def table_to_text(table: endpoints_mod.EndpointTable) -> str:
+    """The table document as canonical text: equal tables give equal text (the store keeps a
+    new version only when the text changed)."""
+    return json.dumps(table_to_json(table), sort_keys=True, separators=(",", ":"))
 
 
 def apply_json(table: endpoints_mod.EndpointTable, doc: Mapping[str, Any]) -> None:

@@ -116,12 +116,9 @@ class StandaloneGateway:
         if not cfg.control_planes:
             raise ConfigError("give at least one --control-plane URL")
         urls = [parse_control_plane(u) for u in cfg.control_planes]
-        if cfg.gateway_auth not in admission.GATEWAY_AUTH:
-            raise ConfigError("--gateway-auth must be 'none' or 'token'")
-        if cfg.gateway_rate < 0 or cfg.gateway_burst < 0 or cfg.gateway_max_body <= 0:
-            raise ConfigError("--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0")
-        if not 0 <= cfg.cold_start_timeout_s <= 600:
-            raise ConfigError("--cold-start-timeout must be from 0 to 600 seconds")
+        wrong = options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s)
+        if wrong:
+            raise ConfigError(wrong)
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the control plane's: no Nagle delay on answers

@@ -19,6 +19,7 @@ from orchestrator.adapters import serve_config
 from orchestrator.agents import hub as hub_mod
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import wire
 from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import autoscaler as autoscaler_mod
@@ -233,13 +234,16 @@ class Reconciler:
                 self.store.set_statuses([(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold)
-                if self.lease is not None:  # other replicas' gateways route from the leader's table
-                    published = endpoints_mod.Published(endpoints, regions, deployed, frozenset(cold))
-                    self.store.publish(endpoints_mod.PUBLISHED_KEY, published.to_json(), lease=self.lease)
+                self._publish_table()
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))
-                if self.lease is not None:
-                    self.store.publish(endpoints_mod.CASCADES_KEY, endpoints_mod.cascades_to_json(routes), lease=self.lease)
+                self._publish_table()
+
+    def _publish_table(self) -> None:
+        """Several replicas: the others' gateways route from the leader's table, the same
+        document the watch sends to standalone gateways (a new version only when it changed)."""
+        if self.lease is not None:
+            self.store.publish(wire.PUBLISHED_KEY, wire.table_to_text(self.table), lease=self.lease)
 
     async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...]) -> None:
         backoff = self._dc_backoff.get(site)

@@ -1,35 +1,48 @@
-"""The leader's endpoint table and cascades survive their trip through the store to other replicas."""
+"""The leader's endpoint table and cascades survive their trip through the store to other
+replicas: the leader publishes ``wire.table_to_text`` and a follower applies it."""
 
 from __future__ import annotations
 
+import json
+
 from orchestrator.distill import capture
-from orchestrator.gateway import cascade_rules, endpoints, routing
+from orchestrator.gateway import cascade_rules, endpoints, routing, wire
+
+ENDPOINTS = (
+    routing.Endpoint("m", "d", "edge-lyon", "edge", "FR", "eu-west", 45.76, 4.83, "http://10.0.0.1:9000",
+                     allowed_countries=frozenset({"FR", "DE"}), fallback=("edge", "datacenter")),
+    routing.Endpoint("g", "chat", "dc-paris", "datacenter", "FR", "eu-west", 48.85, 2.35, "http://10.0.0.2:8000/x",
+                     healthy=False, api="openai", served_model="g-7b"),
+)
+ROUTES = {
+    "intent": cascade_rules.CascadeRoute("intent", "intent-eu", (
+        cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.TensorRule("probs", True, "margin", 0.2), 8, 15.0),
+        cascade_rules.StageRoute("full", frozenset({"datacenter", "edge"}), None),
+    ), {"edge-lyon": cascade_rules.SiteEnergy(56.0), "dc-paris": cascade_rules.SiteEnergy(52.0, 1.3)},
+        capture.CapturePolicy(0.5, 1000, 86400.0, ("FR", "EU"))),
+    "chat": cascade_rules.CascadeRoute("chat", "chat", (
+        cascade_rules.StageRoute("tiny", frozenset({"edge"}), cascade_rules.GenerativeRule(-1.5, True, ("I cannot",))),
+        cascade_rules.StageRoute("big", frozenset({"datacenter"}), None),
+    )),
+}
+
+
+def leader_table() -> endpoints.EndpointTable:
+    table = endpoints.EndpointTable()
+    table.replace(ENDPOINTS, routing.RegionIndex({"eu-west": (47.0, 3.5)}), {"cold-model": "scaled to zero"}, frozenset({"cold-model"}))
+    table.set_cascades(dict(ROUTES))
+    return table
 
 
 def test_the_published_table_reads_back_equal() -> None:
-    table = endpoints.Published(
-        (routing.Endpoint("m", "d", "edge-lyon", "edge", "FR", "eu-west", 45.76, 4.83, "http://10.0.0.1:9000",
-                          allowed_countries=frozenset({"FR", "DE"}), fallback=("edge", "datacenter")),
-         routing.Endpoint("g", "chat", "dc-paris", "datacenter", "FR", "eu-west", 48.85, 2.35, "http://10.0.0.2:8000/x",
-                          healthy=False, api="openai", served_model="g-7b")),
-        routing.RegionIndex({"eu-west": (47.0, 3.5)}),
-        {"cold-model": "scaled to zero"},
-        frozenset({"cold-model"}),
-    )
-    assert endpoints.Published.from_json(table.to_json()) == table
-    assert endpoints.Published.from_json(table.to_json()).to_json() == table.to_json()
+    text = wire.table_to_text(leader_table())
+    follower = endpoints.EndpointTable()
+    wire.apply_json(follower, json.loads(text))
+    assert wire.contents_of(follower) == wire.contents_of(leader_table())
+    assert wire.table_to_text(follower) == text
 
 
 def test_the_published_cascades_read_back_equal() -> None:
-    routes = {
-        "intent": cascade_rules.CascadeRoute("intent", "intent-eu", (
-            cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.TensorRule("probs", True, "margin", 0.2), 8, 15.0),
-            cascade_rules.StageRoute("full", frozenset({"datacenter", "edge"}), None),
-        ), {"edge-lyon": cascade_rules.SiteEnergy(56.0), "dc-paris": cascade_rules.SiteEnergy(52.0, 1.3)},
-            capture.CapturePolicy(0.5, 1000, 86400.0, ("FR", "EU"))),
-        "chat": cascade_rules.CascadeRoute("chat", "chat", (
-            cascade_rules.StageRoute("tiny", frozenset({"edge"}), cascade_rules.GenerativeRule(-1.5, True, ("I cannot",))),
-            cascade_rules.StageRoute("big", frozenset({"datacenter"}), None),
-        )),
-    }
-    assert endpoints.cascades_from_json(endpoints.cascades_to_json(routes)) == routes
+    follower = endpoints.EndpointTable()
+    wire.apply_json(follower, json.loads(wire.table_to_text(leader_table())))
+    assert dict(follower.cascades) == ROUTES
