@@ -301,11 +301,17 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         inputs.append(Tensor(spec["name"], arr))
     outputs: list[str] = []
     binary_outputs = False
-    for j, out in enumerate(doc.get("outputs") or []):
+    requested = doc.get("outputs") or []
+    if not isinstance(requested, list):
+        raise ProtocolError("\"outputs\" must be a list")
+    for j, out in enumerate(requested):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise ProtocolError(f"outputs[{j}] must be an object with a \"name\"")
+        out_params = out.get("parameters") or {}
+        if not isinstance(out_params, dict):
+            raise ProtocolError(f"outputs[{j}].parameters must be an object")
         outputs.append(out["name"])
-        binary_outputs |= bool((out.get("parameters") or {}).get("binary_data"))
+        binary_outputs |= bool(out_params.get("binary_data"))
     req_id = doc.get("id")
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):

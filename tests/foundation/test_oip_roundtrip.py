@@ -90,3 +90,17 @@ def test_json_data_that_does_not_fit_is_refused_clearly(data: list, datatype: st
     body = oip.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}]})
     with pytest.raises(oip.ProtocolError, match=message):
         oip.decode_request(body)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"outputs": -9.5e-138}, r'"outputs" must be a list'),  # found by the gateway fuzz test: was a 500
+        ({"outputs": [{"name": "y", "parameters": [False]}]}, r"outputs\[0\]\.parameters must be an object"),
+        ({"parameters": [False, 1.0]}, "parameters must be an object"),
+    ],
+)
+def test_request_level_fields_of_the_wrong_type_are_refused_clearly(extra: dict, message: str) -> None:
+    body = oip.dumps({"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [True]}], **extra})
+    with pytest.raises(oip.ProtocolError, match=message):
+        oip.decode_request(body)
