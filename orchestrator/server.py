@@ -50,6 +50,7 @@ from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
 from orchestrator.distill import store as capture_store
 from orchestrator import runloop
+from edgeplane_proto.replicas import NOT_LEADING
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, routing, upstream, wire
@@ -65,7 +66,6 @@ from orchestrator.store import sqlite as store_mod
 log = logging.getLogger("edgeplane")
 
 
-NOT_LEADING = "this control-plane replica does not lead; join the leader (agents try their next --control-plane address)"
 
 
 class ConfigError(Exception):
@@ -102,7 +102,7 @@ class ServerConfig:
     gateway_max_body: int = proxy.MAX_BODY
     cold_start_timeout_s: float = proxy.COLD_START_S
     store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
-    leader_lease_s: float = 6.0  # shared database: the leader lease's time to live (renewed every third of it)
+    leader_lease_s: float = 3.0  # shared database: the leader lease's time to live (renewed every third of it)
 
 
 class StoreJoinAuthenticator:
@@ -308,9 +308,16 @@ class ControlPlane:
 
     # -- leadership (shared database) -----------------------------------------------------
 
+    @property
+    def takeover_s(self) -> float:
+        """How long a new leader waits for the serving edge sites to join it before its first
+        pass: the time in which an agent is declared lost, plus two leases for the agents'
+        reconnects (they learn of the election by being refused, see the agent's uplink)."""
+        return self.config.missed_heartbeats * self.config.heartbeat_interval_s + 2 * self.config.leader_lease_s
+
     def _gain_lead(self, lease: store_mod.Lease) -> None:
         self.hub.refuse(None)
-        self.reconciler.lead(lease)
+        self.reconciler.lead(lease, takeover_s=self.takeover_s)
         self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
         with contextlib.suppress(store_mod.StoreError):
             self.store.record(store_mod.Event(self.replica_id, "leader-elected", "ControlPlane", "leader",
@@ -506,7 +513,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
     p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
                    help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas); default: SQLite in --data-dir")
-    p.add_argument("--leader-lease", type=float, default=6.0, metavar="SECONDS",
+    p.add_argument("--leader-lease", type=float, default=3.0, metavar="SECONDS",
                    help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
                         "a leader that died is replaced within 4/3 of it")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")

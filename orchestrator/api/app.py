@@ -62,6 +62,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 caller = services.authenticator.caller(request.headers.get("authorization"))
             except auth.Unauthorized as exc:
                 return error(401, str(exc))
+            except store_mod.StoreError as exc:  # the token is looked up in a store that does not answer
+                return error(503, str(exc))
             if write and not caller.may_write():
                 return error(403, f"{caller.identity} has role {caller.role!r}; this needs 'admin'")
             try:
@@ -76,6 +78,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 return error(404, str(exc))
             except (store_mod.Conflict, catalog.InUse) as exc:
                 return error(409, str(exc))
+            except store_mod.StoreError as exc:  # the database unreachable or failing: retry later
+                return error(503, str(exc))
 
         return endpoint
 
