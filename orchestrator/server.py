@@ -68,6 +68,15 @@ log = logging.getLogger("edgeplane")
 
 
 
+WAKE_ACTION = "wake-requested"  # the event a follower logs for a request that found a model scaled to zero
+WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
+
+
+def _log_failed_wake(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not pass a wake on to the leader: %s", task.exception())
+
+
 class ConfigError(Exception):
     """The server was asked to start in an unsafe or impossible configuration."""
 
@@ -159,6 +168,8 @@ class ControlPlane:
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # end on their own once told to stop
     _background: list[asyncio.Task[Any]] = field(default_factory=list)  # run until cancelled
     _started: bool = False
+    _wakes_left: dict[str, float] = field(default_factory=dict)  # a follower: when it last logged a wake, by model
+    _wake_writes: set[asyncio.Task[None]] = field(default_factory=set)
     replica_id: str = ""
     elector: leadership.Elector | None = None  # shared database only; None: this process always leads
     _reconciling: asyncio.Task[Any] | None = None
@@ -270,6 +281,7 @@ class ControlPlane:
         if cfg.store and is_postgres_url(cfg.store):  # replicas may share the database: lead by the lease
             self.elector = leadership.Elector(self.store, self.replica_id, cfg.leader_lease_s, self._gain_lead, self._lose_lead)
             self.hub.refuse(NOT_LEADING)
+            self.table.on_wake = self._on_wake
             self._election = asyncio.create_task(self.elector.run(), name="leader-election")
             self._background.append(self._election)
             self._background.append(asyncio.create_task(self._follow_store(), name="store-changes"))
@@ -315,7 +327,26 @@ class ControlPlane:
         reconnects (they learn of the election by being refused, see the agent's uplink)."""
         return self.config.missed_heartbeats * self.config.heartbeat_interval_s + 2 * self.config.leader_lease_s
 
+    def _on_wake(self, model: str) -> None:
+        """A request found ``model`` scaled to zero. The leader's reconciler starts a replica;
+        a follower's is not running, so it leaves the wake in the event log, where the leader
+        finds it within a second (:meth:`_follow_store`); at most one a second per model."""
+        if self.elector is None or self.elector.leading:
+            self.reconciler.trigger(f"request for {model}, scaled to zero")
+            return
+        now = time.monotonic()
+        if now - self._wakes_left.get(model, -WAKE_EVERY_S) < WAKE_EVERY_S:
+            return
+        self._wakes_left[model] = now
+        event = store_mod.Event(self.replica_id, WAKE_ACTION, "Model", model,
+                                f"a request through replica {self.replica_id} found {model} scaled to zero")
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.store.record, event))
+        self._wake_writes.add(task)
+        task.add_done_callback(self._wake_writes.discard)
+        task.add_done_callback(_log_failed_wake)
+
     def _gain_lead(self, lease: store_mod.Lease) -> None:
+        self.table.wakes.clear()  # counted while following; the new autoscaler starts from none
         self.hub.refuse(None)
         self.reconciler.lead(lease, takeover_s=self.takeover_s)
         self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
@@ -337,6 +368,7 @@ class ControlPlane:
         reconciler (an apply made through a follower reaches no reconciler); on a follower,
         the endpoint table and cascades the leader published replace this gateway's."""
         seen, table_version = -1, 0
+        wakes_seen: int | None = None  # the last event read for followers' wakes (leading only)
         while True:
             await asyncio.sleep(every_s)
             if self.elector is None:
@@ -344,11 +376,16 @@ class ControlPlane:
             try:
                 if self.elector.leading:
                     table_version = 0  # read again whenever this replica follows again
+                    if wakes_seen is None:  # wakes left before this replica led were for the old leader
+                        elected = await asyncio.to_thread(self.store.recent_events, "ControlPlane", "leader", 1)
+                        wakes_seen = elected[-1].id if elected else 0
+                    wakes_seen = await self._read_wakes(wakes_seen)
                     version = await asyncio.to_thread(self.store.resource_version)
                     if version != seen:
                         seen = version
                         self.reconciler.trigger(f"store changed (resourceVersion {version})")
                     continue
+                wakes_seen = None
                 got = await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, table_version)
                 if got is not None and not self.elector.leading:
                     table_version, body = got
@@ -357,6 +394,13 @@ class ControlPlane:
                 log.warning("following the store: %s", exc)
             except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
                 log.warning("the leader's endpoint table is unreadable here: %s", exc)
+
+    async def _read_wakes(self, since: int) -> int:
+        """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""
+        events = await asyncio.to_thread(self.store.events, since, 1000, "Model")
+        for model in sorted({e.name for e in events if e.action == WAKE_ACTION}):
+            self.table.wake(model)
+        return events[-1].id if events else since
 
     def leadership_view(self) -> dict[str, Any]:
         """This replica and who leads: ``GET /v1/controlplane``, ``edgeplane status``."""

@@ -198,3 +198,56 @@ def test_a_paused_leader_is_replaced_and_steps_down_when_it_resumes(
     finally:
         for r in replicas:
             r.stop()
+
+
+def test_a_request_through_a_follower_wakes_a_model_scaled_to_zero(tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    """A follower runs no reconciler: it leaves the wake in the store, the leader starts a
+    replica, and the follower answers the request that asked once the table has it."""
+    import numpy as np
+
+    from edgeplane_proto import oip
+    from orchestrator.testing import manifests, onnx_models
+
+    root = tmp_path / "artifacts"
+    built = onnx_models.build_mlp(root / "lazy.onnx", in_dim=8, hidden=16, out_dim=4, seed=4)
+    fleet = manifests.bundle(
+        manifests.edge_site("edge-paris", country="FR", lat=48.8566, lon=2.3522),
+        manifests.onnx_model("lazy", "lazy.onnx", built.sha256),
+        manifests.doc("ModelDeployment", "lazy-fr", {"model": "lazy", "replicas": {"min": 0, "max": 1},
+                                                     "placement": {"residency": ["FR"], "tiers": ["edge"]},
+                                                     "autoscaling": {"targetRps": 10, "scaleDownDelaySeconds": 1}}))
+    url = postgres.create_database()
+    extra = ("--store", url, "--leader-lease", str(LEASE_S), "--insecure-agents", "--bootstrap-token", harness.BOOTSTRAP_TOKEN,
+             "--heartbeat-interval", "0.5")
+    replicas = [support.ServeProcess(tmp_path / name, *extra, artifact_root=root) for name in ("one", "two")]
+    agent: harness.AgentProcess | None = None
+    try:
+        for r in replicas:
+            r.wait_ready()
+        elected = wait_for("a leader elected", lambda: leaders(replicas), within_s=30)
+        follower = next(r for r in replicas if view(r)["replica"] != elected[0])
+        applied = support.cli("apply", "-f", "-", server_url=follower.url, stdin=fleet)
+        assert applied.returncode == 0, applied.stderr
+        addresses = ",".join(f"127.0.0.1:{r.agent_port}" for r in replicas)
+        agent = harness.spawn_agent(harness.agent_command(addresses, "edge-paris", tmp_path / "agent", country="FR", lat=48.8566,
+                                                          lon=2.3522), "edge-paris", tmp_path / "agent")
+
+        def phase() -> str:
+            return str(httpx.get(f"{follower.url}/v1/modeldeployments/lazy-fr", timeout=10).json().get("status", {}).get("phase", ""))
+
+        wait_for("the deployment scaled to zero", lambda: phase() == "ScaledToZero", within_s=60, every_s=0.2)
+        body, _ = oip.encode_request({"input": np.full((2, 8), 0.25, dtype=np.float32)})
+        resp = httpx.post(f"{follower.url}/v2/models/lazy/infer", content=body, headers={"content-type": "application/json"}, timeout=90)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-edgeplane-site"] == "edge-paris"
+        store = open_store(url)
+        try:
+            woken = [e for e in store.events(limit=10_000, kind="Model") if e.action == "wake-requested"]
+        finally:
+            store.close()
+        assert woken and woken[0].name == "lazy" and woken[0].actor == view(follower)["replica"], woken
+    finally:
+        if agent is not None:
+            agent.stop()
+        for r in replicas:
+            r.stop()
