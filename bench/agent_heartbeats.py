@@ -2,8 +2,9 @@
 
     .venv/bin/python -m bench.agent_heartbeats [--quick] [--agents N ...] [--rate R]
 
-The hub and its gRPC server run in this process; the simulated agents run in a second
-process (so the load generator does not share the hub's interpreter). Each agent joins
+The hub and its gRPC server run in this process; the simulated agents run in other
+processes (so the load generator does not share the hub's interpreter), one per
+``--per-generator`` agents (25,000). Each agent joins
 with the bootstrap token, then keeps one Heartbeats client stream open.
 
 Phases, all in the same run:
@@ -55,8 +56,8 @@ def _rss_mib() -> float:
 # -- load generator (second process) -------------------------------------------------
 
 
-async def _generate(target: str, agents: int, interval: float, stop, join: bool) -> int:  # noqa: ANN001
-    """Until ``stop`` (a multiprocessing Event) is set, or MAX_RUN_S passes."""
+async def _generate(target: str, agents: int, interval: float, stop, join: bool, first_site: int = 0) -> int:  # noqa: ANN001
+    """Agents ``site-{first_site}`` … on, until ``stop`` (a multiprocessing Event) is set, or MAX_RUN_S passes."""
     # A local subchannel pool per channel: without it every channel with the same target
     # shares one TCP connection, and the whole fleet multiplexes on a single HTTP/2 link.
     channels = [
@@ -67,14 +68,14 @@ async def _generate(target: str, agents: int, interval: float, stop, join: bool)
     idents: list[tuple[tuple[str, str], ...]] = [()] * agents
 
     async def join_one(i: int) -> None:
-        site = f"site-{i}"
+        site = f"site-{first_site + i}"
         if join:
             stub = stubs[i % len(stubs)]
             grant = await stub.Join(
                 pb.JoinRequest(
                     site=site,
                     bootstrap_token=TOKEN,
-                    endpoint_url=f"http://10.0.{i // 250}.{i % 250}:8080",
+                    endpoint_url=f"http://10.{(first_site + i) // 62500}.{(first_site + i) // 250 % 250}.{(first_site + i) % 250}:8080",
                     heartbeat_interval_ms=max(50, round((interval or 1.0) * 1000)),
                     capacity=pb.Capacity(cpu_cores=4, memory_total_bytes=8 << 30,
                                          execution_providers=["CPUExecutionProvider"]),
@@ -147,8 +148,8 @@ async def _generate(target: str, agents: int, interval: float, stop, join: bool)
     return sent
 
 
-def _generator_main(target: str, agents: int, interval: float, stop, join: bool, out) -> None:  # noqa: ANN001
-    out.send(asyncio.run(_generate(target, agents, interval, stop, join)))
+def _generator_main(target: str, agents: int, interval: float, stop, join: bool, out, first_site: int = 0) -> None:  # noqa: ANN001
+    out.send(asyncio.run(_generate(target, agents, interval, stop, join, first_site)))
 
 
 # -- control plane side (this process) -----------------------------------------------
@@ -179,7 +180,7 @@ def _report(conn, timeout: float) -> object:  # noqa: ANN001
     return conn.recv() if conn.poll(timeout) else None
 
 
-async def _run_phase(name: str, agents: int, interval: float, duration: float, baseline: bool) -> dict:
+async def _run_phase(name: str, agents: int, interval: float, duration: float, baseline: bool, generators: int = 1) -> dict:
     ctx = multiprocessing.get_context("spawn")
     rss_before = _rss_mib()
     if baseline:
@@ -195,13 +196,20 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         running = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
         port = running.port
         stop = running.stop
-    parent, child = ctx.Pipe()
     generator_stop = ctx.Event()
-    proc = ctx.Process(
-        target=_generator_main,
-        args=(f"127.0.0.1:{port}", agents, interval, generator_stop, not baseline, child),
-    )
-    proc.start()
+    # the fleet split across ``generators`` processes (one Python process tops out at tens of
+    # thousands of streams); each keeps its share's interval, so the fleet offers the same rate
+    shares = [agents // generators + (k < agents % generators) for k in range(generators)]
+    pipes, procs = [], []
+    for k, share in enumerate(shares):
+        parent, child = ctx.Pipe()
+        procs.append(ctx.Process(target=_generator_main, args=(f"127.0.0.1:{port}", share, interval, generator_stop, not baseline,
+                                                                child, sum(shares[:k]))))
+        pipes.append(parent)
+        procs[-1].start()
+
+    def alive() -> bool:
+        return all(p.is_alive() for p in procs)
 
     def received() -> int:
         return counter.count if agent_hub is None else agent_hub.heartbeats_total
@@ -217,11 +225,11 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
     # heartbeat (opening thousands of streams at once is a burst a real fleet spreads over
     # its restarts; its length is reported as ramp_s), and a second later.
     try:
-        while received() == 0 and proc.is_alive():
+        while received() == 0 and alive():
             await asyncio.sleep(0.05)
         first = time.perf_counter()
         ramp_deadline = first + _ramp_limit(agents)
-        while streams_open() < agents and proc.is_alive() and time.perf_counter() < ramp_deadline:
+        while streams_open() < agents and alive() and time.perf_counter() < ramp_deadline:
             await asyncio.sleep(0.25)
         ramp_s = time.perf_counter() - first
         if streams_open() < agents:
@@ -235,15 +243,18 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         rss_steady = _rss_mib()
     finally:  # the generator and the server go whether the phase finished or not
         generator_stop.set()
-        sent = await asyncio.to_thread(_report, parent, 30.0)
-        await asyncio.to_thread(proc.join, 30)
-        if proc.is_alive():
-            proc.kill()
+        reports = [await asyncio.to_thread(_report, parent, 30.0) for parent in pipes]
+        sent = sum(r for r in reports if isinstance(r, int))
+        for proc in procs:
+            await asyncio.to_thread(proc.join, 30)
+            if proc.is_alive():
+                proc.kill()
         await stop(None)
     rate = (n1 - n0) / (t1 - t0)
     row = {
         "phase": name,
         "agents": agents,
+        "generators": generators,
         "offered_per_s": round(agents / interval) if interval else None,
         "heartbeats_per_s": round(rate),
         "hub_cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 2),
@@ -261,10 +272,11 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
     return row
 
 
-def run(fleets: list[int], rate: float, duration: float, saturated_phases: bool = True) -> list[dict]:
+def run(fleets: list[int], rate: float, duration: float, saturated_phases: bool = True, per_generator: int = 25_000) -> list[dict]:
     """Each phase gets a fresh event loop, so one phase's teardown cannot slow the next."""
     rows = [
-        asyncio.run(_run_phase("paced (hub)", agents, agents / rate, duration, baseline=False))
+        asyncio.run(_run_phase("paced (hub)", agents, agents / rate, duration, baseline=False,
+                               generators=max(1, -(-agents // per_generator))))
         for agents in fleets
     ]
     if not saturated_phases:
@@ -288,12 +300,14 @@ def main() -> None:
     parser.add_argument("--agents", type=int, action="append", default=None,
                         help="simulated fleet size of a paced phase (repeatable) [1000, 5000, 10000]")
     parser.add_argument("--rate", type=float, default=10_000.0, help="offered heartbeats/s when paced")
+    parser.add_argument("--per-generator", type=int, default=25_000,
+                        help="simulated agents per generator process (a larger fleet gets more processes)")
     args = parser.parse_args()
     fleets = args.agents or [1000, 5000, 10000]
     duration = 5.0 if args.quick else 15.0
 
-    rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated)
-    table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, generator in a 2nd process)")
+    rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated, per_generator=args.per_generator)
+    table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, generators in other processes)")
     for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "lag p50 ms", "lag p99 ms", "ramp s",
                 "hub RSS MiB", "MiB / 10k agents"]:
         table.add_column(col, justify="right" if col != "phase" else "left")
