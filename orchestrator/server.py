@@ -347,6 +347,10 @@ class ControlPlane:
 
     def _gain_lead(self, lease: store_mod.Lease) -> None:
         self.table.wakes.clear()  # counted while following; the new autoscaler starts from none
+        if not self.table.all_endpoints():  # just started (a restart): inherit what the last leader published
+            with contextlib.suppress(store_mod.StoreError, ValueError):
+                if (got := self.store.published(wire.PUBLISHED_KEY, 0)) is not None:
+                    wire.apply_json(self.table, json.loads(got[1]))
         self.hub.refuse(None)
         self.reconciler.lead(lease, takeover_s=self.takeover_s)
         self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
