@@ -165,7 +165,10 @@ def test_bootstrap_token_lets_an_agent_join_and_plan_shows_per_site_changes(
             time.sleep(0.1)
         log = json.loads(ok("events", "-o", "json", "--limit", "500", server=serve))["items"]
         joins = [e for e in log if e["action"] == "agent-joined" and e["name"] == "edge-lyon"]
-        assert len(joins) == 1 and joins[0]["reason"] == "agent joined with a bootstrap token", joins
+        # the token was used once; on a loaded machine a late heartbeat may make the agent
+        # join again afterwards, with the credential it was given
+        with_token = [e for e in joins if e["reason"] == "agent joined with a bootstrap token"]
+        assert len(with_token) == 1 and joins[0] == with_token[0], joins
         path = tmp_path / "lyon.yaml"
         path.write_text(doc("ModelDeployment", "lyon-only", {
             "model": "doc-fields", "variant": "distilled", "replicas": {"min": 1, "max": 1},
