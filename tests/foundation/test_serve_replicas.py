@@ -82,17 +82,36 @@ def agent_joins(url: str, after_event: int) -> list[Any]:
         store.close()
 
 
+def start_replicas(tmp_path: pathlib.Path, fleet: pathlib.Path, urls: list[str], *extra: str) -> list[support.ServeProcess]:
+    """One replica per store URL (the same database, reached directly or through a proxy)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    replicas = [support.ServeProcess(tmp_path / f"cp-{i}", "--store", url, "--leader-lease", str(LEASE_S), "--insecure-agents",
+                                     "--bootstrap-token", harness.BOOTSTRAP_TOKEN, "--heartbeat-interval", "0.5", *extra,
+                                     artifact_root=fleet)
+                for i, url in enumerate(urls)]
+    try:
+        for r in replicas:
+            r.wait_ready()
+    except BaseException:
+        for r in replicas:
+            r.stop()
+        raise
+    return replicas
+
+
+def the_leader(replicas: list[support.ServeProcess]) -> support.ServeProcess:
+    elected = wait_for("a leader elected", lambda: leaders(replicas), within_s=30)
+    assert len(elected) == 1, elected
+    return next(r for r in replicas if view(r)["replica"] == elected[0])
+
+
 def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing_token(
     tmp_path: pathlib.Path, offline_fleet: pathlib.Path, postgres: PostgresServer
 ) -> None:
     url = postgres.create_database()
-    extra = ("--store", url, "--leader-lease", str(LEASE_S), "--insecure-agents", "--bootstrap-token", harness.BOOTSTRAP_TOKEN,
-             "--heartbeat-interval", "0.5")
-    replicas = [support.ServeProcess(tmp_path / name, *extra, artifact_root=offline_fleet) for name in ("one", "two")]
+    replicas = start_replicas(tmp_path, offline_fleet, [url, url])
     agent: harness.AgentProcess | None = None
     try:
-        for r in replicas:
-            r.wait_ready()
         elected = wait_for("a leader elected", lambda: leaders(replicas), within_s=30)
         assert len(elected) == 1, elected  # exactly one leads
         leader = next(r for r in replicas if view(r)["replica"] == elected[0])
@@ -217,13 +236,9 @@ def test_a_request_through_a_follower_wakes_a_model_scaled_to_zero(tmp_path: pat
                                                      "placement": {"residency": ["FR"], "tiers": ["edge"]},
                                                      "autoscaling": {"targetRps": 10, "scaleDownDelaySeconds": 1}}))
     url = postgres.create_database()
-    extra = ("--store", url, "--leader-lease", str(LEASE_S), "--insecure-agents", "--bootstrap-token", harness.BOOTSTRAP_TOKEN,
-             "--heartbeat-interval", "0.5")
-    replicas = [support.ServeProcess(tmp_path / name, *extra, artifact_root=root) for name in ("one", "two")]
+    replicas = start_replicas(tmp_path / "cp", root, [url, url])
     agent: harness.AgentProcess | None = None
     try:
-        for r in replicas:
-            r.wait_ready()
         elected = wait_for("a leader elected", lambda: leaders(replicas), within_s=30)
         follower = next(r for r in replicas if view(r)["replica"] != elected[0])
         applied = support.cli("apply", "-f", "-", server_url=follower.url, stdin=fleet)
@@ -236,6 +251,8 @@ def test_a_request_through_a_follower_wakes_a_model_scaled_to_zero(tmp_path: pat
             return str(httpx.get(f"{follower.url}/v1/modeldeployments/lazy-fr", timeout=10).json().get("status", {}).get("phase", ""))
 
         wait_for("the deployment scaled to zero", lambda: phase() == "ScaledToZero", within_s=60, every_s=0.2)
+        wait_for("the follower's table has it cold", lambda: "lazy" in httpx.get(f"{follower.url}/v1/endpoints", timeout=10).json()["table"]["cold"],
+                 within_s=30, every_s=0.2)
         body, _ = oip.encode_request({"input": np.full((2, 8), 0.25, dtype=np.float32)})
         resp = httpx.post(f"{follower.url}/v2/models/lazy/infer", content=body, headers={"content-type": "application/json"}, timeout=90)
         assert resp.status_code == 200, resp.text

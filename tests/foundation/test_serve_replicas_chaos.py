@@ -35,7 +35,7 @@ from orchestrator.testing import postgres as postgres_server
 from orchestrator.testing.postgres import PostgresServer
 
 from . import support
-from .test_serve_replicas import LEASE_S, MODEL, REQUEST, SITE, agent_joins, endpoints, leaders, view, wait_for
+from .test_serve_replicas import LEASE_S, MODEL, REQUEST, SITE, agent_joins, endpoints, leaders, start_replicas, the_leader, view, wait_for
 
 _ROWS = json.loads(REQUEST.read_text())["input"]
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [len(_ROWS), len(_ROWS[0])], "datatype": "FP32",
@@ -119,24 +119,6 @@ def elections(url: str) -> list[Any]:
         return [e for e in store.events(limit=100_000) if e.action == "leader-elected"]
     finally:
         store.close()
-
-
-def start_replicas(tmp_path: pathlib.Path, fleet: pathlib.Path, urls: list[str], *extra: str) -> list[support.ServeProcess]:
-    """One replica per store URL (the same database, reached directly or through a proxy)."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    replicas = [support.ServeProcess(tmp_path / f"cp-{i}", "--store", url, "--leader-lease", str(LEASE_S), "--insecure-agents",
-                                     "--bootstrap-token", harness.BOOTSTRAP_TOKEN, "--heartbeat-interval", "0.5", *extra,
-                                     artifact_root=fleet)
-                for i, url in enumerate(urls)]
-    for r in replicas:
-        r.wait_ready()
-    return replicas
-
-
-def the_leader(replicas: list[support.ServeProcess]) -> support.ServeProcess:
-    elected = wait_for("a leader elected", lambda: leaders(replicas), within_s=30)
-    assert len(elected) == 1, elected
-    return next(r for r in replicas if view(r)["replica"] == elected[0])
 
 
 def test_leader_killed_under_apply_and_inference_load_loses_nothing_and_fails_no_request(
