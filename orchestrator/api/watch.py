@@ -2,7 +2,9 @@
 
 - ``GET /v1/endpoints``: the endpoint table (:mod:`orchestrator.gateway.wire`) once;
   with ``?watch=1`` a stream of newline-delimited JSON events that stays open: a
-  ``snapshot`` at once and after every change of the table, a ``heartbeat`` every
+  ``snapshot`` at once, a ``delta`` per version after every change of the table (what
+  changed only; a watcher that fell more than :data:`DELTAS_KEPT` versions behind gets a
+  ``snapshot`` again), a ``heartbeat`` every
   :data:`HEARTBEAT_S` seconds in between, so a gateway notices a dead connection by the
   silence. Each event carries the control plane's ``epoch`` (new at every start) and the
   table's ``version`` (counted from 0 in that epoch).
@@ -17,6 +19,7 @@ All three pass the same authentication as the other read APIs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import secrets
 import time
@@ -33,6 +36,7 @@ from orchestrator.gateway import wire
 from orchestrator.store import sqlite as store_mod
 
 HEARTBEAT_S = 5.0
+DELTAS_KEPT = 32  # a watcher further behind than this many versions gets a snapshot
 
 
 class TablePublisher:
@@ -50,6 +54,9 @@ class TablePublisher:
         self.closed = False
         self._changed = asyncio.Event()
         self._encoded: tuple[int, bytes] | None = None  # the current snapshot event, encoded once for every watcher
+        # the contents of the last versions, for deltas to watchers a few versions behind
+        self._history: collections.deque[tuple[int, wire.TableContents]] = collections.deque([(0, self.contents)], maxlen=DELTAS_KEPT + 1)
+        self._deltas: dict[int, bytes] = {}  # version -> its delta event, encoded once for every watcher
 
     def publish(self) -> None:
         """Called after each change of the table: a new version when its contents differ."""
@@ -58,6 +65,9 @@ class TablePublisher:
             return
         self.contents = contents
         self.version += 1
+        self._history.append((self.version, contents))
+        for old in [v for v in self._deltas if v <= self.version - DELTAS_KEPT]:
+            del self._deltas[old]
         self._wake()
 
     def close(self) -> None:
@@ -90,6 +100,25 @@ class TablePublisher:
             self._encoded = (version, line)
         return line
 
+    async def since(self, seen: int) -> tuple[int, bytes]:
+        """(version, events) that take a watcher at version ``seen`` to the current version:
+        the deltas in order while the publisher keeps every version in between, else a snapshot."""
+        version = self.version
+        kept = dict(self._history)
+        if seen >= version or any(v not in kept for v in range(seen, version + 1)):
+            return version, await self.snapshot()
+        lines = {v: self._deltas[v] for v in range(seen + 1, version + 1) if v in self._deltas}
+        todo = [(v, kept[v - 1], kept[v]) for v in range(seen + 1, version + 1) if v not in lines]
+        if todo:  # encoded off the event loop, once for every watcher
+            encoded = await asyncio.to_thread(lambda: {v: self._encode_delta(v, old, new) for v, old, new in todo})
+            lines.update(encoded)
+            self._deltas.update((v, line) for v, line in encoded.items() if v > self.version - DELTAS_KEPT)
+        return version, b"".join(lines[v] for v in range(seen + 1, version + 1))
+
+    def _encode_delta(self, version: int, old: wire.TableContents, new: wire.TableContents) -> bytes:
+        body = {"type": "delta", "epoch": self.epoch, "version": version, "base": version - 1, **wire.delta_to_json(old, new)}
+        return orjson.dumps(body) + b"\n"
+
     def _encode(self, version: int, contents: wire.TableContents) -> bytes:
         body = {"type": "snapshot", "epoch": self.epoch, "version": version, "table": wire.contents_to_json(contents)}
         return orjson.dumps(body) + b"\n"
@@ -115,8 +144,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
             if publisher.closed:
                 return
             if publisher.version != seen:
-                seen = publisher.version
-                yield await publisher.snapshot()
+                seen, events = await publisher.since(seen)
+                yield events
             else:
                 yield publisher.heartbeat()
 

@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 from orchestrator.gateway import cascade_rules, routing
 
 
+def listing_order(e: routing.Endpoint) -> tuple[str, str, str, str]:
+    """How a model's endpoints are listed (ties in routing are broken by site before this)."""
+    return e.model, e.deployment, e.site, e.url
+
+
 @dataclass
 class EndpointTable:
     clock: Callable[[], float] = time.monotonic
@@ -49,7 +54,9 @@ class EndpointTable:
         grouped: dict[str, list[routing.Endpoint]] = {}
         for e in endpoints:
             grouped.setdefault(e.model, []).append(e)
-        self._by_model = {m: tuple(es) for m, es in grouped.items()}
+        # one order whatever the input's (by deployment, site, URL): a gateway that rebuilds the
+        # table from deltas (gateway.wire.apply_delta) holds it exactly as the control plane does
+        self._by_model = {m: tuple(sorted(es, key=listing_order)) for m, es in grouped.items()}
         if regions is not None:
             self.regions = regions
         if deployed is not None:

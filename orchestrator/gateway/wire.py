@@ -11,7 +11,10 @@ A table document is plain JSON::
 
 The watch (``GET /v1/endpoints?watch=1``, :mod:`orchestrator.api.watch`) sends it as
 newline-delimited events: ``{"type": "snapshot", "epoch": ..., "version": ..., "table": {...}}``
-first and after every change, ``{"type": "heartbeat", ...}`` in between.
+first, then after every change ``{"type": "delta", "epoch": ..., "version": v, "base": v - 1,
+"upsert": [...], "remove": [[model, deployment, site, url], ...]}`` (plus ``regions``,
+``deployed``, ``cold``, ``cascades`` whole when they changed), and ``{"type": "heartbeat",
+...}`` in between.
 """
 
 from __future__ import annotations
@@ -134,6 +137,50 @@ def contents_from_json(doc: Mapping[str, Any]) -> TableContents:
         )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise WireError(f"not an endpoint table: {type(exc).__name__}: {exc}") from None
+
+
+endpoint_key = endpoints_mod.listing_order  # what names one endpoint across versions: a delta replaces or removes by it
+
+
+def delta_to_json(old: TableContents, new: TableContents) -> dict[str, Any]:
+    """What changed from ``old`` to ``new``: endpoints added or changed (``upsert``, whole),
+    removed (``remove``, by key), and each other part whole when it changed. A health flip
+    at one site of a 10,000-endpoint table is one endpoint, not the table."""
+    before = {endpoint_key(e): e for e in old.endpoints}
+    after = {endpoint_key(e): e for e in new.endpoints}
+    doc: dict[str, Any] = {
+        "upsert": [endpoint_to_json(e) for k, e in after.items() if before.get(k) != e],
+        "remove": [list(k) for k in before if k not in after],
+    }
+    whole = contents_to_json(TableContents((), new.regions, new.deployed, new.cold, new.cascades))
+    if new.regions != old.regions:
+        doc["regions"] = whole["regions"]
+    if new.deployed != old.deployed:
+        doc["deployed"] = whole["deployed"]
+    if new.cold != old.cold:
+        doc["cold"] = whole["cold"]
+    if new.cascades != old.cascades:
+        doc["cascades"] = whole["cascades"]
+    return doc
+
+
+def apply_delta(old: TableContents, doc: Mapping[str, Any]) -> TableContents:
+    """``old`` with a delta applied (no table is touched), in the order a table lists endpoints."""
+    try:
+        removed = {(str(k[0]), str(k[1]), str(k[2]), str(k[3])) for k in doc["remove"]}
+        upserts = {endpoint_key(e): e for e in (endpoint_from_json(d) for d in doc["upsert"])}
+        kept = [upserts.pop(endpoint_key(e), e) for e in old.endpoints if endpoint_key(e) not in removed]
+        rest = contents_from_json({"endpoints": [], **{k: doc[k] for k in ("regions", "deployed", "cold", "cascades") if k in doc}})
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise WireError(f"not an endpoint-table delta: {type(exc).__name__}: {exc}") from None
+    endpoints = sorted([*kept, *upserts.values()], key=endpoint_key)  # the table's own order
+    return TableContents(
+        tuple(endpoints),
+        rest.regions if "regions" in doc else old.regions,
+        rest.deployed if "deployed" in doc else old.deployed,
+        rest.cold if "cold" in doc else old.cold,
+        rest.cascades if "cascades" in doc else old.cascades,
+    )
 
 
 def apply(table: endpoints_mod.EndpointTable, c: TableContents) -> None:

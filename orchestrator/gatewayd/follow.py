@@ -1,7 +1,7 @@
 """A standalone gateway's link to the control plane: the table watch, token checks, wakes.
 
 :class:`TableFollower` keeps one ``GET /v1/endpoints?watch=1`` stream open to one of the
-control-plane URLs it was given and applies every snapshot to the gateway's
+control-plane URLs it was given and applies every snapshot and delta to the gateway's
 :class:`~orchestrator.gateway.endpoints.EndpointTable`. When the stream fails (refused,
 cut, a 4xx/5xx, or silent for :attr:`TableFollower.silence_s`, three missed heartbeats)
 it moves to the next URL after a pause that doubles from ``backoff_min_s`` up to
@@ -63,6 +63,24 @@ def decode_snapshot(line: str) -> tuple[str, int | None, wire.TableContents | No
     return str(event.get("epoch")), version if isinstance(version, int) else None, wire.contents_from_json(table)
 
 
+def decode_event(line: str, current: tuple[str | None, int | None, wire.TableContents]) -> tuple[str, int | None, wire.TableContents] | None:
+    """The table after one watch event, given the current (epoch, version, contents): a
+    snapshot's own, or the current one with a delta applied; None for a heartbeat.
+
+    A delta that does not follow the current version of the same epoch cannot be applied
+    (an event lost, or a control plane restarted): :class:`WatchFailed`, and the watch
+    starts over with a snapshot."""
+    if line.startswith('{"type":"delta"'):
+        event = orjson.loads(line)
+        epoch, version = current[0], current[1]
+        if event.get("epoch") != epoch or version is None or event.get("base") != version or not isinstance(event.get("version"), int):
+            raise WatchFailed(f"a delta from version {event.get('base')} of {event.get('epoch')} "
+                              f"does not follow this gateway's version {version} of {epoch}")
+        return epoch, event["version"], wire.apply_delta(current[2], event)
+    epoch_s, snapshot_version, contents = decode_snapshot(line)
+    return None if contents is None else (epoch_s, snapshot_version, contents)
+
+
 class TableFollower:
     def __init__(self, urls: Sequence[str], table: endpoints_mod.EndpointTable, *, token: str | None = None,
                  silence_s: float = 15.0, connect_timeout_s: float = 3.0, backoff_min_s: float = 0.2, backoff_max_s: float = 5.0,
@@ -81,8 +99,10 @@ class TableFollower:
         self.source: str | None = None
         self.epoch: str | None = None
         self.version: int | None = None
-        self.snapshots = 0  # applied since start
-        self.last_snapshot_at: float | None = None
+        self.snapshots = 0  # whole tables applied since start
+        self.deltas = 0  # changes applied since start
+        self.contents = wire.contents_of(table)  # what the last event left (a delta applies to it)
+        self.last_snapshot_at: float | None = None  # when the last snapshot or delta was applied
         self.last_error: str | None = None
         self.connected = False
         self._snapshot = asyncio.Condition()
@@ -142,6 +162,7 @@ class TableFollower:
                     if resp.status_code in (404, 405) else ""
                 raise WatchFailed(f"HTTP {resp.status_code}: {str(reason)[:200]}{hint}")
             self.connected = True
+            synced = False
             async for line in resp.aiter_lines():
                 if not line.strip():
                     continue
@@ -149,15 +170,26 @@ class TableFollower:
                     continue  # it only had to arrive (the read timeout measures the silence)
                 # A big table takes tens of milliseconds to decode: off the event loop, so
                 # requests are not held behind it; only the swap into the table runs on it.
-                epoch, version, contents = await asyncio.to_thread(decode_snapshot, line)
-                if contents is not None:
-                    await self._apply(url, epoch, version, contents)
+                # A delta follows a snapshot of the same connection.
+                current = (self.epoch, self.version, self.contents) if synced else (None, None, self.contents)
+                got = await asyncio.to_thread(decode_event, line, current)
+                if got is not None:
+                    await self._apply(url, *got, delta=line.startswith('{"type":"delta"'))
+                    synced = True
 
-    async def _apply(self, url: str, epoch: str, version: int | None, contents: wire.TableContents) -> None:
+    @property
+    def updates(self) -> int:
+        """Snapshots and deltas applied since start."""
+        return self.snapshots + self.deltas
+
+    async def _apply(self, url: str, epoch: str, version: int | None, contents: wire.TableContents, delta: bool = False) -> None:
         wire.apply(self.table, contents)
         first = not self.ready
-        self.source, self.epoch, self.version = url, epoch, version
-        self.snapshots += 1
+        self.source, self.epoch, self.version, self.contents = url, epoch, version, contents
+        if delta:
+            self.deltas += 1
+        else:
+            self.snapshots += 1
         self.last_snapshot_at = self.clock()
         if self.last_error is not None or first:
             log.info("control plane %s: endpoint table version %s (%d endpoints)", url, self.version, len(self.table.all_endpoints()))
@@ -167,9 +199,16 @@ class TableFollower:
 
     async def wait_snapshot(self, after: int, timeout: float) -> bool:
         """Wait until more than ``after`` snapshots were applied; False if ``timeout`` passed first."""
+        return await self._wait(lambda: self.snapshots > after, timeout)
+
+    async def wait_update(self, after: int, timeout: float) -> bool:
+        """Wait until more than ``after`` updates (snapshots and deltas) were applied."""
+        return await self._wait(lambda: self.updates > after, timeout)
+
+    async def _wait(self, done: Callable[[], bool], timeout: float) -> bool:
         async with self._snapshot:
             try:
-                await asyncio.wait_for(self._snapshot.wait_for(lambda: self.snapshots > after), timeout)
+                await asyncio.wait_for(self._snapshot.wait_for(done), timeout)
                 return True
             except TimeoutError:
                 return False
@@ -191,7 +230,7 @@ class TableFollower:
     def status(self) -> dict[str, object]:
         age = None if self.last_snapshot_at is None else round(self.clock() - self.last_snapshot_at, 3)
         return {"ready": self.ready, "controlPlane": self.current, "connected": self.connected, "source": self.source,
-                "epoch": self.epoch, "version": self.version, "snapshots": self.snapshots, "secondsSinceSnapshot": age,
+                "epoch": self.epoch, "version": self.version, "snapshots": self.snapshots, "deltas": self.deltas, "secondsSinceSnapshot": age,
                 "lastError": self.last_error, "endpoints": len(self.table.all_endpoints())}
 
 

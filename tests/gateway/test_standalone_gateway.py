@@ -99,7 +99,7 @@ async def await_table(gw: gatewayd.StandaloneGateway, holds: Callable[[], bool],
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"the gateway's table did not show {what} within {timeout:.0f}s: {gw.follower.status()}")
-        await gw.follower.wait_snapshot(gw.follower.snapshots, left)
+        await gw.follower.wait_update(gw.follower.updates, left)
 
 
 async def test_the_control_plane_serves_its_table_once_and_as_a_watch(fleet: harness.Fleet) -> None:
