@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import conninfo
 from psycopg.rows import dict_row
 
 from orchestrator.store.sql import Fenced, Lease, SqlStore, StoreError
@@ -72,6 +73,12 @@ END $$;
 INSERT INTO meta (key, value) VALUES ('resource_version', 0) ON CONFLICT (key) DO NOTHING
 """
 
+#: A database that stops answering without closing the connection (a partition, a frozen
+#: host) is found within seconds, not at the kernel's retransmission timeout (~15 min),
+#: during which every call on the connection would wait: unacknowledged data for 10 s
+#: (``tcp_user_timeout``), or an idle connection after 5 s and 3 unanswered probes 2 s apart.
+LIVENESS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 10_000}
+
 WRITE_LOCK = 0x6564_6765  # the advisory lock every write transaction holds ("edge")
 
 
@@ -84,12 +91,18 @@ class PostgresStore(SqlStore):
     collate = ' COLLATE "C"'  # byte-wise, as SQLite sorts text
 
     def __init__(self, url: str, clock: Callable[[], float] = time.time, connect_timeout_s: float = 5.0):
+        try:
+            conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError as e:
+            raise StoreError(f"not a PostgreSQL URL: {_one_line(e)}") from None
         self.url = url
         self.path = _redacted(url)  # what logs and `serve` print: never the password
         self._clock = clock
         self._timeout = connect_timeout_s
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        # what the URL sets itself wins over LIVENESS and the connect timeout
+        self._from_url = {k: v for k, v in conninfo.conninfo_to_dict(url).items() if k in (*LIVENESS, "connect_timeout")}
         with self._tx() as db:  # under the write lock: two replicas starting at once
             db.execute(SCHEMA)
 
@@ -103,9 +116,11 @@ class PostgresStore(SqlStore):
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
                 self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
-                                             connect_timeout=max(1, int(self._timeout)))
+                                             **{**LIVENESS, "connect_timeout": max(1, int(self._timeout)), **self._from_url})
             except psycopg.OperationalError as e:
                 raise StoreUnavailable(f"cannot reach the PostgreSQL store at {self.path}: {_one_line(e)}") from e
+            except psycopg.ProgrammingError as e:  # e.g. an unknown parameter in the URL
+                raise StoreError(f"not a usable PostgreSQL URL ({self.path}): {_one_line(e)}") from None
         return self._conn
 
     def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -178,7 +193,7 @@ def _one_line(error: Exception) -> str:
 
 def _redacted(url: str) -> str:
     """The URL with any password replaced by ``***``."""
-    info = psycopg.conninfo.conninfo_to_dict(url)
+    info = conninfo.conninfo_to_dict(url)
     if info.get("password"):
         return url.replace(f":{info['password']}@", ":***@")
     return url

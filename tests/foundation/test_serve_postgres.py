@@ -62,3 +62,14 @@ def test_an_unreachable_database_is_a_one_line_error(tmp_path: pathlib.Path) -> 
     assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
     assert "cannot reach the PostgreSQL store" in log and "Connection refused" in log
     assert "postgresql://postgres@127.0.0.1" in log
+
+
+def test_a_malformed_database_url_is_a_one_line_error(tmp_path: pathlib.Path) -> None:
+    url = f"postgresql://postgres:secret@127.0.0.1:{support.closed_port()}/db?no_such_option=1"
+    proc = support.ServeProcess(tmp_path / "cp", "--store", url)
+    code = proc.process.wait(60)
+    log = proc.log()
+    proc.stop()
+    assert code == 2, log
+    assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
+    assert "not a PostgreSQL URL" in log and "no_such_option" in log and "secret" not in log, log

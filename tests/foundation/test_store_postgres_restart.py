@@ -46,3 +46,21 @@ def test_the_store_reconnects_after_the_server_restarts_and_loses_nothing(own_se
         assert store.next_sequence("x") == 1  # a write is the first call after the restart
     finally:
         store.close()
+
+
+def test_connections_detect_a_silent_database_within_seconds_unless_the_url_says_otherwise(own_server: postgres_server.PostgresServer) -> None:
+    """A partition never closes the connection: TCP keepalives and a user timeout end it
+    within seconds instead of the kernel's ~15 minutes. What the URL sets itself wins."""
+    url = own_server.create_database()
+    store = PostgresStore(url)
+    try:
+        dsn = store._connection().info.dsn
+        assert "tcp_user_timeout=10000" in dsn and "keepalives_idle=5" in dsn, dsn
+    finally:
+        store.close()
+    store = PostgresStore(url + "?tcp_user_timeout=2500&keepalives_idle=9")
+    try:
+        dsn = store._connection().info.dsn
+        assert "tcp_user_timeout=2500" in dsn and "keepalives_idle=9" in dsn and "keepalives_count=3" in dsn, dsn
+    finally:
+        store.close()
