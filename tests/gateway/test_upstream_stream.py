@@ -304,3 +304,20 @@ async def test_a_body_larger_than_the_high_water_mark_pauses_resumes_and_leaves_
     finally:
         await pool.close()
         await server.stop()
+
+
+async def test_interim_answers_are_skipped_and_the_final_head_is_returned() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+                     b"HTTP/1.1 201 Created\r\nx-final: yes\r\ncontent-length: 4\r\n\r\ndone")
+        await writer.drain()
+
+    server = await Server(handler).start()
+    pool = UpstreamPool()
+    try:
+        async with await asyncio.wait_for(pool.stream("POST", server.url, b"{}"), WAIT) as stream:
+            assert stream.status == 201 and stream.headers.get("x-final") == "yes" and "link" not in stream.headers
+            assert await asyncio.wait_for(stream.body(), WAIT) == b"done"
+    finally:
+        await pool.close()
+        await server.stop()
