@@ -39,10 +39,64 @@ async def until_signalled() -> None:
     print("stopping...", flush=True)
 
 
+class _HeadWithFirstBody:
+    """One response's view of its connection: the first write (the response head) waits
+    for the second (the first body bytes) so that both leave in one send, or for the next
+    turn of the event loop if the body is not ready by then. uvicorn writes the head as
+    soon as the application starts the response; sent alone, a streamed answer's first
+    event costs the client a second segment and a second wake-up."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._first = True
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            self._held = data
+            asyncio.get_running_loop().call_soon(self._flush)
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _http_protocol() -> Any:
+    """uvicorn's httptools protocol, its responses' heads sent with their first body bytes;
+    uvicorn's own choice when httptools is not there."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class Protocol(HttpToolsProtocol):  # type: ignore[misc]
+        def on_headers_complete(self) -> None:
+            before = self.cycle
+            super().on_headers_complete()
+            if self.cycle is not None and self.cycle is not before:  # a new request: its task has not run yet
+                self.cycle.transport = _HeadWithFirstBody(self.cycle.transport)
+
+    return Protocol
+
+
 def http_server(app: Any) -> uvicorn.Server:
     """uvicorn for ``app``, driven by the caller's loop and signal handling."""
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5,
-                                           limit_concurrency=4096, timeout_keep_alive=KEEP_ALIVE_S))
+                                           limit_concurrency=4096, timeout_keep_alive=KEEP_ALIVE_S, http=_http_protocol()))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     return server
 

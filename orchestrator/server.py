@@ -312,7 +312,6 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(t, timeout=10)
         await self._http.close()
-        await self.openai_gateway.close()
         await self.datacentres.close()
         await self.capture_writer.stop()
         self.captures.close()

@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Send
@@ -40,6 +39,7 @@ from starlette.types import Send
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import openai_routes, routing
+from orchestrator.gateway.upstream import UpstreamError
 
 
 @dataclass
@@ -172,9 +172,10 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
         try:
             try:
                 async with asyncio.timeout(owner.first_token_timeout):
-                    async with owner.session().post(f"{e.url}/v1{req.suffix}", json={**body, "model": e.model}) as resp:
-                        status, content = resp.status, await resp.read()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    async with await owner.post(f"{e.url}/v1{req.suffix}", json.dumps({**body, "model": e.model}).encode(),
+                                                {"content-type": "application/json"}) as resp:
+                        status, content = resp.status, await resp.body()
+            except (UpstreamError, TimeoutError) as exc:
                 req.trip.failures.append(f"{e.site}: {exc or type(exc).__name__}")
                 owner.gw.table.eject(e.url)
                 owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()

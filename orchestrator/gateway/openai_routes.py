@@ -20,11 +20,11 @@ A ``model`` naming a cascade (``spec.cascade``, by its deployment's or its model
 goes to :mod:`orchestrator.gateway.openai_cascade`, which judges each stage's whole answer
 and uses this relay (with its ``RelayHooks``) for the stream of the stage that answers.
 
-Upstream calls here use ``aiohttp`` rather than the gateway's own ``UpstreamPool``: that
-pool buffers whole answers, and a streaming client has to get back-pressure (its reader
-pauses the socket past a high-water mark), chunked framing and release-or-close on
-cancellation right; aiohttp does, and its cost per stream is measured in
-``bench/genai_gateway.py`` (docs/benchmarks.md).
+Upstream calls go through the gateway's ``UpstreamPool`` in its streaming mode
+(``UpstreamPool.stream``): the answer's head comes back as soon as it arrives and its body
+as it is read, a slow caller pauses the replica's socket, and an attempt left unfinished
+closes its connection. Its cost per stream is measured in ``bench/genai_gateway.py``
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-import aiohttp
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
@@ -45,6 +44,7 @@ from starlette.types import Receive, Scope, Send
 from orchestrator.api import bodies
 from orchestrator.gateway import cascade_rules, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway
+from orchestrator.gateway.upstream import Stream, UpstreamError
 
 PREFIX = "/openai/v1"
 FORWARD_HEADERS = ("content-type", "accept")
@@ -104,25 +104,20 @@ class _Failed(Exception):
 
 class OpenAIGateway:
     def __init__(self, gateway: Gateway, *, registry: CollectorRegistry | None = None,
-                 connect_timeout: float = 2.0, first_token_timeout: float = 60.0, idle_timeout: float = 60.0) -> None:
-        self.gw = gateway
-        self.connect_timeout = connect_timeout
+                 first_token_timeout: float = 60.0, idle_timeout: float = 60.0) -> None:
+        self.gw = gateway  # its ``http`` pool (connect timeout included) carries the upstream calls
         self.first_token_timeout = first_token_timeout  # a replica silent this long before its first token is skipped
         self.idle_timeout = idle_timeout  # the longest pause between two chunks after that
-        self._session: aiohttp.ClientSession | None = None
         self.ttft = Histogram("edgeplane_gateway_time_to_first_token_seconds", "Time from a generation request to its first token at the gateway",
                               ["model"], registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
-                                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout))
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Stream:
+        """POST to a replica; returns once the answer's head arrived (within the first-token timeout)."""
+        try:
+            async with asyncio.timeout(self.first_token_timeout):
+                return await self.gw.http.stream("POST", url, body, headers)
+        except TimeoutError:
+            raise UpstreamError(f"no answer within {self.first_token_timeout:g}s") from None
 
     # admission ---------------------------------------------------------------------------
 
@@ -312,9 +307,9 @@ class _Relay(Response):
     async def _attempt(self, e: routing.Endpoint, send: Send, started: float) -> None:
         owner = self.owner
         try:
-            resp = await owner.session().post(f"{e.url}/v1{self.suffix}", data=self._body_for(e), headers=self.fwd_headers)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise _Failed(f"connect: {exc or type(exc).__name__}") from None
+            resp = await owner.post(f"{e.url}/v1{self.suffix}", self._body_for(e), self.fwd_headers)
+        except UpstreamError as exc:
+            raise _Failed(f"connect: {exc}") from None
         try:
             if resp.status >= 500:
                 raise _Failed(f"HTTP {resp.status}")
@@ -322,9 +317,11 @@ class _Relay(Response):
             if resp.status != 200 or not ctype.startswith("text/event-stream"):
                 try:
                     async with asyncio.timeout(owner.first_token_timeout):
-                        content = await resp.read()
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    raise _Failed(f"answer cut: {exc or type(exc).__name__}") from None
+                        content = await resp.body()
+                except UpstreamError as exc:
+                    raise _Failed(f"answer cut: {exc}") from None
+                except TimeoutError:
+                    raise _Failed(f"answer cut: no end within {owner.first_token_timeout:g}s") from None
                 owner.gw.metrics.requests.labels(self.model, e.site, str(resp.status)).inc()
                 out = self._out(e)
                 if resp.status == 200:
@@ -338,7 +335,7 @@ class _Relay(Response):
         finally:
             resp.close()  # an unfinished answer closes its connection: the replica sees the caller leave
 
-    async def _relay_stream(self, e: routing.Endpoint, resp: aiohttp.ClientResponse, send: Send, started: float) -> None:
+    async def _relay_stream(self, e: routing.Endpoint, resp: Stream, send: Send, started: float) -> None:
         owner = self.owner
         events = _events(resp, owner.first_token_timeout, owner.idle_timeout)
         held: list[bytes] = []
@@ -373,7 +370,7 @@ class _UpstreamCut(Exception):
     """The replica's stream broke or went silent."""
 
 
-async def _events(resp: aiohttp.ClientResponse, first_timeout: float, idle_timeout: float) -> AsyncIterator[bytes]:
+async def _events(resp: Stream, first_timeout: float, idle_timeout: float) -> AsyncIterator[bytes]:
     """Whole SSE events as they arrive (a read's worth at a time, never a partial event),
     ending cleanly at the end of the stream; a cut or a stall raises ``_UpstreamCut``."""
     tail = b""
@@ -381,16 +378,14 @@ async def _events(resp: aiohttp.ClientResponse, first_timeout: float, idle_timeo
     while True:
         try:
             async with asyncio.timeout(timeout):
-                data = await resp.content.readany()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _UpstreamCut(f"stream cut: {exc or type(exc).__name__}") from None
+                data = await resp.read()
+        except UpstreamError as exc:
+            raise _UpstreamCut(f"stream cut: {exc}") from None
         except TimeoutError:
             raise _UpstreamCut(f"no data for {timeout:g}s") from None
         if not data:
             if tail.strip():
                 raise _UpstreamCut("stream ended inside an event")
-            if not resp.content.is_eof():
-                raise _UpstreamCut("stream cut")
             return
         timeout = idle_timeout
         tail += data

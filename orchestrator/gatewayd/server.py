@@ -172,7 +172,6 @@ class StandaloneGateway:
         await self.follower.close()
         await self.checker.close()
         await self._http.close()
-        await self.openai_gateway.close()
 
     def _admit(self, request: Request) -> Response | None:
         """Every model route: 503 until the first table, then auth and rate limits when set."""
