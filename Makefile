@@ -22,7 +22,7 @@ demo: $(STAMP) proto
 	$(VENV)/bin/edgeplane demo
 
 test: $(STAMP) proto lint system-packages
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 # Debian packages some tests drive (Chromium for the console, the PostgreSQL server for the
 # store); quiet when present, and those tests skip with the reason when they cannot be had.
