@@ -74,6 +74,7 @@ class Fleet:
         self._kdtree: cKDTree | None = None
         self._arange: IntArray | None = None
         self._unit_cache: dict[tuple[float, float], FloatArray] = {}
+        self._points_cache: dict[tuple[tuple[float, float], ...], FloatArray] = {}
         self._static_cache: dict[tuple[float, float, bool], FloatArray] = {}
         self._hardware_cache: dict[tuple[float, float, int, float], BoolArray] = {}
         # Deployments repeat a few rule sets (a country, the EU, anywhere) and variant
@@ -318,7 +319,10 @@ class Fleet:
         then the measured RTTs of sites that report them for a point's region."""
         if not points:
             return np.zeros((sites.size, 0))
-        xyz = np.stack([self.unit_vector(lat, lon) for lat, lon in where], axis=1)
+        key = tuple(where)
+        xyz = self._points_cache.get(key)
+        if xyz is None:  # deployments share demand regions: stack each set once
+            xyz = self._points_cache[key] = np.stack([self.unit_vector(lat, lon) for lat, lon in where], axis=1)
         rtt = geo.rtt_from_dot(self.xyz[sites] @ xyz)
         if self.measured_rtt:
             for p, point in enumerate(points):

@@ -420,8 +420,7 @@ def _nearest(job: Job, options: candidates.Options) -> list[float]:
     """Current RTT from each demand point to its nearest placed replica."""
     best = np.full(len(job.demand), job.weights.unserved_rtt_ms)
     if job.placed and len(job.demand):
-        placed = np.fromiter({site for site, _, _ in job.placed}, dtype=np.int64)
-        rows = options.rtt[np.isin(options.index, placed)]
+        rows = options.rtt_rows({site for site, _, _ in job.placed})
         if rows.size:
             best = np.minimum(best, rows.min(axis=0))
     return best.tolist()
