@@ -146,6 +146,7 @@ def _plan(
     jobs = {d.name: prepare(fleet, d, d.weights or weights) for d in deployments}
     for job in jobs.values():
         job.keep_margin = tuning.keep_margin
+    fleet.prefetch_nearest([(d.lat, d.lon) for job in jobs.values() for d in job.demand])
     capacity = Capacity(fleet)
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
     dropped = seat_incumbents(fleet, capacity, jobs, current)
@@ -264,11 +265,7 @@ def grow(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) 
         return
     rules = job.deployment.placement
     if rules.spread is not None and job.spread is None:
-        eligible = job.any_eligible
-        if rules.spread.by == "region":
-            domains = np.flatnonzero(np.bincount(fleet.region[eligible], minlength=len(fleet.region_names)))
-        else:
-            domains = np.flatnonzero(eligible)
+        domains = fleet.domains_of(job.any_eligible, rules.spread.by)
         job.spread = DomainCounts(domains, rules.spread.max_skew, fleet.domains(rules.spread.by))
     limit = tuning.candidates
     fresh = False
