@@ -176,7 +176,7 @@ def _shortlist(
             # share against the site's carbon and variant fit.
             rtt = order_rtt[feasible]
             cost = w.latency_per_ms * demand.share * rtt + static_cost(fleet, w, variant, near)
-            near = near[np.argsort(cost, kind="stable")[:per_point]]
+            near = near[cost.argsort(kind="stable")[:per_point]]
         if near.size < min(per_point, free.size) and order.size < fleet.size:
             dots = fleet.xyz[free.sites] @ fleet.unit_vector(demand.lat, demand.lon)
             k = min(per_point, free.size)
@@ -193,8 +193,8 @@ def _shortlist(
         chunk = right_order[:n]
         right_all = chunk[mask[chunk]]
         # enough sites to hold every wanted replica twice over, not just one each
-        room = np.cumsum(capacity.room(right_all[: 8 * k], variant))
-        right_tier = right_all[: max(k, int(np.searchsorted(room, 2 * job.wanted)) + 1)]
+        room = capacity.room(right_all[: 8 * k], variant).cumsum()
+        right_tier = right_all[: max(k, int(room.searchsorted(2 * job.wanted)) + 1)]
         chunk = other_order[:n]
         other_all = chunk[mask[chunk]]
         other_tier = other_all[: k if right_tier.size < k else 4]

@@ -389,7 +389,8 @@ class Capacity:
         else:
             fits, seen = found
             if seen < len(self._changed):
-                sites = np.unique(np.array(self._changed[seen:], dtype=np.int64))
+                changed = set(self._changed[seen:])
+                sites = np.fromiter(changed, dtype=np.int64, count=len(changed))
                 fits[sites] = self.fits(sites, variant)
         self._fits[key] = (fits, len(self._changed))
         return fits

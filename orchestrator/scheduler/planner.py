@@ -493,10 +493,10 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
 def _smallest(values: np.ndarray, k: int) -> list[int]:
     """``np.argsort(values, kind="stable")[:k]`` without sorting all of ``values``."""
     if values.size <= k:
-        return np.argsort(values, kind="stable").tolist()
+        return values.argsort(kind="stable").tolist()
     bound = np.partition(values, k - 1)[k - 1]
-    within = np.flatnonzero(values <= bound)  # ascending index: ties keep stable order
-    return within[np.argsort(values[within], kind="stable")[:k]].tolist()
+    within = (values <= bound).nonzero()[0]  # ascending index: ties keep stable order
+    return within[values[within].argsort(kind="stable")[:k]].tolist()
 
 
 def _swap(capacity: Capacity, job: Job, a_key: tuple[int, str], to_site: int, to_variant: Variant) -> bool:
