@@ -82,6 +82,7 @@ class Fleet:
         # gigabytes and most of the planning time, one per distinct rule set is neither.
         self._placement_cache: dict[tuple[object, ...], BoolArray] = {}
         self._eligible_cache: dict[tuple[object, ...], BoolArray] = {}
+        self._content_cache: dict[bytes, BoolArray] = {}
         self._sites_cache: dict[int, tuple[BoolArray, IntArray]] = {}
         self._regions_cache: dict[int, tuple[BoolArray, IntArray]] = {}
         self._cheapest_cache: dict[tuple[int, bool], tuple[BoolArray, IntArray]] = {}
@@ -176,11 +177,21 @@ class Fleet:
             )
             mask = self._eligible_cache.get(key)
             if mask is None:
-                mask = allowed & self.tier_mask(tiers) & self.hardware_mask(variant)
-                mask.flags.writeable = False
+                mask = self._shared(allowed & self.tier_mask(tiers) & self.hardware_mask(variant))
                 self._eligible_cache[key] = mask
             out[name] = mask
         return out
+
+    def _shared(self, mask: BoolArray) -> BoolArray:
+        """One read-only array per distinct content: variant sizes that every site holds
+        give equal masks, and everything cached per mask (site lists, orders by carbon)
+        is then computed once for all of them."""
+        key = np.packbits(mask).tobytes()
+        found = self._content_cache.get(key)
+        if found is None:
+            mask.flags.writeable = False
+            found = self._content_cache[key] = mask
+        return found
 
     def sites_of(self, mask: BoolArray) -> IntArray:
         """``np.flatnonzero(mask)``, cached for the shared read-only masks above."""
