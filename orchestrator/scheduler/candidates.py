@@ -44,6 +44,7 @@ class Options:
     outside: float = math.inf
     _position: dict[tuple[int, str], int] | None = None
     _row: dict[int, int] | None = None
+    _lists: tuple[list[list[float]], list[float], np.ndarray] | None = None
 
     @property
     def position(self) -> dict[tuple[int, str], int]:
@@ -51,6 +52,14 @@ class Options:
         if self._position is None:
             self._position = {key: o for o, key in enumerate(self.keys)}
         return self._position
+
+    @property
+    def lists(self) -> tuple[list[list[float]], list[float], np.ndarray]:
+        """``rtt`` and ``static`` as Python lists (the greedy reads them one value at a
+        time, in both planning phases), and ``running`` as an array."""
+        if self._lists is None:
+            self._lists = (self.rtt.tolist(), self.static.tolist(), np.array(self.running, dtype=np.int64))
+        return self._lists
 
     def rtt_rows(self, sites: Iterable[int]) -> np.ndarray:
         """The RTT rows of those of ``sites`` among the options (one row per site)."""

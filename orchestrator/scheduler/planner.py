@@ -325,8 +325,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
     weight = [w.latency_per_ms * d.share for d in job.demand]
     points = range(len(weight))
     best = _nearest(job, options)
-    rtt = options.rtt.tolist()
-    static = options.static.tolist()
+    rtt, static, running_now = options.lists
     running = options.running
     keys = options.keys
     count: dict[tuple[int, str], int] = {}
@@ -341,7 +340,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
                 cost -= share * (b - r)
         return cost
 
-    move = np.where(np.asarray(running) <= 0, move_cost, 0.0)  # as if nothing were placed
+    move = np.where(running_now <= 0, move_cost, 0.0)  # as if nothing were placed
     for key, n in count.items():
         o = options.position.get(key)
         if o is not None:
@@ -350,7 +349,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
     ceiling = options.outside + move_cost + WIDEN_MARGIN
     # Options whose site is full now (other deployments filled it since the candidates
     # were picked) can only be popped and dropped: leave them out from the start.
-    usable = np.flatnonzero(candidates.with_room(capacity, options))
+    usable = candidates.with_room(capacity, options).nonzero()[0]
     heap = list(zip((options.static + move - gain)[usable].tolist(), usable.tolist()))
     heapq.heapify(heap)
     blocked: list[int] = []
@@ -432,7 +431,7 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
     w = job.weights
     weight = np.array([w.latency_per_ms * d.share for d in job.demand])
     index = options.position
-    running = np.array(options.running)
+    running = options.lists[2]
     for _ in range(RELOCATION_ROUNDS):
         count = Counter((s, v.name) for s, v, _ in job.placed)
         if any(key not in index for key in count):
