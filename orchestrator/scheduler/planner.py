@@ -176,6 +176,7 @@ def _plan(
         if tuning.improve and len(job.demand) > 1 and job.placed and job.options is not None:
             _relocate(capacity, job, job.options, job.spread)
         _keep_if_no_better(fleet, capacity, job)
+        job.options = None  # nothing after this phase reads them: free them as we go
     for job in order:
         if len(job.placed) < job.wanted:
             repair.make_room(fleet, capacity, job, order)
