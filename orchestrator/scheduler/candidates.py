@@ -12,6 +12,7 @@ the greedy can tell when the shortlist is too short and ask for a wider one.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,8 @@ class Options:
     # once every option costs more than a new replica there, the shortlist is too short.
     outside: float = math.inf
     _position: dict[tuple[int, str], int] | None = None
+    _row: dict[int, int] | None = None
+    _lists: tuple[list[list[float]], list[float], np.ndarray] | None = None
 
     @property
     def position(self) -> dict[tuple[int, str], int]:
@@ -49,6 +52,23 @@ class Options:
         if self._position is None:
             self._position = {key: o for o, key in enumerate(self.keys)}
         return self._position
+
+    @property
+    def lists(self) -> tuple[list[list[float]], list[float], np.ndarray]:
+        """``rtt`` and ``static`` as Python lists (the greedy reads them one value at a
+        time, in both planning phases), and ``running`` as an array."""
+        if self._lists is None:
+            self._lists = (self.rtt.tolist(), self.static.tolist(), np.array(self.running, dtype=np.int64))
+        return self._lists
+
+    def rtt_rows(self, sites: Iterable[int]) -> np.ndarray:
+        """The RTT rows of those of ``sites`` among the options (one row per site)."""
+        if self._row is None:
+            self._row = {}
+            for o, site in enumerate(self.site):
+                self._row.setdefault(site, o)
+        row = self._row
+        return self.rtt[[row[s] for s in sites if s in row]]
 
 
 def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | None, limit: int | None) -> tuple[Options, bool]:
@@ -60,33 +80,32 @@ def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | Non
     used = {site for site, _, _ in job.placed}
     for variant in job.variants():
         eligible = job.eligible_sites(fleet, variant.name)
-        mask = None
         fits = capacity.fits_mask(variant)  # kept up to date per changed site
         if eligible.size * 4 > fleet.size:  # contiguous masks beat gathers when most qualify
-            mask = job.eligible[variant.name] & fits
-            free = np.flatnonzero(mask)
+            # Counting is enough to know whether a shortlist is due; the site indices of a
+            # mask over most of 100,000 sites cost more than the shortlist that follows.
+            free = _Free(job.eligible[variant.name] & fits)
         else:
-            free = eligible[fits[eligible]]
-        if limit is not None and free.size > limit:
+            free = _Free(None, eligible[fits[eligible]], fleet.size)
+        if limit is None or free.size <= limit:
+            found = free.sites
+        else:
             complete = False
-            if mask is None:
-                mask = np.zeros(fleet.size, dtype=bool)
-                mask[free] = True
-            free, left_out = _shortlist(fleet, capacity, job, variant, mask, free, limit, spread)
+            found, left_out = _shortlist(fleet, capacity, job, variant, free, limit, spread)
             outside = min(outside, left_out)
         if used:  # sites already holding replicas stay candidates even when full now
             held = np.fromiter(used, dtype=np.int64)
-            free = fleet.union(free, held[job.eligible[variant.name][held]])
-        chosen.append((free, variant))
+            found = fleet.union(found, held[job.eligible[variant.name][held]])
+        chosen.append((found, variant))
     sites: list[int] = []
     variants: list[Variant] = []
     statics: list[np.ndarray] = []
     spans: list[tuple[Variant, int, int]] = []
-    for free, variant in chosen:
-        spans.append((variant, len(sites), len(sites) + free.size))
-        sites.extend(free.tolist())
-        variants.extend([variant] * free.size)
-        statics.append(static_cost(fleet, w, variant, free))
+    for picked, variant in chosen:
+        spans.append((variant, len(sites), len(sites) + picked.size))
+        sites.extend(picked.tolist())
+        variants.extend([variant] * picked.size)
+        statics.append(static_cost(fleet, w, variant, picked))
     idx = np.array(sites, dtype=np.int64)
     rtt = fleet.rtt_table([d.point for d in job.demand], [(d.lat, d.lon) for d in job.demand], idx)
     domain = (spread.keys[idx] if spread is not None else idx).tolist()
@@ -115,13 +134,34 @@ def with_room(capacity: Capacity, options: Options) -> BoolArray:
     return ok
 
 
+class _Free:
+    """The feasible sites of one variant: a mask and/or the indices, each made on demand."""
+
+    def __init__(self, mask: BoolArray | None, sites: IntArray | None = None, n: int = 0) -> None:
+        self._mask, self._sites = mask, sites
+        self._n = n
+        self.size = int(np.count_nonzero(mask)) if sites is None else int(sites.size)
+
+    @property
+    def mask(self) -> BoolArray:
+        if self._mask is None:
+            self._mask = np.zeros(self._n, dtype=bool)
+            self._mask[self._sites] = True
+        return self._mask
+
+    @property
+    def sites(self) -> IntArray:
+        if self._sites is None:
+            self._sites = np.flatnonzero(self._mask)
+        return self._sites
+
+
 def _shortlist(
     fleet: Fleet,
     capacity: Capacity,
     job: Job,
     variant: Variant,
-    mask: BoolArray,
-    free: IntArray,
+    free: _Free,
     limit: int,
     spread: DomainCounts | None,
 ) -> tuple[IntArray, float]:
@@ -132,6 +172,7 @@ def _shortlist(
     shares between deployments (the spatial index), filtered by this deployment's mask.
     """
     w = job.weights
+    mask = free.mask
     running = [s for s, v in job.running if v == variant.name and mask[s]]
     picks: list[IntArray] = [np.array(running, dtype=np.int64)]
     per_point = max(4, limit // (len(job.demand) + 1))
@@ -144,11 +185,11 @@ def _shortlist(
             # share against the site's carbon and variant fit.
             rtt = order_rtt[feasible]
             cost = w.latency_per_ms * demand.share * rtt + static_cost(fleet, w, variant, near)
-            near = near[np.argsort(cost, kind="stable")[:per_point]]
+            near = near[cost.argsort(kind="stable")[:per_point]]
         if near.size < min(per_point, free.size) and order.size < fleet.size:
-            dots = fleet.xyz[free] @ fleet.unit_vector(demand.lat, demand.lon)
+            dots = fleet.xyz[free.sites] @ fleet.unit_vector(demand.lat, demand.lon)
             k = min(per_point, free.size)
-            near = free[np.argpartition(-dots, k - 1)[:k]]
+            near = free.sites[np.argpartition(-dots, k - 1)[:k]]
         picks.append(near)
     k = max(limit - per_point * len(job.demand), job.wanted + 4)
     # The variant's own tier (distilled → edge) first, with room for every replica; the
@@ -161,8 +202,8 @@ def _shortlist(
         chunk = right_order[:n]
         right_all = chunk[mask[chunk]]
         # enough sites to hold every wanted replica twice over, not just one each
-        room = np.cumsum(capacity.room(right_all[: 8 * k], variant))
-        right_tier = right_all[: max(k, int(np.searchsorted(room, 2 * job.wanted)) + 1)]
+        room = capacity.room(right_all[: 8 * k], variant).cumsum()
+        right_tier = right_all[: max(k, int(room.searchsorted(2 * job.wanted)) + 1)]
         chunk = other_order[:n]
         other_all = chunk[mask[chunk]]
         other_tier = other_all[: k if right_tier.size < k else 4]
@@ -177,7 +218,7 @@ def _shortlist(
     if spread is not None:
         covered = np.unique(spread.keys[out]).size
         if job.wanted > covered * spread.max_skew:  # must reach more domains to balance
-            out = fleet.union(out, _best_per_domain(fleet, job, variant, free, spread.keys, limit))
+            out = fleet.union(out, _best_per_domain(fleet, job, variant, free.sites, spread.keys, limit))
     return out, left_out
 
 

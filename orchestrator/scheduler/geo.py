@@ -34,7 +34,12 @@ def unit_vectors(lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> FloatArray:
 
 def rtt_from_dot(dot: npt.ArrayLike) -> FloatArray:
     """Round-trip time (ms) between points whose unit vectors have this dot product."""
-    angle = np.arccos(np.clip(np.asarray(dot, dtype=np.float64), -1.0, 1.0))
+    # np.minimum / np.maximum in place: np.clip's dispatch costs more than the arithmetic
+    # on the few dozen values of a shortlist, and the planner calls this per deployment
+    angle = np.array(dot, dtype=np.float64)
+    np.minimum(angle, 1.0, out=angle)
+    np.maximum(angle, -1.0, out=angle)
+    np.arccos(angle, out=angle)
     angle *= _MS_PER_RADIAN
     angle += FIXED_RTT_MS
     return angle

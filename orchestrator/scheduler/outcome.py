@@ -87,28 +87,26 @@ def build_one(fleet: Fleet, job: Job, dropped: Mapping[Replica, str]) -> tuple[D
 
     planned: list[PlannedReplica] = []
     watts = grams = 0.0
-    for (site, name), n in sorted(placed.items(), key=lambda kv: (fleet.names[kv[0][0]], kv[0][1])):
-        variant = variants[name]
-        draw = variant.watts * fleet.pue.item(site)
-        co2 = variant.watts * fleet.intensity.item(site)
+    power = {name: v.watts for name, v in variants.items()}
+    names = fleet.names
+    why = _Why(job)
+    for (site, name), n in sorted(placed.items(), key=lambda kv: (names[kv[0][0]], kv[0][1])):
+        draw = power[name] * fleet.pue.item(site)
+        co2 = power[name] * fleet.intensity.item(site)
         watts += n * draw
         grams += n * co2
-        running = job.running.get((site, name), 0)
+        running = job.running.get((site, name), 0) if job.running else 0
         # Copies past the first read alike; being immutable, they share one object.
-        same: dict[tuple[bool, bool], PlannedReplica] = {}
-        for copy in range(n):
-            kept = copy < running
-            key = (kept, copy == 0)
-            replica = same.get(key)
-            if replica is None:
-                replica = same[key] = PlannedReplica(
-                    deployment=deployment.name,
-                    site=fleet.names[site],
-                    variant=name,
-                    kept=kept,
-                    reason=_replica_reason(kept, serves.get(site, []), copy, job, co2),
-                )
-            planned.append(replica)
+        for kept, first, copies in _copies(n, running):
+            copy = 0 if first else 1
+            replica = PlannedReplica(
+                deployment=deployment.name,
+                site=names[site],
+                variant=name,
+                kept=kept,
+                reason=why.replica(kept, serves.get(site), copy, co2),
+            )
+            planned.extend([replica] * copies)
     status, reason = _status(job)
     nearest = [point.rtt_ms for point in latency]
     cost = score_deployment(fleet, deployment, job.weights, placed, job.running, nearest, job.demand)
@@ -128,17 +126,34 @@ def build_one(fleet: Fleet, job: Job, dropped: Mapping[Replica, str]) -> tuple[D
     )
 
 
-def _replica_reason(kept: bool, serves: list[str], copy: int, job: Job, co2: float) -> str:
-    parts = ["kept, already running here" if kept else "new"]
-    if serves and copy == 0:
-        shown = ", ".join(serves[:3]) + (f" and {len(serves) - 3} more" if len(serves) > 3 else "")
-        parts.append(f"nearest replica for {shown}")
-    elif job.demand:
-        parts.append(f"capacity for {job.deployment.total_rps:g} rps")
-    else:
-        parts.append("lowest cost among eligible sites (no demand given)")
-    parts.append(f"{co2:.1f} gCO2/h")
-    return "; ".join(parts)
+def _copies(n: int, running: int) -> list[tuple[bool, bool, int]]:
+    """The ``n`` copies at one (site, variant) as runs of equal replicas: (kept, first
+    copy, how many), in copy order; the first ``running`` copies are kept."""
+    runs: list[tuple[bool, bool, int]] = []
+    for kept, start, end in ((True, 0, min(n, running)), (False, min(n, running), n)):
+        if start == 0 and end > 0:
+            runs.append((kept, True, 1))
+            start = 1
+        if end > start:
+            runs.append((kept, False, end - start))
+    return runs
+
+
+class _Why:
+    """A replica's reason, with the parts shared by a deployment's replicas made once."""
+
+    def __init__(self, job: Job) -> None:
+        if job.demand:
+            self.rest = f"capacity for {job.deployment.total_rps:g} rps"
+        else:
+            self.rest = "lowest cost among eligible sites (no demand given)"
+
+    def replica(self, kept: bool, serves: list[str] | None, copy: int, co2: float) -> str:
+        head = "kept, already running here" if kept else "new"
+        if serves and copy == 0:
+            shown = ", ".join(serves[:3]) + (f" and {len(serves) - 3} more" if len(serves) > 3 else "")
+            return f"{head}; nearest replica for {shown}; {co2:.1f} gCO2/h"
+        return f"{head}; {self.rest}; {co2:.1f} gCO2/h"
 
 
 def _status(job: Job) -> tuple[Status, str]:

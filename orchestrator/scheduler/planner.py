@@ -146,6 +146,7 @@ def _plan(
     jobs = {d.name: prepare(fleet, d, d.weights or weights) for d in deployments}
     for job in jobs.values():
         job.keep_margin = tuning.keep_margin
+    fleet.prefetch_nearest([(d.lat, d.lon) for job in jobs.values() for d in job.demand])
     capacity = Capacity(fleet)
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
     dropped = seat_incumbents(fleet, capacity, jobs, current)
@@ -175,6 +176,7 @@ def _plan(
         if tuning.improve and len(job.demand) > 1 and job.placed and job.options is not None:
             _relocate(capacity, job, job.options, job.spread)
         _keep_if_no_better(fleet, capacity, job)
+        job.options = None  # nothing after this phase reads them: free them as we go
     for job in order:
         if len(job.placed) < job.wanted:
             repair.make_room(fleet, capacity, job, order)
@@ -264,11 +266,7 @@ def grow(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) 
         return
     rules = job.deployment.placement
     if rules.spread is not None and job.spread is None:
-        eligible = job.any_eligible
-        if rules.spread.by == "region":
-            domains = np.flatnonzero(np.bincount(fleet.region[eligible], minlength=len(fleet.region_names)))
-        else:
-            domains = np.flatnonzero(eligible)
+        domains = fleet.domains_of(job.any_eligible, rules.spread.by)
         job.spread = DomainCounts(domains, rules.spread.max_skew, fleet.domains(rules.spread.by))
     limit = tuning.candidates
     fresh = False
@@ -328,8 +326,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
     weight = [w.latency_per_ms * d.share for d in job.demand]
     points = range(len(weight))
     best = _nearest(job, options)
-    rtt = options.rtt.tolist()
-    static = options.static.tolist()
+    rtt, static, running_now = options.lists
     running = options.running
     keys = options.keys
     count: dict[tuple[int, str], int] = {}
@@ -344,7 +341,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
                 cost -= share * (b - r)
         return cost
 
-    move = np.where(np.asarray(running) <= 0, move_cost, 0.0)  # as if nothing were placed
+    move = np.where(running_now <= 0, move_cost, 0.0)  # as if nothing were placed
     for key, n in count.items():
         o = options.position.get(key)
         if o is not None:
@@ -353,7 +350,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
     ceiling = options.outside + move_cost + WIDEN_MARGIN
     # Options whose site is full now (other deployments filled it since the candidates
     # were picked) can only be popped and dropped: leave them out from the start.
-    usable = np.flatnonzero(candidates.with_room(capacity, options))
+    usable = candidates.with_room(capacity, options).nonzero()[0]
     heap = list(zip((options.static + move - gain)[usable].tolist(), usable.tolist()))
     heapq.heapify(heap)
     blocked: list[int] = []
@@ -420,8 +417,7 @@ def _nearest(job: Job, options: candidates.Options) -> list[float]:
     """Current RTT from each demand point to its nearest placed replica."""
     best = np.full(len(job.demand), job.weights.unserved_rtt_ms)
     if job.placed and len(job.demand):
-        placed = np.fromiter({site for site, _, _ in job.placed}, dtype=np.int64)
-        rows = options.rtt[np.isin(options.index, placed)]
+        rows = options.rtt_rows({site for site, _, _ in job.placed})
         if rows.size:
             best = np.minimum(best, rows.min(axis=0))
     return best.tolist()
@@ -436,7 +432,7 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
     w = job.weights
     weight = np.array([w.latency_per_ms * d.share for d in job.demand])
     index = options.position
-    running = np.array(options.running)
+    running = options.lists[2]
     for _ in range(RELOCATION_ROUNDS):
         count = Counter((s, v.name) for s, v, _ in job.placed)
         if any(key not in index for key in count):
@@ -497,10 +493,10 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
 def _smallest(values: np.ndarray, k: int) -> list[int]:
     """``np.argsort(values, kind="stable")[:k]`` without sorting all of ``values``."""
     if values.size <= k:
-        return np.argsort(values, kind="stable").tolist()
+        return values.argsort(kind="stable").tolist()
     bound = np.partition(values, k - 1)[k - 1]
-    within = np.flatnonzero(values <= bound)  # ascending index: ties keep stable order
-    return within[np.argsort(values[within], kind="stable")[:k]].tolist()
+    within = (values <= bound).nonzero()[0]  # ascending index: ties keep stable order
+    return within[values[within].argsort(kind="stable")[:k]].tolist()
 
 
 def _swap(capacity: Capacity, job: Job, a_key: tuple[int, str], to_site: int, to_variant: Variant) -> bool:
