@@ -83,7 +83,9 @@ def _json(obj: object, status: int = 200) -> Response:
 
 def _infer_sync(
     served: registry.ServedModel, body: bytes, header_length: int | None
-) -> tuple[bytes, int | None]:
+) -> tuple[bytes, int | None, object]:
+    """Decode, run, encode: the answer's body, its binary header length, and the parsed
+    request, for the caller to free once the answer is out."""
     request = oip.decode_request(body, header_length)
     runtime = served.runtime
     feeds = runtime.feeds([(t.name, t.array, t.datatype) for t in request.inputs])
@@ -95,7 +97,7 @@ def _infer_sync(
         id=request.id,
         outputs=tuple(oip.Tensor(n, a) for n, a in zip(names, arrays, strict=True)),
     )
-    return oip.encode_response(response, binary=request.binary_outputs)
+    return *oip.encode_response(response, binary=request.binary_outputs), request.document
 
 
 class InferenceServer:
@@ -281,12 +283,15 @@ class InferenceServer:
         # JSON parse included, is what ``compute`` bounds.
         small = served.usual_size(len(request.body))
         try:
-            payload, out_header = await self.compute(served, _infer_sync, small, served, request.body, header_length,
-                                                     body_bytes=len(request.body))
+            payload, out_header, parsed = await self.compute(served, _infer_sync, small, served, request.body,
+                                                             header_length, body_bytes=len(request.body))
         except (oip.ProtocolError, errors.InvalidInput) as exc:
             self.metrics.observe_error(name, 400)
             return _error(400, str(exc))
         self.metrics.observe_ok(name, time.perf_counter() - started)
+        # Freed on the loop's next turn, after this answer is written: a large JSON body's
+        # numbers are freed while the caller reads the answer, not before the run.
+        asyncio.get_running_loop().call_soon(_release, parsed)
         if out_header is None:
             return Response(200, payload)
         return Response(
@@ -295,6 +300,10 @@ class InferenceServer:
             content_type="application/octet-stream",
             headers=((oip.BINARY_HEADER, str(out_header)),),
         )
+
+
+def _release(_: object) -> None:
+    """Nothing: the reference this call held was the last one."""
 
 
 def _not_allowed(method: str) -> Response:

@@ -68,6 +68,10 @@ class InferRequest:
     outputs: tuple[str, ...] = ()  # requested output names; empty = all
     binary_outputs: bool = False
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    # The parsed JSON it was read from. A JSON tensor leaves one Python number per element
+    # behind (65k floats take about 0.3 ms to free): holding this lets a server free them
+    # after it has answered instead of before the run.
+    document: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         outputs=tuple(outputs),
         binary_outputs=binary_outputs or bool(parameters.get("binary_data_output")),
         parameters=parameters,
+        document=doc,
     )
 
 
