@@ -7,7 +7,9 @@ a caller controls (datatype names, shapes against element counts, binary sizes) 
 
 JSON goes through orjson: numeric ``data`` is written straight from numpy (float32 in its
 shortest exact form, so FP32 round-trips bit for bit) and read back as one vectorised
-conversion, ten times and more faster than ``json`` with ``tolist``. JSON has no NaN or
+conversion, ten times and more faster than ``json`` with ``tolist``; a flat list for a
+float tensor (what v2 clients send) converts in one ``struct.pack``, so a large JSON
+tensor costs little more than orjson's parse (``bench/json_budget.py``). JSON has no NaN or
 Infinity; like the standard library and tritonclient the codec writes and reads them as
 the bare literals ``NaN``/``Infinity``/``-Infinity`` (a rare body with them takes the slower
 standard-library path), so a non-finite value is never silently turned into ``null``.
