@@ -18,6 +18,7 @@ BENCHMARKS = (
     "scheduler_repair",
     "agent_idle",
     "oip_codec",
+    "json_budget",
     "agent_infer",
     "genai_agent",
     "agent_heartbeats",

@@ -7,12 +7,12 @@ Decoding, validation, ``session.run`` and encoding are one step, and binary tens
 from the request bytes to onnxruntime without a copy. The step runs on a worker thread, so
 a long run or a large JSON body never stalls other requests, except when the request is
 alone (the HTTP server holds no other received and unanswered), no larger than the model
-usually gets, and the model's runs are short (``inline_max_s``, 20 ms by default; a JSON
-part up to 64 KiB): then it runs on the event loop itself. The hop to a worker and
-back costs about 0.1 ms and lands on a cold thread, which one request at a time cannot hide
-(measured against raw ``session.run``: 0.53x -> 0.74x for a 1 ms model, 0.77x -> 0.87x for
-a 9 ms one). A request arriving meanwhile waits at most one short run, while onnxruntime's
-own threads use the cores.
+usually gets, and the model's steps are short (``inline_max_s``, 20 ms by default, measured
+over the whole step: a JSON parse counts): then it runs on the event loop itself. The hop
+to a worker and back costs about 0.1 ms and lands on a cold thread, which one request at a
+time cannot hide (measured against raw ``session.run``: 0.53x -> 0.74x for a 1 ms model,
+0.77x -> 0.87x for a 9 ms one). A request arriving meanwhile waits at most one short step,
+while onnxruntime's own threads use the cores.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 UNKNOWN_MODEL = "(unknown)"
-DEFAULT_INLINE_MAX_S = 0.02  # runs this short, alone in flight, skip the worker thread
-INLINE_MAX_JSON_BYTES = 64 << 10  # larger JSON bodies are parsed on a worker (binary ones cost nothing)  # the metrics label of requests for models not served here
+DEFAULT_INLINE_MAX_S = 0.02  # steps this short, alone in flight, skip the worker thread
 
 
 class Refusal(NamedTuple):
@@ -84,7 +83,9 @@ def _json(obj: object, status: int = 200) -> Response:
 
 def _infer_sync(
     served: registry.ServedModel, body: bytes, header_length: int | None
-) -> tuple[bytes, int | None]:
+) -> tuple[bytes, int | None, object]:
+    """Decode, run, encode: the answer's body, its binary header length, and the parsed
+    request, for the caller to free once the answer is out."""
     request = oip.decode_request(body, header_length)
     runtime = served.runtime
     feeds = runtime.feeds([(t.name, t.array, t.datatype) for t in request.inputs])
@@ -96,7 +97,7 @@ def _infer_sync(
         id=request.id,
         outputs=tuple(oip.Tensor(n, a) for n, a in zip(names, arrays, strict=True)),
     )
-    return oip.encode_response(response, binary=request.binary_outputs)
+    return *oip.encode_response(response, binary=request.binary_outputs), request.document
 
 
 class InferenceServer:
@@ -277,17 +278,20 @@ class InferenceServer:
                 self.metrics.observe_error(name, 400)
                 return _error(400, f"{oip.BINARY_HEADER} must be a non-negative integer")
             header_length = int(header)
-        # Small: a JSON part that parses in well under a millisecond, and no more bytes than
-        # this model usually gets (one large batch is not computed on the loop).
-        json_part = header_length if header_length is not None else len(request.body)
-        small = json_part <= INLINE_MAX_JSON_BYTES and served.usual_size(len(request.body))
+        # Small: no more bytes than this model usually gets (one large batch, or a JSON body
+        # where binary ones are usual, is not computed on the loop). The step's usual time,
+        # JSON parse included, is what ``compute`` bounds.
+        small = served.usual_size(len(request.body))
         try:
-            payload, out_header = await self.compute(served, _infer_sync, small, served, request.body, header_length,
-                                                     body_bytes=len(request.body))
+            payload, out_header, parsed = await self.compute(served, _infer_sync, small, served, request.body,
+                                                             header_length, body_bytes=len(request.body))
         except (oip.ProtocolError, errors.InvalidInput) as exc:
             self.metrics.observe_error(name, 400)
             return _error(400, str(exc))
         self.metrics.observe_ok(name, time.perf_counter() - started)
+        # Freed on the loop's next turn, after this answer is written: a large JSON body's
+        # numbers are freed while the caller reads the answer, not before the run.
+        asyncio.get_running_loop().call_soon(_release, parsed)
         if out_header is None:
             return Response(200, payload)
         return Response(
@@ -296,6 +300,10 @@ class InferenceServer:
             content_type="application/octet-stream",
             headers=((oip.BINARY_HEADER, str(out_header)),),
         )
+
+
+def _release(_: object) -> None:
+    """Nothing: the reference this call held was the last one."""
 
 
 def _not_allowed(method: str) -> Response:

@@ -27,11 +27,12 @@ import collections
 import contextlib
 import logging
 import socket
+import types
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -146,6 +147,39 @@ class _Refused(Exception):
         self.response = response
 
 
+def _start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run ``coro`` now, up to its first real wait; a task carries it on from there, and
+    None means it finished without waiting (Python 3.12's eager tasks, for 3.11).
+
+    Most answers wait for nothing (a short run computed on the loop, then one write): then
+    no task is created and the loop does not go round once more (one ``epoll_wait`` and a
+    task step fewer per request, about a tenth of the tiny model's overhead)."""
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration:
+        return None
+    return loop.create_task(_carry_on(coro, waiting_on))
+
+
+@types.coroutine
+def _carry_on(coro: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[Any, Any, None]:
+    """Drive a coroutine already started by hand, as ``await`` would (values and
+    exceptions, cancellation included, pass through to it)."""
+    while True:
+        try:
+            sent = yield waiting_on
+        except BaseException as exc:  # noqa: BLE001 - thrown in by the task: passed on as is
+            try:
+                waiting_on = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting_on = coro.send(sent)
+            except StopIteration:
+                return
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self._server = server
@@ -204,6 +238,10 @@ class _Connection(asyncio.Protocol):
             # httptools wraps what a callback raised; a refusal carries its own answer
             cause = exc.__context__
             self._refuse(cause.response if isinstance(cause, _Refused) else _error(400, f"malformed HTTP request: {exc}"))
+        # Answering starts once the whole read is parsed, so the handler sees every request
+        # that arrived with this one (``HttpServer.pending``).
+        if self._queue and (self._worker is None or self._worker.done()):
+            self._worker = _start_eagerly(self._loop, self._answer())
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -263,8 +301,6 @@ class _Connection(asyncio.Protocol):
         if len(self._queue) >= self._limits.max_pipelined and self._transport is not None:
             self._transport.pause_reading()
             self._reading = False
-        if self._worker is None or self._worker.done():
-            self._worker = self._loop.create_task(self._answer())
 
     # -- answering -------------------------------------------------------------------------
 

@@ -269,3 +269,50 @@ async def test_head_answers_carry_no_body() -> None:
     finally:
         writer.close()
         await server.shutdown(1)
+
+
+async def test_answers_that_wait_and_answers_that_do_not_keep_their_order() -> None:
+    # An answer that waits for nothing is written while the read that brought it is
+    # handled; one that waits goes on in a task; pipelined requests behind it wait their turn.
+    server, echo, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[2] == b"GET /one  "
+        await asyncio.wait_for(echo.entered.wait(), 5)
+        assert [r.path for r in echo.seen] == ["/one", "/slow"]  # /three waits behind /slow
+        echo.release.set()
+        assert [(await read_response(reader))[2] for _ in range(2)] == [b"GET /slow  ", b"GET /three  "]
+        writer.write(b"GET /four HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[2] == b"GET /four  "
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_a_waiting_answer_is_cancelled_when_its_client_leaves() -> None:
+    cancelled = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def waits(request: Request) -> Response:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Response(200)
+
+    server = httpserver.HttpServer(waits)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    try:
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(entered.wait(), 5)
+        writer.close()
+        await asyncio.wait_for(cancelled.wait(), 5)
+    finally:
+        await server.shutdown(1)

@@ -104,3 +104,31 @@ def test_request_level_fields_of_the_wrong_type_are_refused_clearly(extra: dict,
     body = oip.dumps({"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [True]}], **extra})
     with pytest.raises(oip.ProtocolError, match=message):
         oip.decode_request(body)
+
+
+json_numbers = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),  # past 2**53 too: float64 would round them
+    st.booleans(),
+)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(json_numbers, max_size=40))
+def test_flat_json_numbers_decode_as_numpy_casts_them(datatype: str, values: list) -> None:
+    # A flat list takes the fast conversion; the result must be what numpy's own
+    # conversion of the same list gives, bit for bit (ints cast from int64, not float64).
+    body = oip.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [len(values)], "data": values}]})
+    with np.errstate(over="ignore"):
+        expected = np.asarray(values).astype(oip.DATATYPES[datatype])
+        got = oip.decode_request(body).inputs[0].array
+    assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("bad", ["1.5", None, [1.0], {"v": 1}])
+def test_a_non_number_anywhere_in_a_long_flat_list_is_refused(bad: object) -> None:
+    data = [0.5] * 1000 + [bad] + [0.5] * 10
+    body = oip.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(data)], "data": data}]})
+    with pytest.raises(oip.ProtocolError):
+        oip.decode_request(body)
