@@ -52,24 +52,23 @@ def test_state_in_postgresql_survives_kill_9_and_is_seen_by_another_control_plan
         store.close()
 
 
-def test_an_unreachable_database_is_a_one_line_error(tmp_path: pathlib.Path) -> None:
-    url = f"postgresql://postgres@127.0.0.1:{support.closed_port()}/nowhere"
+def _fails_to_start_with(tmp_path: pathlib.Path, url: str) -> str:
+    """``serve --store URL`` exits 2 with one line and no traceback; that line."""
     proc = support.ServeProcess(tmp_path / "cp", "--store", url)
     code = proc.process.wait(60)
     log = proc.log()
     proc.stop()
     assert code == 2, log  # serve's exit status for a configuration it cannot start with
     assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
+    return log
+
+
+def test_an_unreachable_database_is_a_one_line_error(tmp_path: pathlib.Path) -> None:
+    log = _fails_to_start_with(tmp_path, f"postgresql://postgres@127.0.0.1:{support.closed_port()}/nowhere")
     assert "cannot reach the PostgreSQL store" in log and "Connection refused" in log
     assert "postgresql://postgres@127.0.0.1" in log
 
 
 def test_a_malformed_database_url_is_a_one_line_error(tmp_path: pathlib.Path) -> None:
-    url = f"postgresql://postgres:secret@127.0.0.1:{support.closed_port()}/db?no_such_option=1"
-    proc = support.ServeProcess(tmp_path / "cp", "--store", url)
-    code = proc.process.wait(60)
-    log = proc.log()
-    proc.stop()
-    assert code == 2, log
-    assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
+    log = _fails_to_start_with(tmp_path, f"postgresql://postgres:secret@127.0.0.1:{support.closed_port()}/db?no_such_option=1")
     assert "not a PostgreSQL URL" in log and "no_such_option" in log and "secret" not in log, log
