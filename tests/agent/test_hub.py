@@ -87,6 +87,17 @@ def test_lost_after_missed_heartbeats_and_recovered(agent_hub, clock, events) ->
     assert agent_hub.snapshot()[0].healthy
 
 
+def test_reporting_counts_agents_heard_from_since_they_joined(agent_hub, clock) -> None:
+    grants = [agent_hub.join(application(f"edge-{i}")) for i in range(3)]
+    assert agent_hub.reporting() == 0
+    clock.now += 0.5
+    agent_hub.record_heartbeat("edge-1", grants[1].agent_id, beat())
+    agent_hub.record_heartbeat("edge-1", grants[1].agent_id, beat())
+    assert agent_hub.reporting() == 1
+    agent_hub.record_heartbeat("edge-2", grants[2].agent_id, beat())
+    assert agent_hub.reporting() == 2 == sum(s.last_heartbeat > s.joined_at for s in agent_hub.snapshot())
+
+
 def test_capacity_and_model_changes_emit_events_request_counts_do_not(agent_hub, events) -> None:
     grant = agent_hub.join(application())
     same = model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",))
