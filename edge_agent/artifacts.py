@@ -141,7 +141,8 @@ class ArtifactCache:
         last_log = self._clock()
         while True:
             try:
-                line = await asyncio.wait_for(proc.stdout.readline(), self._timeout + STALL_GRACE_S)
+                async with asyncio.timeout(self._timeout + STALL_GRACE_S):
+                    line = await proc.stdout.readline()
             except TimeoutError:
                 raise errors.ArtifactUnavailable(
                     f"download of {url} stalled: nothing received for {self._timeout + STALL_GRACE_S:g}s"

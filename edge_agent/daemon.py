@@ -210,7 +210,8 @@ class Agent:
         for task in self._tasks:
             if task.get_name() == "uplink":
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(task), 2.0)
+                    async with asyncio.timeout(2.0):
+                        await asyncio.shield(task)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -231,7 +232,8 @@ class Agent:
                 await self._desired_changed.wait()
             else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._desired_changed.wait(), retry_in)
+                    async with asyncio.timeout(retry_in):
+                        await self._desired_changed.wait()
             self._desired_changed.clear()
             try:
                 await self.registry.converge(self._desired)  # latest wins: read it now

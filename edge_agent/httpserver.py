@@ -381,7 +381,8 @@ class _Connection(asyncio.Protocol):
         client read nothing for ``write_timeout`` (then it is closed)."""
         if not self._writable.is_set():
             try:
-                await asyncio.wait_for(self._writable.wait(), self._limits.write_timeout)
+                async with asyncio.timeout(self._limits.write_timeout):
+                    await self._writable.wait()
             except TimeoutError:
                 log.warning("dropping a connection whose client read nothing for %.0fs", self._limits.write_timeout)
                 self.abort()
@@ -477,7 +478,8 @@ class HttpServer:
         if self.connections:
             self._all_closed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_closed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._all_closed.wait()
         for conn in list(self.connections):
             conn.close()
         if self._server is not None:

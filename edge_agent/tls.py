@@ -138,7 +138,8 @@ async def _identity_tool(*args: str) -> dict[str, Any]:
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT_S)
+        async with asyncio.timeout(TOOL_TIMEOUT_S):
+            out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
         await proc.wait()

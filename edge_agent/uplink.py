@@ -202,7 +202,8 @@ class Uplink:
                 follower_answered = False
             log.info("reconnecting to %s in %.1fs", self._target, delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
 
     async def stop(self) -> None:
         """Send one last heartbeat marked draining (best effort) and end the session."""
@@ -428,4 +429,5 @@ class Uplink:
             if self._stopping.is_set():
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()

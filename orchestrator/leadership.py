@@ -61,12 +61,16 @@ class Elector:
             asked, attempt = self._attempt
             # a renewal that has not answered by the deadline is a loss, not a wait
             timeout = max(0.01, self._deadline - self.clock()) if self.lease is not None else self.ttl_s
-            try:
-                lease = await asyncio.wait_for(asyncio.shield(attempt), timeout)
+            # asyncio.wait neither cancels the call nor, unlike wait_for on Python 3.11, swallows a
+            # cancel of this task that comes as the call answers (the campaign would never end)
+            await asyncio.wait((attempt,), timeout=timeout)
+            lease, reason = None, "the store did not grant the lease: no answer in time"
+            if attempt.done():
                 self._attempt = None
-                reason = "another replica holds the lease"
-            except Exception as exc:  # the store unreachable, slow or failing: the campaign goes on
-                lease, reason = None, f"the store did not grant the lease: {str(exc) or 'no answer in time'}"
+                if attempt.exception() is not None:  # the store unreachable or failing: the campaign goes on
+                    reason = f"the store did not grant the lease: {attempt.exception() or 'no answer'}"
+                else:
+                    lease, reason = attempt.result(), "another replica holds the lease"
             if lease is not None and asked + lease.remaining_s - self.margin_s <= self.clock():
                 lease, reason = None, "the store granted the lease too late to lead on it"  # ask again now
             if lease is not None:

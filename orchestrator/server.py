@@ -301,7 +301,8 @@ class ControlPlane:
                 if t is not None:
                     t.cancel()
                     with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                        await asyncio.wait_for(t, timeout=10)
+                        async with asyncio.timeout(10):
+                            await t
             await asyncio.to_thread(self.elector.release)
         await self._agent_server.stop(grace=1.0)
         self._uvicorn.should_exit = True
@@ -310,7 +311,8 @@ class ControlPlane:
         reconciling = [self._reconciling] if self._reconciling is not None else []
         for t in self._tasks + self._background + reconciling:
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(t, timeout=10)
+                async with asyncio.timeout(10):
+                    await t
         await self._http.close()
         await self.datacentres.close()
         await self.capture_writer.stop()

@@ -84,7 +84,8 @@ class TablePublisher:
         if self.version != seen or self.closed:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
 
     def heartbeat(self) -> bytes:
         return orjson.dumps({"type": "heartbeat", "epoch": self.epoch, "version": self.version}) + b"\n"

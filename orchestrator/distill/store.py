@@ -234,7 +234,8 @@ class CaptureWriter:
         if self._task is not None:
             if not self._task.done():  # write what is queued, but never hang a shutdown on a disk
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.flush(), timeout=10)
+                    async with asyncio.timeout(10):
+                        await self.flush()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

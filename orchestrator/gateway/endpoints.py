@@ -98,7 +98,8 @@ class EndpointTable:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(model, []).append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout)
+            async with asyncio.timeout(timeout):
+                await waiter
             return True
         except TimeoutError:
             return False

@@ -208,7 +208,8 @@ class TableFollower:
     async def _wait(self, done: Callable[[], bool], timeout: float) -> bool:
         async with self._snapshot:
             try:
-                await asyncio.wait_for(self._snapshot.wait_for(done), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._snapshot.wait_for(done)
                 return True
             except TimeoutError:
                 return False

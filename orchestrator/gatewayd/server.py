@@ -168,7 +168,8 @@ class StandaloneGateway:
         for t in (self._following, self._serving):
             if t is not None:
                 with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                    await asyncio.wait_for(t, timeout=10)
+                    async with asyncio.timeout(10):
+                        await t
         await self.follower.close()
         await self.checker.close()
         await self._http.close()

@@ -78,7 +78,8 @@ class Reconciler:
     async def wait_for_pass(self, after: int, timeout: float = 30.0) -> int:
         """Wait until a pass numbered > ``after`` has finished (for tests and the CLI)."""
         async with self._pass_done:
-            await asyncio.wait_for(self._pass_done.wait_for(lambda: self.passes > after), timeout)
+            async with asyncio.timeout(timeout):
+                await self._pass_done.wait_for(lambda: self.passes > after)
         return self.passes
 
     async def run(self) -> None:
@@ -86,7 +87,8 @@ class Reconciler:
         await self._await_takeover()
         while not self._stopping:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=min(self.resync_s, 1.0) if self.converging else self.resync_s)
+                async with asyncio.timeout(min(self.resync_s, 1.0) if self.converging else self.resync_s):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import pathlib
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 
@@ -103,5 +104,36 @@ def test_a_leader_whose_store_stops_answering_steps_down_before_its_lease_ends(t
             await a.kill()
             blocker.close()
             a.store.close()
+
+    asyncio.run(main())
+
+
+class GatedStore:
+    """A store whose every lease call waits for the test to let it answer."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> store_mod.Lease:
+        assert self.gate.wait(10), "the test never let the call answer"
+        self.gate.clear()
+        return store_mod.Lease(name, holder, 1, ttl_s)
+
+
+def test_a_cancel_that_comes_as_the_store_answers_ends_the_campaign() -> None:
+    """On Python 3.11 ``asyncio.wait_for`` returns the answer and drops a cancel that comes in
+    the same turn of the loop; a campaign waiting that way would never end (a stop would hang)."""
+
+    async def main() -> None:
+        store = GatedStore()
+        elector = leadership.Elector(store, "a", TTL_S, lambda lease: None, lambda reason: None)
+        task = asyncio.create_task(elector.run())
+        await until("the first call", lambda: elector._attempt is not None)
+        await asyncio.sleep(0.02)  # the elector waits for the answer
+        elector._attempt[1].add_done_callback(lambda _: task.cancel())  # in the turn the answer comes
+        store.gate.set()
+        done, _ = await asyncio.wait((task,), timeout=5)
+        assert done, "the campaign went on after it was cancelled"
+        assert task.cancelled()
 
     asyncio.run(main())
