@@ -380,10 +380,13 @@ class _Connection(asyncio.Protocol):
         """True once the client has room for more; False when the connection is gone or the
         client read nothing for ``write_timeout`` (then it is closed)."""
         if not self._writable.is_set():
+            # asyncio.wait, not asyncio.timeout: an answer started eagerly runs outside a task
+            writable = asyncio.ensure_future(self._writable.wait())
             try:
-                async with asyncio.timeout(self._limits.write_timeout):
-                    await self._writable.wait()
-            except TimeoutError:
+                done, _ = await asyncio.wait((writable,), timeout=self._limits.write_timeout)
+            finally:
+                writable.cancel()
+            if not done:
                 log.warning("dropping a connection whose client read nothing for %.0fs", self._limits.write_timeout)
                 self.abort()
                 return False
