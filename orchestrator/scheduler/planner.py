@@ -409,8 +409,10 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
             fresh = delta(o)
             if heap and fresh > heap[0][0] + 1e-12 or fresh > ceiling:
                 break
-        if not full:
-            heapq.heappush(heap, (delta(o), o))
+        if not full and len(job.placed) < upto:
+            # every way out of the loop above that gets here (not full, not done) follows
+            # a ``fresh = delta(o)`` with nothing placed since: it is the current cost
+            heapq.heappush(heap, (fresh, o))
 
 
 def _nearest(job: Job, options: candidates.Options) -> list[float]:
