@@ -9,7 +9,9 @@ Measured, each sequentially over one keep-alive connection, on the same ONNX mod
 - ``ray-proxy`` the same model behind Ray Serve's own HTTP proxy (the peer a user would
   otherwise put in front of replicas), deployed by edgeplane's Ray actuator;
 - ``client``   ``orchestrator.client.Client.infer`` from a numpy array (encode, endpoint
-  cache, direct call, decode) vs ``direct``.
+  cache, direct call, decode) vs ``direct``;
+- ``wide``     a batch-64 request of a wide model (715 KB as JSON, 262 KB binary) direct and
+  through the gateway: what a large JSON body costs the gateway beyond a binary one.
 
 Each with JSON tensors and with binary-extension tensors (the client's default).
 
@@ -185,6 +187,45 @@ def measure_paths(s: Setup, n: int, with_ray: bool) -> dict[str, Any]:
     return out
 
 
+def measure_wide_bodies(s: Setup, n: int) -> dict[str, Any]:
+    """What a large body costs the gateway: the wide model (1024 -> 1024 x 4 -> 16, as in
+    bench.agent_infer) at batch 64, a 715 KB JSON body against a 262 KB binary one. The
+    gateway forwards bodies unparsed, so the JSON one should cost it only the extra bytes.
+    Each request alternates with a direct call to the same agent, its baseline."""
+    wide = onnx_models.build_mlp(s.root / "artifacts" / "wide.onnx", in_dim=1024, hidden=1024, out_dim=16, layers=4, softmax=False)
+    httpx.post(f"{s.url}/v1/apply", content=manifests.bundle(
+        manifests.onnx_model("wide", "wide.onnx", wide.sha256, variant="v"),
+        manifests.deployment("wide", "wide", 1, {"tiers": ["edge"]}),
+    )).raise_for_status()
+
+    def wide_endpoints() -> list[dict[str, Any]]:
+        return httpx.get(f"{s.url}/v1/endpoints/wide", params={"lat": 48.85, "lon": 2.35}).json()["endpoints"]
+
+    wait_for(lambda: len(wide_endpoints()) == 1, 60, "the wide model served")
+    target = wide_endpoints()[0]
+    x = np.random.default_rng(1).standard_normal((64, 1024)).astype(np.float32)
+    out: dict[str, Any] = {"site": target["site"]}
+    with httpx.Client(timeout=30) as http:
+        for encoding in ("json", "binary"):
+            body, header_len = oip.encode_request({"input": x}, binary=encoding == "binary")
+            headers = {"x-edgeplane-location": "48.85,2.35",
+                       "content-type": "application/json" if header_len is None else "application/octet-stream"}
+            if header_len is not None:
+                headers[oip.BINARY_HEADER] = str(header_len)
+            direct, gateway = [], []
+            calls = ((direct, target["inferUrl"]), (gateway, f"{s.url}/v2/models/wide/infer"))
+            for i in range(n + 20):
+                for samples, url in calls:
+                    t = time.perf_counter()
+                    http.post(url, content=body, headers=headers).raise_for_status()
+                    if i >= 20:  # warm-up
+                        samples.append((time.perf_counter() - t) * 1000)
+            d, g = percentiles(direct), percentiles(gateway)
+            out[encoding] = {"body_bytes": len(body), "direct": d, "gateway": g, "added_p50_ms": g["p50_ms"] - d["p50_ms"]}
+    out["json_minus_binary_added_p50_ms"] = out["json"]["added_p50_ms"] - out["binary"]["added_p50_ms"]
+    return out
+
+
 def measure_ray_proxy(s: Setup, body: bytes, n: int) -> dict[str, Any]:
     from orchestrator.adapters import local_ray, ray_serve, serve_config
 
@@ -244,6 +285,7 @@ def main() -> int:
     s = Setup(root)
     try:
         paths = measure_paths(s, n, not args.no_ray)
+        wide = measure_wide_bodies(s, n // 4)
         failover = measure_failover(s, 3 if args.quick else 8)
     finally:
         s.stop()
@@ -259,10 +301,15 @@ def main() -> int:
                               f"{r['p50_ms'] - d['p50_ms']:+.3f} ms ({r['p50_ms'] / d['p50_ms']:.2f}x)")
     console = Console(width=120)
     console.print(table)
+    for encoding in ("json", "binary"):
+        w = wide[encoding]
+        console.print(f"wide model, batch 64, {encoding} ({w['body_bytes']:,} bytes): direct p50 {w['direct']['p50_ms']:.3f} ms, "
+                      f"gateway p50 {w['gateway']['p50_ms']:.3f} ms, added {w['added_p50_ms']:+.3f} ms")
+    console.print(f"the JSON body costs the gateway {wide['json_minus_binary_added_p50_ms']:+.3f} ms more than the binary one (p50)")
     console.print(f"failover after kill -9 of the serving agent: p50 {failover['failover_p50_ms']:.1f} ms, max {failover['failover_max_ms']:.1f} ms, "
                   f"failed requests {failover['failed_requests']} over {len(failover['kills'])} kills")
     RESULTS.mkdir(exist_ok=True)
-    result = {"benchmark": "gateway", "requests": n, "paths": paths, "failover": failover, "cpu_count": os.cpu_count(),
+    result = {"benchmark": "gateway", "requests": n, "paths": paths, "wide_batch64": wide, "failover": failover, "cpu_count": os.cpu_count(),
               **{f"gateway_added_p50_ms_{e}": paths[f"gateway-{e}"]["p50_ms"] - paths[f"direct-vs-gateway-{e}"]["p50_ms"] for e in ("json", "binary")},
               **{f"standalone_gateway_added_p50_ms_{e}": paths[f"standalone-{e}"]["p50_ms"] - paths[f"direct-vs-standalone-{e}"]["p50_ms"]
                  for e in ("json", "binary")},
