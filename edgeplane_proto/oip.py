@@ -5,11 +5,13 @@ write v2 inference bodies, so the encoding lives here once. Decoding validates e
 a caller controls (datatype names, shapes against element counts, binary sizes) and raises
 :class:`ProtocolError`, which servers turn into a 400.
 
-JSON goes through orjson: numeric ``data`` is written straight from numpy (float32 in its
-shortest exact form, so FP32 round-trips bit for bit) and read back as one vectorised
-conversion, ten times and more faster than ``json`` with ``tolist``; a flat list for a
-float tensor (what v2 clients send) converts in one ``struct.pack``, so a large JSON
-tensor costs little more than orjson's parse (``bench/json_budget.py``). JSON has no NaN or
+JSON is written by orjson: numeric ``data`` straight from numpy (float32 in its shortest
+exact form, so FP32 round-trips bit for bit), ten times and more faster than ``json``
+with ``tolist``. A body is read by simdjson, which parses a float tensor's flat ``data``
+(what v2 clients send) straight into an array of doubles, with no Python float per
+element; anything else in a body, and any body simdjson does not take, goes through
+orjson, where a flat float list converts in one ``struct.pack`` and the rest as numpy
+casts it (``bench/json_budget.py``). JSON has no NaN or
 Infinity; like the standard library and tritonclient the codec writes and reads them as
 the bare literals ``NaN``/``Infinity``/``-Infinity`` (a rare body with them takes the slower
 standard-library path), so a non-finite value is never silently turned into ``null``.
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 #: v2 datatype name -> numpy dtype (BYTES is handled apart: object arrays of bytes).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -143,6 +146,10 @@ def _array_from_json(spec: Mapping[str, Any], where: str) -> np.ndarray:
 
 def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     """Flat or nested JSON numbers as one vectorised conversion (no per-element Python)."""
+    if isinstance(data, np.ndarray):  # float data the parse read straight into an array
+        if data.size != math.prod(shape):
+            raise ProtocolError(f"{where}: shape {list(shape)} needs {math.prod(shape)} elements, data has {data.size}")
+        return data.astype(dtype, copy=False).reshape(shape)
     if dtype.kind == "f" and isinstance(data, list):
         flat = _flat_floats(data)
         if flat is not None and flat.size == math.prod(shape):
@@ -266,7 +273,101 @@ def _json_body(body: bytes, header_length: int | None) -> tuple[Any, memoryview]
         if header_length < 0 or header_length > len(body):
             raise ProtocolError(f"{BINARY_HEADER} {header_length} is outside the body")
         head, rest = body[:header_length], memoryview(body)[header_length:]
-    return loads(head), rest
+    return _loads_tensors(head), rest
+
+
+#: Tensor datatypes whose JSON ``data`` the parse reads straight into an array.
+_FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
+
+
+def _loads_tensors(head: bytes | memoryview) -> Any:
+    """Parse a v2 body's JSON. The ``data`` of a float tensor (under ``inputs`` or
+    ``outputs``) comes out as a flat float64 array read by simdjson's parse, with no Python
+    float per element (orjson's parse and the conversion after it cost as much as a
+    millisecond model run on a 64 x 1024 tensor); the rest of the document is the same
+    Python objects orjson gives. Whatever this does not expect (invalid JSON and ``NaN``
+    literals, nested or non-numeric data, integers past 2**53) goes the orjson way, with
+    its errors and its exact conversions."""
+    raw = bytes(head)
+    try:
+        doc = _plain(simdjson.Parser().parse(raw), tensors=True)  # a parser per body: its values never outlive it
+    except Exception:  # noqa: BLE001 - invalid for simdjson, or unusual: the orjson path says what is wrong
+        return loads(head)
+    if isinstance(doc, dict) and not _flat_as_written(raw, doc):
+        return loads(head)
+    return doc
+
+
+def _flat_as_written(raw: bytes, doc: dict[str, Any]) -> bool:
+    """Whether every float ``data`` read as an array was a flat list in the body.
+
+    simdjson flattens nested lists, so ``[1, [2]]`` would pass for ``[1, 2]``; the general
+    path refuses it. Counting brackets tells them apart without a look at each element:
+    the body must hold one ``[`` per such tensor plus those of the rest of the document
+    (written again by orjson; a bracket escaped in a string makes the counts differ, and
+    such a body just takes the orjson path)."""
+    fast = 0
+    rest = dict(doc)
+    for key in ("inputs", "outputs"):
+        specs = doc.get(key)
+        if isinstance(specs, list):
+            rest[key] = [{**spec, "data": None} if isinstance(spec, dict) and isinstance(spec.get("data"), np.ndarray) else spec
+                         for spec in specs]
+            fast += sum(isinstance(spec, dict) and isinstance(spec.get("data"), np.ndarray) for spec in specs)
+    return fast == 0 or raw.count(b"[") == orjson.dumps(rest).count(b"[") + fast
+
+
+class _Unusual(Exception):
+    """A document the simdjson path leaves to orjson (a key given twice: orjson keeps the last)."""
+
+
+def _plain(value: Any, tensors: bool = False) -> Any:
+    """Python objects for simdjson's values; with ``tensors``, the top level of a v2 body,
+    whose ``inputs``/``outputs`` entries get :func:`_tensor_spec`."""
+    if isinstance(value, simdjson.Object):
+        keys = list(value.keys())
+        if len(set(keys)) != len(keys):
+            raise _Unusual
+        if not tensors:
+            return value.as_dict()
+        out = {}
+        for key in keys:
+            item = value[key]
+            if key in ("inputs", "outputs") and isinstance(item, simdjson.Array):
+                out[key] = [_tensor_spec(item[i]) for i in range(len(item))]
+            else:
+                out[key] = _plain(item)
+        return out
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
+
+
+def _tensor_spec(spec: Any) -> Any:
+    if not isinstance(spec, simdjson.Object):
+        return _plain(spec)
+    keys = list(spec.keys())
+    if len(set(keys)) != len(keys):
+        raise _Unusual
+    out = {key: _plain(spec[key]) for key in keys if key != "data"}
+    if "data" in keys:
+        data = spec["data"]
+        values = _float_data(data) if out.get("datatype") in _FLOAT_DATATYPES else None
+        out["data"] = values if values is not None else _plain(data)
+    return out
+
+
+def _float_data(data: Any) -> np.ndarray | None:
+    """A flat array of numbers as float64; None for anything else (the general path decides)."""
+    if not isinstance(data, simdjson.Array) or (len(data) and isinstance(data[0], simdjson.Array)):
+        return None
+    try:
+        values = np.frombuffer(data.as_buffer(of_type="d"), dtype=np.float64)
+    except (TypeError, ValueError):  # strings, booleans, null, objects
+        return None
+    if values.size != len(data) or (np.abs(values) >= _EXACT_IN_FLOAT64).any():  # nested past the first item; huge
+        return None
+    return values
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:

@@ -132,3 +132,38 @@ def test_a_non_number_anywhere_in_a_long_flat_list_is_refused(bad: object) -> No
     body = oip.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(data)], "data": data}]})
     with pytest.raises(oip.ProtocolError):
         oip.decode_request(body)
+
+
+def test_a_flat_float_tensor_is_read_straight_into_an_array() -> None:
+    # The fast read must stay in use: a silent fall-back to orjson would pass every
+    # exactness test here and only show as a slower agent.
+    x = np.random.default_rng(3).standard_normal((64, 1024)).astype(np.float32)
+    body, _ = oip.encode_request({"input": x}, binary=False)
+    assert isinstance(oip._loads_tensors(body)["inputs"][0]["data"], np.ndarray)
+    assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("body", "name", "values"),
+    [
+        # a key given twice: the last one counts, as with orjson
+        (b'{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"data":[9,9],"data":[1,2]}]}', "x", [1.0, 2.0]),
+        # a bracket escaped in a string: the bracket count differs, the orjson path reads it
+        (b'{"inputs":[{"name":"x\\u005b","datatype":"FP32","shape":[2],"data":[1,2]}]}', "x[", [1.0, 2.0]),
+        # NaN literals are not JSON: the standard library's path reads them
+        (b'{"inputs":[{"name":"x","datatype":"FP64","shape":[2],"data":[NaN,-Infinity]}]}', "x", [float("nan"), float("-inf")]),
+        # evenly nested lists keep their general-path reading
+        (b'{"inputs":[{"name":"x","datatype":"FP16","shape":[2,1],"data":[[1.5],[2]]}]}', "x", [[1.5], [2.0]]),
+    ],
+)
+def test_unusual_json_bodies_decode_as_they_always_did(body: bytes, name: str, values: list) -> None:
+    got = oip.decode_request(body).inputs[0]
+    assert got.name == name
+    np.testing.assert_array_equal(got.array, np.array(values, dtype=got.array.dtype))
+
+
+@pytest.mark.parametrize("data", [[1, [2]], [0.5, [1.0], 0.5], [[1.0], 2.0]])
+def test_data_nested_unevenly_is_refused_though_the_fast_read_would_flatten_it(data: list) -> None:
+    body = oip.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(data)], "data": data}]})
+    with pytest.raises(oip.ProtocolError, match="nested evenly"):
+        oip.decode_request(body)
