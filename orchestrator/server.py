@@ -5,8 +5,9 @@ the reconcile loop runs beside them. :class:`ControlPlane` is also what the test
 the benchmarks and the demo start in-process, so all of them run the same wiring.
 
 On a PostgreSQL store several of these processes may share one database: each serves the
-API and the gateway (routing from the table the leader publishes), and only the holder of
-the leader lease (:mod:`orchestrator.leadership`) reconciles and takes agents.
+API, the gateway (routing from the table the leader publishes) and agents, and only the
+holder of the leader lease (:mod:`orchestrator.leadership`) reconciles; the others relay
+their agents to it (:mod:`orchestrator.agents.relay`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from orchestrator.adapters import local_ray
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
+from orchestrator.agents import relay
 from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import auth
@@ -50,7 +52,7 @@ from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
 from orchestrator.distill import store as capture_store
 from orchestrator import runloop
-from edgeplane_proto.replicas import NOT_LEADING
+from edgeplane_proto import identity
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, routing, upstream, wire
@@ -70,6 +72,8 @@ log = logging.getLogger("edgeplane")
 
 WAKE_ACTION = "wake-requested"  # the event a follower logs for a request that found a model scaled to zero
 WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
+LEADER_KEY = "leader"  # published by each new leader: where followers relay their agents, and the secret
+RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
 
 def _log_failed_wake(task: asyncio.Task[None]) -> None:
@@ -112,6 +116,7 @@ class ServerConfig:
     cold_start_timeout_s: float = proxy.COLD_START_S
     store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
     leader_lease_s: float = 3.0  # shared database: the leader lease's time to live (renewed every third of it)
+    peer_address: str | None = None  # host:port other replicas dial to relay agents here; default: the agent listener
 
 
 class StoreJoinAuthenticator:
@@ -174,6 +179,9 @@ class ControlPlane:
     elector: leadership.Elector | None = None  # shared database only; None: this process always leads
     _reconciling: asyncio.Task[Any] | None = None
     _election: asyncio.Task[Any] | None = None
+    relay_client: relay.RelayClient | None = None  # shared database only: relays this replica's agents while it follows
+    _relay_secret: str | None = None  # set while leading: what relaying replicas must present
+    _leader_published: int | None = None  # the fencing token under which this replica's relay address was published
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -227,8 +235,10 @@ class ControlPlane:
             raise OSError(exc.errno, f"cannot listen on {_address(cfg.host, cfg.port)} (HTTP API and gateway, --host/--port): "
                                      f"{exc.strerror or exc}") from exc
         port = sock.getsockname()[1]
+        self.relay_servicer = relay.RelayServicer(self.hub, lambda: self._relay_secret)
         try:
-            self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls)
+            self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls,
+                                                                        more=(self.relay_servicer.handler(),))
         except OSError:
             sock.close()
             raise
@@ -280,7 +290,8 @@ class ControlPlane:
         self.replica_id = f"{socket.gethostname()}:{port}-{secrets.token_hex(3)}"  # a new holder each start
         if cfg.store and is_postgres_url(cfg.store):  # replicas may share the database: lead by the lease
             self.elector = leadership.Elector(self.store, self.replica_id, cfg.leader_lease_s, self._gain_lead, self._lose_lead)
-            self.hub.refuse(NOT_LEADING)
+            self.relay_client = relay.RelayClient(self.hub, self.replica_id, tls=self._relay_tls if mtls is not None else None)
+            self._background.append(asyncio.create_task(self.relay_client.run(), name="agent-relay"))
             self.table.on_wake = self._on_wake
             self._election = asyncio.create_task(self.elector.run(), name="leader-election")
             self._background.append(self._election)
@@ -352,7 +363,10 @@ class ControlPlane:
             with contextlib.suppress(store_mod.StoreError, ValueError):
                 if (got := self.store.published(wire.PUBLISHED_KEY, 0)) is not None:
                     wire.apply_json(self.table, json.loads(got[1]))
-        self.hub.refuse(None)
+        if self.relay_client is not None:
+            self.relay_client.point(None)  # its agents are the leader's own now
+        self._relay_secret = secrets.token_urlsafe(32)
+        self._publish_leader(lease)
         self.reconciler.lead(lease, takeover_s=self.takeover_s)
         self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
         with contextlib.suppress(store_mod.StoreError):
@@ -366,13 +380,39 @@ class ControlPlane:
         if self._reconciling is not None:
             self._reconciling.cancel()
             self._reconciling = None
-        self.hub.refuse(NOT_LEADING)  # its agents go to the new leader, which plans with them
+        self._relay_secret = None
+        self.relay_servicer.close_all()  # the relaying replicas move to the new leader
+        self.hub.drop_relayed()  # and its own agents are relayed to it (see _follow_store)
+
+    @property
+    def peer_address(self) -> str:
+        """Where other replicas dial this one to relay their agents while it leads."""
+        if self.config.peer_address:
+            return self.config.peer_address
+        host = self.config.agent_host or self.config.host
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        return _address(host, self._agent_server.port)
+
+    def _publish_leader(self, lease: store_mod.Lease) -> None:
+        """Tell the followers where to relay their agents, under this lease's fencing token."""
+        doc = {"replica": self.replica_id, "address": self.peer_address, "secret": self._relay_secret, "fencingToken": lease.token}
+        try:
+            self.store.publish(LEADER_KEY, json.dumps(doc), lease=lease)
+            self._leader_published = lease.token
+        except store_mod.StoreError as exc:  # again at the next second (_follow_store)
+            log.warning("cannot publish the relay address: %s", exc)
+
+    def _relay_tls(self) -> relay.ClientTls:
+        """A client certificate from the shared agent CA for the relay stream."""
+        key, csr = identity.new_key_and_csr(RELAY_IDENTITY)
+        return relay.ClientTls(self.ca.certificate_pem, key, self.ca.issue_agent(RELAY_IDENTITY, csr))
 
     async def _follow_store(self, every_s: float = 1.0) -> None:
         """Each second: on the leader, a change of the store's resourceVersion wakes the
         reconciler (an apply made through a follower reaches no reconciler); on a follower,
         the endpoint table and cascades the leader published replace this gateway's."""
-        seen, table_version = -1, 0
+        seen, table_version, leader_version = -1, 0, 0
         wakes_seen: int | None = None  # the last event read for followers' wakes (leading only)
         while True:
             await asyncio.sleep(every_s)
@@ -380,7 +420,10 @@ class ControlPlane:
                 continue
             try:
                 if self.elector.leading:
-                    table_version = 0  # read again whenever this replica follows again
+                    table_version = leader_version = 0  # read again whenever this replica follows again
+                    lease = self.reconciler.lease
+                    if lease is not None and self._leader_published != lease.token:
+                        await asyncio.to_thread(self._publish_leader, lease)
                     if wakes_seen is None:  # wakes left before this replica led were for the old leader
                         elected = await asyncio.to_thread(self.store.recent_events, "ControlPlane", "leader", 1)
                         wakes_seen = elected[-1].id if elected else 0
@@ -391,6 +434,12 @@ class ControlPlane:
                         self.reconciler.trigger(f"store changed (resourceVersion {version})")
                     continue
                 wakes_seen = None
+                leader = await asyncio.to_thread(self.store.published, LEADER_KEY, leader_version)
+                if leader is not None and not self.elector.leading and self.relay_client is not None:
+                    leader_version, body = leader
+                    doc = json.loads(body)
+                    if doc.get("replica") != self.replica_id:
+                        self.relay_client.point(relay.Leader(str(doc["replica"]), str(doc["address"]), str(doc["secret"])))
                 got = await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, table_version)
                 if got is not None and not self.elector.leading:
                     table_version, body = got
@@ -413,7 +462,10 @@ class ControlPlane:
             return {"replica": self.replica_id, "role": "leader", "election": "none (SQLite: this process owns the store)",
                     "leader": {"replica": self.replica_id, "fencingToken": None}, "leaderChanges": 0}
         view: dict[str, Any] = {"replica": self.replica_id, "role": "leader" if self.elector.leading else "follower",
-                                "election": "lease", "leaseSeconds": self.elector.ttl_s, "leaderChanges": self.elector.changes}
+                                "election": "lease", "leaseSeconds": self.elector.ttl_s, "leaderChanges": self.elector.changes,
+                                "agents": {"connected": len(self.hub.sites()) - self.hub.relayed(), "relayedHere": self.hub.relayed()}}
+        if self.relay_client is not None and not self.elector.leading:
+            view["relay"] = self.relay_client.view()
         try:
             current = self.store.current_lease(leadership.LEASE)
         except store_mod.StoreError as exc:
@@ -452,13 +504,17 @@ class ControlPlane:
     # -- agent events ------------------------------------------------------------------
 
     def _agent_event(self, event: agent_model.AgentEvent) -> None:
+        """The replica an agent is connected to logs its joins, losses and recoveries (once,
+        whether or not it leads); the leader plans with every agent, relayed ones too."""
         kind = event.kind
-        if kind in (agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED):
-            self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site, event.reason,
-                                              {"agentId": event.agent_id}))
-        if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
-            self._register_site(event)
-        self.reconciler.trigger(f"agent {event.site} {kind.value}")
+        if event.status.via is None:
+            if kind in (agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED):
+                self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site,
+                                                  event.reason, {"agentId": event.agent_id}))
+            if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
+                self._register_site(event)
+        if self.elector is None or self.elector.leading:
+            self.reconciler.trigger(f"agent {event.site} {kind.value}")
 
     def _register_site(self, event: agent_model.AgentEvent) -> None:
         """An agent joined a site nobody declared: record it as an edge Site from what it reports."""
@@ -565,6 +621,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leader-lease", type=float, default=3.0, metavar="SECONDS",
                    help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
                         "a leader that died is replaced within 4/3 of it")
+    p.add_argument("--peer-address", metavar="HOST:PORT",
+                   help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
+                        "agents while it leads [the agent listener; this host's name when it listens on all addresses]")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
@@ -598,6 +657,8 @@ def agent_tls_hosts(cfg: ServerConfig) -> list[str]:
     """The names the agent listener's certificate carries: where it listens (unless that is a
     wildcard address), the host of ``--public-url``, and each ``--agent-tls-name``."""
     names = [cfg.agent_host or cfg.host, *cfg.agent_tls_names]
+    if cfg.peer_address:
+        names.append(urllib.parse.urlsplit(f"//{cfg.peer_address}").hostname or "")
     if cfg.public_url:
         names.append(urllib.parse.urlsplit(cfg.public_url).hostname or "")
     return sorted({n for n in names if n and n not in ("0.0.0.0", "::")} | {"127.0.0.1", "localhost"})
@@ -622,7 +683,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gateway_max_body=args.gateway_max_body,
         cold_start_timeout_s=args.cold_start_timeout,
         local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
-        store=args.store, leader_lease_s=args.leader_lease,
+        store=args.store, leader_lease_s=args.leader_lease, peer_address=args.peer_address,
     )
 
 

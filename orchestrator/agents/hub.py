@@ -11,6 +11,11 @@ is refused with :class:`SiteTaken` unless it comes from that same agent (same ag
 with a valid credential, as after a restart). Once the holder is marked unhealthy, a new
 agent presenting a valid bootstrap token or the site's credential takes the site over.
 
+Several control-plane replicas: an agent may join any of them. A replica that does not
+lead relays its agents to the leader (:mod:`orchestrator.agents.relay`); the leader's hub
+holds them as *relayed* records (``via`` names the relaying replica), which heartbeats,
+health and placement treat like its own, and whose assignment sets it hands to that relay.
+
 Everything here runs on one event loop thread: call ``set_assignments`` from it.
 """
 
@@ -26,6 +31,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from orchestrator.agents import auth, errors, model
 
@@ -84,6 +90,7 @@ class _Record:
     assignment_version: int = 0
     models: dict[str, model.ModelState] = field(default_factory=dict)
     model_load: Mapping[str, model.ModelLoad] = field(default_factory=dict)
+    via: str | None = None  # the replica that relays this agent; None: connected here
 
     def status(self) -> model.AgentStatus:
         return model.AgentStatus(
@@ -105,6 +112,7 @@ class _Record:
             assignment_version=self.assignment_version,
             heartbeat_interval=self.heartbeat_interval,
             model_load=self.model_load,
+            via=self.via,
         )
 
 
@@ -122,6 +130,19 @@ class _SiteChannel:
     def changed(self) -> asyncio.Event:
         """Take this *before* reading ``latest``: it is set by the next ``notify``."""
         return self._changed
+
+
+class RelayTap(Protocol):
+    """What a replica that relays its agents to the leader is told (see ``AgentHub.tap``)."""
+
+    def touched(self, site: str) -> None:
+        """``site``'s agent joined or was forgotten here."""
+
+    def beat(self, site: str, agent_id: str, message: object) -> None:
+        """A heartbeat was applied; ``message`` is the protobuf message as received."""
+
+
+PushAssignments = Callable[[str, model.AssignmentSet], None]
 
 
 class AgentHub:
@@ -156,7 +177,9 @@ class AgentHub:
         self.lag = LagHistogram()
         self.heartbeats_total = 0
         self._beat_waiters: dict[str, asyncio.Event] = {}
-        self.refusing: str | None = None  # why joins are refused now (a replica that does not lead)
+        self.refusing: str | None = None  # why joins are refused now
+        self.tap: RelayTap | None = None  # set while this replica relays its agents to a leader
+        self._relays: dict[str, PushAssignments] = {}  # relaying replica -> its stream's outbox
 
     # -- join and identity ----------------------------------------------------------
 
@@ -206,6 +229,8 @@ class AgentHub:
         )
         self._records[site] = record
         self._channel(site).notify()  # a superseded agent's watch stream ends
+        if self.tap is not None:
+            self.tap.touched(site)
         if same_agent and current is not None and current.healthy and now <= current.deadline:
             # A live agent opening a new session: right after its first join over the join
             # port (enrolment), or after a dropped connection. Not a second join.
@@ -336,6 +361,9 @@ class AgentHub:
             )
         channel.latest = model.AssignmentSet(site, version, tuple(assignments))
         channel.notify()
+        record = self._records.get(site)
+        if record is not None and record.via is not None and (push := self._relays.get(record.via)) is not None:
+            push(site, channel.latest)
 
     def assignments(self, site: str) -> model.AssignmentSet | None:
         channel = self._channels.get(site)
@@ -374,6 +402,8 @@ class AgentHub:
         """Drop a site's agent record (e.g. the Site was deleted)."""
         self._records.pop(site, None)
         self._channel(site).notify()
+        if self.tap is not None:
+            self.tap.touched(site)
 
     def refuse(self, reason: str | None) -> None:
         """Refuse joins while ``reason`` is set, and let every agent go now: their streams
@@ -382,6 +412,84 @@ class AgentHub:
         if reason is not None:
             for site in list(self._records):
                 self.forget(site)
+
+    # -- relayed agents (the leader's side) ------------------------------------------
+
+    def attach_relay(self, via: str, push: PushAssignments) -> None:
+        """Replica ``via`` relays agents from now on; their assignment sets go to ``push``."""
+        self._relays[via] = push
+
+    def detach_relay(self, via: str, push: PushAssignments) -> None:
+        """``via``'s stream ended. Its agents' records stay and are lost in the usual time
+        unless they are reported again, through a relay or by joining here."""
+        if self._relays.get(via) is push:
+            del self._relays[via]
+
+    def admit_relayed(self, application: model.JoinApplication, agent_id: str, via: str) -> None:
+        """An agent that joined replica ``via``, which checked its credential. The last report
+        wins: each replica keeps the rule of one live agent per site among its own agents."""
+        _validate(application)
+        site = application.site
+        now = self._clock()
+        interval = self._clamp(application.heartbeat_interval)
+        current = self._records.get(site)
+        record = _Record(
+            site=site,
+            agent_id=agent_id,
+            endpoint_url=application.endpoint_url,
+            location=application.location,
+            labels=model.frozen_mapping(application.labels),
+            agent_version=application.agent_version,
+            joined_at=current.joined_at if current is not None and current.agent_id == agent_id else now,
+            heartbeat_interval=interval,
+            capacity=application.capacity,
+            last_heartbeat=now,
+            deadline=now + interval * self.missed_heartbeats,
+            via=via,
+        )
+        self._records[site] = record
+        self._channel(site).notify()  # the agent's stream here, if it moved away, ends
+        if current is not None and current.agent_id == agent_id and current.healthy and now <= current.deadline:
+            self._emit(model.AgentEventKind.RECONNECTED, record, f"reconnected through replica {via}")
+        else:
+            log.info("agent %s joined site %s through replica %s", agent_id, site, via)
+            self._emit(model.AgentEventKind.JOINED, record, f"agent joined through replica {via}")
+        latest = self._channel(site).latest
+        if latest is not None and (push := self._relays.get(via)) is not None:
+            push(site, latest)
+
+    def relayed_heartbeat(self, site: str, agent_id: str, beat: model.Heartbeat, via: str) -> bool:
+        """Apply heartbeats relayed by ``via``; False when this hub does not hold that agent
+        through ``via`` (the relay then reports it whole)."""
+        record = self._records.get(site)
+        if record is None or record.agent_id != agent_id or record.via != via:
+            return False
+        self.record_heartbeat(site, agent_id, beat)
+        return True
+
+    def relayed_gone(self, site: str, agent_id: str, via: str) -> None:
+        record = self._records.get(site)
+        if record is not None and record.agent_id == agent_id and record.via == via:
+            self.forget(site)
+
+    def drop_relayed(self) -> None:
+        """Forget every relayed agent (this replica stopped leading: the relays move on)."""
+        for site in [s for s, r in self._records.items() if r.via is not None]:
+            self.forget(site)
+
+    def relayed(self) -> int:
+        return sum(1 for r in self._records.values() if r.via is not None)
+
+    # -- relayed assignments (a relaying replica's side) ------------------------------
+
+    def sites(self) -> list[str]:
+        return list(self._records)
+
+    def accept_assignments(self, site: str, assignments: list[model.Assignment], version: int) -> None:
+        """A set the leader sent through the relay: kept unless it is not newer."""
+        latest = self.assignments(site)
+        if latest is None or version > latest.version:
+            self.set_assignments(site, assignments, version)
 
     # -- internals ------------------------------------------------------------------
 

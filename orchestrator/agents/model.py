@@ -27,12 +27,16 @@ class ModelPhase(enum.Enum):
     def from_proto(cls, value: int) -> ModelPhase:
         return _PHASE_FROM_PROTO.get(value, cls.UNKNOWN)
 
+    def to_proto(self) -> int:
+        return _PHASE_TO_PROTO.get(self, pb.MODEL_PHASE_UNSPECIFIED)
+
 
 _PHASE_FROM_PROTO = {
     pb.MODEL_PHASE_LOADING: ModelPhase.LOADING,
     pb.MODEL_PHASE_READY: ModelPhase.READY,
     pb.MODEL_PHASE_FAILED: ModelPhase.FAILED,
 }
+_PHASE_TO_PROTO = {phase: value for value, phase in _PHASE_FROM_PROTO.items()}
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,11 @@ class Location:
         if msg.has_coordinates:
             return cls(msg.country, msg.region, msg.lat, msg.lon)
         return cls(msg.country, msg.region)
+
+    def to_proto(self) -> pb.Location:
+        if self.lat is None or self.lon is None:
+            return pb.Location(country=self.country, region=self.region)
+        return pb.Location(country=self.country, region=self.region, lat=self.lat, lon=self.lon, has_coordinates=True)
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,13 @@ class ModelState:
             deployment=msg.deployment,
             variant=msg.variant,
             failures=msg.failures,
+        )
+
+    def to_proto(self) -> pb.ModelState:
+        return pb.ModelState(
+            name=self.name, sha256=self.sha256, phase=self.phase.to_proto(), message=self.message, provider=self.provider,
+            requests_served=self.requests_served, serving_sha256=self.serving_sha256, deployment=self.deployment,
+            variant=self.variant, failures=self.failures,
         )
 
 
@@ -153,6 +169,7 @@ class AgentStatus:
     assignment_version: int
     heartbeat_interval: float
     model_load: Mapping[str, ModelLoad] = field(default_factory=dict)
+    via: str | None = None  # the control-plane replica that relays this agent; None: connected here
 
 
 class AgentEventKind(enum.Enum):

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -155,12 +155,16 @@ class AgentControlServicer:
     ) -> pb.HeartbeatSummary:
         site, agent_id = await self._authenticate(context)
         received = 0
-        record = self._hub.record_heartbeat
+        agent_hub = self._hub
+        record = agent_hub.record_heartbeat
         from_proto = model.Heartbeat.from_proto
         parse = pb.Heartbeat.FromString
         try:
             async for raw in request_iterator:
-                record(site, agent_id, from_proto(parse(raw)))
+                message = parse(raw)
+                record(site, agent_id, from_proto(message))
+                if agent_hub.tap is not None:  # this replica relays its agents to the leader
+                    agent_hub.tap.beat(site, agent_id, message)
                 received += 1
         except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed Heartbeat: {exc}")
@@ -289,11 +293,13 @@ async def start_agent_server(
     mtls: MutualTls | None = None,
     max_receive_bytes: int = MAX_RECEIVE_BYTES,
     sweep_period: float | None = None,
+    more: Sequence[grpc.GenericRpcHandler] = (),
 ) -> AgentServer:
-    """Listen for agents on ``host:port`` (0 = any free port) and start sweeping health."""
+    """Listen for agents on ``host:port`` (0 = any free port) and start sweeping health;
+    ``more`` services share the listener (the replica relay)."""
     server = grpc.aio.server(options=server_options(max_receive_bytes))
     issuer = mtls.issuer if mtls is not None else None
-    server.add_generic_rpc_handlers((AgentControlServicer(agent_hub, issuer=issuer).handler(),))
+    server.add_generic_rpc_handlers((AgentControlServicer(agent_hub, issuer=issuer).handler(), *more))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     join_port = None
     if mtls is not None:

@@ -1,8 +1,8 @@
 """Several `edgeplane serve` processes on one PostgreSQL store: every replica serves the
-API, exactly one (the holder of the leader lease) reconciles and takes agents; when the
-leader is killed with -9 another takes over with a larger fencing token, the agent (given
-both addresses) moves to it, what is applied after the failover is reconciled, and no
-acknowledged write is lost."""
+API and agents, exactly one (the holder of the leader lease) reconciles, and the others
+relay their agents to it; when the leader is killed with -9 another takes over with a
+larger fencing token and plans at once with the agent it held, what is applied after the
+failover is reconciled, and no acknowledged write is lost."""
 
 from __future__ import annotations
 
@@ -135,16 +135,20 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
         as_json = json.loads(support.cli("status", "-o", "json", server_url=leader.url).stdout)
         assert as_json["controlPlane"]["role"] == "leader" and as_json["controlPlane"]["leader"]["fencingToken"] == token
 
-        # an agent given both addresses, the follower's first: the follower refuses it, the leader takes it
+        # an agent given both addresses, the follower's first: it stays there, relayed to the leader
         addresses = ",".join(f"127.0.0.1:{r.agent_port}" for r in (follower, leader))
         agent = harness.spawn_agent(harness.agent_command(addresses, SITE, tmp_path / "agent", heartbeat_interval=0.5), SITE,
                                     tmp_path / "agent")
-        wait_for("the agent joined the leader", lambda: agent_joins(url, 0), within_s=60, every_s=0.2)
-        assert "does not lead" in agent.log(), agent.log()  # the follower sent it on
+        joins = wait_for("the leader logged the agent's join", lambda: agent_joins(url, 0), within_s=60, every_s=0.2)
+        assert len(joins) == 1, joins  # logged once, by the replica the agent is connected to
+        assert "does not lead" not in agent.log(), agent.log()
+        wait_for("the follower relays one agent", lambda: (v := view(follower))["agents"]["connected"] == 1
+                 and v["relay"]["connected"] and v["relay"]["leader"] == elected[0], within_s=30, every_s=0.1)
+        assert view(leader)["agents"] == {"connected": 0, "relayedHere": 1}
         wait_for("the leader saw the site healthy", lambda: httpx.get(f"{follower.url}/v1/sites/{SITE}", timeout=10).json()
                  .get("status", {}).get("health") == "Healthy", within_s=60, every_s=0.2)
 
-        # the follower's gateway routes from the table the leader published: to the leader's agent
+        # both gateways route from the table the leader published, to the agent it planned
         routed = wait_for("the leader routes to the agent", lambda: (e := endpoints(leader)) and e, within_s=120, every_s=0.2)
         wait_for("the follower routes from the leader's table", lambda: endpoints(follower) == routed, within_s=30, every_s=0.2)
         answer = support.cli("infer", MODEL, "--location", "45.7,4.8", "--data", f"@{REQUEST}", server_url=follower.url)
@@ -170,9 +174,9 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
             assert [e.details["fencingToken"] for e in elected_events] == [token, after["leader"]["fencingToken"]]
         finally:
             store.close()
-        # the agent moves to the new leader: its join is logged after the new leader's election
-        wait_for("the agent joined the new leader", lambda: agent_joins(url, elected_events[-1].id), within_s=60, every_s=0.2)
-        wait_for("the new leader routes to the agent", lambda: endpoints(follower), within_s=60, every_s=0.2)
+        # the new leader held the agent already: it plans with it at once, and the agent never moved
+        wait_for("the new leader routes to the agent", lambda: endpoints(follower), within_s=30, every_s=0.2)
+        assert agent_joins(url, elected_events[-1].id) == [] and view(follower)["agents"] == {"connected": 1, "relayedHere": 0}
         answer = support.cli("infer", MODEL, "--location", "45.7,4.8", "--data", f"@{REQUEST}", server_url=follower.url)
         assert answer.returncode == 0 and SITE in answer.stdout + answer.stderr, (answer.stdout, answer.stderr)
         put = support.cli("apply", "-f", "-", server_url=follower.url, stdin=deployment("before", 3))  # generation 2

@@ -1,0 +1,399 @@
+"""Agents on any control-plane replica: the relay between a replica and the leader.
+
+Replicas that share a database elect one leader, which plans; agents may connect to any
+replica. A replica that does not lead keeps its agents in its own hub (their streams,
+credentials and health) and relays them to the leader over one gRPC stream
+(``edgeplane.agent.v1.ReplicaRelay``), on the leader's agent listener:
+
+- up, every ``flush_s`` (0.25 s), one batch: each agent that joined, left or beat since the
+  last batch, its heartbeats merged into one (latest values; capacity and models carried
+  forward when a later beat leaves them out). An agent the leader has not heard of on this
+  stream is reported whole (who it is, as it joined, and its full state). So the leader's
+  cost is one message per replica per flush, not one per heartbeat, and nothing per
+  heartbeat reaches the database;
+- down, the assignment sets the leader's reconciler gives those agents' sites (latest wins
+  per site), which the replica's hub hands to the agents' watch streams.
+
+The leader's hub holds relayed agents as its own (health by the same deadlines, so a relay
+that goes quiet loses its agents in the usual time); the published endpoint table brings
+what it decides to every replica's gateway. The stream authenticates with the secret the
+leader published in the database at its election; with mutual TLS the relaying replica
+presents a client certificate from the shared agent CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from orchestrator.agents import errors, hub, model
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReplicaRelay"].full_name
+METHOD = f"/{SERVICE_NAME}/Relay"
+SECRET_KEY = "x-edgeplane-relay"
+#: A batch stays under the agent listener's 256 KiB message limit.
+MAX_BATCH_BYTES = 192 * 1024
+FLUSH_S = 0.25
+RETRY_S = (0.25, 5.0)  # reconnect backoff: first and largest wait
+
+
+# -- the leader's side ---------------------------------------------------------------------
+
+
+class RelayServicer:
+    """Takes relay streams while this replica leads: ``secret()`` is the secret it published,
+    None while it does not lead."""
+
+    def __init__(self, agent_hub: hub.AgentHub, secret: Callable[[], str | None]) -> None:
+        self._hub = agent_hub
+        self._secret = secret
+        self._closing: set[asyncio.Event] = set()
+        self.reports_total = 0
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Relay": grpc.stream_stream_rpc_method_handler(
+                self.Relay, response_serializer=pb.RelayAssignments.SerializeToString),
+        })
+
+    def close_all(self) -> None:
+        """End every relay stream now (this replica stopped leading)."""
+        for closing in self._closing:
+            closing.set()
+
+    async def Relay(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RelayAssignments]:
+        secret = self._secret()
+        if secret is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this control-plane replica does not lead")
+        given = next((v for k, v in context.invocation_metadata() or () if k == SECRET_KEY and isinstance(v, str)), "")
+        if not hmac.compare_digest(given.encode(), (secret or "").encode()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong relay secret (it changes with each leader)")
+        stream = _Stream()
+        closing = asyncio.Event()
+        self._closing.add(closing)
+        reader = asyncio.create_task(self._read(requests, stream), name="relay-reader")
+        closed = asyncio.create_task(closing.wait())
+        try:
+            while True:
+                wake = asyncio.create_task(stream.wake.wait())
+                await asyncio.wait({reader, wake, closed}, return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+                stream.wake.clear()
+                if closed.done():
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "this control-plane replica stopped leading")
+                if stream.outbox or stream.again:
+                    yield stream.take()
+                if reader.done():
+                    problem = reader.result()
+                    if problem:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                    return
+        finally:
+            self._closing.discard(closing)
+            for task in (reader, closed):
+                task.cancel()
+            if stream.via is not None:
+                self._hub.detach_relay(stream.via, stream.push)
+                log.info("replica %s stopped relaying its agents", stream.via)
+
+    async def _read(self, requests: AsyncIterator[bytes], stream: _Stream) -> str | None:
+        """Apply the batches; returns why the stream must end, or None when the replica ended it."""
+        async for raw in requests:
+            try:
+                batch = pb.RelayReports.FromString(raw)
+            except DecodeError as exc:
+                return f"malformed RelayReports: {exc}"
+            if stream.via is None:
+                if not batch.replica:
+                    return "the first RelayReports must name the relaying replica"
+                stream.via = batch.replica
+                self._hub.attach_relay(stream.via, stream.push)
+                log.info("replica %s relays its agents here", stream.via)
+            for report in batch.reports:
+                self.reports_total += 1
+                try:
+                    self._apply(report, stream)
+                except errors.AgentHubError as exc:  # one bad agent does not end the others' relay
+                    log.warning("relayed agent %r of site %r from replica %s refused: %s", report.agent_id, report.site, stream.via, exc)
+        return None
+
+    def _apply(self, report: pb.AgentReport, stream: _Stream) -> None:
+        via = stream.via
+        assert via is not None
+        if report.gone:
+            self._hub.relayed_gone(report.site, report.agent_id, via)
+            return
+        if report.HasField("agent"):
+            joined = report.agent
+            self._hub.admit_relayed(model.JoinApplication(
+                site=report.site, bootstrap_token="", credential=None, agent_id=report.agent_id,
+                endpoint_url=joined.endpoint_url, location=model.Location.from_proto(joined.location),
+                labels=dict(joined.labels), agent_version=joined.agent_version,
+                heartbeat_interval=joined.heartbeat_interval_ms / 1000 or None,
+                capacity=model.Capacity.from_proto(joined.capacity)), report.agent_id, via)
+        if report.HasField("state") and not self._hub.relayed_heartbeat(
+                report.site, report.agent_id, model.Heartbeat.from_proto(report.state), via):
+            stream.again.add(report.site)
+            stream.wake.set()
+
+
+class _Stream:
+    """One relay stream on the leader: what is to be sent down it."""
+
+    def __init__(self) -> None:
+        self.via: str | None = None
+        self.outbox: dict[str, model.AssignmentSet] = {}  # latest set per site
+        self.again: set[str] = set()
+        self.wake = asyncio.Event()
+
+    def push(self, site: str, assignment_set: model.AssignmentSet) -> None:
+        self.outbox[site] = assignment_set
+        self.wake.set()
+
+    def take(self) -> pb.RelayAssignments:
+        message = pb.RelayAssignments(
+            sites=[pb.SiteAssignments(site=site, set=s.to_proto()) for site, s in self.outbox.items()],
+            report_again=sorted(self.again))
+        self.outbox, self.again = {}, set()
+        return message
+
+
+# -- the relaying replica's side -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Leader:
+    """Where the leader takes relays: from the document it published in the database."""
+
+    replica: str
+    address: str  # host:port of its agent listener
+    secret: str
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    ca_pem: bytes
+    key_pem: bytes
+    certificate_pem: bytes
+
+
+class RelayClient:
+    """Relays this replica's agents to the leader while it follows (see the module doc).
+
+    ``point`` names the leader (None while this replica leads or knows no leader);
+    ``run`` keeps one stream open to it, reconnecting with backoff. What agents do while the
+    stream is down is kept (latest state per site) and the next stream starts with every
+    agent reported whole.
+    """
+
+    def __init__(self, agent_hub: hub.AgentHub, replica: str, *, tls: Callable[[], ClientTls] | None = None,
+                 flush_s: float = FLUSH_S) -> None:
+        self._hub = agent_hub
+        self.replica = replica
+        self._tls = tls
+        self.flush_s = flush_s
+        self.leader: Leader | None = None
+        self._pointed = asyncio.Event()
+        self._connection: asyncio.Task[None] | None = None
+        self._touched: set[str] = set()
+        self._beats: dict[str, tuple[str, pb.Heartbeat]] = {}
+        self._sent: dict[str, str] = {}  # site -> agent id the leader knows on this stream
+        self.connected = False
+        self.last_error = ""
+        self.batches_total = 0
+        self.reports_total = 0
+
+    # RelayTap: called by the hub and the agents' servicer on the event loop
+
+    def touched(self, site: str) -> None:
+        self._touched.add(site)
+
+    def beat(self, site: str, agent_id: str, message: object) -> None:
+        assert isinstance(message, pb.Heartbeat)
+        pending = self._beats.get(site)
+        if pending is not None and pending[0] == agent_id:
+            _carry(pending[1], message)
+        self._beats[site] = (agent_id, message)
+
+    # control
+
+    def point(self, leader: Leader | None) -> None:
+        if leader == self.leader:
+            return
+        self.leader = leader
+        self._hub.tap = self if leader is not None else None
+        if leader is None:
+            self._beats.clear()
+            self._touched.clear()
+        if self._connection is not None:
+            self._connection.cancel()
+        self._pointed.set()
+
+    def view(self) -> dict[str, object]:
+        return {"leader": self.leader.replica if self.leader else None, "address": self.leader.address if self.leader else None,
+                "connected": self.connected, "agents": len(self._sent) if self.connected else 0,
+                "batches": self.batches_total, "reports": self.reports_total, "lastError": self.last_error or None}
+
+    async def run(self) -> None:
+        """Until cancelled: a stream to the leader whenever one is named."""
+        backoff = RETRY_S[0]
+        try:
+            while True:
+                if self.leader is None:
+                    self._pointed.clear()
+                    await self._pointed.wait()
+                    continue
+                leader = self.leader
+                self._connection = asyncio.create_task(self._connect(leader), name="relay-stream")
+                started = time.monotonic()
+                try:
+                    await self._connection
+                except asyncio.CancelledError:
+                    if self._connection.cancelled() and not _current_cancelling():
+                        backoff = RETRY_S[0]
+                        continue  # pointed elsewhere
+                    raise
+                except grpc.RpcError as exc:
+                    self.last_error = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                    log.info("relay to leader %s at %s: %s", leader.replica, leader.address, self.last_error)
+                except Exception as exc:  # a bug must not end the relay for good
+                    self.last_error = repr(exc)
+                    log.exception("relay to leader %s failed", leader.replica)
+                finally:
+                    self.connected = False
+                    self._connection = None
+                if time.monotonic() - started > 10 * RETRY_S[1]:
+                    backoff = RETRY_S[0]  # it had been up a while: try again soon
+                self._pointed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(backoff):
+                        await self._pointed.wait()  # a new leader named: at once
+                backoff = min(backoff * 2, RETRY_S[1])
+        finally:
+            self._hub.tap = None
+
+    async def _connect(self, leader: Leader) -> None:
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.keepalive_time_ms", 10_000),
+                   ("grpc.keepalive_timeout_ms", 5_000), ("grpc.keepalive_permit_without_calls", 1)]
+        if self._tls is None:
+            channel = grpc.aio.insecure_channel(leader.address, options=options)
+        else:
+            tls = self._tls()
+            channel = grpc.aio.secure_channel(leader.address, grpc.ssl_channel_credentials(
+                tls.ca_pem, tls.key_pem, tls.certificate_pem), options=options)
+        async with channel:
+            call = channel.stream_stream(METHOD, request_serializer=pb.RelayReports.SerializeToString,
+                                         response_deserializer=pb.RelayAssignments.FromString)(
+                metadata=((SECRET_KEY, leader.secret),))
+            self._sent = {}
+            self._touched = set(self._hub.sites())  # the leader hears of every agent afresh
+            self._beats.clear()
+            receiver = asyncio.create_task(self._receive(call), name="relay-receiver")
+            try:
+                first = True
+                while True:
+                    batches = self._batches()
+                    if first and not batches:
+                        batches = [pb.RelayReports(replica=self.replica)]  # names this replica at once
+                    for batch in batches:
+                        await call.write(batch)
+                        self.batches_total += 1
+                    if first:
+                        self.connected, self.last_error, first = True, "", False
+                        log.info("relaying %d agents to leader %s at %s", len(self._sent), leader.replica, leader.address)
+                    done, _ = await asyncio.wait({receiver}, timeout=self.flush_s)
+                    if done:
+                        receiver.result()  # the leader ended the stream: its error, if any
+                        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                                   "the leader ended the relay stream")
+            finally:
+                receiver.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                    await receiver
+
+    async def _receive(self, call: grpc.aio.StreamStreamCall) -> None:
+        async for message in call:
+            for sent in message.sites:
+                self._hub.accept_assignments(sent.site, [model.Assignment.from_proto(a) for a in sent.set.assignments],
+                                             sent.set.version)
+            for site in message.report_again:
+                self._sent.pop(site, None)
+                self._touched.add(site)
+
+    def _batches(self) -> list[pb.RelayReports]:
+        """What happened since the last batch, as messages under ``MAX_BATCH_BYTES``."""
+        touched, self._touched = self._touched, set()
+        beats, self._beats = self._beats, {}
+        reports: list[pb.AgentReport] = []
+        for site in touched:
+            status = self._hub.status(site)
+            known = self._sent.get(site)
+            if status is None:
+                if known is not None:
+                    reports.append(pb.AgentReport(site=site, agent_id=known, gone=True))
+                    del self._sent[site]
+            elif status.agent_id != known and status.healthy:
+                reports.append(_whole(status))
+                self._sent[site] = status.agent_id
+                beats.pop(site, None)
+        for site, (agent_id, beat) in beats.items():
+            if self._sent.get(site) == agent_id:
+                reports.append(pb.AgentReport(site=site, agent_id=agent_id, state=beat))
+            elif (status := self._hub.status(site)) is not None and status.agent_id == agent_id and status.healthy:
+                reports.append(_whole(status))
+                self._sent[site] = agent_id
+        self.reports_total += len(reports)
+        batches: list[pb.RelayReports] = []
+        size, start = 0, 0
+        for i, report in enumerate(reports):
+            size += report.ByteSize() + 8
+            if size > MAX_BATCH_BYTES and i > start:
+                batches.append(pb.RelayReports(replica=self.replica, reports=reports[start:i]))
+                start, size = i, report.ByteSize() + 8
+        if start < len(reports):
+            batches.append(pb.RelayReports(replica=self.replica, reports=reports[start:]))
+        return batches
+
+
+def _current_cancelling() -> int:
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def _carry(earlier: pb.Heartbeat, later: pb.Heartbeat) -> None:
+    """Merge two heartbeats into ``later``: what it leaves out as unchanged, ``earlier`` had."""
+    for name in ("capacity", "models"):
+        if earlier.HasField(name) and not later.HasField(name):
+            getattr(later, name).CopyFrom(getattr(earlier, name))
+    if not later.gpu_load and earlier.gpu_load:
+        later.gpu_load.extend(earlier.gpu_load)
+    if not later.model_load and earlier.model_load:
+        later.model_load.extend(earlier.model_load)
+
+
+def _whole(status: model.AgentStatus) -> pb.AgentReport:
+    """An agent reported whole: who it is and everything the leader's hub keeps of it."""
+    capacity = status.capacity.to_proto()
+    return pb.AgentReport(
+        site=status.site, agent_id=status.agent_id,
+        agent=pb.JoinRequest(site=status.site, agent_id=status.agent_id, endpoint_url=status.endpoint_url,
+                             location=status.location.to_proto(), labels=dict(status.labels), agent_version=status.agent_version,
+                             heartbeat_interval_ms=round(status.heartbeat_interval * 1000), capacity=capacity),
+        state=pb.Heartbeat(
+            sent_unix_ms=int(status.last_heartbeat * 1000), inflight=status.inflight, cpu_percent=status.cpu_percent,
+            memory_available_bytes=status.memory_available_bytes, assignment_version=status.assignment_version,
+            capacity=capacity, models=pb.ModelStates(models=[m.to_proto() for m in status.models.values()]),
+            gpu_load=[pb.Gpu(index=g.index, memory_free_bytes=g.memory_free_bytes) for g in status.capacity.gpus],
+            model_load=[pb.ModelLoad(name=name, requests_total=load.requests_total, busy_seconds_total=load.busy_seconds_total)
+                        for name, load in status.model_load.items()]))

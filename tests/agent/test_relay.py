@@ -1,0 +1,210 @@
+"""Agents on a replica that does not lead: a real agent joins the "follower" hub, whose relay
+client streams it to the "leader" hub over real gRPC on loopback; the leader's assignment
+reaches the agent, which downloads, serves and reports the model back the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from orchestrator.agents import auth, hub, model, relay, service
+from orchestrator.security import ca
+
+from .conftest import SITE, TOKEN, ControlPlane, EventLog, MakeAgent, Models, start_control_plane
+from .test_agent import assignment, infer, reference, wait_model
+
+SECRET = "relay-secret-for-tests"
+
+
+@dataclass
+class Leader:
+    cp: ControlPlane
+    servicer: relay.RelayServicer
+    secret: str | None = SECRET
+
+    def named(self, secret: str = SECRET) -> relay.Leader:
+        return relay.Leader("cp-leader", self.cp.target, secret)
+
+
+@pytest.fixture
+async def leader() -> AsyncIterator[Leader]:
+    events = EventLog()
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), on_change=events, heartbeat_interval=0.2, missed_heartbeats=3)
+    holder: list[Leader] = []
+    servicer = relay.RelayServicer(agent_hub, lambda: holder[0].secret)
+    server = await service.start_agent_server(agent_hub, "127.0.0.1", 0, more=(servicer.handler(),))
+    holder.append(Leader(ControlPlane(agent_hub, server, events), servicer))
+    yield holder[0]
+    await server.stop(grace=None)
+
+
+@pytest.fixture
+async def follower() -> AsyncIterator[tuple[ControlPlane, relay.RelayClient]]:
+    cp = await start_control_plane()
+    client = relay.RelayClient(cp.hub, "cp-follower", flush_s=0.05)
+    task = asyncio.create_task(client.run())
+    yield cp, client
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await cp.server.stop(grace=None)
+
+
+async def until(predicate: object, what: str, within_s: float = 10.0) -> None:
+    async with asyncio.timeout(within_s):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+
+
+def of(kind: model.AgentEventKind, site: str = SITE) -> object:
+    return lambda e: e.kind is kind and e.site == site
+
+
+async def test_an_agent_on_a_follower_is_planned_by_the_leader_and_served_its_assignments(
+    leader: Leader, follower: tuple[ControlPlane, relay.RelayClient], make_agent: MakeAgent, models: Models
+) -> None:
+    cp, client = follower
+    client.point(leader.named())
+    agent = await make_agent(cp)
+    joined = await leader.cp.events.wait_for(of(model.AgentEventKind.JOINED))
+    assert "through replica cp-follower" in joined.reason
+    assert joined.status.endpoint_url == agent.endpoint_url
+    assert joined.status.location == model.Location("FR", "eu-west", 48.85, 2.35) and joined.status.labels == {"tier": "edge"}
+    assert joined.status.capacity == cp.hub.status(SITE).capacity  # type: ignore[union-attr]
+    assert leader.cp.hub.relayed() == 1 and client.view()["connected"]
+
+    # the leader's assignment reaches the agent through the follower; its state comes back
+    leader.cp.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=7)
+    state = await wait_model(leader.cp, lambda s: s.phase is model.ModelPhase.READY)
+    assert state.serving_sha256 == models.v1.sha256
+    assert cp.hub.assignments(SITE) == leader.cp.hub.assignments(SITE)
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as http:
+        x = np.ones((2, 8), np.float32)
+        np.testing.assert_allclose(await infer(http, x), reference(models.v1, 0, x), rtol=1e-5)
+    await until(lambda: (s := leader.cp.hub.status(SITE)) and s.assignment_version == 7, "the applied version relayed")
+    beats = leader.cp.hub.heartbeats_total
+    await until(lambda: leader.cp.hub.heartbeats_total >= beats + 5, "heartbeats keep coming through the relay")
+
+    # the agent stops: the leader finds it lost by the same deadline as its own agents
+    await agent.stop()
+    lost = await leader.cp.events.wait_for(of(model.AgentEventKind.LOST))
+    assert lost.status.healthy is False
+
+
+async def test_the_follower_s_agents_reach_a_new_leader_whole(
+    leader: Leader, follower: tuple[ControlPlane, relay.RelayClient], make_agent: MakeAgent, models: Models
+) -> None:
+    cp, client = follower
+    await make_agent(cp)
+    await cp.events.wait_for(of(model.AgentEventKind.JOINED))
+    cp.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=1)  # served before any leader is known
+    await wait_model(cp, lambda s: s.phase is model.ModelPhase.READY)
+
+    client.point(leader.named())  # a leader elected later hears of every agent, with its models
+    joined = await leader.cp.events.wait_for(of(model.AgentEventKind.JOINED))
+    state = await wait_model(leader.cp, lambda s: s.phase is model.ModelPhase.READY)  # as a direct agent's first heartbeat
+    assert state.serving_sha256 == models.v1.sha256
+    assert leader.cp.hub.status(SITE).assignment_version == 1  # type: ignore[union-attr]
+
+    # the leader forgets it (as a new leader would): the next heartbeat brings it back whole
+    leader.cp.hub.forget(SITE)
+    await leader.cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED and e is not joined)
+    await until(lambda: (s := leader.cp.hub.status(SITE)) and s.models["mlp"].phase is model.ModelPhase.READY, "models again")
+
+    # the follower forgets it (a site deleted): the leader drops it too
+    cp.hub.forget(SITE)
+    await until(lambda: leader.cp.hub.status(SITE) is None, "the leader dropped the site")
+
+
+async def test_a_relay_with_a_wrong_secret_or_to_a_replica_that_does_not_lead_is_refused(
+    leader: Leader, follower: tuple[ControlPlane, relay.RelayClient], make_agent: MakeAgent
+) -> None:
+    cp, client = follower
+    await make_agent(cp)
+    client.point(leader.named("not-the-secret"))
+    await until(lambda: client.last_error.startswith("UNAUTHENTICATED"), "the wrong secret refused")
+    leader.secret = None
+    client.point(leader.named())
+    await until(lambda: client.last_error.startswith("UNAVAILABLE") and "does not lead" in client.last_error, "a non-leader refusing")
+    assert leader.cp.hub.status(SITE) is None and not client.view()["connected"]
+
+    leader.secret = SECRET  # elected: the relay gets through at its next attempt
+    await leader.cp.events.wait_for(of(model.AgentEventKind.JOINED), timeout=15)
+    leader.servicer.close_all()  # it stops leading: the stream ends, the follower keeps its agent
+    await until(lambda: not client.view()["connected"], "the stream ended")
+    assert cp.hub.status(SITE) is not None and cp.hub.status(SITE).healthy  # type: ignore[union-attr]
+
+
+async def test_malformed_relay_messages_end_only_that_stream(leader: Leader) -> None:
+    async with grpc.aio.insecure_channel(leader.cp.target) as channel:
+        call = channel.stream_stream(relay.METHOD)(metadata=((relay.SECRET_KEY, SECRET),))
+        await call.write(b"\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "malformed RelayReports" in (refused.value.details() or "")
+
+        call = channel.stream_stream(relay.METHOD, request_serializer=pb.RelayReports.SerializeToString)(
+            metadata=((relay.SECRET_KEY, SECRET),))
+        bad = pb.AgentReport(site="Not A Site", agent_id="agt-1", agent=pb.JoinRequest(endpoint_url="http://127.0.0.1:1"))
+        good = pb.AgentReport(site="edge-ok", agent_id="agt-2", agent=pb.JoinRequest(endpoint_url="http://127.0.0.1:2"),
+                              state=pb.Heartbeat(inflight=3))
+        await call.write(pb.RelayReports(replica="cp-x", reports=[bad, good]))
+        await leader.cp.events.wait_for(of(model.AgentEventKind.JOINED, "edge-ok"))
+        assert leader.cp.hub.status("Not A Site") is None and leader.cp.hub.status("edge-ok").inflight == 3  # type: ignore[union-attr]
+        await call.done_writing()
+    await until(lambda: leader.cp.hub.relayed() == 1, "records stay after the stream ends")
+
+
+def test_heartbeats_merge_without_losing_what_a_later_one_leaves_out() -> None:
+    client = relay.RelayClient(hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN])), "cp-f")
+    first = pb.Heartbeat(seq=1, inflight=1, capacity=pb.Capacity(cpu_cores=4), models=pb.ModelStates(models=[pb.ModelState(name="m")]),
+                         model_load=[pb.ModelLoad(name="m", requests_total=5)])
+    client.beat("s", "a", first)
+    client.beat("s", "a", pb.Heartbeat(seq=2, inflight=2))
+    agent_id, merged = client._beats["s"]
+    assert (agent_id, merged.seq, merged.inflight, merged.capacity.cpu_cores) == ("a", 2, 2, 4)
+    assert [m.name for m in merged.models.models] == ["m"] and merged.model_load[0].requests_total == 5
+    client.beat("s", "b", pb.Heartbeat(seq=1))  # another agent took the site: nothing carried over
+    assert not client._beats["s"][1].HasField("capacity")
+
+
+async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_path: pathlib.Path) -> None:
+    authority = ca.CertificateAuthority.load_or_create(tmp_path / "ca")
+    server_cert, server_key = authority.issue_server(["127.0.0.1"])
+    events = EventLog()
+    leader_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), on_change=events, heartbeat_interval=1.0)
+    servicer = relay.RelayServicer(leader_hub, lambda: SECRET)
+    server = await service.start_agent_server(leader_hub, "127.0.0.1", 0, more=(servicer.handler(),),
+                                              tls=service.ServerTls(server_cert, server_key, client_ca=authority.certificate_pem))
+    follower_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), heartbeat_interval=1.0)
+    follower_hub.join(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test", 1.0,
+                                            model.Capacity(cpu_cores=2)))
+
+    def certificate(by: ca.CertificateAuthority) -> relay.ClientTls:
+        key, csr = ca.new_key_and_csr("control-plane-relay")
+        return relay.ClientTls(authority.certificate_pem, key, by.issue_agent("control-plane-relay", csr))
+
+    stranger = ca.CertificateAuthority.load_or_create(tmp_path / "other")
+    clients = [relay.RelayClient(follower_hub, "cp-f", tls=lambda: certificate(stranger), flush_s=0.05)]
+    task = asyncio.create_task(clients[0].run())
+    try:
+        clients[0].point(relay.Leader("cp-leader", f"127.0.0.1:{server.port}", SECRET))
+        await until(lambda: clients[0].last_error.startswith("UNAVAILABLE"), "a certificate from another CA refused")
+        assert leader_hub.status(SITE) is None
+        task.cancel()
+        clients.append(relay.RelayClient(follower_hub, "cp-f", tls=lambda: certificate(authority), flush_s=0.05))
+        task = asyncio.create_task(clients[1].run())
+        clients[1].point(relay.Leader("cp-leader", f"127.0.0.1:{server.port}", SECRET))
+        joined = await events.wait_for(of(model.AgentEventKind.JOINED))
+        assert joined.status.via == "cp-f" and joined.status.capacity.cpu_cores == 2
+    finally:
+        task.cancel()
+        await server.stop(None)
