@@ -8,7 +8,6 @@
     ├── InvalidInput             an infer request does not fit the model (-> HTTP 400)
     ├── ControlPlaneError        the uplink failed
     │   ├── AgentUnavailable     control plane unreachable: back off and retry
-    │   │   └── NotLeading       a replica that does not lead answered: retry soon
     │   ├── JoinRefused          token/credential refused, site taken, bad request
     │   ├── NotJoined            the control plane forgot us: join again
     │   └── RenewalDue           the client certificate is due: join again with a CSR
@@ -48,10 +47,6 @@ class ControlPlaneError(AgentError):
 
 class AgentUnavailable(ControlPlaneError):
     pass
-
-
-class NotLeading(AgentUnavailable):
-    """A control-plane replica answered but does not lead (an election is under way)."""
 
 
 class RenewalDue(ControlPlaneError):

@@ -22,7 +22,6 @@ import grpc
 
 from edge_agent import assignments, capacity, errors, registry, state, tls
 from edge_agent.retry import RECONNECT, RetryPolicy
-from edgeplane_proto import replicas
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 
@@ -38,7 +37,6 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, 
 
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 JOIN_TIMEOUT_S = 10.0
-ELECTION_RETRY_S = 1.0  # the most a round of addresses waits while a replica answered that it does not lead
 
 _REFUSED = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -56,8 +54,6 @@ def translate(exc: grpc.RpcError) -> errors.ControlPlaneError:
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return errors.NotJoined(detail or "not joined")
     name = code.name if code is not None else "ERROR"
-    if code is grpc.StatusCode.UNAVAILABLE and replicas.is_not_leading(detail or ""):
-        return errors.NotLeading(f"control plane unavailable ({name}: {detail})")
     return errors.AgentUnavailable(f"control plane unavailable ({name}: {detail})")
 
 
@@ -171,7 +167,6 @@ class Uplink:
 
     async def run(self) -> None:
         attempt = 0
-        follower_answered = False  # in this round of addresses, a replica said it does not lead
         while not self._stopping.is_set():
             started = self._clock()
             try:
@@ -185,7 +180,6 @@ class Uplink:
                 log.warning("control plane asks to join again: %s", exc)
             except errors.AgentUnavailable as exc:
                 log.warning("%s", exc)
-                follower_answered = follower_answered or isinstance(exc, errors.NotLeading)
             except Exception:  # the uplink never dies: log, back off, go on
                 log.exception("uplink session failed")
             if self._stopping.is_set():
@@ -196,10 +190,6 @@ class Uplink:
             self._current = (self._current + 1) % len(self._targets)
             attempt += 1
             delay = 0.0 if self._current else self._backoff.delay(-(-attempt // len(self._targets)), self._rng)
-            if not self._current:  # a round of addresses ends
-                if follower_answered:  # a live replica that does not lead: a leader is (about to be) elected
-                    delay = min(delay, ELECTION_RETRY_S * self._rng.uniform(0.5, 1.0))
-                follower_answered = False
             log.info("reconnecting to %s in %.1fs", self._target, delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):

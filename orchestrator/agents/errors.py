@@ -6,7 +6,6 @@
     │   ├── SiteTaken             a live agent already holds the site -> ALREADY_EXISTS
     │   └── InvalidJoin           malformed site, URL, labels...      -> INVALID_ARGUMENT
     ├── NotJoined                 stream from an agent that must join -> FAILED_PRECONDITION
-    ├── NotLeading                this replica does not lead: try another -> UNAVAILABLE
     └── StaleAssignments          set_assignments with an older version
 """
 
@@ -35,11 +34,6 @@ class InvalidJoin(JoinRefused):
 
 class NotJoined(AgentHubError):
     pass
-
-
-class NotLeading(AgentHubError):
-    """A control-plane replica that does not lead takes no agents: the leader plans only
-    with the agents it holds, so an agent held here would be invisible to it."""
 
 
 class StaleAssignments(AgentHubError):

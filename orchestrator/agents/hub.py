@@ -177,15 +177,12 @@ class AgentHub:
         self.lag = LagHistogram()
         self.heartbeats_total = 0
         self._beat_waiters: dict[str, asyncio.Event] = {}
-        self.refusing: str | None = None  # why joins are refused now
         self.tap: RelayTap | None = None  # set while this replica relays its agents to a leader
         self._relays: dict[str, PushAssignments] = {}  # relaying replica -> its stream's outbox
 
     # -- join and identity ----------------------------------------------------------
 
     def join(self, application: model.JoinApplication) -> model.JoinGrant:
-        if self.refusing is not None:
-            raise errors.NotLeading(self.refusing)
         _validate(application)
         site = application.site
         by_credential = application.credential is not None and self._auth.verify_credential(
@@ -404,14 +401,6 @@ class AgentHub:
         self._channel(site).notify()
         if self.tap is not None:
             self.tap.touched(site)
-
-    def refuse(self, reason: str | None) -> None:
-        """Refuse joins while ``reason`` is set, and let every agent go now: their streams
-        end at their next heartbeat (``NotJoined``) and they join elsewhere."""
-        self.refusing = reason
-        if reason is not None:
-            for site in list(self._records):
-                self.forget(site)
 
     # -- relayed agents (the leader's side) ------------------------------------------
 

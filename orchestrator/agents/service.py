@@ -52,7 +52,6 @@ _CODES: list[tuple[type[errors.AgentHubError], grpc.StatusCode]] = [
     (errors.SiteTaken, grpc.StatusCode.ALREADY_EXISTS),
     (errors.InvalidJoin, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotJoined, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.NotLeading, grpc.StatusCode.UNAVAILABLE),
 ]
 
 

@@ -218,8 +218,19 @@ def _leadership_line(cp: dict[str, Any]) -> str:
         leader = cp.get("leader")
         who = (f"leader {leader['replica']} (fencing token {leader['fencingToken']})" if leader
                else f"no leader now{': ' + cp['error'] if cp.get('error') else ''}")
-        return f"replica {cp['replica']}: {cp['role']}; {who}"
+        agents = cp.get("agents") or {}
+        relay = cp.get("relay")
+        if relay is not None:
+            how = "relayed to the leader" if relay.get("connected") else f"not relayed ({relay.get('lastError') or 'no leader known'})"
+            held = f"; {_agents(agents.get('connected', 0))} here, {how}"
+        else:
+            held = f"; {_agents(agents.get('connected', 0))} here, {agents.get('relayedHere', 0)} relayed by followers"
+        return f"replica {cp['replica']}: {cp['role']}; {who}{held}"
     return f"replica {cp['replica']}: leader (the only replica)"
+
+
+def _agents(n: int) -> str:
+    return f"{n} agent" if n == 1 else f"{n} agents"
 
 
 def _waiting(placements: list[dict[str, Any]]) -> dict[str, list[str]]:

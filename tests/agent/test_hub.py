@@ -226,16 +226,3 @@ def test_a_live_agents_new_session_is_not_a_second_join(agent_hub, clock, events
     assert events[0].reason == "agent joined with a bootstrap token" and events[-1].reason == "agent joined with its credential"
 
 
-def test_a_hub_that_refuses_lets_its_agents_go_and_takes_no_joins() -> None:
-    """A control-plane replica that does not lead: joins are refused with a reason and the
-    agents it held are let go (their next heartbeat says join again)."""
-    h = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]))
-    grant = h.join(application())
-    h.refuse("this replica does not lead")
-    assert h.snapshot() == []
-    with pytest.raises(errors.NotLeading, match="does not lead"):
-        h.join(application())
-    with pytest.raises(errors.NotJoined):
-        h.record_heartbeat("edge-1", grant.agent_id, beat())
-    h.refuse(None)
-    assert h.join(application()).agent_id != grant.agent_id

@@ -145,6 +145,8 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
         wait_for("the follower relays one agent", lambda: (v := view(follower))["agents"]["connected"] == 1
                  and v["relay"]["connected"] and v["relay"]["leader"] == elected[0], within_s=30, every_s=0.1)
         assert view(leader)["agents"] == {"connected": 0, "relayedHere": 1}
+        assert "; 1 agent here, relayed to the leader" in support.cli("status", server_url=follower.url).stdout
+        assert "; 0 agents here, 1 relayed by followers" in support.cli("status", server_url=leader.url).stdout
         wait_for("the leader saw the site healthy", lambda: httpx.get(f"{follower.url}/v1/sites/{SITE}", timeout=10).json()
                  .get("status", {}).get("health") == "Healthy", within_s=60, every_s=0.2)
 

@@ -210,3 +210,27 @@ async def test_a_ca_made_by_ca_init_is_the_one_a_replica_signs_with(tmp_path: pa
         assert cp.ca_file.read_bytes() == (shared / "ca.crt").read_bytes()
     finally:
         await cp.stop()
+
+
+def test_each_replica_relays_to_the_leader_at_its_own_pod_name_on_the_agent_port() -> None:
+    """--peer-address, expanded by Kubernetes for each pod, names that pod in the
+    StatefulSet's headless Service on a port the Service and the container both expose;
+    the replica's certificate for agents then names that host too."""
+    sts = next(d for d in by_kind(CONTROL_PLANE[0]) if d["metadata"]["name"] == CONTROL_PLANE[1])
+    container = containers(sts)[0]
+    peer = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--peer-address="))
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    headless = next(s for s in by_kind("Service") if s["metadata"]["name"] == sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    host, port = peer.rsplit(":", 1)
+    ns = sts["metadata"]["namespace"]
+    assert host == f"$(POD_NAME).{headless['metadata']['name']}.{ns}.svc", peer
+    agents = next(p for p in container["ports"] if p["name"] == "agents")
+    assert int(port) == agents["containerPort"] and any(p["port"] == int(port) for p in headless["spec"]["ports"])
+    for pod in pod_names(sts):
+        expanded = peer.replace("$(POD_NAME)", pod)
+        cfg = server.config_from_args(cli_main.build_parser().parse_args(
+            [a.replace("$(POD_NAME)", pod) for a in container["args"]]))
+        assert cfg.peer_address == expanded
+        assert expanded.rsplit(":", 1)[0] in server.agent_tls_hosts(cfg)
