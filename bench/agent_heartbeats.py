@@ -1,6 +1,6 @@
 """Heartbeat ingestion at the hub: many simulated agents on client streams.
 
-    .venv/bin/python -m bench.agent_heartbeats [--quick] [--agents N ...] [--rate R]
+    .venv/bin/python -m bench.agent_heartbeats [--quick] [--agents N ...] [--rate R] [--relays K]
 
 The hub and its gRPC server run in this process; the simulated agents run in other
 processes (so the load generator does not share the hub's interpreter), one per
@@ -16,6 +16,11 @@ Phases, all in the same run:
   saturated  every agent writes back to back: the hub's ceiling
   baseline   the same saturated load into a servicer that only counts messages, which
              is the floor of gRPC streaming in Python on this machine
+  relayed    with ``--relays K``: the paced phases again, the agents spread over K
+             control-plane replicas that do not lead (each its own process, hub and gRPC
+             server), which relay them to the leader's hub here over one stream each
+             (``orchestrator.agents.relay``); reports the leader's applied rate, CPU and
+             memory, and each relaying replica's CPU and memory
 Writes bench/results/agent_heartbeats.json.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -37,7 +43,7 @@ from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.agents import auth, hub, service
+from orchestrator.agents import auth, hub, relay, service
 
 RESULTS = Path(__file__).parent / "results" / "agent_heartbeats.json"
 TOKEN = "bench-token"
@@ -163,6 +169,125 @@ def _generator_main(target: str, agents: int, interval: float, stop, join: bool,
     out.send(asyncio.run(_generate(target, agents, interval, stop, join, first_site)))
 
 
+# -- a relaying replica (one process each) ----------------------------------------------
+
+RELAY_SECRET = "bench-relay-secret"
+
+
+def _relay_main(leader: str, replica: str, conn) -> None:  # noqa: ANN001
+    asyncio.run(_relay_replica(leader, replica, conn))
+
+
+async def _relay_replica(leader: str, replica: str, conn) -> None:  # noqa: ANN001
+    """A follower's agent side: hub, gRPC server, relay to ``leader``. Answers the parent's
+    "mark" with (CPU seconds, heartbeats, RSS MiB, batches, reports); "stop" ends it."""
+    logging.getLogger("orchestrator").setLevel(logging.ERROR)
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), missed_heartbeats=5)
+    server = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
+    client = relay.RelayClient(agent_hub, replica)
+    task = asyncio.create_task(client.run())
+    client.point(relay.Leader("leader", leader, RELAY_SECRET))
+    conn.send(server.port)
+    try:
+        while True:
+            if not await asyncio.to_thread(conn.poll, 0.5):
+                continue
+            if conn.recv() == "stop":
+                return
+            conn.send((time.process_time(), agent_hub.heartbeats_total, _rss_mib(), client.batches_total, client.reports_total))
+    finally:
+        task.cancel()
+        await server.stop(None)
+
+
+async def _run_relayed_phase(agents: int, interval: float, duration: float, relays: int, per_generator: int) -> dict:
+    """Agents on ``relays`` replicas that relay them to the leader's hub in this process."""
+    ctx = multiprocessing.get_context("spawn")
+    rss_before = _rss_mib()
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), missed_heartbeats=5)
+    servicer = relay.RelayServicer(agent_hub, lambda: RELAY_SECRET)
+    leader = await service.start_agent_server(agent_hub, "127.0.0.1", 0, more=(servicer.handler(),))
+    replicas, ports = [], []
+    for k in range(relays):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_relay_main, args=(f"127.0.0.1:{leader.port}", f"relay-{k}", child))
+        proc.start()
+        replicas.append((proc, parent))
+    generator_stop = ctx.Event()
+    pipes, procs = [], []
+    try:
+        for _, conn in replicas:
+            ports.append(await asyncio.to_thread(_report, conn, 60.0))
+        generators = max(relays, -(-agents // per_generator))
+        shares = [agents // generators + (k < agents % generators) for k in range(generators)]
+        for k, share in enumerate(shares):
+            parent, child = ctx.Pipe()
+            procs.append(ctx.Process(target=_generator_main, args=(f"127.0.0.1:{ports[k % relays]}", share, interval, generator_stop,
+                                                                    True, child, sum(shares[:k]))))
+            pipes.append(parent)
+            procs[-1].start()
+        first = time.perf_counter()
+        ramp_deadline = first + _ramp_limit(agents)
+        while agent_hub.reporting() < agents and time.perf_counter() < ramp_deadline and all(p.is_alive() for p in procs):
+            await asyncio.sleep(1.0)
+        ramp_s = time.perf_counter() - first
+        if agent_hub.reporting() < agents:
+            raise RuntimeError(f"relayed: only {agent_hub.reporting()} of {agents} agents reached the leader in {ramp_s:.0f}s")
+        await asyncio.sleep(1.0)
+        agent_hub.lag = hub.LagHistogram()
+
+        async def marks() -> list[tuple[float, int, float, int, int]]:
+            for _, conn in replicas:
+                conn.send("mark")
+            return [await asyncio.to_thread(_report, conn, 30.0) for _, conn in replicas]  # type: ignore[misc]
+
+        before = await marks()
+        cpu0, n0, t0, reports0 = time.process_time(), agent_hub.heartbeats_total, time.perf_counter(), servicer.reports_total
+        await asyncio.sleep(duration)
+        cpu1, n1, t1, reports1 = time.process_time(), agent_hub.heartbeats_total, time.perf_counter(), servicer.reports_total
+        after = await marks()
+        rss_steady = _rss_mib()
+        healthy = sum(s.healthy for s in agent_hub.snapshot())
+    finally:
+        generator_stop.set()
+        reports = [await asyncio.to_thread(_report, parent, 30.0) for parent in pipes]
+        for proc in procs:
+            await asyncio.to_thread(proc.join, 30)
+            if proc.is_alive():
+                proc.kill()
+        for proc, conn in replicas:
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+            await asyncio.to_thread(proc.join, 30)
+            if proc.is_alive():
+                proc.kill()
+        await leader.stop(None)
+    span = t1 - t0
+    return {
+        "phase": f"relayed ({relays} replicas -> leader)",
+        "agents": agents,
+        "generators": len(procs),
+        "relays": relays,
+        "offered_per_s": round(agents / interval),
+        "heartbeats_per_s": round((n1 - n0) / span),  # applied by the leader's hub
+        "relay_reports_per_s": round((reports1 - reports0) / span),
+        "relay_batches_per_s": round(sum(a[3] - b[3] for a, b in zip(after, before)) / span, 1),
+        "hub_cpu_cores": round((cpu1 - cpu0) / span, 2),  # the leader
+        "relay_heartbeats_per_s": [round((a[1] - b[1]) / span) for a, b in zip(after, before)],
+        "relay_cpu_cores": [round((a[0] - b[0]) / span, 2) for a, b in zip(after, before)],
+        "relay_rss_mib": [round(a[2], 1) for a in after],
+        "sent": sum(r["sent"] for r in reports if isinstance(r, dict)),
+        "streams_reopened": sum(r["reopened"] for r in reports if isinstance(r, dict)),
+        "ramp_s": round(ramp_s, 2),
+        "hub_rss_mib": round(rss_steady, 1),
+        "hub_rss_added_mib": round(rss_steady - rss_before, 1),
+        "hub_mib_per_10k_agents": round((rss_steady - rss_before) / agents * 10_000, 1),
+        "lag_p50_ms": agent_hub.lag.quantile(0.5),
+        "lag_p99_ms": agent_hub.lag.quantile(0.99),
+        "agents_healthy": healthy,
+    }
+
+
 # -- control plane side (this process) -----------------------------------------------
 
 
@@ -285,8 +410,11 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
     return row
 
 
-def run(fleets: list[int], rate: float, duration: float, saturated_phases: bool = True, per_generator: int = 25_000) -> list[dict]:
+def run(fleets: list[int], rate: float, duration: float, saturated_phases: bool = True, per_generator: int = 25_000,
+        relays: int = 0) -> list[dict]:
     """Each phase gets a fresh event loop, so one phase's teardown cannot slow the next."""
+    if relays:
+        return [asyncio.run(_run_relayed_phase(agents, agents / rate, duration, relays, per_generator)) for agents in fleets]
     rows = [
         asyncio.run(_run_phase("paced (hub)", agents, agents / rate, duration, baseline=False,
                                generators=max(1, -(-agents // per_generator))))
@@ -315,11 +443,14 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10_000.0, help="offered heartbeats/s when paced")
     parser.add_argument("--per-generator", type=int, default=25_000,
                         help="simulated agents per generator process (a larger fleet gets more processes)")
+    parser.add_argument("--relays", type=int, default=0, metavar="K",
+                        help="agents on K replicas that relay them to the leader (paced phases only) [0: agents on the hub]")
     args = parser.parse_args()
     fleets = args.agents or [1000, 5000, 10000]
     duration = 5.0 if args.quick else 15.0
 
-    rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated, per_generator=args.per_generator)
+    rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated, per_generator=args.per_generator,
+               relays=args.relays)
     table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, generators in other processes)")
     for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "lag p50 ms", "lag p99 ms", "ramp s",
                 "hub RSS MiB", "MiB / 10k agents", "streams reopened"]:
@@ -331,12 +462,19 @@ def main() -> None:
             f"{r['hub_rss_mib']:,.0f}", f"{r['hub_mib_per_10k_agents']:,.0f}", f"{r['streams_reopened']:,}",
         )
     Console().print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    for r in rows:
+        if "relays" in r:
+            print(f"{r['phase']}, {r['agents']:,} agents: {r['relay_batches_per_s']} batches/s carrying {r['relay_reports_per_s']:,} "
+                  f"reports/s; replicas received {r['relay_heartbeats_per_s']} heartbeats/s with CPU {r['relay_cpu_cores']} cores "
+                  f"and RSS {r['relay_rss_mib']} MiB")
+    results = RESULTS.with_name("agent_heartbeats_relayed.json") if args.relays else RESULTS
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({
         "benchmark": "agent_heartbeats",
         "cpu_count": os.cpu_count(),
         "quick": args.quick,
         "duration_s": duration,
+        "relays": args.relays,
         "target": {"heartbeats_per_s": 10_000, "lag_p99_ms": 1000},
         "rows": rows,
     }, indent=2))
