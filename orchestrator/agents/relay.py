@@ -383,17 +383,21 @@ def _carry(earlier: pb.Heartbeat, later: pb.Heartbeat) -> None:
 
 
 def _whole(status: model.AgentStatus) -> pb.AgentReport:
-    """An agent reported whole: who it is and everything the leader's hub keeps of it."""
+    """An agent reported whole: who it is and everything the leader's hub keeps of it (its
+    state only once it has sent a heartbeat, so the leader counts it as reporting then)."""
     capacity = status.capacity.to_proto()
-    return pb.AgentReport(
+    report = pb.AgentReport(
         site=status.site, agent_id=status.agent_id,
         agent=pb.JoinRequest(site=status.site, agent_id=status.agent_id, endpoint_url=status.endpoint_url,
                              location=status.location.to_proto(), labels=dict(status.labels), agent_version=status.agent_version,
-                             heartbeat_interval_ms=round(status.heartbeat_interval * 1000), capacity=capacity),
-        state=pb.Heartbeat(
+                             heartbeat_interval_ms=round(status.heartbeat_interval * 1000), capacity=capacity))
+    if status.last_heartbeat <= status.joined_at:
+        return report
+    report.state.CopyFrom(pb.Heartbeat(
             sent_unix_ms=int(status.last_heartbeat * 1000), inflight=status.inflight, cpu_percent=status.cpu_percent,
             memory_available_bytes=status.memory_available_bytes, assignment_version=status.assignment_version,
             capacity=capacity, models=pb.ModelStates(models=[m.to_proto() for m in status.models.values()]),
             gpu_load=[pb.Gpu(index=g.index, memory_free_bytes=g.memory_free_bytes) for g in status.capacity.gpus],
             model_load=[pb.ModelLoad(name=name, requests_total=load.requests_total, busy_seconds_total=load.busy_seconds_total)
                         for name, load in status.model_load.items()]))
+    return report

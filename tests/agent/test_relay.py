@@ -205,6 +205,7 @@ async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_pat
         clients[1].point(relay.Leader("cp-leader", f"127.0.0.1:{server.port}", SECRET))
         joined = await events.wait_for(of(model.AgentEventKind.JOINED))
         assert joined.status.via == "cp-f" and joined.status.capacity.cpu_cores == 2
+        assert leader_hub.reporting() == 0  # joined, no heartbeat yet: the leader does not count it as reporting
     finally:
         task.cancel()
         await server.stop(None)
