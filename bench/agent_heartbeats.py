@@ -48,7 +48,9 @@ from orchestrator.agents import auth, hub, relay, service
 RESULTS = Path(__file__).parent / "results" / "agent_heartbeats.json"
 TOKEN = "bench-token"
 MAX_RUN_S = 300.0  # a generator is stopped by the hub side; this bounds it if that fails
-RAMP_S_PER_1000 = 3.0  # joins and first beats may take this long per 1,000 agents (min 120 s)
+#: joins and first beats may take this long per 1,000 agents (min 120 s); --ramp-per-1000
+#: sets it (through the environment, which the generator processes inherit)
+RAMP_S_PER_1000 = float(os.environ.get("EDGEPLANE_BENCH_RAMP_S_PER_1000", "3.0"))
 
 
 def _ramp_limit(agents: int) -> float:
@@ -445,7 +447,12 @@ def main() -> None:
                         help="simulated agents per generator process (a larger fleet gets more processes)")
     parser.add_argument("--relays", type=int, default=0, metavar="K",
                         help="agents on K replicas that relay them to the leader (paced phases only) [0: agents on the hub]")
+    parser.add_argument("--ramp-per-1000", type=float, metavar="SECONDS",
+                        help=f"how long opening the fleet's streams may take per 1,000 agents [{RAMP_S_PER_1000:g}]")
     args = parser.parse_args()
+    if args.ramp_per_1000:
+        os.environ["EDGEPLANE_BENCH_RAMP_S_PER_1000"] = str(args.ramp_per_1000)
+        globals()["RAMP_S_PER_1000"] = args.ramp_per_1000
     fleets = args.agents or [1000, 5000, 10000]
     duration = 5.0 if args.quick else 15.0
 

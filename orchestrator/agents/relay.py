@@ -250,8 +250,8 @@ class RelayClient:
         backoff = RETRY_S[0]
         try:
             while True:
+                self._pointed.clear()  # set by the next point(): it ends a wait below at once
                 if self.leader is None:
-                    self._pointed.clear()
                     await self._pointed.wait()
                     continue
                 leader = self.leader
@@ -275,7 +275,6 @@ class RelayClient:
                     self._connection = None
                 if time.monotonic() - started > 10 * RETRY_S[1]:
                     backoff = RETRY_S[0]  # it had been up a while: try again soon
-                self._pointed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(backoff):
                         await self._pointed.wait()  # a new leader named: at once
