@@ -78,7 +78,8 @@ class Bare:
 
 
 class StreamClient:
-    """One keep-alive connection; reads a chunked SSE answer event by event."""
+    """One keep-alive connection; reads a chunked SSE answer, counting its events (a chunk
+    carries every token the agent had when it wrote)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -103,10 +104,11 @@ class StreamClient:
             data = await self.reader.readexactly(size + 2)
             if size == 0:
                 break
-            if data.startswith(b"data: {") and b'"text":""' not in data:
-                tokens += 1
-                if tokens == 1:
-                    first = time.perf_counter() - started
+            for event in data.split(b"\n\n"):
+                if event.startswith(b"data: {") and b'"text":""' not in event:
+                    tokens += 1
+                    if tokens == 1:
+                        first = time.perf_counter() - started
         return first, time.perf_counter() - started, tokens
 
     def close(self) -> None:

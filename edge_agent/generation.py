@@ -6,9 +6,12 @@ arrival order; one more is answered 429 with ``Retry-After`` at once, so a burst
 becomes an unbounded backlog. A request that waits and whose client leaves gives its
 place up.
 
-A generation's tokens reach the event loop one by one (``call_soon_threadsafe`` into a
-queue) and go out as server-sent events as they come; the HTTP server writes each one
-when the client has room (``httpserver.StreamingResponse``). When the client goes away
+A generation's tokens reach the event loop through a deque: the generating thread appends
+each and wakes the loop (``call_soon_threadsafe``) only when no wake-up is pending, and the
+loop takes every token that is there at once and sends them as server-sent events in one
+write when the client has room (``httpserver.StreamingResponse``): while the loop keeps up
+that is one token per write, and when a step holds the loop back the tokens made meanwhile
+cost one wake-up and one write instead of one each. When the client goes away
 (connection closed, the task cancelled) the generating thread is told between two steps,
 the sequence's slot is freed when that thread returns, and the model's
 ``cancelled`` counter in /metrics goes up.
@@ -212,9 +215,9 @@ class GenerationServer:
         seq = _Sequence(self, state, prompt, options, started)
         shaper = openai_api.Shaper(body, ("chatcmpl-" if chat else "cmpl-") + f"{_IDS.getrandbits(96):024x}")
         if body.stream:
-            return StreamingResponse(200, _Closing(_sse(shaper, seq.events()), seq.close))
+            return StreamingResponse(200, _Closing(_sse(shaper, seq.batches()), seq.close))
         try:
-            return await _whole(shaper, seq.events())
+            return await _whole(shaper, seq.batches())
         finally:
             seq.close()
 
@@ -227,7 +230,9 @@ class _Sequence:
                  started: float) -> None:
         loop = asyncio.get_running_loop()
         self._metrics = server._metrics
-        self._queue: asyncio.Queue[genai.TokenEvent | genai.Finished | Failed] = asyncio.Queue()
+        self._pending: collections.deque[genai.TokenEvent | genai.Finished | Failed] = collections.deque()
+        self._ready = asyncio.Event()
+        self._wake_pending = False  # a wake-up is on its way to the loop (read and set by both threads)
         self._cancel = genai.Cancel()
         self._started = started
         self._name = name = state.served.name
@@ -235,8 +240,18 @@ class _Sequence:
         self._tokens = 0
         self._closed = False
         runtime: genai.GenAIModel = state.served.runtime  # type: ignore[assignment]
-        queue, cancel = self._queue, self._cancel
-        emit: Callable[[Any], None] = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731
+        pending, ready, cancel = self._pending, self._ready, self._cancel
+
+        def wake() -> None:
+            self._wake_pending = False
+            ready.set()
+
+        def emit(ev: Any) -> None:  # on the generating thread
+            pending.append(ev)
+            if not self._wake_pending:  # a wake-up already on its way finds this event too
+                self._wake_pending = True
+                loop.call_soon_threadsafe(wake)
+
         # The thread may not run far ahead of what was sent (see runtime.genai.Window).
         self._window = window = genai.Window()
 
@@ -261,21 +276,28 @@ class _Sequence:
 
         loop.run_in_executor(state.executor, work).add_done_callback(done)
 
-    async def events(self) -> AsyncIterator[genai.TokenEvent | genai.Finished | Failed]:
+    async def batches(self) -> AsyncIterator[list[genai.TokenEvent | genai.Finished | Failed]]:
+        """Every event there is, in order, as one batch; the last batch ends with a
+        :class:`genai.Finished` or :class:`Failed`."""
+        pending, ready = self._pending, self._ready
         while True:
-            ev = await self._queue.get()
-            if isinstance(ev, genai.TokenEvent):
-                if self._tokens == 0:
-                    self._metrics.observe_ttft(self._name, time.perf_counter() - self._started)
-                self._tokens += 1
-            elif isinstance(ev, genai.Finished):
-                self._outcome = "cancelled" if ev.reason == "cancelled" else "completed"
-            else:
-                self._outcome = "failed"
-            yield ev  # resumed when the consumer wants the next one: this one is written
-            if not isinstance(ev, genai.TokenEvent):
+            if not pending:
+                ready.clear()  # an event appended after this wakes the loop (see emit)
+                await ready.wait()
+            batch = []
+            while pending:
+                ev = pending.popleft()
+                batch.append(ev)
+                if isinstance(ev, genai.TokenEvent):
+                    if self._tokens == 0:
+                        self._metrics.observe_ttft(self._name, time.perf_counter() - self._started)
+                    self._tokens += 1
+                    continue
+                self._outcome = ("cancelled" if ev.reason == "cancelled" else "completed") if isinstance(ev, genai.Finished) else "failed"
+                yield batch
                 return
-            self._window.consumed()
+            yield batch  # resumed when the consumer wants more: these are written
+            self._window.consumed(len(batch))
 
     def close(self) -> None:
         if self._closed:
@@ -312,22 +334,24 @@ class _Closing:
             self._on_close()
 
 
-async def _whole(shaper: openai_api.Shaper, events: AsyncIterator[Any]) -> Response:
+async def _whole(shaper: openai_api.Shaper, batches: AsyncIterator[list[Any]]) -> Response:
     parts: list[str] = []
     tokens: list[genai.TokenEvent] = []
-    async for ev in events:
-        if isinstance(ev, genai.TokenEvent):
-            parts.append(ev.text)
-            tokens.append(ev)
-        elif isinstance(ev, genai.Finished):
-            parts.append(ev.text)
-            return _json(shaper.whole("".join(parts), tokens, ev.reason, ev.prompt_tokens, ev.completion_tokens))
-        else:
-            raise openai_api.ApiError(500, ev.message, type_="server_error", code="generation_failed")
+    async for batch in batches:
+        for ev in batch:
+            if isinstance(ev, genai.TokenEvent):
+                parts.append(ev.text)
+                tokens.append(ev)
+            elif isinstance(ev, genai.Finished):
+                parts.append(ev.text)
+                return _json(shaper.whole("".join(parts), tokens, ev.reason, ev.prompt_tokens, ev.completion_tokens))
+            else:
+                raise openai_api.ApiError(500, ev.message, type_="server_error", code="generation_failed")
     raise openai_api.ApiError(500, "generation ended without a result", type_="server_error")
 
 
-async def _sse(shaper: openai_api.Shaper, events: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+async def _sse(shaper: openai_api.Shaper, batches: AsyncIterator[list[Any]]) -> AsyncIterator[bytes]:
+    """The stream's bytes: one piece per batch of events (see the module docstring)."""
     sse = openai_api.sse
     request = shaper.request
     offset = len(request.prompt) if request.echo else 0
@@ -335,26 +359,30 @@ async def _sse(shaper: openai_api.Shaper, events: AsyncIterator[Any]) -> AsyncIt
         yield sse(shaper.chunk("", first=True))
     elif request.echo:
         yield sse(shaper.chunk(request.prompt))
-    async for ev in events:
-        if isinstance(ev, genai.TokenEvent):
-            if request.options.logprobs:
-                yield sse(shaper.chunk(ev.text, (ev,), offset=offset))
-                offset += len(ev.token)
-            elif ev.text:
-                yield shaper.token_event(ev.text)
-        elif isinstance(ev, genai.Finished):
-            if ev.text:
-                yield sse(shaper.chunk(ev.text))
-            yield sse(shaper.chunk("", reason=ev.reason))
-            if request.include_usage:
-                yield sse(shaper.usage_chunk(ev.prompt_tokens, ev.completion_tokens))
-            yield openai_api.SSE_DONE
-            return
-        else:
-            # The status line is gone: the error travels as an event, then the stream ends.
-            yield openai_api.sse_error(openai_api.ApiError(500, ev.message, type_="server_error", code="generation_failed"))
-            yield openai_api.SSE_DONE
-            return
+    async for batch in batches:
+        out: list[bytes] = []
+        for ev in batch:
+            if isinstance(ev, genai.TokenEvent):
+                if request.options.logprobs:
+                    out.append(sse(shaper.chunk(ev.text, (ev,), offset=offset)))
+                    offset += len(ev.token)
+                elif ev.text:
+                    out.append(shaper.token_event(ev.text))
+            elif isinstance(ev, genai.Finished):
+                if ev.text:
+                    out.append(sse(shaper.chunk(ev.text)))
+                out.append(sse(shaper.chunk("", reason=ev.reason)))
+                if request.include_usage:
+                    out.append(sse(shaper.usage_chunk(ev.prompt_tokens, ev.completion_tokens)))
+                yield b"".join(out) + openai_api.SSE_DONE
+                return
+            else:
+                # The status line is gone: the error travels as an event, then the stream ends.
+                out.append(openai_api.sse_error(openai_api.ApiError(500, ev.message, type_="server_error", code="generation_failed")))
+                yield b"".join(out) + openai_api.SSE_DONE
+                return
+        if out:
+            yield out[0] if len(out) == 1 else b"".join(out)
 
 
 def _json(obj: object, status: int = 200) -> Response:

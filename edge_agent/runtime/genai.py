@@ -104,9 +104,9 @@ class Window:
         with self._cond:
             self._cond.wait_for(lambda: self._closed or produced - self._consumed <= allowed)
 
-    def consumed(self) -> None:
+    def consumed(self, tokens: int = 1) -> None:
         with self._cond:
-            self._consumed += 1
+            self._consumed += tokens
             self._cond.notify()
 
     def close(self) -> None:
