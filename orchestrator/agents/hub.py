@@ -210,20 +210,7 @@ class AgentHub:
         else:
             agent_id = "agt-" + secrets.token_hex(8)
             credential = self._auth.issue_credential(site, agent_id)
-        interval = self._clamp(application.heartbeat_interval)
-        record = _Record(
-            site=site,
-            agent_id=agent_id,
-            endpoint_url=application.endpoint_url,
-            location=application.location,
-            labels=model.frozen_mapping(application.labels),
-            agent_version=application.agent_version,
-            joined_at=now,
-            heartbeat_interval=interval,
-            capacity=application.capacity,
-            last_heartbeat=now,
-            deadline=now + interval * self.missed_heartbeats,
-        )
+        record = self._new_record(application, agent_id, now, joined_at=now)
         self._records[site] = record
         self._channel(site).notify()  # a superseded agent's watch stream ends
         if self.tap is not None:
@@ -237,7 +224,7 @@ class AgentHub:
             log.info("agent %s joined site %s from %s", agent_id, site, application.endpoint_url)
             how = "with its credential" if by_credential else "with a bootstrap token"
             self._emit(model.AgentEventKind.JOINED, record, f"agent joined {how}")
-        return model.JoinGrant(agent_id, credential, interval, self.missed_heartbeats)
+        return model.JoinGrant(agent_id, credential, record.heartbeat_interval, self.missed_heartbeats)
 
     def authenticate_stream(self, site: str, agent_id: str, credential: str) -> None:
         """Check the metadata of a Heartbeats/WatchAssignments stream, once per stream."""
@@ -420,22 +407,9 @@ class AgentHub:
         _validate(application)
         site = application.site
         now = self._clock()
-        interval = self._clamp(application.heartbeat_interval)
         current = self._records.get(site)
-        record = _Record(
-            site=site,
-            agent_id=agent_id,
-            endpoint_url=application.endpoint_url,
-            location=application.location,
-            labels=model.frozen_mapping(application.labels),
-            agent_version=application.agent_version,
-            joined_at=current.joined_at if current is not None and current.agent_id == agent_id else now,
-            heartbeat_interval=interval,
-            capacity=application.capacity,
-            last_heartbeat=now,
-            deadline=now + interval * self.missed_heartbeats,
-            via=via,
-        )
+        joined_at = current.joined_at if current is not None and current.agent_id == agent_id else now
+        record = self._new_record(application, agent_id, now, joined_at=joined_at, via=via)
         self._records[site] = record
         self._channel(site).notify()  # the agent's stream here, if it moved away, ends
         if current is not None and current.agent_id == agent_id and current.healthy and now <= current.deadline:
@@ -481,6 +455,24 @@ class AgentHub:
             self.set_assignments(site, assignments, version)
 
     # -- internals ------------------------------------------------------------------
+
+    def _new_record(self, application: model.JoinApplication, agent_id: str, now: float, *, joined_at: float,
+                    via: str | None = None) -> _Record:
+        interval = self._clamp(application.heartbeat_interval)
+        return _Record(
+            site=application.site,
+            agent_id=agent_id,
+            endpoint_url=application.endpoint_url,
+            location=application.location,
+            labels=model.frozen_mapping(application.labels),
+            agent_version=application.agent_version,
+            joined_at=joined_at,
+            heartbeat_interval=interval,
+            capacity=application.capacity,
+            last_heartbeat=now,
+            deadline=now + interval * self.missed_heartbeats,
+            via=via,
+        )
 
     def _channel(self, site: str) -> _SiteChannel:
         channel = self._channels.get(site)
