@@ -659,6 +659,8 @@ def agent_tls_hosts(cfg: ServerConfig) -> list[str]:
     names = [cfg.agent_host or cfg.host, *cfg.agent_tls_names]
     if cfg.peer_address:
         names.append(urllib.parse.urlsplit(f"//{cfg.peer_address}").hostname or "")
+    elif cfg.store and is_postgres_url(cfg.store) and (cfg.agent_host or cfg.host) in ("0.0.0.0", "::"):
+        names.append(socket.gethostname())  # the default peer address other replicas relay to
     if cfg.public_url:
         names.append(urllib.parse.urlsplit(cfg.public_url).hostname or "")
     return sorted({n for n in names if n and n not in ("0.0.0.0", "::")} | {"127.0.0.1", "localhost"})

@@ -9,7 +9,9 @@ plane's probe paths are asked of a real control plane.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+import socket
 from typing import Any
 
 import httpx
@@ -191,6 +193,17 @@ def test_agent_tls_hosts(host: str, agent_host: str | None, public_url: str | No
     config = server.ServerConfig(data_dir=pathlib.Path("."), host=host, agent_host=agent_host, public_url=public_url,
                                  agent_tls_names=names)
     assert server.agent_tls_hosts(config) == expected
+
+
+def test_the_agent_certificate_names_where_other_replicas_relay_to() -> None:
+    """Replicas on one database dial the leader's peer address: its certificate names it,
+    given or by default (this host's name, when the agent port listens on all addresses)."""
+    replica = server.ServerConfig(data_dir=pathlib.Path("."), host="0.0.0.0", store="postgresql://edgeplane@db.example.test/edgeplane")
+    assert socket.gethostname() in server.agent_tls_hosts(replica)
+    given = dataclasses.replace(replica, peer_address="cp-0.pods.example.test:8081")
+    assert "cp-0.pods.example.test" in server.agent_tls_hosts(given) and socket.gethostname() not in server.agent_tls_hosts(given)
+    alone = dataclasses.replace(replica, store=None)  # one process: no peers
+    assert server.agent_tls_hosts(alone) == ["127.0.0.1", "localhost"]
 
 
 async def test_a_ca_made_by_ca_init_is_the_one_a_replica_signs_with(tmp_path: pathlib.Path,
