@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import urllib.parse
@@ -143,6 +144,18 @@ async def run(trees: list[str], cases: list[str], rounds: int, seconds: float) -
     return rows
 
 
+def _label(tree: str, role: str) -> str:
+    """``before`` / ``after`` with the tree's commit when it is a git checkout (``+`` when it
+    has uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return role
+    return f"{role}: {head}{'+' if dirty else ''}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("before", help="source tree of the first agent (a checkout or an exported commit)")
@@ -156,6 +169,8 @@ def main() -> None:
     rounds = 6 if args.quick else args.rounds
     load_before = os.getloadavg()
     rows = asyncio.run(run([args.before, args.after], args.cases.split(","), rounds, args.slice))
+    names = {tree: _label(tree, role) for tree, role in ((args.before, "before"), (args.after, "after"))}
+    rows = [{**row, "tree": names[row["tree"]]} for row in rows]  # the results name commits, not this machine's paths
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"benchmark": "agent_ab", "cpu_count": os.cpu_count(), "slice_s": args.slice,
                                    "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
