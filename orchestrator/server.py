@@ -72,6 +72,7 @@ log = logging.getLogger("edgeplane")
 
 WAKE_ACTION = "wake-requested"  # the event a follower logs for a request that found a model scaled to zero
 WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
+WILDCARDS = ("0.0.0.0", "::")  # listen addresses that name no host
 LEADER_KEY = "leader"  # published by each new leader: where followers relay their agents, and the secret
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
@@ -387,12 +388,7 @@ class ControlPlane:
     @property
     def peer_address(self) -> str:
         """Where other replicas dial this one to relay their agents while it leads."""
-        if self.config.peer_address:
-            return self.config.peer_address
-        host = self.config.agent_host or self.config.host
-        if host in ("0.0.0.0", "::"):
-            host = socket.gethostname()
-        return _address(host, self._agent_server.port)
+        return self.config.peer_address or _address(peer_host(self.config), self._agent_server.port)
 
     def _publish_leader(self, lease: store_mod.Lease) -> None:
         """Tell the followers where to relay their agents, under this lease's fencing token."""
@@ -437,9 +433,9 @@ class ControlPlane:
                 leader = await asyncio.to_thread(self.store.published, LEADER_KEY, leader_version)
                 if leader is not None and not self.elector.leading and self.relay_client is not None:
                     leader_version, body = leader
-                    doc = json.loads(body)
-                    if doc.get("replica") != self.replica_id:
-                        self.relay_client.point(relay.Leader(str(doc["replica"]), str(doc["address"]), str(doc["secret"])))
+                    named = relay.Leader.from_json(body)  # ValueError: logged below, read again when it changes
+                    if named.replica != self.replica_id:
+                        self.relay_client.point(named)
                 got = await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, table_version)
                 if got is not None and not self.elector.leading:
                     table_version, body = got
@@ -447,7 +443,7 @@ class ControlPlane:
             except store_mod.StoreError as exc:
                 log.warning("following the store: %s", exc)
             except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
-                log.warning("the leader's endpoint table is unreadable here: %s", exc)
+                log.warning("what the leader published (its endpoint table or relay address) is unreadable here: %s", exc)
 
     async def _read_wakes(self, since: int) -> int:
         """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""
@@ -653,17 +649,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
+def peer_host(cfg: ServerConfig) -> str:
+    """The host other replicas dial to relay their agents here: ``--peer-address``'s, else the
+    agent listener's, or this host's name when the listener is bound to all addresses."""
+    if cfg.peer_address:
+        return urllib.parse.urlsplit(f"//{cfg.peer_address}").hostname or ""
+    host = cfg.agent_host or cfg.host
+    return socket.gethostname() if host in WILDCARDS else host
+
+
 def agent_tls_hosts(cfg: ServerConfig) -> list[str]:
     """The names the agent listener's certificate carries: where it listens (unless that is a
     wildcard address), the host of ``--public-url``, and each ``--agent-tls-name``."""
     names = [cfg.agent_host or cfg.host, *cfg.agent_tls_names]
-    if cfg.peer_address:
-        names.append(urllib.parse.urlsplit(f"//{cfg.peer_address}").hostname or "")
-    elif cfg.store and is_postgres_url(cfg.store) and (cfg.agent_host or cfg.host) in ("0.0.0.0", "::"):
-        names.append(socket.gethostname())  # the default peer address other replicas relay to
+    if cfg.peer_address or (cfg.store and is_postgres_url(cfg.store)):  # replicas relay agents to it
+        names.append(peer_host(cfg))
     if cfg.public_url:
         names.append(urllib.parse.urlsplit(cfg.public_url).hostname or "")
-    return sorted({n for n in names if n and n not in ("0.0.0.0", "::")} | {"127.0.0.1", "localhost"})
+    return sorted({n for n in names if n and n not in WILDCARDS} | {"127.0.0.1", "localhost"})
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,7 +36,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
-from orchestrator.agents import errors, hub, model
+from orchestrator.agents import errors, hub, model, service
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class RelayServicer:
         secret = self._secret()
         if secret is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this control-plane replica does not lead")
-        given = next((v for k, v in context.invocation_metadata() or () if k == SECRET_KEY and isinstance(v, str)), "")
+        given = service.call_metadata(context).get(SECRET_KEY, "")
         if not hmac.compare_digest(given.encode(), (secret or "").encode()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong relay secret (it changes with each leader)")
         stream = _Stream()
@@ -179,6 +180,15 @@ class Leader:
     replica: str
     address: str  # host:port of its agent listener
     secret: str
+
+    @classmethod
+    def from_json(cls, body: str) -> Leader:
+        """The published document; ValueError when it is not one this version can use."""
+        doc = json.loads(body)
+        fields = [doc.get(k) if isinstance(doc, dict) else None for k in ("replica", "address", "secret")]
+        if not all(isinstance(f, str) and f for f in fields):
+            raise ValueError(f"the leader's relay document lacks replica, address or secret: {body[:200]!r}")
+        return cls(*fields)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def _status_code(exc: errors.AgentHubError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+def call_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
         if isinstance(value, str):
@@ -114,7 +114,7 @@ class AgentControlServicer:
             request = _parse(pb.JoinRequest, raw)
         except _Malformed as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        meta = _metadata(context)
+        meta = call_metadata(context)
         application = model.JoinApplication(
             site=request.site,
             bootstrap_token=request.bootstrap_token,
@@ -188,7 +188,7 @@ class AgentControlServicer:
         )
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
-        meta = _metadata(context)
+        meta = call_metadata(context)
         site = meta.get(SITE_KEY, "")
         agent_id = meta.get(AGENT_ID_KEY, "")
         if self._issuer is not None and _peer_site(context) != site:

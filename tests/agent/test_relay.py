@@ -212,3 +212,10 @@ async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_pat
     finally:
         task.cancel()
         await server.stop(None)
+
+
+@pytest.mark.parametrize("body", ["not json", "[]", '{"replica": "cp-1", "address": "h:1"}', '{"replica": "cp-1", "address": 7, "secret": "s"}'])
+def test_a_leader_document_that_cannot_be_used_is_refused_with_a_reason(body: str) -> None:
+    with pytest.raises(ValueError):
+        relay.Leader.from_json(body)
+    assert relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s", "fencingToken": 3}') == relay.Leader("cp-1", "h:1", "s")
