@@ -29,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.agent_common import ControlPlaneAndAgent
+from edge_agent.runtime import onnx
 from bench.agent_infer import _KeepAlive
 from edgeplane_proto import oip
 from orchestrator.agents import model
@@ -38,9 +39,7 @@ RESULTS = Path(__file__).parent / "results" / "agent_ab.json"
 DEFAULT_CASES = "j64c1,j64c4,b8c1,b24c1"
 
 
-def _raw_session(path: Path, spinning: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+def _raw_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
     return ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
 
 
@@ -93,7 +92,8 @@ async def run(trees: list[str], cases: list[str], rounds: int, seconds: float) -
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         wide = onnx_models.build_mlp(root / "wide.onnx", in_dim=1024, hidden=1024, out_dim=16, layers=4, softmax=False)
-        raws = {spinning: _raw_session(wide.path, spinning) for spinning in (True, False)}
+        raws = {name: _raw_session(wide.path, options)
+                for name, options in (("defaults", ort.SessionOptions()), ("agent", onnx.session_options()))}
         rigs: dict[str, ControlPlaneAndAgent] = {}
         saved = os.environ.get("PYTHONPATH")
         try:

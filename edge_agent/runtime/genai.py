@@ -186,6 +186,9 @@ class GenAIModel:
         cuda = cuda_available() if use_cuda is None else use_cuda
         try:
             config = og.Config(str(directory))
+            # Stop the intra-op threads spinning when a step ends (see runtime.onnx): between
+            # steps the event loop that writes the tokens, and the callers, need the cores.
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"session.force_spinning_stop": "1"}}}}))
             config.clear_providers()
             if cuda:
                 config.append_provider("cuda")

@@ -76,6 +76,21 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(node.name, datatype, shape)
 
 
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """The agent's onnxruntime session options (benchmarks take their baseline with them too)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # Intra-op threads spin while a run hands them work (waking a sleeping thread for each
+    # parallel section made runs 5-25 % slower here) and stop spinning when the run ends:
+    # idle, they would burn the cores that the HTTP event loop, the decode/encode hop and
+    # co-located callers need between runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 class OnnxModel:
     """A loaded onnxruntime session plus its v2 tensor description. ``run`` is thread safe
     (onnxruntime sessions allow concurrent ``run`` calls)."""
@@ -96,13 +111,7 @@ class OnnxModel:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
     ) -> OnnxModel:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Idle intra-op threads spin-wait by default, burning the cores that the HTTP event
-        # loop, the decode/encode hop and co-located callers need between runs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(intra_op_threads)
         chosen = list(providers) if providers else choose_providers(available_providers())
         try:
             session = ort.InferenceSession(data, sess_options=options, providers=chosen)
