@@ -25,7 +25,10 @@ class NotAuthenticated(JoinRefused):
 
 
 class SiteTaken(JoinRefused):
-    pass
+    def __init__(self, message: str, holder: str = "", retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.holder = holder  # the live agent's id
+        self.retry_after_s = retry_after_s  # until the holder would be lost, if it stops beating
 
 
 class InvalidJoin(JoinRefused):

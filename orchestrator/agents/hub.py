@@ -179,6 +179,8 @@ class AgentHub:
         self._beat_waiters: dict[str, asyncio.Event] = {}
         self.tap: RelayTap | None = None  # set while this replica relays its agents to a leader
         self._relays: dict[str, PushAssignments] = {}  # relaying replica -> its stream's outbox
+        # site -> (holder, why, until): sites the leader said another replica's agent holds
+        self._held_elsewhere: dict[str, tuple[str, str, float]] = {}
 
     # -- join and identity ----------------------------------------------------------
 
@@ -197,13 +199,7 @@ class AgentHub:
             and current is not None
             and application.agent_id == current.agent_id
         )
-        if current is not None and current.healthy and not same_agent and now <= current.deadline:
-            raise errors.SiteTaken(
-                f"site {site!r} is held by live agent {current.agent_id} (last heartbeat "
-                f"{now - current.last_heartbeat:.1f}s ago); another agent may take it over "
-                f"only after {self.missed_heartbeats} missed heartbeats "
-                f"({self.missed_heartbeats * current.heartbeat_interval:.1f}s)"
-            )
+        self._refuse_if_held(site, now, application.agent_id if by_credential else None)
         if by_credential and application.agent_id:
             agent_id = application.agent_id
             credential = application.credential or ""
@@ -225,6 +221,27 @@ class AgentHub:
             how = "with its credential" if by_credential else "with a bootstrap token"
             self._emit(model.AgentEventKind.JOINED, record, f"agent joined {how}")
         return model.JoinGrant(agent_id, credential, record.heartbeat_interval, self.missed_heartbeats)
+
+    def _refuse_if_held(self, site: str, now: float, agent_id: str | None = None) -> None:
+        """SiteTaken while another live agent holds ``site``: one here or relayed to this hub,
+        or (on a relaying replica) one the leader named when it refused an agent of ours."""
+        current = self._records.get(site)
+        if current is not None and current.healthy and now <= current.deadline and current.agent_id != agent_id:
+            where = f" through replica {current.via}" if current.via else ""
+            raise errors.SiteTaken(
+                f"site {site!r} is held by live agent {current.agent_id}{where} (last heartbeat "
+                f"{now - current.last_heartbeat:.1f}s ago); another agent may take it over "
+                f"only after {self.missed_heartbeats} missed heartbeats "
+                f"({self.missed_heartbeats * current.heartbeat_interval:.1f}s)",
+                holder=current.agent_id, retry_after_s=current.deadline - now,
+            )
+        held = self._held_elsewhere.get(site)
+        if held is not None:
+            holder, message, until = held
+            if now >= until:
+                del self._held_elsewhere[site]
+            elif holder != agent_id:
+                raise errors.SiteTaken(message, holder=holder, retry_after_s=until - now)
 
     def authenticate_stream(self, site: str, agent_id: str, credential: str) -> None:
         """Check the metadata of a Heartbeats/WatchAssignments stream, once per stream."""
@@ -402,11 +419,13 @@ class AgentHub:
             del self._relays[via]
 
     def admit_relayed(self, application: model.JoinApplication, agent_id: str, via: str) -> None:
-        """An agent that joined replica ``via``, which checked its credential. The last report
-        wins: each replica keeps the rule of one live agent per site among its own agents."""
+        """An agent that joined replica ``via``, which checked its credential. The site rule
+        holds across replicas: SiteTaken while another live agent holds the site, here or
+        through another relay (``via`` then drops the agent, see :meth:`refused_by_leader`)."""
         _validate(application)
         site = application.site
         now = self._clock()
+        self._refuse_if_held(site, now, agent_id)
         current = self._records.get(site)
         joined_at = current.joined_at if current is not None and current.agent_id == agent_id else now
         record = self._new_record(application, agent_id, now, joined_at=joined_at, via=via)
@@ -444,6 +463,17 @@ class AgentHub:
         return sum(1 for r in self._records.values() if r.via is not None)
 
     # -- relayed assignments (a relaying replica's side) ------------------------------
+
+    def refused_by_leader(self, site: str, agent_id: str, holder: str, message: str, retry_after_s: float) -> None:
+        """The leader refused our agent of ``site``: live agent ``holder`` holds it through
+        another replica. The agent is dropped (its streams end and it joins again), and joins
+        of other agents for the site are refused here with the leader's reason until the
+        holder could have been lost."""
+        self._held_elsewhere[site] = (holder, message, self._clock() + max(0.0, retry_after_s))
+        record = self._records.get(site)
+        if record is not None and record.agent_id == agent_id:
+            log.warning("agent %s dropped from site %s: %s", agent_id, site, message)
+            self.forget(site)
 
     def sites(self) -> list[str]:
         return list(self._records)

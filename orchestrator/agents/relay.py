@@ -12,7 +12,11 @@ credentials and health) and relays them to the leader over one gRPC stream
   cost is one message per replica per flush, not one per heartbeat, and nothing per
   heartbeat reaches the database;
 - down, the assignment sets the leader's reconciler gives those agents' sites (latest wins
-  per site), which the replica's hub hands to the agents' watch streams.
+  per site), which the replica's hub hands to the agents' watch streams, and the agents
+  the leader refused because another live agent holds their site through another replica
+  (the rule of one live agent per site holds across replicas): the replica drops such an
+  agent and refuses joins for its site, with the leader's reason, until the holder could
+  have been lost.
 
 The leader's hub holds relayed agents as its own (health by the same deadlines, so a relay
 that goes quiet loses its agents in the usual time); the published endpoint table brings
@@ -93,7 +97,7 @@ class RelayServicer:
                 stream.wake.clear()
                 if closed.done():
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "this control-plane replica stopped leading")
-                if stream.outbox or stream.again:
+                if stream.outbox or stream.again or stream.refused:
                     yield stream.take()
                 if reader.done():
                     problem = reader.result()
@@ -137,12 +141,17 @@ class RelayServicer:
             return
         if report.HasField("agent"):
             joined = report.agent
-            self._hub.admit_relayed(model.JoinApplication(
-                site=report.site, bootstrap_token="", credential=None, agent_id=report.agent_id,
-                endpoint_url=joined.endpoint_url, location=model.Location.from_proto(joined.location),
-                labels=dict(joined.labels), agent_version=joined.agent_version,
-                heartbeat_interval=joined.heartbeat_interval_ms / 1000 or None,
-                capacity=model.Capacity.from_proto(joined.capacity)), report.agent_id, via)
+            try:
+                self._hub.admit_relayed(model.JoinApplication(
+                    site=report.site, bootstrap_token="", credential=None, agent_id=report.agent_id,
+                    endpoint_url=joined.endpoint_url, location=model.Location.from_proto(joined.location),
+                    labels=dict(joined.labels), agent_version=joined.agent_version,
+                    heartbeat_interval=joined.heartbeat_interval_ms / 1000 or None,
+                    capacity=model.Capacity.from_proto(joined.capacity)), report.agent_id, via)
+            except errors.SiteTaken as exc:
+                log.warning("agent %s of site %s through replica %s refused: %s", report.agent_id, report.site, via, exc)
+                stream.refuse(report.site, report.agent_id, exc)
+                return
         if report.HasField("state") and not self._hub.relayed_heartbeat(
                 report.site, report.agent_id, model.Heartbeat.from_proto(report.state), via):
             stream.again.add(report.site)
@@ -156,17 +165,23 @@ class _Stream:
         self.via: str | None = None
         self.outbox: dict[str, model.AssignmentSet] = {}  # latest set per site
         self.again: set[str] = set()
+        self.refused: list[pb.RelayRefusal] = []
         self.wake = asyncio.Event()
 
     def push(self, site: str, assignment_set: model.AssignmentSet) -> None:
         self.outbox[site] = assignment_set
         self.wake.set()
 
+    def refuse(self, site: str, agent_id: str, taken: errors.SiteTaken) -> None:
+        self.refused.append(pb.RelayRefusal(site=site, agent_id=agent_id, holder_agent_id=taken.holder,
+                                            message=str(taken), retry_after_ms=int(taken.retry_after_s * 1000)))
+        self.wake.set()
+
     def take(self) -> pb.RelayAssignments:
         message = pb.RelayAssignments(
             sites=[pb.SiteAssignments(site=site, set=s.to_proto()) for site, s in self.outbox.items()],
-            report_again=sorted(self.again))
-        self.outbox, self.again = {}, set()
+            report_again=sorted(self.again), refused=self.refused)
+        self.outbox, self.again, self.refused = {}, set(), []
         return message
 
 
@@ -339,6 +354,11 @@ class RelayClient:
             for site in message.report_again:
                 self._sent.pop(site, None)
                 self._touched.add(site)
+            for refusal in message.refused:
+                if self._sent.get(refusal.site) == refusal.agent_id:
+                    del self._sent[refusal.site]
+                self._hub.refused_by_leader(refusal.site, refusal.agent_id, refusal.holder_agent_id, refusal.message,
+                                            refusal.retry_after_ms / 1000)
 
     def _batches(self) -> list[pb.RelayReports]:
         """What happened since the last batch, as messages under ``MAX_BATCH_BYTES``."""

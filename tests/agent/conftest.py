@@ -200,7 +200,7 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
             control_plane=str(overrides.pop("control_plane", cp.target)),
             site=site,
             token=TOKEN,
-            data_dir=tmp_path / site,
+            data_dir=overrides.pop("data_dir", tmp_path / site),
             listen_port=0,
             heartbeat_interval=0.2,
             insecure=True,

@@ -145,6 +145,29 @@ def test_site_identity_rule(agent_hub, clock) -> None:
         agent_hub.authenticate_stream("edge-1", first.agent_id, second.credential)
 
 
+def test_a_site_the_leader_says_another_replica_holds_is_refused_here_until_the_holder_could_be_lost(clock) -> None:
+    authenticator = auth.InMemoryJoinAuthenticator([TOKEN])
+    agent_hub = hub.AgentHub(authenticator, clock=clock, missed_heartbeats=3)
+    first = agent_hub.join(application())
+    reason = "site 'edge-1' is held by live agent agt-a through replica cp-2"
+    agent_hub.refused_by_leader("edge-1", first.agent_id, "agt-a", reason, 2.0)
+    assert agent_hub.status("edge-1") is None  # the refused agent is dropped
+    for refused in (application(), application(credential=first.credential, agent_id=first.agent_id)):
+        with pytest.raises(errors.SiteTaken, match="agt-a through replica cp-2") as taken:
+            agent_hub.join(refused)
+        assert taken.value.holder == "agt-a" and taken.value.retry_after_s == 2.0
+    # the holder itself, moving to this replica, may join
+    credential = authenticator.issue_credential("edge-1", "agt-a")
+    assert agent_hub.join(application(credential=credential, agent_id="agt-a")).agent_id == "agt-a"
+    # a refusal naming an agent this replica does not hold drops nothing
+    agent_hub.refused_by_leader("edge-1", "agt-other", "agt-z", reason, 2.0)
+    assert agent_hub.status("edge-1").agent_id == "agt-a"  # type: ignore[union-attr]
+    # once the holder could have been lost, another agent may try again
+    agent_hub.forget("edge-1")
+    clock.now += 2.0
+    assert agent_hub.join(application()).agent_id not in (first.agent_id, "agt-a")
+
+
 @pytest.mark.parametrize(
     ("overrides", "error"),
     [

@@ -5,6 +5,7 @@ reaches the agent, which downloads, serves and reports the model back the same w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import pytest
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator import server as control_plane
-from orchestrator.agents import auth, hub, model, relay, service
+from orchestrator.agents import auth, errors, hub, model, relay, service
 from orchestrator.security import ca
 
 from .conftest import SITE, TOKEN, ControlPlane, EventLog, MakeAgent, Models, start_control_plane
@@ -142,6 +143,46 @@ async def test_a_relay_with_a_wrong_secret_or_to_a_replica_that_does_not_lead_is
     leader.servicer.close_all()  # it stops leading: the stream ends, the follower keeps its agent
     await until(lambda: not client.view()["connected"], "the stream ended")
     assert cp.hub.status(SITE) is not None and cp.hub.status(SITE).healthy  # type: ignore[union-attr]
+
+
+async def test_one_live_agent_per_site_holds_across_replicas(
+    leader: Leader, follower: tuple[ControlPlane, relay.RelayClient], make_agent: MakeAgent, tmp_path: pathlib.Path
+) -> None:
+    cp, client = follower
+    client.point(leader.named())
+    holder = await make_agent(cp)
+    first = await leader.cp.events.wait_for(of(model.AgentEventKind.JOINED))
+
+    other = await start_control_plane()  # a second follower: another agent claims the same site there
+    other_client = relay.RelayClient(other.hub, "cp-follower-2", flush_s=0.05)
+    relaying = asyncio.create_task(other_client.run())
+    try:
+        other_client.point(leader.named())
+        await make_agent(other, data_dir=tmp_path / "claimant")
+        claimed = await other.events.wait_for(of(model.AgentEventKind.JOINED))  # its own replica knew no holder
+        assert claimed.agent_id != first.agent_id
+
+        # the leader refuses it: its replica drops it and refuses its joins with the leader's reason
+        await until(lambda: other.hub.status(SITE) is None, "the claimant dropped by its replica")
+        with pytest.raises(errors.SiteTaken, match=f"held by live agent {first.agent_id} through replica cp-follower") as taken:
+            other.hub.join(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test",
+                                                 1.0, model.Capacity(cpu_cores=2)))
+        assert taken.value.holder == first.agent_id and 0 < taken.value.retry_after_s <= 0.6 + 0.5
+        holding = leader.cp.hub.status(SITE)
+        assert holding is not None and holding.agent_id == first.agent_id and holding.healthy
+        assert [e.agent_id for e in leader.cp.events.events if e.kind is model.AgentEventKind.JOINED] == [first.agent_id]
+
+        # the holder stops: once the leader has lost it, the claimant's next join takes the site
+        await holder.stop()
+        await leader.cp.events.wait_for(of(model.AgentEventKind.LOST))
+        await until(lambda: (s := leader.cp.hub.status(SITE)) is not None and s.agent_id == claimed.agent_id and s.healthy,
+                    "the claimant holds the site at the leader", within_s=20)
+        assert (s := other.hub.status(SITE)) is not None and s.agent_id == claimed.agent_id
+    finally:
+        relaying.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relaying
+        await other.server.stop(grace=None)
 
 
 async def test_malformed_relay_messages_end_only_that_stream(leader: Leader) -> None:
