@@ -392,12 +392,17 @@ class ControlPlane:
 
     def _publish_leader(self, lease: store_mod.Lease) -> None:
         """Tell the followers where to relay their agents, under this lease's fencing token."""
-        doc = {"replica": self.replica_id, "address": self.peer_address, "secret": self._relay_secret, "fencingToken": lease.token}
+        doc = {"replica": self.replica_id, "address": self.peer_address, "secret": self._relay_secret, "fencingToken": lease.token,
+               "agentCa": self._agent_ca_fingerprint}
         try:
             self.store.publish(LEADER_KEY, json.dumps(doc), lease=lease)
             self._leader_published = lease.token
         except store_mod.StoreError as exc:  # again at the next second (_follow_store)
             log.warning("cannot publish the relay address: %s", exc)
+
+    @property
+    def _agent_ca_fingerprint(self) -> str | None:
+        return self.ca.fingerprint if self.ca_file is not None else None
 
     def _relay_tls(self) -> relay.ClientTls:
         """A client certificate from the shared agent CA for the relay stream."""
@@ -435,7 +440,11 @@ class ControlPlane:
                     leader_version, body = leader
                     named = relay.Leader.from_json(body)  # ValueError: logged below, read again when it changes
                     if named.replica != self.replica_id:
-                        self.relay_client.point(named)
+                        unlike = named.unlike(self._agent_ca_fingerprint)
+                        if unlike is None:
+                            self.relay_client.point(named)
+                        else:
+                            self.relay_client.refuse(named, unlike)
                 got = await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, table_version)
                 if got is not None and not self.elector.leading:
                     table_version, body = got

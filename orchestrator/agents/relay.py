@@ -195,6 +195,7 @@ class Leader:
     replica: str
     address: str  # host:port of its agent listener
     secret: str
+    agent_ca: str | None = None  # its agent CA's SHA-256 fingerprint; None: it takes agents without TLS
 
     @classmethod
     def from_json(cls, body: str) -> Leader:
@@ -203,7 +204,24 @@ class Leader:
         fields = [doc.get(k) if isinstance(doc, dict) else None for k in ("replica", "address", "secret")]
         if not all(isinstance(f, str) and f for f in fields):
             raise ValueError(f"the leader's relay document lacks replica, address or secret: {body[:200]!r}")
-        return cls(*fields)
+        agent_ca = doc.get("agentCa")
+        if agent_ca is not None and not isinstance(agent_ca, str):
+            raise ValueError(f"the leader's relay document has an agentCa that is not a string: {agent_ca!r}")
+        return cls(*fields, agent_ca=agent_ca)
+
+    def unlike(self, agent_ca: str | None) -> str | None:
+        """Why a replica whose agent CA has fingerprint ``agent_ca`` (None: agents without
+        TLS) cannot share agents with this leader; None when it can."""
+        if agent_ca == self.agent_ca:
+            return None
+        if agent_ca is None or self.agent_ca is None:
+            tls = "this replica" if agent_ca is not None else f"the leader {self.replica}"
+            return (f"{tls} takes agents over mutual TLS and the other without TLS (--insecure-agents): "
+                    "run every replica alike; this replica's agents are not relayed to the leader")
+        return (f"this replica's agent CA (SHA-256 {agent_ca[:16]}...) is not the one of the leader {self.replica} "
+                f"({self.agent_ca[:16]}...): an agent enrolled at one is refused by the other, and this replica's agents "
+                "are not relayed. Give every replica the same CA (copy <data-dir>/ca from one replica to the others, "
+                "or mount one Secret: docs/deploy.md) and restart them")
 
 
 @dataclass(frozen=True)
@@ -264,6 +282,13 @@ class RelayClient:
         if self._connection is not None:
             self._connection.cancel()
         self._pointed.set()
+
+    def refuse(self, leader: Leader, reason: str) -> None:
+        """Relay nothing to ``leader``, and say why (the view's ``lastError``)."""
+        if self.last_error != reason:
+            log.error("relay to leader %s: %s", leader.replica, reason)
+        self.point(None)
+        self.last_error = reason
 
     def view(self) -> dict[str, object]:
         return {"leader": self.leader.replica if self.leader else None, "address": self.leader.address if self.leader else None,

@@ -75,6 +75,11 @@ class CertificateAuthority:
     def certificate_pem(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the CA certificate (DER), hex: replicas compare theirs with the leader's."""
+        return self.certificate.fingerprint(hashes.SHA256()).hex()
+
     @classmethod
     def load_or_create(cls, folder: pathlib.Path, name: str = "edgeplane agent CA") -> CertificateAuthority:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)

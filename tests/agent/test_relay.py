@@ -255,8 +255,22 @@ async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_pat
         await server.stop(None)
 
 
-@pytest.mark.parametrize("body", ["not json", "[]", '{"replica": "cp-1", "address": "h:1"}', '{"replica": "cp-1", "address": 7, "secret": "s"}'])
+@pytest.mark.parametrize("body", ["not json", "[]", '{"replica": "cp-1", "address": "h:1"}', '{"replica": "cp-1", "address": 7, "secret": "s"}',
+                                  '{"replica": "cp-1", "address": "h:1", "secret": "s", "agentCa": 5}'])
 def test_a_leader_document_that_cannot_be_used_is_refused_with_a_reason(body: str) -> None:
     with pytest.raises(ValueError):
         relay.Leader.from_json(body)
     assert relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s", "fencingToken": 3}') == relay.Leader("cp-1", "h:1", "s")
+    assert relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s", "agentCa": "ab"}').agent_ca == "ab"
+
+
+def test_a_replica_whose_agent_ca_is_not_the_leader_s_says_what_to_do(tmp_path: pathlib.Path) -> None:
+    ours, theirs = (ca.CertificateAuthority.load_or_create(tmp_path / n) for n in ("ours", "theirs"))
+    copied = ca.CertificateAuthority.load_or_create(tmp_path / "theirs")  # the same files, loaded again
+    leader = relay.Leader("cp-1", "h:1", "s", agent_ca=theirs.fingerprint)
+    assert copied.fingerprint == theirs.fingerprint and leader.unlike(copied.fingerprint) is None
+    unlike = leader.unlike(ours.fingerprint)
+    assert unlike is not None and "copy <data-dir>/ca" in unlike and ours.fingerprint[:16] in unlike and theirs.fingerprint[:16] in unlike
+    assert "without TLS" in (leader.unlike(None) or "")
+    assert "without TLS" in (relay.Leader("cp-1", "h:1", "s").unlike(ours.fingerprint) or "")
+    assert relay.Leader("cp-1", "h:1", "s").unlike(None) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import time
 from typing import Any
@@ -82,10 +83,12 @@ def agent_joins(url: str, after_event: int) -> list[Any]:
         store.close()
 
 
-def start_replicas(tmp_path: pathlib.Path, fleet: pathlib.Path, urls: list[str], *extra: str) -> list[support.ServeProcess]:
+def start_replicas(tmp_path: pathlib.Path, fleet: pathlib.Path, urls: list[str], *extra: str,
+                   insecure_agents: bool = True) -> list[support.ServeProcess]:
     """One replica per store URL (the same database, reached directly or through a proxy)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    replicas = [support.ServeProcess(tmp_path / f"cp-{i}", "--store", url, "--leader-lease", str(LEASE_S), "--insecure-agents",
+    tls = ("--insecure-agents",) if insecure_agents else ()
+    replicas = [support.ServeProcess(tmp_path / f"cp-{i}", "--store", url, "--leader-lease", str(LEASE_S), *tls,
                                      "--bootstrap-token", harness.BOOTSTRAP_TOKEN, "--heartbeat-interval", "0.5", *extra,
                                      artifact_root=fleet)
                 for i, url in enumerate(urls)]
@@ -144,7 +147,9 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
         assert "does not lead" not in agent.log(), agent.log()
         wait_for("the follower relays one agent", lambda: (v := view(follower))["agents"]["connected"] == 1
                  and v["relay"]["connected"] and v["relay"]["leader"] == elected[0], within_s=30, every_s=0.1)
-        assert view(leader)["agents"] == {"connected": 0, "relayedHere": 1}
+        # the relay may have connected before the agent joined: its report follows within a flush
+        wait_for("the leader holds the relayed agent", lambda: view(leader)["agents"] == {"connected": 0, "relayedHere": 1},
+                 within_s=10, every_s=0.05)
         assert "; 1 agent here, relayed to the leader" in support.cli("status", server_url=follower.url).stdout
         assert "; 0 agents here, 1 relayed by followers" in support.cli("status", server_url=leader.url).stdout
         wait_for("the leader saw the site healthy", lambda: httpx.get(f"{follower.url}/v1/sites/{SITE}", timeout=10).json()
@@ -220,6 +225,37 @@ def test_a_paused_leader_is_replaced_and_steps_down_when_it_resumes(
         assert resumed["leader"]["replica"] == after["replica"] and resumed["leader"]["fencingToken"] == token + 1
         assert leaders(replicas) == [after["replica"]]
         assert "no longer leading" in leader.log() or "not written" in leader.log(), leader.log()
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+def test_replicas_with_different_agent_cas_say_so_and_relay_over_mutual_tls_once_they_share_one(
+    tmp_path: pathlib.Path, offline_fleet: pathlib.Path, postgres: PostgresServer
+) -> None:
+    url = postgres.create_database()
+    replicas = start_replicas(tmp_path, offline_fleet, [url, url], insecure_agents=False)  # each makes its own CA
+    try:
+        leader = the_leader(replicas)
+        follower = next(r for r in replicas if r is not leader)
+        relay_view = wait_for("the follower names the CA mismatch", lambda: (v := view(follower).get("relay")) and v["lastError"]
+                              and "agent CA" in v["lastError"] and v, within_s=15)
+        assert not relay_view["connected"] and "copy <data-dir>/ca" in relay_view["lastError"], relay_view
+        status = support.cli("status", server_url=follower.url)
+        assert status.returncode == 0 and "not relayed (this replica's agent CA" in status.stdout, status.stdout + status.stderr
+        assert "Traceback" not in follower.log() and "is not the one of the leader" in follower.log()
+
+        # the operator copies the leader's CA to the follower and restarts it: the relay connects over mutual TLS
+        assert follower.stop() == 0
+        replicas.remove(follower)
+        shutil.rmtree(follower.data_dir / "ca")
+        shutil.copytree(leader.data_dir / "ca", follower.data_dir / "ca")
+        restarted = support.ServeProcess(follower.data_dir, "--store", url, "--leader-lease", str(LEASE_S), "--bootstrap-token",
+                                         harness.BOOTSTRAP_TOKEN, "--heartbeat-interval", "0.5", artifact_root=offline_fleet)
+        replicas.append(restarted)
+        restarted.wait_ready()
+        wait_for("the relay connected over mutual TLS", lambda: (v := view(restarted).get("relay")) and v["connected"], within_s=15)
+        assert view(restarted)["role"] == "follower"
     finally:
         for r in replicas:
             r.stop()
