@@ -256,7 +256,10 @@ class Reconciler:
             case act.RecordPlacement(rows, events):
                 self.store.replace_placements(rows, events, lease=self.lease)
             case act.PushAssignments(site, assignments):
-                self.hub.set_assignments(site, list(assignments), self.store.next_sequence("assignments"))
+                # The version comes from the store under the lease: a deposed leader that resumes
+                # mid-pass gets no version, so it cannot push a stale set that agents would take
+                # for newer than the new leader's.
+                self.hub.set_assignments(site, list(assignments), self.store.next_sequence("assignments", lease=self.lease))
             case act.ApplyServeApps(site, apps):
                 await self._apply_datacentre(site, apps)
             case act.SetStatuses(items):

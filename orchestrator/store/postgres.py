@@ -169,9 +169,12 @@ class PostgresStore(SqlStore):
         row = db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version' RETURNING value").fetchone()
         return int(row["value"])  # type: ignore[index]
 
-    def next_sequence(self, key: str) -> int:
-        """A durable counter that only grows (e.g. assignment versions agents compare)."""
+    def next_sequence(self, key: str, lease: Lease | None = None) -> int:
+        """A durable counter that only grows (e.g. assignment versions agents compare); with
+        ``lease``, only while it is held (:class:`Fenced`)."""
         with self._tx() as db:
+            if lease is not None:
+                self._fence(db, lease)
             row = db.execute(
                 "INSERT INTO meta (key, value) VALUES (%s, 1) ON CONFLICT (key) DO UPDATE SET value = meta.value + 1 RETURNING value",
                 (f"seq:{key}",),

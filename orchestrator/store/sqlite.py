@@ -124,9 +124,12 @@ class Store(SqlStore):
         db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version'")
         return int(db.execute("SELECT value FROM meta WHERE key = 'resource_version'").fetchone()[0])
 
-    def next_sequence(self, key: str) -> int:
-        """A durable counter that only grows (e.g. assignment versions agents compare)."""
+    def next_sequence(self, key: str, lease: Lease | None = None) -> int:
+        """A durable counter that only grows (e.g. assignment versions agents compare); with
+        ``lease``, only while it is held (:class:`Fenced`)."""
         with self._tx() as db:
+            if lease is not None:
+                self._fence(db, lease)
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, 0)", (f"seq:{key}",))
             db.execute("UPDATE meta SET value = value + 1 WHERE key = ?", (f"seq:{key}",))
             return int(db.execute("SELECT value FROM meta WHERE key = ?", (f"seq:{key}",)).fetchone()[0])

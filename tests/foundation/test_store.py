@@ -476,6 +476,10 @@ def test_a_lease_that_ran_out_is_taken_over_and_the_old_holders_writes_are_fence
         a.replace_placements([PlacementRow("d", "s", "v", 9)], [Event("a", "place", "ModelDeployment", "d", "late")], lease=lease_a)
     with pytest.raises(store_mod.Fenced):
         a.set_statuses([("ModelDeployment", "d", {"phase": "Late"})], lease=lease_a)
+    assert b.next_sequence("assignments", lease=lease_b) == 1
+    with pytest.raises(store_mod.Fenced):  # no assignment version for a deposed leader
+        a.next_sequence("assignments", lease=lease_a)
+    assert b.next_sequence("assignments", lease=lease_b) == 2
     assert a.acquire_lease("leader", "a", 0.5) is None
     assert [p.replicas for p in b.placements()] == [1]  # the deposed leader's late writes did not land
     assert [e.reason for e in b.events() if e.action == "place"] == ["as leader"]
