@@ -235,7 +235,8 @@ class AgentHub:
                 f"({self.missed_heartbeats * current.heartbeat_interval:.1f}s)",
                 holder=current.agent_id, retry_after_s=current.deadline - now,
             )
-        held = self._held_elsewhere.get(site)
+        # Only while relaying to the leader that said so: a replica that leads decides itself.
+        held = self._held_elsewhere.get(site) if self.tap is not None else None
         if held is not None:
             holder, message, until = held
             if now >= until:

@@ -148,6 +148,7 @@ def test_site_identity_rule(agent_hub, clock) -> None:
 def test_a_site_the_leader_says_another_replica_holds_is_refused_here_until_the_holder_could_be_lost(clock) -> None:
     authenticator = auth.InMemoryJoinAuthenticator([TOKEN])
     agent_hub = hub.AgentHub(authenticator, clock=clock, missed_heartbeats=3)
+    agent_hub.tap = Tap()  # this replica relays its agents to a leader
     first = agent_hub.join(application())
     reason = "site 'edge-1' is held by live agent agt-a through replica cp-2"
     agent_hub.refused_by_leader("edge-1", first.agent_id, "agt-a", reason, 2.0)
@@ -162,10 +163,25 @@ def test_a_site_the_leader_says_another_replica_holds_is_refused_here_until_the_
     # a refusal naming an agent this replica does not hold drops nothing
     agent_hub.refused_by_leader("edge-1", "agt-other", "agt-z", reason, 2.0)
     assert agent_hub.status("edge-1").agent_id == "agt-a"  # type: ignore[union-attr]
-    # once the holder could have been lost, another agent may try again
+    # a replica that leads decides itself: the hold is the old leader's word
     agent_hub.forget("edge-1")
+    agent_hub.tap = None
+    assert agent_hub.join(application()).agent_id not in (first.agent_id, "agt-a")
+    # once the holder could have been lost, another agent may try again
+    agent_hub.tap = Tap()
+    agent_hub.forget("edge-1")
+    with pytest.raises(errors.SiteTaken):
+        agent_hub.join(application())
     clock.now += 2.0
     assert agent_hub.join(application()).agent_id not in (first.agent_id, "agt-a")
+
+
+class Tap:
+    def touched(self, site: str) -> None:
+        pass
+
+    def beat(self, site: str, agent_id: str, message: object) -> None:
+        pass
 
 
 @pytest.mark.parametrize(
