@@ -373,7 +373,7 @@ class ControlPlane:
         with contextlib.suppress(store_mod.StoreError):
             self.store.record(store_mod.Event(self.replica_id, "leader-elected", "ControlPlane", "leader",
                                               f"replica {self.replica_id} leads with fencing token {lease.token}",
-                                              {"fencingToken": lease.token}))
+                                              {"fencingToken": lease.token}), lease=lease)
 
     def _lose_lead(self, reason: str) -> None:
         """Stop reconciling at once: a pass in flight is cancelled (its writes are fenced anyway)."""

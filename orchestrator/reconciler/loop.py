@@ -229,7 +229,7 @@ class Reconciler:
         backoff = self._dc_backoff.setdefault(site, _Backoff())
         message = str(exc)
         if message != backoff.last_error:
-            self.store.record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
+            self.store.record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message), lease=self.lease)
         backoff.fail(self.clock(), message)
         log.warning("data centre %s: %s (retry in %.0fs)", site, message, backoff.next_try - self.clock())
 
@@ -293,5 +293,6 @@ class Reconciler:
         self._dc_backoff.pop(site, None)
         if apps != self._applied.get(site):
             self.store.record(store_mod.Event("reconciler", "serve-applied", "Site", site,
-                                              f"{len(apps)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in apps)))
+                                              f"{len(apps)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in apps)),
+                              lease=self.lease)
         self._applied[site] = apps

@@ -312,9 +312,12 @@ class SqlStore:
             (now, e.actor, e.action, e.kind, e.name, e.reason, _canonical(e.details)),
         )
 
-    def record(self, *events: Event) -> None:
+    def record(self, *events: Event, lease: Lease | None = None) -> None:
+        """Log ``events``; with ``lease``, only while it is held (:class:`Fenced`)."""
         now = self._clock()
         with self._tx() as db:
+            if lease is not None:
+                self._fence(db, lease)
             for e in events:
                 self._log(db, e, now)
 

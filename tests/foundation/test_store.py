@@ -480,6 +480,10 @@ def test_a_lease_that_ran_out_is_taken_over_and_the_old_holders_writes_are_fence
     with pytest.raises(store_mod.Fenced):  # no assignment version for a deposed leader
         a.next_sequence("assignments", lease=lease_a)
     assert b.next_sequence("assignments", lease=lease_b) == 2
+    with pytest.raises(store_mod.Fenced):  # nor its events
+        a.record(Event("a", "serve-applied", "Site", "s", "late"), lease=lease_a)
+    b.record(Event("b", "serve-applied", "Site", "s", "as leader"), lease=lease_b)
+    assert [e.reason for e in a.events() if e.action == "serve-applied"] == ["as leader"]
     assert a.acquire_lease("leader", "a", 0.5) is None
     assert [p.replicas for p in b.placements()] == [1]  # the deposed leader's late writes did not land
     assert [e.reason for e in b.events() if e.action == "place"] == ["as leader"]
