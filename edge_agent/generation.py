@@ -382,7 +382,7 @@ async def _sse(shaper: openai_api.Shaper, batches: AsyncIterator[list[Any]]) -> 
                 yield b"".join(out) + openai_api.SSE_DONE
                 return
         if out:
-            yield out[0] if len(out) == 1 else b"".join(out)
+            yield b"".join(out)
 
 
 def _json(obj: object, status: int = 200) -> Response:

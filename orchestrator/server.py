@@ -291,7 +291,8 @@ class ControlPlane:
         self.replica_id = f"{socket.gethostname()}:{port}-{secrets.token_hex(3)}"  # a new holder each start
         if cfg.store and is_postgres_url(cfg.store):  # replicas may share the database: lead by the lease
             self.elector = leadership.Elector(self.store, self.replica_id, cfg.leader_lease_s, self._gain_lead, self._lose_lead)
-            self.relay_client = relay.RelayClient(self.hub, self.replica_id, tls=self._relay_tls if mtls is not None else None)
+            self.relay_client = relay.RelayClient(self.hub, self.replica_id, tls=self._relay_tls if mtls is not None else None,
+                                                  agent_ca=self._agent_ca_fingerprint)
             self._background.append(asyncio.create_task(self.relay_client.run(), name="agent-relay"))
             self.table.on_wake = self._on_wake
             self._election = asyncio.create_task(self.elector.run(), name="leader-election")
@@ -438,13 +439,7 @@ class ControlPlane:
                 leader = await asyncio.to_thread(self.store.published, LEADER_KEY, leader_version)
                 if leader is not None and not self.elector.leading and self.relay_client is not None:
                     leader_version, body = leader
-                    named = relay.Leader.from_json(body)  # ValueError: logged below, read again when it changes
-                    if named.replica != self.replica_id:
-                        unlike = named.unlike(self._agent_ca_fingerprint)
-                        if unlike is None:
-                            self.relay_client.point(named)
-                        else:
-                            self.relay_client.refuse(named, unlike)
+                    self.relay_client.follow(relay.Leader.from_json(body))  # ValueError: logged below, read again when it changes
                 got = await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, table_version)
                 if got is not None and not self.elector.leading:
                     table_version, body = got

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_agent import errors
+from edge_agent.runtime import onnx
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -186,9 +187,8 @@ class GenAIModel:
         cuda = cuda_available() if use_cuda is None else use_cuda
         try:
             config = og.Config(str(directory))
-            # Stop the intra-op threads spinning when a step ends (see runtime.onnx): between
-            # steps the event loop that writes the tokens, and the callers, need the cores.
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"session.force_spinning_stop": "1"}}}}))
+            # Between steps the event loop that writes the tokens, and the callers, need the cores.
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": onnx.SPIN_DURING_RUNS}}}))
             config.clear_providers()
             if cuda:
                 config.append_provider("cuda")

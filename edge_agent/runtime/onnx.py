@@ -76,18 +76,21 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(node.name, datatype, shape)
 
 
+#: Intra-op threads spin while a run hands them work (waking a sleeping thread for each
+#: parallel section made runs 5-25 % slower here) and stop spinning when the run ends: idle,
+#: they would burn the cores that the HTTP event loop, the decode/encode hop and co-located
+#: callers need between runs. Generative models' sessions get the same (runtime.genai).
+SPIN_DURING_RUNS = {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
+
+
 def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     """The agent's onnxruntime session options (benchmarks take their baseline with them too)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # Intra-op threads spin while a run hands them work (waking a sleeping thread for each
-    # parallel section made runs 5-25 % slower here) and stop spinning when the run ends:
-    # idle, they would burn the cores that the HTTP event loop, the decode/encode hop and
-    # co-located callers need between runs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    for key, value in SPIN_DURING_RUNS.items():
+        options.add_session_config_entry(key, value)
     return options
 
 

@@ -92,6 +92,10 @@ class _Record:
     model_load: Mapping[str, model.ModelLoad] = field(default_factory=dict)
     via: str | None = None  # the replica that relays this agent; None: connected here
 
+    def live(self, now: float) -> bool:
+        """Healthy and not past its deadline: it holds its site against other agents."""
+        return self.healthy and now <= self.deadline
+
     def status(self) -> model.AgentStatus:
         return model.AgentStatus(
             site=self.site,
@@ -211,7 +215,7 @@ class AgentHub:
         self._channel(site).notify()  # a superseded agent's watch stream ends
         if self.tap is not None:
             self.tap.touched(site)
-        if same_agent and current is not None and current.healthy and now <= current.deadline:
+        if same_agent and current is not None and current.live(now):
             # A live agent opening a new session: right after its first join over the join
             # port (enrolment), or after a dropped connection. Not a second join.
             log.debug("agent %s reconnected to site %s from %s", agent_id, site, application.endpoint_url)
@@ -226,7 +230,7 @@ class AgentHub:
         """SiteTaken while another live agent holds ``site``: one here or relayed to this hub,
         or (on a relaying replica) one the leader named when it refused an agent of ours."""
         current = self._records.get(site)
-        if current is not None and current.healthy and now <= current.deadline and current.agent_id != agent_id:
+        if current is not None and current.live(now) and current.agent_id != agent_id:
             where = f" through replica {current.via}" if current.via else ""
             raise errors.SiteTaken(
                 f"site {site!r} is held by live agent {current.agent_id}{where} (last heartbeat "
@@ -432,7 +436,7 @@ class AgentHub:
         record = self._new_record(application, agent_id, now, joined_at=joined_at, via=via)
         self._records[site] = record
         self._channel(site).notify()  # the agent's stream here, if it moved away, ends
-        if current is not None and current.agent_id == agent_id and current.healthy and now <= current.deadline:
+        if current is not None and current.agent_id == agent_id and current.live(now):
             self._emit(model.AgentEventKind.RECONNECTED, record, f"reconnected through replica {via}")
         else:
             log.info("agent %s joined site %s through replica %s", agent_id, site, via)
@@ -466,8 +470,8 @@ class AgentHub:
     # -- relayed assignments (a relaying replica's side) ------------------------------
 
     def refused_by_leader(self, site: str, agent_id: str, holder: str, message: str, retry_after_s: float) -> None:
-        """The leader refused our agent of ``site``: live agent ``holder`` holds it through
-        another replica. The agent is dropped (its streams end and it joins again), and joins
+        """The leader refused our agent of ``site``: live agent ``holder`` holds it (connected
+        to the leader or relayed by another replica). The agent is dropped (its streams end and it joins again), and joins
         of other agents for the site are refused here with the leader's reason until the
         holder could have been lost."""
         self._held_elsewhere[site] = (holder, message, self._clock() + max(0.0, retry_after_s))

@@ -241,10 +241,11 @@ class RelayClient:
     """
 
     def __init__(self, agent_hub: hub.AgentHub, replica: str, *, tls: Callable[[], ClientTls] | None = None,
-                 flush_s: float = FLUSH_S) -> None:
+                 agent_ca: str | None = None, flush_s: float = FLUSH_S) -> None:
         self._hub = agent_hub
         self.replica = replica
         self._tls = tls
+        self._agent_ca = agent_ca  # this replica's agent CA fingerprint; None: agents without TLS
         self.flush_s = flush_s
         self.leader: Leader | None = None
         self._pointed = asyncio.Event()
@@ -283,12 +284,20 @@ class RelayClient:
             self._connection.cancel()
         self._pointed.set()
 
-    def refuse(self, leader: Leader, reason: str) -> None:
-        """Relay nothing to ``leader``, and say why (the view's ``lastError``)."""
-        if self.last_error != reason:
-            log.error("relay to leader %s: %s", leader.replica, reason)
+    def follow(self, leader: Leader) -> None:
+        """The leader the database names: relay to it, unless this replica cannot share
+        agents with it (another agent CA or TLS mode), which is then logged once and shown
+        as the view's ``lastError``."""
+        if leader.replica == self.replica:
+            return
+        unlike = leader.unlike(self._agent_ca)
+        if unlike is None:
+            self.point(leader)
+            return
+        if self.last_error != unlike:
+            log.error("relay to leader %s: %s", leader.replica, unlike)
         self.point(None)
-        self.last_error = reason
+        self.last_error = unlike
 
     def view(self) -> dict[str, object]:
         return {"leader": self.leader.replica if self.leader else None, "address": self.leader.address if self.leader else None,
