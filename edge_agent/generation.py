@@ -6,12 +6,16 @@ arrival order; one more is answered 429 with ``Retry-After`` at once, so a burst
 becomes an unbounded backlog. A request that waits and whose client leaves gives its
 place up.
 
-A generation's tokens reach the event loop through a deque: the generating thread appends
-each and wakes the loop (``call_soon_threadsafe``) only when no wake-up is pending, and the
-loop takes every token that is there at once and sends them as server-sent events in one
-write when the client has room (``httpserver.StreamingResponse``): while the loop keeps up
-that is one token per write, and when a step holds the loop back the tokens made meanwhile
-cost one wake-up and one write instead of one each. When the client goes away
+A streamed generation's tokens are written by the generating thread itself while the
+client keeps up: the server lends it the socket (``httpserver.Passthrough``) while it waits
+for the stream's next item, and each token goes out as one server-sent event with one
+non-blocking ``send``, without waking the event loop. Everything else (the first chunk of
+a chat, events with logprobs, the end of the stream, and any token the socket does not take
+at once because the client's buffer is full) reaches the event loop through a deque: the
+generating thread appends each event and wakes the loop (``call_soon_threadsafe``) only when
+no wake-up is pending, and the loop takes every event that is there at once and sends them
+in one write when the client has room (``httpserver.StreamingResponse``). One lock decides
+between the two ways, so the events keep their order. When the client goes away
 (connection closed, the task cancelled) the generating thread is told between two steps,
 the sequence's slot is freed when that thread returns, and the model's
 ``cancelled`` counter in /metrics goes up.
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent import errors, openai_api, registry
-from edge_agent.httpserver import Request, Response, StreamingResponse
+from edge_agent.httpserver import Passthrough, Request, Response, StreamingResponse
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
 
@@ -43,6 +47,9 @@ _STARTED = int(time.time())
 # Response ids need to be unique, not secret: os.urandom costs a system call per request
 # (0.5 ms measured here), a seeded generator nothing.
 _IDS = random.Random()
+# A token made sooner than this after the one before is handed to the event loop, not
+# written by the generating thread (see _Sequence._write_through; bench/genai_agent.py).
+WRITE_THROUGH_MIN_GAP_S = 0.25e-3
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class GenerationServer:
         self._metrics = metrics
         self._state: dict[tuple[str, str], _Model] = {}
         self.active = 0
+        self.written_through = 0  # streamed tokens the generating threads wrote themselves
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -215,7 +223,8 @@ class GenerationServer:
         seq = _Sequence(self, state, prompt, options, started)
         shaper = openai_api.Shaper(body, ("chatcmpl-" if chat else "cmpl-") + f"{_IDS.getrandbits(96):024x}")
         if body.stream:
-            return StreamingResponse(200, _Closing(_sse(shaper, seq.batches()), seq.close))
+            direct = None if body.options.logprobs else seq.passthrough(shaper.token_event)
+            return StreamingResponse(200, _Closing(_sse(shaper, seq.batches()), seq.close), passthrough=direct)
         try:
             return await _whole(shaper, seq.batches())
         finally:
@@ -239,6 +248,14 @@ class _Sequence:
         self._outcome = "cancelled"
         self._tokens = 0
         self._closed = False
+        self._loop = loop
+        # Set once the server lends the stream's socket; then its lock orders every event.
+        self._direct: Passthrough | None = None
+        self._encode: Callable[[str], bytes] | None = None
+        self._parked = False  # the loop waits for events with none pending (under the lock)
+        self._last_token = started
+        self._through = 0  # tokens written by the generating thread
+        self._server = server
         runtime: genai.GenAIModel = state.served.runtime  # type: ignore[assignment]
         pending, ready, cancel = self._pending, self._ready, self._cancel
 
@@ -246,11 +263,22 @@ class _Sequence:
             self._wake_pending = False
             ready.set()
 
-        def emit(ev: Any) -> None:  # on the generating thread
+        def queue(ev: Any) -> None:
             pending.append(ev)
             if not self._wake_pending:  # a wake-up already on its way finds this event too
                 self._wake_pending = True
                 loop.call_soon_threadsafe(wake)
+
+        def emit(ev: Any) -> None:  # on the generating thread
+            direct = self._direct
+            if direct is None:
+                queue(ev)
+                return
+            with direct.lock:
+                if self._parked and type(ev) is genai.TokenEvent and self._write_through(direct, ev):
+                    return
+                self._parked = False
+                queue(ev)
 
         # The thread may not run far ahead of what was sent (see runtime.genai.Window).
         self._window = window = genai.Window()
@@ -276,14 +304,59 @@ class _Sequence:
 
         loop.run_in_executor(state.executor, work).add_done_callback(done)
 
+    def passthrough(self, encode: Callable[[str], bytes]) -> Callable[[Passthrough], None]:
+        """For ``StreamingResponse.passthrough``: tokens are then written by the generating
+        thread as ``encode(text)`` while the server lends it the socket."""
+
+        def take(direct: Passthrough) -> None:
+            self._encode = encode
+            self._direct = direct
+
+        return take
+
+    def _write_through(self, direct: Passthrough, ev: genai.TokenEvent) -> bool:
+        """On the generating thread, the lock held, the loop parked: send one token itself.
+        Tokens that come faster than a wake-up of the loop costs go to the loop instead,
+        which sends all those made meanwhile in one write."""
+        now = time.perf_counter()
+        since, self._last_token = now - self._last_token, now
+        if since < WRITE_THROUGH_MIN_GAP_S and self._tokens:
+            return False
+        if ev.text and not direct.send(self._encode(ev.text)):  # type: ignore[misc]
+            return False
+        self._tokens += 1
+        self._through += 1
+        if self._tokens == 1:
+            self._loop.call_soon_threadsafe(self._metrics.observe_ttft, self._name, time.perf_counter() - self._started)
+        self._window.consumed(1)
+        return True
+
+    def _park(self) -> bool:
+        """True when nothing is pending: the generating thread may then write tokens itself."""
+        direct = self._direct
+        if direct is None:
+            return not self._pending
+        with direct.lock:
+            self._parked = not self._pending
+            return self._parked
+
+    def _unpark(self) -> None:
+        direct = self._direct
+        if direct is not None:
+            with direct.lock:
+                self._parked = False
+
     async def batches(self) -> AsyncIterator[list[genai.TokenEvent | genai.Finished | Failed]]:
         """Every event there is, in order, as one batch; the last batch ends with a
         :class:`genai.Finished` or :class:`Failed`."""
         pending, ready = self._pending, self._ready
         while True:
-            if not pending:
-                ready.clear()  # an event appended after this wakes the loop (see emit)
-                await ready.wait()
+            ready.clear()  # an event appended after this wakes the loop (see emit)
+            if self._park():
+                try:
+                    await ready.wait()
+                finally:
+                    self._unpark()
             batch = []
             while pending:
                 ev = pending.popleft()
@@ -303,6 +376,7 @@ class _Sequence:
         if self._closed:
             return
         self._closed = True
+        self._server.written_through += self._through
         self._cancel.set()
         self._window.close()  # a thread waiting for this consumer wakes and sees the cancel
         m, name = self._metrics, self._name

@@ -18,6 +18,9 @@ handling:
 
 Each response goes out in a single ``write`` (head and body together), so Nagle's
 algorithm never holds a body back waiting for the client's delayed ACK.
+
+A stream whose items are made on another thread (a generation's tokens) may write them
+itself (:class:`Passthrough`) instead of waking the event loop for each one.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import socket
+import threading
 import types
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
@@ -75,6 +80,98 @@ class StreamingResponse:
     chunks: AsyncIterator[bytes]
     content_type: str = "text/event-stream"
     headers: tuple[tuple[str, str], ...] = field(default=())
+    # Called once the head is out with the stream's Passthrough, for a producer whose
+    # items are made on another thread.
+    passthrough: Callable[[Passthrough], None] | None = None
+
+
+class Passthrough:
+    """A stream's socket, lent to the thread that produces its items while the server waits
+    for the next item and has nothing of the stream buffered.
+
+    Handing each item to the event loop costs a wake-up of the loop per item, and a thread
+    that holds the GIL through its work (onnxruntime-genai's step does) makes that wake-up
+    a hand-over of the interpreter between two threads: measured, that was most of what a
+    streamed generation lost against a bare generation loop. With a Passthrough the
+    producing thread writes an item as one chunk with one non-blocking ``send``, and the
+    loop is not involved at all.
+
+    :meth:`send` is called with :attr:`lock` held, so that a producer can decide atomically
+    between sending an item here and queueing it for the loop. It returns False when the
+    item was not taken: the socket is not lent (the server is writing, the transport holds
+    unsent bytes, the connection is closing), or the client's buffer is full. The item then
+    goes through the stream as usual, where back-pressure, the write timeout and disconnects
+    are handled; the socket stays with the loop until it lends it again. Bytes of an item
+    that did not all go out are written by the loop before anything else of the stream.
+
+    The thread writes through its own duplicate of the socket's descriptor, so a
+    connection the loop closes meanwhile can never make it write to another client that
+    was given the same descriptor number; the duplicate is closed as soon as the stream
+    ends or the connection closes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport) -> None:
+        self.lock = threading.Lock()
+        self._loop = loop
+        self._transport = transport
+        raw = transport.get_extra_info("socket")
+        self._sock: socket.socket | None = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None else None
+        self._lent = False
+        self._owed = b""
+        self.items = 0  # items the producing thread wrote itself
+
+    def send(self, data: bytes) -> bool:
+        """Write ``data`` as one chunk now; False if it was not taken (see the class). Any
+        thread, with :attr:`lock` held."""
+        sock = self._sock
+        if not self._lent or sock is None or self._transport.get_write_buffer_size():
+            return False
+        frame = encode_chunk(data)
+        try:
+            sent = sock.send(frame, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client is gone: the loop sees it too and ends the stream
+            self._lent = False
+            return False
+        if sent == 0:
+            self._lent = False
+            return False
+        self.items += 1
+        if sent < len(frame):
+            self._lent = False
+            self._owed = frame[sent:]
+            self._loop.call_soon_threadsafe(self._pay)
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    # -- the event loop's side ---------------------------------------------------------------
+
+    def lend(self) -> None:
+        with self.lock:
+            self._lent = self._sock is not None and not self._owed
+
+    def take_back(self) -> None:
+        """The server is about to write: the thread may not any more, and what it left is written first."""
+        with self.lock:
+            self._lent = False
+        self._pay()
+
+    def _pay(self) -> None:
+        with self.lock:
+            owed, self._owed = self._owed, b""
+        if owed and not self._transport.is_closing():
+            self._transport.write(owed)
+
+    def close(self) -> None:
+        with self.lock:
+            self._lent = False
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
 
 Handler = Callable[[Request], Awaitable["Response | StreamingResponse"]]
@@ -197,6 +294,7 @@ class _Connection(asyncio.Protocol):
         self._in_message = False
         self._continue_owed = False  # a 100 Continue to send once earlier answers are out
         self._last_words: Response | None = None  # a refusal waiting for earlier answers
+        self._passthrough: Passthrough | None = None  # the socket lent to a stream's thread
         self._reset()
 
     def _reset(self) -> None:
@@ -215,6 +313,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._end_passthrough()
         self._server.pending -= len(self._queue)  # received, never to be answered
         self._queue.clear()
         self._disarm()
@@ -351,11 +450,24 @@ class _Connection(asyncio.Protocol):
         is closed either way). A producer that fails mid-stream ends the connection
         without the last chunk, so the client sees a truncated body, never a complete one."""
         chunks = response.chunks
+        passthrough = None
         try:
             if not await self._wait_writable():
                 return False
             self._transport.write(encode_stream_head(response, keep_alive))
-            async for data in chunks:
+            if response.passthrough is not None:
+                passthrough = self._passthrough = Passthrough(self._loop, self._transport)
+                response.passthrough(passthrough)
+            while True:
+                if passthrough is not None:
+                    passthrough.lend()
+                try:
+                    data = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    if passthrough is not None:
+                        passthrough.take_back()
                 if not data:
                     continue
                 if not await self._wait_writable():  # back-pressure: wait until the client reads
@@ -372,6 +484,8 @@ class _Connection(asyncio.Protocol):
             self.close()
             return False
         finally:
+            if passthrough is not None:
+                self._end_passthrough()
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await asyncio.shield(aclose())
@@ -416,6 +530,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._closing = True
+        self._end_passthrough()
         self._disarm()
         if self._transport is not None:
             self._transport.close()
@@ -423,9 +538,15 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         """Close without flushing: what is buffered for a client that does not read is dropped."""
         self._closing = True
+        self._end_passthrough()
         self._disarm()
         if self._transport is not None:
             self._transport.abort()
+
+    def _end_passthrough(self) -> None:
+        if self._passthrough is not None:
+            self._passthrough.close()
+            self._passthrough = None
 
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n

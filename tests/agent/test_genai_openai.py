@@ -255,6 +255,23 @@ async def test_a_client_that_disconnects_stops_its_generation(control_plane: Con
         assert await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL) < generated + 4000
 
 
+async def test_tokens_made_slower_than_a_loop_wake_up_are_written_by_the_generating_thread(
+        control_plane: ControlPlane, make_agent: MakeAgent, packages: Packages) -> None:
+    async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256):
+        whole = await s.client.completions.create(model=MODEL, prompt="The agent", max_tokens=24, temperature=0)
+        generation = s.agent.server.generation
+        assert generation.written_through == 0  # an answer that is not streamed is written by the loop
+        stream = await s.client.completions.create(model=MODEL, prompt="The agent", max_tokens=24, temperature=0, stream=True,
+                                                   stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        text = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+        assert "".join(text) == whole.choices[0].text and len(text) == 24  # in order, one event per token
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
+        # Each step computes for milliseconds: the thread wrote tokens itself (the first at
+        # least; any the loop had not parked for went through the loop, in order).
+        assert 1 <= generation.written_through <= 24
+
+
 async def test_beyond_running_and_queued_requests_get_429_with_retry_after(control_plane: ControlPlane, make_agent: MakeAgent,
                                                                          packages: Packages) -> None:
     async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256, concurrent=1, queued=1):

@@ -1,12 +1,14 @@
 """Streamed responses on the agent's HTTP server, over real loopback sockets: chunked
 framing, keep-alive after a stream, back-pressure from a client that does not read,
-disconnect detection, and a producer that fails mid-stream."""
+disconnect detection, a producer that fails mid-stream, and a producer's thread writing
+items itself through the stream's Passthrough."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import AsyncIterator
 
 import httpx
@@ -22,6 +24,9 @@ class Streams:
         self.produced = 0
         self.closed = asyncio.Event()
         self.first_sent = asyncio.Event()
+        self.passthrough: httpserver.Passthrough | None = None
+        self.lent = asyncio.Event()
+        self.queued: asyncio.Queue[bytes | None] = asyncio.Queue()  # items for the loop to write; None ends
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
         if request.path == "/small":
@@ -32,6 +37,8 @@ class Streams:
             return StreamingResponse(200, self._forever())
         if request.path == "/fails":
             return StreamingResponse(200, self._fails())
+        if request.path == "/lent":
+            return StreamingResponse(200, self._queued(), passthrough=self._take)
         return Response(200, b"plain", content_type="text/plain")
 
     async def _items(self, items: list[bytes]) -> AsyncIterator[bytes]:
@@ -51,6 +58,24 @@ class Streams:
             yield b"never"
         finally:
             self.closed.set()
+
+    def _take(self, passthrough: httpserver.Passthrough) -> None:
+        self.passthrough = passthrough
+        self.lent.set()
+
+    async def _queued(self) -> AsyncIterator[bytes]:
+        try:
+            yield b"first"
+            while (item := await self.queued.get()) is not None:
+                yield item
+        finally:
+            self.closed.set()
+
+    def send(self, data: bytes) -> bool:
+        """What a producer's thread does: write ``data`` itself if the socket is lent."""
+        assert self.passthrough is not None and threading.current_thread() is not threading.main_thread()
+        with self.passthrough.lock:
+            return self.passthrough.send(data)
 
     async def _fails(self) -> AsyncIterator[bytes]:
         yield b"data: one\n\n"
@@ -168,5 +193,80 @@ async def test_a_producer_that_fails_truncates_the_stream_visibly() -> None:
                 raise AssertionError("a truncated chunked body must not read as complete")
             except httpx.RemoteProtocolError:
                 pass
+    finally:
+        await server.shutdown(1)
+
+
+async def read_chunk(reader: asyncio.StreamReader) -> bytes:
+    size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).strip(), 16)
+    data = await asyncio.wait_for(reader.readexactly(size + 2), 10)
+    assert data.endswith(b"\r\n")
+    return data[:-2]
+
+
+async def test_a_producers_thread_writes_items_itself_in_order_with_those_the_loop_writes() -> None:
+    server, streams, port = await start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /lent HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert await read_chunk(reader) == b"first"
+        await asyncio.wait_for(streams.lent.wait(), 5)
+        passthrough = streams.passthrough
+        assert passthrough is not None
+        assert await asyncio.to_thread(streams.send, b"from the thread")  # taken: the server waits
+        assert await read_chunk(reader) == b"from the thread"
+        await streams.queued.put(b"from the loop")
+        assert await read_chunk(reader) == b"from the loop"
+        assert await asyncio.to_thread(streams.send, b"the thread again")  # lent again once the loop wrote
+        assert await read_chunk(reader) == b"the thread again"
+        await streams.queued.put(None)
+        assert await read_chunk(reader) == b""  # the last chunk: the stream is complete
+        assert passthrough.items == 2 and passthrough.closed
+        assert not await asyncio.to_thread(streams.send, b"too late")  # the stream is over: nothing is written
+        writer.write(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")  # and the connection serves the next request
+        assert (await asyncio.wait_for(reader.readuntil(b"plain"), 5)).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+    finally:
+        await server.shutdown(1)
+
+
+async def test_what_a_full_socket_did_not_take_is_written_by_the_loop_before_anything_else() -> None:
+    server, streams, port = await start()
+    big = bytes(range(251)) * (32 * 1024)  # 7.8 MiB: far more than the socket buffers hold
+    try:
+        reader, writer = await slow_reader(port)
+        writer.write(b"GET /lent HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert await read_chunk(reader) == b"first"
+        await asyncio.wait_for(streams.lent.wait(), 5)
+        passthrough = streams.passthrough
+        assert passthrough is not None
+        assert await asyncio.to_thread(streams.send, big)  # taken: what the socket did not take is owed
+        assert not await asyncio.to_thread(streams.send, b"next")  # the socket is back with the loop
+        await streams.queued.put(b"next")  # so the producer hands it to the stream
+        await streams.queued.put(None)
+        assert await read_chunk(reader) == big  # whole, then what followed it
+        assert await read_chunk(reader) == b"next"
+        assert await read_chunk(reader) == b""
+        assert passthrough.items == 1
+        writer.close()
+    finally:
+        await server.shutdown(1)
+
+
+async def test_a_lent_socket_is_taken_back_when_the_client_leaves() -> None:
+    server, streams, port = await start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /lent HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        await asyncio.wait_for(streams.lent.wait(), 5)
+        writer.close()
+        await asyncio.wait_for(streams.closed.wait(), 5)  # the producer is closed at once
+        passthrough = streams.passthrough
+        assert passthrough is not None and passthrough.closed  # its descriptor closed with the connection
+        assert not await asyncio.to_thread(streams.send, b"nobody listens")
+        assert passthrough.items == 0
     finally:
         await server.shutdown(1)
