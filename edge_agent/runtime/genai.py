@@ -25,8 +25,9 @@ token waits until the event loop has written it (time to first token), and after
 thread runs at most ``Window.ahead`` tokens ahead of what the loop has written, then
 blocks (releasing the GIL) until the loop catches up. A reader that stops reading stops the
 generation within that many tokens, a disconnect is seen by the loop at once, and tokens
-per second stay those of the bare loop while the consumer keeps up. ``bench/genai_agent.py``
-measures both.
+per second stay those of the bare loop while the consumer keeps up. (A token the
+generating thread writes to the connection itself, ``generation._Sequence``, counts as
+written at once.) ``bench/genai_agent.py`` measures both.
 """
 
 from __future__ import annotations
