@@ -10,7 +10,14 @@ faster of onnxruntime's defaults and the agent's session options. The agent is a
 subprocess joined to a control plane in this process and is called over raw keep-alive
 HTTP/1.1 with a pre-encoded request (the cheapest client, so the client is not what is
 measured), one request at a time (latency) and with 4 in flight (throughput). The client
-shares the machine's cores with the agent, as a co-located caller would. Writes bench/results/agent_infer.json.
+shares the machine's cores with the agent, as a co-located caller would.
+
+*floor* rows: the same ``session.run`` behind the least an HTTP server can be: a process
+with one blocking socket that reads a request by its Content-Length, views the body's last
+bytes as the input tensor, runs, and answers the output's raw bytes; called by the same
+client, one request at a time (binary case). What it loses against raw is the loopback
+round trip and the two processes' wake-ups on these cores, which any server pays here.
+Writes bench/results/agent_infer.json (``--spin-between-runs``: agent_infer_spin_between_runs.json).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -53,8 +62,8 @@ def _stats(latencies: list[float], wall: float) -> dict:
 
 def raw_baseline(path: Path, x: np.ndarray, duration: float) -> dict:
     """The faster of onnxruntime's defaults (intra-op threads = cores, idle threads spin)
-    and the agent's session options (threads stop spinning when a run ends): the baseline
-    is raw's best case."""
+    and the agent's session options (one inter-op thread, quiet logs): the baseline is
+    raw's best case."""
     runs = [_raw_run(path, x, duration, options) for options in (ort.SessionOptions(), onnx.session_options())]
     best = max(runs, key=lambda r: r["per_s"])
     return {**best, "raw_per_s_defaults": runs[0]["per_s"], "raw_per_s_agent_options": runs[1]["per_s"]}
@@ -138,7 +147,52 @@ async def through_agent(url: str, name: str, x: np.ndarray, binary: bool, concur
             conn.close()
 
 
-async def run(duration: float) -> list[dict]:
+FLOOR_SERVER = """
+import socket, sys
+import numpy as np
+import onnxruntime as ort
+from edge_agent.runtime import onnx
+
+path, rows, cols, spin = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+options = onnx.session_options(spin_between_runs=spin)
+session = ort.InferenceSession(open(path, "rb").read(), options, providers=["CPUExecutionProvider"])
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+buf = b""
+while True:
+    while b"\\r\\n\\r\\n" not in buf:
+        data = conn.recv(1 << 20)
+        if not data:
+            sys.exit(0)
+        buf += data
+    head, _, buf = buf.partition(b"\\r\\n\\r\\n")
+    length = next(int(line[15:]) for line in head.lower().split(b"\\r\\n") if line.startswith(b"content-length:"))
+    while len(buf) < length:
+        buf += conn.recv(1 << 20)
+    body, buf = buf[:length], buf[length:]
+    x = np.frombuffer(body, dtype=np.float32, count=rows * cols, offset=length - rows * cols * 4).reshape(rows, cols)
+    out = session.run(None, {"input": x})[0].tobytes()
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\ncontent-length: %d\\r\\n\\r\\n%b" % (len(out), out))
+"""
+
+
+async def through_floor(path: Path, x: np.ndarray, duration: float, spin: bool) -> dict:
+    """``session.run`` behind the least an HTTP server can be (see the module docstring),
+    with the agent's session options."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOR_SERVER, str(path), str(x.shape[0]), str(x.shape[1]),
+                                                "1" if spin else "0", stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        port = int((await asyncio.wait_for(proc.stdout.readline(), 60)).decode())
+        return await through_agent(f"http://127.0.0.1:{port}", "floor", x, True, 1, duration)
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def run(duration: float, spin: bool = False) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -154,7 +208,7 @@ async def run(duration: float) -> list[dict]:
             ("wide b256", "wide", wide, rng.standard_normal((256, 1024)).astype(np.float32), (True,)),
             ("tiny", "tiny", tiny, rng.standard_normal((1, 8)).astype(np.float32), (True, False)),
         ]
-        rig = ControlPlaneAndAgent(root / "agent")
+        rig = ControlPlaneAndAgent(root / "agent", extra=["--spin-between-runs"] if spin else [])
         await rig.start()
         try:
             await rig.assign(
@@ -166,6 +220,11 @@ async def run(duration: float) -> list[dict]:
                 # see the same background load on a shared machine.
                 base = raw_baseline(built.path, x, duration)
                 rows.append({"model": label, "path": "raw session.run", "concurrency": 1, **base, "vs_raw": 1.0})
+                floor = await through_floor(built.path, x, duration, spin) if True in encodings else None
+                if floor is not None:
+                    rows.append({"model": label, "path": "floor: minimal socket server", "concurrency": 1, **floor,
+                                 "vs_raw": round(floor["per_s"] / base["per_s"], 3),
+                                 "overhead_ms_p50": round(floor["p50_ms"] - base["p50_ms"], 3)})
                 for binary in encodings:
                     for concurrency in (1, 4):
                         got = await through_agent(rig.url, name, x, binary, concurrency, duration)
@@ -176,6 +235,7 @@ async def run(duration: float) -> list[dict]:
                             **got,
                             "vs_raw": round(got["per_s"] / base["per_s"], 3),
                             "overhead_ms_p50": round(got["p50_ms"] - base["p50_ms"], 3),
+                            **({"vs_floor": round(got["per_s"] / floor["per_s"], 3)} if floor and concurrency == 1 else {}),
                         })
         finally:
             await rig.stop()
@@ -185,21 +245,25 @@ async def run(duration: float) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run (about 20 s)")
+    parser.add_argument("--spin-between-runs", action="store_true", help="run the agent (and the floor) with that flag")
     args = parser.parse_args()
     duration = 1.5 if args.quick else 5.0
-    rows = asyncio.run(run(duration))
-    table = Table(title=f"v2 inference through the agent vs raw session.run ({os.cpu_count()} cores)")
-    for col in ["model", "path", "in flight", "req/s", "p50 ms", "p99 ms", "x raw"]:
+    rows = asyncio.run(run(duration, args.spin_between_runs))
+    spinning = ", --spin-between-runs" if args.spin_between_runs else ""
+    table = Table(title=f"v2 inference through the agent vs raw session.run ({os.cpu_count()} cores{spinning})")
+    for col in ["model", "path", "in flight", "req/s", "p50 ms", "p99 ms", "x raw", "x floor"]:
         table.add_column(col, justify="left" if col in ("model", "path") else "right")
     for r in rows:
         table.add_row(r["model"], r["path"], str(r["concurrency"]), f"{r['per_s']:,}", str(r["p50_ms"]),
-                      str(r["p99_ms"]), f"{r['vs_raw']:.2f}")
-    Console().print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+                      str(r["p99_ms"]), f"{r['vs_raw']:.2f}", f"{r['vs_floor']:.2f}" if "vs_floor" in r else "")
+    Console(width=120).print(table)
+    results = RESULTS.with_name("agent_infer_spin_between_runs.json") if args.spin_between_runs else RESULTS
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({
         "benchmark": "agent_infer",
         "cpu_count": os.cpu_count(),
         "quick": args.quick,
+        "spin_between_runs": args.spin_between_runs,
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "duration_s_per_row": duration,
         "target": {"wide_vs_raw": 0.8, "wide_b8_vs_raw": 0.7, "wide_b64_json_vs_raw": 0.5},

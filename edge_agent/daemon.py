@@ -53,6 +53,7 @@ class AgentConfig:
     inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
     grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
     intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
+    spin_between_runs: bool = False  # onnxruntime's idle threads spin-wait after a run (see runtime.onnx)
 
     @property
     def control_planes(self) -> list[str]:
@@ -95,10 +96,10 @@ class Agent:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
         self.store = state.StateStore(config.data_dir)
         self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts)
-        threads = config.intra_op_threads
+        threads, spin = config.intra_op_threads, config.spin_between_runs
         self.registry = registry.ModelRegistry(
             self.cache,
-            load_model or (lambda data: onnx.OnnxModel.load(data, intra_op_threads=threads)),
+            load_model or (lambda data: onnx.OnnxModel.load(data, intra_op_threads=threads, spin_between_runs=spin)),
             on_change=self._models_changed,
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
@@ -124,7 +125,7 @@ class Agent:
             directory = packages.unpack(package, sha256, self.models_dir)
         except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
             raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.models_dir}: {exc.strerror or exc}") from exc
-        return genai.GenAIModel.load(directory)
+        return genai.GenAIModel.load(directory, spin_between_runs=self.config.spin_between_runs)
 
     # -- Reporter protocol for the uplink ---------------------------------------------
 

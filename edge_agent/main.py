@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inline-max-ms", type=float, default=20.0, metavar="MS",
                    help="a request alone in flight whose model runs in at most this long is computed on the "
                         "event loop instead of a worker thread (0 = always a worker thread)")
+    p.add_argument("--spin-between-runs", action="store_true",
+                   help="let onnxruntime's idle threads spin-wait after each run (its default): faster answers to "
+                        "back-to-back requests, at the cost of cores kept busy between them (docs/agent.md)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -119,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         workers=args.workers,
         inline_max_ms=max(0.0, args.inline_max_ms),
         grpc_listen=args.grpc_listen,
+        spin_between_runs=args.spin_between_runs,
     )
 
 

@@ -179,7 +179,7 @@ class GenAIModel:
         self._token_text: dict[int, str] = {}
 
     @classmethod
-    def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None) -> GenAIModel:
+    def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False) -> GenAIModel:
         try:
             import onnxruntime_genai as og
         except ImportError as exc:
@@ -188,8 +188,8 @@ class GenAIModel:
         cuda = cuda_available() if use_cuda is None else use_cuda
         try:
             config = og.Config(str(directory))
-            # Between steps the event loop that writes the tokens, and the callers, need the cores.
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": onnx.SPIN_DURING_RUNS}}}))
+            if not spin_between_runs:  # between steps and sequences the callers need the cores
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": onnx.SPIN_DURING_RUNS}}}))
             config.clear_providers()
             if cuda:
                 config.append_provider("cuda")

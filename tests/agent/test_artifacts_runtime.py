@@ -213,3 +213,17 @@ async def test_a_download_child_that_says_nothing_is_killed(tmp_path: pathlib.Pa
         with pytest.raises(errors.ArtifactUnavailable, match="stalled"):
             await asyncio.wait_for(cache.fetch(url, "0" * 64), 20)
         await asyncio.wait_for(silent.closed.wait(), 10)  # the child, and its connection, are gone
+
+
+def test_intra_op_threads_stop_spinning_after_a_run_unless_the_operator_asks_otherwise() -> None:
+    from edge_agent import main
+
+    quiet = onnx.session_options()
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert quiet.get_session_config_entry("session.force_spinning_stop") == "1"
+    spinning = onnx.session_options(spin_between_runs=True)  # onnxruntime's own default: no entry at all
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        spinning.get_session_config_entry("session.force_spinning_stop")
+    required = ["--control-plane", "127.0.0.1:1", "--site", "edge-1", "--token", "t"]
+    assert not main.config_from_args(main.parser().parse_args(required)).spin_between_runs
+    assert main.config_from_args(main.parser().parse_args([*required, "--spin-between-runs"])).spin_between_runs

@@ -114,3 +114,18 @@ def test_request_parsing_defaults_and_names() -> None:
     with pytest.raises(openai_api.ApiError) as err:
         openai_api.parse(b'{"model": "m", "prompt": "p", "stream_options": {"include_usage": true}}', chat=False)
     assert err.value.param == "stream_options"
+
+
+def test_a_generative_model_loads_with_either_spinning_policy_and_generates_the_same(tmp_path: pathlib.Path) -> None:
+    from edge_agent.runtime import genai
+    from orchestrator.testing import genai_model
+
+    genai_model.build_model_dir(tmp_path)
+    texts = []
+    for spin in (False, True):
+        runtime = genai.GenAIModel.load(tmp_path, use_cuda=False, spin_between_runs=spin)
+        events: list[object] = []
+        runtime.generate(runtime.encode("The agent"), genai.SamplingOptions(max_tokens=8, temperature=0), events.append,
+                         genai.Cancel())
+        texts.append("".join(e.text for e in events if isinstance(e, genai.TokenEvent)))
+    assert texts[0] and texts[0] == texts[1]
