@@ -197,6 +197,17 @@ async def test_a_producer_that_fails_truncates_the_stream_visibly() -> None:
         await server.shutdown(1)
 
 
+async def open_lent(port: int, streams: Streams, *, slow: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                                                             httpserver.Passthrough]:
+    """A ``/lent`` stream, its head read, and the Passthrough its producer was given."""
+    reader, writer = await (slow_reader(port) if slow else asyncio.open_connection("127.0.0.1", port))
+    writer.write(b"GET /lent HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    await asyncio.wait_for(streams.lent.wait(), 5)
+    assert streams.passthrough is not None
+    return reader, writer, streams.passthrough
+
+
 async def read_chunk(reader: asyncio.StreamReader) -> bytes:
     size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).strip(), 16)
     data = await asyncio.wait_for(reader.readexactly(size + 2), 10)
@@ -207,13 +218,8 @@ async def read_chunk(reader: asyncio.StreamReader) -> bytes:
 async def test_a_producers_thread_writes_items_itself_in_order_with_those_the_loop_writes() -> None:
     server, streams, port = await start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /lent HTTP/1.1\r\nHost: x\r\n\r\n")
-        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        reader, writer, passthrough = await open_lent(port, streams)
         assert await read_chunk(reader) == b"first"
-        await asyncio.wait_for(streams.lent.wait(), 5)
-        passthrough = streams.passthrough
-        assert passthrough is not None
         assert await asyncio.to_thread(streams.send, b"from the thread")  # taken: the server waits
         assert await read_chunk(reader) == b"from the thread"
         await streams.queued.put(b"from the loop")
@@ -235,13 +241,8 @@ async def test_what_a_full_socket_did_not_take_is_written_by_the_loop_before_any
     server, streams, port = await start()
     big = bytes(range(251)) * (32 * 1024)  # 7.8 MiB: far more than the socket buffers hold
     try:
-        reader, writer = await slow_reader(port)
-        writer.write(b"GET /lent HTTP/1.1\r\nHost: x\r\n\r\n")
-        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        reader, writer, passthrough = await open_lent(port, streams, slow=True)
         assert await read_chunk(reader) == b"first"
-        await asyncio.wait_for(streams.lent.wait(), 5)
-        passthrough = streams.passthrough
-        assert passthrough is not None
         assert await asyncio.to_thread(streams.send, big)  # taken: what the socket did not take is owed
         assert not await asyncio.to_thread(streams.send, b"next")  # the socket is back with the loop
         await streams.queued.put(b"next")  # so the producer hands it to the stream
@@ -258,14 +259,10 @@ async def test_what_a_full_socket_did_not_take_is_written_by_the_loop_before_any
 async def test_a_lent_socket_is_taken_back_when_the_client_leaves() -> None:
     server, streams, port = await start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /lent HTTP/1.1\r\nHost: x\r\n\r\n")
-        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        await asyncio.wait_for(streams.lent.wait(), 5)
+        _, writer, passthrough = await open_lent(port, streams)
         writer.close()
         await asyncio.wait_for(streams.closed.wait(), 5)  # the producer is closed at once
-        passthrough = streams.passthrough
-        assert passthrough is not None and passthrough.closed  # its descriptor closed with the connection
+        assert passthrough.closed  # its descriptor closed with the connection
         assert not await asyncio.to_thread(streams.send, b"nobody listens")
         assert passthrough.items == 0
     finally:
