@@ -274,8 +274,12 @@ class _Sequence:
             if direct is None:
                 queue(ev)
                 return
+            token = type(ev) is genai.TokenEvent
+            if token:
+                now = time.perf_counter()
+                since, self._last_token = now - self._last_token, now
             with direct.lock:
-                if self._parked and type(ev) is genai.TokenEvent and self._write_through(direct, ev):
+                if token and self._parked and self._write_through(direct, ev, since):
                     return
                 self._parked = False
                 queue(ev)
@@ -314,18 +318,18 @@ class _Sequence:
 
         return take
 
-    def _write_through(self, direct: Passthrough, ev: genai.TokenEvent) -> bool:
-        """On the generating thread, the lock held, the loop parked: send one token itself.
-        Tokens that come faster than a wake-up of the loop costs go to the loop instead,
-        which sends all those made meanwhile in one write."""
-        now = time.perf_counter()
-        since, self._last_token = now - self._last_token, now
+    def _write_through(self, direct: Passthrough, ev: genai.TokenEvent, since: float) -> bool:
+        """On the generating thread, the lock held, the loop parked: send one token itself,
+        made ``since`` seconds after the one before. Tokens that come faster than a wake-up
+        of the loop costs go to the loop instead, which sends all those made meanwhile in
+        one write."""
         if since < WRITE_THROUGH_MIN_GAP_S and self._tokens:
             return False
-        if ev.text and not direct.send(self._encode(ev.text)):  # type: ignore[misc]
-            return False
+        if ev.text:
+            if not direct.send(self._encode(ev.text)):  # type: ignore[misc]
+                return False
+            self._through += 1
         self._tokens += 1
-        self._through += 1
         if self._tokens == 1:
             self._loop.call_soon_threadsafe(self._metrics.observe_ttft, self._name, time.perf_counter() - self._started)
         self._window.consumed(1)
