@@ -115,7 +115,11 @@ class Passthrough:
         self._loop = loop
         self._transport = transport
         raw = transport.get_extra_info("socket")
-        self._sock: socket.socket | None = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None else None
+        self._sock: socket.socket | None = None
+        try:
+            self._sock = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None else None
+        except OSError as exc:  # out of descriptors: the stream is written by the loop alone
+            log.warning("a stream's items go through the event loop: %s", exc)
         self._lent = False
         self._owed = b""
         self.items = 0  # items the producing thread wrote itself

@@ -267,3 +267,22 @@ async def test_a_lent_socket_is_taken_back_when_the_client_leaves() -> None:
         assert passthrough.items == 0
     finally:
         await server.shutdown(1)
+
+
+async def test_without_a_descriptor_to_lend_the_loop_writes_the_whole_stream(monkeypatch) -> None:
+    def no_descriptors(fd: int) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(httpserver.os, "dup", no_descriptors)
+    server, streams, port = await start()
+    try:
+        reader, writer, passthrough = await open_lent(port, streams)
+        assert await read_chunk(reader) == b"first"
+        assert passthrough.closed and not await asyncio.to_thread(streams.send, b"not lent")
+        await streams.queued.put(b"not lent")  # so the producer hands it to the stream
+        await streams.queued.put(None)
+        assert await read_chunk(reader) == b"not lent"
+        assert await read_chunk(reader) == b""
+        writer.close()
+    finally:
+        await server.shutdown(1)
