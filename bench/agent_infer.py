@@ -160,17 +160,23 @@ listener = socket.create_server(("127.0.0.1", 0))
 print(listener.getsockname()[1], flush=True)
 conn, _ = listener.accept()
 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def more():
+    data = conn.recv(1 << 20)
+    if not data:
+        sys.exit(0)  # the client is done
+    return data
+
+
 buf = b""
 while True:
     while b"\\r\\n\\r\\n" not in buf:
-        data = conn.recv(1 << 20)
-        if not data:
-            sys.exit(0)
-        buf += data
+        buf += more()
     head, _, buf = buf.partition(b"\\r\\n\\r\\n")
     length = next(int(line[15:]) for line in head.lower().split(b"\\r\\n") if line.startswith(b"content-length:"))
     while len(buf) < length:
-        buf += conn.recv(1 << 20)
+        buf += more()
     body, buf = buf[:length], buf[length:]
     x = np.frombuffer(body, dtype=np.float32, count=rows * cols, offset=length - rows * cols * 4).reshape(rows, cols)
     out = session.run(None, {"input": x})[0].tobytes()

@@ -133,11 +133,8 @@ class Passthrough:
         frame = encode_chunk(data)
         try:
             sent = sock.send(frame, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except BlockingIOError:
+        except OSError:  # the client's buffer is full, or the client is gone: the loop handles both
             sent = 0
-        except OSError:  # the client is gone: the loop sees it too and ends the stream
-            self._lent = False
-            return False
         if sent == 0:
             self._lent = False
             return False
@@ -488,8 +485,7 @@ class _Connection(asyncio.Protocol):
             self.close()
             return False
         finally:
-            if passthrough is not None:
-                self._end_passthrough()
+            self._end_passthrough()
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await asyncio.shield(aclose())
