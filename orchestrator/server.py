@@ -27,6 +27,7 @@ import sqlite3
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -77,6 +78,12 @@ LEADER_KEY = "leader"  # published by each new leader: where followers relay the
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """From another thread: ``fn(*args)`` on ``loop``, unless that loop has closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
+
+
 def _log_failed_wake(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("could not pass a wake on to the leader: %s", task.exception())
@@ -117,6 +124,7 @@ class ServerConfig:
     cold_start_timeout_s: float = proxy.COLD_START_S
     store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
     leader_lease_s: float = 3.0  # shared database: the leader lease's time to live (renewed every third of it)
+    store_poll_s: float = 1.0  # shared database: read what other replicas wrote at least this often (notifications come sooner)
     peer_address: str | None = None  # host:port other replicas dial to relay agents here; default: the agent listener
 
 
@@ -183,6 +191,8 @@ class ControlPlane:
     relay_client: relay.RelayClient | None = None  # shared database only: relays this replica's agents while it follows
     _relay_secret: str | None = None  # set while leading: what relaying replicas must present
     _leader_published: int | None = None  # the fencing token under which this replica's relay address was published
+    _store_changed: asyncio.Event = field(default_factory=asyncio.Event)  # another replica wrote what this one reads
+    _change_feed: Any = None  # shared database only: tells of other replicas' writes as they commit
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -195,6 +205,8 @@ class ControlPlane:
             raise ConfigError(wrong)
         if not 1 <= cfg.leader_lease_s <= 300:
             raise ConfigError("--leader-lease must be from 1 to 300 seconds")
+        if not 0.1 <= cfg.store_poll_s <= 600:
+            raise ConfigError("--store-poll must be from 0.1 to 600 seconds")
         if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
             raise ConfigError(
                 f"refusing to serve the admin API on {cfg.host} without authentication: "
@@ -295,9 +307,11 @@ class ControlPlane:
                                                   agent_ca=self._agent_ca_fingerprint)
             self._background.append(asyncio.create_task(self.relay_client.run(), name="agent-relay"))
             self.table.on_wake = self._on_wake
+            loop = asyncio.get_running_loop()
+            self._change_feed = self.store.follow_changes(lambda what: _call_soon(loop, self._on_store_change, what))
             self._election = asyncio.create_task(self.elector.run(), name="leader-election")
             self._background.append(self._election)
-            self._background.append(asyncio.create_task(self._follow_store(), name="store-changes"))
+            self._background.append(asyncio.create_task(self._follow_store(cfg.store_poll_s), name="store-changes"))
         else:  # one process owns the SQLite file: it always leads
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
             self.reconciler.trigger("start")
@@ -330,6 +344,8 @@ class ControlPlane:
         await self.datacentres.close()
         await self.capture_writer.stop()
         self.captures.close()
+        if self._change_feed is not None:
+            await asyncio.to_thread(self._change_feed.close)
         self.store.close()
 
     # -- leadership (shared database) -----------------------------------------------------
@@ -410,14 +426,32 @@ class ControlPlane:
         key, csr = identity.new_key_and_csr(RELAY_IDENTITY)
         return relay.ClientTls(self.ca.certificate_pem, key, self.ca.issue_agent(RELAY_IDENTITY, csr))
 
-    async def _follow_store(self, every_s: float = 1.0) -> None:
-        """Each second: on the leader, a change of the store's resourceVersion wakes the
-        reconciler (an apply made through a follower reaches no reconciler); on a follower,
-        the endpoint table and cascades the leader published replace this gateway's."""
+    def _on_store_change(self, what: str) -> None:
+        """Another replica's write committed (the store's change feed): wake
+        :meth:`_follow_store` when it is one this replica reads in its role."""
+        if self.elector is None:
+            return
+        if self.elector.leading:  # applies and followers' wakes
+            wanted: tuple[str, ...] = ("resources", "events:Model")
+        else:  # the leader's relay address and endpoint table
+            wanted = (f"published:{LEADER_KEY}", f"published:{wire.PUBLISHED_KEY}")
+        if what == "*" or what in wanted:
+            self._store_changed.set()
+
+    async def _follow_store(self, every_s: float) -> None:
+        """At each change another replica makes that this one reads (the store's change
+        feed, on PostgreSQL within milliseconds of the commit), and each second in case a
+        notification was lost: on the leader, a change of the store's resourceVersion wakes
+        the reconciler (an apply made through a follower reaches no reconciler) and wakes
+        logged by followers reach its table; on a follower, the endpoint table and
+        cascades the leader published replace this gateway's."""
         seen, table_version, leader_version = -1, 0, 0
         wakes_seen: int | None = None  # the last event read for followers' wakes (leading only)
         while True:
-            await asyncio.sleep(every_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every_s):
+                    await self._store_changed.wait()
+            self._store_changed.clear()
             if self.elector is None:
                 continue
             try:
@@ -466,6 +500,10 @@ class ControlPlane:
                                 "agents": {"connected": len(self.hub.sites()) - self.hub.relayed(), "relayedHere": self.hub.relayed()}}
         if self.relay_client is not None and not self.elector.leading:
             view["relay"] = self.relay_client.view()
+        if self._change_feed is not None:  # other replicas' writes as they commit, else read every storePollSeconds
+            feed = self._change_feed
+            view["storeChanges"] = {"notified": feed.connected, "pollSeconds": self.config.store_poll_s,
+                                    **({"lastError": feed.last_error} if feed.last_error else {})}
         try:
             current = self.store.current_lease(leadership.LEASE)
         except store_mod.StoreError as exc:
@@ -621,6 +659,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leader-lease", type=float, default=3.0, metavar="SECONDS",
                    help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
                         "a leader that died is replaced within 4/3 of it")
+    p.add_argument("--store-poll", type=float, default=1.0, metavar="SECONDS",
+                   help="with a PostgreSQL store: read what other replicas wrote (the leader's endpoint table, applies, "
+                        "wakes) at least this often; the database's notifications bring each change sooner")
     p.add_argument("--peer-address", metavar="HOST:PORT",
                    help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
                         "agents while it leads [the agent listener; this host's name when it listens on all addresses]")
@@ -692,7 +733,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gateway_max_body=args.gateway_max_body,
         cold_start_timeout_s=args.cold_start_timeout,
         local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
-        store=args.store, leader_lease_s=args.leader_lease, peer_address=args.peer_address,
+        store=args.store, leader_lease_s=args.leader_lease, store_poll_s=args.store_poll, peer_address=args.peer_address,
     )
 
 

@@ -10,7 +10,10 @@ credentials and health) and relays them to the leader over one gRPC stream
   forward when a later beat leaves them out). An agent the leader has not heard of on this
   stream is reported whole (who it is, as it joined, and its full state). So the leader's
   cost is one message per replica per flush, not one per heartbeat, and nothing per
-  heartbeat reaches the database;
+  heartbeat reaches the database. What the leader plans and routes by does not wait for
+  the flush: an agent that joined or left, or a heartbeat that brings changed model states
+  or capacity, or says the agent is draining, is sent at once, at most one batch every
+  ``URGENT_GAP_S`` (a storm of joins after a failover is still a few batches a second);
 - down, the assignment sets the leader's reconciler gives those agents' sites (latest wins
   per site), which the replica's hub hands to the agents' watch streams, and the agents
   the leader refused because another live agent holds their site through another replica
@@ -50,6 +53,7 @@ SECRET_KEY = "x-edgeplane-relay"
 #: A batch stays under the agent listener's 256 KiB message limit.
 MAX_BATCH_BYTES = 192 * 1024
 FLUSH_S = 0.25
+URGENT_GAP_S = 0.05  # joins, losses, model and capacity changes: sent at once, but no more often than this
 RETRY_S = (0.25, 5.0)  # reconnect backoff: first and largest wait
 
 
@@ -251,6 +255,7 @@ class RelayClient:
         self._pointed = asyncio.Event()
         self._connection: asyncio.Task[None] | None = None
         self._touched: set[str] = set()
+        self._urgent = asyncio.Event()  # set by what should not wait for the flush (see the module)
         self._beats: dict[str, tuple[str, pb.Heartbeat]] = {}
         self._sent: dict[str, str] = {}  # site -> agent id the leader knows on this stream
         self.connected = False
@@ -262,6 +267,7 @@ class RelayClient:
 
     def touched(self, site: str) -> None:
         self._touched.add(site)
+        self._urgent.set()  # an agent joined or left: the next batch goes now
 
     def beat(self, site: str, agent_id: str, message: object) -> None:
         assert isinstance(message, pb.Heartbeat)
@@ -269,6 +275,8 @@ class RelayClient:
         if pending is not None and pending[0] == agent_id:
             _carry(pending[1], message)
         self._beats[site] = (agent_id, message)
+        if message.draining or message.HasField("models") or message.HasField("capacity"):
+            self._urgent.set()  # what the leader plans and routes by changed: the next batch goes now
 
     # control
 
@@ -358,9 +366,12 @@ class RelayClient:
             self._touched = set(self._hub.sites())  # the leader hears of every agent afresh
             self._beats.clear()
             receiver = asyncio.create_task(self._receive(call), name="relay-receiver")
+            urgent = asyncio.create_task(self._urgent.wait(), name="relay-urgent")
             try:
                 first = True
                 while True:
+                    self._urgent.clear()
+                    sent_at = time.monotonic()
                     batches = self._batches()
                     if first and not batches:
                         batches = [pb.RelayReports(replica=self.replica)]  # names this replica at once
@@ -370,15 +381,22 @@ class RelayClient:
                     if first:
                         self.connected, self.last_error, first = True, "", False
                         log.info("relaying %d agents to leader %s at %s", len(self._sent), leader.replica, leader.address)
-                    done, _ = await asyncio.wait({receiver}, timeout=self.flush_s)
-                    if done:
+                    if urgent.done():
+                        urgent = asyncio.create_task(self._urgent.wait(), name="relay-urgent")
+                    done, _ = await asyncio.wait({receiver, urgent}, timeout=self.flush_s, return_when=asyncio.FIRST_COMPLETED)
+                    if receiver in done:
                         receiver.result()  # the leader ended the stream: its error, if any
                         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                                    "the leader ended the relay stream")
+                    if urgent in done and (wait := sent_at + URGENT_GAP_S - time.monotonic()) > 0:
+                        await asyncio.sleep(wait)  # changes close together go in one batch
             finally:
-                receiver.cancel()
+                for task in (receiver, urgent):
+                    task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
                     await receiver
+                with contextlib.suppress(asyncio.CancelledError):
+                    await urgent
 
     async def _receive(self, call: grpc.aio.StreamStreamCall) -> None:
         async for message in call:

@@ -29,7 +29,7 @@ from psycopg.rows import dict_row
 
 from orchestrator.store.sql import Fenced, Lease, SqlStore, StoreError
 
-__all__ = ["Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
+__all__ = ["ChangeFeed", "Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
@@ -81,6 +81,8 @@ LIVENESS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "ke
 
 WRITE_LOCK = 0x6564_6765  # the advisory lock every write transaction holds ("edge")
 
+CHANNEL = "edgeplane_changes"  # what a write transaction changed, told to every replica at its commit (NOTIFY)
+
 
 class StoreUnavailable(StoreError):
     """The database could not be reached; the call may or may not have taken effect."""
@@ -101,6 +103,8 @@ class PostgresStore(SqlStore):
         self._timeout = connect_timeout_s
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._pending: set[str] = set()  # what the write transaction in progress changed (_changed)
+        self.backend_pid: int | None = None  # the server process of this store's connection: its own writes
         # what the URL sets itself wins over LIVENESS and the connect timeout
         self._from_url = {k: v for k, v in conninfo.conninfo_to_dict(url).items() if k in (*LIVENESS, "connect_timeout")}
         with self._tx() as db:  # under the write lock: two replicas starting at once
@@ -115,13 +119,16 @@ class PostgresStore(SqlStore):
     def _connection(self) -> psycopg.Connection[dict[str, Any]]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
-                self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
-                                             **{**LIVENESS, "connect_timeout": max(1, int(self._timeout)), **self._from_url})
+                self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **self._connect_options())
             except psycopg.OperationalError as e:
                 raise StoreUnavailable(f"cannot reach the PostgreSQL store at {self.path}: {_one_line(e)}") from e
             except psycopg.ProgrammingError as e:  # e.g. an unknown parameter in the URL
                 raise StoreError(f"not a usable PostgreSQL URL ({self.path}): {_one_line(e)}") from None
+            self.backend_pid = self._conn.info.backend_pid
         return self._conn
+
+    def _connect_options(self) -> dict[str, Any]:
+        return {**LIVENESS, "connect_timeout": max(1, int(self._timeout)), **self._from_url}
 
     def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """One read. A read changes nothing, so a connection found broken (the server
@@ -148,6 +155,7 @@ class PostgresStore(SqlStore):
                 try:
                     conn.execute("BEGIN")
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                    self._pending = set()
                     break
                 except psycopg.OperationalError as e:
                     if attempt == 2 or not conn.broken:
@@ -161,9 +169,19 @@ class PostgresStore(SqlStore):
                     raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
                 raise
             try:
+                if commit and self._pending:  # delivered at the commit, never for a rolled-back write
+                    conn.execute("SELECT pg_notify(%s, what) FROM unnest(%s::text[]) AS what", (CHANNEL, sorted(self._pending)))
                 conn.execute("COMMIT" if commit else "ROLLBACK")
             except psycopg.OperationalError as e:
                 raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
+
+    def _changed(self, db: psycopg.Connection[dict[str, Any]], what: str) -> None:
+        self._pending.add(what)
+
+    def follow_changes(self, on_change: Callable[[str], None]) -> ChangeFeed:
+        feed = ChangeFeed(self, on_change)
+        feed.start()
+        return feed
 
     def _next_version(self, db: psycopg.Connection[dict[str, Any]]) -> int:
         row = db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version' RETURNING value").fetchone()
@@ -188,6 +206,56 @@ class PostgresStore(SqlStore):
     def _lease_now(self, db: psycopg.Connection[dict[str, Any]]) -> float:
         row = db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now").fetchone()
         return float(row["now"])  # type: ignore[index]  # the database's clock, the same for every replica
+
+
+class ChangeFeed:
+    """Other processes' writes to the store as they commit: LISTEN on a connection of
+    its own, in a thread of its own.
+
+    Why: followers read the leader's endpoint table, and the leader reads applies and
+    wakes made through followers; read every second, each waited up to a second. A
+    notification arrives within milliseconds of the commit, so those readers wake at
+    once. Notifications are a hint, not the record: one can be lost while this
+    connection is down, so the readers still read on their own schedule, and every
+    (re)connection is reported as ``*`` (anything may have changed meanwhile). This
+    store's own writes (its connection's server process) are not reported.
+    """
+
+    def __init__(self, store: PostgresStore, on_change: Callable[[str], None], retry_s: tuple[float, float] = (0.25, 5.0)):
+        self.store = store
+        self.on_change = on_change
+        self.retry_s = retry_s
+        self.connected = False
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-changes", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop listening (within one poll of the connection, 0.2 s)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        delay = self.retry_s[0]
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.store.url, autocommit=True, **self.store._connect_options()) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.connected, self.last_error, delay = True, None, self.retry_s[0]
+                    self.on_change("*")
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.2):
+                            if note.pid != self.store.backend_pid:
+                                self.on_change(note.payload)
+            except psycopg.Error as e:
+                self.last_error = _one_line(e)
+            self.connected = False
+            self._stop.wait(delay)
+            delay = min(2 * delay, self.retry_s[1])
 
 
 def _one_line(error: Exception) -> str:

@@ -166,6 +166,17 @@ class SqlStore:
     def _read_lock(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
+    def _changed(self, db: Any, what: str) -> None:
+        """Inside a write transaction: other replicas are told ``what`` changed once it
+        commits (``resources``, ``published:<key>``, ``events:<kind>``). One process owns a
+        SQLite file, so there it tells nobody; see :meth:`follow_changes`."""
+
+    def follow_changes(self, on_change: Callable[[str], None]) -> Any:
+        """Call ``on_change(what)`` from a thread of the store's own as other processes'
+        writes commit (``*``: anything may have changed, e.g. after a reconnect); returns
+        the follower (``close()``), or None where no other process writes (SQLite)."""
+        return None
+
     def resource_version(self) -> int:
         return int(self._fetch("SELECT value FROM meta WHERE key = 'resource_version'")[0]["value"])
 
@@ -233,6 +244,8 @@ class SqlStore:
                         (labels, spec, generation, rv, now, w.kind, w.name),
                     )
                     outcomes.append(WriteOutcome(w.kind, w.name, "configured", generation, rv))
+            if any(o.action != "unchanged" for o in outcomes):
+                self._changed(db, "resources")
             if event is not None:
                 for o in (o for o in outcomes if o.action != "unchanged"):
                     self._log(db, Event(event.actor, o.action, o.kind, o.name, event.reason, {**event.details, "generation": o.generation}), now)
@@ -251,6 +264,7 @@ class SqlStore:
             if kind == "ModelDeployment":
                 db.execute(self._q("DELETE FROM placements WHERE deployment = ?"), (name,))
             rv = self._next_version(db)
+            self._changed(db, "resources")
             self._log(db, Event(event.actor, "deleted", kind, name, event.reason, event.details), now)
         return WriteOutcome(kind, name, "deleted", current.generation, rv)
 
@@ -311,6 +325,7 @@ class SqlStore:
             self._q("INSERT INTO events (ts, actor, action, kind, name, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)"),
             (now, e.actor, e.action, e.kind, e.name, e.reason, _canonical(e.details)),
         )
+        self._changed(db, f"events:{e.kind}")
 
     def record(self, *events: Event, lease: Lease | None = None) -> None:
         """Log ``events``; with ``lease``, only while it is held (:class:`Fenced`)."""
@@ -446,6 +461,8 @@ class SqlStore:
             if lease is not None:
                 self._fence(db, lease)
             row = self._one(db, "SELECT version, body FROM published WHERE key = ?", (key,))
+            if row is None or row["body"] != body:
+                self._changed(db, f"published:{key}")
             if row is None:
                 db.execute(self._q("INSERT INTO published (key, version, body) VALUES (?, 1, ?)"), (key, body))
                 return 1

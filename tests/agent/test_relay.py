@@ -101,6 +101,32 @@ async def test_an_agent_on_a_follower_is_planned_by_the_leader_and_served_its_as
     assert lost.status.healthy is False
 
 
+async def test_joins_and_model_changes_are_relayed_at_once_not_at_the_next_flush(
+    leader: Leader, make_agent: MakeAgent, models: Models
+) -> None:
+    """Heartbeats wait for the flush (here a minute); what the leader plans and routes by
+    does not: an agent that joins, a model that becomes ready."""
+    cp = await start_control_plane()
+    client = relay.RelayClient(cp.hub, "cp-follower", flush_s=60.0)
+    task = asyncio.create_task(client.run())
+    try:
+        client.point(leader.named())
+        await until(lambda: client.view()["connected"], "the relay connected")
+        batches = client.batches_total
+        await make_agent(cp)
+        joined = await leader.cp.events.wait_for(of(model.AgentEventKind.JOINED), timeout=30)
+        assert "through replica cp-follower" in joined.reason
+        assert client.batches_total > batches
+        leader.cp.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=3)
+        state = await wait_model(leader.cp, lambda s: s.phase is model.ModelPhase.READY)
+        assert state.serving_sha256 == models.v1.sha256
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await cp.server.stop(grace=None)
+
+
 async def test_the_follower_s_agents_reach_a_new_leader_whole(
     leader: Leader, follower: tuple[ControlPlane, relay.RelayClient], make_agent: MakeAgent, models: Models
 ) -> None:

@@ -121,6 +121,7 @@ def test_one_replica_leads_and_a_killed_leader_is_replaced_with_a_larger_fencing
         follower = next(r for r in replicas if r is not leader)
         before = view(follower)
         assert before["role"] == "follower" and before["leader"]["replica"] == elected[0], before
+        assert before["storeChanges"] == {"notified": True, "pollSeconds": 1.0}, before  # other replicas' writes, as they commit
         token = before["leader"]["fencingToken"]
         assert metric(leader, "edgeplane_leader") == 1 and metric(follower, "edgeplane_leader") == 0
         assert metric(leader, "edgeplane_leader_changes_total") == 1
@@ -263,7 +264,9 @@ def test_replicas_with_different_agent_cas_say_so_and_relay_over_mutual_tls_once
 
 def test_a_request_through_a_follower_wakes_a_model_scaled_to_zero(tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
     """A follower runs no reconciler: it leaves the wake in the store, the leader starts a
-    replica, and the follower answers the request that asked once the table has it."""
+    replica, and the follower answers the request that asked once the table has it. Each
+    step reaches the other replica by the store's notifications (the replicas' own reads
+    are a minute apart): the apply and the wake to the leader, its table to the follower."""
     import numpy as np
 
     from edgeplane_proto import oip
@@ -278,7 +281,8 @@ def test_a_request_through_a_follower_wakes_a_model_scaled_to_zero(tmp_path: pat
                                                      "placement": {"residency": ["FR"], "tiers": ["edge"]},
                                                      "autoscaling": {"targetRps": 10, "scaleDownDelaySeconds": 1}}))
     url = postgres.create_database()
-    replicas = start_replicas(tmp_path / "cp", root, [url, url])
+    # reads on a schedule only once a minute: what the replicas write reaches each other by notification
+    replicas = start_replicas(tmp_path / "cp", root, [url, url], "--store-poll", "60")
     agent: harness.AgentProcess | None = None
     try:
         elected = wait_for("a leader elected", lambda: leaders(replicas), within_s=30)

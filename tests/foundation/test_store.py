@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import queue
 import signal
 import sqlite3
 import subprocess
@@ -506,3 +507,40 @@ def test_published_bodies_are_versioned_by_change_and_fenced(reopen: Callable[..
     with pytest.raises(store_mod.Fenced):
         a.publish("table", '{"x":3}', lease=lease)  # a deposed leader's table does not land
     assert b.published("table") == (2, '{"x":2}')
+
+
+def test_other_processes_commits_are_told_as_they_commit(reopen: Callable[..., Store], location: str) -> None:
+    """Replicas hear of each other's writes at the commit (PostgreSQL's NOTIFY): what
+    changed, once per transaction, never for a dry run, an unchanged body or their own."""
+    writer, reader = reopen(), reopen()
+    told: queue.Queue[str] = queue.Queue()
+    feed = reader.follow_changes(told.put)
+    if not location.startswith("postgresql"):
+        assert feed is None  # one process owns an SQLite file: nobody else writes it
+        return
+    import psycopg
+    try:
+        assert told.get(timeout=10) == "*"  # listening: anything may have changed before
+        site = ObjectWrite("Site", "edge-a", {}, {"tier": "edge"})
+        writer.apply([site], Event("alice", "apply", "", "", "dry run"), dry_run=True)
+        reader.apply([ObjectWrite("Model", "own", {}, {})])
+        writer.publish("table", '{"x":1}')
+        writer.publish("table", '{"x":1}')  # unchanged
+        writer.apply([site, ObjectWrite("Site", "edge-b", {}, {"tier": "edge"})], Event("alice", "apply", "", "", "two sites"))
+        writer.record(Event("replica-2", "wake-requested", "Model", "lazy", "scaled to zero"))
+        writer.publish("end", "x")
+        heard = []
+        while not heard or heard[-1] != "published:end":
+            heard.append(told.get(timeout=10))
+        assert heard == ["published:table", "events:Site", "resources", "events:Model", "published:end"]
+
+        # a lost connection is listened on again, and said as "anything may have changed"
+        with psycopg.connect(location, autocommit=True) as admin:
+            cut = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                " WHERE datname = current_database() AND query LIKE 'LISTEN%'").fetchall()
+        assert len(cut) == 1
+        assert told.get(timeout=10) == "*"
+        writer.publish("table", '{"x":2}')
+        assert told.get(timeout=10) == "published:table"
+    finally:
+        feed.close()

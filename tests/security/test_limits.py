@@ -137,7 +137,8 @@ async def test_api_limits_body_and_objects_per_apply(tmp_path: pathlib.Path) -> 
         await fleet.stop()
 
 
-@pytest.mark.parametrize("overrides", [dict(gateway_auth="open"), dict(gateway_rate=-1.0), dict(gateway_max_body=0)])
+@pytest.mark.parametrize("overrides", [dict(gateway_auth="open"), dict(gateway_rate=-1.0), dict(gateway_max_body=0),
+                                       dict(leader_lease_s=0.5), dict(store_poll_s=0.0)])
 async def test_bad_gateway_settings_refuse_to_start(tmp_path: pathlib.Path, overrides: dict[str, object]) -> None:
     with pytest.raises(server.ConfigError):
         await server.ControlPlane(server.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, **overrides)).start()  # type: ignore[arg-type]
