@@ -222,6 +222,10 @@ def render_serve_config(
     }
 
 
+def _spec_hash(obj: Mapping[str, Any]) -> str | None:
+    return ((obj.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+
+
 def render_rayservice(
     site: str,
     namespace: str,
@@ -353,6 +357,8 @@ class KubeRayActuator:
         )
         self._timeout = request_timeout_s
         self._learnt: dict[str, str] = {}
+        self._applied_hash: str | None = None  # the spec hash last applied; "": the RayService deleted
+        self.drift = ""
 
     def __repr__(self) -> str:
         return f"KubeRayActuator({self._namespace}/{self._name})"
@@ -380,20 +386,20 @@ class KubeRayActuator:
                     GROUP, VERSION, self._namespace, PLURAL, self._name,
                     not_found_ok=True,
                 )  # fmt: skip
+            self._applied_hash = ""
             return
         desired = render_rayservice(self._site, self._namespace, apps, self._shape, self._learnt)
+        digest = desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         if current is None:
             log.info("creating RayService %s/%s", self._namespace, self._name)
             await self._call(
                 self._api.create_namespaced_custom_object,
                 GROUP, VERSION, self._namespace, PLURAL, desired,
             )  # fmt: skip
+            self._applied_hash = digest
             return
-        annotations = (current.get("metadata") or {}).get("annotations") or {}
-        if (
-            annotations.get(SPEC_HASH_ANNOTATION)
-            == desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-        ):
+        if _spec_hash(current) == digest:
+            self._applied_hash = digest
             return
         log.info("patching RayService %s/%s", self._namespace, self._name)
         # A JSON merge patch: lists (worker groups, containers) are replaced whole, and the
@@ -409,9 +415,11 @@ class KubeRayActuator:
             self._api.patch_namespaced_custom_object,
             GROUP, VERSION, self._namespace, PLURAL, self._name, patch,
         )  # fmt: skip
+        self._applied_hash = digest
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
         current = await self._get()
+        self.drift = self._drift(current)
         if current is None:
             return {}
         self._learn(current)
@@ -421,6 +429,21 @@ class KubeRayActuator:
         await asyncio.to_thread(self._api_client.close)
 
     # -- internals ---------------------------------------------------------------------
+
+    def _drift(self, current: Mapping[str, Any] | None) -> str:
+        """How the RayService differs from what this actuator last applied, by its spec hash
+        (every edgeplane writer sets it; a hand edit that leaves it alone is not seen)."""
+        applied, where = self._applied_hash, f"RayService {self._namespace}/{self._name}"
+        if current is not None and (current.get("metadata") or {}).get("deletionTimestamp"):
+            current = None  # on its way out
+        if applied is None:
+            return ""
+        if applied == "":
+            return f"{where} exists, but this control plane deleted it" if current is not None else ""
+        if current is None:
+            return f"{where} is gone"
+        seen = _spec_hash(current)
+        return "" if seen == applied else f"{where} was changed by another writer (spec hash {seen or 'none'}, applied {applied})"
 
     def _learn(self, obj: Mapping[str, Any]) -> None:
         """Remember the single deployment of ray-serve applications, to size them."""

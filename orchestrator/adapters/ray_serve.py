@@ -105,6 +105,8 @@ class RayServeActuator:
         # Ingress deployment of each ray-serve application, learnt from the cluster, so
         # that an application without an explicit ``deployment`` can still be sized.
         self._ingress: dict[str, str] = {}
+        self._sent: dict[str, dict[str, Any]] | None = None  # our applications as the last PUT gave them
+        self.drift = ""
 
     def __repr__(self) -> str:  # never shows the token
         return f"RayServeActuator({self._dashboard_url!r})"
@@ -133,6 +135,7 @@ class RayServeActuator:
             len(config["applications"]) - len(apps),
         )
         await self._request("PUT", APPLICATIONS_PATH, json=config)
+        self._sent = {a["name"]: a for a in config["applications"] if self._owns(a["name"])}
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
         details = await self._get_details()
@@ -144,6 +147,7 @@ class RayServeActuator:
             for name, app in (details.get("applications") or {}).items()
             if self._owns(name)
         }
+        self.drift = self._drift(owned)
         nodes: list[Mapping[str, float]] | None = None
         for name, app in owned.items():
             status = status_from_details(name, app, serve_url)
@@ -187,6 +191,20 @@ class RayServeActuator:
         if details.get("proxy_location"):
             config["proxy_location"] = details["proxy_location"]
         return config
+
+    def _drift(self, owned: Mapping[str, Any]) -> str:
+        """How the cluster's edgeplane applications differ from this actuator's last PUT."""
+        if self._sent is None:
+            return ""
+        problems = []
+        if extra := sorted(n for n in set(owned) - set(self._sent) if owned[n].get("status") != "DELETING"):
+            problems.append("not applied by this control plane: " + ", ".join(extra))
+        if missing := sorted(set(self._sent) - set(owned)):
+            problems.append("missing: " + ", ".join(missing))
+        if changed := sorted(n for n in set(owned) & set(self._sent)
+                             if not _says_all_of(owned[n].get("deployed_app_config"), self._sent[n])):
+            problems.append("configured otherwise: " + ", ".join(changed))
+        return "; ".join(problems)
 
     def _learn_ingress(self, details: Mapping[str, Any]) -> None:
         for name, app in (details.get("applications") or {}).items():
@@ -265,6 +283,16 @@ class RayServeActuator:
                 response.status_code,
             )
         return response
+
+
+def _says_all_of(seen: Any, sent: Any) -> bool:
+    """Whether a config as Serve reports it (``seen``, with its own defaults filled in) says
+    everything ``sent`` said: the same values under every key sent, lists item by item."""
+    if isinstance(sent, Mapping):
+        return isinstance(seen, Mapping) and all(_says_all_of(seen.get(k), v) for k, v in sent.items())
+    if isinstance(sent, list):
+        return isinstance(seen, list) and len(seen) == len(sent) and all(map(_says_all_of, seen, sent))
+    return bool(seen == sent)
 
 
 def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None) -> ServeAppStatus:

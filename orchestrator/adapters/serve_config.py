@@ -181,6 +181,12 @@ class ServeAppStatus:
 class DataCentreActuator(Protocol):
     """What the reconciler needs from a data-centre site."""
 
+    #: After :meth:`observe`: how edgeplane's applications on the site differ from what
+    #: this actuator last applied ("" when they do not, or it has applied nothing yet).
+    #: Someone else wrote them: a deposed leader's apply that landed after the new
+    #: leader's, or a hand edit; the reconciler applies its own again.
+    drift: str
+
     async def apply(self, apps: Sequence[ServeAppSpec]) -> None:
         """Make edgeplane's applications on the site exactly ``apps``."""
         ...

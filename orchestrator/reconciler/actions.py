@@ -30,6 +30,7 @@ class PushAssignments:
 class ApplyServeApps:
     site: str
     apps: tuple[serve_config.ServeAppSpec, ...]
+    drift: str = ""  # applied again because another writer changed them: how
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ class Reconciler:
         except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
             self._dc_failed(site.name, exc)
             return snap.DataCentreObservation(False, error=str(exc))
-        return snap.DataCentreObservation(True, apps)
+        return snap.DataCentreObservation(True, apps, drift=actuator.drift)
 
     def _dc_failed(self, site: str, exc: Exception) -> None:
         backoff = self._dc_backoff.setdefault(site, _Backoff())
@@ -260,8 +260,8 @@ class Reconciler:
                 # mid-pass gets no version, so it cannot push a stale set that agents would take
                 # for newer than the new leader's.
                 self.hub.set_assignments(site, list(assignments), self.store.next_sequence("assignments", lease=self.lease))
-            case act.ApplyServeApps(site, apps):
-                await self._apply_datacentre(site, apps)
+            case act.ApplyServeApps(site, apps, drift):
+                await self._apply_datacentre(site, apps, drift)
             case act.SetStatuses(items):
                 self.store.set_statuses([(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
@@ -277,7 +277,7 @@ class Reconciler:
         if self.lease is not None:
             self.store.publish(wire.PUBLISHED_KEY, wire.table_to_text(self.table), lease=self.lease)
 
-    async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...]) -> None:
+    async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...], drift: str = "") -> None:
         backoff = self._dc_backoff.get(site)
         if backoff is not None and backoff.next_try > self.clock():
             return
@@ -291,6 +291,11 @@ class Reconciler:
             self._dc_failed(site, exc)
             return
         self._dc_backoff.pop(site, None)
+        if drift:  # e.g. a deposed leader's apply that landed after this leader's
+            log.warning("data centre %s: its Serve applications were changed by another writer (%s); applied ours again", site, drift)
+            self.store.record(store_mod.Event("reconciler", "serve-reapplied", "Site", site,
+                                              f"changed by another writer ({drift}); applied this control plane's again"),
+                              lease=self.lease)
         if apps != self._applied.get(site):
             self.store.record(store_mod.Event("reconciler", "serve-applied", "Site", site,
                                               f"{len(apps)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in apps)),

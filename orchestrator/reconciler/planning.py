@@ -360,8 +360,9 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
         if assignments != s.assignments.get(site):
             out.append(act.PushAssignments(site, assignments))
     for site, apps in serve_apps(s, rows).items():
-        if apps != s.applied_apps.get(site) or (s.datacentres.get(site) is not None and not s.datacentres[site].reachable):
-            out.append(act.ApplyServeApps(site, apps))
+        dc = s.datacentres.get(site)
+        if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):
+            out.append(act.ApplyServeApps(site, apps, dc.drift if dc is not None else ""))
     rows_of: dict[str, list[store_mod.PlacementRow]] = {}
     for row in rows:
         rows_of.setdefault(row.deployment, []).append(row)

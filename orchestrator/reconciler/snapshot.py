@@ -36,6 +36,7 @@ class DataCentreObservation:
     reachable: bool
     apps: Mapping[str, serve_config.ServeAppStatus] = field(default_factory=dict)
     error: str = ""
+    drift: str = ""  # how its edgeplane applications differ from what this leader applied last
 
 
 @dataclass(frozen=True)

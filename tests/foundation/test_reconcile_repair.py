@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
@@ -47,3 +48,16 @@ def test_a_changed_deployment_plans_in_full() -> None:
     spec = record.spec.model_copy(update={"replicas": record.spec.replicas.model_copy(update={"max": record.spec.replicas.max + 1})})
     changed = dataclasses.replace(s, deployments=(dataclasses.replace(record, spec=spec), *s.deployments[1:]))
     assert not rest.standing.stands_for(*planning.scheduler_inputs(changed)[1:])
+
+
+def test_a_data_centre_another_writer_changed_is_given_this_leader_s_apps_again() -> None:
+    s = example_snapshot(examples())
+    first = planning.plan_pass(s)
+    given = {a.site: a.apps for a in first.actions if isinstance(a, act.ApplyServeApps)}
+    assert given
+    s = dataclasses.replace(_applied(s, first), applied_apps=given)
+    assert not [a for a in planning.plan_pass(s).actions if isinstance(a, act.ApplyServeApps)]  # at rest
+    site = next(iter(given))
+    drifted = dataclasses.replace(s, datacentres={**s.datacentres, site: snap.DataCentreObservation(True, drift="missing: x")})
+    again = [a for a in planning.plan_pass(drifted).actions if isinstance(a, act.ApplyServeApps)]
+    assert again == [act.ApplyServeApps(site, given[site], "missing: x")]

@@ -237,6 +237,37 @@ async def test_create_observe_patch_delete(
     assert _writes(kube) == ["POST", "PATCH", "DELETE"]
 
 
+async def test_a_rayservice_another_writer_changed_is_drift_until_applied_again(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
+) -> None:
+    """A deposed leader's patch that lands after the new leader's (or a hand edit that sets
+    the spec hash): the actuator that applied last says so, and applying again fixes it."""
+    await actuator.observe()
+    assert actuator.drift == ""  # nothing applied yet: nothing to compare
+    await actuator.apply([app("ep-intent")])
+    await actuator.observe()
+    assert actuator.drift == ""
+    deposed = kuberay.KubeRayActuator(_client(str(kube.url)), NS, "paris-dc", shape=SHAPE)
+    try:
+        await deposed.apply([app("ep-intent", num_replicas=5)])
+    finally:
+        await deposed.close()
+    await actuator.observe()
+    assert "was changed by another writer" in actuator.drift
+    await actuator.apply([app("ep-intent")])
+    serve = yaml.safe_load(kube.objects[RES, NS, "edgeplane-paris-dc"]["spec"]["serveConfigV2"])
+    assert serve["applications"][0]["deployments"][0]["num_replicas"] == 2  # ours again
+    await actuator.observe()
+    assert actuator.drift == ""
+
+    kube.objects[RES, NS, "edgeplane-paris-dc"].delete()  # removed by hand
+    await actuator.observe()
+    assert actuator.drift.endswith("is gone")
+    await actuator.apply([])
+    await actuator.observe()
+    assert actuator.drift == ""
+
+
 async def test_refused_credentials_are_an_auth_error(
     kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
 ) -> None:

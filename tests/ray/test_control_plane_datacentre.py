@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pathlib
 
 import httpx
@@ -92,6 +94,19 @@ async def test_datacentre_lifecycle_through_the_control_plane(ray_cluster: local
             assert (await http.post("/v1/apply", content=DEPLOYMENT.replace("REPLICAS", "2"))).status_code == 200
             await harness.wait_until(lambda: ready_apps(cp, app) == 2, 180, what="two RUNNING replicas")
             await harness.wait_until(lambda: cp.store.get("ModelDeployment", "dc-dep").status.get("readyReplicas") == 2, 30, what="status 2 ready")
+
+            # a deposed leader's Serve config landing late (one replica) is put right by the next pass
+            stale = tuple(dataclasses.replace(a, num_replicas=1) for a in cp.reconciler.last_snapshot.applied_apps["dc-test"])
+            deposed = ray_cluster.actuator()
+            try:
+                await deposed.apply(stale)
+            finally:
+                await deposed.close()
+            await harness.wait_until(lambda: any(e.action == "serve-reapplied" for e in cp.store.recent_events("Site", "dc-test")), 60,
+                                     what="the data centre's Serve applications applied again")
+            reapplied = next(e for e in cp.store.recent_events("Site", "dc-test") if e.action == "serve-reapplied")
+            assert f"configured otherwise: {app}" in reapplied.reason, reapplied.reason
+            await harness.wait_until(lambda: ready_apps(cp, app) == 2, 180, what="two RUNNING replicas again")
 
             # a broken app surfaces its error in status and describe, and disturbs nothing else
             assert (await http.post("/v1/apply", content=BROKEN)).status_code == 200

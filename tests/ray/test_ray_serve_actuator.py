@@ -125,6 +125,33 @@ async def test_scale_up_down_then_remove(
     await ray_serve.wait_until_gone(serve_actuator, ["ep-scale"], timeout_s=60)
 
 
+async def test_applications_another_writer_changed_are_drift_until_applied_again(
+    serve_actuator: ray_serve.RayServeActuator, ray_cluster: local_ray.LocalRayEndpoints, mlp: onnx_models.BuiltModel
+) -> None:
+    """A deposed leader's PUT that lands after the new leader's: the actuator that applied
+    last sees its applications changed and others added, and applying again fixes it.
+    Serve's own defaults in what it reports are not a difference."""
+    ours = [onnx_spec("ep-drift", mlp)]
+    await serve_actuator.observe()
+    assert serve_actuator.drift == ""  # nothing applied yet: nothing to compare
+    await serve_actuator.apply(ours)
+    await ray_serve.wait_until_running(serve_actuator, ["ep-drift"], timeout_s=90)
+    assert serve_actuator.drift == ""
+    deposed = ray_cluster.actuator()
+    try:
+        await deposed.apply([onnx_spec("ep-drift", mlp, num_replicas=2), onnx_spec("ep-stale", mlp)])
+    finally:
+        await deposed.close()
+    await serve_actuator.observe()
+    assert serve_actuator.drift == "not applied by this control plane: ep-stale; configured otherwise: ep-drift"
+    await serve_actuator.apply(ours)
+    await serve_actuator.observe()
+    assert serve_actuator.drift == ""  # ep-stale is on its way out
+    statuses = await ray_serve.wait_until_running(serve_actuator, ["ep-drift"], replicas={"ep-drift": 1}, timeout_s=90)
+    assert statuses["ep-drift"].replicas_target == 1
+    await ray_serve.wait_until_gone(serve_actuator, ["ep-stale"], timeout_s=60)
+
+
 async def test_ray_serve_runtime_passes_import_path_and_args_through(
     ray_cluster: local_ray.LocalRayEndpoints,
     serve_actuator: ray_serve.RayServeActuator,
