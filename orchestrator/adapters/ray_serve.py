@@ -290,8 +290,8 @@ def _says_all_of(seen: Any, sent: Any) -> bool:
     everything ``sent`` said: the same values under every key sent, lists item by item."""
     if isinstance(sent, Mapping):
         return isinstance(seen, Mapping) and all(_says_all_of(seen.get(k), v) for k, v in sent.items())
-    if isinstance(sent, list):
-        return isinstance(seen, list) and len(seen) == len(sent) and all(map(_says_all_of, seen, sent))
+    if isinstance(sent, (list, tuple)):  # JSON has lists only
+        return isinstance(seen, (list, tuple)) and len(seen) == len(sent) and all(map(_says_all_of, seen, sent))
     return bool(seen == sent)
 
 

@@ -376,9 +376,20 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--ttl", help="lifetime, e.g. 30m, 2h (bootstrap default 1h; API tokens do not expire unless set)")
     sp.add_argument("--description")
     sp = with_output(client_parser("simulate", help="what-if: fail sites/regions, scale demand, change carbon; nothing changes"))
-    from orchestrator.cli import simulate as simulate_cli
-
-    simulate_cli.add_arguments(sp)
+    sp.add_argument("-f", "--file", action="append", help="simulate the fleet of these manifests here, not the live one (repeatable)")
+    sp.add_argument("--scenario", help="scenario file (kind: Scenario; see docs/simulation.md)")
+    sp.add_argument("--fail-site", action="append", default=[], metavar="SITE")
+    sp.add_argument("--fail-region", action="append", default=[], metavar="REGION")
+    sp.add_argument("--fail-country", action="append", default=[], metavar="CC")
+    sp.add_argument("--fail-tier", action="append", default=[], choices=["edge", "datacenter"])
+    sp.add_argument("--demand", action="append", default=[], metavar="WHERE=FACTOR",
+                    help="scale demand: REGION=2, LAT,LON=1.5 or '*'=1.2 (all demand)")
+    sp.add_argument("--carbon", action="append", default=[], metavar="SITE=G_PER_KWH", help="another grid intensity for a site")
+    sp.add_argument("--capacity", action="append", default=[], metavar="SITE=FACTOR", help="scale a site's capacity (0.5: half lost)")
+    each = sp.add_mutually_exclusive_group()
+    each.add_argument("--each-site", action="store_true", help="N-1 sweep: lose each site in turn, rank by harm")
+    each.add_argument("--each-region", action="store_true", help="N-1 sweep: lose each region in turn, rank by harm")
+    sp.add_argument("--top", type=int, default=None, help="sweeps: show the N most harmful (table default 15)")
     sp = with_output(client_parser("infer", help="send one inference request through the gateway"))
     sp.add_argument("model")
     sp.add_argument("--data", required=True, help="JSON inputs ({\"input\": [[...]]} or a v2 body) or @FILE")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -288,3 +289,14 @@ def test_describe_model_shows_each_variants_inputs_and_outputs(serve: support.Se
     assert llm == [{"name": name, "runtime": "onnx-genai", "io": "OpenAI chat and text completions (/openai/v1 at the gateway)"}
                    for name in ("small", "large")]
     assert "datatype: FP32" in ok("describe", "model", "doc-fields", server=serve)
+
+
+def test_client_commands_start_without_the_control_plane_or_the_planner() -> None:
+    """Every command but serve, gateway and the simulation's own run builds its parser
+    and runs without importing the control plane, the scheduler (scipy) or Ray."""
+    code = ("import sys; from orchestrator.cli import main; main.build_parser(serve_options=False)"
+            ".parse_args(['simulate', '--fail-site', 'x']);"
+            " print(sorted(m for m in ('orchestrator.server', 'orchestrator.scheduler', 'scipy', 'ray', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=support.REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
