@@ -30,6 +30,7 @@ BENCHMARKS = (
     "vllm_gpu",
     "distill",
     "failover",
+    "replica_lag",
 )
 
 

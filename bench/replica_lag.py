@@ -22,10 +22,10 @@ without them that part is reported as skipped. Writes bench/results/replica_lag.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench import cli
 from orchestrator.agents import auth, hub, model, relay, service
 from orchestrator.testing import postgres
 
@@ -184,10 +185,10 @@ async def _relay(joins: int, rng: random.Random) -> dict[str, Any]:
             | {"batches": followers[name].batches_total} for name, sites in sent_at.items()}
 
 
-async def _run(quick: bool) -> dict[str, Any]:
+async def _run(quick: bool) -> cli.Report:
     rng = random.Random(7)
     count = 30 if quick else 120
-    results: dict[str, Any] = {"count": count, "poll_s": POLL_S, "flush_s": relay.FLUSH_S, "urgent_gap_s": relay.URGENT_GAP_S}
+    results: cli.Report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "count": count, "poll_s": POLL_S, "flush_s": relay.FLUSH_S, "urgent_gap_s": relay.URGENT_GAP_S}
     with postgres.running() as server:
         if isinstance(server, str):
             results["table"] = {"skipped": server}
@@ -197,15 +198,12 @@ async def _run(quick: bool) -> dict[str, Any]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="30 events per path instead of 120")
-    args = parser.parse_args()
-    results = asyncio.run(_run(args.quick))
+def print_table(results: cli.Report) -> None:
     table = Table(title="replica lag (ms): now against before, same run")
     for col in ("path", "how", "n", "p50", "p95", "max", "note"):
         table.add_column(col, justify="left" if col in ("path", "how", "note") else "right")
-    for path, rows in (("table", results["table"]), ("relay", results["relay"])):
+    for path in ("table", "relay"):
+        rows = results[path]
         if "skipped" in rows:
             table.add_row(path, "-", "-", "-", "-", "-", rows["skipped"])
             continue
@@ -213,10 +211,12 @@ def main() -> None:
             note = f"{r['skipped_versions']} versions never read" if "skipped_versions" in r else f"{r['batches']} batches"
             table.add_row(path, how, str(r["n"]), f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['max_ms']:.1f}", note)
     Console().print(table)
-    results["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.parser(__doc__, "30 events per path instead of 120")
+    return cli.main(parser, argv, lambda args: _run(args.quick), print_table, RESULTS)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
