@@ -440,8 +440,8 @@ class ControlPlane:
 
     async def _follow_store(self, every_s: float) -> None:
         """At each change another replica makes that this one reads (the store's change
-        feed, on PostgreSQL within milliseconds of the commit), and each second in case a
-        notification was lost: on the leader, a change of the store's resourceVersion wakes
+        feed, within milliseconds of the commit), and every ``every_s`` (``--store-poll``)
+        in case a notification was lost: on the leader, a change of the store's resourceVersion wakes
         the reconciler (an apply made through a follower reaches no reconciler) and wakes
         logged by followers reach its table; on a follower, the endpoint table and
         cascades the leader published replace this gateway's."""
