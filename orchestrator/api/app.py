@@ -130,11 +130,14 @@ def build_routes(services: Services) -> list[BaseRoute]:
     async def events(request: Request, caller: auth.Caller) -> Response:
         q = request.query_params
         try:
-            since, limit = int(q.get("since", "0")), int(q.get("limit", "100"))
+            since, limit, last = int(q.get("since", "0")), int(q.get("limit", "100")), int(q.get("last", "0"))
         except ValueError:
-            return error(400, "since and limit must be integers")
+            return error(400, "since, limit and last must be integers")
+        if last and ("since" in q or "limit" in q):
+            return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
         kind = catalog.resolve_kind(q["kind"]) if q.get("kind") else None
-        return JSONResponse({"items": [_event(e) for e in store.events(since, limit, kind, q.get("name"))]})
+        found = store.recent_events(kind, q.get("name"), last) if last else store.events(since, limit, kind, q.get("name"))
+        return JSONResponse({"items": [_event(e) for e in found]})
 
     async def cascades(request: Request, caller: auth.Caller) -> Response:
         name = request.path_params.get("name")

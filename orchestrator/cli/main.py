@@ -125,7 +125,7 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
                 print("No replicas placed.")
         return 0
     if args.kind in ("events", "event"):
-        return cmd_events(api, args)
+        return show_events(api, args.output)
     if args.kind in ("cascades", "cascade"):
         from orchestrator.cli import cascade as cascade_cli  # numpy and the cascade rules: only for this command
 
@@ -178,9 +178,18 @@ def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 def cmd_events(api: ApiClient, args: argparse.Namespace) -> int:
-    data = api.request("GET", "/v1/events", params={"limit": str(getattr(args, "limit", 50) or 50)})
-    if args.output in ("json", "yaml"):
-        render.dump(data, args.output)
+    return show_events(api, args.output, args.limit, args.since, args.kind, args.name)
+
+
+def show_events(api: ApiClient, output: str, limit: int = 50, since: int | None = None, kind: str | None = None,
+                name: str | None = None) -> int:
+    """The newest ``limit`` events, or with ``since`` the first ``limit`` after that one; oldest first."""
+    count = str(limit if limit > 0 else 50)
+    params = {"since": str(since), "limit": count} if since is not None else {"last": count}
+    params |= {k: v for k, v in (("kind", kind), ("name", name)) if v}
+    data = api.request("GET", "/v1/events", params=params)
+    if output in ("json", "yaml"):
+        render.dump(data, output)
         return 0
     render.table(None, ["ID", "ACTOR", "ACTION", "KIND", "NAME", "REASON"],
                  [[e["id"], e["actor"], e["action"], e["kind"], e["name"], e["reason"][:70]] for e in data["items"]])
@@ -366,8 +375,11 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
     sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
-    sp = with_output(client_parser("events", help="the audit/event log"))
-    sp.add_argument("--limit", type=int, default=50)
+    sp = with_output(client_parser("events", help="the audit/event log: the newest events, oldest first"))
+    sp.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 10000)")
+    sp.add_argument("--since", type=int, metavar="ID", help="the events after this one instead of the newest (to follow the log)")
+    sp.add_argument("--kind", help="only this kind (sites, models, modeldeployments, ...)")
+    sp.add_argument("--name", help="only objects of this name")
     with_output(client_parser("status", help="control plane health and a fleet summary"))
     tok = client_parser("token", help="credentials")
     tsub = tok.add_subparsers(dest="token_command", required=True)

@@ -346,8 +346,14 @@ class SqlStore:
         rows = self._fetch(self._q(sql), (*args, max(1, min(limit, 10_000))))
         return [_event(r) for r in rows]
 
-    def recent_events(self, kind: str, name: str, limit: int = 20) -> list[LoggedEvent]:
-        rows = self._fetch(self._q("SELECT * FROM events WHERE kind = ? AND name = ? ORDER BY id DESC LIMIT ?"), (kind, name, limit))
+    def recent_events(self, kind: str | None = None, name: str | None = None, limit: int = 20) -> list[LoggedEvent]:
+        """The newest ``limit`` events (of ``kind``, named ``name``, when given), oldest first."""
+        sql, args = "SELECT * FROM events WHERE TRUE", []
+        if kind:
+            sql, args = sql + " AND kind = ?", [*args, kind]
+        if name:
+            sql, args = sql + " AND name = ?", [*args, name]
+        rows = self._fetch(self._q(sql + " ORDER BY id DESC LIMIT ?"), (*args, max(1, min(limit, 10_000))))
         return [_event(r) for r in reversed(rows)]
 
     # --- tokens and agent identities ---------------------------------------------------

@@ -58,6 +58,23 @@ async def test_the_map_shows_every_site_with_health_replicas_and_residency(brows
         await page.close()
 
 
+async def test_the_events_tab_opens_on_the_newest_events(browser, fleet: harness.Fleet) -> None:
+    """A long log: the page shows its newest events at once, not the oldest 200 first."""
+    async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
+        for _ in range(210):  # each token created is an event, and changes nothing in the fleet
+            assert (await http.post("/v1/tokens", json={"purpose": "bootstrap", "ttlSeconds": 60})).status_code == 201
+        newest = (await http.get("/v1/events", params={"last": 1})).json()["items"][0]["id"]
+    page, errors = await open_console(browser, fleet.cp.http_url)
+    try:
+        await page.click("nav button[data-tab=events]")
+        # the list as the first poll left it (checked at every frame, so before the next poll)
+        first = await page.wait_for_function("Number(document.querySelector('#events-list li')?.dataset.id || 0)", timeout=10_000)
+        assert await first.json_value() >= newest
+        assert errors == []
+    finally:
+        await page.close()
+
+
 async def test_live_request_counts_come_from_the_gateway(browser, fleet: harness.Fleet, screenshots: pathlib.Path) -> None:
     page, errors = await open_console(browser, fleet.cp.http_url)
     try:

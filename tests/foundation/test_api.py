@@ -154,6 +154,12 @@ def test_placements_and_events_endpoints(api: httpx.Client, fleet: dict) -> None
     only = api.get("/v1/events", params={"kind": "models", "limit": 1000}).json()["items"]
     assert only and {e["kind"] for e in only} == {"Model"}
     assert api.get("/v1/events", params={"since": "yesterday"}).status_code == 400
+    newest = api.get("/v1/events", params={"last": 3}).json()["items"]  # the newest, oldest first
+    assert [e["id"] for e in newest] == [e["id"] for e in api.get("/v1/events", params={"limit": 10_000}).json()["items"]][-3:]
+    newest_models = api.get("/v1/events", params={"last": 1, "kind": "models"}).json()["items"]
+    assert [e["id"] for e in newest_models] == [only[-1]["id"]]
+    both = api.get("/v1/events", params={"last": 3, "since": ids[2]})
+    assert both.status_code == 400 and "cannot be combined" in both.json()["error"]
 
 
 def test_describe_includes_events(api: httpx.Client, fleet: dict) -> None:

@@ -82,6 +82,15 @@ def test_describe_and_events(serve: support.ServeProcess, applied) -> None:  # t
     assert "created" in events and "anonymous" in events
     log = json.loads(ok("events", "-o", "json", "--limit", "500", server=serve))["items"]
     assert ("created", "ModelDeployment", "intent-eu") in {(e["action"], e["kind"], e["name"]) for e in log}
+    ids = [e["id"] for e in log]
+    assert len(ids) > 2 and ids == sorted(ids)
+    newest = json.loads(ok("events", "-o", "json", "--limit", "2", server=serve))["items"]  # the newest two, not the first two
+    assert [e["id"] for e in newest] == ids[-2:] or newest[0]["id"] > ids[-2]  # (or newer still: the reconciler logs on)
+    after = json.loads(ok("events", "-o", "json", "--since", str(ids[0]), "--limit", "1", server=serve))["items"]
+    assert [e["id"] for e in after] == [ids[1]]
+    created = json.loads(ok("events", "-o", "json", "--kind", "modeldeployments", "--name", "intent-eu", server=serve))["items"]
+    assert created and {(e["kind"], e["name"]) for e in created} == {("ModelDeployment", "intent-eu")}
+    assert "intent-eu" in ok("get", "events", server=serve)
     status = json.loads(ok("status", "-o", "json", server=serve))
     assert status["sites"] == len(support.example_names()["Site"]) and set(status["deployments"]) == support.example_names()["ModelDeployment"]
 

@@ -37,7 +37,9 @@ async function poll() {
   try {
     const [sites, deployments, placements, events, metrics] = await Promise.all([
       api.get("/v1/sites"), api.get("/v1/modeldeployments"), api.get("/v1/placements"),
-      api.get(`/v1/events?since=${state.lastEvent}&limit=200`), api.get("/metrics").catch(() => ""),
+      // the newest at first, then whatever came after the last one shown
+      api.get(state.lastEvent ? `/v1/events?since=${state.lastEvent}&limit=200` : "/v1/events?last=200"),
+      api.get("/metrics").catch(() => ""),
     ]);
     state.sites = sites.items;
     state.deployments = deployments.items;
@@ -114,6 +116,7 @@ function render() {
     li.appendChild(text("span", new Date(typeof e.ts === "number" ? e.ts * 1000 : e.ts).toLocaleTimeString(), "when"));
     li.appendChild(text("span", `${e.action} ${e.kind}/${e.name} — ${e.reason}`));
     li.dataset.action = e.action;
+    li.dataset.id = e.id;
     return li;
   }));
   fillResidencyChoices();
