@@ -75,6 +75,11 @@ WAKE_ACTION = "wake-requested"  # the event a follower logs for a request that f
 WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
 WILDCARDS = ("0.0.0.0", "::")  # listen addresses that name no host
 LEADER_KEY = "leader"  # published by each new leader: where followers relay their agents, and the secret
+#: What other replicas' writes wake the store loop for (see the store's ``_changed``): the
+#: leader, applies and followers' wakes (Model events); a follower, the leader's relay
+#: address and endpoint table.
+LEADER_READS = ("resources", "events:Model")
+FOLLOWER_READS = (f"published:{LEADER_KEY}", f"published:{wire.PUBLISHED_KEY}")
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
 
@@ -308,7 +313,13 @@ class ControlPlane:
             self._background.append(asyncio.create_task(self.relay_client.run(), name="agent-relay"))
             self.table.on_wake = self._on_wake
             loop = asyncio.get_running_loop()
-            self._change_feed = self.store.follow_changes(lambda what: _call_soon(loop, self._on_store_change, what))
+            read = {"*", *LEADER_READS, *FOLLOWER_READS}
+
+            def told(what: str) -> None:  # in the feed's thread: the rest (agents' joins, ...) never reaches the loop
+                if what in read:
+                    _call_soon(loop, self._on_store_change, what)
+
+            self._change_feed = self.store.follow_changes(told)
             self._election = asyncio.create_task(self.elector.run(), name="leader-election")
             self._background.append(self._election)
             self._background.append(asyncio.create_task(self._follow_store(cfg.store_poll_s), name="store-changes"))
@@ -431,11 +442,7 @@ class ControlPlane:
         :meth:`_follow_store` when it is one this replica reads in its role."""
         if self.elector is None:
             return
-        if self.elector.leading:  # applies and followers' wakes
-            wanted: tuple[str, ...] = ("resources", "events:Model")
-        else:  # the leader's relay address and endpoint table
-            wanted = (f"published:{LEADER_KEY}", f"published:{wire.PUBLISHED_KEY}")
-        if what == "*" or what in wanted:
+        if what == "*" or what in (LEADER_READS if self.elector.leading else FOLLOWER_READS):
             self._store_changed.set()
 
     async def _follow_store(self, every_s: float) -> None:
