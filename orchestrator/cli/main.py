@@ -17,7 +17,6 @@ from typing import Any
 from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError
-from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 
 
@@ -35,7 +34,7 @@ def _read_manifests(paths: list[str]) -> str:
         target = pathlib.Path(path)
         if not target.exists():
             raise CliError(f"{path}: no such file or directory", 2)
-        files = loader.manifest_files(target)
+        files = _loader().manifest_files(target)
         if not files:
             raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
         for f in files:
@@ -46,7 +45,7 @@ def _read_manifests(paths: list[str]) -> str:
                 out.append((str(f), f.read_text(encoding="utf-8")))
             except UnicodeDecodeError as exc:
                 raise CliError(f"{f}: not UTF-8 text (byte {exc.start})", 1) from exc
-    return loader.bundle(out)
+    return _loader().bundle(out)
 
 
 def _post_apply(api: ApiClient, args: argparse.Namespace, dry_run: bool) -> Any:
@@ -163,7 +162,7 @@ def _with_reason(headers: dict[str, str], args: argparse.Namespace) -> dict[str,
 def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
     targets: list[tuple[str, str]] = []
     if args.file:
-        docs = loader.load_text(_read_manifests(args.file))
+        docs = _loader().load_text(_read_manifests(args.file))
         # delete dependants first so a Model is not refused while its deployment is still there
         order = {"ModelDeployment": 0, "Model": 1, "Site": 2}
         targets = sorted(((d.kind, d.name) for d in docs), key=lambda t: order[t[0]])
@@ -313,6 +312,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator import demo
 
     return demo.main(args)
+
+
+def _loader() -> Any:
+    """The manifest loader (and its schema, ~0.2 s to import): only for commands that read files."""
+    from orchestrator.manifests import loader
+
+    return loader
 
 
 FILE_HELP = "file, directory or - for stdin; repeat -f for more (one atomic bundle)"

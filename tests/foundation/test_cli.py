@@ -302,10 +302,12 @@ def test_describe_model_shows_each_variants_inputs_and_outputs(serve: support.Se
 
 def test_client_commands_start_without_the_control_plane_or_the_planner() -> None:
     """Every command but serve, gateway and the simulation's own run builds its parser
-    and runs without importing the control plane, the scheduler (scipy) or Ray."""
+    and runs without importing the control plane, the scheduler (scipy) or Ray, and one
+    that reads no manifest without the manifest schema."""
     code = ("import sys; from orchestrator.cli import main; main.build_parser(serve_options=False)"
             ".parse_args(['simulate', '--fail-site', 'x']);"
-            " print(sorted(m for m in ('orchestrator.server', 'orchestrator.scheduler', 'scipy', 'ray', 'numpy') if m in sys.modules))")
+            " print(sorted(m for m in ('orchestrator.server', 'orchestrator.scheduler', 'orchestrator.manifests.schema', 'scipy', 'ray',"
+            " 'numpy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=support.REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
