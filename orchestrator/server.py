@@ -637,6 +637,12 @@ class _FleetCollector:
         r = GaugeMetricFamily("edgeplane_reconcile_passes", "Reconcile passes completed since start")
         r.add_metric([], getattr(getattr(self.cp, "reconciler", None), "passes", 0))
         yield r
+        again = CounterMetricFamily("edgeplane_datacentre_reapplied",
+                                    "Times a data centre's Serve applications, changed by another writer, were applied again",
+                                    labels=["site"])
+        for site, n in sorted(getattr(getattr(self.cp, "reconciler", None), "reapplied", {}).items()):
+            again.add_metric([site], n)
+        yield again
         elector = self.cp.elector
         lead = GaugeMetricFamily("edgeplane_leader", "1 while this replica leads (runs the reconciler), else 0")
         lead.add_metric([], 1 if elector is None or elector.leading else 0)

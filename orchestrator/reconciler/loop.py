@@ -56,6 +56,7 @@ class Reconciler:
     last_plan: planning.PassPlan | None = None
     last_snapshot: snap.Snapshot | None = None
     converging: bool = False
+    reapplied: dict[str, int] = field(default_factory=dict)  # by site: Serve applications applied again after another writer
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     _dc_backoff: dict[str, _Backoff] = field(default_factory=dict)
@@ -292,6 +293,7 @@ class Reconciler:
             return
         self._dc_backoff.pop(site, None)
         if drift:  # e.g. a deposed leader's apply that landed after this leader's
+            self.reapplied[site] = self.reapplied.get(site, 0) + 1
             log.warning("data centre %s: its Serve applications were changed by another writer (%s); applied ours again", site, drift)
             self.store.record(store_mod.Event("reconciler", "serve-reapplied", "Site", site,
                                               f"changed by another writer ({drift}); applied this control plane's again"),

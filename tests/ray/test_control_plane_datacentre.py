@@ -106,6 +106,7 @@ async def test_datacentre_lifecycle_through_the_control_plane(ray_cluster: local
                                      what="the data centre's Serve applications applied again")
             reapplied = next(e for e in cp.store.recent_events("Site", "dc-test") if e.action == "serve-reapplied")
             assert f"configured otherwise: {app}" in reapplied.reason, reapplied.reason
+            assert 'edgeplane_datacentre_reapplied_total{site="dc-test"} 1.0' in (await http.get("/metrics")).text
             await harness.wait_until(lambda: ready_apps(cp, app) == 2, 180, what="two RUNNING replicas again")
 
             # a broken app surfaces its error in status and describe, and disturbs nothing else
