@@ -233,6 +233,10 @@ def _leadership_line(cp: dict[str, Any]) -> str:
             held = f"; {_agents(agents.get('connected', 0))} here, {how}"
         else:
             held = f"; {_agents(agents.get('connected', 0))} here, {agents.get('relayedHere', 0)} relayed by followers"
+        changes = cp.get("storeChanges")
+        if changes and not changes.get("notified"):  # still correct, only slower: say why
+            held += (f"; other replicas' writes read every {changes.get('pollSeconds', 1):g}s, not notified "
+                     f"({changes.get('lastError') or 'listening not started yet'})")
         return f"replica {cp['replica']}: {cp['role']}; {who}{held}"
     return f"replica {cp['replica']}: leader (the only replica)"
 

@@ -311,3 +311,14 @@ def test_client_commands_start_without_the_control_plane_or_the_planner() -> Non
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=support.REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_status_says_when_a_replica_is_not_notified_of_other_replicas_writes() -> None:
+    from orchestrator.cli.main import _leadership_line
+
+    view = {"replica": "cp-b", "role": "follower", "election": "lease", "agents": {"connected": 1},
+            "leader": {"replica": "cp-a", "fencingToken": 4}, "relay": {"connected": True},
+            "storeChanges": {"notified": True, "pollSeconds": 1.0}}
+    assert _leadership_line(view) == "replica cp-b: follower; leader cp-a (fencing token 4); 1 agent here, relayed to the leader"
+    view["storeChanges"] = {"notified": False, "pollSeconds": 2.0, "lastError": "connection refused"}
+    assert _leadership_line(view).endswith("; other replicas' writes read every 2s, not notified (connection refused)")
