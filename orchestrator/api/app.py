@@ -133,6 +133,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
             since, limit, last = int(q.get("since", "0")), int(q.get("limit", "100")), int(q.get("last", "0"))
         except ValueError:
             return error(400, "since, limit and last must be integers")
+        if last < 0 or limit < 1:
+            return error(400, "limit must be at least 1, and last at least 1 when given")
         if last and ("since" in q or "limit" in q):
             return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
         kind = catalog.resolve_kind(q["kind"]) if q.get("kind") else None

@@ -160,6 +160,8 @@ def test_placements_and_events_endpoints(api: httpx.Client, fleet: dict) -> None
     assert [e["id"] for e in newest_models] == [only[-1]["id"]]
     both = api.get("/v1/events", params={"last": 3, "since": ids[2]})
     assert both.status_code == 400 and "cannot be combined" in both.json()["error"]
+    assert api.get("/v1/events", params={"last": -1}).status_code == 400
+    assert api.get("/v1/events", params={"limit": 0}).status_code == 400
 
 
 def test_describe_includes_events(api: httpx.Client, fleet: dict) -> None:
