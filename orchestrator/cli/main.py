@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 from typing import Any
 
 from orchestrator.cli import distill as distill_cli
@@ -177,21 +178,55 @@ def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 def cmd_events(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.follow:
+        return follow_events(api, args.output, args.limit, args.since, args.kind, args.name)
     return show_events(api, args.output, args.limit, args.since, args.kind, args.name)
+
+
+EVENT_COLUMNS = ["ID", "ACTOR", "ACTION", "KIND", "NAME", "REASON"]
+
+
+def _event_row(e: dict[str, Any]) -> list[Any]:
+    return [e["id"], e["actor"], e["action"], e["kind"], e["name"], e["reason"][:70]]
+
+
+def _events_query(limit: int, since: int | None, kind: str | None, name: str | None) -> dict[str, str]:
+    count = str(limit if limit > 0 else 50)
+    params = {"since": str(since), "limit": count} if since is not None else {"last": count}
+    return params | {k: v for k, v in (("kind", kind), ("name", name)) if v}
+
+
+def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | None = None, kind: str | None = None,
+                  name: str | None = None, every_s: float = 1.0) -> int:
+    """The newest events (or those after ``since``), then each new one as it is logged, one
+    line each (``-o json``: one JSON object a line), until interrupted."""
+    params = _events_query(limit, since, kind, name)
+    if output == "table":
+        print("\t".join(EVENT_COLUMNS), flush=True)
+    while True:
+        items = api.request("GET", "/v1/events", params=params)["items"]
+        for e in items:
+            if output == "table":
+                print("\t".join(str(c) for c in _event_row(e)))
+            elif output == "json":
+                print(json.dumps(e, sort_keys=True))
+            else:
+                print("---")
+                render.dump(e, "yaml")
+        sys.stdout.flush()
+        last = items[-1]["id"] if items else int(params.get("since", "0"))
+        params = _events_query(1000, last, kind, name)
+        time.sleep(every_s)
 
 
 def show_events(api: ApiClient, output: str, limit: int = 50, since: int | None = None, kind: str | None = None,
                 name: str | None = None) -> int:
     """The newest ``limit`` events, or with ``since`` the first ``limit`` after that one; oldest first."""
-    count = str(limit if limit > 0 else 50)
-    params = {"since": str(since), "limit": count} if since is not None else {"last": count}
-    params |= {k: v for k, v in (("kind", kind), ("name", name)) if v}
-    data = api.request("GET", "/v1/events", params=params)
+    data = api.request("GET", "/v1/events", params=_events_query(limit, since, kind, name))
     if output in ("json", "yaml"):
         render.dump(data, output)
         return 0
-    render.table(None, ["ID", "ACTOR", "ACTION", "KIND", "NAME", "REASON"],
-                 [[e["id"], e["actor"], e["action"], e["kind"], e["name"], e["reason"][:70]] for e in data["items"]])
+    render.table(None, EVENT_COLUMNS, [_event_row(e) for e in data["items"]])
     return 0
 
 
@@ -390,6 +425,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--since", type=int, metavar="ID", help="the events after this one instead of the newest (to follow the log)")
     sp.add_argument("--kind", help="only this kind (sites, models, modeldeployments, ...)")
     sp.add_argument("--name", help="only objects of this name")
+    sp.add_argument("-w", "--follow", action="store_true",
+                    help="then print each new event as it is logged (one line each; -o json: one JSON object a line) until Ctrl-C")
     with_output(client_parser("status", help="control plane health and a fleet summary"))
     tok = client_parser("token", help="credentials")
     tsub = tok.add_subparsers(dest="token_command", required=True)

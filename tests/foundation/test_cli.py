@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -322,3 +323,25 @@ def test_status_says_when_a_replica_is_not_notified_of_other_replicas_writes() -
     assert _leadership_line(view) == "replica cp-b: follower; leader cp-a (fencing token 4); 1 agent here, relayed to the leader"
     view["storeChanges"] = {"notified": False, "pollSeconds": 2.0, "lastError": "connection refused"}
     assert _leadership_line(view).endswith("; other replicas' writes read every 2s, not notified (connection refused)")
+
+
+def test_events_follow_prints_each_new_event_until_interrupted(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    env = support.clean_env(EDGEPLANE_SERVER=serve.url)
+    follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json", "--kind", "models", "--limit", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=support.REPO)
+    try:
+        first = json.loads(follower.stdout.readline())  # type: ignore[union-attr]
+        assert first["kind"] == "Model"  # the newest model event, as one JSON object a line
+        ok("apply", "-f", "-", server=serve, stdin=doc("Model", "cli-follow", support.model_spec()))
+        lines: list[dict] = []
+        deadline = time.monotonic() + 30
+        while not any(e["name"] == "cli-follow" for e in lines) and time.monotonic() < deadline:
+            line = follower.stdout.readline()  # type: ignore[union-attr]
+            assert line, follower.stderr.read()  # type: ignore[union-attr]
+            lines.append(json.loads(line))
+        assert [(e["action"], e["kind"], e["name"]) for e in lines][-1] == ("created", "Model", "cli-follow")
+        assert all(e["id"] > first["id"] for e in lines) and {e["kind"] for e in lines} == {"Model"}
+    finally:
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=30)
+    assert follower.returncode == 130 and "Traceback" not in err, err
