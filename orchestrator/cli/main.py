@@ -13,6 +13,7 @@ import os
 import pathlib
 import sys
 import time
+import types
 from typing import Any
 
 from orchestrator.cli import distill as distill_cli
@@ -353,7 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
-def _loader() -> Any:
+def _loader() -> types.ModuleType:
     """The manifest loader (and its schema, ~0.2 s to import): only for commands that read files."""
     from orchestrator.manifests import loader
 

@@ -119,7 +119,7 @@ class PostgresStore(SqlStore):
     def _connection(self) -> psycopg.Connection[dict[str, Any]]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
-                self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **self._connect_options())
+                self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **self.connect_options())
             except psycopg.OperationalError as e:
                 raise StoreUnavailable(f"cannot reach the PostgreSQL store at {self.path}: {_one_line(e)}") from e
             except psycopg.ProgrammingError as e:  # e.g. an unknown parameter in the URL
@@ -127,7 +127,8 @@ class PostgresStore(SqlStore):
             self.backend_pid = self._conn.info.backend_pid
         return self._conn
 
-    def _connect_options(self) -> dict[str, Any]:
+    def connect_options(self) -> dict[str, Any]:
+        """psycopg's keyword arguments for a connection to this store (liveness, timeout)."""
         return {**LIVENESS, "connect_timeout": max(1, int(self._timeout)), **self._from_url}
 
     def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -243,7 +244,7 @@ class ChangeFeed:
         delay = self.retry_s[0]
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.store.url, autocommit=True, **self.store._connect_options()) as conn:
+                with psycopg.connect(self.store.url, autocommit=True, **self.store.connect_options()) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.connected, self.last_error, delay = True, None, self.retry_s[0]
                     self.on_change("*")

@@ -337,23 +337,17 @@ class SqlStore:
                 self._log(db, e, now)
 
     def events(self, since: int = 0, limit: int = 100, kind: str | None = None, name: str | None = None) -> list[LoggedEvent]:
-        sql, args = "SELECT * FROM events WHERE id > ?", [since]
-        if kind:
-            sql, args = sql + " AND kind = ?", [*args, kind]
-        if name:
-            sql, args = sql + " AND name = ?", [*args, name]
-        sql += " ORDER BY id LIMIT ?"
-        rows = self._fetch(self._q(sql), (*args, max(1, min(limit, 10_000))))
+        """Up to ``limit`` events after event ``since``, oldest first."""
+        where, args = _event_filter(kind, name)
+        rows = self._fetch(self._q(f"SELECT * FROM events WHERE id > ?{where} ORDER BY id LIMIT ?"),
+                           (since, *args, max(1, min(limit, 10_000))))
         return [_event(r) for r in rows]
 
     def recent_events(self, kind: str | None = None, name: str | None = None, limit: int = 20) -> list[LoggedEvent]:
         """The newest ``limit`` events (of ``kind``, named ``name``, when given), oldest first."""
-        sql, args = "SELECT * FROM events WHERE TRUE", []
-        if kind:
-            sql, args = sql + " AND kind = ?", [*args, kind]
-        if name:
-            sql, args = sql + " AND name = ?", [*args, name]
-        rows = self._fetch(self._q(sql + " ORDER BY id DESC LIMIT ?"), (*args, max(1, min(limit, 10_000))))
+        where, args = _event_filter(kind, name)
+        rows = self._fetch(self._q(f"SELECT * FROM events WHERE TRUE{where} ORDER BY id DESC LIMIT ?"),
+                           (*args, max(1, min(limit, 10_000))))
         return [_event(r) for r in reversed(rows)]
 
     # --- tokens and agent identities ---------------------------------------------------
@@ -488,6 +482,15 @@ class SqlStore:
                         (lease.name, lease.holder, lease.token, self._lease_now(db)))
         if row is None:
             raise Fenced(f"lease {lease.name!r} (token {lease.token}) is no longer held by {lease.holder}; not writing")
+
+
+def _event_filter(kind: str | None, name: str | None) -> tuple[str, list[str]]:
+    """The ``AND …`` clauses (and their arguments) that keep the events of ``kind`` and ``name``."""
+    where, args = "", []
+    for column, value in (("kind", kind), ("name", name)):
+        if value:
+            where, args = f"{where} AND {column} = ?", [*args, value]
+    return where, args
 
 
 def _event(row: Mapping[str, Any]) -> LoggedEvent:
