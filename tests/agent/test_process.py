@@ -48,7 +48,7 @@ async def spawn(tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., object]]:
             "--token", TOKEN,
             "--listen", "127.0.0.1:0",
             "--data-dir", str(data_dir or tmp_path / "agent"),
-            "--heartbeat-interval", "0.2",
+            "--heartbeat-interval", "0.5",  # 1.5 s to miss three: room for a loaded machine
             "--drain-timeout", "5",
             "--insecure",
             "--country", "FR",

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(400)
 def task(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, cascade_task.Task, str]:
     root = tmp_path_factory.mktemp("distill")
     # a student distilled from little data: the captured traffic has something to teach it
-    task = cascade_task.build(teacher_width=64, teacher_depth=2, student_hidden=32, train=400, validation=100, test=600, epochs=40)
+    task = cascade_task.build(teacher_width=64, teacher_depth=2, student_hidden=32, train=400, validation=100, test=400, epochs=40)
     student, teacher = cascade_task.write_models(task, root / "artifacts")
     return root, task, cascade_task.manifests(student, teacher, threshold=THRESHOLD, edges=EDGES, datacentre=DC, dc_cpu=0.2,
                                               deployment="task-cascade", capture=CAPTURE)
@@ -84,7 +84,7 @@ async def test_one_loop_lowers_escalation_without_losing_accuracy(fleet: harness
     cp, (root, t, _) = fleet.cp, task
     assert cp is not None
     rng = np.random.default_rng(11)
-    traffic = rng.standard_normal((1500, t.dim)).astype(np.float32)
+    traffic = rng.standard_normal((1000, t.dim)).astype(np.float32)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         before_esc, before_acc = measure(await send(http, t.x_test), t.y_test)
         await send(http, traffic)
