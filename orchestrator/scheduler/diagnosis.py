@@ -58,21 +58,22 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
         if not mask.any():
             selector = ",".join(f"{k}={v}" for k, v in sorted(rules.site_selector.items()))
             return f"no site among {where} matches selector {selector}; {short}"
-    if not (mask & fleet.healthy).any():
+    healthy = fleet.healthy & ~capacity.closed  # a site lost after the fleet was built counts as unhealthy
+    if not (mask & healthy).any():
         return f"all {int(mask.sum())} matching {where} are unhealthy; {short}"
     variant_tiers = np.zeros(fleet.size, dtype=bool)
     for variant in deployment.variants:
         variant_tiers |= fleet.variant_tiers_mask(deployment, variant)
-    if not (mask & fleet.healthy & variant_tiers).any():
+    if not (mask & healthy & variant_tiers).any():
         return f"no variant of {deployment.model} may run on the allowed tiers (ray-serve runs only in data centres, as does vllm); {short}"
     variants = job.variants()
     need = " or ".join(f"{v.name} ({v.describe()})" for v in variants)
     head = f"needs {job.wanted} × {need} in {where}; {short}"
-    if not job.any_eligible.any():
-        return f"{head}: no healthy one has the hardware ({_largest(fleet, mask)})"
+    if not (job.any_eligible & healthy).any():
+        return f"{head}: no healthy one has the hardware ({_largest(fleet, mask & healthy)})"
     reasons = []
     for variant in variants:
-        eligible = job.eligible[variant.name]
+        eligible = job.eligible[variant.name] & healthy
         if not eligible.any():
             continue
         if (eligible & capacity.fits_mask(variant)).any():
@@ -82,7 +83,7 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
 
 
 def _largest(fleet: Fleet, mask: np.ndarray) -> str:
-    sites = np.flatnonzero(mask & fleet.healthy)
+    sites = np.flatnonzero(mask)
     cpu = float(fleet.cpu[sites].max())
     memory = float(fleet.memory_mib[sites].max()) / 1024
     gpu = float(fleet.gpu_memory[sites].max()) if fleet.gpu_groups else 0.0

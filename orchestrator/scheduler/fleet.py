@@ -382,6 +382,7 @@ class Capacity:
         self.cpu = fleet.cpu.copy()
         self.memory_mib = fleet.memory_mib.copy()
         self.gpu_count = fleet.gpu_count.copy()
+        self.closed = np.zeros(fleet.size, dtype=bool)  # lost since the fleet was built (``close``)
         # Sites whose free capacity changed, in order; a cached ``fits_mask`` per variant
         # size remembers how far into this log it is up to date. Each deployment changes
         # a few sites, so refreshing those beats a pass over 100,000 sites per deployment.
@@ -482,6 +483,7 @@ class Capacity:
     def close(self, site: int) -> None:
         """Nothing fits at ``site`` any more (it was lost); what ran there is gone too."""
         self._changed.append(site)
+        self.closed[site] = True
         self.cpu[site] = -1.0
         self.memory_mib[site] = -1.0
         self.gpu_count[site] = 0
@@ -489,6 +491,7 @@ class Capacity:
     def reopen(self, site: int) -> None:
         """``site`` is back, empty: all its capacity is free again."""
         self._changed.append(site)
+        self.closed[site] = False
         self.cpu[site] = self.fleet.cpu[site]
         self.memory_mib[site] = self.fleet.memory_mib[site]
         self.gpu_count[site] = self.fleet.gpu_count[site]

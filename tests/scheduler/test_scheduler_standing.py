@@ -135,6 +135,20 @@ def test_short_deployment_grows_when_its_site_comes_back():
     assert back.deployments["de"].status is Status.SCHEDULED
 
 
+@pytest.mark.parametrize("lost", [("de-1",), ("de-1", "de-2")], ids=["one of two", "both"])
+def test_a_repair_explains_a_shortfall_as_a_full_plan_does(lost):
+    """A lost site is unhealthy to the diagnosis too: never a site with negative free CPU."""
+    sites = [site("de-1", "berlin", cpu=2), site("de-2", "frankfurt", cpu=2)]
+    dep = deployment("de", replicas=(3, 4), residency={"DE"}, demand=(("berlin", 200),))
+    _, standing = standing_plan(sites, [dep])
+    repaired = standing.repair(down(sites, *lost))
+    assert repaired is not None
+    reason = repaired.deployments["de"].reason
+    assert repaired.deployments["de"].status is Status.UNSCHEDULABLE
+    assert reason == plan(down(sites, *lost), [dep]).deployments["de"].reason, reason
+    assert "-1" not in reason
+
+
 @pytest.mark.parametrize(
     "change",
     [
