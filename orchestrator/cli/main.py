@@ -112,6 +112,9 @@ def _gpus(change: dict[str, Any]) -> str:
     return f"{n}×{model}{change['gpuMemoryGiBPerGpu']:g} GiB"
 
 
+GET_KINDS = "sites, models, modeldeployments, placements, events, cascades"
+
+
 def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
     if args.kind in ("placements", "placement"):
         data = api.request("GET", "/v1/placements")
@@ -132,7 +135,12 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
 
         return cascade_cli.cmd_get(api, args)
     path = f"/v1/{args.kind}" + (f"/{args.name}" if args.name else "")
-    data = api.request("GET", path)
+    try:
+        data = api.request("GET", path)
+    except CliError as exc:  # the control plane knows its object kinds; `get` reads three more views
+        if str(exc).startswith("unknown kind"):
+            raise CliError(f"unknown kind {args.kind!r}; use one of: {GET_KINDS}") from None
+        raise
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
         return 0
@@ -231,6 +239,9 @@ def show_events(api: ApiClient, output: str, limit: int = 50, since: int | None 
     return 0
 
 
+TROUBLED_PHASES = ("Invalid", "Unschedulable", "Degraded", "Failing")
+
+
 def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     health = api.request("GET", "/healthz")
     sites = api.request("GET", "/v1/sites")["items"]
@@ -239,6 +250,9 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     data = {"server": api.server, "health": health, "sites": len(sites),
             "healthySites": sum(1 for s in sites if s.get("status", {}).get("health") == "Healthy"),
             "deployments": {d["metadata"]["name"]: d.get("status", {}).get("phase", "Pending") for d in deps},
+            # what is wrong with a deployment that cannot run as asked (no fitting site, a failed replica...)
+            "problems": {d["metadata"]["name"]: d["status"].get("reason", "") for d in deps
+                         if d.get("status", {}).get("phase") in TROUBLED_PHASES},
             "replicas": sum(p["replicas"] for p in placements["items"]),
             # why a replica is not ready yet (waiting for a GPU, an agent...), by deployment
             "waiting": _waiting(placements["items"]),
@@ -250,7 +264,7 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     print(_leadership_line(data["controlPlane"]))
     print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
     for name, phase in data["deployments"].items():
-        print(f"  {name}: {phase}")
+        print(f"  {name}: {phase}" + (f": {data['problems'][name]}" if data["problems"].get(name) else ""))
         for reason in data["waiting"].get(name, []):
             print(f"    waiting: {reason}")
     return 0
@@ -410,7 +424,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("plan", help="show what apply would change, per site"))
     sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
-    sp = with_output(client_parser("get", help="list objects: sites, models, modeldeployments, placements, events, cascades"))
+    sp = with_output(client_parser("get", help=f"list objects: {GET_KINDS}"))
     sp.add_argument("kind")
     sp.add_argument("name", nargs="?")
     sp = with_output(client_parser("describe", help="an object with its status and recent events"))

@@ -94,6 +94,12 @@ def test_describe_and_events(serve: support.ServeProcess, applied) -> None:  # t
     assert "intent-eu" in ok("get", "events", server=serve)
     status = json.loads(ok("status", "-o", "json", server=serve))
     assert status["sites"] == len(support.example_names()["Site"]) and set(status["deployments"]) == support.example_names()["ModelDeployment"]
+    # no agent has joined: the edge-only deployments cannot be placed, and status says why, in both forms
+    troubled = {n: p for n, p in status["deployments"].items() if p in ("Unschedulable", "Degraded", "Failing", "Invalid")}
+    assert troubled and set(status["problems"]) == set(troubled) and all(status["problems"].values()), status
+    text = ok("status", server=serve).splitlines()
+    for name, phase in troubled.items():
+        assert f"  {name}: {phase}: {status['problems'][name]}" in text, text
 
 
 def test_apply_from_stdin_and_delete_by_file(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
@@ -131,7 +137,8 @@ def test_dry_run_changes_nothing(serve: support.ServeProcess, applied, tmp_path:
 def test_exit_codes(serve: support.ServeProcess, tmp_path: pathlib.Path) -> None:
     # 1: refused by the control plane, with a one-line reason
     proc = cli("get", "widgets", server_url=serve.url)
-    assert proc.returncode == 1 and proc.stderr.splitlines() == ["error: unknown kind 'widgets'; use one of: sites, models, modeldeployments"]
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        "error: unknown kind 'widgets'; use one of: sites, models, modeldeployments, placements, events, cascades"]
     # 2: wrong usage
     assert cli("get", server_url=serve.url).returncode == 2
     assert cli("frobnicate", server_url=serve.url).returncode == 2
