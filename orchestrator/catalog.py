@@ -111,6 +111,26 @@ def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, r
     return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason))
 
 
+#: deletion order within one bundle: dependants first (a deployment before its model)
+DELETE_ORDER = {"ModelDeployment": 0, "Model": 1, "Site": 2}
+
+
+def delete_documents(store: store_mod.Store, docs: list[loader.LoadedDocument], *, actor: str, reason: str = "delete",
+                     missing_ok: bool = False) -> list[store_mod.WriteOutcome]:
+    """Delete every object the documents name, in one transaction: all of them or none.
+    A Model still used by a deployment outside the bundle refuses the bundle (:class:`InUse`),
+    as does an object that does not exist unless ``missing_ok``."""
+    targets = sorted(dict.fromkeys((d.kind, d.name) for d in docs), key=lambda t: DELETE_ORDER[t[0]])
+    going = {name for kind, name in targets if kind == "ModelDeployment"}
+    for kind, name in targets:
+        if kind == "Model":
+            users = [o.name for o in store.list("ModelDeployment") if o.spec.get("model") == name and o.name not in going]
+            if users:
+                raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(sorted(users))}, which the bundle does not delete; "
+                            "nothing was deleted")
+    return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok)
+
+
 def rfc3339(ts: float | None) -> str | None:
     """A stored Unix time as users read times in Kubernetes: RFC 3339 in UTC, to the second."""
     if ts is None:

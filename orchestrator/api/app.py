@@ -104,6 +104,22 @@ def build_routes(services: Services) -> list[BaseRoute]:
             services.changed(f"apply by {caller.identity}")
         return JSONResponse(payload)
 
+    async def delete_bundle(request: Request, caller: auth.Caller) -> Response:
+        """``POST /v1/delete``: every object the manifests in the body name, all or none."""
+        body = await bodies.read_body(request, MAX_BODY)
+        source = request.query_params.get("file") or "<request>"
+        docs = loader.load_text(body, source[:256])
+        if not docs:
+            return error(422, "the request holds no documents")
+        missing_ok = request.query_params.get("ignoreNotFound", "false").lower() in ("1", "true", "yes")
+        try:
+            outcomes = catalog.delete_documents(store, docs, actor=caller.identity, reason=_reason(request, "delete"), missing_ok=missing_ok)
+        except store_mod.NotFound as exc:
+            return error(404, f"{exc}; nothing was deleted")
+        if outcomes:
+            services.changed(f"delete by {caller.identity}")
+        return JSONResponse({"results": [{"kind": o.kind, "name": o.name, "action": o.action} for o in outcomes]})
+
     async def list_kind(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
         items = [catalog.to_manifest(o) for o in store.list(kind)]
@@ -218,6 +234,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     return [
         Route("/v1/apply", guarded(apply, write=True), methods=["POST"]),
+        Route("/v1/delete", guarded(delete_bundle, write=True), methods=["POST"]),
         Route("/v1/placements", guarded(placements), methods=["GET"]),
         Route("/v1/cascades", guarded(cascades), methods=["GET"]),
         Route("/v1/cascades/{name}", guarded(cascades), methods=["GET"]),

@@ -170,19 +170,19 @@ def _with_reason(headers: dict[str, str], args: argparse.Namespace) -> dict[str,
 
 
 def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
-    targets: list[tuple[str, str]] = []
-    if args.file:
-        docs = _loader().load_text(_read_manifests(args.file))
-        # delete dependants first so a Model is not refused while its deployment is still there
-        order = {"ModelDeployment": 0, "Model": 1, "Site": 2}
-        targets = sorted(((d.kind, d.name) for d in docs), key=lambda t: order[t[0]])
-    elif args.kind and args.name:
-        targets = [(args.kind, args.name)]
-    else:
+    if args.file:  # one bundle, deleted in one transaction: all of it or nothing
+        params = {"ignoreNotFound": "true"} if args.ignore_not_found else {}
+        data = api.request("POST", "/v1/delete", content=_read_manifests(args.file).encode(), params=params,
+                           headers=_with_reason({"content-type": "application/yaml"}, args))
+        for result in data["results"]:
+            print(f"{result['kind'].lower()}/{result['name']} deleted")
+        if not data["results"]:
+            print("Nothing to delete.")
+        return 0
+    if not (args.kind and args.name):
         raise CliError("give -f FILE or KIND NAME", 2)
-    for kind, name in targets:
-        api.request("DELETE", f"/v1/{kind}/{name}", headers=_with_reason({}, args))
-        print(f"{kind.lower()}/{name} deleted")
+    api.request("DELETE", f"/v1/{args.kind}/{args.name}", headers=_with_reason({}, args))
+    print(f"{args.kind.lower()}/{args.name} deleted")
     return 0
 
 
@@ -430,8 +430,9 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("describe", help="an object with its status and recent events"))
     sp.add_argument("kind")
     sp.add_argument("name")
-    sp = client_parser("delete", help="delete objects by manifest or by kind and name")
+    sp = client_parser("delete", help="delete objects by manifest (every -f is one bundle: all of it or nothing) or by kind and name")
     sp.add_argument("-f", "--file", action="append", help=FILE_HELP)
+    sp.add_argument("--ignore-not-found", action="store_true", help="with -f: skip objects that do not exist instead of refusing the bundle")
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
     sp.add_argument("--reason", help="why (recorded in the event log with your identity)")

@@ -254,18 +254,37 @@ class SqlStore:
     def delete(self, kind: str, name: str, event: Event, expected_version: int | None = None) -> WriteOutcome:
         now = self._clock()
         with self._tx() as db:
-            row = self._one(db, "SELECT * FROM objects WHERE kind = ? AND name = ?", (kind, name))
-            if row is None:
-                raise NotFound(f"{kind} {name!r} does not exist")
-            current = self._row(row)
-            if expected_version is not None and current.resource_version != expected_version:
-                raise Conflict(f"{kind} {name!r} changed since resourceVersion {expected_version}; re-read and retry")
-            db.execute(self._q("DELETE FROM objects WHERE kind = ? AND name = ?"), (kind, name))
-            if kind == "ModelDeployment":
-                db.execute(self._q("DELETE FROM placements WHERE deployment = ?"), (name,))
-            rv = self._next_version(db)
+            outcome = self._delete(db, kind, name, event, now, expected_version)
             self._changed(db, "resources")
-            self._log(db, Event(event.actor, "deleted", kind, name, event.reason, event.details), now)
+        return outcome
+
+    def delete_many(self, targets: Sequence[tuple[str, str]], event: Event, missing_ok: bool = False) -> list[WriteOutcome]:
+        """Delete every ``(kind, name)`` in one transaction: all of them or none. An object
+        that does not exist refuses the whole set (:class:`NotFound`), or with
+        ``missing_ok`` is left out of the result."""
+        now = self._clock()
+        outcomes: list[WriteOutcome] = []
+        with self._tx() as db:
+            for kind, name in targets:
+                if missing_ok and self._one(db, "SELECT 1 FROM objects WHERE kind = ? AND name = ?", (kind, name)) is None:
+                    continue
+                outcomes.append(self._delete(db, kind, name, event, now))
+            if outcomes:
+                self._changed(db, "resources")
+        return outcomes
+
+    def _delete(self, db: Any, kind: str, name: str, event: Event, now: float, expected_version: int | None = None) -> WriteOutcome:
+        row = self._one(db, "SELECT * FROM objects WHERE kind = ? AND name = ?", (kind, name))
+        if row is None:
+            raise NotFound(f"{kind} {name!r} does not exist")
+        current = self._row(row)
+        if expected_version is not None and current.resource_version != expected_version:
+            raise Conflict(f"{kind} {name!r} changed since resourceVersion {expected_version}; re-read and retry")
+        db.execute(self._q("DELETE FROM objects WHERE kind = ? AND name = ?"), (kind, name))
+        if kind == "ModelDeployment":
+            db.execute(self._q("DELETE FROM placements WHERE deployment = ?"), (name,))
+        rv = self._next_version(db)
+        self._log(db, Event(event.actor, "deleted", kind, name, event.reason, event.details), now)
         return WriteOutcome(kind, name, "deleted", current.generation, rv)
 
     def set_status(self, kind: str, name: str, status: Mapping[str, Any]) -> bool:

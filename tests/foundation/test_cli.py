@@ -118,6 +118,30 @@ def test_apply_from_stdin_and_delete_by_file(serve: support.ServeProcess, applie
     assert gone.returncode == 1 and "does not exist" in gone.stderr
 
 
+def test_delete_by_file_is_one_bundle(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    text = "---\n".join([doc("Site", "edge-gone-1", support.edge_site_spec()), doc("Site", "edge-gone-2", support.edge_site_spec()),
+                         doc("Model", "gone-model", support.model_spec()), doc("ModelDeployment", "gone-dep", support.deployment_spec("gone-model"))])
+    path = tmp_path / "bundle.yaml"
+    path.write_text(text)
+    ok("apply", "-f", str(path), server=serve)
+    assert ok("delete", "site", "edge-gone-2", server=serve).splitlines() == ["site/edge-gone-2 deleted"]
+    # one object of the bundle is already gone: nothing is deleted, and the error says so
+    refused = cli("delete", "-f", str(path), server_url=serve.url)
+    assert refused.returncode == 1 and refused.stderr.strip() == "error: Site 'edge-gone-2' does not exist; nothing was deleted"
+    for kind, name in (("site", "edge-gone-1"), ("model", "gone-model"), ("modeldeployment", "gone-dep")):
+        assert cli("get", kind, name, server_url=serve.url).returncode == 0
+    # a model still used by a deployment outside the bundle refuses the whole bundle
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(doc("Site", "edge-gone-1", support.edge_site_spec()) + "---\n" + doc("Model", "gone-model", support.model_spec()))
+    in_use = cli("delete", "-f", str(partial), server_url=serve.url)
+    assert in_use.returncode == 1 and "used by ModelDeployment gone-dep" in in_use.stderr and "nothing was deleted" in in_use.stderr
+    assert cli("get", "site", "edge-gone-1", server_url=serve.url).returncode == 0
+    # skipping what is gone deletes the rest, dependants first
+    out = ok("delete", "-f", str(path), "--ignore-not-found", server=serve)
+    assert out.splitlines() == ["modeldeployment/gone-dep deleted", "model/gone-model deleted", "site/edge-gone-1 deleted"]
+    assert ok("delete", "-f", str(path), "--ignore-not-found", server=serve).splitlines() == ["Nothing to delete."]
+
+
 def test_apply_a_file_saved_with_a_bom_and_crlf(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "windows.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + doc("Site", "edge-bom", support.edge_site_spec()).replace("\n", "\r\n").encode())

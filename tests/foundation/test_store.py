@@ -246,6 +246,20 @@ def test_delete(store: Store) -> None:
     assert store.get("Site", "a") is None and store.list("Site") == []
 
 
+def test_delete_many_is_all_or_nothing(store: Store) -> None:
+    store.apply([write("a", {}), write("b", {}), write("d1", {}, kind="ModelDeployment")])
+    store.replace_placements([store_mod.PlacementRow("d1", "a", "v", 1)])
+    version, events = store.resource_version(), len(store.events())
+    with pytest.raises(NotFound, match="'nope'"):
+        store.delete_many([("Site", "a"), ("Site", "nope"), ("Site", "b")], WHO)
+    assert [o.name for o in store.list("Site")] == ["a", "b"] and store.resource_version() == version
+    assert len(store.events()) == events  # a refused bundle logs nothing either
+    out = store.delete_many([("ModelDeployment", "d1"), ("Site", "nope"), ("Site", "a")], WHO, missing_ok=True)
+    assert [(o.kind, o.name, o.action) for o in out] == [("ModelDeployment", "d1", "deleted"), ("Site", "a", "deleted")]
+    assert [o.name for o in store.list()] == ["b"] and store.placements() == []
+    assert [e.action for e in store.events()[-2:]] == ["deleted", "deleted"]
+
+
 def test_deleting_a_deployment_removes_its_placements(store: Store) -> None:
     store.apply([write("d1", {}, kind="ModelDeployment"), write("d2", {}, kind="ModelDeployment")])
     store.replace_placements([store_mod.PlacementRow("d1", "s", "v", 2), store_mod.PlacementRow("d2", "s", "v", 1),
