@@ -28,6 +28,8 @@ def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise argparse.ArgumentTypeError(f"{value!r} must be HOST:PORT")
+    if int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: {port} is not a port (0-65535)")
     return host.strip("[]"), int(port)
 
 

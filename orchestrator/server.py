@@ -668,7 +668,8 @@ class _FleetCollector:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
     p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
-                   help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas); default: SQLite in --data-dir")
+                   help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas), or sqlite:///path (a file); "
+                        "default: SQLite in --data-dir")
     p.add_argument("--leader-lease", type=float, default=3.0, metavar="SECONDS",
                    help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
                         "a leader that died is replaced within 4/3 of it")
@@ -679,10 +680,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
                         "agents while it leads [the agent listener; this host's name when it listens on all addresses]")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=runloop.port_number, default=8080)
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
-    p.add_argument("--agent-port", type=int, default=8081, help="agents' gRPC port (mutual TLS)")
-    p.add_argument("--agent-join-port", type=int, default=8082, help="first joins: bootstrap token + CSR over TLS")
+    p.add_argument("--agent-port", type=runloop.port_number, default=8081, help="agents' gRPC port (mutual TLS)")
+    p.add_argument("--agent-join-port", type=runloop.port_number, default=8082, help="first joins: bootstrap token + CSR over TLS")
     p.add_argument("--insecure-agents", action="store_true",
                    help="plaintext agent gRPC with bearer credentials instead of mutual TLS (agents then need --insecure)")
     p.add_argument("--agent-cert-days", type=float, default=float(ca_mod.AGENT_DAYS), metavar="DAYS",

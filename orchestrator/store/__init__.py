@@ -8,6 +8,7 @@ replicas sharing one database. :func:`open_store` picks by the location's form.
 from __future__ import annotations
 
 import pathlib
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from orchestrator.store.sqlite import (
     ObjectWrite,
     PlacementRow,
     StoredObject,
+    StoreError,
     TokenInfo,
     WriteOutcome,
 )
@@ -66,13 +68,20 @@ def is_postgres_url(location: str) -> bool:
 
 def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.time) -> StateStore:
     """A ``postgresql://`` URL opens the PostgreSQL store (psycopg is imported only
-    then, so one machine on SQLite needs no driver); anything else is a SQLite path."""
+    then, so one machine on SQLite needs no driver); ``sqlite:///path`` or a plain path
+    the SQLite store. Any other URL is refused rather than taken for a file name."""
+    if isinstance(location, str) and (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", location)):
+        if scheme.group(1).lower() == "sqlite":
+            location = location[len("sqlite://"):]
+            if not location:
+                raise StoreError("sqlite:// needs a path: sqlite:///var/lib/edgeplane/state.db")
+        elif not is_postgres_url(location):
+            raise StoreError(f"unsupported store URL scheme {scheme.group(1)!r}: give postgresql://user@host/db, "
+                             "sqlite:///path/state.db or a file path")
     if isinstance(location, str) and is_postgres_url(location):
         try:
             from orchestrator.store.postgres import PostgresStore
         except ImportError as e:
-            from orchestrator.store.sqlite import StoreError
-
             raise StoreError(f"the PostgreSQL store needs psycopg: pip install 'edgeplane[postgres]' ({e})") from e
 
         return PostgresStore(location, clock=clock)

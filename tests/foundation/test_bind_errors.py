@@ -55,3 +55,27 @@ def test_the_control_plane_names_the_address_it_cannot_bind(flag: str, what: str
     assert proc.returncode == 1, proc
     assert "Traceback" not in proc.stderr, proc.stderr
     assert f"cannot listen on 127.0.0.1:{busy_port} ({what}" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["serve", "--port", "99999"], ["serve", "--agent-port", "-1"], ["serve", "--agent-join-port", "http"],
+    ["gateway", "--control-plane", "http://127.0.0.1:8080", "--port", "70000"],
+    ["agent", "--control-plane", "127.0.0.1:8081", "--site", "edge-x", "--token", "t", "--listen", "127.0.0.1:99999"],
+])
+def test_a_port_out_of_range_is_a_usage_error(command: list[str], tmp_path: pathlib.Path) -> None:
+    program = [str(AGENT), *command[1:]] if command[0] == "agent" else [str(support.EDGEPLANE), *command]
+    proc = subprocess.run(program, capture_output=True, text=True, timeout=60, env=support.clean_env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].endswith(
+        ("is not a port (0-65535)", "is not a port number")), proc.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before anything was created
+
+
+@pytest.mark.parametrize(("store", "message"), [
+    ("mysql://root@db/edgeplane", "unsupported store URL scheme 'mysql'"), ("sqlite://", "sqlite:// needs a path")])
+def test_a_store_url_it_cannot_open_is_refused_not_taken_for_a_file(store: str, message: str, tmp_path: pathlib.Path) -> None:
+    proc = subprocess.run([str(support.EDGEPLANE), "serve", "--store", store, "--data-dir", str(tmp_path / "data"),
+                           "--port", str(support.free_port())], capture_output=True, text=True, timeout=60, env=support.clean_env(),
+                          cwd=tmp_path)
+    assert proc.returncode == 2 and f"error: {message}" in proc.stderr and "Traceback" not in proc.stderr, proc
+    assert not (tmp_path / "mysql:").exists() and not list((tmp_path / "data").glob("*.db"))

@@ -246,6 +246,15 @@ def test_delete(store: Store) -> None:
     assert store.get("Site", "a") is None and store.list("Site") == []
 
 
+def test_a_sqlite_url_opens_the_file_it_names(tmp_path: pathlib.Path) -> None:
+    store = open_store(f"sqlite://{tmp_path}/state.db")
+    try:
+        store.apply([write("a", {})])
+    finally:
+        store.close()
+    assert (tmp_path / "state.db").is_file()
+
+
 def test_delete_many_is_all_or_nothing(store: Store) -> None:
     store.apply([write("a", {}), write("b", {}), write("d1", {}, kind="ModelDeployment")])
     store.replace_placements([store_mod.PlacementRow("d1", "a", "v", 1)])
