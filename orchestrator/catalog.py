@@ -104,11 +104,15 @@ def apply_documents(
 
 
 def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, reason: str = "delete") -> store_mod.WriteOutcome:
-    if kind == "Model":
-        users = [o.name for o in store.list("ModelDeployment") if o.spec.get("model") == name]
-        if users:
-            raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(sorted(users))}; delete those first")
+    if kind == "Model" and (users := _users_of(store, name)):
+        raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}; delete those first")
     return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason))
+
+
+def _users_of(store: store_mod.Store, model: str, going: Iterable[str] = ()) -> list[str]:
+    """The deployments of ``model`` that stay (all but those named in ``going``), sorted."""
+    leaving = set(going)
+    return sorted(o.name for o in store.list("ModelDeployment") if o.spec.get("model") == model and o.name not in leaving)
 
 
 #: deletion order within one bundle: dependants first (a deployment before its model)
@@ -123,11 +127,9 @@ def delete_documents(store: store_mod.Store, docs: list[loader.LoadedDocument], 
     targets = sorted(dict.fromkeys((d.kind, d.name) for d in docs), key=lambda t: DELETE_ORDER[t[0]])
     going = {name for kind, name in targets if kind == "ModelDeployment"}
     for kind, name in targets:
-        if kind == "Model":
-            users = [o.name for o in store.list("ModelDeployment") if o.spec.get("model") == name and o.name not in going]
-            if users:
-                raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(sorted(users))}, which the bundle does not delete; "
-                            "nothing was deleted")
+        if kind == "Model" and (users := _users_of(store, name, going)):
+            raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}, which the bundle does not delete; "
+                        "nothing was deleted")
     return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok)
 
 
