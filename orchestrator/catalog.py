@@ -130,7 +130,10 @@ def delete_documents(store: store_mod.Store, docs: list[loader.LoadedDocument], 
         if kind == "Model" and (users := _users_of(store, name, going)):
             raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}, which the bundle does not delete; "
                         "nothing was deleted")
-    return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok)
+    try:
+        return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok)
+    except store_mod.NotFound as exc:
+        raise store_mod.NotFound(f"{exc}; nothing was deleted") from None
 
 
 def rfc3339(ts: float | None) -> str | None:

@@ -84,12 +84,10 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return endpoint
 
     async def apply(request: Request, caller: auth.Caller) -> Response:
-        body = await bodies.read_body(request, MAX_BODY)
-        dry_run = request.query_params.get("dryRun", "false").lower() in ("1", "true", "yes")
-        source = request.query_params.get("file") or "<request>"
-        docs = loader.load_text(body, source[:256])
+        docs = await _documents(request)
         if not docs:
             return error(422, "the request holds no documents")
+        dry_run = _flag(request, "dryRun")
         result = catalog.apply_documents(store, docs, actor=caller.identity, reason=_reason(request, "apply"), dry_run=dry_run)
         payload: dict[str, Any] = {
             "dryRun": dry_run,
@@ -106,16 +104,11 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def delete_bundle(request: Request, caller: auth.Caller) -> Response:
         """``POST /v1/delete``: every object the manifests in the body name, all or none."""
-        body = await bodies.read_body(request, MAX_BODY)
-        source = request.query_params.get("file") or "<request>"
-        docs = loader.load_text(body, source[:256])
+        docs = await _documents(request)
         if not docs:
             return error(422, "the request holds no documents")
-        missing_ok = request.query_params.get("ignoreNotFound", "false").lower() in ("1", "true", "yes")
-        try:
-            outcomes = catalog.delete_documents(store, docs, actor=caller.identity, reason=_reason(request, "delete"), missing_ok=missing_ok)
-        except store_mod.NotFound as exc:
-            return error(404, f"{exc}; nothing was deleted")
+        outcomes = catalog.delete_documents(store, docs, actor=caller.identity, reason=_reason(request, "delete"),
+                                            missing_ok=_flag(request, "ignoreNotFound"))
         if outcomes:
             services.changed(f"delete by {caller.identity}")
         return JSONResponse({"results": [{"kind": o.kind, "name": o.name, "action": o.action} for o in outcomes]})
@@ -250,6 +243,17 @@ def build_routes(services: Services) -> list[BaseRoute]:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+
+
+async def _documents(request: Request) -> list[loader.LoadedDocument]:
+    """The manifests in the body (``?file=`` names them in errors)."""
+    body = await bodies.read_body(request, MAX_BODY)
+    return loader.load_text(body, (request.query_params.get("file") or "<request>")[:256])
+
+
+def _flag(request: Request, name: str) -> bool:
+    """A boolean query parameter: ``1``, ``true`` or ``yes`` (any case) turn it on."""
+    return request.query_params.get(name, "false").lower() in ("1", "true", "yes")
 
 
 def _reason(request: Request, default: str) -> str:

@@ -71,20 +71,19 @@ def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.t
     then, so one machine on SQLite needs no driver); ``sqlite:///path`` or a plain path
     the SQLite store. Any other URL is refused rather than taken for a file name."""
     if isinstance(location, str) and (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", location)):
-        if scheme.group(1).lower() == "sqlite":
-            location = location[len("sqlite://"):]
-            if not location:
-                raise StoreError("sqlite:// needs a path: sqlite:///var/lib/edgeplane/state.db")
-        elif not is_postgres_url(location):
+        if is_postgres_url(location):
+            try:
+                from orchestrator.store.postgres import PostgresStore
+            except ImportError as e:
+                raise StoreError(f"the PostgreSQL store needs psycopg: pip install 'edgeplane[postgres]' ({e})") from e
+
+            return PostgresStore(location, clock=clock)
+        if scheme.group(1).lower() != "sqlite":
             raise StoreError(f"unsupported store URL scheme {scheme.group(1)!r}: give postgresql://user@host/db, "
                              "sqlite:///path/state.db or a file path")
-    if isinstance(location, str) and is_postgres_url(location):
-        try:
-            from orchestrator.store.postgres import PostgresStore
-        except ImportError as e:
-            raise StoreError(f"the PostgreSQL store needs psycopg: pip install 'edgeplane[postgres]' ({e})") from e
-
-        return PostgresStore(location, clock=clock)
+        location = location[scheme.end():]
+        if not location:
+            raise StoreError("sqlite:// needs a path: sqlite:///var/lib/edgeplane/state.db")
     from orchestrator.store.sqlite import Store
 
     return Store(location, clock=clock)

@@ -256,6 +256,7 @@ class SqlStore:
         with self._tx() as db:
             outcome = self._delete(db, kind, name, event, now, expected_version)
             self._changed(db, "resources")
+        assert outcome is not None  # a missing object raised
         return outcome
 
     def delete_many(self, targets: Sequence[tuple[str, str]], event: Event, missing_ok: bool = False) -> list[WriteOutcome]:
@@ -266,16 +267,18 @@ class SqlStore:
         outcomes: list[WriteOutcome] = []
         with self._tx() as db:
             for kind, name in targets:
-                if missing_ok and self._one(db, "SELECT 1 FROM objects WHERE kind = ? AND name = ?", (kind, name)) is None:
-                    continue
-                outcomes.append(self._delete(db, kind, name, event, now))
+                if (outcome := self._delete(db, kind, name, event, now, missing_ok=missing_ok)) is not None:
+                    outcomes.append(outcome)
             if outcomes:
                 self._changed(db, "resources")
         return outcomes
 
-    def _delete(self, db: Any, kind: str, name: str, event: Event, now: float, expected_version: int | None = None) -> WriteOutcome:
+    def _delete(self, db: Any, kind: str, name: str, event: Event, now: float, expected_version: int | None = None,
+                missing_ok: bool = False) -> WriteOutcome | None:
         row = self._one(db, "SELECT * FROM objects WHERE kind = ? AND name = ?", (kind, name))
         if row is None:
+            if missing_ok:
+                return None
             raise NotFound(f"{kind} {name!r} does not exist")
         current = self._row(row)
         if expected_version is not None and current.resource_version != expected_version:
