@@ -211,8 +211,7 @@ def cmd_tune(api: ApiClient, args: argparse.Namespace) -> int:
     thresholds = _thresholds(args.thresholds)
     samples = _lines(args.file)
     model, rule = _rule(api, args.name)
-    headers = {k: v for k, v in (("x-edgeplane-location", args.location), ("x-edgeplane-region", args.region),
-                                 ("x-edgeplane-residency", args.residency)) if v}
+    headers = infer.caller_headers(args)
     rows = sweep(replay(api, model, rule, samples, headers, args.file), thresholds)
     if args.output in ("json", "yaml"):
         render.dump({"cascade": args.name, "samples": len(samples), "rule": asdict(rule), "rows": [asdict(r) for r in rows]}, args.output)

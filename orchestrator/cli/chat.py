@@ -17,16 +17,6 @@ from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError, token_from_env
 
 
-def _location(text: str | None) -> tuple[float, float] | None:
-    if not text:
-        return None
-    try:
-        lat, lon = (float(v) for v in text.split(",", 1))
-    except ValueError:
-        raise CliError(f"--location {text!r}: use lat,lon, e.g. 48.85,2.35", 2) from None
-    return lat, lon
-
-
 def run(api: ApiClient, args: argparse.Namespace) -> int:
     params = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature)) if v is not None}
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
@@ -34,7 +24,7 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     answer: client_mod.Chat | None = None
     try:
-        with client_mod.Client(api.server, token=token_from_env(getattr(args, "token", None)), location=_location(args.location),
+        with client_mod.Client(api.server, token=token_from_env(getattr(args, "token", None)), location=args.location,
                                region=args.region, residency=args.residency, timeout=args.timeout) as c:
             answer = c.chat(args.model, messages, stream=not whole, **params)
             for delta in answer:

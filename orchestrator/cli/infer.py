@@ -42,14 +42,20 @@ def _shape(value: Any) -> tuple[list[int], list[Any]]:
     return [len(value)], list(value)
 
 
-def run(api: ApiClient, args: argparse.Namespace) -> int:
+def caller_headers(args: argparse.Namespace) -> dict[str, str]:
+    """The gateway's caller headers from ``--location`` (a lat_lon pair), ``--region`` and ``--residency``."""
     headers = {}
     if args.location:
-        headers["x-edgeplane-location"] = args.location
+        headers["x-edgeplane-location"] = "{},{}".format(*args.location)
     if args.region:
         headers["x-edgeplane-region"] = args.region
     if args.residency:
         headers["x-edgeplane-residency"] = args.residency
+    return headers
+
+
+def run(api: ApiClient, args: argparse.Namespace) -> int:
+    headers = caller_headers(args)
     started = time.perf_counter()
     resp = api.raw("POST", f"/v2/models/{args.model}/infer", json=body_of(args.data), headers=headers)
     elapsed = (time.perf_counter() - started) * 1000

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from orchestrator.cli import infer
 from orchestrator.cli import main as cli_main
 from orchestrator.cli import render
 from orchestrator.manifests import schema
@@ -117,3 +118,25 @@ def test_an_unexpected_error_is_one_line_and_exit_1(odd_server: str) -> None:
 def test_main_returns_1_in_process(odd_server: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main.main(["--server", odd_server, "get", "modeldeployments"]) == 1
     assert capsys.readouterr().err.startswith("error: get failed unexpectedly")
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["infer", "m", "--data", "{}", "--location", "abc"], "argument --location: 'abc' is not lat,lon, e.g. 48.85,2.35"),
+    (["chat", "m", "hi", "--location", "91,2"], "argument --location: '91,2' is outside -90..90, -180..180"),
+    (["chat", "m", "hi", "--location", "nan,2"], "argument --location: 'nan,2' is outside -90..90, -180..180"),
+    (["cascade", "tune", "c", "-f", "x.jsonl", "--location", "48.85"], "argument --location: '48.85' is not lat,lon"),
+    (["events", "--limit", "0"], "argument --limit: 0 is not between 1 and 10000"),
+    (["events", "--limit", "20000"], "argument --limit: 20000 is not between 1 and 10000"),
+])
+def test_a_bad_caller_option_is_a_usage_error_naming_the_option(argv: list[str], expected: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Caught before any request: the option is named, not the header the server would refuse."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main(["--server", "http://127.0.0.1:9", *argv])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_location_reaches_the_gateway_as_its_header() -> None:
+    args = cli_main.build_parser().parse_args(["infer", "m", "--data", "{}", "--location", "48.85,2.35", "--residency", "FR"])
+    assert infer.caller_headers(args) == {"x-edgeplane-location": "48.85,2.35", "x-edgeplane-residency": "FR"}
