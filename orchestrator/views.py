@@ -93,7 +93,8 @@ def _replica_gpus(s: snap.Snapshot, deployment: str, variant: str) -> dict[str, 
                 "gpuModel": v.llm.acceleratorType}
     if not v.resources.gpus:
         return {}
-    return {"gpusPerReplica": v.resources.gpus, "gpuMemoryGiBPerGpu": v.resources.gpuMemoryGiB}
+    # an onnx-genai variant without a figure takes what its weights and KV cache need
+    return {"gpusPerReplica": v.resources.gpus, "gpuMemoryGiBPerGpu": round(v.gpu_memory_gib(), 2)}
 
 
 def placements(s: snap.Snapshot | None, rows: Iterable[Any]) -> dict[str, Any]:

@@ -48,6 +48,17 @@ def test_predicted_latencies_are_rounded_in_describe_and_plan() -> None:
         assert re.fullmatch(r"\d+(\.\d)?", repr(ms)), ms
 
 
+def test_plan_shows_the_gpu_memory_a_generative_replica_needs_when_none_is_declared() -> None:
+    docs = examples()
+    (large,) = [v for d in docs if isinstance(d.doc, schema.ModelDoc) and d.name == "assistant"
+                for v in d.doc.spec.variants if v.name == "large"]
+    assert large.resources.gpus == 1 and large.resources.gpuMemoryGiB == 0 and large.generative is not None
+    (change,) = [c for c in views.preview(example_snapshot(docs), docs)["changes"] if c["deployment"] == "assistant-dc"]
+    g = large.generative
+    need = g.weightBytes + g.kvBytesPerToken * g.contextLength * g.maxConcurrentSequences
+    assert change["gpusPerReplica"] == 1 and change["gpuMemoryGiBPerGpu"] == round(need / 2**30, 2) > 0, change
+
+
 def _with_eu_south(rps: int) -> list[loader.LoadedDocument]:
     files = loader.manifest_files(support.EXAMPLES)
     texts = [(str(f), f.read_text().replace("{region: eu-south, rps: 150}", f"{{region: eu-south, rps: {rps}}}")) for f in files]
