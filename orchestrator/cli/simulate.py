@@ -9,6 +9,7 @@ plane: for drills in CI and for fleets too large to send.
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
 import time
@@ -30,9 +31,12 @@ def _pair(text: str, flag: str) -> tuple[str, float]:
     try:
         if not sep or not where:
             raise ValueError
-        return where, float(value)
+        number = float(value)
     except ValueError:
         raise CliError(f"{flag} {text!r}: expected NAME=NUMBER", 2) from None
+    if not 0 <= number < math.inf:  # NaN fails too; each of these flags scales or sets a non-negative figure
+        raise CliError(f"{flag} {text!r}: the number must be 0 or more", 2)
+    return where, number
 
 
 def scenario_document(args: argparse.Namespace) -> dict[str, Any]:

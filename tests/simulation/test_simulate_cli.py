@@ -48,7 +48,10 @@ def test_the_cli_simulates_the_examples_offline() -> None:
     (["--scenario", "missing.yaml"], 2, "missing.yaml"),
     (["--fail-country", "XX"], 1, "spec.fail.countries"),
     (["--each-site", "--top", "0"], 2, "--top must be at least 1"),
-    (["--carbon", "edge-lyon=-5"], 1, "carbonGramsPerKWh"),
+    (["--carbon", "edge-lyon=-5"], 2, "--carbon 'edge-lyon=-5': the number must be 0 or more"),
+    (["--capacity", "edge-lyon=-1"], 2, "--capacity 'edge-lyon=-1': the number must be 0 or more"),
+    (["--demand", "eu-west=nan"], 2, "--demand 'eu-west=nan': the number must be 0 or more"),
+    (["--capacity", "edge-lyon=2000"], 1, "spec.sites.edge-lyon.capacityFactor"),
     (["-f", "manifests/examples/sites.yaml"], 1, "Site 'dc-paris' is also declared in"),
 ])
 def test_bad_cli_input_is_one_line(args: list[str], code: int, message: str) -> None:
