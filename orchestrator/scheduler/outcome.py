@@ -218,7 +218,7 @@ def actions_of(fleet: Fleet, job: Job, plan: DeploymentPlan, dropped: Mapping[Re
                 from_variant,
                 to_site,
                 to_variant,
-                f"{why}; to: {reasons[(to_site, to_variant)].pop()}",
+                f"{why}; now on {to_site}: {reasons[(to_site, to_variant)].pop().removeprefix('new; ')}",
             )
         )
     last: PlaceReplica | None = None

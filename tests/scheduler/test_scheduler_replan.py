@@ -71,6 +71,7 @@ def test_site_loss_moves_its_replicas_in_one_plan():
     assert all(d.status is Status.SCHEDULED for d in second.deployments.values())
     moved = [a for a in second.actions if isinstance(a, MoveReplica)]
     assert moved and all(a.from_site == lost and "unhealthy" in a.reason for a in moved)
+    assert all(f"; now on {a.to_site}: " in a.reason and "new;" not in a.reason for a in moved), [a.reason for a in moved]
     assert {a.to_site for a in moved} <= {"paris-1", "paris-2", "lyon-1"} - {lost}
     # nothing else changed
     assert len(moved) == len(second.actions) == sum(r.site == lost for r in first.replicas)
