@@ -578,7 +578,8 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 def _run(argv: list[str]) -> int:
     command = _command_of(argv)
-    args = build_parser(serve_options=command in ("serve", "gateway") or "serve" in argv or command is None).parse_args(argv)
+    # `edgeplane` and `edgeplane --help` name no command: they need no command's options either
+    args = build_parser(serve_options=command in ("serve", "gateway") or "serve" in argv).parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "gateway":

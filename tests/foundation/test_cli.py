@@ -345,6 +345,16 @@ def test_client_commands_start_without_the_control_plane_or_the_planner() -> Non
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("argv", [["--help"], [], ["--server", "http://127.0.0.1:9"]])
+def test_the_first_help_a_user_asks_for_does_not_load_the_control_plane(argv: list[str]) -> None:
+    code = ("import sys; from orchestrator.cli import main\n"
+            f"try:\n    main.main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('orchestrator.server', 'orchestrator.gatewayd.server', 'ray') if m in sys.modules), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=support.REPO)
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr
+    assert "usage: edgeplane" in done.stdout + done.stderr
+
+
 def test_status_says_when_a_replica_is_not_notified_of_other_replicas_writes() -> None:
     from orchestrator.cli.main import _leadership_line
 
