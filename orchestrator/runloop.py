@@ -5,7 +5,6 @@ server."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -19,17 +18,6 @@ import uvicorn
 #: theirs for 5 s too (httpx), so with equal limits a request sent on a pooled connection
 #: just as the server closed it failed with a reset; 75 s is what the agent's own server keeps.
 KEEP_ALIVE_S = 75
-
-
-def port_number(text: str) -> int:
-    """argparse type of the commands' ``--port`` options: a TCP port, 0 (any free one) to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
-    return port
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:

@@ -52,7 +52,7 @@ from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
 from orchestrator.distill import store as capture_store
-from orchestrator import runloop
+from orchestrator import argtypes, runloop
 from edgeplane_proto import identity
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
@@ -680,10 +680,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
                         "agents while it leads [the agent listener; this host's name when it listens on all addresses]")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
-    p.add_argument("--port", type=runloop.port_number, default=8080)
+    p.add_argument("--port", type=argtypes.port_number, default=8080)
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
-    p.add_argument("--agent-port", type=runloop.port_number, default=8081, help="agents' gRPC port (mutual TLS)")
-    p.add_argument("--agent-join-port", type=runloop.port_number, default=8082, help="first joins: bootstrap token + CSR over TLS")
+    p.add_argument("--agent-port", type=argtypes.port_number, default=8081, help="agents' gRPC port (mutual TLS)")
+    p.add_argument("--agent-join-port", type=argtypes.port_number, default=8082, help="first joins: bootstrap token + CSR over TLS")
     p.add_argument("--insecure-agents", action="store_true",
                    help="plaintext agent gRPC with bearer credentials instead of mutual TLS (agents then need --insecure)")
     p.add_argument("--agent-cert-days", type=float, default=float(ca_mod.AGENT_DAYS), metavar="DAYS",

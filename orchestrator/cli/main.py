@@ -16,6 +16,7 @@ import time
 import types
 from typing import Any
 
+from orchestrator import argtypes
 from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError
@@ -377,28 +378,6 @@ def _loader() -> types.ModuleType:
 FILE_HELP = "file, directory or - for stdin; repeat -f for more (one atomic bundle)"
 
 
-def lat_lon(text: str) -> tuple[float, float]:
-    """argparse type of the caller's ``--location``: ``lat,lon`` in degrees."""
-    try:
-        lat, lon = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not lat,lon, e.g. 48.85,2.35") from None
-    if not (-90 <= lat <= 90 and -180 <= lon <= 180):  # NaN fails both
-        raise argparse.ArgumentTypeError(f"{text!r} is outside -90..90, -180..180")
-    return lat, lon
-
-
-def event_count(text: str) -> int:
-    """argparse type of ``events --limit``: 1 to 10000, as the API serves."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= n <= 10_000:
-        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 10000")
-    return n
-
-
 def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     """``serve_options=False`` leaves out the options of ``serve``, whose definition imports
     the whole control plane (about half a second): every other command starts without it."""
@@ -458,7 +437,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("name", nargs="?")
     sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("events", help="the audit/event log: the newest events, oldest first"))
-    sp.add_argument("--limit", type=event_count, default=50, help="how many, 1 to 10000 (default 50)")
+    sp.add_argument("--limit", type=argtypes.item_count, default=50, help="how many, 1 to 10000 (default 50)")
     sp.add_argument("--since", type=int, metavar="ID", help="the events after this one instead of the newest (to follow the log)")
     sp.add_argument("--kind", help="only this kind (sites, models, modeldeployments, ...)")
     sp.add_argument("--name", help="only objects of this name")
@@ -489,7 +468,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("infer", help="send one inference request through the gateway"))
     sp.add_argument("model")
     sp.add_argument("--data", required=True, help="JSON inputs ({\"input\": [[...]]} or a v2 body) or @FILE")
-    sp.add_argument("--location", type=lat_lon, help="caller position lat,lon")
+    sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
     sp.add_argument("--region", help="caller region")
     sp.add_argument("--residency", help="caller residency, e.g. FR")
     casc = client_parser("cascade", help="cascades: pick a threshold from replayed samples")
@@ -499,7 +478,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("name", help="the deployment with spec.cascade")
     sp.add_argument("-f", "--file", required=True, help='JSONL, one sample a line: {"input": [[...]], "label": 2}')
     sp.add_argument("--thresholds", help="comma-separated, in (0, 1] (default 0.5,0.6,0.7,0.75,0.8,0.85,0.9,0.95,0.99)")
-    sp.add_argument("--location", type=lat_lon, help="caller position lat,lon")
+    sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
     sp.add_argument("--region", help="caller region")
     sp.add_argument("--residency", help="caller residency, e.g. FR")
     sp = client_parser("chat", help="ask a generative model; the answer streams to the terminal")
@@ -509,7 +488,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--system", help="a system message before the prompt")
     sp.add_argument("--max-tokens", type=int, help="most tokens to generate")
     sp.add_argument("--temperature", type=float)
-    sp.add_argument("--location", type=lat_lon, help="caller position lat,lon")
+    sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
     sp.add_argument("--region", help="caller region")
     sp.add_argument("--residency", help="caller residency, e.g. FR")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds")

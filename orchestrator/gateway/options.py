@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator import argtypes
 from orchestrator.gateway import proxy
 from orchestrator.security import admission
 
@@ -30,12 +31,9 @@ def position(text: str | None) -> tuple[float, float] | None:
     if not text:
         return None
     try:
-        lat, lon = (float(x) for x in text.split(","))
-    except ValueError:
-        raise OptionError(f"--location {text!r} must be lat,lon, e.g. 48.85,2.35") from None
-    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-        raise OptionError(f"--location {text!r} is outside -90..90, -180..180")
-    return lat, lon
+        return argtypes.lat_lon(text)
+    except argparse.ArgumentTypeError as exc:
+        raise OptionError(f"--location {exc}") from None
 
 
 def problem(gateway_auth: str, rate: float, burst: float, max_body: int, cold_start_timeout_s: float) -> str | None:

@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeplane_proto import oip
 from orchestrator.gatewayd import follow
-from orchestrator import runloop
+from orchestrator import argtypes, runloop
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, options, proxy, routing, upstream, wire
@@ -213,7 +213,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-plane", nargs="+", required=True, metavar="URL",
                    help="the control plane's URL; several (replicas of it) are tried in turn when one fails")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on")
-    p.add_argument("--port", type=runloop.port_number, default=8088)
+    p.add_argument("--port", type=argtypes.port_number, default=8088)
     p.add_argument("--token", default=argparse.SUPPRESS,
                    help="API token (any role) to read the control plane's endpoint table (default: $EDGEPLANE_TOKEN)")
     options.add_arguments(p)

@@ -127,6 +127,7 @@ def test_main_returns_1_in_process(odd_server: str, capsys: pytest.CaptureFixtur
     (["cascade", "tune", "c", "-f", "x.jsonl", "--location", "48.85"], "argument --location: '48.85' is not lat,lon"),
     (["events", "--limit", "0"], "argument --limit: 0 is not between 1 and 10000"),
     (["events", "--limit", "20000"], "argument --limit: 20000 is not between 1 and 10000"),
+    (["captures", "EU", "--limit", "-3"], "argument --limit: -3 is not between 1 and 10000"),
 ])
 def test_a_bad_caller_option_is_a_usage_error_naming_the_option(argv: list[str], expected: str,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
