@@ -48,6 +48,20 @@ def resolve_kind(text: str) -> str:
     return kind
 
 
+#: What else the event log is about: tokens (created, revoked), the control plane
+#: (leadership) and captured cascade records (read, erased).
+EVENT_KIND_ALIASES = {**KIND_ALIASES, "token": "Token", "tokens": "Token", "controlplane": "ControlPlane",
+                      "capturedrecord": "CapturedRecord", "capturedrecords": "CapturedRecord", "captures": "CapturedRecord"}
+
+
+def resolve_event_kind(text: str) -> str:
+    """The kind of ``events --kind``: an object kind, or another thing the log records."""
+    kind = EVENT_KIND_ALIASES.get(text.lower())
+    if kind is None:
+        raise UnknownKind(f"unknown kind {text!r}; use one of: sites, models, modeldeployments, tokens, controlplane, captures")
+    return kind
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     outcomes: list[store_mod.WriteOutcome]

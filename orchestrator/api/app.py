@@ -146,7 +146,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return error(400, "limit must be at least 1, and last at least 1 when given")
         if last and ("since" in q or "limit" in q):
             return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
-        kind = catalog.resolve_kind(q["kind"]) if q.get("kind") else None
+        kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
         found = store.recent_events(kind, q.get("name"), last) if last else store.events(since, limit, kind, q.get("name"))
         return JSONResponse({"items": [_event(e) for e in found]})
 
@@ -190,18 +190,28 @@ def build_routes(services: Services) -> list[BaseRoute]:
         secret, info = store.create_token(purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
         return JSONResponse({"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at)}, status_code=201)
 
+    async def list_tokens(request: Request, caller: auth.Caller) -> Response:
+        """Every token's id, purpose, role, description, times and state; never a secret."""
+        return JSONResponse({"kind": "Token", "items": [
+            {"id": t.id, "purpose": t.purpose, "role": t.role, "description": t.description,
+             "createdAt": catalog.rfc3339(t.created_at), "expiresAt": catalog.rfc3339(t.expires_at), "state": t.state}
+            for t in store.tokens()]})
+
     async def revoke(request: Request, caller: auth.Caller) -> Response:
         what, name = request.path_params["what"], request.path_params["name"]
         if what == "tokens":
-            ok = store.revoke_token(name, caller.identity)
+            ok = store.revoke_token(name, caller.identity, _reason(request, "revoked"))
         elif what == "agents":
-            ok = store.revoke_agent(name, caller.identity)
+            ok = store.revoke_agent(name, caller.identity, _reason(request, "agent identity revoked"))
             if ok:
                 services.agent_revoked(name)  # its open streams end now, not at their next join
             services.changed(f"agent {name} revoked by {caller.identity}")
         else:
             return error(404, "revoke tokens/ID or agents/SITE")
-        return JSONResponse({"revoked": ok}, status_code=200 if ok else 404)
+        if not ok:
+            unknown = f"no token with id {name!r} (edgeplane token list)" if what == "tokens" else f"no agent has joined as site {name!r}"
+            return JSONResponse({"revoked": False, "error": unknown}, status_code=404)
+        return JSONResponse({"revoked": True})
 
     async def simulate(request: Request, caller: auth.Caller) -> Response:
         """A what-if changes nothing, so read tokens may ask it."""
@@ -234,6 +244,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         Route("/v1/events", guarded(events), methods=["GET"]),
         Route("/v1/endpoints/{model}", guarded(endpoints), methods=["GET"]),
         Route("/v1/tokens", guarded(create_token, write=True), methods=["POST"]),
+        Route("/v1/tokens", guarded(list_tokens, write=True), methods=["GET"]),  # admin only, though a read
         Route("/v1/simulate", guarded(simulate), methods=["POST"]),
         Route("/v1/revoke/{what}/{name}", guarded(revoke, write=True), methods=["POST"]),
         Route("/v1/controlplane", guarded(controlplane), methods=["GET"]),

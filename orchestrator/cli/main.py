@@ -304,6 +304,15 @@ def _waiting(placements: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.token_command == "list":
+        data = api.request("GET", "/v1/tokens")
+        if args.output in ("json", "yaml"):
+            render.dump(data, args.output)
+        else:
+            render.table(None, ["ID", "PURPOSE", "ROLE", "STATE", "CREATED", "EXPIRES", "DESCRIPTION"],
+                         [[t["id"], t["purpose"], t["role"], t["state"], t["createdAt"], t["expiresAt"] or "never", t["description"]]
+                          for t in data["items"]])
+        return 0
     body = {"purpose": "api" if args.role in ("read", "admin") else "bootstrap", "role": args.role, "description": args.description or ""}
     if args.ttl:
         body["ttlSeconds"] = _parse_ttl(args.ttl)
@@ -312,6 +321,14 @@ def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
         render.dump(data, args.output)
     else:
         print(data["token"])
+    return 0
+
+
+def cmd_revoke(api: ApiClient, args: argparse.Namespace) -> int:
+    """A token stops working at once; an agent's streams end now and it cannot rejoin on
+    any bootstrap token that existed before the revocation."""
+    api.request("POST", f"/v1/revoke/{args.what}s/{args.name}", headers=_with_reason({}, args))
+    print(f"{args.what} {args.name} revoked")
     return 0
 
 
@@ -439,7 +456,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("events", help="the audit/event log: the newest events, oldest first"))
     sp.add_argument("--limit", type=argtypes.item_count, default=50, help="how many, 1 to 10000 (default 50)")
     sp.add_argument("--since", type=int, metavar="ID", help="the events after this one instead of the newest (to follow the log)")
-    sp.add_argument("--kind", help="only this kind (sites, models, modeldeployments, ...)")
+    sp.add_argument("--kind", help="only this kind (sites, models, modeldeployments, tokens, controlplane, captures)")
     sp.add_argument("--name", help="only objects of this name")
     sp.add_argument("-w", "--follow", action="store_true",
                     help="then print each new event as it is logged (one line each; -o json: one JSON object a line) until Ctrl-C")
@@ -450,6 +467,12 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--role", choices=["agent", "read", "admin"], default="agent", help="agent = bootstrap token for edgeplane-agent")
     sp.add_argument("--ttl", help="lifetime, e.g. 30m, 2h (bootstrap default 1h; API tokens do not expire unless set)")
     sp.add_argument("--description")
+    with_output(tsub.add_parser("list", parents=[connection],
+                                help="every token: id, role, state (admin; secrets are never shown); revoke one with 'edgeplane revoke token ID'"))
+    sp = client_parser("revoke", help="revoke a token, or an agent's identity (its streams end; it must join again with a new token)")
+    sp.add_argument("what", choices=["token", "agent"])
+    sp.add_argument("name", help="the token's id, or the agent's site")
+    sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("simulate", help="what-if: fail sites/regions, scale demand, change carbon; nothing changes"))
     sp.add_argument("-f", "--file", action="append", help="simulate the fleet of these manifests here, not the live one (repeatable)")
     sp.add_argument("--scenario", help="scenario file (kind: Scenario; see docs/simulation.md)")
@@ -504,7 +527,7 @@ def cmd_cascade_tune(api: ApiClient, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "apply": cmd_apply, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe, "delete": cmd_delete,
-    "events": cmd_events, "status": cmd_status, "token": cmd_token, "infer": cmd_infer, "cascade": cmd_cascade_tune,
+    "events": cmd_events, "status": cmd_status, "token": cmd_token, "revoke": cmd_revoke, "infer": cmd_infer, "cascade": cmd_cascade_tune,
     "simulate": cmd_simulate,
     "chat": cmd_chat,
     "distill": distill_cli.cmd_distill, "captures": distill_cli.cmd_captures,

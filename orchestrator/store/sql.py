@@ -109,6 +109,7 @@ class TokenInfo:
     expires_at: float | None
     description: str
     created_at: float = 0.0
+    state: str = "active"  # "active" | "expired" | "revoked"
 
 
 @dataclass(frozen=True)
@@ -395,11 +396,18 @@ class SqlStore:
             return None
         return TokenInfo(row["id"], row["purpose"], row["role"], row["expires_at"], row["description"], row["created_at"])
 
-    def revoke_token(self, token_id: str, actor: str) -> bool:
+    def tokens(self) -> list[TokenInfo]:
+        """Every token ever created (no secret, no digest), oldest first: revoked and expired ones too."""
+        now = self._clock()
+        return [TokenInfo(r["id"], r["purpose"], r["role"], r["expires_at"], r["description"], r["created_at"],
+                          "revoked" if r["revoked"] else "expired" if r["expires_at"] is not None and r["expires_at"] < now else "active")
+                for r in self._fetch("SELECT * FROM tokens ORDER BY created_at, id")]
+
+    def revoke_token(self, token_id: str, actor: str, reason: str = "revoked") -> bool:
         with self._tx() as db:
             n = db.execute(self._q("UPDATE tokens SET revoked = TRUE WHERE id = ?"), (token_id,)).rowcount
             if n:
-                self._log(db, Event(actor, "token-revoked", "Token", token_id, "revoked"), self._clock())
+                self._log(db, Event(actor, "token-revoked", "Token", token_id, reason), self._clock())
         return bool(n)
 
     def has_api_tokens(self) -> bool:
@@ -431,11 +439,11 @@ class SqlStore:
             )[0]["ts"]
         return float(ts) if ts is not None else 0.0
 
-    def revoke_agent(self, site: str, actor: str) -> bool:
+    def revoke_agent(self, site: str, actor: str, reason: str = "agent identity revoked") -> bool:
         with self._tx() as db:
             n = db.execute(self._q("UPDATE agents SET revoked = TRUE WHERE site = ?"), (site,)).rowcount
             if n:
-                self._log(db, Event(actor, "agent-revoked", "Site", site, "agent identity revoked"), self._clock())
+                self._log(db, Event(actor, "agent-revoked", "Site", site, reason), self._clock())
         return bool(n)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -253,6 +254,23 @@ def test_api_tokens_with_auth_on(tmp_path: pathlib.Path, offline_fleet: pathlib.
         created = json.loads(cli("token", "create", "--role", "admin", "--ttl", "2h", "-o", "json", server_url=secured.url,
                                  env={"EDGEPLANE_TOKEN_FILE": admin_file}).stdout)
         assert created["role"] == "admin" and created["purpose"] == "api" and created["expiresAt"] is not None
+        # list, then revoke the reader's token: it stops working at once, and the log says who and why
+        as_admin = {"EDGEPLANE_TOKEN_FILE": admin_file}
+        assert cli("token", "list", server_url=secured.url, env=as_reader).returncode == 1  # admin only
+        tokens = json.loads(cli("token", "list", "-o", "json", server_url=secured.url, env=as_admin).stdout)["items"]
+        reader = next(t for t in tokens if t["description"] == "ci")
+        assert (reader["role"], reader["state"]) == ("read", "active") and read_token not in json.dumps(tokens)
+        table = cli("token", "list", server_url=secured.url, env=as_admin).stdout
+        assert re.search(rf"^{reader['id']}\s+api\s+read\s+active\s+\S+\s+never\s+ci\s*$", table, re.M), table
+        revoked = cli("revoke", "token", reader["id"], "--reason", "leaked in a log", server_url=secured.url, env=as_admin)
+        assert revoked.returncode == 0 and revoked.stdout.strip() == f"token {reader['id']} revoked", revoked
+        assert cli("get", "sites", server_url=secured.url, env=as_reader).returncode == 1
+        events = json.loads(cli("events", "--kind", "Token", "-o", "json", server_url=secured.url, env=as_admin).stdout)["items"]
+        assert ("token-revoked", reader["id"], "leaked in a log") in [(e["action"], e["name"], e["reason"]) for e in events]
+        tokens = json.loads(cli("token", "list", "-o", "json", server_url=secured.url, env=as_admin).stdout)["items"]
+        assert next(t for t in tokens if t["id"] == reader["id"])["state"] == "revoked"
+        unknown = cli("revoke", "agent", "edge-nowhere", server_url=secured.url, env=as_admin)
+        assert unknown.returncode == 1 and unknown.stderr.strip() == "error: no agent has joined as site 'edge-nowhere'"
     finally:
         secured.stop()
 

@@ -303,6 +303,23 @@ def test_tokens_revoke_and_only_digests_are_stored(store: Store, location: str) 
     assert secret.encode() not in raw and store_mod.digest(secret).encode() in raw
 
 
+def test_tokens_are_listed_with_their_state_and_never_their_secret(store: Store, clock: FakeClock) -> None:
+    read_secret, read = store.create_token("api", "read", None, "admin", "dashboards")
+    clock.now += 1
+    _, boot = store.create_token("bootstrap", "agent", 60, "admin")
+    clock.now += 1
+    _, admin = store.create_token("api", "admin", None, "admin")
+    assert store.revoke_token(admin.id, "alice", "left the team") is True
+    clock.now += 61  # past the bootstrap token's 60 s
+    listed = store.tokens()
+    assert [(t.id, t.purpose, t.role, t.state) for t in listed] == [
+        (read.id, "api", "read", "active"), (boot.id, "bootstrap", "agent", "expired"), (admin.id, "api", "admin", "revoked")]
+    assert listed[0].description == "dashboards" and listed[1].expires_at == boot.expires_at
+    assert read_secret not in repr(listed) and store_mod.digest(read_secret) not in repr(listed)
+    revoked = [e for e in store.events() if e.action == "token-revoked"]
+    assert [(e.actor, e.name, e.reason) for e in revoked] == [("alice", admin.id, "left the team")]
+
+
 def test_agent_credentials(store: Store) -> None:
     store.save_agent("edge-lyon", "agent-1", "cred-1", "agent@edge-lyon")
     assert store.agent_credential_ok("edge-lyon", "cred-1")

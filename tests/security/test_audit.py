@@ -122,7 +122,7 @@ async def test_revoked_agent_is_cut_off_at_once_and_cannot_rejoin_on_old_tokens(
             await harness.wait_until(lambda: "was revoked" in log.log(), 15, what="the agent to be refused")
             assert cp.hub.status(victim) is None
             events = (await http.get("/v1/events", params={"limit": "5000"})).json()["items"]
-            assert _find(events, action="agent-revoked", name=victim, actor="anonymous")
+            assert _find(events, action="agent-revoked", name=victim, actor="anonymous", reason="stolen box")
 
             # re-admission takes a bootstrap token created after the revocation
             log.stop()
