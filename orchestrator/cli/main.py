@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -335,11 +336,12 @@ def cmd_revoke(api: ApiClient, args: argparse.Namespace) -> int:
 def _parse_ttl(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        if text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError) as exc:
         raise CliError(f"--ttl {text!r}: use e.g. 30m, 2h, 3600", 2) from exc
+    if not 0 < seconds < math.inf:  # NaN fails too
+        raise CliError(f"--ttl {text!r}: a lifetime must be more than 0", 2)
+    return seconds
 
 
 def cmd_infer(api: ApiClient, args: argparse.Namespace) -> int:

@@ -176,6 +176,9 @@ def test_exit_codes(serve: support.ServeProcess, tmp_path: pathlib.Path) -> None
     assert cli("apply", "-f", str(tmp_path / "empty"), server_url=serve.url).returncode == 2
     proc = cli("token", "create", "--ttl", "soon", server_url=serve.url)
     assert proc.returncode == 2 and "--ttl 'soon'" in proc.stderr
+    for ttl in ("0", "0h", "nan", "inf"):
+        proc = cli("token", "create", f"--ttl={ttl}", server_url=serve.url)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: --ttl '{ttl}': a lifetime must be more than 0", proc
     # 3: nothing listening
     dead = f"http://127.0.0.1:{support.closed_port()}"
     proc = cli("get", "sites", server_url=dead)
