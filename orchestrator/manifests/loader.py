@@ -190,8 +190,9 @@ def _documents(text: str, file: str) -> Iterator[tuple[int, Any, _Walker]]:
                 raise ManifestError([ManifestIssue(file, None, "", None, f"more than {MAX_DOCUMENTS} documents in one file")])
             if node is None or _is_empty(node):
                 continue  # empty documents (e.g. between two '---') are not counted
-            if isinstance(node, yaml.SequenceNode):  # a JSON array (or YAML list) of documents
-                for item in node.value:
+            items = node if isinstance(node, yaml.SequenceNode) else _list_items(node)
+            if items is not None:  # a JSON array (or YAML list) of documents, or a list as `get -o yaml` prints it
+                for item in items.value:
                     walker = _Walker(file, index)
                     yield index, walker.to_data(item), walker
                     index += 1
@@ -212,6 +213,31 @@ def _documents(text: str, file: str) -> Iterator[tuple[int, Any, _Walker]]:
         loader.dispose()
 
 
+def _list_items(node: yaml.Node) -> yaml.SequenceNode | None:
+    """The ``items`` of a list as ``edgeplane get KIND -o yaml|json`` prints it (``kind`` and
+    ``items``, no ``metadata`` or ``spec``), so that output can be applied again."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    fields = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+    items = fields.get("items")
+    if isinstance(items, yaml.SequenceNode) and not {"metadata", "spec"} & set(fields):
+        return items
+    return None
+
+
+#: Written by the control plane, never by a manifest: apply ignores them, so what `get`
+#: prints can be applied again (``metadata.resourceVersion`` then makes it conditional).
+SERVER_SET = {"status"}
+SERVER_SET_METADATA = {"generation", "creationTimestamp"}
+
+
+def _without_server_set(data: dict[str, Any]) -> dict[str, Any]:
+    data = {k: v for k, v in data.items() if k not in SERVER_SET}
+    if isinstance(data.get("metadata"), dict):
+        data["metadata"] = {k: v for k, v in data["metadata"].items() if k not in SERVER_SET_METADATA}
+    return data
+
+
 def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssue]:
     file, index = walker.file, walker.index
 
@@ -226,6 +252,7 @@ def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssu
     doc_type = schema.DOC_TYPES.get(kind) if isinstance(kind, str) else None
     if doc_type is None:
         return [issue(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(schema.KINDS)}")]
+    data = _without_server_set(data)
     try:
         return doc_type.model_validate(data)  # type: ignore[return-value]
     except pydantic.ValidationError as exc:

@@ -220,6 +220,9 @@ class SqlStore:
                 current = self._row(row) if row else None
                 if w.expected_version is not None:
                     have = current.resource_version if current else 0
+                    if current is None and w.expected_version:
+                        raise Conflict(f"{w.kind} {w.name!r} does not exist (deleted since it was read?), yet the manifest expects "
+                                       f"resourceVersion {w.expected_version}; remove metadata.resourceVersion to create it")
                     if have != w.expected_version:
                         raise Conflict(
                             f"{w.kind} {w.name!r} was changed by someone else "

@@ -139,7 +139,9 @@ BAD: list[Bad] = [
     Bad("spec-is-a-list", H + "kind: Site\nmetadata:\n  name: s1\nspec:\n- tier: edge\n", "spec", "spec:", "valid dictionary"),
     Bad("json-unknown-field", JSON_DOC, "spec.colour", '"colour"', "unknown field 'colour'"),
     # --- unknown fields at several depths ----------------------------------------------
-    Bad("unknown-top-level-field", GOOD_SITE + "status: {}\n", "status", "status:", "unknown field 'status'"),
+    Bad("unknown-top-level-field", GOOD_SITE + "state: {}\n", "state", "state:", "unknown field 'state'"),
+    Bad("error-in-a-get-list-item", yaml.safe_dump({"kind": "Site", "items": [yaml.safe_load(GOOD_SITE), yaml.safe_load(
+        site(("spec.location.country", "XX"), name="s2"))]}, sort_keys=False), "spec.location.country", "country: XX", "XX", document=1),
     Bad("unknown-metadata-field", site(("metadata.namespace", "prod")), "metadata.namespace", "namespace:", "unknown field"),
     Bad("unknown-location-field", site(("spec.location.altitude", 300)), "spec.location.altitude", "altitude:", "unknown field"),
     Bad("unknown-variant-field", model(("spec.variants[1].quantization", "int8")), "spec.variants[1].quantization", "quantization:",
@@ -351,6 +353,13 @@ GOOD: list[Good] = [
                                       "spec": support.edge_site_spec()}), [("Site", "s1", 0, 1)]),
     Good("json-list-of-documents", json.dumps([yaml.safe_load(GOOD_SITE), yaml.safe_load(site(name="s2"))], indent=1),
          [("Site", "s1", 0, 2), ("Site", "s2", 1, 2 + len(json.dumps(yaml.safe_load(GOOD_SITE), indent=1).splitlines()))]),
+    # what `get -o yaml|json` prints: status and server-set metadata are ignored, a list is its items
+    Good("get-output-with-status-and-server-metadata", GOOD_SITE.replace("metadata:\n", "metadata:\n  generation: 3\n"
+         "  creationTimestamp: '2026-12-04T17:39:23Z'\n  resourceVersion: '12'\n") + "status: {health: Healthy, anything: [1, 2]}\n",
+         [("Site", "s1", 0, 1)]),
+    Good("get-list-output", yaml.safe_dump({"kind": "Site", "items": [yaml.safe_load(GOOD_SITE), yaml.safe_load(site(name="s2"))]},
+                                           sort_keys=False),
+         [("Site", "s1", 0, 3), ("Site", "s2", 1, 3 + len(yaml.safe_dump(yaml.safe_load(GOOD_SITE), sort_keys=False).splitlines()))]),
     Good("same-name-different-kinds", join(MODEL, mutate("Site", "m", support.edge_site_spec())),
          [("Model", "m", 0, 1), ("Site", "m", 1, len(MODEL.splitlines()) + 2)]),
     Good("everything-optional", join(MODEL, deployment(

@@ -76,6 +76,31 @@ def test_get_output_formats(serve: support.ServeProcess, applied) -> None:  # ty
     assert ("No replicas placed." in out) == (placements["items"] == [])
 
 
+def test_what_get_prints_applies_again(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """kubectl's edit loop: get -o yaml|json, change the spec, apply. Status and the
+    server-set metadata are ignored; the resourceVersion read makes the apply conditional."""
+    for kind, fmt in (("modeldeployments", "yaml"), ("sites", "json")):
+        listed = tmp_path / f"{kind}.{fmt}"
+        listed.write_text(ok("get", kind, "-o", fmt, server=serve))
+        out = ok("apply", "-f", str(listed), server=serve).splitlines()
+        assert out and all(line.endswith(" unchanged") for line in out), out
+    site = tmp_path / "site.yaml"
+    site.write_text(doc("Site", "edge-roundtrip", support.edge_site_spec()))
+    ok("apply", "-f", str(site), server=serve)
+    try:
+        read = tmp_path / "read.yaml"
+        read.write_text(ok("get", "site", "edge-roundtrip", "-o", "yaml", server=serve))
+        assert "status:" in read.read_text() and "creationTimestamp:" in read.read_text()
+        edited = tmp_path / "edited.yaml"
+        edited.write_text(read.read_text().replace("cpu: 8", "cpu: 12"))
+        assert ok("apply", "-f", str(edited), server=serve).strip() == "site/edge-roundtrip configured"
+        stale = cli("apply", "-f", str(read), server_url=serve.url)  # the copy read before that change
+        assert stale.returncode == 1 and "was changed by someone else" in stale.stderr, stale
+        assert json.loads(ok("get", "site", "edge-roundtrip", "-o", "json", server=serve))["spec"]["capacity"]["cpu"] == 12
+    finally:
+        ok("delete", "site", "edge-roundtrip", server=serve)
+
+
 def test_describe_and_events(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
     out = ok("describe", "modeldeployment", "intent-eu", server=serve)
     body, _, events = out.partition("Events:")

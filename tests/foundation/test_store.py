@@ -174,6 +174,14 @@ def test_expected_version_zero_means_create_only(store: Store) -> None:
         store.apply([write("a", {"x": 2}, expected=0)])
 
 
+def test_a_version_expected_of_an_object_that_is_gone_says_so(store: Store) -> None:
+    [v1] = store.apply([write("a", {"x": 1})])
+    store.delete("Site", "a", WHO)
+    with pytest.raises(Conflict, match=r"Site 'a' does not exist .* expects resourceVersion \d+; remove metadata.resourceVersion"):
+        store.apply([write("a", {"x": 2}, expected=v1.resource_version)])
+    assert store.get("Site", "a") is None
+
+
 def test_one_bad_write_applies_none(store: Store) -> None:
     store.apply([write("a", {"x": 1})])
     version, events = store.resource_version(), store.events(limit=1000)
