@@ -98,6 +98,7 @@ def writes_for(docs: Iterable[loader.LoadedDocument]) -> list[store_mod.ObjectWr
                 labels=dict(meta.labels),
                 spec=d.doc.spec.model_dump(mode="json", exclude_none=True),
                 expected_version=expected,
+                annotations=dict(meta.annotations),
             )
         )
     return out
@@ -165,6 +166,7 @@ def to_manifest(obj: store_mod.StoredObject) -> dict[str, Any]:
         "metadata": {
             "name": obj.name,
             "labels": dict(obj.labels),
+            **({"annotations": dict(obj.annotations)} if obj.annotations else {}),
             "generation": obj.generation,
             "resourceVersion": str(obj.resource_version),
             "creationTimestamp": rfc3339(obj.created_at),

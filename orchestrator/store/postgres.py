@@ -35,7 +35,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS objects (
     kind TEXT NOT NULL, name TEXT NOT NULL,
-    labels TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL DEFAULT '{}',
+    labels TEXT NOT NULL, annotations TEXT NOT NULL DEFAULT '{}', spec TEXT NOT NULL, status TEXT NOT NULL DEFAULT '{}',
     generation BIGINT NOT NULL, resource_version BIGINT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (kind, name)
@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL
 );
+ALTER TABLE objects ADD COLUMN IF NOT EXISTS annotations TEXT NOT NULL DEFAULT '{}';  -- databases made before annotations were kept
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT NULL, body TEXT NOT NULL);
 DO $$ BEGIN  -- databases made before leases were kept in epoch seconds, as on SQLite
     IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'leases' AND column_name = 'expires_at'

@@ -51,6 +51,7 @@ class StoredObject:
     resource_version: int
     created_at: float
     updated_at: float
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class ObjectWrite:
     labels: Mapping[str, str]
     spec: Mapping[str, Any]
     expected_version: int | None = None  # optimistic concurrency
+    #: Kept and shown, never read by edgeplane (owners, tickets, tools' notes): a change is
+    #: a new resourceVersion, not a new generation, as for labels.
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ class SqlStore:
             resource_version=row["resource_version"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            annotations=json.loads(row["annotations"]),
         )
 
     # --- objects --------------------------------------------------------------------
@@ -228,24 +233,24 @@ class SqlStore:
                             f"{w.kind} {w.name!r} was changed by someone else "
                             f"(resourceVersion is {have}, the request expected {w.expected_version}); re-read and retry"
                         )
-                spec, labels = _canonical(w.spec), _canonical(w.labels)
+                spec, labels, annotations = _canonical(w.spec), _canonical(w.labels), _canonical(w.annotations)
                 if current is None:
                     rv = self._next_version(db)
                     db.execute(
-                        self._q("INSERT INTO objects (kind, name, labels, spec, generation, resource_version, created_at, updated_at)"
-                                " VALUES (?, ?, ?, ?, 1, ?, ?, ?)"),
-                        (w.kind, w.name, labels, spec, rv, now, now),
+                        self._q("INSERT INTO objects (kind, name, labels, annotations, spec, generation, resource_version, created_at,"
+                                " updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)"),
+                        (w.kind, w.name, labels, annotations, spec, rv, now, now),
                     )
                     outcomes.append(WriteOutcome(w.kind, w.name, "created", 1, rv))
-                elif _canonical(current.spec) == spec and _canonical(current.labels) == labels:
+                elif (_canonical(current.spec), _canonical(current.labels), _canonical(current.annotations)) == (spec, labels, annotations):
                     outcomes.append(WriteOutcome(w.kind, w.name, "unchanged", current.generation, current.resource_version))
                 else:
                     rv = self._next_version(db)
                     generation = current.generation + (1 if _canonical(current.spec) != spec else 0)
                     db.execute(
-                        self._q("UPDATE objects SET labels = ?, spec = ?, generation = ?, resource_version = ?, updated_at = ?"
-                                " WHERE kind = ? AND name = ?"),
-                        (labels, spec, generation, rv, now, w.kind, w.name),
+                        self._q("UPDATE objects SET labels = ?, annotations = ?, spec = ?, generation = ?, resource_version = ?,"
+                                " updated_at = ? WHERE kind = ? AND name = ?"),
+                        (labels, annotations, spec, generation, rv, now, w.kind, w.name),
                     )
                     outcomes.append(WriteOutcome(w.kind, w.name, "configured", generation, rv))
             if any(o.action != "unchanged" for o in outcomes):

@@ -50,7 +50,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS objects (
     kind TEXT NOT NULL, name TEXT NOT NULL,
-    labels TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL DEFAULT '{}',
+    labels TEXT NOT NULL, annotations TEXT NOT NULL DEFAULT '{}', spec TEXT NOT NULL, status TEXT NOT NULL DEFAULT '{}',
     generation INTEGER NOT NULL, resource_version INTEGER NOT NULL,
     created_at REAL NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (kind, name)
@@ -99,6 +99,8 @@ class Store(SqlStore):
             for stmt in SCHEMA.strip().split(";"):
                 if stmt.strip():
                     db.execute(stmt)
+            if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
+                db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         with self._lock:

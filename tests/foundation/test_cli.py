@@ -85,12 +85,14 @@ def test_what_get_prints_applies_again(serve: support.ServeProcess, applied, tmp
         out = ok("apply", "-f", str(listed), server=serve).splitlines()
         assert out and all(line.endswith(" unchanged") for line in out), out
     site = tmp_path / "site.yaml"
-    site.write_text(doc("Site", "edge-roundtrip", support.edge_site_spec()))
+    site.write_text(doc("Site", "edge-roundtrip", support.edge_site_spec()).replace(
+        "  name: edge-roundtrip\n", "  name: edge-roundtrip\n  annotations: {owner: team-x}\n"))
     ok("apply", "-f", str(site), server=serve)
     try:
         read = tmp_path / "read.yaml"
         read.write_text(ok("get", "site", "edge-roundtrip", "-o", "yaml", server=serve))
         assert "status:" in read.read_text() and "creationTimestamp:" in read.read_text()
+        assert yaml.safe_load(read.read_text())["metadata"]["annotations"] == {"owner": "team-x"}
         edited = tmp_path / "edited.yaml"
         edited.write_text(read.read_text().replace("cpu: 8", "cpu: 12"))
         assert ok("apply", "-f", str(edited), server=serve).strip() == "site/edge-roundtrip configured"

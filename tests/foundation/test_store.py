@@ -4,6 +4,7 @@ in the middle of writing. Every test runs against both; they must behave identic
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import queue
@@ -172,6 +173,33 @@ def test_expected_version_zero_means_create_only(store: Store) -> None:
     store.apply([write("a", {"x": 1}, expected=0)])
     with pytest.raises(Conflict):
         store.apply([write("a", {"x": 2}, expected=0)])
+
+
+def test_annotations_are_kept_and_a_change_is_a_new_version_not_a_new_generation(store: Store) -> None:
+    [a] = store.apply([ObjectWrite("Site", "a", {}, {"x": 1}, annotations={"owner": "team-x"})])
+    assert store.get("Site", "a").annotations == {"owner": "team-x"}  # type: ignore[union-attr]
+    [same] = store.apply([ObjectWrite("Site", "a", {}, {"x": 1}, annotations={"owner": "team-x"})])
+    assert same.action == "unchanged"
+    [changed] = store.apply([ObjectWrite("Site", "a", {}, {"x": 1}, annotations={"owner": "team-y", "ticket": "OPS-12"})])
+    assert changed.action == "configured" and changed.generation == a.generation and changed.resource_version > a.resource_version
+    assert store.get("Site", "a").annotations == {"owner": "team-y", "ticket": "OPS-12"}  # type: ignore[union-attr]
+
+
+def test_a_store_made_before_annotations_gains_them(reopen: Callable[..., Store], location: str) -> None:
+    reopen().apply([write("old", {"x": 1})])
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            conn.execute("ALTER TABLE objects DROP COLUMN annotations")
+    else:
+        with contextlib.closing(sqlite3.connect(location)) as db:
+            db.execute("ALTER TABLE objects DROP COLUMN annotations")
+            db.commit()
+    again = reopen()
+    assert again.get("Site", "old").annotations == {} and again.get("Site", "old").spec == {"x": 1}  # type: ignore[union-attr]
+    again.apply([ObjectWrite("Site", "old", {}, {"x": 1}, annotations={"note": "kept"})])
+    assert again.get("Site", "old").annotations == {"note": "kept"}  # type: ignore[union-attr]
 
 
 def test_a_version_expected_of_an_object_that_is_gone_says_so(store: Store) -> None:
