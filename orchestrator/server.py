@@ -282,7 +282,7 @@ class ControlPlane:
         self.cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry),
                                                    position=cfg.position, capture=self.capture_writer.offer)
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
-                                     position=cfg.position, ready=lambda: self._started, max_body=cfg.gateway_max_body,
+                                     position=cfg.position, ready=lambda: self._started and self.table.published, max_body=cfg.gateway_max_body,
                                      cold_start_s=cfg.cold_start_timeout_s, cascade=self.cascades,
                                      admit=self.admission.check if (cfg.gateway_auth == "token" or cfg.gateway_rate > 0) else None)
         self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus,

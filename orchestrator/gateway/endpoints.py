@@ -48,6 +48,9 @@ class EndpointTable:
     cascades: dict[str, cascade_rules.CascadeRoute] = field(default_factory=dict)
     #: Called after each :meth:`replace` and :meth:`set_cascades` (the control plane's watch publisher).
     on_change: Callable[[], None] = lambda: None
+    #: False until the first :meth:`replace`: before the control plane's first pass (or a
+    #: gateway's first table) no model is known, which is not the same as "not deployed".
+    published: bool = False
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
                 deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None) -> None:
@@ -63,6 +66,7 @@ class EndpointTable:
             self._deployed = dict(deployed)
         if cold is not None:
             self._cold = frozenset(cold)
+        self.published = True
         for model in [m for m in self._waiters if m in self._by_model]:
             for waiter in self._waiters.pop(model):
                 if not waiter.done():

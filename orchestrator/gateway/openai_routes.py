@@ -140,7 +140,8 @@ class OpenAIGateway:
         ranked = self.gw.candidates(model, request, api=None)
         if isinstance(ranked, routing.NoRoute):
             code = "model_not_found" if ranked.status == 404 else None
-            return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code)
+            return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code,
+                         headers={"retry-after": str(ranked.retry_after)} if ranked.retry_after is not None else None)
         ours = [r for r in ranked if r.endpoint.api == routing.API_OPENAI]
         if not ours:
             return error(400, f"model {model!r} is not a generative model; call it with the v2 inference API (/v2/models/{model}/infer)",

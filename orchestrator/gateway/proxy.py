@@ -100,6 +100,9 @@ class Gateway:
             reason = self.table.unavailable_reason(model)
             if reason is not None:
                 return routing.NoRoute(f"model {model!r} has no replica to answer: {reason}", 503)
+            if not self.table.published:
+                return routing.NoRoute(f"model {model!r} is not known yet: the gateway has no endpoint table until the control plane's "
+                                       "first pass ends (it may be starting a data centre); retry in a few seconds", 503, retry_after=2)
             known = self.table.models()
             return routing.NoRoute(f"model {model!r} is not deployed" + (f" (deployed models: {', '.join(known)})" if known else ""), 404)
         return self.table.rank(model, caller, self.position, api)
@@ -117,7 +120,7 @@ class Gateway:
         ranked = self.candidates(model, request)
         if isinstance(ranked, routing.NoRoute):
             self.metrics.requests.labels(model, "", str(ranked.status)).inc()
-            return _error(ranked.status, ranked.reason)
+            return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         failures = []
         for choice in ranked[: self.max_attempts]:
@@ -189,7 +192,7 @@ class Gateway:
     async def model_ready(self, request: Request) -> Response:
         ranked = self.candidates(self._model_of(request.path_params["model"]), request)
         if isinstance(ranked, routing.NoRoute):
-            return _error(ranked.status, ranked.reason)
+            return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         return JSONResponse({"name": request.path_params["model"], "ready": True, "site": ranked[0].endpoint.site},
                             headers={"x-edgeplane-site": ranked[0].endpoint.site})
 

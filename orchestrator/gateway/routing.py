@@ -67,6 +67,7 @@ class Ranked:
 class NoRoute:
     reason: str
     status: int = 503
+    retry_after: int | None = None  # seconds, for a Retry-After header: when a retry can succeed
 
 
 @dataclass(frozen=True)

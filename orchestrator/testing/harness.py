@@ -192,6 +192,8 @@ class Fleet:
         )
         config = server.ServerConfig(**{**settings, **overrides})
         self.cp = await server.ControlPlane(config).start()
+        cp = self.cp  # ready as a gateway once its first pass has published the endpoint table
+        await wait_until(lambda: cp.table.published, 60, what="the control plane's first pass")
         return self.cp
 
     async def start_agent(self, site: str, *, country: str = "", region: str = "", lat: float | None = None, lon: float | None = None,

@@ -1,0 +1,60 @@
+"""Before the control plane's first pass has published an endpoint table, its gateway knows
+no model: it says so (503, Retry-After, unready), not "not deployed" (404), which would tell
+a client or a load balancer that the model is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import socket
+
+import httpx
+
+from orchestrator import catalog
+from orchestrator.manifests import loader
+from orchestrator.store import open_store
+from orchestrator.testing import harness
+
+# A data centre whose dashboard takes connections and never answers: the first pass waits on it.
+SITE = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {{name: dc-silent}}
+spec:
+  tier: datacenter
+  location: {{country: FR, region: eu-west, lat: 48.85, lon: 2.35}}
+  capacity: {{cpu: 8, memoryGiB: 32}}
+  ray: {{address: "http://127.0.0.1:{port}"}}
+"""
+BODY = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.1] * 8}]}
+
+
+async def test_before_its_first_pass_the_gateway_says_retry_not_unknown(tmp_path: pathlib.Path) -> None:
+    hole = socket.create_server(("127.0.0.1", 0), backlog=16)  # listens, never accepts: requests hang
+    fleet = harness.Fleet(tmp_path)
+    store = open_store(tmp_path / "control-plane" / "state.db")
+    catalog.apply_documents(store, loader.load_text(SITE.format(port=hole.getsockname()[1])), actor="test", reason="seed")
+    store.close()
+    starting = asyncio.create_task(fleet.start_control_plane())
+    try:
+        await harness.wait_until(lambda: fleet.cp is not None, 30, what="the control plane to listen")
+        assert fleet.cp is not None
+        async with httpx.AsyncClient(base_url=fleet.cp.http_url, timeout=10) as http:
+            assert not fleet.cp.table.published, "the first pass should still be waiting on the silent data centre"
+            early = await http.post("/v2/models/intent/infer", json=BODY)
+            assert early.status_code == 503 and early.headers["retry-after"] == "2", early.text
+            assert "not known yet" in early.json()["error"] and "first pass" in early.json()["error"]
+            chat = await http.post("/openai/v1/chat/completions", json={"model": "assistant", "messages": [{"role": "user", "content": "hi"}]})
+            assert chat.status_code == 503 and chat.headers["retry-after"] == "2", chat.text
+            assert (await http.get("/v2/health/ready")).status_code == 503
+            assert (await http.get("/healthz")).status_code == 200  # the API answers all along: apply works before the first pass
+            hole.close()  # the data centre's connections reset: the pass ends with its error
+            await asyncio.wait_for(starting, 30)
+            after = await http.post("/v2/models/intent/infer", json=BODY)
+            assert after.status_code == 404 and "is not deployed" in after.json()["error"], after.text
+            assert (await http.get("/v2/health/ready")).status_code == 200
+    finally:
+        hole.close()
+        if not starting.done():
+            starting.cancel()
+        await fleet.stop()
