@@ -44,7 +44,7 @@ def fleet_yaml(sha256: str) -> str:
             "demand": [{"lat": 48.85, "lon": 2.35, "rps": 50}, {"lat": 40.4, "lon": -3.7, "rps": 20}, {"lat": 52.5, "lon": 13.4, "rps": 20}]}),
         manifests.doc("ModelDeployment", "fields-fr", {
             "model": "fields", "replicas": {"min": 1, "max": 1}, "placement": {"residency": ["FR"], "tiers": ["edge"]},
-            "demand": [{"lat": 45.76, "lon": 4.84, "rps": 10}]}),
+            "demand": [{"lat": 45.76, "lon": 4.84, "rps": 10}], "autoscaling": {"targetInflight": 8}}),
     )
 
 

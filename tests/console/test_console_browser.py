@@ -50,6 +50,10 @@ async def test_the_map_shows_every_site_with_health_replicas_and_residency(brows
         await page.wait_for_selector("#deployments-body tr[data-deployment=intent-eu]", timeout=10_000)
         await page.wait_for_function("document.querySelector('#deployments-body tr[data-deployment=intent-eu]').textContent.includes('Running')",
                                      timeout=10_000)
+        # an autoscaled deployment whose replicas report no load yet: said so, not "undefined"
+        await page.wait_for_function("document.querySelector('#deployments-body tr[data-deployment=fields-fr]').textContent"
+                                     ".includes('1 replicas (')", timeout=10_000)
+        assert "undefined" not in (await page.locator("#deployments-body").text_content() or "")
         await page.click("nav button[data-tab=events]")
         await page.wait_for_selector("#events-list li[data-action=replica-placed]", timeout=10_000)
         await page.click("nav button[data-tab=sites]")

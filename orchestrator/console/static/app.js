@@ -103,7 +103,9 @@ function render() {
     const r = st.rollout;
     const rollout = r ? `${r.upgraded}/${r.upgraded + r.switching + r.waiting} upgraded${r.halted ? " HALTED" : ""}` : "–";
     const a = st.autoscaling;
-    const scaling = a && a.desiredReplicas !== undefined ? `${a.desiredReplicas} replicas (${a.observedPerReplica} ${a.metric}/replica)` : (d.spec.autoscaling ? "waiting for load" : "–");
+    // observedPerReplica is absent while no replica reports load (the count is then held): say that instead
+    const load = a && a.observedPerReplica !== undefined ? `${a.observedPerReplica} ${a.metric}/replica` : "no load reported";
+    const scaling = a && a.desiredReplicas !== undefined ? `${a.desiredReplicas} replicas (${load}, target ${a.target})` : (d.spec.autoscaling ? "waiting for load" : "–");
     const tr = row([text("td", d.metadata.name), text("td", d.spec.model), text("td", st.phase || "Pending", st.phase === "Running" || st.phase === "Scheduled" ? "Healthy" : ""),
       text("td", `${st.readyReplicas || 0}/${st.replicas || 0}`), text("td", rollout), text("td", scaling)]);
     tr.title = st.reason || "";
