@@ -52,7 +52,7 @@ from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
 from orchestrator.distill import store as capture_store
-from orchestrator import argtypes, runloop
+from orchestrator import runloop
 from edgeplane_proto import identity
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
@@ -125,8 +125,8 @@ class ServerConfig:
     gateway_auth: str = "none"  # "none" (open) | "token" (any valid API token)
     gateway_rate: float = 0.0  # requests/s per client (token, else address); 0 = no limit
     gateway_burst: float = 0.0  # bucket size; default max(rate, 1)
-    gateway_max_body: int = proxy.MAX_BODY
-    cold_start_timeout_s: float = proxy.COLD_START_S
+    gateway_max_body: int = gateway_options.MAX_BODY
+    cold_start_timeout_s: float = gateway_options.COLD_START_S
     store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
     leader_lease_s: float = 3.0  # shared database: the leader lease's time to live (renewed every third of it)
     store_poll_s: float = 1.0  # shared database: read what other replicas wrote at least this often (notifications come sooner)
@@ -663,49 +663,6 @@ class _FleetCollector:
             for m in self.cp.table.models():
                 e.add_metric([m], len(self.cp.table.endpoints(m)))
             yield e
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
-    p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
-                   help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas), or sqlite:///path (a file); "
-                        "default: SQLite in --data-dir")
-    p.add_argument("--leader-lease", type=float, default=3.0, metavar="SECONDS",
-                   help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
-                        "a leader that died is replaced within 4/3 of it")
-    p.add_argument("--store-poll", type=float, default=1.0, metavar="SECONDS",
-                   help="with a PostgreSQL store: read what other replicas wrote (the leader's endpoint table, applies, "
-                        "wakes) at least this often; the database's notifications bring each change sooner")
-    p.add_argument("--peer-address", metavar="HOST:PORT",
-                   help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
-                        "agents while it leads [the agent listener; this host's name when it listens on all addresses]")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
-    p.add_argument("--port", type=argtypes.port_number, default=8080)
-    p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
-    p.add_argument("--agent-port", type=argtypes.port_number, default=8081, help="agents' gRPC port (mutual TLS)")
-    p.add_argument("--agent-join-port", type=argtypes.port_number, default=8082, help="first joins: bootstrap token + CSR over TLS")
-    p.add_argument("--insecure-agents", action="store_true",
-                   help="plaintext agent gRPC with bearer credentials instead of mutual TLS (agents then need --insecure)")
-    p.add_argument("--agent-cert-days", type=float, default=float(ca_mod.AGENT_DAYS), metavar="DAYS",
-                   help="lifetime of the client certificates agents receive; agents renew theirs two thirds in")
-    p.add_argument("--auth", choices=["none", "token"], default="none",
-                   help="'token' requires bearer tokens on the API; 'none' is allowed on loopback only")
-    p.add_argument("--heartbeat-interval", type=float, default=5.0)
-    p.add_argument("--missed-heartbeats", type=int, default=3, help="an agent is unhealthy after this many missed heartbeats")
-    p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
-    p.add_argument("--artifact-host", action="append", default=[],
-                   help="allowed host for http(s) artifact URIs, exact or .domain for subdomains (repeatable; default: any)")
-    p.add_argument("--public-url", help="URL agents and Ray replicas use to reach this server")
-    p.add_argument("--agent-tls-name", action="append", default=[], metavar="NAME",
-                   help="a DNS name or address agents dial (repeatable): the agent listener's certificate names it, "
-                        "as it names --agent-host and the --public-url host")
-    p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable)")
-    gateway_options.add_arguments(p)
-    p.add_argument("--local-ray-cpus", type=int, metavar="N", help="CPUs the embedded Ray (sites with ray.address: local) offers [all]")
-    p.add_argument("--local-ray-gpus", type=int, metavar="N",
-                   help="GPUs the embedded Ray declares [those it finds]; on a machine without any, a number lets replicas "
-                        "that ask for a GPU run there anyway (a stand-in, as the demo does)")
-    p.add_argument("--log-level", default="info")
 
 
 def peer_host(cfg: ServerConfig) -> str:

@@ -398,8 +398,9 @@ FILE_HELP = "file, directory or - for stdin; repeat -f for more (one atomic bund
 
 
 def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
-    """``serve_options=False`` leaves out the options of ``serve``, whose definition imports
-    the whole control plane (about half a second): every other command starts without it."""
+    """``serve_options=False`` leaves out the options of ``serve`` and ``gateway``
+    (``orchestrator.server_options``, which reads the CA's defaults and so imports
+    cryptography): every other command starts without them."""
     p = argparse.ArgumentParser(prog="edgeplane", description="Place ML model replicas across data centres and edge sites.")
     p.add_argument("--server", help="control plane URL (default: $EDGEPLANE_SERVER or http://127.0.0.1:8080)")
     p.add_argument("--token", help="bearer token (default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)")
@@ -421,14 +422,14 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
 
     serve_p = sub.add_parser("serve", help="run the control plane")
     if serve_options:
-        from orchestrator import server
+        from orchestrator import server_options
 
-        server.add_arguments(serve_p)
+        server_options.add_serve_arguments(serve_p)
     gateway_p = sub.add_parser("gateway", help="run a gateway alone, following a control plane's endpoint table")
     if serve_options:
-        from orchestrator.gatewayd import server as gatewayd
+        from orchestrator import server_options
 
-        gatewayd.add_arguments(gateway_p)
+        server_options.add_gateway_arguments(gateway_p)
     ca_p = sub.add_parser("ca", help="the agents' certificate authority")
     ca_sub = ca_p.add_subparsers(dest="ca_command", required=True)
     ca_init = ca_sub.add_parser("init", help="create a CA in a folder (ca.key, ca.crt) for several control-plane replicas to share")

@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 
 from orchestrator import argtypes
-from orchestrator.gateway import proxy
-from orchestrator.security import admission
+
+#: Largest inference request body (``--gateway-max-body``).
+MAX_BODY = 16 * 1024 * 1024
+#: ``--cold-start-timeout``: a request for a model scaled to zero waits this long.
+COLD_START_S = 30.0
+#: ``--gateway-auth``: 'token' requires a valid API token on the model routes.
+GATEWAY_AUTH = ("none", "token")
 
 
 class OptionError(ValueError):
@@ -16,13 +21,13 @@ class OptionError(ValueError):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
-    p.add_argument("--gateway-auth", choices=list(admission.GATEWAY_AUTH), default="none",
+    p.add_argument("--gateway-auth", choices=list(GATEWAY_AUTH), default="none",
                    help="'token' requires a valid API token (any role) on the gateway's model routes; 'none' leaves them open")
     p.add_argument("--gateway-rate", type=float, default=0.0, metavar="RPS",
                    help="per-client request rate, per gateway (client = token, else address); 0 = no limit")
     p.add_argument("--gateway-burst", type=float, default=0.0, help="requests a client may send at once (default: the rate)")
-    p.add_argument("--gateway-max-body", type=int, default=proxy.MAX_BODY, metavar="BYTES", help="largest inference request body")
-    p.add_argument("--cold-start-timeout", type=float, default=proxy.COLD_START_S, metavar="SECONDS",
+    p.add_argument("--gateway-max-body", type=int, default=MAX_BODY, metavar="BYTES", help="largest inference request body")
+    p.add_argument("--cold-start-timeout", type=float, default=COLD_START_S, metavar="SECONDS",
                    help="how long a request for a model scaled to zero waits for its replica before a 503")
 
 
@@ -38,7 +43,7 @@ def position(text: str | None) -> tuple[float, float] | None:
 
 def problem(gateway_auth: str, rate: float, burst: float, max_body: int, cold_start_timeout_s: float) -> str | None:
     """What is wrong with these gateway settings, or None (each command raises its own error)."""
-    if gateway_auth not in admission.GATEWAY_AUTH:
+    if gateway_auth not in GATEWAY_AUTH:
         return "--gateway-auth must be 'none' or 'token'"
     if rate < 0 or burst < 0 or max_body <= 0:
         return "--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0"

@@ -28,10 +28,9 @@ from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
+from orchestrator.gateway.options import COLD_START_S, MAX_BODY
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
 
-MAX_BODY = 16 * 1024 * 1024
-COLD_START_S = 30.0  # --cold-start-timeout: a request for a model scaled to zero waits this long
 # content-encoding: a compressed body (gzip, deflate) is inflated by the replica, as the body is never decoded here
 FORWARD_HEADERS = ("content-type", "content-encoding", oip.BINARY_HEADER.lower(), "accept")
 

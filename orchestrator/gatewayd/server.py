@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeplane_proto import oip
 from orchestrator.gatewayd import follow
-from orchestrator import argtypes, runloop
+from orchestrator import runloop
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, options, proxy, routing, upstream, wire
@@ -62,8 +62,8 @@ class GatewayConfig:
     gateway_auth: str = "none"
     gateway_rate: float = 0.0
     gateway_burst: float = 0.0
-    gateway_max_body: int = proxy.MAX_BODY
-    cold_start_timeout_s: float = proxy.COLD_START_S
+    gateway_max_body: int = options.MAX_BODY
+    cold_start_timeout_s: float = options.COLD_START_S
     silence_s: float = 15.0  # no event (heartbeats come every 5 s) for this long: the connection is dead
     backoff_max_s: float = 5.0
 
@@ -207,17 +207,6 @@ class StandaloneGateway:
 
     async def _metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control-plane", nargs="+", required=True, metavar="URL",
-                   help="the control plane's URL; several (replicas of it) are tried in turn when one fails")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
-    p.add_argument("--port", type=argtypes.port_number, default=8088)
-    p.add_argument("--token", default=argparse.SUPPRESS,
-                   help="API token (any role) to read the control plane's endpoint table (default: $EDGEPLANE_TOKEN)")
-    options.add_arguments(p)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def _gateway_position(text: str | None) -> tuple[float, float] | None:

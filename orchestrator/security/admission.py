@@ -19,7 +19,6 @@ from starlette.responses import Response
 from edgeplane_proto import oip
 from orchestrator.security import bearer, ratelimit
 
-GATEWAY_AUTH = ("none", "token")
 
 
 def _refuse(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

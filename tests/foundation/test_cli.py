@@ -393,8 +393,11 @@ def test_client_commands_start_without_the_control_plane_or_the_planner() -> Non
     assert done.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("argv", [["--help"], [], ["--server", "http://127.0.0.1:9"]])
+@pytest.mark.parametrize("argv", [["--help"], [], ["--server", "http://127.0.0.1:9"], ["serve", "--help"], ["gateway", "--help"],
+                                  ["serve", "--port", "99999"], ["gateway", "--control-plane", "http://x", "--port", "-1"]])
 def test_the_first_help_a_user_asks_for_does_not_load_the_control_plane(argv: list[str]) -> None:
+    """Help and usage errors answer before the servers are imported (about 2 s): serve's and
+    gateway's options are defined apart from them (orchestrator.server_options)."""
     code = ("import sys; from orchestrator.cli import main\n"
             f"try:\n    main.main({argv!r})\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('orchestrator.server', 'orchestrator.gatewayd.server', 'ray') if m in sys.modules), file=sys.stderr)")

@@ -1,0 +1,66 @@
+"""The options of ``edgeplane serve`` and ``edgeplane gateway``, apart from the servers
+themselves: building the parser imports neither, so ``--help`` and a usage error answer
+at once instead of after the control plane's imports (about two seconds)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from orchestrator import argtypes
+from orchestrator.gateway import options as gateway_options
+from orchestrator.security.ca import AGENT_DAYS
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
+    p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
+                   help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas), or sqlite:///path (a file); "
+                        "default: SQLite in --data-dir")
+    p.add_argument("--leader-lease", type=float, default=3.0, metavar="SECONDS",
+                   help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
+                        "a leader that died is replaced within 4/3 of it")
+    p.add_argument("--store-poll", type=float, default=1.0, metavar="SECONDS",
+                   help="with a PostgreSQL store: read what other replicas wrote (the leader's endpoint table, applies, "
+                        "wakes) at least this often; the database's notifications bring each change sooner")
+    p.add_argument("--peer-address", metavar="HOST:PORT",
+                   help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
+                        "agents while it leads [the agent listener; this host's name when it listens on all addresses]")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
+    p.add_argument("--port", type=argtypes.port_number, default=8080)
+    p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
+    p.add_argument("--agent-port", type=argtypes.port_number, default=8081, help="agents' gRPC port (mutual TLS)")
+    p.add_argument("--agent-join-port", type=argtypes.port_number, default=8082, help="first joins: bootstrap token + CSR over TLS")
+    p.add_argument("--insecure-agents", action="store_true",
+                   help="plaintext agent gRPC with bearer credentials instead of mutual TLS (agents then need --insecure)")
+    p.add_argument("--agent-cert-days", type=float, default=float(AGENT_DAYS), metavar="DAYS",
+                   help="lifetime of the client certificates agents receive; agents renew theirs two thirds in")
+    p.add_argument("--auth", choices=["none", "token"], default="none",
+                   help="'token' requires bearer tokens on the API; 'none' is allowed on loopback only")
+    p.add_argument("--heartbeat-interval", type=float, default=5.0)
+    p.add_argument("--missed-heartbeats", type=int, default=3, help="an agent is unhealthy after this many missed heartbeats")
+    p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
+    p.add_argument("--artifact-host", action="append", default=[],
+                   help="allowed host for http(s) artifact URIs, exact or .domain for subdomains (repeatable; default: any)")
+    p.add_argument("--public-url", help="URL agents and Ray replicas use to reach this server")
+    p.add_argument("--agent-tls-name", action="append", default=[], metavar="NAME",
+                   help="a DNS name or address agents dial (repeatable): the agent listener's certificate names it, "
+                        "as it names --agent-host and the --public-url host")
+    p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable)")
+    gateway_options.add_arguments(p)
+    p.add_argument("--local-ray-cpus", type=int, metavar="N", help="CPUs the embedded Ray (sites with ray.address: local) offers [all]")
+    p.add_argument("--local-ray-gpus", type=int, metavar="N",
+                   help="GPUs the embedded Ray declares [those it finds]; on a machine without any, a number lets replicas "
+                        "that ask for a GPU run there anyway (a stand-in, as the demo does)")
+    p.add_argument("--log-level", default="info")
+
+
+def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control-plane", nargs="+", required=True, metavar="URL",
+                   help="the control plane's URL; several (replicas of it) are tried in turn when one fails")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--port", type=argtypes.port_number, default=8088)
+    p.add_argument("--token", default=argparse.SUPPRESS,
+                   help="API token (any role) to read the control plane's endpoint table (default: $EDGEPLANE_TOKEN)")
+    gateway_options.add_arguments(p)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
