@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import pathlib
+import re
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -40,6 +41,34 @@ def _label(value: str) -> tuple[str, str]:
     return key, val
 
 
+SITE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _site(value: str) -> str:
+    """The control plane refuses any other name at the join: say so before starting."""
+    if not SITE_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters")
+    return value
+
+
+def _country(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z]{2}", value):
+        raise argparse.ArgumentTypeError(f"{value!r} must be an ISO 3166 alpha-2 code such as FR")
+    return value.upper()
+
+
+def _check_ca_file(path: pathlib.Path) -> None:
+    """A readable PEM certificate: a wrong path would otherwise show only at the first join.
+    Checked when the agent starts, not when the flags are parsed (a manifest's flags name
+    files of the machine the agent will run on)."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"edgeplane-agent: --ca-file {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise SystemExit(f"edgeplane-agent: --ca-file {path}: not a PEM certificate (give <control-plane data dir>/ca/ca.crt)")
+
+
 def _positive(value: str) -> float:
     number = float(value)
     if number <= 0:
@@ -55,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--control-plane", required=True, metavar="HOST:PORT[,HOST:PORT...]",
                    help="control plane gRPC address; several replicas' addresses separated by commas are tried in turn "
                         "(the next one when a session cannot be had)")
-    p.add_argument("--site", required=True, help="site name (DNS label), one agent per site")
+    p.add_argument("--site", required=True, type=_site, help="site name (DNS label), one agent per site")
     p.add_argument("--token", default=os.environ.get("EDGEPLANE_TOKEN", ""),
                    help="bootstrap token (or EDGEPLANE_TOKEN); unused once a credential is saved")
     p.add_argument("--listen", type=_host_port, default=("127.0.0.1", edge_agent.DEFAULT_LISTEN_PORT), metavar="HOST:PORT",
@@ -65,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise-url", help="URL the control plane should route to (default: from --listen)")
     p.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("/var/lib/edgeplane-agent"),
                    help="cache, saved assignments and identity [/var/lib/edgeplane-agent]")
-    p.add_argument("--country", default="", help="ISO 3166 alpha-2 country code, e.g. FR")
+    p.add_argument("--country", default="", type=_country, help="ISO 3166 alpha-2 country code, e.g. FR")
     p.add_argument("--region", default="", help="region name, e.g. eu-west")
     p.add_argument("--lat", type=float)
     p.add_argument("--lon", type=float)
@@ -98,6 +127,10 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
 
     if (args.lat is None) != (args.lon is None):
         raise SystemExit("edgeplane-agent: --lat and --lon go together")
+    if args.ca_file is not None:
+        _check_ca_file(args.ca_file)
+    if args.lat is not None and not (-90 <= args.lat <= 90 and -180 <= args.lon <= 180):  # NaN fails too
+        raise SystemExit(f"edgeplane-agent: --lat {args.lat} --lon {args.lon} is outside -90..90, -180..180")
     if not [t for t in args.control_plane.split(",") if t.strip()]:
         raise SystemExit("edgeplane-agent: --control-plane needs at least one HOST:PORT")
     return daemon.AgentConfig(
@@ -113,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         ca_file=args.ca_file,
         join_address=args.join_address,
         allow_file_artifacts=args.allow_file_artifacts,
-        country=args.country.upper(),
+        country=args.country,
         region=args.region,
         lat=args.lat,
         lon=args.lon,

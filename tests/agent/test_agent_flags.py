@@ -1,0 +1,44 @@
+"""``edgeplane-agent`` refuses, before it starts, what the control plane would refuse at the
+join or what could never work (a CA file that is not there): one line naming the flag."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from edge_agent import main as agent_main
+
+BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp/unused"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--site", "Edge_X"], "argument --site: 'Edge_X' must be a DNS label"),
+    (["--site", "x" * 64], "must be a DNS label"),
+    (["--site", "edge-x", "--country", "FRA"], "argument --country: 'FRA' must be an ISO 3166 alpha-2 code"),
+])
+def test_a_bad_flag_is_a_usage_error(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        agent_main.parser().parse_args(BASE + args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lat", "95", "--lon", "1"], r"--lat 95.0 --lon 1.0 is outside -90..90, -180..180"),
+    (["--ca-file", "/nonexistent/ca.crt"], r"--ca-file /nonexistent/ca.crt: No such file or directory"),
+    (["--ca-file", "NOT_PEM"], r"not.pem: not a PEM certificate"),
+])
+def test_what_cannot_work_stops_the_start(args: list[str], message: str, tmp_path: pathlib.Path) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    parsed = agent_main.parser().parse_args(BASE + ["--site", "edge-x"] + [str(not_pem) if a == "NOT_PEM" else a for a in args])
+    with pytest.raises(SystemExit, match=message):
+        agent_main.config_from_args(parsed)
+
+
+def test_good_flags_reach_the_config(tmp_path: pathlib.Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    config = agent_main.config_from_args(agent_main.parser().parse_args(
+        BASE + ["--site", "edge-lyon", "--ca-file", str(ca), "--country", "fr", "--lat", "45.76", "--lon", "4.84"]))
+    assert (config.site, config.country, config.ca_file, config.lat, config.lon) == ("edge-lyon", "FR", ca, 45.76, 4.84)
