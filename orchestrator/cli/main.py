@@ -307,6 +307,8 @@ def _waiting(placements: list[dict[str, Any]]) -> dict[str, list[str]]:
 def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
     if args.token_command == "list":
         data = api.request("GET", "/v1/tokens")
+        if not args.all:  # bootstrap tokens pile up, one an agent: the ones that still work unless asked
+            data["items"] = [t for t in data["items"] if t["state"] == "active"]
         if args.output in ("json", "yaml"):
             render.dump(data, args.output)
         else:
@@ -470,8 +472,10 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--role", choices=["agent", "read", "admin"], default="agent", help="agent = bootstrap token for edgeplane-agent")
     sp.add_argument("--ttl", help="lifetime, e.g. 30m, 2h (bootstrap default 1h; API tokens do not expire unless set)")
     sp.add_argument("--description")
-    with_output(tsub.add_parser("list", parents=[connection],
-                                help="every token: id, role, state (admin; secrets are never shown); revoke one with 'edgeplane revoke token ID'"))
+    sp = with_output(tsub.add_parser("list", parents=[connection],
+                                     help="the tokens that work: id, role, times (admin; secrets are never shown); "
+                                          "revoke one with 'edgeplane revoke token ID'"))
+    sp.add_argument("--all", action="store_true", help="expired and revoked tokens too, with their state")
     sp = client_parser("revoke", help="revoke a token, or an agent's identity (its streams end; it must join again with a new token)")
     sp.add_argument("what", choices=["token", "agent"])
     sp.add_argument("name", help="the token's id, or the agent's site")
