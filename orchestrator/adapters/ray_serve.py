@@ -262,7 +262,8 @@ class RayServeActuator:
         except httpx.TimeoutException as exc:
             raise RayUnreachable(self._dashboard_url, "timed out") from exc
         except httpx.TransportError as exc:
-            raise RayUnreachable(self._dashboard_url, type(exc).__name__) from exc
+            # "ConnectError (All connection attempts failed)": the class alone does not say what failed
+            raise RayUnreachable(self._dashboard_url, f"{type(exc).__name__} ({exc})" if str(exc) else type(exc).__name__) from exc
         if response.status_code in (401, 403):
             raise RayAuthError(self._dashboard_url, response.status_code)
         if response.status_code == 400 and method == "PUT":

@@ -304,5 +304,5 @@ async def test_unreachable_dashboard() -> None:
     async with ray_serve.RayServeActuator(f"http://127.0.0.1:{port}", timeout_s=2) as actuator:
         with pytest.raises(RayUnreachable) as down:
             await actuator.apply([])
-    assert f"127.0.0.1:{port}" in str(down.value)
+    assert f"127.0.0.1:{port}" in str(down.value) and "ConnectError (" in str(down.value), str(down.value)
     assert down.value.retryable is True
