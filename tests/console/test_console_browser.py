@@ -56,6 +56,8 @@ async def test_the_map_shows_every_site_with_health_replicas_and_residency(brows
         assert "undefined" not in (await page.locator("#deployments-body").text_content() or "")
         await page.click("nav button[data-tab=events]")
         await page.wait_for_selector("#events-list li[data-action=replica-placed]", timeout=10_000)
+        placed = await page.locator("#events-list li[data-action=replica-placed]").first.text_content()
+        assert "by scheduler — " in (placed or ""), placed  # who did it, as in the audit log
         await page.click("nav button[data-tab=sites]")
         assert errors == []
     finally:

@@ -116,7 +116,7 @@ function render() {
   list.replaceChildren(...state.events.slice(-100).reverse().map((e) => {
     const li = document.createElement("li");
     li.appendChild(text("span", new Date(typeof e.ts === "number" ? e.ts * 1000 : e.ts).toLocaleTimeString(), "when"));
-    li.appendChild(text("span", `${e.action} ${e.kind}/${e.name} — ${e.reason}`));
+    li.appendChild(text("span", `${e.action} ${e.kind}/${e.name} by ${e.actor} — ${e.reason}`));  // who, as the audit log says
     li.dataset.action = e.action;
     li.dataset.id = e.id;
     return li;
