@@ -66,8 +66,9 @@ class ArtifactCache:
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def fetch(self, url: str, sha256: str) -> pathlib.Path:
-        """Return the verified file for ``sha256``, downloading it from ``url`` if needed."""
+    async def fetch(self, url: str, sha256: str, progress: Callable[[str], None] | None = None) -> pathlib.Path:
+        """Return the verified file for ``sha256``, downloading it from ``url`` if needed;
+        ``progress`` hears how far a download has got ("40% of 812.3 MB"), about once a second."""
         digest = check_sha256(sha256)
         lock = self._locks.setdefault(digest, asyncio.Lock())
         async with lock:
@@ -79,7 +80,7 @@ class ArtifactCache:
             scheme = urllib.parse.urlsplit(url).scheme
             if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
                 try:
-                    await self._download(url, digest, final)
+                    await self._download(url, digest, final, progress)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
                         f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
@@ -110,7 +111,7 @@ class ArtifactCache:
             )
         return data
 
-    async def _download(self, url: str, digest: str, final: pathlib.Path) -> None:
+    async def _download(self, url: str, digest: str, final: pathlib.Path, progress: Callable[[str], None] | None = None) -> None:
         """One download, made by ``python -m edge_agent.fetch`` in a child process, which
         is killed if this is cancelled or the child goes quiet for longer than a socket
         timeout could explain."""
@@ -125,7 +126,7 @@ class ArtifactCache:
         except OSError as exc:
             raise errors.ArtifactUnavailable(f"download of {url} failed: cannot start {sys.executable}: {exc}") from exc
         try:
-            report = await self._follow(proc, url)
+            report = await self._follow(proc, url, progress)
         finally:
             await asyncio.shield(_reap(proc))
         if "done" not in report:
@@ -134,8 +135,9 @@ class ArtifactCache:
         _publish(partial, final, url, digest, str(report["sha256"]))
         log.info("downloaded %s (%d bytes, sha256 verified) in %.1fs", url, report["done"], self._clock() - started)
 
-    async def _follow(self, proc: asyncio.subprocess.Process, url: str) -> dict[str, Any]:
-        """Log the child's progress; return its last report (``{}`` if it printed none)."""
+    async def _follow(self, proc: asyncio.subprocess.Process, url: str, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Log the child's progress (every 5 s), hand each report to ``progress`` (the child
+        reports at most once a second); return its last report (``{}`` if it printed none)."""
         assert proc.stdout is not None
         report: dict[str, Any] = {}
         last_log = self._clock()
@@ -155,9 +157,13 @@ class ArtifactCache:
                 continue  # not one of its reports; the exit status tells the rest
             if "resumed" in report:
                 log.info("resuming %s at %d bytes", url, report["resumed"])
-            elif "progress" in report and self._clock() - last_log >= 5.0:
-                last_log = self._clock()
-                log.info("downloading %s: %s", url, _progress(report["progress"], report.get("total")))
+            elif "progress" in report:
+                done = _progress(report["progress"], report.get("total"))
+                if progress is not None:
+                    progress(done)
+                if self._clock() - last_log >= 5.0:
+                    last_log = self._clock()
+                    log.info("downloading %s: %s", url, done)
 
     def _failure(self, url: str, digest: str, report: dict[str, Any], code: int | None, stderr: bytes) -> errors.AgentError:
         kind, message = report.get("error"), str(report.get("message", ""))

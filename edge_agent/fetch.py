@@ -67,7 +67,7 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int)
             have = 0  # the server ignored Range, there was nothing to resume, or a local copy
             hasher = hashlib.sha256()
             partial.unlink(missing_ok=True)
-        last = time.monotonic()
+        last = -PROGRESS_EVERY_S  # the first chunk is reported at once: a slow download shows it has started
         with partial.open("ab") as fh:
             while True:
                 try:

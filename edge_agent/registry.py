@@ -215,8 +215,13 @@ class ModelRegistry:
         attempt = f" (attempt {slot.failures + 1})" if slot.failures else ""
         slot.phase, slot.message = ModelPhase.LOADING, f"fetching {want.artifact_url}{attempt}"
         self._on_change()
+        def downloading(done: str) -> None:  # "downloading <url>: 40% of 812.3 MB" in status and `get placements`
+            if slot.assignment is want:
+                slot.message = f"downloading {want.artifact_url}: {done}{attempt}"
+                self._on_change()
+
         try:
-            path = await self._cache.fetch(want.artifact_url, want.sha256)
+            path = await self._cache.fetch(want.artifact_url, want.sha256, downloading)
             slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel
             if want.runtime == assignments.RUNTIME_GENAI:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -189,6 +190,56 @@ async def test_a_stalled_download_fails_on_the_socket_timeout(tmp_path: pathlib.
             await asyncio.wait_for(cache.fetch(url, "0" * 64), 30)
     # what came before the stall is kept for the next attempt's Range request
     assert (cache.root / ("0" * 64 + ".partial")).read_bytes() == b"x" * 10
+
+
+class _HalfThenRest:
+    """Sends the headers and the first half of ``body``, then the rest once ``go`` is set."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.go = asyncio.Event()
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/big.onnx"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        half = len(self.body) // 2
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body) + self.body[:half])
+        await writer.drain()
+        await self.go.wait()
+        writer.write(self.body[half:])
+        await writer.drain()
+        writer.close()
+
+
+async def test_a_download_reports_its_progress_and_the_registry_shows_it(tmp_path: pathlib.Path) -> None:
+    """What `get placements` shows for a replica whose model is still on its way."""
+    from edge_agent import assignments, registry
+
+    body = bytes(range(256)) * 8192  # 2 MiB
+    sha = hashlib.sha256(body).hexdigest()
+    server = _HalfThenRest(body)
+    async with server as url:
+        seen: list[str] = []
+        models = registry.ModelRegistry(artifacts.ArtifactCache(tmp_path), lambda data: (_ for _ in ()).throw(errors.ModelLoadError("no")),
+                                        on_change=lambda: seen.extend(s.message for s in models.statuses()))
+        want = assignments.AssignmentSet(1, (assignments.Assignment("big", "d", "v", url, sha),))
+        converging = asyncio.create_task(models.converge(want))
+        for _ in range(500):  # bounded: the child reports its first chunk at once
+            if any(m.startswith("downloading") for m in seen):
+                break
+            await asyncio.sleep(0.02)
+        before_the_rest = list(seen)
+        server.go.set()
+        await asyncio.wait_for(converging, 30)
+    shown = [int(m.group(1)) for x in before_the_rest if (m := re.fullmatch(rf"downloading {url}: (\d+)% of 2.1 MB", x))]
+    assert shown and shown[-1] <= 50, before_the_rest  # while at most half of it had come
+    assert (tmp_path / "sha256" / sha).read_bytes() == body  # then downloaded whole and verified
 
 
 def test_the_daemon_never_imports_the_download_client() -> None:
