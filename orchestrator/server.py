@@ -593,7 +593,11 @@ class ControlPlane:
         return views.preview(self.reconciler.current(), docs, last.result.energy if last else None)
 
     def placements_view(self) -> dict[str, Any]:
-        return views.placements(self.reconciler.last_snapshot, self.store.placements())
+        last = self.reconciler.last_snapshot
+        # the agents' model states as they are now, not as the last pass saw them: a download's
+        # progress changes them every second without a pass (agents.hub._decisive)
+        live = dataclasses.replace(last, agents=tuple(self.hub.snapshot())) if last is not None else None
+        return views.placements(live, self.store.placements())
 
     def endpoints_view(self, model: str, lat: float | None, lon: float | None, residency: str | None) -> dict[str, Any]:
         caller = routing.parse_caller(f"{lat},{lon}" if lat is not None and lon is not None else None, None, residency)

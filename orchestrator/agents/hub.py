@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import ipaddress
 import logging
 import re
@@ -291,7 +292,10 @@ class AgentHub:
             )
         if beat.models is not None:
             models = {m.name: m for m in beat.models}
-            changed = models != record.models  # request counters do not count as a change
+            # neither do request counters nor a download's progress (a loading model's message,
+            # once a second): the reconciler has nothing to decide on them, and `get placements`
+            # reads the live states (ControlPlane.placements_view)
+            changed = _decisive(models) != _decisive(record.models)
             record.models = models
             if changed:
                 self._emit(model.AgentEventKind.MODELS_CHANGED, record, "model states changed")
@@ -528,6 +532,10 @@ class AgentHub:
             except Exception:
                 log.exception("on_change callback failed for %s %s", kind.value, record.site)
         return event
+
+
+def _decisive(models: Mapping[str, model.ModelState]) -> dict[str, model.ModelState]:
+    return {n: dataclasses.replace(m, message="") if m.phase is model.ModelPhase.LOADING else m for n, m in models.items()}
 
 
 def _validate(application: model.JoinApplication) -> None:

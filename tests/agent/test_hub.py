@@ -118,6 +118,24 @@ def test_capacity_and_model_changes_emit_events_request_counts_do_not(agent_hub,
     assert agent_hub.snapshot()[0].models["m"].requests_served == 9
 
 
+def test_a_downloads_progress_is_kept_but_wakes_no_reconciler(agent_hub, events) -> None:
+    grant = agent_hub.join(application())
+    url = "https://models.example/m.onnx"
+
+    def loading(message: str) -> model.ModelState:
+        return model.ModelState("m", "a" * 64, model.ModelPhase.LOADING, message=message)
+
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(models=(loading(f"fetching {url}"),)))
+    assert kinds(events) == ["JOINED", "MODELS_CHANGED"]
+    for done in ("0% of 812.3 MB", "40% of 812.3 MB"):
+        agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(models=(loading(f"downloading {url}: {done}"),)))
+    assert kinds(events) == ["JOINED", "MODELS_CHANGED"]  # the reconciler has nothing to decide on progress...
+    assert agent_hub.snapshot()[0].models["m"].message == f"downloading {url}: 40% of 812.3 MB"  # ...which is kept to be shown
+    failed = model.ModelState("m", "a" * 64, model.ModelPhase.FAILED, message="sha256 mismatch")
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(models=(failed,)))
+    assert kinds(events) == ["JOINED", "MODELS_CHANGED", "MODELS_CHANGED"]
+
+
 def test_draining_agent_is_lost_at_once(agent_hub, events) -> None:
     grant = agent_hub.join(application())
     agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(draining=True))
