@@ -295,7 +295,7 @@ class AgentHub:
             # neither do request counters nor a download's progress (a loading model's message,
             # once a second): the reconciler has nothing to decide on them, and `get placements`
             # reads the live states (ControlPlane.placements_view)
-            changed = _decisive(models) != _decisive(record.models)
+            changed = models != record.models and _decisive(models) != _decisive(record.models)  # equal: the cheap, usual case
             record.models = models
             if changed:
                 self._emit(model.AgentEventKind.MODELS_CHANGED, record, "model states changed")

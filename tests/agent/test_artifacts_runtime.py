@@ -145,12 +145,14 @@ async def test_a_url_with_an_impossible_port_is_refused_clearly(tmp_path: pathli
 
 
 class _SilentServer:
-    """A loopback TCP server that sends ``reply`` to each connection and then nothing."""
+    """A loopback TCP server that sends ``reply`` to each connection, then ``rest`` once
+    ``go`` is set (nothing when there is no rest), then waits for the peer to go away."""
 
-    def __init__(self, reply: bytes = b"") -> None:
-        self.reply = reply
+    def __init__(self, reply: bytes = b"", rest: bytes = b"") -> None:
+        self.reply, self.rest = reply, rest
         self.connected = asyncio.Event()
         self.closed = asyncio.Event()
+        self.go = asyncio.Event()
 
     async def __aenter__(self) -> str:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -162,6 +164,10 @@ class _SilentServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connected.set()
         writer.write(self.reply)
+        if self.rest:
+            await writer.drain()
+            await self.go.wait()
+            writer.write(self.rest)
         with contextlib.suppress(ConnectionError):
             while await reader.read(65536):
                 pass  # the request, then wait for the peer to go away
@@ -192,38 +198,14 @@ async def test_a_stalled_download_fails_on_the_socket_timeout(tmp_path: pathlib.
     assert (cache.root / ("0" * 64 + ".partial")).read_bytes() == b"x" * 10
 
 
-class _HalfThenRest:
-    """Sends the headers and the first half of ``body``, then the rest once ``go`` is set."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.go = asyncio.Event()
-
-    async def __aenter__(self) -> str:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/big.onnx"
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        half = len(self.body) // 2
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body) + self.body[:half])
-        await writer.drain()
-        await self.go.wait()
-        writer.write(self.body[half:])
-        await writer.drain()
-        writer.close()
-
-
 async def test_a_download_reports_its_progress_and_the_registry_shows_it(tmp_path: pathlib.Path) -> None:
     """What `get placements` shows for a replica whose model is still on its way."""
     from edge_agent import assignments, registry
 
     body = bytes(range(256)) * 8192  # 2 MiB
     sha = hashlib.sha256(body).hexdigest()
-    server = _HalfThenRest(body)
+    half = len(body) // 2  # sent at once; the rest when the test says
+    server = _SilentServer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:half], body[half:])
     async with server as url:
         seen: list[str] = []
         models = registry.ModelRegistry(artifacts.ArtifactCache(tmp_path), lambda data: (_ for _ in ()).throw(errors.ModelLoadError("no")),
