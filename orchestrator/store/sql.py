@@ -412,11 +412,13 @@ class SqlStore:
                 for r in self._fetch("SELECT * FROM tokens ORDER BY created_at, id")]
 
     def revoke_token(self, token_id: str, actor: str, reason: str = "revoked") -> bool:
+        """True when the token exists (and is now revoked); revoking it again logs nothing more."""
         with self._tx() as db:
-            n = db.execute(self._q("UPDATE tokens SET revoked = TRUE WHERE id = ?"), (token_id,)).rowcount
+            n = db.execute(self._q("UPDATE tokens SET revoked = TRUE WHERE id = ? AND NOT revoked"), (token_id,)).rowcount
             if n:
                 self._log(db, Event(actor, "token-revoked", "Token", token_id, reason), self._clock())
-        return bool(n)
+                return True
+            return self._one(db, "SELECT 1 FROM tokens WHERE id = ?", (token_id,)) is not None
 
     def has_api_tokens(self) -> bool:
         return bool(self._fetch("SELECT 1 FROM tokens WHERE purpose = 'api' AND NOT revoked LIMIT 1"))
@@ -448,6 +450,9 @@ class SqlStore:
         return float(ts) if ts is not None else 0.0
 
     def revoke_agent(self, site: str, actor: str, reason: str = "agent identity revoked") -> bool:
+        """True when an agent joined as ``site``. Every call is logged: its time is the
+        cut-off for the bootstrap tokens a rejoin may use (``agent_revoked_at``), so revoking
+        again also refuses the tokens made since the last time."""
         with self._tx() as db:
             n = db.execute(self._q("UPDATE agents SET revoked = TRUE WHERE site = ?"), (site,)).rowcount
             if n:

@@ -346,6 +346,7 @@ def test_tokens_are_listed_with_their_state_and_never_their_secret(store: Store,
     clock.now += 1
     _, admin = store.create_token("api", "admin", None, "admin")
     assert store.revoke_token(admin.id, "alice", "left the team") is True
+    assert store.revoke_token(admin.id, "bob") is True  # already revoked: still known, logged once
     clock.now += 61  # past the bootstrap token's 60 s
     listed = store.tokens()
     assert [(t.id, t.purpose, t.role, t.state) for t in listed] == [
