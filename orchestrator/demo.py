@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -129,6 +130,11 @@ async def run(args: argparse.Namespace) -> int:
     root = __import__("pathlib").Path(tempfile.mkdtemp(prefix="edgeplane-demo-"))
     fleet = harness.Fleet(root)
     rng = np.random.default_rng(7)
+    # SIGTERM (`kill`, a terminal closed, a supervisor) stops the fleet as Ctrl-C does: the
+    # default action would end this process at once and leave its local Ray cluster running
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     try:
         console.print("[bold]1/5[/] starting the control plane" + ("" if args.no_ray else " (a local Ray cluster starts with the first data-centre pass)"))
         cp = await fleet.start_control_plane(local_ray_gpus=None if args.no_ray else 2, local_ray_cpus=None, heartbeat_interval_s=1.0, resync_s=2.0)
@@ -197,3 +203,5 @@ def main(args: argparse.Namespace) -> int:
         return asyncio.run(run(args))
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:  # SIGTERM, once the fleet has stopped
+        return 143

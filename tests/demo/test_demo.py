@@ -3,6 +3,10 @@ tests/ray covers): it must exit 0 and report where each caller was served."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pathlib
+import signal
 import subprocess
 import sys
 
@@ -26,3 +30,42 @@ def test_demo_serves_every_caller_from_an_allowed_nearby_site() -> None:
     assert "3/3" in out
     assert "answered by edge-" in out and "(edge), first token after" in out  # a chat answer streamed from the edge
     assert "stopping agents" in out
+
+
+@pytest.mark.timeout(240)
+def test_a_demo_kept_running_stops_its_fleet_on_sigterm() -> None:
+    """`kill` of `edgeplane demo --keep-running` (what a supervisor or a closed terminal does)
+    stops the agents and the control plane, as Ctrl-C does, instead of leaving them running."""
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "demo", "--no-ray", "--requests", "1", "--keep-running"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # bounded by the test's timeout; the demo prints this line once its fleet runs
+        seen.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    children = _children(proc.pid)
+    try:
+        assert len(children) >= 3, "".join(seen)  # the demo's own agents, found before the stop
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=120) == 143, rest
+        assert "stopping agents, the control plane" in rest, rest
+        assert not [c for c in children if pathlib.Path(f"/proc/{c}").exists()], "agents left running"
+    finally:  # whatever a failure left behind
+        proc.kill()
+        for c in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"PPid:\t{pid}\n" in (entry / "status").read_text():
+                    out.append(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile
+    return out
