@@ -19,10 +19,7 @@ def lat_lon(text: str) -> tuple[float, float]:
 
 def item_count(text: str) -> int:
     """argparse type of ``--limit`` (events, captures): 1 to 10000, the most the API answers with."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    n = _whole(text, "is not a whole number")
     if not 1 <= n <= 10_000:
         raise argparse.ArgumentTypeError(f"{n} is not between 1 and 10000")
     return n
@@ -30,10 +27,14 @@ def item_count(text: str) -> int:
 
 def port_number(text: str) -> int:
     """argparse type of the commands' ``--port`` options: a TCP port, 0 (any free one) to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    port = _whole(text, "is not a port number")
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
     return port
+
+
+def _whole(text: str, otherwise: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} {otherwise}") from None

@@ -306,16 +306,7 @@ def _waiting(placements: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
     if args.token_command == "list":
-        data = api.request("GET", "/v1/tokens")
-        if not args.all:  # bootstrap tokens pile up, one an agent: the ones that still work unless asked
-            data["items"] = [t for t in data["items"] if t["state"] == "active"]
-        if args.output in ("json", "yaml"):
-            render.dump(data, args.output)
-        else:
-            render.table(None, ["ID", "PURPOSE", "ROLE", "STATE", "CREATED", "EXPIRES", "DESCRIPTION"],
-                         [[t["id"], t["purpose"], t["role"], t["state"], t["createdAt"], t["expiresAt"] or "never", t["description"]]
-                          for t in data["items"]])
-        return 0
+        return _list_tokens(api, args)
     body = {"purpose": "api" if args.role in ("read", "admin") else "bootstrap", "role": args.role, "description": args.description or ""}
     if args.ttl:
         body["ttlSeconds"] = _parse_ttl(args.ttl)
@@ -324,6 +315,19 @@ def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
         render.dump(data, args.output)
     else:
         print(data["token"])
+    return 0
+
+
+def _list_tokens(api: ApiClient, args: argparse.Namespace) -> int:
+    data = api.request("GET", "/v1/tokens")
+    if not args.all:  # bootstrap tokens pile up, one an agent: the ones that still work unless asked
+        data["items"] = [t for t in data["items"] if t["state"] == "active"]
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
+    render.table(None, ["ID", "PURPOSE", "ROLE", "STATE", "CREATED", "EXPIRES", "DESCRIPTION"],
+                 [[t["id"], t["purpose"], t["role"], t["state"], t["createdAt"], t["expiresAt"] or "never", t["description"]]
+                  for t in data["items"]])
     return 0
 
 

@@ -116,6 +116,13 @@ class TokenInfo:
     state: str = "active"  # "active" | "expired" | "revoked"
 
 
+def token_state(revoked: bool, expires_at: float | None, now: float) -> str:
+    """"revoked" wins over "expired", which wins over "active"."""
+    if revoked:
+        return "revoked"
+    return "expired" if expires_at is not None and expires_at < now else "active"
+
+
 @dataclass(frozen=True)
 class Lease:
     """A held lease. ``token`` (the fencing token) grows each time the lease changes
@@ -408,7 +415,7 @@ class SqlStore:
         """Every token ever created (no secret, no digest), oldest first: revoked and expired ones too."""
         now = self._clock()
         return [TokenInfo(r["id"], r["purpose"], r["role"], r["expires_at"], r["description"], r["created_at"],
-                          "revoked" if r["revoked"] else "expired" if r["expires_at"] is not None and r["expires_at"] < now else "active")
+                          token_state(bool(r["revoked"]), r["expires_at"], now))
                 for r in self._fetch("SELECT * FROM tokens ORDER BY created_at, id")]
 
     def revoke_token(self, token_id: str, actor: str, reason: str = "revoked") -> bool:
