@@ -21,8 +21,12 @@ proto: $(STAMP)
 demo: $(STAMP) proto
 	$(VENV)/bin/edgeplane demo
 
+# Two pytest-xdist workers (the suite waits on processes and sockets much of the time);
+# every test of the shared Ray cluster runs on one of them. TEST_WORKERS=0 runs in one
+# process; PYTEST_ARGS picks tests, e.g. PYTEST_ARGS=tests/agent.
+TEST_WORKERS ?= 2
 test: $(STAMP) proto lint system-packages
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Debian packages some tests drive (Chromium for the console, the PostgreSQL server for the
 # store); quiet when present, and those tests skip with the reason when they cannot be had.

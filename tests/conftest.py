@@ -52,3 +52,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+        # Under pytest-xdist (`make test` runs two workers), every Ray test runs on one
+        # worker, so a session starts one shared cluster, as it does without xdist.
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
