@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import pathlib
 import re
 import signal
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import edge_agent
@@ -69,11 +71,40 @@ def _check_ca_file(path: pathlib.Path) -> None:
         raise SystemExit(f"edgeplane-agent: --ca-file {path}: not a PEM certificate (give <control-plane data dir>/ca/ca.crt)")
 
 
+def _number(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
+    return number
+
+
 def _positive(value: str) -> float:
-    number = float(value)
+    number = _number(value)
     if number <= 0:
         raise argparse.ArgumentTypeError("must be > 0")
     return number
+
+
+def _not_negative(value: str) -> float:
+    number = _number(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return number
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"{n} is not from {low} to {high}")
+        return n
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -96,8 +127,8 @@ def parser() -> argparse.ArgumentParser:
                    help="cache, saved assignments and identity [/var/lib/edgeplane-agent]")
     p.add_argument("--country", default="", type=_country, help="ISO 3166 alpha-2 country code, e.g. FR")
     p.add_argument("--region", default="", help="region name, e.g. eu-west")
-    p.add_argument("--lat", type=float)
-    p.add_argument("--lon", type=float)
+    p.add_argument("--lat", type=_number)
+    p.add_argument("--lon", type=_number)
     p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--heartbeat-interval", type=_positive, default=5.0, metavar="SECONDS")
     p.add_argument("--insecure", action="store_true",
@@ -107,12 +138,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--join-address", metavar="HOST:PORT",
                    help="the control plane's join listener for the first join (default: the --control-plane address in use, port + 1)")
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
-    p.add_argument("--max-request-bytes", type=int, default=edge_agent.DEFAULT_MAX_REQUEST_BYTES)
+    p.add_argument("--max-request-bytes", type=_count(1, 2**40), default=edge_agent.DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"largest request body [{edge_agent.DEFAULT_MAX_REQUEST_BYTES}]")
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS")
     p.add_argument("--write-timeout", type=_positive, default=60.0, metavar="SECONDS",
                    help="drop a client that reads nothing of its answer for this long (a stalled stream frees its slot)")
-    p.add_argument("--workers", type=int, default=0, help="inference threads (0 = one per core)")
-    p.add_argument("--inline-max-ms", type=float, default=20.0, metavar="MS",
+    p.add_argument("--workers", type=_count(0, 1024), default=0, help="inference threads (0 = one per core)")
+    p.add_argument("--inline-max-ms", type=_not_negative, default=20.0, metavar="MS",
                    help="a request alone in flight whose model runs in at most this long is computed on the "
                         "event loop instead of a worker thread (0 = always a worker thread)")
     p.add_argument("--spin-between-runs", action="store_true",

@@ -4,6 +4,8 @@ naming the option, before anything starts or any request is sent."""
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 
 def lat_lon(text: str) -> tuple[float, float]:
@@ -17,12 +19,6 @@ def lat_lon(text: str) -> tuple[float, float]:
     return lat, lon
 
 
-def item_count(text: str) -> int:
-    """argparse type of ``--limit`` (events, captures): 1 to 10000, the most the API answers with."""
-    n = _whole(text, "is not a whole number")
-    if not 1 <= n <= 10_000:
-        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 10000")
-    return n
 
 
 def port_number(text: str) -> int:
@@ -33,8 +29,46 @@ def port_number(text: str) -> int:
     return port
 
 
+def number(low: float, high: float | None = None, *, above: bool = False, below: bool = False) -> Callable[[str], float]:
+    """argparse type of a finite number from ``low`` to ``high`` (no upper bound when None);
+    ``above``/``below`` leave that end out: ``number(0, above=True)`` is "more than 0"."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        too_low = value <= low if above else value < low
+        too_high = high is not None and (value >= high if below else value > high)
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_range(low, high, above, below)}")
+        return value
+    return parse
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type of a whole number from ``low`` to ``high`` (no upper bound when None)."""
+    def parse(text: str) -> int:
+        n = _whole(text, "is not a whole number")
+        if n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"{n} is not {_range(low, high, False, False)}")
+        return n
+    return parse
+
+
+def _range(low: float, high: float | None, above: bool, below: bool) -> str:
+    if high is None:
+        return f"more than {low:g}" if above else f"{low:g} or more"
+    if above or below:
+        return f"{'more than' if above else 'at least'} {low:g} and {'less than' if below else 'at most'} {high:g}"
+    return f"from {low:g} to {high:g}"
+
+
 def _whole(text: str, otherwise: str) -> int:
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} {otherwise}") from None
+
+
+#: argparse type of ``--limit`` (events, captures): 1 to 10000, the most the API answers with.
+item_count = whole_number(1, 10_000)

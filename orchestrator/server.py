@@ -690,8 +690,6 @@ def agent_tls_hosts(cfg: ServerConfig) -> list[str]:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    if not 0 < args.agent_cert_days <= 3650:
-        raise SystemExit("edgeplane serve: --agent-cert-days must be more than 0 and at most 3650")
     try:
         position = gateway_options.position(args.location)
     except gateway_options.OptionError as exc:

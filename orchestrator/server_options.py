@@ -17,10 +17,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
                    help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas), or sqlite:///path (a file); "
                         "default: SQLite in --data-dir")
-    p.add_argument("--leader-lease", type=float, default=3.0, metavar="SECONDS",
+    p.add_argument("--leader-lease", type=argtypes.number(1, 300), default=3.0, metavar="SECONDS",
                    help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
                         "a leader that died is replaced within 4/3 of it")
-    p.add_argument("--store-poll", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--store-poll", type=argtypes.number(0.1, 600), default=1.0, metavar="SECONDS",
                    help="with a PostgreSQL store: read what other replicas wrote (the leader's endpoint table, applies, "
                         "wakes) at least this often; the database's notifications bring each change sooner")
     p.add_argument("--peer-address", metavar="HOST:PORT",
@@ -33,12 +33,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent-join-port", type=argtypes.port_number, default=8082, help="first joins: bootstrap token + CSR over TLS")
     p.add_argument("--insecure-agents", action="store_true",
                    help="plaintext agent gRPC with bearer credentials instead of mutual TLS (agents then need --insecure)")
-    p.add_argument("--agent-cert-days", type=float, default=float(AGENT_DAYS), metavar="DAYS",
+    p.add_argument("--agent-cert-days", type=argtypes.number(0, 3650, above=True), default=float(AGENT_DAYS), metavar="DAYS",
                    help="lifetime of the client certificates agents receive; agents renew theirs two thirds in")
     p.add_argument("--auth", choices=["none", "token"], default="none",
                    help="'token' requires bearer tokens on the API; 'none' is allowed on loopback only")
-    p.add_argument("--heartbeat-interval", type=float, default=5.0)
-    p.add_argument("--missed-heartbeats", type=int, default=3, help="an agent is unhealthy after this many missed heartbeats")
+    p.add_argument("--heartbeat-interval", type=argtypes.number(0.05, 300), default=5.0, metavar="SECONDS",
+                   help="how often agents report (0.05 to 300; default 5)")
+    p.add_argument("--missed-heartbeats", type=argtypes.whole_number(1, 100), default=3,
+                   help="an agent is unhealthy after this many missed heartbeats (1 to 100; default 3)")
     p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
     p.add_argument("--artifact-host", action="append", default=[],
                    help="allowed host for http(s) artifact URIs, exact or .domain for subdomains (repeatable; default: any)")
@@ -48,8 +50,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "as it names --agent-host and the --public-url host")
     p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable)")
     gateway_options.add_arguments(p)
-    p.add_argument("--local-ray-cpus", type=int, metavar="N", help="CPUs the embedded Ray (sites with ray.address: local) offers [all]")
-    p.add_argument("--local-ray-gpus", type=int, metavar="N",
+    p.add_argument("--local-ray-cpus", type=argtypes.whole_number(1), metavar="N", help="CPUs the embedded Ray (sites with ray.address: local) offers [all]")
+    p.add_argument("--local-ray-gpus", type=argtypes.whole_number(0), metavar="N",
                    help="GPUs the embedded Ray declares [those it finds]; on a machine without any, a number lets replicas "
                         "that ask for a GPU run there anyway (a stand-in, as the demo does)")
     p.add_argument("--log-level", default="info")

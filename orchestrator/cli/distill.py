@@ -88,8 +88,9 @@ def add_parsers(client_parser: Any, with_output: Any) -> None:
     sp = with_output(client_parser("distill", help="train a new edge student from captured traffic, verify it, publish it"))
     sp.add_argument("deployment", help="a deployment with spec.cascade.capture")
     sp.add_argument("--zone", help="whose records to train on (default: the only zone with records)")
-    sp.add_argument("--epochs", type=int, default=60, help="training passes over the records (default 60)")
-    sp.add_argument("--min-gain", type=float, default=0.005, help="agreement the new student must add (default 0.005)")
+    sp.add_argument("--epochs", type=argtypes.whole_number(1, 1000), default=60, help="training passes over the records, 1 to 1000 (default 60)")
+    sp.add_argument("--min-gain", type=argtypes.number(0, 1, below=True), default=0.005,
+                    help="agreement the new student must add, from 0 to less than 1 (default 0.005)")
     sp = with_output(client_parser("captures", help="captured cascade records of one residency zone (admin; audited)"))
     sp.add_argument("zone", help="the residency zone the records are kept in: EU, or a country code such as CH")
     sp.add_argument("--deployment", help="only records of this cascade deployment")

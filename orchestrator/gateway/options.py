@@ -23,11 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
     p.add_argument("--gateway-auth", choices=list(GATEWAY_AUTH), default="none",
                    help="'token' requires a valid API token (any role) on the gateway's model routes; 'none' leaves them open")
-    p.add_argument("--gateway-rate", type=float, default=0.0, metavar="RPS",
+    p.add_argument("--gateway-rate", type=argtypes.number(0), default=0.0, metavar="RPS",
                    help="per-client request rate, per gateway (client = token, else address); 0 = no limit")
-    p.add_argument("--gateway-burst", type=float, default=0.0, help="requests a client may send at once (default: the rate)")
-    p.add_argument("--gateway-max-body", type=int, default=MAX_BODY, metavar="BYTES", help="largest inference request body")
-    p.add_argument("--cold-start-timeout", type=float, default=COLD_START_S, metavar="SECONDS",
+    p.add_argument("--gateway-burst", type=argtypes.number(0), default=0.0, help="requests a client may send at once (default: the rate)")
+    p.add_argument("--gateway-max-body", type=argtypes.whole_number(1), default=MAX_BODY, metavar="BYTES", help="largest inference request body")
+    p.add_argument("--cold-start-timeout", type=argtypes.number(0, 600), default=COLD_START_S, metavar="SECONDS",
                    help="how long a request for a model scaled to zero waits for its replica before a 503")
 
 

@@ -16,6 +16,12 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "Edge_X"], "argument --site: 'Edge_X' must be a DNS label"),
     (["--site", "x" * 64], "must be a DNS label"),
     (["--site", "edge-x", "--country", "FRA"], "argument --country: 'FRA' must be an ISO 3166 alpha-2 code"),
+    (["--site", "edge-x", "--heartbeat-interval", "nan"], "argument --heartbeat-interval: 'nan' is not a finite number"),
+    (["--site", "edge-x", "--lat", "nan", "--lon", "1"], "argument --lat: 'nan' is not a finite number"),
+    (["--site", "edge-x", "--workers", "-1"], "argument --workers: -1 is not from 0 to 1024"),
+    (["--site", "edge-x", "--max-request-bytes", "0"], "argument --max-request-bytes: 0 is not from 1 to"),
+    (["--site", "edge-x", "--inline-max-ms", "-5"], "argument --inline-max-ms: must be >= 0"),
+    (["--site", "edge-x", "--drain-timeout", "inf"], "argument --drain-timeout: 'inf' is not a finite number"),
 ])
 def test_a_bad_flag_is_a_usage_error(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
