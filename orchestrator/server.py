@@ -474,7 +474,7 @@ class ControlPlane:
                     version = await asyncio.to_thread(self.store.resource_version)
                     if version != seen:
                         seen = version
-                        self.reconciler.trigger(f"store changed (resourceVersion {version})")
+                        self.reconciler.applied(f"store changed (resourceVersion {version})")
                     continue
                 wakes_seen = None
                 leader = await asyncio.to_thread(self.store.published, LEADER_KEY, leader_version)
@@ -582,7 +582,7 @@ class ControlPlane:
         return self._started
 
     def changed(self, reason: str) -> None:
-        self.reconciler.trigger(reason)
+        self.reconciler.applied(reason)
 
     def agent_revoked(self, site: str) -> None:
         """Drop the agent now: its streams end and it cannot rejoin on its credential."""

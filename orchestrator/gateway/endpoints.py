@@ -9,6 +9,12 @@ before any heartbeat could say so (passive outlier ejection). An ejection lasts
 A model whose autoscaled deployment is at zero replicas is *cold*. A request for it
 :meth:`wakes <EndpointTable.wake>` it (the autoscaler reads the count of wakes and asks for
 a replica) and waits in :meth:`EndpointTable.wait_for_endpoints` until the table has one.
+
+A model whose deployment was applied after the current table's pass had read the store is
+*pending* (:meth:`EndpointTable.note_applied`): it is known, with "being placed" as the
+reason it has no endpoint, until a pass that read the store after it publishes its table.
+Without that, a request sent right after an apply was told the model is not deployed (404)
+for as long as the pass then running took (seconds while a data centre starts).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class EndpointTable:
     regions: routing.RegionIndex = field(default_factory=routing.RegionIndex)
     #: Every model some deployment serves, with why it has no endpoint when it has none.
     _deployed: dict[str, str] = field(default_factory=dict)
+    #: Models of deployments applied since the table's pass read the store: (when noted, why).
+    _pending: dict[str, tuple[float, str]] = field(default_factory=dict)
     #: Models scaled to zero by autoscaling: a request starts a replica.
     _cold: frozenset[str] = frozenset()
     #: Requests that found a cold model, by model, since the control plane started.
@@ -53,7 +61,11 @@ class EndpointTable:
     published: bool = False
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
-                deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None) -> None:
+                deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None,
+                read_since: float | None = None) -> None:
+        """The new table. ``read_since``: when the pass that made it began reading the store
+        (:attr:`clock` time); pending notes made before then are dropped, as that pass saw
+        their deployments (it placed them, or says in ``deployed`` why it could not)."""
         grouped: dict[str, list[routing.Endpoint]] = {}
         for e in endpoints:
             grouped.setdefault(e.model, []).append(e)
@@ -66,6 +78,8 @@ class EndpointTable:
             self._deployed = dict(deployed)
         if cold is not None:
             self._cold = frozenset(cold)
+        if read_since is not None:
+            self._pending = {m: note for m, note in self._pending.items() if note[0] >= read_since and m not in self._deployed}
         self.published = True
         for model in [m for m in self._waiters if m in self._by_model]:
             for waiter in self._waiters.pop(model):
@@ -81,8 +95,20 @@ class EndpointTable:
         return [e for m in sorted(self._by_model) for e in self._by_model[m]]
 
     def deployed(self) -> dict[str, str]:
-        """Every deployed model, with why it has no endpoint ("" or a reason)."""
-        return dict(self._deployed)
+        """Every deployed model, with why it has no endpoint ("" or a reason); pending ones
+        included (gateways that follow this table learn of them with it)."""
+        return {**{m: why for m, (_, why) in self._pending.items()}, **self._deployed}
+
+    def note_applied(self, reasons: dict[str, str]) -> bool:
+        """Note models of newly applied deployments that the table does not know, each with
+        why it has no endpoint yet; True when one was new (the table then changed)."""
+        now = self.clock()
+        new = {m: (now, why) for m, why in reasons.items()
+               if m not in self._deployed and m not in self._by_model and m not in self._pending}
+        if new:
+            self._pending.update(new)
+            self.on_change()
+        return bool(new)
 
     def cold(self) -> frozenset[str]:
         return self._cold
@@ -115,11 +141,17 @@ class EndpointTable:
                     del self._waiters[model]
 
     def models(self) -> list[str]:
-        return sorted(set(self._by_model) | set(self._deployed))
+        return sorted(set(self._by_model) | set(self._deployed) | set(self._pending))
 
     def unavailable_reason(self, model: str) -> str | None:
         """Why a deployed model has no endpoint; None when the model is not deployed at all."""
-        return self._deployed.get(model)
+        why = self._deployed.get(model)
+        if why is None and model in self._pending:
+            why = self._pending[model][1]
+        return why
+
+    def is_pending(self, model: str) -> bool:
+        return model in self._pending and model not in self._deployed
 
     def endpoints(self, model: str) -> tuple[routing.Endpoint, ...]:
         return self._by_model.get(model, ())

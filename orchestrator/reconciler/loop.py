@@ -58,6 +58,8 @@ class Reconciler:
     converging: bool = False
     reapplied: dict[str, int] = field(default_factory=dict)  # by site: Serve applications applied again after another writer
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _applied_event: asyncio.Event = field(default_factory=asyncio.Event)  # objects were applied or deleted
+    _read_since: float = 0.0  # table clock when the current pass began reading the store
     _applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     _dc_backoff: dict[str, _Backoff] = field(default_factory=dict)
     _dc_observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
@@ -76,6 +78,38 @@ class Reconciler:
             log.debug("reconcile requested: %s", reason)
         self._wake.set()
 
+    def applied(self, reason: str) -> None:
+        """Objects were applied or deleted: a pass, and at once (while a pass may still be
+        running) the gateway learns of new deployments' models as pending."""
+        self._applied_event.set()
+        self.trigger(reason)
+
+    async def _note_pending(self) -> None:
+        """Runs beside :meth:`run`: each time objects are applied, the models of deployments
+        the endpoint table does not know are noted as pending in it (and published to the
+        other replicas and gateways), so that a request for one is told to retry, not that
+        the model is not deployed, until the pass that places it publishes its table."""
+        while True:
+            await self._applied_event.wait()
+            self._applied_event.clear()
+            try:
+                stored = await asyncio.to_thread(self.store.list, "ModelDeployment")
+            except Exception as exc:  # the next pass reads the store anyway
+                log.warning("could not read the deployments just applied: %s", exc)
+                continue
+            reasons: dict[str, str] = {}
+            for d in stored:
+                why = f"deployment {d.name} was just applied; its replicas are being placed"
+                if isinstance(d.spec.get("model"), str):
+                    reasons.setdefault(d.spec["model"], why)
+                if d.spec.get("cascade"):  # a cascade is called by its deployment's name too
+                    reasons.setdefault(d.name, why)
+            if self.table.note_applied(reasons):
+                try:
+                    self._publish_table()
+                except store_mod.Fenced as exc:  # no longer leading: the new leader's passes publish
+                    log.info("pending deployments not published: %s", exc)
+
     async def wait_for_pass(self, after: int, timeout: float = 30.0) -> int:
         """Wait until a pass numbered > ``after`` has finished (for tests and the CLI)."""
         async with self._pass_done:
@@ -84,6 +118,13 @@ class Reconciler:
         return self.passes
 
     async def run(self) -> None:
+        notes = asyncio.create_task(self._note_pending(), name="pending-deployments")
+        try:
+            await self._run()
+        finally:
+            notes.cancel()
+
+    async def _run(self) -> None:
         backoff = _Backoff()
         await self._await_takeover()
         while not self._stopping:
@@ -237,6 +278,7 @@ class Reconciler:
     # -- execute -------------------------------------------------------------------
 
     async def reconcile_once(self) -> planning.PassPlan:
+        self._read_since = self.table.clock()
         snapshot = await self.gather()
         plan = planning.plan_pass(snapshot, self.last_plan.standing if self.last_plan is not None else None)
         for action in plan.actions:
@@ -266,7 +308,7 @@ class Reconciler:
             case act.SetStatuses(items):
                 self.store.set_statuses([(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
-                self.table.replace(endpoints, regions, dict(deployed), cold)
+                self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since)
                 self._publish_table()
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))

@@ -13,7 +13,7 @@ import httpx
 from orchestrator import catalog
 from orchestrator.manifests import loader
 from orchestrator.store import open_store
-from orchestrator.testing import harness
+from orchestrator.testing import harness, manifests
 
 # A data centre whose dashboard takes connections and never answers: the first pass waits on it.
 SITE = """
@@ -57,4 +57,36 @@ async def test_before_its_first_pass_the_gateway_says_retry_not_unknown(tmp_path
         hole.close()
         if not starting.done():
             starting.cancel()
+        await fleet.stop()
+
+
+async def test_a_model_applied_while_a_pass_runs_is_pending_not_unknown(tmp_path: pathlib.Path) -> None:
+    """A deployment applied while the control plane's pass waits on a data centre: its model
+    answers 503 "being placed" with Retry-After until that pass publishes, where it answered
+    404 "not deployed" (the standalone gateways that follow the table learn it too)."""
+    hole = socket.create_server(("127.0.0.1", 0), backlog=16)
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        late = manifests.bundle(
+            SITE.format(port=hole.getsockname()[1]),
+            manifests.onnx_model("late", "https://models.example/late.onnx", "a" * 64),
+            manifests.deployment("late", "late", 1, {"tiers": ["edge"]}),
+        )
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=10) as http:
+            passes = cp.reconciler.passes
+            assert (await http.post("/v1/apply", content=late.encode())).status_code == 200
+            await harness.wait_until(lambda: "late" in cp.table.models(), 10, what="the applied model in the table")
+            assert cp.reconciler.passes == passes, "the pass should still be waiting on the silent data centre"
+            early = await http.post("/v2/models/late/infer", json=BODY)
+            assert early.status_code == 503 and early.headers["retry-after"] == "2", early.text
+            assert "deployment late was just applied" in early.json()["error"]
+            assert (await http.post("/v2/models/never/infer", json=BODY)).status_code == 404
+            hole.close()  # the pass ends: its table says why 'late' has no replica (no edge site), no longer pending
+            await cp.reconciler.wait_for_pass(passes)
+            after = await http.post("/v2/models/late/infer", json=BODY)
+            assert after.status_code == 503 and "retry-after" not in after.headers, after.text
+            assert "deployment late is" in after.json()["error"] and not cp.table.is_pending("late")
+    finally:
+        hole.close()
         await fleet.stop()

@@ -98,3 +98,22 @@ async def test_the_publisher_counts_changes_only_and_wakes_its_watchers() -> Non
     publisher.close()
     await asyncio.wait_for(closing, 5)
     await publisher.wait_change(2, 30)  # closed: returns at once
+
+
+def test_a_pending_model_lasts_until_a_pass_that_read_the_store_after_it() -> None:
+    now = [100.0]
+    table = endpoints.EndpointTable(clock=lambda: now[0])
+    table.replace([V2], deployed={"intent": ""}, read_since=90.0)
+    changes: list[int] = []
+    table.on_change = lambda: changes.append(1)
+    assert table.note_applied({"intent": "known already", "late": "being placed"}) and changes == [1]
+    assert not table.note_applied({"late": "again"}) and changes == [1]  # nothing new: no change
+    assert table.is_pending("late") and table.unavailable_reason("late") == "being placed"
+    assert wire.contents_from_json(wire.table_to_json(table)).deployed == {"intent": "", "late": "being placed"}  # followers learn it
+    table.replace([V2], deployed={"intent": ""}, read_since=99.0)  # a pass that read the store before the note: kept
+    assert table.is_pending("late") and "late" in table.models()
+    table.replace([V2], deployed={"intent": ""}, read_since=101.0)  # read after it: that pass saw the deployment (or its deletion)
+    assert not table.is_pending("late") and table.unavailable_reason("late") is None and "late" not in table.models()
+    table.note_applied({"late": "being placed"})
+    table.replace([V2], deployed={"intent": "", "late": "deployment late is Pending: no site"}, read_since=99.0)
+    assert not table.is_pending("late") and table.unavailable_reason("late") == "deployment late is Pending: no site"
