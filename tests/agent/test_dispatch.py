@@ -5,9 +5,11 @@ large JSON bodies)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import pathlib
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -197,3 +199,18 @@ async def test_a_large_json_body_the_model_usually_gets_stays_on_the_loop(tmp_pa
     assert runtime.threads[0].startswith("infer")  # unknown step time: a worker
     assert runtime.threads[-1] == threading.current_thread().name
     pool.shutdown()
+
+
+async def test_a_large_compressed_body_inflates_off_the_loop(server) -> None:  # noqa: ANN001
+    """A 64 KiB deflate bomb takes a few tenths of a second to refuse: other requests and the
+    agent's heartbeats go on meanwhile (under load, a blocked loop missed heartbeats)."""
+    app, _ = server
+    bomb = Request("POST", "/v2/models/m/infer", "", {"content-encoding": "deflate"}, zlib.compress(bytes(app.max_body_bytes + (1 << 20))))
+    refused = asyncio.create_task(app.infer("m", bomb))
+    turns = 0
+    while not refused.done():
+        turns += 1
+        await asyncio.sleep(0)
+    assert refused.result().status == 413 and turns > 10, turns
+    small = Request("POST", "/v2/models/m/infer", "", {"content-encoding": "gzip"}, gzip.compress(request(X, binary=False).body))
+    assert len(small.body) <= http.INFLATE_INLINE_MAX and (await app.infer("m", small)).status == 200
