@@ -26,7 +26,7 @@ demo: $(STAMP) proto
 # process; PYTEST_ARGS picks tests, e.g. PYTEST_ARGS=tests/agent.
 TEST_WORKERS ?= 2
 test: $(STAMP) proto lint system-packages
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Debian packages some tests drive (Chromium for the console, the PostgreSQL server for the
 # store); quiet when present, and those tests skip with the reason when they cannot be had.

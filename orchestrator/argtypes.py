@@ -1,11 +1,24 @@
 """argparse types shared by the commands' options: a bad value is a usage error (exit 2)
-naming the option, before anything starts or any request is sent."""
+naming the option, before anything starts or any request is sent; :class:`Parser` says it
+in one line."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose error about one option's value is one line, as the commands'
+    own errors are (``edgeplane gateway: error: argument --port: 99999 is not a port
+    (0-65535)``); other usage errors (a missing argument) keep the usage before them."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("argument "):
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
 
 
 def lat_lon(text: str) -> tuple[float, float]:

@@ -13,7 +13,9 @@ outlives the test that created it.
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -48,11 +50,39 @@ async def serve_actuator(
         await actuator.close()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# Under pytest-xdist (`make test` runs two workers) tests are scheduled by module: a
+# module's tests share its module-scoped fleets and run in their written order (some follow
+# what the one before did). Every module with Ray tests is one unit, so one worker runs
+# them all and a session starts one shared cluster, as it does without xdist. The
+# controller does not collect tests, so it finds those modules by their text; collection
+# checks that each test marked ``ray`` is in one of them.
+RAY_WORDS = ("ray_cluster", "serve_actuator", "mark.ray")
+
+
+def ray_modules(root: pathlib.Path) -> frozenset[str]:
+    return frozenset(p.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py")
+                     if any(word in p.read_text() for word in RAY_WORDS))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    modules = ray_modules(config.rootpath)
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
-        # Under pytest-xdist (`make test` runs two workers), every Ray test runs on one
-        # worker, so a session starts one shared cluster, as it does without xdist.
-        if item.get_closest_marker("ray") is not None:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        if item.get_closest_marker("ray") is not None and item.nodeid.split("::")[0] not in modules:
+            raise pytest.UsageError(f"{item.nodeid} is marked ray but its module does not say {' or '.join(RAY_WORDS)}: "
+                                    "pytest-xdist would run it away from the shared cluster")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    modules = ray_modules(config.rootpath)
+
+    class ByModuleRayTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "ray" if module in modules else module
+
+    return ByModuleRayTogether(config, log)

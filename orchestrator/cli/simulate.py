@@ -116,8 +116,6 @@ def local_state(paths: list[str]) -> whatif.State:
 def run(api: ApiClient, args: argparse.Namespace) -> int:
     doc = scenario_document(args)
     each = "site" if args.each_site else "region" if args.each_region else None
-    if args.top is not None and args.top < 1:
-        raise CliError("--top must be at least 1", 2)
     started = time.perf_counter()
     loading = 0.0
     try:

@@ -47,7 +47,7 @@ def test_the_cli_simulates_the_examples_offline() -> None:
     (["--demand", "eu-west"], 2, "--demand 'eu-west': expected NAME=NUMBER"),
     (["--scenario", "missing.yaml"], 2, "missing.yaml"),
     (["--fail-country", "XX"], 1, "spec.fail.countries"),
-    (["--each-site", "--top", "0"], 2, "--top must be at least 1"),
+    (["--each-site", "--top", "0"], 2, "argument --top: 0 is not 1 or more"),
     (["--carbon", "edge-lyon=-5"], 2, "--carbon 'edge-lyon=-5': the number must be 0 or more"),
     (["--capacity", "edge-lyon=-1"], 2, "--capacity 'edge-lyon=-1': the number must be 0 or more"),
     (["--demand", "eu-west=nan"], 2, "--demand 'eu-west=nan': the number must be 0 or more"),
