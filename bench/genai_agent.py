@@ -1,12 +1,14 @@
 """Generation through a real ``edgeplane-agent`` vs a bare onnxruntime-genai loop, same model.
 
-    .venv/bin/python -m bench.genai_agent [--quick]
+    .venv/bin/python -m bench.genai_agent [--quick] [--spin-between-runs]
 
 Models (built on the spot by ``orchestrator.testing.genai_model``): ``tiny`` (the test
 model: a step takes tens of microseconds, so the result is the agent's per-token cost)
-and ``step`` (the same with a residual MLP per token standing in for a small real model's
-layers, 17 M parameters: a step of about 5 ms on 2 cores). Each case generates ``max_tokens`` tokens greedily
-from the same prompt:
+``step`` (the same with a residual MLP per token standing in for a small real model's
+layers, 17 M parameters: a step of about 4 ms on 2 cores) and ``small`` (54 M parameters,
+215 MB of FP32 weights: a step of about 12 ms, the order of a sub-1B edge chat model on
+2 cores; fewer runs and tokens, as each takes longer). Each case generates ``max_tokens``
+tokens greedily from the same prompt:
 
 - bare: in this process, onnxruntime-genai's own loop (``append_tokens``, then
   ``generate_next_token`` / ``get_next_tokens`` / the tokenizer stream's ``decode`` per
@@ -54,7 +56,10 @@ PROMPT = "The agent serves the request"
 CASES = {
     "tiny": dict(context_length=1024),
     "step": dict(context_length=1024, ffn_layers=8, embed_dim=512, ffn_dim=2048, seed=5),
+    "small": dict(context_length=1024, ffn_layers=30, embed_dim=576, ffn_dim=1536, seed=7),
 }
+# A case's share of the runs and tokens (a step of the small model takes ~3x the step model's).
+SCALE = {"small": 3}
 
 
 class Bare:
@@ -200,7 +205,7 @@ async def run_case(name: str, built: genai_model.GenAIModel, agent: ControlPlane
         floor.close()
     b, f, a = summary(bare_runs), summary(floor_runs), summary(agent_runs)
     assert a["tokens"] == b["tokens"] == f["tokens"] == max_tokens, (a, b, f)
-    return {"case": name, "parameters": built.parameters, "bare": b, "floor": f, "agent": a,
+    return {"case": name, "max_tokens": max_tokens, "parameters": built.parameters, "bare": b, "floor": f, "agent": a,
             "tokens_per_s_ratio": round(a["tokens_per_s"] / b["tokens_per_s"], 3),
             "floor_tokens_per_s_ratio": round(f["tokens_per_s"] / b["tokens_per_s"], 3),
             "tokens_per_s_vs_floor": round(a["tokens_per_s"] / f["tokens_per_s"], 3),
@@ -221,12 +226,12 @@ async def wait_ready(agent: ControlPlaneAndAgent, names: list[str]) -> None:
                 raise RuntimeError(f"model {name} never became ready")
 
 
-async def main_async(quick: bool) -> dict:
+async def main_async(quick: bool, spin_between_runs: bool = False) -> dict:
     runs, max_tokens = (15, 128) if quick else (60, 256)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         built = {name: genai_model.build_package(root / "models", name=name, **kwargs) for name, kwargs in CASES.items()}
-        agent = ControlPlaneAndAgent(root / "agent")
+        agent = ControlPlaneAndAgent(root / "agent", extra=["--spin-between-runs"] if spin_between_runs else None)
         await agent.start()
         try:
             rss_idle = psutil.Process(agent.proc.pid).memory_info().rss
@@ -235,32 +240,34 @@ async def main_async(quick: bool) -> dict:
                                  max_concurrent_sequences=1, max_queued=1)
                 for name, b in built.items()], int(time.time()))
             await wait_ready(agent, list(built))
-            rows = [await run_case(name, b, agent, runs, max_tokens) for name, b in built.items()]
+            rows = [await run_case(name, b, agent, max(5, runs // SCALE.get(name, 1)), max_tokens // SCALE.get(name, 1) // 2 * 2)
+                    for name, b in built.items()]
             rss_serving = psutil.Process(agent.proc.pid).memory_info().rss
         finally:
             await agent.stop()
-    return {"quick": quick, "max_tokens": max_tokens, "cases": rows,
-            "agent_rss_mib": {"idle": round(rss_idle / 2**20, 1), "serving_both_models": round(rss_serving / 2**20, 1)},
+    return {"quick": quick, "max_tokens": max_tokens, "spin_between_runs": spin_between_runs, "cases": rows,
+            "agent_rss_mib": {"idle": round(rss_idle / 2**20, 1), "serving_all_models": round(rss_serving / 2**20, 1)},
             "numpy": np.__version__}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.genai_agent")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--spin-between-runs", action="store_true", help="start the agent with --spin-between-runs")
     args = p.parse_args()
-    result = asyncio.run(main_async(args.quick))
-    table = Table(title=f"Generation: agent (SSE) vs bare onnxruntime-genai loop, {result['max_tokens']} tokens greedy", header_style="bold")
-    for h in ("case", "step ms", "bare tok/s", "floor tok/s", "agent tok/s", "agent/bare", "floor/bare", "agent/floor",
+    result = asyncio.run(main_async(args.quick, args.spin_between_runs))
+    table = Table(title="Generation: agent (SSE) vs bare onnxruntime-genai loop, greedy", header_style="bold")
+    for h in ("case", "tokens", "step ms", "bare tok/s", "floor tok/s", "agent tok/s", "agent/bare", "floor/bare", "agent/floor",
               "bare TTFT p50", "agent TTFT p50", "TTFT overhead"):
         table.add_column(h)
     for r in result["cases"]:
-        table.add_row(r["case"], f"{r['step_ms']:.3f}", f"{r['bare']['tokens_per_s']:.0f}", f"{r['floor']['tokens_per_s']:.0f}",
+        table.add_row(r["case"], str(r["max_tokens"]), f"{r['step_ms']:.3f}", f"{r['bare']['tokens_per_s']:.0f}", f"{r['floor']['tokens_per_s']:.0f}",
                       f"{r['agent']['tokens_per_s']:.0f}", f"{r['tokens_per_s_ratio']:.3f}x", f"{r['floor_tokens_per_s_ratio']:.3f}x",
                       f"{r['tokens_per_s_vs_floor']:.3f}x", f"{r['bare']['ttft_p50_ms']:.2f} ms", f"{r['agent']['ttft_p50_ms']:.2f} ms",
                       f"{r['ttft_overhead_p50_ms']:+.2f} ms")
     Console(width=160).print(table)
     rss = result["agent_rss_mib"]
-    print(f"agent RSS: {rss['idle']} MiB idle, {rss['serving_both_models']} MiB serving both models")
+    print(f"agent RSS: {rss['idle']} MiB idle, {rss['serving_all_models']} MiB serving all models")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     return 0
