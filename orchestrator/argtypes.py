@@ -32,8 +32,6 @@ def lat_lon(text: str) -> tuple[float, float]:
     return lat, lon
 
 
-
-
 def port_number(text: str) -> int:
     """argparse type of the commands' ``--port`` options: a TCP port, 0 (any free one) to 65535."""
     port = _whole(text, "is not a port number")
