@@ -240,7 +240,7 @@ async def main_async(quick: bool, spin_between_runs: bool = False) -> dict:
                                  max_concurrent_sequences=1, max_queued=1)
                 for name, b in built.items()], int(time.time()))
             await wait_ready(agent, list(built))
-            rows = [await run_case(name, b, agent, max(5, runs // SCALE.get(name, 1)), max_tokens // SCALE.get(name, 1) // 2 * 2)
+            rows = [await run_case(name, b, agent, max(5, runs // SCALE.get(name, 1)), max_tokens // SCALE.get(name, 1))
                     for name, b in built.items()]
             rss_serving = psutil.Process(agent.proc.pid).memory_info().rss
         finally:

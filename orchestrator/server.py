@@ -52,7 +52,7 @@ from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
 from orchestrator.distill import store as capture_store
-from orchestrator import runloop
+from orchestrator import runloop, server_options
 from edgeplane_proto import identity
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
@@ -208,10 +208,10 @@ class ControlPlane:
         wrong = gateway_options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s)
         if wrong:
             raise ConfigError(wrong)
-        if not 1 <= cfg.leader_lease_s <= 300:
-            raise ConfigError("--leader-lease must be from 1 to 300 seconds")
-        if not 0.1 <= cfg.store_poll_s <= 600:
-            raise ConfigError("--store-poll must be from 0.1 to 600 seconds")
+        for flag, value, (low, high) in (("--leader-lease", cfg.leader_lease_s, server_options.LEADER_LEASE_S),
+                                         ("--store-poll", cfg.store_poll_s, server_options.STORE_POLL_S)):
+            if not low <= value <= high:
+                raise ConfigError(f"{flag} must be from {low:g} to {high:g} seconds")
         if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
             raise ConfigError(
                 f"refusing to serve the admin API on {cfg.host} without authentication: "

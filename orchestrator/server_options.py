@@ -12,15 +12,21 @@ from orchestrator.gateway import options as gateway_options
 from orchestrator.security.ca import AGENT_DAYS
 
 
+#: The ranges the server's timing options take (``ControlPlane.start`` checks a config built
+#: in code against the same ones).
+LEADER_LEASE_S = (1.0, 300.0)
+STORE_POLL_S = (0.1, 600.0)
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
     p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
                    help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas), or sqlite:///path (a file); "
                         "default: SQLite in --data-dir")
-    p.add_argument("--leader-lease", type=argtypes.number(1, 300), default=3.0, metavar="SECONDS",
+    p.add_argument("--leader-lease", type=argtypes.number(*LEADER_LEASE_S), default=3.0, metavar="SECONDS",
                    help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
                         "a leader that died is replaced within 4/3 of it")
-    p.add_argument("--store-poll", type=argtypes.number(0.1, 600), default=1.0, metavar="SECONDS",
+    p.add_argument("--store-poll", type=argtypes.number(*STORE_POLL_S), default=1.0, metavar="SECONDS",
                    help="with a PostgreSQL store: read what other replicas wrote (the leader's endpoint table, applies, "
                         "wakes) at least this often; the database's notifications bring each change sooner")
     p.add_argument("--peer-address", metavar="HOST:PORT",

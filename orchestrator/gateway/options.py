@@ -9,8 +9,9 @@ from orchestrator import argtypes
 
 #: Largest inference request body (``--gateway-max-body``).
 MAX_BODY = 16 * 1024 * 1024
-#: ``--cold-start-timeout``: a request for a model scaled to zero waits this long.
+#: ``--cold-start-timeout``: a request for a model scaled to zero waits this long (at most the max).
 COLD_START_S = 30.0
+COLD_START_MAX_S = 600.0
 #: ``--gateway-auth``: 'token' requires a valid API token on the model routes.
 GATEWAY_AUTH = ("none", "token")
 
@@ -27,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-client request rate, per gateway (client = token, else address); 0 = no limit")
     p.add_argument("--gateway-burst", type=argtypes.number(0), default=0.0, help="requests a client may send at once (default: the rate)")
     p.add_argument("--gateway-max-body", type=argtypes.whole_number(1), default=MAX_BODY, metavar="BYTES", help="largest inference request body")
-    p.add_argument("--cold-start-timeout", type=argtypes.number(0, 600), default=COLD_START_S, metavar="SECONDS",
+    p.add_argument("--cold-start-timeout", type=argtypes.number(0, COLD_START_MAX_S), default=COLD_START_S, metavar="SECONDS",
                    help="how long a request for a model scaled to zero waits for its replica before a 503")
 
 
@@ -47,6 +48,6 @@ def problem(gateway_auth: str, rate: float, burst: float, max_body: int, cold_st
         return "--gateway-auth must be 'none' or 'token'"
     if rate < 0 or burst < 0 or max_body <= 0:
         return "--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0"
-    if not 0 <= cold_start_timeout_s <= 600:
-        return "--cold-start-timeout must be from 0 to 600 seconds"
+    if not 0 <= cold_start_timeout_s <= COLD_START_MAX_S:
+        return f"--cold-start-timeout must be from 0 to {COLD_START_MAX_S:g} seconds"
     return None
