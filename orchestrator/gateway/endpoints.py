@@ -45,6 +45,8 @@ class EndpointTable:
     _deployed: dict[str, str] = field(default_factory=dict)
     #: Models of deployments applied since the table's pass read the store: (when noted, why).
     _pending: dict[str, tuple[float, str]] = field(default_factory=dict)
+    #: Models the table this one follows notes as pending (a follower's or standalone gateway's).
+    _pending_followed: frozenset[str] = frozenset()
     #: Models scaled to zero by autoscaling: a request starts a replica.
     _cold: frozenset[str] = frozenset()
     #: Requests that found a cold model, by model, since the control plane started.
@@ -62,10 +64,12 @@ class EndpointTable:
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
                 deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None,
-                read_since: float | None = None) -> None:
+                read_since: float | None = None, pending: Iterable[str] | None = None) -> None:
         """The new table. ``read_since``: when the pass that made it began reading the store
         (:attr:`clock` time); pending notes made before then are dropped, as that pass saw
-        their deployments (it placed them, or says in ``deployed`` why it could not)."""
+        their deployments (it placed them, or says in ``deployed`` why it could not).
+        ``pending``: the models that the table this one follows notes as pending (their
+        reasons are in its ``deployed``)."""
         grouped: dict[str, list[routing.Endpoint]] = {}
         for e in endpoints:
             grouped.setdefault(e.model, []).append(e)
@@ -78,6 +82,8 @@ class EndpointTable:
             self._deployed = dict(deployed)
         if cold is not None:
             self._cold = frozenset(cold)
+        if pending is not None:
+            self._pending_followed = frozenset(pending)
         if read_since is not None:
             self._pending = {m: note for m, note in self._pending.items() if note[0] >= read_since and m not in self._deployed}
         self.published = True
@@ -151,7 +157,15 @@ class EndpointTable:
         return why
 
     def is_pending(self, model: str) -> bool:
+        """Whether ``model``'s deployment was just applied and its replicas are being placed:
+        a retry in a few seconds can succeed (the gateway says so with Retry-After)."""
+        if model in self._pending_followed:
+            return not self._by_model.get(model)
         return model in self._pending and model not in self._deployed
+
+    def pending(self) -> frozenset[str]:
+        """The models :meth:`is_pending` is true of (followers learn them with the table)."""
+        return frozenset(m for m in {*self._pending, *self._pending_followed} if self.is_pending(m))
 
     def endpoints(self, model: str) -> tuple[routing.Endpoint, ...]:
         return self._by_model.get(model, ())

@@ -7,13 +7,14 @@ A table document is plain JSON::
      "regions": {"fr": [48.8, 2.3]},
      "deployed": {"model": "why it has no endpoint"},
      "cold": ["model scaled to zero"],
+     "pending": ["model of a deployment just applied, its replicas being placed"],
      "cascades": {"model or deployment": {"model": ..., "stages": [...], ...}}}
 
 The watch (``GET /v1/endpoints?watch=1``, :mod:`orchestrator.api.watch`) sends it as
 newline-delimited events: ``{"type": "snapshot", "epoch": ..., "version": ..., "table": {...}}``
 first, then after every change ``{"type": "delta", "epoch": ..., "version": v, "base": v - 1,
 "upsert": [...], "remove": [[model, deployment, site, url], ...]}`` (plus ``regions``,
-``deployed``, ``cold``, ``cascades`` whole when they changed), and ``{"type": "heartbeat",
+``deployed``, ``cold``, ``pending``, ``cascades`` whole when they changed), and ``{"type": "heartbeat",
 ...}`` in between.
 """
 
@@ -108,11 +109,13 @@ class TableContents:
     deployed: Mapping[str, str]
     cold: frozenset[str]
     cascades: Mapping[str, rules.CascadeRoute]
+    pending: frozenset[str] = frozenset()
 
 
 def contents_of(table: endpoints_mod.EndpointTable) -> TableContents:
     """Everything a gateway routes with; the gateway's own load and ejections stay local."""
-    return TableContents(tuple(table.all_endpoints()), table.regions, table.deployed(), table.cold(), dict(table.cascades))
+    return TableContents(tuple(table.all_endpoints()), table.regions, table.deployed(), table.cold(), dict(table.cascades),
+                         table.pending())
 
 
 def contents_to_json(c: TableContents) -> dict[str, Any]:
@@ -121,6 +124,7 @@ def contents_to_json(c: TableContents) -> dict[str, Any]:
         "regions": {r: list(xy) for r, xy in sorted(c.regions.centroids.items())},
         "deployed": dict(sorted(c.deployed.items())),
         "cold": sorted(c.cold),
+        "pending": sorted(c.pending),
         "cascades": {name: cascade_to_json(route) for name, route in sorted(c.cascades.items())},
     }
 
@@ -134,6 +138,7 @@ def contents_from_json(doc: Mapping[str, Any]) -> TableContents:
             {str(m): str(why) for m, why in doc.get("deployed", {}).items()},
             frozenset(str(m) for m in doc.get("cold", ())),
             {str(name): cascade_from_json(route) for name, route in doc.get("cascades", {}).items()},
+            frozenset(str(m) for m in doc.get("pending", ())),
         )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise WireError(f"not an endpoint table: {type(exc).__name__}: {exc}") from None
@@ -152,7 +157,7 @@ def delta_to_json(old: TableContents, new: TableContents) -> dict[str, Any]:
         "upsert": [endpoint_to_json(e) for k, e in after.items() if before.get(k) != e],
         "remove": [list(k) for k in before if k not in after],
     }
-    whole = contents_to_json(TableContents((), new.regions, new.deployed, new.cold, new.cascades))
+    whole = contents_to_json(TableContents((), new.regions, new.deployed, new.cold, new.cascades, new.pending))
     if new.regions != old.regions:
         doc["regions"] = whole["regions"]
     if new.deployed != old.deployed:
@@ -161,6 +166,8 @@ def delta_to_json(old: TableContents, new: TableContents) -> dict[str, Any]:
         doc["cold"] = whole["cold"]
     if new.cascades != old.cascades:
         doc["cascades"] = whole["cascades"]
+    if new.pending != old.pending:
+        doc["pending"] = whole["pending"]
     return doc
 
 
@@ -170,7 +177,7 @@ def apply_delta(old: TableContents, doc: Mapping[str, Any]) -> TableContents:
         removed = {(str(k[0]), str(k[1]), str(k[2]), str(k[3])) for k in doc["remove"]}
         upserts = {endpoint_key(e): e for e in (endpoint_from_json(d) for d in doc["upsert"])}
         kept = [upserts.pop(endpoint_key(e), e) for e in old.endpoints if endpoint_key(e) not in removed]
-        rest = contents_from_json({"endpoints": [], **{k: doc[k] for k in ("regions", "deployed", "cold", "cascades") if k in doc}})
+        rest = contents_from_json({"endpoints": [], **{k: doc[k] for k in ("regions", "deployed", "cold", "cascades", "pending") if k in doc}})
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise WireError(f"not an endpoint-table delta: {type(exc).__name__}: {exc}") from None
     endpoints = sorted([*kept, *upserts.values()], key=endpoint_key)  # the table's own order
@@ -180,13 +187,14 @@ def apply_delta(old: TableContents, doc: Mapping[str, Any]) -> TableContents:
         rest.deployed if "deployed" in doc else old.deployed,
         rest.cold if "cold" in doc else old.cold,
         rest.cascades if "cascades" in doc else old.cascades,
+        rest.pending if "pending" in doc else old.pending,
     )
 
 
 def apply(table: endpoints_mod.EndpointTable, c: TableContents) -> None:
     """Replace ``table``'s contents with ``c`` (cold-start waiters for models that now have an endpoint wake)."""
     table.set_cascades(dict(c.cascades))
-    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold)
+    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold, pending=c.pending)
 
 
 def table_to_json(table: endpoints_mod.EndpointTable) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import socket
 import httpx
 
 from orchestrator import catalog
+from orchestrator.gatewayd import server as gatewayd
 from orchestrator.manifests import loader
 from orchestrator.store import open_store
 from orchestrator.testing import harness, manifests
@@ -63,11 +64,13 @@ async def test_before_its_first_pass_the_gateway_says_retry_not_unknown(tmp_path
 async def test_a_model_applied_while_a_pass_runs_is_pending_not_unknown(tmp_path: pathlib.Path) -> None:
     """A deployment applied while the control plane's pass waits on a data centre: its model
     answers 503 "being placed" with Retry-After until that pass publishes, where it answered
-    404 "not deployed" (the standalone gateways that follow the table learn it too)."""
+    404 "not deployed"; a standalone gateway that follows the table says the same."""
     hole = socket.create_server(("127.0.0.1", 0), backlog=16)
     fleet = harness.Fleet(tmp_path)
+    follower: gatewayd.StandaloneGateway | None = None
     try:
         cp = await fleet.start_control_plane()
+        follower = await gatewayd.StandaloneGateway(gatewayd.GatewayConfig(control_planes=(cp.http_url,), port=0)).start()
         late = manifests.bundle(
             SITE.format(port=hole.getsockname()[1]),
             manifests.onnx_model("late", "https://models.example/late.onnx", "a" * 64),
@@ -82,11 +85,19 @@ async def test_a_model_applied_while_a_pass_runs_is_pending_not_unknown(tmp_path
             assert early.status_code == 503 and early.headers["retry-after"] == "2", early.text
             assert "deployment late was just applied" in early.json()["error"]
             assert (await http.post("/v2/models/never/infer", json=BODY)).status_code == 404
+            await harness.wait_until(lambda: follower.table.is_pending("late"), 10, what="the pending note at the standalone gateway")
+            async with httpx.AsyncClient(base_url=follower.http_url, timeout=10) as via:
+                there = await via.post("/v2/models/late/infer", json=BODY)
+                assert there.status_code == 503 and there.headers["retry-after"] == "2", there.text
+                assert "deployment late was just applied" in there.json()["error"]
             hole.close()  # the pass ends: its table says why 'late' has no replica (no edge site), no longer pending
             await cp.reconciler.wait_for_pass(passes)
             after = await http.post("/v2/models/late/infer", json=BODY)
             assert after.status_code == 503 and "retry-after" not in after.headers, after.text
             assert "deployment late is" in after.json()["error"] and not cp.table.is_pending("late")
+            await harness.wait_until(lambda: not follower.table.is_pending("late"), 10, what="the note dropped at the standalone gateway")
     finally:
         hole.close()
+        if follower is not None:
+            await follower.stop()
         await fleet.stop()

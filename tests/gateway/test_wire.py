@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Any
 
@@ -109,7 +110,13 @@ def test_a_pending_model_lasts_until_a_pass_that_read_the_store_after_it() -> No
     assert table.note_applied({"intent": "known already", "late": "being placed"}) and changes == [1]
     assert not table.note_applied({"late": "again"}) and changes == [1]  # nothing new: no change
     assert table.is_pending("late") and table.unavailable_reason("late") == "being placed"
-    assert wire.contents_from_json(wire.table_to_json(table)).deployed == {"intent": "", "late": "being placed"}  # followers learn it
+    followed = wire.contents_from_json(wire.table_to_json(table))  # followers learn it, and that a retry can succeed
+    assert followed.deployed == {"intent": "", "late": "being placed"} and followed.pending == {"late"}
+    follower = endpoints.EndpointTable()
+    wire.apply(follower, followed)
+    assert follower.is_pending("late") and not follower.is_pending("intent") and follower.pending() == {"late"}
+    delta = wire.delta_to_json(followed, dataclasses.replace(followed, pending=frozenset()))
+    assert delta["pending"] == [] and wire.apply_delta(followed, delta).pending == frozenset()
     table.replace([V2], deployed={"intent": ""}, read_since=99.0)  # a pass that read the store before the note: kept
     assert table.is_pending("late") and "late" in table.models()
     table.replace([V2], deployed={"intent": ""}, read_since=101.0)  # read after it: that pass saw the deployment (or its deletion)
