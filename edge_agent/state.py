@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import pathlib
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from edge_agent import assignments, errors
 
 FORMAT = 1
 _TMP_SEQ = itertools.count()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,16 +82,36 @@ class StateStore:
         self._identity = data_dir / "identity.json"
 
     def load_assignments(self, site: str) -> assignments.AssignmentSet:
-        doc = _read(self._state)
-        if doc is None or doc.get("site") != site:
-            return assignments.EMPTY
+        """The saved assignment set; empty when there is none or it cannot be read. It is a
+        cache of what the control plane sends again at the next connection, so an
+        unreadable file (damaged outside the agent: its own writes are atomic) does not keep
+        the agent from starting: it is set aside, for inspection, under ``.unreadable``."""
         try:
-            return assignments.AssignmentSet.from_json(doc["assignments"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise errors.StateError(f"{self._state} is malformed: {exc}") from exc
+            doc = _read(self._state)
+            if doc is None or doc.get("site") != site:
+                return assignments.EMPTY
+            try:
+                return assignments.AssignmentSet.from_json(doc["assignments"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise errors.StateError(f"{self._state} is malformed: {exc}") from exc
+        except errors.StateError as exc:
+            kept = self.set_aside(self._state)
+            log.error("%s; set aside as %s: starting with no saved assignment (the control plane sends them again "
+                      "when it is reached)", exc, kept.name)
+            return assignments.EMPTY
+
+    def set_aside(self, path: pathlib.Path) -> pathlib.Path:
+        """Rename an unreadable state file to ``<name>.unreadable`` (replacing an older one)."""
+        kept = path.with_name(path.name + ".unreadable")
+        os.replace(path, kept)
+        return kept
 
     def save_assignments(self, site: str, desired: assignments.AssignmentSet) -> None:
         write_atomic(self._state, {"format": FORMAT, "site": site, "assignments": desired.to_json()})
+
+    @property
+    def identity_path(self) -> pathlib.Path:
+        return self._identity
 
     def load_identity(self, site: str) -> Identity | None:
         doc = _read(self._identity)

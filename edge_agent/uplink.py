@@ -151,7 +151,14 @@ class Uplink:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.interval = facts.heartbeat_interval
-        self.identity = store.load_identity(facts.site)
+        try:
+            self.identity = store.load_identity(facts.site)
+        except errors.StateError as exc:
+            if not facts.bootstrap_token:
+                raise errors.StateError(f"{exc}: give a bootstrap token (--token) to join again as a new agent") from None
+            kept = store.set_aside(store.identity_path)
+            log.error("%s; set aside as %s: joining again with the bootstrap token", exc, kept.name)
+            self.identity = None
         self._renew_at: float | None = None  # when the client certificate is due (mutual TLS)
         self._expires: float | None = None
         self._pending_csr: tuple[bytes, bytes] | None = None  # (key, CSR) not yet accepted

@@ -90,17 +90,26 @@ class Store(SqlStore):
         self._lock = threading.RLock()
         if self.path != ":memory:":
             pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._tx() as db:
-            for stmt in SCHEMA.strip().split(";"):
-                if stmt.strip():
-                    db.execute(stmt)
-            if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
-                db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the SQLite store {self.path}: {exc}") from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            with self._tx() as db:
+                for stmt in SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
+                    db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
+        except sqlite3.Error as exc:  # not a database, an unreadable file, a full disk: nothing of the file was changed
+            self._db.close()
+            hint = " (not an edgeplane state file: restore it from a backup, or give another --data-dir/--store)" \
+                if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc) else ""
+            raise StoreError(f"cannot open the SQLite store {self.path}: {exc}{hint}") from None
 
     def close(self) -> None:
         with self._lock:

@@ -121,3 +121,33 @@ async def test_sigterm_drains_and_restart_serves_from_cache_without_control_plan
     np.testing.assert_allclose(await infer(restarted.url, x), onnx_models.mlp_reference(x, weights, True), rtol=1e-5)
     restarted.proc.send_signal(signal.SIGTERM)
     assert await restarted.wait() == 0
+
+
+async def test_damaged_state_files_are_set_aside_and_the_agent_joins_again(control_plane: ControlPlane, spawn, models: Models,
+                                                                            tmp_path: pathlib.Path) -> None:
+    """A state file damaged outside the agent (its own writes are atomic) does not keep it
+    from starting: the saved assignments are a cache the control plane sends again, and a
+    bootstrap token joins again; the damaged files are kept for inspection."""
+    data = tmp_path / "damaged"
+    data.mkdir()
+    (data / "state.json").write_text('{"format": 1, "site": "edge-ly')  # cut short
+    (data / "identity.json").write_bytes(b"\x00" * 64)
+    agent = await spawn(control_plane.target, data)
+    await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+    control_plane.hub.set_assignments(SITE, [model.Assignment("mlp", "intent", "small", models.v1_url, models.v1.sha256)], 1)
+    await wait_model_ready(agent.url)
+    assert (data / "state.json.unreadable").read_text() == '{"format": 1, "site": "edge-ly'
+    assert (data / "identity.json.unreadable").read_bytes() == b"\x00" * 64
+    assert '"site": "edge-lyon-1"' in (data / "state.json").read_text()  # written anew, whole
+
+
+def test_a_damaged_identity_without_a_token_is_a_clear_error(tmp_path: pathlib.Path) -> None:
+    import subprocess
+
+    (tmp_path / "identity.json").write_text("{")
+    proc = subprocess.run([*agent_command(), "--control-plane", "127.0.0.1:1", "--site", SITE, "--insecure",
+                           "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "EDGEPLANE_TOKEN"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().endswith("give a bootstrap token (--token) to join again as a new agent"), proc.stderr
+    assert (tmp_path / "identity.json").read_text() == "{"  # left as it was

@@ -79,3 +79,18 @@ def test_a_store_url_it_cannot_open_is_refused_not_taken_for_a_file(store: str, 
                           cwd=tmp_path)
     assert proc.returncode == 2 and f"error: {message}" in proc.stderr and "Traceback" not in proc.stderr, proc
     assert not (tmp_path / "mysql:").exists() and not list((tmp_path / "data").glob("*.db"))
+
+
+def test_a_state_file_that_is_not_a_database_is_refused_and_left_as_it_was(tmp_path: pathlib.Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "state.db").write_bytes(b"not sqlite: a truncated copy, or another program's file\n" * 20)
+    before = (data / "state.db").read_bytes()
+    proc = subprocess.run([str(support.EDGEPLANE), "serve", "--data-dir", str(data), "--port", str(support.free_port()),
+                           "--agent-port", "0", "--agent-join-port", "0"],
+                          capture_output=True, text=True, timeout=60, env=support.clean_env(), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: cannot open the SQLite store {data / 'state.db'}: file is not a database "
+        "(not an edgeplane state file: restore it from a backup, or give another --data-dir/--store)"), proc.stderr
+    assert (data / "state.db").read_bytes() == before
