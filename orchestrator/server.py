@@ -236,8 +236,11 @@ class ControlPlane:
         agent_host = cfg.agent_host or cfg.host
         mtls = None
         if not cfg.insecure_agents:
-            self.ca = dataclasses.replace(ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca"),
-                                          agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
+            try:
+                loaded = ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca")
+            except ca_mod.CertificateError as exc:
+                raise ConfigError(f"the agents' CA: {exc}") from None
+            self.ca = dataclasses.replace(loaded, agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
             server_cert, server_key = self.ca.issue_server(agent_tls_hosts(cfg))
             mtls = agent_service.MutualTls(self.ca, server_cert, server_key, cfg.agent_join_port)
         # bound first: a port in use stops the start before anything else listens

@@ -19,6 +19,7 @@ import pathlib
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -85,10 +86,11 @@ class CertificateAuthority:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_path, cert_path = folder / "ca.key", folder / "ca.crt"
         if key_path.exists() and cert_path.exists():
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise CertificateError(f"{key_path} is not an EC private key")
-            return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+            return cls._load(key_path, cert_path)
+        if key_path.exists() or cert_path.exists():  # a new CA would orphan every agent that trusts the old one
+            there, missing = (key_path, cert_path) if key_path.exists() else (cert_path, key_path)
+            raise CertificateError(f"{folder} holds {there.name} but not {missing.name}: restore it (a new CA would not be "
+                                   "trusted by the agents that joined); only a folder with neither gets a new CA")
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = _now()
@@ -102,6 +104,22 @@ class CertificateAuthority:
                 .sign(key, hashes.SHA256()))
         _write_private(key_path, _key_pem(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cls(key, cert)
+
+    @classmethod
+    def _load(cls, key_path: pathlib.Path, cert_path: pathlib.Path) -> CertificateAuthority:
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise CertificateError(f"{key_path} is not an unencrypted PEM private key: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CertificateError(f"{key_path} is not an EC private key")
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except ValueError as exc:
+            raise CertificateError(f"{cert_path} is not a PEM certificate: {exc}") from None
+        if cert.public_key() != key.public_key():
+            raise CertificateError(f"{cert_path} and {key_path} do not belong together: the certificate is of another key")
         return cls(key, cert)
 
     def _issue(self, subject: str, public_key: ec.EllipticCurvePublicKey, sans: list[x509.GeneralName],

@@ -94,3 +94,15 @@ def test_a_state_file_that_is_not_a_database_is_refused_and_left_as_it_was(tmp_p
         f"error: cannot open the SQLite store {data / 'state.db'}: file is not a database "
         "(not an edgeplane state file: restore it from a backup, or give another --data-dir/--store)"), proc.stderr
     assert (data / "state.db").read_bytes() == before
+
+
+def test_a_damaged_agent_ca_is_refused_in_one_line(tmp_path: pathlib.Path) -> None:
+    data = tmp_path / "data"
+    (data / "ca").mkdir(parents=True)
+    (data / "ca" / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\ncut short\n")
+    proc = subprocess.run([str(support.EDGEPLANE), "serve", "--data-dir", str(data), "--port", str(support.free_port()),
+                           "--agent-port", "0", "--agent-join-port", "0"],
+                          capture_output=True, text=True, timeout=60, env=support.clean_env(), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: the agents' CA: {data / 'ca'} holds ca.crt but not ca.key"), proc.stderr
+    assert sorted(p.name for p in (data / "ca").iterdir()) == ["ca.crt"]

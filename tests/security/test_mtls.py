@@ -25,6 +25,29 @@ def test_ca_is_created_once_with_a_private_key(tmp_path: pathlib.Path) -> None:
     assert stat.S_IMODE((tmp_path / "ca" / "ca.key").stat().st_mode) == 0o600
 
 
+def test_a_damaged_or_half_missing_ca_is_refused_never_replaced(tmp_path: pathlib.Path) -> None:
+    """Agents trust the CA certificate they joined with: a new CA made in place of a damaged
+    or half-missing one would orphan them all, so loading refuses, naming the file."""
+    folder = tmp_path / "ca"
+    ca.CertificateAuthority.load_or_create(folder)
+    key, cert = (folder / "ca.key").read_bytes(), (folder / "ca.crt").read_bytes()
+    (folder / "ca.crt").unlink()
+    with pytest.raises(ca.CertificateError, match="holds ca.key but not ca.crt: restore it"):
+        ca.CertificateAuthority.load_or_create(folder)
+    assert (folder / "ca.key").read_bytes() == key and not (folder / "ca.crt").exists()  # nothing replaced
+    (folder / "ca.crt").write_bytes(cert[:40])
+    with pytest.raises(ca.CertificateError, match="ca.crt is not a PEM certificate"):
+        ca.CertificateAuthority.load_or_create(folder)
+    ca.CertificateAuthority.load_or_create(tmp_path / "other")
+    (folder / "ca.crt").write_bytes((tmp_path / "other" / "ca.crt").read_bytes())
+    with pytest.raises(ca.CertificateError, match="do not belong together"):
+        ca.CertificateAuthority.load_or_create(folder)
+    (folder / "ca.key").write_text("not a key")
+    with pytest.raises(ca.CertificateError, match="ca.key is not an unencrypted PEM private key"):
+        ca.CertificateAuthority.load_or_create(folder)
+    assert (folder / "ca.key").read_text() == "not a key"
+
+
 def test_agent_identity_comes_from_the_ca_not_the_csr(tmp_path: pathlib.Path) -> None:
     authority = ca.CertificateAuthority.load_or_create(tmp_path)
     _, csr = ca.new_key_and_csr("edge-evil-wants-this")
