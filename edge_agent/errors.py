@@ -12,6 +12,7 @@
     │   ├── NotJoined            the control plane forgot us: join again
     │   └── RenewalDue           the client certificate is due: join again with a CSR
     └── StateError               the state file is unreadable
+        └── CertificateUnusable  the client key or certificate is damaged, or not a pair
 """
 
 from __future__ import annotations
@@ -64,4 +65,8 @@ class NotJoined(ControlPlaneError):
 
 
 class StateError(AgentError):
+    pass
+
+
+class CertificateUnusable(StateError):
     pass

@@ -29,6 +29,7 @@ import grpc
 from edge_agent import errors, state
 
 TOOL_TIMEOUT_S = 60.0
+UNUSABLE = 3  # the identity tool's exit code for a damaged key or certificate (edgeplane_proto.identity.UNUSABLE)
 RENEW_AT = 2 / 3  # of the certificate's validity
 
 
@@ -95,12 +96,13 @@ class AgentTls:
         from the certificate once (by the identity tool) and kept next to it, keyed by its
         digest, so that a restart costs no child process."""
         cert = self.cert_path.read_bytes()
-        digest = hashlib.sha256(cert).hexdigest()
+        digest = hashlib.sha256(cert + self.key_path.read_bytes()).hexdigest()
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             kept = json.loads(self.schedule_path.read_text())
             if kept["sha256"] == digest:
                 return float(kept["renewAt"]), float(kept["expires"])
-        dates = await _identity_tool("validity", str(self.cert_path))
+        # the tool checks that the key is the certificate's too (errors.CertificateUnusable)
+        dates = await _identity_tool("validity", str(self.cert_path), str(self.key_path))
         not_before, not_after = float(dates["notBefore"]), float(dates["notAfter"])
         renew_at = not_before + (not_after - not_before) * RENEW_AT
         with contextlib.suppress(OSError):  # only a cache: a read-only disk costs a child process per start
@@ -119,6 +121,17 @@ class AgentTls:
         state.write_bytes_atomic(cert_new, certificate_pem, 0o600)
         os.replace(key_new, self.key_path)
         os.replace(cert_new, self.cert_path)
+
+    def set_aside(self) -> list[pathlib.Path]:
+        """Rename an unusable key and certificate to ``<name>.unreadable``, so that the
+        agent enrols again (the files are kept for inspection)."""
+        kept = []
+        for path in (self.key_path, self.cert_path):
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".unreadable"))
+                kept.append(path.with_name(path.name + ".unreadable"))
+        self.schedule_path.unlink(missing_ok=True)
+        return kept
 
     def recover(self) -> None:
         """After a crash in :meth:`save`: both ``.new`` files written -> finish; only the
@@ -144,6 +157,8 @@ async def _identity_tool(*args: str) -> dict[str, Any]:
         proc.kill()
         await proc.wait()
         raise errors.ControlPlaneError(f"the identity tool ({args[0]}) did not finish in {TOOL_TIMEOUT_S:g}s") from None
+    if proc.returncode == UNUSABLE:
+        raise errors.CertificateUnusable(err.decode(errors="replace").strip()[-300:])
     if proc.returncode != 0:
         raise errors.ControlPlaneError(f"the identity tool ({args[0]}) failed: {err.decode(errors='replace').strip()[-300:]}")
     try:

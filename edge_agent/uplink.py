@@ -187,6 +187,8 @@ class Uplink:
                 log.warning("control plane asks to join again: %s", exc)
             except errors.AgentUnavailable as exc:
                 log.warning("%s", exc)
+            except errors.CertificateUnusable as exc:
+                log.error("%s", exc)
             except Exception:  # the uplink never dies: log, back off, go on
                 log.exception("uplink session failed")
             if self._stopping.is_set():
@@ -209,6 +211,8 @@ class Uplink:
 
     async def _session(self) -> None:
         if self._tls is not None:
+            if self._tls.enrolled():
+                await self._check_enrolment(self._tls)
             if not self._tls.enrolled():
                 await self._enroll(self._tls)
             channel = grpc.aio.secure_channel(self._target, self._tls.mutual_credentials(), options=client_options())
@@ -224,6 +228,21 @@ class Uplink:
             raise translate(exc) from exc
         finally:
             await channel.close(grace=None)
+
+    async def _check_enrolment(self, agent_tls: tls.AgentTls) -> None:
+        """A damaged key or certificate (or a key that is not the certificate's) would fail
+        every TLS handshake: it is set aside and the agent enrols again with its bootstrap
+        token; without one, it says what to do. Read once per certificate (``_schedule``)."""
+        try:
+            await self._schedule()
+        except errors.CertificateUnusable as exc:
+            if not self._facts.bootstrap_token:
+                raise errors.CertificateUnusable(f"{exc}: this agent must enrol again: restart it with a bootstrap "
+                                                 "token (--token)") from None
+            kept = agent_tls.set_aside()
+            log.error("%s: set aside as %s; enrolling again with the bootstrap token", exc, ", ".join(p.name for p in kept))
+        except (OSError, errors.AgentError):
+            pass  # the tool itself failed (a timeout on a loaded machine): the handshake will tell
 
     async def _enroll(self, agent_tls: tls.AgentTls) -> None:
         """First join over the join port: bootstrap token + CSR in, client certificate out."""

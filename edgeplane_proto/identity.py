@@ -55,24 +55,53 @@ def validity(certificate_pem: bytes) -> tuple[float, float]:
     return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
 
 
+#: The identity tool's exit code for a key or certificate that cannot be used (damaged, or
+#: not a pair), as opposed to one it could not read (1) or a usage error (2).
+UNUSABLE = 3
+
+
+def _check_pair(certificate_pem: bytes, key_path: pathlib.Path) -> str | None:
+    """Why the private key in ``key_path`` cannot be used with the certificate, or None."""
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        return f"the private key {key_path} is damaged: {exc}"
+    if key.public_key() != x509.load_pem_x509_certificate(certificate_pem).public_key():
+        return f"the private key {key_path} is not the certificate's"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m edgeplane_proto.identity csr SITE | validity CERT_FILE``, one JSON object
-    on stdout. The agent runs these in a child process: cryptography costs a running agent
-    about 7 MB that it would keep for a job it does once a few weeks."""
+    """``python -m edgeplane_proto.identity csr SITE | validity CERT_FILE [KEY_FILE]``, one
+    JSON object on stdout (``validity`` with a key file also checks that the key is the
+    certificate's; exit code :data:`UNUSABLE` when they cannot be used). The agent runs these
+    in a child process: cryptography costs a running agent about 7 MB that it would keep for
+    a job it does once a few weeks."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "csr":
         key, csr = new_key_and_csr(args[1])
         print(json.dumps({"key": key.decode(), "csr": csr.decode()}))
         return 0
-    if len(args) == 2 and args[0] == "validity":
+    if len(args) in (2, 3) and args[0] == "validity":
         try:
-            not_before, not_after = validity(pathlib.Path(args[1]).read_bytes())
-        except (OSError, ValueError) as exc:
-            print(f"cannot read the certificate {args[1]}: {exc}", file=sys.stderr)
+            pem = pathlib.Path(args[1]).read_bytes()
+            if len(args) == 3:
+                pathlib.Path(args[2]).read_bytes()
+        except OSError as exc:
+            print(f"cannot read {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
             return 1
+        try:
+            not_before, not_after = validity(pem)
+        except ValueError as exc:
+            print(f"the certificate {args[1]} is damaged: {exc}", file=sys.stderr)
+            return UNUSABLE
+        why = _check_pair(pem, pathlib.Path(args[2])) if len(args) == 3 else None
+        if why is not None:
+            print(why, file=sys.stderr)
+            return UNUSABLE
         print(json.dumps({"notBefore": not_before, "notAfter": not_after}))
         return 0
-    print("usage: python -m edgeplane_proto.identity csr SITE | validity CERT_FILE", file=sys.stderr)
+    print("usage: python -m edgeplane_proto.identity csr SITE | validity CERT_FILE [KEY_FILE]", file=sys.stderr)
     return 2
 
 

@@ -10,6 +10,7 @@ import stat
 import grpc
 import pytest
 
+from edgeplane_proto import identity
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from orchestrator.agents import auth, hub, service
@@ -90,3 +91,21 @@ async def test_mutual_tls_handshake_on_the_agent_listener(tmp_path: pathlib.Path
                 await pb_grpc.AgentControlStub(ch).Join(request, timeout=5)
     finally:
         await server.stop(None)
+
+
+@pytest.mark.parametrize("damage", ["cut certificate", "stranger key", "garbage key", "fine"])
+def test_the_identity_tool_tells_a_damaged_pair_from_a_good_one(damage: str, tmp_path) -> None:
+    authority = ca.CertificateAuthority.load_or_create(tmp_path / "ca")
+    key, csr = identity.new_key_and_csr("edge-a")
+    cert = authority.issue_agent("edge-a", csr)
+    if damage == "cut certificate":
+        cert = cert[:60]
+    elif damage == "stranger key":
+        key = identity.new_key_and_csr("edge-a")[0]
+    elif damage == "garbage key":
+        key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    (tmp_path / "agent.crt").write_bytes(cert)
+    (tmp_path / "agent.key").write_bytes(key)
+    code = identity.main(["validity", str(tmp_path / "agent.crt"), str(tmp_path / "agent.key")])
+    assert code == (0 if damage == "fine" else identity.UNUSABLE)
+    assert identity.main(["validity", str(tmp_path / "absent.crt")]) == 1  # unreadable is not damaged: nothing is set aside

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import time
 
 import grpc
 import pytest
@@ -97,3 +98,28 @@ async def test_a_bad_csr_is_refused_before_the_join_touches_the_site(tmp_path) -
         assert after is not None and after.healthy and after.agent_id == before.agent_id
     finally:
         await fleet.stop()
+
+
+async def test_a_damaged_client_key_is_set_aside_and_the_agent_enrols_again(tmp_path) -> None:
+    """Every handshake with a key that is not the certificate's fails: the agent sees it
+    before dialling, keeps the pair aside for inspection and enrols again with its token."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        agent = await fleet.start_agent("edge-a", country="FR", lat=48.8, lon=2.3)
+        await harness.wait_until(lambda: cp.hub.status("edge-a") is not None and cp.hub.status("edge-a").healthy, 20, what="join")
+        agent.stop()
+        cert = (agent.data_dir / "agent.crt").read_bytes()
+        stranger_key = identity.new_key_and_csr("edge-a")[0]
+        (agent.data_dir / "agent.key").write_bytes(stranger_key)
+        restarted_at = time.time()
+        restarted = await fleet.restart_agent("edge-a")
+        await harness.wait_until(lambda: (s := cp.hub.status("edge-a")) is not None and s.healthy and s.last_heartbeat > s.joined_at > restarted_at,
+                                 20, what="the agent to enrol again and be heard from over mutual TLS")
+        assert "is not the certificate's: set aside as agent.key.unreadable, agent.crt.unreadable" in restarted.log()
+        assert (agent.data_dir / "agent.key.unreadable").read_bytes() == stranger_key
+        assert (agent.data_dir / "agent.crt.unreadable").read_bytes() == cert
+        assert identity.site_of((agent.data_dir / "agent.crt").read_bytes()) == "edge-a"
+    finally:
+        await fleet.stop()
+
