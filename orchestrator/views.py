@@ -113,13 +113,16 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
         return {"state": "SiteGone"}
     deployment = s.deployment_by_name.get(row.deployment)
     ready = planning.row_ready(s, row, deployment.spec.model if deployment else None)
+    # an artifact the control plane cannot resolve is sent nowhere: say so, not "on its way"
+    ref = s.artifacts.get((deployment.spec.model, row.variant)) if deployment else None
+    unsent = {"state": "ArtifactError", "ready": 0, "reason": f"not sent: {ref.error}"} if ref is not None and ref.url is None else None
     if site.spec.tier == "edge":
         agent = s.agent_by_site.get(row.site)
         if agent is None:
             return {"state": "NoAgent", "ready": 0, "reason": "no edge agent has joined this site"}
         state = agent.models.get(deployment.spec.model) if deployment else None
         if state is None:
-            return {"state": "Assigned", "ready": 0, "reason": "sent to the agent, which has not reported the model yet"}
+            return unsent or {"state": "Assigned", "ready": 0, "reason": "sent to the agent, which has not reported the model yet"}
         out = {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}
         return out | ({"reason": state.message} if state.message and ready < row.replicas else {})
     dc = s.datacentres.get(row.site)
@@ -127,7 +130,7 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
         return {"state": "Unreachable", "ready": 0, "reason": dc.error if dc is not None and dc.error else "the data centre does not answer"}
     app = dc.apps.get(planning.app_name(row.site, row.deployment))
     if app is None:
-        return {"state": "Pending", "ready": 0, "reason": "the Serve application is not deployed yet"}
+        return unsent or {"state": "Pending", "ready": 0, "reason": "the Serve application is not deployed yet"}
     # a replica waiting (for a GPU, say) says why, as Ray Serve reports it
     return {"state": app.status.value, "ready": ready} | ({"reason": app.message} if app.message and ready < row.replicas else {})
 

@@ -62,3 +62,27 @@ async def test_placements_show_a_downloads_progress(tmp_path: pathlib.Path) -> N
                 assert row["reason"] == f"downloading {url}: {done}", row
     finally:
         await fleet.stop()
+
+
+async def test_a_replica_whose_artifact_is_missing_says_it_was_not_sent(tmp_path: pathlib.Path) -> None:
+    """A variant whose artifact the control plane cannot find is sent to no agent: its
+    placement says why, where it said "sent to the agent, which has not reported it"."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        cp.hub.join(model.JoinApplication(
+            site="edge-1", bootstrap_token=harness.BOOTSTRAP_TOKEN, credential=None, agent_id="", endpoint_url="http://127.0.0.1:9",
+            location=model.Location("FR", "eu-west", 48.8, 2.3), labels={}, agent_version="test", heartbeat_interval=60.0,
+            capacity=model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",))))
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            missing = FLEET.replace("artifacts/intent-distilled.onnx", "artifacts/not-published-yet.onnx")
+            assert (await http.post("/v1/apply", content=missing)).status_code == 200
+            await harness.wait_until(lambda: [p.site for p in cp.store.placements()] == ["edge-1"], 30, what="the replica placed")
+            await cp.reconciler.wait_for_pass(cp.reconciler.passes)
+            (row,) = (await http.get("/v1/placements")).json()["items"]
+            assert (row["site"], row["state"], row["ready"]) == ("edge-1", "ArtifactError", 0), row
+            assert row["reason"].startswith("not sent: Model intent variant small: artifact 'artifacts/not-published-yet.onnx' "
+                                            "was not found under the artifact roots"), row
+            assert cp.hub.assignments("edge-1") is None or not cp.hub.assignments("edge-1").assignments
+    finally:
+        await fleet.stop()
