@@ -221,7 +221,11 @@ class Agent:
         log.info("agent stopped")
 
     async def _receive_assignments(self, desired: assignments.AssignmentSet) -> None:
-        self.store.save_assignments(self.config.site, desired)  # intent first, then act
+        try:
+            self.store.save_assignments(self.config.site, desired)  # intent first, then act
+        except OSError as exc:  # a full or failing disk: the control plane's word still holds
+            log.error("cannot save assignment set v%d in %s: %s; acting on it anyway (a restart while the control plane "
+                      "is unreachable would serve the last set saved)", desired.version, self.config.data_dir, exc.strerror or exc)
         self._desired = desired
         self._desired_changed.set()
 

@@ -15,7 +15,7 @@ import pytest
 
 from edgeplane_proto import oip
 from orchestrator.agents import model
-from orchestrator.testing import onnx_models
+from orchestrator.testing import harness, onnx_models
 
 from .conftest import TOKEN, ControlPlane, Models, start_control_plane
 
@@ -151,3 +151,25 @@ def test_a_damaged_identity_without_a_token_is_a_clear_error(tmp_path: pathlib.P
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.rstrip().endswith("give a bootstrap token (--token) to join again as a new agent"), proc.stderr
     assert (tmp_path / "identity.json").read_text() == "{"  # left as it was
+
+
+async def test_an_assignment_it_cannot_save_is_served_and_the_session_holds(control_plane: ControlPlane, spawn, models: Models,
+                                                                           tmp_path: pathlib.Path) -> None:
+    """A disk that refuses the state file (full, failing) does not cost the control plane's
+    word: the agent acts on the new set, says it could not save it, and stays connected
+    (it failed its session and joined again, over and over, serving nothing new)."""
+    data = tmp_path / "agent"
+    agent = await spawn(control_plane.target, data)
+    await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+    control_plane.hub.set_assignments(SITE, [], 1)  # the first set is saved
+    await harness.wait_until(lambda: (data / "state.json").exists(), 10, what="the first set saved")
+    (data / "state.json").unlink()
+    (data / "state.json").mkdir()  # the next save cannot replace it
+    joined = control_plane.events.kinds(SITE).count(model.AgentEventKind.JOINED)
+    control_plane.hub.set_assignments(SITE, [model.Assignment("mlp", "intent", "small", models.v1_url, models.v1.sha256)], 2)
+    await wait_model_ready(agent.url)
+    x = np.ones((1, 8), dtype=np.float32)
+    weights = onnx_models.mlp_weights(8, 16, 4, 2, 0)
+    np.testing.assert_allclose(await infer(agent.url, x), onnx_models.mlp_reference(x, weights, True), rtol=1e-5)
+    assert control_plane.events.kinds(SITE).count(model.AgentEventKind.JOINED) == joined  # no new session
+    assert (data / "state.json").is_dir()
