@@ -27,7 +27,7 @@ import sqlite3
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -153,23 +153,36 @@ class StoreJoinAuthenticator:
         if store_mod.digest(token) in self._static:
             self._accepted_created_at = 0.0
             return True
-        info = self.store.verify_token(token, "bootstrap")
+        with _store_in_use():
+            info = self.store.verify_token(token, "bootstrap")
         if info is None:
             return False
         self._accepted_created_at = info.created_at
         return True
 
     def issue_credential(self, site: str, agent_id: str) -> str:
-        revoked_at = self.store.agent_revoked_at(site)
-        if revoked_at is not None and self._accepted_created_at <= revoked_at:
-            raise agent_errors.NotAuthenticated(
-                f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
-        credential = secrets.token_urlsafe(32)
-        self.store.save_agent(site, agent_id, credential, f"agent@{site}")
+        with _store_in_use():
+            revoked_at = self.store.agent_revoked_at(site)
+            if revoked_at is not None and self._accepted_created_at <= revoked_at:
+                raise agent_errors.NotAuthenticated(
+                    f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
+            credential = secrets.token_urlsafe(32)
+            self.store.save_agent(site, agent_id, credential, f"agent@{site}")
         return credential
 
     def verify_credential(self, site: str, credential: str) -> bool:
-        return self.store.agent_credential_ok(site, credential)
+        with _store_in_use():
+            return self.store.agent_credential_ok(site, credential)
+
+
+@contextlib.contextmanager
+def _store_in_use() -> Iterator[None]:
+    """A store that cannot be read or written (unreachable, a full disk): the agent is told
+    to retry (UNAVAILABLE), not refused."""
+    try:
+        yield
+    except store_mod.StoreError as exc:
+        raise agent_errors.Unavailable(f"the control plane cannot check this join now: {exc}") from None
 
 
 @dataclass
@@ -556,11 +569,14 @@ class ControlPlane:
         whether or not it leads); the leader plans with every agent, relayed ones too."""
         kind = event.kind
         if event.status.via is None:
-            if kind in (agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED):
-                self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site,
-                                                  event.reason, {"agentId": event.agent_id}))
-            if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
-                self._register_site(event)
+            try:
+                if kind in (agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED):
+                    self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site,
+                                                      event.reason, {"agentId": event.agent_id}))
+                if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
+                    self._register_site(event)
+            except store_mod.StoreError as exc:  # the hub goes on (this runs inside its join and liveness paths)
+                log.warning("cannot log that agent %s of site %s %s: %s", event.agent_id, event.site, kind.value.lower(), exc)
         if self.elector is None or self.elector.leading:
             self.reconciler.trigger(f"agent {event.site} {kind.value}")
 

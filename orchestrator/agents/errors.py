@@ -6,6 +6,7 @@
     │   ├── SiteTaken             a live agent already holds the site -> ALREADY_EXISTS
     │   └── InvalidJoin           malformed site, URL, labels...      -> INVALID_ARGUMENT
     ├── NotJoined                 stream from an agent that must join -> FAILED_PRECONDITION
+    ├── Unavailable               the join cannot be checked now (the store) -> UNAVAILABLE
     └── StaleAssignments          set_assignments with an older version
 """
 
@@ -36,6 +37,10 @@ class InvalidJoin(JoinRefused):
 
 
 class NotJoined(AgentHubError):
+    pass
+
+
+class Unavailable(AgentHubError):
     pass
 
 

@@ -52,6 +52,7 @@ _CODES: list[tuple[type[errors.AgentHubError], grpc.StatusCode]] = [
     (errors.SiteTaken, grpc.StatusCode.ALREADY_EXISTS),
     (errors.InvalidJoin, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotJoined, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
 

@@ -105,7 +105,10 @@ class Store(SqlStore):
                         db.execute(stmt)
                 if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
                     db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
-        except sqlite3.Error as exc:  # not a database, an unreadable file, a full disk: nothing of the file was changed
+        except StoreError:  # the schema could not be written (a full disk): rolled back
+            self._db.close()
+            raise
+        except sqlite3.Error as exc:  # not a database, an unreadable file: nothing of the file was changed
             self._db.close()
             hint = " (not an edgeplane state file: restore it from a backup, or give another --data-dir/--store)" \
                 if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc) else ""
@@ -117,16 +120,32 @@ class Store(SqlStore):
 
     @contextlib.contextmanager
     def _tx(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction; ``commit=False`` rolls it back at the end (a dry run)."""
+        """One write transaction; ``commit=False`` rolls it back at the end (a dry run). A
+        write SQLite refuses (a full disk, an I/O error) is rolled back whole and raised as
+        :class:`StoreError` (the API answers 503), never half applied."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from exc
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._failed(exc) from exc
                 raise
             else:
-                self._db.execute("COMMIT" if commit else "ROLLBACK")
+                try:
+                    self._db.execute("COMMIT" if commit else "ROLLBACK")
+                except sqlite3.Error as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise self._failed(exc) from exc
+
+    def _failed(self, exc: sqlite3.Error) -> StoreError:
+        return StoreError(f"the SQLite store {self.path} refused the operation: {exc}; nothing was changed")
 
     def _lease_now(self, db: sqlite3.Connection) -> float:
         return self._clock()  # one machine: its processes share this clock
@@ -147,7 +166,10 @@ class Store(SqlStore):
 
     def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"the SQLite store {self.path} could not be read: {exc}") from exc
 
     def _read_lock(self) -> contextlib.AbstractContextManager[Any]:
         return self._lock

@@ -4,7 +4,9 @@ lose health when their agent goes silent, and their replicas move."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import pathlib
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
 
 pytestmark = pytest.mark.asyncio
@@ -66,5 +69,28 @@ async def test_an_agent_without_location_is_reported_not_scheduled(tmp_path) -> 
         async with httpx.AsyncClient(base_url=cp.http_url) as http:
             events = (await http.get("/v1/events")).json()["items"]
         assert any("--country" in e["reason"] for e in events if e["name"] == "edge-nowhere")
+    finally:
+        await fleet.stop()
+
+
+async def test_a_join_the_store_cannot_take_is_retried_not_refused(tmp_path: pathlib.Path) -> None:
+    """A store that cannot write (a full disk; SQLite's page limit stands in for it) makes a
+    join answer UNAVAILABLE with why, so the agent backs off and retries; it answered UNKNOWN
+    with the server's traceback. Once the store takes writes again, the agent joins."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        cp.store._db.execute("PRAGMA max_page_count = 1")  # type: ignore[attr-defined]  # no page beyond those it has
+        for i in range(200):  # fill the pages it has, so that the join's writes need new ones
+            with contextlib.suppress(store_mod.StoreError):
+                cp.store.record(store_mod.Event("test", "filler", "Site", f"filler-{i}", "x" * 200))
+            with contextlib.suppress(store_mod.StoreError):
+                cp.store.save_agent(f"filler-{i:03d}-" + "x" * 200, "agt-filler", "credential", "test")
+        agent = await fleet.start_agent("edge-full", country="FR", lat=48.8, lon=2.3, wait_joined=False)
+        await harness.wait_until(lambda: "UNAVAILABLE: the control plane cannot check this join now" in agent.log(), 30,
+                                 what="the join answered UNAVAILABLE")
+        assert "database or disk is full" in agent.log() and cp.hub.status("edge-full") is None
+        cp.store._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]
+        await harness.wait_until(lambda: (s := cp.hub.status("edge-full")) is not None and s.healthy, 60, what="the agent to join")
     finally:
         await fleet.stop()

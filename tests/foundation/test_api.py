@@ -374,3 +374,22 @@ def test_edgeplane_serve_subprocess_answers_and_stops(tmp_path: pathlib.Path, of
         assert {yaml.safe_dump(o["spec"]["location"]) for o in items}  # specs came back whole
     finally:
         serve.stop()
+
+
+def test_a_store_that_cannot_write_answers_503_with_why_and_applies_nothing(tmp_path: pathlib.Path, offline_fleet: pathlib.Path) -> None:
+    """A full disk under the SQLite store (SQLite's page limit stands in for it): apply says
+    why with 503, where it answered 500 "Internal Server Error", and nothing is half applied."""
+    cp = start_control_plane(tmp_path / "cp", offline_fleet)
+    try:
+        assert cp.cp is not None
+        with httpx.Client(base_url=cp.url, timeout=30) as http:
+            body = loader.bundle([(p.name, p.read_text()) for p in sorted(offline_fleet.glob("*.yaml"))])
+            cp.cp.store._db.execute("PRAGMA max_page_count = 1")  # type: ignore[attr-defined]  # no page beyond those it has
+            r = http.post("/v1/apply", content=body)
+            assert r.status_code == 503, r.text
+            assert "database or disk is full; nothing was changed" in r.json()["error"]
+            assert http.get("/v1/sites").json()["items"] == []
+            cp.cp.store._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]
+            assert http.post("/v1/apply", content=body).status_code == 200
+    finally:
+        cp.stop()

@@ -621,3 +621,24 @@ def test_other_processes_commits_are_told_as_they_commit(reopen: Callable[..., S
         assert told.get(timeout=10) == "published:table"
     finally:
         feed.close()
+
+
+def test_a_write_a_full_sqlite_disk_refuses_is_a_store_error_and_changes_nothing(tmp_path: pathlib.Path) -> None:
+    """SQLite's own page limit stands in for a full disk (SQLITE_FULL either way): the
+    write is rolled back whole and raised as the store's error (the API answers 503), where
+    sqlite3's own exception reached the API as a 500."""
+    s = open_store(tmp_path / "state.db")
+    try:
+        s.apply([ObjectWrite("Site", "edge-1", {}, {"tier": "edge"})], Event("t", "created", "Site", "edge-1", "seed"))
+        before, logged = s.list(), s.events()
+        # no page beyond those it has (SQLite raises the limit to the file's current size)
+        assert s._db.execute("PRAGMA max_page_count = 1").fetchone()[0] == s._db.execute("PRAGMA page_count").fetchone()[0]  # type: ignore[attr-defined]
+        big = [ObjectWrite("Site", f"edge-{i}", {}, {"tier": "edge", "note": "x" * 4000}) for i in range(2, 40)]
+        with pytest.raises(store_mod.StoreError, match=r"refused the operation: database or disk is full; nothing was changed"):
+            s.apply(big, Event("t", "created", "Site", "many", "bulk"))
+        assert s.list() == before and s.events() == logged
+        s._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]  # room again: writes go on
+        s.apply(big, Event("t", "created", "Site", "many", "bulk"))
+        assert len(s.list("Site")) == 39
+    finally:
+        s.close()
