@@ -171,8 +171,18 @@ class LocalRayCluster:
         return self._process is not None and self._process.poll() is None
 
     def start(self) -> LocalRayEndpoints:
+        """Start the head and wait until its dashboard answers. A start that fails at any
+        step (a full disk, ports, Ray's own errors) leaves nothing behind: no process, no
+        temporary folder, no record."""
         if self._endpoints is not None:
             return self._endpoints
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> LocalRayEndpoints:
         base = self._base_dir or pathlib.Path(tempfile.mkdtemp(prefix="epray-", dir="/tmp"))
         self._base_dir = base
         base.mkdir(parents=True, exist_ok=True)
@@ -220,11 +230,7 @@ class LocalRayCluster:
             token_file=token_file,
             temp_dir=temp_dir,
         )
-        try:
-            self._wait_ready(endpoints, log_path)
-        except BaseException:
-            self.stop()
-            raise
+        self._wait_ready(endpoints, log_path)
         self._endpoints = endpoints
         return endpoints
 
@@ -315,8 +321,12 @@ class LocalRayCluster:
                   "owner": {"pid": os.getpid(), "started": _start_time(os.getpid())}}
         self._record_file.parent.mkdir(parents=True, exist_ok=True)
         partial = self._record_file.with_suffix(".partial")
-        partial.write_text(json.dumps(record))
-        partial.replace(self._record_file)
+        try:
+            partial.write_text(json.dumps(record))
+            partial.replace(self._record_file)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
 
 def marked_pids(cluster_id: str) -> list[int]:

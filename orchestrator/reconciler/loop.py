@@ -148,7 +148,10 @@ class Reconciler:
                 self._wake.set()
             except Exception as exc:  # the loop never dies
                 backoff.fail(self.clock(), str(exc), base=0.5, cap=30.0)
-                log.exception("reconcile pass failed; retrying in %.1fs", backoff.next_try - self.clock())
+                if isinstance(exc, store_mod.StoreError):  # the database away or full: its reason says it all
+                    log.error("reconcile pass failed: %s; retrying in %.1fs", exc, backoff.next_try - self.clock())
+                else:
+                    log.exception("reconcile pass failed; retrying in %.1fs", backoff.next_try - self.clock())
                 await asyncio.sleep(max(0.0, backoff.next_try - self.clock()))
                 self._wake.set()
 
