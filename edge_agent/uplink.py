@@ -54,7 +54,15 @@ def translate(exc: grpc.RpcError) -> errors.ControlPlaneError:
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return errors.NotJoined(detail or "not joined")
     name = code.name if code is not None else "ERROR"
-    return errors.AgentUnavailable(f"control plane unavailable ({name}: {detail})")
+    hint = _TLS_HINT if detail and "handshake failed" in detail.lower() else ""
+    return errors.AgentUnavailable(f"control plane unavailable ({name}: {detail}){hint}")
+
+
+# What a failed TLS handshake with the control plane almost always means (the message of
+# gRPC says which check failed, not what to do).
+_TLS_HINT = ("; the TLS handshake failed: check that --ca-file is the ca.crt of this control plane (<data-dir>/ca/ca.crt, "
+             "or the CA given to every replica), that --control-plane names a host its certificate covers, and that this "
+             "machine's clock is right")
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,23 @@ async def test_a_damaged_client_key_is_set_aside_and_the_agent_enrols_again(tmp_
     finally:
         await fleet.stop()
 
+
+
+async def test_an_agent_given_another_ca_says_what_to_check(tmp_path) -> None:
+    """The commonest mistake of a first install: --ca-file of another control plane (or a
+    CA made again). The handshake fails; the agent's log says what to check, and it retries."""
+    from orchestrator.security import ca as ca_mod
+
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        assert cp.agent_join_target
+        ca_mod.CertificateAuthority.load_or_create(tmp_path / "other-ca")
+        cmd = harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent", tls=(tmp_path / "other-ca" / "ca.crt", cp.agent_join_target))
+        agent = await harness.spawn_agent_async(cmd, "edge-a", tmp_path / "agent")
+        fleet.agents["edge-a"] = agent
+        await harness.wait_until(lambda: agent.log().count("check that --ca-file is the ca.crt of this control plane") >= 2, 30,
+                                 what="the handshake's failure, twice, with what to check")
+        assert cp.hub.status("edge-a") is None and not (tmp_path / "agent" / "agent.crt").exists()
+    finally:
+        await fleet.stop()
