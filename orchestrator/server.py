@@ -215,6 +215,16 @@ class ControlPlane:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> ControlPlane:
+        """Start everything, or nothing: a start that fails closes the store it opened (an
+        SQLite file is held by one control plane at a time)."""
+        try:
+            return await self._start()
+        except BaseException:
+            if "store" in self.__dict__:
+                self.store.close()
+            raise
+
+    async def _start(self) -> ControlPlane:
         cfg = self.config
         if cfg.auth not in ("none", "token"):
             raise ConfigError("--auth must be 'none' or 'token'")
@@ -232,7 +242,7 @@ class ControlPlane:
             )
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.store = open_store(cfg.store or cfg.data_dir / "state.db")  # type: ignore[assignment]
+            self.store = open_store(cfg.store or cfg.data_dir / "state.db", exclusive=True)  # type: ignore[assignment]
         except store_mod.StoreError as e:
             raise ConfigError(str(e)) from e
         self._ensure_admin_token()

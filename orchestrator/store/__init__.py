@@ -67,10 +67,12 @@ def is_postgres_url(location: str) -> bool:
     return location.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.time) -> StateStore:
+def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.time, *, exclusive: bool = False) -> StateStore:
     """A ``postgresql://`` URL opens the PostgreSQL store (psycopg is imported only
     then, so one machine on SQLite needs no driver); ``sqlite:///path`` or a plain path
-    the SQLite store. Any other URL is refused rather than taken for a file name."""
+    the SQLite store. Any other URL is refused rather than taken for a file name.
+    ``exclusive``: an SQLite file is this process's alone while open (replicas share a
+    PostgreSQL store by its lease instead)."""
     if isinstance(location, str) and (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", location)):
         if is_postgres_url(location):
             try:
@@ -87,4 +89,4 @@ def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.t
             raise StoreError("sqlite:// needs a path: sqlite:///var/lib/edgeplane/state.db")
     from orchestrator.store.sqlite import Store
 
-    return Store(location, clock=clock)
+    return Store(location, clock=clock, exclusive=exclusive)

@@ -16,6 +16,8 @@ the operations are shared with the PostgreSQL store in :mod:`orchestrator.store.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import pathlib
 import sqlite3
 import threading
@@ -83,16 +85,44 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 """
 
 
+def _own(path: str) -> int:
+    """Hold ``<path>.owner`` locked (``flock``) for as long as this process keeps the
+    returned descriptor; the file names the holder's pid, for the error of the next one."""
+    owner = f"{path}.owner"
+    fd = os.open(owner, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise StoreError(f"another control plane{f' (pid {holder})' if holder.isdigit() else ''} is using {path}: "
+                         "stop it first, or give this one another --data-dir or --store") from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 class Store(SqlStore):
-    def __init__(self, path: str | pathlib.Path, clock: Callable[[], float] = time.time):
+    def __init__(self, path: str | pathlib.Path, clock: Callable[[], float] = time.time, *, exclusive: bool = False):
+        """``exclusive``: this process is the file's one writer (a control plane: it leads
+        without a lease, so a second one on the same file would act unfenced beside it);
+        another process that holds the file so is refused, until it ends (a lock the
+        kernel drops with the process, kill -9 included)."""
         self.path = str(path)
         self._clock = clock
         self._lock = threading.RLock()
+        self._owner_fd: int | None = None
         if self.path != ":memory:":
             pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            if exclusive:
+                self._owner_fd = _own(self.path)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         except sqlite3.Error as exc:
+            self._disown()
             raise StoreError(f"cannot open the SQLite store {self.path}: {exc}") from None
         try:
             self._db.row_factory = sqlite3.Row
@@ -107,9 +137,11 @@ class Store(SqlStore):
                     db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
         except StoreError:  # the schema could not be written (a full disk): rolled back
             self._db.close()
+            self._disown()
             raise
         except sqlite3.Error as exc:  # not a database, an unreadable file: nothing of the file was changed
             self._db.close()
+            self._disown()
             hint = " (not an edgeplane state file: restore it from a backup, or give another --data-dir/--store)" \
                 if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc) else ""
             raise StoreError(f"cannot open the SQLite store {self.path}: {exc}{hint}") from None
@@ -117,6 +149,12 @@ class Store(SqlStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._disown()
+
+    def _disown(self) -> None:
+        fd, self._owner_fd = self._owner_fd, None
+        if fd is not None:
+            os.close(fd)  # the lock goes with it
 
     @contextlib.contextmanager
     def _tx(self, commit: bool = True) -> Iterator[sqlite3.Connection]:

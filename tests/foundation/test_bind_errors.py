@@ -3,6 +3,7 @@ cannot be bound is named in the error (one line, exit code 1, no traceback)."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import socket
 import subprocess
@@ -106,3 +107,19 @@ def test_a_damaged_agent_ca_is_refused_in_one_line(tmp_path: pathlib.Path) -> No
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: the agents' CA: {data / 'ca'} holds ca.crt but not ca.key"), proc.stderr
     assert sorted(p.name for p in (data / "ca").iterdir()) == ["ca.crt"]
+
+
+def test_a_second_control_plane_on_the_same_state_file_is_refused(tmp_path: pathlib.Path, offline_fleet: pathlib.Path) -> None:
+    """On SQLite a control plane leads without a lease: a second one on the same file would
+    reconcile and push assignments unfenced beside it. It is refused, naming the first;
+    once the first stops, the file is free again (a lock the kernel drops, kill -9 too)."""
+    from .conftest import start_control_plane
+
+    first = start_control_plane(tmp_path / "data", offline_fleet)
+    try:
+        with pytest.raises(server.ConfigError, match=rf"another control plane \(pid {os.getpid()}\) is using {tmp_path / 'data' / 'state.db'}: stop it first"):
+            start_control_plane(tmp_path / "data", offline_fleet)
+    finally:
+        first.stop()
+    again = start_control_plane(tmp_path / "data", offline_fleet)
+    again.stop()
