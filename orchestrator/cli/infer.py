@@ -6,13 +6,16 @@ import argparse
 import json
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError
 
 
-def body_of(data: str) -> dict[str, Any]:
+def body_of(data: str, input_names: Callable[[], list[str]] | None = None) -> dict[str, Any]:
+    """The v2 request for ``--data``: ``{"INPUT": [[...]]}``, a v2 body, or a bare array when
+    the model takes one input (``input_names`` asks the model's metadata for its name)."""
     try:
         text = pathlib.Path(data[1:]).read_text() if data.startswith("@") else data
     except OSError as exc:
@@ -23,8 +26,13 @@ def body_of(data: str) -> dict[str, Any]:
         raise CliError(f"--data is not JSON: {exc}", 2) from exc
     if isinstance(doc, dict) and "inputs" in doc:
         return doc  # already a v2 request
+    if isinstance(doc, list) and input_names is not None:
+        names = input_names()
+        if len(names) != 1:
+            raise CliError(f'the model takes {len(names)} inputs ({", ".join(names)}): give --data as {{"NAME": [[...]], ...}}', 2)
+        doc = {names[0]: doc}
     if not isinstance(doc, dict) or not doc:
-        raise CliError('--data must be {"INPUT": [[...]]} or a v2 body with "inputs"', 2)
+        raise CliError('--data must be {"INPUT": [[...]]}, a v2 body with "inputs", or an array for a model of one input', 2)
     inputs = []
     for name, value in doc.items():
         shape, flat = _shape(value)
@@ -56,8 +64,20 @@ def caller_headers(args: argparse.Namespace) -> dict[str, str]:
 
 def run(api: ApiClient, args: argparse.Namespace) -> int:
     headers = caller_headers(args)
+
+    def input_names() -> list[str]:
+        meta = api.raw("GET", f"/v2/models/{args.model}", headers=headers)
+        try:
+            doc = meta.json()
+        except ValueError:
+            doc = {}
+        if meta.status_code >= 400 or not isinstance(doc, dict):
+            raise CliError(doc.get("error", meta.reason_phrase) if isinstance(doc, dict) else meta.reason_phrase)
+        return [str(i.get("name")) for i in doc.get("inputs", [])]
+
+    body = body_of(args.data, input_names)
     started = time.perf_counter()
-    resp = api.raw("POST", f"/v2/models/{args.model}/infer", json=body_of(args.data), headers=headers)
+    resp = api.raw("POST", f"/v2/models/{args.model}/infer", json=body, headers=headers)
     elapsed = (time.perf_counter() - started) * 1000
     try:
         body = resp.json()

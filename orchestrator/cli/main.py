@@ -501,7 +501,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--top", type=argtypes.whole_number(1), default=None, help="sweeps: show the N most harmful (table default 15)")
     sp = with_output(client_parser("infer", help="send one inference request through the gateway"))
     sp.add_argument("model")
-    sp.add_argument("--data", required=True, help="JSON inputs ({\"input\": [[...]]} or a v2 body) or @FILE")
+    sp.add_argument("--data", required=True, help="JSON inputs ({\"input\": [[...]]}, a v2 body, or an array for a model of one input) or @FILE")
     sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
     sp.add_argument("--region", help="caller region")
     sp.add_argument("--residency", help="caller residency, e.g. FR")

@@ -158,3 +158,14 @@ def test_a_bad_caller_option_is_a_usage_error_naming_the_option(argv: list[str],
 def test_location_reaches_the_gateway_as_its_header() -> None:
     args = cli_main.build_parser().parse_args(["infer", "m", "--data", "{}", "--location", "48.85,2.35", "--residency", "FR"])
     assert infer.caller_headers(args) == {"x-edgeplane-location": "48.85,2.35", "x-edgeplane-residency": "FR"}
+
+
+def test_infer_data_as_a_bare_array_needs_a_model_of_one_input() -> None:
+    from orchestrator.cli import infer
+    from orchestrator.cli.http import CliError
+
+    assert infer.body_of("[[1.5, 2.5]]", lambda: ["x"]) == {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.5, 2.5]}]}
+    with pytest.raises(CliError, match=r'the model takes 2 inputs \(a, b\): give --data as \{"NAME": \[\[...\]\], ...\}'):
+        infer.body_of("[[1.5]]", lambda: ["a", "b"])
+    with pytest.raises(CliError, match="or an array for a model of one input"):
+        infer.body_of('"text"', lambda: ["x"])

@@ -355,3 +355,7 @@ async def test_edgeplane_infer_goes_through_a_standalone_gateway(gateway: gatewa
     out = capsys.readouterr().out
     assert code == 0, out
     assert json.loads(out)["servedBy"] == "edge-paris"
+    # a bare array for a model of one input: its name comes from the model's metadata
+    code = await asyncio.to_thread(cli.main, ["infer", "intent", "--server", gateway.http_url, "--data", json.dumps([[0.1] * 8]), "-o", "json"])
+    bare = capsys.readouterr().out
+    assert code == 0 and json.loads(bare)["outputs"] == json.loads(out)["outputs"], bare
