@@ -114,6 +114,7 @@ class Agent:
         self.grpc_port = 0
         self.uplink: uplink.Uplink | None = None
         self.endpoint_url = ""
+        self._owner: int | None = None  # the data dir's lock, held from start to stop
 
     @property
     def models_dir(self) -> pathlib.Path:
@@ -153,6 +154,19 @@ class Agent:
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        try:  # one agent per data dir: two would share its state, identity and cache
+            self._owner = state.hold(self.config.data_dir / "agent.owner")
+        except state.Held as held:
+            raise errors.StateError(f"another agent{f' (pid {held.pid})' if held.pid else ''} is using the data dir "
+                                    f"{self.config.data_dir}: stop it first, or give this one another --data-dir") from None
+        try:
+            await self._start()
+        except BaseException:
+            os.close(self._owner)
+            self._owner = None
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         sock = _bind(cfg.listen_host, cfg.listen_port)
         port = sock.getsockname()[1]
@@ -218,6 +232,9 @@ class Agent:
                 await task
         self.server.close()
         self._executor.shutdown(wait=True)
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
         log.info("agent stopped")
 
     async def _receive_assignments(self, desired: assignments.AssignmentSet) -> None:

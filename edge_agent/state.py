@@ -10,6 +10,7 @@ instead of spending the bootstrap token again. The credential lives only here an
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -61,6 +62,34 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes, mode: int = 0o644) -> No
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class Held(Exception):
+    """Another live process holds the lock file; ``pid`` is what it wrote there ("" if unknown)."""
+
+    def __init__(self, pid: str) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+def hold(path: pathlib.Path) -> int:
+    """Lock ``path`` (``flock``, created if needed) for as long as the returned descriptor
+    stays open, writing this process's pid in it; :class:`Held` when another process holds
+    it. The kernel drops the lock with its holder, ``kill -9`` included. (The control plane
+    holds its SQLite file so, too.)"""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise Held(pid if pid.isdigit() else "") from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _read(path: pathlib.Path) -> dict[str, Any] | None:

@@ -16,7 +16,6 @@ the operations are shared with the PostgreSQL store in :mod:`orchestrator.store.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import pathlib
 import sqlite3
@@ -25,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from edge_agent import state as state_files
 from orchestrator.store.sql import (  # re-exported: the store's records are named from here
     Conflict,
     Event,
@@ -86,23 +86,12 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 
 
 def _own(path: str) -> int:
-    """Hold ``<path>.owner`` locked (``flock``) for as long as this process keeps the
-    returned descriptor; the file names the holder's pid, for the error of the next one."""
-    owner = f"{path}.owner"
-    fd = os.open(owner, os.O_RDWR | os.O_CREAT, 0o600)
+    """Hold ``<path>.owner`` (see :func:`edge_agent.state.hold`): one control plane per file."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        raise StoreError(f"another control plane{f' (pid {holder})' if holder.isdigit() else ''} is using {path}: "
+        return state_files.hold(pathlib.Path(f"{path}.owner"))
+    except state_files.Held as held:
+        raise StoreError(f"another control plane{f' (pid {held.pid})' if held.pid else ''} is using {path}: "
                          "stop it first, or give this one another --data-dir or --store") from None
-    except OSError:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 class Store(SqlStore):

@@ -173,3 +173,20 @@ async def test_an_assignment_it_cannot_save_is_served_and_the_session_holds(cont
     np.testing.assert_allclose(await infer(agent.url, x), onnx_models.mlp_reference(x, weights, True), rtol=1e-5)
     assert control_plane.events.kinds(SITE).count(model.AgentEventKind.JOINED) == joined  # no new session
     assert (data / "state.json").is_dir()
+
+
+async def test_a_second_agent_on_the_same_data_dir_is_refused_until_the_first_is_gone(control_plane: ControlPlane, spawn,
+                                                                                     tmp_path: pathlib.Path) -> None:
+    import subprocess
+
+    data = tmp_path / "shared"
+    first = await spawn(control_plane.target, data)
+    second = await asyncio.to_thread(
+        subprocess.run, [*agent_command(), "--control-plane", control_plane.target, "--site", SITE, "--token", TOKEN, "--insecure",
+                         "--listen", "127.0.0.1:0", "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+    assert second.stderr.rstrip().endswith(f"another agent (pid {first.proc.pid}) is using the data dir {data}: "
+                                           "stop it first, or give this one another --data-dir"), second.stderr
+    first.proc.send_signal(signal.SIGKILL)
+    await first.wait()
+    await spawn(control_plane.target, data)  # the kernel dropped the lock with its holder
