@@ -232,7 +232,9 @@ class Reconciler:
             datacentres=dict(self._dc_observed),
             # a new local artifact is hashed here, in a thread: the gateway shares this loop
             artifacts=await asyncio.to_thread(self._resolve_artifacts, models),
-            assignments={s.name: a.assignments for s in sites if (a := self.hub.assignments(s.name)) is not None},
+            # agents of sites no longer stored too: they are told to serve nothing
+            assignments={name: a.assignments for name in sorted({s.name for s in sites} | {a.site for a in agents})
+                         if (a := self.hub.assignments(name)) is not None},
             applied_apps=dict(self._applied),
             autoscale=autoscale,
         )

@@ -134,6 +134,9 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
     deployments = s.deployment_by_name
     tiers = {r.name: r.spec.tier for r in s.sites}
     out: dict[str, dict[str, agent_model.Assignment]] = {r.name: {} for r in s.sites if r.spec.tier == "edge"}
+    for site in s.agent_by_site:
+        if site not in tiers:  # an agent whose Site was deleted serves nothing (its replicas left the plan)
+            out[site] = {}
     # One agent serves a model once, under its Model name: the first deployment (by name) wins.
     winner: dict[tuple[str, str], str] = {}
     for row in sorted(rows, key=lambda r: (r.deployment, r.variant)):

@@ -58,9 +58,10 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
         if not mask.any():
             selector = ",".join(f"{k}={v}" for k, v in sorted(rules.site_selector.items()))
             return f"no site among {where} matches selector {selector}; {short}"
-    healthy = fleet.healthy & ~capacity.closed  # a site lost after the fleet was built counts as unhealthy
+    healthy = fleet.healthy & ~capacity.closed  # a site lost or deleted after the fleet was built is closed
     if not (mask & healthy).any():
-        return f"all {int(mask.sum())} matching {where} are unhealthy; {short}"
+        state = "are unhealthy or left the inventory" if (mask & capacity.closed).any() else "are unhealthy"
+        return f"all {int(mask.sum())} matching {where} {state}; {short}"
     variant_tiers = np.zeros(fleet.size, dtype=bool)
     for variant in deployment.variants:
         variant_tiers |= fleet.variant_tiers_mask(deployment, variant)

@@ -7,6 +7,7 @@ import pathlib
 
 import httpx
 
+from orchestrator import server
 from orchestrator.agents import model
 from orchestrator.testing import harness
 
@@ -86,3 +87,30 @@ async def test_a_replica_whose_artifact_is_missing_says_it_was_not_sent(tmp_path
             assert cp.hub.assignments("edge-1") is None or not cp.hub.assignments("edge-1").assignments
     finally:
         await fleet.stop()
+
+
+async def test_an_agent_whose_site_is_deleted_is_told_to_serve_nothing(tmp_path: pathlib.Path) -> None:
+    """Deleting a Site takes its replicas out of the plan and the gateway's table; its agent,
+    still connected, now gets an empty assignment set and unloads, where it kept serving
+    (and holding the memory of) models that no request would reach."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            assert (await http.post("/v1/apply", content=FLEET)).status_code == 200
+            await fleet.start_agent("edge-1", country="FR", region="eu-west", lat=48.8, lon=2.3)
+            await harness.wait_until(lambda: _serving(cp, "intent"), 60, what="the model served at the agent")
+            assert (await http.delete("/v1/sites/edge-1")).status_code == 200
+            await harness.wait_until(lambda: not _serving(cp, "intent"), 30, what="the model unloaded at the agent")
+            assigned = cp.hub.assignments("edge-1")
+            assert assigned is not None and assigned.assignments == ()
+            (row,) = [d for d in (await http.get("/v1/modeldeployments")).json()["items"] if d["metadata"]["name"] == "intent-fr"]
+            assert "left the inventory" in row["status"]["reason"], row["status"]
+    finally:
+        await fleet.stop()
+
+
+def _serving(cp: server.ControlPlane, name: str) -> bool:
+    status = cp.hub.status("edge-1")
+    state = status.models.get(name) if status is not None else None
+    return state is not None and state.serving
