@@ -241,6 +241,8 @@ class Uplink:
         """A damaged key or certificate (or a key that is not the certificate's) would fail
         every TLS handshake: it is set aside and the agent enrols again with its bootstrap
         token; without one, it says what to do. Read once per certificate (``_schedule``)."""
+        if self._renew_at is not None:
+            return  # this certificate was read already
         try:
             await self._schedule()
         except errors.CertificateUnusable as exc:
