@@ -233,7 +233,7 @@ class Reconciler:
             # a new local artifact is hashed here, in a thread: the gateway shares this loop
             artifacts=await asyncio.to_thread(self._resolve_artifacts, models),
             # agents of sites no longer stored too: they are told to serve nothing
-            assignments={name: a.assignments for name in sorted({s.name for s in sites} | {a.site for a in agents})
+            assignments={name: a.assignments for name in sorted({s.name for s in sites} | {agent.site for agent in agents})
                          if (a := self.hub.assignments(name)) is not None},
             applied_apps=dict(self._applied),
             autoscale=autoscale,
