@@ -82,6 +82,13 @@ LIVENESS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "ke
 
 WRITE_LOCK = 0x6564_6765  # the advisory lock every write transaction holds ("edge")
 
+#: How long the server lets a session sit idle inside a transaction before it ends it. A
+#: replica paused or cut off mid-transaction (SIGSTOP, a frozen VM, a partition) would
+#: otherwise hold the write lock, and so every replica's writes and the new leader's
+#: election, for as long as its connection looks alive: forever while paused. The store's
+#: own transactions send their statements back to back (milliseconds apart).
+IDLE_IN_TRANSACTION_S = 5.0
+
 CHANNEL = "edgeplane_changes"  # what a write transaction changed, told to every replica at its commit (NOTIFY)
 
 
@@ -93,7 +100,8 @@ class PostgresStore(SqlStore):
     placeholder = "%s"
     collate = ' COLLATE "C"'  # byte-wise, as SQLite sorts text
 
-    def __init__(self, url: str, clock: Callable[[], float] = time.time, connect_timeout_s: float = 5.0):
+    def __init__(self, url: str, clock: Callable[[], float] = time.time, connect_timeout_s: float = 5.0,
+                 idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S):
         try:
             conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as e:
@@ -102,6 +110,7 @@ class PostgresStore(SqlStore):
         self.path = _redacted(url)  # what logs and `serve` print: never the password
         self._clock = clock
         self._timeout = connect_timeout_s
+        self._idle_in_transaction_ms = max(1, round(idle_in_transaction_s * 1000))
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._pending: set[str] = set()  # what the write transaction in progress changed (_changed)
@@ -121,6 +130,7 @@ class PostgresStore(SqlStore):
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
                 self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **self.connect_options())
+                self._conn.execute(f"SET idle_in_transaction_session_timeout = {self._idle_in_transaction_ms}")
             except psycopg.OperationalError as e:
                 raise StoreUnavailable(f"cannot reach the PostgreSQL store at {self.path}: {_one_line(e)}") from e
             except psycopg.ProgrammingError as e:  # e.g. an unknown parameter in the URL

@@ -642,3 +642,42 @@ def test_a_write_a_full_sqlite_disk_refuses_is_a_store_error_and_changes_nothing
         assert len(s.list("Site")) == 39
     finally:
         s.close()
+
+
+def test_a_writer_paused_inside_a_transaction_holds_the_write_lock_only_for_a_while(postgres) -> None:  # noqa: ANN001
+    """A replica stopped mid-transaction (SIGSTOP, a frozen VM, a partition) kept the write
+    lock, and so every other replica's writes and the next leader's election, for as long as
+    its connection looked alive; the server now ends a session idle inside a transaction."""
+    import psycopg
+
+    from orchestrator.store.postgres import PostgresStore, StoreUnavailable
+
+    url = postgres.create_database()
+    paused_store, other = PostgresStore(url, idle_in_transaction_s=1.0), PostgresStore(url, idle_in_transaction_s=1.0)
+    inside, resume, outcome = threading.Event(), threading.Event(), queue.Queue[str]()
+
+    def paused() -> None:
+        try:
+            with paused_store._tx() as db:  # holds the write lock
+                inside.set()
+                resume.wait(30)  # sends nothing, as a stopped process
+                db.execute("SELECT 1")
+            outcome.put("committed")
+        except (StoreUnavailable, psycopg.Error) as exc:
+            outcome.put(f"ended by the server: {exc}")
+
+    thread = threading.Thread(target=paused)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        started = time.monotonic()
+        other.apply([ObjectWrite("Site", "edge-1", {}, {"tier": "edge"})], Event("t", "created", "Site", "edge-1", "while paused"))
+        waited = time.monotonic() - started
+    finally:
+        resume.set()
+        thread.join(30)
+    assert other.get("Site", "edge-1") is not None
+    assert waited < 15, waited  # not the 30 s the paused writer would have held it
+    assert outcome.get(timeout=1).startswith("ended by the server"), "the paused transaction should not commit"
+    paused_store.close()
+    other.close()
