@@ -47,7 +47,7 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
     short = f"{len(job.placed)} of {job.wanted} placed"
     if rules.residency is not None and not rules.residency:
         return f"residency lists no country; {short}"
-    mask = fleet.residency_mask(rules.residency)
+    mask = fleet.residency_mask(rules.residency) & ~capacity.gone  # sites deleted since the fleet was built: as a full plan
     if not mask.any():
         return f"no site in {countries}; {short}"
     mask = mask & fleet.tier_mask(rules.tiers)
@@ -58,10 +58,9 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
         if not mask.any():
             selector = ",".join(f"{k}={v}" for k, v in sorted(rules.site_selector.items()))
             return f"no site among {where} matches selector {selector}; {short}"
-    healthy = fleet.healthy & ~capacity.closed  # a site lost or deleted after the fleet was built is closed
+    healthy = fleet.healthy & ~capacity.closed  # a site lost after the fleet was built counts as unhealthy
     if not (mask & healthy).any():
-        state = "are unhealthy or left the inventory" if (mask & capacity.closed).any() else "are unhealthy"
-        return f"all {int(mask.sum())} matching {where} {state}; {short}"
+        return f"all {int(mask.sum())} matching {where} are unhealthy; {short}"
     variant_tiers = np.zeros(fleet.size, dtype=bool)
     for variant in deployment.variants:
         variant_tiers |= fleet.variant_tiers_mask(deployment, variant)

@@ -383,6 +383,7 @@ class Capacity:
         self.memory_mib = fleet.memory_mib.copy()
         self.gpu_count = fleet.gpu_count.copy()
         self.closed = np.zeros(fleet.size, dtype=bool)  # lost since the fleet was built (``close``)
+        self.gone = np.zeros(fleet.size, dtype=bool)  # of those, the ones no longer in the inventory at all
         # Sites whose free capacity changed, in order; a cached ``fits_mask`` per variant
         # size remembers how far into this log it is up to date. Each deployment changes
         # a few sites, so refreshing those beats a pass over 100,000 sites per deployment.
@@ -480,10 +481,12 @@ class Capacity:
         if group >= 0:
             self.gpu_count[site, group] -= variant.gpus
 
-    def close(self, site: int) -> None:
-        """Nothing fits at ``site`` any more (it was lost); what ran there is gone too."""
+    def close(self, site: int, gone: bool = False) -> None:
+        """Nothing fits at ``site`` any more (it was lost, or left the inventory: ``gone``,
+        which a full plan would not know of); what ran there is gone too."""
         self._changed.append(site)
         self.closed[site] = True
+        self.gone[site] = gone
         self.cpu[site] = -1.0
         self.memory_mib[site] = -1.0
         self.gpu_count[site] = 0
@@ -492,6 +495,7 @@ class Capacity:
         """``site`` is back, empty: all its capacity is free again."""
         self._changed.append(site)
         self.closed[site] = False
+        self.gone[site] = False
         self.cpu[site] = self.fleet.cpu[site]
         self.memory_mib[site] = self.fleet.memory_mib[site]
         self.gpu_count[site] = self.fleet.gpu_count[site]

@@ -47,6 +47,8 @@ from orchestrator.scheduler.model import (
 from orchestrator.scheduler.result import Action, DeploymentPlan, Energy, Objective, PlanResult
 from orchestrator.scheduler.spread import DomainCounts
 
+LEFT = "left the inventory"  # the end of a removed site's reason (a lost one "is unhealthy")
+
 
 class Standing:
     """A placement in force over ``sites`` and ``deployments``, ready to be repaired."""
@@ -168,7 +170,7 @@ class Standing:
         if (healthy & ~self.open & ~fleet.healthy).any():
             return None  # unhealthy when built: every mask leaves it out
         lost = {i: f"site {fleet.names[i]} is unhealthy" for i in np.flatnonzero(self.open & seen & ~healthy).tolist()}
-        lost.update({i: f"site {fleet.names[i]} left the inventory" for i in np.flatnonzero(self.open & ~seen).tolist()})
+        lost.update({i: f"site {fleet.names[i]} {LEFT}" for i in np.flatnonzero(self.open & ~seen).tolist()})
         back = np.flatnonzero(healthy & ~self.open).tolist()
         return lost, back
 
@@ -180,7 +182,7 @@ class Standing:
         touched: dict[str, planner.Job] = {}
         for i, why in sorted(lost.items()):
             self.open[i] = False
-            capacity.close(i)
+            capacity.close(i, gone=why.endswith(LEFT))
             for name in sorted(self.at.get(i, ())):
                 job = touched[name] = self.jobs[name]
                 job.placed = [p for p in job.placed if p[0] != i]

@@ -149,6 +149,19 @@ def test_a_repair_explains_a_shortfall_as_a_full_plan_does(lost):
     assert "-1" not in reason
 
 
+@pytest.mark.parametrize("deleted", [("de-1",), ("de-1", "de-2")], ids=["one of two", "both"])
+def test_a_repair_after_sites_were_deleted_explains_as_a_full_plan_does(deleted):
+    """A deleted site is not counted at all (a full plan does not know of it), where the
+    repair said "all 2 matching DE sites are unhealthy" of sites that no longer exist."""
+    sites = [site("de-1", "berlin", cpu=2), site("de-2", "frankfurt", cpu=2)]
+    dep = deployment("de", replicas=(3, 4), residency={"DE"}, demand=(("berlin", 200),))
+    _, standing = standing_plan(sites, [dep])
+    left = [s for s in sites if s.name not in deleted]
+    repaired = standing.repair(left)
+    assert repaired is not None
+    assert repaired.deployments["de"].reason == plan(left, [dep]).deployments["de"].reason, repaired.deployments["de"].reason
+
+
 @pytest.mark.parametrize(
     "change",
     [
