@@ -60,10 +60,10 @@ def validity(certificate_pem: bytes) -> tuple[float, float]:
 UNUSABLE = 3
 
 
-def _check_pair(certificate_pem: bytes, key_path: pathlib.Path) -> str | None:
-    """Why the private key in ``key_path`` cannot be used with the certificate, or None."""
+def _check_pair(certificate_pem: bytes, key_pem: bytes, key_path: str) -> str | None:
+    """Why the private key (read from ``key_path``) cannot be used with the certificate, or None."""
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         return f"the private key {key_path} is damaged: {exc}"
     if key.public_key() != x509.load_pem_x509_certificate(certificate_pem).public_key():
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) in (2, 3) and args[0] == "validity":
         try:
             pem = pathlib.Path(args[1]).read_bytes()
-            if len(args) == 3:
-                pathlib.Path(args[2]).read_bytes()
+            key_pem = pathlib.Path(args[2]).read_bytes() if len(args) == 3 else None
         except OSError as exc:
             print(f"cannot read {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
             return 1
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"the certificate {args[1]} is damaged: {exc}", file=sys.stderr)
             return UNUSABLE
-        why = _check_pair(pem, pathlib.Path(args[2])) if len(args) == 3 else None
+        why = _check_pair(pem, key_pem, args[2]) if key_pem is not None else None
         if why is not None:
             print(why, file=sys.stderr)
             return UNUSABLE
