@@ -162,9 +162,13 @@ class Agent:
         try:
             await self._start()
         except BaseException:
-            os.close(self._owner)
-            self._owner = None
+            self._release_data_dir()
             raise
+
+    def _release_data_dir(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            os.close(owner)  # the lock goes with it
 
     async def _start(self) -> None:
         cfg = self.config
@@ -232,9 +236,7 @@ class Agent:
                 await task
         self.server.close()
         self._executor.shutdown(wait=True)
-        if self._owner is not None:
-            os.close(self._owner)
-            self._owner = None
+        self._release_data_dir()
         log.info("agent stopped")
 
     async def _receive_assignments(self, desired: assignments.AssignmentSet) -> None:

@@ -116,18 +116,21 @@ class StateStore:
         unreadable file (damaged outside the agent: its own writes are atomic) does not keep
         the agent from starting: it is set aside, for inspection, under ``.unreadable``."""
         try:
-            doc = _read(self._state)
-            if doc is None or doc.get("site") != site:
-                return assignments.EMPTY
-            try:
-                return assignments.AssignmentSet.from_json(doc["assignments"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise errors.StateError(f"{self._state} is malformed: {exc}") from exc
+            return self._saved_assignments(site)
         except errors.StateError as exc:
             kept = self.set_aside(self._state)
             log.error("%s; set aside as %s: starting with no saved assignment (the control plane sends them again "
                       "when it is reached)", exc, kept.name)
             return assignments.EMPTY
+
+    def _saved_assignments(self, site: str) -> assignments.AssignmentSet:
+        doc = _read(self._state)
+        if doc is None or doc.get("site") != site:
+            return assignments.EMPTY
+        try:
+            return assignments.AssignmentSet.from_json(doc["assignments"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.StateError(f"{self._state} is malformed: {exc}") from exc
 
     def set_aside(self, path: pathlib.Path) -> pathlib.Path:
         """Rename an unreadable state file to ``<name>.unreadable`` (replacing an older one)."""

@@ -47,8 +47,6 @@ from orchestrator.scheduler.model import (
 from orchestrator.scheduler.result import Action, DeploymentPlan, Energy, Objective, PlanResult
 from orchestrator.scheduler.spread import DomainCounts
 
-LEFT = "left the inventory"  # the end of a removed site's reason (a lost one "is unhealthy")
-
 
 class Standing:
     """A placement in force over ``sites`` and ``deployments``, ready to be repaired."""
@@ -125,8 +123,8 @@ class Standing:
         with gcpause.paused():
             change = self._capacity_change(sites)
             if change is not None:
-                lost, back = change
-                return self._repair(lost, back)
+                lost, back, gone = change
+                return self._repair(lost, back, gone)
             known = [site for site in sites if site.name in self.fleet.index]
             if len(known) == len(sites):
                 return None  # no new site: something else changed
@@ -146,7 +144,9 @@ class Standing:
 
     # -- what changed --------------------------------------------------------------------
 
-    def _capacity_change(self, sites: Sequence[Site]) -> tuple[dict[int, str], list[int]] | None:
+    def _capacity_change(self, sites: Sequence[Site]) -> tuple[dict[int, str], list[int], frozenset[int]] | None:
+        """``(lost, back, gone)``: the sites lost since the plan, with why; those back; and,
+        of the lost, those no longer among ``sites`` at all. None for any other change."""
         fleet = self.fleet
         if len(sites) == fleet.size and [site.name for site in sites] == fleet.names:
             order = range(fleet.size)  # the common case, same sites in the same order
@@ -169,20 +169,22 @@ class Standing:
                 return None  # capacity, carbon, labels or place changed
         if (healthy & ~self.open & ~fleet.healthy).any():
             return None  # unhealthy when built: every mask leaves it out
+        gone = frozenset(np.flatnonzero(self.open & ~seen).tolist())
         lost = {i: f"site {fleet.names[i]} is unhealthy" for i in np.flatnonzero(self.open & seen & ~healthy).tolist()}
-        lost.update({i: f"site {fleet.names[i]} {LEFT}" for i in np.flatnonzero(self.open & ~seen).tolist()})
+        lost.update({i: f"site {fleet.names[i]} left the inventory" for i in gone})
         back = np.flatnonzero(healthy & ~self.open).tolist()
-        return lost, back
+        return lost, back, gone
 
     # -- the keep step and the repair ------------------------------------------------------
 
-    def _repair(self, lost: Mapping[int, str], back: Sequence[int], grow_short: bool = False) -> PlanResult:
+    def _repair(self, lost: Mapping[int, str], back: Sequence[int], gone: frozenset[int] = frozenset(),
+                grow_short: bool = False) -> PlanResult:
         fleet, capacity = self.fleet, self.capacity
         dropped: dict[Replica, str] = {}
         touched: dict[str, planner.Job] = {}
         for i, why in sorted(lost.items()):
             self.open[i] = False
-            capacity.close(i, gone=why.endswith(LEFT))
+            capacity.close(i, gone=i in gone)
             for name in sorted(self.at.get(i, ())):
                 job = touched[name] = self.jobs[name]
                 job.placed = [p for p in job.placed if p[0] != i]

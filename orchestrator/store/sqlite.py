@@ -109,31 +109,36 @@ class Store(SqlStore):
             if exclusive:
                 self._owner_fd = _own(self.path)
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        except sqlite3.Error as exc:
-            self._disown()
-            raise StoreError(f"cannot open the SQLite store {self.path}: {exc}") from None
-        try:
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            with self._tx() as db:
-                for stmt in SCHEMA.strip().split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-                if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
-                    db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
-        except StoreError:  # the schema could not be written (a full disk): rolled back
-            self._db.close()
+            self._db = self._open()
+        except BaseException:
             self._disown()
             raise
-        except sqlite3.Error as exc:  # not a database, an unreadable file: nothing of the file was changed
-            self._db.close()
-            self._disown()
+
+    def _open(self) -> sqlite3.Connection:
+        """The connection, its schema made or brought up to date; a file SQLite cannot use
+        is a :class:`StoreError` and nothing of it was changed."""
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the SQLite store {self.path}: {exc}") from None
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("BEGIN IMMEDIATE")
+            for stmt in SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
+                db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:  # not a database, unreadable, a full disk: rolled back with the connection
+            db.close()
             hint = " (not an edgeplane state file: restore it from a backup, or give another --data-dir/--store)" \
                 if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc) else ""
             raise StoreError(f"cannot open the SQLite store {self.path}: {exc}{hint}") from None
+        return db
 
     def close(self) -> None:
         with self._lock:
