@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,12 +291,36 @@ def _loads_tensors(head: bytes | memoryview) -> Any:
     its errors and its exact conversions."""
     raw = bytes(head)
     try:
-        doc = _plain(simdjson.Parser().parse(raw), tensors=True)  # a parser per body: its values never outlive it
+        doc = _plain(_parse(raw), tensors=True)
     except Exception:  # noqa: BLE001 - invalid for simdjson, or unusual: the orjson path says what is wrong
         return loads(head)
     if isinstance(doc, dict) and not _flat_as_written(raw, doc):
         return loads(head)
     return doc
+
+
+#: Bodies up to this size are read by a parser kept per thread: its buffers (about 3.5x the
+#: body) stay allocated, where a new parser's are mapped and faulted in again for each body
+#: (2.4 against 1.9 ms to decode a 715 KB body here, 3.4 against 2.1 ms when other work
+#: freed memory in between). A larger body gets a parser of its own, freed with it, so one
+#: large request does not pin its memory for the life of the process.
+REUSED_PARSER_MAX_BYTES = 1 << 20
+_reused = threading.local()
+
+
+def _parse(raw: bytes) -> Any:
+    """simdjson's document for ``raw``; the caller keeps none of its values (the next parse
+    of this thread's parser needs them gone)."""
+    if len(raw) > REUSED_PARSER_MAX_BYTES:
+        return simdjson.Parser().parse(raw)
+    parser = getattr(_reused, "parser", None)
+    if parser is not None:
+        try:
+            return parser.parse(raw)
+        except RuntimeError:  # a value of an earlier parse is still referenced: start afresh
+            pass
+    _reused.parser = simdjson.Parser()
+    return _reused.parser.parse(raw)
 
 
 def _flat_as_written(raw: bytes, doc: dict[str, Any]) -> bool:
@@ -314,7 +339,13 @@ def _flat_as_written(raw: bytes, doc: dict[str, Any]) -> bool:
             rest[key] = [{**spec, "data": None} if isinstance(spec, dict) and isinstance(spec.get("data"), np.ndarray) else spec
                          for spec in specs]
             fast += sum(isinstance(spec, dict) and isinstance(spec.get("data"), np.ndarray) for spec in specs)
-    return fast == 0 or raw.count(b"[") == orjson.dumps(rest).count(b"[") + fast
+    return fast == 0 or _brackets(raw) == _brackets(orjson.dumps(rest)) + fast
+
+
+def _brackets(raw: bytes) -> int:
+    """How many ``[`` the document holds. ``bytes.count`` looks at each byte (0.22 ms for a
+    715 KB body here); ``replace`` jumps between the few brackets with ``memchr`` (0.03 ms)."""
+    return len(raw) - len(raw.replace(b"[", b""))
 
 
 class _Unusual(Exception):

@@ -167,3 +167,43 @@ def test_data_nested_unevenly_is_refused_though_the_fast_read_would_flatten_it(d
     body = oip.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(data)], "data": data}]})
     with pytest.raises(oip.ProtocolError, match="nested evenly"):
         oip.decode_request(body)
+
+
+def _fast_body(rows: int) -> tuple[bytes, np.ndarray]:
+    x = np.random.default_rng(rows).standard_normal((rows, 1024)).astype(np.float32)
+    return oip.encode_request({"input": x}, binary=False)[0], x
+
+
+def test_a_value_kept_from_an_earlier_parse_does_not_push_bodies_off_the_fast_read() -> None:
+    body, x = _fast_body(4)
+    oip._loads_tensors(body)  # this thread now has its parser
+    kept = oip._reused.parser.parse(b'{"a": [1, 2]}')["a"]  # holds the parser, as a leak would
+    doc = oip._loads_tensors(body)
+    assert isinstance(doc["inputs"][0]["data"], np.ndarray)
+    assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
+    assert kept.as_list() == [1, 2]  # the old parser's value is still readable
+
+
+def test_each_thread_reads_with_its_own_parser_and_large_bodies_with_a_parser_of_their_own() -> None:
+    import threading
+
+    body, x = _fast_body(8)
+    seen: dict[str, object] = {}
+
+    def decode(name: str) -> None:
+        assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
+        seen[name] = oip._reused.parser
+
+    threads = [threading.Thread(target=decode, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["a"] is not seen["b"]
+
+    large, big = _fast_body(128)
+    assert len(large) > oip.REUSED_PARSER_MAX_BYTES
+    before = getattr(oip._reused, "parser", None)
+    assert isinstance(oip._loads_tensors(large)["inputs"][0]["data"], np.ndarray)
+    assert oip.decode_request(large).inputs[0].array.tobytes() == big.tobytes()
+    assert getattr(oip._reused, "parser", None) is before  # not kept for this thread's next body
