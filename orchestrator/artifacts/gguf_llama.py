@@ -1,0 +1,333 @@
+"""A Llama-architecture GGUF file as an onnxruntime-genai package, with no torch.
+
+onnxruntime-genai's own model builder reads GGUF but needs torch and transformers, which
+are gigabytes on the package index. This converter needs only ``gguf`` (the reader
+published by the llama.cpp project: numpy, a few hundred KB), ``onnx`` and ``tokenizers``:
+
+* the weights are dequantized by ``gguf`` to float32 (a quantized GGUF becomes the float
+  model it approximates; the ONNX file is 4 bytes per parameter);
+* the decoder is written with plain ONNX operators: RMSNorm, rotary position embedding
+  on adjacent pairs (the layout llama.cpp's converter leaves the query and key weights
+  in), grouped-query attention over the KV cache with a causal mask, the SwiGLU MLP and
+  the output projection tied to the embedding where the file has no ``output.weight``.
+  Its inputs and outputs are the ones onnxruntime-genai drives for ``"type": "llama"``
+  (``input_ids``, ``attention_mask``, ``past_key_values.N.key/value``; ``logits``,
+  ``present.N.key/value``);
+* the tokenizer (a GPT-2 style byte-level BPE: ``tokenizer.ggml.model`` = ``gpt2``) is
+  rebuilt from the file's vocabulary and merges into ``tokenizer.json``, and its chat
+  template goes to ``tokenizer_config.json``.
+
+    python -m orchestrator.artifacts.gguf_llama MODEL.gguf OUT_DIR [--context-length N] [--pack OUT.tar]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from orchestrator.artifacts import genai_package
+
+OPSET = 17
+#: Bumped whenever the graph or the files written change, so caches of converted packages
+#: (``orchestrator.testing.examples``) build again.
+CONVERTER_VERSION = 1
+
+
+class GGUFError(Exception):
+    """A GGUF file this converter cannot turn into a package; the message says why."""
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    context_length: int
+    rope_base: float
+    rms_eps: float
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden // self.heads
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise GGUFError(f"the file has no {key!r}")
+        return default
+    return field.contents()
+
+
+def read_shape(reader: Any, context_length: int | None = None) -> LlamaShape:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"architecture {arch!r} is not supported (only 'llama')")
+    trained = int(_field(reader, "llama.context_length"))
+    shape = LlamaShape(
+        layers=int(_field(reader, "llama.block_count")),
+        hidden=int(_field(reader, "llama.embedding_length")),
+        heads=int(_field(reader, "llama.attention.head_count")),
+        kv_heads=int(_field(reader, "llama.attention.head_count_kv", _field(reader, "llama.attention.head_count"))),
+        ffn=int(_field(reader, "llama.feed_forward_length")),
+        vocab=len(reader.fields["tokenizer.ggml.tokens"].data),
+        context_length=min(trained, context_length) if context_length else trained,
+        rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+    )
+    if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
+        raise GGUFError(f"{shape.heads} heads do not divide the hidden size {shape.hidden} or into {shape.kv_heads} KV heads")
+    return shape
+
+
+def _weights(reader: Any) -> dict[str, np.ndarray]:
+    from gguf import quants
+
+    out = {}
+    for tensor in reader.tensors:
+        try:
+            values = quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as exc:
+            raise GGUFError(f"tensor {tensor.name}: {tensor.tensor_type.name} cannot be dequantized: {exc}") from None
+        out[tensor.name] = np.ascontiguousarray(values, dtype=np.float32)
+    return out
+
+
+def _decoder(shape: LlamaShape, w: dict[str, np.ndarray]) -> Any:
+    from onnx import TensorProto, helper, numpy_helper
+
+    h, nh, kvh, d = shape.hidden, shape.heads, shape.kv_heads, shape.head_size
+    group = nh // kvh
+    nodes: list[Any] = []
+    inits: list[Any] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def linear(x: str, weight: str, out: str) -> str:
+        return node("MatMul", [x, const(f"{weight}.T", np.ascontiguousarray(w[weight].T))], out)
+
+    def rms_norm(x: str, weight: str, out: str) -> str:
+        sq = node("Mul", [x, x], f"{out}.sq")
+        mean = node("ReduceMean", [sq], f"{out}.mean", axes=[-1], keepdims=1)
+        var = node("Add", [mean, "rms_eps"], f"{out}.var")
+        inv = node("Reciprocal", [node("Sqrt", [var], f"{out}.std")], f"{out}.inv")
+        return node("Mul", [node("Mul", [x, inv], f"{out}.normed"), const(weight, w[weight])], out)
+
+    def rope(x: str, heads: int, out: str) -> str:
+        # [B, heads, S, d] -> pairs (x[2i], x[2i+1]) rotated by the position's angle
+        pairs = node("Reshape", [x, const(f"{out}.pairs_shape", np.array([0, heads, -1, d // 2, 2], np.int64))], f"{out}.pairs")
+        nodes.append(helper.make_node("Split", [pairs, "two_ones"], [f"{out}.x0", f"{out}.x1"], axis=-1))
+        a = node("Squeeze", [f"{out}.x0", "last_axis"], f"{out}.a")
+        b = node("Squeeze", [f"{out}.x1", "last_axis"], f"{out}.b")
+        r0 = node("Sub", [node("Mul", [a, "cos"], f"{out}.ac"), node("Mul", [b, "sin"], f"{out}.bs")], f"{out}.r0")
+        r1 = node("Add", [node("Mul", [a, "sin"], f"{out}.as"), node("Mul", [b, "cos"], f"{out}.bc")], f"{out}.r1")
+        both = node("Concat", [node("Unsqueeze", [r0, "last_axis"], f"{out}.u0"), node("Unsqueeze", [r1, "last_axis"], f"{out}.u1")],
+                    f"{out}.both", axis=-1)
+        return node("Reshape", [both, const(f"{out}.shape", np.array([0, heads, -1, d], np.int64))], out)
+
+    const("rms_eps", np.array(shape.rms_eps, np.float32))
+    const("two_ones", np.array([1, 1], np.int64))
+    const("last_axis", np.array([-1], np.int64))
+    const("zero", np.array(0, np.int64))
+    const("one", np.array(1, np.int64))
+    const("scale", np.array(1.0 / np.sqrt(d), np.float32))
+    const("masked", np.array(np.finfo(np.float32).min, np.float32))
+    const("no_mask", np.array(0.0, np.float32))
+    inv_freq = shape.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    angles = np.outer(np.arange(shape.context_length, dtype=np.float64), inv_freq)
+    const("cos_table", np.cos(angles).astype(np.float32))
+    const("sin_table", np.sin(angles).astype(np.float32))
+
+    # positions of the new tokens: the mask covers past and new, the ids only the new
+    total = node("Gather", [node("Shape", ["attention_mask"], "mask_shape"), "one"], "total", axis=0)
+    count = node("Gather", [node("Shape", ["input_ids"], "ids_shape"), "one"], "count", axis=0)
+    start = node("Sub", [total, count], "start")
+    positions = node("Range", [start, total, "one"], "positions")
+    for trig in ("cos", "sin"):
+        node("Gather", [f"{trig}_table", positions], trig, axis=0)  # [S, d/2]
+    # causal mask [S, T]: a new token sees every past position and the new ones up to itself
+    keys = node("Range", ["zero", total, "one"], "key_positions")
+    visible = node("LessOrEqual", [node("Unsqueeze", [keys, "zero_axis"], "keys_row"),
+                                   node("Unsqueeze", [positions, "last_axis"], "positions_col")], "visible")
+    const("zero_axis", np.array([0], np.int64))
+    mask = node("Where", [visible, "no_mask", "masked"], "causal_mask")
+
+    x = node("Gather", [const("token_embd.weight", w["token_embd.weight"]), "input_ids"], "x0", axis=0)
+    heads_shape = const("heads_shape", np.array([0, 0, nh, d], np.int64))
+    kv_shape = const("kv_shape", np.array([0, 0, kvh, d], np.int64))
+    grouped_q = const("grouped_q", np.array([0, kvh, group, -1, d], np.int64))
+    kv_expand = const("kv_expand", np.array([2], np.int64))
+    merged = const("merged", np.array([0, 0, h], np.int64))
+    heads_back = const("heads_back", np.array([0, nh, -1, d], np.int64))
+    for i in range(shape.layers):
+        p = f"blk.{i}"
+        n = rms_norm(x, f"{p}.attn_norm.weight", f"{p}.attn_in")
+        q = node("Transpose", [node("Reshape", [linear(n, f"{p}.attn_q.weight", f"{p}.q_flat"), heads_shape], f"{p}.q_heads")],
+                 f"{p}.q_t", perm=[0, 2, 1, 3])
+        k = node("Transpose", [node("Reshape", [linear(n, f"{p}.attn_k.weight", f"{p}.k_flat"), kv_shape], f"{p}.k_heads")],
+                 f"{p}.k_t", perm=[0, 2, 1, 3])
+        v = node("Transpose", [node("Reshape", [linear(n, f"{p}.attn_v.weight", f"{p}.v_flat"), kv_shape], f"{p}.v_heads")],
+                 f"present.{i}.value_new", perm=[0, 2, 1, 3])
+        q = rope(q, nh, f"{p}.q_rot")
+        k = rope(k, kvh, f"{p}.k_rot")
+        keys_all = node("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
+        values_all = node("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", axis=2)
+        # grouped-query attention: query head j reads KV head j // group
+        qg = node("Reshape", [q, grouped_q], f"{p}.qg")  # [B, kvh, group, S, d]
+        kg = node("Unsqueeze", [node("Transpose", [keys_all], f"{p}.k_tt", perm=[0, 1, 3, 2]), kv_expand], f"{p}.kg")  # [B, kvh, 1, d, T]
+        vg = node("Unsqueeze", [values_all, kv_expand], f"{p}.vg")  # [B, kvh, 1, T, d]
+        scores = node("Add", [node("Mul", [node("MatMul", [qg, kg], f"{p}.qk"), "scale"], f"{p}.scaled"), mask], f"{p}.scores")
+        attn = node("MatMul", [node("Softmax", [scores], f"{p}.probs", axis=-1), vg], f"{p}.attn")  # [B, kvh, group, S, d]
+        attn = node("Transpose", [node("Reshape", [attn, heads_back], f"{p}.attn_heads")], f"{p}.attn_t", perm=[0, 2, 1, 3])
+        attn = linear(node("Reshape", [attn, merged], f"{p}.attn_merged"), f"{p}.attn_output.weight", f"{p}.attn_out")
+        x = node("Add", [x, attn], f"{p}.x_attn")
+        n = rms_norm(x, f"{p}.ffn_norm.weight", f"{p}.ffn_in")
+        gate = linear(n, f"{p}.ffn_gate.weight", f"{p}.gate")
+        silu = node("Mul", [gate, node("Sigmoid", [gate], f"{p}.gate_sig")], f"{p}.silu")
+        up = node("Mul", [silu, linear(n, f"{p}.ffn_up.weight", f"{p}.up")], f"{p}.act")
+        x = node("Add", [x, linear(up, f"{p}.ffn_down.weight", f"{p}.down")], f"{p}.x_out")
+    x = rms_norm(x, "output_norm.weight", "final")
+    output = "output.weight" if "output.weight" in w else "token_embd.weight"
+    node("MatMul", [x, const("lm_head", np.ascontiguousarray(w[output].T))], "logits")
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", shape.vocab])]
+    for i in range(shape.layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, ["batch", kvh, "past_sequence", d]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, ["batch", kvh, "total_sequence", d]))
+    graph = helper.make_graph(nodes, "edgeplane_gguf_llama", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", OPSET)], producer_name="edgeplane")
+    model.ir_version = 8
+    return model
+
+
+def _tokenizer(reader: Any) -> tuple[Any, dict[str, int]]:
+    """The file's byte-level BPE as a ``tokenizers`` tokenizer, and its special tokens' ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFError(f"tokenizer {kind!r} is not supported (only the byte-level BPE 'gpt2')")
+    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
+    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    special = {tokens[i]: i for i, kind in enumerate(types) if int(kind) in (3, 4)}  # control, user-defined
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tok, special
+
+
+def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: int | None = None) -> pathlib.Path:
+    """Write ``model.onnx``, ``genai_config.json`` and the tokenizer files for ``gguf_path`` into ``out_dir``."""
+    import onnx
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except (OSError, ValueError) as exc:
+        raise GGUFError(f"{gguf_path}: not a readable GGUF file: {exc}") from None
+    shape = read_shape(reader, context_length)
+    tok, special = _tokenizer(reader)
+    weights = _weights(reader)
+    model = _decoder(shape, weights)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out_dir / "model.onnx"))
+    tok.save(str(out_dir / "tokenizer.json"))
+    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
+    ids = {key: int(_field(reader, f"tokenizer.ggml.{key}_token_id", -1)) for key in ("bos", "eos", "padding", "unknown")}
+    ids = {key: i for key, i in ids.items() if 0 <= i < len(tokens)}
+    if "eos" not in ids:
+        raise GGUFError("the file names no end-of-sequence token (tokenizer.ggml.eos_token_id)")
+    eos = [ids["eos"]] + [i for t, i in special.items() if t in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>") and i != ids["eos"]]
+    tokenizer_config = {
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_prefix_space": False,
+        "bos_token": tokens[ids.get("bos", eos[0])],
+        "eos_token": tokens[ids["eos"]],
+        "pad_token": tokens[ids.get("padding", ids["eos"])],
+        "unk_token": tokens[ids.get("unknown", ids["eos"])],
+        "model_max_length": shape.context_length,
+        "tokenizer_class": "GPT2Tokenizer",
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+            for t, i in special.items()
+        },
+    }
+    template = reader.fields.get("tokenizer.chat_template")
+    if template is not None:
+        tokenizer_config["chat_template"] = template.contents()
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True))
+    config = {
+        "model": {
+            "type": "llama",
+            "bos_token_id": ids.get("bos", eos[0]),
+            "eos_token_id": eos,
+            "pad_token_id": ids.get("padding", ids["eos"]),
+            "vocab_size": shape.vocab,
+            "context_length": shape.context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": shape.head_size,
+                "hidden_size": shape.hidden,
+                "num_attention_heads": shape.heads,
+                "num_key_value_heads": shape.kv_heads,
+                "num_hidden_layers": shape.layers,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"max_length": shape.context_length, "min_length": 0, "do_sample": False, "num_beams": 1,
+                   "num_return_sequences": 1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+                   "past_present_share_buffer": False, "early_stopping": True, "length_penalty": 1.0,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+    (out_dir / genai_package.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return out_dir
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.artifacts.gguf_llama", description=__doc__.split("\n")[0])
+    parser.add_argument("gguf", type=pathlib.Path)
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--context-length", type=int, help="cap the context (the rotary table and the package's declared limit)")
+    parser.add_argument("--pack", type=pathlib.Path, help="also pack the folder into this package (tar) and print its sha256")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.gguf, args.out_dir, context_length=args.context_length)
+    except GGUFError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.pack:
+        genai_package.pack(out, args.pack)
+        facts = genai_package.describe(out, args.pack)
+        print(f"{facts.sha256}  {args.pack}  ({facts.parameters:,} parameters, {facts.size_bytes:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
