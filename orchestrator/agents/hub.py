@@ -92,6 +92,7 @@ class _Record:
     models: dict[str, model.ModelState] = field(default_factory=dict)
     model_load: Mapping[str, model.ModelLoad] = field(default_factory=dict)
     via: str | None = None  # the replica that relays this agent; None: connected here
+    quiet_s: float = 0.0  # the silence its last heartbeat announced (a generative model's load)
 
     def live(self, now: float) -> bool:
         """Healthy and not past its deadline: it holds its site against other agents."""
@@ -269,7 +270,8 @@ class AgentHub:
         if beat.sent_unix_ms:
             self.lag.observe(now * 1000.0 - beat.sent_unix_ms)
         record.last_heartbeat = now
-        record.deadline = now + record.heartbeat_interval * self.missed_heartbeats
+        record.quiet_s = beat.quiet_ms / 1000.0
+        record.deadline = now + max(record.heartbeat_interval * self.missed_heartbeats, record.quiet_s)
         record.inflight = beat.inflight
         record.cpu_percent = beat.cpu_percent
         record.memory_available_bytes = beat.memory_available_bytes
@@ -337,7 +339,8 @@ class AgentHub:
                 record.healthy = False
                 reason = (
                     f"no heartbeat for {now - record.last_heartbeat:.1f}s "
-                    f"({self.missed_heartbeats} x {record.heartbeat_interval:g}s missed)"
+                    f"({self.missed_heartbeats} x {record.heartbeat_interval:g}s missed"
+                    + (f", after a quiet spell of {record.quiet_s:g}s it announced" if record.quiet_s else "") + ")"
                 )
                 log.warning("agent %s of site %s lost: %s", record.agent_id, record.site, reason)
                 event = self._emit(model.AgentEventKind.LOST, record, reason)

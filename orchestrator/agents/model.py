@@ -219,6 +219,7 @@ class Heartbeat:
     models: tuple[ModelState, ...] | None
     gpu_free_bytes: tuple[tuple[int, int], ...]  # (gpu index, free bytes)
     model_load: tuple[tuple[str, int, float], ...] = ()  # (model, requests, busy seconds)
+    quiet_ms: int = 0  # the agent may send nothing this long (a generative model's load)
 
     @classmethod
     def from_proto(cls, msg: pb.Heartbeat) -> Heartbeat:
@@ -238,4 +239,5 @@ class Heartbeat:
             ),
             gpu_free_bytes=tuple((g.index, g.memory_free_bytes) for g in msg.gpu_load),
             model_load=tuple((m.name, m.requests_total, m.busy_seconds_total) for m in msg.model_load),
+            quiet_ms=msg.quiet_ms,
         )

@@ -5,7 +5,7 @@ are gigabytes on the package index. This converter needs only ``gguf`` (the read
 published by the llama.cpp project: numpy, a few hundred KB), ``onnx`` and ``tokenizers``:
 
 * the weights are dequantized by ``gguf`` to float32 (a quantized GGUF becomes the float
-  model it approximates; the ONNX file is 4 bytes per parameter);
+  model it approximates: 4 bytes per parameter, in ``model.onnx.data`` beside the graph);
 * the decoder is written with plain ONNX operators: RMSNorm, rotary position embedding
   on adjacent pairs (the layout llama.cpp's converter leaves the query and key weights
   in), grouped-query attention over the KV cache with a causal mask, the SwiGLU MLP and
@@ -36,7 +36,7 @@ from orchestrator.artifacts import genai_package
 OPSET = 17
 #: Bumped whenever the graph or the files written change, so caches of converted packages
 #: (``orchestrator.testing.examples``) build again.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 
 class GGUFError(Exception):
@@ -256,7 +256,10 @@ def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: i
     weights = _weights(reader)
     model = _decoder(shape, weights)
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(out_dir / "model.onnx"))
+    # the weights beside the graph, as onnxruntime-genai's own builder writes them: the session
+    # maps them instead of parsing 650 MB of protobuf (0.69 s against 1.9 s to load SmolLM2 here)
+    onnx.save_model(model, str(out_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
     tok.save(str(out_dir / "tokenizer.json"))
     tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
     ids = {key: int(_field(reader, f"tokenizer.ggml.{key}_token_id", -1)) for key in ("bos", "eos", "padding", "unknown")}

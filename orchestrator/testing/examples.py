@@ -104,6 +104,9 @@ def smollm2_package(cache: pathlib.Path | None = None) -> genai_package.PackageF
         genai_package.pack(folder, built)
         facts = genai_package.describe(folder, built)
         os.replace(built, package)
+    for stale in cache.glob(f"{SMOLLM2_PACKAGE.removesuffix('.tar')}-*"):  # other files or converter versions
+        if stale.name not in (package.name, facts_file.name):
+            stale.unlink(missing_ok=True)
     fields = _fields(facts)
     facts_file.write_text(json.dumps(fields))
     return genai_package.PackageFacts(path=package, **fields)

@@ -87,6 +87,24 @@ def test_lost_after_missed_heartbeats_and_recovered(agent_hub, clock, events) ->
     assert agent_hub.snapshot()[0].healthy
 
 
+def test_a_quiet_spell_the_agent_announced_is_waited_out_and_then_the_usual_limit_is_back(agent_hub, clock, events) -> None:
+    """An agent about to load a generative model (onnxruntime-genai holds Python's lock,
+    heartbeats included) says how long it may be silent; it is not lost before that."""
+    grant = agent_hub.join(application())
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(quiet_ms=20_000))
+    clock.now += 19.9
+    assert agent_hub.sweep() == []
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())  # loaded: the next beat says nothing
+    clock.now += 3.01
+    lost = agent_hub.sweep()
+    assert [e.kind for e in lost] == [model.AgentEventKind.LOST] and "quiet" not in lost[0].reason
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(quiet_ms=5_000))
+    clock.now += 5.01
+    lost = agent_hub.sweep()
+    assert [e.kind for e in lost] == [model.AgentEventKind.LOST]
+    assert "after a quiet spell of 5s it announced" in lost[0].reason
+
+
 def test_reporting_counts_agents_heard_from_since_they_joined(agent_hub, clock) -> None:
     grants = [agent_hub.join(application(f"edge-{i}")) for i in range(3)]
     assert agent_hub.reporting() == 0

