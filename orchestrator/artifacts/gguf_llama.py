@@ -36,7 +36,7 @@ from orchestrator.artifacts import genai_package
 OPSET = 17
 #: Bumped whenever the graph or the files written change, so caches of converted packages
 #: (``orchestrator.testing.examples``) build again.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 
 class GGUFError(Exception):
@@ -203,8 +203,16 @@ def _decoder(shape: LlamaShape, w: dict[str, np.ndarray]) -> Any:
         up = node("Mul", [silu, linear(n, f"{p}.ffn_up.weight", f"{p}.up")], f"{p}.act")
         x = node("Add", [x, linear(up, f"{p}.ffn_down.weight", f"{p}.down")], f"{p}.x_out")
     x = rms_norm(x, "output_norm.weight", "final")
+    # [vocab, hidden] as the file has it, multiplied transposed: a tied output shares the
+    # embedding's weights instead of a transposed copy (113 MB for SmolLM2)
     output = "output.weight" if "output.weight" in w else "token_embd.weight"
-    node("MatMul", [x, const("lm_head", np.ascontiguousarray(w[output].T))], "logits")
+    if output != "token_embd.weight":
+        const(output, w[output])
+    rows = node("Reshape", [x, const("rows_shape", np.array([-1, h], np.int64))], "final_rows")
+    flat = node("Gemm", [rows, output], "logits_rows", transB=1)
+    batch_seq = node("Slice", [node("Shape", [x], "final_shape"), "zero_axis", const("two", np.array([2], np.int64))], "batch_seq")
+    vocab = const("vocab_dim", np.array([shape.vocab], np.int64))
+    node("Reshape", [flat, node("Concat", [batch_seq, vocab], "logits_shape", axis=0)], "logits")
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
