@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -80,11 +82,13 @@ def read_shape(reader: Any, context_length: int | None = None) -> LlamaShape:
         heads=int(_field(reader, "llama.attention.head_count")),
         kv_heads=int(_field(reader, "llama.attention.head_count_kv", _field(reader, "llama.attention.head_count"))),
         ffn=int(_field(reader, "llama.feed_forward_length")),
-        vocab=len(reader.fields["tokenizer.ggml.tokens"].data),
+        vocab=len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0,
         context_length=min(trained, context_length) if context_length else trained,
         rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
         rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
     )
+    if not shape.vocab:
+        raise GGUFError("the file has no 'tokenizer.ggml.tokens'")
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
         raise GGUFError(f"{shape.heads} heads do not divide the hidden size {shape.hidden} or into {shape.kv_heads} KV heads")
     return shape
@@ -248,7 +252,10 @@ def _tokenizer(reader: Any) -> tuple[Any, dict[str, int]]:
 
 
 def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: int | None = None) -> pathlib.Path:
-    """Write ``model.onnx``, ``genai_config.json`` and the tokenizer files for ``gguf_path`` into ``out_dir``."""
+    """Write ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json`` and the tokenizer
+    files for ``gguf_path`` into ``out_dir``, which must not exist or be empty. Everything is
+    read and checked first; the files are written in a folder beside it and renamed into
+    place, so a failure leaves no half-written model."""
     import onnx
 
     try:
@@ -257,18 +264,58 @@ def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: i
         raise GGUFError("reading GGUF files needs the gguf package: pip install 'edgeplane[convert]'") from None
     try:
         reader = GGUFReader(str(gguf_path))
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the reader raises what its parse met (ValueError, struct.error, KeyError...)
         raise GGUFError(f"{gguf_path}: not a readable GGUF file: {exc}") from None
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise GGUFError(f"{out_dir} exists and is not an empty folder")
     shape = read_shape(reader, context_length)
     tok, special = _tokenizer(reader)
     weights = _weights(reader)
+    _check_weights(shape, weights)
     model = _decoder(shape, weights)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # the weights beside the graph, as onnxruntime-genai's own builder writes them: the session
-    # maps them instead of parsing 650 MB of protobuf (0.69 s against 1.9 s to load SmolLM2 here)
-    onnx.save_model(model, str(out_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
-    tok.save(str(out_dir / "tokenizer.json"))
+    tokenizer_config, config = _configs(reader, shape, special)
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        # the weights beside the graph, as onnxruntime-genai's own builder writes them: the
+        # session maps them instead of parsing them out of protobuf (SmolLM2 loads 2.7x faster)
+        onnx.save_model(model, str(partial / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        tok.save(str(partial / "tokenizer.json"))
+        (partial / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True))
+        (partial / genai_package.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_weights(shape: LlamaShape, weights: dict[str, np.ndarray]) -> None:
+    """Every tensor the decoder reads, with the shape the file's header promises."""
+    h, kv, v = shape.hidden, shape.kv_heads * shape.head_size, shape.vocab
+    expected = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
+    for i in range(shape.layers):
+        p = f"blk.{i}"
+        expected |= {f"{p}.attn_norm.weight": (h,), f"{p}.ffn_norm.weight": (h,), f"{p}.attn_q.weight": (h, h),
+                     f"{p}.attn_k.weight": (kv, h), f"{p}.attn_v.weight": (kv, h), f"{p}.attn_output.weight": (h, h),
+                     f"{p}.ffn_gate.weight": (shape.ffn, h), f"{p}.ffn_up.weight": (shape.ffn, h),
+                     f"{p}.ffn_down.weight": (h, shape.ffn)}
+    if "output.weight" in weights:
+        expected["output.weight"] = (v, h)
+    for name, want in expected.items():
+        got = weights.get(name)
+        if got is None:
+            raise GGUFError(f"the file has no tensor {name!r}")
+        if got.shape != want:
+            raise GGUFError(f"tensor {name!r} has shape {list(got.shape)}, the header says {list(want)}")
+
+
+def _configs(reader: Any, shape: LlamaShape, special: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``tokenizer_config.json`` and ``genai_config.json``."""
     tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
     ids = {key: int(_field(reader, f"tokenizer.ggml.{key}_token_id", -1)) for key in ("bos", "eos", "padding", "unknown")}
     ids = {key: i for key, i in ids.items() if 0 <= i < len(tokens)}
@@ -293,7 +340,6 @@ def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: i
     template = reader.fields.get("tokenizer.chat_template")
     if template is not None:
         tokenizer_config["chat_template"] = template.contents()
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True))
     config = {
         "model": {
             "type": "llama",
@@ -320,8 +366,7 @@ def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: i
                    "past_present_share_buffer": False, "early_stopping": True, "length_penalty": 1.0,
                    "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }
-    (out_dir / genai_package.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return out_dir
+    return tokenizer_config, config
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -333,13 +378,16 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = convert(args.gguf, args.out_dir, context_length=args.context_length)
-    except GGUFError as exc:
+        if args.pack:
+            genai_package.pack(out, args.pack)
+            facts = genai_package.describe(out, args.pack)
+            print(f"{facts.sha256}  {args.pack}  ({facts.parameters:,} parameters, {facts.size_bytes:,} bytes)")
+    except (GGUFError, genai_package.PackageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.pack:
-        genai_package.pack(out, args.pack)
-        facts = genai_package.describe(out, args.pack)
-        print(f"{facts.sha256}  {args.pack}  ({facts.parameters:,} parameters, {facts.size_bytes:,} bytes)")
+    except OSError as exc:  # a full disk, a folder that cannot be written
+        print(f"error: {exc.filename or args.out_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 

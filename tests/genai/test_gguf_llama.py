@@ -271,3 +271,27 @@ async def test_an_agent_loading_a_real_model_is_not_called_lost_while_it_cannot_
         agent.stop()
         sweeper.cancel()
         await server.stop(None)
+
+
+def test_a_file_missing_a_tensor_or_with_a_wrong_shape_is_refused_before_anything_is_written(tmp_path: pathlib.Path) -> None:
+    from gguf import GGUFReader
+
+    write_gguf(tmp_path / "m.gguf")
+    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    shape = gguf_llama.read_shape(reader)
+    weights = gguf_llama._weights(reader)
+    gguf_llama._check_weights(shape, weights)  # the file as written is whole
+    with pytest.raises(gguf_llama.GGUFError, match="no tensor 'blk.1.ffn_up.weight'"):
+        gguf_llama._check_weights(shape, {k: v for k, v in weights.items() if k != "blk.1.ffn_up.weight"})
+    with pytest.raises(gguf_llama.GGUFError, match=r"'blk.0.attn_k.weight' has shape \[32, 32\], the header says \[16, 32\]"):
+        gguf_llama._check_weights(shape, {**weights, "blk.0.attn_k.weight": np.zeros((32, 32), np.float32)})
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(gguf_llama.GGUFError, match="exists and is not an empty folder"):
+        gguf_llama.convert(tmp_path / "m.gguf", tmp_path / "taken")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes((tmp_path / "m.gguf").read_bytes()[:5000])
+    with pytest.raises(gguf_llama.GGUFError, match="not a readable GGUF file"):
+        gguf_llama.convert(truncated, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
