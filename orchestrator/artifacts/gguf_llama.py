@@ -76,6 +76,8 @@ def read_shape(reader: Any, context_length: int | None = None) -> LlamaShape:
     if arch != "llama":
         raise GGUFError(f"architecture {arch!r} is not supported (only 'llama')")
     trained = int(_field(reader, "llama.context_length"))
+    if context_length is not None and context_length < 1:
+        raise GGUFError(f"a context length of {context_length} tokens: give at least 1")
     shape = LlamaShape(
         layers=int(_field(reader, "llama.block_count")),
         hidden=int(_field(reader, "llama.embedding_length")),

@@ -281,6 +281,9 @@ def test_a_file_missing_a_tensor_or_with_a_wrong_shape_is_refused_before_anythin
     shape = gguf_llama.read_shape(reader)
     weights = gguf_llama._weights(reader)
     gguf_llama._check_weights(shape, weights)  # the file as written is whole
+    assert gguf_llama.read_shape(reader, 16).context_length == 16 and shape.context_length == CONTEXT
+    with pytest.raises(gguf_llama.GGUFError, match="a context length of 0 tokens"):
+        gguf_llama.read_shape(reader, 0)
     with pytest.raises(gguf_llama.GGUFError, match="no tensor 'blk.1.ffn_up.weight'"):
         gguf_llama._check_weights(shape, {k: v for k, v in weights.items() if k != "blk.1.ffn_up.weight"})
     with pytest.raises(gguf_llama.GGUFError, match=r"'blk.0.attn_k.weight' has shape \[32, 32\], the header says \[16, 32\]"):
