@@ -6,6 +6,7 @@ server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -97,7 +98,11 @@ def http_server(app: Any) -> uvicorn.Server:
     """uvicorn for ``app``, driven by the caller's loop and signal handling."""
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5,
                                            limit_concurrency=4096, timeout_keep_alive=KEEP_ALIVE_S, http=_http_protocol()))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # uvicorn must not take SIGTERM/SIGINT from its caller: since 0.29 it installs its own
+    # handlers while it serves (``capture_signals``) and raises a caught signal again when it
+    # stops, which cancelled `edgeplane demo` a second time in the middle of its clean stop
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # uvicorn < 0.29
     return server
 
 
