@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import client as client_mod
@@ -168,7 +169,7 @@ async def _real_model(root: pathlib.Path, wanted: bool) -> str | None:
         return None
     if proc.returncode != 0:
         reason = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        console.print(f"      [yellow]{reason[0]}; the demo goes on without it[/]", markup=True, highlight=False)
+        console.print(f"      [yellow]{escape(reason[0])}; the demo goes on without it[/]", highlight=False)
         return None
     facts = json.loads(out)
     cached, served = facts.pop("path"), root / "artifacts" / examples.SMOLLM2_PACKAGE

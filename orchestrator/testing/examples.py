@@ -106,12 +106,18 @@ def _cached_or_built(gguf: pathlib.Path, package: pathlib.Path, facts_file: path
     if package.is_file() and facts_file.is_file():
         facts = json.loads(facts_file.read_text())
         return genai_package.PackageFacts(path=package, **facts)
-    with tempfile.TemporaryDirectory(dir=cache) as scratch:  # same file system: the rename below is atomic
-        folder = gguf_llama.convert(gguf, pathlib.Path(scratch) / "model", context_length=SMOLLM2_CONTEXT)
-        built = pathlib.Path(scratch) / SMOLLM2_PACKAGE
+    # beside the package (the rename below is atomic); under the lock, so a scratch folder
+    # found here is what a killed conversion left behind
+    scratch = cache / f".{package.stem}.building"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        folder = gguf_llama.convert(gguf, scratch / "model", context_length=SMOLLM2_CONTEXT)
+        built = scratch / SMOLLM2_PACKAGE
         genai_package.pack(folder, built)
         facts = genai_package.describe(folder, built)
         os.replace(built, package)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     for stale in cache.glob(f"{SMOLLM2_PACKAGE.removesuffix('.tar')}-*"):  # other files or converter versions
         if stale.name not in (package.name, facts_file.name, f"{package.stem}.lock"):
             stale.unlink(missing_ok=True)
