@@ -80,6 +80,82 @@ def pack(model_dir: pathlib.Path, out: pathlib.Path) -> str:
     return sha256_file(out)
 
 
+def llama_config(*, bos: int, eos: list[int], pad: int, vocab: int, context_length: int, head_size: int,
+                 hidden_size: int, heads: int, kv_heads: int, layers: int) -> dict:
+    """``genai_config.json`` of a ``"type": "llama"`` decoder in ``model.onnx`` with the inputs
+    and outputs onnxruntime-genai drives (``input_ids``, ``attention_mask``,
+    ``past_key_values.N.key/value``; ``logits``, ``present.N.key/value``), greedy by default."""
+    return {
+        "model": {
+            "type": "llama",
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "vocab_size": vocab,
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": head_size,
+                "hidden_size": hidden_size,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "num_hidden_layers": layers,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "max_length": context_length,
+            "min_length": 0,
+            "do_sample": False,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "temperature": 1.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "repetition_penalty": 1.0,
+            "past_present_share_buffer": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "diversity_penalty": 0.0,
+        },
+    }
+
+
+def tokenizer_config(*, bos: str, eos: str, pad: str, unk: str, context_length: int, special: dict[str, int],
+                     chat_template: str | None, add_bos_token: bool = False) -> dict:
+    """``tokenizer_config.json`` of a GPT-2 style byte-level BPE (``special``: token -> id)."""
+    config: dict = {
+        "add_bos_token": add_bos_token,
+        "add_prefix_space": False,
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "unk_token": unk,
+        "model_max_length": context_length,
+        "tokenizer_class": "GPT2Tokenizer",
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+            for t, i in special.items()
+        },
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config
+
+
 def kv_bytes_per_token(config: dict) -> int:
     """2 (key and value) x layers x KV heads x head size x element size, from genai_config."""
     decoder = config.get("model", {}).get("decoder", {})

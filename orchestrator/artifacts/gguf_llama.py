@@ -324,50 +324,16 @@ def _configs(reader: Any, shape: LlamaShape, special: dict[str, int]) -> tuple[d
     if "eos" not in ids:
         raise GGUFError("the file names no end-of-sequence token (tokenizer.ggml.eos_token_id)")
     eos = [ids["eos"]] + [i for t, i in special.items() if t in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>") and i != ids["eos"]]
-    tokenizer_config = {
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_prefix_space": False,
-        "bos_token": tokens[ids.get("bos", eos[0])],
-        "eos_token": tokens[ids["eos"]],
-        "pad_token": tokens[ids.get("padding", ids["eos"])],
-        "unk_token": tokens[ids.get("unknown", ids["eos"])],
-        "model_max_length": shape.context_length,
-        "tokenizer_class": "GPT2Tokenizer",
-        "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-            for t, i in special.items()
-        },
-    }
     template = reader.fields.get("tokenizer.chat_template")
-    if template is not None:
-        tokenizer_config["chat_template"] = template.contents()
-    config = {
-        "model": {
-            "type": "llama",
-            "bos_token_id": ids.get("bos", eos[0]),
-            "eos_token_id": eos,
-            "pad_token_id": ids.get("padding", ids["eos"]),
-            "vocab_size": shape.vocab,
-            "context_length": shape.context_length,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": "model.onnx",
-                "head_size": shape.head_size,
-                "hidden_size": shape.hidden,
-                "num_attention_heads": shape.heads,
-                "num_key_value_heads": shape.kv_heads,
-                "num_hidden_layers": shape.layers,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
-            },
-        },
-        "search": {"max_length": shape.context_length, "min_length": 0, "do_sample": False, "num_beams": 1,
-                   "num_return_sequences": 1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
-                   "past_present_share_buffer": False, "early_stopping": True, "length_penalty": 1.0,
-                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
-    }
+    tokenizer_config = genai_package.tokenizer_config(
+        bos=tokens[ids.get("bos", eos[0])], eos=tokens[ids["eos"]], pad=tokens[ids.get("padding", ids["eos"])],
+        unk=tokens[ids.get("unknown", ids["eos"])], context_length=shape.context_length, special=special,
+        chat_template=template.contents() if template is not None else None,
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
+    config = genai_package.llama_config(
+        bos=ids.get("bos", eos[0]), eos=eos, pad=ids.get("padding", ids["eos"]), vocab=shape.vocab,
+        context_length=shape.context_length, head_size=shape.head_size, hidden_size=shape.hidden, heads=shape.heads,
+        kv_heads=shape.kv_heads, layers=shape.layers)
     return tokenizer_config, config
 
 

@@ -228,70 +228,14 @@ def build_model_dir(
     model = _decoder(vocab, layers, kv_heads, head_size, table, rng, ffn_layers, ffn_dim, embed_dim, ffn_repeat)
     onnx.save_model(model, str(out_dir / "model.onnx"))
     tok.save(str(out_dir / "tokenizer.json"))
-    tokenizer_config = {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "model_max_length": context_length,
-        "tokenizer_class": "GPT2Tokenizer",
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-            for t, i in ids.items()
-        },
-    }
+    tokenizer_config = genai_package.tokenizer_config(
+        bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>", unk="<|endoftext|>", context_length=context_length,
+        special=ids, chat_template=CHAT_TEMPLATE)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True))
-    hidden = kv_heads * head_size
-    config = {
-        "model": {
-            "type": "llama",
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-            "pad_token_id": ids["<|endoftext|>"],
-            "vocab_size": vocab,
-            "context_length": context_length,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": "model.onnx",
-                "head_size": head_size,
-                "hidden_size": hidden,
-                "num_attention_heads": kv_heads,
-                "num_key_value_heads": kv_heads,
-                "num_hidden_layers": layers,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-            },
-        },
-        "search": {
-            "max_length": context_length,
-            "min_length": 0,
-            "do_sample": False,
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            "temperature": 1.0,
-            "top_k": 0,
-            "top_p": 1.0,
-            "repetition_penalty": 1.0,
-            "past_present_share_buffer": False,
-            "early_stopping": True,
-            "length_penalty": 1.0,
-            "no_repeat_ngram_size": 0,
-            "diversity_penalty": 0.0,
-        },
-    }
+    config = genai_package.llama_config(
+        bos=ids["<|endoftext|>"], eos=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad=ids["<|endoftext|>"], vocab=vocab,
+        context_length=context_length, head_size=head_size, hidden_size=kv_heads * head_size, heads=kv_heads,
+        kv_heads=kv_heads, layers=layers)
     (out_dir / genai_package.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     return out_dir
 
