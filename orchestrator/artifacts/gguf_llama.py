@@ -234,8 +234,8 @@ def _decoder(shape: LlamaShape, w: dict[str, np.ndarray]) -> Any:
     return model
 
 
-def _tokenizer(reader: Any) -> tuple[Any, dict[str, int]]:
-    """The file's byte-level BPE as a ``tokenizers`` tokenizer, and its special tokens' ids."""
+def _tokenizer(reader: Any) -> tuple[Any, list[str], dict[str, int]]:
+    """The file's byte-level BPE as a ``tokenizers`` tokenizer, its vocabulary, and its special tokens' ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     kind = _field(reader, "tokenizer.ggml.model")
@@ -250,7 +250,7 @@ def _tokenizer(reader: Any) -> tuple[Any, dict[str, int]]:
     tok.decoder = decoders.ByteLevel()
     special = {tokens[i]: i for i, kind in enumerate(types) if int(kind) in (3, 4)}  # control, user-defined
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    return tok, special
+    return tok, tokens, special
 
 
 def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: int | None = None) -> pathlib.Path:
@@ -271,11 +271,11 @@ def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: i
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise GGUFError(f"{out_dir} exists and is not an empty folder")
     shape = read_shape(reader, context_length)
-    tok, special = _tokenizer(reader)
+    tok, tokens, special = _tokenizer(reader)
     weights = _weights(reader)
     _check_weights(shape, weights)
     model = _decoder(shape, weights)
-    tokenizer_config, config = _configs(reader, shape, special)
+    tokenizer_config, config = _configs(reader, shape, tokens, special)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -316,9 +316,8 @@ def _check_weights(shape: LlamaShape, weights: dict[str, np.ndarray]) -> None:
             raise GGUFError(f"tensor {name!r} has shape {list(got.shape)}, the header says {list(want)}")
 
 
-def _configs(reader: Any, shape: LlamaShape, special: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _configs(reader: Any, shape: LlamaShape, tokens: list[str], special: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``tokenizer_config.json`` and ``genai_config.json``."""
-    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
     ids = {key: int(_field(reader, f"tokenizer.ggml.{key}_token_id", -1)) for key in ("bos", "eos", "padding", "unknown")}
     ids = {key: i for key, i in ids.items() if 0 <= i < len(tokens)}
     if "eos" not in ids:

@@ -7,8 +7,8 @@ examples can never name an artifact that does not exist or has changed.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from orchestrator.artifacts import genai_package, gguf_llama
+from orchestrator.artifacts.catalog import sha256_file
 from orchestrator.testing import genai_model, onnx_models
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "manifests" / "examples"
@@ -92,7 +93,7 @@ def smollm2_package(cache: pathlib.Path | None = None) -> genai_package.PackageF
     if gguf is None:
         return None
     cache = cache or cache_dir()
-    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
+    digest = sha256_file(gguf)[:16]
     stem = f"{SMOLLM2_PACKAGE.removesuffix('.tar')}-{digest}-v{gguf_llama.CONVERTER_VERSION}-ctx{SMOLLM2_CONTEXT}"
     package, facts_file = cache / f"{stem}.tar", cache / f"{stem}.json"
     cache.mkdir(parents=True, exist_ok=True)
@@ -104,8 +105,7 @@ def smollm2_package(cache: pathlib.Path | None = None) -> genai_package.PackageF
 def _cached_or_built(gguf: pathlib.Path, package: pathlib.Path, facts_file: pathlib.Path) -> genai_package.PackageFacts:
     cache = package.parent
     if package.is_file() and facts_file.is_file():
-        facts = json.loads(facts_file.read_text())
-        return genai_package.PackageFacts(path=package, **facts)
+        return genai_package.PackageFacts(**{**json.loads(facts_file.read_text()), "path": package})
     # beside the package (the rename below is atomic); under the lock, so a scratch folder
     # found here is what a killed conversion left behind
     scratch = cache / f".{package.stem}.building"
@@ -121,15 +121,9 @@ def _cached_or_built(gguf: pathlib.Path, package: pathlib.Path, facts_file: path
     for stale in cache.glob(f"{SMOLLM2_PACKAGE.removesuffix('.tar')}-*"):  # other files or converter versions
         if stale.name not in (package.name, facts_file.name, f"{package.stem}.lock"):
             stale.unlink(missing_ok=True)
-    fields = _fields(facts)
-    facts_file.write_text(json.dumps(fields))
-    return genai_package.PackageFacts(path=package, **fields)
-
-
-def _fields(facts: genai_package.PackageFacts) -> dict[str, int | str]:
-    return {"sha256": facts.sha256, "size_bytes": facts.size_bytes, "parameters": facts.parameters,
-            "weight_bytes": facts.weight_bytes, "context_length": facts.context_length,
-            "kv_bytes_per_token": facts.kv_bytes_per_token}
+    facts = dataclasses.replace(facts, path=package)
+    facts_file.write_text(json.dumps(facts.as_dict()))
+    return facts
 
 
 def smollm2_manifests(facts: genai_package.PackageFacts, uri: str) -> str:
@@ -182,7 +176,7 @@ def _main(argv: list[str]) -> int:
         if facts is None:
             print(f"error: {SMOLLM2_DISTRIBUTION.replace('_', '-')} is not installed", file=sys.stderr)
             return 3
-        print(json.dumps({"path": str(facts.path), **_fields(facts)}))
+        print(json.dumps(facts.as_dict()))
         return 0
     for name, digest in write().items():
         print(f"{digest}  {name}")

