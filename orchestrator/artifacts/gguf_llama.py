@@ -341,14 +341,15 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("gguf", type=pathlib.Path)
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--context-length", type=int, help="cap the context (the rotary table and the package's declared limit)")
-    parser.add_argument("--pack", type=pathlib.Path, help="also pack the folder into this package (tar) and print its sha256")
+    parser.add_argument("--pack", type=pathlib.Path,
+                        help="also pack the folder into this package (tar) and print what a Model manifest needs (sha256, sizes)")
     args = parser.parse_args(argv)
     try:
         out = convert(args.gguf, args.out_dir, context_length=args.context_length)
         if args.pack:
             genai_package.pack(out, args.pack)
-            facts = genai_package.describe(out, args.pack)
-            print(f"{facts.sha256}  {args.pack}  ({facts.parameters:,} parameters, {facts.size_bytes:,} bytes)")
+            # the figures a Model manifest needs, as `genai_package pack` prints them
+            print(json.dumps(genai_package.describe(out, args.pack).as_dict(), indent=2))
     except (GGUFError, genai_package.PackageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
