@@ -119,6 +119,7 @@ class _Record:
             heartbeat_interval=self.heartbeat_interval,
             model_load=self.model_load,
             via=self.via,
+            quiet_until=self.last_heartbeat + self.quiet_s if self.quiet_s else 0.0,
         )
 
 
@@ -410,6 +411,10 @@ class AgentHub:
     def status(self, site: str) -> model.AgentStatus | None:
         record = self._records.get(site)
         return record.status() if record else None
+
+    def now(self) -> float:
+        """This hub's clock (the one its statuses' times are on)."""
+        return self._clock()
 
     def forget(self, site: str) -> None:
         """Drop a site's agent record (e.g. the Site was deleted)."""

@@ -170,6 +170,7 @@ class AgentStatus:
     heartbeat_interval: float
     model_load: Mapping[str, ModelLoad] = field(default_factory=dict)
     via: str | None = None  # the control-plane replica that relays this agent; None: connected here
+    quiet_until: float = 0.0  # clock seconds until which its last heartbeat allowed silence (0: no quiet spell)
 
 
 class AgentEventKind(enum.Enum):

@@ -425,14 +425,14 @@ class RelayClient:
                     reports.append(pb.AgentReport(site=site, agent_id=known, gone=True))
                     del self._sent[site]
             elif status.agent_id != known and status.healthy:
-                reports.append(_whole(status))
+                reports.append(_whole(status, self._hub.now()))
                 self._sent[site] = status.agent_id
                 beats.pop(site, None)
         for site, (agent_id, beat) in beats.items():
             if self._sent.get(site) == agent_id:
                 reports.append(pb.AgentReport(site=site, agent_id=agent_id, state=beat))
             elif (status := self._hub.status(site)) is not None and status.agent_id == agent_id and status.healthy:
-                reports.append(_whole(status))
+                reports.append(_whole(status, self._hub.now()))
                 self._sent[site] = agent_id
         self.reports_total += len(reports)
         batches: list[pb.RelayReports] = []
@@ -463,9 +463,10 @@ def _carry(earlier: pb.Heartbeat, later: pb.Heartbeat) -> None:
         later.model_load.extend(earlier.model_load)
 
 
-def _whole(status: model.AgentStatus) -> pb.AgentReport:
+def _whole(status: model.AgentStatus, now: float) -> pb.AgentReport:
     """An agent reported whole: who it is and everything the leader's hub keeps of it (its
-    state only once it has sent a heartbeat, so the leader counts it as reporting then)."""
+    state only once it has sent a heartbeat, so the leader counts it as reporting then),
+    including what is left of a quiet spell it announced (a model loading)."""
     capacity = status.capacity.to_proto()
     report = pb.AgentReport(
         site=status.site, agent_id=status.agent_id,
@@ -477,7 +478,7 @@ def _whole(status: model.AgentStatus) -> pb.AgentReport:
     report.state.CopyFrom(pb.Heartbeat(
             sent_unix_ms=int(status.last_heartbeat * 1000), inflight=status.inflight, cpu_percent=status.cpu_percent,
             memory_available_bytes=status.memory_available_bytes, assignment_version=status.assignment_version,
-            capacity=capacity, models=pb.ModelStates(models=[m.to_proto() for m in status.models.values()]),
+            quiet_ms=max(0, round((status.quiet_until - now) * 1000)) if status.quiet_until else 0, capacity=capacity, models=pb.ModelStates(models=[m.to_proto() for m in status.models.values()]),
             gpu_load=[pb.Gpu(index=g.index, memory_free_bytes=g.memory_free_bytes) for g in status.capacity.gpus],
             model_load=[pb.ModelLoad(name=name, requests_total=load.requests_total, busy_seconds_total=load.busy_seconds_total)
                         for name, load in status.model_load.items()]))

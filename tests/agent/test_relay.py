@@ -300,3 +300,33 @@ def test_a_replica_whose_agent_ca_is_not_the_leader_s_says_what_to_do(tmp_path: 
     assert "without TLS" in (leader.unlike(None) or "")
     assert "without TLS" in (relay.Leader("cp-1", "h:1", "s").unlike(ours.fingerprint) or "")
     assert relay.Leader("cp-1", "h:1", "s").unlike(None) is None
+
+
+def test_an_agent_reported_whole_carries_what_is_left_of_its_quiet_spell() -> None:
+    """A relay stream that starts again (a new leader, a dropped connection) reports its
+    agents whole. One that is loading a generative model announced a quiet spell; the
+    leader must keep waiting out what is left of it, not call it lost at the usual limit."""
+    now = [1_000.0]
+    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0], missed_heartbeats=3)
+    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0], missed_heartbeats=3)
+    client = relay.RelayClient(follower, "cp-follower")
+    grant = follower.join(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test",
+                                                1.0, model.Capacity(cpu_cores=2)))
+    now[0] += 0.1
+    loading = pb.Heartbeat(sent_unix_ms=int(now[0] * 1000), quiet_ms=20_000)
+    follower.record_heartbeat(SITE, grant.agent_id, model.Heartbeat.from_proto(loading))
+
+    now[0] += 5.0  # the stream to the leader starts again while the model loads
+    client.touched(SITE)
+    [batch] = client._batches()
+    [report] = batch.reports
+    assert report.HasField("agent") and report.state.quiet_ms == 15_000
+    stream = relay._Stream()
+    stream.via = "cp-follower"
+    relay.RelayServicer(leader, lambda: SECRET)._apply(report, stream)
+
+    now[0] += 14.9  # past the usual 3 s, inside the announced spell
+    assert leader.sweep() == [] and leader.status(SITE).healthy  # type: ignore[union-attr]
+    now[0] += 0.2
+    [lost] = leader.sweep()
+    assert lost.kind is model.AgentEventKind.LOST and "quiet spell" in lost.reason
