@@ -4,6 +4,11 @@ It goes the way an application's would (:meth:`orchestrator.client.Client.chat`)
 nearest generative replica directly, then the gateway; the site that answered and the time
 to first token are printed after the answer (on stderr, so that stdout is the text alone).
 ``-o json|yaml`` asks for the whole answer at once and prints it with those facts.
+
+Unlike the API, which generates up to the model's context when a request sets no
+``max_tokens``, the command stops at :data:`DEFAULT_MAX_TOKENS` unless told otherwise: a
+terminal (and ``-o json``, which prints nothing until the end) should not wait minutes
+for a model that rambles. The finish reason then says ``length``.
 """
 
 from __future__ import annotations
@@ -17,8 +22,14 @@ from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError, token_from_env
 
 
+#: Tokens generated when ``--max-tokens`` is not given.
+DEFAULT_MAX_TOKENS = 512
+
+
 def run(api: ApiClient, args: argparse.Namespace) -> int:
-    params = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature)) if v is not None}
+    params: dict[str, float] = {"max_tokens": args.max_tokens if args.max_tokens is not None else DEFAULT_MAX_TOKENS}
+    if args.temperature is not None:
+        params["temperature"] = args.temperature
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     whole = args.output in ("json", "yaml")
     started = time.perf_counter()

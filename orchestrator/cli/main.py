@@ -522,7 +522,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("prompt")
     sp.add_argument("--system", help="a system message before the prompt")
-    sp.add_argument("--max-tokens", type=argtypes.whole_number(1), help="most tokens to generate")
+    sp.add_argument("--max-tokens", type=argtypes.whole_number(1), help="most tokens to generate (default 512)")
     sp.add_argument("--temperature", type=argtypes.number(0, 2), help="0 (greedy) to 2")
     sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
     sp.add_argument("--region", help="caller region")

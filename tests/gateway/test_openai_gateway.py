@@ -20,6 +20,7 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import client as client_mod
+from orchestrator.cli import chat as chat_cli
 from orchestrator.cli import main as cli
 from orchestrator.gateway import routing
 from orchestrator.testing import genai_model, harness, manifests
@@ -211,7 +212,8 @@ async def test_client_chat_streams_deltas_from_the_nearest_replica(fleet: harnes
         assert bad.value.status == 400 and "max_tokens" in str(bad.value)
 
 
-async def test_cli_chat_streams_and_prints_json(fleet: harness.Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_cli_chat_streams_and_prints_json(fleet: harness.Fleet, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     assert fleet.cp is not None
     server = fleet.cp.http_url
     # The sync client would block the control plane's own loop: run the CLI in a thread.
@@ -223,6 +225,12 @@ async def test_cli_chat_streams_and_prints_json(fleet: harness.Fleet, capsys: py
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["usage"]["completion_tokens"] == 5 and doc["servedBy"] == "edge-paris"
     assert out.out == doc["content"] + "\n"  # greedy: the streamed text is the whole answer, then a newline
+    # without --max-tokens the command stops at its own default (the API would go on to the context)
+    monkeypatch.setattr(chat_cli, "DEFAULT_MAX_TOKENS", 3)
+    code = await asyncio.to_thread(cli.main, ["chat", "chat", "Hello", "--temperature", "0", "--location", "48.85,2.35",
+                                              "--server", server, "-o", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["usage"]["completion_tokens"] == 3 and doc["finishReason"] == "length"
     code = await asyncio.to_thread(cli.main, ["chat", "nope", "Hello", "--server", server])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
