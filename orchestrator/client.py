@@ -51,11 +51,13 @@ class NoEndpoint(EdgeplaneError):
 
 
 class InferenceError(EdgeplaneError):
-    """A replica refused the request (4xx): retrying elsewhere would not help."""
+    """A replica refused the request (4xx): retrying elsewhere would not help. ``code`` is
+    the OpenAI API's error code when the refusal gave one (``context_length_exceeded``)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.code = code
 
 
 class StreamCut(EdgeplaneError):
@@ -109,12 +111,14 @@ def _chat_event(line: str) -> _Event | None:
 
 
 def _openai_refusal(resp: httpx.Response) -> InferenceError:
+    code = None
     try:
         err = resp.json().get("error", resp.text)
         message = err.get("message", err) if isinstance(err, dict) else err
-    except ValueError:
+        code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
         message = resp.text
-    return InferenceError(resp.status_code, str(message)[:500])
+    return InferenceError(resp.status_code, str(message)[:500], code)
 
 
 @dataclass(frozen=True)

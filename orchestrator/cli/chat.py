@@ -8,7 +8,9 @@ to first token are printed after the answer (on stderr, so that stdout is the te
 Unlike the API, which generates up to the model's context when a request sets no
 ``max_tokens``, the command stops at :data:`DEFAULT_MAX_TOKENS` unless told otherwise: a
 terminal (and ``-o json``, which prints nothing until the end) should not wait minutes
-for a model that rambles. The finish reason then says ``length``.
+for a model that rambles. The finish reason then says ``length``. When that default does not
+fit the model's context (the replica refuses it with ``context_length_exceeded``), the
+question is asked again without it; a ``--max-tokens`` that does not fit is refused.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     try:
         with client_mod.Client(api.server, token=token_from_env(getattr(args, "token", None)), location=args.location,
                                region=args.region, residency=args.residency, timeout=args.timeout) as c:
-            answer = c.chat(args.model, messages, stream=not whole, **params)
-            for delta in answer:
-                if not whole:
-                    sys.stdout.write(delta)
-                    sys.stdout.flush()
+            try:
+                answer = _ask(c, args.model, messages, whole, params)
+            except client_mod.InferenceError as exc:
+                if args.max_tokens is not None or exc.code != "context_length_exceeded":
+                    raise
+                # the default does not fit this model's context: let the context be the limit
+                del params["max_tokens"]
+                answer = _ask(c, args.model, messages, whole, params)
     except client_mod.EdgeplaneError as exc:
         if answer is not None and answer.text and not whole:
             print()  # end the partial answer's line before the error
@@ -61,3 +66,12 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
           f" · {answer.finish_reason or '?'}]", file=sys.stderr)
     return 0
 
+
+def _ask(c: client_mod.Client, model: str, messages: list[dict[str, str]], whole: bool, params: dict[str, float]) -> client_mod.Chat:
+    """The answer, streamed to stdout as it comes unless ``whole``."""
+    answer = c.chat(model, messages, stream=not whole, **params)
+    for delta in answer:
+        if not whole:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    return answer

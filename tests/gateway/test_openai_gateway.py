@@ -231,6 +231,14 @@ async def test_cli_chat_streams_and_prints_json(fleet: harness.Fleet, capsys: py
                                               "--server", server, "-o", "json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["usage"]["completion_tokens"] == 3 and doc["finishReason"] == "length"
+    # a default past the model's context (256 tokens here) leaves the context as the limit; a limit asked for is refused
+    monkeypatch.setattr(chat_cli, "DEFAULT_MAX_TOKENS", 100_000)
+    code = await asyncio.to_thread(cli.main, ask[:3] + ask[7:] + ["-o", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and 0 < doc["usage"]["completion_tokens"] and doc["usage"]["total_tokens"] <= 256
+    code = await asyncio.to_thread(cli.main, [*ask[:3], "--max-tokens", "100000", *ask[7:]])
+    err = capsys.readouterr().err
+    assert code == 1 and "maximum context length is 256 tokens" in err and "Traceback" not in err
     code = await asyncio.to_thread(cli.main, ["chat", "nope", "Hello", "--server", server])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
