@@ -112,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
         prog="edgeplane-agent",
         description="Join an edgeplane control plane and serve its models at this edge site.",
     )
+    p.add_argument("--version", action="version", version=f"edgeplane-agent {edge_agent.__version__}")
     p.add_argument("--control-plane", required=True, metavar="HOST:PORT[,HOST:PORT...]",
                    help="control plane gRPC address; several replicas' addresses separated by commas are tried in turn "
                         "(the next one when a session cannot be had)")

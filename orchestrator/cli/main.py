@@ -17,6 +17,7 @@ import time
 import types
 from typing import Any
 
+import orchestrator
 from orchestrator import argtypes
 from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import render
@@ -408,6 +409,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     (``orchestrator.server_options``, which reads the CA's defaults and so imports
     cryptography): every other command starts without them."""
     p = argtypes.Parser(prog="edgeplane", description="Place ML model replicas across data centres and edge sites.")
+    p.add_argument("--version", action="version", version=f"edgeplane {orchestrator.__version__}")
     p.add_argument("--server", help="control plane URL (default: $EDGEPLANE_SERVER or http://127.0.0.1:8080)")
     p.add_argument("--token", help="bearer token (default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)")
     sub = p.add_subparsers(dest="command", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import importlib.metadata
 import pathlib
 import re
 import signal
@@ -440,3 +441,15 @@ def test_events_follow_prints_each_new_event_until_interrupted(serve: support.Se
         follower.send_signal(signal.SIGINT)
         _, err = follower.communicate(timeout=30)
     assert follower.returncode == 130 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", [["edgeplane"], ["edgeplane-agent"]])
+def test_both_commands_say_their_version(command: list[str]) -> None:
+    import edge_agent
+    import orchestrator
+
+    bin_dir = pathlib.Path(sys.executable).parent
+    done = subprocess.run([str(bin_dir / command[0]), "--version"], capture_output=True, text=True, timeout=60)
+    version = orchestrator.__version__ if command == ["edgeplane"] else edge_agent.__version__
+    assert version == importlib.metadata.version("edgeplane")  # the package's own version, not a copy that drifted
+    assert done.returncode == 0 and done.stdout.strip() == f"{command[0]} {version}", done.stderr
