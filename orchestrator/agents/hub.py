@@ -93,6 +93,8 @@ class _Record:
     model_load: Mapping[str, model.ModelLoad] = field(default_factory=dict)
     via: str | None = None  # the replica that relays this agent; None: connected here
     quiet_s: float = 0.0  # the silence its last heartbeat announced (a generative model's load)
+    streams: int = 0  # its heartbeat streams open on this hub
+    broke_at: float | None = None  # when its last heartbeat stream here (or at its relay) ended, if none came since
 
     def live(self, now: float) -> bool:
         """Healthy and not past its deadline: it holds its site against other agents."""
@@ -148,8 +150,15 @@ class RelayTap(Protocol):
     def beat(self, site: str, agent_id: str, message: object) -> None:
         """A heartbeat was applied; ``message`` is the protobuf message as received."""
 
+    def disconnected(self, site: str, agent_id: str) -> None:
+        """The agent's heartbeat stream here ended (see :meth:`AgentHub.heartbeats_ended`)."""
+
 
 PushAssignments = Callable[[str, model.AssignmentSet], None]
+
+#: After an agent's heartbeat stream ends, how long (at least one heartbeat interval) it has
+#: to open a session again before it is lost: its reconnect backoff starts at 0.5 s.
+RECONNECT_GRACE_S = 5.0
 
 
 class AgentHub:
@@ -157,7 +166,9 @@ class AgentHub:
 
     ``clock`` returns seconds (``time.time`` by default; the same clock stamps
     ``last_heartbeat`` and is compared with the agents' ``sent_unix_ms`` for lag).
-    An agent is unhealthy once ``missed_heartbeats`` of its intervals pass without one.
+    An agent is unhealthy once ``missed_heartbeats`` of its intervals pass without one, or
+    sooner once its heartbeat stream has ended and it has not come back within one interval
+    or ``reconnect_grace``, whichever is longer (:meth:`heartbeats_ended`).
     """
 
     def __init__(
@@ -170,6 +181,7 @@ class AgentHub:
         min_heartbeat_interval: float = 0.05,
         max_heartbeat_interval: float = 300.0,
         missed_heartbeats: int = 3,
+        reconnect_grace: float = RECONNECT_GRACE_S,
     ) -> None:
         if missed_heartbeats < 1:
             raise ValueError("missed_heartbeats must be at least 1")
@@ -179,6 +191,7 @@ class AgentHub:
         self.heartbeat_interval = heartbeat_interval
         self._interval_bounds = (min_heartbeat_interval, max_heartbeat_interval)
         self.missed_heartbeats = missed_heartbeats
+        self.reconnect_grace = reconnect_grace
         self._records: dict[str, _Record] = {}
         self._channels: dict[str, _SiteChannel] = {}
         self.lag = LagHistogram()
@@ -271,8 +284,9 @@ class AgentHub:
         if beat.sent_unix_ms:
             self.lag.observe(now * 1000.0 - beat.sent_unix_ms)
         record.last_heartbeat = now
+        record.broke_at = None
         record.quiet_s = beat.quiet_ms / 1000.0
-        record.deadline = now + max(record.heartbeat_interval * self.missed_heartbeats, record.quiet_s)
+        record.deadline = now + self._allowance(record)
         record.inflight = beat.inflight
         record.cpu_percent = beat.cpu_percent
         record.memory_available_bytes = beat.memory_available_bytes
@@ -338,11 +352,15 @@ class AgentHub:
         for record in self._records.values():
             if record.healthy and now > record.deadline:
                 record.healthy = False
-                reason = (
-                    f"no heartbeat for {now - record.last_heartbeat:.1f}s "
-                    f"({self.missed_heartbeats} x {record.heartbeat_interval:g}s missed"
-                    + (f", after a quiet spell of {record.quiet_s:g}s it announced" if record.quiet_s else "") + ")"
-                )
+                if record.broke_at is not None and record.deadline < record.last_heartbeat + self._allowance(record):
+                    reason = (f"its heartbeat stream ended {now - record.broke_at:.1f}s ago and it did not come back"
+                              f" (last heartbeat {now - record.last_heartbeat:.1f}s ago)")
+                else:
+                    reason = (
+                        f"no heartbeat for {now - record.last_heartbeat:.1f}s "
+                        f"({self.missed_heartbeats} x {record.heartbeat_interval:g}s missed"
+                        + (f", after a quiet spell of {record.quiet_s:g}s it announced" if record.quiet_s else "") + ")"
+                    )
                 log.warning("agent %s of site %s lost: %s", record.agent_id, record.site, reason)
                 event = self._emit(model.AgentEventKind.LOST, record, reason)
                 lost.append(event)
@@ -422,6 +440,51 @@ class AgentHub:
         self._channel(site).notify()
         if self.tap is not None:
             self.tap.touched(site)
+
+    # -- heartbeat streams -----------------------------------------------------------
+
+    def heartbeats_opened(self, site: str, agent_id: str) -> object:
+        """A heartbeat stream of ``site``'s agent opened here; give the handle back to
+        :meth:`heartbeats_ended` when it ends."""
+        record = self._records.get(site)
+        if record is None or record.agent_id != agent_id:
+            raise errors.NotJoined(f"agent {agent_id!r} does not hold site {site!r}; join again")
+        record.streams += 1
+        return record
+
+    def heartbeats_ended(self, handle: object) -> None:
+        """A heartbeat stream ended. An agent whose process died ends its streams at once
+        (the kernel closes its connections); a live one opens a session again within its
+        reconnect backoff. So an agent left with no stream here is given one heartbeat
+        interval or ``reconnect_grace``, whichever is longer, instead of every missed
+        heartbeat (15 s at the default 5 s interval): its replicas move sooner when it has
+        crashed. Nothing changes while it announced a quiet spell, or once it has joined
+        again (a new session is a new record) or left."""
+        record = handle
+        assert isinstance(record, _Record)
+        record.streams -= 1
+        if record.streams > 0 or self._records.get(record.site) is not record or not record.healthy:
+            return
+        self._ended(record)
+        if self.tap is not None:
+            self.tap.disconnected(record.site, record.agent_id)
+
+    def relayed_disconnected(self, site: str, agent_id: str, via: str) -> None:
+        """Replica ``via`` saw the heartbeat stream of its agent end (see :meth:`heartbeats_ended`)."""
+        record = self._records.get(site)
+        if record is not None and record.agent_id == agent_id and record.via == via and record.healthy:
+            self._ended(record)
+
+    def _ended(self, record: _Record) -> None:
+        now = self._clock()
+        if record.last_heartbeat + record.quiet_s > now:
+            return  # loading a model: the spell it announced stands
+        record.broke_at = now
+        record.deadline = min(record.deadline, now + max(record.heartbeat_interval, self.reconnect_grace))
+
+    def _allowance(self, record: _Record) -> float:
+        """How long after a heartbeat the agent is healthy without another."""
+        return max(record.heartbeat_interval * self.missed_heartbeats, record.quiet_s)
 
     # -- relayed agents (the leader's side) ------------------------------------------
 

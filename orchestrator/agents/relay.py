@@ -160,6 +160,9 @@ class RelayServicer:
                 report.site, report.agent_id, model.Heartbeat.from_proto(report.state), via):
             stream.again.add(report.site)
             stream.wake.set()
+            return
+        if report.disconnected:
+            self._hub.relayed_disconnected(report.site, report.agent_id, via)
 
 
 class _Stream:
@@ -257,6 +260,7 @@ class RelayClient:
         self._touched: set[str] = set()
         self._urgent = asyncio.Event()  # set by what should not wait for the flush (see the module)
         self._beats: dict[str, tuple[str, pb.Heartbeat]] = {}
+        self._disconnected: dict[str, str] = {}  # site -> agent id whose heartbeat stream ended here
         self._sent: dict[str, str] = {}  # site -> agent id the leader knows on this stream
         self.connected = False
         self.last_error = ""
@@ -267,10 +271,17 @@ class RelayClient:
 
     def touched(self, site: str) -> None:
         self._touched.add(site)
+        self._disconnected.pop(site, None)
         self._urgent.set()  # an agent joined or left: the next batch goes now
+
+    def disconnected(self, site: str, agent_id: str) -> None:
+        self._disconnected[site] = agent_id
+        self._urgent.set()  # the leader's shorter wait starts now, not at the next flush
 
     def beat(self, site: str, agent_id: str, message: object) -> None:
         assert isinstance(message, pb.Heartbeat)
+        if self._disconnected.get(site) == agent_id:
+            del self._disconnected[site]  # back on a new stream
         pending = self._beats.get(site)
         if pending is not None and pending[0] == agent_id:
             _carry(pending[1], message)
@@ -288,6 +299,7 @@ class RelayClient:
         if leader is None:
             self._beats.clear()
             self._touched.clear()
+            self._disconnected.clear()
         if self._connection is not None:
             self._connection.cancel()
         self._pointed.set()
@@ -428,12 +440,17 @@ class RelayClient:
                 reports.append(_whole(status, self._hub.now()))
                 self._sent[site] = status.agent_id
                 beats.pop(site, None)
+        disconnected, self._disconnected = self._disconnected, {}
         for site, (agent_id, beat) in beats.items():
             if self._sent.get(site) == agent_id:
-                reports.append(pb.AgentReport(site=site, agent_id=agent_id, state=beat))
+                reports.append(pb.AgentReport(site=site, agent_id=agent_id, state=beat,
+                                              disconnected=disconnected.pop(site, None) == agent_id))
             elif (status := self._hub.status(site)) is not None and status.agent_id == agent_id and status.healthy:
                 reports.append(_whole(status, self._hub.now()))
                 self._sent[site] = agent_id
+        for site, agent_id in disconnected.items():
+            if self._sent.get(site) == agent_id:
+                reports.append(pb.AgentReport(site=site, agent_id=agent_id, disconnected=True))
         self.reports_total += len(reports)
         batches: list[pb.RelayReports] = []
         size, start = 0, 0

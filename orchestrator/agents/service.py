@@ -160,6 +160,10 @@ class AgentControlServicer:
         from_proto = model.Heartbeat.from_proto
         parse = pb.Heartbeat.FromString
         try:
+            stream = agent_hub.heartbeats_opened(site, agent_id)
+        except errors.AgentHubError as exc:
+            await context.abort(_status_code(exc), str(exc))
+        try:
             async for raw in request_iterator:
                 message = parse(raw)
                 record(site, agent_id, from_proto(message))
@@ -170,6 +174,8 @@ class AgentControlServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed Heartbeat: {exc}")
         except errors.AgentHubError as exc:
             await context.abort(_status_code(exc), str(exc))
+        finally:  # however it ended: the agent's connection closed, or it was refused
+            agent_hub.heartbeats_ended(stream)
         return pb.HeartbeatSummary(received=received)
 
     async def WatchAssignments(

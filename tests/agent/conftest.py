@@ -167,13 +167,14 @@ class ControlPlane:
         return f"127.0.0.1:{self.server.port}"
 
 
-async def start_control_plane(port: int = 0, missed: int = 3) -> ControlPlane:
+async def start_control_plane(port: int = 0, missed: int = 3, reconnect_grace: float = hub.RECONNECT_GRACE_S) -> ControlPlane:
     events = EventLog()
     agent_hub = hub.AgentHub(
         auth.InMemoryJoinAuthenticator([TOKEN]),
         on_change=events,
         heartbeat_interval=0.2,
         missed_heartbeats=missed,
+        reconnect_grace=reconnect_grace,
     )
     server = await service.start_agent_server(agent_hub, "127.0.0.1", port)
     return ControlPlane(agent_hub, server, events)

@@ -105,6 +105,71 @@ def test_a_quiet_spell_the_agent_announced_is_waited_out_and_then_the_usual_limi
     assert "after a quiet spell of 5s it announced" in lost[0].reason
 
 
+def test_an_agent_whose_heartbeat_stream_ended_is_lost_after_the_reconnect_grace_not_every_missed_beat(clock, events) -> None:
+    """A crashed agent's connections close at once; a live one opens a session again within
+    its backoff. With no stream left, it gets max(interval, reconnect_grace), not 3 x 5 s."""
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), on_change=events.append, clock=clock,
+                             missed_heartbeats=3, reconnect_grace=2.0)
+    grant = agent_hub.join(application(heartbeat_interval=5.0))
+    stream = agent_hub.heartbeats_opened("edge-1", grant.agent_id)
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
+    agent_hub.heartbeats_ended(stream)
+    clock.now += 4.9
+    assert agent_hub.sweep() == []  # one interval (5 s, longer than the 2 s grace)
+    clock.now += 0.2
+    [lost] = agent_hub.sweep()
+    assert lost.kind is model.AgentEventKind.LOST and "heartbeat stream ended 5.1s ago" in lost.reason
+
+    # back within the grace: a new session (a new record) keeps the usual limit; so does a
+    # heartbeat on a second stream that is still open when the first one ends
+    grant = agent_hub.join(application(heartbeat_interval=5.0, credential=grant.credential, agent_id=grant.agent_id))
+    first = agent_hub.heartbeats_opened("edge-1", grant.agent_id)
+    second = agent_hub.heartbeats_opened("edge-1", grant.agent_id)
+    agent_hub.heartbeats_ended(first)
+    clock.now += 14.9
+    assert agent_hub.sweep() == []
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
+    agent_hub.heartbeats_ended(second)
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())  # a beat that was on its way: the usual limit again
+    clock.now += 14.9
+    assert agent_hub.sweep() == []
+    old = grant
+    grant = agent_hub.join(application(heartbeat_interval=5.0, credential=old.credential, agent_id=old.agent_id))
+    stream = agent_hub.heartbeats_opened("edge-1", grant.agent_id)
+    agent_hub.join(application(heartbeat_interval=5.0, credential=old.credential, agent_id=old.agent_id))
+    agent_hub.heartbeats_ended(stream)  # the stream of a session already replaced
+    clock.now += 14.9
+    assert agent_hub.sweep() == []
+
+    # while a quiet spell it announced runs (a model loading), the spell stands
+    stream = agent_hub.heartbeats_opened("edge-1", grant.agent_id)
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(quiet_ms=30_000))
+    agent_hub.heartbeats_ended(stream)
+    clock.now += 29.9
+    assert agent_hub.sweep() == []
+
+
+def test_a_relaying_replica_tells_the_leader_when_its_agent_s_stream_ended(clock) -> None:
+    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=clock, reconnect_grace=1.0)
+    follower.tap = tap = Tap()
+    grant = follower.join(application())
+    follower.heartbeats_ended(follower.heartbeats_opened("edge-1", grant.agent_id))
+    assert tap.gone == [("edge-1", grant.agent_id)]
+
+    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=clock, missed_heartbeats=3)  # 5 s grace
+    leader.admit_relayed(application(heartbeat_interval=5.0), grant.agent_id, "cp-2")
+    leader.relayed_disconnected("edge-1", grant.agent_id, "cp-3")  # another replica's word: not its agent there
+    leader.relayed_disconnected("edge-1", "agt-other", "cp-2")
+    clock.now += 5.01
+    assert leader.sweep() == []
+    leader.relayed_disconnected("edge-1", grant.agent_id, "cp-2")
+    clock.now += 4.9
+    assert leader.sweep() == []
+    clock.now += 0.2
+    [lost] = leader.sweep()
+    assert "heartbeat stream ended 5.1s ago" in lost.reason
+
+
 def test_reporting_counts_agents_heard_from_since_they_joined(agent_hub, clock) -> None:
     grants = [agent_hub.join(application(f"edge-{i}")) for i in range(3)]
     assert agent_hub.reporting() == 0
@@ -218,6 +283,12 @@ class Tap:
 
     def beat(self, site: str, agent_id: str, message: object) -> None:
         pass
+
+    def disconnected(self, site: str, agent_id: str) -> None:
+        self.gone.append((site, agent_id))
+
+    def __init__(self) -> None:
+        self.gone: list[tuple[str, str]] = []
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ class AgentProcess:
 async def spawn(tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., object]]:
     procs: list[asyncio.subprocess.Process] = []
 
-    async def start(target: str, data_dir: pathlib.Path | None = None) -> AgentProcess:
+    async def start(target: str, data_dir: pathlib.Path | None = None, heartbeat_interval: float = 0.5) -> AgentProcess:
         proc = await asyncio.create_subprocess_exec(
             *agent_command(),
             "--control-plane", target,
@@ -48,7 +48,7 @@ async def spawn(tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., object]]:
             "--token", TOKEN,
             "--listen", "127.0.0.1:0",
             "--data-dir", str(data_dir or tmp_path / "agent"),
-            "--heartbeat-interval", "0.5",  # 1.5 s to miss three: room for a loaded machine
+            "--heartbeat-interval", str(heartbeat_interval),  # 0.5: 1.5 s to miss three, room for a loaded machine
             "--drain-timeout", "5",
             "--insecure",
             "--country", "FR",
@@ -94,6 +94,23 @@ async def test_kill_9_is_noticed_by_missed_heartbeats(control_plane: ControlPlan
     lost = await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.LOST, timeout=5)
     assert "missed" in lost.reason
     assert control_plane.hub.status(SITE).healthy is False
+
+
+async def test_kill_9_closes_the_agent_s_stream_and_it_is_lost_without_waiting_for_every_missed_heartbeat(spawn) -> None:
+    """With 2 s heartbeats three misses take 6 s; the kernel closes a killed agent's
+    connection at once, and the hub gives it one interval (the grace here is shorter) to
+    come back."""
+    cp = await start_control_plane(reconnect_grace=0.3)
+    try:
+        agent = await spawn(cp.target, heartbeat_interval=2.0)
+        await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+        await asyncio.wait_for(cp.hub.next_heartbeat(SITE), 15)
+        agent.proc.send_signal(signal.SIGKILL)
+        lost = await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.LOST, timeout=15)
+        assert "heartbeat stream ended" in lost.reason and "did not come back" in lost.reason, lost.reason
+        assert lost.at - cp.hub.status(SITE).last_heartbeat < 6.0  # type: ignore[union-attr]
+    finally:
+        await cp.server.stop(grace=None)
 
 
 async def test_sigterm_drains_and_restart_serves_from_cache_without_control_plane(

@@ -330,3 +330,47 @@ def test_an_agent_reported_whole_carries_what_is_left_of_its_quiet_spell() -> No
     now[0] += 0.2
     [lost] = leader.sweep()
     assert lost.kind is model.AgentEventKind.LOST and "quiet spell" in lost.reason
+
+
+def test_the_end_of_an_agent_s_stream_at_a_follower_reaches_the_leader() -> None:
+    """A killed agent's connection closes at its replica; the leader, which plans, must not
+    wait for every missed heartbeat either. A heartbeat on a new stream takes it back."""
+    now = [1_000.0]
+    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
+    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0], missed_heartbeats=3, reconnect_grace=1.0)
+    client = relay.RelayClient(follower, "cp-follower")
+    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))  # taps the follower's hub; nothing connects here
+    servicer = relay.RelayServicer(leader, lambda: SECRET)
+    stream = relay._Stream()
+    stream.via = "cp-follower"
+
+    def deliver() -> list[pb.AgentReport]:
+        reports = [r for batch in client._batches() for r in batch.reports]
+        for report in reports:
+            servicer._apply(report, stream)
+        return reports
+
+    grant = follower.join(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test",
+                                                5.0, model.Capacity(cpu_cores=2)))
+    deliver()
+    assert leader.status(SITE).agent_id == grant.agent_id  # type: ignore[union-attr]
+    opened = follower.heartbeats_opened(SITE, grant.agent_id)
+    follower.heartbeats_ended(opened)
+    [report] = deliver()
+    assert report.disconnected and not report.HasField("state")
+    now[0] += 5.1  # one interval, not 3 x 5 s
+    [lost] = leader.sweep()
+    assert "heartbeat stream ended" in lost.reason
+
+    # back on a new stream before the batch went: no word of the end reaches the leader
+    grant = follower.join(model.JoinApplication(SITE, TOKEN, grant.credential, grant.agent_id, "http://127.0.0.1:9",
+                                                model.Location(), {}, "test", 5.0, model.Capacity(cpu_cores=2)))
+    deliver()
+    follower.heartbeats_ended(follower.heartbeats_opened(SITE, grant.agent_id))
+    beat = pb.Heartbeat(sent_unix_ms=int(now[0] * 1000))
+    follower.heartbeats_opened(SITE, grant.agent_id)
+    follower.record_heartbeat(SITE, grant.agent_id, model.Heartbeat.from_proto(beat))
+    client.beat(SITE, grant.agent_id, beat)
+    assert not any(r.disconnected for r in deliver())
+    now[0] += 14.9
+    assert leader.sweep() == [] and leader.status(SITE).healthy  # type: ignore[union-attr]
