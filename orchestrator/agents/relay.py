@@ -495,7 +495,8 @@ def _whole(status: model.AgentStatus, now: float) -> pb.AgentReport:
     report.state.CopyFrom(pb.Heartbeat(
             sent_unix_ms=int(status.last_heartbeat * 1000), inflight=status.inflight, cpu_percent=status.cpu_percent,
             memory_available_bytes=status.memory_available_bytes, assignment_version=status.assignment_version,
-            quiet_ms=max(0, round((status.quiet_until - now) * 1000)) if status.quiet_until else 0, capacity=capacity, models=pb.ModelStates(models=[m.to_proto() for m in status.models.values()]),
+            quiet_ms=max(0, round((status.quiet_until - now) * 1000)) if status.quiet_until else 0,
+            capacity=capacity, models=pb.ModelStates(models=[m.to_proto() for m in status.models.values()]),
             gpu_load=[pb.Gpu(index=g.index, memory_free_bytes=g.memory_free_bytes) for g in status.capacity.gpus],
             model_load=[pb.ModelLoad(name=name, requests_total=load.requests_total, busy_seconds_total=load.busy_seconds_total)
                         for name, load in status.model_load.items()]))

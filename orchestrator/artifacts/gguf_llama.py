@@ -192,7 +192,8 @@ def _decoder(shape: LlamaShape, w: dict[str, np.ndarray], blocks: dict[str, Bloc
         if b.low is None:
             return y
         sums = node("ReduceSum", [node("Reshape", [x, "in_blocks"], f"{out}.x_blocks"), "last_axis"], f"{out}.x_sums", keepdims=0)
-        return node("Add", [y, node("MatMul", [sums, const(f"{weight}.low.T", np.ascontiguousarray(b.low.T), genai_package.QUANTIZATION_DOC)], f"{out}.low")], out)
+        low = const(f"{weight}.low.T", np.ascontiguousarray(b.low.T), genai_package.QUANTIZATION_DOC)  # bytes, not parameters
+        return node("Add", [y, node("MatMul", [sums, low], f"{out}.low")], out)
 
     def rms_norm(x: str, weight: str, out: str) -> str:
         sq = node("Mul", [x, x], f"{out}.sq")
@@ -345,7 +346,9 @@ def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: i
     tok, tokens, special = _tokenizer(reader)
     weights = _weights(reader)
     _check_weights(shape, weights)
-    kept = {t.name: b for t in reader.tensors if t.name.endswith(LINEAR) and (b := _blocks(t)) is not None} if keep_quantized else None
+    kept = None
+    if keep_quantized:
+        kept = {t.name: b for t in reader.tensors if t.name.endswith(LINEAR) and (b := _blocks(t)) is not None}
     model = _decoder(shape, weights, kept)
     tokenizer_config, config = _configs(reader, shape, tokens, special)
     partial = out_dir.with_name(f".{out_dir.name}.partial")

@@ -35,24 +35,24 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     whole = args.output in ("json", "yaml")
     started = time.perf_counter()
-    answer: client_mod.Chat | None = None
+    asked: list[client_mod.Chat] = []  # each answer as soon as it starts (a failed one may have printed part)
     try:
         with client_mod.Client(api.server, token=token_from_env(getattr(args, "token", None)), location=args.location,
                                region=args.region, residency=args.residency, timeout=args.timeout) as c:
             try:
-                answer = _ask(c, args.model, messages, whole, params)
+                _ask(c, args.model, messages, whole, params, asked)
             except client_mod.InferenceError as exc:
-                if args.max_tokens is not None or exc.code != "context_length_exceeded":
+                if args.max_tokens is not None or exc.code != "context_length_exceeded" or (asked and asked[-1].text):
                     raise
                 # the default does not fit this model's context: let the context be the limit
                 del params["max_tokens"]
-                answer = _ask(c, args.model, messages, whole, params)
+                _ask(c, args.model, messages, whole, params, asked)
     except client_mod.EdgeplaneError as exc:
-        if answer is not None and answer.text and not whole:
+        if asked and asked[-1].text and not whole:
             print()  # end the partial answer's line before the error
         raise CliError(str(exc)) from None
     elapsed = time.perf_counter() - started
-    assert answer is not None
+    answer = asked[-1]
     ttft = f"{answer.ttft_s * 1000:.0f} ms" if answer.ttft_s is not None else "-"
     if whole:
         render.dump({"model": args.model, "servedBy": answer.site, "url": answer.url, "attempts": answer.attempts,
@@ -67,9 +67,12 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask(c: client_mod.Client, model: str, messages: list[dict[str, str]], whole: bool, params: dict[str, float]) -> client_mod.Chat:
-    """The answer, streamed to stdout as it comes unless ``whole``."""
+def _ask(c: client_mod.Client, model: str, messages: list[dict[str, str]], whole: bool, params: dict[str, float],
+         asked: list[client_mod.Chat]) -> None:
+    """Ask, appending the answer to ``asked`` before any of it arrives; it streams to stdout
+    as it comes unless ``whole``."""
     answer = c.chat(model, messages, stream=not whole, **params)
+    asked.append(answer)
     for delta in answer:
         if not whole:
             sys.stdout.write(delta)
