@@ -313,6 +313,9 @@ class _Base:
             if resp is None or resp.status_code >= 500:
                 self.cache.eject(attempt.endpoint)
                 return True
+            if resp.status_code == 404:  # moved away since the list was read: the next one may serve it
+                self.cache.invalidate(model)
+                return True
             if resp.status_code >= 400:
                 raise _openai_refusal(resp)
             return False
@@ -368,6 +371,9 @@ class _Base:
         if attempt.endpoint is not None:  # a replica, directly
             if resp is None or resp.status_code >= 500:
                 self.cache.eject(attempt.endpoint)
+                return None
+            if resp.status_code == 404:  # moved away since the list was read: the next one (or the gateway) may serve it
+                self.cache.invalidate(model)
                 return None
             if resp.status_code >= 400:
                 raise _refusal(resp)

@@ -278,6 +278,9 @@ class CascadeHandler:
                 trip.failures.append(f"{e.site}: HTTP {upstream.status}")
                 self.table.eject(e.url)
                 continue
+            if upstream.status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
+                trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")
+                continue
             return _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
         return None
 

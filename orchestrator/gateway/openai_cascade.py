@@ -188,6 +188,10 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
             owner.gw.table.eject(e.url)
             owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
             continue
+        if status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
+            req.trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")
+            owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
+            continue
         owner.gw.metrics.requests.labels(req.route.model, e.site, str(status)).inc()
         if status != 200:
             return _Answer(stage, status, content, e.site, e.tier)

@@ -99,7 +99,12 @@ class RelayHooks(Protocol):
 
 
 class _Failed(Exception):
-    """This attempt failed before anything reached the caller: try the next replica."""
+    """This attempt failed before anything reached the caller: try the next replica
+    (``eject``: and leave this one out for a while)."""
+
+    def __init__(self, why: str, *, eject: bool = True) -> None:
+        super().__init__(why)
+        self.eject = eject
 
 
 class OpenAIGateway:
@@ -292,7 +297,8 @@ class _Relay(Response):
                     return
                 except _Failed as exc:
                     failures.append(f"{e.site}: {exc}")
-                    gw.table.eject(e.url)
+                    if exc.eject:
+                        gw.table.eject(e.url)
                     gw.metrics.failovers.labels(self.model, e.site).inc()
                 finally:
                     gw.table.finished(e.url)
@@ -314,6 +320,8 @@ class _Relay(Response):
         try:
             if resp.status >= 500:
                 raise _Failed(f"HTTP {resp.status}")
+            if resp.status == 404:  # moved away a moment ago (the table follows): the next replica may serve it
+                raise _Failed(f"does not serve {self.model!r} now (HTTP 404)", eject=False)  # the agent itself is fine
             ctype = resp.headers.get("content-type", "application/json")
             if resp.status != 200 or not ctype.startswith("text/event-stream"):
                 try:

@@ -142,6 +142,12 @@ class Gateway:
                 self.table.eject(e.url)
                 self.metrics.failovers.labels(model, e.site).inc()
                 continue
+            if status == 404:
+                # The replica no longer serves the model (it was just moved away; the table
+                # follows a moment later): the next replica may. The agent itself is fine.
+                failures.append(f"{e.site}: does not serve {model!r} now (HTTP 404)")
+                self.metrics.failovers.labels(model, e.site).inc()
+                continue
             self.metrics.requests.labels(model, e.site, str(status)).inc()
             out_headers = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
             binary = upstream_headers.get(oip.BINARY_HEADER.lower())

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -161,3 +162,76 @@ async def test_a_chat_moves_to_the_next_gateway_before_its_first_token() -> None
 def test_a_client_needs_a_url(servers: object) -> None:
     with pytest.raises(ValueError, match="gateway"):
         client_mod.Client(servers)  # type: ignore[arg-type]
+
+
+async def test_a_replica_that_no_longer_serves_the_model_sends_the_request_on() -> None:
+    """A model moved away a moment ago: its old replica answers 404 while the endpoint lists
+    (the client's, the gateway's table) catch up. That is not the caller's error: the next
+    replica is tried, and the old one, which serves other models, is not ejected."""
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+
+    from orchestrator.gateway import endpoints, proxy, routing, upstream
+
+    stale, stale_url = await answering(404, {"error": "model 'm' is not served by this agent"})
+    replica, replica_url = await v2_server("edge-b")
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    try:
+        cache = cache_with(("edge-moved", stale_url), ("edge-b", replica_url))
+        async with client_mod.AsyncClient("http://127.0.0.1:9", cache=cache) as c:
+            result = await c.infer("m", {"input": x})
+        assert result.site == "edge-b" and result.attempts == 2
+        np.testing.assert_array_equal(result["output"], x * 2)
+
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("m", "m", "edge-moved", "edge", "FR", "fr", 48.85, 2.35, stale_url),
+                       routing.Endpoint("m", "m", "edge-b", "edge", "DE", "de", 52.52, 13.40, replica_url)])
+        pool = upstream.UpstreamPool()
+        gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry()))
+        body, _ = oip.encode_request({"input": x})
+        transport = httpx.ASGITransport(app=Starlette(routes=gateway.routes()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            resp = await http.post("/v2/models/m/infer", content=body, headers={"x-edgeplane-location": "48.85,2.35"})
+        await pool.close()
+        assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-b", resp.text
+        assert stale_url not in table.ejected()
+    finally:
+        await stale.shutdown(1)
+        await replica.shutdown(1)
+
+
+async def test_a_chat_replica_that_no_longer_serves_the_model_sends_the_chat_on() -> None:
+    """The same for generative models: the client's direct path and the gateway's OpenAI route."""
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+
+    from orchestrator.gateway import endpoints, openai_routes, proxy, routing, upstream
+
+    stale, stale_url = await answering(404, {"error": {"message": "model 'm' is not served here", "code": "model_not_found"}})
+    answer = {"choices": [{"message": {"role": "assistant", "content": "from edge-b"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    good, good_url = await answering(200, answer)
+    try:
+        cache = client_mod.EndpointCache()
+        cache.store("m", {"ttlSeconds": 600, "endpoints": [
+            {"site": site, "url": url, "api": "openai"} for site, url in (("edge-moved", stale_url), ("edge-b", good_url))]})
+        async with client_mod.AsyncClient("http://127.0.0.1:9", cache=cache, timeout=5) as c:
+            chat = c.chat("m", [{"role": "user", "content": "hi"}], stream=False)
+            assert [t async for t in chat] == ["from edge-b"] and chat.attempts == 2
+
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("m", "m", "edge-moved", "edge", "FR", "fr", 48.85, 2.35, stale_url, api=routing.API_OPENAI),
+                       routing.Endpoint("m", "m", "edge-b", "edge", "DE", "de", 52.52, 13.40, good_url, api=routing.API_OPENAI)])
+        pool = upstream.UpstreamPool()
+        registry = CollectorRegistry()
+        gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry))
+        app = Starlette(routes=openai_routes.OpenAIGateway(gateway, registry=registry).routes())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                                   headers={"x-edgeplane-location": "48.85,2.35"})
+        await pool.close()
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "from edge-b", resp.text
+        assert stale_url not in table.ejected()
+    finally:
+        await stale.shutdown(1)
+        await good.shutdown(1)
