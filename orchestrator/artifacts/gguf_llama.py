@@ -4,11 +4,11 @@ onnxruntime-genai's own model builder reads GGUF but needs torch and transformer
 are gigabytes on the package index. This converter needs only ``gguf`` (the reader
 published by the llama.cpp project: numpy, a few hundred KB), ``onnx`` and ``tokenizers``:
 
-* the layers' linear weights stored as Q4_0 or Q4_1 stay as the file has them, 4 bits
-  in blocks of 32, multiplied by onnxruntime's ``MatMulNBits`` (Q4_1's per-block offset
-  as one small extra product); every other weight (the embedding, the norms, other
-  quantization types, or all of them with ``--float32``) is dequantized by ``gguf`` to
-  float32. They go to ``model.onnx.data`` beside the graph;
+* the layers' linear weights stored as Q4_0, Q4_1 or Q4_K stay as the file has them, 4
+  bits in blocks of 32, multiplied by onnxruntime's ``MatMulNBits`` (the per-block offset
+  of Q4_1 and Q4_K as one small extra product); every other weight (the embedding, the
+  norms, other quantization types, or all of them with ``--float32``) is dequantized by
+  ``gguf`` to float32. They go to ``model.onnx.data`` beside the graph;
 * the decoder is written with plain ONNX operators: RMSNorm, rotary position embedding
   on adjacent pairs (the layout llama.cpp's converter leaves the query and key weights
   in), grouped-query attention over the KV cache with a causal mask, the SwiGLU MLP and
@@ -119,11 +119,11 @@ def _weights(reader: Any) -> dict[str, np.ndarray]:
 class Blocks:
     """A weight kept as the file stores it, in blocks of 32 along the input dimension:
     ``value = scale * (q - 8 if symmetric else q) + low`` (Q4_0: symmetric, no ``low``;
-    Q4_1: ``low`` per block)."""
+    Q4_1 and Q4_K: ``low`` per block)."""
 
     q: np.ndarray  # uint8 [out, blocks, 32], 0..15
     scale: np.ndarray  # float32 [out, blocks]
-    low: np.ndarray | None  # float32 [out, blocks] (Q4_1), None (Q4_0: zero point 8)
+    low: np.ndarray | None  # float32 [out, blocks] (Q4_1, Q4_K), None (Q4_0: zero point 8)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -133,16 +133,18 @@ class Blocks:
 #: The layers' linear weights (the embedding and the tied output stay float32).
 LINEAR = tuple(f"{name}.weight" for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
 #: Tensor types whose blocks the decoder multiplies as they are (``MatMulNBits``).
-KEPT_TYPES = ("Q4_0", "Q4_1")
+KEPT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
 def _blocks(tensor: Any) -> Blocks | None:
-    """The 4-bit blocks of a Q4_0 or Q4_1 tensor; None for any other type."""
+    """The 4-bit blocks of a Q4_0, Q4_1 or Q4_K tensor; None for any other type."""
     kind = tensor.tensor_type.name
     if kind not in KEPT_TYPES:
         return None
     raw = np.asarray(tensor.data, dtype=np.uint8)
     rows = raw.shape[0]
+    if kind == "Q4_K":
+        return _k_blocks(raw.reshape(rows, -1))
     size = 18 if kind == "Q4_0" else 20
     blocks = raw.reshape(rows, -1, size)
     scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -150,6 +152,26 @@ def _blocks(tensor: Any) -> Blocks | None:
     packed = blocks[..., size - 16:]
     # ggml: element j is the low nibble of byte j, element j + 16 its high nibble
     q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
+    return Blocks(q, scale, low)
+
+
+def _k_blocks(raw: np.ndarray) -> Blocks:
+    """Q4_K rows as blocks of 32. A super-block of 256 values is ``d``, ``dmin`` (float16),
+    12 bytes of 6-bit scales and minimums for its 8 sub-blocks (unpacked by ``gguf``'s own
+    ``Q4_K.get_scale_min``) and 128 bytes of 4-bit values, 64 at a time: the low nibbles
+    are one sub-block, the high nibbles the next. A sub-block's value is
+    ``d * scale * q - dmin * min``: per block of 32, a scale and a ``low``, as Q4_1."""
+    from gguf.quants import Q4_K
+
+    rows = raw.shape[0]
+    supers = raw.reshape(-1, 144)
+    d = supers[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = supers[:, 2:4].copy().view(np.float16).astype(np.float32)
+    scales, minimums = Q4_K.get_scale_min(supers[:, 4:16].copy())
+    nibbles = supers[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (nibbles & 0x0F).reshape(rows, -1, 32)
+    scale = (d * scales.astype(np.float32)).reshape(rows, -1)
+    low = -(dmin * minimums.astype(np.float32)).reshape(rows, -1)
     return Blocks(q, scale, low)
 
 
@@ -179,7 +201,7 @@ def _decoder(shape: LlamaShape, w: dict[str, np.ndarray], blocks: dict[str, Bloc
 
     def quantized_linear(x: str, weight: str, b: Blocks, out: str) -> str:
         """``x @ W.T`` on the file's 4-bit blocks (onnxruntime's ``MatMulNBits``). Its fast
-        kernels take whole-number zero points; Q4_1's per-block ``low`` is added as
+        kernels take whole-number zero points; a per-block ``low`` (Q4_1, Q4_K) is added as
         ``block sums of x @ low.T``, a matrix 32 times smaller than the weight."""
         n, k = b.shape
         packed = (b.q[..., 0::2] | (b.q[..., 1::2] << 4)).astype(np.uint8)  # MatMulNBits: element 2i low, 2i+1 high
@@ -328,8 +350,8 @@ def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: i
     """Write ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json`` and the tokenizer
     files for ``gguf_path`` into ``out_dir``, which must not exist or be empty. Everything is
     read and checked first; the files are written in a folder beside it and renamed into
-    place, so a failure leaves no half-written model. ``keep_quantized``: the layers' Q4_0
-    and Q4_1 weights stay 4-bit (``MatMulNBits``); False dequantizes every weight."""
+    place, so a failure leaves no half-written model. ``keep_quantized``: the layers' Q4_0,
+    Q4_1 and Q4_K weights stay 4-bit (``MatMulNBits``); False dequantizes every weight."""
     import onnx
 
     try:
@@ -417,7 +439,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--context-length", type=int, help="cap the context (the rotary table and the package's declared limit)")
     parser.add_argument("--float32", action="store_true",
-                        help="dequantize every weight to float32 (default: the layers' Q4_0/Q4_1 weights stay 4-bit)")
+                        help="dequantize every weight to float32 (default: the layers' Q4_0/Q4_1/Q4_K weights stay 4-bit)")
     parser.add_argument("--pack", type=pathlib.Path,
                         help="also pack the folder into this package (tar) and print what a Model manifest needs (sha256, sizes)")
     args = parser.parse_args(argv)

@@ -341,3 +341,26 @@ def test_a_file_missing_a_tensor_or_with_a_wrong_shape_is_refused_before_anythin
     with pytest.raises(gguf_llama.GGUFError, match="not a readable GGUF file"):
         gguf_llama.convert(truncated, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
+def test_the_kept_blocks_hold_the_values_gguf_reads_from_the_file(kind: str) -> None:
+    """Whatever bytes a row holds, the blocks the decoder keeps (``scale * q + low``, less 8
+    for Q4_0) are the values ``gguf``'s own dequantization reads from them."""
+    from types import SimpleNamespace
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    values_per_block, bytes_per_block = gguf.GGML_QUANT_SIZES[qtype]
+    rows, row_blocks = 6, 512 // values_per_block
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, (rows, row_blocks, bytes_per_block), dtype=np.uint8)
+    halves = 2 if kind == "Q4_0" else 4  # d, and m / dmin: finite float16 values, as a real file has
+    raw[..., :halves] = rng.uniform(-0.1, 0.1, (rows, row_blocks, halves // 2)).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(rows, -1)
+    blocks = gguf_llama._blocks(SimpleNamespace(tensor_type=qtype, data=raw))
+    assert blocks is not None and blocks.shape == (rows, 512)
+    values = blocks.scale[..., None] * (blocks.q.astype(np.float32) - (8 if blocks.low is None else 0))
+    if blocks.low is not None:
+        values = values + blocks.low[..., None]
+    np.testing.assert_allclose(values.reshape(rows, 512), gguf.quants.dequantize(raw, qtype), rtol=1e-6, atol=1e-7)
+    assert gguf_llama._blocks(SimpleNamespace(tensor_type=gguf.GGMLQuantizationType.Q8_0, data=raw)) is None
