@@ -110,6 +110,13 @@ def _chat_event(line: str) -> _Event | None:
     return _Event(delta.get("content") or "", choice.get("finish_reason"), obj.get("usage"))
 
 
+def _cut(chat: Chat, why: object) -> StreamCut:
+    """An answer that failed after part of its text was delivered (named by its site, or
+    the URL that answered when no site was given)."""
+    return StreamCut(f"the answer from {chat.site or chat.url or 'the replica'} was cut after "
+                     f"{len(chat.text)} characters: {why}")
+
+
 def _openai_refusal(resp: httpx.Response) -> InferenceError:
     code = None
     try:
@@ -339,7 +346,7 @@ class _Base:
         """After a failed answer: a cut once text has arrived, an error from the gateway,
         else the replica is ejected and the next attempt follows."""
         if chat.text:
-            raise StreamCut(f"{chat.site}: {exc}") from None
+            raise _cut(chat, exc) from None
         if attempt.endpoint is None:
             if not attempt.last:
                 return  # the next gateway
@@ -354,7 +361,7 @@ class _Base:
         if event.error is not None:
             if not chat.text:
                 raise _Retry(event.error)
-            raise StreamCut(f"{chat.site}: {event.error}")
+            raise _cut(chat, event.error)
         if event.finish_reason:
             chat.finish_reason = event.finish_reason
         if event.usage:

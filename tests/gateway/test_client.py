@@ -235,3 +235,33 @@ async def test_a_chat_replica_that_no_longer_serves_the_model_sends_the_chat_on(
     finally:
         await stale.shutdown(1)
         await good.shutdown(1)
+
+
+async def test_the_chat_command_ends_a_cut_answer_s_line_before_its_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A replica that dies mid-answer: what arrived stays on stdout, ended by a newline, and
+    the error is one line on stderr (no traceback)."""
+    from orchestrator.cli import main as cli
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        if not head.startswith(b"POST /openai/v1/chat/completions"):  # the endpoint list: none known, use the gateway
+            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for text in ("Hel", "lo"):
+                event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        writer.close()  # mid-answer: no [DONE], no last chunk
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        code = await asyncio.to_thread(cli.main, ["chat", "m", "hi", "--server", url])
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "Hello\n", (out, err)
+    assert err.startswith(f"error: the answer from {url} was cut after 5 characters: ") and len(err.strip().splitlines()) == 1, err
