@@ -33,6 +33,7 @@ import json
 import logging
 import multiprocessing
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from rich.console import Console
 from rich.table import Table
 
+from bench import native as _native
 from orchestrator.agents import auth, hub, relay, service
 
 RESULTS = Path(__file__).parent / "results" / "agent_heartbeats.json"
@@ -171,6 +173,70 @@ def _generator_main(target: str, agents: int, interval: float, stop, join: bool,
     out.send(asyncio.run(_generate(target, agents, interval, stop, join, first_site)))
 
 
+class _Generators:
+    """The simulated fleet: ``shares[k]`` agents on ``targets[k % len(targets)]``, one process
+    each, numbered on from ``site-0``. ``native`` runs ``bench/native/hbgen`` (C++, paced
+    only, joins always), else :func:`_generate` in Python processes."""
+
+    def __init__(self, native: bool, targets: list[str], shares: list[int], interval: float, join: bool) -> None:
+        self.native = native
+        self._procs: list = []
+        self._pipes: list = []
+        firsts = [sum(shares[:k]) for k in range(len(shares))]
+        if native:
+            if not interval or not join:
+                raise ValueError("the native generator only runs paced, joining agents")
+            binary = str(_native.hbgen())
+            limit = MAX_RUN_S + _ramp_limit(sum(shares))
+            for k, share in enumerate(shares):
+                self._procs.append(subprocess.Popen(
+                    [binary, "--target", targets[k % len(targets)], "--agents", str(share), "--first-site", str(firsts[k]),
+                     "--interval", str(interval), "--token", TOKEN, "--max-seconds", str(limit)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            return
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        for k, share in enumerate(shares):
+            parent, child = ctx.Pipe()
+            self._procs.append(ctx.Process(target=_generator_main, args=(targets[k % len(targets)], share, interval, self._stop,
+                                                                         join, child, firsts[k])))
+            self._pipes.append(parent)
+            self._procs[-1].start()
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def alive(self) -> bool:
+        if self.native:
+            return all(proc.poll() is None for proc in self._procs)
+        return all(proc.is_alive() for proc in self._procs)
+
+    async def stop(self) -> list[dict]:
+        """Stops every generator; their reports ({"sent", "reopened", ...}; a failed one's
+        carries "error") in order, or {} for one that died without a word."""
+        if self.native:
+            for proc in self._procs:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()  # hbgen's stop
+            reports = []
+            for proc in self._procs:
+                try:
+                    out = await asyncio.wait_for(asyncio.to_thread(proc.stdout.read), 30)
+                except TimeoutError:
+                    proc.kill()  # which ends the read
+                    out = ""
+                await asyncio.to_thread(proc.wait)
+                reports.append(json.loads(out) if out.strip() else {})
+            return reports
+        self._stop.set()
+        reports = [await asyncio.to_thread(_report, parent, 30.0) for parent in self._pipes]
+        for proc in self._procs:
+            await asyncio.to_thread(proc.join, 30)
+            if proc.is_alive():
+                proc.kill()
+        return [r if isinstance(r, dict) else {} for r in reports]
+
+
 # -- a relaying replica (one process each) ----------------------------------------------
 
 RELAY_SECRET = "bench-relay-secret"
@@ -202,7 +268,8 @@ async def _relay_replica(leader: str, replica: str, conn) -> None:  # noqa: ANN0
         await server.stop(None)
 
 
-async def _run_relayed_phase(agents: int, interval: float, duration: float, relays: int, per_generator: int) -> dict:
+async def _run_relayed_phase(agents: int, interval: float, duration: float, relays: int, per_generator: int,
+                             native: bool = False) -> dict:
     """Agents on ``relays`` replicas that relay them to the leader's hub in this process."""
     ctx = multiprocessing.get_context("spawn")
     rss_before = _rss_mib()
@@ -215,22 +282,17 @@ async def _run_relayed_phase(agents: int, interval: float, duration: float, rela
         proc = ctx.Process(target=_relay_main, args=(f"127.0.0.1:{leader.port}", f"relay-{k}", child))
         proc.start()
         replicas.append((proc, parent))
-    generator_stop = ctx.Event()
-    pipes, procs = [], []
+    generators: _Generators | None = None
+    reports: list[dict] = []
     try:
         for _, conn in replicas:
             ports.append(await asyncio.to_thread(_report, conn, 60.0))
-        generators = max(relays, -(-agents // per_generator))
-        shares = [agents // generators + (k < agents % generators) for k in range(generators)]
-        for k, share in enumerate(shares):
-            parent, child = ctx.Pipe()
-            procs.append(ctx.Process(target=_generator_main, args=(f"127.0.0.1:{ports[k % relays]}", share, interval, generator_stop,
-                                                                    True, child, sum(shares[:k]))))
-            pipes.append(parent)
-            procs[-1].start()
+        count = max(relays, -(-agents // per_generator))
+        shares = [agents // count + (k < agents % count) for k in range(count)]
+        generators = _Generators(native, [f"127.0.0.1:{port}" for port in ports], shares, interval, join=True)
         first = time.perf_counter()
         ramp_deadline = first + _ramp_limit(agents)
-        while agent_hub.reporting() < agents and time.perf_counter() < ramp_deadline and all(p.is_alive() for p in procs):
+        while agent_hub.reporting() < agents and time.perf_counter() < ramp_deadline and generators.alive():
             await asyncio.sleep(1.0)
         ramp_s = time.perf_counter() - first
         if agent_hub.reporting() < agents:
@@ -251,12 +313,8 @@ async def _run_relayed_phase(agents: int, interval: float, duration: float, rela
         rss_steady = _rss_mib()
         healthy = sum(s.healthy for s in agent_hub.snapshot())
     finally:
-        generator_stop.set()
-        reports = [await asyncio.to_thread(_report, parent, 30.0) for parent in pipes]
-        for proc in procs:
-            await asyncio.to_thread(proc.join, 30)
-            if proc.is_alive():
-                proc.kill()
+        if generators is not None:
+            reports = await generators.stop()
         for proc, conn in replicas:
             with contextlib.suppress(OSError):
                 conn.send("stop")
@@ -268,7 +326,8 @@ async def _run_relayed_phase(agents: int, interval: float, duration: float, rela
     return {
         "phase": f"relayed ({relays} replicas -> leader)",
         "agents": agents,
-        "generators": len(procs),
+        "generators": len(generators),
+        "generator": "native" if native else "python",
         "relays": relays,
         "offered_per_s": round(agents / interval),
         "heartbeats_per_s": round((n1 - n0) / span),  # applied by the leader's hub
@@ -278,8 +337,8 @@ async def _run_relayed_phase(agents: int, interval: float, duration: float, rela
         "relay_heartbeats_per_s": [round((a[1] - b[1]) / span) for a, b in zip(after, before)],
         "relay_cpu_cores": [round((a[0] - b[0]) / span, 2) for a, b in zip(after, before)],
         "relay_rss_mib": [round(a[2], 1) for a in after],
-        "sent": sum(r["sent"] for r in reports if isinstance(r, dict)),
-        "streams_reopened": sum(r["reopened"] for r in reports if isinstance(r, dict)),
+        "sent": sum(r.get("sent", 0) for r in reports),
+        "streams_reopened": sum(r.get("reopened", 0) for r in reports),
         "ramp_s": round(ramp_s, 2),
         "hub_rss_mib": round(rss_steady, 1),
         "hub_rss_added_mib": round(rss_steady - rss_before, 1),
@@ -318,8 +377,8 @@ def _report(conn, timeout: float) -> object:  # noqa: ANN001
     return conn.recv() if conn.poll(timeout) else None
 
 
-async def _run_phase(name: str, agents: int, interval: float, duration: float, baseline: bool, generators: int = 1) -> dict:
-    ctx = multiprocessing.get_context("spawn")
+async def _run_phase(name: str, agents: int, interval: float, duration: float, baseline: bool, generators: int = 1,
+                     native: bool = False) -> dict:
     rss_before = _rss_mib()
     if baseline:
         counter = _CountOnly()
@@ -334,20 +393,15 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         running = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
         port = running.port
         stop = running.stop
-    generator_stop = ctx.Event()
     # the fleet split across ``generators`` processes (one Python process tops out at tens of
     # thousands of streams); each keeps its share's interval, so the fleet offers the same rate
     shares = [agents // generators + (k < agents % generators) for k in range(generators)]
-    pipes, procs = [], []
-    for k, share in enumerate(shares):
-        parent, child = ctx.Pipe()
-        procs.append(ctx.Process(target=_generator_main, args=(f"127.0.0.1:{port}", share, interval, generator_stop, not baseline,
-                                                                child, sum(shares[:k]))))
-        pipes.append(parent)
-        procs[-1].start()
-
-    def alive() -> bool:
-        return all(p.is_alive() for p in procs)
+    try:
+        fleet = _Generators(native, [f"127.0.0.1:{port}"], shares, interval, join=not baseline)
+    except BaseException:
+        await stop(None)
+        raise
+    alive = fleet.alive
 
     def received() -> int:
         return counter.count if agent_hub is None else agent_hub.heartbeats_total
@@ -380,25 +434,23 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         cpu1, n1, t1 = time.process_time(), received(), time.perf_counter()
         rss_steady = _rss_mib()
     finally:  # the generator and the server go whether the phase finished or not
-        generator_stop.set()
-        reports = [await asyncio.to_thread(_report, parent, 30.0) for parent in pipes]
-        sent = sum(r["sent"] for r in reports if isinstance(r, dict))
-        reopened = sum(r["reopened"] for r in reports if isinstance(r, dict))
-        for proc in procs:
-            await asyncio.to_thread(proc.join, 30)
-            if proc.is_alive():
-                proc.kill()
+        reports = await fleet.stop()
+        sent = sum(r.get("sent", 0) for r in reports)
+        reopened = sum(r.get("reopened", 0) for r in reports)
+        generator_errors = [r["error"] for r in reports if r.get("error")]
         await stop(None)
     rate = (n1 - n0) / (t1 - t0)
     row = {
         "phase": name,
         "agents": agents,
         "generators": generators,
+        "generator": "native" if native else "python",
         "offered_per_s": round(agents / interval) if interval else None,
         "heartbeats_per_s": round(rate),
         "hub_cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 2),
         "sent": sent,
         "streams_reopened": reopened,  # shed by the hub while it was overloaded, opened again
+        "generator_errors": generator_errors,
         "ramp_s": round(ramp_s, 2),
         # the control-plane process: what holding this many agents' streams and records adds
         "hub_rss_mib": round(rss_steady, 1),
@@ -413,13 +465,15 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
 
 
 def run(fleets: list[int], rate: float, duration: float, saturated_phases: bool = True, per_generator: int = 25_000,
-        relays: int = 0) -> list[dict]:
-    """Each phase gets a fresh event loop, so one phase's teardown cannot slow the next."""
+        relays: int = 0, native: bool = False) -> list[dict]:
+    """Each phase gets a fresh event loop, so one phase's teardown cannot slow the next.
+    ``native`` simulates the paced phases' agents with ``bench/native/hbgen``."""
     if relays:
-        return [asyncio.run(_run_relayed_phase(agents, agents / rate, duration, relays, per_generator)) for agents in fleets]
+        return [asyncio.run(_run_relayed_phase(agents, agents / rate, duration, relays, per_generator, native))
+                for agents in fleets]
     rows = [
         asyncio.run(_run_phase("paced (hub)", agents, agents / rate, duration, baseline=False,
-                               generators=max(1, -(-agents // per_generator))))
+                               generators=max(1, -(-agents // per_generator)), native=native))
         for agents in fleets
     ]
     if not saturated_phases:
@@ -447,6 +501,9 @@ def main() -> None:
                         help="simulated agents per generator process (a larger fleet gets more processes)")
     parser.add_argument("--relays", type=int, default=0, metavar="K",
                         help="agents on K replicas that relay them to the leader (paced phases only) [0: agents on the hub]")
+    parser.add_argument("--generator", choices=["python", "native"], default="python",
+                        help="what simulates the paced phases' agents: grpc.aio processes, or bench/native/hbgen (C++, "
+                             "built on first use; needs Debian's libgrpc++-dev and protobuf-compiler-grpc) [python]")
     parser.add_argument("--ramp-per-1000", type=float, metavar="SECONDS",
                         help=f"how long opening the fleet's streams may take per 1,000 agents [{RAMP_S_PER_1000:g}]")
     args = parser.parse_args()
@@ -457,8 +514,8 @@ def main() -> None:
     duration = 5.0 if args.quick else 15.0
 
     rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated, per_generator=args.per_generator,
-               relays=args.relays)
-    table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, generators in other processes)")
+               relays=args.relays, native=args.generator == "native")
+    table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, {args.generator} generators in other processes)")
     for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "lag p50 ms", "lag p99 ms", "ramp s",
                 "hub RSS MiB", "MiB / 10k agents", "streams reopened"]:
         table.add_column(col, justify="right" if col != "phase" else "left")
@@ -482,6 +539,7 @@ def main() -> None:
         "quick": args.quick,
         "duration_s": duration,
         "relays": args.relays,
+        "generator": args.generator,
         "target": {"heartbeats_per_s": 10_000, "lag_p99_ms": 1000},
         "rows": rows,
     }, indent=2))
