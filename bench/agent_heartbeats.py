@@ -206,6 +206,15 @@ class _Generators:
     def __len__(self) -> int:
         return len(self._procs)
 
+    def cpu_seconds(self) -> float:
+        """CPU time the generator processes have used so far."""
+        total = 0.0
+        for proc in self._procs:
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(proc.pid).cpu_times()
+                total += times.user + times.system
+        return total
+
     def alive(self) -> bool:
         if self.native:
             return all(proc.poll() is None for proc in self._procs)
@@ -307,8 +316,10 @@ async def _run_relayed_phase(agents: int, interval: float, duration: float, rela
 
         before = await marks()
         cpu0, n0, t0, reports0 = time.process_time(), agent_hub.heartbeats_total, time.perf_counter(), servicer.reports_total
+        gen0 = generators.cpu_seconds()
         await asyncio.sleep(duration)
         cpu1, n1, t1, reports1 = time.process_time(), agent_hub.heartbeats_total, time.perf_counter(), servicer.reports_total
+        gen1 = generators.cpu_seconds()
         after = await marks()
         rss_steady = _rss_mib()
         healthy = sum(s.healthy for s in agent_hub.snapshot())
@@ -334,6 +345,7 @@ async def _run_relayed_phase(agents: int, interval: float, duration: float, rela
         "relay_reports_per_s": round((reports1 - reports0) / span),
         "relay_batches_per_s": round(sum(a[3] - b[3] for a, b in zip(after, before)) / span, 1),
         "hub_cpu_cores": round((cpu1 - cpu0) / span, 2),  # the leader
+        "generator_cpu_cores": round((gen1 - gen0) / span, 2),
         "relay_heartbeats_per_s": [round((a[1] - b[1]) / span) for a, b in zip(after, before)],
         "relay_cpu_cores": [round((a[0] - b[0]) / span, 2) for a, b in zip(after, before)],
         "relay_rss_mib": [round(a[2], 1) for a in after],
@@ -429,9 +441,9 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         await asyncio.sleep(1.0)
         if agent_hub is not None:
             agent_hub.lag = hub.LagHistogram()
-        cpu0, n0, t0 = time.process_time(), received(), time.perf_counter()
+        cpu0, n0, t0, gen0 = time.process_time(), received(), time.perf_counter(), fleet.cpu_seconds()
         await asyncio.sleep(duration)
-        cpu1, n1, t1 = time.process_time(), received(), time.perf_counter()
+        cpu1, n1, t1, gen1 = time.process_time(), received(), time.perf_counter(), fleet.cpu_seconds()
         rss_steady = _rss_mib()
     finally:  # the generator and the server go whether the phase finished or not
         reports = await fleet.stop()
@@ -448,6 +460,8 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
         "offered_per_s": round(agents / interval) if interval else None,
         "heartbeats_per_s": round(rate),
         "hub_cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 2),
+        "generator_cpu_cores": round((gen1 - gen0) / (t1 - t0), 2),  # the simulated fleet, on the same cores
+        "generator_join_s": max((r.get("join_s", 0.0) for r in reports), default=None) if native else None,
         "sent": sent,
         "streams_reopened": reopened,  # shed by the hub while it was overloaded, opened again
         "generator_errors": generator_errors,
@@ -516,13 +530,13 @@ def main() -> None:
     rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated, per_generator=args.per_generator,
                relays=args.relays, native=args.generator == "native")
     table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, {args.generator} generators in other processes)")
-    for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "lag p50 ms", "lag p99 ms", "ramp s",
-                "hub RSS MiB", "MiB / 10k agents", "streams reopened"]:
+    for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "generators' CPU", "lag p50 ms", "lag p99 ms",
+                "ramp s", "hub RSS MiB", "MiB / 10k agents", "streams reopened"]:
         table.add_column(col, justify="right" if col != "phase" else "left")
     for r in rows:
         table.add_row(
             r["phase"], str(r["agents"]), str(r["offered_per_s"] or "max"), f"{r['heartbeats_per_s']:,}",
-            str(r["hub_cpu_cores"]), str(r.get("lag_p50_ms", "-")), str(r.get("lag_p99_ms", "-")), str(r["ramp_s"]),
+            str(r["hub_cpu_cores"]), str(r["generator_cpu_cores"]), str(r.get("lag_p50_ms", "-")), str(r.get("lag_p99_ms", "-")), str(r["ramp_s"]),
             f"{r['hub_rss_mib']:,.0f}", f"{r['hub_mib_per_10k_agents']:,.0f}", f"{r['streams_reopened']:,}",
         )
     Console().print(table)

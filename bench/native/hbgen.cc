@@ -15,13 +15,17 @@
 //      shedding load) is opened again, as an agent does; any other end fails the run.
 //
 // It runs until its standard input closes (the benchmark's stop) or --max-seconds pass, then
-// prints one JSON object, {"sent", "reopened", "skipped", "error"}, and exits; the kernel
+// prints one JSON object ({"sent", "reopened", "skipped", "failed_writes", "join_s", "cpu_s",
+// "error"}: beats written, streams opened again, turns skipped because the agent's previous
+// beat was still being written, writes that failed, how long the joins took, this process's
+// CPU seconds, and why the run failed or "") and exits; the kernel
 // closes its connections, which the hub sees as every agent's stream ending.
 //
 // Built by bench.native (protoc + g++ against Debian's libgrpc++-dev); not part of the
 // product, which speaks to agents only through Python's grpcio.
 
 #include <grpcpp/grpcpp.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <chrono>
@@ -113,6 +117,7 @@ class Fleet {
   std::mutex error_mutex_;
   std::string error_;
   Clock::time_point deadline_;
+  double join_s_ = 0.0;
   long cursor_ = 0;
 };
 
@@ -275,7 +280,10 @@ int Fleet::Run() {
   });
   watcher.detach();
 
-  if (Join()) {
+  const auto started = Clock::now();
+  bool joined = Join();
+  join_s_ = std::chrono::duration<double>(Clock::now() - started).count();
+  if (joined) {
     streams_.resize(agents_.size());
     for (long i = 0; i < options_.agents; i++) Open(i);
     const auto tick = std::chrono::milliseconds(10);
@@ -301,8 +309,13 @@ int Fleet::Run() {
     if (c == '"' || c == '\\') quoted += '\\';
     quoted += (c == '\n' ? ' ' : c);
   }
-  std::printf("{\"sent\": %ld, \"reopened\": %ld, \"skipped\": %ld, \"failed_writes\": %ld, \"error\": \"%s\"}\n", sent_.load(),
-              reopened_.load(), skipped_.load(), failed_writes_.load(), quoted.c_str());
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  double cpu_s = usage.ru_utime.tv_sec + usage.ru_stime.tv_sec + (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+  std::printf(
+      "{\"sent\": %ld, \"reopened\": %ld, \"skipped\": %ld, \"failed_writes\": %ld, \"join_s\": %.2f, \"cpu_s\": %.2f, "
+      "\"error\": \"%s\"}\n",
+      sent_.load(), reopened_.load(), skipped_.load(), failed_writes_.load(), join_s_, cpu_s, quoted.c_str());
   std::fflush(stdout);
   // The kernel closes every connection, which the hub sees as each agent's stream ending;
   // tearing 100,000 calls down one by one here would only add to the run.
