@@ -351,6 +351,7 @@ async def _run_relayed_phase(agents: int, interval: float, duration: float, rela
         "relay_rss_mib": [round(a[2], 1) for a in after],
         "sent": sum(r.get("sent", 0) for r in reports),
         "streams_reopened": sum(r.get("reopened", 0) for r in reports),
+        "generator_errors": [r["error"] for r in reports if r.get("error")],
         "ramp_s": round(ramp_s, 2),
         "hub_rss_mib": round(rss_steady, 1),
         "hub_rss_added_mib": round(rss_steady - rss_before, 1),
@@ -527,6 +528,11 @@ def main() -> None:
     fleets = args.agents or [1000, 5000, 10000]
     duration = 5.0 if args.quick else 15.0
 
+    if args.generator == "native":
+        try:
+            _native.hbgen()  # build it now, so a missing package is said before any phase starts
+        except _native.BuildError as exc:
+            parser.exit(2, f"bench.agent_heartbeats: {exc}\n")
     rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated, per_generator=args.per_generator,
                relays=args.relays, native=args.generator == "native")
     table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, {args.generator} generators in other processes)")
