@@ -33,7 +33,6 @@ import json
 import logging
 import multiprocessing
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -182,17 +181,14 @@ class _Generators:
         self.native = native
         self._procs: list = []
         self._pipes: list = []
+        self._reports: list[dict] | None = None
         firsts = [sum(shares[:k]) for k in range(len(shares))]
         if native:
             if not interval or not join:
                 raise ValueError("the native generator only runs paced, joining agents")
-            binary = str(_native.hbgen())
             limit = MAX_RUN_S + _ramp_limit(sum(shares))
-            for k, share in enumerate(shares):
-                self._procs.append(subprocess.Popen(
-                    [binary, "--target", targets[k % len(targets)], "--agents", str(share), "--first-site", str(firsts[k]),
-                     "--interval", str(interval), "--token", TOKEN, "--max-seconds", str(limit)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            self._procs = [_native.Hbgen(targets[k % len(targets)], share, interval=interval, token=TOKEN, first_site=firsts[k],
+                                         max_seconds=limit) for k, share in enumerate(shares)]
             return
         ctx = multiprocessing.get_context("spawn")
         self._stop = ctx.Event()
@@ -216,34 +212,36 @@ class _Generators:
         return total
 
     def alive(self) -> bool:
-        if self.native:
-            return all(proc.poll() is None for proc in self._procs)
-        return all(proc.is_alive() for proc in self._procs)
+        return all(proc.running() if self.native else proc.is_alive() for proc in self._procs)
 
     async def stop(self) -> list[dict]:
-        """Stops every generator; their reports ({"sent", "reopened", ...}; a failed one's
-        carries "error") in order, or {} for one that died without a word."""
+        """Stops every generator (once; later calls return the same); their reports
+        ({"sent", "reopened", ...}; a failed one's carries "error") in order, or {} for one
+        that died without a word."""
+        if self._reports is not None:
+            return self._reports
         if self.native:
-            for proc in self._procs:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()  # hbgen's stop
-            reports = []
-            for proc in self._procs:
-                try:
-                    out = await asyncio.wait_for(asyncio.to_thread(proc.stdout.read), 30)
-                except TimeoutError:
-                    proc.kill()  # which ends the read
-                    out = ""
-                await asyncio.to_thread(proc.wait)
-                reports.append(json.loads(out) if out.strip() else {})
-            return reports
+            self._reports = list(await asyncio.gather(*(proc.stop() for proc in self._procs)))
+            return self._reports
         self._stop.set()
         reports = [await asyncio.to_thread(_report, parent, 30.0) for parent in self._pipes]
         for proc in self._procs:
             await asyncio.to_thread(proc.join, 30)
             if proc.is_alive():
                 proc.kill()
-        return [r if isinstance(r, dict) else {} for r in reports]
+        self._reports = [r if isinstance(r, dict) else {} for r in reports]
+        return self._reports
+
+    async def why_short(self) -> str:
+        """After a fleet fell short: stops it and says what its generators reported or how
+        they ended ("" when none failed)."""
+        reports = await self.stop()
+        why = [f"generator {k}: {report['error']}" for k, report in enumerate(reports) if report.get("error")]
+        for k, proc in enumerate(self._procs):
+            code = proc.process.returncode if self.native else proc.exitcode
+            if code and not reports[k].get("error"):
+                why.append(f"generator {k} exited with {code}")
+        return "; ".join(why)
 
 
 # -- a relaying replica (one process each) ----------------------------------------------
@@ -305,7 +303,9 @@ async def _run_relayed_phase(agents: int, interval: float, duration: float, rela
             await asyncio.sleep(1.0)
         ramp_s = time.perf_counter() - first
         if agent_hub.reporting() < agents:
-            raise RuntimeError(f"relayed: only {agent_hub.reporting()} of {agents} agents reached the leader in {ramp_s:.0f}s")
+            short = f"relayed: only {agent_hub.reporting()} of {agents} agents reached the leader in {ramp_s:.0f}s"
+            why = await generators.why_short()
+            raise RuntimeError(f"{short} ({why})" if why else short)
         await asyncio.sleep(1.0)
         agent_hub.lag = hub.LagHistogram()
 
@@ -438,7 +438,9 @@ async def _run_phase(name: str, agents: int, interval: float, duration: float, b
             await asyncio.sleep(1.0)
         ramp_s = time.perf_counter() - first
         if streams_open() < agents:
-            raise RuntimeError(f"{name}: only {streams_open()} of {agents} streams delivered a heartbeat in {ramp_s:.0f}s")
+            short = f"{name}: only {streams_open()} of {agents} streams delivered a heartbeat in {ramp_s:.0f}s"
+            why = await fleet.why_short()
+            raise RuntimeError(f"{short} ({why})" if why else short)
         await asyncio.sleep(1.0)
         if agent_hub is not None:
             agent_hub.lag = hub.LagHistogram()
@@ -533,8 +535,11 @@ def main() -> None:
             _native.hbgen()  # build it now, so a missing package is said before any phase starts
         except _native.BuildError as exc:
             parser.exit(2, f"bench.agent_heartbeats: {exc}\n")
-    rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated, per_generator=args.per_generator,
-               relays=args.relays, native=args.generator == "native")
+    try:
+        rows = run(fleets, args.rate, duration, saturated_phases=not args.no_saturated, per_generator=args.per_generator,
+                   relays=args.relays, native=args.generator == "native")
+    except RuntimeError as exc:  # a fleet fell short, or a generator failed: one line, no traceback
+        parser.exit(1, f"bench.agent_heartbeats: {exc}\n")
     table = Table(title=f"Heartbeat ingestion ({os.cpu_count()} cores, {args.generator} generators in other processes)")
     for col in ["phase", "agents", "offered/s", "received/s", "hub CPU (cores)", "generators' CPU", "lag p50 ms", "lag p99 ms",
                 "ramp s", "hub RSS MiB", "MiB / 10k agents", "streams reopened"]:

@@ -8,6 +8,9 @@ rebuilt when its source or the protocol changes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,3 +52,35 @@ def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise BuildError(f"{command[0]} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+
+
+class Hbgen:
+    """One running ``hbgen``: ``agents`` simulated agents ``site-{first_site}`` … on ``target``,
+    each beating once per ``interval`` seconds, until :meth:`stop` or ``max_seconds``."""
+
+    def __init__(self, target: str, agents: int, *, interval: float, token: str, first_site: int = 0,
+                 max_seconds: float = 900.0) -> None:
+        self.process = subprocess.Popen(
+            [str(hbgen()), "--target", target, "--agents", str(agents), "--first-site", str(first_site),
+             "--interval", str(interval), "--token", token, "--max-seconds", str(max_seconds)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    async def stop(self, timeout: float = 30.0) -> dict:
+        """Ends the run (closing its standard input) and returns its report (``{}`` if it died
+        without one); it is killed if it has not answered within ``timeout`` seconds."""
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            out = await asyncio.wait_for(asyncio.to_thread(self.process.stdout.read), timeout)
+        except TimeoutError:
+            self.process.kill()  # which ends the read
+            out = ""
+        await asyncio.to_thread(self.process.wait)
+        return json.loads(out) if out.strip() else {}

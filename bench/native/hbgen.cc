@@ -34,7 +34,6 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
-#include <iostream>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -79,7 +78,6 @@ class Stream : public grpc::ClientWriteReactor<pb::Heartbeat> {
   bool Beat();
   void OnWriteDone(bool ok) override;
   void OnDone(const grpc::Status& status) override;
-  grpc::ClientContext* context() { return &context_; }
 
  private:
   Fleet* fleet_;
@@ -107,8 +105,7 @@ class Fleet {
   void Fail(const std::string& error);
 
   Options options_;
-  std::vector<std::shared_ptr<grpc::Channel>> channels_;
-  std::vector<std::unique_ptr<pb::AgentControl::Stub>> stubs_;
+  std::vector<std::unique_ptr<pb::AgentControl::Stub>> stubs_;  // each holds its channel
   std::vector<Agent> agents_;
   std::vector<Stream*> streams_;  // the live stream of each agent
   std::vector<std::unique_ptr<Stream>> all_streams_;  // every stream opened, freed at exit
@@ -269,8 +266,8 @@ int Fleet::Run() {
   for (int c = 0; c < channels; c++) {
     grpc::ChannelArguments arguments;
     arguments.SetInt("grpc.use_local_subchannel_pool", 1);
-    channels_.push_back(grpc::CreateCustomChannel(options_.target, grpc::InsecureChannelCredentials(), arguments));
-    stubs_.push_back(pb::AgentControl::NewStub(channels_.back()));
+    stubs_.push_back(pb::AgentControl::NewStub(
+        grpc::CreateCustomChannel(options_.target, grpc::InsecureChannelCredentials(), arguments)));
   }
   agents_.resize(options_.agents);
   for (long i = 0; i < options_.agents; i++) agents_[i].site = "site-" + std::to_string(options_.first_site + i);

@@ -5,8 +5,6 @@ the benchmark as an error in its report, not as silence."""
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import time
 from collections.abc import AsyncIterator
 
@@ -18,10 +16,10 @@ from orchestrator.agents import auth, hub, service
 TOKEN = "generator-token"
 
 
-@pytest.fixture(scope="module")
-def hbgen() -> str:
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
     try:
-        return str(native.hbgen())
+        native.hbgen()
     except native.BuildError as exc:  # tests/install-system-packages installs what it needs
         pytest.skip(f"the native heartbeat generator cannot be built here: {exc}")
 
@@ -34,33 +32,24 @@ async def target() -> AsyncIterator[tuple[hub.AgentHub, str]]:
     await server.stop(grace=None)
 
 
-def start(hbgen: str, target: str, agents: int, token: str = TOKEN) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [hbgen, "--target", target, "--agents", str(agents), "--first-site", "7", "--interval", "0.2", "--token", token,
-         "--max-seconds", "60"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def start(target: str, agents: int, token: str = TOKEN) -> native.Hbgen:
+    return native.Hbgen(target, agents, interval=0.2, token=token, first_site=7, max_seconds=60)
 
 
-async def finish(proc: subprocess.Popen[str]) -> tuple[int, dict]:
-    proc.stdin.close()  # the generator's stop
-    out = await asyncio.wait_for(asyncio.to_thread(proc.stdout.read), 30)
-    return await asyncio.to_thread(proc.wait, 30), json.loads(out)
-
-
-async def test_simulated_agents_join_and_beat_at_their_interval(hbgen: str, target: tuple[hub.AgentHub, str]) -> None:
+async def test_simulated_agents_join_and_beat_at_their_interval(target: tuple[hub.AgentHub, str]) -> None:
     agent_hub, address = target
-    proc = start(hbgen, address, 40)
+    generator = start(address, 40)
     try:
         deadline = time.monotonic() + 30
-        while agent_hub.reporting() < 40 and time.monotonic() < deadline and proc.poll() is None:
+        while agent_hub.reporting() < 40 and time.monotonic() < deadline and generator.running():
             await asyncio.sleep(0.05)
         assert agent_hub.reporting() == 40
         first, started = agent_hub.heartbeats_total, time.monotonic()
         await asyncio.sleep(2.0)
         rate = (agent_hub.heartbeats_total - first) / (time.monotonic() - started)
     finally:
-        code, report = await finish(proc)
-    assert code == 0 and report["error"] == ""
+        report = await generator.stop()
+    assert generator.process.returncode == 0 and report["error"] == ""
     assert 100 <= rate <= 300, rate  # 40 agents at 0.2 s offer 200 beats/s
     assert report["sent"] >= agent_hub.heartbeats_total - 1
     statuses = {status.site: status for status in agent_hub.snapshot()}
@@ -68,11 +57,11 @@ async def test_simulated_agents_join_and_beat_at_their_interval(hbgen: str, targ
     assert all(status.healthy for status in statuses.values())
 
 
-async def test_a_refused_join_ends_the_run_with_the_reason(hbgen: str, target: tuple[hub.AgentHub, str]) -> None:
+async def test_a_refused_join_ends_the_run_with_the_reason(target: tuple[hub.AgentHub, str]) -> None:
     agent_hub, address = target
-    proc = start(hbgen, address, 3, token="not-the-token")
-    code = await asyncio.to_thread(proc.wait, 30)  # it stops on its own
-    report = json.loads(proc.stdout.read())
-    assert code == 2
+    generator = start(address, 3, token="not-the-token")
+    await asyncio.to_thread(generator.process.wait, 30)  # it stops on its own
+    report = await generator.stop()
+    assert generator.process.returncode == 2
     assert report["error"].startswith("join of site-") and "failed: 16" in report["error"]  # UNAUTHENTICATED
     assert report["sent"] == 0 and agent_hub.reporting() == 0
