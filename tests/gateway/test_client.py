@@ -247,9 +247,13 @@ async def test_the_chat_command_ends_a_cut_answer_s_line_before_its_one_line_err
         length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
         await reader.readexactly(length)
         if not head.startswith(b"POST /openai/v1/chat/completions"):  # the endpoint list: none known, use the gateway
-            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+            # this server closes every connection after one answer, so it says so; else the client
+            # may send its next request on the pooled connection just as the close arrives
+            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+                         b"connection: close\r\n\r\n{}")
         else:
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                         b"connection: close\r\n\r\n")
             for text in ("Hel", "lo"):
                 event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
                 writer.write(b"%x\r\n%s\r\n" % (len(event), event))
