@@ -1,8 +1,13 @@
-"""Build hook: generate the gRPC code from protos/ before packaging.
+"""Build hooks: generate the gRPC code from protos/ before packaging, and compile the one
+native module.
 
 The protocol is defined once in ``protos/`` and the Python modules are produced by
 ``grpc_tools.protoc`` at build time (regular and editable installs alike), so the
 generated files are never edited by hand nor committed.
+
+``edgeplane_proto._jsonfloats`` reads large JSON number arrays on several cores (v2 JSON
+tensors, docs/benchmarks.md). It is optional: where no C++ compiler or Python headers are
+found, the install goes on without it and the codec reads those arrays with simdjson alone.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import pathlib
 import runpy
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -22,4 +28,32 @@ class BuildWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildWithProtos})
+class OptionalBuildExt(build_ext):
+    """Builds the native module when it can; says why and goes on when it cannot."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the module is optional
+            self._skipped(exc)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001 - as above
+            self._skipped(exc)
+
+    @staticmethod
+    def _skipped(exc: Exception) -> None:
+        print(f"edgeplane: native JSON number reader not built ({exc}); large JSON tensors are read with simdjson alone")
+
+
+JSONFLOATS = Extension(
+    "edgeplane_proto._jsonfloats",
+    sources=["edgeplane_proto/_jsonfloats.cc"],
+    language="c++",
+    extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden"],
+    extra_link_args=["-pthread"],
+)
+
+setup(cmdclass={"build_py": BuildWithProtos, "build_ext": OptionalBuildExt}, ext_modules=[JSONFLOATS])

@@ -6,8 +6,9 @@ Each step the agent takes for one v2 JSON request, timed alone in this process, 
 interleaved so that every step sees the same moments of a shared machine: the orjson
 path (parsing the body, converting the parsed numbers to float32 with one ``struct.pack``
 or, before that, numpy's ``asarray`` + ``astype``, freeing the parsed numbers), the
-simdjson read that ``decode_request`` now uses (the float data parsed straight into an
-array), ``decode_request`` as a whole, ``session.run`` with the agent's session options, and encoding the output (orjson
+simdjson read (the float data parsed straight into an array), the native reader that now
+reads large number arrays on several cores before it, ``decode_request`` as a whole with
+and without that reader, ``session.run`` with the agent's session options, and encoding the output (orjson
 writing numpy natively; ``tolist`` + orjson, which writes float64 digits, for comparison). The HTTP path itself is the
 tiny model's row of ``bench.agent_infer``. 0.5x of raw ``session.run`` throughput one
 request at a time leaves a budget of one run for everything else. Writes
@@ -42,6 +43,15 @@ def _previous_conversion(data: list[float]) -> np.ndarray:
     return np.asarray(data).astype(np.float32)
 
 
+def _without_native_reader(fn: Callable[[], object]) -> object:
+    """``fn`` with the codec's native reader of large number arrays switched off."""
+    native, oip._jsonfloats = oip._jsonfloats, None
+    try:
+        return fn()
+    finally:
+        oip._jsonfloats = native
+
+
 def _timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
@@ -72,6 +82,8 @@ def main() -> None:
     response_body, _ = oip.encode_response(response)
     data = orjson.loads(body)["inputs"][0]["data"]
     assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()  # bit for bit
+    if oip._split_arrays(body) is None:
+        raise SystemExit("the codec's native reader (edgeplane_proto._jsonfloats) is not built: run `make proto`")
 
     flat_out = out.reshape(-1)
     steps: dict[str, Callable[[], float]] = {
@@ -80,8 +92,11 @@ def main() -> None:
         "numbers -> float32, before (np.asarray + astype)": lambda: _timed(lambda: _previous_conversion(data)),
         "numbers -> float32, orjson path (struct.pack)": lambda: _timed(lambda: oip._flat_floats(data).astype(np.float32)),
         "simdjson read: parse + float data as an array, to float32": lambda: _timed(
-            lambda: oip._loads_tensors(body)["inputs"][0]["data"].astype(np.float32)),
-        "decode_request, whole (now: the simdjson read)": lambda: _timed(lambda: oip.decode_request(body)),
+            lambda: _without_native_reader(lambda: oip._loads_tensors(body)["inputs"][0]["data"].astype(np.float32))),
+        "decode_request, whole, simdjson alone (before)": lambda: _timed(
+            lambda: _without_native_reader(lambda: oip.decode_request(body))),
+        "native reader alone (_jsonfloats.split)": lambda: _timed(lambda: oip._split_arrays(body)),
+        "decode_request, whole (now)": lambda: _timed(lambda: oip.decode_request(body)),
         "session.run (agent's session options)": lambda: _timed(lambda: model.run({"input": x}, names)),
         "encode the response (encode_response)": lambda: _timed(lambda: oip.encode_response(response)),
         "output data alone: orjson, numpy natively": lambda: _timed(
@@ -98,7 +113,7 @@ def main() -> None:
             for name, v in samples.items()]
     by = {r["step"]: r for r in rows}
     run_ms = by["session.run (agent's session options)"]["p50_ms"]
-    decode_ms = by["decode_request, whole (now: the simdjson read)"]["p50_ms"]
+    decode_ms = by["decode_request, whole (now)"]["p50_ms"]
     encode_ms = by["encode the response (encode_response)"]["p50_ms"]
     sizes = {"request_json_bytes": len(body), "input_raw_bytes": x.nbytes, "input_shape": list(x.shape),
              "output_raw_bytes": out.nbytes, "output_shape": list(out.shape), "response_json_bytes": len(response_body)}
