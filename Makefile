@@ -9,7 +9,7 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: demo test lint proto bench serve clean system-packages
 
-$(STAMP): pyproject.toml setup.py edgeplane_proto/_jsonfloats.cc $(PROTOS)
+$(STAMP): pyproject.toml setup.py edgeplane_proto/_jsonfloats.c $(PROTOS)
 	@echo "Creating $(VENV) and installing edgeplane with its dependencies (about a minute the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar on --upgrade pip

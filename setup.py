@@ -6,8 +6,9 @@ The protocol is defined once in ``protos/`` and the Python modules are produced 
 generated files are never edited by hand nor committed.
 
 ``edgeplane_proto._jsonfloats`` reads large JSON number arrays on several cores (v2 JSON
-tensors, docs/benchmarks.md). It is optional: where no C++ compiler or Python headers are
-found, the install goes on without it and the codec reads those arrays with simdjson alone.
+tensors, docs/benchmarks.md). It is C (a C compiler is all it needs) and optional: where
+no compiler or Python headers are found, the install goes on without it and the codec
+reads those arrays with simdjson alone.
 """
 
 from __future__ import annotations
@@ -50,9 +51,8 @@ class OptionalBuildExt(build_ext):
 
 JSONFLOATS = Extension(
     "edgeplane_proto._jsonfloats",
-    sources=["edgeplane_proto/_jsonfloats.cc"],
-    language="c++",
-    extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden"],
+    sources=["edgeplane_proto/_jsonfloats.c"],
+    extra_compile_args=["-std=gnu11", "-O3", "-fvisibility=hidden", "-Wall", "-Wextra"],
     extra_link_args=["-pthread"],
 )
 
