@@ -11,7 +11,10 @@ with ``tolist``. A body is read by simdjson, which parses a float tensor's flat 
 (what v2 clients send) straight into an array of doubles, with no Python float per
 element; anything else in a body, and any body simdjson does not take, goes through
 orjson, where a flat float list converts in one ``struct.pack`` and the rest as numpy
-casts it (``bench/json_budget.py``). JSON has no NaN or
+casts it (``bench/json_budget.py``). Before that, number arrays of 128 KiB and more are
+read on several cores by a small native module, when the install could build it
+(``_jsonfloats``, the interpreter lock released; the same doubles, or the body goes the
+ordinary way). JSON has no NaN or
 Infinity; like the standard library and tritonclient the codec writes and reads them as
 the bare literals ``NaN``/``Infinity``/``-Infinity`` (a rare body with them takes the slower
 standard-library path), so a non-finite value is never silently turned into ``null``.
