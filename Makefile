@@ -50,4 +50,4 @@ serve: $(STAMP) proto
 	$(VENV)/bin/edgeplane serve --artifact-root manifests/examples --local-ray-gpus 2 $(SERVE_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info edgeplane_proto/agent/v1/*_pb2*.py* edgeplane_proto/inference/v2/*_pb2*.py*
+	rm -rf $(VENV) build *.egg-info edgeplane_proto/*.so edgeplane_proto/agent/v1/*_pb2*.py* edgeplane_proto/inference/v2/*_pb2*.py*
