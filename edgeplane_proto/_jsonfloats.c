@@ -79,11 +79,13 @@ static const char *parse_number(const char *p, const char *end, double *out) {
     const bool integer = p == end || (*p != '.' && *p != 'e' && *p != 'E');
     if (p < end && *p == '.') {
         const char *first = ++p;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
         uint64_t word;
         while (end - p >= 8 && (memcpy(&word, p, 8), eight_digits(word))) {
             mantissa = mantissa * 100000000 + value_of_eight(word);
             p += 8;
         }
+#endif
         for (; p < end && is_digit(*p); ++p) mantissa = mantissa * 10 + (uint64_t)(*p - '0');
         if (p == first) return NULL;
         digits += p - first;
