@@ -27,7 +27,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,7 +201,7 @@ def _flat_floats(data: list[Any]) -> np.ndarray | None:
         values = np.frombuffer(struct.pack(f"{len(data)}d", *data), dtype=np.float64)
     except (struct.error, OverflowError, TypeError):
         return None
-    if (np.abs(values) >= _EXACT_IN_FLOAT64).any():  # NaN compares false, infinities take the general path
+    if not _exact_in_float64(values):  # infinities take the general path
         return None
     return values
 
@@ -335,18 +335,13 @@ class _Split:
         its place: a float tensor's ``data`` as a float64 array, anything else (an integer
         tensor's data, a parameter) as the list orjson reads from the original text."""
         left = len(self.values)
-        if isinstance(doc, dict):
-            for key in ("inputs", "outputs"):
-                specs = doc.get(key)
-                if isinstance(specs, list):
-                    for spec in specs:
-                        if isinstance(spec, dict) and spec.get("datatype") in _FLOAT_DATATYPES:
-                            index = self._index(spec.get("data"))
-                            if index is not None:
-                                values = np.frombuffer(self.values[index], dtype=np.float64)
-                                if not (np.abs(values) >= _EXACT_IN_FLOAT64).any():
-                                    spec["data"] = values
-                                    left -= 1
+        for spec in _tensor_specs(doc):
+            index = self._index(spec.get("data")) if spec.get("datatype") in _FLOAT_DATATYPES else None
+            if index is not None:
+                values = np.frombuffer(self.values[index], dtype=np.float64)
+                if _exact_in_float64(values):
+                    spec["data"] = values
+                    left -= 1
         return self._elsewhere(doc, raw) if left else doc
 
     def _index(self, value: Any) -> int | None:
@@ -364,6 +359,20 @@ class _Split:
             start, end = self.spans[index]
             return orjson.loads(raw[start:end])
         return value
+
+
+def _tensor_specs(doc: Any) -> Iterator[dict[str, Any]]:
+    """The tensor objects under a v2 document's ``inputs`` and ``outputs``."""
+    if isinstance(doc, dict):
+        for key in ("inputs", "outputs"):
+            specs = doc.get(key)
+            if isinstance(specs, list):
+                yield from (spec for spec in specs if isinstance(spec, dict))
+
+
+def _exact_in_float64(values: np.ndarray) -> bool:
+    """Whether every value is below 2**53 in size (NaN compares false: it passes)."""
+    return not (np.abs(values) >= _EXACT_IN_FLOAT64).any()
 
 
 def _split_arrays(raw: bytes) -> _Split | None:
@@ -477,7 +486,7 @@ def _float_data(data: Any) -> np.ndarray | None:
         values = np.frombuffer(data.as_buffer(of_type="d"), dtype=np.float64)
     except (TypeError, ValueError):  # strings, booleans, null, objects
         return None
-    if values.size != len(data) or (np.abs(values) >= _EXACT_IN_FLOAT64).any():  # nested past the first item; huge
+    if values.size != len(data) or not _exact_in_float64(values):  # nested past the first item; huge
         return None
     return values
 
