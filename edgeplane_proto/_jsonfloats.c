@@ -213,28 +213,36 @@ static void *work(void *argument) {
     return NULL;
 }
 
-static int usable_cpus(void) {
+/* The CPUs this process may run on (read once per body), and how many threads to use. */
+typedef struct {
     cpu_set_t allowed;
-    if (sched_getaffinity(0, sizeof allowed, &allowed) != 0) return 1;
-    int count = CPU_COUNT(&allowed);
-    return count < 1 ? 1 : count;
+    bool known;
+    int threads; /* 1 .. MAX_THREADS */
+} Cpus;
+
+static Cpus usable_cpus(void) {
+    Cpus cpus = {.threads = 1};
+    cpus.known = sched_getaffinity(0, sizeof cpus.allowed, &cpus.allowed) == 0;
+    if (cpus.known) {
+        const int count = CPU_COUNT(&cpus.allowed);
+        cpus.threads = count < 1 ? 1 : count > MAX_THREADS ? MAX_THREADS : count;
+    }
+    return cpus;
 }
 
 /* Every job run, on up to one thread per usable CPU; false when one is not a plain number
  * list, or memory or a thread could not be had. Worker threads are started off the
  * caller's CPU: a new thread otherwise starts on its creator's CPU and often waits there
  * until the creator's own chunk is done (0.6 ms late in half the calls here). */
-static bool run_jobs(Job *jobs, int count) {
-    int threads = usable_cpus();
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > count) threads = count;
+static bool run_jobs(Job *jobs, int count, const Cpus *cpus) {
+    const int threads = cpus->threads < count ? cpus->threads : count;
     Worker workers[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     pthread_attr_t attributes;
     bool attributes_made = pthread_attr_init(&attributes) == 0;
-    cpu_set_t elsewhere;
+    cpu_set_t elsewhere = cpus->allowed;
     const int cpu = sched_getcpu();
-    if (attributes_made && cpu >= 0 && sched_getaffinity(0, sizeof elsewhere, &elsewhere) == 0 && CPU_COUNT(&elsewhere) > 1) {
+    if (attributes_made && cpu >= 0 && cpus->known && CPU_COUNT(&elsewhere) > 1) {
         CPU_CLR(cpu, &elsewhere);
         pthread_attr_setaffinity_np(&attributes, sizeof elsewhere, &elsewhere);
     }
@@ -261,11 +269,9 @@ static bool run_jobs(Job *jobs, int count) {
 /* The number arrays of body (outside strings) of at least min_chars characters, each cut
  * into chunks of about chunk_chars, appended to *arrays; false if the body ends inside a
  * string or an array, or memory ran out. */
-static bool find_arrays(const char *body, Py_ssize_t size, Py_ssize_t min_chars, Py_ssize_t chunk_chars,
+static bool find_arrays(const char *body, Py_ssize_t size, Py_ssize_t min_chars, Py_ssize_t chunk_chars, int chunks_max,
                         Array **arrays, size_t *count) {
     size_t capacity = 0;
-    int chunks_max = usable_cpus();
-    if (chunks_max > MAX_THREADS) chunks_max = MAX_THREADS;
     for (Py_ssize_t i = 0; i < size; ++i) {
         const char c = body[i];
         if (c == '"') {
@@ -378,9 +384,11 @@ static PyObject *split(PyObject *module, PyObject *args) {
     Values *parts = NULL;
     bool parsed = false, own_parts = false;
     Py_BEGIN_ALLOW_THREADS
+    const Cpus cpus = usable_cpus();
     scratch = thread_scratch();
     if (scratch != NULL &&
-        find_arrays(body, view.len, min_chars < 2 ? 2 : min_chars, chunk_chars < 1 ? 1 : chunk_chars, &arrays, &count) &&
+        find_arrays(body, view.len, min_chars < 2 ? 2 : min_chars, chunk_chars < 1 ? 1 : chunk_chars, cpus.threads, &arrays,
+                    &count) &&
         count > 0) {
         for (size_t a = 0; a < count; ++a) jobs += (size_t)arrays[a].chunks;
         own_parts = jobs > sizeof scratch->parts / sizeof scratch->parts[0]; /* many large arrays: not kept */
@@ -394,7 +402,7 @@ static PyObject *split(PyObject *module, PyObject *args) {
                     list[k] = (Job){begin, arrays[a].cuts[i + 1], &parts[k], false};
                 }
             }
-            parsed = run_jobs(list, (int)jobs);
+            parsed = run_jobs(list, (int)jobs, &cpus);
         }
         free(list);
     }

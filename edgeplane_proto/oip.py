@@ -319,7 +319,7 @@ NATIVE_MIN_CHARS = 128 * 1024
 NATIVE_CHUNK_CHARS = 64 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Split:
     """A body whose large number arrays the native module read: ``rest`` is the body with a
     marker string in place of each, ``values`` their numbers (float64 bytes) and ``spans``

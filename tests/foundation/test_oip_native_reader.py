@@ -32,7 +32,7 @@ def test_the_native_reader_is_built_where_a_compiler_and_python_headers_are() ->
     assert native is not None, "setup.py should have built edgeplane_proto._jsonfloats"
 
 
-pytestmark_native = pytest.mark.skipif(native is None, reason="edgeplane_proto._jsonfloats is not built")
+needs_native = pytest.mark.skipif(native is None, reason="edgeplane_proto._jsonfloats is not built")
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ printed_floats = st.one_of(
 spaces = st.text(" \t\n\r", max_size=2)
 
 
-@pytestmark_native
+@needs_native
 @pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64", "INT64", "UINT8"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(numbers=st.lists(st.one_of(json_number_text, printed_floats), min_size=1, max_size=60), pad=spaces)
@@ -99,7 +99,7 @@ def test_any_json_numbers_decode_exactly_as_without_the_native_reader(
     _same_both_ways(_body(text, datatype, len(numbers)))
 
 
-@pytestmark_native
+@needs_native
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=300))
 def test_float32_values_round_trip_bit_for_bit_through_the_native_reader(everything_native: None, values: list[float]) -> None:
@@ -109,7 +109,7 @@ def test_float32_values_round_trip_bit_for_bit_through_the_native_reader(everyth
     assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
 
 
-@pytestmark_native
+@needs_native
 @pytest.mark.parametrize(
     "text",
     [
@@ -124,9 +124,8 @@ def test_bodies_the_native_reader_refuses_or_reads_decode_as_they_always_did(eve
     _same_both_ways(body)
 
 
-def test_minus_zero_written_as_an_integer_is_zero_as_json_parsers_read_it(everything_native: None) -> None:
-    if native is None:
-        pytest.skip("edgeplane_proto._jsonfloats is not built")
+@needs_native
+def test_minus_zero_written_as_an_integer_is_zero_as_json_parsers_read_it() -> None:
     rest, values, _ = native.split(b"[-0, -0.0, -0e0, 0]", 2, "m:")
     assert np.signbit(np.frombuffer(values[0])).tolist() == [False, True, True, False]
 
@@ -134,7 +133,7 @@ def test_minus_zero_written_as_an_integer_is_zero_as_json_parsers_read_it(everyt
 # -- where the arrays are ----------------------------------------------------------------
 
 
-@pytestmark_native
+@needs_native
 @pytest.mark.parametrize(
     ("before", "after"),
     [
@@ -153,21 +152,21 @@ def test_number_arrays_anywhere_in_a_body_come_back_as_the_ordinary_parse_gives_
         assert decoded[1] == {"w": [1, 2.5, 9007199254740993]}  # integers exact, past 2**53 too
 
 
-@pytestmark_native
+@needs_native
 def test_integer_tensors_keep_their_exact_values(everything_native: None) -> None:
     values = [2**63 - 1, -(2**63), 2**53 + 1, 0, -1]
     decoded = _same_both_ways(_body(json.dumps(values), "INT64"))
     assert np.frombuffer(decoded[0][0][3], dtype=np.int64).tolist() == values
 
 
-@pytestmark_native
+@needs_native
 def test_a_key_given_twice_keeps_the_last_as_before(everything_native: None) -> None:
     body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"data":[9, 9],"data":[1, 2]}]}'
     decoded = _same_both_ways(body)
     assert np.frombuffer(decoded[0][0][3], dtype=np.float32).tolist() == [1.0, 2.0]
 
 
-@pytestmark_native
+@needs_native
 def test_each_chunk_of_a_long_array_lands_in_its_place() -> None:
     x = np.random.default_rng(7).standard_normal(20_000).astype(np.float64)
     text = json.dumps(x.tolist()).encode()
@@ -177,7 +176,7 @@ def test_each_chunk_of_a_long_array_lands_in_its_place() -> None:
         assert np.frombuffer(values[0]).tobytes() == x.tobytes()
 
 
-@pytestmark_native
+@needs_native
 def test_the_wide_model_s_request_is_read_by_the_native_reader_at_the_default_thresholds() -> None:
     # A silent fall-back to simdjson would pass every exactness test and only show as a
     # slower agent.
@@ -189,7 +188,7 @@ def test_the_wide_model_s_request_is_read_by_the_native_reader_at_the_default_th
     assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
 
 
-@pytestmark_native
+@needs_native
 def test_many_threads_decoding_at_once_each_get_their_own_numbers() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -206,7 +205,7 @@ def test_many_threads_decoding_at_once_each_get_their_own_numbers() -> None:
         assert all(pool.map(check, range(48)))
 
 
-@pytestmark_native
+@needs_native
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(drawn=fuzz_bodies("x"))
 def test_the_inference_fuzzer_s_bodies_decode_as_without_the_native_reader(
