@@ -36,7 +36,7 @@ class AgentConfig:
     listen_host: str = "127.0.0.1"
     listen_port: int = edge_agent.DEFAULT_LISTEN_PORT
     advertise_url: str | None = None
-    heartbeat_interval: float = 5.0
+    heartbeat_interval: float | None = None  # None: the control plane's
     insecure: bool = False
     ca_file: pathlib.Path | None = None
     join_address: str | None = None  # default: the host of the control-plane address in use, its port + 1

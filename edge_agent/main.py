@@ -128,10 +128,13 @@ def parser() -> argparse.ArgumentParser:
                    help="cache, saved assignments and identity [/var/lib/edgeplane-agent]")
     p.add_argument("--country", default="", type=_country, help="ISO 3166 alpha-2 country code, e.g. FR")
     p.add_argument("--region", default="", help="region name, e.g. eu-west")
-    p.add_argument("--lat", type=_number)
-    p.add_argument("--lon", type=_number)
-    p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--heartbeat-interval", type=_positive, default=5.0, metavar="SECONDS")
+    p.add_argument("--lat", type=_number, help="the site's latitude (with --lon), for nearest-replica routing")
+    p.add_argument("--lon", type=_number, help="the site's longitude")
+    p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE",
+                   help="a site label the manifests' selectors can match (repeatable)")
+    p.add_argument("--heartbeat-interval", type=_positive, metavar="SECONDS",
+                   help="how often to report; the control plane may clamp it [the control plane's: "
+                        "'edgeplane serve --heartbeat-interval', 5 s by default]")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext gRPC with a bearer credential instead of mutual TLS (only with 'edgeplane serve --insecure-agents')")
     p.add_argument("--ca-file", type=pathlib.Path,
@@ -141,17 +144,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
     p.add_argument("--max-request-bytes", type=_count(1, 2**40), default=edge_agent.DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request body [{edge_agent.DEFAULT_MAX_REQUEST_BYTES}]")
-    p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS")
+    p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may take to finish [30]")
     p.add_argument("--write-timeout", type=_positive, default=60.0, metavar="SECONDS",
-                   help="drop a client that reads nothing of its answer for this long (a stalled stream frees its slot)")
-    p.add_argument("--workers", type=_count(0, 1024), default=0, help="inference threads (0 = one per core)")
+                   help="drop a client that reads nothing of its answer for this long (a stalled stream frees its slot) [60]")
+    p.add_argument("--workers", type=_count(0, 1024), default=0, help="inference threads (0 = one per core) [0]")
     p.add_argument("--inline-max-ms", type=_not_negative, default=20.0, metavar="MS",
                    help="a request alone in flight whose model runs in at most this long is computed on the "
-                        "event loop instead of a worker thread (0 = always a worker thread)")
+                        "event loop instead of a worker thread (0 = always a worker thread) [20]")
     p.add_argument("--spin-between-runs", action="store_true",
                    help="let onnxruntime's idle threads spin-wait after each run (its default): faster answers to "
                         "back-to-back requests, at the cost of cores kept busy between them (docs/agent.md)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error"),
+                   help="log verbosity [info]")
     return p
 
 

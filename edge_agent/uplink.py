@@ -37,6 +37,7 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, 
 
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 JOIN_TIMEOUT_S = 10.0
+DEFAULT_HEARTBEAT_S = 5.0  # before a join has said the control plane's interval
 
 _REFUSED = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -73,7 +74,7 @@ class JoinFacts:
     bootstrap_token: str
     endpoint_url: str
     agent_version: str
-    heartbeat_interval: float
+    heartbeat_interval: float | None  # None: the control plane's (edgeplane serve --heartbeat-interval)
     country: str = ""
     region: str = ""
     lat: float | None = None
@@ -92,7 +93,7 @@ class JoinFacts:
             agent_version=self.agent_version,
             endpoint_url=self.endpoint_url,
             agent_id=agent_id,
-            heartbeat_interval_ms=round(self.heartbeat_interval * 1000),
+            heartbeat_interval_ms=round((self.heartbeat_interval or 0) * 1000),
             capacity=cap.to_proto(),
         )
 
@@ -161,7 +162,7 @@ class Uplink:
         self._wake = asyncio.Event()
         self._announced: list[asyncio.Event] = []  # set once a heartbeat built after them went out
         self._stopping = asyncio.Event()
-        self.interval = facts.heartbeat_interval
+        self.interval = facts.heartbeat_interval or DEFAULT_HEARTBEAT_S  # until the join answers
         try:
             self.identity = store.load_identity(facts.site)
         except errors.StateError as exc:

@@ -7,13 +7,36 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
+
+
+#: ``--log-level`` values, any case (``type=str.lower``).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` names an option's default when it has one worth saying (not None, False or
+    empty) and its help does not say it already (``default 5``, ``[all]``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or default == ""
+                or "default" in text or "%(default)" in text or text.rstrip().endswith("]")):
+            return action.help
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose error about one option's value is one line, as the commands'
     own errors are (``edgeplane gateway: error: argument --port: 99999 is not a port
-    (0-65535)``); other usage errors (a missing argument) keep the usage before them."""
+    (0-65535)``); other usage errors (a missing argument) keep the usage before them.
+    ``--help`` shows defaults (:class:`DefaultsFormatter`), in its subcommands too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("argument "):

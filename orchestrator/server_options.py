@@ -33,7 +33,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
                         "agents while it leads [the agent listener; this host's name when it listens on all addresses]")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
-    p.add_argument("--port", type=argtypes.port_number, default=8080)
+    p.add_argument("--port", type=argtypes.port_number, default=8080, help="HTTP port for the API, the gateway and the console")
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
     p.add_argument("--agent-port", type=argtypes.port_number, default=8081, help="agents' gRPC port (mutual TLS)")
     p.add_argument("--agent-join-port", type=argtypes.port_number, default=8082, help="first joins: bootstrap token + CSR over TLS")
@@ -44,7 +44,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth", choices=["none", "token"], default="none",
                    help="'token' requires bearer tokens on the API; 'none' is allowed on loopback only")
     p.add_argument("--heartbeat-interval", type=argtypes.number(0.05, 300), default=5.0, metavar="SECONDS",
-                   help="how often agents report (0.05 to 300; default 5)")
+                   help="how often agents report, unless one asks for its own (edgeplane-agent --heartbeat-interval); "
+                        "0.05 to 300; default 5")
     p.add_argument("--missed-heartbeats", type=argtypes.whole_number(1, 100), default=3,
                    help="an agent is unhealthy after this many missed heartbeats (1 to 100; default 3)")
     p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
@@ -54,21 +55,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent-tls-name", action="append", default=[], metavar="NAME",
                    help="a DNS name or address agents dial (repeatable): the agent listener's certificate names it, "
                         "as it names --agent-host and the --public-url host")
-    p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable)")
+    p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable; also $EDGEPLANE_BOOTSTRAP_TOKEN): it never expires "
+                        "and has no ID to revoke; prefer 'edgeplane token create --role agent' (docs/security.md)")
     gateway_options.add_arguments(p)
     p.add_argument("--local-ray-cpus", type=argtypes.whole_number(1), metavar="N", help="CPUs the embedded Ray (sites with ray.address: local) offers [all]")
     p.add_argument("--local-ray-gpus", type=argtypes.whole_number(0), metavar="N",
                    help="GPUs the embedded Ray declares [those it finds]; on a machine without any, a number lets replicas "
                         "that ask for a GPU run there anyway (a stand-in, as the demo does)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=argtypes.LOG_LEVELS, help="log verbosity")
 
 
 def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-plane", nargs="+", required=True, metavar="URL",
                    help="the control plane's URL; several (replicas of it) are tried in turn when one fails")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on")
-    p.add_argument("--port", type=argtypes.port_number, default=8088)
+    p.add_argument("--port", type=argtypes.port_number, default=8088, help="port to serve on")
     p.add_argument("--token", default=argparse.SUPPRESS,
-                   help="API token (any role) to read the control plane's endpoint table (default: $EDGEPLANE_TOKEN)")
+                   help="API token (any role) to read the control plane's endpoint table "
+                        "(default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)")
     gateway_options.add_arguments(p)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", type=str.lower, choices=argtypes.LOG_LEVELS, help="log verbosity")

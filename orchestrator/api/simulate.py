@@ -36,6 +36,6 @@ def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None 
     if each:
         if each not in SWEEPS:
             raise scenario.ScenarioError(f"each must be one of {', '.join(SWEEPS)}")
-        return report.sweep_result(sweep.sweep(state, each), top)  # type: ignore[arg-type]
+        return report.sweep_result(sweep.sweep_under(state, each, scenario.load_text(body, "<request>")), top)  # type: ignore[arg-type]
     changes = scenario.load_text(body, "<request>")
     return report.report(whatif.simulate(state, changes))

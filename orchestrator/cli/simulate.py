@@ -124,7 +124,8 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
             loading = time.perf_counter() - started
             started = time.perf_counter()
             if each:
-                data = report.sweep_result(_sweep_with_progress(state, each), args.top)
+                changes = scenario.parse(doc, args.scenario or "<flags>")
+                data = report.sweep_result(_sweep_with_progress(state, each, changes), args.top)
             else:
                 data = report.report(whatif.simulate(state, scenario.parse(doc, args.scenario or "<flags>")))
         else:
@@ -145,16 +146,17 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_with_progress(state: whatif.State, by: str) -> sweep.SweepResult:
+def _sweep_with_progress(state: whatif.State, by: str, changes: scenario.Changes) -> sweep.SweepResult:
     """A sweep, with a progress bar on a terminal (a 10,000-site sweep takes a while)."""
     if not sys.stderr.isatty():
-        return sweep.sweep(state, by)  # type: ignore[arg-type]
+        return sweep.sweep_under(state, by, changes)  # type: ignore[arg-type]
     from rich.console import Console
     from rich.progress import Progress
 
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"losing each {by}", total=None)
-        return sweep.sweep(state, by, progress=lambda done, total: bar.update(task, completed=done, total=total))  # type: ignore[arg-type]
+        return sweep.sweep_under(state, by, changes,  # type: ignore[arg-type]
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def _ms(x: float | None, metrics: dict[str, Any] | None = None) -> str:
@@ -198,7 +200,8 @@ def print_report(r: dict[str, Any]) -> None:
 
 
 def print_sweep(r: dict[str, Any], top: int) -> None:
-    print(f"N-1 sweep by {r['by']}: {r['swept']} lost one at a time; most harmful first\n")
+    under = f" after the scenario ({r['scenario']})" if r.get("scenario", "no change") != "no change" else ""
+    print(f"N-1 sweep by {r['by']}{under}: {r['swept']} lost one at a time; most harmful first\n")
     render.table(None, ["RANK", r["by"].upper(), "SITES", "REPLICAS LOST", "MOVED", "NO LONGER FIT", "UNSERVED RPS", "P95 ms (Δ)", "gCO2/h"], [
         [i["rank"], i["target"], i["sites"], i["replicasLost"], i["moved"], i["unschedulableReplicas"], f"{i['unservedRps']:g}",
          f"{_ms(i['latencyP95Ms'])} ({i['latencyP95DeltaMs']:+.1f})" if i["latencyP95DeltaMs"] is not None else _ms(i["latencyP95Ms"]),

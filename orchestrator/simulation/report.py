@@ -58,6 +58,7 @@ def sweep_result(s: sweep.SweepResult, top: int | None = None) -> dict[str, Any]
     impacts = s.impacts[:top] if top else s.impacts
     return {
         "by": s.by,
+        "scenario": s.scenario,
         "before": metrics(s.before),
         "ranked": [
             {"rank": n + 1, "target": i.target, "sites": i.sites, "replicasLost": i.replicas_lost, "moved": i.moved,

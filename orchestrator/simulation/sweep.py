@@ -53,6 +53,7 @@ class SweepResult:
     by: By
     before: measure_mod.Metrics
     impacts: tuple[Impact, ...]  # most harmful first
+    scenario: str = "no change"  # what the fleet was put through before the sweep
 
 
 def _usage(state: whatif.State) -> tuple[np.ndarray, np.ndarray, dict[str, list[sched.GpuGroup]], dict[str, list[tuple[int, int, int]]]]:
@@ -166,3 +167,15 @@ def sweep(state: whatif.State, by: By, targets: Iterable[str] | None = None,
             progress(n + 1, len(wanted))
     impacts.sort(key=lambda x: (x.harm(), x.target))
     return SweepResult(by, sweeper.before, tuple(impacts))
+
+
+def sweep_under(state: whatif.State, by: By, changes: whatif.Changes,
+                progress: Callable[[int, int], None] | None = None) -> SweepResult:
+    """:func:`sweep` of the fleet as a scenario leaves it (``whatif.under``): each site or
+    region the scenario did not fail is lost in turn, and the harm is measured against the
+    scenario's plan."""
+    if changes.empty:
+        return sweep(state, by, progress=progress)
+    after = whatif.under(state, changes)
+    targets = sorted({s.name if by == "site" else s.region for s in after.sites if not whatif.failed(s, changes)})
+    return dataclasses.replace(sweep(after, by, targets, progress), scenario=changes.describe())

@@ -126,6 +126,14 @@ def apply_changes(state: State, changes: Changes) -> tuple[tuple[sched.Site, ...
     return tuple(sites), deployments
 
 
+def under(state: State, changes: Changes) -> State:
+    """The fleet as ``changes`` leave it: its sites and demand, placed the way the planner
+    would place them from today's replicas (what a sweep under a scenario starts from)."""
+    check(state, changes)
+    sites, deployments = apply_changes(state, changes)
+    return State(sites, deployments, planner.plan(sites, deployments, state.current).as_running())
+
+
 def _edit(site: sched.Site, e: SiteEdit) -> sched.Site:
     fields: dict[str, object] = {}
     if e.carbon_g_per_kwh is not None:

@@ -203,7 +203,7 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
             token=TOKEN,
             data_dir=overrides.pop("data_dir", tmp_path / site),
             listen_port=0,
-            heartbeat_interval=0.2,
+            heartbeat_interval=overrides.pop("heartbeat_interval", 0.2),
             insecure=True,
             drain_timeout=2,
             workers=2,

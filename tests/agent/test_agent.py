@@ -16,7 +16,7 @@ import pytest
 from edge_agent import capacity
 from edgeplane_proto import oip
 from orchestrator.agents import model
-from orchestrator.testing import onnx_models
+from orchestrator.testing import harness, onnx_models
 
 from .conftest import SITE, ControlPlane, MakeAgent, Models, start_control_plane
 
@@ -101,6 +101,14 @@ async def test_assignment_is_downloaded_verified_served_and_reported(
             break
     assert status.models["mlp"].requests_served == 2
     assert status.inflight == 0
+
+
+async def test_an_agent_told_no_interval_reports_at_the_control_planes(control_plane: ControlPlane, make_agent: MakeAgent) -> None:
+    agent = await make_agent(control_plane, heartbeat_interval=None)
+    joined = await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+    assert joined.status.heartbeat_interval == 0.2  # the hub's (the fixture's), not the agent's own 5 s fallback
+    await harness.wait_until(lambda: agent.uplink is not None and agent.uplink.interval == 0.2, 10,
+                             what="the agent to take the interval the join answered")
 
 
 async def test_corrupt_upgrade_is_refused_and_previous_version_keeps_serving(

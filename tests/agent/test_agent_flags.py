@@ -22,6 +22,7 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--max-request-bytes", "0"], "argument --max-request-bytes: 0 is not from 1 to"),
     (["--site", "edge-x", "--inline-max-ms", "-5"], "argument --inline-max-ms: must be >= 0"),
     (["--site", "edge-x", "--drain-timeout", "inf"], "argument --drain-timeout: 'inf' is not a finite number"),
+    (["--site", "edge-x", "--log-level", "bogus"], "argument --log-level: invalid choice: 'bogus'"),
 ])
 def test_a_bad_flag_is_a_usage_error(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -47,4 +48,5 @@ def test_good_flags_reach_the_config(tmp_path: pathlib.Path) -> None:
     ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
     config = agent_main.config_from_args(agent_main.parser().parse_args(
         BASE + ["--site", "edge-lyon", "--ca-file", str(ca), "--country", "fr", "--lat", "45.76", "--lon", "4.84"]))
+    assert agent_main.parser().parse_args(BASE + ["--site", "edge-lyon", "--log-level", "WARNING"]).log_level == "warning"
     assert (config.site, config.country, config.ca_file, config.lat, config.lon) == ("edge-lyon", "FR", ca, 45.76, 4.84)

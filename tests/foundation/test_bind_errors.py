@@ -72,6 +72,15 @@ def test_a_port_out_of_range_is_a_usage_error(command: list[str], tmp_path: path
     assert list(tmp_path.iterdir()) == []  # refused before anything was created
 
 
+@pytest.mark.parametrize("command", [["serve"], ["gateway", "--control-plane", "http://127.0.0.1:8080"]])
+def test_an_unknown_log_level_is_a_usage_error(command: list[str], tmp_path: pathlib.Path) -> None:
+    proc = subprocess.run([str(support.EDGEPLANE), *command, "--log-level", "loud"], capture_output=True, text=True,
+                          timeout=60, env=support.clean_env(), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc
+    assert proc.stderr.strip().endswith("argument --log-level: invalid choice: 'loud' (choose from 'debug', 'info', 'warning', 'error')")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("store", "message"), [
     ("mysql://root@db/edgeplane", "unsupported store URL scheme 'mysql'"), ("sqlite://", "sqlite:// needs a path")])
 def test_a_store_url_it_cannot_open_is_refused_not_taken_for_a_file(store: str, message: str, tmp_path: pathlib.Path) -> None:

@@ -213,6 +213,8 @@ def test_exit_codes(serve: support.ServeProcess, tmp_path: pathlib.Path) -> None
     assert proc.returncode == 3, proc
     assert proc.stderr.startswith(f"error: cannot reach the control plane at {dead}")
     assert cli("--server", dead, "status").returncode == 3  # the flag works as well as the variable
+    proc = cli("chat", "assistant", "Hello", server_url=dead)  # the client's way: replicas, then the gateway
+    assert proc.returncode == 3 and f"is 'edgeplane serve' running at {dead}?" in proc.stderr, proc
     # 0
     assert cli("--server", serve.url, "get", "sites").returncode == 0
 

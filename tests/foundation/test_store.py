@@ -368,6 +368,23 @@ def test_agent_credentials(store: Store) -> None:
     assert not store.agent_credential_ok("edge-lyon", "cred-2")
 
 
+def test_static_bootstrap_tokens_admit_joins_but_never_a_revoked_site(store: Store, clock: FakeClock) -> None:
+    from orchestrator.agents import errors as agent_errors
+    from orchestrator.server import StoreJoinAuthenticator
+
+    auth = StoreJoinAuthenticator(store, ("static-secret",))
+    assert auth.verify_bootstrap("static-secret") and not auth.verify_bootstrap("other") and not auth.verify_bootstrap("")
+    assert auth.issue_credential("edge-lyon", "agent-1")
+    assert store.revoke_agent("edge-lyon", "admin")
+    clock.now += 60
+    assert auth.verify_bootstrap("static-secret")
+    with pytest.raises(agent_errors.NotAuthenticated, match="revoked"):
+        auth.issue_credential("edge-lyon", "agent-2")
+    assert auth.issue_credential("edge-berlin", "agent-3")  # other sites still join on it
+    secret, _ = store.create_token("bootstrap", "agent", 3600, "admin")
+    assert auth.verify_bootstrap(secret) and auth.issue_credential("edge-lyon", "agent-4")  # a token made after the revocation
+
+
 def test_sequences_only_grow_and_survive_reopen(reopen: Callable[..., Store]) -> None:
     s = reopen()
     assert [s.next_sequence("a"), s.next_sequence("a"), s.next_sequence("b")] == [1, 2, 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -41,6 +42,11 @@ def test_the_cli_simulates_the_examples_offline() -> None:
         p for p in data["before"]["demand"] if p["point"] == "eu-central")["rps"]
     table = run_cli("simulate", "-f", "manifests/examples", "--each-site")
     assert table.returncode == 0 and "N-1 sweep by site: 6 lost" in table.stdout
+    under = run_cli("simulate", "-f", "manifests/examples", "--each-site", "--fail-site", "edge-lyon", "-o", "json")
+    assert under.returncode == 0, under.stderr
+    swept = json.loads(under.stdout)
+    assert swept["scenario"] == "fail site edge-lyon" and swept["swept"] == 5
+    assert "edge-lyon" not in {i["target"] for i in swept["ranked"]}
 
 
 @pytest.mark.parametrize("args, code, message", [

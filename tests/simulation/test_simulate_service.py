@@ -88,6 +88,11 @@ async def test_a_sweep_by_region_ranks_every_region(served) -> None:  # type: ig
         resp = await http.post("/v1/simulate", params={"each": "region", "top": "1"})
     data = resp.json()
     assert (data["by"], data["swept"], len(data["ranked"])) == ("region", 2, 1)
+    assert data["scenario"] == "no change"
+    async with httpx.AsyncClient(base_url=cp.http_url, headers={"authorization": f"Bearer {admin}"}) as http:
+        resp = await http.post("/v1/simulate", params={"each": "region"}, content="spec: {fail: {regions: [fr]}}")
+    data = resp.json()  # the sweep starts from the scenario: what it failed is not lost again
+    assert (data["scenario"], data["swept"], [i["target"] for i in data["ranked"]]) == ("fail region fr", 1, ["de"])
 
 
 async def test_the_cli_simulates_against_the_control_plane(served) -> None:  # type: ignore[no-untyped-def]

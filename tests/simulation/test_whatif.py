@@ -159,6 +159,21 @@ def test_sweep_agrees_with_a_full_simulation_on_what_no_longer_fits() -> None:
         assert by_region[region].moved == len(full.moved), region
 
 
+def test_a_sweep_under_a_scenario_starts_from_the_scenarios_plan() -> None:
+    st = state(deployment("fr", residency={"FR"}, replicas=2, demand=PARIS_DEMAND), deployment("eu", replicas=2))
+    changes = scenario.Changes(fail_sites=frozenset({"edge-paris"}), demand=(scenario.DemandScale(2.0),))
+    result = sweep.sweep_under(st, "site", changes)
+    assert result.scenario == "fail site edge-paris, demand all demand ×2"
+    assert {i.target for i in result.impacts} == {s.name for s in SITES} - {"edge-paris"}  # what the scenario failed is not lost again
+    assert result.before == whatif.simulate(st, changes).after  # measured against the scenario, not today
+    # losing Lyon after Paris leaves "fr" no French site: what a full simulation of both failures says too
+    lyon = next(i for i in result.impacts if i.target == "edge-lyon")
+    both = whatif.simulate(st, scenario.Changes(fail_sites=frozenset({"edge-paris", "edge-lyon"}), demand=changes.demand))
+    assert lyon.unschedulable == both.unschedulable_replicas == 2 and lyon.deployments_short == ("fr",)
+    plain = sweep.sweep_under(st, "site", scenario.Changes())
+    assert plain.scenario == "no change" and plain == sweep.sweep(st, "site")
+
+
 def test_sweep_of_an_unknown_target_is_refused() -> None:
     with pytest.raises(scenario.ScenarioError, match="site 'x' is not in the fleet"):
         sweep.sweep(state(deployment("d")), "site", ["x"])
