@@ -27,9 +27,12 @@ def token_from_env(explicit: str | None) -> str | None:
     if os.environ.get("EDGEPLANE_TOKEN"):
         return os.environ["EDGEPLANE_TOKEN"]
     path = os.environ.get("EDGEPLANE_TOKEN_FILE")
-    if path and os.path.exists(path):
-        with open(path) as fh:
-            return fh.read().strip()
+    if path:
+        try:
+            with open(path) as fh:
+                return fh.read().strip()
+        except OSError as exc:  # a token the caller meant to send: not silently none
+            raise CliError(f"EDGEPLANE_TOKEN_FILE {path}: {exc.strerror or exc}", 2) from None
     return None
 
 

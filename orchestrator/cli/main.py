@@ -121,6 +121,8 @@ GET_KINDS = "sites, models, modeldeployments, placements, events, cascades"
 def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
     if args.kind in ("placements", "placement"):
         data = api.request("GET", "/v1/placements")
+        if args.name:  # NAME: one deployment's replicas
+            data = {**data, "items": [p for p in data["items"] if p["deployment"] == args.name]}
         if args.output in ("json", "yaml"):
             render.dump(data, args.output)
         else:
@@ -129,10 +131,10 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
             if rows:
                 render.table(None, ["DEPLOYMENT", "SITE", "VARIANT", "REPLICAS", "READY", "STATE", "REASON"], rows)
             else:
-                print("No replicas placed.")
+                print(f"No replicas of {args.name!r} placed." if args.name else "No replicas placed.")
         return 0
     if args.kind in ("events", "event"):
-        return show_events(api, args.output)
+        return show_events(api, args.output, name=args.name)  # NAME: the events about objects of that name
     if args.kind in ("cascades", "cascade"):
         from orchestrator.cli import cascade as cascade_cli  # numpy and the cascade rules: only for this command
 
@@ -610,7 +612,11 @@ def _run(argv: list[str]) -> int:
         return cmd_demo(args)
     if args.command == "ca":
         return cmd_ca_init(args)
-    api = ApiClient(args.server, args.token)
+    try:
+        api = ApiClient(args.server, args.token)
+    except CliError as exc:  # $EDGEPLANE_TOKEN_FILE names no readable file
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
     try:
         return COMMANDS[args.command](api, args)
     except CliError as exc:

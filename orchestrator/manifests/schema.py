@@ -380,8 +380,17 @@ class ModelSpec(Strict):
 
 
 class Replicas(Strict):
+    """``max`` defaults to ``min`` (a fixed count) and both to 1."""
+
     min: int = Field(default=1, ge=0, le=100_000)
     max: int = Field(default=1, ge=1, le=100_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_defaults_to_min(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max" not in data and type(data.get("min")) is int and data["min"] > 1:
+            return {**data, "max": data["min"]}
+        return data
 
     @model_validator(mode="after")
     def _order(self) -> Replicas:

@@ -466,3 +466,17 @@ def test_bundled_files_with_a_bom_or_crlf_keep_their_positions(prefix: str, newl
         ("b.yaml", 1, "spec.location.country", len(first.splitlines()) + 1 + line_of(site(), "country:"))]
     docs = loader.load_text(loader.bundle([("a.yaml", GOOD_SITE), ("b.yaml", prefix + first.replace("\n", newline))]))
     assert [(d.file, d.index, d.line, d.name) for d in docs] == [("a.yaml", 0, 1, "s1"), ("b.yaml", 0, 1, "s2")]
+
+
+@pytest.mark.parametrize(("replicas", "expected"), [
+    ({"min": 3}, (3, 3)),  # a fixed count: max follows min
+    ({}, (1, 1)),
+    ({"min": 0}, (0, 1)),  # scale to zero, one replica when called
+    ({"min": 2, "max": 5}, (2, 5)),
+    ({"max": 4}, (1, 4)),
+])
+def test_replicas_max_defaults_to_min(replicas: dict[str, int], expected: tuple[int, int]) -> None:
+    from orchestrator.manifests import schema
+
+    parsed = schema.Replicas.model_validate(replicas)
+    assert (parsed.min, parsed.max) == expected

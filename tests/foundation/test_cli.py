@@ -75,6 +75,13 @@ def test_get_output_formats(serve: support.ServeProcess, applied) -> None:  # ty
         assert p["site"] in support.example_names()["Site"]
     out = ok("get", "placements", server=serve)
     assert ("No replicas placed." in out) == (placements["items"] == [])
+    # NAME narrows placements to one deployment's replicas and events to one object's
+    for name in {p["deployment"] for p in placements["items"]}:
+        one = json.loads(ok("get", "placements", name, "-o", "json", server=serve))["items"]
+        assert one == [p for p in placements["items"] if p["deployment"] == name]
+    assert "No replicas of 'no-such' placed." in ok("get", "placements", "no-such", server=serve)
+    events = json.loads(ok("get", "events", "intent-eu", "-o", "json", server=serve))["items"]
+    assert events and {e["name"] for e in events} == {"intent-eu"}
 
 
 def test_what_get_prints_applies_again(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
@@ -213,6 +220,8 @@ def test_exit_codes(serve: support.ServeProcess, tmp_path: pathlib.Path) -> None
     assert proc.returncode == 3, proc
     assert proc.stderr.startswith(f"error: cannot reach the control plane at {dead}")
     assert cli("--server", dead, "status").returncode == 3  # the flag works as well as the variable
+    proc = cli("get", "sites", server_url=serve.url, env={"EDGEPLANE_TOKEN_FILE": str(tmp_path / "no-token")})
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: EDGEPLANE_TOKEN_FILE {tmp_path / 'no-token'}: No such file or directory"
     proc = cli("chat", "assistant", "Hello", server_url=dead)  # the client's way: replicas, then the gateway
     assert proc.returncode == 3 and f"is 'edgeplane serve' running at {dead}?" in proc.stderr, proc
     # 0
