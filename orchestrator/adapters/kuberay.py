@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -321,12 +322,37 @@ def statuses_from_rayservice(
     return result
 
 
-def api_client_for(context: str | None = None, config_file: str | None = None) -> Any:
-    """A kubernetes ``ApiClient`` for a kubeconfig context (the site's ``spec.kubernetes``)."""
+#: ``spec.kubernetes.context`` naming the cluster the control plane runs in, reached with
+#: its pod's service account (``manifests/deploy/rbac.yaml`` grants it RayServices).
+IN_CLUSTER = "in-cluster"
+
+
+def api_client_for(context: str | None = None, config_file: str | None = None, *,
+                   environ: Mapping[str, str] | None = None, service_account_dir: str | None = None) -> Any:
+    """A kubernetes ``ApiClient`` for a kubeconfig context (the site's ``spec.kubernetes``),
+    or for :data:`IN_CLUSTER` the pod's service account (``environ`` and
+    ``service_account_dir`` stand in for the pod's in tests)."""
+    if context == IN_CLUSTER:
+        return _in_cluster_client(environ, service_account_dir)
     try:
         return kubernetes.config.new_client_from_config(config_file=config_file, context=context)
     except (kubernetes.config.ConfigException, OSError) as exc:
         raise KubernetesError(f"cannot load kubeconfig context {context!r}: {exc}") from exc
+
+
+def _in_cluster_client(environ: Mapping[str, str] | None, service_account_dir: str | None) -> Any:
+    from kubernetes.config import incluster_config
+
+    folder = service_account_dir or incluster_config.SERVICE_TOKEN_FILENAME.rsplit("/", 1)[0]
+    configuration = kubernetes.client.Configuration()
+    try:
+        incluster_config.InClusterConfigLoader(
+            token_filename=f"{folder}/token", cert_filename=f"{folder}/ca.crt",
+            environ=dict(environ) if environ is not None else os.environ,  # the token is re-read as it rotates
+        ).load_and_set(configuration)
+    except (kubernetes.config.ConfigException, OSError) as exc:
+        raise KubernetesError(f"context {IN_CLUSTER!r}: not running in a Kubernetes pod with a service account ({exc})") from exc
+    return kubernetes.client.ApiClient(configuration)
 
 
 class KubeRayActuator:

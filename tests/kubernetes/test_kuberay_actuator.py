@@ -348,3 +348,17 @@ def test_llm_app_status_from_the_rayservice_counts_its_engine_replicas() -> None
     assert statuses["ep-gpt"].endpoint_url == "http://svc:8000/ep/gpt"
     assert (statuses["ep-llama"].status, statuses["ep-llama"].replicas_running, statuses["ep-llama"].replicas_target) == (
         ServeAppState.DEPLOYING, 0, 1)
+
+
+def test_the_in_cluster_context_uses_the_pods_service_account(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "token").write_text("sa-token-1")  # as the kubelet writes it
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    pod = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    client = kuberay.api_client_for(kuberay.IN_CLUSTER, environ=pod, service_account_dir=str(tmp_path))
+    config = client.configuration
+    assert config.host == "https://10.96.0.1:443" and config.ssl_ca_cert == str(tmp_path / "ca.crt")
+    assert client.configuration.auth_settings()["BearerToken"]["value"] == "bearer sa-token-1"  # what requests send
+    with pytest.raises(kuberay.KubernetesError, match="context 'in-cluster': not running in a Kubernetes pod"):
+        kuberay.api_client_for(kuberay.IN_CLUSTER, environ={}, service_account_dir=str(tmp_path))
+    with pytest.raises(kuberay.KubernetesError, match="context 'in-cluster': not running in a Kubernetes pod"):
+        kuberay.api_client_for(kuberay.IN_CLUSTER, environ=pod, service_account_dir=str(tmp_path / "missing"))
