@@ -187,10 +187,12 @@ def _caller_headers(location: tuple[float, float] | None, region: str | None, re
     return headers
 
 
-def _endpoint_params(location: tuple[float, float] | None, residency: str | None) -> dict[str, str]:
+def _endpoint_params(location: tuple[float, float] | None, region: str | None, residency: str | None) -> dict[str, str]:
     params = {}
     if location is not None:
         params.update(lat=str(location[0]), lon=str(location[1]))
+    if region:
+        params["region"] = region
     if residency:
         params["residency"] = residency
     return params
@@ -272,7 +274,7 @@ class _Base:
     def _endpoints_requests(self, model: str) -> Iterator[tuple[str, str, dict[str, str]]]:
         """(gateway, URL, parameters) of the endpoint list, one per gateway in order."""
         for gateway in self._gateways():
-            yield gateway, f"{gateway}/v1/endpoints/{model}", _endpoint_params(self.location, self.residency)
+            yield gateway, f"{gateway}/v1/endpoints/{model}", _endpoint_params(self.location, self.region, self.residency)
 
     def _endpoints_answer(self, model: str, resp: httpx.Response | None) -> list[dict[str, Any]]:
         if resp is not None and resp.status_code == 200:

@@ -193,7 +193,7 @@ class StandaloneGateway:
         except ValueError:
             return JSONResponse({"error": "lat and lon must be numbers"}, status_code=400)
         model = request.path_params["model"]
-        caller = routing.parse_caller(f"{lat},{lon}" if lat is not None and lon is not None else None, None, q.get("residency"))
+        caller = routing.parse_caller(f"{lat},{lon}" if lat is not None and lon is not None else None, q.get("region"), q.get("residency"))
         if isinstance(caller, routing.NoRoute):
             return JSONResponse(wire.endpoint_list(caller, model))
         return JSONResponse(wire.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model))

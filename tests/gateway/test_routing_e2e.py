@@ -70,6 +70,7 @@ async def test_v2_health_and_metadata(fleet: harness.Fleet) -> None:
         meta = await http.get("/v2/models/intent", headers={"x-edgeplane-location": "52.5,13.4"})
         ready = await http.get("/v2/models/intent/ready")
         endpoints = await http.get("/v1/endpoints/intent", params={"lat": 40.4, "lon": -3.7})
+        by_region = await http.get("/v1/endpoints/intent", params={"region": "es"})  # a caller who knows only its region
     assert meta.status_code == 200 and meta.json()["inputs"][0]["name"] == "input"
     assert meta.headers["x-edgeplane-site"] == "edge-berlin"
     assert ready.status_code == 200
@@ -77,6 +78,7 @@ async def test_v2_health_and_metadata(fleet: harness.Fleet) -> None:
     assert sites[0] == "edge-madrid" and set(sites) == {"edge-paris", "edge-berlin", "edge-madrid"}
     times = [e["expectedMs"] for e in endpoints.json()["endpoints"]]
     assert times == sorted(times)
+    assert by_region.json()["endpoints"][0]["site"] == "edge-madrid"
 
 
 async def test_residency_never_crossed_when_the_only_allowed_replica_dies(fleet: harness.Fleet) -> None:
@@ -130,13 +132,15 @@ async def test_kill_9_during_a_stream_loses_no_client_request(fleet: harness.Fle
 async def test_sync_client_calls_the_nearest_replica_directly(fleet: harness.Fleet) -> None:
     x = np.full((2, 8), 0.3, dtype=np.float32)
 
-    def call() -> client_mod.InferResult:
-        with client_mod.Client(fleet.cp.http_url, location=(40.4, -3.7), binary=True) as c:
+    def call(**where: object) -> client_mod.InferResult:
+        with client_mod.Client(fleet.cp.http_url, binary=True, **where) as c:  # type: ignore[arg-type]
             first = c.infer("intent", {"input": x})
             assert c.cache.fresh("intent")
             return first
 
-    result = await asyncio.to_thread(call)
+    by_region = await asyncio.to_thread(call, region="es")  # the endpoint list is ranked from the region too
+    assert by_region.site == "edge-madrid" and by_region.url != fleet.cp.http_url
+    result = await asyncio.to_thread(call, location=(40.4, -3.7))
     assert result.site == "edge-madrid" and result.attempts == 1
     assert result.url != fleet.cp.http_url  # direct, not through the gateway
     assert result["output"].shape == (2, 4)

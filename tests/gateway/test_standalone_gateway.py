@@ -134,6 +134,9 @@ async def test_v2_inference_and_openai_chat_through_the_standalone_gateway(gatew
         assert missing.status_code == 404 and "intent" in missing.json()["error"]
         listed = (await http.get("/v1/endpoints/intent", params={"lat": 52.5, "lon": 13.4})).json()
         assert [e["site"] for e in listed["endpoints"]] == ["edge-berlin", "edge-paris"]
+        for region, first in (("de", "edge-berlin"), ("fr", "edge-paris")):  # a caller known by its region only
+            listed = (await http.get("/v1/endpoints/intent", params={"region": region})).json()
+            assert listed["endpoints"][0]["site"] == first, region
     sdk = openai.AsyncOpenAI(base_url=f"{gateway.http_url}/openai/v1", api_key="unused", max_retries=0, timeout=60)
     try:
         whole = await sdk.chat.completions.create(model="chat", messages=USER, max_tokens=6, temperature=0)
