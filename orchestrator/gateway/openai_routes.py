@@ -47,6 +47,9 @@ from orchestrator.gateway.proxy import Gateway
 from orchestrator.gateway.upstream import Stream, UpstreamError
 
 PREFIX = "/openai/v1"
+#: The OpenAI SDK's own layout (``base_url=.../v1``). A standalone gateway serves all of it;
+#: the control plane only the two POST routes, its ``GET /v1/models`` being the Model list.
+SDK_PREFIX = "/v1"
 FORWARD_HEADERS = ("content-type", "accept")
 SSE_DONE = b"data: [DONE]\n\n"
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
@@ -225,12 +228,20 @@ class OpenAIGateway:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         return _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions")
 
-    def routes(self) -> list[BaseRoute]:
+    def routes(self, *, sdk_models: bool = False) -> list[BaseRoute]:
+        """The API at :data:`PREFIX`, and its completions at :data:`SDK_PREFIX` as well (with
+        ``sdk_models``, its model list too)."""
+        at_sdk = [Route(f"{SDK_PREFIX}/chat/completions", self.chat, methods=["POST"]),
+                  Route(f"{SDK_PREFIX}/completions", self.completions, methods=["POST"])]
+        if sdk_models:
+            at_sdk += [Route(f"{SDK_PREFIX}/models", self.list_models, methods=["GET"]),
+                       Route(f"{SDK_PREFIX}/models/{{model:path}}", self.get_model, methods=["GET"])]
         return [
             Route(f"{PREFIX}/models", self.list_models, methods=["GET"]),
             Route(f"{PREFIX}/models/{{model:path}}", self.get_model, methods=["GET"]),
             Route(f"{PREFIX}/chat/completions", self.chat, methods=["POST"]),
             Route(f"{PREFIX}/completions", self.completions, methods=["POST"]),
+            *at_sdk,
         ]
 
 

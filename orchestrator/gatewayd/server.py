@@ -45,7 +45,7 @@ from orchestrator.security import admission, bearer, ratelimit
 log = logging.getLogger("edgeplane.gateway")
 
 #: Routes whose callers' tokens are checked (with ``--gateway-auth token``).
-GUARDED_PREFIXES = ("/v2/models", openai_routes.PREFIX, "/v1/endpoints/")
+GUARDED_PREFIXES = ("/v2/models", openai_routes.PREFIX, "/v1/endpoints/", "/v1/models", "/v1/chat/", "/v1/completions")
 
 
 class ConfigError(Exception):
@@ -144,7 +144,7 @@ class StandaloneGateway:
                                      ready=lambda: self.follower.ready, admit=self._admit,
                                      max_body=cfg.gateway_max_body, cold_start_s=cfg.cold_start_timeout_s, cascade=cascades)
         self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
-        app: ASGIApp = Starlette(routes=self.gateway.routes() + self.openai_gateway.routes() + [
+        app: ASGIApp = Starlette(routes=self.gateway.routes() + self.openai_gateway.routes(sdk_models=True) + [
             Route("/v1/endpoints/{model}", self._endpoints, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),

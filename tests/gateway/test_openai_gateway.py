@@ -119,6 +119,21 @@ async def test_stream_relays_token_by_token_with_usage_from_the_nearest_site(sdk
     assert near_paris.headers["x-edgeplane-site"] == "edge-paris"
 
 
+async def test_the_sdks_own_v1_layout_reaches_the_completions(fleet: harness.Fleet) -> None:
+    assert fleet.cp is not None
+    sdk = openai.AsyncOpenAI(base_url=f"{fleet.cp.http_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        chat = await sdk.chat.completions.with_raw_response.create(model="chat", messages=USER, max_tokens=3, temperature=0,
+                                                                   extra_headers=BERLIN)
+        assert chat.headers["x-edgeplane-site"] == "edge-berlin" and chat.parse().usage.completion_tokens == 3
+        text = await sdk.completions.create(model="chat", prompt="The agent", max_tokens=3, temperature=0)
+        assert text.usage is not None and text.usage.completion_tokens == 3
+    finally:
+        await sdk.close()
+    async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:  # GET /v1/models stays the control API's Model list
+        assert (await http.get("/v1/models")).json()["kind"] == "Model"
+
+
 async def test_residency_holds_for_chat(sdk: openai.AsyncOpenAI) -> None:
     # A caller in Paris who must stay in Germany is answered from Berlin, never Paris.
     raw = await sdk.chat.completions.with_raw_response.create(model="chat", messages=USER, max_tokens=2,

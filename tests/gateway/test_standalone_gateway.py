@@ -146,6 +146,13 @@ async def test_v2_inference_and_openai_chat_through_the_standalone_gateway(gatew
         assert text == whole.choices[0].message.content
     finally:
         await sdk.close()
+    sdk = openai.AsyncOpenAI(base_url=f"{gateway.http_url}/v1", api_key="unused", max_retries=0, timeout=60)  # the SDK's own layout
+    try:
+        assert "chat" in [m.id for m in (await sdk.models.list()).data]
+        again = await sdk.chat.completions.create(model="chat", messages=USER, max_tokens=6, temperature=0)
+        assert again.choices[0].message.content == whole.choices[0].message.content
+    finally:
+        await sdk.close()
     # The Python client reads the endpoint list from the gateway and calls the nearest replica.
     async with client_mod.AsyncClient(gateway.http_url, location=(48.85, 2.35)) as c:
         result = await c.infer("intent", {"input": np.full((1, 8), 0.1, np.float32)})
