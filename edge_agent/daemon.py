@@ -39,6 +39,7 @@ class AgentConfig:
     heartbeat_interval: float | None = None  # None: the control plane's
     insecure: bool = False
     ca_file: pathlib.Path | None = None
+    ca_sha256: str | None = None  # the CA's pin instead of its file
     join_address: str | None = None  # default: the host of the control-plane address in use, its port + 1
     allow_file_artifacts: bool = False
     country: str = ""
@@ -219,7 +220,7 @@ class Agent:
             self,
             self._receive_assignments,
             agent_tls=None if cfg.insecure else tls.AgentTls(
-                cfg.data_dir, cfg.join_address, cfg.ca_file),
+                cfg.data_dir, cfg.join_address, cfg.ca_file, cfg.ca_sha256),
         )
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         log.info("agent for site %s serving v2 on %s", cfg.site, self.endpoint_url)

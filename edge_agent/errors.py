@@ -55,7 +55,7 @@ class RenewalDue(ControlPlaneError):
 
 
 class JoinRefused(ControlPlaneError):
-    def __init__(self, message: str, code: str) -> None:
+    def __init__(self, message: str, code: str = "") -> None:  # code: the gRPC status's name, when one said it
         super().__init__(message)
         self.code = code
 

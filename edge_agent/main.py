@@ -59,6 +59,13 @@ def _country(value: str) -> str:
     return value.upper()
 
 
+def _sha256(value: str) -> str:
+    digest = value.lower().removeprefix("sha256:").replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a SHA-256 (64 hex digits, as 'edgeplane token create' prints it)")
+    return digest
+
+
 def _check_ca_file(path: pathlib.Path) -> None:
     """A readable PEM certificate: a wrong path would otherwise show only at the first join.
     Checked when the agent starts, not when the flags are parsed (a manifest's flags name
@@ -139,6 +146,9 @@ def parser() -> argparse.ArgumentParser:
                    help="plaintext gRPC with a bearer credential instead of mutual TLS (only with 'edgeplane serve --insecure-agents')")
     p.add_argument("--ca-file", type=pathlib.Path,
                    help="the control plane's CA certificate (<control-plane data dir>/ca/ca.crt), trusted for the first join")
+    p.add_argument("--ca-sha256", type=_sha256, metavar="HEX",
+                   help="instead of --ca-file: the SHA-256 of the control plane's CA certificate ('edgeplane token create' "
+                        "prints it); the agent takes the CA from the join listener only if it matches, and keeps it")
     p.add_argument("--join-address", metavar="HOST:PORT",
                    help="the control plane's join listener for the first join (default: the --control-plane address in use, port + 1)")
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
@@ -167,6 +177,8 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         raise SystemExit("edgeplane-agent: --lat and --lon go together")
     if args.ca_file is not None:
         _check_ca_file(args.ca_file)
+        if args.ca_sha256 is not None:
+            raise SystemExit("edgeplane-agent: give --ca-file or --ca-sha256, not both")
     if args.lat is not None and not (-90 <= args.lat <= 90 and -180 <= args.lon <= 180):  # NaN fails too
         raise SystemExit(f"edgeplane-agent: --lat {args.lat} --lon {args.lon} is outside -90..90, -180..180")
     if not [t for t in args.control_plane.split(",") if t.strip()]:
@@ -182,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         heartbeat_interval=args.heartbeat_interval,
         insecure=args.insecure,
         ca_file=args.ca_file,
+        ca_sha256=args.ca_sha256,
         join_address=args.join_address,
         allow_file_artifacts=args.allow_file_artifacts,
         country=args.country,

@@ -7,6 +7,10 @@ later connection, restarts included, use mutual TLS on the agent port without th
 Two thirds into the certificate's life the agent sends a new CSR with its next join (over
 mutual TLS, with the certificate still valid) and saves what comes back.
 
+With ``--ca-sha256`` instead of ``--ca-file`` the agent takes the CA from the join
+listener's certificate chain, trusted only because its SHA-256 is the one the operator
+gave (``edgeplane token create`` prints it), and keeps it in the data dir.
+
 Keys, CSRs and reading a certificate's dates are done by ``python -m
 edgeplane_proto.identity`` in a child process: cryptography would cost the daemon about
 7 MB, for the rest of its life, for a job it does once every few weeks.
@@ -14,12 +18,15 @@ edgeplane_proto.identity`` in a child process: cryptography would cost the daemo
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import pathlib
+import socket
+import ssl
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +40,23 @@ UNUSABLE = 3  # the identity tool's exit code for a damaged key or certificate (
 RENEW_AT = 2 / 3  # of the certificate's validity
 
 
+PIN_FETCH_TIMEOUT_S = 10.0
+
+
+def peer_chain(target: str, timeout: float) -> list[bytes]:
+    """The certificates (DER) a TLS listener at ``host:port`` presents, unverified."""
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])  # what a gRPC listener expects
+    with socket.create_connection((host, int(port)), timeout=timeout) as raw, context.wrap_socket(raw, server_hostname=host) as sock:
+        if hasattr(sock, "get_unverified_chain"):  # Python 3.13: DER bytes
+            return list(sock.get_unverified_chain())
+        return [cert.public_bytes(_ssl.ENCODING_DER) for cert in sock._sslobj.get_unverified_chain()]  # type: ignore[union-attr]
+
+
 def join_address(control_plane: str) -> str:
     """The default join listener: the agent port's host, the next port."""
     host, _, port = control_plane.rpartition(":")
@@ -44,6 +68,25 @@ class AgentTls:
     data_dir: pathlib.Path
     join_target: str | None  # None: the join listener beside whichever control plane is dialled
     ca_file: pathlib.Path | None = None  # trust anchor given by the operator
+    ca_sha256: str | None = None  # or its pin: SHA-256 of the CA certificate (DER), lowercase hex
+
+    def needs_pinned_ca(self) -> bool:
+        return self.ca_sha256 is not None and self.ca_file is None and not self.saved_ca_path.exists()
+
+    async def fetch_pinned_ca(self, target: str) -> None:
+        """Take the CA whose SHA-256 is the pin from the certificate chain ``target`` presents
+        (the handshake is not verified: the pin is the trust) and keep it as the saved CA."""
+        try:
+            chain = await asyncio.to_thread(peer_chain, target, PIN_FETCH_TIMEOUT_S)
+        except (OSError, ValueError) as exc:
+            raise errors.AgentUnavailable(f"cannot read the certificate chain of {target} to find the pinned CA: {exc}") from exc
+        for der in chain:
+            if hashlib.sha256(der).hexdigest() == self.ca_sha256:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                state.write_bytes_atomic(self.saved_ca_path, ssl.DER_cert_to_PEM_cert(der).encode(), 0o600)
+                return
+        raise errors.JoinRefused(f"{target} presented no certificate with SHA-256 {self.ca_sha256} ({len(chain)} in its chain): "
+                                 "check --ca-sha256 against 'edgeplane token create' or <control-plane data dir>/ca/ca.crt")
 
     def join_target_for(self, control_plane: str) -> str:
         """Where to enrol while ``control_plane`` is the address in use: with several

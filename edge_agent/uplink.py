@@ -272,6 +272,8 @@ class Uplink:
     async def _enroll(self, agent_tls: tls.AgentTls) -> None:
         """First join over the join port: bootstrap token + CSR in, client certificate out."""
         key_pem, csr_pem = await agent_tls.new_request(self._facts.site)
+        if agent_tls.needs_pinned_ca():
+            await agent_tls.fetch_pinned_ca(agent_tls.join_target_for(self._target))
         channel = grpc.aio.secure_channel(agent_tls.join_target_for(self._target), agent_tls.join_credentials(),
                                          options=client_options())
         try:

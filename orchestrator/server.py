@@ -265,7 +265,8 @@ class ControlPlane:
                 raise ConfigError(f"the agents' CA: {exc}") from None
             self.ca = dataclasses.replace(loaded, agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
             server_cert, server_key = self.ca.issue_server(agent_tls_hosts(cfg))
-            mtls = agent_service.MutualTls(self.ca, server_cert, server_key, cfg.agent_join_port)
+            # the CA rides in the chain: an agent given only its SHA-256 (--ca-sha256) takes it from there
+            mtls = agent_service.MutualTls(self.ca, server_cert + self.ca.certificate_pem, server_key, cfg.agent_join_port)
         # bound first: a port in use stops the start before anything else listens
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -457,6 +458,11 @@ class ControlPlane:
     @property
     def _agent_ca_fingerprint(self) -> str | None:
         return self.ca.fingerprint if self.ca_file is not None else None
+
+    @property
+    def agent_ca_sha256(self) -> str | None:
+        """What an agent pins to trust this control plane's CA (``edgeplane-agent --ca-sha256``)."""
+        return self._agent_ca_fingerprint
 
     def _relay_tls(self) -> relay.ClientTls:
         """A client certificate from the shared agent CA for the relay stream."""

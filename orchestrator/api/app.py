@@ -33,6 +33,7 @@ class Services(Protocol):
     store: store_mod.Store
     authenticator: auth.Authenticator
     registry: Any  # prometheus CollectorRegistry
+    agent_ca_sha256: str | None  # None: agents join over plaintext (--insecure-agents)
 
     def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]: ...
     def changed(self, reason: str) -> None: ...
@@ -188,7 +189,10 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
             return error(400, "ttlSeconds must be a positive number")
         secret, info = store.create_token(purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
-        return JSONResponse({"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at)}, status_code=201)
+        made = {"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at)}
+        if purpose == "bootstrap" and services.agent_ca_sha256:
+            made["caSha256"] = services.agent_ca_sha256  # what the agent pins for its first join
+        return JSONResponse(made, status_code=201)
 
     async def list_tokens(request: Request, caller: auth.Caller) -> Response:
         """Every token's id, purpose, role, description, times and state; never a secret."""

@@ -318,6 +318,9 @@ def cmd_token(api: ApiClient, args: argparse.Namespace) -> int:
         render.dump(data, args.output)
     else:
         print(data["token"])
+        if data.get("caSha256"):  # stdout stays the token alone, for scripts
+            print(f"an agent trusts this control plane with: --ca-sha256 {data['caSha256']} (or --ca-file <data-dir>/ca/ca.crt)",
+                  file=sys.stderr)
     return 0
 
 

@@ -23,6 +23,7 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--inline-max-ms", "-5"], "argument --inline-max-ms: must be >= 0"),
     (["--site", "edge-x", "--drain-timeout", "inf"], "argument --drain-timeout: 'inf' is not a finite number"),
     (["--site", "edge-x", "--log-level", "bogus"], "argument --log-level: invalid choice: 'bogus'"),
+    (["--site", "edge-x", "--ca-sha256", "abc"], "argument --ca-sha256: 'abc' is not a SHA-256"),
 ])
 def test_a_bad_flag_is_a_usage_error(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -34,11 +35,15 @@ def test_a_bad_flag_is_a_usage_error(args: list[str], message: str, capsys: pyte
     (["--lat", "95", "--lon", "1"], r"--lat 95.0 --lon 1.0 is outside -90..90, -180..180"),
     (["--ca-file", "/nonexistent/ca.crt"], r"--ca-file /nonexistent/ca.crt: No such file or directory"),
     (["--ca-file", "NOT_PEM"], r"not.pem: not a PEM certificate"),
+    (["--ca-file", "CA", "--ca-sha256", "ab" * 32], r"give --ca-file or --ca-sha256, not both"),
 ])
 def test_what_cannot_work_stops_the_start(args: list[str], message: str, tmp_path: pathlib.Path) -> None:
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello\n")
-    parsed = agent_main.parser().parse_args(BASE + ["--site", "edge-x"] + [str(not_pem) if a == "NOT_PEM" else a for a in args])
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    named = {"NOT_PEM": str(not_pem), "CA": str(ca)}
+    parsed = agent_main.parser().parse_args(BASE + ["--site", "edge-x"] + [named.get(a, a) for a in args])
     with pytest.raises(SystemExit, match=message):
         agent_main.config_from_args(parsed)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import importlib.metadata
 import pathlib
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -269,6 +271,40 @@ def test_bootstrap_token_lets_an_agent_join_and_plan_shows_per_site_changes(
         assert cli("get", "modeldeployment", "lyon-only", server_url=serve.url).returncode == 1  # plan applied nothing
     finally:
         agent.stop()
+
+
+def test_an_agent_given_only_the_cas_sha256_joins_and_a_wrong_one_never_does(
+    serve: support.ServeProcess, applied, tmp_path: pathlib.Path  # type: ignore[no-untyped-def]
+) -> None:
+    made = cli("token", "create", server_url=serve.url)
+    assert made.returncode == 0 and made.stdout.startswith("epb_")
+    pin = re.search(r"--ca-sha256 ([0-9a-f]{64})", made.stderr)
+    assert pin, made.stderr
+    assert pin.group(1) == hashlib.sha256(ssl.PEM_cert_to_DER_cert(serve.ca_file.read_text())).hexdigest()
+    wrong = pin.group(1)[::-1]
+
+    def pinned(site: str, digest: str) -> harness.AgentProcess:
+        cmd = harness.agent_command(f"127.0.0.1:{serve.agent_port}", site, tmp_path / site, token=made.stdout.strip(),
+                                    heartbeat_interval=0.3, tls=(serve.ca_file, f"127.0.0.1:{serve.join_port}"))
+        at = cmd.index("--ca-file")
+        cmd[at:at + 2] = ["--ca-sha256", f"sha256:{digest.upper()}"]  # as a person may paste it
+        return harness.spawn_agent(cmd, site, tmp_path / site)
+
+    impostor = pinned("edge-berlin", wrong)
+    agent = pinned("edge-madrid", pin.group(1))
+    try:
+        deadline = time.monotonic() + 30
+        while "joined control plane" not in agent.log():  # enrolled with the CA it fetched, then mutual TLS
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.1)
+        assert (tmp_path / "edge-madrid" / "ca.crt").read_text() == serve.ca_file.read_text()
+        while "presented no certificate with SHA-256" not in impostor.log():
+            assert time.monotonic() < deadline, impostor.log()
+            time.sleep(0.1)
+        assert not (tmp_path / "edge-berlin" / "ca.crt").exists() and "joined control plane" not in impostor.log()
+    finally:
+        agent.stop()
+        impostor.stop()
 
 
 def test_api_tokens_with_auth_on(tmp_path: pathlib.Path, offline_fleet: pathlib.Path) -> None:
