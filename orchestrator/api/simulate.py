@@ -31,11 +31,11 @@ def state_of(s: snap.Snapshot) -> whatif.State:
 
 
 def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None = None) -> dict[str, Any]:
-    """The report of one scenario, or of a sweep; raises ``scenario.ScenarioError``."""
-    state = state_of(s)
+    """The report of one scenario, or of a sweep of the fleet as the scenario leaves it;
+    raises ``scenario.ScenarioError``."""
+    if each and each not in SWEEPS:
+        raise scenario.ScenarioError(f"each must be one of {', '.join(SWEEPS)}")
+    state, changes = state_of(s), scenario.load_text(body, "<request>")
     if each:
-        if each not in SWEEPS:
-            raise scenario.ScenarioError(f"each must be one of {', '.join(SWEEPS)}")
-        return report.sweep_result(sweep.sweep_under(state, each, scenario.load_text(body, "<request>")), top)  # type: ignore[arg-type]
-    changes = scenario.load_text(body, "<request>")
+        return report.sweep_result(sweep.sweep_under(state, each, changes), top)  # type: ignore[arg-type]
     return report.report(whatif.simulate(state, changes))
