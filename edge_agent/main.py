@@ -165,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--spin-between-runs", action="store_true",
                    help="let onnxruntime's idle threads spin-wait after each run (its default): faster answers to "
                         "back-to-back requests, at the cost of cores kept busy between them (docs/agent.md)")
-    p.add_argument("--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error"),
+    p.add_argument("--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error"),  # argtypes.LOG_LEVELS (no import: the agent stands alone)
                    help="log verbosity [info]")
     return p
 

@@ -50,6 +50,14 @@ class NoEndpoint(EdgeplaneError):
     """The control plane knows no allowed, healthy replica for the model."""
 
 
+class Unreachable(EdgeplaneError):
+    """Nothing answered: no replica the client tried, and not the gateway (connection
+    refused, timed out): the address may be wrong or the control plane down."""
+
+    def __init__(self, error: Exception | None):
+        super().__init__(f"neither a replica nor the gateway answered: {error}")
+
+
 class InferenceError(EdgeplaneError):
     """A replica refused the request (4xx): retrying elsewhere would not help. ``code`` is
     the OpenAI API's error code when the refusal gave one (``context_length_exceeded``)."""
@@ -332,7 +340,7 @@ class _Base:
         if self._gateway_failed(attempt, resp):
             return True
         if resp is None:
-            raise EdgeplaneError(f"neither a replica nor the gateway answered: {error}") from error
+            raise Unreachable(error) from error
         if resp.status_code >= 400:
             refusal = _openai_refusal(resp)
             raise NoEndpoint(refusal.args[0]) if resp.status_code in (404, 503) else refusal
@@ -392,7 +400,7 @@ class _Base:
         if self._gateway_failed(attempt, resp):
             return None
         if resp is None:
-            raise EdgeplaneError(f"neither a replica nor the gateway answered: {error}") from error
+            raise Unreachable(error) from error
         if resp.status_code in (404, 503):
             raise NoEndpoint(_refusal(resp).args[0])
         if resp.status_code >= 400:

@@ -19,8 +19,6 @@ import argparse
 import sys
 import time
 
-import httpx
-
 from orchestrator import client as client_mod
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError, token_from_env
@@ -52,7 +50,7 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     except client_mod.EdgeplaneError as exc:
         if asked and asked[-1].text and not whole:
             print()  # end the partial answer's line before the error
-        if isinstance(exc.__cause__, httpx.TransportError):  # nothing answered: not even the gateway
+        if isinstance(exc, client_mod.Unreachable):
             raise CliError(f"{exc}; is 'edgeplane serve' running at {api.server}? (--server / EDGEPLANE_SERVER)", 3) from None
         raise CliError(str(exc)) from None
     elapsed = time.perf_counter() - started

@@ -50,6 +50,7 @@ PREFIX = "/openai/v1"
 #: The OpenAI SDK's own layout (``base_url=.../v1``). A standalone gateway serves all of it;
 #: the control plane only the two POST routes, its ``GET /v1/models`` being the Model list.
 SDK_PREFIX = "/v1"
+SDK_PATHS = (f"{SDK_PREFIX}/models", f"{SDK_PREFIX}/chat/completions", f"{SDK_PREFIX}/completions")
 FORWARD_HEADERS = ("content-type", "accept")
 SSE_DONE = b"data: [DONE]\n\n"
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",

@@ -45,7 +45,7 @@ from orchestrator.security import admission, bearer, ratelimit
 log = logging.getLogger("edgeplane.gateway")
 
 #: Routes whose callers' tokens are checked (with ``--gateway-auth token``).
-GUARDED_PREFIXES = ("/v2/models", openai_routes.PREFIX, "/v1/endpoints/", "/v1/models", "/v1/chat/", "/v1/completions")
+GUARDED_PREFIXES = ("/v2/models", openai_routes.PREFIX, "/v1/endpoints/", *openai_routes.SDK_PATHS)
 
 
 class ConfigError(Exception):

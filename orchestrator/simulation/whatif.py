@@ -129,9 +129,15 @@ def apply_changes(state: State, changes: Changes) -> tuple[tuple[sched.Site, ...
 def under(state: State, changes: Changes) -> State:
     """The fleet as ``changes`` leave it: its sites and demand, placed the way the planner
     would place them from today's replicas (what a sweep under a scenario starts from)."""
+    sites, deployments, result = _planned(state, changes)
+    return State(sites, deployments, result.as_running())
+
+
+def _planned(state: State, changes: Changes) -> tuple[tuple[sched.Site, ...], tuple[sched.Deployment, ...], sched_result.PlanResult]:
+    """The planner's inputs under ``changes`` and its plan of them from today's replicas."""
     check(state, changes)
     sites, deployments = apply_changes(state, changes)
-    return State(sites, deployments, planner.plan(sites, deployments, state.current).as_running())
+    return sites, deployments, planner.plan(sites, deployments, state.current)
 
 
 def _edit(site: sched.Site, e: SiteEdit) -> sched.Site:
@@ -184,13 +190,11 @@ def simulate(state: State, changes: Changes, *, before: measure_mod.Metrics | No
 
     ``before`` may pass today's metrics when the caller measured them already (a sweep).
     """
-    check(state, changes)
-    sites, deployments = apply_changes(state, changes)
+    sites, deployments, result = _planned(state, changes)
     today_fleet = Fleet(state.sites)
     measured = measure_mod.measure(today_fleet, state.deployments, state.current)
     if before is None:
         before = measure_mod.summarize(measured)
-    result = planner.plan(sites, deployments, state.current)
     replicas = result.as_running()
     # Latency and energy of a deployment depend only on its replicas, its demand and the
     # sites; re-measure what the scenario touched (everything when sites changed).
