@@ -288,6 +288,7 @@ class _Connection(asyncio.Protocol):
         self._queue: collections.deque[tuple[Request, bool]] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # loop time the connection times out at; None: never
         self._writable = asyncio.Event()
         self._writable.set()
         self._closing = False
@@ -317,7 +318,7 @@ class _Connection(asyncio.Protocol):
         self._end_passthrough()
         self._server.pending -= len(self._queue)  # received, never to be answered
         self._queue.clear()
-        self._disarm()
+        self._stop_timer()
         self._server.forget(self)
         self._writable.set()
         if self._worker is not None and not self._worker.done():
@@ -531,7 +532,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self._closing = True
         self._end_passthrough()
-        self._disarm()
+        self._stop_timer()
         if self._transport is not None:
             self._transport.close()
 
@@ -539,7 +540,7 @@ class _Connection(asyncio.Protocol):
         """Close without flushing: what is buffered for a client that does not read is dropped."""
         self._closing = True
         self._end_passthrough()
-        self._disarm()
+        self._stop_timer()
         if self._transport is not None:
             self._transport.abort()
 
@@ -554,16 +555,35 @@ class _Connection(asyncio.Protocol):
             raise _Refused(_error(431, f"request head exceeds {self._limits.max_header_bytes} bytes"))
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._timer = self._loop.call_later(seconds, self._expired)
+        """Time the connection out ``seconds`` from now. A timer already set to fire no
+        later is kept, and moves itself on when it fires early: a keep-alive connection
+        arms twice per request, and a new timer each time (made, pushed on the loop's heap,
+        cancelled) was a tenth of a tiny request's time on the loop."""
+        deadline = self._loop.time() + seconds
+        if self._timer is None or self._timer.when() > deadline:
+            self._stop_timer()
+            self._timer = self._loop.call_at(deadline, self._expired)
+        self._deadline = deadline
 
     def _disarm(self) -> None:
+        """No timeout until the next ``_arm``; a timer still set finds nothing to do."""
+        self._deadline = None
+
+    def _stop_timer(self) -> None:
+        """Disarm for good: the connection is closing (the loop lets go of it at once)."""
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _expired(self) -> None:
         self._timer = None
+        if self._deadline is None:
+            return
+        if self._loop.time() < self._deadline:  # armed again since: fire then
+            self._timer = self._loop.call_at(self._deadline, self._expired)
+            return
+        self._deadline = None
         if self.idle and not self._in_message:
             self.close()  # an idle keep-alive connection: just close
         else:

@@ -172,6 +172,28 @@ async def test_slow_requests_time_out_and_idle_connections_are_closed() -> None:
         await server.shutdown(1)
 
 
+async def test_a_kept_alive_connection_times_out_by_its_last_deadline_only() -> None:
+    # One timer serves the connection and moves itself on: an earlier request's deadline
+    # must neither cut a later request off nor close the connection before it is idle long.
+    server, _, port = await start(Limits(request_timeout=0.1, idle_timeout=0.5))
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = loop.time()
+        while loop.time() - started < 0.4:  # four request timeouts of back-to-back requests
+            writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(reader))[0] == 200
+        await asyncio.sleep(0.2)  # past the last request's timeout, well inside the idle one
+        writer.write(b"GET /y HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+        answered = loop.time()
+        assert await closed(reader)
+        assert loop.time() - answered >= 0.45  # the idle timeout, not the request's
+        writer.close()
+    finally:
+        await server.shutdown(1)
+
+
 async def test_shutdown_lets_the_request_in_flight_finish_and_closes_idle_ones() -> None:
     server, echo, port = await start()
     idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)

@@ -6,6 +6,8 @@ spells one NaN), so a codec that rounds floats through a shorter form fails here
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +18,19 @@ from edgeplane_proto import oip
 
 NUMERIC = sorted(oip.DATATYPES)
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)
+
+
+@pytest.fixture(autouse=True, params=["default", "fast-read"])
+def reader(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test twice: as the codec reads by default (short JSON by orjson alone), and with
+    even the shortest document on the simdjson read, so its fall-backs stay covered."""
+    before = oip.FAST_READ_MIN_BYTES
+    if request.param == "fast-read":
+        oip.FAST_READ_MIN_BYTES = 0
+    try:
+        yield
+    finally:
+        oip.FAST_READ_MIN_BYTES = before
 
 
 @st.composite
@@ -48,7 +63,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> None:
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("datatype", [*NUMERIC, "BYTES"])
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_tensor_round_trips_exactly(datatype: str, binary: bool, data: st.DataObject) -> None:
     first = data.draw(tensors(datatype), label="x")
@@ -104,6 +119,22 @@ def test_request_level_fields_of_the_wrong_type_are_refused_clearly(extra: dict,
     body = oip.dumps({"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [True]}], **extra})
     with pytest.raises(oip.ProtocolError, match=message):
         oip.decode_request(body)
+
+
+@pytest.mark.parametrize("datatype", ["FP64", "BYTES"])
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_an_empty_tensor_whose_other_sides_no_array_can_hold_is_refused_clearly(datatype: str, binary: bool) -> None:
+    # found by the fuzz test: numpy's own ValueError was a 500
+    spec = {"name": "x", "datatype": datatype, "shape": [0, 235943, 236023, 20703240]}
+    if binary:
+        head = oip.dumps({"inputs": [{**spec, "parameters": {"binary_data_size": 0}}]})
+        body, length = head, len(head)
+    else:
+        body, length = oip.dumps({"inputs": [{**spec, "data": []}]}), None
+    with pytest.raises(oip.ProtocolError, match="larger than any tensor"):
+        oip.decode_request(body, length)
+    empty = oip.dumps({"inputs": [{**spec, "shape": [0, 235943, 236023], "data": []}]})
+    assert oip.decode_request(empty).inputs[0].array.shape == (0, 235943, 236023)
 
 
 json_numbers = st.one_of(
