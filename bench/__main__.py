@@ -20,6 +20,7 @@ BENCHMARKS = (
     "oip_codec",
     "json_budget",
     "agent_infer",
+    "agent_path",
     "genai_agent",
     "agent_heartbeats",
     "gateway",
