@@ -162,7 +162,8 @@ def sweep(state: whatif.State, by: By, targets: Iterable[str] | None = None,
             raise whatif.ScenarioError(f"{by} {t!r} is not in the fleet")
     impacts = []
     for n, target in enumerate(wanted):
-        impacts.append(sweeper.lose(target, groups[target]))
+        # A site already down (today, or failed by the scenario swept under) is not lost again.
+        impacts.append(sweeper.lose(target, [i for i in groups[target] if state.sites[i].healthy]))
         if progress is not None:
             progress(n + 1, len(wanted))
     impacts.sort(key=lambda x: (x.harm(), x.target))

@@ -174,6 +174,17 @@ def test_a_sweep_under_a_scenario_starts_from_the_scenarios_plan() -> None:
     assert plain.scenario == "no change" and plain == sweep.sweep(st, "site")
 
 
+def test_a_region_sweep_under_a_scenario_counts_only_the_sites_it_still_has() -> None:
+    st = state(deployment("fr", residency={"FR"}, demand=PARIS_DEMAND), deployment("eu", replicas=2))
+    west = sorted(s.name for s in SITES if s.region == "eu-west")
+    assert len(west) >= 2
+    plain = {i.target: i for i in sweep.sweep_under(st, "region", scenario.Changes()).impacts}
+    after = {i.target: i for i in sweep.sweep_under(st, "region", scenario.Changes(fail_sites=frozenset({west[0]}))).impacts}
+    assert plain["eu-west"].sites == len(west)
+    assert after["eu-west"].sites == len(west) - 1  # the site the scenario failed is not lost twice
+    assert {t: i.sites for t, i in after.items() if t != "eu-west"} == {t: i.sites for t, i in plain.items() if t != "eu-west"}
+
+
 def test_sweep_of_an_unknown_target_is_refused() -> None:
     with pytest.raises(scenario.ScenarioError, match="site 'x' is not in the fleet"):
         sweep.sweep(state(deployment("d")), "site", ["x"])
