@@ -45,6 +45,7 @@ T = TypeVar("T")
 UNKNOWN_MODEL = "(unknown)"
 DEFAULT_INLINE_MAX_S = 0.02  # steps this short, alone in flight, skip the worker thread
 DEFERRED_RELEASE_MIN_BYTES = 64 * 1024  # bodies this large are freed after their answer is out
+_BINARY_HEADER = oip.BINARY_HEADER.lower()  # as the HTTP server keeps header names
 
 
 class Refusal(NamedTuple):
@@ -268,8 +269,8 @@ class InferenceServer:
         if isinstance(served, Response):
             self.refused(name, served.status)
             return served
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":
+        encoding = request.headers.get("content-encoding")
+        if encoding is not None and (encoding := encoding.strip().lower()) != "identity":
             # zlib lets go of the GIL: a large body (up to --max-request-bytes inflated, ~0.3 s
             # for 64 MiB) inflates on a thread while the loop answers others and heartbeats.
             inflated = (_inflate(request.body, encoding, self.max_body_bytes) if len(request.body) <= INFLATE_INLINE_MAX
@@ -278,7 +279,7 @@ class InferenceServer:
                 self.metrics.observe_error(name, inflated.status)
                 return inflated
             request = dataclasses.replace(request, body=inflated)
-        header = request.headers.get(oip.BINARY_HEADER.lower())
+        header = request.headers.get(_BINARY_HEADER)
         header_length: int | None = None
         if header is not None:
             if not header.isdigit():

@@ -198,17 +198,14 @@ class Limits:
 def encode(response: Response, keep_alive: bool, *, head_only: bool = False) -> bytes:
     """Status line, headers and body; ``head_only`` (a HEAD request) leaves the body out
     but keeps its length, as RFC 9110 asks."""
-    reason = _REASONS.get(response.status, "")
-    lines = [
-        f"HTTP/1.1 {response.status} {reason}",
-        f"content-length: {len(response.body)}",
-        f"content-type: {response.content_type}",
-    ]
-    lines.extend(f"{name}: {value}" for name, value in response.headers)
+    head = (f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}\r\n"
+            f"content-length: {len(response.body)}\r\ncontent-type: {response.content_type}\r\n")
+    for name, value in response.headers:
+        head += f"{name}: {value}\r\n"
     if not keep_alive:
-        lines.append("connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + response.body
+        head += "connection: close\r\n"
+    raw = (head + "\r\n").encode("latin-1")
+    return raw if head_only else raw + response.body
 
 
 def encode_stream_head(response: StreamingResponse, keep_alive: bool) -> bytes:
