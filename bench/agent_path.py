@@ -40,24 +40,9 @@ from edge_agent import http, httpserver, registry
 from edge_agent.runtime import onnx
 from edgeplane_proto import oip
 from orchestrator.testing import onnx_models
+from orchestrator.testing.agent_parts import OneModel
 
 RESULTS = Path(__file__).parent / "results" / "agent_path.json"
-
-
-class _OneModel:
-    """The part of the registry the HTTP layer reads."""
-
-    def __init__(self, served: registry.ServedModel) -> None:
-        self.served = served
-
-    def get(self, name: str) -> registry.ServedModel | None:
-        return self.served if name == self.served.name else None
-
-    def known(self, name: str) -> bool:
-        return name == self.served.name
-
-    def serving(self) -> list[registry.ServedModel]:
-        return [self.served]
 
 
 class _KeptBytes:
@@ -101,7 +86,7 @@ async def run(rounds: int) -> list[dict]:
         evict = onnx.OnnxModel.load(wide.path.read_bytes())
         evict_feeds = {"input": np.random.default_rng(0).standard_normal((24, 1024)).astype(np.float32)}
         with ThreadPoolExecutor(2) as pool:
-            app = http.InferenceServer(_OneModel(registry.ServedModel("tiny", tiny.sha256, model)), pool)  # type: ignore[arg-type]
+            app = http.InferenceServer(OneModel(registry.ServedModel("tiny", tiny.sha256, model)), pool)  # type: ignore[arg-type]
             app.ready = True
             server = httpserver.HttpServer(app.handle)
             app.received = lambda: server.pending

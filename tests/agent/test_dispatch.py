@@ -21,6 +21,7 @@ from edge_agent.httpserver import Request
 from edge_agent.runtime import onnx
 from edgeplane_proto import oip
 from orchestrator.testing import onnx_models
+from orchestrator.testing.agent_parts import OneModel
 
 
 class Recorded:
@@ -39,22 +40,6 @@ class Recorded:
         if self.delay:
             time.sleep(self.delay)
         return self._inner.run(feeds, outputs)
-
-
-class OneModel:
-    """The part of the registry the HTTP layer reads."""
-
-    def __init__(self, served: registry.ServedModel) -> None:
-        self.served = served
-
-    def get(self, name: str) -> registry.ServedModel | None:
-        return self.served if name == self.served.name else None
-
-    def known(self, name: str) -> bool:
-        return name == self.served.name
-
-    def serving(self) -> list[registry.ServedModel]:
-        return [self.served]
 
 
 @pytest.fixture
