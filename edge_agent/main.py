@@ -175,10 +175,10 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
 
     if (args.lat is None) != (args.lon is None):
         raise SystemExit("edgeplane-agent: --lat and --lon go together")
+    if args.ca_file is not None and args.ca_sha256 is not None:
+        raise SystemExit("edgeplane-agent: give --ca-file or --ca-sha256, not both")
     if args.ca_file is not None:
         _check_ca_file(args.ca_file)
-        if args.ca_sha256 is not None:
-            raise SystemExit("edgeplane-agent: give --ca-file or --ca-sha256, not both")
     if args.lat is not None and not (-90 <= args.lat <= 90 and -180 <= args.lon <= 180):  # NaN fails too
         raise SystemExit(f"edgeplane-agent: --lat {args.lat} --lon {args.lon} is outside -90..90, -180..180")
     if not [t for t in args.control_plane.split(",") if t.strip()]:

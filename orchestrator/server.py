@@ -336,7 +336,7 @@ class ControlPlane:
         if cfg.store and is_postgres_url(cfg.store):  # replicas may share the database: lead by the lease
             self.elector = leadership.Elector(self.store, self.replica_id, cfg.leader_lease_s, self._gain_lead, self._lose_lead)
             self.relay_client = relay.RelayClient(self.hub, self.replica_id, tls=self._relay_tls if mtls is not None else None,
-                                                  agent_ca=self._agent_ca_fingerprint)
+                                                  agent_ca=self.agent_ca_sha256)
             self._background.append(asyncio.create_task(self.relay_client.run(), name="agent-relay"))
             self.table.on_wake = self._on_wake
             loop = asyncio.get_running_loop()
@@ -448,7 +448,7 @@ class ControlPlane:
     def _publish_leader(self, lease: store_mod.Lease) -> None:
         """Tell the followers where to relay their agents, under this lease's fencing token."""
         doc = {"replica": self.replica_id, "address": self.peer_address, "secret": self._relay_secret, "fencingToken": lease.token,
-               "agentCa": self._agent_ca_fingerprint}
+               "agentCa": self.agent_ca_sha256}
         try:
             self.store.publish(LEADER_KEY, json.dumps(doc), lease=lease)
             self._leader_published = lease.token
@@ -456,13 +456,10 @@ class ControlPlane:
             log.warning("cannot publish the relay address: %s", exc)
 
     @property
-    def _agent_ca_fingerprint(self) -> str | None:
-        return self.ca.fingerprint if self.ca_file is not None else None
-
-    @property
     def agent_ca_sha256(self) -> str | None:
-        """What an agent pins to trust this control plane's CA (``edgeplane-agent --ca-sha256``)."""
-        return self._agent_ca_fingerprint
+        """The agents' CA's SHA-256 (None: agents join over plaintext): what an agent pins to
+        trust this control plane (``edgeplane-agent --ca-sha256``) and what replicas compare."""
+        return self.ca.fingerprint if self.ca_file is not None else None
 
     def _relay_tls(self) -> relay.ClientTls:
         """A client certificate from the shared agent CA for the relay stream."""

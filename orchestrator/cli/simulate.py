@@ -116,6 +116,7 @@ def local_state(paths: list[str]) -> whatif.State:
 def run(api: ApiClient, args: argparse.Namespace) -> int:
     doc = scenario_document(args)
     each = "site" if args.each_site else "region" if args.each_region else None
+    source = args.scenario or "<flags>"
     started = time.perf_counter()
     loading = 0.0
     try:
@@ -123,13 +124,11 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
             state = local_state(args.file)
             loading = time.perf_counter() - started
             started = time.perf_counter()
-            if each:
-                changes = scenario.parse(doc, args.scenario or "<flags>")
-                data = report.sweep_result(_sweep_with_progress(state, each, changes), args.top)
-            else:
-                data = report.report(whatif.simulate(state, scenario.parse(doc, args.scenario or "<flags>")))
+            changes = scenario.parse(doc, source)
+            data = (report.sweep_result(_sweep_with_progress(state, each, changes), args.top) if each
+                    else report.report(whatif.simulate(state, changes)))
         else:
-            scenario.parse(doc, args.scenario or "<flags>")
+            scenario.parse(doc, source)  # refused here, as a local run would refuse it
             params = {k: v for k, v in (("each", each), ("top", str(args.top) if args.top else None)) if v}
             data = api.request("POST", "/v1/simulate", params=params, json=doc)
     except scenario.ScenarioError as exc:

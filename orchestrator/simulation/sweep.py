@@ -149,13 +149,18 @@ class Sweeper:
                       after.unserved_rps, after.p95_ms, p95_delta, after.g_co2_per_hour)
 
 
+def _target_of(site: sched.Site, by: By) -> str:
+    """What a sweep by ``by`` loses ``site`` with: the site itself, or its region."""
+    return site.name if by == "site" else site.region
+
+
 def sweep(state: whatif.State, by: By, targets: Iterable[str] | None = None,
           progress: Callable[[int, int], None] | None = None) -> SweepResult:
     """Lose each site (``by="site"``) or region in turn; impacts ranked most harmful first."""
     sweeper = Sweeper(state)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(state.sites):
-        groups[s.name if by == "site" else s.region].append(i)
+        groups[_target_of(s, by)].append(i)
     wanted = list(targets) if targets is not None else sorted(groups)
     for t in wanted:
         if t not in groups:
@@ -178,5 +183,5 @@ def sweep_under(state: whatif.State, by: By, changes: whatif.Changes,
     if changes.empty:
         return sweep(state, by, progress=progress)
     after = whatif.under(state, changes)
-    targets = sorted({s.name if by == "site" else s.region for s in after.sites if not whatif.failed(s, changes)})
+    targets = sorted({_target_of(s, by) for s in after.sites if not whatif.failed(s, changes)})
     return dataclasses.replace(sweep(after, by, targets, progress), scenario=changes.describe())
