@@ -3,10 +3,10 @@
     .venv/bin/python -m bench.agent_path [--quick] [--rounds N]
 
 What the agent adds to a binary request of the tiny model (``MLP 8 -> 16 -> 4``, a 6 us
-run): the bytes of one HTTP request are handed to the agent's HTTP connection as the
-transport would hand them (``data_received``: parse, route, decode, ``session.run``,
-encode, write to a transport that keeps the bytes), timed in this process with no socket
-and no event-loop turn. Baseline in the same rounds: the *floor* of ``bench.agent_infer``
+run): the bytes of one HTTP request are handed to the agent's HTTP connection as a read
+would hand them (``received``: parse, route, decode, ``session.run``, encode, write to a
+transport that keeps the bytes), timed in this process with no socket and no event-loop
+turn. Baseline in the same rounds: the *floor* of ``bench.agent_infer``
 without its socket (view the body's tensor, run, write a status line and the raw output).
 
 Each is timed twice per round: *warm*, the third of three calls back to back, and *after a
@@ -95,7 +95,7 @@ async def run(rounds: int) -> list[dict]:
             conn.connection_made(transport)  # type: ignore[arg-type]
             raw = _request(np.ones((1, 8), dtype=np.float32))
             for _ in range(50):  # the first runs go to a worker thread until the model's run time is known
-                conn.data_received(raw)
+                conn.received(raw)
                 await asyncio.sleep(0.001)
             if b" 200 " not in transport.last.split(b"\r\n", 1)[0]:
                 raise SystemExit(f"the agent did not answer 200: {transport.last[:200]!r}")
@@ -111,7 +111,7 @@ async def run(rounds: int) -> list[dict]:
 
             paths: list[tuple[str, Callable[[], None]]] = [
                 ("floor: view, run, write", floor),
-                ("agent: data_received", lambda: conn.data_received(raw)),
+                ("agent: received", lambda: conn.received(raw)),
             ]
             times: dict[tuple[str, str], list[float]] = {(name, when): [] for name, _ in paths for when in ("warm", "cold")}
             for _ in range(rounds):

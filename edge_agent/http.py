@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 UNKNOWN_MODEL = "(unknown)"
 DEFAULT_INLINE_MAX_S = 0.02  # steps this short, alone in flight, skip the worker thread
-DEFERRED_RELEASE_MIN_BYTES = 64 * 1024  # bodies this large are freed after their answer is out
+DEFERRED_RELEASE_MIN_BYTES = 64 * 1024  # JSON parts this large are freed after their answer is out
 _BINARY_HEADER = oip.BINARY_HEADER.lower()  # as the HTTP server keeps header names
 
 
@@ -297,10 +297,11 @@ class InferenceServer:
             self.metrics.observe_error(name, 400)
             return _error(400, str(exc))
         self.metrics.observe_ok(name, time.perf_counter() - started)
-        # A large body's document is freed on the loop's next turn, after this answer is
-        # written: its numbers are freed while the caller reads the answer. A small one is
-        # freed here (the turn it would cost is an epoll_wait more per request).
-        if len(request.body) >= DEFERRED_RELEASE_MIN_BYTES:
+        # A large JSON part's document is freed on the loop's next turn, after this answer
+        # is written: its numbers are freed while the caller reads the answer. A small one,
+        # such as the head of binary tensors however large, is freed here (the turn it would
+        # cost is an epoll_wait more per request).
+        if (len(request.body) if header_length is None else header_length) >= DEFERRED_RELEASE_MIN_BYTES:
             asyncio.get_running_loop().call_soon(_release, parsed)
         if out_header is None:
             return Response(200, payload)

@@ -160,7 +160,8 @@ class OnnxModel:
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         try:
-            return self._session.run(list(outputs), dict(feeds))
+            return self._session.run(outputs if isinstance(outputs, list) else list(outputs),
+                                     feeds if isinstance(feeds, dict) else dict(feeds))
         except Exception as exc:  # shape errors deeper in the graph, e.g. broadcasting
             raise errors.InvalidInput(f"model rejected the input: {_short(exc)}") from exc
 

@@ -85,6 +85,53 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         await server.shutdown(1)
 
 
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        ("/v2/models/m/infer", "/v2/models/m/infer", ""),  # a plain path, taken as it is
+        ("/a%20b/%2Fc", "/a b//c", ""),
+        ("/q?x=1&y=%20", "/q", "x=1&y=%20"),
+        ("/q?", "/q", ""),
+        ("http://example.test/abs?k=v", "/abs", "k=v"),  # absolute form
+    ],
+)
+async def test_request_targets_are_split_and_decoded(target: str, path: str, query: str) -> None:
+    server, echo, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert (await read_response(reader))[0] == 200
+        assert (echo.seen[-1].path, echo.seen[-1].query) == (path, query)
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_large_bodies_read_in_turns_on_two_connections_stay_their_own() -> None:
+    """Every connection reads into the server's one buffer: bodies larger than it, sent
+    piece by piece on two connections in turn, each reach their handler whole."""
+    server, echo, port = await start()
+    size = httpserver.READ_BUFFER_BYTES + 300_000
+    bodies = [bytes([n]) * size for n in (1, 2)]
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in bodies]
+    try:
+        for (_, writer), body in zip(conns, bodies, strict=True):
+            writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        piece = 700_000
+        for start_at in range(0, size, piece):
+            for (_, writer), body in zip(conns, bodies, strict=True):
+                writer.write(body[start_at:start_at + piece])
+                await writer.drain()
+        for (reader, _), body in zip(conns, bodies, strict=True):
+            status, headers, answer = await read_response(reader)
+            assert status == 200 and headers["x-len"] == str(size)
+            assert answer == b"POST /big  " + body
+    finally:
+        for _, writer in conns:
+            writer.close()
+        await server.shutdown(1)
+
+
 async def test_chunked_bodies_and_http10_close() -> None:
     server, _, port = await start()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
