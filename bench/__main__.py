@@ -21,6 +21,7 @@ BENCHMARKS = (
     "json_budget",
     "agent_infer",
     "agent_path",
+    "agent_spin",
     "genai_agent",
     "agent_heartbeats",
     "gateway",

@@ -17,7 +17,8 @@ with one blocking socket that reads a request by its Content-Length, views the b
 bytes as the input tensor, runs, and answers the output's raw bytes; called by the same
 client, one request at a time (binary case). What it loses against raw is the loopback
 round trip and the two processes' wake-ups on these cores, which any server pays here.
-Writes bench/results/agent_infer.json (``--spin-between-runs``: agent_infer_spin_between_runs.json).
+Writes bench/results/agent_infer.json (``--spin-between-runs``: agent_infer_spin_between_runs.json,
+``--spin-after-run-us N``: agent_infer_spin_after_run.json; the floor takes the same policy).
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ import numpy as np
 import onnxruntime as ort
 from edge_agent.runtime import onnx
 
-path, rows, cols, spin = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-options = onnx.session_options(spin_between_runs=spin)
+path, rows, cols, spin, spin_us = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
+options = onnx.session_options(spin_between_runs=spin, spin_after_run_us=spin_us)
 session = ort.InferenceSession(open(path, "rb").read(), options, providers=["CPUExecutionProvider"])
 listener = socket.create_server(("127.0.0.1", 0))
 print(listener.getsockname()[1], flush=True)
@@ -184,11 +185,11 @@ while True:
 """
 
 
-async def through_floor(path: Path, x: np.ndarray, duration: float, spin: bool) -> dict:
+async def through_floor(path: Path, x: np.ndarray, duration: float, spin: bool, spin_us: int) -> dict:
     """``session.run`` behind the least an HTTP server can be (see the module docstring),
     with the agent's session options."""
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOR_SERVER, str(path), str(x.shape[0]), str(x.shape[1]),
-                                                "1" if spin else "0", stdout=subprocess.PIPE)
+                                                "1" if spin else "0", str(spin_us), stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         port = int((await asyncio.wait_for(proc.stdout.readline(), 60)).decode())
@@ -198,7 +199,7 @@ async def through_floor(path: Path, x: np.ndarray, duration: float, spin: bool) 
         await proc.wait()
 
 
-async def run(duration: float, spin: bool = False) -> list[dict]:
+async def run(duration: float, spin: bool = False, spin_us: int = 0) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -214,7 +215,8 @@ async def run(duration: float, spin: bool = False) -> list[dict]:
             ("wide b256", "wide", wide, rng.standard_normal((256, 1024)).astype(np.float32), (True,)),
             ("tiny", "tiny", tiny, rng.standard_normal((1, 8)).astype(np.float32), (True, False)),
         ]
-        rig = ControlPlaneAndAgent(root / "agent", extra=["--spin-between-runs"] if spin else [])
+        flags = ["--spin-between-runs"] if spin else ["--spin-after-run-us", str(spin_us)] if spin_us else []
+        rig = ControlPlaneAndAgent(root / "agent", extra=flags)
         await rig.start()
         try:
             await rig.assign(
@@ -226,7 +228,7 @@ async def run(duration: float, spin: bool = False) -> list[dict]:
                 # see the same background load on a shared machine.
                 base = raw_baseline(built.path, x, duration)
                 rows.append({"model": label, "path": "raw session.run", "concurrency": 1, **base, "vs_raw": 1.0})
-                floor = await through_floor(built.path, x, duration, spin) if True in encodings else None
+                floor = await through_floor(built.path, x, duration, spin, spin_us) if True in encodings else None
                 if floor is not None:
                     rows.append({"model": label, "path": "floor: minimal socket server", "concurrency": 1, **floor,
                                  "vs_raw": round(floor["per_s"] / base["per_s"], 3),
@@ -251,11 +253,15 @@ async def run(duration: float, spin: bool = False) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run (about 20 s)")
-    parser.add_argument("--spin-between-runs", action="store_true", help="run the agent (and the floor) with that flag")
+    spin = parser.add_mutually_exclusive_group()
+    spin.add_argument("--spin-between-runs", action="store_true", help="run the agent (and the floor) with that flag")
+    spin.add_argument("--spin-after-run-us", type=int, default=0, metavar="US",
+                      help="run the agent (and the floor) with that option")
     args = parser.parse_args()
     duration = 1.5 if args.quick else 5.0
-    rows = asyncio.run(run(duration, args.spin_between_runs))
-    spinning = ", --spin-between-runs" if args.spin_between_runs else ""
+    rows = asyncio.run(run(duration, args.spin_between_runs, args.spin_after_run_us))
+    spinning = (", --spin-between-runs" if args.spin_between_runs
+                else f", --spin-after-run-us {args.spin_after_run_us}" if args.spin_after_run_us else "")
     table = Table(title=f"v2 inference through the agent vs raw session.run ({os.cpu_count()} cores{spinning})")
     for col in ["model", "path", "in flight", "req/s", "p50 ms", "p99 ms", "x raw", "x floor"]:
         table.add_column(col, justify="left" if col in ("model", "path") else "right")
@@ -263,13 +269,15 @@ def main() -> None:
         table.add_row(r["model"], r["path"], str(r["concurrency"]), f"{r['per_s']:,}", str(r["p50_ms"]),
                       str(r["p99_ms"]), f"{r['vs_raw']:.2f}", f"{r['vs_floor']:.2f}" if "vs_floor" in r else "")
     Console(width=120).print(table)
-    results = RESULTS.with_name("agent_infer_spin_between_runs.json") if args.spin_between_runs else RESULTS
+    results = (RESULTS.with_name("agent_infer_spin_between_runs.json") if args.spin_between_runs
+               else RESULTS.with_name("agent_infer_spin_after_run.json") if args.spin_after_run_us else RESULTS)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({
         "benchmark": "agent_infer",
         "cpu_count": os.cpu_count(),
         "quick": args.quick,
         "spin_between_runs": args.spin_between_runs,
+        "spin_after_run_us": args.spin_after_run_us,
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "duration_s_per_row": duration,
         "target": {"wide_vs_raw": 0.8, "wide_b8_vs_raw": 0.7, "wide_b64_json_vs_raw": 0.5},

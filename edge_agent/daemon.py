@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -55,6 +56,7 @@ class AgentConfig:
     grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
     intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
     spin_between_runs: bool = False  # onnxruntime's idle threads spin-wait after a run (see runtime.onnx)
+    spin_after_run_us: int = 0  # or only this long (0: they sleep when the run ends)
 
     @property
     def control_planes(self) -> list[str]:
@@ -97,10 +99,12 @@ class Agent:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
         self.store = state.StateStore(config.data_dir)
         self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts)
-        threads, spin = config.intra_op_threads, config.spin_between_runs
+        load_onnx = functools.partial(onnx.OnnxModel.load, intra_op_threads=config.intra_op_threads,
+                                      spin_between_runs=config.spin_between_runs,
+                                      spin_after_run_us=config.spin_after_run_us)
         self.registry = registry.ModelRegistry(
             self.cache,
-            load_model or (lambda data: onnx.OnnxModel.load(data, intra_op_threads=threads, spin_between_runs=spin)),
+            load_model or load_onnx,
             on_change=self._models_changed,
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
@@ -128,7 +132,8 @@ class Agent:
             directory = packages.unpack(package, sha256, self.models_dir)
         except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
             raise errors.ModelLoadError(f"cannot unpack package {sha256[:12]} into {self.models_dir}: {exc.strerror or exc}") from exc
-        return genai.GenAIModel.load(directory, spin_between_runs=self.config.spin_between_runs)
+        return genai.GenAIModel.load(directory, spin_between_runs=self.config.spin_between_runs,
+                                     spin_after_run_us=self.config.spin_after_run_us)
 
     # -- Reporter protocol for the uplink ---------------------------------------------
 

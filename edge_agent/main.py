@@ -102,6 +102,10 @@ def _not_negative(value: str) -> float:
     return number
 
 
+#: The longest spin ``--spin-after-run-us`` takes: 0.1 s (``--spin-between-runs`` is longer still).
+MAX_SPIN_AFTER_RUN_US = 100_000
+
+
 def _count(low: int, high: int) -> Callable[[str], int]:
     def parse(value: str) -> int:
         try:
@@ -162,9 +166,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inline-max-ms", type=_not_negative, default=20.0, metavar="MS",
                    help="a request alone in flight whose model runs in at most this long is computed on the "
                         "event loop instead of a worker thread (0 = always a worker thread) [20]")
-    p.add_argument("--spin-between-runs", action="store_true",
-                   help="let onnxruntime's idle threads spin-wait after each run (its default): faster answers to "
-                        "back-to-back requests, at the cost of cores kept busy between them (docs/agent.md)")
+    spin = p.add_mutually_exclusive_group()
+    spin.add_argument("--spin-after-run-us", type=_count(0, MAX_SPIN_AFTER_RUN_US), default=0, metavar="US",
+                      help="let onnxruntime's idle threads spin this long after a run before they sleep: a request "
+                           "that follows within it skips their wake-up (faster answers to back-to-back requests), "
+                           "for about twice US of CPU per thread after a request nobody follows "
+                           "(0 = they sleep when the run ends; docs/agent.md) [0]")
+    spin.add_argument("--spin-between-runs", action="store_true",
+                      help="let onnxruntime's idle threads spin-wait after each run as long as its default does "
+                           "(milliseconds): cores kept busy between requests (docs/agent.md)")
     p.add_argument("--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error"),  # argtypes.LOG_LEVELS (no import: the agent stands alone)
                    help="log verbosity [info]")
     return p
@@ -209,6 +219,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         inline_max_ms=max(0.0, args.inline_max_ms),
         grpc_listen=args.grpc_listen,
         spin_between_runs=args.spin_between_runs,
+        spin_after_run_us=args.spin_after_run_us,
     )
 
 

@@ -179,7 +179,8 @@ class GenAIModel:
         self._token_text: dict[int, str] = {}
 
     @classmethod
-    def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False) -> GenAIModel:
+    def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
+             spin_after_run_us: int = 0) -> GenAIModel:
         try:
             import onnxruntime_genai as og
         except ImportError as exc:
@@ -188,8 +189,9 @@ class GenAIModel:
         cuda = cuda_available() if use_cuda is None else use_cuda
         try:
             config = og.Config(str(directory))
-            if not spin_between_runs:  # between steps and sequences the callers need the cores
-                config.overlay(json.dumps({"model": {"decoder": {"session_options": onnx.SPIN_DURING_RUNS}}}))
+            entries = onnx.spin_entries(spin_between_runs, spin_after_run_us)
+            if entries:  # between steps and sequences the callers need the cores
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": entries}}}))
             config.clear_providers()
             if cuda:
                 config.append_provider("cuda")

@@ -82,22 +82,33 @@ def _spec(node: Any) -> TensorSpec:
 #: budget need between runs. Generative models' sessions get the same (runtime.genai).
 SPIN_DURING_RUNS = {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
 
+def spin_entries(spin_between_runs: bool = False, spin_after_run_us: int = 0) -> dict[str, str]:
+    """Session config entries for a thread policy: :data:`SPIN_DURING_RUNS` by default;
+    ``spin_after_run_us`` lets idle threads spin that long after a run before they sleep (a
+    run that follows within it finds them awake, and skips a wake-up); ``spin_between_runs``
+    keeps onnxruntime's own default (no entries: idle threads spin for milliseconds)."""
+    if spin_between_runs:
+        return {}
+    if spin_after_run_us > 0:
+        return {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": str(spin_after_run_us)}
+    return dict(SPIN_DURING_RUNS)
 
-def session_options(intra_op_threads: int = 0, *, spin_between_runs: bool = False) -> ort.SessionOptions:
+
+def session_options(intra_op_threads: int = 0, *, spin_between_runs: bool = False,
+                    spin_after_run_us: int = 0) -> ort.SessionOptions:
     """The agent's onnxruntime session options (benchmarks take their baseline with them too).
 
-    ``spin_between_runs`` keeps onnxruntime's default instead of :data:`SPIN_DURING_RUNS`:
-    idle threads spin-wait a while after each run, so a request that follows at once finds
-    them awake. Measured with the wide model (docs/agent.md): batch 8 0.60x raw against
-    0.42x, batch 64 0.88x against 0.75x back to back, but 22 % of a core busy at 5 requests
-    a second against 1.5 %, and 97 % against 6 % at 19 a second."""
+    The thread policy is :func:`spin_entries`'. Measured with the wide model (docs/agent.md):
+    back to back, onnxruntime's default gave batch 8 0.60x raw against 0.42x and batch 64
+    0.88x against 0.75x, but kept 22 % of a core busy at 5 requests a second against 1.5 %,
+    and 97 % against 6 % at 19 a second; a 250 us spin after each run, most of that gain
+    for 0.5 ms of CPU per request that no other follows within it."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    if not spin_between_runs:
-        for key, value in SPIN_DURING_RUNS.items():
-            options.add_session_config_entry(key, value)
+    for key, value in spin_entries(spin_between_runs, spin_after_run_us).items():
+        options.add_session_config_entry(key, value)
     return options
 
 
@@ -121,8 +132,10 @@ class OnnxModel:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         spin_between_runs: bool = False,
+        spin_after_run_us: int = 0,
     ) -> OnnxModel:
-        options = session_options(intra_op_threads, spin_between_runs=spin_between_runs)
+        options = session_options(intra_op_threads, spin_between_runs=spin_between_runs,
+                                  spin_after_run_us=spin_after_run_us)
         chosen = list(providers) if providers else choose_providers(available_providers())
         try:
             session = ort.InferenceSession(data, sess_options=options, providers=chosen)

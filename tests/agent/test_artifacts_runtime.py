@@ -16,6 +16,7 @@ import pytest
 
 from edge_agent import artifacts, errors
 from edge_agent.runtime import onnx
+from orchestrator.testing import onnx_models
 
 from .conftest import ArtifactServer, Models
 
@@ -261,6 +262,31 @@ def test_intra_op_threads_stop_spinning_after_a_run_unless_the_operator_asks_oth
     spinning = onnx.session_options(spin_between_runs=True)  # onnxruntime's own default: no entry at all
     with pytest.raises(RuntimeError, match="does not have configuration"):
         spinning.get_session_config_entry("session.force_spinning_stop")
+    bounded = onnx.session_options(spin_after_run_us=250)  # a short spin after each run, then sleep
+    assert bounded.get_session_config_entry("session.intra_op.spin_duration_us") == "250"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        bounded.get_session_config_entry("session.force_spinning_stop")
     required = ["--control-plane", "127.0.0.1:1", "--site", "edge-1", "--token", "t"]
-    assert not main.config_from_args(main.parser().parse_args(required)).spin_between_runs
+    default = main.config_from_args(main.parser().parse_args(required))
+    assert not default.spin_between_runs and default.spin_after_run_us == 0
     assert main.config_from_args(main.parser().parse_args([*required, "--spin-between-runs"])).spin_between_runs
+    assert main.config_from_args(main.parser().parse_args([*required, "--spin-after-run-us", "250"])).spin_after_run_us == 250
+
+
+@pytest.mark.parametrize("args", [["--spin-after-run-us", "-1"], ["--spin-after-run-us", "100001"],
+                                  ["--spin-after-run-us", "250", "--spin-between-runs"]])
+def test_spin_policies_out_of_range_or_together_are_usage_errors(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent import main
+
+    with pytest.raises(SystemExit) as exited:
+        main.parser().parse_args(["--control-plane", "127.0.0.1:1", "--site", "edge-1", "--token", "t", *args])
+    assert exited.value.code == 2
+    assert "--spin-" in capsys.readouterr().err
+
+
+def test_a_bounded_spin_after_runs_answers_alike(tmp_path: pathlib.Path) -> None:
+    model = onnx_models.build_mlp(tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    answers = [onnx.OnnxModel.load(model.path.read_bytes(), spin_after_run_us=us).run({"input": x}, ["output"])[0]
+               for us in (0, 250)]
+    np.testing.assert_array_equal(answers[0], answers[1])
