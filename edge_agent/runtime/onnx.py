@@ -82,6 +82,7 @@ def _spec(node: Any) -> TensorSpec:
 #: budget need between runs. Generative models' sessions get the same (runtime.genai).
 SPIN_DURING_RUNS = {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
 
+
 def spin_entries(spin_between_runs: bool = False, spin_after_run_us: int = 0) -> dict[str, str]:
     """Session config entries for a thread policy: :data:`SPIN_DURING_RUNS` by default;
     ``spin_after_run_us`` lets idle threads spin that long after a run before they sleep (a
@@ -98,11 +99,11 @@ def session_options(intra_op_threads: int = 0, *, spin_between_runs: bool = Fals
                     spin_after_run_us: int = 0) -> ort.SessionOptions:
     """The agent's onnxruntime session options (benchmarks take their baseline with them too).
 
-    The thread policy is :func:`spin_entries`'. Measured with the wide model (docs/agent.md):
-    back to back, onnxruntime's default gave batch 8 0.60x raw against 0.42x and batch 64
-    0.88x against 0.75x, but kept 22 % of a core busy at 5 requests a second against 1.5 %,
-    and 97 % against 6 % at 19 a second; a 250 us spin after each run, most of that gain
-    for 0.5 ms of CPU per request that no other follows within it."""
+    The thread policy comes from :func:`spin_entries`. Measured with the wide model
+    (docs/agent.md): back to back, onnxruntime's default gave batch 8 0.60x raw against
+    0.42x and batch 64 0.88x against 0.75x, but kept 22 % of a core busy at 5 requests a
+    second against 1.5 %, and 97 % against 6 % at 19 a second; a 250 us spin gave half to
+    two thirds of that gain for 5-20 % more CPU per request (``bench.agent_spin``)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
