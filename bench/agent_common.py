@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import sys
@@ -14,6 +15,13 @@ import httpx
 from orchestrator.agents import auth, hub, model, service
 
 TOKEN = "bench-token"
+
+
+def write_results(path: pathlib.Path, benchmark: str, rows: list[dict], **fields: object) -> None:
+    """A benchmark's ``rows`` and settings as JSON, with the machine's cores and its load at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": benchmark, "cpu_count": os.cpu_count(), **fields,
+                                "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "rows": rows}, indent=2))
 
 
 def agent_command() -> list[str]:

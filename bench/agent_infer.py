@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -41,7 +40,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from bench.agent_common import ControlPlaneAndAgent
+from bench.agent_common import ControlPlaneAndAgent, write_results
 from edge_agent.runtime import onnx
 from edgeplane_proto import oip
 from orchestrator.agents import model
@@ -271,19 +270,9 @@ def main() -> None:
     Console(width=120).print(table)
     results = (RESULTS.with_name("agent_infer_spin_between_runs.json") if args.spin_between_runs
                else RESULTS.with_name("agent_infer_spin_after_run.json") if args.spin_after_run_us else RESULTS)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({
-        "benchmark": "agent_infer",
-        "cpu_count": os.cpu_count(),
-        "quick": args.quick,
-        "spin_between_runs": args.spin_between_runs,
-        "spin_after_run_us": args.spin_after_run_us,
-        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-        "duration_s_per_row": duration,
-        "target": {"wide_vs_raw": 0.8, "wide_b8_vs_raw": 0.7, "wide_b64_json_vs_raw": 0.5},
-        "rows": rows,
-    }, indent=2))
-
+    write_results(results, "agent_infer", rows, quick=args.quick, spin_between_runs=args.spin_between_runs,
+                  spin_after_run_us=args.spin_after_run_us, duration_s_per_row=duration,
+                  target={"wide_vs_raw": 0.8, "wide_b8_vs_raw": 0.7, "wide_b64_json_vs_raw": 0.5})
 
 if __name__ == "__main__":
     main()

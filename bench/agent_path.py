@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
 import tempfile
 import time
@@ -36,6 +34,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
+from bench.agent_common import write_results
 from edge_agent import http, httpserver, registry
 from edge_agent.runtime import onnx
 from edgeplane_proto import oip
@@ -151,15 +150,7 @@ def main() -> None:
         added = f"{r['added_warm_us']} / {r['added_after_run_us']}" if "added_warm_us" in r else ""
         table.add_row(r["path"], str(r["warm_us_p50"]), str(r["after_run_us_p50"]), f"{r['slower_after_run']:.2f}", added)
     Console(width=120).print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "agent_path",
-        "cpu_count": os.cpu_count(),
-        "rounds": rounds,
-        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-        "rows": rows,
-    }, indent=2))
-
+    write_results(RESULTS, "agent_path", rows, rounds=rounds)
 
 if __name__ == "__main__":
     main()

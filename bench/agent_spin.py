@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -32,7 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.agent_common import ControlPlaneAndAgent
+from bench.agent_common import ControlPlaneAndAgent, write_results
 from bench.agent_infer import _KeepAlive, raw_baseline
 from edgeplane_proto import oip
 from orchestrator.agents import model
@@ -147,17 +146,7 @@ def main() -> None:
         table.add_row(r["policy"], str(r["batch"]), pace, f"{r['per_s']:,}", str(r["p50_ms"]), str(r["cpu_ms_per_request"]),
                       f"{r['cpu_vs_default']:.2f}", f"{r['vs_raw']:.2f}" if "vs_raw" in r else "")
     Console(width=140).print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "agent_spin",
-        "cpu_count": os.cpu_count(),
-        "quick": args.quick,
-        "seconds_per_row": seconds,
-        "slices_per_row": rounds,
-        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-        "rows": rows,
-    }, indent=2))
-
+    write_results(RESULTS, "agent_spin", rows, quick=args.quick, seconds_per_row=seconds, slices_per_row=rounds)
 
 if __name__ == "__main__":
     main()
