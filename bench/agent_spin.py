@@ -13,7 +13,9 @@ back to back, requests a second against raw ``session.run`` of the same input in
 process (the faster of onnxruntime's defaults and the agent's session options), measured
 right before. The three agents run side by side and take turns in short slices of each
 row, so that they see the same minutes of a shared machine. The default policy is the
-baseline: the other rows say what the same traffic costs more and gains. Writes bench/results/agent_spin.json.
+baseline: the other rows say what the same traffic costs more and gains. First, with no
+agent: the CPU time of a bare ``session.run`` of batch 8, one every 20 ms, under each
+policy and a longer spin (what a spin costs after a run that nothing follows). Writes bench/results/agent_spin.json.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import urllib.parse
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
 from bench.agent_common import ControlPlaneAndAgent, write_results
 from bench.agent_infer import _KeepAlive, raw_baseline
+from edge_agent.runtime import onnx
 from edgeplane_proto import oip
 from orchestrator.agents import model
 from orchestrator.testing import onnx_models
@@ -73,6 +77,31 @@ async def paced(conn: _KeepAlive, pid: int, rate: float | None, seconds: float) 
     return latencies, time.perf_counter() - start, cpu_seconds(pid) - cpu_before
 
 
+BARE_POLICIES = (("sleep after a run (default)", {}), ("spin 250 us", {"spin_after_run_us": 250}),
+                 ("spin 2,000 us", {"spin_after_run_us": 2000}), ("onnxruntime's default", {"spin_between_runs": True}))
+
+
+def bare_runs(path: Path, runs: int = 50, gap: float = 0.02) -> list[dict]:
+    """CPU time per ``session.run`` of batch 8 in this process, one every ``gap`` seconds."""
+    x = np.random.default_rng(8).standard_normal((8, 1024)).astype(np.float32)
+    rows = []
+    for label, policy in BARE_POLICIES:
+        session = ort.InferenceSession(path.read_bytes(), onnx.session_options(**policy), providers=["CPUExecutionProvider"])
+        for _ in range(20):
+            session.run(None, {"input": x})
+        time.sleep(0.2)  # the warm-up's spinning ends
+        cpu_before, run_s = time.process_time(), 0.0
+        for _ in range(runs):
+            started = time.perf_counter()
+            session.run(None, {"input": x})
+            run_s += time.perf_counter() - started
+            time.sleep(gap)  # a caller that waits between requests
+        time.sleep(0.1)  # the last run's spinning, counted
+        rows.append({"policy": label, "cpu_ms_per_run": round((time.process_time() - cpu_before) / runs * 1000, 3),
+                     "run_ms": round(run_s / runs * 1000, 3)})
+    return rows
+
+
 def _request(url: str, x: np.ndarray) -> bytes:
     body, header = oip.encode_request({"input": x}, binary=True)
     return (f"POST /v2/models/wide/infer HTTP/1.1\r\nHost: {urllib.parse.urlsplit(url).netloc}\r\n"
@@ -80,13 +109,14 @@ def _request(url: str, x: np.ndarray) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-async def run(batches: tuple[int, ...], seconds: float, rounds: int) -> list[dict]:
+async def run(batches: tuple[int, ...], seconds: float, rounds: int) -> tuple[list[dict], list[dict]]:
     """Every policy's agent runs at once; each (batch, pace) cell is measured in ``rounds``
     slices per policy, the policies taking turns, so that all see the same minutes."""
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         wide = onnx_models.build_mlp(root / "wide.onnx", in_dim=1024, hidden=1024, out_dim=16, layers=4, softmax=False)
+        bare = bare_runs(wide.path)
         rigs = [ControlPlaneAndAgent(root / f"agent-{i}", extra=flags) for i, (_, flags) in enumerate(POLICIES)]
         try:
             for i, rig in enumerate(rigs):
@@ -129,7 +159,7 @@ async def run(batches: tuple[int, ...], seconds: float, rounds: int) -> list[dic
     for row in rows:
         base = next(r for r in rows if r["policy"] == POLICIES[0][0] and r["batch"] == row["batch"] and r["rate"] == row["rate"])
         row["cpu_vs_default"] = round(row["cpu_ms_per_request"] / base["cpu_ms_per_request"], 2)
-    return rows
+    return bare, rows
 
 
 def main() -> None:
@@ -137,7 +167,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 24 only, shorter steps (about 40 s)")
     args = parser.parse_args()
     batches, seconds, rounds = ((24,), 3.0, 3) if args.quick else ((8, 24, 64), 8.0, 4)
-    rows = asyncio.run(run(batches, seconds, rounds))
+    bare, rows = asyncio.run(run(batches, seconds, rounds))
+    bare_table = Table(title="a bare session.run of batch 8 every 20 ms, CPU per run by thread policy")
+    for col in ["policy", "CPU ms / run", "run ms"]:
+        bare_table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in bare:
+        bare_table.add_row(r["policy"], str(r["cpu_ms_per_run"]), str(r["run_ms"]))
+    Console(width=140).print(bare_table)
     table = Table(title=f"the agent's CPU and latency per request by thread policy, wide model ({os.cpu_count()} cores)")
     for col in ["policy", "batch", "pace", "req/s", "p50 ms", "CPU ms / req", "x default's CPU", "x raw"]:
         table.add_column(col, justify="left" if col in ("policy", "pace") else "right")
@@ -146,7 +182,8 @@ def main() -> None:
         table.add_row(r["policy"], str(r["batch"]), pace, f"{r['per_s']:,}", str(r["p50_ms"]), str(r["cpu_ms_per_request"]),
                       f"{r['cpu_vs_default']:.2f}", f"{r['vs_raw']:.2f}" if "vs_raw" in r else "")
     Console(width=140).print(table)
-    write_results(RESULTS, "agent_spin", rows, quick=args.quick, seconds_per_row=seconds, slices_per_row=rounds)
+    write_results(RESULTS, "agent_spin", rows, quick=args.quick, seconds_per_row=seconds, slices_per_row=rounds,
+                  bare_session_every_20ms=bare)
 
 if __name__ == "__main__":
     main()

@@ -170,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
     spin.add_argument("--spin-after-run-us", type=_count(0, MAX_SPIN_AFTER_RUN_US), default=0, metavar="US",
                       help="let onnxruntime's idle threads spin this long after a run before they sleep: a request "
                            "that follows within it skips their wake-up (faster answers to back-to-back requests), "
-                           "for about twice US of CPU per thread after a request nobody follows "
+                           "for up to about twice US of CPU per thread after a request nobody follows "
                            "(0 = they sleep when the run ends; docs/agent.md) [0]")
     spin.add_argument("--spin-between-runs", action="store_true",
                       help="let onnxruntime's idle threads spin-wait after each run as long as its default does "

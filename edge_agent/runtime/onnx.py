@@ -102,8 +102,9 @@ def session_options(intra_op_threads: int = 0, *, spin_between_runs: bool = Fals
     The thread policy comes from :func:`spin_entries`. Measured with the wide model
     (docs/agent.md): back to back, onnxruntime's default gave batch 8 0.60x raw against
     0.42x and batch 64 0.88x against 0.75x, but kept 22 % of a core busy at 5 requests a
-    second against 1.5 %, and 97 % against 6 % at 19 a second; a 250 us spin gave half to
-    two thirds of that gain for 5-20 % more CPU per request (``bench.agent_spin``)."""
+    second against 1.5 %, and 97 % against 6 % at 19 a second; a 250 us spin gave most of
+    that gain on runs under a millisecond for up to 30 % more CPU per request
+    (``bench.agent_spin``)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
