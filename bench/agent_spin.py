@@ -8,14 +8,15 @@ a steady pace (5, 50 and 200 requests a second) and back to back. Policies: the 
 (idle intra-op threads sleep when a run ends), ``--spin-after-run-us 250`` (they spin
 250 us first) and ``--spin-between-runs`` (onnxruntime's own default: they spin for
 milliseconds). For each: the agent process's CPU time per request (all its threads, from
-/proc/PID/task/*/schedstat; heartbeats and the event loop included), the answer's p50 latency at the client, and
-back to back, requests a second against raw ``session.run`` of the same input in this
-process (the faster of onnxruntime's defaults and the agent's session options), measured
-right before. The three agents run side by side and take turns in short slices of each
-row, so that they see the same minutes of a shared machine. The default policy is the
-baseline: the other rows say what the same traffic costs more and gains. First, with no
-agent: the CPU time of a bare ``session.run`` of batch 8, one every 20 ms, under each
-policy and a longer spin (what a spin costs after a run that nothing follows). Writes bench/results/agent_spin.json.
+/proc/PID/task/*/schedstat; heartbeats and the event loop included), the answer's p50
+latency at the client, and back to back, requests a second against raw ``session.run``
+of the same input in this process (the faster of onnxruntime's defaults and the agent's
+session options), measured right before. The three agents run side by side and take
+turns in short slices of each row, so that they see the same minutes of a shared machine.
+The default policy is the baseline: the other rows say what the same traffic costs more
+and gains. First, with no agent: the CPU time of a bare ``session.run`` of batch 8, one
+every 20 ms, under each policy and a longer spin (what a spin costs after a run that
+nothing follows). Writes bench/results/agent_spin.json.
 """
 
 from __future__ import annotations
