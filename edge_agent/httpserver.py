@@ -245,10 +245,6 @@ def _error(status: int, message: str) -> Response:
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-#: Bytes of a request target that make it more than a plain path: a query, a fragment, a
-#: percent-escape (a target that is not a path, such as an absolute URI, starts otherwise).
-_URL_SPECIALS = frozenset(b"?#%")
-
 
 class _Refused(Exception):
     def __init__(self, response: Response) -> None:
@@ -402,7 +398,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_message_complete(self) -> None:
         url = bytes(self._url)
-        if url[:1] == b"/" and not _URL_SPECIALS.intersection(url):  # a plain path: nothing to split or decode
+        if url[:1] == b"/" and b"?" not in url and b"%" not in url and b"#" not in url:  # a plain path: taken as it is
             path, query = url.decode("latin-1"), ""
         else:
             try:

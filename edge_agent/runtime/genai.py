@@ -190,7 +190,7 @@ class GenAIModel:
         try:
             config = og.Config(str(directory))
             entries = onnx.spin_entries(spin_between_runs, spin_after_run_us)
-            if entries:  # between steps and sequences the callers need the cores
+            if entries:  # none: onnxruntime's own thread policy, as the package has it
                 config.overlay(json.dumps({"model": {"decoder": {"session_options": entries}}}))
             config.clear_providers()
             if cuda:

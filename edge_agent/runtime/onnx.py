@@ -8,7 +8,7 @@ bad request is a clear 400 and never a native error.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,10 +173,10 @@ class OnnxModel:
             )
         return list(requested)
 
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        """``feeds`` as :meth:`feeds` makes them, ``outputs`` as :meth:`output_names` does."""
         try:
-            return self._session.run(outputs if isinstance(outputs, list) else list(outputs),
-                                     feeds if isinstance(feeds, dict) else dict(feeds))
+            return self._session.run(outputs, feeds)
         except Exception as exc:  # shape errors deeper in the graph, e.g. broadcasting
             raise errors.InvalidInput(f"model rejected the input: {_short(exc)}") from exc
 
