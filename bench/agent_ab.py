@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,7 @@ import onnxruntime as ort
 
 from bench.agent_common import ControlPlaneAndAgent
 from edge_agent.runtime import onnx
-from bench.agent_infer import _KeepAlive
-from edgeplane_proto import oip
+from bench.agent_infer import _KeepAlive, infer_request
 from orchestrator.agents import model
 from orchestrator.testing import onnx_models
 
@@ -76,10 +74,7 @@ def _parse_case(case: str) -> tuple[bool, int, int]:
 
 
 async def _open(url: str, x: np.ndarray, binary: bool, concurrency: int) -> list[_KeepAlive]:
-    body, header = oip.encode_request({"input": x}, binary=binary)
-    extra = f"{oip.BINARY_HEADER}: {header}\r\n" if header is not None else ""
-    request = (f"POST /v2/models/wide/infer HTTP/1.1\r\nHost: {urllib.parse.urlsplit(url).netloc}\r\n"
-               f"Content-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
+    request = infer_request(url, "wide", x, binary)
     conns = [await _KeepAlive.open(url, request) for _ in range(concurrency)]
     for conn in conns:
         for _ in range(10):
@@ -166,6 +161,8 @@ def main() -> None:
     parser.add_argument("--slice", type=float, default=0.4, help="seconds per agent slice")
     parser.add_argument("--quick", action="store_true", help="6 rounds")
     args = parser.parse_args()
+    if Path(args.before).resolve() == Path(args.after).resolve():
+        parser.error(f"before and after are the same tree ({args.after}): compare two different source trees")
     rounds = 6 if args.quick else args.rounds
     load_before = os.getloadavg()
     rows = asyncio.run(run([args.before, args.after], args.cases.split(","), rounds, args.slice))

@@ -3,14 +3,18 @@
     .venv/bin/python -m bench.agent_infer [--quick]
 
 Models (built on the spot): ``wide`` = MLP 1024 -> 1024 x3 -> 16, called with batches of
-8, 24, 64 and 256 rows (runs of about 0.4, 1, 2.5 and 10 ms on an idle 2-core machine) and ``tiny`` = MLP 8 -> 16 -> 4 (run time in microseconds: the
-result is the agent's per-request overhead). The raw baseline runs the same ONNX bytes
-in this process, sequentially, right before the agent rows of the same case, and keeps the
-faster of onnxruntime's defaults and the agent's session options. The agent is a
+8, 12, 24, 32, 64 and 256 rows (runs of about 0.3, 0.5, 0.9, 1.3, 2.1 and 8.4 ms on this
+2-core machine) and ``tiny`` = MLP 8 -> 16 -> 4 (run time in microseconds: the result is
+the agent's per-request overhead). The raw baseline runs the same ONNX bytes in this
+process and keeps the faster of onnxruntime's defaults and the agent's session options.
+The paths of a case (raw, floor, agent) take turns: each is timed in 5 slices of a second
+(a fifth of its row's time), in a rotating order, so every ratio compares the same minutes
+of a machine whose speed drifts by more than the differences measured. The agent is a
 subprocess joined to a control plane in this process and is called over raw keep-alive
-HTTP/1.1 with a pre-encoded request (the cheapest client, so the client is not what is
-measured), one request at a time (latency) and with 4 in flight (throughput). The client
-shares the machine's cores with the agent, as a co-located caller would.
+HTTP/1.1 with a pre-encoded request (the cheapest clients, so the client is not what is
+measured): one request at a time over a blocking socket (latency), 4 in flight on asyncio
+streams (throughput). The client shares the machine's cores with the agent, as a
+co-located caller would.
 
 *floor* rows: the same ``session.run`` behind the least an HTTP server can be: a process
 with one blocking socket that reads a request by its Content-Length, views the body's last
@@ -33,6 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,30 +67,23 @@ def _stats(latencies: list[float], wall: float) -> dict:
 
 def raw_baseline(path: Path, x: np.ndarray, duration: float) -> dict:
     """The faster of onnxruntime's defaults (intra-op threads = cores, idle threads spin)
-    and the agent's session options (one inter-op thread, quiet logs): the baseline is
-    raw's best case."""
-    runs = [_raw_run(path, x, duration, options) for options in (ort.SessionOptions(), onnx.session_options())]
-    best = max(runs, key=lambda r: r["per_s"])
-    return {**best, "raw_per_s_defaults": runs[0]["per_s"], "raw_per_s_agent_options": runs[1]["per_s"]}
+    and the agent's session options (one inter-op thread, quiet logs), each run back to
+    back for ``duration``: the baseline is raw's best case."""
+    raws = [_Raw(path, x, options) for options in (ort.SessionOptions(), onnx.session_options())]
+    for raw in raws:
+        raw.run_for(duration)
+    return _best_raw(raws)
 
 
-def _raw_run(path: Path, x: np.ndarray, duration: float, options: ort.SessionOptions) -> dict:
-    session = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
-    feeds = {"input": x}
-    for _ in range(20):
-        session.run(None, feeds)
-    latencies = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < duration:
-        t = time.perf_counter()
-        session.run(None, feeds)
-        latencies.append(time.perf_counter() - t)
-    return _stats(latencies, time.perf_counter() - start)
+def _best_raw(raws: Sequence[_Raw]) -> dict:
+    measured = [r.stats() for r in raws]
+    return {**max(measured, key=lambda r: r["per_s"]),
+            "raw_per_s_defaults": measured[0]["per_s"], "raw_per_s_agent_options": measured[1]["per_s"]}
 
 
 class _KeepAlive:
-    """One keep-alive HTTP/1.1 connection sending a pre-encoded request: the cheapest client
-    Python offers (no per-request header building or parsing beyond Content-Length), so
+    """One keep-alive HTTP/1.1 connection sending a pre-encoded request: the cheapest asyncio
+    client (no per-request header building or parsing beyond Content-Length), so
     the client's own cost is a small part of what is measured."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
@@ -116,35 +114,175 @@ class _KeepAlive:
         self._writer.close()
 
 
-async def through_agent(url: str, name: str, x: np.ndarray, binary: bool, concurrency: int, duration: float) -> dict:
-    body, header = oip.encode_request({"input": x}, binary=binary)
-    host = urllib.parse.urlsplit(url).netloc
-    extra = f"{oip.BINARY_HEADER}: {header}\r\n" if header is not None else ""
-    ctype = "application/octet-stream" if binary else "application/json"
-    request = (
-        f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
-        f"{extra}Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    latencies: list[float] = []
-    conns = [await _KeepAlive.open(url, request) for _ in range(concurrency)]
-    try:
+class _Blocking:
+    """The same request over one blocking socket, for one request at a time: no event loop
+    between the socket and the caller, about 30 us less per request than ``_KeepAlive``
+    here (the floor server answering the tiny model: 0.103 against 0.135 ms p50)."""
+
+    def __init__(self, url: str, request: bytes) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self._sock = socket.create_connection((parts.hostname, parts.port))
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._request = request
+        self._buffer = bytearray(1 << 22)
+        self._view = memoryview(self._buffer)
+
+    def call(self) -> None:
+        self._sock.sendall(self._request)
+        got = 0
+        end = -1
+        while end < 0:
+            got += self._receive(got)
+            end = self._buffer.find(b"\r\n\r\n", 0, got)
+        head = bytes(self._buffer[:end]).lower()
+        at = head.find(b"\r\ncontent-length:")
+        length = int(head[at + 17:].split(b"\r\n", 1)[0]) if at >= 0 else 0
+        while got < end + 4 + length:
+            got += self._receive(got)
+        if head[9:12] != b"200":
+            raise RuntimeError(f"HTTP {head[9:12].decode()}: {bytes(self._buffer[end + 4:got])[:200]!r}")
+
+    def _receive(self, at: int) -> int:
+        if at == len(self._buffer):
+            raise RuntimeError("answer larger than the client's buffer")
+        n = self._sock.recv_into(self._view[at:])
+        if n == 0:
+            raise RuntimeError("the server closed the connection")
+        return n
+
+    def close(self) -> None:
+        self._view.release()
+        self._sock.close()
+
+
+def _timed(call: Callable[[], object], seconds: float, latencies: list[float]) -> float:
+    """Call ``call`` back to back for ``seconds``, each call's latency into ``latencies``;
+    the wall time taken."""
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - t)
+    return time.perf_counter() - start
+
+
+class _Path:
+    """One measured path of a case, timed in slices that take turns with the case's other
+    paths (:func:`_take_turns`); its statistics are over all its slices."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.wall = 0.0
+
+    async def slice(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return _stats(self.latencies, self.wall)
+
+    def close(self) -> None:
+        pass
+
+
+class _Raw(_Path):
+    """``session.run`` in this process with ``options`` (it holds the event loop meanwhile)."""
+
+    def __init__(self, path: Path, x: np.ndarray, options: ort.SessionOptions) -> None:
+        super().__init__()
+        self._session = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
+        self._feeds = {"input": x}
+        for _ in range(20):
+            self._session.run(None, self._feeds)
+
+    def run_for(self, seconds: float) -> None:
+        self.wall += _timed(lambda: self._session.run(None, self._feeds), seconds, self.latencies)
+
+    async def slice(self, seconds: float) -> None:
+        self.run_for(seconds)
+
+
+class _OneAtATime(_Path):
+    """One request at a time over a blocking socket (``_Blocking``), in a thread."""
+
+    def __init__(self, url: str, request: bytes) -> None:
+        super().__init__()
+        self._client = _Blocking(url, request)
+        for _ in range(10):
+            self._client.call()
+
+    async def slice(self, seconds: float) -> None:
+        self.wall += await asyncio.to_thread(_timed, self._client.call, seconds, self.latencies)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _InFlight(_Path):
+    """Several keep-alive connections on this event loop, each sending its next request as
+    soon as its answer is in (``_KeepAlive``)."""
+
+    def __init__(self, conns: list[_KeepAlive]) -> None:
+        super().__init__()
+        self._conns = conns
+
+    @classmethod
+    async def open(cls, url: str, request: bytes, concurrency: int) -> _InFlight:
+        conns = [await _KeepAlive.open(url, request) for _ in range(concurrency)]
         for conn in conns:
             for _ in range(10):
                 await conn.call()
-        deadline = time.perf_counter() + duration
+        return cls(conns)
+
+    async def slice(self, seconds: float) -> None:
+        deadline = time.perf_counter() + seconds
 
         async def worker(conn: _KeepAlive) -> None:
             while time.perf_counter() < deadline:
                 t = time.perf_counter()
                 await conn.call()
-                latencies.append(time.perf_counter() - t)
+                self.latencies.append(time.perf_counter() - t)
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker(c) for c in conns))
-        return _stats(latencies, time.perf_counter() - start)
-    finally:
-        for conn in conns:
+        await asyncio.gather(*(worker(c) for c in self._conns))
+        self.wall += time.perf_counter() - start
+
+    def close(self) -> None:
+        for conn in self._conns:
             conn.close()
+
+
+def infer_request(url: str, name: str, x: np.ndarray, binary: bool) -> bytes:
+    """The whole HTTP/1.1 request (head and v2 body) that infers ``x`` on ``name``."""
+    body, header = oip.encode_request({"input": x}, binary=binary)
+    host = urllib.parse.urlsplit(url).netloc
+    extra = f"{oip.BINARY_HEADER}: {header}\r\n" if header is not None else ""
+    ctype = "application/octet-stream" if binary else "application/json"
+    return (
+        f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def open_path(url: str, name: str, x: np.ndarray, binary: bool, concurrency: int) -> _Path:
+    request = infer_request(url, name, x, binary)
+    if concurrency == 1:
+        return await asyncio.to_thread(_OneAtATime, url, request)
+    return await _InFlight.open(url, request, concurrency)
+
+
+#: A case's paths take turns in this many slices each (3 with ``--quick``), in a rotating
+#: order, with a pause between slices (idle threads of the raw session spin for a while after
+#: it).
+ROUNDS = 5
+PAUSE_S = 0.05
+
+
+async def _take_turns(paths: Sequence[_Path], duration: float, rounds: int) -> None:
+    for turn in range(rounds):
+        for i in range(len(paths)):
+            await paths[(turn + i) % len(paths)].slice(duration / rounds)
+            await asyncio.sleep(PAUSE_S)
 
 
 FLOOR_SERVER = """
@@ -184,32 +322,81 @@ while True:
 """
 
 
-async def through_floor(path: Path, x: np.ndarray, duration: float, spin: bool, spin_us: int) -> dict:
+async def start_floor(path: Path, x: np.ndarray, spin: bool, spin_us: int) -> tuple[asyncio.subprocess.Process, str]:
     """``session.run`` behind the least an HTTP server can be (see the module docstring),
-    with the agent's session options."""
+    with the agent's session options: the process and its URL."""
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOR_SERVER, str(path), str(x.shape[0]), str(x.shape[1]),
                                                 "1" if spin else "0", str(spin_us), stdout=subprocess.PIPE)
+    assert proc.stdout is not None
     try:
-        assert proc.stdout is not None
         port = int((await asyncio.wait_for(proc.stdout.readline(), 60)).decode())
-        return await through_agent(f"http://127.0.0.1:{port}", "floor", x, True, 1, duration)
-    finally:
+    except BaseException:
         proc.kill()
         await proc.wait()
+        raise
+    return proc, f"http://127.0.0.1:{port}"
 
 
-async def run(duration: float, spin: bool = False, spin_us: int = 0) -> list[dict]:
+async def _case(url: str, label: str, name: str, path: Path, x: np.ndarray, encodings: tuple[bool, ...],
+                duration: float, rounds: int, spin: bool, spin_us: int) -> list[dict]:
+    """The rows of one case: raw (the faster of onnxruntime's defaults and the agent's
+    session options), the floor (binary cases) and the agent, taking turns."""
+    raws = [_Raw(path, x, ort.SessionOptions()), _Raw(path, x, onnx.session_options())]
+    floor_proc = floor_path = None
+    paths: list[_Path] = list(raws)
+    agent: dict[tuple[bool, int], _Path] = {}
+    try:
+        if True in encodings:
+            floor_proc, floor_url = await start_floor(path, x, spin, spin_us)
+            floor_path = await open_path(floor_url, "floor", x, True, 1)
+            paths.append(floor_path)
+        for binary in encodings:
+            for concurrency in (1, 4):
+                agent[binary, concurrency] = await open_path(url, name, x, binary, concurrency)
+        paths += agent.values()
+        await _take_turns(paths, duration, rounds)
+    finally:
+        for opened in paths:
+            opened.close()
+        if floor_proc is not None:
+            floor_proc.kill()
+            await floor_proc.wait()
+    base = _best_raw(raws)
+    rows = [{"model": label, "path": "raw session.run", "concurrency": 1, **base, "vs_raw": 1.0}]
+    floor = floor_path.stats() if floor_path is not None else None
+    if floor is not None:
+        rows.append({"model": label, "path": "floor: minimal socket server", "concurrency": 1, **floor,
+                     "vs_raw": round(floor["per_s"] / base["per_s"], 3),
+                     "overhead_ms_p50": round(floor["p50_ms"] - base["p50_ms"], 3)})
+    for (binary, concurrency), measured_path in agent.items():
+        got = measured_path.stats()
+        rows.append({
+            "model": label,
+            "path": f"agent HTTP v2 {'binary' if binary else 'JSON'}",
+            "concurrency": concurrency,
+            **got,
+            "vs_raw": round(got["per_s"] / base["per_s"], 3),
+            "overhead_ms_p50": round(got["p50_ms"] - base["p50_ms"], 3),
+            **({"vs_floor": round(got["per_s"] / floor["per_s"], 3)} if floor and concurrency == 1 else {}),
+        })
+    return rows
+
+
+async def run(duration: float, rounds: int, spin: bool = False, spin_us: int = 0) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         wide = onnx_models.build_mlp(root / "wide.onnx", in_dim=1024, hidden=1024, out_dim=16, layers=4, softmax=False)
         tiny = onnx_models.build_mlp(root / "tiny.onnx")
         rng = np.random.default_rng(0)
-        # (label, served model, its file, input, encodings): one wide model at four batch
-        # sizes gives runs of about 0.4, 1, 2.5 and 10 ms on this machine.
+        # (label, served model, its file, input, encodings): one wide model at six batch
+        # sizes gives runs of about 0.3, 0.5, 0.9, 1.3, 2.1 and 8.4 ms on this machine (in its
+        # slower phases; 0.5 ms was batch 24 in faster ones).
         cases = [
             ("wide b8", "wide", wide, rng.standard_normal((8, 1024)).astype(np.float32), (True,)),
+            ("wide b12", "wide", wide, rng.standard_normal((12, 1024)).astype(np.float32), (True,)),
             ("wide b24", "wide", wide, rng.standard_normal((24, 1024)).astype(np.float32), (True,)),
+            ("wide b32", "wide", wide, rng.standard_normal((32, 1024)).astype(np.float32), (True,)),
             ("wide b64", "wide", wide, rng.standard_normal((64, 1024)).astype(np.float32), (True, False)),
             ("wide b256", "wide", wide, rng.standard_normal((256, 1024)).astype(np.float32), (True,)),
             ("tiny", "tiny", tiny, rng.standard_normal((1, 8)).astype(np.float32), (True, False)),
@@ -223,27 +410,7 @@ async def run(duration: float, spin: bool = False, spin_us: int = 0) -> list[dic
                 ["wide", "tiny"],
             )
             for label, name, built, x, encodings in cases:
-                # Measured right before its agent rows (the agent idles meanwhile), so both
-                # see the same background load on a shared machine.
-                base = raw_baseline(built.path, x, duration)
-                rows.append({"model": label, "path": "raw session.run", "concurrency": 1, **base, "vs_raw": 1.0})
-                floor = await through_floor(built.path, x, duration, spin, spin_us) if True in encodings else None
-                if floor is not None:
-                    rows.append({"model": label, "path": "floor: minimal socket server", "concurrency": 1, **floor,
-                                 "vs_raw": round(floor["per_s"] / base["per_s"], 3),
-                                 "overhead_ms_p50": round(floor["p50_ms"] - base["p50_ms"], 3)})
-                for binary in encodings:
-                    for concurrency in (1, 4):
-                        got = await through_agent(rig.url, name, x, binary, concurrency, duration)
-                        rows.append({
-                            "model": label,
-                            "path": f"agent HTTP v2 {'binary' if binary else 'JSON'}",
-                            "concurrency": concurrency,
-                            **got,
-                            "vs_raw": round(got["per_s"] / base["per_s"], 3),
-                            "overhead_ms_p50": round(got["p50_ms"] - base["p50_ms"], 3),
-                            **({"vs_floor": round(got["per_s"] / floor["per_s"], 3)} if floor and concurrency == 1 else {}),
-                        })
+                rows += await _case(rig.url, label, name, built.path, x, encodings, duration, rounds, spin, spin_us)
         finally:
             await rig.stop()
     return rows
@@ -257,8 +424,8 @@ def main() -> None:
     spin.add_argument("--spin-after-run-us", type=int, default=0, metavar="US",
                       help="run the agent (and the floor) with that option")
     args = parser.parse_args()
-    duration = 1.5 if args.quick else 5.0
-    rows = asyncio.run(run(duration, args.spin_between_runs, args.spin_after_run_us))
+    duration, rounds = (1.5, 3) if args.quick else (5.0, ROUNDS)
+    rows = asyncio.run(run(duration, rounds, args.spin_between_runs, args.spin_after_run_us))
     spinning = (", --spin-between-runs" if args.spin_between_runs
                 else f", --spin-after-run-us {args.spin_after_run_us}" if args.spin_after_run_us else "")
     table = Table(title=f"v2 inference through the agent vs raw session.run ({os.cpu_count()} cores{spinning})")
@@ -272,7 +439,10 @@ def main() -> None:
                else RESULTS.with_name("agent_infer_spin_after_run.json") if args.spin_after_run_us else RESULTS)
     write_results(results, "agent_infer", rows, quick=args.quick, spin_between_runs=args.spin_between_runs,
                   spin_after_run_us=args.spin_after_run_us, duration_s_per_row=duration,
-                  target={"wide_vs_raw": 0.8, "wide_b8_vs_raw": 0.7, "wide_b64_json_vs_raw": 0.5})
+                  slices_per_row=rounds,
+                  clients={"one at a time": "blocking socket", "4 in flight": "asyncio streams"},
+                  target={"binary_one_at_a_time_vs_raw": {"raw_p50_about_0.5_ms": 0.7, "raw_p50_1_ms_or_more": 0.8},
+                          "wide_b64_json_vs_raw": 0.5})
 
 if __name__ == "__main__":
     main()

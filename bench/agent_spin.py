@@ -27,7 +27,6 @@ import os
 import statistics
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.agent_common import ControlPlaneAndAgent, write_results
-from bench.agent_infer import _KeepAlive, raw_baseline
+from bench.agent_infer import _KeepAlive, infer_request, raw_baseline
 from edge_agent.runtime import onnx
-from edgeplane_proto import oip
 from orchestrator.agents import model
 from orchestrator.testing import onnx_models
 
@@ -103,13 +101,6 @@ def bare_runs(path: Path, runs: int = 50, gap: float = 0.02) -> list[dict]:
     return rows
 
 
-def _request(url: str, x: np.ndarray) -> bytes:
-    body, header = oip.encode_request({"input": x}, binary=True)
-    return (f"POST /v2/models/wide/infer HTTP/1.1\r\nHost: {urllib.parse.urlsplit(url).netloc}\r\n"
-            f"Content-Type: application/octet-stream\r\n{oip.BINARY_HEADER}: {header}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
 async def run(batches: tuple[int, ...], seconds: float, rounds: int) -> tuple[list[dict], list[dict]]:
     """Every policy's agent runs at once; each (batch, pace) cell is measured in ``rounds``
     slices per policy, the policies taking turns, so that all see the same minutes."""
@@ -125,7 +116,7 @@ async def run(batches: tuple[int, ...], seconds: float, rounds: int) -> tuple[li
                 await rig.assign([model.Assignment("wide", "wide", "cpu", wide.path.as_uri(), wide.sha256)], ["wide"])
             for batch in batches:
                 x = np.random.default_rng(batch).standard_normal((batch, 1024)).astype(np.float32)
-                conns = [await _KeepAlive.open(rig.url, _request(rig.url, x)) for rig in rigs]
+                conns = [await _KeepAlive.open(rig.url, infer_request(rig.url, "wide", x, True)) for rig in rigs]
                 try:
                     for conn in conns:
                         for _ in range(20):
