@@ -21,48 +21,19 @@ import os
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from bench.agent_common import ControlPlaneAndAgent
+from bench.agent_infer import InFlight, Raw, infer_request
 from edge_agent.runtime import onnx
-from bench.agent_infer import _KeepAlive, infer_request
 from orchestrator.agents import model
 from orchestrator.testing import onnx_models
 
 RESULTS = Path(__file__).parent / "results" / "agent_ab.json"
 DEFAULT_CASES = "j64c1,j64c4,b8c1,b24c1"
-
-
-def _raw_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
-
-
-def _raw_slice(session: ort.InferenceSession, x: np.ndarray, seconds: float) -> float:
-    n = 0
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        session.run(None, {"input": x})
-        n += 1
-    return n / (time.perf_counter() - start)
-
-
-async def _agent_slice(conns: list[_KeepAlive], seconds: float) -> float:
-    n = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker(conn: _KeepAlive) -> None:
-        nonlocal n
-        while time.perf_counter() < deadline:
-            await conn.call()
-            n += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in conns))
-    return n / (time.perf_counter() - start)
 
 
 def _parse_case(case: str) -> tuple[bool, int, int]:
@@ -73,22 +44,11 @@ def _parse_case(case: str) -> tuple[bool, int, int]:
     return case[0] == "b", int(batch), int(concurrency)
 
 
-async def _open(url: str, x: np.ndarray, binary: bool, concurrency: int) -> list[_KeepAlive]:
-    request = infer_request(url, "wide", x, binary)
-    conns = [await _KeepAlive.open(url, request) for _ in range(concurrency)]
-    for conn in conns:
-        for _ in range(10):
-            await conn.call()
-    return conns
-
-
 async def run(trees: list[str], cases: list[str], rounds: int, seconds: float) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         wide = onnx_models.build_mlp(root / "wide.onnx", in_dim=1024, hidden=1024, out_dim=16, layers=4, softmax=False)
-        raws = {name: _raw_session(wide.path, options)
-                for name, options in (("defaults", ort.SessionOptions()), ("agent", onnx.session_options()))}
         rigs: dict[str, ControlPlaneAndAgent] = {}
         saved = os.environ.get("PYTHONPATH")
         try:
@@ -108,7 +68,10 @@ async def run(trees: list[str], cases: list[str], rounds: int, seconds: float) -
             for case in cases:
                 binary, batch, concurrency = _parse_case(case)
                 x = rng.standard_normal((batch, 1024)).astype(np.float32)
-                conns = {tree: await _open(rig.url, x, binary, concurrency) for tree, rig in rigs.items()}
+                # raw: onnxruntime's defaults and the agent's options, the faster kept per round
+                raws = [Raw(wide.path, x, options) for options in (ort.SessionOptions(), onnx.session_options())]
+                agents = {tree: await InFlight.open(rig.url, infer_request(rig.url, "wide", x, binary), concurrency)
+                          for tree, rig in rigs.items()}
                 items = ["raw", *trees]
                 raw_rates: list[float] = []
                 ratios: dict[str, list[float]] = {tree: [] for tree in trees}
@@ -117,9 +80,9 @@ async def run(trees: list[str], cases: list[str], rounds: int, seconds: float) -
                     got: dict[str, float] = {}
                     for item in order:
                         if item == "raw":
-                            got[item] = max(_raw_slice(s, x, seconds / 2) for s in raws.values())
+                            got[item] = max([await raw.slice(seconds / 2) for raw in raws])
                         else:
-                            got[item] = await _agent_slice(conns[item], seconds)
+                            got[item] = await agents[item].slice(seconds)
                     raw_rates.append(got["raw"])
                     for tree in trees:
                         ratios[tree].append(got[tree] / got["raw"])
@@ -130,9 +93,8 @@ async def run(trees: list[str], cases: list[str], rounds: int, seconds: float) -
                                  "vs_raw_q1": round(q[0], 3), "vs_raw_q3": round(q[2], 3), "rounds": rounds})
                     print(f"{case:7} {tree:40} raw {statistics.median(raw_rates):8.1f}/s  x raw median "
                           f"{statistics.median(ratios[tree]):.2f} (quartiles {q[0]:.2f}-{q[2]:.2f})", flush=True)
-                for cs in conns.values():
-                    for conn in cs:
-                        conn.close()
+                for agent in agents.values():
+                    agent.close()
         finally:
             for rig in rigs.values():
                 await rig.stop()

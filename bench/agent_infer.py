@@ -69,19 +69,19 @@ def raw_baseline(path: Path, x: np.ndarray, duration: float) -> dict:
     """The faster of onnxruntime's defaults (intra-op threads = cores, idle threads spin)
     and the agent's session options (one inter-op thread, quiet logs), each run back to
     back for ``duration``: the baseline is raw's best case."""
-    raws = [_Raw(path, x, options) for options in (ort.SessionOptions(), onnx.session_options())]
+    raws = [Raw(path, x, options) for options in (ort.SessionOptions(), onnx.session_options())]
     for raw in raws:
         raw.run_for(duration)
     return _best_raw(raws)
 
 
-def _best_raw(raws: Sequence[_Raw]) -> dict:
+def _best_raw(raws: Sequence[Raw]) -> dict:
     measured = [r.stats() for r in raws]
     return {**max(measured, key=lambda r: r["per_s"]),
             "raw_per_s_defaults": measured[0]["per_s"], "raw_per_s_agent_options": measured[1]["per_s"]}
 
 
-class _KeepAlive:
+class KeepAlive:
     """One keep-alive HTTP/1.1 connection sending a pre-encoded request: the cheapest asyncio
     client (no per-request header building or parsing beyond Content-Length), so
     the client's own cost is a small part of what is measured."""
@@ -90,7 +90,7 @@ class _KeepAlive:
         self._reader, self._writer, self._request = reader, writer, request
 
     @classmethod
-    async def open(cls, url: str, request: bytes) -> _KeepAlive:
+    async def open(cls, url: str, request: bytes) -> KeepAlive:
         parts = urllib.parse.urlsplit(url)
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         sock = writer.get_extra_info("socket")
@@ -116,7 +116,7 @@ class _KeepAlive:
 
 class _Blocking:
     """The same request over one blocking socket, for one request at a time: no event loop
-    between the socket and the caller, about 30 us less per request than ``_KeepAlive``
+    between the socket and the caller, about 30 us less per request than ``KeepAlive``
     here (the floor server answering the tiny model: 0.103 against 0.135 ms p50)."""
 
     def __init__(self, url: str, request: bytes) -> None:
@@ -175,7 +175,13 @@ class _Path:
         self.latencies: list[float] = []
         self.wall = 0.0
 
-    async def slice(self, seconds: float) -> None:
+    async def slice(self, seconds: float) -> float:
+        """Measure for ``seconds`` more; this slice's requests a second."""
+        done, wall = len(self.latencies), self.wall
+        await self._measure(seconds)
+        return (len(self.latencies) - done) / (self.wall - wall)
+
+    async def _measure(self, seconds: float) -> None:
         raise NotImplementedError
 
     def stats(self) -> dict:
@@ -185,7 +191,7 @@ class _Path:
         pass
 
 
-class _Raw(_Path):
+class Raw(_Path):
     """``session.run`` in this process with ``options`` (it holds the event loop meanwhile)."""
 
     def __init__(self, path: Path, x: np.ndarray, options: ort.SessionOptions) -> None:
@@ -198,7 +204,7 @@ class _Raw(_Path):
     def run_for(self, seconds: float) -> None:
         self.wall += _timed(lambda: self._session.run(None, self._feeds), seconds, self.latencies)
 
-    async def slice(self, seconds: float) -> None:
+    async def _measure(self, seconds: float) -> None:
         self.run_for(seconds)
 
 
@@ -211,33 +217,33 @@ class _OneAtATime(_Path):
         for _ in range(10):
             self._client.call()
 
-    async def slice(self, seconds: float) -> None:
+    async def _measure(self, seconds: float) -> None:
         self.wall += await asyncio.to_thread(_timed, self._client.call, seconds, self.latencies)
 
     def close(self) -> None:
         self._client.close()
 
 
-class _InFlight(_Path):
+class InFlight(_Path):
     """Several keep-alive connections on this event loop, each sending its next request as
-    soon as its answer is in (``_KeepAlive``)."""
+    soon as its answer is in (``KeepAlive``)."""
 
-    def __init__(self, conns: list[_KeepAlive]) -> None:
+    def __init__(self, conns: list[KeepAlive]) -> None:
         super().__init__()
         self._conns = conns
 
     @classmethod
-    async def open(cls, url: str, request: bytes, concurrency: int) -> _InFlight:
-        conns = [await _KeepAlive.open(url, request) for _ in range(concurrency)]
+    async def open(cls, url: str, request: bytes, concurrency: int) -> InFlight:
+        conns = [await KeepAlive.open(url, request) for _ in range(concurrency)]
         for conn in conns:
             for _ in range(10):
                 await conn.call()
         return cls(conns)
 
-    async def slice(self, seconds: float) -> None:
+    async def _measure(self, seconds: float) -> None:
         deadline = time.perf_counter() + seconds
 
-        async def worker(conn: _KeepAlive) -> None:
+        async def worker(conn: KeepAlive) -> None:
             while time.perf_counter() < deadline:
                 t = time.perf_counter()
                 await conn.call()
@@ -268,7 +274,7 @@ async def open_path(url: str, name: str, x: np.ndarray, binary: bool, concurrenc
     request = infer_request(url, name, x, binary)
     if concurrency == 1:
         return await asyncio.to_thread(_OneAtATime, url, request)
-    return await _InFlight.open(url, request, concurrency)
+    return await InFlight.open(url, request, concurrency)
 
 
 #: A case's paths take turns in this many slices each (3 with ``--quick``), in a rotating
@@ -341,7 +347,7 @@ async def _case(url: str, label: str, name: str, path: Path, x: np.ndarray, enco
                 duration: float, rounds: int, spin: bool, spin_us: int) -> list[dict]:
     """The rows of one case: raw (the faster of onnxruntime's defaults and the agent's
     session options), the floor (binary cases) and the agent, taking turns."""
-    raws = [_Raw(path, x, ort.SessionOptions()), _Raw(path, x, onnx.session_options())]
+    raws = [Raw(path, x, ort.SessionOptions()), Raw(path, x, onnx.session_options())]
     floor_proc = floor_path = None
     paths: list[_Path] = list(raws)
     agent: dict[tuple[bool, int], _Path] = {}

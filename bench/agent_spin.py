@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.agent_common import ControlPlaneAndAgent, write_results
-from bench.agent_infer import _KeepAlive, infer_request, raw_baseline
+from bench.agent_infer import KeepAlive, infer_request, raw_baseline
 from edge_agent.runtime import onnx
 from orchestrator.agents import model
 from orchestrator.testing import onnx_models
@@ -58,7 +58,7 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-async def paced(conn: _KeepAlive, pid: int, rate: float | None, seconds: float) -> tuple[list[float], float, float]:
+async def paced(conn: KeepAlive, pid: int, rate: float | None, seconds: float) -> tuple[list[float], float, float]:
     """One request at a time at ``rate`` a second (None: back to back) for ``seconds``:
     the latencies, the wall time and the agent's CPU time."""
     latencies: list[float] = []
@@ -116,7 +116,7 @@ async def run(batches: tuple[int, ...], seconds: float, rounds: int) -> tuple[li
                 await rig.assign([model.Assignment("wide", "wide", "cpu", wide.path.as_uri(), wide.sha256)], ["wide"])
             for batch in batches:
                 x = np.random.default_rng(batch).standard_normal((batch, 1024)).astype(np.float32)
-                conns = [await _KeepAlive.open(rig.url, infer_request(rig.url, "wide", x, True)) for rig in rigs]
+                conns = [await KeepAlive.open(rig.url, infer_request(rig.url, "wide", x, True)) for rig in rigs]
                 try:
                     for conn in conns:
                         for _ in range(20):
