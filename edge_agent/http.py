@@ -96,12 +96,8 @@ def _infer_sync(
     feeds = runtime.feeds([(t.name, t.array, t.datatype) for t in request.inputs])
     names = runtime.output_names(request.outputs)
     arrays = runtime.run(feeds, names)
-    response = oip.InferResponse(
-        model_name=served.name,
-        model_version=served.sha256[:12],
-        id=request.id,
-        outputs=tuple(oip.Tensor(n, a) for n, a in zip(names, arrays, strict=True)),
-    )
+    outputs = tuple(map(oip.Tensor, names, arrays))
+    response = oip.InferResponse(served.name, outputs, served.sha256[:12], request.id)
     return *oip.encode_response(response, binary=request.binary_outputs), request.document
 
 

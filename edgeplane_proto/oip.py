@@ -28,6 +28,7 @@ import os
 import struct
 import sys
 import threading
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,12 +100,12 @@ class InferResponse:
 
 
 def datatype_of(array: np.ndarray) -> str:
-    if array.dtype == object or array.dtype.kind in ("S", "U"):
+    name = _DTYPE_TO_NAME.get(array.dtype)
+    if name is not None:
+        return name
+    if array.dtype.kind in "OSU":
         return "BYTES"
-    try:
-        return _DTYPE_TO_NAME[array.dtype]
-    except KeyError as exc:
-        raise ProtocolError(f"numpy dtype {array.dtype} has no v2 datatype") from exc
+    raise ProtocolError(f"numpy dtype {array.dtype} has no v2 datatype")
 
 
 def numpy_dtype(datatype: str) -> np.dtype[Any]:
@@ -534,16 +535,104 @@ def dumps(obj: Any) -> bytes:
         raise ProtocolError(f"cannot encode as JSON: {exc}") from exc
 
 
+class _Heads:
+    """Checked request heads by their bytes, the newest :attr:`capacity` of them; any thread."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._heads: dict[bytes, _RequestHead] = {}
+        self._lock = threading.Lock()
+
+    def get(self, raw: bytes) -> _RequestHead | None:
+        return self._heads.get(raw)
+
+    def put(self, raw: bytes, head: _RequestHead) -> None:
+        with self._lock:
+            if raw not in self._heads and len(self._heads) >= self.capacity:
+                del self._heads[next(iter(self._heads))]  # the oldest
+            self._heads[raw] = head
+
+    def __len__(self) -> int:
+        return len(self._heads)
+
+
+#: Heads up to this long are kept once read (a one-input binary head is about 150 bytes).
+HEAD_MEMO_MAX_BYTES = 2048
+#: The request heads kept: as many shapes and models as one process sees at once, at most
+#: 256 KiB of them.
+HEADS = _Heads(128)
+
+
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
-    """Decode a v2 ``/infer`` request body (JSON, optionally with binary tensors)."""
+    """Decode a v2 ``/infer`` request body (JSON, optionally with binary tensors).
+
+    The head of a request whose tensors are all binary says the same for every request of
+    one shape, so once read and checked it is kept (:data:`HEADS`) and the next request
+    with the same head bytes only takes views of its tensors."""
+    if header_length is not None and 0 <= header_length <= min(len(body), HEAD_MEMO_MAX_BYTES):
+        raw = bytes(body[:header_length])
+        head = HEADS.get(raw)
+        if head is None:
+            head = _request_head(_loads_tensors(raw))
+            if head.reusable:
+                HEADS.put(raw, head)
+        return head.request(memoryview(body)[header_length:])
     doc, binary = _json_body(body, header_length)
+    return _request_head(doc).request(binary, document=doc)
+
+
+@dataclass(frozen=True)
+class _BinaryInput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    size: int  # bytes in the binary part
+    dtype: np.dtype[Any] | None  # None: BYTES, whose elements the body says
+
+
+@dataclass(frozen=True)
+class _RequestHead:
+    """A request's JSON part, checked: its inputs (binary layouts or JSON tensors read
+    already), outputs asked for, id and parameters."""
+
+    inputs: tuple[_BinaryInput | Tensor, ...]
+    id: str | None
+    outputs: tuple[str, ...]
+    binary_outputs: bool
+    parameters: Mapping[str, Any]
+
+    @property
+    def reusable(self) -> bool:
+        """Whether other requests may send the same head: every tensor binary, no id."""
+        return self.id is None and all(isinstance(i, _BinaryInput) for i in self.inputs)
+
+    def request(self, binary: memoryview, document: Any = None) -> InferRequest:
+        """The request this head starts, its binary tensors read from ``binary`` (views, no copies)."""
+        tensors: list[Tensor] = []
+        offset = 0
+        for i, spec in enumerate(self.inputs):
+            if isinstance(spec, Tensor):
+                tensors.append(spec)
+                continue
+            end = offset + spec.size
+            if end > len(binary):
+                raise ProtocolError(f"inputs[{i}]: binary data runs past the end of the body")
+            if spec.dtype is None:
+                array = _array_from_bytes(binary[offset:end], spec.datatype, spec.shape, f"inputs[{i}]")
+            else:
+                array = np.frombuffer(binary[offset:end], dtype=spec.dtype).reshape(spec.shape)
+            tensors.append(Tensor(spec.name, array))
+            offset = end
+        return InferRequest(tuple(tensors), self.id, self.outputs, self.binary_outputs, self.parameters, document)
+
+
+def _request_head(doc: Any) -> _RequestHead:
     if not isinstance(doc, dict):
         raise ProtocolError("request body must be a JSON object")
     inputs_doc = doc.get("inputs")
     if not isinstance(inputs_doc, list) or not inputs_doc:
         raise ProtocolError("request needs a non-empty \"inputs\" list")
-    inputs: list[Tensor] = []
-    offset = 0
+    inputs: list[_BinaryInput | Tensor] = []
     seen: set[str] = set()
     for i, spec in enumerate(inputs_doc):
         where = f"inputs[{i}]"
@@ -556,20 +645,22 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         if not isinstance(params, dict):
             raise ProtocolError(f"{where}.parameters must be an object")
         size = params.get("binary_data_size")
-        if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise ProtocolError(f"{where}.parameters.binary_data_size must be an integer")
-            if offset + size > len(binary):
-                raise ProtocolError(f"{where}: binary data runs past the end of the body")
-            datatype = spec.get("datatype")
-            if not isinstance(datatype, str):
-                raise ProtocolError(f"{where}.datatype is required")
-            shape = _check_shape(spec.get("shape"), where)
-            arr = _array_from_bytes(binary[offset : offset + size], datatype, shape, where)
-            offset += size
-        else:
-            arr = _array_from_json(spec, where)
-        inputs.append(Tensor(spec["name"], arr))
+        if size is None:
+            inputs.append(Tensor(spec["name"], _array_from_json(spec, where)))
+            continue
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ProtocolError(f"{where}.parameters.binary_data_size must be an integer")
+        datatype = spec.get("datatype")
+        if not isinstance(datatype, str):
+            raise ProtocolError(f"{where}.datatype is required")
+        shape = _check_shape(spec.get("shape"), where)
+        dtype = None
+        if datatype != "BYTES":  # a fixed-width layout is the head's alone: checked here once
+            dtype = numpy_dtype(datatype)
+            expected = math.prod(shape) * dtype.itemsize
+            if size != expected:
+                raise ProtocolError(f"{where}: shape {list(shape)} of {datatype} needs {expected} bytes, got {size}")
+        inputs.append(_BinaryInput(spec["name"], datatype, shape, size, dtype))
     outputs: list[str] = []
     binary_outputs = False
     requested = doc.get("outputs") or []
@@ -587,13 +678,12 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ProtocolError("parameters must be an object")
-    return InferRequest(
+    return _RequestHead(
         inputs=tuple(inputs),
         id=str(req_id) if req_id is not None else None,
         outputs=tuple(outputs),
         binary_outputs=binary_outputs or bool(parameters.get("binary_data_output")),
-        parameters=parameters,
-        document=doc,
+        parameters=types.MappingProxyType(parameters),
     )
 
 
@@ -619,8 +709,8 @@ def _tolist_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _tensor_bytes(arr: np.ndarray) -> bytes:
-    if datatype_of(arr) == "BYTES":
+def _tensor_bytes(arr: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
         parts = []
         for v in arr.reshape(-1):
             b = v if isinstance(v, bytes) else str(v).encode()
@@ -639,16 +729,11 @@ def _encode(doc: dict[str, Any], tensors: Sequence[Tensor], key: str, binary: bo
     blobs = []
     specs = []
     for t in tensors:
-        raw = _tensor_bytes(t.array)
+        datatype = datatype_of(t.array)
+        raw = _tensor_bytes(t.array, datatype)
         blobs.append(raw)
-        specs.append(
-            {
-                "name": t.name,
-                "shape": list(t.array.shape),
-                "datatype": datatype_of(t.array),
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        )
+        specs.append({"name": t.name, "shape": list(t.array.shape), "datatype": datatype,
+                      "parameters": {"binary_data_size": len(raw)}})
     doc[key] = specs
     head = dumps(doc)
     return b"".join([head, *blobs]), len(head)
@@ -755,4 +840,4 @@ def array_from_values(values: Sequence[Any], datatype: str, shape: Sequence[int]
 
 def raw_bytes(array: np.ndarray) -> bytes:
     """A tensor's raw form, as ``raw_output_contents`` carries it."""
-    return _tensor_bytes(array)
+    return _tensor_bytes(array, datatype_of(array))

@@ -34,8 +34,8 @@ def reader(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @st.composite
-def tensors(draw: st.DrawFn, datatype: str) -> np.ndarray:
-    shape = draw(shapes)
+def tensors(draw: st.DrawFn, datatype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    shape = draw(shapes) if shape is None else shape
     if datatype == "BYTES":
         # JSON carries BYTES as text, so they are UTF-8 strings there; binary carries any bytes.
         items = draw(st.lists(st.text(max_size=8).map(str.encode), min_size=int(np.prod(shape)),
@@ -238,3 +238,65 @@ def test_each_thread_reads_with_its_own_parser_and_large_bodies_with_a_parser_of
     assert isinstance(oip._loads_tensors(large)["inputs"][0]["data"], np.ndarray)
     assert oip.decode_request(large).inputs[0].array.tobytes() == big.tobytes()
     assert getattr(oip._reused, "parser", None) is before  # not kept for this thread's next body
+
+
+# -- request heads kept once read --------------------------------------------------------------
+
+
+def _binary_request(**tensors: np.ndarray) -> tuple[bytes, int]:
+    body, length = oip.encode_request(tensors, binary=True)
+    assert length is not None
+    return body, length
+
+
+@pytest.mark.parametrize("datatype", [*NUMERIC, "BYTES"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_bodies_that_share_a_kept_head_each_give_their_own_tensors(datatype: str, data: st.DataObject) -> None:
+    first = data.draw(tensors(datatype), label="first")
+    second = data.draw(tensors(datatype, first.shape), label="second")
+    decoded = [oip.decode_request(*_binary_request(x=first)), oip.decode_request(*_binary_request(x=second))]
+    _same(first, decoded[0].inputs[0].array)  # still its own body's, after the second was read
+    _same(second, decoded[1].inputs[0].array)
+
+
+def test_a_binary_head_is_read_once_and_each_body_is_still_checked_against_it() -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    body, length = _binary_request(x=x)
+    oip.decode_request(body, length)
+    head = oip.HEADS.get(body[:length])
+    assert head is not None and head.reusable
+    again = oip.decode_request(body[:length] + (x + 1).tobytes(), length)
+    assert oip.HEADS.get(body[:length]) is head
+    assert again.inputs[0].array.tolist() == (x + 1).tolist() and not again.inputs[0].array.flags.writeable
+    with pytest.raises(oip.ProtocolError, match=r"inputs\[0\]: binary data runs past the end"):
+        oip.decode_request(body[:-4], length)
+    with pytest.raises(TypeError):
+        again.parameters["binary_data_output"] = False  # type: ignore[index]  # shared by every request of the head
+
+
+def test_heads_that_differ_from_request_to_request_or_fail_are_not_kept() -> None:
+    x = np.ones((1, 2), dtype=np.float32)
+    with_id, id_length = oip.encode_request({"x": x}, binary=True, id="r-1")
+    bad = oip.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 4}}]})
+    mixed = oip.dumps({"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1.5]},
+                                  {"name": "b", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]})
+    assert oip.decode_request(with_id, id_length).id == "r-1"
+    assert oip.HEADS.get(with_id[:id_length]) is None
+    for _ in range(2):  # refused the same way each time
+        with pytest.raises(oip.ProtocolError, match=r"inputs\[0\]: shape \[1, 2\] of FP32 needs 8 bytes, got 4"):
+            oip.decode_request(bad + bytes(4), len(bad))
+    assert oip.HEADS.get(bad) is None
+    decoded = oip.decode_request(mixed + np.float32(2.5).tobytes(), len(mixed))
+    assert [t.array.tolist() for t in decoded.inputs] == [[1.5], [2.5]]
+    assert oip.HEADS.get(mixed) is None
+
+
+def test_the_kept_heads_are_bounded_newest_first() -> None:
+    first, first_length = _binary_request(x=np.zeros(1, dtype=np.float32))
+    oip.decode_request(first, first_length)
+    for n in range(2, oip.HEADS.capacity + 3):
+        oip.decode_request(*_binary_request(x=np.zeros(n, dtype=np.float32)))
+    assert len(oip.HEADS) == oip.HEADS.capacity
+    assert oip.HEADS.get(first[:first_length]) is None
+    assert oip.decode_request(first, first_length).inputs[0].array.tolist() == [0.0]
