@@ -7,7 +7,7 @@ Models (built on the spot): ``wide`` = MLP 1024 -> 1024 x3 -> 16, called with ba
 2-core machine) and ``tiny`` = MLP 8 -> 16 -> 4 (run time in microseconds: the result is
 the agent's per-request overhead). The raw baseline runs the same ONNX bytes in this
 process and keeps the faster of onnxruntime's defaults and the agent's session options.
-The paths of a case (raw, floor, agent) take turns: each is timed in 5 slices of a second
+The paths of a case (raw, floors, agent) take turns: each is timed in 5 slices of a second
 (a fifth of its row's time), in a rotating order, so every ratio compares the same minutes
 of a machine whose speed drifts by more than the differences measured. The agent is a
 subprocess joined to a control plane in this process and is called over raw keep-alive
@@ -21,6 +21,11 @@ with one blocking socket that reads a request by its Content-Length, views the b
 bytes as the input tensor, runs, and answers the output's raw bytes; called by the same
 client, one request at a time (binary case). What it loses against raw is the loopback
 round trip and the two processes' wake-ups on these cores, which any server pays here.
+*floor on the agent's HTTP server*: the same view, run and answer as the handler of the
+agent's own HTTP server (``edge_agent.httpserver``: asyncio, httptools, keep-alive and
+limits), in a process of its own. Between the two floors is what the event loop and the HTTP
+layer cost; between this one and the agent, what its v2 handler costs (routing, decoding,
+checking, encoding, metrics).
 Writes bench/results/agent_infer.json (``--spin-between-runs``: agent_infer_spin_between_runs.json,
 ``--spin-after-run-us N``: agent_infer_spin_after_run.json; the floor takes the same policy).
 """
@@ -328,10 +333,42 @@ while True:
 """
 
 
-async def start_floor(path: Path, x: np.ndarray, spin: bool, spin_us: int) -> tuple[asyncio.subprocess.Process, str]:
+HTTP_SERVER_FLOOR = """
+import asyncio, socket, sys
+import numpy as np
+import onnxruntime as ort
+from edge_agent import httpserver
+from edge_agent.runtime import onnx
+
+path, rows, cols, spin, spin_us = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
+options = onnx.session_options(spin_between_runs=spin, spin_after_run_us=spin_us)
+session = ort.InferenceSession(open(path, "rb").read(), options, providers=["CPUExecutionProvider"])
+
+
+async def handler(request):
+    body = request.body
+    x = np.frombuffer(body, dtype=np.float32, count=rows * cols, offset=len(body) - rows * cols * 4).reshape(rows, cols)
+    return httpserver.Response(200, session.run(None, {"input": x})[0].tobytes(), content_type="application/octet-stream")
+
+
+async def main():
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = httpserver.HttpServer(handler)
+    await server.start(listener)
+    print(listener.getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+
+
+asyncio.run(main())
+"""
+
+
+async def start_floor(path: Path, x: np.ndarray, spin: bool, spin_us: int,
+                      script: str = FLOOR_SERVER) -> tuple[asyncio.subprocess.Process, str]:
     """``session.run`` behind the least an HTTP server can be (see the module docstring),
-    with the agent's session options: the process and its URL."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOR_SERVER, str(path), str(x.shape[0]), str(x.shape[1]),
+    or behind the agent's HTTP server (``HTTP_SERVER_FLOOR``), with the agent's session
+    options: the process and its URL."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(path), str(x.shape[0]), str(x.shape[1]),
                                                 "1" if spin else "0", str(spin_us), stdout=subprocess.PIPE)
     assert proc.stdout is not None
     try:
@@ -346,16 +383,20 @@ async def start_floor(path: Path, x: np.ndarray, spin: bool, spin_us: int) -> tu
 async def _case(url: str, label: str, name: str, path: Path, x: np.ndarray, encodings: tuple[bool, ...],
                 duration: float, rounds: int, spin: bool, spin_us: int) -> list[dict]:
     """The rows of one case: raw (the faster of onnxruntime's defaults and the agent's
-    session options), the floor (binary cases) and the agent, taking turns."""
+    session options), the two floors (binary cases) and the agent, taking turns."""
     raws = [Raw(path, x, ort.SessionOptions()), Raw(path, x, onnx.session_options())]
-    floor_proc = floor_path = None
+    floors: dict[str, _Path] = {}
+    procs: list[asyncio.subprocess.Process] = []
     paths: list[_Path] = list(raws)
     agent: dict[tuple[bool, int], _Path] = {}
     try:
         if True in encodings:
-            floor_proc, floor_url = await start_floor(path, x, spin, spin_us)
-            floor_path = await open_path(floor_url, "floor", x, True, 1)
-            paths.append(floor_path)
+            for floor_label, script in (("floor: minimal socket server", FLOOR_SERVER),
+                                        ("floor on the agent's HTTP server", HTTP_SERVER_FLOOR)):
+                proc, floor_url = await start_floor(path, x, spin, spin_us, script)
+                procs.append(proc)
+                floors[floor_label] = await open_path(floor_url, "floor", x, True, 1)
+            paths += floors.values()
         for binary in encodings:
             for concurrency in (1, 4):
                 agent[binary, concurrency] = await open_path(url, name, x, binary, concurrency)
@@ -364,16 +405,17 @@ async def _case(url: str, label: str, name: str, path: Path, x: np.ndarray, enco
     finally:
         for opened in paths:
             opened.close()
-        if floor_proc is not None:
-            floor_proc.kill()
-            await floor_proc.wait()
+        for proc in procs:
+            proc.kill()
+            await proc.wait()
     base = _best_raw(raws)
     rows = [{"model": label, "path": "raw session.run", "concurrency": 1, **base, "vs_raw": 1.0}]
-    floor = floor_path.stats() if floor_path is not None else None
-    if floor is not None:
-        rows.append({"model": label, "path": "floor: minimal socket server", "concurrency": 1, **floor,
-                     "vs_raw": round(floor["per_s"] / base["per_s"], 3),
-                     "overhead_ms_p50": round(floor["p50_ms"] - base["p50_ms"], 3)})
+    for floor_label, floor_path in floors.items():
+        measured = floor_path.stats()
+        rows.append({"model": label, "path": floor_label, "concurrency": 1, **measured,
+                     "vs_raw": round(measured["per_s"] / base["per_s"], 3),
+                     "overhead_ms_p50": round(measured["p50_ms"] - base["p50_ms"], 3)})
+    floor = floors["floor: minimal socket server"].stats() if floors else None
     for (binary, concurrency), measured_path in agent.items():
         got = measured_path.stats()
         rows.append({
