@@ -276,13 +276,16 @@ def _array_from_bytes(raw: memoryview, datatype: str, shape: tuple[int, ...], wh
         arr = np.empty(len(items), dtype=object)
         arr[:] = items
         return arr.reshape(shape)
+    return np.frombuffer(raw, dtype=_fixed_width(datatype, shape, len(raw), where)).reshape(shape)
+
+
+def _fixed_width(datatype: str, shape: tuple[int, ...], size: int, where: str) -> np.dtype[Any]:
+    """The numpy dtype of a tensor of ``size`` raw bytes, which its shape must fill exactly."""
     dtype = numpy_dtype(datatype)
     expected = math.prod(shape) * dtype.itemsize
-    if len(raw) != expected:
-        raise ProtocolError(
-            f"{where}: shape {list(shape)} of {datatype} needs {expected} bytes, got {len(raw)}"
-        )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if size != expected:
+        raise ProtocolError(f"{where}: shape {list(shape)} of {datatype} needs {expected} bytes, got {size}")
+    return dtype
 
 
 def _json_body(body: bytes, header_length: int | None) -> tuple[Any, memoryview]:
@@ -654,12 +657,8 @@ def _request_head(doc: Any) -> _RequestHead:
         if not isinstance(datatype, str):
             raise ProtocolError(f"{where}.datatype is required")
         shape = _check_shape(spec.get("shape"), where)
-        dtype = None
-        if datatype != "BYTES":  # a fixed-width layout is the head's alone: checked here once
-            dtype = numpy_dtype(datatype)
-            expected = math.prod(shape) * dtype.itemsize
-            if size != expected:
-                raise ProtocolError(f"{where}: shape {list(shape)} of {datatype} needs {expected} bytes, got {size}")
+        # A fixed-width layout is the head's alone: checked here, once for every body it starts.
+        dtype = None if datatype == "BYTES" else _fixed_width(datatype, shape, size, where)
         inputs.append(_BinaryInput(spec["name"], datatype, shape, size, dtype))
     outputs: list[str] = []
     binary_outputs = False
