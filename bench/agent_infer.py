@@ -296,8 +296,10 @@ async def _take_turns(paths: Sequence[_Path], duration: float, rounds: int) -> N
             await asyncio.sleep(PAUSE_S)
 
 
-FLOOR_SERVER = """
-import socket, sys
+#: What both floors share: the model's session with the agent's options, and the run of a
+#: request: its body's last bytes viewed as the input, the output's raw bytes back.
+_FLOOR_RUN = """
+import sys
 import numpy as np
 import onnxruntime as ort
 from edge_agent.runtime import onnx
@@ -305,6 +307,16 @@ from edge_agent.runtime import onnx
 path, rows, cols, spin, spin_us = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
 options = onnx.session_options(spin_between_runs=spin, spin_after_run_us=spin_us)
 session = ort.InferenceSession(open(path, "rb").read(), options, providers=["CPUExecutionProvider"])
+
+
+def answer(body):
+    x = np.frombuffer(body, dtype=np.float32, count=rows * cols, offset=len(body) - rows * cols * 4).reshape(rows, cols)
+    return session.run(None, {"input": x})[0].tobytes()
+"""
+
+FLOOR_SERVER = _FLOOR_RUN + """
+import socket
+
 listener = socket.create_server(("127.0.0.1", 0))
 print(listener.getsockname()[1], flush=True)
 conn, _ = listener.accept()
@@ -327,28 +339,17 @@ while True:
     while len(buf) < length:
         buf += more()
     body, buf = buf[:length], buf[length:]
-    x = np.frombuffer(body, dtype=np.float32, count=rows * cols, offset=length - rows * cols * 4).reshape(rows, cols)
-    out = session.run(None, {"input": x})[0].tobytes()
+    out = answer(body)
     conn.sendall(b"HTTP/1.1 200 OK\\r\\ncontent-length: %d\\r\\n\\r\\n%b" % (len(out), out))
 """
 
-
-HTTP_SERVER_FLOOR = """
-import asyncio, socket, sys
-import numpy as np
-import onnxruntime as ort
+HTTP_SERVER_FLOOR = _FLOOR_RUN + """
+import asyncio, socket
 from edge_agent import httpserver
-from edge_agent.runtime import onnx
-
-path, rows, cols, spin, spin_us = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
-options = onnx.session_options(spin_between_runs=spin, spin_after_run_us=spin_us)
-session = ort.InferenceSession(open(path, "rb").read(), options, providers=["CPUExecutionProvider"])
 
 
 async def handler(request):
-    body = request.body
-    x = np.frombuffer(body, dtype=np.float32, count=rows * cols, offset=len(body) - rows * cols * 4).reshape(rows, cols)
-    return httpserver.Response(200, session.run(None, {"input": x})[0].tobytes(), content_type="application/octet-stream")
+    return httpserver.Response(200, answer(request.body), content_type="application/octet-stream")
 
 
 async def main():
@@ -361,6 +362,10 @@ async def main():
 
 asyncio.run(main())
 """
+
+#: The floors' rows, by name: the minimal one is what ``x floor`` compares the agent with.
+MINIMAL_FLOOR = "floor: minimal socket server"
+FLOORS = ((MINIMAL_FLOOR, FLOOR_SERVER), ("floor on the agent's HTTP server", HTTP_SERVER_FLOOR))
 
 
 async def start_floor(path: Path, x: np.ndarray, spin: bool, spin_us: int,
@@ -391,8 +396,7 @@ async def _case(url: str, label: str, name: str, path: Path, x: np.ndarray, enco
     agent: dict[tuple[bool, int], _Path] = {}
     try:
         if True in encodings:
-            for floor_label, script in (("floor: minimal socket server", FLOOR_SERVER),
-                                        ("floor on the agent's HTTP server", HTTP_SERVER_FLOOR)):
+            for floor_label, script in FLOORS:
                 proc, floor_url = await start_floor(path, x, spin, spin_us, script)
                 procs.append(proc)
                 floors[floor_label] = await open_path(floor_url, "floor", x, True, 1)
@@ -410,12 +414,12 @@ async def _case(url: str, label: str, name: str, path: Path, x: np.ndarray, enco
             await proc.wait()
     base = _best_raw(raws)
     rows = [{"model": label, "path": "raw session.run", "concurrency": 1, **base, "vs_raw": 1.0}]
-    for floor_label, floor_path in floors.items():
-        measured = floor_path.stats()
+    floor_stats = {floor_label: floor_path.stats() for floor_label, floor_path in floors.items()}
+    for floor_label, measured in floor_stats.items():
         rows.append({"model": label, "path": floor_label, "concurrency": 1, **measured,
                      "vs_raw": round(measured["per_s"] / base["per_s"], 3),
                      "overhead_ms_p50": round(measured["p50_ms"] - base["p50_ms"], 3)})
-    floor = floors["floor: minimal socket server"].stats() if floors else None
+    floor = floor_stats.get(MINIMAL_FLOOR)
     for (binary, concurrency), measured_path in agent.items():
         got = measured_path.stats()
         rows.append({

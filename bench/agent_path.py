@@ -35,9 +35,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.agent_common import write_results
+from bench.agent_infer import infer_request
 from edge_agent import http, httpserver, registry
 from edge_agent.runtime import onnx
-from edgeplane_proto import oip
 from orchestrator.testing import onnx_models
 from orchestrator.testing.agent_parts import OneModel
 
@@ -69,13 +69,6 @@ class _KeptBytes:
         return default
 
 
-def _request(x: np.ndarray) -> bytes:
-    body, header = oip.encode_request({"input": x}, binary=True)
-    head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/octet-stream\r\n"
-            f"{oip.BINARY_HEADER}: {header}\r\ncontent-length: {len(body)}\r\n\r\n")
-    return head.encode() + body
-
-
 async def run(rounds: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -92,7 +85,7 @@ async def run(rounds: int) -> list[dict]:
             conn = httpserver._Connection(server)
             transport = _KeptBytes()
             conn.connection_made(transport)  # type: ignore[arg-type]
-            raw = _request(np.ones((1, 8), dtype=np.float32))
+            raw = infer_request("http://127.0.0.1", "tiny", np.ones((1, 8), dtype=np.float32), binary=True)
             for _ in range(50):  # the first runs go to a worker thread until the model's run time is known
                 conn.received(raw)
                 await asyncio.sleep(0.001)
