@@ -207,6 +207,16 @@ class ServeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def cli_ok(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``edgeplane ARGS`` against this control plane, which must succeed; a failure says
+        what the command printed and what the control plane logged (and whether it still runs)."""
+        done = cli(*args, server_url=self.url)
+        if done.returncode != 0:
+            state = "running" if self.process.poll() is None else f"exited with {self.process.returncode}"
+            raise AssertionError(f"edgeplane {' '.join(args)} exited with {done.returncode}: {done.stderr}\n"
+                                 f"the control plane ({state}) logged:\n{self.log()[-4000:]}")
+        return done
+
     def stop(self, timeout: float = 20.0) -> int:
         harness.terminate(self.process, timeout)
         self._log.close()

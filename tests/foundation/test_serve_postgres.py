@@ -22,9 +22,8 @@ def test_state_in_postgresql_survives_kill_9_and_is_seen_by_another_control_plan
     url = postgres.create_database()
     first = support.ServeProcess(tmp_path / "one", "--store", url, artifact_root=offline_fleet).wait_ready()
     try:
-        applied = support.cli("apply", "-f", str(offline_fleet), server_url=first.url)
-        assert applied.returncode == 0, applied.stderr
-        before = json.loads(support.cli("get", "sites", "-o", "json", server_url=first.url).stdout)
+        first.cli_ok("apply", "-f", str(offline_fleet))
+        before = json.loads(first.cli_ok("get", "sites", "-o", "json").stdout)
         assert before, "the example fleet has sites"
     finally:
         os.killpg(first.process.pid, signal.SIGKILL)
@@ -37,11 +36,11 @@ def test_state_in_postgresql_survives_kill_9_and_is_seen_by_another_control_plan
         store.close()
     second = support.ServeProcess(tmp_path / "two", "--store", url, artifact_root=offline_fleet).wait_ready()
     try:
-        after = json.loads(support.cli("get", "sites", "-o", "json", server_url=second.url).stdout)
+        after = json.loads(second.cli_ok("get", "sites", "-o", "json").stdout)
         names = lambda doc: sorted(item["metadata"]["name"] for item in doc["items"])  # noqa: E731
         assert names(after) == names(before)
-        again = support.cli("apply", "-f", str(offline_fleet), server_url=second.url)
-        assert again.returncode == 0 and "configured" not in again.stdout and "created" not in again.stdout, again.stdout
+        again = second.cli_ok("apply", "-f", str(offline_fleet))
+        assert "configured" not in again.stdout and "created" not in again.stdout, again.stdout
     finally:
         second.stop()
     assert not (tmp_path / "one" / "state.db").exists()  # nothing went to SQLite
