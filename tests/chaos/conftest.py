@@ -81,6 +81,11 @@ class ServeProcess:
         wait_for(lambda: self.proc.poll() is None and httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, timeout, "edgeplane serve")
         return time.monotonic() - started
 
+    def log(self) -> str:
+        """What the latest start logged."""
+        path = self.root / f"serve-{self.starts}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)

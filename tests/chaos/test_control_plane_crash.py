@@ -30,6 +30,15 @@ def _gateway_ok(cp: ServeProcess, model: onnx_models.BuiltModel) -> bool:
     return httpx.post(f"{cp.url}/v2/models/intent/infer", content=infer_body(model), timeout=5).status_code == 200
 
 
+def _assert_serving(agents: list[harness.AgentProcess], model: onnx_models.BuiltModel, cp: ServeProcess) -> None:
+    """Every agent answers ``model``; a failure says what that agent and the control plane logged."""
+    for a in agents:
+        resp = httpx.post(f"{a.url}/v2/models/intent/infer", content=infer_body(model), timeout=5)
+        if resp.status_code != 200:
+            raise AssertionError(f"{a.site} answered {resp.status_code} {resp.text[:200]} while the control plane was down\n"
+                                 f"its log:\n{a.log()[-3000:]}\nthe control plane's last log:\n{cp.log()[-3000:]}")
+
+
 def test_kill9_mid_apply_and_mid_rollout(tmp_path: pathlib.Path, models: tuple[onnx_models.BuiltModel, onnx_models.BuiltModel],
                                          agents: list[harness.AgentProcess]) -> None:
     v1, v2 = models
@@ -58,9 +67,7 @@ def test_kill9_mid_apply_and_mid_rollout(tmp_path: pathlib.Path, models: tuple[o
             time.sleep(delay)  # the chaos itself: kill at a different point of the apply each round
             cp.kill9()
             sender.join(30)
-            # the agents keep serving while the control plane is down
-            for a in agents:
-                assert httpx.post(f"{a.url}/v2/models/intent/infer", content=infer_body(v1), timeout=5).status_code == 200
+            _assert_serving(agents, v1, cp)  # the agents keep serving while the control plane is down
             restart = time.monotonic()
             cp.start()
             names = {s["metadata"]["name"] for s in httpx.get(f"{cp.url}/v1/sites", timeout=10).json()["items"]}
@@ -74,7 +81,7 @@ def test_kill9_mid_apply_and_mid_rollout(tmp_path: pathlib.Path, models: tuple[o
         # -- mid-rollout: v1 -> v2 acknowledged, process dies while agents fetch -----------
         assert httpx.post(f"{cp.url}/v1/apply", content=fleet_yaml(SITES, v2, replicas=2).encode(), timeout=30).status_code == 200
         cp.kill9()
-        assert all(httpx.post(f"{a.url}/v2/models/intent/infer", content=infer_body(v1), timeout=5).status_code == 200 for a in agents)
+        _assert_serving(agents, v1, cp)
         restart = time.monotonic()
         cp.start()
         wait_for(lambda: _served_versions(agents) == {v2.sha256[:12]}, 60, "both agents to converge on v2")
