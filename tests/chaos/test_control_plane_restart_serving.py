@@ -2,13 +2,17 @@
 the edge agents stop serving, at any moment: not while it is down, and not while it comes
 back, plans again and takes their rejoins (a first plan that called their sites lost
 before they rejoined would have them unload what they serve until a later pass put it
-back). Every agent is asked back to back through two restarts."""
+back). Every agent is asked back to back through two restarts, the second with the agents
+held stopped until the restarted control plane has been up for a second."""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -20,18 +24,27 @@ SITES = {"edge-a": 48.0, "edge-b": 48.1}
 
 
 class Prober:
-    """Posts to every agent back to back from a thread and keeps each answer that was not a 200."""
+    """Posts to every agent back to back from a thread and keeps each answer that was not a
+    200; :meth:`paused` holds it between two rounds (while the agents are stopped)."""
 
     def __init__(self, agents: list[harness.AgentProcess], model: onnx_models.BuiltModel) -> None:
         self._agents, self._body = agents, infer_body(model)
         self.failures: list[tuple[str, float, int | str]] = []
         self.requests = 0
         self._stop = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._idle = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         with httpx.Client(timeout=5) as client:
             while not self._stop.is_set():
+                if not self._go.is_set():
+                    self._idle.set()
+                    self._go.wait(30)
+                    continue
+                self._idle.clear()
                 for a in self._agents:
                     try:
                         status: int | str = client.post(f"{a.url}/v2/models/intent/infer", content=self._body).status_code
@@ -42,12 +55,22 @@ class Prober:
                         self.failures.append((a.site, time.monotonic(), status))
                 time.sleep(0.005)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._go.clear()
+        assert self._idle.wait(10), "the prober did not pause"
+        try:
+            yield
+        finally:
+            self._go.set()
+
     def __enter__(self) -> "Prober":
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._go.set()
         self._thread.join(10)
 
 
@@ -64,11 +87,20 @@ def test_agents_keep_serving_through_a_control_plane_restart(
         wait_for(lambda: all(httpx.post(f"{a.url}/v2/models/intent/infer", content=infer_body(v1), timeout=5).status_code == 200
                              for a in agents), 60, "both agents serving")
         with Prober(agents, v1) as prober:
-            for _ in range(2):
+            for late in (False, True):
                 cp.kill9()
                 time.sleep(0.3)
-                cp.start()
-                time.sleep(1.0)  # the restarted control plane's first passes, and the agents' rejoins
+                if late:  # the agents come back only after the restarted control plane is up and planning
+                    with prober.paused():
+                        for a in agents:
+                            a.kill(signal.SIGSTOP)
+                        cp.start()
+                        time.sleep(1.0)
+                        for a in agents:
+                            a.kill(signal.SIGCONT)
+                else:
+                    cp.start()
+                time.sleep(1.0)
                 wait_for(lambda: all(item.get("status", {}).get("health") == "Healthy"
                                      for item in httpx.get(f"{cp.url}/v1/sites", timeout=5).json()["items"]), 30, "both agents rejoined")
                 time.sleep(2.0)  # passes with both agents back
