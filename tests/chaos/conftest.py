@@ -101,6 +101,19 @@ class ServeProcess:
                 self.proc.wait(5)
 
 
+#: Two FR edge sites, as the control-plane crash tests run them.
+TWO_SITES = {"edge-a": 48.0, "edge-b": 48.1}
+
+
+def start_two_sites(cp: ServeProcess, root: pathlib.Path, model: onnx_models.BuiltModel, agents: list[harness.AgentProcess]) -> None:
+    """Start ``cp``, apply :data:`TWO_SITES` with ``model`` on two replicas and start an agent
+    for each site (appended to ``agents``)."""
+    cp.start()
+    assert httpx.post(f"{cp.url}/v1/apply", content=fleet_yaml(TWO_SITES, model, replicas=2).encode(), timeout=30).status_code == 200
+    for site, lat in TWO_SITES.items():
+        agents.append(spawn_agent(cp.agent_target, site, root / "agents" / site, lat))
+
+
 #: Sets RLIMIT_FSIZE, then becomes the agent: no preexec_fn, so no fork() of a process
 #: that may run gRPC threads (an in-process control plane).
 _WITH_FSIZE = ("import os, resource, sys; n = int(sys.argv[1]); "

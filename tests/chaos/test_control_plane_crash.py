@@ -13,9 +13,8 @@ import httpx
 
 from orchestrator.testing import harness, manifests, onnx_models
 
-from .conftest import RECOVERY, ServeProcess, fleet_yaml, infer_body, spawn_agent, wait_for
+from .conftest import RECOVERY, TWO_SITES, ServeProcess, fleet_yaml, infer_body, start_two_sites, wait_for
 
-SITES = {"edge-a": 48.0, "edge-b": 48.1}
 
 
 def _served_versions(agents: list[harness.AgentProcess]) -> set[str]:
@@ -44,10 +43,7 @@ def test_kill9_mid_apply_and_mid_rollout(tmp_path: pathlib.Path, models: tuple[o
     v1, v2 = models
     cp = ServeProcess(tmp_path, v1.path.parent)
     try:
-        cp.start()
-        assert httpx.post(f"{cp.url}/v1/apply", content=fleet_yaml(SITES, v1, replicas=2).encode(), timeout=30).status_code == 200
-        for site, lat in SITES.items():
-            agents.append(spawn_agent(cp.agent_target, site, tmp_path / "agents" / site, lat))
+        start_two_sites(cp, tmp_path, v1, agents)
         wait_for(lambda: _served_versions(agents) == {v1.sha256[:12]}, 60, "both agents serving v1")
         wait_for(lambda: _gateway_ok(cp, v1), 30, "the gateway")
 
@@ -79,7 +75,7 @@ def test_kill9_mid_apply_and_mid_rollout(tmp_path: pathlib.Path, models: tuple[o
             RECOVERY[f"kill -9 mid-apply (round {round_}, {present} objects): restart to gateway serving"] = time.monotonic() - restart
 
         # -- mid-rollout: v1 -> v2 acknowledged, process dies while agents fetch -----------
-        assert httpx.post(f"{cp.url}/v1/apply", content=fleet_yaml(SITES, v2, replicas=2).encode(), timeout=30).status_code == 200
+        assert httpx.post(f"{cp.url}/v1/apply", content=fleet_yaml(TWO_SITES, v2, replicas=2).encode(), timeout=30).status_code == 200
         cp.kill9()
         _assert_serving(agents, v1, cp)
         restart = time.monotonic()

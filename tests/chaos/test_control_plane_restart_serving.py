@@ -18,9 +18,8 @@ import httpx
 
 from orchestrator.testing import harness, onnx_models
 
-from .conftest import ServeProcess, fleet_yaml, infer_body, spawn_agent, wait_for
+from .conftest import ServeProcess, infer_body, start_two_sites, wait_for
 
-SITES = {"edge-a": 48.0, "edge-b": 48.1}
 
 
 class Prober:
@@ -80,10 +79,7 @@ def test_agents_keep_serving_through_a_control_plane_restart(
     v1, _ = models
     cp = ServeProcess(tmp_path, v1.path.parent)
     try:
-        cp.start()
-        assert httpx.post(f"{cp.url}/v1/apply", content=fleet_yaml(SITES, v1, replicas=2).encode(), timeout=30).status_code == 200
-        for site, lat in SITES.items():
-            agents.append(spawn_agent(cp.agent_target, site, tmp_path / "agents" / site, lat))
+        start_two_sites(cp, tmp_path, v1, agents)
         wait_for(lambda: all(httpx.post(f"{a.url}/v2/models/intent/infer", content=infer_body(v1), timeout=5).status_code == 200
                              for a in agents), 60, "both agents serving")
         with Prober(agents, v1) as prober:
