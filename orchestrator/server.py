@@ -350,8 +350,8 @@ class ControlPlane:
             self._election = asyncio.create_task(self.elector.run(), name="leader-election")
             self._background.append(self._election)
             self._background.append(asyncio.create_task(self._follow_store(cfg.store_poll_s), name="store-changes"))
-        else:  # one process owns the SQLite file: it always leads (after a restart, once its agents are back)
-            self.reconciler.lead(None, takeover_s=self.takeover_s)
+        else:  # one process owns the SQLite file: it always leads (after a restart, keeping its agents' replicas until they are back)
+            self.reconciler.resume(rejoin_s=self.takeover_s)
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
         self._started = True
         log.info("control plane: API and gateway %s, agents %s, state %s", self.http_url, self.agent_target, self.store.path)
@@ -390,10 +390,11 @@ class ControlPlane:
 
     @property
     def takeover_s(self) -> float:
-        """How long a new leader, or a restarted control plane, waits for the serving edge
-        sites to join it before its first pass: the time in which an agent is declared lost,
-        plus two leases for the agents' reconnects (they learn of an election by being
-        refused, see the agent's uplink, and of a restart by their next attempt)."""
+        """How long a new leader waits for the serving edge sites to join it before its first
+        pass, and a restarted control plane keeps their replicas while they rejoin: the time
+        in which an agent is declared lost, plus two leases for the agents' reconnects (they
+        learn of an election by being refused, see the agent's uplink, and of a restart by
+        their next attempt)."""
         return self.config.missed_heartbeats * self.config.heartbeat_interval_s + 2 * self.config.leader_lease_s
 
     def _on_wake(self, model: str) -> None:

@@ -28,19 +28,24 @@ def measured_gpus(capacity: agent_model.Capacity) -> tuple[sched.GpuGroup, ...]:
     return tuple(sched.GpuGroup(m, n, mem) for (m, mem), n in sorted(groups.items()))
 
 
-def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None) -> tuple[bool, str]:
+def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None,
+                rejoining: bool = False) -> tuple[bool, str]:
+    """Whether the scheduler may keep and place replicas at the site, and the status's word
+    for it. ``rejoining``: an edge site whose agent served before this control plane
+    started and has not come back yet keeps its replicas meanwhile."""
     if record.spec.tier == "edge":
         if agent is None:
-            return False, "NoAgent"
+            return (True, "Rejoining") if rejoining else (False, "NoAgent")
         return (True, "Healthy") if agent.healthy else (False, "Unhealthy")
     if dc is not None and not dc.reachable:
         return False, "Unreachable"
     return True, "Healthy"
 
 
-def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None) -> sched.Site:
+def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None,
+            rejoining: bool = False) -> sched.Site:
     spec = record.spec
-    healthy, _ = site_health(record, agent, dc)
+    healthy, _ = site_health(record, agent, dc, rejoining)
     cpu = spec.capacity.cpu if spec.capacity else 0.0
     memory = spec.capacity.memoryGiB if spec.capacity else 0.0
     gpus = tuple(sched.GpuGroup(g.model, g.count, g.memoryGiB) for g in spec.capacity.gpus) if spec.capacity else ()

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from orchestrator import catalog
 from orchestrator.adapters import serve_config
 from orchestrator.agents import hub as hub_mod
+from orchestrator.agents import model as agent_model
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
@@ -67,7 +68,8 @@ class Reconciler:
     _pass_done: asyncio.Condition = field(default_factory=asyncio.Condition)
     _stopping: bool = False
     lease: store_mod.Lease | None = None  # several replicas: the leader's lease, which fences its writes of intent
-    _takeover: tuple[float, frozenset[str]] | None = None  # a first pass that waits: (until, edge sites to rejoin)
+    _takeover: tuple[float, frozenset[str]] | None = None  # a new leader's first pass waits: (until, edge sites to rejoin)
+    _rejoin: tuple[float, frozenset[str] | None] | None = None  # a restart: (until, edge sites not back yet; None: not read yet)
 
     def __post_init__(self) -> None:
         # A request for a model scaled to zero starts a pass at once, not at the next resync.
@@ -129,7 +131,7 @@ class Reconciler:
         await self._await_takeover()
         while not self._stopping:
             try:
-                async with asyncio.timeout(min(self.resync_s, 1.0) if self.converging else self.resync_s):
+                async with asyncio.timeout(min(self.resync_s, 1.0) if self.converging or self._rejoin is not None else self.resync_s):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -159,19 +161,18 @@ class Reconciler:
         self._stopping = True
         self._wake.set()
 
-    def lead(self, lease: store_mod.Lease | None, takeover_s: float = 0.0) -> None:
-        """Before :meth:`run` on a replica that just became the leader, or on a control plane
-        that just started on its own database (``lease`` None): what this replica observed
-        while it did not lead is forgotten (another leader may have changed it).
+    def lead(self, lease: store_mod.Lease, takeover_s: float = 0.0) -> None:
+        """Before :meth:`run` on a replica that just became the leader: what this replica
+        observed while it did not lead is forgotten (another leader may have changed it).
 
-        A new leader, or a restarted control plane, knows no agent yet: they were connected
-        to the old one and come over within seconds. Planning at once would call every edge
-        site lost, tell its agent to unload what it serves as soon as it rejoins, and
-        publish an empty table, so the first pass waits (at most ``takeover_s``) until every
-        edge site that serves in the inherited table (the one the old leader published) or
-        holds replicas in the stored placements has joined. A site that does not come back
-        in that time is lost as any other: its agent would have been declared lost by then
-        anyway."""
+        A new leader knows no agent yet: they were connected to the old one and come over
+        within seconds. Planning at once would call every edge site lost, tell its agent to
+        unload what it serves as soon as it rejoins, and publish an empty table, so the
+        first pass waits (at most ``takeover_s``) until every edge site that serves in the
+        inherited table (the one the old leader published) or holds replicas in the stored
+        placements has joined this replica; meanwhile gateways route from the inherited
+        table. A site that does not come back in that time is lost as any other: its agent
+        would have been declared lost by then anyway."""
         self._takeover = (self.clock() + takeover_s, frozenset(
             e.site for e in self.table.all_endpoints() if e.tier == "edge" and e.healthy)) if takeover_s > 0 else None
         self.lease = lease
@@ -182,6 +183,36 @@ class Reconciler:
         self.autoscaler = autoscaler_mod.Autoscaler()
         self.converging = False
         self._wake.set()  # the first pass runs at once
+
+    def resume(self, rejoin_s: float) -> None:
+        """Before :meth:`run` on a control plane that just started on its own database. Its
+        agents come back on their next reconnect; until they do (at most ``rejoin_s``), an
+        edge site that holds replicas in the stored placements keeps them and is sent
+        nothing, so its agent goes on serving them (a pass that called it lost would have it
+        unload them the moment it rejoined). Passes run meanwhile, and the table gets each
+        agent as it comes back. A site not back in that time is lost as any other."""
+        self._rejoin = (self.clock() + rejoin_s, None)
+        self._wake.set()
+
+    def _rejoining(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
+                   agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
+        """The edge sites still awaited since :meth:`resume` (each leaves the set for good
+        when its agent joins)."""
+        if self._rejoin is None:
+            return frozenset()
+        deadline, awaited = self._rejoin
+        if awaited is None:
+            edge = {r.name for r in sites if r.spec.tier == "edge"}
+            awaited = frozenset(row.site for row in placements if row.site in edge)
+        awaited -= {a.site for a in agents}
+        if awaited and self.clock() < deadline:
+            self._rejoin = (deadline, awaited)
+            return awaited
+        self._rejoin = None
+        if awaited:
+            log.warning("%d edge site(s) that served before this control plane started did not rejoin in time (%s): "
+                        "they are planned as lost", len(awaited), ", ".join(sorted(awaited)[:5]))
+        return frozenset()
 
     async def _await_takeover(self, every_s: float = 0.05) -> None:
         if self._takeover is None:
@@ -235,6 +266,7 @@ class Reconciler:
         await self._observe_datacentres([s for s in sites if s.spec.tier == "datacenter"])
         placements = tuple(self.store.placements())
         agents = tuple(self.hub.snapshot())
+        rejoining = self._rejoining(sites, placements, agents)
         autoscale = self.autoscaler.evaluate(((d.name, d.spec) for d in deployments), placements, {a.site: a for a in agents},
                                              self.table.wakes)
         return snap.Snapshot(
@@ -251,6 +283,7 @@ class Reconciler:
                          if (a := self.hub.assignments(name)) is not None},
             applied_apps=dict(self._applied),
             autoscale=autoscale,
+            rejoining=rejoining,
         )
 
     def _resolve_artifacts(self, models: dict[str, schema.ModelSpec]) -> dict[tuple[str, str], snap.ArtifactRef]:

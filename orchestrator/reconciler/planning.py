@@ -91,7 +91,7 @@ def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
 
 
 def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sched_model.Deployment], list[sched_model.Replica]]:
-    sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name)) for r in s.sites]
+    sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name), r.name in s.rejoining) for r in s.sites]
     deployments = [inventory.to_deployment(d, s.models[d.spec.model], _autoscaled(s, d.name)) for d in s.deployments if d.spec.model in s.models]
     planned = {d.name for d in deployments}
     current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
@@ -334,7 +334,7 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
 def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
     agent = s.agent_by_site.get(record.name)
     dc = s.datacentres.get(record.name)
-    _, health = inventory.site_health(record, agent, dc)
+    _, health = inventory.site_health(record, agent, dc, record.name in s.rejoining)
     status: dict[str, Any] = {"health": health}
     if agent is not None:
         caps = agent.capacity
@@ -360,7 +360,8 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
         out.append(act.RecordPlacement(rows, placement_events(result)))
     assigned, rollouts = edge_assignments(s, rows)
     for site, assignments in assigned.items():
-        if assignments != s.assignments.get(site):
+        # a site still rejoining is sent nothing: what it gets on its return is the plan then
+        if assignments != s.assignments.get(site) and site not in s.rejoining:
             out.append(act.PushAssignments(site, assignments))
     for site, apps in serve_apps(s, rows).items():
         dc = s.datacentres.get(site)

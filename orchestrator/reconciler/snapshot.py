@@ -59,6 +59,9 @@ class Snapshot:
     assignments: Mapping[str, tuple[agent_model.Assignment, ...]]  # what each agent was last sent
     applied_apps: Mapping[str, tuple[serve_config.ServeAppSpec, ...]]  # what each DC was last given
     autoscale: Mapping[str, autoscaler.Recommendation] = field(default_factory=dict)  # by deployment
+    # Edge sites that held replicas when this control plane started and whose agents have
+    # not rejoined yet (for at most the takeover time): planned as they were, sent nothing.
+    rejoining: frozenset[str] = frozenset()
 
     # Lookups by name, built once per snapshot: a pass touches every site and deployment,
     # and scanning the lists for each would make it quadratic in the fleet's size.

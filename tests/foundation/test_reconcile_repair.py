@@ -61,3 +61,27 @@ def test_a_data_centre_another_writer_changed_is_given_this_leader_s_apps_again(
     drifted = dataclasses.replace(s, datacentres={**s.datacentres, site: snap.DataCentreObservation(True, drift="missing: x")})
     again = [a for a in planning.plan_pass(drifted).actions if isinstance(a, act.ApplyServeApps)]
     assert again == [act.ApplyServeApps(site, given[site], "missing: x")]
+
+
+def test_edge_sites_still_rejoining_keep_their_replicas_and_are_sent_nothing() -> None:
+    """Just after a restart no agent has rejoined. While their edge sites are awaited
+    (``rejoining``) the plan keeps the replicas there and pushes those sites nothing; once
+    they are no longer awaited, a site still without its agent loses its replicas and is
+    pushed an empty set, which an agent returning then would unload from."""
+    s = example_snapshot(examples())  # no agent at all
+    edge = frozenset(r.name for r in s.sites if r.spec.tier == "edge")
+    waiting = dataclasses.replace(s, rejoining=edge)
+    first = planning.plan_pass(waiting)
+    placed = {r.site for r in planning.placement_rows(first.result)} & edge
+    assert placed, "replicas on edge sites while they are awaited"
+    assert not [a for a in first.actions if isinstance(a, act.PushAssignments) and a.site in edge]
+    statuses = {i.name: i.status for a in first.actions if isinstance(a, act.SetStatuses) for i in a.items if i.kind == "Site"}
+    assert {statuses[site]["health"] for site in edge} == {"Rejoining"}
+    at_rest = dataclasses.replace(waiting, placements=planning.placement_rows(first.result))
+    again = planning.plan_pass(at_rest)
+    assert {r.site for r in planning.placement_rows(again.result)} & edge == placed  # kept, pass after pass
+    assert not [a for a in again.actions if isinstance(a, act.PushAssignments) and a.site in edge]
+    given_up = planning.plan_pass(dataclasses.replace(at_rest, rejoining=frozenset()))
+    assert not {r.site for r in planning.placement_rows(given_up.result)} & edge
+    emptied = {a.site for a in given_up.actions if isinstance(a, act.PushAssignments) and not a.assignments}
+    assert placed <= emptied
