@@ -592,8 +592,11 @@ class ControlPlane:
                     self._register_site(event)
             except store_mod.StoreError as exc:  # the hub goes on (this runs inside its join and liveness paths)
                 log.warning("cannot log that agent %s of site %s %s: %s", event.agent_id, event.site, kind.value.lower(), exc)
-        if self.elector is None or self.elector.leading:
-            self.reconciler.trigger(f"agent {event.site} {kind.value}")
+        # An agent may rejoin while start() is still stopping a Ray cluster a killed control
+        # plane left, before the reconciler exists: its first pass sees every agent joined by then.
+        reconciler: Reconciler | None = getattr(self, "reconciler", None)
+        if reconciler is not None and (self.elector is None or self.elector.leading):
+            reconciler.trigger(f"agent {event.site} {kind.value}")
 
     def _register_site(self, event: agent_model.AgentEvent) -> None:
         """An agent joined a site nobody declared: record it as an edge Site from what it reports."""
