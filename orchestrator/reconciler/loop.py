@@ -169,10 +169,10 @@ class Reconciler:
         within seconds. Planning at once would call every edge site lost, tell its agent to
         unload what it serves as soon as it rejoins, and publish an empty table, so the
         first pass waits (at most ``takeover_s``) until every edge site that serves in the
-        inherited table (the one the old leader published) or holds replicas in the stored
-        placements has joined this replica; meanwhile gateways route from the inherited
-        table. A site that does not come back in that time is lost as any other: its agent
-        would have been declared lost by then anyway."""
+        inherited table (the one the old leader published) has joined this replica;
+        meanwhile gateways route from that table. A site that does not come back in that
+        time is lost as any other: its agent would have been declared lost by then anyway.
+        (A control plane on its own database inherits no table: see :meth:`resume`.)"""
         self._takeover = (self.clock() + takeover_s, frozenset(
             e.site for e in self.table.all_endpoints() if e.tier == "edge" and e.healthy)) if takeover_s > 0 else None
         self.lease = lease
@@ -217,29 +217,18 @@ class Reconciler:
     async def _await_takeover(self, every_s: float = 0.05) -> None:
         if self._takeover is None:
             return
-        (deadline, serving), self._takeover = self._takeover, None
+        (deadline, expected), self._takeover = self._takeover, None
         started = self.clock()
-        try:
-            expected = serving | await asyncio.to_thread(self._placed_edge_sites)
-        except store_mod.StoreError as exc:  # the passes that follow report the store's state
-            log.warning("cannot read the stored placements before the first pass: %s", exc)
-            expected = serving
         missing = set(expected)
         while missing and self.clock() < deadline and not self._stopping:
             missing = {site for site in missing if not ((a := self.hub.status(site)) is not None and a.healthy)}
             if missing:
                 await asyncio.sleep(every_s)
         if missing:
-            log.warning("first pass without %d edge site(s) that served before, after %.1fs (%s): they are planned as lost",
+            log.warning("took over without %d edge site(s) after %.1fs (%s): they are planned as lost",
                         len(missing), self.clock() - started, ", ".join(sorted(missing)[:5]))
         elif expected:
-            log.info("first pass: all %d edge site(s) that served before joined in %.2fs", len(expected), self.clock() - started)
-
-    def _placed_edge_sites(self) -> frozenset[str]:
-        """Edge sites holding replicas in the stored placements (the last plan before this
-        process led)."""
-        placed = {row.site for row in self.store.placements()}
-        return frozenset(o.name for o in self.store.list("Site") if o.name in placed and o.spec.get("tier") == "edge")
+            log.info("took over: all %d serving edge site(s) joined in %.2fs", len(expected), self.clock() - started)
 
     # -- gather --------------------------------------------------------------------
 
