@@ -21,7 +21,6 @@ from orchestrator.testing import harness, onnx_models
 from .conftest import ServeProcess, infer_body, start_two_sites, wait_for
 
 
-
 class Prober:
     """Posts to every agent back to back from a thread and keeps each answer that was not a
     200; :meth:`paused` holds it between two rounds (while the agents are stopped)."""
