@@ -280,6 +280,18 @@ class ControlPlane:
             raise OSError(exc.errno, f"cannot listen on {_address(cfg.host, cfg.port)} (HTTP API and gateway, --host/--port): "
                                      f"{exc.strerror or exc}") from exc
         port = sock.getsockname()[1]
+        host_for_url = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        self.http_url = f"http://{host_for_url}:{port}"
+        roots = cfg.artifact_roots or (cfg.data_dir / "artifacts",)
+        self.artifacts = artifacts.ArtifactCatalog(tuple(pathlib.Path(r).resolve() for r in roots), cfg.public_url or self.http_url,
+                                                  allowed_hosts=cfg.artifact_hosts)
+        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus,
+                                                             record_file=cfg.data_dir / "local-ray.json"),
+                                              kube_factory=cfg.kube_factory)
+        # Made before the agent listener starts: an agent may rejoin while the start below is
+        # still stopping a Ray cluster a killed control plane left; its events trigger this
+        # reconciler, whose first pass (once started) sees every agent joined by then.
+        self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
         self.relay_servicer = relay.RelayServicer(self.hub, lambda: self._relay_secret)
         try:
             self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls,
@@ -290,12 +302,6 @@ class ControlPlane:
         self.agent_target = f"{agent_host}:{self._agent_server.port}"
         self.agent_join_target = f"{agent_host}:{self._agent_server.join_port}" if self._agent_server.join_port else None
         self.ca_file = cfg.data_dir / "ca" / "ca.crt" if mtls else None
-
-        host_for_url = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        self.http_url = f"http://{host_for_url}:{port}"
-        roots = cfg.artifact_roots or (cfg.data_dir / "artifacts",)
-        self.artifacts = artifacts.ArtifactCatalog(tuple(pathlib.Path(r).resolve() for r in roots), cfg.public_url or self.http_url,
-                                                  allowed_hosts=cfg.artifact_hosts)
 
         self._http = upstream.UpstreamPool(connect_timeout=2.0, timeout=30.0)
         self.admission = admission.GatewayAdmission(
@@ -312,11 +318,7 @@ class ControlPlane:
                                      position=cfg.position, ready=lambda: self._started and self.table.published, max_body=cfg.gateway_max_body,
                                      cold_start_s=cfg.cold_start_timeout_s, cascade=self.cascades,
                                      admit=self.admission.check if (cfg.gateway_auth == "token" or cfg.gateway_rate > 0) else None)
-        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(endpoints=cfg.local_ray, num_cpus=cfg.local_ray_cpus, num_gpus=cfg.local_ray_gpus,
-                                                             record_file=cfg.data_dir / "local-ray.json"),
-                                              kube_factory=cfg.kube_factory)
         await self.datacentres.local.reclaim()  # a control plane killed with -9 on this data dir left its Ray running
-        self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
 
         self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
         self.publisher = watch_api.TablePublisher(self.table)  # standalone gateways follow the table (GET /v1/endpoints?watch=1)
@@ -592,11 +594,8 @@ class ControlPlane:
                     self._register_site(event)
             except store_mod.StoreError as exc:  # the hub goes on (this runs inside its join and liveness paths)
                 log.warning("cannot log that agent %s of site %s %s: %s", event.agent_id, event.site, kind.value.lower(), exc)
-        # An agent may rejoin while start() is still stopping a Ray cluster a killed control
-        # plane left, before the reconciler exists: its first pass sees every agent joined by then.
-        reconciler: Reconciler | None = getattr(self, "reconciler", None)
-        if reconciler is not None and (self.elector is None or self.elector.leading):
-            reconciler.trigger(f"agent {event.site} {kind.value}")
+        if self.elector is None or self.elector.leading:
+            self.reconciler.trigger(f"agent {event.site} {kind.value}")
 
     def _register_site(self, event: agent_model.AgentEvent) -> None:
         """An agent joined a site nobody declared: record it as an edge Site from what it reports."""
