@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.reconciler import inventory
+from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.simulation import report, scenario, sweep, whatif
 
@@ -20,14 +20,8 @@ SWEEPS = ("site", "region")
 
 def state_of(s: snap.Snapshot) -> whatif.State:
     """The planner's inputs for ``s``, exactly as a reconcile pass builds them."""
-    sites = tuple(inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name)) for r in s.sites)
-    deployments = tuple(
-        inventory.to_deployment(d, s.models[d.spec.model], s.autoscale[d.name].replicas if d.name in s.autoscale else None)
-        for d in s.deployments if d.spec.model in s.models
-    )
-    planned = {d.name for d in deployments}
-    current = tuple(r for r in inventory.current_replicas(s.placements) if r.deployment in planned)
-    return whatif.State(sites, deployments, current)
+    sites, deployments, current = planning.scheduler_inputs(s)
+    return whatif.State(tuple(sites), tuple(deployments), tuple(current))
 
 
 def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None = None) -> dict[str, Any]:

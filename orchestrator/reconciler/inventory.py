@@ -6,7 +6,7 @@ site without a live agent becomes unhealthy, and where ``EU`` becomes 27 countri
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from orchestrator.agents import model as agent_model
 from orchestrator.manifests import schema
@@ -43,9 +43,14 @@ def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, 
 
 
 def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None,
-            rejoining: bool = False) -> sched.Site:
+            rejoining: Sequence[sched.Variant] | None = None) -> sched.Site:
+    """The scheduler's view of a site. ``rejoining``: the site is rejoining (see
+    ``site_health``) and holds replicas of these variants; until its agent reports its
+    capacity again, the site is as big as they are (its declared capacity may be missing, as
+    for a site its agent registered, or smaller than what the agent measured): it keeps them
+    and takes nothing new."""
     spec = record.spec
-    healthy, _ = site_health(record, agent, dc, rejoining)
+    healthy, _ = site_health(record, agent, dc, rejoining is not None)
     cpu = spec.capacity.cpu if spec.capacity else 0.0
     memory = spec.capacity.memoryGiB if spec.capacity else 0.0
     gpus = tuple(sched.GpuGroup(g.model, g.count, g.memoryGiB) for g in spec.capacity.gpus) if spec.capacity else ()
@@ -53,6 +58,10 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         cpu = float(agent.capacity.cpu_cores)
         memory = agent.capacity.memory_total_bytes / GIB
         gpus = measured_gpus(agent.capacity)
+    elif agent is None and rejoining is not None:
+        cpu = sum(v.cpu for v in rejoining)
+        memory = sum(v.memory_mib for v in rejoining) / 1024
+        gpus = tuple(sched.GpuGroup(v.gpu_model or "", v.gpus, v.gpu_memory_gib) for v in rejoining if v.gpus)
     energy = spec.energy
     return sched.Site(
         name=record.name,

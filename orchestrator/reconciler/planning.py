@@ -91,11 +91,24 @@ def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
 
 
 def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sched_model.Deployment], list[sched_model.Replica]]:
-    sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name), r.name in s.rejoining) for r in s.sites]
     deployments = [inventory.to_deployment(d, s.models[d.spec.model], _autoscaled(s, d.name)) for d in s.deployments if d.spec.model in s.models]
     planned = {d.name for d in deployments}
     current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
+    held = _held_while_rejoining(s, deployments, current)
+    sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name), held.get(r.name)) for r in s.sites]
     return sites, deployments, current
+
+
+def _held_while_rejoining(s: snap.Snapshot, deployments: list[sched_model.Deployment],
+                          current: list[sched_model.Replica]) -> dict[str, list[sched_model.Variant]]:
+    """The variants of the replicas each rejoining site holds (see ``inventory.to_site``)."""
+    held: dict[str, list[sched_model.Variant]] = {site: [] for site in s.rejoining}
+    variants = {(d.name, v.name): v for d in deployments for v in d.variants}
+    for replica in current:
+        variant = variants.get((replica.deployment, replica.variant))
+        if replica.site in held and variant is not None:
+            held[replica.site].append(variant)
+    return held
 
 
 def _autoscaled(s: snap.Snapshot, deployment: str) -> int | None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from orchestrator.agents import model as agent_model
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
+from orchestrator.store import sql as store_mod
 
 from .test_views import example_snapshot, examples
 
@@ -63,25 +65,41 @@ def test_a_data_centre_another_writer_changed_is_given_this_leader_s_apps_again(
     assert again == [act.ApplyServeApps(site, given[site], "missing: x")]
 
 
+def _joined(site: str) -> agent_model.AgentStatus:
+    """A healthy agent at ``site`` that measured 8 cores and 32 GiB."""
+    capacity = agent_model.Capacity(8, 32 << 30, (), ("CPUExecutionProvider",))
+    return agent_model.AgentStatus(site, f"agt-{site}", "http://127.0.0.1:9", True, 0.0, 0.0, agent_model.Location("", "", None, None), {},
+                                   "test", capacity, ("CPUExecutionProvider",), 0, 0.0, 16 << 30, {}, 0, 0.5)
+
+
+def _on(sites: frozenset[str], rows: tuple[store_mod.PlacementRow, ...]) -> set[store_mod.PlacementRow]:
+    return {r for r in rows if r.site in sites}
+
+
 def test_edge_sites_still_rejoining_keep_their_replicas_and_are_sent_nothing() -> None:
     """Just after a restart no agent has rejoined. While their edge sites are awaited
-    (``rejoining``) the plan keeps the replicas there and pushes those sites nothing; once
-    they are no longer awaited, a site still without its agent loses its replicas and is
-    pushed an empty set, which an agent returning then would unload from."""
-    s = example_snapshot(examples())  # no agent at all
+    (``rejoining``) the plan keeps the replicas there, exactly, and pushes those sites
+    nothing, even where a site declares no capacity (its agent registered it: only the
+    agent's report said how big it is); once they are no longer awaited, a site still
+    without its agent loses its replicas and is pushed an empty set, which an agent
+    returning then would unload from."""
+    s = example_snapshot(examples())
     edge = frozenset(r.name for r in s.sites if r.spec.tier == "edge")
-    waiting = dataclasses.replace(s, rejoining=edge)
+    served = dataclasses.replace(s, agents=tuple(_joined(site) for site in sorted(edge)))
+    before = _on(edge, planning.placement_rows(planning.plan_pass(served).result))  # what the edge ran before the restart
+    assert before, "replicas on edge sites before the restart"
+    undeclared = tuple(dataclasses.replace(r, spec=r.spec.model_copy(update={"capacity": None})) if r.name in edge else r for r in s.sites)
+    waiting = dataclasses.replace(s, sites=undeclared, placements=tuple(sorted(before, key=repr)), rejoining=edge)
     first = planning.plan_pass(waiting)
-    placed = {r.site for r in planning.placement_rows(first.result)} & edge
-    assert placed, "replicas on edge sites while they are awaited"
+    assert _on(edge, planning.placement_rows(first.result)) == before
     assert not [a for a in first.actions if isinstance(a, act.PushAssignments) and a.site in edge]
     statuses = {i.name: i.status for a in first.actions if isinstance(a, act.SetStatuses) for i in a.items if i.kind == "Site"}
     assert {statuses[site]["health"] for site in edge} == {"Rejoining"}
     at_rest = dataclasses.replace(waiting, placements=planning.placement_rows(first.result))
     again = planning.plan_pass(at_rest)
-    assert {r.site for r in planning.placement_rows(again.result)} & edge == placed  # kept, pass after pass
+    assert _on(edge, planning.placement_rows(again.result)) == before  # kept, pass after pass
     assert not [a for a in again.actions if isinstance(a, act.PushAssignments) and a.site in edge]
     given_up = planning.plan_pass(dataclasses.replace(at_rest, rejoining=frozenset()))
-    assert not {r.site for r in planning.placement_rows(given_up.result)} & edge
+    assert not _on(edge, planning.placement_rows(given_up.result))
     emptied = {a.site for a in given_up.actions if isinstance(a, act.PushAssignments) and not a.assignments}
-    assert placed <= emptied
+    assert {r.site for r in before} <= emptied

@@ -8,6 +8,10 @@ const POLL_MS = 1000;
 const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, requests: {}, rates: {},
                 lastMetricsAt: 0, whatif: null, map: null, timer: null };
 
+// A site's health word, as the table colours it; anything else is bad. A Rejoining site kept
+// its replicas over a control-plane restart and waits for its agent to come back.
+const HEALTH_CLASS = { Healthy: "Healthy", Rejoining: "waiting" };
+
 function text(tag, value, cls) { const td = document.createElement(tag); td.textContent = value; if (cls) td.className = cls; return td; }
 
 function row(cells) { const tr = document.createElement("tr"); for (const c of cells) tr.appendChild(c); return tr; }
@@ -89,13 +93,15 @@ function siteViews() {
 function render() {
   const views = siteViews();
   const healthy = views.filter((v) => v.health === "Healthy").length;
+  const rejoining = views.filter((v) => v.health === "Rejoining").length;  // a restarted control plane awaits their agents
   const replicas = views.reduce((n, v) => n + v.replicas, 0);
-  $("summary").textContent = `${views.length} sites (${healthy} healthy) · ${state.deployments.length} deployments · ${replicas} replicas`;
+  $("summary").textContent = `${views.length} sites (${healthy} healthy${rejoining ? `, ${rejoining} rejoining` : ""}) · `
+    + `${state.deployments.length} deployments · ${replicas} replicas`;
   state.map.drawSites(views);
   renderResidency();
   if (state.whatif) state.map.drawMoves(state.whatif.moves, Object.fromEntries(views.map((v) => [v.name, v])));
   $("sites-body").replaceChildren(...views.map((v) => row([
-    text("td", v.name), text("td", v.tier), text("td", v.country), text("td", v.health, v.health === "Healthy" ? "Healthy" : "bad"),
+    text("td", v.name), text("td", v.tier), text("td", v.country), text("td", v.health, HEALTH_CLASS[v.health] || "bad"),
     text("td", String(v.replicas)), text("td", v.models.join(", ")), text("td", v.requests ? `${v.requests} (${v.rate.toFixed(1)}/s)` : "0"),
   ])));
   $("deployments-body").replaceChildren(...state.deployments.map((d) => {
