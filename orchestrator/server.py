@@ -323,6 +323,9 @@ class ControlPlane:
         self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
         self.publisher = watch_api.TablePublisher(self.table)  # standalone gateways follow the table (GET /v1/endpoints?watch=1)
         self.table.on_change = self.publisher.publish
+        shared = bool(cfg.store and is_postgres_url(cfg.store))  # replicas may share the database
+        if not shared:  # the only process on this database: it routes from the table its last run left until its first pass
+            self._inherit_table()
         app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [self._artifact_route()] + console.routes()
                                 + watch_api.routes(self.authenticator, self.store, self.publisher)
                                 + captures_api.routes(self.authenticator, self.store, self.captures)
@@ -335,7 +338,7 @@ class ControlPlane:
                 break
             await asyncio.sleep(0.01)
         self.replica_id = f"{socket.gethostname()}:{port}-{secrets.token_hex(3)}"  # a new holder each start
-        if cfg.store and is_postgres_url(cfg.store):  # replicas may share the database: lead by the lease
+        if shared:  # lead by the lease
             self.elector = leadership.Elector(self.store, self.replica_id, cfg.leader_lease_s, self._gain_lead, self._lose_lead)
             self.relay_client = relay.RelayClient(self.hub, self.replica_id, tls=self._relay_tls if mtls is not None else None,
                                                   agent_ca=self.agent_ca_sha256)
@@ -420,9 +423,7 @@ class ControlPlane:
     def _gain_lead(self, lease: store_mod.Lease) -> None:
         self.table.wakes.clear()  # counted while following; the new autoscaler starts from none
         if not self.table.all_endpoints():  # just started (a restart): inherit what the last leader published
-            with contextlib.suppress(store_mod.StoreError, ValueError):
-                if (got := self.store.published(wire.PUBLISHED_KEY, 0)) is not None:
-                    wire.apply_json(self.table, json.loads(got[1]))
+            self._inherit_table()
         if self.relay_client is not None:
             self.relay_client.point(None)  # its agents are the leader's own now
         self._relay_secret = secrets.token_urlsafe(32)
@@ -433,6 +434,14 @@ class ControlPlane:
             self.store.record(store_mod.Event(self.replica_id, "leader-elected", "ControlPlane", "leader",
                                               f"replica {self.replica_id} leads with fencing token {lease.token}",
                                               {"fencingToken": lease.token}), lease=lease)
+
+    def _inherit_table(self) -> None:
+        """Take the endpoint table last published to the store (a new leader's, or this
+        process's own after a restart): the gateway routes with it until the first pass, and
+        a restart keeps its rejoining sites' endpoints from it (``Reconciler.resume``)."""
+        with contextlib.suppress(store_mod.StoreError, ValueError):
+            if (got := self.store.published(wire.PUBLISHED_KEY, 0)) is not None:
+                wire.apply_json(self.table, json.loads(got[1]))
 
     def _lose_lead(self, reason: str) -> None:
         """Stop reconciling at once: a pass in flight is cancelled (its writes are fenced anyway)."""

@@ -20,7 +20,7 @@ from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import wire
+from orchestrator.gateway import routing, wire
 from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import autoscaler as autoscaler_mod
@@ -70,6 +70,9 @@ class Reconciler:
     lease: store_mod.Lease | None = None  # several replicas: the leader's lease, which fences its writes of intent
     _takeover: tuple[float, frozenset[str]] | None = None  # a new leader's first pass waits: (until, edge sites to rejoin)
     _rejoin: tuple[float, frozenset[str] | None] | None = None  # a restart: (until, edge sites not back yet; None: not read yet)
+    _remembered: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)  # a restart: the table's endpoints, by site
+    _publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _published: wire.TableContents | None = None  # what the last publish wrote
 
     def __post_init__(self) -> None:
         # A request for a model scaled to zero starts a pass at once, not at the next resync.
@@ -108,7 +111,7 @@ class Reconciler:
                     reasons.setdefault(d.name, why)
             if self.table.note_applied(reasons):
                 try:
-                    self._publish_table()
+                    await self._publish_table()
                 except store_mod.Fenced as exc:  # no longer leading: the new leader's passes publish
                     log.info("pending deployments not published: %s", exc)
 
@@ -172,7 +175,7 @@ class Reconciler:
         inherited table (the one the old leader published) has joined this replica;
         meanwhile gateways route from that table. A site that does not come back in that
         time is lost as any other: its agent would have been declared lost by then anyway.
-        (A control plane on its own database inherits no table: see :meth:`resume`.)"""
+        (A control plane on its own database plans at once instead: see :meth:`resume`.)"""
         self._takeover = (self.clock() + takeover_s, frozenset(
             e.site for e in self.table.all_endpoints() if e.tier == "edge" and e.healthy)) if takeover_s > 0 else None
         self.lease = lease
@@ -180,6 +183,7 @@ class Reconciler:
         self._applied.clear()
         self._dc_backoff.clear()
         self._dc_observed.clear()
+        self._published = None  # another leader may have published since this replica last did
         self.autoscaler = autoscaler_mod.Autoscaler()
         self.converging = False
         self._wake.set()  # the first pass runs at once
@@ -189,9 +193,15 @@ class Reconciler:
         agents come back on their next reconnect; until they do (at most ``rejoin_s``), an
         edge site that holds replicas in the stored placements keeps them and is sent
         nothing, so its agent goes on serving them (a pass that called it lost would have it
-        unload them the moment it rejoined). Passes run meanwhile, and the table gets each
-        agent as it comes back. A site not back in that time is lost as any other."""
+        unload them the moment it rejoined). Passes run meanwhile; the table keeps the
+        endpoints such a site had in the table this control plane started with (the one its
+        last run published, see ``ControlPlane``), and gets each agent as it comes back. A
+        site not back in that time is lost as any other."""
         self._rejoin = (self.clock() + rejoin_s, None)
+        by_site: dict[str, list[routing.Endpoint]] = {}
+        for e in self.table.all_endpoints():
+            by_site.setdefault(e.site, []).append(e)
+        self._remembered = {site: tuple(found) for site, found in by_site.items()}
         self._wake.set()
 
     def _rejoining(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
@@ -208,7 +218,7 @@ class Reconciler:
         if awaited and self.clock() < deadline:
             self._rejoin = (deadline, awaited)
             return awaited
-        self._rejoin = None
+        self._rejoin, self._remembered = None, {}
         if awaited:
             log.warning("%d edge site(s) that served before this control plane started did not rejoin in time (%s): "
                         "they are planned as lost", len(awaited), ", ".join(sorted(awaited)[:5]))
@@ -273,6 +283,7 @@ class Reconciler:
             applied_apps=dict(self._applied),
             autoscale=autoscale,
             rejoining=rejoining,
+            remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
         )
 
     def _resolve_artifacts(self, models: dict[str, schema.ModelSpec]) -> dict[tuple[str, str], snap.ArtifactRef]:
@@ -350,16 +361,24 @@ class Reconciler:
                 self.store.set_statuses([(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since)
-                self._publish_table()
+                await self._publish_table()
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))
-                self._publish_table()
+                await self._publish_table()
 
-    def _publish_table(self) -> None:
-        """Several replicas: the others' gateways route from the leader's table, the same
-        document the watch sends to standalone gateways (a new version only when it changed)."""
-        if self.lease is not None:
-            self.store.publish(wire.PUBLISHED_KEY, wire.table_to_text(self.table), lease=self.lease)
+    async def _publish_table(self) -> None:
+        """The table goes to the store, the same document the watch sends to standalone
+        gateways: several replicas' gateways route from the leader's, and a control plane
+        that restarts routes from the one it left until its agents have rejoined (see
+        :meth:`resume`). Only a table that changed, encoded and written in a thread (at
+        10,000 endpoints, about 25 ms that the gateway on this loop must not wait behind),
+        one at a time so that an older table never lands after a newer one."""
+        async with self._publishing:
+            contents = wire.contents_of(self.table)
+            if contents == self._published:
+                return
+            await asyncio.to_thread(lambda: self.store.publish(wire.PUBLISHED_KEY, wire.contents_to_text(contents), lease=self.lease))
+            self._published = contents
 
     async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...], drift: str = "") -> None:
         backoff = self._dc_backoff.get(site)

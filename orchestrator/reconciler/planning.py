@@ -260,6 +260,10 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
                       allowed_countries=inventory.allowed_countries(d.spec), fallback=tuple(d.spec.routing.fallback))
         if site.spec.tier == "edge":
             agent = agents.get(site.name)
+            if agent is None and site.name in s.rejoining:  # where it answered before the restart, until its agent is back
+                out.extend(routing.Endpoint(url=e.url, healthy=e.healthy, **common)
+                           for e in s.remembered.get(site.name, ()) if e.deployment == d.name and e.model == d.spec.model)
+                continue
             state = agent.models.get(d.spec.model) if agent else None
             if agent is None or state is None or not state.serving or state.deployment not in ("", d.name):
                 continue

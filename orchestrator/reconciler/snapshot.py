@@ -12,6 +12,7 @@ from functools import cached_property
 
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
+from orchestrator.gateway import routing
 from orchestrator.manifests import schema
 from orchestrator.reconciler import autoscaler
 from orchestrator.store import sqlite as store_mod
@@ -62,6 +63,9 @@ class Snapshot:
     # Edge sites that held replicas when this control plane started and whose agents have
     # not rejoined yet (for at most the takeover time): planned as they were, sent nothing.
     rejoining: frozenset[str] = frozenset()
+    # The endpoints a rejoining site had in the table this control plane started with (the
+    # one its last run published), by site: the table keeps them until its agent is back.
+    remembered: Mapping[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
 
     # Lookups by name, built once per snapshot: a pass touches every site and deployment,
     # and scanning the lists for each would make it quadratic in the fleet's size.

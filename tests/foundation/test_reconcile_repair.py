@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from orchestrator.agents import model as agent_model
+from orchestrator.gateway import routing
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
@@ -89,9 +90,17 @@ def test_edge_sites_still_rejoining_keep_their_replicas_and_are_sent_nothing() -
     before = _on(edge, planning.placement_rows(planning.plan_pass(served).result))  # what the edge ran before the restart
     assert before, "replicas on edge sites before the restart"
     undeclared = tuple(dataclasses.replace(r, spec=r.spec.model_copy(update={"capacity": None})) if r.name in edge else r for r in s.sites)
-    waiting = dataclasses.replace(s, sites=undeclared, placements=tuple(sorted(before, key=repr)), rejoining=edge)
+    # where each replica answered before the restart, as the table the control plane started with says
+    remembered = {site: tuple(routing.Endpoint(s.deployment_by_name[r.deployment].spec.model, r.deployment, site, "edge", "", "", 0.0, 0.0,
+                                               f"http://{site}.test:8081") for r in before if r.site == site) for site in {r.site for r in before}}
+    waiting = dataclasses.replace(s, sites=undeclared, placements=tuple(sorted(before, key=repr)), rejoining=edge, remembered=remembered)
     first = planning.plan_pass(waiting)
     assert _on(edge, planning.placement_rows(first.result)) == before
+    (published,) = [a for a in first.actions if isinstance(a, act.PublishEndpoints)]
+    # still routed to, with the rules of today's deployment (its residency)
+    assert {(e.deployment, e.site, e.url) for e in published.endpoints if e.site in edge} == \
+        {(r.deployment, r.site, f"http://{r.site}.test:8081") for r in before}
+    assert all(e.allowed_countries for e in published.endpoints if e.site in edge)
     assert not [a for a in first.actions if isinstance(a, act.PushAssignments) and a.site in edge]
     statuses = {i.name: i.status for a in first.actions if isinstance(a, act.SetStatuses) for i in a.items if i.kind == "Site"}
     assert {statuses[site]["health"] for site in edge} == {"Rejoining"}
@@ -99,7 +108,9 @@ def test_edge_sites_still_rejoining_keep_their_replicas_and_are_sent_nothing() -
     again = planning.plan_pass(at_rest)
     assert _on(edge, planning.placement_rows(again.result)) == before  # kept, pass after pass
     assert not [a for a in again.actions if isinstance(a, act.PushAssignments) and a.site in edge]
-    given_up = planning.plan_pass(dataclasses.replace(at_rest, rejoining=frozenset()))
+    given_up = planning.plan_pass(dataclasses.replace(at_rest, rejoining=frozenset(), remembered={}))
     assert not _on(edge, planning.placement_rows(given_up.result))
+    (published,) = [a for a in given_up.actions if isinstance(a, act.PublishEndpoints)]
+    assert not [e for e in published.endpoints if e.site in edge]
     emptied = {a.site for a in given_up.actions if isinstance(a, act.PushAssignments) and not a.assignments}
     assert {r.site for r in before} <= emptied
