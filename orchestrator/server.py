@@ -275,6 +275,7 @@ class ControlPlane:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((cfg.host, cfg.port))
+            sock.listen(2048)  # now, not when uvicorn starts: the agents' listener must not bind the same port
         except OSError as exc:  # the bare errno says neither what nor where
             sock.close()
             raise OSError(exc.errno, f"cannot listen on {_address(cfg.host, cfg.port)} (HTTP API and gateway, --host/--port): "

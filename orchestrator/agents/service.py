@@ -259,6 +259,9 @@ def server_options(max_receive_bytes: int = MAX_RECEIVE_BYTES) -> list[tuple[str
         ("grpc.server.max_pending_requests", MAX_PENDING_STREAMS),
         ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_STREAMS),
         ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_S),
+        # gRPC binds with SO_REUSEPORT by default: a second control plane given a taken
+        # --agent-port would share it, and the kernel would split the agents between the two
+        ("grpc.so_reuseport", 0),
     ]
 
 

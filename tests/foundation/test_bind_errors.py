@@ -58,6 +58,28 @@ def test_the_control_plane_names_the_address_it_cannot_bind(flag: str, what: str
     assert f"cannot listen on 127.0.0.1:{busy_port} ({what}" in proc.stderr, proc.stderr
 
 
+def test_an_agent_port_another_grpc_server_holds_is_not_shared(tmp_path: pathlib.Path) -> None:
+    """gRPC binds with SO_REUSEPORT unless told not to: a second control plane on a taken
+    --agent-port started, and the kernel split the agents between the two. The port here is
+    held as gRPC holds it, SO_REUSEPORT set; the same port for --port and --agent-port too."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        for ports, what in (((support.free_port(), taken), "agents"), ((taken, taken), "agents")):
+            if ports[0] == taken:  # --port and --agent-port the same: the HTTP socket is bound first, without SO_REUSEPORT
+                holder.close()
+            proc = subprocess.run([str(support.EDGEPLANE), "serve", "--data-dir", str(tmp_path / "data"), "--port", str(ports[0]),
+                                   "--agent-port", str(ports[1]), "--agent-join-port", "0", "--log-level", "warning"],
+                                  capture_output=True, text=True, timeout=60, env=support.clean_env(), cwd=tmp_path)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc
+            assert f"cannot listen on 127.0.0.1:{taken} ({what}" in proc.stderr, proc.stderr
+    finally:
+        holder.close()
+
+
 @pytest.mark.parametrize("command", [
     ["serve", "--port", "99999"], ["serve", "--agent-port", "-1"], ["serve", "--agent-join-port", "http"],
     ["gateway", "--control-plane", "http://127.0.0.1:8080", "--port", "70000"],
