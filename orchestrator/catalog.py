@@ -152,10 +152,15 @@ def delete_documents(store: store_mod.Store, docs: list[loader.LoadedDocument], 
 
 
 def rfc3339(ts: float | None) -> str | None:
-    """A stored Unix time as users read times in Kubernetes: RFC 3339 in UTC, to the second."""
+    """A stored Unix time as users read times in Kubernetes: RFC 3339 in UTC, to the second.
+    A time no date can show (a token's expiry stored by an earlier version, which took any
+    number) reads as None: one bad row must not break every listing it is in."""
     if ts is None:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def to_manifest(obj: store_mod.StoredObject) -> dict[str, Any]:

@@ -47,6 +47,11 @@ class Services(Protocol):
     async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]: ...
 
 
+#: The longest a token may live (a longer or non-finite ``ttlSeconds`` is refused: no date
+#: could show when it expires).
+MAX_TOKEN_TTL_S = 10 * 365 * 86400
+
+
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
@@ -71,6 +76,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 return await handler(request, caller)
             except bodies.BodyTooLarge as exc:
                 return error(413, str(exc))
+            except BadQuery as exc:
+                return error(400, str(exc))
             except ManifestError as exc:
                 return error(422, f"{len(exc.issues)} problem(s) in the manifests; nothing was applied", issues=[i.to_dict() for i in exc.issues])
             except catalog.UnknownKind as exc:
@@ -186,8 +193,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return error(400, "purpose must be 'bootstrap' or 'api'")
         if purpose == "api" and role not in auth.ROLES:
             return error(400, f"role must be one of {', '.join(auth.ROLES)}")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
-            return error(400, "ttlSeconds must be a positive number")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TOKEN_TTL_S):
+            return error(400, f"ttlSeconds must be a positive number of seconds, at most {MAX_TOKEN_TTL_S} (10 years)")
         secret, info = store.create_token(purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
         made = {"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at)}
         if purpose == "bootstrap" and services.agent_ca_sha256:
@@ -266,9 +273,24 @@ async def _documents(request: Request) -> list[loader.LoadedDocument]:
     return loader.load_text(body, (request.query_params.get("file") or "<request>")[:256])
 
 
+class BadQuery(ValueError):
+    """A query parameter the route does not take, or a value it cannot read (answered 400)."""
+
+
+FLAG_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def _flag(request: Request, name: str) -> bool:
-    """A boolean query parameter: ``1``, ``true`` or ``yes`` (any case) turn it on."""
-    return request.query_params.get(name, "false").lower() in ("1", "true", "yes")
+    """The route's one boolean query parameter: ``1``, ``true``, ``yes`` or ``0``, ``false``,
+    ``no`` (any case); absent is false. Any other value or parameter is refused, so that a
+    misspelt ``dryRun`` never applies for real."""
+    unknown = sorted(set(request.query_params) - {name})
+    if unknown:
+        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes only {name}")
+    value = request.query_params.get(name, "false")
+    if value.lower() not in FLAG_VALUES:
+        raise BadQuery(f"{name} must be true or false, not {value[:40]!r}")
+    return FLAG_VALUES[value.lower()]
 
 
 def _reason(request: Request, default: str) -> str:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator import catalog
 from orchestrator.manifests import loader
 
 from . import support
@@ -115,6 +116,25 @@ def test_dry_run_changes_nothing_and_returns_a_plan(api: httpx.Client, fleet: di
     assert support.user_events(store) == before_events
     assert support.desired_state(store) == before_objects
     assert api.get("/v1/modeldeployments/doc-fields-es").status_code == 404
+
+
+def test_a_dry_run_flag_that_cannot_be_read_applies_nothing(api: httpx.Client, fleet: dict, control_plane: support.ServerThread) -> None:
+    """Fail closed: a dryRun value, or a parameter, the API does not know is refused, never
+    taken for a real apply (``on``, ``t`` and a misspelt ``dry_run`` used to apply)."""
+    store = store_of(control_plane)
+    before = store.resource_version()
+    new = doc("ModelDeployment", "doc-fields-es", {"model": "doc-fields", "variant": "distilled", "replicas": {"min": 1, "max": 1},
+                                                   "placement": {"residency": ["ES"], "tiers": ["edge"]}})
+    for params in ({"dryRun": "on"}, {"dryRun": "t"}, {"dryRun": ""}, {"dry_run": "true"}, {"dryRun": "true", "force": "1"}):
+        r = api.post("/v1/apply", params=params, content=new)
+        assert r.status_code == 400, (params, r.text)
+        assert "dryRun" in r.json()["error"], r.text
+    assert store.resource_version() == before
+    assert api.get("/v1/modeldeployments/doc-fields-es").status_code == 404
+    for value in ("1", "TRUE", "yes"):
+        assert api.post("/v1/apply", params={"dryRun": value}, content=new).json()["dryRun"] is True
+    assert api.post("/v1/delete", params={"ignoreNotFound": "maybe"}, content=new).status_code == 400
+    assert store.resource_version() == before
 
 
 def test_dry_run_of_a_bad_manifest_is_refused_too(api: httpx.Client) -> None:
@@ -342,6 +362,14 @@ def test_token_auth_roles(secured: support.ServerThread) -> None:
 
         for bad in ({"purpose": "root"}, {"purpose": "api", "role": "god"}, {"purpose": "api", "role": "read", "ttlSeconds": -1}):
             assert c.post("/v1/tokens", json=bad, headers=admin).status_code == 400, bad
+        # a lifetime no date can show is refused before anything is stored (it used to be a
+        # 500 after the token was stored, and every later token list and events read failed)
+        tokens = len(c.get("/v1/tokens", headers=admin).json()["items"])
+        for ttl in (b"NaN", b"Infinity", b"1e400", b"1e308", str(10 * 365 * 86400 + 1).encode()):
+            r = c.post("/v1/tokens", content=b'{"purpose": "api", "role": "read", "ttlSeconds": ' + ttl + b"}", headers=admin)
+            assert r.status_code == 400 and "ttlSeconds" in r.json()["error"], (ttl, r.text)
+        assert len(c.get("/v1/tokens", headers=admin).json()["items"]) == tokens
+        assert c.get("/v1/events", headers=admin).status_code == 200
         assert c.post("/v1/tokens", content=b"not json", headers=admin).status_code == 400
 
 
@@ -393,3 +421,11 @@ def test_a_store_that_cannot_write_answers_503_with_why_and_applies_nothing(tmp_
             assert http.post("/v1/apply", content=body).status_code == 200
     finally:
         cp.stop()
+
+
+def test_a_stored_time_no_date_can_show_reads_as_none() -> None:
+    """A token expiry an earlier version stored unchecked (1e308, NaN) must not break the
+    token list and the event log that show it."""
+    for ts in (1e308, float("inf"), float("nan"), -1e308):
+        assert catalog.rfc3339(ts) is None, ts
+    assert catalog.rfc3339(0.0) == "1970-01-01T00:00:00Z"
