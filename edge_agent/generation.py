@@ -90,7 +90,7 @@ class Admission:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()  # granted just as the caller left: pass it on
-            else:
+            elif fut in self._waiters:  # unless a release() since the cancel dropped it and passed the slot on
                 self._waiters.remove(fut)
             raise
 

@@ -36,6 +36,24 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _dial_address(value: str) -> str:
+    """A HOST:PORT the agent dials, kept as written: gRPC takes an IPv6 host only in brackets."""
+    host, port = _host_port(value)
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: 0 is not a port to dial (1-65535)")
+    if ":" in host and not (value.startswith("[") and value.rpartition(":")[0].endswith("]")):
+        raise argparse.ArgumentTypeError(f"{value!r}: an IPv6 address goes in brackets, e.g. [::1]:{port}")
+    return value
+
+
+def _control_planes(value: str) -> str:
+    """Each of the comma-separated addresses: a bad one would otherwise fail every session, forever."""
+    targets = [t.strip() for t in value.split(",") if t.strip()]
+    if not targets:
+        raise argparse.ArgumentTypeError("needs at least one HOST:PORT")
+    return ",".join(_dial_address(t) for t in targets)
+
+
 def _label(value: str) -> tuple[str, str]:
     key, sep, val = value.partition("=")
     if not sep or not key:
@@ -124,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
         description="Join an edgeplane control plane and serve its models at this edge site.",
     )
     p.add_argument("--version", action="version", version=f"edgeplane-agent {edge_agent.__version__}")
-    p.add_argument("--control-plane", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+    p.add_argument("--control-plane", required=True, type=_control_planes, metavar="HOST:PORT[,HOST:PORT...]",
                    help="control plane gRPC address; several replicas' addresses separated by commas are tried in turn "
                         "(the next one when a session cannot be had)")
     p.add_argument("--site", required=True, type=_site, help="site name (DNS label), one agent per site")
@@ -153,7 +171,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-sha256", type=_sha256, metavar="HEX",
                    help="instead of --ca-file: the SHA-256 of the control plane's CA certificate ('edgeplane token create' "
                         "prints it); the agent takes the CA from the join listener only if it matches, and keeps it")
-    p.add_argument("--join-address", metavar="HOST:PORT",
+    p.add_argument("--join-address", type=_dial_address, metavar="HOST:PORT",
                    help="the control plane's join listener for the first join (default: the --control-plane address in use, port + 1)")
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
     p.add_argument("--max-request-bytes", type=_count(1, 2**40), default=edge_agent.DEFAULT_MAX_REQUEST_BYTES,
@@ -191,8 +209,6 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         _check_ca_file(args.ca_file)
     if args.lat is not None and not (-90 <= args.lat <= 90 and -180 <= args.lon <= 180):  # NaN fails too
         raise SystemExit(f"edgeplane-agent: --lat {args.lat} --lon {args.lon} is outside -90..90, -180..180")
-    if not [t for t in args.control_plane.split(",") if t.strip()]:
-        raise SystemExit("edgeplane-agent: --control-plane needs at least one HOST:PORT")
     return daemon.AgentConfig(
         control_plane=args.control_plane,
         site=args.site,

@@ -24,6 +24,14 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--drain-timeout", "inf"], "argument --drain-timeout: 'inf' is not a finite number"),
     (["--site", "edge-x", "--log-level", "bogus"], "argument --log-level: invalid choice: 'bogus'"),
     (["--site", "edge-x", "--ca-sha256", "abc"], "argument --ca-sha256: 'abc' is not a SHA-256"),
+    (["--site", "edge-x", "--control-plane", "nohostport"], "argument --control-plane: 'nohostport' must be HOST:PORT"),
+    (["--site", "edge-x", "--control-plane", "127.0.0.1:abc"], "argument --control-plane: '127.0.0.1:abc' must be HOST:PORT"),
+    (["--site", "edge-x", "--control-plane", "127.0.0.1:99999"], "argument --control-plane: '127.0.0.1:99999': 99999 is not a port"),
+    (["--site", "edge-x", "--control-plane", "cp:0"], "argument --control-plane: 'cp:0': 0 is not a port to dial"),
+    (["--site", "edge-x", "--control-plane", "::1:8081"], "argument --control-plane: '::1:8081': an IPv6 address goes in brackets"),
+    (["--site", "edge-x", "--control-plane", "cp-a:8081,cp-b"], "argument --control-plane: 'cp-b' must be HOST:PORT"),
+    (["--site", "edge-x", "--control-plane", " , "], "argument --control-plane: needs at least one HOST:PORT"),
+    (["--site", "edge-x", "--join-address", "cp:65536"], "argument --join-address: 'cp:65536': 65536 is not a port"),
 ])
 def test_a_bad_flag_is_a_usage_error(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -55,3 +63,14 @@ def test_good_flags_reach_the_config(tmp_path: pathlib.Path) -> None:
         BASE + ["--site", "edge-lyon", "--ca-file", str(ca), "--country", "fr", "--lat", "45.76", "--lon", "4.84"]))
     assert agent_main.parser().parse_args(BASE + ["--site", "edge-lyon", "--log-level", "WARNING"]).log_level == "warning"
     assert (config.site, config.country, config.ca_file, config.lat, config.lon) == ("edge-lyon", "FR", ca, 45.76, 4.84)
+
+
+@pytest.mark.parametrize(("value", "targets"), [
+    ("cp.example:7443", ["cp.example:7443"]),
+    ("[::1]:8081", ["[::1]:8081"]),
+    ("[2001:db8::1]:8081, cp-b:8081,", ["[2001:db8::1]:8081", "cp-b:8081"]),
+    ("10.0.0.1:8081,10.0.0.2:65535", ["10.0.0.1:8081", "10.0.0.2:65535"]),
+])
+def test_good_control_plane_addresses_are_dialled_as_written(value: str, targets: list[str]) -> None:
+    args = agent_main.parser().parse_args(["--control-plane", value, "--site", "edge-x", "--token", "t", "--join-address", "[::1]:8082"])
+    assert agent_main.config_from_args(args).control_planes == targets and args.join_address == "[::1]:8082"

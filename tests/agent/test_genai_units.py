@@ -101,6 +101,35 @@ async def test_admission_bounds_running_and_queued_and_hands_slots_on_in_order()
     assert gate.active == 0
 
 
+@pytest.mark.parametrize("order", ["cancel, release, leaver runs", "release, cancel, leaver runs", "cancel, leaver runs, release"])
+@pytest.mark.parametrize("behind", [0, 1])
+async def test_a_waiter_that_leaves_passes_its_slot_on_whatever_the_order(order: str, behind: int) -> None:
+    """A client that leaves while queued (its task cancelled) and the holder's release may
+    come in any order before the leaver's task runs again: the leaver ends cancelled, and
+    the slot goes to the waiter behind it or back to the pool, never lost nor doubled."""
+    gate = Admission(1, 4)
+    await gate.acquire()
+    leaver = asyncio.create_task(gate.acquire())
+    others = [asyncio.create_task(gate.acquire()) for _ in range(behind)]
+    await asyncio.sleep(0)
+    assert gate.queued == 1 + behind
+    for step in order.split(", "):
+        if step == "cancel":
+            leaver.cancel()
+        elif step == "release":
+            gate.release()
+        else:
+            with pytest.raises(asyncio.CancelledError):
+                await leaver
+    await asyncio.wait_for(asyncio.gather(*others), 1)
+    assert (gate.active, gate.queued) == (behind, 0)
+    for _ in range(behind):
+        gate.release()
+    assert gate.active == 0
+    await asyncio.wait_for(gate.acquire(), 1)  # the pool has its slot back
+    assert (gate.active, gate.queued) == (1, 0)
+
+
 def test_request_parsing_defaults_and_names() -> None:
     r = openai_api.parse(json.dumps({"model": "m", "prompt": ["one"], "logprobs": 2}).encode(), chat=False)
     assert (r.prompt, r.max_tokens, r.options.logprobs, r.options.top_logprobs, r.options.temperature) == ("one", 16, True, 2, 1.0)
