@@ -121,6 +121,10 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
         if agent is None:
             return {"state": "NoAgent", "ready": 0, "reason": "no edge agent has joined this site"}
         state = agent.models.get(deployment.spec.model) if deployment else None
+        if state is not None and state.deployment not in ("", row.deployment):
+            return {"state": "Conflict", "ready": 0,
+                    "reason": f"not sent: the agent serves model {state.name} for deployment {state.deployment} "
+                              "(an agent serves a model once, for the first deployment by name)"}
         if state is None:
             return unsent or {"state": "Assigned", "ready": 0, "reason": "sent to the agent, which has not reported the model yet"}
         out = {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}

@@ -287,12 +287,15 @@ def ready_replicas(s: snap.Snapshot, mine: Iterable[store_mod.PlacementRow], mod
 
 def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) -> int:
     """How many replicas of one placement row answer now: on an edge site, all of them
-    when its healthy agent serves ``model``; in a data centre, those its app runs."""
+    when its healthy agent serves ``model`` for this row's deployment (an agent serves a
+    model once, for the first deployment by name: see ``assignments``); in a data centre,
+    those its app runs."""
     site = s.site_by_name.get(row.site)
     if site is not None and site.spec.tier == "edge":
         agent = s.agent_by_site.get(row.site)
         state = agent.models.get(model) if agent is not None and model is not None else None
-        return row.replicas if agent is not None and agent.healthy and state is not None and state.serving else 0
+        return row.replicas if (agent is not None and agent.healthy and state is not None and state.serving
+                                and state.deployment in ("", row.deployment)) else 0
     dc = s.datacentres.get(row.site)
     app = dc.apps.get(app_name(row.site, row.deployment)) if dc is not None and dc.reachable else None
     return min(row.replicas, app.replicas_running) if app is not None else 0

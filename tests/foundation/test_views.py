@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator import views
 from orchestrator.adapters import serve_config
+from orchestrator.agents import model as agent_model
 from orchestrator.cli import main as cli_main
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import autoscaler, planning
@@ -108,3 +109,25 @@ def test_a_waiting_replica_says_why_in_placements_and_status() -> None:
         "assistant": [f"dc-paris: {waiting}"],
         "intent-eu": ["dc-frankfurt: connection refused", "edge-lyon: no edge agent has joined this site"],
     }
+
+
+def test_a_second_deployment_of_a_model_the_agent_serves_for_another_is_a_conflict_not_ready() -> None:
+    """An agent serves a model once, under its Model name, for the first deployment by name
+    that places it there; another deployment of that model on the same site is sent nothing.
+    Its replica was shown READY (the agent served the model, for the other deployment)."""
+    s = example_snapshot(examples())
+    first = next(d for d in s.deployments if d.name == "intent-eu")
+    second = dataclasses.replace(first, name="intent-eu-full")
+    sha = "35831637b80bdd36f96771ab77bf514a108f89a6d67ea078d044bfcc8b228703"
+    state = agent_model.ModelState("intent-classifier", sha, agent_model.ModelPhase.READY, serving_sha256=sha, deployment=first.name,
+                                   variant="distilled")
+    agent = agent_model.AgentStatus("edge-lyon", "agt-1", "http://127.0.0.1:9", True, 0.0, 0.0, agent_model.Location("FR", "", None, None),
+                                    {}, "test", agent_model.Capacity(8, 32 << 30, (), ("CPUExecutionProvider",)), ("CPUExecutionProvider",),
+                                    0, 0.0, 16 << 30, {"intent-classifier": state}, 0, 0.5)
+    s = dataclasses.replace(s, deployments=(*s.deployments, second), agents=(agent,))
+    rows = [store_mod.PlacementRow(first.name, "edge-lyon", "distilled", 1), store_mod.PlacementRow(second.name, "edge-lyon", "full", 1)]
+    shown = {item["deployment"]: item for item in views.placements(s, rows)["items"]}
+    assert (shown[first.name]["state"], shown[first.name]["ready"]) == ("READY", 1)
+    assert (shown[second.name]["state"], shown[second.name]["ready"]) == ("Conflict", 0)
+    assert f"for deployment {first.name}" in shown[second.name]["reason"]
+    assert [planning.row_ready(s, r, "intent-classifier") for r in rows] == [1, 0]
