@@ -118,6 +118,8 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
     unsent = {"state": "ArtifactError", "ready": 0, "reason": f"not sent: {ref.error}"} if ref is not None and ref.url is None else None
     if site.spec.tier == "edge":
         agent = s.agent_by_site.get(row.site)
+        if agent is None and row.site in s.rejoining:
+            return {"state": "Rejoining", "ready": 0, "reason": "kept while the site's agent reconnects to this restarted control plane"}
         if agent is None:
             return {"state": "NoAgent", "ready": 0, "reason": "no edge agent has joined this site"}
         state = agent.models.get(deployment.spec.model) if deployment else None

@@ -131,3 +131,11 @@ def test_a_second_deployment_of_a_model_the_agent_serves_for_another_is_a_confli
     assert (shown[second.name]["state"], shown[second.name]["ready"]) == ("Conflict", 0)
     assert f"for deployment {first.name}" in shown[second.name]["reason"]
     assert [planning.row_ready(s, r, "intent-classifier") for r in rows] == [1, 0]
+
+
+def test_a_replica_on_a_site_awaited_after_a_restart_is_rejoining_not_without_agent() -> None:
+    s = example_snapshot(examples())
+    rows = [store_mod.PlacementRow("intent-eu", "edge-lyon", "distilled", 1)]
+    (lost,) = views.placements(s, rows)["items"]
+    (awaited,) = views.placements(dataclasses.replace(s, rejoining=frozenset({"edge-lyon"})), rows)["items"]
+    assert (lost["state"], awaited["state"], awaited["ready"]) == ("NoAgent", "Rejoining", 0)
