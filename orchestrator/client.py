@@ -40,6 +40,7 @@ import httpx
 import numpy as np
 
 from edgeplane_proto import oip
+from orchestrator.urlpath import path_segment
 
 
 class EdgeplaneError(Exception):
@@ -282,7 +283,7 @@ class _Base:
     def _endpoints_requests(self, model: str) -> Iterator[tuple[str, str, dict[str, str]]]:
         """(gateway, URL, parameters) of the endpoint list, one per gateway in order."""
         for gateway in self._gateways():
-            yield gateway, f"{gateway}/v1/endpoints/{model}", _endpoint_params(self.location, self.region, self.residency)
+            yield gateway, f"{gateway}/v1/endpoints/{path_segment(model)}", _endpoint_params(self.location, self.region, self.residency)
 
     def _endpoints_answer(self, model: str, resp: httpx.Response | None) -> list[dict[str, Any]]:
         if resp is not None and resp.status_code == 200:
@@ -299,7 +300,7 @@ class _Base:
         through = {**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):
-            yield _Attempt(_url(f"{gateway}/v2/models/{model}/infer"), through, gateway=gateway, last=i == len(gateways) - 1)
+            yield _Attempt(_url(f"{gateway}/v2/models/{path_segment(model)}/infer"), through, gateway=gateway, last=i == len(gateways) - 1)
 
     def _chat_attempts(self, model: str, endpoints: list[dict[str, Any]]) -> Iterator[_Attempt]:
         """Generative replicas nearest first, then the gateways' OpenAI routes."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.cli import infer, render
+from orchestrator.cli import infer, render, textfile
 from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.urlpath import path_segment
 from orchestrator.gateway import cascade_rules
 from orchestrator.manifests import cascade as cascade_schema
 
@@ -36,7 +36,7 @@ MAX_LINES = 100_000
 
 
 def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
-    data = api.request("GET", "/v1/cascades" + (f"/{args.name}" if args.name else ""))
+    data = api.request("GET", "/v1/cascades" + (f"/{path_segment(args.name)}" if args.name else ""))
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
         return 0
@@ -110,7 +110,7 @@ def sweep(replayed: Sequence[Replayed], thresholds: Sequence[float]) -> list[Swe
 
 
 def _rule(api: ApiClient, name: str) -> tuple[str, cascade_rules.TensorRule]:
-    dep = api.request("GET", f"/v1/modeldeployments/{name}")
+    dep = api.request("GET", f"/v1/modeldeployments/{path_segment(name)}")
     cascade = dep.get("spec", {}).get("cascade")
     if not cascade:
         raise CliError(f"deployment {name!r} has no spec.cascade")
@@ -122,7 +122,7 @@ def _rule(api: ApiClient, name: str) -> tuple[str, cascade_rules.TensorRule]:
 
 def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
     try:
-        text = pathlib.Path(path).read_text()
+        text = textfile.read(path)
     except OSError as exc:
         raise CliError(f"-f {path}: cannot read the file: {exc.strerror or exc}", 2) from exc
     out = []
@@ -160,7 +160,7 @@ def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
 def _call(api: ApiClient, model: str, body: dict[str, Any], mode: str, headers: dict[str, str], rule: cascade_rules.TensorRule,
           where: str) -> tuple[np.ndarray, float, float]:
     started = time.perf_counter()
-    resp = api.raw("POST", f"/v2/models/{model}/infer", json=body, headers={**headers, "x-edgeplane-cascade": mode})
+    resp = api.raw("POST", f"/v2/models/{path_segment(model)}/infer", json=body, headers={**headers, "x-edgeplane-cascade": mode})
     ms = (time.perf_counter() - started) * 1000
     try:
         doc = resp.json()

@@ -18,6 +18,7 @@ import httpx
 from orchestrator import argtypes
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.urlpath import path_segment
 
 
 def cmd_distill(api: ApiClient, args: argparse.Namespace) -> int:
@@ -26,7 +27,7 @@ def cmd_distill(api: ApiClient, args: argparse.Namespace) -> int:
         options["zone"] = args.zone.upper()
     result: dict[str, Any] | None = None
     try:
-        with api._http.stream("POST", f"/v1/distill/{args.deployment}", json=options, timeout=None) as resp:
+        with api._http.stream("POST", f"/v1/distill/{path_segment(args.deployment)}", json=options, timeout=None) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 try:
@@ -71,11 +72,11 @@ def cmd_distill(api: ApiClient, args: argparse.Namespace) -> int:
 def cmd_captures(api: ApiClient, args: argparse.Namespace) -> int:
     zone = args.zone.upper()
     if args.delete:
-        api.request("DELETE", f"/v1/captures/{zone}/{args.delete}")
+        api.request("DELETE", f"/v1/captures/{path_segment(zone)}/{path_segment(args.delete)}")
         print(f"record {args.delete} deleted from zone {zone}")
         return 0
     params = {"limit": str(args.limit), **({"deployment": args.deployment} if args.deployment else {})}
-    body = api.request("GET", f"/v1/captures/{zone}", params=params)
+    body = api.request("GET", f"/v1/captures/{path_segment(zone)}", params=params)
     if args.output != "table":
         render.dump(body, args.output)
         return 0

@@ -1,7 +1,8 @@
 """The CLI's one connection to the control plane, with errors a script can trust.
 
 Every failure becomes :class:`CliError` carrying a one-line reason and an exit code:
-1 for a refusal by the server (4xx/5xx), 3 when the server cannot be reached.
+1 for a refusal by the server (4xx/5xx), 2 for a server URL or token that cannot be
+used at all, 3 when the server cannot be reached.
 """
 
 from __future__ import annotations
@@ -23,29 +24,45 @@ class CliError(Exception):
 
 def token_from_env(explicit: str | None) -> str | None:
     if explicit:
-        return explicit
+        return _checked_token(explicit, "--token")
     if os.environ.get("EDGEPLANE_TOKEN"):
-        return os.environ["EDGEPLANE_TOKEN"]
+        return _checked_token(os.environ["EDGEPLANE_TOKEN"], "EDGEPLANE_TOKEN")
     path = os.environ.get("EDGEPLANE_TOKEN_FILE")
     if path:
         try:
-            with open(path) as fh:
-                return fh.read().strip()
+            with open(path, encoding="utf-8") as fh:
+                token = fh.read().strip()
         except OSError as exc:  # a token the caller meant to send: not silently none
             raise CliError(f"EDGEPLANE_TOKEN_FILE {path}: {exc.strerror or exc}", 2) from None
+        except UnicodeDecodeError as exc:
+            raise CliError(f"EDGEPLANE_TOKEN_FILE {path}: not UTF-8 text (byte {exc.start})", 2) from None
+        return _checked_token(token, f"EDGEPLANE_TOKEN_FILE {path}")
     return None
+
+
+def _checked_token(token: str, source: str) -> str:
+    """The token travels in an HTTP header, which holds visible ASCII only; the tokens the
+    control plane issues are letters, digits, ``-`` and ``_``."""
+    if not all("!" <= c <= "~" for c in token):
+        raise CliError(f"{source}: the token has characters a token cannot have (spaces, control or non-ASCII characters)", 2)
+    return token
 
 
 class ApiClient:
     def __init__(self, server: str | None, token: str | None, timeout: float = 30.0):
+        source = "--server" if server else "EDGEPLANE_SERVER"
         self.server = (server or os.environ.get("EDGEPLANE_SERVER") or DEFAULT_SERVER).rstrip("/")
         headers = {"user-agent": "edgeplane-cli"}
         tok = token_from_env(token)
         if tok:
             headers["authorization"] = f"Bearer {tok}"
-        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+        try:
+            self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+        except httpx.InvalidURL as exc:
+            raise CliError(f"{source} {self.server!r} is not a URL such as {DEFAULT_SERVER} ({exc})", 2) from None
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object the control plane answered; anything else is a :class:`CliError`."""
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -54,13 +71,16 @@ class ApiClient:
             try:
                 body = resp.json()
             except ValueError:
+                body = None
+            if not isinstance(body, dict):
                 body = {"error": resp.text[:200] or resp.reason_phrase}
             issues = body.get("issues") or []
             details = [_issue_line(i) for i in issues]
             raise CliError(str(body.get("error", resp.reason_phrase)), 1, details)
-        if resp.headers.get("content-type", "").startswith("application/json"):
-            return resp.json()
-        return resp.text
+        doc = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else None
+        if not isinstance(doc, dict):  # a redirect (not followed), a proxy's page: no answer to read
+            raise CliError(f"the control plane answered {method} {path} with HTTP {resp.status_code} and no JSON object")
+        return doc
 
     def raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The response whatever its status (for commands that read headers too)."""

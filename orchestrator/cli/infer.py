@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
+import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from orchestrator.cli import render
+from orchestrator.cli import render, textfile
 from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.urlpath import path_segment
 
 
 def body_of(data: str, input_names: Callable[[], list[str]] | None = None) -> dict[str, Any]:
     """The v2 request for ``--data``: ``{"INPUT": [[...]]}``, a v2 body, or a bare array when
     the model takes one input (``input_names`` asks the model's metadata for its name)."""
     try:
-        text = pathlib.Path(data[1:]).read_text() if data.startswith("@") else data
+        text = textfile.read(data[1:], 2) if data.startswith("@") else data
     except OSError as exc:
         raise CliError(f"--data {data}: cannot read the file: {exc.strerror or exc}", 2) from exc
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_constant=_refuse_non_finite, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise CliError(f"--data is not JSON: {exc}", 2) from exc
     if isinstance(doc, dict) and "inputs" in doc:
@@ -39,6 +40,18 @@ def body_of(data: str, input_names: Callable[[], list[str]] | None = None) -> di
         datatype = "BYTES" if flat and isinstance(flat[0], str) else ("INT64" if flat and all(isinstance(v, int) for v in flat) else "FP32")
         inputs.append({"name": name, "shape": shape, "datatype": datatype, "data": flat})
     return {"inputs": inputs}
+
+
+def _refuse_non_finite(token: str) -> NoReturn:
+    # the body goes out as JSON, which has no NaN or Infinity (json.loads reads them, json.dumps refuses them)
+    raise CliError(f"{token} in the inputs: a tensor sent as JSON holds finite numbers only", 2)
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):  # 1e999: past the largest float
+        _refuse_non_finite(token)
+    return value
 
 
 def _shape(value: Any) -> tuple[list[int], list[Any]]:
@@ -66,7 +79,7 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     headers = caller_headers(args)
 
     def input_names() -> list[str]:
-        meta = api.raw("GET", f"/v2/models/{args.model}", headers=headers)
+        meta = api.raw("GET", f"/v2/models/{path_segment(args.model)}", headers=headers)
         try:
             doc = meta.json()
         except ValueError:
@@ -77,7 +90,7 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
 
     body = body_of(args.data, input_names)
     started = time.perf_counter()
-    resp = api.raw("POST", f"/v2/models/{args.model}/infer", json=body, headers=headers)
+    resp = api.raw("POST", f"/v2/models/{path_segment(args.model)}/infer", json=body, headers=headers)
     elapsed = (time.perf_counter() - started) * 1000
     try:
         body = resp.json()

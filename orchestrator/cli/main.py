@@ -15,13 +15,15 @@ import pathlib
 import sys
 import time
 import types
+import urllib.parse
 from typing import Any
 
 import orchestrator
 from orchestrator import argtypes
 from orchestrator.cli import distill as distill_cli
-from orchestrator.cli import render
-from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.cli import render, textfile
+from orchestrator.cli.http import ApiClient, CliError, token_from_env
+from orchestrator.urlpath import path_segment
 from orchestrator.manifests.errors import ManifestError
 
 
@@ -46,10 +48,7 @@ def _read_manifests(paths: list[str]) -> str:
             if f.resolve() in seen:  # `-f dir -f dir/a.yaml` names a.yaml once
                 continue
             seen.add(f.resolve())
-            try:
-                out.append((str(f), f.read_text(encoding="utf-8")))
-            except UnicodeDecodeError as exc:
-                raise CliError(f"{f}: not UTF-8 text (byte {exc.start})", 1) from exc
+            out.append((str(f), textfile.read(f)))
     return _loader().bundle(out)
 
 
@@ -139,7 +138,7 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
         from orchestrator.cli import cascade as cascade_cli  # numpy and the cascade rules: only for this command
 
         return cascade_cli.cmd_get(api, args)
-    path = f"/v1/{args.kind}" + (f"/{args.name}" if args.name else "")
+    path = f"/v1/{path_segment(args.kind)}" + (f"/{path_segment(args.name)}" if args.name else "")
     try:
         data = api.request("GET", path)
     except CliError as exc:  # the control plane knows its object kinds; `get` reads three more views
@@ -156,7 +155,7 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 def cmd_describe(api: ApiClient, args: argparse.Namespace) -> int:
-    data = api.request("GET", f"/v1/{args.kind}/{args.name}", params={"describe": "true"})
+    data = api.request("GET", f"/v1/{path_segment(args.kind)}/{path_segment(args.name)}", params={"describe": "true"})
     if args.output in ("json", "yaml"):
         render.dump(data, args.output)
         return 0
@@ -186,7 +185,7 @@ def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
         return 0
     if not (args.kind and args.name):
         raise CliError("give -f FILE or KIND NAME", 2)
-    api.request("DELETE", f"/v1/{args.kind}/{args.name}", headers=_with_reason({}, args))
+    api.request("DELETE", f"/v1/{path_segment(args.kind)}/{path_segment(args.name)}", headers=_with_reason({}, args))
     print(f"{args.kind.lower()}/{args.name} deleted")
     return 0
 
@@ -340,7 +339,7 @@ def _list_tokens(api: ApiClient, args: argparse.Namespace) -> int:
 def cmd_revoke(api: ApiClient, args: argparse.Namespace) -> int:
     """A token stops working at once; an agent's streams end now and it cannot rejoin on
     any bootstrap token that existed before the revocation."""
-    api.request("POST", f"/v1/revoke/{args.what}s/{args.name}", headers=_with_reason({}, args))
+    api.request("POST", f"/v1/revoke/{args.what}s/{path_segment(args.name)}", headers=_with_reason({}, args))
     print(f"{args.what} {args.name} revoked")
     return 0
 
@@ -381,15 +380,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    for url in args.control_plane:
+        try:
+            urllib.parse.urlsplit(url)
+        except ValueError as exc:  # an unclosed IPv6 bracket: the gateway checks the rest of each URL itself
+            print(f"error: --control-plane {url!r} is not a URL ({exc})", file=sys.stderr)
+            return 2
+    try:
+        token = token_from_env(getattr(args, "token", None))
+    except CliError as exc:  # a token file that cannot be read, a token that cannot travel in a header
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
     from orchestrator.gatewayd import server as gatewayd
 
-    token = getattr(args, "token", None) or os.environ.get("EDGEPLANE_TOKEN")
-    if not token and os.environ.get("EDGEPLANE_TOKEN_FILE"):
-        try:
-            token = pathlib.Path(os.environ["EDGEPLANE_TOKEN_FILE"]).read_text().strip()
-        except OSError as exc:
-            print(f"error: EDGEPLANE_TOKEN_FILE: {exc.strerror or exc}", file=sys.stderr)
-            return 2
     return gatewayd.main(args, token)
 
 
@@ -407,6 +410,15 @@ def _loader() -> types.ModuleType:
 
 
 FILE_HELP = "file, directory or - for stdin; repeat -f for more (one atomic bundle)"
+
+
+def _header_text(text: str) -> str:
+    """argparse type of the options sent as HTTP headers (``--reason``, ``--region``,
+    ``--residency``): a header value holds printable ASCII only, and cannot keep blanks at
+    its ends (they are dropped)."""
+    if not all(" " <= c <= "~" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r}: only printable ASCII travels in an HTTP header (no accents, no line breaks)")
+    return text.strip()
 
 
 SERVER_HELP = "control plane URL (default: $EDGEPLANE_SERVER or http://127.0.0.1:8080)"
@@ -460,7 +472,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("apply", help="create or update objects from manifests (atomic)"))
     sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
-    sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
+    sp.add_argument("--reason", type=_header_text, help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("plan", help="show what apply would change, per site"))
     sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
     sp = with_output(client_parser("get", help=f"list objects: {GET_KINDS}"))
@@ -474,7 +486,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--ignore-not-found", action="store_true", help="with -f: skip objects that do not exist instead of refusing the bundle")
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
-    sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
+    sp.add_argument("--reason", type=_header_text, help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("events", help="the audit/event log: the newest events, oldest first"))
     sp.add_argument("--limit", type=argtypes.item_count, default=50, help="how many, 1 to 10000 (default 50)")
     sp.add_argument("--since", type=argtypes.whole_number(0), metavar="ID", help="the events after this one instead of the newest (to follow the log)")
@@ -496,7 +508,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = client_parser("revoke", help="revoke a token, or an agent's identity (its streams end; it must join again with a new token)")
     sp.add_argument("what", choices=["token", "agent"])
     sp.add_argument("name", help="the token's id, or the agent's site")
-    sp.add_argument("--reason", help="why (recorded in the event log with your identity)")
+    sp.add_argument("--reason", type=_header_text, help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("simulate", help="what-if: fail sites/regions, scale demand, change carbon; nothing changes"))
     sp.add_argument("-f", "--file", action="append", help="simulate the fleet of these manifests here, not the live one (repeatable)")
     sp.add_argument("--scenario", help="scenario file (kind: Scenario; see docs/simulation.md)")
@@ -517,8 +529,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("--data", required=True, help="JSON inputs ({\"input\": [[...]]}, a v2 body, or an array for a model of one input) or @FILE")
     sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
-    sp.add_argument("--region", help="caller region")
-    sp.add_argument("--residency", help="caller residency, e.g. FR")
+    sp.add_argument("--region", type=_header_text, help="caller region")
+    sp.add_argument("--residency", type=_header_text, help="caller residency, e.g. FR")
     casc = client_parser("cascade", help="cascades: pick a threshold from replayed samples")
     csub = casc.add_subparsers(dest="cascade_command", required=True)
     sp = with_output(csub.add_parser("tune", parents=[connection],
@@ -527,8 +539,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("-f", "--file", required=True, help='JSONL, one sample a line: {"input": [[...]], "label": 2}')
     sp.add_argument("--thresholds", help="comma-separated, in (0, 1] (default 0.5,0.6,0.7,0.75,0.8,0.85,0.9,0.95,0.99)")
     sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
-    sp.add_argument("--region", help="caller region")
-    sp.add_argument("--residency", help="caller residency, e.g. FR")
+    sp.add_argument("--region", type=_header_text, help="caller region")
+    sp.add_argument("--residency", type=_header_text, help="caller residency, e.g. FR")
     sp = client_parser("chat", help="ask a generative model; the answer streams to the terminal")
     sp.add_argument("-o", "--output", choices=["text", "json", "yaml"], default="text", help="json/yaml: the whole answer at once")
     sp.add_argument("model")
@@ -537,8 +549,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens", type=argtypes.whole_number(1), help="most tokens to generate (default 512)")
     sp.add_argument("--temperature", type=argtypes.number(0, 2), help="0 (greedy) to 2")
     sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
-    sp.add_argument("--region", help="caller region")
-    sp.add_argument("--residency", help="caller residency, e.g. FR")
+    sp.add_argument("--region", type=_header_text, help="caller region")
+    sp.add_argument("--residency", type=_header_text, help="caller residency, e.g. FR")
     sp.add_argument("--timeout", type=argtypes.number(0, above=True), default=120.0, help="seconds (default 120)")
     distill_cli.add_parsers(client_parser, with_output)
     return p

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.cli import render
+from orchestrator.cli import render, textfile
 from orchestrator.cli.http import ApiClient, CliError
 from orchestrator.manifests import loader, references, schema
 from orchestrator.manifests.errors import ManifestError
@@ -45,7 +45,7 @@ def scenario_document(args: argparse.Namespace) -> dict[str, Any]:
     if args.scenario:
         path = pathlib.Path(args.scenario)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(textfile.read(path)) or {}
         except OSError as exc:
             raise CliError(f"{args.scenario}: {exc.strerror or exc}", 2) from None
         except yaml.YAMLError as exc:
@@ -88,10 +88,7 @@ def _load(paths: list[str]) -> list[loader.LoadedDocument]:
         if not found:
             raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
         for f in found:
-            try:
-                docs.extend(loader.load_text(f.read_text(encoding="utf-8"), str(f)))
-            except UnicodeDecodeError as exc:
-                raise CliError(f"{f}: not UTF-8 text (byte {exc.start})", 1) from exc
+            docs.extend(loader.load_text(textfile.read(f), str(f)))
     seen: dict[tuple[str, str], str] = {}
     for d in docs:
         if (d.kind, d.name) in seen:
@@ -114,12 +111,12 @@ def local_state(paths: list[str]) -> whatif.State:
 
 
 def run(api: ApiClient, args: argparse.Namespace) -> int:
-    doc = scenario_document(args)
     each = "site" if args.each_site else "region" if args.each_region else None
     source = args.scenario or "<flags>"
     started = time.perf_counter()
     loading = 0.0
     try:
+        doc = scenario_document(args)  # a scenario file that is not a Scenario is refused here
         if args.file:
             state = local_state(args.file)
             loading = time.perf_counter() - started

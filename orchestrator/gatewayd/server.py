@@ -69,7 +69,10 @@ class GatewayConfig:
 
 
 def parse_control_plane(url: str) -> str:
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. "http://[::1": an unclosed IPv6 host
+        raise ConfigError(f"--control-plane {url!r} is not a URL ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"--control-plane {url!r} is not an http(s) URL such as http://10.0.0.5:8080")
     try:

@@ -418,6 +418,27 @@ def test_times_are_rfc3339_and_numbers_readable(serve: support.ServeProcess, app
     assert not long_decimals, long_decimals
 
 
+def test_a_name_is_one_path_segment_never_another_object(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    """A name goes into the URL escaped: ``..``, ``/``, ``?`` and ``%`` in it name that object
+    (which does not exist), never another path or a query."""
+    ok("apply", "-f", "-", server=serve, stdin=doc("Site", "cli-victim", support.edge_site_spec()))
+    try:
+        for argv in (["delete", "model", "../sites/cli-victim"], ["captures", "EU", "--delete", "../../sites/cli-victim"]):
+            assert cli(*argv, server_url=serve.url).returncode == 1
+            assert "cli-victim" in ok("get", "site", "cli-victim", server=serve), f"edgeplane {' '.join(argv)} deleted Site cli-victim"
+        for argv, error in ((["get", "sites", "edge-lyon?x=1"], "Site 'edge-lyon?x=1' does not exist"),
+                            (["get", "site", ".."], "Site '..' does not exist"),
+                            (["describe", "site", "edge-lyon%2f"], "Site 'edge-lyon%2f' does not exist"),
+                            (["describe", "site", "edge-lyon/"],  # the server redirects to edge-lyon: not the object asked for
+                             "the control plane answered GET /v1/site/edge-lyon%2F with HTTP 307 and no JSON object"),
+                            (["infer", "intent-classifier?x=1", "--data", '{"input": [[0.5]]}'], "model 'intent-classifier?x=1' is not deployed")):
+            proc = cli(*argv, server_url=serve.url)
+            assert proc.returncode == 1 and proc.stderr.splitlines()[0].startswith(f"error: {error}"), proc
+            assert len(proc.stderr.splitlines()) == 1 and proc.stdout == "", proc
+    finally:
+        ok("delete", "site", "cli-victim", server=serve)
+
+
 def test_describe_model_shows_each_variants_inputs_and_outputs(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
     data = json.loads(ok("describe", "model", "intent-classifier", "-o", "json", server=serve))
     variants = {v["name"]: v for v in data["variants"]}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import pathlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -145,6 +147,11 @@ def test_main_returns_1_in_process(odd_server: str, capsys: pytest.CaptureFixtur
     (["serve", "--gateway-burst", "nan"], "argument --gateway-burst: 'nan' is not 0 or more"),
     (["gateway", "--control-plane", "http://x", "--gateway-max-body", "0"], "argument --gateway-max-body: 0 is not 1 or more"),
     (["gateway", "--control-plane", "http://x", "--cold-start-timeout", "601"], "argument --cold-start-timeout: '601' is not from 0 to 600"),
+    # sent as HTTP headers, which hold printable ASCII only
+    (["delete", "site", "x", "--reason", "raté"], "argument --reason: 'raté': only printable ASCII travels in an HTTP header"),
+    (["apply", "-f", "x.yaml", "--reason", "a\nb"], "argument --reason: 'a\\nb': only printable ASCII travels in an HTTP header"),
+    (["chat", "m", "hi", "--region", "é"], "argument --region: 'é': only printable ASCII travels in an HTTP header"),
+    (["infer", "m", "--data", "{}", "--residency", "F\tR"], "argument --residency: 'F\\tR': only printable ASCII travels in an HTTP header"),
 ])
 def test_a_bad_caller_option_is_a_usage_error_naming_the_option(argv: list[str], expected: str,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -169,3 +176,58 @@ def test_infer_data_as_a_bare_array_needs_a_model_of_one_input() -> None:
         infer.body_of("[[1.5]]", lambda: ["a", "b"])
     with pytest.raises(CliError, match="or an array for a model of one input"):
         infer.body_of('"text"', lambda: ["x"])
+
+
+BAD_INPUT = [  # argv ({tmp}: a folder with the files below), environment, exit code, the one line on stderr
+    (["--server", "http://[::1", "get", "sites"], {}, 2,
+     "error: --server 'http://[::1' is not a URL such as http://127.0.0.1:8080 (Invalid port: ':1')"),
+    (["--server", "http://a:b:c", "get", "sites"], {}, 2,
+     "error: --server 'http://a:b:c' is not a URL such as http://127.0.0.1:8080 (Invalid port: 'b:c')"),
+    (["get", "sites"], {"EDGEPLANE_SERVER": "http://[::1"}, 2,
+     "error: EDGEPLANE_SERVER 'http://[::1' is not a URL such as http://127.0.0.1:8080 (Invalid port: ':1')"),
+    (["--token", "é☃", "get", "sites"], {}, 2,
+     "error: --token: the token has characters a token cannot have (spaces, control or non-ASCII characters)"),
+    (["get", "sites"], {"EDGEPLANE_TOKEN": "é☃"}, 2,
+     "error: EDGEPLANE_TOKEN: the token has characters a token cannot have (spaces, control or non-ASCII characters)"),
+    (["get", "sites"], {"EDGEPLANE_TOKEN_FILE": "{tmp}/binary"}, 2, "error: EDGEPLANE_TOKEN_FILE {tmp}/binary: not UTF-8 text (byte 0)"),
+    (["infer", "m", "--data", "[[1]]", "--token", "é☃"], {}, 2,
+     "error: --token: the token has characters a token cannot have (spaces, control or non-ASCII characters)"),
+    (["chat", "m", "hi", "--token", "a\nb"], {}, 2,
+     "error: --token: the token has characters a token cannot have (spaces, control or non-ASCII characters)"),
+    (["gateway", "--control-plane", "http://[::1"], {}, 2, "error: --control-plane 'http://[::1' is not a URL (Invalid IPv6 URL)"),
+    (["gateway", "--control-plane", "http://127.0.0.1:9", "--token", "é☃"], {}, 2,
+     "error: --token: the token has characters a token cannot have (spaces, control or non-ASCII characters)"),
+    (["infer", "m", "--data", '{"input": [[NaN]]}'], {}, 2, "error: NaN in the inputs: a tensor sent as JSON holds finite numbers only"),
+    (["infer", "m", "--data", "[[1e999]]"], {}, 2, "error: 1e999 in the inputs: a tensor sent as JSON holds finite numbers only"),
+    (["infer", "m", "--data", '{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [-Infinity]}]}'], {}, 2,
+     "error: -Infinity in the inputs: a tensor sent as JSON holds finite numbers only"),
+    (["cascade", "tune", "c", "-f", "{tmp}/nan.jsonl"], {}, 1,
+     "error: {tmp}/nan.jsonl:1: NaN in the inputs: a tensor sent as JSON holds finite numbers only"),
+    (["infer", "m", "--data", "@{tmp}/binary"], {}, 2, "error: {tmp}/binary: not UTF-8 text (byte 0)"),
+    (["simulate", "--scenario", "{tmp}/binary"], {}, 1, "error: {tmp}/binary: not UTF-8 text (byte 0)"),
+    (["cascade", "tune", "c", "-f", "{tmp}/binary"], {}, 1, "error: {tmp}/binary: not UTF-8 text (byte 0)"),
+    (["apply", "-f", "{tmp}/binary.yaml"], {}, 1, "error: {tmp}/binary.yaml: not UTF-8 text (byte 0)"),
+    (["simulate", "--scenario", "{tmp}/list.yaml"], {}, 1, "error: {tmp}/list.yaml: a scenario is a mapping with kind: Scenario and a spec"),
+]
+
+
+@pytest.mark.parametrize(("argv", "env", "code", "expected"), BAD_INPUT)
+def test_bad_input_is_one_line_and_no_request_is_sent(argv: list[str], env: dict[str, str], code: int, expected: str,
+                                                      tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before anything is sent (the server is a closed port): a usage error (2) or the
+    input's own problem (1), said in one line; never a traceback, never "this is a bug"."""
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00binary")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00binary")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "nan.jsonl").write_text('{"input": [[NaN]], "label": 1}\n')
+    for key in [k for k in os.environ if k.startswith("EDGEPLANE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("EDGEPLANE_SERVER", f"http://127.0.0.1:{support.closed_port()}")
+    def here(text: str) -> str:
+        return text.replace("{tmp}", str(tmp_path))
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, here(value))
+    assert cli_main.main([here(a) for a in argv]) == code
+    assert capsys.readouterr().err.splitlines() == [here(expected)]

@@ -269,3 +269,13 @@ async def test_the_chat_command_ends_a_cut_answer_s_line_before_its_one_line_err
     out, err = capsys.readouterr()
     assert code == 1 and out == "Hello\n", (out, err)
     assert err.startswith(f"error: the answer from {url} was cut after 5 characters: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_model_name_is_one_path_segment_of_every_url_the_client_builds() -> None:
+    """``a?x=1`` is that model, not model ``a`` with a query; ``..`` is not a step up."""
+    with client_mod.Client("http://127.0.0.1:9") as c:
+        for name, segment in (("a?x=1", "a%3Fx%3D1"), ("../sites/x", "..%2Fsites%2Fx"), ("..", "%2E%2E"), ("intent", "intent")):
+            ((_, url, _),) = c._endpoints_requests(name)
+            assert url == f"http://127.0.0.1:9/v1/endpoints/{segment}", url
+            (attempt,) = c._attempts(name, [], {})
+            assert str(attempt.url) == f"http://127.0.0.1:9/v2/models/{segment}/infer", attempt.url
