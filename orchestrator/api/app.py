@@ -281,12 +281,13 @@ FLAG_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False,
 
 
 def _flag(request: Request, name: str) -> bool:
-    """The route's one boolean query parameter: ``1``, ``true``, ``yes`` or ``0``, ``false``,
-    ``no`` (any case); absent is false. Any other value or parameter is refused, so that a
-    misspelt ``dryRun`` never applies for real."""
-    unknown = sorted(set(request.query_params) - {name})
+    """The one boolean query parameter of a route that reads documents (``apply``,
+    ``delete``; besides ``file``, the name errors give them): ``1``, ``true``, ``yes`` or
+    ``0``, ``false``, ``no`` (any case); absent is false. Any other value or parameter is
+    refused, so that a misspelt ``dryRun`` never applies for real."""
+    unknown = sorted(set(request.query_params) - {name, "file"})
     if unknown:
-        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes only {name}")
+        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes {name} and file")
     value = request.query_params.get(name, "false")
     if value.lower() not in FLAG_VALUES:
         raise BadQuery(f"{name} must be true or false, not {value[:40]!r}")

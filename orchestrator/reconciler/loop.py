@@ -72,6 +72,7 @@ class Reconciler:
     _rejoin: tuple[float, frozenset[str] | None] | None = None  # a restart: (until, edge sites not back yet; None: not read yet)
     _remembered: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)  # a restart: the table's endpoints, by site
     _publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _publishes: set[asyncio.Task[None]] = field(default_factory=set)
     _published: wire.TableContents | None = None  # what the last publish wrote
 
     def __post_init__(self) -> None:
@@ -110,10 +111,7 @@ class Reconciler:
                 if d.spec.get("cascade"):  # a cascade is called by its deployment's name too
                     reasons.setdefault(d.name, why)
             if self.table.note_applied(reasons):
-                try:
-                    await self._publish_table()
-                except store_mod.Fenced as exc:  # no longer leading: the new leader's passes publish
-                    log.info("pending deployments not published: %s", exc)
+                self._publish_table()
 
     async def wait_for_pass(self, after: int, timeout: float = 30.0) -> int:
         """Wait until a pass numbered > ``after`` has finished (for tests and the CLI)."""
@@ -128,6 +126,8 @@ class Reconciler:
             await self._run()
         finally:
             notes.cancel()
+            if self._publishes:  # a write in a thread goes on anyway: the store stays open until it ends
+                await asyncio.wait(set(self._publishes), timeout=10.0)
 
     async def _run(self) -> None:
         backoff = _Backoff()
@@ -361,23 +361,38 @@ class Reconciler:
                 self.store.set_statuses([(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since)
-                await self._publish_table()
+                self._publish_table()
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))
-                await self._publish_table()
+                self._publish_table()
 
-    async def _publish_table(self) -> None:
+    def _publish_table(self) -> None:
         """The table goes to the store, the same document the watch sends to standalone
         gateways: several replicas' gateways route from the leader's, and a control plane
         that restarts routes from the one it left until its agents have rejoined (see
-        :meth:`resume`). Only a table that changed, encoded and written in a thread (at
-        10,000 endpoints, about 25 ms that the gateway on this loop must not wait behind),
-        one at a time so that an older table never lands after a newer one."""
+        :meth:`resume`). Beside the pass, which goes on without yielding to the loop (what
+        `get placements` reads must not see the placements of a pass without its snapshot)."""
+        task = asyncio.get_running_loop().create_task(self._publish_latest(), name="publish-table")
+        self._publishes.add(task)
+        task.add_done_callback(self._publishes.discard)
+
+    async def _publish_latest(self) -> None:
+        """Only a table that changed, encoded and written in a thread (at 10,000 endpoints,
+        about 25 ms that the gateway on this loop must not wait behind), one at a time and
+        the latest at each turn, so that an older table never lands after a newer one. A
+        failed write is tried again at the next change or pass."""
         async with self._publishing:
             contents = wire.contents_of(self.table)
             if contents == self._published:
                 return
-            await asyncio.to_thread(lambda: self.store.publish(wire.PUBLISHED_KEY, wire.contents_to_text(contents), lease=self.lease))
+            try:
+                await asyncio.to_thread(lambda: self.store.publish(wire.PUBLISHED_KEY, wire.contents_to_text(contents), lease=self.lease))
+            except store_mod.Fenced as exc:  # no longer leading: the new leader publishes
+                log.info("endpoint table not published: %s", exc)
+                return
+            except store_mod.StoreError as exc:
+                log.warning("endpoint table not published: %s", exc)
+                return
             self._published = contents
 
     async def _apply_datacentre(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...], drift: str = "") -> None:
