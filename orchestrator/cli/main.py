@@ -210,12 +210,27 @@ def _events_query(limit: int, since: int | None, kind: str | None, name: str | N
 def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | None = None, kind: str | None = None,
                   name: str | None = None, every_s: float = 1.0) -> int:
     """The newest events (or those after ``since``), then each new one as it is logged, one
-    line each (``-o json``: one JSON object a line), until interrupted."""
+    line each (``-o json``: one JSON object a line), until interrupted. A control plane that
+    cannot be reached (restarting, say) is waited for, said once on stderr; the events logged
+    meanwhile follow when it answers again."""
     params = _events_query(limit, since, kind, name)
     if output == "table":
         print("\t".join(EVENT_COLUMNS), flush=True)
+    away = False
     while True:
-        items = api.request("GET", "/v1/events", params=params)["items"]
+        try:
+            items = api.request("GET", "/v1/events", params=params)["items"]
+        except CliError as exc:
+            if exc.code != 3:  # refused, not away: asking again would be refused again
+                raise
+            if not away:
+                print(f"warning: {exc}; asking again every {every_s:g}s", file=sys.stderr, flush=True)
+            away = True
+            time.sleep(every_s)
+            continue
+        if away:
+            print("the control plane answers again; following", file=sys.stderr, flush=True)
+            away = False
         for e in items:
             if output == "table":
                 print("\t".join(str(c) for c in _event_row(e)))

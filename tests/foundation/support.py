@@ -181,11 +181,13 @@ def cli(*args: str, server_url: str | None = None, env: dict[str, str] | None = 
 class ServeProcess:
     """``edgeplane serve`` as an operator starts it, on free loopback ports."""
 
-    def __init__(self, data_dir: pathlib.Path, *extra: str, artifact_root: pathlib.Path = EXAMPLES):
+    def __init__(self, data_dir: pathlib.Path, *extra: str, artifact_root: pathlib.Path = EXAMPLES,
+                 ports: tuple[int, int, int] | None = None):
+        """``ports``: (HTTP, agents, joins) of a control plane started again; free ones by default."""
         self.data_dir = data_dir
-        self.port, self.agent_port, self.join_port = free_port(), free_port(), free_port()
+        self.port, self.agent_port, self.join_port = ports or (free_port(), free_port(), free_port())
         self.ca_file = data_dir / "ca" / "ca.crt"
-        self.log_path = data_dir.parent / f"{data_dir.name}-serve.log"
+        self.log_path = data_dir.parent / f"{data_dir.name}-serve{'-again' if ports else ''}.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [str(EDGEPLANE), "serve", "--data-dir", str(data_dir), "--port", str(self.port), "--agent-port", str(self.agent_port),

@@ -511,6 +511,38 @@ def test_events_follow_prints_each_new_event_until_interrupted(serve: support.Se
     assert follower.returncode == 130 and "Traceback" not in err, err
 
 
+def test_events_follow_waits_out_a_control_plane_restart(tmp_path: pathlib.Path) -> None:
+    """``events -w`` exited (code 3) when the control plane went away for a restart. It says
+    so once on stderr, asks again, and goes on with what was logged meanwhile, nothing twice."""
+    first = support.ServeProcess(tmp_path / "cp").wait_ready()
+    again: support.ServeProcess | None = None
+    follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json", "--kind", "models", "--limit", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=support.clean_env(EDGEPLANE_SERVER=first.url),
+                                cwd=support.REPO)
+    try:
+        ok("apply", "-f", "-", server=first, stdin=doc("Model", "before-restart", support.model_spec()))
+        seen = [json.loads(follower.stdout.readline())]  # type: ignore[union-attr]
+        assert seen[0]["name"] == "before-restart", seen
+        first.stop()
+        again = support.ServeProcess(tmp_path / "cp", ports=(first.port, first.agent_port, first.join_port)).wait_ready()
+        ok("apply", "-f", "-", server=again, stdin=doc("Model", "after-restart", support.model_spec()))
+        deadline = time.monotonic() + 30
+        while seen[-1]["name"] != "after-restart" and time.monotonic() < deadline:
+            line = follower.stdout.readline()  # type: ignore[union-attr]
+            assert line, follower.stderr.read()  # type: ignore[union-attr]
+            seen.append(json.loads(line))
+        assert [e["name"] for e in seen] == ["before-restart", "after-restart"], seen
+        assert follower.poll() is None  # still following
+    finally:
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=30)
+        if again is not None:
+            again.stop()
+        first.stop()
+    assert follower.returncode == 130 and "Traceback" not in err, err
+    assert err.count("warning: cannot reach") == 1 and "the control plane answers again; following" in err, err
+
+
 @pytest.mark.parametrize("command", [["edgeplane"], ["edgeplane-agent"]])
 def test_both_commands_say_their_version(command: list[str]) -> None:
     import edge_agent
