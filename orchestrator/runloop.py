@@ -76,16 +76,42 @@ class _HeadWithFirstBody:
         return getattr(self._transport, name)
 
 
+#: The most a request head (request line and headers) may take: httptools keeps a head in
+#: memory until it is complete, however long (a 1 MB header was read whole).
+MAX_HEAD_BYTES = 64 * 1024
+_TOO_LARGE = b"request head larger than 64 KiB refused"
+TOO_LARGE_HEAD = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                  b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE))
+
+
 def _http_protocol() -> Any:
-    """uvicorn's httptools protocol, its responses' heads sent with their first body bytes;
-    uvicorn's own choice when httptools is not there."""
+    """uvicorn's httptools protocol, its responses' heads sent with their first body bytes
+    and request heads bounded (:data:`MAX_HEAD_BYTES`, answered 431); uvicorn's own choice
+    when httptools is not there."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return "auto"
 
     class Protocol(HttpToolsProtocol):  # type: ignore[misc]
+        _in_head = True  # reading a request's head (or waiting for one)
+        _head_bytes = 0  # what the reads that ended inside the current head held
+
+        def data_received(self, data: bytes) -> None:
+            was_in_head = self._in_head
+            super().data_received(data)
+            if was_in_head and self._in_head:  # all of it head (a read that completes one is not counted: at most one more read)
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                    self.transport.write(TOO_LARGE_HEAD)
+                    self.transport.close()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+
         def on_headers_complete(self) -> None:
+            self._in_head = False
             before = self.cycle
             super().on_headers_complete()
             if self.cycle is not None and self.cycle is not before:  # a new request: its task has not run yet

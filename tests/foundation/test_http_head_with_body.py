@@ -98,3 +98,39 @@ async def test_a_head_whose_body_is_not_ready_is_sent_alone(served: tuple[App, i
         assert rest.startswith(b"HTTP/1.1 204") and rest.endswith(b"\r\n\r\n")
     finally:
         writer.close()
+
+
+async def _ask(port: int, request: bytes) -> bytes:
+    """Send ``request`` in 16 KiB pieces and read the answer to the server's close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        try:
+            for i in range(0, len(request), 16384):
+                writer.write(request[i:i + 16384])
+                await writer.drain()
+        except ConnectionError:  # the server answered and closed while the rest was being sent
+            pass
+        answer = b""
+        while True:  # what arrived before a reset stays readable
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), WAIT)
+            except ConnectionError:
+                return answer
+            if not chunk:
+                return answer
+            answer += chunk
+    finally:
+        writer.close()
+
+
+async def test_a_request_head_over_64_kib_is_refused_and_a_large_body_is_not(served: tuple[App, int]) -> None:
+    """httptools keeps a head in memory until it is complete: a 1 MB header was read whole.
+    The server answers 431 past 64 KiB of head and closes; a big body is no head."""
+    _, port = served
+    big = await _ask(port, b"GET /whole HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * (1 << 20) + b"\r\nconnection: close\r\n\r\n")
+    assert big.startswith(b"HTTP/1.1 431"), big[:200]
+    near = await _ask(port, b"GET /whole HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * 40_000 + b"\r\nconnection: close\r\n\r\n")
+    assert near.startswith(b"HTTP/1.1 200"), near[:200]
+    body = b"b" * (1 << 20)
+    posted = await _ask(port, b"POST /whole HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+    assert posted.startswith(b"HTTP/1.1 200"), posted[:200]
