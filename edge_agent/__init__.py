@@ -4,6 +4,7 @@ serves them over the Open Inference Protocol, and keeps serving when the uplink 
 ``main``       command line, wiring, signals
 ``daemon``     the Agent: composes everything below and owns the shutdown order
 ``uplink``     the only gRPC client of the control plane (join, heartbeats, assignments)
+``diagnosis``  why the control plane cannot be had, said as the flag that fixes it
 ``registry``   which model versions serve now, and converging them on the desired set
 ``artifacts``  content-addressed, resumable, sha256-verified artifact cache
 ``runtime``    model execution (``runtime.onnx`` is the only user of onnxruntime)

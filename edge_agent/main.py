@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Before gRPC is imported: its core would log each failed TLS handshake again, at INFO,
+    # in a line of its own beside the uplink's (which says what to change); errors still show.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     if not args.token and not (args.data_dir / "identity.json").exists():
         log.error("a bootstrap token is needed for the first join (--token or EDGEPLANE_TOKEN)")
         return 2

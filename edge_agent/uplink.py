@@ -20,7 +20,7 @@ from typing import Protocol
 
 import grpc
 
-from edge_agent import assignments, capacity, errors, registry, state, tls
+from edge_agent import assignments, capacity, diagnosis, errors, registry, state, tls
 from edge_agent.retry import RECONNECT, RetryPolicy
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
@@ -47,7 +47,9 @@ _REFUSED = {
 }
 
 
-def translate(exc: grpc.RpcError) -> errors.ControlPlaneError:
+def translate(exc: grpc.RpcError, hint: str = "") -> errors.ControlPlaneError:
+    """``hint``: what most likely went wrong when the control plane could not be had
+    (:func:`edge_agent.diagnosis.hint`), said after what gRPC said."""
     code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
     detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
     if code in _REFUSED:
@@ -55,15 +57,7 @@ def translate(exc: grpc.RpcError) -> errors.ControlPlaneError:
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return errors.NotJoined(detail or "not joined")
     name = code.name if code is not None else "ERROR"
-    hint = _TLS_HINT if detail and "handshake failed" in detail.lower() else ""
-    return errors.AgentUnavailable(f"control plane unavailable ({name}: {detail}){hint}")
-
-
-# What a failed TLS handshake with the control plane almost always means (the message of
-# gRPC says which check failed, not what to do).
-_TLS_HINT = ("; the TLS handshake failed: check that --ca-file is the ca.crt of this control plane (<data-dir>/ca/ca.crt, "
-             "or the CA given to every replica), that --control-plane names a host its certificate covers, and that this "
-             "machine's clock is right")
+    return errors.AgentUnavailable(f"control plane unavailable ({name}: {detail}){'; ' + hint if hint else ''}")
 
 
 @dataclass(frozen=True)
@@ -243,14 +237,40 @@ class Uplink:
             channel = grpc.aio.insecure_channel(self._target, options=client_options())
         else:
             channel = grpc.aio.secure_channel(self._target, self._creds, options=client_options())
+        joined = False
         try:
             stub = pb_grpc.AgentControlStub(channel)
             await self._join(stub)
+            joined = True
             await self._streams(stub)
         except grpc.RpcError as exc:
-            raise translate(exc) from exc
+            # a stream cut after the join says nothing about the settings that made the connection
+            raise translate(exc, "" if joined else await self._hint(exc, self._dial(self._target))) from exc
         finally:
             await channel.close(grace=None)
+
+    def _dial(self, target: str, *, join: bool = False) -> diagnosis.Dial:
+        agent_tls = self._tls
+        if agent_tls is None:
+            return diagnosis.Dial(target, self._target, tls=False)
+        saved = agent_tls.ca_file is None and agent_tls.saved_ca_path.exists()
+        return diagnosis.Dial(target, self._target, tls=True, join=join, join_address=agent_tls.join_target is not None,
+                              ca_file=str(agent_tls.ca_file or ""), saved_ca=str(agent_tls.saved_ca_path) if saved else "",
+                              client_cert="" if join else str(agent_tls.cert_path))
+
+    async def _hint(self, exc: grpc.RpcError | OSError, dial: diagnosis.Dial) -> str:
+        """What most likely kept the control plane from being had, and the flag that fixes
+        it ("" for a refusal, or where the evidence does not say); may ask the address what it
+        speaks (:func:`edge_agent.diagnosis.probe`)."""
+        if isinstance(exc, grpc.aio.AioRpcError):
+            if exc.code() not in _UNREACHABLE:
+                return ""
+            detail = exc.details() or ""
+        else:
+            detail = str(exc)
+        found = diagnosis.symptom(detail)
+        address = diagnosis.to_probe(found, dial)
+        return diagnosis.hint(found, dial, await diagnosis.probe(address) if address else None)
 
     async def _check_enrolment(self, agent_tls: tls.AgentTls) -> None:
         """A damaged key or certificate (or a key that is not the certificate's) would fail
@@ -272,16 +292,23 @@ class Uplink:
     async def _enroll(self, agent_tls: tls.AgentTls) -> None:
         """First join over the join port: bootstrap token + CSR in, client certificate out."""
         key_pem, csr_pem = await agent_tls.new_request(self._facts.site)
+        target = agent_tls.join_target_for(self._target)
         if agent_tls.needs_pinned_ca():
-            await agent_tls.fetch_pinned_ca(agent_tls.join_target_for(self._target))
-        channel = grpc.aio.secure_channel(agent_tls.join_target_for(self._target), agent_tls.join_credentials(),
-                                         options=client_options())
+            try:
+                await agent_tls.fetch_pinned_ca(target)
+            except errors.AgentUnavailable as exc:
+                cause = exc.__cause__
+                hint = await self._hint(cause, self._dial(target, join=True)) if isinstance(cause, OSError) else ""
+                if not hint:
+                    raise
+                raise errors.AgentUnavailable(f"{exc}; {hint}") from cause
+        channel = grpc.aio.secure_channel(target, agent_tls.join_credentials(), options=client_options())
         try:
             request, metadata = self._join_request()
             request.csr_pem = csr_pem.decode()
             response: pb.JoinResponse = await pb_grpc.AgentControlStub(channel).Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         except grpc.RpcError as exc:
-            raise translate(exc) from exc
+            raise translate(exc, await self._hint(exc, self._dial(target, join=True))) from exc
         finally:
             await channel.close(grace=None)
         if not response.certificate_pem:

@@ -138,8 +138,8 @@ async def test_an_agent_given_another_ca_says_what_to_check(tmp_path) -> None:
         cmd = harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent", tls=(tmp_path / "other-ca" / "ca.crt", cp.agent_join_target))
         agent = await harness.spawn_agent_async(cmd, "edge-a", tmp_path / "agent")
         fleet.agents["edge-a"] = agent
-        await harness.wait_until(lambda: agent.log().count("check that --ca-file is the ca.crt of this control plane") >= 2, 30,
-                                 what="the handshake's failure, twice, with what to check")
+        hint = f"the control plane's certificate is not signed by --ca-file {tmp_path / 'other-ca' / 'ca.crt'}: give --ca-file the ca.crt"
+        await harness.wait_until(lambda: agent.log().count(hint) >= 2, 30, what="the handshake's failure, twice, with what to check")
         assert cp.hub.status("edge-a") is None and not (tmp_path / "agent" / "agent.crt").exists()
     finally:
         await fleet.stop()

@@ -1,0 +1,129 @@
+"""An agent started with the wrong TLS settings says which flag to change.
+
+Each case runs a real control plane (in-process) and a real ``edgeplane-agent`` with one
+wrong setting, and waits for the hint in the agent's log: the agent retries for ever, so
+the log is all an operator has. A --ca-file of another control plane is
+test_mtls_join.test_an_agent_given_another_ca_says_what_to_check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator.testing import harness
+
+pytestmark = pytest.mark.asyncio
+
+
+@contextlib.contextmanager
+def _closed(port: int = 0) -> Iterator[int]:
+    """A loopback port held (bound, not listening) so that nothing answers there."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            pytest.skip(f"127.0.0.1:{port} is taken by another process")
+        yield sock.getsockname()[1]
+
+
+def _port(target: str) -> int:
+    return int(target.rpartition(":")[2])
+
+
+def _without_insecure(cmd: list[str]) -> list[str]:
+    return [arg for arg in cmd if arg != "--insecure"]
+
+
+async def _hint_logged(fleet: harness.Fleet, cmd: list[str], data_dir: pathlib.Path, hint: str) -> str:
+    agent = await harness.spawn_agent_async(cmd, "edge-a", data_dir)
+    fleet.agents["edge-a"] = agent
+    await harness.wait_until(lambda: hint in agent.log(), 30, what=f"{hint!r} in the agent's log")
+    return agent.log()
+
+
+async def test_an_insecure_agent_at_a_tls_control_plane_is_told_to_drop_insecure(tmp_path: pathlib.Path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        cmd = harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent")  # --insecure
+        log = await _hint_logged(fleet, cmd, tmp_path / "agent",
+                                 f"{cp.agent_target} speaks TLS, so the control plane takes agents over mutual TLS: drop "
+                                 "--insecure and give --ca-file <control-plane data dir>/ca/ca.crt or --ca-sha256")
+        assert "Socket closed" in log and "Traceback" not in log  # what gRPC said stays, on the same line
+        assert cp.hub.status("edge-a") is None
+    finally:
+        await fleet.stop()
+
+
+async def test_an_agent_without_a_ca_is_told_to_give_one(tmp_path: pathlib.Path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        assert cp.agent_join_target
+        cmd = _without_insecure(harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent",
+                                                      extra=("--join-address", cp.agent_join_target)))
+        log = await _hint_logged(fleet, cmd, tmp_path / "agent",
+                                 "the control plane's certificate is not signed by a CA this machine trusts, and neither "
+                                 "--ca-file nor --ca-sha256 was given: give --ca-file <control-plane data dir>/ca/ca.crt "
+                                 "or --ca-sha256")
+        assert "CERTIFICATE_VERIFY_FAILED" in log and "ssl_transport_security" not in log  # gRPC's own line is not repeated
+        assert not (tmp_path / "agent" / "agent.crt").exists()
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("trust", [(), ("--ca-sha256", "ab" * 32)], ids=["no-ca", "ca-sha256"])
+async def test_a_tls_agent_at_an_insecure_control_plane_is_told_to_use_insecure(tmp_path: pathlib.Path, trust: tuple[str, ...]) -> None:
+    """No join port there: told apart from a control plane that is down by what answers on
+    the agent port (plaintext gRPC). With --ca-sha256 the agent fails earlier, reading the
+    join listener's certificate chain, and says the same."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(insecure_agents=True)
+        assert cp.agent_join_target is None
+        with _closed(_port(cp.agent_target) + 1) as join_port:  # the default join port: --control-plane's + 1
+            cmd = _without_insecure(harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent", extra=trust))
+            await _hint_logged(fleet, cmd, tmp_path / "agent",
+                               f"nothing answers on the join port 127.0.0.1:{join_port} (--control-plane's port + 1) and "
+                               f"{cp.agent_target} speaks plaintext gRPC: a control plane started with --insecure-agents "
+                               "takes agents with --insecure")
+    finally:
+        await fleet.stop()
+
+
+async def test_a_join_port_elsewhere_is_told_to_give_join_address(tmp_path: pathlib.Path) -> None:
+    """`edgeplane serve --agent-port P` joins on 8082 unless told otherwise, not on P + 1."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        assert cp.ca_file is not None and cp.agent_join_target != f"127.0.0.1:{_port(cp.agent_target) + 1}"
+        with _closed(_port(cp.agent_target) + 1) as join_port:
+            cmd = _without_insecure(harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent",
+                                                          extra=("--ca-file", str(cp.ca_file))))
+            await _hint_logged(fleet, cmd, tmp_path / "agent",
+                               f"nothing answers on the join port 127.0.0.1:{join_port} (--control-plane's port + 1) but "
+                               f"{cp.agent_target} speaks TLS: give --join-address HOST:PORT, the 'first joins on' address")
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("extra", [(), ("--insecure",)], ids=["tls", "insecure"])
+async def test_a_control_plane_that_is_down_is_not_called_a_tls_mismatch(tmp_path: pathlib.Path, extra: tuple[str, ...]) -> None:
+    fleet = harness.Fleet(tmp_path)  # no control plane
+    try:
+        with _closed() as port, _closed(port + 1):
+            cmd = _without_insecure(harness.agent_command(f"127.0.0.1:{port}", "edge-a", tmp_path / "agent", extra=extra))
+            agent = await harness.spawn_agent_async(cmd, "edge-a", tmp_path / "agent")
+            fleet.agents["edge-a"] = agent
+            await harness.wait_until(lambda: agent.log().count("Connection refused") >= 2, 30, what="two attempts")
+            log = agent.log()
+            assert "--insecure-agents" not in log and "speaks" not in log and "--ca-file" not in log, log
+            if not extra:  # refused on the join port: the address the operator gave is named too
+                assert f"nothing answers on 127.0.0.1:{port} either: is the control plane running there?" in log
+    finally:
+        await fleet.stop()
