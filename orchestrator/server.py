@@ -735,6 +735,19 @@ def agent_tls_hosts(cfg: ServerConfig) -> list[str]:
     return sorted({n for n in names if n and n not in WILDCARDS} | {"127.0.0.1", "localhost"})
 
 
+def join_port(agent_port: int, given: int | None) -> int:
+    """``--agent-join-port``, by default the agent port + 1: where an agent without
+    ``--join-address`` looks for it (a fixed 8082 beside ``--agent-port 9000`` failed every
+    first join); any free port when the agent port is one too (0)."""
+    if given is not None:
+        return given
+    if agent_port == 0:
+        return 0
+    if agent_port == 65535:
+        raise SystemExit("edgeplane serve: --agent-port 65535 leaves no port + 1 for first joins: give --agent-join-port")
+    return agent_port + 1
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     try:
         position = gateway_options.position(args.location)
@@ -743,7 +756,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     tokens = tuple(args.bootstrap_token) + ((os.environ["EDGEPLANE_BOOTSTRAP_TOKEN"],) if os.environ.get("EDGEPLANE_BOOTSTRAP_TOKEN") else ())
     return ServerConfig(
         data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,
-        agent_join_port=args.agent_join_port, insecure_agents=args.insecure_agents,
+        agent_join_port=join_port(args.agent_port, args.agent_join_port), insecure_agents=args.insecure_agents,
         agent_cert_ttl_s=args.agent_cert_days * 86400.0,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,

@@ -36,7 +36,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=argtypes.port_number, default=8080, help="HTTP port for the API, the gateway and the console")
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
     p.add_argument("--agent-port", type=argtypes.port_number, default=8081, help="agents' gRPC port (mutual TLS)")
-    p.add_argument("--agent-join-port", type=argtypes.port_number, default=8082, help="first joins: bootstrap token + CSR over TLS")
+    p.add_argument("--agent-join-port", type=argtypes.port_number, metavar="PORT",
+                   help="first joins: bootstrap token + CSR over TLS (default: --agent-port + 1, where agents look for it; 8082)")
     p.add_argument("--insecure-agents", action="store_true",
                    help="plaintext agent gRPC with bearer credentials instead of mutual TLS (agents then need --insecure)")
     p.add_argument("--agent-cert-days", type=argtypes.number(0, 3650, above=True), default=float(AGENT_DAYS), metavar="DAYS",

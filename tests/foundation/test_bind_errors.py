@@ -80,6 +80,25 @@ def test_an_agent_port_another_grpc_server_holds_is_not_shared(tmp_path: pathlib
         holder.close()
 
 
+@pytest.mark.parametrize(("flags", "join"), [
+    ([], 8082), (["--agent-port", "9000"], 9001), (["--agent-port", "9000", "--agent-join-port", "7000"], 7000),
+    (["--agent-port", "0"], 0)])
+def test_the_join_port_is_where_agents_look_for_it(flags: list[str], join: int) -> None:
+    """An agent without --join-address dials its --control-plane port + 1 for its first join:
+    a fixed 8082 beside --agent-port 9000 failed every first join."""
+    from orchestrator.cli import main as cli_main
+
+    config = server.config_from_args(cli_main.build_parser().parse_args(["serve", *flags]))
+    assert config.agent_join_port == join
+
+
+def test_an_agent_port_with_no_port_after_it_needs_a_join_port() -> None:
+    from orchestrator.cli import main as cli_main
+
+    with pytest.raises(SystemExit, match="--agent-port 65535 leaves no port \\+ 1 for first joins: give --agent-join-port"):
+        server.config_from_args(cli_main.build_parser().parse_args(["serve", "--agent-port", "65535"]))
+
+
 @pytest.mark.parametrize("command", [
     ["serve", "--port", "99999"], ["serve", "--agent-port", "-1"], ["serve", "--agent-join-port", "http"],
     ["gateway", "--control-plane", "http://127.0.0.1:8080", "--port", "70000"],
