@@ -109,8 +109,9 @@ def hint(found: Symptom, dial: Dial, listener: Listener | None = None) -> str:
         return f"{dial.target} speaks TLS, so the control plane takes agents over mutual TLS: drop --insecure and give {_GIVE_CA}"
     if found is Symptom.CLOSED and listener is Listener.TLS and dial.client_cert:
         return (f"{dial.target} is up but ended the TLS handshake: it most likely refuses this agent's client certificate "
-                f"({dial.client_cert}), e.g. one issued before the control plane's CA was made again: remove agent.key and "
-                "agent.crt from the agent's data dir and start it with a new bootstrap token")
+                f"({dial.client_cert}), e.g. one issued before the control plane's CA was made again; if this repeats (once can "
+                "be a control plane restarting), remove agent.key and agent.crt from the agent's data dir and start it with a "
+                "new bootstrap token")
     if found is Symptom.NOT_TLS and listener is Listener.PLAINTEXT:
         return f"{dial.target} speaks plaintext gRPC: {_INSECURE}"
     if found is Symptom.NOT_TLS and listener is Listener.OTHER:
