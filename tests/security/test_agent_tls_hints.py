@@ -21,14 +21,28 @@ pytestmark = pytest.mark.asyncio
 
 
 @contextlib.contextmanager
-def _closed(port: int = 0) -> Iterator[int]:
-    """A loopback port held (bound, not listening) so that nothing answers there."""
-    with socket.socket() as sock:
+def _port_pair(hold_first: bool) -> Iterator[int]:
+    """A loopback port P whose P + 1 is held (bound, not listening: nothing answers there,
+    as at an agent's default join port); P is held too, or left free for a control plane."""
+    for _ in range(50):  # bounded: another process may hold the port after the one given
+        first, second = socket.socket(), socket.socket()
+        first.bind(("127.0.0.1", 0))
+        port = first.getsockname()[1]
         try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            pytest.skip(f"127.0.0.1:{port} is taken by another process")
-        yield sock.getsockname()[1]
+            second.bind(("127.0.0.1", port + 1))
+        except (OSError, OverflowError):
+            first.close()
+            second.close()
+            continue
+        try:
+            if not hold_first:
+                first.close()
+            yield port
+        finally:
+            first.close()
+            second.close()
+        return
+    raise AssertionError("no two free loopback ports in a row in 50 tries")
 
 
 def _port(target: str) -> int:
@@ -84,9 +98,10 @@ async def test_a_tls_agent_at_an_insecure_control_plane_is_told_to_use_insecure(
     join listener's certificate chain, and says the same."""
     fleet = harness.Fleet(tmp_path)
     try:
-        cp = await fleet.start_control_plane(insecure_agents=True)
-        assert cp.agent_join_target is None
-        with _closed(_port(cp.agent_target) + 1) as join_port:  # the default join port: --control-plane's + 1
+        with _port_pair(hold_first=False) as port:  # the default join port, --control-plane's + 1, answers nothing
+            cp = await fleet.start_control_plane(insecure_agents=True, agent_port=port)
+            assert cp.agent_join_target is None and _port(cp.agent_target) == port
+            join_port = port + 1
             cmd = _without_insecure(harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent", extra=trust))
             await _hint_logged(fleet, cmd, tmp_path / "agent",
                                f"nothing answers on the join port 127.0.0.1:{join_port} (--control-plane's port + 1) and "
@@ -97,12 +112,13 @@ async def test_a_tls_agent_at_an_insecure_control_plane_is_told_to_use_insecure(
 
 
 async def test_a_join_port_elsewhere_is_told_to_give_join_address(tmp_path: pathlib.Path) -> None:
-    """`edgeplane serve --agent-port P` joins on 8082 unless told otherwise, not on P + 1."""
+    """A control plane whose join port is not its agent port + 1 (`--agent-join-port` given): the agent is told to give --join-address."""
     fleet = harness.Fleet(tmp_path)
     try:
-        cp = await fleet.start_control_plane()
-        assert cp.ca_file is not None and cp.agent_join_target != f"127.0.0.1:{_port(cp.agent_target) + 1}"
-        with _closed(_port(cp.agent_target) + 1) as join_port:
+        with _port_pair(hold_first=False) as port:
+            cp = await fleet.start_control_plane(agent_port=port)  # joins on a free port, not port + 1
+            assert cp.ca_file is not None and cp.agent_join_target != f"127.0.0.1:{port + 1}"
+            join_port = port + 1
             cmd = _without_insecure(harness.agent_command(cp.agent_target, "edge-a", tmp_path / "agent",
                                                           extra=("--ca-file", str(cp.ca_file))))
             await _hint_logged(fleet, cmd, tmp_path / "agent",
@@ -116,7 +132,7 @@ async def test_a_join_port_elsewhere_is_told_to_give_join_address(tmp_path: path
 async def test_a_control_plane_that_is_down_is_not_called_a_tls_mismatch(tmp_path: pathlib.Path, extra: tuple[str, ...]) -> None:
     fleet = harness.Fleet(tmp_path)  # no control plane
     try:
-        with _closed() as port, _closed(port + 1):
+        with _port_pair(hold_first=True) as port:
             cmd = _without_insecure(harness.agent_command(f"127.0.0.1:{port}", "edge-a", tmp_path / "agent", extra=extra))
             agent = await harness.spawn_agent_async(cmd, "edge-a", tmp_path / "agent")
             fleet.agents["edge-a"] = agent
