@@ -98,6 +98,8 @@ def to_probe(found: Symptom, dial: Dial) -> str | None:
 
 
 _GIVE_CA = "--ca-file <control-plane data dir>/ca/ca.crt or --ca-sha256 (as 'edgeplane token create' prints it)"
+_THIS_CA = "the ca.crt of this control plane (<control-plane data dir>/ca/ca.crt, or the CA given to every replica)"
+_ENROL_AGAIN = "from the agent's data dir and start it with a new bootstrap token"
 _INSECURE = "a control plane started with --insecure-agents takes agents with --insecure (and no --ca-file or --ca-sha256)"
 
 
@@ -110,8 +112,7 @@ def hint(found: Symptom, dial: Dial, listener: Listener | None = None) -> str:
     if found is Symptom.CLOSED and listener is Listener.TLS and dial.client_cert:
         return (f"{dial.target} is up but ended the TLS handshake: it most likely refuses this agent's client certificate "
                 f"({dial.client_cert}), e.g. one issued before the control plane's CA was made again; if this repeats (once can "
-                "be a control plane restarting), remove agent.key and agent.crt from the agent's data dir and start it with a "
-                "new bootstrap token")
+                f"be a control plane restarting), remove agent.key and agent.crt {_ENROL_AGAIN}")
     if found is Symptom.NOT_TLS and listener is Listener.PLAINTEXT:
         return f"{dial.target} speaks plaintext gRPC: {_INSECURE}"
     if found is Symptom.NOT_TLS and listener is Listener.OTHER:
@@ -131,12 +132,11 @@ def hint(found: Symptom, dial: Dial, listener: Listener | None = None) -> str:
         return ""
     if found is Symptom.UNTRUSTED:
         if dial.ca_file:
-            return (f"the control plane's certificate is not signed by --ca-file {dial.ca_file}: give --ca-file the ca.crt "
-                    "of this control plane (<control-plane data dir>/ca/ca.crt, or the CA given to every replica)")
+            return f"the control plane's certificate is not signed by --ca-file {dial.ca_file}: give --ca-file {_THIS_CA}"
         if dial.saved_ca:
             return (f"the control plane's certificate is not signed by the CA this agent kept from its first join "
                     f"({dial.saved_ca}): if the control plane's CA was made again, remove ca.crt, agent.key and agent.crt "
-                    f"from the agent's data dir and start it with a new bootstrap token and {_GIVE_CA}")
+                    f"{_ENROL_AGAIN} and {_GIVE_CA}")
         return (f"the control plane's certificate is not signed by a CA this machine trusts, and neither --ca-file nor "
                 f"--ca-sha256 was given: give {_GIVE_CA}")
     if found is Symptom.NAME:
@@ -146,9 +146,8 @@ def hint(found: Symptom, dial: Dial, listener: Listener | None = None) -> str:
     if found is Symptom.CLOCK:
         return "a certificate is outside its validity period: check this machine's clock (and the control plane's)"
     if found is Symptom.HANDSHAKE:
-        return ("the TLS handshake failed: check that --ca-file is the ca.crt of this control plane (<control-plane data "
-                "dir>/ca/ca.crt, or the CA given to every replica), that --control-plane names a host its certificate "
-                "covers, and that this machine's clock is right")
+        return (f"the TLS handshake failed: check that --ca-file is {_THIS_CA}, that --control-plane names a host its "
+                "certificate covers, and that this machine's clock is right")
     return ""
 
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from orchestrator.cli import infer, render, textfile
 from orchestrator.cli.http import ApiClient, CliError
-from orchestrator.urlpath import path_segment
 from orchestrator.gateway import cascade_rules
 from orchestrator.manifests import cascade as cascade_schema
+from orchestrator.urlpath import path_segment
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
 MAX_LINES = 100_000

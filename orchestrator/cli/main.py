@@ -22,8 +22,8 @@ from orchestrator import argtypes
 from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import render, textfile
 from orchestrator.cli.http import ApiClient, CliError, token_from_env
-from orchestrator.urlpath import path_segment
 from orchestrator.manifests.errors import ManifestError
+from orchestrator.urlpath import path_segment
 
 
 def _read_manifests(paths: list[str]) -> str:

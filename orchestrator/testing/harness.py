@@ -91,13 +91,17 @@ def gateway_command(control_planes: list[str], *, port: int = 0, extra: tuple[st
             "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
-async def spawn_gateway_async(control_planes: list[str], name: str, data_dir: pathlib.Path, *,
-                              extra: tuple[str, ...] = ()) -> AgentProcess:
+def spawn_gateway(control_planes: list[str], name: str, data_dir: pathlib.Path, *, extra: tuple[str, ...] = ()) -> AgentProcess:
     """Start a standalone gateway process and wait for its ``serving <url>`` line (its log
     goes to ``data_dir``/agent.log, as an agent's)."""
     proc, log_path = launch_agent(gateway_command(control_planes, extra=extra), data_dir)
-    url = await asyncio.to_thread(await_serving, proc, name, log_path)
-    return AgentProcess(name, data_dir, proc, url, log_path)
+    return AgentProcess(name, data_dir, proc, await_serving(proc, name, log_path), log_path)
+
+
+async def spawn_gateway_async(control_planes: list[str], name: str, data_dir: pathlib.Path, *,
+                              extra: tuple[str, ...] = ()) -> AgentProcess:
+    """:func:`spawn_gateway` from a coroutine: the wait runs in a thread."""
+    return await asyncio.to_thread(spawn_gateway, control_planes, name, data_dir, extra=extra)
 
 
 def die_with_parent() -> None:

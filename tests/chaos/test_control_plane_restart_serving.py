@@ -151,8 +151,7 @@ def test_a_standalone_gateway_keeps_the_endpoints_of_agents_not_back_yet(
         assert httpx.post(f"{cp.url}/v1/apply", content=fleet_yaml(TWO_SITES, v1, replicas=2).encode(), timeout=30).status_code == 200
         for site, lat in TWO_SITES.items():
             agents.append(spawn_agent(uplink.proxy.address, site, tmp_path / "agents" / site, lat))
-        proc, log_path = harness.launch_agent(harness.gateway_command([cp.url]), tmp_path / "gateway")
-        gateway = harness.AgentProcess("gateway", tmp_path / "gateway", proc, harness.await_serving(proc, "gateway", log_path), log_path)
+        gateway = harness.spawn_gateway([cp.url], "gateway", tmp_path / "gateway")
         ready = f"{gateway.url}/readyz"
         wait_for(lambda: httpx.get(ready, timeout=5).json().get("endpoints") == 2, 60, "the gateway with both agents")
         before = httpx.get(ready, timeout=5).json()["epoch"]
