@@ -183,23 +183,36 @@ class ServeProcess:
 
     def __init__(self, data_dir: pathlib.Path, *extra: str, artifact_root: pathlib.Path = EXAMPLES,
                  ports: tuple[int, int, int] | None = None):
-        """``ports``: (HTTP, agents, joins) of a control plane started again; free ones by default."""
+        """``ports``: (HTTP, agents, joins) of a control plane started again; free ones by default
+        (read them after :meth:`wait_ready`: a free port taken by another process before
+        ``serve`` binds it means new ones)."""
         self.data_dir = data_dir
-        self.port, self.agent_port, self.join_port = ports or (free_port(), free_port(), free_port())
         self.ca_file = data_dir / "ca" / "ca.crt"
         self.log_path = data_dir.parent / f"{data_dir.name}-serve{'-again' if ports else ''}.log"
+        self._args = (*extra, "--artifact-root", str(artifact_root))
+        self._fixed = ports is not None
+        self._launch(ports or (free_port(), free_port(), free_port()))
+
+    def _launch(self, ports: tuple[int, int, int]) -> None:
+        self.port, self.agent_port, self.join_port = ports
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [str(EDGEPLANE), "serve", "--data-dir", str(data_dir), "--port", str(self.port), "--agent-port", str(self.agent_port),
-             "--agent-join-port", str(self.join_port), "--artifact-root", str(artifact_root), "--log-level", "warning", *extra],
+            [str(EDGEPLANE), "serve", "--data-dir", str(self.data_dir), "--port", str(self.port), "--agent-port", str(self.agent_port),
+             "--agent-join-port", str(self.join_port), "--log-level", "warning", *self._args],
             stdout=self._log, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO, start_new_session=True,
         )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 30.0) -> "ServeProcess":
         deadline = time.monotonic() + timeout
+        relaunches = 3  # bounded: a port found free, then taken by another process before serve bound it
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if self.process.returncode == 1 and "cannot listen on" in self.log() and not self._fixed and relaunches:
+                    relaunches -= 1
+                    self._log.close()
+                    self._launch((free_port(), free_port(), free_port()))
+                    continue
                 raise AssertionError(f"edgeplane serve exited with {self.process.returncode}:\n{self.log()}")
             if "edgeplane control plane:" in self.log():
                 return self
