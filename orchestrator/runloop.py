@@ -95,27 +95,49 @@ def _http_protocol() -> Any:
 
     class Protocol(HttpToolsProtocol):  # type: ignore[misc]
         _in_head = True  # reading a request's head (or waiting for one)
-        _head_bytes = 0  # what the reads that ended inside the current head held
+        _received = 0  # what the reads that ended inside the current head held: bounds a head never completed
+        _parsed = 0  # the current head's request line and headers as parsed: bounds a head that arrived in one read
+        _too_large = False
 
         def data_received(self, data: bytes) -> None:
             was_in_head = self._in_head
             super().data_received(data)
-            if was_in_head and self._in_head:  # all of it head (a read that completes one is not counted: at most one more read)
-                self._head_bytes += len(data)
-                if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-                    self.transport.write(TOO_LARGE_HEAD)
-                    self.transport.close()
+            if was_in_head and self._in_head:
+                self._received += len(data)
+                if self._received > MAX_HEAD_BYTES and not self.transport.is_closing():
+                    self._refuse()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._in_head, self._head_bytes = True, 0
+            self._in_head, self._received, self._parsed, self._too_large = True, 0, 0, False
+
+        def on_url(self, url: bytes) -> None:
+            self._parsed += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._parsed += len(name) + len(value) + 4  # ": " and CRLF
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if self._parsed > MAX_HEAD_BYTES:
+                self._too_large = True
+                raise ValueError("request head too large")  # the parser stops: answered by send_400_response
             before = self.cycle
             super().on_headers_complete()
             if self.cycle is not None and self.cycle is not before:  # a new request: its task has not run yet
                 self.cycle.transport = _HeadWithFirstBody(self.cycle.transport)
+
+        def send_400_response(self, msg: str) -> None:
+            if self._too_large:
+                self._refuse()
+            else:
+                super().send_400_response(msg)
+
+        def _refuse(self) -> None:
+            self.transport.write(TOO_LARGE_HEAD)
+            self.transport.close()
 
     return Protocol
 

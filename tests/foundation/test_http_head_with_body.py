@@ -100,8 +100,8 @@ async def test_a_head_whose_body_is_not_ready_is_sent_alone(served: tuple[App, i
         writer.close()
 
 
-async def _ask(port: int, request: bytes) -> bytes:
-    """Send ``request`` in 16 KiB pieces and read the answer to the server's close."""
+async def _ask(port: int, request: bytes, piece: int = 16384) -> bytes:
+    """Send ``request`` in pieces and read the answer to the server's close."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         try:
@@ -129,6 +129,9 @@ async def test_a_request_head_over_64_kib_is_refused_and_a_large_body_is_not(ser
     _, port = served
     big = await _ask(port, b"GET /whole HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * (1 << 20) + b"\r\nconnection: close\r\n\r\n")
     assert big.startswith(b"HTTP/1.1 431"), big[:200]
+    one_read = await _ask(port, b"GET /whole HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * 70_000 + b"\r\nconnection: close\r\n\r\n",
+                          piece=1 << 20)  # all of it in one read: parsed whole before any read ends inside it
+    assert one_read.startswith(b"HTTP/1.1 431"), one_read[:200]
     near = await _ask(port, b"GET /whole HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * 40_000 + b"\r\nconnection: close\r\n\r\n")
     assert near.startswith(b"HTTP/1.1 200"), near[:200]
     body = b"b" * (1 << 20)
