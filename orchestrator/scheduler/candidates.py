@@ -71,8 +71,10 @@ class Options:
         return self.rtt[[row[s] for s in sites if s in row]]
 
 
-def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | None, limit: int | None) -> tuple[Options, bool]:
-    """Pick the (site, variant) pairs the greedy looks at; True when none were left out."""
+def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | None, limit: int | None,
+          taken: BoolArray | None = None) -> tuple[Options, bool]:
+    """Pick the (site, variant) pairs the greedy looks at, leaving out the sites ``taken``
+    by another deployment of the model; True when none were left out."""
     w = job.weights
     chosen: list[tuple[IntArray, Variant]] = []
     complete = True
@@ -81,6 +83,8 @@ def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | Non
     for variant in job.variants():
         eligible = job.eligible_sites(fleet, variant.name)
         fits = capacity.fits_mask(variant)  # kept up to date per changed site
+        if taken is not None:
+            fits = fits & ~taken  # a copy: the shared mask stays as it is
         if eligible.size * 4 > fleet.size:  # contiguous masks beat gathers when most qualify
             # Counting is enough to know whether a shortlist is due; the site indices of a
             # mask over most of 100,000 sites cost more than the shortlist that follows.
@@ -126,11 +130,14 @@ def build(fleet: Fleet, capacity: Capacity, job: Job, spread: DomainCounts | Non
     )
 
 
-def with_room(capacity: Capacity, options: Options) -> BoolArray:
-    """Per option: its site has room for one more replica of its variant now."""
+def with_room(capacity: Capacity, options: Options, taken: BoolArray | None = None) -> BoolArray:
+    """Per option: its site has room for one more replica of its variant now (and is not
+    ``taken`` by another deployment of the model)."""
     ok = np.zeros(len(options.site), dtype=bool)
     for variant, start, end in options.spans:
         ok[start:end] = capacity.fits(options.index[start:end], variant)
+    if taken is not None:
+        ok &= ~taken[options.index]
     return ok
 
 

@@ -72,14 +72,27 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
     if not (job.any_eligible & healthy).any():
         return f"{head}: no healthy one has the hardware ({_largest(fleet, mask & healthy)})"
     reasons = []
+    taken = job.taken(fleet)
     for variant in variants:
         eligible = job.eligible[variant.name] & healthy
         if not eligible.any():
             continue
-        if (eligible & capacity.fits_mask(variant)).any():
+        room = eligible & capacity.fits_mask(variant)
+        if taken is not None and room.any() and not (room & ~taken).any():
+            reasons.append(_taken_reason(fleet, job, room))
+            continue
+        if room.any():
             return f"{head}: {_spread_reason(fleet, capacity, job)}"
         reasons.append(_resource_reason(fleet, capacity, variant, eligible, where))
     return f"{head}: " + "; ".join(reasons)
+
+
+def _taken_reason(fleet: Fleet, job: Job, room: np.ndarray) -> str:
+    sites = np.flatnonzero(room).tolist()
+    owners = sorted({rival.deployment.name for site in sites if (rival := job.rival_at(fleet, site)) is not None})
+    shown = ", ".join(fleet.names[s] for s in sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "")
+    return (f"the edge sites with room ({shown}) run model {job.deployment.model} for deployment "
+            f"{', '.join(owners)} (an edge agent serves a model for one deployment)")
 
 
 def _largest(fleet: Fleet, mask: np.ndarray) -> str:

@@ -13,7 +13,8 @@ planner takes milliseconds). It models the same hard rules and the same objectiv
   RTT when nothing is placed;
 - ``new[d,s,v] ≥ x - running``: the move charge;
 - shortfall below the wanted count and below ``min`` priced as in ``Weights``;
-- spread: ``lo[d] ≤ count(domain) ≤ lo[d] + maxSkew`` for every eligible domain.
+- spread: ``lo[d] ≤ count(domain) ≤ lo[d] + maxSkew`` for every eligible domain;
+- one deployment per model on an edge site (its agent serves a model once).
 
 By default it does not model the planner's rule that running replicas keep their seats
 against other deployments: the MILP is then free to reshuffle everything, and on contended
@@ -100,6 +101,7 @@ def solve(
     cpu_use: dict[int, list[tuple[int, float]]] = {}
     mem_use: dict[int, list[tuple[int, float]]] = {}
     gpu_use: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    edge_x: dict[tuple[str, int], dict[str, list[int]]] = {}  # (model, edge site) → deployment → x columns
     for dep in deployments:
         w = dep.weights or weights
         wanted = dep.wanted_replicas()
@@ -126,6 +128,8 @@ def solve(
                         gpu_use.setdefault((s, k), []).append((col, float(variant.gpus)))
                     if now:
                         new_terms.setdefault((s, variant.name), []).append(col)
+                    if fleet.is_edge[s]:
+                        edge_x.setdefault((dep.model, s), {}).setdefault(dep.name, []).append(col)
         for (s, name), cols in new_terms.items():
             new = b.var(w.move_per_replica, 0, np.inf, False)
             now = running[(dep.name, s, name)]
@@ -137,6 +141,7 @@ def solve(
             b.row([(below, 1.0)] + [(c, 1.0) for c in all_x], dep.min_replicas, np.inf)
         _spread_rows(b, fleet, dep, xs_at)
         _latency(b, fleet, dep, w, wanted, xs_at)
+    _one_deployment_per_model(b, edge_x, {d.name: d.wanted_replicas() for d in deployments})
     for s, terms in cpu_use.items():
         b.row(terms, -np.inf, float(fleet.cpu[s]) + 1e-9)
     for s, terms in mem_use.items():
@@ -160,6 +165,7 @@ def _seats(fleet: Fleet, deployments: Sequence[Deployment], current: Sequence[Re
     masks = {d.name: fleet.eligible_masks(d) for d in deployments}
     capacity = Capacity(fleet)
     seats: Counter[str] = Counter()
+    serving: dict[tuple[str, int], str] = {}  # (model, edge site) → the deployment seated there
     for replica in sorted(current, key=lambda r: (r.deployment, r.site, r.variant)):
         dep = by_name.get(replica.deployment)
         site = fleet.index.get(replica.site)
@@ -168,9 +174,27 @@ def _seats(fleet: Fleet, deployments: Sequence[Deployment], current: Sequence[Re
         mask = masks[dep.name].get(replica.variant)
         if mask is None or not mask[site]:
             continue
+        if serving.get((dep.model, site), dep.name) != dep.name:
+            continue
         if capacity.take(site, dep.runnable_variants()[replica.variant]) is not None:
             seats[dep.name] += 1
+            if fleet.is_edge[site]:
+                serving[(dep.model, site)] = dep.name
     return seats
+
+
+def _one_deployment_per_model(b: _Builder, edge_x: Mapping[tuple[str, int], Mapping[str, list[int]]],
+                              wanted: Mapping[str, int]) -> None:
+    """An edge site serves a model for one deployment: ``x ≤ wanted·z``, ``Σ z ≤ 1``."""
+    for by_deployment in edge_x.values():
+        if len(by_deployment) < 2:
+            continue
+        owners = []
+        for name, cols in by_deployment.items():
+            z = b.var(0.0, 0, 1, True)
+            b.row([(c, 1.0) for c in cols] + [(z, -float(wanted[name]))], -np.inf, 0.0)
+            owners.append((z, 1.0))
+        b.row(owners, -np.inf, 1.0)
 
 
 def _spread_rows(b: _Builder, fleet: Fleet, dep: Deployment, xs_at: dict[int, list[int]]) -> None:

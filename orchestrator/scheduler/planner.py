@@ -75,6 +75,9 @@ class Job:
     shortfall: str = ""  # why fewer than wanted were placed
     keep_margin: float = 0.0  # extra cost points a running replica's move must save
     eligible_count: int = 0  # sites eligible for any variant
+    # Deployments of the same model: on an edge site only one of them may hold replicas.
+    rivals: list[Job] = field(default_factory=list)
+    started: bool = False  # planned in this call: ``placed`` is what it holds, not ``seats``
     _eligible_sites: dict[str, IntArray] = field(default_factory=dict)
     _any_eligible: BoolArray | None = None
 
@@ -107,6 +110,41 @@ class Job:
     def variants(self) -> list[Variant]:
         names = self.eligible.keys()
         return [v for v in self.deployment.variants if v.name in names]
+
+    @property
+    def holding(self) -> list[tuple[int, Variant, int]]:
+        """The replicas this deployment holds capacity for now."""
+        return self.placed if self.started else self.seats
+
+    def taken(self, fleet: Fleet) -> BoolArray | None:
+        """Edge sites where another deployment of the same model holds replicas (None: no
+        such site). An edge agent serves a model once, for one deployment: a second
+        deployment's replica there would never be sent."""
+        if not self.rivals:
+            return None
+        held = [site for rival in self.rivals for site, _, _ in rival.holding]
+        if not held:
+            return None
+        mask = np.zeros(fleet.size, dtype=bool)
+        mask[held] = True
+        mask &= fleet.is_edge
+        return mask if mask.any() else None
+
+    def rival_at(self, fleet: Fleet, site: int) -> Job | None:
+        """The other deployment of the same model holding replicas on edge ``site``."""
+        if not fleet.is_edge[site]:
+            return None
+        return next((r for r in self.rivals if any(s == site for s, _, _ in r.holding)), None)
+
+
+def pair_rivals(jobs: Iterable[Job]) -> None:
+    """Tell the deployments of one model about each other (``Job.rivals``)."""
+    by_model: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_model.setdefault(job.deployment.model, []).append(job)
+    for same in by_model.values():
+        for job in same:
+            job.rivals = [other for other in same if other is not job]
 
 
 def plan(
@@ -146,6 +184,7 @@ def _plan(
     jobs = {d.name: prepare(fleet, d, d.weights or weights) for d in deployments}
     for job in jobs.values():
         job.keep_margin = tuning.keep_margin
+    pair_rivals(jobs.values())
     fleet.prefetch_nearest([(d.lat, d.lon) for job in jobs.values() for d in job.demand])
     capacity = Capacity(fleet)
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
@@ -160,6 +199,7 @@ def _plan(
     for job in order:
         for site, variant, group in job.seats:
             capacity.give_back(site, variant, group)
+        job.started = True
         ran = sum(job.running.values())
         grow(
             fleet,
@@ -218,6 +258,7 @@ def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], c
     per copy by the caller through ``Job.running``).
     """
     dropped: dict[Replica, str] = {}
+    serving: dict[tuple[str, int], str] = {}  # (model, edge site) → the deployment seated there
     for replica in current:
         job = jobs.get(replica.deployment)
         if job is None:
@@ -232,11 +273,19 @@ def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], c
         if reason is not None:
             dropped[replica] = reason
             continue
+        claim = (job.deployment.model, site)
+        owner = serving.get(claim, replica.deployment)
+        if owner != replica.deployment:  # the first by name keeps the edge site, as its agent does
+            dropped[replica] = (f"model {claim[0]} runs on edge site {replica.site} for deployment {owner} "
+                                "(an edge agent serves a model for one deployment)")
+            continue
         variant = next(v for v in job.deployment.variants if v.name == replica.variant)
         group = capacity.take(site, variant)
         if group is None:
             dropped.setdefault(replica, f"site {replica.site} no longer has room for it")
             continue
+        if fleet.is_edge[site]:
+            serving[claim] = replica.deployment
         job.seats.append((site, variant, group))
     return dropped
 
@@ -270,11 +319,12 @@ def grow(fleet: Fleet, capacity: Capacity, job: Job, tuning: Tuning, upto: int) 
         job.spread = DomainCounts(domains, rules.spread.max_skew, fleet.domains(rules.spread.by))
     limit = tuning.candidates
     fresh = False
+    taken = job.taken(fleet)  # the other deployments of the model stay put meanwhile
     while True:
         if job.options is None:
-            job.options, job.complete = candidates.build(fleet, capacity, job, job.spread, limit)
+            job.options, job.complete = candidates.build(fleet, capacity, job, job.spread, limit, taken)
             fresh = True
-        _greedy(capacity, job, job.options, job.spread, upto)
+        _greedy(capacity, job, job.options, job.spread, upto, taken)
         if len(job.placed) >= upto:
             break
         if fresh and job.complete:
@@ -304,6 +354,9 @@ def _keep_if_no_better(fleet: Fleet, capacity: Capacity, job: Job) -> None:
     old = objective.score_deployment(fleet, job.deployment, job.weights, seats, job.running, located=job.demand)
     if new.total + moved * job.keep_margin < old.total - 1e-9:
         return
+    taken = job.taken(fleet)
+    if taken is not None and any(taken[site] for site, _, _ in job.seats):
+        return  # a deployment of the same model took one of the seats since
     for site, variant, group in job.placed:
         capacity.give_back(site, variant, group)
     back: list[tuple[int, Variant, int]] = []
@@ -320,8 +373,10 @@ def _keep_if_no_better(fleet: Fleet, capacity: Capacity, job: Job) -> None:
     job.options = None  # built around the placement given up
 
 
-def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: DomainCounts | None, upto: int) -> None:
-    """Add replicas one by one at the option that lowers the cost most (lazy greedy)."""
+def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: DomainCounts | None, upto: int,
+            taken: BoolArray | None) -> None:
+    """Add replicas one by one at the option that lowers the cost most (lazy greedy), on
+    sites with room and not ``taken``."""
     w = job.weights
     weight = [w.latency_per_ms * d.share for d in job.demand]
     points = range(len(weight))
@@ -350,7 +405,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
     ceiling = options.outside + move_cost + WIDEN_MARGIN
     # Options whose site is full now (other deployments filled it since the candidates
     # were picked) can only be popped and dropped: leave them out from the start.
-    usable = candidates.with_room(capacity, options).nonzero()[0]
+    usable = candidates.with_room(capacity, options, taken).nonzero()[0]
     heap = list(zip((options.static + move - gain)[usable].tolist(), usable.tolist()))
     heapq.heapify(heap)
     blocked: list[int] = []
@@ -435,6 +490,7 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
     weight = np.array([w.latency_per_ms * d.share for d in job.demand])
     index = options.position
     running = options.lists[2]
+    taken = job.taken(capacity.fleet)  # the other deployments of the model stay put meanwhile
     for _ in range(RELOCATION_ROUNDS):
         count = Counter((s, v.name) for s, v, _ in job.placed)
         if any(key not in index for key in count):
@@ -479,6 +535,8 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
                 break
             site_a = options.site[a[i]]
             if options.site[c] != site_a and not capacity.has_room(options.site[c], options.variant[c]):
+                continue
+            if taken is not None and taken[options.site[c]]:
                 continue
             if spread is not None and not spread.allows(options.domain[c], options.domain[a[i]]):
                 continue

@@ -50,8 +50,10 @@ def make_room(fleet: Fleet, capacity: Capacity, job: Job, jobs: Sequence[Job]) -
 def _make_room_once(fleet: Fleet, capacity: Capacity, job: Job, occupants: dict[int, list[tuple[Job, int]]]) -> bool:
     tries = TRADES_TRIED
     rooms: dict[tuple[int, str], np.ndarray] = {}  # valid until a trade succeeds
+    taken = job.taken(fleet)
     for variant in job.variants():
-        full = np.flatnonzero(job.eligible[variant.name] & ~capacity.fits_mask(variant))
+        full = np.flatnonzero(job.eligible[variant.name] & ~capacity.fits_mask(variant)
+                              & (True if taken is None else ~taken))
         full = full[[bool(occupants.get(s)) for s in full.tolist()]] if full.size else full
         if job.spread is not None and full.size:
             full = np.array([s for s in full.tolist() if job.spread.allows(int(job.spread.keys[s]))], dtype=np.int64)
@@ -89,7 +91,9 @@ def _trade(
     for candidate in other.variants():  # it may change variant, e.g. edge → data centre
         key = (id(other), candidate.name)
         if key not in rooms:  # only ``site`` changes between failed trades: mask it below
-            rooms[key] = np.flatnonzero(other.eligible[candidate.name] & capacity.fits_mask(candidate))
+            theirs = other.taken(fleet)
+            rooms[key] = np.flatnonzero(other.eligible[candidate.name] & capacity.fits_mask(candidate)
+                                        & (True if theirs is None else ~theirs))
         targets = rooms[key][rooms[key] != site]
         if targets.size:
             t = int(targets[np.argmin(fleet.intensity[targets])])
@@ -112,7 +116,8 @@ def _trade(
 def trade_down(capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:
     """Add replicas to ``job`` by giving back single new replicas of other deployments
     where two or more of ``job``'s fit in their place (fewer replicas short overall)."""
-    eligible = job.any_eligible
+    taken = job.taken(capacity.fleet)
+    eligible = job.any_eligible if taken is None else job.any_eligible & ~taken
     while len(job.placed) < job.wanted and _trade_down_once(capacity, job, jobs, eligible):
         pass
 

@@ -72,6 +72,7 @@ class Standing:
         self.fleet = fleet = Fleet(sites, self.region_locations)
         weights = self.weights
         self.jobs = {d.name: planner.prepare(fleet, d, d.weights or weights) for d in deployments}
+        planner.pair_rivals(self.jobs.values())
         if len(self.jobs) != len(deployments):
             names = [d.name for d in deployments]
             dup = sorted(n for n in self.jobs if names.count(n) > 1)
@@ -92,7 +93,7 @@ class Standing:
         self.plans: dict[str, DeploymentPlan] = {}
         self.costs: dict[str, Objective] = {}
         for job in self.jobs.values():
-            job.placed, job.seats = job.seats, []
+            job.placed, job.seats, job.started = job.seats, [], True
             if len(job.placed) < job.wanted:
                 job.shortfall = diagnosis.explain(fleet, self.capacity, job)
             self._settle(job, ())

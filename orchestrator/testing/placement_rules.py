@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from orchestrator.scheduler.model import Deployment, Replica, Site, Variant
+from orchestrator.scheduler.model import Deployment, Replica, Site, Tier, Variant
 
 
 def eligible(s: Site, d: Deployment) -> bool:
@@ -35,6 +35,7 @@ def violations(sites: Sequence[Site], deployments: Sequence[Deployment], replica
     found = []
     replicas = list(replicas)
     use: dict[str, list[Variant]] = {}
+    serving: dict[tuple[str, str], set[str]] = {}
     for r in replicas:
         s, d = by_site[r.site], by_dep[r.deployment]
         rules = d.placement
@@ -47,6 +48,11 @@ def violations(sites: Sequence[Site], deployments: Sequence[Deployment], replica
         if any(s.labels.get(k) != v for k, v in rules.site_selector.items()):
             found.append(f"{r}: selector")
         use.setdefault(r.site, []).append(next(v for v in d.variants if v.name == r.variant))
+        if s.tier is Tier.EDGE:
+            serving.setdefault((r.site, d.model), set()).add(d.name)
+    for (name, model), names in sorted(serving.items()):
+        if len(names) > 1:  # an edge agent serves a model for one deployment
+            found.append(f"{name}: model {model} for {', '.join(sorted(names))}")
     for name, variants in use.items():
         s = by_site[name]
         if sum(v.cpu for v in variants) > s.cpu + 1e-6:

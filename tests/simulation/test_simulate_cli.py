@@ -65,3 +65,26 @@ def test_bad_cli_input_is_one_line(args: list[str], code: int, message: str) -> 
     assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_two_deployments_of_one_model_never_share_an_edge_site(tmp_path: pathlib.Path) -> None:
+    """From manifests, as a pass plans them: the agent of edge-lyon serves the model for one
+    deployment, so the second gets no replica there and says which deployment holds it."""
+    docs = list(yaml.safe_load_all((REPO / "manifests" / "examples" / "sites.yaml").read_text()))
+    lyon = next(d for d in docs if d["metadata"]["name"] == "edge-lyon")
+    models = [d for d in yaml.safe_load_all((REPO / "manifests" / "examples" / "models.yaml").read_text())
+              if d["metadata"]["name"] == "intent-classifier"]
+    deployments = [
+        {"apiVersion": "edgeplane.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
+         "spec": {"model": "intent-classifier", "variant": "distilled", "replicas": {"min": 1, "max": 1},
+                  "placement": {"residency": ["FR"], "tiers": ["edge"]}}}
+        for name in ("intent-a", "intent-b")
+    ]
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump_all([lyon, *models, *deployments]))
+    proc = run_cli("simulate", "-f", str(tmp_path), "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["before"]["replicas"] == 1
+    (short,) = report["unschedulable"]
+    assert short["deployment"] == "intent-b" and short["placed"] == 0 and short["phase"] == "Unschedulable"
+    assert "(edge-lyon) run model intent-classifier for deployment intent-a" in short["reason"]
