@@ -245,7 +245,6 @@ class ControlPlane:
             self.store = open_store(cfg.store or cfg.data_dir / "state.db", exclusive=True)  # type: ignore[assignment]
         except store_mod.StoreError as e:
             raise ConfigError(str(e)) from e
-        self._ensure_admin_token()
         self.authenticator = auth.Authenticator(self.store, required=cfg.auth == "token")
         self.registry = CollectorRegistry()
         self.registry.register(_FleetCollector(self))
@@ -359,6 +358,7 @@ class ControlPlane:
         else:  # one process owns the SQLite file: it always leads (after a restart, keeping its agents' replicas until they are back)
             self.reconciler.resume(rejoin_s=self.takeover_s)
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
+        self._ensure_admin_token()
         self._started = True
         log.info("control plane: API and gateway %s, agents %s, state %s", self.http_url, self.agent_target, self.store.path)
         return self
@@ -570,6 +570,9 @@ class ControlPlane:
             await asyncio.sleep(every_s)
 
     def _ensure_admin_token(self) -> None:
+        """The first start that succeeds makes the initial admin token, the last step of a
+        start: one that fails (a port in use) leaves neither ``admin.token`` nor a token in
+        the store, and a later start, finding API tokens, never rewrites the file operators use."""
         if self.store.has_api_tokens():
             return
         secret, _ = self.store.create_token("api", "admin", None, "edgeplane serve", "initial admin token")

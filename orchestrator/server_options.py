@@ -18,11 +18,22 @@ LEADER_LEASE_S = (1.0, 300.0)
 STORE_POLL_S = (0.1, 600.0)
 
 
+def store_url(text: str) -> str:
+    """argparse type of ``--store`` (and ``$EDGEPLANE_STORE``, its default): only the two URL
+    forms, so that a typo such as ``--store garbage`` stops here instead of becoming a new,
+    empty SQLite file named ``garbage`` in the working directory."""
+    if text.startswith(("postgresql://", "postgres://")) or (text[:9].lower() == "sqlite://" and len(text) > 9):
+        return text
+    source = " (from $EDGEPLANE_STORE)" if text == os.environ.get("EDGEPLANE_STORE") else ""
+    raise argparse.ArgumentTypeError(f"{text!r}{source} is not a store URL: give postgresql://user@host/db (PostgreSQL, "
+                                     "shared by replicas) or sqlite:///path/state.db (a file)")
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("EDGEPLANE_DATA_DIR", ".edgeplane"), help="state directory (SQLite file, admin token)")
-    p.add_argument("--store", default=os.environ.get("EDGEPLANE_STORE"), metavar="URL",
+    p.add_argument("--store", type=store_url, default=os.environ.get("EDGEPLANE_STORE") or None, metavar="URL",
                    help="postgresql://user@host/db to keep state in PostgreSQL (shared by replicas), or sqlite:///path (a file); "
-                        "default: SQLite in --data-dir")
+                        "default: $EDGEPLANE_STORE, else SQLite in --data-dir")
     p.add_argument("--leader-lease", type=argtypes.number(*LEADER_LEASE_S), default=3.0, metavar="SECONDS",
                    help="with a PostgreSQL store: time to live of the leader lease (renewed every third of it); "
                         "a leader that died is replaced within 4/3 of it")

@@ -48,6 +48,20 @@ def _checked_token(token: str, source: str) -> str:
     return token
 
 
+def _base_url_problem(url: httpx.URL) -> str | None:
+    """Why ``url`` cannot be the control plane's base URL. A path is kept, as the prefix a
+    reverse proxy serves the control plane under (``https://proxy.example/edgeplane``), and
+    joined to each request's path; a query or fragment would garble every request's URL,
+    and another scheme or a missing host (``localhost:8080``) reaches nothing."""
+    if url.scheme not in ("http", "https") or not url.host:
+        return "it needs http:// or https:// and a host"
+    if url.query:
+        return f"no query in a base URL: ?{url.query.decode(errors='replace')}"
+    if url.fragment:
+        return f"no fragment in a base URL: #{url.fragment}"
+    return None
+
+
 class ApiClient:
     def __init__(self, server: str | None, token: str | None, timeout: float = 30.0):
         source = "--server" if server else "EDGEPLANE_SERVER"
@@ -57,9 +71,12 @@ class ApiClient:
         if tok:
             headers["authorization"] = f"Bearer {tok}"
         try:
-            self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+            problem = _base_url_problem(httpx.URL(self.server))
         except httpx.InvalidURL as exc:
-            raise CliError(f"{source} {self.server!r} is not a URL such as {DEFAULT_SERVER} ({exc})", 2) from None
+            problem = str(exc)
+        if problem is not None:
+            raise CliError(f"{source} {self.server!r} is not a URL such as {DEFAULT_SERVER} ({problem})", 2)
+        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """The JSON object the control plane answered; anything else is a :class:`CliError`."""
@@ -68,6 +85,10 @@ class ApiClient:
         except httpx.TransportError as exc:
             raise CliError(f"cannot reach the control plane at {self.server}: {exc.__class__.__name__} ({exc}); is 'edgeplane serve' running? (--server / EDGEPLANE_SERVER)", 3) from exc
         if resp.status_code >= 400:
+            if resp.status_code == 404 and self._nothing_at_base():
+                raise CliError(f"nothing at {resp.request.url.copy_with(query=None)} nor at {self.server}/healthz (HTTP 404): "
+                               f"is {self.server} the control plane's base URL (--server / EDGEPLANE_SERVER)? A path in it must "
+                               "be the prefix a reverse proxy serves the control plane under")
             try:
                 body = resp.json()
             except ValueError:
@@ -81,6 +102,15 @@ class ApiClient:
         if not isinstance(doc, dict):  # a redirect (not followed), a proxy's page: no answer to read
             raise CliError(f"the control plane answered {method} {path} with HTTP {resp.status_code} and no JSON object")
         return doc
+
+    def _nothing_at_base(self) -> bool:
+        """Whether a 404 means the base URL leads elsewhere (most often a path in it that no
+        reverse proxy serves), not an object that does not exist: then the control plane's
+        health route, which always answers, is not found either. Asked after a 404 only."""
+        try:
+            return self._http.get("/healthz").status_code == 404
+        except httpx.TransportError:
+            return False
 
     def raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The response whatever its status (for commands that read headers too)."""

@@ -429,7 +429,8 @@ def _header_text(text: str) -> str:
     return text.strip()
 
 
-SERVER_HELP = "control plane URL (default: $EDGEPLANE_SERVER or http://127.0.0.1:8080)"
+SERVER_HELP = ("control plane base URL; a path in it is the prefix a reverse proxy serves it under "
+               "(default: $EDGEPLANE_SERVER or http://127.0.0.1:8080)")
 TOKEN_HELP = "bearer token (default: $EDGEPLANE_TOKEN or the file named by $EDGEPLANE_TOKEN_FILE)"
 
 
@@ -485,7 +486,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("-f", "--file", required=True, action="append", help=FILE_HELP)
     sp = with_output(client_parser("get", help=f"list objects: {GET_KINDS}"))
     sp.add_argument("kind")
-    sp.add_argument("name", nargs="?")
+    sp.add_argument("name", nargs="?", help="one object; for placements, one deployment's replicas; for events, "
+                                            "the events about objects of this name (any kind)")
     sp = with_output(client_parser("describe", help="an object with its status and recent events"))
     sp.add_argument("kind")
     sp.add_argument("name")

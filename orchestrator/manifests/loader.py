@@ -82,6 +82,9 @@ class _Walker:
     def __init__(self, file: str, index: int):
         self.file, self.index = file, index
         self.lines: dict[Path, int] = {}
+        #: scalars written without quotes that YAML read as something other than text (a
+        #: number, a boolean, a date), as written: a string field given one says to quote it
+        self.unquoted: dict[Path, str] = {}
         self.count = 0
         self._seen: set[int] = set()  # ids of nodes walked: meeting one again means an alias
         self.constructor = yaml.SafeLoader.__new__(yaml.SafeLoader)
@@ -122,9 +125,12 @@ class _Walker:
         if isinstance(node, yaml.SequenceNode):
             return [self.to_data(v, (*path, i), depth + 1, line, alias) for i, v in enumerate(node.value)]
         try:
-            return self.constructor.construct_object(node, deep=True)
+            value = self.constructor.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as exc:
             raise self.issue(path, line, f"cannot read value: {exc.problem}") from exc
+        if value is not None and not isinstance(value, str):
+            self.unquoted[path] = node.value
+        return value
 
     def line_of(self, path: Path) -> int | None:
         for end in range(len(path), -1, -1):
@@ -254,7 +260,7 @@ def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssu
         return [issue(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(schema.KINDS)}")]
     data = _without_server_set(data)
     try:
-        return doc_type.model_validate(data)  # type: ignore[return-value]
+        return doc_type.model_validate(data, context=schema.MANIFEST)  # type: ignore[return-value]
     except pydantic.ValidationError as exc:
         messages: dict[Path, list[str]] = {}
         for err in exc.errors(include_url=False):
@@ -264,6 +270,8 @@ def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssu
                 message = f"unknown field {loc[-1]!r}"
             elif err["type"] == "missing":
                 message = "required field is missing"
+            elif err["type"] == "string_type" and loc in walker.unquoted:
+                message = _quote_hint(walker.unquoted[loc], err.get("input"))
             elif err["type"] == "string_pattern_mismatch":
                 hint = _PATTERN_HINTS.get(str((err.get("ctx") or {}).get("pattern")), "does not match the expected format")
                 message = f"{err.get('input')!r} is not valid: {hint}"
@@ -272,6 +280,18 @@ def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssu
         # one issue per field: a value failing every member of a union (name or map,
         # count or percentage) gets the members' reasons joined
         return [issue(loc, "; or ".join(msgs)) for loc, msgs in messages.items()]
+
+
+def _quote_hint(written: str, value: Any) -> str:
+    """Why a text field got ``value``: YAML reads unquoted digits (a sha256 of digits only,
+    a version), ``yes``/``no`` (Norway's ``NO``) and dates as other types."""
+    if isinstance(value, bool):
+        what = f"a boolean ({str(value).lower()})"
+    elif isinstance(value, (int, float)):
+        what = "a number"
+    else:
+        what = f"a {type(value).__name__}"
+    return f"{written} was read as {what}, not text: put it in quotes"
 
 
 def _holds(node: Any, part: str | int) -> bool:

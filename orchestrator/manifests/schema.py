@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -63,6 +64,17 @@ def check_residency(code: str) -> str:
 
 #: Validated per item, so an error names ``spec.placement.residency[1]``, not the whole list.
 ResidencyCode = Annotated[str, AfterValidator(check_residency)]
+
+
+#: pydantic's validation context for documents users write (the loader passes it): a rule
+#: added after objects were stored holds for manifests, while a stored object an earlier
+#: version accepted still reads, so the reconciler never stops on it.
+MANIFEST = {"manifest": True}
+
+
+def written(info: ValidationInfo) -> bool:
+    """Whether the value being validated comes from a manifest, not from the store."""
+    return bool((info.context or {}).get("manifest"))
 
 
 class Strict(BaseModel):
@@ -429,6 +441,14 @@ class DemandPoint(Strict):
 
 class Routing(Strict):
     fallback: list[Tier] = Field(default_factory=list)
+
+    @field_validator("fallback")
+    @classmethod
+    def _once_each(cls, v: list[Tier], info: ValidationInfo) -> list[Tier]:
+        twice = sorted({t for t in v if v.count(t) > 1})
+        if twice and written(info):
+            raise ValueError(f"{' and '.join(twice)} is listed more than once: give each tier once, in the order to try them")
+        return v
 
 
 class Rollout(Strict):

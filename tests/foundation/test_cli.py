@@ -256,17 +256,20 @@ def test_bootstrap_token_lets_an_agent_join_and_plan_shows_per_site_changes(
         # join again afterwards, with the credential it was given
         with_token = [e for e in joins if e["reason"] == "agent joined with a bootstrap token"]
         assert len(with_token) == 1 and joins[0] == with_token[0], joins
+        # a model of its own: edge-lyon serves each of the examples' models for a deployment already
         path = tmp_path / "lyon.yaml"
-        path.write_text(doc("ModelDeployment", "lyon-only", {
-            "model": "doc-fields", "variant": "distilled", "replicas": {"min": 1, "max": 1},
+        model = support.model_spec()
+        model["variants"][0]["resources"] = {"cpu": 0.25, "memoryMiB": 256}  # what the busy site has left
+        path.write_text(doc("Model", "lyon-model", model) + "---\n" + doc("ModelDeployment", "lyon-only", {
+            "model": "lyon-model", "variant": "small", "replicas": {"min": 1, "max": 1},
             "placement": {"residency": ["FR"], "tiers": ["edge"], "siteSelector": {"zone": "eu-west"}}}))
         out = ok("plan", "-f", str(path), server=serve)
-        assert out.splitlines()[0] == "modeldeployment/lyon-only would be created"
-        assert "Replica changes per site" in out
+        assert out.splitlines()[:2] == ["model/lyon-model would be created", "modeldeployment/lyon-only would be created"], out
+        assert "Replica changes per site" in out, out
         rows = [line.split() for line in out.splitlines() if "lyon-only" in line and "edge-lyon" in line]
-        assert rows and rows[0][:3] == ["edge-lyon", "lyon-only", "distilled"] and rows[0][-1] == "added", out
+        assert rows and rows[0][:3] == ["edge-lyon", "lyon-only", "small"] and rows[0][-1] == "added", out
         plan = json.loads(ok("plan", "-f", str(path), "-o", "json", server=serve))
-        assert {"site": "edge-lyon", "deployment": "lyon-only", "variant": "distilled", "before": 0, "after": 1,
+        assert {"site": "edge-lyon", "deployment": "lyon-only", "variant": "small", "before": 0, "after": 1,
                 "change": "added"} in plan["changes"]
         assert cli("get", "modeldeployment", "lyon-only", server_url=serve.url).returncode == 1  # plan applied nothing
     finally:

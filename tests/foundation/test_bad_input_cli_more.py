@@ -1,0 +1,288 @@
+"""More bad input at the edges users touch: ``serve --store``, a ``serve`` that cannot
+start, ``--server`` with more than a base URL, values YAML reads as another type, and the
+times ``captures`` prints."""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator import server_options
+from orchestrator.cli import main as cli_main
+from orchestrator.distill import store as capture_store
+from orchestrator.manifests import loader, schema
+from orchestrator.manifests.errors import ManifestError
+from orchestrator.store import open_store
+
+from . import support
+from .conftest import start_control_plane
+from .support import doc
+
+STORE_REFUSED = "is not a store URL: give postgresql://user@host/db (PostgreSQL, shared by replicas) or sqlite:///path/state.db (a file)"
+
+
+@pytest.fixture(autouse=True)
+def no_edgeplane_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("EDGEPLANE_")]:
+        monkeypatch.delenv(key)
+
+
+# --- serve --store ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["postgresql://edgeplane@db.example.test/edgeplane", "postgres://u:p@127.0.0.1:5432/db",
+                                 "sqlite:///var/lib/edgeplane/state.db", "SQLite:///tmp/state.db", "sqlite://relative/state.db"])
+def test_the_two_store_url_forms_are_taken_as_written(url: str) -> None:
+    assert server_options.store_url(url) == url
+
+
+@pytest.mark.parametrize("text", ["garbage", "state.db", "./data/state.db", "/var/lib/edgeplane/state.db", "sqlite://",
+                                  "sqlite:/state.db", "mysql://root@db/edgeplane", "postgresql:/db", ""])
+def test_anything_else_is_refused_naming_both_forms(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{text!r} {STORE_REFUSED}")):
+        server_options.store_url(text)
+
+
+@pytest.mark.parametrize(("argv", "env", "said"), [
+    (["--store", "garbage"], {}, f"'garbage' {STORE_REFUSED}"),
+    (["--store", "mysql://root@db/edgeplane"], {}, f"'mysql://root@db/edgeplane' {STORE_REFUSED}"),
+    ([], {"EDGEPLANE_STORE": "garbage"}, f"'garbage' (from $EDGEPLANE_STORE) {STORE_REFUSED}"),
+])
+def test_serve_with_a_store_that_is_no_url_stops_before_creating_anything(argv: list[str], env: dict[str, str], said: str,
+                                                                           tmp_path: pathlib.Path) -> None:
+    """``--store garbage`` used to become a new, empty SQLite file ``./garbage``."""
+    proc = subprocess.run([str(support.EDGEPLANE), "serve", *argv, "--port", str(support.free_port())], capture_output=True,
+                          text=True, timeout=60, env=support.clean_env(**env), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc
+    assert proc.stderr.strip().splitlines() == [f"edgeplane serve: error: argument --store: {said}"], proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no ./garbage, no .edgeplane
+
+
+def test_an_empty_edgeplane_store_is_no_store_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEPLANE_STORE", "")
+    args = cli_main.build_parser().parse_args(["serve"])
+    assert args.store is None
+
+
+# --- a serve that fails leaves no admin token ---------------------------------------------------
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_a_start_that_fails_leaves_no_admin_token_and_the_next_one_writes_it(busy_port: int, tmp_path: pathlib.Path,
+                                                                             offline_fleet: pathlib.Path) -> None:
+    data = tmp_path / "data"
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{busy_port}"):
+        start_control_plane(data, offline_fleet, port=busy_port, auth="token")
+    assert not (data / "admin.token").exists()
+    store = open_store(data / "state.db")
+    try:
+        assert not store.has_api_tokens()  # else the next start would find one and write no file
+    finally:
+        store.close()
+    cp = start_control_plane(data, offline_fleet, auth="token")
+    try:
+        assert cp.cp is not None and cp.cp.admin_token
+        assert (data / "admin.token").read_text().strip() == cp.cp.admin_token
+    finally:
+        cp.stop()
+
+
+def test_a_start_that_fails_keeps_the_admin_token_an_earlier_run_wrote(busy_port: int, tmp_path: pathlib.Path,
+                                                                       offline_fleet: pathlib.Path) -> None:
+    data = tmp_path / "data"
+    cp = start_control_plane(data, offline_fleet, auth="token")
+    cp.stop()
+    written = (data / "admin.token").read_text()
+    with pytest.raises(OSError, match="cannot listen on"):
+        start_control_plane(data, offline_fleet, port=busy_port, auth="token")
+    assert (data / "admin.token").read_text() == written
+    store = open_store(data / "state.db")
+    try:
+        assert store.verify_token(written.strip(), "api") is not None  # still the token operators hold
+    finally:
+        store.close()
+
+
+# --- --server: a base URL, a path being a reverse proxy's prefix --------------------------------
+
+
+@pytest.mark.parametrize(("server", "why"), [
+    ("http://127.0.0.1:9/some/path?x=1", "no query in a base URL: ?x=1"),
+    ("http://127.0.0.1:9/#top", "no fragment in a base URL: #top"),
+    ("localhost:8080", "it needs http:// or https:// and a host"),
+    ("ftp://127.0.0.1:9", "it needs http:// or https:// and a host"),
+    ("http:///v1", "it needs http:// or https:// and a host"),
+])
+def test_a_server_url_that_cannot_be_a_base_url_is_a_usage_error(server: str, why: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main.main(["--server", server, "get", "sites"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: --server {server.rstrip('/')!r} is not a URL such as "
+                                                    f"http://127.0.0.1:8080 ({why})"]
+
+
+class _Proxy(http.server.ThreadingHTTPServer):
+    """Stands in for a reverse proxy serving the control plane under /edgeplane: answers an
+    empty Site list and remembers the paths asked for."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                proxy.paths.append(self.path)
+                body = json.dumps({"kind": "Site", "items": []}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_a_path_in_the_server_url_is_the_prefix_of_every_request(capsys: pytest.CaptureFixture[str]) -> None:
+    proxy = _Proxy()
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert cli_main.main(["--server", f"http://127.0.0.1:{proxy.server_port}/edgeplane/", "get", "sites"]) == 0
+        assert cli_main.main(["--server", f"http://127.0.0.1:{proxy.server_port}/edgeplane", "get", "site", "a b"]) == 0
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join()
+    assert proxy.paths == ["/edgeplane/v1/sites", "/edgeplane/v1/site/a%20b"]
+    assert "No Site objects." in capsys.readouterr().out
+
+
+def test_a_path_nothing_serves_says_to_check_the_base_url(control_plane: support.ServerThread,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A 404 where even the health route is not found comes from a path in --server that leads
+    nowhere (it used to say only "Not Found"); the 404 of an object that does not exist keeps
+    the control plane's own words."""
+    base = f"{control_plane.url}/some/path"
+    assert cli_main.main(["--server", base, "get", "sites"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: nothing at {base}/v1/sites nor at {base}/healthz (HTTP 404): is {base} the control plane's base URL "
+        "(--server / EDGEPLANE_SERVER)? A path in it must be the prefix a reverse proxy serves the control plane under"]
+    assert cli_main.main(["--server", control_plane.url, "get", "site", "no-such-site"]) == 1
+    assert capsys.readouterr().err.splitlines() == ["error: Site 'no-such-site' does not exist"]
+
+
+# --- captures: times as the other commands write them -------------------------------------------
+
+
+RFC3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+def test_captures_shows_times_as_rfc3339_in_tables_and_json(control_plane: support.ServerThread,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert control_plane.cp is not None
+    now = time.time()
+    record = capture_store.Record(capture_store.Record.new_id(), "intent-eu", "intent", "EU", now, now + 86400.0, "edge-lyon",
+                                  "small", 0.42, b"{}", None, b"{}", None)
+    control_plane.cp.captures.zone("EU").add([record])
+    expected = [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) for t in (now, now + 86400.0)]
+    assert cli_main.main(["--server", control_plane.url, "captures", "EU", "-o", "json"]) == 0
+    item = next(i for i in json.loads(capsys.readouterr().out)["items"] if i["id"] == record.id)
+    assert [item["capturedAt"], item["expiresAt"]] == expected
+    assert item["firstConfidence"] == 0.42  # the other numbers stay numbers
+    assert cli_main.main(["--server", control_plane.url, "captures", "EU"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if record.id in line)
+    assert re.findall(RFC3339, row) == expected, row
+    assert not re.search(r"\d{10}\.\d", row), row  # no raw epoch seconds
+
+
+# --- manifests: values YAML reads as another type, repeated fallback tiers ----------------------
+
+
+DIGITS_SHA = "0123456701234567" * 4  # 64 digits: YAML reads it as a number (an octal one, even)
+
+
+def model_with_sha(sha: str) -> str:
+    return (f"apiVersion: edgeplane.io/v1alpha1\nkind: Model\nmetadata:\n  name: m\nspec:\n  variants:\n"
+            f"  - name: small\n    runtime: onnx\n    artifact:\n      uri: artifacts/m.onnx\n      sha256: {sha}\n")
+
+
+def issues_of(text: str) -> list[str]:
+    with pytest.raises(ManifestError) as exc_info:
+        loader.load_text(text, "m.yaml")
+    return [str(i) for i in exc_info.value.issues]
+
+
+def test_an_unquoted_all_digit_sha256_says_it_was_read_as_a_number() -> None:
+    assert issues_of(model_with_sha(DIGITS_SHA)) == [
+        f"m.yaml:11 (document 0): spec.variants[0].artifact.sha256: {DIGITS_SHA} was read as a number, not text: put it in quotes"]
+    assert loader.load_text(model_with_sha(f'"{DIGITS_SHA}"'))[0].doc.spec.variants[0].artifact.sha256 == DIGITS_SHA  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("field", "written", "said"), [
+    ("spec.location.country", "NO", "NO was read as a boolean (false), not text: put it in quotes"),
+    ("spec.location.region", "12.5", "12.5 was read as a number, not text: put it in quotes"),
+    ("spec.location.region", "1e5", None),  # no dot: YAML reads text, which is fine
+    ("metadata.labels.version", "2", "2 was read as a number, not text: put it in quotes"),
+    ("metadata.annotations.since", "2024-05-01", "2024-05-01 was read as a date, not text: put it in quotes"),
+])
+def test_a_text_field_given_another_type_says_to_quote_it(field: str, written: str, said: str | None) -> None:
+    values = {"spec.location.country": "FR", "spec.location.region": "eu-west", "metadata.labels.version": "v1",
+              "metadata.annotations.since": "x", field: written}
+    text = ("apiVersion: edgeplane.io/v1alpha1\nkind: Site\nmetadata:\n  name: s\n"
+            f"  labels: {{version: {values['metadata.labels.version']}}}\n"
+            f"  annotations: {{since: {values['metadata.annotations.since']}}}\n"
+            "spec:\n  tier: edge\n"
+            f"  location: {{country: {values['spec.location.country']}, region: {values['spec.location.region']}, lat: 45, lon: 4}}\n")
+    if said is None:
+        loader.load_text(text)
+        return
+    assert [i.split(": ", 1)[1] for i in issues_of(text)] == [f"{field}: {said}"]
+
+
+def deployment(fallback: str) -> str:
+    return (doc("Model", "m", support.model_spec())
+            + f"---\napiVersion: edgeplane.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: d\nspec:\n  model: m\n"
+              f"  routing:\n    fallback: {fallback}\n")
+
+
+def test_a_fallback_that_names_a_tier_twice_is_refused() -> None:
+    issues = issues_of(deployment("[edge, datacenter, edge]"))
+    assert len(issues) == 1 and issues[0].endswith(
+        "(document 1): spec.routing.fallback: edge is listed more than once: give each tier once, in the order to try them"), issues
+    assert [d.name for d in loader.load_text(deployment("[edge, datacenter]"))] == ["m", "d"]
+
+
+def test_a_stored_fallback_with_a_repeated_tier_still_reads() -> None:
+    """Earlier versions stored it: the reconciler reads stored specs and must not stop on one."""
+    spec = schema.ModelDeploymentSpec.model_validate({"model": "m", "routing": {"fallback": ["edge", "edge"]}})
+    assert spec.routing.fallback == ["edge", "edge"]
+
+
+def test_apply_prints_the_quote_hint_and_applies_nothing(control_plane: support.ServerThread, tmp_path: pathlib.Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(model_with_sha(DIGITS_SHA))
+    assert cli_main.main(["--server", control_plane.url, "apply", "-f", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: 1 problem(s) in the manifests; nothing was applied",
+        f"  {path}:11 (document 0): spec.variants[0].artifact.sha256: {DIGITS_SHA} was read as a number, not text: put it in quotes"]
+    assert cli_main.main(["--server", control_plane.url, "get", "model", "m"]) == 1
