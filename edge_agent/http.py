@@ -86,6 +86,11 @@ def _json(obj: object, status: int = 200) -> Response:
     return Response(status, oip.dumps(obj))
 
 
+def model_version(served: registry.ServedModel) -> str:
+    """The version a served model answers to: its artifact's digest, shortened (a new file is a new version)."""
+    return served.sha256[:12]
+
+
 def _infer_sync(
     served: registry.ServedModel, body: bytes, header_length: int | None
 ) -> tuple[bytes, int | None, object]:
@@ -97,7 +102,7 @@ def _infer_sync(
     names = runtime.output_names(request.outputs)
     arrays = runtime.run(feeds, names)
     outputs = tuple(map(oip.Tensor, names, arrays))
-    response = oip.InferResponse(served.name, outputs, served.sha256[:12], request.id)
+    response = oip.InferResponse(served.name, outputs, model_version(served), request.id)
     return *oip.encode_response(response, binary=request.binary_outputs), request.document
 
 
@@ -160,18 +165,20 @@ class InferenceServer:
         if fixed is not None:
             return fixed() if request.method == "GET" else _not_allowed("GET")
         parts = path.split("/")
-        # "", "v2", "models", name[, "ready" | "infer"]
-        if len(parts) in (4, 5) and parts[1] == "v2" and parts[2] == "models" and parts[3]:
-            name = parts[3]
-            action = parts[4] if len(parts) == 5 else ""
+        # "", "v2", "models", name[, "versions", version][, "ready" | "infer"]
+        if len(parts) >= 4 and parts[1] == "v2" and parts[2] == "models" and parts[3]:
+            name, rest, version = parts[3], parts[4:], None
+            if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+                version, rest = rest[1], rest[2:]
+            action = rest[0] if len(rest) == 1 else "" if not rest else None
             if action == "infer":
                 if request.method != "POST":
                     return _not_allowed("POST")
-                return await self.infer(name, request)
+                return await self.infer(name, request, version)
             if action in ("", "ready"):
                 if request.method != "GET":
                     return _not_allowed("GET")
-                return self.model_metadata(name) if action == "" else self.model_ready(name)
+                return self.model_metadata(name, version) if action == "" else self.model_ready(name, version)
         return _error(404, f"no such endpoint: {request.method} {path}")
 
     def live(self) -> Response:
@@ -190,12 +197,15 @@ class InferenceServer:
             }
         )
 
-    def find(self, name: str) -> registry.ServedModel | Refusal:
-        """The model answering for ``name``, or why none does (404: never assigned here;
-        503: assigned, not ready). Shared by the HTTP and gRPC front ends."""
+    def find(self, name: str, version: str | None = None) -> registry.ServedModel | Refusal:
+        """The model answering for ``name`` (at ``version``, when given), or why none does
+        (404: never assigned here, or not that version; 503: assigned, not ready). Shared
+        by the HTTP and gRPC front ends."""
         served = self._models.get(name)
         if served is not None and served.kind != registry.assignments.RUNTIME_ONNX:
             return Refusal(400, f"model {name!r} is a generative model: use /v1/chat/completions or /v1/completions")
+        if served is not None and version is not None and version != model_version(served):
+            return Refusal(404, f"model {name!r} has no version {version!r}; its versions: {model_version(served)}")
         if served is not None:
             return served
         if self._models.known(name):
@@ -210,12 +220,12 @@ class InferenceServer:
         /metrics without bound."""
         self.metrics.observe_error(name if self._models.known(name) else UNKNOWN_MODEL, status)
 
-    def _lookup(self, name: str) -> registry.ServedModel | Response:
-        found = self.find(name)
+    def _lookup(self, name: str, version: str | None = None) -> registry.ServedModel | Response:
+        found = self.find(name, version)
         return _error(found.status, found.message) if isinstance(found, Refusal) else found
 
-    def model_metadata(self, name: str) -> Response:
-        served = self._lookup(name)
+    def model_metadata(self, name: str, version: str | None = None) -> Response:
+        served = self._lookup(name, version)
         if isinstance(served, Response):
             return served
         runtime = served.runtime
@@ -223,12 +233,12 @@ class InferenceServer:
             served.name,
             [(s.name, s.datatype, s.shape) for s in runtime.inputs],
             [(s.name, s.datatype, s.shape) for s in runtime.outputs],
-            versions=(served.sha256[:12],),
+            versions=(model_version(served),),
         )
         return _json(body)
 
-    def model_ready(self, name: str) -> Response:
-        served = self._lookup(name)
+    def model_ready(self, name: str, version: str | None = None) -> Response:
+        served = self._lookup(name, version)
         if isinstance(served, Response):
             return served
         return _json({"name": name, "ready": True})
@@ -259,9 +269,9 @@ class InferenceServer:
         job.add_done_callback(finished)
         return await asyncio.shield(job)
 
-    async def infer(self, name: str, request: Request) -> Response:
+    async def infer(self, name: str, request: Request, version: str | None = None) -> Response:
         started = time.perf_counter()
-        served = self._lookup(name)
+        served = self._lookup(name, version)
         if isinstance(served, Response):
             self.refused(name, served.status)
             return served

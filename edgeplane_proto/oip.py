@@ -161,7 +161,27 @@ def _array_from_json(spec: Mapping[str, Any], where: str) -> np.ndarray:
         if not all(isinstance(v, bytes) for v in flat):
             raise ProtocolError(f"{where}: BYTES data must be strings")
         return _array_from_list(flat, datatype, shape, where)
-    return _numbers_to_array(spec["data"], numpy_dtype(datatype), datatype, shape, where)
+    array = _numbers_to_array(spec["data"], numpy_dtype(datatype), datatype, shape, where)
+    if datatype != "BOOL" and not isinstance(spec["data"], np.ndarray) and _may_hold_bool(array) and _holds_bool(spec["data"]):
+        raise ProtocolError(f"{where} {spec.get('name')!r}: {datatype} data must be numbers, not JSON booleans (true/false); "
+                            "send them as 1 and 0, or give the tensor datatype BOOL")
+    return array
+
+
+def _may_hold_bool(values: np.ndarray) -> bool:
+    """Whether a tensor read from JSON may have held a boolean. Python's bool is an int, so
+    numpy and ``struct`` read true and false as 1 and 0 without a word: only a tensor that
+    holds a 0 or a 1 has its elements looked at one by one (:func:`_holds_bool`). A float
+    tensor's data read straight into an array held none: that parse refuses booleans."""
+    return np.count_nonzero((values == 0) | (values == 1)) > 0
+
+
+def _holds_bool(data: Any) -> bool:
+    """Whether JSON ``data`` (numbers, nested or not) holds a boolean: written again by
+    orjson, a boolean is the only value with a ``t`` or an ``f`` (three times faster than
+    a look at each element's type)."""
+    text = orjson.dumps(data)
+    return b"t" in text or b"f" in text
 
 
 def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:

@@ -18,7 +18,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
-from orchestrator.api import auth, bodies
+from orchestrator.api import auth, bodies, methods
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import routing
 from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.simulation.scenario import ScenarioError
@@ -31,6 +33,7 @@ class Services(Protocol):
     """What the API needs from the running control plane."""
 
     store: store_mod.Store
+    table: endpoints_mod.EndpointTable  # the gateway's: which regions a caller may name
     authenticator: auth.Authenticator
     registry: Any  # prometheus CollectorRegistry
     agent_ca_sha256: str | None  # None: agents join over plaintext (--insecure-agents)
@@ -172,12 +175,12 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def endpoints(request: Request, caller: auth.Caller) -> Response:
         q = request.query_params
-        try:
-            lat = float(q["lat"]) if "lat" in q else None
-            lon = float(q["lon"]) if "lon" in q else None
-        except ValueError:
-            return error(400, "lat and lon must be numbers")
-        return JSONResponse(services.endpoints_view(request.path_params["model"], lat, lon, q.get("region"), q.get("residency")))
+        asking = routing.parse_query_caller(q.get("lat"), q.get("lon"), q.get("region"), q.get("residency"))
+        if isinstance(asking, routing.Caller) and asking.region is not None:
+            asking = services.table.unknown_region(asking.region, "query parameter region", "lat and lon") or asking
+        if isinstance(asking, routing.NoRoute):
+            return error(asking.status, asking.reason)
+        return JSONResponse(services.endpoints_view(request.path_params["model"], asking.lat, asking.lon, asking.region, q.get("residency")))
 
     async def create_token(request: Request, caller: auth.Caller) -> Response:
         try:
@@ -259,9 +262,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
         Route("/v1/simulate", guarded(simulate), methods=["POST"]),
         Route("/v1/revoke/{what}/{name}", guarded(revoke, write=True), methods=["POST"]),
         Route("/v1/controlplane", guarded(controlplane), methods=["GET"]),
-        Route("/v1/{kind}", guarded(list_kind), methods=["GET"]),
-        Route("/v1/{kind}/{name}", guarded(get_one), methods=["GET"]),
-        Route("/v1/{kind}/{name}", guarded(delete_one, write=True), methods=["DELETE"]),
+        methods.CatchAll("/v1/{kind}", guarded(list_kind), methods=["GET"]),
+        methods.CatchAll("/v1/{kind}/{name}", guarded(get_one), methods=["GET"]),
+        methods.CatchAll("/v1/{kind}/{name}", guarded(delete_one, write=True), methods=["DELETE"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
@@ -309,4 +312,4 @@ def _event(e: store_mod.LoggedEvent) -> dict[str, Any]:
 
 def build_app(services: Services, extra_routes: list[BaseRoute] | None = None) -> Starlette:
     # Specific routes (artifacts, the gateway) go before the generic /v1/{kind}/{name}.
-    return Starlette(routes=[*(extra_routes or []), *build_routes(services)])
+    return Starlette(routes=[*(extra_routes or []), *build_routes(services)], exception_handlers=methods.EXCEPTION_HANDLERS)

@@ -61,6 +61,8 @@ class EndpointTable:
     #: False until the first :meth:`replace`: before the control plane's first pass (or a
     #: gateway's first table) no model is known, which is not the same as "not deployed".
     published: bool = False
+    #: The regions a caller may name: those of the sites (:attr:`regions`) and of the endpoints.
+    _known_regions: frozenset[str] = frozenset()
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
                 deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None,
@@ -78,6 +80,7 @@ class EndpointTable:
         self._by_model = {m: tuple(sorted(es, key=listing_order)) for m, es in grouped.items()}
         if regions is not None:
             self.regions = regions
+        self._known_regions = frozenset(self.regions.centroids) | {e.region for es in grouped.values() for e in es if e.region}
         if deployed is not None:
             self._deployed = dict(deployed)
         if cold is not None:
@@ -115,6 +118,17 @@ class EndpointTable:
             self._pending.update(new)
             self.on_change()
         return bool(new)
+
+    def unknown_region(self, region: str, name: str = "X-Edgeplane-Region",
+                       instead: str = "X-Edgeplane-Location: lat,lon") -> routing.NoRoute | None:
+        """Why a caller's ``region`` (given as ``name``) places it nowhere, or None. A region
+        is known when a site declares it, whether or not a replica runs there now (a caller
+        there is then answered from the nearest one, or told there is none). Before the
+        first table no region is known yet and none is refused: the answer then says the
+        table is missing."""
+        if not self.published:
+            return None
+        return routing.check_region(region, self._known_regions, name, instead)
 
     def cold(self) -> frozenset[str]:
         return self._cold

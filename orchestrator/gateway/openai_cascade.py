@@ -74,8 +74,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                    body: dict[str, Any], suffix: str, stream: bool) -> Response:
     handler = owner.gw.cascade
     assert handler is not None  # openai_routes sends cascades here only when the gateway runs them
-    caller = routing.parse_caller(request.headers.get("x-edgeplane-location"), request.headers.get("x-edgeplane-region"),
-                                  request.headers.get("x-edgeplane-residency"))
+    caller = owner.gw.caller(request)
     if isinstance(caller, routing.NoRoute):
         return openai_routes.error(caller.status, caller.reason)
     totals = handler.stats.totals(route.deployment)

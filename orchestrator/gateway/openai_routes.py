@@ -145,8 +145,8 @@ class OpenAIGateway:
         code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(refused.status_code)  # 503: a gateway without a table yet
         return error(refused.status_code, str(message), headers=headers, code=code)
 
-    def _openai_candidates(self, model: str, request: Request) -> list[routing.Ranked] | Response:
-        ranked = self.gw.candidates(model, request, api=None)
+    def _openai_candidates(self, model: str, request: Request, caller: routing.Caller | None = None) -> list[routing.Ranked] | Response:
+        ranked = self.gw.candidates(model, request, api=None, caller=caller)
         if isinstance(ranked, routing.NoRoute):
             code = "model_not_found" if ranked.status == 404 else None
             return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code,
@@ -163,9 +163,12 @@ class OpenAIGateway:
         refused = self._admit(request)
         if refused is not None:
             return refused
+        caller = self.gw.caller(request)
+        if isinstance(caller, routing.NoRoute):
+            return error(caller.status, caller.reason)
         data = []
         for model in self.gw.table.models():
-            ranked = self.gw.candidates(model, request, api=None)
+            ranked = self.gw.candidates(model, request, api=None, caller=caller)
             if isinstance(ranked, list) and any(r.endpoint.api == routing.API_OPENAI for r in ranked):
                 data.append({"id": model, "object": "model", "created": 0, "owned_by": "edgeplane"})
         return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
@@ -207,6 +210,9 @@ class OpenAIGateway:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             return error(400, "'stream' must be true or false", param="stream")
+        caller = self.gw.caller(request)
+        if isinstance(caller, routing.NoRoute):  # before a cascade runs or a cold model is woken for nothing
+            return error(caller.status, caller.reason)
         route = self.gw.table.cascades.get(model) if self.gw.cascade is not None else None
         if route is not None:
             mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
@@ -222,7 +228,7 @@ class OpenAIGateway:
             if not await self.gw.table.wait_for_endpoints(model, self.gw.cold_start_s):
                 return error(503, f"model {model!r} was scaled to zero and no replica was ready within {self.gw.cold_start_s:g}s; retry",
                              headers={"retry-after": "5"})
-        ranked = self._openai_candidates(model, request)
+        ranked = self._openai_candidates(model, request, caller)
         if isinstance(ranked, Response):
             self.gw.metrics.requests.labels(model, "", str(ranked.status_code)).inc()
             return ranked

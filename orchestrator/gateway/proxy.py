@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from edgeplane_proto import oip
+from orchestrator import urlpath
 from orchestrator.api import bodies
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules
@@ -87,14 +88,25 @@ class Gateway:
         self.cold_start_s = cold_start_s  # how long a request for a model scaled to zero waits
         self.cascade = cascade  # runs requests to models whose deployment has spec.cascade
 
-    def candidates(self, model: str, request: Request, api: str | None = routing.API_V2) -> list[routing.Ranked] | routing.NoRoute:
+    def caller(self, request: Request) -> routing.Caller | routing.NoRoute:
+        """Who asks, from the ``X-Edgeplane-*`` headers, or why they cannot be read (400)."""
         caller = routing.parse_caller(
             request.headers.get("x-edgeplane-location"),
             request.headers.get("x-edgeplane-region"),
             request.headers.get("x-edgeplane-residency"),
         )
-        if isinstance(caller, routing.NoRoute):
+        if isinstance(caller, routing.NoRoute) or caller.region is None:
             return caller
+        return self.table.unknown_region(caller.region) or caller
+
+    def candidates(self, model: str, request: Request, api: str | None = routing.API_V2,
+                   caller: routing.Caller | None = None) -> list[routing.Ranked] | routing.NoRoute:
+        """``model``'s replicas for the caller (read from ``request`` unless given), best first."""
+        if caller is None:
+            found = self.caller(request)
+            if isinstance(found, routing.NoRoute):
+                return found
+            caller = found
         if not self.table.endpoints(model):
             reason = self.table.unavailable_reason(model)
             if reason is not None:
@@ -107,7 +119,14 @@ class Gateway:
             return routing.NoRoute(f"model {model!r} is not deployed" + (f" (deployed models: {', '.join(known)})" if known else ""), 404)
         return self.table.rank(model, caller, self.position, api)
 
-    async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None) -> Response:
+    async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None,
+                       version: str | None = None) -> Response:
+        """``suffix`` follows ``/v2/models/{model}`` at the replica; with ``version`` it starts
+        with ``/versions/{version}``, and the replica says whether it has that version."""
+        caller = self.caller(request)
+        if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
+            self.metrics.requests.labels(model, "", str(caller.status)).inc()
+            return _error(caller.status, caller.reason)
         if self.table.is_cold(model):
             # Scaled to zero: this request asks for a replica and waits for it (cold start).
             self.table.wake(model)
@@ -117,12 +136,13 @@ class Gateway:
                 why = self.table.unavailable_reason(model) or "no replica yet"
                 return _error(503, f"model {model!r} was scaled to zero and no replica was ready within "
                                    f"{self.cold_start_s:g}s ({why}); retry", retry_after=5)
-        ranked = self.candidates(model, request)
+        ranked = self.candidates(model, request, caller=caller)
         if isinstance(ranked, routing.NoRoute):
             self.metrics.requests.labels(model, "", str(ranked.status)).inc()
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         failures = []
+        missing = 0  # replicas that answered 404
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
             url = f"{e.url}/v2/models/{e.model}{suffix}"
@@ -144,8 +164,11 @@ class Gateway:
                 continue
             if status == 404:
                 # The replica no longer serves the model (it was just moved away; the table
-                # follows a moment later): the next replica may. The agent itself is fine.
-                failures.append(f"{e.site}: does not serve {model!r} now (HTTP 404)")
+                # follows a moment later), or not that version: the next replica may. The
+                # agent itself is fine.
+                missing += 1
+                failures.append(f"{e.site}: {_reason(content)} (HTTP 404)" if version is not None
+                                else f"{e.site}: does not serve {model!r} now (HTTP 404)")
                 self.metrics.failovers.labels(model, e.site).inc()
                 continue
             self.metrics.requests.labels(model, e.site, str(status)).inc()
@@ -154,17 +177,23 @@ class Gateway:
             if binary is not None:
                 out_headers[oip.BINARY_HEADER] = binary
             return Response(content, status_code=status, media_type=upstream_headers.get("content-type", "application/json"), headers=out_headers)
+        if version is not None and missing == len(failures):
+            self.metrics.requests.labels(model, "", "404").inc()
+            return _error(404, f"model {model!r} has no version {version!r} at the replicas tried: {'; '.join(failures)}")
         self.metrics.requests.labels(model, "", "502").inc()
         return _error(502, f"every replica tried failed: {'; '.join(failures)}")
 
     async def infer(self, request: Request) -> Response:
         model = request.path_params["model"]
+        version = request.path_params.get("version")
         started = time.perf_counter()
         try:
             body = await bodies.read_body(request, self.max_body)
         except bodies.BodyTooLarge:
             return _error(413, f"request body is larger than {self.max_body} bytes")
         try:
+            if version is not None:  # one model file, named by its version: no cascade of variants
+                return await self._forward(self._model_of(model), request, "POST", _versioned(version, "/infer"), body, version)
             route = self.table.cascades.get(model) if self.cascade is not None else None
             if route is not None and self.cascade is not None and not self.table.is_cold(model):
                 return await self._cascade(self.cascade, route, request, body)
@@ -177,8 +206,7 @@ class Gateway:
         mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
         if mode is None:
             return _error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}")
-        caller = routing.parse_caller(request.headers.get("x-edgeplane-location"), request.headers.get("x-edgeplane-region"),
-                                      request.headers.get("x-edgeplane-residency"))
+        caller = self.caller(request)
         if isinstance(caller, routing.NoRoute):
             return _error(caller.status, caller.reason)
         response = await handler.infer(route, mode, caller, request, body,
@@ -193,9 +221,14 @@ class Gateway:
         return route.model if route is not None else name
 
     async def model_metadata(self, request: Request) -> Response:
-        return await self._forward(self._model_of(request.path_params["model"]), request, "GET", "", None)
+        version = request.path_params.get("version")
+        return await self._forward(self._model_of(request.path_params["model"]), request, "GET", _versioned(version, ""), None, version)
 
     async def model_ready(self, request: Request) -> Response:
+        version = request.path_params.get("version")
+        if version is not None:  # only a replica knows its versions
+            return await self._forward(self._model_of(request.path_params["model"]), request, "GET", _versioned(version, "/ready"),
+                                       None, version)
         ranked = self.candidates(self._model_of(request.path_params["model"]), request)
         if isinstance(ranked, routing.NoRoute):
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
@@ -233,5 +266,21 @@ class Gateway:
             Route("/v2/models/{model}", guarded(self.model_metadata), methods=["GET"]),
             Route("/v2/models/{model}/ready", guarded(self.model_ready), methods=["GET"]),
             Route("/v2/models/{model}/infer", guarded(self.infer), methods=["POST"]),
+            Route("/v2/models/{model}/versions/{version}", guarded(self.model_metadata), methods=["GET"]),
+            Route("/v2/models/{model}/versions/{version}/ready", guarded(self.model_ready), methods=["GET"]),
             Route("/v2/models/{model}/versions/{version}/infer", guarded(self.infer), methods=["POST"]),
         ]
+
+
+def _versioned(version: str | None, action: str) -> str:
+    """The path after ``/v2/models/{model}`` at a replica for ``action`` of ``version`` (any, when None)."""
+    return action if version is None else f"/versions/{urlpath.path_segment(version)}{action}"
+
+
+def _reason(content: bytes) -> str:
+    """What a replica's error answer says: its ``error``, or the start of its body."""
+    try:
+        doc = json.loads(content)
+    except ValueError:  # not JSON, or not UTF-8
+        doc = None
+    return str(doc["error"]) if isinstance(doc, dict) and "error" in doc else content[:200].decode(errors="replace")

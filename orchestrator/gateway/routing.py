@@ -14,7 +14,7 @@ Order of concerns, none of which a later one can override:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.scheduler import geo, residency
@@ -95,13 +95,68 @@ def parse_caller(location: str | None, region: str | None, residency_header: str
             return NoRoute("X-Edgeplane-Location must be 'lat,lon', e.g. 48.85,2.35", 400)
         if not (-90 <= lat <= 90 and -180 <= lon <= 180) or math.isnan(lat) or math.isnan(lon):
             return NoRoute("X-Edgeplane-Location is outside -90..90, -180..180", 400)
-    allowed: frozenset[str] = frozenset()
-    if residency_header:
-        try:
-            allowed = residency.expand_residency(c for c in residency_header.split(",") if c.strip())
-        except ValueError as exc:
-            return NoRoute(f"X-Edgeplane-Residency: {exc}", 400)
+    allowed = _residency(residency_header, "X-Edgeplane-Residency")
+    if isinstance(allowed, NoRoute):
+        return allowed
     return Caller(lat, lon, (region or "").strip() or None, allowed)
+
+
+def parse_query_caller(lat: str | None, lon: str | None, region: str | None, residency_text: str | None) -> Caller | NoRoute:
+    """The caller of the endpoint list (``GET /v1/endpoints/{model}?lat=&lon=&region=&residency=``),
+    each error naming its query parameter: a position that cannot be read is the caller's
+    mistake to fix, not a reason to answer an empty list."""
+    position = _query_position(lat, lon)
+    if isinstance(position, NoRoute):
+        return position
+    allowed = _residency(residency_text, "query parameter residency")
+    if isinstance(allowed, NoRoute):
+        return allowed
+    return Caller(*(position or (None, None)), (region or "").strip() or None, allowed)
+
+
+def _query_position(lat: str | None, lon: str | None) -> tuple[float, float] | None | NoRoute:
+    """``lat`` and ``lon``: both or neither, each a number in range."""
+    if lat is None and lon is None:
+        return None
+    if lat is None or lon is None:
+        given, missing = ("lat", "lon") if lon is None else ("lon", "lat")
+        return NoRoute(f"query parameter {given} is given without {missing}: give both (e.g. lat=48.85&lon=2.35) or neither", 400)
+    values = []
+    for name, text, limit in (("lat", lat, 90), ("lon", lon, 180)):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not -limit <= value <= limit:  # NaN and infinities are refused here too
+            return NoRoute(f"query parameter {name} must be a number in [-{limit}, {limit}], not {text[:40]!r}", 400)
+        values.append(value)
+    return values[0], values[1]
+
+
+def _residency(text: str | None, name: str) -> frozenset[str] | NoRoute:
+    """The countries of a residency list (``FR,DE``, ``EU``; ``name`` says where it was given); empty: any."""
+    if not text:
+        return frozenset()
+    try:
+        return residency.expand_residency(c for c in text.split(",") if c.strip())
+    except ValueError as exc:
+        return NoRoute(f"{name}: {exc}", 400)
+
+
+#: How many regions an error lists before it ends the list with "…".
+LISTED_REGIONS = 20
+
+
+def check_region(region: str, known: Collection[str], name: str, instead: str) -> NoRoute | None:
+    """Refuse a region no site declares (``name`` says where it was given, ``instead`` what
+    to give): taken as no position at all, a misspelt region would route the caller from
+    the gateway's position, silently."""
+    if region in known:
+        return None
+    listed = sorted(known)
+    shown = ", ".join(listed[:LISTED_REGIONS]) + (", …" if len(listed) > LISTED_REGIONS else "")
+    return NoRoute(f"{name}: unknown region {region!r} (known regions: {shown or 'none, no site declares one'}); "
+                   f"give {instead} instead", 400)
 
 
 def _position(caller: Caller, regions: RegionIndex, default: tuple[float, float] | None) -> tuple[float, float] | None:

@@ -35,6 +35,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeplane_proto import oip
+from orchestrator.api import methods
 from orchestrator.gatewayd import follow
 from orchestrator import runloop
 from orchestrator.gateway import cascade as cascade_mod
@@ -152,7 +153,7 @@ class StandaloneGateway:
             Route("/readyz", self._readyz, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
-        ])
+        ], exception_handlers=methods.EXCEPTION_HANDLERS)
         if cfg.gateway_auth == "token":
             app = _TokenPrefetch(app, self.checker)
         self._uvicorn = runloop.http_server(app)
@@ -190,15 +191,12 @@ class StandaloneGateway:
         if refused is not None:
             return refused
         q = request.query_params
-        try:
-            lat = float(q["lat"]) if "lat" in q else None
-            lon = float(q["lon"]) if "lon" in q else None
-        except ValueError:
-            return JSONResponse({"error": "lat and lon must be numbers"}, status_code=400)
-        model = request.path_params["model"]
-        caller = routing.parse_caller(f"{lat},{lon}" if lat is not None and lon is not None else None, q.get("region"), q.get("residency"))
+        caller = routing.parse_query_caller(q.get("lat"), q.get("lon"), q.get("region"), q.get("residency"))
+        if isinstance(caller, routing.Caller) and caller.region is not None:
+            caller = self.table.unknown_region(caller.region, "query parameter region", "lat and lon") or caller
         if isinstance(caller, routing.NoRoute):
-            return JSONResponse(wire.endpoint_list(caller, model))
+            return JSONResponse({"error": caller.reason}, status_code=caller.status)
+        model = request.path_params["model"]
         return JSONResponse(wire.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model))
 
     async def _readyz(self, request: Request) -> Response:
