@@ -51,7 +51,7 @@ ORT_DATATYPES = {
 # Anchored at the end: the route prefix in front can be anything, even contain "v2".
 _ROUTE = re.compile(
     r"(?:^|/)v2/(?:health/(?P<health>live|ready)"
-    r"|models/(?P<model>[^/]+)(?:/versions/[^/]+)?(?P<action>/ready|/infer)?)/?$"
+    r"|models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?)/?$"
 )
 JSON = "application/json"
 
@@ -87,6 +87,7 @@ class OnnxModel:
     def __init__(self, artifact_uri: str, sha256: str, model_name: str) -> None:
         path = artifacts.fetch_verified(artifact_uri, sha256)
         self._model_name = model_name
+        self._version = sha256[:12]  # the version an edge agent gives the same file
         self._session = ort.InferenceSession(str(path), providers=_providers())
         self._inputs = [
             (i.name, ORT_DATATYPES.get(i.type, i.type), _dims(i.shape))
@@ -96,7 +97,7 @@ class OnnxModel:
             (o.name, ORT_DATATYPES.get(o.type, o.type), _dims(o.shape))
             for o in self._session.get_outputs()
         ]
-        self._metadata = oip.model_metadata(model_name, self._inputs, self._outputs)
+        self._metadata = oip.model_metadata(model_name, self._inputs, self._outputs, versions=(self._version,))
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
@@ -110,6 +111,8 @@ class OnnxModel:
             return _json({"live": True} if match["health"] == "live" else {"ready": True})
         if match["model"] != self._model_name:
             return _error(404, f"model {match['model']!r} is not served here")
+        if match["version"] is not None and match["version"] != self._version:
+            return _error(404, f"model {self._model_name!r} has no version {match['version']!r}; its versions: {self._version}")
         action = match["action"]
         if action is None:
             return _json(self._metadata)
@@ -136,7 +139,7 @@ class OnnxModel:
             return _error(400, f"onnxruntime rejected the inputs: {exc}")
         response = oip.InferResponse(
             model_name=self._model_name,
-            model_version="1",
+            model_version=self._version,
             id=decoded.id,
             outputs=tuple(oip.Tensor(n, np.asarray(a)) for n, a in zip(outputs, results)),
         )

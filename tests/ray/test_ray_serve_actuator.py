@@ -66,12 +66,18 @@ async def test_onnx_app_answers_v2_like_the_agent(
         meta = (await client.get("/v2/models/mlp")).json()
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8]}]
         assert (await client.get("/v2/models/other")).status_code == 404
+        # one version, the file's: the first 12 digits of its sha256, as an edge agent names it
+        version = mlp.sha256[:12]
+        assert meta["versions"] == [version]
+        assert (await client.get(f"/v2/models/mlp/versions/{version}/ready")).json()["ready"] is True
+        wrong = await client.post("/v2/models/mlp/versions/1/infer", content=oip.encode_request({"input": x})[0])
+        assert wrong.status_code == 404 and version in wrong.json()["error"], wrong.text
 
         body, _ = oip.encode_request({"input": x}, id="r1")
-        answer = await client.post("/v2/models/mlp/infer", content=body)
+        answer = await client.post(f"/v2/models/mlp/versions/{version}/infer", content=body)
         assert answer.status_code == 200, answer.text
         decoded = oip.decode_response(answer.content)
-        assert decoded.id == "r1" and decoded.model_name == "mlp"
+        assert decoded.id == "r1" and decoded.model_name == "mlp" and decoded.model_version == version
         np.testing.assert_allclose(decoded.outputs[0].array, reference(x), rtol=1e-5, atol=1e-6)
 
         body, length = oip.encode_request({"input": x}, binary=True)
