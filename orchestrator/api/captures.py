@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from orchestrator import catalog
 from orchestrator.api import auth
 from orchestrator.distill import store as capture_store
 from orchestrator.store import sqlite as store_mod
@@ -61,6 +62,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         items = []
         for r in records:
             item = r.summary()
+            item["capturedAt"], item["expiresAt"] = catalog.rfc3339(r.captured_at), catalog.rfc3339(r.expires_at)
             if payload:
                 item["input"] = base64.b64encode(r.input).decode()
                 item["output"] = base64.b64encode(r.output).decode()

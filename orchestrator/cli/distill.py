@@ -69,10 +69,6 @@ def cmd_distill(api: ApiClient, args: argparse.Namespace) -> int:
     return 0 if result.get("published") else 1
 
 
-#: A record's times, written as every other command writes times (the API answers Unix times).
-CAPTURE_TIMES = ("capturedAt", "expiresAt")
-
-
 def cmd_captures(api: ApiClient, args: argparse.Namespace) -> int:
     zone = args.zone.upper()
     if args.delete:
@@ -81,7 +77,6 @@ def cmd_captures(api: ApiClient, args: argparse.Namespace) -> int:
         return 0
     params = {"limit": str(args.limit), **({"deployment": args.deployment} if args.deployment else {})}
     body = api.request("GET", f"/v1/captures/{path_segment(zone)}", params=params)
-    body["items"] = [{**i, **{k: render.timestamp(i[k]) for k in CAPTURE_TIMES if k in i}} for i in body["items"]]
     if args.output != "table":
         render.dump(body, args.output)
         return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 from collections.abc import Sequence
@@ -68,18 +67,6 @@ def _num(v: Any) -> str:
 
 def _gpus(gpus: list[dict[str, Any]]) -> str:
     return ", ".join(f"{g['count']}x{g['model']} {g['memoryGiB']:g}GiB" for g in gpus) or "-"
-
-
-def timestamp(value: Any) -> Any:
-    """A Unix time as the control plane writes its times (``ts`` of events, a token's
-    ``createdAt``): RFC 3339 in UTC, to the second. Anything else (a time already written so,
-    None, a number no date can show) is kept as it is."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return value
-    try:
-        return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, OSError, ValueError):
-        return value
 
 
 def dump(data: Any, output: str) -> None:
