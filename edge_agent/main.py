@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
+import json
 import logging
 import math
 import os
@@ -16,8 +18,8 @@ import pathlib
 import re
 import signal
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 import edge_agent
 from edge_agent import errors
@@ -26,6 +28,10 @@ if TYPE_CHECKING:
     from edge_agent import daemon
 
 log = logging.getLogger("edge_agent")
+
+#: What ends the agent (a drain, exit code 0), whenever it comes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -71,10 +77,26 @@ def _site(value: str) -> str:
     return value
 
 
+def _iso_countries() -> frozenset[str]:
+    """The ISO 3166-1 alpha-2 codes of pycountry's database, which the manifests check a
+    site's country against. Read as data: importing pycountry would bring email, zipfile
+    and tempfile into the daemon for one look-up."""
+    spec = importlib.util.find_spec("pycountry")
+    if spec is None or spec.origin is None:
+        raise argparse.ArgumentTypeError("cannot check it: pycountry, which holds the ISO 3166 list, is not installed")
+    database = pathlib.Path(spec.origin).parent / "databases" / "iso3166-1.json"
+    try:
+        return frozenset(country["alpha_2"] for country in json.loads(database.read_bytes())["3166-1"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot check it: cannot read the ISO 3166 list {database}: {exc}") from None
+
+
 def _country(value: str) -> str:
-    if value and not re.fullmatch(r"[A-Za-z]{2}", value):
+    """The control plane takes any two letters and then places the site nowhere: refuse the rest here."""
+    code = value.upper()
+    if code and code not in _iso_countries():
         raise argparse.ArgumentTypeError(f"{value!r} must be an ISO 3166 alpha-2 code such as FR")
-    return value.upper()
+    return code
 
 
 def _sha256(value: str) -> str:
@@ -136,8 +158,28 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """An error about one flag is one line, as the agent's other errors are (its long usage
+    would bury it); other usage errors (a missing flag) keep the usage before them."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("argument "):
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if not parsed.insecure and parsed.join_address is None:  # the first join dials the port after the agent port
+            for target in parsed.control_plane.split(","):
+                if _host_port(target)[1] == 65535:
+                    self.error(f"argument --control-plane: {target!r}: the join listener is looked for at the next port, "
+                               "and 65535 has none: give --join-address HOST:PORT")
+        return parsed, extras
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="edgeplane-agent",
         description="Join an edgeplane control plane and serve its models at this edge site.",
     )
@@ -239,13 +281,17 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
     )
 
 
-async def run(config: daemon.AgentConfig) -> None:
+async def run(config: daemon.AgentConfig, early: Sequence[int] = ()) -> None:
+    """``early``: stop signals that came before the event loop took them over."""
     from edge_agent import daemon
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    if early:
+        log.info("agent stopped (%s came before it started)", signal.Signals(early[0]).name)
+        return
     agent = daemon.Agent(config)
     await agent.start()
     print(f"serving {agent.endpoint_url}", flush=True)
@@ -254,6 +300,9 @@ async def run(config: daemon.AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    early: list[int] = []  # until run() hands them to the event loop: kept, so that the agent stops as it would later
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -267,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("a bootstrap token is needed for the first join (--token or EDGEPLANE_TOKEN)")
         return 2
     try:
-        asyncio.run(run(config_from_args(args)))
+        asyncio.run(run(config_from_args(args), early))
     except (errors.AgentError, OSError) as exc:
         log.error("%s", exc)
         return 1

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import socket
 import ssl
 import sys
@@ -197,11 +198,16 @@ async def _identity_tool(*args: str) -> dict[str, Any]:
         async with asyncio.timeout(TOOL_TIMEOUT_S):
             out, err = await proc.communicate()
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise errors.ControlPlaneError(f"the identity tool ({args[0]}) did not finish in {TOOL_TIMEOUT_S:g}s") from None
+    finally:  # timed out, or the agent stops: the key it was making is not wanted
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     if proc.returncode == UNUSABLE:
         raise errors.CertificateUnusable(err.decode(errors="replace").strip()[-300:])
+    if proc.returncode < 0:
+        raise errors.ControlPlaneError(f"the identity tool ({args[0]}) was stopped by signal {-proc.returncode} "
+                                       f"({signal.strsignal(-proc.returncode)})")
     if proc.returncode != 0:
         raise errors.ControlPlaneError(f"the identity tool ({args[0]}) failed: {err.decode(errors='replace').strip()[-300:]}")
     try:

@@ -92,6 +92,21 @@ class JoinFacts:
         )
 
 
+def _report(exc: Exception) -> None:
+    """One line for each failure the agent knows (what to change, or that it retries); a
+    traceback only for what it did not foresee."""
+    if isinstance(exc, errors.JoinRefused):
+        log.error("control plane refused this agent: %s", exc)
+    elif isinstance(exc, errors.NotJoined):
+        log.warning("control plane asks to join again: %s", exc)
+    elif isinstance(exc, errors.AgentUnavailable):
+        log.warning("%s", exc)
+    elif isinstance(exc, errors.AgentError):  # an unusable certificate, an identity tool that failed
+        log.error("%s", exc)
+    else:
+        log.error("uplink session failed", exc_info=exc)
+
+
 class Reporter(Protocol):
     """What heartbeats carry; the daemon implements it."""
 
@@ -169,6 +184,7 @@ class Uplink:
         self._expires: float | None = None
         self._pending_csr: tuple[bytes, bytes] | None = None  # (key, CSR) not yet accepted
         self._renewed_at: float | None = None  # when a session last ended for a renewal
+        self._answered = False  # the control plane answered a join in this session
 
     @property
     def _target(self) -> str:
@@ -192,26 +208,24 @@ class Uplink:
     async def run(self) -> None:
         attempt = 0
         while not self._stopping.is_set():
+            self._answered = False
             started = self._clock()
             try:
                 await self._session()
             except errors.RenewalDue:
                 log.info("client certificate due for renewal: joining again with a new CSR")
                 continue
-            except errors.JoinRefused as exc:
-                log.error("control plane refused this agent: %s", exc)
-            except errors.NotJoined as exc:
-                log.warning("control plane asks to join again: %s", exc)
-            except errors.AgentUnavailable as exc:
-                log.warning("%s", exc)
-            except errors.CertificateUnusable as exc:
-                log.error("%s", exc)
-            except Exception:  # the uplink never dies: log, back off, go on
-                log.exception("uplink session failed")
+            except Exception as exc:  # the uplink never dies: log, back off, go on
+                if self._stopping.is_set():
+                    return  # ended by the stop itself (the signal may have reached the identity tool too): nothing to report
+                _report(exc)
             if self._stopping.is_set():
                 return
-            if self._clock() - started > 4 * self.interval:
-                attempt = 0  # the session was healthy for a while: start the ladder over
+            if self._answered and self._clock() - started >= self.interval:
+                # The control plane answered and the session lasted a heartbeat: it restarted
+                # or dropped us, not an outage. One that ends every session at once (a crash
+                # loop) keeps the ladder climbing, so a fleet does not rejoin it in a storm.
+                attempt = 0
             # the next address at once; the backoff ladder steps once per round of addresses
             self._current = (self._current + 1) % len(self._targets)
             attempt += 1
@@ -231,7 +245,10 @@ class Uplink:
             if self._tls.enrolled():
                 await self._check_enrolment(self._tls)
             if not self._tls.enrolled():
-                await self._enroll(self._tls)
+                key_pem, csr_pem = await self._tls.new_request(self._facts.site)
+                if self._stopping.is_set():
+                    return  # no join now: one the control plane took but this agent never saved would hold the site
+                await self._enroll(self._tls, key_pem, csr_pem)
             channel = grpc.aio.secure_channel(self._target, self._tls.mutual_credentials(), options=client_options())
         elif self._creds is None:
             channel = grpc.aio.insecure_channel(self._target, options=client_options())
@@ -289,9 +306,8 @@ class Uplink:
         except (OSError, errors.AgentError):
             pass  # the tool itself failed (a timeout on a loaded machine): the handshake will tell
 
-    async def _enroll(self, agent_tls: tls.AgentTls) -> None:
+    async def _enroll(self, agent_tls: tls.AgentTls, key_pem: bytes, csr_pem: bytes) -> None:
         """First join over the join port: bootstrap token + CSR in, client certificate out."""
-        key_pem, csr_pem = await agent_tls.new_request(self._facts.site)
         target = agent_tls.join_target_for(self._target)
         if agent_tls.needs_pinned_ca():
             try:
@@ -313,6 +329,7 @@ class Uplink:
             await channel.close(grace=None)
         if not response.certificate_pem:
             raise errors.JoinRefused("the control plane issued no client certificate; is it running with --insecure-agents?")
+        self._answered = True
         agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
         self._renew_at = self._expires = None
         self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)
@@ -342,6 +359,7 @@ class Uplink:
             request.ClearField("csr_pem")
             renewal = None
             response = await stub.Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
+        self._answered = True
         if renewal is not None:
             self._renewed(renewal[0], response)
         self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)

@@ -1,9 +1,12 @@
 """``edgeplane-agent`` refuses, before it starts, what the control plane would refuse at the
-join or what could never work (a CA file that is not there): one line naming the flag."""
+join or what could never work (a CA file that is not there, a join port past 65535, a
+country that is not one): one line naming the flag."""
 
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -16,6 +19,8 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "Edge_X"], "argument --site: 'Edge_X' must be a DNS label"),
     (["--site", "x" * 64], "must be a DNS label"),
     (["--site", "edge-x", "--country", "FRA"], "argument --country: 'FRA' must be an ISO 3166 alpha-2 code"),
+    (["--site", "edge-x", "--country", "XX"], "argument --country: 'XX' must be an ISO 3166 alpha-2 code"),
+    (["--site", "edge-x", "--country", "eu"], "argument --country: 'eu' must be an ISO 3166 alpha-2 code"),
     (["--site", "edge-x", "--heartbeat-interval", "nan"], "argument --heartbeat-interval: 'nan' is not a finite number"),
     (["--site", "edge-x", "--lat", "nan", "--lon", "1"], "argument --lat: 'nan' is not a finite number"),
     (["--site", "edge-x", "--workers", "-1"], "argument --workers: -1 is not from 0 to 1024"),
@@ -32,11 +37,16 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--control-plane", "cp-a:8081,cp-b"], "argument --control-plane: 'cp-b' must be HOST:PORT"),
     (["--site", "edge-x", "--control-plane", " , "], "argument --control-plane: needs at least one HOST:PORT"),
     (["--site", "edge-x", "--join-address", "cp:65536"], "argument --join-address: 'cp:65536': 65536 is not a port"),
+    (["--site", "edge-x", "--control-plane", "cp:65535"],
+     "argument --control-plane: 'cp:65535': the join listener is looked for at the next port, and 65535 has none: give --join-address"),
+    (["--site", "edge-x", "--control-plane", "cp-a:8081,[::1]:65535", "--ca-sha256", "ab" * 32], "'[::1]:65535': the join listener"),
 ])
 def test_a_bad_flag_is_a_usage_error(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         agent_main.parser().parse_args(BASE + args)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err
+    assert len(err.splitlines()) == 1, err  # the usage would bury it
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -63,6 +73,15 @@ def test_good_flags_reach_the_config(tmp_path: pathlib.Path) -> None:
         BASE + ["--site", "edge-lyon", "--ca-file", str(ca), "--country", "fr", "--lat", "45.76", "--lon", "4.84"]))
     assert agent_main.parser().parse_args(BASE + ["--site", "edge-lyon", "--log-level", "WARNING"]).log_level == "warning"
     assert (config.site, config.country, config.ca_file, config.lat, config.lon) == ("edge-lyon", "FR", ca, 45.76, 4.84)
+    assert agent_main.parser().parse_args(BASE + ["--site", "edge-x", "--country", "gr"]).country == "GR"
+
+
+@pytest.mark.parametrize("args", [
+    ["--control-plane", "cp:65535", "--join-address", "cp:8082"],
+    ["--control-plane", "cp:65535", "--insecure"],  # no join listener with plaintext gRPC
+])
+def test_an_agent_port_of_65535_is_taken_when_the_join_listener_needs_no_guess(args: list[str]) -> None:
+    assert agent_main.parser().parse_args(["--site", "edge-x", "--token", "t", *args]).control_plane == "cp:65535"
 
 
 @pytest.mark.parametrize(("value", "targets"), [
@@ -74,3 +93,11 @@ def test_good_flags_reach_the_config(tmp_path: pathlib.Path) -> None:
 def test_good_control_plane_addresses_are_dialled_as_written(value: str, targets: list[str]) -> None:
     args = agent_main.parser().parse_args(["--control-plane", value, "--site", "edge-x", "--token", "t", "--join-address", "[::1]:8082"])
     assert agent_main.config_from_args(args).control_planes == targets and args.join_address == "[::1]:8082"
+
+
+def test_checking_the_country_keeps_pycountry_out_of_the_daemon() -> None:
+    code = ("import sys; from edge_agent import main; "
+            "main.parser().parse_args(['--control-plane', 'cp:8081', '--site', 'edge-x', '--token', 't', '--country', 'FR']); "
+            "print(sorted({'pycountry', 'email', 'zipfile', 'tempfile'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # the ISO 3166 list is read as data

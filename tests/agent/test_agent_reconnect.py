@@ -1,0 +1,69 @@
+"""The uplink's reconnect backoff: an outage climbs the ladder, a control plane that answered
+starts it over. A real agent against a real control-plane gRPC server on loopback,
+restarted on the same address; the delays are read from the agent's own log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import pytest
+
+from edge_agent.retry import RECONNECT
+from orchestrator.agents import model
+
+from .conftest import SITE, MakeAgent, start_control_plane
+
+RESTARTS = 4
+HEARTBEAT_S = 0.2  # the interval the test control plane gives agents
+DELAY = re.compile(r"reconnecting to \S+ in ([0-9.]+)s")
+
+
+def delays_after_joins(records: list[logging.LogRecord]) -> list[float]:
+    """The delay of each reconnect that follows a join (a session the control plane answered)."""
+    delays, joined = [], False
+    for record in records:
+        message = record.getMessage()
+        if message.startswith("joined control plane"):
+            joined = True
+        elif (found := DELAY.fullmatch(message)) and joined:
+            delays.append(float(found.group(1)))
+            joined = False
+    return delays
+
+
+async def restart_after_each_join(make_agent: MakeAgent, caplog: pytest.LogCaptureFixture, connected_s: float) -> list[float]:
+    """Restart the control plane ``RESTARTS`` times, each ``connected_s`` after the agent
+    joined it; the reconnect delays that followed the joins."""
+    caplog.set_level(logging.INFO, logger="edge_agent.uplink")
+    cp = await start_control_plane()
+    port = cp.server.port
+    await make_agent(cp)
+    try:
+        for _ in range(RESTARTS):
+            await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED and e.site == SITE)
+            await asyncio.sleep(connected_s)  # the rule is about how long the session lasted
+            await cp.server.stop(grace=None)
+            cp = await start_control_plane(port)
+        await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED and e.site == SITE)
+    finally:
+        await cp.server.stop(grace=None)
+    delays = delays_after_joins(caplog.records)
+    assert len(delays) >= RESTARTS, caplog.text
+    return delays
+
+
+async def test_restarts_that_each_come_back_do_not_climb_the_backoff(make_agent: MakeAgent, caplog: pytest.LogCaptureFixture) -> None:
+    # Each session lasts a heartbeat or two (0.2 s here): far shorter than the four the ladder used to need.
+    delays = await restart_after_each_join(make_agent, caplog, connected_s=2 * HEARTBEAT_S)
+    # The first step of the ladder each time (jittered between half and all of it; the log rounds to 0.1 s).
+    assert all(d <= round(RECONNECT.initial, 1) for d in delays), delays
+
+
+async def test_a_control_plane_that_drops_every_session_at_once_is_backed_off_from(
+        make_agent: MakeAgent, caplog: pytest.LogCaptureFixture) -> None:
+    """A crash loop right after each join: were every answered join to start the ladder over,
+    a fleet would rejoin it twice a second per agent."""
+    delays = await restart_after_each_join(make_agent, caplog, connected_s=0.0)
+    assert delays[-1] > round(RECONNECT.initial, 1), delays
