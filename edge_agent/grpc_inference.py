@@ -60,7 +60,7 @@ def _infer(served: registry.ServedModel, request: pb.ModelInferRequest) -> pb.Mo
     feeds = runtime.feeds(_inputs(request))
     names = runtime.output_names([o.name for o in request.outputs])
     arrays = runtime.run(feeds, names)
-    response = pb.ModelInferResponse(model_name=served.name, model_version=served.sha256[:12], id=request.id)
+    response = pb.ModelInferResponse(model_name=served.name, model_version=http.model_version(served), id=request.id)
     for name, array in zip(names, arrays, strict=True):
         response.outputs.add(name=name, datatype=oip.datatype_of(array), shape=array.shape)
         response.raw_output_contents.append(oip.raw_bytes(array))
@@ -72,10 +72,12 @@ class InferenceServicer:
         self._server = server
         self._models = models
 
-    async def _served(self, name: str, context: grpc.aio.ServicerContext, count: bool = False) -> registry.ServedModel:
-        """The model answering for ``name``, or the call aborted with the reason (the
-        same decision as HTTP's 404/503); ``count`` records a refused inference."""
-        found = self._server.find(name)
+    async def _served(self, name: str, context: grpc.aio.ServicerContext, count: bool = False,
+                      version: str = "") -> registry.ServedModel:
+        """The model answering for ``name`` (at ``version`` unless empty), or the call
+        aborted with the reason (the same decision as HTTP's 404/503); ``count`` records a
+        refused inference."""
+        found = self._server.find(name, version or None)
         refusal = http.Refusal(503, "the agent is draining") if self._server.draining else found
         if isinstance(refusal, http.Refusal):
             if count:
@@ -92,16 +94,18 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self._server.ready and not self._server.draining)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._models.get(request.name) is not None and not self._server.draining)
+        served = self._models.get(request.name)
+        ready = served is not None and request.version in ("", http.model_version(served))
+        return pb.ModelReadyResponse(ready=ready and not self._server.draining)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="edgeplane-agent", version=edge_agent.__version__)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        served = await self._served(request.name, context)
+        served = await self._served(request.name, context, version=request.version)
         runtime = served.runtime
         return pb.ModelMetadataResponse(
-            name=served.name, versions=[served.sha256[:12]], platform="onnx",
+            name=served.name, versions=[http.model_version(served)], platform="onnx",
             inputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in runtime.inputs],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in runtime.outputs],
         )
@@ -109,7 +113,7 @@ class InferenceServicer:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         started = time.perf_counter()
         metrics = self._server.metrics
-        served = await self._served(request.model_name, context, count=True)
+        served = await self._served(request.model_name, context, count=True, version=request.model_version)
         try:
             # Always a worker: gRPC hands no count of the calls waiting behind this one.
             response = await self._server.compute(served, _infer, False, served, request)

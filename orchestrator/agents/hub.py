@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from orchestrator.agents import auth, errors, model
+from orchestrator.manifests import schema
 
 log = logging.getLogger(__name__)
 
@@ -636,5 +637,8 @@ def _validate(application: model.JoinApplication) -> None:
     loc = application.location
     if loc.lat is not None and not (-90 <= loc.lat <= 90 and -180 <= (loc.lon or 0) <= 180):
         raise errors.InvalidJoin(f"location {loc.lat},{loc.lon} is not a valid lat,lon")
-    if loc.country and not re.fullmatch(r"[A-Z]{2}", loc.country):
-        raise errors.InvalidJoin(f"country {loc.country!r} must be an ISO 3166 alpha-2 code")
+    if loc.country:
+        try:
+            schema.check_country(loc.country)  # the list a Site manifest's country is checked against
+        except ValueError as exc:
+            raise errors.InvalidJoin(f"country: {exc}") from None

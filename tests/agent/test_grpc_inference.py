@@ -42,7 +42,18 @@ async def test_grpc_v2_answers_like_http(control_plane: ControlPlane, make_agent
         assert (await stub.ServerMetadata(pb.ServerMetadataRequest())).name == "edgeplane-agent"
         meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp"))
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 8])]
-        assert list(meta.versions) == [models.v1.sha256[:12]]
+        version = models.v1.sha256[:12]
+        assert list(meta.versions) == [version]
+        # a version is the file's, as over HTTP: the one listed answers, another is unknown
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name="mlp", version=version))).ready
+        assert not (await stub.ModelReady(pb.ModelReadyRequest(name="mlp", version="1"))).ready
+        assert (await stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp", version=version))).name == "mlp"
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await stub.ModelInfer(pb.ModelInferRequest(model_name="mlp", model_version="1"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and version in (unknown.value.details() or "")
+        versioned = raw_request(x)
+        versioned.model_version = version
+        assert (await stub.ModelInfer(versioned)).model_version == version
 
         answer = await stub.ModelInfer(raw_request(x))
         assert answer.id == "r-1" and answer.model_name == "mlp"

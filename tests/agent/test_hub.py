@@ -302,6 +302,7 @@ class Tap:
         ({"endpoint_url": "ftp://x"}, errors.InvalidJoin),
         ({"endpoint_url": "http://0.0.0.0:80"}, errors.InvalidJoin),
         ({"location": model.Location("France")}, errors.InvalidJoin),
+        ({"location": model.Location("XX")}, errors.InvalidJoin),  # two capitals, no country: it would be placed nowhere
         ({"location": model.Location("FR", "", 91.0, 0.0)}, errors.InvalidJoin),
         ({"labels": {f"k{i}": "v" for i in range(65)}}, errors.InvalidJoin),
     ],
