@@ -333,9 +333,13 @@ class Reconciler:
         self._read_since = self.table.clock()
         snapshot = await self.gather()
         plan = planning.plan_pass(snapshot, self.last_plan.standing if self.last_plan is not None else None)
+        # What `get placements` pairs the stored rows with from now on: this pass writes its
+        # rows and may then wait seconds (a data centre's apps deploying); shown with the
+        # previous snapshot, rows on sites that snapshot did not know read "SiteGone".
+        self.last_snapshot = snapshot
         for action in plan.actions:
             await self.execute(action)
-        self.last_plan, self.last_snapshot = plan, snapshot
+        self.last_plan = plan
         # While replicas are on their way up, look again soon rather than at the next resync.
         self.converging = any(
             item.kind == "ModelDeployment" and item.status.get("phase") in ("Progressing", "Failing")
