@@ -1,15 +1,16 @@
 """Desired state: applying, reading and deleting user objects on top of the store.
 
 The HTTP API and the in-process harness both go through here, so the rules hold no
-matter who calls: a request is validated as a whole (every document, then every
-reference against stored plus incoming objects) before anything is written, and the
-write is one store transaction, so a file with any error applies nothing.
+matter who calls: a request is validated as a whole (every document, and every reference
+of the valid ones against stored plus incoming objects, all reported together) before
+anything is written, and the write is one store transaction, so a file with any error
+applies nothing.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,36 +73,66 @@ def stored_models(store: store_mod.Store) -> dict[str, schema.ModelSpec]:
     return {o.name: parse_model(o) for o in store.list("Model")}
 
 
-def validate(store: store_mod.Store, docs: list[loader.LoadedDocument]) -> None:
+def check(reading: loader.Reading, models: Mapping[str, schema.ModelSpec]) -> list[ManifestIssue]:
+    """Every problem of an apply, given the stored ``models``: each document's own, and the
+    references of the valid ones, by file then document."""
+    more = [issue for d in reading.documents if (issue := _version_issue(d)) is not None]
+    count = len(reading.documents) + len(reading.refused)
+    if count > MAX_OBJECTS_PER_APPLY:
+        first = (reading.documents or reading.refused)[0].file
+        more.append(ManifestIssue(first, None, "", None, f"more than {MAX_OBJECTS_PER_APPLY} objects in one apply"))
+    elif reading.complete:  # past a break in the text, any Model may be defined: references are not judged
+        more.extend(references.check_references(reading.documents, models, reading.refused_names()))
+    return reading.ordered(more)
+
+
+def validate(store: store_mod.Store, reading: loader.Reading) -> None:
     """Raise :class:`ManifestError` unless the documents can be applied together."""
-    if len(docs) > MAX_OBJECTS_PER_APPLY:
-        raise ManifestError([ManifestIssue(docs[0].file, None, "", None, f"more than {MAX_OBJECTS_PER_APPLY} objects in one apply")])
-    issues = references.check_references(docs, stored_models(store))
+    issues = check(reading, stored_models(store))
     if issues:
         raise ManifestError(issues)
+
+
+def _version_issue(d: loader.LoadedDocument) -> ManifestIssue | None:
+    version = d.doc.metadata.resourceVersion
+    if version is None or version.isdigit():
+        return None
+    return ManifestIssue(d.file, d.index, "metadata.resourceVersion", d.line_of(("metadata", "resourceVersion")),
+                         "must be a number as returned by get")
 
 
 def writes_for(docs: Iterable[loader.LoadedDocument]) -> list[store_mod.ObjectWrite]:
     out = []
     for d in docs:
         meta = d.doc.metadata
-        expected = None
-        if meta.resourceVersion is not None:
-            if not meta.resourceVersion.isdigit():
-                raise ManifestError([ManifestIssue(d.file, d.index, "metadata.resourceVersion", d.line_of(("metadata", "resourceVersion")),
-                                                   "must be a number as returned by get")])
-            expected = int(meta.resourceVersion)
+        if (issue := _version_issue(d)) is not None:
+            raise ManifestError([issue])
         out.append(
             store_mod.ObjectWrite(
                 kind=d.kind,
                 name=d.name,
                 labels=dict(meta.labels),
                 spec=d.doc.spec.model_dump(mode="json", exclude_none=True),
-                expected_version=expected,
+                expected_version=int(meta.resourceVersion) if meta.resourceVersion is not None else None,
                 annotations=dict(meta.annotations),
             )
         )
     return out
+
+
+def apply_reading(
+    store: store_mod.Store,
+    reading: loader.Reading,
+    *,
+    actor: str,
+    reason: str = "apply",
+    dry_run: bool = False,
+) -> ApplyResult:
+    """Apply what was read, or raise :class:`ManifestError` with every problem and apply nothing."""
+    validate(store, reading)
+    writes = writes_for(reading.documents)
+    outcomes = store.apply(writes, store_mod.Event(actor, "apply", "", "", reason), dry_run=dry_run)
+    return ApplyResult(outcomes, dry_run)
 
 
 def apply_documents(
@@ -112,10 +143,7 @@ def apply_documents(
     reason: str = "apply",
     dry_run: bool = False,
 ) -> ApplyResult:
-    validate(store, docs)
-    writes = writes_for(docs)
-    outcomes = store.apply(writes, store_mod.Event(actor, "apply", "", "", reason), dry_run=dry_run)
-    return ApplyResult(outcomes, dry_run)
+    return apply_reading(store, loader.Reading.of(docs), actor=actor, reason=reason, dry_run=dry_run)
 
 
 def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, reason: str = "delete") -> store_mod.WriteOutcome:

@@ -95,11 +95,11 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return endpoint
 
     async def apply(request: Request, caller: auth.Caller) -> Response:
-        docs = await _documents(request)
-        if not docs:
+        reading = await _read(request)
+        if not reading.documents and not reading.issues:
             return error(422, "the request holds no documents")
         dry_run = _flag(request, "dryRun")
-        result = catalog.apply_documents(store, docs, actor=caller.identity, reason=_reason(request, "apply"), dry_run=dry_run)
+        result = catalog.apply_reading(store, reading, actor=caller.identity, reason=_reason(request, "apply"), dry_run=dry_run)
         payload: dict[str, Any] = {
             "dryRun": dry_run,
             "results": [
@@ -108,7 +108,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             ],
         }
         if dry_run:
-            payload["plan"] = services.preview(docs)
+            payload["plan"] = services.preview(reading.documents)
         elif any(o.action != "unchanged" for o in result.outcomes):
             services.changed(f"apply by {caller.identity}")
         return JSONResponse(payload)
@@ -270,10 +270,15 @@ def build_routes(services: Services) -> list[BaseRoute]:
     ]
 
 
-async def _documents(request: Request) -> list[loader.LoadedDocument]:
-    """The manifests in the body (``?file=`` names them in errors)."""
+async def _read(request: Request) -> loader.Reading:
+    """The manifests in the body (``?file=`` names them in errors), those with errors included."""
     body = await bodies.read_body(request, MAX_BODY)
-    return loader.load_text(body, (request.query_params.get("file") or "<request>")[:256])
+    return loader.read_text(body, (request.query_params.get("file") or "<request>")[:256])
+
+
+async def _documents(request: Request) -> list[loader.LoadedDocument]:
+    """The manifests in the body, or :class:`ManifestError` with every issue."""
+    return (await _read(request)).valid()
 
 
 class BadQuery(ValueError):

@@ -4,6 +4,10 @@ PyYAML's node graph carries positions, so the text is composed to nodes first, e
 field path is mapped to its line, and pydantic's error locations are translated back to
 ``file:line``. The node walk also refuses what safe loading alone lets through: duplicate
 keys (silently overwritten by PyYAML), alias bombs and absurd nesting.
+
+A document with errors does not stop the others from being read: :func:`read_text` keeps
+every issue and remembers the kind and name of each refused document, so the checks
+between documents can run on the rest in the same pass and one apply reports all it can.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import pathlib
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import pydantic
 import yaml
@@ -64,6 +68,61 @@ class LoadedDocument:
     @property
     def name(self) -> str:
         return self.doc.metadata.name
+
+
+@dataclass(frozen=True)
+class RefusedDocument:
+    """A document with errors of its own; its kind and ``metadata.name`` where both could
+    still be read, so that what refers to it is not told it does not exist."""
+
+    file: str
+    index: int
+    line: int
+    kind: str | None = None
+    name: str | None = None
+    name_line: int | None = None
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Everything one text (a file or a :func:`bundle`) holds: the documents that passed,
+    those that did not, and every issue found, in file then document order."""
+
+    documents: list[LoadedDocument]
+    refused: list[RefusedDocument]
+    issues: list[ManifestIssue]
+    #: file names in the order they come, which is the order issues are reported in
+    files: tuple[str, ...]
+    #: False when reading stopped before the end (malformed YAML, too many documents): the
+    #: rest of the text may define anything, so references cannot be judged
+    complete: bool = True
+
+    @classmethod
+    def of(cls, docs: list[LoadedDocument]) -> Reading:
+        return cls(docs, [], [], tuple(dict.fromkeys(d.file for d in docs)))
+
+    def refused_names(self) -> set[tuple[str, str]]:
+        """(kind, name) of each refused document whose kind and name could be read."""
+        return {(r.kind, r.name) for r in self.refused if r.kind is not None and r.name is not None}
+
+    def ordered(self, more: list[ManifestIssue]) -> list[ManifestIssue]:
+        """These issues and ``more`` (found later, by the checks between documents) in order."""
+        return in_order([*self.issues, *more], self.files)
+
+    def valid(self) -> list[LoadedDocument]:
+        """The documents, or :class:`ManifestError` with every issue when there is one."""
+        if self.issues:
+            raise ManifestError(self.issues)
+        return self.documents
+
+
+def in_order(issues: list[ManifestIssue], files: tuple[str, ...]) -> list[ManifestIssue]:
+    """By file (in the order of ``files``), then document, the issues of a whole file first;
+    within one document, in the order given."""
+    rank: dict[str, int] = {}
+    for name in files:
+        rank.setdefault(name, len(rank))
+    return sorted(issues, key=lambda i: (rank.get(i.file, len(rank)), -1 if i.document is None else i.document))
 
 
 def format_path(path: Path) -> str:
@@ -181,7 +240,31 @@ def _decode(text: bytes | str, file: str) -> str:
     return text
 
 
-def _documents(text: str, file: str) -> Iterator[tuple[int, Any, _Walker]]:
+@dataclass
+class _Raw:
+    """One document as composed: its data, or the issues that stopped the walk over it."""
+
+    node: yaml.Node
+    walker: _Walker
+    data: Any = None
+    issues: list[ManifestIssue] = field(default_factory=list)
+
+    @property
+    def index(self) -> int:
+        return self.walker.index
+
+
+def _walk(node: yaml.Node, file: str, index: int) -> _Raw:
+    # a duplicate key or an alias bomb spoils its own document only: the stream goes on
+    raw = _Raw(node, _Walker(file, index))
+    try:
+        raw.data = raw.walker.to_data(node)
+    except ManifestError as exc:
+        raw.issues = exc.issues
+    return raw
+
+
+def _documents(text: str, file: str) -> Iterator[_Raw]:
     try:
         loader = _LimitedLoader(text)  # the reader refuses control characters right here
     except yaml.YAMLError as exc:
@@ -199,12 +282,10 @@ def _documents(text: str, file: str) -> Iterator[tuple[int, Any, _Walker]]:
             items = node if isinstance(node, yaml.SequenceNode) else _list_items(node)
             if items is not None:  # a JSON array (or YAML list) of documents, or a list as `get -o yaml` prints it
                 for item in items.value:
-                    walker = _Walker(file, index)
-                    yield index, walker.to_data(item), walker
+                    yield _walk(item, file, index)
                     index += 1
             else:
-                walker = _Walker(file, index)
-                yield index, walker.to_data(node), walker
+                yield _walk(node, file, index)
                 index += 1
             if index > MAX_DOCUMENTS:
                 raise ManifestError([ManifestIssue(file, index, "", None, f"more than {MAX_DOCUMENTS} documents in one file")])
@@ -219,12 +300,18 @@ def _documents(text: str, file: str) -> Iterator[tuple[int, Any, _Walker]]:
         loader.dispose()
 
 
+def _fields(node: yaml.Node) -> dict[str, yaml.Node]:
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+
+
 def _list_items(node: yaml.Node) -> yaml.SequenceNode | None:
     """The ``items`` of a list as ``edgeplane get KIND -o yaml|json`` prints it (``kind`` and
     ``items``, no ``metadata`` or ``spec``), so that output can be applied again."""
     if not isinstance(node, yaml.MappingNode):
         return None
-    fields = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+    fields = _fields(node)
     items = fields.get("items")
     if isinstance(items, yaml.SequenceNode) and not {"metadata", "spec"} & set(fields):
         return items
@@ -374,6 +461,12 @@ class _Bundle:
         index = self.index_in_file(name, d.index)
         return LoadedDocument(name, index, line or 1, d.doc, {p: n - offset for p, n in d.lines.items()})
 
+    def relocate_refused(self, d: RefusedDocument) -> RefusedDocument:
+        name, line = self.locate(d.line)
+        offset = d.line - (line or d.line)
+        name_line = d.name_line - offset if d.name_line is not None else None
+        return RefusedDocument(name, self.index_in_file(name, d.index), line or 1, d.kind, d.name, name_line)
+
     def relocate(self, issue: ManifestIssue) -> ManifestIssue:
         name, line = self.locate(issue.line)
         document = issue.document
@@ -382,52 +475,83 @@ class _Bundle:
         return ManifestIssue(name, document, issue.field, line, issue.message)
 
 
-def load_text(text: bytes | str, file: str = "<input>") -> list[LoadedDocument]:
-    """Parse and validate every document of one file (or :func:`bundle`); raise :class:`ManifestError`."""
-    body = _decode(text, file)
+def read_text(text: bytes | str, file: str = "<input>") -> Reading:
+    """Parse and validate every document of one file (or :func:`bundle`), keeping going past
+    documents with errors; only a text that cannot be read on stops early."""
+    try:
+        body = _decode(text, file)
+    except ManifestError as exc:
+        return Reading([], [], exc.issues, (file,), complete=False)
     sources = _sources(body, file)
     starts: list[int] = []  # start line of each document, by global index
-    try:
-        docs = _load(body, file, starts)
-    except ManifestError as exc:
-        if len(sources) == 1:
-            raise
-        where = _Bundle(sources, starts)
-        raise ManifestError([where.relocate(i) for i in exc.issues]) from None
+    read, issues, complete = _load(body, file, starts)
     if len(sources) > 1:
         where = _Bundle(sources, starts)
-        docs = [where.relocate_document(d) for d in docs]
-    _check_unique(docs)
-    return docs
+        read = [where.relocate_document(d) if isinstance(d, LoadedDocument) else where.relocate_refused(d) for d in read]
+        issues = [where.relocate(i) for i in issues]
+    docs = [d for d in read if isinstance(d, LoadedDocument)]
+    refused = [d for d in read if isinstance(d, RefusedDocument)]
+    files = tuple(dict.fromkeys(s.name for s in sources))
+    return Reading(docs, refused, in_order(issues + _check_unique(read), files), files, complete)
 
 
-def _check_unique(docs: list[LoadedDocument]) -> None:
+def load_text(text: bytes | str, file: str = "<input>") -> list[LoadedDocument]:
+    """Every document of one file (or :func:`bundle`); :class:`ManifestError` with every issue
+    found when any document has one."""
+    return read_text(text, file).valid()
+
+
+def _check_unique(read: list[LoadedDocument | RefusedDocument]) -> list[ManifestIssue]:
+    """A kind and name given twice, a refused document's too (the fix of one must not
+    reveal the other)."""
     issues = []
-    seen: dict[tuple[str, str], LoadedDocument] = {}
-    for d in docs:
-        key = (d.kind, d.name)
-        first = seen.setdefault(key, d)
+    seen: dict[tuple[str, str], LoadedDocument | RefusedDocument] = {}
+    for d in read:
+        if isinstance(d, LoadedDocument):
+            kind, name, line = d.kind, d.name, d.line_of(("metadata", "name"))
+        elif d.kind is not None and d.name is not None:
+            kind, name, line = d.kind, d.name, d.name_line
+        else:
+            continue
+        first = seen.setdefault((kind, name), d)
         if first is not d:
             where = f"document {first.index}" if first.file == d.file else f"{first.file} document {first.index}"
-            issues.append(ManifestIssue(d.file, d.index, "metadata.name", d.line_of(("metadata", "name")),
-                                        f"{d.kind} {d.name!r} is defined twice (also {where})"))
-    if issues:
-        raise ManifestError(issues)
+            issues.append(ManifestIssue(d.file, d.index, "metadata.name", line, f"{kind} {name!r} is defined twice (also {where})"))
+    return issues
 
 
-def _load(body: str, file: str, starts: list[int]) -> list[LoadedDocument]:
-    docs: list[LoadedDocument] = []
+def _refused(raw: _Raw) -> RefusedDocument:
+    """What a refused document still says of itself, read from the text as written."""
+    line = raw.node.start_mark.line + 1
+    fields = _fields(raw.node)
+    kind = fields.get("kind")
+    name = _fields(fields["metadata"]).get("name") if "metadata" in fields else None
+    if _is_text(kind) and kind.value in schema.DOC_TYPES and _is_text(name):
+        return RefusedDocument(raw.walker.file, raw.index, line, kind.value, name.value, name.start_mark.line + 1)
+    return RefusedDocument(raw.walker.file, raw.index, line)
+
+
+def _is_text(node: yaml.Node | None) -> TypeGuard[yaml.ScalarNode]:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str" and bool(node.value)
+
+
+def _load(body: str, file: str, starts: list[int]) -> tuple[list[LoadedDocument | RefusedDocument], list[ManifestIssue], bool]:
+    """Each document in order, loaded or refused; every issue; whether the text was read to its end."""
+    read: list[LoadedDocument | RefusedDocument] = []
     issues: list[ManifestIssue] = []
-    for index, data, walker in _documents(body, file):
-        starts.append(walker.line_of(()) or 1)
-        result = _validate(data, walker)
-        if isinstance(result, list):
-            issues.extend(result)
-        else:
-            docs.append(LoadedDocument(file, index, walker.line_of(()) or 1, result, dict(walker.lines)))
-    if issues:
-        raise ManifestError(issues)
-    return docs
+    try:
+        for raw in _documents(body, file):
+            line = raw.node.start_mark.line + 1
+            starts.append(line)
+            result = raw.issues or _validate(raw.data, raw.walker)
+            if isinstance(result, list):
+                issues.extend(result)
+                read.append(_refused(raw))
+            else:
+                read.append(LoadedDocument(file, raw.index, line, result, dict(raw.walker.lines)))
+    except ManifestError as exc:  # the stream itself is broken: what came before it still counts
+        return read, issues + exc.issues, False
+    return read, issues, True
 
 
 def manifest_files(target: pathlib.Path) -> list[pathlib.Path]:

@@ -2,12 +2,15 @@
 
 An apply is judged against the union of what is stored and what the request brings, so
 a file may define a Model and the deployment that uses it together, and a deployment may
-name a Model applied earlier.
+name a Model applied earlier. A Model the request brings but refused for errors of its
+own still exists as far as names go: a deployment naming it is not judged (its variants
+are unknown) rather than told the Model does not exist.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import functools
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from orchestrator.manifests import cascade as cascade_schema
 from orchestrator.manifests import schema
@@ -18,27 +21,32 @@ from orchestrator.manifests.loader import LoadedDocument, Path, format_path
 def check_references(
     incoming: Iterable[LoadedDocument],
     stored_models: Mapping[str, schema.ModelSpec],
+    refused: Collection[tuple[str, str]] = (),
 ) -> list[ManifestIssue]:
+    """``refused``: (kind, name) of the request's documents refused for their own errors."""
     incoming = list(incoming)
     models = dict(stored_models)
     for d in incoming:
         if isinstance(d.doc, schema.ModelDoc):
             models[d.name] = d.doc.spec
+    unread = {name for kind, name in refused if kind == "Model"}
+    # listed once, however many deployments name a missing Model
+    known = functools.cache(lambda: ", ".join(sorted({*models, *unread})) or "none")
     issues: list[ManifestIssue] = []
     for d in incoming:
-        if isinstance(d.doc, schema.ModelDeploymentDoc):
-            issues.extend(_check_deployment(d, d.doc.spec, models))
+        if isinstance(d.doc, schema.ModelDeploymentDoc) and d.doc.spec.model not in unread:
+            issues.extend(_check_deployment(d, d.doc.spec, models, known))
     return issues
 
 
-def _check_deployment(d: LoadedDocument, spec: schema.ModelDeploymentSpec, models: Mapping[str, schema.ModelSpec]) -> list[ManifestIssue]:
+def _check_deployment(d: LoadedDocument, spec: schema.ModelDeploymentSpec, models: Mapping[str, schema.ModelSpec],
+                      known: Callable[[], str]) -> list[ManifestIssue]:
     def issue(path: Path, message: str) -> ManifestIssue:
         return ManifestIssue(d.file, d.index, format_path(path), d.line_of(path), message)
 
     model = models.get(spec.model)
     if model is None:
-        known = ", ".join(sorted(models)) or "none"
-        return [issue(("spec", "model"), f"Model {spec.model!r} does not exist (known models: {known})")]
+        return [issue(("spec", "model"), f"Model {spec.model!r} does not exist (known models: {known()})")]
     by_name = {v.name: v for v in model.variants}
     tiers = set(spec.placement.tiers)
     out: list[ManifestIssue] = []

@@ -9,6 +9,8 @@ in :mod:`orchestrator.manifests.references`.
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Union
 
 import pycountry
@@ -416,11 +418,32 @@ class Spread(Strict):
     maxSkew: int = Field(default=1, ge=1, le=10_000)
 
 
+def _repeated(values: Iterable[str]) -> str:
+    """The values given more than once, as a phrase ('' for none)."""
+    return " and ".join(sorted(v for v, n in Counter(values).items() if n > 1))
+
+
 class PlacementSpec(Strict):
     residency: list[ResidencyCode] = Field(default_factory=list, max_length=300)
     tiers: list[Tier] = Field(default_factory=lambda: ["datacenter", "edge"], min_length=1)
     siteSelector: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     spread: Spread | None = None
+
+    # An overlap (EU and FR) is fine; the same entry twice is a slip, refused in manifests
+    # only so a stored object an earlier version accepted still reads.
+    @field_validator("residency")
+    @classmethod
+    def _residency_once_each(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if written(info) and (twice := _repeated(v)):
+            raise ValueError(f"{twice} is listed more than once: give each code once")
+        return v
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_once_each(cls, v: list[Tier], info: ValidationInfo) -> list[Tier]:
+        if written(info) and (twice := _repeated(v)):
+            raise ValueError(f"{twice} is listed more than once: give each tier once")
+        return v
 
 
 class DemandPoint(Strict):
@@ -445,9 +468,8 @@ class Routing(Strict):
     @field_validator("fallback")
     @classmethod
     def _once_each(cls, v: list[Tier], info: ValidationInfo) -> list[Tier]:
-        twice = sorted({t for t in v if v.count(t) > 1})
-        if twice and written(info):
-            raise ValueError(f"{' and '.join(twice)} is listed more than once: give each tier once, in the order to try them")
+        if written(info) and (twice := _repeated(v)):
+            raise ValueError(f"{twice} is listed more than once: give each tier once, in the order to try them")
         return v
 
 

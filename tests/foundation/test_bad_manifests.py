@@ -18,8 +18,9 @@ import httpx
 import pytest
 import yaml
 
+from orchestrator import catalog
 from orchestrator.manifests import loader, references
-from orchestrator.manifests.errors import ManifestError, ManifestIssue
+from orchestrator.manifests.errors import ManifestIssue
 
 from . import support
 from .support import API_VERSION, doc, join, line_of
@@ -173,6 +174,10 @@ BAD: list[Bad] = [
         "- cloud", "'datacenter' or 'edge'", document=1),
     Bad("empty-tiers", join(MODEL, deployment(("spec.placement.tiers", []))), "spec.placement.tiers", "tiers:", "at least 1",
         document=1),
+    Bad("tier-listed-twice", join(MODEL, deployment(("spec.placement.tiers", ["edge", "datacenter", "edge"]))), "spec.placement.tiers",
+        "tiers:", "edge is listed more than once: give each tier once", document=1),
+    Bad("residency-listed-twice", join(MODEL, deployment(("spec.placement.residency", ["EU", "FR", "FR"]))),
+        "spec.placement.residency", "residency:", "FR is listed more than once: give each code once", document=1),
     Bad("bad-spread", join(MODEL, deployment(("spec.placement.spread", {"by": "rack"}))), "spec.placement.spread.by", "by:",
         "'region' or 'site'", document=1),
     # --- names ---------------------------------------------------------------------------
@@ -260,12 +265,8 @@ BAD: list[Bad] = [
 
 
 def check(text: str | bytes, file: str = "bad.yaml") -> list[ManifestIssue]:
-    """What the catalog checks for an empty store: documents, then references."""
-    try:
-        docs = loader.load_text(text, file)
-    except ManifestError as exc:
-        return exc.issues
-    return references.check_references(docs, {})
+    """What the catalog checks for an empty store: every document, and the references of the valid ones."""
+    return catalog.check(loader.read_text(text, file), {})
 
 
 def assert_names(issues: list[ManifestIssue], case: Bad, file: str) -> None:
@@ -374,6 +375,8 @@ GOOD: list[Good] = [
     )), [("Model", "m", 0, 1), ("ModelDeployment", "d", 1, len(MODEL.splitlines()) + 2)]),
     Good("unicode-description", model(("spec.description", "Modèle d'intention — ☃")), [("Model", "m", 0, 1)]),
     Good("gpus-with-memory", model(("spec.variants[1].resources", {"gpus": 1, "gpuMemoryGiB": 80})), [("Model", "m", 0, 1)]),
+    Good("residency-of-a-group-and-a-member", join(MODEL, deployment(("spec.placement.residency", ["EU", "FR"]))),
+         [("Model", "m", 0, 1), ("ModelDeployment", "d", 1, len(MODEL.splitlines()) + 2)]),
 ]
 
 
@@ -398,6 +401,7 @@ SUBSET = [c for c in BAD if c.id in {
     "yaml-bad-indentation", "yaml-duplicate-key", "yaml-alias-bomb", "yaml-deep-nesting", "not-utf8", "unknown-kind",
     "unknown-resources-field", "bad-country", "bad-residency", "duplicate-names-in-file", "missing-model", "ray-serve-at-the-edge",
     "min-greater-than-max", "datacenter-without-runtime", "uri-dot-dot", "error-in-second-document", "json-unknown-field",
+    "tier-listed-twice", "residency-listed-twice",
 }]
 
 
