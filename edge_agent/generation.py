@@ -50,6 +50,13 @@ _IDS = random.Random()
 # A token made sooner than this after the one before is handed to the event loop, not
 # written by the generating thread (see _Sequence._write_through; bench/genai_agent.py).
 WRITE_THROUGH_MIN_GAP_S = 0.25e-3
+# More characters than any token of a real vocabulary holds (their longest are runs of
+# spaces or punctuation, far shorter). A prompt longer than the context times this is
+# refused before it is tokenized: tokenizing holds the interpreter lock, and with it the
+# event loop, for about 50 ms a MiB.
+MAX_TOKEN_CHARS = 1024
+_READ = ("GET", "HEAD")
+_ROUTES = {"/v1/models": _READ, "/v1/chat/completions": ("POST",), "/v1/completions": ("POST",)}
 
 
 @dataclass(frozen=True)
@@ -130,17 +137,17 @@ class GenerationServer:
     async def handle(self, request: Request) -> Response | StreamingResponse:
         path = request.path.rstrip("/")
         try:
+            allowed = _ROUTES.get(path) or (_READ if path.startswith("/v1/models/") else None)
+            if allowed is None:
+                raise openai_api.ApiError(404, f"no such endpoint: {request.method} {request.path}", code="not_found")
+            if request.method not in allowed:
+                raise openai_api.ApiError(405, f"{request.method} is not allowed on {request.path}; it takes {', '.join(allowed)}",
+                                          code="method_not_allowed", headers=(("allow", ", ".join(allowed)),))
             if path == "/v1/models":
-                if request.method != "GET":
-                    raise openai_api.ApiError(405, "use GET", code="method_not_allowed")
                 return self._list()
             if path.startswith("/v1/models/"):
                 return self._one(path[len("/v1/models/"):])
-            if path in ("/v1/chat/completions", "/v1/completions"):
-                if request.method != "POST":
-                    raise openai_api.ApiError(405, "use POST", code="method_not_allowed")
-                return await self._generate(request, chat=path.endswith("chat/completions"))
-            raise openai_api.ApiError(404, f"no such endpoint: {request.method} {request.path}", code="not_found")
+            return await self._generate(request, chat=path.endswith("chat/completions"))
         except openai_api.ApiError as err:
             return Response(err.status, err.body(), headers=err.headers)
 
@@ -195,14 +202,17 @@ class GenerationServer:
             served = self._find(body.model)
             label = served.name
             runtime: genai.GenAIModel = served.runtime  # type: ignore[assignment]
+            limit = runtime.context_length
+            chars = openai_api.prompt_chars(body)
+            if chars > limit * MAX_TOKEN_CHARS:
+                raise openai_api.prompt_too_long(body, limit, chars)
             text = runtime.chat_prompt(body.messages) if chat else body.prompt
             prompt = runtime.encode(text)
-            limit = runtime.context_length
             n = int(prompt.shape[0])
             if n == 0:
                 raise openai_api.ApiError(400, "the prompt is empty", param="prompt" if not chat else "messages")
             if n >= limit or (body.max_tokens is not None and n + body.max_tokens > limit):
-                raise openai_api.context_error(limit, n, body.max_tokens)
+                raise openai_api.context_error(body, limit, n)
             max_tokens = body.max_tokens if body.max_tokens is not None else limit - n
             options = genai.SamplingOptions(**{**body.options.__dict__, "max_tokens": max_tokens})
             state = self._state_of(served)

@@ -4,12 +4,19 @@ Validation names the offending field the way OpenAI's API does (``param`` of the
 object: ``messages[1].content``, ``max_tokens``) so a client sees what to fix. The agent
 keeps its imports small (no pydantic), so the checks are written out here; the shapes
 follow the OpenAI API reference for ``/v1/chat/completions`` and ``/v1/completions``.
+
+As OpenAI's API does, a field that is not one of the route's parameters is refused
+(``unknown_parameter``) rather than ignored. A parameter of OpenAI's that these models do
+not act on (``tools``, ``logit_bias``, penalties, ``response_format``...) is taken only at
+the value that asks for nothing (absent, null, or its neutral value): any other value is
+refused (``unsupported_parameter``), so an answer never quietly leaves out what was asked.
+Parameters about the caller (``user``, ``metadata``...) are checked for their type and
+otherwise ignored.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +27,32 @@ from edge_agent.runtime.genai import SamplingOptions
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
+MAX_TOKENS = 1 << 30
+MAX_REPETITION_PENALTY = 10.0
+#: The parameters each route acts on.
+#: ``top_k`` and ``repetition_penalty`` are vLLM's: the gateway may send one body to an edge
+#: agent or to a vLLM replica in a data centre, and both act on them.
+_SAMPLING = frozenset({"temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop"})
+_CHAT_USED = frozenset({"model", "messages", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens", "logprobs",
+                        "top_logprobs"}) | _SAMPLING
+_COMPLETION_USED = frozenset({"model", "prompt", "stream", "stream_options", "n", "max_tokens", "logprobs", "echo"}) | _SAMPLING
+#: OpenAI's parameters that these models do not act on, with the values that ask for
+#: nothing (null always does). Any other value is refused.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
+    "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+    "best_of": (1,), "suffix": ("",),
+}
+#: OpenAI's parameters about the caller or the service, with no bearing on the answer:
+#: checked for their type, then ignored.
+_IGNORED: dict[str, type] = {"user": str, "metadata": dict, "store": bool, "service_tier": str, "safety_identifier": str,
+                             "prompt_cache_key": str, "parallel_tool_calls": bool}
+_COMPLETION_NEUTRAL = ("frequency_penalty", "presence_penalty", "logit_bias", "best_of", "suffix")
+_CHAT_NEUTRAL = tuple(name for name in _NEUTRAL if name not in ("best_of", "suffix"))
+CHAT_PARAMETERS = _CHAT_USED | set(_CHAT_NEUTRAL) | set(_IGNORED)
+COMPLETION_PARAMETERS = _COMPLETION_USED | set(_COMPLETION_NEUTRAL) | {"user"}
+STREAM_OPTIONS = ("include_usage", "include_obfuscation")
 
 
 class ApiError(Exception):
@@ -43,8 +76,14 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
-def _bad(param: str, message: str) -> ApiError:
-    return ApiError(400, f"{param}: {message}", param=param)
+def _bad(param: str, message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code=code)
+
+
+def _show(value: Any) -> str:
+    """``value`` as JSON, cut short: error messages quote what was sent, never all of it."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -58,16 +97,16 @@ class GenerationRequest:
     max_tokens: int | None
     options: SamplingOptions  # max_tokens filled in once the prompt length is known
     echo: bool = False
+    max_tokens_param: str | None = None  # the field the caller bounded the answer with, if any
 
 
 def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: float) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(name, f"must be a number between {lo:g} and {hi:g}, got {json.dumps(value)}")
-    if not lo <= value <= hi:
-        raise _bad(name, f"must be between {lo:g} and {hi:g}, got {value:g}")
+    # compared, never converted: an integer of 400 digits is out of range, not an overflow; NaN is in no range
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise _bad(name, f"must be a number between {lo:g} and {hi:g}, got {_show(value)}")
     return float(value)
 
 
@@ -76,21 +115,57 @@ def _integer(body: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, f"must be an integer, got {json.dumps(value)}")
+        raise _bad(name, f"must be an integer, got {_show(value)}")
     if not lo <= value <= hi:
-        raise _bad(name, f"must be between {lo} and {hi}, got {value}")
+        raise _bad(name, f"must be between {lo} and {hi}, got {_show(value)}")
     return value
+
+
+def _text(value: str, param: str) -> str:
+    """``value``, which must be Unicode text: JSON's escapes can carry half a surrogate
+    pair (``"\\ud800"``), which no tokenizer takes."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise _bad(param, f"is not valid Unicode: a lone surrogate {_show(value[exc.start])} at character {exc.start}") from None
+    return value
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral  # true is not 1
+    return bool(value == neutral)
+
+
+def _check_parameters(body: Mapping[str, Any], chat: bool) -> None:
+    """Refuse what the route does not take (see the module docstring)."""
+    unknown = sorted(set(body) - (CHAT_PARAMETERS if chat else COMPLETION_PARAMETERS))
+    if unknown:
+        many = "s" if len(unknown) > 1 else ""
+        raise ApiError(400, f"Unrecognized request argument{many} supplied: {', '.join(unknown)}", param=unknown[0],
+                       code="unknown_parameter")
+    for name in _CHAT_NEUTRAL if chat else _COMPLETION_NEUTRAL:
+        value = body.get(name)
+        if value is not None and not any(_same(value, n) for n in _NEUTRAL[name]):
+            choices = " or ".join(json.dumps(n) for n in _NEUTRAL[name])
+            raise _bad(name, "is not supported by this model server; leave it out" + (f" or send {choices}" if choices else ""),
+                       code="unsupported_parameter")
+    for name, kind in _IGNORED.items():
+        value = body.get(name)
+        if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+            raise _bad(name, f"must be {'an object' if kind is dict else 'a boolean' if kind is bool else 'a string'}, "
+                             f"got {_show(value)}")
 
 
 def _content(value: Any, param: str) -> str:
     if isinstance(value, str):
-        return value
+        return _text(value, param)
     if isinstance(value, list):
         parts = []
         for i, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad(f"{param}[{i}]", "only text parts ({\"type\": \"text\", \"text\": ...}) are supported")
-            parts.append(part["text"])
+            parts.append(_text(part["text"], f"{param}[{i}].text"))
         return "".join(parts)
     raise _bad(param, f"must be a string or a list of text parts, got {type(value).__name__}")
 
@@ -108,6 +183,8 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
             raise _bad(f"{param}.role", f"must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
         if "content" not in msg or msg["content"] is None:
             raise _bad(f"{param}.content", "is required")
+        if msg.get("name") is not None and not isinstance(msg["name"], str):
+            raise _bad(f"{param}.name", f"must be a string, got {_show(msg['name'])}")
         out.append({"role": str(role), "content": _content(msg["content"], f"{param}.content")})
     return tuple(out)
 
@@ -116,9 +193,9 @@ def _stop(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,) if value else ()
+        return (_text(value, "stop"),) if value else ()
     if isinstance(value, list) and len(value) <= MAX_STOPS and all(isinstance(s, str) for s in value):
-        return tuple(s for s in value if s)
+        return tuple(_text(s, f"stop[{i}]") for i, s in enumerate(value) if s)
     raise _bad("stop", f"must be a string or a list of up to {MAX_STOPS} strings")
 
 
@@ -126,83 +203,128 @@ def parse(raw: bytes, *, chat: bool) -> GenerationRequest:
     """A validated request, or :class:`ApiError` (400) naming the field."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8 either
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if model is None or model == "":
         raise _bad("model", "is required (a string naming the model)")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("stream", f"must be a boolean, got {json.dumps(stream)}")
+    if not isinstance(model, str):
+        raise _bad("model", f"must be a string naming the model, got {_show(model)}")
+    _check_parameters(body, chat)
+    stream = _flag(body, "stream")
     include_usage = False
     so = body.get("stream_options")
     if so is not None:
-        if not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool):
-            raise _bad("stream_options", "must be an object such as {\"include_usage\": true}")
+        if not isinstance(so, dict):
+            raise _bad("stream_options", f"must be an object such as {{\"include_usage\": true}}, got {_show(so)}")
+        for key, value in so.items():
+            if key not in STREAM_OPTIONS:
+                raise ApiError(400, f"Unrecognized request argument supplied: stream_options.{key}", param=f"stream_options.{key}",
+                               code="unknown_parameter")
+            if value is not None and not isinstance(value, bool):
+                raise _bad(f"stream_options.{key}", f"must be a boolean, got {_show(value)}")
         if not stream:
             raise _bad("stream_options", "is only allowed when stream is true")
-        include_usage = bool(so.get("include_usage", False))
+        include_usage = so.get("include_usage") is True
     n = _integer(body, "n", 1, 128)
     if n not in (None, 1):
         raise _bad("n", "only n=1 is supported")
+    max_tokens = _integer(body, "max_tokens", 1, MAX_TOKENS)
+    max_tokens_param = None if max_tokens is None else "max_tokens"
     if chat:
         messages = _messages(body.get("messages"))
         prompt = ""
-        max_tokens = _integer(body, "max_completion_tokens", 1, 1 << 30)
-        if max_tokens is None:
-            max_tokens = _integer(body, "max_tokens", 1, 1 << 30)
-        want_logprobs = body.get("logprobs", False)
-        if want_logprobs is None:
-            want_logprobs = False
-        if not isinstance(want_logprobs, bool):
-            raise _bad("logprobs", f"must be a boolean, got {json.dumps(want_logprobs)}")
+        most = _integer(body, "max_completion_tokens", 1, MAX_TOKENS)
+        if most is not None:  # the newer name wins
+            max_tokens, max_tokens_param = most, "max_completion_tokens"
+        want_logprobs = _flag(body, "logprobs")
         top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
         if top and not want_logprobs:
             raise _bad("top_logprobs", "needs logprobs: true")
+        echo = False
     else:
         messages = ()
         prompt = _prompt(body.get("prompt"))
-        max_tokens = _integer(body, "max_tokens", 1, 1 << 30)
         if max_tokens is None:
             max_tokens = 16  # the OpenAI default for completions
         lp = _integer(body, "logprobs", 0, 5)
         want_logprobs, top = lp is not None, lp or 0
-    echo = body.get("echo", False)
-    if not isinstance(echo, bool):
-        raise _bad("echo", f"must be a boolean, got {json.dumps(echo)}")
+        echo = _flag(body, "echo")
     seed = _integer(body, "seed", -(1 << 63), (1 << 64) - 1)
     options = SamplingOptions(
         max_tokens=max_tokens or 0,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=max(0, _integer(body, "top_k", -1, MAX_TOKENS) or 0),  # -1, as vLLM writes it, or 0: every token
+        repetition_penalty=_repetition_penalty(body),
         seed=seed,
         stop=_stop(body.get("stop")),
-        logprobs=bool(want_logprobs),
+        logprobs=want_logprobs,
         top_logprobs=top,
     )
-    return GenerationRequest(model, chat, messages, prompt, stream, include_usage, max_tokens, options, echo and not chat)
+    return GenerationRequest(model, chat, messages, prompt, stream, include_usage, max_tokens, options, echo, max_tokens_param)
+
+
+def _repetition_penalty(body: Mapping[str, Any]) -> float:
+    value = _number(body, "repetition_penalty", 1.0, 0.0, MAX_REPETITION_PENALTY)
+    if value == 0:  # it divides the likelihood of tokens seen
+        raise _bad("repetition_penalty", "must be more than 0 (1 changes nothing)")
+    return value
+
+
+def _flag(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(name, f"must be a boolean, got {_show(value)}")
+    return value
 
 
 def _prompt(value: Any) -> str:
-    if isinstance(value, str):
-        return value
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        return value[0]
+        value = value[0]
+    if isinstance(value, str):
+        return _text(value, "prompt")
+    if value is None:
+        raise _bad("prompt", "is required: a string")
     if isinstance(value, list) and len(value) > 1 and all(isinstance(v, str) for v in value):
         raise _bad("prompt", "only one prompt per request is supported")
-    raise _bad("prompt", "is required: a string")
+    if isinstance(value, list) and value and all(isinstance(v, (int, list)) and not isinstance(v, bool) for v in value):
+        raise _bad("prompt", "token arrays are not supported: send the prompt as a string")
+    raise _bad("prompt", f"must be a string, got {_show(value)}")
 
 
-def context_error(limit: int, prompt_tokens: int, max_tokens: int | None) -> ApiError:
+def context_error(request: GenerationRequest, limit: int, prompt_tokens: int) -> ApiError:
+    """The prompt, or the prompt and the answer asked for, do not fit the context. The
+    param is the field to change: the answer's bound when the prompt alone fits and the
+    caller set one, the prompt otherwise."""
+    max_tokens = request.max_tokens
     asked = prompt_tokens + (max_tokens or 0)
     detail = f"{prompt_tokens} in the prompt" + (f", {max_tokens} in the completion" if max_tokens else "")
+    param = request.max_tokens_param if prompt_tokens < limit and request.max_tokens_param else _prompt_param(request)
     return ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested {asked} tokens ({detail}). "
-                         "Please reduce the length of the prompt or max_tokens.",
-                    param="messages" if max_tokens is None else "max_tokens", code="context_length_exceeded")
+                         "Please reduce the length of the prompt or max_tokens.", param=param, code="context_length_exceeded")
+
+
+def prompt_too_long(request: GenerationRequest, limit: int, chars: int) -> ApiError:
+    """A prompt of ``chars`` characters, refused before it is tokenized: more than ``limit``
+    tokens of any vocabulary (see ``MAX_TOKEN_CHARS`` in ``edge_agent.generation``)."""
+    return ApiError(400, f"This model's maximum context length is {limit} tokens. However, the prompt is {chars} characters long, "
+                         f"more than {limit} tokens can hold. Please reduce the length of the prompt.",
+                    param=_prompt_param(request), code="context_length_exceeded")
+
+
+def _prompt_param(request: GenerationRequest) -> str:
+    return "messages" if request.chat else "prompt"
+
+
+def prompt_chars(request: GenerationRequest) -> int:
+    return sum(len(m["content"]) for m in request.messages) if request.chat else len(request.prompt)
 
 
 # --- responses ------------------------------------------------------------------------------

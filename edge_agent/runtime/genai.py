@@ -52,6 +52,8 @@ class SamplingOptions:
     max_tokens: int
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # sample among this many likeliest tokens (0: all)
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the text less likely
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
@@ -231,8 +233,10 @@ class GenAIModel:
         n_prompt = int(prompt.shape[0])
         params = og.GeneratorParams(self._model)
         search: dict[str, object] = {"max_length": n_prompt + options.max_tokens}
+        if options.repetition_penalty != 1.0:
+            search["repetition_penalty"] = float(options.repetition_penalty)
         if options.temperature > 0:
-            search.update(do_sample=True, temperature=float(options.temperature), top_p=float(options.top_p), top_k=0)
+            search.update(do_sample=True, temperature=float(options.temperature), top_p=float(options.top_p), top_k=options.top_k)
             if options.seed is not None:
                 search["random_seed"] = int(options.seed) & 0x7FFFFFFF
         else:

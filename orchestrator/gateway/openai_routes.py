@@ -20,6 +20,11 @@ A ``model`` naming a cascade (``spec.cascade``, by its deployment's or its model
 goes to :mod:`orchestrator.gateway.openai_cascade`, which judges each stage's whole answer
 and uses this relay (with its ``RelayHooks``) for the stream of the stage that answers.
 
+Every answer of these routes is OpenAI's error object when it is an error, the routing
+ones included: a method a route does not take (405, with ``Allow``) and a path under
+:data:`PREFIX` that no route has (404) are answered here, not by the app's handler of
+Starlette's errors, whose ``{"error": "..."}`` the other routes keep.
+
 Upstream calls go through the gateway's ``UpstreamPool`` in its streaming mode
 (``UpstreamPool.stream``): the answer's head comes back as soon as it arrives and its body
 as it is read, a slow caller pauses the replica's socket, and an attempt left unfinished
@@ -36,12 +41,12 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from orchestrator.api import bodies
+from orchestrator.api import bodies, methods
 from orchestrator.gateway import cascade_rules, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway
 from orchestrator.gateway.upstream import Stream, UpstreamError
@@ -67,6 +72,31 @@ def error(status: int, message: str, *, param: str | None = None, code: str | No
           headers: dict[str, str] | None = None) -> Response:
     return Response(error_body(message, status, param=param, code=code), status_code=status,
                     media_type="application/json", headers=headers)
+
+
+class _Route(Route):
+    """A route of this API: a method it does not take is answered with OpenAI's error object."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.methods and scope["method"] not in self.methods:
+            allowed = methods.allowed_methods(scope) or sorted(self.methods)
+            answer = error(405, f"{scope['method']} is not allowed on {scope['path']}; it takes {', '.join(allowed)}",
+                           code="method_not_allowed", headers={"allow": ", ".join(allowed)})
+            await answer(scope, receive, send)
+            return
+        await super().handle(scope, receive, send)
+
+
+class _NoSuchEndpoint:
+    """The ASGI answer to a path of the API that no route has."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await error(404, f"no such endpoint: {scope['method']} {scope['path']}", code="not_found")(scope, receive, send)
+
+
+def _unknown_paths(prefix: str) -> Route:
+    """Every path under ``prefix`` that no other route of the app has, whatever its method."""
+    return methods.CatchAll(f"{prefix}/{{path:path}}", _NoSuchEndpoint(), methods=None)
 
 
 def sse_error(message: str, code: str = "upstream_failed") -> bytes:
@@ -196,18 +226,24 @@ class OpenAIGateway:
             return refused
         try:
             raw = await bodies.read_body(request, self.gw.max_body)
-        except bodies.BodyTooLarge:
-            return error(413, f"request body is larger than {self.gw.max_body} bytes")
+        except bodies.BodyTooLarge as exc:
+            return error(413, str(exc))
+        except ClientDisconnect:  # nobody is left to read the answer
+            return error(400, "the client went away before the whole body arrived")
         try:
             body = json.loads(raw)
-        except ValueError as exc:
+        except ValueError as exc:  # not UTF-8 either
             return error(400, f"the body is not valid JSON: {exc}")
+        except RecursionError:
+            return error(400, "the body is not valid JSON: it is nested too deeply")
         if not isinstance(body, dict):
             return error(400, "the body must be a JSON object")
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return error(400, "'model' is required and must be a non-empty string", param="model")
-        stream = body.get("stream", False)
+        stream = body.get("stream")
+        if stream is None:  # null is OpenAI's default, false
+            stream = False
         if not isinstance(stream, bool):
             return error(400, "'stream' must be true or false", param="stream")
         caller = self.gw.caller(request)
@@ -237,17 +273,20 @@ class OpenAIGateway:
 
     def routes(self, *, sdk_models: bool = False) -> list[BaseRoute]:
         """The API at :data:`PREFIX`, and its completions at :data:`SDK_PREFIX` as well (with
-        ``sdk_models``, its model list too)."""
-        at_sdk = [Route(f"{SDK_PREFIX}/chat/completions", self.chat, methods=["POST"]),
-                  Route(f"{SDK_PREFIX}/completions", self.completions, methods=["POST"])]
+        ``sdk_models``, its model list too, and the 404 of any other path there that no
+        route of the app has: the gateway's ``/v1`` is then the SDK's)."""
+        at_sdk: list[BaseRoute] = [_Route(f"{SDK_PREFIX}/chat/completions", self.chat, methods=["POST"]),
+                                   _Route(f"{SDK_PREFIX}/completions", self.completions, methods=["POST"])]
         if sdk_models:
-            at_sdk += [Route(f"{SDK_PREFIX}/models", self.list_models, methods=["GET"]),
-                       Route(f"{SDK_PREFIX}/models/{{model:path}}", self.get_model, methods=["GET"])]
+            at_sdk += [_Route(f"{SDK_PREFIX}/models", self.list_models, methods=["GET"]),
+                       _Route(f"{SDK_PREFIX}/models/{{model:path}}", self.get_model, methods=["GET"]),
+                       _unknown_paths(SDK_PREFIX)]
         return [
-            Route(f"{PREFIX}/models", self.list_models, methods=["GET"]),
-            Route(f"{PREFIX}/models/{{model:path}}", self.get_model, methods=["GET"]),
-            Route(f"{PREFIX}/chat/completions", self.chat, methods=["POST"]),
-            Route(f"{PREFIX}/completions", self.completions, methods=["POST"]),
+            _Route(f"{PREFIX}/models", self.list_models, methods=["GET"]),
+            _Route(f"{PREFIX}/models/{{model:path}}", self.get_model, methods=["GET"]),
+            _Route(f"{PREFIX}/chat/completions", self.chat, methods=["POST"]),
+            _Route(f"{PREFIX}/completions", self.completions, methods=["POST"]),
+            _unknown_paths(PREFIX),
             *at_sdk,
         ]
 
