@@ -25,12 +25,20 @@ in order, and a connection error or a 5xx from one moves it to the next (inferen
 idempotent; a chat moves on only before its first token). A gateway that could not be
 reached is tried last for ``ejection_s`` seconds. ``direct=False`` sends every request
 through the gateways (replicas the callers cannot reach, or one place to meter).
+
+Errors: arguments that cannot work (a server URL without ``http://``, a location outside
+-90..90/-180..180, a region that cannot travel in an HTTP header, a tensor of a dtype the
+v2 protocol has no name for) raise ``ValueError`` (``TypeError`` for a wrong type) before
+anything is sent. Everything that happens on the way raises an :class:`EdgeplaneError`,
+never an ``httpx`` exception: :class:`NoEndpoint`, :class:`Unreachable` (timeouts
+included), :class:`InferenceError`, :class:`StreamCut`, :class:`BadAnswer`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +48,8 @@ import httpx
 import numpy as np
 
 from edgeplane_proto import oip
+from orchestrator import clientargs as args
+from orchestrator import urlpath
 from orchestrator.urlpath import path_segment
 
 
@@ -73,6 +83,11 @@ class StreamCut(EdgeplaneError):
     """A generation failed after part of its text was delivered."""
 
 
+class BadAnswer(EdgeplaneError):
+    """The gateway answered with something that is not what the protocol says (not a v2
+    inference response, not OpenAI JSON or events): the URL may lead to another service."""
+
+
 @dataclass
 class Chat:
     """One answer: iterate it for the text deltas; ``site``, ``ttft_s`` (seconds to the
@@ -86,6 +101,7 @@ class Chat:
     finish_reason: str | None = None
     attempts: int = 0
     text: str = ""
+    _ended: bool = field(default=False, repr=False)  # the stream's [DONE] arrived
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._deltas)
@@ -110,13 +126,23 @@ def _chat_event(line: str) -> _Event | None:
     data = line[5:].strip()
     if data == "[DONE]":
         return _Event(done=True)
-    obj = json.loads(data)
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return _Event(error=f"an event that is not JSON: {data[:100]!r}")
+    if not isinstance(obj, dict):
+        return _Event(error=f"an event that is not a JSON object: {data[:100]!r}")
     if "error" in obj:
         err = obj["error"]
         return _Event(error=str(err.get("message", err) if isinstance(err, dict) else err))
-    choice = (obj.get("choices") or [{}])[0]
+    choices = obj.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     delta = choice.get("delta") or choice.get("message") or {}
-    return _Event(delta.get("content") or "", choice.get("finish_reason"), obj.get("usage"))
+    text = delta.get("content") if isinstance(delta, dict) else None
+    usage = obj.get("usage")
+    finish = choice.get("finish_reason")
+    return _Event(text if isinstance(text, str) else "", finish if isinstance(finish, str) else None,
+                  usage if isinstance(usage, dict) else None)
 
 
 def _cut(chat: Chat, why: object) -> StreamCut:
@@ -133,7 +159,7 @@ def _openai_refusal(resp: httpx.Response) -> InferenceError:
         message = err.get("message", err) if isinstance(err, dict) else err
         code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
     except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
-        message = resp.text
+        message = resp.text or resp.reason_phrase
     return InferenceError(resp.status_code, str(message)[:500], code)
 
 
@@ -168,8 +194,16 @@ class EndpointCache:
         entry = self._lists.get(model)
         return entry is not None and self.clock() - entry.fetched_at < entry.ttl
 
-    def store(self, model: str, body: Mapping[str, Any]) -> None:
-        self._lists[model] = _Endpoints(list(body.get("endpoints") or []), self.clock(), float(body.get("ttlSeconds", 10)))
+    def store(self, model: str, body: Any) -> None:
+        """Keep the list of an endpoint answer; entries a client cannot call (no URL, a URL
+        that does not parse) are left out, and a list that is not one counts as empty."""
+        body = body if isinstance(body, Mapping) else {}
+        items = body.get("endpoints")
+        ttl = body.get("ttlSeconds", 10)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl < math.inf:
+            ttl = 10
+        usable = [e for e in items if _callable_endpoint(e)] if isinstance(items, list) else []
+        self._lists[model] = _Endpoints(usable, self.clock(), float(ttl))
 
     def invalidate(self, model: str) -> None:
         self._lists.pop(model, None)
@@ -185,39 +219,31 @@ class EndpointCache:
         self._ejected[url] = self.clock() + self.ejection_s
 
 
-def _caller_headers(location: tuple[float, float] | None, region: str | None, residency: str | None) -> dict[str, str]:
-    headers = {}
-    if location is not None:
-        headers["x-edgeplane-location"] = f"{location[0]},{location[1]}"
-    if region:
-        headers["x-edgeplane-region"] = region
-    if residency:
-        headers["x-edgeplane-residency"] = residency
-    return headers
+def _callable_endpoint(e: Any) -> bool:
+    """Whether an entry of an endpoint list has what a call needs: a site, a base URL and,
+    for a v2 replica, its inference URL, each an http(s) URL."""
+    if not isinstance(e, Mapping) or not isinstance(e.get("site"), str):
+        return False
+    urls = [e.get("url")] + ([] if e.get("api") == "openai" else [e.get("inferUrl")])
+    return all(isinstance(u, str) and urlpath.base_url_problem(u) is None for u in urls)
 
 
-def _endpoint_params(location: tuple[float, float] | None, region: str | None, residency: str | None) -> dict[str, str]:
-    params = {}
-    if location is not None:
-        params.update(lat=str(location[0]), lon=str(location[1]))
-    if region:
-        params["region"] = region
-    if residency:
-        params["residency"] = residency
-    return params
-
-
-def _decode(resp: httpx.Response) -> Mapping[str, np.ndarray]:
+def _decode(resp: httpx.Response) -> Mapping[str, np.ndarray] | str:
+    """The outputs of a v2 response, or why the body is not one (a proxy's page, another
+    service at that URL)."""
     header = resp.headers.get(oip.BINARY_HEADER)
-    decoded = oip.decode_response(resp.content, int(header) if header else None)
+    try:
+        decoded = oip.decode_response(resp.content, int(header) if header else None)
+    except ValueError as exc:  # oip.ProtocolError, or a header that is not a number
+        return f"HTTP {resp.status_code} ({resp.headers.get('content-type', 'no content type')}) with no v2 inference response: {exc}"
     return {t.name: t.array for t in decoded.outputs}
 
 
 def _refusal(resp: httpx.Response) -> InferenceError:
     try:
         message = resp.json().get("error", resp.text)
-    except ValueError:
-        message = resp.text
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+        message = resp.text or resp.reason_phrase
     return InferenceError(resp.status_code, str(message)[:500])
 
 
@@ -237,28 +263,25 @@ class _Attempt:
     last: bool = True  # the last gateway: its answer is the caller's, whatever it is
 
 
-def _servers(server: str | Sequence[str]) -> list[str]:
-    urls = [server] if isinstance(server, str) else list(server)
-    if not urls or not all(isinstance(u, str) and u for u in urls):
-        raise ValueError("give the gateway's URL, or a list of gateway URLs")
-    return [u.rstrip("/") for u in urls]
-
-
 class _Base:
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, token: str | None = None,
                  location: tuple[float, float] | None = None, region: str | None = None, residency: str | None = None,
                  binary: bool = True, cache: EndpointCache | None = None, direct: bool = True):
-        self.servers = _servers(server)
+        self.servers = args.servers(server)
         self.server = self.servers[0]
         self.direct = direct
-        self.location, self.region, self.residency, self.binary = location, region, residency, binary
+        self.location = args.position(location)
+        self.region, self.residency = args.header_value(region, "region"), args.header_value(residency, "residency")
+        self.binary = binary
         self.cache = cache or EndpointCache()
+        if token is not None and (not isinstance(token, str) or not all("!" <= c <= "~" for c in token)):
+            raise ValueError("token: a token is visible ASCII only (no spaces, control or non-ASCII characters)")
         self._auth = {"authorization": f"Bearer {token}"} if token else {}
-        self._timeout = httpx.Timeout(timeout, connect=2.0)
+        seconds = args.seconds(timeout)
+        self._timeout = httpx.Timeout(seconds, connect=min(2.0, seconds))
 
     def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> tuple[bytes, dict[str, str]]:
-        tensors = inputs if not isinstance(inputs, Mapping) else {k: np.asarray(v) for k, v in inputs.items()}
-        body, header_len = oip.encode_request(tensors, binary=self.binary)
+        body, header_len = oip.encode_request(args.tensors(inputs), binary=self.binary)
         headers = {"content-type": "application/octet-stream" if header_len is not None else "application/json"}
         if header_len is not None:
             headers[oip.BINARY_HEADER] = str(header_len)
@@ -283,11 +306,15 @@ class _Base:
     def _endpoints_requests(self, model: str) -> Iterator[tuple[str, str, dict[str, str]]]:
         """(gateway, URL, parameters) of the endpoint list, one per gateway in order."""
         for gateway in self._gateways():
-            yield gateway, f"{gateway}/v1/endpoints/{path_segment(model)}", _endpoint_params(self.location, self.region, self.residency)
+            yield gateway, f"{gateway}/v1/endpoints/{path_segment(model)}", args.endpoint_params(self.location, self.region, self.residency)
 
     def _endpoints_answer(self, model: str, resp: httpx.Response | None) -> list[dict[str, Any]]:
-        if resp is not None and resp.status_code == 200:
-            self.cache.store(model, resp.json())
+        try:
+            body = resp.json() if resp is not None and resp.status_code == 200 else None
+        except ValueError:  # not JSON: no list from there (the gateway still decides)
+            body = None
+        if isinstance(body, Mapping):
+            self.cache.store(model, body)
         elif not self.cache.order(model):
             self.cache.invalidate(model)
         return self.cache.order(model)
@@ -297,7 +324,7 @@ class _Base:
         first one nearly always answers)."""
         for e in endpoints:
             yield _Attempt(_url(e["inferUrl"]), headers, e["url"], e["site"])
-        through = {**headers, **self._auth, **_caller_headers(self.location, self.region, self.residency)}
+        through = {**headers, **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):
             yield _Attempt(_url(f"{gateway}/v2/models/{path_segment(model)}/infer"), through, gateway=gateway, last=i == len(gateways) - 1)
@@ -307,7 +334,7 @@ class _Base:
         for e in endpoints:
             if e.get("api") == "openai":
                 yield _Attempt(_url(f"{e['url']}/v1/chat/completions"), {"content-type": "application/json"}, e["url"], e["site"])
-        through = {"content-type": "application/json", **self._auth, **_caller_headers(self.location, self.region, self.residency)}
+        through = {"content-type": "application/json", **self._auth, **args.caller_headers(self.location, self.region, self.residency)}
         gateways = self._gateways()
         for i, gateway in enumerate(gateways):
             yield _Attempt(_url(f"{gateway}/openai/v1/chat/completions"), through, gateway=gateway, last=i == len(gateways) - 1)
@@ -320,10 +347,13 @@ class _Base:
         return not attempt.last and (resp is None or resp.status_code >= 500)
 
     def _chat_body(self, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> bytes:
-        body = {"model": model, "messages": list(messages), "stream": stream, **params}
+        body = {"model": model, "messages": [dict(m) for m in messages], "stream": stream, **params}
         if stream:
             body["stream_options"] = {"include_usage": True}
-        return json.dumps(body).encode()
+        try:
+            return json.dumps(body, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"the messages and chat parameters must be JSON values: {exc}") from None
 
     def _chat_refused(self, model: str, attempt: _Attempt, resp: httpx.Response | None, error: Exception | None) -> bool:
         """Whether to try the next attempt (True); raises for a refusal or when the gateway failed."""
@@ -367,6 +397,8 @@ class _Base:
     def _chat_line(self, chat: Chat, attempt: _Attempt, line: str, started: float) -> str | None:
         """The text of one line; raises ``_Retry`` before the first token, ``StreamCut`` after."""
         event = _chat_event(line)
+        if event is not None and event.done:
+            chat._ended = True
         if event is None or event.done:
             return None
         if event.error is not None:
@@ -395,7 +427,11 @@ class _Base:
                 return None
             if resp.status_code >= 400:
                 raise _refusal(resp)
-            return InferResult(_decode(resp), attempt.site or "", attempt.endpoint, number)
+            outputs = _decode(resp)
+            if isinstance(outputs, str):  # not a v2 answer: a broken replica, like a 5xx
+                self.cache.eject(attempt.endpoint)
+                return None
+            return InferResult(outputs, attempt.site or "", attempt.endpoint, number)
         # Every direct endpoint failed or none is known: the gateway decided and failed over.
         self.cache.invalidate(model)
         if self._gateway_failed(attempt, resp):
@@ -406,19 +442,40 @@ class _Base:
             raise NoEndpoint(_refusal(resp).args[0])
         if resp.status_code >= 400:
             raise _refusal(resp)
-        return InferResult(_decode(resp), resp.headers.get("x-edgeplane-site", ""), attempt.gateway, number)
+        outputs = _decode(resp)
+        if isinstance(outputs, str):
+            if not attempt.last:
+                return None
+            raise BadAnswer(f"{attempt.gateway} answered {outputs[:300]}; is it an edgeplane gateway?")
+        return InferResult(outputs, resp.headers.get("x-edgeplane-site", ""), attempt.gateway, number)
 
 
 class _Retry(Exception):
     """This attempt failed before its first token: the next one may answer."""
 
 
+def _check_ended(chat: Chat) -> None:
+    """A stream ends with ``data: [DONE]`` (every edgeplane replica and gateway, and the
+    OpenAI API, send it); one that stops before it was cut (a proxy closed it), or was no
+    event stream at all. Raises ``_Retry``; the caller makes it a cut once text arrived."""
+    if not chat._ended:
+        raise _Retry("the event stream ended before its [DONE]" if chat.text else "the answer is not an event stream ending in [DONE]")
+
+
 def _whole(chat: Chat, resp: httpx.Response, started: float) -> str:
-    obj = resp.json()
-    choice = obj["choices"][0]
+    """The text of a whole (not streamed) answer; ``_Retry`` when the body is not one."""
+    try:
+        obj = resp.json()
+        choice = obj["choices"][0]
+        text = choice["message"]["content"] or ""
+        if not isinstance(text, str):
+            raise TypeError(type(text).__name__)
+    except (ValueError, LookupError, TypeError, AttributeError):
+        raise _Retry(f"HTTP {resp.status_code} with no chat completion ({resp.headers.get('content-type', 'no content type')})") from None
     chat.ttft_s = time.perf_counter() - started
-    chat.text = choice["message"]["content"] or ""
-    chat.finish_reason, chat.usage = choice.get("finish_reason"), obj.get("usage")
+    chat.text = text
+    finish, usage = choice.get("finish_reason"), obj.get("usage")
+    chat.finish_reason, chat.usage = finish if isinstance(finish, str) else None, usage if isinstance(usage, dict) else None
     return chat.text
 
 
@@ -441,6 +498,7 @@ class Client(_Base):
 
     def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
         """The model's replicas nearest first (cached for the list's TTL); [] with ``direct=False``."""
+        args.model_name(model)
         if not self.direct:
             return []
         if not refresh and self.cache.fresh(model):
@@ -458,6 +516,7 @@ class Client(_Base):
         return self._http.send(self._request(attempt, body))
 
     def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
+        args.model_name(model)
         body, headers = self._body(inputs)
         for number, attempt in enumerate(self._attempts(model, self.endpoints(model), headers), start=1):
             resp, error = None, None
@@ -473,6 +532,8 @@ class Client(_Base):
     def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
         """The answer's text deltas as they arrive (one delta with ``stream=False``);
         ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...)."""
+        args.model_name(model)
+        args.check_messages(messages)
         chat = Chat(None)
         chat._deltas = self._chat(chat, model, messages, stream, params)
         return chat
@@ -501,6 +562,7 @@ class Client(_Base):
                     text = self._chat_line(chat, attempt, line, started)
                     if text:
                         yield text
+                _check_ended(chat)
                 return
             except (_Retry, httpx.HTTPError) as exc:
                 self._chat_failed(chat, attempt, exc)
@@ -527,6 +589,7 @@ class AsyncClient(_Base):
 
     async def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
         """The model's replicas nearest first (cached for the list's TTL); [] with ``direct=False``."""
+        args.model_name(model)
         if not self.direct:
             return []
         if not refresh and self.cache.fresh(model):
@@ -544,6 +607,7 @@ class AsyncClient(_Base):
         return await self._http.send(self._request(attempt, body))
 
     async def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
+        args.model_name(model)
         body, headers = self._body(inputs)
         for number, attempt in enumerate(self._attempts(model, await self.endpoints(model), headers), start=1):
             resp, error = None, None
@@ -559,6 +623,8 @@ class AsyncClient(_Base):
     def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
         """The answer's text deltas as they arrive (one delta with ``stream=False``);
         ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...)."""
+        args.model_name(model)
+        args.check_messages(messages)
         chat = Chat(None)
         chat._deltas = self._chat(chat, model, messages, stream, params)
         return chat
@@ -587,6 +653,7 @@ class AsyncClient(_Base):
                     text = self._chat_line(chat, attempt, line, started)
                     if text:
                         yield text
+                _check_ended(chat)
                 return
             except (_Retry, httpx.HTTPError) as exc:
                 self._chat_failed(chat, attempt, exc)

@@ -1,8 +1,11 @@
-"""Names in URLs: what a user or an application names is one path segment, never more."""
+"""Names in URLs: what a user or an application names is one path segment, never more;
+and the base URLs every request is built on."""
 
 from __future__ import annotations
 
 import urllib.parse
+
+import httpx
 
 
 def path_segment(name: str) -> str:
@@ -10,3 +13,24 @@ def path_segment(name: str) -> str:
     object, never another path or a query."""
     quoted = urllib.parse.quote(name, safe="")
     return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted  # a dot segment is removed, not sent
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a base URL to call (None when it can). A path is kept, as the
+    prefix a reverse proxy serves the control plane under (``https://proxy.example/edgeplane``);
+    a query or fragment would garble every URL built on it, and another scheme, a missing
+    host (``localhost:8080``) or a port out of range reaches nothing."""
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except httpx.InvalidURL as exc:
+        return str(exc)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return "it needs http:// or https:// and a host"
+    if port is not None and not 0 < port <= 65535:
+        return f"port {port} is not 1-65535"
+    if parsed.query:
+        return f"no query in a base URL: ?{parsed.query.decode(errors='replace')}"
+    if parsed.fragment:
+        return f"no fragment in a base URL: #{parsed.fragment}"
+    return None

@@ -43,6 +43,37 @@ class Refused(ValueError):
     """The deployment cannot be distilled as it is; the message says why."""
 
 
+#: The largest options body (three small fields).
+MAX_BODY = 64 * 1024
+OPTIONS = ("zone", "epochs", "minGain")
+
+
+def read_options(raw: bytes) -> tuple[int, float, str | None]:
+    """``(epochs, minGain, zone)`` of a request body (``{}`` or none: the defaults); a
+    ``ValueError`` naming the field otherwise."""
+    try:
+        options = json.loads(raw or b"{}", parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, NaN/Infinity, nested past the parser
+        raise ValueError('body must be a JSON object: {"zone", "epochs", "minGain"}') from None
+    if not isinstance(options, dict):
+        raise ValueError(f'body must be a JSON object: {{"zone", "epochs", "minGain"}}, not {type(options).__name__}')
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} (the options are {', '.join(OPTIONS)})")
+    epochs, min_gain, zone = options.get("epochs", 60), options.get("minGain", 0.005), options.get("zone")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 1000:
+        raise ValueError(f"epochs must be a whole number from 1 to 1000, not {json.dumps(epochs)[:40]}")
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 1:
+        raise ValueError(f"minGain must be a number from 0 to less than 1, not {json.dumps(min_gain)[:40]}")
+    if zone is not None and (not isinstance(zone, str) or not zone.strip() or len(zone) > 64):
+        raise ValueError(f"zone must be a residency zone such as EU or CH, not {json.dumps(zone)[:40]}")
+    return epochs, float(min_gain), zone.strip() if zone is not None else None
+
+
+def _no_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
 def _plan(store: store_mod.Store, captures: capture_store.ZoneStores, artifacts: ArtifactCatalog, name: str,
           zone: str | None) -> dict[str, Any]:
     obj = store.get("ModelDeployment", name)
@@ -117,15 +148,15 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; distillation needs 'admin'"}, status_code=403)
         name = request.path_params["deployment"]
         try:
-            options = json.loads(await bodies.read_body(request, 64 * 1024) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError, bodies.BodyTooLarge):
-            return JSONResponse({"error": "body must be a JSON object: {\"zone\", \"epochs\", \"minGain\"}"}, status_code=400)
-        epochs, min_gain = options.get("epochs", 60) if isinstance(options, dict) else None, options.get("minGain", 0.005) if isinstance(options, dict) else None
-        if (not isinstance(options, dict) or not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 1000
-                or not isinstance(min_gain, (int, float)) or isinstance(min_gain, bool) or not 0 <= min_gain < 1):
-            return JSONResponse({"error": "options: zone (string), epochs (1..1000), minGain (0..1)"}, status_code=400)
+            raw = await bodies.read_body(request, MAX_BODY)
+        except bodies.BodyTooLarge as exc:
+            return JSONResponse({"error": str(exc)}, status_code=413)
         try:
-            plan = _plan(store, captures, artifacts, name, options.get("zone"))
+            epochs, min_gain, zone = read_options(raw)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        try:
+            plan = _plan(store, captures, artifacts, name, zone)
         except Refused as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
 

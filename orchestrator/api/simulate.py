@@ -29,6 +29,8 @@ def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None 
     raises ``scenario.ScenarioError``."""
     if each and each not in SWEEPS:
         raise scenario.ScenarioError(f"each must be one of {', '.join(SWEEPS)}")
+    if top is not None and top < 1:  # a slice by 0 or less would keep all, or drop the last
+        raise scenario.ScenarioError(f"top must be 1 or more (how many of the most harmful to keep), not {top}")
     state, changes = state_of(s), scenario.load_text(body, "<request>")
     if each:
         return report.sweep_result(sweep.sweep_under(state, each, changes), top)  # type: ignore[arg-type]

@@ -11,13 +11,14 @@ guessing a threshold.
 
 Sample lines are JSON objects: ``{"inputs": [...v2 inputs...], "label": 2}`` or
 ``{"input": [[...]], "label": [2, 0]}`` (tensor name → nested list, as ``infer --data``);
-``label`` is a class index per row, optional.
+``label`` is a class index per row, optional. ``-f -`` reads the sample from standard input.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -120,11 +121,26 @@ def _rule(api: ApiClient, name: str) -> tuple[str, cascade_rules.TensorRule]:
     return dep["spec"]["model"], rule
 
 
-def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
+def _sample_text(path: str) -> str:
+    """The sample file's text; ``-`` reads standard input."""
+    if path == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            raise CliError("-f -: standard input is closed", 2)
+        try:
+            return sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CliError(f"-f -: standard input is not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise CliError(f"-f -: cannot read standard input: {exc.strerror or exc}", 2) from None
     try:
-        text = textfile.read(path)
+        return textfile.read(path)
     except OSError as exc:
         raise CliError(f"-f {path}: cannot read the file: {exc.strerror or exc}", 2) from exc
+
+
+def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
+    text = _sample_text(path)
+    path = "<stdin>" if path == "-" else path
     out = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -141,20 +157,24 @@ def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
         labels: tuple[int, ...] | None
         if label is None:
             labels = None
-        elif isinstance(label, int) and not isinstance(label, bool):
+        elif _class_index(label):
             labels = (label,)
-        elif isinstance(label, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in label):
+        elif isinstance(label, list) and label and all(_class_index(x) for x in label):
             labels = tuple(label)
         else:
-            raise CliError(f"{path}:{number}: \"label\" must be a class index or a list of them (one per row)")
+            raise CliError(f"{path}:{number}: \"label\" must be a class index (0 or more) or a list of them (one per row)")
         try:
-            body = infer.body_of(json.dumps(doc))
+            body = infer.body_of(json.dumps(doc), what="the sample")
         except CliError as exc:
             raise CliError(f"{path}:{number}: {exc}") from None
         out.append((body, labels))
     if not out:
         raise CliError(f"{path}: no samples")
     return out
+
+
+def _class_index(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _call(api: ApiClient, model: str, body: dict[str, Any], mode: str, headers: dict[str, str], rule: cascade_rules.TensorRule,
@@ -168,10 +188,16 @@ def _call(api: ApiClient, model: str, body: dict[str, Any], mode: str, headers: 
         raise CliError(f"{where}: HTTP {resp.status_code}: {resp.text[:200]}") from None
     if resp.status_code >= 400:
         raise CliError(f"{where}: {doc.get('error', resp.reason_phrase) if isinstance(doc, dict) else resp.reason_phrase}")
-    output = next((o for o in doc.get("outputs", []) if o.get("name") == rule.output), None)
+    outputs = doc.get("outputs") if isinstance(doc, dict) else None
+    if not isinstance(outputs, list):
+        raise CliError(f"{where}: HTTP {resp.status_code} with no v2 inference response (no \"outputs\" list)")
+    output = next((o for o in outputs if isinstance(o, dict) and o.get("name") == rule.output), None)
     if output is None:
         raise CliError(f"{where}: the answer has no output {rule.output!r}")
-    scores = np.asarray(output["data"], dtype=np.float64).reshape(output["shape"])
+    try:
+        scores = np.asarray(output["data"], dtype=np.float64).reshape(output["shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CliError(f"{where}: output {rule.output!r} is not a tensor of numbers: {exc}") from None
     try:
         joules = float(resp.headers.get("x-edgeplane-cascade-energy-j", "0"))
     except ValueError:
@@ -190,6 +216,9 @@ def replay(api: ApiClient, model: str, rule: cascade_rules.TensorRule, samples: 
             confidence = cascade_rules.confidence_of(rule, first)
         except ValueError as exc:
             raise CliError(f"{where}: {exc}") from None
+        rows = len(np.atleast_2d(first))
+        if labels is not None and len(labels) != rows:
+            raise CliError(f"{where}: {len(labels)} label(s) for {rows} row(s): give one label per row")
         out.append(Replayed(confidence, tuple(int(x) for x in np.atleast_2d(first).argmax(-1)),
                             tuple(int(x) for x in np.atleast_2d(last).argmax(-1)), labels, first_ms, last_ms, first_j, last_j))
     return out
@@ -208,11 +237,13 @@ def _thresholds(text: str | None) -> tuple[float, ...]:
 
 
 def cmd_tune(api: ApiClient, args: argparse.Namespace) -> int:
+    if not args.name:
+        raise CliError("the cascade's deployment name is empty (edgeplane get cascades)", 2)
     thresholds = _thresholds(args.thresholds)
     samples = _lines(args.file)
     model, rule = _rule(api, args.name)
     headers = infer.caller_headers(args)
-    rows = sweep(replay(api, model, rule, samples, headers, args.file), thresholds)
+    rows = sweep(replay(api, model, rule, samples, headers, "<stdin>" if args.file == "-" else args.file), thresholds)
     if args.output in ("json", "yaml"):
         render.dump({"cascade": args.name, "samples": len(samples), "rule": asdict(rule), "rows": [asdict(r) for r in rows]}, args.output)
         return 0

@@ -20,6 +20,7 @@ import sys
 import time
 
 from orchestrator import client as client_mod
+from orchestrator import clientargs
 from orchestrator.cli import render
 from orchestrator.cli.http import ApiClient, CliError, token_from_env
 
@@ -29,6 +30,10 @@ DEFAULT_MAX_TOKENS = 512
 
 
 def run(api: ApiClient, args: argparse.Namespace) -> int:
+    if not args.model:
+        raise CliError("MODEL is empty: name the model to ask (edgeplane get models)", 2)
+    if args.timeout > clientargs.MAX_TIMEOUT_S:
+        raise CliError(f"--timeout {args.timeout:g}: at most {clientargs.MAX_TIMEOUT_S:g} seconds (a year)", 2)
     params: dict[str, float] = {"max_tokens": args.max_tokens if args.max_tokens is not None else DEFAULT_MAX_TOKENS}
     if args.temperature is not None:
         params["temperature"] = args.temperature
@@ -37,8 +42,12 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     asked: list[client_mod.Chat] = []  # each answer as soon as it starts (a failed one may have printed part)
     try:
-        with client_mod.Client(api.server, token=token_from_env(getattr(args, "token", None)), location=args.location,
-                               region=args.region, residency=args.residency, timeout=args.timeout) as c:
+        app = client_mod.Client(api.server, token=token_from_env(getattr(args, "token", None)), location=args.location,
+                                region=args.region, residency=args.residency, timeout=args.timeout)
+    except (ValueError, TypeError) as exc:  # what the command's own checks let through (a port past 65535)
+        raise CliError(str(exc), 2) from None
+    try:
+        with app as c:
             try:
                 _ask(c, args.model, messages, whole, params, asked)
             except client_mod.InferenceError as exc:

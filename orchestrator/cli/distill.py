@@ -4,13 +4,15 @@
 report: agreement with the teacher and escalation rate of the serving and the new
 student on held-out captured data, their latency, and whether a new artifact was
 published. Exit status 0 when published, 1 when not (a run that published nothing is
-not an error of the tool, but a script must be able to tell).
+not an error of the tool, but a script must be able to tell). Under ``-o json|yaml`` the
+progress lines go to stderr, so that stdout is the report alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 import httpx
@@ -22,33 +24,42 @@ from orchestrator.urlpath import path_segment
 
 
 def cmd_distill(api: ApiClient, args: argparse.Namespace) -> int:
+    if not args.deployment:
+        raise CliError("DEPLOYMENT is empty: name a deployment with spec.cascade.capture (edgeplane get cascades)", 2)
     options: dict[str, Any] = {"epochs": args.epochs, "minGain": args.min_gain}
-    if args.zone:
-        options["zone"] = args.zone.upper()
+    if args.zone is not None:
+        options["zone"] = _zone(args.zone, "--zone")
     result: dict[str, Any] | None = None
+    # Progress is for people: on stdout with the table, on stderr under -o json|yaml, whose
+    # stdout is the report alone.
+    progress_to = sys.stdout if args.output == "table" else sys.stderr
+    answered = False
     try:
-        with api._http.stream("POST", f"/v1/distill/{path_segment(args.deployment)}", json=options, timeout=None) as resp:
+        # No read timeout: a run trains for as long as it takes, and says so one line per epoch.
+        with api._http.stream("POST", f"/v1/distill/{path_segment(args.deployment)}", json=options,
+                              timeout=httpx.Timeout(None, connect=10.0)) as resp:
+            answered = True
             if resp.status_code >= 400:
                 resp.read()
-                try:
-                    message = resp.json().get("error", resp.reason_phrase)
-                except ValueError:
-                    message = resp.text[:200] or resp.reason_phrase
-                raise CliError(str(message))
+                raise CliError(_refusal(resp))
             for line in resp.iter_lines():
                 if not line.strip():
                     continue
-                item = json.loads(line)
-                if "progress" in item and args.output == "table":
-                    p = item["progress"]
-                    if "epoch" in p:
-                        print(f"train: epoch {p['epoch']}/{p['epochs']}  loss {p['loss']}", flush=True)
-                    else:
-                        print(f"{p.get('phase')}: " + ", ".join(f"{k} {v}" for k, v in p.items() if k != "phase"), flush=True)
-                elif "result" in item:
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    raise CliError(f"the control plane answered HTTP {resp.status_code} with something else than the run's "
+                                   f"NDJSON lines: {line[:200]!r}") from None
+                if not isinstance(item, dict):
+                    continue
+                if isinstance(item.get("progress"), dict):
+                    print(_progress_line(item["progress"]), file=progress_to, flush=True)
+                elif isinstance(item.get("result"), dict):
                     result = item["result"]
     except httpx.TransportError as exc:
-        raise CliError(f"cannot reach the control plane at {api.server}: {exc}", 3) from exc
+        what = "the connection to the control plane broke during the run" if answered else "cannot reach the control plane"
+        raise CliError(f"{what} at {api.server}: {exc.__class__.__name__} ({exc}); is 'edgeplane serve' running? "
+                       "(--server / EDGEPLANE_SERVER)", 3) from exc
     if result is None:
         raise CliError("the control plane ended the run without a result")
     if args.output != "table":
@@ -69,8 +80,35 @@ def cmd_distill(api: ApiClient, args: argparse.Namespace) -> int:
     return 0 if result.get("published") else 1
 
 
+def _progress_line(p: dict[str, Any]) -> str:
+    if "epoch" in p:
+        return f"train: epoch {p['epoch']}/{p.get('epochs')}  loss {p.get('loss')}"
+    return f"{p.get('phase')}: " + ", ".join(f"{k} {v}" for k, v in p.items() if k != "phase")
+
+
+def _zone(text: str, name: str) -> str:
+    """A residency zone as the stores name it: EU, or a country code (any case)."""
+    zone = text.strip().upper()
+    if not zone:
+        raise CliError(f"{name} is empty: give a residency zone, EU or a country code such as CH", 2)
+    return zone
+
+
+def _refusal(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error) if error else f"HTTP {resp.status_code}: {resp.text[:200] or resp.reason_phrase}"
+
+
 def cmd_captures(api: ApiClient, args: argparse.Namespace) -> int:
-    zone = args.zone.upper()
+    zone = _zone(args.zone, "ZONE")
+    if args.delete is not None and not args.delete.strip():
+        raise CliError("--delete is empty: give the ID of the record to erase (edgeplane captures ZONE lists them)", 2)
+    if args.deployment is not None and not args.deployment.strip():
+        raise CliError("--deployment is empty: give a cascade deployment's name, or leave the option out", 2)
     if args.delete:
         api.request("DELETE", f"/v1/captures/{path_segment(zone)}/{path_segment(args.delete)}")
         print(f"record {args.delete} deleted from zone {zone}")
@@ -81,7 +119,9 @@ def cmd_captures(api: ApiClient, args: argparse.Namespace) -> int:
         render.dump(body, args.output)
         return 0
     keys = ["id", "deployment", "site", "stage", "firstConfidence", "capturedAt", "expiresAt"]
-    render.table(f"zone {zone}", [k.upper() for k in keys], [[i.get(k) for k in keys] for i in body["items"]])
+    items = body.get("items")
+    render.table(f"zone {zone}", [k.upper() for k in keys],
+                 [[i.get(k) for k in keys] for i in items if isinstance(i, dict)] if isinstance(items, list) else [])
     return 0
 
 

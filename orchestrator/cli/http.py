@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from orchestrator import urlpath
+
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
 
@@ -48,20 +50,6 @@ def _checked_token(token: str, source: str) -> str:
     return token
 
 
-def _base_url_problem(url: httpx.URL) -> str | None:
-    """Why ``url`` cannot be the control plane's base URL. A path is kept, as the prefix a
-    reverse proxy serves the control plane under (``https://proxy.example/edgeplane``), and
-    joined to each request's path; a query or fragment would garble every request's URL,
-    and another scheme or a missing host (``localhost:8080``) reaches nothing."""
-    if url.scheme not in ("http", "https") or not url.host:
-        return "it needs http:// or https:// and a host"
-    if url.query:
-        return f"no query in a base URL: ?{url.query.decode(errors='replace')}"
-    if url.fragment:
-        return f"no fragment in a base URL: #{url.fragment}"
-    return None
-
-
 class ApiClient:
     def __init__(self, server: str | None, token: str | None, timeout: float = 30.0):
         source = "--server" if server else "EDGEPLANE_SERVER"
@@ -70,10 +58,7 @@ class ApiClient:
         tok = token_from_env(token)
         if tok:
             headers["authorization"] = f"Bearer {tok}"
-        try:
-            problem = _base_url_problem(httpx.URL(self.server))
-        except httpx.InvalidURL as exc:
-            problem = str(exc)
+        problem = urlpath.base_url_problem(self.server)
         if problem is not None:
             raise CliError(f"{source} {self.server!r} is not a URL such as {DEFAULT_SERVER} ({problem})", 2)
         self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)

@@ -15,8 +15,6 @@ import sys
 import time
 from typing import Any
 
-import yaml
-
 from orchestrator.cli import render, textfile
 from orchestrator.cli.http import ApiClient, CliError
 from orchestrator.manifests import loader, references, schema
@@ -45,19 +43,40 @@ def scenario_document(args: argparse.Namespace) -> dict[str, Any]:
     if args.scenario:
         path = pathlib.Path(args.scenario)
         try:
-            data = yaml.safe_load(textfile.read(path)) or {}
+            text = textfile.read(path)
         except OSError as exc:
             raise CliError(f"{args.scenario}: {exc.strerror or exc}", 2) from None
-        except yaml.YAMLError as exc:
-            raise CliError(f"{args.scenario}: not valid YAML ({exc})", 1) from None
+        data = scenario.load_data(text, args.scenario)
         scenario.parse(data, args.scenario)  # one-line error naming the field before anything else
         doc = data if "spec" in data else {**doc, "spec": data}
+    flags = _flag_changes(args)
+    _check_flags(flags, args)
     spec = doc.setdefault("spec", {}) or {}
     doc["spec"] = spec
-    fail = spec.setdefault("fail", {})
-    for key, values in (("sites", args.fail_site), ("regions", args.fail_region), ("countries", args.fail_country), ("tiers", args.fail_tier)):
-        if values:
-            fail[key] = list(fail.get(key, [])) + list(values)
+    if flags.get("fail"):
+        fail = spec.setdefault("fail", {})
+        for key, values in flags["fail"].items():
+            fail[key] = list(fail.get(key, [])) + values
+    if flags.get("demand"):
+        spec["demand"] = list(spec.get("demand", [])) + flags["demand"]
+    for site, change in flags.get("sites", {}).items():
+        spec.setdefault("sites", {}).setdefault(site, {}).update(change)
+    return doc
+
+
+#: Which option set each field of a scenario's spec.fail.
+FAIL_FLAGS = {"sites": "--fail-site", "regions": "--fail-region", "countries": "--fail-country", "tiers": "--fail-tier"}
+#: Which option set each field of a site's change.
+SITE_FLAGS = {"carbonGramsPerKWh": ("--carbon", "carbon"), "capacityFactor": ("--capacity", "capacity")}
+
+
+def _flag_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The scenario spec the command-line options alone describe."""
+    spec: dict[str, Any] = {}
+    fail = {key: list(values) for key, values in (("sites", args.fail_site), ("regions", args.fail_region),
+                                                 ("countries", args.fail_country), ("tiers", args.fail_tier)) if values}
+    if fail:
+        spec["fail"] = fail
     for text in args.demand:
         where, factor = _pair(text, "--demand")
         change: dict[str, Any] = {"factor": factor}
@@ -74,7 +93,33 @@ def scenario_document(args: argparse.Namespace) -> dict[str, Any]:
     for text in args.capacity:
         site, value = _pair(text, "--capacity")
         spec.setdefault("sites", {}).setdefault(site, {})["capacityFactor"] = value
-    return doc
+    return spec
+
+
+def _check_flags(spec: dict[str, Any], args: argparse.Namespace) -> None:
+    """Refuse an option whose value the scenario cannot take (a usage error, exit 2), named
+    as it was typed: ``--demand '*=2000': factor: ...``, not a path in a document the user
+    never wrote."""
+    try:
+        scenario.parse({"spec": spec}, "<flags>")
+    except scenario.ScenarioError as exc:
+        raise CliError(_flag_problem(exc.field, exc.reason, args) or str(exc), 2) from None
+
+
+def _flag_problem(field: tuple[str | int, ...], reason: str, args: argparse.Namespace) -> str | None:
+    if field[:2] == ("spec", "fail") and len(field) > 2 and field[2] in FAIL_FLAGS:
+        flag = FAIL_FLAGS[str(field[2])]
+        values = getattr(args, flag[2:].replace("-", "_"))
+        index = field[3] if len(field) > 3 and isinstance(field[3], int) else None
+        return f"{flag} {values[index]!r}: {reason}" if index is not None and index < len(values) else f"{flag}: {reason}"
+    if field[:2] == ("spec", "demand") and len(field) > 2 and isinstance(field[2], int) and field[2] < len(args.demand):
+        part = f"{field[3]}: " if len(field) > 3 else ""
+        return f"--demand {args.demand[field[2]]!r}: {part}{reason}"
+    if field[:2] == ("spec", "sites") and len(field) > 3 and field[3] in SITE_FLAGS:
+        flag, attr = SITE_FLAGS[str(field[3])]
+        typed = [t for t in getattr(args, attr) if t.rpartition("=")[0] == field[2]]
+        return f"{flag} {typed[-1]!r}: {reason}" if typed else f"{flag}: {reason}"
+    return None
 
 
 def _load(paths: list[str]) -> list[loader.LoadedDocument]:
@@ -84,11 +129,14 @@ def _load(paths: list[str]) -> list[loader.LoadedDocument]:
         target = pathlib.Path(path)
         if not target.exists():
             raise CliError(f"{path}: no such file or directory", 2)
-        found = loader.manifest_files(target)
-        if not found:
-            raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
-        for f in found:
-            docs.extend(loader.load_text(textfile.read(f), str(f)))
+        try:
+            found = loader.manifest_files(target)
+            if not found:
+                raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
+            for f in found:
+                docs.extend(loader.load_text(textfile.read(f), str(f)))
+        except OSError as exc:  # a folder or file this user may not read
+            raise CliError(f"{exc.filename or path}: {exc.strerror or exc}", 2) from None
     seen: dict[tuple[str, str], str] = {}
     for d in docs:
         if (d.kind, d.name) in seen:

@@ -24,7 +24,14 @@ DEFAULT_CARBON_G_PER_KWH = 300.0
 
 
 class ScenarioError(ValueError):
-    """A scenario that cannot be read: one line naming the source and the field."""
+    """A scenario that cannot be read: one line naming the source and the field.
+    ``field`` is the path to the field (``("spec", "demand", 0, "factor")``) and ``reason``
+    what is wrong with it, when the error is about one field."""
+
+    def __init__(self, message: str, field: tuple[str | int, ...] = (), reason: str = ""):
+        super().__init__(message)
+        self.field = field
+        self.reason = reason or message
 
 
 class _Strict(BaseModel):
@@ -210,17 +217,27 @@ def parse(data: Any, source: str = "<scenario>") -> Changes:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ScenarioError(f"{source}: {where}: {first['msg']}{more}") from None
+        reason = first["msg"].removeprefix("Value error, ")
+        raise ScenarioError(f"{source}: {where}: {reason}{more}", tuple(first["loc"]), reason) from None
 
 
-def load_text(text: str | bytes, source: str = "<scenario>") -> Changes:
+def load_data(text: str | bytes, source: str = "<scenario>") -> Any:
+    """The YAML (or JSON) document of a scenario, not yet checked; empty text or ``null``
+    is an empty mapping. A ``ScenarioError`` of one line, with the line, when it is not YAML."""
     try:
-        data = yaml.safe_load(text) if text else {}
+        data = yaml.safe_load(text) if text else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ScenarioError(f"{source}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    return parse(data or {}, source)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ScenarioError(f"{source}{line}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ScenarioError(f"{source}: nested too deeply to be a scenario") from None
+    return {} if data is None else data
+
+
+def load_text(text: str | bytes, source: str = "<scenario>") -> Changes:
+    return parse(load_data(text, source), source)
 
 
 def merge(a: Changes, b: Changes) -> Changes:

@@ -52,12 +52,12 @@ def test_the_cli_simulates_the_examples_offline() -> None:
 @pytest.mark.parametrize("args, code, message", [
     (["--demand", "eu-west"], 2, "--demand 'eu-west': expected NAME=NUMBER"),
     (["--scenario", "missing.yaml"], 2, "missing.yaml"),
-    (["--fail-country", "XX"], 1, "spec.fail.countries"),
+    (["--fail-country", "XX"], 2, "--fail-country: 'XX' is not an ISO 3166 alpha-2 country code"),
     (["--each-site", "--top", "0"], 2, "argument --top: 0 is not 1 or more"),
     (["--carbon", "edge-lyon=-5"], 2, "--carbon 'edge-lyon=-5': the number must be 0 or more"),
     (["--capacity", "edge-lyon=-1"], 2, "--capacity 'edge-lyon=-1': the number must be 0 or more"),
     (["--demand", "eu-west=nan"], 2, "--demand 'eu-west=nan': the number must be 0 or more"),
-    (["--capacity", "edge-lyon=2000"], 1, "spec.sites.edge-lyon.capacityFactor"),
+    (["--capacity", "edge-lyon=2000"], 2, "--capacity 'edge-lyon=2000': Input should be less than or equal to 1000"),
     (["-f", "manifests/examples/sites.yaml"], 1, "Site 'dc-paris' is also declared in"),
 ])
 def test_bad_cli_input_is_one_line(args: list[str], code: int, message: str) -> None:
