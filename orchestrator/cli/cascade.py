@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -124,14 +123,7 @@ def _rule(api: ApiClient, name: str) -> tuple[str, cascade_rules.TensorRule]:
 def _sample_text(path: str) -> str:
     """The sample file's text; ``-`` reads standard input."""
     if path == "-":
-        if sys.stdin is None or sys.stdin.closed:
-            raise CliError("-f -: standard input is closed", 2)
-        try:
-            return sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CliError(f"-f -: standard input is not UTF-8 text (byte {exc.start})") from None
-        except OSError as exc:
-            raise CliError(f"-f -: cannot read standard input: {exc.strerror or exc}", 2) from None
+        return textfile.read_stdin("-f -")
     try:
         return textfile.read(path)
     except OSError as exc:

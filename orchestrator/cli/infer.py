@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -58,14 +57,7 @@ def _data_text(data: str) -> str:
     if not path:
         raise CliError("--data @: name a file after the @ (@- reads standard input)", 2)
     if path == "-":
-        if sys.stdin is None or sys.stdin.closed:
-            raise CliError("--data @-: standard input is closed", 2)
-        try:
-            return sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CliError(f"--data @-: standard input is not UTF-8 text (byte {exc.start})", 2) from None
-        except OSError as exc:
-            raise CliError(f"--data @-: cannot read standard input: {exc.strerror or exc}", 2) from None
+        return textfile.read_stdin("--data @-")
     try:
         return textfile.read(path, 2)
     except OSError as exc:

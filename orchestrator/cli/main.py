@@ -35,7 +35,7 @@ def _read_manifests(paths: list[str]) -> str:
         raise CliError("-f - (stdin) may be given only once", 2)
     for path in paths:
         if path == "-":
-            out.append(("<stdin>", sys.stdin.read()))
+            out.append(("<stdin>", textfile.read_stdin("-f -")))
             continue
         target = pathlib.Path(path)
         if not target.exists():

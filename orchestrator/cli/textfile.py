@@ -8,6 +8,7 @@ command, never a decoding error reported as a bug.
 from __future__ import annotations
 
 import pathlib
+import sys
 
 from orchestrator.cli.http import CliError
 
@@ -19,3 +20,16 @@ def read(path: str | pathlib.Path, code: int = 1) -> str:
         return pathlib.Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise CliError(f"{path}: not UTF-8 text (byte {exc.start})", code) from exc
+
+
+def read_stdin(option: str) -> str:
+    """Standard input as text, for ``option`` (``-f -``, ``--data @-``) in the errors: closed,
+    unreadable or not UTF-8 is a usage error, not a bug."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise CliError(f"{option}: standard input is closed", 2)
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{option}: standard input is not UTF-8 text (byte {exc.start})", 2) from None
+    except OSError as exc:
+        raise CliError(f"{option}: cannot read standard input: {exc.strerror or exc}", 2) from None

@@ -286,3 +286,14 @@ def test_apply_prints_the_quote_hint_and_applies_nothing(control_plane: support.
         "error: 1 problem(s) in the manifests; nothing was applied",
         f"  {path}:11 (document 0): spec.variants[0].artifact.sha256: {DIGITS_SHA} was read as a number, not text: put it in quotes"]
     assert cli_main.main(["--server", control_plane.url, "get", "model", "m"]) == 1
+
+
+@pytest.mark.parametrize("args", [["apply", "-f", "-"], ["plan", "-f", "-"], ["infer", "m", "--data", "@-"],
+                                  ["cascade", "tune", "m", "-f", "-"]])
+def test_a_closed_standard_input_is_a_usage_error(args: list[str]) -> None:
+    """``-f -`` or ``@-`` with standard input closed (a service, ``<&-``): one line and exit 2,
+    where ``apply -f -`` reported an AttributeError as a bug."""
+    command = " ".join([str(support.EDGEPLANE), "--server", "http://127.0.0.1:9", *args]) + " <&-"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc
+    assert proc.stderr.strip().splitlines() == [f"error: {'--data @-' if '@-' in args else '-f -'}: standard input is closed"]
