@@ -26,6 +26,7 @@ import httpx
 
 from orchestrator import server
 from orchestrator.adapters import local_ray
+from orchestrator.gatewayd import server as gatewayd
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "manifests" / "examples"
@@ -230,6 +231,18 @@ class Fleet:
         if self.cp is not None:
             await self.cp.stop()
             self.cp = None
+
+
+@contextlib.asynccontextmanager
+async def following_gateway(control_plane_url: str) -> AsyncIterator[gatewayd.StandaloneGateway]:
+    """A standalone gateway in this process following ``control_plane_url``, yielded once it
+    has the endpoint table; stopped on exit."""
+    gw = await gatewayd.StandaloneGateway(gatewayd.GatewayConfig(control_planes=(control_plane_url,), port=0)).start()
+    try:
+        assert await gw.follower.wait_snapshot(0, 60), f"no endpoint table from the control plane: {gw.follower.status()}"
+        yield gw
+    finally:
+        await gw.stop()
 
 
 @contextlib.asynccontextmanager

@@ -50,12 +50,8 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[harne
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway(fleet: harness.Fleet) -> AsyncIterator[gatewayd.StandaloneGateway]:
     assert fleet.cp is not None
-    gw = await gatewayd.StandaloneGateway(gatewayd.GatewayConfig(control_planes=(fleet.cp.http_url,), port=0)).start()
-    try:
-        assert await gw.follower.wait_snapshot(0, 60), f"no endpoint table from the control plane: {gw.follower.status()}"
+    async with harness.following_gateway(fleet.cp.http_url) as gw:
         yield gw
-    finally:
-        await gw.stop()
 
 
 class _Records(logging.Handler):

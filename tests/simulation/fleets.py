@@ -27,3 +27,16 @@ BERLIN = site("edge-berlin", "DE", "eu-central", 52.52, 13.40)
 MADRID = site("edge-madrid", "ES", "eu-south", 40.42, -3.70)
 FRANKFURT = site("dc-frankfurt", "DE", "eu-central", 50.11, 8.68, tier="datacenter", cpu=64, carbon=380.0)
 SITES = (PARIS, LYON, BERLIN, MADRID, FRANKFURT)
+
+#: Two edge sites as manifests, for the tests that apply them to a control plane.
+TWO_SITES = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: edge-a}
+spec: {tier: edge, location: {country: FR, region: fr, lat: 48.8, lon: 2.3}, capacity: {cpu: 4, memoryGiB: 8}}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: edge-b}
+spec: {tier: edge, location: {country: DE, region: de, lat: 52.5, lon: 13.4}, capacity: {cpu: 4, memoryGiB: 8}}
+"""

@@ -15,19 +15,10 @@ import pytest_asyncio
 
 from orchestrator.testing import harness
 
+from . import fleets
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
-SITES = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-a}
-spec: {tier: edge, location: {country: FR, region: fr, lat: 48.8, lon: 2.3}, capacity: {cpu: 4, memoryGiB: 8}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-b}
-spec: {tier: edge, location: {country: DE, region: de, lat: 52.5, lon: 13.4}, capacity: {cpu: 4, memoryGiB: 8}}
-"""
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -79,7 +70,7 @@ async def served(tmp_path_factory: pytest.TempPathFactory):
     try:
         cp = await f.start_control_plane()
         async with httpx.AsyncClient(base_url=cp.http_url) as http:
-            resp = await http.post("/v1/apply", content=SITES)
+            resp = await http.post("/v1/apply", content=fleets.TWO_SITES)
             assert resp.status_code == 200, resp.text
         yield cp
     finally:

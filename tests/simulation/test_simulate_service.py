@@ -19,21 +19,12 @@ import pytest_asyncio
 
 from orchestrator.testing import harness
 
+from . import fleets
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
-TWO_SITES = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-a}
-spec: {tier: edge, location: {country: FR, region: fr, lat: 48.8, lon: 2.3}, capacity: {cpu: 4, memoryGiB: 8}}
----
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {name: edge-b}
-spec: {tier: edge, location: {country: DE, region: de, lat: 52.5, lon: 13.4}, capacity: {cpu: 4, memoryGiB: 8}}
-"""
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -44,7 +35,7 @@ async def served(tmp_path_factory: pytest.TempPathFactory):
         admin = cp.admin_token
         read, _ = cp.store.create_token("api", "read", None, "test", "read-only")
         async with httpx.AsyncClient(base_url=cp.http_url, headers={"authorization": f"Bearer {admin}"}) as http:
-            resp = await http.post("/v1/apply", content=TWO_SITES)
+            resp = await http.post("/v1/apply", content=fleets.TWO_SITES)
             assert resp.status_code == 200, resp.text
         yield cp, admin, read
     finally:
