@@ -6,7 +6,8 @@ Upstream calls go through ``upstream.UpstreamPool``, keep-alive connections per 
 The body is forwarded as bytes (JSON or binary-extension tensors alike) and never
 decoded here: the serving replica validates it, and its 4xx answers are returned as they
 are. A connection failure or a 5xx is retried on the next-ranked endpoint within the
-same request (inference is idempotent) and ejects the endpoint that failed.
+same request (inference is idempotent) and ejects the endpoint that failed, unless it
+answered 500, an error of that one request (:func:`ejects`).
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ class Gateway:
             status, content, upstream_headers = upstream.status, upstream.body, upstream.headers
             if status >= 500:
                 failures.append(f"{e.site}: HTTP {status}")
-                self.table.eject(e.url)
+                if ejects(status):
+                    self.table.eject(e.url)
                 self.metrics.failovers.labels(model, e.site).inc()
                 continue
             if status == 404:
@@ -270,6 +272,14 @@ class Gateway:
             Route("/v2/models/{model}/versions/{version}/ready", guarded(self.model_ready), methods=["GET"]),
             Route("/v2/models/{model}/versions/{version}/infer", guarded(self.infer), methods=["POST"]),
         ]
+
+
+def ejects(status: int) -> bool:
+    """Whether a replica's 5xx answer takes it out of the ranking for a while. A 500 is an
+    error of that one request (a body no check foresaw): the next replica is tried, but the
+    replica goes on serving everyone else. 502, 503 (loading, draining) and 504 say the
+    replica itself cannot answer now."""
+    return status != 500
 
 
 def _versioned(version: str | None, action: str) -> str:

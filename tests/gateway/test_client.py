@@ -279,3 +279,44 @@ def test_a_model_name_is_one_path_segment_of_every_url_the_client_builds() -> No
             assert url == f"http://127.0.0.1:9/v1/endpoints/{segment}", url
             (attempt,) = c._attempts(name, [], {})
             assert str(attempt.url) == f"http://127.0.0.1:9/v2/models/{segment}/infer", attempt.url
+
+
+@pytest.mark.parametrize(("status", "ejected"), [(500, False), (502, True), (503, True)])
+async def test_a_replica_s_500_fails_over_without_taking_it_from_everyone(status: int, ejected: bool) -> None:
+    """A 500 is an error of that one request (a body no check foresaw): the next replica
+    answers it, and the first goes on serving every other caller. 502, 503 (loading,
+    draining) and 504 say the replica cannot answer now: it is left out for a while. The same
+    on the v2 and the OpenAI routes."""
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+
+    from orchestrator.gateway import endpoints, openai_routes, proxy, routing, upstream
+
+    answer = {"choices": [{"message": {"role": "assistant", "content": "from edge-b"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    failing, failing_url = await answering(status, {"error": "the replica failed"})
+    replica, replica_url = await v2_server("edge-b")
+    chat, chat_url = await answering(200, answer)
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    try:
+        for api, second, path, body in (
+            (routing.API_V2, replica_url, "/v2/models/m/infer", oip.encode_request({"input": x})[0]),
+            (routing.API_OPENAI, chat_url, "/openai/v1/chat/completions",
+             json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()),
+        ):
+            table = endpoints.EndpointTable()
+            table.replace([routing.Endpoint("m", "m", "edge-a", "edge", "FR", "fr", 48.85, 2.35, failing_url, api=api),
+                           routing.Endpoint("m", "m", "edge-b", "edge", "DE", "de", 52.52, 13.40, second, api=api)])
+            pool = upstream.UpstreamPool()
+            gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry()))
+            routes = gateway.routes() + openai_routes.OpenAIGateway(gateway, registry=CollectorRegistry()).routes()
+            transport = httpx.ASGITransport(app=Starlette(routes=routes))
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+                resp = await http.post(path, content=body, headers={"x-edgeplane-location": "48.85,2.35",
+                                                                    "content-type": "application/json"})
+            await pool.close()
+            assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-b", (api, resp.text)
+            assert (failing_url in table.ejected()) is ejected, api
+    finally:
+        for server in (failing, replica, chat):
+            await server.shutdown(1)
