@@ -648,10 +648,7 @@ class ControlPlane:
         live = dataclasses.replace(last, agents=tuple(self.hub.snapshot())) if last is not None else None
         return views.placements(live, self.store.placements())
 
-    def endpoints_view(self, model: str, lat: float | None, lon: float | None, region: str | None, residency: str | None) -> dict[str, Any]:
-        caller = routing.parse_caller(f"{lat},{lon}" if lat is not None and lon is not None else None, region, residency)
-        if isinstance(caller, routing.NoRoute):
-            return views.endpoint_list(caller, model)
+    def endpoints_view(self, model: str, caller: routing.Caller) -> dict[str, Any]:
         return views.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model)
 
     def cascades_view(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from orchestrator.gateway import cascade_rules, routing
@@ -129,6 +129,14 @@ class EndpointTable:
         if not self.published:
             return None
         return routing.check_region(region, self._known_regions, name, instead)
+
+    def query_caller(self, params: Mapping[str, str]) -> routing.Caller | routing.NoRoute:
+        """The caller of the endpoint list (``?lat=&lon=&region=&residency=``), or why its
+        query cannot be read (400, naming the parameter)."""
+        caller = routing.parse_query_caller(params.get("lat"), params.get("lon"), params.get("region"), params.get("residency"))
+        if isinstance(caller, routing.NoRoute) or caller.region is None:
+            return caller
+        return self.unknown_region(caller.region, "query parameter region", "lat and lon") or caller
 
     def cold(self) -> frozenset[str]:
         return self._cold

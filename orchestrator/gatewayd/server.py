@@ -190,10 +190,7 @@ class StandaloneGateway:
         refused = self._admit(request)
         if refused is not None:
             return refused
-        q = request.query_params
-        caller = routing.parse_query_caller(q.get("lat"), q.get("lon"), q.get("region"), q.get("residency"))
-        if isinstance(caller, routing.Caller) and caller.region is not None:
-            caller = self.table.unknown_region(caller.region, "query parameter region", "lat and lon") or caller
+        caller = self.table.query_caller(request.query_params)
         if isinstance(caller, routing.NoRoute):
             return JSONResponse({"error": caller.reason}, status_code=caller.status)
         model = request.path_params["model"]
