@@ -274,9 +274,9 @@ class CascadeHandler:
                 self.charge(route, stage, e.site, self.clock() - began, trip, totals)
                 if trip.first_country is None:
                     trip.first_country = e.country
+            self.table.answered(e.url, upstream.status)
             if upstream.status >= 500:
                 trip.failures.append(f"{e.site}: HTTP {upstream.status}")
-                self.table.eject(e.url)
                 continue
             if upstream.status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
                 trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")

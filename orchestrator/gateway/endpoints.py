@@ -5,6 +5,11 @@ status) with :meth:`EndpointTable.replace`; the gateway reads it on every reques
 records failures with :meth:`eject`, which takes an endpoint out of rotation at once,
 before any heartbeat could say so (passive outlier ejection). An ejection lasts
 ``ejection_s``; an endpoint that fails again after it is readmitted is ejected again.
+Every answer a replica gives is told to :meth:`answered`: 502, 503 and 504 eject at once
+(the replica cannot answer now), while a 500 is an error of that one request and ejects
+only after ``ejecting_500s`` in a row with no other answer between them (a replica whose
+session broke answers 500 to everything; one odd body must not take a healthy replica
+from every caller).
 
 A model whose autoscaled deployment is at zero replicas is *cold*. A request for it
 :meth:`wakes <EndpointTable.wake>` it (the autoscaler reads the count of wakes and asks for
@@ -37,8 +42,11 @@ def listing_order(e: routing.Endpoint) -> tuple[str, str, str, str]:
 class EndpointTable:
     clock: Callable[[], float] = time.monotonic
     ejection_s: float = 15.0
+    #: 500s in a row after which a replica is ejected (Envoy's consecutive_5xx has 5 too)
+    ejecting_500s: int = 5
     _by_model: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
     _ejected_until: dict[str, float] = field(default_factory=dict)
+    _500s_in_a_row: dict[str, int] = field(default_factory=dict)
     _inflight: dict[str, int] = field(default_factory=dict)
     regions: routing.RegionIndex = field(default_factory=routing.RegionIndex)
     #: Every model some deployment serves, with why it has no endpoint when it has none.
@@ -78,6 +86,9 @@ class EndpointTable:
         # one order whatever the input's (by deployment, site, URL): a gateway that rebuilds the
         # table from deltas (gateway.wire.apply_delta) holds it exactly as the control plane does
         self._by_model = {m: tuple(sorted(es, key=listing_order)) for m, es in grouped.items()}
+        if self._500s_in_a_row:  # counts of replicas gone from the table go with them
+            urls = {e.url for es in grouped.values() for e in es}
+            self._500s_in_a_row = {u: n for u, n in self._500s_in_a_row.items() if u in urls}
         if regions is not None:
             self.regions = regions
         self._known_regions = frozenset(self.regions.centroids) | {e.region for es in grouped.values() for e in es if e.region}
@@ -220,6 +231,20 @@ class EndpointTable:
 
     def eject(self, url: str) -> None:
         self._ejected_until[url] = self.clock() + self.ejection_s
+        self._500s_in_a_row.pop(url, None)
+
+    def answered(self, url: str, status: int) -> None:
+        """Record a replica's answer: 502, 503 and 504 eject it, the ``ejecting_500s``-th
+        500 in a row too; any other answer ends a run of 500s."""
+        if status < 500:
+            if self._500s_in_a_row:
+                self._500s_in_a_row.pop(url, None)
+        elif status != 500:
+            self.eject(url)
+        elif (count := self._500s_in_a_row.get(url, 0) + 1) >= self.ejecting_500s:
+            self.eject(url)
+        else:
+            self._500s_in_a_row[url] = count
 
     def started(self, url: str) -> None:
         self._inflight[url] = self._inflight.get(url, 0) + 1

@@ -182,9 +182,9 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
         finally:
             owner.gw.table.finished(e.url)
             handler.charge(req.route, stage, e.site, handler.clock() - began, req.trip, req.totals)
+        owner.gw.table.answered(e.url, status)
         if status >= 500:
             req.trip.failures.append(f"{e.site}: HTTP {status}")
-            owner.gw.table.eject(e.url)
             owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
             continue
         if status == 404:  # the stage's model moved away a moment ago: the next replica may serve it

@@ -11,9 +11,9 @@ agent, the data-centre Serve app, later another engine) is the same to the gatew
 Streams are relayed event by event as they arrive, never buffered whole. The answer to
 the caller is committed only once its first token is in hand (a chat stream's leading
 empty ``role`` event is held until then): a replica that fails before that — refused
-connection, 5xx, a stream cut before any token — is ejected (not for a 500, an error of
-that one request: ``proxy.ejects``) and the request goes to the next candidate, so no
-caller sees it. After the commit an upstream failure ends the
+connection, 5xx, a stream cut before any token — is ejected (for a 500, an error of that
+one request, only at the fifth in a row: ``EndpointTable.answered``) and the request goes
+to the next candidate, so no caller sees it. After the commit an upstream failure ends the
 stream with an SSE error event and ``[DONE]``. A caller that goes away cancels the
 upstream request, which closes its connection, and the replica stops generating.
 
@@ -49,7 +49,7 @@ from starlette.types import Receive, Scope, Send
 
 from orchestrator.api import bodies, methods
 from orchestrator.gateway import cascade_rules, openai_cascade, routing
-from orchestrator.gateway.proxy import Gateway, ejects
+from orchestrator.gateway.proxy import Gateway
 from orchestrator.gateway.upstream import Stream, UpstreamError
 
 PREFIX = "/openai/v1"
@@ -376,8 +376,9 @@ class _Relay(Response):
         except UpstreamError as exc:
             raise _Failed(f"connect: {exc}") from None
         try:
-            if resp.status >= 500:
-                raise _Failed(f"HTTP {resp.status}", eject=ejects(resp.status))
+            owner.gw.table.answered(e.url, resp.status)
+            if resp.status >= 500:  # the table has ejected the replica if the answer calls for it
+                raise _Failed(f"HTTP {resp.status}", eject=False)
             if resp.status == 404:  # moved away a moment ago (the table follows): the next replica may serve it
                 raise _Failed(f"does not serve {self.model!r} now (HTTP 404)", eject=False)  # the agent itself is fine
             ctype = resp.headers.get("content-type", "application/json")

@@ -7,7 +7,8 @@ The body is forwarded as bytes (JSON or binary-extension tensors alike) and neve
 decoded here: the serving replica validates it, and its 4xx answers are returned as they
 are. A connection failure or a 5xx is retried on the next-ranked endpoint within the
 same request (inference is idempotent) and ejects the endpoint that failed, unless it
-answered 500, an error of that one request (:func:`ejects`).
+answered 500, an error of that one request, and not yet several in a row
+(``EndpointTable.answered``).
 """
 
 from __future__ import annotations
@@ -158,10 +159,9 @@ class Gateway:
             finally:
                 self.table.finished(e.url)
             status, content, upstream_headers = upstream.status, upstream.body, upstream.headers
+            self.table.answered(e.url, status)
             if status >= 500:
                 failures.append(f"{e.site}: HTTP {status}")
-                if ejects(status):
-                    self.table.eject(e.url)
                 self.metrics.failovers.labels(model, e.site).inc()
                 continue
             if status == 404:
@@ -272,14 +272,6 @@ class Gateway:
             Route("/v2/models/{model}/versions/{version}/ready", guarded(self.model_ready), methods=["GET"]),
             Route("/v2/models/{model}/versions/{version}/infer", guarded(self.infer), methods=["POST"]),
         ]
-
-
-def ejects(status: int) -> bool:
-    """Whether a replica's 5xx answer takes it out of the ranking for a while. A 500 is an
-    error of that one request (a body no check foresaw): the next replica is tried, but the
-    replica goes on serving everyone else. 502, 503 (loading, draining) and 504 say the
-    replica itself cannot answer now."""
-    return status != 500
 
 
 def _versioned(version: str | None, action: str) -> str:

@@ -96,6 +96,17 @@ def test_no_stage_answers() -> None:
     assert (row["requests"], row["failed"], row["escalations"]) == (1, 1, {"down": 1})
 
 
+def test_a_stage_s_500_escalates_without_ejecting_the_replica_and_a_run_of_them_ejects() -> None:
+    """A 500 is an error of that one request, as on the plain routes: the replica stays in
+    the table for every other caller until it has answered five of them in a row; a 503
+    (loading, draining) ejects it at once."""
+    response, _, handler = run([EDGE, DC], {"edge-fr": "500", "dc-fr": "sure"})
+    assert response.status_code == 200 and response.headers["x-edgeplane-site"] == "dc-fr"
+    assert handler.table.ejected() == frozenset()
+    response, _, handler = run([EDGE, DC], {"edge-fr": "5xx", "dc-fr": "sure"})
+    assert handler.table.ejected() == {"http://edge-fr"}
+
+
 def test_nothing_allowed_is_refused_without_a_call() -> None:
     response, transport, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, caller=routing.Caller(residency=frozenset({"DE"})))
     assert response.status_code == 503 and transport.calls == []

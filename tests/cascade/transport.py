@@ -28,6 +28,8 @@ class Transport:
             raise UpstreamError("connection refused")
         if how == "5xx":
             return Answer(503, {"content-type": "application/json"}, oip.error_body("busy"))
+        if how == "500":
+            return Answer(500, {"content-type": "application/json"}, oip.error_body("the run failed"))
         if how == "4xx":
             return Answer(400, {"content-type": "application/json"}, oip.error_body("input 'input' has shape [1, 3]"))
         if how == "garbage":

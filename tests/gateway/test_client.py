@@ -285,8 +285,8 @@ def test_a_model_name_is_one_path_segment_of_every_url_the_client_builds() -> No
 async def test_a_replica_s_500_fails_over_without_taking_it_from_everyone(status: int, ejected: bool) -> None:
     """A 500 is an error of that one request (a body no check foresaw): the next replica
     answers it, and the first goes on serving every other caller. 502, 503 (loading,
-    draining) and 504 say the replica cannot answer now: it is left out for a while. The same
-    on the v2 and the OpenAI routes."""
+    draining) and 504 say the replica cannot answer now: it is left out for a while, as is
+    one whose every answer is a 500. The same on the v2 and the OpenAI routes."""
     from prometheus_client import CollectorRegistry
     from starlette.applications import Starlette
 
@@ -314,9 +314,49 @@ async def test_a_replica_s_500_fails_over_without_taking_it_from_everyone(status
             async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
                 resp = await http.post(path, content=body, headers={"x-edgeplane-location": "48.85,2.35",
                                                                     "content-type": "application/json"})
+                assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-b", (api, resp.text)
+                assert (failing_url in table.ejected()) is ejected, api
+                if status == 500:  # a replica that answers 500 to everything is broken: the fifth ejects it
+                    for _ in range(table.ejecting_500s - 1):
+                        resp = await http.post(path, content=body, headers={"x-edgeplane-location": "48.85,2.35",
+                                                                            "content-type": "application/json"})
+                        assert resp.status_code == 200, (api, resp.text)
+                    assert failing_url in table.ejected(), api
             await pool.close()
-            assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-b", (api, resp.text)
-            assert (failing_url in table.ejected()) is ejected, api
     finally:
         for server in (failing, replica, chat):
+            await server.shutdown(1)
+
+
+async def test_a_cascade_stage_s_500_escalates_without_ejecting_the_replica() -> None:
+    """The OpenAI cascade treats a stage's 500 as the plain routes do: the request goes on
+    to the next stage, and the replica that answered it stays in the table."""
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+
+    from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, upstream
+
+    answer = {"choices": [{"message": {"role": "assistant", "content": "from dc"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    failing, failing_url = await answering(500, {"error": {"message": "the run failed"}})
+    dc, dc_url = await answering(200, answer)
+    try:
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("m", "d", "edge-a", "edge", "FR", "fr", 48.85, 2.35, failing_url, api=routing.API_OPENAI),
+                       routing.Endpoint("m", "d", "dc-a", "datacenter", "FR", "fr", 48.86, 2.34, dc_url, api=routing.API_OPENAI)])
+        table.cascades = {"m": cascade_rules.CascadeRoute("m", "d", (
+            cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True)),
+            cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)))}
+        pool = upstream.UpstreamPool()
+        handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(CollectorRegistry()))
+        gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry()), cascade=handler)
+        transport = httpx.ASGITransport(app=Starlette(routes=openai_routes.OpenAIGateway(gateway, registry=CollectorRegistry()).routes()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            resp = await http.post("/openai/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                                   headers={"x-edgeplane-location": "48.85,2.35"})
+        await pool.close()
+        assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "dc-a", resp.text
+        assert table.ejected() == frozenset()
+    finally:
+        for server in (failing, dc):
             await server.shutdown(1)

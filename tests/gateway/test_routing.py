@@ -100,6 +100,36 @@ def test_ejection_expires_with_the_clock() -> None:
     assert table.ejected() == frozenset()
 
 
+def test_a_replica_is_ejected_at_its_fifth_500_in_a_row_and_at_once_for_502_503_504() -> None:
+    """A 500 is an error of one request; a run of them is a broken replica. Any other
+    answer ends the run, and a replica that leaves the table leaves its count behind."""
+    table = EndpointTable(ejecting_500s=5)
+    table.replace([PARIS, LYON := ep("lyon", "FR", 45.76, 4.84)])
+    for _ in range(4):
+        table.answered("http://paris", 500)
+    table.answered("http://paris", 200)  # a good answer: the run starts over
+    for _ in range(4):
+        table.answered("http://paris", 500)
+    assert table.ejected() == frozenset()
+    table.answered("http://paris", 500)
+    assert table.ejected() == {"http://paris"}
+    for status in (502, 503, 504):
+        table = EndpointTable()
+        table.replace([PARIS])
+        table.answered("http://paris", status)
+        assert table.ejected() == {"http://paris"}, status
+    table = EndpointTable(ejecting_500s=2)
+    table.replace([PARIS, LYON])
+    table.answered("http://paris", 500)
+    table.replace([LYON])
+    table.replace([PARIS, LYON])  # back, with a clean slate
+    table.answered("http://paris", 500)
+    assert table.ejected() == frozenset()
+    table.answered("http://paris", 404)  # the model moved away: not a failure, but the run ends
+    table.answered("http://paris", 500)
+    assert table.ejected() == frozenset()
+
+
 def test_local_inflight_counts_in_ranking() -> None:
     table = EndpointTable()
     table.replace([PARIS, ep("paris2", "FR", 48.85, 2.35)])
