@@ -19,7 +19,6 @@ import os
 import pathlib
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,24 +30,19 @@ import httpx
 
 from bench import cli
 from orchestrator.testing import postgres
+from orchestrator.testing.ports import free_port
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "failover.json"
 EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Replica:
     def __init__(self, root: pathlib.Path, name: str, url: str, lease_s: float):
-        self.port = _free_port()
+        self.port = free_port()
         self.log = open(root / f"{name}.log", "w")
         self.process = subprocess.Popen(
-            [str(EDGEPLANE), "serve", "--data-dir", str(root / name), "--port", str(self.port), "--agent-port", str(_free_port()),
-             "--agent-join-port", str(_free_port()), "--store", url, "--leader-lease", str(lease_s), "--log-level", "warning"],
+            [str(EDGEPLANE), "serve", "--data-dir", str(root / name), "--port", str(self.port), "--agent-port", str(free_port()),
+             "--agent-join-port", str(free_port()), "--store", url, "--leader-lease", str(lease_s), "--log-level", "warning"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("EDGEPLANE_")},
         )

@@ -30,7 +30,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from rich.table import Table
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 from orchestrator.testing import harness, manifests, onnx_models
+from orchestrator.testing.ports import free_port
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -58,11 +58,6 @@ def fleet_yaml(sha256: str) -> str:
         manifests.deployment("bench", "bench", 2, manifests.spread_by_site(tiers=["edge"])),
     )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

@@ -16,11 +16,12 @@ import glob
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+
+from orchestrator.testing.ports import free_port
 
 MISSING = ("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/pg_ctl); "
            "install them with `tests/install-system-packages` (apt-get install postgresql)")
@@ -31,18 +32,12 @@ def bin_dir() -> pathlib.Path | None:
     return pathlib.Path(found[-1]).parent if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PostgresServer:
     def __init__(self, bindir: pathlib.Path):
         self.bindir = bindir
         self.root = pathlib.Path(tempfile.mkdtemp(prefix="edgeplane-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.root, "postgres", "postgres")

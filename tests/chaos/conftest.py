@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from orchestrator.testing import harness, manifests, onnx_models
+from orchestrator.testing.ports import free_port
 
 EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
 RECOVERY: dict[str, float] = {}
@@ -36,11 +36,6 @@ def infer_body(model: onnx_models.BuiltModel, rows: int = 1) -> bytes:
     x = np.ones((rows, model.in_dim), dtype=np.float32)
     return json.dumps({"inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [rows, model.in_dim], "data": x.ravel().tolist()}]}).encode()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -11,7 +11,6 @@ import asyncio
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import yaml
 
 from orchestrator import server
 from orchestrator.testing import harness
+from orchestrator.testing.ports import free_port
 from orchestrator.testing.manifests import API_VERSION, doc  # noqa: F401 (the foundation tests' manifest text)
 from orchestrator.testing.manifests import bundle as join  # noqa: F401
 
@@ -101,11 +101,6 @@ def example_names() -> dict[str, set[str]]:
 
 # --- processes and servers ---------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def closed_port() -> int:

@@ -34,6 +34,7 @@ from orchestrator.gateway import endpoints
 from orchestrator.gatewayd import follow
 from orchestrator.gatewayd import server as gatewayd
 from orchestrator.testing import genai_model, harness, manifests, onnx_models
+from orchestrator.testing.ports import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -44,11 +45,6 @@ SITES = {
 BODY = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.1] * 8}]}
 USER = [{"role": "user", "content": "Where does the model run?"}]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
