@@ -61,6 +61,12 @@ _DTYPE_TO_NAME = {dt: name for name, dt in DATATYPES.items()}
 
 #: Header that carries the JSON part's length when binary tensors follow it.
 BINARY_HEADER = "Inference-Header-Content-Length"
+
+
+def model_version(sha256: str) -> str:
+    """The version a model file answers ``/versions/{v}`` for, wherever it is served: its
+    sha256, shortened (a new file is a new version)."""
+    return sha256[:12]
 MAX_DIMS = 16
 
 

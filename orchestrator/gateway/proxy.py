@@ -139,6 +139,8 @@ class Gateway:
                 return _error(503, f"model {model!r} was scaled to zero and no replica was ready within "
                                    f"{self.cold_start_s:g}s ({why}); retry", retry_after=5)
         ranked = self.candidates(model, request, caller=caller)
+        if version is not None and not isinstance(ranked, routing.NoRoute):
+            ranked = holding(ranked, model, version)
         if isinstance(ranked, routing.NoRoute):
             self.metrics.requests.labels(model, "", str(ranked.status)).inc()
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
@@ -272,6 +274,18 @@ class Gateway:
             Route("/v2/models/{model}/versions/{version}/ready", guarded(self.model_ready), methods=["GET"]),
             Route("/v2/models/{model}/versions/{version}/infer", guarded(self.infer), methods=["POST"]),
         ]
+
+
+def holding(ranked: list[routing.Ranked], model: str, version: str) -> list[routing.Ranked] | routing.NoRoute:
+    """The replicas of ``ranked`` that may answer for ``version``, in rank order: those that
+    report it, then those whose version is not known (a data centre's Serve app); a 404
+    naming the versions there are when none may."""
+    known = [r for r in ranked if r.endpoint.version == version]
+    unknown = [r for r in ranked if not r.endpoint.version]
+    if known or unknown:
+        return known + unknown
+    served = sorted({r.endpoint.version for r in ranked})
+    return routing.NoRoute(f"model {model!r} has no version {version!r}" + (f" (versions served: {', '.join(served)})" if served else ""), 404)
 
 
 def _versioned(version: str | None, action: str) -> str:

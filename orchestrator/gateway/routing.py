@@ -47,6 +47,9 @@ class Endpoint:
     api: str = "v2"
     #: The ``model`` an OpenAI request names at this endpoint (a vllm variant's served model name).
     served_model: str = ""
+    #: The v2 version the replica answers ``/versions/{v}`` for: the first 12 hex digits of
+    #: its model file's sha256 (as the agent and the Ray Serve app name it); "" = not known.
+    version: str = ""
 
 
 @dataclass(frozen=True)

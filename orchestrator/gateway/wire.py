@@ -44,7 +44,7 @@ def endpoint_to_json(e: routing.Endpoint) -> dict[str, Any]:
     return {"model": e.model, "deployment": e.deployment, "site": e.site, "tier": e.tier, "country": e.country,
             "region": e.region, "lat": e.lat, "lon": e.lon, "url": e.url, "healthy": e.healthy, "inflight": e.inflight,
             "allowedCountries": sorted(e.allowed_countries), "fallback": list(e.fallback), "api": e.api,
-            "servedModel": e.served_model}
+            "servedModel": e.served_model, "version": e.version}
 
 
 def endpoint_from_json(d: Mapping[str, Any]) -> routing.Endpoint:
@@ -54,7 +54,7 @@ def endpoint_from_json(d: Mapping[str, Any]) -> routing.Endpoint:
         healthy=bool(d.get("healthy", True)), inflight=int(d.get("inflight", 0)),
         allowed_countries=frozenset(str(c) for c in d.get("allowedCountries", ())),
         fallback=tuple(str(t) for t in d.get("fallback", ())), api=str(d.get("api", routing.API_V2)),
-        served_model=str(d.get("servedModel", "")),
+        served_model=str(d.get("servedModel", "")), version=str(d.get("version", "")),
     )
 
 
@@ -230,7 +230,8 @@ def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) ->
              "url": r.endpoint.url, "inferUrl": f"{r.endpoint.url}/v2/models/{r.endpoint.model}/infer",
              "expectedMs": round(r.expected_ms, 2), "deployment": r.endpoint.deployment, "api": r.endpoint.api,
              # OpenAI SDK base_url of a generative replica (whatever engine answers there)
-             **({"openaiUrl": f"{r.endpoint.url}/v1"} if r.endpoint.api == routing.API_OPENAI else {})}
+             **({"openaiUrl": f"{r.endpoint.url}/v1"} if r.endpoint.api == routing.API_OPENAI else {}),
+             **({"version": r.endpoint.version} if r.endpoint.version else {})}  # the v2 version it answers for
             for r in ranked
         ],
     }

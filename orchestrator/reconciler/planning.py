@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeplane_proto import oip
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import cascade_rules, routing
@@ -267,7 +268,8 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
             state = agent.models.get(d.spec.model) if agent else None
             if agent is None or state is None or not state.serving or state.deployment not in ("", d.name):
                 continue
-            out.append(routing.Endpoint(url=agent.endpoint_url.rstrip("/"), healthy=agent.healthy, inflight=agent.inflight, **common))
+            out.append(routing.Endpoint(url=agent.endpoint_url.rstrip("/"), healthy=agent.healthy, inflight=agent.inflight,
+                                        version=oip.model_version(state.serving_sha256), **common))
         else:
             dc = s.datacentres.get(site.name)
             app = dc.apps.get(app_name(site.name, d.name)) if dc else None

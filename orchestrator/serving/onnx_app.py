@@ -87,7 +87,7 @@ class OnnxModel:
     def __init__(self, artifact_uri: str, sha256: str, model_name: str) -> None:
         path = artifacts.fetch_verified(artifact_uri, sha256)
         self._model_name = model_name
-        self._version = sha256[:12]  # the version an edge agent gives the same file
+        self._version = oip.model_version(sha256)  # the version an edge agent gives the same file
         self._session = ort.InferenceSession(str(path), providers=_providers())
         self._inputs = [
             (i.name, ORT_DATATYPES.get(i.type, i.type), _dims(i.shape))

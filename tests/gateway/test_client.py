@@ -360,3 +360,37 @@ async def test_a_cascade_stage_s_500_escalates_without_ejecting_the_replica() ->
     finally:
         for server in (failing, dc):
             await server.shutdown(1)
+
+
+async def test_a_versioned_request_goes_to_the_replicas_that_hold_that_version() -> None:
+    """During a rollout the table knows each edge replica's version: a request for one goes
+    to the replicas that report it, however far down the ranking (the three nearest hold
+    the old one here), then to replicas whose version is not known; no replica holding it
+    is a 404 from the gateway naming the versions there are, without a call."""
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+
+    from orchestrator.gateway import endpoints, proxy, routing, upstream
+
+    old_servers = [await answering(404, {"error": "no such version"}) for _ in range(3)]
+    new, new_url = await v2_server("edge-far")
+    table = endpoints.EndpointTable()
+    table.replace([*(routing.Endpoint("m", "m", f"edge-{i}", "edge", "FR", "fr", 48.85, 2.35 + i / 100, url, version="aaaaaaaaaaaa")
+                     for i, (_, url) in enumerate(old_servers)),
+                   routing.Endpoint("m", "m", "edge-far", "edge", "DE", "de", 52.52, 13.40, new_url, version="bbbbbbbbbbbb")])
+    pool = upstream.UpstreamPool()
+    gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry()))
+    body = oip.encode_request({"input": np.ones((1, 4), dtype=np.float32)})[0]
+    try:
+        transport = httpx.ASGITransport(app=Starlette(routes=gateway.routes()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            resp = await http.post("/v2/models/m/versions/bbbbbbbbbbbb/infer", content=body, headers={"x-edgeplane-location": "48.85,2.35"})
+            assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-far", resp.text
+            resp = await http.post("/v2/models/m/versions/cccccccccccc/infer", content=body, headers={"x-edgeplane-location": "48.85,2.35"})
+            assert resp.status_code == 404, resp.text
+            assert resp.json()["error"] == "model 'm' has no version 'cccccccccccc' (versions served: aaaaaaaaaaaa, bbbbbbbbbbbb)"
+    finally:
+        await pool.close()
+        for server, _ in old_servers:
+            await server.shutdown(1)
+        await new.shutdown(1)

@@ -23,11 +23,14 @@ def fleet(n: int, rng: random.Random) -> list[routing.Endpoint]:
 
 
 def mutate(eps: list[routing.Endpoint], rng: random.Random, serial: list[int]) -> list[routing.Endpoint]:
-    """A random change as a fleet sees them: health flips, load, sites lost and added."""
+    """A random change as a fleet sees them: health flips, load, versions, sites lost and added."""
     out = list(eps)
     for _ in range(rng.randrange(1, 6)):
-        kind = rng.randrange(4)
-        if kind == 0 and out:
+        kind = rng.randrange(5)
+        if kind == 3 and out:  # a rollout reaches one replica
+            i = rng.randrange(len(out))
+            out[i] = dataclasses.replace(out[i], version=f"{rng.getrandbits(48):012x}")
+        elif kind == 0 and out:
             i = rng.randrange(len(out))
             out[i] = dataclasses.replace(out[i], healthy=not out[i].healthy)
         elif kind == 1 and out:
@@ -61,6 +64,7 @@ def test_deltas_applied_in_order_give_the_publishers_table_exactly() -> None:
         doc = orjson.loads(orjson.dumps(wire.delta_to_json(old, new)))  # as it travels
         mirror = wire.apply_delta(mirror, doc)
         assert mirror == new, step
+        assert [wire.endpoint_from_json(orjson.loads(orjson.dumps(wire.endpoint_to_json(e)))) for e in eps] == eps, step  # every field travels
         old = new
 
 
