@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, TypeVar
 import edge_agent
 from typing import TYPE_CHECKING
 
-from edge_agent import errors, registry
+from edge_agent import errors, refusals, registry
 from edge_agent.metrics import CONTENT_TYPE, AgentMetrics
 from edge_agent.httpserver import Request, Response, StreamingResponse
 
@@ -51,6 +51,7 @@ _BINARY_HEADER = oip.BINARY_HEADER.lower()  # as the HTTP server keeps header na
 class Refusal(NamedTuple):
     status: int  # the HTTP status; gRPC maps 404 to NOT_FOUND, 400 to INVALID_ARGUMENT, 503 to UNAVAILABLE
     message: str
+    code: str | None = None  # OpenAI's error code, for the /v1 routes
 
 
 #: Content-Encoding -> zlib window bits: the request compressions v2 clients send
@@ -61,21 +62,35 @@ _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 INFLATE_INLINE_MAX = 4096
 
 
-def _inflate(body: bytes, encoding: str, limit: int) -> bytes | Response:
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes | Refusal:
     """The body a compressed request stands for, never more than ``limit`` bytes of it."""
     wbits = _ENCODINGS.get(encoding)
     if wbits is None:
-        return _error(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)")
+        return Refusal(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)",
+                       "unsupported_content_encoding")
     inflater = zlib.decompressobj(wbits)
     try:
         data = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
-        return _error(400, f"body is not valid {encoding}: {exc}")
+        return Refusal(400, f"body is not valid {encoding}: {exc}", "invalid_content_encoding")
     if len(data) > limit:
-        return _error(413, f"request body exceeds {limit} bytes once inflated")
+        return Refusal(413, f"request body exceeds {limit} bytes once inflated", "request_too_large")
     if not inflater.eof or inflater.unused_data:
-        return _error(400, f"body is not valid {encoding}: truncated or followed by other data")
+        return Refusal(400, f"body is not valid {encoding}: truncated or followed by other data", "invalid_content_encoding")
     return data
+
+
+async def inflated(request: Request, limit: int) -> Request | Refusal:
+    """``request`` with its body as sent before its ``Content-Encoding`` (at most ``limit``
+    bytes of it), or why it cannot be had. Shared by the v2 and the /v1 routes."""
+    encoding = request.headers.get("content-encoding")
+    if encoding is None or (encoding := encoding.strip().lower()) == "identity":
+        return request
+    # zlib lets go of the GIL: a large body (up to --max-request-bytes inflated, ~0.3 s
+    # for 64 MiB) inflates on a thread while the loop answers others and heartbeats.
+    body = (_inflate(request.body, encoding, limit) if len(request.body) <= INFLATE_INLINE_MAX
+            else await asyncio.to_thread(_inflate, request.body, encoding, limit))
+    return body if isinstance(body, Refusal) else dataclasses.replace(request, body=body)
 
 
 def _error(status: int, message: str) -> Response:
@@ -88,7 +103,7 @@ def _json(obj: object, status: int = 200) -> Response:
 
 def model_version(served: registry.ServedModel) -> str:
     """The version a served model answers to: its artifact's digest, shortened (a new file is a new version)."""
-    return served.sha256[:12]
+    return oip.model_version(served.sha256)
 
 
 def _infer_sync(
@@ -155,11 +170,16 @@ class InferenceServer:
     async def handle(self, request: Request) -> Response | StreamingResponse:
         path = request.path
         if path.startswith("/v1/"):
-            if self.draining and request.method == "POST":
-                from edge_agent import openai_api
-
-                return Response(503, openai_api.error_body("the agent is draining", "server_error", None, "draining"),
-                                headers=(("retry-after", "1"),))
+            if request.method == "POST":
+                if self.draining:
+                    return Response(503, refusals.openai_error_body("the agent is draining", "server_error", None, "draining"),
+                                    headers=(("retry-after", "1"),))
+                if "content-encoding" in request.headers:
+                    plain = await inflated(request, self.max_body_bytes)
+                    if isinstance(plain, Refusal):
+                        self.metrics.observe_error(UNKNOWN_MODEL, plain.status)  # as a generation refused before its model is known
+                        return Response(plain.status, refusals.openai_error_body(plain.message, code=plain.code))
+                    request = plain
             return await self.generation.handle(request)
         fixed = self._fixed.get(path)
         if fixed is not None:
@@ -179,6 +199,8 @@ class InferenceServer:
                 if request.method != "GET":
                     return _not_allowed("GET")
                 return self.model_metadata(name, version) if action == "" else self.model_ready(name, version)
+        if refusals.speaks_openai(path):  # "/v1" itself
+            return await self.generation.handle(request)
         return _error(404, f"no such endpoint: {request.method} {path}")
 
     def live(self) -> Response:
@@ -275,16 +297,12 @@ class InferenceServer:
         if isinstance(served, Response):
             self.refused(name, served.status)
             return served
-        encoding = request.headers.get("content-encoding")
-        if encoding is not None and (encoding := encoding.strip().lower()) != "identity":
-            # zlib lets go of the GIL: a large body (up to --max-request-bytes inflated, ~0.3 s
-            # for 64 MiB) inflates on a thread while the loop answers others and heartbeats.
-            inflated = (_inflate(request.body, encoding, self.max_body_bytes) if len(request.body) <= INFLATE_INLINE_MAX
-                        else await asyncio.to_thread(_inflate, request.body, encoding, self.max_body_bytes))
-            if isinstance(inflated, Response):
-                self.metrics.observe_error(name, inflated.status)
-                return inflated
-            request = dataclasses.replace(request, body=inflated)
+        if "content-encoding" in request.headers:
+            plain = await inflated(request, self.max_body_bytes)
+            if isinstance(plain, Refusal):
+                self.metrics.observe_error(name, plain.status)
+                return _error(plain.status, plain.message)
+            request = plain
         header = request.headers.get(_BINARY_HEADER)
         header_length: int | None = None
         if header is not None:

@@ -12,7 +12,9 @@ handling:
 - limits: header bytes (431), body bytes (413, refused from ``Content-Length`` before the
   body is read), time to receive a whole request, idle keep-alive time;
 - malformed input gets a 400 and the connection is closed; a handler's exception a 500;
-  nothing a client sends stops the server;
+  nothing a client sends stops the server. These errors are shaped for the API the request
+  was for (``edge_agent.refusals``: OpenAI's error object under ``/v1``), and a body still on
+  its way when refused is read and dropped before the close, so the client reads its answer;
 - write flow control (a client that does not read does not grow our buffers without
   bound) and a graceful shutdown that lets in-flight requests finish.
 
@@ -25,7 +27,8 @@ body of up to a few MiB that has arrived is read whole (a request of a batch of 
 1,024 float32 values took two reads and two turns of the loop with asyncio's own 256 KiB).
 
 A stream whose items are made on another thread (a generation's tokens) may write them
-itself (:class:`Passthrough`) instead of waking the event loop for each one.
+itself (:class:`Passthrough`, in ``edge_agent.httpstream``) instead of waking the event loop
+for each one.
 """
 
 from __future__ import annotations
@@ -35,12 +38,10 @@ import collections
 import contextlib
 import logging
 import mmap
-import os
 import socket
-import threading
 import types
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, cast
@@ -48,8 +49,9 @@ from typing import Any, cast
 import httptools
 
 import edge_agent
-
-from edgeplane_proto.oip import error_body
+from edge_agent import refusals
+# Streamed answers are their own module; handlers and tests know them by these names too.
+from edge_agent.httpstream import LAST_CHUNK, Passthrough, StreamingResponse, encode_chunk
 
 log = logging.getLogger(__name__)
 
@@ -69,116 +71,6 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = field(default=())
-
-
-@dataclass(frozen=True)
-class StreamingResponse:
-    """A response whose body is produced while it is sent (server-sent events).
-
-    It goes out with ``transfer-encoding: chunked``, one chunk per item of ``chunks``, each
-    written as soon as it is produced (no buffering) and only once the transport has room
-    (a client that does not read holds the producer back instead of growing our buffers).
-    When the client goes away the iterator is closed at once (``aclose``: its ``finally``
-    blocks run), which is how a generation learns that nobody is listening any more.
-    """
-
-    status: int
-    chunks: AsyncIterator[bytes]
-    content_type: str = "text/event-stream"
-    headers: tuple[tuple[str, str], ...] = field(default=())
-    # Called once the head is out with the stream's Passthrough, for a producer whose
-    # items are made on another thread.
-    passthrough: Callable[[Passthrough], None] | None = None
-
-
-class Passthrough:
-    """A stream's socket, lent to the thread that produces its items while the server waits
-    for the next item and has nothing of the stream buffered.
-
-    Handing each item to the event loop costs a wake-up of the loop per item, and a thread
-    that holds the GIL through its work (onnxruntime-genai's step does) makes that wake-up
-    a hand-over of the interpreter between two threads: measured, that was most of what a
-    streamed generation lost against a bare generation loop. With a Passthrough the
-    producing thread writes an item as one chunk with one non-blocking ``send``, and the
-    loop is not involved at all.
-
-    :meth:`send` is called with :attr:`lock` held, so that a producer can decide atomically
-    between sending an item here and queueing it for the loop. It returns False when the
-    item was not taken: the socket is not lent (the server is writing, the transport holds
-    unsent bytes, the connection is closing), or the client's buffer is full. The item then
-    goes through the stream as usual, where back-pressure, the write timeout and disconnects
-    are handled; the socket stays with the loop until it lends it again. Bytes of an item
-    that did not all go out are written by the loop before anything else of the stream.
-
-    The thread writes through its own duplicate of the socket's descriptor, so a
-    connection the loop closes meanwhile can never make it write to another client that
-    was given the same descriptor number; the duplicate is closed as soon as the stream
-    ends or the connection closes.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport) -> None:
-        self.lock = threading.Lock()
-        self._loop = loop
-        self._transport = transport
-        raw = transport.get_extra_info("socket")
-        self._sock: socket.socket | None = None
-        try:
-            self._sock = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None else None
-        except OSError as exc:  # out of descriptors: the stream is written by the loop alone
-            log.warning("a stream's items go through the event loop: %s", exc)
-        self._lent = False
-        self._owed = b""
-        self.items = 0  # items the producing thread wrote itself
-
-    def send(self, data: bytes) -> bool:
-        """Write ``data`` as one chunk now; False if it was not taken (see the class). Any
-        thread, with :attr:`lock` held."""
-        sock = self._sock
-        if not self._lent or sock is None or self._transport.get_write_buffer_size():
-            return False
-        frame = encode_chunk(data)
-        try:
-            sent = sock.send(frame, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except OSError:  # the client's buffer is full, or the client is gone: the loop handles both
-            sent = 0
-        if sent == 0:
-            self._lent = False
-            return False
-        self.items += 1
-        if sent < len(frame):
-            self._lent = False
-            self._owed = frame[sent:]
-            self._loop.call_soon_threadsafe(self._pay)
-        return True
-
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    # -- the event loop's side ---------------------------------------------------------------
-
-    def lend(self) -> None:
-        with self.lock:
-            self._lent = self._sock is not None and not self._owed
-
-    def take_back(self) -> None:
-        """The server is about to write: the thread may not any more, and what it left is written first."""
-        with self.lock:
-            self._lent = False
-        self._pay()
-
-    def _pay(self) -> None:
-        with self.lock:
-            owed, self._owed = self._owed, b""
-        if owed and not self._transport.is_closing():
-            self._transport.write(owed)
-
-    def close(self) -> None:
-        with self.lock:
-            self._lent = False
-            sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
 
 
 Handler = Callable[[Request], Awaitable["Response | StreamingResponse"]]
@@ -232,24 +124,22 @@ def encode_stream_head(response: StreamingResponse, keep_alive: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def encode_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-LAST_CHUNK = b"0\r\n\r\n"
-
-
-def _error(status: int, message: str) -> Response:
-    return Response(status, error_body(message))
+def _error(status: int, message: str, code: str, path: str | None) -> Response:
+    """An error the server answers itself, shaped for the API of ``path`` (see ``refusals``)."""
+    return Response(status, refusals.error_body(status, message, code, path))
 
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Refused(Exception):
-    def __init__(self, response: Response) -> None:
+    """Raised in a parser callback: answer ``response`` and close. ``drain``: the client may
+    still be sending the request (see ``_Connection._close_refused``)."""
+
+    def __init__(self, response: Response, drain: bool = False) -> None:
         super().__init__(response.status)
         self.response = response
+        self.drain = drain
 
 
 def _start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -303,6 +193,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._in_message = False
         self._continue_owed = False  # a 100 Continue to send once earlier answers are out
         self._last_words: Response | None = None  # a refusal waiting for earlier answers
+        self._drain_after = False  # ... and whether to drain the refused request once it is out
         self._passthrough: Passthrough | None = None  # the socket lent to a stream's thread
         self._reset()
 
@@ -346,14 +237,19 @@ class _Connection(asyncio.BufferedProtocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             last = self._queue[-1][0] if self._queue else None
+            path = self._target()
             if last is not None and ("upgrade" in last.headers or last.method == "CONNECT"):
                 self._queue.pop()  # the parser completed the upgrade request: it is not served
                 self._server.pending -= 1
-            self._refuse(_error(400, "protocol upgrades are not supported"))
+                path = last.path
+            self._refuse(_error(400, "protocol upgrades are not supported", "upgrade_not_supported", path))
         except httptools.HttpParserError as exc:
             # httptools wraps what a callback raised; a refusal carries its own answer
             cause = exc.__context__
-            self._refuse(cause.response if isinstance(cause, _Refused) else _error(400, f"malformed HTTP request: {exc}"))
+            if isinstance(cause, _Refused):
+                self._refuse(cause.response, drain=cause.drain)
+            else:
+                self._refuse(_error(400, f"malformed HTTP request: {exc}", "malformed_request", self._target()))
         # Answering starts once the whole read is parsed, so the handler sees every request
         # that arrived with this one (``HttpServer.pending``).
         if self._queue and (self._worker is None or self._worker.done()):
@@ -383,7 +279,7 @@ class _Connection(asyncio.BufferedProtocol):
     def on_headers_complete(self) -> None:
         declared = self._headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._limits.max_body_bytes:
-            raise _Refused(_error(413, f"request body exceeds {self._limits.max_body_bytes} bytes"))
+            raise self._too_large()
         if self._headers.get("expect", "").lower() == "100-continue":
             if self.idle:
                 self._write(_CONTINUE)
@@ -393,7 +289,7 @@ class _Connection(asyncio.BufferedProtocol):
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
         if self._body_bytes > self._limits.max_body_bytes:
-            raise _Refused(_error(413, f"request body exceeds {self._limits.max_body_bytes} bytes"))
+            raise self._too_large()
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -404,7 +300,7 @@ class _Connection(asyncio.BufferedProtocol):
             try:
                 parsed = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
-                raise _Refused(_error(400, "malformed request target")) from None
+                raise _Refused(_error(400, "malformed request target", "malformed_request", self._target())) from None
             path = urllib.parse.unquote((parsed.path or b"/").decode("latin-1"))
             query = (parsed.query or b"").decode("latin-1")
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
@@ -438,7 +334,7 @@ class _Connection(asyncio.BufferedProtocol):
                 raise
             except Exception:
                 log.exception("%s %s failed", request.method, request.path)
-                response = _error(500, "internal error")
+                response = _error(500, "internal error", "internal_error", request.path)
             finally:
                 self._server.pending -= 1
             keep_alive = keep_alive and not self._server.stopping
@@ -460,7 +356,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if self._last_words is not None:
             self._write(encode(self._last_words, keep_alive=False))
-            self.close()
+            self._close_refused(self._drain_after)
         elif self._continue_owed:
             self._continue_owed = False
             self._write(_CONTINUE)
@@ -533,19 +429,47 @@ class _Connection(asyncio.BufferedProtocol):
     def idle(self) -> bool:
         return not self._queue and (self._worker is None or self._worker.done())
 
-    def _refuse(self, response: Response) -> None:
+    def _refuse(self, response: Response, drain: bool = False) -> None:
         """Answer an unusable request and close: what follows on the wire is unreadable.
         Requests before it that are still being answered get their answers first."""
         if self._closing or self._last_words is not None:
             return
         if not self.idle:
-            self._last_words = response
+            self._last_words, self._drain_after = response, drain
             self._disarm()
             if self._transport is not None:
                 self._transport.pause_reading()
             return
         self._write(encode(response, keep_alive=False))
-        self.close()
+        self._close_refused(drain)
+
+    def _close_refused(self, drain: bool) -> None:
+        """Close once a refusal is written. ``drain``: the client may still be sending the
+        refused request (a head or body over the limit), and an HTTP/1.1 client reads no answer
+        before it has sent its whole request. Closed with bytes of it unread, the socket
+        would reset the connection, and the reset takes the refusal with it: the client
+        sees a dropped connection (a retry, for OpenAI's SDK) instead of a 413. So the
+        answer is followed by our end of the stream, and what still comes is read and
+        dropped (``received`` drops all once closing) until the client closes, for
+        ``request_timeout`` at most."""
+        transport = self._transport
+        if not drain or transport is None or self._closing:
+            self.close()
+            return
+        self._closing = True  # nothing more is parsed or written
+        transport.resume_reading()
+        self._reading = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._arm(self._limits.request_timeout)
+
+    def _target(self) -> str | None:
+        """The path of the request being received, as far as it came (for a refusal's shape)."""
+        return refusals.target_path(self._url) if self._in_message else None
+
+    def _too_large(self) -> _Refused:
+        return _Refused(_error(413, f"request body exceeds {self._limits.max_body_bytes} bytes", "request_too_large",
+                               self._target()), drain=True)
 
     def _write(self, data: bytes) -> None:
         if self._transport is not None and not self._closing:
@@ -574,7 +498,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > self._limits.max_header_bytes:
-            raise _Refused(_error(431, f"request head exceeds {self._limits.max_header_bytes} bytes"))
+            raise _Refused(_error(431, f"request head exceeds {self._limits.max_header_bytes} bytes", "request_head_too_large",
+                                  self._target()), drain=True)
 
     def _arm(self, seconds: float) -> None:
         """Time the connection out ``seconds`` from now. A timer already set to fire no
@@ -606,10 +531,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._timer = self._loop.call_at(self._deadline, self._expired)
             return
         self._deadline = None
-        if self.idle and not self._in_message:
-            self.close()  # an idle keep-alive connection: just close
+        if self._closing or (self.idle and not self._in_message):
+            self.close()  # a refused request drained long enough, or an idle keep-alive connection: just close
         else:
-            self._refuse(_error(408, "request not received in time"))
+            self._refuse(_error(408, "request not received in time", "request_timeout", self._target()))
 
 
 class HttpServer:

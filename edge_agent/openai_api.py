@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from edge_agent import refusals
 from edge_agent.runtime.genai import SamplingOptions
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -72,8 +73,8 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+#: OpenAI's error object (one definition, shared with the HTTP server's own refusals).
+error_body = refusals.openai_error_body
 
 
 def _bad(param: str, message: str, code: str | None = None) -> ApiError:

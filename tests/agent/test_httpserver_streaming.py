@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from edge_agent import httpserver
+from edge_agent import httpserver, httpstream
 from edge_agent.httpserver import Request, Response, StreamingResponse
 
 CHUNK = 64 * 1024
@@ -273,7 +273,7 @@ async def test_without_a_descriptor_to_lend_the_loop_writes_the_whole_stream(mon
     def no_descriptors(fd: int) -> int:
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(httpserver.os, "dup", no_descriptors)
+    monkeypatch.setattr(httpstream.os, "dup", no_descriptors)
     server, streams, port = await start()
     try:
         reader, writer, passthrough = await open_lent(port, streams)
