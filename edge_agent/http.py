@@ -21,7 +21,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, NamedTuple, TypeVar
@@ -35,6 +34,7 @@ from edge_agent.httpserver import Request, Response, StreamingResponse
 
 if TYPE_CHECKING:
     from edge_agent import generation
+from edgeplane_proto import encoding as encoding_mod
 from edgeplane_proto import oip
 
 log = logging.getLogger(__name__)
@@ -54,43 +54,24 @@ class Refusal(NamedTuple):
     code: str | None = None  # OpenAI's error code, for the /v1 routes
 
 
-#: Content-Encoding -> zlib window bits: the request compressions v2 clients send
-#: (tritonclient's ``request_compression_algorithm``); "deflate" is the zlib format.
-_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 #: A compressed body up to this size is inflated on the event loop (a few milliseconds at
 #: most, whatever its ratio); a larger one on a thread.
 INFLATE_INLINE_MAX = 4096
-
-
-def _inflate(body: bytes, encoding: str, limit: int) -> bytes | Refusal:
-    """The body a compressed request stands for, never more than ``limit`` bytes of it."""
-    wbits = _ENCODINGS.get(encoding)
-    if wbits is None:
-        return Refusal(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)",
-                       "unsupported_content_encoding")
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        return Refusal(400, f"body is not valid {encoding}: {exc}", "invalid_content_encoding")
-    if len(data) > limit:
-        return Refusal(413, f"request body exceeds {limit} bytes once inflated", "request_too_large")
-    if not inflater.eof or inflater.unused_data:
-        return Refusal(400, f"body is not valid {encoding}: truncated or followed by other data", "invalid_content_encoding")
-    return data
 
 
 async def inflated(request: Request, limit: int) -> Request | Refusal:
     """``request`` with its body as sent before its ``Content-Encoding`` (at most ``limit``
     bytes of it), or why it cannot be had. Shared by the v2 and the /v1 routes."""
     encoding = request.headers.get("content-encoding")
-    if encoding is None or (encoding := encoding.strip().lower()) == "identity":
+    if encoding is None or encoding_mod.is_identity(encoding):
         return request
     # zlib lets go of the GIL: a large body (up to --max-request-bytes inflated, ~0.3 s
     # for 64 MiB) inflates on a thread while the loop answers others and heartbeats.
-    body = (_inflate(request.body, encoding, limit) if len(request.body) <= INFLATE_INLINE_MAX
-            else await asyncio.to_thread(_inflate, request.body, encoding, limit))
-    return body if isinstance(body, Refusal) else dataclasses.replace(request, body=body)
+    body = (encoding_mod.inflate(request.body, encoding, limit) if len(request.body) <= INFLATE_INLINE_MAX
+            else await asyncio.to_thread(encoding_mod.inflate, request.body, encoding, limit))
+    if isinstance(body, encoding_mod.Refused):
+        return Refusal(*body)
+    return dataclasses.replace(request, body=body)
 
 
 def _error(status: int, message: str) -> Response:

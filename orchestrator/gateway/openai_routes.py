@@ -47,6 +47,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
 from orchestrator.gateway import cascade_rules, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway
@@ -59,6 +60,8 @@ SDK_PREFIX = "/v1"
 SDK_PATHS = (f"{SDK_PREFIX}/models", f"{SDK_PREFIX}/chat/completions", f"{SDK_PREFIX}/completions")
 FORWARD_HEADERS = ("content-type", "accept")
 SSE_DONE = b"data: [DONE]\n\n"
+#: A compressed body up to this size is inflated on the event loop, a larger one on a thread.
+INFLATE_INLINE_MAX = 4096
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -231,6 +234,13 @@ class OpenAIGateway:
             return error(413, str(exc))
         except ClientDisconnect:  # nobody is left to read the answer
             return error(400, "the client went away before the whole body arrived")
+        encoding = request.headers.get("content-encoding")
+        if not encoding_mod.is_identity(encoding):  # inflated here: the body is read, changed and sent on plain
+            assert encoding is not None
+            plain = await _inflate(raw, encoding, self.gw.max_body)
+            if isinstance(plain, encoding_mod.Refused):
+                return error(plain.status, plain.message, code=plain.code)
+            raw = plain
         try:
             body = json.loads(raw)
         except ValueError as exc:  # not UTF-8 either
@@ -461,6 +471,13 @@ async def _events(resp: Stream, first_timeout: float, idle_timeout: float) -> As
         if cut >= 0:
             whole, tail = tail[: cut + 2], tail[cut + 2:]
             yield whole
+
+
+async def _inflate(raw: bytes, encoding: str, limit: int) -> bytes | encoding_mod.Refused:
+    """A compressed body, inflated; on a thread when large (zlib lets go of the GIL)."""
+    if len(raw) <= INFLATE_INLINE_MAX:
+        return encoding_mod.inflate(raw, encoding, limit)
+    return await asyncio.to_thread(encoding_mod.inflate, raw, encoding, limit)
 
 
 async def _send_whole(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:

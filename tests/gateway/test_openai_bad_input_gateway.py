@@ -11,8 +11,11 @@ One real control plane, one real agent process (Paris) serving the tiny generati
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import logging
 import urllib.parse
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -167,6 +170,24 @@ async def test_bodies_the_gateway_reads_itself(fleet: harness.Fleet, gateway: ga
             assert null.status_code == 200 and null.json()["usage"]["completion_tokens"] == 2, null.text
             huge = await http.post(f"{base}/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "x" * (17 << 20)}]})
             assert error_of(huge, 413)["message"] == "request body is larger than 16 MiB"
+
+
+async def test_a_compressed_body_is_inflated_as_the_agent_does(fleet: harness.Fleet, gateway: gatewayd.StandaloneGateway) -> None:
+    """gzip and deflate bodies are read as the agent reads them, under the same limit; an
+    encoding the gateway cannot read is a 415, a damaged body a 400, a bomb a 413."""
+    plain = json.dumps(CHAT).encode()
+    for base in bases(fleet, gateway).values():
+        async with httpx.AsyncClient(timeout=60) as http:
+            for encoding, body in (("gzip", gzip.compress(plain)), ("deflate", zlib.compress(plain)), ("identity", plain)):
+                resp = await http.post(f"{base}/chat/completions", content=body,
+                                       headers={"content-type": "application/json", "content-encoding": encoding})
+                assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 2, (encoding, resp.text)
+            for encoding, body, status, code in (("br", plain, 415, "unsupported_content_encoding"),
+                                                 ("gzip", gzip.compress(plain)[:-9], 400, "invalid_content_encoding"),
+                                                 ("deflate", zlib.compress(bytes(17 << 20)), 413, "request_too_large")):
+                resp = await http.post(f"{base}/chat/completions", content=body,
+                                       headers={"content-type": "application/json", "content-encoding": encoding})
+                assert error_of(resp, status)["code"] == code, (encoding, resp.text)
 
 
 @pytest.mark.parametrize(("extra", "param"), [
