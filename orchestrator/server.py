@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.responses import FileResponse, JSONResponse
@@ -63,6 +62,7 @@ from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
+from orchestrator.simulation import budget as sim_budget
 from orchestrator.store import is_postgres_url, open_store
 from orchestrator.store import sqlite as store_mod
 
@@ -131,6 +131,8 @@ class ServerConfig:
     leader_lease_s: float = 3.0  # shared database: the leader lease's time to live (renewed every third of it)
     store_poll_s: float = 1.0  # shared database: read what other replicas wrote at least this often (notifications come sooner)
     peer_address: str | None = None  # host:port other replicas dial to relay agents here; default: the agent listener
+    simulation_slots: int = 1  # what-ifs planned at once (POST /v1/simulate); one more is answered 429
+    simulation_budget: int = sim_budget.DEFAULT_BUDGET  # units of planning one what-if may take (simulation/budget.py)
 
 
 class StoreJoinAuthenticator:
@@ -191,6 +193,7 @@ class ControlPlane:
     store: store_mod.Store = field(init=False)
     authenticator: auth.Authenticator = field(init=False)
     registry: CollectorRegistry = field(init=False)
+    simulations: simulate_api.Simulations = field(init=False)
     hub: hub_mod.AgentHub = field(init=False)
     table: endpoints_mod.EndpointTable = field(init=False)
     reconciler: Reconciler = field(init=False)
@@ -228,6 +231,8 @@ class ControlPlane:
         cfg = self.config
         if cfg.auth not in ("none", "token"):
             raise ConfigError("--auth must be 'none' or 'token'")
+        if cfg.simulation_slots < 1 or cfg.simulation_budget < 1:
+            raise ConfigError("--simulations and --simulate-budget must be 1 or more")
         wrong = gateway_options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s)
         if wrong:
             raise ConfigError(wrong)
@@ -248,6 +253,7 @@ class ControlPlane:
         self.authenticator = auth.Authenticator(self.store, required=cfg.auth == "token")
         self.registry = CollectorRegistry()
         self.registry.register(_FleetCollector(self))
+        self.simulations = simulate_api.Simulations(cfg.simulation_slots, cfg.simulation_budget, self.registry)
         self.table = endpoints_mod.EndpointTable()
         self.hub = hub_mod.AgentHub(
             StoreJoinAuthenticator(self.store, cfg.bootstrap_tokens),
@@ -655,8 +661,8 @@ class ControlPlane:
         return {"items": self.cascades.stats.snapshot(self.table.cascades)}
 
     async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
-        # The store is read here, on the loop; the planning runs off it so the gateway keeps answering.
-        return await run_in_threadpool(simulate_api.run, self.reconciler.current(), body, each, top)
+        # The store is read on the loop once a slot is free; the planning runs off it so the gateway keeps answering.
+        return await self.simulations.run(self.reconciler.current, body, each, top)
 
     def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":
@@ -766,6 +772,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cold_start_timeout_s=args.cold_start_timeout,
         local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
         store=args.store, leader_lease_s=args.leader_lease, store_poll_s=args.store_poll, peer_address=args.peer_address,
+        simulation_slots=args.simulations,
+        simulation_budget=args.simulate_budget if args.simulate_budget is not None else sim_budget.DEFAULT_BUDGET,
     )
 
 

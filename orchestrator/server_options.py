@@ -70,6 +70,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-token", action="append", default=[], help="a static agent bootstrap token (repeatable; also $EDGEPLANE_BOOTSTRAP_TOKEN): it never expires "
                         "and has no ID to revoke; prefer 'edgeplane token create --role agent' (docs/security.md)")
     gateway_options.add_arguments(p)
+    p.add_argument("--simulations", type=argtypes.whole_number(1, 64), default=1, metavar="N",
+                   help="what-ifs (POST /v1/simulate) planned at once; one more is answered 429 (default 1)")
+    p.add_argument("--simulate-budget", type=argtypes.whole_number(1), metavar="UNITS",
+                   help="planning one what-if may take, in sites visited by planner runs (docs/simulation.md); a larger "
+                        "one is refused before it starts [300,000,000: a region sweep of 10,000 sites, about a minute of one core]")
     p.add_argument("--local-ray-cpus", type=argtypes.whole_number(1), metavar="N", help="CPUs the embedded Ray (sites with ray.address: local) offers [all]")
     p.add_argument("--local-ray-gpus", type=argtypes.whole_number(0), metavar="N",
                    help="GPUs the embedded Ray declares [those it finds]; on a machine without any, a number lets replicas "

@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
 from orchestrator.api import auth, bodies, methods
+from orchestrator.api import simulate as simulate_api
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
 from orchestrator.manifests import loader
@@ -234,8 +235,12 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return error(400, "top must be an integer")
         try:
             return JSONResponse(await services.simulate(body, q.get("each"), top))
-        except ScenarioError as exc:
+        except ScenarioError as exc:  # a budget refusal too: the scenario asks too much, say how to narrow it
             return error(422, str(exc))
+        except simulate_api.Busy as exc:  # refused, not queued: the caller retries
+            busy = error(429, str(exc))
+            busy.headers["retry-after"] = str(exc.retry_after_s)
+            return busy
 
     async def controlplane(request: Request, caller: auth.Caller) -> Response:
         return JSONResponse(services.leadership_view())

@@ -5,17 +5,37 @@ capacity and health, the stored placement as today's plan, the autoscaler's coun
 handed to the pure simulation; nothing is written anywhere. The body is a scenario
 document (YAML or JSON, see docs/simulation.md); ``?each=site|region`` runs an N-1 sweep
 instead, ``?top=N`` keeps the N worst.
+
+A read token is enough to ask, and the planning shares the control plane's cores with the
+reconciler and the gateway, so :class:`Simulations` bounds it: a few at once (one by
+default; another is refused with :class:`Busy`, never queued) and each within a work
+budget counted before any planning (``simulation.budget``).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from starlette.concurrency import run_in_threadpool
 
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
-from orchestrator.simulation import report, scenario, sweep, whatif
+from orchestrator.simulation import budget, report, scenario, sweep, whatif
 
 SWEEPS = ("site", "region")
+
+#: Seconds a refused caller is told to wait: most what-ifs take a second or two (the largest
+#: the default budget lets through, about a minute).
+RETRY_AFTER_S = 5
+
+
+class Busy(Exception):
+    """Every simulation slot of this control plane is taken (answered 429)."""
+
+    retry_after_s = RETRY_AFTER_S
 
 
 def state_of(s: snap.Snapshot) -> whatif.State:
@@ -24,14 +44,55 @@ def state_of(s: snap.Snapshot) -> whatif.State:
     return whatif.State(tuple(sites), tuple(deployments), tuple(current))
 
 
-def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None = None) -> dict[str, Any]:
+def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None = None,
+        work_budget: int | None = None) -> dict[str, Any]:
     """The report of one scenario, or of a sweep of the fleet as the scenario leaves it;
-    raises ``scenario.ScenarioError``."""
+    raises ``scenario.ScenarioError`` (``budget.TooMuchWork`` over ``work_budget``, before
+    any planning; None: no budget)."""
+    return answer(state_of(s), body, each, top, work_budget)
+
+
+def answer(state: whatif.State, body: bytes, each: str | None = None, top: int | None = None,
+           work_budget: int | None = None) -> dict[str, Any]:
+    """:func:`run` of the planner's inputs themselves."""
     if each and each not in SWEEPS:
         raise scenario.ScenarioError(f"each must be one of {', '.join(SWEEPS)}")
     if top is not None and top < 1:  # a slice by 0 or less would keep all, or drop the last
         raise scenario.ScenarioError(f"top must be 1 or more (how many of the most harmful to keep), not {top}")
-    state, changes = state_of(s), scenario.load_text(body, "<request>")
+    changes = scenario.load_text(body, "<request>")
+    whatif.check(state, changes)  # a typo is named before the work is counted
+    if work_budget is not None:
+        budget.check(state, changes, each, work_budget)
     if each:
         return report.sweep_result(sweep.sweep_under(state, each, changes), top)  # type: ignore[arg-type]
     return report.report(whatif.simulate(state, changes))
+
+
+class Simulations:
+    """The control plane's what-ifs: at most ``slots`` at once, each within ``work_budget``.
+
+    ``plan`` is what runs in a slot (``run``; a test passes one it can hold)."""
+
+    def __init__(self, slots: int = 1, work_budget: int = budget.DEFAULT_BUDGET,
+                 registry: CollectorRegistry | None = None, plan: Callable[..., dict[str, Any]] = run) -> None:
+        self.work_budget = work_budget
+        self.plan = plan
+        self._slots = threading.BoundedSemaphore(slots)
+        self.refused = Counter("edgeplane_simulations_refused", "What-ifs refused before planning, by reason (busy, budget)",
+                               ["reason"], registry=registry)
+
+    async def run(self, read: Callable[[], snap.Snapshot], body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
+        """``plan`` of the state ``read`` returns, in a free slot and off the event loop;
+        ``Busy`` when no slot is free (before reading anything)."""
+        if not self._slots.acquire(blocking=False):
+            self.refused.labels("busy").inc()
+            raise Busy(f"a simulation is already running on this control plane; retry in {RETRY_AFTER_S} s")
+        try:
+            # A cancelled request waits for the thread to end (anyio does not abandon it),
+            # so the slot is free only once the planning is over.
+            return await run_in_threadpool(self.plan, read(), body, each, top, self.work_budget)
+        except budget.TooMuchWork:
+            self.refused.labels("budget").inc()
+            raise
+        finally:
+            self._slots.release()

@@ -97,8 +97,9 @@ def check(state: State, changes: Changes) -> None:
     """Refuse a scenario that names what the fleet does not have (a typo must not look safe)."""
     names = {s.name for s in state.sites}
     regions = {s.region for s in state.sites} | {s.region for s in changes.added}
+    named = names | {s.name for s in changes.added}  # built once: a scenario may name many sites
     for name in sorted(changes.fail_sites | set(changes.edits)):
-        if name not in names and name not in {s.name for s in changes.added}:
+        if name not in named:
             raise ScenarioError(f"site {name!r} is not in the fleet")
     for region in sorted(changes.fail_regions):
         if region not in regions:
@@ -107,9 +108,13 @@ def check(state: State, changes: Changes) -> None:
     for scale in changes.demand:
         if scale.region is not None and scale.region not in demand_regions | regions:
             raise ScenarioError(f"demand region {scale.region!r} is neither a site region nor a deployment's demand region")
+    added: set[str] = set()
     for site in changes.added:
         if site.name in names:
             raise ScenarioError(f"added site {site.name!r} is already in the fleet")
+        if site.name in added:  # an aliased site repeated, say: one name, one site
+            raise ScenarioError(f"added site {site.name!r} is given twice")
+        added.add(site.name)
 
 
 def apply_changes(state: State, changes: Changes) -> tuple[tuple[sched.Site, ...], tuple[sched.Deployment, ...]]:
