@@ -167,12 +167,13 @@ class ControlPlane:
         return f"127.0.0.1:{self.server.port}"
 
 
-async def start_control_plane(port: int = 0, missed: int = 3, reconnect_grace: float = hub.RECONNECT_GRACE_S) -> ControlPlane:
+async def start_control_plane(port: int = 0, missed: int = 3, reconnect_grace: float = hub.RECONNECT_GRACE_S,
+                              heartbeat_interval: float = 0.2) -> ControlPlane:
     events = EventLog()
     agent_hub = hub.AgentHub(
         auth.InMemoryJoinAuthenticator([TOKEN]),
         on_change=events,
-        heartbeat_interval=0.2,
+        heartbeat_interval=heartbeat_interval,
         missed_heartbeats=missed,
         reconnect_grace=reconnect_grace,
     )

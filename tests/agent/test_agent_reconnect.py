@@ -34,11 +34,11 @@ def delays_after_joins(records: list[logging.LogRecord]) -> list[float]:
 
 
 async def restart_after_each_join(make_agent: MakeAgent, caplog: pytest.LogCaptureFixture, connected_s: float,
-                                  restarts: int = RESTARTS) -> list[float]:
+                                  restarts: int = RESTARTS, heartbeat_s: float = HEARTBEAT_S) -> list[float]:
     """Restart the control plane ``restarts`` times, each ``connected_s`` after the agent
     joined it; the reconnect delays that followed the joins."""
     caplog.set_level(logging.INFO, logger="edge_agent.uplink")
-    cp = await start_control_plane()
+    cp = await start_control_plane(heartbeat_interval=heartbeat_s)
     port = cp.server.port
     await make_agent(cp)
     try:
@@ -46,7 +46,7 @@ async def restart_after_each_join(make_agent: MakeAgent, caplog: pytest.LogCaptu
             await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED and e.site == SITE)
             await asyncio.sleep(connected_s)  # the rule is about how long the session lasted
             await cp.server.stop(grace=None)
-            cp = await start_control_plane(port)
+            cp = await start_control_plane(port, heartbeat_interval=heartbeat_s)
         await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED and e.site == SITE)
     finally:
         await cp.server.stop(grace=None)
@@ -66,6 +66,7 @@ async def test_a_control_plane_that_drops_every_session_at_once_is_backed_off_fr
         make_agent: MakeAgent, caplog: pytest.LogCaptureFixture) -> None:
     """A crash loop right after each join: were every answered join to start the ladder over,
     a fleet would rejoin it twice a second per agent."""
-    # the third delay is at least twice the first step, even with the most jitter
-    delays = await restart_after_each_join(make_agent, caplog, connected_s=0.0, restarts=3)
+    # the third delay is at least twice the first step, even with the most jitter; a long
+    # heartbeat interval keeps each session shorter than one however slow the machine is
+    delays = await restart_after_each_join(make_agent, caplog, connected_s=0.0, restarts=3, heartbeat_s=3.0)
     assert delays[-1] > round(RECONNECT.initial, 1), delays
