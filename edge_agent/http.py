@@ -159,7 +159,8 @@ class InferenceServer:
                     plain = await inflated(request, self.max_body_bytes)
                     if isinstance(plain, Refusal):
                         self.metrics.observe_error(UNKNOWN_MODEL, plain.status)  # as a generation refused before its model is known
-                        return Response(plain.status, refusals.openai_error_body(plain.message, code=plain.code))
+                        return Response(plain.status, refusals.openai_error_body(plain.message, code=plain.code),
+                                        headers=tuple(encoding_mod.refusal_headers(plain.status).items()))
                     request = plain
             return await self.generation.handle(request)
         fixed = self._fixed.get(path)
@@ -282,7 +283,7 @@ class InferenceServer:
             plain = await inflated(request, self.max_body_bytes)
             if isinstance(plain, Refusal):
                 self.metrics.observe_error(name, plain.status)
-                return _error(plain.status, plain.message)
+                return Response(plain.status, oip.error_body(plain.message), headers=tuple(encoding_mod.refusal_headers(plain.status).items()))
             request = plain
         header = request.headers.get(_BINARY_HEADER)
         header_length: int | None = None

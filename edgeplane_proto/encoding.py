@@ -23,6 +23,15 @@ class Refused(NamedTuple):
     code: str
 
 
+#: The ``Accept-Encoding`` a 415 carries, naming the codings a body may have (RFC 9110, 15.5.16)
+ACCEPTED = "gzip, deflate"
+
+
+def refusal_headers(status: int) -> dict[str, str]:
+    """The headers of a refused compressed body's answer."""
+    return {"accept-encoding": ACCEPTED} if status == 415 else {}
+
+
 def is_identity(encoding: str | None) -> bool:
     """Whether a ``Content-Encoding`` header leaves the body as it is."""
     return encoding is None or encoding.strip().lower() in ("", "identity")

@@ -239,7 +239,7 @@ class OpenAIGateway:
             assert encoding is not None
             plain = await _inflate(raw, encoding, self.gw.max_body)
             if isinstance(plain, encoding_mod.Refused):
-                return error(plain.status, plain.message, code=plain.code)
+                return error(plain.status, plain.message, code=plain.code, headers=encoding_mod.refusal_headers(plain.status))
             raw = plain
         try:
             body = json.loads(raw)

@@ -180,6 +180,8 @@ class Gateway:
             binary = upstream_headers.get(oip.BINARY_HEADER.lower())
             if binary is not None:
                 out_headers[oip.BINARY_HEADER] = binary
+            if status == 415 and (accepted := upstream_headers.get("accept-encoding")) is not None:
+                out_headers["accept-encoding"] = accepted  # the codings the replica reads (RFC 9110)
             return Response(content, status_code=status, media_type=upstream_headers.get("content-type", "application/json"), headers=out_headers)
         if version is not None and missing == len(failures):
             self.metrics.requests.labels(model, "", "404").inc()

@@ -131,6 +131,7 @@ async def test_a_compressed_body_is_refused_as_on_the_v2_routes(agent: Serving, 
         resp = await agent.http.post(route, content=body, headers={"content-encoding": encoding})
         error = error_of(resp, status)
         assert error["code"] == code and said in error["message"] and error["type"] == "invalid_request_error"
+        assert resp.headers.get("accept-encoding") == ("gzip, deflate" if status == 415 else None)  # what it takes, RFC 9110
     await still_serves(agent)
 
 

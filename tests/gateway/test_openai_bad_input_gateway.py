@@ -188,6 +188,7 @@ async def test_a_compressed_body_is_inflated_as_the_agent_does(fleet: harness.Fl
                 resp = await http.post(f"{base}/chat/completions", content=body,
                                        headers={"content-type": "application/json", "content-encoding": encoding})
                 assert error_of(resp, status)["code"] == code, (encoding, resp.text)
+                assert resp.headers.get("accept-encoding") == ("gzip, deflate" if status == 415 else None)
 
 
 @pytest.mark.parametrize(("extra", "param"), [

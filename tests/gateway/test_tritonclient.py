@@ -338,4 +338,5 @@ async def test_bad_compressed_bodies_are_refused(served: Served, target: str, en
         resp = await http.post(f"/v2/models/{MLP}/infer", content=body, headers={"content-encoding": encoding})
         assert resp.status_code == status, resp.text
         assert words in resp.json()["error"]
+        assert resp.headers.get("accept-encoding") == ("gzip, deflate" if status == 415 else None)  # RFC 9110, through the gateway too
         assert (await http.get(f"/v2/models/{MLP}/ready")).status_code == 200
