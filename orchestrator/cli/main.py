@@ -28,7 +28,9 @@ from orchestrator.urlpath import path_segment
 
 def _read_manifests(paths: list[str]) -> str:
     """Every ``-f`` (files, directories, ``-`` for stdin) as one bundle: the server applies
-    all of it or nothing, and names each file in its errors."""
+    all of it or nothing, and names each file in its errors. A bundle larger than the
+    control plane reads in one request is refused here, where the file that passes the
+    limit can be named (the server only sees a body too large)."""
     out: list[tuple[str, str]] = []
     seen: set[pathlib.Path] = set()
     if paths.count("-") > 1:
@@ -48,7 +50,11 @@ def _read_manifests(paths: list[str]) -> str:
                 continue
             seen.add(f.resolve())
             out.append((str(f), textfile.read(f)))
-    return _loader().bundle(out)
+    body: str = _loader().bundle(out)
+    issue = _loader().size_issue(body.encode())
+    if issue is not None:
+        raise ManifestError([issue])
+    return body
 
 
 def _post_apply(api: ApiClient, args: argparse.Namespace, dry_run: bool) -> Any:

@@ -1,48 +1,37 @@
 """Parse YAML/JSON manifest text into validated documents, keeping line numbers.
 
-PyYAML's node graph carries positions, so the text is composed to nodes first, each
-field path is mapped to its line, and pydantic's error locations are translated back to
-``file:line``. The node walk also refuses what safe loading alone lets through: duplicate
+PyYAML's node graph carries positions, so the text is composed to nodes first and each
+field path is mapped to its line; :mod:`orchestrator.manifests.validation` then checks each
+document against its kind's schema and says every error at ``file:line``. The node walk also refuses what safe loading alone lets through: duplicate
 keys (silently overwritten by PyYAML), alias bombs and absurd nesting.
 
 A document with errors does not stop the others from being read: :func:`read_text` keeps
 every issue and remembers the kind and name of each refused document, so the checks
 between documents can run on the rest in the same pass and one apply reports all it can.
+Malformed YAML spoils only the document it is in: each file of a :func:`bundle` is read
+on its own, and within a file reading goes on at the next ``---`` line.
 """
 
 from __future__ import annotations
 
-import bisect
 import pathlib
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-import pydantic
 import yaml
 
-from orchestrator.manifests import schema
+from orchestrator.manifests import schema, validation
 from orchestrator.manifests.errors import ManifestError, ManifestIssue
+from orchestrator.manifests.validation import Path, format_path
 
 MAX_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 32
 MAX_NODES = 100_000
 MAX_DOCUMENTS = 1_000
 COMPOSE_MAX_DEPTH = 4 * MAX_DEPTH
-
-Path = tuple[str | int, ...]
-
-# Keyed by pattern, not field name: the same field (``spec.variant``) may hold a name or a
-# map, and a label key and a label value follow different rules.
-_PATTERN_HINTS = {
-    schema.NAME_PATTERN: "use lowercase letters, digits and '-' (a DNS label, at most 63 characters)",
-    schema.LABEL_KEY_PATTERN: "letters, digits, '-', '_', '.', '/' (alphanumeric at both ends)",
-    schema.LABEL_VALUE_PATTERN: "letters, digits, '-', '_', '.' (at most 63 characters, alphanumeric at both ends)",
-    schema.SHA256_PATTERN: "expected 64 lowercase hexadecimal digits",
-    schema.IMPORT_PATH_PATTERN: "expected 'package.module:attribute'",
-    schema.PERCENT_PATTERN: "expected a count or a percentage from 0% to 100% such as '25%'",
-}
 
 
 @dataclass(frozen=True)
@@ -93,8 +82,8 @@ class Reading:
     issues: list[ManifestIssue]
     #: file names in the order they come, which is the order issues are reported in
     files: tuple[str, ...]
-    #: False when reading stopped before the end (malformed YAML, too many documents): the
-    #: rest of the text may define anything, so references cannot be judged
+    #: False when part of the text could not be read (malformed YAML, too many documents):
+    #: that part may define anything, so references cannot be judged
     complete: bool = True
 
     @classmethod
@@ -123,16 +112,6 @@ def in_order(issues: list[ManifestIssue], files: tuple[str, ...]) -> list[Manife
     for name in files:
         rank.setdefault(name, len(rank))
     return sorted(issues, key=lambda i: (rank.get(i.file, len(rank)), -1 if i.document is None else i.document))
-
-
-def format_path(path: Path) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
 
 
 class _Walker:
@@ -199,16 +178,18 @@ class _Walker:
 
 
 class _TooDeep(yaml.YAMLError):
-    def __init__(self, line: int):
+    def __init__(self, mark: yaml.Mark):
         super().__init__(f"nested deeper than {MAX_DEPTH} levels")
-        self.line = line
+        self.problem_mark = mark
 
 
 class _LimitedLoader(yaml.SafeLoader):
-    """PyYAML composes nodes recursively: refuse absurd nesting before it overflows the stack."""
+    """PyYAML composes nodes recursively: refuse absurd nesting before it overflows the stack.
+    ``first_line``: the line of the text's start in its file, so every mark is a file line."""
 
-    def __init__(self, stream: str):
+    def __init__(self, stream: str, first_line: int = 1):
         super().__init__(stream)
+        self.line = first_line - 1
         self._depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
@@ -217,7 +198,7 @@ class _LimitedLoader(yaml.SafeLoader):
             # Far deeper than _Walker's limit, which then reports the field path; this one
             # only keeps the recursion clear of Python's stack limit.
             if self._depth > COMPOSE_MAX_DEPTH:
-                raise _TooDeep(self.peek_event().start_mark.line + 1)
+                raise _TooDeep(self.peek_event().start_mark)
             return super().compose_node(parent, index)  # type: ignore[no-any-return]
         finally:
             self._depth -= 1
@@ -225,19 +206,6 @@ class _LimitedLoader(yaml.SafeLoader):
 
 def _is_empty(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-
-def _decode(text: bytes | str, file: str) -> str:
-    if isinstance(text, bytes):
-        if len(text) > MAX_BYTES:
-            raise ManifestError([ManifestIssue(file, None, "", None, f"file is larger than {MAX_BYTES // (1024 * 1024)} MiB")])
-        try:
-            return text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ManifestError([ManifestIssue(file, None, "", None, f"not UTF-8 text (byte {exc.start})")]) from exc
-    if len(text) > MAX_BYTES:
-        raise ManifestError([ManifestIssue(file, None, "", None, f"file is larger than {MAX_BYTES // (1024 * 1024)} MiB")])
-    return text
 
 
 @dataclass
@@ -264,42 +232,6 @@ def _walk(node: yaml.Node, file: str, index: int) -> _Raw:
     return raw
 
 
-def _documents(text: str, file: str) -> Iterator[_Raw]:
-    try:
-        loader = _LimitedLoader(text)  # the reader refuses control characters right here
-    except yaml.YAMLError as exc:
-        raise ManifestError([ManifestIssue(file, 0, "", None, f"malformed YAML: {exc}")]) from exc
-    index = 0
-    total = 0  # empty documents included, so a file of '---' lines stays bounded
-    try:
-        while loader.check_node():
-            node = loader.get_node()
-            total += 1
-            if total > MAX_DOCUMENTS:
-                raise ManifestError([ManifestIssue(file, None, "", None, f"more than {MAX_DOCUMENTS} documents in one file")])
-            if node is None or _is_empty(node):
-                continue  # empty documents (e.g. between two '---') are not counted
-            items = node if isinstance(node, yaml.SequenceNode) else _list_items(node)
-            if items is not None:  # a JSON array (or YAML list) of documents, or a list as `get -o yaml` prints it
-                for item in items.value:
-                    yield _walk(item, file, index)
-                    index += 1
-            else:
-                yield _walk(node, file, index)
-                index += 1
-            if index > MAX_DOCUMENTS:
-                raise ManifestError([ManifestIssue(file, index, "", None, f"more than {MAX_DOCUMENTS} documents in one file")])
-    except _TooDeep as exc:
-        raise ManifestError([ManifestIssue(file, index, "", exc.line, f"document is nested deeper than {MAX_DEPTH} levels")]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ManifestError([ManifestIssue(file, index, "", line, f"malformed YAML: {problem}")]) from exc
-    finally:
-        loader.dispose()
-
-
 def _fields(node: yaml.Node) -> dict[str, yaml.Node]:
     if not isinstance(node, yaml.MappingNode):
         return {}
@@ -318,91 +250,9 @@ def _list_items(node: yaml.Node) -> yaml.SequenceNode | None:
     return None
 
 
-#: Written by the control plane, never by a manifest: apply ignores them, so what `get`
-#: prints can be applied again (``metadata.resourceVersion`` then makes it conditional).
-SERVER_SET = {"status"}
-SERVER_SET_METADATA = {"generation", "creationTimestamp"}
-
-
-def _without_server_set(data: dict[str, Any]) -> dict[str, Any]:
-    data = {k: v for k, v in data.items() if k not in SERVER_SET}
-    if isinstance(data.get("metadata"), dict):
-        data["metadata"] = {k: v for k, v in data["metadata"].items() if k not in SERVER_SET_METADATA}
-    return data
-
-
-def _validate(data: Any, walker: _Walker) -> schema.Document | list[ManifestIssue]:
-    file, index = walker.file, walker.index
-
-    def issue(path: Path, message: str) -> ManifestIssue:
-        return ManifestIssue(file, index, format_path(path), walker.line_of(path), message)
-
-    if not isinstance(data, dict):
-        return [issue((), f"a document must be a mapping with apiVersion/kind/metadata/spec, got {type(data).__name__}")]
-    kind = data.get("kind")
-    if data.get("apiVersion") != schema.API_VERSION:
-        return [issue(("apiVersion",), f"apiVersion must be {schema.API_VERSION!r}, got {data.get('apiVersion')!r}")]
-    doc_type = schema.DOC_TYPES.get(kind) if isinstance(kind, str) else None
-    if doc_type is None:
-        return [issue(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(schema.KINDS)}")]
-    data = _without_server_set(data)
-    try:
-        return doc_type.model_validate(data, context=schema.MANIFEST)  # type: ignore[return-value]
-    except pydantic.ValidationError as exc:
-        messages: dict[Path, list[str]] = {}
-        for err in exc.errors(include_url=False):
-            loc = _data_path(data, tuple(err["loc"]), err["type"] == "missing")
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = f"unknown field {loc[-1]!r}"
-            elif err["type"] == "missing":
-                message = "required field is missing"
-            elif err["type"] == "string_type" and loc in walker.unquoted:
-                message = _quote_hint(walker.unquoted[loc], err.get("input"))
-            elif err["type"] == "string_pattern_mismatch":
-                hint = _PATTERN_HINTS.get(str((err.get("ctx") or {}).get("pattern")), "does not match the expected format")
-                message = f"{err.get('input')!r} is not valid: {hint}"
-            if message not in messages.setdefault(loc, []):
-                messages[loc].append(message)
-        # one issue per field: a value failing every member of a union (name or map,
-        # count or percentage) gets the members' reasons joined
-        return [issue(loc, "; or ".join(msgs)) for loc, msgs in messages.items()]
-
-
-def _quote_hint(written: str, value: Any) -> str:
-    """Why a text field got ``value``: YAML reads unquoted digits (a sha256 of digits only,
-    a version), ``yes``/``no`` (Norway's ``NO``) and dates as other types."""
-    if isinstance(value, bool):
-        what = f"a boolean ({str(value).lower()})"
-    elif isinstance(value, (int, float)):
-        what = "a number"
-    else:
-        what = f"a {type(value).__name__}"
-    return f"{written} was read as {what}, not text: put it in quotes"
-
-
-def _holds(node: Any, part: str | int) -> bool:
-    if isinstance(node, dict):
-        return isinstance(part, str) and part in node
-    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-
-
-def _data_path(data: Any, loc: Path, missing: bool) -> Path:
-    """Pydantic's error location without its union-member tags (``int``, ``constrained-str``...)."""
-    out: list[str | int] = []
-    node = data
-    for i, part in enumerate(loc):
-        if _holds(node, part):
-            node = node[part]
-        elif missing and i == len(loc) - 1 and isinstance(node, dict):
-            node = None
-        else:
-            continue  # a union member's name or a '[key]' marker, not a place in the text
-        out.append(part)
-    return tuple(out)
-
-
 SOURCE_MARKER = "#@edgeplane-source: "
+_SOURCE_LINE = re.compile("^" + re.escape(SOURCE_MARKER) + r"([^\n]*)\n?", re.M)
+_MiB = 1024 * 1024
 
 
 def bundle(files: list[tuple[str, str]]) -> str:
@@ -415,84 +265,88 @@ def bundle(files: list[tuple[str, str]]) -> str:
     return "".join(parts)
 
 
-@dataclass(frozen=True)
-class _Source:
-    name: str
-    first_line: int  # line of the file's first line within the bundle (1-based)
+def _source_name(marker: re.Match[str], default: str) -> str:
+    return marker.group(1).strip()[:256] or default
 
 
-def _sources(text: str, default: str) -> list[_Source]:
-    sources = [_Source(default, 1)]
-    for i, line in enumerate(text.splitlines(), start=1):
-        if line.startswith(SOURCE_MARKER):
-            sources.append(_Source(line[len(SOURCE_MARKER):].strip()[:256] or default, i + 1))
-    return sources
+def _split(body: str, default: str) -> list[tuple[str, str]]:
+    """A :func:`bundle` as (file name, text) pairs, each text as in its file (line 1 first),
+    so each file is read on its own and malformed YAML in one cannot hide the others;
+    whatever comes before the first file is ``default``'s."""
+    if SOURCE_MARKER not in body:
+        return [(default, body)]
+    out: list[tuple[str, str]] = []
+    name, start = default, 0
+    for marker in _SOURCE_LINE.finditer(body):
+        text = body[start:marker.start()]
+        if text == "---\n" or text.endswith("\n---\n"):  # the separator bundle() writes before a file
+            text = text[:-4]
+        out.append((name, text))
+        name, start = _source_name(marker, default), marker.end()
+    out.append((name, body[start:]))
+    return out
 
 
-class _Bundle:
-    """Where each line and document of a :func:`bundle` came from, worked out once."""
+def size_issue(text: bytes | str, file: str = "<input>") -> ManifestIssue | None:
+    """``None`` when ``text`` (a file or a :func:`bundle`) is within :data:`MAX_BYTES`;
+    else the issue, naming the file of a bundle at which the files together pass it (the
+    limit is the request's: a directory larger than it is applied in parts)."""
+    if len(text) <= MAX_BYTES:
+        return None
+    head = text[:MAX_BYTES + 1]
+    head = head.decode("utf-8", "ignore") if isinstance(head, bytes) else head
+    markers = list(_SOURCE_LINE.finditer(head))
+    limit = f"{MAX_BYTES // _MiB} MiB"
+    if len(markers) <= 1:
+        name = _source_name(markers[0], file) if markers else file
+        return ManifestIssue(name, None, "", None, f"file is larger than {limit}")
+    return ManifestIssue(_source_name(markers[-1], file), None, "", None,
+                         f"with the {len(markers) - 1} file(s) before it, this file passes {limit}, the most one apply "
+                         "reads: apply the files in smaller groups")
 
-    def __init__(self, sources: list[_Source], starts: list[int]) -> None:
-        self.sources = sources
-        self._firsts = [s.first_line for s in sources]
-        self._files = [self.locate(start)[0] for start in starts]  # file of each document
-        self._in_file: list[int] = []  # each document's index within its own file
-        seen: Counter[str] = Counter()
-        for name in self._files:
-            self._in_file.append(seen[name])
-            seen[name] += 1
 
-    def locate(self, line: int | None) -> tuple[str, int | None]:
-        """A bundle line as (file, line within that file)."""
-        if line is None or len(self.sources) == 1:
-            return self.sources[0].name, line
-        src = self.sources[max(0, bisect.bisect_right(self._firsts, line) - 1)]
-        return src.name, line - src.first_line + 1
-
-    def index_in_file(self, name: str, index: int) -> int:
-        """A bundle-wide document index as an index within file ``name``."""
-        if index < len(self._files) and self._files[index] == name:
-            return self._in_file[index]
-        return sum(1 for f in self._files[:index] if f == name)
-
-    def relocate_document(self, d: LoadedDocument) -> LoadedDocument:
-        name, line = self.locate(d.line)
-        offset = d.line - (line or d.line)
-        index = self.index_in_file(name, d.index)
-        return LoadedDocument(name, index, line or 1, d.doc, {p: n - offset for p, n in d.lines.items()})
-
-    def relocate_refused(self, d: RefusedDocument) -> RefusedDocument:
-        name, line = self.locate(d.line)
-        offset = d.line - (line or d.line)
-        name_line = d.name_line - offset if d.name_line is not None else None
-        return RefusedDocument(name, self.index_in_file(name, d.index), line or 1, d.kind, d.name, name_line)
-
-    def relocate(self, issue: ManifestIssue) -> ManifestIssue:
-        name, line = self.locate(issue.line)
-        document = issue.document
-        if document is not None:
-            document = self.index_in_file(name, document)
-        return ManifestIssue(name, document, issue.field, line, issue.message)
+def _decode(text: bytes | str, file: str) -> str:
+    issue = size_issue(text, file)
+    if issue is not None:
+        raise ManifestError([issue])
+    if isinstance(text, bytes):
+        try:
+            return text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError([ManifestIssue(file, None, "", None, f"not UTF-8 text (byte {exc.start})")]) from exc
+    return text
 
 
 def read_text(text: bytes | str, file: str = "<input>") -> Reading:
-    """Parse and validate every document of one file (or :func:`bundle`), keeping going past
-    documents with errors; only a text that cannot be read on stops early."""
+    """Parse and validate every document of one file (or each file of a :func:`bundle`),
+    keeping going past documents with errors, malformed YAML included; only a text past
+    the limits (:data:`MAX_BYTES`, :data:`MAX_DOCUMENTS`) stops early."""
     try:
         body = _decode(text, file)
     except ManifestError as exc:
-        return Reading([], [], exc.issues, (file,), complete=False)
-    sources = _sources(body, file)
-    starts: list[int] = []  # start line of each document, by global index
-    read, issues, complete = _load(body, file, starts)
-    if len(sources) > 1:
-        where = _Bundle(sources, starts)
-        read = [where.relocate_document(d) if isinstance(d, LoadedDocument) else where.relocate_refused(d) for d in read]
-        issues = [where.relocate(i) for i in issues]
-    docs = [d for d in read if isinstance(d, LoadedDocument)]
-    refused = [d for d in read if isinstance(d, RefusedDocument)]
-    files = tuple(dict.fromkeys(s.name for s in sources))
-    return Reading(docs, refused, in_order(issues + _check_unique(read), files), files, complete)
+        return Reading([], [], exc.issues, tuple(dict.fromkeys([file, *(i.file for i in exc.issues)])), complete=False)
+    sources = _split(body, file)
+    count = _Count()
+    numbered: Counter[str] = Counter()  # documents per file name so far: a name given twice numbers on
+    read: list[LoadedDocument | RefusedDocument] = []
+    issues: list[ManifestIssue] = []
+    complete = True
+    for name, part in sources:
+        reader = _FileReader(part, name, numbered[name], count)
+        try:
+            reader.read_all()
+        except ManifestError as exc:  # a limit: nothing after it is read
+            issues.extend(exc.issues)
+            reader.complete = False
+        read.extend(reader.read)
+        issues.extend(reader.issues)
+        complete = complete and reader.complete
+        numbered[name] = reader.index
+        if count.stopped:
+            break
+    files = tuple(dict.fromkeys(name for name, _ in sources))
+    return Reading([d for d in read if isinstance(d, LoadedDocument)], [d for d in read if isinstance(d, RefusedDocument)],
+                   in_order(issues + _check_unique(read), files), files, complete)
 
 
 def load_text(text: bytes | str, file: str = "<input>") -> list[LoadedDocument]:
@@ -535,23 +389,139 @@ def _is_text(node: yaml.Node | None) -> TypeGuard[yaml.ScalarNode]:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str" and bool(node.value)
 
 
-def _load(body: str, file: str, starts: list[int]) -> tuple[list[LoadedDocument | RefusedDocument], list[ManifestIssue], bool]:
-    """Each document in order, loaded or refused; every issue; whether the text was read to its end."""
-    read: list[LoadedDocument | RefusedDocument] = []
-    issues: list[ManifestIssue] = []
-    try:
-        for raw in _documents(body, file):
-            line = raw.node.start_mark.line + 1
-            starts.append(line)
-            result = raw.issues or _validate(raw.data, raw.walker)
-            if isinstance(result, list):
-                issues.extend(result)
-                read.append(_refused(raw))
+@dataclass
+class _Count:
+    """Documents met in one text (a file or a whole bundle), empty ones included so that
+    a text of '---' lines stays bounded."""
+
+    documents: int = 0
+    stopped: bool = False  # MAX_DOCUMENTS passed: no more is read
+
+
+#: a line that starts a YAML document. PyYAML ends whatever is open there (a scalar, a
+#: quoted string, a bracket), so after malformed YAML reading can start again at one.
+_DOCUMENT_START = re.compile(r"^---(?=[ \t\r\n\x85\u2028\u2029]|\Z)", re.M)
+_LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # what PyYAML counts as a new line
+
+
+class _FileReader:
+    """One file's documents, loaded or refused, and its issues. The file is read as one
+    stream; where its YAML is malformed, the document it is in is spoiled and the rest is
+    read from the next '---' line, one document at a time (a PyYAML stream does not go on
+    past an error; those after it seldom fail, so the first pass keeps the fast path)."""
+
+    def __init__(self, text: str, file: str, index: int, count: _Count) -> None:
+        self.text, self.file, self.count = text, file, count
+        self.index = index  # of the next document in the file
+        self.first = count.documents  # documents met before this file
+        self.read: list[LoadedDocument | RefusedDocument] = []
+        self.issues: list[ManifestIssue] = []
+        #: False once part of it could not be read: that part may define anything
+        self.complete = True
+        self._after: int | None = None  # index of the document just read, while looking past it
+
+    def read_all(self) -> None:
+        """Raises :class:`ManifestError` past :data:`MAX_DOCUMENTS`."""
+        if not self.text:
+            return
+        resume = self._read(0, len(self.text), 1, whole=True)
+        if resume is None:
+            return
+        self.complete = False
+        starts = [resume, *(m.start() for m in _DOCUMENT_START.finditer(self.text, resume + 1)), len(self.text)]
+        line = 1 + self._breaks(0, resume)
+        for start, end in zip(starts, starts[1:]):
+            if start < end:
+                self._read(start, end, line)
+            line += self._breaks(start, end)
+
+    def _breaks(self, start: int, end: int) -> int:
+        return sum(1 for _ in _LINE_BREAK.finditer(self.text, start, end))
+
+    def _read(self, start: int, end: int, line: int, whole: bool = False) -> int | None:
+        """Read ``text[start:end]``, whose first line is ``line``. ``None`` when read to its
+        end; else where to go on from: the next document start after the error (``end`` if
+        none), or ``start`` when the ``whole`` file was refused before any of it was read."""
+        text = self.text[start:end]
+        try:
+            loader = _LimitedLoader(text, line)  # the reader refuses control characters right here
+        except yaml.reader.ReaderError as exc:
+            if whole:  # nothing was read: read the file a document at a time, from its start
+                return start
+            at = line + self._breaks(start, start + exc.position)
+            self._spoiled(at, f"malformed YAML: unacceptable character #x{exc.character:04x}: {exc.reason}")
+            return end
+        try:
+            for raw in self._documents(loader):
+                self._take(raw)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            if isinstance(exc, _TooDeep):
+                message = f"document is nested deeper than {MAX_DEPTH} levels"
             else:
-                read.append(LoadedDocument(file, raw.index, line, result, dict(raw.walker.lines)))
-    except ManifestError as exc:  # the stream itself is broken: what came before it still counts
-        return read, issues + exc.issues, False
-    return read, issues, True
+                message = f"malformed YAML: {getattr(exc, 'problem', None) or exc}"
+                context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+                if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+                    message += f" ({context} at line {context_mark.line + 1})"
+            self._spoiled(mark.line + 1 if mark is not None else None, message, self._after)
+            if mark is None:
+                return end
+            # an error at a '---' line ends the document before it: go on from that line
+            found = _DOCUMENT_START.search(self.text, max(start + mark.index, start + 1), end)
+            return found.start() if found else end
+        finally:
+            loader.dispose()
+        return None
+
+    def _spoiled(self, line: int | None, message: str, after: int | None = None) -> None:
+        """The document at ``line`` cannot be read; it keeps its index. ``after``: the error
+        is text after document ``after`` with no '---' before it (a JSON object closed
+        twice), that document's."""
+        if after is not None:
+            self.issues.append(ManifestIssue(self.file, after, "", line, message))
+            return
+        self.issues.append(ManifestIssue(self.file, self.index, "", line, message))
+        self.index += 1
+
+    def _met(self, node: yaml.Node) -> None:
+        self.count.documents += 1
+        if self.count.documents <= MAX_DOCUMENTS:
+            return
+        self.count.stopped = True
+        line = node.start_mark.line + 1
+        if self.first == 0:
+            raise ManifestError([ManifestIssue(self.file, None, "", line, f"more than {MAX_DOCUMENTS} documents in one file")])
+        raise ManifestError([ManifestIssue(self.file, None, "", line, f"more than {MAX_DOCUMENTS} documents in one apply, "
+                                           f"{self.first} in the files before this one: apply the files in smaller groups")])
+
+    def _documents(self, loader: _LimitedLoader) -> Iterator[_Raw]:
+        self._after = None
+        # check_node fails only on text right after a document with no '---' before it
+        # (what follows a '---' fails in get_node): that text is the document's
+        while loader.check_node():
+            self._after = None
+            node = loader.get_node()
+            if node is None:
+                continue
+            if _is_empty(node):
+                self._met(node)  # empty documents (e.g. between two '---') are counted, not numbered
+                continue
+            items = node if isinstance(node, yaml.SequenceNode) else _list_items(node)
+            # a JSON array (or YAML list) of documents, or a list as `get -o yaml` prints it
+            for item in items.value if items is not None else [node]:
+                self._met(item)
+                yield _walk(item, self.file, self.index)
+                self._after = self.index
+                self.index += 1
+
+    def _take(self, raw: _Raw) -> None:
+        line = raw.node.start_mark.line + 1
+        result = raw.issues or validation.validate(raw.data, raw.walker)
+        if isinstance(result, list):
+            self.issues.extend(result)
+            self.read.append(_refused(raw))
+        else:
+            self.read.append(LoadedDocument(self.file, raw.index, line, result, dict(raw.walker.lines)))
 
 
 def manifest_files(target: pathlib.Path) -> list[pathlib.Path]:

@@ -127,7 +127,9 @@ BAD: list[Bad] = [
     Bad("yaml-absurd-nesting", ABSURD_NESTING, "", "  x: [[[", "nested deeper than 32 levels"),
     Bad("not-utf8", GOOD_SITE.encode().replace(b"s1", b"s\xff1"), "", None, "not UTF-8", document=None, bundle=False),
     Bad("larger-than-4MiB", GOOD_SITE + "#" + "x" * (4 * 1024 * 1024) + "\n", "", None, "larger than 4 MiB", document=None, bundle=False),
-    Bad("too-many-documents", "---\n".join([GOOD_SITE] * 1001), "", None, "more than 1000 documents", document=None, bundle=False),
+    # the line of the document that passes the limit (in a bundle the limit is the apply's: see test_malformed_yaml_in_a_bundle)
+    Bad("too-many-documents", "---\n".join([GOOD_SITE] * 1001), "", ("apiVersion:", 1001), "more than 1000 documents in one file",
+        document=None, bundle=False),
     # --- document shape ----------------------------------------------------------------
     Bad("document-is-a-string", "just some text\n", "", 1, "must be a mapping"),
     Bad("second-document-is-a-number", join(GOOD_SITE, "42\n"), "", "42", "must be a mapping", document=1),

@@ -1,0 +1,134 @@
+"""A manifest document checked against its kind's schema, with every error said in terms
+of the text: at the field's path and line, unquoted YAML values that were read as another
+type pointed out, pattern mismatches explained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import pydantic
+
+from orchestrator.manifests import schema
+from orchestrator.manifests.errors import ManifestIssue
+
+Path = tuple[str | int, ...]
+
+
+class Walked(Protocol):
+    """What the walk of a document's text knows: where it is and where each field was written."""
+
+    file: str
+    index: int
+    #: field path -> the text of a scalar written without quotes
+    unquoted: dict[Path, str]
+
+    def line_of(self, path: Path) -> int | None: ...
+
+
+def format_path(path: Path) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+# Keyed by pattern, not field name: the same field (``spec.variant``) may hold a name or a
+# map, and a label key and a label value follow different rules.
+_PATTERN_HINTS = {
+    schema.NAME_PATTERN: "use lowercase letters, digits and '-' (a DNS label, at most 63 characters)",
+    schema.LABEL_KEY_PATTERN: "letters, digits, '-', '_', '.', '/' (alphanumeric at both ends)",
+    schema.LABEL_VALUE_PATTERN: "letters, digits, '-', '_', '.' (at most 63 characters, alphanumeric at both ends)",
+    schema.SHA256_PATTERN: "expected 64 lowercase hexadecimal digits",
+    schema.IMPORT_PATH_PATTERN: "expected 'package.module:attribute'",
+    schema.PERCENT_PATTERN: "expected a count or a percentage from 0% to 100% such as '25%'",
+}
+
+
+#: Written by the control plane, never by a manifest: apply ignores them, so what `get`
+#: prints can be applied again (``metadata.resourceVersion`` then makes it conditional).
+SERVER_SET = {"status"}
+SERVER_SET_METADATA = {"generation", "creationTimestamp"}
+
+
+def without_server_set(data: dict[str, Any]) -> dict[str, Any]:
+    data = {k: v for k, v in data.items() if k not in SERVER_SET}
+    if isinstance(data.get("metadata"), dict):
+        data["metadata"] = {k: v for k, v in data["metadata"].items() if k not in SERVER_SET_METADATA}
+    return data
+
+
+def validate(data: Any, walker: Walked) -> schema.Document | list[ManifestIssue]:
+    """``data``, the document a walk of its text made, as its kind's schema reads it; or its
+    issues, one per field, each at the field's line."""
+    file, index = walker.file, walker.index
+
+    def issue(path: Path, message: str) -> ManifestIssue:
+        return ManifestIssue(file, index, format_path(path), walker.line_of(path), message)
+
+    if not isinstance(data, dict):
+        return [issue((), f"a document must be a mapping with apiVersion/kind/metadata/spec, got {type(data).__name__}")]
+    kind = data.get("kind")
+    if data.get("apiVersion") != schema.API_VERSION:
+        return [issue(("apiVersion",), f"apiVersion must be {schema.API_VERSION!r}, got {data.get('apiVersion')!r}")]
+    doc_type = schema.DOC_TYPES.get(kind) if isinstance(kind, str) else None
+    if doc_type is None:
+        return [issue(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(schema.KINDS)}")]
+    data = without_server_set(data)
+    try:
+        return doc_type.model_validate(data, context=schema.MANIFEST)  # type: ignore[return-value]
+    except pydantic.ValidationError as exc:
+        messages: dict[Path, list[str]] = {}
+        for err in exc.errors(include_url=False):
+            loc = _data_path(data, tuple(err["loc"]), err["type"] == "missing")
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = f"unknown field {loc[-1]!r}"
+            elif err["type"] == "missing":
+                message = "required field is missing"
+            elif err["type"] == "string_type" and loc in walker.unquoted:
+                message = _quote_hint(walker.unquoted[loc], err.get("input"))
+            elif err["type"] == "string_pattern_mismatch":
+                hint = _PATTERN_HINTS.get(str((err.get("ctx") or {}).get("pattern")), "does not match the expected format")
+                message = f"{err.get('input')!r} is not valid: {hint}"
+            if message not in messages.setdefault(loc, []):
+                messages[loc].append(message)
+        # one issue per field: a value failing every member of a union (name or map,
+        # count or percentage) gets the members' reasons joined
+        return [issue(loc, "; or ".join(msgs)) for loc, msgs in messages.items()]
+
+
+def _quote_hint(written: str, value: Any) -> str:
+    """Why a text field got ``value``: YAML reads unquoted digits (a sha256 of digits only,
+    a version), ``yes``/``no`` (Norway's ``NO``) and dates as other types."""
+    if isinstance(value, bool):
+        what = f"a boolean ({str(value).lower()})"
+    elif isinstance(value, (int, float)):
+        what = "a number"
+    else:
+        what = f"a {type(value).__name__}"
+    return f"{written} was read as {what}, not text: put it in quotes"
+
+
+def _holds(node: Any, part: str | int) -> bool:
+    if isinstance(node, dict):
+        return isinstance(part, str) and part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+
+
+def _data_path(data: Any, loc: Path, missing: bool) -> Path:
+    """Pydantic's error location without its union-member tags (``int``, ``constrained-str``...)."""
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        if _holds(node, part):
+            node = node[part]
+        elif missing and i == len(loc) - 1 and isinstance(node, dict):
+            node = None
+        else:
+            continue  # a union member's name or a '[key]' marker, not a place in the text
+        out.append(part)
+    return tuple(out)
