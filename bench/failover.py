@@ -30,7 +30,7 @@ import httpx
 
 from bench import cli
 from orchestrator.testing import postgres
-from orchestrator.testing.ports import free_port
+from orchestrator.ports import free_port
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "failover.json"
 EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"

@@ -45,7 +45,7 @@ from rich.table import Table
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 from orchestrator.testing import harness, manifests, onnx_models
-from orchestrator.testing.ports import free_port
+from orchestrator.ports import free_port
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

@@ -30,7 +30,6 @@ import pathlib
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from orchestrator import ports as ports_mod
 from orchestrator.adapters import ray_serve
 
 log = logging.getLogger(__name__)
@@ -101,20 +101,6 @@ class LocalRayEndpoints:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_file),
         }
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports free right now (all held open while choosing)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def project_root() -> pathlib.Path:
@@ -191,7 +177,7 @@ class LocalRayCluster:
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(32))
         temp_dir = base / "ray"
-        ports = free_ports(len(_PORT_FLAGS) + 1)
+        ports = ports_mod.free_ports(len(_PORT_FLAGS) + 1)
         port_args = dict(zip(_PORT_FLAGS, ports))
         serve_port = ports[-1]
         command = [

@@ -21,7 +21,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 
-from orchestrator.testing.ports import free_port
+from orchestrator.ports import free_port
 
 MISSING = ("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/pg_ctl); "
            "install them with `tests/install-system-packages` (apt-get install postgresql)")

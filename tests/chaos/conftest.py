@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from orchestrator.testing import harness, manifests, onnx_models
-from orchestrator.testing.ports import free_port
+from orchestrator.ports import free_port
 
 EDGEPLANE = pathlib.Path(sys.executable).parent / "edgeplane"
 RECOVERY: dict[str, float] = {}

@@ -21,7 +21,7 @@ import yaml
 
 from orchestrator import server
 from orchestrator.testing import harness
-from orchestrator.testing.ports import free_port
+from orchestrator.ports import free_port
 from orchestrator.testing.manifests import API_VERSION, doc  # noqa: F401 (the foundation tests' manifest text)
 from orchestrator.testing.manifests import bundle as join  # noqa: F401
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 
-from orchestrator.testing import ports
+from orchestrator import ports
 
 
 def test_ports_are_free_distinct_and_below_the_ephemeral_range() -> None:

@@ -34,7 +34,7 @@ from orchestrator.gateway import endpoints
 from orchestrator.gatewayd import follow
 from orchestrator.gatewayd import server as gatewayd
 from orchestrator.testing import genai_model, harness, manifests, onnx_models
-from orchestrator.testing.ports import free_port
+from orchestrator.ports import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -19,6 +19,7 @@ import kubernetes
 import pytest
 import yaml
 
+from orchestrator import ports
 from orchestrator.adapters import kuberay, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
 
@@ -286,9 +287,8 @@ async def test_invalid_object_is_rejected_not_retried(
 
 
 async def test_unreachable_api_server() -> None:
-    from orchestrator.adapters import local_ray
 
-    (port,) = local_ray.free_ports(1)
+    (port,) = ports.free_ports(1)
     act = kuberay.KubeRayActuator(_client(f"http://127.0.0.1:{port}"), NS, "s", shape=SHAPE)
     with pytest.raises(kuberay.KubernetesUnreachable) as down:
         await act.observe()

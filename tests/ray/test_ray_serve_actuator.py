@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgeplane_proto import oip
+from orchestrator import ports
 from orchestrator.adapters import local_ray, ray_serve
 from orchestrator.adapters.serve_config import (
     RayAuthError,
@@ -306,7 +307,7 @@ async def test_missing_or_wrong_token_is_an_auth_error(
 
 
 async def test_unreachable_dashboard() -> None:
-    (port,) = local_ray.free_ports(1)
+    (port,) = ports.free_ports(1)
     async with ray_serve.RayServeActuator(f"http://127.0.0.1:{port}", timeout_s=2) as actuator:
         with pytest.raises(RayUnreachable) as down:
             await actuator.apply([])

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from orchestrator import server
 from orchestrator.scheduler import model as sched
+from orchestrator.testing import harness
 
 SMALL = sched.Variant("small", sched.Runtime.ONNX, cpu=1, memory_mib=512, throughput_rps=100)
 
@@ -40,3 +49,17 @@ kind: Site
 metadata: {name: edge-b}
 spec: {tier: edge, location: {country: DE, region: de, lat: 52.5, lon: 13.4}, capacity: {cpu: 4, memoryGiB: 8}}
 """
+
+
+@contextlib.asynccontextmanager
+async def two_sites_served(root: pathlib.Path, **config: Any) -> AsyncIterator[server.ControlPlane]:
+    """A real control plane (``config``: its ServerConfig fields) holding :data:`TWO_SITES`."""
+    f = harness.Fleet(root)
+    try:
+        cp = await f.start_control_plane(**config)
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            resp = await http.post("/v1/apply", content=TWO_SITES)
+            assert resp.status_code == 200, resp.text
+        yield cp
+    finally:
+        await f.stop()

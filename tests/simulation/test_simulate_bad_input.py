@@ -13,7 +13,6 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from orchestrator.testing import harness
 
 from . import fleets
 
@@ -66,15 +65,8 @@ def test_a_closed_stdout_ends_a_sweep_quietly() -> None:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def served(tmp_path_factory: pytest.TempPathFactory):
-    f = harness.Fleet(tmp_path_factory.mktemp("sim-bad"))
-    try:
-        cp = await f.start_control_plane()
-        async with httpx.AsyncClient(base_url=cp.http_url) as http:
-            resp = await http.post("/v1/apply", content=fleets.TWO_SITES)
-            assert resp.status_code == 200, resp.text
+    async with fleets.two_sites_served(tmp_path_factory.mktemp("sim-bad")) as cp:
         yield cp
-    finally:
-        await f.stop()
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -21,7 +21,6 @@ import pytest_asyncio
 
 from orchestrator import server, server_options
 from orchestrator.api import simulate as simulate_api
-from orchestrator.testing import harness
 
 from . import fleets
 
@@ -35,15 +34,8 @@ BUDGET = 2_000
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def served(tmp_path_factory: pytest.TempPathFactory):
-    f = harness.Fleet(tmp_path_factory.mktemp("sim-limits"))
-    try:
-        cp = await f.start_control_plane(simulation_budget=BUDGET)
-        async with httpx.AsyncClient(base_url=cp.http_url) as http:
-            resp = await http.post("/v1/apply", content=fleets.TWO_SITES)
-            assert resp.status_code == 200, resp.text
+    async with fleets.two_sites_served(tmp_path_factory.mktemp("sim-limits"), simulation_budget=BUDGET) as cp:
         yield cp
-    finally:
-        await f.stop()
 
 
 def added(n: int, prefix: str = "new") -> str:

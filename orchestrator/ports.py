@@ -1,4 +1,5 @@
-"""Loopback ports for servers that tests and benchmarks start as processes.
+"""Loopback ports for servers started as processes: the embedded Ray head, and the control
+planes, agents and databases that tests and benchmarks start.
 
 A port found by binding port 0 comes from the kernel's ephemeral range, the same range
 the kernel draws the local port of every outgoing connection from. Between the moment the
