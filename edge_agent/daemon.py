@@ -18,12 +18,16 @@ import pathlib
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
 import edge_agent
-from edge_agent import artifacts, assignments, capacity, errors, http, httpserver, packages, registry, state, tls, uplink
-from edge_agent.runtime import genai, onnx
+from edge_agent import artifacts, assignments, capacity, errors, http, httpserver, registry, state, tls, uplink
+from edge_agent.runtime import onnx
+
+if TYPE_CHECKING:  # imported by the first generative model: an agent that serves none never holds them
+    from edge_agent.runtime import genai
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,9 @@ class Agent:
         return self.config.data_dir / "models"
 
     def _load_package(self, package: pathlib.Path, sha256: str) -> genai.GenAIModel:
+        from edge_agent import packages
+        from edge_agent.runtime import genai
+
         try:
             directory = packages.unpack(package, sha256, self.models_dir)
         except OSError as exc:  # a full or read-only disk: reported, retried, old version kept
@@ -276,7 +283,8 @@ class Agent:
             try:
                 await self.registry.converge(self._desired)  # latest wins: read it now
                 keep = {m.sha256 for m in self.registry.serving()} | {a.sha256 for a in self._desired.assignments}
-                await asyncio.to_thread(packages.prune, self.models_dir, keep)  # versions no longer wanted
+                if self.models_dir.is_dir():  # a generative model was unpacked here once
+                    await asyncio.to_thread(_prune_packages, self.models_dir, keep)  # versions no longer wanted
             except Exception:  # the loop never dies
                 log.exception("converging on assignment set v%d failed", self._desired.version)
             self.server.ready = True
@@ -284,6 +292,12 @@ class Agent:
     def _models_changed(self) -> None:
         if self.uplink is not None:
             self.uplink.nudge()
+
+
+def _prune_packages(models_dir: pathlib.Path, keep: set[str]) -> None:
+    from edge_agent import packages  # with shutil, bz2 and lzma: only where generative models were unpacked
+
+    packages.prune(models_dir, keep)
 
 
 def _default_url(host: str, port: int) -> str:

@@ -178,10 +178,27 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
+def _help_width() -> int:
+    """The width argparse's help takes by default (``COLUMNS``, else the terminal's, else 80;
+    less 2), found without ``shutil``: argparse imports it for this alone, at every
+    ``add_argument``, and with it ``bz2`` and ``lzma``, 0.5 MB of the daemon's memory for good."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
+            columns = 0
+    return (columns or 80) - 2
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="edgeplane-agent",
         description="Join an edgeplane control plane and serve its models at this edge site.",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, width=_help_width()),
     )
     p.add_argument("--version", action="version", version=f"edgeplane-agent {edge_agent.__version__}")
     p.add_argument("--control-plane", required=True, type=_control_planes, metavar="HOST:PORT[,HOST:PORT...]",
@@ -312,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     # Before gRPC is imported: its core would log each failed TLS handshake again, at INFO,
     # in a line of its own beside the uplink's (which says what to change); errors still show.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # Before onnxruntime is imported: its Linux builds since 1.29 start a telemetry client at
+    # import (1DS: a SQLite store under ~/.cache, libcurl, a thread that wakes to upload) that
+    # sends Microsoft each session's model names and hashes. An edge site's agent has no
+    # business phoning home, and the client cost the idle agent 2.6 MB and two threads
+    # (docs/agent.md). An operator's own ORT_DISABLE_TELEMETRY is kept.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     if not args.token and not (args.data_dir / "identity.json").exists():
         log.error("a bootstrap token is needed for the first join (--token or EDGEPLANE_TOKEN)")
         return 2

@@ -25,11 +25,15 @@ import pathlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edge_agent import artifacts, assignments, errors
 from edge_agent.retry import MODEL_RETRY, Jitter, RetryPolicy
-from edge_agent.runtime import genai, onnx
+from edge_agent.runtime import onnx
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
+
+if TYPE_CHECKING:  # the daemon imports it with the first generative model it loads
+    from edge_agent.runtime import genai
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +131,7 @@ def quiet_allowance(package_bytes: int) -> float:
 
 Loader = Callable[[bytes], onnx.OnnxModel]
 #: Loads a generative package: (the cached package file, its sha256) -> the model.
-PackageLoader = Callable[[pathlib.Path, str], genai.GenAIModel]
+PackageLoader = Callable[[pathlib.Path, str], "genai.GenAIModel"]
 
 
 class ModelRegistry:

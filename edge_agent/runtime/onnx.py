@@ -143,6 +143,8 @@ class OnnxModel:
             session = ort.InferenceSession(data, sess_options=options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise errors.ModelLoadError(f"onnxruntime could not load the model: {exc}") from exc
+        if chosen == ["CPUExecutionProvider"]:
+            _forget_model_bytes(session)
         return cls(session)
 
     def feeds(self, named: Sequence[tuple[str, np.ndarray, str]]) -> dict[str, np.ndarray]:
@@ -179,6 +181,18 @@ class OnnxModel:
             return self._session.run(outputs, feeds)
         except Exception as exc:  # shape errors deeper in the graph, e.g. broadcasting
             raise errors.InvalidInput(f"model rejected the input: {_short(exc)}") from exc
+
+
+def _forget_model_bytes(session: ort.InferenceSession) -> None:
+    """onnxruntime's Python session keeps the bytes it was made from for as long as it lives
+    (its own comment: "This is bad as we're holding the memory indefinitely"), to make the
+    session again on its fallback providers if one fails during a run. A session on the CPU
+    alone would fall back to the CPU: nothing to make again, and the model file need not stay
+    resident a second time beside the loaded weights (16 MB of an idle agent serving a 16 MB
+    model). ``tests/agent/test_idle_imports.py`` checks that the bytes are let go."""
+    session.disable_fallback()
+    if getattr(session, "_model_bytes", None) is not None:  # private: a later onnxruntime may name it otherwise
+        session._model_bytes = None
 
 
 def _utf8_strings(array: np.ndarray, name: str) -> np.ndarray:
