@@ -8,7 +8,9 @@ with no inference traffic, measured twice: joined to a bare agent hub in this pr
 joined to a whole control plane in this process the way a site runs it (enrolled with a
 bootstrap token, mutual TLS, the model downloaded over HTTP). Baseline in the same run: a
 bare Python process that imports the same libraries (numpy, onnxruntime, grpc, httptools)
-and sleeps, i.e. what any Python agent costs before doing anything.
+and sleeps, i.e. what any Python agent costs before doing anything; like the agent, with
+onnxruntime's telemetry off (``bench`` sets ``ORT_DISABLE_TELEMETRY``; runs before 6
+December 07:10 had it on in the baseline, about 2.4 MB more).
 
 The agent's own packages are byte-compiled first, as ``pip install`` does: without
 ``__pycache__`` (a source checkout run with ``PYTHONDONTWRITEBYTECODE``) every start compiles

@@ -13,6 +13,7 @@ outlives the test that created it.
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -22,6 +23,10 @@ import pytest
 from orchestrator.adapters import local_ray, ray_serve
 from orchestrator.testing import genai_model
 from orchestrator.testing import ray_cluster as ray_cluster_harness
+
+# Before a test module imports onnxruntime itself: its telemetry stays off in the suite, as
+# in every process edgeplane runs it (docs/security.md).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 @pytest.fixture(scope="session")
