@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from edgeplane_proto import oip
 from orchestrator.adapters import serve_config
 from orchestrator.adapters.serve_config import (
     DataCentreActuator,
@@ -322,7 +323,19 @@ def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None
         replicas_target=target,
         endpoint_url=endpoint,
         detail=detail,
+        version=_running_version(app, state),
     )
+
+
+def _running_version(app: Mapping[str, Any], state: ServeAppState) -> str:
+    """The v2 version of an ONNX application whose replicas all run the config deployed:
+    the model file it was given (``deployed_app_config``); "" while it deploys, or for
+    other applications."""
+    deployed = app.get("deployed_app_config") or {}
+    if state is not ServeAppState.RUNNING or deployed.get("import_path") != serve_config.ONNX_IMPORT_PATH:
+        return ""
+    sha256 = (deployed.get("args") or {}).get("sha256")
+    return oip.model_version(sha256) if isinstance(sha256, str) else ""
 
 
 def unschedulable_reason(app: Mapping[str, Any], nodes: Sequence[Mapping[str, float]]) -> str:

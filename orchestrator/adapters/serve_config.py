@@ -176,6 +176,10 @@ class ServeAppStatus:
     replicas_target: int
     endpoint_url: str | None
     detail: str = ""  # the full message (tracebacks) when ``message`` is its summary
+    #: The v2 version every replica answers ``/versions/{v}`` for (an ONNX application's
+    #: model file, ``oip.model_version``), known only while Serve says they all run the
+    #: config deployed (RUNNING); "" otherwise.
+    version: str = ""
 
 
 class DataCentreActuator(Protocol):

@@ -278,7 +278,7 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
             healthy = dc is not None and dc.reachable and app.status in (serve_config.ServeAppState.RUNNING,)
             if v is not None and v.llm is not None:  # Ray Serve LLM: OpenAI routes under the route prefix
                 common.update(served_model=v.llm.servedModelName or d.spec.model)
-            out.append(routing.Endpoint(url=app.endpoint_url.rstrip("/"), healthy=healthy, **common))
+            out.append(routing.Endpoint(url=app.endpoint_url.rstrip("/"), healthy=healthy, version=app.version, **common))
     return tuple(out)
 
 

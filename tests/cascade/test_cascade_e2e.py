@@ -8,6 +8,7 @@ One fleet per module: edge-paris (FR), edge-berlin (DE) and dc-paris (FR, Ray). 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import pathlib
 import subprocess
@@ -170,6 +171,25 @@ async def test_cascade_tune_prints_a_sweep(fleet: harness.Fleet, task: tuple[pat
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_versioned_request_goes_to_the_stage_that_holds_that_file(
+        fleet: harness.Fleet, task: tuple[pathlib.Path, cascade_task.Task, str], samples: tuple[np.ndarray, np.ndarray]) -> None:
+    """A version names one file, so it runs no cascade: the teacher's version from Paris is
+    answered by the data centre holding it (its Serve app reports it), though the edge is
+    nearer; the student's by the edge."""
+    root, _, _ = task
+    teacher = hashlib.sha256((root / "artifacts" / "teacher.onnx").read_bytes()).hexdigest()[:12]
+    student = hashlib.sha256((root / "artifacts" / "student.onnx").read_bytes()).hexdigest()[:12]
+    async with httpx.AsyncClient(base_url=fleet.cp.http_url, timeout=30) as http:
+        listed = {e["site"]: e.get("version") for e in (await http.get("/v1/endpoints/task")).json()["endpoints"]}
+        assert listed.get("dc-paris") == teacher and listed.get("edge-paris") == student, listed
+        for version, site in ((teacher, "dc-paris"), (student, "edge-paris")):
+            resp = await http.post(f"/v2/models/task/versions/{version}/infer", json=cascade_task.infer_body(samples[0]), headers=PARIS)
+            assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == site, resp.text
+            assert resp.json()["model_version"] == version
+
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_stage_one_killed_under_load_fails_no_request(fleet: harness.Fleet, task: tuple[pathlib.Path, cascade_task.Task, str]) -> None:
     """Last in this module: it leaves edge-paris dead. A French caller's only first stage is
     edge-paris; killed with SIGKILL mid-load, every request is answered by the data centre."""
@@ -201,3 +221,4 @@ async def test_stage_one_killed_under_load_fails_no_request(fleet: harness.Fleet
     assert not failed, failed[:5]
     after = [s for s in statuses if s[2] > killed_at[0] + 0.5]
     assert after and {s[1] for s in after} == {"dc-paris"}
+

@@ -70,6 +70,7 @@ async def test_onnx_app_answers_v2_like_the_agent(
         # one version, the file's: the first 12 digits of its sha256, as an edge agent names it
         version = mlp.sha256[:12]
         assert meta["versions"] == [version]
+        assert status.version == version  # what the gateway's table routes versioned requests by
         assert (await client.get(f"/v2/models/mlp/versions/{version}/ready")).json()["ready"] is True
         wrong = await client.post("/v2/models/mlp/versions/1/infer", content=oip.encode_request({"input": x})[0])
         assert wrong.status_code == 404 and version in wrong.json()["error"], wrong.text

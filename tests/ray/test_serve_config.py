@@ -230,6 +230,18 @@ def test_status_from_details_counts_running_replicas_of_the_ingress() -> None:
     assert "taken more than 30s" in status.message
 
 
+def test_an_onnx_applications_version_is_known_while_it_runs_the_config_deployed() -> None:
+    """Serve's RUNNING says every replica runs the config deployed, so the model file it
+    names is what they answer for; while it deploys, replicas may hold either file."""
+    sha = "ab" * 32
+    deployed = {"import_path": serve_config.ONNX_IMPORT_PATH, "args": {"artifact_uri": "http://a/m.onnx", "sha256": sha}}
+    app = {"status": "RUNNING", "route_prefix": "/ep/a", "deployed_app_config": deployed, "deployments": {}}
+    assert ray_serve.status_from_details("ep-a", app, "http://proxy:8000").version == sha[:12]
+    assert ray_serve.status_from_details("ep-a", {**app, "status": "DEPLOYING"}, "http://proxy:8000").version == ""
+    other = {**app, "deployed_app_config": {"import_path": "team.app:build", "args": {"sha256": sha}}}
+    assert ray_serve.status_from_details("ep-a", other, "http://proxy:8000").version == ""  # not a file edgeplane names
+
+
 def test_demand_sums_replicas() -> None:
     demand = serve_config.total_demand([onnx(), onnx(name="ep-b", gpus=0.5, num_replicas=4)])
     assert (demand.cpu, demand.memory_mib, demand.gpus) == (3.0, 1536, 2.0)
