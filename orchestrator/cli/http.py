@@ -7,7 +7,10 @@ used at all, 3 when the server cannot be reached.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import time
 from typing import Any
 
 import httpx
@@ -63,25 +66,37 @@ class ApiClient:
             raise CliError(f"{source} {self.server!r} is not a URL such as {DEFAULT_SERVER} ({problem})", 2)
         self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 
-    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        """The JSON object the control plane answered; anything else is a :class:`CliError`."""
+    def request(self, method: str, path: str, *, busy_wait_s: float = 0.0, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object the control plane answered; anything else is a :class:`CliError`.
+        ``busy_wait_s``: for so long, a 429 (the control plane doing the same work for
+        someone else) is waited out as its ``Retry-After`` says, saying so on stderr."""
+        deadline = time.monotonic() + busy_wait_s
+        while True:
+            resp = self._send(method, path, **kwargs)
+            wait = _retry_after(resp) if resp.status_code == 429 else None
+            if wait is None or time.monotonic() + wait > deadline:
+                return self._answer(method, path, resp)
+            print(f"{_error_of(resp)}: waiting {wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(wait)
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            resp = self._http.request(method, path, **kwargs)
+            return self._http.request(method, path, **kwargs)
+        except httpx.ReadTimeout as exc:
+            waited = kwargs.get("timeout", self._http.timeout)
+            seconds = waited.read if isinstance(waited, httpx.Timeout) else waited
+            raise CliError(f"the control plane at {self.server} did not answer {method} {path} within {seconds:g} s", 3) from exc
         except httpx.TransportError as exc:
             raise CliError(f"cannot reach the control plane at {self.server}: {exc.__class__.__name__} ({exc}); is 'edgeplane serve' running? (--server / EDGEPLANE_SERVER)", 3) from exc
+
+    def _answer(self, method: str, path: str, resp: httpx.Response) -> dict[str, Any]:
         if resp.status_code >= 400:
             if resp.status_code == 404 and self._nothing_at_base():
                 raise CliError(f"nothing at {resp.request.url.copy_with(query=None)} nor at {self.server}/healthz (HTTP 404): "
                                f"is {self.server} the control plane's base URL (--server / EDGEPLANE_SERVER)? A path in it must "
                                "be the prefix a reverse proxy serves the control plane under")
-            try:
-                body = resp.json()
-            except ValueError:
-                body = None
-            if not isinstance(body, dict):
-                body = {"error": resp.text[:200] or resp.reason_phrase}
-            issues = body.get("issues") or []
-            details = [_issue_line(i) for i in issues]
+            body = _error_body(resp)
+            details = [_issue_line(i) for i in body.get("issues") or []]
             raise CliError(str(body.get("error", resp.reason_phrase)), 1, details)
         doc = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else None
         if not isinstance(doc, dict):  # a redirect (not followed), a proxy's page: no answer to read
@@ -116,3 +131,25 @@ def _issue_line(i: dict[str, Any]) -> str:
         where += f" (document {i['document']})"
     field = f" {i['field']}:" if i.get("field") else ""
     return f"{where}:{field} {i.get('message', '')}"
+
+
+def _error_body(resp: httpx.Response) -> dict[str, Any]:
+    """An error answer as the API gives it: ``{"error": ..., "issues": [...]}``."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {"error": resp.text[:200] or resp.reason_phrase}
+
+
+def _error_of(resp: httpx.Response) -> str:
+    return str(_error_body(resp).get("error", resp.reason_phrase))
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    """The seconds a ``Retry-After`` asks for (at least one, so a wait always waits), or None."""
+    try:
+        seconds = float(resp.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return max(1.0, seconds) if math.isfinite(seconds) else None

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+import httpx
+
 from orchestrator.cli import render, textfile
 from orchestrator.cli.http import ApiClient, CliError
 from orchestrator.manifests import loader, references, schema
@@ -65,6 +67,13 @@ def scenario_document(args: argparse.Namespace) -> dict[str, Any]:
 
 
 #: Which option set each field of a scenario's spec.fail.
+#: A control plane plans one what-if at a time: another caller's is waited out this long
+#: (a 429 says when to ask again) before the command gives up.
+BUSY_WAIT_S = 120.0
+#: The planning of a what-if within the control plane's budget takes up to about a minute
+#: on a quiet machine (docs/simulation.md); a loaded one may take several.
+ANSWER_TIMEOUT = httpx.Timeout(30.0, read=600.0)
+
 FAIL_FLAGS = {"sites": "--fail-site", "regions": "--fail-region", "countries": "--fail-country", "tiers": "--fail-tier"}
 #: Which option set each field of a site's change.
 SITE_FLAGS = {"carbonGramsPerKWh": ("--carbon", "carbon"), "capacityFactor": ("--capacity", "capacity")}
@@ -175,7 +184,7 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
         else:
             scenario.parse(doc, source)  # refused here, as a local run would refuse it
             params = {k: v for k, v in (("each", each), ("top", str(args.top) if args.top else None)) if v}
-            data = api.request("POST", "/v1/simulate", params=params, json=doc)
+            data = api.request("POST", "/v1/simulate", params=params, json=doc, busy_wait_s=BUSY_WAIT_S, timeout=ANSWER_TIMEOUT)
     except scenario.ScenarioError as exc:
         raise CliError(str(exc), 1) from None
     elapsed = time.perf_counter() - started

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import pathlib
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import pytest_asyncio
 
 from orchestrator import server, server_options
 from orchestrator.api import simulate as simulate_api
+from orchestrator.cli import http as http_mod
 
 from . import fleets
 
@@ -148,3 +150,38 @@ async def test_serve_takes_the_limits_as_options(argv: list[str], slots: int, un
     server_options.add_serve_arguments(p)
     config = server.config_from_args(p.parse_args(argv))
     assert (config.simulation_slots, config.simulation_budget) == (slots, units)
+
+
+async def test_the_cli_waits_for_the_slot_another_caller_holds(served, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Two operators drilling at once: the second command says it waits, and answers once
+    the first what-if is over, as the 429's Retry-After asks, instead of failing."""
+    monkeypatch.setattr(simulate_api.Busy, "retry_after_s", 1)
+    held = Held()
+    served.simulations.plan = held
+    try:
+        first = asyncio.create_task(asyncio.to_thread(httpx.post, f"{served.http_url}/v1/simulate", content="spec: {fail: {sites: [edge-a]}}",
+                                                      timeout=30))
+        assert await asyncio.to_thread(held.started.wait, 30), "the first simulation never started"
+        cli = await asyncio.create_subprocess_exec(str(EDGEPLANE), "--server", served.http_url, "simulate", "--fail-site", "edge-b", "-o", "json",
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+        assert cli.stderr is not None
+        said = await asyncio.wait_for(cli.stderr.readline(), 60)
+        assert said.decode().strip() == f"a simulation is already running on this control plane; retry in {simulate_api.RETRY_AFTER_S} s: waiting 1 s"
+        held.go_on.set()
+        out, _ = await asyncio.wait_for(cli.communicate(), 60)
+        assert (await first).status_code == 200
+    finally:
+        held.go_on.set()
+        served.simulations.plan = simulate_api.run
+    assert cli.returncode == 0 and json.loads(out)["scenario"] == "fail site edge-b"
+
+
+async def test_a_control_plane_that_never_answers_is_said_so_not_called_unreachable() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # accepts, never answers
+        api = http_mod.ApiClient(f"http://127.0.0.1:{silent.getsockname()[1]}", None, timeout=0.3)
+        with pytest.raises(http_mod.CliError) as refused:
+            api.request("POST", "/v1/simulate", json={})
+    assert str(refused.value) == f"the control plane at {api.server} did not answer POST /v1/simulate within 0.3 s"
+    assert refused.value.code == 3
