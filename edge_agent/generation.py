@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent import errors, openai_api, registry
+from edge_agent import errors, openai_api, refusals, registry
 from edge_agent.httpserver import Passthrough, Request, Response, StreamingResponse
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
@@ -56,7 +56,7 @@ WRITE_THROUGH_MIN_GAP_S = 0.25e-3
 # event loop, for about 50 ms a MiB.
 MAX_TOKEN_CHARS = 1024
 _READ = ("GET", "HEAD")
-_ROUTES = {"/v1/models": _READ, "/v1/chat/completions": ("POST",), "/v1/completions": ("POST",)}
+_ROUTES = {"/v1/models": _READ, **{path: ("POST",) for path in refusals.GENERATE_PATHS}}
 
 
 @dataclass(frozen=True)

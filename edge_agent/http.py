@@ -155,7 +155,7 @@ class InferenceServer:
                 if self.draining:
                     return Response(503, refusals.openai_error_body("the agent is draining", "server_error", None, "draining"),
                                     headers=(("retry-after", "1"),))
-                if "content-encoding" in request.headers:
+                if "content-encoding" in request.headers and path.rstrip("/") in refusals.GENERATE_PATHS:  # else a 404 or 405 first
                     plain = await inflated(request, self.max_body_bytes)
                     if isinstance(plain, Refusal):
                         self.metrics.observe_error(UNKNOWN_MODEL, plain.status)  # as a generation refused before its model is known

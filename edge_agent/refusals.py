@@ -25,6 +25,8 @@ from edgeplane_proto import oip
 
 #: The root of the OpenAI-compatible routes (an SDK's ``base_url`` ends with it).
 OPENAI_ROOT = "/v1"
+#: The routes that take a body: the only ones whose compressed body is worth inflating.
+GENERATE_PATHS = frozenset({f"{OPENAI_ROOT}/chat/completions", f"{OPENAI_ROOT}/completions"})
 
 
 def speaks_openai(path: str) -> bool:

@@ -168,11 +168,14 @@ async def test_whatever_the_content_type_the_answer_is_the_route_s(agent: Servin
     ("GET", "/v1", 404, "not_found"),  # the SDK's base URL itself
     ("POST", "/v1", 404, "not_found"),
     ("GET", "/v1/", 404, "not_found"),
+    ("POST", "/v1/embeddings", 404, "not_found"),  # a route these agents do not have
     ("OPTIONS", "/v1/chat/completions", 405, "method_not_allowed"),
     ("PATCH", "/v1/completions", 405, "method_not_allowed"),
 ])
 async def test_no_such_v1_route_is_an_openai_error(agent: Serving, method: str, path: str, status: int, code: str) -> None:
     assert error_of(await agent.http.request(method, path), status)["code"] == code
+    # a body in an encoding the agent does not read changes nothing: there is no route to read it
+    assert error_of(await agent.http.request(method, path, content=b"{}", headers={"content-encoding": "br"}), status)["code"] == code
 
 
 @pytest.mark.parametrize(("raw", "status", "code"), [
