@@ -54,21 +54,13 @@ class Refusal(NamedTuple):
     code: str | None = None  # OpenAI's error code, for the /v1 routes
 
 
-#: A compressed body up to this size is inflated on the event loop (a few milliseconds at
-#: most, whatever its ratio); a larger one on a thread.
-INFLATE_INLINE_MAX = 4096
-
-
 async def inflated(request: Request, limit: int) -> Request | Refusal:
     """``request`` with its body as sent before its ``Content-Encoding`` (at most ``limit``
     bytes of it), or why it cannot be had. Shared by the v2 and the /v1 routes."""
     encoding = request.headers.get("content-encoding")
     if encoding is None or encoding_mod.is_identity(encoding):
         return request
-    # zlib lets go of the GIL: a large body (up to --max-request-bytes inflated, ~0.3 s
-    # for 64 MiB) inflates on a thread while the loop answers others and heartbeats.
-    body = (encoding_mod.inflate(request.body, encoding, limit) if len(request.body) <= INFLATE_INLINE_MAX
-            else await asyncio.to_thread(encoding_mod.inflate, request.body, encoding, limit))
+    body = await encoding_mod.inflate_off_loop(request.body, encoding, limit)
     if isinstance(body, encoding_mod.Refused):
         return Refusal(*body)
     return dataclasses.replace(request, body=body)

@@ -60,8 +60,6 @@ SDK_PREFIX = "/v1"
 SDK_PATHS = (f"{SDK_PREFIX}/models", f"{SDK_PREFIX}/chat/completions", f"{SDK_PREFIX}/completions")
 FORWARD_HEADERS = ("content-type", "accept")
 SSE_DONE = b"data: [DONE]\n\n"
-#: A compressed body up to this size is inflated on the event loop, a larger one on a thread.
-INFLATE_INLINE_MAX = 4096
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -235,9 +233,8 @@ class OpenAIGateway:
         except ClientDisconnect:  # nobody is left to read the answer
             return error(400, "the client went away before the whole body arrived")
         encoding = request.headers.get("content-encoding")
-        if not encoding_mod.is_identity(encoding):  # inflated here: the body is read, changed and sent on plain
-            assert encoding is not None
-            plain = await _inflate(raw, encoding, self.gw.max_body)
+        if encoding is not None and not encoding_mod.is_identity(encoding):  # inflated here: the body is read, changed and sent on plain
+            plain = await encoding_mod.inflate_off_loop(raw, encoding, self.gw.max_body)
             if isinstance(plain, encoding_mod.Refused):
                 return error(plain.status, plain.message, code=plain.code, headers=encoding_mod.refusal_headers(plain.status))
             raw = plain
@@ -471,13 +468,6 @@ async def _events(resp: Stream, first_timeout: float, idle_timeout: float) -> As
         if cut >= 0:
             whole, tail = tail[: cut + 2], tail[cut + 2:]
             yield whole
-
-
-async def _inflate(raw: bytes, encoding: str, limit: int) -> bytes | encoding_mod.Refused:
-    """A compressed body, inflated; on a thread when large (zlib lets go of the GIL)."""
-    if len(raw) <= INFLATE_INLINE_MAX:
-        return encoding_mod.inflate(raw, encoding, limit)
-    return await asyncio.to_thread(encoding_mod.inflate, raw, encoding, limit)
 
 
 async def _send_whole(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:

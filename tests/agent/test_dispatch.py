@@ -19,7 +19,7 @@ import pytest
 from edge_agent import http, registry
 from edge_agent.httpserver import Request
 from edge_agent.runtime import onnx
-from edgeplane_proto import oip
+from edgeplane_proto import encoding, oip
 from orchestrator.testing import onnx_models
 from orchestrator.testing.agent_parts import OneModel
 
@@ -203,4 +203,4 @@ async def test_a_large_compressed_body_inflates_off_the_loop(server) -> None:  #
         await asyncio.sleep(0)
     assert refused.result().status == 413 and turns > 10, turns
     small = Request("POST", "/v2/models/m/infer", "", {"content-encoding": "gzip"}, gzip.compress(request(X, binary=False).body))
-    assert len(small.body) <= http.INFLATE_INLINE_MAX and (await app.infer("m", small)).status == 200
+    assert len(small.body) <= encoding.INFLATE_INLINE_MAX and (await app.infer("m", small)).status == 200
