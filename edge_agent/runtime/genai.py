@@ -16,16 +16,16 @@ This module adds what a server needs around its ``Generator`` loop:
 CUDA is used when the installed onnxruntime-genai has it (``onnxruntime-genai-cuda``, the
 ``gpu`` extra) and a GPU is present; otherwise the CPU.
 
-A step holds the GIL (the 0.18 binding does not release it around
-``generate_next_token``, as far as measurements tell), so a generating thread that runs
-freely takes the interpreter from the event loop that sends its tokens: on a loaded
-machine a stream's tokens, other requests and even a client's disconnect waited behind a
-whole generation. A streamed sequence therefore runs inside a :class:`Window`: its first
-token waits until the event loop has written it (time to first token), and after that the
-thread runs at most ``Window.ahead`` tokens ahead of what the loop has written, then
-blocks (releasing the GIL) until the loop catches up. A reader that stops reading stops the
-generation within that many tokens, a disconnect is seen by the loop at once, and tokens
-per second stay those of the bare loop while the consumer keeps up. (A token the
+The library is called through its C API (``runtime.oga``), which releases the GIL while a
+model loads, a prompt is read and each step runs: its Python binding kept the GIL for all of
+these, so the event loop, other models' requests and the agent's heartbeats waited behind
+each step of a generation and behind a whole model load.
+
+A streamed sequence runs inside a :class:`Window`: its first token waits until the event
+loop has written it (time to first token), and after that the thread runs at most
+``Window.ahead`` tokens ahead of what the loop has written, then blocks until the loop
+catches up. A reader that stops reading stops the generation within that many tokens, and
+tokens per second stay those of the bare loop while the consumer keeps up. (A token the
 generating thread writes to the connection itself, ``generation._Sequence``, counts as
 written at once.) ``bench/genai_agent.py`` measures both.
 """
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_agent import errors
-from edge_agent.runtime import onnx
+from edge_agent.runtime import oga, onnx
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -151,10 +151,8 @@ class StopMatcher:
 
 
 def cuda_available() -> bool:
-    import onnxruntime_genai as og
-
     try:
-        return bool(og.is_cuda_available()) and _has_gpu()
+        return oga.cuda_built() and _has_gpu()
     except Exception:
         return False
 
@@ -169,11 +167,11 @@ class GenAIModel:
 
     kind = "onnx-genai"
 
-    def __init__(self, directory: pathlib.Path, model: object, tokenizer: object, provider: str) -> None:
+    def __init__(self, directory: pathlib.Path, model: oga.Model, provider: str) -> None:
         config = json.loads((directory / "genai_config.json").read_text())
         self.directory = directory
         self._model = model
-        self._tokenizer = tokenizer
+        self._tokenizer = model.tokenizer
         self.provider = provider
         section = config.get("model", {})
         self.context_length = int(section.get("context_length") or config.get("search", {}).get("max_length") or 0)
@@ -184,41 +182,36 @@ class GenAIModel:
     def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
              spin_after_run_us: int = 0) -> GenAIModel:
         try:
-            import onnxruntime_genai as og
+            oga.api()
         except ImportError as exc:
             raise errors.ModelLoadError(
                 "onnxruntime-genai is not installed: install edgeplane[cpu] (or [gpu]) to serve onnx-genai models") from exc
         cuda = cuda_available() if use_cuda is None else use_cuda
+        entries = onnx.spin_entries(spin_between_runs, spin_after_run_us)
+        # No entries: onnxruntime's own thread policy, as the package has it.
+        overlay = {"model": {"decoder": {"session_options": entries}}} if entries else None
         try:
-            config = og.Config(str(directory))
-            entries = onnx.spin_entries(spin_between_runs, spin_after_run_us)
-            if entries:  # none: onnxruntime's own thread policy, as the package has it
-                config.overlay(json.dumps({"model": {"decoder": {"session_options": entries}}}))
-            config.clear_providers()
-            if cuda:
-                config.append_provider("cuda")
-            model = og.Model(config)
-            tokenizer = og.Tokenizer(model)
-        except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors
+            model = oga.Model(directory, overlay, providers=["cuda"] if cuda else [])
+        except (oga.OgaError, OSError) as exc:
             raise errors.ModelLoadError(f"onnxruntime-genai could not load the model: {exc}") from exc
-        return cls(directory, model, tokenizer, CUDA if cuda else CPU)
+        return cls(directory, model, CUDA if cuda else CPU)
 
     # -- prompts ---------------------------------------------------------------------------
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         """The model's own chat template applied to ``messages``, ready for the answer."""
         try:
-            return str(self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True))
-        except Exception as exc:
+            return self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True)
+        except oga.OgaError as exc:
             raise errors.InvalidInput(f"the model's chat template could not format the messages: {exc}") from exc
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tokenizer.encode(text), dtype=np.int32)
+        return self._tokenizer.encode(text)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:
-            text = self._token_text[token_id] = str(self._tokenizer.decode(np.array([token_id], dtype=np.int32)))
+            text = self._token_text[token_id] = self._tokenizer.decode(np.array([token_id], dtype=np.int32))
         return text
 
     # -- generation --------------------------------------------------------------------------
@@ -228,11 +221,8 @@ class GenAIModel:
         """Generate on the calling thread, handing each token to ``emit``; ends with one
         :class:`Finished`. Stops between steps once ``cancel`` is set. With a ``window``, the
         thread waits after each token until the consumer is close enough behind it."""
-        import onnxruntime_genai as og
-
         n_prompt = int(prompt.shape[0])
-        params = og.GeneratorParams(self._model)
-        search: dict[str, object] = {"max_length": n_prompt + options.max_tokens}
+        search: dict[str, float | int | bool] = {"max_length": n_prompt + options.max_tokens}
         if options.repetition_penalty != 1.0:
             search["repetition_penalty"] = float(options.repetition_penalty)
         if options.temperature > 0:
@@ -241,10 +231,21 @@ class GenAIModel:
                 search["random_seed"] = int(options.seed) & 0x7FFFFFFF
         else:
             search["do_sample"] = False
-        params.set_search_options(**search)
-        generator = og.Generator(self._model, params)
+        generator = oga.Generator(self._model, search)
+        stream = oga.TokenizerStream(self._tokenizer)
+        try:
+            reason, produced, rest = self._steps(generator, stream, prompt, options, emit, cancel, window)
+        finally:  # the KV cache goes now, not when the collector gets to it
+            stream.close()
+            generator.close()
+        finished = Finished(reason, n_prompt, produced, rest)
+        emit(finished)
+        return finished
+
+    def _steps(self, generator: oga.Generator, stream: oga.TokenizerStream, prompt: np.ndarray, options: SamplingOptions,
+               emit: Callable[[TokenEvent | Finished], None], cancel: Cancel, window: Window | None) -> tuple[str, int, str]:
+        """Prefill, then one step per token; ``(finish reason, tokens produced, held-back text)``."""
         generator.append_tokens(prompt)
-        stream = self._tokenizer.create_stream()
         stops = StopMatcher(options.stop)
         produced = 0
         reason = "length"
@@ -257,11 +258,11 @@ class GenAIModel:
                 break
             # The logits the next token is drawn from: asked for before the step, which then
             # uses them (asked for after, they would be the following position's).
-            logits = generator.get_logits() if options.logprobs else None
+            logits = generator.logits() if options.logprobs else None
             generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
+            token = generator.next_token()
             produced += 1
-            if token in self._eos:
+            if token in self._tokenizer.eos_token_ids:
                 produced -= 1  # the end-of-sequence token is not part of the answer
                 reason = "stop"
                 break
@@ -275,21 +276,7 @@ class GenAIModel:
                 break
             if window is not None:
                 window.wait(produced)
-        rest = "" if reason == "stop" else stops.flush()
-        finished = Finished(reason, n_prompt, produced, rest)
-        emit(finished)
-        return finished
-
-    @property
-    def _eos(self) -> frozenset[int]:
-        eos = getattr(self, "_eos_ids", None)
-        if eos is None:
-            try:
-                eos = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
-            except Exception:
-                eos = frozenset()
-            self._eos_ids = eos
-        return eos
+        return reason, produced, "" if reason == "stop" else stops.flush()
 
     def _logprobs(self, raw: object, token: int, top_n: int) -> tuple[float, tuple[tuple[str, float], ...]]:
         logits = np.asarray(raw, dtype=np.float64).reshape(-1)
