@@ -112,7 +112,6 @@ class Agent:
             on_change=self._models_changed,
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
-            announce_quiet=self._announce_quiet,
         )
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000)
         self.server.max_body_bytes = config.max_body_bytes
@@ -164,13 +163,6 @@ class Agent:
 
     def draining(self) -> bool:
         return self.server.draining
-
-    def quiet_ms(self) -> int:
-        return int(self.registry.quiet_s() * 1000)
-
-    async def _announce_quiet(self) -> None:
-        if self.uplink is not None:
-            await self.uplink.announce()
 
     # -- life cycle -------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import math
 import random
 import pathlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -116,19 +116,6 @@ class _Slot:
         self.retry_at: float | None = None  # clock time of the next attempt, when FAILED
 
 
-#: How long a generative model's load may keep the agent silent: onnxruntime-genai holds
-#: Python's lock while it loads (SmolLM2-135M's 540 MB: 0.7-1.1 s here, nothing else of the
-#: agent runs meanwhile, heartbeats included), so the control plane is told beforehand
-#: (``Heartbeat.quiet_ms``). A base plus 1 s per 100 MB of package, at most 10 minutes.
-QUIET_BASE_S = 10.0
-QUIET_BYTES_PER_S = 100e6
-QUIET_MAX_S = 600.0
-
-
-def quiet_allowance(package_bytes: int) -> float:
-    return min(QUIET_MAX_S, QUIET_BASE_S + package_bytes / QUIET_BYTES_PER_S)
-
-
 Loader = Callable[[bytes], onnx.OnnxModel]
 #: Loads a generative package: (the cached package file, its sha256) -> the model.
 PackageLoader = Callable[[pathlib.Path, str], "genai.GenAIModel"]
@@ -142,7 +129,6 @@ class ModelRegistry:
         on_change: Callable[[], None] = lambda: None,
         *,
         load_package: PackageLoader | None = None,
-        announce_quiet: Callable[[], Awaitable[None]] | None = None,
         retry: RetryPolicy = MODEL_RETRY,
         clock: Callable[[], float] = time.monotonic,
         rng: Jitter | None = None,
@@ -150,8 +136,6 @@ class ModelRegistry:
         self._cache = cache
         self._load = load
         self._load_package = load_package
-        self._announce_quiet = announce_quiet
-        self._quiet: dict[str, float] = {}  # model -> seconds its load in progress may keep the agent silent
         self._on_change = on_change
         self._retry = retry
         self._clock = clock
@@ -171,10 +155,6 @@ class ModelRegistry:
 
     def _serving_versions(self) -> set[tuple[str, str]]:
         return {(m.name, m.sha256) for m in self.serving()}
-
-    def quiet_s(self) -> float:
-        """How long the loads in progress may keep the agent from sending anything."""
-        return sum(self._quiet.values())
 
     def statuses(self) -> tuple[ModelStatus, ...]:
         out = []
@@ -251,13 +231,7 @@ class ModelRegistry:
             if want.runtime == assignments.RUNTIME_GENAI:
                 if self._load_package is None:
                     raise errors.ModelLoadError("this agent cannot serve onnx-genai models")
-                self._quiet[want.model] = quiet_allowance(path.stat().st_size)
-                try:
-                    if self._announce_quiet is not None:
-                        await self._announce_quiet()  # before the load stops every other part of the agent
-                    runtime = await asyncio.to_thread(self._load_package, path, want.sha256)
-                finally:
-                    self._quiet.pop(want.model, None)
+                runtime = await asyncio.to_thread(self._load_package, path, want.sha256)
             else:
                 data = await self._cache.read(want.sha256)
                 runtime = await asyncio.to_thread(self._load, data)

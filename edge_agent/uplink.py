@@ -124,8 +124,6 @@ class Reporter(Protocol):
 
     def draining(self) -> bool: ...
 
-    def quiet_ms(self) -> int: ...
-
 
 def client_options() -> list[tuple[str, int]]:
     return [
@@ -169,7 +167,6 @@ class Uplink:
         self._rng = rng or random.Random()
         self._clock = clock
         self._wake = asyncio.Event()
-        self._announced: list[asyncio.Event] = []  # set once a heartbeat built after them went out
         self._stopping = asyncio.Event()
         self.interval = facts.heartbeat_interval or DEFAULT_HEARTBEAT_S  # until the join answers
         try:
@@ -193,17 +190,6 @@ class Uplink:
     def nudge(self) -> None:
         """Send a heartbeat now (a model changed state) instead of at the next tick."""
         self._wake.set()
-
-    async def announce(self, timeout: float = 1.0) -> None:
-        """Send a heartbeat now and return once the stream has taken it: what it says (a
-        quiet spell ahead) reached the control plane before the agent goes silent. Without a
-        session, returns after ``timeout``."""
-        sent = asyncio.Event()
-        self._announced.append(sent)
-        self._wake.set()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await sent.wait()
 
     async def run(self) -> None:
         attempt = 0
@@ -487,7 +473,6 @@ class Uplink:
         last_models: tuple[registry.ModelStatus, ...] | None = None
         while True:
             self._wake.clear()
-            announced, self._announced = self._announced, []
             report = self._reporter
             load = report.load()
             beat = pb.Heartbeat(
@@ -498,7 +483,6 @@ class Uplink:
                 memory_available_bytes=load.memory_available_bytes,
                 assignment_version=report.assignment_version(),
                 draining=report.draining() or self._stopping.is_set(),
-                quiet_ms=report.quiet_ms(),
             )
             for index, free in load.gpu_free_bytes:
                 beat.gpu_load.add(index=index, memory_free_bytes=free)
@@ -515,8 +499,6 @@ class Uplink:
                 beat.models.SetInParent()
                 beat.models.models.extend(m.to_proto() for m in models)
             yield beat  # resumed when the stream wants the next one: this one is on its way
-            for sent in announced:
-                sent.set()
             seq += 1
             if self._stopping.is_set():
                 return

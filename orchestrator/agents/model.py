@@ -220,7 +220,7 @@ class Heartbeat:
     models: tuple[ModelState, ...] | None
     gpu_free_bytes: tuple[tuple[int, int], ...]  # (gpu index, free bytes)
     model_load: tuple[tuple[str, int, float], ...] = ()  # (model, requests, busy seconds)
-    quiet_ms: int = 0  # the agent may send nothing this long (a generative model's load)
+    quiet_ms: int = 0  # the agent may send nothing this long (sent by agents of earlier versions while loading)
 
     @classmethod
     def from_proto(cls, msg: pb.Heartbeat) -> Heartbeat:

@@ -265,11 +265,12 @@ def test_smollm2_converted_here_answers_a_question(tmp_path: pathlib.Path) -> No
 
 
 @pytest.mark.timeout(300)
-async def test_an_agent_loading_a_real_model_is_not_called_lost_while_it_cannot_send(tmp_path: pathlib.Path) -> None:
-    """onnxruntime-genai holds Python's lock while it loads a model (SmolLM2: 0.7 s here, a
-    gpt-oss-20b far longer), so the agent sends no heartbeat meanwhile. It announces the
-    quiet spell first: with heartbeats every 0.1 s (lost after 0.3 s of silence) the
-    control plane must still not call it lost."""
+async def test_an_agent_loading_a_real_model_keeps_sending_heartbeats(tmp_path: pathlib.Path) -> None:
+    """onnxruntime-genai's Python binding held Python's lock while it loaded a model
+    (SmolLM2: 0.4-1.1 s here, a gpt-oss-20b far longer), so the agent could send no heartbeat
+    meanwhile. Its C API lets go of the lock: with heartbeats every 0.1 s (lost after 0.3 s
+    of silence) the agent loads SmolLM2 without a gap the control plane would call a loss,
+    and without announcing one."""
     from orchestrator.agents import auth, hub, model, service
     from orchestrator.testing import harness
 
@@ -288,7 +289,7 @@ async def test_an_agent_loading_a_real_model_is_not_called_lost_while_it_cannot_
 
     agent_hub.record_heartbeat = recorded  # type: ignore[method-assign]
     server = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
-    sweeper = asyncio.create_task(agent_hub.run_sweeper())
+    sweeper = asyncio.create_task(agent_hub.run_sweeper(period=0.02))  # from the start, not after the hub's 5 s default
     site, data_dir = "edge-paris", tmp_path / "agent"
     cmd = harness.agent_command(f"127.0.0.1:{server.port}", site, data_dir, token="t0k3n", heartbeat_interval=0.1,
                                 extra=("--allow-file-artifacts",))
@@ -296,6 +297,7 @@ async def test_an_agent_loading_a_real_model_is_not_called_lost_while_it_cannot_
     try:
         await harness.wait_until(lambda: (s := agent_hub.status(site)) is not None and s.last_heartbeat > s.joined_at, 30,
                                  what="the agent's first heartbeat")
+        start = len(seen)
         agent_hub.set_assignments(site, [model.Assignment("smollm2", "smollm2", "cpu", facts.path.as_uri(), facts.sha256,
                                                           runtime="onnx-genai")], version=1)
 
@@ -305,11 +307,9 @@ async def test_an_agent_loading_a_real_model_is_not_called_lost_while_it_cannot_
             return state is not None and state.serving_sha256 == facts.sha256
 
         await harness.wait_until(serving, 180, what="SmolLM2 to be served")
-        # The 540 MB copy and unpack before the load may delay a 0.1 s heartbeat on a busy
-        # machine; what must hold is the announcement before the load and no loss after it.
-        announced = next((i for i, (kind, quiet) in enumerate(seen) if kind == "beat" and quiet >= 10_000), None)
-        assert announced is not None, "no heartbeat announced the load's quiet spell"
-        assert ("LOST", 0) not in seen[announced:], seen[announced:]
+        during = seen[start:]
+        assert ("LOST", 0) not in during, during
+        assert all(quiet == 0 for _, quiet in during), "a quiet spell was announced"
     finally:
         agent.stop()
         sweeper.cancel()
