@@ -6,11 +6,14 @@ before an agent is killed. Every wait is on a condition in the page, bounded.
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
+import threading
 
 import httpx
 import pytest
 
+from orchestrator.api import simulate as simulate_api
 from orchestrator.testing import harness
 
 from .conftest import AGENTS
@@ -123,6 +126,43 @@ async def test_the_what_if_panel_shows_the_moves_on_the_map(browser, fleet: harn
         assert await page.locator("#map path.move").count() == 0
         assert errors == []
     finally:
+        await page.close()
+
+
+async def test_a_what_if_waits_for_the_slot_another_caller_holds(browser, fleet: harness.Fleet,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two operators drilling at once: the console says it waits and shows the answer once
+    the other what-if is over, as the 429's Retry-After asks, instead of an error."""
+    monkeypatch.setattr(simulate_api.Busy, "retry_after_s", 1)
+    cp = fleet.cp
+    started, go_on = threading.Event(), threading.Event()
+
+    def held(*args: object) -> dict:
+        started.set()
+        assert go_on.wait(30), "the test never let the other what-if finish"
+        return simulate_api.run(*args)  # type: ignore[arg-type]
+
+    cp.simulations.plan = held
+    page, errors = await open_console(browser, cp.http_url)
+    try:
+        other = asyncio.create_task(asyncio.to_thread(httpx.post, f"{cp.http_url}/v1/simulate", content=b"", timeout=30))
+        assert await asyncio.to_thread(started.wait, 30), "the other what-if never started"
+        await page.wait_for_selector("#map g.site", timeout=15_000)
+        await page.click("nav button[data-tab=whatif]")
+        await page.select_option("#whatif-kind", "sites")
+        await page.click("#whatif-run")
+        waiting = await page.wait_for_selector("#whatif-waiting", timeout=15_000)
+        assert (await waiting.inner_text()) == f"a simulation is already running on this control plane; retry in {simulate_api.RETRY_AFTER_S} s: waiting 1 s"
+        cp.simulations.plan = simulate_api.run
+        go_on.set()
+        await page.wait_for_selector("#whatif-summary", timeout=15_000)
+        assert (await other).status_code == 200
+        assert await page.locator("#whatif-result .error").count() == 0
+        await page.click("#whatif-clear")
+        assert errors == []
+    finally:
+        go_on.set()
+        cp.simulations.plan = simulate_api.run
         await page.close()
 
 

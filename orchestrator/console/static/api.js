@@ -3,6 +3,11 @@ const KEY = "edgeplane.token";
 
 export class Unauthorized extends Error {}
 
+// A 429: the control plane is busy (every what-if slot taken); retryAfter is its Retry-After in seconds.
+export class Busy extends Error {
+  constructor(message, retryAfter) { super(message); this.retryAfter = retryAfter; }
+}
+
 export function token() { return sessionStorage.getItem(KEY) || ""; }
 export function setToken(value) { value ? sessionStorage.setItem(KEY, value) : sessionStorage.removeItem(KEY); }
 
@@ -16,6 +21,7 @@ async function call(method, path, body) {
   if (!resp.ok) {
     let message = text;
     try { message = JSON.parse(text).error || text; } catch (_) { /* not JSON */ }
+    if (resp.status === 429) throw new Busy(message, Math.max(1, Number(resp.headers.get("retry-after")) || 5));
     throw new Error(`${resp.status}: ${message}`);
   }
   return path === "/metrics" ? text : JSON.parse(text);

@@ -177,7 +177,7 @@ async function runWhatif(event) {
   const out = $("whatif-result");
   out.replaceChildren(text("p", "simulating…", "muted"));
   try {
-    const r = await api.post("/v1/simulate", { kind: "Scenario", metadata: { name: "console" }, spec });
+    const r = await simulate({ kind: "Scenario", metadata: { name: "console" }, spec }, out);
     const views = siteViews();
     const lost = views.filter((v) => (kind === "sites" && v.name === target) || (kind === "regions" && v.region === target)
       || (kind === "countries" && v.country === target) || (kind === "tiers" && v.tier === target)).map((v) => v.name);
@@ -187,6 +187,27 @@ async function runWhatif(event) {
   } catch (err) {
     if (err instanceof api.Unauthorized) { showLogin(err.message); return; }
     out.replaceChildren(text("p", err.message, "error"));
+  }
+}
+
+// How long a what-if waits for a slot that other callers hold, as the CLI does.
+const SIMULATE_WAIT_MS = 120_000;
+
+// POST /v1/simulate; while the control plane is busy with other what-ifs (429), waits as its
+// Retry-After asks, saying so in `out`, for up to SIMULATE_WAIT_MS.
+async function simulate(body, out) {
+  const giveUp = Date.now() + SIMULATE_WAIT_MS;
+  for (;;) {
+    try {
+      return await api.post("/v1/simulate", body);
+    } catch (err) {
+      if (!(err instanceof api.Busy) || Date.now() + err.retryAfter * 1000 > giveUp) throw err;
+      const note = text("p", `${err.message}: waiting ${err.retryAfter} s`, "muted");
+      note.id = "whatif-waiting";
+      out.replaceChildren(note);
+      await new Promise((resolve) => setTimeout(resolve, err.retryAfter * 1000));
+      out.replaceChildren(text("p", "simulating…", "muted"));
+    }
   }
 }
 
