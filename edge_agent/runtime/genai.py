@@ -186,6 +186,8 @@ class GenAIModel:
         except ImportError as exc:
             raise errors.ModelLoadError(
                 "onnxruntime-genai is not installed: install edgeplane[cpu] (or [gpu]) to serve onnx-genai models") from exc
+        except OSError as exc:
+            raise errors.ModelLoadError(f"onnxruntime-genai's library cannot be loaded: {exc}") from exc
         cuda = cuda_available() if use_cuda is None else use_cuda
         entries = onnx.spin_entries(spin_between_runs, spin_after_run_us)
         # No entries: onnxruntime's own thread policy, as the package has it.

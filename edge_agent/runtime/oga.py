@@ -129,7 +129,11 @@ def api() -> Any:
     and loads onnxruntime for it; the C library is the one that package already loaded."""
     import onnxruntime_genai
 
-    return _Api(str(pathlib.Path(onnxruntime_genai.__file__).parent / "libonnxruntime-genai.so"))
+    folder = pathlib.Path(onnxruntime_genai.__file__).parent
+    found = sorted(folder.glob("libonnxruntime-genai.so*")) + sorted(folder.glob("libonnxruntime-genai*.dylib"))
+    if not found:
+        raise OSError(f"the installed onnxruntime-genai has no libonnxruntime-genai.so in {folder}")
+    return _Api(str(found[0]))
 
 
 def cuda_built() -> bool:
