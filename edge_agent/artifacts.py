@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 #: Beyond the socket timeout, how long a download child may say nothing before it is killed.
 STALL_GRACE_S = 10.0
+#: How long a fetch child whose output ended may take to exit before it is killed.
+EXIT_GRACE_S = 5.0
 
 
 def check_sha256(sha256: str) -> str:
@@ -125,10 +127,12 @@ class ArtifactCache:
             )
         except OSError as exc:
             raise errors.ArtifactUnavailable(f"download of {url} failed: cannot start {sys.executable}: {exc}") from exc
+        ended = False
         try:
             report = await self._follow(proc, url, progress)
+            ended = True
         finally:
-            await asyncio.shield(_reap(proc))
+            await asyncio.shield(_reap(proc, ended=ended))
         if "done" not in report:
             assert proc.stderr is not None
             raise self._failure(url, digest, report, proc.returncode, await proc.stderr.read())
@@ -177,7 +181,15 @@ class ArtifactCache:
         return errors.ArtifactUnavailable(f"download of {url} failed: the fetch process exited with status {code}: {tail}")
 
 
-async def _reap(proc: asyncio.subprocess.Process) -> None:
+async def _reap(proc: asyncio.subprocess.Process, *, ended: bool) -> None:
+    """Wait for the fetch child; kill it first unless its output ``ended``. A child that
+    closed its output is exiting: killing it then made ``Popen.kill`` reap it before
+    asyncio's child watcher could, which reported it as exit status 255 with a warning
+    (about one download in three here)."""
+    if ended and proc.returncode is None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EXIT_GRACE_S):
+                await proc.wait()
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

@@ -290,3 +290,16 @@ def test_a_bounded_spin_after_runs_answers_alike(tmp_path: pathlib.Path) -> None
     answers = [onnx.OnnxModel.load(model.path.read_bytes(), spin_after_run_us=us).run({"input": x}, ["output"])[0]
                for us in (0, 250)]
     np.testing.assert_array_equal(answers[0], answers[1])
+
+
+async def test_finished_download_children_are_reaped_by_asyncio_with_their_own_status(
+    tmp_path: pathlib.Path, models: Models, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child that has closed its output is left to exit. Killing it then (as the cache did)
+    made ``Popen`` reap it first, and asyncio reported "Unknown child process pid ..., will
+    report returncode 255" for about one download in three here."""
+    caplog.set_level("WARNING", logger="asyncio")
+    for i in range(12):
+        cache = artifacts.ArtifactCache(tmp_path / f"cache-{i}")
+        await cache.fetch(models.v1_url, models.v1.sha256)
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
