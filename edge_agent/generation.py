@@ -52,8 +52,7 @@ _IDS = random.Random()
 WRITE_THROUGH_MIN_GAP_S = 0.25e-3
 # More characters than any token of a real vocabulary holds (their longest are runs of
 # spaces or punctuation, far shorter). A prompt longer than the context times this is
-# refused before it is tokenized: tokenizing holds the interpreter lock, and with it the
-# event loop, for about 50 ms a MiB.
+# refused before it is tokenized: tokenizing runs on the event loop, about 50 ms a MiB.
 MAX_TOKEN_CHARS = 1024
 _READ = ("GET", "HEAD")
 _ROUTES = {"/v1/models": _READ, **{path: ("POST",) for path in refusals.GENERATE_PATHS}}

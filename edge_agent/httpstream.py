@@ -44,10 +44,11 @@ class Passthrough:
     """A stream's socket, lent to the thread that produces its items while the server waits
     for the next item and has nothing of the stream buffered.
 
-    Handing each item to the event loop costs a wake-up of the loop per item, and a thread
-    that holds the GIL through its work (onnxruntime-genai's step does) makes that wake-up
-    a hand-over of the interpreter between two threads: measured, that was most of what a
-    streamed generation lost against a bare generation loop. With a Passthrough the
+    Handing each item to the event loop costs a wake-up of the loop per item, and with a
+    producer that holds the GIL through its work (onnxruntime-genai's step did, through its
+    Python binding) that wake-up is a hand-over of the interpreter between two threads:
+    measured, that was most of what a streamed generation lost against a bare generation
+    loop. With a Passthrough the
     producing thread writes an item as one chunk with one non-blocking ``send``, and the
     loop is not involved at all.
 
