@@ -52,8 +52,12 @@ _IDS = random.Random()
 WRITE_THROUGH_MIN_GAP_S = 0.25e-3
 # More characters than any token of a real vocabulary holds (their longest are runs of
 # spaces or punctuation, far shorter). A prompt longer than the context times this is
-# refused before it is tokenized: tokenizing runs on the event loop, about 50 ms a MiB.
+# refused before it is tokenized (about 50 ms a MiB).
 MAX_TOKEN_CHARS = 1024
+# A prompt of more characters than this is formatted and tokenized on a worker thread (the
+# library lets go of the GIL meanwhile), so that the event loop goes on answering other
+# requests; a shorter one costs less than the hand-over to a thread.
+INLINE_PROMPT_CHARS = 16 * 1024
 _READ = ("GET", "HEAD")
 _ROUTES = {"/v1/models": _READ, **{path: ("POST",) for path in refusals.GENERATE_PATHS}}
 
@@ -205,8 +209,10 @@ class GenerationServer:
             chars = openai_api.prompt_chars(body)
             if chars > limit * MAX_TOKEN_CHARS:
                 raise openai_api.prompt_too_long(body, limit, chars)
-            text = runtime.chat_prompt(body.messages) if chat else body.prompt
-            prompt = runtime.encode(text)
+            if chars > INLINE_PROMPT_CHARS:
+                prompt = await asyncio.to_thread(_tokens, runtime, body, chat)
+            else:
+                prompt = _tokens(runtime, body, chat)
             n = int(prompt.shape[0])
             if n == 0:
                 raise openai_api.ApiError(400, "the prompt is empty", param="prompt" if not chat else "messages")
@@ -470,6 +476,11 @@ async def _sse(shaper: openai_api.Shaper, batches: AsyncIterator[list[Any]]) -> 
                 return
         if out:
             yield b"".join(out)
+
+
+def _tokens(runtime: genai.GenAIModel, body: openai_api.GenerationRequest, chat: bool) -> Any:
+    """The request's prompt as token ids: its messages in the model's chat template, or its text."""
+    return runtime.encode(runtime.chat_prompt(body.messages) if chat else body.prompt)
 
 
 def _json(obj: object, status: int = 200) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -210,6 +211,41 @@ async def test_errors_are_openai_error_objects(small: Serving) -> None:
 
 
 # --- disconnects and overload ---------------------------------------------------------------------
+
+
+async def test_a_long_prompt_is_tokenized_while_the_agent_answers_other_requests(small: Serving) -> None:
+    """A prompt over ``INLINE_PROMPT_CHARS`` is formatted and tokenized on a worker thread:
+    the event loop answers meanwhile. (Tokenizing is held here until the other request is
+    answered; on the event loop, nothing could be answered until it ended.)"""
+    from edge_agent import generation
+
+    runtime = small.agent.registry.get(MODEL).runtime
+    held, release, returned = threading.Event(), threading.Event(), threading.Event()
+    encode = runtime.encode
+
+    def held_encode(text: str):  # type: ignore[no-untyped-def]
+        held.set()
+        release.wait(10)
+        try:
+            return encode(text)
+        finally:
+            returned.set()
+
+    runtime.encode = held_encode
+    try:
+        content = "the edge site serves tokens " * (generation.INLINE_PROMPT_CHARS // 20)
+        long = asyncio.create_task(small.http.post("/v1/chat/completions", json={"model": MODEL, "messages": [
+            {"role": "user", "content": content}]}))
+        assert await asyncio.to_thread(held.wait, 30), "the long prompt was never tokenized"
+        listed = await small.http.get("/v1/models")
+        answered_while_tokenizing = not returned.is_set()
+        release.set()
+        refused = await long
+    finally:
+        release.set()
+        del runtime.encode
+    assert listed.status_code == 200 and answered_while_tokenizing
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
 
 
 async def test_a_client_that_disconnects_stops_its_generation(control_plane: ControlPlane, make_agent: MakeAgent,
