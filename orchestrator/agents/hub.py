@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -198,6 +199,10 @@ class AgentHub:
         self.lag = LagHistogram()
         self.heartbeats_total = 0
         self._beat_waiters: dict[str, asyncio.Event] = {}
+        # The sweeper's sleep between sweeps, and what wakes it early: an agent joining with a
+        # shorter interval than that sleep allows for.
+        self._sweep_step = float("inf")
+        self._shorter_interval = asyncio.Event()
         self.tap: RelayTap | None = None  # set while this replica relays its agents to a leader
         self._relays: dict[str, PushAssignments] = {}  # relaying replica -> its stream's outbox
         # site -> (holder, why, until): sites the leader said another replica's agent holds
@@ -229,6 +234,7 @@ class AgentHub:
             credential = self._auth.issue_credential(site, agent_id)
         record = self._new_record(application, agent_id, now, joined_at=now)
         self._records[site] = record
+        self._rethink_sweep(record)
         self._channel(site).notify()  # a superseded agent's watch stream ends
         if self.tap is not None:
             self.tap.touched(site)
@@ -368,17 +374,26 @@ class AgentHub:
         return lost
 
     async def run_sweeper(self, period: float | None = None) -> None:
-        """Sweep forever (cancel to stop); by default at the smallest agent interval / 2."""
+        """Sweep forever (cancel to stop); by default at the smallest agent interval / 2,
+        worked out again as soon as an agent joins."""
         while True:
             step = period
             if step is None:
                 intervals = [r.heartbeat_interval for r in self._records.values()]
                 step = min(intervals, default=self.heartbeat_interval) / 2
-            await asyncio.sleep(max(step, 0.01))
+            self._sweep_step = max(step, 0.01)
+            self._shorter_interval.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._sweep_step):
+                    await self._shorter_interval.wait()
             try:
                 self.sweep()
             except Exception:  # the loop never dies: a bad callback is logged, not fatal
                 log.exception("agent sweep failed")
+
+    def _rethink_sweep(self, record: _Record) -> None:
+        if record.heartbeat_interval / 2 < self._sweep_step:
+            self._shorter_interval.set()
 
     # -- assignments ----------------------------------------------------------------
 
@@ -511,6 +526,7 @@ class AgentHub:
         joined_at = current.joined_at if current is not None and current.agent_id == agent_id else now
         record = self._new_record(application, agent_id, now, joined_at=joined_at, via=via)
         self._records[site] = record
+        self._rethink_sweep(record)
         self._channel(site).notify()  # the agent's stream here, if it moved away, ends
         if current is not None and current.agent_id == agent_id and current.live(now):
             self._emit(model.AgentEventKind.RECONNECTED, record, f"reconnected through replica {via}")

@@ -373,3 +373,20 @@ def test_a_live_agents_new_session_is_not_a_second_join(agent_hub, clock, events
     assert events[0].reason == "agent joined with a bootstrap token" and events[-1].reason == "agent joined with its credential"
 
 
+
+
+async def test_an_agent_joining_with_a_short_interval_is_swept_at_its_pace_from_the_start(clock: FakeClock) -> None:
+    """The sweeper sleeps half the smallest interval it knows (2.5 s with the hub's default of
+    5 s and no agent). An agent that joins with 0.1 s heartbeats wakes it, so a loss is seen
+    after its 0.3 s, not after the rest of that sleep."""
+    lost = asyncio.Event()
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=clock, heartbeat_interval=5.0,
+                             on_change=lambda e: lost.set() if e.kind is model.AgentEventKind.LOST else None)
+    sweeper = asyncio.create_task(agent_hub.run_sweeper())
+    try:
+        await asyncio.sleep(0.05)  # the sweeper is in its first sleep
+        agent_hub.join(application(heartbeat_interval=0.1))
+        clock.now += 1.0  # no heartbeat since
+        await asyncio.wait_for(lost.wait(), 2.0)  # well before the 2.5 s sleep ends
+    finally:
+        sweeper.cancel()

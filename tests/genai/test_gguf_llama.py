@@ -289,7 +289,7 @@ async def test_an_agent_loading_a_real_model_keeps_sending_heartbeats(tmp_path: 
 
     agent_hub.record_heartbeat = recorded  # type: ignore[method-assign]
     server = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
-    sweeper = asyncio.create_task(agent_hub.run_sweeper(period=0.02))  # from the start, not after the hub's 5 s default
+    sweeper = asyncio.create_task(agent_hub.run_sweeper())
     site, data_dir = "edge-paris", tmp_path / "agent"
     cmd = harness.agent_command(f"127.0.0.1:{server.port}", site, data_dir, token="t0k3n", heartbeat_interval=0.1,
                                 extra=("--allow-file-artifacts",))
