@@ -11,10 +11,10 @@ declares it lost. The library's C API (``ort_genai_c.h``, exported by the
 calls that compute release the GIL like any blocking call, and the short ones (reading a
 token, decoding one token's text) keep it, so they cost no GIL hand-over.
 
-The wrappers own their handles and free them when they are closed or collected; a
-generator, its parameters and a tokenizer stream are freed at the end of each generation
-(``closing``). Errors (an ``OgaResult``) become :class:`OgaError` with the library's
-message.
+The wrappers own their handles and free them when they are closed or collected;
+``runtime.genai`` closes a generation's generator (its KV cache) and tokenizer stream as the
+generation ends, and generator parameters go as soon as their generator is made. Errors (an
+``OgaResult``) become :class:`OgaError` with the library's message.
 """
 
 from __future__ import annotations
