@@ -50,19 +50,11 @@ async def run(trees: list[str], cases: list[str], rounds: int, seconds: float) -
         root = Path(tmp)
         wide = onnx_models.build_mlp(root / "wide.onnx", in_dim=1024, hidden=1024, out_dim=16, layers=4, softmax=False)
         rigs: dict[str, ControlPlaneAndAgent] = {}
-        saved = os.environ.get("PYTHONPATH")
-        try:
-            for i, tree in enumerate(trees):
-                os.environ["PYTHONPATH"] = tree  # the agent subprocess imports this tree
-                rig = ControlPlaneAndAgent(root / f"agent{i}")
-                await rig.start()
-                await rig.assign([model.Assignment("wide", "wide", "cpu", wide.path.as_uri(), wide.sha256)], ["wide"])
-                rigs[tree] = rig
-        finally:
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
+        for i, tree in enumerate(trees):
+            rig = ControlPlaneAndAgent(root / f"agent{i}", tree=tree)
+            await rig.start()
+            await rig.assign([model.Assignment("wide", "wide", "cpu", wide.path.as_uri(), wide.sha256)], ["wide"])
+            rigs[tree] = rig
         try:
             rng = np.random.default_rng(0)
             for case in cases:

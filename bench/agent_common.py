@@ -30,8 +30,12 @@ def agent_command() -> list[str]:
 
 
 class ControlPlaneAndAgent:
-    def __init__(self, data_dir: pathlib.Path, *, heartbeat_interval: float = 5.0, extra: list[str] | None = None) -> None:
+    def __init__(self, data_dir: pathlib.Path, *, heartbeat_interval: float = 5.0, extra: list[str] | None = None,
+                 tree: str | None = None) -> None:
+        """``tree``: a source tree for the agent subprocess to import (``PYTHONPATH``), to
+        measure another version of the agent beside this checkout's."""
         self.data_dir = data_dir
+        self.tree = tree
         self.heartbeat_interval = heartbeat_interval
         self.extra = extra or []
         self.hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]))
@@ -54,7 +58,7 @@ class ControlPlaneAndAgent:
             "--log-level", "WARNING",
             *self.extra,
             stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": self.tree} if self.tree else {})},
         )
         assert self.proc.stdout is not None
         line = (await asyncio.wait_for(self.proc.stdout.readline(), 60)).decode()

