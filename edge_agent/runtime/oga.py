@@ -285,7 +285,9 @@ class Generator(_Handle):
             if dtype is None:
                 raise OgaError(f"logits of element type {kind.value} are not supported")
             size = int(np.prod(list(shape), dtype=np.int64))
-            raw = ctypes.string_at(data.value, size * np.dtype(dtype).itemsize) if size else b""
-            return np.frombuffer(raw, dtype=dtype).astype(np.float32).reshape(tuple(shape))
+            if not size:
+                return np.zeros(tuple(shape), np.float32)
+            view = (ctypes.c_char * (size * np.dtype(dtype).itemsize)).from_address(data.value)
+            return np.frombuffer(view, dtype=dtype).astype(np.float32).reshape(tuple(shape))  # the one copy
         finally:
             a.OgaDestroyTensor(tensor)
