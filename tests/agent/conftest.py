@@ -6,19 +6,29 @@ from __future__ import annotations
 import asyncio
 import http.server
 import pathlib
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from edge_agent import daemon, registry
+from edge_agent import daemon, httpserver, registry
 from orchestrator.agents import auth, hub, model, service
 from orchestrator.testing import onnx_models
 
 TOKEN = "bootstrap-token-for-tests"
 SITE = "edge-paris-1"
 MakeAgent = Callable[..., Awaitable[daemon.Agent]]
+
+
+async def serve_http(handler: httpserver.Handler, limits: httpserver.Limits | None = None) -> tuple[httpserver.HttpServer, int]:
+    """The agent's HTTP server answering with ``handler`` on a free loopback port: (server, port)."""
+    server = httpserver.HttpServer(handler, limits)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    return server, sock.getsockname()[1]
 
 
 class _ArtifactHandler(http.server.BaseHTTPRequestHandler):

@@ -23,6 +23,8 @@ from edgeplane_proto import encoding, oip
 from orchestrator.testing import onnx_models
 from orchestrator.testing.agent_parts import OneModel
 
+from .conftest import serve_http
+
 
 class Recorded:
     """An onnxruntime model that notes the thread of each run, and can be made slow."""
@@ -116,17 +118,9 @@ async def test_concurrent_long_and_large_requests_go_to_workers(server) -> None:
 async def test_requests_waiting_behind_one_send_it_to_a_worker(server) -> None:  # noqa: ANN001
     """Over the real HTTP server: requests received together are not computed one after
     another on the loop; a lone one is."""
-    import socket
-
-    from edge_agent import httpserver
-
     app, runtime = server
-    http_server = httpserver.HttpServer(app.handle)
+    http_server, port = await serve_http(app.handle)
     app.received = lambda: http_server.pending
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await http_server.start(sock)
-    port = sock.getsockname()[1]
     try:
         one = request(X)
         head = (f"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n{oip.BINARY_HEADER}: {one.headers[oip.BINARY_HEADER.lower()]}\r\n"

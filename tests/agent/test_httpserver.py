@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import httpx
 import pytest
 
 from edge_agent import httpserver
 from edge_agent.httpserver import Limits, Request, Response
+
+from .conftest import serve_http
 
 
 class Echo:
@@ -34,11 +35,8 @@ class Echo:
 
 async def start(limits: Limits | None = None) -> tuple[httpserver.HttpServer, Echo, int]:
     echo = Echo()
-    server = httpserver.HttpServer(echo, limits)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await server.start(sock)
-    return server, echo, sock.getsockname()[1]
+    server, port = await serve_http(echo, limits)
+    return server, echo, port
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -373,11 +371,8 @@ async def test_a_waiting_answer_is_cancelled_when_its_client_leaves() -> None:
             raise
         return Response(200)
 
-    server = httpserver.HttpServer(waits)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await server.start(sock)
-    reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    server, port = await serve_http(waits)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
         await asyncio.wait_for(entered.wait(), 5)

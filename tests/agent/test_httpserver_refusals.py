@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 from edge_agent import httpserver
 from edge_agent.httpserver import Limits, Request, Response
 
+from .conftest import serve_http
 from .test_httpserver import closed, read_response
 
 LIMITS = Limits(max_body_bytes=500, max_header_bytes=2048)
@@ -40,11 +40,8 @@ class Handler:
 
 async def start(limits: Limits = LIMITS) -> tuple[httpserver.HttpServer, Handler, int]:
     handler = Handler()
-    server = httpserver.HttpServer(handler, limits)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await server.start(sock)
-    return server, handler, sock.getsockname()[1]
+    server, port = await serve_http(handler, limits)
+    return server, handler, port
 
 
 @pytest.fixture

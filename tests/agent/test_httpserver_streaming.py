@@ -16,6 +16,8 @@ import httpx
 from edge_agent import httpserver, httpstream
 from edge_agent.httpserver import Request, Response, StreamingResponse
 
+from .conftest import serve_http
+
 CHUNK = 64 * 1024
 
 
@@ -84,11 +86,8 @@ class Streams:
 
 async def start(limits: httpserver.Limits | None = None) -> tuple[httpserver.HttpServer, Streams, int]:
     streams = Streams()
-    server = httpserver.HttpServer(streams, limits) if limits else httpserver.HttpServer(streams)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await server.start(sock)
-    return server, streams, sock.getsockname()[1]
+    server, port = await serve_http(streams, limits)
+    return server, streams, port
 
 
 async def slow_reader(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
