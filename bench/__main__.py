@@ -23,6 +23,7 @@ BENCHMARKS = (
     "agent_path",
     "agent_spin",
     "genai_agent",
+    "genai_calls",
     "genai_mixed",
     "agent_heartbeats",
     "gateway",

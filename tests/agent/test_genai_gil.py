@@ -114,11 +114,29 @@ def test_the_c_api_reads_and_generates_as_the_python_binding_does(tmp_path: path
         their_generator.generate_next_token()
         token = generator.next_token()
         assert token == int(their_generator.get_next_tokens()[0])
+        assert generator.is_done() is their_generator.is_done()
         text += stream.decode(token)
         their_text += their_stream.decode(token)
     assert text and text == their_text
     generator.close()
     generator.close()  # closing twice frees once
+
+
+def test_a_step_the_library_refuses_is_an_error_with_its_message(tmp_path: pathlib.Path) -> None:
+    from edge_agent.runtime import oga
+
+    model = oga.Model(genai_model.build_model_dir(tmp_path / "m", eos_bias=-1000.0))
+    ids = model.tokenizer.encode("which site answers")
+    for step_s in (None, oga.HOLD_GIL_BELOW_S / 10):  # the step that releases the GIL, then the one that keeps it
+        generator = oga.Generator(model, {"max_length": len(ids) + 1, "do_sample": False})
+        generator.append_tokens(ids)
+        model.step_s = step_s
+        generator.generate_next_token()
+        assert generator.next_token() >= 0 and generator.is_done()  # at max_length
+        model.step_s = step_s
+        with pytest.raises(oga.OgaError, match="max_length"):
+            generator.generate_next_token()
+        generator.close()
 
 
 def test_a_model_the_library_cannot_load_is_a_load_error_with_its_message(tmp_path: pathlib.Path) -> None:
