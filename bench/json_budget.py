@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_agent.runtime import onnx
-from edgeplane_proto import oip
+from edgeplane_proto import oip, oip_reader
 from orchestrator.testing import onnx_models
 
 RESULTS = Path(__file__).parent / "results" / "json_budget.json"
@@ -45,11 +45,11 @@ def _previous_conversion(data: list[float]) -> np.ndarray:
 
 def _without_native_reader(fn: Callable[[], object]) -> object:
     """``fn`` with the codec's native reader of large number arrays switched off."""
-    native, oip._jsonfloats = oip._jsonfloats, None
+    native, oip_reader._jsonfloats = oip_reader._jsonfloats, None
     try:
         return fn()
     finally:
-        oip._jsonfloats = native
+        oip_reader._jsonfloats = native
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -82,7 +82,7 @@ def main() -> None:
     response_body, _ = oip.encode_response(response)
     data = orjson.loads(body)["inputs"][0]["data"]
     assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()  # bit for bit
-    if oip._split_arrays(body) is None:
+    if oip_reader.split_arrays(body) is None:
         raise SystemExit("the codec's native reader (edgeplane_proto._jsonfloats) is not built: run `make proto`")
 
     flat_out = out.reshape(-1)
@@ -95,7 +95,7 @@ def main() -> None:
             lambda: _without_native_reader(lambda: oip._loads_tensors(body)["inputs"][0]["data"].astype(np.float32))),
         "decode_request, whole, simdjson alone (before)": lambda: _timed(
             lambda: _without_native_reader(lambda: oip.decode_request(body))),
-        "native reader alone (_jsonfloats.split)": lambda: _timed(lambda: oip._split_arrays(body)),
+        "native reader alone (_jsonfloats.split)": lambda: _timed(lambda: oip_reader.split_arrays(body)),
         "decode_request, whole (now)": lambda: _timed(lambda: oip.decode_request(body)),
         "session.run (agent's session options)": lambda: _timed(lambda: model.run({"input": x}, names)),
         "encode the response (encode_response)": lambda: _timed(lambda: oip.encode_response(response)),

@@ -6,7 +6,7 @@
  * on the package index holds the interpreter lock while it runs. `split` finds the large
  * arrays of a body, parses each in chunks on several threads with the lock released, and
  * gives back the rest of the body (a few hundred bytes) with a marker string where each
- * array was; edgeplane_proto/oip.py parses that rest as before and puts the arrays back.
+ * array was; edgeplane_proto/oip_reader.py parses that rest as before and puts the arrays back.
  * Measured in docs/benchmarks.md ("v2 JSON tensors: the native reader").
  *
  * Numbers are read as a JSON parser reads them: the strict JSON grammar, each value the

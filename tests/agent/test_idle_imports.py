@@ -19,15 +19,30 @@ from edge_agent.runtime import onnx
 from orchestrator.testing import onnx_models
 
 #: Imported only by a generative model's load or by pruning its unpacked versions; shutil
-#: (with bz2 and lzma) also by argparse's help formatter, unless given a width.
-LAZY = ("edge_agent.packages", "edge_agent.runtime.genai", "shutil", "bz2", "lzma")
+#: (with bz2 and lzma) also by argparse's help formatter, unless given a width; simdjson
+#: (with the codec's reader of long JSON bodies) by the first JSON body of 4 KB or more.
+LAZY = ("edge_agent.packages", "edge_agent.runtime.genai", "shutil", "bz2", "lzma", "simdjson",
+        "edgeplane_proto.oip_reader")
 
 #: An agent started as ``edgeplane-agent`` starts it (flags through ``main.parser``), with
 #: a saved assignment set, so that it loads and serves the model without a control plane
 #: (the uplink keeps retrying 127.0.0.1:1 meanwhile).
 AGENT = """
 import asyncio, sys
+import numpy as np
 from edge_agent import main
+from edgeplane_proto import oip
+
+async def infer(url: str, batch: int, binary: bool) -> None:
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    body, length = oip.encode_request({"input": np.ones((batch, 8), np.float32)}, binary=binary)
+    head = f"Inference-Header-Content-Length: {length}\\r\\n" if binary else ""
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /v2/models/tiny/infer HTTP/1.1\\r\\nHost: agent\\r\\nContent-Length: {len(body)}\\r\\n"
+                 f"{head}Connection: close\\r\\n\\r\\n".encode() + body)
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 args = main.parser().parse_args(["--control-plane", "127.0.0.1:1", "--site", "edge-1", "--token", "t", "--insecure",
                                  "--listen", "127.0.0.1:0", "--data-dir", sys.argv[1], "--allow-file-artifacts"])
@@ -44,6 +59,8 @@ async def serve() -> None:
             await asyncio.sleep(0.05)
         else:
             raise SystemExit("the saved model never served")
+        for batch, binary in ((16, True), (4, False), *[(int(b), False) for b in sys.argv[2:3] if b.isdigit()]):
+            await infer(agent.endpoint_url, batch, binary)
     finally:
         await agent.stop()
 
@@ -52,14 +69,19 @@ print(sorted(set(sys.argv[2:]) & set(sys.modules)))
 """
 
 
-def test_an_agent_serving_an_onnx_model_never_imports_what_only_generative_models_need(tmp_path: pathlib.Path) -> None:
+def test_an_agent_serving_an_onnx_model_imports_only_what_its_requests_need(tmp_path: pathlib.Path) -> None:
     model = onnx_models.build_mlp(tmp_path / "tiny.onnx")
     data_dir = tmp_path / "agent"
     assignment = assignments.Assignment("tiny", "tiny", "cpu", model.path.as_uri(), model.sha256)
     state.StateStore(data_dir).save_assignments("edge-1", assignments.AssignmentSet(1, (assignment,)))
     out = subprocess.run([sys.executable, "-c", AGENT, str(data_dir), *LAZY], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[]"  # after a binary request and a short JSON one
+    # A JSON body of 4 KB or more brings the long-body reader in, and is answered.
+    out = subprocess.run([sys.executable, "-c", AGENT, str(data_dir), "256", *LAZY], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['edgeplane_proto.oip_reader', 'simdjson']"
 
 
 @pytest.mark.parametrize("columns", ["60", "120", ""])

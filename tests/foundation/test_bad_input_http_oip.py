@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgeplane_proto import oip
+from edgeplane_proto import oip, oip_reader
 
 #: Element counts whose bodies take each reading path (short, simdjson, native).
 SIZES = {"orjson": 8, "simdjson": 1000, "native": 40_000}
@@ -29,7 +29,7 @@ def numbers(datatype: str, n: int, at: int, value: Any) -> list[Any]:
 
 def test_the_sizes_take_the_paths_they_are_named_for() -> None:
     lengths = {path: len(body("FP32", [0.5] * n, [n])) for path, n in SIZES.items()}
-    assert lengths["orjson"] < oip.FAST_READ_MIN_BYTES <= lengths["simdjson"] < oip.NATIVE_MIN_CHARS <= lengths["native"]
+    assert lengths["orjson"] < oip.FAST_READ_MIN_BYTES <= lengths["simdjson"] < oip_reader.NATIVE_MIN_CHARS <= lengths["native"]
 
 
 CASES = [

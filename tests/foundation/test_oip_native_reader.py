@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeplane_proto import oip
+from edgeplane_proto import oip, oip_reader
 from fuzz.test_infer_fuzz import bodies as fuzz_bodies
 
-native = oip._jsonfloats
+native = oip_reader._jsonfloats
 
 
 def test_the_native_reader_is_built_where_a_compiler_and_python_headers_are() -> None:
@@ -38,21 +38,21 @@ needs_native = pytest.mark.skipif(native is None, reason="edgeplane_proto._jsonf
 @pytest.fixture
 def everything_native(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(oip, "FAST_READ_MIN_BYTES", 0)  # short bodies too: they are what the fuzzer writes
-    monkeypatch.setattr(oip, "NATIVE_MIN_CHARS", 2)
-    monkeypatch.setattr(oip, "NATIVE_CHUNK_CHARS", 4)
+    monkeypatch.setattr(oip_reader, "NATIVE_MIN_CHARS", 2)
+    monkeypatch.setattr(oip_reader, "NATIVE_CHUNK_CHARS", 4)
 
 
 def _decode(body: bytes, header_length: int | None = None, *, through_native: bool) -> object:
     """What decode_request gives (its inputs' arrays and parameters), or the error's text."""
-    saved = oip._jsonfloats
-    oip._jsonfloats = saved if through_native else None
+    saved = oip_reader._jsonfloats
+    oip_reader._jsonfloats = saved if through_native else None
     try:
         with np.errstate(all="ignore"):  # values past FP16's range become inf on both paths
             request = oip.decode_request(body, header_length)
     except oip.ProtocolError as exc:
         return f"ProtocolError: {exc}"
     finally:
-        oip._jsonfloats = saved
+        oip_reader._jsonfloats = saved
     return [(t.name, t.array.dtype.str, t.array.shape, t.array.tobytes()) for t in request.inputs], request.parameters
 
 
@@ -106,7 +106,7 @@ def test_any_json_numbers_decode_exactly_as_without_the_native_reader(
 def test_float32_values_round_trip_bit_for_bit_through_the_native_reader(everything_native: None, values: list[float]) -> None:
     x = np.array(values, dtype=np.float32)
     body, _ = oip.encode_request({"x": x}, binary=False)
-    assert oip._split_arrays(body) is not None or not np.isfinite(x).all()  # the reader took it (non-finite: NaN literals)
+    assert oip_reader.split_arrays(body) is not None or not np.isfinite(x).all()  # the reader took it (non-finite: NaN literals)
     assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
 
 
@@ -183,8 +183,8 @@ def test_the_wide_model_s_request_is_read_by_the_native_reader_at_the_default_th
     # slower agent.
     x = np.random.default_rng(3).standard_normal((64, 1024)).astype(np.float32)
     body, _ = oip.encode_request({"input": x}, binary=False)
-    assert len(body) >= oip.NATIVE_MIN_CHARS
-    split = oip._split_arrays(body)
+    assert len(body) >= oip_reader.NATIVE_MIN_CHARS
+    split = oip_reader.split_arrays(body)
     assert split is not None and len(split.values) == 1 and len(split.rest) < 200
     assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
 

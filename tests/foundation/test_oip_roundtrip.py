@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgeplane_proto import oip
+from edgeplane_proto import oip, oip_reader
 
 NUMERIC = sorted(oip.DATATYPES)
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)
@@ -213,7 +213,7 @@ def _fast_body(rows: int) -> tuple[bytes, np.ndarray]:
 def test_a_value_kept_from_an_earlier_parse_does_not_push_bodies_off_the_fast_read() -> None:
     body, x = _fast_body(4)
     oip._loads_tensors(body)  # this thread now has its parser
-    kept = oip._reused.parser.parse(b'{"a": [1, 2]}')["a"]  # holds the parser, as a leak would
+    kept = oip_reader._reused.parser.parse(b'{"a": [1, 2]}')["a"]  # holds the parser, as a leak would
     doc = oip._loads_tensors(body)
     assert isinstance(doc["inputs"][0]["data"], np.ndarray)
     assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
@@ -228,7 +228,7 @@ def test_each_thread_reads_with_its_own_parser_and_large_bodies_with_a_parser_of
 
     def decode(name: str) -> None:
         assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
-        seen[name] = oip._reused.parser
+        seen[name] = oip_reader._reused.parser
 
     threads = [threading.Thread(target=decode, args=(n,)) for n in ("a", "b")]
     for t in threads:
@@ -238,11 +238,11 @@ def test_each_thread_reads_with_its_own_parser_and_large_bodies_with_a_parser_of
     assert seen["a"] is not seen["b"]
 
     large, big = _fast_body(128)
-    assert len(large) > oip.REUSED_PARSER_MAX_BYTES
-    before = getattr(oip._reused, "parser", None)
+    assert len(large) > oip_reader.REUSED_PARSER_MAX_BYTES
+    before = getattr(oip_reader._reused, "parser", None)
     assert isinstance(oip._loads_tensors(large)["inputs"][0]["data"], np.ndarray)
     assert oip.decode_request(large).inputs[0].array.tobytes() == big.tobytes()
-    assert getattr(oip._reused, "parser", None) is before  # not kept for this thread's next body
+    assert getattr(oip_reader._reused, "parser", None) is before  # not kept for this thread's next body
 
 
 # -- request heads kept once read --------------------------------------------------------------
