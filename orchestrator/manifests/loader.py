@@ -152,7 +152,7 @@ class _Walker:
             for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     raise self.issue(path, key_node.start_mark.line + 1, "YAML merge keys (<<) are not supported")
-                key = self.constructor.construct_object(key_node, deep=True)
+                key = self._construct(key_node, path)
                 if not isinstance(key, str):
                     raise self.issue(path, key_node.start_mark.line + 1, f"keys must be strings, got {key!r}")
                 if key in out:
@@ -162,13 +162,21 @@ class _Walker:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.to_data(v, (*path, i), depth + 1, line, alias) for i, v in enumerate(node.value)]
-        try:
-            value = self.constructor.construct_object(node, deep=True)
-        except yaml.constructor.ConstructorError as exc:
-            raise self.issue(path, line, f"cannot read value: {exc.problem}") from exc
+        value = self._construct(node, path)
         if value is not None and not isinstance(value, str):
             self.unquoted[path] = node.value
         return value
+
+    def _construct(self, node: yaml.Node, path: Path) -> Any:
+        """The value of a scalar (or of a key, which may be any node)."""
+        line = node.start_mark.line + 1
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as exc:
+            raise self.issue(path, line, f"cannot read value: {exc.problem}") from exc
+        except Exception as exc:  # noqa: BLE001 - an explicit tag the text does not fit: !!int '8{', !!bool maybe
+            shown = node.value if isinstance(node, yaml.ScalarNode) else "this value"
+            raise self.issue(path, line, f"cannot read {shown!r} as {node.tag.rsplit(':', 1)[-1]}") from exc
 
     def line_of(self, path: Path) -> int | None:
         for end in range(len(path), -1, -1):

@@ -121,6 +121,11 @@ BAD: list[Bad] = [
         "keys must be strings"),
     Bad("yaml-python-tag", GOOD_SITE.replace("  tier: edge\n", "  tier: !!python/object:os.system x\n"), "spec.tier", "tier:",
         "cannot read value"),
+    # an explicit tag on text it does not fit: PyYAML's constructor raises ValueError, KeyError...
+    Bad("yaml-tag-that-does-not-fit", GOOD_SITE.replace("cpu: 8\n", "cpu: !!int '8{'\n"), "spec.capacity.cpu", "cpu:",
+        "cannot read '8{' as int"),
+    Bad("yaml-tagged-key-that-does-not-fit", GOOD_SITE.replace("metadata:\n", "metadata:\n  labels: {!!bool maybe: x}\n"),
+        "metadata.labels", "labels:", "cannot read 'maybe' as bool"),
     # the count passes 100k inside the 8th alias of e: the error names that alias in the text
     Bad("yaml-alias-bomb", ALIAS_BOMB, "spec.e[7]", "e: &e", "more than 100000 values"),
     Bad("yaml-deep-nesting", DEEP_ARGS, "spec.variants[0].args" + ".a" * 29, "args:", "nested deeper than 32 levels"),
@@ -400,7 +405,8 @@ def test_deployment_may_name_a_model_already_stored() -> None:
 # --- the same errors through the real API and the real CLI ---------------------------------
 
 SUBSET = [c for c in BAD if c.id in {
-    "yaml-bad-indentation", "yaml-duplicate-key", "yaml-alias-bomb", "yaml-deep-nesting", "not-utf8", "unknown-kind",
+    "yaml-bad-indentation", "yaml-duplicate-key", "yaml-alias-bomb", "yaml-deep-nesting", "yaml-tag-that-does-not-fit",
+    "not-utf8", "unknown-kind",
     "unknown-resources-field", "bad-country", "bad-residency", "duplicate-names-in-file", "missing-model", "ray-serve-at-the-edge",
     "min-greater-than-max", "datacenter-without-runtime", "uri-dot-dot", "error-in-second-document", "json-unknown-field",
     "tier-listed-twice", "residency-listed-twice",
@@ -435,7 +441,8 @@ def test_api_refuses_bad_manifest_and_applies_nothing(seeded: support.ServerThre
     assert [o["metadata"]["name"] for o in httpx.get(f"{seeded.url}/v1/sites", timeout=10).json()["items"]] == ["seed"]
 
 
-CLI_SUBSET = [c for c in SUBSET if c.id in {"yaml-duplicate-key", "bad-residency", "missing-model", "error-in-second-document"}]
+CLI_SUBSET = [c for c in SUBSET if c.id in {"yaml-duplicate-key", "yaml-tag-that-does-not-fit", "bad-residency", "missing-model",
+                                            "error-in-second-document"}]
 
 
 @pytest.mark.parametrize("case", CLI_SUBSET, ids=[c.id for c in CLI_SUBSET])
