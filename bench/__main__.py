@@ -31,6 +31,7 @@ BENCHMARKS = (
     "cascade",
     "cascade_genai",
     "simulate",
+    "manifest_read",
     "vllm_gpu",
     "distill",
     "failover",

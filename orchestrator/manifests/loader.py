@@ -1,7 +1,8 @@
 """Parse YAML/JSON manifest text into validated documents, keeping line numbers.
 
-PyYAML's node graph carries positions, so the text is composed to nodes first and each
-field path is mapped to its line; :mod:`orchestrator.manifests.validation` then checks each
+PyYAML's node graph carries positions, so the text is composed to nodes first
+(:mod:`orchestrator.manifests.parsing`: libyaml's parser where it reads as PyYAML's own does)
+and each field path is mapped to its line; :mod:`orchestrator.manifests.validation` then checks each
 document against its kind's schema and says every error at ``file:line``. The node walk also refuses what safe loading alone lets through: duplicate
 keys (silently overwritten by PyYAML), alias bombs and absurd nesting.
 
@@ -23,7 +24,7 @@ from typing import Any, TypeGuard
 
 import yaml
 
-from orchestrator.manifests import schema, validation
+from orchestrator.manifests import parsing, schema, validation
 from orchestrator.manifests.errors import ManifestError, ManifestIssue
 from orchestrator.manifests.validation import Path, format_path
 
@@ -31,7 +32,6 @@ MAX_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 32
 MAX_NODES = 100_000
 MAX_DOCUMENTS = 1_000
-COMPOSE_MAX_DEPTH = 4 * MAX_DEPTH
 
 
 @dataclass(frozen=True)
@@ -183,33 +183,6 @@ class _Walker:
             if path[:end] in self.lines:
                 return self.lines[path[:end]]
         return None
-
-
-class _TooDeep(yaml.YAMLError):
-    def __init__(self, mark: yaml.Mark):
-        super().__init__(f"nested deeper than {MAX_DEPTH} levels")
-        self.problem_mark = mark
-
-
-class _LimitedLoader(yaml.SafeLoader):
-    """PyYAML composes nodes recursively: refuse absurd nesting before it overflows the stack.
-    ``first_line``: the line of the text's start in its file, so every mark is a file line."""
-
-    def __init__(self, stream: str, first_line: int = 1):
-        super().__init__(stream)
-        self.line = first_line - 1
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        self._depth += 1
-        try:
-            # Far deeper than _Walker's limit, which then reports the field path; this one
-            # only keeps the recursion clear of Python's stack limit.
-            if self._depth > COMPOSE_MAX_DEPTH:
-                raise _TooDeep(self.peek_event().start_mark)
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
-        finally:
-            self._depth -= 1
 
 
 def _is_empty(node: yaml.Node) -> bool:
@@ -430,7 +403,7 @@ class _FileReader:
 
     def read_all(self) -> None:
         """Raises :class:`ManifestError` past :data:`MAX_DOCUMENTS`."""
-        if not self.text:
+        if not self.text or self._read_fast():
             return
         resume = self._read(0, len(self.text), 1, whole=True)
         if resume is None:
@@ -443,6 +416,31 @@ class _FileReader:
                 self._read(start, end, line)
             line += self._breaks(start, end)
 
+    def _read_fast(self) -> bool:
+        """Read the whole file through libyaml (:func:`parsing.fast_nodes`): True when it was read,
+        False when nothing was taken from it and :meth:`_read` should read it instead, as
+        where its YAML, or a value in it, is malformed (PyYAML's Python parser then says
+        what is wrong in its own words, and reads on past it)."""
+        nodes = parsing.fast_nodes(self.text, MAX_DOCUMENTS + 1)
+        if nodes is None:
+            return False
+        index, documents = self.index, self.count.documents
+        walked: list[_Raw] = []
+        try:
+            walked.extend(self._documents(parsing.Composed(nodes)))
+        except yaml.YAMLError:
+            self.index, self.count.documents = index, documents
+            return False
+        except ManifestError:  # a limit: what came before it is taken, as when read in Python
+            self._take_all(walked)
+            raise
+        self._take_all(walked)
+        return True
+
+    def _take_all(self, walked: list[_Raw]) -> None:
+        for raw in walked:
+            self._take(raw)
+
     def _breaks(self, start: int, end: int) -> int:
         return sum(1 for _ in _LINE_BREAK.finditer(self.text, start, end))
 
@@ -452,7 +450,7 @@ class _FileReader:
         none), or ``start`` when the ``whole`` file was refused before any of it was read."""
         text = self.text[start:end]
         try:
-            loader = _LimitedLoader(text, line)  # the reader refuses control characters right here
+            loader = parsing.PythonLoader(text, line)  # the reader refuses control characters right here
         except yaml.reader.ReaderError as exc:
             if whole:  # nothing was read: read the file a document at a time, from its start
                 return start
@@ -464,7 +462,7 @@ class _FileReader:
                 self._take(raw)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            if isinstance(exc, _TooDeep):
+            if isinstance(exc, parsing.TooDeep):
                 message = f"document is nested deeper than {MAX_DEPTH} levels"
             else:
                 message = f"malformed YAML: {getattr(exc, 'problem', None) or exc}"
@@ -502,7 +500,7 @@ class _FileReader:
         raise ManifestError([ManifestIssue(self.file, None, "", line, f"more than {MAX_DOCUMENTS} documents in one apply, "
                                            f"{self.first} in the files before this one: apply the files in smaller groups")])
 
-    def _documents(self, loader: _LimitedLoader) -> Iterator[_Raw]:
+    def _documents(self, loader: parsing.PythonLoader | parsing.Composed) -> Iterator[_Raw]:
         self._after = None
         # check_node fails only on text right after a document with no '---' before it
         # (what follows a '---' fails in get_node): that text is the document's

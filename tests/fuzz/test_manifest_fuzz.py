@@ -1,5 +1,6 @@
 """Manifest fuzzing: whatever the text, the loader returns documents or raises
-ManifestError, and the API answers 200 or 4xx, never anything else."""
+ManifestError, and the API answers 200 or 4xx, never anything else; the loader says the
+same of every text whether libyaml's parser reads it or PyYAML's Python one."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator import catalog
-from orchestrator.manifests import loader
+from orchestrator.manifests import loader, parsing
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
@@ -30,6 +31,7 @@ trees = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4
 
 
 def check(text: str | bytes) -> None:
+    assert reading(text) == reading(text, fast=False)  # libyaml's parser reads as PyYAML's does
     try:
         docs = loader.load_text(text, "fuzz.yaml")
     except ManifestError as exc:
@@ -37,6 +39,18 @@ def check(text: str | bytes) -> None:
         return
     assert isinstance(docs, list)
     assert all(isinstance(d, loader.LoadedDocument) for d in docs)
+
+
+def reading(text: str | bytes, fast: bool = True) -> tuple[Any, ...]:
+    """Everything :func:`loader.read_text` says of ``text``, the field lines included; with
+    ``fast`` False, read by PyYAML's Python parser alone."""
+    saved = parsing.FAST_LOADER
+    parsing.FAST_LOADER = saved if fast else None
+    try:
+        read = loader.read_text(text, "fuzz.yaml")
+    finally:
+        parsing.FAST_LOADER = saved
+    return read, [dict(d.lines) for d in read.documents]
 
 
 def _mutate(doc: Any, path: list[Any], value: Any, action: str) -> Any:
@@ -67,6 +81,22 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=300)))
 def test_random_text(text: str | bytes) -> None:
     TRIED["manifests: random text/bytes"] += 1
+    check(text)
+
+
+#: Pieces of YAML syntax, so that random text is mostly near-YAML: where two parsers could
+#: read a text differently.
+YAML_PIECES = ["a", "kind", "b c", ":", ": ", " ", "  ", "\n", "\r\n", "\r", "\x85", "\u2028", "\ufeff", "- ", "-", "[",
+               "]", "{", "}", ", ", "'", "''", '"', '\\"', "\\", "#", " # c", "&x ", "*x", "? ", "|", ">-", "|+", "---",
+               "...", "1", "-0.5e3", "0x1F", "0o17", "017", "1_000", ".inf", "~", "null", "yes", "On", "2024-01-02",
+               "12:30:00", "=", "<<", "é", "💡", "@", "`", "%", "!!int ", "!!float ", "!!bool ", "!!timestamp ", "!!binary ",
+               "!!str ", "!!map ", "!!seq ", "!x "]
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(YAML_PIECES), max_size=40).map("".join))
+def test_near_yaml_text(text: str) -> None:
+    TRIED["manifests: near-YAML text"] += 1
     check(text)
 
 

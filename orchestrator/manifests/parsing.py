@@ -1,0 +1,114 @@
+"""YAML text to PyYAML nodes, for :mod:`orchestrator.manifests.loader`: through libyaml's
+parser where it reads as PyYAML's Python parser does, through the Python parser elsewhere,
+with nesting bounded either way (docs/manifests.md, "Reading speed")."""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any
+
+import yaml
+
+try:  # libyaml's parser, in PyYAML's wheels
+    from yaml.cyaml import CParser
+except ImportError:  # pragma: no cover - a PyYAML built without libyaml reads with its Python parser alone
+    CParser = None
+
+#: Far deeper than the loader's own limit (``loader.MAX_DEPTH``), which then reports the
+#: field path; this one only keeps the recursion clear of Python's stack limit.
+COMPOSE_MAX_DEPTH = 128
+
+
+class TooDeep(yaml.YAMLError):
+    def __init__(self, mark: yaml.Mark):
+        super().__init__(f"nested deeper than {COMPOSE_MAX_DEPTH} levels")
+        self.problem_mark = mark
+
+
+class _DepthLimited(yaml.composer.Composer):
+    """PyYAML composes nodes recursively: refuse absurd nesting before it overflows the stack.
+    Only lists and mappings nest, so only they are counted (a scalar costs no extra call)."""
+
+    _depth = 0
+
+    def compose_sequence_node(self, anchor: str | None) -> yaml.SequenceNode:
+        return self._nested(super().compose_sequence_node, anchor)  # type: ignore[no-any-return]
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        return self._nested(super().compose_mapping_node, anchor)  # type: ignore[no-any-return]
+
+    def _nested(self, compose: Any, anchor: str | None) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > COMPOSE_MAX_DEPTH:
+                raise TooDeep(self.peek_event().start_mark)
+            return compose(anchor)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+
+class PythonLoader(_DepthLimited, yaml.SafeLoader):
+    """PyYAML's own reader, scanner and parser, in Python. ``first_line``: the line of the
+    text's start in its file, so every mark is a file line."""
+
+    def __init__(self, stream: str, first_line: int = 1):
+        super().__init__(stream)
+        self.line = first_line - 1
+
+
+if CParser is not None:
+    class _FastLoader(_DepthLimited, CParser, yaml.resolver.Resolver):  # type: ignore[misc, valid-type]
+        """libyaml's scanner and parser under PyYAML's composer and resolver: the same nodes,
+        marks and tags as :class:`PythonLoader` gives, composed by the same Python (so
+        with the same depth limit and anchors), from events read in C. It reads a
+        manifest two to three times faster (docs/manifests.md, "Reading speed")."""
+
+        def __init__(self, stream: str):
+            CParser.__init__(self, stream)
+            yaml.composer.Composer.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+    FAST_LOADER: type | None = _FastLoader
+else:  # pragma: no cover - see the import
+    FAST_LOADER = None
+
+
+class Composed:
+    """Nodes composed beforehand, handed out as a loader hands them out."""
+
+    def __init__(self, nodes: list[yaml.Node | None]) -> None:
+        self._nodes = collections.deque(nodes)
+
+    def check_node(self) -> bool:
+        return bool(self._nodes)
+
+    def get_node(self) -> yaml.Node | None:
+        return self._nodes.popleft()
+
+
+#: What libyaml reads otherwise than PyYAML's Python parser, or may: a tab (libyaml takes
+#: ``0\t``, PyYAML refuses it), a tag (``!`` alone is an empty document to PyYAML, a string to
+#: libyaml), ``?`` (``{a? }``), a block scalar indicator (``|#``), a byte-order mark past the
+#: start, a directive, and the characters PyYAML's reader refuses. Manifests seldom hold
+#: any; a text that does is read by the Python parser alone.
+_PYTHON_ONLY = re.compile(r"[\t!?\ufeff|>]|^%|" + yaml.reader.Reader.NON_PRINTABLE.pattern, re.M)
+
+
+def fast_nodes(text: str, most: int) -> list[yaml.Node | None] | None:
+    """Every document node of a text, read by libyaml; None where libyaml is missing, where
+    the text holds what it may read otherwise (:data:`_PYTHON_ONLY`) or where its YAML is
+    malformed: the Python parser then reads the text, and says what is wrong in its words.
+    At most ``most`` nodes are composed (the loader's walk stops at the one past its limit)."""
+    if FAST_LOADER is None or _PYTHON_ONLY.search(text):
+        return None
+    loader = FAST_LOADER(text)
+    nodes: list[yaml.Node | None] = []
+    try:
+        while len(nodes) < most and loader.check_node():
+            nodes.append(loader.get_node())
+    except yaml.YAMLError:
+        return None
+    finally:
+        loader.dispose()
+    return nodes
