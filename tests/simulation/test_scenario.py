@@ -64,6 +64,8 @@ def test_a_bare_spec_and_an_empty_document_are_accepted() -> None:
     ("kind: Site", "kind"),
     ("[1, 2]", "a scenario is a mapping"),
     ("spec: {fail: [", "d.yaml:1: not valid YAML"),
+    ("spec:\n  fail: {sites: [!!int '8{']}", "d.yaml:2: not valid YAML (cannot read '8{' as int)"),
+    ("spec: {fail: {sites: [!!timestamp x]}}", "d.yaml:1: not valid YAML (cannot read 'x' as timestamp)"),
 ])
 def test_bad_scenarios_get_one_line_naming_the_field(text: str, message: str) -> None:
     with pytest.raises(scenario.ScenarioError) as exc:
