@@ -223,7 +223,7 @@ def parse(data: Any, source: str = "<scenario>") -> Changes:
         return from_doc(ScenarioDoc.model_validate(data))
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = ".".join(str(p) if str(p).isprintable() and str(p) else repr(p) for p in first["loc"])  # one line
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         reason = first["msg"].removeprefix("Value error, ")
         raise ScenarioError(f"{source}: {where}: {reason}{more}", tuple(first["loc"]), reason) from None

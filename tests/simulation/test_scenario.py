@@ -66,6 +66,7 @@ def test_a_bare_spec_and_an_empty_document_are_accepted() -> None:
     ("spec: {fail: [", "d.yaml:1: not valid YAML"),
     ("spec:\n  fail: {sites: [!!int '8{']}", "d.yaml:2: not valid YAML (cannot read '8{' as int)"),
     ("spec: {fail: {sites: [!!timestamp x]}}", "d.yaml:1: not valid YAML (cannot read 'x' as timestamp)"),
+    ('spec: {"a\\nb": 1}', "d.yaml: spec.'a\\nb': Extra inputs are not permitted"),  # a key's line break, shown escaped
 ])
 def test_bad_scenarios_get_one_line_naming_the_field(text: str, message: str) -> None:
     with pytest.raises(scenario.ScenarioError) as exc:
