@@ -5,7 +5,9 @@ with nesting bounded either way (docs/manifests.md, "Reading speed")."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -72,6 +74,18 @@ if CParser is not None:
     FAST_LOADER: type | None = _FastLoader
 else:  # pragma: no cover - see the import
     FAST_LOADER = None
+
+
+@contextlib.contextmanager
+def python_parser_only() -> Iterator[None]:
+    """While it lasts, every text is read by PyYAML's Python parser alone, as where libyaml is
+    missing (benchmarks and tests compare the two)."""
+    global FAST_LOADER
+    saved, FAST_LOADER = FAST_LOADER, None
+    try:
+        yield
+    finally:
+        FAST_LOADER = saved
 
 
 class Composed:

@@ -2,14 +2,18 @@
 
 Each builder returns one YAML document; :func:`bundle` joins them into an apply body.
 Only what a test varies is a parameter; everything else is the usual small edge setup
-(0.1 CPU and 64 MiB per replica).
+(0.1 CPU and 64 MiB per replica). :func:`reading` is what the loader says of a text,
+through libyaml or PyYAML's Python parser.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import yaml
+
+from orchestrator.manifests import loader, parsing
 
 API_VERSION = "edgeplane.io/v1alpha1"
 
@@ -49,3 +53,11 @@ def deployment(name: str, model: str, replicas: int, placement: dict[str, Any]) 
 def spread_by_site(**placement: Any) -> dict[str, Any]:
     """A placement that spreads replicas one per site (``maxSkew: 1``)."""
     return {**placement, "spread": {"by": "site", "maxSkew": 1}}
+
+
+def reading(text: str | bytes, *, libyaml: bool = True, file: str = "m.yaml") -> tuple[Any, list[dict[Any, int]]]:
+    """Everything the manifest loader says of ``text`` (the reading and each document's field
+    lines); with ``libyaml`` False, read by PyYAML's Python parser alone."""
+    with contextlib.nullcontext() if libyaml else parsing.python_parser_only():
+        read = loader.read_text(text, file)
+    return read, [dict(d.lines) for d in read.documents]

@@ -9,19 +9,10 @@ from typing import Any
 import pytest
 
 from orchestrator.manifests import loader, parsing
+from orchestrator.testing.manifests import reading
 
 from .support import join
 from .test_bad_manifests import BAD, GOOD_SITE, H
-
-
-def reading(text: str | bytes, *, libyaml: bool) -> tuple[Any, ...]:
-    saved = parsing.FAST_LOADER
-    parsing.FAST_LOADER = saved if libyaml else None
-    try:
-        read = loader.read_text(text, "m.yaml")
-    finally:
-        parsing.FAST_LOADER = saved
-    return read, [dict(d.lines) for d in read.documents]
 
 
 @pytest.fixture

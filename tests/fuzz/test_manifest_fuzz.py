@@ -12,10 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator import catalog
-from orchestrator.manifests import loader, parsing
+from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
+from orchestrator.testing.manifests import reading
 
 from .conftest import FUZZ, TRIED
 
@@ -31,7 +32,7 @@ trees = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4
 
 
 def check(text: str | bytes) -> None:
-    assert reading(text) == reading(text, fast=False)  # libyaml's parser reads as PyYAML's does
+    assert reading(text) == reading(text, libyaml=False)  # libyaml's parser reads as PyYAML's does
     try:
         docs = loader.load_text(text, "fuzz.yaml")
     except ManifestError as exc:
@@ -39,18 +40,6 @@ def check(text: str | bytes) -> None:
         return
     assert isinstance(docs, list)
     assert all(isinstance(d, loader.LoadedDocument) for d in docs)
-
-
-def reading(text: str | bytes, fast: bool = True) -> tuple[Any, ...]:
-    """Everything :func:`loader.read_text` says of ``text``, the field lines included; with
-    ``fast`` False, read by PyYAML's Python parser alone."""
-    saved = parsing.FAST_LOADER
-    parsing.FAST_LOADER = saved if fast else None
-    try:
-        read = loader.read_text(text, "fuzz.yaml")
-    finally:
-        parsing.FAST_LOADER = saved
-    return read, [dict(d.lines) for d in read.documents]
 
 
 def _mutate(doc: Any, path: list[Any], value: Any, action: str) -> Any:
