@@ -102,10 +102,10 @@ class Composed:
 
 
 #: What libyaml reads otherwise than PyYAML's Python parser, or may: a tab (libyaml takes
-#: ``0\t``, PyYAML refuses it), a tag (``!`` alone is an empty document to PyYAML, a string to
-#: libyaml), ``?`` (``{a? }``), a block scalar indicator (``|#``), a byte-order mark past the
-#: start, a directive, and the characters PyYAML's reader refuses. Manifests seldom hold
-#: any; a text that does is read by the Python parser alone.
+#: ``0\t``, PyYAML refuses it), a tag (``!`` alone is an empty document to PyYAML, a string
+#: to libyaml), ``?`` (``{a? }``), a block scalar indicator (``|#``), a byte-order mark
+#: (``\n\ufeff``), a directive, and the characters PyYAML's reader refuses. Manifests seldom
+#: hold any; a text that does is read by the Python parser alone.
 _PYTHON_ONLY = re.compile(r"[\t!?\ufeff|>]|^%|" + yaml.reader.Reader.NON_PRINTABLE.pattern, re.M)
 
 
