@@ -175,8 +175,7 @@ class _Walker:
         except yaml.constructor.ConstructorError as exc:
             raise self.issue(path, line, f"cannot read value: {exc.problem}") from exc
         except Exception as exc:  # noqa: BLE001 - an explicit tag the text does not fit: !!int '8{', !!bool maybe
-            shown = node.value if isinstance(node, yaml.ScalarNode) else "this value"
-            raise self.issue(path, line, f"cannot read {shown!r} as {node.tag.rsplit(':', 1)[-1]}") from exc
+            raise self.issue(path, line, parsing.tag_misfit(node)) from exc
 
     def line_of(self, path: Path) -> int | None:
         for end in range(len(path), -1, -1):

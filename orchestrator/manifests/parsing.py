@@ -126,3 +126,11 @@ def fast_nodes(text: str, most: int) -> list[yaml.Node | None] | None:
     finally:
         loader.dispose()
     return nodes
+
+
+def tag_misfit(node: yaml.Node) -> str:
+    """What to say of a value whose explicit tag its text does not fit (``!!int '8{'``,
+    ``!!bool maybe``), where PyYAML's constructors raise ValueError, KeyError or
+    AttributeError instead of a YAML error."""
+    tag = node.tag.rsplit(":", 1)[-1]
+    return f"cannot read {node.value!r} as {tag}" if isinstance(node, yaml.ScalarNode) else f"cannot read this value as {tag}"

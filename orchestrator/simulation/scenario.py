@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.manifests import schema
+from orchestrator.manifests import parsing, schema
 from orchestrator.scheduler import model as sched
 
 #: Grid intensity assumed for an added site that declares no energy figures (gCO2/kWh);
@@ -267,9 +267,7 @@ class _Loader(yaml.SafeLoader):
         except yaml.YAMLError:
             raise
         except Exception as exc:  # noqa: BLE001 - see the class
-            shown = node.value if isinstance(node, yaml.ScalarNode) else "a value"
-            raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read {shown!r} as {node.tag.rsplit(':', 1)[-1]}", node.start_mark) from exc
+            raise yaml.constructor.ConstructorError(None, None, parsing.tag_misfit(node), node.start_mark) from exc
 
 
 def _more_values_than(data: Any, limit: int) -> bool:
