@@ -416,29 +416,24 @@ class _FileReader:
             line += self._breaks(start, end)
 
     def _read_fast(self) -> bool:
-        """Read the whole file through libyaml (:func:`parsing.fast_nodes`): True when it was read,
-        False when nothing was taken from it and :meth:`_read` should read it instead, as
-        where its YAML, or a value in it, is malformed (PyYAML's Python parser then says
-        what is wrong in its own words, and reads on past it)."""
-        nodes = parsing.fast_nodes(self.text, MAX_DOCUMENTS + 1)
-        if nodes is None:
+        """Read the whole file through libyaml (:func:`parsing.fast_loader`), a document at a
+        time: True when it was read, False when nothing was taken from it and :meth:`_read`
+        should read it instead, as where its YAML, or a value in it, is malformed (PyYAML's
+        Python parser then says what is wrong in its own words, and reads on past it)."""
+        loader = parsing.fast_loader(self.text)
+        if loader is None:
             return False
-        index, documents = self.index, self.count.documents
-        walked: list[_Raw] = []
+        index, documents, read, issues = self.index, self.count.documents, len(self.read), len(self.issues)
         try:
-            walked.extend(self._documents(parsing.Composed(nodes)))
-        except yaml.YAMLError:
+            for raw in self._documents(loader):
+                self._take(raw)
+        except yaml.YAMLError:  # what was taken from this file goes: the Python parser reads it all
             self.index, self.count.documents = index, documents
+            del self.read[read:], self.issues[issues:]
             return False
-        except ManifestError:  # a limit: what came before it is taken, as when read in Python
-            self._take_all(walked)
-            raise
-        self._take_all(walked)
+        finally:
+            loader.dispose()
         return True
-
-    def _take_all(self, walked: list[_Raw]) -> None:
-        for raw in walked:
-            self._take(raw)
 
     def _breaks(self, start: int, end: int) -> int:
         return sum(1 for _ in _LINE_BREAK.finditer(self.text, start, end))
@@ -499,7 +494,7 @@ class _FileReader:
         raise ManifestError([ManifestIssue(self.file, None, "", line, f"more than {MAX_DOCUMENTS} documents in one apply, "
                                            f"{self.first} in the files before this one: apply the files in smaller groups")])
 
-    def _documents(self, loader: parsing.PythonLoader | parsing.Composed) -> Iterator[_Raw]:
+    def _documents(self, loader: yaml.composer.Composer) -> Iterator[_Raw]:
         self._after = None
         # check_node fails only on text right after a document with no '---' before it
         # (what follows a '---' fails in get_node): that text is the document's

@@ -4,7 +4,6 @@ with nesting bounded either way (docs/manifests.md, "Reading speed")."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import re
 from collections.abc import Iterator
@@ -64,7 +63,7 @@ if CParser is not None:
         """libyaml's scanner and parser under PyYAML's composer and resolver: the same nodes,
         marks and tags as :class:`PythonLoader` gives, composed by the same Python (so
         with the same depth limit and anchors), from events read in C. It reads a
-        manifest two to three times faster (docs/manifests.md, "Reading speed")."""
+        manifest about four times faster (docs/manifests.md, "Reading speed")."""
 
         def __init__(self, stream: str):
             CParser.__init__(self, stream)
@@ -88,19 +87,6 @@ def python_parser_only() -> Iterator[None]:
         FAST_LOADER = saved
 
 
-class Composed:
-    """Nodes composed beforehand, handed out as a loader hands them out."""
-
-    def __init__(self, nodes: list[yaml.Node | None]) -> None:
-        self._nodes = collections.deque(nodes)
-
-    def check_node(self) -> bool:
-        return bool(self._nodes)
-
-    def get_node(self) -> yaml.Node | None:
-        return self._nodes.popleft()
-
-
 #: What libyaml reads otherwise than PyYAML's Python parser, or may: a tab (libyaml takes
 #: ``0\t``, PyYAML refuses it), a tag (``!`` alone is an empty document to PyYAML, a string
 #: to libyaml), ``?`` (``{a? }``), a block scalar indicator (``|#``), a byte-order mark
@@ -109,23 +95,12 @@ class Composed:
 _PYTHON_ONLY = re.compile(r"[\t!?\ufeff|>]|^%|" + yaml.reader.Reader.NON_PRINTABLE.pattern, re.M)
 
 
-def fast_nodes(text: str, most: int) -> list[yaml.Node | None] | None:
-    """Every document node of a text, read by libyaml; None where libyaml is missing, where
-    the text holds what it may read otherwise (:data:`_PYTHON_ONLY`) or where its YAML is
-    malformed: the Python parser then reads the text, and says what is wrong in its words.
-    At most ``most`` nodes are composed (the loader's walk stops at the one past its limit)."""
+def fast_loader(text: str) -> yaml.composer.Composer | None:
+    """A loader of ``text`` through libyaml; None where libyaml is missing or the text holds
+    what it may read otherwise (:data:`_PYTHON_ONLY`): the Python parser then reads it."""
     if FAST_LOADER is None or _PYTHON_ONLY.search(text):
         return None
-    loader = FAST_LOADER(text)
-    nodes: list[yaml.Node | None] = []
-    try:
-        while len(nodes) < most and loader.check_node():
-            nodes.append(loader.get_node())
-    except yaml.YAMLError:
-        return None
-    finally:
-        loader.dispose()
-    return nodes
+    return FAST_LOADER(text)  # type: ignore[no-any-return]
 
 
 def tag_misfit(node: yaml.Node) -> str:
