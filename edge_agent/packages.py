@@ -10,7 +10,9 @@ is not unpacked either). Then every member is checked before anything is written
   outside the folder whatever the tar says;
 - at most ``max_files`` members and ``max_bytes`` unpacked, so a tar bomb is refused
   before it fills the disk;
-- a ``genai_config.json`` at the top.
+- no member inside another that is a file (``a`` and ``a/b``), and no name longer than the
+  file system takes;
+- a ``genai_config.json`` file at the top.
 
 Members go into a fresh temporary folder beside the final one, which is renamed into
 place only when all of them are written: a crash or a refusal leaves no half-unpacked
@@ -20,6 +22,7 @@ sha256, so a version unpacked once is reused.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pathlib
@@ -48,16 +51,22 @@ def sha256_of(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
+def _shown(name: str) -> str:
+    """A member's name for a message: quoted, and cut short (a tar can name a member with
+    thousands of characters)."""
+    return repr(name) if len(name) <= 80 else repr(name[:77]) + "..."
+
+
 def _check_name(name: str) -> str:
     if not name or "\x00" in name or "\\" in name:
-        raise PackageRefused(f"package member {name!r} has an invalid name")
+        raise PackageRefused(f"package member {_shown(name)} has an invalid name")
     if name.startswith("/") or pathlib.PurePosixPath(name).is_absolute():
-        raise PackageRefused(f"package member {name!r} is an absolute path: refused")
+        raise PackageRefused(f"package member {_shown(name)} is an absolute path: refused")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise PackageRefused(f"package member {name!r} leaves the package folder ('..'): refused")
+        raise PackageRefused(f"package member {_shown(name)} leaves the package folder ('..'): refused")
     if not parts:
-        raise PackageRefused(f"package member {name!r} has an empty name")
+        raise PackageRefused(f"package member {_shown(name)} has an empty name")
     return "/".join(parts)
 
 
@@ -66,22 +75,33 @@ def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int) -> list[
     out: list[tuple[tarfile.TarInfo, str]] = []
     total = 0
     seen: set[str] = set()
+    files: dict[str, str] = {}  # normalised name -> the name in the tar
     for member in tar:
         if len(out) >= max_files:
             raise PackageRefused(f"package has more than {max_files} members: refused")
         name = _check_name(member.name)
         if member.issym() or member.islnk():
-            raise PackageRefused(f"package member {member.name!r} is a link (to {member.linkname!r}): refused")
+            raise PackageRefused(f"package member {_shown(member.name)} is a link (to {_shown(member.linkname)}): refused")
         if not (member.isfile() or member.isdir()):
-            raise PackageRefused(f"package member {member.name!r} is not a regular file or folder: refused")
+            raise PackageRefused(f"package member {_shown(member.name)} is not a regular file or folder: refused")
         if name in seen:
-            raise PackageRefused(f"package member {member.name!r} appears twice: refused")
+            raise PackageRefused(f"package member {_shown(member.name)} appears twice: refused")
         seen.add(name)
+        if member.isfile():
+            files[name] = member.name
         total += member.size
         if total > max_bytes:
             raise PackageRefused(f"package unpacks to more than {max_bytes} bytes: refused")
         out.append((member, name))
-    if CONFIG_NAME not in seen:
+    for _, name in out:  # any order: "a/b" may come before the file "a"
+        parent = name.rpartition("/")[0]
+        while parent:
+            if parent in files:
+                raise PackageRefused(f"package member {_shown(name)} is inside {_shown(files[parent])}, which is a file: refused")
+            parent = parent.rpartition("/")[0]
+    if CONFIG_NAME in seen and CONFIG_NAME not in files:
+        raise PackageRefused(f"package's {CONFIG_NAME} is a folder, not a file: not an onnxruntime-genai model")
+    if CONFIG_NAME not in files:
         raise PackageRefused(f"package has no {CONFIG_NAME} at its top: not an onnxruntime-genai model")
     return out
 
@@ -109,18 +129,11 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
             try:
                 members = check_members(tar, max_bytes, max_files)
                 for member, name in members:
-                    target = tmp / name
-                    if member.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    src = tar.extractfile(member)
-                    if src is None:
-                        raise PackageRefused(f"package member {member.name!r} cannot be read")
-                    with src, open(target, "xb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
+                    _write(tar, member, tmp / name)
             except tarfile.TarError as exc:
                 raise PackageRefused(f"package {sha256[:12]} is a damaged tar archive: {exc}") from None
+        if final.is_dir() and not final.is_symlink() and not (final / CONFIG_NAME).is_file():
+            shutil.rmtree(final, ignore_errors=True)  # damaged on disk (its config gone): unpacked again
         try:
             os.rename(tmp, final)
         except OSError:
@@ -130,6 +143,23 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
         return final
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, target: pathlib.Path) -> None:
+    try:
+        if member.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = tar.extractfile(member)
+        if src is None:
+            raise PackageRefused(f"package member {_shown(member.name)} cannot be read")
+        with src, open(target, "xb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # the package's fault, not the disk's: not worth retrying
+            raise PackageRefused(f"package member {_shown(member.name)} has a name longer than this file system takes: refused") from None
         raise
 
 

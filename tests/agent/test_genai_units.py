@@ -51,6 +51,46 @@ def test_bad_packages_are_refused_and_leave_nothing(tmp_path: pathlib.Path, memb
     assert list((tmp_path / "models").iterdir()) == []
 
 
+def _tar_of(path: pathlib.Path, *members: tuple[str, bytes | None]) -> str:
+    """A tar of files (bytes) and folders (None), in this order."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE if data is None else tarfile.REGTYPE
+            info.size = len(data or b"")
+            tar.addfile(info, None if data is None else io.BytesIO(data))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("members", "said"),
+    [  # each was an OSError ("File exists", "File name too long"), reported as a disk fault and retried, or
+       # a folder renamed into place that no load could use
+        ((("genai_config.json", b"{}"), ("a", b"x"), ("a/b", b"y")), "package member 'a/b' is inside 'a', which is a file: refused"),
+        ((("genai_config.json", b"{}"), ("a/b/c", b"y"), ("a", b"x")), "package member 'a/b/c' is inside 'a', which is a file: refused"),
+        ((("genai_config.json", None),), "package's genai_config.json is a folder, not a file: not an onnxruntime-genai model"),
+        ((("genai_config.json", b"{}"), ("d/" + "x" * 300, b"y")),
+         f"package member 'd/{'x' * 75}'... has a name longer than this file system takes: refused"),
+    ],
+)
+def test_packages_no_file_system_can_hold_are_refused_as_packages(tmp_path: pathlib.Path, members: tuple[tuple[str, bytes | None], ...],
+                                                                   said: str) -> None:
+    sha = _tar_of(tmp_path / "p.tar", *members)
+    with pytest.raises(packages.PackageRefused) as refused:
+        packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models")
+    assert str(refused.value) == said
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_model_folder_damaged_on_disk_is_unpacked_again(tmp_path: pathlib.Path) -> None:
+    sha = _tar(tmp_path / "p.tar", {"genai_config.json": b"{}", "model.onnx": b"x"})
+    folder = packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models")
+    (folder / "genai_config.json").unlink()  # was "Directory not empty" on every later try
+    assert packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models") == folder
+    assert (folder / "genai_config.json").read_bytes() == b"{}" and (folder / "model.onnx").read_bytes() == b"x"
+    assert list((tmp_path / "models").iterdir()) == [folder]
+
+
 def test_a_mismatching_package_is_refused_before_it_is_read(tmp_path: pathlib.Path) -> None:
     _tar(tmp_path / "p.tar", {"genai_config.json": b"{}"})
     with pytest.raises(errors.ArtifactIntegrityError, match="refused before unpacking"):
