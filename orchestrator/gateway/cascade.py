@@ -225,7 +225,8 @@ class CascadeHandler:
                                 status_code=503, media_type="application/json")
             last = stage == len(route.stages) - 1
             next_ranked = None if last else self.ranking(route, stage + 1, caller)
-            decision = rules.after_stage(route, stage, verdict, got is not None, next_ranked)
+            unroutable = ranked if isinstance(ranked, routing.NoRoute) else None
+            decision = rules.after_stage(route, stage, verdict, got is not None, next_ranked, unroutable=unroutable)
             match decision:
                 case rules.Answer(not_escalated=why):
                     assert answer is not None  # after_stage answers only with this stage's answer in hand

@@ -270,18 +270,24 @@ def overloaded(route: CascadeRoute, stage: int, ranked: Sequence[routing.Ranked]
 
 
 def after_stage(route: CascadeRoute, stage: int, verdict: Verdict | None, has_answer: bool,
-                next_ranked: list[routing.Ranked] | routing.NoRoute | None) -> Answer | Escalate | Fail:
+                next_ranked: list[routing.Ranked] | routing.NoRoute | None, *,
+                unroutable: routing.NoRoute | None = None) -> Answer | Escalate | Fail:
     """What to do once ``stage`` ran (or could not run).
 
     ``verdict`` is the judge's (None when the stage gave no answer: down, failing, or
     overloaded, which always escalates); ``next_ranked`` the next stage's candidates for
-    this caller (None when ``stage`` is the last).
+    this caller (None when ``stage`` is the last); ``unroutable`` why ``stage`` had no
+    replica to try, if it had none.
     """
     if has_answer and (verdict is None or not verdict.escalate):
         return Answer()
     why = verdict.reason if verdict is not None else "the stage gave no answer"
     if next_ranked is None:
-        return Answer("no later stage") if has_answer else Fail(502, f"the last stage ({route.stages[stage].variant}) gave no answer")
+        if has_answer:
+            return Answer("no later stage")
+        if unroutable is not None:  # nothing was tried: as plain routing says it (503), not as a failed upstream
+            return Fail(unroutable.status, f"the last stage ({route.stages[stage].variant}) cannot run")
+        return Fail(502, f"the last stage ({route.stages[stage].variant}) gave no answer")
     if isinstance(next_ranked, routing.NoRoute):
         if has_answer:
             return Answer(f"{why}, but {next_ranked.reason}")

@@ -124,7 +124,8 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
             return openai_routes.error(503, f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
                                             f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}", code="stage_unavailable")
         next_ranked = None if last else handler.ranking(route, stage + 1, caller)
-        match rules.after_stage(route, stage, verdict, got is not None, next_ranked):
+        unroutable = ranked if isinstance(ranked, routing.NoRoute) else None
+        match rules.after_stage(route, stage, verdict, got is not None, next_ranked, unroutable=unroutable):
             case rules.Answer(not_escalated=why):
                 assert answer is not None  # after_stage answers only with this stage's answer in hand
                 confidence = verdict.confidence if verdict is not None else _confidence(answer)
@@ -137,7 +138,8 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                 totals.failed += 1
                 totals.latency_s += handler.clock() - req.started
                 tried = "; ".join(req.trip.failures) or "nothing"
-                return openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}", code="upstream_failed")
+                return openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}",
+                                           code="upstream_failed" if code == 502 else "stage_unavailable")
             case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
                 handler.escalation(route, stage, cause, totals)
                 if escalated_at is None:

@@ -115,6 +115,10 @@ async def test_caller_modes(fleet: harness.Fleet, samples: tuple[np.ndarray, np.
     assert off.status_code == 200 and "x-edgeplane-cascade-stage" not in off.headers
     bad = await infer(fleet.cp, samples[1], {**PARIS, "x-edgeplane-cascade": "sometimes"})
     assert bad.status_code == 400 and "force-last" in bad.json()["error"]
+    # the last stage runs in FR only: a DE caller forcing it is unavailable (503), not a failed upstream (was 502)
+    nowhere = await infer(fleet.cp, samples[1], {**BERLIN, "x-edgeplane-cascade": "force-last"})
+    assert nowhere.status_code == 503, nowhere.text
+    assert "the last stage (teacher) cannot run; tried: teacher: no replica in the caller's residency (DE)" in nowhere.json()["error"]
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -185,6 +185,20 @@ async def test_the_caller_may_force_the_last_stage_or_turn_the_cascade_off(sdk: 
         await sdk.chat.completions.create(model=DEPLOYMENT, messages=USER, extra_headers={"X-Edgeplane-Cascade": "sometimes"})
 
 
+async def test_a_forced_stage_with_no_replica_for_the_caller_is_unavailable_not_a_bad_gateway(sdk: openai.AsyncOpenAI) -> None:
+    """The large stage runs in FR only: a DE caller forcing it gets 503, as plain routing
+    answers a model with no replica for the caller (it was 502, as if a replica had failed)."""
+    for mode, stage in (("force-last", "large"), ("force-first", "small")):
+        where = BERLIN_DE if mode == "force-last" else {"X-Edgeplane-Residency": "US"}
+        with pytest.raises(openai.InternalServerError) as failed:
+            await sdk.chat.completions.create(model=DEPLOYMENT, messages=USER, max_tokens=2,
+                                              extra_headers={**where, "X-Edgeplane-Cascade": mode})
+        assert failed.value.status_code == 503, mode
+        error = failed.value.body
+        assert isinstance(error, dict) and error["code"] == "stage_unavailable", error
+        assert f"{stage}: no replica in the caller's residency" in error["message"], error
+
+
 async def test_stage_1_killed_under_load_is_answered_by_stage_2(sdk: openai.AsyncOpenAI, fleet: harness.Fleet) -> None:
     stop = await stop_string(sdk)
     before = await metric(fleet, "edgeplane_cascade_escalations_total", cascade=DEPLOYMENT, stage="small", cause="down")

@@ -147,6 +147,15 @@ def test_after_stage(stage: int, verdict: rules.Verdict | None, answered: bool, 
     assert rules.after_stage(ROUTE, stage, verdict, answered, next_ranked) == expected
 
 
+def test_a_last_stage_with_no_replica_to_try_fails_as_plain_routing_does() -> None:
+    """Nothing was tried, so nothing failed upstream: 503 (was 502), as a model with no
+    replica for the caller is answered without a cascade."""
+    nowhere = routing.NoRoute("no replica in the caller's residency (DE); replicas run in FR")
+    assert rules.after_stage(ROUTE, 1, None, False, None, unroutable=nowhere) == rules.Fail(503, "the last stage (large) cannot run")
+    refused = routing.NoRoute("X-Edgeplane-Location is outside -90..90, -180..180", 400)
+    assert rules.after_stage(ROUTE, 1, None, False, None, unroutable=refused) == rules.Fail(400, "the last stage (large) cannot run")
+
+
 def test_energy_and_co2() -> None:
     joules = rules.energy_joules(ROUTE, 1, "dc", 0.01)
     assert joules == pytest.approx(300.0 * 1.5 * 0.01)
