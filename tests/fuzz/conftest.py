@@ -20,7 +20,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
-from orchestrator.testing import harness, manifests, onnx_models
+from orchestrator.testing import genai_model, harness, manifests, onnx_models
 
 T = TypeVar("T")
 
@@ -28,11 +28,15 @@ EXAMPLES = int(os.environ.get("EDGEPLANE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 TRIED: Counter[str] = Counter()
 
-def fleet_yaml(sha256: str) -> str:
+def fleet_yaml(sha256: str, chat: genai_model.GenAIModel) -> str:
+    chat_variant = {"name": "tiny", **chat.manifest_fields(), "resources": {"cpu": 0.1, "memoryMiB": 256}}
+    chat_variant["artifact"] = {"uri": chat.package.name, "sha256": chat.sha256}
     return manifests.bundle(
         manifests.edge_site("edge-fuzz", "FR", 48.85, 2.35, region="fr"),
         manifests.onnx_model("intent", "intent.onnx", sha256),
         manifests.deployment("intent-fr", "intent", 1, {"residency": ["FR"], "tiers": ["edge"]}),
+        manifests.doc("Model", "chat", {"variants": [chat_variant]}),
+        manifests.deployment("chat-fr", "chat", 1, {"residency": ["FR"], "tiers": ["edge"]}),
     )
 
 
@@ -58,9 +62,11 @@ class FleetThread:
 
 @pytest.fixture(scope="module")
 def fuzz_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
-    """Control plane + one agent serving ``intent`` (8 floats in, 4 out) at ``edge-fuzz``."""
+    """Control plane + one agent serving ``intent`` (8 floats in, 4 out) and the generative
+    ``chat`` (a tiny onnxruntime-genai model) at ``edge-fuzz``."""
     root = tmp_path_factory.mktemp("fuzz")
     built = onnx_models.build_mlp(root / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=7)
+    chat = genai_model.build_package(root / "artifacts", name="tiny-chat")
     ft = FleetThread(root)
     ft.built = built  # type: ignore[attr-defined]
     try:
@@ -68,10 +74,11 @@ def fuzz_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread
         # must not be able to starve the agent's heartbeats past the hub's deadline (the
         # harness default is 3 x 0.5 s), which would turn every later answer into a 503.
         cp = ft.run(ft.fleet.start_control_plane(missed_heartbeats=20))
-        resp = httpx.post(f"{cp.http_url}/v1/apply", content=fleet_yaml(built.sha256).encode())
+        resp = httpx.post(f"{cp.http_url}/v1/apply", content=fleet_yaml(built.sha256, chat).encode())
         assert resp.status_code == 200, resp.text
         ft.run(ft.fleet.start_agent("edge-fuzz", country="FR", region="fr", lat=48.85, lon=2.35))
-        ft.run(harness.wait_until(lambda: any(e.healthy for e in cp.table.endpoints("intent")), 60, what="the intent endpoint"))
+        ft.run(harness.wait_until(lambda: all(any(e.healthy for e in cp.table.endpoints(m)) for m in ("intent", "chat")), 60,
+                                  what="the intent and chat endpoints"))
         yield ft
     finally:
         ft.close()
