@@ -68,14 +68,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     def guarded(handler: Handler, write: bool = False) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            try:
-                caller = services.authenticator.caller(request.headers.get("authorization"))
-            except auth.Unauthorized as exc:
-                return error(401, str(exc))
-            except store_mod.StoreError as exc:  # the token is looked up in a store that does not answer
-                return error(503, str(exc))
-            if write and not caller.may_write():
-                return error(403, f"{caller.identity} has role {caller.role!r}; this needs 'admin'")
+            caller = services.authenticator.admit(request, write=write)
+            if isinstance(caller, Response):
+                return caller
             try:
                 return await handler(request, caller)
             except bodies.BodyTooLarge as exc:
@@ -156,6 +151,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return error(400, "since, limit and last must be integers")
         if last < 0 or limit < 1:
             return error(400, "limit must be at least 1, and last at least 1 when given")
+        since = min(max(since, 0), EVENT_ID_MAX)  # an event id is a 64-bit integer: past the last one there is nothing
         if last and ("since" in q or "limit" in q):
             return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
@@ -281,6 +277,9 @@ async def _read(request: Request) -> loader.Reading:
 async def _documents(request: Request) -> list[loader.LoadedDocument]:
     """The manifests in the body, or :class:`ManifestError` with every issue."""
     return (await _read(request)).valid()
+
+
+EVENT_ID_MAX = (1 << 63) - 1
 
 
 class BadQuery(ValueError):

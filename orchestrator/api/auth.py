@@ -11,6 +11,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
 from orchestrator.security.bearer import bearer_secret
 from orchestrator.store import sqlite as store_mod
 
@@ -56,3 +59,22 @@ class Authenticator:
         if self.required:
             raise Unauthorized("this API needs 'Authorization: Bearer <token>' (see 'edgeplane token create')")
         return Caller("anonymous", "admin")
+
+    def admit(self, request: Request, *, write: bool = False, needs: str = "this needs 'admin'") -> Caller | JSONResponse:
+        """The caller of ``request``, or the answer that refuses it: 400 for a path or query
+        holding a NUL character (no name holds one, and PostgreSQL cannot store one: it
+        would reach the store as a lookup or an event's name), 401 without a valid token,
+        403 for a ``write`` by a caller who may not (``needs`` says what it takes), 503 when
+        the store that holds the tokens does not answer."""
+        if "\x00" in request.scope["path"] or b"%00" in request.scope.get("query_string", b""):
+            return JSONResponse({"error": "the request's path or query holds a NUL character, which no name or value here may hold"},
+                                status_code=400)
+        try:
+            caller = self.caller(request.headers.get("authorization"))
+        except Unauthorized as exc:
+            return JSONResponse({"error": str(exc)}, status_code=401)
+        except store_mod.StoreError as exc:  # the token is looked up in a store that does not answer
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        if write and not caller.may_write():
+            return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; {needs}"}, status_code=403)
+        return caller

@@ -30,13 +30,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
            clock: Callable[[], float] = time.time) -> list[BaseRoute]:
     def admin_only(handler: Callable[[Request, auth.Caller], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            try:
-                caller = authenticator.caller(request.headers.get("authorization"))
-            except auth.Unauthorized as exc:
-                return JSONResponse({"error": str(exc)}, status_code=401)
-            if not caller.may_write():
-                return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; captured data needs 'admin'"},
-                                    status_code=403)
+            caller = authenticator.admit(request, write=True, needs="captured data needs 'admin'")
+            if isinstance(caller, Response):
+                return caller
             zone = request.path_params["zone"].upper()
             if zone not in captures.zones():
                 return JSONResponse({"error": f"no captured data in zone {zone!r} (zones: {', '.join(captures.zones()) or 'none'})"},

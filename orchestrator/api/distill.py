@@ -140,12 +140,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
            artifacts: ArtifactCatalog, changed: Callable[[str], None], cascades_view: Callable[[], dict[str, Any]],
            clock: Callable[[], float] = time.time) -> list[BaseRoute]:
     async def distill(request: Request) -> Response:
-        try:
-            caller = authenticator.caller(request.headers.get("authorization"))
-        except auth.Unauthorized as exc:
-            return JSONResponse({"error": str(exc)}, status_code=401)
-        if not caller.may_write():
-            return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; distillation needs 'admin'"}, status_code=403)
+        caller = authenticator.admit(request, write=True, needs="distillation needs 'admin'")
+        if isinstance(caller, Response):
+            return caller
         name = request.path_params["deployment"]
         try:
             raw = await bodies.read_body(request, MAX_BODY)

@@ -129,10 +129,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
            heartbeat_s: float = HEARTBEAT_S) -> list[BaseRoute]:
     def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            try:
-                authenticator.caller(request.headers.get("authorization"))
-            except auth.Unauthorized as exc:
-                return JSONResponse({"error": str(exc)}, status_code=401)
+            refused = authenticator.admit(request)
+            if isinstance(refused, Response):
+                return refused
             return await handler(request)
 
         return endpoint
@@ -164,7 +163,10 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
             if authenticator.required:
                 return JSONResponse({"error": "this API needs 'Authorization: Bearer <token>'"}, status_code=401)
             return JSONResponse({"id": None, "identity": "anonymous", "role": "admin"})
-        info = store.verify_token(secret, "api")
+        try:
+            info = store.verify_token(secret, "api")
+        except store_mod.StoreError as exc:  # the store that holds the tokens does not answer
+            return JSONResponse({"error": str(exc)}, status_code=503)
         if info is None:
             return JSONResponse({"error": "the bearer token is unknown, revoked or expired"}, status_code=401)
         return JSONResponse({"id": info.id, "identity": f"token:{info.id}", "role": info.role})

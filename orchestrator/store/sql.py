@@ -142,6 +142,13 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def _storable(text: str) -> str:
+    """``text`` with each NUL written as ``\\x00``: PostgreSQL refuses NUL in text, and both
+    backends must keep the same log. Free text comes from callers and agents (a reason, a
+    record id, an error message); JSON columns escape it themselves."""
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
 class SqlStore:
     """The shared operations; a subclass sets the dialect and the hooks below."""
 
@@ -361,7 +368,7 @@ class SqlStore:
     def _log(self, db: Any, e: Event, now: float) -> None:
         db.execute(
             self._q("INSERT INTO events (ts, actor, action, kind, name, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-            (now, e.actor, e.action, e.kind, e.name, e.reason, _canonical(e.details)),
+            (now, _storable(e.actor), e.action, e.kind, _storable(e.name), _storable(e.reason), _canonical(e.details)),
         )
         self._changed(db, f"events:{e.kind}")
 
@@ -396,6 +403,7 @@ class SqlStore:
         secret = f"ep{purpose[0]}_{token_id}_{secrets.token_urlsafe(24)}"
         now = self._clock()
         expires = now + ttl_s if ttl_s else None
+        description = _storable(description)
         with self._tx() as db:
             db.execute(
                 self._q("INSERT INTO tokens (id, digest, purpose, role, created_at, expires_at, description) VALUES (?, ?, ?, ?, ?, ?, ?)"),
@@ -437,7 +445,7 @@ class SqlStore:
                 self._q("INSERT INTO agents (site, agent_id, credential_digest, joined_at, revoked) VALUES (?, ?, ?, ?, FALSE)"
                         " ON CONFLICT (site) DO UPDATE SET agent_id = excluded.agent_id,"
                         " credential_digest = excluded.credential_digest, joined_at = excluded.joined_at, revoked = FALSE"),
-                (site, agent_id, digest(credential), now),
+                (_storable(site), _storable(agent_id), digest(credential), now),
             )
 
     def agent_credential_ok(self, site: str, credential: str) -> bool:

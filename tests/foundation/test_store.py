@@ -368,6 +368,20 @@ def test_agent_credentials(store: Store) -> None:
     assert not store.agent_credential_ok("edge-lyon", "cred-2")
 
 
+def test_free_text_with_a_nul_is_kept_the_same_way_by_both_backends(store: Store) -> None:
+    """PostgreSQL refuses NUL in text (a 500 from the API, where the text was a record id,
+    a token's description or an agent's message); both backends now write it as ``\\x00``."""
+    store.record(Event("agent\x00x", "model-failed", "Site", "edge\x00lyon", "load failed: bad\x00byte", {"error": "a\x00b"}))
+    _, token = store.create_token("api", "read", None, "admin", "ci\x00bot")
+    store.save_agent("edge-lyon", "agent\x00id", "cred-1", "agent@edge-lyon")
+    logged = store.events()[-2:]
+    assert [(e.actor, e.name, e.reason) for e in logged] == [
+        ("agent\\x00x", "edge\\x00lyon", "load failed: bad\\x00byte"), ("admin", token.id, "ci\\x00bot")]
+    assert logged[0].details == {"error": "a\x00b"}  # JSON holds it escaped, and gives it back
+    assert token.description == "ci\\x00bot" and [t.description for t in store.tokens()] == ["ci\\x00bot"]
+    assert store.agent_credential_ok("edge-lyon", "cred-1")
+
+
 def test_static_bootstrap_tokens_admit_joins_but_never_a_revoked_site(store: Store, clock: FakeClock) -> None:
     from orchestrator.agents import errors as agent_errors
     from orchestrator.server import StoreJoinAuthenticator

@@ -1,0 +1,68 @@
+"""Text and numbers the store cannot hold, over real HTTP, on SQLite and on PostgreSQL alike:
+a NUL in a path or query and an event id past 64 bits were 500s (PostgreSQL refuses NUL in
+text; neither backend takes an integer of more than 64 bits), and a record id or token
+description holding a NUL reached PostgreSQL as a failed write."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from orchestrator.testing import harness
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+NUL = "the request's path or query holds a NUL character, which no name or value here may hold"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["sqlite", "postgresql"])
+async def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    store = None if request.param == "sqlite" else {"store": request.getfixturevalue("postgres").create_database()}
+    fleet = harness.Fleet(tmp_path_factory.mktemp(request.param))
+    try:
+        cp = await fleet.start_control_plane(**(store or {}))
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as client:
+            yield client
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/sites/a%00b"),
+    ("DELETE", "/v1/sites/a%00b"),
+    ("GET", "/v1/events?name=a%00b"),
+    ("GET", "/v1/events?kind=site&name=%00"),
+    ("GET", "/v1/cascades/a%00"),
+    ("GET", "/v1/endpoints/a%00"),
+    ("GET", "/v1/endpoints?watch=%00"),
+    ("POST", "/v1/revoke/tokens/a%00"),
+    ("POST", "/v1/revoke/agents/a%00"),
+    ("POST", "/v1/wake/a%00"),
+    ("POST", "/v1/distill/a%00"),
+    ("GET", "/v1/captures/eu?deployment=a%00"),
+    ("DELETE", "/v1/captures/eu/a%00"),
+])
+async def test_a_nul_in_a_path_or_query_is_a_400_on_either_store(api: httpx.AsyncClient, method: str, path: str) -> None:
+    resp = await api.request(method, path)
+    assert (resp.status_code, resp.json()) == (400, {"error": NUL}), resp.text
+    assert (await api.get("/v1/events?last=1")).status_code == 200  # and the API goes on
+
+
+async def test_an_event_id_past_64_bits_reads_as_past_the_last(api: httpx.AsyncClient) -> None:
+    every = (await api.get("/v1/events")).json()["items"]
+    assert every  # the admin token made at start
+    huge = "9" * 25
+    assert (await api.get(f"/v1/events?since={huge}")).json() == {"items": []}
+    assert (await api.get(f"/v1/events?since=-{huge}")).json()["items"] == every
+    assert (await api.get(f"/v1/events?limit={huge}")).json()["items"] == every
+    assert (await api.get(f"/v1/events?last={huge}")).json()["items"] == every
+
+
+async def test_a_token_description_with_a_nul_is_kept_escaped(api: httpx.AsyncClient) -> None:
+    made = await api.post("/v1/tokens", json={"purpose": "api", "role": "read", "description": "ci\x00bot"})
+    assert made.status_code == 201, made.text
+    listed = {t["id"]: t["description"] for t in (await api.get("/v1/tokens")).json()["items"]}
+    assert listed[made.json()["id"]] == "ci\\x00bot"
