@@ -11,6 +11,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -66,3 +67,24 @@ async def test_a_token_description_with_a_nul_is_kept_escaped(api: httpx.AsyncCl
     assert made.status_code == 201, made.text
     listed = {t["id"]: t["description"] for t in (await api.get("/v1/tokens")).json()["items"]}
     assert listed[made.json()["id"]] == "ci\\x00bot"
+
+
+async def test_every_guarded_route_answers_503_while_the_token_store_does_not_answer(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch, capture and distillation routes and whoami gave 500 there; the others 503."""
+    fleet = harness.Fleet(tmp_path_factory.mktemp("down"))
+    try:
+        cp = await fleet.start_control_plane()
+
+        def unreachable(secret: str, purpose: str) -> None:
+            raise store_mod.StoreError("cannot reach the PostgreSQL store at db: connection refused")
+
+        monkeypatch.setattr(cp.store, "verify_token", unreachable)
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30, headers={"authorization": "Bearer ep_x"}) as http:
+            for method, path in (("GET", "/v1/sites"), ("GET", "/v1/endpoints"), ("GET", "/v1/whoami"), ("POST", "/v1/wake/m"),
+                                 ("GET", "/v1/captures/eu"), ("POST", "/v1/distill/d")):
+                resp = await http.request(method, path)
+                assert resp.status_code == 503, (path, resp.text)
+                assert "cannot reach the PostgreSQL store" in resp.json()["error"], path
+    finally:
+        await fleet.stop()
