@@ -15,6 +15,11 @@ December 07:10 had it on in the baseline, about 2.4 MB more).
 The agent's own packages are byte-compiled first, as ``pip install`` does: without
 ``__pycache__`` (a source checkout run with ``PYTHONDONTWRITEBYTECODE``) every start compiles
 them from source, which leaves about 1 MB more of heap behind.
+
+To compare two versions, run it from each tree's own folder (``cd TREE && PYTHONPATH=TREE
+python -m bench.agent_idle``): Python puts the working directory first on the path, so run
+from one checkout with the other on ``PYTHONPATH`` it takes its harness, and with it the
+mutual-TLS agent, from the checkout.
 Writes bench/results/agent_idle.json.
 """
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import socket
-import ssl
 from dataclasses import dataclass
 
 from edge_agent import tls
@@ -158,6 +157,8 @@ async def probe(target: str, timeout: float = PROBE_TIMEOUT_S) -> Listener:
 
 
 def _probe(target: str, timeout: float) -> Listener:
+    import ssl  # imported by tls.peer_chain anyway; not before the daemon needs it
+
     try:
         tls.peer_chain(target, timeout)
         return Listener.TLS

@@ -7,6 +7,20 @@ or SIGINT, drains, and exits 0. The one line on stdout, ``serving <url>``, tells
 
 from __future__ import annotations
 
+import sys
+
+if "asyncio" not in sys.modules:  # this process is the agent, not a program that imported this module
+    # asyncio imports Python's ssl module to offer TLS on its streams, which the agent never
+    # asks of it: gRPC brings its own TLS, downloads run in a child process (edge_agent.fetch).
+    # ssl maps libssl and builds its tables for nothing: 1.7 MB of the idle agent's memory.
+    # asyncio takes a missing ssl module as it is meant to (no TLS on its streams); the
+    # agent imports ssl itself where it needs it (a pinned CA's first read, a diagnosis).
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+    try:
+        import asyncio
+    finally:
+        del sys.modules["ssl"]
+
 import argparse
 import asyncio
 import importlib.util
@@ -17,7 +31,6 @@ import os
 import pathlib
 import re
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 

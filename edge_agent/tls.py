@@ -18,7 +18,6 @@ edgeplane_proto.identity`` in a child process: cryptography would cost the daemo
 
 from __future__ import annotations
 
-import _ssl
 import asyncio
 import contextlib
 import hashlib
@@ -27,7 +26,6 @@ import os
 import pathlib
 import signal
 import socket
-import ssl
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +44,9 @@ PIN_FETCH_TIMEOUT_S = 10.0
 
 def peer_chain(target: str, timeout: float) -> list[bytes]:
     """The certificates (DER) a TLS listener at ``host:port`` presents, unverified."""
+    import _ssl  # Python's TLS is imported where it is needed: see edge_agent.main
+    import ssl
+
     host, _, port = target.rpartition(":")
     host = host.strip("[]")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -81,6 +82,8 @@ class AgentTls:
             chain = await asyncio.to_thread(peer_chain, target, PIN_FETCH_TIMEOUT_S)
         except (OSError, ValueError) as exc:
             raise errors.AgentUnavailable(f"cannot read the certificate chain of {target} to find the pinned CA: {exc}") from exc
+        import ssl
+
         for der in chain:
             if hashlib.sha256(der).hexdigest() == self.ca_sha256:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
