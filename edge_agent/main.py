@@ -12,7 +12,7 @@ import sys
 if "asyncio" not in sys.modules:  # this process is the agent, not a program that imported this module
     # asyncio imports Python's ssl module to offer TLS on its streams, which the agent never
     # asks of it: gRPC brings its own TLS, downloads run in a child process (edge_agent.fetch).
-    # ssl maps libssl and builds its tables for nothing: 1.7 MB of the idle agent's memory.
+    # ssl maps libssl and builds its tables for nothing: 1.1-1.7 MB of the idle agent's memory.
     # asyncio takes a missing ssl module as it is meant to (no TLS on its streams); the
     # agent imports ssl itself where it needs it (a pinned CA's first read, a diagnosis).
     sys.modules["ssl"] = None  # type: ignore[assignment]

@@ -78,12 +78,12 @@ class AgentTls:
     async def fetch_pinned_ca(self, target: str) -> None:
         """Take the CA whose SHA-256 is the pin from the certificate chain ``target`` presents
         (the handshake is not verified: the pin is the trust) and keep it as the saved CA."""
+        import ssl
+
         try:
             chain = await asyncio.to_thread(peer_chain, target, PIN_FETCH_TIMEOUT_S)
         except (OSError, ValueError) as exc:
             raise errors.AgentUnavailable(f"cannot read the certificate chain of {target} to find the pinned CA: {exc}") from exc
-        import ssl
-
         for der in chain:
             if hashlib.sha256(der).hexdigest() == self.ca_sha256:
                 self.data_dir.mkdir(parents=True, exist_ok=True)

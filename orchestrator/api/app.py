@@ -54,6 +54,7 @@ class Services(Protocol):
 #: The longest a token may live (a longer or non-finite ``ttlSeconds`` is refused: no date
 #: could show when it expires).
 MAX_TOKEN_TTL_S = 10 * 365 * 86400
+EVENT_ID_MAX = (1 << 63) - 1  # event ids are 64-bit integers in both stores
 
 
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -277,9 +278,6 @@ async def _read(request: Request) -> loader.Reading:
 async def _documents(request: Request) -> list[loader.LoadedDocument]:
     """The manifests in the body, or :class:`ManifestError` with every issue."""
     return (await _read(request)).valid()
-
-
-EVENT_ID_MAX = (1 << 63) - 1
 
 
 class BadQuery(ValueError):
