@@ -22,11 +22,21 @@ import pytest
 
 from orchestrator.adapters import local_ray, ray_serve
 from orchestrator.testing import genai_model
+from orchestrator.testing import postgres as postgres_server
 from orchestrator.testing import ray_cluster as ray_cluster_harness
 
 # Before a test module imports onnxruntime itself: its telemetry stays off in the suite, as
 # in every process edgeplane runs it (docs/security.md).
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[postgres_server.PostgresServer]:
+    """One PostgreSQL server for the session (tests take a fresh database each)."""
+    with postgres_server.running() as server:
+        if isinstance(server, str):
+            pytest.skip(server)
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import pytest
 
 from orchestrator import server
-from orchestrator.testing import postgres as postgres_server
 
 from . import support
 
@@ -37,12 +36,3 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathl
         yield cp
     finally:
         cp.stop()
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[postgres_server.PostgresServer]:
-    """One PostgreSQL server for the session (tests take a fresh database each)."""
-    with postgres_server.running() as server:
-        if isinstance(server, str):
-            pytest.skip(server)
-        yield server
