@@ -125,8 +125,7 @@ class _Walker:
         self.unquoted: dict[Path, str] = {}
         self.count = 0
         self._seen: set[int] = set()  # ids of nodes walked: meeting one again means an alias
-        self.constructor = yaml.SafeLoader.__new__(yaml.SafeLoader)
-        yaml.constructor.SafeConstructor.__init__(self.constructor)
+        self.constructor = parsing.Constructor()
 
     def issue(self, path: Path, line: int | None, message: str) -> ManifestError:
         return ManifestError([ManifestIssue(self.file, self.index, format_path(path), line, message)])
@@ -172,10 +171,10 @@ class _Walker:
         line = node.start_mark.line + 1
         try:
             return self.constructor.construct_object(node, deep=True)
+        except parsing.TagMisfit as exc:  # an explicit tag the text does not fit: !!int '8{', !!bool maybe
+            raise self.issue(path, line, str(exc.problem)) from exc
         except yaml.constructor.ConstructorError as exc:
             raise self.issue(path, line, f"cannot read value: {exc.problem}") from exc
-        except Exception as exc:  # noqa: BLE001 - an explicit tag the text does not fit: !!int '8{', !!bool maybe
-            raise self.issue(path, line, parsing.tag_misfit(node)) from exc
 
     def line_of(self, path: Path) -> int | None:
         for end in range(len(path), -1, -1):

@@ -103,9 +103,26 @@ def fast_loader(text: str) -> yaml.composer.Composer | None:
     return FAST_LOADER(text)  # type: ignore[no-any-return]
 
 
-def tag_misfit(node: yaml.Node) -> str:
-    """What to say of a value whose explicit tag its text does not fit (``!!int '8{'``,
-    ``!!bool maybe``), where PyYAML's constructors raise ValueError, KeyError or
-    AttributeError instead of a YAML error."""
-    tag = node.tag.rsplit(":", 1)[-1]
-    return f"cannot read {node.value!r} as {tag}" if isinstance(node, yaml.ScalarNode) else f"cannot read this value as {tag}"
+class TagMisfit(yaml.constructor.ConstructorError):
+    """A value whose explicit tag its text does not fit (``!!int '8{'``, ``!!bool maybe``);
+    ``problem`` says so in one line."""
+
+
+class Constructor(yaml.constructor.SafeConstructor):
+    """PyYAML's safe constructor, whose constructors raise ValueError, KeyError or
+    AttributeError where an explicit tag does not fit its text: here that is a
+    :class:`TagMisfit`, a YAML error with the value's line, like any other."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the class
+            tag = node.tag.rsplit(":", 1)[-1]
+            what = repr(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
+            raise TagMisfit(None, None, f"cannot read {what} as {tag}", node.start_mark) from exc
+
+
+class SafeLoader(Constructor, yaml.SafeLoader):
+    """``yaml.SafeLoader`` with :class:`Constructor`'s errors (what a scenario is read with)."""

@@ -253,21 +253,7 @@ def _json_or_yaml(text: str | bytes) -> Any:
     try:
         return json.loads(text)
     except ValueError:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, whose constructors raise ValueError, KeyError or AttributeError
-    where an explicit tag does not fit its text (``!!int '8{'``, ``!!bool maybe``): those are
-    a ConstructorError here, with the value's line, like any other YAML error."""
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except yaml.YAMLError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - see the class
-            raise yaml.constructor.ConstructorError(None, None, parsing.tag_misfit(node), node.start_mark) from exc
+        return yaml.load(text, Loader=parsing.SafeLoader)  # noqa: S506 - a SafeLoader (its explicit tags checked)
 
 
 def _more_values_than(data: Any, limit: int) -> bool:
