@@ -201,6 +201,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._url = bytearray()
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
+        self._in_body = False
         self._body: list[bytes] = []
         self._body_bytes = 0
 
@@ -274,9 +275,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header_bytes(len(name) + len(value))
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        if not self._in_body:  # a chunked body's trailer fields count, but are not headers (RFC 9110 6.5.1)
+            self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._in_body = True
         declared = self._headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._limits.max_body_bytes:
             raise self._too_large()

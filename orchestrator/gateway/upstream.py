@@ -123,7 +123,8 @@ class _Connection(asyncio.Protocol):
                 self._answer.set_result(Answer(status, self._headers, b""))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        if not self._head_done:  # a chunked body's trailer fields are not headers (RFC 9110 6.5.1)
+            self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
         if self._streaming:

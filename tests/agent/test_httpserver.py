@@ -145,6 +145,19 @@ async def test_chunked_bodies_and_http10_close() -> None:
         await server.shutdown(1)
 
 
+async def test_trailer_fields_of_a_chunked_body_are_not_taken_for_headers() -> None:
+    server, echo, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /t HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n0\r\nContent-Type: text/other\r\nX-Trailer: t\r\n\r\n")
+        assert (await read_response(reader))[2] == b"POST /t  abc"
+        assert echo.seen[-1].headers["content-type"] == "text/plain" and "x-trailer" not in echo.seen[-1].headers
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
 async def test_expect_100_continue_is_answered_before_the_body() -> None:
     server, _, port = await start()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -87,6 +87,22 @@ async def test_chunked_and_close_delimited_answers() -> None:
         until_close.close()
 
 
+async def test_trailer_fields_of_a_chunked_answer_are_not_taken_for_headers() -> None:
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"2\r\n{}\r\n0\r\nContent-Type: text/html\r\nX-Trailer: t\r\n\r\n")
+    server, port, _ = await raw_server(answer, close=False)
+    pool = UpstreamPool()
+    try:
+        whole = await pool.request("GET", f"http://127.0.0.1:{port}/")
+        async with await pool.stream("GET", f"http://127.0.0.1:{port}/") as streamed:
+            assert await streamed.body() == b"{}"
+        for headers in (whole.headers, streamed.headers):
+            assert headers["content-type"] == "application/json" and "x-trailer" not in headers
+    finally:
+        await pool.close()
+        server.close()
+
+
 @pytest.mark.parametrize(
     ("answer", "fragment"),
     [
