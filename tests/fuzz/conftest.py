@@ -40,24 +40,34 @@ def fleet_yaml(sha256: str, chat: genai_model.GenAIModel) -> str:
     )
 
 
-class FleetThread:
-    """A :class:`harness.Fleet` whose event loop runs in a daemon thread."""
+class LoopThread:
+    """An event loop running in a daemon thread, for synchronous tests to hand coroutines to."""
 
-    def __init__(self, root: pathlib.Path) -> None:
-        self.fleet = harness.Fleet(root)
+    def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="fuzz-fleet", daemon=True)
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+class FleetThread(LoopThread):
+    """A :class:`harness.Fleet` whose event loop runs in a daemon thread."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        super().__init__("fuzz-fleet")
+        self.fleet = harness.Fleet(root)
+
+    def close(self) -> None:
         try:
             self.run(self.fleet.stop(), 60)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
+            super().close()
 
 
 @pytest.fixture(scope="module")

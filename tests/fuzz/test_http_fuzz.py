@@ -18,7 +18,6 @@ import asyncio
 import json
 import random
 import socket
-import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from hypothesis import strategies as st
 from edge_agent import httpserver
 from edge_agent.httpserver import Limits, Request, Response, StreamingResponse
 
-from .conftest import FUZZ, TRIED
+from .conftest import FUZZ, TRIED, LoopThread
 
 LIMITS = Limits(max_body_bytes=2048, max_header_bytes=1024, max_pipelined=3)
 READ_BUFFER = 256  # bytes a read takes at most here: bodies and heads span reads
@@ -235,7 +234,7 @@ async def drive(server: httpserver.HttpServer, streams: list[bytes], schedule: r
         if all(conn.idle for conn, _, _ in conns):
             break
         await asyncio.sleep(0)
-    for conn, transport, rest in conns:
+    for conn, transport, _ in conns:
         assert conn.idle, "a connection still answering after its stream ended"
         assert transport.closed or transport.reading, "reading paused with nothing left to answer"
         if not transport.closed:
@@ -327,23 +326,9 @@ def test_damaged_pipelines_get_whole_answers_and_a_refusal(pipeline: list[Spec],
 
 # -- real sockets --------------------------------------------------------------------------
 
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="http-fuzz", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[httpserver.HttpServer, int]]:
-    lt = LoopThread()
+    lt = LoopThread("http-fuzz")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = httpserver.HttpServer(echo, Limits(max_body_bytes=2048, max_header_bytes=1024, max_pipelined=3))
