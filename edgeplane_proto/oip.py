@@ -463,6 +463,18 @@ class _RequestHead:
         return InferRequest(tuple(tensors), self.id, self.outputs, self.binary_outputs, self.parameters, document)
 
 
+def _binary_size(spec: Mapping[str, Any], where: str) -> int | None:
+    """The bytes a tensor has in the binary part (``parameters.binary_data_size``), or None
+    for a tensor given in JSON."""
+    params = spec.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(f"{where}.parameters must be an object")
+    size = params.get("binary_data_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ProtocolError(f"{where}.parameters.binary_data_size must be an integer")
+    return size
+
+
 def _request_head(doc: Any) -> _RequestHead:
     if not isinstance(doc, dict):
         raise ProtocolError("request body must be a JSON object")
@@ -478,15 +490,10 @@ def _request_head(doc: Any) -> _RequestHead:
         if spec["name"] in seen:
             raise ProtocolError(f"{where}: input {spec['name']!r} given twice")
         seen.add(spec["name"])
-        params = spec.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ProtocolError(f"{where}.parameters must be an object")
-        size = params.get("binary_data_size")
+        size = _binary_size(spec, where)
         if size is None:
             inputs.append(Tensor(spec["name"], _array_from_json(spec, where)))
             continue
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ProtocolError(f"{where}.parameters.binary_data_size must be an integer")
         datatype = spec.get("datatype")
         if not isinstance(datatype, str):
             raise ProtocolError(f"{where}.datatype is required")
@@ -610,9 +617,11 @@ def decode_response(body: bytes, header_length: int | None = None) -> InferRespo
         where = f"outputs[{i}]"
         if not isinstance(spec, dict):
             raise ProtocolError(f"{where} must be an object")
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        size = _binary_size(spec, where)
         if size is not None:
             shape = _check_shape(spec.get("shape"), where)
+            if offset + size > len(binary):
+                raise ProtocolError(f"{where}: binary data runs past the end of the body")
             arr = _array_from_bytes(binary[offset : offset + size], str(spec.get("datatype")), shape, where)
             offset += size
         else:

@@ -148,13 +148,17 @@ def parse_mode(header: str | None) -> Mode | None:
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # logits a float64 apart: the smaller one's probability is 0
+        z = x - x.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
 
 
 def confidence_of(rule: TensorRule, scores: np.ndarray) -> float:
     """The least sure row's confidence (top probability or margin) in ``scores``."""
+    kind = np.asarray(scores).dtype.kind
+    if kind not in "biuf":  # a BYTES tensor holds text, even where the text reads as a number
+        raise ValueError(f"output {rule.output!r} holds {'bytes' if kind in 'OSU' else 'no numbers'}, not scores")
     x = np.asarray(scores, dtype=np.float64)
     if x.ndim == 1:
         x = x[None, :]

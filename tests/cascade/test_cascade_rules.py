@@ -4,6 +4,7 @@ responses, the per-stage ranking, and what happens after each stage."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -28,9 +29,13 @@ LOGITS = rules.TensorRule("logits", logits=True, measure="top", below=0.8)
     (LOGITS, {"logits": np.array([[4.0, 0.0, 0.0]])}, False, math.exp(4) / (math.exp(4) + 2)),
     (LOGITS, {"logits": np.array([[1.0, 0.5, 0.0]])}, True, math.exp(1) / (math.exp(1) + math.exp(0.5) + 1)),
     (LOGITS, {"logits": np.array([[1000.0, 0.0]])}, False, 1.0),  # no overflow
+    (LOGITS, {"logits": np.array([[1e308, -1e308]])}, False, 1.0),  # nor a warning where the difference overflows
+    (TOP, {"probabilities": np.array([[True, False]])}, False, 1.0),  # BOOL reads as 1 and 0
 ])
 def test_judge_tensor(rule: rules.TensorRule, outputs: dict[str, np.ndarray], escalate: bool, confidence: float) -> None:
-    verdict = rules.judge_tensor(rule, outputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warnings would reach the gateway's log
+        verdict = rules.judge_tensor(rule, outputs)
     assert verdict.escalate is escalate
     assert verdict.confidence == pytest.approx(confidence)
     assert bool(verdict.reason) is escalate
@@ -41,6 +46,8 @@ def test_judge_tensor(rule: rules.TensorRule, outputs: dict[str, np.ndarray], es
     ({"probabilities": np.array([[1.0]])}, "classes >= 2"),
     ({"probabilities": np.zeros((2, 2, 2))}, "classes >= 2"),
     ({"probabilities": np.array([[np.nan, 0.5]])}, "NaN"),
+    ({"probabilities": np.array([[b"0.9", b"0.1"]], dtype=object)}, "holds bytes, not scores"),  # a BYTES output
+    ({"probabilities": np.array([[b"high", b"low"]], dtype=object)}, "holds bytes, not scores"),
 ])
 def test_an_answer_that_cannot_be_judged_escalates(outputs: dict[str, np.ndarray], reason: str) -> None:
     verdict = rules.judge_tensor(TOP, outputs)

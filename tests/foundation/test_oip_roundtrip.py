@@ -121,6 +121,22 @@ def test_request_level_fields_of_the_wrong_type_are_refused_clearly(extra: dict,
         oip.decode_request(body)
 
 
+@pytest.mark.parametrize(
+    ("output", "tail", "message"),
+    [
+        ({"parameters": 1}, b"", r"outputs\[0\]\.parameters must be an object"),  # the answer fuzz test: an AttributeError
+        ({"parameters": {"binary_data_size": []}}, b"", r"binary_data_size must be an integer"),  # and a TypeError
+        ({"parameters": {"binary_data_size": -4}}, b"\0" * 4, r"binary_data_size must be an integer"),
+        ({"parameters": {"binary_data_size": 8}}, b"\0" * 4, r"outputs\[0\]: binary data runs past the end of the body"),
+    ],
+)
+def test_answers_with_binary_fields_of_the_wrong_type_are_refused_clearly(output: dict, tail: bytes, message: str) -> None:
+    """As the cascade's judge and the Python client read an answer: one ``ProtocolError``."""
+    head = oip.dumps({"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [1], **output}]})
+    with pytest.raises(oip.ProtocolError, match=message):
+        oip.decode_response(head + tail, len(head))
+
+
 @pytest.mark.parametrize("datatype", ["FP64", "BYTES"])
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_an_empty_tensor_whose_other_sides_no_array_can_hold_is_refused_clearly(datatype: str, binary: bool) -> None:
