@@ -96,29 +96,43 @@ class Examples:
     x: np.ndarray
     soft: np.ndarray  # the probabilities of the stage that answered
     by_teacher: np.ndarray  # bool: answered by the last stage (the teacher)
+    unfit: int = 0  # records that decoded, with tensors the student does not take (left out)
 
 
-def examples(records: Sequence[Record], input_name: str, output_name: str, teacher_variant: str) -> Examples:
+def _rows(array: np.ndarray, width: int) -> np.ndarray | None:
+    """``array`` as float32 rows of ``width`` numbers, or None where it holds something else."""
+    if array.dtype.kind not in "biuf" or array.ndim < 1 or array.shape[-1] != width:
+        return None
+    return np.asarray(array, np.float32).reshape(-1, width)
+
+
+def examples(records: Sequence[Record], input_name: str, output_name: str, teacher_variant: str, in_dim: int,
+             out_dim: int) -> Examples:
+    """The captured examples a student of ``in_dim`` inputs and ``out_dim`` classes learns from.
+    A record that does not decode, or whose tensors are not rows of those widths (captured
+    for an earlier model, or sent with another shape), teaches nothing and is left out."""
     xs, ps, flags = [], [], []
+    unfit = 0
     for r in records:
         try:
             request = oip.decode_request(r.input, r.input_binary)
             response = oip.decode_response(r.output, r.output_binary)
         except (oip.ProtocolError, ValueError):
-            continue  # a record that does not decode teaches nothing
+            continue
         x = next((t.array for t in request.inputs if t.name == input_name), None)
         p = next((t.array for t in response.outputs if t.name == output_name), None)
         if x is None or p is None:
             continue
-        x, p = np.asarray(x, np.float32).reshape(-1, x.shape[-1]), np.asarray(p, np.float32).reshape(-1, p.shape[-1])
-        if len(x) != len(p):
+        x, p = _rows(x, in_dim), _rows(p, out_dim)
+        if x is None or p is None or len(x) != len(p):
+            unfit += 1
             continue
         xs.append(x)
         ps.append(p)
         flags.append(np.full(len(x), r.stage == teacher_variant))
     if not xs:
-        return Examples(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, bool))
-    return Examples(np.concatenate(xs), np.concatenate(ps), np.concatenate(flags))
+        return Examples(np.zeros((0, in_dim), np.float32), np.zeros((0, out_dim), np.float32), np.zeros(0, bool), unfit)
+    return Examples(np.concatenate(xs), np.concatenate(ps), np.concatenate(flags), unfit)
 
 
 def confidence(p: np.ndarray, measure: str) -> np.ndarray:
@@ -154,19 +168,21 @@ def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib
     say = progress or (lambda _: None)
     train_records = [r for r in records if not held_out(r.id, held_out_share)]
     test_records = [r for r in records if held_out(r.id, held_out_share)]
-    train = examples(train_records, input_name, output_name, teacher_variant)
-    held = examples(test_records, input_name, output_name, teacher_variant)
-    if len(train.x) < min_records or not held.by_teacher.any():
-        raise DistillError(f"too little captured data: {len(train.x)} training examples (need {min_records}) and "
-                           f"{int(held.by_teacher.sum())} held-out escalated ones (need 1); capture more traffic first")
     try:
         serving = student_mod.read_onnx(current)
     except student_mod.NotAStudent as exc:
         raise DistillError(f"the serving student cannot be warm-started: {exc}") from None
-    if serving.layers[0][0].shape[0] != train.x.shape[1] or serving.layers[-1][0].shape[1] != train.soft.shape[1]:
-        raise DistillError(f"captured tensors ({train.x.shape[1]} in, {train.soft.shape[1]} out) do not fit the serving "
-                           f"student ({serving.layers[0][0].shape[0]} in, {serving.layers[-1][0].shape[1]} out)")
-    say({"phase": "train", "examples": len(train.x), "escalated": int(train.by_teacher.sum()), "heldOut": len(held.x)})
+    in_dim, out_dim = serving.layers[0][0].shape[0], serving.layers[-1][0].shape[1]
+    train = examples(train_records, input_name, output_name, teacher_variant, in_dim, out_dim)
+    held = examples(test_records, input_name, output_name, teacher_variant, in_dim, out_dim)
+    unfit = train.unfit + held.unfit
+    if len(train.x) < min_records or not held.by_teacher.any():
+        left_out = (f" ({unfit} records left out: their {input_name!r} or {output_name!r} are not rows of the serving "
+                    f"student's {in_dim} inputs and {out_dim} classes)") if unfit else ""
+        raise DistillError(f"too little captured data: {len(train.x)} training examples (need {min_records}) and "
+                           f"{int(held.by_teacher.sum())} held-out escalated ones (need 1){left_out}; capture more traffic first")
+    say({"phase": "train", "examples": len(train.x), "escalated": int(train.by_teacher.sum()), "heldOut": len(held.x),
+         "leftOut": unfit})
     hidden = serving.layers[0][0].shape[1]
     candidate = student_mod.distil(train.soft, train.x, hidden, seed, epochs=epochs, lr=lr,
                                    init=serving if len(serving.layers) == 2 and serving.activation == "Relu" else None,
@@ -177,7 +193,8 @@ def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib
         built = student_mod.write_onnx(candidate, pathlib.Path(tmp) / "candidate.onnx", "distilled")
         say({"phase": "verify"})
         report = gate(evaluate(current, held, threshold), evaluate(built.path, held, threshold), min_gain=min_gain)
-        out: dict[str, object] = {"gate": report.to_dict(), "trainExamples": len(train.x), "heldOutExamples": len(held.x)}
+        out: dict[str, object] = {"gate": report.to_dict(), "trainExamples": len(train.x), "heldOutExamples": len(held.x),
+                                  "leftOutRecords": unfit}
         if not report.passed:
             return Outcome(out, None)
         final = artifact_root / "distilled" / f"{built.sha256}.onnx"

@@ -77,6 +77,23 @@ def test_too_little_data_is_refused(task: cascade_task.Task, tmp_path: pathlib.P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]
 
 
+def test_records_the_student_does_not_take_are_left_out_and_counted(task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
+    """Records captured for an earlier model (other widths), with text or a scalar where rows
+    are expected, teach nothing: the run goes on with the others and says how many it left out."""
+    good = records(task, 2000)
+    wider = [dataclasses.replace(r, input=oip.encode_request({cascade_task.INPUT: np.zeros((1, task.dim + 3), np.float32)})[0])
+             for r in records(task, 200, seed=5)]
+    scalar = [dataclasses.replace(r, output=oip.encode_response(oip.InferResponse("m", (
+        oip.Tensor(cascade_task.OUTPUT, np.float32(0.5)),)))[0]) for r in records(task, 50, seed=6)]
+    text = [dataclasses.replace(r, output=oip.encode_response(oip.InferResponse("m", (
+        oip.Tensor(cascade_task.OUTPUT, np.array([[b"0.5"] * task.classes], dtype=object)),)))[0]) for r in records(task, 50, seed=7)]
+    seen: list[dict[str, object]] = []
+    outcome = go(task, good + wider + scalar + text, tmp_path, epochs=2, progress=seen.append)
+    assert outcome.report["leftOutRecords"] == 300 and seen[0]["leftOut"] == 300
+    with pytest.raises(job.DistillError, match=r"too little captured data: 0 training examples .*\(250 records left out: their"):
+        go(task, wider + scalar, tmp_path)
+
+
 def test_the_gate() -> None:
     cur = job.Evaluation(agreement=0.80, escalation=0.2, latency_ms=0.10, records=100)
     assert job.gate(cur, job.Evaluation(0.82, 0.18, 0.12, 100)).passed
