@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -37,6 +38,8 @@ from orchestrator.distill import store as capture_store
 from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.store import sqlite as store_mod
+
+log = logging.getLogger(__name__)
 
 
 class Refused(ValueError):
@@ -172,6 +175,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                 result = await asyncio.to_thread(work)
             except (ValueError, OSError, RuntimeError) as exc:  # DistillError, a bad artifact, onnxruntime
                 result = {"published": False, "error": str(exc)}
+            except Exception as exc:  # a fault of ours: the caller still gets a result, the log the traceback
+                log.exception("distill %s failed", name)
+                result = {"published": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
             try:
                 lines.put_nowait({"result": _finish(name, plan, result, caller)})
             finally:

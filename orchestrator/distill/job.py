@@ -96,7 +96,7 @@ class Examples:
     x: np.ndarray
     soft: np.ndarray  # the probabilities of the stage that answered
     by_teacher: np.ndarray  # bool: answered by the last stage (the teacher)
-    unfit: int = 0  # records that decoded, with tensors the student does not take (left out)
+    left_out: int = 0  # records that teach nothing: they do not decode, or hold no tensors the student takes
 
 
 def _rows(array: np.ndarray, width: int) -> np.ndarray | None:
@@ -109,30 +109,29 @@ def _rows(array: np.ndarray, width: int) -> np.ndarray | None:
 def examples(records: Sequence[Record], input_name: str, output_name: str, teacher_variant: str, in_dim: int,
              out_dim: int) -> Examples:
     """The captured examples a student of ``in_dim`` inputs and ``out_dim`` classes learns from.
-    A record that does not decode, or whose tensors are not rows of those widths (captured
-    for an earlier model, or sent with another shape), teaches nothing and is left out."""
+    A record that does not decode, or whose tensors are missing or not rows of those widths
+    (captured for an earlier model, or sent with another shape), teaches nothing: it is
+    left out, and counted."""
     xs, ps, flags = [], [], []
-    unfit = 0
+    left_out = 0
     for r in records:
         try:
             request = oip.decode_request(r.input, r.input_binary)
             response = oip.decode_response(r.output, r.output_binary)
         except (oip.ProtocolError, ValueError):
+            left_out += 1
             continue
-        x = next((t.array for t in request.inputs if t.name == input_name), None)
-        p = next((t.array for t in response.outputs if t.name == output_name), None)
-        if x is None or p is None:
-            continue
-        x, p = _rows(x, in_dim), _rows(p, out_dim)
+        x = next((_rows(t.array, in_dim) for t in request.inputs if t.name == input_name), None)
+        p = next((_rows(t.array, out_dim) for t in response.outputs if t.name == output_name), None)
         if x is None or p is None or len(x) != len(p):
-            unfit += 1
+            left_out += 1
             continue
         xs.append(x)
         ps.append(p)
         flags.append(np.full(len(x), r.stage == teacher_variant))
     if not xs:
-        return Examples(np.zeros((0, in_dim), np.float32), np.zeros((0, out_dim), np.float32), np.zeros(0, bool), unfit)
-    return Examples(np.concatenate(xs), np.concatenate(ps), np.concatenate(flags), unfit)
+        return Examples(np.zeros((0, in_dim), np.float32), np.zeros((0, out_dim), np.float32), np.zeros(0, bool), left_out)
+    return Examples(np.concatenate(xs), np.concatenate(ps), np.concatenate(flags), left_out)
 
 
 def confidence(p: np.ndarray, measure: str) -> np.ndarray:
@@ -175,14 +174,14 @@ def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib
     in_dim, out_dim = serving.layers[0][0].shape[0], serving.layers[-1][0].shape[1]
     train = examples(train_records, input_name, output_name, teacher_variant, in_dim, out_dim)
     held = examples(test_records, input_name, output_name, teacher_variant, in_dim, out_dim)
-    unfit = train.unfit + held.unfit
+    left_out = train.left_out + held.left_out
     if len(train.x) < min_records or not held.by_teacher.any():
-        left_out = (f" ({unfit} records left out: their {input_name!r} or {output_name!r} are not rows of the serving "
-                    f"student's {in_dim} inputs and {out_dim} classes)") if unfit else ""
+        why = (f" ({left_out} records left out: they do not decode, or their {input_name!r} and {output_name!r} are not "
+               f"rows of the serving student's {in_dim} inputs and {out_dim} classes)") if left_out else ""
         raise DistillError(f"too little captured data: {len(train.x)} training examples (need {min_records}) and "
-                           f"{int(held.by_teacher.sum())} held-out escalated ones (need 1){left_out}; capture more traffic first")
+                           f"{int(held.by_teacher.sum())} held-out escalated ones (need 1){why}; capture more traffic first")
     say({"phase": "train", "examples": len(train.x), "escalated": int(train.by_teacher.sum()), "heldOut": len(held.x),
-         "leftOut": unfit})
+         "leftOut": left_out})
     hidden = serving.layers[0][0].shape[1]
     candidate = student_mod.distil(train.soft, train.x, hidden, seed, epochs=epochs, lr=lr,
                                    init=serving if len(serving.layers) == 2 and serving.activation == "Relu" else None,
@@ -194,7 +193,7 @@ def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib
         say({"phase": "verify"})
         report = gate(evaluate(current, held, threshold), evaluate(built.path, held, threshold), min_gain=min_gain)
         out: dict[str, object] = {"gate": report.to_dict(), "trainExamples": len(train.x), "heldOutExamples": len(held.x),
-                                  "leftOutRecords": unfit}
+                                  "leftOutRecords": left_out}
         if not report.passed:
             return Outcome(out, None)
         final = artifact_root / "distilled" / f"{built.sha256}.onnx"

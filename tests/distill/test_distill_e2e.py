@@ -150,3 +150,21 @@ def _layers(path: pathlib.Path) -> tuple[Any, str]:
 
     mlp = student.read_onnx(path)
     return mlp.layers, mlp.activation
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_fault_of_the_run_itself_ends_in_a_result_not_a_cut_stream(fleet: harness.Fleet,
+                                                                          task: tuple[pathlib.Path, cascade_task.Task, str],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cp, (_, t, _) = fleet.cp, task
+    assert cp is not None
+
+    def fault(*args: object, **kwargs: object) -> None:
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr("orchestrator.distill.job.run", fault)
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        await send(http, t.x_test[:5])  # a zone with records, should this test run alone
+        await cp.capture_writer.flush()
+        _, result = await distill(http, epochs=1)
+    assert result["published"] is False and result["error"] == "internal error: IndexError: tuple index out of range"

@@ -79,7 +79,8 @@ def test_too_little_data_is_refused(task: cascade_task.Task, tmp_path: pathlib.P
 
 def test_records_the_student_does_not_take_are_left_out_and_counted(task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
     """Records captured for an earlier model (other widths), with text or a scalar where rows
-    are expected, teach nothing: the run goes on with the others and says how many it left out."""
+    are expected, or that do not decode, teach nothing: the run goes on with the others and
+    says how many it left out."""
     good = records(task, 2000)
     wider = [dataclasses.replace(r, input=oip.encode_request({cascade_task.INPUT: np.zeros((1, task.dim + 3), np.float32)})[0])
              for r in records(task, 200, seed=5)]
@@ -87,10 +88,12 @@ def test_records_the_student_does_not_take_are_left_out_and_counted(task: cascad
         oip.Tensor(cascade_task.OUTPUT, np.float32(0.5)),)))[0]) for r in records(task, 50, seed=6)]
     text = [dataclasses.replace(r, output=oip.encode_response(oip.InferResponse("m", (
         oip.Tensor(cascade_task.OUTPUT, np.array([[b"0.5"] * task.classes], dtype=object)),)))[0]) for r in records(task, 50, seed=7)]
+    undecodable = [dataclasses.replace(r, output=b"{") for r in records(task, 10, seed=8)]
     seen: list[dict[str, object]] = []
-    outcome = go(task, good + wider + scalar + text, tmp_path, epochs=2, progress=seen.append)
-    assert outcome.report["leftOutRecords"] == 300 and seen[0]["leftOut"] == 300
-    with pytest.raises(job.DistillError, match=r"too little captured data: 0 training examples .*\(250 records left out: their"):
+    outcome = go(task, good + wider + scalar + text + undecodable, tmp_path, epochs=2, progress=seen.append)
+    assert outcome.report["leftOutRecords"] == 310 and seen[0]["leftOut"] == 310
+    with pytest.raises(job.DistillError, match=r"too little captured data: 0 training examples .*\(250 records left out: they do not decode, or "
+                                                  r"their 'input' and 'probabilities' are not rows of the serving student's 16 "):
         go(task, wider + scalar, tmp_path)
 
 
