@@ -31,7 +31,7 @@ import urllib3
 import yaml
 from kubernetes.client.rest import ApiException
 
-from orchestrator.adapters import serve_config
+from orchestrator.adapters import pod_packing, serve_config
 from orchestrator.adapters.serve_config import (
     DataCentreError,
     ServeAppSpec,
@@ -159,15 +159,14 @@ def _pods_for(apps: Sequence[ServeAppSpec], pod: PodShape, shape: RayClusterShap
             f"a replica asks for {demand.largest_replica_gpus} GPUs but a GPU worker pod "
             f"has {pod.gpus}"
         )
-    needed = max(
-        math.ceil(demand.cpu / pod.cpu - 1e-9) if pod.cpu else 0,
-        math.ceil(demand.memory_mib / usable_mib - 1e-9) if usable_mib else 0,
-        math.ceil(demand.gpus / pod.gpus - 1e-9) if pod.gpus else 0,
+    needed = pod_packing.pods_needed(
+        [(pod_packing.Resources(a.cpu, a.memory_mib, a.gpus), a.num_replicas) for a in apps],
+        pod_packing.Resources(pod.cpu, usable_mib, pod.gpus),
+        shape.max_worker_pods,
     )
-    if needed > shape.max_worker_pods:
+    if needed is None:
         raise ClusterShapeError(
-            f"the applications need {needed} worker pods, above the limit of "
-            f"{shape.max_worker_pods}"
+            f"the applications need more worker pods than the limit of {shape.max_worker_pods}"
         )
     return needed
 
@@ -193,6 +192,7 @@ def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> list[di
     for a in apps:
         assert a.llm is not None
         by_kind.setdefault((a.llm.accelerator_type or "", a.llm.tensor_parallel_size), []).append(a)
+    names = _llm_group_names(list(by_kind))
     groups = []
     for (accelerator, tp), mine in sorted(by_kind.items()):
         pods = sum(a.llm.autoscaling[1] if a.llm and a.llm.autoscaling else a.num_replicas for a in mine)
@@ -201,8 +201,7 @@ def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> list[di
         memory_gib = max([shape.llm_worker.memory_gib]
                          + [a.memory_mib / 1024 / shape.usable_memory_fraction for a in mine])
         pod = PodShape(cpu=max([shape.llm_worker.cpu] + [a.cpu for a in mine]), memory_gib=math.ceil(memory_gib), gpus=tp)
-        slug = "".join(c if c.isalnum() else "-" for c in accelerator.lower()) or "gpu"
-        group = _worker_group(f"llm-{slug}-x{tp}", pods, pod, shape)
+        group = _worker_group(names[accelerator, tp], pods, pod, shape)
         template = group["template"]["spec"]
         template["containers"] = [_container("ray-worker", shape, pod, image=shape.llm_image)]
         template["tolerations"] = [{"key": shape.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
@@ -211,6 +210,21 @@ def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> list[di
             template["nodeSelector"] = dict(selector)
         groups.append(group)
     return groups
+
+
+def _llm_group_names(kinds: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """``llm-<accelerator>-x<GPUs>`` per (accelerator type, tensor-parallel size), unique
+    (the CRD keys worker groups by name) and short enough for the label KubeRay puts on each
+    pod (63 characters): a type that spells the same once lowered and stripped of ``_``/``.``,
+    or a long one, gets a digest of its own spelling."""
+    slugs = {kind: "".join(c if c.isalnum() else "-" for c in kind[0].lower()) or "gpu" for kind in kinds}
+    names = {kind: f"llm-{slug}-x{kind[1]}" for kind, slug in slugs.items()}
+    taken = list(names.values())
+    for kind, name in names.items():
+        if taken.count(name) > 1 or len(slugs[kind]) > 32:
+            digest = hashlib.sha256(kind[0].encode()).hexdigest()[:8]
+            names[kind] = f"llm-{slugs[kind][:32]}-{digest}-x{kind[1]}"
+    return names
 
 
 def render_serve_config(

@@ -23,31 +23,10 @@ from orchestrator import ports
 from orchestrator.adapters import kuberay, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
 
-#: The real KubeRay CRD, from the shared folder beside the repository's clone.
-CRD = pathlib.Path(__file__).resolve().parents[3] / "shared" / "crds" / "ray.io_rayservices.yaml"
 SHA = "b" * 64
 NS = "edge-dc"
 RES = kmock.resource("ray.io", "v1", "rayservices")
 SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
-
-
-def _strip_extensions(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {
-            k: _strip_extensions(v) for k, v in node.items() if not k.startswith("x-kubernetes-")
-        }
-    if isinstance(node, list):
-        return [_strip_extensions(v) for v in node]
-    return node
-
-
-@pytest.fixture(scope="module")
-def rayservice_schema() -> dict[str, Any]:
-    if not CRD.exists():
-        pytest.skip(f"{CRD} is not present")
-    crd = yaml.safe_load(CRD.read_text())
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return _strip_extensions(v1["schema"]["openAPIV3Schema"])
 
 
 def app(name: str, **kw: Any) -> ServeAppSpec:
@@ -80,19 +59,19 @@ USER_APP = ServeAppSpec(
     ids=["cpu", "cpu+gpu", "fractional"],
 )
 def test_rendered_rayservice_validates_against_the_crd(
-    rayservice_schema: dict[str, Any], apps: list[ServeAppSpec]
+    rayservice_validator: Any, apps: list[ServeAppSpec]
 ) -> None:
     obj = kuberay.render_rayservice("paris-dc", NS, apps, SHAPE)
-    jsonschema.validate(obj, rayservice_schema)
+    rayservice_validator.validate(obj)
     serve = yaml.safe_load(obj["spec"]["serveConfigV2"])
     assert [a["name"] for a in serve["applications"]] == [a.name for a in apps]
 
 
-def test_crd_schema_catches_a_broken_object(rayservice_schema: dict[str, Any]) -> None:
+def test_crd_schema_catches_a_broken_object(rayservice_validator: Any) -> None:
     obj = kuberay.render_rayservice("paris-dc", NS, [app("ep-a")], SHAPE)
     del obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(obj, rayservice_schema)
+        rayservice_validator.validate(obj)
 
 
 @pytest.mark.parametrize(
@@ -308,11 +287,11 @@ LLM_SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0
                                     accelerator_node_selectors={"H100": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}})
 
 
-def test_llm_apps_get_gpu_worker_groups_per_accelerator_and_parallelism(rayservice_schema: dict[str, Any]) -> None:
+def test_llm_apps_get_gpu_worker_groups_per_accelerator_and_parallelism(rayservice_validator: Any) -> None:
     apps = [app("ep-intent"), llm_app("ep-gpt-oss-120b", "H100", 1, 2), llm_app("ep-llama", "H100", 8, 1, autoscaling=(1, 3)),
             llm_app("ep-gpt-oss-20b", "L40S", 1, 1)]
     obj = kuberay.render_rayservice("paris-dc", NS, apps, LLM_SHAPE)
-    jsonschema.validate(obj, rayservice_schema)
+    rayservice_validator.validate(obj)
     groups = {g["groupName"]: g for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     assert {name: g["replicas"] for name, g in groups.items()} == {"cpu": 1, "llm-h100-x1": 2, "llm-h100-x8": 3, "llm-l40s-x1": 1}
     h100x8 = groups["llm-h100-x8"]["template"]["spec"]
