@@ -55,6 +55,7 @@ class AgentConfig:
     max_body_bytes: int = httpserver.DEFAULT_MAX_BODY_BYTES
     drain_timeout: float = 30.0
     write_timeout: float = 60.0  # a client that reads nothing for this long is dropped
+    max_connections: int = 0  # HTTP connections at once (0: half the open-file limit)
     workers: int = 0  # inference threads; 0 = one per core
     inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
     grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
@@ -189,11 +190,13 @@ class Agent:
         port = sock.getsockname()[1]
         self.endpoint_url = cfg.advertise_url or _default_url(cfg.listen_host, port)
         self._http = httpserver.HttpServer(
-            self.server.handle, httpserver.Limits(max_body_bytes=cfg.max_body_bytes, write_timeout=cfg.write_timeout)
+            self.server.handle, httpserver.Limits(max_body_bytes=cfg.max_body_bytes, write_timeout=cfg.write_timeout,
+                                                  max_connections=cfg.max_connections)
         )
         await self._http.start(sock)
         http_server = self._http
         self.server.received = lambda: http_server.pending
+        self.server.metrics.connections = lambda: (len(http_server.connections), http_server.turned_away)
         if cfg.grpc_listen is not None:
             from edge_agent import grpc_inference  # only agents that serve gRPC load it
 

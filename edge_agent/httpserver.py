@@ -38,6 +38,7 @@ import collections
 import contextlib
 import logging
 import mmap
+import os
 import socket
 import types
 import urllib.parse
@@ -95,6 +96,16 @@ class Limits:
     # producer (a generation holding a sequence slot) is closed instead of waiting forever.
     write_timeout: float = 60.0
     max_pipelined: int = 32  # requests read ahead of the one being answered
+    # Connections served at once; one more is answered 503 and closed. 0: half the process's
+    # descriptor limit, so that a flood of idle connections leaves the other half to model
+    # loads, downloads and the control-plane link (see default_max_connections).
+    max_connections: int = 0
+
+
+def default_max_connections() -> int:
+    """Half the soft limit on open descriptors (at least 64)."""
+    soft = os.sysconf("SC_OPEN_MAX")  # RLIMIT_NOFILE's soft limit, -1 when there is none
+    return 1 << 16 if soft < 0 else max(64, soft // 2)
 
 
 def encode(response: Response, keep_alive: bool, *, head_only: bool = False) -> bytes:
@@ -209,6 +220,15 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if len(self._server.connections) >= self._server.max_connections:
+            # Not read: the client may see a reset instead of the answer when its request
+            # arrived first. What matters is that the descriptors keep a margin.
+            self._server.turned_away += 1
+            self._closing = True
+            self._transport.write(encode(_error(503, f"this agent serves {self._server.max_connections} connections at "
+                                                     "once; try again", "too_many_connections", None), keep_alive=False))
+            self._transport.close()
+            return
         self._server.connections.add(self)
         self._arm(self._limits.idle_timeout)
 
@@ -546,6 +566,8 @@ class HttpServer:
     def __init__(self, handler: Handler, limits: Limits | None = None) -> None:
         self.handler = handler
         self.limits = limits or Limits()
+        self.max_connections = self.limits.max_connections or default_max_connections()
+        self.turned_away = 0  # connections answered 503 at once: max_connections were open
         self.connections: set[_Connection] = set()
         self.stopping = False
         self.pending = 0  # requests received and not answered yet, on every connection

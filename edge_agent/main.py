@@ -252,6 +252,9 @@ def parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long requests in flight may take to finish [30]")
     p.add_argument("--write-timeout", type=_positive, default=60.0, metavar="SECONDS",
                    help="drop a client that reads nothing of its answer for this long (a stalled stream frees its slot) [60]")
+    p.add_argument("--max-connections", type=_count(0, 1 << 20), default=0, metavar="N",
+                   help="HTTP connections served at once; one more is answered 503 and closed "
+                        "(0 = half the open-file limit, so a flood leaves descriptors for models and downloads) [0]")
     p.add_argument("--workers", type=_count(0, 1024), default=0, help="inference threads (0 = one per core) [0]")
     p.add_argument("--inline-max-ms", type=_not_negative, default=20.0, metavar="MS",
                    help="a request alone in flight whose model runs in at most this long is computed on the "
@@ -303,6 +306,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         max_body_bytes=args.max_request_bytes,
         drain_timeout=args.drain_timeout,
         write_timeout=args.write_timeout,
+        max_connections=args.max_connections,
         workers=args.workers,
         inline_max_ms=max(0.0, args.inline_max_ms),
         grpc_listen=args.grpc_listen,

@@ -46,6 +46,8 @@ class AgentMetrics:
         self._generation: dict[tuple[str, str], int] = {}
         self._ttft: dict[str, _Histogram] = {}
         self.generation_gauges: Callable[[], list[tuple[str, int, int]]] = list
+        # (open, turned away) HTTP connections: set by the daemon to its HTTP server's
+        self.connections: Callable[[], tuple[int, int]] = lambda: (0, 0)
 
     def generation(self, model: str, what: str, n: int) -> None:
         """Count ``n`` of ``what``: an outcome (completed, cancelled, failed) or
@@ -106,6 +108,13 @@ class AgentMetrics:
             ("edgeplane_agent_models_serving", "Models serving", self._serving),
         ):
             out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge", f"{metric} {_number(read())}"]
+        connections, turned_away = self.connections()
+        out += ["# HELP edgeplane_agent_http_connections HTTP connections open",
+                "# TYPE edgeplane_agent_http_connections gauge", f"edgeplane_agent_http_connections {_number(connections)}",
+                "# HELP edgeplane_agent_http_connections_refused_total HTTP connections answered 503 at once: "
+                "the agent's connection limit (--max-connections) was reached",
+                "# TYPE edgeplane_agent_http_connections_refused_total counter",
+                f"edgeplane_agent_http_connections_refused_total {_number(turned_away)}"]
         return ("\n".join(out) + "\n").encode()
 
     def _render_generation(self) -> list[str]:

@@ -94,6 +94,8 @@ async def test_assignment_is_downloaded_verified_served_and_reported(
         assert (await client.get("/v2/health/ready")).status_code == 200
         metrics = (await client.get("/metrics")).text
         assert 'edgeplane_agent_infer_requests_total{code="200",model="mlp"} 2.0' in metrics
+        assert "edgeplane_agent_http_connections 1.0" in metrics  # this client's one kept-alive connection
+        assert "edgeplane_agent_http_connections_refused_total 0.0" in metrics
 
     for _ in range(5):  # a heartbeat built before the last request may still be in flight
         status = await asyncio.wait_for(control_plane.hub.next_heartbeat(SITE), 5)

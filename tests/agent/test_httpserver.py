@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx
 import pytest
 
 from edge_agent import httpserver
 from edge_agent.httpserver import Limits, Request, Response
+from orchestrator.testing import harness
 
 from .conftest import serve_http
 
@@ -156,6 +158,36 @@ async def test_trailer_fields_of_a_chunked_body_are_not_taken_for_headers() -> N
     finally:
         writer.close()
         await server.shutdown(1)
+
+
+async def test_a_connection_past_the_limit_is_answered_503_and_closed_and_a_freed_place_is_taken_again() -> None:
+    server, _, port = await start(Limits(max_connections=2))
+    kept = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    try:
+        for reader, writer in kept:  # both served, and kept alive
+            writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(reader))[0] == 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"]) == (503, "close") and b"serves 2 connections at once" in body
+        assert await closed(reader) and server.turned_away == 1
+        writer.close()
+        kept.pop()[1].close()
+        await harness.wait_until(lambda: len(server.connections) == 1, 5, what="the server to let the connection go")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        kept.append((reader, writer))
+        writer.write(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+    finally:
+        for _, writer in kept:
+            writer.close()
+        await server.shutdown(1)
+
+
+def test_the_default_connection_limit_is_half_the_open_file_limit() -> None:
+    soft = os.sysconf("SC_OPEN_MAX")
+    assert httpserver.default_max_connections() == (1 << 16 if soft < 0 else max(64, soft // 2))
+    assert httpserver.HttpServer(Echo()).max_connections == httpserver.default_max_connections()
 
 
 async def test_expect_100_continue_is_answered_before_the_body() -> None:

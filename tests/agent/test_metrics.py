@@ -17,6 +17,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_counters_histograms_and_gauges_parse_back() -> None:
     metrics = AgentMetrics(lambda: 3, lambda: 2)
+    metrics.connections = lambda: (5, 7)
     for seconds in (0.0004, 0.0005, 0.003, 7.0):
         metrics.observe_ok("mlp", seconds)
     metrics.observe_error("mlp", 400)
@@ -39,11 +40,14 @@ def test_counters_histograms_and_gauges_parse_back() -> None:
     assert abs(samples[("edgeplane_agent_infer_seconds_sum", (("model", "mlp"),))] - 7.0039) < 1e-9
     assert samples[("edgeplane_agent_inflight", ())] == 3
     assert samples[("edgeplane_agent_models_serving", ())] == 2
+    assert samples[("edgeplane_agent_http_connections", ())] == 5
+    assert samples[("edgeplane_agent_http_connections_refused_total", ())] == 7
 
 
 def test_empty_metrics_still_parse() -> None:
     samples = _samples(AgentMetrics(lambda: 0, lambda: 0).render().decode())
-    assert samples == {("edgeplane_agent_inflight", ()): 0, ("edgeplane_agent_models_serving", ()): 0}
+    assert samples == {("edgeplane_agent_inflight", ()): 0, ("edgeplane_agent_models_serving", ()): 0,
+                       ("edgeplane_agent_http_connections", ()): 0, ("edgeplane_agent_http_connections_refused_total", ()): 0}
 
 
 def test_model_load_counts_answers_and_their_seconds() -> None:
