@@ -20,6 +20,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
+from orchestrator import ports
 from orchestrator.testing import genai_model, harness, manifests, onnx_models
 
 T = TypeVar("T")
@@ -73,7 +74,8 @@ class FleetThread(LoopThread):
 @pytest.fixture(scope="module")
 def fuzz_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
     """Control plane + one agent serving ``intent`` (8 floats in, 4 out) and the generative
-    ``chat`` (a tiny onnxruntime-genai model) at ``edge-fuzz``."""
+    ``chat`` (a tiny onnxruntime-genai model) at ``edge-fuzz``, over HTTP and the v2 gRPC
+    service (``grpc_port``)."""
     root = tmp_path_factory.mktemp("fuzz")
     built = onnx_models.build_mlp(root / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=7)
     chat = genai_model.build_package(root / "artifacts", name="tiny-chat")
@@ -86,7 +88,9 @@ def fuzz_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread
         cp = ft.run(ft.fleet.start_control_plane(missed_heartbeats=20))
         resp = httpx.post(f"{cp.http_url}/v1/apply", content=fleet_yaml(built.sha256, chat).encode())
         assert resp.status_code == 200, resp.text
-        ft.run(ft.fleet.start_agent("edge-fuzz", country="FR", region="fr", lat=48.85, lon=2.35))
+        ft.grpc_port = ports.free_port()  # type: ignore[attr-defined]
+        ft.run(ft.fleet.start_agent("edge-fuzz", country="FR", region="fr", lat=48.85, lon=2.35,
+                                    extra=("--grpc-listen", f"127.0.0.1:{ft.grpc_port}")))  # type: ignore[attr-defined]
         ft.run(harness.wait_until(lambda: all(any(e.healthy for e in cp.table.endpoints(m)) for m in ("intent", "chat")), 60,
                                   what="the intent and chat endpoints"))
         yield ft
