@@ -1,0 +1,160 @@
+"""The Python client against servers that answer anything: a loopback server plays the
+control plane's endpoint list, the replicas it names and the gateway, each answering a
+status, headers and body Hypothesis draws (valid v2 answers and chat completions, the same
+damaged, other JSON, other bytes, event streams cut anywhere). ``infer`` and ``chat`` must
+return a result or raise an ``EdgeplaneError``, whatever came back: never an ``httpx``, a
+decoding or a lookup error."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_agent import httpserver
+from edgeplane_proto import oip
+from orchestrator import client as client_mod
+
+from .conftest import FUZZ, TRIED, LoopThread
+from .test_infer_fuzz import json_values
+from .test_response_fuzz import bodies as v2_bodies
+
+Answer = tuple[int, dict[str, str], bytes]
+
+
+class Scripted:
+    """Answers each path with the next answer drawn for it (a 503 once they run out)."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, list[Answer]] = {}
+
+    async def __call__(self, request: httpserver.Request) -> httpserver.Response:
+        queue = self.answers.get(request.path) or [(503, {"content-type": "application/json"}, b'{"error": "no more"}')]
+        status, headers, body = queue.pop(0)
+        content_type = headers.pop("content-type", "application/json")
+        return httpserver.Response(status, body, content_type=content_type, headers=tuple(headers.items()))
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[Scripted, str]]:
+    lt = LoopThread("client-fuzz")
+    scripted = Scripted()
+    http = httpserver.HttpServer(scripted)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+
+    async def start() -> None:
+        await http.start(sock)
+
+    lt.run(start())
+    try:
+        yield scripted, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        lt.run(http.shutdown(2))
+        lt.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: tuple[Scripted, str]) -> Iterator[client_mod.Client]:
+    """One client for every example (making one builds a TLS context: tens of ms)."""
+    with client_mod.Client(server[1], timeout=5) as made:
+        yield made
+
+
+STATUS = st.sampled_from([200, 200, 200, 201, 400, 404, 409, 429, 500, 502, 503])
+
+
+@st.composite
+def v2_answers(draw: st.DrawFn) -> Answer:
+    body, length = draw(v2_bodies())
+    headers = {"content-type": draw(st.sampled_from(["application/json", "application/octet-stream", "text/html"]))}
+    if length is not None or draw(st.integers(0, 5)) == 0:
+        headers[oip.BINARY_HEADER] = str(length) if length is not None and draw(st.integers(0, 3)) else draw(
+            st.sampled_from(["", "x", "-1", "99999999999999999999"]))
+    return draw(st.one_of(st.just(200), STATUS)), headers, body  # mostly read as an answer
+
+
+def _completion(text: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+@st.composite
+def chat_answers(draw: st.DrawFn) -> Answer:
+    kind = draw(st.integers(0, 3))
+    if kind == 0:  # an event stream, maybe cut, maybe damaged
+        events = [f"data: {json.dumps({'choices': [{'delta': {'content': draw(st.text(max_size=5))}}]})}\n\n"
+                  for _ in range(draw(st.integers(0, 3)))]
+        events += [draw(st.sampled_from(["data: [DONE]\n\n", "", "data: {\n\n", "event: error\ndata: {\"error\": 1}\n\n"]))]
+        raw = "".join(events).encode()
+        return draw(STATUS), {"content-type": "text/event-stream"}, raw[:draw(st.integers(0, len(raw)))]
+    if kind == 1:  # a whole completion, its content maybe of another type
+        return draw(STATUS), {}, json.dumps(_completion(draw(st.one_of(st.text(max_size=5), json_values)))).encode()
+    if kind == 2:  # an error object of any shape
+        return draw(STATUS), {}, json.dumps({"error": draw(json_values)}).encode()
+    return draw(STATUS), {"content-type": draw(st.sampled_from(["text/event-stream", "application/json"]))}, draw(st.binary(max_size=40))
+
+
+@st.composite
+def endpoint_lists(draw: st.DrawFn, base: str, kind: str) -> Answer:
+    """The list the client asks for first: replicas on this server (answering under /r<i>),
+    or anything else."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(STATUS), {}, json.dumps(draw(json_values)).encode()
+    entries = []
+    for i in range(draw(st.integers(0, 3))):
+        entry: dict[str, Any] = {"site": f"s{i}", "url": f"{base}/r{i}", "inferUrl": f"{base}/r{i}/v2/models/m/infer"}
+        if kind == "chat":
+            entry["api"] = "openai"
+        if draw(st.integers(0, 5)) == 0:
+            entry[draw(st.sampled_from(sorted(entry)))] = draw(json_values)
+        entries.append(entry)
+    return 200, {}, json.dumps({"endpoints": entries, "ttlSeconds": draw(st.one_of(st.just(0), json_values))}).encode()
+
+
+def _script(scripted: Scripted, paths: dict[str, list[Answer]]) -> None:
+    scripted.answers = {path: list(answers) for path, answers in paths.items()}
+
+
+@FUZZ
+@given(st.data())
+def test_infer_returns_a_result_or_raises_an_edgeplane_error(server: tuple[Scripted, str], client: client_mod.Client,
+                                                             data: st.DataObject) -> None:
+    TRIED["client: infer against any answers"] += 1
+    scripted, base = server
+    answers = st.lists(v2_answers(), min_size=1, max_size=2)
+    _script(scripted, {"/v1/endpoints/m": [data.draw(endpoint_lists(base, "v2"))],
+                       **{f"/r{i}/v2/models/m/infer": data.draw(answers) for i in range(3)},
+                       "/v2/models/m/infer": data.draw(answers)})
+    client.cache, client.binary = client_mod.EndpointCache(), data.draw(st.booleans())  # nothing kept from the example before
+    try:
+        result = client.infer("m", {"x": np.zeros((2, 3), np.float32)})
+    except client_mod.EdgeplaneError as exc:
+        assert str(exc) is not None
+    else:
+        assert isinstance(result.outputs, dict)
+
+
+@FUZZ
+@given(st.data())
+def test_chat_yields_text_or_raises_an_edgeplane_error(server: tuple[Scripted, str], client: client_mod.Client,
+                                                       data: st.DataObject) -> None:
+    TRIED["client: chat against any answers"] += 1
+    scripted, base = server
+    answers = st.lists(chat_answers(), min_size=1, max_size=2)
+    _script(scripted, {"/v1/endpoints/m": [data.draw(endpoint_lists(base, "chat"))],
+                       **{f"/r{i}/v1/chat/completions": data.draw(answers) for i in range(3)},
+                       "/openai/v1/chat/completions": data.draw(answers)})
+    client.cache = client_mod.EndpointCache()
+    try:
+        chat = client.chat("m", [{"role": "user", "content": "hi"}], stream=data.draw(st.booleans()))
+        text = "".join(chat)
+    except client_mod.EdgeplaneError as exc:
+        assert str(exc) is not None
+    else:
+        assert isinstance(text, str)
