@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent import httpserver
 from edge_agent.httpserver import Limits, Request, Response, StreamingResponse
 
-from .conftest import FUZZ, TRIED, LoopThread
+from .conftest import EXAMPLES, FUZZ, TRIED, LoopThread
 
 LIMITS = Limits(max_body_bytes=2048, max_header_bytes=1024, max_pipelined=3)
 READ_BUFFER = 256  # bytes a read takes at most here: bodies and heads span reads
@@ -364,7 +364,7 @@ def read_answers_lenient(out: bytes) -> list[tuple[int, bytes]]:
         return []  # the last answer is still on its way
 
 
-@FUZZ
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 3))  # real sockets: 30 ms an example, where the cuts above take 10
 @given(st.lists(st.lists(specs(), min_size=1, max_size=4), min_size=1, max_size=4), st.integers(0, 2**32))
 def test_pipelines_on_concurrent_sockets(served: tuple[httpserver.HttpServer, int], pipelines: list[list[Spec]],
                                          seed: int) -> None:

@@ -95,6 +95,11 @@ class Server:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self.server.sockets[0].getsockname()[1]
 
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         try:
@@ -128,8 +133,7 @@ def upstream() -> Iterator[tuple[LoopThread, Server, int]]:
     try:
         yield lt, server, port
     finally:
-        assert server.server is not None
-        server.server.close()
+        lt.run(server.stop())  # on its loop: asyncio's objects belong to their loop's thread
         lt.close()
 
 
