@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -28,6 +29,12 @@ from orchestrator.testing import ray_cluster as ray_cluster_harness
 # Before a test module imports onnxruntime itself: its telemetry stays off in the suite, as
 # in every process edgeplane runs it (docs/security.md).
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+# A suite started in the background of a shell without job control (`nohup make test &` in a
+# script) starts with SIGINT ignored, and every process it starts inherits that: a test that
+# stops a CLI with SIGINT, as a user's Ctrl-C does, would wait for it forever.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
