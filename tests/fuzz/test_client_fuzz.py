@@ -1,4 +1,4 @@
-"""The Python client against servers that answer anything: a loopback server plays the
+"""The Python client (``Client`` and ``AsyncClient``) against servers that answer anything: a loopback server plays the
 control plane's endpoint list, the replicas it names and the gateway, each answering a
 status, headers and body Hypothesis draws (valid v2 answers and chat completions, the same
 damaged, other JSON, other bytes, event streams cut anywhere). ``infer`` and ``chat`` must
@@ -34,6 +34,7 @@ class Scripted:
 
     def __init__(self) -> None:
         self.answers: dict[str, list[Answer]] = {}
+        self.loop: LoopThread
 
     async def __call__(self, request: httpserver.Request) -> httpserver.Response:
         queue = self.answers.get(request.path) or [(503, {"content-type": "application/json"}, b'{"error": "no more"}')]
@@ -46,6 +47,7 @@ class Scripted:
 def server() -> Iterator[tuple[Scripted, str]]:
     lt = LoopThread("client-fuzz")
     scripted = Scripted()
+    scripted.loop = lt  # AsyncClient runs here too
     http = httpserver.HttpServer(scripted)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -61,11 +63,50 @@ def server() -> Iterator[tuple[Scripted, str]]:
         lt.close()
 
 
-@pytest.fixture(scope="module")
-def client(server: tuple[Scripted, str]) -> Iterator[client_mod.Client]:
-    """One client for every example (making one builds a TLS context: tens of ms)."""
-    with client_mod.Client(server[1], timeout=5) as made:
-        yield made
+class Calls:
+    """``infer`` and a whole ``chat`` through :class:`Client`, or through :class:`AsyncClient`
+    on the server's loop; one client for every example (making one builds a TLS context:
+    tens of ms), its cache emptied by ``reset``."""
+
+    def __init__(self, made: client_mod.Client | client_mod.AsyncClient, loop: LoopThread) -> None:
+        self.made, self.loop = made, loop
+
+    def reset(self, binary: bool = True) -> None:
+        self.made.cache, self.made.binary = client_mod.EndpointCache(), binary
+
+    def infer(self) -> client_mod.InferResult:
+        inputs = {"x": np.zeros((2, 3), np.float32)}
+        if isinstance(self.made, client_mod.Client):
+            return self.made.infer("m", inputs)
+        return self.loop.run(self.made.infer("m", inputs), 30)
+
+    def chat(self, stream: bool) -> str:
+        chat = self.made.chat("m", [{"role": "user", "content": "hi"}], stream=stream)
+        if isinstance(self.made, client_mod.Client):
+            return "".join(chat)
+
+        async def whole() -> str:
+            return "".join([delta async for delta in chat])
+
+        return self.loop.run(whole(), 30)
+
+
+@pytest.fixture(scope="module", params=["Client", "AsyncClient"])
+def client(server: tuple[Scripted, str], request: pytest.FixtureRequest) -> Iterator[Calls]:
+    scripted, base = server
+    if request.param == "Client":
+        with client_mod.Client(base, timeout=5) as made:
+            yield Calls(made, scripted.loop)
+        return
+    made = scripted.loop.run(_async_client(base))
+    try:
+        yield Calls(made, scripted.loop)
+    finally:
+        scripted.loop.run(made.aclose())
+
+
+async def _async_client(base: str) -> client_mod.AsyncClient:
+    return client_mod.AsyncClient(base, timeout=5)  # made on the loop that will use it
 
 
 STATUS = st.sampled_from([200, 200, 200, 201, 400, 404, 409, 429, 500, 502, 503])
@@ -138,22 +179,22 @@ def answered(call: Callable[[], T]) -> T | None:
 
 @FUZZ
 @given(st.data())
-def test_infer_returns_a_result_or_raises_an_edgeplane_error(server: tuple[Scripted, str], client: client_mod.Client,
+def test_infer_returns_a_result_or_raises_an_edgeplane_error(server: tuple[Scripted, str], client: Calls,
                                                              data: st.DataObject) -> None:
-    TRIED["client: infer against any answers"] += 1
+    TRIED[f"client: infer against any answers ({type(client.made).__name__})"] += 1
     script(data, server, "v2", v2_answers(), "/v2/models/m/infer", "/v2/models/m/infer")
-    client.cache, client.binary = client_mod.EndpointCache(), data.draw(st.booleans())
-    result = answered(lambda: client.infer("m", {"x": np.zeros((2, 3), np.float32)}))
+    client.reset(binary=data.draw(st.booleans()))
+    result = answered(client.infer)
     assert result is None or isinstance(result.outputs, dict)
 
 
 @FUZZ
 @given(st.data())
-def test_chat_yields_text_or_raises_an_edgeplane_error(server: tuple[Scripted, str], client: client_mod.Client,
+def test_chat_yields_text_or_raises_an_edgeplane_error(server: tuple[Scripted, str], client: Calls,
                                                        data: st.DataObject) -> None:
-    TRIED["client: chat against any answers"] += 1
+    TRIED[f"client: chat against any answers ({type(client.made).__name__})"] += 1
     script(data, server, "chat", chat_answers(), "/v1/chat/completions", "/openai/v1/chat/completions")
-    client.cache = client_mod.EndpointCache()
+    client.reset()
     stream = data.draw(st.booleans())
-    text = answered(lambda: "".join(client.chat("m", [{"role": "user", "content": "hi"}], stream=stream)))
+    text = answered(lambda: client.chat(stream))
     assert text is None or isinstance(text, str)
