@@ -69,6 +69,14 @@ async def test_a_token_description_with_a_nul_is_kept_escaped(api: httpx.AsyncCl
     assert listed[made.json()["id"]] == "ci\\x00bot"
 
 
+@pytest.mark.parametrize("role", ["\x00", "admin", "", 7])
+async def test_a_bootstrap_token_of_another_role_than_agent_is_refused(api: httpx.AsyncClient, role: object) -> None:
+    """Its role was stored as given: a NUL in it was a 500 on PostgreSQL (the API fuzzer)."""
+    made = await api.post("/v1/tokens", json={"purpose": "bootstrap", "role": role})
+    assert (made.status_code, made.json()) == (400, {"error": "a bootstrap token's role is 'agent'"}), made.text
+    assert (await api.post("/v1/tokens", json={"purpose": "bootstrap", "role": "agent"})).status_code == 201
+
+
 async def test_every_guarded_route_answers_503_while_the_token_store_does_not_answer(
         tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The watch, capture and distillation routes and whoami gave 500 there; the others 503."""
