@@ -4,6 +4,7 @@ against the real CRD; or the set is refused with one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -60,7 +61,7 @@ def first_fit_pods(apps: list[ServeAppSpec], pod: kuberay.PodShape) -> int:
 @given(app_sets(), st.integers(2, 64))
 def test_every_replica_has_room_and_the_object_is_one_the_api_server_takes(rayservice_validator: Any,
                                                                            apps: list[ServeAppSpec], limit: int) -> None:
-    shape = kuberay.RayClusterShape(**{**SHAPE.__dict__, "max_worker_pods": limit})
+    shape = dataclasses.replace(SHAPE, max_worker_pods=limit)
     try:
         obj = kuberay.render_rayservice("paris-dc", "edge-dc", apps, shape)
     except kuberay.ClusterShapeError as exc:
