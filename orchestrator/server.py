@@ -25,19 +25,16 @@ import pathlib
 import socket
 import sqlite3
 import time
-import urllib.parse
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
 from orchestrator import catalog, console, leadership, views
-from orchestrator.adapters import local_ray
-from orchestrator.agents import errors as agent_errors
+from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
 from orchestrator.agents import relay
@@ -51,7 +48,7 @@ from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.artifacts import signature
 from orchestrator.distill import store as capture_store
-from orchestrator import runloop, server_options
+from orchestrator import fleet_metrics, runloop, server_config, server_options
 from edgeplane_proto import identity
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
@@ -62,18 +59,14 @@ from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
-from orchestrator.simulation import budget as sim_budget
 from orchestrator.store import is_postgres_url, open_store
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger("edgeplane")
 
 
-
-
 WAKE_ACTION = "wake-requested"  # the event a follower logs for a request that found a model scaled to zero
 WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
-WILDCARDS = ("0.0.0.0", "::")  # listen addresses that name no host
 LEADER_KEY = "leader"  # published by each new leader: where followers relay their agents, and the secret
 #: What other replicas' writes wake the store loop for (see the store's ``_changed``): the
 #: leader, applies and followers' wakes (Model events); a follower, the leader's relay
@@ -94,102 +87,9 @@ def _log_failed_wake(task: asyncio.Task[None]) -> None:
         log.warning("could not pass a wake on to the leader: %s", task.exception())
 
 
-class ConfigError(Exception):
-    """The server was asked to start in an unsafe or impossible configuration."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    data_dir: pathlib.Path = pathlib.Path(".edgeplane")
-    host: str = "127.0.0.1"
-    port: int = 8080
-    agent_host: str | None = None  # default: host
-    agent_port: int = 8081
-    agent_join_port: int = 8082  # first joins (bootstrap token + CSR) over server-authenticated TLS
-    insecure_agents: bool = False  # plaintext agent gRPC: only when explicitly asked for
-    agent_cert_ttl_s: float = ca_mod.AGENT_DAYS * 86400.0  # agents renew theirs two thirds in
-    auth: str = "none"  # "none" (loopback only) | "token"
-    position: tuple[float, float] | None = None  # the gateway's own location
-    heartbeat_interval_s: float = 5.0
-    missed_heartbeats: int = 3
-    resync_s: float = 5.0
-    artifact_roots: tuple[pathlib.Path, ...] = ()
-    artifact_hosts: tuple[str, ...] = ()  # allowed hosts of remote artifact URLs; empty = any
-    public_url: str | None = None  # how agents and Ray replicas reach this server
-    agent_tls_names: tuple[str, ...] = ()  # more names (DNS or IP) agents may dial; the agent certificate names them
-    local_ray: local_ray.LocalRayEndpoints | None = None  # use this cluster for ray.address: local
-    local_ray_cpus: int | None = None
-    local_ray_gpus: int | None = None
-    bootstrap_tokens: tuple[str, ...] = ()  # static agent bootstrap tokens (besides `token create`)
-    kube_factory: Any = None
-    gateway_auth: str = "none"  # "none" (open) | "token" (any valid API token)
-    gateway_rate: float = 0.0  # requests/s per client (token, else address); 0 = no limit
-    gateway_burst: float = 0.0  # bucket size; default max(rate, 1)
-    gateway_max_body: int = gateway_options.MAX_BODY
-    cold_start_timeout_s: float = gateway_options.COLD_START_S
-    store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
-    leader_lease_s: float = 3.0  # shared database: the leader lease's time to live (renewed every third of it)
-    store_poll_s: float = 1.0  # shared database: read what other replicas wrote at least this often (notifications come sooner)
-    peer_address: str | None = None  # host:port other replicas dial to relay agents here; default: the agent listener
-    simulation_slots: int = 1  # what-ifs planned at once (POST /v1/simulate); one more is answered 429
-    simulation_budget: int = sim_budget.DEFAULT_BUDGET  # units of planning one what-if may take (simulation/budget.py)
-
-
-class StoreJoinAuthenticator:
-    """Agent joins checked against the store: bootstrap tokens, per-site credentials.
-
-    A revoked site stays refused for bootstrap tokens that existed when it was revoked
-    (static ``--bootstrap-token`` ones included): an admin re-admits it by creating a new
-    token. ``verify_bootstrap`` remembers which token it accepted for the
-    ``issue_credential`` call of the same join (the hub runs on one thread, one join at a time).
-    """
-
-    def __init__(self, store: store_mod.Store, static_tokens: tuple[str, ...] = ()):
-        self.store = store
-        self._static = {store_mod.digest(t) for t in static_tokens if t}
-        self._accepted_created_at = 0.0
-
-    def verify_bootstrap(self, token: str) -> bool:
-        if not token:
-            return False
-        if store_mod.digest(token) in self._static:
-            self._accepted_created_at = 0.0
-            return True
-        with _store_in_use():
-            info = self.store.verify_token(token, "bootstrap")
-        if info is None:
-            return False
-        self._accepted_created_at = info.created_at
-        return True
-
-    def issue_credential(self, site: str, agent_id: str) -> str:
-        with _store_in_use():
-            revoked_at = self.store.agent_revoked_at(site)
-            if revoked_at is not None and self._accepted_created_at <= revoked_at:
-                raise agent_errors.NotAuthenticated(
-                    f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
-            credential = secrets.token_urlsafe(32)
-            self.store.save_agent(site, agent_id, credential, f"agent@{site}")
-        return credential
-
-    def verify_credential(self, site: str, credential: str) -> bool:
-        with _store_in_use():
-            return self.store.agent_credential_ok(site, credential)
-
-
-@contextlib.contextmanager
-def _store_in_use() -> Iterator[None]:
-    """A store that cannot be read or written (unreachable, a full disk): the agent is told
-    to retry (UNAVAILABLE), not refused."""
-    try:
-        yield
-    except store_mod.StoreError as exc:
-        raise agent_errors.Unavailable(f"the control plane cannot check this join now: {exc}") from None
-
-
 @dataclass
 class ControlPlane:
-    config: ServerConfig
+    config: server_config.ServerConfig
     store: store_mod.Store = field(init=False)
     authenticator: auth.Authenticator = field(init=False)
     registry: CollectorRegistry = field(init=False)
@@ -230,18 +130,18 @@ class ControlPlane:
     async def _start(self) -> ControlPlane:
         cfg = self.config
         if cfg.auth not in ("none", "token"):
-            raise ConfigError("--auth must be 'none' or 'token'")
+            raise server_config.ConfigError("--auth must be 'none' or 'token'")
         if cfg.simulation_slots < 1 or cfg.simulation_budget < 1:
-            raise ConfigError("--simulations and --simulate-budget must be 1 or more")
+            raise server_config.ConfigError("--simulations and --simulate-budget must be 1 or more")
         wrong = gateway_options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s)
         if wrong:
-            raise ConfigError(wrong)
+            raise server_config.ConfigError(wrong)
         for flag, value, (low, high) in (("--leader-lease", cfg.leader_lease_s, server_options.LEADER_LEASE_S),
                                          ("--store-poll", cfg.store_poll_s, server_options.STORE_POLL_S)):
             if not low <= value <= high:
-                raise ConfigError(f"{flag} must be from {low:g} to {high:g} seconds")
+                raise server_config.ConfigError(f"{flag} must be from {low:g} to {high:g} seconds")
         if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
-            raise ConfigError(
+            raise server_config.ConfigError(
                 f"refusing to serve the admin API on {cfg.host} without authentication: "
                 "bind 127.0.0.1, or start with --auth token (an admin token is written to <data-dir>/admin.token)"
             )
@@ -249,14 +149,14 @@ class ControlPlane:
         try:
             self.store = open_store(cfg.store or cfg.data_dir / "state.db", exclusive=True)  # type: ignore[assignment]
         except store_mod.StoreError as e:
-            raise ConfigError(str(e)) from e
+            raise server_config.ConfigError(str(e)) from e
         self.authenticator = auth.Authenticator(self.store, required=cfg.auth == "token")
         self.registry = CollectorRegistry()
-        self.registry.register(_FleetCollector(self))
+        self.registry.register(fleet_metrics.FleetCollector(self))
         self.simulations = simulate_api.Simulations(cfg.simulation_slots, cfg.simulation_budget, self.registry)
         self.table = endpoints_mod.EndpointTable()
         self.hub = hub_mod.AgentHub(
-            StoreJoinAuthenticator(self.store, cfg.bootstrap_tokens),
+            agent_auth.StoreJoinAuthenticator(self.store, cfg.bootstrap_tokens),
             on_change=self._agent_event,
             heartbeat_interval=cfg.heartbeat_interval_s,
             missed_heartbeats=cfg.missed_heartbeats,
@@ -267,9 +167,9 @@ class ControlPlane:
             try:
                 loaded = ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca")
             except ca_mod.CertificateError as exc:
-                raise ConfigError(f"the agents' CA: {exc}") from None
+                raise server_config.ConfigError(f"the agents' CA: {exc}") from None
             self.ca = dataclasses.replace(loaded, agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
-            server_cert, server_key = self.ca.issue_server(agent_tls_hosts(cfg))
+            server_cert, server_key = self.ca.issue_server(server_config.agent_tls_hosts(cfg))
             # the CA rides in the chain: an agent given only its SHA-256 (--ca-sha256) takes it from there
             mtls = agent_service.MutualTls(self.ca, server_cert + self.ca.certificate_pem, server_key, cfg.agent_join_port)
         # bound first: a port in use stops the start before anything else listens
@@ -283,7 +183,7 @@ class ControlPlane:
             sock.listen(2048)  # now, not when uvicorn starts: the agents' listener must not bind the same port
         except OSError as exc:  # the bare errno says neither what nor where
             sock.close()
-            raise OSError(exc.errno, f"cannot listen on {_address(cfg.host, cfg.port)} (HTTP API and gateway, --host/--port): "
+            raise OSError(exc.errno, f"cannot listen on {server_config.address(cfg.host, cfg.port)} (HTTP API and gateway, --host/--port): "
                                      f"{exc.strerror or exc}") from exc
         port = sock.getsockname()[1]
         host_for_url = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -463,7 +363,7 @@ class ControlPlane:
     @property
     def peer_address(self) -> str:
         """Where other replicas dial this one to relay their agents while it leads."""
-        return self.config.peer_address or _address(peer_host(self.config), self._agent_server.port)
+        return self.config.peer_address or server_config.address(server_config.peer_host(self.config), self._agent_server.port)
 
     def _publish_leader(self, lease: store_mod.Lease) -> None:
         """Tell the followers where to relay their agents, under this lease's fencing token."""
@@ -675,109 +575,7 @@ class ControlPlane:
         return {}
 
 
-class _FleetCollector:
-    """Fleet gauges computed at scrape time from live state (no bookkeeping on hot paths)."""
-
-    def __init__(self, cp: ControlPlane):
-        self.cp = cp
-
-    def collect(self) -> Any:
-        agents = self.cp.hub.snapshot() if hasattr(self.cp, "hub") else []
-        g = GaugeMetricFamily("edgeplane_agents", "Joined edge agents by health", labels=["health"])
-        g.add_metric(["healthy"], sum(1 for a in agents if a.healthy))
-        g.add_metric(["unhealthy"], sum(1 for a in agents if not a.healthy))
-        yield g
-        hb = GaugeMetricFamily("edgeplane_heartbeats_received", "Agent heartbeats received since start")
-        hb.add_metric([], getattr(getattr(self.cp, "hub", None), "heartbeats_total", 0))
-        yield hb
-        r = GaugeMetricFamily("edgeplane_reconcile_passes", "Reconcile passes completed since start")
-        r.add_metric([], getattr(getattr(self.cp, "reconciler", None), "passes", 0))
-        yield r
-        again = CounterMetricFamily("edgeplane_datacentre_reapplied",
-                                    "Times a data centre's Serve applications, changed by another writer, were applied again",
-                                    labels=["site"])
-        for site, n in sorted(getattr(getattr(self.cp, "reconciler", None), "reapplied", {}).items()):
-            again.add_metric([site], n)
-        yield again
-        elector = self.cp.elector
-        lead = GaugeMetricFamily("edgeplane_leader", "1 while this replica leads (runs the reconciler), else 0")
-        lead.add_metric([], 1 if elector is None or elector.leading else 0)
-        yield lead
-        changes = CounterMetricFamily("edgeplane_leader_changes", "Times this replica gained or lost the leader lease")
-        changes.add_metric([], elector.changes if elector is not None else 0)
-        yield changes
-        if hasattr(self.cp, "store"):
-            rows = self.cp.store.placements()
-            p = GaugeMetricFamily("edgeplane_replicas_placed", "Replicas placed, by deployment", labels=["deployment"])
-            per: dict[str, int] = {}
-            for row in rows:
-                per[row.deployment] = per.get(row.deployment, 0) + row.replicas
-            for d, n in sorted(per.items()):
-                p.add_metric([d], n)
-            yield p
-            e = GaugeMetricFamily("edgeplane_endpoints", "Routable endpoints, by model", labels=["model"])
-            for m in self.cp.table.models():
-                e.add_metric([m], len(self.cp.table.endpoints(m)))
-            yield e
-
-
-def peer_host(cfg: ServerConfig) -> str:
-    """The host other replicas dial to relay their agents here: ``--peer-address``'s, else the
-    agent listener's, or this host's name when the listener is bound to all addresses."""
-    if cfg.peer_address:
-        return urllib.parse.urlsplit(f"//{cfg.peer_address}").hostname or ""
-    host = cfg.agent_host or cfg.host
-    return socket.gethostname() if host in WILDCARDS else host
-
-
-def agent_tls_hosts(cfg: ServerConfig) -> list[str]:
-    """The names the agent listener's certificate carries: where it listens (unless that is a
-    wildcard address), the host of ``--public-url``, and each ``--agent-tls-name``."""
-    names = [cfg.agent_host or cfg.host, *cfg.agent_tls_names]
-    if cfg.peer_address or (cfg.store and is_postgres_url(cfg.store)):  # replicas relay agents to it
-        names.append(peer_host(cfg))
-    if cfg.public_url:
-        names.append(urllib.parse.urlsplit(cfg.public_url).hostname or "")
-    return sorted({n for n in names if n and n not in WILDCARDS} | {"127.0.0.1", "localhost"})
-
-
-def join_port(agent_port: int, given: int | None) -> int:
-    """``--agent-join-port``, by default the agent port + 1: where an agent without
-    ``--join-address`` looks for it (a fixed 8082 beside ``--agent-port 9000`` failed every
-    first join); any free port when the agent port is one too (0)."""
-    if given is not None:
-        return given
-    if agent_port == 0:
-        return 0
-    if agent_port == 65535:
-        raise SystemExit("edgeplane serve: --agent-port 65535 leaves no port + 1 for first joins: give --agent-join-port")
-    return agent_port + 1
-
-
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    try:
-        position = gateway_options.position(args.location)
-    except gateway_options.OptionError as exc:
-        raise SystemExit(f"edgeplane serve: {exc}") from None
-    tokens = tuple(args.bootstrap_token) + ((os.environ["EDGEPLANE_BOOTSTRAP_TOKEN"],) if os.environ.get("EDGEPLANE_BOOTSTRAP_TOKEN") else ())
-    return ServerConfig(
-        data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,
-        agent_join_port=join_port(args.agent_port, args.agent_join_port), insecure_agents=args.insecure_agents,
-        agent_cert_ttl_s=args.agent_cert_days * 86400.0,
-        auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
-        artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,
-        agent_tls_names=tuple(args.agent_tls_name),
-        gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
-        gateway_max_body=args.gateway_max_body,
-        cold_start_timeout_s=args.cold_start_timeout,
-        local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
-        store=args.store, leader_lease_s=args.leader_lease, store_poll_s=args.store_poll, peer_address=args.peer_address,
-        simulation_slots=args.simulations,
-        simulation_budget=args.simulate_budget if args.simulate_budget is not None else sim_budget.DEFAULT_BUDGET,
-    )
-
-
-async def serve_forever(config: ServerConfig) -> None:
+async def serve_forever(config: server_config.ServerConfig) -> None:
     cp = await ControlPlane(config).start()
     print(f"edgeplane control plane: API/gateway {cp.http_url}  agents {cp.agent_target}  state {cp.store.path}", flush=True)
     if cp.ca_file is not None:
@@ -792,11 +590,5 @@ async def serve_forever(config: ServerConfig) -> None:
     await cp.stop()
 
 
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def main(args: argparse.Namespace) -> int:
-    return runloop.main(args.log_level, lambda: serve_forever(config_from_args(args)), (ConfigError,))
+    return runloop.main(args.log_level, lambda: serve_forever(server_config.config_from_args(args)), (server_config.ConfigError,))

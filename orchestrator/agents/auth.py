@@ -1,17 +1,21 @@
 """Who may join, and the per-agent credential it gets.
 
-The hub only sees the :class:`JoinAuthenticator` protocol, so the control plane can back it
-with its store (hashed bootstrap tokens, revocable credentials) and a later pass can swap
-the opaque credential for an mTLS client certificate without touching the hub.
+The hub only sees the :class:`JoinAuthenticator` protocol. The control plane backs it with
+its store (:class:`StoreJoinAuthenticator`: hashed bootstrap tokens, revocable
+credentials); tests and the demo's in-process hubs with :class:`InMemoryJoinAuthenticator`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
+
+from orchestrator.agents import errors as agent_errors
+from orchestrator.store import sqlite as store_mod
 
 
 class JoinAuthenticator(Protocol):
@@ -53,3 +57,55 @@ class InMemoryJoinAuthenticator:
         return bool(credential) and known is not None and hmac.compare_digest(
             _digest(credential), known
         )
+
+
+class StoreJoinAuthenticator:
+    """Agent joins checked against the store: bootstrap tokens, per-site credentials.
+
+    A revoked site stays refused for bootstrap tokens that existed when it was revoked
+    (static ``--bootstrap-token`` ones included): an admin re-admits it by creating a new
+    token. ``verify_bootstrap`` remembers which token it accepted for the
+    ``issue_credential`` call of the same join (the hub runs on one thread, one join at a time).
+    """
+
+    def __init__(self, store: store_mod.Store, static_tokens: tuple[str, ...] = ()):
+        self.store = store
+        self._static = {store_mod.digest(t) for t in static_tokens if t}
+        self._accepted_created_at = 0.0
+
+    def verify_bootstrap(self, token: str) -> bool:
+        if not token:
+            return False
+        if store_mod.digest(token) in self._static:
+            self._accepted_created_at = 0.0
+            return True
+        with _store_in_use():
+            info = self.store.verify_token(token, "bootstrap")
+        if info is None:
+            return False
+        self._accepted_created_at = info.created_at
+        return True
+
+    def issue_credential(self, site: str, agent_id: str) -> str:
+        with _store_in_use():
+            revoked_at = self.store.agent_revoked_at(site)
+            if revoked_at is not None and self._accepted_created_at <= revoked_at:
+                raise agent_errors.NotAuthenticated(
+                    f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
+            credential = secrets.token_urlsafe(32)
+            self.store.save_agent(site, agent_id, credential, f"agent@{site}")
+        return credential
+
+    def verify_credential(self, site: str, credential: str) -> bool:
+        with _store_in_use():
+            return self.store.agent_credential_ok(site, credential)
+
+
+@contextlib.contextmanager
+def _store_in_use() -> Iterator[None]:
+    """A store that cannot be read or written (unreachable, a full disk): the agent is told
+    to retry (UNAVAILABLE), not refused."""
+    try:
+        yield
+    except store_mod.StoreError as exc:
+        raise agent_errors.Unavailable(f"the control plane cannot check this join now: {exc}") from None

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator import server
+from orchestrator import server, server_config
 from orchestrator.adapters import local_ray
 from orchestrator.gatewayd import server as gatewayd
 
@@ -195,7 +195,7 @@ class Fleet:
             resync_s=2.0, artifact_roots=(EXAMPLES, self.root / "artifacts"), bootstrap_tokens=(BOOTSTRAP_TOKEN,),
             local_ray=local_ray_endpoints,
         )
-        config = server.ServerConfig(**{**settings, **overrides})
+        config = server_config.ServerConfig(**{**settings, **overrides})
         self.cp = await server.ControlPlane(config).start()
         cp = self.cp  # ready as a gateway once its first pass has published the endpoint table
         await wait_until(lambda: cp.table.published, 60, what="the control plane's first pass")

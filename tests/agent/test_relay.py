@@ -17,6 +17,7 @@ import pytest
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator import server as control_plane
+from orchestrator import server_config
 from orchestrator.agents import auth, errors, hub, model, relay, service
 from orchestrator.security import ca
 
@@ -268,7 +269,7 @@ async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_pat
         await until(lambda: clients[0].last_error.startswith("UNAVAILABLE"), "a certificate from another CA refused")
         assert leader_hub.status(SITE) is None
         task.cancel()
-        replica = control_plane.ControlPlane(control_plane.ServerConfig(data_dir=tmp_path))
+        replica = control_plane.ControlPlane(server_config.ServerConfig(data_dir=tmp_path))
         replica.ca = authority  # what a replica started on the shared CA holds; its relay certificate comes from it
         clients.append(relay.RelayClient(follower_hub, "cp-f", tls=replica._relay_tls, flush_s=0.05))
         task = asyncio.create_task(clients[1].run())

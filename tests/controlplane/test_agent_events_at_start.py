@@ -11,7 +11,7 @@ import pathlib
 
 import pytest
 
-from orchestrator import server
+from orchestrator import server, server_config
 from orchestrator.agents import model
 from orchestrator.reconciler import datacentres
 from orchestrator.testing import harness
@@ -27,7 +27,7 @@ async def test_an_agent_joining_while_the_start_reclaims_ray_is_seen_by_the_firs
         return []
 
     monkeypatch.setattr(datacentres.LocalRay, "reclaim", slow_reclaim)
-    config = server.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0, heartbeat_interval_s=60.0,
+    config = server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0, heartbeat_interval_s=60.0,
                                  bootstrap_tokens=(harness.BOOTSTRAP_TOKEN,))
     cp = server.ControlPlane(config)
     starting = asyncio.create_task(cp.start())

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator import server
+from orchestrator import server_config
 
 from . import support
 
@@ -24,7 +24,7 @@ def offline_fleet(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 def start_control_plane(data_dir: pathlib.Path, artifact_root: pathlib.Path, **config: object) -> support.ServerThread:
     settings: dict[str, object] = dict(data_dir=data_dir, port=0, agent_port=0, agent_join_port=0, artifact_roots=(artifact_root,), resync_s=5.0)
-    cfg = server.ServerConfig(**{**settings, **config})  # type: ignore[arg-type]
+    cfg = server_config.ServerConfig(**{**settings, **config})  # type: ignore[arg-type]
     return support.ServerThread(cfg).start()
 
 

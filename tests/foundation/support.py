@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import server
+from orchestrator import server, server_config
 from orchestrator.testing import harness
 from orchestrator.ports import free_port
 from orchestrator.testing.manifests import API_VERSION, doc  # noqa: F401 (the foundation tests' manifest text)
@@ -111,7 +111,7 @@ def closed_port() -> int:
 class ServerThread:
     """A real ``ControlPlane`` on its own event loop in a thread, for sync and async tests alike."""
 
-    def __init__(self, config: server.ServerConfig):
+    def __init__(self, config: server_config.ServerConfig):
         self.config = config
         self.cp: server.ControlPlane | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

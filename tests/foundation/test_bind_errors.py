@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 import edge_agent
-from orchestrator import server
+from orchestrator import server_config
 
 from . import support
 from .conftest import start_control_plane
@@ -22,7 +22,7 @@ AGENT = support.EDGEPLANE.parent / "edgeplane-agent"
 
 
 def test_the_agents_default_port_is_not_one_of_the_control_planes() -> None:
-    cfg = server.ServerConfig()
+    cfg = server_config.ServerConfig()
     assert edge_agent.DEFAULT_LISTEN_PORT not in {cfg.port, cfg.agent_port, cfg.agent_join_port}
     proc = subprocess.run([str(AGENT), "--help"], capture_output=True, text=True, timeout=60)
     assert f"[127.0.0.1:{edge_agent.DEFAULT_LISTEN_PORT}]" in " ".join(proc.stdout.split())
@@ -90,7 +90,7 @@ def test_the_join_port_is_where_agents_look_for_it(flags: list[str], join: int) 
     a fixed 8082 beside --agent-port 9000 failed every first join."""
     from orchestrator.cli import main as cli_main
 
-    config = server.config_from_args(cli_main.build_parser().parse_args(["serve", *flags]))
+    config = server_config.config_from_args(cli_main.build_parser().parse_args(["serve", *flags]))
     assert config.agent_join_port == join
 
 
@@ -98,7 +98,7 @@ def test_an_agent_port_with_no_port_after_it_needs_a_join_port() -> None:
     from orchestrator.cli import main as cli_main
 
     with pytest.raises(SystemExit, match="--agent-port 65535 leaves no port \\+ 1 for first joins: give --agent-join-port"):
-        server.config_from_args(cli_main.build_parser().parse_args(["serve", "--agent-port", "65535"]))
+        server_config.config_from_args(cli_main.build_parser().parse_args(["serve", "--agent-port", "65535"]))
 
 
 @pytest.mark.parametrize("command", [
@@ -131,7 +131,7 @@ def test_a_store_url_it_cannot_open_is_refused_not_taken_for_a_file(store: str, 
     """``serve --store`` refuses these before it starts (test_bad_input_cli_more.py); a
     configuration built in code meets the store's own check."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(server.ConfigError, match=re.escape(message)):
+    with pytest.raises(server_config.ConfigError, match=re.escape(message)):
         start_control_plane(tmp_path / "data", support.EXAMPLES, store=store)
     assert not (tmp_path / "mysql:").exists() and not list((tmp_path / "data").glob("*.db"))
 
@@ -171,7 +171,7 @@ def test_a_second_control_plane_on_the_same_state_file_is_refused(tmp_path: path
 
     first = start_control_plane(tmp_path / "data", offline_fleet)
     try:
-        with pytest.raises(server.ConfigError, match=rf"another control plane \(pid {os.getpid()}\) is using {tmp_path / 'data' / 'state.db'}: stop it first"):
+        with pytest.raises(server_config.ConfigError, match=rf"another control plane \(pid {os.getpid()}\) is using {tmp_path / 'data' / 'state.db'}: stop it first"):
             start_control_plane(tmp_path / "data", offline_fleet)
     finally:
         first.stop()

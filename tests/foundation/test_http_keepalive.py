@@ -13,12 +13,12 @@ import pathlib
 
 import pytest
 
-from orchestrator import runloop, server
+from orchestrator import runloop, server, server_config
 
 
 async def test_an_idle_keep_alive_connection_outlives_the_clients_5_seconds(tmp_path: pathlib.Path) -> None:
     assert runloop.KEEP_ALIVE_S > 5
-    cp = await server.ControlPlane(server.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, insecure_agents=True)).start()
+    cp = await server.ControlPlane(server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, insecure_agents=True)).start()
     try:
         host, port = cp.http_url.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))

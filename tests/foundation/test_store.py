@@ -384,7 +384,7 @@ def test_free_text_with_a_nul_is_kept_the_same_way_by_both_backends(store: Store
 
 def test_static_bootstrap_tokens_admit_joins_but_never_a_revoked_site(store: Store, clock: FakeClock) -> None:
     from orchestrator.agents import errors as agent_errors
-    from orchestrator.server import StoreJoinAuthenticator
+    from orchestrator.agents.auth import StoreJoinAuthenticator
 
     auth = StoreJoinAuthenticator(store, ("static-secret",))
     assert auth.verify_bootstrap("static-secret") and not auth.verify_bootstrap("other") and not auth.verify_bootstrap("")

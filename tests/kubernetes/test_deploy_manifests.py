@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from edge_agent import main as agent_main
-from orchestrator import server
+from orchestrator import server, server_config
 from orchestrator.cli import main as cli_main
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "manifests" / "deploy"
@@ -114,7 +114,7 @@ def edgeplane_args(kind: str, name: str) -> list[str]:
 def test_the_control_plane_arguments_are_ones_serve_accepts() -> None:
     args = edgeplane_args(*CONTROL_PLANE)
     parsed = cli_main.build_parser().parse_args(args)
-    config = server.config_from_args(parsed)
+    config = server_config.config_from_args(parsed)
     assert parsed.command == "serve" and parsed.auth == "token" and parsed.host == "0.0.0.0"
     assert parsed.store.startswith("postgresql://") and "@edgeplane-postgres:5432/" in parsed.store
     assert ":" not in parsed.store.split("//")[1].split("@")[0], "the password belongs in a Secret, not in the URL"
@@ -145,7 +145,7 @@ async def test_the_control_plane_answers_its_probe_paths(tmp_path: pathlib.Path)
     (doc,) = [d for d in by_kind(CONTROL_PLANE[0]) if d["metadata"]["name"] == CONTROL_PLANE[1]]
     (c,) = containers(doc)
     paths = {c[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe") if p in c}
-    cp = await server.ControlPlane(server.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0,
+    cp = await server.ControlPlane(server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0,
                                                        insecure_agents=True)).start()
     try:
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
@@ -156,12 +156,12 @@ async def test_the_control_plane_answers_its_probe_paths(tmp_path: pathlib.Path)
 
 
 def test_agents_list_every_replica_each_reachable_and_named_in_the_certificate() -> None:
-    config = server.config_from_args(cli_main.build_parser().parse_args(edgeplane_args(*CONTROL_PLANE)))
+    config = server_config.config_from_args(cli_main.build_parser().parse_args(edgeplane_args(*CONTROL_PLANE)))
     (sts,) = [d for d in by_kind(CONTROL_PLANE[0]) if d["metadata"]["name"] == CONTROL_PLANE[1]]
     (doc,) = by_kind("DaemonSet")
     dialled = agent_main.parser().parse_args(edgeplane_args("DaemonSet", doc["metadata"]["name"])).control_plane.split(",")
     assert len(dialled) == sts["spec"]["replicas"] == 3  # agents find the leader among all of them
-    names = server.agent_tls_hosts(config)
+    names = server_config.agent_tls_hosts(config)
     assert all(address.rsplit(":", 1)[0] in names for address in dialled)
     exposed = {svc["spec"]["selector"].get(POD_NAME): {p["port"] for p in svc["spec"]["ports"]} for svc in by_kind("Service")}
     for pod in pod_names(sts):  # each replica's agent and join ports, on their own address
@@ -190,20 +190,20 @@ def test_the_control_plane_survives_a_node_drain_and_shares_one_agent_ca() -> No
 ])
 def test_agent_tls_hosts(host: str, agent_host: str | None, public_url: str | None, names: tuple[str, ...],
                          expected: list[str]) -> None:
-    config = server.ServerConfig(data_dir=pathlib.Path("."), host=host, agent_host=agent_host, public_url=public_url,
+    config = server_config.ServerConfig(data_dir=pathlib.Path("."), host=host, agent_host=agent_host, public_url=public_url,
                                  agent_tls_names=names)
-    assert server.agent_tls_hosts(config) == expected
+    assert server_config.agent_tls_hosts(config) == expected
 
 
 def test_the_agent_certificate_names_where_other_replicas_relay_to() -> None:
     """Replicas on one database dial the leader's peer address: its certificate names it,
     given or by default (this host's name, when the agent port listens on all addresses)."""
-    replica = server.ServerConfig(data_dir=pathlib.Path("."), host="0.0.0.0", store="postgresql://edgeplane@db.example.test/edgeplane")
-    assert socket.gethostname() in server.agent_tls_hosts(replica)
+    replica = server_config.ServerConfig(data_dir=pathlib.Path("."), host="0.0.0.0", store="postgresql://edgeplane@db.example.test/edgeplane")
+    assert socket.gethostname() in server_config.agent_tls_hosts(replica)
     given = dataclasses.replace(replica, peer_address="cp-0.pods.example.test:8081")
-    assert "cp-0.pods.example.test" in server.agent_tls_hosts(given) and socket.gethostname() not in server.agent_tls_hosts(given)
+    assert "cp-0.pods.example.test" in server_config.agent_tls_hosts(given) and socket.gethostname() not in server_config.agent_tls_hosts(given)
     alone = dataclasses.replace(replica, store=None)  # one process: no peers
-    assert server.agent_tls_hosts(alone) == ["127.0.0.1", "localhost"]
+    assert server_config.agent_tls_hosts(alone) == ["127.0.0.1", "localhost"]
 
 
 async def test_a_ca_made_by_ca_init_is_the_one_a_replica_signs_with(tmp_path: pathlib.Path,
@@ -217,7 +217,7 @@ async def test_a_ca_made_by_ca_init_is_the_one_a_replica_signs_with(tmp_path: pa
     (data_dir / "ca").mkdir(parents=True)
     for name in ("ca.key", "ca.crt"):  # as the Secret mount puts them
         (data_dir / "ca" / name).write_bytes((shared / name).read_bytes())
-    cp = await server.ControlPlane(server.ServerConfig(data_dir=data_dir, port=0, agent_port=0, agent_join_port=0)).start()
+    cp = await server.ControlPlane(server_config.ServerConfig(data_dir=data_dir, port=0, agent_port=0, agent_join_port=0)).start()
     try:
         assert cp.ca is not None and cp.ca_file is not None
         assert cp.ca_file.read_bytes() == (shared / "ca.crt").read_bytes()
@@ -243,7 +243,7 @@ def test_each_replica_relays_to_the_leader_at_its_own_pod_name_on_the_agent_port
     assert int(port) == agents["containerPort"] and any(p["port"] == int(port) for p in headless["spec"]["ports"])
     for pod in pod_names(sts):
         expanded = peer.replace("$(POD_NAME)", pod)
-        cfg = server.config_from_args(cli_main.build_parser().parse_args(
+        cfg = server_config.config_from_args(cli_main.build_parser().parse_args(
             [a.replace("$(POD_NAME)", pod) for a in container["args"]]))
         assert cfg.peer_address == expanded
-        assert expanded.rsplit(":", 1)[0] in server.agent_tls_hosts(cfg)
+        assert expanded.rsplit(":", 1)[0] in server_config.agent_tls_hosts(cfg)

@@ -7,7 +7,7 @@ import pathlib
 import httpx
 import pytest
 
-from orchestrator import server
+from orchestrator import server, server_config
 from orchestrator.security import ratelimit
 from orchestrator.testing import harness
 
@@ -140,10 +140,10 @@ async def test_api_limits_body_and_objects_per_apply(tmp_path: pathlib.Path) -> 
 @pytest.mark.parametrize("overrides", [dict(gateway_auth="open"), dict(gateway_rate=-1.0), dict(gateway_max_body=0),
                                        dict(leader_lease_s=0.5), dict(store_poll_s=0.0)])
 async def test_bad_gateway_settings_refuse_to_start(tmp_path: pathlib.Path, overrides: dict[str, object]) -> None:
-    with pytest.raises(server.ConfigError):
-        await server.ControlPlane(server.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, **overrides)).start()  # type: ignore[arg-type]
+    with pytest.raises(server_config.ConfigError):
+        await server.ControlPlane(server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, **overrides)).start()  # type: ignore[arg-type]
 
 
 async def test_public_address_without_auth_refuses_with_how_to(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(server.ConfigError, match="--auth token"):
-        await server.ControlPlane(server.ServerConfig(data_dir=tmp_path, host="0.0.0.0", port=0, agent_port=0)).start()
+    with pytest.raises(server_config.ConfigError, match="--auth token"):
+        await server.ControlPlane(server_config.ServerConfig(data_dir=tmp_path, host="0.0.0.0", port=0, agent_port=0)).start()

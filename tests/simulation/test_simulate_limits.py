@@ -20,7 +20,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from orchestrator import server, server_options
+from orchestrator import server_config, server_options
 from orchestrator.api import simulate as simulate_api
 from orchestrator.cli import http as http_mod
 
@@ -148,7 +148,7 @@ async def test_the_offline_cli_has_no_budget(served, tmp_path: pathlib.Path) -> 
 async def test_serve_takes_the_limits_as_options(argv: list[str], slots: int, units: int) -> None:
     p = argparse.ArgumentParser()
     server_options.add_serve_arguments(p)
-    config = server.config_from_args(p.parse_args(argv))
+    config = server_config.config_from_args(p.parse_args(argv))
     assert (config.simulation_slots, config.simulation_budget) == (slots, units)
 
 

@@ -1,0 +1,56 @@
+"""The control plane's fleet gauges for ``/metrics``, read from live state at scrape time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from orchestrator import server
+
+
+class FleetCollector:
+    """Fleet gauges computed at scrape time from live state (no bookkeeping on hot paths)."""
+
+    def __init__(self, cp: server.ControlPlane):
+        self.cp = cp
+
+    def collect(self) -> Any:
+        agents = self.cp.hub.snapshot() if hasattr(self.cp, "hub") else []
+        g = GaugeMetricFamily("edgeplane_agents", "Joined edge agents by health", labels=["health"])
+        g.add_metric(["healthy"], sum(1 for a in agents if a.healthy))
+        g.add_metric(["unhealthy"], sum(1 for a in agents if not a.healthy))
+        yield g
+        hb = GaugeMetricFamily("edgeplane_heartbeats_received", "Agent heartbeats received since start")
+        hb.add_metric([], getattr(getattr(self.cp, "hub", None), "heartbeats_total", 0))
+        yield hb
+        r = GaugeMetricFamily("edgeplane_reconcile_passes", "Reconcile passes completed since start")
+        r.add_metric([], getattr(getattr(self.cp, "reconciler", None), "passes", 0))
+        yield r
+        again = CounterMetricFamily("edgeplane_datacentre_reapplied",
+                                    "Times a data centre's Serve applications, changed by another writer, were applied again",
+                                    labels=["site"])
+        for site, n in sorted(getattr(getattr(self.cp, "reconciler", None), "reapplied", {}).items()):
+            again.add_metric([site], n)
+        yield again
+        elector = self.cp.elector
+        lead = GaugeMetricFamily("edgeplane_leader", "1 while this replica leads (runs the reconciler), else 0")
+        lead.add_metric([], 1 if elector is None or elector.leading else 0)
+        yield lead
+        changes = CounterMetricFamily("edgeplane_leader_changes", "Times this replica gained or lost the leader lease")
+        changes.add_metric([], elector.changes if elector is not None else 0)
+        yield changes
+        if hasattr(self.cp, "store"):
+            rows = self.cp.store.placements()
+            p = GaugeMetricFamily("edgeplane_replicas_placed", "Replicas placed, by deployment", labels=["deployment"])
+            per: dict[str, int] = {}
+            for row in rows:
+                per[row.deployment] = per.get(row.deployment, 0) + row.replicas
+            for d, n in sorted(per.items()):
+                p.add_metric([d], n)
+            yield p
+            e = GaugeMetricFamily("edgeplane_endpoints", "Routable endpoints, by model", labels=["model"])
+            for m in self.cp.table.models():
+                e.add_metric([m], len(self.cp.table.endpoints(m)))
+            yield e
