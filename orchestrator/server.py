@@ -351,8 +351,9 @@ class ControlPlane:
                 wire.apply_json(self.table, json.loads(got[1]))
 
     def _lose_lead(self, reason: str) -> None:
-        """Stop reconciling at once: a pass in flight is cancelled (its writes are fenced anyway)."""
-        self.reconciler.lease = None
+        """Stop reconciling at once: a pass in flight is cancelled, and its writes still on
+        their way are fenced by the lease it was made under."""
+        self.reconciler.step_down()
         if self._reconciling is not None:
             self._reconciling.cancel()
             self._reconciling = None

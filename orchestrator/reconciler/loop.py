@@ -164,6 +164,14 @@ class Reconciler:
         self._stopping = True
         self._wake.set()
 
+    def step_down(self) -> None:
+        """This replica no longer leads (the control plane cancels the pass). The lease it
+        led under stays as ``lease``: a write still on its way, such as the endpoint table
+        queued behind a slow one, is fenced by it and refused once another replica leads.
+        ``None`` would mean a control plane alone on its database, whose writes are not
+        fenced at all."""
+        self.stop()
+
     def lead(self, lease: store_mod.Lease, takeover_s: float = 0.0) -> None:
         """Before :meth:`run` on a replica that just became the leader: what this replica
         observed while it did not lead is forgotten (another leader may have changed it).

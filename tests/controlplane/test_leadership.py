@@ -10,9 +10,13 @@ import pathlib
 import sqlite3
 import threading
 import time
+import types
 from collections.abc import Callable
 
-from orchestrator import leadership
+from orchestrator import leadership, server
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import routing, wire
+from orchestrator.reconciler import loop
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 
@@ -137,3 +141,48 @@ def test_a_cancel_that_comes_as_the_store_answers_ends_the_campaign() -> None:
         assert task.cancelled()
 
     asyncio.run(main())
+
+
+def _table_at(site: str) -> endpoints_mod.EndpointTable:
+    table = endpoints_mod.EndpointTable()
+    table.replace([routing.Endpoint("m", "d", site, "edge", "FR", "eu-west", 0.0, 0.0, f"http://{site}.test:8081")])
+    return table
+
+
+def test_an_endpoint_table_queued_before_the_lease_was_lost_is_fenced(tmp_path: pathlib.Path) -> None:
+    """A leader that steps down still has a publish of its endpoint table queued behind a slow
+    one (a slow database is what costs a leader its lease). It must be refused once another
+    replica leads, not written over the new leader's table: followers and standalone gateways
+    route from that table, and the new leader writes it again only when its own changes."""
+    clock = [1_000_000.0]
+    a_store = store_mod.Store(tmp_path / "state.db", clock=lambda: clock[0])
+    b_store = store_mod.Store(tmp_path / "state.db", clock=lambda: clock[0])
+
+    async def main() -> None:
+        a_lease = a_store.acquire_lease("leader", "a", 10.0)
+        assert a_lease is not None
+        reconciler = loop.Reconciler(a_store, None, None, None, _table_at("old-site"), lease=a_lease)  # type: ignore[arg-type]
+        await reconciler._publishing.acquire()  # an earlier publish is still being written
+        reconciler._publish_table()
+        await asyncio.sleep(0)
+        deposed = types.SimpleNamespace(reconciler=reconciler, _reconciling=None, _relay_secret="x",
+                                        relay_servicer=types.SimpleNamespace(close_all=lambda: None),
+                                        hub=types.SimpleNamespace(drop_relayed=lambda: None))
+        server.ControlPlane._lose_lead(deposed, "the lease ran out before it was renewed")  # type: ignore[arg-type]
+
+        clock[0] += 11  # a's lease runs out; b leads and publishes its table
+        b_lease = b_store.acquire_lease("leader", "b", 10.0)
+        assert b_lease is not None and b_lease.token > a_lease.token
+        b_table = wire.contents_to_text(wire.contents_of(_table_at("new-site")))
+        b_store.publish(wire.PUBLISHED_KEY, b_table, lease=b_lease)
+
+        reconciler._publishing.release()  # the slow write ends: a's queued publish runs
+        await asyncio.wait(set(reconciler._publishes), timeout=5)
+        published = b_store.published(wire.PUBLISHED_KEY)
+        assert published is not None and published[1] == b_table, "the deposed leader's table replaced the new leader's"
+
+    try:
+        asyncio.run(main())
+    finally:
+        a_store.close()
+        b_store.close()
