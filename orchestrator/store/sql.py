@@ -143,10 +143,19 @@ def _canonical(value: Any) -> str:
 
 
 def _storable(text: str) -> str:
-    """``text`` with each NUL written as ``\\x00``: PostgreSQL refuses NUL in text, and both
-    backends must keep the same log. Free text comes from callers and agents (a reason, a
-    record id, an error message); JSON columns escape it themselves."""
-    return text.replace("\x00", "\\x00") if "\x00" in text else text
+    """``text`` with each NUL written as ``\\x00`` and each lone UTF-16 surrogate (which JSON's
+    ``\\ud800`` escape can carry) as ``\\ud800``: PostgreSQL refuses NUL in text, neither
+    backend can encode a surrogate, and both must keep the same log. Free text comes from
+    callers and agents (a reason, a record id, an error message); JSON columns escape it
+    themselves."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 class SqlStore:

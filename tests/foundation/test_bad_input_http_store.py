@@ -1,7 +1,8 @@
 """Text and numbers the store cannot hold, over real HTTP, on SQLite and on PostgreSQL alike:
 a NUL in a path or query and an event id past 64 bits were 500s (PostgreSQL refuses NUL in
-text; neither backend takes an integer of more than 64 bits), and a record id or token
-description holding a NUL reached PostgreSQL as a failed write."""
+text; neither backend takes an integer of more than 64 bits), a record id or token
+description holding a NUL reached PostgreSQL as a failed write, and one holding a lone
+surrogate neither backend."""
 
 from __future__ import annotations
 
@@ -67,6 +68,17 @@ async def test_a_token_description_with_a_nul_is_kept_escaped(api: httpx.AsyncCl
     assert made.status_code == 201, made.text
     listed = {t["id"]: t["description"] for t in (await api.get("/v1/tokens")).json()["items"]}
     assert listed[made.json()["id"]] == "ci\\x00bot"
+
+
+async def test_a_token_description_with_a_lone_surrogate_is_kept_escaped(api: httpx.AsyncClient) -> None:
+    """JSON's ``\\ud800`` is a lone surrogate, which neither backend can encode: it was a 500."""
+    made = await api.post("/v1/tokens", content=b'{"purpose": "api", "role": "read", "description": "x\\ud800y"}',
+                          headers={"content-type": "application/json"})
+    assert made.status_code == 201, made.text
+    listed = {t["id"]: t["description"] for t in (await api.get("/v1/tokens")).json()["items"]}
+    assert listed[made.json()["id"]] == "x\\ud800y"
+    events = (await api.get("/v1/events?kind=Token&last=1")).json()["items"]
+    assert events[-1]["reason"] == "x\\ud800y"
 
 
 @pytest.mark.parametrize("role", ["\x00", "admin", "", 7])
