@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from orchestrator import ports
 from orchestrator.testing import genai_model, harness, manifests, onnx_models
@@ -28,6 +29,14 @@ T = TypeVar("T")
 EXAMPLES = int(os.environ.get("EDGEPLANE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 TRIED: Counter[str] = Counter()
+
+#: Any text a JSON body can carry: hypothesis leaves out lone UTF-16 surrogates, which JSON's
+#: ``\\ud800`` escape carries and which no UTF-8 encoder takes.
+CHARACTERS = st.one_of(st.characters(), st.sampled_from(["\ud800", "\udfff", "\udbff"]))
+
+
+def text(max_size: int, min_size: int = 0) -> st.SearchStrategy[str]:
+    return st.text(CHARACTERS, min_size=min_size, max_size=max_size)
 
 def fleet_yaml(sha256: str, chat: genai_model.GenAIModel) -> str:
     chat_variant = {"name": "tiny", **chat.manifest_fields(), "resources": {"cpu": 0.1, "memoryMiB": 256}}

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from orchestrator.testing import manifests
 
-from .conftest import FUZZ, TRIED, FleetThread
+from .conftest import FUZZ, TRIED, FleetThread, text
 
 #: Every route of the control API, ``{}`` for a segment (apply and simulate take bodies the
 #: manifest and scenario fuzzers cover; here they get what the others get).
@@ -26,7 +26,7 @@ ROUTES = ["/v1/apply", "/v1/delete", "/v1/placements", "/v1/cascades", "/v1/casc
 NAMES = ["sites", "site", "models", "modeldeployments", "tokens", "agents", "edge-fuzz", "intent", "chat", "intent-fr", "eu", "FR"]
 KEYS = ["since", "limit", "last", "kind", "name", "describe", "watch", "lat", "lon", "region", "residency", "file", "dryRun",
         "top", "each", "deployment", "payload", "x"]
-texts = st.one_of(st.sampled_from(NAMES), st.text(max_size=12), st.sampled_from(["\x00", "a\x00b", "9" * 25, "-" + "9" * 25, "..", ""]))
+texts = st.one_of(st.sampled_from(NAMES), text(max_size=12), st.sampled_from(["\x00", "a\x00b", "9" * 25, "-" + "9" * 25, "..", ""]))
 numbers = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from(["1e3", "nan", "0x10", " 1"]))
 
 
@@ -34,11 +34,11 @@ numbers = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from(["1e3", "nan",
 def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
     path = draw(st.sampled_from(ROUTES))
     while "{}" in path:
-        path = path.replace("{}", urllib.parse.quote(draw(texts), safe="") or "x", 1)
-    query = draw(st.lists(st.tuples(st.one_of(st.sampled_from(KEYS), st.text(max_size=4)), st.one_of(texts, numbers.map(str))),
+        path = path.replace("{}", urllib.parse.quote(draw(texts), safe="", errors="surrogatepass") or "x", 1)
+    query = draw(st.lists(st.tuples(st.one_of(st.sampled_from(KEYS), text(max_size=4)), st.one_of(texts, numbers.map(str))),
                           max_size=3))
     if query:
-        path += "?" + urllib.parse.urlencode(query)
+        path += "?" + urllib.parse.urlencode(query, errors="surrogatepass")  # a surrogate: bytes that are not UTF-8
     method = draw(st.sampled_from(["GET", "GET", "POST", "POST", "DELETE", "PUT", "HEAD"]))
     body = None
     if method in ("POST", "PUT", "DELETE"):

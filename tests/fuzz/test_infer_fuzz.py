@@ -15,20 +15,20 @@ from hypothesis import strategies as st
 
 from edgeplane_proto import oip
 
-from .conftest import FUZZ, TRIED, FleetThread
+from .conftest import FUZZ, TRIED, FleetThread, text
 
 DATATYPES = ["FP32", "FP64", "FP16", "INT8", "INT32", "INT64", "UINT8", "BOOL", "BYTES", "fp32", "XX", ""]
 numbers = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True), st.booleans())
-leaf = st.one_of(numbers, st.none(), st.text(max_size=8))
+leaf = st.one_of(numbers, st.none(), text(max_size=8))
 data_trees = st.recursive(leaf, lambda inner: st.lists(inner, max_size=6), max_leaves=40)
-json_values = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+json_values = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(text(max_size=8), inner, max_size=4)),
                            max_leaves=20)
 shapes = st.one_of(st.lists(st.integers(-2, 2**40), max_size=5), st.lists(st.integers(0, 9), max_size=3), json_values)
 
 
 @st.composite
 def tensor_specs(draw: st.DrawFn, input_name: str) -> dict[str, Any]:
-    spec: dict[str, Any] = {"name": draw(st.sampled_from([input_name, "x", ""]) | st.text(max_size=5))}
+    spec: dict[str, Any] = {"name": draw(st.sampled_from([input_name, "x", ""]) | text(max_size=5))}
     if draw(st.booleans()):
         spec["datatype"] = draw(st.sampled_from(DATATYPES))
     if draw(st.booleans()):
@@ -59,7 +59,7 @@ def bodies(draw: st.DrawFn, input_name: str) -> tuple[bytes, dict[str, str]]:
         return json.dumps(doc, allow_nan=True).encode(), headers
     doc: dict[str, Any] = {"inputs": draw(st.lists(tensor_specs(input_name), min_size=0, max_size=3))}
     if draw(st.booleans()):
-        doc["outputs"] = draw(st.one_of(json_values, st.lists(st.fixed_dictionaries({"name": st.text(max_size=6)}, optional={"parameters": json_values}), max_size=3)))
+        doc["outputs"] = draw(st.one_of(json_values, st.lists(st.fixed_dictionaries({"name": text(max_size=6)}, optional={"parameters": json_values}), max_size=3)))
     if draw(st.booleans()):
         doc["parameters"] = draw(json_values)
     if draw(st.booleans()):

@@ -18,16 +18,16 @@ from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
 from orchestrator.testing.manifests import reading
 
-from .conftest import FUZZ, TRIED
+from .conftest import FUZZ, TRIED, text
 
 VALID = [d for f in sorted(harness.EXAMPLES.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True),
-    st.text(max_size=20), st.sampled_from(["EU", "FR", "edge", "datacenter", "onnx", "ray-serve", "local", "Site", "Model",
+    text(max_size=20), st.sampled_from(["EU", "FR", "edge", "datacenter", "onnx", "ray-serve", "local", "Site", "Model",
                                             "ModelDeployment", "edgeplane.io/v1alpha1", "", "-1", "1e308", "*"]),
 )
-trees = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+trees = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(text(max_size=12), inner, max_size=4)),
                      max_leaves=25)
 
 
@@ -67,7 +67,7 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 
 @FUZZ
-@given(st.one_of(st.text(max_size=300), st.binary(max_size=300)))
+@given(st.one_of(text(max_size=300), st.binary(max_size=300)))
 def test_random_text(text: str | bytes) -> None:
     TRIED["manifests: random text/bytes"] += 1
     check(text)

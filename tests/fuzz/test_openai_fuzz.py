@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from edge_agent import openai_api
 
-from .conftest import FUZZ, TRIED, FleetThread
+from .conftest import FUZZ, TRIED, FleetThread, text
 from .test_infer_fuzz import json_values
 
 MODEL = "chat"
@@ -24,14 +24,14 @@ ROUTES = {"agent": "/v1", "gateway": "/openai/v1"}
 messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
                                            "content": st.one_of(st.sampled_from(["Hi", "Where does it run?", "é\n", ""]),
                                                                 st.lists(st.fixed_dictionaries({"type": st.just("text"),
-                                                                                                "text": st.text(max_size=6)}),
+                                                                                                "text": text(max_size=6)}),
                                                                          min_size=1, max_size=2))}),
                     min_size=1, max_size=3)
 # what a caller may send, each with values the route takes
 COMMON = {"max_tokens": st.integers(1, 4), "temperature": st.sampled_from([0, 0.7, 2]), "top_p": st.sampled_from([0.1, 1]),
           "stream": st.booleans(), "seed": st.integers(-(2**63), 2**64 - 1),
-          "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=4)),
-          "user": st.text(max_size=4), "n": st.just(1), "presence_penalty": st.just(0), "frequency_penalty": st.just(0)}
+          "stop": st.one_of(text(max_size=3), st.lists(text(max_size=3), max_size=4)),
+          "user": text(max_size=4), "n": st.just(1), "presence_penalty": st.just(0), "frequency_penalty": st.just(0)}
 CHAT = {**COMMON, "logprobs": st.booleans(), "max_completion_tokens": st.integers(1, 4)}
 COMPLETION = {**COMMON, "logprobs": st.integers(0, 5), "echo": st.booleans()}
 ANY_KEY = st.sampled_from([*sorted(openai_api.CHAT_PARAMETERS | openai_api.COMPLETION_PARAMETERS), "stream_options", "x", ""])

@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 
 from orchestrator.simulation import scenario
 
-from .conftest import FUZZ, TRIED
+from .conftest import FUZZ, TRIED, text
 from .test_manifest_fuzz import YAML_PIECES, trees
 
 KEYS = st.sampled_from(["fail", "sites", "regions", "countries", "tiers", "demand", "region", "lat", "lon", "factor", "capacity",
                         "cpu", "memoryGiB", "capacityFactor", "carbonGramsPerKWh", "add", "location", "country", "tier", "x"])
-shaped = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True), st.text(max_size=8)),
+shaped = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True), text(max_size=8)),
                       lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(KEYS, inner, max_size=4)), max_leaves=20)
 
 
@@ -30,7 +30,7 @@ def check(text: str | bytes) -> None:
 
 
 @FUZZ
-@given(st.one_of(st.text(max_size=200), st.binary(max_size=200), st.lists(st.sampled_from(YAML_PIECES), max_size=40).map("".join)))
+@given(st.one_of(text(max_size=200), st.binary(max_size=200), st.lists(st.sampled_from(YAML_PIECES), max_size=40).map("".join)))
 def test_random_and_near_yaml_text(text: str | bytes) -> None:
     TRIED["scenarios: random and near-YAML text"] += 1
     check(text)
