@@ -144,7 +144,8 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
                      ) -> tuple[dict[str, tuple[agent_model.Assignment, ...]], dict[str, rollout.Rollout]]:
     """What each edge agent should serve, and the deployments whose new version is still
     rolling out (canary steps and ``maxUnavailable``; see ``rollout``). A site whose agent
-    has not reported since it joined, mid-rollout, is left out: nothing is pushed to it."""
+    has not reported since it joined, and was sent nothing since this control plane
+    started, is left out: nothing is pushed to it until its first heartbeat says what it serves."""
     deployments = s.deployment_by_name
     tiers = {r.name: r.spec.tier for r in s.sites}
     out: dict[str, dict[str, agent_model.Assignment]] = {r.name: {} for r in s.sites if r.spec.tier == "edge"}

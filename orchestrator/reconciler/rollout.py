@@ -106,25 +106,30 @@ def plan(
             waiting[site] = serving
         else:
             fresh.append(site)
-    if not switching and not waiting:
-        return Decision(frozenset({*upgraded, *fresh, *unknown}), {}, frozenset(), None)
-    total = len(upgraded) + len(switching) + len(waiting)
-    cap, step = total, None
-    for percent in sorted(set(spec.canarySteps)):
-        allowed = math.ceil(percent / 100 * total)
-        if len(upgraded) < allowed:
-            cap, step = allowed, percent
-            break
-    at_once = _max_switching(spec.maxUnavailable, total)
-    slots = 0 if failed else max(0, min(cap - len(upgraded) - len(switching), at_once - len(switching)))
-    promoted = list(waiting)[:slots]
-    kept = {site: old for site, old in waiting.items() if site not in promoted}
-    new = {*upgraded, *switching, *promoted, *fresh}
-    if failed and kept:
-        # Halted: a site that serves nothing yet gets the version the others keep.
-        good = max(set(kept.values()), key=list(kept.values()).count)
-        kept.update((site, good) for site in fresh)
-        new.difference_update(fresh)
+    new: set[str] = {*upgraded, *fresh}
+    kept: dict[str, str] = {}
+    promoted: list[str] = []
+    step: int | None = None
+    if switching or waiting:
+        total = len(upgraded) + len(switching) + len(waiting)
+        cap = total
+        for percent in sorted(set(spec.canarySteps)):
+            allowed = math.ceil(percent / 100 * total)
+            if len(upgraded) < allowed:
+                cap, step = allowed, percent
+                break
+        at_once = _max_switching(spec.maxUnavailable, total)
+        slots = 0 if failed else max(0, min(cap - len(upgraded) - len(switching), at_once - len(switching)))
+        promoted = list(waiting)[:slots]
+        kept = {site: old for site, old in waiting.items() if site not in promoted}
+        new.update(switching, promoted)
+        if failed and kept:
+            # Halted: a site that serves nothing yet gets the version the others keep.
+            good = max(set(kept.values()), key=list(kept.values()).count)
+            kept.update((site, good) for site in fresh)
+            new.difference_update(fresh)
+    # Even when every site that reported is upgraded: one that has not may still serve an
+    # older version, and switching it now would pass the canary steps and maxUnavailable.
     held = {site for site in unknown if sent.get(site) is None}
     for site in unknown:  # resent what it was last sent, or nothing at all this pass
         prior = sent.get(site)
@@ -132,6 +137,8 @@ def plan(
             new.add(site)
         elif prior is not None:
             kept[site] = prior.sha256
+    if not switching and not waiting and not kept:
+        return Decision(frozenset(new), {}, frozenset(held), None)
     state = Rollout(sha256, tuple(upgraded), tuple(switching) + tuple(promoted), tuple(kept), tuple(failed), step)
     return Decision(frozenset(new), kept, frozenset(held), state)
 

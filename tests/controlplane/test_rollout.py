@@ -122,6 +122,18 @@ def test_a_site_not_reported_since_it_joined_is_held_or_resent_its_last_version(
     assert len(d.new) == 1  # the canary is one of the sites that reported
 
 
+def test_sites_not_reported_since_they_rejoined_wait_their_turn_when_the_others_are_upgraded() -> None:
+    # s0 serves the new version; s1..s3 were waiting on the old one when their agents restarted.
+    agents = {"s0": agent("s0", NEW), **{s: dataclasses.replace(agent(s, OLD), models={}, last_heartbeat=0.0) for s in ("s1", "s2", "s3")}}
+    sites = sorted(agents)
+    d = rollout.plan(schema.Rollout(), "intent", NEW, sites, agents, {"s0": sent(NEW), **{s: sent(OLD) for s in sites[1:]}})
+    assert d.new == {"s0"} and d.kept == {s: OLD for s in sites[1:]}
+    assert d.rollout is not None and not d.rollout.done
+    # a control plane that restarted knows nothing it sent: they are held until they report
+    d = rollout.plan(schema.Rollout(), "intent", NEW, sites, agents, {s: None for s in sites})
+    assert d.new == {"s0"} and d.held == {"s1", "s2", "s3"} and not d.kept
+
+
 def test_while_halted_a_new_site_gets_the_version_the_others_keep() -> None:
     fleet = ten(switching=1)
     fleet["fresh"] = ("", None)
