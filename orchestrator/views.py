@@ -134,7 +134,7 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
     dc = s.datacentres.get(row.site)
     if dc is None or not dc.reachable:
         return {"state": "Unreachable", "ready": 0, "reason": dc.error if dc is not None and dc.error else "the data centre does not answer"}
-    app = dc.apps.get(planning.app_name(row.site, row.deployment))
+    app = dc.apps.get(planning.app_name(row.site, row.deployment, row.variant))
     if app is None:
         return unsent or {"state": "Pending", "ready": 0, "reason": "the Serve application is not deployed yet"}
     # a replica waiting (for a GPU, say) says why, as Ray Serve reports it

@@ -31,29 +31,52 @@ from orchestrator.store import sqlite as store_mod
 ACTOR = "scheduler"
 
 
-def _short(text: str, limit: int) -> str:
-    return text if len(text) <= limit else hashlib.sha256(text.encode()).hexdigest()[:12]
+# Serve application names: ``ep-<deployment>.<variant>.<site>``, one application per
+# variant of a deployment on a site (a site may run two variants of one deployment, and
+# Serve wants each application's name and route prefix once). Site, deployment and variant
+# names are DNS labels, which hold no ``.`` and no ``_``: the last part says which site owns
+# an application whatever ``-`` the names contain (several sites may share one Ray
+# cluster), and where the name would pass 63 characters, parts are shortened in turn to a
+# prefix, ``_`` and a digest of the whole part, which no full name can spell.
+_NAME_CHARS = 63
+_PART_CHARS = (24, 14, 20)  # deployment, variant, site: 3 + 24 + 1 + 14 + 1 + 20 = 63
 
 
-def site_suffix(site: str) -> str:
-    """The part of every Serve application name that says which site owns it."""
-    return f"--{_short(site, 28)}"
+def _part(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 9]}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def app_name(site: str, deployment: str, variant: str) -> str:
+    """Serve application of ``variant`` of ``deployment`` on ``site`` (at most 63 characters)."""
+    parts = [deployment, variant, site]
+    for i, limit in enumerate(_PART_CHARS):
+        if len("ep-" + ".".join(parts)) <= _NAME_CHARS:
+            break
+        parts[i] = _part(parts[i], limit)
+    return "ep-" + ".".join(parts)
 
 
 def owns_app(site: str) -> Callable[[str], bool]:
-    """Which applications on a (possibly shared) Ray cluster belong to ``site``."""
-    suffix = site_suffix(site)
-    return lambda name: name.startswith("ep-") and name.endswith(suffix)
+    """Which applications on a (possibly shared) Ray cluster belong to ``site``: those
+    ``app_name`` gives it, and those named ``ep-<deployment>--<site>`` by earlier versions,
+    which the site's next apply replaces. An earlier name cannot say which of two sites
+    named ``a`` and ``b--a`` owns ``ep-d--b--a``: both claim it, both replace it."""
+    parts = {site, _part(site, _PART_CHARS[2])}
+    legacy = f"--{site if len(site) <= 28 else hashlib.sha256(site.encode()).hexdigest()[:12]}"  # as they shortened it
+
+    def owns(name: str) -> bool:
+        if not name.startswith("ep-"):
+            return False
+        if "." in name:
+            return name.count(".") == 2 and name.rsplit(".", 1)[1] in parts
+        return name.endswith(legacy)
+    return owns
 
 
-def app_name(site: str, deployment: str) -> str:
-    """Serve application of ``deployment`` on ``site`` (at most 63 characters); site-qualified
-    because several data-centre sites may share one Ray cluster."""
-    return f"ep-{_short(deployment, 30)}{site_suffix(site)}"
-
-
-def route_prefix(site: str, deployment: str) -> str:
-    return f"/ep/{site}/{deployment}"
+def route_prefix(site: str, deployment: str, variant: str) -> str:
+    return f"/ep/{site}/{deployment}/{variant}"
 
 
 @dataclass(frozen=True)
@@ -211,7 +234,8 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
         if v is None:
             continue
         common: dict[str, Any] = dict(
-            name=app_name(row.site, d.name), route_prefix=route_prefix(row.site, d.name), model_name=d.spec.model, runtime=v.runtime,
+            name=app_name(row.site, d.name, v.name), route_prefix=route_prefix(row.site, d.name, v.name), model_name=d.spec.model,
+            runtime=v.runtime,
             num_replicas=row.replicas, cpu=v.resources.cpu, memory_mib=v.memory_mib(), gpus=float(v.resources.gpus),
         )
         if v.llm is not None:
@@ -248,9 +272,12 @@ def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:
 def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple[routing.Endpoint, ...]:
     """Replicas that can answer now: only where the current placement puts them."""
     deployments, sites, agents = s.deployment_by_name, s.site_by_name, s.agent_by_site
-    placed = {(r.deployment, r.site): r.variant for r in rows}
+    # One endpoint per Serve application in a data centre (one per variant placed there); an
+    # edge agent serves a model once, at one URL.
+    edge = {r.name for r in s.sites if r.spec.tier == "edge"}
+    placed = {(r.deployment, r.site, "" if r.site in edge else r.variant): r.variant for r in rows}
     out: list[routing.Endpoint] = []
-    for (deployment_name, site_name), variant_name in sorted(placed.items()):
+    for (deployment_name, site_name, _), variant_name in sorted(placed.items()):
         d, site = deployments.get(deployment_name), sites.get(site_name)
         if d is None or site is None:
             continue
@@ -273,7 +300,7 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
                                         version=oip.model_version(state.serving_sha256), **common))
         else:
             dc = s.datacentres.get(site.name)
-            app = dc.apps.get(app_name(site.name, d.name)) if dc else None
+            app = dc.apps.get(app_name(site.name, d.name, variant_name)) if dc else None
             if app is None or app.endpoint_url is None or app.replicas_running < 1:
                 continue
             healthy = dc is not None and dc.reachable and app.status in (serve_config.ServeAppState.RUNNING,)
@@ -292,7 +319,7 @@ def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) 
     """How many replicas of one placement row answer now: on an edge site, all of them
     when its healthy agent serves ``model`` for this row's deployment (an agent serves a
     model once, for the first deployment by name: see ``assignments``); in a data centre,
-    those its app runs."""
+    those the row's own Serve application runs (one per variant placed on the site)."""
     site = s.site_by_name.get(row.site)
     if site is not None and site.spec.tier == "edge":
         agent = s.agent_by_site.get(row.site)
@@ -300,7 +327,7 @@ def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) 
         return row.replicas if (agent is not None and agent.healthy and state is not None and state.serving
                                 and state.deployment in ("", row.deployment)) else 0
     dc = s.datacentres.get(row.site)
-    app = dc.apps.get(app_name(row.site, row.deployment)) if dc is not None and dc.reachable else None
+    app = dc.apps.get(app_name(row.site, row.deployment, row.variant)) if dc is not None and dc.reachable else None
     return min(row.replicas, app.replicas_running) if app is not None else 0
 
 
@@ -317,7 +344,7 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
             problems.append(ref.error)
         dc = s.datacentres.get(r.site)
         if dc is not None:
-            app = dc.apps.get(app_name(r.site, d.name))
+            app = dc.apps.get(app_name(r.site, d.name, r.variant))
             if not dc.reachable:
                 problems.append(f"{r.site}: {dc.error}")
             elif app is not None and app.status in (serve_config.ServeAppState.DEPLOY_FAILED, serve_config.ServeAppState.UNHEALTHY):

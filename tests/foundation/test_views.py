@@ -93,7 +93,7 @@ def test_the_count_reason_adds_up(eu_south_rps: int, autoscaled: int | None, exp
 def test_a_waiting_replica_says_why_in_placements_and_status() -> None:
     docs = examples()
     waiting = "Deployment 'full' has 1 replica that cannot be scheduled: resources {'GPU': 1.0} not available"
-    app = serve_config.ServeAppStatus(planning.app_name("dc-paris", "assistant"), serve_config.ServeAppState.DEPLOYING, waiting, 0, 1, None)
+    app = serve_config.ServeAppStatus(planning.app_name("dc-paris", "assistant", "full"), serve_config.ServeAppState.DEPLOYING, waiting, 0, 1, None)
     s = dataclasses.replace(example_snapshot(docs), datacentres={
         "dc-paris": snap.DataCentreObservation(True, {app.name: app}),
         "dc-frankfurt": snap.DataCentreObservation(False, error="connection refused"),

@@ -22,6 +22,7 @@ import yaml
 from orchestrator import ports
 from orchestrator.adapters import kuberay, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
+from orchestrator.reconciler import planning
 
 SHA = "b" * 64
 NS = "edge-dc"
@@ -65,6 +66,17 @@ def test_rendered_rayservice_validates_against_the_crd(
     rayservice_validator.validate(obj)
     serve = yaml.safe_load(obj["spec"]["serveConfigV2"])
     assert [a["name"] for a in serve["applications"]] == [a.name for a in apps]
+
+
+def test_two_variants_of_a_deployment_on_a_site_are_two_applications_each_at_its_route(rayservice_validator: Any) -> None:
+    apps = [app(planning.app_name("b--a", "d", v), route_prefix=planning.route_prefix("b--a", "d", v)) for v in ("big", "small")]
+    obj = kuberay.render_rayservice("b--a", NS, apps, SHAPE)
+    rayservice_validator.validate(obj)
+    running = {"status": "RUNNING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": "HEALTHY"}}}
+    obj["status"] = {"activeServiceStatus": {"applicationStatuses": {a.name: running for a in apps}}}
+    statuses = kuberay.statuses_from_rayservice(obj, "http://svc:8000")
+    assert {s.endpoint_url: s.replicas_running for s in statuses.values()} == {
+        "http://svc:8000/ep/b--a/d/big": 2, "http://svc:8000/ep/b--a/d/small": 2}
 
 
 def test_crd_schema_catches_a_broken_object(rayservice_validator: Any) -> None:

@@ -75,7 +75,7 @@ async def test_datacentre_lifecycle_through_the_control_plane(ray_cluster: local
     built = onnx_models.build_mlp(tmp_path / "artifacts" / "dc.onnx", in_dim=8, hidden=16, out_dim=4, seed=9)
     fleet = harness.Fleet(tmp_path)
     cp = await fleet.start_control_plane(local_ray_endpoints=ray_cluster, resync_s=1.0)
-    app = "ep-dc-dep--dc-test"
+    app = "ep-dc-dep.v.dc-test"  # ep-<deployment>.<variant>.<site>
     try:
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
             resp = await http.post("/v1/apply", content=SITE.replace("SHA", built.sha256) + "---\n" + DEPLOYMENT.replace("REPLICAS", "1"))

@@ -1,0 +1,133 @@
+"""The Serve applications a reconcile pass gives data-centre sites: one per variant of a
+deployment on a site, named so that sites sharing one Ray cluster never take each other's,
+and counted once each in the deployment's status and the endpoint table."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from orchestrator.adapters import ray_serve, serve_config
+from orchestrator.manifests import loader, schema
+from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import planning
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.store.sql import PlacementRow
+
+FLEET = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: dc1}
+spec:
+  tier: datacenter
+  location: {country: FR, region: eu-west, lat: 48.8, lon: 2.3}
+  capacity: {cpu: 8, memoryGiB: 64}
+  ray: {address: "http://127.0.0.1:9"}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: m}
+spec:
+  variants:
+    - {name: big, runtime: ray-serve, importPath: "pkg.mod:big", resources: {cpu: 2, memoryMiB: 256}, throughputRps: 100}
+    - {name: small, runtime: ray-serve, importPath: "pkg.mod:small", resources: {cpu: 1, memoryMiB: 256}, throughputRps: 10}
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: d}
+spec:
+  model: m
+  replicas: {min: 3, max: 3}
+  placement: {tiers: [datacenter]}
+"""
+
+
+def _running(site: str, variant: str, replicas: int) -> serve_config.ServeAppStatus:
+    return serve_config.ServeAppStatus(
+        name=planning.app_name(site, "d", variant), status=serve_config.ServeAppState.RUNNING, message="",
+        replicas_running=replicas, replicas_target=replicas,
+        endpoint_url=f"http://127.0.0.1:8000{planning.route_prefix(site, 'd', variant)}")
+
+
+def _snapshot(*running: serve_config.ServeAppStatus) -> snap.Snapshot:
+    """``d`` ran ``variant: big`` x1 on dc1, and is now applied with no variant pinned and 3 replicas."""
+    docs = loader.load_text(loader.bundle([("fleet.yaml", FLEET)]))
+    return snap.Snapshot(
+        sites=tuple(snap.SiteRecord(d.name, dict(d.doc.metadata.labels), d.doc.spec) for d in docs if isinstance(d.doc, schema.SiteDoc)),
+        models={d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)},
+        deployments=tuple(snap.DeploymentRecord(d.name, 2, d.doc.spec) for d in docs if isinstance(d.doc, schema.ModelDeploymentDoc)),
+        placements=(PlacementRow("d", "dc1", "big", 1),), agents=(),
+        datacentres={"dc1": snap.DataCentreObservation(True, {a.name: a for a in running})},
+        artifacts={}, assignments={}, applied_apps={},
+    )
+
+
+class FakeDashboard:
+    """A Ray dashboard's Serve REST API: answers GET with ``applications``, records each PUT."""
+
+    def __init__(self, applications: dict[str, dict[str, Any]]) -> None:
+        self.applications = applications
+        self.puts: list[dict[str, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            self.puts.append(json.loads(request.content))
+            return httpx.Response(200)
+        return httpx.Response(200, json={"applications": self.applications, "http_options": {"port": 8000}})
+
+
+def _declared(name: str) -> dict[str, Any]:
+    return {"source": "declarative", "status": "RUNNING", "deployed_app_config": {"name": name, "route_prefix": f"/{name}", "import_path": "x:app"}}
+
+
+async def test_two_variants_of_a_deployment_on_one_site_are_two_applications_the_cluster_takes() -> None:
+    plan = planning.plan_pass(_snapshot())
+    assert {(r.site, r.variant, r.replicas) for r in planning.placement_rows(plan.result)} == {("dc1", "big", 1), ("dc1", "small", 2)}
+    (apply,) = [a for a in plan.actions if isinstance(a, act.ApplyServeApps) and a.site == "dc1"]
+    assert {(a.import_path, a.num_replicas) for a in apply.apps} == {("pkg.mod:big", 1), ("pkg.mod:small", 2)}
+    assert len({a.name for a in apply.apps}) == len({a.route_prefix for a in apply.apps}) == 2
+    dashboard = FakeDashboard({})
+    async with ray_serve.RayServeActuator("http://ray:8265", owns=planning.owns_app("dc1"), transport=httpx.MockTransport(dashboard)) as dc1:
+        await dc1.apply(apply.apps)  # refused as a whole when two applications share a name
+    assert sorted(a["name"] for a in dashboard.puts[0]["applications"]) == sorted(a.name for a in apply.apps)
+
+
+def test_each_application_counts_once_in_ready_replicas_and_is_an_endpoint() -> None:
+    def status_and_urls(s: snap.Snapshot) -> tuple[int, list[str]]:
+        plan = planning.plan_pass(s)
+        (statuses,) = [a for a in plan.actions if isinstance(a, act.SetStatuses)]
+        (status,) = [i.status for i in statuses.items if i.kind == "ModelDeployment"]
+        (published,) = [a for a in plan.actions if isinstance(a, act.PublishEndpoints)]
+        return status["readyReplicas"], sorted(e.url for e in published.endpoints)
+
+    # only the big replica runs so far: one ready, not one per variant placed
+    assert status_and_urls(_snapshot(_running("dc1", "big", 1))) == (1, ["http://127.0.0.1:8000/ep/dc1/d/big"])
+    both = _snapshot(_running("dc1", "big", 1), _running("dc1", "small", 2))
+    assert status_and_urls(both) == (3, ["http://127.0.0.1:8000/ep/dc1/d/big", "http://127.0.0.1:8000/ep/dc1/d/small"])
+
+
+def test_sites_whose_names_hold_dashes_own_only_their_own_applications() -> None:
+    # Site names are DNS labels: "a" and "b--a" are both valid, as are deployments "d" and "d--b".
+    pairs = [("a", "d"), ("a", "d--b"), ("b--a", "d"), ("b", "a--d"), ("a" * 63, "d"), ("a" * 62 + "b", "d"), ("a", "d" * 63)]
+    names = {(site, deployment): planning.app_name(site, deployment, "v") for site, deployment in pairs}
+    assert len(set(names.values())) == len(pairs), names
+    for (site, deployment), name in names.items():
+        assert serve_config.spec_problems(serve_config.ServeAppSpec(
+            name=name, route_prefix=planning.route_prefix(site, deployment, "v"), model_name="m", runtime="ray-serve",
+            num_replicas=1, import_path="x:app")) == []
+        owners = {other for other, _ in pairs if planning.owns_app(other)(name)}
+        assert owners == {site}, (name, owners)
+
+
+async def test_a_site_s_apply_replaces_its_applications_named_the_earlier_way_and_keeps_other_sites() -> None:
+    # Earlier versions named an application "ep-<deployment>--<site>", one per deployment on a site.
+    earlier, other_site = "ep-d--dc1", planning.app_name("dc2", "d", "big")
+    dashboard = FakeDashboard({earlier: _declared(earlier), other_site: _declared(other_site), "team": _declared("team")})
+    plan = planning.plan_pass(_snapshot())
+    (apply,) = [a for a in plan.actions if isinstance(a, act.ApplyServeApps) and a.site == "dc1"]
+    async with ray_serve.RayServeActuator("http://ray:8265", owns=planning.owns_app("dc1"), transport=httpx.MockTransport(dashboard)) as dc1:
+        assert earlier in await dc1.observe()  # its own, to replace
+        await dc1.apply(apply.apps)
+    assert sorted(a["name"] for a in dashboard.puts[0]["applications"]) == sorted([other_site, "team", *(a.name for a in apply.apps)])
