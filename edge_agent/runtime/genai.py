@@ -146,6 +146,7 @@ class StopMatcher:
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
+        """The text held back, to send at the end ("" once a stop string was completed)."""
         out, self._pending = self._pending, ""
         return out
 
@@ -278,7 +279,9 @@ class GenAIModel:
                 break
             if window is not None:
                 window.wait(produced)
-        return reason, produced, "" if reason == "stop" else stops.flush()
+        # A completed stop string leaves nothing held back; the end-of-sequence token, also
+        # reason "stop", ends an answer whose held-back text was never part of one.
+        return reason, produced, stops.flush()
 
     def _logprobs(self, raw: object, token: int, top_n: int) -> tuple[float, tuple[tuple[str, float], ...]]:
         logits = np.asarray(raw, dtype=np.float64).reshape(-1)

@@ -117,6 +117,30 @@ def test_stop_strings_cut_text_and_hold_back_possible_starts() -> None:
     m = StopMatcher(["END"])
     assert m.feed("aEN") == ("a", False) and m.flush() == "EN"
     assert StopMatcher([]).feed("anything") == ("anything", False)
+    m = StopMatcher(["END"])
+    assert m.feed("aEN") == ("a", False) and m.feed("D") == ("", True) and m.flush() == ""
+
+
+@pytest.mark.parametrize("stop", [("e!",), ("the end",)])
+def test_text_held_back_for_a_stop_string_is_sent_when_the_model_ends_its_answer(tmp_path: pathlib.Path,
+                                                                                  stop: tuple[str, ...]) -> None:
+    from edge_agent.runtime import genai
+    from orchestrator.testing import genai_model
+
+    # With this bias the model answers " the" to "Where" and then ends on its end-of-sequence token.
+    runtime = genai.GenAIModel.load(genai_model.build_model_dir(tmp_path, eos_bias=-1.0), use_cuda=False)
+
+    def answer(stop: tuple[str, ...]) -> tuple[str, genai.Finished]:
+        events: list[object] = []
+        finished = runtime.generate(runtime.encode("Where"), genai.SamplingOptions(max_tokens=60, temperature=0, stop=stop),
+                                    events.append, genai.Cancel())
+        return "".join(e.text for e in events if isinstance(e, genai.TokenEvent)) + finished.text, finished
+
+    plain, finished = answer(())
+    assert finished.reason == "stop" and finished.completion_tokens < 60 and plain.endswith("e"), (plain, finished)
+    # The stop string never occurs; its start, the answer's last characters, is held back until the end.
+    text, finished = answer(stop)
+    assert (text, finished.reason) == (plain, "stop")
 
 
 async def test_admission_bounds_running_and_queued_and_hands_slots_on_in_order() -> None:
