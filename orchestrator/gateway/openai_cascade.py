@@ -173,7 +173,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
         try:
             try:
                 async with asyncio.timeout(owner.first_token_timeout):
-                    async with await owner.post(f"{e.url}/v1{req.suffix}", json.dumps({**body, "model": e.model}).encode(),
+                    async with await owner.post(f"{e.url}/v1{req.suffix}", json.dumps({**body, "model": openai_routes.engine_model(e, e.model)}).encode(),
                                                 {"content-type": "application/json"}) as resp:
                         status, content = resp.status, await resp.body()
             except (UpstreamError, TimeoutError) as exc:

@@ -299,6 +299,12 @@ class OpenAIGateway:
         ]
 
 
+def engine_model(e: routing.Endpoint, asked: str) -> str:
+    """The ``model`` a request for ``asked`` names at ``e``: a vllm variant's
+    ``servedModelName`` may differ from the Model's name, and its engine serves only that."""
+    return e.served_model or asked
+
+
 def relay(owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes, stream: bool, *, chat: bool,
           hooks: RelayHooks | None = None) -> Response:
     """Send ``raw`` (a JSON body) to the first of ``ranked`` that answers and relay its answer."""
@@ -337,11 +343,11 @@ class _Relay(Response):
             raise work.exception()  # type: ignore[misc]
 
     def _body_for(self, e: routing.Endpoint) -> bytes:
-        """The caller's body, naming the model as this replica's engine knows it (a vllm
-        variant's ``servedModelName`` may differ from the Model's name)."""
-        if not e.served_model or e.served_model == self.model:
+        """The caller's body, naming the model as this replica's engine knows it."""
+        name = engine_model(e, self.model)
+        if name == self.model:
             return self.raw
-        return json.dumps({**json.loads(self.raw), "model": e.served_model}).encode()
+        return json.dumps({**json.loads(self.raw), "model": name}).encode()
 
     @staticmethod
     async def _disconnected(receive: Receive) -> None:
