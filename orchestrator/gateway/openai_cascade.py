@@ -164,7 +164,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
     owner, handler = req.owner, req.handler
     body = {k: v for k, v in req.body.items() if k != "stream_options"}
     body["stream"] = False
-    if logprobs and not body.get("logprobs"):
+    if logprobs and not _asks_logprobs(body):
         body["logprobs"] = True if req.chat else 1
     for choice in ranked[: owner.gw.max_attempts]:
         e = choice.endpoint
@@ -207,6 +207,13 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
     return None
 
 
+def _asks_logprobs(body: Mapping[str, Any]) -> bool:
+    """Whether a body asks for token logprobs: a chat's ``true``, or a completion's number,
+    0 included (the sampled tokens' own, with no alternatives)."""
+    value = body.get("logprobs")
+    return value is not None and value is not False
+
+
 def _headers(req: _Request, stage: int, site: str, tier: str, confidence: float | None, escalation: str, reason: str,
              sites: list[str]) -> dict[str, str]:
     out = {"x-edgeplane-site": site, "x-edgeplane-tier": tier, "x-edgeplane-cascade-stage": req.route.stages[stage].variant,
@@ -237,7 +244,7 @@ def _respond(req: _Request, answer: _Answer, confidence: float | None, escalated
     if not isinstance(answer.body, dict):
         return Response(answer.body, status_code=answer.status, media_type="application/json", headers=headers)
     body = {**answer.body, "edgeplane": _metadata(req, answer.stage, confidence, escalation, reason, sites)}
-    if not req.body.get("logprobs") and isinstance(body.get("choices"), list):
+    if not _asks_logprobs(req.body) and isinstance(body.get("choices"), list):
         # asked of the stage for its judge only: not the caller's
         body["choices"] = [{**c, "logprobs": None} if isinstance(c, dict) else c for c in body["choices"]]
     if not req.stream:

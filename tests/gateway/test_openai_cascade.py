@@ -85,3 +85,28 @@ async def test_an_escalated_stage_on_vllm_is_asked_for_its_served_model_name() -
     assert asked == ["org/large-chat"]
     assert resp.headers["x-edgeplane-cascade-stage"] == "large" and resp.headers["x-edgeplane-cascade-escalation"] == "escalated"
     assert resp.json()["choices"][0]["message"]["content"] == "The answer is 42."
+
+
+async def test_a_completion_asking_logprobs_0_gets_them_through_a_stage_judged_by_logprobs() -> None:
+    asked: list[Any] = []
+
+    async def edge(request: httpserver.Request) -> httpserver.Response:
+        lp = json.loads(request.body).get("logprobs")
+        asked.append(lp)
+        logprobs = None if lp is None else {"tokens": [" Paris", "."], "token_logprobs": [-0.01, -0.02],
+                                            "top_logprobs": [{" Paris": -0.01}, {".": -0.02}] if lp else [{}, {}],
+                                            "text_offset": [0, 6]}
+        return httpserver.Response(200, json.dumps({
+            "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "chat",
+            "choices": [{"index": 0, "text": " Paris.", "logprobs": logprobs, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}}).encode())
+
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(mean_logprob_below=-1.0))
+    prompt = {"model": "chat", "prompt": "The capital of France is", "max_tokens": 2}
+    async with replica(edge) as edge_url, gateway([endpoint("edge-paris", "edge", edge_url)], first) as http:
+        wanted = await http.post(f"{openai_routes.PREFIX}/completions", json={**prompt, "logprobs": 0})
+        unasked = await http.post(f"{openai_routes.PREFIX}/completions", json=prompt)
+    assert asked == [0, 1]  # the caller's own 0: no alternatives; the judge's 1 when the caller asked for none
+    assert wanted.status_code == 200 and wanted.headers["x-edgeplane-cascade-stage"] == "small", wanted.text
+    assert wanted.json()["choices"][0]["logprobs"]["token_logprobs"] == [-0.01, -0.02]
+    assert unasked.status_code == 200 and unasked.json()["choices"][0]["logprobs"] is None
