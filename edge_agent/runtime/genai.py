@@ -229,7 +229,7 @@ class GenAIModel:
         if options.repetition_penalty != 1.0:
             search["repetition_penalty"] = float(options.repetition_penalty)
         if options.temperature > 0:
-            search.update(do_sample=True, temperature=float(options.temperature), top_p=float(options.top_p), top_k=options.top_k)
+            search.update(do_sample=True, temperature=float(options.temperature), top_p=float(options.top_p), top_k=self._top_k(options.top_k))
             if options.seed is not None:
                 search["random_seed"] = int(options.seed) & 0x7FFFFFFF
         else:
@@ -244,6 +244,11 @@ class GenAIModel:
         finished = Finished(reason, n_prompt, produced, rest)
         emit(finished)
         return finished
+
+    def _top_k(self, asked: int) -> int:
+        """A ``top_k`` of the vocabulary's size or more is every token, as vLLM reads it; the
+        library refuses one past the vocabulary, which would fail the request in mid-call."""
+        return min(asked, self.vocab_size) if self.vocab_size else asked
 
     def _steps(self, generator: oga.Generator, stream: oga.TokenizerStream, prompt: np.ndarray, options: SamplingOptions,
                emit: Callable[[TokenEvent | Finished], None], cancel: Cancel, window: Window | None) -> tuple[str, int, str]:

@@ -166,6 +166,21 @@ async def test_seed_makes_sampling_reproducible(small: Serving) -> None:
     assert {await sample(s) for s in (1, 2, 3)} != {first}
 
 
+async def test_a_top_k_past_the_vocabulary_samples_among_every_token(small: Serving, packages: Packages) -> None:
+    vocabulary = json.loads((packages.small.directory / "genai_config.json").read_text())["model"]["vocab_size"]
+
+    async def sample(top_k: int, **stream: bool) -> str:
+        r = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=1.0, seed=7,
+                                                       extra_body={"top_k": top_k}, **stream)
+        if isinstance(r, openai.AsyncStream):
+            return "".join([c.choices[0].delta.content or "" async for c in r if c.choices])
+        return r.choices[0].message.content
+
+    every = await sample(vocabulary)
+    assert every and await sample(vocabulary * 1000) == every
+    assert await sample(vocabulary + 1, stream=True) == every
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 
