@@ -172,9 +172,10 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
         began = handler.clock()
         try:
             try:
-                async with asyncio.timeout(owner.first_token_timeout):
-                    async with await owner.post(f"{e.url}/v1{req.suffix}", json.dumps({**body, "model": openai_routes.engine_model(e, e.model)}).encode(),
-                                                {"content-type": "application/json"}) as resp:
+                # The head comes once the answer is generated (OpenAIGateway.post); the body right after it.
+                async with await owner.post(f"{e.url}/v1{req.suffix}", json.dumps({**body, "model": openai_routes.engine_model(e, e.model)}).encode(),
+                                            {"content-type": "application/json"}, stream=False) as resp:
+                    async with asyncio.timeout(owner.first_token_timeout):
                         status, content = resp.status, await resp.body()
             except (UpstreamError, TimeoutError) as exc:
                 req.trip.failures.append(f"{e.site}: {exc or type(exc).__name__}")

@@ -147,13 +147,19 @@ class OpenAIGateway:
     def __init__(self, gateway: Gateway, *, registry: CollectorRegistry | None = None,
                  first_token_timeout: float = 60.0, idle_timeout: float = 60.0) -> None:
         self.gw = gateway  # its ``http`` pool (connect timeout included) carries the upstream calls
-        self.first_token_timeout = first_token_timeout  # a replica silent this long before its first token is skipped
+        self.first_token_timeout = first_token_timeout  # a stream silent this long before its first token is skipped
         self.idle_timeout = idle_timeout  # the longest pause between two chunks after that
         self.ttft = Histogram("edgeplane_gateway_time_to_first_token_seconds", "Time from a generation request to its first token at the gateway",
                               ["model"], registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Stream:
-        """POST to a replica; returns once the answer's head arrived (within the first-token timeout)."""
+    async def post(self, url: str, body: bytes, headers: dict[str, str], *, stream: bool) -> Stream:
+        """POST to a replica; returns once the answer's head arrived. A stream's head comes
+        before its first token, within the first-token timeout. A whole answer's comes once
+        it is all generated, which takes as long as it takes: only the caller, by leaving,
+        ends that wait (a replica slower than a timeout would be ejected, and the answer
+        generated again elsewhere, for a request that is merely long)."""
+        if not stream:
+            return await self.gw.http.stream("POST", url, body, headers)
         try:
             async with asyncio.timeout(self.first_token_timeout):
                 return await self.gw.http.stream("POST", url, body, headers)
@@ -385,7 +391,7 @@ class _Relay(Response):
     async def _attempt(self, e: routing.Endpoint, send: Send, started: float) -> None:
         owner = self.owner
         try:
-            resp = await owner.post(f"{e.url}/v1{self.suffix}", self._body_for(e), self.fwd_headers)
+            resp = await owner.post(f"{e.url}/v1{self.suffix}", self._body_for(e), self.fwd_headers, stream=self.stream)
         except UpstreamError as exc:
             raise _Failed(f"connect: {exc}") from None
         try:

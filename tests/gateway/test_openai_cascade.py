@@ -3,6 +3,7 @@ tells them: what each stage is asked for, and what the caller gets back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
@@ -41,16 +43,21 @@ async def replica(handle: Handle) -> AsyncIterator[str]:
         await server.shutdown(1)
 
 
-def endpoint(site: str, tier: str, url: str, **kw: Any) -> routing.Endpoint:
-    return routing.Endpoint("chat", "chat-dep", site, tier, "FR", "fr", 48.85, 2.35, url, api=routing.API_OPENAI, **kw)
+def endpoint(site: str, tier: str, url: str, lat: float = 48.85, lon: float = 2.35, **kw: Any) -> routing.Endpoint:
+    return routing.Endpoint("chat", "chat-dep", site, tier, "FR", "fr", lat, lon, url, api=routing.API_OPENAI, **kw)
 
 
-@asynccontextmanager
-async def gateway(fleet: list[routing.Endpoint], first: cascade_rules.StageRoute, **options: float) -> AsyncIterator[httpx.AsyncClient]:
-    """The gateway's routes over ``fleet``, whose model ``chat`` is a cascade of ``first``, then :data:`DC`."""
+def cascade_of(first: cascade_rules.StageRoute, fleet: list[routing.Endpoint]) -> endpoints.EndpointTable:
+    """A table of ``fleet``, whose model ``chat`` is a cascade of ``first``, then :data:`DC`."""
     table = endpoints.EndpointTable()
     table.replace(fleet)
     table.set_cascades({"chat": cascade_rules.CascadeRoute("chat", "chat-dep", (first, DC), {})})
+    return table
+
+
+@asynccontextmanager
+async def gateway(table: endpoints.EndpointTable, **options: float) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway's routes over ``table``."""
     pool = upstream.UpstreamPool()
     registry = CollectorRegistry()
     handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry))
@@ -79,7 +86,7 @@ async def test_an_escalated_stage_on_vllm_is_asked_for_its_served_model_name() -
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
     async with replica(edge) as edge_url, replica(vllm) as dc_url:
         fleet = [endpoint("edge-paris", "edge", edge_url), endpoint("dc-paris", "datacenter", dc_url, served_model="org/large-chat")]
-        async with gateway(fleet, first) as http:
+        async with gateway(cascade_of(first, fleet)) as http:
             resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT)
     assert resp.status_code == 200, resp.text
     assert asked == ["org/large-chat"]
@@ -103,10 +110,33 @@ async def test_a_completion_asking_logprobs_0_gets_them_through_a_stage_judged_b
 
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(mean_logprob_below=-1.0))
     prompt = {"model": "chat", "prompt": "The capital of France is", "max_tokens": 2}
-    async with replica(edge) as edge_url, gateway([endpoint("edge-paris", "edge", edge_url)], first) as http:
+    async with replica(edge) as edge_url, gateway(cascade_of(first, [endpoint("edge-paris", "edge", edge_url)])) as http:
         wanted = await http.post(f"{openai_routes.PREFIX}/completions", json={**prompt, "logprobs": 0})
         unasked = await http.post(f"{openai_routes.PREFIX}/completions", json=prompt)
     assert asked == [0, 1]  # the caller's own 0: no alternatives; the judge's 1 when the caller asked for none
     assert wanted.status_code == 200 and wanted.headers["x-edgeplane-cascade-stage"] == "small", wanted.text
     assert wanted.json()["choices"][0]["logprobs"]["token_logprobs"] == [-0.01, -0.02]
     assert unasked.status_code == 200 and unasked.json()["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])  # judged at stage 1, or relayed as a plain model
+async def test_an_answer_generated_for_longer_than_the_first_token_timeout_is_waited_for(mode: str) -> None:
+    asked: list[str] = []
+
+    def generating(site: str) -> Handle:
+        async def handle(request: httpserver.Request) -> httpserver.Response:
+            asked.append(site)
+            await asyncio.sleep(0.6)  # the whole answer is generated before its head is sent
+            return httpserver.Response(200, chat_answer("a long answer"))
+        return handle
+
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    async with replica(generating("edge-paris")) as paris, replica(generating("edge-lyon")) as lyon:
+        fleet = [endpoint("edge-paris", "edge", paris), endpoint("edge-lyon", "edge", lyon, lat=45.76, lon=4.84)]
+        table = cascade_of(first, fleet)
+        async with gateway(table, first_token_timeout=0.2) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT,
+                                   headers={"x-edgeplane-cascade": mode, "x-edgeplane-location": "48.85,2.35"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == "a long answer"
+    assert asked == ["edge-paris"] and not table.ejected()
