@@ -38,8 +38,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.requests import ClientDisconnect, Request
@@ -60,6 +60,7 @@ SDK_PREFIX = "/v1"
 SDK_PATHS = (f"{SDK_PREFIX}/models", f"{SDK_PREFIX}/chat/completions", f"{SDK_PREFIX}/completions")
 FORWARD_HEADERS = ("content-type", "accept")
 SSE_DONE = b"data: [DONE]\n\n"
+_T = TypeVar("_T")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -269,7 +270,7 @@ class OpenAIGateway:
             if mode is None:
                 return error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}")
             if mode != "off" and not self.gw.table.is_cold(route.model):
-                return await openai_cascade.generate(self, route, mode, request, body, suffix, stream)
+                return _Decided(lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream))
             # off (or scaled to zero: woken below): plain routing over every stage's replicas, by the model's name
             model, raw = route.model, json.dumps({**body, "model": route.model}).encode()
         if self.gw.table.is_cold(model):
@@ -311,6 +312,41 @@ def engine_model(e: routing.Endpoint, asked: str) -> str:
     return e.served_model or asked
 
 
+async def until_disconnected(work: Awaitable[_T], receive: Receive) -> _T | None:
+    """``work``'s result, or None when the caller disconnected first. The work is then
+    cancelled, which closes its upstream connections: the replica stops generating. (uvicorn
+    does not cancel an app whose caller left; only reading ``receive`` tells.)"""
+    job = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((job, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (job, watch):
+            task.cancel()
+        await asyncio.gather(job, watch, return_exceptions=True)
+    return None if job.cancelled() else job.result()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Decided(Response):
+    """The ASGI answer that is worked out (a cascade's stages) while the caller is watched:
+    a caller who leaves cancels that work, as it does a relay's."""
+
+    def __init__(self, decide: Callable[[], Awaitable[Response]]) -> None:
+        self.decide = decide
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = await until_disconnected(self.decide(), receive)
+        if answer is not None:  # it may be a relay, which watches the caller itself
+            await answer(scope, receive, send)
+
+
 def relay(owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes, stream: bool, *, chat: bool,
           hooks: RelayHooks | None = None) -> Response:
     """Send ``raw`` (a JSON body) to the first of ``ranked`` that answers and relay its answer."""
@@ -337,16 +373,7 @@ class _Relay(Response):
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        work = asyncio.ensure_future(self._run(send))
-        watch = asyncio.ensure_future(self._disconnected(receive))
-        try:
-            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (work, watch):
-                task.cancel()
-            await asyncio.gather(work, watch, return_exceptions=True)
-        if work.done() and not work.cancelled() and work.exception() is not None:
-            raise work.exception()  # type: ignore[misc]
+        await until_disconnected(self._run(send), receive)
 
     def _body_for(self, e: routing.Endpoint) -> bytes:
         """The caller's body, naming the model as this replica's engine knows it."""
@@ -354,11 +381,6 @@ class _Relay(Response):
         if name == self.model:
             return self.raw
         return json.dumps({**json.loads(self.raw), "model": name}).encode()
-
-    @staticmethod
-    async def _disconnected(receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
 
     async def _run(self, send: Send) -> None:
         gw = self.owner.gw

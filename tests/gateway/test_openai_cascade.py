@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
 from edge_agent import httpserver
+from orchestrator import runloop
 from orchestrator.api import methods
 from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, upstream
 
@@ -56,19 +57,43 @@ def cascade_of(first: cascade_rules.StageRoute, fleet: list[routing.Endpoint]) -
 
 
 @asynccontextmanager
-async def gateway(table: endpoints.EndpointTable, **options: float) -> AsyncIterator[httpx.AsyncClient]:
+async def gateway_app(table: endpoints.EndpointTable, **options: float) -> AsyncIterator[Starlette]:
     """The gateway's routes over ``table``."""
     pool = upstream.UpstreamPool()
     registry = CollectorRegistry()
     handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry))
     gw = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry), cascade=handler)
-    app = Starlette(routes=gw.routes() + openai_routes.OpenAIGateway(gw, registry=registry, **options).routes(),
-                    exception_handlers=methods.EXCEPTION_HANDLERS)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
-            yield http
+        yield Starlette(routes=gw.routes() + openai_routes.OpenAIGateway(gw, registry=registry, **options).routes(),
+                        exception_handlers=methods.EXCEPTION_HANDLERS)
     finally:
         await pool.close()
+
+
+@asynccontextmanager
+async def gateway(table: endpoints.EndpointTable, **options: float) -> AsyncIterator[httpx.AsyncClient]:
+    async with gateway_app(table, **options) as app, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
+        yield http
+
+
+@asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[int]:
+    """``app`` behind uvicorn on loopback, as the gateway serves it; yields its port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = runloop.http_server(app)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
 
 
 async def test_an_escalated_stage_on_vllm_is_asked_for_its_served_model_name() -> None:
@@ -140,3 +165,29 @@ async def test_an_answer_generated_for_longer_than_the_first_token_timeout_is_wa
     assert resp.status_code == 200, resp.text
     assert resp.json()["choices"][0]["message"]["content"] == "a long answer"
     assert asked == ["edge-paris"] and not table.ejected()
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])  # judged at stage 1, or relayed as a plain model
+async def test_a_caller_that_leaves_stops_the_stage_generating_for_it(mode: str) -> None:
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def generating(request: httpserver.Request) -> httpserver.Response:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a long answer, never finished here
+        finally:
+            stopped.set()  # the gateway closed the connection: the replica stops
+        raise AssertionError("unreachable")
+
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    async with replica(generating) as url, gateway_app(cascade_of(first, [endpoint("edge-paris", "edge", url)])) as app, \
+            serving(app) as port:
+        body = json.dumps(CHAT).encode()
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /openai/v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+                     b"x-edgeplane-cascade: %s\r\ncontent-length: %d\r\n\r\n%s" % (mode.encode(), len(body), body))
+        async with asyncio.timeout(10):
+            await started.wait()
+        writer.close()  # the caller leaves while the stage generates
+        async with asyncio.timeout(10):
+            await stopped.wait()
