@@ -10,6 +10,7 @@ applies nothing.
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -93,9 +94,14 @@ def validate(store: store_mod.Store, reading: loader.Reading) -> None:
         raise ManifestError(issues)
 
 
+#: What get returns: a store version, a 64-bit integer. ``str.isdigit`` is not the test: it
+#: takes '²' and numbers past the digits ``int`` reads, which ``writes_for`` then failed on.
+VERSION_PATTERN = re.compile(r"[0-9]{1,19}")
+
+
 def _version_issue(d: loader.LoadedDocument) -> ManifestIssue | None:
     version = d.doc.metadata.resourceVersion
-    if version is None or version.isdigit():
+    if version is None or VERSION_PATTERN.fullmatch(version):
         return None
     return ManifestIssue(d.file, d.index, "metadata.resourceVersion", d.line_of(("metadata", "resourceVersion")),
                          "must be a number as returned by get")

@@ -241,10 +241,14 @@ def test_bad_bodies_are_422(api: httpx.Client, unchanged: None, body: bytes, mes
     assert message in payload["error"] + " ".join(i["message"] for i in payload.get("issues", []))
 
 
-def test_non_numeric_resource_version_is_422(api: httpx.Client, fleet: dict, unchanged: None) -> None:
-    text = doc("Site", "edge-lyon", support.edge_site_spec(), resourceVersion="abc")
-    r = api.post("/v1/apply", content=text)
-    assert r.status_code == 422
+@pytest.mark.parametrize("version", ["abc", "\u00b2", "9" * 5000], ids=["letters", "superscript-two", "5000-digits"])
+@pytest.mark.parametrize("dry_run", ["false", "true"])
+def test_non_numeric_resource_version_is_422(api: httpx.Client, fleet: dict, unchanged: None, version: str, dry_run: str) -> None:
+    """Only what get returns is a version: digits a 64-bit integer holds ('²' is a digit to
+    str.isdigit, and 5,000 digits are past what int() reads)."""
+    text = doc("Site", "edge-lyon", support.edge_site_spec(), resourceVersion=version)
+    r = api.post("/v1/apply", params={"dryRun": dry_run}, content=text)
+    assert r.status_code == 422, r.text[:300]
     [issue] = r.json()["issues"]
     assert issue["field"] == "metadata.resourceVersion" and issue["line"] == support.line_of(text, "resourceVersion")
 
