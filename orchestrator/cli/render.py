@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 COLUMNS: dict[str, list[tuple[str, Any]]] = {
     "Site": [
@@ -78,14 +79,17 @@ def dump(data: Any, output: str) -> None:
 
 
 def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    # Every string goes in as Text: rich reads "[...]" in a plain str as markup, and the cells
+    # hold what users wrote (an event's reason, a token's description): "[incident-42]" vanished
+    # and "[/x]" raised MarkupError.
+    t = Table(title=Text(title) if title is not None else None, box=None, header_style="bold", pad_edge=False)
     for h in headers:
         if h in ("REASON",):
-            t.add_column(h, no_wrap=True, overflow="ellipsis", max_width=70)
+            t.add_column(Text(h), no_wrap=True, overflow="ellipsis", max_width=70)
         else:
-            t.add_column(h, no_wrap=True)  # one object, one line: tables stay greppable
+            t.add_column(Text(h), no_wrap=True)  # one object, one line: tables stay greppable
     for r in rows:
-        t.add_row(*[str(c) for c in r])
+        t.add_row(*[Text(str(c)) for c in r])
     console = Console()
     # Piped output (scripts, grep) gets the width it needs; a terminal gets its own width.
     Console(width=console.width if console.is_terminal else 400).print(t)

@@ -110,6 +110,37 @@ def odd_server() -> Iterator[str]:
         httpd.server_close()
 
 
+@pytest.fixture
+def serving() -> Iterator[Any]:
+    """Serve a given JSON body to every GET; yields a function that sets it and returns the URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+
+    def serve(body: dict[str, Any]) -> str:
+        _Handler.body = json.dumps(body).encode()
+        return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    try:
+        yield serve
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("text", ["rollback [incident-42]", "fix [/wrong] tag", "[bold]not bold[/bold]"])
+def test_text_users_wrote_prints_as_written_in_tables(text: str, serving: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Brackets in an event's reason or a token's description are text, not console markup."""
+    event = {"id": 7, "ts": "2026-01-01T00:00:00Z", "actor": "anonymous", "action": "apply", "kind": "", "name": "",
+             "reason": text, "details": {}}
+    assert cli_main.main(["--server", serving({"items": [event]}), "events"]) == 0
+    assert text in capsys.readouterr().out
+    token = {"id": "t1", "purpose": "api", "role": "read", "state": "active", "createdAt": "2026-01-01T00:00:00Z",
+             "expiresAt": None, "description": text}
+    assert cli_main.main(["--server", serving({"kind": "Token", "items": [token]}), "token", "list"]) == 0
+    assert text in capsys.readouterr().out
+
+
 def test_an_unexpected_error_is_one_line_and_exit_1(odd_server: str) -> None:
     proc = support.cli("get", "modeldeployments", server_url=odd_server)
     assert proc.returncode == 1, proc
