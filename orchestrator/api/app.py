@@ -180,7 +180,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
     async def create_token(request: Request, caller: auth.Caller) -> Response:
         try:
             doc = json.loads(await bodies.read_body(request, 64 * 1024) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON or UTF-8, an integer past int()'s digits, nested too deep
             return error(400, "body must be JSON: {\"purpose\": \"bootstrap\"|\"api\", \"role\": ..., \"ttlSeconds\": ...}")
         if not isinstance(doc, dict):
             return error(400, "body must be a JSON object")

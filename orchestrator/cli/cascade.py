@@ -143,6 +143,10 @@ def _lines(path: str) -> list[tuple[dict[str, Any], tuple[int, ...] | None]]:
             doc = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CliError(f"{path}:{number}: not JSON: {exc.msg}") from None
+        except ValueError:  # what the JSON parser leaves to int(), which reads at most 4,300 digits
+            raise CliError(f"{path}:{number}: an integer too long to read") from None
+        except RecursionError:
+            raise CliError(f"{path}:{number}: JSON nested too deeply") from None
         if not isinstance(doc, dict):
             raise CliError(f"{path}:{number}: a sample is a JSON object with \"inputs\" (or tensor names) and an optional \"label\"")
         label = doc.pop("label", None)

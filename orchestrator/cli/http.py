@@ -98,7 +98,10 @@ class ApiClient:
             body = _error_body(resp)
             details = [_issue_line(i) for i in body.get("issues") or []]
             raise CliError(str(body.get("error", resp.reason_phrase)), 1, details)
-        doc = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else None
+        try:
+            doc = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else None
+        except (ValueError, RecursionError):  # not JSON after all, or JSON Python cannot read (an integer of 5,000 digits)
+            doc = None
         if not isinstance(doc, dict):  # a redirect (not followed), a proxy's page: no answer to read
             raise CliError(f"the control plane answered {method} {path} with HTTP {resp.status_code} and no JSON object")
         return doc

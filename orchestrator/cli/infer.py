@@ -31,6 +31,8 @@ def body_of(data: str, input_names: Callable[[], list[str]] | None = None, what:
         doc = json.loads(text, parse_constant=_refuse_non_finite, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise CliError(f"{what} is not JSON: {exc}", 2) from exc
+    except ValueError:  # what the JSON parser leaves to int(), which reads at most 4,300 digits
+        raise CliError(f"{what}: an integer too long to read", 2) from None
     except RecursionError:
         raise CliError(f"{what}: JSON nested too deeply (a tensor has at most {MAX_DIMS} dimensions)", 2) from None
     if isinstance(doc, dict) and "inputs" in doc:

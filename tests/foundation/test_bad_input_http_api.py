@@ -1,6 +1,7 @@
 """Bad input to the control plane's HTTP API, over real HTTP: a known path asked with the
 wrong method is a 405 that says what it takes, and the endpoint list refuses a position or
-region it cannot place the caller at, naming the query parameter."""
+region it cannot place the caller at, naming the query parameter; a token request JSON Python
+cannot read is a 400."""
 
 from __future__ import annotations
 
@@ -104,3 +105,14 @@ def test_the_endpoint_list_takes_a_good_position_or_region(api: httpx.Client, re
         r = api.get("/v1/endpoints/intent", params=params)
         assert r.status_code == 200, (params, r.text)
         assert r.json()["model"] == "intent"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"purpose": "api", "role": "read", "ttlSeconds": 1' + b"0" * 5000 + b"}",  # past the digits int() reads
+    b"[" * 30_000 + b"]" * 30_000,  # nested past the parser
+], ids=["5000-digit-integer", "nested-30000"])
+def test_a_token_request_json_cannot_read_is_400(api: httpx.Client, body: bytes) -> None:
+    before = len(api.get("/v1/tokens").json()["items"])
+    r = api.post("/v1/tokens", content=body)
+    assert r.status_code == 400 and r.json()["error"].startswith("body must be JSON"), r.text[:300]
+    assert len(api.get("/v1/tokens").json()["items"]) == before

@@ -117,8 +117,8 @@ def serving() -> Iterator[Any]:
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
 
-    def serve(body: dict[str, Any]) -> str:
-        _Handler.body = json.dumps(body).encode()
+    def serve(body: dict[str, Any] | bytes) -> str:
+        _Handler.body = body if isinstance(body, bytes) else json.dumps(body).encode()
         return f"http://127.0.0.1:{httpd.server_address[1]}"
 
     try:
@@ -139,6 +139,13 @@ def test_text_users_wrote_prints_as_written_in_tables(text: str, serving: Any, c
              "expiresAt": None, "description": text}
     assert cli_main.main(["--server", serving({"kind": "Token", "items": [token]}), "token", "list"]) == 0
     assert text in capsys.readouterr().out
+
+
+def test_an_answer_python_cannot_read_as_json_is_said_not_a_bug(serving: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """JSON with an integer of 5,000 digits is past what int() reads."""
+    server = serving(b'{"kind": "Site", "items": [' + b"1" * 5000 + b"]}")
+    assert cli_main.main(["--server", server, "get", "sites"]) == 1
+    assert capsys.readouterr().err.splitlines() == ["error: the control plane answered GET /v1/sites with HTTP 200 and no JSON object"]
 
 
 def test_an_unexpected_error_is_one_line_and_exit_1(odd_server: str) -> None:
@@ -232,6 +239,9 @@ BAD_INPUT = [  # argv ({tmp}: a folder with the files below), environment, exit 
     (["infer", "m", "--data", "[[1e999]]"], {}, 2, "error: 1e999 in the inputs: a tensor sent as JSON holds finite numbers only"),
     (["infer", "m", "--data", '{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [-Infinity]}]}'], {}, 2,
      "error: -Infinity in the inputs: a tensor sent as JSON holds finite numbers only"),
+    (["infer", "m", "--data", "[[1" + "0" * 5000 + "]]"], {}, 2, "error: --data: an integer too long to read"),
+    (["cascade", "tune", "c", "-f", "{tmp}/huge.jsonl"], {}, 1, "error: {tmp}/huge.jsonl:2: an integer too long to read"),
+    (["cascade", "tune", "c", "-f", "{tmp}/deep.jsonl"], {}, 1, "error: {tmp}/deep.jsonl:1: JSON nested too deeply"),
     (["cascade", "tune", "c", "-f", "{tmp}/nan.jsonl"], {}, 1,
      "error: {tmp}/nan.jsonl:1: NaN in the inputs: a tensor sent as JSON holds finite numbers only"),
     (["infer", "m", "--data", "@{tmp}/binary"], {}, 2, "error: {tmp}/binary: not UTF-8 text (byte 0)"),
@@ -252,6 +262,8 @@ def test_bad_input_is_one_line_and_no_request_is_sent(argv: list[str], env: dict
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00binary")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "nan.jsonl").write_text('{"input": [[NaN]], "label": 1}\n')
+    (tmp_path / "huge.jsonl").write_text('{"input": [[1.5]], "label": 1}\n{"input": [[1' + "0" * 5000 + ']], "label": 1}\n')
+    (tmp_path / "deep.jsonl").write_text('{"input": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     for key in [k for k in os.environ if k.startswith("EDGEPLANE_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("EDGEPLANE_SERVER", f"http://127.0.0.1:{support.closed_port()}")
