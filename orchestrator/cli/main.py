@@ -39,17 +39,7 @@ def _read_manifests(paths: list[str]) -> str:
         if path == "-":
             out.append(("<stdin>", textfile.read_stdin("-f -")))
             continue
-        target = pathlib.Path(path)
-        if not target.exists():
-            raise CliError(f"{path}: no such file or directory", 2)
-        files = _loader().manifest_files(target)
-        if not files:
-            raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
-        for f in files:
-            if f.resolve() in seen:  # `-f dir -f dir/a.yaml` names a.yaml once
-                continue
-            seen.add(f.resolve())
-            out.append((str(f), textfile.read(f)))
+        out.extend(textfile.manifest_texts(path, seen))  # `-f dir -f dir/a.yaml` names a.yaml once
     body: str = _loader().bundle(out)
     issue = _loader().size_issue(body.encode())
     if issue is not None:

@@ -135,17 +135,8 @@ def _load(paths: list[str]) -> list[loader.LoadedDocument]:
     """Every document of every file (each file read on its own, so a fleet may span many)."""
     docs: list[loader.LoadedDocument] = []
     for path in paths:
-        target = pathlib.Path(path)
-        if not target.exists():
-            raise CliError(f"{path}: no such file or directory", 2)
-        try:
-            found = loader.manifest_files(target)
-            if not found:
-                raise CliError(f"{path}: no .yaml, .yml or .json files in this directory", 2)
-            for f in found:
-                docs.extend(loader.load_text(textfile.read(f), str(f)))
-        except OSError as exc:  # a folder or file this user may not read
-            raise CliError(f"{exc.filename or path}: {exc.strerror or exc}", 2) from None
+        for name, text in textfile.manifest_texts(path):
+            docs.extend(loader.load_text(text, name))
     seen: dict[tuple[str, str], str] = {}
     for d in docs:
         if (d.kind, d.name) in seen:

@@ -248,6 +248,12 @@ BAD_INPUT = [  # argv ({tmp}: a folder with the files below), environment, exit 
     (["simulate", "--scenario", "{tmp}/binary"], {}, 1, "error: {tmp}/binary: not UTF-8 text (byte 0)"),
     (["cascade", "tune", "c", "-f", "{tmp}/binary"], {}, 1, "error: {tmp}/binary: not UTF-8 text (byte 0)"),
     (["apply", "-f", "{tmp}/binary.yaml"], {}, 1, "error: {tmp}/binary.yaml: not UTF-8 text (byte 0)"),
+    # a file that exists but cannot be read (as one without read permission cannot): the
+    # kernel's memory file fails its first read with EIO
+    (["apply", "-f", "/proc/self/mem"], {}, 2, "error: /proc/self/mem: Input/output error"),
+    (["plan", "-f", "/proc/self/mem"], {}, 2, "error: /proc/self/mem: Input/output error"),
+    (["delete", "-f", "{tmp}/list.yaml", "-f", "/proc/self/mem"], {}, 2, "error: /proc/self/mem: Input/output error"),
+    (["simulate", "-f", "/proc/self/mem"], {}, 2, "error: /proc/self/mem: Input/output error"),
     (["simulate", "--scenario", "{tmp}/list.yaml"], {}, 1, "error: {tmp}/list.yaml: a scenario is a mapping with kind: Scenario and a spec"),
 ]
 
