@@ -4,7 +4,10 @@ PyYAML's node graph carries positions, so the text is composed to nodes first
 (:mod:`orchestrator.manifests.parsing`: libyaml's parser where it reads as PyYAML's own does)
 and each field path is mapped to its line; :mod:`orchestrator.manifests.validation` then checks each
 document against its kind's schema and says every error at ``file:line``. The node walk also refuses what safe loading alone lets through: duplicate
-keys (silently overwritten by PyYAML), alias bombs and absurd nesting.
+keys (silently overwritten by PyYAML), alias bombs, absurd nesting, and values JSON cannot
+hold as written (:func:`_not_json`): what is stored goes into JSON columns and out in JSON
+answers, where a lone surrogate failed every read of the object, binary data failed the
+write and a NaN turned into null.
 
 A document with errors does not stop the others from being read: :func:`read_text` keeps
 every issue and remembers the kind and name of each refused document, so the checks
@@ -15,6 +18,7 @@ on its own, and within a file reading goes on at the next ``---`` line.
 
 from __future__ import annotations
 
+import math
 import pathlib
 import re
 from collections import Counter
@@ -154,6 +158,8 @@ class _Walker:
                 key = self._construct(key_node, path)
                 if not isinstance(key, str):
                     raise self.issue(path, key_node.start_mark.line + 1, f"keys must be strings, got {key!r}")
+                if (problem := _not_json(key)) is not None:
+                    raise self.issue(path, key_node.start_mark.line + 1, f"the key {problem}")
                 if key in out:
                     raise self.issue((*path, key), key_node.start_mark.line + 1, f"duplicate key {key!r}")
                 out[key] = self.to_data(value_node, (*path, key), depth + 1, key_node.start_mark.line + 1, alias)
@@ -162,6 +168,8 @@ class _Walker:
         if isinstance(node, yaml.SequenceNode):
             return [self.to_data(v, (*path, i), depth + 1, line, alias) for i, v in enumerate(node.value)]
         value = self._construct(node, path)
+        if (problem := _not_json(value)) is not None:
+            raise self.issue(path, line, problem)
         if value is not None and not isinstance(value, str):
             self.unquoted[path] = node.value
         return value
@@ -181,6 +189,25 @@ class _Walker:
             if path[:end] in self.lines:
                 return self.lines[path[:end]]
         return None
+
+
+def _not_json(value: Any) -> str | None:
+    """Why a scalar YAML read cannot be kept as JSON (None when it can). The schema's typed
+    fields would refuse some of these, but free-form maps (``args``, ``llm.engineArgs``) take
+    any value, and a string anywhere (an annotation, a region) was stored as read."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # the escape "\ud800": half of a UTF-16 pair, no character
+            return f"holds a lone surrogate (\\u{ord(value[exc.start]):04x}), which is not Unicode text"
+        return None
+    if isinstance(value, bytes):
+        return "binary data (!!binary) has no JSON form: give it as text (base64, for instance)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number: NaN and infinity have no JSON form"
+    return None
 
 
 def _is_empty(node: yaml.Node) -> bool:

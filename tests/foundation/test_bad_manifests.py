@@ -126,6 +126,20 @@ BAD: list[Bad] = [
         "cannot read '8{' as int"),
     Bad("yaml-tagged-key-that-does-not-fit", GOOD_SITE.replace("metadata:\n", "metadata:\n  labels: {!!bool maybe: x}\n"),
         "metadata.labels", "labels:", "cannot read 'maybe' as bool"),
+    # --- values JSON cannot hold: the object is stored as JSON and read back as JSON ---------
+    # "\ud800" is half a UTF-16 pair, no character: stored, it failed every read of the object
+    Bad("lone-surrogate-in-annotation", site(("metadata.annotations", {"owner": "x\ud800"})), "metadata.annotations.owner",
+        "owner:", "lone surrogate (\\ud800)"),
+    Bad("lone-surrogate-in-region", site(("spec.location.region", "\udfff")), "spec.location.region", "region:",
+        "lone surrogate (\\udfff)"),
+    Bad("lone-surrogate-in-a-key", model(("spec.variants[1].args", {"k\udc00": 1})), "spec.variants[1].args", "k\\uDC00",
+        "the key holds a lone surrogate"),
+    Bad("binary-in-args", model(("spec.variants[1].args", {"blob": b"\xff"})), "spec.variants[1].args.blob", "blob:",
+        "binary data (!!binary)"),
+    Bad("nan-in-args", model(("spec.variants[1].args", {"threshold": float("nan")})), "spec.variants[1].args.threshold",
+        "threshold:", "finite number"),
+    Bad("infinity-in-a-list-in-args", model(("spec.variants[1].args", {"steps": [1.0, float("-inf")]})),
+        "spec.variants[1].args.steps[1]", "- -.inf", "finite number"),
     # the count passes 100k inside the 8th alias of e: the error names that alias in the text
     Bad("yaml-alias-bomb", ALIAS_BOMB, "spec.e[7]", "e: &e", "more than 100000 values"),
     Bad("yaml-deep-nesting", DEEP_ARGS, "spec.variants[0].args" + ".a" * 29, "args:", "nested deeper than 32 levels"),
@@ -409,7 +423,8 @@ SUBSET = [c for c in BAD if c.id in {
     "not-utf8", "unknown-kind",
     "unknown-resources-field", "bad-country", "bad-residency", "duplicate-names-in-file", "missing-model", "ray-serve-at-the-edge",
     "min-greater-than-max", "datacenter-without-runtime", "uri-dot-dot", "error-in-second-document", "json-unknown-field",
-    "tier-listed-twice", "residency-listed-twice",
+    "tier-listed-twice", "residency-listed-twice", "lone-surrogate-in-annotation", "lone-surrogate-in-region", "binary-in-args",
+    "nan-in-args",
 }]
 
 
