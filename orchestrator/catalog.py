@@ -74,22 +74,31 @@ def stored_models(store: store_mod.Store) -> dict[str, schema.ModelSpec]:
     return {o.name: parse_model(o) for o in store.list("Model")}
 
 
-def check(reading: loader.Reading, models: Mapping[str, schema.ModelSpec]) -> list[ManifestIssue]:
-    """Every problem of an apply, given the stored ``models``: each document's own, and the
-    references of the valid ones, by file then document."""
+def stored_deployments(store: store_mod.Store, models: Iterable[str]) -> dict[str, schema.ModelDeploymentSpec]:
+    """The stored deployments of ``models``, by name."""
+    wanted = set(models)
+    return {o.name: parse_deployment(o) for o in store.list("ModelDeployment") if o.spec.get("model") in wanted} if wanted else {}
+
+
+def check(reading: loader.Reading, models: Mapping[str, schema.ModelSpec],
+          deployments: Mapping[str, schema.ModelDeploymentSpec] | None = None) -> list[ManifestIssue]:
+    """Every problem of an apply, given the stored ``models`` and ``deployments`` (at least
+    those of the Models it brings): each document's own, the references of the valid ones,
+    and what its Models would break in stored deployments, by file then document."""
     more = [issue for d in reading.documents if (issue := _version_issue(d)) is not None]
     count = len(reading.documents) + len(reading.refused)
     if count > MAX_OBJECTS_PER_APPLY:
         first = (reading.documents or reading.refused)[0].file
         more.append(ManifestIssue(first, None, "", None, f"more than {MAX_OBJECTS_PER_APPLY} objects in one apply"))
     elif reading.complete:  # past a break in the text, any Model may be defined: references are not judged
-        more.extend(references.check_references(reading.documents, models, reading.refused_names()))
+        more.extend(references.check_references(reading.documents, models, reading.refused_names(), deployments))
     return reading.ordered(more)
 
 
 def validate(store: store_mod.Store, reading: loader.Reading) -> None:
     """Raise :class:`ManifestError` unless the documents can be applied together."""
-    issues = check(reading, stored_models(store))
+    incoming = [d.name for d in reading.documents if d.kind == "Model"]
+    issues = check(reading, stored_models(store), stored_deployments(store, incoming))
     if issues:
         raise ManifestError(issues)
 

@@ -4,7 +4,9 @@ An apply is judged against the union of what is stored and what the request brin
 a file may define a Model and the deployment that uses it together, and a deployment may
 name a Model applied earlier. A Model the request brings but refused for errors of its
 own still exists as far as names go: a deployment naming it is not judged (its variants
-are unknown) rather than told the Model does not exist.
+are unknown) rather than told the Model does not exist. A Model the request changes is
+judged against the stored deployments that use it too (those the request does not bring
+with it): dropping or changing the variant one names would leave it naming nothing.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ def check_references(
     incoming: Iterable[LoadedDocument],
     stored_models: Mapping[str, schema.ModelSpec],
     refused: Collection[tuple[str, str]] = (),
+    stored_deployments: Mapping[str, schema.ModelDeploymentSpec] | None = None,
 ) -> list[ManifestIssue]:
-    """``refused``: (kind, name) of the request's documents refused for their own errors."""
+    """``refused``: (kind, name) of the request's documents refused for their own errors;
+    ``stored_deployments``: by name, at least those using a Model the request brings."""
     incoming = list(incoming)
     models = dict(stored_models)
     for d in incoming:
@@ -35,15 +39,52 @@ def check_references(
     issues: list[ManifestIssue] = []
     for d in incoming:
         if isinstance(d.doc, schema.ModelDeploymentDoc) and d.doc.spec.model not in unread:
-            issues.extend(_check_deployment(d, d.doc.spec, models, known))
+            issues.extend(_check_deployment(_at(d), d.doc.spec, models, known))
+    brought = {d.name for d in incoming if isinstance(d.doc, schema.ModelDeploymentDoc)}
+    brought |= {name for kind, name in refused if kind == "ModelDeployment"}
+    staying = {name: spec for name, spec in (stored_deployments or {}).items() if name not in brought}
+    for d in incoming:
+        if isinstance(d.doc, schema.ModelDoc):
+            issues.extend(_check_users(d, staying, stored_models, models, known))
     return issues
 
 
-def _check_deployment(d: LoadedDocument, spec: schema.ModelDeploymentSpec, models: Mapping[str, schema.ModelSpec],
-                      known: Callable[[], str]) -> list[ManifestIssue]:
+def _at(d: LoadedDocument) -> Callable[[Path, str], ManifestIssue]:
+    """An issue at a field of ``d``."""
     def issue(path: Path, message: str) -> ManifestIssue:
         return ManifestIssue(d.file, d.index, format_path(path), d.line_of(path), message)
 
+    return issue
+
+
+def _check_users(d: LoadedDocument, deployments: Mapping[str, schema.ModelDeploymentSpec],
+                 before: Mapping[str, schema.ModelSpec], after: Mapping[str, schema.ModelSpec],
+                 known: Callable[[], str]) -> list[ManifestIssue]:
+    """What Model ``d`` breaks in the stored ``deployments`` that use it, reported at ``d``:
+    each problem a deployment has with the new Model and had not with the stored one (one
+    it had already is not this Model's to answer for, nor should it block fixing others)."""
+    out: list[ManifestIssue] = []
+    for name, spec in sorted(deployments.items()):
+        if spec.model != d.name:
+            continue
+        found = _for_user(d, name)
+        had = {i.message for i in _check_deployment(found, spec, before, known)} if d.name in before else set()
+        out.extend(i for i in _check_deployment(found, spec, after, known) if i.message not in had)
+    return out
+
+
+def _for_user(d: LoadedDocument, deployment: str) -> Callable[[Path, str], ManifestIssue]:
+    """An issue of the stored ``deployment`` (at its field path), reported at Model ``d``."""
+    def issue(path: Path, message: str) -> ManifestIssue:
+        return ManifestIssue(d.file, d.index, "spec.variants", d.line_of(("spec", "variants")),
+                             f"ModelDeployment {deployment!r} uses this Model: {format_path(path)}: {message}; "
+                             "apply that deployment changed along with it, or change it first")
+
+    return issue
+
+
+def _check_deployment(issue: Callable[[Path, str], ManifestIssue], spec: schema.ModelDeploymentSpec,
+                      models: Mapping[str, schema.ModelSpec], known: Callable[[], str]) -> list[ManifestIssue]:
     model = models.get(spec.model)
     if model is None:
         return [issue(("spec", "model"), f"Model {spec.model!r} does not exist (known models: {known()})")]
