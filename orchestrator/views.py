@@ -23,6 +23,7 @@ def overlay(s: snap.Snapshot, docs: Iterable[loader.LoadedDocument]) -> snap.Sna
     sites = {r.name: r for r in s.sites}
     models = dict(s.models)
     deployments = {d.name: d for d in s.deployments}
+    autoscale = dict(s.autoscale)
     for d in docs:
         if isinstance(d.doc, schema.SiteDoc):
             sites[d.name] = snap.SiteRecord(d.name, dict(d.doc.metadata.labels), d.doc.spec)
@@ -31,7 +32,12 @@ def overlay(s: snap.Snapshot, docs: Iterable[loader.LoadedDocument]) -> snap.Sna
         elif isinstance(d.doc, schema.ModelDeploymentDoc):
             old = deployments.get(d.name)
             deployments[d.name] = snap.DeploymentRecord(d.name, (old.generation + 1) if old else 1, d.doc.spec)
-    return replace(s, sites=tuple(sites.values()), models=models, deployments=tuple(deployments.values()))
+            if d.doc.spec.autoscaling is None:
+                # the next pass has no count for it (the autoscaler evaluates autoscaled specs
+                # only): it is sized from its demand. A count kept under changed settings is
+                # what that pass starts from too, held through the scale-down delay.
+                autoscale.pop(d.name, None)
+    return replace(s, sites=tuple(sites.values()), models=models, deployments=tuple(deployments.values()), autoscale=autoscale)
 
 
 def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],

@@ -90,6 +90,25 @@ def test_the_count_reason_adds_up(eu_south_rps: int, autoscaled: int | None, exp
     assert previewed["reason"] == expected and previewed["replicas"] == plan.placed
 
 
+@pytest.mark.parametrize(("autoscaling", "expected"), [
+    ("", "5 replica(s): ceil(700 rps / 150 rps per replica) = 5, within replicas [2, 6]"),
+    ("  autoscaling: {targetInflight: 8}\n", "2 replica(s): autoscaler's count from observed load = 2, within replicas [2, 6];"
+                                             " declared demand (700 rps) is not used while the autoscaler has a count"),
+])
+def test_plan_of_an_edit_to_autoscaling_wants_what_the_next_pass_places(autoscaling: str, expected: str) -> None:
+    """The autoscaler last counted 2 for intent-eu. With spec.autoscaling removed, the next
+    pass has no count for it (the autoscaler evaluates autoscaled specs only) and sizes it
+    from its demand: so must the plan. Kept, the count stands."""
+    s = dataclasses.replace(example_snapshot(examples()),
+                            autoscale={"intent-eu": autoscaler.Recommendation(2, "inflight", 8.0, 2, reporting=2, per_replica=1.0)})
+    files = loader.manifest_files(support.EXAMPLES)
+    edited = [d for d in loader.load_text(loader.bundle([
+        (str(f), f.read_text().replace("  autoscaling: {targetInflight: 8}\n", autoscaling)) for f in files]))
+        if d.name == "intent-eu"]
+    planned = {d["name"]: d for d in views.preview(s, edited)["deployments"]}["intent-eu"]
+    assert planned["reason"] == expected
+
+
 def test_a_waiting_replica_says_why_in_placements_and_status() -> None:
     docs = examples()
     waiting = "Deployment 'full' has 1 replica that cannot be scheduled: resources {'GPU': 1.0} not available"
