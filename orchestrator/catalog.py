@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,13 @@ def check(reading: loader.Reading, models: Mapping[str, schema.ModelSpec],
     return reading.ordered(more)
 
 
+#: Applies and deletes check against what is stored, then write: each holds this lock from its
+#: check to its write, so that in this process no write lands in between (a Model deleted
+#: between the check of a deployment naming it and that deployment's write). The API runs
+#: them in worker threads: a write waiting here never holds up the event loop.
+_WRITING = threading.Lock()
+
+
 def validate(store: store_mod.Store, reading: loader.Reading) -> None:
     """Raise :class:`ManifestError` unless the documents can be applied together."""
     incoming = [d.name for d in reading.documents if d.kind == "Model"]
@@ -144,9 +152,10 @@ def apply_reading(
     dry_run: bool = False,
 ) -> ApplyResult:
     """Apply what was read, or raise :class:`ManifestError` with every problem and apply nothing."""
-    validate(store, reading)
-    writes = writes_for(reading.documents)
-    outcomes = store.apply(writes, store_mod.Event(actor, "apply", "", "", reason), dry_run=dry_run)
+    with _WRITING:
+        validate(store, reading)
+        writes = writes_for(reading.documents)
+        outcomes = store.apply(writes, store_mod.Event(actor, "apply", "", "", reason), dry_run=dry_run)
     return ApplyResult(outcomes, dry_run)
 
 
@@ -162,9 +171,10 @@ def apply_documents(
 
 
 def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, reason: str = "delete") -> store_mod.WriteOutcome:
-    if kind == "Model" and (users := _users_of(store, name)):
-        raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}; delete those first")
-    return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason))
+    with _WRITING:
+        if kind == "Model" and (users := _users_of(store, name)):
+            raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}; delete those first")
+        return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason))
 
 
 def _users_of(store: store_mod.Store, model: str, going: Iterable[str] = ()) -> list[str]:
@@ -184,14 +194,15 @@ def delete_documents(store: store_mod.Store, docs: list[loader.LoadedDocument], 
     as does an object that does not exist unless ``missing_ok``."""
     targets = sorted(dict.fromkeys((d.kind, d.name) for d in docs), key=lambda t: DELETE_ORDER[t[0]])
     going = {name for kind, name in targets if kind == "ModelDeployment"}
-    for kind, name in targets:
-        if kind == "Model" and (users := _users_of(store, name, going)):
-            raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}, which the bundle does not delete; "
-                        "nothing was deleted")
-    try:
-        return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok)
-    except store_mod.NotFound as exc:
-        raise store_mod.NotFound(f"{exc}; nothing was deleted") from None
+    with _WRITING:
+        for kind, name in targets:
+            if kind == "Model" and (users := _users_of(store, name, going)):
+                raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}, which the bundle does not delete; "
+                            "nothing was deleted")
+        try:
+            return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok)
+        except store_mod.NotFound as exc:
+            raise store_mod.NotFound(f"{exc}; nothing was deleted") from None
 
 
 def rfc3339(ts: float | None) -> str | None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
@@ -544,9 +545,10 @@ class ControlPlane:
         """Drop the agent now: its streams end and it cannot rejoin on its credential."""
         self.hub.forget(site)
 
-    def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
+    async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
+        # The reconciler's state is read on the loop, whose it is; the schedule runs off it.
         last = self.reconciler.last_plan
-        return views.preview(self.reconciler.current(), docs, last.result.energy if last else None)
+        return await run_in_threadpool(views.preview, self.reconciler.current(), docs, last.result.energy if last else None)
 
     def placements_view(self) -> dict[str, Any]:
         last = self.reconciler.last_snapshot

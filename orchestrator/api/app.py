@@ -3,6 +3,11 @@
 Errors are translated here, at the boundary, into one JSON shape: ``{"error": ...}``
 plus ``issues`` for manifest problems. Nothing a client sends can raise past this layer
 as a 500 except a genuine bug.
+
+The event loop is shared with the gateway and the agents' streams: what takes CPU in
+proportion to a request (reading up to 4 MiB of manifests, judging and writing them, a
+dry run's schedule) runs in a worker thread, so one large apply does not hold up every
+inference request and health probe behind it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -39,7 +45,7 @@ class Services(Protocol):
     registry: Any  # prometheus CollectorRegistry
     agent_ca_sha256: str | None  # None: agents join over plaintext (--insecure-agents)
 
-    def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]: ...
+    async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]: ...
     def changed(self, reason: str) -> None: ...
     def placements_view(self) -> dict[str, Any]: ...
     def endpoints_view(self, model: str, caller: routing.Caller) -> dict[str, Any]: ...
@@ -96,7 +102,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if not reading.documents and not reading.issues:
             return error(422, "the request holds no documents")
         dry_run = _flag(request, "dryRun")
-        result = catalog.apply_reading(store, reading, actor=caller.identity, reason=_reason(request, "apply"), dry_run=dry_run)
+        result = await run_in_threadpool(catalog.apply_reading, store, reading, actor=caller.identity,
+                                         reason=_reason(request, "apply"), dry_run=dry_run)
         payload: dict[str, Any] = {
             "dryRun": dry_run,
             "results": [
@@ -105,7 +112,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             ],
         }
         if dry_run:
-            payload["plan"] = services.preview(reading.documents)
+            payload["plan"] = await services.preview(reading.documents)
         elif any(o.action != "unchanged" for o in result.outcomes):
             services.changed(f"apply by {caller.identity}")
         return JSONResponse(payload)
@@ -115,8 +122,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
         docs = await _documents(request)
         if not docs:
             return error(422, "the request holds no documents")
-        outcomes = catalog.delete_documents(store, docs, actor=caller.identity, reason=_reason(request, "delete"),
-                                            missing_ok=_flag(request, "ignoreNotFound"))
+        outcomes = await run_in_threadpool(catalog.delete_documents, store, docs, actor=caller.identity,
+                                           reason=_reason(request, "delete"), missing_ok=_flag(request, "ignoreNotFound"))
         if outcomes:
             services.changed(f"delete by {caller.identity}")
         return JSONResponse({"results": [{"kind": o.kind, "name": o.name, "action": o.action} for o in outcomes]})
@@ -139,8 +146,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def delete_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        outcome = catalog.delete_object(store, kind, request.path_params["name"], actor=caller.identity,
-                                        reason=_reason(request, "delete"))
+        outcome = await run_in_threadpool(catalog.delete_object, store, kind, request.path_params["name"], actor=caller.identity,
+                                          reason=_reason(request, "delete"))
         services.changed(f"delete by {caller.identity}")
         return JSONResponse({"kind": kind, "name": outcome.name, "action": "deleted"})
 
@@ -274,7 +281,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 async def _read(request: Request) -> loader.Reading:
     """The manifests in the body (``?file=`` names them in errors), those with errors included."""
     body = await bodies.read_body(request, MAX_BODY)
-    return loader.read_text(body, (request.query_params.get("file") or "<request>")[:256])
+    return await run_in_threadpool(loader.read_text, body, (request.query_params.get("file") or "<request>")[:256])
 
 
 async def _documents(request: Request) -> list[loader.LoadedDocument]:

@@ -179,7 +179,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                 log.exception("distill %s failed", name)
                 result = {"published": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
             try:
-                lines.put_nowait({"result": _finish(name, plan, result, caller)})
+                lines.put_nowait({"result": await _finish(name, plan, result, caller)})
             finally:
                 lines.put_nowait(None)
 
@@ -189,14 +189,16 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                               progress=progress)
             return {"published": outcome.artifact is not None, **outcome.report}
 
-        def _finish(name: str, plan: dict[str, Any], result: dict[str, Any], caller: auth.Caller) -> dict[str, Any]:
+        async def _finish(name: str, plan: dict[str, Any], result: dict[str, Any], caller: auth.Caller) -> dict[str, Any]:
             live = next((c for c in cascades_view().get("items", []) if c.get("name") == name), {})
             result = {"deployment": name, "zone": plan["zone"], "variant": plan["edge"],
                       "liveEscalationRateBefore": live.get("escalationRate"), **result}
             if result["published"]:
                 try:
-                    applied = catalog.apply_documents(store, loader.load_text(_published_model(plan["model"], plan["edge"], result["artifact"])),
-                                                      actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
+                    # in a thread, as the API's applies: it may wait for one of them to be written
+                    applied = await asyncio.to_thread(
+                        catalog.apply_documents, store, loader.load_text(_published_model(plan["model"], plan["edge"], result["artifact"])),
+                        actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
                 except (ManifestError, store_mod.Conflict) as exc:
                     result = {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
                 else:
