@@ -5,6 +5,7 @@ same of every text whether libyaml's parser reads it or PyYAML's Python one."""
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import yaml
@@ -40,6 +41,8 @@ def check(text: str | bytes) -> None:
         return
     assert isinstance(docs, list)
     assert all(isinstance(d, loader.LoadedDocument) for d in docs)
+    for d in docs:  # what is taken can be stored and served: strict JSON, in UTF-8
+        json.dumps(d.doc.model_dump(mode="json"), allow_nan=False, ensure_ascii=False).encode()
 
 
 def _mutate(doc: Any, path: list[Any], value: Any, action: str) -> Any:
