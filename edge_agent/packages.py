@@ -58,6 +58,7 @@ def _shown(name: str) -> str:
 
 
 def _check_name(name: str) -> str:
+    """``name`` normalised ("./a//b" is "a/b"); "" for the package folder itself ("./")."""
     if not name or "\x00" in name or "\\" in name:
         raise PackageRefused(f"package member {_shown(name)} has an invalid name")
     if name.startswith("/") or pathlib.PurePosixPath(name).is_absolute():
@@ -65,8 +66,6 @@ def _check_name(name: str) -> str:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise PackageRefused(f"package member {_shown(name)} leaves the package folder ('..'): refused")
-    if not parts:
-        raise PackageRefused(f"package member {_shown(name)} has an empty name")
     return "/".join(parts)
 
 
@@ -80,6 +79,10 @@ def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int) -> list[
         if len(out) >= max_files:
             raise PackageRefused(f"package has more than {max_files} members: refused")
         name = _check_name(member.name)
+        if not name:
+            if member.isdir():  # "./", first in a tar made with `tar -cf m.tar -C folder .`
+                continue
+            raise PackageRefused(f"package member {_shown(member.name)} has an empty name")
         if member.issym() or member.islnk():
             raise PackageRefused(f"package member {_shown(member.name)} is a link (to {_shown(member.linkname)}): refused")
         if not (member.isfile() or member.isdir()):

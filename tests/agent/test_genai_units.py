@@ -68,6 +68,7 @@ def _tar_of(path: pathlib.Path, *members: tuple[str, bytes | None]) -> str:
        # a folder renamed into place that no load could use
         ((("genai_config.json", b"{}"), ("a", b"x"), ("a/b", b"y")), "package member 'a/b' is inside 'a', which is a file: refused"),
         ((("genai_config.json", b"{}"), ("a/b/c", b"y"), ("a", b"x")), "package member 'a/b/c' is inside 'a', which is a file: refused"),
+        ((("genai_config.json", b"{}"), ("./", b"x")), "package member './' has an empty name"),
         ((("genai_config.json", None),), "package's genai_config.json is a folder, not a file: not an onnxruntime-genai model"),
         ((("genai_config.json", b"{}"), ("d/" + "x" * 300, b"y")),
          f"package member 'd/{'x' * 75}'... has a name longer than this file system takes: refused"),
@@ -80,6 +81,19 @@ def test_packages_no_file_system_can_hold_are_refused_as_packages(tmp_path: path
         packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models")
     assert str(refused.value) == said
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_folder_tarred_from_inside_unpacks(tmp_path: pathlib.Path) -> None:
+    """`tar -cf m.tar -C folder .` starts with the folder itself, "./"."""
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "genai_config.json").write_bytes(b"{}")
+    (model / "sub" / "model.onnx").write_bytes(b"x" * 100)
+    with tarfile.open(tmp_path / "p.tar", "w") as tar:
+        tar.add(model, arcname=".")
+    assert tarfile.open(tmp_path / "p.tar").getnames()[0] == "."
+    folder = packages.unpack(tmp_path / "p.tar", hashlib.sha256((tmp_path / "p.tar").read_bytes()).hexdigest(), tmp_path / "models")
+    assert (folder / "genai_config.json").read_bytes() == b"{}" and (folder / "sub" / "model.onnx").read_bytes() == b"x" * 100
 
 
 def test_a_model_folder_damaged_on_disk_is_unpacked_again(tmp_path: pathlib.Path) -> None:
