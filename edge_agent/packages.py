@@ -10,8 +10,10 @@ is not unpacked either). Then every member is checked before anything is written
   outside the folder whatever the tar says;
 - at most ``max_files`` members and ``max_bytes`` unpacked, so a tar bomb is refused
   before it fills the disk;
-- no member inside another that is a file (``a`` and ``a/b``), and no name longer than the
-  file system takes;
+- no member inside another that is a file (``a`` and ``a/b``), no name longer than the
+  file system takes, and none deeper than ``MAX_DEPTH`` folders or longer than
+  ``MAX_NAME_CHARS`` (a model folder is shallow; a path thousands of folders deep is only
+  an attack on whatever walks it);
 - a ``genai_config.json`` file at the top.
 
 Members go into a fresh temporary folder beside the final one, which is renamed into
@@ -37,6 +39,8 @@ if TYPE_CHECKING:  # tarfile and tempfile cost resident memory: imported when a 
 CONFIG_NAME = "genai_config.json"
 DEFAULT_MAX_BYTES = 256 << 30
 DEFAULT_MAX_FILES = 4096
+MAX_DEPTH = 64
+MAX_NAME_CHARS = 1024
 
 
 class PackageRefused(errors.ArtifactIntegrityError):
@@ -66,6 +70,9 @@ def _check_name(name: str) -> str:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise PackageRefused(f"package member {_shown(name)} leaves the package folder ('..'): refused")
+    if len(parts) > MAX_DEPTH or len(name) > MAX_NAME_CHARS:
+        raise PackageRefused(f"package member {_shown(name)} is deeper than {MAX_DEPTH} folders or longer than "
+                             f"{MAX_NAME_CHARS} characters: refused")
     return "/".join(parts)
 
 

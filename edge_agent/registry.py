@@ -236,17 +236,11 @@ class ModelRegistry:
                 data = await self._cache.read(want.sha256)
                 runtime = await asyncio.to_thread(self._load, data)
         except errors.AgentError as exc:
-            if slot.assignment is not want:
-                return  # superseded while it was loading
-            slot.failures += 1
-            delay = self._retry.delay(slot.failures, self._rng)
-            slot.retry_at = self._clock() + delay
-            slot.phase = ModelPhase.FAILED
-            slot.message = str(exc)
-            if slot.serving is not None:
-                slot.message += f"; still serving sha256 {slot.serving.sha256[:12]}"
-            slot.message += f"; retrying in {delay:.1f}s (failed {slot.failures}x)"
-            log.error("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
+            self._failed(slot, want, str(exc))
+            return
+        except Exception as exc:  # a fault of ours or of a library: this model fails, the others go on
+            log.exception("model %s sha256 %s: unexpected error while loading", want.model, want.sha256[:12])
+            self._failed(slot, want, f"unexpected error while loading: {type(exc).__name__}: {exc}")
             return
         if slot.assignment is not want:
             return
@@ -256,6 +250,19 @@ class ModelRegistry:
         log.info(
             "model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider
         )
+
+    def _failed(self, slot: _Slot, want: assignments.Assignment, reason: str) -> None:
+        if slot.assignment is not want:
+            return  # superseded while it was loading
+        slot.failures += 1
+        delay = self._retry.delay(slot.failures, self._rng)
+        slot.retry_at = self._clock() + delay
+        slot.phase = ModelPhase.FAILED
+        slot.message = reason
+        if slot.serving is not None:
+            slot.message += f"; still serving sha256 {slot.serving.sha256[:12]}"
+        slot.message += f"; retrying in {delay:.1f}s (failed {slot.failures}x)"
+        log.error("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
 
 
 def _release_freed_memory() -> None:

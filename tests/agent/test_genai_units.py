@@ -69,6 +69,8 @@ def _tar_of(path: pathlib.Path, *members: tuple[str, bytes | None]) -> str:
         ((("genai_config.json", b"{}"), ("a", b"x"), ("a/b", b"y")), "package member 'a/b' is inside 'a', which is a file: refused"),
         ((("genai_config.json", b"{}"), ("a/b/c", b"y"), ("a", b"x")), "package member 'a/b/c' is inside 'a', which is a file: refused"),
         ((("genai_config.json", b"{}"), ("./", b"x")), "package member './' has an empty name"),
+        ((("genai_config.json", b"{}"), ("/".join(["a"] * 1500) + "/x", b"y")),  # was a RecursionError out of the registry
+         f"package member '{'a/' * 38}a'... is deeper than 64 folders or longer than 1024 characters: refused"),
         ((("genai_config.json", None),), "package's genai_config.json is a folder, not a file: not an onnxruntime-genai model"),
         ((("genai_config.json", b"{}"), ("d/" + "x" * 300, b"y")),
          f"package member 'd/{'x' * 75}'... has a name longer than this file system takes: refused"),

@@ -100,6 +100,27 @@ async def test_registry_backs_off_on_a_mismatching_artifact_and_a_new_assignment
     assert models_reg.retry_due_in() is None
 
 
+async def test_an_unexpected_error_in_one_load_fails_that_model_and_is_retried(
+    tmp_path: pathlib.Path, models: Models
+) -> None:
+    def load(data: bytes) -> onnx.OnnxModel:
+        if data == models.v2.path.read_bytes():
+            raise RecursionError("maximum recursion depth exceeded")  # not an error the agent raises on purpose
+        return onnx.OnnxModel.load(data)
+
+    models_reg = registry.ModelRegistry(artifacts.ArtifactCache(tmp_path), load, rng=_MaxJitter())
+    await models_reg.converge(assignments.AssignmentSet(1, (
+        assignments.Assignment("broken", "d", "v", models.v2_url, models.v2.sha256),
+        assignments.Assignment("mlp", "d", "v", models.v1_url, models.v1.sha256),
+    )))
+    states = {s.name: s for s in models_reg.statuses()}
+    assert states["mlp"].phase is registry.ModelPhase.READY
+    assert states["broken"].phase is registry.ModelPhase.FAILED
+    assert states["broken"].message == ("unexpected error while loading: RecursionError: maximum recursion depth exceeded; "
+                                        "retrying in 1.0s (failed 1x)")
+    assert models_reg.retry_due_in() is not None
+
+
 async def test_artifact_that_is_unavailable_at_first_becomes_ready_without_a_new_assignment(
     control_plane: ControlPlane, make_agent: MakeAgent, models: Models, artifact_server: ArtifactServer
 ) -> None:
