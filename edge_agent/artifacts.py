@@ -105,12 +105,7 @@ class ArtifactCache:
             data = path.read_bytes()
         except OSError as exc:
             raise errors.ArtifactUnavailable(f"artifact {digest[:12]} is not cached: {exc}") from exc
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != digest:
-            path.unlink(missing_ok=True)
-            raise errors.ArtifactIntegrityError(
-                f"cached artifact {digest[:12]} is corrupt (sha256 {actual[:12]}); removed"
-            )
+        _refuse_if_corrupt(path, digest, hashlib.sha256(data).hexdigest())
         return data
 
     async def _download(self, url: str, digest: str, final: pathlib.Path, progress: Callable[[str], None] | None = None) -> None:
@@ -179,6 +174,24 @@ class ArtifactCache:
             return errors.ArtifactUnavailable(message)
         tail = stderr.decode(errors="replace").strip()[-300:]
         return errors.ArtifactUnavailable(f"download of {url} failed: the fetch process exited with status {code}: {tail}")
+
+
+def verify_file(path: pathlib.Path, sha256: str) -> None:
+    """Re-hash a cached artifact too large to read at once (a generative package) before
+    it is used; one corrupted on disk is removed, so the next attempt fetches it again."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    _refuse_if_corrupt(path, sha256, h.hexdigest())
+
+
+def _refuse_if_corrupt(path: pathlib.Path, digest: str, actual: str) -> None:
+    if actual != digest:
+        path.unlink(missing_ok=True)
+        raise errors.ArtifactIntegrityError(
+            f"cached artifact {digest[:12]} is corrupt (sha256 {actual[:12]}); removed"
+        )
 
 
 async def _reap(proc: asyncio.subprocess.Process, *, ended: bool) -> None:

@@ -3,7 +3,7 @@
 A ``runtime: onnx-genai`` artifact is a tar of a model folder. Its bytes are checked against
 the assignment's sha256 before the first member is read (the cache already refused a
 mismatching download; this re-hashes the file on disk, so a package corrupted in the cache
-is not unpacked either). Then every member is checked before anything is written:
+is not unpacked either, and is removed from the cache to be fetched again). Then every member is checked before anything is written:
 
 - regular files and folders only: no symbolic or hard links, devices or FIFOs;
 - relative names without ``..``, absolute paths, backslashes or NUL, so nothing lands
@@ -25,13 +25,12 @@ sha256, so a version unpacked once is reused.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import pathlib
 import shutil
 from typing import TYPE_CHECKING
 
-from edge_agent import errors
+from edge_agent import artifacts, errors
 
 if TYPE_CHECKING:  # tarfile and tempfile cost resident memory: imported when a package is unpacked
     import tarfile
@@ -45,14 +44,6 @@ MAX_NAME_CHARS = 1024
 
 class PackageRefused(errors.ArtifactIntegrityError):
     """The package is not one this agent unpacks (links, traversal, too large, no config)."""
-
-
-def sha256_of(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shown(name: str) -> str:
@@ -126,9 +117,7 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
     final = models_root / sha256
     if (final / CONFIG_NAME).is_file():
         return final  # renamed into place only once complete
-    actual = sha256_of(package)
-    if actual != sha256:
-        raise errors.ArtifactIntegrityError(f"package {package.name} has sha256 {actual}, expected {sha256}: refused before unpacking")
+    artifacts.verify_file(package, sha256)  # before the first member is read
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=models_root))
     try:
         try:

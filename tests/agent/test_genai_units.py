@@ -109,8 +109,9 @@ def test_a_model_folder_damaged_on_disk_is_unpacked_again(tmp_path: pathlib.Path
 
 def test_a_mismatching_package_is_refused_before_it_is_read(tmp_path: pathlib.Path) -> None:
     _tar(tmp_path / "p.tar", {"genai_config.json": b"{}"})
-    with pytest.raises(errors.ArtifactIntegrityError, match="refused before unpacking"):
+    with pytest.raises(errors.ArtifactIntegrityError, match="is corrupt .*; removed"):
         packages.unpack(tmp_path / "p.tar", "0" * 64, tmp_path / "models")
+    assert not (tmp_path / "p.tar").exists()  # from the cache: the next attempt fetches it again
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     junk_sha = hashlib.sha256((tmp_path / "junk.tar").read_bytes()).hexdigest()
     with pytest.raises(packages.PackageRefused, match="not a tar archive"):
