@@ -50,7 +50,9 @@ class Load:
 
 
 def probe_gpus() -> tuple[Gpu, ...]:
-    """GPUs through NVML; none when pynvml or the driver is missing."""
+    """GPUs through NVML; none when pynvml or the driver is missing. Never raises: a GPU
+    NVML cannot query (fallen off the bus, "GPU is lost") is left out and logged once,
+    and the others are reported, since every join and heartbeat carries this."""
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
@@ -62,10 +64,15 @@ def probe_gpus() -> tuple[Gpu, ...]:
         return ()
     gpus = []
     try:
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        count = pynvml.nvmlDeviceGetCount()
+        for index in range(count):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                name = pynvml.nvmlDeviceGetName(handle)
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            except pynvml.NVMLError as exc:
+                _unqueryable(f"GPU {index}", exc)
+                continue
             gpus.append(
                 Gpu(
                     index=index,
@@ -74,9 +81,24 @@ def probe_gpus() -> tuple[Gpu, ...]:
                     memory_free_bytes=int(memory.free),
                 )
             )
+    except pynvml.NVMLError as exc:
+        _unqueryable("the GPU count", exc)
     finally:
-        pynvml.nvmlShutdown()
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError as exc:
+            log.debug("NVML shutdown: %s", exc)
     return tuple(gpus)
+
+
+_unqueryable_logged: set[str] = set()  # what was logged already: the probe runs with every heartbeat
+
+
+def _unqueryable(what: str, exc: Exception) -> None:
+    message = f"NVML cannot query {what}: {exc}; not reported to the control plane"
+    if message not in _unqueryable_logged:
+        _unqueryable_logged.add(message)
+        log.warning("%s", message)
 
 
 class CapacityProbe:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import sys
+import types
 
 import psutil
 import pytest
@@ -139,3 +141,36 @@ def test_this_machine() -> None:
     assert 0 < load.memory_available_bytes <= cap.memory_total_bytes
     assert 0.0 <= load.cpu_percent <= 100.0
     assert math.isfinite(load.cpu_percent)
+
+
+class _NVMLError(Exception):
+    pass
+
+
+def _nvml_with_a_lost_gpu() -> types.ModuleType:
+    """pynvml as a machine with two GPUs shows it when the second fell off the bus (no GPU here)."""
+    nvml = types.ModuleType("pynvml")
+    nvml.NVMLError = _NVMLError  # type: ignore[attr-defined]
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetCount = lambda: 2  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetHandleByIndex = lambda index: index  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetName = lambda handle: b"NVIDIA L4"  # type: ignore[attr-defined]
+
+    def memory(handle: int) -> types.SimpleNamespace:
+        if handle == 1:
+            raise _NVMLError("GPU is lost")
+        return types.SimpleNamespace(total=24 * GiB, free=20 * GiB)
+
+    nvml.nvmlDeviceGetMemoryInfo = memory  # type: ignore[attr-defined]
+    return nvml
+
+
+def test_a_gpu_nvml_cannot_query_is_left_out_and_the_others_reported(monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", _nvml_with_a_lost_gpu())
+    probe = capacity.CapacityProbe(lambda: ["CPUExecutionProvider"])  # the default GPU probe, as the agent runs it
+    assert [(g.index, g.model, g.memory_total_bytes) for g in probe.capacity().gpus] == [(0, "NVIDIA L4", 24 * GiB)]
+    assert probe.load().gpu_free_bytes == ((0, 20 * GiB),)
+    probe.capacity()
+    lost = [r for r in caplog.records if "GPU 1" in r.getMessage()]
+    assert len(lost) == 1 and "GPU is lost" in lost[0].getMessage()  # once, not with every heartbeat
