@@ -90,6 +90,10 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int)
             os.fsync(fh.fileno())
     finally:
         source.close()
+    if source.total is not None and have < source.total:
+        # http.client's read1 returns b"" when the peer closes early, Content-Length or not:
+        # a dropped connection, whose bytes are kept for the next attempt's Range request
+        raise Failed("unavailable", f"download of {url} failed: the connection closed after {have} of {source.total} bytes")
     return have, hasher.hexdigest()
 
 

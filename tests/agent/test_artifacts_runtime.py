@@ -199,6 +199,37 @@ async def test_a_stalled_download_fails_on_the_socket_timeout(tmp_path: pathlib.
     assert (cache.root / ("0" * 64 + ".partial")).read_bytes() == b"x" * 10
 
 
+async def test_a_dropped_connection_keeps_what_came_and_the_next_attempt_resumes(tmp_path: pathlib.Path) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB
+    sha = hashlib.sha256(body).hexdigest()
+    ranges: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        wanted = re.search(r"(?im)^range: bytes=(\d+)-", head)
+        if wanted is None:  # promise the whole artifact, send half of it, hang up
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])
+        else:
+            ranges.append(wanted.group(0).split(": ", 1)[1])
+            start = int(wanted.group(1))
+            writer.write(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%d\r\nContent-Length: %d\r\n\r\n"
+                         % (start, len(body) - 1, len(body), len(body) - start) + body[start:])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/m.onnx"
+    try:
+        cache = artifacts.ArtifactCache(tmp_path)
+        with pytest.raises(errors.ArtifactUnavailable, match=f"closed after {len(body) // 2} of {len(body)} bytes"):
+            await cache.fetch(url, sha)
+        assert (cache.root / (sha + ".partial")).stat().st_size == len(body) // 2
+        assert (await cache.fetch(url, sha)).read_bytes() == body
+        assert ranges == [f"bytes={len(body) // 2}-"]
+    finally:
+        server.close()
+
+
 async def test_a_download_reports_its_progress_and_the_registry_shows_it(tmp_path: pathlib.Path) -> None:
     """What `get placements` shows for a replica whose model is still on its way."""
     from edge_agent import assignments, registry
