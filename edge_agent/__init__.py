@@ -19,6 +19,10 @@ serves them over the Open Inference Protocol, and keeps serving when the uplink 
 __version__ = "0.1.0"
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024  # --max-request-bytes: larger bodies get a 413
+# --max-artifact-gb: the largest artifact downloaded. Generative packages are large
+# (gpt-oss-20b, docs/generative.md, is about 14 GB); the limit guards the cache disk
+# against a wrong URL, not against the models the agent is meant to serve.
+DEFAULT_MAX_ARTIFACT_GIB = 64
 # --listen's default port: clear of the control plane's 8080 (HTTP), 8081 (agents) and 8082
 # (joins), so an agent and `edgeplane serve` run side by side on one machine.
 DEFAULT_LISTEN_PORT = 8090

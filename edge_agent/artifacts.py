@@ -30,6 +30,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+import edge_agent
 from edge_agent import errors
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class ArtifactCache:
         root: pathlib.Path,
         *,
         allow_file_urls: bool = False,
-        max_bytes: int = 8 << 30,
+        max_bytes: int = edge_agent.DEFAULT_MAX_ARTIFACT_GIB << 30,
         timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

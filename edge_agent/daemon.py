@@ -47,6 +47,7 @@ class AgentConfig:
     ca_sha256: str | None = None  # the CA's pin instead of its file
     join_address: str | None = None  # default: the host of the control-plane address in use, its port + 1
     allow_file_artifacts: bool = False
+    max_artifact_bytes: int = edge_agent.DEFAULT_MAX_ARTIFACT_GIB << 30  # larger artifacts are refused, not downloaded
     country: str = ""
     region: str = ""
     lat: float | None = None
@@ -103,7 +104,8 @@ class Agent:
         workers = config.workers or os.cpu_count() or 1
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
         self.store = state.StateStore(config.data_dir)
-        self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts)
+        self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts,
+                                             max_bytes=config.max_artifact_bytes)
         load_onnx = functools.partial(onnx.OnnxModel.load, intra_op_threads=config.intra_op_threads,
                                       spin_between_runs=config.spin_between_runs,
                                       spin_after_run_us=config.spin_after_run_us)

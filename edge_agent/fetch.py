@@ -59,6 +59,9 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int)
     have = hash_into(partial, hasher) if partial.exists() else 0
     source = _open(url, have, timeout)
     try:
+        if source.total is not None and source.total > max_bytes:  # refused before a byte of it is read
+            partial.unlink(missing_ok=True)
+            raise Failed("integrity", f"artifact at {url} is {source.total} bytes, {_over(max_bytes)}")
         if source.start is None:
             return have, hasher.hexdigest()  # nothing left to fetch (or bogus): the hash decides
         if source.start:
@@ -79,7 +82,7 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int)
                 have += len(chunk)
                 if have > max_bytes:  # nothing of it is worth resuming
                     partial.unlink(missing_ok=True)
-                    raise Failed("integrity", f"artifact at {url} is larger than {max_bytes} bytes")
+                    raise Failed("integrity", f"artifact at {url} is {_over(max_bytes)}")
                 hasher.update(chunk)
                 fh.write(chunk)
                 now = time.monotonic()
@@ -178,6 +181,10 @@ def _total_size(headers: http.client.HTTPMessage, have: int) -> int | None:
         return int(tail) if tail.isdigit() else None
     length = headers.get("content-length")
     return have + int(length) if length and length.isdigit() else None
+
+
+def _over(max_bytes: int) -> str:
+    return f"larger than the agent's limit of {max_bytes} bytes (--max-artifact-gb): refused"
 
 
 def _emit(**fields: object) -> None:

@@ -246,6 +246,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--join-address", type=_dial_address, metavar="HOST:PORT",
                    help="the control plane's join listener for the first join (default: the --control-plane address in use, port + 1)")
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
+    p.add_argument("--max-artifact-gb", type=_positive, default=float(edge_agent.DEFAULT_MAX_ARTIFACT_GIB), metavar="GIB",
+                   help="largest model artifact downloaded, in GiB; a larger one is refused before its download "
+                        f"starts, when the server says its size [{edge_agent.DEFAULT_MAX_ARTIFACT_GIB}]")
     p.add_argument("--max-request-bytes", type=_count(1, 2**40), default=edge_agent.DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request body [{edge_agent.DEFAULT_MAX_REQUEST_BYTES}]")
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS",
@@ -298,6 +301,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         ca_sha256=args.ca_sha256,
         join_address=args.join_address,
         allow_file_artifacts=args.allow_file_artifacts,
+        max_artifact_bytes=int(args.max_artifact_gb * (1 << 30)),
         country=args.country,
         region=args.region,
         lat=args.lat,

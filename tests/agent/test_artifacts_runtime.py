@@ -134,8 +134,18 @@ def test_provider_choice(available, chosen) -> None:
 
 async def test_an_oversized_download_leaves_nothing_to_resume(tmp_path: pathlib.Path, models: Models) -> None:
     cache = artifacts.ArtifactCache(tmp_path, max_bytes=100)
-    with pytest.raises(errors.ArtifactIntegrityError, match="larger than 100 bytes"):
+    with pytest.raises(errors.ArtifactIntegrityError, match=r"larger than the agent's limit of 100 bytes \(--max-artifact-gb\)"):
         await cache.fetch(models.v1_url, models.v1.sha256)
+    assert list(cache.root.iterdir()) == []
+
+
+async def test_an_artifact_announced_over_the_limit_is_refused_before_its_download(tmp_path: pathlib.Path) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, max_bytes=100, timeout=60.0)
+    (cache.root / ("0" * 64 + ".partial")).write_bytes(b"x" * 10)  # nothing worth resuming either
+    head = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-999999999999/1000000000000\r\nContent-Length: 999999999990\r\n\r\n"
+    async with _SilentServer(head + b"x" * 10) as url:  # then nothing: reading on would wait out the 60 s socket timeout
+        with pytest.raises(errors.ArtifactIntegrityError, match="is 1000000000000 bytes, larger than the agent's limit of 100 bytes"):
+            await asyncio.wait_for(cache.fetch(url, "0" * 64), 20)
     assert list(cache.root.iterdir()) == []
 
 
