@@ -96,6 +96,16 @@ class ArtifactCache:
                 raise errors.ArtifactUnavailable(f"artifact URL {url!r}: scheme must be http(s)")
             return final
 
+    async def prune(self, keep: set[str]) -> None:
+        """Delete cached artifacts and ``.partial`` downloads whose digest is not in ``keep``,
+        except those a fetch is working on now (whose lock is held)."""
+        busy = {digest for digest, lock in self._locks.items() if lock.locked()}
+        for digest in [d for d in self._locks if d not in keep and d not in busy]:
+            del self._locks[digest]
+        removed = await asyncio.to_thread(_prune, self.root, keep | busy)
+        if removed:
+            log.info("removed %d artifact file(s) no assignment needs from the cache: %s", len(removed), ", ".join(removed))
+
     async def read(self, sha256: str) -> bytes:
         """The cached artifact's bytes, re-verified; raises if missing or corrupt."""
         return await asyncio.to_thread(self._read_verified, check_sha256(sha256))
@@ -175,6 +185,20 @@ class ArtifactCache:
             return errors.ArtifactUnavailable(message)
         tail = stderr.decode(errors="replace").strip()[-300:]
         return errors.ArtifactUnavailable(f"download of {url} failed: the fetch process exited with status {code}: {tail}")
+
+
+def _prune(root: pathlib.Path, keep: set[str]) -> list[str]:
+    removed = []
+    for entry in root.iterdir():
+        digest = entry.name.removesuffix(".partial")
+        if _HEX.match(digest) and digest not in keep and entry.is_file():  # anything else is not the cache's
+            try:
+                entry.unlink()
+            except OSError as exc:
+                log.warning("cannot remove %s from the cache: %s", entry, exc.strerror or exc)
+                continue
+            removed.append(entry.name[:12] + (".partial" if entry.name.endswith(".partial") else ""))
+    return removed
 
 
 def verify_file(path: pathlib.Path, sha256: str) -> None:

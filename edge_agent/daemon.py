@@ -280,6 +280,7 @@ class Agent:
             try:
                 await self.registry.converge(self._desired)  # latest wins: read it now
                 keep = {m.sha256 for m in self.registry.serving()} | {a.sha256 for a in self._desired.assignments}
+                await self.cache.prune(keep)  # a version no longer wanted is downloaded again if it ever is
                 if self.models_dir.is_dir():  # a generative model was unpacked here once
                     await asyncio.to_thread(_prune_packages, self.models_dir, keep)  # versions no longer wanted
             except Exception:  # the loop never dies

@@ -138,6 +138,25 @@ async def test_corrupt_upgrade_is_refused_and_previous_version_keeps_serving(
         assert (await client.post("/v2/models/mlp/infer", content=b"{}")).status_code == 404
 
 
+async def test_the_artifact_cache_holds_only_what_the_assignments_need(
+    control_plane: ControlPlane, make_agent: MakeAgent, models: Models
+) -> None:
+    agent = await make_agent(control_plane)
+    cached = agent.config.data_dir / "cache" / "sha256"
+    control_plane.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=1)
+    await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY)
+    (cached / ("ab" * 32 + ".partial")).write_bytes(b"a download abandoned by an agent before this one")
+
+    def held() -> set[str]:
+        return {p.name for p in cached.iterdir()}
+
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        await v1_then_v2(control_plane, client, models, version=2)
+    await harness.wait_until(lambda: held() == {models.v2.sha256}, what=f"v1 removed from the cache, not {held()}")
+    control_plane.hub.set_assignments(SITE, [], version=3)
+    await harness.wait_until(lambda: held() == set(), what=f"an empty cache, not {held()}")
+
+
 async def test_agent_keeps_serving_without_control_plane_and_rejoins(
     make_agent: MakeAgent, models: Models
 ) -> None:

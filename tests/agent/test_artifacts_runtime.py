@@ -240,6 +240,28 @@ async def test_a_dropped_connection_keeps_what_came_and_the_next_attempt_resumes
         server.close()
 
 
+async def test_pruning_keeps_what_is_wanted_and_what_a_fetch_is_writing(tmp_path: pathlib.Path, models: Models) -> None:
+    cache = artifacts.ArtifactCache(tmp_path, timeout=60.0)
+    old, wanted = await cache.fetch(models.v1_url, models.v1.sha256), await cache.fetch(models.v2_url, models.v2.sha256)
+    abandoned = cache.root / ("a" * 64 + ".partial")  # a download whose model was unassigned
+    abandoned.write_bytes(b"x" * 10)
+    (cache.root / "notes.txt").write_text("the operator's")
+    body = b"x" * 1000
+    sha = hashlib.sha256(body).hexdigest()
+    server = _SilentServer(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + body[:10], body[10:])
+    async with server as url:
+        fetch = asyncio.create_task(cache.fetch(url, sha))
+        await asyncio.wait_for(server.connected.wait(), 30)
+        await cache.prune({models.v2.sha256})
+        server.go.set()
+        arrived = await asyncio.wait_for(fetch, 30)  # its .partial was left alone: moved into place once whole
+    assert arrived.read_bytes() == body
+    assert not old.exists() and not abandoned.exists()
+    assert wanted.exists() and (cache.root / "notes.txt").exists()
+    await cache.prune(set())
+    assert sorted(p.name for p in cache.root.iterdir()) == ["notes.txt"]
+
+
 async def test_a_download_reports_its_progress_and_the_registry_shows_it(tmp_path: pathlib.Path) -> None:
     """What `get placements` shows for a replica whose model is still on its way."""
     from edge_agent import assignments, registry
