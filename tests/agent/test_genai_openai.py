@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from edge_agent import registry
 from orchestrator.agents import model
-from orchestrator.testing import genai_model
+from orchestrator.testing import genai_model, harness
 
 from .conftest import SITE, ArtifactServer, ControlPlane, MakeAgent
 
@@ -366,19 +366,20 @@ async def test_a_mismatching_package_is_refused_and_the_old_version_keeps_servin
 
 
 async def test_a_package_corrupted_in_the_cache_is_removed_and_fetched_again(
-        control_plane: ControlPlane, make_agent: MakeAgent, packages: Packages, tmp_path) -> None:
-    cached = tmp_path / SITE / "cache" / "sha256" / packages.small.sha256  # the agent's cache, rotted on disk
-    cached.parent.mkdir(parents=True)
-    data = bytearray(packages.small.package.read_bytes())
+        control_plane: ControlPlane, make_agent: MakeAgent, packages: Packages) -> None:
+    async for serving in serve(control_plane, make_agent, packages.small_url, packages.small.sha256):
+        first = serving.agent
+    await first.stop()
+    cached = first.config.data_dir / "cache" / "sha256" / packages.small.sha256
+    data = bytearray(cached.read_bytes())  # rotted on disk while the agent was down
     data[len(data) // 2] ^= 0xFF
     cached.write_bytes(bytes(data))
-    agent = await make_agent(control_plane, model_retry=registry.RetryPolicy(initial=0.05, maximum=0.2))
-    control_plane.hub.set_assignments(SITE, [assignment(packages.small_url, packages.small.sha256)], version=1)
+    (first.models_dir / packages.small.sha256 / "genai_config.json").unlink()  # so is its unpacked folder
+    agent = await make_agent(control_plane, model_retry=registry.RetryPolicy(initial=0.05, maximum=0.2))  # the saved set
     failed = await wait_state(control_plane, lambda st: st.phase is model.ModelPhase.FAILED)
     assert "sha256" in failed.message, failed.message
-    await wait_state(control_plane, lambda st: st.serving_sha256 == packages.small.sha256)  # downloaded again
+    await harness.wait_until(lambda: agent.registry.get(MODEL) is not None, what="the package downloaded again and served")
     assert cached.read_bytes() == packages.small.package.read_bytes()
-    assert sorted(p.name for p in agent.models_dir.iterdir()) == [packages.small.sha256]
 
 
 async def test_a_package_escaping_its_folder_is_refused_before_anything_is_written(
