@@ -109,17 +109,18 @@ class Agent:
         load_onnx = functools.partial(onnx.OnnxModel.load, intra_op_threads=config.intra_op_threads,
                                       spin_between_runs=config.spin_between_runs,
                                       spin_after_run_us=config.spin_after_run_us)
+        self._wake = asyncio.Event()  # a new desired set, or a model's attempt ended
         self.registry = registry.ModelRegistry(
             self.cache,
             load_model or load_onnx,
             on_change=self._models_changed,
+            on_attempt_end=self._wake.set,
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
         )
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000)
         self.server.max_body_bytes = config.max_body_bytes
         self._desired = assignments.EMPTY
-        self._desired_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._http: httpserver.HttpServer | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -209,7 +210,9 @@ class Agent:
         if saved.assignments:
             log.info("serving %d saved assignment(s) from the local cache", len(saved.assignments))
         self._desired = saved
-        self._desired_changed.set()
+        if self.models_dir.is_dir():  # before any unpack starts: leftovers of unpacks a stop or crash cut short go too
+            await asyncio.to_thread(_prune_packages, self.models_dir, {a.sha256 for a in saved.assignments}, set())
+        self._wake.set()
         self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
         self.uplink = uplink.Uplink(
             cfg.control_planes,
@@ -252,6 +255,7 @@ class Agent:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.registry.close()  # downloads under way: their children killed
         self.server.close()
         self._executor.shutdown(wait=True)
         self._release_data_dir()
@@ -264,38 +268,42 @@ class Agent:
             log.error("cannot save assignment set v%d in %s: %s; acting on it anyway (a restart while the control plane "
                       "is unreachable would serve the last set saved)", desired.version, self.config.data_dir, exc.strerror or exc)
         self._desired = desired
-        self._desired_changed.set()
+        self._wake.set()
 
     async def _reconcile(self) -> None:
-        """Converge on each new desired set, and again whenever a failed model is due."""
+        """Act on each new desired set at once, and again whenever a model's attempt ends or
+        a failed model is due. Downloads and loads run as the registry's own tasks: this
+        loop waits for none of them."""
         while True:
             retry_in = self.registry.retry_due_in()
             if retry_in is None:
-                await self._desired_changed.wait()
+                await self._wake.wait()
             else:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(retry_in):
-                        await self._desired_changed.wait()
-            self._desired_changed.clear()
+                        await self._wake.wait()
+            self._wake.clear()
             try:
-                await self.registry.converge(self._desired)  # latest wins: read it now
+                self.registry.apply(self._desired)  # latest wins: read it now
                 keep = {m.sha256 for m in self.registry.serving()} | {a.sha256 for a in self._desired.assignments}
                 await self.cache.prune(keep)  # a version no longer wanted is downloaded again if it ever is
                 if self.models_dir.is_dir():  # a generative model was unpacked here once
-                    await asyncio.to_thread(_prune_packages, self.models_dir, keep)  # versions no longer wanted
+                    # versions no longer wanted; an unpack of a wanted one may be under way
+                    await asyncio.to_thread(_prune_packages, self.models_dir, keep, keep)
             except Exception:  # the loop never dies
                 log.exception("converging on assignment set v%d failed", self._desired.version)
-            self.server.ready = True
+            if not self.registry.busy():  # the saved set's models are loaded, or failed
+                self.server.ready = True
 
     def _models_changed(self) -> None:
         if self.uplink is not None:
             self.uplink.nudge()
 
 
-def _prune_packages(models_dir: pathlib.Path, keep: set[str]) -> None:
+def _prune_packages(models_dir: pathlib.Path, keep: set[str], unpacking: set[str]) -> None:
     from edge_agent import packages  # with shutil, bz2 and lzma: only where generative models were unpacked
 
-    packages.prune(models_dir, keep)
+    packages.prune(models_dir, keep, unpacking)
 
 
 def _default_url(host: str, port: int) -> str:

@@ -162,10 +162,12 @@ def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, target: pathlib.Path) 
         raise
 
 
-def prune(models_root: pathlib.Path, keep: set[str]) -> None:
-    """Remove unpacked versions not in ``keep`` and leftovers of interrupted unpacks."""
+def prune(models_root: pathlib.Path, keep: set[str], unpacking: set[str]) -> None:
+    """Remove unpacked versions not in ``keep`` and leftovers of interrupted unpacks, but
+    not the temporary folder of a version in ``unpacking``, whose unpack may be under way."""
     if not models_root.is_dir():
         return
+    spared = {f".{sha256[:12]}-" for sha256 in unpacking}  # as unpack names its temporary folder
     for entry in models_root.iterdir():
-        if entry.name not in keep:
+        if entry.name not in keep and entry.name[:14] not in spared:
             shutil.rmtree(entry, ignore_errors=True)

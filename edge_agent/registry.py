@@ -4,12 +4,18 @@ A new version replaces the serving one only once it is downloaded, verified and 
 until then the previous version keeps serving and the model's state says why the new one
 is not there. Models absent from the desired set are unloaded.
 
+Each model's fetch and load is an attempt of its own (a task), so a download that takes
+hours holds up no other model, nor a new assignment set: :meth:`ModelRegistry.apply` acts
+on a set at once and waits for no attempt; an attempt at an assignment that changed, or at
+a model no longer assigned, is cancelled (its download child killed).
+
 A failed fetch or load is retried with jittered exponential backoff (:class:`RetryPolicy`,
 1 s doubling to 60 s), because the usual causes pass on their own: a control plane or
 artifact store briefly unreachable, an artifact published a moment after its assignment.
 The registry only records *when* a slot is due again (:meth:`ModelRegistry.retry_due_in`);
-the daemon's reconcile loop owns the waiting and calls :meth:`ModelRegistry.converge`
-again, so a new assignment set simply supersedes a pending retry.
+the daemon's reconcile loop owns the waiting and calls :meth:`ModelRegistry.apply` again
+(woken by ``on_attempt_end`` when an attempt ends), so a new assignment set simply
+supersedes a pending retry.
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ class ServedModel:
 
 
 class _Slot:
-    __slots__ = ("assignment", "failures", "message", "phase", "retry_at", "serving")
+    __slots__ = ("assignment", "attempt", "failures", "message", "phase", "retry_at", "serving")
 
     def __init__(self, assignment: assignments.Assignment) -> None:
         self.assignment = assignment
@@ -114,6 +120,7 @@ class _Slot:
         self.message = ""
         self.failures = 0  # consecutive failed attempts at ``assignment``
         self.retry_at: float | None = None  # clock time of the next attempt, when FAILED
+        self.attempt: asyncio.Task[None] | None = None  # fetching and loading ``assignment``, while it runs
 
 
 Loader = Callable[[bytes], onnx.OnnxModel]
@@ -128,6 +135,7 @@ class ModelRegistry:
         load: Loader,
         on_change: Callable[[], None] = lambda: None,
         *,
+        on_attempt_end: Callable[[], None] = lambda: None,
         load_package: PackageLoader | None = None,
         retry: RetryPolicy = MODEL_RETRY,
         clock: Callable[[], float] = time.monotonic,
@@ -137,10 +145,12 @@ class ModelRegistry:
         self._load = load
         self._load_package = load_package
         self._on_change = on_change
+        self._on_attempt_end = on_attempt_end
         self._retry = retry
         self._clock = clock
         self._rng = rng or random.Random()
         self._slots: dict[str, _Slot] = {}
+        self._attempts: set[asyncio.Task[None]] = set()  # cancelled ones too, until they have unwound
         self.applied_version = 0
 
     def get(self, name: str) -> ServedModel | None:
@@ -181,30 +191,60 @@ class ModelRegistry:
         due = [s.retry_at for s in self._slots.values() if s.retry_at is not None]
         return max(0.0, min(due) - self._clock()) if due else None
 
-    async def converge(self, desired: assignments.AssignmentSet) -> None:
-        """Make the serving set match ``desired``; per-model failures land in the states.
+    def busy(self) -> bool:
+        """Whether an attempt (a fetch or load) is under way."""
+        return any(not t.done() for t in self._attempts)
 
-        A model that failed at the same assignment is attempted again only once its
-        backoff has run out; a changed assignment starts afresh at once.
+    async def settled(self) -> None:
+        """Wait until no attempt is under way."""
+        while pending := [t for t in self._attempts if not t.done()]:
+            await asyncio.wait(pending)
+
+    async def converge(self, desired: assignments.AssignmentSet) -> None:
+        """:meth:`apply` ``desired``, then wait for the attempts it started."""
+        self.apply(desired)
+        await self.settled()
+
+    async def close(self) -> None:
+        """Cancel every attempt and wait for them (download children killed)."""
+        for task in self._attempts:
+            task.cancel()
+        await asyncio.gather(*self._attempts, return_exceptions=True)
+
+    def apply(self, desired: assignments.AssignmentSet) -> None:
+        """Act on ``desired`` at once, waiting for no download or load; per-model
+        failures land in the states.
+
+        A model no longer assigned is unloaded and its attempt cancelled; a changed
+        assignment cancels the attempt at the old one and its backoff, and is attempted
+        at once; a model that failed at the same assignment is attempted again only once
+        its backoff has run out; one whose attempt is under way is left to it.
         """
         wanted = {a.model: a for a in desired.assignments}
         before = self._serving_versions()
         for name in [n for n in self._slots if n not in wanted]:
-            del self._slots[name]
+            slot = self._slots.pop(name)
+            if slot.attempt is not None:
+                slot.attempt.cancel()
             log.info("model %s unassigned: unloaded", name)
-        self._on_change()
-        await asyncio.gather(*(self._converge_one(a) for a in wanted.values()))
+        for want in wanted.values():
+            self._apply_one(want)
         self.applied_version = desired.version
         self._on_change()
         if self._serving_versions() != before:
             _release_freed_memory()
 
-    async def _converge_one(self, want: assignments.Assignment) -> None:
+    def _apply_one(self, want: assignments.Assignment) -> None:
         slot = self._slots.get(want.model)
         if slot is None:
             slot = self._slots[want.model] = _Slot(want)
-        if slot.assignment != want:
+        elif slot.assignment != want:
             slot.failures, slot.retry_at = 0, None  # a new assignment cancels the backoff
+            if slot.attempt is not None:  # and the attempt at the old one
+                slot.attempt.cancel()
+                slot.attempt = None
+        elif slot.attempt is not None:
+            return  # under way at this very assignment
         elif slot.retry_at is not None and self._clock() < slot.retry_at:
             return  # failed at this very assignment and not due yet: keep backing off
         slot.assignment = want
@@ -218,7 +258,20 @@ class ModelRegistry:
             return
         attempt = f" (attempt {slot.failures + 1})" if slot.failures else ""
         slot.phase, slot.message = ModelPhase.LOADING, f"fetching {want.artifact_url}{attempt}"
-        self._on_change()
+        task = asyncio.get_running_loop().create_task(self._attempt(slot, want, attempt), name=f"load {want.model}")
+        slot.attempt = task
+        self._attempts.add(task)
+        task.add_done_callback(self._attempts.discard)
+
+    async def _attempt(self, slot: _Slot, want: assignments.Assignment, attempt: str) -> None:
+        try:
+            await self._fetch_and_load(slot, want, attempt)
+        finally:
+            if slot.attempt is asyncio.current_task():
+                slot.attempt = None
+            self._on_attempt_end()
+
+    async def _fetch_and_load(self, slot: _Slot, want: assignments.Assignment, attempt: str) -> None:
         def downloading(done: str) -> None:  # "downloading <url>: 40% of 812.3 MB" in status and `get placements`
             if slot.assignment is want:
                 slot.message = f"downloading {want.artifact_url}: {done}{attempt}"
@@ -242,18 +295,20 @@ class ModelRegistry:
             log.exception("model %s sha256 %s: unexpected error while loading", want.model, want.sha256[:12])
             self._failed(slot, want, f"unexpected error while loading: {type(exc).__name__}: {exc}")
             return
-        if slot.assignment is not want:
-            return
+        if slot.assignment is not want or self._slots.get(want.model) is not slot:
+            return  # superseded, or unassigned, while it was loading
         slot.serving = ServedModel(want.model, want.sha256, runtime, want.max_concurrent_sequences, want.max_queued)
         slot.failures, slot.retry_at = 0, None
         slot.phase, slot.message = ModelPhase.READY, ""
         log.info(
             "model %s sha256 %s serving on %s", want.model, want.sha256[:12], runtime.provider
         )
+        self._on_change()
+        _release_freed_memory()  # the load's temporary buffers (and the version it replaced)
 
     def _failed(self, slot: _Slot, want: assignments.Assignment, reason: str) -> None:
-        if slot.assignment is not want:
-            return  # superseded while it was loading
+        if slot.assignment is not want or self._slots.get(want.model) is not slot:
+            return  # superseded, or unassigned, while it was loading
         slot.failures += 1
         delay = self._retry.delay(slot.failures, self._rng)
         slot.retry_at = self._clock() + delay
@@ -263,6 +318,7 @@ class ModelRegistry:
             slot.message += f"; still serving sha256 {slot.serving.sha256[:12]}"
         slot.message += f"; retrying in {delay:.1f}s (failed {slot.failures}x)"
         log.error("model %s sha256 %s failed: %s", want.model, want.sha256[:12], slot.message)
+        self._on_change()
 
 
 def _release_freed_memory() -> None:

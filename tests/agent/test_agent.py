@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 from collections.abc import Callable
 
@@ -13,12 +14,13 @@ import numpy as np
 import psutil
 import pytest
 
-from edge_agent import capacity
+from edge_agent import capacity, registry
 from edgeplane_proto import oip
 from orchestrator.agents import model
 from orchestrator.testing import harness, onnx_models
 
-from .conftest import SITE, ControlPlane, MakeAgent, Models, start_control_plane
+from .conftest import SITE, ArtifactServer, ControlPlane, MakeAgent, Models, start_control_plane
+from .test_artifacts_runtime import _SilentServer
 
 
 
@@ -155,6 +157,27 @@ async def test_the_artifact_cache_holds_only_what_the_assignments_need(
     await harness.wait_until(lambda: held() == {models.v2.sha256}, what=f"v1 removed from the cache, not {held()}")
     control_plane.hub.set_assignments(SITE, [], version=3)
     await harness.wait_until(lambda: held() == set(), what=f"an empty cache, not {held()}")
+
+
+async def test_a_download_under_way_holds_up_neither_another_model_nor_a_new_assignment_set(
+    control_plane: ControlPlane, make_agent: MakeAgent, models: Models, artifact_server: ArtifactServer
+) -> None:
+    name = "mlp-beside-a-download.onnx"
+    shutil.copyfile(models.v1.path, artifact_server.root / name)
+    artifact_server.fail_next(name, 503)
+    agent = await make_agent(control_plane, model_retry=registry.RetryPolicy(initial=0.05, maximum=0.2))
+    slow = _SilentServer(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 1000)  # then nothing for a while
+    async with slow as big_url:
+        big = model.Assignment("big", "intent", "large", big_url, "ab" * 32)
+        control_plane.hub.set_assignments(SITE, [big, assignment(artifact_server.url(name), models.v1)], version=1)
+        # refused once (503), retried and served while the big one is still on its way
+        await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY and s.serving_sha256 == models.v1.sha256)
+        assert {s.name: s.phase for s in agent.registry.statuses()}["big"] is registry.ModelPhase.LOADING
+        # the big one unassigned and another model assigned: acted on at once, the download stopped
+        control_plane.hub.set_assignments(SITE, [assignment(models.v2_url, models.v2, name="other")], version=2)
+        await wait_model(control_plane, lambda s: s.phase is model.ModelPhase.READY, name="other")
+        await asyncio.wait_for(slow.closed.wait(), 10)
+    assert sorted(s.name for s in agent.registry.statuses()) == ["other"]
 
 
 async def test_agent_keeps_serving_without_control_plane_and_rejoins(

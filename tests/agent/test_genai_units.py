@@ -30,7 +30,11 @@ def test_a_good_package_unpacks_once_into_its_digest_folder(tmp_path: pathlib.Pa
     folder = packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models")
     assert folder == tmp_path / "models" / sha and (folder / "sub" / "model.onnx").read_bytes() == b"x"
     assert packages.unpack(tmp_path / "p.tar", sha, tmp_path / "models") == folder  # reused
-    packages.prune(tmp_path / "models", keep=set())
+    under_way = tmp_path / "models" / f".{'b' * 12}-x1y2"  # as unpack names its temporary folder
+    under_way.mkdir()
+    packages.prune(tmp_path / "models", keep={"b" * 64}, unpacking={"b" * 64})
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [under_way.name]  # v1 no longer wanted
+    packages.prune(tmp_path / "models", keep=set(), unpacking=set())
     assert list((tmp_path / "models").iterdir()) == []
 
 
