@@ -102,8 +102,13 @@ class ArtifactCache:
         busy = {digest for digest, lock in self._locks.items() if lock.locked()}
         for digest in [d for d in self._locks if d not in keep and d not in busy]:
             del self._locks[digest]
-        removed = await asyncio.to_thread(_prune, self.root, keep | busy)
-        if removed:
+        spared = keep | busy
+        # listed here (a few names), removed in a thread only when there is something to remove: on
+        # most passes there is none, and a thread's first work would cost the idle agent an arena
+        doomed = [name for name in os.listdir(self.root)
+                  if _HEX.match(name.removesuffix(".partial")) and name.removesuffix(".partial") not in spared]
+        if doomed:
+            removed = await asyncio.to_thread(_remove, self.root, doomed)
             log.info("removed %d artifact file(s) no assignment needs from the cache: %s", len(removed), ", ".join(removed))
 
     async def read(self, sha256: str) -> bytes:
@@ -187,17 +192,18 @@ class ArtifactCache:
         return errors.ArtifactUnavailable(f"download of {url} failed: the fetch process exited with status {code}: {tail}")
 
 
-def _prune(root: pathlib.Path, keep: set[str]) -> list[str]:
+def _remove(root: pathlib.Path, names: list[str]) -> list[str]:
     removed = []
-    for entry in root.iterdir():
-        digest = entry.name.removesuffix(".partial")
-        if _HEX.match(digest) and digest not in keep and entry.is_file():  # anything else is not the cache's
-            try:
-                entry.unlink()
-            except OSError as exc:
-                log.warning("cannot remove %s from the cache: %s", entry, exc.strerror or exc)
-                continue
-            removed.append(entry.name[:12] + (".partial" if entry.name.endswith(".partial") else ""))
+    for name in names:
+        entry = root / name
+        if not entry.is_file():  # not the cache's
+            continue
+        try:
+            entry.unlink()
+        except OSError as exc:
+            log.warning("cannot remove %s from the cache: %s", entry, exc.strerror or exc)
+            continue
+        removed.append(name[:12] + (".partial" if name.endswith(".partial") else ""))
     return removed
 
 
