@@ -35,7 +35,7 @@ from edge_agent import errors
 
 log = logging.getLogger(__name__)
 
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"[0-9a-f]{64}")
 #: Beyond the socket timeout, how long a download child may say nothing before it is killed.
 STALL_GRACE_S = 10.0
 #: How long a fetch child whose output ended may take to exit before it is killed.
@@ -44,7 +44,7 @@ EXIT_GRACE_S = 5.0
 
 def check_sha256(sha256: str) -> str:
     value = sha256.lower()
-    if not _HEX.match(value):
+    if not _HEX.fullmatch(value):
         raise errors.ArtifactIntegrityError(f"sha256 {sha256!r} is not 64 hex digits")
     return value
 

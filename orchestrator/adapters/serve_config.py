@@ -43,7 +43,7 @@ LLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"
 LLM_SERVER_DEPLOYMENT = "LLMServer"
 RUNTIMES = ("onnx", "onnx-genai", "ray-serve", "vllm")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 class DataCentreError(Exception):
@@ -205,7 +205,7 @@ class DataCentreActuator(Protocol):
 def spec_problems(spec: ServeAppSpec) -> list[str]:
     """Everything wrong with ``spec``; empty when it can be rendered."""
     problems: list[str] = []
-    if not _APP_NAME.match(spec.name):
+    if not _APP_NAME.fullmatch(spec.name):
         problems.append("name must be 1-63 letters, digits, '-', '_' or '.'")
     if not spec.route_prefix.startswith("/") or (
         spec.route_prefix != "/" and spec.route_prefix.endswith("/")

@@ -40,7 +40,7 @@ from orchestrator.manifests import schema
 
 log = logging.getLogger(__name__)
 
-SITE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+SITE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch: "$" would take "edge-1\n"
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 253
 
@@ -627,7 +627,7 @@ def _decisive(models: Mapping[str, model.ModelState]) -> dict[str, model.ModelSt
 
 
 def _validate(application: model.JoinApplication) -> None:
-    if not SITE_NAME.match(application.site):
+    if not SITE_NAME.fullmatch(application.site):
         raise errors.InvalidJoin(
             f"site name {application.site!r} must be a DNS label: lowercase letters, digits "
             "and '-', at most 63 characters"

@@ -132,7 +132,7 @@ class RaySite(Strict):
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
-        if v != "local" and not re.match(r"^https?://[^\s/]+(:\d+)?/?$", v):
+        if v != "local" and not re.fullmatch(r"https?://[^\s/]+(:\d+)?/?", v):
             raise ValueError("must be 'local' or a dashboard URL such as http://ray-head:8265")
         return v
 
@@ -176,7 +176,7 @@ class Artifact(Strict):
     def _scheme(cls, v: str) -> str:
         if re.match(r"^(https?|file)://", v):
             return v
-        if re.match(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$", v) and ".." not in v.split("/"):
+        if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_./-]*", v) and ".." not in v.split("/"):
             return v  # relative to the control plane's artifact roots
         raise ValueError("must be an http://, https:// or file:// URI, or a path relative to the control plane's --artifact-root")
 

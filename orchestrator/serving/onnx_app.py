@@ -51,7 +51,7 @@ ORT_DATATYPES = {
 # Anchored at the end: the route prefix in front can be anything, even contain "v2".
 _ROUTE = re.compile(
     r"(?:^|/)v2/(?:health/(?P<health>live|ready)"
-    r"|models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?)/?$"
+    r"|models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?)/?\Z"
 )
 JSON = "application/json"
 

@@ -65,6 +65,7 @@ async def test_corruption_on_disk_is_detected_before_loading(
         ("", "0" * 64, errors.ArtifactUnavailable, "not cached here and no URL was given"),
         ("http://127.0.0.1:1/x.onnx", "0" * 64, errors.ArtifactUnavailable, "failed"),
         ("http://127.0.0.1:1/x.onnx", "not-a-digest", errors.ArtifactIntegrityError, "64 hex"),
+        ("http://127.0.0.1:1/x.onnx", "0" * 64 + "\n", errors.ArtifactIntegrityError, "64 hex"),
     ],
 )
 async def test_refused_urls(tmp_path, url, sha, error, fragment) -> None:

@@ -299,6 +299,7 @@ class Tap:
         ({"bootstrap_token": "", "credential": "forged", "agent_id": "agt-x"}, errors.NotAuthenticated),
         ({"site": "Edge_1"}, errors.InvalidJoin),
         ({"site": ""}, errors.InvalidJoin),
+        ({"site": "edge-1\n"}, errors.InvalidJoin),  # a certificate and a stored Site no API path could name
         ({"endpoint_url": "ftp://x"}, errors.InvalidJoin),
         ({"endpoint_url": "http://0.0.0.0:80"}, errors.InvalidJoin),
         ({"location": model.Location("France")}, errors.InvalidJoin),

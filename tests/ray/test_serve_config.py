@@ -43,6 +43,7 @@ def onnx(name: str = "ep-a", **kw: Any) -> ServeAppSpec:
         ({"sha256": "ABC"}, "sha256"),
         ({"artifact_uri": None}, "artifact_uri"),
         ({"name": "bad name"}, "name"),
+        ({"name": "app\n"}, "name"),
         ({"runtime": "ray-serve", "import_path": "nocolon"}, "import_path"),
     ],
 )
