@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'token' requires a valid API token (any role) on the gateway's model routes; 'none' leaves them open")
     p.add_argument("--gateway-rate", type=argtypes.number(0), default=0.0, metavar="RPS",
                    help="per-client request rate, per gateway (client = token, else address); 0 = no limit")
-    p.add_argument("--gateway-burst", type=argtypes.number(0), default=0.0, help="requests a client may send at once (default: the rate)")
+    p.add_argument("--gateway-burst", type=argtypes.number(0), default=0.0, help="requests a client may send at once, 1 or more (default: the rate)")
     p.add_argument("--gateway-max-body", type=argtypes.whole_number(1), default=MAX_BODY, metavar="BYTES", help="largest inference request body")
     p.add_argument("--cold-start-timeout", type=argtypes.number(0, COLD_START_MAX_S), default=COLD_START_S, metavar="SECONDS",
                    help="how long a request for a model scaled to zero waits for its replica before a 503")
@@ -48,6 +48,8 @@ def problem(gateway_auth: str, rate: float, burst: float, max_body: int, cold_st
         return "--gateway-auth must be 'none' or 'token'"
     if rate < 0 or burst < 0 or max_body <= 0:
         return "--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0"
+    if 0 < burst < 1:  # a bucket smaller than one request's cost would refuse every request forever
+        return f"--gateway-burst {burst:g} is less than one request: give 1 or more (0: the rate)"
     if not 0 <= cold_start_timeout_s <= COLD_START_MAX_S:
         return f"--cold-start-timeout must be from 0 to {COLD_START_MAX_S:g} seconds"
     return None

@@ -35,6 +35,8 @@ class RateLimiter:
     def __init__(self, limit: RateLimit, *, clock: Callable[[], float] = time.monotonic, max_clients: int = 100_000) -> None:
         if limit.rate < 0 or limit.burst < 0:
             raise ValueError("rate and burst must be >= 0")
+        if 0 < limit.burst < 1:
+            raise ValueError("burst must be 0 (the rate) or at least 1: a smaller bucket never holds one request")
         self.limit = limit
         self._clock = clock
         self._max_clients = max_clients

@@ -50,9 +50,10 @@ def test_bucket_table_is_bounded() -> None:
     assert len(limiter) == 100
 
 
-def test_negative_rate_is_refused() -> None:
+@pytest.mark.parametrize("limit", [ratelimit.RateLimit(-1, 0), ratelimit.RateLimit(10, 0.5)])
+def test_a_limit_that_cannot_work_is_refused(limit: ratelimit.RateLimit) -> None:
     with pytest.raises(ValueError):
-        ratelimit.RateLimiter(ratelimit.RateLimit(-1, 0))
+        ratelimit.RateLimiter(limit)
 
 
 async def _control_plane(tmp_path: pathlib.Path, **overrides: object) -> harness.Fleet:
@@ -137,10 +138,15 @@ async def test_api_limits_body_and_objects_per_apply(tmp_path: pathlib.Path) -> 
         await fleet.stop()
 
 
-@pytest.mark.parametrize("overrides", [dict(gateway_auth="open"), dict(gateway_rate=-1.0), dict(gateway_max_body=0),
-                                       dict(leader_lease_s=0.5), dict(store_poll_s=0.0)])
-async def test_bad_gateway_settings_refuse_to_start(tmp_path: pathlib.Path, overrides: dict[str, object]) -> None:
-    with pytest.raises(server_config.ConfigError):
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(gateway_auth="open"), "--gateway-auth"), (dict(gateway_rate=-1.0), "--gateway-rate"),
+    (dict(gateway_max_body=0), "--gateway-max-body"), (dict(leader_lease_s=0.5), "--leader-lease"),
+    (dict(store_poll_s=0.0), "--store-poll"),
+    # a bucket smaller than one request refuses every request forever, whatever the rate
+    (dict(gateway_rate=10.0, gateway_burst=0.5), "--gateway-burst 0.5 is less than one request"),
+])
+async def test_bad_gateway_settings_refuse_to_start(tmp_path: pathlib.Path, overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(server_config.ConfigError, match=message):
         await server.ControlPlane(server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, **overrides)).start()  # type: ignore[arg-type]
 
 
