@@ -633,9 +633,13 @@ def _validate(application: model.JoinApplication) -> None:
             "and '-', at most 63 characters"
         )
     url = urllib.parse.urlsplit(application.endpoint_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
+    try:
+        port_ok = url.port != 0  # None: the scheme's
+    except ValueError:  # out of range or not a number: a gateway could not forward to it
+        port_ok = False
+    if url.scheme not in ("http", "https") or not url.hostname or not port_ok:
         raise errors.InvalidJoin(
-            f"endpoint_url {application.endpoint_url!r} must be an http(s) URL with a host"
+            f"endpoint_url {application.endpoint_url!r} must be an http(s) URL with a host and, if any, a port from 1 to 65535"
         )
     try:
         if ipaddress.ip_address(url.hostname).is_unspecified:

@@ -396,7 +396,10 @@ def _request_head(method: str, url: str, body: bytes | None, headers: Mapping[st
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UpstreamError(f"cannot forward to {url!r}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a port out of range or not a number: this replica fails, the next is tried
+        raise UpstreamError(f"cannot forward to {url!r}: {exc}") from None
     host = parts.netloc.rpartition("@")[2]
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     lines = [f"{method} {target} HTTP/1.1", f"host: {host}", f"content-length: {len(body) if body else 0}"]

@@ -302,6 +302,9 @@ class Tap:
         ({"site": "edge-1\n"}, errors.InvalidJoin),  # a certificate and a stored Site no API path could name
         ({"endpoint_url": "ftp://x"}, errors.InvalidJoin),
         ({"endpoint_url": "http://0.0.0.0:80"}, errors.InvalidJoin),
+        ({"endpoint_url": "http://10.0.0.5:99999"}, errors.InvalidJoin),  # a gateway could not forward to these
+        ({"endpoint_url": "http://10.0.0.5:80a"}, errors.InvalidJoin),
+        ({"endpoint_url": "http://10.0.0.5:0"}, errors.InvalidJoin),
         ({"location": model.Location("France")}, errors.InvalidJoin),
         ({"location": model.Location("XX")}, errors.InvalidJoin),  # two capitals, no country: it would be placed nowhere
         ({"location": model.Location("FR", "", 91.0, 0.0)}, errors.InvalidJoin),

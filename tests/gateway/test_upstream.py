@@ -136,8 +136,9 @@ async def test_refused_and_slow_upstreams() -> None:
     try:
         with pytest.raises(UpstreamError, match="no answer within 0.2s"):
             await pool.request("GET", f"http://127.0.0.1:{slow_port}/")
-        with pytest.raises(UpstreamError, match="cannot forward"):
-            await pool.request("GET", "ftp://127.0.0.1/x")
+        for unusable in ("ftp://127.0.0.1/x", "http://127.0.0.1:99999/x", "http://127.0.0.1:80a/x"):
+            with pytest.raises(UpstreamError, match="cannot forward"):
+                await pool.request("GET", unusable)
     finally:
         await pool.close()
         slow.close()
