@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import re
 import secrets
 import time
@@ -295,11 +296,16 @@ class AgentHub:
         record.quiet_s = beat.quiet_ms / 1000.0
         record.deadline = now + self._allowance(record)
         record.inflight = beat.inflight
-        record.cpu_percent = beat.cpu_percent
+        # Protobuf floats carry inf and NaN, which no agent measures: not taken, as if not sent
+        # (a NaN compares false to everything, an inf counter is an infinite rate to the autoscaler).
+        record.cpu_percent = beat.cpu_percent if math.isfinite(beat.cpu_percent) else 0.0
         record.memory_available_bytes = beat.memory_available_bytes
         record.assignment_version = beat.assignment_version
         if beat.model_load:  # replaced whole: a status holds the previous mapping, not a copy
-            record.model_load = {name: model.ModelLoad(n, busy, now) for name, n, busy in beat.model_load}
+            loads = {name: model.ModelLoad(n, busy, now) for name, n, busy in beat.model_load if math.isfinite(busy)}
+            if len(loads) < len(beat.model_load):
+                loads = {**record.model_load, **loads}  # a bad counter's model keeps its last sample
+            record.model_load = loads
         if beat.capacity is not None and beat.capacity != record.capacity:
             record.capacity = beat.capacity
             self._emit(model.AgentEventKind.CAPACITY_CHANGED, record, "capacity changed")

@@ -191,7 +191,10 @@ class Autoscaler:
         if abs(per_replica / target - 1.0) <= TOLERANCE:
             raw = current
         else:
-            raw = math.ceil(per_replica * (reporting + unobservable) / target - 1e-9)
+            wanted = per_replica * (reporting + unobservable) / target
+            # a load past the maximum (even one that overflows to inf) asks for the maximum; ceil(inf)
+            # would raise and fail the reconcile pass of the whole fleet
+            raw = math.ceil(wanted - 1e-9) if wanted < spec.replicas.max else spec.replicas.max
         raw = max(spec.replicas.min, min(spec.replicas.max, raw))
         history.append((now, raw))
         self._expire(history, now, scaling.scaleDownDelaySeconds)
@@ -206,7 +209,7 @@ class Autoscaler:
     def _rate(self, deployment: str, site: str, load: agent_model.ModelLoad | None, agent_id: str) -> _Site | None:
         """The site's latest rate (None until two samples far enough apart exist)."""
         key = (deployment, site)
-        if load is None:
+        if load is None or not math.isfinite(load.busy_seconds_total):  # no rate from a counter that is not a number
             self._sites.pop(key, None)
             return None
         known = self._sites.get(key)

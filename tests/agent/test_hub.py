@@ -4,6 +4,7 @@ identity rule, change events and assignment channels. No network."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -217,6 +218,18 @@ def test_a_downloads_progress_is_kept_but_wakes_no_reconciler(agent_hub, events)
     failed = model.ModelState("m", "a" * 64, model.ModelPhase.FAILED, message="sha256 mismatch")
     agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(models=(failed,)))
     assert kinds(events) == ["JOINED", "MODELS_CHANGED", "MODELS_CHANGED"]
+
+
+def test_numbers_no_agent_measures_are_not_taken_from_a_heartbeat(agent_hub) -> None:
+    """Protobuf floats carry inf and NaN: a broken or hostile agent's are not the fleet's state."""
+    grant = agent_hub.join(application())
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat(cpu_percent=12.5, model_load=(("m", 100, 1.0), ("n", 5, 0.5))))
+    agent_hub.record_heartbeat("edge-1", grant.agent_id,
+                               beat(cpu_percent=math.nan, model_load=(("m", 200, math.inf), ("n", 9, 0.9))))
+    status = agent_hub.status("edge-1")
+    assert status is not None and status.cpu_percent == 0.0
+    assert status.model_load["m"].requests_total == 100  # its last good sample stands
+    assert status.model_load["n"].requests_total == 9
 
 
 def test_draining_agent_is_lost_at_once(agent_hub, events) -> None:

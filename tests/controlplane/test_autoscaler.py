@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import pytest
@@ -129,6 +130,24 @@ def test_agent_restart_and_unhealthy_agents_give_no_rate() -> None:
     clock.now += 2
     lost = scaler.evaluate(scaling, rows, {"paris": agent("paris", 170, 1.7, clock.now, healthy=False)})["intent-eu"]
     assert lost.per_replica is None and lost.replicas == 2  # no load known: the count is held
+
+
+def test_counters_too_large_to_count_ask_for_the_maximum_and_one_not_a_number_gives_no_rate() -> None:
+    """Neither fails the reconcile pass (math.ceil of an infinite load raises)."""
+    clock = Clock()
+    scaler = Autoscaler(clock)
+    rows = [PlacementRow("intent-eu", s, "v", 1) for s in ("paris", "berlin")]
+    scaling = [("intent-eu", spec(targetInflight=2))]
+
+    def evaluate(busy: float):
+        return scaler.evaluate(scaling, rows, {s: agent(s, 10, busy, clock.now) for s in ("paris", "berlin")})["intent-eu"]
+
+    evaluate(0.0)
+    clock.now += 1
+    assert evaluate(1.5e308).replicas == 6  # each site's rate is a float, their sum overflows to inf
+    clock.now += 1
+    held = evaluate(math.inf)
+    assert held.per_replica is None and held.replicas == 6
 
 
 def test_load_lost_holds_the_count_it_does_not_drop_to_min() -> None:
