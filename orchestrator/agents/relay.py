@@ -7,8 +7,8 @@ credentials and health) and relays them to the leader over one gRPC stream
 
 - up, every ``flush_s`` (0.25 s), one batch: each agent that joined, left or beat since the
   last batch, its heartbeats merged into one (latest values; capacity and models carried
-  forward when a later beat leaves them out). An agent the leader has not heard of on this
-  stream is reported whole (who it is, as it joined, and its full state). So the leader's
+  forward when a later beat leaves them out). An agent that joined (again, even as the same
+  agent: a new endpoint or interval) or the leader has not heard of on this stream is reported whole (who it is, as it joined, and its full state). So the leader's
   cost is one message per replica per flush, not one per heartbeat, and nothing per
   heartbeat reaches the database. What the leader plans and routes by does not wait for
   the flush: an agent that joined or left, or a heartbeat that brings changed model states
@@ -270,6 +270,7 @@ class RelayClient:
     # RelayTap: called by the hub and the agents' servicer on the event loop
 
     def touched(self, site: str) -> None:
+        """``site``'s agent joined (it is reported whole, with what it joined with) or left."""
         self._touched.add(site)
         self._disconnected.pop(site, None)
         self._urgent.set()  # an agent joined or left: the next batch goes now
@@ -436,7 +437,7 @@ class RelayClient:
                 if known is not None:
                     reports.append(pb.AgentReport(site=site, agent_id=known, gone=True))
                     del self._sent[site]
-            elif status.agent_id != known and status.healthy:
+            elif status.healthy:  # joined again, even as the same agent: it may listen elsewhere, beat at another pace
                 reports.append(_whole(status, self._hub.now()))
                 self._sent[site] = status.agent_id
                 beats.pop(site, None)

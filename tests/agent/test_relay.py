@@ -375,3 +375,41 @@ def test_the_end_of_an_agent_s_stream_at_a_follower_reaches_the_leader() -> None
     assert not any(r.disconnected for r in deliver())
     now[0] += 14.9
     assert leader.sweep() == [] and leader.status(SITE).healthy  # type: ignore[union-attr]
+
+
+def test_an_agent_restarting_on_a_follower_with_its_identity_reaches_the_leader_with_its_new_address_and_pace() -> None:
+    """The leader plans and routes: it must have the endpoint and heartbeat interval the
+    agent joined with this time, not those of its previous run."""
+    now = [1_000.0]
+    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
+    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0], missed_heartbeats=3)
+    client = relay.RelayClient(follower, "cp-follower")
+    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))  # taps the follower's hub; nothing connects here
+    servicer = relay.RelayServicer(leader, lambda: SECRET)
+    stream = relay._Stream()
+    stream.via = "cp-follower"
+
+    def deliver() -> None:
+        for batch in client._batches():
+            for report in batch.reports:
+                servicer._apply(report, stream)
+
+    def join(endpoint: str, interval: float, credential: str | None = None, agent_id: str = "") -> model.JoinGrant:
+        return follower.join(model.JoinApplication(SITE, TOKEN if credential is None else "", credential, agent_id, endpoint,
+                                                   model.Location(), {}, "test", interval, model.Capacity(cpu_cores=2)))
+
+    grant = join("http://10.0.0.5:8080", 5.0)
+    deliver()
+    now[0] += 1.0
+    join("http://10.0.0.6:9090", 30.0, grant.credential, grant.agent_id)  # restarted with its saved identity
+    deliver()
+    status = leader.status(SITE)
+    assert status is not None and status.agent_id == grant.agent_id
+    assert (status.endpoint_url, status.heartbeat_interval) == ("http://10.0.0.6:9090", 30.0)
+    for _ in range(3):  # beating on time for its new interval
+        beat = pb.Heartbeat(sent_unix_ms=int(now[0] * 1000))
+        follower.record_heartbeat(SITE, grant.agent_id, model.Heartbeat.from_proto(beat))
+        client.beat(SITE, grant.agent_id, beat)
+        deliver()
+        now[0] += 29.0
+        assert leader.sweep() == []
