@@ -71,9 +71,10 @@ WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
 LEADER_KEY = "leader"  # published by each new leader: where followers relay their agents, and the secret
 #: What other replicas' writes wake the store loop for (see the store's ``_changed``): the
 #: leader, applies and followers' wakes (Model events); a follower, the leader's relay
-#: address and endpoint table.
-LEADER_READS = ("resources", "events:Model")
-FOLLOWER_READS = (f"published:{LEADER_KEY}", f"published:{wire.PUBLISHED_KEY}")
+#: address and endpoint table; either, agents revoked (Site events).
+REVOCATIONS = "events:Site"
+LEADER_READS = ("resources", "events:Model", REVOCATIONS)
+FOLLOWER_READS = (f"published:{LEADER_KEY}", f"published:{wire.PUBLISHED_KEY}", REVOCATIONS)
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
 
@@ -405,6 +406,7 @@ class ControlPlane:
         cascades the leader published replace this gateway's."""
         seen, table_version, leader_version = -1, 0, 0
         wakes_seen: int | None = None  # the last event read for followers' wakes (leading only)
+        revocations_seen: int | None = None  # the last Site event read for revoked agents
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every_s):
@@ -413,6 +415,7 @@ class ControlPlane:
             if self.elector is None:
                 continue
             try:
+                revocations_seen = await self._read_revocations(revocations_seen)
                 if self.elector.leading:
                     table_version = leader_version = 0  # read again whenever this replica follows again
                     lease = self.reconciler.lease
@@ -440,6 +443,19 @@ class ControlPlane:
                 log.warning("following the store: %s", exc)
             except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
                 log.warning("what the leader published (its endpoint table or relay address) is unreadable here: %s", exc)
+
+    async def _read_revocations(self, since: int | None) -> int:
+        """Agents revoked through any replica after Site event ``since`` (None: from now on) are
+        dropped here too: the one that took the request drops only the agents connected to it."""
+        if since is None:
+            newest = await asyncio.to_thread(self.store.recent_events, "Site", None, 1)
+            return newest[-1].id if newest else 0
+        while events := await asyncio.to_thread(self.store.events, since, 1000, "Site"):
+            since = events[-1].id
+            for site in sorted({e.name for e in events if e.action == "agent-revoked"}):
+                if await asyncio.to_thread(self.store.agent_revoked_at, site) is not None:  # not enrolled again since
+                    self.hub.revoke(site)
+        return since
 
     async def _read_wakes(self, since: int) -> int:
         """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""
@@ -542,8 +558,9 @@ class ControlPlane:
         self.reconciler.applied(reason)
 
     def agent_revoked(self, site: str) -> None:
-        """Drop the agent now: its streams end and it cannot rejoin on its credential."""
-        self.hub.forget(site)
+        """Drop the agent now: its streams end and it cannot rejoin on its credential. Other
+        replicas drop it when they read the revocation from the store (``_read_revocations``)."""
+        self.hub.revoke(site)
 
     async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
         # The reconciler's state is read on the loop, whose it is; the schedule runs off it.

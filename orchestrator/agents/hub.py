@@ -208,6 +208,8 @@ class AgentHub:
         self._relays: dict[str, PushAssignments] = {}  # relaying replica -> its stream's outbox
         # site -> (holder, why, until): sites the leader said another replica's agent holds
         self._held_elsewhere: dict[str, tuple[str, str, float]] = {}
+        # site -> agent id whose identity was revoked: a relay that has not heard yet must not bring it back
+        self._revoked: dict[str, str] = {}
 
     # -- join and identity ----------------------------------------------------------
 
@@ -235,6 +237,7 @@ class AgentHub:
             credential = self._auth.issue_credential(site, agent_id)
         record = self._new_record(application, agent_id, now, joined_at=now)
         self._records[site] = record
+        self._revoked.pop(site, None)  # a new identity, checked against the store just now
         self._rethink_sweep(record)
         self._channel(site).notify()  # a superseded agent's watch stream ends
         if self.tap is not None:
@@ -463,6 +466,16 @@ class AgentHub:
         if self.tap is not None:
             self.tap.touched(site)
 
+    def revoke(self, site: str) -> None:
+        """The site's agent identity was revoked (through any replica): drop its agent, whose
+        streams here end and whose credential no longer joins, and refuse it when a replica
+        that relays it reports it again before it has heard (:meth:`admit_relayed`)."""
+        record = self._records.get(site)
+        if record is not None:
+            self._revoked[site] = record.agent_id
+            log.warning("agent %s of site %s dropped: its identity was revoked", record.agent_id, site)
+        self.forget(site)
+
     # -- heartbeat streams -----------------------------------------------------------
 
     def heartbeats_opened(self, site: str, agent_id: str) -> object:
@@ -523,9 +536,12 @@ class AgentHub:
     def admit_relayed(self, application: model.JoinApplication, agent_id: str, via: str) -> None:
         """An agent that joined replica ``via``, which checked its credential. The site rule
         holds across replicas: SiteTaken while another live agent holds the site, here or
-        through another relay (``via`` then drops the agent, see :meth:`refused_by_leader`)."""
+        through another relay (``via`` then drops the agent, see :meth:`refused_by_leader`).
+        NotAuthenticated for an agent revoked here (:meth:`revoke`): ``via`` drops it too."""
         _validate(application)
         site = application.site
+        if self._revoked.get(site) == agent_id:
+            raise errors.NotAuthenticated(f"agent {agent_id} of site {site!r} was revoked")
         now = self._clock()
         self._refuse_if_held(site, now, agent_id)
         current = self._records.get(site)
@@ -571,8 +587,10 @@ class AgentHub:
         """The leader refused our agent of ``site``: live agent ``holder`` holds it (connected
         to the leader or relayed by another replica). The agent is dropped (its streams end and it joins again), and joins
         of other agents for the site are refused here with the leader's reason until the
-        holder could have been lost."""
-        self._held_elsewhere[site] = (holder, message, self._clock() + max(0.0, retry_after_s))
+        holder could have been lost. No ``holder``: the agent's identity was revoked; it is
+        dropped, and its credential no longer joins."""
+        if holder:
+            self._held_elsewhere[site] = (holder, message, self._clock() + max(0.0, retry_after_s))
         record = self._records.get(site)
         if record is not None and record.agent_id == agent_id:
             log.warning("agent %s dropped from site %s: %s", agent_id, site, message)

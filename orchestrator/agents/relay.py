@@ -154,7 +154,11 @@ class RelayServicer:
                     capacity=model.Capacity.from_proto(joined.capacity)), report.agent_id, via)
             except errors.SiteTaken as exc:
                 log.warning("agent %s of site %s through replica %s refused: %s", report.agent_id, report.site, via, exc)
-                stream.refuse(report.site, report.agent_id, exc)
+                stream.refuse(report.site, report.agent_id, str(exc), exc.holder, exc.retry_after_s)
+                return
+            except errors.NotAuthenticated as exc:  # revoked: the replica drops it, as it would have once told
+                log.warning("agent %s of site %s through replica %s refused: %s", report.agent_id, report.site, via, exc)
+                stream.refuse(report.site, report.agent_id, str(exc))
                 return
         if report.HasField("state") and not self._hub.relayed_heartbeat(
                 report.site, report.agent_id, model.Heartbeat.from_proto(report.state), via):
@@ -179,9 +183,10 @@ class _Stream:
         self.outbox[site] = assignment_set
         self.wake.set()
 
-    def refuse(self, site: str, agent_id: str, taken: errors.SiteTaken) -> None:
-        self.refused.append(pb.RelayRefusal(site=site, agent_id=agent_id, holder_agent_id=taken.holder,
-                                            message=str(taken), retry_after_ms=int(taken.retry_after_s * 1000)))
+    def refuse(self, site: str, agent_id: str, message: str, holder: str = "", retry_after_s: float = 0.0) -> None:
+        """The relaying replica is to drop ``agent_id``: ``holder`` holds its site, or (none) it was revoked."""
+        self.refused.append(pb.RelayRefusal(site=site, agent_id=agent_id, holder_agent_id=holder,
+                                            message=message, retry_after_ms=int(retry_after_s * 1000)))
         self.wake.set()
 
     def take(self) -> pb.RelayAssignments:

@@ -413,3 +413,51 @@ def test_an_agent_restarting_on_a_follower_with_its_identity_reaches_the_leader_
         deliver()
         now[0] += 29.0
         assert leader.sweep() == []
+
+
+def test_an_agent_revoked_at_the_leader_is_not_taken_back_from_a_follower_that_has_not_heard() -> None:
+    """The follower learns of a revocation from the store, a moment later; meanwhile its agent
+    beats on, and the leader, which no longer holds it, asks for it whole: it is refused, and
+    the follower drops it. Another agent enrolled for the site afterwards is taken."""
+    now = [1_000.0]
+    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
+    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0])
+    client = relay.RelayClient(follower, "cp-follower")
+    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))  # taps the follower's hub; nothing connects here
+    servicer = relay.RelayServicer(leader, lambda: SECRET)
+    stream = relay._Stream()
+    stream.via = "cp-follower"
+
+    def deliver() -> pb.RelayAssignments:
+        for batch in client._batches():
+            for report in batch.reports:
+                servicer._apply(report, stream)
+        down = stream.take()
+        for site in down.report_again:
+            client._touched.add(site)
+        return down
+
+    def join() -> model.JoinGrant:
+        return follower.join(model.JoinApplication(SITE, TOKEN, None, "", "http://10.0.0.5:8080", model.Location(), {},
+                                                   "test", 5.0, model.Capacity(cpu_cores=2)))
+
+    grant = join()
+    deliver()
+    leader.revoke(SITE)
+    assert leader.status(SITE) is None
+    now[0] += 1.0
+    beat = pb.Heartbeat(sent_unix_ms=int(now[0] * 1000))
+    follower.record_heartbeat(SITE, grant.agent_id, model.Heartbeat.from_proto(beat))
+    client.beat(SITE, grant.agent_id, beat)
+    assert deliver().report_again == [SITE]
+    [refusal] = deliver().refused
+    assert (refusal.agent_id, refusal.holder_agent_id) == (grant.agent_id, "")
+    assert leader.status(SITE) is None
+    follower.refused_by_leader(refusal.site, refusal.agent_id, refusal.holder_agent_id, refusal.message,
+                               refusal.retry_after_ms / 1000)
+    assert follower.status(SITE) is None  # its streams end; its credential no longer joins (the store)
+
+    enrolled = join()  # a new agent, with a bootstrap token created after the revocation
+    deliver()
+    status = leader.status(SITE)
+    assert status is not None and status.agent_id == enrolled.agent_id and status.healthy

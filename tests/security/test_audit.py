@@ -4,12 +4,14 @@ create/revoke is in the event log with who did it and why; a revoked agent is cu
 from __future__ import annotations
 
 import pathlib
+import shutil
 from typing import Any
 
 import httpx
 import pytest
 
 from orchestrator.testing import harness, onnx_models
+from orchestrator.testing.postgres import PostgresServer
 
 from .conftest import fleet_yaml
 
@@ -148,3 +150,30 @@ async def test_reader_cannot_revoke_or_create_tokens(tmp_path: pathlib.Path, rol
             assert (await http.get("/v1/events")).status_code == 200
     finally:
         await fleet.stop()
+
+
+async def test_an_agent_revoked_through_one_replica_is_cut_off_at_the_replica_it_is_connected_to(
+    tmp_path: pathlib.Path, postgres: PostgresServer
+) -> None:
+    """Replicas on one database: the revocation lands on the leader, the agent's streams are on
+    a follower, which relays it to the leader. The follower drops it too, and the leader does not
+    take it back when the follower reports it again."""
+    url = postgres.create_database()
+    leading, following = harness.Fleet(tmp_path / "a"), harness.Fleet(tmp_path / "b")
+    try:
+        leader = await leading.start_control_plane(store=url)
+        await harness.wait_until(lambda: leader.elector is not None and leader.elector.leading, 30, what="a leader")
+        shutil.copytree(tmp_path / "a" / "control-plane" / "ca", tmp_path / "b" / "control-plane" / "ca")  # one agent CA
+        follower = await following.start_control_plane(store=url)
+        agent = await following.start_agent("edge-a", **WHERE)
+        await harness.wait_until(lambda: (s := leader.hub.status("edge-a")) is not None and s.via == follower.replica_id, 30,
+                                 what="the agent relayed to the leader")
+        async with httpx.AsyncClient(base_url=leader.http_url) as http:
+            resp = await http.post("/v1/revoke/agents/edge-a", headers={"x-edgeplane-reason": "stolen box"})
+            assert resp.status_code == 200 and resp.json() == {"revoked": True}
+        await harness.wait_until(lambda: follower.hub.status("edge-a") is None, 10, what="the follower to drop the agent")
+        await harness.wait_until(lambda: "was revoked" in agent.log(), 15, what="the agent to be refused")
+        assert follower.hub.status("edge-a") is None and leader.hub.status("edge-a") is None
+    finally:
+        await following.stop()
+        await leading.stop()
