@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReplicaRelay"].full_name
 METHOD = f"/{SERVICE_NAME}/Relay"
 SECRET_KEY = "x-edgeplane-relay"
-#: A batch stays under the agent listener's 256 KiB message limit.
+#: A batch stays under the agent listener's 256 KiB message limit (one agent's report too: ``RelayClient._parts``).
 MAX_BATCH_BYTES = 192 * 1024
 FLUSH_S = 0.25
 URGENT_GAP_S = 0.05  # joins, losses, model and capacity changes: sent at once, but no more often than this
@@ -457,6 +457,7 @@ class RelayClient:
         for site, agent_id in disconnected.items():
             if self._sent.get(site) == agent_id:
                 reports.append(pb.AgentReport(site=site, agent_id=agent_id, disconnected=True))
+        reports = [part for report in reports for part in self._parts(report)]
         self.reports_total += len(reports)
         batches: list[pb.RelayReports] = []
         size, start = 0, 0
@@ -468,6 +469,45 @@ class RelayClient:
         if start < len(reports):
             batches.append(pb.RelayReports(replica=self.replica, reports=reports[start:]))
         return batches
+
+    def _parts(self, report: pb.AgentReport) -> list[pb.AgentReport]:
+        """``report`` as reports the leader takes. Each message an agent sends is under the
+        leader's limit, but a report merges several (its join, the models of one heartbeat,
+        the load of another): one too large for a batch is sent as several, its heartbeat's
+        lists one to a report (each repeating the scalars, which every heartbeat sets). A part
+        still past the leader's limit is left out and logged, for a message the leader refuses
+        would end the stream, and the relay, of every agent of this replica."""
+        if report.ByteSize() <= MAX_BATCH_BYTES or not report.HasField("state"):
+            parts = [report]
+        else:
+            first = pb.AgentReport()
+            first.CopyFrom(report)
+            first.disconnected = False  # on the last part: a heartbeat after it would undo it
+            scalars = pb.Heartbeat()  # what every heartbeat sets; what one leaves out stays as it was
+            scalars.CopyFrom(report.state)
+            for name in ("capacity", "models", "gpu_load", "model_load"):
+                scalars.ClearField(name)
+            parts = [first]
+            if report.state.HasField("models"):
+                first.state.ClearField("models")
+                parts.append(pb.AgentReport(site=report.site, agent_id=report.agent_id, state=scalars))
+                parts[-1].state.models.CopyFrom(report.state.models)
+            if report.state.model_load:
+                first.state.ClearField("model_load")
+                parts.append(pb.AgentReport(site=report.site, agent_id=report.agent_id, state=scalars))
+                parts[-1].state.model_load.extend(report.state.model_load)
+            parts[-1].disconnected = report.disconnected
+        fits = [p.ByteSize() <= MAX_BATCH_BYTES or pb.RelayReports(replica=self.replica, reports=[p]).ByteSize()
+                <= service.MAX_RECEIVE_BYTES for p in parts]
+        if all(fits):
+            return parts
+        log.warning("agent %s of site %s: a part of its report is larger than the leader takes (%d bytes): %s",
+                    report.agent_id, report.site, max(p.ByteSize() for p in parts),
+                    "left out" if fits[0] else "the agent is not relayed")
+        if not fits[0]:
+            self._sent.pop(report.site, None)
+            return []
+        return [p for p, fit in zip(parts, fits, strict=True) if fit]
 
 
 def _current_cancelling() -> int:

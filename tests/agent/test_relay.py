@@ -212,6 +212,38 @@ async def test_one_live_agent_per_site_holds_across_replicas(
         await other.server.stop(grace=None)
 
 
+async def test_an_agent_whose_state_adds_up_past_the_leader_s_message_limit_does_not_end_the_relay(
+    leader: Leader, follower: tuple[ControlPlane, relay.RelayClient]
+) -> None:
+    """Each message an agent sends is under the listener's limit, but its models (one
+    heartbeat) and its load (another) together are not: reported whole, as every agent is
+    when a relay stream starts, it must not end the stream that carries the replica's others."""
+    cp, client = follower
+
+    def join(site: str) -> model.JoinGrant:
+        return cp.hub.join(model.JoinApplication(site, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test",
+                                                 1.0, model.Capacity(cpu_cores=2)))
+
+    join("edge-small")
+    big = join("edge-big")
+    models = pb.Heartbeat(sent_unix_ms=1, models=pb.ModelStates(models=[
+        pb.ModelState(name=f"model-{i:05d}", sha256="a" * 64, serving_sha256="a" * 64, phase=pb.MODEL_PHASE_READY,
+                      deployment="d" * 30, variant="v" * 20) for i in range(1000)]))
+    load = pb.Heartbeat(sent_unix_ms=2, model_load=[
+        pb.ModelLoad(name=f"model-{i:05d}" + "y" * 40, requests_total=1, busy_seconds_total=0.5) for i in range(3500)])
+    for beat in (models, load):  # as the agents' servicer takes them
+        assert beat.ByteSize() < service.MAX_RECEIVE_BYTES
+        cp.hub.record_heartbeat("edge-big", big.agent_id, model.Heartbeat.from_proto(beat))
+    client.point(leader.named())  # the stream starts: every agent is reported whole
+
+    def relayed() -> bool:
+        status = leader.cp.hub.status("edge-big")
+        return status is not None and len(status.models) == 1000 and len(status.model_load) == 3500
+    await until(relayed, "the large agent relayed whole")
+    assert (small := leader.cp.hub.status("edge-small")) is not None and small.healthy
+    assert client.connected and client.last_error == ""
+
+
 async def test_malformed_relay_messages_end_only_that_stream(leader: Leader) -> None:
     async with grpc.aio.insecure_channel(leader.cp.target) as channel:
         call = channel.stream_stream(relay.METHOD)(metadata=((relay.SECRET_KEY, SECRET),))
@@ -461,3 +493,42 @@ def test_an_agent_revoked_at_the_leader_is_not_taken_back_from_a_follower_that_h
     deliver()
     status = leader.status(SITE)
     assert status is not None and status.agent_id == enrolled.agent_id and status.healthy
+
+
+def test_heartbeats_merged_past_the_leader_s_limit_go_in_parts_and_the_end_of_the_stream_after_them() -> None:
+    now = [1_000.0]
+    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
+    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0], missed_heartbeats=3, reconnect_grace=1.0)
+    client = relay.RelayClient(follower, "cp-follower")
+    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))  # taps the follower's hub; nothing connects here
+    servicer = relay.RelayServicer(leader, lambda: SECRET)
+    stream = relay._Stream()
+    stream.via = "cp-follower"
+
+    def deliver() -> list[pb.RelayReports]:
+        batches = client._batches()
+        for batch in batches:
+            assert batch.ByteSize() <= service.MAX_RECEIVE_BYTES
+            for report in batch.reports:
+                servicer._apply(report, stream)
+        return batches
+
+    grant = follower.join(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test",
+                                                5.0, model.Capacity(cpu_cores=2)))
+    deliver()
+    opened = follower.heartbeats_opened(SITE, grant.agent_id)
+    models = pb.Heartbeat(sent_unix_ms=1, inflight=3, models=pb.ModelStates(models=[
+        pb.ModelState(name=f"model-{i:05d}", sha256="a" * 64, phase=pb.MODEL_PHASE_READY) for i in range(1500)]))
+    load = pb.Heartbeat(sent_unix_ms=2, inflight=4, model_load=[
+        pb.ModelLoad(name=f"model-{i:05d}" + "y" * 40, requests_total=1, busy_seconds_total=0.5) for i in range(3000)])
+    for beat in (models, load):  # in one flush: merged into one report
+        now[0] += 0.1
+        follower.record_heartbeat(SITE, grant.agent_id, model.Heartbeat.from_proto(beat))
+        client.beat(SITE, grant.agent_id, beat)
+    follower.heartbeats_ended(opened)
+    assert len(deliver()) > 1
+    status = leader.status(SITE)
+    assert status is not None and (len(status.models), len(status.model_load), status.inflight) == (1500, 3000, 4)
+    now[0] += 5.1  # one interval: its stream's end came after its last state
+    [lost] = leader.sweep()
+    assert "heartbeat stream ended" in lost.reason
