@@ -294,6 +294,7 @@ class AgentHub:
         self.heartbeats_total += 1
         if beat.sent_unix_ms:
             self.lag.observe(now * 1000.0 - beat.sent_unix_ms)
+        first = record.last_heartbeat <= record.joined_at < now  # as the rollout reads it: reported since it joined
         record.last_heartbeat = now
         record.broke_at = None
         record.quiet_s = beat.quiet_ms / 1000.0
@@ -340,6 +341,8 @@ class AgentHub:
         elif not record.healthy:
             record.healthy = True
             self._emit(model.AgentEventKind.RECOVERED, record, "heartbeats resumed")
+        if first:  # a site that joined waits for this before a rollout sends it anything (reconciler.rollout)
+            self._emit(model.AgentEventKind.REPORTED, record, "first heartbeat since it joined")
         if self._beat_waiters:
             waiter = self._beat_waiters.pop(site, None)
             if waiter is not None:

@@ -180,6 +180,7 @@ class AgentEventKind(enum.Enum):
     RECOVERED = "RECOVERED"
     CAPACITY_CHANGED = "CAPACITY_CHANGED"
     MODELS_CHANGED = "MODELS_CHANGED"
+    REPORTED = "REPORTED"  # its first heartbeat since it joined: what it serves is known now
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def test_lost_after_missed_heartbeats_and_recovered(agent_hub, clock, events) ->
     assert not agent_hub.snapshot()[0].healthy
     assert agent_hub.sweep() == []  # reported once
     agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
-    assert kinds(events) == ["JOINED", "LOST", "RECOVERED"]
+    assert kinds(events) == ["JOINED", "REPORTED", "LOST", "RECOVERED"]
     assert agent_hub.snapshot()[0].healthy
 
 
@@ -230,6 +230,24 @@ def test_numbers_no_agent_measures_are_not_taken_from_a_heartbeat(agent_hub) -> 
     assert status is not None and status.cpu_percent == 0.0
     assert status.model_load["m"].requests_total == 100  # its last good sample stands
     assert status.model_load["n"].requests_total == 9
+
+
+def test_the_first_heartbeat_after_each_join_is_an_event(agent_hub, clock, events) -> None:
+    """A site that joined is sent nothing in a rollout until it has said what it serves
+    (reconciler.rollout): its first heartbeat wakes the reconciler, as a join does, instead
+    of waiting for the next resync."""
+    grant = agent_hub.join(application())
+    clock.now += 0.1
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
+    clock.now += 0.1
+    agent_hub.record_heartbeat("edge-1", grant.agent_id, beat())
+    assert kinds(events) == ["JOINED", "REPORTED"]
+    assert events[1].status.last_heartbeat > events[1].status.joined_at
+    clock.now += 1
+    again = agent_hub.join(application(credential=grant.credential, agent_id=grant.agent_id))  # a new session
+    clock.now += 0.1
+    agent_hub.record_heartbeat("edge-1", again.agent_id, beat())
+    assert kinds(events) == ["JOINED", "REPORTED", "RECONNECTED", "REPORTED"]
 
 
 def test_draining_agent_is_lost_at_once(agent_hub, events) -> None:
