@@ -73,10 +73,22 @@ def _control_planes(value: str) -> str:
     return ",".join(_dial_address(t) for t in targets)
 
 
+#: A manifest's label rules, which the control plane holds a join's labels to (compiled
+#: only for an agent given labels: the idle agent's memory has no room to spare).
+LABEL_KEY = r"[A-Za-z0-9]([-A-Za-z0-9_./]{0,251}[A-Za-z0-9])?"
+LABEL_VALUE = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
+
+
 def _label(value: str) -> tuple[str, str]:
     key, sep, val = value.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"label {value!r} must be key=value")
+    if not re.fullmatch(LABEL_KEY, key):
+        raise argparse.ArgumentTypeError(f"label key {key!r} must be letters, digits and '-_./', starting and ending with a "
+                                         "letter or digit, at most 253 characters")
+    if not re.fullmatch(LABEL_VALUE, val):
+        raise argparse.ArgumentTypeError(f"label {key}={val!r}: a value is empty or letters, digits and '-_.', starting and "
+                                         "ending with a letter or digit, at most 63 characters")
     return key, val
 
 

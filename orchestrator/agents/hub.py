@@ -25,26 +25,17 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import math
-import re
 import secrets
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from orchestrator.agents import auth, errors, model
-from orchestrator.manifests import schema
+from orchestrator.agents import applications, auth, errors, model
 
 log = logging.getLogger(__name__)
-
-SITE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch: "$" would take "edge-1\n"
-MAX_LABELS = 64
-MAX_LABEL_CHARS = 253
-
 
 class LagHistogram:
     """Fixed log-spaced buckets of heartbeat lag (ms): O(1) per observation, no allocation."""
@@ -214,7 +205,7 @@ class AgentHub:
     # -- join and identity ----------------------------------------------------------
 
     def join(self, application: model.JoinApplication) -> model.JoinGrant:
-        _validate(application)
+        applications.check(application)
         site = application.site
         by_credential = application.credential is not None and self._auth.verify_credential(
             site, application.credential
@@ -541,7 +532,7 @@ class AgentHub:
         holds across replicas: SiteTaken while another live agent holds the site, here or
         through another relay (``via`` then drops the agent, see :meth:`refused_by_leader`).
         NotAuthenticated for an agent revoked here (:meth:`revoke`): ``via`` drops it too."""
-        _validate(application)
+        applications.check(application)
         site = application.site
         if self._revoked.get(site) == agent_id:
             raise errors.NotAuthenticated(f"agent {agent_id} of site {site!r} was revoked")
@@ -651,41 +642,3 @@ class AgentHub:
 
 def _decisive(models: Mapping[str, model.ModelState]) -> dict[str, model.ModelState]:
     return {n: dataclasses.replace(m, message="") if m.phase is model.ModelPhase.LOADING else m for n, m in models.items()}
-
-
-def _validate(application: model.JoinApplication) -> None:
-    if not SITE_NAME.fullmatch(application.site):
-        raise errors.InvalidJoin(
-            f"site name {application.site!r} must be a DNS label: lowercase letters, digits "
-            "and '-', at most 63 characters"
-        )
-    url = urllib.parse.urlsplit(application.endpoint_url)
-    try:
-        port_ok = url.port != 0  # None: the scheme's
-    except ValueError:  # out of range or not a number: a gateway could not forward to it
-        port_ok = False
-    if url.scheme not in ("http", "https") or not url.hostname or not port_ok:
-        raise errors.InvalidJoin(
-            f"endpoint_url {application.endpoint_url!r} must be an http(s) URL with a host and, if any, a port from 1 to 65535"
-        )
-    try:
-        if ipaddress.ip_address(url.hostname).is_unspecified:
-            raise errors.InvalidJoin(
-                f"endpoint_url {application.endpoint_url!r} uses an unspecified address; "
-                "advertise a reachable one"
-            )
-    except ValueError:
-        pass  # a host name
-    if len(application.labels) > MAX_LABELS:
-        raise errors.InvalidJoin(f"at most {MAX_LABELS} labels are allowed")
-    for key, value in application.labels.items():
-        if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
-            raise errors.InvalidJoin(f"label {key!r} must be 1-{MAX_LABEL_CHARS} characters")
-    loc = application.location
-    if loc.lat is not None and not (-90 <= loc.lat <= 90 and -180 <= (loc.lon or 0) <= 180):
-        raise errors.InvalidJoin(f"location {loc.lat},{loc.lon} is not a valid lat,lon")
-    if loc.country:
-        try:
-            schema.check_country(loc.country)  # the list a Site manifest's country is checked against
-        except ValueError as exc:
-            raise errors.InvalidJoin(f"country: {exc}") from None

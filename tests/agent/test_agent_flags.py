@@ -17,6 +17,9 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--site", "Edge_X"], "argument --site: 'Edge_X' must be a DNS label"),
+    (["--site", "edge-x", "--label", "rack=a b"], "argument --label: label rack='a b': a value is empty or letters"),
+    (["--site", "edge-x", "--label", "ra ck=a"], "argument --label: label key 'ra ck' must be letters"),
+    (["--site", "edge-x", "--label", "rack=" + "a" * 64], "at most 63 characters"),
     (["--site", "x" * 64], "must be a DNS label"),
     (["--site", "edge-x", "--country", "FRA"], "argument --country: 'FRA' must be an ISO 3166 alpha-2 code"),
     (["--site", "edge-x", "--country", "XX"], "argument --country: 'XX' must be an ISO 3166 alpha-2 code"),

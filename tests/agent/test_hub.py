@@ -340,12 +340,25 @@ class Tap:
         ({"location": model.Location("XX")}, errors.InvalidJoin),  # two capitals, no country: it would be placed nowhere
         ({"location": model.Location("FR", "", 91.0, 0.0)}, errors.InvalidJoin),
         ({"labels": {f"k{i}": "v" for i in range(65)}}, errors.InvalidJoin),
+        # labels the Site registered from the join would hold, and no manifest could
+        ({"labels": {"rack": "a b"}}, errors.InvalidJoin),
+        ({"labels": {"rack": "a\n"}}, errors.InvalidJoin),
+        ({"labels": {"-rack": "a"}}, errors.InvalidJoin),
+        ({"labels": {"rack": "a" * 64}}, errors.InvalidJoin),
+        ({"endpoint_url": "http://" + "a" * 2050 + ".example"}, errors.InvalidJoin),
+        ({"agent_version": "1" * 65}, errors.InvalidJoin),
     ],
 )
 def test_bad_joins_are_refused(agent_hub, overrides, error) -> None:
     with pytest.raises(error):
         agent_hub.join(application(**overrides))
     assert agent_hub.snapshot() == []
+
+
+def test_labels_a_manifest_may_hold_are_taken(agent_hub) -> None:
+    labels = {"rack": "a", "topology.example.com/zone": "fr-par_1.b", "empty": ""}
+    agent_hub.join(application(labels=labels))
+    assert agent_hub.snapshot()[0].labels == labels
 
 
 def test_heartbeat_interval_is_clamped(agent_hub) -> None:
