@@ -158,8 +158,10 @@ RECONNECT_GRACE_S = 5.0
 class AgentHub:
     """Owns agent records, their health, and the assignment channel of every site.
 
-    ``clock`` returns seconds (``time.time`` by default; the same clock stamps
-    ``last_heartbeat`` and is compared with the agents' ``sent_unix_ms`` for lag).
+    ``clock`` returns seconds (``time.monotonic`` by default) and stamps every time the
+    hub keeps: a step of the wall clock (NTP, a virtual machine resumed) must neither lose
+    every agent at once nor keep a dead one, and load rates must not run backwards. ``wall``
+    (``time.time``) is read only to measure lag against the agents' ``sent_unix_ms``.
     An agent is unhealthy once ``missed_heartbeats`` of its intervals pass without one, or
     sooner once its heartbeat stream has ended and it has not come back within one interval
     or ``reconnect_grace``, whichever is longer (:meth:`heartbeats_ended`).
@@ -170,7 +172,8 @@ class AgentHub:
         authenticator: auth.JoinAuthenticator,
         *,
         on_change: Callable[[model.AgentEvent], None] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         heartbeat_interval: float = 5.0,
         min_heartbeat_interval: float = 0.05,
         max_heartbeat_interval: float = 300.0,
@@ -182,6 +185,7 @@ class AgentHub:
         self._auth = authenticator
         self._on_change = on_change
         self._clock = clock
+        self._wall = wall
         self.heartbeat_interval = heartbeat_interval
         self._interval_bounds = (min_heartbeat_interval, max_heartbeat_interval)
         self.missed_heartbeats = missed_heartbeats
@@ -284,7 +288,7 @@ class AgentHub:
         now = self._clock()
         self.heartbeats_total += 1
         if beat.sent_unix_ms:
-            self.lag.observe(now * 1000.0 - beat.sent_unix_ms)
+            self.lag.observe(self._wall() * 1000.0 - beat.sent_unix_ms)
         first = record.last_heartbeat <= record.joined_at < now  # as the rollout reads it: reported since it joined
         record.last_heartbeat = now
         record.broke_at = None
@@ -452,6 +456,10 @@ class AgentHub:
     def now(self) -> float:
         """This hub's clock (the one its statuses' times are on)."""
         return self._clock()
+
+    def wall_time(self, t: float) -> float:
+        """A time of this hub's clock as wall-clock seconds (for another process to read)."""
+        return self._wall() - (self._clock() - t)
 
     def forget(self, site: str) -> None:
         """Drop a site's agent record (e.g. the Site was deleted)."""

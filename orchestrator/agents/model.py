@@ -155,7 +155,7 @@ class AgentStatus:
     agent_id: str
     endpoint_url: str
     healthy: bool
-    last_heartbeat: float  # clock seconds (wall time unless another clock is injected)
+    last_heartbeat: float  # seconds on the hub's clock (monotonic unless another is injected; AgentHub.wall_time)
     joined_at: float
     location: Location
     labels: Mapping[str, str]

@@ -443,7 +443,7 @@ class RelayClient:
                     reports.append(pb.AgentReport(site=site, agent_id=known, gone=True))
                     del self._sent[site]
             elif status.healthy:  # joined again, even as the same agent: it may listen elsewhere, beat at another pace
-                reports.append(_whole(status, self._hub.now()))
+                reports.append(_whole(status, self._hub))
                 self._sent[site] = status.agent_id
                 beats.pop(site, None)
         disconnected, self._disconnected = self._disconnected, {}
@@ -452,7 +452,7 @@ class RelayClient:
                 reports.append(pb.AgentReport(site=site, agent_id=agent_id, state=beat,
                                               disconnected=disconnected.pop(site, None) == agent_id))
             elif (status := self._hub.status(site)) is not None and status.agent_id == agent_id and status.healthy:
-                reports.append(_whole(status, self._hub.now()))
+                reports.append(_whole(status, self._hub))
                 self._sent[site] = agent_id
         for site, agent_id in disconnected.items():
             if self._sent.get(site) == agent_id:
@@ -526,7 +526,7 @@ def _carry(earlier: pb.Heartbeat, later: pb.Heartbeat) -> None:
         later.model_load.extend(earlier.model_load)
 
 
-def _whole(status: model.AgentStatus, now: float) -> pb.AgentReport:
+def _whole(status: model.AgentStatus, agent_hub: hub.AgentHub) -> pb.AgentReport:
     """An agent reported whole: who it is and everything the leader's hub keeps of it (its
     state only once it has sent a heartbeat, so the leader counts it as reporting then),
     including what is left of a quiet spell it announced (a model loading)."""
@@ -539,9 +539,9 @@ def _whole(status: model.AgentStatus, now: float) -> pb.AgentReport:
     if status.last_heartbeat <= status.joined_at:
         return report
     report.state.CopyFrom(pb.Heartbeat(
-            sent_unix_ms=int(status.last_heartbeat * 1000), inflight=status.inflight, cpu_percent=status.cpu_percent,
+            sent_unix_ms=int(agent_hub.wall_time(status.last_heartbeat) * 1000), inflight=status.inflight, cpu_percent=status.cpu_percent,
             memory_available_bytes=status.memory_available_bytes, assignment_version=status.assignment_version,
-            quiet_ms=max(0, round((status.quiet_until - now) * 1000)) if status.quiet_until else 0,
+            quiet_ms=max(0, round((status.quiet_until - agent_hub.now()) * 1000)) if status.quiet_until else 0,
             capacity=capacity, models=pb.ModelStates(models=[m.to_proto() for m in status.models.values()]),
             gpu_load=[pb.Gpu(index=g.index, memory_free_bytes=g.memory_free_bytes) for g in status.capacity.gpus],
             model_load=[pb.ModelLoad(name=name, requests_total=load.requests_total, busy_seconds_total=load.busy_seconds_total)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 
@@ -248,6 +249,26 @@ def test_the_first_heartbeat_after_each_join_is_an_event(agent_hub, clock, event
     clock.now += 0.1
     agent_hub.record_heartbeat("edge-1", again.agent_id, beat())
     assert kinds(events) == ["JOINED", "REPORTED", "RECONNECTED", "REPORTED"]
+
+
+def test_liveness_keeps_to_a_monotonic_clock_when_the_wall_clock_steps(clock, events) -> None:
+    """An NTP step or a resumed virtual machine moves the wall clock by minutes: on it, every
+    agent would be lost at once (or a dead one kept). Only lag is measured on the wall clock,
+    against the agents' send times."""
+    assert abs(hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN])).now() - time.monotonic()) < 5  # the default clock
+    wall = [1_700_000_000.0]
+    stepped = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), on_change=events.append, clock=clock,
+                           wall=lambda: wall[0], missed_heartbeats=3)
+    grant = stepped.join(application())
+    clock.now += 0.5
+    stepped.record_heartbeat("edge-1", grant.agent_id, beat(sent_unix_ms=int((wall[0] - 0.2) * 1000)))
+    wall[0] += 3600.0
+    clock.now += 1.0
+    assert stepped.sweep() == [] and stepped.snapshot()[0].healthy
+    assert 150 <= stepped.lag.quantile(0.5) <= 260  # ms, from the send time on the wall clock
+    assert stepped.wall_time(stepped.snapshot()[0].last_heartbeat) == wall[0] - 1.0
+    clock.now += 3.01
+    assert [e.kind for e in stepped.sweep()] == [model.AgentEventKind.LOST]
 
 
 def test_draining_agent_is_lost_at_once(agent_hub, events) -> None:
