@@ -19,7 +19,10 @@ is not unpacked either, and is removed from the cache to be fetched again). Then
 Members go into a fresh temporary folder beside the final one, which is renamed into
 place only when all of them are written: a crash or a refusal leaves no half-unpacked
 model, and the version already serving is never touched. The final folder is named by the
-sha256, so a version unpacked once is reused.
+sha256, so a version unpacked once is reused. Every file and folder is synced to the disk
+before that rename, and the rename after it: an edge site that loses power finds a version
+either whole or not there, never a folder whose files the page cache had not written yet,
+which would be reused (and fail) on every start.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import errno
 import os
 import pathlib
 import shutil
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from edge_agent import artifacts, errors
@@ -108,8 +112,10 @@ def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int) -> list[
 
 
 def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
-           max_bytes: int = DEFAULT_MAX_BYTES, max_files: int = DEFAULT_MAX_FILES) -> pathlib.Path:
-    """The model folder of ``package`` under ``models_root/<sha256>``, unpacked if not there yet."""
+           max_bytes: int = DEFAULT_MAX_BYTES, max_files: int = DEFAULT_MAX_FILES,
+           fsync: Callable[[int], None] = os.fsync) -> pathlib.Path:
+    """The model folder of ``package`` under ``models_root/<sha256>``, unpacked if not there
+    yet. ``fsync`` is the call that makes a file's or a folder's writes durable."""
     import tarfile
     import tempfile
 
@@ -128,9 +134,12 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
             try:
                 members = check_members(tar, max_bytes, max_files)
                 for member, name in members:
-                    _write(tar, member, tmp / name)
+                    _write(tar, member, tmp / name, fsync)
             except tarfile.TarError as exc:
                 raise PackageRefused(f"package {sha256[:12]} is a damaged tar archive: {exc}") from None
+        for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            _sync_folder(folder, fsync)  # the names in it, deepest first
+        _sync_folder(tmp, fsync)
         if final.is_dir() and not final.is_symlink() and not (final / CONFIG_NAME).is_file():
             shutil.rmtree(final, ignore_errors=True)  # damaged on disk (its config gone): unpacked again
         try:
@@ -139,13 +148,23 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
             if not (final / CONFIG_NAME).is_file():  # not a concurrent unpack of the same version
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _sync_folder(models_root, fsync)  # the rename itself
         return final
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, target: pathlib.Path) -> None:
+def _sync_folder(folder: pathlib.Path, fsync: Callable[[int], None]) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, target: pathlib.Path, fsync: Callable[[int], None]) -> None:
     try:
         if member.isdir():
             target.mkdir(parents=True, exist_ok=True)
@@ -156,6 +175,8 @@ def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, target: pathlib.Path) 
             raise PackageRefused(f"package member {_shown(member.name)} cannot be read")
         with src, open(target, "xb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            fsync(dst.fileno())
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:  # the package's fault, not the disk's: not worth retrying
             raise PackageRefused(f"package member {_shown(member.name)} has a name longer than this file system takes: refused") from None

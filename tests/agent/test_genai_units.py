@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import pathlib
 import tarfile
 
@@ -23,6 +24,24 @@ def _tar(path: pathlib.Path, members: dict[str, bytes]) -> str:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_unpacked_package_is_on_the_disk_before_it_is_renamed_into_place(tmp_path: pathlib.Path) -> None:
+    """After a power loss a version is whole or not there: every file and folder is synced
+    before the rename that makes it the version's folder, and the rename after it."""
+    sha = _tar(tmp_path / "p.tar", {"genai_config.json": b"{}", "sub/deeper/model.onnx": b"x", "tokenizer.json": b"{}"})
+    synced: list[pathlib.Path] = []
+    models = tmp_path / "models"
+
+    def fsync(fd: int) -> None:
+        synced.append(pathlib.Path(os.readlink(f"/proc/self/fd/{fd}")))
+        os.fsync(fd)
+
+    packages.unpack(tmp_path / "p.tar", sha, models, fsync=fsync)
+    tmp = next(p for p in synced if p.parent == models)  # the temporary folder, renamed at the end
+    named = ["<models>" if p == models else "<tmp>" if p == tmp else p.relative_to(tmp).as_posix() for p in synced]
+    assert sorted(named[:3]) == ["genai_config.json", "sub/deeper/model.onnx", "tokenizer.json"]  # each as it is written
+    assert named[3:] == ["sub/deeper", "sub", "<tmp>", "<models>"]  # then the folders, deepest first; the rename last
 
 
 def test_a_good_package_unpacks_once_into_its_digest_folder(tmp_path: pathlib.Path) -> None:
