@@ -251,10 +251,15 @@ class Reconciler:
     # -- gather --------------------------------------------------------------------
 
     def read_desired(self) -> tuple[tuple[snap.SiteRecord, ...], dict[str, schema.ModelSpec], tuple[snap.DeploymentRecord, ...]]:
-        """The stored Sites, Models and ModelDeployments as validated values."""
-        sites = tuple(snap.SiteRecord(o.name, dict(o.labels), catalog.parse_site(o)) for o in self.store.list("Site"))
-        models = {o.name: catalog.parse_model(o) for o in self.store.list("Model")}
-        deployments = tuple(snap.DeploymentRecord(o.name, o.generation, catalog.parse_deployment(o)) for o in self.store.list("ModelDeployment"))
+        """The stored Sites, Models and ModelDeployments as validated values, read in one
+        query: applies run in threads (and on other replicas), and three reads could see a
+        new deployment without the new Model it names."""
+        stored: dict[str, list[store_mod.StoredObject]] = {"Site": [], "Model": [], "ModelDeployment": []}
+        for o in self.store.list():
+            stored.setdefault(o.kind, []).append(o)
+        sites = tuple(snap.SiteRecord(o.name, dict(o.labels), catalog.parse_site(o)) for o in stored["Site"])
+        models = {o.name: catalog.parse_model(o) for o in stored["Model"]}
+        deployments = tuple(snap.DeploymentRecord(o.name, o.generation, catalog.parse_deployment(o)) for o in stored["ModelDeployment"])
         return sites, models, deployments
 
     def current(self) -> snap.Snapshot:
