@@ -9,6 +9,7 @@ import contextlib
 import pathlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import grpc
 import httpx
@@ -365,17 +366,32 @@ def test_an_agent_reported_whole_carries_what_is_left_of_its_quiet_spell() -> No
     assert lost.kind is model.AgentEventKind.LOST and "quiet spell" in lost.reason
 
 
+class InProcess(NamedTuple):
+    now: list[float]  # the clock both hubs read
+    follower: hub.AgentHub
+    leader: hub.AgentHub
+    client: relay.RelayClient  # taps the follower's hub; nothing connects anywhere
+    servicer: relay.RelayServicer  # applies to the leader's hub what the test hands it
+    stream: relay._Stream
+
+
+def relayed_in_process(**leader_options: Any) -> InProcess:
+    """A follower's hub relayed to a leader's by the relay's own client and servicer, on one
+    injected clock, with no network: reports reach the leader when the test delivers them."""
+    now = [1_000.0]
+    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
+    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0], **leader_options)
+    client = relay.RelayClient(follower, "cp-follower")
+    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))
+    stream = relay._Stream()
+    stream.via = "cp-follower"
+    return InProcess(now, follower, leader, client, relay.RelayServicer(leader, lambda: SECRET), stream)
+
+
 def test_the_end_of_an_agent_s_stream_at_a_follower_reaches_the_leader() -> None:
     """A killed agent's connection closes at its replica; the leader, which plans, must not
     wait for every missed heartbeat either. A heartbeat on a new stream takes it back."""
-    now = [1_000.0]
-    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
-    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0], missed_heartbeats=3, reconnect_grace=1.0)
-    client = relay.RelayClient(follower, "cp-follower")
-    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))  # taps the follower's hub; nothing connects here
-    servicer = relay.RelayServicer(leader, lambda: SECRET)
-    stream = relay._Stream()
-    stream.via = "cp-follower"
+    now, follower, leader, client, servicer, stream = relayed_in_process(missed_heartbeats=3, reconnect_grace=1.0)
 
     def deliver() -> list[pb.AgentReport]:
         reports = [r for batch in client._batches() for r in batch.reports]
@@ -412,14 +428,7 @@ def test_the_end_of_an_agent_s_stream_at_a_follower_reaches_the_leader() -> None
 def test_an_agent_restarting_on_a_follower_with_its_identity_reaches_the_leader_with_its_new_address_and_pace() -> None:
     """The leader plans and routes: it must have the endpoint and heartbeat interval the
     agent joined with this time, not those of its previous run."""
-    now = [1_000.0]
-    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
-    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0], missed_heartbeats=3)
-    client = relay.RelayClient(follower, "cp-follower")
-    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))  # taps the follower's hub; nothing connects here
-    servicer = relay.RelayServicer(leader, lambda: SECRET)
-    stream = relay._Stream()
-    stream.via = "cp-follower"
+    now, follower, leader, client, servicer, stream = relayed_in_process(missed_heartbeats=3)
 
     def deliver() -> None:
         for batch in client._batches():
@@ -451,14 +460,7 @@ def test_an_agent_revoked_at_the_leader_is_not_taken_back_from_a_follower_that_h
     """The follower learns of a revocation from the store, a moment later; meanwhile its agent
     beats on, and the leader, which no longer holds it, asks for it whole: it is refused, and
     the follower drops it. Another agent enrolled for the site afterwards is taken."""
-    now = [1_000.0]
-    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
-    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0])
-    client = relay.RelayClient(follower, "cp-follower")
-    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))  # taps the follower's hub; nothing connects here
-    servicer = relay.RelayServicer(leader, lambda: SECRET)
-    stream = relay._Stream()
-    stream.via = "cp-follower"
+    now, follower, leader, client, servicer, stream = relayed_in_process()
 
     def deliver() -> pb.RelayAssignments:
         for batch in client._batches():
@@ -496,14 +498,7 @@ def test_an_agent_revoked_at_the_leader_is_not_taken_back_from_a_follower_that_h
 
 
 def test_heartbeats_merged_past_the_leader_s_limit_go_in_parts_and_the_end_of_the_stream_after_them() -> None:
-    now = [1_000.0]
-    follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
-    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0], missed_heartbeats=3, reconnect_grace=1.0)
-    client = relay.RelayClient(follower, "cp-follower")
-    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))  # taps the follower's hub; nothing connects here
-    servicer = relay.RelayServicer(leader, lambda: SECRET)
-    stream = relay._Stream()
-    stream.via = "cp-follower"
+    now, follower, leader, client, servicer, stream = relayed_in_process(missed_heartbeats=3, reconnect_grace=1.0)
 
     def deliver() -> list[pb.RelayReports]:
         batches = client._batches()
