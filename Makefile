@@ -39,7 +39,7 @@ system-packages:
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/ruff check orchestrator edge_agent edgeplane_proto
+	$(VENV)/bin/ruff check orchestrator edge_agent edgeplane_proto tests bench
 
 bench: $(STAMP) proto
 	$(PY) -m bench
