@@ -23,7 +23,6 @@ import os
 import secrets
 import pathlib
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -489,8 +488,10 @@ class ControlPlane:
     async def _purge_captures(self, every_s: float = 600.0) -> None:
         """Retention: captured records past their retentionDays are deleted (checked every ten minutes)."""
         while True:
-            with contextlib.suppress(sqlite3.Error, OSError):
+            try:
                 await asyncio.to_thread(self.captures.purge, time.time())
+            except Exception:  # personal data past its retention: this task must outlive any one failed pass
+                log.exception("capture retention pass failed; retrying in %.0f s", every_s)
             await asyncio.sleep(every_s)
 
     def _ensure_admin_token(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import pathlib
 import sqlite3
 import threading
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter
 
 from orchestrator.distill import capture
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -136,6 +139,11 @@ class ZoneStore:
             self._db.close()
 
 
+def is_zone(name: str) -> bool:
+    """Whether ``name`` is a residency zone a store may be kept for (``EU``, ``CH``...)."""
+    return len(name) == 2 and name.isalpha() and name.isupper() and capture.zone_countries(name) != frozenset()
+
+
 class ZoneStores:
     """The zone stores under one root, opened on first use."""
 
@@ -145,7 +153,7 @@ class ZoneStores:
         self._lock = threading.Lock()
 
     def zone(self, zone: str) -> ZoneStore:
-        if capture.zone_countries(zone) == frozenset() or not zone.isalpha() or len(zone) != 2 or not zone.isupper():
+        if not is_zone(zone):
             raise ValueError(f"{zone!r} is not a residency zone")
         with self._lock:
             if zone not in self._open:
@@ -153,8 +161,9 @@ class ZoneStores:
             return self._open[zone]
 
     def zones(self) -> list[str]:
-        """Zones that have a store on disk."""
-        found = {p.stem for p in self.root.glob("*.db")} if self.root.is_dir() else set()
+        """Zones that have a store on disk. Another file named ``*.db`` there (an operator's
+        ``EU-backup.db``) is not a zone's store and is left alone."""
+        found = {p.stem for p in self.root.glob("*.db") if is_zone(p.stem)} if self.root.is_dir() else set()
         return sorted(found | set(self._open))
 
     def find(self, record_id: str) -> ZoneStore | None:
@@ -166,7 +175,15 @@ class ZoneStores:
         return None
 
     def purge(self, now: float) -> int:
-        return sum(self.zone(z).purge(now) for z in self.zones())
+        """Delete every zone's expired records; how many. A zone whose store fails is logged
+        and skipped: the others' retention still runs."""
+        purged = 0
+        for zone in self.zones():
+            try:
+                purged += self.zone(zone).purge(now)
+            except (sqlite3.Error, OSError) as exc:
+                log.error("capture retention: zone %s not purged: %s", zone, exc)
+        return purged
 
     def close(self) -> None:
         with self._lock:

@@ -140,6 +140,21 @@ def test_retention_and_deletion_by_id(tmp_path: pathlib.Path) -> None:
     stores.close()
 
 
+def test_retention_runs_for_every_zone_despite_other_files_in_the_captures_folder(tmp_path: pathlib.Path) -> None:
+    """An operator's copy (``EU-backup.db``) is not a zone, and a zone whose file is not a
+    database does not keep the other zones' expired records alive."""
+    stores = capture_store.ZoneStores(tmp_path)
+    for zone in ("EU", "CH"):
+        stores.zone(zone).add([capture_store.Record(f"old-{zone}", "dep", "m", zone, 0, 100, "edge", "large", 0.5,
+                                                    b"{}", None, b"{}", None)])
+    (tmp_path / "EU-backup.db").write_bytes(b"")
+    (tmp_path / "DE.db").write_bytes(b"not a database" * 100)
+    assert stores.zones() == ["CH", "DE", "EU"]
+    assert stores.purge(1000.0) == 2
+    assert stores.zone("EU").count() == stores.zone("CH").count() == 0
+    stores.close()
+
+
 def test_a_full_queue_drops_and_counts() -> None:
     async def go() -> capture_store.CaptureWriter:
         writer = capture_store.CaptureWriter(capture_store.ZoneStores(pathlib.Path("/nonexistent")), maxsize=2)
