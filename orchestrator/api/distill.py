@@ -103,13 +103,13 @@ def _plan(store: store_mod.Store, captures: capture_store.ZoneStores, artifacts:
         raise Refused(f"the serving student {edge.artifact.uri} is remote; distillation warm-starts from a local artifact")
     # the new artifact goes next to the serving one, under the same artifact root
     root = next(r for r in artifacts.roots if current.resolve().is_relative_to(r.resolve()))
-    with_records = [z for z in spec.cascade.capture.zones if z in captures.zones() and captures.zone(z).count(name)]
+    with_records = [z for z in spec.cascade.capture.zones if z in captures.zones() and captures.zone(z).count(name, model=spec.model)]
     if zone is None:
         if len(with_records) != 1:
             raise Refused(f"say which zone's records to train on ('zone'); zones with records: {', '.join(with_records) or 'none'}")
         zone = with_records[0]
     elif zone not in with_records:
-        raise Refused(f"zone {zone!r} holds no records of {name!r} (zones with records: {', '.join(with_records) or 'none'})")
+        raise Refused(f"zone {zone!r} holds no records of {name!r} serving Model {spec.model!r} (zones with records: {', '.join(with_records) or 'none'})")
     rule = first.escalate.confidence
     if rule.scores != "probabilities":
         raise Refused("the edge student must output probabilities (escalate.confidence.scores: probabilities)")
@@ -167,7 +167,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             loop.call_soon_threadsafe(lines.put_nowait, {"progress": p})
 
         def work() -> dict[str, Any]:
-            records = captures.zone(plan["zone"]).records(name, now=clock())
+            # a deployment re-created under this name for another model: its old records are not this model's traffic
+            records = captures.zone(plan["zone"]).records(name, model=plan["spec"].model, now=clock())
             return _run(plan, records, progress)
 
         async def produce() -> None:

@@ -109,19 +109,22 @@ class ZoneStore:
                            [(r.id, r.deployment, r.model, r.zone, r.captured_at, r.expires_at, r.site, r.stage,
                              r.first_confidence, r.input, r.input_binary, r.output, r.output_binary) for r in records])
 
-    def records(self, deployment: str | None = None, *, now: float, limit: int = 1_000_000) -> list[Record]:
-        """Unexpired records, oldest first."""
+    def records(self, deployment: str | None = None, *, model: str | None = None, now: float,
+                limit: int = 1_000_000) -> list[Record]:
+        """Unexpired records (of ``deployment`` serving ``model``, when given), oldest first."""
         sql, args = "SELECT * FROM records WHERE expires_at > ?", [now]
-        if deployment is not None:
-            sql, args = sql + " AND deployment = ?", [*args, deployment]
+        for column, value in (("deployment", deployment), ("model", model)):
+            if value is not None:
+                sql, args = sql + f" AND {column} = ?", [*args, value]
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY captured_at, id LIMIT ?", [*args, limit]).fetchall()
         return [Record(*row) for row in rows]
 
-    def count(self, deployment: str | None = None) -> int:
-        sql, args = "SELECT COUNT(*) FROM records", []
-        if deployment is not None:
-            sql, args = sql + " WHERE deployment = ?", [deployment]
+    def count(self, deployment: str | None = None, *, model: str | None = None) -> int:
+        sql, args = "SELECT COUNT(*) FROM records WHERE 1", []
+        for column, value in (("deployment", deployment), ("model", model)):
+            if value is not None:
+                sql, args = sql + f" AND {column} = ?", [*args, value]
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
 
