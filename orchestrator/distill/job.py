@@ -100,18 +100,21 @@ class Examples:
 
 
 def _rows(array: np.ndarray, width: int) -> np.ndarray | None:
-    """``array`` as float32 rows of ``width`` numbers, or None where it holds something else."""
+    """``array`` as finite float32 rows of ``width`` numbers, or None where it holds something
+    else. One NaN or infinity (a v2 request may carry them) would turn every weight the
+    trainer touches into NaN, so such a record teaches nothing."""
     if array.dtype.kind not in "biuf" or array.ndim < 1 or array.shape[-1] != width:
         return None
-    return np.asarray(array, np.float32).reshape(-1, width)
+    rows = np.asarray(array, np.float32).reshape(-1, width)
+    return rows if np.isfinite(rows).all() else None
 
 
 def examples(records: Sequence[Record], input_name: str, output_name: str, teacher_variant: str, in_dim: int,
              out_dim: int) -> Examples:
     """The captured examples a student of ``in_dim`` inputs and ``out_dim`` classes learns from.
-    A record that does not decode, or whose tensors are missing or not rows of those widths
-    (captured for an earlier model, or sent with another shape), teaches nothing: it is
-    left out, and counted."""
+    A record that does not decode, or whose tensors are missing, not rows of those widths
+    (captured for an earlier model, or sent with another shape) or not finite, teaches
+    nothing: it is left out, and counted."""
     xs, ps, flags = [], [], []
     left_out = 0
     for r in records:
@@ -177,7 +180,7 @@ def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib
     left_out = train.left_out + held.left_out
     if len(train.x) < min_records or not held.by_teacher.any():
         why = (f" ({left_out} records left out: they do not decode, or their {input_name!r} and {output_name!r} are not "
-               f"rows of the serving student's {in_dim} inputs and {out_dim} classes)") if left_out else ""
+               f"rows of the serving student's {in_dim} inputs and {out_dim} classes, or not finite)") if left_out else ""
         raise DistillError(f"too little captured data: {len(train.x)} training examples (need {min_records}) and "
                            f"{int(held.by_teacher.sum())} held-out escalated ones (need 1){why}; capture more traffic first")
     say({"phase": "train", "examples": len(train.x), "escalated": int(train.by_teacher.sum()), "heldOut": len(held.x),

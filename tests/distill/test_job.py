@@ -97,6 +97,19 @@ def test_records_the_student_does_not_take_are_left_out_and_counted(task: cascad
         go(task, wider + scalar, tmp_path)
 
 
+def test_a_record_that_is_not_finite_is_left_out_and_does_not_spoil_the_run(task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
+    """A caller may send NaN or infinity (the v2 JSON decoder takes NaN, a binary tensor any
+    float), and the cascade captures it: trained on, it would turn every weight into NaN."""
+    good = records(task, 2000)
+    train_side = [r for r in records(task, 40, seed=9) if not job.held_out(r.id, 0.2)][:2]
+    nan_input = dataclasses.replace(train_side[0], input=oip.encode_request({cascade_task.INPUT: np.full((1, task.dim), np.nan, np.float32)})[0])
+    inf_answer = dataclasses.replace(train_side[1], output=oip.encode_response(oip.InferResponse("m", (
+        oip.Tensor(cascade_task.OUTPUT, np.full((1, task.classes), np.inf, np.float32)),)))[0])
+    outcome = go(task, [*good, nan_input, inf_answer], tmp_path, epochs=20)
+    assert outcome.artifact is not None, outcome.report["gate"]
+    assert outcome.report["leftOutRecords"] == 2
+
+
 def test_the_gate() -> None:
     cur = job.Evaluation(agreement=0.80, escalation=0.2, latency_ms=0.10, records=100)
     assert job.gate(cur, job.Evaluation(0.82, 0.18, 0.12, 100)).passed
