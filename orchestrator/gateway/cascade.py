@@ -135,7 +135,10 @@ class Trip:
     caller: routing.Caller | None = None
     body: bytes = b""  # the request, kept for capture
     body_binary: int | None = None
-    first_country: str | None = None  # of the site that received the request
+    # the site that received the request: the first replica that answered (a replica that
+    # refused the connection or failed never had it), and its country, which picks the capture zone
+    first_site: str | None = None
+    first_country: str | None = None
     first_confidence: float | None = None
 
 
@@ -273,8 +276,6 @@ class CascadeHandler:
             finally:
                 self.table.finished(e.url)
                 self.charge(route, stage, e.site, self.clock() - began, trip, totals)
-                if trip.first_country is None:
-                    trip.first_country = e.country
             self.table.answered(e.url, upstream.status)
             if upstream.status >= 500:
                 trip.failures.append(f"{e.site}: HTTP {upstream.status}")
@@ -282,6 +283,8 @@ class CascadeHandler:
             if upstream.status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
                 trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")
                 continue
+            if trip.first_site is None:
+                trip.first_site, trip.first_country = e.site, e.country
             return _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
         return None
 
@@ -368,5 +371,5 @@ class CascadeHandler:
         binary = answer.headers.get(oip.BINARY_HEADER.lower())
         self.capture(capture_store.Record(
             capture_store.Record.new_id(), route.deployment, route.model, zone, now, now + policy.retention_s,
-            trip.sites[0] if trip.sites else answer.site, route.stages[answer.stage].variant, trip.first_confidence,
+            trip.first_site or answer.site, route.stages[answer.stage].variant, trip.first_confidence,
             trip.body, trip.body_binary, answer.body, int(binary) if binary is not None and binary.isdigit() else None))

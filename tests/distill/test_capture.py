@@ -81,6 +81,16 @@ def test_a_record_holds_input_last_output_first_confidence_time_site_and_zone() 
     assert record.captured_at == 1_000_000.0 and record.expires_at == 1_000_000.0 + 7 * capture.DAY_S
 
 
+def test_a_request_is_filed_in_the_zone_of_the_replica_that_received_it_after_a_failover() -> None:
+    # the nearest edge (Paris) refuses the connection, Geneva's answers: the request was received in CH
+    fleet = [dataclasses.replace(ep("edge-fr", "edge", "FR"), lat=48.85, lon=2.35),
+             dataclasses.replace(ep("edge-ch", "edge", "CH"), lat=46.2, lon=6.14),
+             dataclasses.replace(ep("dc-ch", "datacenter", "CH"), lat=47.37, lon=8.54)]
+    route = dataclasses.replace(ROUTE, capture=dataclasses.replace(POLICY, zones=("FR", "CH")))
+    [record] = serve(route, fleet, {"edge-fr": "down", "edge-ch": "sure", "dc-ch": "sure"}, routing.Caller(lat=48.85, lon=2.35))
+    assert (record.zone, record.site) == ("CH", "edge-ch")
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(edge_country=st.sampled_from(COUNTRIES), dc_country=st.sampled_from(COUNTRIES),
        zones=st.lists(st.sampled_from(["EU", *COUNTRIES]), min_size=1, max_size=4, unique=True),
