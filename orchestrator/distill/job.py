@@ -28,7 +28,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnxruntime as ort
@@ -174,6 +174,10 @@ def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib
         serving = student_mod.read_onnx(current)
     except student_mod.NotAStudent as exc:
         raise DistillError(f"the serving student cannot be warm-started: {exc}") from None
+    if (serving.input_name, serving.output_name) != (input_name, output_name):
+        # the new student only replaces the artifact: the Model's declared input and the rule's output stay
+        raise DistillError(f"the serving student takes {serving.input_name!r} and answers {serving.output_name!r}, but the Model "
+                           f"declares the input {input_name!r} and the cascade's rule reads {output_name!r}")
     in_dim, out_dim = serving.layers[0][0].shape[0], serving.layers[-1][0].shape[1]
     train = examples(train_records, input_name, output_name, teacher_variant, in_dim, out_dim)
     held = examples(test_records, input_name, output_name, teacher_variant, in_dim, out_dim)
@@ -186,10 +190,11 @@ def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib
     say({"phase": "train", "examples": len(train.x), "escalated": int(train.by_teacher.sum()), "heldOut": len(held.x),
          "leftOut": left_out})
     hidden = serving.layers[0][0].shape[1]
-    candidate = student_mod.distil(train.soft, train.x, hidden, seed, epochs=epochs, lr=lr,
+    trained = student_mod.distil(train.soft, train.x, hidden, seed, epochs=epochs, lr=lr,
                                    init=serving if len(serving.layers) == 2 and serving.activation == "Relu" else None,
                                    progress=lambda epoch, loss: say({"phase": "train", "epoch": epoch, "epochs": epochs,
                                                                      "loss": round(loss, 5)}))
+    candidate = replace(trained, input_name=serving.input_name, output_name=serving.output_name)
     artifact_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=artifact_root) as tmp:
         built = student_mod.write_onnx(candidate, pathlib.Path(tmp) / "candidate.onnx", "distilled")

@@ -43,6 +43,10 @@ class BuiltModel:
 class Mlp:
     layers: Layers
     activation: str  # "Tanh" or "Relu"
+    # the tensor names of the ONNX file it was read from: a Model declares them and a cascade's
+    # rule reads them, so a student that replaces this one must answer under the same names
+    input_name: str = INPUT
+    output_name: str = OUTPUT
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         h = x.astype(np.float32)
@@ -108,9 +112,9 @@ def distil(teacher_probs: np.ndarray, x: np.ndarray, hidden: int, seed: int, epo
 
 
 def write_onnx(mlp: Mlp, path: pathlib.Path, name: str) -> BuiltModel:
-    """The network as ONNX: ``input`` [batch, dim] -> ``probabilities`` [batch, classes]."""
+    """The network as ONNX: ``mlp.input_name`` [batch, dim] -> ``mlp.output_name`` [batch, classes]."""
     nodes, inits = [], []
-    current = INPUT
+    current = mlp.input_name
     for i, (w, b) in enumerate(mlp.layers):
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         nodes += [helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"]), helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"z{i}"])]
@@ -118,16 +122,16 @@ def write_onnx(mlp: Mlp, path: pathlib.Path, name: str) -> BuiltModel:
         if i < len(mlp.layers) - 1:
             nodes.append(helper.make_node(mlp.activation, [current], [f"h{i}"]))
             current = f"h{i}"
-    nodes.append(helper.make_node("Softmax", [current], [OUTPUT], axis=-1))
+    nodes.append(helper.make_node("Softmax", [current], [mlp.output_name], axis=-1))
     dim, classes = mlp.layers[0][0].shape[0], mlp.layers[-1][0].shape[1]
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", dim])],
-                              [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", classes])], inits)
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(mlp.input_name, TensorProto.FLOAT, ["batch", dim])],
+                              [helper.make_tensor_value_info(mlp.output_name, TensorProto.FLOAT, ["batch", classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeplane")
     model.ir_version = 8
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
-    return BuiltModel(path, sha256_file(path), INPUT, OUTPUT, dim, classes)
+    return BuiltModel(path, sha256_file(path), mlp.input_name, mlp.output_name, dim, classes)
 
 
 class NotAStudent(ValueError):
@@ -135,9 +139,12 @@ class NotAStudent(ValueError):
 
 
 def read_onnx(path: pathlib.Path) -> Mlp:
-    """The layers of an MLP student written by :func:`write_onnx` (or shaped like one)."""
+    """The layers and tensor names of an MLP student written by :func:`write_onnx` (or shaped like one)."""
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]  # before IR 4, initializers are listed as inputs too
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise NotAStudent(f"{path.name}: {len(inputs)} inputs and {len(model.graph.output)} outputs, not one of each")
     layers: Layers = []
     activation = "Relu"
     pending: np.ndarray | None = None
@@ -153,4 +160,4 @@ def read_onnx(path: pathlib.Path) -> Mlp:
             raise NotAStudent(f"{path.name}: node {node.op_type} is not part of an MLP student")
     if not layers:
         raise NotAStudent(f"{path.name}: no MatMul/Add layers")
-    return Mlp(layers, activation)
+    return Mlp(layers, activation, inputs[0], model.graph.output[0].name)

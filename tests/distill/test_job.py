@@ -7,6 +7,7 @@ import dataclasses
 import pathlib
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from edgeplane_proto import oip
@@ -24,15 +25,16 @@ def task() -> cascade_task.Task:
     return cascade_task.build(teacher_width=64, teacher_depth=2, student_hidden=32, train=300, validation=10, test=10, epochs=30)
 
 
-def records(t: cascade_task.Task, n: int, seed: int = 3, teacher: cascade_task.Mlp | None = None) -> list[Record]:
+def records(t: cascade_task.Task, n: int, seed: int = 3, teacher: cascade_task.Mlp | None = None,
+            names: tuple[str, str] = (cascade_task.INPUT, cascade_task.OUTPUT)) -> list[Record]:
     """Traffic as the cascade captures it: the teacher's answer when the student was unsure."""
     x = np.random.default_rng(seed).standard_normal((n, t.dim)).astype(np.float32)
     sp, tp = t.student.probabilities(x), (teacher or t.teacher).probabilities(x)
     out = []
     for i in range(n):
         escalated = bool(sp[i].max() < THRESHOLD.below)
-        body, _ = oip.encode_request({cascade_task.INPUT: x[i:i + 1]})
-        answer, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor(cascade_task.OUTPUT, (tp if escalated else sp)[i:i + 1]),)))
+        body, _ = oip.encode_request({names[0]: x[i:i + 1]})
+        answer, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor(names[1], (tp if escalated else sp)[i:i + 1]),)))
         out.append(Record(Record.new_id(), "d", "m", "EU", 0.0, 1e12, "edge", "teacher" if escalated else "student",
                           float(sp[i].max()), body, None, answer, None))
     return out
@@ -108,6 +110,23 @@ def test_a_record_that_is_not_finite_is_left_out_and_does_not_spoil_the_run(task
     outcome = go(task, [*good, nan_input, inf_answer], tmp_path, epochs=20)
     assert outcome.artifact is not None, outcome.report["gate"]
     assert outcome.report["leftOutRecords"] == 2
+
+
+def test_a_distilled_student_answers_under_the_serving_students_tensor_names(task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
+    """The Model declares the edge variant's input and the cascade's rule reads its output by
+    name; publishing swaps only the artifact, so the new file must keep both names."""
+    names = ("features", "scores")
+    serving = dataclasses.replace(task.student, input_name=names[0], output_name=names[1])
+    current = student_mod.write_onnx(serving, tmp_path / "student.onnx", "student")
+    kw = dict(teacher_variant="teacher", threshold=THRESHOLD, epochs=20)
+    outcome = job.run(records(task, 2000, names=names), current.path, tmp_path, input_name=names[0], output_name=names[1], **kw)  # type: ignore[arg-type]
+    assert outcome.artifact is not None, outcome.report
+    session = ort.InferenceSession(str(outcome.artifact.path), providers=["CPUExecutionProvider"])
+    assert ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]) == ([names[0]], [names[1]])
+    assert (outcome.artifact.input_name, outcome.artifact.output_name) == names
+    # a Model or rule naming other tensors than the serving file has: nothing is trained that could not be served
+    with pytest.raises(job.DistillError, match="the serving student takes 'features' and answers 'scores'"):
+        job.run(records(task, 2000), current.path, tmp_path, input_name=cascade_task.INPUT, output_name=cascade_task.OUTPUT, **kw)  # type: ignore[arg-type]
 
 
 def test_the_gate() -> None:
