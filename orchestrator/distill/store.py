@@ -86,6 +86,10 @@ class ZoneStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        # an erased record must leave no bytes behind: deleted content is overwritten in the
+        # database file (not every SQLite build does so by default), and the write-ahead log that
+        # still holds it is checkpointed and truncated after each delete (:meth:`_erase`)
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
 
@@ -129,13 +133,23 @@ class ZoneStore:
             return int(self._db.execute(sql, args).fetchone()[0])
 
     def delete(self, record_id: str) -> bool:
-        with self._tx() as db:
-            return db.execute("DELETE FROM records WHERE id = ?", (record_id,)).rowcount > 0
+        return self._erase("DELETE FROM records WHERE id = ?", (record_id,)) > 0
 
     def purge(self, now: float) -> int:
         """Delete the records whose retention has run out (``capture.expired``); how many."""
+        return self._erase("DELETE FROM records WHERE expires_at <= ?", (now,))
+
+    def _erase(self, sql: str, args: tuple[object, ...]) -> int:
+        """Delete, then move the log into the (securely overwritten) file and empty it: until
+        then the log still holds the deleted records' bytes."""
         with self._tx() as db:
-            return db.execute("DELETE FROM records WHERE expires_at <= ?", (now,)).rowcount
+            deleted = db.execute(sql, args).rowcount
+        if deleted:
+            with self._lock:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                log.warning("capture store %s: the log was not emptied after a delete; the next one retries", self.path)
+        return deleted
 
     def close(self) -> None:
         with self._lock:

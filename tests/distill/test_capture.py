@@ -165,6 +165,22 @@ def test_retention_runs_for_every_zone_despite_other_files_in_the_captures_folde
     stores.close()
 
 
+def test_an_erased_or_expired_record_leaves_no_bytes_in_the_zone_files(tmp_path: pathlib.Path) -> None:
+    stores = capture_store.ZoneStores(tmp_path)
+    secret = b"jean.dupont@example.fr " * 50
+    body = b'{"inputs": [{"name": "text", "data": ["' + secret + b'"]}]}'
+    eu = stores.zone("EU")
+    eu.add([capture_store.Record(f"r{i}", "dep", "m", "EU", 0, 100 if i else 1e12, "edge", "large", 0.4, body, None, body, None)
+            for i in range(2)])
+
+    def files() -> bytes:
+        return b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert secret in files()
+    assert eu.delete("r0") and stores.purge(1000.0) == 1
+    assert secret not in files()  # while the store is open: nothing left in the log either
+    stores.close()
+
+
 def test_a_full_queue_drops_and_counts() -> None:
     async def go() -> capture_store.CaptureWriter:
         writer = capture_store.CaptureWriter(capture_store.ZoneStores(pathlib.Path("/nonexistent")), maxsize=2)
