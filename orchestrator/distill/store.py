@@ -7,8 +7,10 @@ place it is ever written. The root is the control plane's data directory by defa
 operator bound to keep a zone's data on storage inside that zone mounts it there.
 
 The gateway never waits for a disk: :meth:`CaptureWriter.offer` puts the record on a
-bounded queue and returns; a background task writes batches in a worker thread. When the
-queue is full the record is dropped and counted (``edgeplane_capture_dropped_total``).
+bounded queue and returns; a background task writes batches in a worker thread. The queue
+is bounded in records and in bytes (a record holds a whole request and answer, up to
+80 MiB, so a lagging disk must not let the gateway hold gigabytes of them); a record past
+either bound is dropped and counted (``edgeplane_capture_dropped_total``).
 """
 
 from __future__ import annotations
@@ -209,28 +211,38 @@ class ZoneStores:
             self._open.clear()
 
 
+#: The most payload bytes (requests and answers) the capture queue holds.
+MAX_QUEUED_BYTES = 256 << 20
+
+
 class CaptureWriter:
     """A bounded queue between the gateway and the zone stores."""
 
-    def __init__(self, stores: ZoneStores, registry: CollectorRegistry | None = None, *, maxsize: int = 1024, batch: int = 256):
+    def __init__(self, stores: ZoneStores, registry: CollectorRegistry | None = None, *, maxsize: int = 1024, batch: int = 256,
+                 max_bytes: int = MAX_QUEUED_BYTES):
         self.stores = stores
         self.queue: asyncio.Queue[Record] = asyncio.Queue(maxsize)
         self.batch = batch
+        self.max_bytes, self.queued_bytes = max_bytes, 0
         self.captured = self.dropped = self.failed = 0
         self._captured_c = Counter("edgeplane_capture_records", "Cascade requests captured for distillation, by zone",
                                    ["zone"], registry=registry) if registry is not None else None
-        self._dropped_c = Counter("edgeplane_capture_dropped", "Captured requests dropped because the write queue was full",
-                                  registry=registry) if registry is not None else None
+        self._dropped_c = Counter("edgeplane_capture_dropped", "Captured requests dropped because the write queue was full "
+                                  "(in records or bytes)", registry=registry) if registry is not None else None
         self._task: asyncio.Task[None] | None = None
 
     def offer(self, record: Record) -> bool:
+        size = _payload(record)
         try:
+            if self.queued_bytes + size > self.max_bytes:
+                raise asyncio.QueueFull
             self.queue.put_nowait(record)
         except asyncio.QueueFull:
             self.dropped += 1
             if self._dropped_c is not None:
                 self._dropped_c.inc()
             return False
+        self.queued_bytes += size
         return True
 
     def start(self) -> None:
@@ -242,9 +254,12 @@ class CaptureWriter:
             items = [await self.queue.get()]
             while len(items) < self.batch and not self.queue.empty():
                 items.append(self.queue.get_nowait())
-            await asyncio.to_thread(self._write, items)
-            for _ in items:
-                self.queue.task_done()
+            try:
+                await asyncio.to_thread(self._write, items)
+            finally:
+                self.queued_bytes -= sum(_payload(r) for r in items)
+                for _ in items:
+                    self.queue.task_done()
 
     def _write(self, items: list[Record]) -> None:
         by_zone: dict[str, list[Record]] = {}
@@ -274,3 +289,7 @@ class CaptureWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def _payload(record: Record) -> int:
+    return len(record.input) + len(record.output)

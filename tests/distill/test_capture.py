@@ -189,6 +189,30 @@ def test_a_full_queue_drops_and_counts() -> None:
     assert asyncio.run(go()).dropped == 1
 
 
+def test_the_queue_is_bounded_in_bytes_too(tmp_path: pathlib.Path) -> None:
+    """A record holds a whole request and answer (up to 80 MiB): a lagging disk must not let the
+    gateway hold a thousand of them."""
+    def record(i: int, size: int) -> capture_store.Record:
+        big = bytes(size)
+        return capture_store.Record(f"r{i}", "dep", "m", "EU", 0, 1e12, "edge", "large", 0.5, big, None, big, None)
+    registry = CollectorRegistry()
+
+    async def go() -> None:
+        lagging = capture_store.CaptureWriter(capture_store.ZoneStores(tmp_path / "lagging"), registry)  # never started
+        largest = record(0, 16 << 20)  # a request at the gateway's limit (and as large an answer)
+        assert [lagging.offer(largest) for _ in range(20)] == [True] * 8 + [False] * 12
+        assert lagging.queued_bytes == capture_store.MAX_QUEUED_BYTES
+        writer = capture_store.CaptureWriter(capture_store.ZoneStores(tmp_path / "writing"), max_bytes=4 << 20)
+        assert [writer.offer(record(i, 1 << 20)) for i in range(3)] == [True, True, False]
+        writer.start()
+        await writer.flush()  # written: the budget is free again
+        assert writer.queued_bytes == 0 and writer.offer(record(3, 1 << 20))
+        await writer.stop()
+        assert writer.captured == 3
+    asyncio.run(go())
+    assert registry.get_sample_value("edgeplane_capture_dropped_total") == 12
+
+
 def test_manifest_capture_is_checked() -> None:
     ok = cascade_schema.Capture(sampleRate=0.1, zones=["EU", "CH"])
     assert ok.dailyCap == 10_000 and ok.retentionDays == 30
