@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.distill import capture
 from orchestrator.manifests import loader, references, schema
 from orchestrator.manifests.errors import ManifestError, ManifestIssue
 from orchestrator.store import sqlite as store_mod
@@ -233,6 +234,23 @@ def to_manifest(obj: store_mod.StoredObject) -> dict[str, Any]:
         "spec": dict(obj.spec),
         "status": dict(obj.status),
     }
+
+
+def capture_retention(store: store_mod.Store) -> dict[str, float | None]:
+    """How long each stored deployment that captures keeps its records now (seconds, its
+    ``spec.cascade.capture.retentionDays``), by name: None for one whose spec no longer
+    parses (its records keep the expiry they were captured with). A deployment missing here
+    (capture off, or deleted) keeps no records."""
+    out: dict[str, float | None] = {}
+    for obj in store.list("ModelDeployment"):
+        try:
+            cascade = parse_deployment(obj).cascade
+        except ValueError:
+            out[obj.name] = None
+            continue
+        if cascade is not None and cascade.capture is not None:
+            out[obj.name] = cascade.capture.retentionDays * capture.DAY_S
+    return out
 
 
 def parse_site(obj: store_mod.StoredObject) -> schema.SiteSpec:

@@ -486,10 +486,11 @@ class ControlPlane:
         return view
 
     async def _purge_captures(self, every_s: float = 600.0) -> None:
-        """Retention: captured records past their retentionDays are deleted (checked every ten minutes)."""
+        """Retention: captured records past their deployment's current retentionDays, or of a
+        deployment that no longer captures, are deleted (checked every ten minutes)."""
         while True:
             try:
-                await asyncio.to_thread(self.captures.purge, time.time())
+                await asyncio.to_thread(lambda: self.captures.purge(time.time(), catalog.capture_retention(self.store)))
             except Exception:  # personal data past its retention: this task must outlive any one failed pass
                 log.exception("capture retention pass failed; retrying in %.0f s", every_s)
             await asyncio.sleep(every_s)

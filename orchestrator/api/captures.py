@@ -6,7 +6,8 @@ an admin action, and every read and delete is written to the event log (``action
 an operator shows a data protection officer.
 
 - ``GET /v1/captures/{zone}?deployment=NAME&limit=N`` — record summaries (no payloads);
-  ``&payload=true`` adds the base64 request and answer bodies.
+  ``&payload=true`` adds the base64 request and answer bodies. The zone's expired records
+  are purged first (each deployment's current retention).
 - ``DELETE /v1/captures/{zone}/{id}`` — erase one record (a data subject's request).
 """
 
@@ -50,7 +51,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         payload = q.get("payload", "false").lower() in ("1", "true", "yes")
         deployment = q.get("deployment")
         zs = captures.zone(zone)
-        zs.purge(clock())
+        zs.purge(clock(), catalog.capture_retention(store))
         records = zs.records(deployment, now=clock(), limit=limit)
         store.record(store_mod.Event(caller.identity, "capture-read", "ModelDeployment", deployment or "*",
                                      (request.headers.get("x-edgeplane-reason") or "read captured records")[:500],

@@ -33,6 +33,7 @@ from starlette.routing import BaseRoute, Route
 from orchestrator import catalog
 from orchestrator.api import auth, bodies
 from orchestrator.artifacts.catalog import ArtifactCatalog, ArtifactError
+from orchestrator.distill import capture as capture_mod
 from orchestrator.distill import job
 from orchestrator.distill import store as capture_store
 from orchestrator.manifests import loader
@@ -168,7 +169,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
 
         def work() -> dict[str, Any]:
             # a deployment re-created under this name for another model: its old records are not this model's traffic
-            records = captures.zone(plan["zone"]).records(name, model=plan["spec"].model, now=clock())
+            policy = plan["spec"].cascade.capture  # its retentionDays now, not when a record was captured
+            records = captures.zone(plan["zone"]).records(name, model=plan["spec"].model, now=clock(),
+                                                          retention_s=policy.retentionDays * capture_mod.DAY_S)
             return _run(plan, records, progress)
 
         async def produce() -> None:

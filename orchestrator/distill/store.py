@@ -22,7 +22,7 @@ import pathlib
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
@@ -115,10 +115,14 @@ class ZoneStore:
                            [(r.id, r.deployment, r.model, r.zone, r.captured_at, r.expires_at, r.site, r.stage,
                              r.first_confidence, r.input, r.input_binary, r.output, r.output_binary) for r in records])
 
-    def records(self, deployment: str | None = None, *, model: str | None = None, now: float,
+    def records(self, deployment: str | None = None, *, model: str | None = None, now: float, retention_s: float | None = None,
                 limit: int = 1_000_000) -> list[Record]:
-        """Unexpired records (of ``deployment`` serving ``model``, when given), oldest first."""
+        """Unexpired records (of ``deployment`` serving ``model``, when given), oldest first;
+        ``retention_s``, the deployment's current retention, expires them too when it is shorter
+        than the one they were captured under."""
         sql, args = "SELECT * FROM records WHERE expires_at > ?", [now]
+        if retention_s is not None:
+            sql, args = sql + " AND captured_at > ?", [*args, now - retention_s]
         for column, value in (("deployment", deployment), ("model", model)):
             if value is not None:
                 sql, args = sql + f" AND {column} = ?", [*args, value]
@@ -134,18 +138,30 @@ class ZoneStore:
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
 
+    def purge(self, now: float, retention: Mapping[str, float | None]) -> int:
+        """Delete the records whose retention has run out (``capture.expired``); how many.
+        ``retention`` is every capturing deployment's current retention (seconds; None: the
+        one a record was captured under stands): a record expires by the shorter of the two,
+        and a deployment missing from it (capture off, or deleted) keeps none."""
+        def delete(db: sqlite3.Connection) -> int:
+            deleted = db.execute("DELETE FROM records WHERE expires_at <= ?", (now,)).rowcount
+            for (deployment,) in db.execute("SELECT DISTINCT deployment FROM records").fetchall():
+                if deployment not in retention:
+                    deleted += db.execute("DELETE FROM records WHERE deployment = ?", (deployment,)).rowcount
+                elif (kept := retention[deployment]) is not None:
+                    deleted += db.execute("DELETE FROM records WHERE deployment = ? AND captured_at <= ?",
+                                          (deployment, now - kept)).rowcount
+            return deleted
+        return self._erase(delete)
+
     def delete(self, record_id: str) -> bool:
-        return self._erase("DELETE FROM records WHERE id = ?", (record_id,)) > 0
+        return self._erase(lambda db: db.execute("DELETE FROM records WHERE id = ?", (record_id,)).rowcount) > 0
 
-    def purge(self, now: float) -> int:
-        """Delete the records whose retention has run out (``capture.expired``); how many."""
-        return self._erase("DELETE FROM records WHERE expires_at <= ?", (now,))
-
-    def _erase(self, sql: str, args: tuple[object, ...]) -> int:
+    def _erase(self, delete: Callable[[sqlite3.Connection], int]) -> int:
         """Delete, then move the log into the (securely overwritten) file and empty it: until
         then the log still holds the deleted records' bytes."""
         with self._tx() as db:
-            deleted = db.execute(sql, args).rowcount
+            deleted = delete(db)
         if deleted:
             with self._lock:
                 busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -193,13 +209,13 @@ class ZoneStores:
                     return store
         return None
 
-    def purge(self, now: float) -> int:
-        """Delete every zone's expired records; how many. A zone whose store fails is logged
-        and skipped: the others' retention still runs."""
+    def purge(self, now: float, retention: Mapping[str, float | None]) -> int:
+        """Delete every zone's expired records (:meth:`ZoneStore.purge`); how many. A zone whose
+        store fails is logged and skipped: the others' retention still runs."""
         purged = 0
         for zone in self.zones():
             try:
-                purged += self.zone(zone).purge(now)
+                purged += self.zone(zone).purge(now, retention)
             except (sqlite3.Error, OSError) as exc:
                 log.error("capture retention: zone %s not purged: %s", zone, exc)
         return purged

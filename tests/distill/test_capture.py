@@ -18,12 +18,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.testclient import TestClient
 
+from orchestrator import catalog
 from orchestrator.api import auth
 from orchestrator.api import captures as captures_api
 from orchestrator.distill import capture
 from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade, cascade_rules, endpoints, routing
 from orchestrator.manifests import cascade as cascade_schema
+from orchestrator.manifests import loader
 from orchestrator.store import sqlite as store_mod
 from tests.cascade.transport import Transport
 
@@ -34,6 +36,18 @@ ROUTE = cascade_rules.CascadeRoute("m", "dep", (
     cascade_rules.StageRoute("large", frozenset({"datacenter"}), None),
 ), {}, POLICY)
 COUNTRIES = ["FR", "DE", "IT", "CH", "US"]
+
+
+def capturing(store: store_mod.Store, retention_days: float = 30, name: str = "dep") -> None:
+    """Apply ModelDeployment ``name``, a cascade that captures in EU for ``retention_days``."""
+    docs = [{"kind": "Model", "metadata": {"name": "m"}, "spec": {"variants": [
+                {"name": v, "runtime": "onnx", "artifact": {"uri": f"{v}.onnx", "sha256": c * 64}} for v, c in (("small", "0"), ("large", "1"))]}},
+            {"kind": "ModelDeployment", "metadata": {"name": name}, "spec": {
+                "model": "m", "variant": {"edge": "small", "datacenter": "large"},
+                "cascade": {"stages": [{"variant": "small", "escalate": {"confidence": {"output": "p", "below": 0.8}}}, {"variant": "large"}],
+                            "capture": {"sampleRate": 1.0, "retentionDays": retention_days, "zones": ["EU"]}}}}]
+    catalog.apply_documents(store, loader.load_text("---\n".join(json.dumps({"apiVersion": "edgeplane.io/v1alpha1", **d}) + "\n" for d in docs)),
+                            actor="test")
 
 
 def ep(site: str, tier: str, country: str) -> routing.Endpoint:
@@ -143,7 +157,7 @@ def test_retention_and_deletion_by_id(tmp_path: pathlib.Path) -> None:
     eu.add([old, new])
     assert capture.expired(0.0, 100, 100.0) and not capture.expired(50.0, 100, 100.0)
     assert [r.id for r in eu.records(now=100.0)] == [new.id]  # expired records are not read ...
-    assert stores.purge(100.0) == 1 and eu.count() == 1  # ... and are deleted
+    assert stores.purge(100.0, {"dep": None}) == 1 and eu.count() == 1  # ... and are deleted
     assert eu.delete(new.id) and not eu.delete(new.id) and eu.count() == 0
     with pytest.raises(ValueError):
         stores.zone("FR").add([new])  # a record never lands in another zone's store
@@ -160,7 +174,7 @@ def test_retention_runs_for_every_zone_despite_other_files_in_the_captures_folde
     (tmp_path / "EU-backup.db").write_bytes(b"")
     (tmp_path / "DE.db").write_bytes(b"not a database" * 100)
     assert stores.zones() == ["CH", "DE", "EU"]
-    assert stores.purge(1000.0) == 2
+    assert stores.purge(1000.0, {"dep": None}) == 2
     assert stores.zone("EU").count() == stores.zone("CH").count() == 0
     stores.close()
 
@@ -176,9 +190,34 @@ def test_an_erased_or_expired_record_leaves_no_bytes_in_the_zone_files(tmp_path:
     def files() -> bytes:
         return b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     assert secret in files()
-    assert eu.delete("r0") and stores.purge(1000.0) == 1
+    assert eu.delete("r0") and stores.purge(1000.0, {"dep": None}) == 1
     assert secret not in files()  # while the store is open: nothing left in the log either
     stores.close()
+
+
+def test_records_expire_by_their_deployments_current_retention(tmp_path: pathlib.Path) -> None:
+    """Lowering retentionDays (30 -> 1) applies to the records already captured, and a deployment
+    that no longer captures (capture turned off, or the deployment deleted) keeps none."""
+    day, now = capture.DAY_S, 100 * capture.DAY_S
+    store = store_mod.Store(tmp_path / "state.db")
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+
+    def record(i: str, deployment: str, age_days: float) -> capture_store.Record:  # captured under a 30-day retention
+        at = now - age_days * day
+        return capture_store.Record(i, deployment, "m", "EU", at, at + 30 * day, "edge", "large", 0.4, b"{}", None, b"{}", None)
+    stores.zone("EU").add([record("old", "dep", 10), record("new", "dep", 0.5), record("gone", "deleted", 0.5)])
+    capturing(store, retention_days=1)
+    assert [r.id for r in stores.zone("EU").records("dep", now=now, retention_s=day)] == ["new"]  # not read ...
+    app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=False), store, stores, clock=lambda: now))
+    with TestClient(app) as client:
+        assert [i["id"] for i in client.get("/v1/captures/EU").json()["items"]] == ["new"]
+    assert stores.zone("EU").count() == 1  # ... and deleted
+    capturing(store, retention_days=30, name="unparsed")
+    stores.zone("EU").add([record("kept", "unparsed", 10)])
+    assert stores.purge(now, {"dep": day, "unparsed": None}) == 0  # a policy it cannot read: the stored expiry stands
+    assert stores.purge(now, {"unparsed": None}) == 1 and [r.id for r in stores.zone("EU").records(now=now)] == ["kept"]
+    stores.close()
+    store.close()
 
 
 def test_a_full_queue_drops_and_counts() -> None:
@@ -227,9 +266,10 @@ def test_only_an_admin_reads_or_deletes_and_it_is_audited(tmp_path: pathlib.Path
     stores = capture_store.ZoneStores(tmp_path / "captures")
     record = capture_store.Record("r1", "dep", "m", "EU", 0, 1e12, "edge", "large", 0.4, b"{}", None, b"{}", None)
     stores.zone("EU").add([record])
+    capturing(store)
     admin, _ = store.create_token("api", "admin", None, "test", "admin")
     reader, _ = store.create_token("api", "read", None, "test", "reader")
-    app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=True), store, stores))
+    app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=True), store, stores, clock=lambda: 1000.0))
     with TestClient(app) as client:
         assert client.get("/v1/captures/EU").status_code == 401
         assert client.get("/v1/captures/EU", headers={"Authorization": "Bearer nope"}).status_code == 401

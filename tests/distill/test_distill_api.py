@@ -36,13 +36,16 @@ def task() -> cascade_task.Task:
 class Plane:
     """The control plane's parts the distill route uses, on files under one folder."""
 
-    def __init__(self, t: cascade_task.Task, root: pathlib.Path, text: str | None = None):
+    def __init__(self, t: cascade_task.Task, root: pathlib.Path):
         self.task, self.artifacts = t, root / "artifacts"
-        student, teacher = cascade_task.write_models(t, self.artifacts)
+        self.student, self.teacher = cascade_task.write_models(t, self.artifacts)
         self.store = store_mod.Store(root / "state.db")
-        self.apply(text or cascade_task.manifests(student, teacher, threshold=THRESHOLD, edges={"edge-paris": ("FR", 48.85, 2.35)},
-                                                  datacentre=("dc-paris", "FR", 48.86, 2.34), capture=CAPTURE))
+        self.apply(self.manifests())
         self.captures = capture_store.ZoneStores(root / "captures")
+
+    def manifests(self, **capture: object) -> str:
+        return cascade_task.manifests(self.student, self.teacher, threshold=THRESHOLD, edges={"edge-paris": ("FR", 48.85, 2.35)},
+                                      datacentre=("dc-paris", "FR", 48.86, 2.34), capture={**CAPTURE, **capture})
 
     def apply(self, text: str) -> None:
         catalog.apply_documents(self.store, loader.load_text(text), actor="test")
@@ -91,5 +94,13 @@ def test_records_of_another_model_under_the_same_deployment_name_are_not_trained
     status, body = plane.distill(epochs=1)
     assert status == 409 and "zones with records: none" in body["error"], body
     plane.capture(300)
+    status, result = plane.distill(epochs=1)
+    assert status == 200 and result["trainExamples"] + result["heldOutExamples"] == 300, result
+
+
+def test_records_older_than_the_current_retention_are_not_trained_on(plane: Plane) -> None:
+    plane.capture(400, age_days=10)  # captured under retentionDays 30
+    plane.capture(300, age_days=0.5)
+    plane.apply(plane.manifests(retentionDays=1))  # lowered since
     status, result = plane.distill(epochs=1)
     assert status == 200 and result["trainExamples"] + result["heldOutExamples"] == 300, result
