@@ -13,7 +13,9 @@ an operator shows a data protection officer.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import time
 from collections.abc import Awaitable, Callable
 
@@ -50,25 +52,30 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return JSONResponse({"error": "limit must be an integer"}, status_code=400)
         payload = q.get("payload", "false").lower() in ("1", "true", "yes")
         deployment = q.get("deployment")
-        zs = captures.zone(zone)
-        zs.purge(clock(), catalog.capture_retention(store))
-        records = zs.records(deployment, now=clock(), limit=limit)
+
+        def read_zone() -> tuple[int, bytes]:
+            # in a thread, as the API's other heavy work: a purge, a read and the encoding of up to
+            # 10,000 payloads would otherwise stall the event loop the gateway serves on
+            zs = captures.zone(zone)
+            zs.purge(clock(), catalog.capture_retention(store))
+            items = []
+            for r in zs.records(deployment, now=clock(), limit=limit):
+                item = r.summary()
+                item["capturedAt"], item["expiresAt"] = catalog.rfc3339(r.captured_at), catalog.rfc3339(r.expires_at)
+                if payload:
+                    item["input"] = base64.b64encode(r.input).decode()
+                    item["output"] = base64.b64encode(r.output).decode()
+                items.append(item)
+            return len(items), json.dumps({"zone": zone, "items": items}).encode()
+        count, body = await asyncio.to_thread(read_zone)
         store.record(store_mod.Event(caller.identity, "capture-read", "ModelDeployment", deployment or "*",
                                      (request.headers.get("x-edgeplane-reason") or "read captured records")[:500],
-                                     {"zone": zone, "records": len(records), "payload": payload}))
-        items = []
-        for r in records:
-            item = r.summary()
-            item["capturedAt"], item["expiresAt"] = catalog.rfc3339(r.captured_at), catalog.rfc3339(r.expires_at)
-            if payload:
-                item["input"] = base64.b64encode(r.input).decode()
-                item["output"] = base64.b64encode(r.output).decode()
-            items.append(item)
-        return JSONResponse({"zone": zone, "items": items})
+                                     {"zone": zone, "records": count, "payload": payload}))
+        return Response(body, media_type="application/json")
 
     async def delete(request: Request, caller: auth.Caller) -> Response:
         zone, record_id = request.path_params["zone"].upper(), request.path_params["id"]
-        deleted = captures.zone(zone).delete(record_id)
+        deleted = await asyncio.to_thread(captures.zone(zone).delete, record_id)
         store.record(store_mod.Event(caller.identity, "capture-delete", "CapturedRecord", record_id,
                                      (request.headers.get("x-edgeplane-reason") or "erasure request")[:500],
                                      {"zone": zone, "deleted": deleted}))
