@@ -14,7 +14,10 @@ What it does, in order, and why nothing is published otherwise:
    writes no artifact and changes no object;
 3. records the report as a ``distill`` event on the deployment (``edgeplane describe``);
 4. on a pass, applies the Model with the edge variant's new ``artifact`` through the
-   normal apply path, so the deployment's ``spec.rollout`` canaries it to the edge.
+   normal apply path, so the deployment's ``spec.rollout`` canaries it to the edge. The
+   Model is read again at that moment and only the artifact changes, applied over the
+   version read (``resourceVersion``): a change made during the run is never undone, and
+   one made in between is a conflict in the result. One run per deployment at a time.
 """
 
 from __future__ import annotations
@@ -114,18 +117,28 @@ def _plan(store: store_mod.Store, captures: capture_store.ZoneStores, artifacts:
     rule = first.escalate.confidence
     if rule.scores != "probabilities":
         raise Refused("the edge student must output probabilities (escalate.confidence.scores: probabilities)")
-    return {"spec": spec, "model": model_obj, "edge": first.variant, "teacher": last.variant, "current": current, "zone": zone,
+    return {"spec": spec, "serving": edge.artifact, "edge": first.variant, "teacher": last.variant, "current": current, "zone": zone,
             "root": root, "input": edge.inputs[0].name, "output": rule.output, "threshold": job.Threshold(rule.below, rule.measure)}
 
 
-def _published_model(model_obj: store_mod.StoredObject, variant: str, artifact: dict[str, str]) -> str:
+def _published_model(model_obj: store_mod.StoredObject, variant: str, serving: Any, artifact: dict[str, str]) -> str:
+    """The Model as stored now with only ``variant``'s artifact replaced, applied only over this
+    very version (``resourceVersion``): a change made meanwhile is a conflict, never undone.
+    ``serving`` is the artifact the candidate was verified against; if the variant serves
+    another one now (another run published first), this candidate's gate says nothing about it."""
+    stored = next((v for v in catalog.parse_model(model_obj).variants if v.name == variant), None)
+    if stored is None or stored.artifact != serving:
+        now = stored.artifact.uri if stored is not None and stored.artifact is not None else "none"
+        raise Refused(f"variant {variant!r} of Model {model_obj.name!r} changed during the run (its artifact is now {now}, "
+                      f"the candidate was verified against {serving.uri})")
     spec = json.loads(json.dumps(model_obj.spec))
     for v in spec["variants"]:
         if v["name"] == variant:
             v["artifact"] = {"uri": artifact["uri"], "sha256": artifact["sha256"]}
-    doc = {"apiVersion": "edgeplane.io/v1alpha1", "kind": "Model",
-           "metadata": {"name": model_obj.name, **({"labels": dict(model_obj.labels)} if model_obj.labels else {})}, "spec": spec}
-    return json.dumps(doc)
+    metadata = {"name": model_obj.name, "resourceVersion": str(model_obj.resource_version),
+                **({"labels": dict(model_obj.labels)} if model_obj.labels else {}),
+                **({"annotations": dict(model_obj.annotations)} if model_obj.annotations else {})}
+    return json.dumps({"apiVersion": "edgeplane.io/v1alpha1", "kind": "Model", "metadata": metadata, "spec": spec})
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -143,6 +156,8 @@ def _summary(result: dict[str, Any]) -> str:
 def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: capture_store.ZoneStores,
            artifacts: ArtifactCatalog, changed: Callable[[str], None], cascades_view: Callable[[], dict[str, Any]],
            clock: Callable[[], float] = time.time) -> list[BaseRoute]:
+    running: dict[str, asyncio.Task[None]] = {}  # deployment -> its run on this control plane
+
     async def distill(request: Request) -> Response:
         caller = authenticator.admit(request, write=True, needs="distillation needs 'admin'")
         if isinstance(caller, Response):
@@ -156,6 +171,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             epochs, min_gain, zone = read_options(raw)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        if name in running:  # two runs would train from the same student and the later one replace the first's
+            return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
         try:
             plan = _plan(store, captures, artifacts, name, zone)
         except Refused as exc:
@@ -185,6 +202,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             try:
                 lines.put_nowait({"result": await _finish(name, plan, result, caller)})
             finally:
+                running.pop(name, None)
                 lines.put_nowait(None)
 
         def _run(plan: dict[str, Any], records: list[capture_store.Record], progress: job.Progress) -> dict[str, Any]:
@@ -198,12 +216,18 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             result = {"deployment": name, "zone": plan["zone"], "variant": plan["edge"],
                       "liveEscalationRateBefore": live.get("escalationRate"), **result}
             if result["published"]:
+                def publish() -> catalog.ApplyResult:
+                    # the Model as it is now, not as it was before training; in a thread, as the API's
+                    # applies: it may wait for one of them to be written
+                    model_obj = store.get("Model", plan["spec"].model)
+                    if model_obj is None:
+                        raise Refused(f"Model {plan['spec'].model!r} was deleted during the run")
+                    return catalog.apply_documents(store, loader.load_text(_published_model(model_obj, plan["edge"], plan["serving"],
+                                                                                            result["artifact"])),
+                                                   actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
                 try:
-                    # in a thread, as the API's applies: it may wait for one of them to be written
-                    applied = await asyncio.to_thread(
-                        catalog.apply_documents, store, loader.load_text(_published_model(plan["model"], plan["edge"], result["artifact"])),
-                        actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
-                except (ManifestError, store_mod.Conflict) as exc:
+                    applied = await asyncio.to_thread(publish)
+                except (ManifestError, store_mod.Conflict, Refused) as exc:
                     result = {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
                 else:
                     result["generation"] = applied.outcomes[0].generation
@@ -211,8 +235,11 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             store.record(store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
             return result
 
+        # started here, not when the response streams: the run goes on (and ends, freeing the
+        # deployment) even if the caller hangs up before reading a line
+        task = running[name] = asyncio.create_task(produce(), name=f"distill-{name}")
+
         async def stream() -> AsyncIterator[bytes]:
-            task = asyncio.create_task(produce())
             try:
                 while (line := await lines.get()) is not None:
                     yield (json.dumps(line) + "\n").encode()

@@ -3,17 +3,22 @@ onnxruntime, without a fleet: which records a run trains on, and what it publish
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from edgeplane_proto import oip
-from orchestrator import catalog
+from orchestrator import catalog, runloop
 from orchestrator.api import auth
 from orchestrator.api import distill as distill_api
 from orchestrator.artifacts.catalog import ArtifactCatalog
@@ -66,11 +71,13 @@ class Plane:
                                                 "teacher" if escalated else "student", float(sp[i].max()), body, None, answer, None))
         self.captures.zone("EU").add(records)
 
+    def app(self) -> Starlette:
+        return Starlette(routes=distill_api.routes(auth.Authenticator(self.store, required=False), self.store, self.captures,
+                                                   ArtifactCatalog((self.artifacts,)), lambda _: None, lambda: {"items": []},
+                                                   clock=lambda: NOW))
+
     def distill(self, **options: Any) -> tuple[int, dict[str, Any]]:
-        app = Starlette(routes=distill_api.routes(auth.Authenticator(self.store, required=False), self.store, self.captures,
-                                                  ArtifactCatalog((self.artifacts,)), lambda _: None, lambda: {"items": []},
-                                                  clock=lambda: NOW))
-        with TestClient(app) as client:
+        with TestClient(self.app()) as client:
             resp = client.post("/v1/distill/task", json=options)
         if resp.status_code != 200:
             return resp.status_code, resp.json()
@@ -104,3 +111,71 @@ def test_records_older_than_the_current_retention_are_not_trained_on(plane: Plan
     plane.apply(plane.manifests(retentionDays=1))  # lowered since
     status, result = plane.distill(epochs=1)
     assert status == 200 and result["trainExamples"] + result["heldOutExamples"] == 300, result
+
+
+@asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """``app`` behind uvicorn on loopback, so that a run's progress streams while it trains."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = runloop.http_server(app)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=120) as http:
+            yield http
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def run_while(http: httpx.AsyncClient, meanwhile: Callable[[], Awaitable[None]]) -> dict[str, Any]:
+    """POST a run; call ``meanwhile`` once it trains; its result."""
+    result: dict[str, Any] = {}
+    async with http.stream("POST", "/v1/distill/task", json={"epochs": 60}) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            item = json.loads(line) if line.strip() else {}
+            if item.get("progress", {}).get("epoch") == 1:
+                await meanwhile()
+            result = item.get("result", result)
+    return result
+
+
+def with_variant(plane: Plane, variant: str, **changes: Any) -> str:
+    """The stored Model "task" with ``changes`` made to ``variant``, as an operator applies it."""
+    spec = json.loads(json.dumps(plane.store.get("Model", "task").spec))
+    next(v for v in spec["variants"] if v["name"] == variant).update(changes)
+    return json.dumps({"apiVersion": "edgeplane.io/v1alpha1", "kind": "Model", "metadata": {"name": "task"}, "spec": spec})
+
+
+async def test_a_model_change_applied_during_a_run_survives_its_publish_and_a_second_run_waits(plane: Plane) -> None:
+    plane.capture(2000)
+
+    async def meanwhile() -> None:
+        plane.apply(with_variant(plane, "teacher", powerWatts=300.0))  # an operator's apply while the run trains
+        second = await http.post("/v1/distill/task", json={"epochs": 1})
+        assert second.status_code == 409 and "is running" in second.json()["error"]
+    async with serving(plane.app()) as http:
+        result = await run_while(http, meanwhile)
+        assert result["published"], result
+        variants = {v["name"]: v for v in plane.store.get("Model", "task").spec["variants"]}
+        assert variants["student"]["artifact"]["uri"] == result["artifact"]["uri"]  # the new student is published ...
+        assert variants["teacher"]["powerWatts"] == 300.0  # ... without undoing the operator's change
+        assert (await http.post("/v1/distill/task", json={"epochs": 1, "minGain": 0.9})).status_code == 200  # the run is over
+
+
+async def test_a_run_whose_serving_student_was_replaced_meanwhile_publishes_nothing(plane: Plane) -> None:
+    plane.capture(2000)
+    other = {"uri": plane.teacher.path.name, "sha256": plane.teacher.sha256}  # another file now serves at the edge
+
+    async def meanwhile() -> None:
+        plane.apply(with_variant(plane, "student", artifact=other))
+    async with serving(plane.app()) as http:
+        result = await run_while(http, meanwhile)
+    assert not result["published"] and "changed during the run" in result["error"], result
+    assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == other
