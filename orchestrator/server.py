@@ -488,9 +488,16 @@ class ControlPlane:
     async def _purge_captures(self, every_s: float = 600.0) -> None:
         """Retention: captured records past their deployment's current retentionDays, or of a
         deployment that no longer captures, are deleted (checked every ten minutes)."""
+        def purge() -> None:
+            try:
+                retention = catalog.capture_retention(self.store)
+            except store_mod.StoreError as exc:  # the records' own expiry still runs out
+                log.warning("capture retention: the deployments' policies cannot be read (%s); purging by stored expiry", exc)
+                retention = None
+            self.captures.purge(time.time(), retention)
         while True:
             try:
-                await asyncio.to_thread(lambda: self.captures.purge(time.time(), catalog.capture_retention(self.store)))
+                await asyncio.to_thread(purge)
             except Exception:  # personal data past its retention: this task must outlive any one failed pass
                 log.exception("capture retention pass failed; retrying in %.0f s", every_s)
             await asyncio.sleep(every_s)

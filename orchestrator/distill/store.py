@@ -138,13 +138,16 @@ class ZoneStore:
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
 
-    def purge(self, now: float, retention: Mapping[str, float | None]) -> int:
+    def purge(self, now: float, retention: Mapping[str, float | None] | None) -> int:
         """Delete the records whose retention has run out (``capture.expired``); how many.
         ``retention`` is every capturing deployment's current retention (seconds; None: the
         one a record was captured under stands): a record expires by the shorter of the two,
-        and a deployment missing from it (capture off, or deleted) keeps none."""
+        and a deployment missing from it (capture off, or deleted) keeps none. ``retention``
+        None (the policies cannot be read now): only the expiry a record was captured with."""
         def delete(db: sqlite3.Connection) -> int:
             deleted = db.execute("DELETE FROM records WHERE expires_at <= ?", (now,)).rowcount
+            if retention is None:
+                return deleted
             for (deployment,) in db.execute("SELECT DISTINCT deployment FROM records").fetchall():
                 if deployment not in retention:
                     deleted += db.execute("DELETE FROM records WHERE deployment = ?", (deployment,)).rowcount
@@ -209,7 +212,7 @@ class ZoneStores:
                     return store
         return None
 
-    def purge(self, now: float, retention: Mapping[str, float | None]) -> int:
+    def purge(self, now: float, retention: Mapping[str, float | None] | None) -> int:
         """Delete every zone's expired records (:meth:`ZoneStore.purge`); how many. A zone whose
         store fails is logged and skipped: the others' retention still runs."""
         purged = 0

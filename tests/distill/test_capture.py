@@ -215,6 +215,8 @@ def test_records_expire_by_their_deployments_current_retention(tmp_path: pathlib
     capturing(store, retention_days=30, name="unparsed")
     stores.zone("EU").add([record("kept", "unparsed", 10)])
     assert stores.purge(now, {"dep": day, "unparsed": None}) == 0  # a policy it cannot read: the stored expiry stands
+    stores.zone("EU").add([record("past", "unparsed", 31)])
+    assert stores.purge(now, None) == 1  # the policies cannot be read: the stored expiry still runs out
     assert stores.purge(now, {"unparsed": None}) == 1 and [r.id for r in stores.zone("EU").records(now=now)] == ["kept"]
     stores.close()
     store.close()
