@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator import server_options
+from orchestrator import catalog, server_options
 from orchestrator.cli import main as cli_main
 from orchestrator.distill import store as capture_store
 from orchestrator.manifests import loader, schema
@@ -199,6 +199,15 @@ RFC3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 def test_captures_shows_times_as_rfc3339_in_tables_and_json(control_plane: support.ServerThread,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert control_plane.cp is not None
+    # records are kept only for a deployment that captures
+    docs = [{"kind": "Model", "metadata": {"name": "intent"}, "spec": {"variants": [
+                {"name": v, "runtime": "onnx", "artifact": {"uri": f"{v}.onnx", "sha256": c * 64}} for v, c in (("small", "0"), ("large", "1"))]}},
+            {"kind": "ModelDeployment", "metadata": {"name": "intent-eu"}, "spec": {
+                "model": "intent", "variant": {"edge": "small", "datacenter": "large"},
+                "cascade": {"stages": [{"variant": "small", "escalate": {"confidence": {"output": "p", "below": 0.8}}}, {"variant": "large"}],
+                            "capture": {"sampleRate": 0.1, "zones": ["EU"]}}}}]
+    catalog.apply_documents(control_plane.cp.store, loader.load_text("---\n".join(
+        json.dumps({"apiVersion": "edgeplane.io/v1alpha1", **d}) + "\n" for d in docs)), actor="test")
     now = time.time()
     record = capture_store.Record(capture_store.Record.new_id(), "intent-eu", "intent", "EU", now, now + 86400.0, "edge-lyon",
                                   "small", 0.42, b"{}", None, b"{}", None)
