@@ -173,7 +173,8 @@ class RayServeActuator:
     # -- internals ---------------------------------------------------------------------
 
     def _merge(self, details: Mapping[str, Any], apps: Sequence[ServeAppSpec]) -> dict[str, Any]:
-        """The full PUT body: ours as specified, everyone else's as Serve reports them."""
+        """The full PUT body: ours as specified, everyone else's and the cluster-wide settings
+        as Serve reports them."""
         applications: list[dict[str, Any]] = []
         for name, app in (details.get("applications") or {}).items():
             if self._owns(name):
@@ -191,6 +192,10 @@ class RayServeActuator:
             config["http_options"] = http_options
         if details.get("proxy_location"):
             config["proxy_location"] = details["proxy_location"]
+        # Cluster-wide: it scales every application, so a PUT without it would reset another
+        # team's scale-down (a gradual migration at 50 %) to 100 %.
+        if details.get("target_capacity") is not None:
+            config["target_capacity"] = details["target_capacity"]
         return config
 
     def _drift(self, owned: Mapping[str, Any]) -> str:

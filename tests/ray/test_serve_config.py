@@ -155,6 +155,16 @@ async def test_apply_keeps_foreign_declarative_apps_and_replaces_owned_ones() ->
     assert "s3cret" not in repr(actuator)
 
 
+async def test_apply_keeps_the_clusters_target_capacity() -> None:
+    """target_capacity scales every application on the cluster: another team's gradual
+    migration at 50 % stays at 50 % however often edgeplane applies."""
+    fake = FakeServe({**_details({}), "target_capacity": 50.0})
+    async with ray_serve.RayServeActuator("http://ray:8265", transport=httpx.MockTransport(fake)) as actuator:
+        await actuator.apply([onnx()])
+        await actuator.apply([])
+    assert [put.get("target_capacity") for put in fake.puts] == [50.0, 50.0]
+
+
 async def test_apply_starts_serve_with_own_http_options_when_not_running() -> None:
     fake = FakeServe({"applications": {}})
     async with ray_serve.RayServeActuator(
