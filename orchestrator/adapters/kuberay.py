@@ -46,6 +46,9 @@ MANAGED_BY = "edgeplane"
 SPEC_HASH_ANNOTATION = "edgeplane.io/spec-hash"
 SITE_LABEL = "edgeplane.io/site"
 SERVE_PORT = 8000
+#: Deployment statuses whose replicas answer: a config that only changes num_replicas (or
+#: Serve's autoscaler) moves a HEALTHY deployment to UPSCALING or DOWNSCALING meanwhile.
+SERVING_DEPLOYMENT_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
 _T = TypeVar("_T")
 
 
@@ -294,7 +297,8 @@ def statuses_from_rayservice(
 ) -> dict[str, ServeAppStatus]:
     """Translate a RayService's ``status`` into per-application statuses.
 
-    KubeRay reports no replica counts, so a RUNNING application with healthy deployments
+    KubeRay reports no replica counts, so a RUNNING application whose deployments all serve
+    (healthy, or scaling: Serve keeps such an application RUNNING, its replicas answering)
     counts its configured replicas as running, anything else counts none.
     """
     try:
@@ -318,7 +322,7 @@ def statuses_from_rayservice(
         app = reported.get(name) or {}
         state = serve_config.parse_state(app.get("status") or "NOT_STARTED")
         deployments = app.get("serveDeploymentStatuses") or {}
-        healthy = all(d.get("status") == "HEALTHY" for d in deployments.values())
+        healthy = all(d.get("status") in SERVING_DEPLOYMENT_STATES for d in deployments.values())
         detail = app.get("message") or serve_config.deployment_messages(deployments)
         if not app:
             detail = waiting or "the RayService has not reported this application yet"

@@ -341,6 +341,17 @@ def test_llm_app_status_from_the_rayservice_counts_its_engine_replicas() -> None
         ServeAppState.DEPLOYING, 0, 1)
 
 
+@pytest.mark.parametrize("deployment_status", ["UPSCALING", "DOWNSCALING"])
+def test_a_running_application_that_scales_stays_serving(deployment_status: str) -> None:
+    """Serve keeps an application RUNNING while its replica count changes: it stays an
+    endpoint, its replicas answering."""
+    obj = kuberay.render_rayservice("s", NS, [app("ep-intent", num_replicas=3)], SHAPE)
+    obj["status"] = {"activeServiceStatus": {"applicationStatuses": {"ep-intent": {
+        "status": "RUNNING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": deployment_status}}}}}}
+    status = kuberay.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
+    assert (status.status, status.replicas_running, status.replicas_target) == (ServeAppState.RUNNING, 3, 3)
+
+
 def test_the_in_cluster_context_uses_the_pods_service_account(tmp_path: pathlib.Path) -> None:
     (tmp_path / "token").write_text("sa-token-1")  # as the kubelet writes it
     (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
