@@ -292,6 +292,25 @@ def render_rayservice(
     }
 
 
+def configured_applications(obj: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], str]:
+    """The applications a RayService's ``serveConfigV2`` configures, and what is wrong with
+    it when it is not a Serve config (a hand edit, another tool): then none, so that
+    observing it reports drift for the next apply to repair rather than failing."""
+    text = (obj.get("spec") or {}).get("serveConfigV2") or ""
+    try:
+        configured = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        return [], f"serveConfigV2 is not YAML ({str(exc).splitlines()[0]})"
+    if not isinstance(configured, Mapping):
+        return [], "serveConfigV2 is not a mapping"
+    apps = configured.get("applications") or []
+    if not isinstance(apps, list):
+        return [], "serveConfigV2 applications is not a list"
+    if not all(isinstance(a, Mapping) and isinstance(a.get("name"), str) for a in apps):
+        return [], "serveConfigV2 has an application that is not a mapping with a name"
+    return apps, ""
+
+
 def statuses_from_rayservice(
     obj: Mapping[str, Any], serve_url: str, owned_prefix: str = serve_config.OWNED_PREFIX
 ) -> dict[str, ServeAppStatus]:
@@ -301,13 +320,9 @@ def statuses_from_rayservice(
     (healthy, or scaling: Serve keeps such an application RUNNING, its replicas answering)
     counts its configured replicas as running, anything else counts none.
     """
-    try:
-        configured = yaml.safe_load(obj.get("spec", {}).get("serveConfigV2") or "") or {}
-    except yaml.YAMLError:
-        configured = {}
     targets: dict[str, int] = {}
     prefixes: dict[str, str] = {}
-    for app in configured.get("applications") or []:
+    for app in configured_applications(obj)[0]:
         targets[app["name"]] = serve_config.configured_replicas(app)
         prefixes[app["name"]] = app.get("route_prefix") or "/"
     status = obj.get("status") or {}
@@ -442,7 +457,8 @@ class KubeRayActuator:
             )  # fmt: skip
             self._applied_hash = digest
             return
-        if _spec_hash(current) == digest:
+        # The hash alone misses a hand edit of the Serve config that left the annotation alone.
+        if _spec_hash(current) == digest and (current.get("spec") or {}).get("serveConfigV2") == desired["spec"]["serveConfigV2"]:
             self._applied_hash = digest
             return
         log.info("patching RayService %s/%s", self._namespace, self._name)
@@ -463,9 +479,13 @@ class KubeRayActuator:
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
         current = await self._get()
-        self.drift = self._drift(current)
+        drift = self._drift(current)
         if current is None:
+            self.drift = drift
             return {}
+        if self._applied_hash and (unreadable := configured_applications(current)[1]):
+            drift = "; ".join(filter(None, [drift, f"RayService {self._namespace}/{self._name}: {unreadable}"]))
+        self.drift = drift
         self._learn(current)
         return statuses_from_rayservice(current, self._serve_url)
 

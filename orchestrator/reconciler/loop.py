@@ -330,6 +330,10 @@ class Reconciler:
         except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
             self._dc_failed(site.name, exc)
             return snap.DataCentreObservation(False, error=str(exc))
+        except Exception as exc:  # an adapter's fault is this site's alone: the others' pass goes on
+            log.exception("data centre %s: observing it failed", site.name)
+            self._dc_failed(site.name, exc)
+            return snap.DataCentreObservation(False, error=f"observing it failed: {type(exc).__name__}: {exc}")
         return snap.DataCentreObservation(True, apps, drift=actuator.drift)
 
     def _dc_failed(self, site: str, exc: Exception) -> None:

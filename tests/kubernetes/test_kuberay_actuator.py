@@ -260,6 +260,24 @@ async def test_a_rayservice_another_writer_changed_is_drift_until_applied_again(
     assert actuator.drift == ""
 
 
+@pytest.mark.parametrize(
+    "serve_config_v2",
+    ["applications:\n- import_path: team.app:build\n", "applications: oops\n", "- a list\n", "applications: [\n"],
+    ids=["application-without-name", "applications-not-a-list", "not-a-mapping", "not-yaml"],
+)
+async def test_a_hand_edited_serve_config_is_drift_that_the_next_apply_repairs(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator, serve_config_v2: str
+) -> None:
+    await actuator.apply([app("ep-intent")])
+    kube.objects[RES, NS, "edgeplane-paris-dc"].patch({"spec": {"serveConfigV2": serve_config_v2}})  # spec hash left alone
+    assert await actuator.observe() == {}
+    assert "serveConfigV2" in actuator.drift
+    await actuator.apply([app("ep-intent")])
+    assert _writes(kube) == ["POST", "PATCH"]
+    assert set(await actuator.observe()) == {"ep-intent"}
+    assert actuator.drift == ""
+
+
 async def test_refused_credentials_are_an_auth_error(
     kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
 ) -> None:

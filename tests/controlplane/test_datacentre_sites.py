@@ -1,0 +1,131 @@
+"""Data-centre sites through the whole control plane: each KubeRay site is a RayService on a
+stateful Kubernetes API emulator (kmock) over real HTTP, reached through ``kube_factory``,
+the seam the control plane builds KubeRay actuators with."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import httpx
+import kmock
+import kubernetes
+import pytest
+
+from orchestrator import server
+from orchestrator.adapters import kuberay, serve_config
+from orchestrator.manifests import schema
+from orchestrator.testing import harness
+
+SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
+RES = kmock.resource("ray.io", "v1", "rayservices")
+
+
+def site(name: str) -> str:
+    return f"""
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {{name: {name}, labels: {{site: {name}}}}}
+spec:
+  tier: datacenter
+  location: {{country: FR, region: eu-west, lat: 48.85, lon: 2.35}}
+  capacity: {{cpu: 64, memoryGiB: 256}}
+  kubernetes: {{context: test, namespace: ns-{name}}}
+"""
+
+
+def deployment(name: str, on: str) -> str:
+    return f"""
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {{name: {name}}}
+spec:
+  model: m
+  replicas: {{min: 1, max: 1}}
+  placement: {{tiers: [datacenter], siteSelector: {{site: {on}}}}}
+"""
+
+
+MODEL = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: m}
+spec:
+  variants:
+    - {name: v, runtime: ray-serve, importPath: "pkg.mod:app", resources: {cpu: 1, memoryMiB: 256}}
+"""
+
+
+def bundle(*docs: str) -> str:
+    return "---".join(docs)
+
+
+class BrokenObserve:
+    """An actuator whose observe() fails the way a fault in an adapter would, not as a
+    DataCentreError."""
+
+    drift = ""
+
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+        pass
+
+    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
+        raise KeyError("name")
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
+    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
+        yield emulator
+
+
+def kuberay_on(kube: kmock.KubernetesEmulator, **broken: Any) -> Callable[[str, schema.SiteSpec], Any]:
+    """A ``kube_factory``: a KubeRay actuator on the emulator per site, or the one given by name."""
+    def build(name: str, spec: schema.SiteSpec) -> Any:
+        if name in broken:
+            return broken[name]
+        assert spec.kubernetes is not None
+        config = kubernetes.client.Configuration()
+        config.host, config.retries = str(kube.url).rstrip("/"), 0
+        return kuberay.KubeRayActuator(kubernetes.client.ApiClient(config), spec.kubernetes.namespace, name, shape=SHAPE)
+    return build
+
+
+def rayservice(kube: kmock.KubernetesEmulator, name: str) -> Any:
+    try:
+        return kube.objects[RES, f"ns-{name}", kuberay.rayservice_name(name)]
+    except KeyError:
+        return None
+
+
+def site_status(cp: server.ControlPlane, name: str) -> Mapping[str, Any]:
+    stored = cp.store.get("Site", name)
+    return stored.status if stored is not None else {}
+
+
+@pytest.fixture
+async def fleet(tmp_path: pathlib.Path) -> AsyncIterator[harness.Fleet]:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        yield fleet
+    finally:
+        await fleet.stop()
+
+
+async def start(fleet: harness.Fleet, factory: Callable[[str, schema.SiteSpec], Any]) -> server.ControlPlane:
+    return await fleet.start_control_plane(kube_factory=factory, resync_s=0.2)
+
+
+async def test_a_site_whose_observe_fails_unexpectedly_holds_up_no_other_site(
+        fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
+    cp = await start(fleet, kuberay_on(kube, **{"dc-broken": BrokenObserve()}))
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc-broken"), site("dc-ok"), MODEL, deployment("d", "dc-ok")))
+        assert applied.status_code == 200, applied.text
+    await harness.wait_until(lambda: rayservice(kube, "dc-ok") is not None, 30, what="dc-ok's RayService")
+    await harness.wait_until(lambda: "KeyError" in site_status(cp, "dc-broken").get("error", ""), 30,
+                             what="dc-broken's status to say why it is not observed")
