@@ -9,6 +9,10 @@ relative to the route prefix the actuator gives the application:
     GET  <prefix>/v2/models/{name}/ready
     POST <prefix>/v2/models/{name}/infer    (JSON or binary tensors)
 
+The model itself is the agent's (``edge_agent.runtime.onnx``): the same input checks, UTF-8
+strings for BYTES tensors, and every error onnxruntime raises on a run is the caller's 400.
+Only the routing around it is Serve's.
+
 The artifact's sha256 is checked before onnxruntime sees the file, twice: once in
 :func:`build`, which Serve runs when the application is deployed, so a wrong digest fails
 the application at once with a clear message instead of after a round of replica
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -29,25 +33,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from edge_agent import errors
+from edge_agent.runtime import onnx as onnx_runtime
 from edgeplane_proto import oip
 from orchestrator.serving import artifacts
-
-#: onnxruntime element type -> v2 datatype.
-ORT_DATATYPES = {
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(float16)": "FP16",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(bool)": "BOOL",
-    "tensor(string)": "BYTES",
-}
 # Anchored at the end: the route prefix in front can be anything, even contain "v2".
 _ROUTE = re.compile(
     r"(?:^|/)v2/(?:health/(?P<health>live|ready)"
@@ -56,20 +45,13 @@ _ROUTE = re.compile(
 JSON = "application/json"
 
 
-class BadRequest(ValueError):
-    """A request the caller can fix; answered with 400 and the message."""
-
-
 def _providers() -> list[str]:
     """CUDA when this replica was given a GPU and the CUDA build of onnxruntime is installed."""
     available = ort.get_available_providers()
-    if ray.get_gpu_ids() and "CUDAExecutionProvider" in available:
+    # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
+    if ray.is_initialized() and ray.get_gpu_ids() and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
-
-
-def _dims(shape: Sequence[Any]) -> list[int]:
-    return [d if isinstance(d, int) else -1 for d in shape]
 
 
 def _error(status: int, message: str) -> Response:
@@ -88,16 +70,13 @@ class OnnxModel:
         path = artifacts.fetch_verified(artifact_uri, sha256)
         self._model_name = model_name
         self._version = oip.model_version(sha256)  # the version an edge agent gives the same file
-        self._session = ort.InferenceSession(str(path), providers=_providers())
-        self._inputs = [
-            (i.name, ORT_DATATYPES.get(i.type, i.type), _dims(i.shape))
-            for i in self._session.get_inputs()
-        ]
-        self._outputs = [
-            (o.name, ORT_DATATYPES.get(o.type, o.type), _dims(o.shape))
-            for o in self._session.get_outputs()
-        ]
-        self._metadata = oip.model_metadata(model_name, self._inputs, self._outputs, versions=(self._version,))
+        self._model = onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers())
+        self._metadata = oip.model_metadata(
+            model_name,
+            [(t.name, t.datatype, list(t.shape)) for t in self._model.inputs],
+            [(t.name, t.datatype, list(t.shape)) for t in self._model.outputs],
+            versions=(self._version,),
+        )
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
@@ -128,15 +107,12 @@ class OnnxModel:
         try:
             header_length = int(header) if header is not None else None
             decoded = oip.decode_request(body, header_length)
-            feeds = self._feeds(decoded.inputs)
-            outputs = self._output_names(decoded.outputs)
-        except ValueError as exc:  # ProtocolError and BadRequest are ValueErrors
+            feeds = self._model.feeds([(t.name, t.array, t.datatype) for t in decoded.inputs])
+            outputs = self._model.output_names(decoded.outputs)
+            # every error of a run is the input's (a shape the graph cannot broadcast...)
+            results = await asyncio.to_thread(self._model.run, feeds, outputs)
+        except (ValueError, errors.InvalidInput) as exc:  # oip.ProtocolError is a ValueError
             return _error(400, str(exc))
-        try:
-            results = await asyncio.to_thread(self._session.run, outputs, feeds)
-        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-                ort.capi.onnxruntime_pybind11_state.InvalidGraph) as exc:  # fmt: skip
-            return _error(400, f"onnxruntime rejected the inputs: {exc}")
         response = oip.InferResponse(
             model_name=self._model_name,
             model_version=self._version,
@@ -151,32 +127,6 @@ class OnnxModel:
             media_type="application/octet-stream",
             headers={oip.BINARY_HEADER: str(length)},
         )
-
-    def _feeds(self, tensors: Sequence[oip.Tensor]) -> dict[str, np.ndarray]:
-        given = {t.name: t for t in tensors}
-        expected = {name for name, _, _ in self._inputs}
-        unknown = sorted(set(given) - expected)
-        if unknown:
-            raise BadRequest(f"unknown input(s) {unknown}; the model takes {sorted(expected)}")
-        feeds: dict[str, np.ndarray] = {}
-        for name, datatype, dims in self._inputs:
-            tensor = given.get(name)
-            if tensor is None:
-                raise BadRequest(f"input {name!r} is missing")
-            if tensor.datatype != datatype:
-                raise BadRequest(f"input {name!r} must be {datatype}, got {tensor.datatype}")
-            shape = tensor.array.shape
-            if len(shape) != len(dims) or any(d not in (-1, s) for d, s in zip(dims, shape)):
-                raise BadRequest(f"input {name!r} must have shape {dims}, got {list(shape)}")
-            feeds[name] = tensor.array
-        return feeds
-
-    def _output_names(self, requested: Sequence[str]) -> list[str]:
-        names = [name for name, _, _ in self._outputs]
-        missing = [n for n in requested if n not in names]
-        if missing:
-            raise BadRequest(f"unknown output(s) {missing}; the model has {names}")
-        return list(requested) or names
 
 
 def _string_arg(args: Mapping[str, Any], key: str) -> str:

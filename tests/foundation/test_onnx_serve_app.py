@@ -1,0 +1,79 @@
+"""The built-in ONNX Serve application answers v2 inference as an edge agent does: the
+gateway fails over between the two tiers and forwards a compressed body as it came, so an
+answer that differs (a 500 for a bad input, text turned into ``b'...'``, a gzip body
+refused) differs by tier. Driven in-process over ASGI, without a Ray cluster."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from starlette.requests import Request
+
+from edgeplane_proto import oip
+from orchestrator.serving import onnx_app
+from orchestrator.testing import onnx_models
+
+INFER = "/v2/models/m/infer"
+
+
+def build_model(path: pathlib.Path) -> str:
+    """``total = a + b`` (independent dynamic lengths: a mismatch fails inside the graph) and
+    ``text_out = text``."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["total"]), helper.make_node("Identity", ["text"], ["text_out"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"]), helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m"]),
+         helper.make_tensor_value_info("text", TensorProto.STRING, ["k"])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, None), helper.make_tensor_value_info("text_out", TensorProto.STRING, ["k"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return onnx_models.sha256_file(path)
+
+
+@pytest.fixture
+async def replica(tmp_path: pathlib.Path) -> AsyncIterator[httpx.AsyncClient]:
+    path = tmp_path / "m.onnx"
+    sha256 = build_model(path)
+    served = onnx_app.OnnxModel.func_or_class(str(path), sha256, "m")  # the class Serve runs in each replica
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        response = await served(Request(scope, receive))
+        await response(scope, receive, send)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://replica") as client:
+        yield client
+
+
+def inputs(a: list[float], b: list[float], text: list[str]) -> dict[str, Any]:
+    return {"inputs": [{"name": "a", "datatype": "FP32", "shape": [len(a)], "data": a},
+                       {"name": "b", "datatype": "FP32", "shape": [len(b)], "data": b},
+                       {"name": "text", "datatype": "BYTES", "shape": [len(text)], "data": text}]}
+
+
+def outputs(answer: httpx.Response) -> dict[str, Any]:
+    assert answer.status_code == 200, answer.text
+    return {o["name"]: o["data"] for o in answer.json()["outputs"]}
+
+
+async def test_bytes_inputs_reach_the_model_as_utf8_text(replica: httpx.AsyncClient) -> None:
+    answer = await replica.post(INFER, json=inputs([1], [2], ["héllo", "x"]))
+    assert outputs(answer)["text_out"] == ["héllo", "x"]
+
+
+async def test_bytes_that_are_not_utf8_are_a_400(replica: httpx.AsyncClient) -> None:
+    f32 = np.array([1.0], dtype=np.float32)
+    body, length = oip.encode_request({"a": f32, "b": f32, "text": np.array([b"\xff\xfe"], dtype=object)}, binary=True)
+    answer = await replica.post(INFER, content=body, headers={oip.BINARY_HEADER: str(length)})
+    assert answer.status_code == 400 and "UTF-8" in answer.json()["error"], answer.text
+
+
+async def test_an_input_the_graph_cannot_run_is_a_400_not_a_500(replica: httpx.AsyncClient) -> None:
+    answer = await replica.post(INFER, json=inputs([1, 2, 3], [1, 2], ["x"]))
+    assert answer.status_code == 400 and "model rejected the input" in answer.json()["error"], answer.text
