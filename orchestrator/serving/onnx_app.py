@@ -7,11 +7,12 @@ relative to the route prefix the actuator gives the application:
     GET  <prefix>/v2/health/live | /v2/health/ready
     GET  <prefix>/v2/models/{name}          (metadata)
     GET  <prefix>/v2/models/{name}/ready
-    POST <prefix>/v2/models/{name}/infer    (JSON or binary tensors)
+    POST <prefix>/v2/models/{name}/infer    (JSON or binary tensors, gzip/deflate bodies)
 
 The model itself is the agent's (``edge_agent.runtime.onnx``): the same input checks, UTF-8
-strings for BYTES tensors, and every error onnxruntime raises on a run is the caller's 400.
-Only the routing around it is Serve's.
+strings for BYTES tensors, and every error onnxruntime raises on a run is the caller's 400;
+a compressed body is inflated as the agent does (``edgeplane_proto.encoding``), under the
+agent's limit. Only the routing around it is Serve's.
 
 The artifact's sha256 is checked before onnxruntime sees the file, twice: once in
 :func:`build`, which Serve runs when the application is deployed, so a wrong digest fails
@@ -33,10 +34,15 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+import edge_agent
 from edge_agent import errors
 from edge_agent.runtime import onnx as onnx_runtime
-from edgeplane_proto import oip
+from edgeplane_proto import encoding, oip
 from orchestrator.serving import artifacts
+
+#: The most a compressed request body may inflate to: the agent's limit on a request body.
+MAX_REQUEST_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
+
 # Anchored at the end: the route prefix in front can be anything, even contain "v2".
 _ROUTE = re.compile(
     r"(?:^|/)v2/(?:health/(?P<health>live|ready)"
@@ -54,8 +60,8 @@ def _providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _error(status: int, message: str) -> Response:
-    return Response(oip.error_body(message), status_code=status, media_type=JSON)
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(oip.error_body(message), status_code=status, media_type=JSON, headers=headers)
 
 
 def _json(doc: Any, status: int = 200) -> Response:
@@ -103,6 +109,12 @@ class OnnxModel:
 
     async def _infer(self, request: Request) -> Response:
         body = await request.body()
+        content_encoding = request.headers.get("content-encoding")
+        if content_encoding is not None and not encoding.is_identity(content_encoding):
+            inflated = await encoding.inflate_off_loop(body, content_encoding, MAX_REQUEST_BYTES)
+            if isinstance(inflated, encoding.Refused):
+                return _error(inflated.status, inflated.message, encoding.refusal_headers(inflated.status))
+            body = inflated
         header = request.headers.get(oip.BINARY_HEADER)
         try:
             header_length = int(header) if header is not None else None

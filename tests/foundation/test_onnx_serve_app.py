@@ -5,7 +5,10 @@ refused) differs by tier. Driven in-process over ASGI, without a Ray cluster."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import pathlib
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -77,3 +80,22 @@ async def test_bytes_that_are_not_utf8_are_a_400(replica: httpx.AsyncClient) -> 
 async def test_an_input_the_graph_cannot_run_is_a_400_not_a_500(replica: httpx.AsyncClient) -> None:
     answer = await replica.post(INFER, json=inputs([1, 2, 3], [1, 2], ["x"]))
     assert answer.status_code == 400 and "model rejected the input" in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_compressed_body_is_inflated(replica: httpx.AsyncClient, coding: str) -> None:
+    plain = json.dumps(inputs([1, 2], [3, 4], ["x"])).encode()
+    body = gzip.compress(plain) if coding == "gzip" else zlib.compress(plain)
+    answer = await replica.post(INFER, content=body, headers={"content-encoding": coding, "content-type": "application/json"})
+    assert outputs(answer)["total"] == [4.0, 6.0]
+
+
+async def test_a_body_that_inflates_past_the_limit_is_a_413(replica: httpx.AsyncClient) -> None:
+    bomb = gzip.compress(b" " * (onnx_app.MAX_REQUEST_BYTES + 1))
+    answer = await replica.post(INFER, content=bomb, headers={"content-encoding": "gzip"})
+    assert answer.status_code == 413, answer.text
+
+
+async def test_an_unknown_coding_is_a_415_naming_those_taken(replica: httpx.AsyncClient) -> None:
+    answer = await replica.post(INFER, content=b"x", headers={"content-encoding": "br"})
+    assert answer.status_code == 415 and answer.headers["accept-encoding"] == "gzip, deflate"
