@@ -129,8 +129,27 @@ GPU_PRODUCT_SELECTORS: Mapping[str, Mapping[str, str]] = {
 }
 
 
+#: The longest RayService name KubeRay (v1.4 on) reconciles: its RayCluster takes the name
+#: plus 6 characters and its Serve service that plus "-serve-svc", within 63. A longer one
+#: is only refused with an event, and its cluster never made.
+MAX_RAYSERVICE_NAME = 47
+_NAME_PREFIX = "edgeplane-"
+
+
 def rayservice_name(site: str) -> str:
-    return f"edgeplane-{site}"[:63].rstrip("-")
+    """``edgeplane-<site>``; for a site name too long for that, its first characters and a
+    digest of the whole name, so that two long names that begin alike never share one."""
+    name = _NAME_PREFIX + site
+    if len(name) <= MAX_RAYSERVICE_NAME:
+        return name
+    digest = hashlib.sha256(site.encode()).hexdigest()[:10]
+    keep = MAX_RAYSERVICE_NAME - len(_NAME_PREFIX) - len(digest) - 1
+    return f"{_NAME_PREFIX}{site[:keep].rstrip('-')}-{digest}"
+
+
+def earlier_rayservice_name(site: str) -> str:
+    """The name versions before the limit above gave a site's RayService: cut at 63."""
+    return (_NAME_PREFIX + site)[:63].rstrip("-")
 
 
 def _quantity(value: float) -> str:
@@ -411,6 +430,8 @@ class KubeRayActuator:
         self._site = site
         self._shape = shape or RayClusterShape()
         self._name = rayservice_name(site)
+        # A RayService an earlier version made under another name, to delete once.
+        self._earlier: str | None = earlier_rayservice_name(site) if earlier_rayservice_name(site) != self._name else None
         self._serve_url = serve_url or (
             f"http://{self._name}-serve-svc.{namespace}.svc.cluster.local:{SERVE_PORT}"
         )
@@ -432,6 +453,9 @@ class KubeRayActuator:
                 raise ValueError(
                     f"application {app.name!r} lacks the {serve_config.OWNED_PREFIX!r} prefix"
                 )
+        if self._earlier is not None:
+            await self._delete_earlier(self._earlier)
+            self._earlier = None
         current = await self._get()
         if current is not None:
             self._learn(current)
@@ -508,6 +532,19 @@ class KubeRayActuator:
             return f"{where} is gone"
         seen = _spec_hash(current)
         return "" if seen == applied else f"{where} was changed by another writer (spec hash {seen or 'none'}, applied {applied})"
+
+    async def _delete_earlier(self, name: str) -> None:
+        """Delete this site's RayService named the earlier way (KubeRay from v1.4 never ran
+        it; an older one did, and would run it beside the new one). Only if its site label
+        says it is this site's: sites whose names began alike once shared that name."""
+        earlier = await self._call(
+            self._api.get_namespaced_custom_object, GROUP, VERSION, self._namespace, PLURAL, name, not_found_ok=True)
+        if earlier is None or ((earlier.get("metadata") or {}).get("labels") or {}).get(SITE_LABEL) != self._site:
+            return
+        log.info("deleting RayService %s/%s, named as earlier versions named it; this site's is now %s",
+                 self._namespace, name, self._name)
+        await self._call(
+            self._api.delete_namespaced_custom_object, GROUP, VERSION, self._namespace, PLURAL, name, not_found_ok=True)
 
     def _learn(self, obj: Mapping[str, Any]) -> None:
         """Remember the single deployment of ray-serve applications, to size them."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import pathlib
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -357,6 +358,48 @@ def test_llm_app_status_from_the_rayservice_counts_its_engine_replicas() -> None
     assert statuses["ep-gpt"].endpoint_url == "http://svc:8000/ep/gpt"
     assert (statuses["ep-llama"].status, statuses["ep-llama"].replicas_running, statuses["ep-llama"].replicas_target) == (
         ServeAppState.DEPLOYING, 0, 1)
+
+
+LONG = "paris-saclay-datacentre-gpu-cluster-a1"  # 38 characters: "edgeplane-" + it is past KubeRay's 47
+
+
+@pytest.mark.parametrize(
+    ("site", "name"),
+    [
+        ("paris-dc", "edgeplane-paris-dc"),
+        ("a" * 37, "edgeplane-" + "a" * 37),  # 47 characters: as it is
+        (LONG, "edgeplane-paris-saclay-datacentre-gp-"),  # then a digest of the whole name
+        ("x" * 25 + "-" + "y" * 37, "edgeplane-" + "x" * 25 + "-"),  # no "--" where the cut falls on a dash
+    ],
+)
+def test_a_rayservice_name_is_one_kuberay_reconciles(site: str, name: str) -> None:
+    got = kuberay.rayservice_name(site)
+    assert got.startswith(name) and len(got) <= 47, got
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", got) and "--" not in got[len("edgeplane-"):], got
+
+
+def test_long_site_names_that_begin_alike_get_rayservices_of_their_own() -> None:
+    names = {kuberay.rayservice_name("x" * 53 + suffix) for suffix in ("-site-a", "-site-b", "a", "b")}
+    assert len(names) == 4
+
+
+async def test_a_long_named_site_replaces_its_rayservice_named_the_earlier_way(kube: kmock.KubernetesEmulator) -> None:
+    """Earlier versions cut the name at 63 characters: the object of this site under that name
+    goes (an older KubeRay ran it), another site's that shared it stays."""
+    earlier = ("edgeplane-" + LONG)[:63]
+    other_site = kuberay.render_rayservice("paris-saclay-datacentre-gpu-cluster-b", NS, [app("ep-b")], SHAPE)
+    kube.objects[RES, NS, earlier] = {**kuberay.render_rayservice(LONG, NS, [app("ep-a")], SHAPE), "metadata": {
+        "name": earlier, "namespace": NS, "labels": {kuberay.SITE_LABEL: LONG}}}
+    act = kuberay.KubeRayActuator(_client(str(kube.url)), NS, LONG, shape=SHAPE)
+    try:
+        await act.apply([app("ep-a")])
+        assert kube.objects[RES, NS, earlier].deleted
+        assert kube.objects[RES, NS, act.name]["metadata"]["labels"][kuberay.SITE_LABEL] == LONG
+        kube.objects[RES, NS, earlier] = {**other_site, "metadata": {**other_site["metadata"], "name": earlier}}
+        await kuberay.KubeRayActuator(_client(str(kube.url)), NS, LONG, shape=SHAPE).apply([app("ep-a")])
+        assert not kube.objects[RES, NS, earlier].deleted  # another site's: left alone
+    finally:
+        await act.close()
 
 
 @pytest.mark.parametrize("deployment_status", ["UPSCALING", "DOWNSCALING"])
