@@ -90,7 +90,24 @@ class DataCentres:
         shape = kuberay.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
         return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site, shape=shape)
 
+    def sites(self) -> set[str]:
+        """The sites an actuator is held for."""
+        return set(self._actuators)
+
+    async def retire(self, site: str) -> None:
+        """Let go of a site that is no longer declared, its applications removed first
+        (``apply([])``: on KubeRay its RayService and the cluster with it, on a shared Ray
+        cluster this site's applications only); if that raises, the actuator is kept for
+        the next try."""
+        known = self._actuators.get(site)
+        if known is None:
+            return
+        await known[1].apply([])
+        del self._actuators[site]
+        await known[1].close()
+
     async def forget(self, keep: set[str]) -> None:
+        """Close the actuators of the sites not in ``keep``, leaving what runs on them."""
         for site in [s for s in self._actuators if s not in keep]:
             _, actuator = self._actuators.pop(site)
             await actuator.close()

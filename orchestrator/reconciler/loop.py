@@ -64,6 +64,7 @@ class Reconciler:
     _applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     _dc_backoff: dict[str, _Backoff] = field(default_factory=dict)
     _dc_observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
+    _retiring: dict[str, int] = field(default_factory=dict)  # deleted sites whose applications are being removed: how many ran
     autoscaler: autoscaler_mod.Autoscaler = field(default_factory=autoscaler_mod.Autoscaler)
     _pass_done: asyncio.Condition = field(default_factory=asyncio.Condition)
     _stopping: bool = False
@@ -312,13 +313,35 @@ class Reconciler:
         return out
 
     async def _observe_datacentres(self, sites: list[snap.SiteRecord]) -> None:
-        await self.datacentres.forget({s.name for s in sites})
-        for stale in set(self._dc_observed) - {s.name for s in sites}:
-            self._dc_observed.pop(stale)
-            self._applied.pop(stale, None)
-        results = await asyncio.gather(*(self._observe_one(s) for s in sites))
+        declared = {s.name for s in sites}
+        for gone in set(self._dc_observed) - declared:
+            observed, applied = self._dc_observed.pop(gone), self._applied.pop(gone, ())
+            self._retiring[gone] = max(len(observed.apps), len(applied))
+        for back in set(self._retiring) & declared:  # declared again: its apply takes over
+            del self._retiring[back]
+        gone = sorted(self.datacentres.sites() - declared)
+        results = await asyncio.gather(*(self._observe_one(s) for s in sites), *(self._retire(g) for g in gone))
         for site, observation in zip(sites, results):
             self._dc_observed[site.name] = observation
+
+    async def _retire(self, site: str) -> None:
+        """A deleted data-centre Site: its Serve applications are removed before its
+        actuator goes, or they would run on, owned by nothing. A cluster that cannot be
+        reached is tried again with the site's backoff, each new error an event on the Site."""
+        backoff = self._dc_backoff.get(site)
+        if backoff is not None and backoff.next_try > self.clock():
+            return
+        try:
+            await self.datacentres.retire(site)
+        except (serve_config.DataCentreError, OSError, RuntimeError, ValueError) as exc:
+            self._dc_failed(site, exc, "the Site is deleted, but its Serve applications are not removed yet: ")
+            return
+        self._dc_backoff.pop(site, None)
+        held = self._retiring.pop(site, 0)
+        log.info("data centre %s: the Site is deleted; its %d Serve application(s) removed", site, held)
+        if held:
+            self.store.record(store_mod.Event("reconciler", "serve-removed", "Site", site,
+                                              f"the Site is deleted: its {held} Serve application(s) removed"), lease=self.lease)
 
     async def _observe_one(self, site: snap.SiteRecord) -> snap.DataCentreObservation:
         backoff = self._dc_backoff.get(site.name)
@@ -336,9 +359,9 @@ class Reconciler:
             return snap.DataCentreObservation(False, error=f"observing it failed: {type(exc).__name__}: {exc}")
         return snap.DataCentreObservation(True, apps, drift=actuator.drift)
 
-    def _dc_failed(self, site: str, exc: Exception) -> None:
+    def _dc_failed(self, site: str, exc: Exception, context: str = "") -> None:
         backoff = self._dc_backoff.setdefault(site, _Backoff())
-        message = str(exc)
+        message = context + str(exc)
         if message != backoff.last_error:
             self.store.record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message), lease=self.lease)
         backoff.fail(self.clock(), message)

@@ -95,11 +95,9 @@ def kuberay_on(kube: kmock.KubernetesEmulator, **broken: Any) -> Callable[[str, 
     return build
 
 
-def rayservice(kube: kmock.KubernetesEmulator, name: str) -> Any:
-    try:
-        return kube.objects[RES, f"ns-{name}", kuberay.rayservice_name(name)]
-    except KeyError:
-        return None
+def has_rayservice(kube: kmock.KubernetesEmulator, name: str) -> bool:
+    key = (RES, f"ns-{name}", kuberay.rayservice_name(name))
+    return key in kube.objects and not kube.objects[key].deleted
 
 
 def site_status(cp: server.ControlPlane, name: str) -> Mapping[str, Any]:
@@ -126,6 +124,26 @@ async def test_a_site_whose_observe_fails_unexpectedly_holds_up_no_other_site(
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
         applied = await http.post("/v1/apply", content=bundle(site("dc-broken"), site("dc-ok"), MODEL, deployment("d", "dc-ok")))
         assert applied.status_code == 200, applied.text
-    await harness.wait_until(lambda: rayservice(kube, "dc-ok") is not None, 30, what="dc-ok's RayService")
+    await harness.wait_until(lambda: has_rayservice(kube, "dc-ok"), 30, what="dc-ok's RayService")
     await harness.wait_until(lambda: "KeyError" in site_status(cp, "dc-broken").get("error", ""), 30,
                              what="dc-broken's status to say why it is not observed")
+
+
+async def test_deleting_a_kuberay_site_deletes_its_rayservice(fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
+    """Its replicas move elsewhere: the cluster it ran them on goes with it, retried while
+    the API server fails, each failure an event on the Site."""
+    cp = await start(fleet, kuberay_on(kube))
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc-old"), MODEL, deployment("d", "dc-old")))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: has_rayservice(kube, "dc-old"), 30, what="dc-old's RayService")
+        kube["delete"][:1] << 503  # the first delete fails
+        assert (await http.delete("/v1/sites/dc-old")).status_code == 200
+
+    def events() -> list[tuple[str, str]]:
+        return [(e.action, e.reason) for e in cp.store.events(kind="Site", name="dc-old", limit=1000)]
+
+    await harness.wait_until(lambda: ("serve-removed", "the Site is deleted: its 1 Serve application(s) removed") in events(), 30,
+                             what="dc-old's applications to be removed")
+    assert not has_rayservice(kube, "dc-old")
+    assert any(action == "datacentre-error" and "not removed yet" in reason for action, reason in events()), events()
