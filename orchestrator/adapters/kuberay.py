@@ -370,6 +370,7 @@ def statuses_from_rayservice(
             replicas_target=target,
             endpoint_url=serve_config.route_url(serve_url, prefix),
             detail=detail,
+            ingress=next(iter(deployments)) if len(deployments) == 1 else "",  # KubeRay reports no topology
         )
     return result
 

@@ -307,9 +307,9 @@ def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None
     state = serve_config.parse_state(app.get("status", "NOT_STARTED"))
     deployments: Mapping[str, Any] = app.get("deployments") or {}
     ingress = (app.get("deployment_topology") or {}).get("ingress_deployment")
+    if not ingress and len(deployments) == 1:
+        ingress = next(iter(deployments))
     sized = deployments.get(ingress) if ingress else None
-    if sized is None and len(deployments) == 1:
-        sized = next(iter(deployments.values()))
     chosen = [sized] if sized is not None else list(deployments.values())
     # A Ray Serve LLM application's replicas are its engine servers, not its OpenAI ingress.
     engines = [d for n, d in deployments.items() if n.split(":", 1)[0] == serve_config.LLM_SERVER_DEPLOYMENT]
@@ -329,6 +329,7 @@ def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None
         endpoint_url=endpoint,
         detail=detail,
         version=_running_version(app, state),
+        ingress=ingress if isinstance(ingress, str) else "",
     )
 
 

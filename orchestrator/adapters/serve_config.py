@@ -180,6 +180,10 @@ class ServeAppStatus:
     #: model file, ``oip.model_version``), known only while Serve says they all run the
     #: config deployed (RUNNING); "" otherwise.
     version: str = ""
+    #: The deployment its replicas are sized through, as the cluster reports it: the
+    #: ingress (or only) deployment; "" while unknown. A ``ray-serve`` application that
+    #: names none is sized through it (see ``ServeAppSpec.deployment``).
+    ingress: str = ""
 
 
 class DataCentreActuator(Protocol):

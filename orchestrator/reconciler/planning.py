@@ -251,8 +251,21 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
                 common["args"] = {"max_concurrent_sequences": g.maxConcurrentSequences, "max_queued": g.maxQueued}
             out[row.site].append(serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256))
         else:
-            out[row.site].append(serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args)))
+            out[row.site].append(serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args),
+                                                           deployment=sized_deployment(s, row.site, common["name"])))
     return {site: tuple(sorted(apps, key=lambda a: a.name)) for site, apps in out.items()}
+
+
+def sized_deployment(s: snap.Snapshot, site: str, app: str) -> str | None:
+    """The deployment a ``ray-serve`` application's replica count goes to: the ingress its
+    cluster reports, else the one the last apply named (a pass that could not see the
+    application must not send it unsized, back to its own default count); None until the
+    cluster has reported it, when the application runs with its own defaults."""
+    dc = s.datacentres.get(site)
+    status = dc.apps.get(app) if dc is not None else None
+    if status is not None and status.ingress:
+        return status.ingress
+    return next((a.deployment for a in s.applied_apps.get(site, ()) if a.name == app), None)
 
 
 def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:

@@ -131,3 +131,56 @@ async def test_a_site_s_apply_replaces_its_applications_named_the_earlier_way_an
         assert earlier in await dc1.observe()  # its own, to replace
         await dc1.apply(apply.apps)
     assert sorted(a["name"] for a in dashboard.puts[0]["applications"]) == sorted([other_site, "team", *(a.name for a in apply.apps)])
+
+
+class SizingServe:
+    """Serve as its REST API shows it: each application runs the config last PUT, its one
+    (ingress) deployment ``Model`` at the replica count configured, or Serve's default 1."""
+
+    def __init__(self) -> None:
+        self.config: dict[str, Any] = {"applications": []}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            self.config = json.loads(request.content)
+            return httpx.Response(200)
+        apps = {}
+        for app in self.config["applications"]:
+            n = next((d["num_replicas"] for d in app.get("deployments") or [] if d["name"] == "Model"), 1)
+            apps[app["name"]] = {
+                "source": "declarative", "status": "RUNNING", "route_prefix": app["route_prefix"], "deployed_app_config": app,
+                "deployment_topology": {"ingress_deployment": "Model"},
+                "deployments": {"Model": {"status": "HEALTHY", "target_num_replicas": n, "replicas": [{"state": "RUNNING"}] * n}}}
+        return httpx.Response(200, json={"applications": apps, "http_options": {"port": 8000}})
+
+
+async def test_a_ray_serve_application_runs_the_replicas_placed_once_its_ingress_is_known() -> None:
+    """The variant names no deployment: the first apply runs the application with its own
+    defaults, and the pass after the cluster reports its ingress sizes that."""
+    one_variant = FLEET.replace('    - {name: small, runtime: ray-serve, importPath: "pkg.mod:small", resources: {cpu: 1, memoryMiB: 256}, throughputRps: 10}\n', "")
+    docs = loader.load_text(loader.bundle([("fleet.yaml", one_variant)]))
+    serve = SizingServe()
+    placements: tuple[PlacementRow, ...] = ()
+    applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = {}
+    running: list[int] = []
+
+    def snapshot(observed: snap.DataCentreObservation) -> snap.Snapshot:
+        return snap.Snapshot(
+            sites=tuple(snap.SiteRecord(d.name, dict(d.doc.metadata.labels), d.doc.spec) for d in docs if isinstance(d.doc, schema.SiteDoc)),
+            models={d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)},
+            deployments=tuple(snap.DeploymentRecord(d.name, 1, d.doc.spec) for d in docs if isinstance(d.doc, schema.ModelDeploymentDoc)),
+            placements=placements, agents=(), datacentres={"dc1": observed}, artifacts={}, assignments={}, applied_apps=applied)
+
+    async with ray_serve.RayServeActuator("http://ray:8265", owns=planning.owns_app("dc1"), transport=httpx.MockTransport(serve)) as dc1:
+        for _ in range(3):  # as Reconciler.reconcile_once: observe, plan, apply
+            passed = planning.plan_pass(snapshot(snap.DataCentreObservation(True, await dc1.observe(), drift=dc1.drift)))
+            placements = planning.placement_rows(passed.result)
+            for action in passed.actions:
+                if isinstance(action, act.ApplyServeApps):
+                    await dc1.apply(action.apps)
+                    applied = {"dc1": action.apps}
+            running.append(sum(a.replicas_running for a in (await dc1.observe()).values()))
+    assert [r.replicas for r in placements] == [3]
+    assert running == [1, 3, 3]
+    # a pass that does not see the application (being replaced, say) keeps it sized, not back to Serve's default
+    assert [a.deployment for a in planning.serve_apps(snapshot(snap.DataCentreObservation(True, {})), placements)["dc1"]] == ["Model"]
