@@ -16,6 +16,7 @@ control plane's event loop never blocks on the API server.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -263,15 +264,40 @@ def _spec_hash(obj: Mapping[str, Any]) -> str | None:
     return ((obj.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
 
 
+def arrange_worker_groups(wanted: Sequence[dict[str, Any]], running: Sequence[Any]) -> list[dict[str, Any]]:
+    """The worker groups to send, given the RayService's groups as they are (``running``).
+
+    KubeRay updates the running cluster in place only when its worker groups are unchanged
+    but for their replica counts and new ones come after them; any other change (a group
+    inserted, removed or reordered) makes it build a whole new cluster beside the old one:
+    every replica of the site restarts, and every pod, GPUs included, is needed twice
+    meanwhile. So the running groups keep their places, a group no longer needed stays at 0
+    pods (it costs nothing), and a new group is appended.
+    """
+    by_name = {g["groupName"]: g for g in wanted}
+    out: list[dict[str, Any]] = []
+    for group in running:
+        name = group.get("groupName") if isinstance(group, Mapping) else None
+        if not isinstance(name, str) or any(g["groupName"] == name for g in out):
+            continue  # not a worker group: the API server would not have taken it
+        if name in by_name:
+            out.append(by_name.pop(name))
+        else:
+            out.append({**copy.deepcopy(dict(group)), "replicas": 0, "minReplicas": 0, "maxReplicas": 0})
+    return out + [g for g in wanted if g["groupName"] in by_name]
+
+
 def render_rayservice(
     site: str,
     namespace: str,
     apps: Sequence[ServeAppSpec],
     shape: RayClusterShape,
     learnt: Mapping[str, str] | None = None,
+    running_groups: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """The full ``RayService`` object for ``apps`` on ``site`` (pure; validated by tests
-    against the KubeRay CRD schema)."""
+    against the KubeRay CRD schema); ``running_groups`` are the worker groups of the
+    RayService as it is, whose order is kept (:func:`arrange_worker_groups`)."""
     llm_apps = [a for a in apps if a.llm is not None]
     gpu_apps = [a for a in apps if a.gpus > 0 and a.llm is None]
     cpu_apps = [a for a in apps if a.gpus <= 0 and a.llm is None]
@@ -294,7 +320,7 @@ def render_rayservice(
                 "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                 "template": {"spec": {"containers": [_container("ray-head", shape, shape.head)]}},
             },
-            "workerGroupSpecs": groups,
+            "workerGroupSpecs": arrange_worker_groups(groups, running_groups),
         },
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -472,7 +498,9 @@ class KubeRayActuator:
                 )  # fmt: skip
             self._applied_hash = ""
             return
-        desired = render_rayservice(self._site, self._namespace, apps, self._shape, self._learnt)
+        running = ((current or {}).get("spec") or {}).get("rayClusterConfig") or {}
+        desired = render_rayservice(self._site, self._namespace, apps, self._shape, self._learnt,
+                                    running.get("workerGroupSpecs") or () if isinstance(running, Mapping) else ())
         digest = desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         if current is None:
             log.info("creating RayService %s/%s", self._namespace, self._name)

@@ -425,3 +425,61 @@ def test_the_in_cluster_context_uses_the_pods_service_account(tmp_path: pathlib.
         kuberay.api_client_for(kuberay.IN_CLUSTER, environ={}, service_account_dir=str(tmp_path))
     with pytest.raises(kuberay.KubernetesError, match="context 'in-cluster': not running in a Kubernetes pod"):
         kuberay.api_client_for(kuberay.IN_CLUSTER, environ=pod, service_account_dir=str(tmp_path / "missing"))
+
+
+def _without_counts(config: dict[str, Any], groups: int | None = None) -> dict[str, Any]:
+    muted = copy.deepcopy(config)
+    muted["workerGroupSpecs"] = [{k: v for k, v in g.items() if k not in ("replicas", "minReplicas", "maxReplicas")}
+                                 for g in muted["workerGroupSpecs"][:groups]]
+    return muted
+
+
+def kuberay_updates_in_place(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """KubeRay's rule (rayservice_controller.go, isClusterSpecHashEqual): the running cluster is
+    updated in place when the cluster specs are equal but for the groups' replica counts, or
+    are once the groups appended at the end are left out; otherwise a new cluster is built."""
+    a, b = old["spec"]["rayClusterConfig"], new["spec"]["rayClusterConfig"]
+    kept = len(a["workerGroupSpecs"])
+    return len(b["workerGroupSpecs"]) >= kept and _without_counts(a) == _without_counts(b, kept)
+
+
+GPU_APP = app("ep-vision", gpus=1.0, memory_mib=1024)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [[app("ep-a"), llm_app("ep-chat", "L4", 1, 1)], [app("ep-a"), llm_app("ep-chat", "L4", 1, 1), GPU_APP]],
+        [[app("ep-a"), GPU_APP], [app("ep-a")], [app("ep-a"), GPU_APP]],
+        [[llm_app("ep-chat", "L4", 1, 1)], [llm_app("ep-chat", "L4", 1, 1), llm_app("ep-big", "H100", 1, 1)], [llm_app("ep-big", "H100", 1, 2)]],
+        [[app("ep-a", num_replicas=1)], [app("ep-a", num_replicas=9)]],
+    ],
+    ids=["gpu-app-beside-an-llm", "last-gpu-app-removed-then-back", "llm-types-come-and-go", "replicas-only"],
+)
+def test_adding_or_removing_an_application_updates_the_running_cluster_in_place(
+        rayservice_validator: Any, steps: list[list[ServeAppSpec]]) -> None:
+    running = kuberay.render_rayservice("s", NS, steps[0], LLM_SHAPE)
+    for apps in steps[1:]:
+        nxt = kuberay.render_rayservice("s", NS, apps, LLM_SHAPE, running_groups=running["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+        rayservice_validator.validate(nxt)
+        assert kuberay_updates_in_place(running, nxt), [g["groupName"] for g in nxt["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+        running = nxt
+    fresh = kuberay.render_rayservice("s", NS, steps[-1], LLM_SHAPE)  # every pod the apps need, and only those
+    pods = {g["groupName"]: g["replicas"] for g in running["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["replicas"]}
+    assert pods == {g["groupName"]: g["replicas"] for g in fresh["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["replicas"]}
+
+
+async def test_a_gpu_application_added_and_removed_keeps_the_worker_groups_in_place(
+        kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator) -> None:
+    def groups() -> list[tuple[str, int]]:
+        stored = kube.objects[RES, NS, "edgeplane-paris-dc"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        return [(g["groupName"], g["replicas"]) for g in stored]
+
+    await actuator.apply([app("ep-intent"), llm_app("ep-chat", "H100", 1, 1)])
+    assert groups() == [("cpu", 1), ("llm-h100-x1", 1)]
+    await actuator.apply([app("ep-intent"), llm_app("ep-chat", "H100", 1, 1), GPU_APP])
+    assert groups() == [("cpu", 1), ("llm-h100-x1", 1), ("gpu", 2)]
+    await actuator.apply([app("ep-intent"), llm_app("ep-chat", "H100", 1, 1)])
+    assert groups() == [("cpu", 1), ("llm-h100-x1", 1), ("gpu", 0)]
+    await actuator.apply([app("ep-intent"), llm_app("ep-chat", "H100", 1, 1)])  # as it is: nothing to write
+    assert _writes(kube) == ["POST", "PATCH", "PATCH"]
