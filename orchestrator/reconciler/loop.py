@@ -355,8 +355,8 @@ class Reconciler:
             return snap.DataCentreObservation(False, error=str(exc))
         except Exception as exc:  # an adapter's fault is this site's alone: the others' pass goes on
             log.exception("data centre %s: observing it failed", site.name)
-            self._dc_failed(site.name, exc)
-            return snap.DataCentreObservation(False, error=f"observing it failed: {type(exc).__name__}: {exc}")
+            self._dc_failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ")
+            return snap.DataCentreObservation(False, error=self._dc_backoff[site.name].last_error)
         return snap.DataCentreObservation(True, apps, drift=actuator.drift)
 
     def _dc_failed(self, site: str, exc: Exception, context: str = "") -> None:
@@ -451,6 +451,10 @@ class Reconciler:
             await actuator.apply(apps)
         except (serve_config.DataCentreError, OSError, RuntimeError, ValueError) as exc:
             self._dc_failed(site, exc)
+            return
+        except Exception as exc:  # as in _observe_one: this site's alone
+            log.exception("data centre %s: applying its Serve applications failed", site)
+            self._dc_failed(site, exc, f"applying failed: {type(exc).__name__}: ")
             return
         self._dc_backoff.pop(site, None)
         if drift:  # e.g. a deposed leader's apply that landed after this leader's

@@ -61,17 +61,22 @@ def bundle(*docs: str) -> str:
     return "---".join(docs)
 
 
-class BrokenObserve:
-    """An actuator whose observe() fails the way a fault in an adapter would, not as a
-    DataCentreError."""
+class Broken:
+    """An actuator that fails the way a fault in an adapter would, not as a
+    DataCentreError: in observe(), or in apply() only."""
 
     drift = ""
 
+    def __init__(self, in_observe: bool) -> None:
+        self.in_observe = in_observe
+
     async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
-        pass
+        raise KeyError("name")
 
     async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
-        raise KeyError("name")
+        if self.in_observe:
+            raise KeyError("name")
+        return {}
 
     async def close(self) -> None:
         pass
@@ -118,15 +123,18 @@ async def start(fleet: harness.Fleet, factory: Callable[[str, schema.SiteSpec], 
     return await fleet.start_control_plane(kube_factory=factory, resync_s=0.2)
 
 
-async def test_a_site_whose_observe_fails_unexpectedly_holds_up_no_other_site(
+async def test_a_site_whose_adapter_fails_unexpectedly_holds_up_no_other_site(
         fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
-    cp = await start(fleet, kuberay_on(kube, **{"dc-broken": BrokenObserve()}))
+    cp = await start(fleet, kuberay_on(kube, **{"dc-unobserved": Broken(in_observe=True), "dc-unapplied": Broken(in_observe=False)}))
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        applied = await http.post("/v1/apply", content=bundle(site("dc-broken"), site("dc-ok"), MODEL, deployment("d", "dc-ok")))
+        applied = await http.post("/v1/apply", content=bundle(site("dc-unobserved"), site("dc-unapplied"), site("dc-ok"),
+                                                               MODEL, deployment("d", "dc-ok")))
         assert applied.status_code == 200, applied.text
     await harness.wait_until(lambda: has_rayservice(kube, "dc-ok"), 30, what="dc-ok's RayService")
-    await harness.wait_until(lambda: "KeyError" in site_status(cp, "dc-broken").get("error", ""), 30,
-                             what="dc-broken's status to say why it is not observed")
+    await harness.wait_until(lambda: "observing it failed: KeyError" in site_status(cp, "dc-unobserved").get("error", ""), 30,
+                             what="dc-unobserved's status to say why it is not observed")
+    await harness.wait_until(lambda: any("applying failed: KeyError" in e.reason for e in cp.store.events(kind="Site", name="dc-unapplied")),
+                             30, what="an event saying why dc-unapplied is not applied")
 
 
 async def test_deleting_a_kuberay_site_deletes_its_rayservice(fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
