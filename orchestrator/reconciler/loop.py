@@ -333,7 +333,9 @@ class Reconciler:
             return
         try:
             await self.datacentres.retire(site)
-        except (serve_config.DataCentreError, OSError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # whatever the cause, tried again: this site's alone
+            if not isinstance(exc, (serve_config.DataCentreError, OSError, RuntimeError, ValueError)):
+                log.exception("data centre %s: removing its Serve applications failed", site)
             self._dc_failed(site, exc, "the Site is deleted, but its Serve applications are not removed yet: ")
             return
         self._dc_backoff.pop(site, None)
