@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.adapters import kuberay, local_ray, ray_serve, serve_config
+from orchestrator.adapters import kuberay, local_ray, ray_serve, rayservice, serve_config
 from orchestrator.manifests import schema
 from orchestrator.reconciler import planning
 
@@ -87,7 +87,7 @@ class DataCentres:
             return self._kube_factory(site, spec)
         assert spec.kubernetes is not None  # SiteSpec guarantees ray or kubernetes for a data centre
         client = kuberay.api_client_for(spec.kubernetes.context)
-        shape = kuberay.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
+        shape = rayservice.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
         return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site, shape=shape)
 
     def sites(self) -> set[str]:

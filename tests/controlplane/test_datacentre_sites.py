@@ -14,11 +14,11 @@ import kubernetes
 import pytest
 
 from orchestrator import server
-from orchestrator.adapters import kuberay, serve_config
+from orchestrator.adapters import kuberay, rayservice, serve_config
 from orchestrator.manifests import schema
 from orchestrator.testing import harness
 
-SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
+SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
 RES = kmock.resource("ray.io", "v1", "rayservices")
 
 
@@ -101,7 +101,7 @@ def kuberay_on(kube: kmock.KubernetesEmulator, **broken: Any) -> Callable[[str, 
 
 
 def has_rayservice(kube: kmock.KubernetesEmulator, name: str) -> bool:
-    key = (RES, f"ns-{name}", kuberay.rayservice_name(name))
+    key = (RES, f"ns-{name}", rayservice.rayservice_name(name))
     return key in kube.objects and not kube.objects[key].deleted
 
 

@@ -21,14 +21,14 @@ import pytest
 import yaml
 
 from orchestrator import ports
-from orchestrator.adapters import kuberay, serve_config
+from orchestrator.adapters import kuberay, rayservice, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
 from orchestrator.reconciler import planning
 
 SHA = "b" * 64
 NS = "edge-dc"
 RES = kmock.resource("ray.io", "v1", "rayservices")
-SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
+SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
 
 
 def app(name: str, **kw: Any) -> ServeAppSpec:
@@ -63,7 +63,7 @@ USER_APP = ServeAppSpec(
 def test_rendered_rayservice_validates_against_the_crd(
     rayservice_validator: Any, apps: list[ServeAppSpec]
 ) -> None:
-    obj = kuberay.render_rayservice("paris-dc", NS, apps, SHAPE)
+    obj = rayservice.render_rayservice("paris-dc", NS, apps, SHAPE)
     rayservice_validator.validate(obj)
     serve = yaml.safe_load(obj["spec"]["serveConfigV2"])
     assert [a["name"] for a in serve["applications"]] == [a.name for a in apps]
@@ -71,17 +71,17 @@ def test_rendered_rayservice_validates_against_the_crd(
 
 def test_two_variants_of_a_deployment_on_a_site_are_two_applications_each_at_its_route(rayservice_validator: Any) -> None:
     apps = [app(planning.app_name("b--a", "d", v), route_prefix=planning.route_prefix("b--a", "d", v)) for v in ("big", "small")]
-    obj = kuberay.render_rayservice("b--a", NS, apps, SHAPE)
+    obj = rayservice.render_rayservice("b--a", NS, apps, SHAPE)
     rayservice_validator.validate(obj)
     running = {"status": "RUNNING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": "HEALTHY"}}}
     obj["status"] = {"activeServiceStatus": {"applicationStatuses": {a.name: running for a in apps}}}
-    statuses = kuberay.statuses_from_rayservice(obj, "http://svc:8000")
+    statuses = rayservice.statuses_from_rayservice(obj, "http://svc:8000")
     assert {s.endpoint_url: s.replicas_running for s in statuses.values()} == {
         "http://svc:8000/ep/b--a/d/big": 2, "http://svc:8000/ep/b--a/d/small": 2}
 
 
 def test_crd_schema_catches_a_broken_object(rayservice_validator: Any) -> None:
-    obj = kuberay.render_rayservice("paris-dc", NS, [app("ep-a")], SHAPE)
+    obj = rayservice.render_rayservice("paris-dc", NS, [app("ep-a")], SHAPE)
     del obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
     with pytest.raises(jsonschema.ValidationError):
         rayservice_validator.validate(obj)
@@ -105,7 +105,7 @@ def test_crd_schema_catches_a_broken_object(rayservice_validator: Any) -> None:
 def test_worker_groups_are_sized_from_the_apps(
     apps: list[ServeAppSpec], groups: dict[str, int]
 ) -> None:
-    obj = kuberay.render_rayservice("s", NS, apps, SHAPE)
+    obj = rayservice.render_rayservice("s", NS, apps, SHAPE)
     sized = {
         g["groupName"]: g["replicas"] for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     }
@@ -128,8 +128,8 @@ def test_worker_groups_are_sized_from_the_apps(
     ],
 )
 def test_replicas_that_fit_no_pod_are_refused(spec: ServeAppSpec, fragment: str) -> None:
-    with pytest.raises(kuberay.ClusterShapeError, match=fragment) as refused:
-        kuberay.render_rayservice("s", NS, [spec], SHAPE)
+    with pytest.raises(rayservice.ClusterShapeError, match=fragment) as refused:
+        rayservice.render_rayservice("s", NS, [spec], SHAPE)
     assert refused.value.retryable is False
 
 
@@ -313,7 +313,7 @@ def llm_app(name: str, accelerator: str | None, tp: int, replicas: int, autoscal
                         num_replicas=replicas, cpu=8.0, memory_mib=96 * 1024, gpus=float(tp), llm=llm)
 
 
-LLM_SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0",
+LLM_SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0",
                                     llm_image="registry.example/ray-llm:2.60.0-py311-cu128",
                                     accelerator_node_selectors={"H100": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}})
 
@@ -321,7 +321,7 @@ LLM_SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0
 def test_llm_apps_get_gpu_worker_groups_per_accelerator_and_parallelism(rayservice_validator: Any) -> None:
     apps = [app("ep-intent"), llm_app("ep-gpt-oss-120b", "H100", 1, 2), llm_app("ep-llama", "H100", 8, 1, autoscaling=(1, 3)),
             llm_app("ep-gpt-oss-20b", "L40S", 1, 1)]
-    obj = kuberay.render_rayservice("paris-dc", NS, apps, LLM_SHAPE)
+    obj = rayservice.render_rayservice("paris-dc", NS, apps, LLM_SHAPE)
     rayservice_validator.validate(obj)
     groups = {g["groupName"]: g for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     assert {name: g["replicas"] for name, g in groups.items()} == {"cpu": 1, "llm-h100-x1": 2, "llm-h100-x8": 3, "llm-l40s-x1": 1}
@@ -332,7 +332,7 @@ def test_llm_apps_get_gpu_worker_groups_per_accelerator_and_parallelism(rayservi
     assert container["resources"]["limits"] == {"cpu": "8", "memory": "160Gi", "nvidia.com/gpu": "8"}
     assert h100x8["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     # a GPU model without a known product label selects on the label a platform team sets
-    assert groups["llm-l40s-x1"]["template"]["spec"]["nodeSelector"] == {kuberay.ACCELERATOR_LABEL: "L40S"}
+    assert groups["llm-l40s-x1"]["template"]["spec"]["nodeSelector"] == {rayservice.ACCELERATOR_LABEL: "L40S"}
     assert groups["cpu"]["template"]["spec"]["containers"][0]["image"] == "registry.example/edgeplane-ray:2.60.0"
     serve = yaml.safe_load(obj["spec"]["serveConfigV2"])
     llm = next(a for a in serve["applications"] if a["name"] == "ep-llama")
@@ -341,19 +341,19 @@ def test_llm_apps_get_gpu_worker_groups_per_accelerator_and_parallelism(rayservi
 
 
 def test_too_many_llm_pods_are_refused() -> None:
-    with pytest.raises(kuberay.ClusterShapeError, match="GPU pods"):
-        kuberay.render_rayservice("s", NS, [llm_app("ep-x", "H100", 1, 65)], LLM_SHAPE)
+    with pytest.raises(rayservice.ClusterShapeError, match="GPU pods"):
+        rayservice.render_rayservice("s", NS, [llm_app("ep-x", "H100", 1, 65)], LLM_SHAPE)
 
 
 def test_llm_app_status_from_the_rayservice_counts_its_engine_replicas() -> None:
     apps = [llm_app("ep-gpt", "H100", 1, 2), llm_app("ep-llama", "H100", 8, 1, autoscaling=(1, 3))]
-    obj = kuberay.render_rayservice("s", NS, apps, LLM_SHAPE)
+    obj = rayservice.render_rayservice("s", NS, apps, LLM_SHAPE)
     healthy = {"status": "HEALTHY"}
     obj["status"] = {"activeServiceStatus": {"applicationStatuses": {
         "ep-gpt": {"status": "RUNNING", "serveDeploymentStatuses": {"OpenAiIngress": healthy, "LLMServer:gpt": healthy}},
         "ep-llama": {"status": "DEPLOYING", "serveDeploymentStatuses": {"LLMServer:llama": {"status": "UPDATING"}}},
     }}}
-    statuses = kuberay.statuses_from_rayservice(obj, "http://svc:8000")
+    statuses = rayservice.statuses_from_rayservice(obj, "http://svc:8000")
     assert (statuses["ep-gpt"].replicas_running, statuses["ep-gpt"].replicas_target) == (2, 2)
     assert statuses["ep-gpt"].endpoint_url == "http://svc:8000/ep/gpt"
     assert (statuses["ep-llama"].status, statuses["ep-llama"].replicas_running, statuses["ep-llama"].replicas_target) == (
@@ -373,13 +373,13 @@ LONG = "paris-saclay-datacentre-gpu-cluster-a1"  # 38 characters: "edgeplane-" +
     ],
 )
 def test_a_rayservice_name_is_one_kuberay_reconciles(site: str, name: str) -> None:
-    got = kuberay.rayservice_name(site)
+    got = rayservice.rayservice_name(site)
     assert got.startswith(name) and len(got) <= 47, got
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", got) and "--" not in got[len("edgeplane-"):], got
 
 
 def test_long_site_names_that_begin_alike_get_rayservices_of_their_own() -> None:
-    names = {kuberay.rayservice_name("x" * 53 + suffix) for suffix in ("-site-a", "-site-b", "a", "b")}
+    names = {rayservice.rayservice_name("x" * 53 + suffix) for suffix in ("-site-a", "-site-b", "a", "b")}
     assert len(names) == 4
 
 
@@ -387,14 +387,14 @@ async def test_a_long_named_site_replaces_its_rayservice_named_the_earlier_way(k
     """Earlier versions cut the name at 63 characters: the object of this site under that name
     goes (an older KubeRay ran it), another site's that shared it stays."""
     earlier = ("edgeplane-" + LONG)[:63]
-    other_site = kuberay.render_rayservice("paris-saclay-datacentre-gpu-cluster-b", NS, [app("ep-b")], SHAPE)
-    kube.objects[RES, NS, earlier] = {**kuberay.render_rayservice(LONG, NS, [app("ep-a")], SHAPE), "metadata": {
-        "name": earlier, "namespace": NS, "labels": {kuberay.SITE_LABEL: LONG}}}
+    other_site = rayservice.render_rayservice("paris-saclay-datacentre-gpu-cluster-b", NS, [app("ep-b")], SHAPE)
+    kube.objects[RES, NS, earlier] = {**rayservice.render_rayservice(LONG, NS, [app("ep-a")], SHAPE), "metadata": {
+        "name": earlier, "namespace": NS, "labels": {rayservice.SITE_LABEL: LONG}}}
     act = kuberay.KubeRayActuator(_client(str(kube.url)), NS, LONG, shape=SHAPE)
     try:
         await act.apply([app("ep-a")])
         assert kube.objects[RES, NS, earlier].deleted
-        assert kube.objects[RES, NS, act.name]["metadata"]["labels"][kuberay.SITE_LABEL] == LONG
+        assert kube.objects[RES, NS, act.name]["metadata"]["labels"][rayservice.SITE_LABEL] == LONG
         kube.objects[RES, NS, earlier] = {**other_site, "metadata": {**other_site["metadata"], "name": earlier}}
         await kuberay.KubeRayActuator(_client(str(kube.url)), NS, LONG, shape=SHAPE).apply([app("ep-a")])
         assert not kube.objects[RES, NS, earlier].deleted  # another site's: left alone
@@ -406,10 +406,10 @@ async def test_a_long_named_site_replaces_its_rayservice_named_the_earlier_way(k
 def test_a_running_application_that_scales_stays_serving(deployment_status: str) -> None:
     """Serve keeps an application RUNNING while its replica count changes: it stays an
     endpoint, its replicas answering."""
-    obj = kuberay.render_rayservice("s", NS, [app("ep-intent", num_replicas=3)], SHAPE)
+    obj = rayservice.render_rayservice("s", NS, [app("ep-intent", num_replicas=3)], SHAPE)
     obj["status"] = {"activeServiceStatus": {"applicationStatuses": {"ep-intent": {
         "status": "RUNNING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": deployment_status}}}}}}
-    status = kuberay.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
+    status = rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
     assert (status.status, status.replicas_running, status.replicas_target) == (ServeAppState.RUNNING, 3, 3)
 
 
@@ -458,13 +458,13 @@ GPU_APP = app("ep-vision", gpus=1.0, memory_mib=1024)
 )
 def test_adding_or_removing_an_application_updates_the_running_cluster_in_place(
         rayservice_validator: Any, steps: list[list[ServeAppSpec]]) -> None:
-    running = kuberay.render_rayservice("s", NS, steps[0], LLM_SHAPE)
+    running = rayservice.render_rayservice("s", NS, steps[0], LLM_SHAPE)
     for apps in steps[1:]:
-        nxt = kuberay.render_rayservice("s", NS, apps, LLM_SHAPE, running_groups=running["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+        nxt = rayservice.render_rayservice("s", NS, apps, LLM_SHAPE, running_groups=running["spec"]["rayClusterConfig"]["workerGroupSpecs"])
         rayservice_validator.validate(nxt)
         assert kuberay_updates_in_place(running, nxt), [g["groupName"] for g in nxt["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
         running = nxt
-    fresh = kuberay.render_rayservice("s", NS, steps[-1], LLM_SHAPE)  # every pod the apps need, and only those
+    fresh = rayservice.render_rayservice("s", NS, steps[-1], LLM_SHAPE)  # every pod the apps need, and only those
     pods = {g["groupName"]: g["replicas"] for g in running["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["replicas"]}
     assert pods == {g["groupName"]: g["replicas"] for g in fresh["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["replicas"]}
 

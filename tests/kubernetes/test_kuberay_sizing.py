@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.adapters import kuberay, serve_config
+from orchestrator.adapters import rayservice, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec
 
 SHA = "c" * 64
-SHAPE = kuberay.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0",
+SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0",
                                 llm_image="registry.example/ray-llm:2.60.0-py311-cu128")
 ACCELERATORS = ["H100", "h100", "A100-80G", "A100_80G", "a100.80g", "L4", "X" * 64, "Y" * 63 + "z"]
 
@@ -42,7 +42,7 @@ def app_sets(draw: st.DrawFn) -> list[ServeAppSpec]:
     return apps
 
 
-def first_fit_pods(apps: list[ServeAppSpec], pod: kuberay.PodShape) -> int:
+def first_fit_pods(apps: list[ServeAppSpec], pod: rayservice.PodShape) -> int:
     """Replica by replica, largest share of a pod first, each into the first pod with room."""
     capacity = (pod.cpu, pod.memory_gib * 1024 * SHAPE.usable_memory_fraction, pod.gpus)
     replicas = [(a.cpu, a.memory_mib, a.gpus) for a in apps for _ in range(a.num_replicas) if a.cpu or a.memory_mib or a.gpus]
@@ -63,8 +63,8 @@ def test_every_replica_has_room_and_the_object_is_one_the_api_server_takes(rayse
                                                                            apps: list[ServeAppSpec], limit: int) -> None:
     shape = dataclasses.replace(SHAPE, max_worker_pods=limit)
     try:
-        obj = kuberay.render_rayservice("paris-dc", "edge-dc", apps, shape)
-    except kuberay.ClusterShapeError as exc:
+        obj = rayservice.render_rayservice("paris-dc", "edge-dc", apps, shape)
+    except rayservice.ClusterShapeError as exc:
         assert str(exc) and "\n" not in str(exc)
         return
     rayservice_validator.validate(obj)
@@ -95,18 +95,18 @@ def test_every_replica_has_room_and_the_object_is_one_the_api_server_takes(rayse
     ],
 )
 def test_replicas_that_do_not_fill_a_pod_evenly_get_a_pod_each(replicas: int, cpu: float, memory_mib: int, pods: int) -> None:
-    obj = kuberay.render_rayservice("s", "ns", [onnx(0, replicas, cpu, memory_mib, 0)], SHAPE)
+    obj = rayservice.render_rayservice("s", "ns", [onnx(0, replicas, cpu, memory_mib, 0)], SHAPE)
     assert obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == pods
 
 
 def test_fractional_gpus_that_do_not_share_a_gpu_get_a_pod_each() -> None:
-    obj = kuberay.render_rayservice("s", "ns", [onnx(0, 3, 1, 0, 0.6)], SHAPE)
+    obj = rayservice.render_rayservice("s", "ns", [onnx(0, 3, 1, 0, 0.6)], SHAPE)
     assert {g["groupName"]: g["replicas"] for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]} == {"cpu": 0, "gpu": 3}
 
 
 def test_accelerator_types_that_slug_alike_get_groups_of_their_own() -> None:
     apps = [llm(0, 1, "A100-80G", 1), llm(1, 1, "A100_80G", 1), llm(2, 1, "H100", 1), llm(3, 1, "Z" * 64, 8)]
-    groups = kuberay.render_rayservice("s", "ns", apps, SHAPE)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    groups = rayservice.render_rayservice("s", "ns", apps, SHAPE)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     names = sorted(g["groupName"] for g in groups)
     assert names[0] == "cpu" and "llm-h100-x1" in names  # a name no other type shares stays readable
     llm_names = [n for n in names if n.startswith("llm-a100-80g-")]

@@ -1,0 +1,371 @@
+"""What edgeplane writes into a KubeRay ``RayService`` and reads back from it: pure
+functions of data, no Kubernetes client (that is :mod:`orchestrator.adapters.kuberay`).
+
+A site's Serve applications become one ``RayService``: ``serveConfigV2`` holds the same
+applications the REST adapter would PUT, and ``rayClusterConfig`` is sized from what they
+ask for (a CPU worker group, a GPU worker group when any replica wants a GPU, and for Ray
+Serve LLM applications one group per accelerator type and tensor-parallel size, each pod
+holding the GPUs of one replica on a node with that GPU model). Worker groups keep their
+order across changes, since KubeRay updates a cluster in place only when new groups are
+appended; the operator's application statuses come back in the object's ``status``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.metadata
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from orchestrator.adapters import pod_packing, serve_config
+from orchestrator.adapters.serve_config import (
+    DataCentreError,
+    ServeAppSpec,
+    ServeAppState,
+    ServeAppStatus,
+)
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
+MANAGED_BY = "edgeplane"
+SPEC_HASH_ANNOTATION = "edgeplane.io/spec-hash"
+SITE_LABEL = "edgeplane.io/site"
+SERVE_PORT = 8000
+#: Deployment statuses whose replicas answer: a config that only changes num_replicas (or
+#: Serve's autoscaler) moves a HEALTHY deployment to UPSCALING or DOWNSCALING meanwhile.
+SERVING_DEPLOYMENT_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
+
+
+class ClusterShapeError(DataCentreError):
+    """A replica asks for more than any pod of the configured shape offers."""
+
+    retryable = False
+
+
+@dataclass(frozen=True)
+class PodShape:
+    cpu: float
+    memory_gib: float
+    gpus: int = 0
+
+
+def _ray_version() -> str:
+    return importlib.metadata.version("ray")
+
+
+@dataclass(frozen=True)
+class RayClusterShape:
+    """How the site's Ray cluster is built. The image must have edgeplane installed for
+    ``onnx`` applications (their import path is ``orchestrator.serving.onnx_app:build``)."""
+
+    image: str = field(default_factory=lambda: f"rayproject/ray:{_ray_version()}-py311")
+    ray_version: str = field(default_factory=_ray_version)
+    head: PodShape = PodShape(cpu=2, memory_gib=8)
+    cpu_worker: PodShape = PodShape(cpu=4, memory_gib=16)
+    gpu_worker: PodShape = PodShape(cpu=8, memory_gib=32, gpus=1)
+    #: Share of a pod's memory Ray hands to actors (the rest: object store, system).
+    usable_memory_fraction: float = 0.6
+    max_worker_pods: int = 64
+    gpu_resource: str = "nvidia.com/gpu"
+    #: Image of the pods that run Ray Serve LLM applications: Ray's LLM image has vLLM.
+    llm_image: str = field(default_factory=lambda: f"rayproject/ray-llm:{_ray_version()}-py311-cu128")
+    #: The least a pod of an LLM replica gets (loading weights takes host memory).
+    llm_worker: PodShape = PodShape(cpu=8, memory_gib=64)
+    #: Node selector per accelerator type; types not listed select on ACCELERATOR_LABEL.
+    accelerator_node_selectors: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: dict(GPU_PRODUCT_SELECTORS)
+    )
+
+
+#: Label a platform team puts on GPU nodes whose model is not in GPU_PRODUCT_SELECTORS.
+ACCELERATOR_LABEL = "edgeplane.io/accelerator-type"
+#: Ray accelerator types as NVIDIA GPU feature discovery labels the nodes (nvidia.com/gpu.product).
+GPU_PRODUCT_SELECTORS: Mapping[str, Mapping[str, str]] = {
+    "H100": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    "H200": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+    "A100-80G": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+    "A100-40G": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"},
+    "L40S": {"nvidia.com/gpu.product": "NVIDIA-L40S"},
+    "L4": {"nvidia.com/gpu.product": "NVIDIA-L4"},
+    "A10G": {"nvidia.com/gpu.product": "NVIDIA-A10G"},
+}
+
+
+#: The longest RayService name KubeRay (v1.4 on) reconciles: its RayCluster takes the name
+#: plus 6 characters and its Serve service that plus "-serve-svc", within 63. A longer one
+#: is only refused with an event, and its cluster never made.
+MAX_RAYSERVICE_NAME = 47
+_NAME_PREFIX = "edgeplane-"
+
+
+def rayservice_name(site: str) -> str:
+    """``edgeplane-<site>``; for a site name too long for that, its first characters and a
+    digest of the whole name, so that two long names that begin alike never share one."""
+    name = _NAME_PREFIX + site
+    if len(name) <= MAX_RAYSERVICE_NAME:
+        return name
+    digest = hashlib.sha256(site.encode()).hexdigest()[:10]
+    keep = MAX_RAYSERVICE_NAME - len(_NAME_PREFIX) - len(digest) - 1
+    return f"{_NAME_PREFIX}{site[:keep].rstrip('-')}-{digest}"
+
+
+def earlier_rayservice_name(site: str) -> str:
+    """The name versions before the limit above gave a site's RayService: cut at 63."""
+    return (_NAME_PREFIX + site)[:63].rstrip("-")
+
+
+def _quantity(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _container(name: str, shape: RayClusterShape, pod: PodShape, image: str | None = None) -> dict[str, Any]:
+    resources = {"cpu": _quantity(pod.cpu), "memory": f"{_quantity(pod.memory_gib)}Gi"}
+    if pod.gpus:
+        resources[shape.gpu_resource] = str(pod.gpus)
+    return {
+        "name": name,
+        "image": image or shape.image,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+    }
+
+
+def _pods_for(apps: Sequence[ServeAppSpec], pod: PodShape, shape: RayClusterShape) -> int:
+    demand = serve_config.total_demand(apps)
+    usable_mib = pod.memory_gib * 1024 * shape.usable_memory_fraction
+    if demand.largest_replica_cpu > pod.cpu or demand.largest_replica_memory_mib > usable_mib:
+        raise ClusterShapeError(
+            f"a replica asks for {demand.largest_replica_cpu} CPU / "
+            f"{demand.largest_replica_memory_mib} MiB but a worker pod offers {pod.cpu} CPU / "
+            f"{usable_mib:.0f} MiB usable"
+        )
+    if demand.largest_replica_gpus > pod.gpus:
+        raise ClusterShapeError(
+            f"a replica asks for {demand.largest_replica_gpus} GPUs but a GPU worker pod "
+            f"has {pod.gpus}"
+        )
+    needed = pod_packing.pods_needed(
+        [(pod_packing.Resources(a.cpu, a.memory_mib, a.gpus), a.num_replicas) for a in apps],
+        pod_packing.Resources(pod.cpu, usable_mib, pod.gpus),
+        shape.max_worker_pods,
+    )
+    if needed is None:
+        raise ClusterShapeError(
+            f"the applications need more worker pods than the limit of {shape.max_worker_pods}"
+        )
+    return needed
+
+
+def _worker_group(
+    name: str, replicas: int, pod: PodShape, shape: RayClusterShape
+) -> dict[str, Any]:
+    return {
+        "groupName": name,
+        "replicas": replicas,
+        "minReplicas": replicas,
+        "maxReplicas": replicas,
+        "rayStartParams": {},
+        "template": {"spec": {"containers": [_container("ray-worker", shape, pod)]}},
+    }
+
+
+def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> list[dict[str, Any]]:
+    """One worker group per (accelerator type, tensor-parallel size) of the LLM apps: a pod
+    per replica (its autoscaling maximum when Serve scales it), holding that replica's GPUs,
+    on nodes of that GPU model."""
+    by_kind: dict[tuple[str, int], list[ServeAppSpec]] = {}
+    for a in apps:
+        assert a.llm is not None
+        by_kind.setdefault((a.llm.accelerator_type or "", a.llm.tensor_parallel_size), []).append(a)
+    names = _llm_group_names(list(by_kind))
+    groups = []
+    for (accelerator, tp), mine in sorted(by_kind.items()):
+        pods = sum(a.llm.autoscaling[1] if a.llm and a.llm.autoscaling else a.num_replicas for a in mine)
+        if pods > shape.max_worker_pods:
+            raise ClusterShapeError(f"the LLM applications need {pods} GPU pods, above the limit of {shape.max_worker_pods}")
+        memory_gib = max([shape.llm_worker.memory_gib]
+                         + [a.memory_mib / 1024 / shape.usable_memory_fraction for a in mine])
+        pod = PodShape(cpu=max([shape.llm_worker.cpu] + [a.cpu for a in mine]), memory_gib=math.ceil(memory_gib), gpus=tp)
+        group = _worker_group(names[accelerator, tp], pods, pod, shape)
+        template = group["template"]["spec"]
+        template["containers"] = [_container("ray-worker", shape, pod, image=shape.llm_image)]
+        template["tolerations"] = [{"key": shape.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+        if accelerator:
+            selector = shape.accelerator_node_selectors.get(accelerator) or {ACCELERATOR_LABEL: accelerator}
+            template["nodeSelector"] = dict(selector)
+        groups.append(group)
+    return groups
+
+
+def _llm_group_names(kinds: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """``llm-<accelerator>-x<GPUs>`` per (accelerator type, tensor-parallel size), unique
+    (the CRD keys worker groups by name) and short enough for the label KubeRay puts on each
+    pod (63 characters): a type that spells the same once lowered and stripped of ``_``/``.``,
+    or a long one, gets a digest of its own spelling."""
+    slugs = {kind: "".join(c if c.isalnum() else "-" for c in kind[0].lower()) or "gpu" for kind in kinds}
+    names = {kind: f"llm-{slug}-x{kind[1]}" for kind, slug in slugs.items()}
+    taken = list(names.values())
+    for kind, name in names.items():
+        if taken.count(name) > 1 or len(slugs[kind]) > 32:
+            digest = hashlib.sha256(kind[0].encode()).hexdigest()[:8]
+            names[kind] = f"llm-{slugs[kind][:32]}-{digest}-x{kind[1]}"
+    return names
+
+
+def render_serve_config(
+    apps: Sequence[ServeAppSpec], learnt: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "applications": [
+            serve_config.render_application(a, (learnt or {}).get(a.name)) for a in apps
+        ]
+    }
+
+
+def spec_hash(obj: Mapping[str, Any]) -> str | None:
+    return ((obj.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+
+
+def arrange_worker_groups(wanted: Sequence[dict[str, Any]], running: Sequence[Any]) -> list[dict[str, Any]]:
+    """The worker groups to send, given the RayService's groups as they are (``running``).
+
+    KubeRay updates the running cluster in place only when its worker groups are unchanged
+    but for their replica counts and new ones come after them; any other change (a group
+    inserted, removed or reordered) makes it build a whole new cluster beside the old one:
+    every replica of the site restarts, and every pod, GPUs included, is needed twice
+    meanwhile. So the running groups keep their places, a group no longer needed stays at 0
+    pods (it costs nothing), and a new group is appended.
+    """
+    by_name = {g["groupName"]: g for g in wanted}
+    out: list[dict[str, Any]] = []
+    for group in running:
+        name = group.get("groupName") if isinstance(group, Mapping) else None
+        if not isinstance(name, str) or any(g["groupName"] == name for g in out):
+            continue  # not a worker group: the API server would not have taken it
+        if name in by_name:
+            out.append(by_name.pop(name))
+        else:
+            out.append({**copy.deepcopy(dict(group)), "replicas": 0, "minReplicas": 0, "maxReplicas": 0})
+    return out + [g for g in wanted if g["groupName"] in by_name]
+
+
+def render_rayservice(
+    site: str,
+    namespace: str,
+    apps: Sequence[ServeAppSpec],
+    shape: RayClusterShape,
+    learnt: Mapping[str, str] | None = None,
+    running_groups: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """The full ``RayService`` object for ``apps`` on ``site`` (pure; validated by tests
+    against the KubeRay CRD schema); ``running_groups`` are the worker groups of the
+    RayService as it is, whose order is kept (:func:`arrange_worker_groups`)."""
+    llm_apps = [a for a in apps if a.llm is not None]
+    gpu_apps = [a for a in apps if a.gpus > 0 and a.llm is None]
+    cpu_apps = [a for a in apps if a.gpus <= 0 and a.llm is None]
+    groups = [
+        _worker_group("cpu", _pods_for(cpu_apps, shape.cpu_worker, shape), shape.cpu_worker, shape)
+    ]
+    if gpu_apps:
+        groups.append(
+            _worker_group(
+                "gpu", _pods_for(gpu_apps, shape.gpu_worker, shape), shape.gpu_worker, shape
+            )
+        )
+    groups += _llm_groups(llm_apps, shape)
+    spec = {
+        "serveConfigV2": yaml.safe_dump(render_serve_config(apps, learnt), sort_keys=True),
+        "rayClusterConfig": {
+            "rayVersion": shape.ray_version,
+            "headGroupSpec": {
+                # The head runs the Serve controller and proxy, no replicas.
+                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                "template": {"spec": {"containers": [_container("ray-head", shape, shape.head)]}},
+            },
+            "workerGroupSpecs": arrange_worker_groups(groups, running_groups),
+        },
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RayService",
+        "metadata": {
+            "name": rayservice_name(site),
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": MANAGED_BY, SITE_LABEL: site},
+            "annotations": {SPEC_HASH_ANNOTATION: digest},
+        },
+        "spec": spec,
+    }
+
+
+def configured_applications(obj: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], str]:
+    """The applications a RayService's ``serveConfigV2`` configures, and what is wrong with
+    it when it is not a Serve config (a hand edit, another tool): then none, so that
+    observing it reports drift for the next apply to repair rather than failing."""
+    text = (obj.get("spec") or {}).get("serveConfigV2") or ""
+    try:
+        configured = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        return [], f"serveConfigV2 is not YAML ({str(exc).splitlines()[0]})"
+    if not isinstance(configured, Mapping):
+        return [], "serveConfigV2 is not a mapping"
+    apps = configured.get("applications") or []
+    if not isinstance(apps, list):
+        return [], "serveConfigV2 applications is not a list"
+    if not all(isinstance(a, Mapping) and isinstance(a.get("name"), str) for a in apps):
+        return [], "serveConfigV2 has an application that is not a mapping with a name"
+    return apps, ""
+
+
+def statuses_from_rayservice(
+    obj: Mapping[str, Any], serve_url: str, owned_prefix: str = serve_config.OWNED_PREFIX
+) -> dict[str, ServeAppStatus]:
+    """Translate a RayService's ``status`` into per-application statuses.
+
+    KubeRay reports no replica counts, so a RUNNING application whose deployments all serve
+    (healthy, or scaling: Serve keeps such an application RUNNING, its replicas answering)
+    counts its configured replicas as running, anything else counts none.
+    """
+    targets: dict[str, int] = {}
+    prefixes: dict[str, str] = {}
+    for app in configured_applications(obj)[0]:
+        targets[app["name"]] = serve_config.configured_replicas(app)
+        prefixes[app["name"]] = app.get("route_prefix") or "/"
+    status = obj.get("status") or {}
+    reported = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
+    waiting = "; ".join(
+        c.get("message", "") for c in status.get("conditions") or [] if c.get("status") != "True"
+    )
+    result: dict[str, ServeAppStatus] = {}
+    for name in {*targets, *reported}:
+        if not serve_config.is_owned(name, owned_prefix):
+            continue
+        app = reported.get(name) or {}
+        state = serve_config.parse_state(app.get("status") or "NOT_STARTED")
+        deployments = app.get("serveDeploymentStatuses") or {}
+        healthy = all(d.get("status") in SERVING_DEPLOYMENT_STATES for d in deployments.values())
+        detail = app.get("message") or serve_config.deployment_messages(deployments)
+        if not app:
+            detail = waiting or "the RayService has not reported this application yet"
+        target = targets.get(name, 0)
+        prefix = prefixes.get(name, "/")
+        result[name] = ServeAppStatus(
+            name=name,
+            status=state,
+            message=serve_config.summarize_message(detail),
+            replicas_running=target if state is ServeAppState.RUNNING and healthy else 0,
+            replicas_target=target,
+            endpoint_url=serve_config.route_url(serve_url, prefix),
+            detail=detail,
+            ingress=next(iter(deployments)) if len(deployments) == 1 else "",  # KubeRay reports no topology
+        )
+    return result
+
+
+#: ``spec.kubernetes.context`` naming the cluster the control plane runs in, reached with
+#: its pod's service account (``manifests/deploy/rbac.yaml`` grants it RayServices).
