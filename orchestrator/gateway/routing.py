@@ -17,6 +17,7 @@ import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from orchestrator.manifests import schema
 from orchestrator.scheduler import geo, residency
 
 #: Milliseconds added to an endpoint's expected latency per request already in flight.
@@ -137,13 +138,22 @@ def _query_position(lat: str | None, lon: str | None) -> tuple[float, float] | N
 
 
 def _residency(text: str | None, name: str) -> frozenset[str] | NoRoute:
-    """The countries of a residency list (``FR,DE``, ``EU``; ``name`` says where it was given); empty: any."""
-    if not text:
+    """The countries of a residency list (``FR,DE``, ``EU``; ``name`` says where it was given);
+    empty when none is given: any. A list that names no country (``,``) or a code that is no
+    country (``UK``: ISO says GB) is refused as a manifest's would be: read as "any", or as a
+    country no replica can be in, it would widen the caller's rule or answer 503, silently."""
+    if text is None or not text.strip():
         return frozenset()
-    try:
-        return residency.expand_residency(c for c in text.split(",") if c.strip())
-    except ValueError as exc:
-        return NoRoute(f"{name}: {exc}", 400)
+    entries = [c.strip() for c in text.split(",") if c.strip()]
+    for entry in entries:
+        try:
+            schema.check_residency(entry.upper())
+        except ValueError:
+            return NoRoute(f"{name}: {entry!r} is neither an ISO 3166 alpha-2 country code (e.g. FR, DE) "
+                           f"nor a known group ({', '.join(schema.RESIDENCY_GROUPS)})", 400)
+    if not entries:
+        return NoRoute(f"{name}: {text.strip()!r} names no country; give ISO 3166 alpha-2 codes or groups, e.g. FR,DE or EU", 400)
+    return residency.expand_residency(entries)
 
 
 #: How many regions an error lists before it ends the list with "…".

@@ -81,7 +81,9 @@ def test_ejected_endpoints_are_skipped() -> None:
 @pytest.mark.parametrize(
     "location, region, residency, ok",
     [("48.8,2.3", None, None, True), ("north", None, None, False), ("91,0", None, None, False), ("nan,1", None, None, False),
-     (None, "eu-west", "EU", True), (None, None, "FR,DE", True), (None, None, "Narnia", False), (None, None, "", True)],
+     (None, "eu-west", "EU", True), (None, None, "FR,DE", True), (None, None, "Narnia", False), (None, None, "", True),
+     (None, None, "fr, de,", True), (None, None, ",", False), (None, None, " , ", False), (None, None, ",,", False),
+     (None, None, "UK", False), (None, None, "XX", False), (None, None, "FR,XX", False)],
 )
 def test_parse_caller(location: str | None, region: str | None, residency: str | None, ok: bool) -> None:
     result = routing.parse_caller(location, region, residency)

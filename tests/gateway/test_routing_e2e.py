@@ -54,6 +54,20 @@ async def test_bad_caller_headers_are_400(fleet: harness.Fleet) -> None:
     assert (a.status_code, b.status_code, c.status_code) == (400, 400, 404)
 
 
+async def test_a_residency_that_names_no_country_is_400_never_any_country(fleet: harness.Fleet) -> None:
+    """Read as "no restriction", a list of commas would be served from anywhere; read as a
+    country, a code that is none ("UK": ISO says GB) would be a 503 "no replica there"."""
+    async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
+        answers = {value: await http.post("/v2/models/intent/infer", json=BODY, headers={"x-edgeplane-residency": value})
+                   for value in (",", ", ,", ",,", "UK", "DE,XX")}
+        listed = await http.get("/v1/endpoints/intent", params={"residency": ","})
+    for value, resp in answers.items():
+        assert resp.status_code == 400 and "x-edgeplane-site" not in resp.headers, (value, resp.status_code, resp.text)
+    assert answers[","].json()["error"].startswith("X-Edgeplane-Residency: ',' names no country")
+    assert answers["UK"].json()["error"].startswith("X-Edgeplane-Residency: 'UK' is neither an ISO 3166 alpha-2 country code")
+    assert listed.status_code == 400 and "query parameter residency" in listed.text
+
+
 async def test_wrong_shape_is_the_replicas_400_not_a_failover(fleet: harness.Fleet) -> None:
     bad = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [0.1] * 3}]}
     async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
