@@ -54,6 +54,13 @@ _DTYPE_TO_NAME = {dt: name for name, dt in DATATYPES.items()}
 BINARY_HEADER = "Inference-Header-Content-Length"
 
 
+def header_length(value: str | None) -> int | None:
+    """The length a :data:`BINARY_HEADER` value gives, or None when it gives none (absent,
+    or not a decimal number). ASCII digits only: ``str.isdigit`` is also true of "²",
+    which ``int`` refuses."""
+    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+
+
 def model_version(sha256: str) -> str:
     """The version a model file answers ``/versions/{v}`` for, wherever it is served: its
     sha256, shortened (a new file is a new version)."""

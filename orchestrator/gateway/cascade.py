@@ -185,8 +185,8 @@ class CascadeHandler:
         stage = rules.first_stage(route, mode)
         ranked = self.ranking(route, stage, caller)
         trip = Trip(caller=caller, body=body)
-        if route.capture is not None and (length := request.headers.get(oip.BINARY_HEADER.lower())) is not None:
-            trip.body_binary = int(length) if length.isdigit() else None
+        if route.capture is not None:
+            trip.body_binary = oip.header_length(request.headers.get(oip.BINARY_HEADER.lower()))
         answer: _Attempt | None = None
         verdict: rules.Verdict | None = None
         escalated_at: float | None = None
@@ -372,4 +372,4 @@ class CascadeHandler:
         self.capture(capture_store.Record(
             capture_store.Record.new_id(), route.deployment, route.model, zone, now, now + policy.retention_s,
             trip.first_site or answer.site, route.stages[answer.stage].variant, trip.first_confidence,
-            trip.body, trip.body_binary, answer.body, int(binary) if binary is not None and binary.isdigit() else None))
+            trip.body, trip.body_binary, answer.body, oip.header_length(binary)))

@@ -4,12 +4,16 @@ in-memory upstream: who answers, what the headers say, what is counted."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
+from orchestrator.distill import capture as capture_mod
+from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade, cascade_rules, endpoints, routing
 
 from .transport import Transport
@@ -27,19 +31,22 @@ def ep(site: str, tier: str, country: str = "FR", **kw: Any) -> routing.Endpoint
                             url=f"http://{site}", **kw)
 
 
-def run(fleet: list[routing.Endpoint], behaviour: dict[str, str], caller: routing.Caller = FR, mode: str = "on"
-        ) -> tuple[Any, Transport, cascade.CascadeHandler]:
+def run(fleet: list[routing.Endpoint], behaviour: dict[str, str], caller: routing.Caller = FR, mode: str = "on", *,
+        route: cascade_rules.CascadeRoute = ROUTE, headers: dict[str, bytes] | None = None,
+        capture: Callable[[capture_store.Record], bool] | None = None) -> tuple[Any, Transport, cascade.CascadeHandler]:
     table = endpoints.EndpointTable()
     table.replace(fleet)
-    table.cascades = {"m": ROUTE}
+    table.cascades = {"m": route}
     transport = Transport({f"http://{k}": v for k, v in behaviour.items()})
-    handler = cascade.CascadeHandler(table, transport, cascade.CascadeMetrics.create(CollectorRegistry()))  # type: ignore[arg-type]
-    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+    handler = cascade.CascadeHandler(table, transport, cascade.CascadeMetrics.create(CollectorRegistry()),  # type: ignore[arg-type]
+                                     capture=capture, sampler=capture_mod.Sampler(draw=lambda: 0.0))
+    raw = [(k.encode(), v) for k, v in (headers or {}).items()]
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": raw})
 
     async def plain() -> Any:
         raise AssertionError("not in this table")
 
-    return asyncio.run(handler.infer(ROUTE, mode, caller, request, b"{}", plain)), transport, handler  # type: ignore[arg-type]
+    return asyncio.run(handler.infer(route, mode, caller, request, b"{}", plain)), transport, handler  # type: ignore[arg-type]
 
 
 EDGE, DC = ep("edge-fr", "edge"), ep("dc-fr", "datacenter")
@@ -132,3 +139,17 @@ def test_force_first_never_escalates() -> None:
     response, transport, _ = run([EDGE, DC], {"edge-fr": "down", "dc-fr": "sure"}, mode="force-first")
     assert response.status_code == 503 and transport.calls == ["http://edge-fr"]
     assert b"force-first" in response.body and b"connection refused" in response.body
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"\xb9\xb2", b"-1", b"12x"])  # latin-1: "²", "¹²"
+def test_a_binary_length_that_is_no_number_is_captured_without_one(length: bytes) -> None:
+    """The header goes on to the stages, whose replicas judge it; the capture only keeps
+    no length for it (``str.isdigit`` is true of "²", which ``int`` refuses)."""
+    kept: list[capture_store.Record] = []
+    route = dataclasses.replace(ROUTE, capture=capture_mod.CapturePolicy(1.0, 1000, 86400.0, ("EU",)))
+    response, _, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, routing.Caller(), route=route,
+                         capture=lambda r: kept.append(r) is None,
+                         headers={"inference-header-content-length": length})
+    assert response.status_code == 200, response.body
+    [record] = kept
+    assert record.input_binary is None and record.output_binary is None
