@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -197,6 +197,8 @@ class Gateway:
             body = await bodies.read_body(request, self.max_body)
         except bodies.BodyTooLarge:
             return _error(413, f"request body is larger than {self.max_body} bytes")
+        except ClientDisconnect:  # the caller's doing, not the gateway's: nobody is left to read the answer
+            return _error(400, "the client went away before the whole body arrived")
         try:
             if version is not None:  # one model file, named by its version: no cascade of variants
                 return await self._forward(self._model_of(model), request, "POST", _versioned(version, "/infer"), body, version)

@@ -1,0 +1,66 @@
+"""A caller that goes away in the middle of its request body, over real HTTP: the gateway
+ends the request quietly, with no traceback logged as if the gateway had failed, and
+calls no replica with half a body."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
+
+from orchestrator import runloop
+from orchestrator.api import methods
+from orchestrator.gateway import endpoints, proxy, routing
+from orchestrator.gateway.upstream import UpstreamPool
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.mark.parametrize("path", ["/v2/models/m/infer", "/v2/models/m/versions/1/infer"])
+async def test_a_caller_leaving_mid_body_ends_the_request_without_an_error(path: str) -> None:
+    table = endpoints.EndpointTable()
+    # nothing listens on port 9: a replica called would be a failure the test sees in the table
+    table.replace([routing.Endpoint(model="m", deployment="dep", site="edge-fr", tier="edge", country="FR", region="",
+                                    lat=48.8, lon=2.3, url="http://127.0.0.1:9")])
+    pool = UpstreamPool()
+    gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry()))
+    inner = Starlette(routes=gateway.routes(), exception_handlers=methods.EXCEPTION_HANDLERS)
+    raised: list[BaseException] = []
+    done = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await inner(scope, receive, send)
+        except BaseException as exc:  # what uvicorn would log as "Exception in ASGI application"
+            raised.append(exc)
+            raise
+        finally:
+            if scope["type"] == "http":
+                done.set()
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = runloop.http_server(app)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        writer.write(f"POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n".encode()
+                     + b'{"inputs": [' + b"1," * 100)
+        await writer.drain()
+        writer.close()  # half the body sent
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        server.should_exit = True
+        await serving
+        await pool.close()
+    assert raised == []
+    assert table.ejected() == frozenset()
