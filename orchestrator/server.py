@@ -220,7 +220,7 @@ class ControlPlane:
         self.capture_writer.start()
         self._background.append(asyncio.create_task(self._purge_captures(), name="capture-retention"))
         self.cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry),
-                                                   position=cfg.position, capture=self.capture_writer.offer)
+                                                   position=cfg.position, capture=self.capture_writer.offer, max_body=cfg.gateway_max_body)
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
                                      position=cfg.position, ready=lambda: self._started and self.table.published, max_body=cfg.gateway_max_body,
                                      cold_start_s=cfg.cold_start_timeout_s, cascade=self.cascades,

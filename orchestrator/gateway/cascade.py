@@ -39,15 +39,18 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
 
+from edgeplane_proto import encoding as encoding_mod
 from edgeplane_proto import oip
 from orchestrator.distill import capture as capture_mod
 from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
+from orchestrator.gateway.options import MAX_BODY
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
 
-FORWARD_HEADERS = ("content-type", oip.BINARY_HEADER.lower(), "accept")
+# content-encoding: the stages' replicas inflate a compressed body, as on the plain routes
+FORWARD_HEADERS = ("content-type", "content-encoding", oip.BINARY_HEADER.lower(), "accept")
 
 
 @dataclass
@@ -157,7 +160,7 @@ class CascadeHandler:
                  stats: CascadeStats | None = None, *, position: tuple[float, float] | None = None,
                  max_attempts: int = 3, clock: Callable[[], float] = time.perf_counter,
                  capture: Callable[[capture_store.Record], bool] | None = None, sampler: capture_mod.Sampler | None = None,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, max_body: int = MAX_BODY):
         self.table = table
         self.http = http
         self.metrics = metrics
@@ -169,6 +172,7 @@ class CascadeHandler:
         self.capture = capture
         self.sampler = sampler if sampler is not None else capture_mod.Sampler()
         self.wall = wall
+        self.max_body = max_body  # of a compressed request inflated for capture
 
     def ranking(self, route: rules.CascadeRoute, stage: int, caller: routing.Caller) -> list[routing.Ranked] | routing.NoRoute:
         return rules.stage_ranking(route, stage, self.table.with_local_load(route.model), caller, regions=self.table.regions,
@@ -178,13 +182,20 @@ class CascadeHandler:
                     plain: Callable[[], Awaitable[Response]]) -> Response:
         if mode == "off":
             return await plain()
+        kept: bytes | encoding_mod.Refused = body  # the request as a capture record keeps it: readable, so inflated
+        encoding = request.headers.get("content-encoding")
+        if route.capture is not None and self.capture is not None and encoding is not None and not encoding_mod.is_identity(encoding):
+            kept = await encoding_mod.inflate_off_loop(body, encoding, self.max_body)
+            if isinstance(kept, encoding_mod.Refused):  # as every stage's replica would refuse it
+                return Response(oip.error_body(kept.message), status_code=kept.status, media_type="application/json",
+                                headers=encoding_mod.refusal_headers(kept.status))
         started = self.clock()
         totals = self.stats.totals(route.deployment)
         totals.requests += 1
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         stage = rules.first_stage(route, mode)
         ranked = self.ranking(route, stage, caller)
-        trip = Trip(caller=caller, body=body)
+        trip = Trip(caller=caller, body=kept)
         if route.capture is not None:
             trip.body_binary = oip.header_length(request.headers.get(oip.BINARY_HEADER.lower()))
         answer: _Attempt | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ def ep(site: str, tier: str, country: str = "FR", **kw: Any) -> routing.Endpoint
 
 
 def run(fleet: list[routing.Endpoint], behaviour: dict[str, str], caller: routing.Caller = FR, mode: str = "on", *,
-        route: cascade_rules.CascadeRoute = ROUTE, headers: dict[str, bytes] | None = None,
+        route: cascade_rules.CascadeRoute = ROUTE, headers: dict[str, bytes] | None = None, body: bytes = b"{}",
         capture: Callable[[capture_store.Record], bool] | None = None) -> tuple[Any, Transport, cascade.CascadeHandler]:
     table = endpoints.EndpointTable()
     table.replace(fleet)
@@ -46,7 +47,7 @@ def run(fleet: list[routing.Endpoint], behaviour: dict[str, str], caller: routin
     async def plain() -> Any:
         raise AssertionError("not in this table")
 
-    return asyncio.run(handler.infer(route, mode, caller, request, b"{}", plain)), transport, handler  # type: ignore[arg-type]
+    return asyncio.run(handler.infer(route, mode, caller, request, body, plain)), transport, handler  # type: ignore[arg-type]
 
 
 EDGE, DC = ep("edge-fr", "edge"), ep("dc-fr", "datacenter")
@@ -141,15 +142,43 @@ def test_force_first_never_escalates() -> None:
     assert b"force-first" in response.body and b"connection refused" in response.body
 
 
+CAPTURE = capture_mod.CapturePolicy(1.0, 1000, 86400.0, ("EU",))
+
+
 @pytest.mark.parametrize("length", [b"\xb2", b"\xb9\xb2", b"-1", b"12x"])  # latin-1: "²", "¹²"
 def test_a_binary_length_that_is_no_number_is_captured_without_one(length: bytes) -> None:
     """The header goes on to the stages, whose replicas judge it; the capture only keeps
     no length for it (``str.isdigit`` is true of "²", which ``int`` refuses)."""
     kept: list[capture_store.Record] = []
-    route = dataclasses.replace(ROUTE, capture=capture_mod.CapturePolicy(1.0, 1000, 86400.0, ("EU",)))
+    route = dataclasses.replace(ROUTE, capture=CAPTURE)
     response, _, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, routing.Caller(), route=route,
                          capture=lambda r: kept.append(r) is None,
                          headers={"inference-header-content-length": length})
     assert response.status_code == 200, response.body
     [record] = kept
     assert record.input_binary is None and record.output_binary is None
+
+
+def test_a_compressed_request_reaches_every_stage_with_its_encoding_and_is_captured_inflated() -> None:
+    """The stages' replicas inflate the body, as on the plain routes; a record keeps the
+    request a distillation job can read."""
+    kept: list[capture_store.Record] = []
+    request = b'{"inputs": []}'
+    response, transport, _ = run([EDGE, DC], {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(),
+                                 route=dataclasses.replace(ROUTE, capture=CAPTURE), capture=lambda r: kept.append(r) is None,
+                                 headers={"content-type": b"application/json", "content-encoding": b"gzip"}, body=gzip.compress(request))
+    assert response.status_code == 200 and transport.calls == ["http://edge-fr", "http://dc-fr"]
+    assert [h.get("content-encoding") for h in transport.headers] == ["gzip", "gzip"]
+    [record] = kept
+    assert record.input == request
+
+
+def test_a_compressed_request_that_cannot_be_inflated_is_refused_before_any_stage_when_captured() -> None:
+    response, transport, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, routing.Caller(),
+                                 route=dataclasses.replace(ROUTE, capture=CAPTURE), capture=lambda r: True,
+                                 headers={"content-encoding": b"gzip"}, body=b"not gzip")
+    assert response.status_code == 400 and b"body is not valid gzip" in response.body and transport.calls == []
+    response, transport, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, routing.Caller(),
+                                 route=dataclasses.replace(ROUTE, capture=CAPTURE), capture=lambda r: True,
+                                 headers={"content-encoding": b"br"}, body=b"{}")
+    assert response.status_code == 415 and response.headers["accept-encoding"] == "gzip, deflate" and transport.calls == []

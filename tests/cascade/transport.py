@@ -1,5 +1,5 @@
 """An in-memory upstream for the cascade handler (its constructor seam): each replica
-answers as it is told to, and every URL asked for is recorded."""
+answers as it is told to, and every URL asked for, with its headers, is recorded."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ class Transport:
     def __init__(self, behaviour: dict[str, str]):
         self.behaviour = behaviour
         self.calls: list[str] = []
+        self.headers: list[dict[str, str]] = []  # of each call
 
     async def request(self, method: str, url: str, body: bytes | None = None, headers: Any = None) -> Answer:
         base = url.split("/v2/")[0]
         self.calls.append(base)
+        self.headers.append(dict(headers or {}))
         how = self.behaviour[base]
         if how == "down":
             raise UpstreamError("connection refused")
