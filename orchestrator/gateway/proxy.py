@@ -129,15 +129,8 @@ class Gateway:
         if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
             self.metrics.requests.labels(model, "", str(caller.status)).inc()
             return _error(caller.status, caller.reason)
-        if self.table.is_cold(model):
-            # Scaled to zero: this request asks for a replica and waits for it (cold start).
-            self.table.wake(model)
-            self.metrics.cold_starts.labels(model).inc()
-            if not await self.table.wait_for_endpoints(model, self.cold_start_s):
-                self.metrics.requests.labels(model, "", "503").inc()
-                why = self.table.unavailable_reason(model) or "no replica yet"
-                return _error(503, f"model {model!r} was scaled to zero and no replica was ready within "
-                                   f"{self.cold_start_s:g}s ({why}); retry", retry_after=5)
+        if (cold := await self._woken(model)) is not None:
+            return cold
         ranked = self.candidates(model, request, caller=caller)
         if version is not None and not isinstance(ranked, routing.NoRoute):
             ranked = holding(ranked, model, version)
@@ -189,6 +182,20 @@ class Gateway:
         self.metrics.requests.labels(model, "", "502").inc()
         return _error(502, f"every replica tried failed: {'; '.join(failures)}")
 
+    async def _woken(self, model: str) -> Response | None:
+        """None once ``model`` has a replica; when it was scaled to zero, this request asks
+        for one and waits for it (cold start), and the 503 to answer when none came in time."""
+        if not self.table.is_cold(model):
+            return None
+        self.table.wake(model)
+        self.metrics.cold_starts.labels(model).inc()
+        if await self.table.wait_for_endpoints(model, self.cold_start_s):
+            return None
+        self.metrics.requests.labels(model, "", "503").inc()
+        why = self.table.unavailable_reason(model) or "no replica yet"
+        return _error(503, f"model {model!r} was scaled to zero and no replica was ready within "
+                           f"{self.cold_start_s:g}s ({why}); retry", retry_after=5)
+
     async def infer(self, request: Request) -> Response:
         model = request.path_params["model"]
         version = request.path_params.get("version")
@@ -202,8 +209,9 @@ class Gateway:
         try:
             if version is not None:  # one model file, named by its version: no cascade of variants
                 return await self._forward(self._model_of(model), request, "POST", _versioned(version, "/infer"), body, version)
+            # a cascade is called by its model's name or its deployment's
             route = self.table.cascades.get(model) if self.cascade is not None else None
-            if route is not None and self.cascade is not None and not self.table.is_cold(model):
+            if route is not None and self.cascade is not None:
                 return await self._cascade(self.cascade, route, request, body)
             return await self._forward(model, request, "POST", "/infer", body)
         finally:
@@ -215,8 +223,10 @@ class Gateway:
         if mode is None:
             return _error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}")
         caller = self.caller(request)
-        if isinstance(caller, routing.NoRoute):
+        if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
             return _error(caller.status, caller.reason)
+        if (cold := await self._woken(route.model)) is not None:
+            return cold
         response = await handler.infer(route, mode, caller, request, body,
                                        lambda: self._forward(route.model, request, "POST", "/infer", body))
         if mode != "off":  # plain routing counted itself
