@@ -179,6 +179,11 @@ class EndpointTable:
                 if not waiting:
                     del self._waiters[model]
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a model the table has (served, deployed or pending) or a
+        cascade's name: the names worth a metric label of their own."""
+        return name in self._by_model or name in self._deployed or name in self._pending or name in self.cascades
+
     def models(self) -> list[str]:
         return sorted(set(self._by_model) | set(self._deployed) | set(self._pending))
 

@@ -281,7 +281,7 @@ class OpenAIGateway:
                              headers={"retry-after": "5"})
         ranked = self._openai_candidates(model, request, caller)
         if isinstance(ranked, Response):
-            self.gw.metrics.requests.labels(model, "", str(ranked.status_code)).inc()
+            self.gw.metrics.requests.labels(self.gw.model_label(model), "", str(ranked.status_code)).inc()
             return ranked
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         return _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions")

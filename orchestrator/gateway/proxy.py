@@ -34,6 +34,10 @@ from orchestrator.gateway import routing
 from orchestrator.gateway.options import COLD_START_S, MAX_BODY
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
 
+#: The ``model`` label of requests for a name the table does not know: the name is the
+#: caller's, and every label value is a series the process keeps for good.
+UNKNOWN_MODEL = "_unknown"
+
 # content-encoding: a compressed body (gzip, deflate) is inflated by the replica, as the body is never decoded here
 FORWARD_HEADERS = ("content-type", "content-encoding", oip.BINARY_HEADER.lower(), "accept")
 
@@ -90,6 +94,10 @@ class Gateway:
         self.cold_start_s = cold_start_s  # how long a request for a model scaled to zero waits
         self.cascade = cascade  # runs requests to models whose deployment has spec.cascade
 
+    def model_label(self, model: str) -> str:
+        """``model`` as the metrics' label: itself when the table knows it, else :data:`UNKNOWN_MODEL`."""
+        return model if self.table.knows(model) else UNKNOWN_MODEL
+
     def caller(self, request: Request) -> routing.Caller | routing.NoRoute:
         """Who asks, from the ``X-Edgeplane-*`` headers, or why they cannot be read (400)."""
         caller = routing.parse_caller(
@@ -125,9 +133,10 @@ class Gateway:
                        version: str | None = None) -> Response:
         """``suffix`` follows ``/v2/models/{model}`` at the replica; with ``version`` it starts
         with ``/versions/{version}``, and the replica says whether it has that version."""
+        label = self.model_label(model)
         caller = self.caller(request)
         if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
-            self.metrics.requests.labels(model, "", str(caller.status)).inc()
+            self.metrics.requests.labels(label, "", str(caller.status)).inc()
             return _error(caller.status, caller.reason)
         if (cold := await self._woken(model)) is not None:
             return cold
@@ -135,7 +144,7 @@ class Gateway:
         if version is not None and not isinstance(ranked, routing.NoRoute):
             ranked = holding(ranked, model, version)
         if isinstance(ranked, routing.NoRoute):
-            self.metrics.requests.labels(model, "", str(ranked.status)).inc()
+            self.metrics.requests.labels(label, "", str(ranked.status)).inc()
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         failures = []
@@ -149,7 +158,7 @@ class Gateway:
             except UpstreamError as exc:
                 failures.append(f"{e.site}: {exc}")
                 self.table.eject(e.url)
-                self.metrics.failovers.labels(model, e.site).inc()
+                self.metrics.failovers.labels(label, e.site).inc()
                 continue
             finally:
                 self.table.finished(e.url)
@@ -157,7 +166,7 @@ class Gateway:
             self.table.answered(e.url, status)
             if status >= 500:
                 failures.append(f"{e.site}: HTTP {status}")
-                self.metrics.failovers.labels(model, e.site).inc()
+                self.metrics.failovers.labels(label, e.site).inc()
                 continue
             if status == 404:
                 # The replica no longer serves the model (it was just moved away; the table
@@ -166,9 +175,9 @@ class Gateway:
                 missing += 1
                 failures.append(f"{e.site}: {_reason(content)} (HTTP 404)" if version is not None
                                 else f"{e.site}: does not serve {model!r} now (HTTP 404)")
-                self.metrics.failovers.labels(model, e.site).inc()
+                self.metrics.failovers.labels(label, e.site).inc()
                 continue
-            self.metrics.requests.labels(model, e.site, str(status)).inc()
+            self.metrics.requests.labels(label, e.site, str(status)).inc()
             out_headers = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
             binary = upstream_headers.get(oip.BINARY_HEADER.lower())
             if binary is not None:
@@ -177,9 +186,9 @@ class Gateway:
                 out_headers["accept-encoding"] = accepted  # the codings the replica reads (RFC 9110)
             return Response(content, status_code=status, media_type=upstream_headers.get("content-type", "application/json"), headers=out_headers)
         if version is not None and missing == len(failures):
-            self.metrics.requests.labels(model, "", "404").inc()
+            self.metrics.requests.labels(label, "", "404").inc()
             return _error(404, f"model {model!r} has no version {version!r} at the replicas tried: {'; '.join(failures)}")
-        self.metrics.requests.labels(model, "", "502").inc()
+        self.metrics.requests.labels(label, "", "502").inc()
         return _error(502, f"every replica tried failed: {'; '.join(failures)}")
 
     async def _woken(self, model: str) -> Response | None:
@@ -188,10 +197,10 @@ class Gateway:
         if not self.table.is_cold(model):
             return None
         self.table.wake(model)
-        self.metrics.cold_starts.labels(model).inc()
+        self.metrics.cold_starts.labels(self.model_label(model)).inc()
         if await self.table.wait_for_endpoints(model, self.cold_start_s):
             return None
-        self.metrics.requests.labels(model, "", "503").inc()
+        self.metrics.requests.labels(self.model_label(model), "", "503").inc()
         why = self.table.unavailable_reason(model) or "no replica yet"
         return _error(503, f"model {model!r} was scaled to zero and no replica was ready within "
                            f"{self.cold_start_s:g}s ({why}); retry", retry_after=5)
@@ -215,7 +224,7 @@ class Gateway:
                 return await self._cascade(self.cascade, route, request, body)
             return await self._forward(model, request, "POST", "/infer", body)
         finally:
-            self.metrics.latency.labels(model).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(self.model_label(self._model_of(model))).observe(time.perf_counter() - started)
 
     async def _cascade(self, handler: cascade_mod.CascadeHandler, route: cascade_rules.CascadeRoute, request: Request,
                        body: bytes) -> Response:

@@ -68,6 +68,23 @@ async def test_a_residency_that_names_no_country_is_400_never_any_country(fleet:
     assert listed.status_code == 400 and "query parameter residency" in listed.text
 
 
+async def test_names_no_deployment_serves_add_no_metric_series(fleet: harness.Fleet) -> None:
+    """The model label is the caller's text in the path: one series per made-up name would
+    grow the gateway's memory and /metrics without bound."""
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
+        for i in range(20):
+            assert (await http.post(f"/v2/models/scan-{i}/infer", json=BODY)).status_code == 404
+            assert (await http.post(f"/v2/models/scan-{i}/infer", json=BODY, headers={"x-edgeplane-location": "north"})).status_code == 400
+            assert (await http.post("/openai/v1/chat/completions", json={**chat, "model": f"scan-{i}"})).status_code == 404
+        assert (await http.post("/v2/models/intent/infer", json=BODY)).status_code == 200
+        metrics = (await http.get("/metrics")).text
+    labelled = {line.split('model="', 1)[1].split('"', 1)[0] for line in metrics.splitlines()
+                if line.startswith("edgeplane_gateway_") and 'model="' in line}
+    assert "scan-0" not in labelled and {"intent", "_unknown"} <= labelled, sorted(labelled)
+    assert 'edgeplane_gateway_requests_total{code="404",model="_unknown",site=""}' in metrics
+
+
 async def test_wrong_shape_is_the_replicas_400_not_a_failover(fleet: harness.Fleet) -> None:
     bad = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [0.1] * 3}]}
     async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
