@@ -7,7 +7,12 @@
   ``snapshot`` again), a ``heartbeat`` every
   :data:`HEARTBEAT_S` seconds in between, so a gateway notices a dead connection by the
   silence. Each event carries the control plane's ``epoch`` (new at every start) and the
-  table's ``version`` (counted from 0 in that epoch).
+  table's ``version`` (counted from 0 in that epoch). Until the control plane has its
+  first table (:attr:`EndpointTable.published`: a replica on a shared database before it
+  read the leader's, a control plane before its first pass) the stream holds the snapshot
+  back and sends heartbeats: that empty table is no fleet's, and a gateway that took it
+  would answer "not deployed" for models its replicas serve. A gateway of any version
+  keeps routing with the table it has meanwhile; the one-shot answer is a 503 then.
 - ``GET /v1/whoami``: who the bearer token is (200) or 401: a gateway with
   ``--gateway-auth token`` checks its callers' tokens with it.
 - ``POST /v1/wake/{model}``: a request for a model scaled to zero reached a standalone
@@ -51,6 +56,7 @@ class TablePublisher:
         self.epoch = f"{int(time.time())}-{secrets.token_hex(4)}"
         self.version = 0
         self.contents = wire.contents_of(table)
+        self.published = table.published
         self.closed = False
         self._changed = asyncio.Event()
         self._encoded: tuple[int, bytes] | None = None  # the current snapshot event, encoded once for every watcher
@@ -61,9 +67,9 @@ class TablePublisher:
     def publish(self) -> None:
         """Called after each change of the table: a new version when its contents differ."""
         contents = wire.contents_of(self.table)
-        if contents == self.contents:
-            return
-        self.contents = contents
+        if contents == self.contents and self.table.published == self.published:
+            return  # (a first table equal to the empty one is a new version all the same: watchers wait for it)
+        self.contents, self.published = contents, self.table.published
         self.version += 1
         self._history.append((self.version, contents))
         for old in [v for v in self._deltas if v <= self.version - DELTAS_KEPT]:
@@ -137,6 +143,11 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
         return endpoint
 
     async def stream() -> AsyncIterator[bytes]:
+        while not publisher.published and not publisher.closed:  # no table of the fleet yet: nothing to send but liveness
+            yield publisher.heartbeat()
+            await publisher.wait_change(publisher.version, heartbeat_s)
+        if publisher.closed:
+            return
         seen = publisher.version
         yield await publisher.snapshot()
         while not publisher.closed:
@@ -155,6 +166,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
             return JSONResponse({"error": "watch must be 1 or 0"}, status_code=400)
         if watch in ("1", "true"):
             return StreamingResponse(stream(), media_type="application/x-ndjson", headers={"cache-control": "no-cache"})
+        if not publisher.published:
+            return JSONResponse({"error": "no endpoint table yet: the control plane's first pass has not ended; retry in a few seconds"},
+                                status_code=503, headers={"retry-after": "2"})
         return Response(await publisher.snapshot(), media_type="application/json")
 
     async def whoami(request: Request) -> Response:

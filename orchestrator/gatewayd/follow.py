@@ -6,7 +6,8 @@ control-plane URLs it was given and applies every snapshot and delta to the gate
 cut, a 4xx/5xx, or silent for :attr:`TableFollower.silence_s`, three missed heartbeats)
 it moves to the next URL after a pause that doubles from ``backoff_min_s`` up to
 ``backoff_max_s`` and resets after a snapshot. The table is never cleared on a failure:
-the gateway keeps routing with the last one it had while the control plane is away.
+the gateway keeps routing with the last one it had while the control plane is away, and
+while the control plane has no table of its own yet (it sends heartbeats then, no snapshot).
 
 :class:`TokenChecker` answers "is this API token valid" from ``GET /v1/whoami`` with a
 small cache, so that ``--gateway-auth token`` costs one control-plane call per token per
@@ -167,6 +168,9 @@ class TableFollower:
                 if not line.strip():
                     continue
                 if line.startswith('{"type":"heartbeat"'):
+                    if not synced:  # a control plane sends no table before it has its first: the gateway keeps its own
+                        self._note(f"control plane {url}: no endpoint table yet (its first pass has not ended); "
+                                   + ("serving the last endpoint table meanwhile" if self.table.published else "waiting for it"))
                     continue  # it only had to arrive (the read timeout measures the silence)
                 # A big table takes tens of milliseconds to decode: off the event loop, so
                 # requests are not held behind it; only the swap into the table runs on it.
@@ -176,6 +180,12 @@ class TableFollower:
                 if got is not None:
                     await self._apply(url, *got, delta=line.startswith('{"type":"delta"'))
                     synced = True
+
+    def _note(self, message: str) -> None:
+        """Say why the table is not this control plane's yet: in the log once, and in :meth:`status`."""
+        if message != self.last_error:
+            log.warning("%s", message)
+        self.last_error = message
 
     @property
     def updates(self) -> int:

@@ -11,6 +11,8 @@ import socket
 import httpx
 
 from orchestrator import catalog
+from orchestrator.gateway import endpoints, routing
+from orchestrator.gatewayd import follow
 from orchestrator.gatewayd import server as gatewayd
 from orchestrator.manifests import loader
 from orchestrator.store import open_store
@@ -56,6 +58,47 @@ async def test_before_its_first_pass_the_gateway_says_retry_not_unknown(tmp_path
             assert (await http.get("/v2/health/ready")).status_code == 200
     finally:
         hole.close()
+        if not starting.done():
+            starting.cancel()
+        await fleet.stop()
+
+
+async def test_a_standalone_gateway_keeps_its_table_until_the_control_plane_has_one(tmp_path: pathlib.Path) -> None:
+    """A control plane (re)started, or a replica on a shared database that has not read the
+    leader's table, knows no model yet: a gateway that took that empty table would answer
+    "not deployed" for every model while its replicas serve. It keeps the one it has."""
+    hole = socket.create_server(("127.0.0.1", 0), backlog=16)
+    fleet = harness.Fleet(tmp_path)
+    store = open_store(tmp_path / "control-plane" / "state.db")
+    catalog.apply_documents(store, loader.load_text(SITE.format(port=hole.getsockname()[1])), actor="test", reason="seed")
+    store.close()
+    starting = asyncio.create_task(fleet.start_control_plane())
+    table = endpoints.EndpointTable()  # what the gateway routed with before the control plane restarted
+    table.replace([routing.Endpoint("intent", "intent-fr", "edge-paris", "edge", "FR", "eu-west", 48.85, 2.35, "http://127.0.0.1:9")],
+                  deployed={"intent": ""})
+    follower: follow.TableFollower | None = None
+    following: asyncio.Task[None] | None = None
+    try:
+        await harness.wait_until(lambda: fleet.cp is not None, 30, what="the control plane to listen")
+        assert fleet.cp is not None and not fleet.cp.table.published
+        follower = follow.TableFollower([fleet.cp.http_url], table)
+        following = asyncio.create_task(follower.run())
+        await harness.wait_until(lambda: "no endpoint table yet" in (follower.last_error or ""), 10, what="the watch's first heartbeat")
+        assert follower.connected and follower.snapshots == 0 and table.endpoints("intent")
+        assert "serving the last endpoint table meanwhile" in str(follower.status()["lastError"])
+        async with httpx.AsyncClient(base_url=fleet.cp.http_url, timeout=10) as http:
+            once = await http.get("/v1/endpoints")
+        assert once.status_code == 503 and once.headers["retry-after"] == "2", once.text
+        hole.close()  # the first pass ends: its table (no deployment) is the control plane's, and the gateway's now
+        assert await follower.wait_snapshot(0, 30)
+        assert table.models() == [] and follower.last_error is None
+    finally:
+        hole.close()
+        if following is not None:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+        if follower is not None:
+            await follower.close()
         if not starting.done():
             starting.cancel()
         await fleet.stop()
