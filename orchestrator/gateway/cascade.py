@@ -47,7 +47,7 @@ from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
 from orchestrator.gateway.options import MAX_BODY
-from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
+from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
 # content-encoding: the stages' replicas inflate a compressed body, as on the plain routes
 FORWARD_HEADERS = ("content-type", "content-encoding", oip.BINARY_HEADER.lower(), "accept")
@@ -282,7 +282,7 @@ class CascadeHandler:
                 upstream = await self.http.request("POST", f"{e.url}/v2/models/{e.model}/infer", body, headers)
             except UpstreamError as exc:
                 trip.failures.append(f"{e.site}: {exc}")
-                self.table.eject(e.url)
+                (self.table.timed_out if isinstance(exc, UpstreamTimeout) else self.table.eject)(e.url)  # slow at this request, or down
                 continue
             finally:
                 self.table.finished(e.url)

@@ -255,12 +255,15 @@ def judge_generative(rule: GenerativeRule, response: Mapping[str, Any]) -> Verdi
 def stage_ranking(route: CascadeRoute, stage: int, endpoints: Sequence[routing.Endpoint], caller: routing.Caller, *,
                   regions: routing.RegionIndex | None = None, gateway_position: tuple[float, float] | None = None,
                   ejected: frozenset[str] = frozenset()) -> list[routing.Ranked] | routing.NoRoute:
-    """Replicas that may run ``stage`` for ``caller``, best first (residency never crossed)."""
+    """Replicas that may run ``stage`` for ``caller``, best first (residency never crossed).
+    Ejected replicas are tried when all are ejected only at the last stage: an earlier one
+    hands over to the next stage instead."""
     spec = route.stages[stage]
     mine = [e for e in endpoints if e.deployment == route.deployment and e.tier in spec.tiers]
     if not mine:
         return routing.NoRoute(f"stage {spec.variant!r} has no replica running")
-    return routing.rank(mine, caller, regions=regions if regions is not None else routing.RegionIndex(), gateway_position=gateway_position, ejected=ejected)
+    return routing.rank(mine, caller, regions=regions if regions is not None else routing.RegionIndex(), gateway_position=gateway_position,
+                        ejected=ejected, panic=stage == len(route.stages) - 1)
 
 
 def first_stage(route: CascadeRoute, mode: Mode) -> int:

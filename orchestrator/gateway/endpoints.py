@@ -9,7 +9,11 @@ Every answer a replica gives is told to :meth:`answered`: 502, 503 and 504 eject
 (the replica cannot answer now), while a 500 is an error of that one request and ejects
 only after ``ejecting_500s`` in a row with no other answer between them (a replica whose
 session broke answers 500 to everything; one odd body must not take a healthy replica
-from every caller).
+from every caller). A request the replica took and did not answer in time
+(:meth:`timed_out`: a huge batch) counts in the same run: one slow request must not take
+the replica from every caller either, while one that hangs on everything is ejected.
+When every replica a caller may use is ejected, they are tried all the same
+(``routing.rank``'s panic rule).
 
 A model whose autoscaled deployment is at zero replicas is *cold*. A request for it
 :meth:`wakes <EndpointTable.wake>` it (the autoscaler reads the count of wakes and asks for
@@ -42,7 +46,7 @@ def listing_order(e: routing.Endpoint) -> tuple[str, str, str, str]:
 class EndpointTable:
     clock: Callable[[], float] = time.monotonic
     ejection_s: float = 15.0
-    #: 500s in a row after which a replica is ejected (Envoy's consecutive_5xx has 5 too)
+    #: 500s (or timeouts) in a row after which a replica is ejected (Envoy's consecutive_5xx has 5 too)
     ejecting_500s: int = 5
     _by_model: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
     _ejected_until: dict[str, float] = field(default_factory=dict)
@@ -240,13 +244,22 @@ class EndpointTable:
 
     def answered(self, url: str, status: int) -> None:
         """Record a replica's answer: 502, 503 and 504 eject it, the ``ejecting_500s``-th
-        500 in a row too; any other answer ends a run of 500s."""
+        500 (or timeout) in a row too; any other answer ends a run of them."""
         if status < 500:
             if self._500s_in_a_row:
                 self._500s_in_a_row.pop(url, None)
         elif status != 500:
             self.eject(url)
-        elif (count := self._500s_in_a_row.get(url, 0) + 1) >= self.ejecting_500s:
+        else:
+            self._failed_one(url)
+
+    def timed_out(self, url: str) -> None:
+        """Record a request the replica took and did not answer in time: like a 500, an
+        error of that request until ``ejecting_500s`` of them in a row."""
+        self._failed_one(url)
+
+    def _failed_one(self, url: str) -> None:
+        if (count := self._500s_in_a_row.get(url, 0) + 1) >= self.ejecting_500s:
             self.eject(url)
         else:
             self._500s_in_a_row[url] = count

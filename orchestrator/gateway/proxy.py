@@ -7,8 +7,8 @@ The body is forwarded as bytes (JSON or binary-extension tensors alike) and neve
 decoded here: the serving replica validates it, and its 4xx answers are returned as they
 are. A connection failure or a 5xx is retried on the next-ranked endpoint within the
 same request (inference is idempotent) and ejects the endpoint that failed, unless it
-answered 500, an error of that one request, and not yet several in a row
-(``EndpointTable.answered``).
+answered 500 or took the request and did not answer in time, an error of that one request,
+and not yet several in a row (``EndpointTable.answered``, ``EndpointTable.timed_out``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from orchestrator.gateway import cascade_rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
 from orchestrator.gateway.options import COLD_START_S, MAX_BODY
-from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
+from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
 #: The ``model`` label of requests for a name the table does not know: the name is the
 #: caller's, and every label value is a series the process keeps for good.
@@ -157,7 +157,10 @@ class Gateway:
                 upstream = await self.http.request(method, url, body, headers)
             except UpstreamError as exc:
                 failures.append(f"{e.site}: {exc}")
-                self.table.eject(e.url)
+                if isinstance(exc, UpstreamTimeout):  # slow at this request (a huge batch), not down
+                    self.table.timed_out(e.url)
+                else:
+                    self.table.eject(e.url)
                 self.metrics.failovers.labels(label, e.site).inc()
                 continue
             finally:

@@ -4,7 +4,10 @@ Order of concerns, none of which a later one can override:
 
 1. residency — the deployment's own countries and the caller's ``X-Edgeplane-Residency``;
    an endpoint outside either is never a candidate, even if it is the only healthy one;
-2. health — unhealthy endpoints and endpoints the gateway ejected after a failure;
+2. health — unhealthy endpoints and endpoints the gateway ejected after a failure (when
+   every healthy one is ejected, they are tried all the same: an ejection is this
+   gateway's guess from a failure, and a 503 to every caller would be sure to fail;
+   Envoy's panic threshold does the same);
 3. expected latency — great-circle round trip from the caller (or the gateway's own
    position) plus a load penalty per in-flight request;
 4. ``spec.routing.fallback`` — when given, tiers are tried in that order, nearest first
@@ -187,8 +190,11 @@ def rank(
     regions: RegionIndex = RegionIndex(),
     gateway_position: tuple[float, float] | None = None,
     ejected: frozenset[str] = frozenset(),
+    panic: bool = True,
 ) -> list[Ranked] | NoRoute:
-    """Candidates best first, or why there are none."""
+    """Candidates best first, or why there are none. ``panic``: when every healthy endpoint
+    is ``ejected``, rank them all the same (off where a caller has another way to go: a
+    cascade's stage hands over to the next)."""
     if not endpoints:
         return NoRoute("no replica of this model is placed or running yet")
     allowed = [e for e in endpoints if not e.allowed_countries or e.country in e.allowed_countries]
@@ -199,6 +205,8 @@ def rank(
     if not allowed:
         return NoRoute("no replica inside the deployment's residency")
     live = [e for e in allowed if e.healthy and e.url not in ejected]
+    if not live and panic:
+        live = [e for e in allowed if e.healthy]
     if not live:
         sites = ", ".join(sorted({e.site for e in allowed}))
         return NoRoute(f"no healthy replica among the allowed sites ({sites})")

@@ -46,6 +46,11 @@ class UpstreamError(Exception):
     """The replica could not be reached or did not answer properly."""
 
 
+class UpstreamTimeout(UpstreamError):
+    """The replica took the request and gave no answer in time: slow at this one request
+    (a huge batch), or stuck; unlike a connection failure, not a sign that it is down."""
+
+
 class StreamCut(UpstreamError):
     """A streamed answer broke off after its head: part of it may have been passed on."""
 
@@ -298,19 +303,23 @@ class UpstreamPool:
 
     async def request(self, method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None) -> Answer:
         origin, head = _request_head(method, url, body, headers)
+        sent = False  # on a connection: a timeout then is the replica's slowness at this request
         try:
             async with asyncio.timeout(self.timeout):
                 conn, reused = await self._connection(origin)
                 try:
+                    sent = True
                     return await self._exchange(origin, conn, head, body)
                 except UpstreamError:
                     if not reused or conn.got_bytes:
                         raise
                 # The server closed the idle socket just as we took it: once more, on a new one.
+                sent = False
                 conn, _ = await self._connection(origin, fresh=True)
+                sent = True
                 return await self._exchange(origin, conn, head, body)
         except TimeoutError:
-            raise UpstreamError(f"no answer within {self.timeout:g}s") from None
+            raise (UpstreamTimeout if sent else UpstreamError)(f"no answer within {self.timeout:g}s") from None
 
     async def stream(self, method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None) -> Stream:
         """Send a request and return once the answer's head arrived, its body still to read.

@@ -115,6 +115,27 @@ def test_a_stage_s_500_escalates_without_ejecting_the_replica_and_a_run_of_them_
     assert handler.table.ejected() == {"http://edge-fr"}
 
 
+def test_a_stage_too_slow_for_one_request_escalates_without_ejecting_the_replica() -> None:
+    response, _, handler = run([EDGE, DC], {"edge-fr": "slow", "dc-fr": "sure"})
+    assert response.status_code == 200 and response.headers["x-edgeplane-site"] == "dc-fr"
+    assert handler.table.ejected() == frozenset()
+    response, _, handler = run([EDGE, DC], {"edge-fr": "down", "dc-fr": "sure"})
+    assert handler.table.ejected() == {"http://edge-fr"}
+
+
+def test_ejected_replicas_are_tried_anyway_only_at_the_last_stage() -> None:
+    """An earlier stage whose replicas are all ejected hands over to the next; the last
+    stage has nothing to hand over to, and tries them all the same."""
+    table = endpoints.EndpointTable()
+    table.replace([EDGE, DC])
+    table.eject(EDGE.url)
+    table.eject(DC.url)
+    first = cascade_rules.stage_ranking(ROUTE, 0, table.all_endpoints(), FR, ejected=table.ejected())
+    last = cascade_rules.stage_ranking(ROUTE, 1, table.all_endpoints(), FR, ejected=table.ejected())
+    assert isinstance(first, routing.NoRoute) and "no healthy replica" in first.reason
+    assert not isinstance(last, routing.NoRoute) and [r.endpoint.site for r in last] == ["dc-fr"]
+
+
 def test_nothing_allowed_is_refused_without_a_call() -> None:
     response, transport, _ = run([EDGE, DC], {"edge-fr": "sure", "dc-fr": "sure"}, caller=routing.Caller(residency=frozenset({"DE"})))
     assert response.status_code == 503 and transport.calls == []

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edgeplane_proto import oip
-from orchestrator.gateway.upstream import Answer, UpstreamError
+from orchestrator.gateway.upstream import Answer, UpstreamError, UpstreamTimeout
 
 ANSWERS = {"sure": [[0.9, 0.1]], "unsure": [[0.55, 0.45]]}
 
@@ -28,6 +28,8 @@ class Transport:
         how = self.behaviour[base]
         if how == "down":
             raise UpstreamError("connection refused")
+        if how == "slow":
+            raise UpstreamTimeout("no answer within 30s")
         if how == "5xx":
             return Answer(503, {"content-type": "application/json"}, oip.error_body("busy"))
         if how == "500":

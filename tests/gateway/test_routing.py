@@ -92,6 +92,18 @@ def test_parse_caller(location: str | None, region: str | None, residency: str |
         assert result.status == 400
 
 
+def test_when_every_healthy_replica_is_ejected_they_are_tried_all_the_same() -> None:
+    """Panic: an ejection is the gateway's own guess from one failure; a 503 to every caller
+    would be sure to fail. Residency and the replicas' reported health still hold."""
+    down = ep("lyon", "FR", 45.76, 4.84, healthy=False)
+    both = frozenset({"http://paris", "http://berlin"})
+    assert sites(routing.rank([PARIS, BERLIN, down], routing.Caller(48.8, 2.3), ejected=both)) == ["paris", "berlin"]
+    assert sites(routing.rank([PARIS, BERLIN], routing.Caller(residency=frozenset({"DE"})), ejected=both)) == ["berlin"]
+    assert sites(routing.rank([PARIS, BERLIN], routing.Caller(48.8, 2.3), ejected=frozenset({"http://paris"}))) == ["berlin"]
+    assert "no healthy replica" in str(sites(routing.rank([PARIS, BERLIN], routing.Caller(), ejected=both, panic=False)))
+    assert "no healthy replica" in str(sites(routing.rank([down], routing.Caller())))
+
+
 def test_ejection_expires_with_the_clock() -> None:
     now = [100.0]
     table = EndpointTable(clock=lambda: now[0], ejection_s=5)
@@ -130,6 +142,23 @@ def test_a_replica_is_ejected_at_its_fifth_500_in_a_row_and_at_once_for_502_503_
     table.answered("http://paris", 404)  # the model moved away: not a failure, but the run ends
     table.answered("http://paris", 500)
     assert table.ejected() == frozenset()
+
+
+def test_a_request_taken_and_not_answered_in_time_counts_like_a_500() -> None:
+    """One slow request (a huge batch) must not take the replica from every caller; a replica
+    that hangs on everything is ejected at the fifth in a row, 500s and timeouts alike."""
+    table = EndpointTable(ejecting_500s=5)
+    table.replace([PARIS])
+    for _ in range(4):
+        table.timed_out("http://paris")
+    assert table.ejected() == frozenset()
+    table.answered("http://paris", 200)  # it answers others: the run starts over
+    for _ in range(2):
+        table.timed_out("http://paris")
+        table.answered("http://paris", 500)
+    assert table.ejected() == frozenset()
+    table.timed_out("http://paris")
+    assert table.ejected() == {"http://paris"}
 
 
 def test_local_inflight_counts_in_ranking() -> None:

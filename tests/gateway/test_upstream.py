@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import httpx
 import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
 
 from edge_agent import httpserver
-from orchestrator.gateway.upstream import UpstreamError, UpstreamPool
+from orchestrator.gateway import endpoints, proxy, routing
+from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
 
 async def echo_server() -> tuple[httpserver.HttpServer, int]:
@@ -129,12 +133,13 @@ async def test_refused_and_slow_upstreams() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         pool = UpstreamPool()
-        with pytest.raises(UpstreamError, match="failed"):
+        with pytest.raises(UpstreamError, match="failed") as refused:
             await pool.request("GET", f"http://127.0.0.1:{port}/")
+        assert not isinstance(refused.value, UpstreamTimeout)  # nothing was sent: the replica is down
     slow, slow_port, _ = await raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", delay=5)
     pool = UpstreamPool(timeout=0.2)
     try:
-        with pytest.raises(UpstreamError, match="no answer within 0.2s"):
+        with pytest.raises(UpstreamTimeout, match="no answer within 0.2s"):  # taken, not answered: slow at this request
             await pool.request("GET", f"http://127.0.0.1:{slow_port}/")
         for unusable in ("ftp://127.0.0.1/x", "http://127.0.0.1:99999/x", "http://127.0.0.1:80a/x"):
             with pytest.raises(UpstreamError, match="cannot forward"):
@@ -169,3 +174,69 @@ async def test_interim_answers_are_skipped() -> None:
     finally:
         await pool.close()
         server.close()
+
+
+ANSWER = httpserver.Response(200, b'{"model_name":"m","outputs":[]}', headers=(("content-type", "application/json"),))
+
+
+async def gateway_over(handle: httpserver.Handler, *, timeout: float = 30.0, replicas: int = 2
+                       ) -> tuple[list[httpserver.HttpServer], endpoints.EndpointTable, UpstreamPool, Starlette]:
+    """The gateway's v2 routes over ``replicas`` real loopback servers that answer with ``handle``."""
+    servers, table = [], endpoints.EndpointTable()
+    for i in range(replicas):
+        server = httpserver.HttpServer(handle)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await server.start(sock)
+        servers.append(server)
+        table.replace([*table.all_endpoints(), routing.Endpoint("m", "dep", f"edge-{i}", "edge", "FR", "", 48.8, 2.3,
+                                                                f"http://127.0.0.1:{sock.getsockname()[1]}")])
+    pool = UpstreamPool(timeout=timeout)
+    return servers, table, pool, Starlette(routes=proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry())).routes())
+
+
+async def test_one_slow_request_leaves_every_replica_to_the_other_callers() -> None:
+    """A request slower than the upstream timeout (a huge batch) fails on each replica it is
+    tried on, and takes none of them from the next caller."""
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        if b"huge" in request.body:
+            await asyncio.sleep(5)
+        return ANSWER
+
+    servers, table, pool, app = await gateway_over(handle, timeout=0.3)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+            slow = await http.post("/v2/models/m/infer", content=b'{"inputs": "huge"}')
+            other = await http.post("/v2/models/m/infer", content=b'{"inputs": []}')
+    finally:
+        await pool.close()
+        for server in servers:
+            await server.shutdown(1)
+    assert slow.status_code == 502 and slow.json()["error"].count("no answer within 0.3s") == 2, slow.text
+    assert other.status_code == 200, other.text
+    assert table.ejected() == frozenset()
+
+
+async def test_with_every_replica_ejected_the_next_caller_is_still_tried_on_them() -> None:
+    """Each replica turned one request away (503: its connections were full for a moment)
+    and was ejected; the next caller is sent to them all the same, not answered 503."""
+    turned_away: set[str] = set()
+
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        port = request.headers.get("host", "").rpartition(":")[2]
+        if port not in turned_away:
+            turned_away.add(port)
+            return httpserver.Response(503, b'{"error": "too many connections; try again"}', headers=(("content-type", "application/json"),))
+        return ANSWER
+
+    servers, table, pool, app = await gateway_over(handle)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+            first = await http.post("/v2/models/m/infer", content=b'{"inputs": []}')
+            assert first.status_code == 502 and len(table.ejected()) == 2, first.text
+            second = await http.post("/v2/models/m/infer", content=b'{"inputs": []}')
+    finally:
+        await pool.close()
+        for server in servers:
+            await server.shutdown(1)
+    assert second.status_code == 200, second.text
