@@ -387,7 +387,9 @@ class _Relay(Response):
         started = time.perf_counter()
         failures: list[str] = []
         try:
-            for choice in self.ranked:
+            for i, choice in enumerate(self.ranked):
+                if i:  # the one before failed and this request moved on from it
+                    gw.metrics.failovers.labels(self.model, self.ranked[i - 1].endpoint.site).inc()
                 e = choice.endpoint
                 gw.table.started(e.url)
                 began = time.perf_counter()
@@ -398,7 +400,6 @@ class _Relay(Response):
                     failures.append(f"{e.site}: {exc}")
                     if exc.eject:
                         gw.table.eject(e.url)
-                    gw.metrics.failovers.labels(self.model, e.site).inc()
                 finally:
                     gw.table.finished(e.url)
                     if self.hooks is not None:

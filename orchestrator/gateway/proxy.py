@@ -149,7 +149,10 @@ class Gateway:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         failures = []
         missing = 0  # replicas that answered 404
-        for choice in ranked[: self.max_attempts]:
+        tried = ranked[: self.max_attempts]
+        for i, choice in enumerate(tried):
+            if i:  # the attempt before failed, and the request moved on from it
+                self.metrics.failovers.labels(label, tried[i - 1].endpoint.site).inc()
             e = choice.endpoint
             url = f"{e.url}/v2/models/{e.model}{suffix}"
             self.table.started(e.url)
@@ -161,7 +164,6 @@ class Gateway:
                     self.table.timed_out(e.url)
                 else:
                     self.table.eject(e.url)
-                self.metrics.failovers.labels(label, e.site).inc()
                 continue
             finally:
                 self.table.finished(e.url)
@@ -169,7 +171,6 @@ class Gateway:
             self.table.answered(e.url, status)
             if status >= 500:
                 failures.append(f"{e.site}: HTTP {status}")
-                self.metrics.failovers.labels(label, e.site).inc()
                 continue
             if status == 404:
                 # The replica no longer serves the model (it was just moved away; the table
@@ -178,7 +179,6 @@ class Gateway:
                 missing += 1
                 failures.append(f"{e.site}: {_reason(content)} (HTTP 404)" if version is not None
                                 else f"{e.site}: does not serve {model!r} now (HTTP 404)")
-                self.metrics.failovers.labels(label, e.site).inc()
                 continue
             self.metrics.requests.labels(label, e.site, str(status)).inc()
             out_headers = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}

@@ -179,7 +179,7 @@ async def test_interim_answers_are_skipped() -> None:
 ANSWER = httpserver.Response(200, b'{"model_name":"m","outputs":[]}', headers=(("content-type", "application/json"),))
 
 
-async def gateway_over(handle: httpserver.Handler, *, timeout: float = 30.0, replicas: int = 2
+async def gateway_over(handle: httpserver.Handler, *, timeout: float = 30.0, replicas: int = 2, registry: CollectorRegistry | None = None
                        ) -> tuple[list[httpserver.HttpServer], endpoints.EndpointTable, UpstreamPool, Starlette]:
     """The gateway's v2 routes over ``replicas`` real loopback servers that answer with ``handle``."""
     servers, table = [], endpoints.EndpointTable()
@@ -192,7 +192,8 @@ async def gateway_over(handle: httpserver.Handler, *, timeout: float = 30.0, rep
         table.replace([*table.all_endpoints(), routing.Endpoint("m", "dep", f"edge-{i}", "edge", "FR", "", 48.8, 2.3,
                                                                 f"http://127.0.0.1:{sock.getsockname()[1]}")])
     pool = UpstreamPool(timeout=timeout)
-    return servers, table, pool, Starlette(routes=proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry())).routes())
+    metrics = proxy.GatewayMetrics.create(registry or CollectorRegistry())
+    return servers, table, pool, Starlette(routes=proxy.Gateway(table, pool, metrics).routes())
 
 
 async def test_one_slow_request_leaves_every_replica_to_the_other_callers() -> None:
@@ -203,7 +204,8 @@ async def test_one_slow_request_leaves_every_replica_to_the_other_callers() -> N
             await asyncio.sleep(5)
         return ANSWER
 
-    servers, table, pool, app = await gateway_over(handle, timeout=0.3)
+    registry = CollectorRegistry()
+    servers, table, pool, app = await gateway_over(handle, timeout=0.3, registry=registry)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
             slow = await http.post("/v2/models/m/infer", content=b'{"inputs": "huge"}')
@@ -215,6 +217,9 @@ async def test_one_slow_request_leaves_every_replica_to_the_other_callers() -> N
     assert slow.status_code == 502 and slow.json()["error"].count("no answer within 0.3s") == 2, slow.text
     assert other.status_code == 200, other.text
     assert table.ejected() == frozenset()
+    # one move to the next replica: the last failed attempt moved nowhere
+    assert registry.get_sample_value("edgeplane_gateway_failovers_total", {"model": "m", "site": "edge-0"}) == 1
+    assert registry.get_sample_value("edgeplane_gateway_failovers_total", {"model": "m", "site": "edge-1"}) is None
 
 
 async def test_with_every_replica_ejected_the_next_caller_is_still_tried_on_them() -> None:
