@@ -107,7 +107,7 @@ class TableFollower:
         self.last_error: str | None = None
         self.connected = False
         self._snapshot = asyncio.Condition()
-        self._wakes: set[asyncio.Task[None]] = set()
+        self._wakes: dict[str, asyncio.Task[None]] = {}  # by model: one call in flight per model
 
     @property
     def ready(self) -> bool:
@@ -119,9 +119,9 @@ class TableFollower:
         return self.urls[self._index]
 
     async def close(self) -> None:
-        for task in list(self._wakes):
+        for task in list(self._wakes.values()):
             task.cancel()
-        await asyncio.gather(*self._wakes, return_exceptions=True)
+        await asyncio.gather(*self._wakes.values(), return_exceptions=True)
         await self._http.aclose()
 
     async def run(self) -> None:
@@ -225,10 +225,14 @@ class TableFollower:
                 return False
 
     def wake(self, model: str) -> None:
-        """A request found ``model`` scaled to zero: tell the control plane (in the background)."""
+        """A request found ``model`` scaled to zero: tell the control plane (in the background),
+        unless a call for it is on its way: one wake starts a replica, and a burst of
+        requests for a cold model must not become a burst of calls."""
+        if model in self._wakes:
+            return
         task = asyncio.get_running_loop().create_task(self._wake(model))
-        self._wakes.add(task)
-        task.add_done_callback(self._wakes.discard)
+        self._wakes[model] = task
+        task.add_done_callback(lambda _: self._wakes.pop(model, None))
 
     async def _wake(self, model: str) -> None:
         for url in [self.current] + [u for u in self.urls if u != self.current]:

@@ -28,6 +28,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
+from edge_agent import httpserver
 from orchestrator import client as client_mod
 from orchestrator.cli import main as cli
 from orchestrator.gateway import endpoints
@@ -329,6 +330,39 @@ async def test_token_checks_are_cached_and_outlive_the_control_plane(tmp_path: A
             await follower.close()
     finally:
         await fleet.stop()
+
+
+async def test_a_burst_of_requests_for_a_cold_model_sends_one_wake_at_a_time() -> None:
+    """Each request for a model scaled to zero wakes it; the gateway sends the control plane
+    one ``POST /v1/wake`` per model at a time, not one per request."""
+    asked: list[str] = []
+    both, answer = asyncio.Event(), asyncio.Event()
+
+    async def control_plane(request: httpserver.Request) -> httpserver.Response:
+        asked.append(request.path)
+        if len(asked) == 2:
+            both.set()
+        await answer.wait()  # held: every later wake of the same model finds this one on its way
+        return httpserver.Response(202, b'{"woken": true}', headers=(("content-type", "application/json"),))
+
+    server = httpserver.HttpServer(control_plane)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    follower = follow.TableFollower([f"http://127.0.0.1:{sock.getsockname()[1]}"], endpoints.EndpointTable())
+    try:
+        for _ in range(20):
+            follower.wake("lazy")
+        follower.wake("other")
+        await asyncio.wait_for(both.wait(), 10)
+        answer.set()
+        await asyncio.wait_for(asyncio.gather(*follower._wakes.values()), 10)  # every call sent has its answer
+        follower.wake("lazy")  # the call answered: a later request asks again
+        await asyncio.wait_for(asyncio.gather(*follower._wakes.values()), 10)
+    finally:
+        await follower.close()
+        await server.shutdown(1)
+    assert sorted(asked) == ["/v1/wake/lazy", "/v1/wake/lazy", "/v1/wake/other"]
 
 
 async def test_a_port_in_use_is_a_one_line_error() -> None:
