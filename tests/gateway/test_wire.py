@@ -78,27 +78,31 @@ async def test_the_publisher_counts_changes_only_and_wakes_its_watchers() -> Non
     publisher = watch.TablePublisher(table)
     table.on_change = publisher.publish
     assert publisher.version == 0
+    first = asyncio.create_task(publisher.wait_change(0, 30))
+    table.replace([])  # the first table, empty as before it: a version all the same (watchers wait for it)
+    await asyncio.wait_for(first, 5)
+    assert publisher.version == 1
     table.replace([])  # the same document: no new version
-    assert publisher.version == 0
-    waiting = asyncio.create_task(publisher.wait_change(0, 30))
+    assert publisher.version == 1
+    waiting = asyncio.create_task(publisher.wait_change(1, 30))
     await asyncio.sleep(0)
     assert not waiting.done()
     table.replace([V2])
     await asyncio.wait_for(waiting, 5)
-    assert publisher.version == 1
+    assert publisher.version == 2
     line = await publisher.snapshot()
     assert await publisher.snapshot() is line  # encoded once per version
     event = json.loads(line)
-    assert event["version"] == 1 and event["epoch"] == publisher.epoch and event["table"]["endpoints"][0]["site"] == "edge-paris"
-    assert follow.decode_snapshot(line.decode()) == (publisher.epoch, 1, wire.contents_of(table))
+    assert event["version"] == 2 and event["epoch"] == publisher.epoch and event["table"]["endpoints"][0]["site"] == "edge-paris"
+    assert follow.decode_snapshot(line.decode()) == (publisher.epoch, 2, wire.contents_of(table))
     heartbeat = publisher.heartbeat().decode()
     assert "table" not in json.loads(heartbeat) and follow.decode_snapshot(heartbeat) == ("", None, None)
     table.set_cascades({"intent": ROUTE})
-    assert publisher.version == 2
-    closing = asyncio.create_task(publisher.wait_change(2, 30))
+    assert publisher.version == 3
+    closing = asyncio.create_task(publisher.wait_change(3, 30))
     publisher.close()
     await asyncio.wait_for(closing, 5)
-    await publisher.wait_change(2, 30)  # closed: returns at once
+    await publisher.wait_change(3, 30)  # closed: returns at once
 
 
 def test_a_pending_model_lasts_until_a_pass_that_read_the_store_after_it() -> None:
