@@ -50,6 +50,8 @@ LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN, max_l
 Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
 Positive = Annotated[float, Field(gt=0, le=1e6)]
 NonNegative = Annotated[float, Field(ge=0, le=1e6)]
+#: A replica's requests per second: at least one per ~17 minutes, so demand / rate stays a count.
+Rate = Annotated[float, Field(ge=1e-3, le=1e6)]
 
 _ISO_ALPHA2 = frozenset(c.alpha_2 for c in pycountry.countries)
 
@@ -303,7 +305,7 @@ class Variant(Strict):
     importPath: Annotated[str, StringConstraints(pattern=IMPORT_PATH_PATTERN)] | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
-    throughputRps: Positive | None = None
+    throughputRps: Rate | None = None
     #: Power drawn by one busy replica; estimated from resources when absent.
     powerWatts: Positive | None = None
     #: What the variant takes and returns, where known (checked across cascade stages).

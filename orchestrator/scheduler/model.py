@@ -276,11 +276,16 @@ class Deployment:
         return min(rates) if rates else None
 
     def demand_replicas(self) -> int | None:
-        """``ceil(total demand rps / slowest throughputRps)`` before [min, max] (None: no demand or rate)."""
+        """``ceil(total demand rps / slowest throughputRps)`` before [min, max] (None: no demand or rate).
+
+        A quotient past ``max`` (even one that overflows to inf, which ``ceil`` cannot
+        convert) is ``max``: the clamp would take it there anyway.
+        """
         rate = self.slowest_rps()
         if rate is None or self.total_rps <= 0:
             return None
-        return math.ceil(self.total_rps / rate - 1e-9)
+        need = self.total_rps / rate
+        return math.ceil(need - 1e-9) if need < self.max_replicas else self.max_replicas
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,8 @@ BAD: list[Bad] = [
     Bad("zero-max", join(MODEL, deployment(("spec.replicas", {"min": 0, "max": 0}))), "spec.replicas.max", "max:",
         "greater than or equal to 1", document=1),
     Bad("zero-cpu", site(("spec.capacity.cpu", 0)), "spec.capacity.cpu", "cpu:", "greater than 0"),
+    Bad("vanishing-throughput", model(("spec.variants[0].throughputRps", 1.0e-320)), "spec.variants[0].throughputRps",
+        "throughputRps:", "greater than or equal to 0.001"),
     Bad("nan-lat", site(("spec.location.lat", float("nan"))), "spec.location.lat", "lat:", "finite number"),
     Bad("infinite-rps", join(MODEL, deployment(("spec.demand", [{"region": "eu-west", "rps": float("inf")}]))), "spec.demand[0].rps",
         "rps:", "finite number", document=1),

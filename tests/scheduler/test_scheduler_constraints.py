@@ -259,6 +259,14 @@ def test_replica_count_follows_demand_within_min_max():
         assert plan(sites, [dep]).deployments["d"].placed == want, rps
 
 
+def test_a_demand_too_large_for_a_float_count_asks_for_max():
+    """A throughput so small that demand / throughput overflows to inf still plans: max replicas."""
+    tiny = Variant("tiny", "onnx", cpu=1, memory_mib=1024, throughput_rps=1e-320)
+    result = plan([site("a", cpu=64)], [deployment(variants=(tiny,), replicas=(1, 3), demand=(("paris", 100),))])
+    assert result.deployments["d"].placed == 3
+    assert result.deployments["d"].status is Status.SCHEDULED
+
+
 def test_latency_prefers_nearest_site():
     sites = [site("paris-edge", "paris"), site("berlin-edge", "berlin")]
     dep = deployment(demand=(("berlin", 10),))
