@@ -22,6 +22,13 @@ NEAREST_KEPT = 256  # sites remembered per demand point, nearest first
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
+#: What a replica of a variant needs from a site, as a cache key: variants that agree on it
+#: fit the same sites (the GPU model included: same-sized cards of another model do not do).
+Size = tuple[float, float, int, float, str | None]
+
+
+def size_of(variant: Variant) -> Size:
+    return (variant.cpu, variant.memory_mib, variant.gpus, variant.gpu_memory_gib, variant.gpu_model)
 
 
 class Fleet:
@@ -76,7 +83,7 @@ class Fleet:
         self._unit_cache: dict[tuple[float, float], FloatArray] = {}
         self._points_cache: dict[tuple[tuple[float, float], ...], FloatArray] = {}
         self._static_cache: dict[tuple[float, float, bool], FloatArray] = {}
-        self._hardware_cache: dict[tuple[float, float, int, float], BoolArray] = {}
+        self._hardware_cache: dict[Size, BoolArray] = {}
         # Deployments repeat a few rule sets (a country, the EU, anywhere) and variant
         # sizes: at 100,000 sites × 10,000 deployments one mask per deployment would be
         # gigabytes and most of the planning time, one per distinct rule set is neither.
@@ -173,7 +180,7 @@ class Fleet:
                 rules.tiers,
                 tuple(sorted(rules.site_selector.items())),
                 tiers,
-                (variant.cpu, variant.memory_mib, variant.gpus, variant.gpu_memory_gib),
+                size_of(variant),
             )
             mask = self._eligible_cache.get(key)
             if mask is None:
@@ -248,7 +255,7 @@ class Fleet:
 
     def hardware_mask(self, variant: Variant) -> BoolArray:
         """Sites whose total capacity holds one replica (whatever else runs there)."""
-        key = (variant.cpu, variant.memory_mib, variant.gpus, variant.gpu_memory_gib, variant.gpu_model)
+        key = size_of(variant)
         cached = self._hardware_cache.get(key)
         if cached is not None:
             return cached
@@ -388,12 +395,12 @@ class Capacity:
         # size remembers how far into this log it is up to date. Each deployment changes
         # a few sites, so refreshing those beats a pass over 100,000 sites per deployment.
         self._changed: list[int] = []
-        self._fits: dict[tuple[float, float, int, float], tuple[BoolArray, int]] = {}
+        self._fits: dict[Size, tuple[BoolArray, int]] = {}
 
     def fits_mask(self, variant: Variant) -> BoolArray:
         """Per site: room for one more replica of ``variant`` now. The array is shared and
         kept up to date by later calls: read it, do not keep or change it."""
-        key = (variant.cpu, variant.memory_mib, variant.gpus, variant.gpu_memory_gib)
+        key = size_of(variant)
         found = self._fits.get(key)
         if found is None or len(self._changed) - found[1] > self.fleet.size // 8:
             fits = (self.cpu >= variant.cpu - 1e-9) & (self.memory_mib >= variant.memory_mib - 1e-9)

@@ -3,10 +3,12 @@ when they cannot."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from scheduler_builders import LARGE, SMALL, deployment, site
 
-from orchestrator.scheduler import Status, Variant, plan
+from orchestrator.scheduler import GpuGroup, Site, Status, Variant, plan
 
 FR_EDGE = site("fr-edge", "paris")
 DE_EDGE = site("de-edge", "frankfurt")
@@ -228,6 +230,27 @@ def test_gpus_are_whole_units_per_group():
     dc = site("dc", tier="datacenter", cpu=64, memory_gib=512, gpus=((1, 80), (1, 80)))
     result = plan([dc], [deployment(variants=(LARGE,))])
     assert result.replicas == ()
+
+
+def gpu_dc(name: str, city: str, model: str) -> Site:
+    return dataclasses.replace(site(name, city, tier="datacenter", cpu=128, memory_gib=1024), gpus=(GpuGroup(model, 8, 80),))
+
+
+def on_gpu(model: str | None) -> Variant:
+    return Variant("v", "vllm", cpu=8, memory_mib=65536, gpus=8, gpu_memory_gib=40, gpu_model=model)
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    # no L4 anywhere: the first finds no site, and the second must not inherit that
+    (deployment("first", variants=(on_gpu("L4"),), tiers={"datacenter"}), deployment("second", variants=(on_gpu("H100"),), tiers={"datacenter"})),
+    # same size, any GPU model: the B200 the first needs is missing, yet the A100 and H100 fit the second
+    (deployment("first", variants=(on_gpu("B200"),), residency={"DE"}), deployment("second", variants=(on_gpu(None),))),
+])
+def test_variants_of_the_same_size_on_other_gpu_models_fit_their_own_sites(first, second):
+    sites = [gpu_dc("dc-a100", "frankfurt", "A100"), gpu_dc("dc-h100", "berlin", "H100")]
+    result = plan(sites, [first, second])
+    assert result.deployments["first"].status is Status.UNSCHEDULABLE
+    assert result.deployments["second"].status is Status.SCHEDULED, result.deployments["second"].reason
 
 
 def test_variant_by_tier_picks_distilled_at_edge_and_large_in_dc():
