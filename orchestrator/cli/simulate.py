@@ -50,7 +50,7 @@ def scenario_document(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError(f"{args.scenario}: {exc.strerror or exc}", 2) from None
         data = scenario.load_data(text, args.scenario)
         scenario.parse(data, args.scenario)  # one-line error naming the field before anything else
-        doc = data if "spec" in data else {**doc, "spec": data}
+        doc = data if scenario.is_document(data) else {**doc, "spec": data}
     flags = _flag_changes(args)
     _check_flags(flags, args)
     spec = doc.setdefault("spec", {}) or {}

@@ -213,9 +213,14 @@ def from_doc(doc: ScenarioDoc) -> Changes:
     )
 
 
+def is_document(data: Any) -> bool:
+    """A whole scenario document (a mapping with ``kind`` or ``spec``), not a bare spec."""
+    return isinstance(data, dict) and ("kind" in data or "spec" in data)
+
+
 def parse(data: Any, source: str = "<scenario>") -> Changes:
     """A scenario document (already decoded from YAML/JSON); a bare spec is accepted too."""
-    if isinstance(data, dict) and "kind" not in data and "spec" not in data:
+    if isinstance(data, dict) and not is_document(data):
         data = {"spec": data}
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}: a scenario is a mapping with kind: Scenario and a spec")

@@ -49,6 +49,16 @@ def test_the_cli_simulates_the_examples_offline() -> None:
     assert "edge-lyon" not in {i["target"] for i in swept["ranked"]}
 
 
+def test_a_scenario_file_without_a_spec_takes_the_command_line_changes(tmp_path: pathlib.Path) -> None:
+    drill = tmp_path / "drill.yaml"
+    drill.write_text("apiVersion: edgeplane.io/v1alpha1\nkind: Scenario\nmetadata: {name: drill}\n")
+    proc = run_cli("simulate", "-f", "manifests/examples", "--scenario", str(drill), "--fail-site", "edge-lyon", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["name"] == "drill"
+    assert data["moves"] and all(m["from"] == "edge-lyon" for m in data["moves"])
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["--demand", "eu-west"], 2, "--demand 'eu-west': expected NAME=NUMBER"),
     (["--scenario", "missing.yaml"], 2, "missing.yaml"),
