@@ -9,7 +9,8 @@ The unit is one site visited once by one planner run. A plan walks every site in
 to build the fleet's arrays and the capacity left (``FLEET_UNITS``), then builds masks and
 candidates per deployment over every site (one unit each): one plan of ``D`` deployments
 on ``S`` sites is ``S × (FLEET_UNITS + D)``. An N-1 sweep (``sweep``) plans once per lost
-site or region that hosts a replica, and only the deployments it hosted. Scaling demand
+site or region that hosts a replica, and only the deployments it hosted with the other
+deployments of their models. Scaling demand
 matches every demand change against every demand point (one unit each). Fitted to
 ``bench.simulate``'s fleets on the 2-core machine: about 5 million units a second (1
 to 9 by shape, the small plans slowest; docs/simulation.md has the table).
@@ -77,24 +78,29 @@ def _with_sweep(work: Work, state: whatif.State, changes: Changes, each: str) ->
 
 def _hosted(state: whatif.State, changes: Changes, each: str) -> tuple[int, int]:
     """How many targets (sites or regions) a sweep plans for, and how many deployments it
-    plans in all: each target hosting a replica, with the deployments that have one there.
+    plans in all: each target hosting a replica, with the deployments of the models that
+    have one there.
 
     Today's placement tells both. Under a scenario, the replicas on a failed or edited site
     may land anywhere, and so may those a deployment wants beyond what it runs: each may
-    add a target and a deployment to plan (a bound, not a guess at where they go)."""
+    add a target and its model's deployments to plan (a bound, not a guess at where they go)."""
     keeps = {s.name for s in state.sites if not whatif.failed(s, changes) and s.name not in changes.edits}
     target_of = {s.name: (s.name if each == "site" else s.region) for s in state.sites}
+    model_of = {d.name: d.model for d in state.deployments}
+    of_model = Counter(model_of.values())
     kept = [r for r in state.current if r.site in keeps]
-    pairs_at = {(target_of[r.site], r.deployment) for r in kept}
+    models_at = {(target_of[r.site], model_of.get(r.deployment, r.deployment)) for r in kept}
     targets = len(set(target_of.values()) | {(s.name if each == "site" else s.region) for s in changes.added})
-    loose = 0  # replicas that may land on a target without one of their deployment today
+    loose = loose_pairs = 0  # replicas that may land on a target without one of their deployment today
     if not changes.empty:
         running = Counter(r.deployment for r in kept)
         for d in state.deployments:
             wanted = whatif.scale_demand(d, changes.demand).wanted_replicas() if changes.demand else d.wanted_replicas()
             loose += max(0, wanted - running[d.name])
-    hosting = len({t for t, _ in pairs_at})
-    return min(targets, hosting + loose), min(targets * len(state.deployments), len(pairs_at) + loose)
+            loose_pairs += max(0, wanted - running[d.name]) * of_model[d.model]
+    hosting = len({t for t, _ in models_at})
+    pairs = sum(of_model.get(m, 1) for _, m in models_at)
+    return min(targets, hosting + loose), min(targets * len(state.deployments), pairs + loose_pairs)
 
 
 def _refuse_over(work: Work, budget: int) -> None:

@@ -1,9 +1,11 @@
 """N-1 sweeps: lose each site (or each region) in turn and rank the losses by harm.
 
 A sweep runs one what-if per site, so it cannot afford a whole-fleet plan each time. It
-re-plans only the deployments that had a replica on what was lost, against the capacity
-the other deployments leave: their replicas keep their seats, which is what the planner
-does with a running replica whose site is still healthy. Losing a site that hosts nothing
+re-plans only the deployments that had a replica on what was lost, and the other
+deployments of their models (an edge site serves a model for one deployment: the planner
+must see which edge sites those hold), against the capacity the other deployments leave:
+their replicas keep their seats, which is what the planner does with a running replica
+whose site is still healthy. Losing a site that hosts nothing
 moves nothing, so it is reported without planning. The harm is ranked by replicas that no
 longer fit, then demand left without any replica, then the rise in p95 latency, then
 replicas moved.
@@ -22,7 +24,7 @@ import numpy as np
 from orchestrator.scheduler import model as sched
 from orchestrator.scheduler import planner
 from orchestrator.scheduler import result as sched_result
-from orchestrator.scheduler.fleet import Fleet
+from orchestrator.scheduler.fleet import Capacity, Fleet
 from orchestrator.simulation import measure as measure_mod
 from orchestrator.simulation import whatif
 
@@ -56,28 +58,27 @@ class SweepResult:
     scenario: str = "no change"  # what the fleet was put through before the sweep
 
 
-def _usage(state: whatif.State) -> tuple[np.ndarray, np.ndarray, dict[str, list[sched.GpuGroup]], dict[str, list[tuple[int, int, int]]]]:
-    """CPU and memory (GiB) each site's replicas take, and the GPU group each replica takes."""
-    index = {s.name: i for i, s in enumerate(state.sites)}
+def _usage(fleet: Fleet, state: whatif.State) -> tuple[np.ndarray, np.ndarray, dict[str, list[sched.GpuGroup]], dict[str, list[tuple[int, int, int]]]]:
+    """CPU and memory (GiB) each site's replicas take, and the GPU group each replica takes:
+    the one the planner gives it, seating the running replicas in the planner's order."""
     cpu = np.zeros(len(state.sites))
     mem = np.zeros(len(state.sites))
-    free = {s.name: list(s.gpus) for s in state.sites}
+    gpus = Capacity(fleet)
     taken: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # deployment -> (site, group, gpus) per GPU replica
     variants = {d.name: {v.name: v for v in d.variants} for d in state.deployments}
-    for r in state.current:
-        i = index.get(r.site)
+    for r in sorted(state.current, key=lambda r: (r.deployment, r.site, r.variant)):
+        i = fleet.index.get(r.site)
         v = variants.get(r.deployment, {}).get(r.variant)
         if i is None or v is None:
             continue
         cpu[i] += v.cpu
         mem[i] += v.memory_mib / 1024
-        if v.gpus:
-            groups = free[r.site]
-            fits = [k for k, g in enumerate(groups) if g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib - 1e-9]
-            if fits:  # best fit, as the planner takes them
-                k = min(fits, key=lambda k: groups[k].memory_gib)
-                groups[k] = dataclasses.replace(groups[k], count=groups[k].count - v.gpus)
-                taken[r.deployment].append((i, k, v.gpus))
+        k = gpus.gpu_group(i, v) if v.gpus else None
+        if k is not None:
+            gpus.gpu_count[i, k] -= v.gpus
+            taken[r.deployment].append((i, k, v.gpus))
+    free = {s.name: [dataclasses.replace(g, count=int(gpus.gpu_count[i, k])) for k, g in enumerate(s.gpus)]
+            for i, s in enumerate(state.sites)}
     return cpu, mem, free, taken
 
 
@@ -90,12 +91,15 @@ class Sweeper:
         self.measures = measure_mod.measure(self.fleet, state.deployments, state.current)
         self.before = measure_mod.summarize(self.measures)
         self.by_name = {d.name: d for d in state.deployments}
+        self.of_model: dict[str, list[str]] = defaultdict(list)
+        for d in state.deployments:
+            self.of_model[d.model].append(d.name)
         self.replicas_by_deployment: dict[str, list[sched.Replica]] = defaultdict(list)
         self.deployments_at: dict[str, set[str]] = defaultdict(set)
         for r in state.current:
             self.replicas_by_deployment[r.deployment].append(r)
             self.deployments_at[r.site].add(r.deployment)
-        self.cpu, self.mem, free_gpus, self.gpu_taken = _usage(state)
+        self.cpu, self.mem, free_gpus, self.gpu_taken = _usage(self.fleet, state)
         self.reserved = [
             dataclasses.replace(s, cpu=max(0.0, s.cpu - self.cpu[i]), memory_gib=max(0.0, s.memory_gib - self.mem[i]),
                                 gpus=tuple(free_gpus[s.name]))
@@ -105,18 +109,21 @@ class Sweeper:
                              for d in state.deployments}
 
     def lose(self, target: str, lost: Sequence[int]) -> Impact:
-        """Fail the sites at indices ``lost`` and re-plan the deployments they hosted."""
+        """Fail the sites at indices ``lost`` and re-plan the deployments they hosted, with
+        the other deployments of those deployments' models."""
         sites = self.state.sites
         affected = sorted({d for i in lost for d in self.deployments_at.get(sites[i].name, ())})
         replicas_lost = sum(1 for d in affected for r in self.replicas_by_deployment[d] if r.site in {sites[i].name for i in lost})
         if not affected:
             return Impact(target, len(lost), 0, 0, 0, (), self.before.unserved_rps, self.before.p95_ms, 0.0, self.before.g_co2_per_hour)
-        # Give back what the affected deployments hold, on top of what the others leave.
+        # Give back what the affected deployments and their models' others hold, on top of
+        # what the rest leave.
+        replanned = sorted({other for d in affected for other in self.of_model[self.by_name[d].model]})
         back_cpu: dict[int, float] = defaultdict(float)
         back_mem: dict[int, float] = defaultdict(float)
         back_gpu: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         current: list[sched.Replica] = []
-        for d in affected:
+        for d in replanned:
             variants = {v.name: v for v in self.by_name[d].variants}
             for r in self.replicas_by_deployment[d]:
                 i = self.fleet.index.get(r.site)
@@ -135,7 +142,7 @@ class Sweeper:
             planned_sites[i] = dataclasses.replace(s, cpu=s.cpu + back_cpu[i], memory_gib=s.memory_gib + back_mem[i], gpus=gpus)
         for i in lost:
             planned_sites[i] = dataclasses.replace(planned_sites[i], healthy=False)
-        deployments = [self.by_name[d] for d in affected]
+        deployments = [self.by_name[d] for d in replanned]
         result = planner.plan(planned_sites, deployments, current)
         after_fleet = Fleet(planned_sites)
         measures = dict(self.measures)

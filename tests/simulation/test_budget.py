@@ -4,6 +4,7 @@ scenario's own size limits (added sites, values once YAML aliases are expanded).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -58,6 +59,19 @@ def test_the_estimate_bounds_the_plans_a_sweep_makes(body: str, each: str, monke
     sites = len(SITES) + len(changes.added)
     assert len(calls) <= work.plans
     assert sum(sites * (budget.FLEET_UNITS + n) for n in calls) <= work.units
+
+
+def test_the_estimate_counts_the_other_deployments_of_a_model_a_sweep_replans(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = (dataclasses.replace(deployment(name), model="m") for name in ("a", "b"))
+    state = whatif.today(SITES, (a, b, deployment("c")))
+    work = budget.check(state, scenario.Changes(), "site", 10**12)
+    calls: list[int] = []
+    plan = planner.plan
+    monkeypatch.setattr(planner, "plan", lambda sites, deployments, *rest, **kw: (calls.append(len(deployments)),
+                                                                                   plan(sites, deployments, *rest, **kw))[1])
+    sweep.sweep(state, "site")
+    assert 2 in calls  # losing a's site or b's plans both
+    assert sum(len(SITES) * (budget.FLEET_UNITS + n) for n in calls) <= work.units
 
 
 def test_over_the_budget_is_refused_before_any_planning_with_how_to_narrow_it(monkeypatch: pytest.MonkeyPatch) -> None:

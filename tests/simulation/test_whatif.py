@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from orchestrator.scheduler import model as sched
@@ -157,6 +159,31 @@ def test_sweep_agrees_with_a_full_simulation_on_what_no_longer_fits() -> None:
         full = whatif.simulate(st, scenario.Changes(fail_regions=frozenset({region})))
         assert by_region[region].unschedulable == full.unschedulable_replicas, region
         assert by_region[region].moved == len(full.moved), region
+
+
+def _swept_and_simulated(st: whatif.State, lost: str) -> tuple[int, int]:
+    """Replicas that no longer fit after losing site ``lost``: by the sweep, by a full simulation."""
+    impact = {i.target: i for i in sweep.sweep(st, "site").impacts}[lost]
+    return impact.unschedulable, whatif.simulate(st, scenario.Changes(fail_sites=frozenset({lost}))).unschedulable_replicas
+
+
+def test_a_sweep_keeps_the_edge_sites_another_deployment_of_the_model_holds() -> None:
+    """Paris serves model m for ``b`` (an edge agent serves a model for one deployment), so
+    ``a`` has nowhere to go once Lyon is lost."""
+    a = dataclasses.replace(deployment("a", tiers=frozenset({sched.Tier.EDGE}), residency={"FR"}), model="m")
+    b = dataclasses.replace(deployment("b", tiers=frozenset({sched.Tier.EDGE}), residency={"FR"}), model="m")
+    st = whatif.State(SITES, (a, b), (sched.Replica("a", LYON.name, "small"), sched.Replica("b", PARIS.name, "small")))
+    assert _swept_and_simulated(st, LYON.name) == (1, 1)
+
+
+def test_a_sweep_books_running_gpu_replicas_on_the_cards_of_their_model() -> None:
+    """x's H100 replica holds dc-a's only H100, not its A100: losing dc-b leaves z no H100."""
+    h100 = sched.Variant("h", sched.Runtime.RAY_SERVE, cpu=1, memory_mib=1024, gpus=1, gpu_memory_gib=40, gpu_model="H100")
+    dc_a = dataclasses.replace(FRANKFURT, name="dc-a", gpus=(sched.GpuGroup("A100", 1, 80), sched.GpuGroup("H100", 1, 80)))
+    dc_b = dataclasses.replace(FRANKFURT, name="dc-b", gpus=(sched.GpuGroup("H100", 1, 80),))
+    x, z = deployment("x", variant=h100), deployment("z", variant=h100)
+    st = whatif.State((dc_a, dc_b), (x, z), (sched.Replica("x", "dc-a", "h"), sched.Replica("z", "dc-b", "h")))
+    assert _swept_and_simulated(st, "dc-b") == (1, 1)
 
 
 def test_a_sweep_under_a_scenario_starts_from_the_scenarios_plan() -> None:
