@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, sparse
 
-from orchestrator.scheduler.fleet import Capacity, Fleet
+from orchestrator.scheduler.fleet import Capacity, Fleet, bound_gpu_models
 from orchestrator.scheduler.model import DEFAULT_WEIGHTS, Deployment, Replica, Site, Weights
 from orchestrator.scheduler.objective import evaluate, locate_demand, replica_cost
 from orchestrator.scheduler.result import Objective
@@ -163,7 +163,7 @@ def _seats(fleet: Fleet, deployments: Sequence[Deployment], current: Sequence[Re
     obey every hard rule, while they fit."""
     by_name = {d.name: d for d in deployments}
     masks = {d.name: fleet.eligible_masks(d) for d in deployments}
-    capacity = Capacity(fleet)
+    capacity = Capacity(fleet, bound_gpu_models(deployments))
     seats: Counter[str] = Counter()
     serving: dict[tuple[str, int], str] = {}  # (model, edge site) → the deployment seated there
     for replica in sorted(current, key=lambda r: (r.deployment, r.site, r.variant)):

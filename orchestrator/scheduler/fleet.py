@@ -8,7 +8,7 @@ masks, so "feasible" means one thing everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -381,11 +381,21 @@ class Fleet:
         return rtt
 
 
-class Capacity:
-    """Free CPU, memory and GPUs per site; drawn down and given back as replicas move."""
+def bound_gpu_models(deployments: Iterable[Deployment]) -> frozenset[str]:
+    """The GPU models some variant of ``deployments`` must run on (``Capacity``'s ``bound``)."""
+    return frozenset(v.gpu_model for d in deployments for v in d.variants if v.gpus and v.gpu_model)
 
-    def __init__(self, fleet: Fleet) -> None:
+
+class Capacity:
+    """Free CPU, memory and GPUs per site; drawn down and given back as replicas move.
+
+    ``bound``: GPU models some variant must run on. A variant that takes any model leaves
+    their cards to those variants where another group fits (``gpu_group``).
+    """
+
+    def __init__(self, fleet: Fleet, bound: frozenset[str] = frozenset()) -> None:
         self.fleet = fleet
+        self.bound = bound
         self.cpu = fleet.cpu.copy()
         self.memory_mib = fleet.memory_mib.copy()
         self.gpu_count = fleet.gpu_count.copy()
@@ -434,22 +444,27 @@ class Capacity:
         return n.astype(np.int64)
 
     def gpu_group(self, site: int, variant: Variant) -> int | None:
-        """The GPU group to take for one replica: the smallest cards that fit, then the
-        fewest GPUs free (best fit), so large cards and whole groups stay free for the
-        variants that need them. -1: no GPU needed."""
+        """The GPU group to take for one replica: for a variant of any GPU model, a model
+        no variant is bound to (``bound``) where one fits; then the smallest cards that
+        fit, then the fewest GPUs free (best fit), so large cards, whole groups and the
+        cards of a model some variant needs stay free for the variants that need them.
+        -1: no GPU needed."""
         if not variant.gpus:
             return -1
-        best: int | None = None
+        best: tuple[bool, float, int, int] | None = None
         memory = self.fleet.gpu_memory[site]
         counts = self.gpu_count[site]
+        models = self.fleet.gpu_model[site]
         for k in range(self.fleet.gpu_groups):
-            fits = counts[k] >= variant.gpus and memory[k] >= variant.gpu_memory_gib - 1e-9
-            fits = fits and (not variant.gpu_model or self.fleet.gpu_model[site, k] == variant.gpu_model)
-            # smallest cards first, then the group with the fewest GPUs free: a one-GPU
-            # replica must not split the only pair a two-GPU one could use
-            if fits and (best is None or (memory[k], counts[k]) < (memory[best], counts[best])):
-                best = k
-        return best
+            if counts[k] < variant.gpus or memory[k] < variant.gpu_memory_gib - 1e-9:
+                continue
+            if variant.gpu_model and models[k] != variant.gpu_model:
+                continue
+            # a one-GPU replica must not split the only pair a two-GPU one could use
+            rank = (not variant.gpu_model and models[k] in self.bound, float(memory[k]), int(counts[k]), k)
+            if best is None or rank < best:
+                best = rank
+        return None if best is None else best[3]
 
     def has_room(self, site: int, variant: Variant) -> bool:
         return (

@@ -36,7 +36,7 @@ import numpy as np
 
 from orchestrator.scheduler import candidates, diagnosis, gcpause, objective, outcome, repair
 from orchestrator.scheduler.spread import DomainCounts
-from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
+from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray, bound_gpu_models
 from orchestrator.scheduler.model import (
     DEFAULT_TUNING,
     DEFAULT_WEIGHTS,
@@ -186,7 +186,7 @@ def _plan(
         job.keep_margin = tuning.keep_margin
     pair_rivals(jobs.values())
     fleet.prefetch_nearest([(d.lat, d.lon) for job in jobs.values() for d in job.demand])
-    capacity = Capacity(fleet)
+    capacity = Capacity(fleet, bound_gpu_models(deployments))
     current = sorted(current, key=lambda r: (r.deployment, r.site, r.variant))
     dropped = seat_incumbents(fleet, capacity, jobs, current)
     order = sorted(jobs.values(), key=scarcity)

@@ -34,7 +34,7 @@ from itertools import chain
 import numpy as np
 
 from orchestrator.scheduler import diagnosis, gcpause, outcome, planner, repair
-from orchestrator.scheduler.fleet import Capacity, Fleet
+from orchestrator.scheduler.fleet import Capacity, Fleet, bound_gpu_models
 from orchestrator.scheduler.model import (
     DEFAULT_TUNING,
     DEFAULT_WEIGHTS,
@@ -79,7 +79,7 @@ class Standing:
             raise ValueError(f"deployment {dup[0]!r} is declared twice")
         self.names = sorted(self.jobs)
         self.deployments = tuple(deployments)
-        self.capacity = Capacity(fleet)
+        self.capacity = Capacity(fleet, bound_gpu_models(deployments))
         current = sorted(placement, key=lambda r: (r.deployment, r.site, r.variant))
         dropped = planner.seat_incumbents(fleet, self.capacity, self.jobs, current)
         if dropped:

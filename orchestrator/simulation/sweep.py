@@ -24,7 +24,7 @@ import numpy as np
 from orchestrator.scheduler import model as sched
 from orchestrator.scheduler import planner
 from orchestrator.scheduler import result as sched_result
-from orchestrator.scheduler.fleet import Capacity, Fleet
+from orchestrator.scheduler.fleet import Capacity, Fleet, bound_gpu_models
 from orchestrator.simulation import measure as measure_mod
 from orchestrator.simulation import whatif
 
@@ -63,7 +63,7 @@ def _usage(fleet: Fleet, state: whatif.State) -> tuple[np.ndarray, np.ndarray, d
     the one the planner gives it, seating the running replicas in the planner's order."""
     cpu = np.zeros(len(state.sites))
     mem = np.zeros(len(state.sites))
-    gpus = Capacity(fleet)
+    gpus = Capacity(fleet, bound_gpu_models(state.deployments))
     taken: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # deployment -> (site, group, gpus) per GPU replica
     variants = {d.name: {v.name: v for v in d.variants} for d in state.deployments}
     for r in sorted(state.current, key=lambda r: (r.deployment, r.site, r.variant)):

@@ -253,6 +253,16 @@ def test_variants_of_the_same_size_on_other_gpu_models_fit_their_own_sites(first
     assert result.deployments["second"].status is Status.SCHEDULED, result.deployments["second"].reason
 
 
+def test_a_replica_of_any_gpu_model_leaves_the_cards_another_deployment_needs():
+    two_models = dataclasses.replace(site("dc", tier="datacenter", cpu=64, memory_gib=512),
+                                     gpus=(GpuGroup("L4", 1, 24), GpuGroup("H100", 1, 80)))
+    any_gpu = Variant("any", "ray-serve", cpu=1, memory_mib=1024, gpus=1, gpu_memory_gib=16)
+    l4_only = Variant("l4", "vllm", cpu=1, memory_mib=1024, gpus=1, gpu_memory_gib=16, gpu_model="L4")
+    result = plan([two_models], [deployment("a", variants=(any_gpu,)), deployment("b", variants=(l4_only,))])
+    assert {r.deployment: r.site for r in result.replicas} == {"a": "dc", "b": "dc"}
+    assert all(p.status is Status.SCHEDULED for p in result.deployments.values())
+
+
 def test_variant_by_tier_picks_distilled_at_edge_and_large_in_dc():
     dc = site("dc", "paris", tier="datacenter", cpu=64, memory_gib=512, gpus=((4, 80),))
     edge = site("edge", "lyon")
