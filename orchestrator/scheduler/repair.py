@@ -118,31 +118,71 @@ def trade_down(capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:
     where two or more of ``job``'s fit in their place (fewer replicas short overall)."""
     taken = job.taken(capacity.fleet)
     eligible = job.any_eligible if taken is None else job.any_eligible & ~taken
-    while len(job.placed) < job.wanted and _trade_down_once(capacity, job, jobs, eligible):
+    givers = [_Giver(other) for other in jobs if other is not job and other.deployment.placement.spread is None]
+    while len(job.placed) < job.wanted and _trade_down_once(capacity, job, givers, eligible):
         pass
 
 
-def _trade_down_once(capacity: Capacity, job: Job, jobs: Sequence[Job], eligible: np.ndarray) -> bool:
+class _Giver:
+    """Where ``trade_down`` stands in one deployment's replicas, kept across trades: each
+    trade gives back one replica, and recounting the rest for every trade made it
+    quadratic in replicas (``held``, ``count`` and the failed ones follow each trade)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.held = Counter((s, v.name) for s, v, _ in job.placed)
+        self.count: dict[tuple[int, str], int] = {}  # per key, the replicas at ``next`` and above
+        self.next = len(job.placed) - 1  # the latest placed first, going down
+        self.failed: list[int] = []  # indices above ``next`` tried in vain, highest first
+
+    def gave(self, i: int, key: tuple[int, str]) -> None:
+        """``job.placed[i]`` (of ``key``, at or above ``next``) was given back."""
+        self.held[key] -= 1
+        self.count[key] -= 1
+        self.failed = [f - 1 if f > i else f for f in self.failed]
+
+
+def _trade_down_once(capacity: Capacity, job: Job, givers: list[_Giver], eligible: np.ndarray) -> bool:
+    """One trade. Each round retries the replicas that failed before (highest first, as a
+    scan from the latest placed meets them; each costs a try) and then goes on down."""
     tries = GIVERS_TRIED
-    for other in jobs:
-        if other is job or other.deployment.placement.spread is not None:
-            continue
+    for n, giver in enumerate(givers):
+        other = giver.job
         if len(other.placed) <= other.deployment.min_replicas:
             continue
-        held = Counter((s, v.name) for s, v, _ in other.placed)
-        count: dict[tuple[int, str], int] = {}
-        for i in range(len(other.placed) - 1, -1, -1):  # the latest placed first
-            site, variant, group = other.placed[i]
-            key = (site, variant.name)
-            count[key] = count.get(key, 0) + 1
-            if not eligible[site] or count[key] + other.running.get(key, 0) > held[key]:
-                continue  # not usable by ``job``, or one of the replicas running now
+        for i in list(giver.failed):
+            site, variant, _ = other.placed[i]
             if _swap_for_more(capacity, job, site, other, i):
+                giver.failed.remove(i)
+                giver.gave(i, (site, variant.name))
+                _drop_spent(givers, n)
                 return True
             tries -= 1
             if tries == 0:
                 return False
+        while giver.next >= 0:
+            i = giver.next
+            giver.next -= 1
+            site, variant, _ = other.placed[i]
+            key = (site, variant.name)
+            giver.count[key] = giver.count.get(key, 0) + 1
+            if not eligible[site] or giver.count[key] + other.running.get(key, 0) > giver.held[key]:
+                continue  # not usable by ``job``, or one of the replicas running now
+            if _swap_for_more(capacity, job, site, other, i):
+                giver.gave(i, key)
+                _drop_spent(givers, n)
+                return True
+            giver.failed.append(i)
+            tries -= 1
+            if tries == 0:
+                return False
     return False
+
+
+def _drop_spent(givers: list[_Giver], n: int) -> None:
+    """Forget the givers before ``givers[n]`` that have nothing left to try: every later
+    round would walk past them (fewer than ``GIVERS_TRIED`` of them keep failed ones)."""
+    givers[:n] = [g for g in givers[:n] if g.failed and len(g.job.placed) > g.job.deployment.min_replicas]
 
 
 def _swap_for_more(capacity: Capacity, job: Job, site: int, other: Job, i: int) -> bool:

@@ -12,7 +12,7 @@ from collections import Counter
 
 from scheduler_builders import deployment, site
 
-from orchestrator.scheduler import MoveReplica, Replica, Variant, exact, plan
+from orchestrator.scheduler import MoveReplica, Replica, Variant, exact, plan, repair
 
 ONE_GPU = Variant("one-gpu", "ray-serve", cpu=4, memory_mib=8192, gpus=1, gpu_memory_gib=24)
 TWO_GPU = Variant("two-gpu", "ray-serve", cpu=8, memory_mib=16384, gpus=2, gpu_memory_gib=80)
@@ -97,3 +97,24 @@ def test_trade_down_never_evicts_a_running_replica():
     ours = plan([dc], [big, small], running)
     assert Counter(r.deployment for r in ours.as_running()) == {"big": 3, "small": 2}
     assert not any(isinstance(a, MoveReplica) for a in ours.actions)
+
+
+def test_trading_down_counts_the_giving_deployments_replicas_once_not_once_per_trade(monkeypatch):
+    # 2,000 CPUs on two sites, taken by 1,000 two-CPU replicas; each trade gives one back
+    # for two one-CPU replicas of the other deployment. Work is counted, not timed: the
+    # giver's replicas recounted for every trade were 1,000 trades × ~500 replicas.
+    counted: list[int] = []
+
+    class CountingCounter(Counter):
+        def __init__(self, items=()):
+            items = list(items)
+            counted.append(len(items))
+            super().__init__(items)
+
+    monkeypatch.setattr(repair, "Counter", CountingCounter)
+    sites = [site(f"dc{i}", city, tier="datacenter", cpu=1000, memory_gib=10**6) for i, city in enumerate(("paris", "lyon"))]
+    big = wants(deployment("a", variants=(Variant("two", "ray-serve", cpu=2, memory_mib=1),), replicas=(0, 1000)), 1000)
+    small = wants(deployment("b", variants=(Variant("one", "ray-serve", cpu=1, memory_mib=1),), replicas=(0, 4000)), 4000)
+    result = plan(sites, [big, small])
+    assert Counter(r.deployment for r in result.as_running()) == {"b": 2000}
+    assert sum(counted) <= 1000
