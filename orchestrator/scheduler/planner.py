@@ -52,6 +52,7 @@ from orchestrator.scheduler.result import PlanResult
 
 
 RELOCATION_ROUNDS = 4  # improving moves per deployment; later ones gain little
+RELOCATION_CHUNK_BYTES = 32 << 20  # scratch per chunk of replicas scored by the relocation pass
 WIDEN_MARGIN = 1.0  # cost points a left-out site must save per replica to widen the search
 
 
@@ -523,7 +524,7 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
                 keys = [k for k in keys if opened[k[0]] == 1 or k == keep]
         a = np.array([index[k] for k in keys])
         base = np.array([without[open_sites.index(k[0])] if opened[k[0]] == 1 else best_all for k in keys])
-        latency = np.minimum(options.rtt[None, :, :], base[:, None, :]) @ weight
+        latency = _latency_after(options.rtt, base, weight)
         gain = move_in[None, :] - refund_all[a][:, None] + latency - float(weight @ best_all)
         gain[np.arange(a.size), a] = np.inf
         if gain.min() >= -1e-9:
@@ -548,6 +549,19 @@ def _relocate(capacity: Capacity, job: Job, options: candidates.Options, spread:
                 break
         if not moved:
             return
+
+
+def _latency_after(rtt: np.ndarray, base: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Weighted latency per (replica taken away, option put in): ``np.minimum(rtt[None],
+    base[:, None]) @ weight``, a few replicas at a time. In one go the array is replicas ×
+    options × demand points, and options grow with the points: 40 replicas of a deployment
+    with 1,000 demand points took about a gigabyte."""
+    per_key = max(1, rtt.size * rtt.itemsize)
+    step = max(1, RELOCATION_CHUNK_BYTES // per_key)
+    out = np.empty((base.shape[0], rtt.shape[0]))
+    for start in range(0, base.shape[0], step):
+        out[start:start + step] = np.minimum(rtt[None, :, :], base[start:start + step, None, :]) @ weight
+    return out
 
 
 def _smallest(values: np.ndarray, k: int) -> list[int]:

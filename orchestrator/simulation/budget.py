@@ -10,10 +10,13 @@ to build the fleet's arrays and the capacity left (``FLEET_UNITS``), then builds
 candidates per deployment over every site (one unit each): one plan of ``D`` deployments
 on ``S`` sites is ``S × (FLEET_UNITS + D)``. An N-1 sweep (``sweep``) plans once per lost
 site or region that hosts a replica, and only the deployments it hosted with the other
-deployments of their models. Scaling demand
+deployments of their models. A deployment with several demand points adds its relocation
+pass (``planner._relocate``): each round scores every replica against every candidate
+site at every demand point, and the candidates grow with the points, so a deployment of
+many replicas and points costs more than its share of sites (``_relocation``). Scaling demand
 matches every demand change against every demand point (one unit each). Fitted to
-``bench.simulate``'s fleets on the 2-core machine: about 5 million units a second (1
-to 9 by shape, the small plans slowest; docs/simulation.md has the table).
+``bench.simulate``'s fleets on the 2-core machine: about 5 million units a second (2
+to 10 by shape, the small plans slowest; docs/simulation.md has the table).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from orchestrator.scheduler import model as sched
+from orchestrator.scheduler import planner
 from orchestrator.simulation import whatif
 from orchestrator.simulation.scenario import Changes, ScenarioError
 
@@ -30,6 +35,8 @@ from orchestrator.simulation.scenario import Changes, ScenarioError
 DEFAULT_BUDGET = 300_000_000
 #: What walking the sites costs a plan, in deployments planned per site (fitted).
 FLEET_UNITS = 40
+#: (replica, candidate, demand point) scores of the relocation pass per unit (measured).
+RELOCATION_SCORES_PER_UNIT = 32
 
 
 class TooMuchWork(ScenarioError):
@@ -65,21 +72,40 @@ def _scenario_work(state: whatif.State, changes: Changes, each: str | None) -> W
         what += f", {len(changes.demand):,} demand changes × every demand point"
     if each is not None and changes.empty:
         return Work(0, 0, what)
-    return Work(1, sites * (FLEET_UNITS + len(state.deployments)) + demand, what)
+    relocation = sum(_relocation(_scaled(d, changes), sites) for d in state.deployments)
+    if relocation:
+        what += f", {relocation:,} units relocating replicas between demand points"
+    return Work(1, sites * (FLEET_UNITS + len(state.deployments)) + demand + relocation, what)
+
+
+def _scaled(d: sched.Deployment, changes: Changes) -> sched.Deployment:
+    return whatif.scale_demand(d, changes.demand) if changes.demand else d
+
+
+def _relocation(d: sched.Deployment, sites: int) -> int:
+    """What ``d``'s relocation pass may cost in one plan: per round, each replica against
+    each candidate at each demand point; a shortlist keeps about 4 sites per point, the
+    wanted count and ``Tuning.candidates`` more, per variant."""
+    points = len(d.demand)
+    if points < 2:  # one point: the planner skips the pass
+        return 0
+    wanted = d.wanted_replicas()
+    candidates = min(sites, 4 * points + wanted + (sched.DEFAULT_TUNING.candidates or sites)) * len(d.variants)
+    return wanted * candidates * points * planner.RELOCATION_ROUNDS // RELOCATION_SCORES_PER_UNIT
 
 
 def _with_sweep(work: Work, state: whatif.State, changes: Changes, each: str) -> Work:
     """``work`` and then an N-1 sweep's plans: one per target hosting a replica."""
     sites = len(state.sites) + len(changes.added)
-    plans, pairs = _hosted(state, changes, each)
+    plans, pairs, relocation = _hosted(state, changes, each, sites)
     what = f"{work.what}; an N-1 sweep by {each}: {plans:,} plans, one per {each} hosting a replica"
-    return Work(work.plans + plans, work.units + sites * (FLEET_UNITS * plans + pairs), what)
+    return Work(work.plans + plans, work.units + sites * (FLEET_UNITS * plans + pairs) + relocation, what)
 
 
-def _hosted(state: whatif.State, changes: Changes, each: str) -> tuple[int, int]:
-    """How many targets (sites or regions) a sweep plans for, and how many deployments it
-    plans in all: each target hosting a replica, with the deployments of the models that
-    have one there.
+def _hosted(state: whatif.State, changes: Changes, each: str, sites: int) -> tuple[int, int, int]:
+    """How many targets (sites or regions) a sweep plans for, how many deployments it
+    plans in all, and their relocation passes' units: each target hosting a replica, with
+    the deployments of the models that have one there.
 
     Today's placement tells both. Under a scenario, the replicas on a failed or edited site
     may land anywhere, and so may those a deployment wants beyond what it runs: each may
@@ -88,19 +114,24 @@ def _hosted(state: whatif.State, changes: Changes, each: str) -> tuple[int, int]
     target_of = {s.name: (s.name if each == "site" else s.region) for s in state.sites}
     model_of = {d.name: d.model for d in state.deployments}
     of_model = Counter(model_of.values())
+    relocation_of: Counter[str] = Counter()  # per model, its deployments' relocation passes
+    for d in state.deployments:
+        relocation_of[d.model] += _relocation(_scaled(d, changes), sites)
     kept = [r for r in state.current if r.site in keeps]
     models_at = {(target_of[r.site], model_of.get(r.deployment, r.deployment)) for r in kept}
     targets = len(set(target_of.values()) | {(s.name if each == "site" else s.region) for s in changes.added})
-    loose = loose_pairs = 0  # replicas that may land on a target without one of their deployment today
+    loose = loose_pairs = loose_relocation = 0  # replicas that may land on a target without one of their deployment today
     if not changes.empty:
         running = Counter(r.deployment for r in kept)
         for d in state.deployments:
-            wanted = whatif.scale_demand(d, changes.demand).wanted_replicas() if changes.demand else d.wanted_replicas()
-            loose += max(0, wanted - running[d.name])
-            loose_pairs += max(0, wanted - running[d.name]) * of_model[d.model]
+            extra = max(0, _scaled(d, changes).wanted_replicas() - running[d.name])
+            loose += extra
+            loose_pairs += extra * of_model[d.model]
+            loose_relocation += extra * relocation_of[d.model]
     hosting = len({t for t, _ in models_at})
     pairs = sum(of_model.get(m, 1) for _, m in models_at)
-    return min(targets, hosting + loose), min(targets * len(state.deployments), pairs + loose_pairs)
+    relocation = sum(relocation_of[m] for _, m in models_at) + loose_relocation
+    return min(targets, hosting + loose), min(targets * len(state.deployments), pairs + loose_pairs), relocation
 
 
 def _refuse_over(work: Work, budget: int) -> None:

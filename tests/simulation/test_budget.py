@@ -74,6 +74,20 @@ def test_the_estimate_counts_the_other_deployments_of_a_model_a_sweep_replans(mo
     assert sum(len(SITES) * (budget.FLEET_UNITS + n) for n in calls) <= work.units
 
 
+def test_demand_scaled_over_many_demand_points_counts_the_relocation_it_asks_for() -> None:
+    """Relocating replicas scores each against each candidate site at each demand point,
+    and the candidates grow with the points: 1,000 replicas between 1,000 points on 4,000
+    sites is minutes of planning, though the fleet itself is small."""
+    sites = tuple(site(f"s{i}", "FR", f"r{i % 50}", 35 + i % 25, -10 + i % 40) for i in range(4000))
+    demand = tuple(sched.DemandPoint(rps=1.0, lat=35 + i % 25, lon=-10 + i % 37) for i in range(1000))
+    d = dataclasses.replace(deployment("d", 1, demand=demand, max_replicas=1000), variants=(sched.Variant(
+        "v", sched.Runtime.ONNX, cpu=1, memory_mib=512, throughput_rps=4.0),))  # wants 250, ×4: 1,000
+    state = whatif.State(sites, (d,), tuple(sched.Replica("d", f"s{i}", "v") for i in range(250)))
+    assert budget.check(state, scenario.Changes(), None, budget.DEFAULT_BUDGET).units > 10 * len(sites) * (budget.FLEET_UNITS + 1)
+    with pytest.raises(budget.TooMuchWork, match="units relocating replicas between demand points"):
+        budget.check(state, scenario.Changes(demand=(scenario.DemandScale(4.0),)), None, budget.DEFAULT_BUDGET)
+
+
 def test_over_the_budget_is_refused_before_any_planning_with_how_to_narrow_it(monkeypatch: pytest.MonkeyPatch) -> None:
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("planned although over the budget")
