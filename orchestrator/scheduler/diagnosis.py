@@ -38,6 +38,18 @@ def describe_where(deployment: Deployment) -> str:
     return " ".join(p for p in (countries, tiers, "sites") if p)
 
 
+def _no_variant(deployment: Deployment) -> str:
+    """Why no variant may run on any allowed tier: a variant named per tier that the model
+    lacks, or runtimes that need a data centre."""
+    names = {v.name for v in deployment.variants}
+    missing = sorted((tier.value, name) for tier, name in deployment.variant_by_tier.items()
+                     if tier in deployment.placement.tiers and name not in names)
+    if missing:
+        listed = ", ".join(f"{name} for {tier}" for tier, name in missing)
+        return f"model {deployment.model} has no variant {listed} (it has {', '.join(sorted(names)) or 'none'})"
+    return f"no variant of {deployment.model} may run on the allowed tiers (ray-serve runs only in data centres, as does vllm)"
+
+
 def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
     """The binding constraint for ``job``, given the capacity left right after it ran."""
     deployment = job.deployment
@@ -65,7 +77,7 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
     for variant in deployment.variants:
         variant_tiers |= fleet.variant_tiers_mask(deployment, variant)
     if not (mask & healthy & variant_tiers).any():
-        return f"no variant of {deployment.model} may run on the allowed tiers (ray-serve runs only in data centres, as does vllm); {short}"
+        return f"{_no_variant(deployment)}; {short}"
     variants = job.variants()
     need = " or ".join(f"{v.name} ({v.describe()})" for v in variants)
     head = f"needs {job.wanted} × {need} in {where}; {short}"

@@ -313,5 +313,9 @@ class Tuning:
     improve: bool = True
     keep_margin: float = 2.5
 
+    def __post_init__(self) -> None:
+        if self.candidates is not None and self.candidates < 1:  # a search widened ×4 from 0 never widens
+            raise ValueError(f"Tuning.candidates must be None or at least 1, got {self.candidates}")
+
 
 DEFAULT_TUNING = Tuning()

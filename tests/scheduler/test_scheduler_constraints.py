@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from scheduler_builders import LARGE, SMALL, deployment, site
 
-from orchestrator.scheduler import GpuGroup, Site, Status, Variant, plan
+from orchestrator.scheduler import GpuGroup, Site, Status, Tuning, Variant, plan
 
 FR_EDGE = site("fr-edge", "paris")
 DE_EDGE = site("de-edge", "frankfurt")
@@ -145,6 +145,12 @@ REASON_CASES = [
         [FR_EDGE],
         deployment(variants=(Variant("r", "ray-serve", cpu=1, memory_mib=512),)),
         "ray-serve runs only in data centres",
+    ),
+    (
+        "variant-by-tier-missing",
+        [FR_EDGE],
+        deployment(variant_by_tier={"edge": "tiny"}),
+        "model d has no variant tiny for edge (it has small)",
     ),
     ("hardware", [DE_DC_24], deployment(variants=(LARGE,)), "no healthy one has the hardware"),
     (
@@ -336,3 +342,9 @@ def test_duplicate_names_are_rejected():
         plan([site("a"), site("a")], [])
     with pytest.raises(ValueError, match="declared twice"):
         plan([site("a")], [deployment(), deployment()])
+
+
+def test_a_search_of_no_candidates_is_refused_rather_than_never_widened():
+    with pytest.raises(ValueError, match="candidates must be None or at least 1"):
+        Tuning(candidates=0)
+    assert plan([site("a")], [deployment()], tuning=Tuning(candidates=1)).deployments["d"].placed == 1
