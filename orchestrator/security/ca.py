@@ -44,8 +44,11 @@ def check_agent_csr(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
     if not csr.is_signature_valid:
         raise CertificateError("the CSR's signature does not match its key")
     public_key = csr.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        raise CertificateError("agent keys must be EC (P-256)")
+    # Only P-256: it is the curve the agents generate, and the one gRPC's TLS negotiates; a
+    # certificate on another curve (weak P-192, secp256k1, Brainpool) would fail every handshake.
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
+        got = public_key.curve.name if isinstance(public_key, ec.EllipticCurvePublicKey) else "a non-EC key"
+        raise CertificateError(f"agent keys must be EC (P-256), not {got}")
     return public_key
 
 

@@ -9,6 +9,9 @@ import stat
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edgeplane_proto import identity
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
@@ -57,6 +60,22 @@ def test_agent_identity_comes_from_the_ca_not_the_csr(tmp_path: pathlib.Path) ->
     assert ca.site_of(b"garbage") is None
     with pytest.raises(ca.CertificateError):
         authority.issue_agent("edge-lyon", b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+
+
+@pytest.mark.parametrize("make_key", [lambda: ec.generate_private_key(ec.SECP192R1()),
+                                      lambda: ec.generate_private_key(ec.SECP256K1()),
+                                      lambda: ec.generate_private_key(ec.BrainpoolP256R1()),
+                                      lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)],
+                         ids=["P-192", "secp256k1", "brainpoolP256r1", "RSA"])
+def test_a_csr_whose_key_is_not_p256_is_refused(tmp_path: pathlib.Path, make_key) -> None:
+    """Agents' gRPC TLS negotiates P-256 only: a certificate on another curve would fail every
+    handshake (and P-192 is weak), so the CA refuses to sign it."""
+    authority = ca.CertificateAuthority.load_or_create(tmp_path)
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([]))
+           .sign(make_key(), hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ca.CertificateError, match=r"agent keys must be EC \(P-256\), not "):
+        authority.issue_agent("edge-lyon", csr)
 
 
 async def test_mutual_tls_handshake_on_the_agent_listener(tmp_path: pathlib.Path) -> None:
