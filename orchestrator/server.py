@@ -213,7 +213,7 @@ class ControlPlane:
         self._http = upstream.UpstreamPool(connect_timeout=2.0, timeout=30.0)
         self.admission = admission.GatewayAdmission(
             ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
-            (lambda secret: self.store.verify_token(secret, "api")) if cfg.gateway_auth == "token" else None,
+            self._verify_gateway_token if cfg.gateway_auth == "token" else None,
         )
         self.captures = capture_store.ZoneStores(cfg.data_dir / "captures")  # one SQLite file per residency zone
         self.capture_writer = capture_store.CaptureWriter(self.captures, self.registry)
@@ -559,6 +559,12 @@ class ControlPlane:
             self.store.record(store_mod.Event(f"agent:{event.agent_id}", "site-undeclared", "Site", event.site, f"cannot register: {exc}"))
 
     # -- api.Services ------------------------------------------------------------------
+
+    def _verify_gateway_token(self, secret: str) -> store_mod.TokenInfo | None:
+        try:
+            return self.store.verify_token(secret, "api")
+        except store_mod.StoreError as exc:  # the gateway answers 503, as the control API does
+            raise admission.TokenCheckUnavailable(str(exc)) from exc
 
     def ready(self) -> bool:
         return self._started

@@ -1,7 +1,9 @@
 """Who may use the gateway, and how fast: bearer tokens (optional) and per-client rates.
 
 The gateway calls :meth:`GatewayAdmission.check` before routing a model request; a
-``Response`` back means "answer this instead" (401 or 429 with ``Retry-After``). The
+``Response`` back means "answer this instead" (401, 429 with ``Retry-After``, or 503 with
+``Retry-After`` when whatever holds the tokens cannot say: the verifier raises
+:class:`TokenCheckUnavailable`). The
 client key of the rate limit is the token's id when the caller presents a valid token,
 else its peer address: behind a proxy every caller shares the proxy's address, so put the
 limit on tokens there.
@@ -19,6 +21,9 @@ from starlette.responses import Response
 from edgeplane_proto import oip
 from orchestrator.security import bearer, ratelimit
 
+
+class TokenCheckUnavailable(Exception):
+    """Nothing could say whether a token is valid now (the store that holds them does not answer)."""
 
 
 def _refuse(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -43,7 +48,10 @@ class GatewayAdmission:
         header = request.headers.get("authorization")
         if self._verify is not None:
             secret = bearer.bearer_secret(header)
-            info = self._verify(secret) if secret is not None else None
+            try:
+                info = self._verify(secret) if secret is not None else None
+            except TokenCheckUnavailable as exc:
+                return _refuse(503, f"cannot check the API token now: {exc}; retry", {"retry-after": "2"})
             if info is None:
                 return _refuse(401, "the gateway needs 'Authorization: Bearer <token>' with a valid API token",
                                {"www-authenticate": "Bearer"})

@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator import server, server_config
 from orchestrator.security import ratelimit
+from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
 
 
@@ -100,6 +101,29 @@ async def test_gateway_token_auth(tmp_path: pathlib.Path) -> None:
             # with a token the bucket is the token's: a third request in the burst is limited
             assert (await http.get("/v2/models/m", headers=ok)).status_code == 429
             assert (await http.get("/v2/health/ready")).status_code == 200
+    finally:
+        await fleet.stop()
+
+
+async def test_gateway_answers_503_with_retry_after_while_the_token_store_does_not_answer(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A StoreError escaped the gateway's token check: every model request was a 500."""
+    fleet = await _control_plane(tmp_path, gateway_auth="token")
+    try:
+        cp = fleet.cp
+        assert cp is not None
+
+        def unreachable(secret: str, purpose: str) -> None:
+            raise store_mod.StoreError("cannot reach the PostgreSQL store at db: connection refused")
+
+        monkeypatch.setattr(cp.store, "verify_token", unreachable)
+        async with httpx.AsyncClient(base_url=cp.http_url, headers={"authorization": "Bearer ep_x"}) as http:
+            for method, path in (("POST", "/v2/models/m/infer"), ("GET", "/v2/models/m"), ("GET", "/openai/v1/models")):
+                resp = await http.request(method, path, content=b"{}" if method == "POST" else None)
+                assert resp.status_code == 503, (path, resp.text)
+                assert int(resp.headers["retry-after"]) >= 1, path
+                assert "cannot reach the PostgreSQL store" in resp.text, path
+            assert (await http.get("/v2/health/live")).status_code == 200
     finally:
         await fleet.stop()
 
