@@ -260,6 +260,12 @@ class Unverifiable(Exception):
     """No control plane could say whether a token is valid."""
 
 
+def is_token_shaped(secret: str) -> bool:
+    """Whether ``secret`` is printable ASCII without spaces, as every token is (RFC 6750's
+    token68 is narrower still)."""
+    return bool(secret) and all("!" <= c <= "~" for c in secret)
+
+
 class TokenChecker:
     def __init__(self, follower: TableFollower, *, ttl_s: float = 30.0, negative_ttl_s: float = 5.0, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -287,6 +293,8 @@ class TokenChecker:
 
     async def check(self, secret: str) -> Token | None:
         """Valid (a :class:`Token`) or not (None); :class:`Unverifiable` when nobody can tell."""
+        if not is_token_shaped(secret):  # no token holds such a character, and it cannot go into a header to ask
+            return None
         key = self._key(secret)
         hit = self._cache.get(key)
         if hit is not None and hit[1] > self.clock():

@@ -186,6 +186,9 @@ async def test_the_gateway_checks_api_tokens_with_the_control_plane(fleet: harne
             assert (await http.post("/v2/models/intent/infer", json=BODY)).status_code == 401
             wrong = await http.post("/v2/models/intent/infer", json=BODY, headers={"authorization": "Bearer wrong"})
             assert wrong.status_code == 401
+            for odd in (b"Bearer caf\xe9", b"Bearer \xff"):  # legal header bytes no token holds: refused, not a 500
+                refused = await http.post("/v2/models/intent/infer", json=BODY, headers={"authorization": odd})
+                assert refused.status_code == 401, (odd, refused.text)
             for _ in range(3):  # the second and third are answered from the cache
                 ok = await http.post("/v2/models/intent/infer", json=BODY, headers={"authorization": f"Bearer {token}"})
                 assert ok.status_code == 200, ok.text
