@@ -46,7 +46,7 @@ def servers(server: str | Sequence[str]) -> list[str]:
     for url in urls:
         problem = urlpath.base_url_problem(url)
         if problem is not None:
-            raise ValueError(f"server {url!r} is not a URL such as http://127.0.0.1:8080 ({problem})")
+            raise ValueError(f"server {urlpath.redacted(url)!r} is not a URL such as http://127.0.0.1:8080 ({problem})")
     return [u.rstrip("/") for u in urls]
 
 

@@ -3,6 +3,7 @@ and the base URLs every request is built on."""
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 import httpx
@@ -19,7 +20,11 @@ def base_url_problem(url: str) -> str | None:
     """Why ``url`` cannot be a base URL to call (None when it can). A path is kept, as the
     prefix a reverse proxy serves the control plane under (``https://proxy.example/edgeplane``);
     a query or fragment would garble every URL built on it, and another scheme, a missing
-    host (``localhost:8080``) or a port out of range reaches nothing."""
+    host (``localhost:8080``) or a port out of range reaches nothing. A user name or password
+    (``https://ops:pass@proxy``) is refused: httpx would send it as ``Authorization: Basic``
+    in place of the bearer token, and every message naming the URL would show it."""
+    if _userinfo(url):
+        return "no user name or password in a base URL: the API token is given apart, and travels as a bearer token"
     try:
         parsed = httpx.URL(url)
         port = parsed.port
@@ -34,3 +39,15 @@ def base_url_problem(url: str) -> str | None:
     if parsed.fragment:
         return f"no fragment in a base URL: #{parsed.fragment}"
     return None
+
+
+_AUTHORITY = re.compile(r"^(?P<head>[^:/?#]*://|//)?(?P<userinfo>[^/?#]*@)")
+
+
+def _userinfo(url: str) -> bool:
+    return _AUTHORITY.match(url) is not None
+
+
+def redacted(url: str) -> str:
+    """``url`` fit to show in a message: a user name or password in it becomes ``***``."""
+    return _AUTHORITY.sub(lambda m: f"{m['head'] or ''}***@", url, count=1)

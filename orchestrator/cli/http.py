@@ -63,7 +63,7 @@ class ApiClient:
             headers["authorization"] = f"Bearer {tok}"
         problem = urlpath.base_url_problem(self.server)
         if problem is not None:
-            raise CliError(f"{source} {self.server!r} is not a URL such as {DEFAULT_SERVER} ({problem})", 2)
+            raise CliError(f"{source} {urlpath.redacted(self.server)!r} is not a URL such as {DEFAULT_SERVER} ({problem})", 2)
         self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, *, busy_wait_s: float = 0.0, **kwargs: Any) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edgeplane_proto import oip
 from orchestrator.api import methods
 from orchestrator.gatewayd import follow
-from orchestrator import runloop
+from orchestrator import runloop, urlpath
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, options, proxy, routing, upstream, wire
@@ -70,12 +70,16 @@ class GatewayConfig:
 
 
 def parse_control_plane(url: str) -> str:
+    shown = urlpath.redacted(url)  # a password in it must not reach a log or /readyz
     try:
         parsed = urllib.parse.urlsplit(url)
     except ValueError as exc:  # e.g. "http://[::1": an unclosed IPv6 host
-        raise ConfigError(f"--control-plane {url!r} is not a URL ({exc})") from None
+        raise ConfigError(f"--control-plane {shown!r} is not a URL ({exc})") from None
+    if parsed.username is not None or parsed.password is not None:
+        raise ConfigError(f"--control-plane {shown!r}: no user name or password in the URL (give the gateway's API token "
+                          "with --token or EDGEPLANE_TOKEN)")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"--control-plane {url!r} is not an http(s) URL such as http://10.0.0.5:8080")
+        raise ConfigError(f"--control-plane {shown!r} is not an http(s) URL such as http://10.0.0.5:8080")
     try:
         parsed.port  # noqa: B018 (a bad port raises here)
     except ValueError:

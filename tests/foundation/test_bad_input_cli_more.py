@@ -137,6 +137,19 @@ def test_a_server_url_that_cannot_be_a_base_url_is_a_usage_error(server: str, wh
                                                     f"http://127.0.0.1:8080 ({why})"]
 
 
+@pytest.mark.parametrize("server", ["http://ops:s3cret@127.0.0.1:9", "https://ops@proxy.example/edgeplane", "ops:s3cret@127.0.0.1:9"])
+def test_a_server_url_with_a_user_or_password_is_refused_without_showing_it(
+        server: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx sent such a password as Basic auth in place of the bearer token, and every error
+    message about the server showed it."""
+    monkeypatch.setenv("EDGEPLANE_SERVER", server)
+    assert cli_main.main(["--token", "ep_x", "get", "sites"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: EDGEPLANE_SERVER '") and "***@" in err, err
+    assert "s3cret" not in err and "ops" not in err, err
+    assert "no user name or password in a base URL" in err, err
+
+
 class _Proxy(http.server.ThreadingHTTPServer):
     """Stands in for a reverse proxy serving the control plane under /edgeplane: answers an
     empty Site list and remembers the paths asked for."""
