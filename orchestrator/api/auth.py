@@ -8,6 +8,7 @@ server refuses to start on a non-loopback address in that mode.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import dataclass
 
@@ -59,6 +60,18 @@ class Authenticator:
         if self.required:
             raise Unauthorized("this API needs 'Authorization: Bearer <token>' (see 'edgeplane token create')")
         return Caller("anonymous", "admin")
+
+    async def still_valid(self, authorization: str | None) -> bool:
+        """For a stream admitted earlier: False once its token no longer verifies (revoked or
+        expired since). A stream admitted without a token (auth off) stays valid, and so does
+        a token while the store cannot answer: it was valid, and nothing says it is not."""
+        secret = bearer_secret(authorization)
+        if secret is None:
+            return True
+        try:  # off the event loop: the lookup may be a network round trip
+            return await asyncio.to_thread(self.store.verify_token, secret, "api") is not None
+        except store_mod.StoreError:
+            return True
 
     def admit(self, request: Request, *, write: bool = False, needs: str = "this needs 'admin'") -> Caller | JSONResponse:
         """The caller of ``request``, or the answer that refuses it: 400 for a path or query

@@ -12,7 +12,9 @@
   read the leader's, a control plane before its first pass) the stream holds the snapshot
   back and sends heartbeats: that empty table is no fleet's, and a gateway that took it
   would answer "not deployed" for models its replicas serve. A gateway of any version
-  keeps routing with the table it has meanwhile; the one-shot answer is a 503 then.
+  keeps routing with the table it has meanwhile; the one-shot answer is a 503 then. The token is checked again before
+  each event after the snapshot: once it is revoked or expires, the stream ends (and a
+  reconnect gets 401).
 - ``GET /v1/whoami``: who the bearer token is (200) or 401: a gateway with
   ``--gateway-auth token`` checks its callers' tokens with it.
 - ``POST /v1/wake/{model}``: a request for a model scaled to zero reached a standalone
@@ -142,7 +144,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
 
         return endpoint
 
-    async def stream() -> AsyncIterator[bytes]:
+    async def stream(authorization: str | None) -> AsyncIterator[bytes]:
         while not publisher.published and not publisher.closed:  # no table of the fleet yet: nothing to send but liveness
             yield publisher.heartbeat()
             await publisher.wait_change(publisher.version, heartbeat_s)
@@ -152,7 +154,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
         yield await publisher.snapshot()
         while not publisher.closed:
             await publisher.wait_change(seen, heartbeat_s)
-            if publisher.closed:
+            if publisher.closed or not await authenticator.still_valid(authorization):  # revoked or expired meanwhile
                 return
             if publisher.version != seen:
                 seen, events = await publisher.since(seen)
@@ -165,7 +167,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
         if watch not in ("", "0", "1", "true", "false"):
             return JSONResponse({"error": "watch must be 1 or 0"}, status_code=400)
         if watch in ("1", "true"):
-            return StreamingResponse(stream(), media_type="application/x-ndjson", headers={"cache-control": "no-cache"})
+            return StreamingResponse(stream(request.headers.get("authorization")), media_type="application/x-ndjson",
+                                     headers={"cache-control": "no-cache"})
         if not publisher.published:
             return JSONResponse({"error": "no endpoint table yet: the control plane's first pass has not ended; retry in a few seconds"},
                                 status_code=503, headers={"retry-after": "2"})

@@ -1,0 +1,79 @@
+"""A revoked or expired API token loses what it had opened as well as what it asks next:
+the endpoint-table watch a standalone gateway keeps open ends at its next event."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from orchestrator import runloop
+from orchestrator.api import auth
+from orchestrator.api import watch as watch_api
+from orchestrator.gateway import endpoints
+from orchestrator.store import sqlite as store_mod
+
+HEARTBEAT_S = 0.1
+
+
+@asynccontextmanager
+async def watch_server(store: store_mod.Store) -> AsyncIterator[str]:
+    """The watch routes on loopback behind uvicorn, with auth on and quick heartbeats; yields the base URL."""
+    publisher = watch_api.TablePublisher(endpoints.EndpointTable())
+    app = Starlette(routes=watch_api.routes(auth.Authenticator(store, required=True), store, publisher, heartbeat_s=HEARTBEAT_S))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = runloop.http_server(app)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        publisher.close()
+        server.should_exit = True
+        await task
+
+
+async def events_until_the_end(lines: AsyncIterator[str], within_s: float) -> int:
+    """How many events came before the stream ended; fails if it is still open after ``within_s``."""
+    count = 0
+    async with asyncio.timeout(within_s):
+        async for _ in lines:
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("how", ["revoked", "expired"])
+async def test_the_watch_of_a_token_ends_once_it_is_revoked_or_expired(tmp_path: pathlib.Path, how: str) -> None:
+    now = [1000.0]
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: now[0])
+    secret, info = store.create_token("api", "read", 60, "admin", "standalone gateway")
+    other, _ = store.create_token("api", "read", None, "admin", "another gateway")
+    try:
+        async with watch_server(store) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            async with http.stream("GET", "/v1/endpoints?watch=1", headers={"authorization": f"Bearer {secret}"}) as mine, \
+                    http.stream("GET", "/v1/endpoints?watch=1", headers={"authorization": f"Bearer {other}"}) as theirs:
+                assert mine.status_code == theirs.status_code == 200
+                lines, kept = mine.aiter_lines(), theirs.aiter_lines()
+                assert '"snapshot"' in await anext(lines) and '"snapshot"' in await anext(kept)
+                assert '"heartbeat"' in await anext(lines)  # still valid: the watch goes on
+                if how == "revoked":
+                    store.revoke_token(info.id, "admin", "leaked in a CI log")
+                else:
+                    now[0] += 61
+                assert await events_until_the_end(lines, 50 * HEARTBEAT_S) <= 1  # one heartbeat may have been on its way
+                assert '"heartbeat"' in await anext(kept)  # another token's watch is untouched
+            again = await http.get("/v1/endpoints", params={"watch": "1"}, headers={"authorization": f"Bearer {secret}"})
+            assert again.status_code == 401
+    finally:
+        store.close()
