@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pathlib
 import stat
-import time
 
 import grpc
 import pytest
@@ -117,7 +116,7 @@ async def test_a_damaged_client_key_is_set_aside_and_the_agent_enrols_again(tmp_
         cert = (agent.data_dir / "agent.crt").read_bytes()
         stranger_key = identity.new_key_and_csr("edge-a")[0]
         (agent.data_dir / "agent.key").write_bytes(stranger_key)
-        restarted_at = time.time()
+        restarted_at = cp.hub.now()  # the clock the hub stamps its statuses with (monotonic)
         restarted = await fleet.restart_agent("edge-a")
         await harness.wait_until(lambda: (s := cp.hub.status("edge-a")) is not None and s.healthy and s.last_heartbeat > s.joined_at > restarted_at,
                                  20, what="the agent to enrol again and be heard from over mutual TLS")
