@@ -310,6 +310,10 @@ class Uplink:
             request.csr_pem = csr_pem.decode()
             response: pb.JoinResponse = await pb_grpc.AgentControlStub(channel).Join(request, metadata=metadata, timeout=JOIN_TIMEOUT_S)
         except grpc.RpcError as exc:
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAUTHENTICATED:
+                # the site's credential does not enrol: only a bootstrap token does, and --token is no longer one
+                raise errors.JoinRefused(f"cannot enrol: {exc.details()}; restart the agent with a fresh bootstrap token "
+                                         "(--token, from 'edgeplane token create --role agent')", exc.code().name) from exc
             raise translate(exc, await self._hint(exc, self._dial(target, join=True))) from exc
         finally:
             await channel.close(grace=None)

@@ -270,6 +270,15 @@ class AgentHub:
             elif holder != agent_id:
                 raise errors.SiteTaken(message, holder=holder, retry_after_s=until - now)
 
+    def check_enrolment(self, site: str, bootstrap_token: str) -> None:
+        """A client certificate asked for without one (the join port) is for a valid bootstrap
+        token only: the site's credential never expires, so a copy of it must not mint
+        certificates; renewal goes over mutual TLS, with the certificate it renews."""
+        if not self._auth.verify_bootstrap(bootstrap_token):
+            raise errors.NotAuthenticated(
+                f"no client certificate for site {site!r}: the join port issues one only for a valid bootstrap token, and this "
+                "one is unknown, expired or revoked (a certificate is renewed over mutual TLS with the current one)")
+
     def authenticate_stream(self, site: str, agent_id: str, credential: str) -> None:
         """Check the metadata of a Heartbeats/WatchAssignments stream, once per stream."""
         if not self._auth.verify_credential(site, credential):

@@ -140,6 +140,8 @@ class AgentControlServicer:
             except ValueError as exc:  # CertificateError and malformed PEM alike
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot sign this CSR: {exc}")
         try:
+            if request.csr_pem and peer is None:  # no certificate to renew: an enrolment
+                self._hub.check_enrolment(request.site, request.bootstrap_token)
             response = self._hub.join(application).to_proto()
         except errors.AgentHubError as exc:
             await context.abort(_status_code(exc), str(exc))

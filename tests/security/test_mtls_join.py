@@ -104,6 +104,55 @@ async def test_a_bad_csr_is_refused_before_the_join_touches_the_site(tmp_path) -
         await fleet.stop()
 
 
+async def test_the_join_port_issues_a_certificate_for_a_valid_bootstrap_token_only(tmp_path) -> None:
+    """A site's credential never expires: on the join port (no client certificate) it must not
+    mint certificates, or a copy of it would make the certificates' lifetime bound nothing."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        assert cp.ca_file is not None and cp.agent_join_target
+        creds = grpc.ssl_channel_credentials(cp.ca_file.read_bytes())
+
+        async def join(token: str, credential: str = "", agent_id: str = "") -> pb.JoinResponse:
+            async with grpc.aio.secure_channel(cp.agent_join_target, creds) as ch:
+                return await pb_grpc.AgentControlStub(ch).Join(
+                    pb.JoinRequest(site="edge-a", bootstrap_token=token, agent_id=agent_id, endpoint_url="http://127.0.0.1:9",
+                                   csr_pem=identity.new_key_and_csr("edge-a")[1].decode()),
+                    metadata=((service.CREDENTIAL_KEY, credential),) if credential else (), timeout=5)
+
+        enrolled = await join(harness.BOOTSTRAP_TOKEN)
+        assert identity.site_of(enrolled.certificate_pem.encode()) == "edge-a" and enrolled.credential
+        revoked, info = cp.store.create_token("bootstrap", "agent", 60, "test", "")
+        cp.store.revoke_token(info.id, "test")
+        for token in ("not-a-token", revoked, ""):
+            with pytest.raises(grpc.RpcError) as refused:
+                await join(token, enrolled.credential, enrolled.agent_id)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, token
+            assert "only for a valid bootstrap token" in (refused.value.details() or "")
+        assert cp.hub.status("edge-a").agent_id == enrolled.agent_id  # the refusals touched nothing
+        again = await join(harness.BOOTSTRAP_TOKEN, enrolled.credential, enrolled.agent_id)  # with a valid token: same agent
+        assert again.agent_id == enrolled.agent_id and identity.site_of(again.certificate_pem.encode()) == "edge-a"
+    finally:
+        await fleet.stop()
+
+
+async def test_an_agent_that_must_enrol_again_with_a_spent_token_says_to_give_a_fresh_one(tmp_path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        await fleet.start_control_plane()
+        agent = await fleet.start_agent("edge-a", country="FR", lat=48.8, lon=2.3)
+        agent.stop()
+        (agent.data_dir / "agent.key").write_bytes(identity.new_key_and_csr("edge-a")[0])  # not the certificate's: enrol again
+        cmd = [("spent-token" if arg == harness.BOOTSTRAP_TOKEN else arg) for arg in agent.process.args]  # type: ignore[union-attr]
+        fleet.agents["edge-a"] = restarted = await harness.spawn_agent_async(cmd, "edge-a", agent.data_dir)
+        await harness.wait_until(lambda: "restart the agent with a fresh bootstrap token" in restarted.log(), 30,
+                                 what="the agent to say what it needs")
+        line = next(x for x in restarted.log().splitlines() if "fresh bootstrap token" in x)
+        assert "cannot enrol: no client certificate for site 'edge-a'" in line and "Traceback" not in restarted.log()
+    finally:
+        await fleet.stop()
+
+
 async def test_a_damaged_client_key_is_set_aside_and_the_agent_enrols_again(tmp_path) -> None:
     """Every handshake with a key that is not the certificate's fails: the agent sees it
     before dialling, keeps the pair aside for inspection and enrols again with its token."""
