@@ -560,9 +560,9 @@ class ControlPlane:
 
     # -- api.Services ------------------------------------------------------------------
 
-    def _verify_gateway_token(self, secret: str) -> store_mod.TokenInfo | None:
-        try:
-            return self.store.verify_token(secret, "api")
+    async def _verify_gateway_token(self, secret: str) -> store_mod.TokenInfo | None:
+        try:  # the control API's verdicts: off the event loop, kept a few seconds, forgotten on a revocation
+            return await self.authenticator.verify(secret)
         except store_mod.StoreError as exc:  # the gateway answers 503, as the control API does
             raise admission.TokenCheckUnavailable(str(exc)) from exc
 

@@ -75,7 +75,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     def guarded(handler: Handler, write: bool = False) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            caller = services.authenticator.admit(request, write=write)
+            caller = await services.authenticator.admit(request, write=write)
             if isinstance(caller, Response):
                 return caller
             try:
@@ -219,6 +219,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         what, name = request.path_params["what"], request.path_params["name"]
         if what == "tokens":
             ok = store.revoke_token(name, caller.identity, _reason(request, "revoked"))
+            services.authenticator.forget_tokens()  # refused here at once; other replicas within the verdicts' few seconds
         elif what == "agents":
             ok = store.revoke_agent(name, caller.identity, _reason(request, "agent identity revoked"))
             if ok:

@@ -8,13 +8,15 @@ server refuses to start on a non-loopback address in that mode.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from orchestrator.security import tokencache
 from orchestrator.security.bearer import bearer_secret
 from orchestrator.store import sqlite as store_mod
 
@@ -45,15 +47,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
 class Authenticator:
-    store: store_mod.Store
-    required: bool
+    """Who a request's bearer token is. The store is asked off the event loop and its verdicts
+    kept a few seconds (:mod:`orchestrator.security.tokencache`); :meth:`forget_tokens` after a
+    revocation makes this process refuse the token at once."""
 
-    def caller(self, authorization: str | None) -> Caller:
+    def __init__(self, store: store_mod.Store, required: bool, *, ttl_s: float = tokencache.TTL_S,
+                 wall: Callable[[], float] = time.time) -> None:
+        """``wall``: the clock the store's token expiries are on."""
+        self.store, self.required = store, required
+        self.tokens: tokencache.TokenVerdicts[store_mod.TokenInfo] = tokencache.TokenVerdicts(
+            lambda secret: self.store.verify_token(secret, "api"), ttl_s=ttl_s, wall=wall)
+
+    async def verify(self, secret: str) -> store_mod.TokenInfo | None:
+        """The API token ``secret`` when valid, else None; StoreError when the store does not answer."""
+        return await self.tokens.verify(secret)
+
+    def forget_tokens(self) -> None:
+        """A token was revoked: every kept verdict goes, so this process refuses it at once."""
+        self.tokens.forget()
+
+    async def caller(self, authorization: str | None) -> Caller:
         secret = bearer_secret(authorization)
         if secret is not None:
-            info = self.store.verify_token(secret, "api")
+            info = await self.verify(secret)
             if info is None:
                 raise Unauthorized("the bearer token is unknown, revoked or expired")
             return Caller(f"token:{info.id}" + (f" ({info.description})" if info.description else ""), info.role)
@@ -68,12 +85,12 @@ class Authenticator:
         secret = bearer_secret(authorization)
         if secret is None:
             return True
-        try:  # off the event loop: the lookup may be a network round trip
-            return await asyncio.to_thread(self.store.verify_token, secret, "api") is not None
+        try:
+            return await self.verify(secret) is not None
         except store_mod.StoreError:
             return True
 
-    def admit(self, request: Request, *, write: bool = False, needs: str = "this needs 'admin'") -> Caller | JSONResponse:
+    async def admit(self, request: Request, *, write: bool = False, needs: str = "this needs 'admin'") -> Caller | JSONResponse:
         """The caller of ``request``, or the answer that refuses it: 400 for a path or query
         holding a NUL character (no name holds one, and PostgreSQL cannot store one: it
         would reach the store as a lookup or an event's name), 401 without a valid token,
@@ -83,7 +100,7 @@ class Authenticator:
             return JSONResponse({"error": "the request's path or query holds a NUL character, which no name or value here may hold"},
                                 status_code=400)
         try:
-            caller = self.caller(request.headers.get("authorization"))
+            caller = await self.caller(request.headers.get("authorization"))
         except Unauthorized as exc:
             return JSONResponse({"error": str(exc)}, status_code=401)
         except store_mod.StoreError as exc:  # the token is looked up in a store that does not answer

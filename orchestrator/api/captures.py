@@ -33,7 +33,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
            clock: Callable[[], float] = time.time) -> list[BaseRoute]:
     def admin_only(handler: Callable[[Request, auth.Caller], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            caller = authenticator.admit(request, write=True, needs="captured data needs 'admin'")
+            caller = await authenticator.admit(request, write=True, needs="captured data needs 'admin'")
             if isinstance(caller, Response):
                 return caller
             zone = request.path_params["zone"].upper()

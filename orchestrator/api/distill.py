@@ -159,7 +159,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
     running: dict[str, asyncio.Task[None]] = {}  # deployment -> its run on this control plane
 
     async def distill(request: Request) -> Response:
-        caller = authenticator.admit(request, write=True, needs="distillation needs 'admin'")
+        caller = await authenticator.admit(request, write=True, needs="distillation needs 'admin'")
         if isinstance(caller, Response):
             return caller
         name = request.path_params["deployment"]

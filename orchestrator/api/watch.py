@@ -137,7 +137,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
            heartbeat_s: float = HEARTBEAT_S) -> list[BaseRoute]:
     def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            refused = authenticator.admit(request)
+            refused = await authenticator.admit(request)
             if isinstance(refused, Response):
                 return refused
             return await handler(request)
@@ -181,7 +181,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
                 return JSONResponse({"error": "this API needs 'Authorization: Bearer <token>'"}, status_code=401)
             return JSONResponse({"id": None, "identity": "anonymous", "role": "admin"})
         try:
-            info = store.verify_token(secret, "api")
+            info = await authenticator.verify(secret)
         except store_mod.StoreError as exc:  # the store that holds the tokens does not answer
             return JSONResponse({"error": str(exc)}, status_code=503)
         if info is None:

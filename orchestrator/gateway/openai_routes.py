@@ -169,11 +169,11 @@ class OpenAIGateway:
 
     # admission ---------------------------------------------------------------------------
 
-    def _admit(self, request: Request) -> Response | None:
+    async def _admit(self, request: Request) -> Response | None:
         """Token auth and rate limits of the v2 routes, answered as OpenAI error objects.
         With auth off the ``Authorization`` header is not looked at: the SDK always sends one."""
         admit = self.gw._admit
-        refused = admit(request) if admit is not None else None
+        refused = await admit(request) if admit is not None else None
         if refused is None:
             return None
         try:
@@ -199,7 +199,7 @@ class OpenAIGateway:
     # routes ------------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        refused = self._admit(request)
+        refused = await self._admit(request)
         if refused is not None:
             return refused
         caller = self.gw.caller(request)
@@ -213,7 +213,7 @@ class OpenAIGateway:
         return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
 
     async def get_model(self, request: Request) -> Response:
-        refused = self._admit(request)
+        refused = await self._admit(request)
         if refused is not None:
             return refused
         model = request.path_params["model"]
@@ -230,7 +230,7 @@ class OpenAIGateway:
         return await self._generate(request, "/completions")
 
     async def _generate(self, request: Request, suffix: str) -> Response:
-        refused = self._admit(request)
+        refused = await self._admit(request)
         if refused is not None:
             return refused
         try:

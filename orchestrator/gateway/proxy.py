@@ -78,7 +78,7 @@ class Gateway:
         position: tuple[float, float] | None = None,
         max_attempts: int = 3,
         ready: Any = lambda: True,
-        admit: Callable[[Request], Response | None] | None = None,
+        admit: Callable[[Request], Awaitable[Response | None]] | None = None,
         max_body: int = MAX_BODY,
         cold_start_s: float = COLD_START_S,
         cascade: cascade_mod.CascadeHandler | None = None,
@@ -281,7 +281,7 @@ class Gateway:
             return handler
 
         async def endpoint(request: Request) -> Response:
-            refused = admit(request)
+            refused = await admit(request)
             return refused if refused is not None else await handler(request)
 
         return endpoint

@@ -33,6 +33,7 @@ import orjson
 
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
+from orchestrator.security import admission
 
 log = logging.getLogger("edgeplane.gateway")
 
@@ -256,8 +257,8 @@ class Token:
     id: str
 
 
-class Unverifiable(Exception):
-    """No control plane could say whether a token is valid."""
+class Unverifiable(admission.TokenCheckUnavailable):
+    """No control plane could say whether a token is valid (the gateway answers 503)."""
 
 
 def is_token_shaped(secret: str) -> bool:
@@ -285,11 +286,6 @@ class TokenChecker:
     @staticmethod
     def _key(secret: str) -> str:
         return hashlib.sha256(secret.encode()).hexdigest()
-
-    def cached(self, secret: str) -> Token | None:
-        """The verdict in the cache (fresh or not): what admission reads, synchronously."""
-        hit = self._cache.get(self._key(secret))
-        return hit[0] if hit is not None else None
 
     async def check(self, secret: str) -> Token | None:
         """Valid (a :class:`Token`) or not (None); :class:`Unverifiable` when nobody can tell."""

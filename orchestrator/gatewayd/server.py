@@ -32,7 +32,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from edgeplane_proto import oip
 from orchestrator.api import methods
@@ -41,13 +41,9 @@ from orchestrator import runloop, urlpath
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, options, proxy, routing, upstream, wire
-from orchestrator.security import admission, bearer, ratelimit
+from orchestrator.security import admission, ratelimit
 
 log = logging.getLogger("edgeplane.gateway")
-
-#: Routes whose callers' tokens are checked (with ``--gateway-auth token``).
-GUARDED_PREFIXES = ("/v2/models", openai_routes.PREFIX, "/v1/endpoints/", *openai_routes.SDK_PATHS)
-
 
 class ConfigError(Exception):
     """The gateway was asked to start with flags that cannot work."""
@@ -89,27 +85,6 @@ def parse_control_plane(url: str) -> str:
     return url.rstrip("/")
 
 
-class _TokenPrefetch:
-    """Checks the caller's bearer token with the control plane (cached) before admission reads it."""
-
-    def __init__(self, app: ASGIApp, checker: follow.TokenChecker) -> None:
-        self.app, self.checker = app, checker
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(GUARDED_PREFIXES):
-            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-            secret = bearer.bearer_secret(header)
-            if secret is not None:
-                try:
-                    await self.checker.check(secret)
-                except follow.Unverifiable as exc:
-                    response = Response(oip.error_body(f"cannot check the API token now: {exc}; retry"), status_code=503,
-                                        media_type="application/json", headers={"retry-after": "2"})
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
 @dataclass
 class StandaloneGateway:
     config: GatewayConfig
@@ -145,7 +120,7 @@ class StandaloneGateway:
         self.registry = CollectorRegistry()
         self._http = upstream.UpstreamPool(connect_timeout=2.0, timeout=30.0)
         self.admission = admission.GatewayAdmission(ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
-                                                    self.checker.cached if cfg.gateway_auth == "token" else None)
+                                                    self.checker.check if cfg.gateway_auth == "token" else None)
         self._limited = cfg.gateway_auth == "token" or cfg.gateway_rate > 0
         cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry), position=cfg.position)
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry), position=cfg.position,
@@ -158,8 +133,6 @@ class StandaloneGateway:
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
         ], exception_handlers=methods.EXCEPTION_HANDLERS)
-        if cfg.gateway_auth == "token":
-            app = _TokenPrefetch(app, self.checker)
         self._uvicorn = runloop.http_server(app)
         self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="gateway-http")
         self._following = asyncio.create_task(self.follower.run(), name="gateway-follow")
@@ -182,16 +155,16 @@ class StandaloneGateway:
         await self.checker.close()
         await self._http.close()
 
-    def _admit(self, request: Request) -> Response | None:
+    async def _admit(self, request: Request) -> Response | None:
         """Every model route: 503 until the first table, then auth and rate limits when set."""
         if not self.follower.ready:
             why = f" ({self.follower.last_error})" if self.follower.last_error else ""
             return Response(oip.error_body(f"the gateway has no endpoint table from the control plane yet{why}; retry"),
                             status_code=503, media_type="application/json", headers={"retry-after": "2"})
-        return self.admission.check(request) if self._limited else None
+        return await self.admission.check(request) if self._limited else None
 
     async def _endpoints(self, request: Request) -> Response:
-        refused = self._admit(request)
+        refused = await self._admit(request)
         if refused is not None:
             return refused
         caller = self.table.query_caller(request.query_params)

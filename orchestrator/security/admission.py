@@ -12,7 +12,7 @@ limit on tokens there.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from starlette.requests import Request
@@ -38,18 +38,20 @@ class VerifiedToken(Protocol):
 
 
 class GatewayAdmission:
-    def __init__(self, limiter: ratelimit.RateLimiter, verify_token: Callable[[str], VerifiedToken | None] | None = None) -> None:
-        """``verify_token`` set = every model request needs a valid API token (any role)."""
+    def __init__(self, limiter: ratelimit.RateLimiter,
+                 verify_token: Callable[[str], Awaitable[VerifiedToken | None]] | None = None) -> None:
+        """``verify_token`` set = every model request needs a valid API token (any role); it
+        must not block the event loop (a store lookup runs in a worker thread, its verdict kept)."""
         self.limiter = limiter
         self._verify = verify_token
 
-    def check(self, request: Request) -> Response | None:
+    async def check(self, request: Request) -> Response | None:
         key = None
         header = request.headers.get("authorization")
         if self._verify is not None:
             secret = bearer.bearer_secret(header)
             try:
-                info = self._verify(secret) if secret is not None else None
+                info = await self._verify(secret) if secret is not None else None
             except TokenCheckUnavailable as exc:
                 return _refuse(503, f"cannot check the API token now: {exc}; retry", {"retry-after": "2"})
             if info is None:

@@ -1,0 +1,160 @@
+"""API-token checks run off the event loop and keep their verdicts a few seconds: a database
+that stalls holds up the requests that wait on it, not the process; the gateway's hot path
+reads a kept verdict; a revocation through this process is refused at once all the same."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from orchestrator.security import tokencache
+from orchestrator.testing import harness
+from orchestrator.testing.postgres import PostgresServer
+
+
+@dataclass(frozen=True)
+class Info:
+    id: str
+    expires_at: float | None = None
+
+
+class Lookups:
+    """The store's side of a token check, counted; ``gate`` set: each lookup reads, then waits for it."""
+
+    def __init__(self, valid: dict[str, Info]) -> None:
+        self.valid, self.asked = valid, 0
+        self.gate: threading.Event | None = None
+        self.failing: Exception | None = None
+
+    def __call__(self, secret: str) -> Info | None:
+        self.asked += 1
+        found = self.valid.get(secret)  # read, then slow to come back
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.failing is not None:
+            raise self.failing
+        return found
+
+
+def verdicts(lookups: Lookups, now: list[float], **options: float) -> tokencache.TokenVerdicts[Info]:
+    return tokencache.TokenVerdicts(lookups, clock=lambda: now[0], wall=lambda: now[0], **options)  # type: ignore[arg-type]
+
+
+async def test_a_verdict_is_kept_ttl_seconds_and_no_longer_than_the_token_lives() -> None:
+    now = [1000.0]
+    lookups = Lookups({"a": Info("a"), "b": Info("b", expires_at=1002.0)})
+    tokens = verdicts(lookups, now, ttl_s=5.0)
+    assert [await tokens.verify(s) for s in ("a", "a", "b", "nope", "nope")] == [Info("a"), Info("a"), Info("b", 1002.0), None, None]
+    assert lookups.asked == 3  # one per token, refused ones too
+    now[0] += 3.0  # b has expired: asked again; a is still kept
+    lookups.valid.pop("b")
+    assert (await tokens.verify("a"), await tokens.verify("b"), lookups.asked) == (Info("a"), None, 4)
+    now[0] += 2.5  # past the ttl: asked again
+    assert (await tokens.verify("a"), lookups.asked) == (Info("a"), 5)
+
+
+async def test_callers_with_one_token_share_one_lookup_and_a_failure_is_not_kept() -> None:
+    now = [0.0]
+    lookups = Lookups({"a": Info("a")})
+    tokens = verdicts(lookups, now)
+    lookups.gate = threading.Event()
+    waiting = [asyncio.ensure_future(tokens.verify("a")) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    lookups.gate.set()
+    assert await asyncio.gather(*waiting) == [Info("a")] * 20 and lookups.asked == 1
+    lookups.gate, lookups.failing = None, ConnectionError("the store does not answer")
+    with pytest.raises(ConnectionError):
+        await tokens.verify("b")
+    lookups.failing = None
+    assert await tokens.verify("b") is None and lookups.asked == 3
+
+
+async def test_forget_drops_every_verdict_and_one_looked_up_before_it_is_not_kept() -> None:
+    now = [0.0]
+    lookups = Lookups({"a": Info("a")})
+    tokens = verdicts(lookups, now)
+    assert await tokens.verify("a") == Info("a")
+    lookups.gate = threading.Event()
+    tokens.forget()
+    before = asyncio.ensure_future(tokens.verify("a"))  # reads the store before the revocation commits...
+    await asyncio.sleep(0.05)
+    tokens.forget()  # ...which the revoking request then announces
+    del lookups.valid["a"]
+    lookups.gate.set()
+    assert await before == Info("a")  # it raced the revocation
+    lookups.gate = None
+    assert await tokens.verify("a") is None  # but its verdict was not kept
+
+
+async def test_the_verdicts_kept_are_bounded() -> None:
+    now = [0.0]
+    lookups = Lookups({})
+    tokens = verdicts(lookups, now, max_entries=3)
+    for secret in ("a", "b", "c", "d", "a"):
+        await tokens.verify(secret)
+    assert lookups.asked == 5  # "a" was dropped to keep 3
+
+
+async def test_a_token_revoked_through_this_control_plane_is_refused_at_once(tmp_path: pathlib.Path) -> None:
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(auth="token", gateway_auth="token")
+        admin = {"authorization": f"Bearer {cp.admin_token}"}
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            made = (await http.post("/v1/tokens", json={"purpose": "api", "role": "read"}, headers=admin)).json()
+            reader = {"authorization": f"Bearer {made['token']}"}
+            for _ in range(2):  # the second answered from the kept verdict
+                assert (await http.get("/v1/sites", headers=reader)).status_code == 200
+                assert (await http.get("/v2/models/m", headers=reader)).status_code == 404  # admitted; no such model
+                assert (await http.get("/v1/whoami", headers=reader)).json()["id"] == made["id"]
+            assert (await http.post(f"/v1/revoke/tokens/{made['id']}", headers=admin)).status_code == 200
+            assert (await http.get("/v1/sites", headers=reader)).status_code == 401
+            assert (await http.get("/v2/models/m", headers=reader)).status_code == 401
+            assert (await http.get("/v1/whoami", headers=reader)).status_code == 401
+    finally:
+        await fleet.stop()
+
+
+async def test_a_token_lookup_stalled_in_the_database_holds_up_no_other_request(tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    """Checked on the event loop, one token lookup waiting on a stalled database (its server
+    process stopped here; a frozen VM alike) froze the process: the liveness probe too."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(store=postgres.create_database(), auth="token", gateway_auth="token")
+        api_token, _ = cp.store.create_token("api", "read", None, "test", "dashboards")
+        gateway_token, _ = cp.store.create_token("api", "read", None, "test", "app")
+        pid = cp.store.backend_pid
+        assert pid
+
+        def probe_then_resume() -> int | None:
+            """From outside the event loop, which a blocking lookup would hold: the liveness
+            probe's answer within 3 s while the database is stalled; then the database resumes."""
+            time.sleep(0.3)  # the token lookups below now wait on the database
+            try:
+                return httpx.get(f"{cp.http_url}/v2/health/live", timeout=3).status_code
+            except httpx.TimeoutException:
+                return None
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                probing = asyncio.get_running_loop().run_in_executor(None, probe_then_resume)  # starts at once
+                stalled = await asyncio.gather(http.get("/v1/whoami", headers={"authorization": f"Bearer {api_token}"}),
+                                               http.get("/v2/models/m", headers={"authorization": f"Bearer {gateway_token}"}))
+                live = await probing
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        assert live == 200, "the liveness probe got no answer while a token lookup waited on the database"
+        assert [r.status_code for r in stalled] == [200, 404]  # answered once the database is back
+    finally:
+        await fleet.stop()
