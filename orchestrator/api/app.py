@@ -200,6 +200,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return error(400, f"role must be one of {', '.join(auth.ROLES)}")
         if purpose == "bootstrap" and role != "agent":  # an agent's join token: any other role was stored as given
             return error(400, "a bootstrap token's role is 'agent'")
+        if ttl is None and purpose == "bootstrap":  # only static bootstrap tokens (edgeplane serve --bootstrap-token) never expire
+            return error(400, "a bootstrap token expires: give ttlSeconds, or leave it out for an hour")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TOKEN_TTL_S):
             return error(400, f"ttlSeconds must be a positive number of seconds, at most {MAX_TOKEN_TTL_S} (10 years)")
         secret, info = store.create_token(purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])

@@ -89,6 +89,14 @@ async def test_a_bootstrap_token_of_another_role_than_agent_is_refused(api: http
     assert (await api.post("/v1/tokens", json={"purpose": "bootstrap", "role": "agent"})).status_code == 201
 
 
+async def test_a_bootstrap_token_without_an_expiry_is_refused(api: httpx.AsyncClient) -> None:
+    """``"ttlSeconds": null`` made one that never expired: only static bootstrap tokens do."""
+    made = await api.post("/v1/tokens", json={"purpose": "bootstrap", "ttlSeconds": None})
+    assert (made.status_code, made.json()) == (400, {"error": "a bootstrap token expires: give ttlSeconds, or leave it out for an hour"})
+    assert (await api.post("/v1/tokens", json={"purpose": "bootstrap"})).json()["expiresAt"] is not None
+    assert (await api.post("/v1/tokens", json={"purpose": "api", "role": "read", "ttlSeconds": None})).json()["expiresAt"] is None
+
+
 async def test_every_guarded_route_answers_503_while_the_token_store_does_not_answer(
         tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The watch, capture and distillation routes and whoami gave 500 there; the others 503."""
