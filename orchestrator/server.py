@@ -510,9 +510,14 @@ class ControlPlane:
             return
         secret, _ = self.store.create_token("api", "admin", None, "edgeplane serve", "initial admin token")
         path = self.config.data_dir / "admin.token"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # a new file, 0600 from its creation, renamed over any old one: opening an existing
+        # admin.token (a store reset beside it) would keep its mode, maybe readable by all
+        fresh = path.with_name(f".admin.token.{os.getpid()}")
+        fresh.unlink(missing_ok=True)
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secret + "\n")
+        os.replace(fresh, path)
         self.admin_token = secret
         log.info("wrote the initial admin token to %s", path)
 

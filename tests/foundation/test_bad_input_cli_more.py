@@ -105,6 +105,22 @@ def test_a_start_that_fails_leaves_no_admin_token_and_the_next_one_writes_it(bus
         cp.stop()
 
 
+def test_an_admin_token_file_left_readable_by_others_is_replaced_by_one_only_the_owner_reads(
+        tmp_path: pathlib.Path, offline_fleet: pathlib.Path) -> None:
+    """Writing into an existing admin.token (beside a new store) kept its mode: the new secret was readable by all."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "admin.token").write_text("a token of a store since reset\n")
+    (data / "admin.token").chmod(0o644)
+    cp = start_control_plane(data, offline_fleet, auth="token")
+    try:
+        assert cp.cp is not None and (data / "admin.token").read_text() == cp.cp.admin_token + "\n"
+        assert (data / "admin.token").stat().st_mode & 0o777 == 0o600
+        assert sorted(p.name for p in data.iterdir() if "admin" in p.name) == ["admin.token"]
+    finally:
+        cp.stop()
+
+
 def test_a_start_that_fails_keeps_the_admin_token_an_earlier_run_wrote(busy_port: int, tmp_path: pathlib.Path,
                                                                        offline_fleet: pathlib.Path) -> None:
     data = tmp_path / "data"
