@@ -25,7 +25,9 @@ HEARTBEAT_S = 0.1
 @asynccontextmanager
 async def watch_server(store: store_mod.Store) -> AsyncIterator[str]:
     """The watch routes on loopback behind uvicorn, with auth on and quick heartbeats; yields the base URL."""
-    publisher = watch_api.TablePublisher(endpoints.EndpointTable())
+    table = endpoints.EndpointTable()
+    table.replace([])  # a control plane after its first pass: the watch sends its snapshot at once
+    publisher = watch_api.TablePublisher(table)
     app = Starlette(routes=watch_api.routes(auth.Authenticator(store, required=True), store, publisher, heartbeat_s=HEARTBEAT_S))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
