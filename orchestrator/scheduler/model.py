@@ -278,14 +278,15 @@ class Deployment:
     def demand_replicas(self) -> int | None:
         """``ceil(total demand rps / slowest throughputRps)`` before [min, max] (None: no demand or rate).
 
-        A quotient past ``max`` (even one that overflows to inf, which ``ceil`` cannot
-        convert) is ``max``: the clamp would take it there anyway.
+        A quotient too large to count (one that overflows to inf, which ``ceil`` cannot
+        convert) is ``max``: the clamp would take it there anyway. Any other is its ceiling,
+        which the reason for the count shows beside the clamp.
         """
         rate = self.slowest_rps()
         if rate is None or self.total_rps <= 0:
             return None
         need = self.total_rps / rate
-        return math.ceil(need - 1e-9) if need < self.max_replicas else self.max_replicas
+        return math.ceil(need - 1e-9) if need < 2.0**62 else self.max_replicas
 
 
 @dataclass(frozen=True)
