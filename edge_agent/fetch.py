@@ -178,9 +178,9 @@ def _total_size(headers: http.client.HTTPMessage, have: int) -> int | None:
     content_range = headers.get("content-range", "")
     if "/" in content_range:
         tail = content_range.rsplit("/", 1)[1]
-        return int(tail) if tail.isdigit() else None
+        return int(tail) if tail.isascii() and tail.isdigit() else None
     length = headers.get("content-length")
-    return have + int(length) if length and length.isdigit() else None
+    return have + int(length) if length and length.isascii() and length.isdigit() else None
 
 
 def _over(max_bytes: int) -> str:

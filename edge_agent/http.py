@@ -280,7 +280,7 @@ class InferenceServer:
         header = request.headers.get(_BINARY_HEADER)
         header_length: int | None = None
         if header is not None:
-            if not header.isdigit():
+            if not (header.isascii() and header.isdigit()):  # isdigit alone takes '²', which int() refuses
                 self.metrics.observe_error(name, 400)
                 return _error(400, f"{oip.BINARY_HEADER} must be a non-negative integer")
             header_length = int(header)

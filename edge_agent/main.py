@@ -48,7 +48,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not host:
         raise argparse.ArgumentTypeError(f"{value!r} must be HOST:PORT")
     if int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{value!r}: {port} is not a port (0-65535)")

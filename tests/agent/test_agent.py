@@ -250,6 +250,8 @@ BAD_BODIES = [
         {"x-binary": True}, 400, "binary data runs past", id="short-binary",
     ),
     pytest.param(b"{}", {oip.BINARY_HEADER: "abc"}, 400, "non-negative integer", id="bad-header"),
+    # '²' in latin-1, which header values are read as: a digit to str.isdigit, not to int()
+    pytest.param(b"{}", {oip.BINARY_HEADER: b"\xb2"}, 400, "non-negative integer", id="non-ascii-digit-header"),
     pytest.param(b"x" * 5000, {}, 413, "exceeds 4096 bytes", id="too-large"),
 ]
 
@@ -271,7 +273,7 @@ async def test_bad_infer_requests_get_clear_errors(
         headers[oip.BINARY_HEADER] = str(len(body) - 16)
     async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
         response = await client.post(
-            "/v2/models/mlp/infer", content=body, headers={k: str(v) for k, v in headers.items()}
+            "/v2/models/mlp/infer", content=body, headers={k: v if isinstance(v, bytes) else str(v) for k, v in headers.items()}
         )
         assert response.status_code == status, response.text
         assert fragment in response.json()["error"]

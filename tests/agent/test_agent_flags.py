@@ -35,6 +35,7 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--ca-sha256", "abc"], "argument --ca-sha256: 'abc' is not a SHA-256"),
     (["--site", "edge-x", "--control-plane", "nohostport"], "argument --control-plane: 'nohostport' must be HOST:PORT"),
     (["--site", "edge-x", "--control-plane", "127.0.0.1:abc"], "argument --control-plane: '127.0.0.1:abc' must be HOST:PORT"),
+    (["--site", "edge-x", "--control-plane", "127.0.0.1:\u00b2"], "argument --control-plane: '127.0.0.1:\u00b2' must be HOST:PORT"),
     (["--site", "edge-x", "--control-plane", "127.0.0.1:99999"], "argument --control-plane: '127.0.0.1:99999': 99999 is not a port"),
     (["--site", "edge-x", "--control-plane", "cp:0"], "argument --control-plane: 'cp:0': 0 is not a port to dial"),
     (["--site", "edge-x", "--control-plane", "::1:8081"], "argument --control-plane: '::1:8081': an IPv6 address goes in brackets"),

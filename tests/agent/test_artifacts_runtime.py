@@ -150,6 +150,15 @@ async def test_an_artifact_announced_over_the_limit_is_refused_before_its_downlo
     assert list(cache.root.iterdir()) == []
 
 
+async def test_a_size_in_non_ascii_digits_is_taken_as_unknown(tmp_path: pathlib.Path) -> None:
+    """'²' (latin-1, as header values are read) is a digit to str.isdigit, not to int()."""
+    cache = artifacts.ArtifactCache(tmp_path, timeout=60.0)
+    head = b"HTTP/1.1 200 OK\r\nContent-Range: bytes 0-9/\xb2\r\nContent-Length: 10\r\n\r\n"
+    async with _SilentServer(head + b"x" * 10) as url:
+        with pytest.raises(errors.ArtifactIntegrityError, match="sha256"):  # read whole, then checked
+            await asyncio.wait_for(cache.fetch(url, "0" * 64), 20)
+
+
 async def test_a_url_with_an_impossible_port_is_refused_clearly(tmp_path: pathlib.Path) -> None:
     cache = artifacts.ArtifactCache(tmp_path)
     with pytest.raises(errors.ArtifactUnavailable, match="port"):
