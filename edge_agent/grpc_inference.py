@@ -25,6 +25,10 @@ from edgeplane_proto.inference.v2 import inference_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
 
+#: The largest message gRPC can take (its lengths are C ints): a larger
+#: ``--max-request-bytes`` holds over HTTP only.
+MAX_MESSAGE_BYTES = 2**31 - 1
+
 # Which typed list carries each datatype when raw bytes are not used.
 _CONTENTS = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -153,7 +157,7 @@ async def start(host: str, port: int, server: http.InferenceServer, models: regi
                 max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
     """Serve on ``host:port`` (0 = any free port); returns the server and its port."""
     grpc_server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", min(max_message_bytes, MAX_MESSAGE_BYTES)),
         ("grpc.max_send_message_length", -1),  # answers are as large as the model makes them
         ("grpc.so_reuseport", 0),
     ])

@@ -262,7 +262,8 @@ def parser() -> argparse.ArgumentParser:
                    help="largest model artifact downloaded, in GiB; a larger one is refused before its download "
                         f"starts, when the server says its size [{edge_agent.DEFAULT_MAX_ARTIFACT_GIB}]")
     p.add_argument("--max-request-bytes", type=_count(1, 2**40), default=edge_agent.DEFAULT_MAX_REQUEST_BYTES,
-                   help=f"largest request body [{edge_agent.DEFAULT_MAX_REQUEST_BYTES}]")
+                   help="largest request body (over gRPC at most 2 GiB less a byte, gRPC's own ceiling) "
+                        f"[{edge_agent.DEFAULT_MAX_REQUEST_BYTES}]")
     p.add_argument("--drain-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish [30]")
     p.add_argument("--write-timeout", type=_positive, default=60.0, metavar="SECONDS",

@@ -67,6 +67,16 @@ async def test_grpc_v2_answers_like_http(control_plane: ControlPlane, make_agent
         np.testing.assert_allclose(np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(4, -1), got, rtol=1e-6)
 
 
+async def test_a_request_limit_beyond_what_grpc_takes_holds_for_http_and_grpc_serves_up_to_its_own(
+    control_plane: ControlPlane, make_agent: MakeAgent, models: Models
+) -> None:
+    agent = await serving_agent(control_plane, make_agent, models, max_body_bytes=2**40)
+    x = np.ones((2, 8), np.float32)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{agent.grpc_port}") as channel:
+        answer = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(raw_request(x))
+    assert answer.outputs[0].shape == [2, 4]
+
+
 @pytest.mark.parametrize(("case", "code", "words"), [
     ("unknown model", grpc.StatusCode.NOT_FOUND, "not served by this agent"),
     ("wrong shape", grpc.StatusCode.INVALID_ARGUMENT, "input 'input' must have shape"),
