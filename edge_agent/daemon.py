@@ -204,7 +204,7 @@ class Agent:
             from edge_agent import grpc_inference  # only agents that serve gRPC load it
 
             self._grpc, self.grpc_port = await grpc_inference.start(
-                *cfg.grpc_listen, self.server, self.registry, cfg.max_body_bytes)
+                *cfg.grpc_listen, self.server, cfg.max_body_bytes)
             log.info("serving v2 over gRPC on %s:%d", cfg.grpc_listen[0], self.grpc_port)
         saved = self.store.load_assignments(cfg.site)
         if saved.assignments:

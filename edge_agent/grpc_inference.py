@@ -72,9 +72,8 @@ def _infer(served: registry.ServedModel, request: pb.ModelInferRequest) -> pb.Mo
 
 
 class InferenceServicer:
-    def __init__(self, server: http.InferenceServer, models: registry.ModelRegistry) -> None:
+    def __init__(self, server: http.InferenceServer) -> None:
         self._server = server
-        self._models = models
 
     async def _served(self, name: str, context: grpc.aio.ServicerContext, count: bool = False,
                       version: str = "") -> registry.ServedModel:
@@ -98,18 +97,18 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self._server.ready and not self._server.draining)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        served = self._models.get(request.name)
-        ready = served is not None and request.version in ("", http.model_version(served))
+        # Ready when it would answer ModelInfer, as HTTP's /ready (a generative model does not)
+        ready = not isinstance(self._server.find(request.name, request.version or None), http.Refusal)
         return pb.ModelReadyResponse(ready=ready and not self._server.draining)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="edgeplane-agent", version=edge_agent.__version__)
+        return pb.ServerMetadataResponse(name=http.SERVER_NAME, version=edge_agent.__version__, extensions=http.EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         served = await self._served(request.name, context, version=request.version)
         runtime = served.runtime
         return pb.ModelMetadataResponse(
-            name=served.name, versions=[http.model_version(served)], platform="onnx",
+            name=served.name, versions=[http.model_version(served)], platform=http.PLATFORM,
             inputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in runtime.inputs],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in runtime.outputs],
         )
@@ -153,15 +152,14 @@ def _handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     })
 
 
-async def start(host: str, port: int, server: http.InferenceServer, models: registry.ModelRegistry,
-                max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
+async def start(host: str, port: int, server: http.InferenceServer, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
     """Serve on ``host:port`` (0 = any free port); returns the server and its port."""
     grpc_server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", min(max_message_bytes, MAX_MESSAGE_BYTES)),
         ("grpc.max_send_message_length", -1),  # answers are as large as the model makes them
         ("grpc.so_reuseport", 0),
     ])
-    grpc_server.add_generic_rpc_handlers((_handlers(InferenceServicer(server, models)),))
+    grpc_server.add_generic_rpc_handlers((_handlers(InferenceServicer(server)),))
     try:
         bound = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     except RuntimeError as exc:  # grpc's way of saying the address is taken

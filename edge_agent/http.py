@@ -47,6 +47,12 @@ DEFAULT_INLINE_MAX_S = 0.02  # steps this short, alone in flight, skip the worke
 DEFERRED_RELEASE_MIN_BYTES = 64 * 1024  # JSON parts this large are freed after their answer is out
 _BINARY_HEADER = oip.BINARY_HEADER.lower()  # as the HTTP server keeps header names
 
+# How the server and its models describe themselves, over HTTP and gRPC alike (a v2 client
+# may choose its behaviour from them). The platform is Triton's name for onnxruntime.
+SERVER_NAME = "edgeplane-agent"
+EXTENSIONS = ("binary_tensor_data", "model_repository_readonly")
+PLATFORM = "onnxruntime_onnx"
+
 
 class Refusal(NamedTuple):
     status: int  # the HTTP status; gRPC maps 404 to NOT_FOUND, 400 to INVALID_ARGUMENT, 503 to UNAVAILABLE
@@ -185,13 +191,7 @@ class InferenceServer:
         return _json({"ready": ok}, status=200 if ok else 503)
 
     def server_metadata(self) -> Response:
-        return _json(
-            {
-                "name": "edgeplane-agent",
-                "version": edge_agent.__version__,
-                "extensions": ["binary_tensor_data", "model_repository_readonly"],
-            }
-        )
+        return _json({"name": SERVER_NAME, "version": edge_agent.__version__, "extensions": list(EXTENSIONS)})
 
     def find(self, name: str, version: str | None = None) -> registry.ServedModel | Refusal:
         """The model answering for ``name`` (at ``version``, when given), or why none does
@@ -230,6 +230,7 @@ class InferenceServer:
             [(s.name, s.datatype, s.shape) for s in runtime.inputs],
             [(s.name, s.datatype, s.shape) for s in runtime.outputs],
             versions=(model_version(served),),
+            platform=PLATFORM,
         )
         return _json(body)
 

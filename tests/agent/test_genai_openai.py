@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -20,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from edge_agent import registry
+from edgeplane_proto.inference.v2 import inference_pb2 as pb
+from edgeplane_proto.inference.v2 import inference_pb2_grpc as pb_grpc
 from orchestrator.agents import model
 from orchestrator.testing import genai_model, harness
 
@@ -224,6 +227,18 @@ async def test_errors_are_openai_error_objects(small: Serving) -> None:
     # Nothing above broke the model.
     ok = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0)
     assert ok.usage.completion_tokens == 2
+
+
+async def test_a_generative_model_is_not_ready_for_v2_over_grpc_as_over_http(
+    control_plane: ControlPlane, make_agent: MakeAgent, packages: Packages
+) -> None:
+    agent = await make_agent(control_plane, grpc_listen=("127.0.0.1", 0))
+    control_plane.hub.set_assignments(SITE, [assignment(packages.small_url, packages.small.sha256)], version=1)
+    await wait_state(control_plane, lambda s: s.serving_sha256 == packages.small.sha256)
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        assert (await client.get(f"/v2/models/{MODEL}/ready")).status_code == 400
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{agent.grpc_port}") as channel:
+        assert not (await pb_grpc.GRPCInferenceServiceStub(channel).ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
 
 
 # --- disconnects and overload ---------------------------------------------------------------------

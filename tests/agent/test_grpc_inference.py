@@ -4,6 +4,7 @@ gRPC): the standard service answers as the HTTP API does, and refuses what it sh
 from __future__ import annotations
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 
@@ -39,9 +40,15 @@ async def test_grpc_v2_answers_like_http(control_plane: ControlPlane, make_agent
         assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
         assert (await stub.ModelReady(pb.ModelReadyRequest(name="mlp"))).ready
         assert not (await stub.ModelReady(pb.ModelReadyRequest(name="nope"))).ready
-        assert (await stub.ServerMetadata(pb.ServerMetadataRequest())).name == "edgeplane-agent"
+        server_meta = await stub.ServerMetadata(pb.ServerMetadataRequest())
         meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp"))
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 8])]
+        async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:  # the same server, the same model
+            http_server, http_model = (await client.get("/v2")).json(), (await client.get("/v2/models/mlp")).json()
+        assert (server_meta.name, server_meta.version, list(server_meta.extensions)) == (
+            http_server["name"], http_server["version"], http_server["extensions"])
+        assert (meta.name, list(meta.versions), meta.platform) == (
+            http_model["name"], http_model["versions"], http_model["platform"])
         version = models.v1.sha256[:12]
         assert list(meta.versions) == [version]
         # a version is the file's, as over HTTP: the one listed answers, another is unknown
