@@ -452,6 +452,11 @@ class _Connection(asyncio.BufferedProtocol):
     def idle(self) -> bool:
         return not self._queue and (self._worker is None or self._worker.done())
 
+    @property
+    def receiving(self) -> bool:
+        """A request has begun to arrive and is not whole yet (its own timer bounds it)."""
+        return self._in_message
+
     def _refuse(self, response: Response, drain: bool = False) -> None:
         """Answer an unusable request and close: what follows on the wire is unreadable.
         Requests before it that are still being answered get their answers first."""
@@ -592,12 +597,13 @@ class HttpServer:
         self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, close idle connections, let busy ones answer (up to ``timeout``)."""
+        """Stop accepting, close idle connections, let busy ones answer (up to ``timeout``):
+        a request still arriving is busy too, and is answered (``connection: close``) once whole."""
         self.stopping = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            if conn.idle:
+            if conn.idle and not conn.receiving:
                 conn.close()
         if self.connections:
             self._all_closed.clear()

@@ -306,6 +306,23 @@ async def test_shutdown_lets_the_request_in_flight_finish_and_closes_idle_ones()
     idle_writer.close()
 
 
+async def test_shutdown_lets_a_request_still_being_uploaded_arrive_and_answers_it() -> None:
+    server, _, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b"x" * 100_000
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"  # the head is in
+    writer.write(body[:50_000])
+    stopping = asyncio.create_task(server.shutdown(5))
+    await asyncio.sleep(0)  # the drain has started (and closed what was idle)
+    writer.write(body[50_000:])
+    status, headers, answer = await read_response(reader)
+    assert status == 200 and answer == b"POST /up  " + body and headers["connection"] == "close"
+    assert await closed(reader)
+    await asyncio.wait_for(stopping, 5)
+    writer.close()
+
+
 async def test_shutdown_gives_up_on_a_stuck_request_after_its_timeout() -> None:
     server, echo, port = await start()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
