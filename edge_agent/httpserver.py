@@ -199,6 +199,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._deadline: float | None = None  # loop time the connection times out at; None: never
         self._writable = asyncio.Event()
         self._writable.set()
+        self._write_timer: asyncio.TimerHandle | None = None  # see _watch_writes
+        self._unsent = 0  # bytes buffered for the client when the write timer was set
         self._closing = False
         self._reading = True
         self._in_message = False
@@ -238,6 +240,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._server.pending -= len(self._queue)  # received, never to be answered
         self._queue.clear()
         self._stop_timer()
+        self._stop_watching_writes()
         self._server.forget(self)
         self._writable.set()
         if self._worker is not None and not self._worker.done():
@@ -278,9 +281,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._writable.clear()
+        self._watch_writes()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        if not self._closing:  # a closing connection's last bytes are watched to the end
+            self._stop_watching_writes()
 
     # -- httptools callbacks -------------------------------------------------------------
 
@@ -433,20 +439,34 @@ class _Connection(asyncio.BufferedProtocol):
                 await asyncio.shield(aclose())
 
     async def _wait_writable(self) -> bool:
-        """True once the client has room for more; False when the connection is gone or the
-        client read nothing for ``write_timeout`` (then it is closed)."""
+        """True once the client has room for more; False when the connection is gone (a
+        client that reads nothing for ``write_timeout`` is dropped: ``_watch_writes``)."""
         if not self._writable.is_set():
-            # asyncio.wait, not asyncio.timeout: an answer started eagerly runs outside a task
-            writable = asyncio.ensure_future(self._writable.wait())
-            try:
-                done, _ = await asyncio.wait((writable,), timeout=self._limits.write_timeout)
-            finally:
-                writable.cancel()
-            if not done:
-                log.warning("dropping a connection whose client read nothing for %.0fs", self._limits.write_timeout)
-                self.abort()
-                return False
+            await self._writable.wait()
         return self._transport is not None and not self._closing
+
+    def _watch_writes(self) -> None:
+        """Drop the client unless it reads some of what is buffered for it within
+        ``write_timeout``: set when the buffer fills, and when a connection closes with bytes
+        unsent (an answer written whole, or a close's flush, waits on a client that may
+        never read)."""
+        if self._write_timer is None and self._transport is not None:
+            self._unsent = self._transport.get_write_buffer_size()
+            self._write_timer = self._loop.call_later(self._limits.write_timeout, self._writes_due)
+
+    def _writes_due(self) -> None:
+        self._write_timer = None
+        unsent = self._transport.get_write_buffer_size() if self._transport is not None else 0
+        if 0 < unsent < self._unsent:  # the client reads, slowly
+            self._watch_writes()
+        elif unsent and (self._closing or not self._writable.is_set()):
+            log.warning("dropping a connection whose client read nothing for %.0fs", self._limits.write_timeout)
+            self.abort()
+
+    def _stop_watching_writes(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     @property
     def idle(self) -> bool:
@@ -504,11 +524,14 @@ class _Connection(asyncio.BufferedProtocol):
             self._transport.write(data)
 
     def close(self) -> None:
+        """Close once what is buffered is sent (``_watch_writes`` bounds the wait)."""
         self._closing = True
         self._end_passthrough()
         self._stop_timer()
         if self._transport is not None:
             self._transport.close()
+            if self._transport.get_write_buffer_size():
+                self._watch_writes()
 
     def abort(self) -> None:
         """Close without flushing: what is buffered for a client that does not read is dropped."""
@@ -610,7 +633,7 @@ class HttpServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._all_closed.wait()
-        for conn in list(self.connections):
-            conn.close()
+        for conn in list(self.connections):  # the drain time is spent: unread answers are dropped too
+            conn.abort()
         if self._server is not None:
             await self._server.wait_closed()

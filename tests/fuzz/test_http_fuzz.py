@@ -187,6 +187,9 @@ class Transport(asyncio.Transport):
 
     abort = close
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # what is written is taken at once
+
     def can_write_eof(self) -> bool:
         return True
 
