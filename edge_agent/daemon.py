@@ -16,6 +16,7 @@ import logging
 import os
 import pathlib
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -238,7 +239,11 @@ class Agent:
         log.info("agent for site %s serving v2 on %s", cfg.site, self.endpoint_url)
 
     async def stop(self) -> None:
-        """Drain: refuse readiness, tell the control plane, finish in-flight requests."""
+        """Drain: refuse readiness, tell the control plane, finish in-flight requests; all
+        within ``drain_timeout`` (and the last heartbeat's few seconds): runs still going
+        then are left to end on their own, and runs queued behind them are dropped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
         self.server.draining = True
         log.info("draining (%d request(s) in flight)", self.server.inflight)
         if self.uplink is not None:
@@ -257,9 +262,28 @@ class Agent:
                 await task
         await self.registry.close()  # downloads under way: their children killed
         self.server.close()
-        self._executor.shutdown(wait=True)
+        # Whoever asked for a queued run has been answered or cut off by now.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._runs_ended(max(0.0, deadline - loop.time()))
         self._release_data_dir()
         log.info("agent stopped")
+
+    async def _runs_ended(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the runs under way to end, without holding the event loop."""
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def wait() -> None:
+            self._executor.shutdown(wait=True)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
+
+        threading.Thread(target=wait, name="infer-stop", daemon=True).start()
+        try:
+            async with asyncio.timeout(timeout):
+                await ended
+        except TimeoutError:
+            log.warning("stopping with %d inference run(s) unfinished after the drain timeout", self.server.inflight)
 
     async def _receive_assignments(self, desired: assignments.AssignmentSet) -> None:
         try:

@@ -23,6 +23,7 @@ if "asyncio" not in sys.modules:  # this process is the agent, not a program tha
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
@@ -348,6 +349,18 @@ async def run(config: daemon.AgentConfig, early: Sequence[int] = ()) -> None:
     print(f"serving {agent.endpoint_url}", flush=True)
     await stop.wait()
     await agent.stop()
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process once the agent has stopped (its state saved, its data dir released).
+    Python's own exit would first wait, with no bound, for every executor thread still at
+    work: a model load the stop cut short, a run the drain gave up on."""
+    logging.shutdown()  # flushes the log
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

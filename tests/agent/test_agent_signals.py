@@ -1,7 +1,8 @@
 """SIGTERM or SIGINT ends ``edgeplane-agent`` the same way whenever it comes: one line saying
-it stopped, exit code 0, no traceback, and no half-made identity in its data dir. Real agent
-processes; the moments are found from outside (its key-making child seen running, its
-``--ca-file`` being read from a FIFO), never guessed with a sleep."""
+it stopped, exit code 0, no traceback, and no half-made identity in its data dir; and within
+``--drain-timeout``, whatever its models are doing. Real agent processes; the moments are
+found from outside (its key-making child seen running, its ``--ca-file`` being read from a
+FIFO, a marker its model load leaves), never guessed with a sleep."""
 
 from __future__ import annotations
 
@@ -13,12 +14,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import httpx
 import psutil
 import pytest
 
+from edge_agent import assignments, daemon, state
+from edge_agent.runtime import onnx
 from orchestrator.testing import harness
+
+from .conftest import Models
 
 SITE = "edge-a"
 IDENTITY = {"agent.key", "agent.crt", "identity.json"}
@@ -111,3 +118,81 @@ def test_a_stop_before_the_agent_has_started_ends_it_the_same_way(tmp_path: path
     log = log_path.read_text()
     assert_stopped_cleanly(returncode, log)
     assert f"{sig.name} came before it started" in log
+
+
+def saved_model(data_dir: pathlib.Path, models: Models) -> None:
+    """The model an agent serves from its data dir at start, before any control plane answers."""
+    data_dir.mkdir(parents=True)
+    state.StateStore(data_dir).save_assignments(SITE, assignments.AssignmentSet(
+        1, (assignments.Assignment("m", "d", "v", models.v1.path.as_uri(), models.v1.sha256),)))
+
+
+async def test_a_stop_ends_within_the_drain_timeout_while_runs_are_stuck_and_more_are_queued(
+        tmp_path: pathlib.Path, models: Models) -> None:
+    release = threading.Event()
+
+    class Stuck(onnx.OnnxModel):  # a model whose runs hang (a stuck device, a huge batch)
+        def run(self, feeds, outputs):  # type: ignore[no-untyped-def]
+            release.wait(10)
+            return super().run(feeds, outputs)
+
+    saved_model(tmp_path / "agent", models)
+    config = daemon.AgentConfig(control_plane=f"127.0.0.1:{closed_port()}", site=SITE, token="t", data_dir=tmp_path / "agent",
+                                listen_port=0, insecure=True, allow_file_artifacts=True, drain_timeout=0.5, workers=2,
+                                inline_max_ms=0)
+    agent = daemon.Agent(config, load_model=Stuck.load)
+    await agent.start()
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 8], "data": [0] * 8}]}
+    try:
+        await harness.wait_until(lambda: agent.server.ready, 30, interval=0.01, what="the saved model loaded")
+        async with httpx.AsyncClient(base_url=agent.endpoint_url, timeout=30) as client:
+            requests = [asyncio.create_task(client.post("/v2/models/m/infer", json=body)) for _ in range(4)]
+            await harness.wait_until(lambda: agent.server.inflight == 4, 10, interval=0.01, what="two runs under way, two queued")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await agent.stop()
+            took = loop.time() - started
+            await asyncio.gather(*requests, return_exceptions=True)
+        assert took < config.drain_timeout + 5, f"the stop took {took:.1f}s"  # not the runs' 10 s, nor the queued ones'
+    finally:
+        release.set()
+
+
+# Run as ``python -c`` by the next test: the agent, with a model load that takes a minute.
+SLOW_LOAD = """
+import pathlib, sys, time
+from edge_agent import main
+from edge_agent.runtime import onnx
+
+def load(data, **options):
+    pathlib.Path(sys.argv[1]).touch()
+    time.sleep(60)
+
+onnx.OnnxModel.load = load
+sys.exit(main.main(sys.argv[2:]))
+"""
+
+
+def test_a_stop_during_a_model_load_ends_the_process_within_the_drain_timeout(tmp_path: pathlib.Path, models: Models) -> None:
+    data_dir, loading = tmp_path / "agent", tmp_path / "loading"
+    saved_model(data_dir, models)
+    cmd = [sys.executable, "-c", SLOW_LOAD, str(loading), "--control-plane", f"127.0.0.1:{closed_port()}", "--site", SITE,
+           "--token", "t", "--insecure", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--allow-file-artifacts",
+           "--drain-timeout", "0.5"]
+    log_path = tmp_path / "agent.log"
+    proc = launch(cmd, log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not loading.exists():  # bounded: the saved model's load starts at once
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert_stopped_cleanly(returncode, log_path.read_text())
+    assert took < 0.5 + 5, f"the process took {took:.1f}s to end"  # not the load's minute
