@@ -382,10 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     # business phoning home, and the client cost the idle agent 2.6 MB and two threads
     # (docs/agent.md). An operator's own ORT_DISABLE_TELEMETRY is kept.
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    if not args.token and not (args.data_dir / "identity.json").exists():
-        log.error("a bootstrap token is needed for the first join (--token or EDGEPLANE_TOKEN)")
-        return 2
     try:
+        if not args.token and not (args.data_dir / "identity.json").exists():
+            log.error("a bootstrap token is needed for the first join (--token or EDGEPLANE_TOKEN)")
+            return 2
         asyncio.run(run(config_from_args(args), early))
     except (errors.AgentError, OSError) as exc:
         log.error("%s", exc)

@@ -173,6 +173,17 @@ def test_a_damaged_identity_without_a_token_is_a_clear_error(tmp_path: pathlib.P
     assert (tmp_path / "identity.json").read_text() == "{"  # left as it was
 
 
+def test_a_data_dir_that_cannot_be_looked_into_is_a_clear_error(tmp_path: pathlib.Path) -> None:
+    import subprocess
+
+    data_dir = tmp_path / ("x" * 300)  # a name longer than the file system takes: not merely absent
+    proc = subprocess.run([*agent_command(), "--control-plane", "127.0.0.1:1", "--site", SITE, "--insecure",
+                           "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "EDGEPLANE_TOKEN"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "File name too long" in proc.stderr, proc.stderr
+
+
 async def test_an_assignment_it_cannot_save_is_served_and_the_session_holds(control_plane: ControlPlane, spawn, models: Models,
                                                                            tmp_path: pathlib.Path) -> None:
     """A disk that refuses the state file (full, failing) does not cost the control plane's
