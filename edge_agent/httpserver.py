@@ -5,8 +5,8 @@ server and web framework: together they were 8 MB of the idle agent's resident m
 about half of the per-request overhead. Parsing is llhttp's; what is here is connection
 handling:
 
-- keep-alive (HTTP/1.1 default, ``Connection: close``, HTTP/1.0), pipelined requests
-  answered in order, one at a time per connection;
+- keep-alive (HTTP/1.1 default, ``Connection: close``, HTTP/1.0's ``Connection:
+  keep-alive``, echoed), pipelined requests answered in order, one at a time per connection;
 - ``Expect: 100-continue`` answered before the body is read (curl sends it for bodies
   over 1 KiB);
 - limits: header bytes (431), body bytes (413, refused from ``Content-Length`` before the
@@ -108,15 +108,18 @@ def default_max_connections() -> int:
     return 1 << 16 if soft < 0 else max(64, soft // 2)
 
 
-def encode(response: Response, keep_alive: bool, *, head_only: bool = False) -> bytes:
+def encode(response: Response, keep_alive: bool, *, head_only: bool = False, announce: bool = False) -> bytes:
     """Status line, headers and body; ``head_only`` (a HEAD request) leaves the body out
-    but keeps its length, as RFC 9110 asks."""
+    but keeps its length, as RFC 9110 asks. ``announce``: say ``keep-alive`` too (the request
+    had a Connection header: an HTTP/1.0 client keeps the connection only when told)."""
     head = (f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}\r\n"
             f"content-length: {len(response.body)}\r\ncontent-type: {response.content_type}\r\n")
     for name, value in response.headers:
         head += f"{name}: {value}\r\n"
     if not keep_alive:
         head += "connection: close\r\n"
+    elif announce:
+        head += "connection: keep-alive\r\n"
     raw = (head + "\r\n").encode("latin-1")
     return raw if head_only else raw + response.body
 
@@ -377,7 +380,8 @@ class _Connection(asyncio.BufferedProtocol):
             # (room to write, the usual case, is checked here: it makes no coroutine)
             if (self._closing or not self._writable.is_set()) and not await self._wait_writable():
                 return
-            self._transport.write(encode(response, keep_alive, head_only=request.method == "HEAD"))
+            self._transport.write(encode(response, keep_alive, head_only=request.method == "HEAD",
+                                         announce="connection" in request.headers))
             if not keep_alive:
                 self.close()
                 return

@@ -149,6 +149,19 @@ async def test_chunked_bodies_and_http10_close() -> None:
         await server.shutdown(1)
 
 
+async def test_an_http10_client_asking_for_keep_alive_is_told_it_has_it() -> None:
+    server, _, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for path in (b"/one", b"/two"):  # as ab -k does: it waits for a close unless told otherwise
+            writer.write(b"GET %s HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n" % path)
+            status, headers, body = await read_response(reader)
+            assert status == 200 and headers["connection"] == "keep-alive" and body == b"GET %s  " % path
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
 async def test_trailer_fields_of_a_chunked_body_are_not_taken_for_headers() -> None:
     server, echo, port = await start()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
