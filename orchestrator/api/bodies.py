@@ -22,7 +22,7 @@ def describe(size: int) -> str:
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body; :class:`BodyTooLarge` as soon as it (or its declared length) passes ``limit``."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
     chunks, size = [], 0
     async for chunk in request.stream():
