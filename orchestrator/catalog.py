@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.agents import model as agent_model
 from orchestrator.distill import capture
 from orchestrator.manifests import loader, references, schema
 from orchestrator.manifests.errors import ManifestError, ManifestIssue
@@ -265,3 +266,20 @@ def parse_model(obj: store_mod.StoredObject) -> schema.ModelSpec:
     return schema.ModelSpec.model_validate(obj.spec)
 
 
+def register_agent_site(store: store_mod.Store, site: str, agent_id: str, location: agent_model.Location,
+                        labels: Mapping[str, str]) -> None:
+    """An agent joined a site nobody declared: record it as an edge Site from what it
+    reports, or log why it cannot be scheduled."""
+    actor = f"agent:{agent_id}"
+    if not location.country or location.lat is None or location.lon is None:
+        store.record(store_mod.Event(actor, "site-undeclared", "Site", site,
+                                     "agent joined without --country/--lat/--lon and no Site declares it; it cannot be scheduled"))
+        return
+    doc = {"tier": "edge", "location": {"country": location.country, "lat": location.lat, "lon": location.lon,
+                                        **({"region": location.region} if location.region else {})}}
+    try:
+        schema.SiteSpec.model_validate(doc)
+        store.apply([store_mod.ObjectWrite("Site", site, dict(labels), doc)],
+                    store_mod.Event(actor, "register", "Site", site, "site registered by its agent on join"))
+    except (ValueError, store_mod.StoreError) as exc:
+        store.record(store_mod.Event(actor, "site-undeclared", "Site", site, f"cannot register: {exc}"))

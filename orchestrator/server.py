@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 import secrets
 import pathlib
 import socket
@@ -54,7 +53,7 @@ from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, routing, upstream, wire
 from orchestrator.gateway import options as gateway_options
-from orchestrator.manifests import loader, schema
+from orchestrator.manifests import loader
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
@@ -503,23 +502,8 @@ class ControlPlane:
             await asyncio.sleep(every_s)
 
     def _ensure_admin_token(self) -> None:
-        """The first start that succeeds makes the initial admin token, the last step of a
-        start: one that fails (a port in use) leaves neither ``admin.token`` nor a token in
-        the store, and a later start, finding API tokens, never rewrites the file operators use."""
-        if self.store.has_api_tokens():
-            return
-        secret, _ = self.store.create_token("api", "admin", None, "edgeplane serve", "initial admin token")
-        path = self.config.data_dir / "admin.token"
-        # a new file, 0600 from its creation, renamed over any old one: opening an existing
-        # admin.token (a store reset beside it) would keep its mode, maybe readable by all
-        fresh = path.with_name(f".admin.token.{os.getpid()}")
-        fresh.unlink(missing_ok=True)
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secret + "\n")
-        os.replace(fresh, path)
-        self.admin_token = secret
-        log.info("wrote the initial admin token to %s", path)
+        """The initial admin token, the last step of a start (see ``auth.ensure_admin_token``)."""
+        self.admin_token = auth.ensure_admin_token(self.store, self.config.data_dir)
 
     def _artifact_route(self) -> Route:
         async def artifact(request: Any) -> Any:
@@ -542,26 +526,12 @@ class ControlPlane:
                     self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site,
                                                       event.reason, {"agentId": event.agent_id}))
                 if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
-                    self._register_site(event)
+                    catalog.register_agent_site(self.store, event.site, event.agent_id, event.status.location,
+                                                event.status.labels)
             except store_mod.StoreError as exc:  # the hub goes on (this runs inside its join and liveness paths)
                 log.warning("cannot log that agent %s of site %s %s: %s", event.agent_id, event.site, kind.value.lower(), exc)
         if self.elector is None or self.elector.leading:
             self.reconciler.trigger(f"agent {event.site} {kind.value}")
-
-    def _register_site(self, event: agent_model.AgentEvent) -> None:
-        """An agent joined a site nobody declared: record it as an edge Site from what it reports."""
-        loc = event.status.location
-        if not loc.country or loc.lat is None or loc.lon is None:
-            self.store.record(store_mod.Event(f"agent:{event.agent_id}", "site-undeclared", "Site", event.site,
-                                              "agent joined without --country/--lat/--lon and no Site declares it; it cannot be scheduled"))
-            return
-        doc = {"tier": "edge", "location": {"country": loc.country, "lat": loc.lat, "lon": loc.lon, **({"region": loc.region} if loc.region else {})}}
-        try:
-            schema.SiteSpec.model_validate(doc)
-            self.store.apply([store_mod.ObjectWrite("Site", event.site, dict(event.status.labels), doc)],
-                             store_mod.Event(f"agent:{event.agent_id}", "register", "Site", event.site, "site registered by its agent on join"))
-        except (ValueError, store_mod.StoreError) as exc:
-            self.store.record(store_mod.Event(f"agent:{event.agent_id}", "site-undeclared", "Site", event.site, f"cannot register: {exc}"))
 
     # -- api.Services ------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ server refuses to start on a non-loopback address in that mode.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
+import pathlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +23,9 @@ from orchestrator.security import tokencache
 from orchestrator.security.bearer import bearer_secret
 from orchestrator.store import sqlite as store_mod
 
-__all__ = ["ROLES", "Authenticator", "Caller", "Unauthorized", "bearer_secret", "is_loopback"]
+__all__ = ["ROLES", "Authenticator", "Caller", "Unauthorized", "bearer_secret", "ensure_admin_token", "is_loopback"]
+
+log = logging.getLogger(__name__)
 
 ROLES = ("read", "admin")
 
@@ -108,3 +113,24 @@ class Authenticator:
         if write and not caller.may_write():
             return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; {needs}"}, status_code=403)
         return caller
+
+
+def ensure_admin_token(store: store_mod.Store, data_dir: pathlib.Path) -> str | None:
+    """The initial admin token, written to ``<data_dir>/admin.token``: only while the store
+    holds no API token, so a start that failed before this (a port in use) leaves neither
+    the file nor a token, and a later start never rewrites the file operators use. Returns
+    the secret it made (None: tokens exist)."""
+    if store.has_api_tokens():
+        return None
+    secret, _ = store.create_token("api", "admin", None, "edgeplane serve", "initial admin token")
+    path = data_dir / "admin.token"
+    # a new file, 0600 from its creation, renamed over any old one: opening an existing
+    # admin.token (a store reset beside it) would keep its mode, maybe readable by all
+    fresh = path.with_name(f".admin.token.{os.getpid()}")
+    fresh.unlink(missing_ok=True)
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    os.replace(fresh, path)
+    log.info("wrote the initial admin token to %s", path)
+    return secret
