@@ -31,6 +31,15 @@ async def serve_http(handler: httpserver.Handler, limits: httpserver.Limits | No
     return server, sock.getsockname()[1]
 
 
+async def slow_reader(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection with a small receive buffer, so that a client that does not read is felt soon."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
+
 class _ArtifactHandler(http.server.BaseHTTPRequestHandler):
     root: pathlib.Path
     ranges: list[str]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 
 import httpx
 import pytest
@@ -15,7 +14,7 @@ from edge_agent import httpserver
 from edge_agent.httpserver import Limits, Request, Response
 from orchestrator.testing import harness
 
-from .conftest import serve_http
+from .conftest import serve_http, slow_reader
 
 
 class Echo:
@@ -469,15 +468,6 @@ async def serve_big(limits: Limits) -> tuple[httpserver.HttpServer, int]:
     return await serve_http(big, limits)
 
 
-async def small_window(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection with a small receive buffer, so that a client that does not read is felt soon."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return await asyncio.open_connection(sock=sock)
-
-
 async def dropped(server: httpserver.HttpServer) -> bool:
     for _ in range(100):  # bounded: 10 s
         if not server.connections:
@@ -490,7 +480,7 @@ async def test_a_client_that_never_reads_its_answer_is_dropped_after_the_write_t
     # One answer written whole: nothing later writes and would notice the client reads nothing.
     server, port = await serve_big(Limits(write_timeout=0.3))
     try:
-        reader, writer = await small_window(port)
+        reader, writer = await slow_reader(port)
         writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # then never read
         assert await dropped(server)  # long before the idle timeout (75 s)
         with contextlib.suppress(ConnectionError):
@@ -503,7 +493,7 @@ async def test_a_client_that_never_reads_its_answer_is_dropped_after_the_write_t
 async def test_a_client_that_reads_its_answer_slowly_gets_it_whole() -> None:
     server, port = await serve_big(Limits(write_timeout=0.5))
     try:
-        reader, writer = await small_window(port)
+        reader, writer = await slow_reader(port)
         size = 2 << 20
         writer.write(b"GET /big?%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -520,7 +510,7 @@ async def test_a_client_that_reads_its_answer_slowly_gets_it_whole() -> None:
 
 async def test_the_end_of_a_drain_drops_a_client_that_has_not_read_its_answer() -> None:
     server, port = await serve_big(Limits())  # the write timeout (60 s) is longer than the drain
-    reader, writer = await small_window(port)
+    reader, writer = await slow_reader(port)
     writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # then never read
     await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # the answer is being sent
     await asyncio.wait_for(server.shutdown(0.2), 5)

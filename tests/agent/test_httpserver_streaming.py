@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 from collections.abc import AsyncIterator
 
@@ -16,7 +15,7 @@ import httpx
 from edge_agent import httpserver, httpstream
 from edge_agent.httpserver import Request, Response, StreamingResponse
 
-from .conftest import serve_http
+from .conftest import serve_http, slow_reader
 
 CHUNK = 64 * 1024
 
@@ -88,15 +87,6 @@ async def start(limits: httpserver.Limits | None = None) -> tuple[httpserver.Htt
     streams = Streams()
     server, port = await serve_http(streams, limits)
     return server, streams, port
-
-
-async def slow_reader(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection with a small receive buffer, so that a client that does not read is felt soon."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return await asyncio.open_connection(sock=sock)
 
 
 async def test_chunked_framing_then_the_connection_serves_the_next_request() -> None:

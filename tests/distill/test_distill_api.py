@@ -3,10 +3,8 @@ onnxruntime, without a fleet: which records a run trains on, and what it publish
 
 from __future__ import annotations
 
-import asyncio
 import json
 import pathlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,14 +16,14 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from edgeplane_proto import oip
-from orchestrator import catalog, runloop
+from orchestrator import catalog
 from orchestrator.api import auth
 from orchestrator.api import distill as distill_api
 from orchestrator.artifacts.catalog import ArtifactCatalog
 from orchestrator.distill import store as capture_store
 from orchestrator.manifests import loader
 from orchestrator.store import sqlite as store_mod
-from orchestrator.testing import cascade_task
+from orchestrator.testing import cascade_task, loopback
 
 THRESHOLD = 0.9
 CAPTURE = {"sampleRate": 1.0, "dailyCap": 100_000, "retentionDays": 30, "zones": ["EU"]}
@@ -116,21 +114,8 @@ def test_records_older_than_the_current_retention_are_not_trained_on(plane: Plan
 @asynccontextmanager
 async def serving(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     """``app`` behind uvicorn on loopback, so that a run's progress streams while it trains."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = runloop.http_server(app)
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=120) as http:
-            yield http
-    finally:
-        server.should_exit = True
-        await task
+    async with loopback.serving(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+        yield http
 
 
 async def run_while(http: httpx.AsyncClient, meanwhile: Callable[[], Awaitable[None]]) -> dict[str, Any]:

@@ -5,17 +5,16 @@ calls no replica with half a body."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
-from orchestrator import runloop
 from orchestrator.api import methods
 from orchestrator.gateway import endpoints, proxy, routing
 from orchestrator.gateway.upstream import UpstreamPool
+from orchestrator.testing import loopback
 
 pytestmark = pytest.mark.asyncio
 
@@ -42,25 +41,15 @@ async def test_a_caller_leaving_mid_body_ends_the_request_without_an_error(path:
             if scope["type"] == "http":
                 done.set()
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = runloop.http_server(app)
-    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
-        _, writer = await asyncio.open_connection(*sock.getsockname())
-        writer.write(f"POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n".encode()
-                     + b'{"inputs": [' + b"1," * 100)
-        await writer.drain()
-        writer.close()  # half the body sent
-        await asyncio.wait_for(done.wait(), 10)
+        async with loopback.serving(app) as port:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n".encode()
+                         + b'{"inputs": [' + b"1," * 100)
+            await writer.drain()
+            writer.close()  # half the body sent
+            await asyncio.wait_for(done.wait(), 10)
     finally:
-        server.should_exit = True
-        await serving
         await pool.close()
     assert raised == []
     assert table.ejected() == frozenset()

@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
 from edge_agent import httpserver
-from orchestrator import runloop
 from orchestrator.api import methods
 from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, upstream
+from orchestrator.testing import loopback
 
 Handle = Callable[[httpserver.Request], Awaitable[httpserver.Response]]
 DC = cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)
@@ -75,25 +75,6 @@ async def gateway(table: endpoints.EndpointTable, **options: float) -> AsyncIter
     async with gateway_app(table, **options) as app, \
             httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
         yield http
-
-
-@asynccontextmanager
-async def serving(app: Starlette) -> AsyncIterator[int]:
-    """``app`` behind uvicorn on loopback, as the gateway serves it; yields its port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = runloop.http_server(app)
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def test_an_escalated_stage_on_vllm_is_asked_for_its_served_model_name() -> None:
@@ -181,7 +162,7 @@ async def test_a_caller_that_leaves_stops_the_stage_generating_for_it(mode: str)
 
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
     async with replica(generating) as url, gateway_app(cascade_of(first, [endpoint("edge-paris", "edge", url)])) as app, \
-            serving(app) as port:
+            loopback.serving(app) as port:
         body = json.dumps(CHAT).encode()
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /openai/v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,11 +12,11 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from orchestrator import runloop
 from orchestrator.api import auth
 from orchestrator.api import watch as watch_api
 from orchestrator.gateway import endpoints
 from orchestrator.store import sqlite as store_mod
+from orchestrator.testing import loopback
 
 HEARTBEAT_S = 0.1
 
@@ -29,21 +28,11 @@ async def watch_server(store: store_mod.Store) -> AsyncIterator[str]:
     table.replace([])  # a control plane after its first pass: the watch sends its snapshot at once
     publisher = watch_api.TablePublisher(table)
     app = Starlette(routes=watch_api.routes(auth.Authenticator(store, required=True), store, publisher, heartbeat_s=HEARTBEAT_S))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = runloop.http_server(app)
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with loopback.serving(app) as port:
+            yield f"http://127.0.0.1:{port}"
     finally:
         publisher.close()
-        server.should_exit = True
-        await task
 
 
 async def events_until_the_end(lines: AsyncIterator[str], within_s: float) -> int:
