@@ -159,7 +159,8 @@ def confidence_of(rule: TensorRule, scores: np.ndarray) -> float:
     kind = np.asarray(scores).dtype.kind
     if kind not in "biuf":  # a BYTES tensor holds text, even where the text reads as a number
         raise ValueError(f"output {rule.output!r} holds {'bytes' if kind in 'OSU' else 'no numbers'}, not scores")
-    x = np.asarray(scores, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN (a binary answer's) widens to NaN, refused below
+        x = np.asarray(scores, dtype=np.float64)
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] < 2 or x.shape[0] < 1:

@@ -46,11 +46,15 @@ def test_judge_tensor(rule: rules.TensorRule, outputs: dict[str, np.ndarray], es
     ({"probabilities": np.array([[1.0]])}, "classes >= 2"),
     ({"probabilities": np.zeros((2, 2, 2))}, "classes >= 2"),
     ({"probabilities": np.array([[np.nan, 0.5]])}, "NaN"),
+    # a signalling NaN, as a replica's binary answer may carry: numpy warns when it widens one
+    ({"probabilities": np.frombuffer(b"\x01\x00\x80\x7f" * 2, dtype=np.float32).reshape(1, 2)}, "NaN"),
     ({"probabilities": np.array([[b"0.9", b"0.1"]], dtype=object)}, "holds bytes, not scores"),  # a BYTES output
     ({"probabilities": np.array([[b"high", b"low"]], dtype=object)}, "holds bytes, not scores"),
 ])
 def test_an_answer_that_cannot_be_judged_escalates(outputs: dict[str, np.ndarray], reason: str) -> None:
-    verdict = rules.judge_tensor(TOP, outputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused with its reason, not a RuntimeWarning in the gateway's log
+        verdict = rules.judge_tensor(TOP, outputs)
     assert verdict.escalate and verdict.confidence is None and reason in verdict.reason
 
 
