@@ -8,7 +8,8 @@ credentials and health) and relays them to the leader over one gRPC stream
 - up, every ``flush_s`` (0.25 s), one batch: each agent that joined, left or beat since the
   last batch, its heartbeats merged into one (latest values; capacity and models carried
   forward when a later beat leaves them out). An agent that joined (again, even as the same
-  agent: a new endpoint or interval) or the leader has not heard of on this stream is reported whole (who it is, as it joined, and its full state). So the leader's
+  agent: a new endpoint or interval) or that the leader has not heard of on this stream is
+  reported whole (who it is, as it joined, and its full state). So the leader's
   cost is one message per replica per flush, not one per heartbeat, and nothing per
   heartbeat reaches the database. What the leader plans and routes by does not wait for
   the flush: an agent that joined or left, or a heartbeat that brings changed model states
