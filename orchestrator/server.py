@@ -133,7 +133,8 @@ class ControlPlane:
             raise server_config.ConfigError("--auth must be 'none' or 'token'")
         if cfg.simulation_slots < 1 or cfg.simulation_budget < 1:
             raise server_config.ConfigError("--simulations and --simulate-budget must be 1 or more")
-        wrong = gateway_options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s)
+        wrong = gateway_options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s,
+                                        cfg.first_token_timeout_s)
         if wrong:
             raise server_config.ConfigError(wrong)
         for flag, value, (low, high) in (("--leader-lease", cfg.leader_lease_s, server_options.LEADER_LEASE_S),
@@ -226,7 +227,7 @@ class ControlPlane:
                                      admit=self.admission.check if (cfg.gateway_auth == "token" or cfg.gateway_rate > 0) else None)
         await self.datacentres.local.reclaim()  # a control plane killed with -9 on this data dir left its Ray running
 
-        self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
+        self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry, first_token_timeout=cfg.first_token_timeout_s)
         self.publisher = watch_api.TablePublisher(self.table)  # standalone gateways follow the table (GET /v1/endpoints?watch=1)
         self.table.on_change = self.publisher.publish
         shared = bool(cfg.store and is_postgres_url(cfg.store))  # replicas may share the database

@@ -12,6 +12,11 @@ MAX_BODY = 16 * 1024 * 1024
 #: ``--cold-start-timeout``: a request for a model scaled to zero waits this long (at most the max).
 COLD_START_S = 30.0
 COLD_START_MAX_S = 600.0
+#: ``--first-token-timeout``: a streamed generation whose replica sends no first token this
+#: long is tried on the next replica, and that replica is ejected (a whole answer, ``stream:
+#: false``, is waited for as long as it takes).
+FIRST_TOKEN_S = 60.0
+FIRST_TOKEN_RANGE_S = (1.0, 3600.0)
 #: ``--gateway-auth``: 'token' requires a valid API token on the model routes.
 GATEWAY_AUTH = ("none", "token")
 
@@ -30,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway-max-body", type=argtypes.whole_number(1), default=MAX_BODY, metavar="BYTES", help="largest inference request body")
     p.add_argument("--cold-start-timeout", type=argtypes.number(0, COLD_START_MAX_S), default=COLD_START_S, metavar="SECONDS",
                    help="how long a request for a model scaled to zero waits for its replica before a 503")
+    p.add_argument("--first-token-timeout", type=argtypes.number(*FIRST_TOKEN_RANGE_S), default=FIRST_TOKEN_S, metavar="SECONDS",
+                   help="a streamed generation whose replica sends no first token this long is tried on the next replica "
+                        "(long prompts on slow hardware may need more)")
 
 
 def position(text: str | None) -> tuple[float, float] | None:
@@ -42,7 +50,8 @@ def position(text: str | None) -> tuple[float, float] | None:
         raise OptionError(f"--location {exc}") from None
 
 
-def problem(gateway_auth: str, rate: float, burst: float, max_body: int, cold_start_timeout_s: float) -> str | None:
+def problem(gateway_auth: str, rate: float, burst: float, max_body: int, cold_start_timeout_s: float,
+            first_token_timeout_s: float = FIRST_TOKEN_S) -> str | None:
     """What is wrong with these gateway settings, or None (each command raises its own error)."""
     if gateway_auth not in GATEWAY_AUTH:
         return "--gateway-auth must be 'none' or 'token'"
@@ -52,4 +61,7 @@ def problem(gateway_auth: str, rate: float, burst: float, max_body: int, cold_st
         return f"--gateway-burst {burst:g} is less than one request: give 1 or more (0: the rate)"
     if not 0 <= cold_start_timeout_s <= COLD_START_MAX_S:
         return f"--cold-start-timeout must be from 0 to {COLD_START_MAX_S:g} seconds"
+    low, high = FIRST_TOKEN_RANGE_S
+    if not low <= first_token_timeout_s <= high:
+        return f"--first-token-timeout must be from {low:g} to {high:g} seconds"
     return None

@@ -61,6 +61,7 @@ class GatewayConfig:
     gateway_burst: float = 0.0
     gateway_max_body: int = options.MAX_BODY
     cold_start_timeout_s: float = options.COLD_START_S
+    first_token_timeout_s: float = options.FIRST_TOKEN_S
     silence_s: float = 15.0  # no event (heartbeats come every 5 s) for this long: the connection is dead
     backoff_max_s: float = 5.0
 
@@ -99,7 +100,8 @@ class StandaloneGateway:
         if not cfg.control_planes:
             raise ConfigError("give at least one --control-plane URL")
         urls = [parse_control_plane(u) for u in cfg.control_planes]
-        wrong = options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s)
+        wrong = options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s,
+                                cfg.first_token_timeout_s)
         if wrong:
             raise ConfigError(wrong)
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -126,7 +128,7 @@ class StandaloneGateway:
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry), position=cfg.position,
                                      ready=lambda: self.follower.ready, admit=self._admit,
                                      max_body=cfg.gateway_max_body, cold_start_s=cfg.cold_start_timeout_s, cascade=cascades)
-        self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry)
+        self.openai_gateway = openai_routes.OpenAIGateway(self.gateway, registry=self.registry, first_token_timeout=cfg.first_token_timeout_s)
         app: ASGIApp = Starlette(routes=self.gateway.routes() + self.openai_gateway.routes(sdk_models=True) + [
             Route("/v1/endpoints/{model}", self._endpoints, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
@@ -198,6 +200,7 @@ def config_from_args(args: argparse.Namespace, token: str | None) -> GatewayConf
         control_planes=tuple(parse_control_plane(u) for u in args.control_plane), host=args.host, port=args.port, token=token,
         position=_gateway_position(args.location), gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate,
         gateway_burst=args.gateway_burst, gateway_max_body=args.gateway_max_body, cold_start_timeout_s=args.cold_start_timeout,
+        first_token_timeout_s=args.first_token_timeout,
     )
 
 

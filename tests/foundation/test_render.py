@@ -185,6 +185,8 @@ def test_main_returns_1_in_process(odd_server: str, capsys: pytest.CaptureFixtur
     (["serve", "--gateway-burst", "nan"], "argument --gateway-burst: 'nan' is not 0 or more"),
     (["gateway", "--control-plane", "http://x", "--gateway-max-body", "0"], "argument --gateway-max-body: 0 is not 1 or more"),
     (["gateway", "--control-plane", "http://x", "--cold-start-timeout", "601"], "argument --cold-start-timeout: '601' is not from 0 to 600"),
+    (["serve", "--first-token-timeout", "0"], "argument --first-token-timeout: '0' is not from 1 to 3600"),
+    (["gateway", "--control-plane", "http://x", "--first-token-timeout", "inf"], "argument --first-token-timeout: 'inf' is not from 1 to 3600"),
     # sent as HTTP headers, which hold printable ASCII only
     (["delete", "site", "x", "--reason", "raté"], "argument --reason: 'raté': only printable ASCII travels in an HTTP header"),
     (["apply", "-f", "x.yaml", "--reason", "a\nb"], "argument --reason: 'a\\nb': only printable ASCII travels in an HTTP header"),

@@ -8,6 +8,8 @@ import httpx
 import pytest
 
 from orchestrator import server, server_config
+from orchestrator.cli import main as cli_main
+from orchestrator.gatewayd import server as gatewayd
 from orchestrator.security import ratelimit
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
@@ -168,10 +170,29 @@ async def test_api_limits_body_and_objects_per_apply(tmp_path: pathlib.Path) -> 
     (dict(store_poll_s=0.0), "--store-poll"),
     # a bucket smaller than one request refuses every request forever, whatever the rate
     (dict(gateway_rate=10.0, gateway_burst=0.5), "--gateway-burst 0.5 is less than one request"),
+    (dict(first_token_timeout_s=0.0), "--first-token-timeout must be from 1 to 3600 seconds"),
 ])
 async def test_bad_gateway_settings_refuse_to_start(tmp_path: pathlib.Path, overrides: dict[str, object], message: str) -> None:
     with pytest.raises(server_config.ConfigError, match=message):
         await server.ControlPlane(server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, **overrides)).start()  # type: ignore[arg-type]
+
+
+def test_the_first_token_timeout_reaches_both_gateways_openai_routes(tmp_path: pathlib.Path) -> None:
+    """A long prompt on slow hardware may need more than the 60 s default before its first token."""
+    parser = cli_main.build_parser()
+    served = server_config.config_from_args(parser.parse_args(["serve", "--first-token-timeout", "300"]))
+    alone = gatewayd.config_from_args(parser.parse_args(["gateway", "--control-plane", "http://127.0.0.1:9", "--first-token-timeout",
+                                                         "300"]), None)
+    assert served.first_token_timeout_s == alone.first_token_timeout_s == 300.0
+    assert server_config.ServerConfig().first_token_timeout_s == 60.0
+
+
+async def test_the_control_planes_openai_routes_wait_the_first_token_timeout_given(tmp_path: pathlib.Path) -> None:
+    fleet = await _control_plane(tmp_path, first_token_timeout_s=300.0)
+    try:
+        assert fleet.cp is not None and fleet.cp.openai_gateway.first_token_timeout == 300.0
+    finally:
+        await fleet.stop()
 
 
 async def test_public_address_without_auth_refuses_with_how_to(tmp_path: pathlib.Path) -> None:
