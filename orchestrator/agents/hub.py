@@ -298,7 +298,7 @@ class AgentHub:
         self.heartbeats_total += 1
         if beat.sent_unix_ms:
             self.lag.observe(self._wall() * 1000.0 - beat.sent_unix_ms)
-        first = record.last_heartbeat <= record.joined_at < now  # as the rollout reads it: reported since it joined
+        first = record.last_heartbeat <= record.joined_at < now  # not AgentStatus.reported until this beat
         record.last_heartbeat = now
         record.broke_at = None
         record.quiet_s = beat.quiet_ms / 1000.0

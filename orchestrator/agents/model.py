@@ -172,6 +172,12 @@ class AgentStatus:
     via: str | None = None  # the control-plane replica that relays this agent; None: connected here
     quiet_until: float = 0.0  # clock seconds until which its last heartbeat allowed silence (0: no quiet spell)
 
+    @property
+    def reported(self) -> bool:
+        """Whether it sent a heartbeat since it joined: until then what it serves is not known
+        (a rollout sends it nothing, a relay reports no state for it)."""
+        return self.last_heartbeat > self.joined_at
+
 
 class AgentEventKind(enum.Enum):
     JOINED = "JOINED"

@@ -537,7 +537,7 @@ def _whole(status: model.AgentStatus, agent_hub: hub.AgentHub) -> pb.AgentReport
         agent=pb.JoinRequest(site=status.site, agent_id=status.agent_id, endpoint_url=status.endpoint_url,
                              location=status.location.to_proto(), labels=dict(status.labels), agent_version=status.agent_version,
                              heartbeat_interval_ms=round(status.heartbeat_interval * 1000), capacity=capacity))
-    if status.last_heartbeat <= status.joined_at:
+    if not status.reported:
         return report
     report.state.CopyFrom(pb.Heartbeat(
             sent_unix_ms=int(agent_hub.wall_time(status.last_heartbeat) * 1000), inflight=status.inflight, cpu_percent=status.cpu_percent,

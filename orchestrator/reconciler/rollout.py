@@ -88,7 +88,7 @@ def plan(
     failed: list[tuple[str, str]] = []
     for site in sorted(set(sites)):
         agent = agents.get(site)
-        if agent is None or agent.last_heartbeat <= agent.joined_at:
+        if agent is None or not agent.reported:
             unknown.append(site)  # joined, not reported yet: what it serves is not known
             continue
         state = agent.models.get(model)

@@ -214,7 +214,7 @@ class Fleet:
             cp = self.cp
             # Heard from, not just joined: a first join (bootstrap token + CSR) registers the
             # agent before it has saved its certificate; its first heartbeat comes after.
-            await wait_until(lambda: (s := cp.hub.status(site)) is not None and s.healthy and s.last_heartbeat > s.joined_at,
+            await wait_until(lambda: (s := cp.hub.status(site)) is not None and s.healthy and s.reported,
                              30, what=f"agent {site} to join")
         return agent
 
