@@ -241,7 +241,8 @@ async def test_an_agent_whose_state_adds_up_past_the_leader_s_message_limit_does
         status = leader.cp.hub.status("edge-big")
         return status is not None and len(status.models) == 1000 and len(status.model_load) == 3500
     await until(relayed, "the large agent relayed whole")
-    assert (small := leader.cp.hub.status("edge-small")) is not None and small.healthy
+    # the other agent too, in its own batch (the large one's parts fill batches of their own)
+    await until(lambda: (small := leader.cp.hub.status("edge-small")) is not None and small.healthy, "the other agent relayed")
     assert client.connected and client.last_error == ""
 
 
