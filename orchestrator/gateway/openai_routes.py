@@ -13,8 +13,12 @@ the caller is committed only once its first token is in hand (a chat stream's le
 empty ``role`` event is held until then): a replica that fails before that — refused
 connection, 5xx, a stream cut before any token — is ejected (for a 500, an error of that
 one request, only at the fifth in a row: ``EndpointTable.answered``) and the request goes
-to the next candidate, so no caller sees it. After the commit an upstream failure ends the
-stream with an SSE error event and ``[DONE]``. A caller that goes away cancels the
+to the next candidate, so no caller sees it. A replica that took the request and sent no
+token within the first-token timeout is skipped the same way but, like a 500, ejected
+only at the fifth in a row (``EndpointTable.timed_out``): one long prompt on slow edge
+hardware must not take the replica from every caller. After the commit an upstream
+failure ends the stream with an SSE error event and ``[DONE]``, counted in
+``edgeplane_gateway_streams_cut`` (not a failover: the request stays where it is). A caller that goes away cancels the
 upstream request, which closes its connection, and the replica stops generating.
 
 A ``model`` naming a cascade (``spec.cascade``, by its deployment's or its model's name)
@@ -51,7 +55,7 @@ from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
 from orchestrator.gateway import cascade_rules, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway
-from orchestrator.gateway.upstream import Stream, UpstreamError
+from orchestrator.gateway.upstream import Stream, UpstreamError, UpstreamTimeout
 
 PREFIX = "/openai/v1"
 #: The OpenAI SDK's own layout (``base_url=.../v1``). A standalone gateway serves all of it;
@@ -137,11 +141,13 @@ class RelayHooks(Protocol):
 
 class _Failed(Exception):
     """This attempt failed before anything reached the caller: try the next replica
-    (``eject``: and leave this one out for a while)."""
+    (``eject``: and leave this one out for a while; ``slow``: it took the request and sent
+    nothing in time, which ejects it only as the last of several in a row)."""
 
-    def __init__(self, why: str, *, eject: bool = True) -> None:
+    def __init__(self, why: str, *, eject: bool = True, slow: bool = False) -> None:
         super().__init__(why)
-        self.eject = eject
+        self.eject = eject and not slow
+        self.slow = slow
 
 
 class OpenAIGateway:
@@ -164,8 +170,8 @@ class OpenAIGateway:
         try:
             async with asyncio.timeout(self.first_token_timeout):
                 return await self.gw.http.stream("POST", url, body, headers)
-        except TimeoutError:
-            raise UpstreamError(f"no answer within {self.first_token_timeout:g}s") from None
+        except TimeoutError:  # the connect timeout is far shorter: the replica has the request
+            raise UpstreamTimeout(f"no answer within {self.first_token_timeout:g}s") from None
 
     # admission ---------------------------------------------------------------------------
 
@@ -398,7 +404,9 @@ class _Relay(Response):
                     return
                 except _Failed as exc:
                     failures.append(f"{e.site}: {exc}")
-                    if exc.eject:
+                    if exc.slow:  # a long prompt on slow hardware, or stuck: EndpointTable.timed_out tells
+                        gw.table.timed_out(e.url)
+                    elif exc.eject:
                         gw.table.eject(e.url)
                 finally:
                     gw.table.finished(e.url)
@@ -415,23 +423,27 @@ class _Relay(Response):
         owner = self.owner
         try:
             resp = await owner.post(f"{e.url}/v1{self.suffix}", self._body_for(e), self.fwd_headers, stream=self.stream)
+        except UpstreamTimeout as exc:
+            raise _Failed(str(exc), slow=True) from None
         except UpstreamError as exc:
             raise _Failed(f"connect: {exc}") from None
         try:
-            owner.gw.table.answered(e.url, resp.status)
+            ctype = resp.headers.get("content-type", "application/json")
+            streamed = resp.status == 200 and ctype.startswith("text/event-stream")
+            if not streamed:  # a stream has answered once its first token is in (_relay_stream)
+                owner.gw.table.answered(e.url, resp.status)
             if resp.status >= 500:  # the table has ejected the replica if the answer calls for it
                 raise _Failed(f"HTTP {resp.status}", eject=False)
             if resp.status == 404:  # moved away a moment ago (the table follows): the next replica may serve it
                 raise _Failed(f"does not serve {self.model!r} now (HTTP 404)", eject=False)  # the agent itself is fine
-            ctype = resp.headers.get("content-type", "application/json")
-            if resp.status != 200 or not ctype.startswith("text/event-stream"):
+            if not streamed:
                 try:
                     async with asyncio.timeout(owner.first_token_timeout):
                         content = await resp.body()
                 except UpstreamError as exc:
                     raise _Failed(f"answer cut: {exc}") from None
                 except TimeoutError:
-                    raise _Failed(f"answer cut: no end within {owner.first_token_timeout:g}s") from None
+                    raise _Failed(f"answer cut: no end within {owner.first_token_timeout:g}s", slow=True) from None
                 owner.gw.metrics.requests.labels(self.model, e.site, str(resp.status)).inc()
                 out = self._out(e)
                 if resp.status == 200:
@@ -459,7 +471,8 @@ class _Relay(Response):
                 if not held or not b"".join(held).endswith(SSE_DONE):
                     raise _Failed("stream ended before its first token")
         except _UpstreamCut as exc:
-            raise _Failed(str(exc)) from None
+            raise _Failed(str(exc), slow=exc.silent) from None
+        owner.gw.table.answered(e.url, 200)
         owner.gw.metrics.requests.labels(self.model, e.site, "200").inc()
         owner.ttft.labels(self.model).observe(time.perf_counter() - started)
         head = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -471,13 +484,17 @@ class _Relay(Response):
                 await send({"type": "http.response.body", "body": batch, "more_body": True})
         except _UpstreamCut as exc:
             # Not ejected here: the next request finds out at once (a refused connection is retried).
-            owner.gw.metrics.failovers.labels(self.model, e.site).inc()
+            owner.gw.metrics.streams_cut.labels(self.model, e.site).inc()
             await send({"type": "http.response.body", "body": sse_error(f"{e.site}: {exc}") + SSE_DONE, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _UpstreamCut(Exception):
-    """The replica's stream broke or went silent."""
+    """The replica's stream broke or went silent (``silent``)."""
+
+    def __init__(self, why: str, *, silent: bool = False) -> None:
+        super().__init__(why)
+        self.silent = silent
 
 
 async def _events(resp: Stream, first_timeout: float, idle_timeout: float) -> AsyncIterator[bytes]:
@@ -492,7 +509,7 @@ async def _events(resp: Stream, first_timeout: float, idle_timeout: float) -> As
         except UpstreamError as exc:
             raise _UpstreamCut(f"stream cut: {exc}") from None
         except TimeoutError:
-            raise _UpstreamCut(f"no data for {timeout:g}s") from None
+            raise _UpstreamCut(f"no data for {timeout:g}s", silent=True) from None
         if not data:
             if tail.strip():
                 raise _UpstreamCut("stream ended inside an event")

@@ -46,6 +46,7 @@ FORWARD_HEADERS = ("content-type", "content-encoding", oip.BINARY_HEADER.lower()
 class GatewayMetrics:
     requests: Counter
     failovers: Counter
+    streams_cut: Counter
     latency: Histogram
     cold_starts: Counter
 
@@ -54,6 +55,8 @@ class GatewayMetrics:
         return cls(
             requests=Counter("edgeplane_gateway_requests", "Inference requests answered by the gateway", ["model", "site", "code"], registry=registry),
             failovers=Counter("edgeplane_gateway_failovers", "Attempts that failed and moved to the next endpoint", ["model", "site"], registry=registry),
+            streams_cut=Counter("edgeplane_gateway_streams_cut", "Streamed answers their replica broke off after the first token reached the caller",
+                                ["model", "site"], registry=registry),
             latency=Histogram("edgeplane_gateway_request_seconds", "Gateway request duration", ["model"], registry=registry,
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)),
             cold_starts=Counter("edgeplane_gateway_cold_starts", "Requests that found their model scaled to zero and waited for a replica",

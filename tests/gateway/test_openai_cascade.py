@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from edge_agent import httpserver
+from edge_agent import httpserver, httpstream
 from orchestrator.api import methods
 from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, upstream
 from orchestrator.testing import loopback
@@ -172,3 +172,35 @@ async def test_a_caller_that_leaves_stops_the_stage_generating_for_it(mode: str)
         writer.close()  # the caller leaves while the stage generates
         async with asyncio.timeout(10):
             await stopped.wait()
+
+
+@pytest.mark.parametrize("silent", ["before its head", "after its head"])
+async def test_a_replica_silent_past_the_first_token_timeout_is_skipped_and_ejected_only_at_the_fifth_in_a_row(silent: str) -> None:
+    asked: list[str] = []
+
+    async def nothing() -> AsyncIterator[bytes]:
+        await asyncio.Event().wait()  # a long prompt on slow hardware: no token yet
+        yield b""
+
+    async def paris(request: httpserver.Request) -> httpserver.Response | httpstream.StreamingResponse:
+        asked.append("edge-paris")
+        if silent == "after its head":
+            return httpstream.StreamingResponse(200, nothing())
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def lyon(request: httpserver.Request) -> httpserver.Response:
+        asked.append("edge-lyon")
+        return httpserver.Response(200, chat_answer("from Lyon"))
+
+    async with replica(paris) as paris_url, replica(lyon) as lyon_url:
+        fleet = [endpoint("edge-paris", "edge", paris_url), endpoint("edge-lyon", "edge", lyon_url, lat=45.76, lon=4.84)]
+        table = endpoints.EndpointTable()
+        table.replace(fleet)
+        async with gateway(table, first_token_timeout=0.1) as http:
+            for i in range(5):
+                resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": True},
+                                       headers={"x-edgeplane-location": "48.85,2.35"})
+                assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-lyon", resp.text
+                assert asked[-2:] == ["edge-paris", "edge-lyon"]
+                assert (paris_url in table.ejected()) == (i == 4), f"after request {i + 1}"

@@ -275,6 +275,8 @@ async def test_a_killed_replica_ends_a_started_stream_and_is_retried_before_the_
         async for _ in started:
             pass
     assert "edge-paris" in cut.value.message
+    assert await metric(fleet.cp.http_url, "edgeplane_gateway_streams_cut_total", model="slow", site="edge-paris") == 1
+    assert await metric(fleet.cp.http_url, "edgeplane_gateway_failovers_total", model="slow") == 0  # it stayed where it was
     assert paris in fleet.cp.table.endpoints("chat")  # still listed: no heartbeat has been missed yet
     raw = await sdk.chat.completions.with_raw_response.create(model="chat", messages=USER, max_tokens=4, temperature=0, stream=True,
                                                               extra_headers=PARIS)
