@@ -80,6 +80,7 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 DEFAULT_MAX_BODY_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
+BODY_PROGRESS_BYTES = 64 * 1024  # 2 KiB/s at the default request timeout
 
 #: The most one read takes from a connection. The buffer is an anonymous mapping: memory
 #: is only used as reads reach into it.
@@ -90,7 +91,10 @@ READ_BUFFER_BYTES = 4 * 1024 * 1024
 class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_header_bytes: int = 64 * 1024
-    request_timeout: float = 30.0  # from a request's first byte to its last
+    # From a request's first byte to its head's end, and then to each further
+    # BODY_PROGRESS_BYTES of its body: a large batch over a slow link is not cut off while
+    # it keeps coming, a stalled or trickling one is.
+    request_timeout: float = 30.0
     idle_timeout: float = 75.0  # keep-alive connection with nothing to do
     # A client that reads nothing of its answer for this long is cut off: its stream's
     # producer (a generation holding a sequence slot) is closed instead of waiting forever.
@@ -220,6 +224,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._in_body = False
         self._body: list[bytes] = []
         self._body_bytes = 0
+        self._rearm_at = BODY_PROGRESS_BYTES
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -323,6 +328,9 @@ class _Connection(asyncio.BufferedProtocol):
         if self._body_bytes > self._limits.max_body_bytes:
             raise self._too_large()
         self._body.append(body)
+        if self._body_bytes >= self._rearm_at:
+            self._rearm_at = self._body_bytes + BODY_PROGRESS_BYTES
+            self._arm(self._limits.request_timeout)
 
     def on_message_complete(self) -> None:
         url = bytes(self._url)

@@ -276,6 +276,41 @@ async def test_slow_requests_time_out_and_idle_connections_are_closed() -> None:
         await server.shutdown(1)
 
 
+async def test_a_large_body_that_keeps_coming_is_read_past_the_request_timeout_and_a_trickle_is_not() -> None:
+    # A batch over a slow link takes longer than the request timeout but never stalls.
+    server, echo, port = await start(Limits(request_timeout=0.3))
+    piece = httpserver.BODY_PROGRESS_BYTES
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (8 * piece))
+        for _ in range(8):  # 0.8 s in all, a piece every 0.1 s
+            writer.write(b"a" * piece)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        status, _, _ = await read_response(reader)
+        assert status == 200 and echo.seen[-1].body == b"a" * (8 * piece)
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (8 * piece))
+
+
+        async def trickle() -> None:  # less than a piece in each request timeout
+            with contextlib.suppress(ConnectionError):
+                for _ in range(8):
+                    writer.write(b"a" * (piece // 8))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+
+        sending = asyncio.create_task(trickle())
+        status, _, _ = await read_response(reader)
+        assert status == 408 and await closed(reader)
+        await sending
+        writer.close()
+    finally:
+        await server.shutdown(1)
+
+
 async def test_a_kept_alive_connection_times_out_by_its_last_deadline_only() -> None:
     # One timer serves the connection and moves itself on: an earlier request's deadline
     # must neither cut a later request off nor close the connection before it is idle long.
