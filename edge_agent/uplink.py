@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 SITE_KEY = "x-edgeplane-site"
 AGENT_ID_KEY = "x-edgeplane-agent-id"
 CREDENTIAL_KEY = "x-edgeplane-credential"
-RENEW_RETRY_S = 3600.0  # after a renewal that failed; the certificate is still valid
+RENEW_RETRY_S = 3600.0  # after a renewal that failed, at most (renewal_retry)
+RENEW_RETRY_MIN_S = 10.0
+DATES_RETRY_S = 300.0  # after the certificate's dates could not be read: how long it has left is unknown
 RENEW_MIN_GAP_S = 60.0  # between sessions ended for a renewal
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
@@ -90,6 +92,17 @@ class JoinFacts:
             heartbeat_interval_ms=round((self.heartbeat_interval or 0) * 1000),
             capacity=cap.to_proto(),
         )
+
+
+def renewal_retry(left: float | None) -> float:
+    """How long after a failed renewal to ask again, given what is left of the certificate
+    (None: its dates could not be read). An hour, or a quarter of what is left when that is
+    sooner (RENEW_RETRY_MIN_S at least), so that a short-lived certificate, or one whose agent
+    was offline through most of its renewal window, gets several tries before it expires:
+    an expired one can only be replaced by enrolling again with a fresh bootstrap token."""
+    if left is None:
+        return DATES_RETRY_S
+    return min(RENEW_RETRY_S, max(RENEW_RETRY_MIN_S, left / 4))
 
 
 def _report(exc: Exception) -> None:
@@ -392,8 +405,10 @@ class Uplink:
             return None
 
     def _renewal_failed(self, why: str) -> None:
-        self._renew_at = self._clock() + RENEW_RETRY_S
-        log.warning("%s; the certificate is still valid, asking again in %gs", why, RENEW_RETRY_S)
+        now = self._clock()
+        delay = renewal_retry(None if self._expires is None else self._expires - now)
+        self._renew_at = now + delay
+        log.warning("%s; asking again in %gs", why, delay)
 
     def _renewed(self, key_pem: bytes, response: pb.JoinResponse) -> None:
         assert self._tls is not None

@@ -1,0 +1,84 @@
+"""When the uplink asks to renew its client certificate again after a renewal failed, and
+what a failing identity tool (the child process that makes keys and reads dates) does to a
+session. The tool is replaced through the agent's TLS object; the clock is the uplink's own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import re
+
+import pytest
+
+from edge_agent import capacity, errors, state, uplink
+
+NOW = 1_000_000.0
+DAY = 86400.0
+
+
+class Tool:
+    """The agent's TLS material with a stand-in identity tool: dates as given, or failing
+    as a loaded machine's tool times out; making a CSR fails the same way."""
+
+    def __init__(self, dates: tuple[float, float] | None = None) -> None:
+        self.dates = dates  # (renew at, expires); None: reading them fails
+        self.runs = 0
+
+    async def renewal_time(self) -> tuple[float, float]:
+        self.runs += 1
+        if self.dates is None:
+            raise errors.ControlPlaneError("the identity tool (validity) did not finish in 60s")
+        return self.dates
+
+    async def new_request(self, site: str) -> tuple[bytes, bytes]:
+        raise errors.ControlPlaneError("the identity tool (csr) did not finish in 60s")
+
+
+class Reporter:
+    def capacity(self) -> capacity.Capacity:
+        return capacity.Capacity(cpu_cores=1, memory_total_bytes=1 << 30, gpus=(), execution_providers=())
+
+
+async def _ignore(_: object) -> None:
+    return None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_uplink(tmp_path: pathlib.Path, tool: Tool, clock: Clock) -> uplink.Uplink:
+    facts = uplink.JoinFacts(site="edge-a", bootstrap_token="t", endpoint_url="http://127.0.0.1:1", agent_version="0",
+                             heartbeat_interval=None)
+    return uplink.Uplink("127.0.0.1:1", facts, state.StateStore(tmp_path), Reporter(), _ignore,  # type: ignore[arg-type]
+                         agent_tls=tool, clock=clock)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("left", "retry"), [
+    (20 * DAY, 3600.0),  # most of a month-long certificate left: an hour
+    (4 * 3600.0, 3600.0),
+    (600.0, 150.0),  # ten minutes left: a quarter of it
+    (20.0, 10.0),
+    (-30.0, 10.0),  # expired (or the clock is off): not at once
+    (None, 300.0),  # dates unknown: soon, in case the certificate is short-lived
+])
+def test_a_failed_renewal_is_asked_again_within_what_is_left(left: float | None, retry: float) -> None:
+    assert uplink.renewal_retry(left) == retry
+
+
+async def test_a_renewal_that_fails_with_ten_minutes_left_is_asked_again_before_expiry(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_agent.uplink")
+    tool, clock = Tool((NOW - 1200.0, NOW + 600.0)), Clock()  # due, ten minutes left
+    up = make_uplink(tmp_path, tool, clock)
+    assert await up._renewal_request() is None  # the join goes on without renewing
+    asked = [float(m.group(1)) for r in caplog.records if (m := re.search(r"asking again in ([0-9.]+)s", r.getMessage()))]
+    assert asked and NOW + asked[0] < NOW + 600.0
+    clock.now += asked[0]
+    with pytest.raises(errors.RenewalDue):  # the session ends then, for a join that renews
+        await asyncio.wait_for(up._renewal_due(), 1)
