@@ -379,12 +379,15 @@ class Uplink:
         )
 
     async def _schedule(self) -> float:
-        """When the certificate is due (read once, then after each renewal); logs an
-        expired one on every attempt, since no join can succeed with it."""
+        """When the certificate is due (read once, then after each renewal), or, while its
+        dates could not be read, when to read them again; logs an expired one on every
+        attempt, since no join can succeed with it."""
         assert self._tls is not None
-        if self._renew_at is None or self._expires is None:
-            self._renew_at, self._expires = await self._tls.renewal_time()
-        if self._expires <= self._clock():
+        renew_at = self._renew_at
+        if renew_at is None or (self._expires is None and self._clock() >= renew_at):
+            renew_at, self._expires = await self._tls.renewal_time()
+            self._renew_at = renew_at
+        if self._expires is not None and self._expires <= self._clock():
             log.error("the client certificate expired at %s: this agent must enrol again (remove agent.key and "
                       "agent.crt from its data dir and start it with a new bootstrap token)",
                       time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._expires)))
@@ -428,12 +431,20 @@ class Uplink:
         """Ends the session (raising RenewalDue) when the certificate is due, so that the
         next join renews it; a long-lived session would otherwise outlast it. A renewal due
         again at once (a clock far off) waits a while first (RENEW_MIN_GAP_S, or a quarter of
-        what is left of a short-lived certificate)."""
-        due = await self._schedule()
-        if self._renewed_at is not None and self._expires is not None:
-            due = max(due, self._renewed_at + min(RENEW_MIN_GAP_S, (self._expires - due) / 4))
-        while (wait := due - self._clock()) > 0:
-            await asyncio.sleep(min(wait, 3600.0))
+        what is left of a short-lived certificate). The identity tool failing to read the
+        certificate's dates ends nothing: they are read again later, the session goes on."""
+        while True:
+            try:
+                due = await self._schedule()
+            except (OSError, errors.AgentError) as exc:
+                self._renewal_failed(f"cannot read the client certificate's dates: {exc}")
+                continue  # _schedule now answers the retry time without running the tool
+            if self._renewed_at is not None and self._expires is not None:
+                due = max(due, self._renewed_at + min(RENEW_MIN_GAP_S, (self._expires - due) / 4))
+            while (wait := due - self._clock()) > 0:
+                await asyncio.sleep(min(wait, 3600.0))
+            if self._expires is not None:
+                break  # due: a renewal; else the dates are read again
         self._renewed_at = self._clock()
         raise errors.RenewalDue("client certificate due for renewal")
 

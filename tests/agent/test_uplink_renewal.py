@@ -82,3 +82,19 @@ async def test_a_renewal_that_fails_with_ten_minutes_left_is_asked_again_before_
     clock.now += asked[0]
     with pytest.raises(errors.RenewalDue):  # the session ends then, for a join that renews
         await asyncio.wait_for(up._renewal_due(), 1)
+
+
+@pytest.mark.parametrize("when", ["at the join", "at the retry time"])
+async def test_dates_that_cannot_be_read_do_not_end_the_session(tmp_path: pathlib.Path, when: str) -> None:
+    tool, clock = Tool(), Clock()
+    up = make_uplink(tmp_path, tool, clock)
+    assert await up._renewal_request() is None  # logged; the join goes on
+    runs = tool.runs
+    if when == "at the retry time":
+        clock.now += 300.0
+        runs += 1  # the dates are read again, and the tool fails again
+    watcher = asyncio.create_task(up._renewal_due())  # runs beside the session's streams
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(watcher), 0.2)
+    watcher.cancel()
+    assert tool.runs == runs
