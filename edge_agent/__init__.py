@@ -26,3 +26,7 @@ DEFAULT_MAX_ARTIFACT_GIB = 64
 # --listen's default port: clear of the control plane's 8080 (HTTP), 8081 (agents) and 8082
 # (joins), so an agent and `edgeplane serve` run side by side on one machine.
 DEFAULT_LISTEN_PORT = 8090
+# --heartbeat-interval: what the control plane takes (it clamps an agent's interval to this),
+# and what a Join carries (uint32 milliseconds, which ends at about 49 days).
+MIN_HEARTBEAT_S = 0.05
+MAX_HEARTBEAT_S = 300.0

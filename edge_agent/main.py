@@ -161,6 +161,15 @@ def _positive(value: str) -> float:
     return number
 
 
+def _between(low: float, high: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        number = _number(value)
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low:g} to {high:g}")
+        return number
+    return parse
+
+
 def _not_negative(value: str) -> float:
     number = _number(value)
     if number < 0:
@@ -246,9 +255,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lon", type=_number, help="the site's longitude")
     p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE",
                    help="a site label the manifests' selectors can match (repeatable)")
-    p.add_argument("--heartbeat-interval", type=_positive, metavar="SECONDS",
-                   help="how often to report; the control plane may clamp it [the control plane's: "
-                        "'edgeplane serve --heartbeat-interval', 5 s by default]")
+    p.add_argument("--heartbeat-interval", type=_between(edge_agent.MIN_HEARTBEAT_S, edge_agent.MAX_HEARTBEAT_S),
+                   metavar="SECONDS", help=f"how often to report, {edge_agent.MIN_HEARTBEAT_S:g} to "
+                   f"{edge_agent.MAX_HEARTBEAT_S:g} [the control plane's: 'edgeplane serve --heartbeat-interval', "
+                   "5 s by default]")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext gRPC with a bearer credential instead of mutual TLS (only with 'edgeplane serve --insecure-agents')")
     p.add_argument("--ca-file", type=pathlib.Path,

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import grpc
 
+import edge_agent
 from edge_agent import assignments, capacity, diagnosis, errors, registry, state, tls
 from edge_agent.retry import RECONNECT, RetryPolicy
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
@@ -89,9 +90,18 @@ class JoinFacts:
             agent_version=self.agent_version,
             endpoint_url=self.endpoint_url,
             agent_id=agent_id,
-            heartbeat_interval_ms=round((self.heartbeat_interval or 0) * 1000),
+            heartbeat_interval_ms=round(_asked_interval(self.heartbeat_interval) * 1000),
             capacity=cap.to_proto(),
         )
+
+
+def _asked_interval(seconds: float | None) -> float:
+    """The heartbeat interval a Join asks for (0: the control plane's), within what the
+    control plane takes: it would clamp it anyway, and past about 49 days the Join's uint32
+    milliseconds could not carry it and no join could be sent."""
+    if not seconds:
+        return 0.0
+    return min(max(seconds, edge_agent.MIN_HEARTBEAT_S), edge_agent.MAX_HEARTBEAT_S)
 
 
 def renewal_retry(left: float | None) -> float:
@@ -181,7 +191,7 @@ class Uplink:
         self._clock = clock
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self.interval = facts.heartbeat_interval or DEFAULT_HEARTBEAT_S  # until the join answers
+        self.interval = _asked_interval(facts.heartbeat_interval) or DEFAULT_HEARTBEAT_S  # until the join answers
         try:
             self.identity = store.load_identity(facts.site)
         except errors.StateError as exc:

@@ -115,6 +115,14 @@ async def test_an_agent_told_no_interval_reports_at_the_control_planes(control_p
                              what="the agent to take the interval the join answered")
 
 
+async def test_an_agent_asking_for_an_interval_past_the_control_planes_bounds_joins_at_the_bound(
+        control_plane: ControlPlane, make_agent: MakeAgent) -> None:
+    # 5,000,000 s is past what a Join's uint32 milliseconds carry: no join could be sent
+    await make_agent(control_plane, heartbeat_interval=5_000_000.0)
+    joined = await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+    assert joined.status.heartbeat_interval == 300.0
+
+
 async def test_corrupt_upgrade_is_refused_and_previous_version_keeps_serving(
     control_plane: ControlPlane, make_agent: MakeAgent, models: Models
 ) -> None:

@@ -25,6 +25,8 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--country", "XX"], "argument --country: 'XX' must be an ISO 3166 alpha-2 code"),
     (["--site", "edge-x", "--country", "eu"], "argument --country: 'eu' must be an ISO 3166 alpha-2 code"),
     (["--site", "edge-x", "--heartbeat-interval", "nan"], "argument --heartbeat-interval: 'nan' is not a finite number"),
+    (["--site", "edge-x", "--heartbeat-interval", "5000000"], "argument --heartbeat-interval: 5000000 is not from 0.05 to 300"),
+    (["--site", "edge-x", "--heartbeat-interval", "0.01"], "argument --heartbeat-interval: 0.01 is not from 0.05 to 300"),
     (["--site", "edge-x", "--lat", "nan", "--lon", "1"], "argument --lat: 'nan' is not a finite number"),
     (["--site", "edge-x", "--workers", "-1"], "argument --workers: -1 is not from 0 to 1024"),
     (["--site", "edge-x", "--max-request-bytes", "0"], "argument --max-request-bytes: 0 is not from 1 to"),
