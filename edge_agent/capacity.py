@@ -13,7 +13,8 @@ claims, nor what the host has when the agent runs in a container:
   reclaims before it would hit the limit. A container that has read a large model file
   is not full;
 - CPU load: the whole machine's busy share between two reports, from ``/proc/stat``;
-- GPUs through NVML when ``pynvml`` is importable, and the onnxruntime execution
+- GPUs through NVML when ``pynvml`` is importable, only those ``CUDA_VISIBLE_DEVICES``
+  leaves to this process (NVML sees the whole host's), and the onnxruntime execution
   providers that can actually run here.
 
 The limits read are those of the process's own cgroup (looked up under its path from
@@ -31,7 +32,7 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from edgeplane_proto.capacity import Capacity, Gpu
 
@@ -49,10 +50,34 @@ class Load:
     gpu_free_bytes: tuple[tuple[int, int], ...]
 
 
+def cuda_visible(value: str | None) -> tuple[int | str, ...] | None:
+    """The GPUs ``CUDA_VISIBLE_DEVICES`` lets CUDA (and so onnxruntime) use, in its order:
+    NVML indices and ``GPU-``/``MIG-`` UUIDs (None: unset, every GPU). Read as CUDA reads
+    it: the list ends at the first entry that is neither, so "", "-1" and "NoDevFiles" mean
+    none."""
+    if value is None:
+        return None
+    devices: list[int | str] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if entry.isdigit() and entry.isascii():
+            devices.append(int(entry))
+        elif entry.startswith(("GPU-", "MIG-")):
+            devices.append(entry)
+        else:
+            break
+    return tuple(devices)
+
+
 def probe_gpus() -> tuple[Gpu, ...]:
-    """GPUs through NVML; none when pynvml or the driver is missing. Never raises: a GPU
-    NVML cannot query (fallen off the bus, "GPU is lost") is left out and logged once,
-    and the others are reported, since every join and heartbeat carries this."""
+    """The GPUs this process can use, through NVML; none when pynvml or the driver is
+    missing. NVML sees every GPU of the host, so only those ``CUDA_VISIBLE_DEVICES`` names
+    are kept, in its order and numbered as CUDA numbers them (from 0): the others cannot
+    run this agent's models. Never raises: a GPU NVML cannot query (fallen off the bus,
+    "GPU is lost") is left out and logged once, and the others are reported, since every
+    join and heartbeat carries this."""
+    visible = cuda_visible(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if visible == ():
+        return ()
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
@@ -65,17 +90,19 @@ def probe_gpus() -> tuple[Gpu, ...]:
     gpus = []
     try:
         count = pynvml.nvmlDeviceGetCount()
-        for index in range(count):
+        for ordinal, device in enumerate(range(count) if visible is None else visible):
             try:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                handle = _handle(pynvml, device, count)
+                if handle is None:
+                    break  # CUDA too sees none from a device that is not there on
                 name = pynvml.nvmlDeviceGetName(handle)
                 memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             except pynvml.NVMLError as exc:
-                _unqueryable(f"GPU {index}", exc)
+                _unqueryable(f"GPU {device}", exc)
                 continue
             gpus.append(
                 Gpu(
-                    index=index,
+                    index=ordinal,
                     model=name.decode() if isinstance(name, bytes) else str(name),
                     memory_total_bytes=int(memory.total),
                     memory_free_bytes=int(memory.free),
@@ -89,6 +116,23 @@ def probe_gpus() -> tuple[Gpu, ...]:
         except pynvml.NVMLError as exc:
             log.debug("NVML shutdown: %s", exc)
     return tuple(gpus)
+
+
+def _handle(pynvml: Any, device: int | str, count: int) -> Any:
+    """NVML's handle of one ``CUDA_VISIBLE_DEVICES`` entry; None for one that names no GPU
+    here. A GPU UUID may be given by a unique prefix, as CUDA allows; a MIG instance is
+    looked up by its whole UUID."""
+    if isinstance(device, int):
+        return pynvml.nvmlDeviceGetHandleByIndex(device) if device < count else None
+    if device.startswith("MIG-"):
+        return pynvml.nvmlDeviceGetHandleByUUID(device)
+    found = []
+    for index in range(count):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        uuid = pynvml.nvmlDeviceGetUUID(handle)
+        if (uuid.decode() if isinstance(uuid, bytes) else str(uuid)).startswith(device):
+            found.append(handle)
+    return found[0] if len(found) == 1 else None
 
 
 _unqueryable_logged: set[str] = set()  # what was logged already: the probe runs with every heartbeat

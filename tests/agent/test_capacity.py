@@ -168,9 +168,52 @@ def _nvml_with_a_lost_gpu() -> types.ModuleType:
 def test_a_gpu_nvml_cannot_query_is_left_out_and_the_others_reported(monkeypatch: pytest.MonkeyPatch,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", _nvml_with_a_lost_gpu())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     probe = capacity.CapacityProbe(lambda: ["CPUExecutionProvider"])  # the default GPU probe, as the agent runs it
     assert [(g.index, g.model, g.memory_total_bytes) for g in probe.capacity().gpus] == [(0, "NVIDIA L4", 24 * GiB)]
     assert probe.load().gpu_free_bytes == ((0, 20 * GiB),)
     probe.capacity()
     lost = [r for r in caplog.records if "GPU 1" in r.getMessage()]
     assert len(lost) == 1 and "GPU is lost" in lost[0].getMessage()  # once, not with every heartbeat
+
+
+def _nvml_with_two_gpus() -> types.ModuleType:
+    """pynvml as a host with an L4 and an A100 shows it, whatever this process may use."""
+    nvml = types.ModuleType("pynvml")
+    nvml.NVMLError = _NVMLError  # type: ignore[attr-defined]
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetCount = lambda: 2  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetHandleByIndex = lambda index: index  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetUUID = lambda handle: ["GPU-aaaa1111-0000", "GPU-bbbb2222-0000"][handle]  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetName = lambda handle: [b"NVIDIA L4", b"NVIDIA A100"][handle]  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(  # type: ignore[attr-defined]
+        total=[24 * GiB, 80 * GiB][handle], free=[20 * GiB, 70 * GiB][handle])
+    return nvml
+
+
+@pytest.mark.parametrize(("visible", "expected"), [
+    (None, ["NVIDIA L4", "NVIDIA A100"]),
+    ("1", ["NVIDIA A100"]),
+    ("1,0", ["NVIDIA A100", "NVIDIA L4"]),  # in CUDA's order: the A100 is device 0 to onnxruntime
+    (" 0 , 1 ", ["NVIDIA L4", "NVIDIA A100"]),
+    ("GPU-bbbb2222-0000", ["NVIDIA A100"]),
+    ("GPU-bbbb", ["NVIDIA A100"]),  # a unique prefix, as CUDA takes it
+    ("GPU-", []),  # matches both: CUDA takes neither
+    ("", []),
+    ("-1", []),
+    ("NoDevFiles", []),
+    ("0,-1,1", ["NVIDIA L4"]),  # CUDA reads up to the first entry that is not a device
+    ("0,7,1", ["NVIDIA L4"]),
+])
+def test_only_the_gpus_cuda_may_use_are_reported(monkeypatch: pytest.MonkeyPatch, visible: str | None,
+                                                 expected: list[str]) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", _nvml_with_two_gpus())
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    probe = capacity.CapacityProbe(lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    gpus = probe.capacity().gpus
+    assert [g.model for g in gpus] == expected
+    assert [g.index for g in gpus] == list(range(len(expected)))  # numbered as CUDA numbers them
+    assert [index for index, _ in probe.load().gpu_free_bytes] == list(range(len(expected)))
