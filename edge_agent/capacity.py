@@ -163,10 +163,14 @@ class CapacityProbe:
         self._host.cpu_percent()  # primes the counter: later calls are deltas
         self._last_gpus: tuple[Gpu, ...] = ()
 
+    def cpu_cores(self) -> int:
+        """The CPUs this process may run on, capped by its cgroup's quota."""
+        return self._host.cpu_cores()
+
     def capacity(self) -> Capacity:
         self._last_gpus = self._gpus()
         return Capacity(
-            cpu_cores=self._host.cpu_cores(),
+            cpu_cores=self.cpu_cores(),
             memory_total_bytes=self._host.memory_total(),
             gpus=self._last_gpus,
             execution_providers=tuple(self._providers()),

@@ -58,7 +58,7 @@ class AgentConfig:
     drain_timeout: float = 30.0
     write_timeout: float = 60.0  # a client that reads nothing for this long is dropped
     max_connections: int = 0  # HTTP connections at once (0: half the open-file limit)
-    workers: int = 0  # inference threads; 0 = one per core
+    workers: int = 0  # inference threads; 0 = one per core this process may use
     inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
     grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
     intra_op_threads: int = 0  # onnxruntime threads per run; 0 = onnxruntime's default
@@ -102,8 +102,10 @@ class Agent:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._probe = probe or capacity.CapacityProbe(onnx.available_providers)
-        workers = config.workers or os.cpu_count() or 1
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
+        # the cores this process may use (affinity, cgroup quota), which it reports too: a
+        # container given 2 of a host's 64 would otherwise run 64 models at once on them
+        self.workers = config.workers or self._probe.cpu_cores()
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="infer")
         self.store = state.StateStore(config.data_dir)
         self.cache = artifacts.ArtifactCache(config.data_dir / "cache", allow_file_urls=config.allow_file_artifacts,
                                              max_bytes=config.max_artifact_bytes)
@@ -236,7 +238,7 @@ class Agent:
                 cfg.data_dir, cfg.join_address, cfg.ca_file, cfg.ca_sha256),
         )
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
-        log.info("agent for site %s serving v2 on %s", cfg.site, self.endpoint_url)
+        log.info("agent for site %s serving v2 on %s (%d inference threads)", cfg.site, self.endpoint_url, self.workers)
 
     async def stop(self) -> None:
         """Drain: refuse readiness, tell the control plane, finish in-flight requests; all

@@ -282,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=_count(0, 1 << 20), default=0, metavar="N",
                    help="HTTP connections served at once; one more is answered 503 and closed "
                         "(0 = half the open-file limit, so a flood leaves descriptors for models and downloads) [0]")
-    p.add_argument("--workers", type=_count(0, 1024), default=0, help="inference threads (0 = one per core) [0]")
+    p.add_argument("--workers", type=_count(0, 1024), default=0, help="inference threads (0 = one per core this agent may use: its CPU affinity, capped by its cgroup's quota) [0]")
     p.add_argument("--inline-max-ms", type=_not_negative, default=20.0, metavar="MS",
                    help="a request alone in flight whose model runs in at most this long is computed on the "
                         "event loop instead of a worker thread (0 = always a worker thread) [20]")

@@ -3,6 +3,7 @@ write, then on this machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -12,7 +13,7 @@ import types
 import psutil
 import pytest
 
-from edge_agent import capacity
+from edge_agent import capacity, daemon
 
 GiB = 1 << 30
 HOST_MEMORY = 64 * GiB
@@ -55,6 +56,17 @@ def test_cgroup_v2_limits_cap_what_is_reported(tmp_path: pathlib.Path) -> None:
     assert measured.capacity().cpu_cores == 1  # half a core's quota is still one core to place on
     assert measured.capacity().memory_total_bytes == GiB
     assert measured.load().memory_available_bytes == GiB - GiB // 4
+
+
+def test_an_agent_runs_one_inference_thread_per_core_it_may_use(tmp_path: pathlib.Path) -> None:
+    cgroups = tmp_path / "cgroup"
+    files(cgroups, cgroup_controllers="cpu memory")
+    files(cgroups / "kubepods" / "pod1", cpu_max="100000 100000")  # one core's quota, whatever the host has
+    measured = probe(fake_proc(tmp_path, "0::/kubepods/pod1\n"), cgroups)
+    config = daemon.AgentConfig(control_plane="127.0.0.1:1", site="edge-a", token="t", data_dir=tmp_path / "agent")
+    agent = daemon.Agent(config, probe=measured)
+    assert agent.workers == agent.capacity().cpu_cores == 1
+    assert daemon.Agent(dataclasses.replace(config, workers=3), probe=measured).workers == 3
 
 
 @pytest.mark.parametrize("v1", [False, True])
