@@ -124,6 +124,9 @@ class Agent:
         self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000)
         self.server.max_body_bytes = config.max_body_bytes
         self._desired = assignments.EMPTY
+        # whether _desired is the control plane's word (or a set it sent before): until
+        # then the cache and unpacked packages are kept, however many GB they hold
+        self._told = False
         self._tasks: list[asyncio.Task[None]] = []
         self._http: httpserver.HttpServer | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -210,11 +213,11 @@ class Agent:
                 *cfg.grpc_listen, self.server, cfg.max_body_bytes)
             log.info("serving v2 over gRPC on %s:%d", cfg.grpc_listen[0], self.grpc_port)
         saved = self.store.load_assignments(cfg.site)
-        if saved.assignments:
+        if saved is not None and saved.assignments:
             log.info("serving %d saved assignment(s) from the local cache", len(saved.assignments))
-        self._desired = saved
-        if self.models_dir.is_dir():  # before any unpack starts: leftovers of unpacks a stop or crash cut short go too
-            await asyncio.to_thread(_prune_packages, self.models_dir, {a.sha256 for a in saved.assignments}, set())
+        self._desired, self._told = saved or assignments.EMPTY, saved is not None
+        if self._told and self.models_dir.is_dir():  # before any unpack starts: leftovers of unpacks a stop or crash cut short go too
+            await asyncio.to_thread(_prune_packages, self.models_dir, {a.sha256 for a in self._desired.assignments}, set())
         self._wake.set()
         self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
         self.uplink = uplink.Uplink(
@@ -293,7 +296,7 @@ class Agent:
         except OSError as exc:  # a full or failing disk: the control plane's word still holds
             log.error("cannot save assignment set v%d in %s: %s; acting on it anyway (a restart while the control plane "
                       "is unreachable would serve the last set saved)", desired.version, self.config.data_dir, exc.strerror or exc)
-        self._desired = desired
+        self._desired, self._told = desired, True
         self._wake.set()
 
     async def _reconcile(self) -> None:
@@ -311,15 +314,20 @@ class Agent:
             self._wake.clear()
             try:
                 self.registry.apply(self._desired)  # latest wins: read it now
-                keep = {m.sha256 for m in self.registry.serving()} | {a.sha256 for a in self._desired.assignments}
-                await self.cache.prune(keep)  # a version no longer wanted is downloaded again if it ever is
-                if self.models_dir.is_dir():  # a generative model was unpacked here once
-                    # versions no longer wanted; an unpack of a wanted one may be under way
-                    await asyncio.to_thread(_prune_packages, self.models_dir, keep, keep)
+                if self._told:
+                    await self._prune()
             except Exception:  # the loop never dies
                 log.exception("converging on assignment set v%d failed", self._desired.version)
             if not self.registry.busy():  # the saved set's models are loaded, or failed
                 self.server.ready = True
+
+    async def _prune(self) -> None:
+        """Remove the cached and unpacked versions that neither serve nor are assigned."""
+        keep = {m.sha256 for m in self.registry.serving()} | {a.sha256 for a in self._desired.assignments}
+        await self.cache.prune(keep)  # a version no longer wanted is downloaded again if it ever is
+        if self.models_dir.is_dir():  # a generative model was unpacked here once
+            # versions no longer wanted; an unpack of a wanted one may be under way
+            await asyncio.to_thread(_prune_packages, self.models_dir, keep, keep)
 
     def _models_changed(self) -> None:
         if self.uplink is not None:

@@ -110,23 +110,24 @@ class StateStore:
         self._state = data_dir / "state.json"
         self._identity = data_dir / "identity.json"
 
-    def load_assignments(self, site: str) -> assignments.AssignmentSet:
-        """The saved assignment set; empty when there is none or it cannot be read. It is a
-        cache of what the control plane sends again at the next connection, so an
-        unreadable file (damaged outside the agent: its own writes are atomic) does not keep
-        the agent from starting: it is set aside, for inspection, under ``.unreadable``."""
+    def load_assignments(self, site: str) -> assignments.AssignmentSet | None:
+        """The saved assignment set; None when there is none for ``site`` or it cannot be
+        read: what is assigned is then unknown, not nothing. It is a cache of what the
+        control plane sends again at the next connection, so an unreadable file (damaged
+        outside the agent: its own writes are atomic) does not keep the agent from
+        starting: it is set aside, for inspection, under ``.unreadable``."""
         try:
             return self._saved_assignments(site)
         except errors.StateError as exc:
             kept = self.set_aside(self._state)
             log.error("%s; set aside as %s: starting with no saved assignment (the control plane sends them again "
                       "when it is reached)", exc, kept.name)
-            return assignments.EMPTY
+            return None
 
-    def _saved_assignments(self, site: str) -> assignments.AssignmentSet:
+    def _saved_assignments(self, site: str) -> assignments.AssignmentSet | None:
         doc = _read(self._state)
         if doc is None or doc.get("site") != site:
-            return assignments.EMPTY
+            return None
         try:
             return assignments.AssignmentSet.from_json(doc["assignments"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import shutil
 import socket
 from collections.abc import Callable
@@ -165,6 +166,28 @@ async def test_the_artifact_cache_holds_only_what_the_assignments_need(
     await harness.wait_until(lambda: held() == {models.v2.sha256}, what=f"v1 removed from the cache, not {held()}")
     control_plane.hub.set_assignments(SITE, [], version=3)
     await harness.wait_until(lambda: held() == set(), what=f"an empty cache, not {held()}")
+
+
+@pytest.mark.parametrize("saved", ["damaged", "another site's"])
+async def test_an_agent_that_cannot_tell_what_was_assigned_keeps_its_files_until_the_control_plane_says(
+    control_plane: ControlPlane, make_agent: MakeAgent, models: Models, tmp_path: pathlib.Path, saved: str
+) -> None:
+    data_dir = tmp_path / "agent"
+    cached = data_dir / "cache" / "sha256"
+    cached.mkdir(parents=True)
+    shutil.copyfile(models.v1.path, cached / models.v1.sha256)
+    unpacked = data_dir / "models" / ("cd" * 32)
+    unpacked.mkdir(parents=True)
+    (unpacked / "genai_config.json").write_text("{}")
+    state = {"format": 1, "site": "edge-elsewhere", "assignments": {"version": 7, "assignments": []}}
+    (data_dir / "state.json").write_text('{"format": 1, "si' if saved == "damaged" else json.dumps(state))
+    agent = await make_agent(control_plane, data_dir=data_dir)
+    await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+    await harness.wait_until(lambda: agent.server.ready, 10, what="the agent's first pass over what it has")
+    assert (cached / models.v1.sha256).is_file() and unpacked.is_dir()  # many GB, maybe: not dropped on a guess
+    control_plane.hub.set_assignments(SITE, [], version=1)
+    await harness.wait_until(lambda: not (cached / models.v1.sha256).exists() and not unpacked.exists(), 10,
+                             what="the files removed once the control plane said nothing is assigned")
 
 
 async def test_a_download_under_way_holds_up_neither_another_model_nor_a_new_assignment_set(
