@@ -6,7 +6,8 @@ request (with the same failover as a plain request: the next replica of the stag
 connection error or a 5xx); its answer is decoded and judged
 (:mod:`orchestrator.gateway.cascade_rules`, pure), and either returned or the request
 goes to the next stage. A stage with no allowed replica, failing, or overloaded
-(``maxInflight``) hands over at once, so the cascade is also the fallback. Residency
+(``maxInflight``) hands over at once (a middle one too: the request goes on to the first
+later stage that can run), so the cascade is also the fallback. Residency
 binds every stage: the next stage's candidates are ranked for the same caller, and when
 none is allowed the answer in hand is returned with ``X-Edgeplane-Cascade-Escalation:
 not-escalated`` and the reason.
@@ -123,6 +124,13 @@ class CascadeStats:
         return out
 
 
+def skipped(route: rules.CascadeRoute, stage: int, next_stage: int,
+            later: list[list[routing.Ranked] | routing.NoRoute]) -> list[str]:
+    """Why each stage between ``stage`` and ``next_stage`` was passed over (it had no allowed replica)."""
+    return [f"{route.stages[s].variant}: {r.reason}" for s, r in enumerate(later, stage + 1)
+            if s < next_stage and isinstance(r, routing.NoRoute)]
+
+
 def header_value(text: str) -> str:
     # header values: one line of latin-1
     return " ".join(text.split()).encode("latin-1", "replace").decode("latin-1")[:500]
@@ -237,10 +245,9 @@ class CascadeHandler:
                 return Response(oip.error_body(f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
                                                f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}"),
                                 status_code=503, media_type="application/json")
-            last = stage == len(route.stages) - 1
-            next_ranked = None if last else self.ranking(route, stage + 1, caller)
+            later = [self.ranking(route, s, caller) for s in range(stage + 1, len(route.stages))]
             unroutable = ranked if isinstance(ranked, routing.NoRoute) else None
-            decision = rules.after_stage(route, stage, verdict, got is not None, next_ranked, unroutable=unroutable)
+            decision = rules.after_stage(route, stage, verdict, got is not None, later, unroutable=unroutable)
             match decision:
                 case rules.Answer(not_escalated=why):
                     assert answer is not None  # after_stage answers only with this stage's answer in hand
@@ -265,6 +272,7 @@ class CascadeHandler:
                     if got is not None:
                         answer_confidence = verdict.confidence if verdict is not None else None
                     escalated_why = f"{route.stages[stage].variant}: {why}"
+                    trip.failures.extend(skipped(route, stage, next_stage, later))
                     stage, ranked = next_stage, list(candidates)
 
     def _not_escalated(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: Trip,

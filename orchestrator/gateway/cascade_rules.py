@@ -11,7 +11,8 @@ decision it takes is one of these functions of data, so each can be table-tested
 - :func:`stage_ranking` — the replicas that may run a stage for a caller, best first:
   ``routing.rank`` on that stage's tiers only, so residency binds every stage exactly as it
   binds a plain request;
-- :func:`after_stage` — given what a stage did, answer now or go to the next stage, and why.
+- :func:`after_stage` — given what a stage did, answer now or go to the next stage that
+  can run, and why.
 
 A batched tensor request is judged as a whole: its confidence is that of its least sure
 row, and the whole request escalates when that is below the threshold.
@@ -278,30 +279,37 @@ def overloaded(route: CascadeRoute, stage: int, ranked: Sequence[routing.Ranked]
 
 
 def after_stage(route: CascadeRoute, stage: int, verdict: Verdict | None, has_answer: bool,
-                next_ranked: list[routing.Ranked] | routing.NoRoute | None, *,
+                later: Sequence[list[routing.Ranked] | routing.NoRoute], *,
                 unroutable: routing.NoRoute | None = None) -> Answer | Escalate | Fail:
     """What to do once ``stage`` ran (or could not run).
 
     ``verdict`` is the judge's (None when the stage gave no answer: down, failing, or
-    overloaded, which always escalates); ``next_ranked`` the next stage's candidates for
-    this caller (None when ``stage`` is the last); ``unroutable`` why ``stage`` had no
-    replica to try, if it had none.
+    overloaded, which always escalates); ``later`` each later stage's candidates for this
+    caller, in order (empty when ``stage`` is the last); ``unroutable`` why ``stage`` had
+    no replica to try, if it had none. A later stage with no allowed replica is passed
+    over for the one after it, as a first stage with none hands over: with three or four
+    stages a middle one that the caller may not use must not end the cascade.
     """
     if has_answer and (verdict is None or not verdict.escalate):
         return Answer()
     why = verdict.reason if verdict is not None else "the stage gave no answer"
-    if next_ranked is None:
+    if not later:
         if has_answer:
             return Answer("no later stage")
         if unroutable is not None:  # nothing was tried: as plain routing says it (503), not as a failed upstream
             return Fail(unroutable.status, f"the last stage ({route.stages[stage].variant}) cannot run")
         return Fail(502, f"the last stage ({route.stages[stage].variant}) gave no answer")
-    if isinstance(next_ranked, routing.NoRoute):
-        if has_answer:
-            return Answer(f"{why}, but {next_ranked.reason}")
-        return Fail(next_ranked.status, f"stage {route.stages[stage].variant!r} gave no answer and stage "
-                                        f"{route.stages[stage + 1].variant!r} cannot run: {next_ranked.reason}")
-    return Escalate(stage + 1, tuple(next_ranked), why)
+    for offset, ranked in enumerate(later):
+        if not isinstance(ranked, routing.NoRoute):
+            return Escalate(stage + 1 + offset, tuple(ranked), why)
+    blocked = [r for r in later if isinstance(r, routing.NoRoute)]
+    reasons = "; ".join(r.reason for r in blocked)
+    if has_answer:
+        return Answer(f"{why}, but {reasons}")
+    cannot = (f"stage {route.stages[stage + 1].variant!r} cannot run" if len(blocked) == 1
+              else f"no later stage ({', '.join(repr(s.variant) for s in route.stages[stage + 1:])}) can run")
+    # the status the last stage's (the fallback's) ranking gave, as plain routing would
+    return Fail(blocked[-1].status, f"stage {route.stages[stage].variant!r} gave no answer and {cannot}: {reasons}")
 
 
 def energy_joules(route: CascadeRoute, stage: int, site: str, busy_s: float) -> float:

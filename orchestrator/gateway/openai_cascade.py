@@ -123,9 +123,9 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
             why = "; ".join(req.trip.failures) or (verdict.reason if verdict is not None else "no answer")
             return openai_routes.error(503, f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
                                             f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}", code="stage_unavailable")
-        next_ranked = None if last else handler.ranking(route, stage + 1, caller)
+        later = [handler.ranking(route, s, caller) for s in range(stage + 1, len(route.stages))]
         unroutable = ranked if isinstance(ranked, routing.NoRoute) else None
-        match rules.after_stage(route, stage, verdict, got is not None, next_ranked, unroutable=unroutable):
+        match rules.after_stage(route, stage, verdict, got is not None, later, unroutable=unroutable):
             case rules.Answer(not_escalated=why):
                 assert answer is not None  # after_stage answers only with this stage's answer in hand
                 confidence = verdict.confidence if verdict is not None else _confidence(answer)
@@ -147,6 +147,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                 if got is not None:
                     answer_confidence = verdict.confidence if verdict is not None else None
                 escalated_why = f"{route.stages[stage].variant}: {why}"
+                req.trip.failures.extend(cascade_mod.skipped(route, stage, next_stage, later))
                 stage, ranked = next_stage, list(candidates)
 
 

@@ -104,6 +104,30 @@ def test_no_stage_answers() -> None:
     assert (row["requests"], row["failed"], row["escalations"]) == (1, 1, {"down": 1})
 
 
+THREE = cascade_rules.CascadeRoute("m", "dep", (
+    cascade_rules.StageRoute("tiny", frozenset({"edge"}), RULE),
+    cascade_rules.StageRoute("mid", frozenset({"regional"}), RULE),
+    cascade_rules.StageRoute("large", frozenset({"datacenter"}), None),
+))
+
+
+@pytest.mark.parametrize("edge", ["unsure", "down"])
+def test_a_middle_stage_the_caller_may_not_use_is_passed_over_for_the_last(edge: str) -> None:
+    """The middle stage runs only in Germany, which an FR-resident caller may not use: the
+    request goes on to the last stage, in France, as it would past a first stage with no replica."""
+    fleet = [EDGE, ep("reg-de", "regional", "DE"), DC]
+    response, transport, _ = run(fleet, {"edge-fr": edge, "reg-de": "sure", "dc-fr": "sure"}, route=THREE)
+    assert response.status_code == 200, response.body
+    assert transport.calls == ["http://edge-fr", "http://dc-fr"]
+    assert response.headers["x-edgeplane-site"] == "dc-fr" and response.headers["x-edgeplane-cascade-escalation"] == "escalated"
+
+
+def test_no_later_stage_that_can_run_names_each_one_skipped() -> None:
+    response, transport, _ = run([EDGE, ep("reg-de", "regional", "DE")], {"edge-fr": "down", "reg-de": "sure"}, route=THREE)
+    assert response.status_code == 503 and transport.calls == ["http://edge-fr"]
+    assert b"no later stage ('mid', 'large') can run" in response.body and b"caller's residency (FR)" in response.body
+
+
 @pytest.mark.parametrize(("one_request", "the_replica"), [("500", "5xx"), ("slow", "down")])
 def test_a_stage_failing_one_request_escalates_without_ejecting_the_replica(one_request: str, the_replica: str) -> None:
     """A 500, or an answer later than the upstream timeout, is an error of that one request,

@@ -144,27 +144,50 @@ UNSURE = rules.Verdict(True, 0.5, "top probability 0.500 < 0.8")
 NEXT = [routing.Ranked(endpoint("dc", "datacenter", "FR"), 2.0)]
 
 
-@pytest.mark.parametrize(("stage", "verdict", "answered", "next_ranked", "expected"), [
-    (0, SURE, True, NEXT, rules.Answer()),
-    (0, UNSURE, True, NEXT, rules.Escalate(1, tuple(NEXT), UNSURE.reason)),
-    (0, None, False, NEXT, rules.Escalate(1, tuple(NEXT), "the stage gave no answer")),
-    (0, UNSURE, True, routing.NoRoute("no replica in the caller's residency (FR)"),
+@pytest.mark.parametrize(("stage", "verdict", "answered", "later", "expected"), [
+    (0, SURE, True, [NEXT], rules.Answer()),
+    (0, UNSURE, True, [NEXT], rules.Escalate(1, tuple(NEXT), UNSURE.reason)),
+    (0, None, False, [NEXT], rules.Escalate(1, tuple(NEXT), "the stage gave no answer")),
+    (0, UNSURE, True, [routing.NoRoute("no replica in the caller's residency (FR)")],
      rules.Answer("top probability 0.500 < 0.8, but no replica in the caller's residency (FR)")),
-    (0, None, False, routing.NoRoute("nothing", 503), rules.Fail(503, "stage 'small' gave no answer and stage 'large' cannot run: nothing")),
-    (1, None, True, None, rules.Answer()),
-    (1, None, False, None, rules.Fail(502, "the last stage (large) gave no answer")),
+    (0, None, False, [routing.NoRoute("nothing", 503)], rules.Fail(503, "stage 'small' gave no answer and stage 'large' cannot run: nothing")),
+    (1, None, True, [], rules.Answer()),
+    (1, None, False, [], rules.Fail(502, "the last stage (large) gave no answer")),
 ])
-def test_after_stage(stage: int, verdict: rules.Verdict | None, answered: bool, next_ranked: Any, expected: Any) -> None:
-    assert rules.after_stage(ROUTE, stage, verdict, answered, next_ranked) == expected
+def test_after_stage(stage: int, verdict: rules.Verdict | None, answered: bool, later: Any, expected: Any) -> None:
+    assert rules.after_stage(ROUTE, stage, verdict, answered, later) == expected
+
+
+THREE = rules.CascadeRoute("task", "task", (
+    rules.StageRoute("tiny", frozenset({"edge"}), TOP),
+    rules.StageRoute("mid", frozenset({"regional"}), TOP),
+    rules.StageRoute("large", frozenset({"datacenter"}), None),
+))
+ABROAD = routing.NoRoute("no replica in the caller's residency (FR); replicas run in DE")
+
+
+@pytest.mark.parametrize(("verdict", "answered"), [(UNSURE, True), (None, False)], ids=["unsure", "down"])
+def test_a_middle_stage_the_caller_may_not_use_is_passed_over_for_the_last(verdict: rules.Verdict | None, answered: bool) -> None:
+    """A first stage with no allowed replica hands over; a middle one must too, or an
+    unsure (or down) first stage would end a three-stage cascade that its last stage could answer."""
+    decision = rules.after_stage(THREE, 0, verdict, answered, [ABROAD, NEXT])
+    assert decision == rules.Escalate(2, tuple(NEXT), verdict.reason if verdict is not None else "the stage gave no answer")
+
+
+def test_no_later_stage_that_can_run_keeps_the_answer_in_hand_or_fails_with_every_reason() -> None:
+    nowhere = routing.NoRoute("stage 'large' has no replica running", 503)
+    assert rules.after_stage(THREE, 0, UNSURE, True, [ABROAD, nowhere]) == rules.Answer(f"{UNSURE.reason}, but {ABROAD.reason}; {nowhere.reason}")
+    assert rules.after_stage(THREE, 0, None, False, [ABROAD, nowhere]) == rules.Fail(
+        503, f"stage 'tiny' gave no answer and no later stage ('mid', 'large') can run: {ABROAD.reason}; {nowhere.reason}")
 
 
 def test_a_last_stage_with_no_replica_to_try_fails_as_plain_routing_does() -> None:
     """Nothing was tried, so nothing failed upstream: 503 (was 502), as a model with no
     replica for the caller is answered without a cascade."""
     nowhere = routing.NoRoute("no replica in the caller's residency (DE); replicas run in FR")
-    assert rules.after_stage(ROUTE, 1, None, False, None, unroutable=nowhere) == rules.Fail(503, "the last stage (large) cannot run")
+    assert rules.after_stage(ROUTE, 1, None, False, [], unroutable=nowhere) == rules.Fail(503, "the last stage (large) cannot run")
     refused = routing.NoRoute("X-Edgeplane-Location is outside -90..90, -180..180", 400)
-    assert rules.after_stage(ROUTE, 1, None, False, None, unroutable=refused) == rules.Fail(400, "the last stage (large) cannot run")
+    assert rules.after_stage(ROUTE, 1, None, False, [], unroutable=refused) == rules.Fail(400, "the last stage (large) cannot run")
 
 
 def test_energy_and_co2() -> None:
