@@ -298,7 +298,8 @@ def after_stage(route: CascadeRoute, stage: int, verdict: Verdict | None, has_an
             return Answer("no later stage")
         if unroutable is not None:  # nothing was tried: as plain routing says it (503), not as a failed upstream
             return Fail(unroutable.status, f"the last stage ({route.stages[stage].variant}) cannot run")
-        return Fail(502, f"the last stage ({route.stages[stage].variant}) gave no answer")
+        return Fail(502, f"the last stage ({route.stages[stage].variant}) gave no answer"
+                         + (f": {verdict.reason}" if verdict is not None else ""))  # overloaded: say so
     for offset, ranked in enumerate(later):
         if not isinstance(ranked, routing.NoRoute):
             return Escalate(stage + 1 + offset, tuple(ranked), why)

@@ -8,6 +8,9 @@ The decisions are the v2 cascade's, pure, in :mod:`orchestrator.gateway.cascade_
 ``overloaded``, ``judge_generative`` (mean token log-probability, ``max_tokens`` reached,
 refusal patterns) and ``after_stage`` (answer, escalate, or answer saying why not
 escalated); the counters and energy are the v2 cascade's too (``CascadeHandler``).
+A replica at capacity (429) is overloaded, as ``maxInflight`` reached is: the stage's next
+replica is tried, then the next stage; the caller gets the 429, with its ``Retry-After``,
+only when the stage the cascade ends on is at capacity.
 
 A stage with a rule runs non-streaming, whatever the caller asked, because only a whole
 answer can be judged; when the rule has ``meanLogprobBelow`` the stage is asked for token
@@ -49,6 +52,7 @@ class _Answer:
     body: dict[str, Any] | bytes  # parsed JSON of a 200, the raw body otherwise
     site: str
     tier: str
+    retry_after: str | None = None  # of a 429
 
 
 @dataclass
@@ -91,6 +95,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         judged = isinstance(rule, rules.GenerativeRule)
         last = stage == len(route.stages) - 1
         got: _Answer | None = None
+        busy: _Answer | None = None  # this stage's 429, when every replica tried was at capacity or failed
         verdict: rules.Verdict | None = None
         if isinstance(ranked, routing.NoRoute):
             req.trip.failures.append(f"{route.stages[stage].variant}: {ranked.reason}")
@@ -106,6 +111,9 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         else:
             got = await _call(req, stage, ranked, logprobs=isinstance(rule, rules.GenerativeRule) and rule.mean_logprob_below is not None)
             cause = "down" if got is None else "unsure"
+            if got is not None and got.status == 429 and mode == "on":  # at capacity: overloaded, so it hands over
+                busy, got, cause = got, None, "overloaded"
+                verdict = rules.Verdict(True, None, f"stage {route.stages[stage].variant!r} is at capacity ({busy.site}: HTTP 429)")
         if got is not None:
             if got.status != 200 and answer is not None:
                 # a later stage refused what an earlier one answered: the earlier answer stands
@@ -138,6 +146,9 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                 totals.failed += 1
                 totals.latency_s += handler.clock() - req.started
                 tried = "; ".join(req.trip.failures) or "nothing"
+                if busy is not None:  # the stage it ended on was at capacity: the caller may retry as that replica said
+                    return openai_routes.error(429, f"cascade {route.deployment!r}: {reason}; tried: {tried}", code="rate_limit_exceeded",
+                                               headers={"retry-after": busy.retry_after} if busy.retry_after is not None else None)
                 return openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}",
                                            code="upstream_failed" if code == 502 else "stage_unavailable")
             case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
@@ -161,12 +172,14 @@ def _confidence(answer: _Answer) -> float | None:
 
 async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logprobs: bool) -> _Answer | None:
     """Run ``stage`` non-streaming at the first of ``ranked`` that answers (failover on a
-    refused connection, a cut answer or a 5xx, as a plain request); None when none did."""
+    refused connection, a cut answer or a 5xx, as a plain request, and on a 429: a replica
+    at capacity); None when none did, or the last 429 when one was at capacity."""
     owner, handler = req.owner, req.handler
     body = {k: v for k, v in req.body.items() if k != "stream_options"}
     body["stream"] = False
     if logprobs and not _asks_logprobs(body):
         body["logprobs"] = True if req.chat else 1
+    busy: _Answer | None = None
     for choice in ranked[: owner.gw.max_attempts]:
         e = choice.endpoint
         owner.gw.table.started(e.url)
@@ -178,6 +191,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
                                             {"content-type": "application/json"}, stream=False) as resp:
                     async with asyncio.timeout(owner.first_token_timeout):
                         status, content = resp.status, await resp.body()
+                    retry_after = resp.headers.get("retry-after")
             except (UpstreamError, TimeoutError) as exc:
                 req.trip.failures.append(f"{e.site}: {exc or type(exc).__name__}")
                 owner.gw.table.eject(e.url)
@@ -196,6 +210,11 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
             owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
             continue
         owner.gw.metrics.requests.labels(req.route.model, e.site, str(status)).inc()
+        if status == 429:  # its sequences are full (the replica is fine): another replica, or the next stage, may not be
+            req.trip.failures.append(f"{e.site}: at capacity (HTTP 429)")
+            owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
+            busy = _Answer(stage, status, content, e.site, e.tier, retry_after)
+            continue
         if status != 200:
             return _Answer(stage, status, content, e.site, e.tier)
         try:
@@ -206,7 +225,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
             req.trip.failures.append(f"{e.site}: the answer is not a JSON object")
             continue
         return _Answer(stage, 200, parsed, e.site, e.tier)
-    return None
+    return busy
 
 
 def _asks_logprobs(body: Mapping[str, Any]) -> bool:
@@ -244,6 +263,8 @@ def _respond(req: _Request, answer: _Answer, confidence: float | None, escalated
     sites = req.trip.sites
     headers = _headers(req, answer.stage, answer.site, answer.tier, confidence, escalation, reason, sites)
     if not isinstance(answer.body, dict):
+        if answer.retry_after is not None:
+            headers["retry-after"] = answer.retry_after
         return Response(answer.body, status_code=answer.status, media_type="application/json", headers=headers)
     body = {**answer.body, "edgeplane": _metadata(req, answer.stage, confidence, escalation, reason, sites)}
     if not _asks_logprobs(req.body) and isinstance(body.get("choices"), list):

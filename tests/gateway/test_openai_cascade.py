@@ -204,3 +204,46 @@ async def test_a_replica_silent_past_the_first_token_timeout_is_skipped_and_ejec
                 assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-lyon", resp.text
                 assert asked[-2:] == ["edge-paris", "edge-lyon"]
                 assert (paris_url in table.ejected()) == (i == 4), f"after request {i + 1}"
+
+
+def at_capacity(retry_after: str) -> Handle:
+    async def handle(request: httpserver.Request) -> httpserver.Response:  # as the agent answers with its sequences full
+        return httpserver.Response(429, openai_routes.error_body("model 'chat' is at capacity (1 running, 0 queued); retry after 1s", 429,
+                                                                 code="rate_limit_exceeded"), headers=(("retry-after", retry_after),))
+    return handle
+
+
+def answering(content: str) -> Handle:
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        return httpserver.Response(200, chat_answer(content))
+    return handle
+
+
+async def test_a_stage_at_capacity_hands_over_to_its_next_replica_then_to_the_next_stage() -> None:
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    async with replica(at_capacity("1")) as paris, replica(answering("from Lyon")) as lyon, replica(answering("from the DC")) as dc:
+        edge_paris = endpoint("edge-paris", "edge", paris)
+        edge_lyon = endpoint("edge-lyon", "edge", lyon, lat=45.76, lon=4.84)
+        dc_paris = endpoint("dc-paris", "datacenter", dc)
+        where = {"x-edgeplane-location": "48.85,2.35"}
+        async with gateway(cascade_of(first, [edge_paris, edge_lyon, dc_paris])) as http:
+            lyon_answers = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT, headers=where)
+        async with gateway(cascade_of(first, [edge_paris, dc_paris])) as http:
+            dc_answers = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT, headers=where)
+    assert lyon_answers.status_code == 200 and lyon_answers.headers["x-edgeplane-site"] == "edge-lyon", lyon_answers.text
+    assert lyon_answers.headers["x-edgeplane-cascade-escalation"] == "none"
+    assert dc_answers.status_code == 200 and dc_answers.headers["x-edgeplane-site"] == "dc-paris", dc_answers.text
+    assert dc_answers.headers["x-edgeplane-cascade-escalation"] == "escalated"
+    assert "'small' is at capacity (edge-paris: HTTP 429)" in dc_answers.headers["x-edgeplane-cascade-reason"]
+
+
+async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_retry_after() -> None:
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    async with replica(at_capacity("1")) as edge, replica(at_capacity("7")) as dc:
+        table = cascade_of(first, [endpoint("edge-paris", "edge", edge), endpoint("dc-paris", "datacenter", dc)])
+        async with gateway(table) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT)
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "7", resp.text
+    assert resp.json()["error"]["code"] == "rate_limit_exceeded"
+    message = resp.json()["error"]["message"]
+    assert "'large' is at capacity (dc-paris: HTTP 429)" in message and "edge-paris: at capacity" in message and not table.ejected()
