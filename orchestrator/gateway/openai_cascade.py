@@ -252,15 +252,15 @@ def _metadata(req: _Request, stage: int, confidence: float | None, escalation: s
             "sites": list(sites), "escalated": escalation == "escalated", "escalation": escalation, "reason": reason or None}
 
 
-def _not_escalated(req: _Request, answer: _Answer, confidence: float | None, why: str) -> Response:
+def _not_escalated(req: _Request, answer: _Answer, confidence: float | None, why: str, *, sites: list[str] | None = None) -> Response:
     req.handler.not_escalated(req.route, answer.stage, req.totals)
-    return _respond(req, answer, confidence, None, "not-escalated", why)
+    return _respond(req, answer, confidence, None, "not-escalated", why, sites=sites)
 
 
 def _respond(req: _Request, answer: _Answer, confidence: float | None, escalated_at: float | None, escalation: str,
-             reason: str) -> Response:
+             reason: str, *, sites: list[str] | None = None) -> Response:
     req.handler.answered(req.route, answer.stage, req.started, escalated_at, req.totals)
-    sites = req.trip.sites
+    sites = req.trip.sites if sites is None else sites
     headers = _headers(req, answer.stage, answer.site, answer.tier, confidence, escalation, reason, sites)
     if not isinstance(answer.body, dict):
         if answer.retry_after is not None:
@@ -312,7 +312,8 @@ def replay(answer: Mapping[str, Any], *, chat: bool, usage: bool) -> list[bytes]
 
 class _StageHooks:
     """Cascade headers and energy for the stage whose stream the relay passes on; when its
-    every replica fails, the answer of an earlier stage (if any) is replayed instead."""
+    every replica fails, or one refuses the request, the answer of an earlier stage (if
+    any) is replayed instead, as it stands in a non-streaming cascade."""
 
     def __init__(self, req: _Request, stage: int, escalated_at: float | None, escalated_why: str,
                  fallback: tuple[_Answer, float | None, str] | None) -> None:
@@ -326,6 +327,18 @@ class _StageHooks:
 
     def busy(self, e: routing.Endpoint, seconds: float) -> None:
         self.req.handler.charge(self.req.route, self.stage, e.site, seconds, self.req.trip, self.req.totals)
+
+    async def refused(self, send: Send, e: routing.Endpoint, status: int, body: bytes, retry_after: str | None) -> None:
+        req = self.req
+        sites = [*req.trip.sites, e.site]  # this attempt is charged once the relay is done with it
+        if self.fallback is not None:  # a later stage refused what an earlier one answered: the earlier answer stands
+            answer, confidence, why = self.fallback
+            response = _not_escalated(req, answer, confidence, f"{why} stage {req.route.stages[self.stage].variant!r} refused "
+                                                               f"the request (HTTP {status})", sites=sites)
+        else:
+            refusal = _Answer(self.stage, status, body, e.site, e.tier, retry_after)
+            response = _respond(req, refusal, None, self.escalated_at, "none", "", sites=sites)
+        await response({"type": "http"}, _never, send)
 
     async def failed(self, send: Send, failures: list[str]) -> bool:
         req = self.req

@@ -127,7 +127,12 @@ class RelayHooks(Protocol):
     """What a caller of the relay (the generative cascade) learns of it and adds to it."""
 
     def committed(self, e: routing.Endpoint) -> dict[str, str]:
-        """``e``'s answer goes to the caller: the headers to add to it."""
+        """``e``'s answer (a 200) goes to the caller: the headers to add to it."""
+        ...
+
+    async def refused(self, send: Send, e: routing.Endpoint, status: int, body: bytes, retry_after: str | None) -> None:
+        """``e`` refused the request (a 4xx other than 404: the caller's error, or at
+        capacity): this hook answers the caller, with that refusal or an earlier answer."""
         ...
 
     def busy(self, e: routing.Endpoint, seconds: float) -> None:
@@ -445,6 +450,9 @@ class _Relay(Response):
                 except TimeoutError:
                     raise _Failed(f"answer cut: no end within {owner.first_token_timeout:g}s", slow=True) from None
                 owner.gw.metrics.requests.labels(self.model, e.site, str(resp.status)).inc()
+                if resp.status != 200 and self.hooks is not None:  # not an answer: the hooks say what the caller gets
+                    await self.hooks.refused(send, e, resp.status, content, resp.headers.get("retry-after"))
+                    return
                 out = self._out(e)
                 if resp.status == 200:
                     owner.ttft.labels(self.model).observe(time.perf_counter() - started)

@@ -57,11 +57,12 @@ def cascade_of(first: cascade_rules.StageRoute, fleet: list[routing.Endpoint]) -
 
 
 @asynccontextmanager
-async def gateway_app(table: endpoints.EndpointTable, **options: float) -> AsyncIterator[Starlette]:
-    """The gateway's routes over ``table``."""
+async def gateway_app(table: endpoints.EndpointTable, stats: cascade.CascadeStats | None = None,
+                      **options: float) -> AsyncIterator[Starlette]:
+    """The gateway's routes over ``table`` (its cascades counted in ``stats``)."""
     pool = upstream.UpstreamPool()
     registry = CollectorRegistry()
-    handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry))
+    handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry), stats)
     gw = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry), cascade=handler)
     try:
         yield Starlette(routes=gw.routes() + openai_routes.OpenAIGateway(gw, registry=registry, **options).routes(),
@@ -71,8 +72,9 @@ async def gateway_app(table: endpoints.EndpointTable, **options: float) -> Async
 
 
 @asynccontextmanager
-async def gateway(table: endpoints.EndpointTable, **options: float) -> AsyncIterator[httpx.AsyncClient]:
-    async with gateway_app(table, **options) as app, \
+async def gateway(table: endpoints.EndpointTable, stats: cascade.CascadeStats | None = None,
+                  **options: float) -> AsyncIterator[httpx.AsyncClient]:
+    async with gateway_app(table, stats, **options) as app, \
             httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
         yield http
 
@@ -247,3 +249,35 @@ async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_re
     assert resp.json()["error"]["code"] == "rate_limit_exceeded"
     message = resp.json()["error"]["message"]
     assert "'large' is at capacity (dc-paris: HTTP 429)" in message and "edge-paris: at capacity" in message and not table.ejected()
+
+
+def refusing(status: int) -> Handle:
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        return httpserver.Response(status, openai_routes.error_body(f"refused with {status}", status))
+    return handle
+
+
+@pytest.mark.parametrize("status", [429, 400])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_later_stage_refusing_keeps_the_earlier_answer_streaming_or_not(status: int, stream: bool) -> None:
+    """Stage 2's stream is relayed to a streaming caller; its refusal must leave stage 1's
+    answer standing there too, and the stats must say stage 1 answered."""
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+
+    async def edge(request: httpserver.Request) -> httpserver.Response:  # cut at max_tokens: escalate
+        return httpserver.Response(200, chat_answer("The answer is", finish="length"))
+
+    stats = cascade.CascadeStats()
+    async with replica(edge) as edge_url, replica(refusing(status)) as dc_url:
+        table = cascade_of(first, [endpoint("edge-paris", "edge", edge_url), endpoint("dc-paris", "datacenter", dc_url)])
+        async with gateway(table, stats) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-edgeplane-site"] == "edge-paris" and resp.headers["x-edgeplane-cascade-stage"] == "small"
+    assert resp.headers["x-edgeplane-cascade-escalation"] == "not-escalated"
+    assert resp.headers["x-edgeplane-cascade-sites"] == "edge-paris,dc-paris"
+    reason = resp.headers["x-edgeplane-cascade-reason"]
+    assert reason.startswith("small: the answer stopped at max_tokens, but") and "'large'" in reason and f"HTTP {status}" in reason
+    assert "The answer is" in resp.text
+    [row] = stats.snapshot(table.cascades)
+    assert row["answered"] == {"small": 1, "large": 0} and row["notEscalated"] == 1
