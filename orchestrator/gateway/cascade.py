@@ -182,6 +182,17 @@ class CascadeHandler:
         self.wall = wall
         self.max_body = max_body  # of a compressed request inflated for capture
 
+    def resolve(self, route: rules.CascadeRoute, name: str, caller: routing.Caller) -> rules.CascadeRoute:
+        """The cascade a request to ``name`` runs for ``caller``, ``route`` being the table's
+        under that name: a deployment's name means its own; a model's name, that of whichever
+        of the model's deployments with a cascade plain routing would send the caller to
+        (the table holds one under the model's name only)."""
+        if name != route.model:
+            return route
+        mine = [route, *(r for r in self.table.cascades.values() if r.model == name and r.deployment != route.deployment)]
+        return rules.cascade_for(mine, self.table.with_local_load(name), caller, regions=self.table.regions,
+                                 gateway_position=self.position, ejected=self.table.ejected())
+
     def ranking(self, route: rules.CascadeRoute, stage: int, caller: routing.Caller) -> list[routing.Ranked] | routing.NoRoute:
         return rules.stage_ranking(route, stage, self.table.with_local_load(route.model), caller, regions=self.table.regions,
                                    gateway_position=self.position, ejected=self.table.ejected())

@@ -276,7 +276,8 @@ class OpenAIGateway:
         if isinstance(caller, routing.NoRoute):  # before a cascade runs or a cold model is woken for nothing
             return error(caller.status, caller.reason)
         route = self.gw.table.cascades.get(model) if self.gw.cascade is not None else None
-        if route is not None:
+        if route is not None and self.gw.cascade is not None:
+            route = self.gw.cascade.resolve(route, model, caller)
             mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
             if mode is None:
                 return error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}")

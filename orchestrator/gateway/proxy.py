@@ -227,12 +227,12 @@ class Gateway:
             # a cascade is called by its model's name or its deployment's
             route = self.table.cascades.get(model) if self.cascade is not None else None
             if route is not None and self.cascade is not None:
-                return await self._cascade(self.cascade, route, request, body)
+                return await self._cascade(self.cascade, route, model, request, body)
             return await self._forward(model, request, "POST", "/infer", body)
         finally:
             self.metrics.latency.labels(self.model_label(self._model_of(model))).observe(time.perf_counter() - started)
 
-    async def _cascade(self, handler: cascade_mod.CascadeHandler, route: cascade_rules.CascadeRoute, request: Request,
+    async def _cascade(self, handler: cascade_mod.CascadeHandler, route: cascade_rules.CascadeRoute, name: str, request: Request,
                        body: bytes) -> Response:
         mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
         if mode is None:
@@ -240,6 +240,7 @@ class Gateway:
         caller = self.caller(request)
         if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
             return _error(caller.status, caller.reason)
+        route = handler.resolve(route, name, caller)
         if (cold := await self._woken(route.model)) is not None:
             return cold
         response = await handler.infer(route, mode, caller, request, body,

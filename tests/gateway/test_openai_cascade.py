@@ -281,3 +281,18 @@ async def test_a_later_stage_refusing_keeps_the_earlier_answer_streaming_or_not(
     assert "The answer is" in resp.text
     [row] = stats.snapshot(table.cascades)
     assert row["answered"] == {"small": 1, "large": 0} and row["notEscalated"] == 1
+
+
+async def test_a_chat_by_the_model_name_runs_the_cascade_of_the_deployment_the_caller_may_use() -> None:
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    async with replica(answering("from France")) as fr, replica(answering("from Switzerland")) as ch:
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("chat", "chat-eu", "edge-fr", "edge", "FR", "", 48.85, 2.35, fr, api=routing.API_OPENAI),
+                       routing.Endpoint("chat", "chat-ch", "edge-ch", "edge", "CH", "", 46.2, 6.14, ch, api=routing.API_OPENAI)])
+        table.set_cascades({"chat": cascade_rules.CascadeRoute("chat", "chat-eu", (first, DC)),
+                            "chat-eu": cascade_rules.CascadeRoute("chat", "chat-eu", (first, DC)),
+                            "chat-ch": cascade_rules.CascadeRoute("chat", "chat-ch", (first, DC))})
+        async with gateway(table) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT, headers={"x-edgeplane-residency": "CH"})
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-ch", resp.text
+    assert resp.json()["edgeplane"]["cascade"] == "chat-ch"

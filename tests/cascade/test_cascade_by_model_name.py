@@ -1,0 +1,72 @@
+"""A model with two deployments, each with its cascade, in different jurisdictions: a call
+by the model's name runs the cascade of the deployment plain routing would send the caller
+to, as a model without cascades is served by any of its deployments. The gateway's routes
+and table are real; the upstream is the in-memory transport (a constructor seam)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+
+from orchestrator.gateway import cascade, cascade_rules, endpoints, proxy, routing
+
+from .transport import Transport
+
+pytestmark = pytest.mark.asyncio
+
+RULE = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8)
+
+
+def route(deployment: str) -> cascade_rules.CascadeRoute:
+    return cascade_rules.CascadeRoute("task", deployment, (
+        cascade_rules.StageRoute("small", frozenset({"edge"}), RULE),
+        cascade_rules.StageRoute("large", frozenset({"datacenter"}), None),
+    ))
+
+
+EU, CH = route("task-eu"), route("task-ch")
+
+
+def ep(deployment: str, site: str, tier: str, country: str, lat: float, lon: float) -> routing.Endpoint:
+    return routing.Endpoint(model="task", deployment=deployment, site=site, tier=tier, country=country, region="", lat=lat, lon=lon,
+                            url=f"http://{site}")
+
+
+FLEET = [ep("task-eu", "edge-fr", "edge", "FR", 48.85, 2.35), ep("task-eu", "dc-de", "datacenter", "DE", 50.1, 8.7),
+         ep("task-ch", "edge-ch", "edge", "CH", 46.2, 6.1), ep("task-ch", "dc-ch", "datacenter", "CH", 47.4, 8.5)]
+
+
+def gateway() -> tuple[Starlette, Transport]:
+    table = endpoints.EndpointTable()
+    table.replace(FLEET)
+    # as the reconciler publishes them: each under its deployment's name, the model's name to the first
+    table.set_cascades({"task": EU, "task-eu": EU, "task-ch": CH})
+    transport = Transport({e.url: "sure" for e in FLEET})
+    registry = CollectorRegistry()
+    handler = cascade.CascadeHandler(table, transport, cascade.CascadeMetrics.create(registry))  # type: ignore[arg-type]
+    gw = proxy.Gateway(table, transport, proxy.GatewayMetrics.create(registry), cascade=handler)  # type: ignore[arg-type]
+    return Starlette(routes=gw.routes()), transport
+
+
+@pytest.mark.parametrize(("where", "residency", "site"), [
+    ("46.20,6.14", "CH", "edge-ch"),  # only task-ch runs in the caller's residency
+    ("48.85,2.35", "FR", "edge-fr"),  # only task-eu does
+    ("46.50,6.60", None, "edge-ch"),  # either may serve: the nearest
+])
+async def test_a_call_by_the_model_name_runs_the_cascade_the_caller_may_use(where: str, residency: str | None, site: str) -> None:
+    app, transport = gateway()
+    headers = {"x-edgeplane-location": where, **({"x-edgeplane-residency": residency} if residency else {})}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        resp = await http.post("/v2/models/task/infer", content=b"{}", headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-edgeplane-site"] == site and transport.calls == [f"http://{site}"]
+
+
+async def test_a_call_by_a_deployment_name_runs_that_deployment_cascade_only() -> None:
+    app, transport = gateway()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        resp = await http.post("/v2/models/task-eu/infer", content=b"{}", headers={"x-edgeplane-residency": "CH"})
+    assert resp.status_code == 503 and transport.calls == [], resp.text
+    assert "cascade 'task-eu'" in resp.json()["error"]
