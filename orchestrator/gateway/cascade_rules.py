@@ -210,7 +210,9 @@ def _text(choice: Mapping[str, Any]) -> str:
 
 def _token_logprobs(choice: Mapping[str, Any]) -> list[float] | None:
     """Token log-probabilities of a chat (``logprobs.content[].logprob``) or text completion
-    (``logprobs.token_logprobs``); None when the stage returned none."""
+    (``logprobs.token_logprobs``); None when the stage returned none. ``-inf`` (a token of
+    probability 0) and NaN (JSON ``-Infinity`` and ``NaN``, which the gateway's parse reads)
+    are kept: dropped, they would leave the answer judged on its surer tokens."""
     lp = choice.get("logprobs")
     if not isinstance(lp, Mapping):
         return None
@@ -220,11 +222,12 @@ def _token_logprobs(choice: Mapping[str, Any]) -> list[float] | None:
         values = list(lp["token_logprobs"])
     else:
         return None
-    return [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+    return [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
 
 
 def mean_logprob(response: Mapping[str, Any]) -> float | None:
-    """Mean token log-probability over every choice's tokens; None when none were returned."""
+    """Mean token log-probability over every choice's tokens; None when none were returned,
+    ``-inf`` when a token had probability 0, NaN when one is no log-probability (NaN, +inf)."""
     tokens: list[float] = []
     for choice in _choices(response):
         values = _token_logprobs(choice)
@@ -240,6 +243,9 @@ def judge_generative(rule: GenerativeRule, response: Mapping[str, Any]) -> Verdi
     if not choices:
         return Verdict(True, None, "the answer has no choices")
     mean = mean_logprob(response)
+    if mean is not None and (math.isnan(mean) or mean == math.inf):
+        # a broken answer's numbers (+inf cannot be a log-probability): no reason to trust it
+        return Verdict(True, None, "the answer's token logprobs hold NaN or +inf")
     confidence = math.exp(mean) if mean is not None else None
     if rule.truncated and any(c.get("finish_reason") == "length" for c in choices):
         return Verdict(True, confidence, "the answer stopped at max_tokens")

@@ -3,6 +3,7 @@ responses, the per-stage ranking, and what happens after each stage."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import Any
@@ -96,6 +97,21 @@ def test_judge_generative(rule: rules.GenerativeRule, response: dict[str, Any], 
     verdict = rules.judge_generative(rule, response)
     assert verdict.escalate is escalate
     assert reason in verdict.reason
+
+
+@pytest.mark.parametrize(("logprob", "reason", "confidence"), [
+    ("-Infinity", "mean token logprob -inf < -1", 0.0),  # a token of probability 0
+    ("NaN", "NaN or +inf", None),
+    ("Infinity", "NaN or +inf", None),
+])
+def test_a_non_finite_token_logprob_escalates(logprob: str, reason: str, confidence: float | None) -> None:
+    """As the gateway reads a replica's body: Python's JSON parse accepts these literals.
+    The answer is not judged on its other, surer tokens."""
+    body = json.loads('{"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "yes no"}, '
+                      '"logprobs": {"content": [{"token": "yes", "logprob": -0.01}, {"token": " no", "logprob": ' + logprob + '}]}}]}')
+    verdict = rules.judge_generative(LOGPROB, body)
+    assert verdict.escalate and reason in verdict.reason and verdict.confidence == confidence
+    assert rules.judge_generative(LOGPROB, completion(logprobs=[-0.01, float(logprob)])).escalate
 
 
 def test_generative_confidence_is_the_geometric_mean_token_probability() -> None:
