@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeplane_proto import oip
 from orchestrator.cli import infer, render, textfile
 from orchestrator.cli.http import ApiClient, CliError
 from orchestrator.gateway import cascade_rules
@@ -68,6 +69,7 @@ class Replayed:
     last_ms: float
     first_j: float
     last_j: float
+    precision: np.dtype[Any] = np.dtype(np.float64)  # of the first stage's scores, as the gateway compares them
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,12 @@ def _score(answers: Sequence[tuple[Replayed, bool]], threshold: float | None, na
 
 def sweep(replayed: Sequence[Replayed], thresholds: Sequence[float]) -> list[SweepRow]:
     """Baselines (first stage only, last stage only), then one row per threshold: a sample
-    stays at the first stage when its confidence is at least the threshold (as the gateway
-    decides), and otherwise pays for both stages."""
+    stays at the first stage when its confidence is at least the threshold, compared in the
+    precision of its scores (as the gateway decides), and otherwise pays for both stages."""
     out = [_score([(r, True) for r in replayed], None, "first stage only"),
            _score([(r, False) for r in replayed], None, "last stage only")]
-    out.extend(_score([(r, r.confidence >= t) for r in replayed], t, f"cascade below {t:g}") for t in thresholds)
+    out.extend(_score([(r, not cascade_rules.is_below(r.confidence, t, r.precision)) for r in replayed], t, f"cascade below {t:g}")
+               for t in thresholds)
     return out
 
 
@@ -190,8 +193,11 @@ def _call(api: ApiClient, model: str, body: dict[str, Any], mode: str, headers: 
     output = next((o for o in outputs if isinstance(o, dict) and o.get("name") == rule.output), None)
     if output is None:
         raise CliError(f"{where}: the answer has no output {rule.output!r}")
+    # in the answer's own datatype, as the gateway judges it: JSON's 0.7 from an FP32 output is float32(0.7)
+    datatype = output.get("datatype")
+    dtype = oip.DATATYPES.get(datatype, np.dtype(np.float64)) if isinstance(datatype, str) else np.dtype(np.float64)
     try:
-        scores = np.asarray(output["data"], dtype=np.float64).reshape(output["shape"])
+        scores = np.asarray(output["data"], dtype=np.float64).reshape(output["shape"]).astype(dtype)
     except (KeyError, TypeError, ValueError) as exc:
         raise CliError(f"{where}: output {rule.output!r} is not a tensor of numbers: {exc}") from None
     try:
@@ -216,7 +222,8 @@ def replay(api: ApiClient, model: str, rule: cascade_rules.TensorRule, samples: 
         if labels is not None and len(labels) != rows:
             raise CliError(f"{where}: {len(labels)} label(s) for {rows} row(s): give one label per row")
         out.append(Replayed(confidence, tuple(int(x) for x in np.atleast_2d(first).argmax(-1)),
-                            tuple(int(x) for x in np.atleast_2d(last).argmax(-1)), labels, first_ms, last_ms, first_j, last_j))
+                            tuple(int(x) for x in np.atleast_2d(last).argmax(-1)), labels, first_ms, last_ms, first_j, last_j,
+                            cascade_rules.precision_of(first)))
     return out
 
 

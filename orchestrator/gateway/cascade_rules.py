@@ -177,6 +177,19 @@ def confidence_of(rule: TensorRule, scores: np.ndarray) -> float:
     return float(per_row.min())
 
 
+def precision_of(scores: np.ndarray) -> np.dtype[Any]:
+    """The precision ``scores`` are judged in: their own float type (float64 for integers)."""
+    dtype = np.asarray(scores).dtype
+    return dtype if dtype.kind == "f" else np.dtype(np.float64)
+
+
+def is_below(confidence: float, threshold: float, precision: np.dtype[Any]) -> bool:
+    """``confidence < threshold``, both in the scores' own precision: a float32 model's 0.7
+    is float32(0.7), which widened to float64 (0.69999998…) would be below 0.7 and escalate
+    an answer exactly at the threshold. ``cascade tune`` predicts with the same comparison."""
+    return bool(precision.type(confidence) < precision.type(threshold))
+
+
 def judge_tensor(rule: TensorRule, outputs: Mapping[str, np.ndarray]) -> Verdict:
     """Escalate when the confidence in ``rule.output`` is below the threshold, or when the
     answer cannot be judged (missing or malformed output): a wrong-looking answer is no
@@ -188,7 +201,7 @@ def judge_tensor(rule: TensorRule, outputs: Mapping[str, np.ndarray]) -> Verdict
         confidence = confidence_of(rule, scores)
     except ValueError as exc:
         return Verdict(True, None, str(exc))
-    if confidence < rule.below:
+    if is_below(confidence, rule.below, precision_of(scores)):
         return Verdict(True, confidence, f"{rule.measure} {'probability' if rule.measure == 'top' else 'margin'} "
                                          f"{confidence:.3f} < {rule.below:g}")
     return Verdict(False, confidence, "")

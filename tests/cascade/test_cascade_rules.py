@@ -42,6 +42,17 @@ def test_judge_tensor(rule: rules.TensorRule, outputs: dict[str, np.ndarray], es
     assert bool(verdict.reason) is escalate
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_an_answer_at_the_threshold_in_its_own_precision_is_confident_enough(dtype: type) -> None:
+    """float32(0.7) widened to float64 is 0.69999998…: the model's 0.7 is not below 0.7."""
+    rule = rules.TensorRule("p", logits=False, measure="top", below=0.7)
+    at = dtype(0.7)
+    verdict = rules.judge_tensor(rule, {"p": np.array([[at, 1 - at]], dtype)})
+    assert not verdict.escalate and verdict.confidence == float(at)
+    just_below = np.nextafter(at, dtype(0))
+    assert rules.judge_tensor(rule, {"p": np.array([[just_below, 1 - just_below]], dtype)}).escalate
+
+
 @pytest.mark.parametrize(("outputs", "reason"), [
     ({"other": np.array([[0.9, 0.1]])}, "has no output 'probabilities'"),
     ({"probabilities": np.array([[1.0]])}, "classes >= 2"),

@@ -1,10 +1,20 @@
-"""``cascade tune``'s sweep: a pure function of the replayed answers."""
+"""``cascade tune``'s sweep: a pure function of the replayed answers; and the replay, which
+must read a first stage's answer as the gateway judges it."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
 import pytest
 
-from orchestrator.cli.cascade import Replayed, sweep
+from edgeplane_proto import oip
+from orchestrator.cli.cascade import Replayed, replay, sweep
+from orchestrator.cli.http import ApiClient
+from orchestrator.gateway import cascade_rules
 
 
 def sample(confidence: float, first: int, last: int, label: int | None) -> Replayed:
@@ -30,3 +40,59 @@ def test_baselines_and_thresholds() -> None:
 def test_without_labels_accuracy_is_none() -> None:
     rows = sweep([sample(0.9, 1, 1, None)], [0.5])
     assert all(r.accuracy is None for r in rows) and rows[2].agreement == 1.0
+
+
+@pytest.fixture
+def gateway() -> Iterator[tuple[str, list[bytes]]]:
+    """A loopback gateway that answers every inference with the next body of its list."""
+    answers: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            body = answers[0]
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", answers
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+AT = np.float32(0.7)
+BELOW = np.nextafter(AT, np.float32(0))
+
+
+@pytest.mark.parametrize("top", [AT, BELOW], ids=["at the threshold", "just below it"])
+@pytest.mark.parametrize("writer", ["shortest", "full digits"])
+def test_tune_predicts_what_the_gateway_decides_for_an_fp32_answer_at_the_threshold(
+        gateway: tuple[str, list[bytes]], top: np.float32, writer: str) -> None:
+    """Whether the replica writes float32 in its shortest form (0.7) or with every digit of
+    its float64 widening (0.699999988…), tune reads it as the FP32 it is."""
+    url, answers = gateway
+    rule = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.7)
+    scores = np.array([[top, 1 - top]], np.float32)
+    data = [str(v) for v in scores[0]] if writer == "shortest" else [repr(float(v)) for v in scores[0]]
+    answers.append(('{"model_name": "m", "outputs": [{"name": "p", "datatype": "FP32", "shape": [1, 2], "data": [%s]}]}'
+                    % ", ".join(data)).encode())
+    gateway_escalates = cascade_rules.judge_tensor(rule, {t.name: t.array for t in oip.decode_response(answers[0]).outputs}).escalate
+    api = ApiClient(url, None)
+    try:
+        replayed = replay(api, "m", rule, [({"inputs": []}, None)], {}, "sample")
+    finally:
+        api.close()
+    [_, _, at_threshold] = sweep(replayed, [rule.below])
+    assert gateway_escalates is bool(top == BELOW)
+    assert at_threshold.firstStageShare == (0.0 if gateway_escalates else 1.0)
