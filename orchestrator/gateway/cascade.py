@@ -85,9 +85,11 @@ class Totals:
     requests: int = 0
     failed: int = 0
     answered: dict[str, int] = field(default_factory=dict)
-    escalations: dict[str, int] = field(default_factory=dict)  # by cause
+    escalations: dict[str, int] = field(default_factory=dict)  # by cause: a request may escalate at each stage
+    escalated: int = 0  # requests that escalated at least once
     not_escalated: int = 0
-    added_s: float = 0.0
+    added_s: float = 0.0  # over the requests a later stage answered
+    added_n: int = 0
     latency_s: float = 0.0
     energy_j: float = 0.0
     co2_g: float = 0.0
@@ -108,16 +110,15 @@ class CascadeStats:
         for name, route in sorted(unique.items()):
             t = self._by_cascade.get(name, Totals())
             n = t.requests or 0
-            escalated = sum(t.escalations.values())
             out.append({
                 "name": route.deployment, "model": route.model, "stages": [s.variant for s in route.stages],
                 "requests": n, "failed": t.failed,
                 "answered": {s.variant: t.answered.get(s.variant, 0) for s in route.stages},
                 "firstStageShare": round(t.answered.get(route.stages[0].variant, 0) / n, 4) if n else None,
-                "escalationRate": round(escalated / n, 4) if n else None,
+                "escalationRate": round(t.escalated / n, 4) if n else None,
                 "escalations": dict(sorted(t.escalations.items())), "notEscalated": t.not_escalated,
                 "meanLatencyMs": round(t.latency_s / n * 1000, 3) if n else None,
-                "meanAddedLatencyMs": round(t.added_s / escalated * 1000, 3) if escalated else None,
+                "meanAddedLatencyMs": round(t.added_s / t.added_n * 1000, 3) if t.added_n else None,
                 "energyPerRequestJ": round(t.energy_j / n, 6) if n else None,
                 "co2PerRequestG": round(t.co2_g / n, 9) if n else None,
             })
@@ -151,6 +152,7 @@ class Trip:
     first_site: str | None = None
     first_country: str | None = None
     first_confidence: float | None = None
+    escalated: bool = False  # counted once in Totals.escalated, however many stages it passes
 
 
 @dataclass
@@ -277,9 +279,8 @@ class CascadeHandler:
                     return Response(oip.error_body(f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}"),
                                     status_code=code, media_type="application/json")
                 case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
-                    self.escalation(route, stage, cause, totals)
-                    if escalated_at is None:
-                        escalated_at = self.clock()
+                    self.escalation(route, stage, cause, totals, trip)
+                    escalated_at = self.clock()  # the next stage begins: every stage before it added its time
                     if got is not None:
                         answer_confidence = verdict.confidence if verdict is not None else None
                     escalated_why = f"{route.stages[stage].variant}: {why}"
@@ -329,9 +330,12 @@ class CascadeHandler:
         trip.joules += joules
         trip.sites.append(site)
 
-    def escalation(self, route: rules.CascadeRoute, stage: int, cause: str, totals: Totals) -> None:
+    def escalation(self, route: rules.CascadeRoute, stage: int, cause: str, totals: Totals, trip: Trip) -> None:
         self.metrics.escalations.labels(route.deployment, route.stages[stage].variant, cause).inc()
         totals.escalations[cause] = totals.escalations.get(cause, 0) + 1
+        if not trip.escalated:
+            trip.escalated = True
+            totals.escalated += 1
 
     def not_escalated(self, route: rules.CascadeRoute, stage: int, totals: Totals) -> None:
         self.metrics.not_escalated.labels(route.deployment, route.stages[stage].variant).inc()
@@ -348,6 +352,7 @@ class CascadeHandler:
             added = escalated_at - started
             self.metrics.added.labels(route.deployment).observe(added)
             totals.added_s += added
+            totals.added_n += 1
 
     def _outputs(self, attempt: _Attempt) -> dict[str, Any] | None:
         length = attempt.headers.get(oip.BINARY_HEADER.lower())

@@ -152,9 +152,8 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                 return openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}",
                                            code="upstream_failed" if code == 502 else "stage_unavailable")
             case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
-                handler.escalation(route, stage, cause, totals)
-                if escalated_at is None:
-                    escalated_at = handler.clock()
+                handler.escalation(route, stage, cause, totals, req.trip)
+                escalated_at = handler.clock()  # the next stage begins: every stage before it added its time
                 if got is not None:
                     answer_confidence = verdict.confidence if verdict is not None else None
                 escalated_why = f"{route.stages[stage].variant}: {why}"

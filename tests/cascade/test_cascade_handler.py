@@ -167,6 +167,43 @@ def test_energy_and_stats_add_up() -> None:
     assert row["answered"] == {"small": 0, "large": 1} and row["escalationRate"] == 1.0 and row["meanAddedLatencyMs"] is not None
 
 
+class SteppedTransport(Transport):
+    """Every call takes one second of ``now``."""
+
+    def __init__(self, behaviour: dict[str, str]):
+        super().__init__(behaviour)
+        self.now = 0.0
+
+    async def request(self, method: str, url: str, body: bytes | None = None, headers: Any = None) -> Any:
+        self.now += 1.0
+        return await super().request(method, url, body, headers)
+
+
+def test_a_request_answered_by_the_third_stage_adds_both_earlier_stages_and_escalates_once() -> None:
+    route = cascade_rules.CascadeRoute("m", "dep", (
+        cascade_rules.StageRoute("tiny", frozenset({"edge"}), RULE),
+        cascade_rules.StageRoute("mid", frozenset({"regional"}), RULE),
+        cascade_rules.StageRoute("large", frozenset({"datacenter"}), None),
+    ))
+    table = endpoints.EndpointTable()
+    table.replace([EDGE, ep("reg-fr", "regional"), DC])
+    table.cascades = {"m": route}
+    transport = SteppedTransport({"http://edge-fr": "unsure", "http://reg-fr": "unsure", "http://dc-fr": "sure"})
+    registry = CollectorRegistry()
+    handler = cascade.CascadeHandler(table, transport, cascade.CascadeMetrics.create(registry), clock=lambda: transport.now)  # type: ignore[arg-type]
+
+    async def plain() -> Any:
+        raise AssertionError("not in this test")
+
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+    response = asyncio.run(handler.infer(route, "on", FR, request, b"{}", plain))
+    assert response.headers["x-edgeplane-cascade-sites"] == "edge-fr,reg-fr,dc-fr"
+    [row] = handler.stats.snapshot({"m": route})
+    assert (row["meanLatencyMs"], row["meanAddedLatencyMs"]) == (3000.0, 2000.0)  # stages 1 and 2 ran before stage 3 began
+    assert (row["escalationRate"], row["escalations"]) == (1.0, {"unsure": 2})  # one request, escalated at two stages
+    assert registry.get_sample_value("edgeplane_cascade_added_seconds_sum", {"cascade": "dep"}) == 2.0
+
+
 @pytest.mark.parametrize(("mode", "site"), [("force-last", "dc-fr"), ("force-first", "edge-fr")])
 def test_forced_stage(mode: str, site: str) -> None:
     response, transport, _ = run([EDGE, DC], {"edge-fr": "unsure", "dc-fr": "unsure"}, mode=mode)

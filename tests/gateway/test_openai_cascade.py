@@ -102,6 +102,38 @@ async def test_an_escalated_stage_on_vllm_is_asked_for_its_served_model_name() -
     assert resp.json()["choices"][0]["message"]["content"] == "The answer is 42."
 
 
+async def test_a_chat_the_third_stage_answers_adds_both_earlier_stages_and_is_one_escalated_request() -> None:
+    async def cut(request: httpserver.Request) -> httpserver.Response:  # stopped at max_tokens after 50 ms of work: escalate
+        await asyncio.sleep(0.05)
+        return httpserver.Response(200, chat_answer("The answer is", finish="length"))
+
+    async def whole(request: httpserver.Request) -> httpserver.Response:
+        return httpserver.Response(200, chat_answer("The answer is 42."))
+
+    truncated = cascade_rules.GenerativeRule(truncated=True)
+    route = cascade_rules.CascadeRoute("chat", "chat-dep", (cascade_rules.StageRoute("small", frozenset({"edge"}), truncated),
+                                                            cascade_rules.StageRoute("mid", frozenset({"regional"}), truncated), DC), {})
+    async with replica(cut) as edge_url, replica(cut) as regional_url, replica(whole) as dc_url:
+        table = endpoints.EndpointTable()
+        table.replace([endpoint("edge-paris", "edge", edge_url), endpoint("reg-paris", "regional", regional_url),
+                       endpoint("dc-paris", "datacenter", dc_url)])
+        table.set_cascades({"chat": route})
+        pool = upstream.UpstreamPool()
+        registry = CollectorRegistry()
+        handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry))
+        gw = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry), cascade=handler)
+        app = Starlette(routes=openai_routes.OpenAIGateway(gw, registry=registry).routes(), exception_handlers=methods.EXCEPTION_HANDLERS)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
+                resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT)
+        finally:
+            await pool.close()
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-cascade-stage"] == "large", resp.text
+    [row] = handler.stats.snapshot({"chat": route})
+    assert (row["escalationRate"], row["escalations"]) == (1.0, {"unsure": 2})
+    assert row["meanAddedLatencyMs"] >= 100  # both earlier stages' 50 ms, not the first one's alone
+
+
 async def test_a_completion_asking_logprobs_0_gets_them_through_a_stage_judged_by_logprobs() -> None:
     asked: list[Any] = []
 
