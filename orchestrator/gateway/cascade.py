@@ -132,6 +132,14 @@ def skipped(route: rules.CascadeRoute, stage: int, next_stage: int,
             if s < next_stage and isinstance(r, routing.NoRoute)]
 
 
+def fit_to_teach(mode: rules.Mode, escalation: str) -> bool:
+    """Whether an answer may become a distillation label: the cascade's own (``on``) answer
+    that a judge passed or the teacher gave. Not an answer returned ``not-escalated``
+    (its stage wanted to escalate: the student's own unsure answer), nor one of a stage the
+    caller forced, which no judge passed (``cascade tune`` replays every sample so)."""
+    return mode == "on" and escalation != "not-escalated"
+
+
 def header_value(text: str) -> str:
     # header values: one line of latin-1
     return " ".join(text.split()).encode("latin-1", "replace").decode("latin-1")[:500]
@@ -145,6 +153,7 @@ class Trip:
     failures: list[str] = field(default_factory=list)
     joules: float = 0.0
     caller: routing.Caller | None = None
+    mode: rules.Mode = "on"
     body: bytes = b""  # the request, kept for capture
     body_binary: int | None = None
     # the site that received the request: the first replica that answered (a replica that
@@ -216,7 +225,7 @@ class CascadeHandler:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         stage = rules.first_stage(route, mode)
         ranked = self.ranking(route, stage, caller)
-        trip = Trip(caller=caller, body=kept)
+        trip = Trip(caller=caller, mode=mode, body=kept)
         if route.capture is not None:
             trip.body_binary = oip.header_length(request.headers.get(oip.BINARY_HEADER.lower()))
         answer: _Attempt | None = None
@@ -392,7 +401,7 @@ class CascadeHandler:
         binary = answer.headers.get(oip.BINARY_HEADER.lower())
         if binary is not None:
             out[oip.BINARY_HEADER] = binary
-        if route.capture is not None and self.capture is not None and answer.status < 400:
+        if route.capture is not None and self.capture is not None and answer.status < 400 and fit_to_teach(trip.mode, escalation):
             self._capture(route, route.capture, answer, trip)
         return Response(answer.body, status_code=answer.status, media_type=answer.headers.get("content-type", "application/json"),
                         headers=out)

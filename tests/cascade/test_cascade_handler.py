@@ -220,6 +220,23 @@ def test_force_first_never_escalates() -> None:
 CAPTURE = capture_mod.CapturePolicy(1.0, 1000, 86400.0, ("EU",))
 
 
+@pytest.mark.parametrize(("behaviour", "mode", "kept_as"), [
+    ({"edge-fr": "sure", "dc-fr": "sure"}, "on", [("small", 0.9)]),  # the student's confident answer
+    ({"edge-fr": "unsure", "dc-fr": "sure"}, "on", [("large", 0.55)]),  # the teacher's, for a hard case
+    ({"edge-fr": "unsure", "dc-fr": "down"}, "on", []),  # returned not-escalated: the student's unsure answer
+    ({"edge-fr": "unsure", "dc-fr": "4xx"}, "on", []),
+    ({"edge-fr": "unsure", "dc-fr": "sure"}, "force-first", []),  # what cascade tune replays: never judged
+    ({"edge-fr": "sure", "dc-fr": "sure"}, "force-first", []),
+    ({"edge-fr": "sure", "dc-fr": "sure"}, "force-last", []),
+], ids=["sure", "escalated", "teacher down", "teacher refuses", "force-first unsure", "force-first sure", "force-last"])
+def test_only_answers_fit_to_teach_are_captured(behaviour: dict[str, str], mode: str, kept_as: list[tuple[str, float]]) -> None:
+    kept: list[capture_store.Record] = []
+    response, _, _ = run([EDGE, DC], behaviour, routing.Caller(), mode, route=dataclasses.replace(ROUTE, capture=CAPTURE),
+                         capture=lambda r: kept.append(r) is None)
+    assert response.status_code == 200, response.body
+    assert [(r.stage, r.first_confidence) for r in kept] == [(stage, pytest.approx(c)) for stage, c in kept_as]
+
+
 @pytest.mark.parametrize("length", [b"\xb2", b"\xb9\xb2", b"-1", b"12x"])  # latin-1: "²", "¹²"
 def test_a_binary_length_that_is_no_number_is_captured_without_one(length: bytes) -> None:
     """The header goes on to the stages, whose replicas judge it; the capture only keeps
