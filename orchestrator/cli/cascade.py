@@ -214,10 +214,13 @@ def replay(api: ApiClient, model: str, rule: cascade_rules.TensorRule, samples: 
         where = f"{path} sample {i}"
         first, first_ms, first_j = _call(api, model, body, "force-first", headers, rule, where)
         last, last_ms, last_j = _call(api, model, body, "force-last", headers, rule, where)
-        try:
-            confidence = cascade_rules.confidence_of(rule, first)
-        except ValueError as exc:
-            raise CliError(f"{where}: {exc}") from None
+        if not np.isfinite(first).all():
+            confidence = -np.inf  # the gateway escalates an answer with NaN or infinite scores, at any threshold
+        else:
+            try:
+                confidence = cascade_rules.confidence_of(rule, first)
+            except ValueError as exc:  # no answer of this shape is ever judged: the rule does not fit the model
+                raise CliError(f"{where}: {exc}") from None
         rows = len(np.atleast_2d(first))
         if labels is not None and len(labels) != rows:
             raise CliError(f"{where}: {len(labels)} label(s) for {rows} row(s): give one label per row")

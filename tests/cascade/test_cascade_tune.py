@@ -96,3 +96,17 @@ def test_tune_predicts_what_the_gateway_decides_for_an_fp32_answer_at_the_thresh
     [_, _, at_threshold] = sweep(replayed, [rule.below])
     assert gateway_escalates is bool(top == BELOW)
     assert at_threshold.firstStageShare == (0.0 if gateway_escalates else 1.0)
+
+
+def test_a_first_stage_answer_with_nan_counts_as_escalated_at_every_threshold(gateway: tuple[str, list[bytes]]) -> None:
+    """As the gateway judges it; the replay goes on to the other samples."""
+    url, answers = gateway
+    rule = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.7)
+    answers.append(b'{"model_name": "m", "outputs": [{"name": "p", "datatype": "FP32", "shape": [1, 2], "data": [NaN, 0.5]}]}')
+    assert cascade_rules.judge_tensor(rule, {t.name: t.array for t in oip.decode_response(answers[0]).outputs}).escalate
+    api = ApiClient(url, None)
+    try:
+        replayed = replay(api, "m", rule, [({"inputs": []}, None)], {}, "sample")
+    finally:
+        api.close()
+    assert [r.firstStageShare for r in sweep(replayed, [0.5, 0.99])[2:]] == [0.0, 0.0]
