@@ -23,8 +23,10 @@ Several gateways: ``Client(["http://gw1:8088", "http://gw2:8088"])`` (standalone
 first URL that answers; a request that no replica answered directly goes to the gateways
 in order, and a connection error or a 5xx from one moves it to the next (inference is
 idempotent; a chat moves on only before its first token). A gateway that could not be
-reached is tried last for ``ejection_s`` seconds. ``direct=False`` sends every request
-through the gateways (replicas the callers cannot reach, or one place to meter).
+reached is tried last for ``ejection_s`` seconds; when none gives a new endpoint list
+past its TTL, the list held is used and asked for again after ``ejection_s``.
+``direct=False`` sends every request through the gateways (replicas the callers cannot
+reach, or one place to meter).
 
 Errors: arguments that cannot work (a server URL without ``http://``, a location outside
 -90..90/-180..180, a region that cannot travel in an HTTP header, a tensor of a dtype the
@@ -177,8 +179,7 @@ class InferResult:
 @dataclass
 class _Endpoints:
     items: list[dict[str, Any]]
-    fetched_at: float
-    ttl: float
+    fresh_until: float  # no need to ask again before (the list's TTL, or a backoff)
 
 
 @dataclass
@@ -192,7 +193,7 @@ class EndpointCache:
 
     def fresh(self, model: str) -> bool:
         entry = self._lists.get(model)
-        return entry is not None and self.clock() - entry.fetched_at < entry.ttl
+        return entry is not None and self.clock() < entry.fresh_until
 
     def store(self, model: str, body: Any) -> None:
         """Keep the list of an endpoint answer; entries a client cannot call (no URL, a URL
@@ -203,7 +204,16 @@ class EndpointCache:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl < math.inf:
             ttl = 10
         usable = [e for e in items if _callable_endpoint(e)] if isinstance(items, list) else []
-        self._lists[model] = _Endpoints(usable, self.clock(), float(ttl))
+        self._lists[model] = _Endpoints(usable, self.clock() + ttl)
+
+    def keep(self, model: str) -> None:
+        """No new list came (no gateway answered with one): serve the one held for
+        ``ejection_s`` more before asking again, as long as an unreachable gateway is
+        tried last; asking on every request would cost each one a connection attempt
+        (the connect timeout, for a gateway that drops them) though its replica answers."""
+        entry = self._lists.get(model)
+        if entry is not None:
+            entry.fresh_until = self.clock() + self.ejection_s
 
     def invalidate(self, model: str) -> None:
         self._lists.pop(model, None)
@@ -315,7 +325,9 @@ class _Base:
             body = None
         if isinstance(body, Mapping):
             self.cache.store(model, body)
-        elif not self.cache.order(model):
+        elif self.cache.order(model):
+            self.cache.keep(model)
+        else:
             self.cache.invalidate(model)
         return self.cache.order(model)
 

@@ -394,3 +394,50 @@ async def test_a_versioned_request_goes_to_the_replicas_that_hold_that_version()
         for server, _ in old_servers:
             await server.shutdown(1)
         await new.shutdown(1)
+
+
+async def test_a_gateway_that_went_down_is_asked_for_the_list_once_per_ejection_not_per_request() -> None:
+    """Past the list's TTL with its gateway gone, each request would ask it for the list
+    again (a connect timeout each, for a gateway that drops connections) though the replica
+    answers: the list held is served, and the gateway asked again only after ``ejection_s``."""
+    replica, replica_url = await v2_server("edge-a")
+    endpoints = json.dumps({"ttlSeconds": 10, "endpoints": [
+        {"site": "edge-a", "url": replica_url, "inferUrl": f"{replica_url}/v2/models/m/infer"}]}).encode()
+    up, asked_while_down = [True], [0]
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if up[0]:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(endpoints), endpoints))
+            await writer.drain()
+        else:
+            asked_while_down[0] += 1  # taken and dropped at once, as by a host that went away
+        writer.close()
+
+    server = await asyncio.start_server(gateway, "127.0.0.1", 0)
+    gateway_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    x = np.ones((1, 2), dtype=np.float32)
+    now = [0.0]
+
+    async def served_by(c: client_mod.Client | client_mod.AsyncClient) -> str:
+        if isinstance(c, client_mod.Client):
+            return (await asyncio.to_thread(c.infer, "m", {"input": x})).site
+        return (await c.infer("m", {"input": x})).site
+
+    try:
+        for make in (client_mod.AsyncClient, client_mod.Client):
+            up[0], asked_while_down[0], now[0] = True, 0, 0.0
+            c = make(gateway_url, cache=client_mod.EndpointCache(clock=lambda: now[0], ejection_s=10))
+            assert await served_by(c) == "edge-a"
+            up[0] = False
+            for now[0] in (11.0, 11.5, 13.0, 20.9):  # past the TTL
+                assert await served_by(c) == "edge-a"
+            assert asked_while_down[0] == 1, make
+            now[0] = 21.0  # the ejection is over: asked again, once
+            assert await served_by(c) == "edge-a" and await served_by(c) == "edge-a"
+            assert asked_while_down[0] == 2, make
+            c.close() if isinstance(c, client_mod.Client) else await c.aclose()
+    finally:
+        server.close()
+        await replica.shutdown(1)
