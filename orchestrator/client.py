@@ -30,10 +30,11 @@ reach, or one place to meter).
 
 Errors: arguments that cannot work (a server URL without ``http://``, a location outside
 -90..90/-180..180, a region that cannot travel in an HTTP header, a tensor of a dtype the
-v2 protocol has no name for) raise ``ValueError`` (``TypeError`` for a wrong type) before
-anything is sent. Everything that happens on the way raises an :class:`EdgeplaneError`,
-never an ``httpx`` exception: :class:`NoEndpoint`, :class:`Unreachable` (timeouts
-included), :class:`InferenceError`, :class:`StreamCut`, :class:`BadAnswer`.
+v2 protocol has no name for, a chat's ``n`` other than 1) raise ``ValueError``
+(``TypeError`` for a wrong type) before anything is sent. Everything that happens on the
+way raises an :class:`EdgeplaneError`, never an ``httpx`` exception: :class:`NoEndpoint`,
+:class:`Unreachable` (timeouts included), :class:`InferenceError`, :class:`StreamCut`,
+:class:`BadAnswer`.
 """
 
 from __future__ import annotations
@@ -138,13 +139,22 @@ def _chat_event(line: str) -> _Event | None:
         err = obj["error"]
         return _Event(error=str(err.get("message", err) if isinstance(err, dict) else err))
     choices = obj.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    # the first choice only: an engine that sends several interleaves their events
+    choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), {}) if isinstance(choices, list) else {}
     delta = choice.get("delta") or choice.get("message") or {}
     text = delta.get("content") if isinstance(delta, dict) else None
     usage = obj.get("usage")
     finish = choice.get("finish_reason")
     return _Event(text if isinstance(text, str) else "", finish if isinstance(finish, str) else None,
                   usage if isinstance(usage, dict) else None)
+
+
+def _check_one_choice(params: Mapping[str, Any]) -> None:
+    """A chat yields one answer: ``n`` other than 1 would have the engine generate answers
+    that no one reads (edgeplane's replicas refuse it)."""
+    n = params.get("n", 1)
+    if n is not None and (type(n) is not int or n != 1):
+        raise ValueError(f"n={n!r}: a chat yields one answer; ask again for another")
 
 
 def _cut(chat: Chat, why: object) -> StreamCut:
@@ -543,9 +553,11 @@ class Client(_Base):
 
     def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
         """The answer's text deltas as they arrive (one delta with ``stream=False``);
-        ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...)."""
+        ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
+        ``n`` other than 1 is a ``ValueError``: the answer is one choice)."""
         args.model_name(model)
         args.check_messages(messages)
+        _check_one_choice(params)
         chat = Chat(None)
         chat._deltas = self._chat(chat, model, messages, stream, params)
         return chat
@@ -634,9 +646,11 @@ class AsyncClient(_Base):
 
     def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
         """The answer's text deltas as they arrive (one delta with ``stream=False``);
-        ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...)."""
+        ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
+        ``n`` other than 1 is a ``ValueError``: the answer is one choice)."""
         args.model_name(model)
         args.check_messages(messages)
+        _check_one_choice(params)
         chat = Chat(None)
         chat._deltas = self._chat(chat, model, messages, stream, params)
         return chat

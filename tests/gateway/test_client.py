@@ -441,3 +441,37 @@ async def test_a_gateway_that_went_down_is_asked_for_the_list_once_per_ejection_
     finally:
         server.close()
         await replica.shutdown(1)
+
+
+async def test_a_chat_is_one_answer_n_other_than_1_is_refused_and_other_choices_are_not_read() -> None:
+    """A chat yields one text: ``n=2`` is refused before anything is sent (the engine would
+    generate an answer no one reads), and events of any choice but the first, which an
+    engine interleaves with it, are left out rather than spliced into its text."""
+    def chunk(index: int, text: str) -> bytes:
+        return b"data: " + json.dumps({"choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}).encode() + b"\n\n"
+
+    stream = b"".join(chunk(i, t) for i, t in ((0, "Paris"), (1, "Lyon"), (0, " is"), (1, " is"), (0, " big."), (1, " small."))) + b"data: [DONE]\n\n"
+    asked = []
+
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        asked.append(request.path)
+        return httpserver.Response(200, stream, headers=(("content-type", "text/event-stream"),))
+
+    server = httpserver.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    messages = [{"role": "user", "content": "a city?"}]
+    try:
+        async with client_mod.AsyncClient(url, direct=False) as c:
+            for n in (2, 0, 1.0, True):
+                with pytest.raises(ValueError, match="one answer"):
+                    c.chat("m", messages, n=n)
+            assert asked == []
+            assert "".join([t async for t in c.chat("m", messages, n=1)]) == "Paris is big."
+        with client_mod.Client(url, direct=False) as sc:
+            with pytest.raises(ValueError, match="one answer"):
+                sc.chat("m", messages, n=3)
+    finally:
+        await server.shutdown(1)
