@@ -11,6 +11,11 @@ the gateway, so a replica dying mid-stream costs latency, not requests.
 nearest replica that speaks OpenAI first, then the gateway's ``/openai/v1``; it yields the
 answer's text as it arrives. A replica that fails before the first token is skipped; once
 text has been yielded a failure raises :class:`StreamCut` (the text cannot be taken back).
+Its attempts share the client's ``timeout``: each has what the ones before left, and an
+answer that has not come by then raises :class:`TimedOut` (the whole timeout for each
+attempt in turn would multiply the wait by the replicas tried). ``infer`` gives each
+attempt the whole timeout: a hung replica costs it once and the next one answers, as a v2
+inference is short and idempotent.
 
 Tensors travel with the v2 binary extension by default (every edgeplane endpoint, agent,
 Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as bytes and
@@ -33,8 +38,8 @@ Errors: arguments that cannot work (a server URL without ``http://``, a location
 v2 protocol has no name for, a chat's ``n`` other than 1) raise ``ValueError``
 (``TypeError`` for a wrong type) before anything is sent. Everything that happens on the
 way raises an :class:`EdgeplaneError`, never an ``httpx`` exception: :class:`NoEndpoint`,
-:class:`Unreachable` (timeouts included), :class:`InferenceError`, :class:`StreamCut`,
-:class:`BadAnswer`.
+:class:`Unreachable` (timeouts included; a chat's is a :class:`TimedOut`),
+:class:`InferenceError`, :class:`StreamCut`, :class:`BadAnswer`.
 """
 
 from __future__ import annotations
@@ -72,6 +77,14 @@ class Unreachable(EdgeplaneError):
         super().__init__(f"neither a replica nor the gateway answered: {error}")
 
 
+class TimedOut(Unreachable):
+    """A chat's answer did not come within the client's timeout: the replicas and gateways
+    it tried took it all between them (an :class:`Unreachable`, as timeouts always were)."""
+
+    def __init__(self, seconds: float, attempts: int):
+        EdgeplaneError.__init__(self, f"no answer within the timeout ({seconds:g} s; attempts: {attempts})")
+
+
 class InferenceError(EdgeplaneError):
     """A replica refused the request (4xx): retrying elsewhere would not help. ``code`` is
     the OpenAI API's error code when the refusal gave one (``context_length_exceeded``)."""
@@ -93,8 +106,9 @@ class BadAnswer(EdgeplaneError):
 
 @dataclass
 class Chat:
-    """One answer: iterate it for the text deltas; ``site``, ``ttft_s`` (seconds to the
-    first token), ``usage`` and ``finish_reason`` are filled in as it arrives."""
+    """One answer: iterate it for the text deltas; ``site``, ``ttft_s`` (seconds from the
+    first attempt to the first token, failed attempts included), ``usage`` and
+    ``finish_reason`` (of the attempt that answers) are filled in as it arrives."""
 
     _deltas: Any
     site: str = ""
@@ -105,6 +119,8 @@ class Chat:
     attempts: int = 0
     text: str = ""
     _ended: bool = field(default=False, repr=False)  # the stream's [DONE] arrived
+    _started: float = field(default=0.0, repr=False)  # time.perf_counter() when the first attempt began
+    _deadline: float = field(default=math.inf, repr=False)  # and when its timeout ends
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._deltas)
@@ -297,8 +313,8 @@ class _Base:
         if token is not None and (not isinstance(token, str) or not all("!" <= c <= "~" for c in token)):
             raise ValueError("token: a token is visible ASCII only (no spaces, control or non-ASCII characters)")
         self._auth = {"authorization": f"Bearer {token}"} if token else {}
-        seconds = args.seconds(timeout)
-        self._timeout = httpx.Timeout(seconds, connect=min(2.0, seconds))
+        self._seconds = args.seconds(timeout)
+        self._timeout = httpx.Timeout(self._seconds, connect=min(2.0, self._seconds))
 
     def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> tuple[bytes, dict[str, str]]:
         body, header_len = oip.encode_request(args.tensors(inputs), binary=self.binary)
@@ -377,7 +393,18 @@ class _Base:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"the messages and chat parameters must be JSON values: {exc}") from None
 
-    def _chat_refused(self, model: str, attempt: _Attempt, resp: httpx.Response | None, error: Exception | None) -> bool:
+    def _chat_begins(self, chat: Chat, number: int) -> dict[str, float]:
+        """Attempt ``number`` begins, with nothing of one that failed before its first token
+        (its finish, its usage); its timeouts are the client's cut to what is left of the
+        chat's, so that the attempts share one timeout. ``TimedOut`` when nothing is left."""
+        left = chat._deadline - time.perf_counter()
+        if left <= 0:
+            raise TimedOut(self._seconds, chat.attempts)
+        chat.attempts, chat.finish_reason, chat.usage, chat._ended = number, None, None, False
+        return {"connect": min(2.0, left), "read": left, "write": left, "pool": left}
+
+    def _chat_refused(self, chat: Chat, model: str, attempt: _Attempt, resp: httpx.Response | None,
+                      error: Exception | None) -> bool:
         """Whether to try the next attempt (True); raises for a refusal or when the gateway failed."""
         if attempt.endpoint is not None:
             if resp is None or resp.status_code >= 500:
@@ -393,14 +420,17 @@ class _Base:
         if self._gateway_failed(attempt, resp):
             return True
         if resp is None:
+            if isinstance(error, httpx.TimeoutException) and not (isinstance(error, httpx.ConnectTimeout)
+                                                                  and time.perf_counter() < chat._deadline):
+                raise TimedOut(self._seconds, chat.attempts) from error  # nothing listening there is Unreachable
             raise Unreachable(error) from error
         if resp.status_code >= 400:
             refusal = _openai_refusal(resp)
             raise NoEndpoint(refusal.args[0]) if resp.status_code in (404, 503) else refusal
         return False
 
-    def _chat_request(self, attempt: _Attempt, body: bytes) -> httpx.Request:
-        return httpx.Request("POST", attempt.url, content=body, headers=attempt.headers, extensions={"timeout": self._timeout.as_dict()})
+    def _chat_request(self, attempt: _Attempt, body: bytes, timeouts: dict[str, float]) -> httpx.Request:
+        return httpx.Request("POST", attempt.url, content=body, headers=attempt.headers, extensions={"timeout": timeouts})
 
     def _chat_answering(self, chat: Chat, attempt: _Attempt, resp: httpx.Response) -> None:
         chat.site, chat.url = resp.headers.get("x-edgeplane-site", attempt.site or ""), attempt.endpoint or attempt.gateway
@@ -413,10 +443,12 @@ class _Base:
         if attempt.endpoint is None:
             if not attempt.last:
                 return  # the next gateway
+            if isinstance(exc, httpx.TimeoutException):
+                raise TimedOut(self._seconds, chat.attempts) from None
             raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
         self.cache.eject(attempt.endpoint)
 
-    def _chat_line(self, chat: Chat, attempt: _Attempt, line: str, started: float) -> str | None:
+    def _chat_line(self, chat: Chat, attempt: _Attempt, line: str) -> str | None:
         """The text of one line; raises ``_Retry`` before the first token, ``StreamCut`` after."""
         event = _chat_event(line)
         if event is not None and event.done:
@@ -432,7 +464,7 @@ class _Base:
         if event.usage:
             chat.usage = event.usage
         if event.text and chat.ttft_s is None:
-            chat.ttft_s = time.perf_counter() - started
+            chat.ttft_s = time.perf_counter() - chat._started
             chat.site = attempt.site or chat.site
         chat.text += event.text
         return event.text or None
@@ -484,7 +516,7 @@ def _check_ended(chat: Chat) -> None:
         raise _Retry("the event stream ended before its [DONE]" if chat.text else "the answer is not an event stream ending in [DONE]")
 
 
-def _whole(chat: Chat, resp: httpx.Response, started: float) -> str:
+def _whole(chat: Chat, resp: httpx.Response) -> str:
     """The text of a whole (not streamed) answer; ``_Retry`` when the body is not one."""
     try:
         obj = resp.json()
@@ -494,7 +526,7 @@ def _whole(chat: Chat, resp: httpx.Response, started: float) -> str:
             raise TypeError(type(text).__name__)
     except (ValueError, LookupError, TypeError, AttributeError):
         raise _Retry(f"HTTP {resp.status_code} with no chat completion ({resp.headers.get('content-type', 'no content type')})") from None
-    chat.ttft_s = time.perf_counter() - started
+    chat.ttft_s = time.perf_counter() - chat._started
     chat.text = text
     finish, usage = choice.get("finish_reason"), obj.get("usage")
     chat.finish_reason, chat.usage = finish if isinstance(finish, str) else None, usage if isinstance(usage, dict) else None
@@ -554,7 +586,10 @@ class Client(_Base):
     def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
         """The answer's text deltas as they arrive (one delta with ``stream=False``);
         ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
-        ``n`` other than 1 is a ``ValueError``: the answer is one choice)."""
+        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The replicas and
+        gateways tried share the client's ``timeout``; :class:`TimedOut` when no answer
+        came within it. A streamed answer that has begun may go on past it, each of its
+        pieces within the time that was left when its attempt began."""
         args.model_name(model)
         args.check_messages(messages)
         _check_one_choice(params)
@@ -564,26 +599,27 @@ class Client(_Base):
 
     def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> Iterator[str]:
         body = self._chat_body(model, messages, stream, params)
+        chat._started = time.perf_counter()
+        chat._deadline = chat._started + self._seconds
         for number, attempt in enumerate(self._chat_attempts(model, self.endpoints(model)), start=1):
-            chat.attempts, started = number, time.perf_counter()
-            request = self._chat_request(attempt, body)
+            request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
                 resp = self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
-                self._chat_refused(model, attempt, None, exc)
+                self._chat_refused(chat, model, attempt, None, exc)
                 continue
             try:
                 if resp.status_code >= 400:
                     resp.read()
-                    if self._chat_refused(model, attempt, resp, None):
+                    if self._chat_refused(chat, model, attempt, resp, None):
                         continue
                 self._chat_answering(chat, attempt, resp)
                 if not stream:
                     resp.read()
-                    yield _whole(chat, resp, started)
+                    yield _whole(chat, resp)
                     return
                 for line in resp.iter_lines():
-                    text = self._chat_line(chat, attempt, line, started)
+                    text = self._chat_line(chat, attempt, line)
                     if text:
                         yield text
                 _check_ended(chat)
@@ -647,7 +683,10 @@ class AsyncClient(_Base):
     def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
         """The answer's text deltas as they arrive (one delta with ``stream=False``);
         ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
-        ``n`` other than 1 is a ``ValueError``: the answer is one choice)."""
+        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The replicas and
+        gateways tried share the client's ``timeout``; :class:`TimedOut` when no answer
+        came within it. A streamed answer that has begun may go on past it, each of its
+        pieces within the time that was left when its attempt began."""
         args.model_name(model)
         args.check_messages(messages)
         _check_one_choice(params)
@@ -657,26 +696,27 @@ class AsyncClient(_Base):
 
     async def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> AsyncIterator[str]:
         body = self._chat_body(model, messages, stream, params)
+        chat._started = time.perf_counter()
+        chat._deadline = chat._started + self._seconds
         for number, attempt in enumerate(self._chat_attempts(model, await self.endpoints(model)), start=1):
-            chat.attempts, started = number, time.perf_counter()
-            request = self._chat_request(attempt, body)
+            request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
                 resp = await self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
-                self._chat_refused(model, attempt, None, exc)
+                self._chat_refused(chat, model, attempt, None, exc)
                 continue
             try:
                 if resp.status_code >= 400:
                     await resp.aread()
-                    if self._chat_refused(model, attempt, resp, None):
+                    if self._chat_refused(chat, model, attempt, resp, None):
                         continue
                 self._chat_answering(chat, attempt, resp)
                 if not stream:
                     await resp.aread()
-                    yield _whole(chat, resp, started)
+                    yield _whole(chat, resp)
                     return
                 async for line in resp.aiter_lines():
-                    text = self._chat_line(chat, attempt, line, started)
+                    text = self._chat_line(chat, attempt, line)
                     if text:
                         yield text
                 _check_ended(chat)

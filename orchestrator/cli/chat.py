@@ -11,6 +11,9 @@ terminal (and ``-o json``, which prints nothing until the end) should not wait m
 for a model that rambles. The finish reason then says ``length``. When that default does not
 fit the model's context (the replica refuses it with ``context_length_exceeded``), the
 question is asked again without it; a ``--max-tokens`` that does not fit is refused.
+
+``--timeout`` is the client's: the replicas and the gateway tried share it, so the command
+gives up after that long when no answer has come (exit 3).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     except client_mod.EdgeplaneError as exc:
         if asked and asked[-1].text and not whole:
             print()  # end the partial answer's line before the error
+        if isinstance(exc, client_mod.TimedOut):  # reached, but slow: not a question of where serve runs
+            raise CliError(f"{exc}; --timeout SECONDS waits longer", 3) from None
         if isinstance(exc, client_mod.Unreachable):
             raise CliError(f"{exc}; is 'edgeplane serve' running at {api.server}? (--server / EDGEPLANE_SERVER)", 3) from None
         raise CliError(str(exc)) from None

@@ -475,3 +475,86 @@ async def test_a_chat_is_one_answer_n_other_than_1_is_refused_and_other_choices_
                 sc.chat("m", messages, n=3)
     finally:
         await server.shutdown(1)
+
+
+async def hanging_chat_gateway(endpoints: list[dict[str, str]]) -> tuple[asyncio.Server, str]:
+    """Answers the endpoint list; takes every chat and never answers it."""
+    body = json.dumps({"ttlSeconds": 600, "endpoints": endpoints}).encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /v1/endpoints/"):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            writer.close()
+        else:
+            await asyncio.sleep(60)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_a_chat_s_replicas_and_gateway_share_one_timeout(silent: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two replicas and the gateway that take the chat and never answer: each attempt had
+    the whole timeout (``--timeout 1`` gave up after 3 s, asking "is 'edgeplane serve'
+    running?"); the attempts share it, and the call gives up at the timeout saying the
+    answer did not come."""
+    from orchestrator.cli import main as cli
+
+    replicas = [{"site": f"edge-{i}", "url": silent, "api": "openai"} for i in range(2)]
+    gateway, url = await hanging_chat_gateway(replicas)
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        async with client_mod.AsyncClient(url, timeout=1) as c:
+            started = time.monotonic()
+            chat = c.chat("m", messages)
+            with pytest.raises(client_mod.TimedOut, match=r"no answer within the timeout \(1 s"):
+                [t async for t in chat]
+            assert 0.9 < time.monotonic() - started < 2.5
+        started = time.monotonic()
+        code = await asyncio.to_thread(cli.main, ["chat", "m", "hi", "--server", url, "--timeout", "1"])
+        took = time.monotonic() - started
+    finally:
+        gateway.close()
+    err = capsys.readouterr().err
+    assert code == 3 and took < 2.5, (code, took, err)
+    assert err.startswith("error: no answer within the timeout (1 s") and "edgeplane serve" not in err, err
+
+
+async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_time() -> None:
+    """A replica that sent a finish and usage, then no text and no end: the answer the
+    gateway gives has its own (none here), and its time to first token counts from the
+    call, the failed attempt included, as the caller waited."""
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)
+        event = json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: %s\n\n" % event)
+        await writer.drain()
+        writer.close()
+
+    replica = await asyncio.start_server(cut, "127.0.0.1", 0)
+    replica_url = f"http://127.0.0.1:{replica.sockets[0].getsockname()[1]}"
+    stream = b'data: {"choices": [{"index": 0, "delta": {"content": "hello"}}]}\n\ndata: [DONE]\n\n'
+
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        if request.path.startswith("/v1/endpoints/"):
+            return httpserver.Response(200, json.dumps({"ttlSeconds": 600, "endpoints": [
+                {"site": "edge-cut", "url": replica_url, "api": "openai"}]}).encode())
+        return httpserver.Response(200, stream, headers=(("content-type", "text/event-stream"),))
+
+    gateway = httpserver.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await gateway.start(sock)
+    try:
+        async with client_mod.AsyncClient(f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
+            chat = c.chat("m", [{"role": "user", "content": "hi"}])
+            assert [t async for t in chat] == ["hello"] and chat.attempts == 2
+        assert chat.finish_reason is None and chat.usage is None
+        assert chat.ttft_s is not None and chat.ttft_s >= 0.3
+    finally:
+        replica.close()
+        await gateway.shutdown(1)
