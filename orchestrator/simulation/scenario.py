@@ -29,6 +29,11 @@ MAX_ADDED_SITES = 10_000
 #: with a few labels each fit. Counted before validation, which would otherwise walk every
 #: copy of an aliased site (or of its labels) one by one.
 MAX_VALUES = 500_000
+#: The most the demand changes matching one demand point may multiply it by, all together:
+#: each may give up to ×1,000 and several may match, so a long list would otherwise
+#: multiply past the float range (infinite or undefined demand) where no drill asks more
+#: than a few thousandfold.
+MAX_DEMAND_FACTOR = 1e6
 
 
 class ScenarioError(ValueError):

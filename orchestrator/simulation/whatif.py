@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from orchestrator.scheduler import planner
 from orchestrator.scheduler import result as sched_result
 from orchestrator.scheduler.fleet import Fleet
 from orchestrator.simulation import measure as measure_mod
-from orchestrator.simulation.scenario import Changes, DemandScale, ScenarioError, SiteEdit
+from orchestrator.simulation.scenario import MAX_DEMAND_FACTOR, Changes, DemandScale, ScenarioError, SiteEdit
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def check(state: State, changes: Changes) -> None:
     for scale in changes.demand:
         if scale.region is not None and scale.region not in demand_regions | regions:
             raise ScenarioError(f"demand region {scale.region!r} is neither a site region nor a deployment's demand region")
+    if changes.demand:
+        _check_demand_factors(state.deployments, changes.demand)
     added: set[str] = set()
     for site in changes.added:
         if site.name in names:
@@ -115,6 +118,18 @@ def check(state: State, changes: Changes) -> None:
         if site.name in added:  # an aliased site repeated, say: one name, one site
             raise ScenarioError(f"added site {site.name!r} is given twice")
         added.add(site.name)
+
+
+def _check_demand_factors(deployments: Iterable[sched.Deployment], scales: Sequence[DemandScale]) -> None:
+    """Refuse demand changes that together multiply a demand point past ``MAX_DEMAND_FACTOR``."""
+    for d in deployments:
+        for p in d.demand:
+            factor = demand_factor(p, scales)
+            if factor > MAX_DEMAND_FACTOR:
+                reason = (f"the demand changes matching {p.label} of deployment {d.name!r} multiply it by "
+                          f"{'more than 1e308' if factor == math.inf else f'{factor:.3g}'}; "
+                          f"together they may multiply a demand point by at most {MAX_DEMAND_FACTOR:,.0f}")
+                raise ScenarioError(f"spec.demand: {reason}", ("spec", "demand"), reason)
 
 
 def apply_changes(state: State, changes: Changes) -> tuple[tuple[sched.Site, ...], tuple[sched.Deployment, ...]]:
@@ -158,14 +173,34 @@ def _edit(site: sched.Site, e: SiteEdit) -> sched.Site:
     return dataclasses.replace(site, **fields) if fields else site  # type: ignore[arg-type]
 
 
+def demand_factor(p: sched.DemandPoint, scales: Sequence[DemandScale]) -> float:
+    """The product of the factors of ``scales`` that match ``p``, as it is and not as floats
+    multiplied in order make it: 0 when one of them is 0 (×1000 a hundred times, then ×0,
+    is no demand, not NaN), ``inf`` only when the product itself is past the float range."""
+    product, log = 1.0, 0.0
+    for s in scales:
+        if s.matches(p):
+            if s.factor == 0:
+                return 0.0
+            product *= s.factor
+            log += math.log(s.factor)
+    if 0 < product < math.inf:
+        return product
+    return math.inf if log > _LOG_MAX_FLOAT else math.exp(log)  # a partial product left the float range
+
+
+_LOG_MAX_FLOAT = math.log(sys.float_info.max)
+
+
 def scale_demand(d: sched.Deployment, scales: Sequence[DemandScale]) -> sched.Deployment:
-    """Demand multiplied where a scale matches; an autoscaled count follows the total."""
+    """Demand multiplied where a scale matches; an autoscaled count follows the total.
+
+    ``check`` refuses factors past ``MAX_DEMAND_FACTOR``; a caller that did not ask it (the
+    work budget counts before the check's walk is worth it) gets them capped there: never
+    infinite or undefined demand, which no replica count follows."""
     points = []
     for p in d.demand:
-        factor = 1.0
-        for s in scales:
-            if s.matches(p):
-                factor *= s.factor
+        factor = min(demand_factor(p, scales), MAX_DEMAND_FACTOR)
         points.append(dataclasses.replace(p, rps=p.rps * factor) if factor != 1.0 else p)
     if all(a is b for a, b in zip(points, d.demand)):
         return d

@@ -92,3 +92,39 @@ async def test_an_empty_body_is_the_fleet_as_it_is(served) -> None:  # type: ign
         for body in (b"", b"null", b"{}"):
             resp = await http.post("/v1/simulate", content=body)
             assert resp.status_code == 200 and json.loads(resp.text)["scenario"] == "no change", resp.text
+
+
+DEMANDED = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: m1}
+spec:
+  variants:
+    - name: small
+      runtime: onnx
+      artifact: {uri: m1.onnx, sha256: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa}
+      resources: {cpu: 1, memoryMiB: 256}
+      throughputRps: 100
+---
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: d1}
+spec:
+  model: m1
+  replicas: {min: 1, max: 2}
+  demand: [{region: fr, rps: 50}, {region: de, rps: 50}]
+"""
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_demand_changes_multiplying_past_the_float_range_are_refused_not_a_500(served) -> None:  # type: ignore[no-untyped-def]
+    async with httpx.AsyncClient(base_url=served.http_url) as http:
+        resp = await http.post("/v1/apply", content=DEMANDED)
+        assert resp.status_code == 200, resp.text
+        body = "spec:\n  demand:\n" + "    - {factor: 1000}\n" * 110
+        refused = await http.post("/v1/simulate", content=body)
+        zero = await http.post("/v1/simulate", content=body + "    - {factor: 0}\n")
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"].startswith("spec.demand: the demand changes matching fr of deployment 'd1' multiply it")
+    assert zero.status_code == 200, zero.text
+    assert [p["rps"] for p in zero.json()["after"]["demand"]] == [0, 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -70,6 +71,32 @@ def test_demand_scale_matches_only_its_region_or_point() -> None:
     assert [p.rps for p in everything.demand] == [5, 5]
     autoscaled = whatif.scale_demand(sched.Deployment("a", "a", (), 1, 10, demand=d.demand, autoscaled_replicas=3), (scenario.DemandScale(2.0),))
     assert autoscaled.autoscaled_replicas == 6
+
+
+def test_demand_changes_that_together_multiply_past_the_bound_are_refused_naming_spec_demand() -> None:
+    grow = deployment("grow", demand=(sched.DemandPoint(rps=50, region="eu-west"),), replicas=1, max_replicas=4)
+    autoscaled = dataclasses.replace(grow, name="auto", autoscaled_replicas=2)
+    many = tuple(scenario.DemandScale(1000.0) for _ in range(110))  # each within its own bound; ×1e330 in all
+    for d in (grow, autoscaled):
+        with pytest.raises(scenario.ScenarioError, match=r"^spec.demand: the demand changes matching eu-west of deployment") as exc:
+            whatif.simulate(state(d), scenario.Changes(demand=many))
+        assert exc.value.field == ("spec", "demand")
+    # what stays within the bound however large the partial products is answered
+    back = tuple(scenario.DemandScale(0.001) for _ in range(110))
+    r = whatif.simulate(state(grow), scenario.Changes(demand=many + back))
+    assert [p.rps for p in r.after.points] == [pytest.approx(50)]
+
+
+def test_demand_scaled_to_zero_after_huge_factors_is_no_demand() -> None:
+    d = deployment("d", demand=(sched.DemandPoint(rps=50, region="eu-west"),), replicas=1, max_replicas=4)
+    zero = tuple(scenario.DemandScale(1000.0) for _ in range(110)) + (scenario.DemandScale(0.0),)
+    for each in (d, dataclasses.replace(d, autoscaled_replicas=2)):
+        r = whatif.simulate(state(each), scenario.Changes(demand=zero))
+        assert [p.rps for p in r.after.points] == [0] and r.after.replicas == 1  # min, not max
+        json.dumps(report.report(r), allow_nan=False)  # what the API answers: no NaN or infinity
+    # unchecked, scaling caps the product rather than making demand infinite
+    capped = whatif.scale_demand(d, zero[:-1])
+    assert capped.demand[0].rps == 50 * scenario.MAX_DEMAND_FACTOR
 
 
 def test_a_dirtier_grid_moves_replicas_to_cleaner_sites_and_lowers_emissions() -> None:
