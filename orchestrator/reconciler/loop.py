@@ -213,17 +213,26 @@ class Reconciler:
         self._remembered = {site: tuple(found) for site, found in by_site.items()}
         self._wake.set()
 
+    def _awaited(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
+                 agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
+        """The edge sites awaited since :meth:`resume` whose agents are not back, whatever the
+        deadline; it only reads, so a preview may ask it as a pass does."""
+        if self._rejoin is None:
+            return frozenset()
+        awaited = self._rejoin[1]
+        if awaited is None:
+            edge = {r.name for r in sites if r.spec.tier == "edge"}
+            awaited = frozenset(row.site for row in placements if row.site in edge)
+        return awaited - {a.site for a in agents}
+
     def _rejoining(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
                    agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
         """The edge sites still awaited since :meth:`resume` (each leaves the set for good
         when its agent joins)."""
         if self._rejoin is None:
             return frozenset()
-        deadline, awaited = self._rejoin
-        if awaited is None:
-            edge = {r.name for r in sites if r.spec.tier == "edge"}
-            awaited = frozenset(row.site for row in placements if row.site in edge)
-        awaited -= {a.site for a in agents}
+        deadline = self._rejoin[0]
+        awaited = self._awaited(sites, placements, agents)
         if awaited and self.clock() < deadline:
             self._rejoin = (deadline, awaited)
             return awaited
@@ -264,14 +273,22 @@ class Reconciler:
         return sites, models, deployments
 
     def current(self) -> snap.Snapshot:
-        """Desired state as stored now, observed state as of the last pass (for previews)."""
+        """Desired state as stored now, observed state as of the last pass (for previews).
+
+        Edge sites still rejoining after a restart are in it as a pass has them (keeping
+        their replicas): a preview or what-if would otherwise plan them as lost."""
         sites, models, deployments = self.read_desired()
+        placements, agents = tuple(self.store.placements()), tuple(self.hub.snapshot())
         last = self.last_snapshot
+        waiting = self._rejoin is not None and self.clock() < self._rejoin[0]  # past it, the next pass plans them lost
+        rejoining = self._awaited(sites, placements, agents) if waiting else frozenset()
         return snap.Snapshot(
-            sites, models, deployments, tuple(self.store.placements()), tuple(self.hub.snapshot()),
+            sites, models, deployments, placements, agents,
             datacentres=last.datacentres if last else {}, artifacts=last.artifacts if last else {},
             assignments=last.assignments if last else {}, applied_apps=last.applied_apps if last else {},
             autoscale=dict(self.autoscaler.latest),
+            rejoining=rejoining,
+            remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
         )
 
     async def gather(self) -> snap.Snapshot:
