@@ -27,6 +27,8 @@ With ``replicas.min: 0`` a deployment whose traffic stopped goes down to zero re
 once the delay has passed. The gateway then holds a request for its model and counts it
 as a *wake* (:attr:`EndpointTable.wakes`); a wake that came after the deployment was last
 seen with replicas gets it ``max(1, min)`` at once, held for the delay like any scale-up.
+The gateway counts per model: a deployment new to the autoscaler counts the wakes since
+the pass before it, not those of a deployment of the model deleted earlier.
 
 This class keeps the samples between passes and does no I/O; the reconciler calls
 :meth:`Autoscaler.evaluate` once per pass with what it gathered.
@@ -95,6 +97,7 @@ class Autoscaler:
     _sites: dict[tuple[str, str], _Site] = field(default_factory=dict)  # (deployment, site)
     _history: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
     _wakes_seen: dict[str, int] = field(default_factory=dict)  # by deployment: wakes when it last had replicas
+    _wakes_before: dict[str, int] = field(default_factory=dict)  # by model: the wakes the last pass was given
 
     def evaluate(
         self,
@@ -125,6 +128,7 @@ class Autoscaler:
             del self._history[key]
         for key in [k for k in self._wakes_seen if k not in out]:
             del self._wakes_seen[key]
+        self._wakes_before = dict(wakes or {})
         self.latest = out
         return out
 
@@ -139,7 +143,11 @@ class Autoscaler:
         if current > 0 or spec.replicas.min > 0:
             self._wakes_seen[name] = wakes
             return None
-        if wakes <= self._wakes_seen.get(name, 0):
+        # The gateway counts wakes per model from its start: those of a deployment of the
+        # model deleted before this one was applied are not requests for this one. What
+        # came since the last pass is (a request held for the model now).
+        seen = self._wakes_seen.setdefault(name, self._wakes_before.get(spec.model, 0))
+        if wakes <= seen:
             history = self._history.get(name)
             if history is not None:
                 self._expire(history, now, scaling.scaleDownDelaySeconds)

@@ -247,3 +247,28 @@ def test_wakes_do_nothing_to_a_deployment_with_a_minimum() -> None:
     scaler = Autoscaler(clock)
     rec = scaler.evaluate([("intent-eu", spec(targetRps=10))], [], {}, {"intent": 5})["intent-eu"]
     assert rec.replicas is None  # held/no load: the scheduler's min (1) applies
+
+
+def test_a_scale_to_zero_deployment_applied_later_starts_at_zero_whatever_the_models_earlier_wakes() -> None:
+    """The gateway counts wakes per model since it started; those that woke a deployment
+    since deleted are no request for a new deployment of the model (or the same one applied
+    again), which starts at zero. A request for the model since the last pass still wakes it."""
+    clock = Clock()
+    scaler = Autoscaler(clock)
+    zero = schema.ModelDeploymentSpec.model_validate(
+        {"model": "intent", "replicas": {"min": 0, "max": 4}, "autoscaling": {"targetRps": 10, "scaleDownDelaySeconds": 60}})
+
+    def step(deployments: list[str], rows: list[PlacementRow], wakes: int) -> dict[str, Any]:
+        clock.now += 1
+        return scaler.evaluate([(name, zero) for name in deployments], rows, {}, {"intent": wakes})
+
+    assert step(["old"], [], wakes=0)["old"].replicas == 0
+    assert step(["old"], [], wakes=1)["old"].replicas == 1  # woken
+    step(["old"], [PlacementRow("old", "paris", "v", 1)], wakes=1)
+    step([], [], wakes=1)  # deleted
+    clock.now += 600
+    for name in ("new", "old"):  # another name, or the same applied again
+        assert step([name], [], wakes=1)[name].replicas == 0
+        step([], [], wakes=1)
+    # a request for the model since the last pass (held by the gateway) wakes one new now
+    assert step(["again"], [], wakes=2)["again"].replicas == 1
