@@ -19,7 +19,8 @@ the count is held, not dropped. A site that serves the model for another deploym
 credits its load to that one. A higher
 count is adopted at once; a lower one only
 once every recommendation of the last ``scaleDownDelaySeconds`` agreed (the highest of
-them is used), so a dip in traffic does not tear replicas down. A deployment with no
+them is used), so a dip in traffic does not tear replicas down. A lowered ``replicas.max``
+bounds that at once. A deployment with no
 reporting replica gets no recommendation and keeps what the scheduler would give it
 without autoscaling (``min``, or what its declared demand asks).
 
@@ -180,6 +181,8 @@ class Autoscaler:
                 total += rate.inflight if metric == "inflight" else rate.rps  # type: ignore[operator]
                 reporting += row.replicas
         history = self._history.get(name)
+        if history is not None:  # what the delay holds is bounded by replicas.max as it is now, lowered or not
+            _cap(history, spec.replicas.max)
         if reporting == 0:
             # No load known right now (agents restarting or silent, or this control plane
             # just started): hold the count rather than fall back and tear replicas down.
@@ -188,11 +191,13 @@ class Autoscaler:
                 held = max((n for _, n in history), default=current)
             else:
                 held = current
+            if held:  # none held: no recommendation, the scheduler's count (min, or from demand) stands
+                held = max(spec.replicas.min, min(spec.replicas.max, held))
             return Recommendation(held or None, metric, target, current)
         # The delay runs from the first recommendation: the count the deployment had then
         # stands until the delay has passed.
         if history is None:
-            history = self._history[name] = deque([(now, current)])
+            history = self._history[name] = deque([(now, min(current, spec.replicas.max))])
         # Data-centre replicas are taken to carry what the reporting ones carry on average;
         # edge replicas without a rate yet (just placed, still loading) to carry nothing.
         per_replica = total / reporting
@@ -230,6 +235,14 @@ class Autoscaler:
             known.inflight = max(0.0, load.busy_seconds_total - known.sample.busy_seconds_total) / elapsed
             known.sample = load
         return known if known.rps is not None else None
+
+
+def _cap(history: deque[tuple[float, int]], most: int) -> None:
+    """Lower the counts of ``history`` past ``most``: a replica count the deployment may no
+    longer run is no count to hold (nor to return to if the maximum is raised again)."""
+    for i, (at, n) in enumerate(history):
+        if n > most:
+            history[i] = (at, most)
 
 
 def _target(scaling: schema.Autoscaling) -> tuple[str, float]:

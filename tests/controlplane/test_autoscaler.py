@@ -22,9 +22,9 @@ class Clock:
         return self.now
 
 
-def spec(**autoscaling: Any) -> schema.ModelDeploymentSpec:
+def spec(max_replicas: int = 6, **autoscaling: Any) -> schema.ModelDeploymentSpec:
     return schema.ModelDeploymentSpec.model_validate(
-        {"model": "intent", "replicas": {"min": 1, "max": 6}, "autoscaling": autoscaling}
+        {"model": "intent", "replicas": {"min": 1, "max": max_replicas}, "autoscaling": autoscaling}
     )
 
 
@@ -272,3 +272,19 @@ def test_a_scale_to_zero_deployment_applied_later_starts_at_zero_whatever_the_mo
         step([], [], wakes=1)
     # a request for the model since the last pass (held by the gateway) wakes one new now
     assert step(["again"], [], wakes=2)["again"].replicas == 1
+
+
+def test_a_lowered_maximum_bounds_the_count_at_once_through_the_scale_down_delay() -> None:
+    clock = Clock()
+    fleet = Fleet(Autoscaler(clock), clock, ["paris"])
+    fleet.run(10, rps=60, targetRps=10, scaleDownDelaySeconds=300)
+    assert fleet.run(10, rps=60, targetRps=10, scaleDownDelaySeconds=300).replicas == 6
+    # replicas.max lowered to 2, the load as high: 2 now, not 6 until the delay is over
+    rec = fleet.run(10, rps=60, targetRps=10, scaleDownDelaySeconds=300, max_replicas=2)
+    assert rec.replicas == 2 and rec.status()["desiredReplicas"] == 2
+    clock.now += 10  # no load reported now: the count held is bounded too
+    held = fleet.scaler.evaluate([("intent-eu", spec(2, targetRps=10, scaleDownDelaySeconds=300))],
+                                 [PlacementRow("intent-eu", "paris", "v", 1)], {})["intent-eu"]
+    assert held.replicas == 2
+    # raised again once the load is gone, within the delay: the 6 it no longer ran is not held
+    assert fleet.run(10, rps=0, targetRps=10, scaleDownDelaySeconds=300).replicas == 2
