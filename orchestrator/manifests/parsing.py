@@ -125,4 +125,19 @@ class Constructor(yaml.constructor.SafeConstructor):
 
 
 class SafeLoader(Constructor, yaml.SafeLoader):
-    """``yaml.SafeLoader`` with :class:`Constructor`'s errors (what a scenario is read with)."""
+    """``yaml.SafeLoader`` with :class:`Constructor`'s errors (what a scenario is read with),
+    refusing a key given twice in one mapping as the manifests loader does: PyYAML keeps
+    the last silently, and a drill that names a site twice would lose the first change."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # what a merge brings may be overridden
+                    continue
+                key = self.construct_object(key_node)
+                if isinstance(key, str | int | float | bool) or key is None:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                    seen.add(key)
+        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]

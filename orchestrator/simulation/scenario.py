@@ -259,11 +259,19 @@ def load_data(text: str | bytes, source: str = "<scenario>") -> Any:
 
 def _json_or_yaml(text: str | bytes) -> Any:
     """JSON (what the CLI sends) is read as such: hundreds of times faster than PyYAML reads
-    the same text, which is YAML too."""
+    the same text, which is YAML too. JSON that gives a key twice is read as YAML, which
+    refuses it at its line."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except ValueError:
         return yaml.load(text, Loader=parsing.SafeLoader)  # noqa: S506 - a SafeLoader (its explicit tags checked)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        raise ValueError("a key given twice")
+    return out
 
 
 def _more_values_than(data: Any, limit: int) -> bool:

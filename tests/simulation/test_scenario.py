@@ -67,6 +67,12 @@ def test_a_bare_spec_and_an_empty_document_are_accepted() -> None:
     ("spec:\n  fail: {sites: [!!int '8{']}", "d.yaml:2: not valid YAML (cannot read '8{' as int)"),
     ("spec: {fail: {sites: [!!timestamp x]}}", "d.yaml:1: not valid YAML (cannot read 'x' as timestamp)"),
     ('spec: {"a\\nb": 1}', "d.yaml: spec.'a\\nb': Extra inputs are not permitted"),  # a key's line break, shown escaped
+    # a site named twice: the first change would be lost, in YAML as in JSON
+    ("spec:\n  sites:\n    dc-paris: {capacityFactor: 0.5}\n    dc-berlin: {}\n    dc-paris: {carbonGramsPerKWh: 900}\n",
+     "d.yaml:5: not valid YAML (duplicate key 'dc-paris')"),
+    ('{"spec": {"sites": {"dc-paris": {"capacityFactor": 0.5},\n "dc-paris": {"carbonGramsPerKWh": 900}}}}',
+     "d.yaml:2: not valid YAML (duplicate key 'dc-paris')"),
+    ("spec: {fail: {sites: [a]}, fail: {regions: [b]}}", "d.yaml:1: not valid YAML (duplicate key 'fail')"),
 ])
 def test_bad_scenarios_get_one_line_naming_the_field(text: str, message: str) -> None:
     with pytest.raises(scenario.ScenarioError) as exc:

@@ -75,6 +75,8 @@ async def served(tmp_path_factory: pytest.TempPathFactory):
     ({}, b"[]", "<request>: a scenario is a mapping with kind: Scenario and a spec"),
     ({}, b"spec: {}\n---\nspec: {}\n", "<request>:2: not valid YAML (but found another document)"),
     ({}, b"spec: {fail: {sites: [!!bool maybe]}}", "<request>:1: not valid YAML (cannot read 'maybe' as bool)"),
+    ({}, b'{"spec": {"sites": {"edge-a": {"capacityFactor": 0.5}, "edge-a": {"carbonGramsPerKWh": 900}}}}',
+     "<request>:1: not valid YAML (duplicate key 'edge-a')"),
     ({"each": "site", "top": "0"}, b"", "top must be 1 or more"),
     ({"each": "site", "top": "-2"}, b"", "top must be 1 or more (how many of the most harmful to keep), not -2"),
 ])
