@@ -23,6 +23,7 @@ from orchestrator.manifests import loader, references, schema
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.reconciler import inventory
 from orchestrator.reconciler import snapshot as snap
+from orchestrator.reconciler.autoscaler import Autoscaler
 from orchestrator.simulation import report, scenario, sweep, whatif
 
 
@@ -146,15 +147,21 @@ def _load(paths: list[str]) -> list[loader.LoadedDocument]:
 
 
 def local_state(paths: list[str]) -> whatif.State:
-    """The fleet of the manifests at ``paths``: every site healthy, today's plan planned from scratch."""
+    """The fleet of the manifests at ``paths``: every site healthy, today's plan planned from
+    scratch as the control plane's first pass after applying them would plan it."""
     docs = _load(paths)
     issues = references.check_references(docs, {})
     if issues:
         raise ManifestError(issues)
     models = {d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)}
     sites = [scenario.site_from_spec(d.name, d.doc.metadata.labels, d.doc.spec) for d in docs if isinstance(d.doc, schema.SiteDoc)]
-    deployments = [inventory.to_deployment(snap.DeploymentRecord(d.name, 1, d.doc.spec), models[d.doc.spec.model])
-                   for d in docs if isinstance(d.doc, schema.ModelDeploymentDoc)]
+    specs = [(d.name, d.doc.spec) for d in docs if isinstance(d.doc, schema.ModelDeploymentDoc)]
+    # The count the autoscaler gives each deployment on the control plane's first pass after
+    # the apply (nothing placed, no load, no request yet): one scaled to zero starts at zero.
+    first = Autoscaler().evaluate(specs, (), {})
+    deployments = [inventory.to_deployment(snap.DeploymentRecord(name, 1, spec), models[spec.model],
+                                           first[name].replicas if name in first else None)
+                   for name, spec in specs]
     return whatif.today(sites, deployments)
 
 

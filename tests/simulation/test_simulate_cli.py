@@ -98,3 +98,25 @@ def test_two_deployments_of_one_model_never_share_an_edge_site(tmp_path: pathlib
     (short,) = report["unschedulable"]
     assert short["deployment"] == "intent-b" and short["placed"] == 0 and short["phase"] == "Unschedulable"
     assert "(edge-lyon) run model intent-classifier for deployment intent-a" in short["reason"]
+
+
+def test_a_scale_to_zero_deployment_starts_at_zero_offline_as_it_does_on_apply(tmp_path: pathlib.Path) -> None:
+    """The control plane starts an autoscaled deployment with ``replicas.min: 0`` at zero,
+    whatever demand it declares, until a request comes; one with a minimum gets its count
+    from its demand until load is reported. ``simulate -f`` plans today the same way."""
+    model = ("apiVersion: edgeplane.io/v1alpha1\nkind: Model\nmetadata: {{name: {name}}}\nspec:\n  variants:\n"
+             "    - {{name: small, runtime: onnx, resources: {{cpu: 1, memoryMiB: 256}}, throughputRps: 100,\n"
+             "       artifact: {{uri: {name}.onnx, sha256: {sha}}}}}\n")
+    deployment = ("apiVersion: edgeplane.io/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: {name}}}\n"
+                  "spec: {{model: {name}, replicas: {{min: {min}, max: 4}}, autoscaling: {{targetRps: 50}},"
+                  " demand: [{{region: fr, rps: 300}}]}}\n")
+    site = ("apiVersion: edgeplane.io/v1alpha1\nkind: Site\nmetadata: {name: edge-a}\n"
+            "spec: {tier: edge, location: {country: FR, region: fr, lat: 48.8, lon: 2.3}, capacity: {cpu: 8, memoryGiB: 16}}\n")
+    (tmp_path / "fleet.yaml").write_text("---\n".join([
+        site, *(model.format(name=n, sha="a" * 64) for n in ("cold", "warm")),
+        deployment.format(name="cold", min=0), deployment.format(name="warm", min=1)]))
+    proc = run_cli("simulate", "-f", str(tmp_path), "--demand", "fr=2", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["before"]["replicas"] == 3  # warm: 300 rps at 100 a replica; cold: none
+    assert report["after"]["replicas"] == 4 and report["unschedulable"] == []  # warm at its maximum; cold still none
