@@ -140,12 +140,18 @@ def test_a_start_that_fails_keeps_the_admin_token_an_earlier_run_wrote(busy_port
 # --- --server: a base URL, a path being a reverse proxy's prefix --------------------------------
 
 
+NOT_A_DNS_NAME = "the host is no DNS name: each dot-separated label 1 to 63 characters, an xn-- label valid punycode"
+
+
 @pytest.mark.parametrize(("server", "why"), [
     ("http://127.0.0.1:9/some/path?x=1", "no query in a base URL: ?x=1"),
     ("http://127.0.0.1:9/#top", "no fragment in a base URL: #top"),
     ("localhost:8080", "it needs http:// or https:// and a host"),
     ("ftp://127.0.0.1:9", "it needs http:// or https:// and a host"),
     ("http:///v1", "it needs http:// or https:// and a host"),
+    ("http://ex..ample:8080", NOT_A_DNS_NAME),  # what the resolver refuses, found before any request
+    (f"http://{'a' * 64}.example:8080", NOT_A_DNS_NAME),
+    ("http://xn--a.example:8080", NOT_A_DNS_NAME),  # no punycode: httpx's own parsing raised
 ])
 def test_a_server_url_that_cannot_be_a_base_url_is_a_usage_error(server: str, why: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main.main(["--server", server, "get", "sites"]) == 2

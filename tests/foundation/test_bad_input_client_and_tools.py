@@ -107,7 +107,8 @@ def closed_url() -> str:
 
 
 @pytest.mark.parametrize("server", ["localhost:8080", "127.0.0.1:8080", "http://gw:8088?x=1", "http://gw:8088#top",
-                                    "ftp://gw:8088", "http://[::1", "http://gw:99999", ["http://gw-1:8088", "gw-2:8088"]])
+                                    "ftp://gw:8088", "http://[::1", "http://gw:99999", ["http://gw-1:8088", "gw-2:8088"],
+                                    "http://gw..example:8088", "http://xn--a.example:8088", f"http://{'a' * 64}.example:8088"])
 @pytest.mark.parametrize("cls", [client_mod.Client, client_mod.AsyncClient])
 def test_a_server_url_that_cannot_work_is_refused_when_the_client_is_made(cls: type, server: Any) -> None:
     with pytest.raises(ValueError, match=r"server '.*' is not a URL such as http://127\.0\.0\.1:8080 \(.+\)"):
