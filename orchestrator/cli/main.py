@@ -633,12 +633,9 @@ def _run(argv: list[str]) -> int:
         return cmd_demo(args)
     if args.command == "ca":
         return cmd_ca_init(args)
+    api: ApiClient | None = None
     try:
-        api = ApiClient(args.server, args.token)
-    except CliError as exc:  # $EDGEPLANE_TOKEN_FILE names no readable file
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.code
-    try:
+        api = ApiClient(args.server, args.token)  # in here: a token, a URL or a proxy it cannot use is one line too
         return COMMANDS[args.command](api, args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -662,7 +659,8 @@ def _run(argv: list[str]) -> int:
               "(this is a bug; EDGEPLANE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     finally:
-        api.close()
+        if api is not None:
+            api.close()
 
 
 if __name__ == "__main__":

@@ -172,6 +172,22 @@ def test_a_server_url_with_a_user_or_password_is_refused_without_showing_it(
     assert "no user name or password in a base URL" in err, err
 
 
+@pytest.mark.parametrize(("setting", "said"), [
+    ("socks5://ops:s3cret@127.0.0.1:1080", "a SOCKS proxy needs the socksio package (pip install socksio), or unset it for edgeplane"),
+    ("socks4://127.0.0.1:1080", "Unknown scheme for proxy URL"),
+])
+def test_a_proxy_in_the_environment_that_cannot_be_used_is_one_line_naming_it(
+        setting: str, said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``ssh -D`` tunnel in ALL_PROXY made every command print a Python traceback: httpx
+    mounts the proxies of the environment when the client is made, before any request."""
+    for name in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ALL_PROXY", setting)
+    assert cli_main.main(["--server", f"http://127.0.0.1:{support.closed_port()}", "get", "sites"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: ALL_PROXY='{setting.replace('ops:s3cret', '***')}': {said}"), err
+
+
 class _Proxy(http.server.ThreadingHTTPServer):
     """Stands in for a reverse proxy serving the control plane under /edgeplane: answers an
     empty Site list and remembers the paths asked for."""
