@@ -2,7 +2,9 @@
 
 They are text, and a file that is not UTF-8 (a binary given by mistake) is the user's
 mistake: one line naming the file and the first byte that is not, the same from every
-command, never a decoding error reported as a bug.
+command, never a decoding error reported as a bug. A byte-order mark at the start (what
+Notepad and PowerShell 5's ``-Encoding utf8`` write) is no part of the text: JSON and YAML
+parsers refuse it or read it as part of the first key.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from orchestrator.cli.http import CliError
 
 
 def read(path: str | pathlib.Path, code: int = 1) -> str:
-    """The text of ``path``; :class:`CliError` with exit ``code`` when it is not UTF-8.
-    ``OSError`` is the caller's to say (each names its option its own way)."""
+    """The text of ``path`` without a byte-order mark; :class:`CliError` with exit ``code``
+    when it is not UTF-8. ``OSError`` is the caller's to say (each names its option its own way)."""
     try:
-        return pathlib.Path(path).read_text(encoding="utf-8")
+        return pathlib.Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CliError(f"{path}: not UTF-8 text (byte {exc.start})", code) from exc
 
@@ -55,7 +57,7 @@ def read_stdin(option: str) -> str:
     if sys.stdin is None or sys.stdin.closed:
         raise CliError(f"{option}: standard input is closed", 2)
     try:
-        return sys.stdin.buffer.read().decode("utf-8")
+        return sys.stdin.buffer.read().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CliError(f"{option}: standard input is not UTF-8 text (byte {exc.start})", 2) from None
     except OSError as exc:

@@ -328,6 +328,17 @@ def test_infer_names_the_datatype_of_json_values(text: str, datatype: str) -> No
     assert infer.body_of(f'{{"x": {text}}}')["inputs"][0]["datatype"] == datatype
 
 
+def test_infer_reads_a_data_file_saved_with_a_byte_order_mark(canned: Canned, tmp_path: pathlib.Path) -> None:
+    """What Notepad and PowerShell 5's ``Out-File -Encoding utf8`` write, as ``-f`` manifests already were read."""
+    canned.on("POST", "/v2/models/m/infer", 200, {"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [1],
+                                                                                   "data": [0.5]}]})
+    (tmp_path / "input.json").write_bytes(b'\xef\xbb\xbf{"x": [[1.5, 2.5]]}\r\n')
+    for data, stdin in ((f"@{tmp_path / 'input.json'}", None), ("@-", '\ufeff{"x": [[1.5, 2.5]]}')):
+        done = support.cli("infer", "m", "--data", data, "-o", "json", server_url=canned.url, stdin=stdin)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(canned.requests[-1][2])["inputs"] == [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.5, 2.5]}]
+
+
 def test_infer_reads_data_from_stdin_and_says_when_stdin_is_closed(canned: Canned) -> None:
     canned.on("POST", "/v2/models/m/infer", 200, {"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [1],
                                                                                    "data": [0.5]}]})
