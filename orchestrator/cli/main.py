@@ -231,7 +231,7 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
             if output == "table":
                 print("\t".join(str(c) for c in _event_row(e)))
             elif output == "json":
-                print(json.dumps(e, sort_keys=True))
+                print(render.json_text(e, sort_keys=True))
             else:
                 print("---")
                 render.dump(e, "yaml")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -72,10 +73,27 @@ def _gpus(gpus: list[dict[str, Any]]) -> str:
 
 def dump(data: Any, output: str) -> None:
     if output == "json":
-        json.dump(data, sys.stdout, indent=2, sort_keys=False)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_text(data, indent=2) + "\n")
     else:
-        yaml.safe_dump(data, sys.stdout, sort_keys=False)
+        yaml.safe_dump(data, sys.stdout, sort_keys=False)  # YAML has .nan and .inf
+
+
+def json_text(data: Any, indent: int | None = None, sort_keys: bool = False) -> str:
+    """``data`` as JSON that any parser reads: a model's output may hold NaN or infinities,
+    which JSON has no numbers for (Python's json would write bare ``NaN``, which JavaScript,
+    Go or jq refuse), so they are the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``,
+    as protobuf's JSON mapping writes them."""
+    return json.dumps(_finite(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -328,6 +328,21 @@ def test_infer_names_the_datatype_of_json_values(text: str, datatype: str) -> No
     assert infer.body_of(f'{{"x": {text}}}')["inputs"][0]["datatype"] == datatype
 
 
+def test_infer_json_output_is_json_when_a_model_outputs_nan_or_infinities(canned: Canned) -> None:
+    """The v2 codec writes them as bare NaN and Infinity; ``-o json`` passed them on, which
+    is no JSON for a script's parser (JavaScript, Go, jq). They are strings, as protobuf writes them."""
+    y = np.array([[0.5, np.nan, np.inf, -np.inf]], np.float32)
+    body, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor("y", y),)))
+    canned.on("POST", "/v2/models/m/infer", 200, body)
+    done = support.cli("infer", "m", "--data", '{"x": [[1]]}', "-o", "json", server_url=canned.url)
+    assert done.returncode == 0, done.stderr
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} is no JSON: {done.stdout}")
+
+    assert json.loads(done.stdout, parse_constant=refuse)["outputs"][0]["data"] == [0.5, "NaN", "Infinity", "-Infinity"]
+
+
 def test_infer_reads_a_data_file_saved_with_a_byte_order_mark(canned: Canned, tmp_path: pathlib.Path) -> None:
     """What Notepad and PowerShell 5's ``Out-File -Encoding utf8`` write, as ``-f`` manifests already were read."""
     canned.on("POST", "/v2/models/m/infer", 200, {"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [1],
