@@ -194,8 +194,8 @@ def cmd_events(api: ApiClient, args: argparse.Namespace) -> int:
 EVENT_COLUMNS = ["ID", "ACTOR", "ACTION", "KIND", "NAME", "REASON"]
 
 
-def _event_row(e: dict[str, Any]) -> list[Any]:
-    return [e["id"], e["actor"], e["action"], e["kind"], e["name"], e["reason"][:70]]
+def _event_row(e: dict[str, Any], reason_width: int | None = None) -> list[Any]:
+    return [e["id"], e["actor"], e["action"], e["kind"], e["name"], e["reason"][:reason_width]]
 
 
 def _events_query(limit: int, since: int | None, kind: str | None, name: str | None) -> dict[str, str]:
@@ -212,6 +212,7 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
     params = _events_query(limit, since, kind, name)
     if output == "table":
         print("\t".join(EVENT_COLUMNS), flush=True)
+    reason_width = 70 if sys.stdout.isatty() else None  # piped: whole, as tables are
     away = False
     while True:
         try:
@@ -229,7 +230,7 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
             away = False
         for e in items:
             if output == "table":
-                print("\t".join(str(c) for c in _event_row(e)))
+                print("\t".join(str(c) for c in _event_row(e, reason_width)))
             elif output == "json":
                 print(render.json_text(e, sort_keys=True))
             else:

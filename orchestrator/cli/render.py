@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -97,20 +98,26 @@ def _finite(value: Any) -> Any:
 
 
 def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """One object a line under a header. A terminal gets its own width (the widest cells end
+    in "…", a long REASON at 70 characters); piped output (scripts, grep) gets every cell
+    whole, however wide: a script cannot see what was cut."""
+    console = Console()
     # Every string goes in as Text: rich reads "[...]" in a plain str as markup, and the cells
     # hold what users wrote (an event's reason, a token's description): "[incident-42]" vanished
     # and "[/x]" raised MarkupError.
     t = Table(title=Text(title) if title is not None else None, box=None, header_style="bold", pad_edge=False)
     for h in headers:
-        if h in ("REASON",):
+        if h in ("REASON",) and console.is_terminal:
             t.add_column(Text(h), no_wrap=True, overflow="ellipsis", max_width=70)
         else:
             t.add_column(Text(h), no_wrap=True)  # one object, one line: tables stay greppable
     for r in rows:
         t.add_row(*[Text(str(c)) for c in r])
-    console = Console()
-    # Piped output (scripts, grep) gets the width it needs; a terminal gets its own width.
-    Console(width=console.width if console.is_terminal else 400).print(t)
+    if console.is_terminal:
+        console.print(t)
+        return
+    whole = Measurement.get(console, console.options.update_width(sys.maxsize), t).maximum
+    Console(width=whole).print(t)
 
 
 def objects(kind: str, items: list[dict[str, Any]]) -> None:

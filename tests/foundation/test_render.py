@@ -82,6 +82,20 @@ def test_every_deployment_status_renders(name: str, output: str, capsys: pytest.
         assert back["items"][0] == obj
 
 
+def test_a_piped_table_prints_every_cell_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    """``get models | grep`` lost the last variants of a model of many: piped output was cut
+    at 400 columns with an ellipsis, and a REASON at 70 characters."""
+    variants = [{"name": f"intent-classifier-v{i}-int8", "runtime": "onnx"} for i in range(16)]
+    render.objects("Model", [{"metadata": {"name": "intent-classifier", "generation": 3}, "spec": {"variants": variants}}])
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "VARIANTS", "GENERATION"]
+    assert row.split(None, 1)[0] == "intent-classifier" and row.rstrip().endswith(" 3")
+    assert all(f"intent-classifier-v{i}-int8(onnx)" in row for i in range(16)) and "…" not in row
+    reason = "waiting for a GPU: " + ", ".join(f"edge-{i} has none free" for i in range(20))
+    render.table(None, ["SITE", "REASON"], [["edge-lyon", reason]])
+    assert capsys.readouterr().out.splitlines()[1].split(None, 1) == ["edge-lyon", reason]
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     body: bytes = b""
 
