@@ -2,7 +2,10 @@
 
 Every failure becomes :class:`CliError` carrying a one-line reason and an exit code:
 1 for a refusal by the server (4xx/5xx), 2 for a server URL or token that cannot be
-used at all, 3 when the server cannot be reached.
+used at all, 3 when the server cannot be reached. A refusal that only means "not now"
+(429, and 502/503/504: a reverse proxy while the control plane restarts, the control
+plane while its store does not answer) is a :class:`RetryLater`, which a command that
+keeps going (``events -w``) waits out like a server that cannot be reached.
 """
 
 from __future__ import annotations
@@ -25,6 +28,20 @@ class CliError(Exception):
         super().__init__(message)
         self.code = code
         self.details = details or []
+
+
+class RetryLater(CliError):
+    """A refusal that says to ask again later; ``retry_after_s``: what its ``Retry-After``
+    asks for (seconds), None when it says nothing."""
+
+    def __init__(self, message: str, status: int, retry_after_s: float | None, details: list[str] | None = None):
+        super().__init__(message, 1, details)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+#: too many requests; a gateway that got no answer; the server unable to answer for now
+RETRY_LATER_STATUSES = frozenset({429, 502, 503, 504})
 
 
 def token_from_env(explicit: str | None) -> str | None:
@@ -100,6 +117,8 @@ class ApiClient:
                                "be the prefix a reverse proxy serves the control plane under")
             body = _error_body(resp)
             details = [_issue_line(i) for i in body.get("issues") or []]
+            if resp.status_code in RETRY_LATER_STATUSES:
+                raise RetryLater(str(body.get("error", resp.reason_phrase)), resp.status_code, _retry_after(resp), details)
             raise CliError(str(body.get("error", resp.reason_phrase)), 1, details)
         try:
             doc = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else None

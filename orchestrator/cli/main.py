@@ -21,7 +21,7 @@ import orchestrator
 from orchestrator import argtypes
 from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import render, textfile
-from orchestrator.cli.http import ApiClient, CliError, token_from_env
+from orchestrator.cli.http import ApiClient, CliError, RetryLater, token_from_env
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.urlpath import path_segment
 
@@ -207,8 +207,10 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
                   name: str | None = None, every_s: float = 1.0) -> int:
     """The newest events (or those after ``since``), then each new one as it is logged, one
     line each (``-o json``: one JSON object a line), until interrupted. A control plane that
-    cannot be reached (restarting, say) is waited for, said once on stderr; the events logged
-    meanwhile follow when it answers again."""
+    cannot be reached (restarting, say) or says to retry later (503 while its store does not
+    answer, a reverse proxy's 502/503/504 while it restarts, 429 as long as its Retry-After
+    says, up to a minute) is waited for, said once on stderr; the events logged meanwhile
+    follow when it answers again."""
     params = _events_query(limit, since, kind, name)
     if output == "table":
         print("\t".join(EVENT_COLUMNS), flush=True)
@@ -218,12 +220,14 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
         try:
             items = api.request("GET", "/v1/events", params=params)["items"]
         except CliError as exc:
-            if exc.code != 3:  # refused, not away: asking again would be refused again
+            wait = _wait_to_ask_again(exc, every_s)
+            if wait is None:  # refused, not away: asking again would be refused again
                 raise
             if not away:
-                print(f"warning: {exc}; asking again every {every_s:g}s", file=sys.stderr, flush=True)
+                said = f"{exc} (HTTP {exc.status})" if isinstance(exc, RetryLater) else str(exc)
+                print(f"warning: {said}; asking again every {wait:g}s", file=sys.stderr, flush=True)
             away = True
-            time.sleep(every_s)
+            time.sleep(wait)
             continue
         if away:
             print("the control plane answers again; following", file=sys.stderr, flush=True)
@@ -240,6 +244,17 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
         last = items[-1]["id"] if items else int(params.get("since", "0"))
         params = _events_query(1000, last, kind, name)
         time.sleep(every_s)
+
+
+#: the longest a Retry-After is honoured while following: a server asking for more would leave the follow silent
+MAX_RETRY_AFTER_S = 60.0
+
+
+def _wait_to_ask_again(exc: CliError, every_s: float) -> float | None:
+    """How long to wait before asking again after ``exc``, or None when asking again cannot help."""
+    if isinstance(exc, RetryLater):
+        return min(max(every_s, exc.retry_after_s or 0.0), MAX_RETRY_AFTER_S)
+    return every_s if exc.code == 3 else None
 
 
 def show_events(api: ApiClient, output: str, limit: int = 50, since: int | None = None, kind: str | None = None,

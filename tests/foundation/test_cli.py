@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import importlib.metadata
 import pathlib
@@ -11,6 +12,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -544,6 +546,72 @@ def test_events_follow_waits_out_a_control_plane_restart(tmp_path: pathlib.Path)
         first.stop()
     assert follower.returncode == 130 and "Traceback" not in err, err
     assert err.count("warning: cannot reach") == 1 and "the control plane answers again; following" in err, err
+
+
+class _Outage(http.server.ThreadingHTTPServer):
+    """A control plane seen through a reverse proxy across an outage: the event log, then
+    what each says while it cannot answer (the store down: 503; the proxy while the control
+    plane restarts: 502, 504; busy: 429), then the log again with one event more."""
+
+    EVENT = {"actor": "admin", "action": "created", "kind": "Model", "name": "m", "reason": ""}
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[int, dict[str, str], bytes]] = [
+            (503, {"content-type": "application/json"}, b'{"error": "the store does not answer: connection refused"}'),
+            (502, {"content-type": "text/html"}, b"<html><body>502 Bad Gateway</body></html>"),
+            (504, {"content-type": "text/html"}, b"<html><body>504 Gateway Time-out</body></html>"),
+            (429, {"content-type": "application/json", "retry-after": "1"}, b'{"error": "too many requests"}'),
+        ]
+        self.asked: list[str] = []
+        outage = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                outage.asked.append(self.path)
+                if len(outage.asked) == 1:
+                    answer = (200, {}, json.dumps({"items": [{**outage.EVENT, "id": 1}]}).encode())
+                elif outage.answers:
+                    answer = outage.answers.pop(0)
+                else:
+                    items = [{**outage.EVENT, "id": 2, "name": "m2"}] if "since=1&" in self.path else []
+                    answer = (200, {}, json.dumps({"items": items}).encode())
+                status, headers, body = answer
+                self.send_response(status)
+                for k, v in {"content-type": "application/json", **headers}.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_events_follow_waits_out_answers_that_say_retry_later() -> None:
+    """``events -w`` exited (code 1) at the first 503, which the control plane answers while
+    its store does not, and a reverse proxy while the control plane restarts."""
+    outage = _Outage()
+    thread = threading.Thread(target=outage.serve_forever, daemon=True)
+    thread.start()
+    follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=support.clean_env(EDGEPLANE_SERVER=f"http://127.0.0.1:{outage.server_port}"),
+                                cwd=support.REPO)
+    try:
+        lines = [follower.stdout.readline() for _ in range(2)]  # type: ignore[union-attr]
+        assert all(lines), follower.stderr.read()  # type: ignore[union-attr]
+        assert [json.loads(line)["id"] for line in lines] == [1, 2]
+        assert follower.poll() is None  # still following
+    finally:
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=30)
+        outage.shutdown()
+        outage.server_close()
+        thread.join()
+    assert follower.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines() == ["warning: the store does not answer: connection refused (HTTP 503); asking again every 1s",
+                                "the control plane answers again; following"], err
 
 
 @pytest.mark.parametrize("command", [["edgeplane"], ["edgeplane-agent"]])
