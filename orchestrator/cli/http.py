@@ -139,10 +139,7 @@ class ApiClient:
 
     def raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The response whatever its status (for commands that read headers too)."""
-        try:
-            return self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise CliError(f"cannot reach the control plane at {self.server}: {exc}", 3) from exc
+        return self._send(method, path, **kwargs)
 
     def close(self) -> None:
         self._http.close()

@@ -141,7 +141,8 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
 
     body = body_of(args.data, input_names)
     started = time.perf_counter()
-    resp = api.raw("POST", f"/v2/models/{path_segment(args.model)}/infer", json=body, headers=headers)
+    # the gateway may wait for a cold start (30 s by default), then for the model: longer than a read of the control plane
+    resp = api.raw("POST", f"/v2/models/{path_segment(args.model)}/infer", json=body, headers=headers, timeout=args.timeout)
     elapsed = (time.perf_counter() - started) * 1000
     try:
         answer = resp.json()

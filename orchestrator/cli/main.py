@@ -553,6 +553,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--location", type=argtypes.lat_lon, help="caller position lat,lon")
     sp.add_argument("--region", type=_header_text, help="caller region")
     sp.add_argument("--residency", type=_header_text, help="caller residency, e.g. FR")
+    sp.add_argument("--timeout", type=argtypes.number(0, 86400, above=True), default=120.0,
+                    help="seconds to wait for the answer, a cold start included (default 120, at most a day)")
     casc = client_parser("cascade", help="cascades: pick a threshold from replayed samples")
     csub = casc.add_subparsers(dest="cascade_command", required=True)
     sp = with_output(csub.add_parser("tune", parents=[connection],

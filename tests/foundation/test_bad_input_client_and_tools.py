@@ -328,6 +328,19 @@ def test_infer_names_the_datatype_of_json_values(text: str, datatype: str) -> No
     assert infer.body_of(f'{{"x": {text}}}')["inputs"][0]["datatype"] == datatype
 
 
+def test_infer_waits_as_long_as_its_timeout_and_says_it_had_no_answer() -> None:
+    """infer waited a fixed 30 s, less than a gateway may take (a cold start, then the
+    model), and said "cannot reach" of a server it had reached."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # accepts (the kernel does), never answers
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        done = support.cli("infer", "m", "--data", '{"x": [[1]]}', "--timeout", "0.3", server_url=url)
+    one_line_error(done, 3, f"the control plane at {url} did not answer POST /v2/models/m/infer within 0.3 s")
+
+
 def test_infer_json_output_is_json_when_a_model_outputs_nan_or_infinities(canned: Canned) -> None:
     """The v2 codec writes them as bare NaN and Infinity; ``-o json`` passed them on, which
     is no JSON for a script's parser (JavaScript, Go, jq). They are strings, as protobuf writes them."""
