@@ -27,7 +27,7 @@ import numpy as np
 
 from edgeplane_proto import oip
 from orchestrator.cli import infer, render, textfile
-from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.cli.http import ApiClient, CliError, json_of
 from orchestrator.gateway import cascade_rules
 from orchestrator.manifests import cascade as cascade_schema
 from orchestrator.urlpath import path_segment
@@ -181,10 +181,9 @@ def _call(api: ApiClient, model: str, body: dict[str, Any], mode: str, headers: 
     started = time.perf_counter()
     resp = api.raw("POST", f"/v2/models/{path_segment(model)}/infer", json=body, headers={**headers, "x-edgeplane-cascade": mode})
     ms = (time.perf_counter() - started) * 1000
-    try:
-        doc = resp.json()
-    except ValueError:
-        raise CliError(f"{where}: HTTP {resp.status_code}: {resp.text[:200]}") from None
+    doc = json_of(resp)
+    if doc is None:
+        raise CliError(f"{where}: HTTP {resp.status_code}: {resp.text[:200]}")
     if resp.status_code >= 400:
         raise CliError(f"{where}: {doc.get('error', resp.reason_phrase) if isinstance(doc, dict) else resp.reason_phrase}")
     outputs = doc.get("outputs") if isinstance(doc, dict) else None

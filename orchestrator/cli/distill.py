@@ -19,7 +19,7 @@ import httpx
 
 from orchestrator import argtypes
 from orchestrator.cli import render
-from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.cli.http import ApiClient, CliError, json_of
 from orchestrator.urlpath import path_segment
 
 
@@ -95,10 +95,7 @@ def _zone(text: str, name: str) -> str:
 
 
 def _refusal(resp: httpx.Response) -> str:
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
+    body = json_of(resp)
     error = body.get("error") if isinstance(body, dict) else None
     return str(error) if error else f"HTTP {resp.status_code}: {resp.text[:200] or resp.reason_phrase}"
 

@@ -120,10 +120,7 @@ class ApiClient:
             if resp.status_code in RETRY_LATER_STATUSES:
                 raise RetryLater(str(body.get("error", resp.reason_phrase)), resp.status_code, _retry_after(resp), details)
             raise CliError(str(body.get("error", resp.reason_phrase)), 1, details)
-        try:
-            doc = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else None
-        except (ValueError, RecursionError):  # not JSON after all, or JSON Python cannot read (an integer of 5,000 digits)
-            doc = None
+        doc = json_of(resp) if resp.headers.get("content-type", "").startswith("application/json") else None
         if not isinstance(doc, dict):  # a redirect (not followed), a proxy's page: no answer to read
             raise CliError(f"the control plane answered {method} {path} with HTTP {resp.status_code} and no JSON object")
         return doc
@@ -170,12 +167,19 @@ def _issue_line(i: dict[str, Any]) -> str:
     return f"{where}:{field} {i.get('message', '')}"
 
 
+def json_of(resp: httpx.Response) -> Any:
+    """The body as JSON, or None when it is not JSON Python can read: a proxy's page, an
+    integer of 5,000 digits, arrays nested past the parser's recursion limit. Whatever a
+    server sends, what it says is the command's to report, never a bug of ours."""
+    try:
+        return resp.json()
+    except (ValueError, RecursionError):
+        return None
+
+
 def _error_body(resp: httpx.Response) -> dict[str, Any]:
     """An error answer as the API gives it: ``{"error": ..., "issues": [...]}``."""
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
+    body = json_of(resp)
     return body if isinstance(body, dict) else {"error": resp.text[:200] or resp.reason_phrase}
 
 

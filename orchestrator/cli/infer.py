@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from orchestrator.cli import render, textfile
-from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.cli.http import ApiClient, CliError, json_of
 from orchestrator.urlpath import path_segment
 
 #: The most dimensions a tensor has (``edgeplane_proto.oip.MAX_DIMS``; not imported: it brings numpy).
@@ -130,10 +130,7 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
 
     def input_names() -> list[str]:
         meta = api.raw("GET", f"/v2/models/{path_segment(args.model)}", headers=headers)
-        try:
-            doc = meta.json()
-        except ValueError:
-            doc = None
+        doc = json_of(meta)
         if meta.status_code >= 400 or not isinstance(doc, dict):
             raise CliError(_error_of(meta, doc))
         inputs = doc.get("inputs")
@@ -144,10 +141,9 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
     # the gateway may wait for a cold start (30 s by default), then for the model: longer than a read of the control plane
     resp = api.raw("POST", f"/v2/models/{path_segment(args.model)}/infer", json=body, headers=headers, timeout=args.timeout)
     elapsed = (time.perf_counter() - started) * 1000
-    try:
-        answer = resp.json()
-    except ValueError:  # not JSON: a proxy's error page, say
-        raise CliError(f"HTTP {resp.status_code}: {resp.text[:300] or resp.reason_phrase}") from None
+    answer = json_of(resp)
+    if answer is None:  # not JSON: a proxy's error page, say
+        raise CliError(f"HTTP {resp.status_code}: {resp.text[:300] or resp.reason_phrase}")
     if resp.status_code >= 400 or not isinstance(answer, dict):
         raise CliError(_error_of(resp, answer))
     outputs = answer.get("outputs")

@@ -328,6 +328,17 @@ def test_infer_names_the_datatype_of_json_values(text: str, datatype: str) -> No
     assert infer.body_of(f'{{"x": {text}}}')["inputs"][0]["datatype"] == datatype
 
 
+@pytest.mark.parametrize("method, path, argv", [
+    ("GET", "/v1/sites", ["get", "sites"]),
+    ("POST", "/v2/models/m/infer", ["infer", "m", "--data", '{"x": [[1]]}']),
+])
+def test_a_refusal_nested_past_the_json_parser_is_reported_not_a_bug(canned: Canned, method: str, path: str, argv: list[str]) -> None:
+    """Python's JSON parser raises RecursionError, not ValueError, on arrays nested deeper
+    than its recursion limit: the refusal was reported as a bug of the CLI."""
+    canned.on(method, path, 400, b'{"error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    one_line_error(support.cli(*argv, server_url=canned.url), 1, '{"error": [[[')
+
+
 def test_infer_waits_as_long_as_its_timeout_and_says_it_had_no_answer() -> None:
     """infer waited a fixed 30 s, less than a gateway may take (a cold start, then the
     model), and said "cannot reach" of a server it had reached."""
