@@ -11,8 +11,8 @@ relative to the route prefix the actuator gives the application:
 
 The model itself is the agent's (``edge_agent.runtime.onnx``): the same input checks, UTF-8
 strings for BYTES tensors, and every error onnxruntime raises on a run is the caller's 400;
-a compressed body is inflated as the agent does (``edgeplane_proto.encoding``), under the
-agent's limit. Only the routing around it is Serve's.
+a body is read, and a compressed one inflated as the agent does
+(``edgeplane_proto.encoding``), under the agent's limit (413 past it). Only the routing around it is Serve's.
 
 The artifact's sha256 is checked before onnxruntime sees the file, twice: once in
 :func:`build`, which Serve runs when the application is deployed, so a wrong digest fails
@@ -38,9 +38,9 @@ import edge_agent
 from edge_agent import errors
 from edge_agent.runtime import onnx as onnx_runtime
 from edgeplane_proto import encoding, oip
-from orchestrator.serving import artifacts
+from orchestrator.serving import artifacts, bodies
 
-#: The most a compressed request body may inflate to: the agent's limit on a request body.
+#: The agent's limit on a request body: as sent, and a compressed one once inflated.
 MAX_REQUEST_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
 
 # Anchored at the end: the route prefix in front can be anything, even contain "v2".
@@ -108,7 +108,9 @@ class OnnxModel:
         return await self._infer(request)
 
     async def _infer(self, request: Request) -> Response:
-        body = await request.body()
+        body = await bodies.read(request, MAX_REQUEST_BYTES)
+        if isinstance(body, encoding.Refused):
+            return _error(body.status, body.message)
         content_encoding = request.headers.get("content-encoding")
         if content_encoding is not None and not encoding.is_identity(content_encoding):
             inflated = await encoding.inflate_off_loop(body, content_encoding, MAX_REQUEST_BYTES)

@@ -99,3 +99,36 @@ async def test_a_body_that_inflates_past_the_limit_is_a_413(replica: httpx.Async
 async def test_an_unknown_coding_is_a_415_naming_those_taken(replica: httpx.AsyncClient) -> None:
     answer = await replica.post(INFER, content=b"x", headers={"content-encoding": "br"})
     assert answer.status_code == 415 and answer.headers["accept-encoding"] == "gzip, deflate"
+
+
+class Sent:
+    """A streamed request body of ``size`` bytes in 1 MiB chunks (valid JSON, padded): how much of it was read."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.read = size, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        head = json.dumps(inputs([1], [2], ["x"])).encode()
+        while self.read < self.size:
+            chunk = head if self.read == 0 else b" " * min(1 << 20, self.size - self.read)
+            self.read += len(chunk)
+            yield chunk
+
+
+async def test_a_body_declared_over_the_agents_limit_is_a_413_unread(replica: httpx.AsyncClient) -> None:
+    sent = Sent(onnx_app.MAX_REQUEST_BYTES + 1)
+    answer = await replica.post(INFER, content=sent, headers={"content-length": str(sent.size)})
+    assert answer.status_code == 413 and "exceeds" in answer.json()["error"], answer.text
+    assert sent.read < 2 << 20
+
+
+async def test_a_body_sent_without_a_length_is_cut_off_past_the_agents_limit(replica: httpx.AsyncClient) -> None:
+    sent = Sent(onnx_app.MAX_REQUEST_BYTES + (8 << 20))
+    answer = await replica.post(INFER, content=sent)  # chunked
+    assert answer.status_code == 413 and "exceeds" in answer.json()["error"], answer.text
+    assert sent.read <= onnx_app.MAX_REQUEST_BYTES + (2 << 20)  # not read to its end
+
+
+async def test_a_body_of_the_agents_limit_is_answered(replica: httpx.AsyncClient) -> None:
+    sent = Sent(onnx_app.MAX_REQUEST_BYTES)
+    assert outputs(await replica.post(INFER, content=sent))["total"] == [3.0]
