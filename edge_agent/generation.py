@@ -34,10 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import edge_agent
 from edge_agent import errors, openai_api, refusals, registry
 from edge_agent.httpserver import Passthrough, Request, Response, StreamingResponse
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
+from edgeplane_proto import encoding
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +130,11 @@ class _Model:
 class GenerationServer:
     """Handles ``/v1/*`` for the registry's ``onnx-genai`` models."""
 
-    def __init__(self, models: registry.ModelRegistry, metrics: AgentMetrics) -> None:
+    def __init__(self, models: registry.ModelRegistry, metrics: AgentMetrics,
+                 max_body_bytes: int = edge_agent.DEFAULT_MAX_REQUEST_BYTES) -> None:
         self._models = models
         self._metrics = metrics
+        self.max_body_bytes = max_body_bytes  # of a compressed body once inflated
         self._state: dict[tuple[str, str], _Model] = {}
         self.active = 0
         self.written_through = 0  # streamed tokens the generating threads wrote themselves
@@ -197,11 +201,24 @@ class GenerationServer:
 
     # -- generation ---------------------------------------------------------------------------
 
+    async def _inflated(self, request: Request) -> bytes:
+        """The body as sent before its ``Content-Encoding``: here, not in front of this server,
+        so that every server of these routes (the agent, a data-centre replica) takes the same
+        bodies and refuses the same ones (415, 413 past the limit once inflated)."""
+        coding = request.headers.get("content-encoding")
+        if coding is None or encoding.is_identity(coding):
+            return request.body
+        plain = await encoding.inflate_off_loop(request.body, coding, self.max_body_bytes)
+        if isinstance(plain, encoding.Refused):
+            raise openai_api.ApiError(plain.status, plain.message, code=plain.code,
+                                      headers=tuple(encoding.refusal_headers(plain.status).items()))
+        return plain
+
     async def _generate(self, request: Request, chat: bool) -> Response | StreamingResponse:
         started = time.perf_counter()
         label = "(unknown)"
         try:
-            body = openai_api.parse(request.body, chat=chat)
+            body = openai_api.parse(await self._inflated(request), chat=chat)
             served = self._find(body.model)
             label = served.name
             runtime: genai.GenAIModel = served.runtime  # type: ignore[assignment]

@@ -62,7 +62,8 @@ class Refusal(NamedTuple):
 
 async def inflated(request: Request, limit: int) -> Request | Refusal:
     """``request`` with its body as sent before its ``Content-Encoding`` (at most ``limit``
-    bytes of it), or why it cannot be had. Shared by the v2 and the /v1 routes."""
+    bytes of it), or why it cannot be had (the v2 routes; the /v1 routes inflate in
+    ``generation``, which data-centre replicas run too)."""
     encoding = request.headers.get("content-encoding")
     if encoding is None or encoding_mod.is_identity(encoding):
         return request
@@ -138,7 +139,7 @@ class InferenceServer:
         if self._generation is None:
             from edge_agent import generation
 
-            self._generation = generation.GenerationServer(self._models, self.metrics)
+            self._generation = generation.GenerationServer(self._models, self.metrics, self.max_body_bytes)
             self.metrics.generation_gauges = self._generation.gauges
         return self._generation
 
@@ -153,13 +154,6 @@ class InferenceServer:
                 if self.draining:
                     return Response(503, refusals.openai_error_body("the agent is draining", "server_error", None, "draining"),
                                     headers=(("retry-after", "1"),))
-                if "content-encoding" in request.headers and path.rstrip("/") in refusals.GENERATE_PATHS:  # else a 404 or 405 first
-                    plain = await inflated(request, self.max_body_bytes)
-                    if isinstance(plain, Refusal):
-                        self.metrics.observe_error(UNKNOWN_MODEL, plain.status)  # as a generation refused before its model is known
-                        return Response(plain.status, refusals.openai_error_body(plain.message, code=plain.code),
-                                        headers=tuple(encoding_mod.refusal_headers(plain.status).items()))
-                    request = plain
             return await self.generation.handle(request)
         fixed = self._fixed.get(path)
         if fixed is not None:

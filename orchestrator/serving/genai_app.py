@@ -10,8 +10,8 @@ prefix the actuator gives the application:
 so the gateway, the Python client and any OpenAI SDK treat both alike (the endpoint's
 ``api`` is ``openai`` either way; a later engine, e.g. vLLM behind ``ray-serve``, only has
 to answer the same routes). To guarantee it, the replica runs the agent's own generation
-code (``edge_agent.generation``: validation, the OpenAI objects, bounded concurrency with a
-queue and 429, cancel on disconnect) and the same package handling
+code (``edge_agent.generation``: validation, the OpenAI objects, gzip/deflate bodies,
+bounded concurrency with a queue and 429, cancel on disconnect) and the same package handling
 (``edge_agent.packages``: sha256 before unpacking, no traversal or links, atomic).
 """
 
@@ -28,10 +28,15 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from edge_agent import generation, httpserver, openai_api, packages, registry
+import edge_agent
+from edge_agent import generation, httpserver, openai_api, packages, refusals, registry
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
-from orchestrator.serving import artifacts
+from edgeplane_proto import encoding
+from orchestrator.serving import artifacts, bodies
+
+#: The agent's limit on a request body: as sent, and a compressed one once inflated.
+MAX_REQUEST_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
 
 
 class _OneModel:
@@ -58,7 +63,9 @@ def load(artifact_uri: str, sha256: str) -> genai.GenAIModel:
     """Fetch and verify the package, unpack it safely (once per node and version), load it."""
     package = artifacts.fetch_verified(artifact_uri, sha256)
     directory = packages.unpack(package, sha256, models_root())
-    return genai.GenAIModel.load(directory, use_cuda=bool(ray.get_gpu_ids()) and genai.cuda_available())
+    # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    return genai.GenAIModel.load(directory, use_cuda=bool(gpus) and genai.cuda_available())
 
 
 @serve.deployment(name="GenAIModel")
@@ -69,7 +76,7 @@ class GenAIReplica:
                  max_queued: int = 0) -> None:
         served = registry.ServedModel(model_name, sha256, load(artifact_uri, sha256), max_concurrent_sequences, max_queued)
         self.metrics = AgentMetrics(lambda: 0, lambda: 1)
-        self._server = generation.GenerationServer(_OneModel(served), self.metrics)  # type: ignore[arg-type]
+        self._server = generation.GenerationServer(_OneModel(served), self.metrics, MAX_REQUEST_BYTES)  # type: ignore[arg-type]
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
@@ -82,9 +89,14 @@ class GenAIReplica:
                 return Response('{"ready": true}', media_type="application/json")
             return Response(openai_api.error_body(f"no route {path!r}; this replica serves /v1/...", code="not_found"),
                             status_code=404, media_type="application/json")
+        body = await bodies.read(request, MAX_REQUEST_BYTES)
+        if isinstance(body, encoding.Refused):
+            return Response(refusals.error_body(body.status, body.message, body.code, path[at:]), status_code=body.status,
+                            media_type="application/json")
+        # a compressed body is inflated by the generation server, as on the agent
         answer = await self._server.handle(httpserver.Request(
             method=request.method, path=path[at:], query=request.url.query,
-            headers={k.lower(): v for k, v in request.headers.items()}, body=await request.body()))
+            headers={k.lower(): v for k, v in request.headers.items()}, body=body))
         if isinstance(answer, httpserver.StreamingResponse):
             return StreamingResponse(_closing(answer.chunks), status_code=answer.status, media_type=answer.content_type,
                                      headers={"cache-control": "no-cache", **dict(answer.headers)})
