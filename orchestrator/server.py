@@ -113,6 +113,7 @@ class ControlPlane:
     _relay_secret: str | None = None  # set while leading: what relaying replicas must present
     _leader_published: int | None = None  # the fencing token under which this replica's relay address was published
     _store_changed: asyncio.Event = field(default_factory=asyncio.Event)  # another replica wrote what this one reads
+    _lease_read: asyncio.Future[store_mod.Lease | None] | None = None  # GET /v1/controlplane's read of the lease, shared
     _change_feed: Any = None  # shared database only: tells of other replicas' writes as they commit
 
     # -- lifecycle -------------------------------------------------------------------
@@ -463,7 +464,7 @@ class ControlPlane:
             self.table.wake(model)
         return events[-1].id if events else since
 
-    def leadership_view(self) -> dict[str, Any]:
+    async def leadership_view(self) -> dict[str, Any]:
         """This replica and who leads: ``GET /v1/controlplane``, ``edgeplane status``."""
         if self.elector is None:
             return {"replica": self.replica_id, "role": "leader", "election": "none (SQLite: this process owns the store)",
@@ -478,12 +479,29 @@ class ControlPlane:
             view["storeChanges"] = {"notified": feed.connected, "pollSeconds": self.config.store_poll_s,
                                     **({"lastError": feed.last_error} if feed.last_error else {})}
         try:
-            current = self.store.current_lease(leadership.LEASE)
+            current = await self._current_lease(self.elector.ttl_s)
         except store_mod.StoreError as exc:
             return {**view, "leader": None, "error": str(exc)}
+        except TimeoutError:
+            return {**view, "leader": None, "error": f"the store did not answer in {self.elector.ttl_s:g} s"}
         view["leader"] = ({"replica": current.holder, "fencingToken": current.token, "expiresInSeconds": round(current.remaining_s, 2)}
                           if current is not None else None)
         return view
+
+    async def _current_lease(self, within_s: float) -> store_mod.Lease | None:
+        """Who holds the lease, read on a worker thread: on PostgreSQL the read is a transaction
+        that waits for the store's lock and the database, and on the event loop a stalled
+        database would hold the whole replica (API, gateway, agents, health probes). One read
+        at a time, which callers that come meanwhile share: a stalled database piles up no
+        threads, however often ``edgeplane status`` asks."""
+        read = self._lease_read
+        if read is None or read.done():
+            read = self._lease_read = asyncio.ensure_future(asyncio.to_thread(self.store.current_lease, leadership.LEASE))
+            read.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, if no caller waited on
+        await asyncio.wait((read,), timeout=within_s)  # the read goes on for the others if this caller goes
+        if not read.done():
+            raise TimeoutError
+        return read.result()
 
     async def _purge_captures(self, every_s: float = 600.0) -> None:
         """Retention: captured records past their deployment's current retentionDays, or of a

@@ -1,17 +1,22 @@
 """The leader election on a real store file: one elector leads at a time, a leader that
 dies is replaced with a larger fencing token (its late writes refused), and a leader whose
-store stops answering steps down before its lease can run out, then leads again."""
+store stops answering steps down before its lease can run out, then leads again; and who
+leads is shown without a stalled database holding the replica up."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import pathlib
+import signal
 import sqlite3
 import threading
 import time
 import types
 from collections.abc import Callable
+
+import httpx
 
 from orchestrator import leadership, server
 from orchestrator.gateway import endpoints as endpoints_mod
@@ -19,6 +24,8 @@ from orchestrator.gateway import routing, wire
 from orchestrator.reconciler import loop
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
+from orchestrator.testing import harness
+from orchestrator.testing.postgres import PostgresServer
 
 TTL_S = 1.0
 
@@ -186,3 +193,50 @@ def test_an_endpoint_table_queued_before_the_lease_was_lost_is_fenced(tmp_path: 
     finally:
         a_store.close()
         b_store.close()
+
+
+async def test_the_leadership_view_on_a_stalled_database_holds_up_no_other_request(tmp_path: pathlib.Path,
+                                                                                   postgres: PostgresServer) -> None:
+    """``edgeplane status`` asks who leads while the database is stalled (its server process
+    stopped here; a frozen VM alike): the replica goes on answering, and the view answers
+    within a lease time, saying the store did not."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        # no pass while the database is stopped: a pass reads it on the event loop itself
+        cp = await fleet.start_control_plane(store=postgres.create_database(), resync_s=3600.0)
+        assert cp.elector is not None  # a shared database: leadership by the lease
+        await cp.reconciler.wait_for_pass(0)
+        pid = cp.store.backend_pid
+        assert pid
+        answered = threading.Event()
+
+        def probe() -> int | None:
+            """From outside the event loop, which a blocking read would hold: the liveness
+            probe's answer while the views wait on the database. A loop held that long would
+            never resume the database itself, so this thread does."""
+            time.sleep(0.3)  # the views below now wait on the database
+            try:
+                return httpx.get(f"{cp.http_url}/v2/health/live", timeout=2).status_code
+            except httpx.TimeoutException:
+                return None
+            finally:
+                if not answered.wait(2 * cp.elector.ttl_s):
+                    os.kill(pid, signal.SIGCONT)
+
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                probing = asyncio.get_running_loop().run_in_executor(None, probe)
+                views = await asyncio.gather(*(http.get("/v1/controlplane") for _ in range(3)))
+                answered.set()
+                live = await probing
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            resumed = await http.get("/v1/controlplane")
+        assert live == 200, "the liveness probe got no answer while GET /v1/controlplane waited on the database"
+        for view in views:
+            assert view.status_code == 200 and view.json()["leader"] is None, view.text
+            assert view.json()["error"] == f"the store did not answer in {cp.elector.ttl_s:g} s"
+        assert resumed.status_code == 200 and "error" not in resumed.json(), resumed.text
+    finally:
+        await fleet.stop()
