@@ -233,7 +233,7 @@ class ControlPlane:
         self.table.on_change = self.publisher.publish
         shared = bool(cfg.store and is_postgres_url(cfg.store))  # replicas may share the database
         if not shared:  # the only process on this database: it routes from the table its last run left until its first pass
-            self._inherit_table()
+            await self._inherit_table()
         app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [self._artifact_route()] + console.routes()
                                 + watch_api.routes(self.authenticator, self.store, self.publisher)
                                 + captures_api.routes(self.authenticator, self.store, self.captures)
@@ -331,25 +331,32 @@ class ControlPlane:
 
     def _gain_lead(self, lease: store_mod.Lease) -> None:
         self.table.wakes.clear()  # counted while following; the new autoscaler starts from none
-        if not self.table.all_endpoints():  # just started (a restart): inherit what the last leader published
-            self._inherit_table()
         if self.relay_client is not None:
             self.relay_client.point(None)  # its agents are the leader's own now
         self._relay_secret = secrets.token_urlsafe(32)
-        self._publish_leader(lease)
-        self.reconciler.lead(lease, takeover_s=self.takeover_s)
-        self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
-        with contextlib.suppress(store_mod.StoreError):
-            self.store.record(store_mod.Event(self.replica_id, "leader-elected", "ControlPlane", "leader",
-                                              f"replica {self.replica_id} leads with fencing token {lease.token}",
-                                              {"fencingToken": lease.token}), lease=lease)
+        self._reconciling = asyncio.create_task(self._lead(lease), name="reconciler")
 
-    def _inherit_table(self) -> None:
+    async def _lead(self, lease: store_mod.Lease) -> None:
+        """Take up the lead, then reconcile until cancelled (``_lose_lead``, ``stop``). Its
+        writes go to the database from a worker thread: on the event loop, a database that
+        stalls just after granting the lease would hold the whole replica, and this task
+        cancelled meanwhile leaves them fenced by ``lease``."""
+        if not self.table.all_endpoints():  # just started (a restart): inherit what the last leader published
+            await self._inherit_table()
+        await asyncio.to_thread(self._publish_leader, lease)
+        self.reconciler.lead(lease, takeover_s=self.takeover_s)
+        with contextlib.suppress(store_mod.StoreError):
+            await asyncio.to_thread(self.store.record, store_mod.Event(
+                self.replica_id, "leader-elected", "ControlPlane", "leader",
+                f"replica {self.replica_id} leads with fencing token {lease.token}", {"fencingToken": lease.token}), lease=lease)
+        await self.reconciler.run()
+
+    async def _inherit_table(self) -> None:
         """Take the endpoint table last published to the store (a new leader's, or this
         process's own after a restart): the gateway routes with it until the first pass, and
         a restart keeps its rejoining sites' endpoints from it (``Reconciler.resume``)."""
         with contextlib.suppress(store_mod.StoreError, ValueError):
-            if (got := self.store.published(wire.PUBLISHED_KEY, 0)) is not None:
+            if (got := await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, 0)) is not None:
                 wire.apply_json(self.table, json.loads(got[1]))
 
     def _lose_lead(self, reason: str) -> None:

@@ -240,3 +240,53 @@ async def test_the_leadership_view_on_a_stalled_database_holds_up_no_other_reque
         assert resumed.status_code == 200 and "error" not in resumed.json(), resumed.text
     finally:
         await fleet.stop()
+
+
+async def test_a_database_that_stalls_as_it_grants_the_lease_holds_up_no_other_request(tmp_path: pathlib.Path,
+                                                                                       postgres: PostgresServer) -> None:
+    """A replica that gains the lease publishes where to relay and logs its election; with
+    the database stalled right after the grant, the rest of the replica goes on answering."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(store=postgres.create_database(), resync_s=3600.0)
+        elector = cp.elector
+        assert elector is not None
+        await cp.reconciler.wait_for_pass(0)
+        pid = cp.store.backend_pid
+        assert pid
+        grant, stalled = cp.store.acquire_lease, threading.Event()
+        steps = iter(("taken", "stall"))
+
+        def acquire_lease(name: str, holder: str, ttl_s: float) -> store_mod.Lease | None:
+            step = next(steps, None)
+            if step == "taken":  # as if another replica held the lease: this one steps down, then leads again
+                return None
+            lease = grant(name, holder, ttl_s)
+            if step == "stall":  # the database stops as its grant comes back
+                os.kill(pid, signal.SIGSTOP)
+                stalled.set()
+            return lease
+
+        def probe() -> int | None:
+            """From outside the event loop, which a blocking write would hold: the liveness
+            probe's answer while the new leader waits on the database; then it resumes."""
+            stalled.wait(10)
+            time.sleep(0.3)  # the replica now takes up the lead
+            try:
+                return httpx.get(f"{cp.http_url}/v2/health/live", timeout=2).status_code
+            except httpx.TimeoutException:
+                return None
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+        cp.store.acquire_lease = acquire_lease  # type: ignore[method-assign]
+        try:
+            live = await asyncio.get_running_loop().run_in_executor(None, probe)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert stalled.is_set() and live == 200, "the liveness probe got no answer while the new leader waited on the database"
+        # and once the database is back, the replica leads: its relay address published under its lease
+        await harness.wait_until(lambda: elector.lease is not None and cp.reconciler.lease is not None
+                                 and cp.reconciler.lease.token == elector.lease.token, 30, what="the replica to lead again")
+    finally:
+        await fleet.stop()
