@@ -64,6 +64,11 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
     return Response(oip.error_body(message), status_code=status, media_type=JSON, headers=headers)
 
 
+def _not_allowed(method: str) -> Response:
+    """The agent's 405: the one method the route takes, in ``Allow`` (RFC 9110, 15.5.6)."""
+    return _error(405, f"method not allowed; use {method}", {"allow": method})
+
+
 def _json(doc: Any, status: int = 200) -> Response:
     return Response(oip.dumps(doc), status_code=status, media_type=JSON)
 
@@ -92,6 +97,9 @@ class OnnxModel:
         match = _ROUTE.search(path)
         if match is None:
             return _error(404, f"no route {path!r}; this replica serves /v2/...")
+        allowed = "POST" if match["action"] == "/infer" else "GET"
+        if request.method != allowed:  # as the agent: before the model is looked up
+            return _not_allowed(allowed)
         if match["health"]:
             return _json({"live": True} if match["health"] == "live" else {"ready": True})
         if match["model"] != self._model_name:
@@ -103,8 +111,6 @@ class OnnxModel:
             return _json(self._metadata)
         if action == "/ready":
             return _json({"name": self._model_name, "ready": True})
-        if request.method != "POST":
-            return _error(405, "infer needs POST")
         return await self._infer(request)
 
     async def _infer(self, request: Request) -> Response:

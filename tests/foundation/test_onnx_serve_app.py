@@ -132,3 +132,16 @@ async def test_a_body_sent_without_a_length_is_cut_off_past_the_agents_limit(rep
 async def test_a_body_of_the_agents_limit_is_answered(replica: httpx.AsyncClient) -> None:
     sent = Sent(onnx_app.MAX_REQUEST_BYTES)
     assert outputs(await replica.post(INFER, content=sent))["total"] == [3.0]
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("POST", "/v2/models/m", "GET"),
+    ("DELETE", "/v2/models/m/ready", "GET"),
+    ("POST", "/v2/health/live", "GET"),
+    ("GET", INFER, "POST"),
+])
+async def test_a_method_a_route_does_not_take_is_a_405_naming_the_one_it_takes(replica: httpx.AsyncClient, method: str, path: str,
+                                                                               allowed: str) -> None:
+    answer = await replica.request(method, path)
+    assert answer.status_code == 405 and answer.headers["allow"] == allowed, (answer.status_code, answer.text)
+    assert answer.json()["error"] == f"method not allowed; use {allowed}"
