@@ -35,7 +35,8 @@ reach, or one place to meter).
 
 Errors: arguments that cannot work (a server URL without ``http://``, a location outside
 -90..90/-180..180, a region that cannot travel in an HTTP header, a tensor of a dtype the
-v2 protocol has no name for, a chat's ``n`` other than 1) raise ``ValueError``
+v2 protocol has no name for, a chat's ``n`` other than 1, a proxy in the environment that
+httpx cannot use, such as ``ALL_PROXY=socks5://...`` without socksio) raise ``ValueError``
 (``TypeError`` for a wrong type) before anything is sent. Everything that happens on the
 way raises an :class:`EdgeplaneError`, never an ``httpx`` exception: :class:`NoEndpoint`,
 :class:`Unreachable` (timeouts included; a chat's is a :class:`TimedOut`),
@@ -57,7 +58,7 @@ import numpy as np
 
 from edgeplane_proto import oip
 from orchestrator import clientargs as args
-from orchestrator import urlpath
+from orchestrator import proxyenv, urlpath
 from orchestrator.urlpath import path_segment
 
 
@@ -539,7 +540,10 @@ class Client(_Base):
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
                  **kwargs: Any):
         super().__init__(server, timeout=timeout, **kwargs)
-        self._http = httpx.Client(timeout=self._timeout, transport=transport)
+        try:
+            self._http = httpx.Client(timeout=self._timeout, transport=transport)
+        except (ImportError, ValueError) as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
+            raise ValueError(proxyenv.explain(exc)) from None
 
     def __enter__(self) -> "Client":
         return self
@@ -636,7 +640,10 @@ class AsyncClient(_Base):
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
                  **kwargs: Any):
         super().__init__(server, timeout=timeout, **kwargs)
-        self._http = httpx.AsyncClient(timeout=self._timeout, transport=transport)
+        try:
+            self._http = httpx.AsyncClient(timeout=self._timeout, transport=transport)
+        except (ImportError, ValueError) as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
+            raise ValueError(proxyenv.explain(exc)) from None
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator import urlpath
+from orchestrator import proxyenv, urlpath
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
@@ -84,7 +84,7 @@ class ApiClient:
         try:
             self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
         except (ImportError, ValueError) as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
-            raise CliError(_proxy_problem(exc), 2) from None
+            raise CliError(proxyenv.explain(exc), 2) from None
 
     def request(self, method: str, path: str, *, busy_wait_s: float = 0.0, **kwargs: Any) -> dict[str, Any]:
         """The JSON object the control plane answered; anything else is a :class:`CliError`.
@@ -140,21 +140,6 @@ class ApiClient:
 
     def close(self) -> None:
         self._http.close()
-
-
-PROXY_VARIABLES = ("ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
-
-
-def _proxy_problem(exc: Exception) -> str:
-    """Why the proxy settings of the environment cannot be used, naming them: a SOCKS proxy
-    (``ALL_PROXY=socks5://...``, an ``ssh -D`` tunnel) needs the socksio package, which
-    edgeplane does not install, and httpx knows no other scheme than http(s) and socks5.
-    httpx mounts every proxy when the client is made, so NO_PROXY does not help."""
-    settings = [f"{name}={urlpath.redacted(os.environ[name])!r}" for name in PROXY_VARIABLES if os.environ.get(name)]
-    where = ", ".join(settings) or "the proxy settings of the environment"
-    if isinstance(exc, ImportError):
-        return f"{where}: a SOCKS proxy needs the socksio package (pip install socksio), or unset it for edgeplane"
-    return f"{where}: {exc}"
 
 
 def _issue_line(i: dict[str, Any]) -> str:

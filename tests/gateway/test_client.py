@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -162,6 +163,27 @@ async def test_a_chat_moves_to_the_next_gateway_before_its_first_token() -> None
 def test_a_client_needs_a_url(servers: object) -> None:
     with pytest.raises(ValueError, match="gateway"):
         client_mod.Client(servers)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("make", [client_mod.Client, client_mod.AsyncClient])
+@pytest.mark.parametrize(("setting", "said"), [
+    ("socks5://ops:s3cret@127.0.0.1:1080", "a SOCKS proxy needs the socksio package (pip install socksio)"),
+    ("socks4://127.0.0.1:1080", "Unknown scheme for proxy URL"),
+])
+def test_a_proxy_in_the_environment_that_cannot_be_used_is_a_value_error_naming_it(
+        make: type[client_mod.Client] | type[client_mod.AsyncClient], setting: str, said: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``ssh -D`` tunnel in ALL_PROXY: httpx mounts the proxies of the environment as the
+    client is made, and what it cannot use is a setting that cannot work, said before
+    anything is sent (and its password is not)."""
+    for name in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ALL_PROXY", setting)
+    with pytest.raises(ValueError) as raised:
+        make("http://127.0.0.1:8088")
+    message = str(raised.value)
+    assert message.startswith(f"ALL_PROXY='{setting.replace('ops:s3cret', '***')}': {said}"), message
+    assert "s3cret" not in message, message
 
 
 async def test_a_replica_that_no_longer_serves_the_model_sends_the_request_on() -> None:
