@@ -41,16 +41,21 @@ httpx cannot use, such as ``ALL_PROXY=socks5://...`` without socksio) raise ``Va
 way raises an :class:`EdgeplaneError`, never an ``httpx`` exception: :class:`NoEndpoint`,
 :class:`Unreachable` (timeouts included; a chat's is a :class:`TimedOut`),
 :class:`InferenceError`, :class:`StreamCut`, :class:`BadAnswer`.
+
+This module decides where each request goes and sends it; the parts it decides with live
+beside it, each importable from here as well: the error tree in
+:mod:`orchestrator.clienterrors`, the endpoint list cache in :mod:`orchestrator.clientcache`,
+a chat's answer and the OpenAI wire format it is read from in :mod:`orchestrator.clientchat`,
+and the checks of what a caller gives in :mod:`orchestrator.clientargs`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -58,138 +63,14 @@ import numpy as np
 
 from edgeplane_proto import oip
 from orchestrator import clientargs as args
-from orchestrator import proxyenv, urlpath
+from orchestrator import clientchat, proxyenv
+from orchestrator.clientcache import EndpointCache
+from orchestrator.clientchat import Chat
+from orchestrator.clienterrors import BadAnswer, EdgeplaneError, InferenceError, NoEndpoint, StreamCut, TimedOut, Unreachable
 from orchestrator.urlpath import path_segment
 
-
-class EdgeplaneError(Exception):
-    """Base of the client's errors."""
-
-
-class NoEndpoint(EdgeplaneError):
-    """The control plane knows no allowed, healthy replica for the model."""
-
-
-class Unreachable(EdgeplaneError):
-    """Nothing answered: no replica the client tried, and not the gateway (connection
-    refused, timed out): the address may be wrong or the control plane down."""
-
-    def __init__(self, error: Exception | None):
-        super().__init__(f"neither a replica nor the gateway answered: {error}")
-
-
-class TimedOut(Unreachable):
-    """A chat's answer did not come within the client's timeout: the replicas and gateways
-    it tried took it all between them (an :class:`Unreachable`, as timeouts always were)."""
-
-    def __init__(self, seconds: float, attempts: int):
-        EdgeplaneError.__init__(self, f"no answer within the timeout ({seconds:g} s; attempts: {attempts})")
-
-
-class InferenceError(EdgeplaneError):
-    """A replica refused the request (4xx): retrying elsewhere would not help. ``code`` is
-    the OpenAI API's error code when the refusal gave one (``context_length_exceeded``)."""
-
-    def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.code = code
-
-
-class StreamCut(EdgeplaneError):
-    """A generation failed after part of its text was delivered."""
-
-
-class BadAnswer(EdgeplaneError):
-    """The gateway answered with something that is not what the protocol says (not a v2
-    inference response, not OpenAI JSON or events): the URL may lead to another service."""
-
-
-@dataclass
-class Chat:
-    """One answer: iterate it for the text deltas; ``site``, ``ttft_s`` (seconds from the
-    first attempt to the first token, failed attempts included), ``usage`` and
-    ``finish_reason`` (of the attempt that answers) are filled in as it arrives."""
-
-    _deltas: Any
-    site: str = ""
-    url: str = ""
-    ttft_s: float | None = None
-    usage: dict[str, int] | None = None
-    finish_reason: str | None = None
-    attempts: int = 0
-    text: str = ""
-    _ended: bool = field(default=False, repr=False)  # the stream's [DONE] arrived
-    _started: float = field(default=0.0, repr=False)  # time.perf_counter() when the first attempt began
-    _deadline: float = field(default=math.inf, repr=False)  # and when its timeout ends
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._deltas)
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._deltas.__aiter__()
-
-
-@dataclass(frozen=True)
-class _Event:
-    text: str = ""
-    finish_reason: str | None = None
-    usage: dict[str, int] | None = None
-    error: str | None = None
-    done: bool = False
-
-
-def _chat_event(line: str) -> _Event | None:
-    """One SSE line of a chat stream; None for lines that carry nothing (comments, blanks)."""
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return _Event(done=True)
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return _Event(error=f"an event that is not JSON: {data[:100]!r}")
-    if not isinstance(obj, dict):
-        return _Event(error=f"an event that is not a JSON object: {data[:100]!r}")
-    if "error" in obj:
-        err = obj["error"]
-        return _Event(error=str(err.get("message", err) if isinstance(err, dict) else err))
-    choices = obj.get("choices")
-    # the first choice only: an engine that sends several interleaves their events
-    choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), {}) if isinstance(choices, list) else {}
-    delta = choice.get("delta") or choice.get("message") or {}
-    text = delta.get("content") if isinstance(delta, dict) else None
-    usage = obj.get("usage")
-    finish = choice.get("finish_reason")
-    return _Event(text if isinstance(text, str) else "", finish if isinstance(finish, str) else None,
-                  usage if isinstance(usage, dict) else None)
-
-
-def _check_one_choice(params: Mapping[str, Any]) -> None:
-    """A chat yields one answer: ``n`` other than 1 would have the engine generate answers
-    that no one reads (edgeplane's replicas refuse it)."""
-    n = params.get("n", 1)
-    if n is not None and (type(n) is not int or n != 1):
-        raise ValueError(f"n={n!r}: a chat yields one answer; ask again for another")
-
-
-def _cut(chat: Chat, why: object) -> StreamCut:
-    """An answer that failed after part of its text was delivered (named by its site, or
-    the URL that answered when no site was given)."""
-    return StreamCut(f"the answer from {chat.site or chat.url or 'the replica'} was cut after "
-                     f"{len(chat.text)} characters: {why}")
-
-
-def _openai_refusal(resp: httpx.Response) -> InferenceError:
-    code = None
-    try:
-        err = resp.json().get("error", resp.text)
-        message = err.get("message", err) if isinstance(err, dict) else err
-        code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
-    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
-        message = resp.text or resp.reason_phrase
-    return InferenceError(resp.status_code, str(message)[:500], code)
+__all__ = ["AsyncClient", "BadAnswer", "Chat", "Client", "EdgeplaneError", "EndpointCache", "InferResult", "InferenceError",
+           "NoEndpoint", "StreamCut", "TimedOut", "Unreachable"]
 
 
 @dataclass(frozen=True)
@@ -201,68 +82,6 @@ class InferResult:
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.outputs[name]
-
-
-@dataclass
-class _Endpoints:
-    items: list[dict[str, Any]]
-    fresh_until: float  # no need to ask again before (the list's TTL, or a backoff)
-
-
-@dataclass
-class EndpointCache:
-    """The sans-I/O part shared by both clients: which URLs to try, in which order."""
-
-    clock: Callable[[], float] = time.monotonic
-    ejection_s: float = 10.0
-    _lists: dict[str, _Endpoints] = field(default_factory=dict)
-    _ejected: dict[str, float] = field(default_factory=dict)
-
-    def fresh(self, model: str) -> bool:
-        entry = self._lists.get(model)
-        return entry is not None and self.clock() < entry.fresh_until
-
-    def store(self, model: str, body: Any) -> None:
-        """Keep the list of an endpoint answer; entries a client cannot call (no URL, a URL
-        that does not parse) are left out, and a list that is not one counts as empty."""
-        body = body if isinstance(body, Mapping) else {}
-        items = body.get("endpoints")
-        ttl = body.get("ttlSeconds", 10)
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl < math.inf:
-            ttl = 10
-        usable = [e for e in items if _callable_endpoint(e)] if isinstance(items, list) else []
-        self._lists[model] = _Endpoints(usable, self.clock() + ttl)
-
-    def keep(self, model: str) -> None:
-        """No new list came (no gateway answered with one): serve the one held for
-        ``ejection_s`` more before asking again, as long as an unreachable gateway is
-        tried last; asking on every request would cost each one a connection attempt
-        (the connect timeout, for a gateway that drops them) though its replica answers."""
-        entry = self._lists.get(model)
-        if entry is not None:
-            entry.fresh_until = self.clock() + self.ejection_s
-
-    def invalidate(self, model: str) -> None:
-        self._lists.pop(model, None)
-
-    def order(self, model: str) -> list[dict[str, Any]]:
-        now = self.clock()
-        entry = self._lists.get(model)
-        if entry is None:
-            return []
-        return [e for e in entry.items if self._ejected.get(e["url"], 0) <= now]
-
-    def eject(self, url: str) -> None:
-        self._ejected[url] = self.clock() + self.ejection_s
-
-
-def _callable_endpoint(e: Any) -> bool:
-    """Whether an entry of an endpoint list has what a call needs: a site, a base URL and,
-    for a v2 replica, its inference URL, each an http(s) URL."""
-    if not isinstance(e, Mapping) or not isinstance(e.get("site"), str):
-        return False
-    urls = [e.get("url")] + ([] if e.get("api") == "openai" else [e.get("inferUrl")])
-    return all(isinstance(u, str) and urlpath.base_url_problem(u) is None for u in urls)
 
 
 def _decode(resp: httpx.Response) -> Mapping[str, np.ndarray] | str:
@@ -415,7 +234,7 @@ class _Base:
                 self.cache.invalidate(model)
                 return True
             if resp.status_code >= 400:
-                raise _openai_refusal(resp)
+                raise clientchat.read_refusal(resp)
             return False
         self.cache.invalidate(model)
         if self._gateway_failed(attempt, resp):
@@ -426,7 +245,7 @@ class _Base:
                 raise TimedOut(self._seconds, chat.attempts) from error  # nothing listening there is Unreachable
             raise Unreachable(error) from error
         if resp.status_code >= 400:
-            refusal = _openai_refusal(resp)
+            refusal = clientchat.read_refusal(resp)
             raise NoEndpoint(refusal.args[0]) if resp.status_code in (404, 503) else refusal
         return False
 
@@ -440,7 +259,7 @@ class _Base:
         """After a failed answer: a cut once text has arrived, an error from the gateway,
         else the replica is ejected and the next attempt follows."""
         if chat.text:
-            raise _cut(chat, exc) from None
+            raise clientchat.cut(chat, exc) from None
         if attempt.endpoint is None:
             if not attempt.last:
                 return  # the next gateway
@@ -450,16 +269,16 @@ class _Base:
         self.cache.eject(attempt.endpoint)
 
     def _chat_line(self, chat: Chat, attempt: _Attempt, line: str) -> str | None:
-        """The text of one line; raises ``_Retry`` before the first token, ``StreamCut`` after."""
-        event = _chat_event(line)
+        """The text of one line; raises ``clientchat.Retry`` before the first token, ``StreamCut`` after."""
+        event = clientchat.parse_event(line)
         if event is not None and event.done:
             chat._ended = True
         if event is None or event.done:
             return None
         if event.error is not None:
             if not chat.text:
-                raise _Retry(event.error)
-            raise _cut(chat, event.error)
+                raise clientchat.Retry(event.error)
+            raise clientchat.cut(chat, event.error)
         if event.finish_reason:
             chat.finish_reason = event.finish_reason
         if event.usage:
@@ -503,35 +322,6 @@ class _Base:
                 return None
             raise BadAnswer(f"{attempt.gateway} answered {outputs[:300]}; is it an edgeplane gateway?")
         return InferResult(outputs, resp.headers.get("x-edgeplane-site", ""), attempt.gateway, number)
-
-
-class _Retry(Exception):
-    """This attempt failed before its first token: the next one may answer."""
-
-
-def _check_ended(chat: Chat) -> None:
-    """A stream ends with ``data: [DONE]`` (every edgeplane replica and gateway, and the
-    OpenAI API, send it); one that stops before it was cut (a proxy closed it), or was no
-    event stream at all. Raises ``_Retry``; the caller makes it a cut once text arrived."""
-    if not chat._ended:
-        raise _Retry("the event stream ended before its [DONE]" if chat.text else "the answer is not an event stream ending in [DONE]")
-
-
-def _whole(chat: Chat, resp: httpx.Response) -> str:
-    """The text of a whole (not streamed) answer; ``_Retry`` when the body is not one."""
-    try:
-        obj = resp.json()
-        choice = obj["choices"][0]
-        text = choice["message"]["content"] or ""
-        if not isinstance(text, str):
-            raise TypeError(type(text).__name__)
-    except (ValueError, LookupError, TypeError, AttributeError):
-        raise _Retry(f"HTTP {resp.status_code} with no chat completion ({resp.headers.get('content-type', 'no content type')})") from None
-    chat.ttft_s = time.perf_counter() - chat._started
-    chat.text = text
-    finish, usage = choice.get("finish_reason"), obj.get("usage")
-    chat.finish_reason, chat.usage = finish if isinstance(finish, str) else None, usage if isinstance(usage, dict) else None
-    return chat.text
 
 
 class Client(_Base):
@@ -596,7 +386,7 @@ class Client(_Base):
         pieces within the time that was left when its attempt began."""
         args.model_name(model)
         args.check_messages(messages)
-        _check_one_choice(params)
+        clientchat.check_one_choice(params)
         chat = Chat(None)
         chat._deltas = self._chat(chat, model, messages, stream, params)
         return chat
@@ -620,15 +410,15 @@ class Client(_Base):
                 self._chat_answering(chat, attempt, resp)
                 if not stream:
                     resp.read()
-                    yield _whole(chat, resp)
+                    yield clientchat.read_whole(chat, resp)
                     return
                 for line in resp.iter_lines():
                     text = self._chat_line(chat, attempt, line)
                     if text:
                         yield text
-                _check_ended(chat)
+                clientchat.check_ended(chat)
                 return
-            except (_Retry, httpx.HTTPError) as exc:
+            except (clientchat.Retry, httpx.HTTPError) as exc:
                 self._chat_failed(chat, attempt, exc)
             finally:
                 resp.close()
@@ -696,7 +486,7 @@ class AsyncClient(_Base):
         pieces within the time that was left when its attempt began."""
         args.model_name(model)
         args.check_messages(messages)
-        _check_one_choice(params)
+        clientchat.check_one_choice(params)
         chat = Chat(None)
         chat._deltas = self._chat(chat, model, messages, stream, params)
         return chat
@@ -720,15 +510,15 @@ class AsyncClient(_Base):
                 self._chat_answering(chat, attempt, resp)
                 if not stream:
                     await resp.aread()
-                    yield _whole(chat, resp)
+                    yield clientchat.read_whole(chat, resp)
                     return
                 async for line in resp.aiter_lines():
                     text = self._chat_line(chat, attempt, line)
                     if text:
                         yield text
-                _check_ended(chat)
+                clientchat.check_ended(chat)
                 return
-            except (_Retry, httpx.HTTPError) as exc:
+            except (clientchat.Retry, httpx.HTTPError) as exc:
                 self._chat_failed(chat, attempt, exc)
             finally:
                 await resp.aclose()

@@ -1,0 +1,140 @@
+"""A chat's answer as the Python client reads it: the :class:`Chat` an application
+iterates, and the OpenAI wire format it is read from (server-sent events, refusals, an
+answer read whole).
+
+Kept apart from :mod:`orchestrator.client`, which decides where a chat goes (which
+replica or gateway, when to move on): this module only reads what one attempt answered,
+for both the synchronous and the asynchronous client. An answer it cannot read is a
+:class:`Retry` (the next attempt may answer); once text has been delivered the client
+makes a failure a :class:`~orchestrator.clienterrors.StreamCut` (:func:`cut`), as the
+text cannot be taken back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from orchestrator.clienterrors import InferenceError, StreamCut
+
+
+@dataclass
+class Chat:
+    """One answer: iterate it for the text deltas; ``site``, ``ttft_s`` (seconds from the
+    first attempt to the first token, failed attempts included), ``usage`` and
+    ``finish_reason`` (of the attempt that answers) are filled in as it arrives."""
+
+    _deltas: Any
+    site: str = ""
+    url: str = ""
+    ttft_s: float | None = None
+    usage: dict[str, int] | None = None
+    finish_reason: str | None = None
+    attempts: int = 0
+    text: str = ""
+    _ended: bool = field(default=False, repr=False)  # the stream's [DONE] arrived
+    _started: float = field(default=0.0, repr=False)  # time.perf_counter() when the first attempt began
+    _deadline: float = field(default=math.inf, repr=False)  # and when its timeout ends
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._deltas)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._deltas.__aiter__()
+
+
+@dataclass(frozen=True)
+class _Event:
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    error: str | None = None
+    done: bool = False
+
+
+def parse_event(line: str) -> _Event | None:
+    """One SSE line of a chat stream; None for lines that carry nothing (comments, blanks)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return _Event(done=True)
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return _Event(error=f"an event that is not JSON: {data[:100]!r}")
+    if not isinstance(obj, dict):
+        return _Event(error=f"an event that is not a JSON object: {data[:100]!r}")
+    if "error" in obj:
+        err = obj["error"]
+        return _Event(error=str(err.get("message", err) if isinstance(err, dict) else err))
+    choices = obj.get("choices")
+    # the first choice only: an engine that sends several interleaves their events
+    choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), {}) if isinstance(choices, list) else {}
+    delta = choice.get("delta") or choice.get("message") or {}
+    text = delta.get("content") if isinstance(delta, dict) else None
+    usage = obj.get("usage")
+    finish = choice.get("finish_reason")
+    return _Event(text if isinstance(text, str) else "", finish if isinstance(finish, str) else None,
+                  usage if isinstance(usage, dict) else None)
+
+
+def check_one_choice(params: Mapping[str, Any]) -> None:
+    """A chat yields one answer: ``n`` other than 1 would have the engine generate answers
+    that no one reads (edgeplane's replicas refuse it)."""
+    n = params.get("n", 1)
+    if n is not None and (type(n) is not int or n != 1):
+        raise ValueError(f"n={n!r}: a chat yields one answer; ask again for another")
+
+
+def cut(chat: Chat, why: object) -> StreamCut:
+    """An answer that failed after part of its text was delivered (named by its site, or
+    the URL that answered when no site was given)."""
+    return StreamCut(f"the answer from {chat.site or chat.url or 'the replica'} was cut after "
+                     f"{len(chat.text)} characters: {why}")
+
+
+def read_refusal(resp: httpx.Response) -> InferenceError:
+    code = None
+    try:
+        err = resp.json().get("error", resp.text)
+        message = err.get("message", err) if isinstance(err, dict) else err
+        code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+        message = resp.text or resp.reason_phrase
+    return InferenceError(resp.status_code, str(message)[:500], code)
+
+
+class Retry(Exception):
+    """This attempt failed before its first token: the next one may answer."""
+
+
+def check_ended(chat: Chat) -> None:
+    """A stream ends with ``data: [DONE]`` (every edgeplane replica and gateway, and the
+    OpenAI API, send it); one that stops before it was cut (a proxy closed it), or was no
+    event stream at all. Raises ``Retry``; the caller makes it a cut once text arrived."""
+    if not chat._ended:
+        raise Retry("the event stream ended before its [DONE]" if chat.text else "the answer is not an event stream ending in [DONE]")
+
+
+def read_whole(chat: Chat, resp: httpx.Response) -> str:
+    """The text of a whole (not streamed) answer; ``Retry`` when the body is not one."""
+    try:
+        obj = resp.json()
+        choice = obj["choices"][0]
+        text = choice["message"]["content"] or ""
+        if not isinstance(text, str):
+            raise TypeError(type(text).__name__)
+    except (ValueError, LookupError, TypeError, AttributeError):
+        raise Retry(f"HTTP {resp.status_code} with no chat completion ({resp.headers.get('content-type', 'no content type')})") from None
+    chat.ttft_s = time.perf_counter() - chat._started
+    chat.text = text
+    finish, usage = choice.get("finish_reason"), obj.get("usage")
+    chat.finish_reason, chat.usage = finish if isinstance(finish, str) else None, usage if isinstance(usage, dict) else None
+    return chat.text

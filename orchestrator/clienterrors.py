@@ -1,0 +1,61 @@
+"""What the Python client (:mod:`orchestrator.client`) raises on the way, as one tree.
+
+An application catches the client's failures without knowing httpx, which the client
+uses: each ``httpx`` exception is translated where it is caught. ::
+
+    EdgeplaneError
+    ├── NoEndpoint       no allowed, healthy replica for the model
+    ├── Unreachable      nothing answered (connection refused, timed out)
+    │   └── TimedOut     a chat's answer did not come within the client's timeout
+    ├── InferenceError   a refusal (4xx): retrying elsewhere would not help
+    ├── StreamCut        a generation failed after part of its text was delivered
+    └── BadAnswer        an answer that is not what the protocol says
+
+Arguments that cannot work are not in this tree: they raise ``ValueError`` (``TypeError``
+for a wrong type) before anything is sent.
+"""
+
+from __future__ import annotations
+
+
+class EdgeplaneError(Exception):
+    """Base of the client's errors."""
+
+
+class NoEndpoint(EdgeplaneError):
+    """The control plane knows no allowed, healthy replica for the model."""
+
+
+class Unreachable(EdgeplaneError):
+    """Nothing answered: no replica the client tried, and not the gateway (connection
+    refused, timed out): the address may be wrong or the control plane down."""
+
+    def __init__(self, error: Exception | None):
+        super().__init__(f"neither a replica nor the gateway answered: {error}")
+
+
+class TimedOut(Unreachable):
+    """A chat's answer did not come within the client's timeout: the replicas and gateways
+    it tried took it all between them (an :class:`Unreachable`, as timeouts always were)."""
+
+    def __init__(self, seconds: float, attempts: int):
+        EdgeplaneError.__init__(self, f"no answer within the timeout ({seconds:g} s; attempts: {attempts})")
+
+
+class InferenceError(EdgeplaneError):
+    """A replica refused the request (4xx): retrying elsewhere would not help. ``code`` is
+    the OpenAI API's error code when the refusal gave one (``context_length_exceeded``)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.code = code
+
+
+class StreamCut(EdgeplaneError):
+    """A generation failed after part of its text was delivered."""
+
+
+class BadAnswer(EdgeplaneError):
+    """The gateway answered with something that is not what the protocol says (not a v2
+    inference response, not OpenAI JSON or events): the URL may lead to another service."""
