@@ -484,7 +484,7 @@ def test_the_first_help_a_user_asks_for_does_not_load_the_control_plane(argv: li
 
 
 def test_status_says_when_a_replica_is_not_notified_of_other_replicas_writes() -> None:
-    from orchestrator.cli.main import _leadership_line
+    from orchestrator.cli.status import _leadership_line
 
     view = {"replica": "cp-b", "role": "follower", "election": "lease", "agents": {"connected": 1},
             "leader": {"replica": "cp-a", "fencingToken": 4}, "relay": {"connected": True},

@@ -10,7 +10,7 @@ import pytest
 from orchestrator import views
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
-from orchestrator.cli import main as cli_main
+from orchestrator.cli import status as status_cli
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import autoscaler, planning
 from orchestrator.reconciler import snapshot as snap
@@ -124,7 +124,7 @@ def test_a_waiting_replica_says_why_in_placements_and_status() -> None:
                                                 "state": "DEPLOYING", "ready": 0, "reason": waiting}
     assert items[("intent-eu", "dc-frankfurt")]["reason"] == "connection refused"
     assert items[("intent-eu", "edge-lyon")]["reason"] == "no edge agent has joined this site"
-    assert cli_main._waiting(list(items.values())) == {
+    assert status_cli._waiting(list(items.values())) == {
         "assistant": [f"dc-paris: {waiting}"],
         "intent-eu": ["dc-frankfurt: connection refused", "edge-lyon: no edge agent has joined this site"],
     }

@@ -1,0 +1,188 @@
+"""The object commands: ``apply``, ``plan``, ``get``, ``describe`` and ``delete``.
+
+They read and write the control plane's objects (sites, models, deployments...) and its
+views of them (placements, events, cascades). Manifests given with ``-f`` travel as one
+bundle, applied or deleted all at once or not at all; ``apply --dry-run`` and ``plan``
+print what the planner would change per site before anything does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import types
+from typing import Any
+
+from orchestrator.cli import events, render, textfile
+from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.manifests.errors import ManifestError
+from orchestrator.urlpath import path_segment
+
+FILE_HELP = "file, directory or - for stdin; repeat -f for more (one atomic bundle)"
+
+
+def _read_manifests(paths: list[str]) -> str:
+    """Every ``-f`` (files, directories, ``-`` for stdin) as one bundle: the server applies
+    all of it or nothing, and names each file in its errors. A bundle larger than the
+    control plane reads in one request is refused here, where the file that passes the
+    limit can be named (the server only sees a body too large)."""
+    out: list[tuple[str, str]] = []
+    seen: set[pathlib.Path] = set()
+    if paths.count("-") > 1:
+        raise CliError("-f - (stdin) may be given only once", 2)
+    for path in paths:
+        if path == "-":
+            out.append(("<stdin>", textfile.read_stdin("-f -")))
+            continue
+        out.extend(textfile.manifest_texts(path, seen))  # `-f dir -f dir/a.yaml` names a.yaml once
+    body: str = _loader().bundle(out)
+    issue = _loader().size_issue(body.encode())
+    if issue is not None:
+        raise ManifestError([issue])
+    return body
+
+
+def _post_apply(api: ApiClient, args: argparse.Namespace, dry_run: bool) -> Any:
+    body = _read_manifests(args.file)
+    return api.request("POST", "/v1/apply", params={"dryRun": "true" if dry_run else "false"}, content=body.encode(),
+                       headers=with_reason({"content-type": "application/yaml"}, args))
+
+
+def cmd_apply(api: ApiClient, args: argparse.Namespace) -> int:
+    result = _post_apply(api, args, args.dry_run)
+    if args.output in ("json", "yaml"):
+        render.dump(result, args.output)
+        return 0
+    suffix = " (dry run)" if args.dry_run else ""
+    for r in result["results"]:
+        print(f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}")
+    if args.dry_run and "plan" in result:
+        _print_plan(result["plan"])
+    return 0
+
+
+def cmd_plan(api: ApiClient, args: argparse.Namespace) -> int:
+    result = _post_apply(api, args, dry_run=True)
+    if args.output in ("json", "yaml"):
+        render.dump(result["plan"], args.output)
+        return 0
+    for r in result["results"]:
+        print(f"{r['kind'].lower()}/{r['name']} would be {r['action']}")
+    _print_plan(result["plan"])
+    return 0
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    changes = [c for c in plan.get("changes", []) if c["change"] != "unchanged"]
+    print()
+    if changes:
+        render.table("Replica changes per site", ["SITE", "DEPLOYMENT", "VARIANT", "BEFORE", "AFTER", "GPUS PER REPLICA", "CHANGE"],
+                     [[c["site"], c["deployment"], c["variant"], c["before"], c["after"], _gpus(c), c["change"]] for c in changes])
+    else:
+        print("No replica changes.")
+    deployments = plan.get("deployments", [])
+    if deployments:
+        print()
+        render.table("Deployments", ["DEPLOYMENT", "PHASE", "REPLICAS", "REASON"],
+                     [[d["name"], d["phase"], d.get("replicas", 0), d.get("reason", "")] for d in deployments])
+    latency = plan.get("latency", [])
+    if latency:
+        print()
+        render.table("Predicted latency per demand point", ["DEPLOYMENT", "DEMAND", "RPS", "SERVED FROM", "RTT ms"],
+                     [[x["deployment"], x["demand"], f"{x['rps']:g}", x.get("site") or "-", f"{x['ms']:.1f}" if x.get("ms") is not None else "-"] for x in latency])
+    energy = plan.get("energy")
+    if energy:
+        print(f"\nPredicted power {energy['watts']:.0f} W, {energy['gramsCO2PerHour']:.0f} gCO2/h"
+              + (f" (now {energy['currentWatts']:.0f} W, {energy['currentGramsCO2PerHour']:.0f} gCO2/h)" if "currentWatts" in energy else ""))
+
+
+def _gpus(change: dict[str, Any]) -> str:
+    n = change.get("gpusPerReplica")
+    if not n:
+        return "-"
+    model = f"{change['gpuModel']} " if change.get("gpuModel") else ""
+    return f"{n}×{model}{change['gpuMemoryGiBPerGpu']:g} GiB"
+
+
+GET_KINDS = "sites, models, modeldeployments, placements, events, cascades"
+
+
+def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.kind in ("placements", "placement"):
+        data = api.request("GET", "/v1/placements")
+        if args.name:  # NAME: one deployment's replicas
+            data = {**data, "items": [p for p in data["items"] if p["deployment"] == args.name]}
+        if args.output in ("json", "yaml"):
+            render.dump(data, args.output)
+        else:
+            rows = [[p["deployment"], p["site"], p["variant"], p["replicas"], p.get("ready", "-"), p.get("state", "-"), p.get("reason", "")]
+                    for p in data["items"]]
+            if rows:
+                render.table(None, ["DEPLOYMENT", "SITE", "VARIANT", "REPLICAS", "READY", "STATE", "REASON"], rows)
+            else:
+                print(f"No replicas of {args.name!r} placed." if args.name else "No replicas placed.")
+        return 0
+    if args.kind in ("events", "event"):
+        return events.show_events(api, args.output, name=args.name)  # NAME: the events about objects of that name
+    if args.kind in ("cascades", "cascade"):
+        from orchestrator.cli import cascade as cascade_cli  # numpy and the cascade rules: only for this command
+
+        return cascade_cli.cmd_get(api, args)
+    path = f"/v1/{path_segment(args.kind)}" + (f"/{path_segment(args.name)}" if args.name else "")
+    try:
+        data = api.request("GET", path)
+    except CliError as exc:  # the control plane knows its object kinds; `get` reads three more views
+        if str(exc).startswith("unknown kind"):
+            raise CliError(f"unknown kind {args.kind!r}; use one of: {GET_KINDS}") from None
+        raise
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
+    items = data["items"] if "items" in data else [data]
+    kind = data["kind"]
+    render.objects(kind, items)
+    return 0
+
+
+def cmd_describe(api: ApiClient, args: argparse.Namespace) -> int:
+    data = api.request("GET", f"/v1/{path_segment(args.kind)}/{path_segment(args.name)}", params={"describe": "true"})
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
+    events = data.pop("events", [])
+    render.dump({k: v for k, v in data.items()}, "yaml")
+    if events:
+        print("Events:")
+        render.table(None, ["ID", "ACTOR", "ACTION", "REASON"], [[e["id"], e["actor"], e["action"], e["reason"]] for e in events])
+    return 0
+
+
+def with_reason(headers: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
+    """``--reason`` travels as X-Edgeplane-Reason and lands in the event log."""
+    reason = getattr(args, "reason", None)
+    return {**headers, "x-edgeplane-reason": reason} if reason else headers
+
+
+def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.file:  # one bundle, deleted in one transaction: all of it or nothing
+        params = {"ignoreNotFound": "true"} if args.ignore_not_found else {}
+        data = api.request("POST", "/v1/delete", content=_read_manifests(args.file).encode(), params=params,
+                           headers=with_reason({"content-type": "application/yaml"}, args))
+        for result in data["results"]:
+            print(f"{result['kind'].lower()}/{result['name']} deleted")
+        if not data["results"]:
+            print("Nothing to delete.")
+        return 0
+    if not (args.kind and args.name):
+        raise CliError("give -f FILE or KIND NAME", 2)
+    api.request("DELETE", f"/v1/{path_segment(args.kind)}/{path_segment(args.name)}", headers=with_reason({}, args))
+    print(f"{args.kind.lower()}/{args.name} deleted")
+    return 0
+
+
+def _loader() -> types.ModuleType:
+    """The manifest loader (and its schema, ~0.2 s to import): only for commands that read files."""
+    from orchestrator.manifests import loader
+
+    return loader
+

@@ -1,0 +1,78 @@
+"""``edgeplane status``: the control plane's health and a fleet summary in a few lines.
+
+It gathers several views (health, sites, deployments, placements, the control plane's
+replicas) into one answer, and says in words what is wrong or still waiting: a deployment
+that cannot run as asked, a replica not ready yet, a replica without a leader.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from orchestrator.cli import render
+from orchestrator.cli.http import ApiClient
+
+
+TROUBLED_PHASES = ("Invalid", "Unschedulable", "Degraded", "Failing")
+
+
+def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
+    health = api.request("GET", "/healthz")
+    sites = api.request("GET", "/v1/sites")["items"]
+    deps = api.request("GET", "/v1/modeldeployments")["items"]
+    placements = api.request("GET", "/v1/placements")
+    data = {"server": api.server, "health": health, "sites": len(sites),
+            "healthySites": sum(1 for s in sites if s.get("status", {}).get("health") == "Healthy"),
+            "deployments": {d["metadata"]["name"]: d.get("status", {}).get("phase", "Pending") for d in deps},
+            # what is wrong with a deployment that cannot run as asked (no fitting site, a failed replica...)
+            "problems": {d["metadata"]["name"]: d["status"].get("reason", "") for d in deps
+                         if d.get("status", {}).get("phase") in TROUBLED_PHASES},
+            "replicas": sum(p["replicas"] for p in placements["items"]),
+            # why a replica is not ready yet (waiting for a GPU, an agent...), by deployment
+            "waiting": _waiting(placements["items"]),
+            "controlPlane": api.request("GET", "/v1/controlplane")}
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return 0
+    print(f"control plane {api.server}: {health.get('status')}")
+    print(_leadership_line(data["controlPlane"]))
+    print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
+    for name, phase in data["deployments"].items():
+        print(f"  {name}: {phase}" + (f": {data['problems'][name]}" if data["problems"].get(name) else ""))
+        for reason in data["waiting"].get(name, []):
+            print(f"    waiting: {reason}")
+    return 0
+
+
+def _leadership_line(cp: dict[str, Any]) -> str:
+    """Which replica answered and who reconciles (several replicas share a PostgreSQL store)."""
+    if cp.get("election") == "lease":
+        leader = cp.get("leader")
+        who = (f"leader {leader['replica']} (fencing token {leader['fencingToken']})" if leader
+               else f"no leader now{': ' + cp['error'] if cp.get('error') else ''}")
+        agents = cp.get("agents") or {}
+        relay = cp.get("relay")
+        if relay is not None:
+            how = "relayed to the leader" if relay.get("connected") else f"not relayed ({relay.get('lastError') or 'no leader known'})"
+            held = f"; {_agents(agents.get('connected', 0))} here, {how}"
+        else:
+            held = f"; {_agents(agents.get('connected', 0))} here, {agents.get('relayedHere', 0)} relayed by followers"
+        changes = cp.get("storeChanges")
+        if changes and not changes.get("notified"):  # still correct, only slower: say why
+            held += (f"; other replicas' writes read every {changes.get('pollSeconds', 1):g}s, not notified "
+                     f"({changes.get('lastError') or 'listening not started yet'})")
+        return f"replica {cp['replica']}: {cp['role']}; {who}{held}"
+    return f"replica {cp['replica']}: leader (the only replica)"
+
+
+def _agents(n: int) -> str:
+    return f"{n} agent" if n == 1 else f"{n} agents"
+
+
+def _waiting(placements: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in placements:
+        if p.get("reason") and p.get("ready", 0) < p["replicas"]:
+            out.setdefault(p["deployment"], []).append(f"{p['site']}: {p['reason']}")
+    return out
