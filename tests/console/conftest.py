@@ -4,6 +4,10 @@ Chromium comes from the Debian package (``make system-packages`` installs it; ``
 that first) and is driven by Playwright for Python through ``executable_path``: Playwright's
 own browser download is never used. Without a Chromium binary the browser tests skip and
 say why.
+
+The page runs under its Content-Security-Policy, which has no 'unsafe-eval': Playwright
+evaluates a ``wait_for_function`` predicate given as an expression with eval() while it
+polls, and the page refuses it, so predicates are written as functions (``"() => ..."``).
 """
 
 from __future__ import annotations

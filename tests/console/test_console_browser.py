@@ -27,6 +27,8 @@ async def open_console(browser, url: str):  # type: ignore[no-untyped-def]
     page = await browser.new_page(viewport={"width": 1440, "height": 860})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # the page runs under its Content-Security-Policy: anything it refuses is an error too
+    page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
     await page.goto(f"{url}/ui/")
     return page, errors
 
@@ -34,11 +36,11 @@ async def open_console(browser, url: str):  # type: ignore[no-untyped-def]
 async def test_the_map_shows_every_site_with_health_replicas_and_residency(browser, fleet: harness.Fleet, screenshots: pathlib.Path) -> None:
     page, errors = await open_console(browser, fleet.cp.http_url)
     try:
-        await page.wait_for_function(f"document.querySelectorAll('#map g.site[data-health=Healthy]').length === {len(AGENTS)}", timeout=15_000)
+        await page.wait_for_function(f"() => document.querySelectorAll('#map g.site[data-health=Healthy]').length === {len(AGENTS)}", timeout=15_000)
         names = await page.eval_on_selector_all("#map g.site", "els => els.map(e => e.dataset.site).sort()")
         assert names == sorted(AGENTS)
         # every replica placed is on the map: 3 of intent-eu + 1 of fields-fr
-        await page.wait_for_function("[...document.querySelectorAll('#map g.site')].reduce((n, e) => n + Number(e.dataset.replicas), 0) === 4", timeout=15_000)
+        await page.wait_for_function("() => [...document.querySelectorAll('#map g.site')].reduce((n, e) => n + Number(e.dataset.replicas), 0) === 4", timeout=15_000)
         assert await page.locator("#map path.country").count() > 150  # the offline base map
         # EU residency shades every EU country, and not Switzerland or Norway
         zones = set(await page.eval_on_selector_all("#map path.country.zone", "els => els.map(e => e.dataset.country)"))
@@ -51,10 +53,10 @@ async def test_the_map_shows_every_site_with_health_replicas_and_residency(brows
         assert "health: Healthy" in (tooltip or "")
         await page.click("nav button[data-tab=deployments]")
         await page.wait_for_selector("#deployments-body tr[data-deployment=intent-eu]", timeout=10_000)
-        await page.wait_for_function("document.querySelector('#deployments-body tr[data-deployment=intent-eu]').textContent.includes('Running')",
+        await page.wait_for_function("() => document.querySelector('#deployments-body tr[data-deployment=intent-eu]').textContent.includes('Running')",
                                      timeout=10_000)
         # an autoscaled deployment whose replicas report no load yet: said so, not "undefined"
-        await page.wait_for_function("document.querySelector('#deployments-body tr[data-deployment=fields-fr]').textContent"
+        await page.wait_for_function("() => document.querySelector('#deployments-body tr[data-deployment=fields-fr]').textContent"
                                      ".includes('1 replicas (')", timeout=10_000)
         assert "undefined" not in (await page.locator("#deployments-body").text_content() or "")
         await page.click("nav button[data-tab=events]")
@@ -77,7 +79,7 @@ async def test_the_events_tab_opens_on_the_newest_events(browser, fleet: harness
     try:
         await page.click("nav button[data-tab=events]")
         # the list as the first poll left it (checked at every frame, so before the next poll)
-        first = await page.wait_for_function("Number(document.querySelector('#events-list li')?.dataset.id || 0)", timeout=10_000)
+        first = await page.wait_for_function("() => Number(document.querySelector('#events-list li')?.dataset.id || 0)", timeout=10_000)
         assert await first.json_value() >= newest
         assert errors == []
     finally:
@@ -97,7 +99,7 @@ async def test_live_request_counts_come_from_the_gateway(browser, fleet: harness
                 served[site] = served.get(site, 0) + 1
         for site, n in served.items():
             await page.wait_for_function(
-                f"(document.querySelector('#map g.site[data-site={site}] text.rate').textContent || '').startsWith('{n} req')", timeout=10_000)
+                f"() => (document.querySelector('#map g.site[data-site={site}] text.rate').textContent || '').startsWith('{n} req')", timeout=10_000)
         await page.screenshot(path=str(screenshots / "console.png"))
         assert errors == []
     finally:

@@ -34,7 +34,7 @@ async def test_the_console_asks_for_a_token_and_keeps_it_in_the_tab(browser, gua
         await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
         await page.fill("#token", "not-a-token")
         await page.click("#login button[type=submit]")
-        await page.wait_for_function("document.getElementById('login-error').textContent.includes('unknown')", timeout=10_000)
+        await page.wait_for_function("() => document.getElementById('login-error').textContent.includes('unknown')", timeout=10_000)
         await page.fill("#token", read)
         await page.click("#login button[type=submit]")
         await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)

@@ -108,3 +108,14 @@ async def test_the_console_files_are_served_without_a_token(served) -> None:  # 
     assert iso.json()["250"] == "FR" and iso.json()["276"] == "DE"
     assert world.status_code == 200 and world.json()["type"] == "Topology"
     assert data.status_code == 401  # the data behind the page still needs the token
+
+
+async def test_the_console_cannot_be_framed_and_loads_only_its_own_files(served) -> None:  # type: ignore[no-untyped-def]
+    """The page takes a bearer token: another site must not frame it, nor the browser sniff its files."""
+    cp, _, _ = served
+    async with httpx.AsyncClient(base_url=cp.http_url) as http:
+        responses = [await http.get(path) for path in ("/ui", "/ui/", "/ui/app.js", "/ui/iso-countries.json", "/ui/vendor/countries-110m.json")]
+    for resp in responses:
+        h = resp.headers
+        assert h["content-security-policy"] == "default-src 'self'; frame-ancestors 'none'; object-src 'none'", resp.url
+        assert (h["x-frame-options"], h["x-content-type-options"], h["referrer-policy"]) == ("DENY", "nosniff", "no-referrer"), resp.url
