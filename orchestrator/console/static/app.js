@@ -70,24 +70,60 @@ function updateRequests(counts) {
   state.lastMetricsAt = now;
 }
 
-function modelOf(deploymentName) {
-  const d = state.deployments.find((x) => x.metadata.name === deploymentName);
-  return d ? d.spec.model : deploymentName;
-}
-
+// One pass over the placements per poll (a fleet has thousands of sites and placements).
 function siteViews() {
   const failed = new Set(state.whatif ? state.whatif.failedSites : []);
+  const modelOf = new Map(state.deployments.map((d) => [d.metadata.name, d.spec.model]));
+  const placed = new Map();  // site → { replicas, models }
+  for (const p of state.placements) {
+    let here = placed.get(p.site);
+    if (!here) placed.set(p.site, here = { replicas: 0, models: new Set() });
+    here.replicas += p.replicas;
+    here.models.add(modelOf.get(p.deployment) ?? p.deployment);
+  }
   return state.sites.map((s) => {
-    const here = state.placements.filter((p) => p.site === s.metadata.name);
+    const here = placed.get(s.metadata.name) || { replicas: 0, models: new Set() };
     const loc = s.spec.location;
     return {
       name: s.metadata.name, tier: s.spec.tier, country: loc.country, region: loc.region || "", lat: loc.lat, lon: loc.lon,
-      health: (s.status && s.status.health) || "Unknown", replicas: here.reduce((n, p) => n + p.replicas, 0),
-      models: [...new Set(here.map((p) => modelOf(p.deployment)))].sort(),
+      health: (s.status && s.status.health) || "Unknown", replicas: here.replicas, models: [...here.models].sort(),
       requests: Math.round(state.requests[s.metadata.name] || 0), rate: state.rates[s.metadata.name] || 0,
       failed: failed.has(s.metadata.name),
     };
   });
+}
+
+// The sites table: at most SITE_ROWS rows (the filter finds the others; a table of thousands
+// of rows takes the browser seconds to lay out again), one per site kept by name, rewritten
+// only when what it shows changed and moved only when the order did: an unchanged poll
+// writes nothing.
+const SITE_ROWS = 200;
+const siteRows = new Map();  // site name → { tr, shown }
+
+function renderSiteRows(views) {
+  const words = $("sites-filter").value.trim().toLowerCase().split(/\s+/).filter(Boolean);
+  const matching = words.length
+    ? views.filter((v) => { const about = [v.name, v.tier, v.country, v.region, v.health].join(" ").toLowerCase(); return words.every((w) => about.includes(w)); })
+    : views;
+  const shownViews = matching.slice(0, SITE_ROWS);
+  const more = $("sites-more");
+  const note = matching.length > SITE_ROWS ? `showing ${SITE_ROWS} of ${matching.length} sites: filter to find the others` : "";
+  if (more.textContent !== note) { more.textContent = note; more.hidden = !note; }
+  const body = $("sites-body");
+  let before = null;
+  for (const v of shownViews) {
+    const cells = [[v.name], [v.tier], [v.country], [v.health, HEALTH_CLASS[v.health] || "bad"], [String(v.replicas)],
+      [v.models.join(", ")], [v.requests ? `${v.requests} (${v.rate.toFixed(1)}/s)` : "0"]];
+    const shown = cells.flat().join("\u0000");
+    let r = siteRows.get(v.name);
+    if (!r) siteRows.set(v.name, r = { tr: document.createElement("tr"), shown: "" });
+    if (r.shown !== shown) { r.tr.replaceChildren(...cells.map(([value, cls]) => text("td", value, cls))); r.shown = shown; }
+    const at = before ? before.nextSibling : body.firstChild;
+    if (at !== r.tr) body.insertBefore(r.tr, at);
+    before = r.tr;
+  }
+  const names = new Set(shownViews.map((v) => v.name));
+  for (const [name, r] of siteRows) if (!names.has(name)) { r.tr.remove(); siteRows.delete(name); }
 }
 
 function render() {
@@ -100,10 +136,7 @@ function render() {
   state.map.drawSites(views);
   renderResidency();
   if (state.whatif) state.map.drawMoves(state.whatif.moves, Object.fromEntries(views.map((v) => [v.name, v])));
-  $("sites-body").replaceChildren(...views.map((v) => row([
-    text("td", v.name), text("td", v.tier), text("td", v.country), text("td", v.health, HEALTH_CLASS[v.health] || "bad"),
-    text("td", String(v.replicas)), text("td", v.models.join(", ")), text("td", v.requests ? `${v.requests} (${v.rate.toFixed(1)}/s)` : "0"),
-  ])));
+  renderSiteRows(views);
   $("deployments-body").replaceChildren(...state.deployments.map((d) => {
     const st = d.status || {};
     const r = st.rollout;
@@ -253,6 +286,7 @@ function selectTab(name) {
 $("login").addEventListener("submit", (e) => { e.preventDefault(); api.setToken($("token").value.trim()); start(); });
 $("logout").addEventListener("click", () => { api.setToken(""); showLogin(""); });
 $("residency-of").addEventListener("change", renderResidency);
+$("sites-filter").addEventListener("input", () => renderSiteRows(siteViews()));
 $("whatif-kind").addEventListener("change", () => fillWhatifTargets(siteViews()));
 $("whatif-form").addEventListener("submit", runWhatif);
 $("whatif-clear").addEventListener("click", () => { state.whatif = null; $("whatif-result").replaceChildren(); state.map.drawMoves([], {}); render(); });

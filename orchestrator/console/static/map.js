@@ -3,6 +3,11 @@
 // continent, and a dozen lines instead of a projection library.
 const SVG = "http://www.w3.org/2000/svg";
 
+// Above this many sites the labels would cover one another, and rewriting thousands of SVG
+// texts each poll (every rate changes under traffic) stalls the page for a second: the
+// sites are drawn unlabelled, their name, replicas and requests in the tooltip.
+const LABELLED_SITES = 250;
+
 function el(name, attrs = {}, parent = null) {
   const node = document.createElementNS(SVG, name);
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
@@ -24,6 +29,7 @@ export class FleetMap {
     this.land = el("g", { class: "land" }, svg);
     this.moves = el("g", { class: "moves" }, svg);
     this.sitesLayer = el("g", { class: "sites" }, svg);
+    this.siteNodes = new Map();  // site name → its <g> and parts, and what they show
     this.bounds = null;
   }
 
@@ -64,42 +70,52 @@ export class FleetMap {
     for (const path of this.land.children) path.classList.toggle("zone", countries.has(path.dataset.country));
   }
 
-  // sites: [{name, lat, lon, health, replicas, models, rate, failed}]
+  // sites: [{name, lat, lon, health, replicas, models, rate, failed}]. A fleet has thousands of
+  // sites and this runs every poll: each site's <g> is kept by name and each of its parts is
+  // written only when what it shows changed (with traffic, only the rate labels change), so a
+  // poll that changes nothing writes nothing to the page.
   drawSites(sites) {
     this.fit(sites);
+    const labelled = sites.length <= LABELLED_SITES;
     const project = this.bounds.project;
     const seen = new Set();
     for (const s of sites) {
       seen.add(s.name);
-      let g = this.sitesLayer.querySelector(`g[data-site="${CSS.escape(s.name)}"]`);
-      if (!g) {
-        g = el("g", { class: "site" }, this.sitesLayer);
+      let node = this.siteNodes.get(s.name);
+      if (!node) {
+        const g = el("g", { class: "site" }, this.sitesLayer);
         g.dataset.site = s.name;
-        el("circle", {}, g);
-        el("text", { class: "name" }, g);
-        el("text", { class: "rate" }, g);
-        el("title", {}, g);
+        const shown = {};  // part → what it shows: a part is written only when that changes
+        node = { g, circle: el("circle", {}, g), name: el("text", { class: "name" }, g), rate: el("text", { class: "rate" }, g),
+                 title: el("title", {}, g), set: (part, value, write) => { if (shown[part] !== value) { shown[part] = value; write(); } } };
+        this.siteNodes.set(s.name, node);
       }
       const [x, y] = project(s.lon, s.lat);
-      g.dataset.health = s.health;
-      g.dataset.replicas = String(s.replicas);
-      g.dataset.failed = s.failed ? "true" : "false";
-      const circle = g.querySelector("circle");
-      circle.setAttribute("cx", x.toFixed(1));
-      circle.setAttribute("cy", y.toFixed(1));
-      circle.setAttribute("r", String(6 + Math.min(10, 2 * s.replicas)));
-      const name = g.querySelector("text.name");
-      name.setAttribute("x", (x + 10 + Math.min(10, 2 * s.replicas)).toFixed(1));
-      name.setAttribute("y", (y + 4).toFixed(1));
-      name.textContent = `${s.name} (${s.replicas})`;
-      const rate = g.querySelector("text.rate");
-      rate.setAttribute("x", (x + 10 + Math.min(10, 2 * s.replicas)).toFixed(1));
-      rate.setAttribute("y", (y + 16).toFixed(1));
-      rate.textContent = s.requests ? `${s.requests} req${s.rate ? `, ${s.rate.toFixed(1)}/s` : ""}` : "";
-      g.querySelector("title").textContent =
-        `${s.name} — ${s.tier}, ${s.country}${s.region ? " / " + s.region : ""}\nhealth: ${s.health}\nreplicas: ${s.replicas}\nmodels: ${s.models.join(", ") || "none"}`;
+      const r = 6 + Math.min(10, 2 * s.replicas);
+      const lx = (x + 4 + r).toFixed(1);
+      node.set("geometry", [x.toFixed(1), y.toFixed(1), r].join(), () => {
+        node.circle.setAttribute("cx", x.toFixed(1));
+        node.circle.setAttribute("cy", y.toFixed(1));
+        node.circle.setAttribute("r", String(r));
+        for (const [t, dy] of [[node.name, 4], [node.rate, 16]]) { t.setAttribute("x", lx); t.setAttribute("y", (y + dy).toFixed(1)); }
+      });
+      node.set("state", [s.health, s.replicas, s.failed].join(), () => {
+        node.g.dataset.health = s.health;
+        node.g.dataset.replicas = String(s.replicas);
+        node.g.dataset.failed = s.failed ? "true" : "false";
+      });
+      const name = labelled ? `${s.name} (${s.replicas})` : "";
+      node.set("name", name, () => { node.name.textContent = name; });
+      const requests = s.requests ? `${s.requests} req${s.rate ? `, ${s.rate.toFixed(1)}/s` : ""}` : "";
+      const rate = labelled ? requests : "";
+      node.set("rate", rate, () => { node.rate.textContent = rate; });
+      const title = `${s.name} — ${s.tier}, ${s.country}${s.region ? " / " + s.region : ""}\nhealth: ${s.health}\nreplicas: ${s.replicas}\n`
+        + `models: ${s.models.join(", ") || "none"}${requests ? `\nrequests: ${requests}` : ""}`;
+      node.set("title", title, () => { node.title.textContent = title; });
     }
-    for (const g of [...this.sitesLayer.children]) if (!seen.has(g.dataset.site)) g.remove();
+    for (const [name, node] of this.siteNodes) {
+      if (!seen.has(name)) { node.g.remove(); this.siteNodes.delete(name); }
+    }
   }
 
   drawMoves(moves, sitesByName) {
