@@ -5,8 +5,8 @@ import { FleetMap } from "./map.js";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
-const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, requests: {}, rates: {},
-                lastMetricsAt: 0, whatif: null, map: null, timer: null };
+const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0,
+                counted: {}, requests: {}, rates: {}, lastMetricsAt: 0, whatif: null, map: null, timer: null };
 
 // A site's health word, as the table colours it; anything else is bad. A Rejoining site kept
 // its replicas over a control-plane restart and waits for its agent to come back.
@@ -43,14 +43,14 @@ async function poll() {
       api.get("/v1/sites"), api.get("/v1/modeldeployments"), api.get("/v1/placements"),
       // the newest at first, then whatever came after the last one shown
       api.get(state.lastEvent ? `/v1/events?since=${state.lastEvent}&limit=200` : "/v1/events?last=200"),
-      api.get("/metrics").catch(() => ""),
+      api.get("/metrics").catch(() => null),  // no counts this time: not a reset
     ]);
     state.sites = sites.items;
     state.deployments = deployments.items;
     state.placements = placements.items;
     for (const e of events.items) { state.events.push(e); state.lastEvent = Math.max(state.lastEvent, e.id); }
     state.events = state.events.slice(-300);
-    updateRequests(api.requestsBySite(metrics));
+    if (metrics !== null) updateRequests(api.requestsBySite(metrics));
     $("server-state").textContent = `live · ${new Date().toLocaleTimeString()}`;
     render();
   } catch (err) {
@@ -60,13 +60,20 @@ async function poll() {
   state.timer = setTimeout(poll, POLL_MS);
 }
 
+// Requests each site answered since the page opened, from the gateway's lifetime counters:
+// the first read is the baseline, and a counter lower than at the last read started again
+// from zero (the control plane restarted), so all it counts now is new.
 function updateRequests(counts) {
   const now = performance.now();
+  const first = !state.lastMetricsAt;
   const dt = (now - state.lastMetricsAt) / 1000;
-  if (state.lastMetricsAt && dt > 0) {
-    for (const [site, n] of Object.entries(counts)) state.rates[site] = Math.max(0, (n - (state.requests[site] || 0)) / dt);
+  for (const site of new Set([...Object.keys(counts), ...Object.keys(state.counted)])) {
+    const n = counts[site] || 0, before = state.counted[site] || 0;
+    const added = first ? 0 : n >= before ? n - before : n;
+    state.requests[site] = (state.requests[site] || 0) + added;
+    if (!first && dt > 0) state.rates[site] = added / dt;
   }
-  state.requests = counts;
+  state.counted = counts;
   state.lastMetricsAt = now;
 }
 
