@@ -1,5 +1,6 @@
 """The console left open across a control-plane restart at the same address: request counts
-stay "since the page opened".
+stay "since the page opened", and the Events tab follows the control plane that answers now,
+even when its store numbers events from lower down (a wiped data dir, a restored backup).
 
 The control planes run without agents; the gateway's request counter, the one /metrics
 exports, stands in for requests it answered.
@@ -49,5 +50,63 @@ async def test_request_counts_start_when_the_page_opens_and_go_on_over_a_restart
         await page.wait_for_function(f"() => document.querySelector('{RATE}')?.textContent.startsWith('5 req')", timeout=15_000)
     finally:
         await page.close()
+        await second.stop()
+        await first.stop()
+
+
+async def open_on_40_events(browser, url: str):  # type: ignore[no-untyped-def]
+    async with httpx.AsyncClient(base_url=url) as http:
+        for _ in range(40):  # each token created is an event
+            assert (await http.post("/v1/tokens", json={"purpose": "bootstrap", "ttlSeconds": 60})).status_code == 201
+    page = await browser.new_page()
+    await page.goto(f"{url}/ui/")
+    await page.click("nav button[data-tab=events]")
+    await page.wait_for_function("() => Number(document.querySelector('#events-list li')?.dataset.id || 0) >= 40", timeout=10_000)
+    return page
+
+
+async def events_shown(page) -> list[int]:  # type: ignore[no-untyped-def]
+    return await page.eval_on_selector_all("#events-list li", "els => els.map(e => Number(e.dataset.id))")
+
+
+async def test_the_events_tab_follows_a_control_plane_restarted_on_a_fresh_store(browser, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    first, second = harness.Fleet(tmp_path / "first"), harness.Fleet(tmp_path / "second")
+    page = None
+    try:
+        cp = await first.start_control_plane()
+        page = await open_on_40_events(browser, cp.http_url)
+        await first.stop()
+        cp = await second.start_control_plane(port=port_of(cp))
+        await apply(cp.http_url, SITE, reason="after the restart")
+        await page.wait_for_selector("#events-list li >> text=after the restart", timeout=15_000)
+        assert max(await events_shown(page)) < 40  # the old store's events are gone from the list
+    finally:
+        if page is not None:
+            await page.close()
+        await second.stop()
+        await first.stop()
+
+
+async def test_the_events_tab_follows_a_store_swapped_between_two_polls(browser, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """No poll fails (a restart quicker than the poll, a failover behind a proxy): the newest
+    event, older than the last one shown, tells the page."""
+    first, second = harness.Fleet(tmp_path / "first"), harness.Fleet(tmp_path / "second")
+    page = None
+    try:
+        cp = await first.start_control_plane()
+        restored = await second.start_control_plane()
+        await apply(restored.http_url, SITE, reason="in the restored store")
+        page = await open_on_40_events(browser, cp.http_url)
+
+        async def from_the_restored_store(route):  # type: ignore[no-untyped-def]
+            await route.fulfill(response=await route.fetch(url=route.request.url.replace(cp.http_url, restored.http_url)))
+
+        await page.route("**/v1/events?*", from_the_restored_store)
+        await page.wait_for_selector("#events-list li >> text=in the restored store", timeout=15_000)
+        assert max(await events_shown(page)) < 40
+        assert not (await page.inner_text("#server-state")).startswith("unreachable")
+    finally:
+        if page is not None:
+            await page.close()
         await second.stop()
         await first.stop()

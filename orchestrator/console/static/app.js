@@ -5,7 +5,7 @@ import { FleetMap } from "./map.js";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
-const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0,
+const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true,
                 counted: {}, requests: {}, rates: {}, lastMetricsAt: 0, whatif: null, map: null, timer: null };
 
 // A site's health word, as the table colours it; anything else is bad. A Rejoining site kept
@@ -40,24 +40,37 @@ async function poll() {
   clearTimeout(state.timer);
   try {
     const [sites, deployments, placements, events, metrics] = await Promise.all([
-      api.get("/v1/sites"), api.get("/v1/modeldeployments"), api.get("/v1/placements"),
-      // the newest at first, then whatever came after the last one shown
-      api.get(state.lastEvent ? `/v1/events?since=${state.lastEvent}&limit=200` : "/v1/events?last=200"),
+      api.get("/v1/sites"), api.get("/v1/modeldeployments"), api.get("/v1/placements"), newEvents(),
       api.get("/metrics").catch(() => null),  // no counts this time: not a reset
     ]);
     state.sites = sites.items;
     state.deployments = deployments.items;
     state.placements = placements.items;
+    if (events.reloaded) { state.events = []; state.lastEvent = 0; }
     for (const e of events.items) { state.events.push(e); state.lastEvent = Math.max(state.lastEvent, e.id); }
     state.events = state.events.slice(-300);
+    state.reloadEvents = false;
     if (metrics !== null) updateRequests(api.requestsBySite(metrics));
     $("server-state").textContent = `live · ${new Date().toLocaleTimeString()}`;
     render();
   } catch (err) {
+    state.reloadEvents = true;  // what answers next may be another control plane, or another store
     if (err instanceof api.Unauthorized) { showLogin(err.message); return; }
     $("server-state").textContent = `unreachable: ${err.message}`;
   }
   state.timer = setTimeout(poll, POLL_MS);
+}
+
+// The events after the last one shown; or the newest 200, in place of the list, at first,
+// after a failed poll, and when the control plane's newest event is older than the last one
+// shown: restarted on a fresh or restored store, it numbers its events from lower down, and
+// asking for those after the old mark would never show them.
+async function newEvents() {
+  if (state.lastEvent && !state.reloadEvents) {
+    const [after, newest] = await Promise.all([api.get(`/v1/events?since=${state.lastEvent}&limit=200`), api.get("/v1/events?last=1")]);
+    if (newest.items.length && newest.items[newest.items.length - 1].id >= state.lastEvent) return { items: after.items, reloaded: false };
+  }
+  return { items: (await api.get("/v1/events?last=200")).items, reloaded: true };
 }
 
 // Requests each site answered since the page opened, from the gateway's lifetime counters:
