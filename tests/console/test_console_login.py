@@ -49,3 +49,30 @@ async def test_the_console_asks_for_a_token_and_keeps_it_in_the_tab(browser, gua
         assert await page.evaluate("sessionStorage.getItem('edgeplane.token')") is None
     finally:
         await context.close()
+
+
+async def test_a_pasted_token_is_cleaned_and_one_that_cannot_be_sent_is_refused(browser, guarded) -> None:  # type: ignore[no-untyped-def]
+    """A token copied from a chat or a PDF brings invisible characters with it; one that still
+    has a character no header can carry is refused on the form, and not kept in the tab."""
+    cp, read = guarded
+    context = await browser.new_context()
+    page = await context.new_page()
+    try:
+        await page.goto(f"{cp.http_url}/ui/")
+        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        await page.fill("#token", f"\ufeff {read[:5]}\u200b{read[5:]}\u00a0\n")
+        await page.click("#login button[type=submit]")
+        await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)
+        assert await page.evaluate("sessionStorage.getItem('edgeplane.token')") == read
+
+        await page.click("#logout")
+        await page.fill("#token", f"{read[:5]}\u2192{read[5:]}")
+        await page.click("#login button[type=submit]")
+        error = await page.inner_text("#login-error")
+        assert "U+2192" in error and "copy it again" in error, error
+        assert await page.is_visible("#login") and await page.inner_text("#server-state") == "signed out"
+        assert await page.evaluate("sessionStorage.getItem('edgeplane.token')") is None
+        await page.reload()  # nothing kept: the form again, not an empty console
+        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+    finally:
+        await context.close()

@@ -8,7 +8,33 @@ export class Busy extends Error {
   constructor(message, retryAfter) { super(message); this.retryAfter = retryAfter; }
 }
 
-export function token() { return sessionStorage.getItem(KEY) || ""; }
+// A token pasted from a chat or a PDF brings characters no token has: whitespace around it and
+// invisible ones (zero-width spaces and joiners, word joiner, byte-order mark, soft hyphen).
+const INVISIBLE = /[\u00AD\u200B-\u200D\u2060\uFEFF]/g;
+// What is left must be visible ASCII, as every bearer token is: fetch() refuses outright a
+// header with anything past U+00FF, and the control plane knows no token with anything else.
+const SENDABLE = /^[\x21-\x7E]*$/;
+
+export class BadToken extends Error {}
+
+// The token as typed or pasted, cleaned; throws BadToken when what is left cannot be sent.
+export function cleanToken(typed) {
+  const value = typed.replace(INVISIBLE, "").trim();
+  const bad = [...value].find((c) => !SENDABLE.test(c));
+  if (bad !== undefined) {
+    const code = `U+${bad.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`;
+    throw new BadToken(`this token has a character no token has (${code}${bad.trim() ? ` "${bad}"` : ""}): copy it again`);
+  }
+  return value;
+}
+
+// The tab's token; one that cannot be sent (stored by an older page) is dropped, to sign in again.
+export function token() {
+  const value = sessionStorage.getItem(KEY) || "";
+  if (SENDABLE.test(value)) return value;
+  sessionStorage.removeItem(KEY);
+  return "";
+}
 export function setToken(value) { value ? sessionStorage.setItem(KEY, value) : sessionStorage.removeItem(KEY); }
 
 async function call(method, path, body) {

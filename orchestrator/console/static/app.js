@@ -303,7 +303,11 @@ function selectTab(name) {
   for (const t of document.querySelectorAll(".tab")) t.hidden = t.id !== `tab-${name}`;
 }
 
-$("login").addEventListener("submit", (e) => { e.preventDefault(); api.setToken($("token").value.trim()); start(); });
+$("login").addEventListener("submit", (e) => {
+  e.preventDefault();
+  try { api.setToken(api.cleanToken($("token").value)); } catch (err) { showLogin(err.message); return; }
+  start();
+});
 $("logout").addEventListener("click", () => { api.setToken(""); showLogin(""); });
 $("residency-of").addEventListener("change", renderResidency);
 $("sites-filter").addEventListener("input", () => renderSiteRows(siteViews()));
