@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from orchestrator import server
+    from orchestrator.store import sqlite as store_mod
 
 
 class FleetCollector:
@@ -15,6 +17,9 @@ class FleetCollector:
 
     def __init__(self, cp: server.ControlPlane):
         self.cp = cp
+        #: The stored placement, read off the event loop before each scrape
+        #: (``ControlPlane.metrics``): the store may wait on a stalled database.
+        self.placements: Sequence[store_mod.PlacementRow] = ()
 
     def collect(self) -> Any:
         agents = self.cp.hub.snapshot() if hasattr(self.cp, "hub") else []
@@ -42,7 +47,7 @@ class FleetCollector:
         changes.add_metric([], elector.changes if elector is not None else 0)
         yield changes
         if hasattr(self.cp, "store"):
-            rows = self.cp.store.placements()
+            rows = self.placements
             p = GaugeMetricFamily("edgeplane_replicas_placed", "Replicas placed, by deployment", labels=["deployment"])
             per: dict[str, int] = {}
             for row in rows:

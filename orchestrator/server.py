@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
@@ -73,6 +73,8 @@ LEADER_KEY = "leader"  # published by each new leader: where followers relay the
 REVOCATIONS = "events:Site"
 LEADER_READS = ("resources", "events:Model", REVOCATIONS)
 FOLLOWER_READS = (f"published:{LEADER_KEY}", f"published:{wire.PUBLISHED_KEY}", REVOCATIONS)
+#: The agents' events logged (by the replica the agent is connected to).
+LOGGED_AGENT_EVENTS = frozenset({agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED})
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
 
@@ -115,6 +117,7 @@ class ControlPlane:
     _store_changed: asyncio.Event = field(default_factory=asyncio.Event)  # another replica wrote what this one reads
     _lease_read: asyncio.Future[store_mod.Lease | None] | None = None  # GET /v1/controlplane's read of the lease, shared
     _change_feed: Any = None  # shared database only: tells of other replicas' writes as they commit
+    _agent_events: asyncio.Queue[agent_model.AgentEvent] = field(default_factory=asyncio.Queue)  # to log, in order
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -154,7 +157,8 @@ class ControlPlane:
             raise server_config.ConfigError(str(e)) from e
         self.authenticator = auth.Authenticator(self.store, required=cfg.auth == "token")
         self.registry = CollectorRegistry()
-        self.registry.register(fleet_metrics.FleetCollector(self))
+        self.fleet = fleet_metrics.FleetCollector(self)
+        self.registry.register(self.fleet)
         self.simulations = simulate_api.Simulations(cfg.simulation_slots, cfg.simulation_budget, self.registry)
         self.table = endpoints_mod.EndpointTable()
         self.hub = hub_mod.AgentHub(
@@ -201,6 +205,7 @@ class ControlPlane:
         # reconciler, whose first pass (once started) sees every agent joined by then.
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
         self.relay_servicer = relay.RelayServicer(self.hub, lambda: self._relay_secret)
+        self._background.append(asyncio.create_task(self._log_agent_events(), name="agent-events"))
         try:
             self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls,
                                                                         more=(self.relay_servicer.handler(),))
@@ -266,7 +271,7 @@ class ControlPlane:
         else:  # one process owns the SQLite file: it always leads (after a restart, keeping its agents' replicas until they are back)
             self.reconciler.resume(rejoin_s=self.takeover_s)
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
-        self._ensure_admin_token()
+        self.admin_token = await asyncio.to_thread(auth.ensure_admin_token, self.store, cfg.data_dir)  # the last step of a start
         self._started = True
         log.info("control plane: API and gateway %s, agents %s, state %s", self.http_url, self.agent_target, self.store.path)
         return self
@@ -527,10 +532,6 @@ class ControlPlane:
                 log.exception("capture retention pass failed; retrying in %.0f s", every_s)
             await asyncio.sleep(every_s)
 
-    def _ensure_admin_token(self) -> None:
-        """The initial admin token, the last step of a start (see ``auth.ensure_admin_token``)."""
-        self.admin_token = auth.ensure_admin_token(self.store, self.config.data_dir)
-
     def _artifact_route(self) -> Route:
         async def artifact(request: Any) -> Any:
             path = self.artifacts.path_for(request.path_params["sha256"])
@@ -545,19 +546,36 @@ class ControlPlane:
     def _agent_event(self, event: agent_model.AgentEvent) -> None:
         """The replica an agent is connected to logs its joins, losses and recoveries (once,
         whether or not it leads); the leader plans with every agent, relayed ones too."""
-        kind = event.kind
-        if event.status.via is None:
-            try:
-                if kind in (agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED):
-                    self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site,
-                                                      event.reason, {"agentId": event.agent_id}))
-                if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
-                    catalog.register_agent_site(self.store, event.site, event.agent_id, event.status.location,
-                                                event.status.labels)
-            except store_mod.StoreError as exc:  # the hub goes on (this runs inside its join and liveness paths)
-                log.warning("cannot log that agent %s of site %s %s: %s", event.agent_id, event.site, kind.value.lower(), exc)
+        if event.status.via is None and event.kind in LOGGED_AGENT_EVENTS:
+            self._agent_events.put_nowait(event)  # the pass it triggers comes once it is logged
+        else:
+            self._trigger_for(event)
+
+    def _trigger_for(self, event: agent_model.AgentEvent) -> None:
         if self.elector is None or self.elector.leading:
-            self.reconciler.trigger(f"agent {event.site} {kind.value}")
+            self.reconciler.trigger(f"agent {event.site} {event.kind.value}")
+
+    async def _log_agent_events(self) -> None:
+        """Agents' events are logged (and a joining agent's Site registered) in a worker
+        thread, one at a time in the order they came: the hub calls :meth:`_agent_event`
+        inside its join and liveness paths on the event loop, which a stalled database must
+        not hold. The pass each triggers comes after, and sees what it logged."""
+        while True:
+            event = await self._agent_events.get()
+            try:
+                await asyncio.to_thread(self._log_agent_event, event)
+            except Exception as exc:  # the log goes on with the next event
+                if not isinstance(exc, store_mod.StoreError):
+                    log.exception("logging agent %s of site %s failed", event.agent_id, event.site)
+                log.warning("cannot log that agent %s of site %s %s: %s", event.agent_id, event.site, event.kind.value.lower(), exc)
+            self._trigger_for(event)
+
+    def _log_agent_event(self, event: agent_model.AgentEvent) -> None:
+        kind = event.kind
+        self.store.record(store_mod.Event(f"agent:{event.agent_id}", f"agent-{kind.value.lower()}", "Site", event.site,
+                                          event.reason, {"agentId": event.agent_id}))
+        if kind is agent_model.AgentEventKind.JOINED and self.store.get("Site", event.site) is None:
+            catalog.register_agent_site(self.store, event.site, event.agent_id, event.status.location, event.status.labels)
 
     # -- api.Services ------------------------------------------------------------------
 
@@ -579,16 +597,20 @@ class ControlPlane:
         self.hub.revoke(site)
 
     async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
-        # The reconciler's state is read on the loop, whose it is; the schedule runs off it.
+        # The reconciler's state is read on the loop, whose it is; the store and the schedule off it.
+        current = await self.reconciler.current()
         last = self.reconciler.last_plan
-        return await run_in_threadpool(views.preview, self.reconciler.current(), docs, last.result.energy if last else None)
+        return await run_in_threadpool(views.preview, current, docs, last.result.energy if last else None)
 
-    def placements_view(self) -> dict[str, Any]:
+    async def placements_view(self) -> dict[str, Any]:
+        rows = await asyncio.to_thread(self.store.placements)
+        # The snapshot once the rows are read: a pass sets its own before it writes its rows,
+        # so the rows are never shown with an older pass's snapshot (their sites "SiteGone").
         last = self.reconciler.last_snapshot
         # the agents' model states as they are now, not as the last pass saw them: a download's
         # progress changes them every second without a pass (agents.hub._decisive)
         live = dataclasses.replace(last, agents=tuple(self.hub.snapshot())) if last is not None else None
-        return views.placements(live, self.store.placements())
+        return views.placements(live, rows)
 
     def endpoints_view(self, model: str, caller: routing.Caller) -> dict[str, Any]:
         return views.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model)
@@ -597,17 +619,28 @@ class ControlPlane:
         return {"items": self.cascades.stats.snapshot(self.table.cascades)}
 
     async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
-        # The store is read on the loop once a slot is free; the planning runs off it so the gateway keeps answering.
+        # The store is read and the planning runs off the loop once a slot is free, so the gateway keeps answering.
         return await self.simulations.run(self.reconciler.current, body, each, top)
 
-    def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
+    async def metrics(self) -> bytes:
+        """``GET /metrics``. The placement counted is read in a worker thread first; the
+        collectors read the rest (the hub, the table) on the loop, whose it is."""
+        try:
+            self.fleet.placements = await asyncio.to_thread(self.store.placements)
+        except store_mod.StoreError as exc:  # counted as last read
+            log.warning("metrics: the placement cannot be read: %s", exc)
+        return generate_latest(self.registry)
+
+    async def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":
             extra = views.describe_deployment(self.reconciler.last_plan, name)
             cascade = next((c for c in self.cascades.stats.snapshot(self.table.cascades) if c["name"] == name), None)
             return {**extra, "cascade": cascade} if cascade is not None else extra
         if kind == "Model":
-            obj = self.store.get("Model", name)
-            return {"variants": signature.describe_variants(catalog.parse_model(obj), self.artifacts)} if obj is not None else {}
+            def describe_model() -> dict[str, Any]:  # in a thread: the store, and the artifact hashed and read
+                obj = self.store.get("Model", name)
+                return {"variants": signature.describe_variants(catalog.parse_model(obj), self.artifacts)} if obj is not None else {}
+            return await asyncio.to_thread(describe_model)
         return {}
 
 

@@ -7,7 +7,8 @@ as a 500 except a genuine bug.
 The event loop is shared with the gateway and the agents' streams: what takes CPU in
 proportion to a request (reading up to 4 MiB of manifests, judging and writing them, a
 dry run's schedule) runs in a worker thread, so one large apply does not hold up every
-inference request and health probe behind it.
+inference request and health probe behind it; so does every store call, which on
+PostgreSQL may wait on a stalled database or another replica's lock.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -42,19 +43,19 @@ class Services(Protocol):
     store: store_mod.Store
     table: endpoints_mod.EndpointTable  # the gateway's: which regions a caller may name
     authenticator: auth.Authenticator
-    registry: Any  # prometheus CollectorRegistry
     agent_ca_sha256: str | None  # None: agents join over plaintext (--insecure-agents)
 
     async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]: ...
     def changed(self, reason: str) -> None: ...
-    def placements_view(self) -> dict[str, Any]: ...
+    async def placements_view(self) -> dict[str, Any]: ...
     def endpoints_view(self, model: str, caller: routing.Caller) -> dict[str, Any]: ...
-    def describe_extra(self, kind: str, name: str) -> dict[str, Any]: ...
+    async def describe_extra(self, kind: str, name: str) -> dict[str, Any]: ...
     def cascades_view(self) -> dict[str, Any]: ...
     def ready(self) -> bool: ...
     def agent_revoked(self, site: str) -> None: ...
     async def leadership_view(self) -> dict[str, Any]: ...
     async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]: ...
+    async def metrics(self) -> bytes: ...
 
 
 #: The longest a token may live (a longer or non-finite ``ttlSeconds`` is refused: no date
@@ -130,18 +131,18 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def list_kind(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        items = [catalog.to_manifest(o) for o in store.list(kind)]
+        items = [catalog.to_manifest(o) for o in await run_in_threadpool(store.list, kind)]
         return JSONResponse({"kind": kind, "items": items})
 
     async def get_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        obj = store.get(kind, request.path_params["name"])
+        obj = await run_in_threadpool(store.get, kind, request.path_params["name"])
         if obj is None:
             return error(404, f"{kind} {request.path_params['name']!r} does not exist")
         body = catalog.to_manifest(obj)
         if request.query_params.get("describe") in ("1", "true"):
-            body["events"] = [_event(e) for e in store.recent_events(kind, obj.name)]
-            body.update(services.describe_extra(kind, obj.name))
+            body["events"] = [_event(e) for e in await run_in_threadpool(store.recent_events, kind, obj.name)]
+            body.update(await services.describe_extra(kind, obj.name))
         return JSONResponse(body)
 
     async def delete_one(request: Request, caller: auth.Caller) -> Response:
@@ -163,7 +164,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if last and ("since" in q or "limit" in q):
             return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
-        found = store.recent_events(kind, q.get("name"), last) if last else store.events(since, limit, kind, q.get("name"))
+        found = await (run_in_threadpool(store.recent_events, kind, q.get("name"), last) if last
+                       else run_in_threadpool(store.events, since, limit, kind, q.get("name")))
         return JSONResponse({"items": [_event(e) for e in found]})
 
     async def cascades(request: Request, caller: auth.Caller) -> Response:
@@ -176,7 +178,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
                                                                       f"{', '.join(c['name'] for c in items) or 'none'})")
 
     async def placements(request: Request, caller: auth.Caller) -> Response:
-        return JSONResponse(services.placements_view())
+        return JSONResponse(await services.placements_view())
 
     async def endpoints(request: Request, caller: auth.Caller) -> Response:
         asking = services.table.query_caller(request.query_params)
@@ -204,7 +206,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return error(400, "a bootstrap token expires: give ttlSeconds, or leave it out for an hour")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TOKEN_TTL_S):
             return error(400, f"ttlSeconds must be a positive number of seconds, at most {MAX_TOKEN_TTL_S} (10 years)")
-        secret, info = store.create_token(purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
+        secret, info = await run_in_threadpool(store.create_token, purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
         made = {"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at)}
         if purpose == "bootstrap" and services.agent_ca_sha256:
             made["caSha256"] = services.agent_ca_sha256  # what the agent pins for its first join
@@ -215,15 +217,15 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return JSONResponse({"kind": "Token", "items": [
             {"id": t.id, "purpose": t.purpose, "role": t.role, "description": t.description,
              "createdAt": catalog.rfc3339(t.created_at), "expiresAt": catalog.rfc3339(t.expires_at), "state": t.state}
-            for t in store.tokens()]})
+            for t in await run_in_threadpool(store.tokens)]})
 
     async def revoke(request: Request, caller: auth.Caller) -> Response:
         what, name = request.path_params["what"], request.path_params["name"]
         if what == "tokens":
-            ok = store.revoke_token(name, caller.identity, _reason(request, "revoked"))
+            ok = await run_in_threadpool(store.revoke_token, name, caller.identity, _reason(request, "revoked"))
             services.authenticator.forget_tokens()  # refused here at once; other replicas within the verdicts' few seconds
         elif what == "agents":
-            ok = store.revoke_agent(name, caller.identity, _reason(request, "agent identity revoked"))
+            ok = await run_in_threadpool(store.revoke_agent, name, caller.identity, _reason(request, "agent identity revoked"))
             if ok:
                 services.agent_revoked(name)  # its open streams end now, not at their next join
             services.changed(f"agent {name} revoked by {caller.identity}")
@@ -258,7 +260,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return JSONResponse({"status": "ok" if services.ready() else "starting"}, status_code=200 if services.ready() else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(services.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await services.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return [
         Route("/v1/apply", guarded(apply, write=True), methods=["POST"]),

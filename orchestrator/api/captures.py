@@ -68,17 +68,17 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                 items.append(item)
             return len(items), json.dumps({"zone": zone, "items": items}).encode()
         count, body = await asyncio.to_thread(read_zone)
-        store.record(store_mod.Event(caller.identity, "capture-read", "ModelDeployment", deployment or "*",
-                                     (request.headers.get("x-edgeplane-reason") or "read captured records")[:500],
-                                     {"zone": zone, "records": count, "payload": payload}))
+        await asyncio.to_thread(store.record, store_mod.Event(caller.identity, "capture-read", "ModelDeployment", deployment or "*",
+                                                              (request.headers.get("x-edgeplane-reason") or "read captured records")[:500],
+                                                              {"zone": zone, "records": count, "payload": payload}))
         return Response(body, media_type="application/json")
 
     async def delete(request: Request, caller: auth.Caller) -> Response:
         zone, record_id = request.path_params["zone"].upper(), request.path_params["id"]
         deleted = await asyncio.to_thread(captures.zone(zone).delete, record_id)
-        store.record(store_mod.Event(caller.identity, "capture-delete", "CapturedRecord", record_id,
-                                     (request.headers.get("x-edgeplane-reason") or "erasure request")[:500],
-                                     {"zone": zone, "deleted": deleted}))
+        await asyncio.to_thread(store.record, store_mod.Event(caller.identity, "capture-delete", "CapturedRecord", record_id,
+                                                              (request.headers.get("x-edgeplane-reason") or "erasure request")[:500],
+                                                              {"zone": zone, "deleted": deleted}))
         if not deleted:
             return JSONResponse({"error": f"no record {record_id!r} in zone {zone}"}, status_code=404)
         return JSONResponse({"zone": zone, "id": record_id, "action": "deleted"})

@@ -173,10 +173,12 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return JSONResponse({"error": str(exc)}, status_code=400)
         if name in running:  # two runs would train from the same student and the later one replace the first's
             return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
-        try:
-            plan = _plan(store, captures, artifacts, name, zone)
+        try:  # in a thread: the store, and the artifacts hashed
+            plan = await asyncio.to_thread(_plan, store, captures, artifacts, name, zone)
         except Refused as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
+        if name in running:  # one started meanwhile
+            return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
 
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -232,7 +234,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                 else:
                     result["generation"] = applied.outcomes[0].generation
                     changed(f"distill {name} by {caller.identity}")
-            store.record(store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
+            await asyncio.to_thread(store.record, store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
             return result
 
         # started here, not when the response streams: the run goes on (and ends, freeing the

@@ -15,7 +15,7 @@ budget counted before any planning (``simulation.budget``).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -81,7 +81,7 @@ class Simulations:
         self.refused = Counter("edgeplane_simulations_refused", "What-ifs refused before planning, by reason (busy, budget)",
                                ["reason"], registry=registry)
 
-    async def run(self, read: Callable[[], snap.Snapshot], body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
+    async def run(self, read: Callable[[], Awaitable[snap.Snapshot]], body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
         """``plan`` of the state ``read`` returns, in a free slot and off the event loop;
         ``Busy`` when no slot is free (before reading anything)."""
         if not self._slots.acquire(blocking=False):
@@ -90,7 +90,7 @@ class Simulations:
         try:
             # A cancelled request waits for the thread to end (anyio does not abandon it),
             # so the slot is free only once the planning is over.
-            return await run_in_threadpool(self.plan, read(), body, each, top, self.work_budget)
+            return await run_in_threadpool(self.plan, await read(), body, each, top, self.work_budget)
         except budget.TooMuchWork:
             self.refused.labels("budget").inc()
             raise

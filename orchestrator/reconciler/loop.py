@@ -272,13 +272,20 @@ class Reconciler:
         deployments = tuple(snap.DeploymentRecord(o.name, o.generation, catalog.parse_deployment(o)) for o in stored["ModelDeployment"])
         return sites, models, deployments
 
-    def current(self) -> snap.Snapshot:
+    def _read_stored(self) -> tuple[tuple[snap.SiteRecord, ...], dict[str, schema.ModelSpec], tuple[snap.DeploymentRecord, ...],
+                                    tuple[store_mod.PlacementRow, ...]]:
+        """What :meth:`current` reads from the store, in a worker thread."""
+        return *self.read_desired(), tuple(self.store.placements())
+
+    async def current(self) -> snap.Snapshot:
         """Desired state as stored now, observed state as of the last pass (for previews).
 
-        Edge sites still rejoining after a restart are in it as a pass has them (keeping
-        their replicas): a preview or what-if would otherwise plan them as lost."""
-        sites, models, deployments = self.read_desired()
-        placements, agents = tuple(self.store.placements()), tuple(self.hub.snapshot())
+        The store is read in a worker thread (see :meth:`gather`), the reconciler's own
+        state on the loop, whose it is. Edge sites still rejoining after a restart are in it
+        as a pass has them (keeping their replicas): a preview or what-if would otherwise
+        plan them as lost."""
+        sites, models, deployments, placements = await asyncio.to_thread(self._read_stored)
+        agents = tuple(self.hub.snapshot())
         last = self.last_snapshot
         waiting = self._rejoin is not None and self.clock() < self._rejoin[0]  # past it, the next pass plans them lost
         rejoining = self._awaited(sites, placements, agents) if waiting else frozenset()
@@ -292,9 +299,14 @@ class Reconciler:
         )
 
     async def gather(self) -> snap.Snapshot:
-        sites, models, deployments = self.read_desired()
+        """The pass's snapshot. Every store call of a pass runs in a worker thread, here and
+        in :meth:`execute`: on PostgreSQL one may wait on a stalled database or on another
+        replica's lock, and on the event loop it would hold the whole replica (API, gateway,
+        agents, health probes) with it. The hub, the table and this reconciler's own state
+        are read and changed on the loop only."""
+        sites, models, deployments = await asyncio.to_thread(self.read_desired)
         await self._observe_datacentres([s for s in sites if s.spec.tier == "datacenter"])
-        placements = tuple(self.store.placements())
+        placements = tuple(await asyncio.to_thread(self.store.placements))
         agents = tuple(self.hub.snapshot())
         rejoining = self._rejoining(sites, placements, agents)
         autoscale = self.autoscaler.evaluate(((d.name, d.spec) for d in deployments), placements, {a.site: a for a in agents},
@@ -353,14 +365,14 @@ class Reconciler:
         except Exception as exc:  # whatever the cause, tried again: this site's alone
             if not isinstance(exc, (serve_config.DataCentreError, OSError, RuntimeError, ValueError)):
                 log.exception("data centre %s: removing its Serve applications failed", site)
-            self._dc_failed(site, exc, "the Site is deleted, but its Serve applications are not removed yet: ")
+            await self._dc_failed(site, exc, "the Site is deleted, but its Serve applications are not removed yet: ")
             return
         self._dc_backoff.pop(site, None)
         held = self._retiring.pop(site, 0)
         log.info("data centre %s: the Site is deleted; its %d Serve application(s) removed", site, held)
         if held:
-            self.store.record(store_mod.Event("reconciler", "serve-removed", "Site", site,
-                                              f"the Site is deleted: its {held} Serve application(s) removed"), lease=self.lease)
+            await self._record(store_mod.Event("reconciler", "serve-removed", "Site", site,
+                                               f"the Site is deleted: its {held} Serve application(s) removed"))
 
     async def _observe_one(self, site: snap.SiteRecord) -> snap.DataCentreObservation:
         backoff = self._dc_backoff.get(site.name)
@@ -370,21 +382,25 @@ class Reconciler:
             actuator = await self.datacentres.actuator(site.name, site.spec)
             apps = await actuator.observe()
         except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
-            self._dc_failed(site.name, exc)
+            await self._dc_failed(site.name, exc)
             return snap.DataCentreObservation(False, error=str(exc))
         except Exception as exc:  # an adapter's fault is this site's alone: the others' pass goes on
             log.exception("data centre %s: observing it failed", site.name)
-            self._dc_failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ")
+            await self._dc_failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ")
             return snap.DataCentreObservation(False, error=self._dc_backoff[site.name].last_error)
         return snap.DataCentreObservation(True, apps, drift=actuator.drift)
 
-    def _dc_failed(self, site: str, exc: Exception, context: str = "") -> None:
+    async def _dc_failed(self, site: str, exc: Exception, context: str = "") -> None:
         backoff = self._dc_backoff.setdefault(site, _Backoff())
         message = context + str(exc)
         if message != backoff.last_error:
-            self.store.record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message), lease=self.lease)
+            await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
         backoff.fail(self.clock(), message)
         log.warning("data centre %s: %s (retry in %.0fs)", site, message, backoff.next_try - self.clock())
+
+    async def _record(self, event: store_mod.Event) -> None:
+        """An event of the pass, written in a worker thread under the lease it runs under."""
+        await asyncio.to_thread(self.store.record, event, lease=self.lease)
 
     # -- execute -------------------------------------------------------------------
 
@@ -394,7 +410,8 @@ class Reconciler:
         plan = planning.plan_pass(snapshot, self.last_plan.standing if self.last_plan is not None else None)
         # What `get placements` pairs the stored rows with from now on: this pass writes its
         # rows and may then wait seconds (a data centre's apps deploying); shown with the
-        # previous snapshot, rows on sites that snapshot did not know read "SiteGone".
+        # previous snapshot, rows on sites that snapshot did not know read "SiteGone". Set
+        # before the rows are written: `get placements` reads the rows, then takes this.
         self.last_snapshot = snapshot
         for action in plan.actions:
             await self.execute(action)
@@ -412,16 +429,17 @@ class Reconciler:
     async def execute(self, action: act.Action) -> None:
         match action:
             case act.RecordPlacement(rows, events):
-                self.store.replace_placements(rows, events, lease=self.lease)
+                await asyncio.to_thread(self.store.replace_placements, rows, events, lease=self.lease)
             case act.PushAssignments(site, assignments):
                 # The version comes from the store under the lease: a deposed leader that resumes
                 # mid-pass gets no version, so it cannot push a stale set that agents would take
                 # for newer than the new leader's.
-                self.hub.set_assignments(site, list(assignments), self.store.next_sequence("assignments", lease=self.lease))
+                version = await asyncio.to_thread(self.store.next_sequence, "assignments", lease=self.lease)
+                self.hub.set_assignments(site, list(assignments), version)
             case act.ApplyServeApps(site, apps, drift):
                 await self._apply_datacentre(site, apps, drift)
             case act.SetStatuses(items):
-                self.store.set_statuses([(i.kind, i.name, i.status) for i in items], lease=self.lease)
+                await asyncio.to_thread(self.store.set_statuses, [(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since)
                 self._publish_table()
@@ -433,8 +451,7 @@ class Reconciler:
         """The table goes to the store, the same document the watch sends to standalone
         gateways: several replicas' gateways route from the leader's, and a control plane
         that restarts routes from the one it left until its agents have rejoined (see
-        :meth:`resume`). Beside the pass, which goes on without yielding to the loop (what
-        `get placements` reads must not see the placements of a pass without its snapshot)."""
+        :meth:`resume`). Beside the pass, which goes on meanwhile."""
         task = asyncio.get_running_loop().create_task(self._publish_latest(), name="publish-table")
         self._publishes.add(task)
         task.add_done_callback(self._publishes.discard)
@@ -462,28 +479,26 @@ class Reconciler:
         backoff = self._dc_backoff.get(site)
         if backoff is not None and backoff.next_try > self.clock():
             return
-        obj = self.store.get("Site", site)
+        obj = await asyncio.to_thread(self.store.get, "Site", site)
         if obj is None:
             return
         try:
             actuator = await self.datacentres.actuator(site, catalog.parse_site(obj))
             await actuator.apply(apps)
         except (serve_config.DataCentreError, OSError, RuntimeError, ValueError) as exc:
-            self._dc_failed(site, exc)
+            await self._dc_failed(site, exc)
             return
         except Exception as exc:  # as in _observe_one: this site's alone
             log.exception("data centre %s: applying its Serve applications failed", site)
-            self._dc_failed(site, exc, f"applying failed: {type(exc).__name__}: ")
+            await self._dc_failed(site, exc, f"applying failed: {type(exc).__name__}: ")
             return
         self._dc_backoff.pop(site, None)
         if drift:  # e.g. a deposed leader's apply that landed after this leader's
             self.reapplied[site] = self.reapplied.get(site, 0) + 1
             log.warning("data centre %s: its Serve applications were changed by another writer (%s); applied ours again", site, drift)
-            self.store.record(store_mod.Event("reconciler", "serve-reapplied", "Site", site,
-                                              f"changed by another writer ({drift}); applied this control plane's again"),
-                              lease=self.lease)
+            await self._record(store_mod.Event("reconciler", "serve-reapplied", "Site", site,
+                                               f"changed by another writer ({drift}); applied this control plane's again"))
         if apps != self._applied.get(site):
-            self.store.record(store_mod.Event("reconciler", "serve-applied", "Site", site,
-                                              f"{len(apps)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in apps)),
-                              lease=self.lease)
+            await self._record(store_mod.Event("reconciler", "serve-applied", "Site", site,
+                                               f"{len(apps)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in apps)))
         self._applied[site] = apps

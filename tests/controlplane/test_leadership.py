@@ -1,7 +1,7 @@
 """The leader election on a real store file: one elector leads at a time, a leader that
 dies is replaced with a larger fencing token (its late writes refused), and a leader whose
 store stops answering steps down before its lease can run out, then leads again; and who
-leads is shown without a stalled database holding the replica up."""
+leads is shown, and the leader reconciles, without a stalled database holding the replica up."""
 
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ async def test_the_leadership_view_on_a_stalled_database_holds_up_no_other_reque
     within a lease time, saying the store did not."""
     fleet = harness.Fleet(tmp_path)
     try:
-        # no pass while the database is stopped: a pass reads it on the event loop itself
+        # no pass while the database is stopped: this test is about the view alone
         cp = await fleet.start_control_plane(store=postgres.create_database(), resync_s=3600.0)
         assert cp.elector is not None  # a shared database: leadership by the lease
         await cp.reconciler.wait_for_pass(0)
@@ -288,5 +288,44 @@ async def test_a_database_that_stalls_as_it_grants_the_lease_holds_up_no_other_r
         # and once the database is back, the replica leads: its relay address published under its lease
         await harness.wait_until(lambda: elector.lease is not None and cp.reconciler.lease is not None
                                  and cp.reconciler.lease.token == elector.lease.token, 30, what="the replica to lead again")
+    finally:
+        await fleet.stop()
+
+
+async def test_a_pass_on_a_stalled_database_holds_up_no_other_request(tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    """The leader's reconcile pass starts while the database is stalled: the pass waits for
+    it, the rest of the replica (its health probes, its API) goes on answering, and the pass
+    ends once the database is back."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(store=postgres.create_database(), resync_s=3600.0)
+        assert cp.elector is not None
+        done = await cp.reconciler.wait_for_pass(0)
+        pid = cp.store.backend_pid
+        assert pid
+
+        def probe() -> list[int | None]:
+            """From outside the event loop, which a blocking read would hold: the liveness
+            probe's and the API's answers while the pass waits on the database; then it resumes."""
+            time.sleep(0.3)  # the pass now waits on the database
+            answers: list[int | None] = []
+            try:
+                for path in ("/v2/health/live", "/healthz"):
+                    try:
+                        answers.append(httpx.get(f"{cp.http_url}{path}", timeout=2).status_code)
+                    except httpx.TimeoutException:
+                        answers.append(None)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return answers
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            cp.reconciler.trigger("a pass on a stalled database")
+            answers = await asyncio.get_running_loop().run_in_executor(None, probe)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert answers == [200, 200], f"liveness probe, API health: {answers} while the pass waited on the database"
+        await cp.reconciler.wait_for_pass(done)  # and the database back, the replica reconciles again
     finally:
         await fleet.stop()

@@ -89,9 +89,9 @@ def test_a_preview_and_a_what_if_while_edge_sites_rejoin_keep_their_replicas_as_
         kept = planning.placement_rows(planning.plan_pass(asyncio.run(reconciler.gather())).result)
         assert [(p.deployment, p.site) for p in kept] == [("d1", "edge-a")]
 
-        what_if = simulate.run(reconciler.current(), b"")
+        what_if = simulate.run(asyncio.run(reconciler.current()), b"")
         assert (what_if["summary"]["removed"], what_if["summary"]["unschedulableReplicas"], what_if["after"]["replicas"]) == (0, 0, 1)
-        preview = views.preview(reconciler.current(), [])
+        preview = views.preview(asyncio.run(reconciler.current()), [])
         assert [(c["site"], c["change"]) for c in preview["changes"]] == [("edge-a", "unchanged")]
     finally:
         store.close()

@@ -87,7 +87,10 @@ async def test_a_second_simulation_while_one_runs_gets_429_with_retry_after(serv
 async def test_two_slots_take_two_at_once_and_refuse_a_third() -> None:
     held = Held(then=lambda *args: {"ok": True})
     sims = simulate_api.Simulations(slots=2, plan=held)
-    read = lambda: None  # noqa: E731 -- the held plan never looks at the state
+
+    async def read() -> None:  # the held plan never looks at the state
+        return None
+
     first = asyncio.create_task(sims.run(read, b"", None, None))  # type: ignore[arg-type]
     second = asyncio.create_task(sims.run(read, b"", None, None))  # type: ignore[arg-type]
     await asyncio.sleep(0)  # both take a slot on their first step
