@@ -53,7 +53,7 @@ def _summary(lags_s: list[float]) -> dict[str, float]:
 
 
 class _Follower:
-    """A follower's store loop as ``ControlPlane._follow_store`` runs it: a read when told, or each poll."""
+    """A follower's store loop as ``following.StoreFollower`` runs it: a read when told, or each poll."""
 
     def __init__(self, url: str, notified: bool) -> None:
         from orchestrator.store.postgres import PostgresStore

@@ -7,7 +7,8 @@ the benchmarks and the demo start in-process, so all of them run the same wiring
 On a PostgreSQL store several of these processes may share one database: each serves the
 API, the gateway (routing from the table the leader publishes) and agents, and only the
 holder of the leader lease (:mod:`orchestrator.leadership`) reconciles; the others relay
-their agents to it (:mod:`orchestrator.agents.relay`).
+their agents to it (:mod:`orchestrator.agents.relay`); each acts on what the others
+write (:mod:`orchestrator.following`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from orchestrator import catalog, console, leadership, views
+from orchestrator import catalog, console, following, leadership, views
 from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
@@ -64,15 +65,7 @@ from orchestrator.store import sqlite as store_mod
 log = logging.getLogger("edgeplane")
 
 
-WAKE_ACTION = "wake-requested"  # the event a follower logs for a request that found a model scaled to zero
 WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
-LEADER_KEY = "leader"  # published by each new leader: where followers relay their agents, and the secret
-#: What other replicas' writes wake the store loop for (see the store's ``_changed``): the
-#: leader, applies and followers' wakes (Model events); a follower, the leader's relay
-#: address and endpoint table; either, agents revoked (Site events).
-REVOCATIONS = "events:Site"
-LEADER_READS = ("resources", "events:Model", REVOCATIONS)
-FOLLOWER_READS = (f"published:{LEADER_KEY}", f"published:{wire.PUBLISHED_KEY}", REVOCATIONS)
 #: The agents' events logged (by the replica the agent is connected to).
 LOGGED_AGENT_EVENTS = frozenset({agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED})
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
@@ -114,7 +107,6 @@ class ControlPlane:
     relay_client: relay.RelayClient | None = None  # shared database only: relays this replica's agents while it follows
     _relay_secret: str | None = None  # set while leading: what relaying replicas must present
     _leader_published: int | None = None  # the fencing token under which this replica's relay address was published
-    _store_changed: asyncio.Event = field(default_factory=asyncio.Event)  # another replica wrote what this one reads
     _lease_read: asyncio.Future[store_mod.Lease | None] | None = None  # GET /v1/controlplane's read of the lease, shared
     _change_feed: Any = None  # shared database only: tells of other replicas' writes as they commit
     _agent_events: asyncio.Queue[agent_model.AgentEvent] = field(default_factory=asyncio.Queue)  # to log, in order
@@ -257,17 +249,19 @@ class ControlPlane:
                                                   agent_ca=self.agent_ca_sha256)
             self._background.append(asyncio.create_task(self.relay_client.run(), name="agent-relay"))
             self.table.on_wake = self._on_wake
+            follower = following.StoreFollower(self.store, self.elector, self.hub, self.table, self.reconciler, self.relay_client,
+                                               self._publish_leader, lambda: self._leader_published)
             loop = asyncio.get_running_loop()
-            read = {"*", *LEADER_READS, *FOLLOWER_READS}
+            read = {"*", *following.LEADER_READS, *following.FOLLOWER_READS}
 
             def told(what: str) -> None:  # in the feed's thread: the rest (agents' joins, ...) never reaches the loop
                 if what in read:
-                    _call_soon(loop, self._on_store_change, what)
+                    _call_soon(loop, follower.told, what)
 
             self._change_feed = self.store.follow_changes(told)
             self._election = asyncio.create_task(self.elector.run(), name="leader-election")
             self._background.append(self._election)
-            self._background.append(asyncio.create_task(self._follow_store(cfg.store_poll_s), name="store-changes"))
+            self._background.append(asyncio.create_task(follower.run(cfg.store_poll_s), name="store-changes"))
         else:  # one process owns the SQLite file: it always leads (after a restart, keeping its agents' replicas until they are back)
             self.reconciler.resume(rejoin_s=self.takeover_s)
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
@@ -319,7 +313,7 @@ class ControlPlane:
     def _on_wake(self, model: str) -> None:
         """A request found ``model`` scaled to zero. The leader's reconciler starts a replica;
         a follower's is not running, so it leaves the wake in the event log, where the leader
-        finds it within a second (:meth:`_follow_store`); at most one a second per model."""
+        finds it within a second (:class:`following.StoreFollower`); at most one a second per model."""
         if self.elector is None or self.elector.leading:
             self.reconciler.trigger(f"request for {model}, scaled to zero")
             return
@@ -327,7 +321,7 @@ class ControlPlane:
         if now - self._wakes_left.get(model, -WAKE_EVERY_S) < WAKE_EVERY_S:
             return
         self._wakes_left[model] = now
-        event = store_mod.Event(self.replica_id, WAKE_ACTION, "Model", model,
+        event = store_mod.Event(self.replica_id, following.WAKE_ACTION, "Model", model,
                                 f"a request through replica {self.replica_id} found {model} scaled to zero")
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.store.record, event))
         self._wake_writes.add(task)
@@ -373,7 +367,7 @@ class ControlPlane:
             self._reconciling = None
         self._relay_secret = None
         self.relay_servicer.close_all()  # the relaying replicas move to the new leader
-        self.hub.drop_relayed()  # and its own agents are relayed to it (see _follow_store)
+        self.hub.drop_relayed()  # and its own agents are relayed to it (see following.StoreFollower)
 
     @property
     def peer_address(self) -> str:
@@ -385,9 +379,9 @@ class ControlPlane:
         doc = {"replica": self.replica_id, "address": self.peer_address, "secret": self._relay_secret, "fencingToken": lease.token,
                "agentCa": self.agent_ca_sha256}
         try:
-            self.store.publish(LEADER_KEY, json.dumps(doc), lease=lease)
+            self.store.publish(following.LEADER_KEY, json.dumps(doc), lease=lease)
             self._leader_published = lease.token
-        except store_mod.StoreError as exc:  # again at the next second (_follow_store)
+        except store_mod.StoreError as exc:  # again at the next second (following.StoreFollower)
             log.warning("cannot publish the relay address: %s", exc)
 
     @property
@@ -400,81 +394,6 @@ class ControlPlane:
         """A client certificate from the shared agent CA for the relay stream."""
         key, csr = identity.new_key_and_csr(RELAY_IDENTITY)
         return relay.ClientTls(self.ca.certificate_pem, key, self.ca.issue_agent(RELAY_IDENTITY, csr))
-
-    def _on_store_change(self, what: str) -> None:
-        """Another replica's write committed (the store's change feed): wake
-        :meth:`_follow_store` when it is one this replica reads in its role."""
-        if self.elector is None:
-            return
-        if what == "*" or what in (LEADER_READS if self.elector.leading else FOLLOWER_READS):
-            self._store_changed.set()
-
-    async def _follow_store(self, every_s: float) -> None:
-        """At each change another replica makes that this one reads (the store's change
-        feed, within milliseconds of the commit), and every ``every_s`` (``--store-poll``)
-        in case a notification was lost: on the leader, a change of the store's resourceVersion wakes
-        the reconciler (an apply made through a follower reaches no reconciler) and wakes
-        logged by followers reach its table; on a follower, the endpoint table and
-        cascades the leader published replace this gateway's."""
-        seen, table_version, leader_version = -1, 0, 0
-        wakes_seen: int | None = None  # the last event read for followers' wakes (leading only)
-        revocations_seen: int | None = None  # the last Site event read for revoked agents
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(every_s):
-                    await self._store_changed.wait()
-            self._store_changed.clear()
-            if self.elector is None:
-                continue
-            try:
-                revocations_seen = await self._read_revocations(revocations_seen)
-                if self.elector.leading:
-                    table_version = leader_version = 0  # read again whenever this replica follows again
-                    lease = self.reconciler.lease
-                    if lease is not None and self._leader_published != lease.token:
-                        await asyncio.to_thread(self._publish_leader, lease)
-                    if wakes_seen is None:  # wakes left before this replica led were for the old leader
-                        elected = await asyncio.to_thread(self.store.recent_events, "ControlPlane", "leader", 1)
-                        wakes_seen = elected[-1].id if elected else 0
-                    wakes_seen = await self._read_wakes(wakes_seen)
-                    version = await asyncio.to_thread(self.store.resource_version)
-                    if version != seen:
-                        seen = version
-                        self.reconciler.applied(f"store changed (resourceVersion {version})")
-                    continue
-                wakes_seen = None
-                leader = await asyncio.to_thread(self.store.published, LEADER_KEY, leader_version)
-                if leader is not None and not self.elector.leading and self.relay_client is not None:
-                    leader_version, body = leader
-                    self.relay_client.follow(relay.Leader.from_json(body))  # ValueError: logged below, read again when it changes
-                got = await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, table_version)
-                if got is not None and not self.elector.leading:
-                    table_version, body = got
-                    wire.apply_json(self.table, json.loads(body))  # all or nothing
-            except store_mod.StoreError as exc:
-                log.warning("following the store: %s", exc)
-            except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
-                log.warning("what the leader published (its endpoint table or relay address) is unreadable here: %s", exc)
-
-    async def _read_revocations(self, since: int | None) -> int:
-        """Agents revoked through any replica after Site event ``since`` (None: from now on) are
-        dropped here too: the one that took the request drops only the agents connected to it."""
-        if since is None:
-            newest = await asyncio.to_thread(self.store.recent_events, "Site", None, 1)
-            return newest[-1].id if newest else 0
-        while events := await asyncio.to_thread(self.store.events, since, 1000, "Site"):
-            since = events[-1].id
-            for site in sorted({e.name for e in events if e.action == "agent-revoked"}):
-                if await asyncio.to_thread(self.store.agent_revoked_at, site) is not None:  # not enrolled again since
-                    self.hub.revoke(site)
-        return since
-
-    async def _read_wakes(self, since: int) -> int:
-        """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""
-        events = await asyncio.to_thread(self.store.events, since, 1000, "Model")
-        for model in sorted({e.name for e in events if e.action == WAKE_ACTION}):
-            self.table.wake(model)
-        return events[-1].id if events else since
 
     async def leadership_view(self) -> dict[str, Any]:
         """This replica and who leads: ``GET /v1/controlplane``, ``edgeplane status``."""
@@ -593,7 +512,7 @@ class ControlPlane:
 
     def agent_revoked(self, site: str) -> None:
         """Drop the agent now: its streams end and it cannot rejoin on its credential. Other
-        replicas drop it when they read the revocation from the store (``_read_revocations``)."""
+        replicas drop it when they read the revocation from the store (``following.StoreFollower``)."""
         self.hub.revoke(site)
 
     async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:

@@ -1,0 +1,127 @@
+"""How a replica follows what the other replicas on its database write.
+
+Several control-plane replicas share one PostgreSQL database; each acts on some of the
+others' writes: the leader on applies made through a follower and on wakes followers
+logged, a follower on the relay address and the endpoint table the leader published,
+every replica on agents revoked through another. A write is read when the store's change
+feed tells of it (within milliseconds of the commit) and on a poll in case a notification
+was lost, always in a worker thread: the event loop serves the API, the gateway and the
+agents, and a stalled database must not hold them. Apart from the server (which wires it,
+and leads or follows by the lease, :mod:`orchestrator.leadership`) because it is one idea:
+what a replica reads of the others, and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator import leadership
+from orchestrator.agents import hub as hub_mod
+from orchestrator.agents import relay
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import wire
+from orchestrator.reconciler import loop as reconciler_mod
+from orchestrator.store import sqlite as store_mod
+
+log = logging.getLogger("edgeplane")
+
+WAKE_ACTION = "wake-requested"  # the event a follower logs for a request that found a model scaled to zero
+LEADER_KEY = "leader"  # published by each new leader: where followers relay their agents, and the secret
+#: What other replicas' writes wake the store loop for (see the store's ``_changed``): the
+#: leader, applies and followers' wakes (Model events); a follower, the leader's relay
+#: address and endpoint table; either, agents revoked (Site events).
+REVOCATIONS = "events:Site"
+LEADER_READS = ("resources", "events:Model", REVOCATIONS)
+FOLLOWER_READS = (f"published:{LEADER_KEY}", f"published:{wire.PUBLISHED_KEY}", REVOCATIONS)
+
+
+@dataclass
+class StoreFollower:
+    """One replica's reads of the others' writes, and what it does with them."""
+
+    store: store_mod.Store
+    elector: leadership.Elector
+    hub: hub_mod.AgentHub
+    table: endpoints_mod.EndpointTable
+    reconciler: reconciler_mod.Reconciler
+    relay_client: relay.RelayClient | None
+    publish_leader: Callable[[store_mod.Lease], None]  # in a worker thread: this leader's relay address, under its lease
+    published_under: Callable[[], int | None]  # the fencing token the relay address was last published under
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def told(self, what: str) -> None:
+        """Another replica's write committed (the store's change feed, on the loop): wake
+        :meth:`run` when it is one this replica reads in its role."""
+        if what == "*" or what in (LEADER_READS if self.elector.leading else FOLLOWER_READS):
+            self._changed.set()
+
+    async def run(self, every_s: float) -> None:
+        """At each change another replica makes that this one reads (the store's change
+        feed, within milliseconds of the commit), and every ``every_s`` (``--store-poll``)
+        in case a notification was lost: on the leader, a change of the store's resourceVersion wakes
+        the reconciler (an apply made through a follower reaches no reconciler) and wakes
+        logged by followers reach its table; on a follower, the endpoint table and
+        cascades the leader published replace this gateway's."""
+        seen, table_version, leader_version = -1, 0, 0
+        wakes_seen: int | None = None  # the last event read for followers' wakes (leading only)
+        revocations_seen: int | None = None  # the last Site event read for revoked agents
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every_s):
+                    await self._changed.wait()
+            self._changed.clear()
+            try:
+                revocations_seen = await self._read_revocations(revocations_seen)
+                if self.elector.leading:
+                    table_version = leader_version = 0  # read again whenever this replica follows again
+                    lease = self.reconciler.lease
+                    if lease is not None and self.published_under() != lease.token:
+                        await asyncio.to_thread(self.publish_leader, lease)
+                    if wakes_seen is None:  # wakes left before this replica led were for the old leader
+                        elected = await asyncio.to_thread(self.store.recent_events, "ControlPlane", "leader", 1)
+                        wakes_seen = elected[-1].id if elected else 0
+                    wakes_seen = await self._read_wakes(wakes_seen)
+                    version = await asyncio.to_thread(self.store.resource_version)
+                    if version != seen:
+                        seen = version
+                        self.reconciler.applied(f"store changed (resourceVersion {version})")
+                    continue
+                wakes_seen = None
+                leader = await asyncio.to_thread(self.store.published, LEADER_KEY, leader_version)
+                if leader is not None and not self.elector.leading and self.relay_client is not None:
+                    leader_version, body = leader
+                    self.relay_client.follow(relay.Leader.from_json(body))  # ValueError: logged below, read again when it changes
+                got = await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, table_version)
+                if got is not None and not self.elector.leading:
+                    table_version, body = got
+                    wire.apply_json(self.table, json.loads(body))  # all or nothing
+            except store_mod.StoreError as exc:
+                log.warning("following the store: %s", exc)
+            except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
+                log.warning("what the leader published (its endpoint table or relay address) is unreadable here: %s", exc)
+
+    async def _read_revocations(self, since: int | None) -> int:
+        """Agents revoked through any replica after Site event ``since`` (None: from now on) are
+        dropped here too: the one that took the request drops only the agents connected to it."""
+        if since is None:
+            newest = await asyncio.to_thread(self.store.recent_events, "Site", None, 1)
+            return newest[-1].id if newest else 0
+        while events := await asyncio.to_thread(self.store.events, since, 1000, "Site"):
+            since = events[-1].id
+            for site in sorted({e.name for e in events if e.action == "agent-revoked"}):
+                if await asyncio.to_thread(self.store.agent_revoked_at, site) is not None:  # not enrolled again since
+                    self.hub.revoke(site)
+        return since
+
+    async def _read_wakes(self, since: int) -> int:
+        """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""
+        events = await asyncio.to_thread(self.store.events, since, 1000, "Model")
+        for model in sorted({e.name for e in events if e.action == WAKE_ACTION}):
+            self.table.wake(model)
+        return events[-1].id if events else since
+
