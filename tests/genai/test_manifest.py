@@ -88,3 +88,21 @@ def test_placement_counts_the_kv_cache_as_memory_and_gpu_memory():
     assert placed(edge, 8) == 0  # 6 GiB: not placed
     assert placed(dc, 40, gpus=1) == 1  # 22 GiB of GPU memory on a 24 GiB L4
     assert placed(dc, 48, gpus=1) == 0  # 26 GiB: not placed
+
+
+def test_the_example_in_the_manifests_doc_loads_and_its_memory_figure_is_what_placement_counts():
+    import pathlib
+    import re
+
+    from orchestrator.manifests import loader
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "manifests.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "runtime: onnx-genai" in b)
+    block = re.sub(r"sha256: [^,}\n]+", f"sha256: {SHA}", block)  # the doc shortens the digest
+    v = loader.load_text(block, "manifests.md")[0].doc.spec.variants[0]
+    figures = re.search(r"\(above: ([\d,]+) \+ ([\d,]+) × ([\d,]+) × ([\d,]+) = ([\d,]+) bytes = (\d+) MiB\)", text)
+    assert figures, "the arithmetic under the example is gone or reworded"
+    weights, per_token, context, sequences, total, mib = (int(g.replace(",", "")) for g in figures.groups())
+    g = v.generative
+    assert (weights, per_token, context, sequences) == (g.weightBytes, g.kvBytesPerToken, g.contextLength, g.maxConcurrentSequences)
+    assert (total, mib) == (g.memory_bytes(), v.memory_mib())
