@@ -223,6 +223,9 @@ BAD: list[Bad] = [
         "rps:", "finite number", document=1),
     Bad("lat-out-of-range", site(("spec.location.lat", 91)), "spec.location.lat", "lat:", "less than or equal to 90"),
     Bad("pue-below-one", site(("spec.energy.pue", 0.5)), "spec.energy.pue", "pue:", "greater than or equal to 1"),
+    # 300 g/kWh is assumed for a site without `energy`; one that gives `energy` gives its carbon figure
+    Bad("energy-without-carbon", site(("spec.energy", {"pue": 1.2})), "spec.energy.carbonGramsPerKWh", "energy:",
+        "required field is missing"),
     Bad("negative-rps", join(MODEL, deployment(("spec.demand", [{"region": "eu-west", "rps": -5}]))), "spec.demand[0].rps", "rps:",
         "greater than or equal to 0", document=1),
     Bad("negative-max-unavailable", join(MODEL, deployment(("spec.rollout", {"maxUnavailable": -1}))), "spec.rollout.maxUnavailable",
