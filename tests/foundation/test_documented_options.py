@@ -1,0 +1,37 @@
+"""The options of the commands callers and operators run are named in the docs: a flag the
+parser takes that no doc names is one nobody finds (or one a doc forgot when it was added)."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+
+from orchestrator.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def command(*path: str) -> argparse.ArgumentParser:
+    parser = main.build_parser()
+    for name in path:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return parser
+
+
+def options(parser: argparse.ArgumentParser) -> list[tuple[str, ...]]:
+    """Each option's spellings (``("-o", "--output")``), help left out."""
+    return [tuple(a.option_strings) for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def named_in(text: str, spellings: tuple[str, ...]) -> bool:
+    return any(re.search(rf"`{re.escape(s)}(?=[ `=])", text) for s in spellings)
+
+
+def test_the_deploy_guide_lists_every_option_of_the_standalone_gateway() -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    start = text.index("Options: `--control-plane URL")
+    paragraph = text[start:text.index("\n\n", start)]
+    missing = [s[-1] for s in options(command("gateway")) if not named_in(paragraph, s)]
+    assert not missing, f"docs/deploy.md's option list of `edgeplane gateway` leaves out {missing}"
+
