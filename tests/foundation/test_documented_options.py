@@ -7,9 +7,12 @@ import argparse
 import pathlib
 import re
 
+import pytest
+
 from orchestrator.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+DOCS = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 
 
 def command(*path: str) -> argparse.ArgumentParser:
@@ -35,3 +38,8 @@ def test_the_deploy_guide_lists_every_option_of_the_standalone_gateway() -> None
     missing = [s[-1] for s in options(command("gateway")) if not named_in(paragraph, s)]
     assert not missing, f"docs/deploy.md's option list of `edgeplane gateway` leaves out {missing}"
 
+
+@pytest.mark.parametrize("path", [("infer",), ("chat",), ("cascade", "tune")], ids=" ".join)
+def test_every_option_of_the_callers_commands_is_named_in_the_docs(path: tuple[str, ...]) -> None:
+    missing = [s[-1] for s in options(command(*path)) if not named_in(DOCS, s)]
+    assert not missing, f"no doc names these options of `edgeplane {' '.join(path)}`: {missing}"
