@@ -282,7 +282,7 @@ class LlmSpec(Strict):
     acceleratorType: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
     weightBytes: int = Field(ge=1, le=2**50)
     architecture: Architecture
-    #: Bytes per KV-cache element: 2 for bf16/fp16, 1 for an fp8 KV cache.
+    #: Bytes per KV-cache element: 2 for bf16/fp16, 1 for an fp8 KV cache, 4 for fp32.
     kvCacheDtypeBytes: Literal[1, 2, 4] = 2
     #: Fraction of each GPU's memory the engine may take (vLLM's gpu_memory_utilization).
     gpuMemoryUtilization: float = Field(default=0.9, gt=0.1, le=1.0)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 import pathlib
 import re
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
-from orchestrator.manifests import loader
+from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import inventory
 
 from . import support
@@ -116,3 +116,10 @@ def test_the_manifests_in_the_docs_load_and_their_arithmetic_is_what_the_planner
         memory = inventory.llm_memory(variants[key].llm)  # type: ignore[arg-type]
         assert (f"{memory.per_gpu_gib:.2f}", f"{memory.card_gib:.2f}") == (per_gpu, card), key
         assert f"**{per_gpu} GiB**" in section and f"**{card} GiB**" in section
+
+
+def test_the_manifests_doc_gives_every_kv_cache_element_size_the_schema_takes() -> None:
+    taken = get_args(schema.LlmSpec.model_fields["kvCacheDtypeBytes"].annotation)
+    text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "manifests.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `llm.kvCacheDtypeBytes`"))
+    assert taken and all(f" {n} (" in row for n in taken), (taken, row)
