@@ -31,6 +31,7 @@ import os
 import pathlib
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,17 @@ ACCURACY_LEVEL = 4
 #: Bumped whenever the graph or the files written change, so caches of converted packages
 #: (``orchestrator.testing.examples``) build again.
 CONVERTER_VERSION = 4
+#: Bounds on the header's numbers, far above any published Llama-architecture model (Llama
+#: 3.1 405B: 126 layers, 128 heads, 16384 wide, 128256 tokens, 131072 of context). The
+#: header is read before the tensors that back it, so a crafted one of a few hundred bytes
+#: must not size the converter's loops and tables.
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_WIDTH = 1 << 20  # hidden and feed-forward sizes
+MAX_VOCAB = 1 << 22
+#: The rotary tables hold context x head size float32 values (512 MiB at 1M tokens and
+#: head size 128); a longer trained context is converted with ``--context-length``.
+MAX_CONTEXT = 1 << 20
 
 
 class GGUFError(Exception):
@@ -77,26 +89,52 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
+def _whole(reader: Any, key: str, default: int | None = None) -> int:
+    value = _field(reader, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise GGUFError(f"{key} is {value!r:.40}, not a whole number")
+    return int(value)
+
+
+def _count(reader: Any, key: str, high: int | None, default: int | None = None) -> int:
+    value = _whole(reader, key, default)
+    if value < 1 or (high is not None and value > high):
+        raise GGUFError(f"{key} is {value}, not " + (f"between 1 and {high}" if high is not None else "at least 1"))
+    return value
+
+
+def _real(reader: Any, key: str, default: float | None = None, *, positive: bool = False) -> float:
+    value = _field(reader, key, default)
+    number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if not number or not (0 < value < float("inf") if positive else 0 <= value < float("inf")):
+        raise GGUFError(f"{key} is {value!r:.40}, not a finite number {'above' if positive else 'of at least'} 0")
+    return float(value)
+
+
 def read_shape(reader: Any, context_length: int | None = None) -> LlamaShape:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise GGUFError(f"architecture {arch!r} is not supported (only 'llama')")
-    trained = int(_field(reader, "llama.context_length"))
     if context_length is not None and context_length < 1:
         raise GGUFError(f"a context length of {context_length} tokens: give at least 1")
+    trained = _count(reader, "llama.context_length", None)  # bounded once capped, below
+    heads = _count(reader, "llama.attention.head_count", MAX_HEADS)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
     shape = LlamaShape(
-        layers=int(_field(reader, "llama.block_count")),
-        hidden=int(_field(reader, "llama.embedding_length")),
-        heads=int(_field(reader, "llama.attention.head_count")),
-        kv_heads=int(_field(reader, "llama.attention.head_count_kv", _field(reader, "llama.attention.head_count"))),
-        ffn=int(_field(reader, "llama.feed_forward_length")),
-        vocab=len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0,
+        layers=_count(reader, "llama.block_count", MAX_LAYERS),
+        hidden=_count(reader, "llama.embedding_length", MAX_WIDTH),
+        heads=heads,
+        kv_heads=_count(reader, "llama.attention.head_count_kv", MAX_HEADS, heads),
+        ffn=_count(reader, "llama.feed_forward_length", MAX_WIDTH),
+        vocab=len(tokens.data) if tokens is not None else 0,
         context_length=min(trained, context_length) if context_length else trained,
-        rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        rope_base=_real(reader, "llama.rope.freq_base", 10000.0, positive=True),
+        rms_eps=_real(reader, "llama.attention.layer_norm_rms_epsilon"),
     )
-    if not shape.vocab:
-        raise GGUFError("the file has no 'tokenizer.ggml.tokens'")
+    if not 1 <= shape.vocab <= MAX_VOCAB:
+        raise GGUFError(f"the file has {shape.vocab} tokens in 'tokenizer.ggml.tokens', not between 1 and {MAX_VOCAB}")
+    if shape.context_length > MAX_CONTEXT:
+        raise GGUFError(f"a context of {shape.context_length} tokens is more than {MAX_CONTEXT}: give --context-length")
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
         raise GGUFError(f"{shape.heads} heads do not divide the hidden size {shape.hidden} or into {shape.kv_heads} KV heads")
     return shape
@@ -335,8 +373,15 @@ def _tokenizer(reader: Any) -> tuple[Any, list[str], dict[str, int]]:
         raise GGUFError(f"tokenizer {kind!r} is not supported (only the byte-level BPE 'gpt2')")
     tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    if len(types) != len(tokens) or not all(isinstance(t, int) for t in types):
+        raise GGUFError(f"tokenizer.ggml.token_type is not one whole number for each of the {len(tokens)} tokens")
+    vocab = {t: i for i, t in enumerate(tokens)}
     merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    for pair in merges:  # tokenizers raises, or panics, on a merge whose parts or result it lacks
+        if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
+            raise GGUFError(f"merge {' '.join(pair)!r:.80}: not two tokens of the vocabulary, a space between them, "
+                            "that make a third")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
@@ -393,19 +438,23 @@ def convert(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, context_length: i
     return out_dir
 
 
-def _check_weights(shape: LlamaShape, weights: dict[str, np.ndarray]) -> None:
-    """Every tensor the decoder reads, with the shape the file's header promises."""
+def _expected_weights(shape: LlamaShape, tied: bool) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Every tensor the decoder reads, with the shape the header promises, layer by layer:
+    a header claiming more layers than the file holds fails at the first one missing."""
     h, kv, v = shape.hidden, shape.kv_heads * shape.head_size, shape.vocab
-    expected = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
+    yield from {"token_embd.weight": (v, h), "output_norm.weight": (h,)}.items()
+    if not tied:
+        yield "output.weight", (v, h)
     for i in range(shape.layers):
         p = f"blk.{i}"
-        expected |= {f"{p}.attn_norm.weight": (h,), f"{p}.ffn_norm.weight": (h,), f"{p}.attn_q.weight": (h, h),
-                     f"{p}.attn_k.weight": (kv, h), f"{p}.attn_v.weight": (kv, h), f"{p}.attn_output.weight": (h, h),
-                     f"{p}.ffn_gate.weight": (shape.ffn, h), f"{p}.ffn_up.weight": (shape.ffn, h),
-                     f"{p}.ffn_down.weight": (h, shape.ffn)}
-    if "output.weight" in weights:
-        expected["output.weight"] = (v, h)
-    for name, want in expected.items():
+        yield from {f"{p}.attn_norm.weight": (h,), f"{p}.ffn_norm.weight": (h,), f"{p}.attn_q.weight": (h, h),
+                    f"{p}.attn_k.weight": (kv, h), f"{p}.attn_v.weight": (kv, h), f"{p}.attn_output.weight": (h, h),
+                    f"{p}.ffn_gate.weight": (shape.ffn, h), f"{p}.ffn_up.weight": (shape.ffn, h),
+                    f"{p}.ffn_down.weight": (h, shape.ffn)}.items()
+
+
+def _check_weights(shape: LlamaShape, weights: dict[str, np.ndarray]) -> None:
+    for name, want in _expected_weights(shape, tied="output.weight" not in weights):
         got = weights.get(name)
         if got is None:
             raise GGUFError(f"the file has no tensor {name!r}")
@@ -415,7 +464,7 @@ def _check_weights(shape: LlamaShape, weights: dict[str, np.ndarray]) -> None:
 
 def _configs(reader: Any, shape: LlamaShape, tokens: list[str], special: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``tokenizer_config.json`` and ``genai_config.json``."""
-    ids = {key: int(_field(reader, f"tokenizer.ggml.{key}_token_id", -1)) for key in ("bos", "eos", "padding", "unknown")}
+    ids = {key: _whole(reader, f"tokenizer.ggml.{key}_token_id", -1) for key in ("bos", "eos", "padding", "unknown")}
     ids = {key: i for key, i in ids.items() if 0 <= i < len(tokens)}
     if "eos" not in ids:
         raise GGUFError("the file names no end-of-sequence token (tokenizer.ggml.eos_token_id)")

@@ -87,6 +87,26 @@ def write_gguf(path: pathlib.Path, *, arch: str = "llama", tokenizer: str = "gpt
     return weights
 
 
+def write_header(path: pathlib.Path, **fields: object) -> None:
+    """A GGUF file holding only the tiny model's header (no tensors: a few KB), with
+    ``fields`` (GGUF keys) in place of its values."""
+    tokens, merges, types = _tokenizer_lists()
+    header = {"llama.block_count": LAYERS, "llama.context_length": CONTEXT, "llama.embedding_length": HIDDEN,
+              "llama.feed_forward_length": FFN, "llama.attention.head_count": HEADS, "llama.attention.head_count_kv": KV_HEADS,
+              "llama.attention.layer_norm_rms_epsilon": 1e-5, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+              "tokenizer.ggml.merges": merges, "tokenizer.ggml.token_type": types,
+              "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>")} | fields
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in header.items():
+        kind = {str: gguf.GGUFValueType.STRING, int: gguf.GGUFValueType.UINT64, float: gguf.GGUFValueType.FLOAT32,
+                list: gguf.GGUFValueType.ARRAY}[type(value)]
+        w.add_key_value(key, value, kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def reference_logits(weights: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
     """The same Llama forward pass in numpy, over the whole sequence at once."""
     d, group, n = HIDDEN // HEADS, HEADS // KV_HEADS, len(ids)
@@ -341,6 +361,36 @@ def test_a_file_missing_a_tensor_or_with_a_wrong_shape_is_refused_before_anythin
     with pytest.raises(gguf_llama.GGUFError, match="not a readable GGUF file"):
         gguf_llama.convert(truncated, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"llama.attention.head_count": 0}, "llama.attention.head_count is 0, not between 1 and 1024"),
+    ({"llama.attention.head_count_kv": 0}, "llama.attention.head_count_kv is 0"),
+    ({"llama.block_count": "twelve"}, "llama.block_count is 'twelve', not a whole number"),
+    ({"llama.block_count": 2**40}, "llama.block_count is 1099511627776, not between 1 and 1024"),
+    ({"llama.context_length": 2**40}, "a context of 1099511627776 tokens is more than 1048576: give --context-length"),
+    ({"llama.context_length": 0}, "llama.context_length is 0, not at least 1"),
+    ({"llama.rope.freq_base": 0.0}, "llama.rope.freq_base is 0.0, not a finite number above 0"),
+    ({"tokenizer.ggml.merges": ["<|im_end|>"]}, "merge '<|im_end|>': not two tokens of the vocabulary"),
+    ({"tokenizer.ggml.merges": ["no such"]}, "merge 'no such': not two tokens"),
+    ({"tokenizer.ggml.merges": ["<|im_end|> <|im_end|>"]}, "merge '<|im_end|> <|im_end|>': not two tokens"),
+], ids=["no-heads", "no-kv-heads", "block-count-a-string", "2**40-blocks", "2**40-context", "no-context",
+        "rope-base-0", "merge-without-space", "merge-outside-the-vocabulary", "merge-making-no-token"])
+def test_a_header_the_decoder_cannot_run_is_refused_before_anything_is_built(tmp_path: pathlib.Path, fields: dict,
+                                                                           message: str) -> None:
+    """The header is read before the tensors that would back it: its numbers must not size
+    loops or tables (2**40 layers, 2**40 positions), nor divide by zero."""
+    write_header(tmp_path / "m.gguf", **fields)
+    with pytest.raises(gguf_llama.GGUFError, match=message):
+        gguf_llama.convert(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_context_longer_than_the_converter_tables_converts_when_capped(tmp_path: pathlib.Path) -> None:
+    from gguf import GGUFReader
+
+    write_header(tmp_path / "m.gguf", **{"llama.context_length": 2**40})
+    assert gguf_llama.read_shape(GGUFReader(str(tmp_path / "m.gguf")), 2048).context_length == 2048
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
