@@ -137,6 +137,9 @@ def read_shape(reader: Any, context_length: int | None = None) -> LlamaShape:
         raise GGUFError(f"a context of {shape.context_length} tokens is more than {MAX_CONTEXT}: give --context-length")
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
         raise GGUFError(f"{shape.heads} heads do not divide the hidden size {shape.hidden} or into {shape.kv_heads} KV heads")
+    if shape.head_size % 2:
+        raise GGUFError(f"head size {shape.head_size} (hidden size {shape.hidden} / {shape.heads} heads) is odd: "
+                        "the rotary embedding turns pairs of values")
     return shape
 
 

@@ -370,16 +370,18 @@ def test_a_file_missing_a_tensor_or_with_a_wrong_shape_is_refused_before_anythin
     ({"llama.block_count": 2**40}, "llama.block_count is 1099511627776, not between 1 and 1024"),
     ({"llama.context_length": 2**40}, "a context of 1099511627776 tokens is more than 1048576: give --context-length"),
     ({"llama.context_length": 0}, "llama.context_length is 0, not at least 1"),
+    ({"llama.embedding_length": 12, "llama.feed_forward_length": 16}, r"head size 3 \(hidden size 12 / 4 heads\) is odd"),
     ({"llama.rope.freq_base": 0.0}, "llama.rope.freq_base is 0.0, not a finite number above 0"),
     ({"tokenizer.ggml.merges": ["<|im_end|>"]}, "merge '<|im_end|>': not two tokens of the vocabulary"),
     ({"tokenizer.ggml.merges": ["no such"]}, "merge 'no such': not two tokens"),
     ({"tokenizer.ggml.merges": ["<|im_end|> <|im_end|>"]}, "merge '<|im_end|> <|im_end|>': not two tokens"),
-], ids=["no-heads", "no-kv-heads", "block-count-a-string", "2**40-blocks", "2**40-context", "no-context",
+], ids=["no-heads", "no-kv-heads", "block-count-a-string", "2**40-blocks", "2**40-context", "no-context", "odd-head-size",
         "rope-base-0", "merge-without-space", "merge-outside-the-vocabulary", "merge-making-no-token"])
 def test_a_header_the_decoder_cannot_run_is_refused_before_anything_is_built(tmp_path: pathlib.Path, fields: dict,
                                                                            message: str) -> None:
     """The header is read before the tensors that would back it: its numbers must not size
-    loops or tables (2**40 layers, 2**40 positions), nor divide by zero."""
+    loops or tables (2**40 layers, 2**40 positions), nor divide by zero, nor make a graph that
+    fails at its first token (an odd head size: the rotary embedding turns pairs)."""
     write_header(tmp_path / "m.gguf", **fields)
     with pytest.raises(gguf_llama.GGUFError, match=message):
         gguf_llama.convert(tmp_path / "m.gguf", tmp_path / "out")
