@@ -6,7 +6,9 @@ it as one artifact whose sha256 is known before a byte is unpacked, so the folde
 packed into a plain, uncompressed tar with a canonical order and zeroed metadata: the
 same folder always gives the same bytes, hence the same digest.
 
-``describe`` reads the figures a ``Model`` manifest declares for placement (parameters,
+``pack`` first checks that onnxruntime-genai could load the folder (the config, the files it
+names, the tokenizer's): otherwise the package would fail only on the agent or replica
+that downloaded it. ``describe`` reads the figures a ``Model`` manifest declares for placement (parameters,
 weight bytes, context length, KV-cache bytes per token) from the folder itself, so an
 operator can copy them into the manifest instead of working them out.
 
@@ -21,11 +23,16 @@ import json
 import pathlib
 import sys
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from orchestrator.artifacts.catalog import sha256_file
 
 CONFIG_NAME = "genai_config.json"
+#: What onnxruntime-genai's tokenizer (onnxruntime-extensions) opens beside the config: its
+#: settings, and the vocabulary as Hugging Face ``tokenizers`` or sentencepiece writes it.
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 #: dtype name in genai_config / ONNX → bytes per element of the KV cache.
 _KV_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 
@@ -53,10 +60,11 @@ class PackageFacts:
 
 
 def pack(model_dir: pathlib.Path, out: pathlib.Path) -> str:
-    """Tar ``model_dir``'s regular files (no links, no folders above it) into ``out``; returns sha256."""
+    """Tar ``model_dir``'s regular files (no links, no folders above it) into ``out``; returns
+    sha256. The folder is checked first (:func:`read_config`): a package that onnxruntime-genai
+    cannot load would fail only on the agent or replica that downloads it."""
     model_dir = pathlib.Path(model_dir)
-    if not (model_dir / CONFIG_NAME).is_file():
-        raise PackageError(f"{model_dir} has no {CONFIG_NAME}: not an onnxruntime-genai model folder")
+    read_config(model_dir)
     files = []
     for path in sorted(model_dir.rglob("*")):
         rel = path.relative_to(model_dir).as_posix()
@@ -78,6 +86,49 @@ def pack(model_dir: pathlib.Path, out: pathlib.Path) -> str:
                 tar.addfile(info, fh)
     tmp.replace(out)
     return sha256_file(out)
+
+
+def read_config(model_dir: pathlib.Path) -> dict:
+    """``genai_config.json`` of a model folder, checked for what :func:`describe` reads and
+    for the files onnxruntime-genai opens: each one the config names (the decoder's above
+    all) and the tokenizer's."""
+    model_dir = pathlib.Path(model_dir)
+    path = model_dir / CONFIG_NAME
+    if not path.is_file():
+        raise PackageError(f"{model_dir} has no {CONFIG_NAME}: not an onnxruntime-genai model folder")
+    try:
+        config = json.loads(path.read_bytes())
+    except ValueError as exc:  # not JSON, not UTF-8
+        raise PackageError(f"{path}: not JSON: {exc}") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    if not isinstance(decoder, dict):
+        raise PackageError(f"{path}: no \"model\": {{\"decoder\": {{...}}}} object")
+    if not list(_filenames(decoder)):
+        raise PackageError(f"{path}: model.decoder names no ONNX file (\"filename\")")
+    for name in _filenames(model):
+        rel = pathlib.PurePosixPath(name) if isinstance(name, str) else None
+        if rel is None or rel.is_absolute() or ".." in rel.parts or not (model_dir / rel).is_file():
+            raise PackageError(f"{path} names {name!r}, which is not a file of {model_dir}")
+    if not (model_dir / TOKENIZER_CONFIG).is_file() or not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
+        raise PackageError(f"{model_dir} lacks the tokenizer onnxruntime-genai loads: {TOKENIZER_CONFIG} and "
+                           f"{' or '.join(TOKENIZER_FILES)}")
+    kv_bytes_per_token(config)
+    _context_length(config)
+    return config
+
+
+def _filenames(section: object) -> Iterator[object]:
+    """Every ``"filename"`` in a part of genai_config (a decoder's, or its pipeline's stages')."""
+    if isinstance(section, dict):
+        for key, value in section.items():
+            if key == "filename":
+                yield value
+            else:
+                yield from _filenames(value)
+    elif isinstance(section, list):
+        for item in section:
+            yield from _filenames(item)
 
 
 def llama_config(*, bos: int, eos: list[int], pad: int, vocab: int, context_length: int, head_size: int,
@@ -198,10 +249,18 @@ def _onnx_weights(model_dir: pathlib.Path) -> tuple[int, int]:
     return params, nbytes
 
 
+def _context_length(config: dict) -> int:
+    search = config.get("search")
+    value = config["model"].get("context_length") or (search.get("max_length") if isinstance(search, dict) else None) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PackageError(f"{CONFIG_NAME}: the context length {value!r:.40} is not a whole number of tokens")
+    return value
+
+
 def describe(model_dir: pathlib.Path, package: pathlib.Path) -> PackageFacts:
-    config = json.loads((pathlib.Path(model_dir) / CONFIG_NAME).read_text())
+    config = read_config(pathlib.Path(model_dir))
     params, nbytes = _onnx_weights(pathlib.Path(model_dir))
-    context = int(config.get("model", {}).get("context_length") or config.get("search", {}).get("max_length") or 0)
+    context = _context_length(config)
     return PackageFacts(
         path=package,
         sha256=sha256_file(package),
@@ -235,7 +294,7 @@ def _main(argv: list[str] | None = None) -> int:
         facts = describe(args.model_dir, args.out)
     except (PackageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     buf = io.StringIO()
     json.dump(facts.as_dict(), buf, indent=2)
     print(buf.getvalue())

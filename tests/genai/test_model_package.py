@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import resource
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 
 import onnx
 import onnxruntime_genai as og
+import pytest
 from onnx import numpy_helper
 
 from orchestrator.artifacts import genai_package
+from orchestrator.artifacts.genai_package import PackageError, pack
 from orchestrator.testing import genai_model
 
 
@@ -63,3 +71,49 @@ def test_package_figures_match_the_config(genai_package):
 
 def genai_package_member(built, name):
     return genai_package.read_member(built.package, name)
+
+
+def _copy(built, tmp_path: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(built.directory, tmp_path / "model"))
+
+
+def _set_config(folder: pathlib.Path, edit) -> None:
+    config = json.loads((folder / "genai_config.json").read_text())
+    edit(config)
+    (folder / "genai_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda f: (f / "model.onnx").unlink(), "names 'model.onnx', which is not a file of"),
+    (lambda f: _set_config(f, lambda c: c["model"]["decoder"].update(filename="../model.onnx")), "names '../model.onnx'"),
+    (lambda f: _set_config(f, lambda c: c["model"]["decoder"].pop("filename")), "model.decoder names no ONNX file"),
+    (lambda f: (f / "tokenizer.json").unlink(), "lacks the tokenizer onnxruntime-genai loads"),
+    (lambda f: (f / "tokenizer_config.json").unlink(), "lacks the tokenizer onnxruntime-genai loads"),
+    (lambda f: (f / "genai_config.json").write_text("{not json"), "genai_config.json: not JSON"),
+    (lambda f: (f / "genai_config.json").write_text('{"model": "llama"}'), 'no "model": {"decoder": {...}} object'),
+    (lambda f: _set_config(f, lambda c: c["model"]["decoder"].pop("head_size")), "lacks 'head_size'"),
+], ids=["no-decoder", "decoder-outside-the-folder", "decoder-unnamed", "no-tokenizer", "no-tokenizer-config", "invalid-json",
+        "model-not-an-object", "no-head-size"])
+def test_a_folder_onnxruntime_genai_cannot_load_is_refused_before_anything_is_written(genai_package, tmp_path, damage, message):
+    folder = _copy(genai_package, tmp_path)
+    damage(folder)
+    with pytest.raises(PackageError, match=message):
+        pack(folder, tmp_path / "dist" / "model.tar")
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+def _pack_command(folder: pathlib.Path, out: pathlib.Path, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    def limit() -> None:  # the file-size limit a full disk stands for: writes past it fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run([sys.executable, "-m", "orchestrator.artifacts.genai_package", "pack", str(folder), str(out)],
+                          capture_output=True, text=True, timeout=60, preexec_fn=limit if file_size_limit else None)
+
+
+def test_the_command_refuses_a_bad_config_in_one_line_with_exit_2(genai_package, tmp_path):
+    folder = _copy(genai_package, tmp_path)
+    (folder / "genai_config.json").write_text('{"model": "llama"}')
+    proc = _pack_command(folder, tmp_path / "dist" / "model.tar")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "dist").exists()
