@@ -74,17 +74,21 @@ def pack(model_dir: pathlib.Path, out: pathlib.Path) -> str:
             files.append((rel, path))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for rel, path in files:
-            info = tarfile.TarInfo(rel)
-            info.size = path.stat().st_size
-            info.mode = 0o644
-            info.mtime = 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with path.open("rb") as fh:
-                tar.addfile(info, fh)
-    tmp.replace(out)
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for rel, path in files:
+                info = tarfile.TarInfo(rel)
+                info.size = path.stat().st_size
+                info.mode = 0o644
+                info.mtime = 0
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                with path.open("rb") as fh:
+                    tar.addfile(info, fh)
+        tmp.replace(out)
+    except BaseException:  # a full disk, a file that shrank while read: no half-written package is left
+        tmp.unlink(missing_ok=True)
+        raise
     return sha256_file(out)
 
 

@@ -117,3 +117,10 @@ def test_the_command_refuses_a_bad_config_in_one_line_with_exit_2(genai_package,
     proc = _pack_command(folder, tmp_path / "dist" / "model.tar")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "dist").exists()
+
+
+def test_a_pack_that_runs_out_of_space_leaves_no_partial_file(genai_package, tmp_path):
+    folder = _copy(genai_package, tmp_path)
+    proc = _pack_command(folder, tmp_path / "dist" / "model.tar", file_size_limit=64 * 1024)  # the package is ~700 KB
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert list((tmp_path / "dist").iterdir()) == []
