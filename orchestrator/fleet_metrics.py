@@ -19,7 +19,9 @@ class FleetCollector:
         self.cp = cp
         #: The stored placement, read off the event loop before each scrape
         #: (``ControlPlane.metrics``): the store may wait on a stalled database.
-        self.placements: Sequence[store_mod.PlacementRow] = ()
+        #: None while the store cannot be read: the family is left out rather than
+        #: reported from an older read that nothing marks as stale.
+        self.placements: Sequence[store_mod.PlacementRow] | None = ()
 
     def collect(self) -> Any:
         agents = self.cp.hub.snapshot() if hasattr(self.cp, "hub") else []
@@ -47,14 +49,14 @@ class FleetCollector:
         changes.add_metric([], elector.changes if elector is not None else 0)
         yield changes
         if hasattr(self.cp, "store"):
-            rows = self.placements
-            p = GaugeMetricFamily("edgeplane_replicas_placed", "Replicas placed, by deployment", labels=["deployment"])
-            per: dict[str, int] = {}
-            for row in rows:
-                per[row.deployment] = per.get(row.deployment, 0) + row.replicas
-            for d, n in sorted(per.items()):
-                p.add_metric([d], n)
-            yield p
+            if self.placements is not None:
+                p = GaugeMetricFamily("edgeplane_replicas_placed", "Replicas placed, by deployment", labels=["deployment"])
+                per: dict[str, int] = {}
+                for row in self.placements:
+                    per[row.deployment] = per.get(row.deployment, 0) + row.replicas
+                for d, n in sorted(per.items()):
+                    p.add_metric([d], n)
+                yield p
             e = GaugeMetricFamily("edgeplane_endpoints", "Routable endpoints, by model", labels=["model"])
             for m in self.cp.table.models():
                 e.add_metric([m], len(self.cp.table.endpoints(m)))

@@ -543,11 +543,13 @@ class ControlPlane:
 
     async def metrics(self) -> bytes:
         """``GET /metrics``. The placement counted is read in a worker thread first; the
-        collectors read the rest (the hub, the table) on the loop, whose it is."""
+        collectors read the rest (the hub, the table) on the loop, whose it is. While the
+        store fails, the scrape still answers, without ``edgeplane_replicas_placed``."""
         try:
             self.fleet.placements = await asyncio.to_thread(self.store.placements)
-        except store_mod.StoreError as exc:  # counted as last read
-            log.warning("metrics: the placement cannot be read: %s", exc)
+        except store_mod.StoreError as exc:
+            self.fleet.placements = None
+            log.warning("metrics: the placement cannot be read, edgeplane_replicas_placed is left out: %s", exc)
         return generate_latest(self.registry)
 
     async def describe_extra(self, kind: str, name: str) -> dict[str, Any]:

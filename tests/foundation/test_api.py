@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import catalog
 from orchestrator.manifests import loader
+from orchestrator.store import sqlite as store_mod
 
 from . import support
 from .conftest import start_control_plane
@@ -150,6 +151,28 @@ def test_metrics_are_prometheus_text(api: httpx.Client, fleet: dict) -> None:
         assert name in families, sorted(families)
     agents = {s.labels["health"]: s.value for s in families["edgeplane_agents"].samples}
     assert agents == {"healthy": 0.0, "unhealthy": 0.0}  # no agent joined this control plane
+
+
+def test_a_scrape_while_the_store_fails_answers_without_the_placed_replicas(
+        api: httpx.Client, fleet: dict, control_plane: support.ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    def scrape() -> dict:
+        r = api.get("/metrics")
+        assert r.status_code == 200, r.text[:300]
+        return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+    assert "edgeplane_replicas_placed" in scrape()
+    store = store_of(control_plane)
+
+    def unreachable() -> list:
+        raise store_mod.StoreError("cannot reach the PostgreSQL store at db: connection refused")
+
+    monkeypatch.setattr(store, "placements", unreachable)
+    families = scrape()
+    for name in ("edgeplane_agents", "edgeplane_reconcile_passes", "edgeplane_leader", "edgeplane_endpoints"):
+        assert name in families, sorted(families)
+    assert "edgeplane_replicas_placed" not in families  # no count from before the outage, read as current
+    monkeypatch.undo()
+    assert "edgeplane_replicas_placed" in scrape()  # back with the store
 
 
 def test_one_process_on_sqlite_always_leads(api: httpx.Client) -> None:
