@@ -27,6 +27,15 @@ class PushAssignments:
 
 
 @dataclass(frozen=True)
+class ForgetAgent:
+    """Drop the record of a lost agent whose Site is no longer stored: nothing else ever
+    would, and it was counted as an unhealthy agent for as long as the process ran. After
+    the site's last push (an empty set), so an agent that comes back still serves nothing."""
+
+    site: str
+
+
+@dataclass(frozen=True)
 class ApplyServeApps:
     site: str
     apps: tuple[serve_config.ServeAppSpec, ...]
@@ -62,4 +71,4 @@ class PublishCascades:
     routes: Mapping[str, cascade_rules.CascadeRoute]
 
 
-Action = RecordPlacement | PushAssignments | ApplyServeApps | SetStatuses | PublishEndpoints | PublishCascades
+Action = RecordPlacement | PushAssignments | ForgetAgent | ApplyServeApps | SetStatuses | PublishEndpoints | PublishCascades

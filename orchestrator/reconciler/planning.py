@@ -426,6 +426,8 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
         # a site still rejoining is sent nothing: what it gets on its return is the plan then
         if assignments != s.assignments.get(site) and site not in s.rejoining:
             out.append(act.PushAssignments(site, assignments))
+    stored = {r.name for r in s.sites}  # a deleted Site's agent stays while connected, and is forgotten once lost
+    out.extend(act.ForgetAgent(a.site) for a in s.agents if not a.healthy and a.site not in stored)
     for site, apps in serve_apps(s, rows).items():
         dc = s.datacentres.get(site)
         if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):

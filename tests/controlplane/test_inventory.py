@@ -15,6 +15,7 @@ import sys
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
@@ -92,5 +93,31 @@ async def test_a_join_the_store_cannot_take_is_retried_not_refused(tmp_path: pat
         assert "database or disk is full" in agent.log() and cp.hub.status("edge-full") is None
         cp.store._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]
         await harness.wait_until(lambda: (s := cp.hub.status("edge-full")) is not None and s.healthy, 60, what="the agent to join")
+    finally:
+        await fleet.stop()
+
+
+async def test_a_deleted_sites_lost_agent_is_no_longer_counted(tmp_path: pathlib.Path) -> None:
+    """A decommissioned site: its agent is stopped for good, then its Site deleted. The
+    agent was counted as unhealthy until the control plane restarted, so an alert on
+    unhealthy agents never cleared."""
+    fleet = harness.Fleet(tmp_path)
+
+    async def agents_gauge(http: httpx.AsyncClient) -> dict[str, float]:
+        text = (await http.get("/metrics")).text
+        return {s.labels["health"]: s.value for f in text_string_to_metric_families(text) if f.name == "edgeplane_agents" for s in f.samples}
+
+    try:
+        cp = await fleet.start_control_plane()
+        await fleet.start_agent("edge-old", country="FR", lat=48.8, lon=2.3)
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            await asyncio.to_thread(fleet.agents.pop("edge-old").stop)
+            await harness.wait_until(lambda: not cp.hub.status("edge-old").healthy, 20, what="the agent to be lost")
+            assert await agents_gauge(http) == {"healthy": 0, "unhealthy": 1}
+            passes = cp.reconciler.passes
+            assert (await http.delete("/v1/sites/edge-old")).status_code == 200
+            await cp.reconciler.wait_for_pass(passes + 1)  # a whole pass that began after the delete
+            assert await agents_gauge(http) == {"healthy": 0, "unhealthy": 0}
+            assert cp.hub.status("edge-old") is None
     finally:
         await fleet.stop()

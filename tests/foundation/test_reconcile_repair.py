@@ -114,3 +114,19 @@ def test_edge_sites_still_rejoining_keep_their_replicas_and_are_sent_nothing() -
     assert not [e for e in published.endpoints if e.site in edge]
     emptied = {a.site for a in given_up.actions if isinstance(a, act.PushAssignments) and not a.assignments}
     assert {r.site for r in before} <= emptied
+
+
+def test_a_lost_agent_of_a_deleted_site_is_forgotten_after_it_is_sent_nothing() -> None:
+    """A deleted Site's agent is told to serve nothing; once it is lost it is forgotten (it
+    was counted as an unhealthy agent for good), while one still connected is kept, as is
+    the lost agent of a Site still stored."""
+    s = example_snapshot(examples())
+    edge = sorted(r.name for r in s.sites if r.spec.tier == "edge")
+    kept_lost, deleted = edge[0], edge[1]
+    gone = dataclasses.replace(_joined("edge-gone"), healthy=False)
+    agents = (dataclasses.replace(_joined(kept_lost), healthy=False), _joined(deleted), gone)
+    plan = planning.plan_pass(dataclasses.replace(s, sites=tuple(r for r in s.sites if r.name != deleted), agents=agents))
+    assert [a for a in plan.actions if isinstance(a, act.ForgetAgent)] == [act.ForgetAgent("edge-gone")]
+    emptied = [i for i, a in enumerate(plan.actions) if isinstance(a, act.PushAssignments) and a.site == "edge-gone"]
+    assert emptied and not plan.actions[emptied[0]].assignments  # type: ignore[union-attr]
+    assert emptied[0] < plan.actions.index(act.ForgetAgent("edge-gone"))  # an agent coming back finds the empty set
