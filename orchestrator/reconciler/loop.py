@@ -37,8 +37,12 @@ class _Backoff:
     failures: int = 0
     next_try: float = 0.0
     last_error: str = ""
+    since: float = 0.0  # when the first failure of this run of failures came
+    unreachable: bool = False  # a data centre's last failure was observing it (not applying or removing apps)
 
     def fail(self, now: float, error: str, base: float = 1.0, cap: float = 60.0) -> None:
+        if not self.failures:
+            self.since = now
         self.failures += 1
         self.next_try = now + min(cap, base * 2 ** (self.failures - 1))
         self.last_error = error
@@ -382,21 +386,36 @@ class Reconciler:
             actuator = await self.datacentres.actuator(site.name, site.spec)
             apps = await actuator.observe()
         except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
-            await self._dc_failed(site.name, exc)
+            await self._dc_failed(site.name, exc, unreachable=True)
             return snap.DataCentreObservation(False, error=str(exc))
         except Exception as exc:  # an adapter's fault is this site's alone: the others' pass goes on
             log.exception("data centre %s: observing it failed", site.name)
-            await self._dc_failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ")
+            await self._dc_failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ", unreachable=True)
             return snap.DataCentreObservation(False, error=self._dc_backoff[site.name].last_error)
+        if backoff is not None and backoff.unreachable:
+            await self._dc_recovered(site.name, backoff)
         return snap.DataCentreObservation(True, apps, drift=actuator.drift)
 
-    async def _dc_failed(self, site: str, exc: Exception, context: str = "") -> None:
+    async def _dc_failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False) -> None:
         backoff = self._dc_backoff.setdefault(site, _Backoff())
         message = context + str(exc)
         if message != backoff.last_error:
             await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
         backoff.fail(self.clock(), message)
+        backoff.unreachable = unreachable
         log.warning("data centre %s: %s (retry in %.0fs)", site, message, backoff.next_try - self.clock())
+
+    async def _dc_recovered(self, site: str, backoff: _Backoff) -> None:
+        """Observed again after it could not be: the outage's end is an event, and its
+        backoff goes, so that the next outage is an event of its own (even with the same
+        error) and is retried from the shortest delay. A backoff from applying is kept:
+        observing says nothing of whether the next apply would succeed."""
+        down_s = self.clock() - backoff.since
+        log.info("data centre %s: observed again after %.0fs (%d failed attempt(s))", site, down_s, backoff.failures)
+        await self._record(store_mod.Event("reconciler", "datacentre-recovered", "Site", site,
+                                           f"observed again after {down_s:.0f}s ({backoff.failures} failed attempt(s); "
+                                           f"the last: {backoff.last_error})"))
+        self._dc_backoff.pop(site, None)
 
     async def _record(self, event: store_mod.Event) -> None:
         """An event of the pass, written in a worker thread under the lease it runs under."""

@@ -82,6 +82,26 @@ class Broken:
         pass
 
 
+class Outages:
+    """An actuator whose cluster can be taken away and brought back."""
+
+    drift = ""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+        await self.observe()
+
+    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
+        if self.down:
+            raise serve_config.DataCentreError("cannot reach the cluster: connection refused")
+        return {}
+
+    async def close(self) -> None:
+        pass
+
+
 @pytest.fixture
 async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
     async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
@@ -155,3 +175,30 @@ async def test_deleting_a_kuberay_site_deletes_its_rayservice(fleet: harness.Fle
                              what="dc-old's applications to be removed")
     assert not has_rayservice(kube, "dc-old")
     assert any(action == "datacentre-error" and "not removed yet" in reason for action, reason in events()), events()
+
+
+async def test_each_outage_of_a_data_centre_is_logged_with_its_end(fleet: harness.Fleet) -> None:
+    """A second outage with the same error as the first was in the site's status but not in
+    the event log, and was retried after the first one's longer delay."""
+    cluster = Outages()
+    cp = await start(fleet, lambda name, spec: cluster)
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        assert (await http.post("/v1/apply", content=site("dc-1"))).status_code == 200
+
+    def events() -> list[str]:
+        return [e.action for e in cp.store.events(kind="Site", name="dc-1", limit=1000)
+                if e.action.startswith("datacentre-")]
+
+    def observed() -> bool:
+        status = site_status(cp, "dc-1")
+        return bool(status) and "error" not in status
+
+    await harness.wait_until(observed, 20, what="dc-1 observed")
+    for outage in (1, 2):
+        cluster.down = True
+        await harness.wait_until(lambda: "cannot reach the cluster" in site_status(cp, "dc-1").get("error", ""), 20,
+                                 what=f"outage {outage} in dc-1's status")
+        cluster.down = False
+        await harness.wait_until(observed, 20, what=f"dc-1 observed after outage {outage}")
+    await harness.wait_until(lambda: len(events()) >= 4, 10, what="both outages in the event log")
+    assert events() == ["datacentre-error", "datacentre-recovered"] * 2
