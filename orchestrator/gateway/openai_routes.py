@@ -180,11 +180,10 @@ class OpenAIGateway:
 
     # admission ---------------------------------------------------------------------------
 
-    async def _admit(self, request: Request) -> Response | None:
+    async def _admit(self, request: Request, model: str | None = None) -> Response | None:
         """Token auth and rate limits of the v2 routes, answered as OpenAI error objects.
         With auth off the ``Authorization`` header is not looked at: the SDK always sends one."""
-        admit = self.gw._admit
-        refused = await admit(request) if admit is not None else None
+        refused = await self.gw.admit(request, model)
         if refused is None:
             return None
         try:
@@ -224,10 +223,10 @@ class OpenAIGateway:
         return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
 
     async def get_model(self, request: Request) -> Response:
-        refused = await self._admit(request)
+        model = request.path_params["model"]
+        refused = await self._admit(request, model)
         if refused is not None:
             return refused
-        model = request.path_params["model"]
         ranked = self._openai_candidates(model, request)
         if isinstance(ranked, Response):
             return ranked
@@ -247,8 +246,10 @@ class OpenAIGateway:
         try:
             raw = await bodies.read_body(request, self.gw.max_body)
         except bodies.BodyTooLarge as exc:
+            self.gw.refused(None, 413)
             return error(413, str(exc))
         except ClientDisconnect:  # nobody is left to read the answer
+            self.gw.refused(None, 400)
             return error(400, "the client went away before the whole body arrived")
         encoding = request.headers.get("content-encoding")
         if encoding is not None and not encoding_mod.is_identity(encoding):  # inflated here: the body is read, changed and sent on plain
@@ -289,6 +290,7 @@ class OpenAIGateway:
             self.gw.table.wake(model)
             self.gw.metrics.cold_starts.labels(model).inc()
             if not await self.gw.table.wait_for_endpoints(model, self.gw.cold_start_s):
+                self.gw.metrics.requests.labels(self.gw.model_label(model), "", "503").inc()  # as the v2 routes count theirs
                 return error(503, f"model {model!r} was scaled to zero and no replica was ready within {self.gw.cold_start_s:g}s; retry",
                              headers={"retry-after": "5"})
         ranked = self._openai_candidates(model, request, caller)

@@ -101,6 +101,21 @@ class Gateway:
         """``model`` as the metrics' label: itself when the table knows it, else :data:`UNKNOWN_MODEL`."""
         return model if self.table.knows(model) else UNKNOWN_MODEL
 
+    def refused(self, model: str | None, status: int) -> None:
+        """Count an answer the gateway made itself before any replica was asked (the body too
+        large, the caller gone, admission); ``model`` None: its name is not read yet (an
+        OpenAI request names it in the body)."""
+        self.metrics.requests.labels(UNKNOWN_MODEL if model is None else self.model_label(self._model_of(model)), "", str(status)).inc()
+
+    async def admit(self, request: Request, model: str | None) -> Response | None:
+        """Auth and rate limits (``admit``): None to go on, else the refusal to answer, counted."""
+        if self._admit is None:
+            return None
+        refused = await self._admit(request)
+        if refused is not None:
+            self.refused(model, refused.status_code)
+        return refused
+
     def caller(self, request: Request) -> routing.Caller | routing.NoRoute:
         """Who asks, from the ``X-Edgeplane-*`` headers, or why they cannot be read (400)."""
         caller = routing.parse_caller(
@@ -216,12 +231,14 @@ class Gateway:
         version = request.path_params.get("version")
         started = time.perf_counter()
         try:
-            body = await bodies.read_body(request, self.max_body)
-        except bodies.BodyTooLarge:
-            return _error(413, f"request body is larger than {self.max_body} bytes")
-        except ClientDisconnect:  # the caller's doing, not the gateway's: nobody is left to read the answer
-            return _error(400, "the client went away before the whole body arrived")
-        try:
+            try:
+                body = await bodies.read_body(request, self.max_body)
+            except bodies.BodyTooLarge:
+                self.refused(model, 413)
+                return _error(413, f"request body is larger than {self.max_body} bytes")
+            except ClientDisconnect:  # the caller's doing, not the gateway's: nobody is left to read the answer
+                self.refused(model, 400)
+                return _error(400, "the client went away before the whole body arrived")
             if version is not None:  # one model file, named by its version: no cascade of variants
                 return await self._forward(self._model_of(model), request, "POST", _versioned(version, "/infer"), body, version)
             # a cascade is called by its model's name or its deployment's
@@ -280,12 +297,11 @@ class Gateway:
         return Response(json.dumps({"name": "edgeplane-gateway", "version": "1", "extensions": ["binary_tensor_data"]}), media_type="application/json")
 
     def _admitted(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        admit = self._admit
-        if admit is None:
+        if self._admit is None:
             return handler
 
         async def endpoint(request: Request) -> Response:
-            refused = await admit(request)
+            refused = await self.admit(request, request.path_params["model"])
             return refused if refused is not None else await handler(request)
 
         return endpoint

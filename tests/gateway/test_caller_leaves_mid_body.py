@@ -1,6 +1,6 @@
 """A caller that goes away in the middle of its request body, over real HTTP: the gateway
-ends the request quietly, with no traceback logged as if the gateway had failed, and
-calls no replica with half a body."""
+ends the request quietly, with no traceback logged as if the gateway had failed, calls
+no replica with half a body, and counts its answer (a 400) in its metrics."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ async def test_a_caller_leaving_mid_body_ends_the_request_without_an_error(path:
     table.replace([routing.Endpoint(model="m", deployment="dep", site="edge-fr", tier="edge", country="FR", region="",
                                     lat=48.8, lon=2.3, url="http://127.0.0.1:9")])
     pool = UpstreamPool()
-    gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry()))
+    registry = CollectorRegistry()
+    gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry))
     inner = Starlette(routes=gateway.routes(), exception_handlers=methods.EXCEPTION_HANDLERS)
     raised: list[BaseException] = []
     done = asyncio.Event()
@@ -53,3 +54,4 @@ async def test_a_caller_leaving_mid_body_ends_the_request_without_an_error(path:
         await pool.close()
     assert raised == []
     assert table.ejected() == frozenset()
+    assert registry.get_sample_value("edgeplane_gateway_requests_total", {"model": "m", "site": "", "code": "400"}) == 1
