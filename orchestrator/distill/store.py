@@ -10,7 +10,10 @@ The gateway never waits for a disk: :meth:`CaptureWriter.offer` puts the record 
 bounded queue and returns; a background task writes batches in a worker thread. The queue
 is bounded in records and in bytes (a record holds a whole request and answer, up to
 80 MiB, so a lagging disk must not let the gateway hold gigabytes of them); a record past
-either bound is dropped and counted (``edgeplane_capture_dropped_total``).
+either bound is dropped and counted (``edgeplane_capture_dropped_total``). A record its
+zone's store refuses (a full disk, an unwritable directory) is lost too, counted by zone
+(``edgeplane_capture_failed_total``) and logged once per error, not once per record: a
+zone whose disk is full would otherwise log every request the gateway samples.
 """
 
 from __future__ import annotations
@@ -248,6 +251,9 @@ class CaptureWriter:
                                    ["zone"], registry=registry) if registry is not None else None
         self._dropped_c = Counter("edgeplane_capture_dropped", "Captured requests dropped because the write queue was full "
                                   "(in records or bytes)", registry=registry) if registry is not None else None
+        self._failed_c = Counter("edgeplane_capture_failed", "Captured requests lost because their zone's store could not write them, by zone",
+                                 ["zone"], registry=registry) if registry is not None else None
+        self._failing: dict[str, str] = {}  # zone -> the error its writes fail with (logged once), until one succeeds
         self._task: asyncio.Task[None] | None = None
 
     def offer(self, record: Record) -> bool:
@@ -287,12 +293,24 @@ class CaptureWriter:
         for zone, records in by_zone.items():
             try:
                 self.stores.zone(zone).add(records)
-            except (sqlite3.Error, OSError, ValueError):
-                self.failed += len(records)
+            except (sqlite3.Error, OSError, ValueError) as exc:
+                self._lost(zone, records, exc)
                 continue
+            if self._failing.pop(zone, None) is not None:
+                log.info("capture: zone %s's store writes again", zone)
             self.captured += len(records)
             if self._captured_c is not None:
                 self._captured_c.labels(zone).inc(len(records))
+
+    def _lost(self, zone: str, records: list[Record], exc: Exception) -> None:
+        self.failed += len(records)
+        if self._failed_c is not None:
+            self._failed_c.labels(zone).inc(len(records))
+        error = f"{type(exc).__name__}: {exc}"
+        if self._failing.get(zone) != error:
+            self._failing[zone] = error
+            log.warning("capture: zone %s's store cannot write captured records, which are lost until it can (%s); "
+                        "each one is counted in edgeplane_capture_failed_total", zone, error)
 
     async def flush(self) -> None:
         """Wait until every record offered so far is written."""

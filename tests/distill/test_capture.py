@@ -285,3 +285,32 @@ def test_only_an_admin_reads_or_deletes_and_it_is_audited(tmp_path: pathlib.Path
     assert audit == [("capture-read", "EU"), ("capture-delete", "EU"), ("capture-delete", "EU")]
     stores.close()
     store.close()
+
+
+def test_records_a_zone_cannot_write_are_counted_and_logged_once_per_error(tmp_path: pathlib.Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A zone whose store cannot be written (here its file is a directory) lost every record
+    without a metric or a log line; the other zones go on writing."""
+    def record(i: int, zone: str) -> capture_store.Record:
+        return capture_store.Record(f"r{i}", "dep", "m", zone, 0, 1e12, "edge", "small", 0.5, b"{}", None, b"{}", None)
+    root = tmp_path / "captures"
+    (root / "EU.db").mkdir(parents=True)  # not a file SQLite can open
+    registry = CollectorRegistry()
+
+    async def go() -> capture_store.CaptureWriter:
+        writer = capture_store.CaptureWriter(capture_store.ZoneStores(root), registry, batch=2)
+        writer.start()
+        for i in range(5):
+            assert writer.offer(record(i, "EU")) and writer.offer(record(100 + i, "CH"))
+        await writer.flush()
+        await writer.stop()
+        return writer
+
+    with caplog.at_level("WARNING", logger=capture_store.__name__):
+        writer = asyncio.run(go())
+    assert (writer.failed, writer.captured) == (5, 5)
+    assert registry.get_sample_value("edgeplane_capture_failed_total", {"zone": "EU"}) == 5
+    assert registry.get_sample_value("edgeplane_capture_failed_total", {"zone": "CH"}) is None
+    assert registry.get_sample_value("edgeplane_capture_records_total", {"zone": "CH"}) == 5
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "zone EU" in warned[0], warned  # one line for the error, not one per batch or record
