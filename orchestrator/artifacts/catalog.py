@@ -38,6 +38,12 @@ class ArtifactCatalog:
 
     def local_path(self, uri: str) -> pathlib.Path | None:
         """The file behind a local URI, or None for remote URIs. Raises outside the roots."""
+        try:
+            return self._local_path(uri)
+        except ValueError as exc:  # a NUL in a path, an unparsable host: this URI's error, not its caller's
+            raise ArtifactError(f"{uri!r} is not a usable artifact URI: {exc}") from exc
+
+    def _local_path(self, uri: str) -> pathlib.Path | None:
         if uri.startswith(("http://", "https://")):
             self._check_host(uri)
             return None

@@ -9,6 +9,7 @@ in :mod:`orchestrator.manifests.references`.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Union
@@ -177,10 +178,28 @@ class Artifact(Strict):
     @classmethod
     def _scheme(cls, v: str) -> str:
         if re.match(r"^(https?|file)://", v):
-            return v
+            return _parsable_url(v)
         if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_./-]*", v) and ".." not in v.split("/"):
             return v  # relative to the control plane's artifact roots
         raise ValueError("must be an http://, https:// or file:// URI, or a path relative to the control plane's --artifact-root")
+
+
+def _parsable_url(v: str) -> str:
+    """A URL every reader of it (control plane, agents, replicas) can parse and open: one they
+    could not would fail there, later and for every pass, rather than here."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+        raise ValueError("must not contain control characters")
+    try:
+        parts = urllib.parse.urlsplit(v)
+        parts.port  # noqa: B018 (parsed on access: a port that is not a number raises here)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL: {exc}") from None
+    if parts.scheme == "file":
+        if "\x00" in urllib.parse.unquote(parts.path):
+            raise ValueError("a file:// path must not contain a NUL byte (%00)")
+    elif not parts.hostname:
+        raise ValueError("an http(s):// URL must name a host")
+    return v
 
 
 class Resources(Strict):

@@ -274,6 +274,14 @@ BAD: list[Bad] = [
         "--artifact-root"),
     Bad("uri-ftp", model(("spec.variants[0].artifact.uri", "ftp://host/m.onnx")), "spec.variants[0].artifact.uri", "uri:",
         "http://, https:// or file://"),
+    Bad("uri-nul-in-file-path", model(("spec.variants[0].artifact.uri", "file:///srv/models/a%00b.onnx")),
+        "spec.variants[0].artifact.uri", "uri:", "must not contain a NUL byte"),
+    Bad("uri-unparsable-host", model(("spec.variants[0].artifact.uri", "http://[::1/m.onnx")), "spec.variants[0].artifact.uri",
+        "uri:", "Invalid IPv6 URL"),
+    Bad("uri-port-not-a-number", model(("spec.variants[0].artifact.uri", "https://models.example.com:https/m.onnx")),
+        "spec.variants[0].artifact.uri", "uri:", "not a valid URL"),
+    Bad("uri-without-host", model(("spec.variants[0].artifact.uri", "https:///m.onnx")), "spec.variants[0].artifact.uri", "uri:",
+        "must name a host"),
     Bad("bad-import-path", model(("spec.variants[1].importPath", "pkg.mod:app()")), "spec.variants[1].importPath", "importPath:",
         "package.module:attribute"),
     # --- references between documents ----------------------------------------------------
@@ -431,7 +439,7 @@ SUBSET = [c for c in BAD if c.id in {
     "yaml-bad-indentation", "yaml-duplicate-key", "yaml-alias-bomb", "yaml-deep-nesting", "yaml-tag-that-does-not-fit",
     "not-utf8", "unknown-kind",
     "unknown-resources-field", "bad-country", "bad-residency", "duplicate-names-in-file", "missing-model", "ray-serve-at-the-edge",
-    "min-greater-than-max", "datacenter-without-runtime", "uri-dot-dot", "error-in-second-document", "json-unknown-field",
+    "min-greater-than-max", "datacenter-without-runtime", "uri-dot-dot", "uri-nul-in-file-path", "uri-unparsable-host", "error-in-second-document", "json-unknown-field",
     "tier-listed-twice", "residency-listed-twice", "lone-surrogate-in-annotation", "lone-surrogate-in-region", "binary-in-args",
     "nan-in-args",
 }]

@@ -42,6 +42,15 @@ def test_file_uris_outside_the_roots_are_refused(tmp_path: pathlib.Path) -> None
         cat.register("file://server/share/m.onnx", SHA)
 
 
+@pytest.mark.parametrize("uri", ["file:///srv/models/a%00b.onnx", "http://[::1/m.onnx"], ids=["nul-in-file-path", "unparsable-host"])
+def test_a_uri_that_cannot_be_parsed_is_an_artifact_error(tmp_path: pathlib.Path, uri: str) -> None:
+    """Stored before apply refused such URIs: the reconciler shows an ArtifactError on that
+    Model's variant, where any other exception would fail the whole pass for every Model."""
+    cat = catalog.ArtifactCatalog((tmp_path,), "http://cp", allowed_hosts=("models.example.com",))
+    with pytest.raises(catalog.ArtifactError, match="not a usable artifact URI"):
+        cat.register(uri, SHA)
+
+
 FLEET = manifests.bundle(
     manifests.edge_site("edge-x", "FR", 48.8, 2.3),
     manifests.onnx_model("remote", "https://evil.example.net/m.onnx", SHA, variant="v"),
