@@ -30,8 +30,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import FileResponse, JSONResponse
-from starlette.routing import Route
 
 from orchestrator import catalog, console, following, leadership, views
 from orchestrator.agents import auth as agent_auth
@@ -40,6 +38,7 @@ from orchestrator.agents import model as agent_model
 from orchestrator.agents import relay
 from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
+from orchestrator.api import artifacts as artifacts_api
 from orchestrator.api import auth
 from orchestrator.api import captures as captures_api
 from orchestrator.api import distill as distill_api
@@ -231,7 +230,7 @@ class ControlPlane:
         shared = bool(cfg.store and is_postgres_url(cfg.store))  # replicas may share the database
         if not shared:  # the only process on this database: it routes from the table its last run left until its first pass
             await self._inherit_table()
-        app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [self._artifact_route()] + console.routes()
+        app = api_app.build_app(self, self.gateway.routes() + self.openai_gateway.routes() + [artifacts_api.route(self.artifacts)] + console.routes()
                                 + watch_api.routes(self.authenticator, self.store, self.publisher)
                                 + captures_api.routes(self.authenticator, self.store, self.captures)
                                 + distill_api.routes(self.authenticator, self.store, self.captures, self.artifacts, self.changed,
@@ -450,15 +449,6 @@ class ControlPlane:
             except Exception:  # personal data past its retention: this task must outlive any one failed pass
                 log.exception("capture retention pass failed; retrying in %.0f s", every_s)
             await asyncio.sleep(every_s)
-
-    def _artifact_route(self) -> Route:
-        async def artifact(request: Any) -> Any:
-            path = self.artifacts.path_for(request.path_params["sha256"])
-            if path is None or not path.is_file():
-                return JSONResponse({"error": "no such artifact"}, status_code=404)
-            return FileResponse(path, media_type="application/octet-stream")
-
-        return Route("/v1/artifacts/{sha256}", artifact, methods=["GET", "HEAD"])
 
     # -- agent events ------------------------------------------------------------------
 

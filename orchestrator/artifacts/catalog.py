@@ -5,26 +5,76 @@ verifies them. Local ones (``file://`` or a path relative to an artifact root) a
 only from the configured roots — a manifest cannot make the control plane read an
 arbitrary file — and are served by the control plane at ``/v1/artifacts/<sha256>``
 after their digest has been checked.
+
+A check holds for one file, not one path: the catalog remembers the identity of the file
+it hashed (device, inode, size, modification time) for each (sha256, path), hashes it again
+when that identity changes, and hands out for serving only an open file that still has it,
+opened without following a link. So bytes rewritten, deleted or swapped for a link after
+their check are never served under the digest, and the next pass reports them on the
+Model; identical copies at two paths are each hashed once, not once per pass.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
+import stat
+import threading
 import urllib.parse
 from dataclasses import dataclass, field
+from typing import BinaryIO
+
+CHUNK = 1 << 20
+
+#: A link, a FIFO (which would block the open) or a device is never opened as an artifact.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 class ArtifactError(Exception):
     pass
 
 
-def sha256_file(path: pathlib.Path) -> str:
+class ArtifactChanged(ArtifactError):
+    """The files checked for a digest have changed (or gone) since: none can be served under it."""
+
+
+def sha256_stream(fh: BinaryIO) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: fh.read(CHUNK), b""):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: pathlib.Path) -> str:
+    with path.open("rb") as fh:
+        return sha256_stream(fh)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What tells a file from its replacement or its rewrite without reading it."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_regular(path: pathlib.Path) -> tuple[BinaryIO, FileIdentity]:
+    """``path`` open for reading, and the identity of what was opened. Raises OSError
+    (ELOOP when it is a symbolic link) or ArtifactError when it is not a regular file."""
+    fd = os.open(path, _OPEN_FLAGS)
+    fh = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        fh.close()
+        raise ArtifactError(f"is not a regular file ({path})")
+    return fh, FileIdentity.of(st)
 
 
 @dataclass
@@ -34,7 +84,10 @@ class ArtifactCatalog:
     #: Hosts remote artifact URLs may name (exact, or ".example.com" for its subdomains);
     #: empty = any host. Applied before a URL is handed to an agent or a replica.
     allowed_hosts: tuple[str, ...] = ()
-    _verified: dict[str, pathlib.Path] = field(default_factory=dict)
+    #: sha256 -> path -> identity of the file whose digest was checked there. Registered from
+    #: the reconciler's and the API's worker threads, read by the route on the event loop.
+    _checked: dict[str, dict[pathlib.Path, FileIdentity]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def local_path(self, uri: str) -> pathlib.Path | None:
         """The file behind a local URI, or None for remote URIs. Raises outside the roots."""
@@ -73,18 +126,67 @@ class ArtifactCatalog:
         raise ArtifactError(f"{uri}: host {host!r} is not an allowed artifact host ({', '.join(self.allowed_hosts)}); see --artifact-host")
 
     def register(self, uri: str, sha256: str) -> str:
-        """Check a local artifact and return the URL consumers should download it from."""
+        """Check a local artifact and return the URL consumers should download it from. The
+        file is read in full the first time and whenever its identity has changed: call it
+        off the event loop."""
         path = self.local_path(uri)
         if path is None:
             return uri
-        if self._verified.get(sha256) != path:
-            if not path.is_file():
-                raise ArtifactError(f"artifact {uri!r} does not exist ({path})")
-            actual = sha256_file(path)
-            if actual != sha256:
-                raise ArtifactError(f"artifact {uri!r} has sha256 {actual}, the Model says {sha256}")
-            self._verified[sha256] = path
+        try:
+            self._check(path, sha256)
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"artifact {uri!r} does not exist ({path})") from exc
+        except OSError as exc:
+            raise ArtifactError(f"artifact {uri!r} cannot be read ({path}): {exc.strerror or exc}") from exc
+        except ArtifactError as exc:
+            raise ArtifactError(f"artifact {uri!r} {exc}") from exc
         return f"{self.public_base}/v1/artifacts/{sha256}"
 
-    def path_for(self, sha256: str) -> pathlib.Path | None:
-        return self._verified.get(sha256)
+    def _check(self, path: pathlib.Path, sha256: str) -> None:
+        try:
+            fh, identity = open_regular(path)
+            with fh:
+                if self._identity(sha256, path) == identity:
+                    return
+                actual = sha256_stream(fh)
+                after = FileIdentity.of(os.fstat(fh.fileno()))
+            if actual != sha256:
+                raise ArtifactError(f"has sha256 {actual}, the Model says {sha256}")
+            if after != identity:  # what was read may be neither the old bytes nor the new
+                raise ArtifactError("changed while its sha256 was checked; it is checked again at the next pass")
+        except Exception:
+            self._forget(sha256, path)
+            raise
+        with self._lock:
+            self._checked.setdefault(sha256, {})[path] = identity
+
+    def _identity(self, sha256: str, path: pathlib.Path) -> FileIdentity | None:
+        with self._lock:
+            return self._checked.get(sha256, {}).get(path)
+
+    def _forget(self, sha256: str, path: pathlib.Path) -> None:
+        with self._lock:
+            paths = self._checked.get(sha256, {})
+            paths.pop(path, None)
+            if not paths:
+                self._checked.pop(sha256, None)
+
+    def open_checked(self, sha256: str) -> tuple[BinaryIO, FileIdentity] | None:
+        """A file whose bytes were checked for ``sha256``, open for reading, or None when no
+        file was registered under it. Raises :class:`ArtifactChanged` when every file checked
+        for it has since been rewritten, deleted or replaced (by a link too): what is at the
+        path now was never checked. Opening is cheap (no read), so the event loop may call it."""
+        with self._lock:
+            candidates = list(self._checked.get(sha256, {}).items())
+        if not candidates:
+            return None
+        for path, checked in candidates:
+            try:
+                fh, identity = open_regular(path)
+            except (OSError, ArtifactError):
+                continue
+            if identity == checked:
+                return fh, identity
+            fh.close()
+        raise ArtifactChanged(f"the file checked for sha256 {sha256} was changed, replaced or deleted since; "
+                              "it is not served until the next reconcile pass checks it again")

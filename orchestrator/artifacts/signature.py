@@ -60,7 +60,7 @@ def describe_variants(spec: schema.ModelSpec, catalog: catalog_mod.ArtifactCatal
         else:
             try:
                 catalog.register(artifact.uri, artifact.sha256)  # checks the sha256 before the file is read
-                path = catalog.path_for(artifact.sha256)
+                path = catalog.local_path(artifact.uri)
                 if path is None:
                     item["io"] = "remote artifact: read by the replicas that download it"
                 else:
