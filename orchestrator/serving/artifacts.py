@@ -2,7 +2,8 @@
 
 The security contract says artifacts are verified by sha256 before loading; a replica must
 refuse a file whose digest differs from the one in the manifest, whatever its source. The
-digest is checked on the bytes that will be loaded (after download, on the local copy).
+digest is checked on the bytes that will be loaded (after download, on the local copy), and a
+download is checked before it enters the node's cache, so a refused one leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0) -> pathli
         path = cache_dir() / f"{sha256}.onnx"
         if path.is_file() and sha256_of(path) == sha256:
             return path  # cached and just verified
-        _download(uri, path, timeout_s)
+        _download(uri, path, sha256, timeout_s)
+        return path  # verified before it took the cache's name
     else:
         raise ArtifactError(f"artifact {uri}: unsupported scheme {parts.scheme!r}")
     actual = sha256_of(path)
@@ -62,9 +64,12 @@ def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0) -> pathli
     return path
 
 
-def _download(uri: str, path: pathlib.Path, timeout_s: float) -> None:
+def _download(uri: str, path: pathlib.Path, sha256: str, timeout_s: float) -> None:
+    """Download into a ``.part`` file, hashing as it is written; only bytes with the expected
+    digest take the cache's name, anything else is deleted with the ``.part``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    digest = hashlib.sha256()
     try:
         with (
             os.fdopen(fd, "wb") as out,
@@ -72,7 +77,12 @@ def _download(uri: str, path: pathlib.Path, timeout_s: float) -> None:
         ):
             response.raise_for_status()
             for chunk in response.iter_bytes(CHUNK):
+                digest.update(chunk)
                 out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise ArtifactError(
+                f"artifact {uri} has sha256 {digest.hexdigest()}, expected {sha256}: refusing to load it"
+            )
         os.replace(tmp_name, path)
     except (httpx.HTTPError, OSError) as exc:
         raise ArtifactError(f"cannot download artifact {uri}: {exc}") from exc

@@ -1,0 +1,55 @@
+"""A data-centre replica's download enters the node's artifact cache only with the digest the
+Model names: a refused one leaves nothing behind, a good one is downloaded once per node."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import pathlib
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from orchestrator.serving import artifacts
+from orchestrator.testing import loopback
+
+BODY = b"x" * 100_000
+
+
+@pytest.fixture
+def cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    monkeypatch.setenv("EDGEPLANE_ARTIFACT_CACHE", str(tmp_path))
+    return artifacts.cache_dir()
+
+
+async def fetch(uri: str, sha256: str) -> pathlib.Path:
+    return await asyncio.to_thread(artifacts.fetch_verified, uri, sha256, timeout_s=30)
+
+
+@pytest.mark.asyncio
+async def test_a_download_with_another_digest_is_refused_and_leaves_nothing_in_the_cache(cache: pathlib.Path) -> None:
+    app = Starlette(routes=[Route("/m.onnx", lambda _: Response(BODY))])
+    async with loopback.serving(app) as port:
+        with pytest.raises(artifacts.ArtifactError, match="refusing to load it"):
+            await fetch(f"http://127.0.0.1:{port}/m.onnx", hashlib.sha256(b"the real model").hexdigest())
+    assert sorted(p.name for p in cache.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_download_with_its_digest_is_cached_and_downloaded_once(cache: pathlib.Path) -> None:
+    requests: list[str] = []
+
+    async def model(request: Request) -> Response:
+        requests.append(request.url.path)
+        return Response(BODY)
+
+    sha = hashlib.sha256(BODY).hexdigest()
+    async with loopback.serving(Starlette(routes=[Route("/m.onnx", model)])) as port:
+        first = await fetch(f"http://127.0.0.1:{port}/m.onnx", sha)
+        again = await fetch(f"http://127.0.0.1:{port}/m.onnx", sha)
+    assert first == again == cache / f"{sha}.onnx" and first.read_bytes() == BODY
+    assert requests == ["/m.onnx"]
+    assert sorted(p.name for p in cache.iterdir()) == [f"{sha}.onnx"]
