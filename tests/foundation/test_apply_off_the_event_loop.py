@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from orchestrator import catalog, views
+from orchestrator.artifacts import signature
 from orchestrator.manifests import loader
 
 from . import support
@@ -108,3 +109,23 @@ def test_a_delete_waits_for_an_apply_between_its_check_and_its_write(api: httpx.
     cleanup = join(doc("ModelDeployment", "held-deployment", support.deployment_spec("held-model")),
                    doc("Model", "held-model", support.model_spec()))
     assert api.post("/v1/delete", content=cleanup).status_code == 200
+
+
+def test_the_api_answers_while_a_describe_reads_a_models_artifact(api: httpx.Client, control_plane: support.ServerThread,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``describe model`` hashes the artifact and parses its graph, on every call when the
+    Model's sha256 is not the file's (when an operator is most likely to run it): gigabytes read."""
+    spec = {"variants": [{"name": "v", "runtime": "onnx", "artifact": {"uri": "artifacts/intent-distilled.onnx", "sha256": "1" * 64}}]}
+    assert api.post("/v1/apply", content=doc("Model", "described", spec)).status_code == 200
+    gate = Gate(signature.describe_variants)
+    monkeypatch.setattr(signature, "describe_variants", gate)
+    describing = InBackground(control_plane.url, "GET", "/v1/models/described", params={"describe": "true"})
+    try:
+        assert gate.entered.wait(WAIT_S), "the describe never reached the gate"
+        assert api.get("/healthz").status_code == 200
+    finally:
+        gate.open()
+    r = describing.result()
+    assert r.status_code == 200, r.text
+    assert "has sha256" in r.json()["variants"][0]["error"], r.text
+    assert api.post("/v1/delete", content=doc("Model", "described", spec)).status_code == 200
