@@ -37,6 +37,22 @@ def cache_dir() -> pathlib.Path:
     )
 
 
+#: As an agent's ``--max-artifact-gb``: a wrong URL must not fill a node's disk.
+DEFAULT_MAX_GIB = 64.0
+
+
+def max_bytes() -> int:
+    """The largest download a replica makes: ``$EDGEPLANE_MAX_ARTIFACT_GB`` GiB, 64 unless set."""
+    setting = os.environ.get("EDGEPLANE_MAX_ARTIFACT_GB") or str(DEFAULT_MAX_GIB)
+    try:
+        gib = float(setting)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0:
+        raise ArtifactError(f"EDGEPLANE_MAX_ARTIFACT_GB={setting!r}: must be a number of GiB above 0")
+    return int(gib * (1 << 30))
+
+
 def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0) -> pathlib.Path:
     """Return a local path to ``uri`` whose sha256 is ``sha256``; raise :class:`ArtifactError`.
 
@@ -67,16 +83,23 @@ def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0) -> pathli
 def _download(uri: str, path: pathlib.Path, sha256: str, timeout_s: float) -> None:
     """Download into a ``.part`` file, hashing as it is written; only bytes with the expected
     digest take the cache's name, anything else is deleted with the ``.part``."""
+    digest, limit, size = hashlib.sha256(), max_bytes(), 0
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    digest = hashlib.sha256()
+    too_large = f"artifact {uri} is larger than a replica downloads ({limit} bytes; EDGEPLANE_MAX_ARTIFACT_GB)"
     try:
         with (
             os.fdopen(fd, "wb") as out,
             httpx.stream("GET", uri, timeout=timeout_s, follow_redirects=True) as response,
         ):
             response.raise_for_status()
+            announced = response.headers.get("content-length", "")
+            if announced.isdigit() and int(announced) > limit:
+                raise ArtifactError(too_large)
             for chunk in response.iter_bytes(CHUNK):
+                size += len(chunk)
+                if size > limit:  # a length not announced, or not kept to
+                    raise ArtifactError(too_large)
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != sha256:

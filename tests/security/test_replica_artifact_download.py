@@ -1,16 +1,18 @@
 """A data-centre replica's download enters the node's artifact cache only with the digest the
-Model names: a refused one leaves nothing behind, a good one is downloaded once per node."""
+Model names and within the size a replica downloads: a refused one leaves nothing behind, a
+good one is downloaded once per node."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import pathlib
+from collections.abc import AsyncIterator
 
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from orchestrator.serving import artifacts
@@ -53,3 +55,19 @@ async def test_a_download_with_its_digest_is_cached_and_downloaded_once(cache: p
     assert first == again == cache / f"{sha}.onnx" and first.read_bytes() == BODY
     assert requests == ["/m.onnx"]
     assert sorted(p.name for p in cache.iterdir()) == [f"{sha}.onnx"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("announced", [True, False], ids=["length-announced", "length-not-announced"])
+async def test_a_download_larger_than_the_limit_is_refused_and_leaves_nothing(cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                                              announced: bool) -> None:
+    monkeypatch.setenv("EDGEPLANE_MAX_ARTIFACT_GB", str(50_000 / (1 << 30)))  # 50 kB: BODY is 100 kB
+
+    async def body() -> AsyncIterator[bytes]:
+        yield BODY
+
+    app = Starlette(routes=[Route("/m.onnx", lambda _: Response(BODY) if announced else StreamingResponse(body()))])
+    async with loopback.serving(app) as port:
+        with pytest.raises(artifacts.ArtifactError, match="larger than a replica downloads"):
+            await fetch(f"http://127.0.0.1:{port}/m.onnx", hashlib.sha256(BODY).hexdigest())
+    assert sorted(p.name for p in cache.iterdir()) == []
