@@ -34,7 +34,7 @@ def route(catalog: catalog_mod.ArtifactCatalog) -> Route:
     async def artifact(request: Request) -> Response:
         sha256 = request.path_params["sha256"]
         try:
-            opened = catalog.open_checked(sha256)
+            opened = await asyncio.to_thread(catalog.open_checked, sha256)  # an artifact root may be on NFS
         except catalog_mod.ArtifactChanged as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         if opened is None:

@@ -175,7 +175,7 @@ class ArtifactCatalog:
         """A file whose bytes were checked for ``sha256``, open for reading, or None when no
         file was registered under it. Raises :class:`ArtifactChanged` when every file checked
         for it has since been rewritten, deleted or replaced (by a link too): what is at the
-        path now was never checked. Opening is cheap (no read), so the event loop may call it."""
+        path now was never checked. Nothing is read, but an open on a network file system may wait."""
         with self._lock:
             candidates = list(self._checked.get(sha256, {}).items())
         if not candidates:
