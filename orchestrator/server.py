@@ -536,10 +536,15 @@ class ControlPlane:
         collectors read the rest (the hub, the table) on the loop, whose it is. While the
         store fails, the scrape still answers, without ``edgeplane_replicas_placed``."""
         try:
-            self.fleet.placements = await asyncio.to_thread(self.store.placements)
+            placements = await asyncio.to_thread(self.store.placements)
         except store_mod.StoreError as exc:
+            if self.fleet.placements is not None:  # once an outage, not at every scrape
+                log.warning("metrics: the placement cannot be read, edgeplane_replicas_placed is left out until it can: %s", exc)
             self.fleet.placements = None
-            log.warning("metrics: the placement cannot be read, edgeplane_replicas_placed is left out: %s", exc)
+        else:
+            if self.fleet.placements is None:
+                log.info("metrics: the placement is read again, edgeplane_replicas_placed is back")
+            self.fleet.placements = placements
         return generate_latest(self.registry)
 
     async def describe_extra(self, kind: str, name: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import catalog
+from orchestrator import catalog, server
 from orchestrator.manifests import loader
 from orchestrator.store import sqlite as store_mod
 
@@ -154,7 +155,8 @@ def test_metrics_are_prometheus_text(api: httpx.Client, fleet: dict) -> None:
 
 
 def test_a_scrape_while_the_store_fails_answers_without_the_placed_replicas(
-        api: httpx.Client, fleet: dict, control_plane: support.ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+        api: httpx.Client, fleet: dict, control_plane: support.ServerThread, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     def scrape() -> dict:
         r = api.get("/metrics")
         assert r.status_code == 200, r.text[:300]
@@ -167,12 +169,16 @@ def test_a_scrape_while_the_store_fails_answers_without_the_placed_replicas(
         raise store_mod.StoreError("cannot reach the PostgreSQL store at db: connection refused")
 
     monkeypatch.setattr(store, "placements", unreachable)
-    families = scrape()
-    for name in ("edgeplane_agents", "edgeplane_reconcile_passes", "edgeplane_leader", "edgeplane_endpoints"):
-        assert name in families, sorted(families)
-    assert "edgeplane_replicas_placed" not in families  # no count from before the outage, read as current
-    monkeypatch.undo()
-    assert "edgeplane_replicas_placed" in scrape()  # back with the store
+    with caplog.at_level(logging.INFO, logger=server.log.name):
+        families = scrape()
+        for name in ("edgeplane_agents", "edgeplane_reconcile_passes", "edgeplane_leader", "edgeplane_endpoints"):
+            assert name in families, sorted(families)
+        assert "edgeplane_replicas_placed" not in families  # no count from before the outage, read as current
+        assert "edgeplane_replicas_placed" not in scrape()
+        monkeypatch.undo()
+        assert "edgeplane_replicas_placed" in scrape()  # back with the store
+    said = [r.getMessage() for r in caplog.records if r.name == server.log.name and r.getMessage().startswith("metrics:")]
+    assert len(said) == 2 and "left out" in said[0] and "back" in said[1], said  # once an outage, not at every scrape
 
 
 def test_one_process_on_sqlite_always_leads(api: httpx.Client) -> None:
