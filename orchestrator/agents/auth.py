@@ -3,6 +3,9 @@
 The hub only sees the :class:`JoinAuthenticator` protocol. The control plane backs it with
 its store (:class:`StoreJoinAuthenticator`: hashed bootstrap tokens, revocable
 credentials); tests and the demo's in-process hubs with :class:`InMemoryJoinAuthenticator`.
+The store-backed one blocks on the database: the hub calls it from worker threads, several
+joins at once, so what a join proved is handed back to it (:class:`BootstrapToken`) rather
+than remembered between calls.
 """
 
 from __future__ import annotations
@@ -12,16 +15,28 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from orchestrator.agents import errors as agent_errors
 from orchestrator.store import sqlite as store_mod
 
 
-class JoinAuthenticator(Protocol):
-    def verify_bootstrap(self, token: str) -> bool: ...
+@dataclass(frozen=True)
+class BootstrapToken:
+    """A bootstrap token a join was accepted with; ``created_at`` 0.0 for one that has always
+    existed (a static ``--bootstrap-token``, an in-memory one)."""
 
-    def issue_credential(self, site: str, agent_id: str) -> str: ...
+    created_at: float = 0.0
+
+
+class JoinAuthenticator(Protocol):
+    def verify_bootstrap(self, token: str) -> BootstrapToken | None: ...
+
+    def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None) -> str:
+        """A new credential for ``site``, replacing its last one; ``token``: the bootstrap
+        token the join was accepted with, None for one that came with the site's credential."""
+        ...
 
     def verify_credential(self, site: str, credential: str) -> bool: ...
 
@@ -37,17 +52,17 @@ class InMemoryJoinAuthenticator:
         self._tokens = [_digest(t) for t in bootstrap_tokens if t]
         self._credentials: dict[str, bytes] = {}
 
-    def verify_bootstrap(self, token: str) -> bool:
+    def verify_bootstrap(self, token: str) -> BootstrapToken | None:
         if not token:
-            return False
+            return None
         probe = _digest(token)
         # No early exit: every comparison runs, each in constant time.
         matched = False
         for known in self._tokens:
             matched |= hmac.compare_digest(probe, known)
-        return matched
+        return BootstrapToken() if matched else None
 
-    def issue_credential(self, site: str, agent_id: str) -> str:
+    def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None) -> str:
         credential = secrets.token_urlsafe(32)
         self._credentials[site] = _digest(credential)
         return credential
@@ -64,32 +79,29 @@ class StoreJoinAuthenticator:
 
     A revoked site stays refused for bootstrap tokens that existed when it was revoked
     (static ``--bootstrap-token`` ones included): an admin re-admits it by creating a new
-    token. ``verify_bootstrap`` remembers which token it accepted for the
-    ``issue_credential`` call of the same join (the hub runs on one thread, one join at a time).
+    token. Every call reads or writes the database and may wait on it: call it off the event
+    loop.
     """
 
     def __init__(self, store: store_mod.Store, static_tokens: tuple[str, ...] = ()):
         self.store = store
         self._static = {store_mod.digest(t) for t in static_tokens if t}
-        self._accepted_created_at = 0.0
 
-    def verify_bootstrap(self, token: str) -> bool:
+    def verify_bootstrap(self, token: str) -> BootstrapToken | None:
         if not token:
-            return False
+            return None
         if store_mod.digest(token) in self._static:
-            self._accepted_created_at = 0.0
-            return True
+            return BootstrapToken()
         with _store_in_use():
             info = self.store.verify_token(token, "bootstrap")
-        if info is None:
-            return False
-        self._accepted_created_at = info.created_at
-        return True
+        return BootstrapToken(info.created_at) if info is not None else None
 
-    def issue_credential(self, site: str, agent_id: str) -> str:
+    def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None) -> str:
+        # a join by credential counts as admitted before any revocation: one revoked since it was checked is refused
+        admitted_at = token.created_at if token is not None else 0.0
         with _store_in_use():
             revoked_at = self.store.agent_revoked_at(site)
-            if revoked_at is not None and self._accepted_created_at <= revoked_at:
+            if revoked_at is not None and admitted_at <= revoked_at:
                 raise agent_errors.NotAuthenticated(
                     f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
             credential = secrets.token_urlsafe(32)

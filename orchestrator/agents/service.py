@@ -141,8 +141,8 @@ class AgentControlServicer:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot sign this CSR: {exc}")
         try:
             if request.csr_pem and peer is None:  # no certificate to renew: an enrolment
-                self._hub.check_enrolment(request.site, request.bootstrap_token)
-            response = self._hub.join(application).to_proto()
+                await self._hub.check_enrolment(request.site, request.bootstrap_token)
+            response = (await self._hub.join_async(application)).to_proto()
         except errors.AgentHubError as exc:
             await context.abort(_status_code(exc), str(exc))
             raise  # unreachable: abort raises
@@ -204,7 +204,7 @@ class AgentControlServicer:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 f"streams for site {site!r} need that site's client certificate (join with a bootstrap token first)")
         try:
-            self._hub.authenticate_stream(site, agent_id, meta.get(CREDENTIAL_KEY, ""))
+            await self._hub.authenticate_stream(site, agent_id, meta.get(CREDENTIAL_KEY, ""))
         except errors.AgentHubError as exc:
             await context.abort(_status_code(exc), str(exc))
         return site, agent_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 
 import pytest
@@ -295,7 +296,57 @@ def test_site_identity_rule(agent_hub, clock) -> None:
     with pytest.raises(errors.NotJoined):
         agent_hub.record_heartbeat("edge-1", first.agent_id, beat())
     with pytest.raises(errors.NotJoined):
-        agent_hub.authenticate_stream("edge-1", first.agent_id, second.credential)
+        asyncio.run(agent_hub.authenticate_stream("edge-1", first.agent_id, second.credential))
+
+
+class SlowToIssue(auth.InMemoryJoinAuthenticator):
+    """Writes a credential only once let through, as a database slow to answer does."""
+
+    def __init__(self) -> None:
+        super().__init__([TOKEN])
+        self.issuing, self.go = threading.Event(), threading.Event()
+        self.issued: list[str] = []
+
+    def issue_credential(self, site: str, agent_id: str, token: auth.BootstrapToken | None) -> str:
+        self.issued.append(agent_id)
+        self.issuing.set()
+        assert self.go.wait(10), "not let through"
+        return super().issue_credential(site, agent_id, token)
+
+
+async def test_a_site_is_held_for_the_join_whose_credential_is_being_written(clock) -> None:
+    authenticator = SlowToIssue()
+    agent_hub = hub.AgentHub(authenticator, clock=clock, missed_heartbeats=3)
+    authenticator.go.set()
+    first = await agent_hub.join_async(application())
+    clock.now += 3.5
+    agent_hub.sweep()  # its agent lost: another may take the site over
+    authenticator.go.clear()
+    taking = asyncio.ensure_future(agent_hub.join_async(application(endpoint_url="http://10.0.0.6:8080")))
+    await asyncio.to_thread(authenticator.issuing.wait, 10)
+    # meanwhile no other agent's join, here or relayed from another replica, gets the site or writes a credential for it
+    with pytest.raises(errors.SiteTaken, match="being joined") as taken:
+        await agent_hub.join_async(application())
+    assert taken.value.holder == authenticator.issued[-1] and taken.value.retry_after_s > 0
+    with pytest.raises(errors.SiteTaken, match="being joined"):
+        agent_hub.admit_relayed(application(), "agt-elsewhere", "cp-2")
+    authenticator.go.set()
+    second = await taking
+    assert authenticator.issued == [first.agent_id, second.agent_id]
+    assert agent_hub.status("edge-1").agent_id == second.agent_id  # type: ignore[union-attr]
+    assert authenticator.verify_credential("edge-1", second.credential)
+    # a site revoked while its join's credential is written is not joined
+    clock.now += 3.5
+    agent_hub.sweep()
+    authenticator.go.clear()
+    authenticator.issuing.clear()
+    joining = asyncio.ensure_future(agent_hub.join_async(application()))
+    await asyncio.to_thread(authenticator.issuing.wait, 10)
+    agent_hub.revoke("edge-1")
+    authenticator.go.set()
+    with pytest.raises(errors.NotAuthenticated, match="revoked"):
+        await joining
+    assert agent_hub.status("edge-1") is None
 
 
 def test_a_site_the_leader_says_another_replica_holds_is_refused_here_until_the_holder_could_be_lost(clock) -> None:
@@ -311,7 +362,7 @@ def test_a_site_the_leader_says_another_replica_holds_is_refused_here_until_the_
             agent_hub.join(refused)
         assert taken.value.holder == "agt-a" and taken.value.retry_after_s == 2.0
     # the holder itself, moving to this replica, may join
-    credential = authenticator.issue_credential("edge-1", "agt-a")
+    credential = authenticator.issue_credential("edge-1", "agt-a", auth.BootstrapToken())
     assert agent_hub.join(application(credential=credential, agent_id="agt-a")).agent_id == "agt-a"
     # a refusal naming an agent this replica does not hold drops nothing
     agent_hub.refused_by_leader("edge-1", "agt-other", "agt-z", reason, 2.0)

@@ -387,16 +387,20 @@ def test_static_bootstrap_tokens_admit_joins_but_never_a_revoked_site(store: Sto
     from orchestrator.agents.auth import StoreJoinAuthenticator
 
     auth = StoreJoinAuthenticator(store, ("static-secret",))
-    assert auth.verify_bootstrap("static-secret") and not auth.verify_bootstrap("other") and not auth.verify_bootstrap("")
-    assert auth.issue_credential("edge-lyon", "agent-1")
+    static = auth.verify_bootstrap("static-secret")
+    assert static is not None and auth.verify_bootstrap("other") is None and auth.verify_bootstrap("") is None
+    assert auth.issue_credential("edge-lyon", "agent-1", static)
     assert store.revoke_agent("edge-lyon", "admin")
     clock.now += 60
-    assert auth.verify_bootstrap("static-secret")
+    assert auth.verify_bootstrap("static-secret") == static
     with pytest.raises(agent_errors.NotAuthenticated, match="revoked"):
-        auth.issue_credential("edge-lyon", "agent-2")
-    assert auth.issue_credential("edge-berlin", "agent-3")  # other sites still join on it
+        auth.issue_credential("edge-lyon", "agent-2", static)
+    with pytest.raises(agent_errors.NotAuthenticated, match="revoked"):  # nor one that came with a credential
+        auth.issue_credential("edge-lyon", "agent-2", None)
+    assert auth.issue_credential("edge-berlin", "agent-3", static)  # other sites still join on it
     secret, _ = store.create_token("bootstrap", "agent", 3600, "admin")
-    assert auth.verify_bootstrap(secret) and auth.issue_credential("edge-lyon", "agent-4")  # a token made after the revocation
+    fresh = auth.verify_bootstrap(secret)
+    assert fresh is not None and auth.issue_credential("edge-lyon", "agent-4", fresh)  # a token made after the revocation
 
 
 def test_sequences_only_grow_and_survive_reopen(reopen: Callable[..., Store]) -> None:
