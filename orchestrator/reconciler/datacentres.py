@@ -94,17 +94,27 @@ class DataCentres:
         """The sites an actuator is held for."""
         return set(self._actuators)
 
-    async def retire(self, site: str) -> None:
+    async def retire(self, site: str, spec: schema.SiteSpec | None = None) -> int:
         """Let go of a site that is no longer declared, its applications removed first
         (``apply([])``: on KubeRay its RayService and the cluster with it, on a shared Ray
-        cluster this site's applications only); if that raises, the actuator is kept for
-        the next try."""
-        known = self._actuators.get(site)
-        if known is None:
-            return
-        await known[1].apply([])
+        cluster this site's applications only); how many ran. ``spec``, the deleted Site's
+        as the store kept it, reaches the site when no actuator is held for it (another
+        replica led when it was deleted, or this one restarted since). If this raises, the
+        actuator is kept for the next try."""
+        if spec is not None and site not in self._actuators and spec.ray is not None and spec.ray.address == "local" \
+                and self.local.endpoints is None:
+            return 0  # the embedded cluster is not up: what ran there stopped with it, no need to start one
+        if spec is not None:
+            actuator = await self.actuator(site, spec)
+        elif (known := self._actuators.get(site)) is not None:
+            actuator = known[1]
+        else:
+            return 0
+        running = len(await actuator.observe())
+        await actuator.apply([])
         del self._actuators[site]
-        await known[1].close()
+        await actuator.close()
+        return running
 
     async def forget(self, keep: set[str]) -> None:
         """Close the actuators of the sites not in ``keep``, leaving what runs on them."""

@@ -309,7 +309,8 @@ class Reconciler:
         agents, health probes) with it. The hub, the table and this reconciler's own state
         are read and changed on the loop only."""
         sites, models, deployments = await asyncio.to_thread(self.read_desired)
-        await self._observe_datacentres([s for s in sites if s.spec.tier == "datacenter"])
+        deleted = await asyncio.to_thread(self.store.deleted_sites)  # read after the Sites: one declared again is in both
+        await self._observe_datacentres([s for s in sites if s.spec.tier == "datacenter"], deleted)
         placements = tuple(await asyncio.to_thread(self.store.placements))
         agents = tuple(self.hub.snapshot())
         rejoining = self._rejoining(sites, placements, agents)
@@ -345,34 +346,42 @@ class Reconciler:
                     out[(name, v.name)] = snap.ArtifactRef(None, f"Model {name} variant {v.name}: {exc}")
         return out
 
-    async def _observe_datacentres(self, sites: list[snap.SiteRecord]) -> None:
+    async def _observe_datacentres(self, sites: list[snap.SiteRecord], deleted: Iterable[store_mod.DeletedSite] = ()) -> None:
+        """Observe the declared data centres; remove the applications of those no longer
+        declared. A deleted Site's target is kept in the store until they are removed, so
+        whichever replica leads next, or this one after a restart, removes them too."""
         declared = {s.name for s in sites}
         for gone in set(self._dc_observed) - declared:
             observed, applied = self._dc_observed.pop(gone), self._applied.pop(gone, ())
             self._retiring[gone] = max(len(observed.apps), len(applied))
         for back in set(self._retiring) & declared:  # declared again: its apply takes over
             del self._retiring[back]
-        gone = sorted(self.datacentres.sites() - declared)
-        results = await asyncio.gather(*(self._observe_one(s) for s in sites), *(self._retire(g) for g in gone))
+        records = {d.name: d for d in deleted if d.name not in declared}
+        gone = sorted((self.datacentres.sites() - declared) | set(records))
+        results = await asyncio.gather(*(self._observe_one(s) for s in sites), *(self._retire(g, records.get(g)) for g in gone))
         for site, observation in zip(sites, results):
             self._dc_observed[site.name] = observation
 
-    async def _retire(self, site: str) -> None:
+    async def _retire(self, site: str, record: store_mod.DeletedSite | None) -> None:
         """A deleted data-centre Site: its Serve applications are removed before its
-        actuator goes, or they would run on, owned by nothing. A cluster that cannot be
-        reached is tried again with the site's backoff, each new error an event on the Site."""
+        actuator and its record in the store go, or they would run on, owned by nothing. A
+        cluster that cannot be reached is tried again with the site's backoff, each new
+        error an event on the Site."""
         backoff = self._dc_backoff.get(site)
         if backoff is not None and backoff.next_try > self.clock():
             return
         try:
-            await self.datacentres.retire(site)
+            spec = schema.SiteSpec.model_validate(record.spec) if record is not None else None
+            removed = await self.datacentres.retire(site, spec)
         except Exception as exc:  # whatever the cause, tried again: this site's alone
             if not isinstance(exc, (serve_config.DataCentreError, OSError, RuntimeError, ValueError)):
                 log.exception("data centre %s: removing its Serve applications failed", site)
             await self._dc_failed(site, exc, "the Site is deleted, but its Serve applications are not removed yet: ")
             return
+        if record is not None:  # a failed write leaves it for the next pass, whose apply([]) finds nothing left
+            await asyncio.to_thread(self.store.forget_deleted_site, record, lease=self.lease)
         self._dc_backoff.pop(site, None)
-        held = self._retiring.pop(site, 0)
+        held = max(removed, self._retiring.pop(site, 0))
         log.info("data centre %s: the Site is deleted; its %d Serve application(s) removed", site, held)
         if held:
             await self._record(store_mod.Event("reconciler", "serve-removed", "Site", site,

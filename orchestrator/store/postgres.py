@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 ALTER TABLE objects ADD COLUMN IF NOT EXISTS annotations TEXT NOT NULL DEFAULT '{}';  -- databases made before annotations were kept
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version BIGINT NOT NULL);
 DO $$ BEGIN  -- databases made before leases were kept in epoch seconds, as on SQLite
     IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'leases' AND column_name = 'expires_at'
                AND data_type LIKE 'timestamp%') THEN

@@ -106,6 +106,16 @@ class PlacementRow:
 
 
 @dataclass(frozen=True)
+class DeletedSite:
+    """A deleted data-centre Site whose Serve applications are not removed yet: its spec
+    (where they run) outlives it until the leader has removed them, whichever replica leads."""
+
+    name: str
+    spec: Mapping[str, Any]
+    version: int  # the delete's resourceVersion: a later delete of the same name is another record
+
+
+@dataclass(frozen=True)
 class TokenInfo:
     id: str
     purpose: str  # "api" | "bootstrap"
@@ -259,6 +269,8 @@ class SqlStore:
                 spec, labels, annotations = _canonical(w.spec), _canonical(w.labels), _canonical(w.annotations)
                 if current is None:
                     rv = self._next_version(db)
+                    if w.kind == "Site":  # declared again: its apply replaces the deleted one's applications
+                        db.execute(self._q("DELETE FROM deleted_sites WHERE name = ?"), (w.name,))
                     db.execute(
                         self._q("INSERT INTO objects (kind, name, labels, annotations, spec, generation, resource_version, created_at,"
                                 " updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)"),
@@ -319,6 +331,9 @@ class SqlStore:
         if kind == "ModelDeployment":
             db.execute(self._q("DELETE FROM placements WHERE deployment = ?"), (name,))
         rv = self._next_version(db)
+        if kind == "Site" and current.spec.get("tier") == "datacenter":  # its applications run on until removed
+            db.execute(self._q("INSERT INTO deleted_sites (name, spec, version) VALUES (?, ?, ?) ON CONFLICT (name)"
+                               " DO UPDATE SET spec = excluded.spec, version = excluded.version"), (name, _canonical(current.spec), rv))
         self._log(db, Event(event.actor, "deleted", kind, name, event.reason, event.details), now)
         return WriteOutcome(kind, name, "deleted", current.generation, rv)
 
@@ -345,6 +360,18 @@ class SqlStore:
             if changed:
                 self._many(db, self._q("UPDATE objects SET status = ? WHERE kind = ? AND name = ?"), changed)
         return sum(key in current for key in encoded)
+
+    def deleted_sites(self) -> list[DeletedSite]:
+        """The deleted data-centre Sites whose Serve applications are still to be removed."""
+        rows = self._fetch(f"SELECT * FROM deleted_sites ORDER BY name{self.collate}")
+        return [DeletedSite(r["name"], json.loads(r["spec"]), int(r["version"])) for r in rows]
+
+    def forget_deleted_site(self, site: DeletedSite, lease: Lease | None = None) -> None:
+        """Its applications are removed: the record goes, unless the Site was deleted again since."""
+        with self._tx() as db:
+            if lease is not None:
+                self._fence(db, lease)
+            db.execute(self._q("DELETE FROM deleted_sites WHERE name = ? AND version = ?"), (site.name, site.version))
 
     # --- placement intent ------------------------------------------------------------
 
@@ -565,6 +592,6 @@ def _event(row: Mapping[str, Any]) -> LoggedEvent:
 
 
 __all__ = [
-    "Conflict", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SqlStore",
+    "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SqlStore",
     "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "digest",
 ]

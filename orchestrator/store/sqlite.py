@@ -27,6 +27,7 @@ from typing import Any
 from edge_agent import state as state_files
 from orchestrator.store.sql import (  # re-exported: the store's records are named from here
     Conflict,
+    DeletedSite,
     Event,
     Fenced,
     Lease,
@@ -44,7 +45,7 @@ from orchestrator.store.sql import (  # re-exported: the store's records are nam
 )
 
 __all__ = [
-    "Conflict", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
+    "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
     "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "digest",
 ]
 
@@ -81,6 +82,7 @@ CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 """
 

@@ -102,6 +102,30 @@ class Outages:
         pass
 
 
+class Cluster:
+    """A data centre's cluster that outlives any control plane: what runs there is what was
+    last applied, and it can be taken away and brought back."""
+
+    drift = ""
+
+    def __init__(self) -> None:
+        self.running: dict[str, serve_config.ServeAppSpec] = {}
+        self.down = False
+
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+        await self.observe()
+        self.running = {a.name: a for a in apps}
+
+    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
+        if self.down:
+            raise serve_config.DataCentreError("cannot reach the cluster: connection refused")
+        return {n: serve_config.ServeAppStatus(n, serve_config.ServeAppState.RUNNING, "", a.num_replicas, a.num_replicas,
+                                               f"http://127.0.0.1:9{a.route_prefix}") for n, a in self.running.items()}
+
+    async def close(self) -> None:  # closing a client stops nothing on the cluster
+        pass
+
+
 @pytest.fixture
 async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
     async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
@@ -202,3 +226,49 @@ async def test_each_outage_of_a_data_centre_is_logged_with_its_end(fleet: harnes
         await harness.wait_until(observed, 20, what=f"dc-1 observed after outage {outage}")
     await harness.wait_until(lambda: len(events()) >= 4, 10, what="both outages in the event log")
     assert events() == ["datacentre-error", "datacentre-recovered"] * 2
+
+
+async def delete_while_unreachable(cp: server.ControlPlane, cluster: Cluster, name: str) -> None:
+    """``name`` declared with a deployment on it, running; then deleted while its cluster is down."""
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site(name), MODEL, deployment("d", name)))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: bool(cluster.running), 30, what=f"{name}'s application")
+        cluster.down = True
+        assert (await http.delete(f"/v1/sites/{name}")).status_code == 200
+    await harness.wait_until(lambda: any("not removed yet" in e.reason for e in cp.store.events(kind="Site", name=name, limit=1000)),
+                             30, what=f"{name}'s removal to fail")
+
+
+async def test_a_deleted_sites_applications_are_removed_after_a_restart(fleet: harness.Fleet) -> None:
+    """The control plane that saw the Site deleted stops before it could remove them: the
+    next one (restarted, or another replica taking over) knows the Site only from the
+    store, and removes them once the cluster answers."""
+    cluster = Cluster()
+    cp = await start(fleet, lambda name, spec: cluster)
+    await delete_while_unreachable(cp, cluster, "dc-old")
+    await fleet.stop()
+    cluster.down = False
+    cp = await start(fleet, lambda name, spec: cluster)
+
+    def removed() -> bool:
+        return any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))
+
+    await harness.wait_until(removed, 20, what="dc-old's applications to be removed")
+    assert cluster.running == {}
+    assert cp.store.deleted_sites() == []  # nothing left to remove
+
+
+async def test_a_site_declared_again_takes_over_the_deleted_ones_applications(fleet: harness.Fleet) -> None:
+    cluster = Cluster()
+    cp = await start(fleet, lambda name, spec: cluster)
+    await delete_while_unreachable(cp, cluster, "dc-old")
+    assert [d.name for d in cp.store.deleted_sites()] == ["dc-old"]
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        assert (await http.post("/v1/apply", content=site("dc-old"))).status_code == 200
+    assert cp.store.deleted_sites() == []
+    cluster.down = False
+    await harness.wait_until(lambda: bool(site_status(cp, "dc-old")) and "error" not in site_status(cp, "dc-old"), 20,
+                             what="dc-old observed again")
+    assert cluster.running
+    assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))

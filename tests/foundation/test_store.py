@@ -314,6 +314,47 @@ def test_deleting_a_deployment_removes_its_placements(store: Store) -> None:
     assert [p.deployment for p in store.placements()] == ["d2"]
 
 
+def test_a_deleted_datacentre_site_is_kept_until_its_applications_are_removed(reopen: Callable[..., Store]) -> None:
+    """Whichever replica leads next finds where its Serve applications run, until the
+    leader that removed them forgets it; declaring the Site again takes them over."""
+    a, b = reopen(), reopen()
+    dc = {"tier": "datacenter", "kubernetes": {"context": "c", "namespace": "ns"}}
+    a.apply([write("dc", dc), write("edge", {"tier": "edge"})])
+    a.delete_many([("Site", "dc"), ("Site", "edge")], WHO)
+    [first] = b.deleted_sites()
+    assert (first.name, dict(first.spec)) == ("dc", dc)
+    a.apply([write("dc", dc)])
+    assert b.deleted_sites() == []  # declared again: its apply replaces the applications
+    a.delete("Site", "dc", WHO)
+    [second] = b.deleted_sites()
+    b.forget_deleted_site(first)  # removed for the first delete: the second still has to be
+    assert b.deleted_sites() == [second]
+    lease = a.acquire_lease("leader", "a", 30.0)
+    assert lease is not None
+    a.release_lease(lease)
+    assert b.acquire_lease("leader", "b", 30.0) is not None
+    with pytest.raises(store_mod.Fenced):  # a deposed leader's removal does not count
+        a.forget_deleted_site(second, lease=lease)
+    b.forget_deleted_site(second)
+    assert a.deleted_sites() == []
+
+
+def test_a_store_made_before_deleted_sites_were_kept_gains_them(reopen: Callable[..., Store], location: str) -> None:
+    reopen().apply([write("dc", {"tier": "datacenter"})])
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            conn.execute("DROP TABLE deleted_sites")
+    else:
+        with contextlib.closing(sqlite3.connect(location)) as db:
+            db.execute("DROP TABLE deleted_sites")
+            db.commit()
+    again = reopen()
+    again.delete("Site", "dc", WHO)
+    assert [d.name for d in again.deleted_sites()] == ["dc"]
+
+
 def test_tokens_expire_by_the_injected_clock(store: Store, clock: FakeClock) -> None:
     secret, info = store.create_token("bootstrap", "agent", 60, "admin", "for lyon")
     assert info.expires_at == clock.now + 60
