@@ -3,6 +3,7 @@
 ``model``    typed values (AgentStatus, Assignment, AgentEvent...) with proto conversions
 ``hub``      AgentHub: live inventory, health by missed heartbeats, assignment channels
 ``auth``     JoinAuthenticator protocol and an in-memory implementation
+``identity`` proving an agent's identity for a join or stream, off the event loop
 ``service``  the grpc.aio servicer and ``start_agent_server``
 ``errors``   the hub's error tree
 """

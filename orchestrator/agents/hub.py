@@ -16,9 +16,9 @@ lead relays its agents to the leader (:mod:`orchestrator.agents.relay`); the lea
 holds them as *relayed* records (``via`` names the relaying replica), which heartbeats,
 health and placement treat like its own, and whose assignment sets it hands to that relay.
 
-Everything here runs on one event loop thread: call ``set_assignments`` from it. Only the
-authenticator's calls, which may wait on the database, run in worker threads (joins by
-:meth:`AgentHub.join_async`, stream opens, enrolments).
+Everything here runs on one event loop thread: call ``set_assignments`` from it. Proving an
+agent's identity, which may wait on the database, is :mod:`orchestrator.agents.identity`'s,
+in worker threads (joins by :meth:`AgentHub.join_async`, stream opens, enrolments).
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ import contextlib
 import dataclasses
 import logging
 import math
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from orchestrator.agents import applications, auth, errors, model
+from orchestrator.agents import applications, auth, errors, identity, model
 
 log = logging.getLogger(__name__)
 
@@ -152,27 +151,6 @@ class RelayTap(Protocol):
 
 PushAssignments = Callable[[str, model.AssignmentSet], None]
 
-#: How long another agent is told to wait for a site whose join is being written: by then
-#: that agent holds it, or its join failed.
-JOINING_RETRY_S = 1.0
-
-
-@dataclass(frozen=True)
-class _Proof:
-    """What a join proved itself with: the site's credential, or a bootstrap token."""
-
-    by_credential: bool
-    token: auth.BootstrapToken | None
-
-
-@dataclass
-class _Joining:
-    """A join given a new identity, while its credential is written to the store."""
-
-    agent_id: str
-    revoked: bool = False  # the site was revoked meanwhile: the join is refused
-
-
 #: After an agent's heartbeat stream ends, how long (at least one heartbeat interval) it has
 #: to open a session again before it is lost: its reconnect backoff starts at 0.5 s.
 RECONNECT_GRACE_S = 5.0
@@ -205,7 +183,7 @@ class AgentHub:
     ) -> None:
         if missed_heartbeats < 1:
             raise ValueError("missed_heartbeats must be at least 1")
-        self._auth = authenticator
+        self._identities = identity.Identities(authenticator)
         self._on_change = on_change
         self._clock = clock
         self._wall = wall
@@ -228,7 +206,6 @@ class AgentHub:
         self._held_elsewhere: dict[str, tuple[str, str, float]] = {}
         # site -> agent id whose identity was revoked: a relay that has not heard yet must not bring it back
         self._revoked: dict[str, str] = {}
-        self._joining: dict[str, _Joining] = {}  # site -> the join whose credential is being issued
 
     # -- join and identity ----------------------------------------------------------
 
@@ -236,51 +213,30 @@ class AgentHub:
         """Admit an agent, every step on the caller's thread: for an authenticator that does
         not block (in memory). The control plane's, on its store, joins by :meth:`join_async`."""
         applications.check(application)
-        proof = self._prove(application)
+        proof = self._identities.prove(application)
         if self._decide(application, proof):
             return self._record(application, proof, application.agent_id, application.credential or "")
-        agent_id = "agt-" + secrets.token_hex(8)
-        return self._record(application, proof, agent_id, self._auth.issue_credential(application.site, agent_id, proof.token))
+        return self._record(application, proof, *self._identities.issue(application.site, proof))
 
     async def join_async(self, application: model.JoinApplication) -> model.JoinGrant:
         """:meth:`join` with the authenticator's calls, which may wait on the database, in
         worker threads: the event loop (health probes, the gateway, other agents) never
         waits on them. Who holds the site is decided on the loop, and a new identity's
         credential replaces the site's last one only once the site is this join's: it is
-        held for it (:meth:`_refuse_if_held`) until the join is recorded or fails."""
+        held for it (:meth:`identity.Identities.issue_held`) until the join is recorded or fails."""
         applications.check(application)
-        proof = await asyncio.to_thread(self._prove, application)
+        proof = await self._identities.prove_off_loop(application)
         if self._decide(application, proof):  # the same identity: nothing to write
             return self._record(application, proof, application.agent_id, application.credential or "")
-        site = application.site
-        joining = self._joining[site] = _Joining("agt-" + secrets.token_hex(8))
-        try:
-            credential = await asyncio.to_thread(self._auth.issue_credential, site, joining.agent_id, proof.token)
-        finally:
-            if self._joining.get(site) is joining:
-                del self._joining[site]
-        if joining.revoked:
-            raise errors.NotAuthenticated(f"join for site {site!r} refused: its agent identity was revoked as it joined")
-        return self._record(application, proof, joining.agent_id, credential)
+        return self._record(application, proof, *await self._identities.issue_held(application.site, proof))
 
-    def _prove(self, application: model.JoinApplication) -> _Proof:
-        """Check the join's credential, or else its bootstrap token (the authenticator alone:
-        safe from a worker thread)."""
-        site = application.site
-        if application.credential is not None and self._auth.verify_credential(site, application.credential):
-            return _Proof(by_credential=True, token=None)
-        token = self._auth.verify_bootstrap(application.bootstrap_token)
-        if token is None:
-            raise errors.NotAuthenticated(f"join for site {site!r} refused: invalid token or credential")
-        return _Proof(by_credential=False, token=token)
-
-    def _decide(self, application: model.JoinApplication, proof: _Proof) -> bool:
+    def _decide(self, application: model.JoinApplication, proof: identity.Proof) -> bool:
         """SiteTaken while another agent holds the site; True when the agent keeps its identity
         (its credential and agent id), False when it is to be given a new one."""
         self._refuse_if_held(application.site, self._clock(), application.agent_id if proof.by_credential else None)
         return proof.by_credential and bool(application.agent_id)
 
-    def _record(self, application: model.JoinApplication, proof: _Proof, agent_id: str, credential: str) -> model.JoinGrant:
+    def _record(self, application: model.JoinApplication, proof: identity.Proof, agent_id: str, credential: str) -> model.JoinGrant:
         site = application.site
         now = self._clock()
         current = self._records.get(site)
@@ -316,10 +272,7 @@ class AgentHub:
                 f"({self.missed_heartbeats * current.heartbeat_interval:.1f}s)",
                 holder=current.agent_id, retry_after_s=current.deadline - now,
             )
-        joining = self._joining.get(site)
-        if joining is not None and joining.agent_id != agent_id:
-            raise errors.SiteTaken(f"site {site!r} is being joined by agent {joining.agent_id}",
-                                   holder=joining.agent_id, retry_after_s=JOINING_RETRY_S)
+        self._identities.refuse_if_joining(site, agent_id)
         # Only while relaying to the leader that said so: a replica that leads decides itself.
         held = self._held_elsewhere.get(site) if self.tap is not None else None
         if held is not None:
@@ -331,18 +284,13 @@ class AgentHub:
 
     async def check_enrolment(self, site: str, bootstrap_token: str) -> None:
         """A client certificate asked for without one (the join port) is for a valid bootstrap
-        token only: the site's credential never expires, so a copy of it must not mint
-        certificates; renewal goes over mutual TLS, with the certificate it renews."""
-        if await asyncio.to_thread(self._auth.verify_bootstrap, bootstrap_token) is None:
-            raise errors.NotAuthenticated(
-                f"no client certificate for site {site!r}: the join port issues one only for a valid bootstrap token, and this "
-                "one is unknown, expired or revoked (a certificate is renewed over mutual TLS with the current one)")
+        token only (:meth:`identity.Identities.check_enrolment`)."""
+        await self._identities.check_enrolment(site, bootstrap_token)
 
     async def authenticate_stream(self, site: str, agent_id: str, credential: str) -> None:
         """Check the metadata of a Heartbeats/WatchAssignments stream, once per stream (the
         credential in a worker thread, the site's holder on the loop)."""
-        if not await asyncio.to_thread(self._auth.verify_credential, site, credential):
-            raise errors.NotAuthenticated(f"invalid credential for site {site!r}")
+        await self._identities.check_credential(site, credential)
         current = self._records.get(site)
         if current is None or current.agent_id != agent_id:
             raise errors.NotJoined(f"agent {agent_id!r} does not hold site {site!r}; join again")
@@ -545,8 +493,7 @@ class AgentHub:
         if record is not None:
             self._revoked[site] = record.agent_id
             log.warning("agent %s of site %s dropped: its identity was revoked", record.agent_id, site)
-        if (joining := self._joining.get(site)) is not None:
-            joining.revoked = True  # its new credential may have been written before the revocation
+        self._identities.revoked(site)  # a join's new credential may have been written before the revocation
         self.forget(site)
 
     # -- heartbeat streams -----------------------------------------------------------

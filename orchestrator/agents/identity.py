@@ -1,0 +1,115 @@
+"""Proving who an agent is, for a join or a stream, and issuing a joining agent its identity.
+
+Why apart from the hub: the hub's inventory is touched only on its event loop and costs O(1)
+a heartbeat, while every call here goes to the :class:`~orchestrator.agents.auth.JoinAuthenticator`,
+which on the control plane's store may wait on the database. So the checks run in worker
+threads (several joins at once), and what a join proved is handed back as a :class:`Proof`
+rather than kept. The one piece of state here is the hold of a site while a join's new
+credential is written: it must outlive the hub's own decision, and the hub asks it before
+letting another agent have the site (:meth:`Identities.refuse_if_joining`), so a join
+refused meanwhile never replaces the holder's credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+
+from orchestrator.agents import auth, errors, model
+
+#: How long another agent is told to wait for a site whose join is being written: by then
+#: that agent holds it, or its join failed.
+JOINING_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What a join proved itself with: the site's credential, or a bootstrap token."""
+
+    by_credential: bool
+    token: auth.BootstrapToken | None
+
+
+@dataclass
+class _Joining:
+    """A join given a new identity, while its credential is written to the store."""
+
+    agent_id: str
+    revoked: bool = False  # the site was revoked meanwhile: the join is refused
+
+
+class Identities:
+    """The authenticator's checks, and the sites held while a join's credential is written.
+
+    Held sites are read and changed on the hub's event loop only; the authenticator alone
+    is called from worker threads.
+    """
+
+    def __init__(self, authenticator: auth.JoinAuthenticator) -> None:
+        self._auth = authenticator
+        self._joining: dict[str, _Joining] = {}  # site -> the join whose credential is being issued
+
+    def prove(self, application: model.JoinApplication) -> Proof:
+        """Check the join's credential, or else its bootstrap token (the authenticator alone:
+        safe from a worker thread)."""
+        site = application.site
+        if application.credential is not None and self._auth.verify_credential(site, application.credential):
+            return Proof(by_credential=True, token=None)
+        token = self._auth.verify_bootstrap(application.bootstrap_token)
+        if token is None:
+            raise errors.NotAuthenticated(f"join for site {site!r} refused: invalid token or credential")
+        return Proof(by_credential=False, token=token)
+
+    async def prove_off_loop(self, application: model.JoinApplication) -> Proof:
+        """:meth:`prove` in a worker thread."""
+        return await asyncio.to_thread(self.prove, application)
+
+    def issue(self, site: str, proof: Proof) -> tuple[str, str]:
+        """A new agent id for ``site`` and its credential, on the caller's thread."""
+        agent_id = _new_agent_id()
+        return agent_id, self._auth.issue_credential(site, agent_id, proof.token)
+
+    async def issue_held(self, site: str, proof: Proof) -> tuple[str, str]:
+        """:meth:`issue` with the credential written in a worker thread, ``site`` held for this
+        join until then (from the call on, before it first waits). NotAuthenticated when the
+        site was revoked meanwhile (:meth:`revoked`): its credential may have been written first."""
+        joining = self._joining[site] = _Joining(_new_agent_id())
+        try:
+            credential = await asyncio.to_thread(self._auth.issue_credential, site, joining.agent_id, proof.token)
+        finally:
+            if self._joining.get(site) is joining:
+                del self._joining[site]
+        if joining.revoked:
+            raise errors.NotAuthenticated(f"join for site {site!r} refused: its agent identity was revoked as it joined")
+        return joining.agent_id, credential
+
+    def refuse_if_joining(self, site: str, agent_id: str | None) -> None:
+        """SiteTaken while another agent's join holds ``site`` (:meth:`issue_held`)."""
+        joining = self._joining.get(site)
+        if joining is not None and joining.agent_id != agent_id:
+            raise errors.SiteTaken(f"site {site!r} is being joined by agent {joining.agent_id}",
+                                   holder=joining.agent_id, retry_after_s=JOINING_RETRY_S)
+
+    def revoked(self, site: str) -> None:
+        """``site``'s identity was revoked: a join being written for it is refused."""
+        if (joining := self._joining.get(site)) is not None:
+            joining.revoked = True
+
+    async def check_enrolment(self, site: str, bootstrap_token: str) -> None:
+        """A client certificate asked for without one (the join port) is for a valid bootstrap
+        token only: the site's credential never expires, so a copy of it must not mint
+        certificates; renewal goes over mutual TLS, with the certificate it renews."""
+        if await asyncio.to_thread(self._auth.verify_bootstrap, bootstrap_token) is None:
+            raise errors.NotAuthenticated(
+                f"no client certificate for site {site!r}: the join port issues one only for a valid bootstrap token, and this "
+                "one is unknown, expired or revoked (a certificate is renewed over mutual TLS with the current one)")
+
+    async def check_credential(self, site: str, credential: str) -> None:
+        """NotAuthenticated unless ``credential`` is ``site``'s (checked in a worker thread)."""
+        if not await asyncio.to_thread(self._auth.verify_credential, site, credential):
+            raise errors.NotAuthenticated(f"invalid credential for site {site!r}")
+
+
+def _new_agent_id() -> str:
+    return "agt-" + secrets.token_hex(8)
