@@ -322,6 +322,7 @@ async def test_a_site_is_held_for_the_join_whose_credential_is_being_written(clo
     clock.now += 3.5
     agent_hub.sweep()  # its agent lost: another may take the site over
     authenticator.go.clear()
+    authenticator.issuing.clear()  # set by the first join: wait for this one's write
     taking = asyncio.ensure_future(agent_hub.join_async(application(endpoint_url="http://10.0.0.6:8080")))
     await asyncio.to_thread(authenticator.issuing.wait, 10)
     # meanwhile no other agent's join, here or relayed from another replica, gets the site or writes a credential for it
