@@ -6,21 +6,17 @@ and the join completes once the database is back."""
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
-import signal
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-import httpx
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from orchestrator import server
 from orchestrator.agents import service
-from orchestrator.testing import harness
+from orchestrator.testing import harness, stall
 from orchestrator.testing.postgres import PostgresServer
 
 T = TypeVar("T")
@@ -31,25 +27,10 @@ async def while_stalled(cp: server.ControlPlane, call: Callable[[], Awaitable[T]
     answered meanwhile, and ``call``'s result once the database is back."""
     pid = cp.store.backend_pid
     assert pid
-
-    def probe() -> int | None:
-        """From outside the event loop, which a blocking store call would hold; a loop held
-        that long would never resume the database itself, so this thread does."""
-        time.sleep(0.3)  # the call now waits on the database
-        try:
-            return httpx.get(f"{cp.http_url}/v2/health/live", timeout=3).status_code
-        except httpx.TimeoutException:
-            return None
-        finally:
-            os.kill(pid, signal.SIGCONT)
-
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with stall.stalled(pid) as database:
         pending = asyncio.ensure_future(call())
-        live = await asyncio.get_running_loop().run_in_executor(None, probe)
+        [live] = await stall.probe([f"{cp.http_url}/v2/health/live"], within=3, then=database.resume)
         return live, await pending
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 async def test_an_agent_joining_on_a_stalled_database_holds_up_no_other_request(tmp_path: pathlib.Path,

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import pathlib
-import signal
 import sqlite3
 import threading
 import time
@@ -24,7 +22,7 @@ from orchestrator.gateway import routing, wire
 from orchestrator.reconciler import loop
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
-from orchestrator.testing import harness
+from orchestrator.testing import harness, stall
 from orchestrator.testing.postgres import PostgresServer
 
 TTL_S = 1.0
@@ -209,29 +207,19 @@ async def test_the_leadership_view_on_a_stalled_database_holds_up_no_other_reque
         pid = cp.store.backend_pid
         assert pid
         answered = threading.Event()
-
-        def probe() -> int | None:
-            """From outside the event loop, which a blocking read would hold: the liveness
-            probe's answer while the views wait on the database. A loop held that long would
-            never resume the database itself, so this thread does."""
-            time.sleep(0.3)  # the views below now wait on the database
-            try:
-                return httpx.get(f"{cp.http_url}/v2/health/live", timeout=2).status_code
-            except httpx.TimeoutException:
-                return None
-            finally:
-                if not answered.wait(2 * cp.elector.ttl_s):
-                    os.kill(pid, signal.SIGCONT)
+        ttl_s = cp.elector.ttl_s
 
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                probing = asyncio.get_running_loop().run_in_executor(None, probe)
+            with stall.stalled(pid) as database:
+
+                def resume_unless_answered() -> None:  # the views answer by themselves, within a lease time
+                    if not answered.wait(2 * ttl_s):
+                        database.resume()
+
+                probing = stall.probe([f"{cp.http_url}/v2/health/live"], within=2, then=resume_unless_answered)
                 views = await asyncio.gather(*(http.get("/v1/controlplane") for _ in range(3)))
                 answered.set()
-                live = await probing
-            finally:
-                os.kill(pid, signal.SIGCONT)
+                [live] = await probing
             resumed = await http.get("/v1/controlplane")
         assert live == 200, "the liveness probe got no answer while GET /v1/controlplane waited on the database"
         for view in views:
@@ -254,7 +242,7 @@ async def test_a_database_that_stalls_as_it_grants_the_lease_holds_up_no_other_r
         await cp.reconciler.wait_for_pass(0)
         pid = cp.store.backend_pid
         assert pid
-        grant, stalled = cp.store.acquire_lease, threading.Event()
+        grant, stalled, database = cp.store.acquire_lease, threading.Event(), stall.Stall(pid)
         steps = iter(("taken", "stall"))
 
         def acquire_lease(name: str, holder: str, ttl_s: float) -> store_mod.Lease | None:
@@ -263,27 +251,13 @@ async def test_a_database_that_stalls_as_it_grants_the_lease_holds_up_no_other_r
                 return None
             lease = grant(name, holder, ttl_s)
             if step == "stall":  # the database stops as its grant comes back
-                os.kill(pid, signal.SIGSTOP)
+                database.stop()
                 stalled.set()
             return lease
 
-        def probe() -> int | None:
-            """From outside the event loop, which a blocking write would hold: the liveness
-            probe's answer while the new leader waits on the database; then it resumes."""
-            stalled.wait(10)
-            time.sleep(0.3)  # the replica now takes up the lead
-            try:
-                return httpx.get(f"{cp.http_url}/v2/health/live", timeout=2).status_code
-            except httpx.TimeoutException:
-                return None
-            finally:
-                os.kill(pid, signal.SIGCONT)
-
         cp.store.acquire_lease = acquire_lease  # type: ignore[method-assign]
-        try:
-            live = await asyncio.get_running_loop().run_in_executor(None, probe)
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        with database:  # the probe waits for the stall; the replica then takes up the lead
+            [live] = await stall.probe([f"{cp.http_url}/v2/health/live"], within=2, once=stalled, then=database.resume)
         assert stalled.is_set() and live == 200, "the liveness probe got no answer while the new leader waited on the database"
         # and once the database is back, the replica leads: its relay address published under its lease
         await harness.wait_until(lambda: elector.lease is not None and cp.reconciler.lease is not None
@@ -304,27 +278,10 @@ async def test_a_pass_on_a_stalled_database_holds_up_no_other_request(tmp_path: 
         pid = cp.store.backend_pid
         assert pid
 
-        def probe() -> list[int | None]:
-            """From outside the event loop, which a blocking read would hold: the liveness
-            probe's and the API's answers while the pass waits on the database; then it resumes."""
-            time.sleep(0.3)  # the pass now waits on the database
-            answers: list[int | None] = []
-            try:
-                for path in ("/v2/health/live", "/healthz"):
-                    try:
-                        answers.append(httpx.get(f"{cp.http_url}{path}", timeout=2).status_code)
-                    except httpx.TimeoutException:
-                        answers.append(None)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            return answers
-
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with stall.stalled(pid) as database:
             cp.reconciler.trigger("a pass on a stalled database")
-            answers = await asyncio.get_running_loop().run_in_executor(None, probe)
-        finally:
-            os.kill(pid, signal.SIGCONT)
+            answers = await stall.probe([f"{cp.http_url}/v2/health/live", f"{cp.http_url}/healthz"], within=2,
+                                        then=database.resume)
         assert answers == [200, 200], f"liveness probe, API health: {answers} while the pass waited on the database"
         await cp.reconciler.wait_for_pass(done)  # and the database back, the replica reconciles again
     finally:

@@ -5,18 +5,15 @@ reads a kept verdict; a revocation through this process is refused at once all t
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
-import signal
 import threading
-import time
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
 from orchestrator.security import tokencache
-from orchestrator.testing import harness
+from orchestrator.testing import harness, stall
 from orchestrator.testing.postgres import PostgresServer
 
 
@@ -134,26 +131,12 @@ async def test_a_token_lookup_stalled_in_the_database_holds_up_no_other_request(
         pid = cp.store.backend_pid
         assert pid
 
-        def probe_then_resume() -> int | None:
-            """From outside the event loop, which a blocking lookup would hold: the liveness
-            probe's answer within 3 s while the database is stalled; then the database resumes."""
-            time.sleep(0.3)  # the token lookups below now wait on the database
-            try:
-                return httpx.get(f"{cp.http_url}/v2/health/live", timeout=3).status_code
-            except httpx.TimeoutException:
-                return None
-            finally:
-                os.kill(pid, signal.SIGCONT)
-
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                probing = asyncio.get_running_loop().run_in_executor(None, probe_then_resume)  # starts at once
+            with stall.stalled(pid) as database:
+                probing = stall.probe([f"{cp.http_url}/v2/health/live"], within=3, then=database.resume)  # starts at once
                 stalled = await asyncio.gather(http.get("/v1/whoami", headers={"authorization": f"Bearer {api_token}"}),
                                                http.get("/v2/models/m", headers={"authorization": f"Bearer {gateway_token}"}))
-                live = await probing
-            finally:
-                os.kill(pid, signal.SIGCONT)
+                [live] = await probing
         assert live == 200, "the liveness probe got no answer while a token lookup waited on the database"
         assert [r.status_code for r in stalled] == [200, 404]  # answered once the database is back
     finally:
