@@ -33,9 +33,16 @@ class BootstrapToken:
 class JoinAuthenticator(Protocol):
     def verify_bootstrap(self, token: str) -> BootstrapToken | None: ...
 
-    def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None) -> str:
+    def holder_of(self, site: str) -> str:
+        """The agent id ``site``'s credential is for ("" for none): a join that is to replace it
+        reads it first, and gives it back to :meth:`issue_credential`."""
+        ...
+
+    def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None, replacing: str | None = None) -> str:
         """A new credential for ``site``, replacing its last one; ``token``: the bootstrap
-        token the join was accepted with, None for one that came with the site's credential."""
+        token the join was accepted with, None for one that came with the site's credential.
+        With ``replacing`` (:meth:`holder_of`), SiteTaken unless the site's credential is still
+        that agent's: replicas sharing the store never replace one another's new credential."""
         ...
 
     def verify_credential(self, site: str, credential: str) -> bool: ...
@@ -50,7 +57,7 @@ class InMemoryJoinAuthenticator:
 
     def __init__(self, bootstrap_tokens: Iterable[str]) -> None:
         self._tokens = [_digest(t) for t in bootstrap_tokens if t]
-        self._credentials: dict[str, bytes] = {}
+        self._credentials: dict[str, tuple[str, bytes]] = {}  # site -> (agent id, credential digest)
 
     def verify_bootstrap(self, token: str) -> BootstrapToken | None:
         if not token:
@@ -62,15 +69,20 @@ class InMemoryJoinAuthenticator:
             matched |= hmac.compare_digest(probe, known)
         return BootstrapToken() if matched else None
 
-    def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None) -> str:
+    def holder_of(self, site: str) -> str:
+        return self._credentials.get(site, ("", b""))[0]
+
+    def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None, replacing: str | None = None) -> str:
+        if replacing is not None and self.holder_of(site) != replacing:
+            raise _replaced(site)
         credential = secrets.token_urlsafe(32)
-        self._credentials[site] = _digest(credential)
+        self._credentials[site] = (agent_id, _digest(credential))
         return credential
 
     def verify_credential(self, site: str, credential: str) -> bool:
         known = self._credentials.get(site)
         return bool(credential) and known is not None and hmac.compare_digest(
-            _digest(credential), known
+            _digest(credential), known[1]
         )
 
 
@@ -96,7 +108,11 @@ class StoreJoinAuthenticator:
             info = self.store.verify_token(token, "bootstrap")
         return BootstrapToken(info.created_at) if info is not None else None
 
-    def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None) -> str:
+    def holder_of(self, site: str) -> str:
+        with _store_in_use():
+            return self.store.agent_of(site)
+
+    def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None, replacing: str | None = None) -> str:
         # a join by credential counts as admitted before any revocation: one revoked since it was checked is refused
         admitted_at = token.created_at if token is not None else 0.0
         with _store_in_use():
@@ -105,12 +121,23 @@ class StoreJoinAuthenticator:
                 raise agent_errors.NotAuthenticated(
                     f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
             credential = secrets.token_urlsafe(32)
-            self.store.save_agent(site, agent_id, credential, f"agent@{site}")
+            if not self.store.save_agent(site, agent_id, credential, f"agent@{site}", replacing):
+                raise _replaced(site)
         return credential
 
     def verify_credential(self, site: str, credential: str) -> bool:
         with _store_in_use():
             return self.store.agent_credential_ok(site, credential)
+
+
+#: How long a join whose site was given to another agent meanwhile is told to wait: by then
+#: that agent holds the site (and the join is refused for it), or it failed.
+REPLACED_RETRY_S = 1.0
+
+
+def _replaced(site: str) -> agent_errors.SiteTaken:
+    return agent_errors.SiteTaken(f"site {site!r} was given to another agent while this join was checked",
+                                  retry_after_s=REPLACED_RETRY_S)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,9 @@ Several control-plane replicas: an agent may join any of them. A replica that do
 lead relays its agents to the leader (:mod:`orchestrator.agents.relay`); the leader's hub
 holds them as *relayed* records (``via`` names the relaying replica), which heartbeats,
 health and placement treat like its own, and whose assignment sets it hands to that relay.
+A relaying replica gives a site a new agent identity only once the leader says no live
+agent holds it (:meth:`RelayTap.claim`): its credential, in the store the replicas share,
+would replace the holder's.
 
 Everything here runs on one event loop thread: call ``set_assignments`` from it. Proving an
 agent's identity, which may wait on the database, is :mod:`orchestrator.agents.identity`'s,
@@ -148,6 +151,10 @@ class RelayTap(Protocol):
     def disconnected(self, site: str, agent_id: str) -> None:
         """The agent's heartbeat stream here ended (see :meth:`AgentHub.heartbeats_ended`)."""
 
+    async def claim(self, site: str) -> None:
+        """Returns once the leader says no live agent holds ``site``: SiteTaken when one does,
+        Unavailable when the leader cannot be asked now."""
+
 
 PushAssignments = Callable[[str, model.AssignmentSet], None]
 
@@ -223,11 +230,17 @@ class AgentHub:
         worker threads: the event loop (health probes, the gateway, other agents) never
         waits on them. Who holds the site is decided on the loop, and a new identity's
         credential replaces the site's last one only once the site is this join's: it is
-        held for it (:meth:`identity.Identities.issue_held`) until the join is recorded or fails."""
+        held for it (:meth:`identity.Identities.issue_held`) until the join is recorded or fails.
+        While relaying, the leader is asked first whether another replica's agent holds it."""
         applications.check(application)
         proof = await self._identities.prove_off_loop(application)
         if self._decide(application, proof):  # the same identity: nothing to write
             return self._record(application, proof, application.agent_id, application.credential or "")
+        if self.tap is not None:
+            # Relaying: the site's holder may be another replica's agent, which only the leader
+            # knows; its credential is not replaced unless the leader says the site is free.
+            await self.tap.claim(application.site)
+            self._decide(application, proof)  # the site may have been taken here meanwhile
         return self._record(application, proof, *await self._identities.issue_held(application.site, proof))
 
     def _decide(self, application: model.JoinApplication, proof: identity.Proof) -> bool:
@@ -578,6 +591,11 @@ class AgentHub:
         latest = self._channel(site).latest
         if latest is not None and (push := self._relays.get(via)) is not None:
             push(site, latest)
+
+    def check_claim(self, site: str) -> None:
+        """A relaying replica asks whether a new agent may take ``site``: SiteTaken while a live
+        agent holds it, here or through any relay, or a join here is writing its credential."""
+        self._refuse_if_held(site, self._clock())
 
     def relayed_heartbeat(self, site: str, agent_id: str, beat: model.Heartbeat, via: str) -> bool:
         """Apply heartbeats relayed by ``via``; False when this hub does not hold that agent

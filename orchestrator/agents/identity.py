@@ -29,6 +29,7 @@ class Proof:
 
     by_credential: bool
     token: auth.BootstrapToken | None
+    replacing: str = ""  # the agent id the site's credential was for when the join was checked
 
 
 @dataclass
@@ -54,12 +55,13 @@ class Identities:
         """Check the join's credential, or else its bootstrap token (the authenticator alone:
         safe from a worker thread)."""
         site = application.site
+        replacing = self._auth.holder_of(site)  # read first: a credential written after it is not replaced
         if application.credential is not None and self._auth.verify_credential(site, application.credential):
-            return Proof(by_credential=True, token=None)
+            return Proof(by_credential=True, token=None, replacing=replacing)
         token = self._auth.verify_bootstrap(application.bootstrap_token)
         if token is None:
             raise errors.NotAuthenticated(f"join for site {site!r} refused: invalid token or credential")
-        return Proof(by_credential=False, token=token)
+        return Proof(by_credential=False, token=token, replacing=replacing)
 
     async def prove_off_loop(self, application: model.JoinApplication) -> Proof:
         """:meth:`prove` in a worker thread."""
@@ -68,7 +70,7 @@ class Identities:
     def issue(self, site: str, proof: Proof) -> tuple[str, str]:
         """A new agent id for ``site`` and its credential, on the caller's thread."""
         agent_id = _new_agent_id()
-        return agent_id, self._auth.issue_credential(site, agent_id, proof.token)
+        return agent_id, self._auth.issue_credential(site, agent_id, proof.token, proof.replacing)
 
     async def issue_held(self, site: str, proof: Proof) -> tuple[str, str]:
         """:meth:`issue` with the credential written in a worker thread, ``site`` held for this
@@ -76,7 +78,8 @@ class Identities:
         site was revoked meanwhile (:meth:`revoked`): its credential may have been written first."""
         joining = self._joining[site] = _Joining(_new_agent_id())
         try:
-            credential = await asyncio.to_thread(self._auth.issue_credential, site, joining.agent_id, proof.token)
+            credential = await asyncio.to_thread(self._auth.issue_credential, site, joining.agent_id, proof.token,
+                                                 proof.replacing)
         finally:
             if self._joining.get(site) is joining:
                 del self._joining[site]

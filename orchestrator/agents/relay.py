@@ -20,7 +20,10 @@ credentials and health) and relays them to the leader over one gRPC stream
   the leader refused because another live agent holds their site through another replica
   (the rule of one live agent per site holds across replicas): the replica drops such an
   agent and refuses joins for its site, with the leader's reason, until the holder could
-  have been lost.
+  have been lost;
+- a join that would give a site a new identity asks first (a ``claim``, sent at once): its
+  credential would replace, in the database the replicas share, that of an agent which
+  may hold the site through another replica; the leader answers ``free`` or refuses it.
 
 The leader's hub holds relayed agents as its own (health by the same deadlines, so a relay
 that goes quiet loses its agents in the usual time); the published endpoint table brings
@@ -56,6 +59,7 @@ MAX_BATCH_BYTES = 192 * 1024
 FLUSH_S = 0.25
 URGENT_GAP_S = 0.05  # joins, losses, model and capacity changes: sent at once, but no more often than this
 RETRY_S = (0.25, 5.0)  # reconnect backoff: first and largest wait
+CLAIM_TIMEOUT_S = 5.0  # a join waits this long for the leader to say whether its site is free
 
 
 # -- the leader's side ---------------------------------------------------------------------
@@ -102,7 +106,7 @@ class RelayServicer:
                 stream.wake.clear()
                 if closed.done():
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "this control-plane replica stopped leading")
-                if stream.outbox or stream.again or stream.refused:
+                if stream.outbox or stream.again or stream.refused or stream.free:
                     yield stream.take()
                 if reader.done():
                     problem = reader.result()
@@ -144,6 +148,16 @@ class RelayServicer:
         if report.gone:
             self._hub.relayed_gone(report.site, report.agent_id, via)
             return
+        if report.claim:
+            try:
+                self._hub.check_claim(report.site)
+            except errors.SiteTaken as exc:
+                log.info("a join for site %s at replica %s refused: %s", report.site, via, exc)
+                stream.refuse(report.site, "", str(exc), exc.holder, exc.retry_after_s)
+            else:
+                stream.free.add(report.site)
+                stream.wake.set()
+            return
         if report.HasField("agent"):
             joined = report.agent
             try:
@@ -178,6 +192,7 @@ class _Stream:
         self.outbox: dict[str, model.AssignmentSet] = {}  # latest set per site
         self.again: set[str] = set()
         self.refused: list[pb.RelayRefusal] = []
+        self.free: set[str] = set()  # claimed sites no live agent holds
         self.wake = asyncio.Event()
 
     def push(self, site: str, assignment_set: model.AssignmentSet) -> None:
@@ -185,7 +200,8 @@ class _Stream:
         self.wake.set()
 
     def refuse(self, site: str, agent_id: str, message: str, holder: str = "", retry_after_s: float = 0.0) -> None:
-        """The relaying replica is to drop ``agent_id``: ``holder`` holds its site, or (none) it was revoked."""
+        """The relaying replica is to drop ``agent_id``: ``holder`` holds its site, or (none) it
+        was revoked. No ``agent_id``: its claim of the site is refused."""
         self.refused.append(pb.RelayRefusal(site=site, agent_id=agent_id, holder_agent_id=holder,
                                             message=message, retry_after_ms=int(retry_after_s * 1000)))
         self.wake.set()
@@ -193,8 +209,8 @@ class _Stream:
     def take(self) -> pb.RelayAssignments:
         message = pb.RelayAssignments(
             sites=[pb.SiteAssignments(site=site, set=s.to_proto()) for site, s in self.outbox.items()],
-            report_again=sorted(self.again), refused=self.refused)
-        self.outbox, self.again, self.refused = {}, set(), []
+            report_again=sorted(self.again), refused=self.refused, free=sorted(self.free))
+        self.outbox, self.again, self.refused, self.free = {}, set(), [], set()
         return message
 
 
@@ -268,6 +284,8 @@ class RelayClient:
         self._beats: dict[str, tuple[str, pb.Heartbeat]] = {}
         self._disconnected: dict[str, str] = {}  # site -> agent id whose heartbeat stream ended here
         self._sent: dict[str, str] = {}  # site -> agent id the leader knows on this stream
+        self._claims: dict[str, asyncio.Future[None]] = {}  # site -> the leader's answer to a join's claim
+        self._unasked: set[str] = set()  # claims not sent yet on this stream
         self.connected = False
         self.last_error = ""
         self.batches_total = 0
@@ -295,6 +313,36 @@ class RelayClient:
         self._beats[site] = (agent_id, message)
         if message.draining or message.HasField("models") or message.HasField("capacity"):
             self._urgent.set()  # what the leader plans and routes by changed: the next batch goes now
+
+    async def claim(self, site: str) -> None:
+        """Ask the leader whether a new agent may take ``site`` (see :meth:`hub.RelayTap.claim`);
+        joins for one site at once share its answer."""
+        if not self.connected:
+            raise errors.Unavailable(f"a new agent for site {site!r} waits for this replica to reach the leader, which "
+                                     f"knows whether another replica's agent holds the site ({self.last_error or 'connecting'})")
+        answer = self._claims.get(site)
+        if answer is None:
+            answer = self._claims[site] = asyncio.get_running_loop().create_future()
+            self._unasked.add(site)
+            self._urgent.set()
+        try:
+            async with asyncio.timeout(CLAIM_TIMEOUT_S):
+                await asyncio.shield(answer)
+        except TimeoutError:
+            raise errors.Unavailable(f"the leader did not say within {CLAIM_TIMEOUT_S:g}s whether site {site!r} is free") from None
+        finally:
+            if self._claims.get(site) is answer and answer.done():
+                del self._claims[site]
+
+    def _answer(self, site: str, refusal: BaseException | None = None) -> None:
+        answer = self._claims.pop(site, None)
+        self._unasked.discard(site)
+        if answer is not None and not answer.done():
+            if refusal is None:
+                answer.set_result(None)
+            else:
+                answer.set_exception(refusal)
+                answer.exception()  # retrieved: a join that timed out no longer waits for it
 
     # control
 
@@ -383,6 +431,7 @@ class RelayClient:
                 metadata=((SECRET_KEY, leader.secret),))
             self._sent = {}
             self._touched = set(self._hub.sites())  # the leader hears of every agent afresh
+            self._unasked = set(self._claims)
             self._beats.clear()
             receiver = asyncio.create_task(self._receive(call), name="relay-receiver")
             urgent = asyncio.create_task(self._urgent.wait(), name="relay-urgent")
@@ -410,6 +459,9 @@ class RelayClient:
                     if urgent in done and (wait := sent_at + URGENT_GAP_S - time.monotonic()) > 0:
                         await asyncio.sleep(wait)  # changes close together go in one batch
             finally:
+                for site in list(self._claims):
+                    self._answer(site, errors.Unavailable(f"the relay to leader {leader.replica} ended before it said whether "
+                                                          f"site {site!r} is free"))
                 for task in (receiver, urgent):
                     task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
@@ -425,8 +477,13 @@ class RelayClient:
             for site in message.report_again:
                 self._sent.pop(site, None)
                 self._touched.add(site)
+            for site in message.free:
+                self._answer(site)
             for refusal in message.refused:
-                if self._sent.get(refusal.site) == refusal.agent_id:
+                if not refusal.agent_id:
+                    self._answer(refusal.site, errors.SiteTaken(refusal.message, holder=refusal.holder_agent_id,
+                                                                retry_after_s=refusal.retry_after_ms / 1000))
+                elif self._sent.get(refusal.site) == refusal.agent_id:
                     del self._sent[refusal.site]
                 self._hub.refused_by_leader(refusal.site, refusal.agent_id, refusal.holder_agent_id, refusal.message,
                                             refusal.retry_after_ms / 1000)
@@ -435,7 +492,8 @@ class RelayClient:
         """What happened since the last batch, as messages under ``MAX_BATCH_BYTES``."""
         touched, self._touched = self._touched, set()
         beats, self._beats = self._beats, {}
-        reports: list[pb.AgentReport] = []
+        reports = [pb.AgentReport(site=site, claim=True) for site in sorted(self._unasked)]
+        self._unasked = set()
         for site in touched:
             status = self._hub.status(site)
             known = self._sent.get(site)

@@ -474,15 +474,30 @@ class SqlStore:
     def has_api_tokens(self) -> bool:
         return bool(self._fetch("SELECT 1 FROM tokens WHERE purpose = 'api' AND NOT revoked LIMIT 1"))
 
-    def save_agent(self, site: str, agent_id: str, credential: str, actor: str) -> None:
+    def save_agent(self, site: str, agent_id: str, credential: str, actor: str, replacing: str | None = None) -> bool:
+        """Give ``site`` a new agent identity, replacing its last one. With ``replacing`` (an
+        agent id :meth:`agent_of` read, "" for none), only if the site's identity is still
+        that one: False when another has been written since, by this replica or another."""
         now = self._clock()
+        values = (_storable(site), _storable(agent_id), digest(credential), now)
+        insert = "INSERT INTO agents (site, agent_id, credential_digest, joined_at, revoked) VALUES (?, ?, ?, ?, FALSE)"
         with self._tx() as db:
-            db.execute(
-                self._q("INSERT INTO agents (site, agent_id, credential_digest, joined_at, revoked) VALUES (?, ?, ?, ?, FALSE)"
-                        " ON CONFLICT (site) DO UPDATE SET agent_id = excluded.agent_id,"
-                        " credential_digest = excluded.credential_digest, joined_at = excluded.joined_at, revoked = FALSE"),
-                (_storable(site), _storable(agent_id), digest(credential), now),
-            )
+            if replacing is None:
+                db.execute(self._q(insert + " ON CONFLICT (site) DO UPDATE SET agent_id = excluded.agent_id,"
+                                   " credential_digest = excluded.credential_digest, joined_at = excluded.joined_at, revoked = FALSE"),
+                           values)
+                return True
+            if not replacing:
+                return bool(db.execute(self._q(insert + " ON CONFLICT (site) DO NOTHING"), values).rowcount)
+            return bool(db.execute(
+                self._q("UPDATE agents SET agent_id = ?, credential_digest = ?, joined_at = ?, revoked = FALSE"
+                        " WHERE site = ? AND agent_id = ?"),
+                (values[1], values[2], now, values[0], replacing)).rowcount)
+
+    def agent_of(self, site: str) -> str:
+        """The agent id of ``site``'s current identity (revoked or not); "" when it has none."""
+        rows = self._fetch(self._q("SELECT agent_id FROM agents WHERE site = ?"), (site,))
+        return str(rows[0]["agent_id"]) if rows else ""
 
     def agent_credential_ok(self, site: str, credential: str) -> bool:
         rows = self._fetch(self._q("SELECT credential_digest, revoked FROM agents WHERE site = ?"), (site,))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import pathlib
 import threading
 import time
 
 import pytest
 
 from orchestrator.agents import auth, errors, hub, model
+from orchestrator.store import sqlite as store_mod
 
 TOKEN = "t0k3n"
 
@@ -307,11 +309,46 @@ class SlowToIssue(auth.InMemoryJoinAuthenticator):
         self.issuing, self.go = threading.Event(), threading.Event()
         self.issued: list[str] = []
 
-    def issue_credential(self, site: str, agent_id: str, token: auth.BootstrapToken | None) -> str:
+    def issue_credential(self, site: str, agent_id: str, token: auth.BootstrapToken | None, replacing: str | None = None) -> str:
         self.issued.append(agent_id)
         self.issuing.set()
         assert self.go.wait(10), "not let through"
-        return super().issue_credential(site, agent_id, token)
+        return super().issue_credential(site, agent_id, token, replacing)
+
+
+class SlowToCheckToken(auth.StoreJoinAuthenticator):
+    """Checks a bootstrap token only once let through, as a database slow to answer does."""
+
+    def __init__(self, store: store_mod.Store) -> None:
+        super().__init__(store, (TOKEN,))
+        self.checking, self.go = threading.Event(), threading.Event()
+
+    def verify_bootstrap(self, token: str) -> auth.BootstrapToken | None:
+        self.checking.set()
+        assert self.go.wait(10), "not let through"
+        return super().verify_bootstrap(token)
+
+
+async def test_a_credential_another_replica_wrote_while_a_join_was_checked_is_not_replaced(tmp_path: pathlib.Path) -> None:
+    """Two replicas on one store, each with a join for a site that none of them (nor the
+    leader they asked) saw held: the credential written second would replace the first
+    agent's, which then could not reconnect. The join that writes second is refused."""
+    shared = store_mod.Store(tmp_path / "shared.db")
+    slow = SlowToCheckToken(shared)
+    here, there = hub.AgentHub(slow), hub.AgentHub(auth.StoreJoinAuthenticator(shared, (TOKEN,)))
+    try:
+        late = asyncio.ensure_future(here.join_async(application()))
+        await asyncio.to_thread(slow.checking.wait, 10)
+        first = await there.join_async(application(endpoint_url="http://10.0.0.6:8080"))
+        slow.go.set()
+        with pytest.raises(errors.SiteTaken, match="given to another agent") as taken:
+            await late
+        assert taken.value.retry_after_s > 0 and here.status("edge-1") is None
+        assert shared.agent_credential_ok("edge-1", first.credential)
+        await there.authenticate_stream("edge-1", first.agent_id, first.credential)
+    finally:
+        slow.go.set()
+        shared.close()
 
 
 async def test_a_site_is_held_for_the_join_whose_credential_is_being_written(clock) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import pathlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from orchestrator import server as control_plane
 from orchestrator import server_config
 from orchestrator.agents import auth, errors, hub, model, relay, service
 from orchestrator.security import ca
+from orchestrator.store import sqlite as store_mod
 
 from .conftest import SITE, TOKEN, ControlPlane, EventLog, MakeAgent, Models, start_control_plane
 from .test_agent import assignment, infer, reference, wait_model
@@ -186,12 +188,13 @@ async def test_one_live_agent_per_site_holds_across_replicas(
     relaying = asyncio.create_task(other_client.run())
     try:
         other_client.point(leader.named())
+        await until(lambda: other_client.view()["connected"], "the second follower relays to the leader")
         await make_agent(other, data_dir=tmp_path / "claimant")
-        claimed = await other.events.wait_for(of(model.AgentEventKind.JOINED))  # its own replica knew no holder
-        assert claimed.agent_id != first.agent_id
 
-        # the leader refuses it: its replica drops it and refuses its joins with the leader's reason
-        await until(lambda: other.hub.status(SITE) is None, "the claimant dropped by its replica")
+        # its own replica knows no holder, but the leader does: the claimant is refused, and so
+        # are other joins for the site there, with the leader's reason
+        await until(lambda: SITE in other.hub._held_elsewhere, "the leader refused the claimant")
+        assert other.hub.status(SITE) is None
         with pytest.raises(errors.SiteTaken, match=f"held by live agent {first.agent_id} through replica cp-follower") as taken:
             other.hub.join(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test",
                                                  1.0, model.Capacity(cpu_cores=2)))
@@ -203,14 +206,61 @@ async def test_one_live_agent_per_site_holds_across_replicas(
         # the holder stops: once the leader has lost it, the claimant's next join takes the site
         await holder.stop()
         await leader.cp.events.wait_for(of(model.AgentEventKind.LOST))
-        await until(lambda: (s := leader.cp.hub.status(SITE)) is not None and s.agent_id == claimed.agent_id and s.healthy,
+        await until(lambda: (s := leader.cp.hub.status(SITE)) is not None and s.agent_id != first.agent_id and s.healthy,
                     "the claimant holds the site at the leader", within_s=20)
+        claimed = leader.cp.hub.status(SITE)
+        assert claimed is not None and claimed.via == "cp-follower-2"
         assert (s := other.hub.status(SITE)) is not None and s.agent_id == claimed.agent_id
     finally:
         relaying.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await relaying
         await other.server.stop(grace=None)
+
+
+async def test_a_join_refused_at_another_replica_leaves_the_holder_s_credential_alone(
+    leader: Leader, tmp_path: pathlib.Path
+) -> None:
+    """Replicas keep the sites' credentials in one database. A second agent for a site (a
+    misconfigured one, or a stolen bootstrap token) joining another replica must not replace
+    the credential of the agent that holds the site through the first: the holder would be
+    refused at its next reconnect, locked out by an agent the leader refused."""
+    shared = store_mod.Store(tmp_path / "shared.db")
+    relaying: list[asyncio.Task[None]] = []
+    followers: list[hub.AgentHub] = []
+    for name in ("cp-follower", "cp-follower-2"):
+        follower = hub.AgentHub(auth.StoreJoinAuthenticator(shared, (TOKEN,)), heartbeat_interval=0.2)
+        client = relay.RelayClient(follower, name, flush_s=0.05)
+        relaying.append(asyncio.create_task(client.run()))
+        client.point(leader.named())
+        await until(lambda client=client: client.view()["connected"], f"{name} relays to the leader")  # type: ignore[misc]
+        followers.append(follower)
+    first, second = followers
+
+    def application() -> model.JoinApplication:
+        return model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test", 5.0,
+                                     model.Capacity(cpu_cores=2))
+
+    try:
+        holder = await first.join_async(application())
+        await until(lambda: (s := leader.cp.hub.status(SITE)) is not None and s.agent_id == holder.agent_id,
+                    "the holder relayed to the leader")
+
+        with pytest.raises(errors.SiteTaken, match=f"held by live agent {holder.agent_id} through replica cp-follower") as taken:
+            await second.join_async(application())
+        assert taken.value.holder == holder.agent_id and 0 < taken.value.retry_after_s <= 15.0
+        assert second.status(SITE) is None
+
+        # the holder's credential still opens its streams, and still joins
+        await first.authenticate_stream(SITE, holder.agent_id, holder.credential)
+        again = await first.join_async(dataclasses.replace(application(), bootstrap_token="", credential=holder.credential,
+                                                           agent_id=holder.agent_id))
+        assert (again.agent_id, again.credential) == (holder.agent_id, holder.credential)
+    finally:
+        for task in relaying:
+            task.cancel()
+        await asyncio.gather(*relaying, return_exceptions=True)
+        shared.close()
 
 
 async def test_an_agent_whose_state_adds_up_past_the_leader_s_message_limit_does_not_end_the_relay(

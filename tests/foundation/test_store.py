@@ -409,6 +409,18 @@ def test_agent_credentials(store: Store) -> None:
     assert not store.agent_credential_ok("edge-lyon", "cred-2")
 
 
+def test_an_agent_identity_is_replaced_only_while_it_is_the_one_a_join_read(store: Store) -> None:
+    """Replicas share the store: a join writes its credential only over the identity it read."""
+    assert store.agent_of("edge-lyon") == ""
+    assert store.save_agent("edge-lyon", "agent-1", "cred-1", "agent@edge-lyon", replacing="")
+    assert not store.save_agent("edge-lyon", "agent-2", "cred-2", "agent@edge-lyon", replacing="")  # read before agent-1
+    assert store.agent_of("edge-lyon") == "agent-1"
+    assert store.save_agent("edge-lyon", "agent-3", "cred-3", "agent@edge-lyon", replacing="agent-1")
+    assert not store.save_agent("edge-lyon", "agent-4", "cred-4", "agent@edge-lyon", replacing="agent-1")
+    assert store.agent_credential_ok("edge-lyon", "cred-3")
+    assert not any(store.agent_credential_ok("edge-lyon", c) for c in ("cred-1", "cred-2", "cred-4"))
+
+
 def test_free_text_with_a_nul_is_kept_the_same_way_by_both_backends(store: Store) -> None:
     """PostgreSQL refuses NUL in text (a 500 from the API, where the text was a record id,
     a token's description or an agent's message); both backends now write it as ``\\x00``."""
