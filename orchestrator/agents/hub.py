@@ -13,10 +13,11 @@ agent presenting a valid bootstrap token or the site's credential takes the site
 
 Several control-plane replicas: an agent may join any of them. A replica that does not
 lead relays its agents to the leader (:mod:`orchestrator.agents.relay`); the leader's hub
-holds them as *relayed* records (``via`` names the relaying replica), which heartbeats,
-health and placement treat like its own, and whose assignment sets it hands to that relay.
+holds them as *relayed* records (``via`` names the relaying replica,
+:mod:`orchestrator.agents.relayed`), which heartbeats, health and placement treat like its
+own, and whose assignment sets it hands to that relay.
 A relaying replica gives a site a new agent identity only once the leader says no live
-agent holds it (:meth:`RelayTap.claim`): its credential, in the store the replicas share,
+agent holds it (:meth:`relayed.RelayTap.claim`): its credential, in the store the replicas share,
 would replace the holder's.
 
 Everything here runs on one event loop thread: call ``set_assignments`` from it. Proving an
@@ -35,9 +36,8 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from orchestrator.agents import applications, auth, errors, identity, model
+from orchestrator.agents import applications, auth, errors, identity, model, relayed
 
 log = logging.getLogger(__name__)
 
@@ -139,31 +139,12 @@ class _SiteChannel:
         return self._changed
 
 
-class RelayTap(Protocol):
-    """What a replica that relays its agents to the leader is told (see ``AgentHub.tap``)."""
-
-    def touched(self, site: str) -> None:
-        """``site``'s agent joined or was forgotten here."""
-
-    def beat(self, site: str, agent_id: str, message: object) -> None:
-        """A heartbeat was applied; ``message`` is the protobuf message as received."""
-
-    def disconnected(self, site: str, agent_id: str) -> None:
-        """The agent's heartbeat stream here ended (see :meth:`AgentHub.heartbeats_ended`)."""
-
-    async def claim(self, site: str) -> None:
-        """Returns once the leader says no live agent holds ``site``: SiteTaken when one does,
-        Unavailable when the leader cannot be asked now."""
-
-
-PushAssignments = Callable[[str, model.AssignmentSet], None]
-
 #: After an agent's heartbeat stream ends, how long (at least one heartbeat interval) it has
 #: to open a session again before it is lost: its reconnect backoff starts at 0.5 s.
 RECONNECT_GRACE_S = 5.0
 
 
-class AgentHub:
+class AgentHub(relayed.RelayedAgents):
     """Owns agent records, their health, and the assignment channel of every site.
 
     ``clock`` returns seconds (``time.monotonic`` by default) and stamps every time the
@@ -190,6 +171,7 @@ class AgentHub:
     ) -> None:
         if missed_heartbeats < 1:
             raise ValueError("missed_heartbeats must be at least 1")
+        super().__init__()
         self._identities = identity.Identities(authenticator)
         self._on_change = on_change
         self._clock = clock
@@ -207,12 +189,6 @@ class AgentHub:
         # shorter interval than that sleep allows for.
         self._sweep_step = float("inf")
         self._shorter_interval = asyncio.Event()
-        self.tap: RelayTap | None = None  # set while this replica relays its agents to a leader
-        self._relays: dict[str, PushAssignments] = {}  # relaying replica -> its stream's outbox
-        # site -> (holder, why, until): sites the leader said another replica's agent holds
-        self._held_elsewhere: dict[str, tuple[str, str, float]] = {}
-        # site -> agent id whose identity was revoked: a relay that has not heard yet must not bring it back
-        self._revoked: dict[str, str] = {}
 
     # -- join and identity ----------------------------------------------------------
 
@@ -286,14 +262,7 @@ class AgentHub:
                 holder=current.agent_id, retry_after_s=current.deadline - now,
             )
         self._identities.refuse_if_joining(site, agent_id)
-        # Only while relaying to the leader that said so: a replica that leads decides itself.
-        held = self._held_elsewhere.get(site) if self.tap is not None else None
-        if held is not None:
-            holder, message, until = held
-            if now >= until:
-                del self._held_elsewhere[site]
-            elif holder != agent_id:
-                raise errors.SiteTaken(message, holder=holder, retry_after_s=until - now)
+        self._refuse_if_held_elsewhere(site, now, agent_id)
 
     async def check_enrolment(self, site: str, bootstrap_token: str) -> None:
         """A client certificate asked for without one (the join port) is for a valid bootstrap
@@ -537,12 +506,6 @@ class AgentHub:
         if self.tap is not None:
             self.tap.disconnected(record.site, record.agent_id)
 
-    def relayed_disconnected(self, site: str, agent_id: str, via: str) -> None:
-        """Replica ``via`` saw the heartbeat stream of its agent end (see :meth:`heartbeats_ended`)."""
-        record = self._records.get(site)
-        if record is not None and record.agent_id == agent_id and record.via == via and record.healthy:
-            self._ended(record)
-
     def _ended(self, record: _Record) -> None:
         now = self._clock()
         if record.last_heartbeat + record.quiet_s > now:
@@ -553,95 +516,6 @@ class AgentHub:
     def _allowance(self, record: _Record) -> float:
         """How long after a heartbeat the agent is healthy without another."""
         return max(record.heartbeat_interval * self.missed_heartbeats, record.quiet_s)
-
-    # -- relayed agents (the leader's side) ------------------------------------------
-
-    def attach_relay(self, via: str, push: PushAssignments) -> None:
-        """Replica ``via`` relays agents from now on; their assignment sets go to ``push``."""
-        self._relays[via] = push
-
-    def detach_relay(self, via: str, push: PushAssignments) -> None:
-        """``via``'s stream ended. Its agents' records stay and are lost in the usual time
-        unless they are reported again, through a relay or by joining here."""
-        if self._relays.get(via) is push:
-            del self._relays[via]
-
-    def admit_relayed(self, application: model.JoinApplication, agent_id: str, via: str) -> None:
-        """An agent that joined replica ``via``, which checked its credential. The site rule
-        holds across replicas: SiteTaken while another live agent holds the site, here or
-        through another relay (``via`` then drops the agent, see :meth:`refused_by_leader`).
-        NotAuthenticated for an agent revoked here (:meth:`revoke`): ``via`` drops it too."""
-        applications.check(application)
-        site = application.site
-        if self._revoked.get(site) == agent_id:
-            raise errors.NotAuthenticated(f"agent {agent_id} of site {site!r} was revoked")
-        now = self._clock()
-        self._refuse_if_held(site, now, agent_id)
-        current = self._records.get(site)
-        joined_at = current.joined_at if current is not None and current.agent_id == agent_id else now
-        record = self._new_record(application, agent_id, now, joined_at=joined_at, via=via)
-        self._records[site] = record
-        self._rethink_sweep(record)
-        self._channel(site).notify()  # the agent's stream here, if it moved away, ends
-        if current is not None and current.agent_id == agent_id and current.live(now):
-            self._emit(model.AgentEventKind.RECONNECTED, record, f"reconnected through replica {via}")
-        else:
-            log.info("agent %s joined site %s through replica %s", agent_id, site, via)
-            self._emit(model.AgentEventKind.JOINED, record, f"agent joined through replica {via}")
-        latest = self._channel(site).latest
-        if latest is not None and (push := self._relays.get(via)) is not None:
-            push(site, latest)
-
-    def check_claim(self, site: str) -> None:
-        """A relaying replica asks whether a new agent may take ``site``: SiteTaken while a live
-        agent holds it, here or through any relay, or a join here is writing its credential."""
-        self._refuse_if_held(site, self._clock())
-
-    def relayed_heartbeat(self, site: str, agent_id: str, beat: model.Heartbeat, via: str) -> bool:
-        """Apply heartbeats relayed by ``via``; False when this hub does not hold that agent
-        through ``via`` (the relay then reports it whole)."""
-        record = self._records.get(site)
-        if record is None or record.agent_id != agent_id or record.via != via:
-            return False
-        self.record_heartbeat(site, agent_id, beat)
-        return True
-
-    def relayed_gone(self, site: str, agent_id: str, via: str) -> None:
-        record = self._records.get(site)
-        if record is not None and record.agent_id == agent_id and record.via == via:
-            self.forget(site)
-
-    def drop_relayed(self) -> None:
-        """Forget every relayed agent (this replica stopped leading: the relays move on)."""
-        for site in [s for s, r in self._records.items() if r.via is not None]:
-            self.forget(site)
-
-    def relayed(self) -> int:
-        return sum(1 for r in self._records.values() if r.via is not None)
-
-    # -- relayed assignments (a relaying replica's side) ------------------------------
-
-    def refused_by_leader(self, site: str, agent_id: str, holder: str, message: str, retry_after_s: float) -> None:
-        """The leader refused our agent of ``site``: live agent ``holder`` holds it (connected
-        to the leader or relayed by another replica). The agent is dropped (its streams end and it joins again), and joins
-        of other agents for the site are refused here with the leader's reason until the
-        holder could have been lost. No ``holder``: the agent's identity was revoked; it is
-        dropped, and its credential no longer joins."""
-        if holder:
-            self._held_elsewhere[site] = (holder, message, self._clock() + max(0.0, retry_after_s))
-        record = self._records.get(site)
-        if record is not None and record.agent_id == agent_id:
-            log.warning("agent %s dropped from site %s: %s", agent_id, site, message)
-            self.forget(site)
-
-    def sites(self) -> list[str]:
-        return list(self._records)
-
-    def accept_assignments(self, site: str, assignments: list[model.Assignment], version: int) -> None:
-        """A set the leader sent through the relay: kept unless it is not newer."""
-        latest = self.assignments(site)
-        if latest is None or version > latest.version:
-            self.set_assignments(site, assignments, version)
 
     # -- internals ------------------------------------------------------------------
 

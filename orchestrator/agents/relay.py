@@ -315,7 +315,7 @@ class RelayClient:
             self._urgent.set()  # what the leader plans and routes by changed: the next batch goes now
 
     async def claim(self, site: str) -> None:
-        """Ask the leader whether a new agent may take ``site`` (see :meth:`hub.RelayTap.claim`);
+        """Ask the leader whether a new agent may take ``site`` (see :meth:`relayed.RelayTap.claim`);
         joins for one site at once share its answer."""
         if not self.connected:
             raise errors.Unavailable(f"a new agent for site {site!r} waits for this replica to reach the leader, which "
