@@ -220,8 +220,10 @@ class AgentHub(relayed.RelayedAgents):
         return self._record(application, proof, *await self._identities.issue_held(application.site, proof))
 
     def _decide(self, application: model.JoinApplication, proof: identity.Proof) -> bool:
-        """SiteTaken while another agent holds the site; True when the agent keeps its identity
-        (its credential and agent id), False when it is to be given a new one."""
+        """NotAuthenticated when the site was revoked since the proof began (a credential or
+        token checked just before); SiteTaken while another agent holds the site; True when the
+        agent keeps its identity (its credential and agent id), False when it is to be given a new one."""
+        self._identities.refuse_if_revoked_since(application.site, proof.revocations)
         self._refuse_if_held(application.site, self._clock(), application.agent_id if proof.by_credential else None)
         return proof.by_credential and bool(application.agent_id)
 
@@ -232,7 +234,7 @@ class AgentHub(relayed.RelayedAgents):
         same_agent = proof.by_credential and current is not None and agent_id == current.agent_id
         record = self._new_record(application, agent_id, now, joined_at=now)
         self._records[site] = record
-        self._revoked.pop(site, None)  # a new identity, checked against the store just now
+        self._revoked.pop(site, None)  # proved since the last revocation here (_decide)
         self._rethink_sweep(record)
         self._channel(site).notify()  # a superseded agent's watch stream ends
         if self.tap is not None:
@@ -475,7 +477,7 @@ class AgentHub(relayed.RelayedAgents):
         if record is not None:
             self._revoked[site] = record.agent_id
             log.warning("agent %s of site %s dropped: its identity was revoked", record.agent_id, site)
-        self._identities.revoked(site)  # a join's new credential may have been written before the revocation
+        self._identities.revoked(site)  # joins and stream opens checked before now are refused
         self.forget(site)
 
     # -- heartbeat streams -----------------------------------------------------------

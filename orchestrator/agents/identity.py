@@ -4,10 +4,13 @@ Why apart from the hub: the hub's inventory is touched only on its event loop an
 a heartbeat, while every call here goes to the :class:`~orchestrator.agents.auth.JoinAuthenticator`,
 which on the control plane's store may wait on the database. So the checks run in worker
 threads (several joins at once), and what a join proved is handed back as a :class:`Proof`
-rather than kept. The one piece of state here is the hold of a site while a join's new
-credential is written: it must outlive the hub's own decision, and the hub asks it before
-letting another agent have the site (:meth:`Identities.refuse_if_joining`), so a join
-refused meanwhile never replaces the holder's credential.
+rather than kept. Two pieces of state live here, on the hub's loop. The hold of a site while
+a join's new credential is written: it must outlive the hub's own decision, and the hub asks
+it before letting another agent have the site (:meth:`Identities.refuse_if_joining`), so a
+join refused meanwhile never replaces the holder's credential. And each site's count of
+revocations: a check made in a worker thread may pass just before the site is revoked, so
+what it proved counts only while no revocation came since it began
+(:meth:`Identities.refuse_if_revoked_since`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Proof:
     by_credential: bool
     token: auth.BootstrapToken | None
     replacing: str = ""  # the agent id the site's credential was for when the join was checked
+    revocations: int = 0  # the site's revocations on the hub's loop before the check began
 
 
 @dataclass
@@ -37,35 +41,40 @@ class _Joining:
     """A join given a new identity, while its credential is written to the store."""
 
     agent_id: str
-    revoked: bool = False  # the site was revoked meanwhile: the join is refused
 
 
 class Identities:
-    """The authenticator's checks, and the sites held while a join's credential is written.
+    """The authenticator's checks, the sites held while a join's credential is written, and
+    the sites' revocations.
 
-    Held sites are read and changed on the hub's event loop only; the authenticator alone
-    is called from worker threads.
+    Held sites and revocations are read and changed on the hub's event loop only; the
+    authenticator alone is called from worker threads.
     """
 
     def __init__(self, authenticator: auth.JoinAuthenticator) -> None:
         self._auth = authenticator
         self._joining: dict[str, _Joining] = {}  # site -> the join whose credential is being issued
+        self._revocations: dict[str, int] = {}  # site -> how many times it was revoked (:meth:`revoked`)
 
     def prove(self, application: model.JoinApplication) -> Proof:
-        """Check the join's credential, or else its bootstrap token (the authenticator alone:
-        safe from a worker thread)."""
+        """Check the join's credential, or else its bootstrap token, on the caller's thread:
+        for an authenticator that does not block."""
+        return self._prove(application, self.revocations(application.site))
+
+    async def prove_off_loop(self, application: model.JoinApplication) -> Proof:
+        """:meth:`prove` in a worker thread; the site's revocations are counted first, on the loop."""
+        return await asyncio.to_thread(self._prove, application, self.revocations(application.site))
+
+    def _prove(self, application: model.JoinApplication, revocations: int) -> Proof:
+        """The authenticator alone: safe from a worker thread."""
         site = application.site
         replacing = self._auth.holder_of(site)  # read first: a credential written after it is not replaced
         if application.credential is not None and self._auth.verify_credential(site, application.credential):
-            return Proof(by_credential=True, token=None, replacing=replacing)
+            return Proof(by_credential=True, token=None, replacing=replacing, revocations=revocations)
         token = self._auth.verify_bootstrap(application.bootstrap_token)
         if token is None:
             raise errors.NotAuthenticated(f"join for site {site!r} refused: invalid token or credential")
-        return Proof(by_credential=False, token=token, replacing=replacing)
-
-    async def prove_off_loop(self, application: model.JoinApplication) -> Proof:
-        """:meth:`prove` in a worker thread."""
-        return await asyncio.to_thread(self.prove, application)
+        return Proof(by_credential=False, token=token, replacing=replacing, revocations=revocations)
 
     def issue(self, site: str, proof: Proof) -> tuple[str, str]:
         """A new agent id for ``site`` and its credential, on the caller's thread."""
@@ -75,7 +84,8 @@ class Identities:
     async def issue_held(self, site: str, proof: Proof) -> tuple[str, str]:
         """:meth:`issue` with the credential written in a worker thread, ``site`` held for this
         join until then (from the call on, before it first waits). NotAuthenticated when the
-        site was revoked meanwhile (:meth:`revoked`): its credential may have been written first."""
+        site was revoked since ``proof`` began (:meth:`refuse_if_revoked_since`): its credential
+        may have been written first."""
         joining = self._joining[site] = _Joining(_new_agent_id())
         try:
             credential = await asyncio.to_thread(self._auth.issue_credential, site, joining.agent_id, proof.token,
@@ -83,8 +93,7 @@ class Identities:
         finally:
             if self._joining.get(site) is joining:
                 del self._joining[site]
-        if joining.revoked:
-            raise errors.NotAuthenticated(f"join for site {site!r} refused: its agent identity was revoked as it joined")
+        self.refuse_if_revoked_since(site, proof.revocations)
         return joining.agent_id, credential
 
     def refuse_if_joining(self, site: str, agent_id: str | None) -> None:
@@ -95,9 +104,21 @@ class Identities:
                                    holder=joining.agent_id, retry_after_s=JOINING_RETRY_S)
 
     def revoked(self, site: str) -> None:
-        """``site``'s identity was revoked: a join being written for it is refused."""
-        if (joining := self._joining.get(site)) is not None:
-            joining.revoked = True
+        """``site``'s identity was revoked: every join or stream open whose check began before
+        is refused, whatever the check found (a credential revoked just after it was read, a
+        bootstrap token's new credential written just before the revocation)."""
+        self._revocations[site] = self._revocations.get(site, 0) + 1
+
+    def revocations(self, site: str) -> int:
+        """How many times ``site`` was revoked here: read it before a check, on the loop, and
+        give it to :meth:`refuse_if_revoked_since` after."""
+        return self._revocations.get(site, 0)
+
+    def refuse_if_revoked_since(self, site: str, revocations: int) -> None:
+        """NotAuthenticated when ``site`` was revoked after :meth:`revocations` said ``revocations``."""
+        if self._revocations.get(site, 0) != revocations:
+            raise errors.NotAuthenticated(f"site {site!r} was revoked while this agent was checked; it joins again only "
+                                          "with a bootstrap token created after the revocation")
 
     async def check_enrolment(self, site: str, bootstrap_token: str) -> None:
         """A client certificate asked for without one (the join port) is for a valid bootstrap
@@ -109,9 +130,12 @@ class Identities:
                 "one is unknown, expired or revoked (a certificate is renewed over mutual TLS with the current one)")
 
     async def check_credential(self, site: str, credential: str) -> None:
-        """NotAuthenticated unless ``credential`` is ``site``'s (checked in a worker thread)."""
+        """NotAuthenticated unless ``credential`` is ``site``'s (checked in a worker thread) and
+        the site was not revoked meanwhile."""
+        revocations = self.revocations(site)
         if not await asyncio.to_thread(self._auth.verify_credential, site, credential):
             raise errors.NotAuthenticated(f"invalid credential for site {site!r}")
+        self.refuse_if_revoked_since(site, revocations)
 
 
 def _new_agent_id() -> str:

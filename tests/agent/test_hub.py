@@ -329,6 +329,55 @@ class SlowToCheckToken(auth.StoreJoinAuthenticator):
         return super().verify_bootstrap(token)
 
 
+class SlowToAnswerCredential(auth.StoreJoinAuthenticator):
+    """Reads a credential at once but answers only once let through, as a worker thread the
+    event loop has not resumed yet does."""
+
+    def __init__(self, store: store_mod.Store) -> None:
+        super().__init__(store, (TOKEN,))
+        self.checked, self.go = threading.Event(), threading.Event()
+        self.go.set()
+
+    def verify_credential(self, site: str, credential: str) -> bool:
+        ok = super().verify_credential(site, credential)
+        self.checked.set()
+        assert self.go.wait(10), "not let through"
+        return ok
+
+
+async def test_an_agent_whose_site_is_revoked_while_its_credential_is_checked_is_refused(tmp_path: pathlib.Path) -> None:
+    """The credential was still good when read; the revocation (store, then hub, as the API
+    does) lands before the hub decides: the agent is refused, not held with a revoked identity."""
+    store = store_mod.Store(tmp_path / "cp.db")
+    slow = SlowToAnswerCredential(store)
+    agent_hub = hub.AgentHub(slow)
+
+    async def revoked_while_checked(check: asyncio.Future[object]) -> None:
+        await asyncio.to_thread(slow.checked.wait, 10)
+        assert store.revoke_agent("edge-1", "admin")
+        agent_hub.revoke("edge-1")
+        slow.go.set()
+        with pytest.raises(errors.NotAuthenticated, match="revoked"):
+            await check
+
+    try:
+        first = await agent_hub.join_async(application())
+        slow.go.clear()
+        await revoked_while_checked(asyncio.ensure_future(
+            agent_hub.join_async(application(credential=first.credential, agent_id=first.agent_id))))
+        assert agent_hub.status("edge-1") is None
+        # a stream opened as the site is revoked is refused as revoked, not told to join again
+        secret, _ = store.create_token("bootstrap", "agent", 3600, "admin")  # the admin lets the site back in
+        again = await agent_hub.join_async(application(bootstrap_token=secret))
+        slow.go.clear()
+        slow.checked.clear()
+        await revoked_while_checked(asyncio.ensure_future(
+            agent_hub.authenticate_stream("edge-1", again.agent_id, again.credential)))
+    finally:
+        slow.go.set()
+        store.close()
+
+
 async def test_a_credential_another_replica_wrote_while_a_join_was_checked_is_not_replaced(tmp_path: pathlib.Path) -> None:
     """Two replicas on one store, each with a join for a site that none of them (nor the
     leader they asked) saw held: the credential written second would replace the first
