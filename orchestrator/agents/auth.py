@@ -42,7 +42,8 @@ class JoinAuthenticator(Protocol):
         """A new credential for ``site``, replacing its last one; ``token``: the bootstrap
         token the join was accepted with, None for one that came with the site's credential.
         With ``replacing`` (:meth:`holder_of`), SiteTaken unless the site's credential is still
-        that agent's: replicas sharing the store never replace one another's new credential."""
+        that agent's: replicas sharing the store never replace one another's new credential.
+        NotAuthenticated when the site is revoked and ``token`` is not newer than the revocation."""
         ...
 
     def verify_credential(self, site: str, credential: str) -> bool: ...
@@ -115,14 +116,13 @@ class StoreJoinAuthenticator:
     def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None, replacing: str | None = None) -> str:
         # a join by credential counts as admitted before any revocation: one revoked since it was checked is refused
         admitted_at = token.created_at if token is not None else 0.0
-        with _store_in_use():
-            revoked_at = self.store.agent_revoked_at(site)
-            if revoked_at is not None and admitted_at <= revoked_at:
-                raise agent_errors.NotAuthenticated(
-                    f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
-            credential = secrets.token_urlsafe(32)
-            if not self.store.save_agent(site, agent_id, credential, f"agent@{site}", replacing):
-                raise _replaced(site)
+        credential = secrets.token_urlsafe(32)
+        with _store_in_use():  # the revocation checked in the write's own transaction: one landing between is never undone
+            saved = self.store.save_agent(site, agent_id, credential, f"agent@{site}", replacing, admitted_at)
+        if saved is store_mod.AgentSaved.REVOKED:
+            raise agent_errors.NotAuthenticated(f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
+        if saved is store_mod.AgentSaved.REPLACED:
+            raise _replaced(site)
         return credential
 
     def verify_credential(self, site: str, credential: str) -> bool:

@@ -16,6 +16,7 @@ SQLite (3.23 and later) reads as 1/0 on its integer columns.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import secrets
@@ -124,6 +125,18 @@ class TokenInfo:
     description: str
     created_at: float = 0.0
     state: str = "active"  # "active" | "expired" | "revoked"
+
+
+class AgentSaved(enum.Enum):
+    """What :meth:`SqlStore.save_agent` did."""
+
+    SAVED = "saved"
+    REPLACED = "replaced"  # the site's identity is no longer the one the join read: nothing written
+    REVOKED = "revoked"  # the site's identity is revoked, and the join was not admitted after: nothing written
+
+
+#: When ``site``'s identity was last revoked (a NULL ``ts`` when it never was).
+_LAST_REVOCATION = "SELECT MAX(ts) AS ts FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'"
 
 
 def token_state(revoked: bool, expires_at: float | None, now: float) -> str:
@@ -474,25 +487,29 @@ class SqlStore:
     def has_api_tokens(self) -> bool:
         return bool(self._fetch("SELECT 1 FROM tokens WHERE purpose = 'api' AND NOT revoked LIMIT 1"))
 
-    def save_agent(self, site: str, agent_id: str, credential: str, actor: str, replacing: str | None = None) -> bool:
-        """Give ``site`` a new agent identity, replacing its last one. With ``replacing`` (an
-        agent id :meth:`agent_of` read, "" for none), only if the site's identity is still
-        that one: False when another has been written since, by this replica or another."""
+    def save_agent(self, site: str, agent_id: str, credential: str, actor: str, replacing: str | None = None,
+                   admitted_at: float = 0.0) -> AgentSaved:
+        """Give ``site`` a new agent identity, replacing its last one, unless that one is revoked
+        and the join was not admitted after the revocation (``admitted_at``: when the bootstrap
+        token it came with was created, 0.0 for one that always existed or a credential). With
+        ``replacing`` (an agent id :meth:`agent_of` read, "" for none), only if the site's
+        identity is still that one, not another written since, by this replica or another.
+        Checked and written in one transaction: a revocation is never written over."""
         now = self._clock()
-        values = (_storable(site), _storable(agent_id), digest(credential), now)
-        insert = "INSERT INTO agents (site, agent_id, credential_digest, joined_at, revoked) VALUES (?, ?, ?, ?, FALSE)"
+        site = _storable(site)
         with self._tx() as db:
-            if replacing is None:
-                db.execute(self._q(insert + " ON CONFLICT (site) DO UPDATE SET agent_id = excluded.agent_id,"
-                                   " credential_digest = excluded.credential_digest, joined_at = excluded.joined_at, revoked = FALSE"),
-                           values)
-                return True
-            if not replacing:
-                return bool(db.execute(self._q(insert + " ON CONFLICT (site) DO NOTHING"), values).rowcount)
-            return bool(db.execute(
-                self._q("UPDATE agents SET agent_id = ?, credential_digest = ?, joined_at = ?, revoked = FALSE"
-                        " WHERE site = ? AND agent_id = ?"),
-                (values[1], values[2], now, values[0], replacing)).rowcount)
+            row = self._one(db, "SELECT agent_id, revoked FROM agents WHERE site = ?", (site,))
+            if row is not None and row["revoked"]:
+                revoked_at = self._one(db, _LAST_REVOCATION, (site,))["ts"]
+                if admitted_at <= (revoked_at or 0.0):
+                    return AgentSaved.REVOKED
+            if replacing is not None and (row["agent_id"] if row is not None else "") != replacing:
+                return AgentSaved.REPLACED
+            db.execute(self._q("INSERT INTO agents (site, agent_id, credential_digest, joined_at, revoked) VALUES (?, ?, ?, ?, FALSE)"
+                               " ON CONFLICT (site) DO UPDATE SET agent_id = excluded.agent_id,"
+                               " credential_digest = excluded.credential_digest, joined_at = excluded.joined_at, revoked = FALSE"),
+                       (site, _storable(agent_id), digest(credential), now))
+        return AgentSaved.SAVED
 
     def agent_of(self, site: str) -> str:
         """The agent id of ``site``'s current identity (revoked or not); "" when it has none."""
@@ -510,9 +527,7 @@ class SqlStore:
             rows = self._fetch(self._q("SELECT revoked FROM agents WHERE site = ?"), (site,))
             if not rows or not rows[0]["revoked"]:
                 return None
-            ts = self._fetch(
-                self._q("SELECT MAX(ts) AS ts FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'"), (site,)
-            )[0]["ts"]
+            ts = self._fetch(self._q(_LAST_REVOCATION), (site,))[0]["ts"]
         return float(ts) if ts is not None else 0.0
 
     def revoke_agent(self, site: str, actor: str, reason: str = "agent identity revoked") -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 
 from edge_agent import state as state_files
 from orchestrator.store.sql import (  # re-exported: the store's records are named from here
+    AgentSaved,
     Conflict,
     DeletedSite,
     Event,
@@ -45,7 +46,7 @@ from orchestrator.store.sql import (  # re-exported: the store's records are nam
 )
 
 __all__ = [
-    "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
+    "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
     "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "digest",
 ]
 

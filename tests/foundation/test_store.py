@@ -411,12 +411,13 @@ def test_agent_credentials(store: Store) -> None:
 
 def test_an_agent_identity_is_replaced_only_while_it_is_the_one_a_join_read(store: Store) -> None:
     """Replicas share the store: a join writes its credential only over the identity it read."""
+    saved, replaced = store_mod.AgentSaved.SAVED, store_mod.AgentSaved.REPLACED
     assert store.agent_of("edge-lyon") == ""
-    assert store.save_agent("edge-lyon", "agent-1", "cred-1", "agent@edge-lyon", replacing="")
-    assert not store.save_agent("edge-lyon", "agent-2", "cred-2", "agent@edge-lyon", replacing="")  # read before agent-1
+    assert store.save_agent("edge-lyon", "agent-1", "cred-1", "agent@edge-lyon", replacing="") is saved
+    assert store.save_agent("edge-lyon", "agent-2", "cred-2", "agent@edge-lyon", replacing="") is replaced  # read before agent-1
     assert store.agent_of("edge-lyon") == "agent-1"
-    assert store.save_agent("edge-lyon", "agent-3", "cred-3", "agent@edge-lyon", replacing="agent-1")
-    assert not store.save_agent("edge-lyon", "agent-4", "cred-4", "agent@edge-lyon", replacing="agent-1")
+    assert store.save_agent("edge-lyon", "agent-3", "cred-3", "agent@edge-lyon", replacing="agent-1") is saved
+    assert store.save_agent("edge-lyon", "agent-4", "cred-4", "agent@edge-lyon", replacing="agent-1") is replaced
     assert store.agent_credential_ok("edge-lyon", "cred-3")
     assert not any(store.agent_credential_ok("edge-lyon", c) for c in ("cred-1", "cred-2", "cred-4"))
 
@@ -454,6 +455,46 @@ def test_static_bootstrap_tokens_admit_joins_but_never_a_revoked_site(store: Sto
     secret, _ = store.create_token("bootstrap", "agent", 3600, "admin")
     fresh = auth.verify_bootstrap(secret)
     assert fresh is not None and auth.issue_credential("edge-lyon", "agent-4", fresh)  # a token made after the revocation
+
+
+class RevokedJustBeforeSaving:
+    """The store, with the site's identity revoked (as by another request) right before a
+    join's credential is saved: after the join checked the site, before it wrote."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    def save_agent(self, site: str, *args: object, **kwargs: object) -> object:
+        assert self._store.revoke_agent(site, "admin")
+        return self._store.save_agent(site, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_site_revoked_as_its_join_is_written_stays_revoked(store: Store, clock: FakeClock) -> None:
+    """The join is refused, and the revocation is not written over: bootstrap tokens made
+    before it, static ones included, still do not admit the site."""
+    from orchestrator.agents import errors as agent_errors
+    from orchestrator.agents.auth import StoreJoinAuthenticator
+
+    auth = StoreJoinAuthenticator(store, ("static-secret",))
+    static = auth.verify_bootstrap("static-secret")
+    assert static is not None and auth.issue_credential("edge-lyon", "agent-1", static)
+    clock.now += 60
+    racing = StoreJoinAuthenticator(RevokedJustBeforeSaving(store), ("static-secret",))  # type: ignore[arg-type]
+    with pytest.raises(agent_errors.NotAuthenticated, match="revoked"):
+        racing.issue_credential("edge-lyon", "agent-2", static, replacing="agent-1")
+    assert store.agent_revoked_at("edge-lyon") == clock.now and store.agent_of("edge-lyon") == "agent-1"
+    clock.now += 60
+    with pytest.raises(agent_errors.NotAuthenticated, match="revoked"):
+        auth.issue_credential("edge-lyon", "agent-3", static)
+    # the store's own rule: a revoked identity is replaced only for a join admitted after the revocation
+    revoked = store.agent_revoked_at("edge-lyon")
+    assert store.save_agent("edge-lyon", "agent-4", "cred-4", "agent@edge-lyon", "agent-1", revoked) is store_mod.AgentSaved.REVOKED
+    assert not store.agent_credential_ok("edge-lyon", "cred-4")
+    assert store.save_agent("edge-lyon", "agent-5", "cred-5", "agent@edge-lyon", "agent-1", clock.now) is store_mod.AgentSaved.SAVED
+    assert store.agent_credential_ok("edge-lyon", "cred-5") and store.agent_revoked_at("edge-lyon") is None
 
 
 def test_sequences_only_grow_and_survive_reopen(reopen: Callable[..., Store]) -> None:
