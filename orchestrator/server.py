@@ -67,6 +67,7 @@ log = logging.getLogger("edgeplane")
 WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
 #: The agents' events logged (by the replica the agent is connected to).
 LOGGED_AGENT_EVENTS = frozenset({agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED})
+METRICS_READ_S = 2.0  # how long a scrape waits for the placement: well within a scraper's timeout (Prometheus: 10 s)
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
 
@@ -106,7 +107,7 @@ class ControlPlane:
     relay_client: relay.RelayClient | None = None  # shared database only: relays this replica's agents while it follows
     _relay_secret: str | None = None  # set while leading: what relaying replicas must present
     _leader_published: int | None = None  # the fencing token under which this replica's relay address was published
-    _lease_read: asyncio.Future[store_mod.Lease | None] | None = None  # GET /v1/controlplane's read of the lease, shared
+    _reads: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # the store reads in flight that callers share, by name
     _change_feed: Any = None  # shared database only: tells of other replicas' writes as they commit
     _agent_events: asyncio.Queue[agent_model.AgentEvent] = field(default_factory=asyncio.Queue)  # to log, in order
 
@@ -419,19 +420,23 @@ class ControlPlane:
         return view
 
     async def _current_lease(self, within_s: float) -> store_mod.Lease | None:
-        """Who holds the lease, read on a worker thread: on PostgreSQL the read is a transaction
+        return await self._shared_read("lease", lambda: self.store.current_lease(leadership.LEASE), within_s)
+
+    async def _shared_read(self, name: str, read: Callable[[], Any], within_s: float) -> Any:
+        """``read()`` of the store, on a worker thread: on PostgreSQL a read is a transaction
         that waits for the store's lock and the database, and on the event loop a stalled
         database would hold the whole replica (API, gateway, agents, health probes). One read
-        at a time, which callers that come meanwhile share: a stalled database piles up no
-        threads, however often ``edgeplane status`` asks."""
-        read = self._lease_read
-        if read is None or read.done():
-            read = self._lease_read = asyncio.ensure_future(asyncio.to_thread(self.store.current_lease, leadership.LEASE))
-            read.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, if no caller waited on
-        await asyncio.wait((read,), timeout=within_s)  # the read goes on for the others if this caller goes
-        if not read.done():
+        by ``name`` at a time, which callers that come meanwhile share: a stalled database
+        piles up no threads (the pool every worker-thread call shares), however often
+        ``edgeplane status`` or a scraper asks. TimeoutError past ``within_s``."""
+        shared = self._reads.get(name)
+        if shared is None or shared.done():
+            shared = self._reads[name] = asyncio.ensure_future(asyncio.to_thread(read))
+            shared.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, if no caller waited on
+        await asyncio.wait((shared,), timeout=within_s)  # the read goes on for the others if this caller goes
+        if not shared.done():
             raise TimeoutError
-        return read.result()
+        return shared.result()
 
     async def _purge_captures(self, every_s: float = 600.0) -> None:
         """Retention: captured records past their deployment's current retentionDays, or of a
@@ -532,14 +537,16 @@ class ControlPlane:
         return await self.simulations.run(self.reconciler.current, body, each, top)
 
     async def metrics(self) -> bytes:
-        """``GET /metrics``. The placement counted is read in a worker thread first; the
-        collectors read the rest (the hub, the table) on the loop, whose it is. While the
-        store fails, the scrape still answers, without ``edgeplane_replicas_placed``."""
+        """``GET /metrics``. The placement counted is read in a worker thread first, shared
+        by the scrapes that come while it is read; the collectors read the rest (the hub, the
+        table) on the loop, whose it is. While the store fails, or has not answered within
+        :data:`METRICS_READ_S`, the scrape still answers, without ``edgeplane_replicas_placed``."""
         try:
-            placements = await asyncio.to_thread(self.store.placements)
-        except store_mod.StoreError as exc:
+            placements = await self._shared_read("placements", self.store.placements, METRICS_READ_S)
+        except (store_mod.StoreError, TimeoutError) as exc:
             if self.fleet.placements is not None:  # once an outage, not at every scrape
-                log.warning("metrics: the placement cannot be read, edgeplane_replicas_placed is left out until it can: %s", exc)
+                log.warning("metrics: the placement cannot be read, edgeplane_replicas_placed is left out until it can: %s",
+                            exc or f"the store did not answer in {METRICS_READ_S:g} s")
             self.fleet.placements = None
         else:
             if self.fleet.placements is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import pathlib
 import sqlite3
 import threading
@@ -226,6 +227,35 @@ async def test_the_leadership_view_on_a_stalled_database_holds_up_no_other_reque
             assert view.status_code == 200 and view.json()["leader"] is None, view.text
             assert view.json()["error"] == f"the store did not answer in {cp.elector.ttl_s:g} s"
         assert resumed.status_code == 200 and "error" not in resumed.json(), resumed.text
+    finally:
+        await fleet.stop()
+
+
+async def test_a_scrape_on_a_stalled_database_answers_without_the_placement(tmp_path: pathlib.Path,
+                                                                          postgres: PostgresServer) -> None:
+    """Prometheus scrapes /metrics while the database is stalled: every scrape answers within
+    a few seconds, without ``edgeplane_replicas_placed`` (the rest of the families there), and
+    however many come, they park one worker thread between them, not the pool that the
+    artifact reads, capture writes and joins share. Once the database is back, it is counted again."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(store=postgres.create_database(), resync_s=3600.0)
+        await cp.reconciler.wait_for_pass(0)
+        pid = cp.store.backend_pid
+        assert pid
+        scrapes = min(32, (os.cpu_count() or 1) + 4) + 2  # more than asyncio's default pool has threads
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=server.METRICS_READ_S + 5) as http:
+            with stall.stalled(pid):
+                answers = await asyncio.gather(*(http.get("/metrics") for _ in range(scrapes)))
+                started = time.monotonic()
+                await asyncio.wait_for(asyncio.to_thread(lambda: None), 2)
+                free_after_s = time.monotonic() - started
+            resumed = await http.get("/metrics")
+        for answer in answers:
+            assert answer.status_code == 200 and "edgeplane_agents" in answer.text, answer.text[:200]
+            assert "edgeplane_replicas_placed" not in answer.text
+        assert free_after_s < 1, f"a worker thread took {free_after_s:.1f} s to free up while scrapes waited on the database"
+        assert resumed.status_code == 200 and "edgeplane_replicas_placed" in resumed.text
     finally:
         await fleet.stop()
 
