@@ -478,10 +478,10 @@ class ControlPlane:
             event = await self._agent_events.get()
             try:
                 await asyncio.to_thread(self._log_agent_event, event)
-            except Exception as exc:  # the log goes on with the next event
-                if not isinstance(exc, store_mod.StoreError):
-                    log.exception("logging agent %s of site %s failed", event.agent_id, event.site)
+            except store_mod.StoreError as exc:  # the log goes on with the next event
                 log.warning("cannot log that agent %s of site %s %s: %s", event.agent_id, event.site, event.kind.value.lower(), exc)
+            except Exception:  # not the store's: a fault here, with its traceback
+                log.exception("logging that agent %s of site %s %s failed", event.agent_id, event.site, event.kind.value.lower())
             self._trigger_for(event)
 
     def _log_agent_event(self, event: agent_model.AgentEvent) -> None:

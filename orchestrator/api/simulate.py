@@ -14,6 +14,7 @@ budget counted before any planning (``simulation.budget``).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -87,12 +88,22 @@ class Simulations:
         if not self._slots.acquire(blocking=False):
             self.refused.labels("busy").inc()
             raise Busy(f"a simulation is already running on this control plane; retry in {RETRY_AFTER_S} s")
+        reading = asyncio.ensure_future(read())
         try:
-            # A cancelled request waits for the thread to end (anyio does not abandon it),
-            # so the slot is free only once the planning is over.
-            return await run_in_threadpool(self.plan, await read(), body, each, top, self.work_budget)
+            # A cancelled request leaves its slot taken until its work ends: the planning's
+            # thread, which anyio waits for, and the store read, which goes on in its own
+            # worker thread and is shielded here so that the slot goes only when it ends.
+            return await run_in_threadpool(self.plan, await asyncio.shield(reading), body, each, top, self.work_budget)
         except budget.TooMuchWork:
             self.refused.labels("budget").inc()
             raise
         finally:
-            self._slots.release()
+            if reading.done():
+                self._release(reading)
+            else:  # cancelled while the store is read: the slot goes when the read ends
+                reading.add_done_callback(self._release)
+
+    def _release(self, reading: asyncio.Future[snap.Snapshot]) -> None:
+        if not reading.cancelled():
+            reading.exception()  # retrieved: the request that wanted it is gone, or raised it
+        self._slots.release()

@@ -308,11 +308,18 @@ async def test_a_pass_on_a_stalled_database_holds_up_no_other_request(tmp_path: 
         pid = cp.store.backend_pid
         assert pid
 
+        passes_while_stalled: list[int] = []
+
         with stall.stalled(pid) as database:
+
+            def resume() -> None:  # the pass has waited on the database all along: none ended meanwhile
+                passes_while_stalled.append(cp.reconciler.passes)
+                database.resume()
+
             cp.reconciler.trigger("a pass on a stalled database")
-            answers = await stall.probe([f"{cp.http_url}/v2/health/live", f"{cp.http_url}/healthz"], within=2,
-                                        then=database.resume)
+            answers = await stall.probe([f"{cp.http_url}/v2/health/live", f"{cp.http_url}/healthz"], within=2, then=resume)
         assert answers == [200, 200], f"liveness probe, API health: {answers} while the pass waited on the database"
-        await cp.reconciler.wait_for_pass(done)  # and the database back, the replica reconciles again
+        assert passes_while_stalled == [done], "the pass did not wait on the stalled database"
+        assert await cp.reconciler.wait_for_pass(done) > done  # and the database back, the pass ends
     finally:
         await fleet.stop()

@@ -102,6 +102,30 @@ async def test_two_slots_take_two_at_once_and_refuse_a_third() -> None:
     assert await sims.run(read, b"", None, None) == {"ok": True}  # type: ignore[arg-type]
 
 
+async def test_a_what_if_cancelled_while_the_state_is_read_holds_its_slot_until_the_read_ends() -> None:
+    sims = simulate_api.Simulations(slots=1, plan=lambda *args: {"ok": True})
+    started, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_read() -> None:  # the store read of a stalled database, say
+        started.set()
+        await go_on.wait()
+
+    async def read() -> None:
+        return None
+
+    first = asyncio.create_task(sims.run(slow_read, b"", None, None))  # type: ignore[arg-type]
+    await asyncio.wait_for(started.wait(), 5)
+    first.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with pytest.raises(simulate_api.Busy):  # its read still runs: a second would pile up on it
+        await sims.run(read, b"", None, None)  # type: ignore[arg-type]
+    go_on.set()
+    await asyncio.sleep(0)  # the read ends, and its slot with it
+    await asyncio.sleep(0)
+    assert await sims.run(read, b"", None, None) == {"ok": True}  # type: ignore[arg-type]
+
+
 async def test_a_what_if_over_the_budget_is_refused_before_planning_with_how_to_narrow_it(served) -> None:  # type: ignore[no-untyped-def]
     async with httpx.AsyncClient(base_url=served.http_url, timeout=30) as http:
         refused = await http.post("/v1/simulate", content=added(60))
