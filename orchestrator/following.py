@@ -3,7 +3,8 @@
 Several control-plane replicas share one PostgreSQL database; each acts on some of the
 others' writes: the leader on applies made through a follower and on wakes followers
 logged, a follower on the relay address and the endpoint table the leader published,
-every replica on agents revoked through another. A write is read when the store's change
+every replica on agents revoked through another, a follower on Sites deleted (their lost
+agents are forgotten, as the leader's pass forgets its own). A write is read when the store's change
 feed tells of it (within milliseconds of the commit) and on a poll in case a notification
 was lost, always in a worker thread: the event loop serves the API, the gateway and the
 agents, and a stalled database must not hold them. Apart from the server (which wires it,
@@ -92,6 +93,7 @@ class StoreFollower:
                         self.reconciler.applied(f"store changed (resourceVersion {version})")
                     continue
                 wakes_seen = None
+                await self._forget_lost_agents_of_deleted_sites()
                 leader = await asyncio.to_thread(self.store.published, LEADER_KEY, leader_version)
                 if leader is not None and not self.elector.leading and self.relay_client is not None:
                     leader_version, body = leader
@@ -117,6 +119,20 @@ class StoreFollower:
                 if await asyncio.to_thread(self.store.agent_revoked_at, site) is not None:  # not enrolled again since
                     self.hub.revoke(site)
         return since
+
+    async def _forget_lost_agents_of_deleted_sites(self) -> None:
+        """A follower forgets its lost agents whose Site is no longer stored, as the leader's
+        pass forgets its own (``ForgetAgent``): no pass runs here, and the record would stay
+        in this replica's ``edgeplane_agents{health="unhealthy"}`` for good. Connected ones
+        are kept, serving nothing, until they leave. Read at a Site's deletion (its event
+        wakes this loop) and at each poll, for an agent lost after its Site was deleted."""
+        lost = [a.site for a in self.hub.snapshot() if not a.healthy and a.via is None]
+        if not lost:
+            return
+        gone = await asyncio.to_thread(lambda: [site for site in lost if self.store.get("Site", site) is None])
+        for site in gone:
+            if (agent := self.hub.status(site)) is not None and not agent.healthy:  # not one that came back meanwhile
+                self.hub.forget(site)
 
     async def _read_wakes(self, since: int) -> int:
         """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""

@@ -8,6 +8,7 @@ import contextlib
 import json
 import pathlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
+from orchestrator.testing.postgres import PostgresServer
 
 pytestmark = pytest.mark.asyncio
 
@@ -102,11 +104,6 @@ async def test_a_deleted_sites_lost_agent_is_no_longer_counted(tmp_path: pathlib
     agent was counted as unhealthy until the control plane restarted, so an alert on
     unhealthy agents never cleared."""
     fleet = harness.Fleet(tmp_path)
-
-    async def agents_gauge(http: httpx.AsyncClient) -> dict[str, float]:
-        text = (await http.get("/metrics")).text
-        return {s.labels["health"]: s.value for f in text_string_to_metric_families(text) if f.name == "edgeplane_agents" for s in f.samples}
-
     try:
         cp = await fleet.start_control_plane()
         await fleet.start_agent("edge-old", country="FR", lat=48.8, lon=2.3)
@@ -121,3 +118,32 @@ async def test_a_deleted_sites_lost_agent_is_no_longer_counted(tmp_path: pathlib
             assert cp.hub.status("edge-old") is None
     finally:
         await fleet.stop()
+
+
+async def test_a_deleted_sites_lost_agent_is_no_longer_counted_on_the_follower_it_was_connected_to(
+        tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    """Replicas on one database: the decommissioned site's agent was connected to a follower,
+    which runs no pass to forget it; the follower forgets it once its Site is deleted."""
+    url = postgres.create_database()
+    leading, following = harness.Fleet(tmp_path / "a"), harness.Fleet(tmp_path / "b")
+    try:
+        leader = await leading.start_control_plane(store=url)
+        await harness.wait_until(lambda: leader.elector is not None and leader.elector.leading, 30, what="a leader")
+        shutil.copytree(tmp_path / "a" / "control-plane" / "ca", tmp_path / "b" / "control-plane" / "ca")  # one agent CA
+        follower = await following.start_control_plane(store=url)
+        await following.start_agent("edge-old", country="FR", lat=48.8, lon=2.3)
+        await asyncio.to_thread(following.agents.pop("edge-old").stop)
+        await harness.wait_until(lambda: not follower.hub.status("edge-old").healthy, 20, what="the agent to be lost")
+        async with httpx.AsyncClient(base_url=follower.http_url, timeout=30) as http:
+            assert await agents_gauge(http) == {"healthy": 0, "unhealthy": 1}
+            assert (await http.delete("/v1/sites/edge-old")).status_code == 200
+            await harness.wait_until(lambda: follower.hub.status("edge-old") is None, 15, what="the follower to forget the agent")
+            assert await agents_gauge(http) == {"healthy": 0, "unhealthy": 0}
+    finally:
+        await following.stop()
+        await leading.stop()
+
+
+async def agents_gauge(http: httpx.AsyncClient) -> dict[str, float]:
+    text = (await http.get("/metrics")).text
+    return {s.labels["health"]: s.value for f in text_string_to_metric_families(text) if f.name == "edgeplane_agents" for s in f.samples}
