@@ -179,6 +179,24 @@ def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, r
         return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason))
 
 
+def delete_site_abandoning(store: store_mod.Store, name: str, *, actor: str, reason: str = "delete") -> bool:
+    """Delete Site ``name`` if it is still stored, and give up removing its Serve applications
+    (they run on, owned by nothing, if its cluster is still there): for a data centre whose
+    cluster is gone for good, whose removal would otherwise be tried forever. Whether the
+    Site was still stored; :class:`NotFound` when neither it nor a removal was left."""
+    with _WRITING:
+        try:
+            store.delete("Site", name, store_mod.Event(actor, "delete", "Site", name, reason))
+            deleted = True
+        except store_mod.NotFound:
+            deleted = False
+        abandoned = store.abandon_deleted_site(name, store_mod.Event(
+            actor, "applications-abandoned", "Site", name, reason, {"note": "its Serve applications are no longer removed"}))
+    if not (deleted or abandoned):
+        raise store_mod.NotFound(f"Site {name!r} does not exist, and no removal of its applications is pending")
+    return deleted
+
+
 def _users_of(store: store_mod.Store, model: str, going: Iterable[str] = ()) -> list[str]:
     """The deployments of ``model`` that stay (all but those named in ``going``), sorted."""
     leaving = set(going)

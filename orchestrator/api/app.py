@@ -147,6 +147,14 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def delete_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
+        if "abandonApplications" in request.query_params and _flag(request, "abandonApplications"):  # a data centre whose cluster is gone for good
+            if kind != "Site":
+                raise BadQuery("abandonApplications is for a Site only")
+            name = request.path_params["name"]
+            deleted = await run_in_threadpool(catalog.delete_site_abandoning, store, name, actor=caller.identity,
+                                              reason=_reason(request, "delete"))
+            services.changed(f"delete by {caller.identity}")
+            return JSONResponse({"kind": kind, "name": name, "action": "deleted" if deleted else "applications-abandoned"})
         outcome = await run_in_threadpool(catalog.delete_object, store, kind, request.path_params["name"], actor=caller.identity,
                                           reason=_reason(request, "delete"))
         services.changed(f"delete by {caller.identity}")

@@ -143,6 +143,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = client_parser("delete", help="delete objects by manifest (every -f is one bundle: all of it or nothing) or by kind and name")
     sp.add_argument("-f", "--file", action="append", help=objects.FILE_HELP)
     sp.add_argument("--ignore-not-found", action="store_true", help="with -f: skip objects that do not exist instead of refusing the bundle")
+    sp.add_argument("--abandon-applications", action="store_true",
+                    help="site NAME: stop removing a deleted data centre's Serve applications (its cluster is gone for good)")
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
     sp.add_argument("--reason", type=_header_text, help="why (recorded in the event log with your identity)")

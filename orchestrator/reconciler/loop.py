@@ -310,7 +310,7 @@ class Reconciler:
         are read and changed on the loop only."""
         sites, models, deployments = await asyncio.to_thread(self.read_desired)
         deleted = await asyncio.to_thread(self.store.deleted_sites)  # read after the Sites: one declared again is in both
-        await self._observe_datacentres([s for s in sites if s.spec.tier == "datacenter"], deleted)
+        await self._observe_datacentres(sites, deleted)
         placements = tuple(await asyncio.to_thread(self.store.placements))
         agents = tuple(self.hub.snapshot())
         rejoining = self._rejoining(sites, placements, agents)
@@ -346,10 +346,12 @@ class Reconciler:
                     out[(name, v.name)] = snap.ArtifactRef(None, f"Model {name} variant {v.name}: {exc}")
         return out
 
-    async def _observe_datacentres(self, sites: list[snap.SiteRecord], deleted: Iterable[store_mod.DeletedSite] = ()) -> None:
+    async def _observe_datacentres(self, stored: list[snap.SiteRecord], deleted: Iterable[store_mod.DeletedSite] = ()) -> None:
         """Observe the declared data centres; remove the applications of those no longer
         declared. A deleted Site's target is kept in the store until they are removed, so
-        whichever replica leads next, or this one after a restart, removes them too."""
+        whichever replica leads next, or this one after a restart, removes them too; one
+        neither stored nor kept was abandoned (``delete site --abandon-applications``)."""
+        sites = [s for s in stored if s.spec.tier == "datacenter"]
         declared = {s.name for s in sites}
         for gone in set(self._dc_observed) - declared:
             observed, applied = self._dc_observed.pop(gone), self._applied.pop(gone, ())
@@ -357,6 +359,8 @@ class Reconciler:
         for back in set(self._retiring) & declared:  # declared again: its apply takes over
             del self._retiring[back]
         records = {d.name: d for d in deleted if d.name not in declared}
+        if abandoned := self.datacentres.sites() - {s.name for s in stored} - set(records):
+            await self._abandon(abandoned)
         gone = sorted((self.datacentres.sites() - declared) | set(records))
         results = await asyncio.gather(*(self._observe_one(s) for s in sites), *(self._retire(g, records.get(g)) for g in gone))
         for site, observation in zip(sites, results):
@@ -386,6 +390,15 @@ class Reconciler:
         if held:
             await self._record(store_mod.Event("reconciler", "serve-removed", "Site", site,
                                                f"the Site is deleted: its {held} Serve application(s) removed"))
+
+    async def _abandon(self, sites: set[str]) -> None:
+        """Deleted Sites whose applications an operator gave up removing: their actuators are
+        closed, what runs there left as it is, and nothing is tried again."""
+        await self.datacentres.forget(self.datacentres.sites() - sites)
+        for site in sorted(sites):
+            self._retiring.pop(site, None)
+            self._dc_backoff.pop(site, None)
+            log.warning("data centre %s: the Site is deleted and its Serve applications abandoned: no longer removed", site)
 
     async def _observe_one(self, site: snap.SiteRecord) -> snap.DataCentreObservation:
         backoff = self._dc_backoff.get(site.name)

@@ -386,6 +386,18 @@ class SqlStore:
                 self._fence(db, lease)
             db.execute(self._q("DELETE FROM deleted_sites WHERE name = ? AND version = ?"), (site.name, site.version))
 
+    def abandon_deleted_site(self, name: str, event: Event) -> bool:
+        """An operator gives up removing a deleted Site's applications (its cluster is gone
+        for good): the record goes, with ``event``, and no replica tries again. False when
+        there was none."""
+        with self._tx() as db:
+            if self._one(db, "SELECT name FROM deleted_sites WHERE name = ?", (name,)) is None:
+                return False
+            db.execute(self._q("DELETE FROM deleted_sites WHERE name = ?"), (name,))
+            self._changed(db, "resources")
+            self._log(db, event, self._clock())
+        return True
+
     # --- placement intent ------------------------------------------------------------
 
     def placements(self) -> list[PlacementRow]:

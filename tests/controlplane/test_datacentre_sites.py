@@ -272,3 +272,29 @@ async def test_a_site_declared_again_takes_over_the_deleted_ones_applications(fl
                              what="dc-old observed again")
     assert cluster.running
     assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))
+
+
+async def test_a_deleted_sites_applications_can_be_abandoned_once_its_cluster_is_gone_for_good(fleet: harness.Fleet) -> None:
+    """The cluster was decommissioned before its Site was deleted: removing its applications
+    would be tried forever, by every leader. An operator gives up on them: nothing is tried
+    again, here or after a restart, and the event log says who gave up."""
+    cluster = Cluster()
+    cp = await start(fleet, lambda name, spec: cluster)
+    await delete_while_unreachable(cp, cluster, "dc-old")
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        abandoned = await http.delete("/v1/sites/dc-old", params={"abandonApplications": "true"},
+                                      headers={"x-edgeplane-reason": "cluster decommissioned"})
+        again = await http.delete("/v1/sites/dc-old", params={"abandonApplications": "true"})
+    assert abandoned.status_code == 200 and abandoned.json()["action"] == "applications-abandoned", abandoned.text
+    assert again.status_code == 404, again.text
+    assert cp.store.deleted_sites() == []
+    [event] = [e for e in cp.store.events(kind="Site", name="dc-old", limit=1000) if e.action == "applications-abandoned"]
+    assert event.reason == "cluster decommissioned"
+    await cp.reconciler.wait_for_pass(cp.reconciler.passes + 1)  # a whole pass after it: the actuator is let go
+    assert "dc-old" not in cp.reconciler.datacentres.sites()
+    await fleet.stop()
+    cluster.down = False
+    cp = await start(fleet, lambda name, spec: cluster)
+    await cp.reconciler.wait_for_pass(cp.reconciler.passes)
+    assert cluster.running  # left as it was: the control plane no longer owns it
+    assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))

@@ -158,6 +158,17 @@ def test_apply_from_stdin_and_delete_by_file(serve: support.ServeProcess, applie
     assert gone.returncode == 1 and "does not exist" in gone.stderr
 
 
+def test_delete_site_abandoning_its_applications(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "site.yaml"
+    path.write_text(doc("Site", "edge-abandoned", support.edge_site_spec()))
+    ok("apply", "-f", str(path), server=serve)
+    assert ok("delete", "site", "edge-abandoned", "--abandon-applications", server=serve).splitlines() == ["site/edge-abandoned deleted"]
+    gone = cli("delete", "site", "edge-abandoned", "--abandon-applications", server_url=serve.url)
+    assert gone.returncode == 1 and "no removal of its applications is pending" in gone.stderr, gone
+    wrong = cli("delete", "model", "cli-model", "--abandon-applications", server_url=serve.url)
+    assert wrong.returncode == 1 and "for a Site only" in wrong.stderr, wrong
+
+
 def test_delete_by_file_is_one_bundle(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     text = "---\n".join([doc("Site", "edge-gone-1", support.edge_site_spec()), doc("Site", "edge-gone-2", support.edge_site_spec()),
                          doc("Model", "gone-model", support.model_spec()), doc("ModelDeployment", "gone-dep", support.deployment_spec("gone-model"))])
