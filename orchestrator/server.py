@@ -67,6 +67,7 @@ log = logging.getLogger("edgeplane")
 WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
 #: The agents' events logged (by the replica the agent is connected to).
 LOGGED_AGENT_EVENTS = frozenset({agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED})
+API_READ_S = 5.0  # how long GET /v1/placements waits for the store before a 503
 METRICS_READ_S = 2.0  # how long a scrape waits for the placement: well within a scraper's timeout (Prometheus: 10 s)
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
@@ -517,7 +518,10 @@ class ControlPlane:
         return await run_in_threadpool(views.preview, current, docs, last.result.energy if last else None)
 
     async def placements_view(self) -> dict[str, Any]:
-        rows = await asyncio.to_thread(self.store.placements)
+        try:  # the read /metrics makes too: one between them while the database stalls
+            rows = await self._shared_read("placements", self.store.placements, API_READ_S)
+        except TimeoutError:
+            raise store_mod.StoreError(f"the store did not answer in {API_READ_S:g} s") from None
         # The snapshot once the rows are read: a pass sets its own before it writes its rows,
         # so the rows are never shown with an older pass's snapshot (their sites "SiteGone").
         last = self.reconciler.last_snapshot
