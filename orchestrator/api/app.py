@@ -14,6 +14,7 @@ PostgreSQL may wait on a stalled database or another replica's lock.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -44,6 +45,7 @@ class Services(Protocol):
     table: endpoints_mod.EndpointTable  # the gateway's: which regions a caller may name
     authenticator: auth.Authenticator
     agent_ca_sha256: str | None  # None: agents join over plaintext (--insecure-agents)
+    replica_id: str  # a new one each start
 
     async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]: ...
     def changed(self, reason: str) -> None: ...
@@ -73,6 +75,7 @@ Handler = Callable[[Request, auth.Caller], Awaitable[Response]]
 
 def build_routes(services: Services) -> list[BaseRoute]:
     store = services.store
+    started = time.monotonic()  # before the gateway answers: its counters start here
 
     def guarded(handler: Handler, write: bool = False) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -268,7 +271,11 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return JSONResponse({"status": "ok" if services.ready() else "starting"}, status_code=200 if services.ready() else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(await services.metrics(), media_type=CONTENT_TYPE_LATEST)
+        # Each replica counts what its own gateway answered, and behind one Service any of them
+        # answers: the console keeps a baseline per replica, and needs to know which one and
+        # whether it started since the page opened (its uptime, so no two clocks are compared).
+        return Response(await services.metrics(), media_type=CONTENT_TYPE_LATEST, headers={
+            "X-Edgeplane-Replica": services.replica_id, "X-Edgeplane-Uptime": f"{time.monotonic() - started:.3f}"})
 
     return [
         Route("/v1/apply", guarded(apply, write=True), methods=["POST"]),

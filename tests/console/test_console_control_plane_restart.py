@@ -8,6 +8,7 @@ exports, stands in for requests it answered.
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 
 import httpx
@@ -52,6 +53,53 @@ async def test_request_counts_start_when_the_page_opens_and_go_on_over_a_restart
         await page.close()
         await second.stop()
         await first.stop()
+
+
+async def test_request_counts_add_up_the_replicas_that_answer_in_turn(browser, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """Three replicas behind one Service, each counting its own gateway's requests, answer
+    /metrics in turn: with no traffic the page counts nothing; what one replica counts next,
+    and all that one started since the page opened counts, is added once."""
+    fleet = harness.Fleet(tmp_path)
+    counts = {"a": 100, "b": 40, "c": 70}
+    uptime = {"a": 3600.0, "b": 3600.0, "c": 3600.0}
+    served: list[str] = []
+    polls: dict[int, asyncio.Event] = {}
+
+    async def replicas_in_turn(route):  # type: ignore[no-untyped-def]
+        replica = sorted(counts)[len(served) % len(counts)]
+        served.append(replica)
+        for n, event in polls.items():
+            if len(served) >= n:
+                event.set()
+        body = f'edgeplane_gateway_requests_total{{code="200",model="intent",site="edge-oslo"}} {counts[replica]}.0\n'
+        await route.fulfill(status=200, body=body, headers={
+            "content-type": "text/plain", "x-edgeplane-replica": replica, "x-edgeplane-uptime": str(uptime[replica])})
+
+    async def served_at_least(n: int) -> None:
+        polls[n] = asyncio.Event()
+        if len(served) >= n:
+            return
+        await asyncio.wait_for(polls[n].wait(), timeout=15)
+
+    page = await browser.new_page()
+    try:
+        cp = await fleet.start_control_plane()
+        await apply(cp.http_url, SITE)
+        await page.route("**/metrics", replicas_in_turn)
+        await page.goto(f"{cp.http_url}/ui/")
+        await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)
+        await served_at_least(7)  # each replica read twice or more, nothing answered meanwhile
+        assert await page.text_content(RATE) == ""
+
+        counts["b"] += 5
+        await served_at_least(len(served) + 3)
+        counts["d"], uptime["d"] = 2, 0.5  # a replica that started after the page opened (or restarted)
+        await page.wait_for_function(f"() => document.querySelector('{RATE}').textContent.startsWith('7 req')", timeout=15_000)
+        await served_at_least(len(served) + 6)
+        assert (await page.text_content(RATE) or "").startswith("7 req")
+    finally:
+        await page.close()
+        await fleet.stop()
 
 
 async def open_on_40_events(browser, url: str):  # type: ignore[no-untyped-def]

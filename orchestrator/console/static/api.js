@@ -50,7 +50,10 @@ async function call(method, path, body) {
     if (resp.status === 429) throw new Busy(message, Math.max(1, Number(resp.headers.get("retry-after")) || 5));
     throw new Error(`${resp.status}: ${message}`);
   }
-  return path === "/metrics" ? text : JSON.parse(text);
+  if (path !== "/metrics") return JSON.parse(text);
+  // Which replica answered, and how long it has run (absent from an older control plane: one replica).
+  const uptime = resp.headers.get("x-edgeplane-uptime");
+  return { text, replica: resp.headers.get("x-edgeplane-replica") || "", uptimeS: uptime === null ? Infinity : Number(uptime) };
 }
 
 export const get = (path) => call("GET", path);

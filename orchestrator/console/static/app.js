@@ -6,7 +6,7 @@ import { FleetMap } from "./map.js";
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
 const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true,
-                counted: {}, requests: {}, rates: {}, lastMetricsAt: 0, whatif: null, map: null, timer: null };
+                replicas: new Map(), requests: {}, rates: {}, whatif: null, map: null, timer: null };
 
 // A site's health word, as the table colours it; anything else is bad. A Rejoining site kept
 // its replicas over a control-plane restart and waits for its agent to come back.
@@ -50,7 +50,7 @@ async function poll() {
     for (const e of events.items) { state.events.push(e); state.lastEvent = Math.max(state.lastEvent, e.id); }
     state.events = state.events.slice(-300);
     state.reloadEvents = false;
-    if (metrics !== null) updateRequests(api.requestsBySite(metrics));
+    if (metrics !== null) updateRequests(metrics);
     $("server-state").textContent = `live · ${new Date().toLocaleTimeString()}`;
     render();
   } catch (err) {
@@ -73,21 +73,37 @@ async function newEvents() {
   return { items: (await api.get("/v1/events?last=200")).items, reloaded: true };
 }
 
-// Requests each site answered since the page opened, from the gateway's lifetime counters:
-// the first read is the baseline, and a counter lower than at the last read started again
-// from zero (the control plane restarted), so all it counts now is new.
-function updateRequests(counts) {
+// Requests each site answered since the page opened, from the gateway's lifetime counters.
+// Each control-plane replica counts what its own gateway answered, and any of them may answer
+// /metrics, so each replica's counts are kept apart: the first read of one that ran before the
+// page opened is its baseline; all that one started since has counted is new (a restart is a
+// new replica); a counter lower than at the same replica's last read started again from zero.
+const OPENED_AT = performance.now();
+const RATE_WINDOW_MS = 30_000;  // a replica not read for this long (gone) adds nothing to the rates
+
+function updateRequests({ text, replica, uptimeS }) {
+  const counts = api.requestsBySite(text);
   const now = performance.now();
-  const first = !state.lastMetricsAt;
-  const dt = (now - state.lastMetricsAt) / 1000;
-  for (const site of new Set([...Object.keys(counts), ...Object.keys(state.counted)])) {
-    const n = counts[site] || 0, before = state.counted[site] || 0;
-    const added = first ? 0 : n >= before ? n - before : n;
-    state.requests[site] = (state.requests[site] || 0) + added;
-    if (!first && dt > 0) state.rates[site] = added / dt;
+  let seen = state.replicas.get(replica);
+  if (!seen) {
+    const startedAt = now - uptimeS * 1000;
+    seen = startedAt > OPENED_AT ? { counts: {}, at: startedAt, rates: {} } : { counts, at: now, rates: {} };
+    state.replicas.set(replica, seen);
   }
-  state.counted = counts;
-  state.lastMetricsAt = now;
+  const dt = (now - seen.at) / 1000;
+  for (const site of new Set([...Object.keys(counts), ...Object.keys(seen.counts)])) {
+    const n = counts[site] || 0, before = seen.counts[site] || 0;
+    const added = n >= before ? n - before : n;
+    state.requests[site] = (state.requests[site] || 0) + added;
+    if (dt > 0) seen.rates[site] = added / dt;
+  }
+  seen.counts = counts;
+  seen.at = now;
+  state.rates = {};
+  for (const r of state.replicas.values()) {
+    if (now - r.at > RATE_WINDOW_MS) continue;
+    for (const [site, rate] of Object.entries(r.rates)) state.rates[site] = (state.rates[site] || 0) + rate;
+  }
 }
 
 // One pass over the placements per poll (a fleet has thousands of sites and placements).
