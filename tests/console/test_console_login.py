@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 import pytest_asyncio
@@ -75,4 +77,48 @@ async def test_a_pasted_token_is_cleaned_and_one_that_cannot_be_sent_is_refused(
         await page.reload()  # nothing kept: the form again, not an empty console
         await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
     finally:
+        await context.close()
+
+
+async def test_signing_out_while_a_poll_is_asked_leaves_the_console_signed_out(browser, guarded) -> None:  # type: ignore[no-untyped-def]
+    """The poll's answers arrive after the sign-out: they neither draw the console again
+    nor start another poll."""
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+    cp, read = guarded
+    context = await browser.new_context()
+    page = await context.new_page()
+    asked, release = asyncio.Event(), asyncio.Event()
+    held = False
+    polls_after: list[str] = []
+
+    async def placements(route):  # type: ignore[no-untyped-def]
+        if held:
+            asked.set()
+            await release.wait()
+        await route.continue_()
+
+    async def sites(route):  # type: ignore[no-untyped-def]
+        if release.is_set():
+            polls_after.append(route.request.url)
+        await route.continue_()
+
+    try:
+        await page.route("**/v1/placements", placements)
+        await page.route("**/v1/sites", sites)
+        await page.goto(f"{cp.http_url}/ui/")
+        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        await page.fill("#token", read)
+        await page.click("#login button[type=submit]")
+        await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)
+        held = True
+        await asyncio.wait_for(asked.wait(), timeout=10)
+        await page.click("#logout")
+        release.set()
+        with pytest.raises(PlaywrightTimeout):  # a poll's render would follow its answers at once
+            await page.wait_for_function("() => document.getElementById('server-state').textContent !== 'signed out'", timeout=2500)
+        assert await page.is_visible("#login") and not await page.is_visible("#console")
+        assert polls_after == []
+    finally:
+        release.set()
         await context.close()

@@ -6,7 +6,8 @@ import { FleetMap } from "./map.js";
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
 const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true,
-                replicas: new Map(), requests: {}, rates: {}, whatif: null, map: null, timer: null };
+                replicas: new Map(), requests: {}, rates: {}, whatif: null, map: null, timer: null,
+                signedIn: 0 };  // bumped at each sign-in and sign-out: a poll from before neither draws nor polls again
 
 // A site's health word, as the table colours it; anything else is bad. A Rejoining site kept
 // its replicas over a control-plane restart and waits for its agent to come back.
@@ -17,6 +18,7 @@ function text(tag, value, cls) { const td = document.createElement(tag); td.text
 function row(cells) { const tr = document.createElement("tr"); for (const c of cells) tr.appendChild(c); return tr; }
 
 function showLogin(message) {
+  state.signedIn++;
   clearTimeout(state.timer);
   $("console").hidden = true;
   $("login").hidden = false;
@@ -26,23 +28,26 @@ function showLogin(message) {
 }
 
 async function start() {
+  const signedIn = ++state.signedIn;
   $("login").hidden = true;
   $("console").hidden = false;
   $("logout").hidden = !api.token();
   if (!state.map) {
     const [world, iso] = await Promise.all([fetch("vendor/countries-110m.json").then((r) => r.json()), fetch("iso-countries.json").then((r) => r.json())]);
-    state.map = new FleetMap($("map"), world, iso);
+    if (!state.map) state.map = new FleetMap($("map"), world, iso);
   }
-  poll();
+  if (signedIn === state.signedIn) poll();
 }
 
 async function poll() {
   clearTimeout(state.timer);
+  const signedIn = state.signedIn;
   try {
     const [sites, deployments, placements, events, metrics] = await Promise.all([
       api.get("/v1/sites"), api.get("/v1/modeldeployments"), api.get("/v1/placements"), newEvents(),
       api.get("/metrics").catch(() => null),  // no counts this time: not a reset
     ]);
+    if (signedIn !== state.signedIn) return;  // signed out (and maybe in again) while it was asked
     state.sites = sites.items;
     state.deployments = deployments.items;
     state.placements = placements.items;
@@ -54,6 +59,7 @@ async function poll() {
     $("server-state").textContent = `live · ${new Date().toLocaleTimeString()}`;
     render();
   } catch (err) {
+    if (signedIn !== state.signedIn) return;
     state.reloadEvents = true;  // what answers next may be another control plane, or another store
     if (err instanceof api.Unauthorized) { showLogin(err.message); return; }
     $("server-state").textContent = `unreachable: ${err.message}`;
