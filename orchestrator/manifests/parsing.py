@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import yaml
@@ -127,17 +127,43 @@ class Constructor(yaml.constructor.SafeConstructor):
 class SafeLoader(Constructor, yaml.SafeLoader):
     """``yaml.SafeLoader`` with :class:`Constructor`'s errors (what a scenario is read with),
     refusing a key given twice in one mapping as the manifests loader does: PyYAML keeps
-    the last silently, and a drill that names a site twice would lose the first change."""
+    the last silently, and a drill that names a site twice would lose the first change.
+
+    Merge keys (``<<: *base``) are resolved here, without PyYAML's flattening: it rewrites an
+    anchored mapping in place, so one merged again later showed its merged keys as its own
+    (a false duplicate), and it keeps the first of two keys of equal text, so a mapping that
+    merges one which overrides what it merged read the overridden value."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._merging: set[yaml.Node] = set()  # the mappings whose keys are being merged: one that merges itself is refused
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # what a merge brings may be overridden
-                    continue
-                key = self.construct_object(key_node)
-                if isinstance(key, str | int | float | bool) or key is None:
-                    if key in seen:
-                        raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-                    seen.add(key)
-        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
+        if not isinstance(node, yaml.MappingNode):
+            return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
+        merged: dict[Any, Any] = {}  # the first source that has a key gives it; the mapping's own keys override all
+        own: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for source in sources:
+                    if not isinstance(source, yaml.MappingNode) or source in self._merging:
+                        found = "itself" if isinstance(source, yaml.MappingNode) else source.id
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark, f"expected a mapping for merging, but found {found}",
+                            source.start_mark)
+                    self._merging.add(source)
+                    try:
+                        for key, value in self.construct_mapping(source, deep=True).items():
+                            merged.setdefault(key, value)
+                    finally:
+                        self._merging.discard(source)
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, "found unhashable key", key_node.start_mark)
+            if key in own:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            own[key] = self.construct_object(value_node, deep=deep)
+        return {**merged, **own}

@@ -80,6 +80,32 @@ def test_bad_scenarios_get_one_line_naming_the_field(text: str, message: str) ->
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_sites_may_share_settings_through_anchors_and_merge_keys() -> None:
+    changes = scenario.load_text(
+        "spec:\n"
+        "  sites:\n"
+        "    dc-frankfurt: &base {carbonGramsPerKWh: 300, capacityFactor: 1}\n"
+        "    dc-paris: &dark {<<: *base, capacityFactor: 0.5}\n"
+        "    dc-lyon: {<<: *dark}\n"
+        "    dc-lille: {<<: [*dark, *base], carbonGramsPerKWh: 900}\n", "d.yaml")
+    edits = {name: (e.capacity_factor, e.carbon_g_per_kwh) for name, e in changes.edits.items()}
+    assert edits == {"dc-frankfurt": (1, 300), "dc-paris": (0.5, 300), "dc-lyon": (0.5, 300), "dc-lille": (0.5, 900)}
+
+
+def test_a_merged_mapping_that_merges_another_brings_its_own_keys_and_only_they_count_twice() -> None:
+    """The mapping merged is built after the one merging it (it sits deeper): its keys are
+    its own, not those it merged, and what it overrides stays overridden wherever it is merged."""
+    text = ("b: &b {x: 1, capacityFactor: 1}\n"
+            "a: {inner: &m {<<: *b, x: 2, capacityFactor: 0.5}}\n"
+            "c: {<<: *m}\n")
+    assert scenario.load_data(text, "d.yaml") == {
+        "b": {"x": 1, "capacityFactor": 1}, "a": {"inner": {"x": 2, "capacityFactor": 0.5}}, "c": {"x": 2, "capacityFactor": 0.5}}
+    with pytest.raises(scenario.ScenarioError, match=r"d.yaml:2: not valid YAML \(duplicate key 'x'\)"):
+        scenario.load_data("b: &b {x: 1}\na: {inner: &m {<<: *b, x: 2, x: 3}}\nc: {<<: *m}\n", "d.yaml")
+    with pytest.raises(scenario.ScenarioError, match=r"d.yaml:1: not valid YAML \(expected a mapping for merging, but found itself\)"):
+        scenario.load_data("a: &a {x: 1, <<: *a}\n", "d.yaml")
+
+
 def test_added_sites_default_to_the_control_planes_grid_intensity() -> None:
     assert scenario.DEFAULT_CARBON_G_PER_KWH == inventory.DEFAULT_CARBON_G_PER_KWH
 
