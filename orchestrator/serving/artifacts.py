@@ -9,12 +9,15 @@ download is checked before it enters the node's cache, so a refused one leaves n
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pathlib
 import tempfile
 from urllib.parse import unquote, urlsplit
 
 import httpx
+
+import edge_agent
 
 CHUNK = 1 << 20
 
@@ -37,19 +40,16 @@ def cache_dir() -> pathlib.Path:
     )
 
 
-#: As an agent's ``--max-artifact-gb``: a wrong URL must not fill a node's disk.
-DEFAULT_MAX_GIB = 64.0
-
-
 def max_bytes() -> int:
-    """The largest download a replica makes: ``$EDGEPLANE_MAX_ARTIFACT_GB`` GiB, 64 unless set."""
-    setting = os.environ.get("EDGEPLANE_MAX_ARTIFACT_GB") or str(DEFAULT_MAX_GIB)
+    """The largest download a replica makes: ``$EDGEPLANE_MAX_ARTIFACT_GB`` GiB, as an agent's
+    ``--max-artifact-gb`` (a wrong URL must not fill a node's disk) and its default unless set."""
+    setting = os.environ.get("EDGEPLANE_MAX_ARTIFACT_GB") or str(edge_agent.DEFAULT_MAX_ARTIFACT_GIB)
     try:
         gib = float(setting)
     except ValueError:
         gib = -1.0
-    if not gib > 0:
-        raise ArtifactError(f"EDGEPLANE_MAX_ARTIFACT_GB={setting!r}: must be a number of GiB above 0")
+    if not (gib > 0 and math.isfinite(gib)):  # inf (or 1e400) has no byte count
+        raise ArtifactError(f"EDGEPLANE_MAX_ARTIFACT_GB={setting!r}: must be a finite number of GiB above 0")
     return int(gib * (1 << 30))
 
 

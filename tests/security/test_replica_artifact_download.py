@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+import edge_agent
 from orchestrator.serving import artifacts
 from orchestrator.testing import loopback
 
@@ -71,3 +72,15 @@ async def test_a_download_larger_than_the_limit_is_refused_and_leaves_nothing(ca
         with pytest.raises(artifacts.ArtifactError, match="larger than a replica downloads"):
             await fetch(f"http://127.0.0.1:{port}/m.onnx", hashlib.sha256(BODY).hexdigest())
     assert sorted(p.name for p in cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("setting", ["0", "-1", "nan", "inf", "1e400", "64 GiB"])
+def test_a_download_limit_that_is_not_a_finite_size_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    monkeypatch.setenv("EDGEPLANE_MAX_ARTIFACT_GB", setting)
+    with pytest.raises(artifacts.ArtifactError, match=r"^EDGEPLANE_MAX_ARTIFACT_GB=.*: must be a finite number of GiB above 0$"):
+        artifacts.max_bytes()
+
+
+def test_the_download_limit_defaults_to_an_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGEPLANE_MAX_ARTIFACT_GB", raising=False)
+    assert artifacts.max_bytes() == edge_agent.DEFAULT_MAX_ARTIFACT_GIB << 30
