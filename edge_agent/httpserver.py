@@ -91,9 +91,10 @@ READ_BUFFER_BYTES = 4 * 1024 * 1024
 class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_header_bytes: int = 64 * 1024
-    # From a request's first byte to its head's end, and then to each further
-    # BODY_PROGRESS_BYTES of its body: a large batch over a slow link is not cut off while
-    # it keeps coming, a stalled or trickling one is.
+    # One window from a request's first byte for its head and the first BODY_PROGRESS_BYTES
+    # of its body together (the head's end does not start a new one: one timer per request),
+    # then a new one each time a further BODY_PROGRESS_BYTES has come: a large batch over a
+    # slow link is not cut off while it keeps coming, a stalled or trickling one is.
     request_timeout: float = 30.0
     idle_timeout: float = 75.0  # keep-alive connection with nothing to do
     # A client that reads nothing of its answer for this long is cut off: its stream's
