@@ -278,29 +278,28 @@ async def test_slow_requests_time_out_and_idle_connections_are_closed() -> None:
 
 async def test_a_large_body_that_keeps_coming_is_read_past_the_request_timeout_and_a_trickle_is_not() -> None:
     # A batch over a slow link takes longer than the request timeout but never stalls.
-    server, echo, port = await start(Limits(request_timeout=0.3))
+    server, echo, port = await start(Limits(request_timeout=1.0))
     piece = httpserver.BODY_PROGRESS_BYTES
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (8 * piece))
-        for _ in range(8):  # 0.8 s in all, a piece every 0.1 s
+        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (6 * piece))
+        for _ in range(6):  # 1.5 s in all, a piece every 0.25 s: each well within its timeout
             writer.write(b"a" * piece)
             await writer.drain()
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.25)
         status, _, _ = await read_response(reader)
-        assert status == 200 and echo.seen[-1].body == b"a" * (8 * piece)
+        assert status == 200 and echo.seen[-1].body == b"a" * (6 * piece)
         writer.close()
 
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (8 * piece))
+        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (6 * piece))
 
-
-        async def trickle() -> None:  # less than a piece in each request timeout
+        async def trickle() -> None:  # a quarter of a piece a second: far from one in a request timeout
             with contextlib.suppress(ConnectionError):
                 for _ in range(8):
-                    writer.write(b"a" * (piece // 8))
+                    writer.write(b"a" * (piece // 16))
                     await writer.drain()
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.25)
 
         sending = asyncio.create_task(trickle())
         status, _, _ = await read_response(reader)
