@@ -99,7 +99,13 @@ class ArtifactCatalog:
 
     def _local_path(self, uri: str) -> pathlib.Path | None:
         if uri.startswith(("http://", "https://")):
-            self._check_host(uri)
+            # parsed whatever the allowed hosts: one stored before apply refused it is this
+            # variant's error, not handed to agents and replicas that cannot download it
+            parts = urllib.parse.urlsplit(uri)
+            host, _ = parts.hostname, parts.port  # ValueError: an unparsable host or port
+            if not host:
+                raise ArtifactError(f"{uri}: names no host")
+            self._check_host(uri, host)
             return None
         if uri.startswith("file://"):
             parsed = urllib.parse.urlparse(uri)
@@ -116,10 +122,10 @@ class ArtifactCatalog:
                 return candidate
         raise ArtifactError(f"artifact {uri!r} was not found under the artifact roots ({', '.join(str(r) for r in self.roots)})")
 
-    def _check_host(self, uri: str) -> None:
+    def _check_host(self, uri: str, host: str) -> None:
         if not self.allowed_hosts:
             return
-        host = (urllib.parse.urlsplit(uri).hostname or "").lower()
+        host = host.lower()
         for allowed in self.allowed_hosts:
             allowed = allowed.lower()
             if host == allowed or (allowed.startswith(".") and host.endswith(allowed)):

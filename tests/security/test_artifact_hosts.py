@@ -42,13 +42,21 @@ def test_file_uris_outside_the_roots_are_refused(tmp_path: pathlib.Path) -> None
         cat.register("file://server/share/m.onnx", SHA)
 
 
-@pytest.mark.parametrize("uri", ["file:///srv/models/a%00b.onnx", "http://[::1/m.onnx"], ids=["nul-in-file-path", "unparsable-host"])
-def test_a_uri_that_cannot_be_parsed_is_an_artifact_error(tmp_path: pathlib.Path, uri: str) -> None:
+@pytest.mark.parametrize("allowed", [("models.example.com",), ()], ids=["allowed-hosts", "any-host"])
+@pytest.mark.parametrize("uri", ["file:///srv/models/a%00b.onnx", "http://[::1/m.onnx", "https://models.example.com:x/m.onnx"],
+                         ids=["nul-in-file-path", "unparsable-host", "unparsable-port"])
+def test_a_uri_that_cannot_be_parsed_is_an_artifact_error(tmp_path: pathlib.Path, uri: str, allowed: tuple[str, ...]) -> None:
     """Stored before apply refused such URIs: the reconciler shows an ArtifactError on that
-    Model's variant, where any other exception would fail the whole pass for every Model."""
-    cat = catalog.ArtifactCatalog((tmp_path,), "http://cp", allowed_hosts=("models.example.com",))
+    Model's variant, where any other exception would fail the whole pass for every Model, and
+    no agent or replica is handed a URI it cannot download, whatever hosts are allowed."""
+    cat = catalog.ArtifactCatalog((tmp_path,), "http://cp", allowed_hosts=allowed)
     with pytest.raises(catalog.ArtifactError, match="not a usable artifact URI"):
         cat.register(uri, SHA)
+
+
+def test_a_remote_uri_that_names_no_host_is_an_artifact_error(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(catalog.ArtifactError, match="names no host"):
+        catalog.ArtifactCatalog((tmp_path,), "http://cp").register("https:///m.onnx", SHA)
 
 
 FLEET = manifests.bundle(
