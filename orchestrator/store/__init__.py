@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from orchestrator.store.sqlite import (
+from orchestrator.store.values import (
     AgentSaved,
     DeletedSite,
     Event,

@@ -1,5 +1,6 @@
-"""What both state-store backends share: the records, the errors, and every operation
-whose SQL reads the same on SQLite and PostgreSQL.
+"""What both state-store backends share: every operation whose SQL reads the same on
+SQLite and PostgreSQL. The records it stores and returns, and the errors it raises, are
+:mod:`orchestrator.store.values`, re-exported here.
 
 Why one base class: the SQLite file and the PostgreSQL database must honour one
 contract to the letter (one test suite runs against both), so the logic that decides
@@ -16,149 +17,33 @@ SQLite (3.23 and later) reads as 1/0 on its integer columns.
 from __future__ import annotations
 
 import contextlib
-import enum
-import hashlib
 import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-
-class StoreError(Exception):
-    """Base of the store's errors."""
-
-
-class Conflict(StoreError):
-    """A write named a resourceVersion that is no longer current."""
-
-
-class NotFound(StoreError):
-    pass
-
-
-class Fenced(StoreError):
-    """A write of intent named a lease that is no longer held: another replica leads."""
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    kind: str
-    name: str
-    labels: Mapping[str, str]
-    spec: Mapping[str, Any]
-    status: Mapping[str, Any]
-    generation: int
-    resource_version: int
-    created_at: float
-    updated_at: float
-    annotations: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ObjectWrite:
-    kind: str
-    name: str
-    labels: Mapping[str, str]
-    spec: Mapping[str, Any]
-    expected_version: int | None = None  # optimistic concurrency
-    #: Kept and shown, never read by edgeplane (owners, tickets, tools' notes): a change is
-    #: a new resourceVersion, not a new generation, as for labels.
-    annotations: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class WriteOutcome:
-    kind: str
-    name: str
-    action: str  # created | configured | unchanged | deleted
-    generation: int
-    resource_version: int
-
-
-@dataclass(frozen=True)
-class Event:
-    actor: str
-    action: str
-    kind: str
-    name: str
-    reason: str
-    details: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LoggedEvent:
-    id: int
-    ts: float
-    actor: str
-    action: str
-    kind: str
-    name: str
-    reason: str
-    details: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class PlacementRow:
-    deployment: str
-    site: str
-    variant: str
-    replicas: int
-
-
-@dataclass(frozen=True)
-class DeletedSite:
-    """A deleted data-centre Site whose Serve applications are not removed yet: its spec
-    (where they run) outlives it until the leader has removed them, whichever replica leads."""
-
-    name: str
-    spec: Mapping[str, Any]
-    version: int  # the delete's resourceVersion: a later delete of the same name is another record
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    id: str
-    purpose: str  # "api" | "bootstrap"
-    role: str  # "admin" | "read" | "agent"
-    expires_at: float | None
-    description: str
-    created_at: float = 0.0
-    state: str = "active"  # "active" | "expired" | "revoked"
-
-
-class AgentSaved(enum.Enum):
-    """What :meth:`SqlStore.save_agent` did."""
-
-    SAVED = "saved"
-    REPLACED = "replaced"  # the site's identity is no longer the one the join read: nothing written
-    REVOKED = "revoked"  # the site's identity is revoked, and the join was not admitted after: nothing written
+from orchestrator.store.values import (  # re-exported: named from here by the backends and their callers
+    AgentSaved,
+    Conflict,
+    DeletedSite,
+    Event,
+    Fenced,
+    Lease,
+    LoggedEvent,
+    NotFound,
+    ObjectWrite,
+    PlacementRow,
+    StoredObject,
+    StoreError,
+    TokenInfo,
+    WriteOutcome,
+    digest,
+    token_state,
+)
 
 
 #: When ``site``'s identity was last revoked (a NULL ``ts`` when it never was).
 _LAST_REVOCATION = "SELECT MAX(ts) AS ts FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'"
-
-
-def token_state(revoked: bool, expires_at: float | None, now: float) -> str:
-    """"revoked" wins over "expired", which wins over "active"."""
-    if revoked:
-        return "revoked"
-    return "expired" if expires_at is not None and expires_at < now else "active"
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A held lease. ``token`` (the fencing token) grows each time the lease changes
-    hands; ``remaining_s`` is how long it is held from the moment the store granted it."""
-
-    name: str
-    holder: str
-    token: int
-    remaining_s: float
-
-
-def digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _canonical(value: Any) -> str:
@@ -634,6 +519,6 @@ def _event(row: Mapping[str, Any]) -> LoggedEvent:
 
 
 __all__ = [
-    "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SqlStore",
-    "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "digest",
+    "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow",
+    "SqlStore", "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "digest", "token_state",
 ]

@@ -1,0 +1,156 @@
+"""The store's records and errors: what callers hand the state store and get back.
+
+Why apart from the SQL that keeps them: these are plain values (frozen dataclasses, an
+enum, the error tree, how a token's state and a secret's digest are worked out) that the
+whole control plane names, the reconciler, the API and the agents' admission among them,
+while :mod:`orchestrator.store.sql` is how both backends write and read them. Reading
+one should not mean reading the other. Callers name them through
+:mod:`orchestrator.store.sqlite` (or this package), which re-exports them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class Conflict(StoreError):
+    """A write named a resourceVersion that is no longer current."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Fenced(StoreError):
+    """A write of intent named a lease that is no longer held: another replica leads."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    kind: str
+    name: str
+    labels: Mapping[str, str]
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+    generation: int
+    resource_version: int
+    created_at: float
+    updated_at: float
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ObjectWrite:
+    kind: str
+    name: str
+    labels: Mapping[str, str]
+    spec: Mapping[str, Any]
+    expected_version: int | None = None  # optimistic concurrency
+    #: Kept and shown, never read by edgeplane (owners, tickets, tools' notes): a change is
+    #: a new resourceVersion, not a new generation, as for labels.
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    kind: str
+    name: str
+    action: str  # created | configured | unchanged | deleted
+    generation: int
+    resource_version: int
+
+
+@dataclass(frozen=True)
+class Event:
+    actor: str
+    action: str
+    kind: str
+    name: str
+    reason: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    id: int
+    ts: float
+    actor: str
+    action: str
+    kind: str
+    name: str
+    reason: str
+    details: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PlacementRow:
+    deployment: str
+    site: str
+    variant: str
+    replicas: int
+
+
+@dataclass(frozen=True)
+class DeletedSite:
+    """A deleted data-centre Site whose Serve applications are not removed yet: its spec
+    (where they run) outlives it until the leader has removed them, whichever replica leads."""
+
+    name: str
+    spec: Mapping[str, Any]
+    version: int  # the delete's resourceVersion: a later delete of the same name is another record
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    purpose: str  # "api" | "bootstrap"
+    role: str  # "admin" | "read" | "agent"
+    expires_at: float | None
+    description: str
+    created_at: float = 0.0
+    state: str = "active"  # "active" | "expired" | "revoked"
+
+
+class AgentSaved(enum.Enum):
+    """What :meth:`~orchestrator.store.sql.SqlStore.save_agent` did."""
+
+    SAVED = "saved"
+    REPLACED = "replaced"  # the site's identity is no longer the one the join read: nothing written
+    REVOKED = "revoked"  # the site's identity is revoked, and the join was not admitted after: nothing written
+
+
+
+def token_state(revoked: bool, expires_at: float | None, now: float) -> str:
+    """"revoked" wins over "expired", which wins over "active"."""
+    if revoked:
+        return "revoked"
+    return "expired" if expires_at is not None and expires_at < now else "active"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A held lease. ``token`` (the fencing token) grows each time the lease changes
+    hands; ``remaining_s`` is how long it is held from the moment the store granted it."""
+
+    name: str
+    holder: str
+    token: int
+    remaining_s: float
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+__all__ = [
+    "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow",
+    "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "digest", "token_state",
+]
