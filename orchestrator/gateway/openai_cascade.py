@@ -83,7 +83,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         return openai_routes.error(caller.status, caller.reason)
     totals = handler.stats.totals(route.deployment)
     totals.requests += 1
-    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), totals, cascade_mod.Trip())
+    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), totals, cascade_mod.Trip(mode=mode))
     stage = rules.first_stage(route, mode)
     ranked = handler.ranking(route, stage, caller)
     answer: _Answer | None = None
@@ -111,9 +111,11 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         else:
             got = await _call(req, stage, ranked, logprobs=isinstance(rule, rules.GenerativeRule) and rule.mean_logprob_below is not None)
             cause = "down" if got is None else "unsure"
-            if got is not None and got.status == 429 and mode == "on":  # at capacity: overloaded, so it hands over
+            if got is not None and got.status == 429:  # at capacity: overloaded, so it hands over
                 busy, got, cause = got, None, "overloaded"
                 verdict = rules.Verdict(True, None, f"stage {route.stages[stage].variant!r} is at capacity ({busy.site}: HTTP 429)")
+                if mode != "on":  # the stage the caller chose: nothing to hand over to
+                    return _at_capacity(req, busy, f"{verdict.reason} (X-Edgeplane-Cascade: {mode})")
         if got is not None:
             if got.status != 200 and answer is not None:
                 # a later stage refused what an earlier one answered: the earlier answer stands
@@ -143,12 +145,11 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
             case rules.Fail(status=code, reason=reason):
                 if answer is not None:  # an earlier stage answered: its answer stands
                     return _not_escalated(req, answer, answer_confidence, f"{escalated_why}, but {reason}")
+                if busy is not None:  # the stage it ended on was at capacity: the caller may retry as that replica said
+                    return _at_capacity(req, busy, reason)
                 totals.failed += 1
                 totals.latency_s += handler.clock() - req.started
                 tried = "; ".join(req.trip.failures) or "nothing"
-                if busy is not None:  # the stage it ended on was at capacity: the caller may retry as that replica said
-                    return openai_routes.error(429, f"cascade {route.deployment!r}: {reason}; tried: {tried}", code="rate_limit_exceeded",
-                                               headers={"retry-after": busy.retry_after} if busy.retry_after is not None else None)
                 return openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}",
                                            code="upstream_failed" if code == 502 else "stage_unavailable")
             case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
@@ -159,6 +160,16 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                 escalated_why = f"{route.stages[stage].variant}: {why}"
                 req.trip.failures.extend(cascade_mod.skipped(route, stage, next_stage, later))
                 stage, ranked = next_stage, list(candidates)
+
+
+def _at_capacity(req: _Request, busy: _Answer, reason: str) -> Response:
+    """The 429 of a cascade that ends on a stage at capacity: no stage answered (counted
+    failed, streamed or not), and the caller may retry when that replica said."""
+    req.totals.failed += 1
+    req.totals.latency_s += req.handler.clock() - req.started
+    tried = "; ".join(req.trip.failures) or "nothing"
+    return openai_routes.error(429, f"cascade {req.route.deployment!r}: {reason}; tried: {tried}", code="rate_limit_exceeded",
+                               headers={"retry-after": busy.retry_after} if busy.retry_after is not None else None)
 
 
 def _confidence(answer: _Answer) -> float | None:
@@ -311,8 +322,9 @@ def replay(answer: Mapping[str, Any], *, chat: bool, usage: bool) -> list[bytes]
 
 class _StageHooks:
     """Cascade headers and energy for the stage whose stream the relay passes on; when its
-    every replica fails, or one refuses the request, the answer of an earlier stage (if
-    any) is replayed instead, as it stands in a non-streaming cascade."""
+    every replica fails or is at capacity, or one refuses the request, the answer of an
+    earlier stage (if any) is replayed instead, as it stands in a non-streaming cascade;
+    with none, a stage at capacity is answered 429 and the request counted failed, as there."""
 
     def __init__(self, req: _Request, stage: int, escalated_at: float | None, escalated_why: str,
                  fallback: tuple[_Answer, float | None, str] | None) -> None:
@@ -339,8 +351,17 @@ class _StageHooks:
             response = _respond(req, refusal, None, self.escalated_at, "none", "", sites=sites)
         await response({"type": "http"}, _never, send)
 
-    async def failed(self, send: Send, failures: list[str]) -> bool:
+    async def failed(self, send: Send, failures: list[str], at_capacity: openai_routes.AtCapacity | None) -> bool:
         req = self.req
+        if self.fallback is None and at_capacity is not None:  # as a non-streaming cascade ending at capacity
+            variant = req.route.stages[self.stage].variant
+            e = at_capacity.endpoint
+            req.trip.failures.extend(failures)
+            busy = _Answer(self.stage, 429, at_capacity.body, e.site, e.tier, at_capacity.retry_after)
+            why = f"stage {variant!r} is at capacity ({e.site}: HTTP 429)"
+            why = f"the last stage ({variant}) gave no answer: {why}" if req.trip.mode == "on" else f"{why} (X-Edgeplane-Cascade: {req.trip.mode})"
+            await _at_capacity(req, busy, why)({"type": "http"}, _never, send)
+            return True
         if self.fallback is None:
             req.totals.failed += 1
             req.totals.latency_s += req.handler.clock() - req.started

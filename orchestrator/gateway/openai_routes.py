@@ -43,6 +43,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -131,28 +132,41 @@ class RelayHooks(Protocol):
         ...
 
     async def refused(self, send: Send, e: routing.Endpoint, status: int, body: bytes, retry_after: str | None) -> None:
-        """``e`` refused the request (a 4xx other than 404: the caller's error, or at
-        capacity): this hook answers the caller, with that refusal or an earlier answer."""
+        """``e`` refused the request (a 4xx other than 404 and 429: the caller's error):
+        this hook answers the caller, with that refusal or an earlier answer."""
         ...
 
     def busy(self, e: routing.Endpoint, seconds: float) -> None:
         """An attempt at ``e`` ended (answered or failed) after ``seconds``."""
         ...
 
-    async def failed(self, send: Send, failures: list[str]) -> bool:
-        """Every replica failed before answering; True when this hook answered instead."""
+    async def failed(self, send: Send, failures: list[str], at_capacity: AtCapacity | None) -> bool:
+        """Every replica failed or was at capacity (``at_capacity``: the last one that said
+        so) before answering; True when this hook answered instead."""
         ...
+
+
+@dataclass(frozen=True)
+class AtCapacity:
+    """A replica's 429: its sequences are full. With hooks it is no answer, as in a
+    non-streaming cascade stage: the stage's next replica is tried."""
+
+    endpoint: routing.Endpoint
+    body: bytes
+    retry_after: str | None
 
 
 class _Failed(Exception):
     """This attempt failed before anything reached the caller: try the next replica
     (``eject``: and leave this one out for a while; ``slow``: it took the request and sent
-    nothing in time, which ejects it only as the last of several in a row)."""
+    nothing in time, which ejects it only as the last of several in a row; ``at_capacity``:
+    it answered 429)."""
 
-    def __init__(self, why: str, *, eject: bool = True, slow: bool = False) -> None:
+    def __init__(self, why: str, *, eject: bool = True, slow: bool = False, at_capacity: AtCapacity | None = None) -> None:
         super().__init__(why)
         self.eject = eject and not slow
         self.slow = slow
+        self.at_capacity = at_capacity
 
 
 class OpenAIGateway:
@@ -400,6 +414,7 @@ class _Relay(Response):
         gw = self.owner.gw
         started = time.perf_counter()
         failures: list[str] = []
+        at_capacity: AtCapacity | None = None
         try:
             for i, choice in enumerate(self.ranked):
                 if i:  # the one before failed and this request moved on from it
@@ -412,6 +427,7 @@ class _Relay(Response):
                     return
                 except _Failed as exc:
                     failures.append(f"{e.site}: {exc}")
+                    at_capacity = exc.at_capacity or at_capacity
                     if exc.slow:  # a long prompt on slow hardware, or stuck: EndpointTable.timed_out tells
                         gw.table.timed_out(e.url)
                     elif exc.eject:
@@ -420,7 +436,7 @@ class _Relay(Response):
                     gw.table.finished(e.url)
                     if self.hooks is not None:
                         self.hooks.busy(e, time.perf_counter() - began)
-            if self.hooks is not None and await self.hooks.failed(send, failures):
+            if self.hooks is not None and await self.hooks.failed(send, failures, at_capacity):
                 return
             gw.metrics.requests.labels(self.model, "", "502").inc()
             await _send_whole(send, 502, error_body(f"every replica tried failed: {'; '.join(failures)}", 502, code="upstream_failed"), {})
@@ -453,6 +469,9 @@ class _Relay(Response):
                 except TimeoutError:
                     raise _Failed(f"answer cut: no end within {owner.first_token_timeout:g}s", slow=True) from None
                 owner.gw.metrics.requests.labels(self.model, e.site, str(resp.status)).inc()
+                if resp.status == 429 and self.hooks is not None:  # full (the replica is fine): the next one may not be
+                    raise _Failed("at capacity (HTTP 429)", eject=False,
+                                  at_capacity=AtCapacity(e, content, resp.headers.get("retry-after")))
                 if resp.status != 200 and self.hooks is not None:  # not an answer: the hooks say what the caller gets
                     await self.hooks.refused(send, e, resp.status, content, resp.headers.get("retry-after"))
                     return

@@ -271,16 +271,36 @@ async def test_a_stage_at_capacity_hands_over_to_its_next_replica_then_to_the_ne
     assert "'small' is at capacity (edge-paris: HTTP 429)" in dc_answers.headers["x-edgeplane-cascade-reason"]
 
 
-async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_retry_after() -> None:
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_last_stage_at_capacity_hands_over_to_its_next_replica_streaming_or_not(stream: bool) -> None:
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    stats = cascade.CascadeStats()
+    async with replica(at_capacity("1")) as edge, replica(at_capacity("7")) as paris, replica(answering("from Lyon")) as lyon:
+        table = cascade_of(first, [endpoint("edge-paris", "edge", edge), endpoint("dc-paris", "datacenter", paris),
+                                   endpoint("dc-lyon", "datacenter", lyon, lat=45.76, lon=4.84)])
+        async with gateway(table, stats) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream},
+                                   headers={"x-edgeplane-location": "48.85,2.35"})
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "dc-lyon" and "from Lyon" in resp.text, resp.text
+    assert not table.ejected()
+    [row] = stats.snapshot(table.cascades)
+    assert row["answered"] == {"small": 0, "large": 1} and row["failed"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_retry_after(stream: bool) -> None:
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    stats = cascade.CascadeStats()
     async with replica(at_capacity("1")) as edge, replica(at_capacity("7")) as dc:
         table = cascade_of(first, [endpoint("edge-paris", "edge", edge), endpoint("dc-paris", "datacenter", dc)])
-        async with gateway(table) as http:
-            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT)
+        async with gateway(table, stats) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream})
     assert resp.status_code == 429 and resp.headers["retry-after"] == "7", resp.text
     assert resp.json()["error"]["code"] == "rate_limit_exceeded"
     message = resp.json()["error"]["message"]
     assert "'large' is at capacity (dc-paris: HTTP 429)" in message and "edge-paris: at capacity" in message and not table.ejected()
+    [row] = stats.snapshot(table.cascades)  # no stage answered
+    assert row["answered"] == {"small": 0, "large": 0} and row["failed"] == 1
 
 
 def refusing(status: int) -> Handle:
