@@ -42,7 +42,7 @@ from starlette.types import Send
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import openai_routes, routing
-from orchestrator.gateway.upstream import UpstreamError
+from orchestrator.gateway.upstream import UpstreamError, UpstreamTimeout
 
 
 @dataclass
@@ -204,7 +204,8 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
                     retry_after = resp.headers.get("retry-after")
             except (UpstreamError, TimeoutError) as exc:
                 req.trip.failures.append(f"{e.site}: {exc or type(exc).__name__}")
-                owner.gw.table.eject(e.url)
+                # slow at this request (a long prompt on slow hardware): ejected only at the fifth in a row, as by the relay
+                (owner.gw.table.timed_out if isinstance(exc, (UpstreamTimeout, TimeoutError)) else owner.gw.table.eject)(e.url)
                 owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
                 continue
         finally:

@@ -240,6 +240,29 @@ async def test_a_replica_silent_past_the_first_token_timeout_is_skipped_and_ejec
                 assert (paris_url in table.ejected()) == (i == 4), f"after request {i + 1}"
 
 
+async def test_a_stage_replica_silent_past_the_first_token_timeout_is_skipped_and_ejected_only_at_the_fifth_in_a_row() -> None:
+    """A judged stage asks for the whole answer: a replica that sent its head and no body
+    in time is slow at this request (a long prompt on edge hardware), not down."""
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+
+    async def nothing() -> AsyncIterator[bytes]:
+        await asyncio.Event().wait()
+        yield b""
+
+    async def paris(request: httpserver.Request) -> httpstream.StreamingResponse:
+        return httpstream.StreamingResponse(200, nothing())
+
+    async with replica(paris) as paris_url, replica(answering("from Lyon")) as lyon_url, replica(answering("from the DC")) as dc_url:
+        table = cascade_of(first, [endpoint("edge-paris", "edge", paris_url), endpoint("edge-lyon", "edge", lyon_url, lat=45.76, lon=4.84),
+                                   endpoint("dc-paris", "datacenter", dc_url)])
+        async with gateway(table, first_token_timeout=0.1) as http:
+            for i in range(5):
+                resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT, headers={"x-edgeplane-location": "48.85,2.35"})
+                assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-lyon", resp.text
+                assert resp.headers["x-edgeplane-cascade-sites"] == "edge-paris,edge-lyon"
+                assert (paris_url in table.ejected()) == (i == 4), f"after request {i + 1}"
+
+
 def at_capacity(retry_after: str) -> Handle:
     async def handle(request: httpserver.Request) -> httpserver.Response:  # as the agent answers with its sequences full
         return httpserver.Response(429, openai_routes.error_body("model 'chat' is at capacity (1 running, 0 queued); retry after 1s", 429,
