@@ -332,7 +332,7 @@ class Client(_Base):
         super().__init__(server, timeout=timeout, **kwargs)
         try:
             self._http = httpx.Client(timeout=self._timeout, transport=transport)
-        except (ImportError, ValueError) as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
+        except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise ValueError(proxyenv.explain(exc)) from None
 
     def __enter__(self) -> "Client":
@@ -432,7 +432,7 @@ class AsyncClient(_Base):
         super().__init__(server, timeout=timeout, **kwargs)
         try:
             self._http = httpx.AsyncClient(timeout=self._timeout, transport=transport)
-        except (ImportError, ValueError) as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
+        except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise ValueError(proxyenv.explain(exc)) from None
 
     async def __aenter__(self) -> "AsyncClient":

@@ -83,7 +83,7 @@ class ApiClient:
             raise CliError(f"{source} {urlpath.redacted(self.server)!r} is not a URL such as {DEFAULT_SERVER} ({problem})", 2)
         try:
             self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
-        except (ImportError, ValueError) as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
+        except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise CliError(proxyenv.explain(exc), 2) from None
 
     def request(self, method: str, path: str, *, busy_wait_s: float = 0.0, **kwargs: Any) -> dict[str, Any]:

@@ -175,6 +175,8 @@ def test_a_server_url_with_a_user_or_password_is_refused_without_showing_it(
 @pytest.mark.parametrize(("setting", "said"), [
     ("socks5://ops:s3cret@127.0.0.1:1080", "a SOCKS proxy needs the socksio package (pip install socksio), or unset it for edgeplane"),
     ("socks4://127.0.0.1:1080", "Unknown scheme for proxy URL"),
+    ("http://ops:s3cret@127.0.0.1:abc", "not a URL (Invalid port: 'abc')"),
+    ("http://[::1", "not a URL (Invalid port"),
 ])
 def test_a_proxy_in_the_environment_that_cannot_be_used_is_one_line_naming_it(
         setting: str, said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -169,6 +169,8 @@ def test_a_client_needs_a_url(servers: object) -> None:
 @pytest.mark.parametrize(("setting", "said"), [
     ("socks5://ops:s3cret@127.0.0.1:1080", "a SOCKS proxy needs the socksio package (pip install socksio)"),
     ("socks4://127.0.0.1:1080", "Unknown scheme for proxy URL"),
+    ("http://ops:s3cret@127.0.0.1:abc", "not a URL (Invalid port: 'abc')"),
+    ("http://[::1", "not a URL (Invalid port"),
 ])
 def test_a_proxy_in_the_environment_that_cannot_be_used_is_a_value_error_naming_it(
         make: type[client_mod.Client] | type[client_mod.AsyncClient], setting: str, said: str,
