@@ -80,6 +80,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
     assert handler is not None  # openai_routes sends cascades here only when the gateway runs them
     caller = owner.gw.caller(request)
     if isinstance(caller, routing.NoRoute):
+        owner.gw.refused(route.model, caller.status)
         return openai_routes.error(caller.status, caller.reason)
     totals = handler.stats.totals(route.deployment)
     totals.requests += 1
@@ -128,11 +129,10 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
             assert isinstance(got.body, dict)
             verdict = rules.judge_generative(rule, got.body) if isinstance(rule, rules.GenerativeRule) else None
         if got is None and mode == "force-first":
-            totals.failed += 1
-            totals.latency_s += handler.clock() - req.started
             why = "; ".join(req.trip.failures) or (verdict.reason if verdict is not None else "no answer")
-            return openai_routes.error(503, f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
-                                            f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}", code="stage_unavailable")
+            return _unanswered(req, openai_routes.error(503, f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
+                                                             f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}",
+                                                        code="stage_unavailable"))
         later = [handler.ranking(route, s, caller) for s in range(stage + 1, len(route.stages))]
         unroutable = ranked if isinstance(ranked, routing.NoRoute) else None
         match rules.after_stage(route, stage, verdict, got is not None, later, unroutable=unroutable):
@@ -147,11 +147,9 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                     return _not_escalated(req, answer, answer_confidence, f"{escalated_why}, but {reason}")
                 if busy is not None:  # the stage it ended on was at capacity: the caller may retry as that replica said
                     return _at_capacity(req, busy, reason)
-                totals.failed += 1
-                totals.latency_s += handler.clock() - req.started
                 tried = "; ".join(req.trip.failures) or "nothing"
-                return openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}",
-                                           code="upstream_failed" if code == 502 else "stage_unavailable")
+                return _unanswered(req, openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}",
+                                                            code="upstream_failed" if code == 502 else "stage_unavailable"))
             case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
                 handler.escalation(route, stage, cause, totals, req.trip)
                 escalated_at = handler.clock()  # the next stage begins: every stage before it added its time
@@ -165,11 +163,18 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
 def _at_capacity(req: _Request, busy: _Answer, reason: str) -> Response:
     """The 429 of a cascade that ends on a stage at capacity: no stage answered (counted
     failed, streamed or not), and the caller may retry when that replica said."""
+    tried = "; ".join(req.trip.failures) or "nothing"
+    return _unanswered(req, openai_routes.error(429, f"cascade {req.route.deployment!r}: {reason}; tried: {tried}", code="rate_limit_exceeded",
+                                                headers={"retry-after": busy.retry_after} if busy.retry_after is not None else None))
+
+
+def _unanswered(req: _Request, answer: Response) -> Response:
+    """``answer``, the gateway's own error for a request no stage answered: counted failed
+    in the cascade's stats and in the gateway's requests."""
     req.totals.failed += 1
     req.totals.latency_s += req.handler.clock() - req.started
-    tried = "; ".join(req.trip.failures) or "nothing"
-    return openai_routes.error(429, f"cascade {req.route.deployment!r}: {reason}; tried: {tried}", code="rate_limit_exceeded",
-                               headers={"retry-after": busy.retry_after} if busy.retry_after is not None else None)
+    req.owner.gw.refused(req.route.model, answer.status_code)
+    return answer
 
 
 def _confidence(answer: _Answer) -> float | None:

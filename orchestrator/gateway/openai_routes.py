@@ -220,6 +220,11 @@ class OpenAIGateway:
                          param="model", code="model_not_generative")
         return ours
 
+    def _refuse(self, model: str | None, answer: Response) -> Response:
+        """``answer``, an error the gateway made itself, counted (``Gateway.refused``)."""
+        self.gw.refused(model, answer.status_code)
+        return answer
+
     # routes ------------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
@@ -269,33 +274,34 @@ class OpenAIGateway:
         if encoding is not None and not encoding_mod.is_identity(encoding):  # inflated here: the body is read, changed and sent on plain
             plain = await encoding_mod.inflate_off_loop(raw, encoding, self.gw.max_body)
             if isinstance(plain, encoding_mod.Refused):
+                self.gw.refused(None, plain.status)
                 return error(plain.status, plain.message, code=plain.code, headers=encoding_mod.refusal_headers(plain.status))
             raw = plain
         try:
             body = json.loads(raw)
         except ValueError as exc:  # not UTF-8 either
-            return error(400, f"the body is not valid JSON: {exc}")
+            return self._refuse(None, error(400, f"the body is not valid JSON: {exc}"))
         except RecursionError:
-            return error(400, "the body is not valid JSON: it is nested too deeply")
+            return self._refuse(None, error(400, "the body is not valid JSON: it is nested too deeply"))
         if not isinstance(body, dict):
-            return error(400, "the body must be a JSON object")
+            return self._refuse(None, error(400, "the body must be a JSON object"))
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            return error(400, "'model' is required and must be a non-empty string", param="model")
+            return self._refuse(None, error(400, "'model' is required and must be a non-empty string", param="model"))
         stream = body.get("stream")
         if stream is None:  # null is OpenAI's default, false
             stream = False
         if not isinstance(stream, bool):
-            return error(400, "'stream' must be true or false", param="stream")
+            return self._refuse(model, error(400, "'stream' must be true or false", param="stream"))
         caller = self.gw.caller(request)
         if isinstance(caller, routing.NoRoute):  # before a cascade runs or a cold model is woken for nothing
-            return error(caller.status, caller.reason)
+            return self._refuse(model, error(caller.status, caller.reason))
         route = self.gw.table.cascades.get(model) if self.gw.cascade is not None else None
         if route is not None and self.gw.cascade is not None:
             route = self.gw.cascade.resolve(route, model, caller)
             mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
             if mode is None:
-                return error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}")
+                return self._refuse(model, error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}"))
             if mode != "off" and not self.gw.table.is_cold(route.model):
                 return _Decided(lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream))
             # off (or scaled to zero: woken below): plain routing over every stage's replicas, by the model's name
@@ -304,13 +310,11 @@ class OpenAIGateway:
             self.gw.table.wake(model)
             self.gw.metrics.cold_starts.labels(model).inc()
             if not await self.gw.table.wait_for_endpoints(model, self.gw.cold_start_s):
-                self.gw.metrics.requests.labels(self.gw.model_label(model), "", "503").inc()  # as the v2 routes count theirs
-                return error(503, f"model {model!r} was scaled to zero and no replica was ready within {self.gw.cold_start_s:g}s; retry",
-                             headers={"retry-after": "5"})
+                return self._refuse(model, error(503, f"model {model!r} was scaled to zero and no replica was ready within "
+                                                      f"{self.gw.cold_start_s:g}s; retry", headers={"retry-after": "5"}))
         ranked = self._openai_candidates(model, request, caller)
         if isinstance(ranked, Response):
-            self.gw.metrics.requests.labels(self.gw.model_label(model), "", str(ranked.status_code)).inc()
-            return ranked
+            return self._refuse(model, ranked)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         return _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions")
 
@@ -438,7 +442,7 @@ class _Relay(Response):
                         self.hooks.busy(e, time.perf_counter() - began)
             if self.hooks is not None and await self.hooks.failed(send, failures, at_capacity):
                 return
-            gw.metrics.requests.labels(self.model, "", "502").inc()
+            gw.refused(self.model, 502)
             await _send_whole(send, 502, error_body(f"every replica tried failed: {'; '.join(failures)}", 502, code="upstream_failed"), {})
         finally:
             gw.metrics.latency.labels(self.model).observe(time.perf_counter() - started)

@@ -102,9 +102,11 @@ class Gateway:
         return model if self.table.knows(model) else UNKNOWN_MODEL
 
     def refused(self, model: str | None, status: int) -> None:
-        """Count an answer the gateway made itself before any replica was asked (the body too
-        large, the caller gone, admission); ``model`` None: its name is not read yet (an
-        OpenAI request names it in the body)."""
+        """Count an answer the gateway made itself, not a replica's (the body too large or
+        unreadable, the caller gone, admission, bad ``X-Edgeplane-*`` headers, no replica,
+        a cold start with none in time, every replica failed): every such answer of every
+        route is counted here, with ``site`` empty. ``model`` None: its name is not read yet
+        (an OpenAI request names it in the body)."""
         self.metrics.requests.labels(UNKNOWN_MODEL if model is None else self.model_label(self._model_of(model)), "", str(status)).inc()
 
     async def admit(self, request: Request, model: str | None) -> Response | None:
@@ -154,7 +156,7 @@ class Gateway:
         label = self.model_label(model)
         caller = self.caller(request)
         if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
-            self.metrics.requests.labels(label, "", str(caller.status)).inc()
+            self.refused(model, caller.status)
             return _error(caller.status, caller.reason)
         if (cold := await self._woken(model)) is not None:
             return cold
@@ -162,7 +164,7 @@ class Gateway:
         if version is not None and not isinstance(ranked, routing.NoRoute):
             ranked = holding(ranked, model, version)
         if isinstance(ranked, routing.NoRoute):
-            self.metrics.requests.labels(label, "", str(ranked.status)).inc()
+            self.refused(model, ranked.status)
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         failures = []
@@ -207,9 +209,9 @@ class Gateway:
                 out_headers["accept-encoding"] = accepted  # the codings the replica reads (RFC 9110)
             return Response(content, status_code=status, media_type=upstream_headers.get("content-type", "application/json"), headers=out_headers)
         if version is not None and missing == len(failures):
-            self.metrics.requests.labels(label, "", "404").inc()
+            self.refused(model, 404)
             return _error(404, f"model {model!r} has no version {version!r} at the replicas tried: {'; '.join(failures)}")
-        self.metrics.requests.labels(label, "", "502").inc()
+        self.refused(model, 502)
         return _error(502, f"every replica tried failed: {'; '.join(failures)}")
 
     async def _woken(self, model: str) -> Response | None:
@@ -221,7 +223,7 @@ class Gateway:
         self.metrics.cold_starts.labels(self.model_label(model)).inc()
         if await self.table.wait_for_endpoints(model, self.cold_start_s):
             return None
-        self.metrics.requests.labels(self.model_label(model), "", "503").inc()
+        self.refused(model, 503)
         why = self.table.unavailable_reason(model) or "no replica yet"
         return _error(503, f"model {model!r} was scaled to zero and no replica was ready within "
                            f"{self.cold_start_s:g}s ({why}); retry", retry_after=5)
@@ -253,9 +255,11 @@ class Gateway:
                        body: bytes) -> Response:
         mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
         if mode is None:
+            self.refused(name, 400)
             return _error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}")
         caller = self.caller(request)
         if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
+            self.refused(name, caller.status)
             return _error(caller.status, caller.reason)
         route = handler.resolve(route, name, caller)
         if (cold := await self._woken(route.model)) is not None:

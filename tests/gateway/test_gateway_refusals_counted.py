@@ -1,12 +1,14 @@
 """Answers the gateway makes itself before any replica is asked are counted in
 ``edgeplane_gateway_requests`` like those it gets from one, on the v2 and the OpenAI
-routes alike, over real HTTP: a body over ``--gateway-max-body``, the refusals of token
-auth and of the rate limit, and a cold start that found no replica in time. An error
-ratio or a request rate read from /metrics missed every one of them."""
+routes alike, over real HTTP: a body over ``--gateway-max-body`` (or once inflated), a
+body or headers it cannot read, the refusals of token auth and of the rate limit, and a
+cold start that found no replica in time. An error ratio or a request rate read from
+/metrics missed every one of them."""
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 from collections.abc import AsyncIterator
 
 import httpx
@@ -14,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from orchestrator.gateway import endpoints, openai_routes, proxy, routing
+from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing
 from orchestrator.gateway.upstream import UpstreamPool
 from orchestrator.security import admission, ratelimit
 from orchestrator.testing import loopback
@@ -22,6 +24,7 @@ from orchestrator.testing import loopback
 pytestmark = pytest.mark.asyncio
 
 PARIS = routing.Endpoint("m", "d", "paris", "edge", "FR", "west", 48.85, 2.35, "http://127.0.0.1:9")
+CASCADE = routing.Endpoint("casc", "casc-dep", "paris", "edge", "FR", "west", 48.85, 2.35, "http://127.0.0.1:9")
 GOOD, DOWN = "good-token", "while-the-store-is-down"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -62,10 +65,14 @@ class Served:
 async def serve(admit: admission.GatewayAdmission | None = None) -> AsyncIterator[Served]:
     registry = CollectorRegistry()
     table = endpoints.EndpointTable()
-    table.replace([PARIS], deployed={"cold": "deployment c is ScaledToZero"}, cold={"cold"})
+    table.replace([PARIS, CASCADE], deployed={"cold": "deployment c is ScaledToZero"}, cold={"cold"})
+    stages = (cascade_rules.StageRoute("small", frozenset({"edge"}), None), cascade_rules.StageRoute("large", frozenset({"datacenter"}), None))
+    route = cascade_rules.CascadeRoute("casc", "casc-dep", stages, {})
+    table.set_cascades({"casc": route, "casc-dep": route})  # called by its model's name or its deployment's
     pool = UpstreamPool()
+    handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry))
     gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry), max_body=1024, cold_start_s=0.05,
-                            admit=admit.check if admit is not None else None)
+                            admit=admit.check if admit is not None else None, cascade=handler)
     app = Starlette(routes=gateway.routes() + openai_routes.OpenAIGateway(gateway, registry=registry).routes())
     try:
         async with loopback.serving(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
@@ -117,3 +124,39 @@ async def test_admission_refusals_are_counted(guarded_gateway: Served) -> None:
     assert (await http.post("/openai/v1/chat/completions", json=CHAT, headers=bearer(GOOD))).status_code == 429
     assert counted(registry) == {("m", "401"): 1, (proxy.UNKNOWN_MODEL, "401"): 2, ("m", "503"): 1, ("m", "413"): 2,
                                  ("m", "429"): 1, (proxy.UNKNOWN_MODEL, "429"): 1}
+
+
+async def test_bad_caller_or_cascade_headers_are_counted_on_a_v2_cascade_as_on_a_plain_model(open_gateway: Served) -> None:
+    http, registry = open_gateway.http, open_gateway.registry
+    assert (await http.post("/v2/models/m/infer", content=b"{}", headers={"x-edgeplane-location": "north"})).status_code == 400
+    assert (await http.post("/v2/models/casc/infer", content=b"{}", headers={"x-edgeplane-location": "north"})).status_code == 400
+    assert (await http.post("/v2/models/casc-dep/infer", content=b"{}", headers={"x-edgeplane-cascade": "sometimes"})).status_code == 400
+    assert counted(registry) == {("m", "400"): 1, ("casc", "400"): 2}
+
+
+async def test_bodies_and_headers_the_openai_routes_cannot_read_are_counted(open_gateway: Served) -> None:
+    http, registry = open_gateway.http, open_gateway.registry
+    bad = [
+        ({"content": b"{not json"}, 400),
+        ({"json": ["a", "list"]}, 400),
+        ({"json": {"messages": CHAT["messages"]}}, 400),  # no model
+        ({"content": gzip.compress(b" " * 4096), "headers": {"content-encoding": "gzip"}}, 413),  # over the limit once inflated
+        ({"content": b"{}", "headers": {"content-encoding": "br"}}, 415),
+        ({"json": {**CHAT, "stream": "yes"}}, 400),
+        ({"json": CHAT, "headers": {"x-edgeplane-location": "north"}}, 400),
+        ({"json": {**CHAT, "model": "casc"}, "headers": {"x-edgeplane-cascade": "sometimes"}}, 400),
+    ]
+    for request, status in bad:
+        assert (await http.post("/openai/v1/chat/completions", **request)).status_code == status, request
+    assert counted(registry) == {(proxy.UNKNOWN_MODEL, "400"): 3, (proxy.UNKNOWN_MODEL, "413"): 1, (proxy.UNKNOWN_MODEL, "415"): 1,
+                                 ("m", "400"): 2, ("casc", "400"): 1}
+
+
+async def test_a_generative_cascade_that_no_stage_answered_is_counted(open_gateway: Served) -> None:
+    """Its one edge replica refuses the connection and no data centre serves it: the
+    cascade's own 503 is counted as plain routing's is."""
+    http, registry = open_gateway.http, open_gateway.registry
+    open_gateway.table.replace([dataclasses.replace(CASCADE, api=routing.API_OPENAI)])
+    resp = await http.post("/openai/v1/chat/completions", json={**CHAT, "model": "casc"})
+    assert resp.status_code == 503, resp.text
+    assert counted(registry) == {("casc", "503"): 1}
