@@ -11,9 +11,10 @@ the gateway, so a replica dying mid-stream costs latency, not requests.
 nearest replica that speaks OpenAI first, then the gateway's ``/openai/v1``; it yields the
 answer's text as it arrives. A replica that fails before the first token is skipped; once
 text has been yielded a failure raises :class:`StreamCut` (the text cannot be taken back).
-Its attempts share the client's ``timeout``: each has what the ones before left, and an
-answer that has not come by then raises :class:`TimedOut` (the whole timeout for each
-attempt in turn would multiply the wait by the replicas tried). ``infer`` gives each
+Its attempts (and the endpoint list's lookup before them) share the client's ``timeout``:
+each has what the ones before left, and an answer that has not come by then raises
+:class:`TimedOut` (the whole timeout for each attempt in turn would multiply the wait by
+the replicas tried). ``infer`` gives each
 attempt the whole timeout: a hung replica costs it once and the next one answers, as a v2
 inference is short and idempotent.
 
@@ -159,10 +160,19 @@ class _Base:
         now = self.cache.clock()
         return sorted(self.servers, key=lambda u: self.cache._ejected.get(u, 0) > now)
 
-    def _endpoints_requests(self, model: str) -> Iterator[tuple[str, str, dict[str, str]]]:
-        """(gateway, URL, parameters) of the endpoint list, one per gateway in order."""
+    def _endpoints_requests(self, model: str, deadline: float | None) -> Iterator[tuple[str, str, dict[str, str], httpx.Timeout]]:
+        """(gateway, URL, parameters, timeout) of the endpoint list, one per gateway in order,
+        each with the client's timeout cut to what is left until ``deadline`` (a chat's: the
+        lookup is part of its one timeout); none once nothing is left."""
         for gateway in self._gateways():
-            yield gateway, f"{gateway}/v1/endpoints/{path_segment(model)}", args.endpoint_params(self.location, self.region, self.residency)
+            timeout = self._timeout
+            if deadline is not None:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return
+                timeout = httpx.Timeout(min(left, self._seconds), connect=min(2.0, left))
+            yield (gateway, f"{gateway}/v1/endpoints/{path_segment(model)}", args.endpoint_params(self.location, self.region, self.residency),
+                   timeout)
 
     def _endpoints_answer(self, model: str, resp: httpx.Response | None) -> list[dict[str, Any]]:
         try:
@@ -346,15 +356,18 @@ class Client(_Base):
 
     def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
         """The model's replicas nearest first (cached for the list's TTL); [] with ``direct=False``."""
+        return self._endpoints(model, refresh, None)
+
+    def _endpoints(self, model: str, refresh: bool, deadline: float | None) -> list[dict[str, Any]]:
         args.model_name(model)
         if not self.direct:
             return []
         if not refresh and self.cache.fresh(model):
             return self.cache.order(model)
         resp = None
-        for gateway, url, params in self._endpoints_requests(model):
+        for gateway, url, params, timeout in self._endpoints_requests(model, deadline):
             try:
-                resp = self._http.get(url, params=params, headers=self._auth)
+                resp = self._http.get(url, params=params, headers=self._auth, timeout=timeout)
                 break
             except httpx.HTTPError:
                 self.cache.eject(gateway)
@@ -380,10 +393,11 @@ class Client(_Base):
     def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
         """The answer's text deltas as they arrive (one delta with ``stream=False``);
         ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
-        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The replicas and
-        gateways tried share the client's ``timeout``; :class:`TimedOut` when no answer
-        came within it. A streamed answer that has begun may go on past it, each of its
-        pieces within the time that was left when its attempt began."""
+        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The endpoint
+        list's lookup and the replicas and gateways tried share the client's ``timeout``;
+        :class:`TimedOut` when no answer came within it. A streamed answer that has begun
+        may go on past it, each of its pieces within the time that was left when its
+        attempt began."""
         args.model_name(model)
         args.check_messages(messages)
         clientchat.check_one_choice(params)
@@ -395,7 +409,7 @@ class Client(_Base):
         body = self._chat_body(model, messages, stream, params)
         chat._started = time.perf_counter()
         chat._deadline = chat._started + self._seconds
-        for number, attempt in enumerate(self._chat_attempts(model, self.endpoints(model)), start=1):
+        for number, attempt in enumerate(self._chat_attempts(model, self._endpoints(model, False, chat._deadline)), start=1):
             request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
                 resp = self._http.send(request, stream=True)
@@ -446,15 +460,18 @@ class AsyncClient(_Base):
 
     async def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
         """The model's replicas nearest first (cached for the list's TTL); [] with ``direct=False``."""
+        return await self._endpoints(model, refresh, None)
+
+    async def _endpoints(self, model: str, refresh: bool, deadline: float | None) -> list[dict[str, Any]]:
         args.model_name(model)
         if not self.direct:
             return []
         if not refresh and self.cache.fresh(model):
             return self.cache.order(model)
         resp = None
-        for gateway, url, params in self._endpoints_requests(model):
+        for gateway, url, params, timeout in self._endpoints_requests(model, deadline):
             try:
-                resp = await self._http.get(url, params=params, headers=self._auth)
+                resp = await self._http.get(url, params=params, headers=self._auth, timeout=timeout)
                 break
             except httpx.HTTPError:
                 self.cache.eject(gateway)
@@ -480,10 +497,11 @@ class AsyncClient(_Base):
     def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
         """The answer's text deltas as they arrive (one delta with ``stream=False``);
         ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
-        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The replicas and
-        gateways tried share the client's ``timeout``; :class:`TimedOut` when no answer
-        came within it. A streamed answer that has begun may go on past it, each of its
-        pieces within the time that was left when its attempt began."""
+        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The endpoint
+        list's lookup and the replicas and gateways tried share the client's ``timeout``;
+        :class:`TimedOut` when no answer came within it. A streamed answer that has begun
+        may go on past it, each of its pieces within the time that was left when its
+        attempt began."""
         args.model_name(model)
         args.check_messages(messages)
         clientchat.check_one_choice(params)
@@ -495,7 +513,7 @@ class AsyncClient(_Base):
         body = self._chat_body(model, messages, stream, params)
         chat._started = time.perf_counter()
         chat._deadline = chat._started + self._seconds
-        for number, attempt in enumerate(self._chat_attempts(model, await self.endpoints(model)), start=1):
+        for number, attempt in enumerate(self._chat_attempts(model, await self._endpoints(model, False, chat._deadline)), start=1):
             request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
                 resp = await self._http.send(request, stream=True)

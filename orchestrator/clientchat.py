@@ -27,7 +27,8 @@ from orchestrator.clienterrors import InferenceError, StreamCut
 @dataclass
 class Chat:
     """One answer: iterate it for the text deltas; ``site``, ``ttft_s`` (seconds from the
-    first attempt to the first token, failed attempts included), ``usage`` and
+    start of the chat, its first iteration, to the first token: the endpoint list's lookup
+    and failed attempts included, as the caller waited through them), ``usage`` and
     ``finish_reason`` (of the attempt that answers) are filled in as it arrives."""
 
     _deltas: Any
@@ -39,7 +40,7 @@ class Chat:
     attempts: int = 0
     text: str = ""
     _ended: bool = field(default=False, repr=False)  # the stream's [DONE] arrived
-    _started: float = field(default=0.0, repr=False)  # time.perf_counter() when the first attempt began
+    _started: float = field(default=0.0, repr=False)  # time.perf_counter() when the chat began (before the endpoint lookup)
     _deadline: float = field(default=math.inf, repr=False)  # and when its timeout ends
 
     def __iter__(self) -> Iterator[str]:
