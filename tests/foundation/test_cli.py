@@ -7,6 +7,7 @@ import http.server
 import json
 import importlib.metadata
 import pathlib
+import queue
 import re
 import signal
 import ssl
@@ -609,13 +610,22 @@ def test_events_follow_waits_out_answers_that_say_retry_later() -> None:
     follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=support.clean_env(EDGEPLANE_SERVER=f"http://127.0.0.1:{outage.server_port}"),
                                 cwd=support.REPO)
+    printed: queue.Queue[str] = queue.Queue()
+    # read in a thread so that a follower which prints nothing fails the test instead of hanging it
+    reader = threading.Thread(target=lambda: [printed.put(follower.stdout.readline()) for _ in range(2)],  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
     try:
-        lines = [follower.stdout.readline() for _ in range(2)]  # type: ignore[union-attr]
+        try:
+            lines = [printed.get(timeout=60) for _ in range(2)]
+        except queue.Empty:
+            pytest.fail("events --follow printed fewer than 2 events in 60 s")
         assert all(lines), follower.stderr.read()  # type: ignore[union-attr]
         assert [json.loads(line)["id"] for line in lines] == [1, 2]
         assert follower.poll() is None  # still following
     finally:
         follower.send_signal(signal.SIGINT)
+        reader.join(timeout=30)  # its readline ends as the follower exits
         _, err = follower.communicate(timeout=30)
         outage.shutdown()
         outage.server_close()
