@@ -22,7 +22,6 @@ import pathlib
 import stat
 import threading
 import urllib.parse
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -86,7 +85,7 @@ class ArtifactCatalog:
     #: empty = any host. Applied before a URL is handed to an agent or a replica.
     allowed_hosts: tuple[str, ...] = ()
     #: sha256 -> path -> identity of the file whose digest was checked there. Registered from
-    #: the reconciler's and the API's worker threads, read by the route's (``open_checked``).
+    #: the reconciler's and the API's worker threads, read by the route on the event loop.
     _checked: dict[str, dict[pathlib.Path, FileIdentity]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -178,14 +177,6 @@ class ArtifactCatalog:
             if not paths:
                 self._checked.pop(sha256, None)
 
-    def keep_only(self, sha256s: Collection[str]) -> None:
-        """Forget the digests not in ``sha256s`` (those the Models of a reconcile pass name):
-        one no Model names any more is not served (404), nor said to wait for a pass that
-        will never check it again."""
-        with self._lock:
-            for gone in self._checked.keys() - set(sha256s):
-                del self._checked[gone]
-
     def open_checked(self, sha256: str) -> tuple[BinaryIO, FileIdentity] | None:
         """A file whose bytes were checked for ``sha256``, open for reading, or None when no
         file was registered under it. Raises :class:`ArtifactChanged` when every file checked
@@ -204,4 +195,4 @@ class ArtifactCatalog:
                 return fh, identity
             fh.close()
         raise ArtifactChanged(f"the file checked for sha256 {sha256} was changed, replaced or deleted since; "
-                              "it is not served until the next reconcile pass checks it again")
+                              "it is not served until it is checked again (each reconcile pass checks those a Model names)")

@@ -344,7 +344,6 @@ class Reconciler:
                     out[(name, v.name)] = snap.ArtifactRef(self.artifacts.register(v.artifact.uri, v.artifact.sha256))
                 except (artifacts.ArtifactError, OSError) as exc:
                     out[(name, v.name)] = snap.ArtifactRef(None, f"Model {name} variant {v.name}: {exc}")
-        self.artifacts.keep_only({v.artifact.sha256 for spec in models.values() for v in spec.variants if v.artifact is not None})
         return out
 
     async def _observe_datacentres(self, stored: list[snap.SiteRecord], deleted: Iterable[store_mod.DeletedSite] = ()) -> None:

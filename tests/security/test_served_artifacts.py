@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 
 from orchestrator.api import artifacts as artifacts_api
 from orchestrator.artifacts import catalog
-from orchestrator.testing import harness, loopback, manifests
+from orchestrator.testing import loopback
 
 BYTES = b"the checked model bytes"
 SHA = hashlib.sha256(BYTES).hexdigest()
@@ -141,35 +141,3 @@ def test_identical_copies_at_two_paths_are_read_once_each_until_one_changes(tmp_
 ])
 def test_the_range_an_agent_resumes_from(header: str | None, expected: tuple[int, int] | None) -> None:
     assert artifacts_api.byte_range(header, 10) == expected
-
-
-@pytest.mark.asyncio
-async def test_an_artifact_no_model_names_any_more_is_not_served(tmp_path: pathlib.Path) -> None:
-    """Deleted with its Model, a digest is no longer served (404), unchanged bytes or not:
-    no pass will check it again, so it is not said to wait for one."""
-    fleet = harness.Fleet(tmp_path)
-    (tmp_path / "artifacts").mkdir()
-    model = tmp_path / "artifacts" / "model.onnx"
-    model.write_bytes(BYTES)
-    try:
-        cp = await fleet.start_control_plane()
-        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-            assert (await http.post("/v1/apply", content=manifests.onnx_model("m", "model.onnx", SHA))).status_code == 200
-            statuses: list[int] = []
-
-            async def served() -> int:
-                statuses.append((await http.get(f"/v1/artifacts/{SHA}")).status_code)
-                return statuses[-1]
-
-            for _ in range(200):  # the next pass registers it
-                if await served() == 200:
-                    break
-                await cp.reconciler.wait_for_pass(cp.reconciler.passes)
-            assert statuses[-1] == 200, statuses
-            model.write_bytes(b"rewritten after its check")
-            assert await served() == 409
-            assert (await http.delete("/v1/models/m")).status_code == 200
-            await cp.reconciler.wait_for_pass(await cp.reconciler.wait_for_pass(cp.reconciler.passes))  # a pass that read the store after the delete
-            assert await served() == 404, statuses
-    finally:
-        await fleet.stop()
