@@ -87,6 +87,12 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _name(key: str) -> str:
+    """A field name the caller made up, as an error names it: as sent when it is one short
+    line of printable text, else quoted as JSON (an error message is one line)."""
+    return key if key.isprintable() and len(key) <= 40 else _show(key)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     model: str
@@ -140,7 +146,7 @@ def _same(value: Any, neutral: Any) -> bool:
 
 def _check_parameters(body: Mapping[str, Any], chat: bool) -> None:
     """Refuse what the route does not take (see the module docstring)."""
-    unknown = sorted(set(body) - (CHAT_PARAMETERS if chat else COMPLETION_PARAMETERS))
+    unknown = [_name(k) for k in sorted(set(body) - (CHAT_PARAMETERS if chat else COMPLETION_PARAMETERS))]
     if unknown:
         many = "s" if len(unknown) > 1 else ""
         raise ApiError(400, f"Unrecognized request argument{many} supplied: {', '.join(unknown)}", param=unknown[0],
@@ -224,7 +230,7 @@ def parse(raw: bytes, *, chat: bool) -> GenerationRequest:
             raise _bad("stream_options", f"must be an object such as {{\"include_usage\": true}}, got {_show(so)}")
         for key, value in so.items():
             if key not in STREAM_OPTIONS:
-                raise ApiError(400, f"Unrecognized request argument supplied: stream_options.{key}", param=f"stream_options.{key}",
+                raise ApiError(400, f"Unrecognized request argument supplied: stream_options.{_name(key)}", param=f"stream_options.{_name(key)}",
                                code="unknown_parameter")
             if value is not None and not isinstance(value, bool):
                 raise _bad(f"stream_options.{key}", f"must be a boolean, got {_show(value)}")

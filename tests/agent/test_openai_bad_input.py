@@ -124,6 +124,9 @@ async def test_what_failed_with_500_is_a_400_naming_the_field(small: Serving, ro
     ({"metadata": "x"}, "metadata", None),
     ({"store": 1}, "store", None),
     ({"stream": True, "stream_options": {"include_usage": True, "bogus": 1}}, "stream_options.bogus", "unknown_parameter"),
+    # a made-up name that is no one line of text is quoted: an error message is one line
+    ({"stream": True, "stream_options": {"a\nb": None}}, 'stream_options."a\\nb"', "unknown_parameter"),
+    ({"a\nb": 1}, '"a\\nb"', "unknown_parameter"),
     ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", None),
     ({"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name", None),
     ({"model": 5}, "model", None),
@@ -136,6 +139,7 @@ async def test_chat_parameters_that_were_ignored_are_refused(small: Serving, ext
                                                    stream=body.pop("stream", False), extra_body=body)
     assert refused.value.param == param and refused.value.code == code, refused.value.body
     assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "\n" not in refused.value.body["message"]  # type: ignore[index]
     await still_serves(small)
 
 
