@@ -14,6 +14,7 @@ import ctypes
 import os
 import pathlib
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,22 @@ class Fleet:
         if self.cp is not None:
             await self.cp.stop()
             self.cp = None
+
+
+@contextlib.asynccontextmanager
+async def leader_and_follower(root: pathlib.Path, store: str) -> AsyncIterator[tuple[Fleet, Fleet]]:
+    """Two control-plane replicas on one database (``store``), the first leading once this
+    yields; they share one agent CA, so an agent joins either. Both torn down after."""
+    leading, following = Fleet(root / "a"), Fleet(root / "b")
+    try:
+        leader = await leading.start_control_plane(store=store)
+        await wait_until(lambda: leader.elector is not None and leader.elector.leading, 30, what="a leader")
+        shutil.copytree(root / "a" / "control-plane" / "ca", root / "b" / "control-plane" / "ca")
+        await following.start_control_plane(store=store)
+        yield leading, following
+    finally:
+        await following.stop()
+        await leading.stop()
 
 
 @contextlib.asynccontextmanager

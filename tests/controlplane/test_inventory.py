@@ -8,7 +8,6 @@ import contextlib
 import json
 import pathlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -124,13 +123,9 @@ async def test_a_deleted_sites_lost_agent_is_no_longer_counted_on_the_follower_i
         tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
     """Replicas on one database: the decommissioned site's agent was connected to a follower,
     which runs no pass to forget it; the follower forgets it once its Site is deleted."""
-    url = postgres.create_database()
-    leading, following = harness.Fleet(tmp_path / "a"), harness.Fleet(tmp_path / "b")
-    try:
-        leader = await leading.start_control_plane(store=url)
-        await harness.wait_until(lambda: leader.elector is not None and leader.elector.leading, 30, what="a leader")
-        shutil.copytree(tmp_path / "a" / "control-plane" / "ca", tmp_path / "b" / "control-plane" / "ca")  # one agent CA
-        follower = await following.start_control_plane(store=url)
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (_, following):
+        follower = following.cp
+        assert follower is not None
         await following.start_agent("edge-old", country="FR", lat=48.8, lon=2.3)
         await asyncio.to_thread(following.agents.pop("edge-old").stop)
         await harness.wait_until(lambda: not follower.hub.status("edge-old").healthy, 20, what="the agent to be lost")
@@ -139,9 +134,6 @@ async def test_a_deleted_sites_lost_agent_is_no_longer_counted_on_the_follower_i
             assert (await http.delete("/v1/sites/edge-old")).status_code == 200
             await harness.wait_until(lambda: follower.hub.status("edge-old") is None, 15, what="the follower to forget the agent")
             assert await agents_gauge(http) == {"healthy": 0, "unhealthy": 0}
-    finally:
-        await following.stop()
-        await leading.stop()
 
 
 async def agents_gauge(http: httpx.AsyncClient) -> dict[str, float]:

@@ -4,7 +4,6 @@ create/revoke is in the event log with who did it and why; a revoked agent is cu
 from __future__ import annotations
 
 import pathlib
-import shutil
 from typing import Any
 
 import httpx
@@ -158,13 +157,9 @@ async def test_an_agent_revoked_through_one_replica_is_cut_off_at_the_replica_it
     """Replicas on one database: the revocation lands on the leader, the agent's streams are on
     a follower, which relays it to the leader. The follower drops it too, and the leader does not
     take it back when the follower reports it again."""
-    url = postgres.create_database()
-    leading, following = harness.Fleet(tmp_path / "a"), harness.Fleet(tmp_path / "b")
-    try:
-        leader = await leading.start_control_plane(store=url)
-        await harness.wait_until(lambda: leader.elector is not None and leader.elector.leading, 30, what="a leader")
-        shutil.copytree(tmp_path / "a" / "control-plane" / "ca", tmp_path / "b" / "control-plane" / "ca")  # one agent CA
-        follower = await following.start_control_plane(store=url)
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (leading, following):
+        leader, follower = leading.cp, following.cp
+        assert leader is not None and follower is not None
         agent = await following.start_agent("edge-a", **WHERE)
         await harness.wait_until(lambda: (s := leader.hub.status("edge-a")) is not None and s.via == follower.replica_id, 30,
                                  what="the agent relayed to the leader")
@@ -174,6 +169,3 @@ async def test_an_agent_revoked_through_one_replica_is_cut_off_at_the_replica_it
         await harness.wait_until(lambda: follower.hub.status("edge-a") is None, 10, what="the follower to drop the agent")
         await harness.wait_until(lambda: "was revoked" in agent.log(), 15, what="the agent to be refused")
         assert follower.hub.status("edge-a") is None and leader.hub.status("edge-a") is None
-    finally:
-        await following.stop()
-        await leading.stop()
