@@ -27,7 +27,8 @@ import psycopg
 from psycopg import conninfo
 from psycopg.rows import dict_row
 
-from orchestrator.store.sql import Fenced, Lease, SqlStore, StoreError
+from orchestrator.store.sql import SqlStore
+from orchestrator.store.values import Fenced, Lease, StoreError
 
 __all__ = ["ChangeFeed", "Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
 

@@ -1,6 +1,7 @@
 """What both state-store backends share: every operation whose SQL reads the same on
 SQLite and PostgreSQL. The records it stores and returns, and the errors it raises, are
-:mod:`orchestrator.store.values`, re-exported here.
+:mod:`orchestrator.store.values` (re-exported by :mod:`orchestrator.store.sqlite`, the
+module the control plane names them from).
 
 Why one base class: the SQLite file and the PostgreSQL database must honour one
 contract to the letter (one test suite runs against both), so the logic that decides
@@ -22,7 +23,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from orchestrator.store.values import (  # re-exported: named from here by the backends and their callers
+from orchestrator.store.values import (
     AgentSaved,
     Conflict,
     DeletedSite,
@@ -34,7 +35,6 @@ from orchestrator.store.values import (  # re-exported: named from here by the b
     ObjectWrite,
     PlacementRow,
     StoredObject,
-    StoreError,
     TokenInfo,
     WriteOutcome,
     digest,
@@ -518,7 +518,4 @@ def _event(row: Mapping[str, Any]) -> LoggedEvent:
     return LoggedEvent(row["id"], row["ts"], row["actor"], row["action"], row["kind"], row["name"], row["reason"], json.loads(row["details"]))
 
 
-__all__ = [
-    "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow",
-    "SqlStore", "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "digest", "token_state",
-]
+__all__ = ["SqlStore"]

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from edge_agent import state as state_files
-from orchestrator.store.sql import (  # re-exported: the store's records are named from here
+from orchestrator.store.sql import SqlStore, _canonical
+from orchestrator.store.values import (  # re-exported: the control plane names the store's records from here
     AgentSaved,
     Conflict,
     DeletedSite,
@@ -36,12 +37,10 @@ from orchestrator.store.sql import (  # re-exported: the store's records are nam
     NotFound,
     ObjectWrite,
     PlacementRow,
-    SqlStore,
     StoredObject,
     StoreError,
     TokenInfo,
     WriteOutcome,
-    _canonical,
     digest,
 )
 

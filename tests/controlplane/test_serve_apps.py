@@ -14,7 +14,7 @@ from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
-from orchestrator.store.sql import PlacementRow
+from orchestrator.store.values import PlacementRow
 
 FLEET = """
 apiVersion: edgeplane.io/v1alpha1

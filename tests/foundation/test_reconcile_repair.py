@@ -11,7 +11,7 @@ from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
-from orchestrator.store import sql as store_mod
+from orchestrator.store import sqlite as store_mod
 
 from .test_views import example_snapshot, examples
 
