@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from edgeplane_proto import oip
 from orchestrator.cli.cascade import Replayed, replay, sweep
 from orchestrator.cli.http import ApiClient
 from orchestrator.gateway import cascade_rules
+from orchestrator.testing import loopback
 
 
 def sample(confidence: float, first: int, last: int, label: int | None) -> Replayed:
@@ -47,18 +47,10 @@ def gateway() -> Iterator[tuple[str, list[bytes]]]:
     """A loopback gateway that answers every inference with the next body of its list."""
     answers: list[bytes] = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(loopback.CannedHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("content-length") or 0))
-            body = answers[0]
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
+            self.reply(200, answers[0])
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -24,6 +24,7 @@ from orchestrator.distill import store as capture_store
 from orchestrator.manifests import loader, schema
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.store import open_store
+from orchestrator.testing import loopback
 
 from . import support
 from .conftest import start_control_plane
@@ -198,18 +199,10 @@ class _Proxy(http.server.ThreadingHTTPServer):
         self.paths: list[str] = []
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(loopback.CannedHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 proxy.paths.append(self.path)
-                body = json.dumps({"kind": "Site", "items": []}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                self.reply(200, json.dumps({"kind": "Site", "items": []}).encode())
 
         super().__init__(("127.0.0.1", 0), Handler)
 

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -27,6 +27,7 @@ import pytest
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 from orchestrator.cli import infer
+from orchestrator.testing import loopback
 
 from . import support
 
@@ -46,24 +47,16 @@ class Canned:
         self.requests: list[tuple[str, str, bytes]] = []
         canned = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(loopback.CannedHandler):
             def _answer(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 canned.requests.append((self.command, self.path, body))
                 path = self.path.split("?")[0]
                 match = max((p for m, p in canned.routes if m == self.command and path.startswith(p)), key=len, default=None)
                 status, headers, payload = canned.routes[(self.command, match)] if match is not None else (404, {}, b'{"error": "no route"}')
-                self.send_response(status)
-                for k, v in {"content-type": "application/json", **headers}.items():
-                    self.send_header(k, v)
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self.reply(status, payload, headers)
 
             do_GET = do_POST = do_DELETE = _answer
-
-            def log_message(self, *args: Any) -> None:
-                pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from orchestrator.testing import harness
+from orchestrator.testing import harness, loopback
 
 from . import support
 from .support import cli, doc
@@ -577,7 +577,7 @@ class _Outage(http.server.ThreadingHTTPServer):
         self.asked: list[str] = []
         outage = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(loopback.CannedHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 outage.asked.append(self.path)
                 if len(outage.asked) == 1:
@@ -588,15 +588,7 @@ class _Outage(http.server.ThreadingHTTPServer):
                     items = [{**outage.EVENT, "id": 2, "name": "m2"}] if "since=1&" in self.path else []
                     answer = (200, {}, json.dumps({"items": items}).encode())
                 status, headers, body = answer
-                self.send_response(status)
-                for k, v in {"content-type": "application/json", **headers}.items():
-                    self.send_header(k, v)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                self.reply(status, body, headers)
 
         super().__init__(("127.0.0.1", 0), Handler)
 

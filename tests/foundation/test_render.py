@@ -20,6 +20,7 @@ from orchestrator.cli import render
 from orchestrator.manifests import schema
 from orchestrator.reconciler import autoscaler, planning, rollout
 from orchestrator.reconciler import snapshot as snap
+from orchestrator.testing import loopback
 
 from . import support
 
@@ -96,18 +97,11 @@ def test_a_piped_table_prints_every_cell_whole(capsys: pytest.CaptureFixture[str
     assert capsys.readouterr().out.splitlines()[1].split(None, 1) == ["edge-lyon", reason]
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(loopback.CannedHandler):
     body: bytes = b""
 
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.reply(200, self.body)
 
 
 @pytest.fixture
