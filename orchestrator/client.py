@@ -214,6 +214,34 @@ class _Base:
             self.cache.eject(attempt.gateway)
         return not attempt.last and (resp is None or resp.status_code >= 500)
 
+    def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
+        """The answer's text deltas as they arrive (one delta with ``stream=False``);
+        ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
+        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The endpoint
+        list's lookup and the replicas and gateways tried share the client's ``timeout``;
+        :class:`TimedOut` when no answer came within it. A streamed answer that has begun
+        may go on past it, each of its pieces within the time that was left when its
+        attempt began."""
+        args.model_name(model)
+        args.check_messages(messages)
+        clientchat.check_one_choice(params)
+        chat = Chat(None)
+        chat._deltas = self._chat(chat, model, messages, stream, params)  # Client: an iterator; AsyncClient: an async one
+        return chat
+
+    def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool,
+              params: Mapping[str, Any]) -> Iterator[str] | AsyncIterator[str]:
+        """The deltas as the client's transport reads them: each client gives its own."""
+        raise NotImplementedError
+
+    def _chat_started(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool,
+                      params: Mapping[str, Any]) -> bytes:
+        """The request's body, once the chat's clock and its one deadline are started."""
+        body = self._chat_body(model, messages, stream, params)
+        chat._started = time.perf_counter()
+        chat._deadline = chat._started + self._seconds
+        return body
+
     def _chat_body(self, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> bytes:
         body = {"model": model, "messages": [dict(m) for m in messages], "stream": stream, **params}
         if stream:
@@ -390,25 +418,8 @@ class Client(_Base):
                 return result
         raise EdgeplaneError("no attempt left")  # the gateway attempt always answers or raises
 
-    def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
-        """The answer's text deltas as they arrive (one delta with ``stream=False``);
-        ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
-        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The endpoint
-        list's lookup and the replicas and gateways tried share the client's ``timeout``;
-        :class:`TimedOut` when no answer came within it. A streamed answer that has begun
-        may go on past it, each of its pieces within the time that was left when its
-        attempt began."""
-        args.model_name(model)
-        args.check_messages(messages)
-        clientchat.check_one_choice(params)
-        chat = Chat(None)
-        chat._deltas = self._chat(chat, model, messages, stream, params)
-        return chat
-
     def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> Iterator[str]:
-        body = self._chat_body(model, messages, stream, params)
-        chat._started = time.perf_counter()
-        chat._deadline = chat._started + self._seconds
+        body = self._chat_started(chat, model, messages, stream, params)
         for number, attempt in enumerate(self._chat_attempts(model, self._endpoints(model, False, chat._deadline)), start=1):
             request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
@@ -494,25 +505,8 @@ class AsyncClient(_Base):
                 return result
         raise EdgeplaneError("no attempt left")
 
-    def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **params: Any) -> Chat:
-        """The answer's text deltas as they arrive (one delta with ``stream=False``);
-        ``params`` go into the request body (``max_tokens``, ``temperature``, ``stop``, ...;
-        ``n`` other than 1 is a ``ValueError``: the answer is one choice). The endpoint
-        list's lookup and the replicas and gateways tried share the client's ``timeout``;
-        :class:`TimedOut` when no answer came within it. A streamed answer that has begun
-        may go on past it, each of its pieces within the time that was left when its
-        attempt began."""
-        args.model_name(model)
-        args.check_messages(messages)
-        clientchat.check_one_choice(params)
-        chat = Chat(None)
-        chat._deltas = self._chat(chat, model, messages, stream, params)
-        return chat
-
     async def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool, params: Mapping[str, Any]) -> AsyncIterator[str]:
-        body = self._chat_body(model, messages, stream, params)
-        chat._started = time.perf_counter()
-        chat._deadline = chat._started + self._seconds
+        body = self._chat_started(chat, model, messages, stream, params)
         for number, attempt in enumerate(self._chat_attempts(model, await self._endpoints(model, False, chat._deadline)), start=1):
             request = self._chat_request(attempt, body, self._chat_begins(chat, number))
             try:
