@@ -13,6 +13,21 @@ from orchestrator.testing import harness, manifests
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
+SIGNED_OUT = "#login:not([hidden])"
+SIGNED_IN = "#map g.site[data-site=edge-oslo]"  # the console drawn with the fleet's one site
+
+
+async def open_signed_out(page, url: str) -> None:  # type: ignore[no-untyped-def]
+    await page.goto(f"{url}/ui/")
+    await page.wait_for_selector(SIGNED_OUT, timeout=10_000)
+
+
+async def sign_in(page, token: str) -> None:  # type: ignore[no-untyped-def]
+    await page.fill("#token", token)
+    await page.click("#login button[type=submit]")
+    await page.wait_for_selector(SIGNED_IN, timeout=10_000)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def guarded(tmp_path_factory: pytest.TempPathFactory):
     f = harness.Fleet(tmp_path_factory.mktemp("login"))
@@ -32,22 +47,18 @@ async def test_the_console_asks_for_a_token_and_keeps_it_in_the_tab(browser, gua
     context = await browser.new_context()
     page = await context.new_page()
     try:
-        await page.goto(f"{cp.http_url}/ui/")
-        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        await open_signed_out(page, cp.http_url)
         await page.fill("#token", "not-a-token")
         await page.click("#login button[type=submit]")
         await page.wait_for_function("() => document.getElementById('login-error').textContent.includes('unknown')", timeout=10_000)
-        await page.fill("#token", read)
-        await page.click("#login button[type=submit]")
-        await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)
+        await sign_in(page, read)
         assert await page.evaluate("sessionStorage.getItem('edgeplane.token')") == read
         await page.reload()  # same tab: still signed in
-        await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)
+        await page.wait_for_selector(SIGNED_IN, timeout=10_000)
         other = await context.new_page()  # another tab starts signed out
-        await other.goto(f"{cp.http_url}/ui/")
-        await other.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        await open_signed_out(other, cp.http_url)
         await page.click("#logout")
-        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        await page.wait_for_selector(SIGNED_OUT, timeout=10_000)
         assert await page.evaluate("sessionStorage.getItem('edgeplane.token')") is None
     finally:
         await context.close()
@@ -60,11 +71,8 @@ async def test_a_pasted_token_is_cleaned_and_one_that_cannot_be_sent_is_refused(
     context = await browser.new_context()
     page = await context.new_page()
     try:
-        await page.goto(f"{cp.http_url}/ui/")
-        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
-        await page.fill("#token", f"\ufeff {read[:5]}\u200b{read[5:]}\u00a0\n")
-        await page.click("#login button[type=submit]")
-        await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)
+        await open_signed_out(page, cp.http_url)
+        await sign_in(page, f"\ufeff {read[:5]}\u200b{read[5:]}\u00a0\n")
         assert await page.evaluate("sessionStorage.getItem('edgeplane.token')") == read
 
         await page.click("#logout")
@@ -75,7 +83,7 @@ async def test_a_pasted_token_is_cleaned_and_one_that_cannot_be_sent_is_refused(
         assert await page.is_visible("#login") and await page.inner_text("#server-state") == "signed out"
         assert await page.evaluate("sessionStorage.getItem('edgeplane.token')") is None
         await page.reload()  # nothing kept: the form again, not an empty console
-        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        await page.wait_for_selector(SIGNED_OUT, timeout=10_000)
     finally:
         await context.close()
 
@@ -106,11 +114,8 @@ async def test_signing_out_while_a_poll_is_asked_leaves_the_console_signed_out(b
     try:
         await page.route("**/v1/placements", placements)
         await page.route("**/v1/sites", sites)
-        await page.goto(f"{cp.http_url}/ui/")
-        await page.wait_for_selector("#login:not([hidden])", timeout=10_000)
-        await page.fill("#token", read)
-        await page.click("#login button[type=submit]")
-        await page.wait_for_selector("#map g.site[data-site=edge-oslo]", timeout=10_000)
+        await open_signed_out(page, cp.http_url)
+        await sign_in(page, read)
         held = True
         await asyncio.wait_for(asked.wait(), timeout=10)
         await page.click("#logout")
