@@ -55,15 +55,16 @@ class Work:
 def check(state: whatif.State, changes: Changes, each: str | None, budget: int) -> Work:
     """The work of ``whatif.simulate`` (``each`` None) or of ``sweep.sweep_under``;
     ``TooMuchWork`` when it is over ``budget``."""
-    work = _scenario_work(state, changes, each)
-    _refuse_over(work, budget)  # first: counting a sweep under a scenario scales its demand
+    scaled = [_scaled(d, changes) for d in state.deployments]  # once: points × changes each
+    work = _scenario_work(state, changes, each, scaled)
+    _refuse_over(work, budget)  # first: a sweep under a scenario plans many more
     if each is not None:
-        work = _with_sweep(work, state, changes, each)
+        work = _with_sweep(work, state, changes, each, scaled)
         _refuse_over(work, budget)
     return work
 
 
-def _scenario_work(state: whatif.State, changes: Changes, each: str | None) -> Work:
+def _scenario_work(state: whatif.State, changes: Changes, each: str | None, scaled: list[sched.Deployment]) -> Work:
     """One plan of the fleet under the scenario (none for a sweep without one)."""
     sites = len(state.sites) + len(changes.added)
     what = f"{sites:,} sites × {len(state.deployments):,} deployments"
@@ -72,7 +73,7 @@ def _scenario_work(state: whatif.State, changes: Changes, each: str | None) -> W
         what += f", {len(changes.demand):,} demand changes × every demand point"
     if each is not None and changes.empty:
         return Work(0, 0, what)
-    relocation = sum(_relocation(_scaled(d, changes), sites) for d in state.deployments)
+    relocation = sum(_relocation(d, sites) for d in scaled)
     if relocation:
         what += f", {relocation:,} units relocating replicas between demand points"
     return Work(1, sites * (FLEET_UNITS + len(state.deployments)) + demand + relocation, what)
@@ -94,15 +95,15 @@ def _relocation(d: sched.Deployment, sites: int) -> int:
     return wanted * candidates * points * planner.RELOCATION_ROUNDS // RELOCATION_SCORES_PER_UNIT
 
 
-def _with_sweep(work: Work, state: whatif.State, changes: Changes, each: str) -> Work:
+def _with_sweep(work: Work, state: whatif.State, changes: Changes, each: str, scaled: list[sched.Deployment]) -> Work:
     """``work`` and then an N-1 sweep's plans: one per target hosting a replica."""
     sites = len(state.sites) + len(changes.added)
-    plans, pairs, relocation = _hosted(state, changes, each, sites)
+    plans, pairs, relocation = _hosted(state, changes, each, sites, scaled)
     what = f"{work.what}; an N-1 sweep by {each}: {plans:,} plans, one per {each} hosting a replica"
     return Work(work.plans + plans, work.units + sites * (FLEET_UNITS * plans + pairs) + relocation, what)
 
 
-def _hosted(state: whatif.State, changes: Changes, each: str, sites: int) -> tuple[int, int, int]:
+def _hosted(state: whatif.State, changes: Changes, each: str, sites: int, scaled: list[sched.Deployment]) -> tuple[int, int, int]:
     """How many targets (sites or regions) a sweep plans for, how many deployments it
     plans in all, and their relocation passes' units: each target hosting a replica, with
     the deployments of the models that have one there.
@@ -115,16 +116,16 @@ def _hosted(state: whatif.State, changes: Changes, each: str, sites: int) -> tup
     model_of = {d.name: d.model for d in state.deployments}
     of_model = Counter(model_of.values())
     relocation_of: Counter[str] = Counter()  # per model, its deployments' relocation passes
-    for d in state.deployments:
-        relocation_of[d.model] += _relocation(_scaled(d, changes), sites)
+    for d in scaled:
+        relocation_of[d.model] += _relocation(d, sites)
     kept = [r for r in state.current if r.site in keeps]
     models_at = {(target_of[r.site], model_of.get(r.deployment, r.deployment)) for r in kept}
     targets = len(set(target_of.values()) | {(s.name if each == "site" else s.region) for s in changes.added})
     loose = loose_pairs = loose_relocation = 0  # replicas that may land on a target without one of their deployment today
     if not changes.empty:
         running = Counter(r.deployment for r in kept)
-        for d in state.deployments:
-            extra = max(0, _scaled(d, changes).wanted_replicas() - running[d.name])
+        for d in scaled:
+            extra = max(0, d.wanted_replicas() - running[d.name])
             loose += extra
             loose_pairs += extra * of_model[d.model]
             loose_relocation += extra * relocation_of[d.model]
