@@ -126,18 +126,13 @@ class ZoneStore:
         sql, args = "SELECT * FROM records WHERE expires_at > ?", [now]
         if retention_s is not None:
             sql, args = sql + " AND captured_at > ?", [*args, now - retention_s]
-        for column, value in (("deployment", deployment), ("model", model)):
-            if value is not None:
-                sql, args = sql + f" AND {column} = ?", [*args, value]
+        sql, args = _of(sql, args, deployment, model)
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY captured_at, id LIMIT ?", [*args, limit]).fetchall()
         return [Record(*row) for row in rows]
 
     def count(self, deployment: str | None = None, *, model: str | None = None) -> int:
-        sql, args = "SELECT COUNT(*) FROM records WHERE 1", []
-        for column, value in (("deployment", deployment), ("model", model)):
-            if value is not None:
-                sql, args = sql + f" AND {column} = ?", [*args, value]
+        sql, args = _of("SELECT COUNT(*) FROM records WHERE 1", [], deployment, model)
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
 
@@ -330,3 +325,11 @@ class CaptureWriter:
 
 def _payload(record: Record) -> int:
     return len(record.input) + len(record.output)
+
+
+def _of(sql: str, args: list[object], deployment: str | None, model: str | None) -> tuple[str, list[object]]:
+    """``sql`` narrowed to the records of ``deployment`` and of ``model``, each when given."""
+    for column, value in (("deployment", deployment), ("model", model)):
+        if value is not None:
+            sql, args = sql + f" AND {column} = ?", [*args, value]
+    return sql, args
