@@ -201,15 +201,17 @@ class AgentHub(relayed.RelayedAgents):
             return self._record(application, proof, application.agent_id, application.credential or "")
         return self._record(application, proof, *self._identities.issue(application.site, proof))
 
-    async def join_async(self, application: model.JoinApplication) -> model.JoinGrant:
+    async def join_async(self, application: model.JoinApplication,
+                         bootstrap: auth.BootstrapToken | None = None) -> model.JoinGrant:
         """:meth:`join` with the authenticator's calls, which may wait on the database, in
         worker threads: the event loop (health probes, the gateway, other agents) never
         waits on them. Who holds the site is decided on the loop, and a new identity's
         credential replaces the site's last one only once the site is this join's: it is
         held for it (:meth:`identity.Identities.issue_held`) until the join is recorded or fails.
-        While relaying, the leader is asked first whether another replica's agent holds it."""
+        While relaying, the leader is asked first whether another replica's agent holds it.
+        ``bootstrap``: the application's token, already verified by :meth:`check_enrolment`."""
         applications.check(application)
-        proof = await self._identities.prove_off_loop(application)
+        proof = await self._identities.prove_off_loop(application, bootstrap)
         if self._decide(application, proof):  # the same identity: nothing to write
             return self._record(application, proof, application.agent_id, application.credential or "")
         if self.tap is not None:
@@ -266,10 +268,10 @@ class AgentHub(relayed.RelayedAgents):
         self._identities.refuse_if_joining(site, agent_id)
         self._refuse_if_held_elsewhere(site, now, agent_id)
 
-    async def check_enrolment(self, site: str, bootstrap_token: str) -> None:
+    async def check_enrolment(self, site: str, bootstrap_token: str) -> auth.BootstrapToken:
         """A client certificate asked for without one (the join port) is for a valid bootstrap
-        token only (:meth:`identity.Identities.check_enrolment`)."""
-        await self._identities.check_enrolment(site, bootstrap_token)
+        token only (:meth:`identity.Identities.check_enrolment`): the verified token, for :meth:`join_async`."""
+        return await self._identities.check_enrolment(site, bootstrap_token)
 
     async def authenticate_stream(self, site: str, agent_id: str, credential: str) -> None:
         """Check the metadata of a Heartbeats/WatchAssignments stream, once per stream (the

@@ -61,17 +61,20 @@ class Identities:
         for an authenticator that does not block."""
         return self._prove(application, self.revocations(application.site))
 
-    async def prove_off_loop(self, application: model.JoinApplication) -> Proof:
-        """:meth:`prove` in a worker thread; the site's revocations are counted first, on the loop."""
-        return await asyncio.to_thread(self._prove, application, self.revocations(application.site))
+    async def prove_off_loop(self, application: model.JoinApplication,
+                             bootstrap: auth.BootstrapToken | None = None) -> Proof:
+        """:meth:`prove` in a worker thread; the site's revocations are counted first, on the loop.
+        ``bootstrap`` is the application's token when :meth:`check_enrolment` already verified it."""
+        return await asyncio.to_thread(self._prove, application, self.revocations(application.site), bootstrap)
 
-    def _prove(self, application: model.JoinApplication, revocations: int) -> Proof:
+    def _prove(self, application: model.JoinApplication, revocations: int,
+               bootstrap: auth.BootstrapToken | None = None) -> Proof:
         """The authenticator alone: safe from a worker thread."""
         site = application.site
         replacing = self._auth.holder_of(site)  # read first: a credential written after it is not replaced
         if application.credential is not None and self._auth.verify_credential(site, application.credential):
             return Proof(by_credential=True, token=None, replacing=replacing, revocations=revocations)
-        token = self._auth.verify_bootstrap(application.bootstrap_token)
+        token = bootstrap if bootstrap is not None else self._auth.verify_bootstrap(application.bootstrap_token)
         if token is None:
             raise errors.NotAuthenticated(f"join for site {site!r} refused: invalid token or credential")
         return Proof(by_credential=False, token=token, replacing=replacing, revocations=revocations)
@@ -120,14 +123,17 @@ class Identities:
             raise errors.NotAuthenticated(f"site {site!r} was revoked while this agent was checked; it joins again only "
                                           "with a bootstrap token created after the revocation")
 
-    async def check_enrolment(self, site: str, bootstrap_token: str) -> None:
+    async def check_enrolment(self, site: str, bootstrap_token: str) -> auth.BootstrapToken:
         """A client certificate asked for without one (the join port) is for a valid bootstrap
         token only: the site's credential never expires, so a copy of it must not mint
-        certificates; renewal goes over mutual TLS, with the certificate it renews."""
-        if await asyncio.to_thread(self._auth.verify_bootstrap, bootstrap_token) is None:
+        certificates; renewal goes over mutual TLS, with the certificate it renews. The verified
+        token is given back for the join to prove itself with (:meth:`prove_off_loop`)."""
+        token = await asyncio.to_thread(self._auth.verify_bootstrap, bootstrap_token)
+        if token is None:
             raise errors.NotAuthenticated(
                 f"no client certificate for site {site!r}: the join port issues one only for a valid bootstrap token, and this "
                 "one is unknown, expired or revoked (a certificate is renewed over mutual TLS with the current one)")
+        return token
 
     async def check_credential(self, site: str, credential: str) -> None:
         """NotAuthenticated unless ``credential`` is ``site``'s (checked in a worker thread) and

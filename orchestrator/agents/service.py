@@ -140,9 +140,10 @@ class AgentControlServicer:
             except ValueError as exc:  # CertificateError and malformed PEM alike
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot sign this CSR: {exc}")
         try:
+            bootstrap = None
             if request.csr_pem and peer is None:  # no certificate to renew: an enrolment
-                await self._hub.check_enrolment(request.site, request.bootstrap_token)
-            response = (await self._hub.join_async(application)).to_proto()
+                bootstrap = await self._hub.check_enrolment(request.site, request.bootstrap_token)
+            response = (await self._hub.join_async(application, bootstrap)).to_proto()
         except errors.AgentHubError as exc:
             await context.abort(_status_code(exc), str(exc))
             raise  # unreachable: abort raises
