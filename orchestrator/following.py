@@ -27,6 +27,7 @@ from orchestrator.agents import relay
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
 from orchestrator.reconciler import loop as reconciler_mod
+from orchestrator.reconciler import planning
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger("edgeplane")
@@ -126,13 +127,12 @@ class StoreFollower:
         in this replica's ``edgeplane_agents{health="unhealthy"}`` for good. Connected ones
         are kept, serving nothing, until they leave. Read at a Site's deletion (its event
         wakes this loop) and at each poll, for an agent lost after its Site was deleted."""
-        lost = [a.site for a in self.hub.snapshot() if not a.healthy and a.via is None]
+        lost = [a for a in self.hub.snapshot() if not a.healthy and a.via is None]
         if not lost:
             return
-        gone = await asyncio.to_thread(lambda: [site for site in lost if self.store.get("Site", site) is None])
-        for site in gone:
-            if (agent := self.hub.status(site)) is not None and not agent.healthy:  # not one that came back meanwhile
-                self.hub.forget(site)
+        stored = await asyncio.to_thread(lambda: {r.name for r in self.store.list("Site")})
+        for site in planning.agents_to_forget(lost, stored):
+            self.hub.forget_if_lost(site)
 
     async def _read_wakes(self, since: int) -> int:
         """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""

@@ -471,6 +471,12 @@ class AgentHub(relayed.RelayedAgents):
         if self.tap is not None:
             self.tap.touched(site)
 
+    def forget_if_lost(self, site: str) -> None:
+        """:meth:`forget` ``site``'s agent if it is lost (its Site was deleted): one that came
+        back since it was found lost is kept."""
+        if (agent := self.status(site)) is not None and not agent.healthy:
+            self.forget(site)
+
     def revoke(self, site: str) -> None:
         """The site's agent identity was revoked (through any replica): drop its agent, whose
         streams here end and whose credential no longer joins, and refuse it when a replica

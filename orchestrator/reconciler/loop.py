@@ -478,8 +478,7 @@ class Reconciler:
                 version = await asyncio.to_thread(self.store.next_sequence, "assignments", lease=self.lease)
                 self.hub.set_assignments(site, list(assignments), version)
             case act.ForgetAgent(site):
-                if (agent := self.hub.status(site)) is not None and not agent.healthy:  # not one that came back meanwhile
-                    self.hub.forget(site)
+                self.hub.forget_if_lost(site)
             case act.ApplyServeApps(site, apps, drift):
                 await self._apply_datacentre(site, apps, drift)
             case act.SetStatuses(items):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -415,6 +415,12 @@ def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
     return status
 
 
+def agents_to_forget(agents: Iterable[agent_model.AgentStatus], stored_sites: Collection[str]) -> list[str]:
+    """The sites of the lost agents among ``agents`` whose Site is not in ``stored_sites``: a
+    deleted Site's agent stays while connected, and is forgotten once lost."""
+    return [a.site for a in agents if not a.healthy and a.site not in stored_sites]
+
+
 def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -> PassPlan:
     result, standing = schedule_pass(s, standing)
     rows = placement_rows(result)
@@ -426,8 +432,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
         # a site still rejoining is sent nothing: what it gets on its return is the plan then
         if assignments != s.assignments.get(site) and site not in s.rejoining:
             out.append(act.PushAssignments(site, assignments))
-    stored = {r.name for r in s.sites}  # a deleted Site's agent stays while connected, and is forgotten once lost
-    out.extend(act.ForgetAgent(a.site) for a in s.agents if not a.healthy and a.site not in stored)
+    out.extend(act.ForgetAgent(site) for site in agents_to_forget(s.agents, {r.name for r in s.sites}))
     for site, apps in serve_apps(s, rows).items():
         dc = s.datacentres.get(site)
         if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):
