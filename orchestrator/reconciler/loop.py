@@ -229,16 +229,19 @@ class Reconciler:
             awaited = frozenset(row.site for row in placements if row.site in edge)
         return awaited - {a.site for a in agents}
 
+    def _rejoin_open(self) -> bool:
+        """Whether the window since :meth:`resume` for edge sites to rejoin is still open."""
+        return self._rejoin is not None and self.clock() < self._rejoin[0]
+
     def _rejoining(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
                    agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
         """The edge sites still awaited since :meth:`resume` (each leaves the set for good
         when its agent joins)."""
         if self._rejoin is None:
             return frozenset()
-        deadline = self._rejoin[0]
         awaited = self._awaited(sites, placements, agents)
-        if awaited and self.clock() < deadline:
-            self._rejoin = (deadline, awaited)
+        if awaited and self._rejoin_open():
+            self._rejoin = (self._rejoin[0], awaited)
             return awaited
         self._rejoin, self._remembered = None, {}
         if awaited:
@@ -291,8 +294,8 @@ class Reconciler:
         sites, models, deployments, placements = await asyncio.to_thread(self._read_stored)
         agents = tuple(self.hub.snapshot())
         last = self.last_snapshot
-        waiting = self._rejoin is not None and self.clock() < self._rejoin[0]  # past it, the next pass plans them lost
-        rejoining = self._awaited(sites, placements, agents) if waiting else frozenset()
+        # past the window, the next pass plans them lost
+        rejoining = self._awaited(sites, placements, agents) if self._rejoin_open() else frozenset()
         return snap.Snapshot(
             sites, models, deployments, placements, agents,
             datacentres=last.datacentres if last else {}, artifacts=last.artifacts if last else {},
