@@ -411,7 +411,8 @@ class ControlPlane:
             view["storeChanges"] = {"notified": feed.connected, "pollSeconds": self.config.store_poll_s,
                                     **({"lastError": feed.last_error} if feed.last_error else {})}
         try:
-            current = await self._current_lease(self.elector.ttl_s)
+            current: store_mod.Lease | None = await self._shared_read(
+                "lease", lambda: self.store.current_lease(leadership.LEASE), self.elector.ttl_s)
         except store_mod.StoreError as exc:
             return {**view, "leader": None, "error": str(exc)}
         except TimeoutError:
@@ -419,9 +420,6 @@ class ControlPlane:
         view["leader"] = ({"replica": current.holder, "fencingToken": current.token, "expiresInSeconds": round(current.remaining_s, 2)}
                           if current is not None else None)
         return view
-
-    async def _current_lease(self, within_s: float) -> store_mod.Lease | None:
-        return await self._shared_read("lease", lambda: self.store.current_lease(leadership.LEASE), within_s)
 
     async def _shared_read(self, name: str, read: Callable[[], Any], within_s: float) -> Any:
         """``read()`` of the store, on a worker thread: on PostgreSQL a read is a transaction

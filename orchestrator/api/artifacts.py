@@ -26,7 +26,6 @@ from starlette.routing import Route
 
 from orchestrator.artifacts import catalog as catalog_mod
 
-CHUNK = 1 << 20
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -83,7 +82,7 @@ async def _read(fh: BinaryIO, start: int, stop: int) -> AsyncIterator[bytes]:
     try:
         offset = start
         while offset < stop:
-            chunk = await asyncio.to_thread(os.pread, fh.fileno(), min(CHUNK, stop - offset), offset)
+            chunk = await asyncio.to_thread(os.pread, fh.fileno(), min(catalog_mod.CHUNK, stop - offset), offset)
             if not chunk:  # truncated since it was opened: fewer bytes than announced, the download fails
                 raise OSError(f"artifact file shrank while it was served ({offset} of {stop} bytes)")
             offset += len(chunk)
