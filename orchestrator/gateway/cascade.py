@@ -32,9 +32,9 @@ replica's service time) — with its gCO2 at the site's grid intensity. Promethe
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
@@ -125,8 +125,37 @@ class CascadeStats:
         return out
 
 
+class LaterStages(Sequence[list[routing.Ranked] | routing.NoRoute]):
+    """Each stage after ``stage``'s ranking, ranked when ``after_stage`` first reads it: a stage
+    that answered sure reads none, an escalation reads up to the first stage with a replica
+    (ranking reads the whole table); ``ranked`` holds those it read."""
+
+    def __init__(self, rank: Callable[[int], list[routing.Ranked] | routing.NoRoute], stage: int, stages: int):
+        self._rank = rank
+        self._first = stage + 1
+        self._len = max(stages - self._first, 0)
+        self.ranked: list[list[routing.Ranked] | routing.NoRoute] = []
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> list[routing.Ranked] | routing.NoRoute: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[list[routing.Ranked] | routing.NoRoute]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        if not -self._len <= index < self._len:
+            raise IndexError(index)
+        index %= self._len
+        while len(self.ranked) <= index:
+            self.ranked.append(self._rank(self._first + len(self.ranked)))
+        return self.ranked[index]
+
+
 def skipped(route: rules.CascadeRoute, stage: int, next_stage: int,
-            later: list[list[routing.Ranked] | routing.NoRoute]) -> list[str]:
+            later: Sequence[list[routing.Ranked] | routing.NoRoute]) -> list[str]:
     """Why each stage between ``stage`` and ``next_stage`` was passed over (it had no allowed replica)."""
     return [f"{route.stages[s].variant}: {r.reason}" for s, r in enumerate(later, stage + 1)
             if s < next_stage and isinstance(r, routing.NoRoute)]
@@ -208,6 +237,10 @@ class CascadeHandler:
         return rules.stage_ranking(route, stage, self.table.with_local_load(route.model), caller, regions=self.table.regions,
                                    gateway_position=self.position, ejected=self.table.ejected())
 
+    def later(self, route: rules.CascadeRoute, stage: int, caller: routing.Caller) -> LaterStages:
+        """The stages after ``stage``, each ranked for ``caller`` only if ``after_stage`` reads it."""
+        return LaterStages(lambda s: self.ranking(route, s, caller), stage, len(route.stages))
+
     async def infer(self, route: rules.CascadeRoute, mode: rules.Mode, caller: routing.Caller, request: Request, body: bytes,
                     plain: Callable[[], Awaitable[Response]]) -> Response:
         if mode == "off":
@@ -267,7 +300,7 @@ class CascadeHandler:
                 return Response(oip.error_body(f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
                                                f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}"),
                                 status_code=503, media_type="application/json")
-            later = [self.ranking(route, s, caller) for s in range(stage + 1, len(route.stages))]
+            later = self.later(route, stage, caller)
             unroutable = ranked if isinstance(ranked, routing.NoRoute) else None
             decision = rules.after_stage(route, stage, verdict, got is not None, later, unroutable=unroutable)
             match decision:
@@ -293,7 +326,7 @@ class CascadeHandler:
                     if got is not None:
                         answer_confidence = verdict.confidence if verdict is not None else None
                     escalated_why = f"{route.stages[stage].variant}: {why}"
-                    trip.failures.extend(skipped(route, stage, next_stage, later))
+                    trip.failures.extend(skipped(route, stage, next_stage, later.ranked))
                     stage, ranked = next_stage, list(candidates)
 
     def _not_escalated(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: Trip,

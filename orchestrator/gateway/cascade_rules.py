@@ -324,7 +324,8 @@ def after_stage(route: CascadeRoute, stage: int, verdict: Verdict | None, has_an
 
     ``verdict`` is the judge's (None when the stage gave no answer: down, failing, or
     overloaded, which always escalates); ``later`` each later stage's candidates for this
-    caller, in order (empty when ``stage`` is the last); ``unroutable`` why ``stage`` had
+    caller, in order (empty when ``stage`` is the last), read only as far as the decision
+    needs (none for a sure answer); ``unroutable`` why ``stage`` had
     no replica to try, if it had none. A later stage with no allowed replica is passed
     over for the one after it, as a first stage with none hands over: with three or four
     stages a middle one that the caller may not use must not end the cascade.

@@ -133,7 +133,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
             return _unanswered(req, openai_routes.error(503, f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
                                                              f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}",
                                                         code="stage_unavailable"))
-        later = [handler.ranking(route, s, caller) for s in range(stage + 1, len(route.stages))]
+        later = handler.later(route, stage, caller)
         unroutable = ranked if isinstance(ranked, routing.NoRoute) else None
         match rules.after_stage(route, stage, verdict, got is not None, later, unroutable=unroutable):
             case rules.Answer(not_escalated=why):
@@ -156,7 +156,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                 if got is not None:
                     answer_confidence = verdict.confidence if verdict is not None else None
                 escalated_why = f"{route.stages[stage].variant}: {why}"
-                req.trip.failures.extend(cascade_mod.skipped(route, stage, next_stage, later))
+                req.trip.failures.extend(cascade_mod.skipped(route, stage, next_stage, later.ranked))
                 stage, ranked = next_stage, list(candidates)
 
 
