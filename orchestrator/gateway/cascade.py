@@ -344,7 +344,7 @@ class CascadeHandler:
                 upstream = await self.http.request("POST", f"{e.url}/v2/models/{e.model}/infer", body, headers)
             except UpstreamError as exc:
                 trip.failures.append(f"{e.site}: {exc}")
-                (self.table.timed_out if isinstance(exc, UpstreamTimeout) else self.table.eject)(e.url)  # slow at this request, or down
+                self.table.failed(e.url, slow=isinstance(exc, UpstreamTimeout))  # slow at this request, or down
                 continue
             finally:
                 self.table.finished(e.url)

@@ -258,6 +258,14 @@ class EndpointTable:
         error of that request until ``ejecting_500s`` of them in a row."""
         self._failed_one(url)
 
+    def failed(self, url: str, *, slow: bool) -> None:
+        """Record a request the replica did not answer: a ``slow`` one (taken, not answered in
+        time) as :meth:`timed_out`; any other (refused or dropped connection: down) ejects it."""
+        if slow:
+            self.timed_out(url)
+        else:
+            self.eject(url)
+
     def _failed_one(self, url: str) -> None:
         if (count := self._500s_in_a_row.get(url, 0) + 1) >= self.ejecting_500s:
             self.eject(url)

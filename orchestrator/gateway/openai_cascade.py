@@ -210,7 +210,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
             except (UpstreamError, TimeoutError) as exc:
                 req.trip.failures.append(f"{e.site}: {exc or type(exc).__name__}")
                 # slow at this request (a long prompt on slow hardware): ejected only at the fifth in a row, as by the relay
-                (owner.gw.table.timed_out if isinstance(exc, (UpstreamTimeout, TimeoutError)) else owner.gw.table.eject)(e.url)
+                owner.gw.table.failed(e.url, slow=isinstance(exc, (UpstreamTimeout, TimeoutError)))
                 owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
                 continue
         finally:

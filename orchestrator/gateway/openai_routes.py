@@ -432,10 +432,8 @@ class _Relay(Response):
                 except _Failed as exc:
                     failures.append(f"{e.site}: {exc}")
                     at_capacity = exc.at_capacity or at_capacity
-                    if exc.slow:  # a long prompt on slow hardware, or stuck: EndpointTable.timed_out tells
-                        gw.table.timed_out(e.url)
-                    elif exc.eject:
-                        gw.table.eject(e.url)
+                    if exc.slow or exc.eject:  # slow: a long prompt on slow hardware, or stuck: EndpointTable.timed_out tells
+                        gw.table.failed(e.url, slow=exc.slow)
                 finally:
                     gw.table.finished(e.url)
                     if self.hooks is not None:

@@ -180,10 +180,7 @@ class Gateway:
                 upstream = await self.http.request(method, url, body, headers)
             except UpstreamError as exc:
                 failures.append(f"{e.site}: {exc}")
-                if isinstance(exc, UpstreamTimeout):  # slow at this request (a huge batch), not down
-                    self.table.timed_out(e.url)
-                else:
-                    self.table.eject(e.url)
+                self.table.failed(e.url, slow=isinstance(exc, UpstreamTimeout))  # slow at this request (a huge batch), or down
                 continue
             finally:
                 self.table.finished(e.url)
