@@ -205,10 +205,7 @@ class GenerationServer:
         """The body as sent before its ``Content-Encoding``: here, not in front of this server,
         so that every server of these routes (the agent, a data-centre replica) takes the same
         bodies and refuses the same ones (415, 413 past the limit once inflated)."""
-        coding = request.headers.get("content-encoding")
-        if coding is None or encoding.is_identity(coding):
-            return request.body
-        plain = await encoding.inflate_off_loop(request.body, coding, self.max_body_bytes)
+        plain = await encoding.inflate_off_loop(request.body, request.headers.get("content-encoding"), self.max_body_bytes)
         if isinstance(plain, encoding.Refused):
             raise openai_api.ApiError(plain.status, plain.message, code=plain.code,
                                       headers=tuple(encoding.refusal_headers(plain.status).items()))

@@ -64,10 +64,7 @@ async def inflated(request: Request, limit: int) -> Request | Refusal:
     """``request`` with its body as sent before its ``Content-Encoding`` (at most ``limit``
     bytes of it), or why it cannot be had (the v2 routes; the /v1 routes inflate in
     ``generation``, which data-centre replicas run too)."""
-    encoding = request.headers.get("content-encoding")
-    if encoding is None or encoding_mod.is_identity(encoding):
-        return request
-    body = await encoding_mod.inflate_off_loop(request.body, encoding, limit)
+    body = await encoding_mod.inflate_off_loop(request.body, request.headers.get("content-encoding"), limit)
     if isinstance(body, encoding_mod.Refused):
         return Refusal(*body)
     return dataclasses.replace(request, body=body)

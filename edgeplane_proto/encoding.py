@@ -60,10 +60,14 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes | Refused:
     return data
 
 
-async def inflate_off_loop(body: bytes, encoding: str, limit: int) -> bytes | Refused:
+async def inflate_off_loop(body: bytes, encoding: str | None, limit: int) -> bytes | Refused:
     """:func:`inflate` for a server's event loop: a large body on a thread, since zlib lets
     go of the GIL (up to the limit inflated, ~0.3 s for 64 MiB) and the loop goes on
-    answering others and heartbeating meanwhile."""
+    answering others and heartbeating meanwhile. A body with no ``Content-Encoding``
+    (``None``) or ``identity`` is returned as it is."""
+    if is_identity(encoding):
+        return body
+    assert encoding is not None  # is_identity(None)
     if len(body) <= INFLATE_INLINE_MAX:
         return inflate(body, encoding, limit)
     return await asyncio.to_thread(inflate, body, encoding, limit)

@@ -246,9 +246,8 @@ class CascadeHandler:
         if mode == "off":
             return await plain()
         kept: bytes | encoding_mod.Refused = body  # the request as a capture record keeps it: readable, so inflated
-        encoding = request.headers.get("content-encoding")
-        if route.capture is not None and self.capture is not None and encoding is not None and not encoding_mod.is_identity(encoding):
-            kept = await encoding_mod.inflate_off_loop(body, encoding, self.max_body)
+        if route.capture is not None and self.capture is not None:
+            kept = await encoding_mod.inflate_off_loop(body, request.headers.get("content-encoding"), self.max_body)
             if isinstance(kept, encoding_mod.Refused):  # as every stage's replica would refuse it
                 return Response(oip.error_body(kept.message), status_code=kept.status, media_type="application/json",
                                 headers=encoding_mod.refusal_headers(kept.status))

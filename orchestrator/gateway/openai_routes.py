@@ -270,13 +270,12 @@ class OpenAIGateway:
         except ClientDisconnect:  # nobody is left to read the answer
             self.gw.refused(None, 400)
             return error(400, "the client went away before the whole body arrived")
-        encoding = request.headers.get("content-encoding")
-        if encoding is not None and not encoding_mod.is_identity(encoding):  # inflated here: the body is read, changed and sent on plain
-            plain = await encoding_mod.inflate_off_loop(raw, encoding, self.gw.max_body)
-            if isinstance(plain, encoding_mod.Refused):
-                self.gw.refused(None, plain.status)
-                return error(plain.status, plain.message, code=plain.code, headers=encoding_mod.refusal_headers(plain.status))
-            raw = plain
+        # inflated here: the body is read, changed and sent on plain
+        plain = await encoding_mod.inflate_off_loop(raw, request.headers.get("content-encoding"), self.gw.max_body)
+        if isinstance(plain, encoding_mod.Refused):
+            self.gw.refused(None, plain.status)
+            return error(plain.status, plain.message, code=plain.code, headers=encoding_mod.refusal_headers(plain.status))
+        raw = plain
         try:
             body = json.loads(raw)
         except ValueError as exc:  # not UTF-8 either

@@ -117,12 +117,10 @@ class OnnxModel:
         body = await bodies.read(request, MAX_REQUEST_BYTES)
         if isinstance(body, encoding.Refused):
             return _error(body.status, body.message)
-        content_encoding = request.headers.get("content-encoding")
-        if content_encoding is not None and not encoding.is_identity(content_encoding):
-            inflated = await encoding.inflate_off_loop(body, content_encoding, MAX_REQUEST_BYTES)
-            if isinstance(inflated, encoding.Refused):
-                return _error(inflated.status, inflated.message, encoding.refusal_headers(inflated.status))
-            body = inflated
+        inflated = await encoding.inflate_off_loop(body, request.headers.get("content-encoding"), MAX_REQUEST_BYTES)
+        if isinstance(inflated, encoding.Refused):
+            return _error(inflated.status, inflated.message, encoding.refusal_headers(inflated.status))
+        body = inflated
         header = request.headers.get(oip.BINARY_HEADER)
         try:
             header_length = int(header) if header is not None else None
