@@ -7,7 +7,10 @@ connection error or a 5xx); its answer is decoded and judged
 (:mod:`orchestrator.gateway.cascade_rules`, pure), and either returned or the request
 goes to the next stage. A stage with no allowed replica, failing, or overloaded
 (``maxInflight``) hands over at once (a middle one too: the request goes on to the first
-later stage that can run), so the cascade is also the fallback. Residency
+later stage that can run), so the cascade is also the fallback. A replica at capacity
+(429) is overloaded too, as on the OpenAI routes: the stage's next replica is tried, then
+the next stage; the caller gets a 429, with the ``Retry-After`` of the last replica that
+said so, only when no stage answered and the stage the cascade ended on was at capacity. Residency
 binds every stage: the next stage's candidates are ranked for the same caller, and when
 none is allowed the answer in hand is returned with ``X-Edgeplane-Cascade-Escalation:
 not-escalated`` and the reason.
@@ -267,6 +270,7 @@ class CascadeHandler:
         answer_confidence: float | None = None
         while True:
             got: _Attempt | None = None
+            busy: _Attempt | None = None  # this stage's last 429, when no replica of it answered otherwise
             verdict = None
             if isinstance(ranked, routing.NoRoute):
                 trip.failures.append(f"{route.stages[stage].variant}: {ranked.reason}")
@@ -278,6 +282,11 @@ class CascadeHandler:
             else:
                 got = await self._run_stage(route, stage, ranked, body, headers, trip, totals)
                 cause = "down" if got is None else "unsure"
+                if got is not None and got.status == 429:  # at capacity: overloaded, so it hands over
+                    busy, got, cause = got, None, "overloaded"
+                    verdict = rules.Verdict(True, None, f"stage {route.stages[stage].variant!r} is at capacity ({busy.site}: HTTP 429)")
+                    if mode != "on":  # the stage the caller chose: nothing to hand over to
+                        return self._at_capacity(route, busy, trip, started, f"{verdict.reason} (X-Edgeplane-Cascade: {mode})", totals)
             if got is not None:
                 if got.status >= 400 and answer is not None:
                     # a later stage refused what an earlier one answered: the earlier answer stands
@@ -293,12 +302,9 @@ class CascadeHandler:
                 if stage == 0 and verdict is not None:
                     trip.first_confidence = verdict.confidence
             if got is None and mode == "force-first":  # the caller asked for this stage alone
-                totals.failed += 1
-                totals.latency_s += self.clock() - started
                 why = "; ".join(trip.failures) or (verdict.reason if verdict is not None else "no answer")
-                return Response(oip.error_body(f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
-                                               f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}"),
-                                status_code=503, media_type="application/json")
+                return self._unanswered(totals, started, 503, f"cascade {route.deployment!r}: stage {route.stages[stage].variant!r} "
+                                                              f"(X-Edgeplane-Cascade: force-first) gave no answer: {why}")
             later = self.later(route, stage, caller)
             unroutable = ranked if isinstance(ranked, routing.NoRoute) else None
             decision = rules.after_stage(route, stage, verdict, got is not None, later, unroutable=unroutable)
@@ -315,10 +321,10 @@ class CascadeHandler:
                     if answer is not None:  # an earlier stage answered: its answer stands
                         return self._not_escalated(route, answer, answer_confidence, trip, started,
                                                    f"{escalated_why}, but {reason}", totals)
-                    totals.failed += 1
-                    totals.latency_s += self.clock() - started
-                    return Response(oip.error_body(f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}"),
-                                    status_code=code, media_type="application/json")
+                    if busy is not None:  # the stage it ended on was at capacity: the caller may retry as that replica said
+                        return self._at_capacity(route, busy, trip, started, reason, totals)
+                    return self._unanswered(totals, started, code,
+                                            f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}")
                 case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
                     self.escalation(route, stage, cause, totals, trip)
                     escalated_at = self.clock()  # the next stage begins: every stage before it added its time
@@ -328,6 +334,22 @@ class CascadeHandler:
                     trip.failures.extend(skipped(route, stage, next_stage, later.ranked))
                     stage, ranked = next_stage, list(candidates)
 
+    def _unanswered(self, totals: Totals, started: float, status: int, message: str,
+                    headers: Mapping[str, str] | None = None) -> Response:
+        """The gateway's own error for a request no stage answered, counted failed."""
+        totals.failed += 1
+        totals.latency_s += self.clock() - started
+        return Response(oip.error_body(message), status_code=status, media_type="application/json", headers=headers)
+
+    def _at_capacity(self, route: rules.CascadeRoute, busy: _Attempt, trip: Trip, started: float, reason: str,
+                     totals: Totals) -> Response:
+        """The 429 of a cascade that ends on a stage at capacity: the caller may retry when
+        that replica said."""
+        retry_after = busy.headers.get("retry-after")
+        return self._unanswered(totals, started, 429,
+                                f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}",
+                                {"retry-after": retry_after} if retry_after is not None else None)
+
     def _not_escalated(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: Trip,
                        started: float, why: str, totals: Totals) -> Response:
         self.not_escalated(route, answer.stage, totals)
@@ -335,6 +357,10 @@ class CascadeHandler:
 
     async def _run_stage(self, route: rules.CascadeRoute, stage: int, ranked: list[routing.Ranked], body: bytes,
                          headers: Mapping[str, str], trip: Trip, totals: Totals) -> _Attempt | None:
+        """The answer of the first of ``ranked`` that answers (failover on a refused
+        connection, a 5xx, a 404, and a 429: a replica at capacity); None when none did, or
+        the last 429 when one was at capacity."""
+        busy: _Attempt | None = None
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
             self.table.started(e.url)
@@ -355,10 +381,14 @@ class CascadeHandler:
             if upstream.status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
                 trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")
                 continue
+            if upstream.status == 429:  # full (the replica is fine): another replica, or the next stage, may not be
+                trip.failures.append(f"{e.site}: at capacity (HTTP 429)")
+                busy = _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
+                continue
             if trip.first_site is None:
                 trip.first_site, trip.first_country = e.site, e.country
             return _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
-        return None
+        return busy
 
     def charge(self, route: rules.CascadeRoute, stage: int, site: str, busy_s: float, trip: Trip, totals: Totals) -> None:
         """Count one call of ``stage`` at ``site``: its energy and gCO2, and the site in the trip."""

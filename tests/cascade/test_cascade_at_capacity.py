@@ -1,0 +1,141 @@
+"""A v2 cascade whose stage replicas answer 429 (at capacity), against loopback replicas at
+the gateway: such a stage is overloaded, as on the OpenAI routes, so the request moves to
+the stage's next replica, then to the next stage, and the caller gets the 429 only when
+no stage answered and the stage the cascade ended on was at capacity."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+
+from edge_agent import httpserver
+from edgeplane_proto import oip
+from orchestrator.api import methods
+from orchestrator.gateway import cascade, cascade_rules, endpoints, proxy, routing, upstream
+
+Handle = Callable[[httpserver.Request], Awaitable[httpserver.Response]]
+RULE = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8)
+ROUTE = cascade_rules.CascadeRoute("m", "dep", (cascade_rules.StageRoute("small", frozenset({"edge"}), RULE),
+                                                cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)), {})
+PARIS = {"x-edgeplane-location": "48.85,2.35"}
+BODY = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}
+
+
+@asynccontextmanager
+async def replica(handle: Handle) -> AsyncIterator[str]:
+    server = httpserver.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await server.shutdown(1)
+
+
+def sure() -> Handle:
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        payload, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor("p", np.array([[0.9, 0.1]], dtype=np.float32)),)))
+        return httpserver.Response(200, payload)
+    return handle
+
+
+def at_capacity(retry_after: str) -> Handle:
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        return httpserver.Response(429, oip.error_body("model 'm' is at capacity; retry later"), headers=(("retry-after", retry_after),))
+    return handle
+
+
+def ep(site: str, tier: str, url: str, lat: float = 48.85, lon: float = 2.35) -> routing.Endpoint:
+    return routing.Endpoint("m", "dep", site, tier, "FR", "fr", lat, lon, url)
+
+
+@asynccontextmanager
+async def gateway(fleet: list[routing.Endpoint]) -> AsyncIterator[tuple[httpx.AsyncClient, endpoints.EndpointTable, cascade.CascadeStats]]:
+    table = endpoints.EndpointTable()
+    table.replace(fleet)
+    table.set_cascades({"m": ROUTE})
+    pool = upstream.UpstreamPool()
+    registry = CollectorRegistry()
+    stats = cascade.CascadeStats()
+    handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry), stats)
+    app = Starlette(routes=proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry), cascade=handler).routes(),
+                    exception_handlers=methods.EXCEPTION_HANDLERS)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
+            yield http, table, stats
+    finally:
+        await pool.close()
+
+
+async def infer(http: httpx.AsyncClient, **headers: str) -> httpx.Response:
+    return await http.post("/v2/models/m/infer", content=json.dumps(BODY), headers={**PARIS, **headers})
+
+
+def row(stats: cascade.CascadeStats) -> dict[str, Any]:
+    [only] = stats.snapshot({"m": ROUTE})
+    return only
+
+
+async def test_a_stage_replica_at_capacity_hands_over_to_the_stage_next_replica() -> None:
+    async with replica(at_capacity("1")) as paris, replica(sure()) as lyon, replica(sure()) as dc:
+        fleet = [ep("edge-paris", "edge", paris), ep("edge-lyon", "edge", lyon, 45.76, 4.84), ep("dc-paris", "datacenter", dc)]
+        async with gateway(fleet) as (http, table, stats):
+            resp = await infer(http)
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-lyon", resp.text
+    assert resp.headers["x-edgeplane-cascade-escalation"] == "none"
+    assert resp.headers["x-edgeplane-cascade-sites"] == "edge-paris,edge-lyon"
+    assert not table.ejected()  # full, not broken
+
+
+async def test_a_stage_at_capacity_hands_over_to_the_next_stage() -> None:
+    async with replica(at_capacity("1")) as edge, replica(sure()) as dc:
+        async with gateway([ep("edge-paris", "edge", edge), ep("dc-paris", "datacenter", dc)]) as (http, table, stats):
+            resp = await infer(http)
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "dc-paris", resp.text
+    assert resp.headers["x-edgeplane-cascade-escalation"] == "escalated"
+    assert "'small' is at capacity (edge-paris: HTTP 429)" in resp.headers["x-edgeplane-cascade-reason"]
+    assert row(stats)["answered"] == {"small": 0, "large": 1} and row(stats)["escalations"] == {"overloaded": 1}
+    assert not table.ejected()
+
+
+async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_retry_after() -> None:
+    async with replica(at_capacity("1")) as edge, replica(at_capacity("7")) as dc:
+        async with gateway([ep("edge-paris", "edge", edge), ep("dc-paris", "datacenter", dc)]) as (http, table, stats):
+            resp = await infer(http)
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "7", resp.text
+    message = resp.json()["error"]
+    assert "'large' is at capacity (dc-paris: HTTP 429)" in message and "edge-paris: at capacity" in message
+    assert row(stats)["answered"] == {"small": 0, "large": 0} and row(stats)["failed"] == 1  # no stage answered
+    assert not table.ejected()
+
+
+async def test_a_forced_stage_at_capacity_answers_429() -> None:
+    async with replica(at_capacity("3")) as edge, replica(sure()) as dc:
+        async with gateway([ep("edge-paris", "edge", edge), ep("dc-paris", "datacenter", dc)]) as (http, _, stats):
+            resp = await infer(http, **{"x-edgeplane-cascade": "force-first"})
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "3", resp.text
+    assert "X-Edgeplane-Cascade: force-first" in resp.json()["error"]
+    assert row(stats)["failed"] == 1
+
+
+async def test_a_later_stage_at_capacity_keeps_the_earlier_answer() -> None:
+    async def unsure(request: httpserver.Request) -> httpserver.Response:
+        payload, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor("p", np.array([[0.55, 0.45]], dtype=np.float32)),)))
+        return httpserver.Response(200, payload)
+
+    async with replica(unsure) as edge, replica(at_capacity("7")) as dc:
+        async with gateway([ep("edge-paris", "edge", edge), ep("dc-paris", "datacenter", dc)]) as (http, _, stats):
+            resp = await infer(http)
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-paris", resp.text
+    assert resp.headers["x-edgeplane-cascade-escalation"] == "not-escalated"
+    assert "'large' is at capacity (dc-paris: HTTP 429)" in resp.headers["x-edgeplane-cascade-reason"]
+    assert row(stats)["answered"] == {"small": 1, "large": 0}
