@@ -7,7 +7,9 @@ The decisions are the v2 cascade's, pure, in :mod:`orchestrator.gateway.cascade_
 ``stage_ranking`` (the nearest allowed replicas of a stage: residency binds every stage),
 ``overloaded``, ``judge_generative`` (mean token log-probability, ``max_tokens`` reached,
 refusal patterns) and ``after_stage`` (answer, escalate, or answer saying why not
-escalated); the counters and energy are the v2 cascade's too (``CascadeHandler``).
+escalated); the counters and energy are the v2 cascade's too (``CascadeHandler``), and
+so is ``edgeplane_gateway_requests_total``: one caller request counts once, as the answer
+the caller got, however many stages ran for it.
 A replica at capacity (429) is overloaded, as ``maxInflight`` reached is: the stage's next
 replica is tried, then the next stage; the caller gets the 429, with its ``Retry-After``,
 only when the stage the cascade ends on is at capacity.
@@ -225,7 +227,6 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
             req.trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")
             owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
             continue
-        owner.gw.metrics.requests.labels(req.route.model, e.site, str(status)).inc()
         if status == 429:  # its sequences are full (the replica is fine): another replica, or the next stage, may not be
             req.trip.failures.append(f"{e.site}: at capacity (HTTP 429)")
             owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
@@ -276,6 +277,8 @@ def _not_escalated(req: _Request, answer: _Answer, confidence: float | None, why
 def _respond(req: _Request, answer: _Answer, confidence: float | None, escalated_at: float | None, escalation: str,
              reason: str, *, sites: list[str] | None = None) -> Response:
     req.handler.answered(req.route, answer.stage, req.started, escalated_at, req.totals)
+    # the caller's one request, whichever stages ran for it (as the v2 cascade counts)
+    req.owner.gw.metrics.requests.labels(req.route.model, answer.site, str(answer.status)).inc()
     sites = req.trip.sites if sites is None else sites
     headers = _headers(req, answer.stage, answer.site, answer.tier, confidence, escalation, reason, sites)
     if not isinstance(answer.body, dict):

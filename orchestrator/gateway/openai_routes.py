@@ -133,7 +133,8 @@ class RelayHooks(Protocol):
 
     async def refused(self, send: Send, e: routing.Endpoint, status: int, body: bytes, retry_after: str | None) -> None:
         """``e`` refused the request (a 4xx other than 404 and 429: the caller's error):
-        this hook answers the caller, with that refusal or an earlier answer."""
+        this hook answers the caller, with that refusal or an earlier answer, and counts
+        that answer in ``edgeplane_gateway_requests_total``."""
         ...
 
     def busy(self, e: routing.Endpoint, seconds: float) -> None:
@@ -469,13 +470,13 @@ class _Relay(Response):
                     raise _Failed(f"answer cut: {exc}") from None
                 except TimeoutError:
                     raise _Failed(f"answer cut: no end within {owner.first_token_timeout:g}s", slow=True) from None
-                owner.gw.metrics.requests.labels(self.model, e.site, str(resp.status)).inc()
                 if resp.status == 429 and self.hooks is not None:  # full (the replica is fine): the next one may not be
                     raise _Failed("at capacity (HTTP 429)", eject=False,
                                   at_capacity=AtCapacity(e, content, resp.headers.get("retry-after")))
-                if resp.status != 200 and self.hooks is not None:  # not an answer: the hooks say what the caller gets
+                if resp.status != 200 and self.hooks is not None:  # not an answer: the hooks say what the caller gets, and count it
                     await self.hooks.refused(send, e, resp.status, content, resp.headers.get("retry-after"))
                     return
+                owner.gw.metrics.requests.labels(self.model, e.site, str(resp.status)).inc()
                 out = self._out(e)
                 if resp.status == 200:
                     owner.ttft.labels(self.model).observe(time.perf_counter() - started)

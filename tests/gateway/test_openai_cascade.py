@@ -58,10 +58,10 @@ def cascade_of(first: cascade_rules.StageRoute, fleet: list[routing.Endpoint]) -
 
 @asynccontextmanager
 async def gateway_app(table: endpoints.EndpointTable, stats: cascade.CascadeStats | None = None,
-                      **options: float) -> AsyncIterator[Starlette]:
-    """The gateway's routes over ``table`` (its cascades counted in ``stats``)."""
+                      registry: CollectorRegistry | None = None, **options: float) -> AsyncIterator[Starlette]:
+    """The gateway's routes over ``table`` (its cascades counted in ``stats``, its metrics in ``registry``)."""
     pool = upstream.UpstreamPool()
-    registry = CollectorRegistry()
+    registry = registry if registry is not None else CollectorRegistry()
     handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry), stats)
     gw = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry), cascade=handler)
     try:
@@ -73,8 +73,8 @@ async def gateway_app(table: endpoints.EndpointTable, stats: cascade.CascadeStat
 
 @asynccontextmanager
 async def gateway(table: endpoints.EndpointTable, stats: cascade.CascadeStats | None = None,
-                  **options: float) -> AsyncIterator[httpx.AsyncClient]:
-    async with gateway_app(table, stats, **options) as app, \
+                  registry: CollectorRegistry | None = None, **options: float) -> AsyncIterator[httpx.AsyncClient]:
+    async with gateway_app(table, stats, registry, **options) as app, \
             httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
         yield http
 
@@ -330,6 +330,36 @@ def refusing(status: int) -> Handle:
     async def handle(request: httpserver.Request) -> httpserver.Response:
         return httpserver.Response(status, openai_routes.error_body(f"refused with {status}", status))
     return handle
+
+
+def requests_counted(registry: CollectorRegistry) -> dict[tuple[str, str, str], float]:
+    """``edgeplane_gateway_requests_total`` as /metrics shows it: by (model, site, code)."""
+    return {(s.labels["model"], s.labels["site"], s.labels["code"]): s.value for metric in registry.collect()
+            if metric.name == "edgeplane_gateway_requests" for s in metric.samples if s.name.endswith("_total")}
+
+
+async def truncated(request: httpserver.Request) -> httpserver.Response:  # cut at max_tokens: escalate
+    return httpserver.Response(200, chat_answer("The answer is", finish="length"))
+
+
+@pytest.mark.parametrize(("edge", "dc", "counted"), [
+    (truncated, answering("The answer is 42."), ("chat", "dc-paris", "200")),
+    (at_capacity("1"), answering("The answer is 42."), ("chat", "dc-paris", "200")),
+    (truncated, refusing(400), ("chat", "edge-paris", "200")),  # the earlier answer stands
+    (at_capacity("1"), at_capacity("7"), ("chat", "", "429")),  # no stage answered: the gateway's own 429
+], ids=["escalated", "edge at capacity", "later stage refuses", "every stage at capacity"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cascaded_chat_is_one_request_in_the_gateway_requests_counter(edge: Handle, dc: Handle, counted: tuple[str, str, str],
+                                                                             stream: bool) -> None:
+    """As a v2 cascade counts: what the caller got, once, whichever stages ran for it."""
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    registry = CollectorRegistry()
+    async with replica(edge) as edge_url, replica(dc) as dc_url:
+        table = cascade_of(first, [endpoint("edge-paris", "edge", edge_url), endpoint("dc-paris", "datacenter", dc_url)])
+        async with gateway(table, registry=registry) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream})
+    assert str(resp.status_code) == counted[2], resp.text
+    assert requests_counted(registry) == {counted: 1}
 
 
 @pytest.mark.parametrize("status", [429, 400])
