@@ -1,4 +1,4 @@
-"""The control plane's fleet gauges for ``/metrics``, read from live state at scrape time."""
+"""The control plane's fleet gauges and counters for ``/metrics``, read from live state at scrape time."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 class FleetCollector:
-    """Fleet gauges computed at scrape time from live state (no bookkeeping on hot paths)."""
+    """Fleet gauges and counters computed at scrape time from live state (no bookkeeping on hot paths)."""
 
     def __init__(self, cp: server.ControlPlane):
         self.cp = cp
@@ -29,12 +29,23 @@ class FleetCollector:
         g.add_metric(["healthy"], sum(1 for a in agents if a.healthy))
         g.add_metric(["unhealthy"], sum(1 for a in agents if not a.healthy))
         yield g
-        hb = GaugeMetricFamily("edgeplane_heartbeats_received", "Agent heartbeats received since start")
-        hb.add_metric([], getattr(getattr(self.cp, "hub", None), "heartbeats_total", 0))
+        beats = getattr(getattr(self.cp, "hub", None), "heartbeats_total", 0)
+        passes = getattr(getattr(self.cp, "reconciler", None), "passes", 0)
+        # Both only grow, so they are counters (``..._total``: rate() and increase() read a
+        # restart as a reset). The gauges of the same numbers stay for the dashboards that
+        # read them, deprecated (docs/deploy.md).
+        hb = CounterMetricFamily("edgeplane_heartbeats_received", "Agent heartbeats received since start")
+        hb.add_metric([], beats)
         yield hb
-        r = GaugeMetricFamily("edgeplane_reconcile_passes", "Reconcile passes completed since start")
-        r.add_metric([], getattr(getattr(self.cp, "reconciler", None), "passes", 0))
+        r = CounterMetricFamily("edgeplane_reconcile_passes", "Reconcile passes completed since start")
+        r.add_metric([], passes)
         yield r
+        old_hb = GaugeMetricFamily("edgeplane_heartbeats_received", "Deprecated: edgeplane_heartbeats_received_total")
+        old_hb.add_metric([], beats)
+        yield old_hb
+        old_r = GaugeMetricFamily("edgeplane_reconcile_passes", "Deprecated: edgeplane_reconcile_passes_total")
+        old_r.add_metric([], passes)
+        yield old_r
         again = CounterMetricFamily("edgeplane_datacentre_reapplied",
                                     "Times a data centre's Serve applications, changed by another writer, were applied again",
                                     labels=["site"])

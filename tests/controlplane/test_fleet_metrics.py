@@ -1,0 +1,50 @@
+"""The control plane's fleet metrics as a scrape reads them: what only grows is a counter,
+so ``rate()`` and ``increase()`` work on it across restarts."""
+
+from __future__ import annotations
+
+import pathlib
+import types
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator import fleet_metrics
+from orchestrator.agents import auth, hub, model
+from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.reconciler import datacentres as dc_mod
+from orchestrator.reconciler import loop
+from orchestrator.store import sqlite as store_mod
+
+TOKEN = "t0k3n"
+
+
+def counters(registry: CollectorRegistry) -> dict[str, float]:
+    """Every counter sample of a scrape, by the name a PromQL query uses."""
+    return {s.name: s.value for f in text_string_to_metric_families(generate_latest(registry).decode())
+            if f.type == "counter" for s in f.samples if s.name.endswith("_total")}
+
+
+async def test_heartbeats_and_reconcile_passes_are_counters_that_move(tmp_path: pathlib.Path) -> None:
+    store = store_mod.Store(tmp_path / "state.db")
+    try:
+        agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]))
+        reconciler = loop.Reconciler(store, agent_hub, dc_mod.DataCentres(dc_mod.LocalRay()), None,  # type: ignore[arg-type]
+                                     endpoints_mod.EndpointTable())
+        registry = CollectorRegistry()
+        registry.register(fleet_metrics.FleetCollector(types.SimpleNamespace(hub=agent_hub, reconciler=reconciler, elector=None)))  # type: ignore[arg-type]
+        before = counters(registry)
+        assert (before.get("edgeplane_heartbeats_received_total"), before.get("edgeplane_reconcile_passes_total")) == (0, 0)
+
+        grant = agent_hub.join(model.JoinApplication("edge-1", TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test", 1.0,
+                                                     model.Capacity(cpu_cores=2)))
+        for seq in (1, 2):
+            agent_hub.record_heartbeat("edge-1", grant.agent_id, model.Heartbeat(seq=seq, sent_unix_ms=0, inflight=0, cpu_percent=1.0, memory_available_bytes=1 << 30,
+                                                                              assignment_version=0, draining=False, capacity=None, models=None,
+                                                                              gpu_free_bytes=()))
+        await reconciler.reconcile_once()
+
+        after = counters(registry)
+        assert after["edgeplane_heartbeats_received_total"] == 2 and after["edgeplane_reconcile_passes_total"] == 1
+    finally:
+        store.close()
