@@ -69,9 +69,11 @@ class ArtifactCache:
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def fetch(self, url: str, sha256: str, progress: Callable[[str], None] | None = None) -> pathlib.Path:
+    async def fetch(self, url: str, sha256: str, progress: Callable[[str], None] | None = None,
+                    redirect_hosts: tuple[str, ...] = ()) -> pathlib.Path:
         """Return the verified file for ``sha256``, downloading it from ``url`` if needed;
-        ``progress`` hears how far a download has got ("40% of 812.3 MB"), about once a second."""
+        ``progress`` hears how far a download has got ("40% of 812.3 MB"), about once a second.
+        A redirect is followed only to ``url``'s host or one of ``redirect_hosts`` (empty: any)."""
         digest = check_sha256(sha256)
         lock = self._locks.setdefault(digest, asyncio.Lock())
         async with lock:
@@ -83,7 +85,7 @@ class ArtifactCache:
             scheme = urllib.parse.urlsplit(url).scheme
             if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
                 try:
-                    await self._download(url, digest, final, progress)
+                    await self._download(url, digest, final, progress, redirect_hosts)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
                         f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
@@ -124,7 +126,8 @@ class ArtifactCache:
         _refuse_if_corrupt(path, digest, hashlib.sha256(data).hexdigest())
         return data
 
-    async def _download(self, url: str, digest: str, final: pathlib.Path, progress: Callable[[str], None] | None = None) -> None:
+    async def _download(self, url: str, digest: str, final: pathlib.Path, progress: Callable[[str], None] | None = None,
+                        redirect_hosts: tuple[str, ...] = ()) -> None:
         """One download, made by ``python -m edge_agent.fetch`` in a child process, which
         is killed if this is cancelled or the child goes quiet for longer than a socket
         timeout could explain."""
@@ -134,6 +137,7 @@ class ArtifactCache:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_agent.fetch", url, str(partial),
                 "--timeout", str(self._timeout), "--max-bytes", str(self._max_bytes),
+                *(f"--redirect-host={host}" for host in redirect_hosts),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:

@@ -1,9 +1,13 @@
 """Download one artifact into its ``.partial`` file, in a process of its own.
 
-    python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N
+    python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N [--redirect-host HOST]...
 
 (``file://`` URLs too, copied from the start: the agent only passes them on with
 ``--allow-file-artifacts``.)
+
+A redirect is followed only to URL's own host or to a ``--redirect-host`` (the control
+plane's ``--artifact-host`` list, sent with the assignment; none given: any host), at most
+``MAX_REDIRECTS`` times: the URL the control plane checked is only where a download starts.
 
 :class:`edge_agent.artifacts.ArtifactCache` runs this as a child process for every
 http(s) download. ``http.client`` and the ``email`` package it parses headers with cost
@@ -39,6 +43,8 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from edgeplane_proto import artifact_hosts
+
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
 PROGRESS_EVERY_S = 1.0
@@ -51,13 +57,15 @@ class Failed(Exception):
         self.kind = kind
 
 
-def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int) -> tuple[int, str]:
+def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
+             redirect_hosts: tuple[str, ...] = ()) -> tuple[int, str]:
     """Fetch ``url`` into ``partial`` (resuming over HTTP), fsync it; return its size and
     sha256. ``file://`` URLs are copied from the start (the caller decides whether they
-    are allowed)."""
+    are allowed). A redirect goes only to ``url``'s host or one of ``redirect_hosts``
+    (empty: any)."""
     hasher = hashlib.sha256()
     have = hash_into(partial, hasher) if partial.exists() else 0
-    source = _open(url, have, timeout)
+    source = _open(url, have, timeout, redirect_hosts)
     try:
         if source.total is not None and source.total > max_bytes:  # refused before a byte of it is read
             partial.unlink(missing_ok=True)
@@ -108,7 +116,7 @@ class _Source:
     close: Callable[[], None]
 
 
-def _open(url: str, have: int, timeout: float) -> _Source:
+def _open(url: str, have: int, timeout: float, redirect_hosts: tuple[str, ...]) -> _Source:
     if urllib.parse.urlsplit(url).scheme == "file":
         path = pathlib.Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
         try:
@@ -121,7 +129,7 @@ def _open(url: str, have: int, timeout: float) -> _Source:
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        conn, response = _get(url, headers, timeout)
+        conn, response = _get(url, headers, timeout, redirect_hosts)
     except (OSError, http.client.HTTPException) as exc:
         raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
     if response.status == 416 and have:
@@ -143,8 +151,11 @@ def hash_into(path: pathlib.Path, hasher: hashlib._Hash) -> int:
     return size
 
 
-def _get(url: str, headers: Mapping[str, str], timeout: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """GET ``url``, following up to ``MAX_REDIRECTS`` http(s) redirects; the caller closes."""
+def _get(url: str, headers: Mapping[str, str], timeout: float,
+         redirect_hosts: tuple[str, ...]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET ``url``, following up to ``MAX_REDIRECTS`` http(s) redirects to its own host or
+    one of ``redirect_hosts``; the caller closes."""
+    first = url
     for _ in range(MAX_REDIRECTS + 1):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -169,9 +180,18 @@ def _get(url: str, headers: Mapping[str, str], timeout: float) -> tuple[http.cli
         if response.status in _REDIRECTS and location:
             conn.close()
             url = urllib.parse.urljoin(url, location)
+            _check_redirect(first, url, redirect_hosts)
             continue
         return conn, response
     raise Failed("unavailable", f"download of {url} failed: more than {MAX_REDIRECTS} redirects")
+
+
+def _check_redirect(first: str, target: str, redirect_hosts: tuple[str, ...]) -> None:
+    host = urllib.parse.urlsplit(target).hostname
+    if not host or host == urllib.parse.urlsplit(first).hostname or artifact_hosts.allows(redirect_hosts, host):
+        return  # (one naming no host is refused as a URL that is not http(s))
+    raise Failed("unavailable", f"download of {first} refused: it redirects to {target}, whose host {host!r} is not "
+                                f"an allowed artifact host ({', '.join(redirect_hosts)}; edgeplane serve --artifact-host)")
 
 
 def _total_size(headers: http.client.HTTPMessage, have: int) -> int | None:
@@ -198,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("partial", type=pathlib.Path)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--max-bytes", type=int, required=True)
+    parser.add_argument("--redirect-host", action="append", default=[], metavar="HOST",
+                        help="a host a redirect may go to, besides the URL's (exact, or .domain); none: any")
     args = parser.parse_args(argv)
     try:
-        size, digest = download(args.url, args.partial, timeout=args.timeout, max_bytes=args.max_bytes)
+        size, digest = download(args.url, args.partial, timeout=args.timeout, max_bytes=args.max_bytes,
+                                redirect_hosts=tuple(args.redirect_host))
     except Failed as exc:
         _emit(error=exc.kind, message=str(exc))
         return 1

@@ -278,7 +278,7 @@ class ModelRegistry:
                 self._on_change()
 
         try:
-            path = await self._cache.fetch(want.artifact_url, want.sha256, downloading)
+            path = await self._cache.fetch(want.artifact_url, want.sha256, downloading, want.artifact_hosts)
             slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel
             if want.runtime == assignments.RUNTIME_GENAI:

@@ -35,6 +35,8 @@ class Assignment:
     #: onnx-genai: sequences generated at once, and requests that may wait (0 = agent default)
     max_concurrent_sequences: int = 0
     max_queued: int = 0
+    #: where a download may be redirected, besides the URL's own host (empty: anywhere)
+    artifact_hosts: tuple[str, ...] = ()
 
     def to_proto(self) -> pb.Assignment:
         return pb.Assignment(
@@ -46,13 +48,15 @@ class Assignment:
             desired_state=self.desired_state.to_proto(),  # type: ignore[arg-type]
             runtime=self.runtime,
             generation=pb.GenerationLimits(max_concurrent_sequences=self.max_concurrent_sequences, max_queued=self.max_queued),
+            artifact_hosts=self.artifact_hosts,
         )
 
     @classmethod
     def from_proto(cls, msg: pb.Assignment) -> Assignment:
         state = DesiredState.STOPPED if msg.desired_state == pb.DESIRED_STATE_STOPPED else DesiredState.SERVING
         return cls(msg.model, msg.deployment, msg.variant, msg.artifact_url, msg.sha256.lower(), state,
-                   msg.runtime or RUNTIME_ONNX, msg.generation.max_concurrent_sequences, msg.generation.max_queued)
+                   msg.runtime or RUNTIME_ONNX, msg.generation.max_concurrent_sequences, msg.generation.max_queued,
+                   tuple(msg.artifact_hosts))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +69,7 @@ class Assignment:
             "runtime": self.runtime,
             "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_queued": self.max_queued,
+            "artifact_hosts": list(self.artifact_hosts),
         }
 
     @classmethod
@@ -79,4 +84,5 @@ class Assignment:
             runtime=str(doc.get("runtime", RUNTIME_ONNX)),
             max_concurrent_sequences=int(doc.get("max_concurrent_sequences", 0)),
             max_queued=int(doc.get("max_queued", 0)),
+            artifact_hosts=tuple(str(h) for h in doc.get("artifact_hosts", ())),
         )

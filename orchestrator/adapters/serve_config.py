@@ -154,6 +154,7 @@ class ServeAppSpec:
     gpus: float = 0.0
     artifact_uri: str | None = None
     sha256: str | None = None
+    artifact_hosts: tuple[str, ...] = ()  # where a download may be redirected (--artifact-host; empty: anywhere)
     import_path: str | None = None
     args: Mapping[str, Any] = field(default_factory=dict)
     deployment: str | None = None
@@ -280,6 +281,8 @@ def render_application(spec: ServeAppSpec, sized_deployment: str | None = None) 
         app["import_path"] = spec.import_path
         app["args"] = dict(spec.args)
         deployment = spec.deployment or sized_deployment
+    if spec.artifact_hosts:  # only then: an application of a fleet without the setting keeps its config
+        app["args"]["artifact_hosts"] = list(spec.artifact_hosts)
     if deployment is not None:
         app["deployments"] = [
             {

@@ -25,6 +25,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from edgeplane_proto import artifact_hosts
+
 CHUNK = 1 << 20
 
 #: A link, a FIFO (which would block the open) or a device is never opened as an artifact.
@@ -122,14 +124,8 @@ class ArtifactCatalog:
         raise ArtifactError(f"artifact {uri!r} was not found under the artifact roots ({', '.join(str(r) for r in self.roots)})")
 
     def _check_host(self, uri: str, host: str) -> None:
-        if not self.allowed_hosts:
-            return
-        host = host.lower()
-        for allowed in self.allowed_hosts:
-            allowed = allowed.lower()
-            if host == allowed or (allowed.startswith(".") and host.endswith(allowed)):
-                return
-        raise ArtifactError(f"{uri}: host {host!r} is not an allowed artifact host ({', '.join(self.allowed_hosts)}); see --artifact-host")
+        if not artifact_hosts.allows(self.allowed_hosts, host):
+            raise ArtifactError(f"{uri}: host {host.lower()!r} is not an allowed artifact host ({', '.join(self.allowed_hosts)}); see --artifact-host")
 
     def register(self, uri: str, sha256: str) -> str:
         """Check a local artifact and return the URL consumers should download it from. The

@@ -344,7 +344,8 @@ class Reconciler:
                 if v.artifact is None:
                     continue
                 try:
-                    out[(name, v.name)] = snap.ArtifactRef(self.artifacts.register(v.artifact.uri, v.artifact.sha256))
+                    out[(name, v.name)] = snap.ArtifactRef(self.artifacts.register(v.artifact.uri, v.artifact.sha256),
+                                                           hosts=self.artifacts.allowed_hosts)
                 except (artifacts.ArtifactError, OSError) as exc:
                     out[(name, v.name)] = snap.ArtifactRef(None, f"Model {name} variant {v.name}: {exc}")
         return out

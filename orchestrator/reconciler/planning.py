@@ -214,7 +214,8 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
             g = variant.generative
             out[site][model] = agent_model.Assignment(
                 model=model, deployment=name, variant=variant_name, artifact_url=url, sha256=sha, runtime=variant.runtime,
-                max_concurrent_sequences=g.maxConcurrentSequences if g else 0, max_queued=g.maxQueued if g else 0)
+                max_concurrent_sequences=g.maxConcurrentSequences if g else 0, max_queued=g.maxQueued if g else 0,
+                artifact_hosts=ref.hosts)
     return {site: tuple(sorted(a.values(), key=lambda x: x.model)) for site, a in out.items() if site not in held}, rollouts
 
 
@@ -249,7 +250,8 @@ def serve_apps(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict
             if v.generative is not None:
                 g = v.generative
                 common["args"] = {"max_concurrent_sequences": g.maxConcurrentSequences, "max_queued": g.maxQueued}
-            out[row.site].append(serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256))
+            out[row.site].append(serve_config.ServeAppSpec(**common, artifact_uri=ref.url, sha256=v.artifact.sha256,
+                                                           artifact_hosts=ref.hosts))
         else:
             out[row.site].append(serve_config.ServeAppSpec(**common, import_path=v.importPath, args=dict(v.args),
                                                            deployment=sized_deployment(s, row.site, common["name"])))

@@ -46,6 +46,7 @@ class ArtifactRef:
 
     url: str | None
     error: str = ""
+    hosts: tuple[str, ...] = ()  # where a download of it may be redirected (--artifact-host; empty: anywhere)
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,29 @@ The security contract says artifacts are verified by sha256 before loading; a re
 refuse a file whose digest differs from the one in the manifest, whatever its source. The
 digest is checked on the bytes that will be loaded (after download, on the local copy), and a
 download is checked before it enters the node's cache, so a refused one leaves nothing behind.
+A download follows a redirect only to the URL's own host or an allowed artifact host (the
+control plane's ``--artifact-host``, as an agent does), and at most ``MAX_REDIRECTS`` of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import pathlib
 import tempfile
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 import edge_agent
+from edgeplane_proto import artifact_hosts
 
 CHUNK = 1 << 20
+MAX_REDIRECTS = 5
 
 
 class ArtifactError(RuntimeError):
@@ -53,11 +60,21 @@ def max_bytes() -> int:
     return int(gib * (1 << 30))
 
 
-def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0) -> pathlib.Path:
+def hosts_arg(args: Mapping[str, Any]) -> tuple[str, ...]:
+    """An application's ``artifact_hosts`` argument: the hosts its downloads may be
+    redirected to (the control plane's ``--artifact-host``); absent: any host."""
+    hosts = args.get("artifact_hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ValueError("the application's argument 'artifact_hosts' must be a list of host names")
+    return tuple(hosts)
+
+
+def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0, redirect_hosts: tuple[str, ...] = ()) -> pathlib.Path:
     """Return a local path to ``uri`` whose sha256 is ``sha256``; raise :class:`ArtifactError`.
 
     ``file://`` URIs and plain paths are read in place; ``http(s)://`` URIs are downloaded
-    into a cache keyed by digest, so replicas on one node share one download.
+    into a cache keyed by digest, so replicas on one node share one download, following a
+    redirect only to ``uri``'s host or one of ``redirect_hosts`` (empty: any host).
     """
     parts = urlsplit(uri)
     if parts.scheme in ("", "file"):
@@ -68,7 +85,7 @@ def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0) -> pathli
         path = cache_dir() / f"{sha256}.onnx"
         if path.is_file() and sha256_of(path) == sha256:
             return path  # cached and just verified
-        _download(uri, path, sha256, timeout_s)
+        _download(uri, path, sha256, timeout_s, redirect_hosts)
         return path  # verified before it took the cache's name
     else:
         raise ArtifactError(f"artifact {uri}: unsupported scheme {parts.scheme!r}")
@@ -80,7 +97,7 @@ def fetch_verified(uri: str, sha256: str, *, timeout_s: float = 300.0) -> pathli
     return path
 
 
-def _download(uri: str, path: pathlib.Path, sha256: str, timeout_s: float) -> None:
+def _download(uri: str, path: pathlib.Path, sha256: str, timeout_s: float, redirect_hosts: tuple[str, ...]) -> None:
     """Download into a ``.part`` file, hashing as it is written; only bytes with the expected
     digest take the cache's name, anything else is deleted with the ``.part``."""
     digest, limit, size = hashlib.sha256(), max_bytes(), 0
@@ -90,7 +107,8 @@ def _download(uri: str, path: pathlib.Path, sha256: str, timeout_s: float) -> No
     try:
         with (
             os.fdopen(fd, "wb") as out,
-            httpx.stream("GET", uri, timeout=timeout_s, follow_redirects=True) as response,
+            httpx.Client(timeout=timeout_s) as client,
+            contextlib.closing(_get(client, uri, redirect_hosts)) as response,
         ):
             response.raise_for_status()
             announced = response.headers.get("content-length", "")
@@ -112,3 +130,19 @@ def _download(uri: str, path: pathlib.Path, sha256: str, timeout_s: float) -> No
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def _get(client: httpx.Client, uri: str, redirect_hosts: tuple[str, ...]) -> httpx.Response:
+    """The streamed answer to GET ``uri`` after the redirects it may follow; the caller closes it."""
+    request = client.build_request("GET", uri)
+    for _ in range(MAX_REDIRECTS + 1):
+        response = client.send(request, stream=True)
+        if response.next_request is None:
+            return response
+        response.close()
+        request = response.next_request
+        host = request.url.host
+        if host != httpx.URL(uri).host and not artifact_hosts.allows(redirect_hosts, host):
+            raise ArtifactError(f"cannot download artifact {uri}: it redirects to {request.url}, whose host {host!r} is not "
+                                f"an allowed artifact host ({', '.join(redirect_hosts)}; edgeplane serve --artifact-host)")
+    raise ArtifactError(f"cannot download artifact {uri}: more than {MAX_REDIRECTS} redirects")

@@ -59,9 +59,9 @@ def models_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("EDGEPLANE_ARTIFACT_CACHE") or tempfile.gettempdir()) / "edgeplane-genai-models"
 
 
-def load(artifact_uri: str, sha256: str) -> genai.GenAIModel:
+def load(artifact_uri: str, sha256: str, artifact_hosts: tuple[str, ...] = ()) -> genai.GenAIModel:
     """Fetch and verify the package, unpack it safely (once per node and version), load it."""
-    package = artifacts.fetch_verified(artifact_uri, sha256)
+    package = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
     directory = packages.unpack(package, sha256, models_root())
     # outside a Ray worker (a replica built in a test) there is no GPU given, and asking would fail
     gpus = ray.get_gpu_ids() if ray.is_initialized() else []
@@ -73,8 +73,8 @@ class GenAIReplica:
     """One replica: an onnxruntime-genai model behind the OpenAI-compatible routes."""
 
     def __init__(self, artifact_uri: str, sha256: str, model_name: str, max_concurrent_sequences: int = 0,
-                 max_queued: int = 0) -> None:
-        served = registry.ServedModel(model_name, sha256, load(artifact_uri, sha256), max_concurrent_sequences, max_queued)
+                 max_queued: int = 0, artifact_hosts: tuple[str, ...] = ()) -> None:
+        served = registry.ServedModel(model_name, sha256, load(artifact_uri, sha256, artifact_hosts), max_concurrent_sequences, max_queued)
         self.metrics = AgentMetrics(lambda: 0, lambda: 1)
         self._server = generation.GenerationServer(_OneModel(served), self.metrics, MAX_REQUEST_BYTES)  # type: ignore[arg-type]
 
@@ -121,7 +121,9 @@ def _string_arg(args: Mapping[str, Any], key: str) -> str:
 
 
 def build(args: Mapping[str, Any]) -> serve.Application:
-    """Serve application builder: ``{artifact_uri, sha256, model_name[, max_concurrent_sequences, max_queued]}``."""
+    """Serve application builder: ``{artifact_uri, sha256, model_name[, max_concurrent_sequences, max_queued,
+    artifact_hosts]}``."""
     uri, sha256, name = _string_arg(args, "artifact_uri"), _string_arg(args, "sha256"), _string_arg(args, "model_name")
-    artifacts.fetch_verified(uri, sha256)  # fail the deploy now, not after replica retries
-    return GenAIReplica.bind(uri, sha256, name, int(args.get("max_concurrent_sequences", 0)), int(args.get("max_queued", 0)))
+    hosts = artifacts.hosts_arg(args)
+    artifacts.fetch_verified(uri, sha256, redirect_hosts=hosts)  # fail the deploy now, not after replica retries
+    return GenAIReplica.bind(uri, sha256, name, int(args.get("max_concurrent_sequences", 0)), int(args.get("max_queued", 0)), hosts)

@@ -77,8 +77,8 @@ def _json(doc: Any, status: int = 200) -> Response:
 class OnnxModel:
     """One replica: a verified ONNX file in an onnxruntime session behind the v2 routes."""
 
-    def __init__(self, artifact_uri: str, sha256: str, model_name: str) -> None:
-        path = artifacts.fetch_verified(artifact_uri, sha256)
+    def __init__(self, artifact_uri: str, sha256: str, model_name: str, artifact_hosts: tuple[str, ...] = ()) -> None:
+        path = artifacts.fetch_verified(artifact_uri, sha256, redirect_hosts=artifact_hosts)
         self._model_name = model_name
         self._version = oip.model_version(sha256)  # the version an edge agent gives the same file
         self._model = onnx_runtime.OnnxModel.load(path.read_bytes(), providers=_providers())
@@ -155,9 +155,10 @@ def _string_arg(args: Mapping[str, Any], key: str) -> str:
 
 
 def build(args: Mapping[str, Any]) -> serve.Application:
-    """Serve application builder: ``args`` = ``{artifact_uri, sha256, model_name}``."""
+    """Serve application builder: ``args`` = ``{artifact_uri, sha256, model_name[, artifact_hosts]}``."""
     uri = _string_arg(args, "artifact_uri")
     sha256 = _string_arg(args, "sha256")
     model_name = _string_arg(args, "model_name")
-    artifacts.fetch_verified(uri, sha256)  # fail the deploy now, not after replica retries
-    return OnnxModel.bind(uri, sha256, model_name)
+    hosts = artifacts.hosts_arg(args)
+    artifacts.fetch_verified(uri, sha256, redirect_hosts=hosts)  # fail the deploy now, not after replica retries
+    return OnnxModel.bind(uri, sha256, model_name, hosts)

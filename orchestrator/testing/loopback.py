@@ -13,6 +13,11 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
 from orchestrator import runloop
 
 
@@ -33,6 +38,23 @@ async def serving(app: Any, *, started_within_s: float = 5.0) -> AsyncIterator[i
     finally:
         server.should_exit = True
         await task
+
+
+@asynccontextmanager
+async def behind_a_redirect(body: bytes) -> AsyncIterator[tuple[str, list[str]]]:
+    """``body`` served by a mirror that a download reaches only through a redirect to another
+    host: yields the URL to start from (host 127.0.0.1), whose answer is a 302 to the mirror
+    (host ``localhost``, another port), and the paths the mirror was asked for."""
+    asked: list[str] = []
+
+    async def mirror(request: Request) -> Response:
+        asked.append(request.url.path)
+        return Response(body)
+
+    async with serving(Starlette(routes=[Route("/m.onnx", mirror)])) as mirror_port:
+        moved = RedirectResponse(f"http://localhost:{mirror_port}/m.onnx", status_code=302)
+        async with serving(Starlette(routes=[Route("/m.onnx", lambda _: moved)])) as port:
+            yield f"http://127.0.0.1:{port}/m.onnx", asked
 
 
 class CannedHandler(http.server.BaseHTTPRequestHandler):

@@ -16,7 +16,7 @@ import pytest
 
 from edge_agent import artifacts, errors
 from edge_agent.runtime import onnx
-from orchestrator.testing import onnx_models
+from orchestrator.testing import loopback, onnx_models
 
 from .conftest import ArtifactServer, Models
 
@@ -131,6 +131,26 @@ def test_garbage_model_is_a_load_error() -> None:
 )
 def test_provider_choice(available, chosen) -> None:
     assert onnx.choose_providers(available) == chosen
+
+
+async def test_a_redirect_to_a_host_not_allowed_is_refused_naming_it(tmp_path: pathlib.Path) -> None:
+    body = b"model bytes on a mirror"
+    cache = artifacts.ArtifactCache(tmp_path)
+    async with loopback.behind_a_redirect(body) as (url, asked):
+        with pytest.raises(errors.ArtifactUnavailable, match=r"redirects to http://localhost:\d+/m.onnx, whose host 'localhost' "
+                                                            r"is not an allowed artifact host \(models.example.com"):
+            await cache.fetch(url, hashlib.sha256(body).hexdigest(), redirect_hosts=("models.example.com",))
+        assert asked == []  # never reached
+    assert list(cache.root.iterdir()) == []
+
+
+@pytest.mark.parametrize("redirect_hosts", [("localhost",), (".example.com", "LOCALHOST"), ()], ids=["allowed", "any-case", "any-host"])
+async def test_a_redirect_to_an_allowed_host_is_followed(tmp_path: pathlib.Path, redirect_hosts: tuple[str, ...]) -> None:
+    body = b"model bytes on a mirror"
+    cache = artifacts.ArtifactCache(tmp_path)
+    async with loopback.behind_a_redirect(body) as (url, asked):
+        path = await cache.fetch(url, hashlib.sha256(body).hexdigest(), redirect_hosts=redirect_hosts)
+    assert path.read_bytes() == body and asked == ["/m.onnx"]
 
 
 async def test_an_oversized_download_leaves_nothing_to_resume(tmp_path: pathlib.Path, models: Models) -> None:

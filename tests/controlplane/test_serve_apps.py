@@ -4,6 +4,7 @@ and counted once each in the deployment's status and the endpoint table."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -184,3 +185,25 @@ async def test_a_ray_serve_application_runs_the_replicas_placed_once_its_ingress
     assert running == [1, 3, 3]
     # a pass that does not see the application (being replaced, say) keeps it sized, not back to Serve's default
     assert [a.deployment for a in planning.serve_apps(snapshot(snap.DataCentreObservation(True, {})), placements)["dc1"]] == ["Model"]
+
+
+def test_an_onnx_application_downloads_through_redirects_only_to_the_allowed_hosts() -> None:
+    """The replica is told the control plane's --artifact-host list with the URL it was
+    checked against; a fleet without the setting keeps the arguments it had."""
+    sha = "a" * 64
+    onnx = FLEET.replace(
+        '    - {name: big, runtime: ray-serve, importPath: "pkg.mod:big", resources: {cpu: 2, memoryMiB: 256}, throughputRps: 100}\n',
+        f'    - {{name: big, runtime: onnx, artifact: {{uri: "https://models.example.com/m.onnx", sha256: "{sha}"}}, '
+        'resources: {cpu: 2, memoryMiB: 256}}\n')
+    docs = loader.load_text(loader.bundle([("fleet.yaml", onnx)]))
+    base = _snapshot()
+
+    def args(hosts: tuple[str, ...]) -> dict[str, Any]:
+        s = dataclasses.replace(base, models={d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)},
+                                artifacts={("m", "big"): snap.ArtifactRef("https://models.example.com/m.onnx", hosts=hosts)})
+        (app,) = planning.serve_apps(s, [PlacementRow("d", "dc1", "big", 1)])["dc1"]
+        return serve_config.render_application(app)["args"]
+
+    assert args((".example.com", "mirror.example.net")) == {"artifact_uri": "https://models.example.com/m.onnx", "sha256": sha,
+                                                           "model_name": "m", "artifact_hosts": [".example.com", "mirror.example.net"]}
+    assert "artifact_hosts" not in args(())

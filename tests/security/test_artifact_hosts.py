@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from orchestrator.artifacts import catalog
-from orchestrator.testing import harness, manifests
+from orchestrator.testing import harness, loopback, manifests
 
 SHA = "0" * 64
 
@@ -78,5 +78,31 @@ async def test_a_disallowed_host_is_never_assigned_and_status_says_why(tmp_path:
                                  15, what="the refusal in the status")
         assigned = cp.hub.assignments("edge-x")
         assert assigned is None or not assigned.assignments
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_agent_follows_no_redirect_to_a_host_not_allowed(tmp_path: pathlib.Path) -> None:
+    """The URL the control plane checked is only where a download starts: the allowed hosts
+    go with the assignment, and the agent refuses a redirect elsewhere, naming the host."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(artifact_hosts=("127.0.0.1",))
+        await fleet.start_agent("edge-x", country="FR", lat=48.8, lon=2.3)
+        async with loopback.behind_a_redirect(b"model bytes on a mirror") as (url, asked):
+            bundle = FLEET.replace("https://evil.example.net/m.onnx", url)
+            async with httpx.AsyncClient(base_url=cp.http_url) as http:
+                assert (await http.post("/v1/apply", content=bundle)).status_code == 200
+            refusal = "whose host 'localhost' is not an allowed artifact host (127.0.0.1"
+
+            def reported() -> bool:
+                agent = cp.hub.status("edge-x")
+                return agent is not None and any(refusal in m.message for m in agent.models.values())
+
+            await harness.wait_until(reported, 30, what="the agent's refusal of the redirect")
+            assigned = cp.hub.assignments("edge-x")
+            assert assigned is not None and [a.artifact_hosts for a in assigned.assignments] == [("127.0.0.1",)]
+            assert asked == []
     finally:
         await fleet.stop()

@@ -28,8 +28,8 @@ def cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Pa
     return artifacts.cache_dir()
 
 
-async def fetch(uri: str, sha256: str) -> pathlib.Path:
-    return await asyncio.to_thread(artifacts.fetch_verified, uri, sha256, timeout_s=30)
+async def fetch(uri: str, sha256: str, redirect_hosts: tuple[str, ...] = ()) -> pathlib.Path:
+    return await asyncio.to_thread(artifacts.fetch_verified, uri, sha256, timeout_s=30, redirect_hosts=redirect_hosts)
 
 
 @pytest.mark.asyncio
@@ -71,6 +71,40 @@ async def test_a_download_larger_than_the_limit_is_refused_and_leaves_nothing(ca
     async with loopback.serving(app) as port:
         with pytest.raises(artifacts.ArtifactError, match="larger than a replica downloads"):
             await fetch(f"http://127.0.0.1:{port}/m.onnx", hashlib.sha256(BODY).hexdigest())
+    assert sorted(p.name for p in cache.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_redirect_to_a_host_not_allowed_is_refused_naming_it(cache: pathlib.Path) -> None:
+    async with loopback.behind_a_redirect(BODY) as (url, asked):
+        with pytest.raises(artifacts.ArtifactError, match=r"redirects to http://localhost:\d+/m.onnx, whose host 'localhost' "
+                                                          r"is not an allowed artifact host \(models.example.com"):
+            await fetch(url, hashlib.sha256(BODY).hexdigest(), ("models.example.com",))
+        assert asked == []  # never reached
+    assert sorted(p.name for p in cache.iterdir()) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("redirect_hosts", [("localhost",), ()], ids=["allowed", "any-host"])
+async def test_a_redirect_to_an_allowed_host_is_followed(cache: pathlib.Path, redirect_hosts: tuple[str, ...]) -> None:
+    sha = hashlib.sha256(BODY).hexdigest()
+    async with loopback.behind_a_redirect(BODY) as (url, asked):
+        assert (await fetch(url, sha, redirect_hosts)).read_bytes() == BODY
+    assert asked == ["/m.onnx"]
+
+
+@pytest.mark.asyncio
+async def test_redirects_are_followed_a_bounded_number_of_times(cache: pathlib.Path) -> None:
+    hops: list[str] = []
+
+    async def again(request: Request) -> Response:
+        hops.append(request.url.path)
+        return Response(status_code=302, headers={"location": "/m.onnx"})
+
+    async with loopback.serving(Starlette(routes=[Route("/m.onnx", again)])) as port:
+        with pytest.raises(artifacts.ArtifactError, match=f"more than {artifacts.MAX_REDIRECTS} redirects"):
+            await fetch(f"http://127.0.0.1:{port}/m.onnx", hashlib.sha256(BODY).hexdigest())
+    assert len(hops) == artifacts.MAX_REDIRECTS + 1
     assert sorted(p.name for p in cache.iterdir()) == []
 
 
