@@ -7,7 +7,8 @@ packed into a plain, uncompressed tar with a canonical order and zeroed metadata
 same folder always gives the same bytes, hence the same digest.
 
 ``pack`` first checks that onnxruntime-genai could load the folder (the config, the files it
-names, the tokenizer's): otherwise the package would fail only on the agent or replica
+names, that they are ONNX graphs, the decoder's inputs and outputs the config names, the
+tokenizer's): otherwise the package would fail only on the agent or replica
 that downloaded it. ``describe`` reads the figures a ``Model`` manifest declares for placement (parameters,
 weight bytes, context length, KV-cache bytes per token) from the folder itself, so an
 operator can copy them into the manifest instead of working them out.
@@ -33,6 +34,11 @@ CONFIG_NAME = "genai_config.json"
 #: settings, and the vocabulary as Hugging Face ``tokenizers`` or sentencepiece writes it.
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+#: The decoder's inputs and outputs onnxruntime-genai feeds and reads whatever the model, under
+#: these names unless genai_config's ``model.decoder.inputs``/``outputs`` name them otherwise
+#: (``%d``: each layer). Others are checked only where the config names them.
+_DECODER_INPUTS = {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+_DECODER_OUTPUTS = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
 #: dtype name in genai_config / ONNX → bytes per element of the KV cache.
 _KV_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 
@@ -119,7 +125,41 @@ def read_config(model_dir: pathlib.Path) -> dict:
                            f"{' or '.join(TOKENIZER_FILES)}")
     kv_bytes_per_token(config)
     _context_length(config)
+    _check_graphs(model_dir, model)
     return config
+
+
+def _check_graphs(model_dir: pathlib.Path, model: dict) -> None:
+    """Each ONNX file the config names parses as a graph (its weights are not read), and the
+    decoder's takes and gives every input and output onnxruntime-genai will name to it."""
+    import onnx
+
+    graphs = {}
+    for name in dict.fromkeys(_filenames(model)):
+        try:
+            graph = onnx.load(str(model_dir / str(name)), load_external_data=False).graph
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or whatever else a file that is not ONNX raises
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise PackageError(f"{name} is not an ONNX model: {reason}") from None
+        if not graph.node:  # an empty or foreign file can parse as a ModelProto with nothing in it
+            raise PackageError(f"{name} is not an ONNX model: it holds no graph")
+        graphs[name] = graph
+    decoder = model["decoder"]
+    graph = graphs.get(decoder.get("filename"))
+    if graph is None:  # a pipeline: its stages split the inputs and outputs between them
+        return
+    layers = int(decoder["num_hidden_layers"])
+    for section, defaults, present in (("inputs", _DECODER_INPUTS, graph.input), ("outputs", _DECODER_OUTPUTS, graph.output)):
+        named = decoder.get(section)
+        has = [v.name for v in present]
+        for key, template in {**defaults, **(named if isinstance(named, dict) else {})}.items():
+            if not isinstance(template, str):
+                raise PackageError(f"{CONFIG_NAME}: model.decoder.{section}.{key} is {template!r:.40}, not a name")
+            for want in [template.replace("%d", str(i)) for i in range(layers)] if "%d" in template else [template]:
+                if want not in has:
+                    shown = ", ".join(has[:6]) + (", ..." if len(has) > 6 else "")
+                    raise PackageError(f"{decoder['filename']} has no {section[:-1]} {want!r}, which {CONFIG_NAME} names "
+                                       f"(model.decoder.{section}.{key}); its {section}: {shown or 'none'}")
 
 
 def _filenames(section: object) -> Iterator[object]:

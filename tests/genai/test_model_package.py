@@ -102,6 +102,50 @@ def test_a_folder_onnxruntime_genai_cannot_load_is_refused_before_anything_is_wr
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
 
 
+def _rename_graph_input(folder: pathlib.Path, old: str, new: str) -> None:
+    """The decoder as built, with one input renamed (and the nodes reading it): still a valid
+    graph, no longer the one genai_config.json describes."""
+    model = onnx.load(str(folder / "model.onnx"))
+    for value in model.graph.input:
+        if value.name == old:
+            value.name = new
+    for node in model.graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+    onnx.save_model(model, str(folder / "model.onnx"))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda f: (f / "model.onnx").write_bytes(b"\x00not an onnx graph\xff" * 8), r"^model.onnx is not an ONNX model: "),
+    (lambda f: (f / "model.onnx").write_bytes(b""), r"^model.onnx is not an ONNX model: it holds no graph$"),
+    (lambda f: _rename_graph_input(f, "past_key_values.1.value", "past.1.value"),
+     r"^model.onnx has no input 'past_key_values.1.value', which genai_config.json names \(model.decoder.inputs.past_value_names\); "
+     r"its inputs: input_ids, attention_mask, past_key_values.0.key, past_key_values.0.value, past_key_values.1.key, past.1.value$"),
+    (lambda f: _rename_graph_input(f, "attention_mask", "mask"), r"has no input 'attention_mask', which genai_config.json names"),
+    (lambda f: _set_config(f, lambda c: c["model"]["decoder"]["outputs"].update(logits="scores")),
+     r"^model.onnx has no output 'scores', which genai_config.json names \(model.decoder.outputs.logits\)"),
+    (lambda f: _set_config(f, lambda c: c["model"]["decoder"].update(num_hidden_layers=3)), r"has no input 'past_key_values.2.key'"),
+], ids=["not-onnx", "empty", "kv-input-renamed", "mask-renamed", "logits-misnamed", "more-layers-than-the-graph"])
+def test_a_decoder_that_is_not_the_graph_the_config_describes_is_refused_before_anything_is_written(genai_package, tmp_path,
+                                                                                                     damage, message):
+    """onnxruntime-genai feeds the decoder the inputs genai_config.json names and reads the
+    outputs it names: a graph that lacks one, or a file that is no graph, fails only on the
+    agent or replica that downloaded the package."""
+    folder = _copy(genai_package, tmp_path)
+    damage(folder)
+    with pytest.raises(PackageError, match=message):
+        pack(folder, tmp_path / "dist" / "model.tar")
+    assert not (tmp_path / "dist").exists()
+
+
+def test_the_command_refuses_a_damaged_decoder_in_one_line_with_exit_2(genai_package, tmp_path):
+    folder = _copy(genai_package, tmp_path)
+    _rename_graph_input(folder, "input_ids", "tokens")
+    proc = _pack_command(folder, tmp_path / "dist" / "model.tar")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: model.onnx has no input 'input_ids'") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "dist").exists()
+
+
 def _pack_command(folder: pathlib.Path, out: pathlib.Path, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
     def limit() -> None:  # the file-size limit a full disk stands for: writes past it fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
