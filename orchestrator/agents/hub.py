@@ -236,7 +236,7 @@ class AgentHub(relayed.RelayedAgents):
         same_agent = proof.by_credential and current is not None and agent_id == current.agent_id
         record = self._new_record(application, agent_id, now, joined_at=now)
         self._records[site] = record
-        self._revoked.pop(site, None)  # proved since the last revocation here (_decide)
+        self._revoked.get(site, set()).discard(agent_id)  # this agent proved itself since its revocation (_decide)
         self._rethink_sweep(record)
         self._channel(site).notify()  # a superseded agent's watch stream ends
         if self.tap is not None:
@@ -483,7 +483,7 @@ class AgentHub(relayed.RelayedAgents):
         that relays it reports it again before it has heard (:meth:`admit_relayed`)."""
         record = self._records.get(site)
         if record is not None:
-            self._revoked[site] = record.agent_id
+            self._revoked.setdefault(site, set()).add(record.agent_id)
             log.warning("agent %s of site %s dropped: its identity was revoked", record.agent_id, site)
         self._identities.revoked(site)  # joins and stream opens checked before now are refused
         self.forget(site)

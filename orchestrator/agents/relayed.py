@@ -65,8 +65,10 @@ class RelayedAgents:
         self._relays: dict[str, PushAssignments] = {}  # relaying replica -> its stream's outbox
         # site -> (holder, why, until): sites the leader said another replica's agent holds
         self._held_elsewhere: dict[str, tuple[str, str, float]] = {}
-        # site -> agent id whose identity was revoked: a relay that has not heard yet must not bring it back
-        self._revoked: dict[str, str] = {}
+        # site -> the agent ids revoked here: a relay that has not heard yet must not bring one back.
+        # Kept when another agent joins the site (a new identity, not theirs), and by
+        # revocations after it, so a stale report of any of them stays refused.
+        self._revoked: dict[str, set[str]] = {}
 
     # -- relayed agents (the leader's side) ------------------------------------------
 
@@ -87,7 +89,7 @@ class RelayedAgents:
         NotAuthenticated for an agent revoked here (``AgentHub.revoke``): ``via`` drops it too."""
         applications.check(application)
         site = application.site
-        if self._revoked.get(site) == agent_id:
+        if agent_id in self._revoked.get(site, ()):
             raise errors.NotAuthenticated(f"agent {agent_id} of site {site!r} was revoked")
         now = self._clock()
         self._refuse_if_held(site, now, agent_id)

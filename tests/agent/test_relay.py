@@ -426,12 +426,13 @@ class InProcess(NamedTuple):
     stream: relay._Stream
 
 
-def relayed_in_process(**leader_options: Any) -> InProcess:
+def relayed_in_process(leader_tokens: tuple[str, ...] = (), **leader_options: Any) -> InProcess:
     """A follower's hub relayed to a leader's by the relay's own client and servicer, on one
-    injected clock, with no network: reports reach the leader when the test delivers them."""
+    injected clock, with no network: reports reach the leader when the test delivers them.
+    Agents join the leader directly with ``leader_tokens``."""
     now = [1_000.0]
     follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
-    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), clock=lambda: now[0], **leader_options)
+    leader = hub.AgentHub(auth.InMemoryJoinAuthenticator(list(leader_tokens)), clock=lambda: now[0], **leader_options)
     client = relay.RelayClient(follower, "cp-follower")
     client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))
     stream = relay._Stream()
@@ -546,6 +547,42 @@ def test_an_agent_revoked_at_the_leader_is_not_taken_back_from_a_follower_that_h
     deliver()
     status = leader.status(SITE)
     assert status is not None and status.agent_id == enrolled.agent_id and status.healthy
+
+
+def test_a_revoked_agent_stays_refused_from_a_stale_follower_after_another_agent_joins_the_leader() -> None:
+    """The site is revoked and enrolled again at the leader, and the new agent is lost at
+    once; the follower, which has not heard of the revocation, still reports the revoked
+    agent. Another agent's join is no proof of the revoked one: it stays refused, and the
+    follower drops it."""
+    now, follower, leader, client, servicer, stream = relayed_in_process(leader_tokens=(TOKEN,), missed_heartbeats=3)
+
+    def deliver() -> pb.RelayAssignments:
+        for batch in client._batches():
+            for report in batch.reports:
+                servicer._apply(report, stream)
+        down = stream.take()
+        for site in down.report_again:
+            client._touched.add(site)
+        return down
+
+    application = model.JoinApplication(SITE, TOKEN, None, "", "http://10.0.0.5:8080", model.Location(), {}, "test", 5.0,
+                                        model.Capacity(cpu_cores=2))
+    revoked = follower.join(application)
+    deliver()
+    leader.revoke(SITE)
+    enrolled = leader.join(dataclasses.replace(application, endpoint_url="http://10.0.0.6:8080"))
+    assert enrolled.agent_id != revoked.agent_id
+    now[0] += 16.0  # the new agent never beats: lost after 3 x 5 s
+    assert [e.agent_id for e in leader.sweep()] == [enrolled.agent_id]
+
+    beat = pb.Heartbeat(sent_unix_ms=int(now[0] * 1000))
+    follower.record_heartbeat(SITE, revoked.agent_id, model.Heartbeat.from_proto(beat))
+    client.beat(SITE, revoked.agent_id, beat)
+    assert deliver().report_again == [SITE]
+    [refusal] = deliver().refused
+    assert (refusal.agent_id, refusal.holder_agent_id) == (revoked.agent_id, "")
+    status = leader.status(SITE)
+    assert status is not None and status.agent_id == enrolled.agent_id and not status.healthy
 
 
 def test_heartbeats_merged_past_the_leader_s_limit_go_in_parts_and_the_end_of_the_stream_after_them() -> None:
