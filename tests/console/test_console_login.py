@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import pytest
@@ -124,6 +125,57 @@ async def test_signing_out_while_a_poll_is_asked_leaves_the_console_signed_out(b
             await page.wait_for_function("() => document.getElementById('server-state').textContent !== 'signed out'", timeout=2500)
         assert await page.is_visible("#login") and not await page.is_visible("#console")
         assert polls_after == []
+    finally:
+        release.set()
+        await context.close()
+
+
+async def test_a_what_if_still_running_at_sign_out_is_not_shown_after_the_next_sign_in(browser, guarded) -> None:  # type: ignore[no-untyped-def]
+    """Its answer arrives after the sign-out: it is dropped, not drawn into the hidden panel
+    for whoever signs in next; nor is a result shown before the sign-out kept for them."""
+    from playwright.async_api import Error as PlaywrightError
+
+    cp, read = guarded
+    context = await browser.new_context()
+    page = await context.new_page()
+    asked, release = asyncio.Event(), asyncio.Event()
+    held = False
+
+    settled = asyncio.Event()
+
+    def ended(request):  # type: ignore[no-untyped-def]
+        if held and request.url.endswith("/v1/simulate"):
+            settled.set()
+
+    async def simulate(route):  # type: ignore[no-untyped-def]
+        if held:
+            asked.set()
+            await release.wait()
+        with contextlib.suppress(PlaywrightError):  # the page may have given up on it
+            await route.continue_()
+
+    try:
+        await page.route("**/v1/simulate", simulate)
+        page.on("requestfinished", ended)
+        page.on("requestfailed", ended)
+        await open_signed_out(page, cp.http_url)
+        await sign_in(page, read)
+        await page.click("nav button[data-tab=whatif]")
+        await page.select_option("#whatif-kind", "sites")
+        await page.select_option("#whatif-target", "edge-oslo")
+        await page.click("#whatif-run")  # one answered before the sign-out
+        await page.wait_for_selector("#whatif-summary", timeout=15_000)
+        await page.click("#whatif-clear")
+        held = True
+        await page.click("#whatif-run")  # one still running at the sign-out
+        await asyncio.wait_for(asked.wait(), timeout=10)
+        await page.click("#logout")
+        release.set()
+        await asyncio.wait_for(settled.wait(), timeout=10)  # answered, or given up on by the page
+        await sign_in(page, read)
+        await page.click("nav button[data-tab=whatif]")
+        assert await page.locator("#whatif-summary").count() == 0
+        assert await page.inner_text("#whatif-result") == ""
     finally:
         release.set()
         await context.close()

@@ -37,11 +37,12 @@ export function token() {
 }
 export function setToken(value) { value ? sessionStorage.setItem(KEY, value) : sessionStorage.removeItem(KEY); }
 
-async function call(method, path, body) {
+// `signal` (an AbortController's) gives up on the request: the promise rejects with an AbortError.
+async function call(method, path, body, signal) {
   const headers = {};
   if (token()) headers.authorization = `Bearer ${token()}`;
   if (body !== undefined) headers["content-type"] = "application/json";
-  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal });
   if (resp.status === 401) throw new Unauthorized((await resp.json()).error || "unauthorized");
   const text = await resp.text();
   if (!resp.ok) {
@@ -57,7 +58,7 @@ async function call(method, path, body) {
 }
 
 export const get = (path) => call("GET", path);
-export const post = (path, body) => call("POST", path, body);
+export const post = (path, body, signal) => call("POST", path, body, signal);
 
 // Gateway requests per site from the Prometheus text (edgeplane_gateway_requests_total{site=...}).
 export function requestsBySite(metrics) {

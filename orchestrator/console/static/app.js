@@ -7,7 +7,8 @@ const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
 const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true,
                 replicas: new Map(), requests: {}, rates: {}, whatif: null, map: null, timer: null,
-                signedIn: 0 };  // bumped at each sign-in and sign-out: a poll from before neither draws nor polls again
+                signedIn: 0,  // bumped at each sign-in and sign-out: a poll from before neither draws nor polls again
+                whatifRun: null };  // the running what-if's AbortController: given up at sign-out or at the next run
 
 // A site's health word, as the table colours it; anything else is bad. A Rejoining site kept
 // its replicas over a control-plane restart and waits for its agent to come back.
@@ -20,6 +21,7 @@ function row(cells) { const tr = document.createElement("tr"); for (const c of c
 function showLogin(message) {
   state.signedIn++;
   clearTimeout(state.timer);
+  forgetWhatif();  // neither a running what-if nor a result is left for whoever signs in next
   $("console").hidden = true;
   $("login").hidden = false;
   $("logout").hidden = true;
@@ -244,15 +246,27 @@ function fillWhatifTargets(views) {
   if (unique.includes(keep)) select.value = keep;
 }
 
+// Gives up on a running what-if, and clears the result and its moves on the map.
+function forgetWhatif() {
+  if (state.whatifRun) state.whatifRun.abort();
+  state.whatifRun = null;
+  state.whatif = null;
+  $("whatif-result").replaceChildren();
+  if (state.map) state.map.drawMoves([], {});
+}
+
 async function runWhatif(event) {
   event.preventDefault();
+  if (state.whatifRun) state.whatifRun.abort();  // its answer is for the question asked before
+  const run = state.whatifRun = new AbortController();
   const kind = $("whatif-kind").value, target = $("whatif-target").value, factor = Number($("whatif-demand").value || 1);
   const spec = { fail: { [kind]: [target] } };
   if (factor !== 1) spec.demand = [{ factor }];
   const out = $("whatif-result");
   out.replaceChildren(text("p", "simulating…", "muted"));
   try {
-    const r = await simulate({ kind: "Scenario", metadata: { name: "console" }, spec }, out);
+    const r = await simulate({ kind: "Scenario", metadata: { name: "console" }, spec }, out, run.signal);
+    if (run.signal.aborted) return;  // answered as it was given up on
     const views = siteViews();
     const lost = views.filter((v) => (kind === "sites" && v.name === target) || (kind === "regions" && v.region === target)
       || (kind === "countries" && v.country === target) || (kind === "tiers" && v.tier === target)).map((v) => v.name);
@@ -260,8 +274,11 @@ async function runWhatif(event) {
     showReport(r);
     render();
   } catch (err) {
+    if (run.signal.aborted) return;
     if (err instanceof api.Unauthorized) { showLogin(err.message); return; }
     out.replaceChildren(text("p", err.message, "error"));
+  } finally {
+    if (state.whatifRun === run) state.whatifRun = null;
   }
 }
 
@@ -269,18 +286,19 @@ async function runWhatif(event) {
 const SIMULATE_WAIT_MS = 120_000;
 
 // POST /v1/simulate; while the control plane is busy with other what-ifs (429), waits as its
-// Retry-After asks, saying so in `out`, for up to SIMULATE_WAIT_MS.
-async function simulate(body, out) {
+// Retry-After asks, saying so in `out`, for up to SIMULATE_WAIT_MS, unless `signal` gives up.
+async function simulate(body, out, signal) {
   const giveUp = Date.now() + SIMULATE_WAIT_MS;
   for (;;) {
     try {
-      return await api.post("/v1/simulate", body);
+      return await api.post("/v1/simulate", body, signal);
     } catch (err) {
       if (!(err instanceof api.Busy) || Date.now() + err.retryAfter * 1000 > giveUp) throw err;
       const note = text("p", `${err.message}: waiting ${err.retryAfter} s`, "muted");
       note.id = "whatif-waiting";
       out.replaceChildren(note);
       await new Promise((resolve) => setTimeout(resolve, err.retryAfter * 1000));
+      signal.throwIfAborted();
       out.replaceChildren(text("p", "simulating…", "muted"));
     }
   }
@@ -335,6 +353,6 @@ $("residency-of").addEventListener("change", renderResidency);
 $("sites-filter").addEventListener("input", () => renderSiteRows(siteViews()));
 $("whatif-kind").addEventListener("change", () => fillWhatifTargets(siteViews()));
 $("whatif-form").addEventListener("submit", runWhatif);
-$("whatif-clear").addEventListener("click", () => { state.whatif = null; $("whatif-result").replaceChildren(); state.map.drawMoves([], {}); render(); });
+$("whatif-clear").addEventListener("click", () => { forgetWhatif(); render(); });
 for (const b of document.querySelectorAll("#side nav button")) b.addEventListener("click", () => selectTab(b.dataset.tab));
 start();
