@@ -177,7 +177,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
         found = await (run_in_threadpool(store.recent_events, kind, q.get("name"), last) if last
                        else run_in_threadpool(store.events, since, limit, kind, q.get("name")))
-        return JSONResponse({"items": [_event(e) for e in found]})
+        # Event ids count from each store's own start: which store answered tells a client that
+        # follows them (the console) when ids it read before are another store's.
+        return JSONResponse({"items": [_event(e) for e in found], "store": await run_in_threadpool(store.store_id)})
 
     async def cascades(request: Request, caller: auth.Caller) -> Response:
         name = request.path_params.get("name")

@@ -73,6 +73,7 @@ class SqlStore:
     collate = ""  # appended to each ORDER BY column so text sorts byte-wise
 
     _clock: Callable[[], float]
+    _id: str | None = None  # store_id(), once read
 
     # --- what a backend supplies ------------------------------------------------------
 
@@ -115,6 +116,16 @@ class SqlStore:
 
     def resource_version(self) -> int:
         return int(self._fetch("SELECT value FROM meta WHERE key = 'resource_version'")[0]["value"])
+
+    def store_id(self) -> str:
+        """Which store this is: a random number drawn when it was made (or first opened by a
+        version that keeps one) and kept with it. Another store, fresh or not, has its own, so
+        a client can tell that event ids, which each store numbers from its own start, are
+        not comparable with those it read before. A copy (a restored backup) keeps its
+        original's."""
+        if self._id is None:  # never changes: read once
+            self._id = format(int(self._fetch("SELECT value FROM meta WHERE key = 'store_id'")[0]["value"]), "016x")
+        return self._id
 
     @staticmethod
     def _row(row: Mapping[str, Any]) -> StoredObject:

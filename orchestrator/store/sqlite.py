@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version INTEGER NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', random() & 9223372036854775807);
 """
 
 

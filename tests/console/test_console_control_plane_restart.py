@@ -158,3 +158,37 @@ async def test_the_events_tab_follows_a_store_swapped_between_two_polls(browser,
             await page.close()
         await second.stop()
         await first.stop()
+
+
+async def test_the_events_tab_follows_a_store_swapped_between_two_polls_whose_events_go_further(  # type: ignore[no-untyped-def]
+        browser, tmp_path: pathlib.Path) -> None:
+    """No poll fails, and the other store's newest event is past the last one shown, so event
+    ids alone cannot tell: the store's identity does, and the list is read afresh from it,
+    with none of the first store's events left in it."""
+    first, second = harness.Fleet(tmp_path / "first"), harness.Fleet(tmp_path / "second")
+    page = None
+    try:
+        cp = await first.start_control_plane()
+        other = await second.start_control_plane()
+        async with httpx.AsyncClient(base_url=other.http_url) as http:
+            for _ in range(60):
+                assert (await http.post("/v1/tokens", json={"purpose": "bootstrap", "ttlSeconds": 60})).status_code == 201
+        await apply(other.http_url, SITE, reason="in the other store")
+        async with httpx.AsyncClient(base_url=other.http_url) as http:
+            items = (await http.get("/v1/events", params={"last": 100})).json()["items"]
+        theirs = [f"{e['action']} {e['kind']}/{e['name']} by {e['actor']} — {e['reason']}" for e in items]
+        page = await open_on_40_events(browser, cp.http_url)
+        assert max(await events_shown(page)) < items[-1]["id"]  # ids alone cannot tell the stores apart
+
+        async def from_the_other_store(route):  # type: ignore[no-untyped-def]
+            await route.fulfill(response=await route.fetch(url=route.request.url.replace(cp.http_url, other.http_url)))
+
+        await page.route("**/v1/events?*", from_the_other_store)
+        await page.wait_for_selector("#events-list li >> text=in the other store", timeout=15_000)
+        shown = await page.eval_on_selector_all("#events-list li span:not(.when)", "els => els.map(e => e.textContent)")
+        assert shown == theirs[::-1]
+    finally:
+        if page is not None:
+            await page.close()
+        await second.stop()
+        await first.stop()

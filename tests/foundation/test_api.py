@@ -190,7 +190,7 @@ def test_one_process_on_sqlite_always_leads(api: httpx.Client) -> None:
     assert families["edgeplane_leader_changes"].samples[0].value == 0
 
 
-def test_placements_and_events_endpoints(api: httpx.Client, fleet: dict) -> None:
+def test_placements_and_events_endpoints(api: httpx.Client, fleet: dict, control_plane: support.ServerThread) -> None:
     r = api.get("/v1/placements")
     assert r.status_code == 200
     for item in r.json()["items"]:
@@ -211,6 +211,8 @@ def test_placements_and_events_endpoints(api: httpx.Client, fleet: dict) -> None
     assert both.status_code == 400 and "cannot be combined" in both.json()["error"]
     assert api.get("/v1/events", params={"last": -1}).status_code == 400
     assert api.get("/v1/events", params={"limit": 0}).status_code == 400
+    # which store answered: the same for every page of it (its event ids count from its own start)
+    assert {api.get("/v1/events", params=p).json()["store"] for p in ({"last": 1}, {"since": ids[2]})} == {control_plane.cp.store.store_id()}  # type: ignore[union-attr]
 
 
 def test_describe_includes_events(api: httpx.Client, fleet: dict) -> None:

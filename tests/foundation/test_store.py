@@ -810,3 +810,19 @@ def test_a_writer_paused_inside_a_transaction_holds_the_write_lock_only_for_a_wh
     assert outcome.get(timeout=1).startswith("ended by the server"), "the paused transaction should not commit"
     paused_store.close()
     other.close()
+
+
+def test_a_store_keeps_its_identity_and_another_has_its_own(reopen: Callable[..., Store], location: str,
+                                                            request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> None:
+    """Each store numbers its events from its own start: a client that reads events from two
+    stores (a control plane restarted on another) tells them apart by the store's identity."""
+    first = reopen()
+    made = first.store_id()
+    first.close()
+    assert reopen().store_id() == made
+    other_location = str(tmp_path / "other.db") if location.endswith(".db") else request.getfixturevalue("postgres").create_database()
+    other = open_store(other_location)
+    try:
+        assert other.store_id() != made
+    finally:
+        other.close()

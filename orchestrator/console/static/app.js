@@ -5,7 +5,7 @@ import { FleetMap } from "./map.js";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
-const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true,
+const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true, store: undefined,
                 replicas: new Map(), requests: {}, rates: {}, whatif: null, map: null, timer: null,
                 signedIn: 0,  // bumped at each sign-in and sign-out: a poll from before neither draws nor polls again
                 whatifRun: null };  // the running what-if's AbortController: given up at sign-out or at the next run
@@ -53,7 +53,7 @@ async function poll() {
     state.sites = sites.items;
     state.deployments = deployments.items;
     state.placements = placements.items;
-    if (events.reloaded) { state.events = []; state.lastEvent = 0; }
+    if (events.reloaded) { state.events = []; state.lastEvent = 0; state.store = events.store; }
     for (const e of events.items) { state.events.push(e); state.lastEvent = Math.max(state.lastEvent, e.id); }
     state.events = state.events.slice(-300);
     state.reloadEvents = false;
@@ -70,15 +70,18 @@ async function poll() {
 }
 
 // The events after the last one shown; or the newest 200, in place of the list, at first,
-// after a failed poll, and when the control plane's newest event is older than the last one
-// shown: restarted on a fresh or restored store, it numbers its events from lower down, and
-// asking for those after the old mark would never show them.
+// after a failed poll, and when the control plane answers from another store than the list's
+// (each store numbers its events from its own start: those after the old mark are not the
+// ones since) or its newest event is older than the last one shown (a restored backup of the
+// same store, whose identity it keeps, numbers its events from lower down).
 async function newEvents() {
   if (state.lastEvent && !state.reloadEvents) {
     const [after, newest] = await Promise.all([api.get(`/v1/events?since=${state.lastEvent}&limit=200`), api.get("/v1/events?last=1")]);
-    if (newest.items.length && newest.items[newest.items.length - 1].id >= state.lastEvent) return { items: after.items, reloaded: false };
+    if (after.store === state.store && newest.store === state.store && newest.items.length
+        && newest.items[newest.items.length - 1].id >= state.lastEvent) return { items: after.items, reloaded: false };
   }
-  return { items: (await api.get("/v1/events?last=200")).items, reloaded: true };
+  const newest = await api.get("/v1/events?last=200");
+  return { items: newest.items, store: newest.store, reloaded: true };
 }
 
 // Requests each site answered since the page opened, from the gateway's lifetime counters.
