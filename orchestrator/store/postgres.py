@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS events (
     reason TEXT NOT NULL, details TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_object ON events (kind, name, id);
+CREATE INDEX IF NOT EXISTS events_time ON events (ts);  -- retention deletes the oldest
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, purpose TEXT NOT NULL,
     role TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION,

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from orchestrator.store.values import (
+    FLEET_ACTIONS,
+    KEPT_ACTIONS,
     AgentSaved,
     Conflict,
     DeletedSite,
@@ -351,6 +353,27 @@ class SqlStore:
         rows = self._fetch(self._q(f"SELECT * FROM events WHERE TRUE{where} ORDER BY id DESC LIMIT ?"),
                            (*args, max(1, min(limit, 10_000))))
         return [_event(r) for r in reversed(rows)]
+
+    def prune_events(self, before: float, audit: bool, limit: int = 1000, lease: Lease | None = None) -> int:
+        """Delete up to ``limit`` of the oldest events logged before ``before`` (epoch
+        seconds): those the fleet logs of itself (:data:`FLEET_ACTIONS`), or with ``audit``
+        the rest, what callers did; never :data:`KEPT_ACTIONS`. Returns how many went. One
+        short transaction per call, so writers wait for one batch at most; with ``lease``,
+        only while it is held (:class:`Fenced`). Ids are never reused (both backends count
+        them apart from the rows), so a reader following by id misses nothing logged later."""
+        fleet = sorted(FLEET_ACTIONS)
+        if audit:
+            which, actions = "NOT IN", [*fleet, *sorted(KEPT_ACTIONS)]
+        else:
+            which, actions = "IN", fleet
+        marks = ", ".join("?" * len(actions))
+        with self._tx() as db:
+            if lease is not None:
+                self._fence(db, lease)
+            return int(db.execute(
+                self._q(f"DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? AND action {which} ({marks})"
+                        " ORDER BY ts LIMIT ?)"),
+                (before, *actions, max(1, limit))).rowcount)
 
     # --- tokens and agent identities ---------------------------------------------------
 

@@ -8,7 +8,8 @@ journal is WAL (readers never block the writer), and every object carries a
 (bumped on every write) for optimistic concurrency: a write that names a stale
 ``resourceVersion`` is refused with :class:`Conflict`, never silently lost.
 
-The event log is append-only: who did what, to which object, when and why. What this
+The event log is append-only (retention aside: the leader deletes its oldest events, see
+:mod:`orchestrator.event_retention`): who did what, to which object, when and why. What this
 file holds is only what is SQLite's own (the schema, the connection, the transaction);
 the operations are shared with the PostgreSQL store in :mod:`orchestrator.store.sql`.
 """
@@ -69,6 +70,7 @@ CREATE TABLE IF NOT EXISTS events (
     reason TEXT NOT NULL, details TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_object ON events (kind, name, id);
+CREATE INDEX IF NOT EXISTS events_time ON events (ts);  -- retention deletes the oldest
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, purpose TEXT NOT NULL,
     role TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL,

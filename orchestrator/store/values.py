@@ -90,6 +90,23 @@ class LoggedEvent:
     details: Mapping[str, Any]
 
 
+#: The events the fleet logs of itself, as it runs: placements, agents' joins, losses and
+#: recoveries, data centres' applies, elections, wakes. They are most of the log (each
+#: lost heartbeat, each pass that moves a replica) and are kept for the events retention
+#: (``edgeplane serve --events-retention``). Every other event records what a caller did
+#: (applies, deletes, tokens, revocations, captures read): the audit trail, kept for the
+#: audit retention. An action not named here counts as audit, the longer-kept side.
+FLEET_ACTIONS = frozenset({
+    "replica-placed", "replica-removed", "replica-moved",
+    "serve-applied", "serve-reapplied", "serve-removed", "datacentre-error", "datacentre-recovered",
+    "agent-joined", "agent-lost", "agent-recovered", "leader-elected", "wake-requested",
+})
+
+#: Events no retention removes: a site's last revocation is the cut-off for the bootstrap
+#: tokens its agent may rejoin with (``agent_revoked_at``), state the log holds, not history.
+KEPT_ACTIONS = frozenset({"agent-revoked"})
+
+
 @dataclass(frozen=True)
 class PlacementRow:
     deployment: str
@@ -151,6 +168,6 @@ def digest(secret: str) -> str:
 
 
 __all__ = [
-    "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow",
+    "FLEET_ACTIONS", "KEPT_ACTIONS", "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow",
     "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "digest", "token_state",
 ]

@@ -270,6 +270,66 @@ def test_event_log_is_append_only_across_deletes_and_reopen(reopen: Callable[...
         s.close()
 
 
+def test_retention_deletes_the_fleets_old_events_and_the_audit_trail_by_its_own_cutoff(store: Store, clock: FakeClock) -> None:
+    start = clock.now
+    store.record(*(Event("agent:a1", "agent-lost", "Site", "edge-a", f"missed heartbeats {i}") for i in range(3)))
+    store.apply([write("a", {"x": 1})], WHO)
+    store.save_agent("edge-a", "a1", "secret", "bootstrap")
+    store.revoke_agent("edge-a", "alice", "stolen laptop")
+    clock.now = start + 100
+    store.record(Event("scheduler", "replica-placed", "ModelDeployment", "d", "fresh"))
+
+    assert store.prune_events(start + 50, audit=False) == 3  # the fleet's own, older than its cutoff
+    assert [e.action for e in store.events()] == ["created", "agent-revoked", "replica-placed"]
+    assert store.prune_events(start + 50, audit=True) == 1  # the apply; a revocation is kept for good
+    assert [e.action for e in store.events()] == ["agent-revoked", "replica-placed"]
+    assert store.agent_revoked_at("edge-a") == start  # still the cut-off for the tokens a rejoin may use
+    assert store.prune_events(start + 200, audit=True) == 0
+
+
+def test_retention_deletes_the_oldest_first_a_bounded_batch_at_a_time(store: Store, clock: FakeClock) -> None:
+    for i in range(5):
+        store.record(Event("reconciler", "serve-applied", "Site", f"s{i}", "applied"))
+        clock.now += 1
+    assert store.prune_events(clock.now, audit=False, limit=2) == 2
+    assert [e.name for e in store.events()] == ["s2", "s3", "s4"]
+    assert store.prune_events(clock.now, audit=False, limit=2) == 2
+    assert store.prune_events(clock.now, audit=False, limit=2) == 1
+    assert store.events() == []
+
+
+def test_readers_following_by_event_id_miss_nothing_when_older_events_are_pruned(store: Store, clock: FakeClock) -> None:
+    store.record(*(Event("agent:a1", "agent-lost", "Site", f"s{i}", "lost") for i in range(4)))
+    ids = [e.id for e in store.events()]
+    behind, caught_up = ids[0], ids[-1]  # a reader that stopped early, one that read them all
+    clock.now += 100
+    store.record(Event("agent:a1", "agent-recovered", "Site", "s3", "back"))
+    assert store.prune_events(clock.now - 50, audit=False) == 4
+    # an id that is gone is still a place in the log: the reader gets what was kept after it
+    assert [e.action for e in store.events(since=behind)] == ["agent-recovered"]
+    assert [e.action for e in store.events(since=behind, kind="Site")] == ["agent-recovered"]
+    assert [e.action for e in store.events(since=caught_up)] == ["agent-recovered"]
+    # with the whole log pruned, the next event still numbers after every one a reader saw
+    clock.now += 100
+    assert store.prune_events(clock.now, audit=False) == 1
+    assert store.events(since=caught_up) == [] and store.recent_events() == []
+    store.record(Event("agent:a1", "agent-lost", "Site", "s3", "again"))
+    [new] = store.events(since=caught_up)
+    assert new.id > caught_up + 1 and [e.id for e in store.recent_events()] == [new.id]
+
+
+def test_only_the_lease_holder_prunes_events(reopen: Callable[..., Store], clock: FakeClock) -> None:
+    a, b = reopen(clock), reopen(clock)
+    a.record(Event("agent:a1", "agent-lost", "Site", "s", "lost"))
+    lease = a.acquire_lease("leader", "a", 30.0)
+    assert lease is not None
+    a.release_lease(lease)
+    assert b.acquire_lease("leader", "b", 30.0) is not None
+    with pytest.raises(store_mod.Fenced):
+        a.prune_events(clock.now + 1, audit=False, lease=lease)
+    assert len(a.events()) == 1
+
+
 def test_delete(store: Store) -> None:
     [v] = store.apply([write("a", {"x": 1})])
     with pytest.raises(NotFound):
