@@ -89,6 +89,40 @@ def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+#: The units a duration may carry (``duration``); a bare number is seconds.
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(low_s: float) -> Callable[[str], float]:
+    """argparse type of a retention: a number of seconds, or one with a unit (``90m``,
+    ``12h``, ``30d``), of at least ``low_s``; ``0`` or ``off`` is 0.0, keep everything."""
+    def parse(text: str) -> float:
+        word = text.strip().lower()
+        if word in ("off", "0"):
+            return 0.0
+        number, unit = (word[:-1], word[-1]) if word[-1:].isalpha() else (word, "s")
+        try:
+            value = float(number) * DURATION_UNITS[unit]
+        except (ValueError, KeyError):
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give e.g. 30d, 12h, 90m or 3600 (seconds); 0 or off keeps all")
+        if value == 0:
+            return 0.0
+        if value < low_s:
+            raise argparse.ArgumentTypeError(f"{text!r} is less than {_duration_text(low_s)}: give {_duration_text(low_s)} or more, "
+                                             "or 0 or off to keep all")
+        return value
+    return parse
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, scale in sorted(DURATION_UNITS.items(), key=lambda u: -u[1]):
+        if seconds >= scale and seconds % scale == 0:
+            return f"{seconds / scale:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def _range(low: float, high: float | None, above: bool, below: bool) -> str:
     if high is None:
         return f"more than {low:g}" if above else f"{low:g} or more"

@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator import catalog, console, following, leadership, views
+from orchestrator import catalog, console, event_retention, following, leadership, views
 from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
@@ -130,8 +130,9 @@ class ControlPlane:
             raise server_config.ConfigError("--auth must be 'none' or 'token'")
         if cfg.simulation_slots < 1 or cfg.simulation_budget < 1:
             raise server_config.ConfigError("--simulations and --simulate-budget must be 1 or more")
+        retention = event_retention.Retention(cfg.events_retention_s, cfg.audit_retention_s)
         wrong = gateway_options.problem(cfg.gateway_auth, cfg.gateway_rate, cfg.gateway_burst, cfg.gateway_max_body, cfg.cold_start_timeout_s,
-                                        cfg.first_token_timeout_s)
+                                        cfg.first_token_timeout_s) or retention.problem()
         if wrong:
             raise server_config.ConfigError(wrong)
         for flag, value, (low, high) in (("--leader-lease", cfg.leader_lease_s, server_options.LEADER_LEASE_S),
@@ -266,6 +267,8 @@ class ControlPlane:
         else:  # one process owns the SQLite file: it always leads (after a restart, keeping its agents' replicas until they are back)
             self.reconciler.resume(rejoin_s=self.takeover_s)
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
+        self.events_pruner = event_retention.EventPruner(self.store, retention, self.elector, self.registry)  # prunes while leading
+        self._background.append(asyncio.create_task(self.events_pruner.run(), name="event-retention"))
         self.admin_token = await asyncio.to_thread(auth.ensure_admin_token, self.store, cfg.data_dir)  # the last step of a start
         self._started = True
         log.info("control plane: API and gateway %s, agents %s, state %s", self.http_url, self.agent_target, self.store.path)

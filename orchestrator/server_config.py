@@ -14,6 +14,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator import event_retention
 from orchestrator.adapters import local_ray
 from orchestrator.gateway import options as gateway_options
 from orchestrator.security import ca as ca_mod
@@ -63,6 +64,8 @@ class ServerConfig:
     peer_address: str | None = None  # host:port other replicas dial to relay agents here; default: the agent listener
     simulation_slots: int = 1  # what-ifs planned at once (POST /v1/simulate); one more is answered 429
     simulation_budget: int = sim_budget.DEFAULT_BUDGET  # units of planning one what-if may take (simulation/budget.py)
+    events_retention_s: float = event_retention.EVENTS_S  # the fleet's own events are deleted past it; 0 keeps them all
+    audit_retention_s: float = event_retention.AUDIT_S  # what callers did (the audit trail), likewise
 
 
 def peer_host(cfg: ServerConfig) -> str:
@@ -116,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cold_start_timeout_s=args.cold_start_timeout, first_token_timeout_s=args.first_token_timeout,
         local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
         store=args.store, leader_lease_s=args.leader_lease, store_poll_s=args.store_poll, peer_address=args.peer_address,
-        simulation_slots=args.simulations,
+        simulation_slots=args.simulations, events_retention_s=args.events_retention, audit_retention_s=args.audit_retention,
         simulation_budget=args.simulate_budget if args.simulate_budget is not None else sim_budget.DEFAULT_BUDGET,
     )
 

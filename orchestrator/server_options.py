@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from orchestrator import argtypes
+from orchestrator import argtypes, event_retention
 from orchestrator.gateway import options as gateway_options
 from orchestrator.security.ca import AGENT_DAYS
 
@@ -43,6 +43,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-address", metavar="HOST:PORT",
                    help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
                         "agents while it leads [the agent listener; this host's name when it listens on all addresses]")
+    p.add_argument("--events-retention", type=argtypes.duration(event_retention.MIN_S), default=event_retention.EVENTS_S,
+                   metavar="DURATION", help="the leader deletes the fleet's own events (placements, agents lost and back, "
+                                            "data centres' applies, elections) older than this: 30d, 12h, 90m or seconds; "
+                                            "0 or off keeps all; at least 1h [30d]")
+    p.add_argument("--audit-retention", type=argtypes.duration(event_retention.MIN_S), default=event_retention.AUDIT_S,
+                   metavar="DURATION", help="the same for the audit trail, what callers did (applies, deletes, tokens, "
+                                            "captures read); a site's revocation is kept for good [365d]")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address for the API and gateway")
     p.add_argument("--port", type=argtypes.port_number, default=8080, help="HTTP port for the API, the gateway and the console")
     p.add_argument("--agent-host", help="gRPC address for agents (default: --host)")
