@@ -89,7 +89,7 @@ class EventPruner:
         deleted = 0
         for audit, before in self.retention.cutoffs(self.clock()):
             for _ in range(self.max_batches):
-                n = await asyncio.to_thread(self.store.prune_events, before, audit, self.batch, lease)
+                n = await self.store.run(self.store.prune_events, before, audit, self.batch, lease)
                 self.pruned.labels("audit" if audit else "events").inc(n)
                 deleted += n
                 if n < self.batch:

@@ -83,23 +83,23 @@ class StoreFollower:
                     table_version = leader_version = 0  # read again whenever this replica follows again
                     lease = self.reconciler.lease
                     if lease is not None and self.published_under() != lease.token:
-                        await asyncio.to_thread(self.publish_leader, lease)
+                        await self.store.run(self.publish_leader, lease)
                     if wakes_seen is None:  # wakes left before this replica led were for the old leader
-                        elected = await asyncio.to_thread(self.store.recent_events, "ControlPlane", "leader", 1)
+                        elected = await self.store.run(self.store.recent_events, "ControlPlane", "leader", 1)
                         wakes_seen = elected[-1].id if elected else 0
                     wakes_seen = await self._read_wakes(wakes_seen)
-                    version = await asyncio.to_thread(self.store.resource_version)
+                    version = await self.store.run(self.store.resource_version)
                     if version != seen:
                         seen = version
                         self.reconciler.applied(f"store changed (resourceVersion {version})")
                     continue
                 wakes_seen = None
                 await self._forget_lost_agents_of_deleted_sites()
-                leader = await asyncio.to_thread(self.store.published, LEADER_KEY, leader_version)
+                leader = await self.store.run(self.store.published, LEADER_KEY, leader_version)
                 if leader is not None and not self.elector.leading and self.relay_client is not None:
                     leader_version, body = leader
                     self.relay_client.follow(relay.Leader.from_json(body))  # ValueError: logged below, read again when it changes
-                got = await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, table_version)
+                got = await self.store.run(self.store.published, wire.PUBLISHED_KEY, table_version)
                 if got is not None and not self.elector.leading:
                     table_version, body = got
                     wire.apply_json(self.table, json.loads(body))  # all or nothing
@@ -112,12 +112,12 @@ class StoreFollower:
         """Agents revoked through any replica after Site event ``since`` (None: from now on) are
         dropped here too: the one that took the request drops only the agents connected to it."""
         if since is None:
-            newest = await asyncio.to_thread(self.store.recent_events, "Site", None, 1)
+            newest = await self.store.run(self.store.recent_events, "Site", None, 1)
             return newest[-1].id if newest else 0
-        while events := await asyncio.to_thread(self.store.events, since, 1000, "Site"):
+        while events := await self.store.run(self.store.events, since, 1000, "Site"):
             since = events[-1].id
             for site in sorted({e.name for e in events if e.action == "agent-revoked"}):
-                if await asyncio.to_thread(self.store.agent_revoked_at, site) is not None:  # not enrolled again since
+                if await self.store.run(self.store.agent_revoked_at, site) is not None:  # not enrolled again since
                     self.hub.revoke(site)
         return since
 
@@ -130,13 +130,13 @@ class StoreFollower:
         lost = [a for a in self.hub.snapshot() if not a.healthy and a.via is None]
         if not lost:
             return
-        stored = await asyncio.to_thread(lambda: {r.name for r in self.store.list("Site")})
+        stored = await self.store.run(lambda: {r.name for r in self.store.list("Site")})
         for site in planning.agents_to_forget(lost, stored):
             self.hub.forget_if_lost(site)
 
     async def _read_wakes(self, since: int) -> int:
         """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""
-        events = await asyncio.to_thread(self.store.events, since, 1000, "Model")
+        events = await self.store.run(self.store.events, since, 1000, "Model")
         for model in sorted({e.name for e in events if e.action == WAKE_ACTION}):
             self.table.wake(model)
         return events[-1].id if events else since

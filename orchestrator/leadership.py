@@ -57,7 +57,7 @@ class Elector:
             # waited for again rather than joined by more threads.
             if self._attempt is None or self._attempt[1].done():
                 self._attempt = (self.clock(), asyncio.ensure_future(
-                    asyncio.to_thread(self.store.acquire_lease, LEASE, self.holder, self.ttl_s)))
+                    self.store.run(self.store.acquire_lease, LEASE, self.holder, self.ttl_s)))
             asked, attempt = self._attempt
             # a renewal that has not answered by the deadline is a loss, not a wait
             timeout = max(0.01, self._deadline - self.clock()) if self.lease is not None else self.ttl_s

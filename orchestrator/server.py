@@ -59,6 +59,7 @@ from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
 from orchestrator.store import is_postgres_url, open_store
+from orchestrator.store import threads as store_threads
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger("edgeplane")
@@ -139,6 +140,8 @@ class ControlPlane:
                                          ("--store-poll", cfg.store_poll_s, server_options.STORE_POLL_S)):
             if not low <= value <= high:
                 raise server_config.ConfigError(f"{flag} must be from {low:g} to {high:g} seconds")
+        if not store_threads.THREADS[0] <= cfg.store_threads <= store_threads.THREADS[1]:
+            raise server_config.ConfigError(f"--store-threads must be from {store_threads.THREADS[0]} to {store_threads.THREADS[1]}")
         if cfg.auth == "none" and not (auth.is_loopback(cfg.host) and auth.is_loopback(cfg.agent_host or cfg.host)):
             raise server_config.ConfigError(
                 f"refusing to serve the admin API on {cfg.host} without authentication: "
@@ -146,7 +149,7 @@ class ControlPlane:
             )
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.store = open_store(cfg.store or cfg.data_dir / "state.db", exclusive=True)  # type: ignore[assignment]
+            self.store = open_store(cfg.store or cfg.data_dir / "state.db", exclusive=True, threads=cfg.store_threads)  # type: ignore[assignment]
         except store_mod.StoreError as e:
             raise server_config.ConfigError(str(e)) from e
         self.authenticator = auth.Authenticator(self.store, required=cfg.auth == "token")
@@ -269,7 +272,7 @@ class ControlPlane:
             self._reconciling = asyncio.create_task(self.reconciler.run(), name="reconciler")
         self.events_pruner = event_retention.EventPruner(self.store, retention, self.elector, self.registry)  # prunes while leading
         self._background.append(asyncio.create_task(self.events_pruner.run(), name="event-retention"))
-        self.admin_token = await asyncio.to_thread(auth.ensure_admin_token, self.store, cfg.data_dir)  # the last step of a start
+        self.admin_token = await self.store.run(auth.ensure_admin_token, self.store, cfg.data_dir)  # the last step of a start
         self._started = True
         log.info("control plane: API and gateway %s, agents %s, state %s", self.http_url, self.agent_target, self.store.path)
         return self
@@ -285,7 +288,7 @@ class ControlPlane:
                     with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                         async with asyncio.timeout(10):
                             await t
-            await asyncio.to_thread(self.elector.release)
+            await self.store.run(self.elector.release)
         await self._agent_server.stop(grace=1.0)
         self._uvicorn.should_exit = True
         for t in self._background:
@@ -327,7 +330,7 @@ class ControlPlane:
         self._wakes_left[model] = now
         event = store_mod.Event(self.replica_id, following.WAKE_ACTION, "Model", model,
                                 f"a request through replica {self.replica_id} found {model} scaled to zero")
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.store.record, event))
+        task = asyncio.get_running_loop().create_task(self.store.run(self.store.record, event))
         self._wake_writes.add(task)
         task.add_done_callback(self._wake_writes.discard)
         task.add_done_callback(_log_failed_wake)
@@ -346,10 +349,10 @@ class ControlPlane:
         cancelled meanwhile leaves them fenced by ``lease``."""
         if not self.table.all_endpoints():  # just started (a restart): inherit what the last leader published
             await self._inherit_table()
-        await asyncio.to_thread(self._publish_leader, lease)
+        await self.store.run(self._publish_leader, lease)
         self.reconciler.lead(lease, takeover_s=self.takeover_s)
         with contextlib.suppress(store_mod.StoreError):
-            await asyncio.to_thread(self.store.record, store_mod.Event(
+            await self.store.run(self.store.record, store_mod.Event(
                 self.replica_id, "leader-elected", "ControlPlane", "leader",
                 f"replica {self.replica_id} leads with fencing token {lease.token}", {"fencingToken": lease.token}), lease=lease)
         await self.reconciler.run()
@@ -359,7 +362,7 @@ class ControlPlane:
         process's own after a restart): the gateway routes with it until the first pass, and
         a restart keeps its rejoining sites' endpoints from it (``Reconciler.resume``)."""
         with contextlib.suppress(store_mod.StoreError, ValueError):
-            if (got := await asyncio.to_thread(self.store.published, wire.PUBLISHED_KEY, 0)) is not None:
+            if (got := await self.store.run(self.store.published, wire.PUBLISHED_KEY, 0)) is not None:
                 wire.apply_json(self.table, json.loads(got[1]))
 
     def _lose_lead(self, reason: str) -> None:
@@ -425,15 +428,15 @@ class ControlPlane:
         return view
 
     async def _shared_read(self, name: str, read: Callable[[], Any], within_s: float) -> Any:
-        """``read()`` of the store, on a worker thread: on PostgreSQL a read is a transaction
+        """``read()`` of the store, on its threads: on PostgreSQL a read is a transaction
         that waits for the store's lock and the database, and on the event loop a stalled
         database would hold the whole replica (API, gateway, agents, health probes). One read
         by ``name`` at a time, which callers that come meanwhile share: a stalled database
-        piles up no threads (the pool every worker-thread call shares), however often
-        ``edgeplane status`` or a scraper asks. TimeoutError past ``within_s``."""
+        piles up no calls on the store's threads (which joins and the API's reads wait for
+        too), however often ``edgeplane status`` or a scraper asks. TimeoutError past ``within_s``."""
         shared = self._reads.get(name)
         if shared is None or shared.done():
-            shared = self._reads[name] = asyncio.ensure_future(asyncio.to_thread(read))
+            shared = self._reads[name] = asyncio.ensure_future(self.store.run(read))
             shared.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, if no caller waited on
         await asyncio.wait((shared,), timeout=within_s)  # the read goes on for the others if this caller goes
         if not shared.done():
@@ -443,16 +446,16 @@ class ControlPlane:
     async def _purge_captures(self, every_s: float = 600.0) -> None:
         """Retention: captured records past their deployment's current retentionDays, or of a
         deployment that no longer captures, are deleted (checked every ten minutes)."""
-        def purge() -> None:
+        async def purge() -> None:
             try:
-                retention = catalog.capture_retention(self.store)
+                retention = await self.store.run(catalog.capture_retention, self.store)
             except store_mod.StoreError as exc:  # the records' own expiry still runs out
                 log.warning("capture retention: the deployments' policies cannot be read (%s); purging by stored expiry", exc)
                 retention = None
-            self.captures.purge(time.time(), retention)
+            await asyncio.to_thread(self.captures.purge, time.time(), retention)
         while True:
             try:
-                await asyncio.to_thread(purge)
+                await purge()
             except Exception:  # personal data past its retention: this task must outlive any one failed pass
                 log.exception("capture retention pass failed; retrying in %.0f s", every_s)
             await asyncio.sleep(every_s)
@@ -479,7 +482,7 @@ class ControlPlane:
         while True:
             event = await self._agent_events.get()
             try:
-                await asyncio.to_thread(self._log_agent_event, event)
+                await self.store.run(self._log_agent_event, event)
             except store_mod.StoreError as exc:  # the log goes on with the next event
                 log.warning("cannot log that agent %s of site %s %s: %s", event.agent_id, event.site, event.kind.value.lower(), exc)
             except Exception:  # not the store's: a fault here, with its traceback
@@ -565,10 +568,11 @@ class ControlPlane:
             cascade = next((c for c in self.cascades.stats.snapshot(self.table.cascades) if c["name"] == name), None)
             return {**extra, "cascade": cascade} if cascade is not None else extra
         if kind == "Model":
-            def describe_model() -> dict[str, Any]:  # in a thread: the store, and the artifact hashed and read
-                obj = self.store.get("Model", name)
-                return {"variants": signature.describe_variants(catalog.parse_model(obj), self.artifacts)} if obj is not None else {}
-            return await asyncio.to_thread(describe_model)
+            obj = await self.store.run(self.store.get, "Model", name)
+            if obj is None:
+                return {}
+            # in a worker thread of its own, not the store's: the artifact hashed and read
+            return {"variants": await asyncio.to_thread(signature.describe_variants, catalog.parse_model(obj), self.artifacts)}
         return {}
 
 

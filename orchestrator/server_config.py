@@ -20,6 +20,7 @@ from orchestrator.gateway import options as gateway_options
 from orchestrator.security import ca as ca_mod
 from orchestrator.simulation import budget as sim_budget
 from orchestrator.store import is_postgres_url
+from orchestrator.store import threads as store_threads_mod
 
 WILDCARDS = ("0.0.0.0", "::")  # listen addresses that name no host
 
@@ -61,6 +62,7 @@ class ServerConfig:
     store: str | None = None  # postgresql://… for a shared database; default: <data_dir>/state.db (SQLite)
     leader_lease_s: float = 3.0  # shared database: the leader lease's time to live (renewed every third of it)
     store_poll_s: float = 1.0  # shared database: read what other replicas wrote at least this often (notifications come sooner)
+    store_threads: int = store_threads_mod.DEFAULT_THREADS  # the store's calls from the event loop run on these, never the default pool
     peer_address: str | None = None  # host:port other replicas dial to relay agents here; default: the agent listener
     simulation_slots: int = 1  # what-ifs planned at once (POST /v1/simulate); one more is answered 429
     simulation_budget: int = sim_budget.DEFAULT_BUDGET  # units of planning one what-if may take (simulation/budget.py)
@@ -118,8 +120,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gateway_max_body=args.gateway_max_body,
         cold_start_timeout_s=args.cold_start_timeout, first_token_timeout_s=args.first_token_timeout,
         local_ray_cpus=args.local_ray_cpus, local_ray_gpus=args.local_ray_gpus,
-        store=args.store, leader_lease_s=args.leader_lease, store_poll_s=args.store_poll, peer_address=args.peer_address,
-        simulation_slots=args.simulations, events_retention_s=args.events_retention, audit_retention_s=args.audit_retention,
+        store=args.store, leader_lease_s=args.leader_lease, store_poll_s=args.store_poll, store_threads=args.store_threads,
+        peer_address=args.peer_address, simulation_slots=args.simulations, events_retention_s=args.events_retention,
+        audit_retention_s=args.audit_retention,
         simulation_budget=args.simulate_budget if args.simulate_budget is not None else sim_budget.DEFAULT_BUDGET,
     )
 

@@ -10,6 +10,7 @@ import os
 from orchestrator import argtypes, event_retention
 from orchestrator.gateway import options as gateway_options
 from orchestrator.security.ca import AGENT_DAYS
+from orchestrator.store import threads as store_threads
 
 
 #: The ranges the server's timing options take (``ControlPlane.start`` checks a config built
@@ -40,6 +41,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-poll", type=argtypes.number(*STORE_POLL_S), default=1.0, metavar="SECONDS",
                    help="with a PostgreSQL store: read what other replicas wrote (the leader's endpoint table, applies, "
                         "wakes) at least this often; the database's notifications bring each change sooner")
+    p.add_argument("--store-threads", type=argtypes.whole_number(*store_threads.THREADS), default=store_threads.DEFAULT_THREADS,
+                   metavar="N", help="threads the store's calls run on (joins, API reads and writes, the reconciler's), apart from "
+                                     "every other worker thread, so a stalled database holds up only what waits on it; the store "
+                                     "has one connection, so more threads only wait on it")
     p.add_argument("--peer-address", metavar="HOST:PORT",
                    help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
                         "agents while it leads [the agent listener; this host's name when it listens on all addresses]")

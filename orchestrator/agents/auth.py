@@ -10,16 +10,20 @@ than remembered between calls.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 from orchestrator.agents import errors as agent_errors
 from orchestrator.store import sqlite as store_mod
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,11 @@ class BootstrapToken:
 
 
 class JoinAuthenticator(Protocol):
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)``, which calls this authenticator, off the event loop: on the
+        threads of the store it reads, when it has one."""
+        ...
+
     def verify_bootstrap(self, token: str) -> BootstrapToken | None: ...
 
     def holder_of(self, site: str) -> str:
@@ -59,6 +68,9 @@ class InMemoryJoinAuthenticator:
     def __init__(self, bootstrap_tokens: Iterable[str]) -> None:
         self._tokens = [_digest(t) for t in bootstrap_tokens if t]
         self._credentials: dict[str, tuple[str, bytes]] = {}  # site -> (agent id, credential digest)
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     def verify_bootstrap(self, token: str) -> BootstrapToken | None:
         if not token:
@@ -99,6 +111,9 @@ class StoreJoinAuthenticator:
     def __init__(self, store: store_mod.Store, static_tokens: tuple[str, ...] = ()):
         self.store = store
         self._static = {store_mod.digest(t) for t in static_tokens if t}
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.store.run(fn, *args, **kwargs)  # every check reads the store: on its threads
 
     def verify_bootstrap(self, token: str) -> BootstrapToken | None:
         if not token:

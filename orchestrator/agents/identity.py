@@ -15,7 +15,6 @@ what it proved counts only while no revocation came since it began
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from dataclasses import dataclass
 
@@ -65,7 +64,7 @@ class Identities:
                              bootstrap: auth.BootstrapToken | None = None) -> Proof:
         """:meth:`prove` in a worker thread; the site's revocations are counted first, on the loop.
         ``bootstrap`` is the application's token when :meth:`check_enrolment` already verified it."""
-        return await asyncio.to_thread(self._prove, application, self.revocations(application.site), bootstrap)
+        return await self._auth.run(self._prove, application, self.revocations(application.site), bootstrap)
 
     def _prove(self, application: model.JoinApplication, revocations: int,
                bootstrap: auth.BootstrapToken | None = None) -> Proof:
@@ -91,8 +90,8 @@ class Identities:
         may have been written first."""
         joining = self._joining[site] = _Joining(_new_agent_id())
         try:
-            credential = await asyncio.to_thread(self._auth.issue_credential, site, joining.agent_id, proof.token,
-                                                 proof.replacing)
+            credential = await self._auth.run(self._auth.issue_credential, site, joining.agent_id, proof.token,
+                                              proof.replacing)
         finally:
             if self._joining.get(site) is joining:
                 del self._joining[site]
@@ -128,7 +127,7 @@ class Identities:
         token only: the site's credential never expires, so a copy of it must not mint
         certificates; renewal goes over mutual TLS, with the certificate it renews. The verified
         token is given back for the join to prove itself with (:meth:`prove_off_loop`)."""
-        token = await asyncio.to_thread(self._auth.verify_bootstrap, bootstrap_token)
+        token = await self._auth.run(self._auth.verify_bootstrap, bootstrap_token)
         if token is None:
             raise errors.NotAuthenticated(
                 f"no client certificate for site {site!r}: the join port issues one only for a valid bootstrap token, and this "
@@ -139,7 +138,7 @@ class Identities:
         """NotAuthenticated unless ``credential`` is ``site``'s (checked in a worker thread) and
         the site was not revoked meanwhile."""
         revocations = self.revocations(site)
-        if not await asyncio.to_thread(self._auth.verify_credential, site, credential):
+        if not await self._auth.run(self._auth.verify_credential, site, credential):
             raise errors.NotAuthenticated(f"invalid credential for site {site!r}")
         self.refuse_if_revoked_since(site, revocations)
 

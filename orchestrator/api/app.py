@@ -106,8 +106,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if not reading.documents and not reading.issues:
             return error(422, "the request holds no documents")
         dry_run = _flag(request, "dryRun")
-        result = await run_in_threadpool(catalog.apply_reading, store, reading, actor=caller.identity,
-                                         reason=_reason(request, "apply"), dry_run=dry_run)
+        result = await store.run(catalog.apply_reading, store, reading, actor=caller.identity,
+                                 reason=_reason(request, "apply"), dry_run=dry_run)
         payload: dict[str, Any] = {
             "dryRun": dry_run,
             "results": [
@@ -126,25 +126,25 @@ def build_routes(services: Services) -> list[BaseRoute]:
         docs = await _documents(request)
         if not docs:
             return error(422, "the request holds no documents")
-        outcomes = await run_in_threadpool(catalog.delete_documents, store, docs, actor=caller.identity,
-                                           reason=_reason(request, "delete"), missing_ok=_flag(request, "ignoreNotFound"))
+        outcomes = await store.run(catalog.delete_documents, store, docs, actor=caller.identity,
+                                   reason=_reason(request, "delete"), missing_ok=_flag(request, "ignoreNotFound"))
         if outcomes:
             services.changed(f"delete by {caller.identity}")
         return JSONResponse({"results": [{"kind": o.kind, "name": o.name, "action": o.action} for o in outcomes]})
 
     async def list_kind(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        items = [catalog.to_manifest(o) for o in await run_in_threadpool(store.list, kind)]
+        items = [catalog.to_manifest(o) for o in await store.run(store.list, kind)]
         return JSONResponse({"kind": kind, "items": items})
 
     async def get_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        obj = await run_in_threadpool(store.get, kind, request.path_params["name"])
+        obj = await store.run(store.get, kind, request.path_params["name"])
         if obj is None:
             return error(404, f"{kind} {request.path_params['name']!r} does not exist")
         body = catalog.to_manifest(obj)
         if request.query_params.get("describe") in ("1", "true"):
-            body["events"] = [_event(e) for e in await run_in_threadpool(store.recent_events, kind, obj.name)]
+            body["events"] = [_event(e) for e in await store.run(store.recent_events, kind, obj.name)]
             body.update(await services.describe_extra(kind, obj.name))
         return JSONResponse(body)
 
@@ -154,12 +154,12 @@ def build_routes(services: Services) -> list[BaseRoute]:
             if kind != "Site":
                 raise BadQuery("abandonApplications is for a Site only")
             name = request.path_params["name"]
-            deleted = await run_in_threadpool(catalog.delete_site_abandoning, store, name, actor=caller.identity,
-                                              reason=_reason(request, "delete"))
+            deleted = await store.run(catalog.delete_site_abandoning, store, name, actor=caller.identity,
+                                      reason=_reason(request, "delete"))
             services.changed(f"delete by {caller.identity}")
             return JSONResponse({"kind": kind, "name": name, "action": "deleted" if deleted else "applications-abandoned"})
-        outcome = await run_in_threadpool(catalog.delete_object, store, kind, request.path_params["name"], actor=caller.identity,
-                                          reason=_reason(request, "delete"))
+        outcome = await store.run(catalog.delete_object, store, kind, request.path_params["name"], actor=caller.identity,
+                                  reason=_reason(request, "delete"))
         services.changed(f"delete by {caller.identity}")
         return JSONResponse({"kind": kind, "name": outcome.name, "action": "deleted"})
 
@@ -175,11 +175,11 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if last and ("since" in q or "limit" in q):
             return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
-        found = await (run_in_threadpool(store.recent_events, kind, q.get("name"), last) if last
-                       else run_in_threadpool(store.events, since, limit, kind, q.get("name")))
+        found = await (store.run(store.recent_events, kind, q.get("name"), last) if last
+                       else store.run(store.events, since, limit, kind, q.get("name")))
         # Event ids count from each store's own start: which store answered tells a client that
         # follows them (the console) when ids it read before are another store's.
-        return JSONResponse({"items": [_event(e) for e in found], "store": await run_in_threadpool(store.store_id)})
+        return JSONResponse({"items": [_event(e) for e in found], "store": await store.run(store.store_id)})
 
     async def cascades(request: Request, caller: auth.Caller) -> Response:
         name = request.path_params.get("name")
@@ -219,7 +219,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return error(400, "a bootstrap token expires: give ttlSeconds, or leave it out for an hour")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TOKEN_TTL_S):
             return error(400, f"ttlSeconds must be a positive number of seconds, at most {MAX_TOKEN_TTL_S} (10 years)")
-        secret, info = await run_in_threadpool(store.create_token, purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
+        secret, info = await store.run(store.create_token, purpose, role, ttl, caller.identity, str(doc.get("description", ""))[:200])
         made = {"token": secret, "id": info.id, "purpose": purpose, "role": role, "expiresAt": catalog.rfc3339(info.expires_at)}
         if purpose == "bootstrap" and services.agent_ca_sha256:
             made["caSha256"] = services.agent_ca_sha256  # what the agent pins for its first join
@@ -230,15 +230,15 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return JSONResponse({"kind": "Token", "items": [
             {"id": t.id, "purpose": t.purpose, "role": t.role, "description": t.description,
              "createdAt": catalog.rfc3339(t.created_at), "expiresAt": catalog.rfc3339(t.expires_at), "state": t.state}
-            for t in await run_in_threadpool(store.tokens)]})
+            for t in await store.run(store.tokens)]})
 
     async def revoke(request: Request, caller: auth.Caller) -> Response:
         what, name = request.path_params["what"], request.path_params["name"]
         if what == "tokens":
-            ok = await run_in_threadpool(store.revoke_token, name, caller.identity, _reason(request, "revoked"))
+            ok = await store.run(store.revoke_token, name, caller.identity, _reason(request, "revoked"))
             services.authenticator.forget_tokens()  # refused here at once; other replicas within the verdicts' few seconds
         elif what == "agents":
-            ok = await run_in_threadpool(store.revoke_agent, name, caller.identity, _reason(request, "agent identity revoked"))
+            ok = await store.run(store.revoke_agent, name, caller.identity, _reason(request, "agent identity revoked"))
             if ok:
                 services.agent_revoked(name)  # its open streams end now, not at their next join
             services.changed(f"agent {name} revoked by {caller.identity}")

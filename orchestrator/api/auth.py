@@ -62,7 +62,7 @@ class Authenticator:
         """``wall``: the clock the store's token expiries are on."""
         self.store, self.required = store, required
         self.tokens: tokencache.TokenVerdicts[store_mod.TokenInfo] = tokencache.TokenVerdicts(
-            lambda secret: self.store.verify_token(secret, "api"), ttl_s=ttl_s, wall=wall)
+            lambda secret: self.store.run(self.store.verify_token, secret, "api"), ttl_s=ttl_s, wall=wall)
 
     async def verify(self, secret: str) -> store_mod.TokenInfo | None:
         """The API token ``secret`` when valid, else None; StoreError when the store does not answer."""

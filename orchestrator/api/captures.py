@@ -52,12 +52,13 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return JSONResponse({"error": "limit must be an integer"}, status_code=400)
         payload = q.get("payload", "false").lower() in ("1", "true", "yes")
         deployment = q.get("deployment")
+        retention = await store.run(catalog.capture_retention, store)
 
         def read_zone() -> tuple[int, bytes]:
             # in a thread, as the API's other heavy work: a purge, a read and the encoding of up to
             # 10,000 payloads would otherwise stall the event loop the gateway serves on
             zs = captures.zone(zone)
-            zs.purge(clock(), catalog.capture_retention(store))
+            zs.purge(clock(), retention)
             items = []
             for r in zs.records(deployment, now=clock(), limit=limit):
                 item = r.summary()
@@ -68,17 +69,17 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                 items.append(item)
             return len(items), json.dumps({"zone": zone, "items": items}).encode()
         count, body = await asyncio.to_thread(read_zone)
-        await asyncio.to_thread(store.record, store_mod.Event(caller.identity, "capture-read", "ModelDeployment", deployment or "*",
-                                                              (request.headers.get("x-edgeplane-reason") or "read captured records")[:500],
-                                                              {"zone": zone, "records": count, "payload": payload}))
+        await store.run(store.record, store_mod.Event(caller.identity, "capture-read", "ModelDeployment", deployment or "*",
+                                                      (request.headers.get("x-edgeplane-reason") or "read captured records")[:500],
+                                                      {"zone": zone, "records": count, "payload": payload}))
         return Response(body, media_type="application/json")
 
     async def delete(request: Request, caller: auth.Caller) -> Response:
         zone, record_id = request.path_params["zone"].upper(), request.path_params["id"]
         deleted = await asyncio.to_thread(captures.zone(zone).delete, record_id)
-        await asyncio.to_thread(store.record, store_mod.Event(caller.identity, "capture-delete", "CapturedRecord", record_id,
-                                                              (request.headers.get("x-edgeplane-reason") or "erasure request")[:500],
-                                                              {"zone": zone, "deleted": deleted}))
+        await store.run(store.record, store_mod.Event(caller.identity, "capture-delete", "CapturedRecord", record_id,
+                                                      (request.headers.get("x-edgeplane-reason") or "erasure request")[:500],
+                                                      {"zone": zone, "deleted": deleted}))
         if not deleted:
             return JSONResponse({"error": f"no record {record_id!r} in zone {zone}"}, status_code=404)
         return JSONResponse({"zone": zone, "id": record_id, "action": "deleted"})

@@ -174,7 +174,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         if name in running:  # two runs would train from the same student and the later one replace the first's
             return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
         try:  # in a thread: the store, and the artifacts hashed
-            plan = await asyncio.to_thread(_plan, store, captures, artifacts, name, zone)
+            plan = await store.run(_plan, store, captures, artifacts, name, zone)
         except Refused as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         if name in running:  # one started meanwhile
@@ -228,13 +228,13 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                                                                                             result["artifact"])),
                                                    actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
                 try:
-                    applied = await asyncio.to_thread(publish)
+                    applied = await store.run(publish)
                 except (ManifestError, store_mod.Conflict, Refused) as exc:
                     result = {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
                 else:
                     result["generation"] = applied.outcomes[0].generation
                     changed(f"distill {name} by {caller.identity}")
-            await asyncio.to_thread(store.record, store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
+            await store.run(store.record, store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
             return result
 
         # started here, not when the response streams: the run goes on (and ends, freeing the

@@ -104,7 +104,7 @@ class Reconciler:
             await self._applied_event.wait()
             self._applied_event.clear()
             try:
-                stored = await asyncio.to_thread(self.store.list, "ModelDeployment")
+                stored = await self.store.run(self.store.list, "ModelDeployment")
             except Exception as exc:  # the next pass reads the store anyway
                 log.warning("could not read the deployments just applied: %s", exc)
                 continue
@@ -291,7 +291,7 @@ class Reconciler:
         state on the loop, whose it is. Edge sites still rejoining after a restart are in it
         as a pass has them (keeping their replicas): a preview or what-if would otherwise
         plan them as lost."""
-        sites, models, deployments, placements = await asyncio.to_thread(self._read_stored)
+        sites, models, deployments, placements = await self.store.run(self._read_stored)
         agents = tuple(self.hub.snapshot())
         last = self.last_snapshot
         # past the window, the next pass plans them lost
@@ -311,10 +311,10 @@ class Reconciler:
         replica's lock, and on the event loop it would hold the whole replica (API, gateway,
         agents, health probes) with it. The hub, the table and this reconciler's own state
         are read and changed on the loop only."""
-        sites, models, deployments = await asyncio.to_thread(self.read_desired)
-        deleted = await asyncio.to_thread(self.store.deleted_sites)  # read after the Sites: one declared again is in both
+        sites, models, deployments = await self.store.run(self.read_desired)
+        deleted = await self.store.run(self.store.deleted_sites)  # read after the Sites: one declared again is in both
         await self._observe_datacentres(sites, deleted)
-        placements = tuple(await asyncio.to_thread(self.store.placements))
+        placements = tuple(await self.store.run(self.store.placements))
         agents = tuple(self.hub.snapshot())
         rejoining = self._rejoining(sites, placements, agents)
         autoscale = self.autoscaler.evaluate(((d.name, d.spec) for d in deployments), placements, {a.site: a for a in agents},
@@ -387,7 +387,7 @@ class Reconciler:
             await self._dc_failed(site, exc, "the Site is deleted, but its Serve applications are not removed yet: ")
             return
         if record is not None:  # a failed write leaves it for the next pass, whose apply([]) finds nothing left
-            await asyncio.to_thread(self.store.forget_deleted_site, record, lease=self.lease)
+            await self.store.run(self.store.forget_deleted_site, record, lease=self.lease)
         self._dc_backoff.pop(site, None)
         held = max(removed, self._retiring.pop(site, 0))
         log.info("data centre %s: the Site is deleted; its %d Serve application(s) removed", site, held)
@@ -445,7 +445,7 @@ class Reconciler:
 
     async def _record(self, event: store_mod.Event) -> None:
         """An event of the pass, written in a worker thread under the lease it runs under."""
-        await asyncio.to_thread(self.store.record, event, lease=self.lease)
+        await self.store.run(self.store.record, event, lease=self.lease)
 
     # -- execute -------------------------------------------------------------------
 
@@ -474,19 +474,19 @@ class Reconciler:
     async def execute(self, action: act.Action) -> None:
         match action:
             case act.RecordPlacement(rows, events):
-                await asyncio.to_thread(self.store.replace_placements, rows, events, lease=self.lease)
+                await self.store.run(self.store.replace_placements, rows, events, lease=self.lease)
             case act.PushAssignments(site, assignments):
                 # The version comes from the store under the lease: a deposed leader that resumes
                 # mid-pass gets no version, so it cannot push a stale set that agents would take
                 # for newer than the new leader's.
-                version = await asyncio.to_thread(self.store.next_sequence, "assignments", lease=self.lease)
+                version = await self.store.run(self.store.next_sequence, "assignments", lease=self.lease)
                 self.hub.set_assignments(site, list(assignments), version)
             case act.ForgetAgent(site):
                 self.hub.forget_if_lost(site)
             case act.ApplyServeApps(site, apps, drift):
                 await self._apply_datacentre(site, apps, drift)
             case act.SetStatuses(items):
-                await asyncio.to_thread(self.store.set_statuses, [(i.kind, i.name, i.status) for i in items], lease=self.lease)
+                await self.store.run(self.store.set_statuses, [(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since)
                 self._publish_table()
@@ -513,7 +513,7 @@ class Reconciler:
             if contents == self._published:
                 return
             try:
-                await asyncio.to_thread(lambda: self.store.publish(wire.PUBLISHED_KEY, wire.contents_to_text(contents), lease=self.lease))
+                await self.store.run(lambda: self.store.publish(wire.PUBLISHED_KEY, wire.contents_to_text(contents), lease=self.lease))
             except store_mod.Fenced as exc:  # no longer leading: the new leader publishes
                 log.info("endpoint table not published: %s", exc)
                 return
@@ -526,7 +526,7 @@ class Reconciler:
         backoff = self._dc_backoff.get(site)
         if backoff is not None and backoff.next_try > self.clock():
             return
-        obj = await asyncio.to_thread(self.store.get, "Site", site)
+        obj = await self.store.run(self.store.get, "Site", site)
         if obj is None:
             return
         try:

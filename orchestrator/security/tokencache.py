@@ -3,9 +3,10 @@
 Why: the control API, the watch and the gateway ask on every request whether a bearer token
 is valid. On PostgreSQL that lookup is a network round trip with no bound; made on the event
 loop it held up every request, health probe and agent stream of the process behind it (a
-stalled database froze them all). So a lookup runs in a worker thread, callers with the same
-token share one lookup, and its verdict is kept :attr:`TokenVerdicts.ttl_s` seconds, so the
-gateway's hot path costs a dictionary read, not a thread hop and a query per request.
+stalled database froze them all). So a lookup runs off the loop (on the store's threads),
+callers with the same token share one lookup, and its verdict is kept
+:attr:`TokenVerdicts.ttl_s` seconds, so the gateway's hot path costs a dictionary read, not a
+thread hop and a query per request.
 
 What that costs revocation: :meth:`TokenVerdicts.forget` drops every verdict at once, and the
 process that revokes a token calls it, so there the token is refused at once; another replica
@@ -20,7 +21,7 @@ import asyncio
 import collections
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 TTL_S = 5.0
@@ -38,9 +39,9 @@ T = TypeVar("T", bound=Expiring)
 
 
 class TokenVerdicts(Generic[T]):
-    def __init__(self, lookup: Callable[[str], T | None], *, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES,
+    def __init__(self, lookup: Callable[[str], Awaitable[T | None]], *, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        """``lookup``: the blocking check (the store's), run in a worker thread; ``wall``: the
+        """``lookup``: the check (the store's), which waits off the event loop; ``wall``: the
         clock the tokens' expiry is on (the store's)."""
         self._lookup = lookup
         self.ttl_s, self.max_entries = ttl_s, max_entries
@@ -77,7 +78,7 @@ class TokenVerdicts(Generic[T]):
 
     async def _ask(self, secret: str, key: bytes) -> T | None:
         generation = self._generation
-        verdict = await asyncio.to_thread(self._lookup, secret)
+        verdict = await self._lookup(secret)
         if generation == self._generation:
             self._kept[key] = (verdict, self._clock() + self.ttl_s)
             self._kept.move_to_end(key)

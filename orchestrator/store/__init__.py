@@ -11,8 +11,9 @@ import pathlib
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
+from orchestrator.store.threads import DEFAULT_THREADS
 from orchestrator.store.values import (
     AgentSaved,
     DeletedSite,
@@ -27,6 +28,9 @@ from orchestrator.store.values import (
     WriteOutcome,
 )
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 class StateStore(Protocol):
     """What the control plane needs of its store; both backends pass one test suite."""
@@ -34,6 +38,10 @@ class StateStore(Protocol):
     path: str
 
     def close(self) -> None: ...
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` on the store's own bounded threads (:mod:`orchestrator.store.threads`):
+        how the event loop calls the store."""
+        ...
     def next_sequence(self, key: str, lease: Lease | None = None) -> int: ...
     def resource_version(self) -> int: ...
     def store_id(self) -> str: ...
@@ -76,12 +84,14 @@ def is_postgres_url(location: str) -> bool:
     return location.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.time, *, exclusive: bool = False) -> StateStore:
+def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.time, *, exclusive: bool = False,
+               threads: int = DEFAULT_THREADS) -> StateStore:
     """A ``postgresql://`` URL opens the PostgreSQL store (psycopg is imported only
     then, so one machine on SQLite needs no driver); ``sqlite:///path`` or a plain path
     the SQLite store. Any other URL is refused rather than taken for a file name.
     ``exclusive``: an SQLite file is this process's alone while open (replicas share a
-    PostgreSQL store by its lease instead)."""
+    PostgreSQL store by its lease instead). ``threads``: how many calls the store runs for the
+    event loop at once (:meth:`StateStore.run`)."""
     if isinstance(location, str) and (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", location)):
         if is_postgres_url(location):
             try:
@@ -89,7 +99,7 @@ def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.t
             except ImportError as e:
                 raise StoreError(f"the PostgreSQL store needs psycopg: pip install 'edgeplane[postgres]' ({e})") from e
 
-            return PostgresStore(location, clock=clock)
+            return PostgresStore(location, clock=clock, threads=threads)
         if scheme.group(1).lower() != "sqlite":
             raise StoreError(f"unsupported store URL scheme {scheme.group(1)!r}: give postgresql://user@host/db, "
                              "sqlite:///path/state.db or a file path")
@@ -98,4 +108,4 @@ def open_store(location: str | pathlib.Path, clock: Callable[[], float] = time.t
             raise StoreError("sqlite:// needs a path: sqlite:///var/lib/edgeplane/state.db")
     from orchestrator.store.sqlite import Store
 
-    return Store(location, clock=clock, exclusive=exclusive)
+    return Store(location, clock=clock, exclusive=exclusive, threads=threads)

@@ -28,6 +28,7 @@ from psycopg import conninfo
 from psycopg.rows import dict_row
 
 from orchestrator.store.sql import SqlStore
+from orchestrator.store.threads import DEFAULT_THREADS, StoreThreads
 from orchestrator.store.values import Fenced, Lease, StoreError
 
 __all__ = ["ChangeFeed", "Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
@@ -105,11 +106,12 @@ class PostgresStore(SqlStore):
     collate = ' COLLATE "C"'  # byte-wise, as SQLite sorts text
 
     def __init__(self, url: str, clock: Callable[[], float] = time.time, connect_timeout_s: float = 5.0,
-                 idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S):
+                 idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S, threads: int = DEFAULT_THREADS):
         try:
             conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as e:
             raise StoreError(f"not a PostgreSQL URL: {_one_line(e)}") from None
+        self.threads = StoreThreads(threads)  # its threads start when asked
         self.url = url
         self.path = _redacted(url)  # what logs and `serve` print: never the password
         self._clock = clock
@@ -125,6 +127,7 @@ class PostgresStore(SqlStore):
             db.execute(SCHEMA)
 
     def close(self) -> None:
+        self.threads.close()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()

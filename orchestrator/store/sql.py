@@ -21,8 +21,9 @@ import contextlib
 import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from orchestrator.store.threads import StoreThreads
 from orchestrator.store.values import (
     FLEET_ACTIONS,
     KEPT_ACTIONS,
@@ -43,6 +44,9 @@ from orchestrator.store.values import (
     token_state,
 )
 
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: When ``site``'s identity was last revoked (a NULL ``ts`` when it never was).
 _LAST_REVOCATION = "SELECT MAX(ts) AS ts FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'"
@@ -76,6 +80,12 @@ class SqlStore:
 
     _clock: Callable[[], float]
     _id: str | None = None  # store_id(), once read
+    threads: StoreThreads  # what the event loop's calls run on (:meth:`run`); closed with the store
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` (a call to this store, or a few in a row) on the store's own
+        threads, off the event loop: see :mod:`orchestrator.store.threads`."""
+        return await self.threads.run(fn, *args, **kwargs)
 
     # --- what a backend supplies ------------------------------------------------------
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from edge_agent import state as state_files
 from orchestrator.store.sql import SqlStore, _canonical
+from orchestrator.store.threads import DEFAULT_THREADS, StoreThreads
 from orchestrator.store.values import (  # re-exported: the control plane names the store's records from here
     AgentSaved,
     Conflict,
@@ -100,11 +101,13 @@ def _own(path: str) -> int:
 
 
 class Store(SqlStore):
-    def __init__(self, path: str | pathlib.Path, clock: Callable[[], float] = time.time, *, exclusive: bool = False):
+    def __init__(self, path: str | pathlib.Path, clock: Callable[[], float] = time.time, *, exclusive: bool = False,
+                 threads: int = DEFAULT_THREADS):
         """``exclusive``: this process is the file's one writer (a control plane: it leads
         without a lease, so a second one on the same file would act unfenced beside it);
         another process that holds the file so is refused, until it ends (a lock the
-        kernel drops with the process, kill -9 included)."""
+        kernel drops with the process, kill -9 included). ``threads``: what :meth:`run` lends."""
+        self.threads = StoreThreads(threads)  # first: a wrong count refuses before the file is held (its threads start when asked)
         self.path = str(path)
         self._clock = clock
         self._lock = threading.RLock()
@@ -146,6 +149,7 @@ class Store(SqlStore):
         return db
 
     def close(self) -> None:
+        self.threads.close()
         with self._lock:
             self._db.close()
             self._disown()

@@ -12,6 +12,7 @@ session's server would hang every test after it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -54,11 +55,12 @@ def stalled(*pids: int) -> Iterator[Stall]:
 
 def probe(urls: Sequence[str], *, within: float, settle: float = 0.3, once: threading.Event | None = None,
           then: Callable[[], object] | None = None) -> asyncio.Future[list[int | None]]:
-    """GET each of ``urls`` in turn from a worker thread, which starts at once; the future's
-    result is their status codes, None for one with no answer within ``within`` seconds. The
-    thread first waits for ``once`` (at most 10 s) when given, then ``settle`` seconds (what
-    the test set off meanwhile now waits on the database), and afterwards calls ``then``
-    (resuming the database), whatever happened."""
+    """GET each of ``urls`` in turn from a thread of its own, which starts at once (never one of
+    a pool the stalled replica's calls may have taken); the future's result is their status
+    codes, None for one with no answer within ``within`` seconds. The thread first waits for
+    ``once`` (at most 10 s) when given, then ``settle`` seconds (what the test set off
+    meanwhile now waits on the database), and afterwards calls ``then`` (resuming the
+    database), whatever happened."""
 
     def run() -> list[int | None]:
         answers: list[int | None] = []
@@ -76,4 +78,13 @@ def probe(urls: Sequence[str], *, within: float, settle: float = 0.3, once: thre
                 then()
         return answers
 
-    return asyncio.get_running_loop().run_in_executor(None, run)
+    answered: concurrent.futures.Future[list[int | None]] = concurrent.futures.Future()
+
+    def answer() -> None:
+        try:
+            answered.set_result(run())
+        except BaseException as exc:  # handed to the awaiting test
+            answered.set_exception(exc)
+
+    threading.Thread(target=answer, name="stall-probe", daemon=True).start()
+    return asyncio.wrap_future(answered)

@@ -1,7 +1,8 @@
 """Agents joining and opening their streams while the database is stalled (its server process
 stopped here; a frozen VM or a lock held elsewhere alike): their credentials are checked and
-written in worker threads, so the replica's health probes, gateway and API go on answering,
-and the join completes once the database is back."""
+written on the store's own worker threads, so the replica's health probes, gateway and API go
+on answering, work that never touches the database still finds a thread, and the join
+completes once the database is back."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+import httpx
+from starlette.concurrency import run_in_threadpool
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
@@ -20,6 +23,9 @@ from orchestrator.testing import harness, stall
 from orchestrator.testing.postgres import PostgresServer
 
 T = TypeVar("T")
+
+#: More calls than asyncio's default pool has threads (at most 32) and the API's pool (40).
+FLEET = 48
 
 
 async def while_stalled(cp: server.ControlPlane, call: Callable[[], Awaitable[T]]) -> tuple[int | None, T]:
@@ -31,6 +37,50 @@ async def while_stalled(cp: server.ControlPlane, call: Callable[[], Awaitable[T]
         pending = asyncio.ensure_future(call())
         [live] = await stall.probe([f"{cp.http_url}/v2/health/live"], within=3, then=database.resume)
         return live, await pending
+
+
+def join_request(site: str) -> pb.JoinRequest:
+    return pb.JoinRequest(site=site, bootstrap_token=harness.BOOTSTRAP_TOKEN, endpoint_url="http://127.0.0.1:9999",
+                          heartbeat_interval_ms=500, capacity=pb.Capacity(cpu_cores=2, memory_total_bytes=1 << 30))
+
+
+async def answers_within(seconds: float, call: Awaitable[object]) -> bool:
+    try:
+        await asyncio.wait_for(call, seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_a_fleet_joining_on_a_stalled_database_leaves_the_worker_threads_to_other_work(
+        tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    """A fleet of agents rejoins and callers read the API while the database is stalled: their
+    store calls queue on the store's own threads, so the work that never touches the database
+    (a body inflated, a TLS chain fetched, a manifest parsed) still gets a worker thread at
+    once, the liveness probe answers, and every join and read completes once it is back."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(store=postgres.create_database(), resync_s=3600.0, insecure_agents=True)
+        await cp.reconciler.wait_for_pass(0)
+        pid = cp.store.backend_pid
+        assert pid
+        async with grpc.aio.insecure_channel(cp.agent_target) as channel, \
+                httpx.AsyncClient(base_url=cp.http_url, timeout=60, limits=httpx.Limits(max_connections=FLEET)) as api:
+            stub = pb_grpc.AgentControlStub(channel)
+            with stall.stalled(pid):
+                joins = [asyncio.ensure_future(stub.Join(join_request(f"edge-{i}"), timeout=60)) for i in range(FLEET)]
+                reads = [asyncio.ensure_future(api.get(f"/v1/sites/edge-{i}")) for i in range(FLEET)]
+                [live] = await stall.probe([f"{cp.http_url}/v2/health/live"], within=3, settle=1.0)  # once they all wait
+                default_pool = await answers_within(1.0, asyncio.to_thread(lambda: 1))
+                api_pool = await answers_within(1.0, run_in_threadpool(lambda: 1))
+            assert live == 200, "the liveness probe got no answer while a fleet's joins waited on the database"
+            assert default_pool, "asyncio's default pool had no thread free while joins waited on the database"
+            assert api_pool, "the API's worker threads were all taken while its reads waited on the database"
+            joined = await asyncio.gather(*joins)
+            assert all(j.agent_id for j in joined)
+            assert {r.status_code for r in await asyncio.gather(*reads)} <= {200, 404}
+    finally:
+        await fleet.stop()
 
 
 async def test_an_agent_joining_on_a_stalled_database_holds_up_no_other_request(tmp_path: pathlib.Path,

@@ -23,6 +23,7 @@ from orchestrator.gateway import routing, wire
 from orchestrator.reconciler import loop
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
+from orchestrator.store.threads import StoreThreads
 from orchestrator.testing import harness, stall
 from orchestrator.testing.postgres import PostgresServer
 
@@ -123,6 +124,7 @@ class GatedStore:
 
     def __init__(self) -> None:
         self.gate = threading.Event()
+        self.run = StoreThreads().run
 
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> store_mod.Lease:
         assert self.gate.wait(10), "the test never let the call answer"

@@ -4,6 +4,7 @@ in the middle of writing. Every test runs against both; they must behave identic
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pathlib
@@ -886,3 +887,27 @@ def test_a_store_keeps_its_identity_and_another_has_its_own(reopen: Callable[...
         assert other.store_id() != made
     finally:
         other.close()
+
+
+async def test_a_closed_store_drops_the_calls_queued_behind_a_stalled_one(location: str) -> None:
+    """The event loop's calls run on the store's own threads; closing the store (the server
+    stopping) waits for none of them, drops those still queued, and refuses new ones."""
+    store = open_store(location, threads=1)
+    started, go = threading.Event(), threading.Event()
+
+    def stalled() -> None:  # as a call on a stalled database waits
+        started.set()
+        assert go.wait(10)
+
+    try:
+        running = asyncio.ensure_future(store.run(stalled))
+        queued = asyncio.ensure_future(store.run(store.list))
+        assert await asyncio.to_thread(started.wait, 10)
+        store.close()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        with pytest.raises(store_mod.StoreError, match="closed"):
+            await store.run(store.list)
+    finally:
+        go.set()
+    await running

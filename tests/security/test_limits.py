@@ -167,7 +167,7 @@ async def test_api_limits_body_and_objects_per_apply(tmp_path: pathlib.Path) -> 
 @pytest.mark.parametrize(("overrides", "message"), [
     (dict(gateway_auth="open"), "--gateway-auth"), (dict(gateway_rate=-1.0), "--gateway-rate"),
     (dict(gateway_max_body=0), "--gateway-max-body"), (dict(leader_lease_s=0.5), "--leader-lease"),
-    (dict(store_poll_s=0.0), "--store-poll"),
+    (dict(store_poll_s=0.0), "--store-poll"), (dict(store_threads=0), "--store-threads must be from 1 to 256"),
     # a bucket smaller than one request refuses every request forever, whatever the rate
     (dict(gateway_rate=10.0, gateway_burst=0.5), "--gateway-burst 0.5 is less than one request"),
     (dict(first_token_timeout_s=0.0), "--first-token-timeout must be from 1 to 3600 seconds"),
@@ -198,3 +198,13 @@ async def test_the_control_planes_openai_routes_wait_the_first_token_timeout_giv
 async def test_public_address_without_auth_refuses_with_how_to(tmp_path: pathlib.Path) -> None:
     with pytest.raises(server_config.ConfigError, match="--auth token"):
         await server.ControlPlane(server_config.ServerConfig(data_dir=tmp_path, host="0.0.0.0", port=0, agent_port=0)).start()
+
+
+async def test_the_store_threads_given_are_the_ones_the_store_runs_its_calls_on(tmp_path: pathlib.Path) -> None:
+    parser = cli_main.build_parser()
+    assert server_config.config_from_args(parser.parse_args(["serve", "--store-threads", "2"])).store_threads == 2
+    fleet = await _control_plane(tmp_path, store_threads=2)
+    try:
+        assert fleet.cp is not None and fleet.cp.store.threads.threads == 2
+    finally:
+        await fleet.stop()

@@ -42,7 +42,7 @@ class Lookups:
 
 
 def verdicts(lookups: Lookups, now: list[float], **options: float) -> tokencache.TokenVerdicts[Info]:
-    return tokencache.TokenVerdicts(lookups, clock=lambda: now[0], wall=lambda: now[0], **options)  # type: ignore[arg-type]
+    return tokencache.TokenVerdicts(lambda secret: asyncio.to_thread(lookups, secret), clock=lambda: now[0], wall=lambda: now[0], **options)  # type: ignore[arg-type]
 
 
 async def test_a_verdict_is_kept_ttl_seconds_and_no_longer_than_the_token_lives() -> None:
