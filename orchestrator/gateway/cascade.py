@@ -3,7 +3,8 @@
 A v2 inference request to a model whose deployment has ``spec.cascade`` comes here from
 ``proxy.Gateway.infer``. Stage by stage, the nearest allowed replica of that stage runs the
 request (with the same failover as a plain request: the next replica of the stage on a
-connection error or a 5xx); its answer is decoded and judged
+connection error or a 5xx, counted in ``edgeplane_gateway_failovers_total`` as there, by
+the site moved on from, whether the next replica tried is the stage's or a later stage's); its answer is decoded and judged
 (:mod:`orchestrator.gateway.cascade_rules`, pure), and either returned or the request
 goes to the next stage. A stage with no allowed replica, failing, or overloaded
 (``maxInflight``) hands over at once (a middle one too: the request goes on to the first
@@ -194,6 +195,17 @@ class Trip:
     first_country: str | None = None
     first_confidence: float | None = None
     escalated: bool = False  # counted once in Totals.escalated, however many stages it passes
+    # the gateway's edgeplane_gateway_failovers_total, told the site of a failed attempt once another replica is tried
+    failover: Callable[[str], None] = field(default=lambda site: None)
+    failed_at: str | None = None  # the site of the attempt that just failed, until the next one begins
+
+    def trying(self) -> None:
+        """Another replica (of this stage or a later one) is about to run the request: if the
+        attempt before it failed, the request fails over from that one, counted as the plain
+        routes count it (a request that ends on a failure moved on from nothing)."""
+        if self.failed_at is not None:
+            self.failover(self.failed_at)
+            self.failed_at = None
 
 
 @dataclass
@@ -245,7 +257,9 @@ class CascadeHandler:
         return LaterStages(lambda s: self.ranking(route, s, caller), stage, len(route.stages))
 
     async def infer(self, route: rules.CascadeRoute, mode: rules.Mode, caller: routing.Caller, request: Request, body: bytes,
-                    plain: Callable[[], Awaitable[Response]]) -> Response:
+                    plain: Callable[[], Awaitable[Response]], *, failover: Callable[[str], None] = lambda site: None) -> Response:
+        """``route``'s answer to ``request`` (``plain``'s with ``X-Edgeplane-Cascade: off``);
+        ``failover`` counts, for the gateway, each site a failed attempt moved on from."""
         if mode == "off":
             return await plain()
         kept: bytes | encoding_mod.Refused = body  # the request as a capture record keeps it: readable, so inflated
@@ -260,7 +274,7 @@ class CascadeHandler:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         stage = rules.first_stage(route, mode)
         ranked = self.ranking(route, stage, caller)
-        trip = Trip(caller=caller, mode=mode, body=kept)
+        trip = Trip(caller=caller, mode=mode, body=kept, failover=failover)
         if route.capture is not None:
             trip.body_binary = oip.header_length(request.headers.get(oip.BINARY_HEADER.lower()))
         answer: _Attempt | None = None
@@ -363,6 +377,8 @@ class CascadeHandler:
         busy: _Attempt | None = None
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
+            trip.trying()
+            trip.failed_at = e.site  # until it answers
             self.table.started(e.url)
             began = self.clock()
             try:
@@ -385,6 +401,7 @@ class CascadeHandler:
                 trip.failures.append(f"{e.site}: at capacity (HTTP 429)")
                 busy = _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
                 continue
+            trip.failed_at = None
             if trip.first_site is None:
                 trip.first_site, trip.first_country = e.site, e.country
             return _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)

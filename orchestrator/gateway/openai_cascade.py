@@ -8,8 +8,9 @@ The decisions are the v2 cascade's, pure, in :mod:`orchestrator.gateway.cascade_
 ``overloaded``, ``judge_generative`` (mean token log-probability, ``max_tokens`` reached,
 refusal patterns) and ``after_stage`` (answer, escalate, or answer saying why not
 escalated); the counters and energy are the v2 cascade's too (``CascadeHandler``), and
-so is ``edgeplane_gateway_requests_total``: one caller request counts once, as the answer
-the caller got, however many stages ran for it.
+so are ``edgeplane_gateway_requests_total`` (one caller request counts once, as the answer
+the caller got, however many stages ran for it) and ``edgeplane_gateway_failovers_total``
+(``Trip.trying``).
 A replica at capacity (429) is overloaded, as ``maxInflight`` reached is: the stage's next
 replica is tried, then the next stage; the caller gets the 429, with its ``Retry-After``,
 only when the stage the cascade ends on is at capacity.
@@ -86,7 +87,8 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         return openai_routes.error(caller.status, caller.reason)
     totals = handler.stats.totals(route.deployment)
     totals.requests += 1
-    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), totals, cascade_mod.Trip(mode=mode))
+    trip = cascade_mod.Trip(mode=mode, failover=lambda site: owner.gw.metrics.failovers.labels(route.model, site).inc())
+    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), totals, trip)
     stage = rules.first_stage(route, mode)
     ranked = handler.ranking(route, stage, caller)
     answer: _Answer | None = None
@@ -199,6 +201,8 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
     busy: _Answer | None = None
     for choice in ranked[: owner.gw.max_attempts]:
         e = choice.endpoint
+        req.trip.trying()
+        req.trip.failed_at = e.site  # until it answers
         owner.gw.table.started(e.url)
         began = handler.clock()
         try:
@@ -213,7 +217,6 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
                 req.trip.failures.append(f"{e.site}: {exc or type(exc).__name__}")
                 # slow at this request (a long prompt on slow hardware): ejected only at the fifth in a row, as by the relay
                 owner.gw.table.failed(e.url, slow=isinstance(exc, (UpstreamTimeout, TimeoutError)))
-                owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
                 continue
         finally:
             owner.gw.table.finished(e.url)
@@ -221,18 +224,16 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
         owner.gw.table.answered(e.url, status)
         if status >= 500:
             req.trip.failures.append(f"{e.site}: HTTP {status}")
-            owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
             continue
         if status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
             req.trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")
-            owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
             continue
         if status == 429:  # its sequences are full (the replica is fine): another replica, or the next stage, may not be
             req.trip.failures.append(f"{e.site}: at capacity (HTTP 429)")
-            owner.gw.metrics.failovers.labels(req.route.model, e.site).inc()
             busy = _Answer(stage, status, content, e.site, e.tier, retry_after)
             continue
         if status != 200:
+            req.trip.failed_at = None  # the caller's error: an answer
             return _Answer(stage, status, content, e.site, e.tier)
         try:
             parsed = json.loads(content)
@@ -241,6 +242,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
         if not isinstance(parsed, dict):
             req.trip.failures.append(f"{e.site}: the answer is not a JSON object")
             continue
+        req.trip.failed_at = None
         return _Answer(stage, 200, parsed, e.site, e.tier)
     return busy
 
@@ -391,6 +393,7 @@ def _relay(req: _Request, stage: int, ranked: list[routing.Ranked], escalated_at
            fallback: tuple[_Answer, float | None, str] | None) -> Response:
     raw = json.dumps({**req.body, "model": req.route.model}).encode()
     hooks = _StageHooks(req, stage, escalated_at, escalated_why, fallback)
+    req.trip.trying()  # the relay tries ranked[0] first, and counts its own failovers after that
     return openai_routes.relay(req.owner, req.route.model, ranked[: req.owner.gw.max_attempts], req.suffix, raw, req.stream,
                                chat=req.chat, hooks=hooks)
 

@@ -262,7 +262,8 @@ class Gateway:
         if (cold := await self._woken(route.model)) is not None:
             return cold
         response = await handler.infer(route, mode, caller, request, body,
-                                       lambda: self._forward(route.model, request, "POST", "/infer", body))
+                                       lambda: self._forward(route.model, request, "POST", "/infer", body),
+                                       failover=lambda site: self.metrics.failovers.labels(route.model, site).inc())
         if mode != "off":  # plain routing counted itself
             self.metrics.requests.labels(route.model, response.headers.get("x-edgeplane-site", ""), str(response.status_code)).inc()
         return response

@@ -1,7 +1,8 @@
 """A v2 cascade whose stage replicas answer 429 (at capacity), against loopback replicas at
 the gateway: such a stage is overloaded, as on the OpenAI routes, so the request moves to
 the stage's next replica, then to the next stage, and the caller gets the 429 only when
-no stage answered and the stage the cascade ended on was at capacity."""
+no stage answered and the stage the cascade ended on was at capacity; and each replica it
+moved on from counts one failover, as on the plain routes."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from edge_agent import httpserver
 from edgeplane_proto import oip
 from orchestrator.api import methods
 from orchestrator.gateway import cascade, cascade_rules, endpoints, proxy, routing, upstream
+from orchestrator.ports import free_port
 
 Handle = Callable[[httpserver.Request], Awaitable[httpserver.Response]]
 RULE = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8)
@@ -59,12 +61,14 @@ def ep(site: str, tier: str, url: str, lat: float = 48.85, lon: float = 2.35) ->
 
 
 @asynccontextmanager
-async def gateway(fleet: list[routing.Endpoint]) -> AsyncIterator[tuple[httpx.AsyncClient, endpoints.EndpointTable, cascade.CascadeStats]]:
+async def gateway(fleet: list[routing.Endpoint], registry: CollectorRegistry | None = None
+                  ) -> AsyncIterator[tuple[httpx.AsyncClient, endpoints.EndpointTable, cascade.CascadeStats]]:
+    """The gateway's v2 routes over ``fleet`` (its metrics in ``registry``)."""
     table = endpoints.EndpointTable()
     table.replace(fleet)
     table.set_cascades({"m": ROUTE})
     pool = upstream.UpstreamPool()
-    registry = CollectorRegistry()
+    registry = registry if registry is not None else CollectorRegistry()
     stats = cascade.CascadeStats()
     handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry), stats)
     app = Starlette(routes=proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry), cascade=handler).routes(),
@@ -83,6 +87,18 @@ async def infer(http: httpx.AsyncClient, **headers: str) -> httpx.Response:
 def row(stats: cascade.CascadeStats) -> dict[str, Any]:
     [only] = stats.snapshot({"m": ROUTE})
     return only
+
+
+def failovers(registry: CollectorRegistry) -> dict[str, float]:
+    """``edgeplane_gateway_failovers_total`` of model ``m``, by the site the request moved on from."""
+    return {s.labels["site"]: s.value for metric in registry.collect() for s in metric.samples
+            if s.name == "edgeplane_gateway_failovers_total" and s.labels["model"] == "m"}
+
+
+def failing(status: int) -> Handle:
+    async def handle(request: httpserver.Request) -> httpserver.Response:
+        return httpserver.Response(status, oip.error_body("the runtime failed"))
+    return handle
 
 
 async def test_a_stage_replica_at_capacity_hands_over_to_the_stage_next_replica() -> None:
@@ -139,3 +155,25 @@ async def test_a_later_stage_at_capacity_keeps_the_earlier_answer() -> None:
     assert resp.headers["x-edgeplane-cascade-escalation"] == "not-escalated"
     assert "'large' is at capacity (dc-paris: HTTP 429)" in resp.headers["x-edgeplane-cascade-reason"]
     assert row(stats)["answered"] == {"small": 1, "large": 0}
+
+
+async def test_each_replica_a_cascade_moves_on_from_counts_one_failover_as_on_the_plain_route() -> None:
+    registry = CollectorRegistry()
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the connection is refused
+    async with replica(at_capacity("1")) as paris, replica(failing(503)) as lyon, replica(sure()) as dc:
+        fleet = [ep("edge-paris", "edge", paris), ep("edge-lyon", "edge", lyon, 45.76, 4.84),
+                 ep("edge-nice", "edge", dead, 43.70, 7.27), ep("dc-paris", "datacenter", dc)]
+        async with gateway(fleet, registry) as (http, _, _):
+            resp = await infer(http)
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "dc-paris", resp.text
+    # at capacity, failing, refusing: each moved the request on, to the stage's next replica or to the next stage
+    assert failovers(registry) == {"edge-paris": 1, "edge-lyon": 1, "edge-nice": 1}
+
+
+async def test_a_cascade_that_ends_on_a_failed_replica_counts_no_failover_from_it() -> None:
+    registry = CollectorRegistry()
+    async with replica(failing(503)) as edge, replica(at_capacity("7")) as dc:
+        async with gateway([ep("edge-paris", "edge", edge), ep("dc-paris", "datacenter", dc)], registry) as (http, _, _):
+            resp = await infer(http)
+    assert resp.status_code == 429, resp.text
+    assert failovers(registry) == {"edge-paris": 1}  # dc-paris, the last tried, moved the request nowhere

@@ -362,6 +362,28 @@ async def test_a_cascaded_chat_is_one_request_in_the_gateway_requests_counter(ed
     assert requests_counted(registry) == {counted: 1}
 
 
+def failovers_counted(registry: CollectorRegistry) -> dict[str, float]:
+    """``edgeplane_gateway_failovers_total`` of ``chat``, by the site the request moved on from."""
+    return {s.labels["site"]: s.value for metric in registry.collect() for s in metric.samples
+            if s.name == "edgeplane_gateway_failovers_total" and s.labels["model"] == "chat"}
+
+
+@pytest.mark.parametrize("dc", [answering("The answer is 42."), at_capacity("7")], ids=["dc answers", "dc at capacity"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_each_replica_a_cascaded_chat_moves_on_from_counts_one_failover_as_on_the_plain_route(dc: Handle, stream: bool) -> None:
+    """A failover is another replica tried for the same request: the stage's next one or
+    the next stage's, never after the last replica tried."""
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    registry = CollectorRegistry()
+    async with replica(refusing(503)) as paris_url, replica(at_capacity("1")) as lyon_url, replica(dc) as dc_url:
+        table = cascade_of(first, [endpoint("edge-paris", "edge", paris_url), endpoint("edge-lyon", "edge", lyon_url, 45.76, 4.84),
+                                   endpoint("dc-paris", "datacenter", dc_url)])
+        async with gateway(table, registry=registry) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream})
+    assert resp.status_code in (200, 429), resp.text
+    assert failovers_counted(registry) == {"edge-paris": 1, "edge-lyon": 1}
+
+
 @pytest.mark.parametrize("status", [429, 400])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_later_stage_refusing_keeps_the_earlier_answer_streaming_or_not(status: int, stream: bool) -> None:
