@@ -303,7 +303,7 @@ class OpenAIGateway:
             if mode is None:
                 return self._refuse(model, error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}"))
             if mode != "off" and not self.gw.table.is_cold(route.model):
-                return _Decided(lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream))
+                return _Decided(self.gw, route.model, lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream))
             # off (or scaled to zero: woken below): plain routing over every stage's replicas, by the model's name
             model, raw = route.model, json.dumps({**body, "model": route.model}).encode()
         if self.gw.table.is_cold(model):
@@ -366,17 +366,23 @@ async def _disconnected(receive: Receive) -> None:
 
 class _Decided(Response):
     """The ASGI answer that is worked out (a cascade's stages) while the caller is watched:
-    a caller who leaves cancels that work, as it does a relay's."""
+    a caller who leaves cancels that work, as it does a relay's. Its time, every stage and
+    the answer sent (a stream to its end, as a relay's), is the request's
+    ``edgeplane_gateway_request_seconds``, observed once."""
 
-    def __init__(self, decide: Callable[[], Awaitable[Response]]) -> None:
-        self.decide = decide
+    def __init__(self, gw: Gateway, model: str, decide: Callable[[], Awaitable[Response]]) -> None:
+        self.gw, self.model, self.decide = gw, model, decide
         self.status_code = 200
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        answer = await until_disconnected(self.decide(), receive)
-        if answer is not None:  # it may be a relay, which watches the caller itself
-            await answer(scope, receive, send)
+        started = time.perf_counter()
+        try:
+            answer = await until_disconnected(self.decide(), receive)
+            if answer is not None:  # it may be a relay, which watches the caller itself
+                await answer(scope, receive, send)
+        finally:
+            self.gw.metrics.latency.labels(self.model).observe(time.perf_counter() - started)
 
 
 def relay(owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes, stream: bool, *, chat: bool,
@@ -443,7 +449,8 @@ class _Relay(Response):
             gw.refused(self.model, 502)
             await _send_whole(send, 502, error_body(f"every replica tried failed: {'; '.join(failures)}", 502, code="upstream_failed"), {})
         finally:
-            gw.metrics.latency.labels(self.model).observe(time.perf_counter() - started)
+            if self.hooks is None:  # a cascade's stage: the cascade times its whole request (_Decided)
+                gw.metrics.latency.labels(self.model).observe(time.perf_counter() - started)
 
     async def _attempt(self, e: routing.Endpoint, send: Send, started: float) -> None:
         owner = self.owner

@@ -423,3 +423,34 @@ async def test_a_chat_by_the_model_name_runs_the_cascade_of_the_deployment_the_c
             resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT, headers={"x-edgeplane-residency": "CH"})
     assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-ch", resp.text
     assert resp.json()["edgeplane"]["cascade"] == "chat-ch"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cascaded_chat_is_timed_once_from_its_first_stage_to_the_end_of_its_answer(stream: bool) -> None:
+    """``edgeplane_gateway_request_seconds`` holds the caller's request, every stage that ran
+    for it, and a stream to its last event, as a plain stream is timed: once."""
+    async def slow_and_cut(request: httpserver.Request) -> httpserver.Response:  # 0.2 s of generation, stopped at max_tokens
+        await asyncio.sleep(0.2)
+        return httpserver.Response(200, chat_answer("The answer is", finish="length"))
+
+    async def tokens() -> AsyncIterator[bytes]:  # a token, 0.2 s of generation, the end
+        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "42"}}]}\n\n'
+        await asyncio.sleep(0.2)
+        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        yield openai_routes.SSE_DONE
+
+    async def dc(request: httpserver.Request) -> httpserver.Response | httpstream.StreamingResponse:
+        if json.loads(request.body).get("stream"):
+            return httpstream.StreamingResponse(200, tokens())
+        await asyncio.sleep(0.2)
+        return httpserver.Response(200, chat_answer("The answer is 42."))
+
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    registry = CollectorRegistry()
+    async with replica(slow_and_cut) as edge_url, replica(dc) as dc_url:
+        table = cascade_of(first, [endpoint("edge-paris", "edge", edge_url), endpoint("dc-paris", "datacenter", dc_url)])
+        async with gateway(table, registry=registry) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream})
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-cascade-escalation"] == "escalated", resp.text
+    assert registry.get_sample_value("edgeplane_gateway_request_seconds_count", {"model": "chat"}) == 1
+    assert registry.get_sample_value("edgeplane_gateway_request_seconds_sum", {"model": "chat"}) >= 0.4  # both stages' 0.2 s
