@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_agent.runtime import onnx
-from edgeplane_proto import oip, oip_reader
+from edgeplane_proto import oip, oip_reader, oip_tensors
 from orchestrator.testing import onnx_models
 
 RESULTS = Path(__file__).parent / "results" / "json_budget.json"
@@ -90,7 +90,7 @@ def main() -> None:
         "parse the body (orjson.loads)": lambda: _parse_then_free(body)[0],
         "free the parsed numbers": lambda: _parse_then_free(body)[1],
         "numbers -> float32, before (np.asarray + astype)": lambda: _timed(lambda: _previous_conversion(data)),
-        "numbers -> float32, orjson path (struct.pack)": lambda: _timed(lambda: oip._flat_floats(data).astype(np.float32)),
+        "numbers -> float32, orjson path (struct.pack)": lambda: _timed(lambda: oip_tensors._flat_floats(data).astype(np.float32)),
         "simdjson read: parse + float data as an array, to float32": lambda: _timed(
             lambda: _without_native_reader(lambda: oip._loads_tensors(body)["inputs"][0]["data"].astype(np.float32))),
         "decode_request, whole, simdjson alone (before)": lambda: _timed(

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 import edge_agent
 from edge_agent import errors, http, registry
-from edgeplane_proto import oip
+from edgeplane_proto import oip, oip_tensors
 from edgeplane_proto.inference.v2 import inference_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
@@ -45,13 +45,13 @@ def _inputs(request: pb.ModelInferRequest) -> list[tuple[str, np.ndarray, str]]:
     for i, tensor in enumerate(request.inputs):
         where = f"inputs[{i}] ({tensor.name!r})"
         if raw:
-            array = oip.array_from_raw(raw[i], tensor.datatype, tensor.shape, where)
+            array = oip_tensors.array_from_raw(raw[i], tensor.datatype, tensor.shape, where)
         else:
             field = _CONTENTS.get(tensor.datatype)
             if field is None:
-                oip.numpy_dtype(tensor.datatype)  # raises the clear error for an unknown name
+                oip_tensors.numpy_dtype(tensor.datatype)  # raises the clear error for an unknown name
                 raise oip.ProtocolError(f"{where}: {tensor.datatype} tensors travel in raw_input_contents only")
-            array = oip.array_from_values(getattr(tensor.contents, field), tensor.datatype, tensor.shape, where)
+            array = oip_tensors.array_from_values(getattr(tensor.contents, field), tensor.datatype, tensor.shape, where)
         if any(tensor.name == name for name, _, _ in out):
             raise oip.ProtocolError(f"{where}: input {tensor.name!r} is given twice")
         out.append((tensor.name, array, tensor.datatype))
@@ -66,8 +66,8 @@ def _infer(served: registry.ServedModel, request: pb.ModelInferRequest) -> pb.Mo
     arrays = runtime.run(feeds, names)
     response = pb.ModelInferResponse(model_name=served.name, model_version=http.model_version(served), id=request.id)
     for name, array in zip(names, arrays, strict=True):
-        response.outputs.add(name=name, datatype=oip.datatype_of(array), shape=array.shape)
-        response.raw_output_contents.append(oip.raw_bytes(array))
+        response.outputs.add(name=name, datatype=oip_tensors.datatype_of(array), shape=array.shape)
+        response.raw_output_contents.append(oip_tensors.raw_bytes(array))
     return response
 
 

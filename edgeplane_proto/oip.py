@@ -3,7 +3,9 @@
 The agent, the data-centre ONNX replica, the gateway and the Python client all read and
 write v2 inference bodies, so the encoding lives here once. Decoding validates everything
 a caller controls (datatype names, shapes against element counts, binary sizes) and raises
-:class:`ProtocolError`, which servers turn into a 400.
+:class:`ProtocolError`, which servers turn into a 400. What one tensor's values become as
+an array, whichever form they came in, is :mod:`edgeplane_proto.oip_tensors`'s; this
+module reads and writes the bodies around them.
 
 JSON is written by orjson: numeric ``data`` straight from numpy (float32 in its shortest
 exact form, so FP32 round-trips bit for bit), ten times and more faster than ``json``
@@ -21,9 +23,6 @@ standard-library path), so a non-finite value is never silently turned into ``nu
 from __future__ import annotations
 
 import json
-import math
-import struct
-import sys
 import threading
 import types
 from collections.abc import Mapping, Sequence
@@ -33,22 +32,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-#: v2 datatype name -> numpy dtype (BYTES is handled apart: object arrays of bytes).
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
-_DTYPE_TO_NAME = {dt: name for name, dt in DATATYPES.items()}
+from edgeplane_proto import oip_tensors
+from edgeplane_proto.oip_tensors import ProtocolError  # the codec's one error, raised by both modules
 
 #: Header that carries the JSON part's length when binary tensors follow it.
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -65,11 +50,6 @@ def model_version(sha256: str) -> str:
     """The version a model file answers ``/versions/{v}`` for, wherever it is served: its
     sha256, shortened (a new file is a new version)."""
     return sha256[:12]
-MAX_DIMS = 16
-
-
-class ProtocolError(ValueError):
-    """A v2 body that cannot be decoded: the message is safe to return to the caller."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +59,7 @@ class Tensor:
 
     @property
     def datatype(self) -> str:
-        return datatype_of(self.array)
+        return oip_tensors.datatype_of(self.array)
 
 
 @dataclass(frozen=True)
@@ -103,218 +83,6 @@ class InferResponse:
     id: str | None = None
 
 
-def datatype_of(array: np.ndarray) -> str:
-    name = _DTYPE_TO_NAME.get(array.dtype)
-    if name is not None:
-        return name
-    if array.dtype.kind in "OSU":
-        return "BYTES"
-    raise ProtocolError(f"numpy dtype {array.dtype} has no v2 datatype")
-
-
-def numpy_dtype(datatype: str) -> np.dtype[Any]:
-    try:
-        return DATATYPES[datatype]
-    except KeyError as exc:
-        known = ", ".join([*DATATYPES, "BYTES"])
-        raise ProtocolError(f"unknown datatype {datatype!r} (known: {known})") from exc
-
-
-def _check_shape(shape: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
-        raise ProtocolError(f"{where}.shape must be a list of at most {MAX_DIMS} integers")
-    dims: list[int] = []
-    for dim in shape:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise ProtocolError(f"{where}.shape must hold non-negative integers, got {dim!r}")
-        dims.append(dim)
-    # numpy refuses a shape whose non-zero sides multiply past its address space even when
-    # another side is 0 (an empty tensor): said here, not as numpy's ValueError.
-    if math.prod(d for d in dims if d) > _LARGEST_SHAPE:
-        raise ProtocolError(f"{where}.shape {dims} is larger than any tensor can be")
-    return tuple(dims)
-
-
-#: Elements numpy can address at the widest datatype (16 bytes, with room to spare).
-_LARGEST_SHAPE = sys.maxsize // 16
-
-
-def _flatten(data: Any, depth: int = 0) -> list[Any]:
-    if depth > MAX_DIMS:
-        raise ProtocolError("tensor data is nested deeper than any allowed shape")
-    if isinstance(data, list):
-        out: list[Any] = []
-        for item in data:
-            if isinstance(item, list):
-                out.extend(_flatten(item, depth + 1))
-            else:
-                out.append(item)
-        return out
-    return [data]
-
-
-def _array_from_json(spec: Mapping[str, Any], where: str) -> np.ndarray:
-    datatype = spec.get("datatype")
-    if not isinstance(datatype, str):
-        raise ProtocolError(f"{where}.datatype is required (e.g. \"FP32\")")
-    shape = _check_shape(spec.get("shape"), where)
-    if "data" not in spec:
-        raise ProtocolError(f"{where}.data is required")
-    if datatype == "BYTES":
-        flat = [v.encode() if isinstance(v, str) else v for v in _flatten(spec["data"])]
-        if not all(isinstance(v, bytes) for v in flat):
-            raise ProtocolError(f"{where}: BYTES data must be strings")
-        return _array_from_list(flat, datatype, shape, where)
-    array = _numbers_to_array(spec["data"], numpy_dtype(datatype), datatype, shape, where)
-    if datatype != "BOOL" and not isinstance(spec["data"], np.ndarray) and _may_hold_bool(array) and _holds_bool(spec["data"]):
-        raise ProtocolError(f"{where} {spec.get('name')!r}: {datatype} data must be numbers, not JSON booleans (true/false); "
-                            "send them as 1 and 0, or give the tensor datatype BOOL")
-    return array
-
-
-def _may_hold_bool(values: np.ndarray) -> bool:
-    """Whether a tensor read from JSON may have held a boolean. Python's bool is an int, so
-    numpy and ``struct`` read true and false as 1 and 0 without a word: only a tensor that
-    holds a 0 or a 1 has its elements looked at one by one (:func:`_holds_bool`). A float
-    tensor's data read straight into an array held none: that parse refuses booleans."""
-    return np.count_nonzero((values == 0) | (values == 1)) > 0
-
-
-def _holds_bool(data: Any) -> bool:
-    """Whether JSON ``data`` (numbers, nested or not) holds a boolean: written again by
-    orjson, a boolean is the only value with a ``t`` or an ``f`` (three times faster than
-    a look at each element's type)."""
-    text = orjson.dumps(data)
-    return b"t" in text or b"f" in text
-
-
-def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """Flat or nested JSON numbers as one vectorised conversion (no per-element Python)."""
-    if isinstance(data, np.ndarray):  # float data the parse read straight into an array
-        if data.size != math.prod(shape):
-            raise ProtocolError(f"{where}: shape {list(shape)} needs {math.prod(shape)} elements, data has {data.size}")
-        return data.astype(dtype, copy=False).reshape(shape)
-    if dtype.kind == "f" and isinstance(data, list):
-        flat = _flat_floats(data)
-        if flat is not None and flat.size == math.prod(shape):
-            return flat.astype(dtype, copy=False).reshape(shape)
-    if isinstance(data, list) and len(data) > 0 and isinstance(data[0], list):
-        _check_depth(data)
-    try:
-        values = np.asarray(data)
-    except (ValueError, OverflowError, TypeError) as exc:  # ragged nesting
-        raise ProtocolError(f"{where}: {datatype} data must be a list of numbers nested evenly: {exc}") from exc
-    if values.dtype.kind not in "biuf":
-        raise ProtocolError(f"{where}: {datatype} data must be numbers, got {_kind_name(values)}")
-    if values.dtype.kind == "f" and dtype.kind == "u":
-        values = _exact_unsigned(data, values, where)
-    count = math.prod(shape)
-    if values.size != count:
-        raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, data has {values.size}")
-    if dtype.kind in "iu" and values.dtype.kind in "iu" and values.size and values.dtype != dtype:
-        info = np.iinfo(dtype)
-        low, high = values.min(), values.max()
-        if low < info.min or high > info.max:
-            raise ProtocolError(f"{where}: data does not fit {datatype}: values span {low}..{high}")
-    return values.astype(dtype, copy=False).reshape(shape)
-
-
-#: Integers past this may round on the way through float64 (the general path casts them
-#: from int64 instead); floats of any size convert the same on both paths.
-_EXACT_IN_FLOAT64 = 2.0**53
-
-
-def _flat_floats(data: list[Any]) -> np.ndarray | None:
-    """A flat list of numbers as float64, or None when it is anything else (nested lists,
-    strings, null, objects, huge integers): the general path then decides, with its errors.
-
-    ``struct`` converts the whole list in one C loop, refusing what is not a number, 3-4x
-    faster than numpy's per-element type discovery: it is most of what a large JSON tensor
-    costs after the parse itself."""
-    try:
-        values = np.frombuffer(struct.pack(f"{len(data)}d", *data), dtype=np.float64)
-    except (struct.error, OverflowError, TypeError):
-        return None
-    if not exact_in_float64(values):  # infinities take the general path
-        return None
-    return values
-
-
-def exact_in_float64(values: np.ndarray) -> bool:
-    """Whether every value is below 2**53 in size (NaN compares false: it passes)."""
-    return not (np.abs(values) >= _EXACT_IN_FLOAT64).any()
-
-
-def _exact_unsigned(data: Any, values: np.ndarray, where: str) -> np.ndarray:
-    """Integers on both sides of 2**63 promote to float64, which rounds those past 2**53:
-    read them as uint64 instead (negatives are then refused as not fitting)."""
-    if not all(isinstance(v, int) for v in np.asarray(data, dtype=object).reshape(-1)):
-        return values
-    try:
-        return np.asarray(data, dtype=np.uint64)
-    except OverflowError as exc:
-        raise ProtocolError(f"{where}: data does not fit UINT64: {exc}") from exc
-
-
-def _check_depth(data: list[Any]) -> None:
-    depth = 0
-    while isinstance(data, list) and data:
-        depth += 1
-        if depth > MAX_DIMS:
-            raise ProtocolError("tensor data is nested deeper than any allowed shape")
-        data = data[0]
-
-
-def _kind_name(values: np.ndarray) -> str:
-    if values.dtype.kind in "US":
-        return "str"
-    kinds = {type(v).__name__ for v in values.reshape(-1)[:64] if not isinstance(v, (int, float, bool))}
-    return ", ".join(sorted(kinds)) or "numbers out of range"
-
-
-def _array_from_list(values: Sequence[Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """A tensor from flat, already type-checked values: JSON ``data`` and gRPC ``contents``."""
-    count = math.prod(shape)
-    if len(values) != count:
-        raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, data has {len(values)}")
-    if datatype == "BYTES":
-        arr = np.empty(count, dtype=object)
-        arr[:] = list(values)
-        return arr.reshape(shape)
-    try:
-        return np.asarray(values, dtype=numpy_dtype(datatype)).reshape(shape)
-    except (ValueError, OverflowError, TypeError) as exc:
-        raise ProtocolError(f"{where}: data does not fit {datatype}: {exc}") from exc
-
-
-def _array_from_bytes(raw: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
-    if datatype == "BYTES":
-        items: list[bytes] = []
-        pos = 0
-        while pos < len(raw):
-            if pos + 4 > len(raw):
-                raise ProtocolError(f"{where}: truncated BYTES element length")
-            size = int.from_bytes(raw[pos : pos + 4], "little")
-            pos += 4
-            if pos + size > len(raw):
-                raise ProtocolError(f"{where}: truncated BYTES element")
-            items.append(bytes(raw[pos : pos + size]))
-            pos += size
-        if len(items) != math.prod(shape):
-            raise ProtocolError(f"{where}: shape {list(shape)} does not match {len(items)} elements")
-        arr = np.empty(len(items), dtype=object)
-        arr[:] = items
-        return arr.reshape(shape)
-    return np.frombuffer(raw, dtype=_fixed_width(datatype, shape, len(raw), where)).reshape(shape)
-
-
-def _fixed_width(datatype: str, shape: tuple[int, ...], size: int, where: str) -> np.dtype[Any]:
-    """The numpy dtype of a tensor of ``size`` raw bytes, which its shape must fill exactly."""
-    dtype = numpy_dtype(datatype)
-    expected = math.prod(shape) * dtype.itemsize
-    if size != expected:
-        raise ProtocolError(f"{where}: shape {list(shape)} of {datatype} needs {expected} bytes, got {size}")
-    return dtype
 
 
 def _json_body(body: bytes, header_length: int | None) -> tuple[Any, memoryview]:
@@ -462,7 +230,7 @@ class _RequestHead:
             if end > len(binary):
                 raise ProtocolError(f"inputs[{i}]: binary data runs past the end of the body")
             if spec.dtype is None:
-                array = _array_from_bytes(binary[offset:end], spec.datatype, spec.shape, f"inputs[{i}]")
+                array = oip_tensors.array_from_bytes(binary[offset:end], spec.datatype, spec.shape, f"inputs[{i}]")
             else:
                 array = np.frombuffer(binary[offset:end], dtype=spec.dtype).reshape(spec.shape)
             tensors.append(Tensor(spec.name, array))
@@ -499,14 +267,14 @@ def _request_head(doc: Any) -> _RequestHead:
         seen.add(spec["name"])
         size = _binary_size(spec, where)
         if size is None:
-            inputs.append(Tensor(spec["name"], _array_from_json(spec, where)))
+            inputs.append(Tensor(spec["name"], oip_tensors.array_from_json(spec, where)))
             continue
         datatype = spec.get("datatype")
         if not isinstance(datatype, str):
             raise ProtocolError(f"{where}.datatype is required")
-        shape = _check_shape(spec.get("shape"), where)
+        shape = oip_tensors.check_shape(spec.get("shape"), where)
         # A fixed-width layout is the head's alone: checked here, once for every body it starts.
-        dtype = None if datatype == "BYTES" else _fixed_width(datatype, shape, size, where)
+        dtype = None if datatype == "BYTES" else oip_tensors.fixed_width(datatype, shape, size, where)
         inputs.append(_BinaryInput(spec["name"], datatype, shape, size, dtype))
     outputs: list[str] = []
     binary_outputs = False
@@ -536,7 +304,7 @@ def _request_head(doc: Any) -> _RequestHead:
 
 def _tensor_json(t: Tensor) -> dict[str, Any]:
     arr = t.array
-    datatype = datatype_of(arr)
+    datatype = oip_tensors.datatype_of(arr)
     if datatype == "BYTES":
         data: list[Any] = [
             v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)
@@ -556,14 +324,6 @@ def _tolist_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _tensor_bytes(arr: np.ndarray, datatype: str) -> bytes:
-    if datatype == "BYTES":
-        parts = []
-        for v in arr.reshape(-1):
-            b = v if isinstance(v, bytes) else str(v).encode()
-            parts.append(len(b).to_bytes(4, "little") + b)
-        return b"".join(parts)
-    return np.ascontiguousarray(arr).tobytes()
 
 
 def _encode(doc: dict[str, Any], tensors: Sequence[Tensor], key: str, binary: bool) -> tuple[bytes, int | None]:
@@ -576,8 +336,8 @@ def _encode(doc: dict[str, Any], tensors: Sequence[Tensor], key: str, binary: bo
     blobs = []
     specs = []
     for t in tensors:
-        datatype = datatype_of(t.array)
-        raw = _tensor_bytes(t.array, datatype)
+        datatype = oip_tensors.datatype_of(t.array)
+        raw = oip_tensors.tensor_bytes(t.array, datatype)
         blobs.append(raw)
         specs.append({"name": t.name, "shape": list(t.array.shape), "datatype": datatype,
                       "parameters": {"binary_data_size": len(raw)}})
@@ -626,13 +386,13 @@ def decode_response(body: bytes, header_length: int | None = None) -> InferRespo
             raise ProtocolError(f"{where} must be an object")
         size = _binary_size(spec, where)
         if size is not None:
-            shape = _check_shape(spec.get("shape"), where)
+            shape = oip_tensors.check_shape(spec.get("shape"), where)
             if offset + size > len(binary):
                 raise ProtocolError(f"{where}: binary data runs past the end of the body")
-            arr = _array_from_bytes(binary[offset : offset + size], str(spec.get("datatype")), shape, where)
+            arr = oip_tensors.array_from_bytes(binary[offset : offset + size], str(spec.get("datatype")), shape, where)
             offset += size
         else:
-            arr = _array_from_json(spec, where)
+            arr = oip_tensors.array_from_json(spec, where)
         outputs.append(Tensor(str(spec.get("name")), arr))
     return InferResponse(
         model_name=str(doc.get("model_name", "")),
@@ -668,25 +428,3 @@ def model_metadata(
 def error_body(message: str) -> bytes:
     """v2 error object: ``{"error": "..."}``."""
     return dumps({"error": message})
-
-
-# -- the gRPC form (inference.GRPCInferenceService) -----------------------------------
-# Tensors arrive as a datatype, a shape and either their raw bytes (the same layout as the
-# binary extension's) or a typed list of values; they leave as raw bytes.
-
-def array_from_raw(raw: bytes, datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
-    """A tensor from its raw little-endian bytes (BYTES: 4-byte length + bytes per element)."""
-    return _array_from_bytes(memoryview(raw), datatype, _check_shape(list(shape), where), where)
-
-
-def array_from_values(values: Sequence[Any], datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
-    """A tensor from a typed list of values (``fp32_contents`` and the like)."""
-    dtype = None if datatype == "BYTES" else numpy_dtype(datatype)
-    if dtype is not None and dtype.itemsize == 2 and dtype.kind == "f":
-        raise ProtocolError(f"{where}: FP16 tensors travel as raw bytes only")
-    return _array_from_list(values, datatype, _check_shape(list(shape), where), where)
-
-
-def raw_bytes(array: np.ndarray) -> bytes:
-    """A tensor's raw form, as ``raw_output_contents`` carries it."""
-    return _tensor_bytes(array, datatype_of(array))

@@ -28,7 +28,7 @@ import numpy as np
 import orjson
 import simdjson
 
-from edgeplane_proto.oip import exact_in_float64
+from edgeplane_proto.oip_tensors import exact_in_float64
 
 try:  # large number arrays read on several cores; optional (setup.py builds it when it can)
     from edgeplane_proto import _jsonfloats

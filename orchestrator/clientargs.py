@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeplane_proto import oip
+from edgeplane_proto import oip, oip_tensors
 from orchestrator import urlpath
 
 #: The longest ``timeout`` a client takes, in seconds (a year): past some 10^10 s the
@@ -119,7 +119,7 @@ def tensors(inputs: Any) -> Mapping[str, np.ndarray] | Sequence[oip.Tensor]:
         raise ValueError("give at least one input")
     for name, array in pairs:
         try:
-            datatype = oip.datatype_of(array)
+            datatype = oip_tensors.datatype_of(array)
         except oip.ProtocolError as exc:
             raise ValueError(f"input {name!r}: {exc} (v2 datatypes: BOOL, INT8-64, UINT8-64, FP16-64, BYTES)") from None
         if datatype == "BYTES" and array.dtype.kind == "O" and not all(isinstance(v, (str, bytes)) for v in array.reshape(-1)):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeplane_proto import oip
+from edgeplane_proto import oip_tensors
 from orchestrator.cli import infer, render, textfile
 from orchestrator.cli.http import ApiClient, CliError, json_of
 from orchestrator.gateway import cascade_rules
@@ -194,7 +194,7 @@ def _call(api: ApiClient, model: str, body: dict[str, Any], mode: str, headers: 
         raise CliError(f"{where}: the answer has no output {rule.output!r}")
     # in the answer's own datatype, as the gateway judges it: JSON's 0.7 from an FP32 output is float32(0.7)
     datatype = output.get("datatype")
-    dtype = oip.DATATYPES.get(datatype, np.dtype(np.float64)) if isinstance(datatype, str) else np.dtype(np.float64)
+    dtype = oip_tensors.DATATYPES.get(datatype, np.dtype(np.float64)) if isinstance(datatype, str) else np.dtype(np.float64)
     try:
         scores = np.asarray(output["data"], dtype=np.float64).reshape(output["shape"]).astype(dtype)
     except (KeyError, TypeError, ValueError) as exc:

@@ -18,7 +18,7 @@ from orchestrator.cli import render, textfile
 from orchestrator.cli.http import ApiClient, CliError, json_of
 from orchestrator.urlpath import path_segment
 
-#: The most dimensions a tensor has (``edgeplane_proto.oip.MAX_DIMS``; not imported: it brings numpy).
+#: The most dimensions a tensor has (``edgeplane_proto.oip_tensors.MAX_DIMS``; not imported: it brings numpy).
 MAX_DIMS = 16
 
 

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from edgeplane_proto import oip
+from edgeplane_proto import oip_tensors
 from edgeplane_proto.inference.v2 import inference_pb2 as pb
 from edgeplane_proto.inference.v2 import inference_pb2_grpc as pb_grpc
 from orchestrator.agents import model
@@ -65,7 +65,7 @@ async def test_grpc_v2_answers_like_http(control_plane: ControlPlane, make_agent
         answer = await stub.ModelInfer(raw_request(x))
         assert answer.id == "r-1" and answer.model_name == "mlp"
         [out] = answer.outputs
-        got = oip.array_from_raw(answer.raw_output_contents[0], out.datatype, out.shape, "output")
+        got = oip_tensors.array_from_raw(answer.raw_output_contents[0], out.datatype, out.shape, "output")
         np.testing.assert_allclose(got, reference(models.v1, 0, x), rtol=1e-5, atol=1e-6)
 
         typed = pb.ModelInferRequest(model_name="mlp")

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgeplane_proto import oip, oip_reader
+from edgeplane_proto import oip, oip_reader, oip_tensors
 
-NUMERIC = sorted(oip.DATATYPES)
+NUMERIC = sorted(oip_tensors.DATATYPES)
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)
 
 
@@ -43,14 +43,14 @@ def tensors(draw: st.DrawFn, datatype: str, shape: tuple[int, ...] | None = None
         arr = np.empty(len(items), dtype=object)
         arr[:] = items
         return arr.reshape(shape)
-    dtype = oip.DATATYPES[datatype]
+    dtype = oip_tensors.DATATYPES[datatype]
     elements = st.floats(width=dtype.itemsize * 8, allow_nan=True) if dtype.kind == "f" else None
     return draw(hnp.arrays(dtype, shape, elements=elements))
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> None:
     assert a.shape == b.shape
-    assert oip.datatype_of(a) == oip.datatype_of(b)
+    assert oip_tensors.datatype_of(a) == oip_tensors.datatype_of(b)
     if a.dtype == object:
         assert a.reshape(-1).tolist() == b.reshape(-1).tolist()
     elif a.dtype.kind == "f":
@@ -173,7 +173,7 @@ def test_flat_json_numbers_decode_as_numpy_casts_them(datatype: str, values: lis
             with pytest.raises(oip.ProtocolError, match=f"inputs\\[0\\] 'x': {datatype} data must be numbers, not JSON booleans"):
                 oip.decode_request(body)
             return
-        expected = np.asarray(values).astype(oip.DATATYPES[datatype])
+        expected = np.asarray(values).astype(oip_tensors.DATATYPES[datatype])
         got = oip.decode_request(body).inputs[0].array
     assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()
 
