@@ -345,11 +345,11 @@ while True:
 
 HTTP_SERVER_FLOOR = _FLOOR_RUN + """
 import asyncio, socket
-from edge_agent import httpserver
+from edge_agent import httpmessages, httpserver
 
 
 async def handler(request):
-    return httpserver.Response(200, answer(request.body), content_type="application/octet-stream")
+    return httpmessages.Response(200, answer(request.body), content_type="application/octet-stream")
 
 
 async def main():

@@ -36,7 +36,8 @@ from typing import Any
 
 import edge_agent
 from edge_agent import errors, openai_api, refusals, registry
-from edge_agent.httpserver import Passthrough, Request, Response, StreamingResponse
+from edge_agent.httpmessages import Request, Response
+from edge_agent.httpserver import Passthrough, StreamingResponse
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
 from edgeplane_proto import encoding

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 
 from edge_agent import errors, refusals, registry
 from edge_agent.metrics import CONTENT_TYPE, AgentMetrics
-from edge_agent.httpserver import Request, Response, StreamingResponse
+from edge_agent.httpmessages import Request, Response
+from edge_agent.httpserver import StreamingResponse
 
 if TYPE_CHECKING:
     from edge_agent import generation

@@ -3,7 +3,7 @@
 The agent serves one small, fixed API (``edge_agent.http``), so it does not carry an ASGI
 server and web framework: together they were 8 MB of the idle agent's resident memory and
 about half of the per-request overhead. Parsing is llhttp's; what is here is connection
-handling:
+handling (the messages and their bytes are ``edge_agent.httpmessages``'s):
 
 - keep-alive (HTTP/1.1 default, ``Connection: close``, HTTP/1.0's ``Connection:
   keep-alive``, echoed), pipelined requests answered in order, one at a time per connection;
@@ -42,41 +42,19 @@ import os
 import socket
 import types
 import urllib.parse
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from dataclasses import dataclass, field
-from http import HTTPStatus
+from collections.abc import Coroutine, Generator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import httptools
 
 import edge_agent
 from edge_agent import refusals
+from edge_agent.httpmessages import Handler, Request, Response, encode, encode_stream_head
 # Streamed answers are their own module; handlers and tests know them by these names too.
 from edge_agent.httpstream import LAST_CHUNK, Passthrough, StreamingResponse, encode_chunk
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str  # percent-decoded, without the query
-    query: str
-    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
-    body: bytes
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = field(default=())
-
-
-Handler = Callable[[Request], Awaitable["Response | StreamingResponse"]]
-
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 DEFAULT_MAX_BODY_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
@@ -111,36 +89,6 @@ def default_max_connections() -> int:
     """Half the soft limit on open descriptors (at least 64)."""
     soft = os.sysconf("SC_OPEN_MAX")  # RLIMIT_NOFILE's soft limit, -1 when there is none
     return 1 << 16 if soft < 0 else max(64, soft // 2)
-
-
-def encode(response: Response, keep_alive: bool, *, head_only: bool = False, announce: bool = False) -> bytes:
-    """Status line, headers and body; ``head_only`` (a HEAD request) leaves the body out
-    but keeps its length, as RFC 9110 asks. ``announce``: say ``keep-alive`` too (the request
-    had a Connection header: an HTTP/1.0 client keeps the connection only when told)."""
-    head = (f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}\r\n"
-            f"content-length: {len(response.body)}\r\ncontent-type: {response.content_type}\r\n")
-    for name, value in response.headers:
-        head += f"{name}: {value}\r\n"
-    if not keep_alive:
-        head += "connection: close\r\n"
-    elif announce:
-        head += "connection: keep-alive\r\n"
-    raw = (head + "\r\n").encode("latin-1")
-    return raw if head_only else raw + response.body
-
-
-def encode_stream_head(response: StreamingResponse, keep_alive: bool) -> bytes:
-    reason = _REASONS.get(response.status, "")
-    lines = [
-        f"HTTP/1.1 {response.status} {reason}",
-        "transfer-encoding: chunked",
-        f"content-type: {response.content_type}",
-        "cache-control: no-cache",
-    ]
-    lines.extend(f"{name}: {value}" for name, value in response.headers)
-    if not keep_alive:
-        lines.append("connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def _error(status: int, message: str, code: str, path: str | None) -> Response:

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 import edge_agent
-from edge_agent import generation, httpserver, openai_api, packages, refusals, registry
+from edge_agent import generation, httpmessages, httpserver, openai_api, packages, refusals, registry
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import genai
 from edgeplane_proto import encoding
@@ -94,7 +94,7 @@ class GenAIReplica:
             return Response(refusals.error_body(body.status, body.message, body.code, path[at:]), status_code=body.status,
                             media_type="application/json")
         # a compressed body is inflated by the generation server, as on the agent
-        answer = await self._server.handle(httpserver.Request(
+        answer = await self._server.handle(httpmessages.Request(
             method=request.method, path=path[at:], query=request.url.query,
             headers={k.lower(): v for k, v in request.headers.items()}, body=body))
         if isinstance(answer, httpserver.StreamingResponse):

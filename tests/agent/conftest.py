@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from edge_agent import daemon, httpserver, registry
+from edge_agent import daemon, httpmessages, httpserver, registry
 from orchestrator.agents import auth, hub, model, service
 from orchestrator.testing import onnx_models
 
@@ -22,7 +22,7 @@ SITE = "edge-paris-1"
 MakeAgent = Callable[..., Awaitable[daemon.Agent]]
 
 
-async def serve_http(handler: httpserver.Handler, limits: httpserver.Limits | None = None) -> tuple[httpserver.HttpServer, int]:
+async def serve_http(handler: httpmessages.Handler, limits: httpserver.Limits | None = None) -> tuple[httpserver.HttpServer, int]:
     """The agent's HTTP server answering with ``handler`` on a free loopback port: (server, port)."""
     server = httpserver.HttpServer(handler, limits)
     sock = socket.socket()

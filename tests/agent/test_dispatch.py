@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from edge_agent import http, registry
-from edge_agent.httpserver import Request
+from edge_agent.httpmessages import Request
 from edge_agent.runtime import onnx
 from edgeplane_proto import encoding, oip
 from orchestrator.testing import onnx_models

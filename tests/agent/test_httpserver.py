@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from edge_agent import httpserver
-from edge_agent.httpserver import Limits, Request, Response
+from edge_agent.httpmessages import Request, Response
+from edge_agent.httpserver import Limits
 from orchestrator.testing import harness
 
 from .conftest import serve_http, slow_reader

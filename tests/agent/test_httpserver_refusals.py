@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from edge_agent import httpserver
-from edge_agent.httpserver import Limits, Request, Response
+from edge_agent.httpmessages import Request, Response
+from edge_agent.httpserver import Limits
 
 from .conftest import serve_http
 from .test_httpserver import closed, read_response

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 import httpx
 
 from edge_agent import httpserver, httpstream
-from edge_agent.httpserver import Request, Response, StreamingResponse
+from edge_agent.httpmessages import Request, Response
+from edge_agent.httpserver import StreamingResponse
 
 from .conftest import serve_http, slow_reader
 

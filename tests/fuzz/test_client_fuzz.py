@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent import httpserver
+from edge_agent import httpmessages, httpserver
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 
@@ -36,11 +36,11 @@ class Scripted:
         self.answers: dict[str, list[Answer]] = {}
         self.loop: LoopThread
 
-    async def __call__(self, request: httpserver.Request) -> httpserver.Response:
+    async def __call__(self, request: httpmessages.Request) -> httpmessages.Response:
         queue = self.answers.get(request.path) or [(503, {"content-type": "application/json"}, b'{"error": "no more"}')]
         status, headers, body = queue.pop(0)
         content_type = headers.pop("content-type", "application/json")
-        return httpserver.Response(status, body, content_type=content_type, headers=tuple(headers.items()))
+        return httpmessages.Response(status, body, content_type=content_type, headers=tuple(headers.items()))
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent import httpserver
-from edge_agent.httpserver import Limits, Request, Response, StreamingResponse
+from edge_agent.httpmessages import Request, Response
+from edge_agent.httpserver import Limits, StreamingResponse
 
 from .conftest import EXAMPLES, FUZZ, TRIED, LoopThread
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from edge_agent import httpserver
+from edge_agent import httpmessages, httpserver
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 
@@ -24,7 +24,7 @@ from orchestrator import client as client_mod
 async def v2_server(site: str) -> tuple[httpserver.HttpServer, str]:
     """Answers every infer with the input doubled, in the encoding it came in."""
 
-    async def handle(request: httpserver.Request) -> httpserver.Response:
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
         header = request.headers.get(oip.BINARY_HEADER.lower())
         decoded = oip.decode_request(request.body, int(header) if header else None)
         answer = oip.InferResponse("m", (oip.Tensor("output", decoded.inputs[0].array * 2),))
@@ -32,7 +32,7 @@ async def v2_server(site: str) -> tuple[httpserver.HttpServer, str]:
         headers = [("x-edgeplane-site", site)]
         if header_len is not None:
             headers.append((oip.BINARY_HEADER, str(header_len)))
-        return httpserver.Response(200, body, headers=tuple(headers))
+        return httpmessages.Response(200, body, headers=tuple(headers))
 
     server = httpserver.HttpServer(handle)
     sock = socket.socket()
@@ -125,8 +125,8 @@ async def test_when_every_replica_fails_the_gateway_answers(silent: str) -> None
 async def answering(status: int, body: dict[str, object]) -> tuple[httpserver.HttpServer, str]:
     """Answers every request with ``status`` and ``body`` (a gateway with no table, or a chat replica)."""
 
-    async def handle(request: httpserver.Request) -> httpserver.Response:
-        return httpserver.Response(status, json.dumps(body).encode(), headers=(("x-edgeplane-site", f"status-{status}"),))
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(status, json.dumps(body).encode(), headers=(("x-edgeplane-site", f"status-{status}"),))
 
     server = httpserver.HttpServer(handle)
     sock = socket.socket()
@@ -503,9 +503,9 @@ async def test_a_chat_is_one_answer_n_other_than_1_is_refused_and_other_choices_
     stream = b"".join(chunk(i, t) for i, t in ((0, "Paris"), (1, "Lyon"), (0, " is"), (1, " is"), (0, " big."), (1, " small."))) + b"data: [DONE]\n\n"
     asked = []
 
-    async def handle(request: httpserver.Request) -> httpserver.Response:
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
         asked.append(request.path)
-        return httpserver.Response(200, stream, headers=(("content-type", "text/event-stream"),))
+        return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
 
     server = httpserver.HttpServer(handle)
     sock = socket.socket()
@@ -589,11 +589,11 @@ async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_
     replica_url = f"http://127.0.0.1:{replica.sockets[0].getsockname()[1]}"
     stream = b'data: {"choices": [{"index": 0, "delta": {"content": "hello"}}]}\n\ndata: [DONE]\n\n'
 
-    async def handle(request: httpserver.Request) -> httpserver.Response:
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
         if request.path.startswith("/v1/endpoints/"):
-            return httpserver.Response(200, json.dumps({"ttlSeconds": 600, "endpoints": [
+            return httpmessages.Response(200, json.dumps({"ttlSeconds": 600, "endpoints": [
                 {"site": "edge-cut", "url": replica_url, "api": "openai"}]}).encode())
-        return httpserver.Response(200, stream, headers=(("content-type", "text/event-stream"),))
+        return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
 
     gateway = httpserver.HttpServer(handle)
     sock = socket.socket()

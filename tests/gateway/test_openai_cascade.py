@@ -15,12 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from edge_agent import httpserver, httpstream
+from edge_agent import httpmessages, httpserver, httpstream
 from orchestrator.api import methods
 from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, upstream
 from orchestrator.testing import loopback
 
-Handle = Callable[[httpserver.Request], Awaitable[httpserver.Response]]
+Handle = Callable[[httpmessages.Request], Awaitable[httpmessages.Response]]
 DC = cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -82,14 +82,14 @@ async def gateway(table: endpoints.EndpointTable, stats: cascade.CascadeStats | 
 async def test_an_escalated_stage_on_vllm_is_asked_for_its_served_model_name() -> None:
     asked: list[str] = []
 
-    async def edge(request: httpserver.Request) -> httpserver.Response:  # cut at max_tokens: escalate
-        return httpserver.Response(200, chat_answer("The answer is", finish="length"))
+    async def edge(request: httpmessages.Request) -> httpmessages.Response:  # cut at max_tokens: escalate
+        return httpmessages.Response(200, chat_answer("The answer is", finish="length"))
 
-    async def vllm(request: httpserver.Request) -> httpserver.Response:  # serves its served model name only
+    async def vllm(request: httpmessages.Request) -> httpmessages.Response:  # serves its served model name only
         asked.append(json.loads(request.body)["model"])
         if asked[-1] != "org/large-chat":
-            return httpserver.Response(404, openai_routes.error_body(f"The model `{asked[-1]}` does not exist.", 404))
-        return httpserver.Response(200, chat_answer("The answer is 42."))
+            return httpmessages.Response(404, openai_routes.error_body(f"The model `{asked[-1]}` does not exist.", 404))
+        return httpmessages.Response(200, chat_answer("The answer is 42."))
 
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
     async with replica(edge) as edge_url, replica(vllm) as dc_url:
@@ -103,12 +103,12 @@ async def test_an_escalated_stage_on_vllm_is_asked_for_its_served_model_name() -
 
 
 async def test_a_chat_the_third_stage_answers_adds_both_earlier_stages_and_is_one_escalated_request() -> None:
-    async def cut(request: httpserver.Request) -> httpserver.Response:  # stopped at max_tokens after 50 ms of work: escalate
+    async def cut(request: httpmessages.Request) -> httpmessages.Response:  # stopped at max_tokens after 50 ms of work: escalate
         await asyncio.sleep(0.05)
-        return httpserver.Response(200, chat_answer("The answer is", finish="length"))
+        return httpmessages.Response(200, chat_answer("The answer is", finish="length"))
 
-    async def whole(request: httpserver.Request) -> httpserver.Response:
-        return httpserver.Response(200, chat_answer("The answer is 42."))
+    async def whole(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(200, chat_answer("The answer is 42."))
 
     truncated = cascade_rules.GenerativeRule(truncated=True)
     route = cascade_rules.CascadeRoute("chat", "chat-dep", (cascade_rules.StageRoute("small", frozenset({"edge"}), truncated),
@@ -137,13 +137,13 @@ async def test_a_chat_the_third_stage_answers_adds_both_earlier_stages_and_is_on
 async def test_a_completion_asking_logprobs_0_gets_them_through_a_stage_judged_by_logprobs() -> None:
     asked: list[Any] = []
 
-    async def edge(request: httpserver.Request) -> httpserver.Response:
+    async def edge(request: httpmessages.Request) -> httpmessages.Response:
         lp = json.loads(request.body).get("logprobs")
         asked.append(lp)
         logprobs = None if lp is None else {"tokens": [" Paris", "."], "token_logprobs": [-0.01, -0.02],
                                             "top_logprobs": [{" Paris": -0.01}, {".": -0.02}] if lp else [{}, {}],
                                             "text_offset": [0, 6]}
-        return httpserver.Response(200, json.dumps({
+        return httpmessages.Response(200, json.dumps({
             "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "chat",
             "choices": [{"index": 0, "text": " Paris.", "logprobs": logprobs, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}}).encode())
@@ -164,10 +164,10 @@ async def test_an_answer_generated_for_longer_than_the_first_token_timeout_is_wa
     asked: list[str] = []
 
     def generating(site: str) -> Handle:
-        async def handle(request: httpserver.Request) -> httpserver.Response:
+        async def handle(request: httpmessages.Request) -> httpmessages.Response:
             asked.append(site)
             await asyncio.sleep(0.6)  # the whole answer is generated before its head is sent
-            return httpserver.Response(200, chat_answer("a long answer"))
+            return httpmessages.Response(200, chat_answer("a long answer"))
         return handle
 
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
@@ -186,7 +186,7 @@ async def test_an_answer_generated_for_longer_than_the_first_token_timeout_is_wa
 async def test_a_caller_that_leaves_stops_the_stage_generating_for_it(mode: str) -> None:
     started, stopped = asyncio.Event(), asyncio.Event()
 
-    async def generating(request: httpserver.Request) -> httpserver.Response:
+    async def generating(request: httpmessages.Request) -> httpmessages.Response:
         started.set()
         try:
             await asyncio.Event().wait()  # a long answer, never finished here
@@ -216,16 +216,16 @@ async def test_a_replica_silent_past_the_first_token_timeout_is_skipped_and_ejec
         await asyncio.Event().wait()  # a long prompt on slow hardware: no token yet
         yield b""
 
-    async def paris(request: httpserver.Request) -> httpserver.Response | httpstream.StreamingResponse:
+    async def paris(request: httpmessages.Request) -> httpmessages.Response | httpstream.StreamingResponse:
         asked.append("edge-paris")
         if silent == "after its head":
             return httpstream.StreamingResponse(200, nothing())
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    async def lyon(request: httpserver.Request) -> httpserver.Response:
+    async def lyon(request: httpmessages.Request) -> httpmessages.Response:
         asked.append("edge-lyon")
-        return httpserver.Response(200, chat_answer("from Lyon"))
+        return httpmessages.Response(200, chat_answer("from Lyon"))
 
     async with replica(paris) as paris_url, replica(lyon) as lyon_url:
         fleet = [endpoint("edge-paris", "edge", paris_url), endpoint("edge-lyon", "edge", lyon_url, lat=45.76, lon=4.84)]
@@ -249,7 +249,7 @@ async def test_a_stage_replica_silent_past_the_first_token_timeout_is_skipped_an
         await asyncio.Event().wait()
         yield b""
 
-    async def paris(request: httpserver.Request) -> httpstream.StreamingResponse:
+    async def paris(request: httpmessages.Request) -> httpstream.StreamingResponse:
         return httpstream.StreamingResponse(200, nothing())
 
     async with replica(paris) as paris_url, replica(answering("from Lyon")) as lyon_url, replica(answering("from the DC")) as dc_url:
@@ -264,15 +264,15 @@ async def test_a_stage_replica_silent_past_the_first_token_timeout_is_skipped_an
 
 
 def at_capacity(retry_after: str) -> Handle:
-    async def handle(request: httpserver.Request) -> httpserver.Response:  # as the agent answers with its sequences full
-        return httpserver.Response(429, openai_routes.error_body("model 'chat' is at capacity (1 running, 0 queued); retry after 1s", 429,
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:  # as the agent answers with its sequences full
+        return httpmessages.Response(429, openai_routes.error_body("model 'chat' is at capacity (1 running, 0 queued); retry after 1s", 429,
                                                                  code="rate_limit_exceeded"), headers=(("retry-after", retry_after),))
     return handle
 
 
 def answering(content: str) -> Handle:
-    async def handle(request: httpserver.Request) -> httpserver.Response:
-        return httpserver.Response(200, chat_answer(content))
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(200, chat_answer(content))
     return handle
 
 
@@ -327,8 +327,8 @@ async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_re
 
 
 def refusing(status: int) -> Handle:
-    async def handle(request: httpserver.Request) -> httpserver.Response:
-        return httpserver.Response(status, openai_routes.error_body(f"refused with {status}", status))
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(status, openai_routes.error_body(f"refused with {status}", status))
     return handle
 
 
@@ -391,8 +391,8 @@ async def test_a_later_stage_refusing_keeps_the_earlier_answer_streaming_or_not(
     answer standing there too, and the stats must say stage 1 answered."""
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
 
-    async def edge(request: httpserver.Request) -> httpserver.Response:  # cut at max_tokens: escalate
-        return httpserver.Response(200, chat_answer("The answer is", finish="length"))
+    async def edge(request: httpmessages.Request) -> httpmessages.Response:  # cut at max_tokens: escalate
+        return httpmessages.Response(200, chat_answer("The answer is", finish="length"))
 
     stats = cascade.CascadeStats()
     async with replica(edge) as edge_url, replica(refusing(status)) as dc_url:

@@ -28,7 +28,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from edge_agent import httpserver
+from edge_agent import httpmessages, httpserver
 from orchestrator import client as client_mod
 from orchestrator.cli import main as cli
 from orchestrator.gateway import endpoints
@@ -342,12 +342,12 @@ async def test_a_burst_of_requests_for_a_cold_model_sends_one_wake_at_a_time() -
     asked: list[str] = []
     both, answer = asyncio.Event(), asyncio.Event()
 
-    async def control_plane(request: httpserver.Request) -> httpserver.Response:
+    async def control_plane(request: httpmessages.Request) -> httpmessages.Response:
         asked.append(request.path)
         if len(asked) == 2:
             both.set()
         await answer.wait()  # held: every later wake of the same model finds this one on its way
-        return httpserver.Response(202, b'{"woken": true}', headers=(("content-type", "application/json"),))
+        return httpmessages.Response(202, b'{"woken": true}', headers=(("content-type", "application/json"),))
 
     server = httpserver.HttpServer(control_plane)
     sock = socket.socket()

@@ -10,14 +10,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from edge_agent import httpserver
+from edge_agent import httpmessages, httpserver
 from orchestrator.gateway import endpoints, proxy, routing
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
 
 async def echo_server() -> tuple[httpserver.HttpServer, int]:
-    async def handle(request: httpserver.Request) -> httpserver.Response:
-        return httpserver.Response(200, request.body, headers=(("x-path", request.path),))
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(200, request.body, headers=(("x-path", request.path),))
 
     server = httpserver.HttpServer(handle)
     sock = socket.socket()
@@ -176,10 +176,10 @@ async def test_interim_answers_are_skipped() -> None:
         server.close()
 
 
-ANSWER = httpserver.Response(200, b'{"model_name":"m","outputs":[]}', headers=(("content-type", "application/json"),))
+ANSWER = httpmessages.Response(200, b'{"model_name":"m","outputs":[]}', headers=(("content-type", "application/json"),))
 
 
-async def gateway_over(handle: httpserver.Handler, *, timeout: float = 30.0, replicas: int = 2, registry: CollectorRegistry | None = None
+async def gateway_over(handle: httpmessages.Handler, *, timeout: float = 30.0, replicas: int = 2, registry: CollectorRegistry | None = None
                        ) -> tuple[list[httpserver.HttpServer], endpoints.EndpointTable, UpstreamPool, Starlette]:
     """The gateway's v2 routes over ``replicas`` real loopback servers that answer with ``handle``."""
     servers, table = [], endpoints.EndpointTable()
@@ -199,7 +199,7 @@ async def gateway_over(handle: httpserver.Handler, *, timeout: float = 30.0, rep
 async def test_one_slow_request_leaves_every_replica_to_the_other_callers() -> None:
     """A request slower than the upstream timeout (a huge batch) fails on each replica it is
     tried on, and takes none of them from the next caller."""
-    async def handle(request: httpserver.Request) -> httpserver.Response:
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
         if b"huge" in request.body:
             await asyncio.sleep(5)
         return ANSWER
@@ -227,11 +227,11 @@ async def test_with_every_replica_ejected_the_next_caller_is_still_tried_on_them
     and was ejected; the next caller is sent to them all the same, not answered 503."""
     turned_away: set[str] = set()
 
-    async def handle(request: httpserver.Request) -> httpserver.Response:
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
         port = request.headers.get("host", "").rpartition(":")[2]
         if port not in turned_away:
             turned_away.add(port)
-            return httpserver.Response(503, b'{"error": "too many connections; try again"}', headers=(("content-type", "application/json"),))
+            return httpmessages.Response(503, b'{"error": "too many connections; try again"}', headers=(("content-type", "application/json"),))
         return ANSWER
 
     servers, table, pool, app = await gateway_over(handle)
