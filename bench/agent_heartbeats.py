@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import native as _native
-from orchestrator.agents import auth, hub, relay, service
+from orchestrator.agents import auth, hub, relay, relay_leader, service
 
 RESULTS = Path(__file__).parent / "results" / "agent_heartbeats.json"
 TOKEN = "bench-token"
@@ -281,7 +281,7 @@ async def _run_relayed_phase(agents: int, interval: float, duration: float, rela
     ctx = multiprocessing.get_context("spawn")
     rss_before = _rss_mib()
     agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), missed_heartbeats=5)
-    servicer = relay.RelayServicer(agent_hub, lambda: RELAY_SECRET)
+    servicer = relay_leader.RelayServicer(agent_hub, lambda: RELAY_SECRET)
     leader = await service.start_agent_server(agent_hub, "127.0.0.1", 0, more=(servicer.handler(),))
     replicas, ports = [], []
     for k in range(relays):

@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import cli
-from orchestrator.agents import auth, hub, model, relay, service
+from orchestrator.agents import auth, hub, model, relay, relay_leader, service
 from orchestrator.testing import postgres
 
 RESULTS = Path(__file__).parent / "results" / "replica_lag.json"
@@ -154,7 +154,7 @@ async def _relay(joins: int, rng: random.Random) -> dict[str, Any]:
 
     leader_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), on_change=on_change, heartbeat_interval=30.0)
     secret = "bench-relay-secret"
-    servicer = relay.RelayServicer(leader_hub, lambda: secret)
+    servicer = relay_leader.RelayServicer(leader_hub, lambda: secret)
     server = await service.start_agent_server(leader_hub, "127.0.0.1", 0, more=(servicer.handler(),))
     leader = relay.Leader("bench-leader", f"127.0.0.1:{server.port}", secret)
     hubs = {name: hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), heartbeat_interval=30.0) for name in ("at once", "flush")}

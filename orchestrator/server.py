@@ -35,7 +35,7 @@ from orchestrator import catalog, console, event_retention, following, leadershi
 from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
-from orchestrator.agents import relay
+from orchestrator.agents import relay, relay_leader
 from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import artifacts as artifacts_api
@@ -201,7 +201,7 @@ class ControlPlane:
         # still stopping a Ray cluster a killed control plane left; its events trigger this
         # reconciler, whose first pass (once started) sees every agent joined by then.
         self.reconciler = Reconciler(self.store, self.hub, self.datacentres, self.artifacts, self.table, resync_s=cfg.resync_s)
-        self.relay_servicer = relay.RelayServicer(self.hub, lambda: self._relay_secret)
+        self.relay_servicer = relay_leader.RelayServicer(self.hub, lambda: self._relay_secret)
         self._background.append(asyncio.create_task(self._log_agent_events(), name="agent-events"))
         try:
             self._agent_server = await agent_service.start_agent_server(self.hub, agent_host, cfg.agent_port, mtls=mtls,

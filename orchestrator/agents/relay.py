@@ -30,21 +30,22 @@ that goes quiet loses its agents in the usual time); the published endpoint tabl
 what it decides to every replica's gateway. The stream authenticates with the secret the
 leader published in the database at its election; with mutual TLS the relaying replica
 presents a client certificate from the shared agent CA.
+
+This module is the relaying replica's end (:class:`RelayClient`) and what both ends share;
+the leader's end is :mod:`orchestrator.agents.relay_leader`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator.agents import errors, hub, model, service
@@ -60,158 +61,6 @@ FLUSH_S = 0.25
 URGENT_GAP_S = 0.05  # joins, losses, model and capacity changes: sent at once, but no more often than this
 RETRY_S = (0.25, 5.0)  # reconnect backoff: first and largest wait
 CLAIM_TIMEOUT_S = 5.0  # a join waits this long for the leader to say whether its site is free
-
-
-# -- the leader's side ---------------------------------------------------------------------
-
-
-class RelayServicer:
-    """Takes relay streams while this replica leads: ``secret()`` is the secret it published,
-    None while it does not lead."""
-
-    def __init__(self, agent_hub: hub.AgentHub, secret: Callable[[], str | None]) -> None:
-        self._hub = agent_hub
-        self._secret = secret
-        self._closing: set[asyncio.Event] = set()
-        self.reports_total = 0
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Relay": grpc.stream_stream_rpc_method_handler(
-                self.Relay, response_serializer=pb.RelayAssignments.SerializeToString),
-        })
-
-    def close_all(self) -> None:
-        """End every relay stream now (this replica stopped leading)."""
-        for closing in self._closing:
-            closing.set()
-
-    async def Relay(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RelayAssignments]:
-        secret = self._secret()
-        if secret is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this control-plane replica does not lead")
-        given = service.call_metadata(context).get(SECRET_KEY, "")
-        if not hmac.compare_digest(given.encode(), (secret or "").encode()):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong relay secret (it changes with each leader)")
-        stream = _Stream()
-        closing = asyncio.Event()
-        self._closing.add(closing)
-        reader = asyncio.create_task(self._read(requests, stream), name="relay-reader")
-        closed = asyncio.create_task(closing.wait())
-        try:
-            while True:
-                wake = asyncio.create_task(stream.wake.wait())
-                await asyncio.wait({reader, wake, closed}, return_when=asyncio.FIRST_COMPLETED)
-                wake.cancel()
-                stream.wake.clear()
-                if closed.done():
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "this control-plane replica stopped leading")
-                if stream.outbox or stream.again or stream.refused or stream.free:
-                    yield stream.take()
-                if reader.done():
-                    problem = reader.result()
-                    if problem:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-                    return
-        finally:
-            self._closing.discard(closing)
-            for task in (reader, closed):
-                task.cancel()
-            if stream.via is not None:
-                self._hub.detach_relay(stream.via, stream.push)
-                log.info("replica %s stopped relaying its agents", stream.via)
-
-    async def _read(self, requests: AsyncIterator[bytes], stream: _Stream) -> str | None:
-        """Apply the batches; returns why the stream must end, or None when the replica ended it."""
-        async for raw in requests:
-            try:
-                batch = pb.RelayReports.FromString(raw)
-            except DecodeError as exc:
-                return f"malformed RelayReports: {exc}"
-            if stream.via is None:
-                if not batch.replica:
-                    return "the first RelayReports must name the relaying replica"
-                stream.via = batch.replica
-                self._hub.attach_relay(stream.via, stream.push)
-                log.info("replica %s relays its agents here", stream.via)
-            for report in batch.reports:
-                self.reports_total += 1
-                try:
-                    self._apply(report, stream)
-                except errors.AgentHubError as exc:  # one bad agent does not end the others' relay
-                    log.warning("relayed agent %r of site %r from replica %s refused: %s", report.agent_id, report.site, stream.via, exc)
-        return None
-
-    def _apply(self, report: pb.AgentReport, stream: _Stream) -> None:
-        via = stream.via
-        assert via is not None
-        if report.gone:
-            self._hub.relayed_gone(report.site, report.agent_id, via)
-            return
-        if report.claim:
-            try:
-                self._hub.check_claim(report.site)
-            except errors.SiteTaken as exc:
-                log.info("a join for site %s at replica %s refused: %s", report.site, via, exc)
-                stream.refuse(report.site, "", str(exc), exc.holder, exc.retry_after_s)
-            else:
-                stream.free.add(report.site)
-                stream.wake.set()
-            return
-        if report.HasField("agent"):
-            joined = report.agent
-            try:
-                self._hub.admit_relayed(model.JoinApplication(
-                    site=report.site, bootstrap_token="", credential=None, agent_id=report.agent_id,
-                    endpoint_url=joined.endpoint_url, location=model.Location.from_proto(joined.location),
-                    labels=dict(joined.labels), agent_version=joined.agent_version,
-                    heartbeat_interval=joined.heartbeat_interval_ms / 1000 or None,
-                    capacity=model.Capacity.from_proto(joined.capacity)), report.agent_id, via)
-            except errors.SiteTaken as exc:
-                log.warning("agent %s of site %s through replica %s refused: %s", report.agent_id, report.site, via, exc)
-                stream.refuse(report.site, report.agent_id, str(exc), exc.holder, exc.retry_after_s)
-                return
-            except errors.NotAuthenticated as exc:  # revoked: the replica drops it, as it would have once told
-                log.warning("agent %s of site %s through replica %s refused: %s", report.agent_id, report.site, via, exc)
-                stream.refuse(report.site, report.agent_id, str(exc))
-                return
-        if report.HasField("state") and not self._hub.relayed_heartbeat(
-                report.site, report.agent_id, model.Heartbeat.from_proto(report.state), via):
-            stream.again.add(report.site)
-            stream.wake.set()
-            return
-        if report.disconnected:
-            self._hub.relayed_disconnected(report.site, report.agent_id, via)
-
-
-class _Stream:
-    """One relay stream on the leader: what is to be sent down it."""
-
-    def __init__(self) -> None:
-        self.via: str | None = None
-        self.outbox: dict[str, model.AssignmentSet] = {}  # latest set per site
-        self.again: set[str] = set()
-        self.refused: list[pb.RelayRefusal] = []
-        self.free: set[str] = set()  # claimed sites no live agent holds
-        self.wake = asyncio.Event()
-
-    def push(self, site: str, assignment_set: model.AssignmentSet) -> None:
-        self.outbox[site] = assignment_set
-        self.wake.set()
-
-    def refuse(self, site: str, agent_id: str, message: str, holder: str = "", retry_after_s: float = 0.0) -> None:
-        """The relaying replica is to drop ``agent_id``: ``holder`` holds its site, or (none) it
-        was revoked. No ``agent_id``: its claim of the site is refused."""
-        self.refused.append(pb.RelayRefusal(site=site, agent_id=agent_id, holder_agent_id=holder,
-                                            message=message, retry_after_ms=int(retry_after_s * 1000)))
-        self.wake.set()
-
-    def take(self) -> pb.RelayAssignments:
-        message = pb.RelayAssignments(
-            sites=[pb.SiteAssignments(site=site, set=s.to_proto()) for site, s in self.outbox.items()],
-            report_again=sorted(self.again), refused=self.refused, free=sorted(self.free))
-        self.outbox, self.again, self.refused, self.free = {}, set(), [], set()
-        return message
 
 
 # -- the relaying replica's side -------------------------------------------------------------

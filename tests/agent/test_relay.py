@@ -20,7 +20,7 @@ import pytest
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator import server as control_plane
 from orchestrator import server_config
-from orchestrator.agents import auth, errors, hub, model, relay, service
+from orchestrator.agents import auth, errors, hub, model, relay, relay_leader, service
 from orchestrator.security import ca
 from orchestrator.store import sqlite as store_mod
 
@@ -33,7 +33,7 @@ SECRET = "relay-secret-for-tests"
 @dataclass
 class Leader:
     cp: ControlPlane
-    servicer: relay.RelayServicer
+    servicer: relay_leader.RelayServicer
     secret: str | None = SECRET
 
     def named(self, secret: str = SECRET) -> relay.Leader:
@@ -45,7 +45,7 @@ async def leader() -> AsyncIterator[Leader]:
     events = EventLog()
     agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), on_change=events, heartbeat_interval=0.2, missed_heartbeats=3)
     holder: list[Leader] = []
-    servicer = relay.RelayServicer(agent_hub, lambda: holder[0].secret)
+    servicer = relay_leader.RelayServicer(agent_hub, lambda: holder[0].secret)
     server = await service.start_agent_server(agent_hub, "127.0.0.1", 0, more=(servicer.handler(),))
     holder.append(Leader(ControlPlane(agent_hub, server, events), servicer))
     yield holder[0]
@@ -334,7 +334,7 @@ async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_pat
     server_cert, server_key = authority.issue_server(["127.0.0.1"])
     events = EventLog()
     leader_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), on_change=events, heartbeat_interval=1.0)
-    servicer = relay.RelayServicer(leader_hub, lambda: SECRET)
+    servicer = relay_leader.RelayServicer(leader_hub, lambda: SECRET)
     server = await service.start_agent_server(leader_hub, "127.0.0.1", 0, more=(servicer.handler(),),
                                               tls=service.ServerTls(server_cert, server_key, client_ca=authority.certificate_pem))
     follower_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), heartbeat_interval=1.0)
@@ -406,9 +406,9 @@ def test_an_agent_reported_whole_carries_what_is_left_of_its_quiet_spell() -> No
     [batch] = client._batches()
     [report] = batch.reports
     assert report.HasField("agent") and report.state.quiet_ms == 15_000
-    stream = relay._Stream()
+    stream = relay_leader._Stream()
     stream.via = "cp-follower"
-    relay.RelayServicer(leader, lambda: SECRET)._apply(report, stream)
+    relay_leader.RelayServicer(leader, lambda: SECRET)._apply(report, stream)
 
     now[0] += 14.9  # past the usual 3 s, inside the announced spell
     assert leader.sweep() == [] and leader.status(SITE).healthy  # type: ignore[union-attr]
@@ -422,8 +422,8 @@ class InProcess(NamedTuple):
     follower: hub.AgentHub
     leader: hub.AgentHub
     client: relay.RelayClient  # taps the follower's hub; nothing connects anywhere
-    servicer: relay.RelayServicer  # applies to the leader's hub what the test hands it
-    stream: relay._Stream
+    servicer: relay_leader.RelayServicer  # applies to the leader's hub what the test hands it
+    stream: relay_leader._Stream
 
 
 def relayed_in_process(leader_tokens: tuple[str, ...] = (), **leader_options: Any) -> InProcess:
@@ -435,9 +435,9 @@ def relayed_in_process(leader_tokens: tuple[str, ...] = (), **leader_options: An
     leader = hub.AgentHub(auth.InMemoryJoinAuthenticator(list(leader_tokens)), clock=lambda: now[0], **leader_options)
     client = relay.RelayClient(follower, "cp-follower")
     client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))
-    stream = relay._Stream()
+    stream = relay_leader._Stream()
     stream.via = "cp-follower"
-    return InProcess(now, follower, leader, client, relay.RelayServicer(leader, lambda: SECRET), stream)
+    return InProcess(now, follower, leader, client, relay_leader.RelayServicer(leader, lambda: SECRET), stream)
 
 
 def test_the_end_of_an_agent_s_stream_at_a_follower_reaches_the_leader() -> None:
