@@ -179,20 +179,24 @@ def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, r
         return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason))
 
 
-def delete_site_abandoning(store: store_mod.Store, name: str, *, actor: str, reason: str = "delete") -> bool:
-    """Delete Site ``name`` if it is still stored, and give up removing its Serve applications
-    (they run on, owned by nothing, if its cluster is still there): for a data centre whose
-    cluster is gone for good, whose removal would otherwise be tried forever. Whether the
-    Site was still stored; :class:`NotFound` when neither it nor a removal was left."""
+def delete_site_abandoning(store: store_mod.Store, name: str, *, actor: str, reason: str = "delete", keep_site: bool = False) -> bool:
+    """Delete Site ``name`` if it is still stored (unless ``keep_site``), and give up removing
+    the Serve applications it left (they run on, owned by nothing, if their cluster is still
+    there): for a data centre whose cluster is gone for good, whose removal would otherwise be
+    tried forever. ``keep_site``: only those left on targets the Site was moved away from.
+    Whether the Site was deleted; :class:`NotFound` when neither it nor a removal was left."""
     with _WRITING:
         try:
-            store.delete("Site", name, store_mod.Event(actor, "delete", "Site", name, reason))
-            deleted = True
+            if not keep_site:
+                store.delete("Site", name, store_mod.Event(actor, "delete", "Site", name, reason))
+            deleted = not keep_site
         except store_mod.NotFound:
             deleted = False
         abandoned = store.abandon_deleted_site(name, store_mod.Event(
             actor, "applications-abandoned", "Site", name, reason, {"note": "its Serve applications are no longer removed"}))
     if not (deleted or abandoned):
+        if keep_site:
+            raise store_mod.NotFound(f"no removal of the applications Site {name!r} left elsewhere is pending")
         raise store_mod.NotFound(f"Site {name!r} does not exist, and no removal of its applications is pending")
     return deleted
 

@@ -150,12 +150,12 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def delete_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        if "abandonApplications" in request.query_params and _flag(request, "abandonApplications"):  # a data centre whose cluster is gone for good
+        if "abandonApplications" in request.query_params and _flag(request, "abandonApplications", "keepSite"):  # a cluster gone for good
             if kind != "Site":
                 raise BadQuery("abandonApplications is for a Site only")
             name = request.path_params["name"]
             deleted = await store.run(catalog.delete_site_abandoning, store, name, actor=caller.identity,
-                                      reason=_reason(request, "delete"))
+                                      reason=_reason(request, "delete"), keep_site=_flag(request, "keepSite", "abandonApplications"))
             services.changed(f"delete by {caller.identity}")
             return JSONResponse({"kind": kind, "name": name, "action": "deleted" if deleted else "applications-abandoned"})
         outcome = await store.run(catalog.delete_object, store, kind, request.path_params["name"], actor=caller.identity,
@@ -318,14 +318,14 @@ class BadQuery(ValueError):
 FLAG_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
-def _flag(request: Request, name: str) -> bool:
-    """The one boolean query parameter of a route that reads documents (``apply``,
+def _flag(request: Request, name: str, *others: str) -> bool:
+    """A boolean query parameter of a route that takes no others but ``others`` (``apply``,
     ``delete``; besides ``file``, the name errors give them): ``1``, ``true``, ``yes`` or
     ``0``, ``false``, ``no`` (any case); absent is false. Any other value or parameter is
     refused, so that a misspelt ``dryRun`` never applies for real."""
-    unknown = sorted(set(request.query_params) - {name, "file"})
+    unknown = sorted(set(request.query_params) - {name, *others, "file"})
     if unknown:
-        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes {name} and file")
+        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes {', '.join((name, *others))} and file")
     value = request.query_params.get(name, "false")
     if value.lower() not in FLAG_VALUES:
         raise BadQuery(f"{name} must be true or false, not {value[:40]!r}")

@@ -145,6 +145,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--ignore-not-found", action="store_true", help="with -f: skip objects that do not exist instead of refusing the bundle")
     sp.add_argument("--abandon-applications", action="store_true",
                     help="site NAME: stop removing a deleted data centre's Serve applications (its cluster is gone for good)")
+    sp.add_argument("--keep-site", action="store_true",
+                    help="with --abandon-applications: keep the Site, give up only the applications it left on a cluster it was moved off")
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
     sp.add_argument("--reason", type=_header_text, help="why (recorded in the event log with your identity)")

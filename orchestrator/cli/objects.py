@@ -175,7 +175,9 @@ def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
         return 0
     if not (args.kind and args.name):
         raise CliError("give -f FILE or KIND NAME", 2)
-    params = {"abandonApplications": "true"} if args.abandon_applications else {}
+    if args.keep_site and not args.abandon_applications:
+        raise CliError("--keep-site goes with --abandon-applications", 2)
+    params = {"abandonApplications": "true", **({"keepSite": "true"} if args.keep_site else {})} if args.abandon_applications else {}
     data = api.request("DELETE", f"/v1/{path_segment(args.kind)}/{path_segment(args.name)}", params=params, headers=with_reason({}, args))
     print(f"{args.kind.lower()}/{args.name} {'deleted' if data.get('action') == 'deleted' else data['action']}")
     return 0

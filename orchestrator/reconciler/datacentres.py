@@ -18,6 +18,7 @@ from typing import Any
 from orchestrator.adapters import kuberay, local_ray, ray_serve, rayservice, serve_config
 from orchestrator.manifests import schema
 from orchestrator.reconciler import planning
+from orchestrator.store import values
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ class LocalRay:
 ActuatorFactory = Callable[[str, schema.SiteSpec], Any]
 
 
+def target_of(spec: schema.SiteSpec) -> str | None:
+    """Where a site's applications run (see :func:`store.values.datacentre_target`)."""
+    return values.datacentre_target(spec.model_dump(mode="json"))
+
+
 class DataCentres:
     def __init__(self, local: LocalRay, kube_factory: ActuatorFactory | None = None):
         self.local = local
@@ -70,7 +76,8 @@ class DataCentres:
         known = self._actuators.get(site)
         if known is not None and known[0] == spec:
             return known[1]
-        if known is not None:
+        if known is not None:  # let go before closing: a removal from its target in the same pass builds its own
+            del self._actuators[site]
             await known[1].close()
         actuator = await self._build(site, spec)
         self._actuators[site] = (spec, actuator)
@@ -90,29 +97,40 @@ class DataCentres:
         shape = rayservice.RayClusterShape(llm_image=spec.kubernetes.llmImage) if spec.kubernetes.llmImage else None
         return kuberay.KubeRayActuator(client, spec.kubernetes.namespace, site, shape=shape)
 
+    def target(self, site: str) -> str | None:
+        """Where the actuator held for ``site`` drives its applications; None if none is held."""
+        known = self._actuators.get(site)
+        return target_of(known[0]) if known is not None else None
+
     def sites(self) -> set[str]:
         """The sites an actuator is held for."""
         return set(self._actuators)
 
-    async def retire(self, site: str, spec: schema.SiteSpec | None = None) -> int:
-        """Let go of a site that is no longer declared, its applications removed first
-        (``apply([])``: on KubeRay its RayService and the cluster with it, on a shared Ray
-        cluster this site's applications only); how many ran. ``spec``, the deleted Site's
-        as the store kept it, reaches the site when no actuator is held for it (another
-        replica led when it was deleted, or this one restarted since). If this raises, the
-        actuator is kept for the next try."""
-        if spec is not None and site not in self._actuators and spec.ray is not None and spec.ray.address == "local" \
-                and self.local.endpoints is None:
-            return 0  # the embedded cluster is not up: what ran there stopped with it, no need to start one
-        if spec is not None:
-            actuator = await self.actuator(site, spec)
-        elif (known := self._actuators.get(site)) is not None:
+    async def retire(self, site: str, spec: schema.SiteSpec) -> int:
+        """Remove the applications ``site`` left on ``spec``'s target (``apply([])``: on
+        KubeRay its RayService and the cluster with it, on a shared Ray cluster this site's
+        applications only); how many ran. The site was deleted there, or moved away (another
+        cluster, or the edge tier). The actuator held for the site does it when it is on that
+        target, and is let go (kept for the next try if this raises); any other target gets
+        an actuator of its own for the removal, beside the one the site drives now. ``spec``
+        is the store's record: it reaches the target after a restart or a change of leader."""
+        known = self._actuators.get(site)
+        if known is not None and target_of(known[0]) == target_of(spec):
+            del self._actuators[site]
             actuator = known[1]
+        elif spec.ray is not None and spec.ray.address == "local" and self.local.endpoints is None:
+            return 0  # the embedded cluster is not up: what ran there stopped with it, no need to start one
         else:
-            return 0
-        running = len(await actuator.observe())
-        await actuator.apply([])
-        del self._actuators[site]
+            known, actuator = None, await self._build(site, spec)
+        try:
+            running = len(await actuator.observe())
+            await actuator.apply([])
+        except BaseException:
+            if known is not None and site not in self._actuators:
+                self._actuators[site] = known
+            else:
+                await actuator.close()
+            raise
         await actuator.close()
         return running
 

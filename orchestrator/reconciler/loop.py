@@ -26,7 +26,7 @@ from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import autoscaler as autoscaler_mod
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
-from orchestrator.reconciler.datacentres import DataCentres
+from orchestrator.reconciler.datacentres import DataCentres, target_of
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,11 @@ class _Backoff:
         self.failures += 1
         self.next_try = now + min(cap, base * 2 ** (self.failures - 1))
         self.last_error = error
+
+
+def _left(site: str, target: str | None) -> str:
+    """The key of what ``site`` left on ``target`` (its backoff, its count): never a site's name."""
+    return f"{site} {target}"
 
 
 @dataclass
@@ -68,7 +73,8 @@ class Reconciler:
     _applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     _dc_backoff: dict[str, _Backoff] = field(default_factory=dict)
     _dc_observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
-    _retiring: dict[str, int] = field(default_factory=dict)  # deleted sites whose applications are being removed: how many ran
+    # deleted sites whose applications are being removed, and targets sites moved off (_left): how many ran
+    _retiring: dict[str, int] = field(default_factory=dict)
     autoscaler: autoscaler_mod.Autoscaler = field(default_factory=autoscaler_mod.Autoscaler)
     _pass_done: asyncio.Condition = field(default_factory=asyncio.Condition)
     _stopping: bool = False
@@ -351,58 +357,73 @@ class Reconciler:
         return out
 
     async def _observe_datacentres(self, stored: list[snap.SiteRecord], deleted: Iterable[store_mod.DeletedSite] = ()) -> None:
-        """Observe the declared data centres; remove the applications of those no longer
-        declared. A deleted Site's target is kept in the store until they are removed, so
-        whichever replica leads next, or this one after a restart, removes them too; one
-        neither stored nor kept was abandoned (``delete site --abandon-applications``)."""
+        """Observe the declared data centres; remove the applications left on a target no
+        Site drives any more (its Site deleted, or moved to another cluster or the edge
+        tier). The store keeps each such target until they are removed, so whichever replica
+        leads next, or this one after a restart, removes them too; an actuator held for a
+        site neither declared nor kept was abandoned (``delete site --abandon-applications``)."""
         sites = [s for s in stored if s.spec.tier == "datacenter"]
         declared = {s.name for s in sites}
+        driven = {s.name: target_of(s.spec) for s in stored}
         for gone in set(self._dc_observed) - declared:
             observed, applied = self._dc_observed.pop(gone), self._applied.pop(gone, ())
             self._retiring[gone] = max(len(observed.apps), len(applied))
         for back in set(self._retiring) & declared:  # declared again: its apply takes over
             del self._retiring[back]
-        records = {d.name: d for d in deleted if d.name not in declared}
-        if abandoned := self.datacentres.sites() - {s.name for s in stored} - set(records):
+        for site in sites:  # moved: what was applied went to the old target, and the new one is given it
+            if (left := self.datacentres.target(site.name)) not in (None, driven[site.name]):
+                observed = self._dc_observed.get(site.name)
+                self._retiring[_left(site.name, left)] = max(len(observed.apps) if observed else 0,
+                                                             len(self._applied.pop(site.name, ())))
+        # a record of the target its Site drives now was read racing the apply that drops it
+        records = [d for d in deleted if d.target != driven.get(d.name)]
+        if abandoned := self.datacentres.sites() - declared - {d.name for d in records}:
             await self._abandon(abandoned)
-        gone = sorted((self.datacentres.sites() - declared) | set(records))
-        results = await asyncio.gather(*(self._observe_one(s) for s in sites), *(self._retire(g, records.get(g)) for g in gone))
+        for kept in (self._dc_backoff, self._retiring):  # removed, or abandoned
+            for key in [k for k in kept if " " in k and k not in {_left(d.name, d.target) for d in records}]:
+                del kept[key]
+        results = await asyncio.gather(*(self._observe_one(s) for s in sites),
+                                       *(self._retire(d, moved=d.name in driven) for d in records))
         for site, observation in zip(sites, results):
             self._dc_observed[site.name] = observation
 
-    async def _retire(self, site: str, record: store_mod.DeletedSite | None) -> None:
-        """A deleted data-centre Site: its Serve applications are removed before its
-        actuator and its record in the store go, or they would run on, owned by nothing. A
-        cluster that cannot be reached is tried again with the site's backoff, each new
-        error an event on the Site."""
-        backoff = self._dc_backoff.get(site)
+    async def _retire(self, record: store_mod.DeletedSite, moved: bool) -> None:
+        """A target a data-centre Site left (``moved``: it is still declared, elsewhere): its
+        Serve applications are removed before its record in the store goes, or they would run
+        on, owned by nothing. A cluster that cannot be reached is tried again with a backoff
+        of its own (the site's new target is not held up by its old one), each new error an
+        event on the Site."""
+        site, key = record.name, _left(record.name, record.target)
+        backoff = self._dc_backoff.get(key)
         if backoff is not None and backoff.next_try > self.clock():
             return
+        what = f"the Site moved off {record.target}" if moved else "the Site is deleted"
         try:
-            spec = schema.SiteSpec.model_validate(record.spec) if record is not None else None
-            removed = await self.datacentres.retire(site, spec)
+            removed = await self.datacentres.retire(site, schema.SiteSpec.model_validate(record.spec))
         except Exception as exc:  # whatever the cause, tried again: this site's alone
             if not isinstance(exc, (serve_config.DataCentreError, OSError, RuntimeError, ValueError)):
                 log.exception("data centre %s: removing its Serve applications failed", site)
-            await self._dc_failed(site, exc, "the Site is deleted, but its Serve applications are not removed yet: ")
+            await self._dc_failed(site, exc, f"{what}, but its Serve applications there are not removed yet: ", key=key)
             return
-        if record is not None:  # a failed write leaves it for the next pass, whose apply([]) finds nothing left
-            await self.store.run(self.store.forget_deleted_site, record, lease=self.lease)
-        self._dc_backoff.pop(site, None)
-        held = max(removed, self._retiring.pop(site, 0))
-        log.info("data centre %s: the Site is deleted; its %d Serve application(s) removed", site, held)
+        # a failed write leaves it for the next pass, whose apply([]) finds nothing left
+        await self.store.run(self.store.forget_deleted_site, record, lease=self.lease)
+        self._dc_backoff.pop(key, None)
+        if not moved:
+            self._dc_backoff.pop(site, None)
+        held = max(removed, self._retiring.pop(key if moved else site, 0))
+        log.info("data centre %s: %s; its %d Serve application(s) there removed", site, what, held)
         if held:
             await self._record(store_mod.Event("reconciler", "serve-removed", "Site", site,
-                                               f"the Site is deleted: its {held} Serve application(s) removed"))
+                                               f"{what}: its {held} Serve application(s) removed"))
 
     async def _abandon(self, sites: set[str]) -> None:
-        """Deleted Sites whose applications an operator gave up removing: their actuators are
+        """Sites whose left applications an operator gave up removing: their actuators are
         closed, what runs there left as it is, and nothing is tried again."""
         await self.datacentres.forget(self.datacentres.sites() - sites)
         for site in sorted(sites):
             self._retiring.pop(site, None)
             self._dc_backoff.pop(site, None)
-            log.warning("data centre %s: the Site is deleted and its Serve applications abandoned: no longer removed", site)
+            log.warning("data centre %s: the Serve applications the Site left are abandoned: no longer removed", site)
 
     async def _observe_one(self, site: snap.SiteRecord) -> snap.DataCentreObservation:
         backoff = self._dc_backoff.get(site.name)
@@ -422,8 +443,8 @@ class Reconciler:
             await self._dc_recovered(site.name, backoff)
         return snap.DataCentreObservation(True, apps, drift=actuator.drift)
 
-    async def _dc_failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False) -> None:
-        backoff = self._dc_backoff.setdefault(site, _Backoff())
+    async def _dc_failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: str | None = None) -> None:
+        backoff = self._dc_backoff.setdefault(key or site, _Backoff())
         message = context + str(exc)
         if message != backoff.last_error:
             await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))

@@ -68,7 +68,13 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 ALTER TABLE objects ADD COLUMN IF NOT EXISTS annotations TEXT NOT NULL DEFAULT '{}';  -- databases made before annotations were kept
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT NULL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT NOT NULL, spec TEXT NOT NULL, version BIGINT NOT NULL, PRIMARY KEY (name, version));
+DO $$ BEGIN  -- databases made when a Site left one record at most: one for each target it left
+    IF (SELECT count(*) FROM information_schema.key_column_usage
+        WHERE table_name = 'deleted_sites' AND constraint_name = 'deleted_sites_pkey') = 1 THEN
+        ALTER TABLE deleted_sites DROP CONSTRAINT deleted_sites_pkey, ADD PRIMARY KEY (name, version);
+    END IF;
+END $$;
 DO $$ BEGIN  -- databases made before leases were kept in epoch seconds, as on SQLite
     IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'leases' AND column_name = 'expires_at'
                AND data_type LIKE 'timestamp%') THEN

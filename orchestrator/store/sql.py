@@ -40,6 +40,7 @@ from orchestrator.store.values import (
     StoredObject,
     TokenInfo,
     WriteOutcome,
+    datacentre_target,
     digest,
     token_state,
 )
@@ -203,6 +204,9 @@ class SqlStore:
                 else:
                     rv = self._next_version(db)
                     generation = current.generation + (1 if _canonical(current.spec) != spec else 0)
+                    if w.kind == "Site" and (left := datacentre_target(current.spec)) != (target := datacentre_target(w.spec)):
+                        self._take_over(db, w.name, target)
+                        self._leave(db, w.name, current.spec, left, rv)  # moved: nothing else drives the old target
                     db.execute(
                         self._q("UPDATE objects SET labels = ?, annotations = ?, spec = ?, generation = ?, resource_version = ?,"
                                 " updated_at = ? WHERE kind = ? AND name = ?"),
@@ -252,11 +256,25 @@ class SqlStore:
         if kind == "ModelDeployment":
             db.execute(self._q("DELETE FROM placements WHERE deployment = ?"), (name,))
         rv = self._next_version(db)
-        if kind == "Site" and current.spec.get("tier") == "datacenter":  # its applications run on until removed
-            db.execute(self._q("INSERT INTO deleted_sites (name, spec, version) VALUES (?, ?, ?) ON CONFLICT (name)"
-                               " DO UPDATE SET spec = excluded.spec, version = excluded.version"), (name, _canonical(current.spec), rv))
+        if kind == "Site":  # its applications run on until removed
+            self._leave(db, name, current.spec, datacentre_target(current.spec), rv)
         self._log(db, Event(event.actor, "deleted", kind, name, event.reason, event.details), now)
         return WriteOutcome(kind, name, "deleted", current.generation, rv)
+
+    def _leave(self, db: Any, name: str, spec: Mapping[str, Any], target: str | None, version: int) -> None:
+        """Site ``name`` no longer drives ``target`` (deleted, or moved elsewhere): what runs
+        there is recorded for removal, in the transaction of the change, replacing an older
+        record of the same target."""
+        if target is not None:
+            self._take_over(db, name, target)
+            db.execute(self._q("INSERT INTO deleted_sites (name, spec, version) VALUES (?, ?, ?)"), (name, _canonical(spec), version))
+
+    def _take_over(self, db: Any, name: str, target: str | None) -> None:
+        """Site ``name`` drives ``target`` now: its apply replaces what a record of that target
+        would remove. The records of its other targets stay."""
+        for row in db.execute(self._q("SELECT spec, version FROM deleted_sites WHERE name = ?"), (name,)).fetchall():
+            if target is not None and datacentre_target(json.loads(row["spec"])) == target:
+                db.execute(self._q("DELETE FROM deleted_sites WHERE name = ? AND version = ?"), (name, row["version"]))
 
     def set_status(self, kind: str, name: str, status: Mapping[str, Any]) -> bool:
         """Record observed status; returns False when the object is gone. Does not bump generation."""
@@ -283,8 +301,9 @@ class SqlStore:
         return sum(key in current for key in encoded)
 
     def deleted_sites(self) -> list[DeletedSite]:
-        """The deleted data-centre Sites whose Serve applications are still to be removed."""
-        rows = self._fetch(f"SELECT * FROM deleted_sites ORDER BY name{self.collate}")
+        """The data-centre targets whose Serve applications are still to be removed: those of
+        deleted Sites, and those Sites were moved away from."""
+        rows = self._fetch(f"SELECT * FROM deleted_sites ORDER BY name{self.collate}, version")
         return [DeletedSite(r["name"], json.loads(r["spec"]), int(r["version"])) for r in rows]
 
     def forget_deleted_site(self, site: DeletedSite, lease: Lease | None = None) -> None:
@@ -295,9 +314,9 @@ class SqlStore:
             db.execute(self._q("DELETE FROM deleted_sites WHERE name = ? AND version = ?"), (site.name, site.version))
 
     def abandon_deleted_site(self, name: str, event: Event) -> bool:
-        """An operator gives up removing a deleted Site's applications (its cluster is gone
-        for good): the record goes, with ``event``, and no replica tries again. False when
-        there was none."""
+        """An operator gives up removing the applications Site ``name`` left behind (their
+        cluster is gone for good): its records go, every target it left, with ``event``,
+        and no replica tries again. False when there was none."""
         with self._tx() as db:
             if self._one(db, "SELECT name FROM deleted_sites WHERE name = ?", (name,)) is None:
                 return False

@@ -43,13 +43,19 @@ from orchestrator.store.values import (  # re-exported: the control plane names 
     StoreError,
     TokenInfo,
     WriteOutcome,
+    datacentre_target,
     digest,
 )
 
 __all__ = [
     "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
-    "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "digest",
+    "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "datacentre_target", "digest",
 ]
+
+#: a data-centre target whose applications are still to be removed (a Site may leave several)
+SCHEMA_DELETED_SITES = """CREATE TABLE IF NOT EXISTS deleted_sites (
+    name TEXT NOT NULL, spec TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (name, version)
+)"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -85,7 +91,7 @@ CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version INTEGER NOT NULL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version INTEGER NOT NULL);
+""" + SCHEMA_DELETED_SITES + """;
 INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', random() & 9223372036854775807);
 """
@@ -140,6 +146,12 @@ class Store(SqlStore):
                     db.execute(stmt)
             if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
                 db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
+            if not any(r["name"] == "version" and r["pk"] for r in db.execute("PRAGMA table_info(deleted_sites)")):
+                # a file made when a Site left one record at most: one for each target it left
+                db.execute("ALTER TABLE deleted_sites RENAME TO deleted_sites_by_name")
+                db.execute(SCHEMA_DELETED_SITES)
+                db.execute("INSERT INTO deleted_sites (name, spec, version) SELECT name, spec, version FROM deleted_sites_by_name")
+                db.execute("DROP TABLE deleted_sites_by_name")
             db.execute("COMMIT")
         except sqlite3.Error as exc:  # not a database, unreadable, a full disk: rolled back with the connection
             db.close()

@@ -117,12 +117,31 @@ class PlacementRow:
 
 @dataclass(frozen=True)
 class DeletedSite:
-    """A deleted data-centre Site whose Serve applications are not removed yet: its spec
-    (where they run) outlives it until the leader has removed them, whichever replica leads."""
+    """A data-centre target whose Serve applications are not removed yet: a deleted Site's,
+    or the one a Site still declared was moved away from (another cluster, or the edge
+    tier). Its spec (where they run) outlives the change until the leader has removed them,
+    whichever replica leads. One Site may leave several."""
 
     name: str
     spec: Mapping[str, Any]
-    version: int  # the delete's resourceVersion: a later delete of the same name is another record
+    version: int  # the change's resourceVersion: a later change of the same name is another record
+
+    @property
+    def target(self) -> str | None:
+        return datacentre_target(self.spec)
+
+
+def datacentre_target(spec: Mapping[str, Any]) -> str | None:
+    """Where a Site's Serve applications run, or None for an edge Site: the Ray cluster, or
+    the Kubernetes context and namespace of its RayService (named after the Site). Two specs
+    with one target drive the same applications; anything else in them (a token file, an
+    image, the capacity) changes how, not where."""
+    if spec.get("tier") != "datacenter":
+        return None
+    if (ray := spec.get("ray")) is not None:
+        return f"ray {str(ray.get('address', '')).rstrip('/')}"
+    kube = spec.get("kubernetes") or {}
+    return f"kubernetes {kube.get('context', '')} {kube.get('namespace') or 'default'}"
 
 
 @dataclass(frozen=True)
@@ -169,5 +188,5 @@ def digest(secret: str) -> str:
 
 __all__ = [
     "FLEET_ACTIONS", "KEPT_ACTIONS", "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow",
-    "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "digest", "token_state",
+    "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "datacentre_target", "digest", "token_state",
 ]

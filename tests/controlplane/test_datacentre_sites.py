@@ -4,8 +4,11 @@ the seam the control plane builds KubeRay actuators with."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import pathlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -22,7 +25,9 @@ SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0"
 RES = kmock.resource("ray.io", "v1", "rayservices")
 
 
-def site(name: str) -> str:
+def site(name: str, on: str = "") -> str:
+    """A data-centre Site on KubeRay in namespace ``ns-<name>``, or ``on`` another target
+    (a ``kubernetes:`` or ``ray:`` line)."""
     return f"""
 apiVersion: edgeplane.io/v1alpha1
 kind: Site
@@ -31,7 +36,7 @@ spec:
   tier: datacenter
   location: {{country: FR, region: eu-west, lat: 48.85, lon: 2.35}}
   capacity: {{cpu: 64, memoryGiB: 256}}
-  kubernetes: {{context: test, namespace: ns-{name}}}
+  {on or f"kubernetes: {{context: test, namespace: ns-{name}}}"}
 """
 
 
@@ -132,6 +137,61 @@ async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
         yield emulator
 
 
+class ServeDashboard:
+    """A Ray dashboard's Serve REST API on loopback, whose applications run as soon as they
+    are PUT; ``stop()`` takes the cluster away for good."""
+
+    def __init__(self) -> None:
+        self.applications: dict[str, dict[str, Any]] = {}
+        dashboard = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.rstrip("/") != "/api/serve/applications":
+                    return self.send_error(404)
+                self.answer({"applications": {name: dashboard.running(app) for name, app in dict(dashboard.applications).items()},
+                             "http_options": {"port": 8000}})
+
+            def do_PUT(self) -> None:
+                config = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                dashboard.applications = {a["name"]: a for a in config["applications"]}
+                self.answer({})
+
+            def answer(self, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def running(app: Mapping[str, Any]) -> dict[str, Any]:
+        replicas = int((app.get("deployments") or [{}])[0].get("num_replicas", 1))
+        return {"status": "RUNNING", "source": "declarative", "route_prefix": app.get("route_prefix"), "deployed_app_config": app,
+                "deployment_topology": {"ingress_deployment": "Ingress"},
+                "deployments": {"Ingress": {"target_num_replicas": replicas, "replicas": [{"state": "RUNNING"}] * replicas}}}
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def dashboards() -> Iterator[tuple[ServeDashboard, ServeDashboard]]:
+    pair = ServeDashboard(), ServeDashboard()
+    yield pair
+    for dashboard in pair:
+        dashboard.stop()
+
+
 def kuberay_on(kube: kmock.KubernetesEmulator, **broken: Any) -> Callable[[str, schema.SiteSpec], Any]:
     """A ``kube_factory``: a KubeRay actuator on the emulator per site, or the one given by name."""
     def build(name: str, spec: schema.SiteSpec) -> Any:
@@ -144,8 +204,8 @@ def kuberay_on(kube: kmock.KubernetesEmulator, **broken: Any) -> Callable[[str, 
     return build
 
 
-def has_rayservice(kube: kmock.KubernetesEmulator, name: str) -> bool:
-    key = (RES, f"ns-{name}", rayservice.rayservice_name(name))
+def has_rayservice(kube: kmock.KubernetesEmulator, name: str, namespace: str = "") -> bool:
+    key = (RES, namespace or f"ns-{name}", rayservice.rayservice_name(name))
     return key in kube.objects and not kube.objects[key].deleted
 
 
@@ -298,3 +358,65 @@ async def test_a_deleted_sites_applications_can_be_abandoned_once_its_cluster_is
     await cp.reconciler.wait_for_pass(cp.reconciler.passes)
     assert cluster.running  # left as it was: the control plane no longer owns it
     assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))
+
+
+def site_events(cp: server.ControlPlane, name: str) -> list[tuple[str, str]]:
+    return [(e.action, e.reason) for e in cp.store.events(kind="Site", name=name, limit=1000)]
+
+
+async def test_a_kuberay_site_moved_to_another_namespace_deletes_the_rayservice_it_left(
+        fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
+    """Its applications run in the new namespace; the RayService in the old one, and the
+    GPU pods of its cluster with it, would otherwise run on, driven by nothing."""
+    cp = await start(fleet, kuberay_on(kube))
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc"), MODEL, deployment("d", "dc")))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: has_rayservice(kube, "dc"), 30, what="dc's RayService")
+        kube["delete"][:1] << 503  # the first delete fails
+        moved = await http.post("/v1/apply", content=site("dc", on="kubernetes: {context: test, namespace: ns-moved}"))
+        assert moved.status_code == 200, moved.text
+    await harness.wait_until(lambda: has_rayservice(kube, "dc", "ns-moved"), 30, what="dc's RayService in its new namespace")
+    await harness.wait_until(lambda: any(a == "serve-removed" for a, _ in site_events(cp, "dc")), 30,
+                             what="the applications dc left in ns-dc to be removed")
+    assert not has_rayservice(kube, "dc")
+    assert ("serve-removed", "the Site moved off kubernetes test ns-dc: its 1 Serve application(s) removed") in site_events(cp, "dc")
+    assert any(a == "datacentre-error" and "moved off kubernetes test ns-dc, but its Serve applications there are not removed yet"
+               in r for a, r in site_events(cp, "dc")), site_events(cp, "dc")
+    assert cp.store.deleted_sites() == []
+    assert has_rayservice(kube, "dc", "ns-moved")
+
+
+async def test_a_ray_site_moved_to_another_cluster_removes_its_applications_from_the_old_one(
+        fleet: harness.Fleet, dashboards: tuple[ServeDashboard, ServeDashboard]) -> None:
+    """Over the Serve REST API. The old cluster, once gone for good, holds up nothing: the
+    new one runs the applications while the removal fails, and an operator gives it up
+    without deleting the Site."""
+    old, new = dashboards
+    cp = await start(fleet, kuberay_on(kmock.KubernetesEmulator()))
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc", on=f"ray: {{address: '{old.url}'}}"), MODEL, deployment("d", "dc")))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: bool(old.applications), 30, what="dc's application on its first cluster")
+        moved = await http.post("/v1/apply", content=site("dc", on=f"ray: {{address: '{new.url}'}}"))
+        assert moved.status_code == 200, moved.text
+        await harness.wait_until(lambda: bool(new.applications) and not old.applications, 30,
+                                 what="dc's application moved to the other cluster")
+        assert cp.store.deleted_sites() == []
+        assert ("serve-removed", f"the Site moved off ray {old.url}: its 1 Serve application(s) removed") in site_events(cp, "dc")
+
+        old.stop()  # moved back, then away again, from a cluster that is gone for good
+        assert (await http.post("/v1/apply", content=site("dc", on=f"ray: {{address: '{old.url}'}}"))).status_code == 200
+        assert [d.target for d in cp.store.deleted_sites()] == [f"ray {new.url}"]
+        await harness.wait_until(lambda: not new.applications, 30, what="dc's application gone from the cluster it left")
+        assert (await http.post("/v1/apply", content=site("dc", on=f"ray: {{address: '{new.url}'}}"))).status_code == 200
+        await harness.wait_until(lambda: bool(new.applications), 30, what="dc's application back on the cluster that answers")
+        await harness.wait_until(lambda: any("not removed yet" in r for _, r in site_events(cp, "dc")), 30,
+                                 what="the removal from the cluster that is gone to fail")
+        abandoned = await http.delete("/v1/sites/dc", params={"abandonApplications": "true", "keepSite": "true"})
+        assert abandoned.status_code == 200 and abandoned.json()["action"] == "applications-abandoned", abandoned.text
+        again = await http.delete("/v1/sites/dc", params={"abandonApplications": "true", "keepSite": "true"})
+        assert again.status_code == 404, again.text
+    assert cp.store.deleted_sites() == []
+    assert cp.store.get("Site", "dc") is not None
+    assert new.applications

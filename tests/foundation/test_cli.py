@@ -168,6 +168,12 @@ def test_delete_site_abandoning_its_applications(serve: support.ServeProcess, ap
     assert gone.returncode == 1 and "no removal of its applications is pending" in gone.stderr, gone
     wrong = cli("delete", "model", "cli-model", "--abandon-applications", server_url=serve.url)
     assert wrong.returncode == 1 and "for a Site only" in wrong.stderr, wrong
+    ok("apply", "-f", str(path), server=serve)
+    kept = cli("delete", "site", "edge-abandoned", "--abandon-applications", "--keep-site", server_url=serve.url)
+    assert kept.returncode == 1 and "left elsewhere is pending" in kept.stderr, kept  # an edge Site leaves none
+    assert ok("get", "site", "edge-abandoned", server=serve)
+    alone = cli("delete", "site", "edge-abandoned", "--keep-site", server_url=serve.url)
+    assert alone.returncode == 2 and "goes with --abandon-applications" in alone.stderr, alone
 
 
 def test_delete_by_file_is_one_bundle(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]

@@ -400,6 +400,29 @@ def test_a_deleted_datacentre_site_is_kept_until_its_applications_are_removed(re
     assert a.deleted_sites() == []
 
 
+def test_a_datacentre_site_moved_off_its_target_keeps_the_old_one_until_its_applications_are_removed(
+        reopen: Callable[..., Store]) -> None:
+    """In the transaction of the change, for whichever replica leads next: each target left
+    (another cluster, the edge tier) is a record of its own; moving back takes one over;
+    and a change that keeps the target (a token file, the capacity) leaves none."""
+    a, b = reopen(), reopen()
+    ns = {"tier": "datacenter", "kubernetes": {"context": "c", "namespace": "ns"}, "capacity": {"cpu": 1}}
+    other = {"tier": "datacenter", "kubernetes": {"context": "c", "namespace": "other"}}
+    ray = {"tier": "datacenter", "ray": {"address": "http://ray:8265"}}
+    a.apply([write("dc", ns)])
+    a.apply([write("dc", {**ns, "capacity": {"cpu": 2}})])
+    assert b.deleted_sites() == []
+    a.apply([write("dc", other)])
+    a.apply([write("dc", ray)])
+    assert [(d.name, d.spec, d.target) for d in b.deleted_sites()] == [
+        ("dc", {**ns, "capacity": {"cpu": 2}}, "kubernetes c ns"), ("dc", other, "kubernetes c other")]
+    a.apply([write("dc", other)])  # back: its apply takes the applications there over
+    a.apply([write("dc", {"tier": "edge"})])
+    assert [d.target for d in b.deleted_sites()] == ["kubernetes c ns", "ray http://ray:8265", "kubernetes c other"]
+    assert a.abandon_deleted_site("dc", Event("alice", "applications-abandoned", "Site", "dc", "gone"))
+    assert b.deleted_sites() == []
+
+
 def test_a_store_made_before_deleted_sites_were_kept_gains_them(reopen: Callable[..., Store], location: str) -> None:
     reopen().apply([write("dc", {"tier": "datacenter"})])
     if location.startswith("postgresql://"):
@@ -414,6 +437,31 @@ def test_a_store_made_before_deleted_sites_were_kept_gains_them(reopen: Callable
     again = reopen()
     again.delete("Site", "dc", WHO)
     assert [d.name for d in again.deleted_sites()] == ["dc"]
+
+
+def test_a_store_that_kept_one_deleted_site_record_a_name_keeps_one_a_target(reopen: Callable[..., Store], location: str) -> None:
+    """A store made when a Site left one record at most: its records are kept, and a Site
+    moved off another target leaves one more."""
+    ns = {"tier": "datacenter", "kubernetes": {"context": "c", "namespace": "ns"}}
+    reopen().apply([write("dc", ns)])
+    old_table = ["DROP TABLE deleted_sites", "CREATE TABLE deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version BIGINT NOT NULL)",
+                 """INSERT INTO deleted_sites VALUES ('gone', '{"tier":"datacenter","ray":{"address":"local"}}', 1)"""]
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            for statement in old_table:
+                conn.execute(statement)
+    else:
+        with contextlib.closing(sqlite3.connect(location)) as db:
+            for statement in old_table:
+                db.execute(statement)
+            db.commit()
+    again = reopen()
+    again.apply([write("dc", {**ns, "kubernetes": {"context": "c", "namespace": "other"}})])
+    again.delete("Site", "dc", WHO)
+    assert [(d.name, d.target) for d in again.deleted_sites()] == [
+        ("dc", "kubernetes c ns"), ("dc", "kubernetes c other"), ("gone", "ray local")]
 
 
 def test_tokens_expire_by_the_injected_clock(store: Store, clock: FakeClock) -> None:
