@@ -191,8 +191,8 @@ class SqlStore:
                 spec, labels, annotations = _canonical(w.spec), _canonical(w.labels), _canonical(w.annotations)
                 if current is None:
                     rv = self._next_version(db)
-                    if w.kind == "Site":  # declared again: its apply replaces the deleted one's applications
-                        db.execute(self._q("DELETE FROM deleted_sites WHERE name = ?"), (w.name,))
+                    if w.kind == "Site":  # declared again: its apply replaces the deleted one's applications, on its target only
+                        self._take_over(db, w.name, datacentre_target(w.spec))
                     db.execute(
                         self._q("INSERT INTO objects (kind, name, labels, annotations, spec, generation, resource_version, created_at,"
                                 " updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)"),

@@ -334,6 +334,24 @@ async def test_a_site_declared_again_takes_over_the_deleted_ones_applications(fl
     assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))
 
 
+async def test_a_site_declared_again_elsewhere_still_removes_the_deleted_ones_applications(fleet: harness.Fleet) -> None:
+    """Declared again under its name on another cluster before the deleted one's applications
+    were removed: they are removed once their cluster answers, and the new one runs its own."""
+    clusters = {"ns-dc": Cluster(), "ns-new": Cluster()}
+    cp = await start(fleet, lambda name, spec: clusters[spec.kubernetes.namespace])
+    await delete_while_unreachable(cp, clusters["ns-dc"], "dc")
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        again = await http.post("/v1/apply", content=site("dc", on="kubernetes: {context: test, namespace: ns-new}"))
+        assert again.status_code == 200, again.text
+    assert [d.target for d in cp.store.deleted_sites()] == ["kubernetes test ns-dc"]
+    await harness.wait_until(lambda: bool(clusters["ns-new"].running), 30, what="dc's application on its new cluster")
+    clusters["ns-dc"].down = False
+    await harness.wait_until(lambda: not clusters["ns-dc"].running, 30, what="the deleted dc's application removed")
+    assert cp.store.deleted_sites() == []
+    assert clusters["ns-new"].running
+    assert ("serve-removed", "the Site moved off kubernetes test ns-dc: its 1 Serve application(s) removed") in site_events(cp, "dc")
+
+
 async def test_a_deleted_sites_applications_can_be_abandoned_once_its_cluster_is_gone_for_good(fleet: harness.Fleet) -> None:
     """The cluster was decommissioned before its Site was deleted: removing its applications
     would be tried forever, by every leader. An operator gives up on them: nothing is tried

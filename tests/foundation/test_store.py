@@ -423,6 +423,20 @@ def test_a_datacentre_site_moved_off_its_target_keeps_the_old_one_until_its_appl
     assert b.deleted_sites() == []
 
 
+def test_a_datacentre_site_declared_again_elsewhere_keeps_the_deleted_ones_target(reopen: Callable[..., Store]) -> None:
+    """Its applications still run on the target the deleted Site left: declared again on
+    another one, the removal there stays due; on that target again, its apply takes them over."""
+    a, b = reopen(), reopen()
+    ns = {"tier": "datacenter", "kubernetes": {"context": "c", "namespace": "ns"}}
+    a.apply([write("dc", ns)])
+    a.delete("Site", "dc", WHO)
+    a.apply([write("dc", {"tier": "datacenter", "ray": {"address": "http://ray:8265/"}})])
+    assert [(d.name, d.target) for d in b.deleted_sites()] == [("dc", "kubernetes c ns")]
+    a.delete("Site", "dc", WHO)
+    a.apply([write("dc", ns)])
+    assert [(d.name, d.target) for d in b.deleted_sites()] == [("dc", "ray http://ray:8265")]
+
+
 def test_a_store_made_before_deleted_sites_were_kept_gains_them(reopen: Callable[..., Store], location: str) -> None:
     reopen().apply([write("dc", {"tier": "datacenter"})])
     if location.startswith("postgresql://"):
