@@ -334,6 +334,27 @@ async def test_a_site_declared_again_takes_over_the_deleted_ones_applications(fl
     assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))
 
 
+async def test_a_site_moved_to_the_edge_tier_has_its_applications_removed_after_a_restart(fleet: harness.Fleet) -> None:
+    """Moved while its cluster is down, then the control plane stops: the next one knows the
+    cluster only from the store, and removes them once it answers."""
+    cluster = Cluster()
+    cp = await start(fleet, lambda name, spec: cluster)
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc"), MODEL, deployment("d", "dc")))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: bool(cluster.running), 30, what="dc's application")
+        cluster.down = True
+        edge = site("dc").replace("tier: datacenter", "tier: edge").replace("kubernetes: {context: test, namespace: ns-dc}", "")
+        assert (await http.post("/v1/apply", content=edge)).status_code == 200
+    await harness.wait_until(lambda: any("not removed yet" in r for _, r in site_events(cp, "dc")), 30,
+                             what="the removal from dc's cluster to fail")
+    await fleet.stop()
+    cluster.down = False
+    cp = await start(fleet, lambda name, spec: cluster)
+    await harness.wait_until(lambda: not cluster.running, 30, what="dc's application removed")
+    await harness.wait_until(lambda: cp.store.deleted_sites() == [], 10, what="the record of dc's cluster forgotten")
+
+
 async def test_a_site_declared_again_elsewhere_still_removes_the_deleted_ones_applications(fleet: harness.Fleet) -> None:
     """Declared again under its name on another cluster before the deleted one's applications
     were removed: they are removed once their cluster answers, and the new one runs its own."""
