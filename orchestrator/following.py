@@ -78,7 +78,7 @@ class StoreFollower:
                     await self._changed.wait()
             self._changed.clear()
             try:
-                revocations_seen = await self._read_revocations(revocations_seen)
+                revocations_seen = await read_revocations(self.store, self.hub, revocations_seen)
                 if self.elector.leading:
                     table_version = leader_version = 0  # read again whenever this replica follows again
                     lease = self.reconciler.lease
@@ -108,19 +108,6 @@ class StoreFollower:
             except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
                 log.warning("what the leader published (its endpoint table or relay address) is unreadable here: %s", exc)
 
-    async def _read_revocations(self, since: int | None) -> int:
-        """Agents revoked through any replica after Site event ``since`` (None: from now on) are
-        dropped here too: the one that took the request drops only the agents connected to it."""
-        if since is None:
-            newest = await self.store.run(self.store.recent_events, "Site", None, 1)
-            return newest[-1].id if newest else 0
-        while events := await self.store.run(self.store.events, since, 1000, "Site"):
-            since = events[-1].id
-            for site in sorted({e.name for e in events if e.action == "agent-revoked"}):
-                if await self.store.run(self.store.agent_revoked_at, site) is not None:  # not enrolled again since
-                    self.hub.revoke(site)
-        return since
-
     async def _forget_lost_agents_of_deleted_sites(self) -> None:
         """A follower forgets its lost agents whose Site is no longer stored, as the leader's
         pass forgets its own (``ForgetAgent``): no pass runs here, and the record would stay
@@ -141,3 +128,29 @@ class StoreFollower:
             self.table.wake(model)
         return events[-1].id if events else since
 
+
+async def read_revocations(store: store_mod.Store, hub: hub_mod.AgentHub, since: int | None) -> int:
+    """Agents revoked through any replica after Site event ``since`` (None: from now on) are
+    dropped here too: the one that took the request drops only the agents connected to it.
+    A site enrolled again since (a new agent joined with a bootstrap token made after the
+    revocation) is no longer revoked, yet the agent held here may be the revoked one: it is
+    dropped unless it is the site's new identity. Gives back the last Site event read."""
+    if since is None:
+        newest = await store.run(store.recent_events, "Site", None, 1)
+        return newest[-1].id if newest else 0
+    while events := await store.run(store.events, since, 1000, "Site"):
+        since = events[-1].id
+        for site in sorted({e.name for e in events if e.action == "agent-revoked"}):
+            revoked, current = await store.run(_identity_of, store, site)
+            if revoked:
+                hub.revoke(site)
+            else:
+                hub.revoked_and_enrolled(site, current)
+    return since
+
+
+def _identity_of(store: store_mod.Store, site: str) -> tuple[bool, str]:
+    """Whether ``site`` is revoked, and its agent's id. Read in that order: a site enrolled again
+    between the two reads gives the new id, never the revoked one as if it were current."""
+    revoked = store.agent_revoked_at(site) is not None
+    return revoked, store.agent_of(site)

@@ -488,6 +488,19 @@ class AgentHub(relayed.RelayedAgents):
         self._identities.revoked(site)  # joins and stream opens checked before now are refused
         self.forget(site)
 
+    def revoked_and_enrolled(self, site: str, current: str) -> None:
+        """The site's identity was revoked through another replica, and agent ``current`` enrolled
+        it since, before this hub read the revocation: an agent of any other identity here (the
+        revoked one) is dropped as by :meth:`revoke`. Joins and stream opens under way are not
+        refused: ``current``'s may be among them, and a revoked credential no longer verifies."""
+        record = self._records.get(site)
+        if record is None or record.agent_id == current:
+            return
+        self._revoked.setdefault(site, set()).add(record.agent_id)
+        log.warning("agent %s of site %s dropped: its identity was revoked, and agent %s enrolled since",
+                    record.agent_id, site, current or "(none)")
+        self.forget(site)
+
     # -- heartbeat streams -----------------------------------------------------------
 
     def heartbeats_opened(self, site: str, agent_id: str) -> object:

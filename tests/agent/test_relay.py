@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
+from orchestrator import following
 from orchestrator import server as control_plane
 from orchestrator import server_config
 from orchestrator.agents import auth, errors, hub, model, relay, relay_leader, service
 from orchestrator.security import ca
+from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 
 from .conftest import SITE, TOKEN, ControlPlane, EventLog, MakeAgent, Models, start_control_plane
@@ -583,6 +585,53 @@ def test_a_revoked_agent_stays_refused_from_a_stale_follower_after_another_agent
     assert (refusal.agent_id, refusal.holder_agent_id) == (revoked.agent_id, "")
     status = leader.status(SITE)
     assert status is not None and status.agent_id == enrolled.agent_id and not status.healthy
+
+
+@pytest.mark.parametrize("enrolled_through", ["another replica", "this follower"])
+async def test_a_follower_drops_a_revoked_agent_even_once_the_site_was_enrolled_again(
+        enrolled_through: str, tmp_path: pathlib.Path) -> None:
+    """A site is revoked and enrolled again (a new agent, with a bootstrap token made after)
+    before the follower holding its agent reads the revocation: the site is no longer revoked,
+    but the agent held here is not its identity. It is dropped all the same (a newly elected
+    leader never revoked it and would take it back from the relay); the new agent, held here
+    when it enrolled through this follower, is kept."""
+    clock = [1_000_000.0]  # the store's: a token made after the revocation is dated after it
+    now = [1_000.0]  # the hubs'
+    store = open_store(tmp_path / "state.db", clock=lambda: clock[0])
+    follower = hub.AgentHub(auth.StoreJoinAuthenticator(store), clock=lambda: now[0])
+    elsewhere = hub.AgentHub(auth.StoreJoinAuthenticator(store), clock=lambda: now[0])
+
+    def application(token: str, endpoint: str) -> model.JoinApplication:
+        return model.JoinApplication(SITE, token, None, "", endpoint, model.Location(), {}, "test", 5.0,
+                                     model.Capacity(cpu_cores=2))
+
+    try:
+        seen = await following.read_revocations(store, follower, None)
+        first, _ = store.create_token("bootstrap", "agent", 3600, "admin")
+        revoked = await follower.join_async(application(first, "http://10.0.0.5:8080"))
+        clock[0] += 1.0
+        assert store.revoke_agent(SITE, "admin")
+        elsewhere.revoke(SITE)  # the replica the request went through
+        clock[0] += 1.0
+        fresh, _ = store.create_token("bootstrap", "agent", 3600, "admin")
+        if enrolled_through == "this follower":  # once the revoked agent here was lost
+            now[0] += 16.0
+            assert [e.agent_id for e in follower.sweep()] == [revoked.agent_id]
+        joined_at = follower if enrolled_through == "this follower" else elsewhere
+        enrolled = await joined_at.join_async(application(fresh, "http://10.0.0.6:8080"))
+        assert store.agent_revoked_at(SITE) is None and store.agent_of(SITE) == enrolled.agent_id
+
+        await following.read_revocations(store, follower, seen)
+        status = follower.status(SITE)
+        if enrolled_through == "this follower":
+            assert status is not None and status.agent_id == enrolled.agent_id
+        else:
+            assert status is None  # its streams end; its credential no longer verifies
+            with pytest.raises(errors.NotAuthenticated):
+                await follower.join_async(dataclasses.replace(application("", "http://10.0.0.5:8080"),
+                                                              agent_id=revoked.agent_id, credential=revoked.credential))
+    finally:
+        store.close()
 
 
 def test_heartbeats_merged_past_the_leader_s_limit_go_in_parts_and_the_end_of_the_stream_after_them() -> None:
