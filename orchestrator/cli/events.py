@@ -41,15 +41,18 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
     cannot be reached (restarting, say) or says to retry later (503 while its store does not
     answer, a reverse proxy's 502/503/504 while it restarts, 429 as long as its Retry-After
     says, up to a minute) is waited for, said once on stderr; the events logged meanwhile
-    follow when it answers again."""
+    follow when it answers again. Event ids count from each store's own start: a control plane
+    back on another store (its ``store`` changed) is said once on stderr and followed from
+    that store's newest events, not from an id of the last one."""
     params = _events_query(limit, since, kind, name)
     if output == "table":
         print("\t".join(EVENT_COLUMNS), flush=True)
     reason_width = 70 if sys.stdout.isatty() else None  # piped: whole, as tables are
     away = False
+    store: str | None = None  # the store the ids read so far are from (None: not said yet)
     while True:
         try:
-            items = api.request("GET", "/v1/events", params=params)["items"]
+            answer = api.request("GET", "/v1/events", params=params)
         except CliError as exc:
             wait = _wait_to_ask_again(exc, every_s)
             if wait is None:  # refused, not away: asking again would be refused again
@@ -63,6 +66,13 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
         if away:
             print("the control plane answers again; following", file=sys.stderr, flush=True)
             away = False
+        items, answered_from = answer["items"], answer.get("store")  # no store: a control plane older than it
+        if store is not None and answered_from is not None and answered_from != store:
+            print(f"the control plane now reads another store ({answered_from}, was {store}); following its newest events",
+                  file=sys.stderr, flush=True)
+            store, params = answered_from, _events_query(limit, None, kind, name)
+            continue  # these came after an id of the other store
+        store = answered_from or store
         for e in items:
             if output == "table":
                 print("\t".join(str(c) for c in _event_row(e, reason_width)))

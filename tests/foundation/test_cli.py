@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
+from orchestrator.store import open_store
+from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness, loopback
 
 from . import support
@@ -564,6 +566,37 @@ def test_events_follow_waits_out_a_control_plane_restart(tmp_path: pathlib.Path)
         first.stop()
     assert follower.returncode == 130 and "Traceback" not in err, err
     assert err.count("warning: cannot reach") == 1 and "the control plane answers again; following" in err, err
+
+
+def test_events_follow_starts_again_from_the_newest_events_of_another_store(tmp_path: pathlib.Path) -> None:
+    """A control plane back on another store (a fresh one, a restored backup) numbers its
+    events from that store's own start: ``events -w`` went on after an id of the first store
+    and printed the other's events past it as if they followed. It says so on stderr and
+    follows the other store from its newest events."""
+    other = open_store(tmp_path / "other" / "state.db")
+    other.record(*[store_mod.Event("admin", "created", "Model", f"other-{i}", "") for i in range(50)])
+    other.close()
+    first = support.ServeProcess(tmp_path / "cp").wait_ready()
+    again: support.ServeProcess | None = None
+    follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json", "--kind", "models", "--limit", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=support.clean_env(EDGEPLANE_SERVER=first.url),
+                                cwd=support.REPO)
+    try:
+        ok("apply", "-f", "-", server=first, stdin=doc("Model", "first-store", support.model_spec()))
+        assert json.loads(follower.stdout.readline())["name"] == "first-store"  # type: ignore[union-attr]
+        first.stop()
+        again = support.ServeProcess(tmp_path / "other", ports=(first.port, first.agent_port, first.join_port)).wait_ready()
+        assert json.loads(follower.stdout.readline())["name"] == "other-49"  # type: ignore[union-attr]
+        ok("apply", "-f", "-", server=again, stdin=doc("Model", "after-restart", support.model_spec()))
+        assert json.loads(follower.stdout.readline())["name"] == "after-restart"  # type: ignore[union-attr]
+    finally:
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=30)
+        if again is not None:
+            again.stop()
+        first.stop()
+    assert follower.returncode == 130 and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if "now reads another store" in line]) == 1, err
 
 
 class _Outage(http.server.ThreadingHTTPServer):
