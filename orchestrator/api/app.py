@@ -178,8 +178,10 @@ def build_routes(services: Services) -> list[BaseRoute]:
         found = await (store.run(store.recent_events, kind, q.get("name"), last) if last
                        else store.run(store.events, since, limit, kind, q.get("name")))
         # Event ids count from each store's own start: which store answered tells a client that
-        # follows them (the console) when ids it read before are another store's.
-        return JSONResponse({"items": [_event(e) for e in found], "store": await store.run(store.store_id)})
+        # follows them (the console) when ids it read before are another store's; and up to
+        # which id retention deleted events, when one it asks after may have missed some.
+        ident, pruned = await store.run(lambda: (store.store_id(), store.events_pruned_through()))
+        return JSONResponse({"items": [_event(e) for e in found], "store": ident, "prunedThrough": pruned})
 
     async def cascades(request: Request, caller: auth.Caller) -> Response:
         name = request.path_params.get("name")

@@ -43,13 +43,16 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
     says, up to a minute) is waited for, said once on stderr; the events logged meanwhile
     follow when it answers again. Event ids count from each store's own start: a control plane
     back on another store (its ``store`` changed) is said once on stderr and followed from
-    that store's newest events, not from an id of the last one."""
+    that store's newest events, not from an id of the last one. When its retention deleted
+    events after the id asked from (``prunedThrough``; ``--since`` an old id, say), that is
+    said once on stderr, and what was kept follows."""
     params = _events_query(limit, since, kind, name)
     if output == "table":
         print("\t".join(EVENT_COLUMNS), flush=True)
     reason_width = 70 if sys.stdout.isatty() else None  # piped: whole, as tables are
     away = False
     store: str | None = None  # the store the ids read so far are from (None: not said yet)
+    pruned_said = 0  # the last id said to be pruned
     while True:
         try:
             answer = api.request("GET", "/v1/events", params=params)
@@ -70,9 +73,14 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
         if store is not None and answered_from is not None and answered_from != store:
             print(f"the control plane now reads another store ({answered_from}, was {store}); following its newest events",
                   file=sys.stderr, flush=True)
-            store, params = answered_from, _events_query(limit, None, kind, name)
+            store, params, pruned_said = answered_from, _events_query(limit, None, kind, name), 0
             continue  # these came after an id of the other store
         store = answered_from or store
+        pruned = int(answer.get("prunedThrough") or 0)
+        if "since" in params and pruned > max(int(params["since"]), pruned_said):
+            print(f"warning: events before id {pruned + 1} were pruned past their retention, some after id {params['since']} "
+                  "may be missing; going on from the oldest kept", file=sys.stderr, flush=True)
+            pruned_said = pruned
         for e in items:
             if output == "table":
                 print("\t".join(str(c) for c in _event_row(e, reason_width)))

@@ -82,7 +82,8 @@ DO $$ BEGIN  -- databases made before leases were kept in epoch seconds, as on S
     END IF;
 END $$;
 INSERT INTO meta (key, value) VALUES ('resource_version', 0) ON CONFLICT (key) DO NOTHING;
-INSERT INTO meta (key, value) VALUES ('store_id', floor(random() * 9007199254740991)::bigint) ON CONFLICT (key) DO NOTHING
+INSERT INTO meta (key, value) VALUES ('store_id', floor(random() * 9007199254740991)::bigint) ON CONFLICT (key) DO NOTHING;
+INSERT INTO meta (key, value) VALUES ('events_pruned_through', 0) ON CONFLICT (key) DO NOTHING
 """
 
 #: A database that stops answering without closing the connection (a partition, a frozen

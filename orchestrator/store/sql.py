@@ -389,20 +389,30 @@ class SqlStore:
         the rest, what callers did; never :data:`KEPT_ACTIONS`. Returns how many went. One
         short transaction per call, so writers wait for one batch at most; with ``lease``,
         only while it is held (:class:`Fenced`). Ids are never reused (both backends count
-        them apart from the rows), so a reader following by id misses nothing logged later."""
+        them apart from the rows), so a reader following by id misses nothing logged later;
+        one that stopped before the newest id deleted is told (:meth:`events_pruned_through`)."""
         fleet = sorted(FLEET_ACTIONS)
         if audit:
             which, actions = "NOT IN", [*fleet, *sorted(KEPT_ACTIONS)]
         else:
             which, actions = "IN", fleet
         marks = ", ".join("?" * len(actions))
+        batch = f"SELECT id FROM events WHERE ts < ? AND action {which} ({marks}) ORDER BY ts, id LIMIT ?"
+        args = (before, *actions, max(1, limit))
         with self._tx() as db:
             if lease is not None:
                 self._fence(db, lease)
-            return int(db.execute(
-                self._q(f"DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? AND action {which} ({marks})"
-                        " ORDER BY ts LIMIT ?)"),
-                (before, *actions, max(1, limit))).rowcount)
+            newest = self._one(db, f"SELECT MAX(id) AS id FROM ({batch}) AS batch", args)["id"]
+            if newest is None:
+                return 0
+            db.execute(self._q("UPDATE meta SET value = ? WHERE key = 'events_pruned_through' AND value < ?"), (newest, newest))
+            return int(db.execute(self._q(f"DELETE FROM events WHERE id IN ({batch})"), args).rowcount)
+
+    def events_pruned_through(self) -> int:
+        """The newest event id retention deleted (:meth:`prune_events`), 0 while none was: a
+        reader that stopped before it may have missed events (not all of them: the audit trail
+        is kept longer, revocations for good)."""
+        return int(self._fetch("SELECT value FROM meta WHERE key = 'events_pruned_through'")[0]["value"])
 
     # --- tokens and agent identities ---------------------------------------------------
 

@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version INTEGER NOT 
 """ + SCHEMA_DELETED_SITES + """;
 INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', random() & 9223372036854775807);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('events_pruned_through', 0);
 """
 
 

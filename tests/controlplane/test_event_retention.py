@@ -81,6 +81,21 @@ async def test_the_leader_deletes_events_past_their_retention_a_bounded_number_a
     assert (pruned(p, "events"), pruned(p, "audit")) == (6, 1)
 
 
+async def test_the_store_says_up_to_which_event_id_retention_deleted(reopen: Callable[[], StateStore], clock: Clock) -> None:
+    """A reader following by id learns that events after the one it stopped at are gone."""
+    store = reopen()
+    assert store.events_pruned_through() == 0
+    store.record(*[LOST] * 3)
+    store.apply([store_mod.ObjectWrite("Model", "m", {}, {"x": 1})], store_mod.Event("token:ab12", "apply", "", "", "CHG-1"))
+    lost = [e.id for e in store.events() if e.action == "agent-lost"]
+    clock.now += 40 * DAY_S
+    assert store.prune_events(clock.now - 30 * DAY_S, audit=False, limit=2) == 2
+    assert store.events_pruned_through() == lost[1]
+    assert store.prune_events(clock.now - 30 * DAY_S, audit=False) == 1
+    assert store.prune_events(clock.now - 30 * DAY_S, audit=False) == 0
+    assert reopen().events_pruned_through() == lost[2]  # kept with the store; not lowered by a pass with nothing to delete
+
+
 async def test_a_retention_of_zero_keeps_that_log_whole(reopen: Callable[[], StateStore], clock: Clock) -> None:
     store = reopen()
     store.record(LOST)
@@ -142,12 +157,13 @@ def test_a_retention_given_in_code_is_checked_as_the_flags_are(events_s: float, 
 
 
 def test_events_follow_goes_on_over_events_the_leader_pruned(tmp_path: pathlib.Path) -> None:
-    """A script that stopped at an event since deleted (``events -w --since ID``) is given
-    what was kept after it, then each new event; the pruned ones are counted on /metrics."""
+    """A script that stopped at an event since deleted (``events -w --since ID``) is told once
+    on stderr that events after it were pruned, then given what was kept after it and each
+    new event; the pruned ones are counted on /metrics."""
     data = tmp_path / "cp"
     old = open_store(data / "state.db", clock=lambda: time.time() - 2 * DAY_S)  # a log two days old
     old.record(*[LOST] * 5)
-    mark = old.events()[1].id  # where the script stopped
+    mark, newest = old.events()[1].id, old.events()[-1].id  # where the script stopped, and the last event to go
     old.close()
     serve = support.ServeProcess(data, "--events-retention", "1d").wait_ready()
     follower: subprocess.Popen[str] | None = None
@@ -171,4 +187,7 @@ def test_events_follow_goes_on_over_events_the_leader_pruned(tmp_path: pathlib.P
             follower.send_signal(signal.SIGINT)
             _, err = follower.communicate(timeout=30)
             assert follower.returncode == 130 and "Traceback" not in err, err
+            assert [line for line in err.splitlines() if "pruned" in line] == [
+                f"warning: events before id {newest + 1} were pruned past their retention, some after id {mark} may be missing; "
+                "going on from the oldest kept"], err
         serve.stop()
