@@ -367,10 +367,12 @@ async def test_a_site_declared_again_elsewhere_still_removes_the_deleted_ones_ap
     assert [d.target for d in cp.store.deleted_sites()] == ["kubernetes test ns-dc"]
     await harness.wait_until(lambda: bool(clusters["ns-new"].running), 30, what="dc's application on its new cluster")
     clusters["ns-dc"].down = False
-    await harness.wait_until(lambda: not clusters["ns-dc"].running, 30, what="the deleted dc's application removed")
+    removed = ("serve-removed", "the Site moved off kubernetes test ns-dc: its 1 Serve application(s) removed")
+    # the event is the retirement's last step: the applications went, then the record
+    await harness.wait_until(lambda: removed in site_events(cp, "dc"), 30, what="the deleted dc's application removed")
+    assert not clusters["ns-dc"].running
     assert cp.store.deleted_sites() == []
     assert clusters["ns-new"].running
-    assert ("serve-removed", "the Site moved off kubernetes test ns-dc: its 1 Serve application(s) removed") in site_events(cp, "dc")
 
 
 async def test_a_deleted_sites_applications_can_be_abandoned_once_its_cluster_is_gone_for_good(fleet: harness.Fleet) -> None:
@@ -439,10 +441,12 @@ async def test_a_ray_site_moved_to_another_cluster_removes_its_applications_from
         await harness.wait_until(lambda: bool(old.applications), 30, what="dc's application on its first cluster")
         moved = await http.post("/v1/apply", content=site("dc", on=f"ray: {{address: '{new.url}'}}"))
         assert moved.status_code == 200, moved.text
-        await harness.wait_until(lambda: bool(new.applications) and not old.applications, 30,
+        removed = ("serve-removed", f"the Site moved off ray {old.url}: its 1 Serve application(s) removed")
+        # the event is the retirement's last step: the applications went, then the record
+        await harness.wait_until(lambda: bool(new.applications) and removed in site_events(cp, "dc"), 30,
                                  what="dc's application moved to the other cluster")
+        assert not old.applications
         assert cp.store.deleted_sites() == []
-        assert ("serve-removed", f"the Site moved off ray {old.url}: its 1 Serve application(s) removed") in site_events(cp, "dc")
 
         old.stop()  # moved back, then away again, from a cluster that is gone for good
         assert (await http.post("/v1/apply", content=site("dc", on=f"ray: {{address: '{old.url}'}}"))).status_code == 200
