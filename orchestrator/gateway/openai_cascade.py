@@ -68,7 +68,8 @@ class _Request:
     body: dict[str, Any]
     suffix: str
     stream: bool
-    started: float
+    started: float  # the handler's clock, for the cascade's stats
+    arrived: float  # the caller's request (time.perf_counter), which its first token is timed from
     totals: cascade_mod.Totals
     trip: cascade_mod.Trip
 
@@ -78,7 +79,7 @@ class _Request:
 
 
 async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute, mode: rules.Mode, request: Request,
-                   body: dict[str, Any], suffix: str, stream: bool) -> Response:
+                   body: dict[str, Any], suffix: str, stream: bool, arrived: float) -> Response:
     handler = owner.gw.cascade
     assert handler is not None  # openai_routes sends cascades here only when the gateway runs them
     caller = owner.gw.caller(request)
@@ -88,7 +89,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
     totals = handler.stats.totals(route.deployment)
     totals.requests += 1
     trip = cascade_mod.Trip(mode=mode, failover=lambda site: owner.gw.metrics.failovers.labels(route.model, site).inc())
-    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), totals, trip)
+    req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), arrived, totals, trip)
     stage = rules.first_stage(route, mode)
     ranked = handler.ranking(route, stage, caller)
     answer: _Answer | None = None
@@ -281,6 +282,8 @@ def _respond(req: _Request, answer: _Answer, confidence: float | None, escalated
     req.handler.answered(req.route, answer.stage, req.started, escalated_at, req.totals)
     # the caller's one request, whichever stages ran for it (as the v2 cascade counts)
     req.owner.gw.metrics.requests.labels(req.route.model, answer.site, str(answer.status)).inc()
+    if answer.status == 200:  # sent whole (or replayed as a stream at once): its first token is the caller's now
+        req.owner.ttft.labels(req.route.model).observe(time.perf_counter() - req.arrived)
     sites = req.trip.sites if sites is None else sites
     headers = _headers(req, answer.stage, answer.site, answer.tier, confidence, escalation, reason, sites)
     if not isinstance(answer.body, dict):
@@ -395,5 +398,5 @@ def _relay(req: _Request, stage: int, ranked: list[routing.Ranked], escalated_at
     hooks = _StageHooks(req, stage, escalated_at, escalated_why, fallback)
     req.trip.trying()  # the relay tries ranked[0] first, and counts its own failovers after that
     return openai_routes.relay(req.owner, req.route.model, ranked[: req.owner.gw.max_attempts], req.suffix, raw, req.stream,
-                               chat=req.chat, hooks=hooks)
+                               chat=req.chat, arrived=req.arrived, hooks=hooks)
 

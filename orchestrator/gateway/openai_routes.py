@@ -176,7 +176,7 @@ class OpenAIGateway:
         self.gw = gateway  # its ``http`` pool (connect timeout included) carries the upstream calls
         self.first_token_timeout = first_token_timeout  # a stream silent this long before its first token is skipped
         self.idle_timeout = idle_timeout  # the longest pause between two chunks after that
-        self.ttft = Histogram("edgeplane_gateway_time_to_first_token_seconds", "Time from a generation request to its first token at the gateway",
+        self.ttft = Histogram("edgeplane_gateway_time_to_first_token_seconds", "Time from a generation request's arrival to the first token sent to its caller",
                               ["model"], registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
     async def post(self, url: str, body: bytes, headers: dict[str, str], *, stream: bool) -> Stream:
@@ -260,6 +260,7 @@ class OpenAIGateway:
         return await self._generate(request, "/completions")
 
     async def _generate(self, request: Request, suffix: str) -> Response:
+        arrived = time.perf_counter()  # the caller's clock: its first token is timed from here, whatever ran before it
         refused = await self._admit(request)
         if refused is not None:
             return refused
@@ -303,7 +304,8 @@ class OpenAIGateway:
             if mode is None:
                 return self._refuse(model, error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}"))
             if mode != "off" and not self.gw.table.is_cold(route.model):
-                return _Decided(self.gw, route.model, lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream))
+                return _Decided(self.gw, route.model, lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream,
+                                                                                               arrived))
             # off (or scaled to zero: woken below): plain routing over every stage's replicas, by the model's name
             model, raw = route.model, json.dumps({**body, "model": route.model}).encode()
         if self.gw.table.is_cold(model):
@@ -316,7 +318,8 @@ class OpenAIGateway:
         if isinstance(ranked, Response):
             return self._refuse(model, ranked)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
-        return _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions")
+        return _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions",
+                      arrived=arrived)
 
     def routes(self, *, sdk_models: bool = False) -> list[BaseRoute]:
         """The API at :data:`PREFIX`, and its completions at :data:`SDK_PREFIX` as well (with
@@ -386,9 +389,10 @@ class _Decided(Response):
 
 
 def relay(owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes, stream: bool, *, chat: bool,
-          hooks: RelayHooks | None = None) -> Response:
-    """Send ``raw`` (a JSON body) to the first of ``ranked`` that answers and relay its answer."""
-    return _Relay(owner, model, ranked, suffix, raw, {"content-type": "application/json"}, stream, chat=chat, hooks=hooks)
+          arrived: float, hooks: RelayHooks | None = None) -> Response:
+    """Send ``raw`` (a JSON body) to the first of ``ranked`` that answers and relay its answer
+    (its first token timed from ``arrived``, the caller's request: ``time.perf_counter``)."""
+    return _Relay(owner, model, ranked, suffix, raw, {"content-type": "application/json"}, stream, chat=chat, arrived=arrived, hooks=hooks)
 
 
 class _Relay(Response):
@@ -396,9 +400,10 @@ class _Relay(Response):
     disconnect at any point cancels the work, which closes the upstream connection."""
 
     def __init__(self, owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes,
-                 headers: dict[str, str], stream: bool, *, chat: bool, hooks: RelayHooks | None = None) -> None:
+                 headers: dict[str, str], stream: bool, *, chat: bool, arrived: float, hooks: RelayHooks | None = None) -> None:
         self.owner, self.model, self.ranked, self.suffix = owner, model, ranked, suffix
         self.raw, self.fwd_headers, self.stream, self.chat = raw, headers, stream, chat
+        self.arrived = arrived  # the caller's request (time.perf_counter), which its first token is timed from
         self.hooks = hooks
         self.status_code = 200
         self.background = None
@@ -433,7 +438,7 @@ class _Relay(Response):
                 gw.table.started(e.url)
                 began = time.perf_counter()
                 try:
-                    await self._attempt(e, send, started)
+                    await self._attempt(e, send)
                     return
                 except _Failed as exc:
                     failures.append(f"{e.site}: {exc}")
@@ -452,7 +457,7 @@ class _Relay(Response):
             if self.hooks is None:  # a cascade's stage: the cascade times its whole request (_Decided)
                 gw.metrics.latency.labels(self.model).observe(time.perf_counter() - started)
 
-    async def _attempt(self, e: routing.Endpoint, send: Send, started: float) -> None:
+    async def _attempt(self, e: routing.Endpoint, send: Send) -> None:
         owner = self.owner
         try:
             resp = await owner.post(f"{e.url}/v1{self.suffix}", self._body_for(e), self.fwd_headers, stream=self.stream)
@@ -486,17 +491,17 @@ class _Relay(Response):
                 owner.gw.metrics.requests.labels(self.model, e.site, str(resp.status)).inc()
                 out = self._out(e)
                 if resp.status == 200:
-                    owner.ttft.labels(self.model).observe(time.perf_counter() - started)
+                    owner.ttft.labels(self.model).observe(time.perf_counter() - self.arrived)
                 for name in ("retry-after",):
                     if (v := resp.headers.get(name)) is not None:
                         out[name] = v
                 await _send_whole(send, resp.status, content, {**out, "content-type": ctype})
                 return
-            await self._relay_stream(e, resp, send, started)
+            await self._relay_stream(e, resp, send)
         finally:
             resp.close()  # an unfinished answer closes its connection: the replica sees the caller leave
 
-    async def _relay_stream(self, e: routing.Endpoint, resp: Stream, send: Send, started: float) -> None:
+    async def _relay_stream(self, e: routing.Endpoint, resp: Stream, send: Send) -> None:
         owner = self.owner
         events = _events(resp, owner.first_token_timeout, owner.idle_timeout)
         held: list[bytes] = []
@@ -513,7 +518,7 @@ class _Relay(Response):
             raise _Failed(str(exc), slow=exc.silent) from None
         owner.gw.table.answered(e.url, 200)
         owner.gw.metrics.requests.labels(self.model, e.site, "200").inc()
-        owner.ttft.labels(self.model).observe(time.perf_counter() - started)
+        owner.ttft.labels(self.model).observe(time.perf_counter() - self.arrived)
         head = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         head += [(k.encode(), v.encode()) for k, v in self._out(e).items()]
         await send({"type": "http.response.start", "status": 200, "headers": head})

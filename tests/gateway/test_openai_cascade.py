@@ -454,3 +454,35 @@ async def test_a_cascaded_chat_is_timed_once_from_its_first_stage_to_the_end_of_
     assert resp.status_code == 200 and resp.headers["x-edgeplane-cascade-escalation"] == "escalated", resp.text
     assert registry.get_sample_value("edgeplane_gateway_request_seconds_count", {"model": "chat"}) == 1
     assert registry.get_sample_value("edgeplane_gateway_request_seconds_sum", {"model": "chat"}) >= 0.4  # both stages' 0.2 s
+
+
+@pytest.mark.parametrize("escalated", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cascaded_chat_times_its_first_token_from_the_callers_request(escalated: bool, stream: bool) -> None:
+    """``edgeplane_gateway_time_to_first_token_seconds`` is the caller's wait for a first
+    token, once: with every stage that ran before it, for a whole answer too (judged and
+    sent whole, or replayed as a stream) as the plain route times a whole answer."""
+    async def slow_edge(request: httpmessages.Request) -> httpmessages.Response:  # 0.2 s of generation, then sure or cut
+        await asyncio.sleep(0.2)
+        return httpmessages.Response(200, chat_answer("The answer is" if escalated else "42.", finish="length" if escalated else "stop"))
+
+    async def tokens() -> AsyncIterator[bytes]:  # a token at once, and the end
+        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "42"}}]}\n\n'
+        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        yield openai_routes.SSE_DONE
+
+    async def dc(request: httpmessages.Request) -> httpmessages.Response | httpstream.StreamingResponse:
+        if json.loads(request.body).get("stream"):
+            return httpstream.StreamingResponse(200, tokens())
+        return httpmessages.Response(200, chat_answer("The answer is 42."))
+
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    registry = CollectorRegistry()
+    async with replica(slow_edge) as edge_url, replica(dc) as dc_url:
+        table = cascade_of(first, [endpoint("edge-paris", "edge", edge_url), endpoint("dc-paris", "datacenter", dc_url)])
+        async with gateway(table, registry=registry) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-edgeplane-cascade-escalation"] == ("escalated" if escalated else "none")
+    assert registry.get_sample_value("edgeplane_gateway_time_to_first_token_seconds_count", {"model": "chat"}) == 1
+    assert registry.get_sample_value("edgeplane_gateway_time_to_first_token_seconds_sum", {"model": "chat"}) >= 0.2  # stage 1's 0.2 s

@@ -224,7 +224,7 @@ def test_the_gateway_names_the_model_as_the_engine_serves_it() -> None:
     renamed = routing.Endpoint(site="dc-b", url="http://b:8000/ep/b", served_model="openai/gpt-oss-120b", **common)  # type: ignore[arg-type]
     same = routing.Endpoint(site="dc-c", url="http://c:8000/ep/c", **common)  # type: ignore[arg-type]
     raw = json.dumps({"model": "gpt", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
-    relay = openai_routes._Relay(None, "gpt", [], "/chat/completions", raw, {}, True, chat=True)  # type: ignore[arg-type]
+    relay = openai_routes._Relay(None, "gpt", [], "/chat/completions", raw, {}, True, chat=True, arrived=0.0)  # type: ignore[arg-type]
     assert relay._body_for(same) is raw
     sent = json.loads(relay._body_for(renamed))
     assert sent == {"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
