@@ -55,7 +55,7 @@ from starlette.types import Receive, Scope, Send
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
 from orchestrator.gateway import cascade_rules, openai_cascade, routing
-from orchestrator.gateway.proxy import Gateway
+from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import Stream, UpstreamError, UpstreamTimeout
 
 PREFIX = "/openai/v1"
@@ -260,7 +260,7 @@ class OpenAIGateway:
         return await self._generate(request, "/completions")
 
     async def _generate(self, request: Request, suffix: str) -> Response:
-        arrived = time.perf_counter()  # the caller's clock: its first token is timed from here, whatever ran before it
+        arrived = time.perf_counter()  # the caller's clock: its first token and its answer are timed from here (Timed)
         refused = await self._admit(request)
         if refused is not None:
             return refused
@@ -304,8 +304,8 @@ class OpenAIGateway:
             if mode is None:
                 return self._refuse(model, error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}"))
             if mode != "off" and not self.gw.table.is_cold(route.model):
-                return _Decided(self.gw, route.model, lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream,
-                                                                                               arrived))
+                decided = _Decided(lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream, arrived))
+                return Timed(self.gw.metrics.latency, route.model, arrived, decided)
             # off (or scaled to zero: woken below): plain routing over every stage's replicas, by the model's name
             model, raw = route.model, json.dumps({**body, "model": route.model}).encode()
         if self.gw.table.is_cold(model):
@@ -318,8 +318,9 @@ class OpenAIGateway:
         if isinstance(ranked, Response):
             return self._refuse(model, ranked)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
-        return _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions",
-                      arrived=arrived)
+        relayed = _Relay(self, model, ranked[: self.gw.max_attempts], suffix, raw, headers, stream, chat=suffix == "/chat/completions",
+                         arrived=arrived)
+        return Timed(self.gw.metrics.latency, model, arrived, relayed)
 
     def routes(self, *, sdk_models: bool = False) -> list[BaseRoute]:
         """The API at :data:`PREFIX`, and its completions at :data:`SDK_PREFIX` as well (with
@@ -369,23 +370,17 @@ async def _disconnected(receive: Receive) -> None:
 
 class _Decided(Response):
     """The ASGI answer that is worked out (a cascade's stages) while the caller is watched:
-    a caller who leaves cancels that work, as it does a relay's. Its time, every stage and
-    the answer sent (a stream to its end, as a relay's), is the request's
-    ``edgeplane_gateway_request_seconds``, observed once."""
+    a caller who leaves cancels that work, as it does a relay's."""
 
-    def __init__(self, gw: Gateway, model: str, decide: Callable[[], Awaitable[Response]]) -> None:
-        self.gw, self.model, self.decide = gw, model, decide
+    def __init__(self, decide: Callable[[], Awaitable[Response]]) -> None:
+        self.decide = decide
         self.status_code = 200
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        try:
-            answer = await until_disconnected(self.decide(), receive)
-            if answer is not None:  # it may be a relay, which watches the caller itself
-                await answer(scope, receive, send)
-        finally:
-            self.gw.metrics.latency.labels(self.model).observe(time.perf_counter() - started)
+        answer = await until_disconnected(self.decide(), receive)
+        if answer is not None:  # it may be a relay, which watches the caller itself
+            await answer(scope, receive, send)
 
 
 def relay(owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes, stream: bool, *, chat: bool,
@@ -427,35 +422,30 @@ class _Relay(Response):
 
     async def _run(self, send: Send) -> None:
         gw = self.owner.gw
-        started = time.perf_counter()
         failures: list[str] = []
         at_capacity: AtCapacity | None = None
-        try:
-            for i, choice in enumerate(self.ranked):
-                if i:  # the one before failed and this request moved on from it
-                    gw.metrics.failovers.labels(self.model, self.ranked[i - 1].endpoint.site).inc()
-                e = choice.endpoint
-                gw.table.started(e.url)
-                began = time.perf_counter()
-                try:
-                    await self._attempt(e, send)
-                    return
-                except _Failed as exc:
-                    failures.append(f"{e.site}: {exc}")
-                    at_capacity = exc.at_capacity or at_capacity
-                    if exc.slow or exc.eject:  # slow: a long prompt on slow hardware, or stuck: EndpointTable.timed_out tells
-                        gw.table.failed(e.url, slow=exc.slow)
-                finally:
-                    gw.table.finished(e.url)
-                    if self.hooks is not None:
-                        self.hooks.busy(e, time.perf_counter() - began)
-            if self.hooks is not None and await self.hooks.failed(send, failures, at_capacity):
+        for i, choice in enumerate(self.ranked):
+            if i:  # the one before failed and this request moved on from it
+                gw.metrics.failovers.labels(self.model, self.ranked[i - 1].endpoint.site).inc()
+            e = choice.endpoint
+            gw.table.started(e.url)
+            began = time.perf_counter()
+            try:
+                await self._attempt(e, send)
                 return
-            gw.refused(self.model, 502)
-            await _send_whole(send, 502, error_body(f"every replica tried failed: {'; '.join(failures)}", 502, code="upstream_failed"), {})
-        finally:
-            if self.hooks is None:  # a cascade's stage: the cascade times its whole request (_Decided)
-                gw.metrics.latency.labels(self.model).observe(time.perf_counter() - started)
+            except _Failed as exc:
+                failures.append(f"{e.site}: {exc}")
+                at_capacity = exc.at_capacity or at_capacity
+                if exc.slow or exc.eject:  # slow: a long prompt on slow hardware, or stuck: EndpointTable.timed_out tells
+                    gw.table.failed(e.url, slow=exc.slow)
+            finally:
+                gw.table.finished(e.url)
+                if self.hooks is not None:
+                    self.hooks.busy(e, time.perf_counter() - began)
+        if self.hooks is not None and await self.hooks.failed(send, failures, at_capacity):
+            return
+        gw.refused(self.model, 502)
+        await _send_whole(send, 502, error_body(f"every replica tried failed: {'; '.join(failures)}", 502, code="upstream_failed"), {})
 
     async def _attempt(self, e: routing.Endpoint, send: Send) -> None:
         owner = self.owner

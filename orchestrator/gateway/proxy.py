@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Message, Receive, Scope, Send
 
 from edgeplane_proto import oip
 from orchestrator import urlpath
@@ -57,11 +58,42 @@ class GatewayMetrics:
             failovers=Counter("edgeplane_gateway_failovers", "Attempts that failed and moved to the next endpoint", ["model", "site"], registry=registry),
             streams_cut=Counter("edgeplane_gateway_streams_cut", "Streamed answers their replica broke off after the first token reached the caller",
                                 ["model", "site"], registry=registry),
-            latency=Histogram("edgeplane_gateway_request_seconds", "Gateway request duration", ["model"], registry=registry,
+            latency=Histogram("edgeplane_gateway_request_seconds", "Time from a request's arrival to the end of a replica's answer to it", ["model"], registry=registry,
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)),
             cold_starts=Counter("edgeplane_gateway_cold_starts", "Requests that found their model scaled to zero and waited for a replica",
                                 ["model"], registry=registry),
         )
+
+
+class Timed(Response):
+    """``answer`` sent to the caller and, when a replica gave it, timed in
+    ``edgeplane_gateway_request_seconds`` from the request's arrival (``arrived``,
+    ``time.perf_counter``: admission, the body, a cold start's wait and every cascade stage
+    included) to the end of the answer (a stream's last event): the caller's wait. A
+    replica's answer names its site (``X-Edgeplane-Site``); the gateway's own answers
+    (refusals, no replica in time, every replica failed) name none and are counted
+    (``Gateway.refused``), not timed: quick refusals, which come in floods (a rate limit, a
+    misconfigured client), would pull every quantile of the answers down."""
+
+    def __init__(self, latency: Histogram, model: str, arrived: float, answer: Response) -> None:
+        self.latency, self.model, self.arrived, self.answer = latency, model, arrived, answer
+        self.status_code = answer.status_code
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relayed = False
+
+        async def sending(message: Message) -> None:
+            nonlocal relayed
+            if message["type"] == "http.response.start":
+                relayed = any(k.lower() == b"x-edgeplane-site" and v for k, v in message.get("headers", ()))
+            await send(message)
+
+        try:
+            await self.answer(scope, receive, sending)
+        finally:
+            if relayed:  # a caller who left mid-answer waited until then
+                self.latency.labels(self.model).observe(time.perf_counter() - self.arrived)
 
 
 def _error(status: int, message: str, site: str | None = None, retry_after: int | None = None) -> Response:
@@ -226,27 +258,30 @@ class Gateway:
                            f"{self.cold_start_s:g}s ({why}); retry", retry_after=5)
 
     async def infer(self, request: Request) -> Response:
+        arrived = time.perf_counter()  # the caller's clock: admission and the body are part of its wait
         model = request.path_params["model"]
-        version = request.path_params.get("version")
-        started = time.perf_counter()
+        answer = await self._infer(request, model, request.path_params.get("version"))
+        return Timed(self.metrics.latency, self.model_label(self._model_of(model)), arrived, answer)
+
+    async def _infer(self, request: Request, model: str, version: str | None) -> Response:
+        refused = await self.admit(request, model)
+        if refused is not None:
+            return refused
         try:
-            try:
-                body = await bodies.read_body(request, self.max_body)
-            except bodies.BodyTooLarge:
-                self.refused(model, 413)
-                return _error(413, f"request body is larger than {self.max_body} bytes")
-            except ClientDisconnect:  # the caller's doing, not the gateway's: nobody is left to read the answer
-                self.refused(model, 400)
-                return _error(400, "the client went away before the whole body arrived")
-            if version is not None:  # one model file, named by its version: no cascade of variants
-                return await self._forward(self._model_of(model), request, "POST", _versioned(version, "/infer"), body, version)
-            # a cascade is called by its model's name or its deployment's
-            route = self.table.cascades.get(model) if self.cascade is not None else None
-            if route is not None and self.cascade is not None:
-                return await self._cascade(self.cascade, route, model, request, body)
-            return await self._forward(model, request, "POST", "/infer", body)
-        finally:
-            self.metrics.latency.labels(self.model_label(self._model_of(model))).observe(time.perf_counter() - started)
+            body = await bodies.read_body(request, self.max_body)
+        except bodies.BodyTooLarge:
+            self.refused(model, 413)
+            return _error(413, f"request body is larger than {self.max_body} bytes")
+        except ClientDisconnect:  # the caller's doing, not the gateway's: nobody is left to read the answer
+            self.refused(model, 400)
+            return _error(400, "the client went away before the whole body arrived")
+        if version is not None:  # one model file, named by its version: no cascade of variants
+            return await self._forward(self._model_of(model), request, "POST", _versioned(version, "/infer"), body, version)
+        # a cascade is called by its model's name or its deployment's
+        route = self.table.cascades.get(model) if self.cascade is not None else None
+        if route is not None and self.cascade is not None:
+            return await self._cascade(self.cascade, route, model, request, body)
+        return await self._forward(model, request, "POST", "/infer", body)
 
     async def _cascade(self, handler: cascade_mod.CascadeHandler, route: cascade_rules.CascadeRoute, name: str, request: Request,
                        body: bytes) -> Response:
@@ -309,7 +344,8 @@ class Gateway:
         return endpoint
 
     def routes(self) -> list[BaseRoute]:
-        # Health and server metadata stay open (probes); model routes pass admission.
+        # Health and server metadata stay open (probes); model routes pass admission (inference
+        # itself, on the request's clock: Timed).
         guarded = self._admitted
         return [
             Route("/v2", self.server_metadata, methods=["GET"]),
@@ -317,10 +353,10 @@ class Gateway:
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             Route("/v2/models/{model}", guarded(self.model_metadata), methods=["GET"]),
             Route("/v2/models/{model}/ready", guarded(self.model_ready), methods=["GET"]),
-            Route("/v2/models/{model}/infer", guarded(self.infer), methods=["POST"]),
+            Route("/v2/models/{model}/infer", self.infer, methods=["POST"]),
             Route("/v2/models/{model}/versions/{version}", guarded(self.model_metadata), methods=["GET"]),
             Route("/v2/models/{model}/versions/{version}/ready", guarded(self.model_ready), methods=["GET"]),
-            Route("/v2/models/{model}/versions/{version}/infer", guarded(self.infer), methods=["POST"]),
+            Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
         ]
 
 

@@ -74,3 +74,58 @@ async def test_a_chat_that_woke_its_model_times_its_first_token_from_the_callers
     assert resp.status_code == 200 and "42" in resp.text, resp.text
     assert registry.get_sample_value("edgeplane_gateway_time_to_first_token_seconds_count", {"model": "m"}) == 1
     assert registry.get_sample_value("edgeplane_gateway_time_to_first_token_seconds_sum", {"model": "m"}) >= WAKE_S
+
+
+def timed(registry: CollectorRegistry, model: str) -> tuple[float | None, float | None]:
+    """``edgeplane_gateway_request_seconds`` of ``model``: (count, sum)."""
+    return (registry.get_sample_value("edgeplane_gateway_request_seconds_count", {"model": model}),
+            registry.get_sample_value("edgeplane_gateway_request_seconds_sum", {"model": model}))
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v2/models/m/infer", {"inputs": []}),
+    (f"{openai_routes.PREFIX}/chat/completions", CHAT),
+    (f"{openai_routes.PREFIX}/chat/completions", {**CHAT, "stream": True}),
+], ids=["v2", "chat", "streamed chat"])
+async def test_a_request_that_woke_its_model_is_timed_from_its_arrival_on_both_route_families(path: str, body: dict) -> None:
+    """The caller waited for the replica to come up: its request's time holds that wait."""
+    registry = CollectorRegistry()
+    async with woken_gateway(registry) as http:
+        resp = await http.post(path, json=body)
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "paris", resp.text
+    count, total = timed(registry, "m")
+    assert count == 1 and total is not None and total >= WAKE_S
+
+
+def requests_counted(registry: CollectorRegistry) -> dict[tuple[str, str, str], float]:
+    return {(s.labels["model"], s.labels["site"], s.labels["code"]): s.value for f in registry.collect() for s in f.samples
+            if s.name == "edgeplane_gateway_requests_total"}
+
+
+async def test_the_gateways_own_answers_are_counted_not_timed_on_both_route_families() -> None:
+    """A refusal, and every replica failed: the caller got no replica's answer,
+    so ``edgeplane_gateway_requests_total`` counts them (site empty) and the request time,
+    of the answers replicas gave, holds none of them, v2 or OpenAI alike."""
+    down = "http://127.0.0.1:9"  # refuses the connection
+    table = endpoints.EndpointTable()
+    table.replace([routing.Endpoint("m", "d", "paris", "edge", "FR", "fr", 48.85, 2.35, down),
+                   routing.Endpoint("m", "d", "paris", "edge", "FR", "fr", 48.85, 2.35, down, api=routing.API_OPENAI)])
+    registry = CollectorRegistry()
+    pool = UpstreamPool()
+    gw = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry))
+    app = Starlette(routes=gw.routes() + openai_routes.OpenAIGateway(gw, registry=registry).routes())
+    chat_path = f"{openai_routes.PREFIX}/chat/completions"
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
+            for path, body, headers, status in [
+                ("/v2/models/m/infer", {}, {"x-edgeplane-location": "north"}, 400),
+                ("/v2/models/m/infer", {}, {}, 502),
+                (chat_path, CHAT, {"x-edgeplane-location": "north"}, 400),
+                (chat_path, CHAT, {}, 502),
+                (chat_path, {**CHAT, "stream": True}, {}, 502),
+            ]:
+                assert (await http.post(path, json=body, headers=headers)).status_code == status, (path, headers)
+    finally:
+        await pool.close()
+    assert requests_counted(registry) == {("m", "", "400"): 2, ("m", "", "502"): 3}
+    assert timed(registry, "m") == (None, None)
