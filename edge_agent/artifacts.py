@@ -11,7 +11,8 @@ a child process (:mod:`edge_agent.fetch`): an HTTP client library would add 10 M
 agent whose whole budget is 80 MB, and even ``http.client`` costs the daemon 1 MB for
 good. The same child copies ``file://`` artifacts (with ``--allow-file-artifacts``). A
 cancelled fetch kills its child and waits for it, so nothing else may touch the
-``.partial`` file before the writer is gone.
+``.partial`` file before the writer is gone; an agent killed outright takes its children
+with it (Linux), and a child finding ``.partial`` locked by another leaves it alone.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class ArtifactCache:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_agent.fetch", url, str(partial),
                 "--timeout", str(self._timeout), "--max-bytes", str(self._max_bytes),
-                *(f"--redirect-host={host}" for host in redirect_hosts),
+                *(f"--redirect-host={host}" for host in redirect_hosts), f"--parent-pid={os.getpid()}",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:

@@ -1,6 +1,6 @@
 """Download one artifact into its ``.partial`` file, in a process of its own.
 
-    python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N [--redirect-host HOST]...
+    python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N [--redirect-host HOST]... [--parent-pid PID]
 
 (``file://`` URLs too, copied from the start: the agent only passes them on with
 ``--allow-file-artifacts``.)
@@ -15,6 +15,13 @@ an agent about 1 MB for the rest of its life, for a job it does once per model v
 here they go away with the child. A child is also the one thing that can be stopped at
 any point: a fetch cancelled in the middle of a DNS lookup or a stalled read is killed,
 not waited for.
+
+A child must not outlive the agent: one orphaned by a ``kill -9`` or the OOM killer would
+go on writing ``PARTIAL`` under the agent started in its place. Given ``--parent-pid``, it
+asks Linux to kill it when that parent dies (``PR_SET_PDEATHSIG``), and exits at once if
+the parent died before it asked. ``PARTIAL`` is also held under ``flock`` while it is read
+and written, so that a second writer, wherever it comes from, is refused (``unavailable``)
+rather than interleaved with the first.
 
 A download resumes with an HTTP ``Range`` request from what ``PARTIAL`` already holds.
 The child reports on stdout, one JSON object a line, and exits 0 when it finished:
@@ -31,23 +38,29 @@ The caller compares the digest, moves the file into the cache, and logs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import fcntl
 import hashlib
 import http.client
 import json
 import os
 import pathlib
+import signal
 import ssl
 import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from edgeplane_proto import artifact_hosts
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
 PROGRESS_EVERY_S = 1.0
+_PR_SET_PDEATHSIG = 1
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -63,8 +76,21 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
     sha256. ``file://`` URLs are copied from the start (the caller decides whether they
     are allowed). A redirect goes only to ``url``'s host or one of ``redirect_hosts``
     (empty: any)."""
+    fh = _claim(partial)
+    try:
+        return _download_into(fh, partial, url, timeout, max_bytes, redirect_hosts)
+    except BaseException:
+        if os.fstat(fh.fileno()).st_size == 0:  # an attempt that wrote nothing leaves nothing to resume
+            partial.unlink(missing_ok=True)
+        raise
+    finally:
+        fh.close()  # (the lock goes with it)
+
+
+def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float, max_bytes: int,
+                   redirect_hosts: tuple[str, ...]) -> tuple[int, str]:
     hasher = hashlib.sha256()
-    have = hash_into(partial, hasher) if partial.exists() else 0
+    have = hash_into(fh, hasher)
     source = _open(url, have, timeout, redirect_hosts)
     try:
         if source.total is not None and source.total > max_bytes:  # refused before a byte of it is read
@@ -77,28 +103,27 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
         else:
             have = 0  # the server ignored Range, there was nothing to resume, or a local copy
             hasher = hashlib.sha256()
-            partial.unlink(missing_ok=True)
+            fh.truncate(0)  # not unlinked: the lock is on this file
         last = -PROGRESS_EVERY_S  # the first chunk is reported at once: a slow download shows it has started
-        with partial.open("ab") as fh:
-            while True:
-                try:
-                    chunk = source.read(CHUNK)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
-                if not chunk:
-                    break
-                have += len(chunk)
-                if have > max_bytes:  # nothing of it is worth resuming
-                    partial.unlink(missing_ok=True)
-                    raise Failed("integrity", f"artifact at {url} is {_over(max_bytes)}")
-                hasher.update(chunk)
-                fh.write(chunk)
-                now = time.monotonic()
-                if now - last >= PROGRESS_EVERY_S:
-                    last = now
-                    _emit(progress=have, total=source.total)
-            fh.flush()
-            os.fsync(fh.fileno())
+        while True:
+            try:
+                chunk = source.read(CHUNK)
+            except (OSError, http.client.HTTPException) as exc:
+                raise Failed("unavailable", f"download of {url} failed: {exc}") from exc
+            if not chunk:
+                break
+            have += len(chunk)
+            if have > max_bytes:  # nothing of it is worth resuming
+                partial.unlink(missing_ok=True)
+                raise Failed("integrity", f"artifact at {url} is {_over(max_bytes)}")
+            hasher.update(chunk)
+            fh.write(chunk)
+            now = time.monotonic()
+            if now - last >= PROGRESS_EVERY_S:
+                last = now
+                _emit(progress=have, total=source.total)
+        fh.flush()
+        os.fsync(fh.fileno())
     finally:
         source.close()
     if source.total is not None and have < source.total:
@@ -142,13 +167,35 @@ def _open(url: str, have: int, timeout: float, redirect_hosts: tuple[str, ...]) 
     raise Failed("unavailable", f"GET {url} answered HTTP {response.status}")
 
 
-def hash_into(path: pathlib.Path, hasher: hashlib._Hash) -> int:
+def hash_into(fh: BinaryIO, hasher: hashlib._Hash) -> int:
+    """Hash all of ``fh`` from its start; return its size."""
+    fh.seek(0)
     size = 0
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            hasher.update(chunk)
-            size += len(chunk)
+    for chunk in iter(lambda: fh.read(CHUNK), b""):
+        hasher.update(chunk)
+        size += len(chunk)
     return size
+
+
+def _claim(partial: pathlib.Path) -> BinaryIO:
+    """``partial`` opened to append, created if need be, under an exclusive ``flock`` that
+    the kernel drops with this process; :class:`Failed` when another process holds it."""
+    for _ in range(3):
+        fh = partial.open("a+b", buffering=0)  # unbuffered: each chunk is kept for a Range request as it is written
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise Failed("unavailable", f"{partial} is being written by another process "
+                                        "(left running by an agent that stopped?): not touched") from None
+        except BaseException:
+            fh.close()
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(partial).st_ino == os.fstat(fh.fileno()).st_ino:
+                return fh
+        fh.close()  # its holder removed it between the open and the lock: take the one there now
+    raise Failed("unavailable", f"{partial} keeps being replaced by another process")
 
 
 def _get(url: str, headers: Mapping[str, str], timeout: float,
@@ -212,6 +259,17 @@ def _emit(**fields: object) -> None:
     sys.stdout.flush()
 
 
+def die_with(parent: int) -> None:
+    """Be killed when ``parent`` dies (Linux), and exit now if it already has: a parent
+    that died before the request was made has nothing left to send the signal."""
+    if sys.platform.startswith("linux"):
+        # the signal comes when the thread that started this process ends: the agent's
+        # event loop runs in its main thread, so that is when the agent does
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge_agent.fetch", description=__doc__.split("\n")[0])
     parser.add_argument("url")
@@ -220,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bytes", type=int, required=True)
     parser.add_argument("--redirect-host", action="append", default=[], metavar="HOST",
                         help="a host a redirect may go to, besides the URL's (exact, or .domain); none: any")
+    parser.add_argument("--parent-pid", type=int, metavar="PID",
+                        help="the agent that runs this: its death kills this process (Linux)")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        die_with(args.parent_pid)
     try:
         size, digest = download(args.url, args.partial, timeout=args.timeout, max_bytes=args.max_bytes,
                                 redirect_hosts=tuple(args.redirect_host))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
+import os
 import pathlib
 import re
 import subprocess
@@ -35,6 +37,34 @@ async def test_download_resumes_with_range_and_verifies(
     assert await cache.read(models.v1.sha256) == data
     # Cached: no second request.
     assert await cache.fetch("http://127.0.0.1:1/unreachable", models.v1.sha256) == path
+
+
+async def test_a_partial_file_another_process_writes_is_left_alone_until_it_is_done(
+    tmp_path: pathlib.Path, models: Models, artifact_server: ArtifactServer
+) -> None:
+    """A download child left running by an agent that was killed (on a system that does not
+    kill it with its parent) must not be raced by the agent started in its place."""
+    cache = artifacts.ArtifactCache(tmp_path)
+    data = models.v1.path.read_bytes()
+    partial = cache.root / (models.v1.sha256 + ".partial")
+    partial.write_bytes(data[:500])
+    with partial.open("ab") as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
+        hits = len(artifact_server.hits)
+        with pytest.raises(errors.ArtifactUnavailable, match="being written by another process"):
+            await cache.fetch(models.v1_url, models.v1.sha256)
+        assert partial.read_bytes() == data[:500] and len(artifact_server.hits) == hits
+    path = await cache.fetch(models.v1_url, models.v1.sha256)  # its writer gone: resumed
+    assert path.read_bytes() == data and not partial.exists()
+
+
+def test_a_download_child_whose_agent_died_before_it_started_does_nothing(tmp_path: pathlib.Path) -> None:
+    partial = tmp_path / ("0" * 64 + ".partial")
+    proc = subprocess.run([sys.executable, "-m", "edge_agent.fetch", "http://127.0.0.1:1/m.onnx", str(partial),
+                           "--max-bytes", "10", "--parent-pid", str(os.getppid())],  # not the child's parent: this process is
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "")
+    assert not partial.exists()
 
 
 async def test_mismatching_artifact_never_reaches_the_cache(
