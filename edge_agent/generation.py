@@ -473,7 +473,7 @@ async def _sse(shaper: openai_api.Shaper, batches: AsyncIterator[list[Any]]) -> 
             if isinstance(ev, genai.TokenEvent):
                 if request.options.logprobs:
                     out.append(sse(shaper.chunk(ev.text, (ev,), offset=offset)))
-                    offset += len(ev.token)
+                    offset += openai_api.characters(ev.token)
                 elif ev.text:
                     out.append(shaper.token_event(ev.text))
             elif isinstance(ev, genai.Finished):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent import refusals
-from edge_agent.runtime.genai import SamplingOptions
+from edge_agent.runtime.genai import Piece, SamplingOptions
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
@@ -339,18 +339,30 @@ def prompt_chars(request: GenerationRequest) -> int:
 
 def _chat_logprobs(tokens: Sequence[Any]) -> dict[str, Any]:
     return {"content": [
-        {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
-         "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
+        {"token": t.token.text, "logprob": t.logprob, "bytes": _bytes(t.token),
+         "top_logprobs": [{"token": p.text, "logprob": lp, "bytes": _bytes(p)} for p, lp in t.top]}
         for t in tokens]}
+
+
+def _bytes(piece: Piece) -> list[int] | None:
+    return None if piece.raw is None else list(piece.raw)
 
 
 def _completion_logprobs(tokens: Sequence[Any], offset: int) -> dict[str, Any]:
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
-        at += len(t.token)
-    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+        at += characters(t.token)
+    return {"tokens": [t.token.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{p.text: lp for p, lp in t.top} for t in tokens], "text_offset": offsets}
+
+
+def characters(piece: Piece) -> int:
+    """How many characters of the text begin in this token: a token that is part of a
+    character counts for one when it holds its first byte."""
+    if piece.raw is None:
+        return len(piece.text)
+    return sum(1 for b in piece.raw if b & 0xC0 != 0x80)  # not a UTF-8 continuation byte
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

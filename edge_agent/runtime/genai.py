@@ -11,7 +11,8 @@ This module adds what a server needs around its ``Generator`` loop:
   token that completes one and the text before it is all that is sent (text that could be
   the start of a stop string is held back until it cannot be);
 - log-probabilities come from the step's logits (a log-softmax over the vocabulary),
-  computed only when asked for.
+  computed only when asked for, with each token's own bytes (``runtime.token_bytes``: the
+  library decodes a token that is part of a character to U+FFFD).
 
 CUDA is used when the installed onnxruntime-genai has it (``onnxruntime-genai-cuda``, the
 ``gpu`` extra) and a GPU is present; otherwise the CPU.
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_agent import errors
-from edge_agent.runtime import oga, onnx
+from edge_agent.runtime import oga, onnx, token_bytes
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -61,12 +62,21 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A token as logprobs show it: its text, and its own bytes (None: not known). One that
+    is only part of a character shows as its bytes (``bytes:\\xc3``), as OpenAI's does."""
+
+    text: str
+    raw: bytes | None
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     text: str  # text to send now (may be "" while a possible stop string is held back)
     token_id: int
-    token: str  # this token's own text, for logprobs
+    token: Piece | None = None  # this token's own, for logprobs
     logprob: float | None = None
-    top: tuple[tuple[str, float], ...] = ()
+    top: tuple[tuple[Piece, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,7 +187,8 @@ class GenAIModel:
         section = config.get("model", {})
         self.context_length = int(section.get("context_length") or config.get("search", {}).get("max_length") or 0)
         self.vocab_size = int(section.get("vocab_size") or 0)
-        self._token_text: dict[int, str] = {}
+        self._pieces: dict[int, Piece] = {}
+        self._partial: dict[int, bytes] | None = None  # read from tokenizer.json when logprobs first need it
 
     @classmethod
     def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
@@ -211,11 +222,29 @@ class GenAIModel:
     def encode(self, text: str) -> np.ndarray:
         return self._tokenizer.encode(text)
 
-    def token_text(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self._token_text[token_id] = self._tokenizer.decode(np.array([token_id], dtype=np.int32))
-        return text
+    def token_piece(self, token_id: int) -> Piece:
+        """The token as logprobs show it (the library's text of it, or its bytes when it is
+        only part of a character)."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            raw = self._partial_tokens().get(token_id)
+            if raw is not None:
+                piece = Piece(token_bytes.display(raw), raw)
+            else:
+                text = self._tokenizer.decode(np.array([token_id], dtype=np.int32))
+                # U+FFFD from a vocabulary not understood: a part of a character, bytes unknown
+                piece = Piece(text, None if "\ufffd" in text and not self._partial else text.encode())
+            self._pieces[token_id] = piece
+        return piece
+
+    def _partial_tokens(self) -> dict[int, bytes]:
+        # (two generating threads may both read it the first time: the same table either way)
+        if self._partial is None:
+            try:
+                self._partial = token_bytes.partial_tokens(json.loads((self.directory / "tokenizer.json").read_bytes()))
+            except (OSError, ValueError):  # none: its tokens' text is all there is
+                self._partial = {}
+        return self._partial
 
     # -- generation --------------------------------------------------------------------------
 
@@ -278,7 +307,7 @@ class GenAIModel:
             if logits is not None:
                 logprob, top = self._logprobs(logits, token, options.top_logprobs)
             text, stopped = stops.feed(stream.decode(token))
-            emit(TokenEvent(text, token, self.token_text(token) if options.logprobs else "", logprob, top))
+            emit(TokenEvent(text, token, self.token_piece(token) if options.logprobs else None, logprob, top))
             if stopped:
                 reason = "stop"
                 break
@@ -288,13 +317,13 @@ class GenAIModel:
         # reason "stop", ends an answer whose held-back text was never part of one.
         return reason, produced, stops.flush()
 
-    def _logprobs(self, raw: object, token: int, top_n: int) -> tuple[float, tuple[tuple[str, float], ...]]:
+    def _logprobs(self, raw: object, token: int, top_n: int) -> tuple[float, tuple[tuple[Piece, float], ...]]:
         logits = np.asarray(raw, dtype=np.float64).reshape(-1)
         shifted = logits - logits.max()
         logp = shifted - np.log(np.exp(shifted).sum())
-        top: tuple[tuple[str, float], ...] = ()
+        top: tuple[tuple[Piece, float], ...] = ()
         if top_n:
             idx = np.argpartition(-logp, min(top_n, logp.size - 1))[:top_n]
             idx = idx[np.argsort(-logp[idx])]
-            top = tuple((self.token_text(int(i)), float(logp[i])) for i in idx)
+            top = tuple((self.token_piece(int(i)), float(logp[i])) for i in idx)
         return float(logp[token]), top

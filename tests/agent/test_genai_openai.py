@@ -160,6 +160,31 @@ async def test_logprobs_and_top_logprobs(small: Serving) -> None:
         assert item.logprob == pytest.approx(tops[0])  # greedy picks the most likely token
 
 
+async def test_a_token_that_is_part_of_a_character_gives_its_own_bytes(small: Serving) -> None:
+    """The tiny model's byte-level vocabulary has a token per byte (0xC3 and 0xA9 make "é"),
+    each unlikely enough to be among the 20 likeliest at every step, none text alone. A
+    client joins the ``bytes`` of such tokens into characters: they must be the token's
+    own, not those of U+FFFD, and its ``token`` shows them (``bytes:\\xc3``)."""
+    asked = {"model": MODEL, "messages": USER, "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 20}
+    whole = await small.client.chat.completions.create(**asked)
+    streamed = [c async for c in await small.client.chat.completions.create(**asked, stream=True)]
+    items = whole.choices[0].logprobs.content
+    assert [i.model_dump() for c in streamed if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content] == \
+        [i.model_dump() for i in items]
+    partial = 0
+    for item in items:
+        tops = item.top_logprobs
+        assert len({t.token for t in tops}) == len({bytes(t.bytes) for t in tops}) == 20  # no two the same
+        for t in [item, *tops]:
+            try:
+                assert bytes(t.bytes).decode() == t.token
+            except UnicodeDecodeError:
+                partial += 1
+                assert len(t.bytes) == 1 and t.bytes[0] >= 0x80, t  # one byte of a character, alone
+                assert t.token == f"bytes:\\x{t.bytes[0]:02x}", t
+    assert partial >= len(items)
+
+
 async def test_seed_makes_sampling_reproducible(small: Serving) -> None:
     async def sample(seed: int) -> str:
         r = await small.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=24, temperature=1.0, top_p=0.95, seed=seed)

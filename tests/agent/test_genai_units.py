@@ -1,4 +1,5 @@
-"""Pure parts of generative serving: package checks, stop strings, admission, request parsing."""
+"""Pure parts of generative serving: package checks, stop strings, admission, request parsing,
+the bytes of tokens that are part of a character."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pytest
 
 from edge_agent import errors, openai_api, packages
 from edge_agent.generation import Admission, Overloaded
+from edge_agent.runtime import genai, token_bytes
 from edge_agent.runtime.genai import StopMatcher
+from orchestrator.testing import genai_model
 
 
 def _tar(path: pathlib.Path, members: dict[str, bytes]) -> str:
@@ -247,6 +250,47 @@ def test_request_parsing_defaults_and_names() -> None:
     with pytest.raises(openai_api.ApiError) as err:
         openai_api.parse(b'{"model": "m", "prompt": "p", "stream_options": {"include_usage": true}}', chat=False)
     assert err.value.param == "stream_options"
+
+
+def test_the_byte_tokens_of_a_byte_level_vocabulary_are_the_bytes_they_stand_for(tmp_path: pathlib.Path) -> None:
+    from tokenizers import Tokenizer
+
+    folder = genai_model.build_model_dir(tmp_path / "tiny")
+    partial = token_bytes.partial_tokens(json.loads((folder / "tokenizer.json").read_bytes()))
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for text in ("é", "€", "😊"):  # each character a token per byte in this vocabulary
+        ids = tokenizer.encode(text).ids
+        assert b"".join(partial[i] for i in ids) == text.encode(), text
+    assert tokenizer.encode("The agent").ids[0] not in partial  # text on its own: not kept
+    assert len(partial) == 128  # 0x80-0xFF: never UTF-8 alone
+
+
+@pytest.mark.parametrize("decoder", [{"type": "ByteFallback"},
+                                     {"type": "Sequence", "decoders": [{"type": "Replace"}, {"type": "ByteFallback"}]}])
+def test_the_byte_tokens_of_a_sentencepiece_vocabulary_are_the_bytes_they_name(decoder: dict) -> None:
+    vocab = {"<unk>": 0, "<0x41>": 1, "<0xE2>": 2, "<0x82>": 3, "\u2581the": 4, "<0xe2>x": 5}
+    assert token_bytes.partial_tokens({"model": {"type": "BPE", "vocab": vocab}, "decoder": decoder}) == {2: b"\xe2", 3: b"\x82"}
+
+
+@pytest.mark.parametrize("tokenizer", [None, [], {"model": None}, {"model": {"vocab": {"<0xE2>": 1}}}])
+def test_a_vocabulary_that_names_no_bytes_gives_none(tokenizer: object) -> None:
+    assert token_bytes.partial_tokens(tokenizer) == {}
+
+
+def test_a_character_split_over_tokens_shows_each_token_s_bytes_and_one_text_offset() -> None:
+    e1, e2 = genai.Piece(token_bytes.display(b"\xc3"), b"\xc3"), genai.Piece(token_bytes.display(b"\xa9"), b"\xa9")
+    x = genai.Piece("x", b"x")
+    events = [genai.TokenEvent("", 1, e1, -1.0, ((e1, -1.0), (x, -2.0))), genai.TokenEvent("é", 2, e2, -0.5, ((e2, -0.5),)),
+              genai.TokenEvent("x", 3, x, -0.25, ((x, -0.25),))]
+    chat = openai_api.Shaper(openai_api.parse(b'{"model": "m", "messages": [{"role": "user", "content": "a"}], "logprobs": true}',
+                                              chat=True), "id", 0)
+    content = chat.whole("éx", events, "length", 1, 3)["choices"][0]["logprobs"]["content"]
+    assert [(c["token"], c["bytes"]) for c in content] == [("bytes:\\xc3", [0xC3]), ("bytes:\\xa9", [0xA9]), ("x", [0x78])]
+    assert content[0]["top_logprobs"][0] == {"token": "bytes:\\xc3", "logprob": -1.0, "bytes": [0xC3]}
+    legacy = openai_api.Shaper(openai_api.parse(b'{"model": "m", "prompt": "ab", "echo": true, "logprobs": 1}', chat=False), "id", 0)
+    logprobs = legacy.whole("éx", events, "length", 1, 3)["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == ["bytes:\\xc3", "bytes:\\xa9", "x"]
+    assert logprobs["text_offset"] == [2, 3, 3]  # "x" is at 3 in "abéx"; the character's second byte adds none
 
 
 def test_a_generative_model_loads_with_either_spinning_policy_and_generates_the_same(tmp_path: pathlib.Path) -> None:

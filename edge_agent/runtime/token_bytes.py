@@ -1,0 +1,84 @@
+"""The bytes of tokens that are only part of a character, read from a ``tokenizer.json``.
+
+OpenAI's ``logprobs`` give each token's own bytes (``bytes``) so that a client can join the
+tokens that split a character ("é" is two tokens in a byte-level vocabulary: 0xC3, 0xA9) back
+into text. onnxruntime-genai decodes one such token to U+FFFD, whose bytes are no part of
+the answer; what the token is, one byte or a few, is written only in the vocabulary:
+
+- a byte-level BPE (GPT-2, Llama 3, Qwen: a ``ByteLevel`` decoder) spells every byte as one
+  printable character (0xC3 is ``Ã``, a space ``Ġ``);
+- a SentencePiece vocabulary with byte fallback (Llama 2, Mistral: a ``ByteFallback``
+  decoder) has one token ``<0xC3>`` per byte.
+
+Only the tokens whose bytes are not UTF-8 on their own are kept: every other token's text,
+as the library decodes it, is already what it adds to the answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def partial_tokens(tokenizer: Any) -> dict[int, bytes]:
+    """Token id -> the bytes of each token of a parsed ``tokenizer.json`` that is part of a
+    character (its bytes are not valid UTF-8 alone); empty for a vocabulary of another kind."""
+    if not isinstance(tokenizer, Mapping) or not isinstance(model := tokenizer.get("model"), Mapping):
+        return {}
+    kinds = set(_decoder_types(tokenizer.get("decoder")))
+    byte_level = _byte_level_alphabet() if "ByteLevel" in kinds else None
+    byte_fallback = "ByteFallback" in kinds or bool(model.get("byte_fallback"))
+    out: dict[int, bytes] = {}
+    for piece, token_id in _vocab(model.get("vocab")):
+        raw: bytes | None = None
+        if byte_fallback and (m := _BYTE_TOKEN.fullmatch(piece)):
+            raw = bytes([int(m.group(1), 16)])
+        elif byte_level is not None and all(c in byte_level for c in piece):
+            raw = bytes(byte_level[c] for c in piece)
+        if raw is not None and not _is_utf8(raw):
+            out[token_id] = raw
+    return out
+
+
+def display(raw: bytes) -> str:
+    """How OpenAI's API shows a token that is not text on its own: ``bytes:\\xc3\\xa9``."""
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _decoder_types(decoder: Any) -> Iterator[str]:
+    if isinstance(decoder, Mapping):
+        yield str(decoder.get("type"))
+        for inner in decoder.get("decoders") or ():
+            yield from _decoder_types(inner)
+
+
+def _vocab(vocab: Any) -> Iterator[tuple[str, int]]:
+    if isinstance(vocab, Mapping):  # BPE, WordPiece: piece -> id
+        for piece, token_id in vocab.items():
+            if isinstance(piece, str) and isinstance(token_id, int):
+                yield piece, token_id
+    elif isinstance(vocab, list):  # Unigram: [piece, score] at its id
+        for token_id, entry in enumerate(vocab):
+            if isinstance(entry, list) and entry and isinstance(entry[0], str):
+                yield entry[0], token_id
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's character for each byte: printable Latin-1 bytes stand for themselves, the
+    others (control characters, the space, 0x7F-0xA0, 0xAD) for 256 onwards, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: b for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = 256 + n
+    return {chr(c): b for b, c in chars.items()}
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
