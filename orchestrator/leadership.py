@@ -54,10 +54,11 @@ class Elector:
     async def run(self) -> None:
         while True:
             # One call to the store at a time: one that hangs (the database unreachable) is
-            # waited for again rather than joined by more threads.
+            # waited for again rather than joined by more threads. Ahead of the store's queue:
+            # what a stall left queued there must not outlast the lease.
             if self._attempt is None or self._attempt[1].done():
                 self._attempt = (self.clock(), asyncio.ensure_future(
-                    self.store.run(self.store.acquire_lease, LEASE, self.holder, self.ttl_s)))
+                    self.store.run_first(self.store.acquire_lease, LEASE, self.holder, self.ttl_s)))
             asked, attempt = self._attempt
             # a renewal that has not answered by the deadline is a loss, not a wait
             timeout = max(0.01, self._deadline - self.clock()) if self.lease is not None else self.ttl_s

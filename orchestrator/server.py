@@ -288,7 +288,7 @@ class ControlPlane:
                     with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                         async with asyncio.timeout(10):
                             await t
-            await self.store.run(self.elector.release)
+            await self.store.run_first(self.elector.release)
         await self._agent_server.stop(grace=1.0)
         self._uvicorn.should_exit = True
         for t in self._background:

@@ -28,7 +28,7 @@ from psycopg import conninfo
 from psycopg.rows import dict_row
 
 from orchestrator.store.sql import SqlStore
-from orchestrator.store.threads import DEFAULT_THREADS, StoreThreads
+from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
 from orchestrator.store.values import Fenced, Lease, StoreError
 
 __all__ = ["ChangeFeed", "Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
@@ -124,7 +124,7 @@ class PostgresStore(SqlStore):
         self._clock = clock
         self._timeout = connect_timeout_s
         self._idle_in_transaction_ms = max(1, round(idle_in_transaction_s * 1000))
-        self._lock = threading.RLock()
+        self._lock = ConnectionLock()  # the lease's calls first
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._pending: set[str] = set()  # what the write transaction in progress changed (_changed)
         self.backend_pid: int | None = None  # the server process of this store's connection: its own writes

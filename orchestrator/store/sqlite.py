@@ -20,14 +20,13 @@ import contextlib
 import os
 import pathlib
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from edge_agent import state as state_files
 from orchestrator.store.sql import SqlStore, _canonical
-from orchestrator.store.threads import DEFAULT_THREADS, StoreThreads
+from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
 from orchestrator.store.values import (  # re-exported: the control plane names the store's records from here
     AgentSaved,
     Conflict,
@@ -117,7 +116,7 @@ class Store(SqlStore):
         self.threads = StoreThreads(threads)  # first: a wrong count refuses before the file is held (its threads start when asked)
         self.path = str(path)
         self._clock = clock
-        self._lock = threading.RLock()
+        self._lock = ConnectionLock()  # the lease's calls first
         self._owner_fd: int | None = None
         if self.path != ":memory:":
             pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,7 @@ class GatedStore:
 
     def __init__(self) -> None:
         self.gate = threading.Event()
-        self.run = StoreThreads().run
+        self.run_first = StoreThreads().run_first
 
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> store_mod.Lease:
         assert self.gate.wait(10), "the test never let the call answer"
@@ -328,3 +328,44 @@ async def test_a_pass_on_a_stalled_database_holds_up_no_other_request(tmp_path: 
         assert await cp.reconciler.wait_for_pass(done) > done  # and the database back, the pass ends
     finally:
         await fleet.stop()
+
+
+async def test_a_renewal_on_a_stalled_database_is_not_queued_behind_the_backlog(postgres: PostgresServer) -> None:
+    """A fleet rejoins and callers read the API while the database stalls: their calls queue on
+    the store's threads. The leader's renewal asked meanwhile lands as soon as the database
+    answers, after the one call that had the connection, not after the whole backlog: a backlog
+    long enough to drain past the lease would otherwise cost the fleet its leader."""
+    store = open_store(postgres.create_database())
+    done: list[str] = []  # in the order the calls end, as their threads see it
+    grant = store.acquire_lease
+
+    def acquire_lease(name: str, holder: str, ttl_s: float) -> store_mod.Lease | None:
+        lease = grant(name, holder, ttl_s)
+        done.append("lease")
+        return lease
+
+    def read() -> None:  # as a join or an API read
+        store.list("Site")
+        done.append("read")
+
+    store.acquire_lease = acquire_lease  # type: ignore[method-assign]
+    elector = leadership.Elector(store, "a", 3.0, lambda lease: None, lambda reason: None)
+    task = asyncio.create_task(elector.run())
+    try:
+        await until("a leads", lambda: elector.leading)
+        assert store.backend_pid
+        with stall.stalled(store.backend_pid) as database:
+            backlog = [asyncio.ensure_future(store.run(read)) for _ in range(48)]
+            done.clear()
+            await until("a renewal asked on the stalled database", lambda: elector._attempt is not None, within_s=5)
+            await asyncio.sleep(0.2)  # the renewal now waits for the connection
+            database.resume()
+            await asyncio.wait_for(asyncio.gather(*backlog), 30)
+        await until("the renewal", lambda: "lease" in done, within_s=5)
+        assert done.index("lease") <= 1, f"the renewal waited for {done.index('lease')} calls queued before it"
+        assert elector.leading and elector.changes == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        store.close()
