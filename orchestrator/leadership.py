@@ -59,6 +59,8 @@ class Elector:
             if self._attempt is None or self._attempt[1].done():
                 self._attempt = (self.clock(), asyncio.ensure_future(
                     self.store.run_first(self.store.acquire_lease, LEASE, self.holder, self.ttl_s)))
+                # retrieved even when the campaign ends first: a stop leaves it to fail as the store closes
+                self._attempt[1].add_done_callback(lambda done: done.cancelled() or done.exception())
             asked, attempt = self._attempt
             # a renewal that has not answered by the deadline is a loss, not a wait
             timeout = max(0.01, self._deadline - self.clock()) if self.lease is not None else self.ttl_s

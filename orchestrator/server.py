@@ -288,7 +288,11 @@ class ControlPlane:
                     with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                         async with asyncio.timeout(10):
                             await t
-            await self.store.run_first(self.elector.release)
+            # within a lease: past it the lease has run out anyway, and on a stalled database
+            # the release waits for a call that may never end
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with asyncio.timeout(self.elector.ttl_s):
+                    await self.store.run_first(self.elector.release)
         await self._agent_server.stop(grace=1.0)
         self._uvicorn.should_exit = True
         for t in self._background:
@@ -304,7 +308,7 @@ class ControlPlane:
         self.captures.close()
         if self._change_feed is not None:
             await asyncio.to_thread(self._change_feed.close)
-        self.store.close()
+        await asyncio.to_thread(self.store.close)  # on PostgreSQL a second or so at most, even on a stalled database
 
     # -- leadership (shared database) -----------------------------------------------------
 

@@ -18,6 +18,8 @@ schema, the connection and its transaction, the counters, and leases for leaders
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -126,6 +128,7 @@ class PostgresStore(SqlStore):
         self._idle_in_transaction_ms = max(1, round(idle_in_transaction_s * 1000))
         self._lock = ConnectionLock()  # the lease's calls first
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._closed = False
         self._pending: set[str] = set()  # what the write transaction in progress changed (_changed)
         self.backend_pid: int | None = None  # the server process of this store's connection: its own writes
         # what the URL sets itself wins over LIVENESS and the connect timeout
@@ -133,14 +136,37 @@ class PostgresStore(SqlStore):
         with self._tx() as db:  # under the write lock: two replicas starting at once
             db.execute(SCHEMA)
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 1.0) -> None:
+        """Refuse new calls, drop the queued ones and close the connection. A call still
+        waiting on the database after ``wait_s`` (a stalled database may never answer) has the
+        connection shut under it: it fails at once, as on a connection lost, and its thread
+        ends, so a replica stops, and its process exits, without waiting for the database."""
         self.threads.close()
-        with self._lock:
+        self._closed = True  # the call that has the connection must not open another
+        if not self._lock.acquire(wait_s):
+            self._shut()
+            self._lock.acquire()
+        try:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        finally:
+            self._lock.release()
+
+    def _shut(self) -> None:
+        """Shut the connection's socket down under the call that holds it. Not psycopg's
+        ``cancel()``: that asks the server, which a stalled or frozen one never answers, nor
+        ``close()`` from here, which closes the socket while the call still waits on it (its
+        number free for another file meanwhile): shut down, it stays open, its holder's."""
+        conn = self._conn
+        with contextlib.suppress(OSError, psycopg.Error):  # closed meanwhile: nothing left to shut
+            if conn is not None and not conn.closed:
+                with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def _connection(self) -> psycopg.Connection[dict[str, Any]]:
+        if self._closed:
+            raise StoreError("the store is closed")
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
                 self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **self.connect_options())

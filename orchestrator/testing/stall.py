@@ -36,7 +36,8 @@ class Stall:
 
     def resume(self) -> None:
         for pid in self.pids:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # resumed before, and it has ended since
+                os.kill(pid, signal.SIGCONT)
 
     def __enter__(self) -> Stall:
         return self

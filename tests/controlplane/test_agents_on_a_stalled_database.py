@@ -2,23 +2,28 @@
 stopped here; a frozen VM or a lock held elsewhere alike): their credentials are checked and
 written on the store's own worker threads, so the replica's health probes, gateway and API go
 on answering, work that never touches the database still finds a thread, and the join
-completes once the database is back."""
+completes once the database is back; and a replica stopped meanwhile stops within seconds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 import httpx
+import pytest
 from starlette.concurrency import run_in_threadpool
 
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from orchestrator import server
 from orchestrator.agents import service
+from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness, stall
 from orchestrator.testing.postgres import PostgresServer
 
@@ -106,3 +111,40 @@ async def test_an_agent_joining_on_a_stalled_database_holds_up_no_other_request(
             assert summary.received == 1
     finally:
         await fleet.stop()
+
+
+async def test_a_control_plane_stopped_on_a_stalled_database_stops_within_seconds(tmp_path: pathlib.Path,
+                                                                                   postgres: PostgresServer) -> None:
+    """SIGTERM while an agent's join waits on a stalled database: the replica stops within a
+    few seconds, not when (if ever) the database answers, and the store's thread that waited
+    on it is freed, the call failing, so nothing is left for the process's exit to wait for."""
+    fleet = harness.Fleet(tmp_path)
+    cp = await fleet.start_control_plane(store=postgres.create_database(), resync_s=3600.0, insecure_agents=True)
+    await cp.reconciler.wait_for_pass(0)
+    pid = cp.store.backend_pid
+    assert pid and cp.elector is not None
+    entered = threading.Event()
+
+    def read() -> object:  # as the join's, or an API read
+        entered.set()
+        return cp.store.list("Site")
+
+    async with grpc.aio.insecure_channel(cp.agent_target) as channel:
+        stub = pb_grpc.AgentControlStub(channel)
+        with stall.stalled(pid) as database:
+            watchdog = threading.Timer(20, database.resume)  # a stop that hangs ends once the database is back
+            watchdog.start()
+            try:
+                joining = asyncio.ensure_future(stub.Join(join_request("edge-1"), timeout=60))
+                waiting = asyncio.ensure_future(cp.store.run(read))
+                assert await asyncio.to_thread(entered.wait, 10)
+                started = time.monotonic()
+                await fleet.stop()
+                took = time.monotonic() - started
+            finally:
+                watchdog.cancel()
+            assert took < cp.elector.ttl_s + 3, f"the control plane took {took:.1f} s to stop on a stalled database"
+            with pytest.raises(store_mod.StoreError):
+                await asyncio.wait_for(waiting, 5)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await joining
