@@ -150,12 +150,17 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def delete_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        if "abandonApplications" in request.query_params and _flag(request, "abandonApplications", "keepSite"):  # a cluster gone for good
+        # Both flags are read (and anything else refused) before deleting anything: a keepSite
+        # or a misspelt flag that were ignored would delete the Site the caller meant to keep.
+        abandon, keep_site = _flag(request, "abandonApplications", "keepSite"), _flag(request, "keepSite", "abandonApplications")
+        if keep_site and not abandon:
+            raise BadQuery("keepSite goes with abandonApplications=true: without it the Site would be deleted")
+        if abandon:  # a cluster gone for good
             if kind != "Site":
                 raise BadQuery("abandonApplications is for a Site only")
             name = request.path_params["name"]
             deleted = await store.run(catalog.delete_site_abandoning, store, name, actor=caller.identity,
-                                      reason=_reason(request, "delete"), keep_site=_flag(request, "keepSite", "abandonApplications"))
+                                      reason=_reason(request, "delete"), keep_site=keep_site)
             services.changed(f"delete by {caller.identity}")
             return JSONResponse({"kind": kind, "name": name, "action": "deleted" if deleted else "applications-abandoned"})
         outcome = await store.run(catalog.delete_object, store, kind, request.path_params["name"], actor=caller.identity,

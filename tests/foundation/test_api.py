@@ -316,6 +316,19 @@ async def test_concurrent_conflicting_applies(control_plane: support.ServerThrea
         assert refused.status_code == 409 and "re-read and retry" in refused.json()["error"]
 
 
+def test_keeping_a_site_without_abandoning_its_applications_is_refused_and_deletes_nothing(api: httpx.Client) -> None:
+    """keepSite only qualifies abandonApplications=true; alone, or misspelt, a delete that
+    went ahead would remove the very Site (and its applications) the caller asked to keep."""
+    assert api.post("/v1/apply", content=doc("Site", "kept-site", support.edge_site_spec())).status_code == 200
+    for params in ({"keepSite": "true"}, {"keepSite": "true", "abandonApplications": "false"}, {"abandonApplication": "true"}):
+        r = api.delete("/v1/sites/kept-site", params=params)
+        assert r.status_code == 400, (params, r.text)
+    assert "keepSite goes with abandonApplications=true" in api.delete("/v1/sites/kept-site", params={"keepSite": "true"}).json()["error"]
+    assert api.get("/v1/sites/kept-site").status_code == 200
+    assert api.delete("/v1/sites/kept-site", params={"abandonApplications": "false"}).status_code == 200
+    assert api.get("/v1/sites/kept-site").status_code == 404
+
+
 def test_delete(api: httpx.Client, control_plane: support.ServerThread) -> None:
     model = doc("Model", "tmp-model", support.model_spec())
     dep = doc("ModelDeployment", "tmp-dep", support.deployment_spec("tmp-model"))
