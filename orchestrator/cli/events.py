@@ -45,7 +45,10 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
     back on another store (its ``store`` changed) is said once on stderr and followed from
     that store's newest events, not from an id of the last one. When its retention deleted
     events after the id asked from (``prunedThrough``; ``--since`` an old id, say), that is
-    said once on stderr, and what was kept follows."""
+    said once on stderr, and what was kept follows. That is asked only of the first answer
+    after ``--since`` or after the control plane was away: ``prunedThrough`` counts every
+    kind, so a later poll, asking after the newest event of ``--kind``/``--name``, would be
+    told of other events retention deleted since, none of which it follows."""
     params = _events_query(limit, since, kind, name)
     if output == "table":
         print("\t".join(EVENT_COLUMNS), flush=True)
@@ -53,6 +56,7 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
     away = False
     store: str | None = None  # the store the ids read so far are from (None: not said yet)
     pruned_said = 0  # the last id said to be pruned
+    check_pruned = since is not None  # an id the caller chose, not the newest one read
     while True:
         try:
             answer = api.request("GET", "/v1/events", params=params)
@@ -63,7 +67,7 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
             if not away:
                 said = f"{exc} (HTTP {exc.status})" if isinstance(exc, RetryLater) else str(exc)
                 print(f"warning: {said}; asking again every {wait:g}s", file=sys.stderr, flush=True)
-            away = True
+            away, check_pruned = True, "since" in params  # events logged meanwhile may age out before it answers
             time.sleep(wait)
             continue
         if away:
@@ -73,14 +77,15 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
         if store is not None and answered_from is not None and answered_from != store:
             print(f"the control plane now reads another store ({answered_from}, was {store}); following its newest events",
                   file=sys.stderr, flush=True)
-            store, params, pruned_said = answered_from, _events_query(limit, None, kind, name), 0
+            store, params, pruned_said, check_pruned = answered_from, _events_query(limit, None, kind, name), 0, False
             continue  # these came after an id of the other store
         store = answered_from or store
         pruned = int(answer.get("prunedThrough") or 0)
-        if "since" in params and pruned > max(int(params["since"]), pruned_said):
+        if check_pruned and pruned > max(int(params["since"]), pruned_said):
             print(f"warning: events before id {pruned + 1} were pruned past their retention, some after id {params['since']} "
                   "may be missing; going on from the oldest kept", file=sys.stderr, flush=True)
             pruned_said = pruned
+        check_pruned = False
         for e in items:
             if output == "table":
                 print("\t".join(str(c) for c in _event_row(e, reason_width)))

@@ -191,3 +191,35 @@ def test_events_follow_goes_on_over_events_the_leader_pruned(tmp_path: pathlib.P
                 f"warning: events before id {newest + 1} were pruned past their retention, some after id {mark} may be missing; "
                 "going on from the oldest kept"], err
         serve.stop()
+
+
+def test_events_follow_of_one_kind_is_not_warned_of_other_events_pruned_after_its_own(tmp_path: pathlib.Path) -> None:
+    """``events -w --kind models`` asks after the newest Model event, which the fleet's own
+    events logged since outnumber: retention deleting those loses nothing it follows, and
+    is not said."""
+    data = tmp_path / "cp"
+    old = open_store(data / "state.db", clock=lambda: time.time() - 2 * DAY_S)
+    old.record(store_mod.Event("user:ops", "created", "Model", "kept-model", "apply"))  # the audit trail, kept a year
+    old.record(*[LOST] * 5)  # the fleet's own, newer ids, deleted past a day
+    old.close()
+    serve = support.ServeProcess(data, "--events-retention", "1d").wait_ready()
+    follower: subprocess.Popen[str] | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while 'edgeplane_events_pruned_total{log="events"} 5.0' not in httpx.get(f"{serve.url}/metrics").text:
+            assert time.monotonic() < deadline, f"the leader did not prune the old events:\n{serve.log()}"
+            time.sleep(0.05)
+        follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json", "--kind", "models"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=support.clean_env(EDGEPLANE_SERVER=serve.url), cwd=support.REPO)
+        assert json.loads(follower.stdout.readline())["name"] == "kept-model"  # type: ignore[union-attr]
+        done = support.cli("apply", "-f", "-", server_url=serve.url, stdin=support.doc("Model", "after-pruning", support.model_spec()))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(follower.stdout.readline())["name"] == "after-pruning"  # type: ignore[union-attr]
+    finally:
+        if follower is not None:
+            follower.send_signal(signal.SIGINT)
+            _, err = follower.communicate(timeout=30)
+            assert follower.returncode == 130 and "Traceback" not in err, err
+            assert "pruned" not in err, err
+        serve.stop()
