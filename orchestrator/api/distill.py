@@ -81,18 +81,22 @@ def _no_constant(token: str) -> Any:
     raise ValueError(f"{token} is not JSON")
 
 
-def _plan(store: store_mod.Store, captures: capture_store.ZoneStores, artifacts: ArtifactCatalog, name: str,
-          zone: str | None) -> dict[str, Any]:
+def _read(store: store_mod.Store, name: str) -> tuple[store_mod.StoredObject, store_mod.StoredObject | None]:
+    """The deployment and its Model, as stored now: all :func:`_plan` asks of the store."""
     obj = store.get("ModelDeployment", name)
     if obj is None:
         raise Refused(f"ModelDeployment {name!r} does not exist")
+    return obj, store.get("Model", catalog.parse_deployment(obj).model)
+
+
+def _plan(obj: store_mod.StoredObject, model_obj: store_mod.StoredObject | None, captures: capture_store.ZoneStores,
+          artifacts: ArtifactCatalog, name: str, zone: str | None) -> dict[str, Any]:
     spec = catalog.parse_deployment(obj)
     if spec.cascade is None or spec.cascade.capture is None:
         raise Refused(f"ModelDeployment {name!r} captures nothing: distillation needs spec.cascade.capture")
     first, last = spec.cascade.stages[0], spec.cascade.stages[-1]
     if first.escalate is None or first.escalate.confidence is None:
         raise Refused("distillation trains tensor students: the first stage needs an 'escalate.confidence' rule")
-    model_obj = store.get("Model", spec.model)
     if model_obj is None:
         raise Refused(f"Model {spec.model!r} does not exist")
     variants = {v.name: v for v in catalog.parse_model(model_obj).variants}
@@ -173,8 +177,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return JSONResponse({"error": str(exc)}, status_code=400)
         if name in running:  # two runs would train from the same student and the later one replace the first's
             return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
-        try:  # in a thread: the store, and the artifacts hashed
-            plan = await store.run(_plan, store, captures, artifacts, name, zone)
+        try:  # the objects on the store's threads; the artifacts (a network mount, maybe) and the zones' records on another
+            plan = await asyncio.to_thread(_plan, *await store.run(_read, store, name), captures, artifacts, name, zone)
         except Refused as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         if name in running:  # one started meanwhile

@@ -525,16 +525,18 @@ class Reconciler:
         task.add_done_callback(self._publishes.discard)
 
     async def _publish_latest(self) -> None:
-        """Only a table that changed, encoded and written in a thread (at 10,000 endpoints,
-        about 25 ms that the gateway on this loop must not wait behind), one at a time and
+        """Only a table that changed, encoded in a worker thread (at 10,000 endpoints, about
+        25 ms that the gateway on this loop must not wait behind, nor the store's callers
+        behind it on the store's few threads) and written on the store's, one at a time and
         the latest at each turn, so that an older table never lands after a newer one. A
         failed write is tried again at the next change or pass."""
         async with self._publishing:
             contents = wire.contents_of(self.table)
             if contents == self._published:
                 return
+            text = await asyncio.to_thread(wire.contents_to_text, contents)
             try:
-                await self.store.run(lambda: self.store.publish(wire.PUBLISHED_KEY, wire.contents_to_text(contents), lease=self.lease))
+                await self.store.run(lambda: self.store.publish(wire.PUBLISHED_KEY, text, lease=self.lease))  # the lease held when it runs
             except store_mod.Fenced as exc:  # no longer leading: the new leader publishes
                 log.info("endpoint table not published: %s", exc)
                 return

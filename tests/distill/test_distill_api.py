@@ -3,8 +3,10 @@ onnxruntime, without a fleet: which records a run trains on, and what it publish
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,10 +41,10 @@ def task() -> cascade_task.Task:
 class Plane:
     """The control plane's parts the distill route uses, on files under one folder."""
 
-    def __init__(self, t: cascade_task.Task, root: pathlib.Path):
+    def __init__(self, t: cascade_task.Task, root: pathlib.Path, store_threads: int = 4):
         self.task, self.artifacts = t, root / "artifacts"
         self.student, self.teacher = cascade_task.write_models(t, self.artifacts)
-        self.store = store_mod.Store(root / "state.db")
+        self.store = store_mod.Store(root / "state.db", threads=store_threads)
         self.apply(self.manifests())
         self.captures = capture_store.ZoneStores(root / "captures")
 
@@ -69,9 +71,9 @@ class Plane:
                                                 "teacher" if escalated else "student", float(sp[i].max()), body, None, answer, None))
         self.captures.zone("EU").add(records)
 
-    def app(self) -> Starlette:
+    def app(self, artifacts: ArtifactCatalog | None = None) -> Starlette:
         return Starlette(routes=distill_api.routes(auth.Authenticator(self.store, required=False), self.store, self.captures,
-                                                   ArtifactCatalog((self.artifacts,)), lambda _: None, lambda: {"items": []},
+                                                   artifacts or ArtifactCatalog((self.artifacts,)), lambda _: None, lambda: {"items": []},
                                                    clock=lambda: NOW))
 
     def distill(self, **options: Any) -> tuple[int, dict[str, Any]]:
@@ -164,3 +166,31 @@ async def test_a_run_whose_serving_student_was_replaced_meanwhile_publishes_noth
         result = await run_while(http, meanwhile)
     assert not result["published"] and "changed during the run" in result["error"], result
     assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == other
+
+
+async def test_a_run_whose_artifacts_lie_on_a_mount_that_stalls_leaves_the_store_to_other_callers(
+        task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
+    """Looking up the serving student (on a network mount that stopped answering, say) is
+    not the store's work: with one store thread, the store still answers meanwhile."""
+    stalled, answers = threading.Event(), threading.Event()
+
+    class StalledMount(ArtifactCatalog):
+        def local_path(self, uri: str) -> pathlib.Path | None:
+            stalled.set()
+            answers.wait(30)
+            return super().local_path(uri)
+
+    plane = Plane(task, tmp_path, store_threads=1)
+    try:
+        async with serving(plane.app(StalledMount((plane.artifacts,)))) as http:
+            run = asyncio.create_task(http.post("/v1/distill/task", json={"epochs": 1}))
+            try:
+                assert await asyncio.to_thread(stalled.wait, 30), "the run did not look its artifact up"
+                async with asyncio.timeout(10):
+                    assert await plane.store.run(plane.store.get, "Model", "task") is not None
+            finally:
+                answers.set()
+            refused = await run
+            assert refused.status_code == 409 and "zones with records: none" in refused.json()["error"], refused.text
+    finally:
+        plane.close()
