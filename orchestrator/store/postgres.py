@@ -35,6 +35,10 @@ from orchestrator.store.values import Fenced, Lease, StoreError
 
 __all__ = ["ChangeFeed", "Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
 
+#: a deleted data-centre Site whose applications are still to be removed, as earlier versions
+#: keep it (they share the database during a rolling update or a downgrade: see :mod:`orchestrator.store.sql`)
+DELETED_SITES = "CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version BIGINT NOT NULL)"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS objects (
@@ -70,13 +74,10 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 ALTER TABLE objects ADD COLUMN IF NOT EXISTS annotations TEXT NOT NULL DEFAULT '{}';  -- databases made before annotations were kept
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT NULL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT NOT NULL, spec TEXT NOT NULL, version BIGINT NOT NULL, PRIMARY KEY (name, version));
-DO $$ BEGIN  -- databases made when a Site left one record at most: one for each target it left
-    IF (SELECT count(*) FROM information_schema.key_column_usage
-        WHERE table_name = 'deleted_sites' AND constraint_name = 'deleted_sites_pkey') = 1 THEN
-        ALTER TABLE deleted_sites DROP CONSTRAINT deleted_sites_pkey, ADD PRIMARY KEY (name, version);
-    END IF;
-END $$;
+""" + DELETED_SITES + """;
+CREATE TABLE IF NOT EXISTS left_targets (
+    name TEXT NOT NULL, target TEXT NOT NULL, spec TEXT NOT NULL, version BIGINT NOT NULL, PRIMARY KEY (name, target)
+);
 DO $$ BEGIN  -- databases made before leases were kept in epoch seconds, as on SQLite
     IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'leases' AND column_name = 'expires_at'
                AND data_type LIKE 'timestamp%') THEN
@@ -135,6 +136,19 @@ class PostgresStore(SqlStore):
         self._from_url = {k: v for k, v in conninfo.conninfo_to_dict(url).items() if k in (*LIVENESS, "connect_timeout")}
         with self._tx() as db:  # under the write lock: two replicas starting at once
             db.execute(SCHEMA)
+            if "version" in self._primary_key(db, "deleted_sites"):  # keyed by name and version for a while
+                self._key_deleted_sites_by_name(db, DELETED_SITES)
+
+    @staticmethod
+    def _primary_key(db: psycopg.Connection[dict[str, Any]], table: str) -> set[str]:
+        """The columns of ``table``'s primary key, in this connection's schema (a table of the
+        same name in another schema is not this store's)."""
+        rows = db.execute(
+            "SELECT k.column_name FROM information_schema.table_constraints c JOIN information_schema.key_column_usage k"
+            " ON k.constraint_schema = c.constraint_schema AND k.constraint_name = c.constraint_name"
+            " WHERE c.constraint_type = 'PRIMARY KEY' AND c.table_schema = current_schema() AND c.table_name = %s"
+            " AND k.table_schema = current_schema() AND k.table_name = %s", (table, table)).fetchall()
+        return {r["column_name"] for r in rows}
 
     def close(self, wait_s: float = 1.0) -> None:
         """Refuse new calls, drop the queued ones and close the connection. A call still

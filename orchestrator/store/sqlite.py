@@ -51,10 +51,9 @@ __all__ = [
     "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "datacentre_target", "digest",
 ]
 
-#: a data-centre target whose applications are still to be removed (a Site may leave several)
-SCHEMA_DELETED_SITES = """CREATE TABLE IF NOT EXISTS deleted_sites (
-    name TEXT NOT NULL, spec TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (name, version)
-)"""
+#: a deleted data-centre Site whose applications are still to be removed, as earlier versions
+#: keep it (they share the store during a rolling update or a downgrade: see :mod:`orchestrator.store.sql`)
+SCHEMA_DELETED_SITES = "CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version INTEGER NOT NULL)"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -91,6 +90,9 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version INTEGER NOT NULL, body TEXT NOT NULL);
 """ + SCHEMA_DELETED_SITES + """;
+CREATE TABLE IF NOT EXISTS left_targets (
+    name TEXT NOT NULL, target TEXT NOT NULL, spec TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (name, target)
+);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('resource_version', 0);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', random() & 9223372036854775807);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('events_pruned_through', 0);
@@ -146,12 +148,8 @@ class Store(SqlStore):
                     db.execute(stmt)
             if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
                 db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
-            if not any(r["name"] == "version" and r["pk"] for r in db.execute("PRAGMA table_info(deleted_sites)")):
-                # a file made when a Site left one record at most: one for each target it left
-                db.execute("ALTER TABLE deleted_sites RENAME TO deleted_sites_by_name")
-                db.execute(SCHEMA_DELETED_SITES)
-                db.execute("INSERT INTO deleted_sites (name, spec, version) SELECT name, spec, version FROM deleted_sites_by_name")
-                db.execute("DROP TABLE deleted_sites_by_name")
+            if any(r["name"] == "version" and r["pk"] for r in db.execute("PRAGMA table_info(deleted_sites)")):
+                self._key_deleted_sites_by_name(db, SCHEMA_DELETED_SITES)  # keyed by name and version for a while
             db.execute("COMMIT")
         except sqlite3.Error as exc:  # not a database, unreadable, a full disk: rolled back with the connection
             db.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pathlib
 import queue
@@ -17,6 +18,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -432,7 +434,8 @@ def test_a_datacentre_site_declared_again_elsewhere_keeps_the_deleted_ones_targe
     a.delete("Site", "dc", WHO)
     a.apply([write("dc", {"tier": "datacenter", "ray": {"address": "http://ray:8265/"}})])
     assert [(d.name, d.target) for d in b.deleted_sites()] == [("dc", "kubernetes c ns")]
-    a.delete("Site", "dc", WHO)
+    a.delete("Site", "dc", WHO)  # deleted again: the first delete's target is still due
+    assert [(d.name, d.target) for d in b.deleted_sites()] == [("dc", "kubernetes c ns"), ("dc", "ray http://ray:8265")]
     a.apply([write("dc", ns)])
     assert [(d.name, d.target) for d in b.deleted_sites()] == [("dc", "ray http://ray:8265")]
 
@@ -476,6 +479,69 @@ def test_a_store_that_kept_one_deleted_site_record_a_name_keeps_one_a_target(reo
     again.delete("Site", "dc", WHO)
     assert [(d.name, d.target) for d in again.deleted_sites()] == [
         ("dc", "kubernetes c ns"), ("dc", "kubernetes c other"), ("gone", "ray local")]
+
+
+@contextlib.contextmanager
+def raw_sql(location: str) -> Iterator[Callable[..., list[tuple]]]:
+    """Statements (written with ``?``) run on the store's database as another program would, committed at the end."""
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        conn: Any = psycopg.connect(location)
+    else:
+        conn = sqlite3.connect(location)
+
+    def run(sql: str, args: tuple = ()) -> list[tuple]:
+        cursor = conn.execute(sql if isinstance(conn, sqlite3.Connection) else sql.replace("?", "%s"), args)
+        return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+
+    with contextlib.closing(conn):
+        yield run
+        conn.commit()
+
+
+#: How the previous release deletes a data-centre Site, and reads what is left to remove.
+PREVIOUS_DELETE = ("INSERT INTO deleted_sites (name, spec, version) VALUES (?, ?, ?) ON CONFLICT (name)"
+                   " DO UPDATE SET spec = excluded.spec, version = excluded.version")
+PREVIOUS_READ = "SELECT name, version FROM deleted_sites ORDER BY name"
+
+
+def test_a_replica_of_the_previous_release_deletes_datacentre_sites_on_a_store_this_one_opened(
+        reopen: Callable[..., Store], location: str) -> None:
+    """A rolling update or a downgrade: both versions write the one database. The previous
+    release's delete, done twice, keeps one record as it always did; and it never sees
+    the targets a Site still declared left."""
+    ns = {"tier": "datacenter", "kubernetes": {"context": "c", "namespace": "ns"}}
+    new = reopen()
+    new.apply([write("dc", ns), write("moved", ns)])
+    new.apply([write("moved", {**ns, "kubernetes": {"context": "c", "namespace": "other"}})])
+    with raw_sql(location) as sql:
+        sql("DELETE FROM objects WHERE kind = 'Site' AND name = 'dc'")
+        for version in (100, 101):
+            sql(PREVIOUS_DELETE, ("dc", json.dumps(ns), version))
+        assert sql(PREVIOUS_READ) == [("dc", 101)]
+    assert [(d.name, d.target, d.version) for d in reopen().deleted_sites()] == [
+        ("dc", "kubernetes c ns", 101), ("moved", "kubernetes c ns", 3)]
+
+
+def test_a_store_that_kept_a_deleted_site_record_a_target_gets_the_previous_releases_table_back(
+        reopen: Callable[..., Store], location: str) -> None:
+    """A store written while ``deleted_sites`` was keyed by name and version: each deleted
+    Site's newest record stays there, for the previous release too; every other one is
+    still removed, as a target left."""
+    a, b = ({"tier": "datacenter", "kubernetes": {"context": "c", "namespace": ns}} for ns in ("a", "b"))
+    reopen().apply([write("dc", {**a, "kubernetes": {"context": "c", "namespace": "c"}})])
+    with raw_sql(location) as sql:
+        sql("DROP TABLE deleted_sites")
+        sql("CREATE TABLE deleted_sites (name TEXT NOT NULL, spec TEXT NOT NULL, version BIGINT NOT NULL, PRIMARY KEY (name, version))")
+        for name, spec, version in (("gone", a, 1), ("gone", b, 2), ("dc", a, 3), ("dc", b, 4)):
+            sql("INSERT INTO deleted_sites (name, spec, version) VALUES (?, ?, ?)", (name, json.dumps(spec), version))
+    assert [(d.name, d.target, d.version) for d in reopen().deleted_sites()] == [
+        ("dc", "kubernetes c a", 3), ("dc", "kubernetes c b", 4), ("gone", "kubernetes c a", 1), ("gone", "kubernetes c b", 2)]
+    with raw_sql(location) as sql:
+        assert sql(PREVIOUS_READ) == [("gone", 2)]
+        sql(PREVIOUS_DELETE, ("gone", json.dumps(b), 5))
+    assert [(d.name, d.version) for d in reopen().deleted_sites()] == [("dc", 3), ("dc", 4), ("gone", 1), ("gone", 5)]
 
 
 def test_tokens_expire_by_the_injected_clock(store: Store, clock: FakeClock) -> None:
