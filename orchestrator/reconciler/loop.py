@@ -39,6 +39,7 @@ class _Backoff:
     last_error: str = ""
     since: float = 0.0  # when the first failure of this run of failures came
     unreachable: bool = False  # a data centre's last failure was observing it (not applying or removing apps)
+    target: str | None = None  # a data centre's: where the site's applications ran when it failed
 
     def fail(self, now: float, error: str, base: float = 1.0, cap: float = 60.0) -> None:
         if not self.failures:
@@ -365,12 +366,17 @@ class Reconciler:
         sites = [s for s in stored if s.spec.tier == "datacenter"]
         declared = {s.name for s in sites}
         driven = {s.name: target_of(s.spec) for s in stored}
-        for gone in set(self._dc_observed) - declared:
+        for gone in set(self._dc_observed) - declared:  # deleted, or moved to the edge tier: counted by the target it left
             observed, applied = self._dc_observed.pop(gone), self._applied.pop(gone, ())
-            self._retiring[gone] = max(len(observed.apps), len(applied))
+            self._retiring[gone if gone not in driven else _left(gone, self.datacentres.target(gone))] = max(len(observed.apps), len(applied))
         for back in set(self._retiring) & declared:  # declared again: its apply takes over
             del self._retiring[back]
+        for kept in (self._dc_backoff, self._retiring):  # a site's own, for a site no longer a data centre: what it left has its own
+            for edge in set(kept) & (set(driven) - declared):
+                del kept[edge]
         for site in sites:  # moved: what was applied went to the old target, and the new one is given it
+            if (backoff := self._dc_backoff.get(site.name)) is not None and backoff.target != driven[site.name]:
+                del self._dc_backoff[site.name]  # the old target's failures (often why it moved) hold up nothing on the new one
             if (left := self.datacentres.target(site.name)) not in (None, driven[site.name]):
                 observed = self._dc_observed.get(site.name)
                 self._retiring[_left(site.name, left)] = max(len(observed.apps) if observed else 0,
@@ -433,18 +439,22 @@ class Reconciler:
             actuator = await self.datacentres.actuator(site.name, site.spec)
             apps = await actuator.observe()
         except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
-            await self._dc_failed(site.name, exc, unreachable=True)
+            await self._dc_failed(site.name, exc, unreachable=True, target=target_of(site.spec))
             return snap.DataCentreObservation(False, error=str(exc))
         except Exception as exc:  # an adapter's fault is this site's alone: the others' pass goes on
             log.exception("data centre %s: observing it failed", site.name)
-            await self._dc_failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ", unreachable=True)
+            await self._dc_failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ", unreachable=True,
+                                  target=target_of(site.spec))
             return snap.DataCentreObservation(False, error=self._dc_backoff[site.name].last_error)
         if backoff is not None and backoff.unreachable:
             await self._dc_recovered(site.name, backoff)
         return snap.DataCentreObservation(True, apps, drift=actuator.drift)
 
-    async def _dc_failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: str | None = None) -> None:
+    async def _dc_failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: str | None = None,
+                         target: str | None = None) -> None:
+        """``site`` failed: on ``target``, where it drives its applications, or on what it left (``key``)."""
         backoff = self._dc_backoff.setdefault(key or site, _Backoff())
+        backoff.target = target
         message = context + str(exc)
         if message != backoff.last_error:
             await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
@@ -556,11 +566,11 @@ class Reconciler:
             actuator = await self.datacentres.actuator(site, catalog.parse_site(obj))
             await actuator.apply(apps)
         except (serve_config.DataCentreError, OSError, RuntimeError, ValueError) as exc:
-            await self._dc_failed(site, exc)
+            await self._dc_failed(site, exc, target=store_mod.datacentre_target(obj.spec))
             return
         except Exception as exc:  # as in _observe_one: this site's alone
             log.exception("data centre %s: applying its Serve applications failed", site)
-            await self._dc_failed(site, exc, f"applying failed: {type(exc).__name__}: ")
+            await self._dc_failed(site, exc, f"applying failed: {type(exc).__name__}: ", target=store_mod.datacentre_target(obj.spec))
             return
         self._dc_backoff.pop(site, None)
         if drift:  # e.g. a deposed leader's apply that landed after this leader's

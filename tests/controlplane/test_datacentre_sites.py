@@ -8,6 +8,7 @@ import http.server
 import json
 import pathlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,10 +16,12 @@ import httpx
 import kmock
 import kubernetes
 import pytest
+import yaml
 
 from orchestrator import server
 from orchestrator.adapters import kuberay, rayservice, serve_config
 from orchestrator.manifests import schema
+from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
 
 SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
@@ -373,6 +376,47 @@ async def test_a_site_declared_again_elsewhere_still_removes_the_deleted_ones_ap
     assert not clusters["ns-dc"].running
     assert cp.store.deleted_sites() == []
     assert clusters["ns-new"].running
+
+
+async def test_a_site_moved_off_a_cluster_that_is_down_is_applied_to_its_new_one_at_once(fleet: harness.Fleet) -> None:
+    """The failures on the old cluster (often why a Site is moved) hold up nothing on the new
+    one: with the reconciler's clock stopped, a backoff from them would never run out."""
+    clusters = {"ns-dc": Cluster(), "ns-new": Cluster()}
+    clusters["ns-dc"].down = True
+    cp = await start(fleet, lambda name, spec: clusters[spec.kubernetes.namespace])
+    stopped = time.monotonic()
+    cp.reconciler.clock = lambda: stopped
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc"), MODEL, deployment("d", "dc")))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: "cannot reach the cluster" in site_status(cp, "dc").get("error", ""), 30,
+                                 what="dc's cluster found down")
+        moved = await http.post("/v1/apply", content=site("dc", on="kubernetes: {context: test, namespace: ns-new}"))
+        assert moved.status_code == 200, moved.text
+    await harness.wait_until(lambda: bool(clusters["ns-new"].running), 30, what="dc's application on its new cluster")
+    await harness.wait_until(lambda: "error" not in site_status(cp, "dc"), 30, what="dc observed on its new cluster")
+
+
+async def test_a_site_moved_to_the_edge_tier_counts_its_applications_once(fleet: harness.Fleet) -> None:
+    """What it left on its cluster is counted where it is removed: none of it is counted again
+    when the Site, declared a data centre once more, is deleted before a pass has seen it."""
+    cluster = Cluster()
+    cp = await start(fleet, lambda name, spec: cluster)
+    edge = site("dc").replace("tier: datacenter", "tier: edge").replace("kubernetes: {context: test, namespace: ns-dc}", "")
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc"), MODEL, deployment("d", "dc")))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: bool(cluster.running), 30, what="dc's application")
+        assert (await http.post("/v1/apply", content=edge)).status_code == 200
+    moved = ("serve-removed", "the Site moved off kubernetes test ns-dc: its 1 Serve application(s) removed")
+    await harness.wait_until(lambda: moved in site_events(cp, "dc"), 30, what="dc's application removed from its cluster")
+    [declared] = cp.store.list("Site")  # a data centre again, and deleted, between two passes
+    cp.store.apply([store_mod.ObjectWrite("Site", "dc", dict(declared.labels), yaml.safe_load(site("dc"))["spec"])])
+    cp.store.delete("Site", "dc", store_mod.Event("test", "deleted", "Site", "dc", ""))
+    cp.reconciler.trigger()
+    await harness.wait_until(lambda: cp.store.deleted_sites() == [], 30, what="the deleted dc's cluster found empty")
+    await cp.reconciler.wait_for_pass(cp.reconciler.passes + 1)
+    assert [e for e in site_events(cp, "dc") if e[0] == "serve-removed"] == [moved]
 
 
 async def test_a_deleted_sites_applications_can_be_abandoned_once_its_cluster_is_gone_for_good(fleet: harness.Fleet) -> None:
