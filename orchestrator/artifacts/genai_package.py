@@ -7,7 +7,7 @@ packed into a plain, uncompressed tar with a canonical order and zeroed metadata
 same folder always gives the same bytes, hence the same digest.
 
 ``pack`` first checks that onnxruntime-genai could load the folder (the config, the files it
-names, that they are ONNX graphs, the decoder's inputs and outputs the config names, the
+names, that they are ONNX graphs, the decoder's inputs and outputs it cannot run without, the
 tokenizer's): otherwise the package would fail only on the agent or replica
 that downloaded it. ``describe`` reads the figures a ``Model`` manifest declares for placement (parameters,
 weight bytes, context length, KV-cache bytes per token) from the folder itself, so an
@@ -34,9 +34,10 @@ CONFIG_NAME = "genai_config.json"
 #: settings, and the vocabulary as Hugging Face ``tokenizers`` or sentencepiece writes it.
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-#: The decoder's inputs and outputs onnxruntime-genai feeds and reads whatever the model, under
-#: these names unless genai_config's ``model.decoder.inputs``/``outputs`` name them otherwise
-#: (``%d``: each layer). Others are checked only where the config names them.
+#: The decoder's inputs and outputs onnxruntime-genai cannot run without, under these names
+#: unless genai_config's ``model.decoder.inputs``/``outputs`` name them otherwise (``%d``: each
+#: layer). The others the config names (``attention_mask``, ``position_ids``, ...) are optional:
+#: onnxruntime-genai feeds or reads them only where the graph has them, and the check asks no more.
 _DECODER_INPUTS = {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
 _DECODER_OUTPUTS = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
 #: dtype name in genai_config / ONNX → bytes per element of the KV cache.
@@ -131,7 +132,7 @@ def read_config(model_dir: pathlib.Path) -> dict:
 
 def _check_graphs(model_dir: pathlib.Path, model: dict) -> None:
     """Each ONNX file the config names parses as a graph (its weights are not read), and the
-    decoder's takes and gives every input and output onnxruntime-genai will name to it."""
+    decoder's takes and gives the inputs and outputs onnxruntime-genai cannot run it without."""
     import onnx
 
     graphs = {}
@@ -149,12 +150,18 @@ def _check_graphs(model_dir: pathlib.Path, model: dict) -> None:
     if graph is None:  # a pipeline: its stages split the inputs and outputs between them
         return
     layers = int(decoder["num_hidden_layers"])
-    for section, defaults, present in (("inputs", _DECODER_INPUTS, graph.input), ("outputs", _DECODER_OUTPUTS, graph.output)):
+    for section, required, present in (("inputs", _DECODER_INPUTS, graph.input), ("outputs", _DECODER_OUTPUTS, graph.output)):
         named = decoder.get(section)
-        has = [v.name for v in present]
-        for key, template in {**defaults, **(named if isinstance(named, dict) else {})}.items():
+        names = {**required, **(named if isinstance(named, dict) else {})}
+        for key, template in names.items():
             if not isinstance(template, str):
                 raise PackageError(f"{CONFIG_NAME}: model.decoder.{section}.{key} is {template!r:.40}, not a name")
+        has = [v.name for v in present]
+        needed = dict.fromkeys(required)
+        if section == "inputs" and names.get("inputs_embeds") in has:  # a decoder fed embeddings takes no ids
+            needed.pop("input_ids")
+        for key in needed:
+            template = names[key]
             for want in [template.replace("%d", str(i)) for i in range(layers)] if "%d" in template else [template]:
                 if want not in has:
                     shown = ", ".join(has[:6]) + (", ..." if len(has) > 6 else "")

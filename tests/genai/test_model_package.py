@@ -120,11 +120,11 @@ def _rename_graph_input(folder: pathlib.Path, old: str, new: str) -> None:
     (lambda f: _rename_graph_input(f, "past_key_values.1.value", "past.1.value"),
      r"^model.onnx has no input 'past_key_values.1.value', which genai_config.json names \(model.decoder.inputs.past_value_names\); "
      r"its inputs: input_ids, attention_mask, past_key_values.0.key, past_key_values.0.value, past_key_values.1.key, past.1.value$"),
-    (lambda f: _rename_graph_input(f, "attention_mask", "mask"), r"has no input 'attention_mask', which genai_config.json names"),
+    (lambda f: _rename_graph_input(f, "input_ids", "ids"), r"^model.onnx has no input 'input_ids', which genai_config.json names"),
     (lambda f: _set_config(f, lambda c: c["model"]["decoder"]["outputs"].update(logits="scores")),
      r"^model.onnx has no output 'scores', which genai_config.json names \(model.decoder.outputs.logits\)"),
     (lambda f: _set_config(f, lambda c: c["model"]["decoder"].update(num_hidden_layers=3)), r"has no input 'past_key_values.2.key'"),
-], ids=["not-onnx", "empty", "kv-input-renamed", "mask-renamed", "logits-misnamed", "more-layers-than-the-graph"])
+], ids=["not-onnx", "empty", "kv-input-renamed", "ids-renamed", "logits-misnamed", "more-layers-than-the-graph"])
 def test_a_decoder_that_is_not_the_graph_the_config_describes_is_refused_before_anything_is_written(genai_package, tmp_path,
                                                                                                      damage, message):
     """onnxruntime-genai feeds the decoder the inputs genai_config.json names and reads the
@@ -135,6 +135,31 @@ def test_a_decoder_that_is_not_the_graph_the_config_describes_is_refused_before_
     with pytest.raises(PackageError, match=message):
         pack(folder, tmp_path / "dist" / "model.tar")
     assert not (tmp_path / "dist").exists()
+
+
+def test_an_optional_input_the_config_names_but_the_graph_lacks_is_packed_as_onnxruntime_genai_runs_it(genai_package, tmp_path):
+    """onnxruntime-genai feeds ``position_ids`` (like ``attention_mask``) only to a graph that
+    takes it: a config naming it for a graph without it loads and runs, so it packs."""
+    folder = _copy(genai_package, tmp_path)
+    _set_config(folder, lambda c: c["model"]["decoder"]["inputs"].update(position_ids="position_ids"))
+    pack(folder, tmp_path / "model.tar")
+    assert len(_greedy(folder, [{"role": "user", "content": "Where does it run?"}], 3)[1]) == 3
+
+
+def _fed_embeddings(folder: pathlib.Path) -> None:
+    _rename_graph_input(folder, "input_ids", "inputs_embeds")
+    _set_config(folder, lambda c: c["model"]["decoder"]["inputs"].update(inputs_embeds="inputs_embeds"))
+
+
+def test_a_decoder_fed_embeddings_instead_of_ids_is_packed(genai_package, tmp_path):
+    folder = _copy(genai_package, tmp_path)
+    _fed_embeddings(folder)
+    _set_config(folder, lambda c: c["model"]["decoder"]["inputs"].pop("input_ids"))
+    pack(folder, tmp_path / "model.tar")
+    (folder / "model.onnx").write_bytes((genai_package.directory / "model.onnx").read_bytes())  # takes ids, not embeddings
+    _rename_graph_input(folder, "input_ids", "ids")
+    with pytest.raises(PackageError, match=r"^model.onnx has no input 'input_ids'"):
+        pack(folder, tmp_path / "model.tar")
 
 
 def test_the_command_refuses_a_damaged_decoder_in_one_line_with_exit_2(genai_package, tmp_path):
