@@ -9,8 +9,9 @@ same folder always gives the same bytes, hence the same digest.
 ``pack`` first checks that onnxruntime-genai could load the folder (the config, the files it
 names, that they are ONNX graphs, the decoder's inputs and outputs it cannot run without, the
 tokenizer's): otherwise the package would fail only on the agent or replica
-that downloaded it. ``describe`` reads the figures a ``Model`` manifest declares for placement (parameters,
-weight bytes, context length, KV-cache bytes per token) from the folder itself, so an
+that downloaded it. From the same reading (each graph is parsed once, with the weights it
+holds but not its external data files) it gives the figures a ``Model`` manifest declares for
+placement (parameters, weight bytes, context length, KV-cache bytes per token), so an
 operator can copy them into the manifest instead of working them out.
 
     python -m orchestrator.artifacts.genai_package pack MODEL_DIR OUT.tar
@@ -66,12 +67,13 @@ class PackageFacts:
         return out
 
 
-def pack(model_dir: pathlib.Path, out: pathlib.Path) -> str:
+def pack(model_dir: pathlib.Path, out: pathlib.Path) -> PackageFacts:
     """Tar ``model_dir``'s regular files (no links, no folders above it) into ``out``; returns
-    sha256. The folder is checked first (:func:`read_config`): a package that onnxruntime-genai
-    cannot load would fail only on the agent or replica that downloads it."""
+    its figures. The folder is checked first (:func:`_read_checked`): a package that
+    onnxruntime-genai cannot load would fail only on the agent or replica that downloads it."""
     model_dir = pathlib.Path(model_dir)
-    read_config(model_dir)
+    config, graphs = _read_checked(model_dir)
+    params, nbytes = _weights(graphs)
     files = []
     for path in sorted(model_dir.rglob("*")):
         rel = path.relative_to(model_dir).as_posix()
@@ -96,13 +98,21 @@ def pack(model_dir: pathlib.Path, out: pathlib.Path) -> str:
     except BaseException:  # a full disk, a file that shrank while read: no half-written package is left
         tmp.unlink(missing_ok=True)
         raise
-    return sha256_file(out)
+    return PackageFacts(
+        path=out,
+        sha256=sha256_file(out),
+        size_bytes=out.stat().st_size,
+        parameters=params,
+        weight_bytes=nbytes,
+        context_length=_context_length(config),
+        kv_bytes_per_token=kv_bytes_per_token(config),
+    )
 
 
-def read_config(model_dir: pathlib.Path) -> dict:
-    """``genai_config.json`` of a model folder, checked for what :func:`describe` reads and
-    for the files onnxruntime-genai opens: each one the config names (the decoder's above
-    all) and the tokenizer's."""
+def _read_checked(model_dir: pathlib.Path) -> tuple[dict, list]:
+    """``genai_config.json`` of a model folder and the ONNX graphs it names, checked for the
+    figures :func:`pack` gives and for the files onnxruntime-genai opens: each one the config
+    names (the decoder's above all) and the tokenizer's."""
     model_dir = pathlib.Path(model_dir)
     path = model_dir / CONFIG_NAME
     if not path.is_file():
@@ -126,13 +136,13 @@ def read_config(model_dir: pathlib.Path) -> dict:
                            f"{' or '.join(TOKENIZER_FILES)}")
     kv_bytes_per_token(config)
     _context_length(config)
-    _check_graphs(model_dir, model)
-    return config
+    return config, _check_graphs(model_dir, model)
 
 
-def _check_graphs(model_dir: pathlib.Path, model: dict) -> None:
-    """Each ONNX file the config names parses as a graph (its weights are not read), and the
-    decoder's takes and gives the inputs and outputs onnxruntime-genai cannot run it without."""
+def _check_graphs(model_dir: pathlib.Path, model: dict) -> list:
+    """The ONNX graphs the config names, each parsed once (the weights the file holds, not its
+    external data files); the decoder's takes and gives the inputs and outputs onnxruntime-genai
+    cannot run it without."""
     import onnx
 
     graphs = {}
@@ -148,7 +158,7 @@ def _check_graphs(model_dir: pathlib.Path, model: dict) -> None:
     decoder = model["decoder"]
     graph = graphs.get(decoder.get("filename"))
     if graph is None:  # a pipeline: its stages split the inputs and outputs between them
-        return
+        return list(graphs.values())
     layers = int(decoder["num_hidden_layers"])
     for section, required, present in (("inputs", _DECODER_INPUTS, graph.input), ("outputs", _DECODER_OUTPUTS, graph.output)):
         named = decoder.get(section)
@@ -167,6 +177,7 @@ def _check_graphs(model_dir: pathlib.Path, model: dict) -> None:
                     shown = ", ".join(has[:6]) + (", ..." if len(has) > 6 else "")
                     raise PackageError(f"{decoder['filename']} has no {section[:-1]} {want!r}, which {CONFIG_NAME} names "
                                        f"(model.decoder.{section}.{key}); its {section}: {shown or 'none'}")
+    return list(graphs.values())
 
 
 def _filenames(section: object) -> Iterator[object]:
@@ -276,7 +287,7 @@ def kv_bytes_per_token(config: dict) -> int:
 QUANTIZATION_DOC = "quantization"
 
 
-def _onnx_weights(model_dir: pathlib.Path) -> tuple[int, int]:
+def _weights(graphs: list) -> tuple[int, int]:
     """Parameters and bytes of the graphs' initializers. A 4-bit ``MatMulNBits`` weight
     counts its K x N parameters; its scales and zero points (and initializers marked
     :data:`QUANTIZATION_DOC`) count as bytes only."""
@@ -284,15 +295,14 @@ def _onnx_weights(model_dir: pathlib.Path) -> tuple[int, int]:
     import onnx
 
     params = nbytes = 0
-    for path in sorted(model_dir.rglob("*.onnx")):
-        model = onnx.load(str(path), load_external_data=False)
+    for graph in graphs:
         quantized: dict[str, int] = {}  # initializer -> parameters it stands for (0: metadata)
-        for node in model.graph.node:
+        for node in graph.node:
             if node.op_type == "MatMulNBits" and len(node.input) > 1:
                 attrs = {a.name: a.i for a in node.attribute}
                 quantized[node.input[1]] = attrs.get("K", 0) * attrs.get("N", 0)
                 quantized.update({name: 0 for name in node.input[2:4] if name})
-        for init in model.graph.initializer:
+        for init in graph.initializer:
             count = int(np.prod(init.dims)) if init.dims else 1
             params += 0 if init.doc_string == QUANTIZATION_DOC else quantized.get(init.name, count)
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
@@ -306,21 +316,6 @@ def _context_length(config: dict) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise PackageError(f"{CONFIG_NAME}: the context length {value!r:.40} is not a whole number of tokens")
     return value
-
-
-def describe(model_dir: pathlib.Path, package: pathlib.Path) -> PackageFacts:
-    config = read_config(pathlib.Path(model_dir))
-    params, nbytes = _onnx_weights(pathlib.Path(model_dir))
-    context = _context_length(config)
-    return PackageFacts(
-        path=package,
-        sha256=sha256_file(package),
-        size_bytes=package.stat().st_size,
-        parameters=params,
-        weight_bytes=nbytes,
-        context_length=context,
-        kv_bytes_per_token=kv_bytes_per_token(config),
-    )
 
 
 def read_member(package: pathlib.Path, name: str) -> bytes:
@@ -341,8 +336,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=pathlib.Path)
     args = parser.parse_args(argv)
     try:
-        pack(args.model_dir, args.out)
-        facts = describe(args.model_dir, args.out)
+        facts = pack(args.model_dir, args.out)
     except (PackageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

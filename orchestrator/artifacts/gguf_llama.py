@@ -502,9 +502,8 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         out = convert(args.gguf, args.out_dir, context_length=args.context_length, keep_quantized=not args.float32)
         if args.pack:
-            genai_package.pack(out, args.pack)
             # the figures a Model manifest needs, as `genai_package pack` prints them
-            print(json.dumps(genai_package.describe(out, args.pack).as_dict(), indent=2))
+            print(json.dumps(genai_package.pack(out, args.pack).as_dict(), indent=2))
     except (GGUFError, genai_package.PackageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

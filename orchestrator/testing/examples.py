@@ -113,8 +113,7 @@ def _cached_or_built(gguf: pathlib.Path, package: pathlib.Path, facts_file: path
     try:
         folder = gguf_llama.convert(gguf, scratch / "model", context_length=SMOLLM2_CONTEXT)
         built = scratch / SMOLLM2_PACKAGE
-        genai_package.pack(folder, built)
-        facts = genai_package.describe(folder, built)
+        facts = genai_package.pack(folder, built)
         os.replace(built, package)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -245,8 +245,7 @@ def build_package(work_dir: pathlib.Path, *, name: str = "tiny-chat", **options)
     work_dir = pathlib.Path(work_dir)
     directory = build_model_dir(work_dir / name, **options)
     package = work_dir / f"{name}.tar"
-    genai_package.pack(directory, package)
-    facts = genai_package.describe(directory, package)
+    facts = genai_package.pack(directory, package)
     config = json.loads((directory / genai_package.CONFIG_NAME).read_text())
     return GenAIModel(
         directory=directory,

@@ -210,8 +210,7 @@ def test_the_package_generates_with_onnxruntime_genai_and_keeps_the_tokenizer(ti
     import onnxruntime_genai as og
 
     root, _ = tiny
-    genai_package.pack(root / "model", root / "tiny.tar")
-    facts = genai_package.describe(root / "model", root / "tiny.tar")
+    facts = genai_package.pack(root / "model", root / "tiny.tar")
     assert facts.context_length == CONTEXT and facts.kv_bytes_per_token == 2 * LAYERS * KV_HEADS * (HIDDEN // HEADS) * 4
     config = json.loads((root / "model" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE and config["eos_token"] == "<|im_end|>"
