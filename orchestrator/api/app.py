@@ -283,6 +283,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         # Each replica counts what its own gateway answered, and behind one Service any of them
         # answers: the console keeps a baseline per replica, and needs to know which one and
         # whether it started since the page opened (its uptime, so no two clocks are compared).
+        # Never OpenMetrics, even when Accept asks for it (ControlPlane.metrics says why).
         return Response(await services.metrics(), media_type=CONTENT_TYPE_LATEST, headers={
             "X-Edgeplane-Replica": services.replica_id, "X-Edgeplane-Uptime": f"{time.monotonic() - started:.3f}"})
 

@@ -154,6 +154,17 @@ def test_metrics_are_prometheus_text(api: httpx.Client, fleet: dict) -> None:
     assert agents == {"healthy": 0.0, "unhealthy": 0.0}  # no agent joined this control plane
 
 
+def test_metrics_stay_prometheus_text_when_the_scraper_asks_for_openmetrics(api: httpx.Client) -> None:
+    """Prometheus asks for OpenMetrics first; there the deprecated gauges and the counters that
+    replace them (edgeplane_heartbeats_received and ..._total) would be one family twice, and
+    the scrape would be refused whole."""
+    r = api.get("/metrics", headers={"Accept": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                                               "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain;")
+    samples = {s.name for f in text_string_to_metric_families(r.text) for s in f.samples}
+    assert {"edgeplane_heartbeats_received", "edgeplane_heartbeats_received_total"} <= samples
+
+
 def test_a_scrape_while_the_store_fails_answers_without_the_placed_replicas(
         api: httpx.Client, fleet: dict, control_plane: support.ServerThread, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
