@@ -101,7 +101,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         judged = isinstance(rule, rules.GenerativeRule)
         last = stage == len(route.stages) - 1
         got: _Answer | None = None
-        busy: _Answer | None = None  # this stage's 429, when every replica tried was at capacity or failed
+        busy: _Answer | None = None  # this stage's last 429, when no replica of it answered otherwise
         verdict: rules.Verdict | None = None
         if isinstance(ranked, routing.NoRoute):
             req.trip.failures.append(f"{route.stages[stage].variant}: {ranked.reason}")
