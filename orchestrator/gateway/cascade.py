@@ -197,15 +197,26 @@ class Trip:
     escalated: bool = False  # counted once in Totals.escalated, however many stages it passes
     # the gateway's edgeplane_gateway_failovers_total, told the site of a failed attempt once another replica is tried
     failover: Callable[[str], None] = field(default=lambda site: None)
-    failed_at: str | None = None  # the site of the attempt that just failed, until the next one begins
+    # the site of the attempt under way or just failed (attempt), until its replica answers (answered)
+    _failed_at: str | None = field(default=None, init=False)
 
     def trying(self) -> None:
         """Another replica (of this stage or a later one) is about to run the request: if the
         attempt before it failed, the request fails over from that one, counted as the plain
         routes count it (a request that ends on a failure moved on from nothing)."""
-        if self.failed_at is not None:
-            self.failover(self.failed_at)
-            self.failed_at = None
+        if self._failed_at is not None:
+            self.failover(self._failed_at)
+            self._failed_at = None
+
+    def attempt(self, site: str) -> None:
+        """The replica at ``site`` is about to run the request (:meth:`trying`); until it
+        :meth:`answered`, the attempt counts as failed."""
+        self.trying()
+        self._failed_at = site
+
+    def answered(self) -> None:
+        """The replica of the last :meth:`attempt` answered: no failover from it."""
+        self._failed_at = None
 
 
 @dataclass
@@ -377,8 +388,7 @@ class CascadeHandler:
         busy: _Attempt | None = None
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
-            trip.trying()
-            trip.failed_at = e.site  # until it answers
+            trip.attempt(e.site)
             self.table.started(e.url)
             began = self.clock()
             try:
@@ -401,7 +411,7 @@ class CascadeHandler:
                 trip.failures.append(f"{e.site}: at capacity (HTTP 429)")
                 busy = _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
                 continue
-            trip.failed_at = None
+            trip.answered()
             if trip.first_site is None:
                 trip.first_site, trip.first_country = e.site, e.country
             return _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)

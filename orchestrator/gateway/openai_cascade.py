@@ -10,7 +10,7 @@ refusal patterns) and ``after_stage`` (answer, escalate, or answer saying why no
 escalated); the counters and energy are the v2 cascade's too (``CascadeHandler``), and
 so are ``edgeplane_gateway_requests_total`` (one caller request counts once, as the answer
 the caller got, however many stages ran for it) and ``edgeplane_gateway_failovers_total``
-(``Trip.trying``).
+(``Trip.attempt``).
 A replica at capacity (429) is overloaded, as ``maxInflight`` reached is: the stage's next
 replica is tried, then the next stage; the caller gets the 429, with its ``Retry-After``,
 only when the stage the cascade ends on is at capacity.
@@ -202,8 +202,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
     busy: _Answer | None = None
     for choice in ranked[: owner.gw.max_attempts]:
         e = choice.endpoint
-        req.trip.trying()
-        req.trip.failed_at = e.site  # until it answers
+        req.trip.attempt(e.site)
         owner.gw.table.started(e.url)
         began = handler.clock()
         try:
@@ -234,7 +233,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
             busy = _Answer(stage, status, content, e.site, e.tier, retry_after)
             continue
         if status != 200:
-            req.trip.failed_at = None  # the caller's error: an answer
+            req.trip.answered()  # the caller's error: an answer
             return _Answer(stage, status, content, e.site, e.tier)
         try:
             parsed = json.loads(content)
@@ -243,7 +242,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
         if not isinstance(parsed, dict):
             req.trip.failures.append(f"{e.site}: the answer is not a JSON object")
             continue
-        req.trip.failed_at = None
+        req.trip.answered()
         return _Answer(stage, 200, parsed, e.site, e.tier)
     return busy
 
