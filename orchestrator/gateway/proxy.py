@@ -96,8 +96,10 @@ class Timed(Response):
                 self.latency.labels(self.model).observe(time.perf_counter() - self.arrived)
 
 
-def _error(status: int, message: str, site: str | None = None, retry_after: int | None = None) -> Response:
-    headers = {"x-edgeplane-site": site} if site else {}
+def _error(status: int, message: str, retry_after: int | None = None) -> Response:
+    """The gateway's own error: no ``X-Edgeplane-Site``, which only a replica's answer carries
+    (``Timed`` counts the latency of those alone)."""
+    headers: dict[str, str] = {}
     if retry_after is not None:
         headers["retry-after"] = str(retry_after)
     return Response(oip.error_body(message), status_code=status, media_type="application/json", headers=headers)
