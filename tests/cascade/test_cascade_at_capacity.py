@@ -17,13 +17,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from edge_agent import httpserver
+from edge_agent import httpmessages, httpserver
 from edgeplane_proto import oip
 from orchestrator.api import methods
 from orchestrator.gateway import cascade, cascade_rules, endpoints, proxy, routing, upstream
 from orchestrator.ports import free_port
 
-Handle = Callable[[httpserver.Request], Awaitable[httpserver.Response]]
+Handle = Callable[[httpmessages.Request], Awaitable[httpmessages.Response]]
 RULE = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8)
 ROUTE = cascade_rules.CascadeRoute("m", "dep", (cascade_rules.StageRoute("small", frozenset({"edge"}), RULE),
                                                 cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)), {})
@@ -44,15 +44,15 @@ async def replica(handle: Handle) -> AsyncIterator[str]:
 
 
 def sure() -> Handle:
-    async def handle(request: httpserver.Request) -> httpserver.Response:
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
         payload, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor("p", np.array([[0.9, 0.1]], dtype=np.float32)),)))
-        return httpserver.Response(200, payload)
+        return httpmessages.Response(200, payload)
     return handle
 
 
 def at_capacity(retry_after: str) -> Handle:
-    async def handle(request: httpserver.Request) -> httpserver.Response:
-        return httpserver.Response(429, oip.error_body("model 'm' is at capacity; retry later"), headers=(("retry-after", retry_after),))
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(429, oip.error_body("model 'm' is at capacity; retry later"), headers=(("retry-after", retry_after),))
     return handle
 
 
@@ -96,8 +96,8 @@ def failovers(registry: CollectorRegistry) -> dict[str, float]:
 
 
 def failing(status: int) -> Handle:
-    async def handle(request: httpserver.Request) -> httpserver.Response:
-        return httpserver.Response(status, oip.error_body("the runtime failed"))
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(status, oip.error_body("the runtime failed"))
     return handle
 
 
@@ -144,9 +144,9 @@ async def test_a_forced_stage_at_capacity_answers_429() -> None:
 
 
 async def test_a_later_stage_at_capacity_keeps_the_earlier_answer() -> None:
-    async def unsure(request: httpserver.Request) -> httpserver.Response:
+    async def unsure(request: httpmessages.Request) -> httpmessages.Response:
         payload, _ = oip.encode_response(oip.InferResponse("m", (oip.Tensor("p", np.array([[0.55, 0.45]], dtype=np.float32)),)))
-        return httpserver.Response(200, payload)
+        return httpmessages.Response(200, payload)
 
     async with replica(unsure) as edge, replica(at_capacity("7")) as dc:
         async with gateway([ep("edge-paris", "edge", edge), ep("dc-paris", "datacenter", dc)]) as (http, _, stats):

@@ -338,8 +338,8 @@ def requests_counted(registry: CollectorRegistry) -> dict[tuple[str, str, str], 
             if metric.name == "edgeplane_gateway_requests" for s in metric.samples if s.name.endswith("_total")}
 
 
-async def truncated(request: httpserver.Request) -> httpserver.Response:  # cut at max_tokens: escalate
-    return httpserver.Response(200, chat_answer("The answer is", finish="length"))
+async def truncated(request: httpmessages.Request) -> httpmessages.Response:  # cut at max_tokens: escalate
+    return httpmessages.Response(200, chat_answer("The answer is", finish="length"))
 
 
 @pytest.mark.parametrize(("edge", "dc", "counted"), [
@@ -429,9 +429,9 @@ async def test_a_chat_by_the_model_name_runs_the_cascade_of_the_deployment_the_c
 async def test_a_cascaded_chat_is_timed_once_from_its_first_stage_to_the_end_of_its_answer(stream: bool) -> None:
     """``edgeplane_gateway_request_seconds`` holds the caller's request, every stage that ran
     for it, and a stream to its last event, as a plain stream is timed: once."""
-    async def slow_and_cut(request: httpserver.Request) -> httpserver.Response:  # 0.2 s of generation, stopped at max_tokens
+    async def slow_and_cut(request: httpmessages.Request) -> httpmessages.Response:  # 0.2 s of generation, stopped at max_tokens
         await asyncio.sleep(0.2)
-        return httpserver.Response(200, chat_answer("The answer is", finish="length"))
+        return httpmessages.Response(200, chat_answer("The answer is", finish="length"))
 
     async def tokens() -> AsyncIterator[bytes]:  # a token, 0.2 s of generation, the end
         yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "42"}}]}\n\n'
@@ -439,11 +439,11 @@ async def test_a_cascaded_chat_is_timed_once_from_its_first_stage_to_the_end_of_
         yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
         yield openai_routes.SSE_DONE
 
-    async def dc(request: httpserver.Request) -> httpserver.Response | httpstream.StreamingResponse:
+    async def dc(request: httpmessages.Request) -> httpmessages.Response | httpstream.StreamingResponse:
         if json.loads(request.body).get("stream"):
             return httpstream.StreamingResponse(200, tokens())
         await asyncio.sleep(0.2)
-        return httpserver.Response(200, chat_answer("The answer is 42."))
+        return httpmessages.Response(200, chat_answer("The answer is 42."))
 
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
     registry = CollectorRegistry()
