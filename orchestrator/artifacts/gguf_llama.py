@@ -367,6 +367,10 @@ def _decoder(shape: LlamaShape, w: dict[str, np.ndarray], blocks: dict[str, Bloc
     return model
 
 
+#: GGUF token types (control, unused) whose strings may repeat under other ids of the same types.
+_KEEP_ONE_ID = (3, 5)
+
+
 def _tokenizer(reader: Any) -> tuple[Any, list[str], dict[str, int]]:
     """The file's byte-level BPE as a ``tokenizers`` tokenizer, its vocabulary, and its special tokens' ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -380,7 +384,11 @@ def _tokenizer(reader: Any) -> tuple[Any, list[str], dict[str, int]]:
         raise GGUFError(f"tokenizer.ggml.token_type is not one whole number for each of the {len(tokens)} tokens")
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
-        if vocab.setdefault(t, i) != i:  # a tokenizer.json vocabulary holds each string once: one id would be lost
+        # A tokenizer.json vocabulary holds each string once: the string's later id is lost.
+        # That is harmless between control and unused tokens (a control token decodes to
+        # nothing, an unused one is never generated), so the first id stands for both.
+        first = vocab.setdefault(t, i)
+        if first != i and not (types[first] in _KEEP_ONE_ID and types[i] in _KEEP_ONE_ID):
             raise GGUFError(f"tokens {vocab[t]} and {i} are both {t!r:.60}: tokenizer.json maps a string to one id, "
                             "so the model's other id would decode wrongly; not converted")
     merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
@@ -392,7 +400,7 @@ def _tokenizer(reader: Any) -> tuple[Any, list[str], dict[str, int]]:
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    special = {tokens[i]: i for i, kind in enumerate(types) if int(kind) in (3, 4)}  # control, user-defined
+    special = {t: vocab[t] for t, kind in zip(tokens, types, strict=True) if kind in (3, 4)}  # control, user-defined
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     return tok, tokens, special
 

