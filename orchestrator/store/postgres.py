@@ -29,6 +29,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg.rows import dict_row
 
+from orchestrator.store import datacentre_records
 from orchestrator.store.sql import SqlStore
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
 from orchestrator.store.values import Fenced, Lease, StoreError
@@ -36,7 +37,7 @@ from orchestrator.store.values import Fenced, Lease, StoreError
 __all__ = ["ChangeFeed", "Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
 
 #: a deleted data-centre Site whose applications are still to be removed, as earlier versions
-#: keep it (they share the database during a rolling update or a downgrade: see :mod:`orchestrator.store.sql`)
+#: keep it (they share the database during a rolling update or a downgrade: see :mod:`orchestrator.store.datacentre_records`)
 DELETED_SITES = "CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version BIGINT NOT NULL)"
 
 SCHEMA = """
@@ -137,7 +138,7 @@ class PostgresStore(SqlStore):
         with self._tx() as db:  # under the write lock: two replicas starting at once
             db.execute(SCHEMA)
             if "version" in self._primary_key(db, "deleted_sites"):  # keyed by name and version for a while
-                self._key_deleted_sites_by_name(db, DELETED_SITES)
+                datacentre_records.key_by_name(self, db, DELETED_SITES)
 
     @staticmethod
     def _primary_key(db: psycopg.Connection[dict[str, Any]], table: str) -> set[str]:

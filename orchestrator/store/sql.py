@@ -1,7 +1,9 @@
 """What both state-store backends share: every operation whose SQL reads the same on
 SQLite and PostgreSQL. The records it stores and returns, and the errors it raises, are
 :mod:`orchestrator.store.values` (re-exported by :mod:`orchestrator.store.sqlite`, the
-module the control plane names them from).
+module the control plane names them from). What a data-centre Site's apply or delete
+leaves behind for removal (records kept as earlier releases read them) is
+:mod:`orchestrator.store.datacentre_records`, called inside these operations' transactions.
 
 Why one base class: the SQLite file and the PostgreSQL database must honour one
 contract to the letter (one test suite runs against both), so the logic that decides
@@ -23,6 +25,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
+from orchestrator.store import datacentre_records
 from orchestrator.store.threads import StoreThreads
 from orchestrator.store.values import (
     FLEET_ACTIONS,
@@ -196,8 +199,7 @@ class SqlStore:
                 if current is None:
                     rv = self._next_version(db)
                     if w.kind == "Site":  # declared again: its apply replaces the deleted one's applications, on its target only
-                        self._take_over(db, w.name, datacentre_target(w.spec))
-                        self._undelete(db, w.name)
+                        datacentre_records.record_declared(self, db, w.name, datacentre_target(w.spec))
                     db.execute(
                         self._q("INSERT INTO objects (kind, name, labels, annotations, spec, generation, resource_version, created_at,"
                                 " updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)"),
@@ -210,9 +212,7 @@ class SqlStore:
                     rv = self._next_version(db)
                     generation = current.generation + (1 if _canonical(current.spec) != spec else 0)
                     if w.kind == "Site" and (left := datacentre_target(current.spec)) != (target := datacentre_target(w.spec)):
-                        self._take_over(db, w.name, target)
-                        if left is not None:  # moved: nothing else drives the old target
-                            self._left(db, w.name, left, _canonical(current.spec), rv)
+                        datacentre_records.record_moved(self, db, w.name, left, target, _canonical(current.spec), rv)
                     db.execute(
                         self._q("UPDATE objects SET labels = ?, annotations = ?, spec = ?, generation = ?, resource_version = ?,"
                                 " updated_at = ? WHERE kind = ? AND name = ?"),
@@ -263,57 +263,9 @@ class SqlStore:
             db.execute(self._q("DELETE FROM placements WHERE deployment = ?"), (name,))
         rv = self._next_version(db)
         if kind == "Site" and (target := datacentre_target(current.spec)) is not None:  # its applications run on until removed
-            self._take_over(db, name, target)
-            self._undelete(db, name)  # another target's record, from a delete an earlier version kept: kept as a target left
-            db.execute(self._q("INSERT INTO deleted_sites (name, spec, version) VALUES (?, ?, ?)"), (name, _canonical(current.spec), rv))
+            datacentre_records.record_deleted(self, db, name, target, _canonical(current.spec), rv)
         self._log(db, Event(event.actor, "deleted", kind, name, event.reason, event.details), now)
         return WriteOutcome(kind, name, "deleted", current.generation, rv)
-
-    # A deleted data-centre Site's record is kept in ``deleted_sites`` (one per name) exactly as
-    # earlier versions keep it, since replicas of both run on one database during a rolling
-    # update or a downgrade and write it with their own statements; the targets a Site left
-    # while still declared are in ``left_targets`` (one per name and target), which they never see.
-
-    def _left(self, db: Any, name: str, target: str, spec: str, version: int) -> None:
-        """Site ``name``, still declared, no longer drives ``target``: what runs there is
-        recorded for removal, replacing an older record of the same target."""
-        db.execute(self._q("DELETE FROM left_targets WHERE name = ? AND target = ?"), (name, target))
-        db.execute(self._q("INSERT INTO left_targets (name, target, spec, version) VALUES (?, ?, ?, ?)"), (name, target, spec, version))
-
-    def _take_over(self, db: Any, name: str, target: str | None) -> None:
-        """Site ``name`` drives ``target`` now: its apply replaces what a record of that target
-        would remove. The records of its other targets stay."""
-        if target is None:
-            return
-        db.execute(self._q("DELETE FROM left_targets WHERE name = ? AND target = ?"), (name, target))
-        deleted = self._one(db, "SELECT spec FROM deleted_sites WHERE name = ?", (name,))
-        if deleted is not None and datacentre_target(json.loads(deleted["spec"])) == target:
-            db.execute(self._q("DELETE FROM deleted_sites WHERE name = ?"), (name,))
-
-    def _undelete(self, db: Any, name: str) -> None:
-        """Site ``name`` is declared (or deleted) again: the deleted one's record, if any is
-        left, becomes a target it left, so the next delete keeps its own beside it."""
-        row = self._one(db, "SELECT spec, version FROM deleted_sites WHERE name = ?", (name,))
-        if row is not None:
-            if (target := datacentre_target(json.loads(row["spec"]))) is not None:
-                self._left(db, name, target, row["spec"], int(row["version"]))
-            db.execute(self._q("DELETE FROM deleted_sites WHERE name = ?"), (name,))
-
-    def _key_deleted_sites_by_name(self, db: Any, table: str) -> None:
-        """A store whose ``deleted_sites`` was keyed by name and version (one record for each
-        target a Site left) is given back the key by name, ``table`` being its statement: for
-        each name, the record of its delete stays there (the newest, while no Site of the name
-        is declared), the others become targets left."""
-        rows = db.execute(self._q("SELECT name, spec, version FROM deleted_sites ORDER BY version")).fetchall()
-        declared = {r["name"] for r in db.execute(self._q("SELECT name FROM objects WHERE kind = 'Site'")).fetchall()}
-        newest = {r["name"]: int(r["version"]) for r in rows}
-        db.execute("DROP TABLE deleted_sites")
-        db.execute(table)
-        for r in rows:
-            if r["name"] not in declared and int(r["version"]) == newest[r["name"]]:
-                db.execute(self._q("INSERT INTO deleted_sites (name, spec, version) VALUES (?, ?, ?)"), (r["name"], r["spec"], r["version"]))
-            elif (target := datacentre_target(json.loads(r["spec"]))) is not None:
-                self._left(db, r["name"], target, r["spec"], int(r["version"]))
 
     def set_status(self, kind: str, name: str, status: Mapping[str, Any]) -> bool:
         """Record observed status; returns False when the object is gone. Does not bump generation."""
@@ -339,33 +291,21 @@ class SqlStore:
                 self._many(db, self._q("UPDATE objects SET status = ? WHERE kind = ? AND name = ?"), changed)
         return sum(key in current for key in encoded)
 
+    # --- what data-centre Sites left behind (see :mod:`orchestrator.store.datacentre_records`)
+
     def deleted_sites(self) -> list[DeletedSite]:
         """The data-centre targets whose Serve applications are still to be removed: those of
         deleted Sites, and those Sites were moved away from."""
-        rows = self._fetch("SELECT * FROM (SELECT name, spec, version FROM deleted_sites UNION ALL"
-                           f" SELECT name, spec, version FROM left_targets) AS records ORDER BY name{self.collate}, version")
-        return [DeletedSite(r["name"], json.loads(r["spec"]), int(r["version"])) for r in rows]
+        return datacentre_records.list_pending(self)
 
     def forget_deleted_site(self, site: DeletedSite, lease: Lease | None = None) -> None:
         """Its applications are removed: the record goes, unless the Site was deleted again since."""
-        with self._tx() as db:
-            if lease is not None:
-                self._fence(db, lease)
-            for table in ("deleted_sites", "left_targets"):  # versions are the store's: one record has it
-                db.execute(self._q(f"DELETE FROM {table} WHERE name = ? AND version = ?"), (site.name, site.version))
+        datacentre_records.forget(self, site, lease)
 
     def abandon_deleted_site(self, name: str, event: Event) -> bool:
-        """An operator gives up removing the applications Site ``name`` left behind (their
-        cluster is gone for good): its records go, every target it left, with ``event``,
-        and no replica tries again. False when there was none."""
-        with self._tx() as db:
-            if not any(self._one(db, f"SELECT name FROM {table} WHERE name = ?", (name,)) for table in ("deleted_sites", "left_targets")):
-                return False
-            db.execute(self._q("DELETE FROM deleted_sites WHERE name = ?"), (name,))
-            db.execute(self._q("DELETE FROM left_targets WHERE name = ?"), (name,))
-            self._changed(db, "resources")
-            self._log(db, event, self._clock())
-        return True
+        """An operator gives up removing the applications Site ``name`` left behind: its
+        records go, every target it left, with ``event``. False when there was none."""
+        return datacentre_records.abandon(self, name, event)
 
     # --- placement intent ------------------------------------------------------------
 

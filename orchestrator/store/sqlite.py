@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from edge_agent import state as state_files
+from orchestrator.store import datacentre_records
 from orchestrator.store.sql import SqlStore, _canonical
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
 from orchestrator.store.values import (  # re-exported: the control plane names the store's records from here
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 #: a deleted data-centre Site whose applications are still to be removed, as earlier versions
-#: keep it (they share the store during a rolling update or a downgrade: see :mod:`orchestrator.store.sql`)
+#: keep it (they share the store during a rolling update or a downgrade: see :mod:`orchestrator.store.datacentre_records`)
 SCHEMA_DELETED_SITES = "CREATE TABLE IF NOT EXISTS deleted_sites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, version INTEGER NOT NULL)"
 
 SCHEMA = """
@@ -149,7 +150,7 @@ class Store(SqlStore):
             if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
                 db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
             if any(r["name"] == "version" and r["pk"] for r in db.execute("PRAGMA table_info(deleted_sites)")):
-                self._key_deleted_sites_by_name(db, SCHEMA_DELETED_SITES)  # keyed by name and version for a while
+                datacentre_records.key_by_name(self, db, SCHEMA_DELETED_SITES)  # keyed by name and version for a while
             db.execute("COMMIT")
         except sqlite3.Error as exc:  # not a database, unreadable, a full disk: rolled back with the connection
             db.close()
