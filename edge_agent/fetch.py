@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -117,7 +118,7 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
                 partial.unlink(missing_ok=True)
                 raise Failed("integrity", f"artifact at {url} is {_over(max_bytes)}")
             hasher.update(chunk)
-            fh.write(chunk)
+            _write_all(fh, chunk)
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY_S:
                 last = now
@@ -126,6 +127,8 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
         os.fsync(fh.fileno())
     finally:
         source.close()
+    if (stored := os.fstat(fh.fileno()).st_size) != have:  # what is hashed is what is published
+        raise OSError(errno.EIO, f"{partial} holds {stored} of the {have} bytes received")
     if source.total is not None and have < source.total:
         # http.client's read1 returns b"" when the peer closes early, Content-Length or not:
         # a dropped connection, whose bytes are kept for the next attempt's Range request
@@ -165,6 +168,18 @@ def _open(url: str, have: int, timeout: float, redirect_hosts: tuple[str, ...]) 
         return _Source(response.read1, 0, _total_size(response.headers, 0), conn.close)
     conn.close()
     raise Failed("unavailable", f"GET {url} answered HTTP {response.status}")
+
+
+def _write_all(fh: BinaryIO, chunk: bytes) -> None:
+    """Write all of ``chunk``. A write that reaches a full disk or a file-size limit
+    (``RLIMIT_FSIZE``, a quota) stores what fits and returns that count without raising;
+    the next one raises (ENOSPC, EFBIG, EDQUOT), which is the error to report."""
+    view = memoryview(chunk)
+    while view:
+        written = fh.write(view)
+        if not written:  # (not from a regular file; not worth spinning on)
+            raise OSError(errno.EIO, f"a write to {fh.name} stored nothing")
+        view = view[written:]
 
 
 def hash_into(fh: BinaryIO, hasher: hashlib._Hash) -> int:
