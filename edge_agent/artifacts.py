@@ -86,6 +86,7 @@ class ArtifactCache:
             scheme = urllib.parse.urlsplit(url).scheme
             if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
                 try:
+                    self.root.mkdir(parents=True, exist_ok=True)  # removed by hand to free space: made again
                     await self._download(url, digest, final, progress, redirect_hosts)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
@@ -108,7 +109,11 @@ class ArtifactCache:
         spared = keep | busy
         # listed here (a few names), removed in a thread only when there is something to remove: on
         # most passes there is none, and a thread's first work would cost the idle agent an arena
-        doomed = [name for name in os.listdir(self.root)
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:  # removed by hand: nothing left to prune; the next download makes it again
+            return
+        doomed = [name for name in names
                   if _HEX.match(name.removesuffix(".partial")) and name.removesuffix(".partial") not in spared]
         if doomed:
             removed = await asyncio.to_thread(_remove, self.root, doomed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -49,3 +50,13 @@ async def test_a_disk_that_fills_during_the_last_chunk_keeps_the_partial_to_resu
     before = len(artifact_server.ranges)
     assert (await cache.fetch(artifact_server.url("fills.bin"), digest)).read_bytes() == data  # space freed
     assert artifact_server.ranges[before:] == [f"bytes={room}-"]
+
+
+async def test_a_cache_folder_removed_to_free_space_is_made_again(tmp_path: pathlib.Path, artifact_server: ArtifactServer) -> None:
+    data = os.urandom(4096)
+    (artifact_server.root / "after-rm.bin").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    cache = artifacts.ArtifactCache(tmp_path / "cache")
+    shutil.rmtree(tmp_path / "cache")  # rm -rf <data-dir>/cache while the agent runs
+    await cache.prune(set())  # each convergence prunes: nothing to do, no error
+    assert (await cache.fetch(artifact_server.url("after-rm.bin"), digest)).read_bytes() == data
