@@ -182,8 +182,10 @@ class ArtifactCache:
                 continue  # not one of its reports; the exit status tells the rest
             if "resumed" in report:
                 log.info("resuming %s at %d bytes", url, report["resumed"])
-            elif "progress" in report:
-                done = _progress(report["progress"], report.get("total"))
+            elif "progress" in report or "verifying" in report:  # (re-reading a partial: a slow disk, not a stall)
+                done = _progress(report.get("progress", report.get("verifying", 0)), report.get("total"))
+                if "verifying" in report:
+                    done = f"re-reading what came before: {done}"
                 if progress is not None:
                     progress(done)
                 if self._clock() - last_log >= 5.0:

@@ -26,6 +26,8 @@ rather than interleaved with the first.
 A download resumes with an HTTP ``Range`` request from what ``PARTIAL`` already holds.
 The child reports on stdout, one JSON object a line, and exits 0 when it finished:
 
+``{"verifying": N, "total": T}``       re-reading the T bytes ``PARTIAL`` held, before resuming
+                                       (at most once a second: a slow disk is not a stall)
 ``{"resumed": N}``                     the server resumed at byte N
 ``{"progress": N, "total": T}``        at most once a second (T is null when unknown)
 ``{"done": N, "sha256": HEX}``         the last line of a finished download
@@ -45,6 +47,7 @@ import fcntl
 import hashlib
 import http.client
 import json
+import math
 import os
 import pathlib
 import signal
@@ -91,7 +94,15 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
 def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float, max_bytes: int,
                    redirect_hosts: tuple[str, ...]) -> tuple[int, str]:
     hasher = hashlib.sha256()
-    have = hash_into(fh, hasher)
+    # Re-read before the Range request: a multi-GB partial on an SD card takes minutes, which
+    # the agent must not take for a stall (it kills a child silent for its socket timeout + 10 s)
+    held, verify_due = os.fstat(fh.fileno()).st_size, _every(PROGRESS_EVERY_S)
+
+    def verifying(n: int) -> None:
+        if verify_due():
+            _emit(verifying=n, total=held)
+
+    have = hash_into(fh, hasher, verifying)
     source = _open(url, have, timeout, redirect_hosts)
     try:
         if source.total is not None and source.total > max_bytes:  # refused before a byte of it is read
@@ -105,7 +116,7 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
             have = 0  # the server ignored Range, there was nothing to resume, or a local copy
             hasher = hashlib.sha256()
             fh.truncate(0)  # not unlinked: the lock is on this file
-        last = -PROGRESS_EVERY_S  # the first chunk is reported at once: a slow download shows it has started
+        progress_due = _every(PROGRESS_EVERY_S)
         while True:
             try:
                 chunk = source.read(CHUNK)
@@ -119,9 +130,7 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
                 raise Failed("integrity", f"artifact at {url} is {_over(max_bytes)}")
             hasher.update(chunk)
             _write_all(fh, chunk)
-            now = time.monotonic()
-            if now - last >= PROGRESS_EVERY_S:
-                last = now
+            if progress_due():
                 _emit(progress=have, total=source.total)
         fh.flush()
         os.fsync(fh.fileno())
@@ -182,14 +191,32 @@ def _write_all(fh: BinaryIO, chunk: bytes) -> None:
         view = view[written:]
 
 
-def hash_into(fh: BinaryIO, hasher: hashlib._Hash) -> int:
-    """Hash all of ``fh`` from its start; return its size."""
+def hash_into(fh: BinaryIO, hasher: hashlib._Hash, hashed: Callable[[int], object] = lambda n: None) -> int:
+    """Hash all of ``fh`` from its start, telling ``hashed`` how far it got after each
+    chunk; return its size."""
     fh.seek(0)
     size = 0
     for chunk in iter(lambda: fh.read(CHUNK), b""):
         hasher.update(chunk)
         size += len(chunk)
+        hashed(size)
     return size
+
+
+def _every(seconds: float) -> Callable[[], bool]:
+    """A test that is true at its first call (a slow start shows it has started), then at
+    most once every ``seconds``."""
+    last = -math.inf
+
+    def due() -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < seconds:
+            return False
+        last = now
+        return True
+
+    return due
 
 
 def _claim(partial: pathlib.Path) -> BinaryIO:

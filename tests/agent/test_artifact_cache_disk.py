@@ -1,5 +1,6 @@
 """The artifact cache on an edge device's disk as it is: one that fills up (or a file-size
-limit) in the middle of a download, and a cache folder removed under a running agent."""
+limit) in the middle of a download, an SD card slow to read back a large partial download,
+and a cache folder removed under a running agent."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pathlib
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from edge_agent import artifacts
 
@@ -60,3 +63,47 @@ async def test_a_cache_folder_removed_to_free_space_is_made_again(tmp_path: path
     shutil.rmtree(tmp_path / "cache")  # rm -rf <data-dir>/cache while the agent runs
     await cache.prune(set())  # each convergence prunes: nothing to do, no error
     assert (await cache.fetch(artifact_server.url("after-rm.bin"), digest)).read_bytes() == data
+
+
+_SLOW_CARD = """
+import hashlib, time
+_sha256 = hashlib.sha256
+
+
+class _ReadFromASlowCard:  # 10 MiB/s: each MiB hashed is a MiB read off an SD card
+    def __init__(self, *data):
+        self._h = _sha256(*data)
+
+    def update(self, data):
+        time.sleep(len(data) / (10 << 20))
+        self._h.update(data)
+
+    def hexdigest(self):
+        return self._h.hexdigest()
+
+
+hashlib.sha256 = _ReadFromASlowCard
+"""
+
+
+async def test_a_large_partial_on_a_slow_disk_resumes_rather_than_being_taken_for_a_stall(
+    tmp_path: pathlib.Path, artifact_server: ArtifactServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume re-reads the partial file before its Range request: 2 GB of it on eMMC is
+    longer than the 40 s of silence after which a download child is killed, and so was
+    every attempt after it, for good."""
+    data = os.urandom(32 << 20)
+    (artifact_server.root / "slow-card.bin").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    held = 24 << 20  # 2.4 s to re-read, over the 2 s of silence allowed here
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "sitecustomize.py").write_text(_SLOW_CARD)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(card), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setattr(artifacts, "STALL_GRACE_S", 1.0)
+    cache = artifacts.ArtifactCache(tmp_path / "cache", timeout=1.0)
+    (cache.root / (digest + ".partial")).write_bytes(data[:held])
+    before, shown = len(artifact_server.ranges), []
+    assert (await cache.fetch(artifact_server.url("slow-card.bin"), digest, shown.append)).read_bytes() == data
+    assert artifact_server.ranges[before:] == [f"bytes={held}-"]
+    assert shown[0].startswith("re-reading what came before: ") and shown[0].endswith(" of 25.2 MB"), shown
