@@ -32,7 +32,9 @@ The child reports on stdout, one JSON object a line, and exits 0 when it finishe
 ``{"progress": N, "total": T}``        at most once a second (T is null when unknown)
 ``{"done": N, "sha256": HEX}``         the last line of a finished download
 ``{"error": KIND, "message": TEXT}``   the last line of a failed one (exit 1); KIND is
-                                       ``unavailable`` (worth retrying) or ``integrity``
+                                       ``unavailable`` (worth retrying), ``integrity``, or
+                                       ``disk`` (``PARTIAL`` cannot be written, or the size
+                                       announced is more than the disk has free)
 
 The caller compares the digest, moves the file into the cache, and logs.
 """
@@ -110,6 +112,8 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
             raise Failed("integrity", f"artifact at {url} is {source.total} bytes, {_over(max_bytes)}")
         if source.start is None:
             return have, hasher.hexdigest()  # nothing left to fetch (or bogus): the hash decides
+        if source.total is not None:
+            _refuse_unless_room(partial, url, source.total - source.start, 0 if source.start else have)
         if source.start:
             _emit(resumed=have)
         else:
@@ -177,6 +181,17 @@ def _open(url: str, have: int, timeout: float, redirect_hosts: tuple[str, ...]) 
         return _Source(response.read1, 0, _total_size(response.headers, 0), conn.close)
     conn.close()
     raise Failed("unavailable", f"GET {url} answered HTTP {response.status}")
+
+
+def _refuse_unless_room(partial: pathlib.Path, url: str, needed: int, freed: int) -> None:
+    """Refuse a download that cannot fit before a byte of it is written (``freed``: what
+    starting again from byte 0 gives back): one that filled the disk would keep it full,
+    failing the agent's other downloads and saves, and every retry would fail the same.
+    What a partial file holds is kept for when space is freed."""
+    disk = os.statvfs(partial.parent)
+    free = disk.f_bavail * disk.f_frsize + freed
+    if needed > free and disk.f_blocks:  # (a file system that reports no size at all, some FUSE ones: not known)
+        raise Failed("disk", f"{url} needs {needed / 1e6:.1f} MB more, and {free / 1e6:.1f} MB are free")
 
 
 def _write_all(fh: BinaryIO, chunk: bytes) -> None:

@@ -1,9 +1,11 @@
 """The artifact cache on an edge device's disk as it is: one that fills up (or a file-size
-limit) in the middle of a download, an SD card slow to read back a large partial download,
+limit) in the middle of a download, an artifact larger than the space left, an SD card slow to read back a large partial download,
 and a cache folder removed under a running agent."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -13,7 +15,7 @@ import sys
 
 import pytest
 
-from edge_agent import artifacts
+from edge_agent import artifacts, errors
 
 from .conftest import ArtifactServer
 
@@ -107,3 +109,37 @@ async def test_a_large_partial_on_a_slow_disk_resumes_rather_than_being_taken_fo
     assert (await cache.fetch(artifact_server.url("slow-card.bin"), digest, shown.append)).read_bytes() == data
     assert artifact_server.ranges[before:] == [f"bytes={held}-"]
     assert shown[0].startswith("re-reading what came before: ") and shown[0].endswith(" of 25.2 MB"), shown
+
+
+_ANNOUNCED = 10**17  # bytes: no disk has that free
+
+
+@pytest.mark.parametrize(("held", "head"), [
+    (0, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % _ANNOUNCED),
+    (10, b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-%d/%d\r\nContent-Length: %d\r\n\r\n"
+     % (_ANNOUNCED - 1, _ANNOUNCED, _ANNOUNCED - 10)),
+], ids=["from-the-start", "resumed"])
+async def test_an_artifact_larger_than_the_free_space_is_refused_before_it_fills_the_disk(
+    tmp_path: pathlib.Path, held: int, head: bytes
+) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + b"x" * 10)  # then nothing: reading on would wait out the socket timeout
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the download child hangs up
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/huge.onnx"
+    try:
+        cache = artifacts.ArtifactCache(tmp_path, max_bytes=1 << 60, timeout=60.0)
+        partial = cache.root / ("0" * 64 + ".partial")
+        if held:
+            partial.write_bytes(b"x" * held)  # what came before the space ran out: kept to resume
+        with pytest.raises(errors.ArtifactUnavailable,
+                           match=rf"cannot store artifact 000000000000 in the cache .*: {url} needs {(_ANNOUNCED - held) / 1e6:.1f} "
+                                 r"MB more, and \d+\.\d MB are free"):
+            await asyncio.wait_for(cache.fetch(url, "0" * 64), 20)
+        assert partial.read_bytes() == b"x" * held if held else not partial.exists()
+    finally:
+        server.close()
