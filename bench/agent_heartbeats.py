@@ -261,7 +261,7 @@ async def _relay_replica(leader: str, replica: str, conn) -> None:  # noqa: ANN0
     server = await service.start_agent_server(agent_hub, "127.0.0.1", 0)
     client = relay.RelayClient(agent_hub, replica)
     task = asyncio.create_task(client.run())
-    client.point(relay.Leader("leader", leader, RELAY_SECRET))
+    client.point(relay.Leader("leader", leader, RELAY_SECRET, answers_claims=True))
     conn.send(server.port)
     try:
         while True:

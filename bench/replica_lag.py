@@ -156,7 +156,7 @@ async def _relay(joins: int, rng: random.Random) -> dict[str, Any]:
     secret = "bench-relay-secret"
     servicer = relay_leader.RelayServicer(leader_hub, lambda: secret)
     server = await service.start_agent_server(leader_hub, "127.0.0.1", 0, more=(servicer.handler(),))
-    leader = relay.Leader("bench-leader", f"127.0.0.1:{server.port}", secret)
+    leader = relay.Leader("bench-leader", f"127.0.0.1:{server.port}", secret, answers_claims=True)
     hubs = {name: hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), heartbeat_interval=30.0) for name in ("at once", "flush")}
     followers = {"at once": relay.RelayClient(hubs["at once"], "bench-now"), "flush": _FlushOnly(hubs["flush"], "bench-flush")}
     tasks = [asyncio.create_task(c.run()) for c in followers.values()]

@@ -388,7 +388,7 @@ class ControlPlane:
     def _publish_leader(self, lease: store_mod.Lease) -> None:
         """Tell the followers where to relay their agents, under this lease's fencing token."""
         doc = {"replica": self.replica_id, "address": self.peer_address, "secret": self._relay_secret, "fencingToken": lease.token,
-               "agentCa": self.agent_ca_sha256}
+               "agentCa": self.agent_ca_sha256, "answersClaims": True}
         try:
             self.store.publish(following.LEADER_KEY, json.dumps(doc), lease=lease)
             self._leader_published = lease.token

@@ -24,6 +24,9 @@ credentials and health) and relays them to the leader over one gRPC stream
 - a join that would give a site a new identity asks first (a ``claim``, sent at once): its
   credential would replace, in the database the replicas share, that of an agent which
   may hold the site through another replica; the leader answers ``free`` or refuses it.
+  A leader says in its published document that it answers claims (``answersClaims``): one
+  of an earlier release, met during a rolling update, would drop a claim unanswered, so a
+  follower of this release takes joins there unasked, as that release did, and logs it.
 
 The leader's hub holds relayed agents as its own (health by the same deadlines, so a relay
 that goes quiet loses its agents in the usual time); the published endpoint table brings
@@ -74,6 +77,9 @@ class Leader:
     address: str  # host:port of its agent listener
     secret: str
     agent_ca: str | None = None  # its agent CA's SHA-256 fingerprint; None: it takes agents without TLS
+    #: It answers a join's claim of a site (its document says so). A leader of an earlier release
+    #: does not: it drops the claim unanswered, so a follower that asked it would refuse every new agent.
+    answers_claims: bool = False
 
     @classmethod
     def from_json(cls, body: str) -> Leader:
@@ -85,7 +91,10 @@ class Leader:
         agent_ca = doc.get("agentCa")
         if agent_ca is not None and not isinstance(agent_ca, str):
             raise ValueError(f"the leader's relay document has an agentCa that is not a string: {agent_ca!r}")
-        return cls(*fields, agent_ca=agent_ca)
+        answers_claims = doc.get("answersClaims", False)
+        if not isinstance(answers_claims, bool):
+            raise ValueError(f"the leader's relay document has an answersClaims that is not a boolean: {answers_claims!r}")
+        return cls(*fields, agent_ca=agent_ca, answers_claims=answers_claims)
 
     def unlike(self, agent_ca: str | None) -> str | None:
         """Why a replica whose agent CA has fingerprint ``agent_ca`` (None: agents without
@@ -165,7 +174,10 @@ class RelayClient:
 
     async def claim(self, site: str) -> None:
         """Ask the leader whether a new agent may take ``site`` (see :meth:`relayed.RelayTap.claim`);
-        joins for one site at once share its answer."""
+        joins for one site at once share its answer. A leader of an earlier release answers no
+        claim: the join goes on unasked, as it did then (:meth:`point` logged it)."""
+        if self.leader is not None and not self.leader.answers_claims:
+            return
         if not self.connected:
             raise errors.Unavailable(f"a new agent for site {site!r} waits for this replica to reach the leader, which "
                                      f"knows whether another replica's agent holds the site ({self.last_error or 'connecting'})")
@@ -200,6 +212,9 @@ class RelayClient:
             return
         self.leader = leader
         self._hub.tap = self if leader is not None else None
+        if leader is not None and not leader.answers_claims:
+            log.warning("the leader %s answers no claim of a site (an earlier release): until it is upgraded, a join at this "
+                        "replica that gives a site a new identity is not checked against agents of other replicas", leader.replica)
         if leader is None:
             self._beats.clear()
             self._touched.clear()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import pathlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class Leader:
     secret: str | None = SECRET
 
     def named(self, secret: str = SECRET) -> relay.Leader:
-        return relay.Leader("cp-leader", self.cp.target, secret)
+        return relay.Leader("cp-leader", self.cp.target, secret, answers_claims=True)
 
 
 @pytest.fixture
@@ -265,6 +266,40 @@ async def test_a_join_refused_at_another_replica_leaves_the_holder_s_credential_
         shared.close()
 
 
+class EarlierReleaseServicer(relay_leader.RelayServicer):
+    """A leader of the release before claims: a report with no field it knows is dropped unanswered."""
+
+    def _apply(self, report: pb.AgentReport, stream: relay_leader._Stream) -> None:
+        if not report.claim:
+            super()._apply(report, stream)
+
+
+async def test_a_follower_takes_new_agents_while_the_leader_is_of_an_earlier_release(
+    follower: tuple[ControlPlane, relay.RelayClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling update replaces followers first: until the leader is replaced too, it
+    answers no claim, and a follower that waited for one would refuse every new agent."""
+    leader_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), heartbeat_interval=0.2, missed_heartbeats=3)
+    servicer = EarlierReleaseServicer(leader_hub, lambda: SECRET)
+    server = await service.start_agent_server(leader_hub, "127.0.0.1", 0, more=(servicer.handler(),))
+    cp, client = follower
+    try:
+        published = json.dumps({"replica": "cp-leader", "address": f"127.0.0.1:{server.port}", "secret": SECRET, "fencingToken": 1})
+        with caplog.at_level("WARNING", logger="orchestrator.agents.relay"):
+            for _ in range(2):  # read again at each poll of the store
+                client.follow(relay.Leader.from_json(published))
+        await until(lambda: client.view()["connected"], "the follower relays to the leader")
+        async with asyncio.timeout(relay.CLAIM_TIMEOUT_S / 2):
+            grant = await cp.hub.join_async(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {},
+                                                                  "test", 5.0, model.Capacity(cpu_cores=2)))
+        await until(lambda: (s := leader_hub.status(SITE)) is not None and s.agent_id == grant.agent_id, "the leader holds the agent")
+        assert [r.getMessage() for r in caplog.records if "answers no claim" in r.getMessage()] == [
+            "the leader cp-leader answers no claim of a site (an earlier release): until it is upgraded, a join at this replica "
+            "that gives a site a new identity is not checked against agents of other replicas"]
+    finally:
+        await server.stop(grace=None)
+
+
 async def test_an_agent_whose_state_adds_up_past_the_leader_s_message_limit_does_not_end_the_relay(
     leader: Leader, follower: tuple[ControlPlane, relay.RelayClient]
 ) -> None:
@@ -351,7 +386,7 @@ async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_pat
     clients = [relay.RelayClient(follower_hub, "cp-f", tls=lambda: certificate(stranger), flush_s=0.05)]
     task = asyncio.create_task(clients[0].run())
     try:
-        clients[0].point(relay.Leader("cp-leader", f"127.0.0.1:{server.port}", SECRET))
+        clients[0].point(relay.Leader("cp-leader", f"127.0.0.1:{server.port}", SECRET, answers_claims=True))
         await until(lambda: clients[0].last_error.startswith("UNAVAILABLE"), "a certificate from another CA refused")
         assert leader_hub.status(SITE) is None
         task.cancel()
@@ -359,7 +394,7 @@ async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_pat
         replica.ca = authority  # what a replica started on the shared CA holds; its relay certificate comes from it
         clients.append(relay.RelayClient(follower_hub, "cp-f", tls=replica._relay_tls, flush_s=0.05))
         task = asyncio.create_task(clients[1].run())
-        clients[1].point(relay.Leader("cp-leader", f"127.0.0.1:{server.port}", SECRET))
+        clients[1].point(relay.Leader("cp-leader", f"127.0.0.1:{server.port}", SECRET, answers_claims=True))
         joined = await events.wait_for(of(model.AgentEventKind.JOINED))
         assert joined.status.via == "cp-f" and joined.status.capacity.cpu_cores == 2
         assert leader_hub.reporting() == 0  # joined, no heartbeat yet: the leader does not count it as reporting
@@ -369,12 +404,16 @@ async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_pat
 
 
 @pytest.mark.parametrize("body", ["not json", "[]", '{"replica": "cp-1", "address": "h:1"}', '{"replica": "cp-1", "address": 7, "secret": "s"}',
-                                  '{"replica": "cp-1", "address": "h:1", "secret": "s", "agentCa": 5}'])
+                                  '{"replica": "cp-1", "address": "h:1", "secret": "s", "agentCa": 5}',
+                                  '{"replica": "cp-1", "address": "h:1", "secret": "s", "answersClaims": "yes"}'])
 def test_a_leader_document_that_cannot_be_used_is_refused_with_a_reason(body: str) -> None:
     with pytest.raises(ValueError):
         relay.Leader.from_json(body)
-    assert relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s", "fencingToken": 3}') == relay.Leader("cp-1", "h:1", "s")
+    assert relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s", "fencingToken": 3, "answersClaims": true}'
+                                  ) == relay.Leader("cp-1", "h:1", "s", answers_claims=True)
     assert relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s", "agentCa": "ab"}').agent_ca == "ab"
+    # an earlier release's leader says nothing of claims: it answers none
+    assert not relay.Leader.from_json('{"replica": "cp-1", "address": "h:1", "secret": "s"}').answers_claims
 
 
 def test_a_replica_whose_agent_ca_is_not_the_leader_s_says_what_to_do(tmp_path: pathlib.Path) -> None:
@@ -436,7 +475,7 @@ def relayed_in_process(leader_tokens: tuple[str, ...] = (), **leader_options: An
     follower = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), clock=lambda: now[0])
     leader = hub.AgentHub(auth.InMemoryJoinAuthenticator(list(leader_tokens)), clock=lambda: now[0], **leader_options)
     client = relay.RelayClient(follower, "cp-follower")
-    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET))
+    client.point(relay.Leader("cp-leader", "127.0.0.1:9", SECRET, answers_claims=True))
     stream = relay_leader._Stream()
     stream.via = "cp-follower"
     return InProcess(now, follower, leader, client, relay_leader.RelayServicer(leader, lambda: SECRET), stream)

@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import httpx
 
-from orchestrator import leadership, server
+from orchestrator import following, leadership, server
+from orchestrator.agents import relay
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing, wire
 from orchestrator.reconciler import loop
@@ -297,6 +298,21 @@ async def test_a_database_that_stalls_as_it_grants_the_lease_holds_up_no_other_r
         # and once the database is back, the replica leads: its relay address published under its lease
         await harness.wait_until(lambda: elector.lease is not None and cp.reconciler.lease is not None
                                  and cp.reconciler.lease.token == elector.lease.token, 30, what="the replica to lead again")
+    finally:
+        await fleet.stop()
+
+
+async def test_a_leader_publishes_that_it_answers_the_followers_claims(tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    """A follower asks the leader before giving a site a new identity only when the leader's
+    relay document says it answers (one of an earlier release would leave it unanswered)."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane(store=postgres.create_database(), resync_s=3600.0)
+        await harness.wait_until(lambda: cp.reconciler.lease is not None, 30, what="the replica to lead")
+        published = await cp.store.run(cp.store.published, following.LEADER_KEY)
+        assert published is not None
+        leader = relay.Leader.from_json(published[1])
+        assert leader.replica == cp.replica_id and leader.answers_claims
     finally:
         await fleet.stop()
 
