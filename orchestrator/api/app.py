@@ -150,23 +150,38 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def delete_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        # Both flags are read (and anything else refused) before deleting anything: a keepSite
-        # or a misspelt flag that were ignored would delete the Site the caller meant to keep.
-        abandon, keep_site = _flag(request, "abandonApplications", "keepSite"), _flag(request, "keepSite", "abandonApplications")
-        if keep_site and not abandon:
-            raise BadQuery("keepSite goes with abandonApplications=true: without it the Site would be deleted")
-        if abandon:  # a cluster gone for good
+        # Every parameter is read (anything else refused) before deleting anything: a misspelt
+        # flag that was ignored would delete what the caller meant otherwise. A DELETE never
+        # keeps the Site: keeping it is its own route, which an earlier release refuses rather
+        # than deleting the Site as it would with a flag it does not read.
+        if "keepSite" in request.query_params:
+            raise BadQuery(f"a DELETE deletes the Site: to keep it and give up only the applications it left elsewhere, "
+                           f"POST /v1/sites/{request.path_params['name']}/abandon-applications")
+        if _flag(request, "abandonApplications"):  # a cluster gone for good
             if kind != "Site":
                 raise BadQuery("abandonApplications is for a Site only")
             name = request.path_params["name"]
             deleted = await store.run(catalog.delete_site_abandoning, store, name, actor=caller.identity,
-                                      reason=_reason(request, "delete"), keep_site=keep_site)
+                                      reason=_reason(request, "delete"))
             services.changed(f"delete by {caller.identity}")
             return JSONResponse({"kind": kind, "name": name, "action": "deleted" if deleted else "applications-abandoned"})
         outcome = await store.run(catalog.delete_object, store, kind, request.path_params["name"], actor=caller.identity,
                                   reason=_reason(request, "delete"))
         services.changed(f"delete by {caller.identity}")
         return JSONResponse({"kind": kind, "name": outcome.name, "action": "deleted"})
+
+    async def abandon_applications(request: Request, caller: auth.Caller) -> Response:
+        """``POST /v1/sites/NAME/abandon-applications``: give up removing the Serve applications
+        the Site left on targets it was moved off (a cluster gone for good); the Site stays."""
+        if request.query_params:
+            raise BadQuery(f"unknown query parameter {', '.join(map(repr, sorted(request.query_params)))}: this route takes none")
+        if catalog.resolve_kind(request.path_params["kind"]) != "Site":
+            raise BadQuery("abandon-applications is for a Site only")
+        name = request.path_params["name"]
+        await store.run(catalog.delete_site_abandoning, store, name, actor=caller.identity,
+                        reason=_reason(request, "abandon-applications"), keep_site=True)
+        services.changed(f"abandon-applications by {caller.identity}")
+        return JSONResponse({"kind": "Site", "name": name, "action": "applications-abandoned"})
 
     async def events(request: Request, caller: auth.Caller) -> Response:
         q = request.query_params
@@ -300,6 +315,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         Route("/v1/simulate", guarded(simulate), methods=["POST"]),
         Route("/v1/revoke/{what}/{name}", guarded(revoke, write=True), methods=["POST"]),
         Route("/v1/controlplane", guarded(controlplane), methods=["GET"]),
+        Route("/v1/{kind}/{name}/abandon-applications", guarded(abandon_applications, write=True), methods=["POST"]),
         methods.CatchAll("/v1/{kind}", guarded(list_kind), methods=["GET"]),
         methods.CatchAll("/v1/{kind}/{name}", guarded(get_one), methods=["GET"]),
         methods.CatchAll("/v1/{kind}/{name}", guarded(delete_one, write=True), methods=["DELETE"]),

@@ -40,6 +40,11 @@ class RetryLater(CliError):
         self.retry_after_s = retry_after_s
 
 
+class NoRoute(CliError):
+    """The control plane has no such route, or does not take the method there: most often one
+    of an earlier release than this CLI, asked for what a later release brought."""
+
+
 #: too many requests; a gateway that got no answer; the server unable to answer for now
 RETRY_LATER_STATUSES = frozenset({429, 502, 503, 504})
 
@@ -117,6 +122,8 @@ class ApiClient:
                                "be the prefix a reverse proxy serves the control plane under")
             body = _error_body(resp)
             details = [_issue_line(i) for i in body.get("issues") or []]
+            if resp.status_code == 405 or (resp.status_code == 404 and str(body.get("error", "")).startswith("no route for ")):
+                raise NoRoute(str(body.get("error", resp.reason_phrase)), 1, details)  # methods.http_error's words, every release
             if resp.status_code in RETRY_LATER_STATUSES:
                 raise RetryLater(str(body.get("error", resp.reason_phrase)), resp.status_code, _retry_after(resp), details)
             raise CliError(str(body.get("error", resp.reason_phrase)), 1, details)

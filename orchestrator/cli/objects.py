@@ -14,7 +14,7 @@ import types
 from typing import Any
 
 from orchestrator.cli import events, render, textfile
-from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.cli.http import ApiClient, CliError, NoRoute
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.urlpath import path_segment
 
@@ -177,10 +177,24 @@ def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
         raise CliError("give -f FILE or KIND NAME", 2)
     if args.keep_site and not args.abandon_applications:
         raise CliError("--keep-site goes with --abandon-applications", 2)
-    params = {"abandonApplications": "true", **({"keepSite": "true"} if args.keep_site else {})} if args.abandon_applications else {}
-    data = api.request("DELETE", f"/v1/{path_segment(args.kind)}/{path_segment(args.name)}", params=params, headers=with_reason({}, args))
+    path = f"/v1/{path_segment(args.kind)}/{path_segment(args.name)}"
+    if args.keep_site:
+        data = _abandon_keeping_site(api, path, args)
+    else:
+        params = {"abandonApplications": "true"} if args.abandon_applications else {}
+        data = api.request("DELETE", path, params=params, headers=with_reason({}, args))
     print(f"{args.kind.lower()}/{args.name} {'deleted' if data.get('action') == 'deleted' else data['action']}")
     return 0
+
+
+def _abandon_keeping_site(api: ApiClient, path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Keeping the Site is its own route, never a flag of DELETE: a control plane of an
+    earlier release, which does not read the flag, would delete the Site; it refuses the route."""
+    try:
+        return api.request("POST", f"{path}/abandon-applications", headers=with_reason({}, args))
+    except NoRoute as exc:
+        raise CliError(f"the control plane is of an earlier release than this CLI and cannot keep the Site "
+                       f"({exc}): nothing was deleted; upgrade it, or run delete without --keep-site to delete the Site too") from None
 
 
 def _loader() -> types.ModuleType:

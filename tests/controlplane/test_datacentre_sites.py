@@ -500,9 +500,9 @@ async def test_a_ray_site_moved_to_another_cluster_removes_its_applications_from
         await harness.wait_until(lambda: bool(new.applications), 30, what="dc's application back on the cluster that answers")
         await harness.wait_until(lambda: any("not removed yet" in r for _, r in site_events(cp, "dc")), 30,
                                  what="the removal from the cluster that is gone to fail")
-        abandoned = await http.delete("/v1/sites/dc", params={"abandonApplications": "true", "keepSite": "true"})
+        abandoned = await http.post("/v1/sites/dc/abandon-applications")
         assert abandoned.status_code == 200 and abandoned.json()["action"] == "applications-abandoned", abandoned.text
-        again = await http.delete("/v1/sites/dc", params={"abandonApplications": "true", "keepSite": "true"})
+        again = await http.post("/v1/sites/dc/abandon-applications")
         assert again.status_code == 404, again.text
     assert cp.store.deleted_sites() == []
     assert cp.store.get("Site", "dc") is not None

@@ -327,14 +327,21 @@ async def test_concurrent_conflicting_applies(control_plane: support.ServerThrea
         assert refused.status_code == 409 and "re-read and retry" in refused.json()["error"]
 
 
-def test_keeping_a_site_without_abandoning_its_applications_is_refused_and_deletes_nothing(api: httpx.Client) -> None:
-    """keepSite only qualifies abandonApplications=true; alone, or misspelt, a delete that
-    went ahead would remove the very Site (and its applications) the caller asked to keep."""
+def test_a_delete_that_asks_to_keep_the_site_is_refused_and_deletes_nothing(api: httpx.Client) -> None:
+    """Keeping the Site is POST /v1/sites/NAME/abandon-applications, a route an earlier release
+    refuses; a DELETE with keepSite, or a misspelt flag, that went ahead would remove the very
+    Site (and its applications) the caller asked to keep."""
     assert api.post("/v1/apply", content=doc("Site", "kept-site", support.edge_site_spec())).status_code == 200
-    for params in ({"keepSite": "true"}, {"keepSite": "true", "abandonApplications": "false"}, {"abandonApplication": "true"}):
+    for params in ({"keepSite": "true"}, {"keepSite": "true", "abandonApplications": "true"}, {"abandonApplication": "true"}):
         r = api.delete("/v1/sites/kept-site", params=params)
         assert r.status_code == 400, (params, r.text)
-    assert "keepSite goes with abandonApplications=true" in api.delete("/v1/sites/kept-site", params={"keepSite": "true"}).json()["error"]
+    said = api.delete("/v1/sites/kept-site", params={"keepSite": "true", "abandonApplications": "true"}).json()["error"]
+    assert "POST /v1/sites/kept-site/abandon-applications" in said, said
+    # the route that keeps it: an edge Site leaves no applications elsewhere, so nothing to give up
+    kept = api.post("/v1/sites/kept-site/abandon-applications")
+    assert kept.status_code == 404 and "left elsewhere is pending" in kept.json()["error"], kept.text
+    assert api.post("/v1/sites/kept-site/abandon-applications", params={"keepSite": "true"}).status_code == 400
+    assert api.post("/v1/models/kept-site/abandon-applications").status_code == 400
     assert api.get("/v1/sites/kept-site").status_code == 200
     assert api.delete("/v1/sites/kept-site", params={"abandonApplications": "false"}).status_code == 200
     assert api.get("/v1/sites/kept-site").status_code == 404
