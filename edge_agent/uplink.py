@@ -200,6 +200,7 @@ class Uplink:
             kept = store.set_aside(store.identity_path)
             log.error("%s; set aside as %s: joining again with the bootstrap token", exc, kept.name)
             self.identity = None
+        self._saved_identity = self.identity  # what identity.json holds
         self._renew_at: float | None = None  # when the client certificate is due (mutual TLS)
         self._expires: float | None = None
         self._pending_csr: tuple[bytes, bytes] | None = None  # (key, CSR) not yet accepted
@@ -345,9 +346,19 @@ class Uplink:
         self._answered = True
         agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
         self._renew_at = self._expires = None
-        self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)
-        self._store.save_identity(self.identity)
+        self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
         log.info("enrolled: client certificate for site %s issued by the control plane's CA", self._facts.site)
+
+    def _adopt(self, identity: state.Identity) -> None:
+        """Take the identity the control plane issued, and write it unless ``identity.json``
+        already holds it. Held in memory first, so that a save that fails (a full disk) still
+        rejoins as this agent, and compared with the file, not with memory, so that the next
+        join writes what the failed save could not: a restart would otherwise spend the
+        bootstrap token again."""
+        self.identity = identity
+        if identity != self._saved_identity:
+            self._store.save_identity(identity)
+            self._saved_identity = identity
 
     def _join_request(self) -> tuple[pb.JoinRequest, tuple[tuple[str, str], ...]]:
         """A Join with this site's facts and measured capacity; a known identity rejoins
@@ -357,7 +368,6 @@ class Uplink:
         return request, ((CREDENTIAL_KEY, identity.credential),) if identity else ()
 
     async def _join(self, stub: pb_grpc.AgentControlStub) -> None:
-        identity = self.identity
         request, metadata = self._join_request()
         renewal = await self._renewal_request() if self._tls is not None else None
         if renewal is not None:
@@ -375,9 +385,7 @@ class Uplink:
         self._answered = True
         if renewal is not None:
             self._renewed(renewal[0], response)
-        self.identity = state.Identity(self._facts.site, response.agent_id, response.credential)
-        if self.identity != identity:
-            self._store.save_identity(self.identity)
+        self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
         if response.heartbeat_interval_ms:
             self.interval = response.heartbeat_interval_ms / 1000
         log.info(

@@ -4,6 +4,7 @@ are downloaded over real HTTP, verified, run by real onnxruntime and served over
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import pathlib
 import shutil
@@ -15,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from edge_agent import capacity, registry
+from edge_agent import capacity, registry, state
 from edgeplane_proto import oip
 from orchestrator.agents import model
 from orchestrator.testing import harness, onnx_models
@@ -233,6 +234,36 @@ async def test_agent_keeps_serving_without_control_plane_and_rejoins(
         assert rejoined.status.site == SITE
     finally:
         await cp2.server.stop(grace=None)
+
+
+async def test_an_identity_the_full_disk_refused_is_saved_at_the_next_join_and_a_restart_keeps_it(
+    control_plane: ControlPlane, make_agent: MakeAgent, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save = state.StateStore.save_identity
+    refused: list[state.Identity] = []
+
+    def full_once(store: state.StateStore, identity: state.Identity) -> None:
+        if not refused:  # the disk is full at the first join, and has room again after
+            refused.append(identity)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(store, identity)
+
+    monkeypatch.setattr(state.StateStore, "save_identity", full_once)
+    agent = await make_agent(control_plane)
+    # the session whose save failed ends; the agent reconnects and the hub hears from it again
+    await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.RECONNECTED and e.site == SITE, 30)
+    await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.REPORTED and e.site == SITE, 30)
+    assert refused and agent.uplink is not None
+    joined_as = agent.uplink.identity
+    assert joined_as == refused[0]
+    assert state.StateStore(agent.config.data_dir).load_identity(SITE) == joined_as
+    await agent.stop()
+    # a restart rejoins as the same agent, from identity.json, not as a new one from the token
+    again = await make_agent(control_plane, data_dir=tmp_path / SITE)
+    assert again.uplink is not None and again.uplink.identity == joined_as
+    await asyncio.wait_for(control_plane.hub.next_heartbeat(SITE), 30)
+    status = control_plane.hub.status(SITE)
+    assert status is not None and status.agent_id == joined_as.agent_id
 
 
 async def test_agent_given_several_control_plane_addresses_moves_to_the_next_when_one_fails(make_agent: MakeAgent) -> None:
