@@ -330,6 +330,7 @@ class Agent:
             await asyncio.to_thread(_prune_packages, self.models_dir, keep, keep)
 
     def _models_changed(self) -> None:
+        self.server.models_changed()
         if self.uplink is not None:
             self.uplink.nudge()
 

@@ -76,13 +76,21 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
-class Admission:
-    """At most ``max_active`` holders; up to ``max_queued`` waiters, served in order."""
+class Retired(Exception):
+    """The model version stopped being served while the request waited for a slot."""
 
-    def __init__(self, max_active: int, max_queued: int) -> None:
+
+class Admission:
+    """At most ``max_active`` holders; up to ``max_queued`` waiters, served in order. Once
+    :meth:`close` d, waiters and newcomers are refused (:class:`Retired`), holders keep their
+    slots, and ``drained`` runs when the last one is released."""
+
+    def __init__(self, max_active: int, max_queued: int, drained: Callable[[], None] = lambda: None) -> None:
         self.max_active = max(1, max_active)
         self.max_queued = max(0, max_queued)
         self.active = 0
+        self.closed = False
+        self._drained = drained
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.mean_s = 1.0  # moving average of how long a sequence holds its slot
 
@@ -91,6 +99,8 @@ class Admission:
         return len(self._waiters)
 
     async def acquire(self) -> None:
+        if self.closed:
+            raise Retired
         if self.active < self.max_active and not self._waiters:
             self.active += 1
             return
@@ -101,7 +111,7 @@ class Admission:
         try:
             await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release()  # granted just as the caller left: pass it on
             elif fut in self._waiters:  # unless a release() since the cancel dropped it and passed the slot on
                 self._waiters.remove(fut)
@@ -116,6 +126,17 @@ class Admission:
                 fut.set_result(None)  # the slot passes straight to the next waiter
                 return
         self.active -= 1
+        if self.closed and not self.active:
+            self._drained()
+
+    def close(self) -> None:
+        self.closed = True
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(Retired())
+        if not self.active:
+            self._drained()
 
 
 class _Model:
@@ -124,8 +145,16 @@ class _Model:
     def __init__(self, served: registry.ServedModel) -> None:
         self.served = served
         self.admission = Admission(served.max_concurrent or DEFAULT_MAX_CONCURRENT, served.max_queued
-                                   if served.max_queued or served.max_concurrent else DEFAULT_MAX_QUEUED)
+                                   if served.max_queued or served.max_concurrent else DEFAULT_MAX_QUEUED, self._drained)
         self.executor = ThreadPoolExecutor(max_workers=self.admission.max_active, thread_name_prefix=f"gen-{served.name}"[:15])
+
+    def retire(self) -> None:
+        """No longer served (unassigned, stopped or replaced): the requests waiting for a
+        slot are refused, the running generations finish, and then the threads end."""
+        self.admission.close()
+
+    def _drained(self) -> None:
+        self.executor.shutdown(wait=False)
 
 
 class GenerationServer:
@@ -136,7 +165,7 @@ class GenerationServer:
         self._models = models
         self._metrics = metrics
         self.max_body_bytes = max_body_bytes  # of a compressed body once inflated
-        self._state: dict[tuple[str, str], _Model] = {}
+        self._state: dict[str, _Model] = {}  # by model name: the version served now
         self.active = 0
         self.written_through = 0  # streamed tokens the generating threads wrote themselves
 
@@ -184,17 +213,28 @@ class GenerationServer:
                                   code="model_not_found")
 
     def _state_of(self, served: registry.ServedModel) -> _Model:
-        key = (served.name, served.sha256)
-        state = self._state.get(key)
-        if state is None:
-            for old in [k for k in self._state if k[0] == served.name]:
-                self._state.pop(old).executor.shutdown(wait=False)  # a replaced version: its threads end with its sequences
-            state = self._state[key] = _Model(served)
+        state = self._state.get(served.name)
+        if state is not None and state.served is served:
+            return state
+        if self._models.get(served.name) is not served:  # unloaded while its prompt was read
+            raise _retired(served.name)
+        if state is not None:
+            state.retire()  # a replaced version the registry has not told of yet
+        state = self._state[served.name] = _Model(served)
         return state
+
+    def models_changed(self) -> None:
+        """Let go of the versions the registry no longer serves, so that their weights and
+        threads are freed once their running generations end (called by the registry's
+        owner on every change)."""
+        for name, state in list(self._state.items()):
+            if self._models.get(name) is not state.served:
+                del self._state[name]
+                state.retire()
 
     def gauges(self) -> list[tuple[str, int, int]]:
         """``(model, sequences running, requests queued)`` per generative model."""
-        return [(k[0], s.admission.active, s.admission.queued) for k, s in sorted(self._state.items())]
+        return [(name, s.admission.active, s.admission.queued) for name, s in sorted(self._state.items())]
 
     def close(self) -> None:
         for state in self._state.values():
@@ -238,6 +278,8 @@ class GenerationServer:
             state = self._state_of(served)
             try:
                 await state.admission.acquire()
+            except Retired:
+                raise _retired(served.name) from None
             except Overloaded as exc:
                 raise openai_api.ApiError(
                     429, f"model {served.name!r} is at capacity ({state.admission.max_active} running, "
@@ -491,6 +533,11 @@ async def _sse(shaper: openai_api.Shaper, batches: AsyncIterator[list[Any]]) -> 
                 return
         if out:
             yield b"".join(out)
+
+
+def _retired(name: str) -> openai_api.ApiError:
+    return openai_api.ApiError(503, f"model {name!r} was unloaded or replaced while this request waited; retry",
+                               type_="server_error", param="model", code="model_not_ready", headers=(("retry-after", "1"),))
 
 
 def _tokens(runtime: genai.GenAIModel, body: openai_api.GenerationRequest, chat: bool) -> Any:

@@ -141,6 +141,11 @@ class InferenceServer:
             self.metrics.generation_gauges = self._generation.gauges
         return self._generation
 
+    def models_changed(self) -> None:
+        """The registry changed: a generative version it no longer serves is let go of."""
+        if self._generation is not None:
+            self._generation.models_changed()
+
     def close(self) -> None:
         if self._generation is not None:
             self._generation.close()

@@ -14,7 +14,7 @@ import tarfile
 import pytest
 
 from edge_agent import errors, openai_api, packages
-from edge_agent.generation import Admission, Overloaded
+from edge_agent.generation import Admission, Overloaded, Retired
 from edge_agent.runtime import genai, token_bytes
 from edge_agent.runtime.genai import StopMatcher
 from orchestrator.testing import genai_model
@@ -235,6 +235,25 @@ async def test_a_waiter_that_leaves_passes_its_slot_on_whatever_the_order(order:
     assert gate.active == 0
     await asyncio.wait_for(gate.acquire(), 1)  # the pool has its slot back
     assert (gate.active, gate.queued) == (1, 0)
+
+
+async def test_a_closed_admission_refuses_its_waiters_and_tells_when_its_holders_are_done() -> None:
+    drained: list[bool] = []
+    gate = Admission(2, 4, lambda: drained.append(True))
+    await gate.acquire()
+    await gate.acquire()
+    waiters = [asyncio.create_task(gate.acquire()) for _ in range(2)]
+    await asyncio.sleep(0)
+    gate.release()  # the slot passes to the first waiter, which has not run yet
+    gate.close()
+    granted, refused = await asyncio.gather(*waiters, return_exceptions=True)
+    assert granted is None and isinstance(refused, Retired)  # the holder granted before the close keeps its slot
+    with pytest.raises(Retired):
+        await gate.acquire()
+    gate.release()
+    assert not drained  # one holder is left
+    gate.release()
+    assert drained == [True] and (gate.active, gate.queued) == (0, 0)
 
 
 def test_request_parsing_defaults_and_names() -> None:
