@@ -58,6 +58,7 @@ class AgentConfig:
     drain_timeout: float = 30.0
     write_timeout: float = 60.0  # a client that reads nothing for this long is dropped
     max_connections: int = 0  # HTTP connections at once (0: half the open-file limit)
+    max_queued_runs: int = 0  # inference runs waiting for a worker (0: 32 per worker); one more is refused
     workers: int = 0  # inference threads; 0 = one per core this process may use
     inline_max_ms: float = 20.0  # runs this short, alone in flight, stay on the event loop; 0 = never
     grpc_listen: tuple[str, int] | None = None  # also serve v2 over gRPC here
@@ -121,7 +122,9 @@ class Agent:
             retry=model_retry or registry.RetryPolicy(),
             load_package=self._load_package,
         )
-        self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000)
+        queued = config.max_queued_runs or http.QUEUED_RUNS_PER_WORKER * self.workers
+        self.server = http.InferenceServer(self.registry, self._executor, inline_max_s=config.inline_max_ms / 1000,
+                                           max_inflight=self.workers + queued)
         self.server.max_body_bytes = config.max_body_bytes
         self._desired = assignments.EMPTY
         # whether _desired is the control plane's word (or a set it sent before): until

@@ -6,6 +6,7 @@
     │   └── ArtifactIntegrityError  sha256 mismatch or size limit: never loaded
     ├── ModelLoadError           onnxruntime refused the model
     ├── InvalidInput             an infer request does not fit the model (-> HTTP 400)
+    ├── Overloaded               as many runs wait for a worker as the agent queues (-> HTTP 503)
     ├── ControlPlaneError        the uplink failed
     │   ├── AgentUnavailable     control plane unreachable: back off and retry
     │   ├── JoinRefused          token/credential refused, site taken, bad request
@@ -40,6 +41,12 @@ class ModelLoadError(AgentError):
 
 class InvalidInput(AgentError):
     pass
+
+
+class Overloaded(AgentError):
+    def __init__(self, message: str, retry_after: int) -> None:  # retry_after: seconds, at least 1
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ControlPlaneError(AgentError):

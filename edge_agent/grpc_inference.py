@@ -6,7 +6,9 @@ come as raw bytes (``raw_input_contents``) or typed values (``contents``), and a
 carry raw bytes (``raw_output_contents``). Errors are gRPC status codes: NOT_FOUND for a
 model not served here, UNAVAILABLE while it loads or while the agent drains,
 INVALID_ARGUMENT for a request that does not fit the model, RESOURCE_EXHAUSTED for one over
-the size limit (enforced by the server before the handler runs).
+the size limit (enforced by the server before the handler runs) and for one that finds the
+runs queue full (with ``grpc-retry-pushback-ms``, gRPC's Retry-After). A call whose deadline
+passes, or that its client cancels, before its run starts leaves no run behind.
 """
 
 from __future__ import annotations
@@ -123,6 +125,10 @@ class InferenceServicer:
         except (oip.ProtocolError, errors.InvalidInput) as exc:
             metrics.observe_error(served.name, 400)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except errors.Overloaded as exc:
+            metrics.observe_error(served.name, 503)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                                trailing_metadata=(("grpc-retry-pushback-ms", str(exc.retry_after * 1000)),))
         metrics.observe_ok(served.name, time.perf_counter() - started)
         return response
 

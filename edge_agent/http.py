@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 UNKNOWN_MODEL = "(unknown)"
 DEFAULT_INLINE_MAX_S = 0.02  # steps this short, alone in flight, skip the worker thread
+QUEUED_RUNS_PER_WORKER = 32  # runs waiting for a worker, by default (--max-queued-runs 0)
 DEFERRED_RELEASE_MIN_BYTES = 64 * 1024  # JSON parts this large are freed after their answer is out
 _BINARY_HEADER = oip.BINARY_HEADER.lower()  # as the HTTP server keeps header names
 
@@ -108,10 +110,13 @@ class InferenceServer:
         models: registry.ModelRegistry,
         executor: Executor,
         inline_max_s: float = DEFAULT_INLINE_MAX_S,
+        max_inflight: int | None = None,
     ) -> None:
         self._models = models
         self._executor = executor
         self._inline_max_s = inline_max_s
+        # Runs running or waiting for a worker at once (None: no bound); one more is refused.
+        self._max_inflight = math.inf if max_inflight is None else max_inflight
         # Requests received and not answered, by the transport's count (set by the daemon
         # to its HTTP server's): an answer computed on the loop does not yield, so requests
         # that wait behind it are only visible there.
@@ -244,24 +249,35 @@ class InferenceServer:
                       body_bytes: int | None = None) -> T:
         """Run ``step(*args)`` (decode, ``session.run``, encode) for ``served``: on the event
         loop when it is alone in flight, small, and the model's runs are short; on a
-        worker thread otherwise. Shared by the HTTP and gRPC front ends."""
+        worker thread otherwise. Shared by the HTTP and gRPC front ends. :class:`errors.Overloaded`
+        when as many runs are in flight as the agent takes (the pool's queue is full)."""
+        if self.inflight >= self._max_inflight:
+            wait_s = served.run_s  # what an answer takes now, its wait for a worker included
+            raise errors.Overloaded(f"this agent has {self.inflight} runs in flight, as many as it queues; retry later",
+                                    max(1, math.ceil(wait_s)) if wait_s < math.inf else 1)
         self.inflight += 1
         started = time.perf_counter()
 
-        def finished(_: object = None) -> None:
+        def finished(job: asyncio.Future[Any] | None = None) -> None:
             self.inflight -= 1
-            served.answered(time.perf_counter() - started, body_bytes)  # failed runs count: a slow refusal is slow
+            if job is None or not job.cancelled():  # failed runs count (a slow refusal is slow); dropped ones did not run
+                served.answered(time.perf_counter() - started, body_bytes)
 
         if small and self.inflight == 1 and self.received() <= 1 and served.run_s <= self._inline_max_s:
             try:
                 return step(*args)
             finally:
                 finished()
-        job = asyncio.get_running_loop().run_in_executor(self._executor, step, *args)
-        # A caller that goes away (a gRPC deadline, a cancelled task) leaves the run going on
-        # its worker: the slot is freed when the run ends, not when the caller stopped waiting.
+        run = self._executor.submit(step, *args)  # what run_in_executor does, keeping the run's future
+        job = asyncio.wrap_future(run)
         job.add_done_callback(finished)
-        return await asyncio.shield(job)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The caller went away (a gRPC deadline, a closed connection): a run still waiting
+            # for a worker is dropped; one under way goes on, and holds its slot until it ends.
+            run.cancel()
+            raise
 
     async def infer(self, name: str, request: Request, version: str | None = None) -> Response:
         started = time.perf_counter()
@@ -292,6 +308,9 @@ class InferenceServer:
         except (oip.ProtocolError, errors.InvalidInput) as exc:
             self.metrics.observe_error(name, 400)
             return _error(400, str(exc))
+        except errors.Overloaded as exc:
+            self.metrics.observe_error(name, 503)
+            return Response(503, oip.error_body(str(exc)), headers=(("retry-after", str(exc.retry_after)),))
         self.metrics.observe_ok(name, time.perf_counter() - started)
         # A large JSON part's document is freed on the loop's next turn, after this answer
         # is written: its numbers are freed while the caller reads the answer. A small one,

@@ -282,6 +282,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=_count(0, 1 << 20), default=0, metavar="N",
                    help="HTTP connections served at once; one more is answered 503 and closed "
                         "(0 = half the open-file limit, so a flood leaves descriptors for models and downloads) [0]")
+    p.add_argument("--max-queued-runs", type=_count(0, 1 << 20), default=0, metavar="N",
+                   help="inference runs (HTTP and gRPC) waiting for a worker thread; one more is answered 503 with "
+                        "Retry-After, RESOURCE_EXHAUSTED over gRPC (0 = 32 per worker) [0]")
     p.add_argument("--workers", type=_count(0, 1024), default=0, help="inference threads (0 = one per core this agent may use: its CPU affinity, capped by its cgroup's quota) [0]")
     p.add_argument("--inline-max-ms", type=_not_negative, default=20.0, metavar="MS",
                    help="a request alone in flight whose model runs in at most this long is computed on the "
@@ -335,6 +338,7 @@ def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
         drain_timeout=args.drain_timeout,
         write_timeout=args.write_timeout,
         max_connections=args.max_connections,
+        max_queued_runs=args.max_queued_runs,
         workers=args.workers,
         inline_max_ms=max(0.0, args.inline_max_ms),
         grpc_listen=args.grpc_listen,

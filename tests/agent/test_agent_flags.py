@@ -29,6 +29,7 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--heartbeat-interval", "0.01"], "argument --heartbeat-interval: 0.01 is not from 0.05 to 300"),
     (["--site", "edge-x", "--lat", "nan", "--lon", "1"], "argument --lat: 'nan' is not a finite number"),
     (["--site", "edge-x", "--workers", "-1"], "argument --workers: -1 is not from 0 to 1024"),
+    (["--site", "edge-x", "--max-queued-runs", "-1"], "argument --max-queued-runs: -1 is not from 0 to"),
     (["--site", "edge-x", "--max-request-bytes", "0"], "argument --max-request-bytes: 0 is not from 1 to"),
     (["--site", "edge-x", "--inline-max-ms", "-5"], "argument --inline-max-ms: must be >= 0"),
     (["--site", "edge-x", "--max-artifact-gb", "0"], "argument --max-artifact-gb: must be > 0"),
@@ -81,6 +82,8 @@ def test_good_flags_reach_the_config(tmp_path: pathlib.Path) -> None:
     assert agent_main.parser().parse_args(BASE + ["--site", "edge-lyon", "--log-level", "WARNING"]).log_level == "warning"
     assert (config.site, config.country, config.ca_file, config.lat, config.lon) == ("edge-lyon", "FR", ca, 45.76, 4.84)
     assert agent_main.parser().parse_args(BASE + ["--site", "edge-x", "--country", "gr"]).country == "GR"
+    assert agent_main.config_from_args(agent_main.parser().parse_args(
+        BASE + ["--site", "edge-x", "--max-queued-runs", "8"])).max_queued_runs == 8
 
 
 def test_the_artifact_size_limit_takes_the_documented_edge_model_and_can_be_set() -> None:

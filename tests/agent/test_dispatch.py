@@ -33,12 +33,15 @@ class Recorded:
         self._inner = inner
         self.threads: list[str] = []
         self.delay = 0.0
+        self.gate: threading.Event | None = None  # when set: each run waits for it
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def run(self, feeds: Any, outputs: Any) -> Any:
         self.threads.append(threading.current_thread().name)
+        if self.gate is not None:
+            self.gate.wait(30)
         if self.delay:
             time.sleep(self.delay)
         return self._inner.run(feeds, outputs)
