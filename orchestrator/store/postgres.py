@@ -18,6 +18,7 @@ schema, the connection and its transaction, the counters, and leases for leaders
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -34,7 +35,9 @@ from orchestrator.store.sql import SqlStore
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
 from orchestrator.store.values import Fenced, Lease, StoreError
 
-__all__ = ["ChangeFeed", "Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
+__all__ = ["ChangeFeed", "EventsIndex", "Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
+
+log = logging.getLogger(__name__)
 
 #: a deleted data-centre Site whose applications are still to be removed, as earlier versions
 #: keep it (they share the database during a rolling update or a downgrade: see :mod:`orchestrator.store.datacentre_records`)
@@ -59,8 +62,9 @@ CREATE TABLE IF NOT EXISTS events (
     action TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
     reason TEXT NOT NULL, details TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_object ON events (kind, name, id);
-CREATE INDEX IF NOT EXISTS events_time ON events (ts);  -- retention deletes the oldest
+DO $$ BEGIN  -- not CREATE INDEX IF NOT EXISTS: that locks the table first, and would wait on a build of events_time
+    IF to_regclass('events_object') IS NULL THEN CREATE INDEX events_object ON events (kind, name, id); END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, purpose TEXT NOT NULL,
     role TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION,
@@ -97,6 +101,7 @@ INSERT INTO meta (key, value) VALUES ('events_pruned_through', 0) ON CONFLICT (k
 LIVENESS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 10_000}
 
 WRITE_LOCK = 0x6564_6765  # the advisory lock every write transaction holds ("edge")
+INDEX_LOCK = 0x6564_6769  # the session lock of the replica building the events index ("edgi")
 
 #: How long the server lets a session sit idle inside a transaction before it ends it. A
 #: replica paused or cut off mid-transaction (SIGSTOP, a frozen VM, a partition) would
@@ -139,6 +144,8 @@ class PostgresStore(SqlStore):
             db.execute(SCHEMA)
             if "version" in self._primary_key(db, "deleted_sites"):  # keyed by name and version for a while
                 datacentre_records.key_by_name(self, db, DELETED_SITES)
+        self.events_index = EventsIndex(self)
+        self.events_index.start()
 
     @staticmethod
     def _primary_key(db: psycopg.Connection[dict[str, Any]], table: str) -> set[str]:
@@ -158,6 +165,7 @@ class PostgresStore(SqlStore):
         ends, so a replica stops, and its process exits, without waiting for the database."""
         self.threads.close()
         self._closed = True  # the call that has the connection must not open another
+        self.events_index.close()
         if not self._lock.acquire(wait_s):
             self._shut()
             self._lock.acquire()
@@ -273,6 +281,82 @@ class PostgresStore(SqlStore):
     def _lease_now(self, db: psycopg.Connection[dict[str, Any]]) -> float:
         row = db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now").fetchone()
         return float(row["now"])  # type: ignore[index]  # the database's clock, the same for every replica
+
+
+class EventsIndex:
+    """The index retention deletes the oldest events by (``events_time``), built where it is
+    missing without holding anyone's writes: ``CREATE INDEX CONCURRENTLY`` on a connection and
+    thread of its own, after the schema transaction.
+
+    Why not in :data:`SCHEMA`: a database an earlier version kept may hold millions of
+    events, and a plain build there runs under the write lock, so every replica's writes, the
+    leader's lease renewal included, waited on the first replica of this version to start,
+    and the leader lost its lease. Until the index is there, retention works without it
+    (slower). Replicas starting together take turns on a session lock; the next one finds it
+    built. A build that failed or was stopped (its replica exited) leaves the index invalid:
+    the next replica to start drops it and builds it again, unless a build of it is under way
+    (one an operator started by hand).
+    """
+
+    def __init__(self, store: PostgresStore, retry_s: float = 0.5):
+        self.store = store
+        self.retry_s = retry_s  # how often a replica waiting for another's build tries for the lock
+        self.error: str | None = None  # why the last try failed (the next start tries again)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-events-index", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Whether the build (or the check that finds it done) ended within ``timeout_s``."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Stop a build under way (the index is left invalid, which the next start rebuilds)."""
+        self._closing.set()
+        conn = self._conn
+        with contextlib.suppress(psycopg.Error):
+            if conn is not None and not conn.closed:
+                conn.cancel_safe(timeout=timeout_s)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.store.url, autocommit=True, **self.store.connect_options()) as conn:
+                self._conn = conn
+                if not self._closing.is_set():
+                    self._ensure(conn)
+        except psycopg.Error as e:
+            self.error = _one_line(e)
+            if not self._closing.is_set():
+                log.warning("could not build the index events_time on %s (the next start tries again): %s", self.store.path, self.error)
+        finally:
+            self._conn = None
+
+    def _ensure(self, conn: psycopg.Connection[Any]) -> None:
+        # Tried, not waited for: a statement waiting on the lock is a transaction the other
+        # replica's concurrent build waits for in turn (a deadlock the server breaks).
+        while not conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK,)).fetchone()[0]:  # type: ignore[index]
+            if self._closing.wait(self.retry_s):
+                return
+        row = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('events_time')").fetchone()
+        if row is not None and row[0]:
+            return
+        if row is not None:
+            building = conn.execute(
+                "SELECT 1 FROM pg_stat_progress_create_index WHERE relid = to_regclass('events')"
+                " AND datid = (SELECT oid FROM pg_database WHERE datname = current_database())").fetchone()
+            if building is not None:  # someone else's build, not a replica's: it ends on its own
+                return
+            log.warning("the index events_time is invalid (a build of it failed or was stopped): building it again")
+            conn.execute("DROP INDEX CONCURRENTLY IF EXISTS events_time")
+        started = time.monotonic()
+        conn.execute("CREATE INDEX CONCURRENTLY IF NOT EXISTS events_time ON events (ts)")
+        log.info("built the index events_time in %.1fs", time.monotonic() - started)
 
 
 class ChangeFeed:
