@@ -12,9 +12,11 @@ from __future__ import annotations
 import datetime
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import pydantic
 
 from orchestrator.agents import model as agent_model
 from orchestrator.distill import capture
@@ -36,6 +38,7 @@ KIND_ALIASES = {
 }
 PLURAL = {"Site": "sites", "Model": "models", "ModelDeployment": "modeldeployments"}
 MAX_OBJECTS_PER_APPLY = 1_000
+T = TypeVar("T")
 
 
 class UnknownKind(ValueError):
@@ -73,28 +76,56 @@ class ApplyResult:
     dry_run: bool
 
 
-def stored_models(store: store_mod.Store) -> dict[str, schema.ModelSpec]:
-    return {o.name: parse_model(o) for o in store.list("Model")}
+def read_each(objs: Iterable[store_mod.StoredObject], parse: Callable[[store_mod.StoredObject], T]) -> tuple[dict[str, T], dict[str, str]]:
+    """``objs`` as this version's schema reads them, by name, and why each that it no longer
+    reads does not. Stored specs are read without the rules only manifests are held to
+    (:data:`schema.MANIFEST`), yet one stored by an earlier version may still break a rule
+    made stricter since: it is that object's problem, never every reader's."""
+    read: dict[str, T] = {}
+    unreadable: dict[str, str] = {}
+    for o in objs:
+        try:
+            read[o.name] = parse(o)
+        except ValueError as exc:  # pydantic's ValidationError is one
+            unreadable[o.name] = why_unreadable(exc)
+    return read, unreadable
+
+
+def why_unreadable(exc: ValueError) -> str:
+    """A validation error as one line: each field and its message."""
+    if isinstance(exc, pydantic.ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors(include_url=False))
+    return " ".join(str(exc).split())
+
+
+def stored_models(store: store_mod.Store) -> tuple[dict[str, schema.ModelSpec], dict[str, str]]:
+    """The stored Models by name, and why each this version no longer reads does not."""
+    return read_each(store.list("Model"), parse_model)
 
 
 def stored_deployments(store: store_mod.Store, models: Iterable[str]) -> dict[str, schema.ModelDeploymentSpec]:
-    """The stored deployments of ``models``, by name."""
+    """The stored deployments of ``models`` that this version reads, by name."""
     wanted = set(models)
-    return {o.name: parse_deployment(o) for o in store.list("ModelDeployment") if o.spec.get("model") in wanted} if wanted else {}
+    return read_each((o for o in store.list("ModelDeployment") if o.spec.get("model") in wanted), parse_deployment)[0] if wanted else {}
 
 
 def check(reading: loader.Reading, models: Mapping[str, schema.ModelSpec],
-          deployments: Mapping[str, schema.ModelDeploymentSpec] | None = None) -> list[ManifestIssue]:
+          deployments: Mapping[str, schema.ModelDeploymentSpec] | None = None,
+          unreadable_models: Iterable[str] = ()) -> list[ManifestIssue]:
     """Every problem of an apply, given the stored ``models`` and ``deployments`` (at least
     those of the Models it brings): each document's own, the references of the valid ones,
-    and what its Models would break in stored deployments, by file then document."""
+    and what its Models would break in stored deployments, by file then document. A stored
+    Model this version no longer reads (``unreadable_models``) exists as far as names go, as
+    a refused one does: a deployment naming it is not judged against its variants."""
     more = [issue for d in reading.documents if (issue := _version_issue(d)) is not None]
     count = len(reading.documents) + len(reading.refused)
     if count > MAX_OBJECTS_PER_APPLY:
         first = (reading.documents or reading.refused)[0].file
         more.append(ManifestIssue(first, None, "", None, f"more than {MAX_OBJECTS_PER_APPLY} objects in one apply"))
     elif reading.complete:  # past a break in the text, any Model may be defined: references are not judged
-        more.extend(references.check_references(reading.documents, models, reading.refused_names(), deployments))
+        brought = {d.name for d in reading.documents if d.kind == "Model"}
+        unread = reading.refused_names() | {("Model", name) for name in unreadable_models if name not in brought}
+        more.extend(references.check_references(reading.documents, models, unread, deployments))
     return reading.ordered(more)
 
 
@@ -108,7 +139,8 @@ _WRITING = threading.Lock()
 def validate(store: store_mod.Store, reading: loader.Reading) -> None:
     """Raise :class:`ManifestError` unless the documents can be applied together."""
     incoming = [d.name for d in reading.documents if d.kind == "Model"]
-    issues = check(reading, stored_models(store), stored_deployments(store, incoming))
+    models, unreadable = stored_models(store)
+    issues = check(reading, models, stored_deployments(store, incoming), unreadable)
     if issues:
         raise ManifestError(issues)
 

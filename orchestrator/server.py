@@ -576,10 +576,14 @@ class ControlPlane:
             return {**extra, "cascade": cascade} if cascade is not None else extra
         if kind == "Model":
             obj = await self.store.run(self.store.get, "Model", name)
-            if obj is None:
+            try:
+                spec = catalog.parse_model(obj) if obj is not None else None
+            except ValueError:  # stored by an earlier version, and this one does not read it: its status says why
+                spec = None
+            if spec is None:
                 return {}
             # in a worker thread of its own, not the store's: the artifact hashed and read
-            return {"variants": await asyncio.to_thread(signature.describe_variants, catalog.parse_model(obj), self.artifacts)}
+            return {"variants": await asyncio.to_thread(signature.describe_variants, spec, self.artifacts)}
         return {}
 
 

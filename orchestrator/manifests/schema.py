@@ -174,11 +174,13 @@ class Artifact(Strict):
     uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     sha256: Sha256
 
+    # A URL that cannot be parsed is refused in manifests only: one an earlier version stored
+    # still reads, and is that variant's artifact error (ArtifactCatalog), not every reader's.
     @field_validator("uri")
     @classmethod
-    def _scheme(cls, v: str) -> str:
+    def _scheme(cls, v: str, info: ValidationInfo) -> str:
         if re.match(r"^(https?|file)://", v):
-            return _parsable_url(v)
+            return _parsable_url(v) if written(info) else v
         if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_./-]*", v) and ".." not in v.split("/"):
             return v  # relative to the control plane's artifact roots
         raise ValueError("must be an http://, https:// or file:// URI, or a path relative to the control plane's --artifact-root")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from orchestrator import catalog
@@ -78,6 +78,7 @@ class Reconciler:
     _retiring: dict[str, int] = field(default_factory=dict)
     autoscaler: autoscaler_mod.Autoscaler = field(default_factory=autoscaler_mod.Autoscaler)
     _pass_done: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _unreadable: dict[tuple[str, str], str] = field(default_factory=dict)  # reported, with why
     _stopping: bool = False
     lease: store_mod.Lease | None = None  # several replicas: the leader's lease, which fences its writes of intent
     _takeover: tuple[float, frozenset[str]] | None = None  # a new leader's first pass waits: (until, edge sites to rejoin)
@@ -274,22 +275,38 @@ class Reconciler:
 
     # -- gather --------------------------------------------------------------------
 
-    def read_desired(self) -> tuple[tuple[snap.SiteRecord, ...], dict[str, schema.ModelSpec], tuple[snap.DeploymentRecord, ...]]:
+    def read_desired(self) -> snap.Desired:
         """The stored Sites, Models and ModelDeployments as validated values, read in one
         query: applies run in threads (and on other replicas), and three reads could see a
-        new deployment without the new Model it names."""
+        new deployment without the new Model it names. One this version no longer reads is
+        left out, with why (see ``planning.Frozen``)."""
         stored: dict[str, list[store_mod.StoredObject]] = {"Site": [], "Model": [], "ModelDeployment": []}
         for o in self.store.list():
             stored.setdefault(o.kind, []).append(o)
-        sites = tuple(snap.SiteRecord(o.name, dict(o.labels), catalog.parse_site(o)) for o in stored["Site"])
-        models = {o.name: catalog.parse_model(o) for o in stored["Model"]}
-        deployments = tuple(snap.DeploymentRecord(o.name, o.generation, catalog.parse_deployment(o)) for o in stored["ModelDeployment"])
-        return sites, models, deployments
+        parsers = {"Site": catalog.parse_site, "Model": catalog.parse_model, "ModelDeployment": catalog.parse_deployment}
+        read = {kind: catalog.read_each(stored[kind], parse) for kind, parse in parsers.items()}
+        by_name = {(o.kind, o.name): o for objs in stored.values() for o in objs}
+        return snap.Desired(
+            tuple(snap.SiteRecord(n, dict(by_name["Site", n].labels), spec) for n, spec in read["Site"][0].items()),
+            read["Model"][0],
+            tuple(snap.DeploymentRecord(n, by_name["ModelDeployment", n].generation, spec) for n, spec in read["ModelDeployment"][0].items()),
+            {(kind, name): why for kind, (_, bad) in read.items() for name, why in bad.items()})
 
-    def _read_stored(self) -> tuple[tuple[snap.SiteRecord, ...], dict[str, schema.ModelSpec], tuple[snap.DeploymentRecord, ...],
-                                    tuple[store_mod.PlacementRow, ...]]:
+    def _read_stored(self) -> tuple[snap.Desired, tuple[store_mod.PlacementRow, ...]]:
         """What :meth:`current` reads from the store, in a worker thread."""
-        return *self.read_desired(), tuple(self.store.placements())
+        return self.read_desired(), tuple(self.store.placements())
+
+    async def _report_unreadable(self, unreadable: Mapping[tuple[str, str], str]) -> None:
+        """An event and a warning for each stored object found unreadable, once (again if why changes)."""
+        for (kind, name), why in sorted(unreadable.items()):
+            if self._unreadable.get((kind, name)) == why:
+                continue
+            log.warning("%s %s: this version does not read it as stored (%s); left out of planning, what runs for it frozen",
+                        kind, name, why)
+            await self._record(store_mod.Event("reconciler", "unreadable", kind, name, why,
+                                               {"note": "left out of planning; what runs for it is kept as it is until it is "
+                                                        "applied again or deleted"}))
+        self._unreadable = dict(unreadable)
 
     async def current(self) -> snap.Snapshot:
         """Desired state as stored now, observed state as of the last pass (for previews).
@@ -298,7 +315,8 @@ class Reconciler:
         state on the loop, whose it is. Edge sites still rejoining after a restart are in it
         as a pass has them (keeping their replicas): a preview or what-if would otherwise
         plan them as lost."""
-        sites, models, deployments, placements = await self.store.run(self._read_stored)
+        desired, placements = await self.store.run(self._read_stored)
+        sites, models, deployments = desired.sites, desired.models, desired.deployments
         agents = tuple(self.hub.snapshot())
         last = self.last_snapshot
         # past the window, the next pass plans them lost
@@ -310,6 +328,7 @@ class Reconciler:
             autoscale=dict(self.autoscaler.latest),
             rejoining=rejoining,
             remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
+            unreadable=desired.unreadable, frozen_endpoints=planning.frozen_endpoints(desired, self.table.all_endpoints()),
         )
 
     async def gather(self) -> snap.Snapshot:
@@ -318,7 +337,9 @@ class Reconciler:
         replica's lock, and on the event loop it would hold the whole replica (API, gateway,
         agents, health probes) with it. The hub, the table and this reconciler's own state
         are read and changed on the loop only."""
-        sites, models, deployments = await self.store.run(self.read_desired)
+        desired = await self.store.run(self.read_desired)
+        sites, models, deployments = desired.sites, desired.models, desired.deployments
+        await self._report_unreadable(desired.unreadable)
         deleted = await self.store.run(self.store.deleted_sites)  # read after the Sites: one declared again is in both
         await self._observe_datacentres(sites, deleted)
         placements = tuple(await self.store.run(self.store.placements))
@@ -342,6 +363,8 @@ class Reconciler:
             autoscale=autoscale,
             rejoining=rejoining,
             remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
+            unreadable=desired.unreadable,
+            frozen_endpoints=planning.frozen_endpoints(desired, self.table.all_endpoints()),
         )
 
     def _resolve_artifacts(self, models: dict[str, schema.ModelSpec]) -> dict[tuple[str, str], snap.ArtifactRef]:

@@ -1,6 +1,7 @@
 """What a reconcile pass reads of the store: the desired state of one moment, although
 applies are written from worker threads and, with several replicas, by other processes;
-and what a preview or a what-if reads, which must be the fleet as a pass sees it."""
+what a preview or a what-if reads, which must be the fleet as a pass sees it; and objects
+an earlier version stored under rules made stricter since, which must stop nothing else."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import pathlib
 
 from orchestrator import catalog, views
 from orchestrator.api import simulate
+import pytest
+
+from orchestrator.artifacts import catalog as artifacts_mod
 from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import routing
 from orchestrator.manifests import loader
+from orchestrator.manifests.errors import ManifestError
+from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import loop, planning
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import manifests
@@ -45,7 +52,8 @@ def test_a_pass_reads_the_desired_state_of_one_moment(tmp_path: pathlib.Path) ->
         store.change = manifests.bundle(manifests.onnx_model("m2", "m2.onnx", sha), manifests.deployment("d2", "m2", 1, {"tiers": ["edge"]}))
         reconciler = loop.Reconciler(store, None, None, None, endpoints_mod.EndpointTable())  # type: ignore[arg-type]
         for _ in range(3):  # the change lands between two reads; the last pass sees it whole
-            _, models, deployments = reconciler.read_desired()
+            desired = reconciler.read_desired()
+            models, deployments = desired.models, desired.deployments
             named = {d.spec.model for d in deployments}
             assert named <= set(models), f"deployments name {named - set(models)}, which the pass does not know"
         assert {d.name for d in deployments} == {"d2"} and "m2" in models
@@ -95,5 +103,94 @@ def test_a_preview_and_a_what_if_while_edge_sites_rejoin_keep_their_replicas_as_
         assert (what_if["summary"]["removed"], what_if["summary"]["unschedulableReplicas"], what_if["after"]["replicas"]) == (0, 0, 1)
         preview = views.preview(asyncio.run(reconciler.current()), [])
         assert [(c["site"], c["change"]) for c in preview["changes"]] == [("edge-a", "unchanged")]
+    finally:
+        store.close()
+
+
+SHA = "a" * 64
+
+
+def legacy_model(uri: str = "m-old.onnx", rps: float = 10.0) -> dict[str, object]:
+    """A Model's spec as an earlier version stored it, whose schema took what this one refuses."""
+    return {"variants": [{"name": "v1", "runtime": "onnx", "artifact": {"uri": uri, "sha256": SHA}, "inputs": [], "outputs": [], "args": {},
+                          "resources": {"cpu": 0.25, "memoryMiB": 256, "gpus": 0, "gpuMemoryGiB": 0.0}, "throughputRps": rps}]}
+
+
+def earlier_store(path: pathlib.Path, model: dict[str, object]) -> store_mod.Store:
+    """A store as an earlier version left it: Model ``old`` (``model``), its deployment
+    ``d-old`` placed on edge-a, and Model ``m1`` with ``d1`` beside it."""
+    store = store_mod.Store(path)
+    catalog.apply_documents(store, loader.load_text(manifests.bundle(
+        manifests.edge_site("edge-a", "FR", 48.85, 2.35), manifests.edge_site("edge-b", "DE", 52.52, 13.40),
+        manifests.onnx_model("m1", "m1.onnx", SHA), manifests.deployment("d1", "m1", 1, {"tiers": ["edge"]}))), actor="test")
+    store.apply([store_mod.ObjectWrite("Model", "old", {}, model),
+                 store_mod.ObjectWrite("ModelDeployment", "d-old", {}, {"model": "old", "replicas": {"min": 1, "max": 1},
+                                                                         "placement": {"tiers": ["edge"]}})],
+                store_mod.Event("earlier-version", "apply", "", "", "apply"))
+    store.replace_placements([store_mod.PlacementRow("d-old", "edge-a", "v1", 1)])
+    return store
+
+
+def reconciler_of(store: store_mod.Store, tmp_path: pathlib.Path, table: endpoints_mod.EndpointTable | None = None) -> loop.Reconciler:
+    return loop.Reconciler(store, NoAgentsYet(), NoDataCentres(), artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"),  # type: ignore[arg-type]
+                           table or endpoints_mod.EndpointTable())
+
+
+def status_of(plan: planning.PassPlan, kind: str, name: str) -> dict[str, object]:
+    return next(i.status for a in plan.actions if isinstance(a, act.SetStatuses) for i in a.items if (i.kind, i.name) == (kind, name))
+
+
+def test_a_model_an_earlier_version_stored_with_a_url_now_refused_is_only_its_variants_artifact_error(tmp_path: pathlib.Path) -> None:
+    """Its port is out of range: apply refuses such a URL now, which an earlier version stored."""
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = earlier_store(tmp_path / "state.db", legacy_model("http://models.example.com:80800/legacy.onnx"))
+    try:
+        more = loader.load_text(manifests.bundle(manifests.onnx_model("m2", "m1.onnx", SHA), manifests.deployment("d2", "m2", 1, {"tiers": ["edge"]})))
+        catalog.apply_documents(store, more, actor="test")  # an apply of other objects
+        snapshot = asyncio.run(reconciler_of(store, tmp_path).gather())
+        plan = planning.plan_pass(snapshot)
+        assert {d for d in ("d1", "d2", "d-old") if "phase" in status_of(plan, "ModelDeployment", d)} == {"d1", "d2", "d-old"}  # planned
+        assert "not a usable artifact URI" in snapshot.artifacts[("old", "v1")].error  # what a replica of d-old shows
+        with pytest.raises(ManifestError, match="Port out of range"):  # as a manifest, refused
+            catalog.apply_documents(store, loader.load_text(manifests.bundle(
+                manifests.onnx_model("old", "http://models.example.com:80800/legacy.onnx", SHA, variant="v1"))), actor="test")
+        catalog.apply_documents(store, loader.load_text(manifests.bundle(  # corrected
+            manifests.onnx_model("old", "http://models.example.com:8080/legacy.onnx", SHA, variant="v1"))), actor="test")
+    finally:
+        store.close()
+
+
+def test_an_object_this_version_does_not_read_is_reported_once_and_what_runs_for_it_is_kept(tmp_path: pathlib.Path) -> None:
+    """A throughput an earlier version took (it overflows demand / rate) and this one refuses
+    even in what is stored: the Model is left out of planning, and its deployment frozen."""
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
+    serving = routing.Endpoint(model="old", deployment="d-old", site="edge-a", tier="edge", country="FR", region="", lat=48.85, lon=2.35,
+                               url="http://edge-a:8081")
+    table = endpoints_mod.EndpointTable()
+    table.replace([serving])  # the table in force, as a restarted control plane resumes it
+    reconciler = reconciler_of(store, tmp_path, table)
+    try:
+        for _ in range(2):
+            plan = planning.plan_pass(asyncio.run(reconciler.gather()))
+            for action in plan.actions:
+                if isinstance(action, act.RecordPlacement):
+                    store.replace_placements(action.rows)
+        assert [(e.action, e.kind, e.name) for e in store.recent_events("Model", "old") if e.action == "unreadable"] == [
+            ("unreadable", "Model", "old")]
+        assert ("d-old", "edge-a", "v1", 1) in [(r.deployment, r.site, r.variant, r.replicas) for r in store.placements()]
+        assert "phase" in status_of(plan, "ModelDeployment", "d1")  # planned (no agent has joined yet)
+        pushed = {a.site for a in plan.actions if isinstance(a, act.PushAssignments)}
+        assert "edge-a" not in pushed and "edge-b" in pushed  # edge-a's agent is sent nothing: it keeps what it serves
+        unreadable = status_of(plan, "Model", "old")
+        assert unreadable["phase"] == "Unreadable" and "throughputRps" in str(unreadable["reason"])
+        assert status_of(plan, "ModelDeployment", "d-old")["phase"] == "Frozen"
+        published = next(a for a in plan.actions if isinstance(a, act.PublishEndpoints))
+        assert serving in published.endpoints
+        # applies go on, of other objects and of the Model itself, now as this version checks it
+        catalog.apply_documents(store, loader.load_text(manifests.bundle(manifests.onnx_model("m3", "m1.onnx", SHA))), actor="test")
+        catalog.apply_documents(store, loader.load_text(manifests.bundle(manifests.onnx_model("old", "m1.onnx", SHA, variant="v1"))), actor="test")
+        plan = planning.plan_pass(asyncio.run(reconciler.gather()))
+        assert status_of(plan, "ModelDeployment", "d-old")["phase"] != "Frozen"
     finally:
         store.close()
