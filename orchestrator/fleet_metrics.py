@@ -49,7 +49,7 @@ class FleetCollector:
         again = CounterMetricFamily("edgeplane_datacentre_reapplied",
                                     "Times a data centre's Serve applications, changed by another writer, were applied again",
                                     labels=["site"])
-        for site, n in sorted(getattr(getattr(self.cp, "reconciler", None), "reapplied", {}).items()):
+        for site, n in sorted(getattr(getattr(getattr(self.cp, "reconciler", None), "dc_sync", None), "reapplied", {}).items()):
             again.add_metric([site], n)
         yield again
         elector = self.cp.elector

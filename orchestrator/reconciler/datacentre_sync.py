@@ -1,0 +1,224 @@
+"""The reconciler's dealings with data-centre sites, apart from its pass.
+
+Edge sites are driven by data (assignments the hub pushes); a data centre is driven by
+calls that fail on their own schedule: observing its Serve applications, applying them,
+removing those a deleted or moved Site left. Each such site keeps a backoff of its own so
+that one cluster out of reach holds up neither the pass nor the other sites, and each new
+error, recovery and change is an event on the Site. This state lives here, apart from
+:mod:`orchestrator.reconciler.loop`, which only calls :meth:`DataCentreSync.observe` when
+it gathers and :meth:`DataCentreSync.apply` when it executes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from orchestrator import catalog
+from orchestrator.adapters import serve_config
+from orchestrator.manifests import schema
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.reconciler.datacentres import DataCentres, target_of
+from orchestrator.store import sqlite as store_mod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Backoff:
+    """When a failing call is tried next, doubling up to a cap: the loop's own, and each data centre's."""
+
+    failures: int = 0
+    next_try: float = 0.0
+    last_error: str = ""
+    since: float = 0.0  # when the first failure of this run of failures came
+    unreachable: bool = False  # a data centre's last failure was observing it (not applying or removing apps)
+    target: str | None = None  # a data centre's: where the site's applications ran when it failed
+
+    def fail(self, now: float, error: str, base: float = 1.0, cap: float = 60.0) -> None:
+        if not self.failures:
+            self.since = now
+        self.failures += 1
+        self.next_try = now + min(cap, base * 2 ** (self.failures - 1))
+        self.last_error = error
+
+
+def _left(site: str, target: str | None) -> str:
+    """The key of what ``site`` left on ``target`` (its backoff, its count): never a site's name."""
+    return f"{site} {target}"
+
+
+@dataclass
+class DataCentreSync:
+    """What a leader observed of, applied to and is removing from its data centres.
+
+    ``clock`` and ``lease`` are read at each call: the reconciler's, which change (a test's
+    stopped clock, a new lease when the replica leads again)."""
+
+    store: store_mod.Store
+    datacentres: DataCentres
+    clock: Callable[[], float]
+    lease: Callable[[], store_mod.Lease | None]
+    observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
+    applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
+    reapplied: dict[str, int] = field(default_factory=dict)  # by site: Serve applications applied again after another writer
+    _backoff: dict[str, Backoff] = field(default_factory=dict)
+    # deleted sites whose applications are being removed, and targets sites moved off (_left): how many ran
+    _retiring: dict[str, int] = field(default_factory=dict)
+
+    def forget(self) -> None:
+        """What was observed and applied, and the backoffs, go: another leader may have changed them."""
+        self.applied.clear()
+        self._backoff.clear()
+        self.observed.clear()
+
+    async def observe(self, stored: list[snap.SiteRecord], deleted: Iterable[store_mod.DeletedSite] = ()) -> None:
+        """Observe the declared data centres; remove the applications left on a target no
+        Site drives any more (its Site deleted, or moved to another cluster or the edge
+        tier). The store keeps each such target until they are removed, so whichever replica
+        leads next, or this one after a restart, removes them too; an actuator held for a
+        site neither declared nor kept was abandoned (``delete site --abandon-applications``)."""
+        sites = [s for s in stored if s.spec.tier == "datacenter"]
+        declared = {s.name for s in sites}
+        driven = {s.name: target_of(s.spec) for s in stored}
+        for gone in set(self.observed) - declared:  # deleted, or moved to the edge tier: counted by the target it left
+            observed, applied = self.observed.pop(gone), self.applied.pop(gone, ())
+            self._retiring[gone if gone not in driven else _left(gone, self.datacentres.target(gone))] = max(len(observed.apps), len(applied))
+        for back in set(self._retiring) & declared:  # declared again: its apply takes over
+            del self._retiring[back]
+        for kept in (self._backoff, self._retiring):  # a site's own, for a site no longer a data centre: what it left has its own
+            for edge in set(kept) & (set(driven) - declared):
+                del kept[edge]
+        for site in sites:  # moved: what was applied went to the old target, and the new one is given it
+            if (backoff := self._backoff.get(site.name)) is not None and backoff.target != driven[site.name]:
+                del self._backoff[site.name]  # the old target's failures (often why it moved) hold up nothing on the new one
+            if (left := self.datacentres.target(site.name)) not in (None, driven[site.name]):
+                observed = self.observed.get(site.name)
+                self._retiring[_left(site.name, left)] = max(len(observed.apps) if observed else 0,
+                                                             len(self.applied.pop(site.name, ())))
+        # a record of the target its Site drives now was read racing the apply that drops it
+        records = [d for d in deleted if d.target != driven.get(d.name)]
+        if abandoned := self.datacentres.sites() - declared - {d.name for d in records}:
+            await self._abandon(abandoned)
+        for kept in (self._backoff, self._retiring):  # removed, or abandoned
+            for key in [k for k in kept if " " in k and k not in {_left(d.name, d.target) for d in records}]:
+                del kept[key]
+        results = await asyncio.gather(*(self._observe_one(s) for s in sites),
+                                       *(self._retire(d, moved=d.name in driven) for d in records))
+        for site, observation in zip(sites, results):
+            self.observed[site.name] = observation
+
+    async def _retire(self, record: store_mod.DeletedSite, moved: bool) -> None:
+        """A target a data-centre Site left (``moved``: it is still declared, elsewhere): its
+        Serve applications are removed before its record in the store goes, or they would run
+        on, owned by nothing. A cluster that cannot be reached is tried again with a backoff
+        of its own (the site's new target is not held up by its old one), each new error an
+        event on the Site."""
+        site, key = record.name, _left(record.name, record.target)
+        backoff = self._backoff.get(key)
+        if backoff is not None and backoff.next_try > self.clock():
+            return
+        what = f"the Site moved off {record.target}" if moved else "the Site is deleted"
+        try:
+            removed = await self.datacentres.retire(site, schema.SiteSpec.model_validate(record.spec))
+        except Exception as exc:  # whatever the cause, tried again: this site's alone
+            if not isinstance(exc, (serve_config.DataCentreError, OSError, RuntimeError, ValueError)):
+                log.exception("data centre %s: removing its Serve applications failed", site)
+            await self._failed(site, exc, f"{what}, but its Serve applications there are not removed yet: ", key=key)
+            return
+        # a failed write leaves it for the next pass, whose apply([]) finds nothing left
+        await self.store.run(self.store.forget_deleted_site, record, lease=self.lease())
+        self._backoff.pop(key, None)
+        if not moved:
+            self._backoff.pop(site, None)
+        held = max(removed, self._retiring.pop(key if moved else site, 0))
+        log.info("data centre %s: %s; its %d Serve application(s) there removed", site, what, held)
+        if held:
+            await self._record(store_mod.Event("reconciler", "serve-removed", "Site", site,
+                                               f"{what}: its {held} Serve application(s) removed"))
+
+    async def _abandon(self, sites: set[str]) -> None:
+        """Sites whose left applications an operator gave up removing: their actuators are
+        closed, what runs there left as it is, and nothing is tried again."""
+        await self.datacentres.forget(self.datacentres.sites() - sites)
+        for site in sorted(sites):
+            self._retiring.pop(site, None)
+            self._backoff.pop(site, None)
+            log.warning("data centre %s: the Serve applications the Site left are abandoned: no longer removed", site)
+
+    async def _observe_one(self, site: snap.SiteRecord) -> snap.DataCentreObservation:
+        backoff = self._backoff.get(site.name)
+        if backoff is not None and backoff.next_try > self.clock():
+            return snap.DataCentreObservation(False, error=backoff.last_error)
+        try:
+            actuator = await self.datacentres.actuator(site.name, site.spec)
+            apps = await actuator.observe()
+        except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
+            await self._failed(site.name, exc, unreachable=True, target=target_of(site.spec))
+            return snap.DataCentreObservation(False, error=str(exc))
+        except Exception as exc:  # an adapter's fault is this site's alone: the others' pass goes on
+            log.exception("data centre %s: observing it failed", site.name)
+            await self._failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ", unreachable=True,
+                                  target=target_of(site.spec))
+            return snap.DataCentreObservation(False, error=self._backoff[site.name].last_error)
+        if backoff is not None and backoff.unreachable:
+            await self._recovered(site.name, backoff)
+        return snap.DataCentreObservation(True, apps, drift=actuator.drift)
+
+    async def _failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: str | None = None,
+                         target: str | None = None) -> None:
+        """``site`` failed: on ``target``, where it drives its applications, or on what it left (``key``)."""
+        backoff = self._backoff.setdefault(key or site, Backoff())
+        backoff.target = target
+        message = context + str(exc)
+        if message != backoff.last_error:
+            await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
+        backoff.fail(self.clock(), message)
+        backoff.unreachable = unreachable
+        log.warning("data centre %s: %s (retry in %.0fs)", site, message, backoff.next_try - self.clock())
+
+    async def _recovered(self, site: str, backoff: Backoff) -> None:
+        """Observed again after it could not be: the outage's end is an event, and its
+        backoff goes, so that the next outage is an event of its own (even with the same
+        error) and is retried from the shortest delay. A backoff from applying is kept:
+        observing says nothing of whether the next apply would succeed."""
+        down_s = self.clock() - backoff.since
+        log.info("data centre %s: observed again after %.0fs (%d failed attempt(s))", site, down_s, backoff.failures)
+        await self._record(store_mod.Event("reconciler", "datacentre-recovered", "Site", site,
+                                           f"observed again after {down_s:.0f}s ({backoff.failures} failed attempt(s); "
+                                           f"the last: {backoff.last_error})"))
+        self._backoff.pop(site, None)
+
+    async def apply(self, site: str, apps: tuple[serve_config.ServeAppSpec, ...], drift: str = "") -> None:
+        backoff = self._backoff.get(site)
+        if backoff is not None and backoff.next_try > self.clock():
+            return
+        obj = await self.store.run(self.store.get, "Site", site)
+        if obj is None:
+            return
+        try:
+            actuator = await self.datacentres.actuator(site, catalog.parse_site(obj))
+            await actuator.apply(apps)
+        except (serve_config.DataCentreError, OSError, RuntimeError, ValueError) as exc:
+            await self._failed(site, exc, target=store_mod.datacentre_target(obj.spec))
+            return
+        except Exception as exc:  # as in _observe_one: this site's alone
+            log.exception("data centre %s: applying its Serve applications failed", site)
+            await self._failed(site, exc, f"applying failed: {type(exc).__name__}: ", target=store_mod.datacentre_target(obj.spec))
+            return
+        self._backoff.pop(site, None)
+        if drift:  # e.g. a deposed leader's apply that landed after this leader's
+            self.reapplied[site] = self.reapplied.get(site, 0) + 1
+            log.warning("data centre %s: its Serve applications were changed by another writer (%s); applied ours again", site, drift)
+            await self._record(store_mod.Event("reconciler", "serve-reapplied", "Site", site,
+                                               f"changed by another writer ({drift}); applied this control plane's again"))
+        if apps != self.applied.get(site):
+            await self._record(store_mod.Event("reconciler", "serve-applied", "Site", site,
+                                               f"{len(apps)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in apps)))
+        self.applied[site] = apps
+
+    async def _record(self, event: store_mod.Event) -> None:
+        """An event on a Site, written in a worker thread under the lease held when it runs."""
+        await self.store.run(self.store.record, event, lease=self.lease())
