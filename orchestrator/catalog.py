@@ -91,6 +91,21 @@ def read_each(objs: Iterable[store_mod.StoredObject], parse: Callable[[store_mod
     return read, unreadable
 
 
+class Unreadable(ValueError):
+    """A stored object this version does not read (an earlier one stored it under rules made
+    stricter since): a request that needs it is refused, naming it, until it is applied again
+    or deleted; the reconciler leaves it out of planning instead (``status.phase: Unreadable``)."""
+
+
+def read_stored(obj: store_mod.StoredObject, parse: Callable[[store_mod.StoredObject], T]) -> T:
+    """``obj`` as ``parse`` reads it, or :class:`Unreadable` naming it and saying why."""
+    try:
+        return parse(obj)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise Unreadable(f"{obj.kind} {obj.name!r} is stored in a form this version does not read ({why_unreadable(exc)}); "
+                         f"apply it again or delete it") from None
+
+
 def why_unreadable(exc: ValueError) -> str:
     """A validation error as one line: each field and its message."""
     if isinstance(exc, pydantic.ValidationError):

@@ -8,8 +8,9 @@ as NDJSON lines (``{"progress": {...}}``) and the last line is ``{"result": {...
 What it does, in order, and why nothing is published otherwise:
 
 1. checks the deployment: a tensor cascade (``onnx`` first and last stage) with
-   ``spec.cascade.capture``, and picks the zone (``zone`` in the body, or the only zone
-   with records);
+   ``spec.cascade.capture``, which this version reads as stored, as its Model (one an
+   earlier version stored under rules made stricter since is refused, 409, naming it), and
+   picks the zone (``zone`` in the body, or the only zone with records);
 2. trains and verifies (:func:`orchestrator.distill.job.run`); a failed or worse run
    writes no artifact and changes no object;
 3. records the report as a ``distill`` event on the deployment (``edgeplane describe``);
@@ -86,12 +87,12 @@ def _read(store: store_mod.Store, name: str) -> tuple[store_mod.StoredObject, st
     obj = store.get("ModelDeployment", name)
     if obj is None:
         raise Refused(f"ModelDeployment {name!r} does not exist")
-    return obj, store.get("Model", catalog.parse_deployment(obj).model)
+    return obj, store.get("Model", catalog.read_stored(obj, catalog.parse_deployment).model)
 
 
 def _plan(obj: store_mod.StoredObject, model_obj: store_mod.StoredObject | None, captures: capture_store.ZoneStores,
           artifacts: ArtifactCatalog, name: str, zone: str | None) -> dict[str, Any]:
-    spec = catalog.parse_deployment(obj)
+    spec = catalog.read_stored(obj, catalog.parse_deployment)
     if spec.cascade is None or spec.cascade.capture is None:
         raise Refused(f"ModelDeployment {name!r} captures nothing: distillation needs spec.cascade.capture")
     first, last = spec.cascade.stages[0], spec.cascade.stages[-1]
@@ -99,7 +100,7 @@ def _plan(obj: store_mod.StoredObject, model_obj: store_mod.StoredObject | None,
         raise Refused("distillation trains tensor students: the first stage needs an 'escalate.confidence' rule")
     if model_obj is None:
         raise Refused(f"Model {spec.model!r} does not exist")
-    variants = {v.name: v for v in catalog.parse_model(model_obj).variants}
+    variants = {v.name: v for v in catalog.read_stored(model_obj, catalog.parse_model).variants}
     edge = variants.get(first.variant)
     if edge is None or edge.runtime != "onnx" or edge.artifact is None or not edge.inputs:
         raise Refused(f"variant {first.variant!r} is not an ONNX tensor model with declared inputs")
@@ -130,7 +131,7 @@ def _published_model(model_obj: store_mod.StoredObject, variant: str, serving: A
     very version (``resourceVersion``): a change made meanwhile is a conflict, never undone.
     ``serving`` is the artifact the candidate was verified against; if the variant serves
     another one now (another run published first), this candidate's gate says nothing about it."""
-    stored = next((v for v in catalog.parse_model(model_obj).variants if v.name == variant), None)
+    stored = next((v for v in catalog.read_stored(model_obj, catalog.parse_model).variants if v.name == variant), None)
     if stored is None or stored.artifact != serving:
         now = stored.artifact.uri if stored is not None and stored.artifact is not None else "none"
         raise Refused(f"variant {variant!r} of Model {model_obj.name!r} changed during the run (its artifact is now {now}, "
@@ -179,7 +180,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
         try:  # the objects on the store's threads; the artifacts (a network mount, maybe) and the zones' records on another
             plan = await asyncio.to_thread(_plan, *await store.run(_read, store, name), captures, artifacts, name, zone)
-        except Refused as exc:
+        except (Refused, catalog.Unreadable) as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         if name in running:  # one started meanwhile
             return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
@@ -233,7 +234,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                                                    actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
                 try:
                     applied = await store.run(publish)
-                except (ManifestError, store_mod.Conflict, Refused) as exc:
+                except (ManifestError, store_mod.Conflict, Refused, catalog.Unreadable) as exc:
                     result = {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
                 else:
                     result["generation"] = applied.outcomes[0].generation

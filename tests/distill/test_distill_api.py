@@ -194,3 +194,27 @@ async def test_a_run_whose_artifacts_lie_on_a_mount_that_stalls_leaves_the_store
             assert refused.status_code == 409 and "zones with records: none" in refused.json()["error"], refused.text
     finally:
         plane.close()
+
+
+def stored_as_an_earlier_version_left_it(plane: Plane, kind: str, name: str, change: Callable[[dict[str, Any]], None]) -> None:
+    """``kind`` ``name`` rewritten in the store as ``change`` makes its spec, past the checks of an apply."""
+    obj = plane.store.get(kind, name)
+    assert obj is not None
+    spec = json.loads(json.dumps(obj.spec))
+    change(spec)
+    plane.store.apply([store_mod.ObjectWrite(kind, name, dict(obj.labels), spec)], store_mod.Event("earlier-version", "apply", kind, name, "apply"))
+
+
+@pytest.mark.parametrize(("kind", "change", "why"), [
+    ("Model", lambda spec: spec["variants"][0].update(throughputRps=1e-320), "throughputRps"),  # overflows demand / rate
+    ("ModelDeployment", lambda spec: spec.update(priority="high"), "priority"),  # a field this version does not have
+], ids=["model", "deployment"])
+def test_a_deployment_or_model_this_version_cannot_read_is_refused_naming_it(
+        plane: Plane, kind: str, change: Callable[[dict[str, Any]], None], why: str) -> None:
+    plane.capture(300)
+    stored_as_an_earlier_version_left_it(plane, kind, "task", change)
+    with TestClient(plane.app(), raise_server_exceptions=False) as client:
+        resp = client.post("/v1/distill/task", json={"epochs": 1})
+    assert resp.status_code == 409, resp.text
+    error = resp.json()["error"]
+    assert f"{kind} 'task'" in error and why in error and "apply it again or delete it" in error, error
