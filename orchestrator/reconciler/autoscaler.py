@@ -93,7 +93,9 @@ class _Site:
 
 @dataclass
 class Autoscaler:
-    clock: Callable[[], float] = time.time
+    # the scale-down delay is a span of this process's time (the history lives only in memory):
+    # the wall clock would end it early, or hold it, whenever NTP steps it
+    clock: Callable[[], float] = time.monotonic
     latest: dict[str, Recommendation] = field(default_factory=dict)
     _sites: dict[tuple[str, str], _Site] = field(default_factory=dict)  # (deployment, site)
     _history: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)

@@ -177,7 +177,7 @@ class Reconciler:
         self._stopping = False
         self.dc_sync.forget()
         self._published = None  # another leader may have published since this replica last did
-        self.autoscaler = autoscaler_mod.Autoscaler()
+        self.autoscaler = autoscaler_mod.Autoscaler(self.clock)
         self.converging = False
         self._wake.set()  # the first pass runs at once
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -96,6 +100,31 @@ def test_scale_down_waits_for_the_delay_scale_up_does_not() -> None:
         last = fleet.run(2, rps=10, targetRps=20, scaleDownDelaySeconds=30)
     assert last.replicas == 1
     assert fleet.run(1, rps=200, targetRps=20, scaleDownDelaySeconds=30).replicas == 6  # up: immediately
+
+
+# The wall clock is stepped in a child process, before the autoscaler is imported, as NTP
+# steps it under a running control plane: time.monotonic is left alone.
+_WALL_CLOCK_STEP = """
+import time
+real, step = time.time, [0.0]
+time.time = lambda: real() + step[0]
+from orchestrator.reconciler.autoscaler import Autoscaler
+from test_autoscaler import Clock, Fleet
+fleet = Fleet(Autoscaler(), Clock(), ["paris"])  # as the reconciler makes it: its default clock
+fields = dict(targetRps=20, scaleDownDelaySeconds=300)
+fleet.run(2, rps=100, **fields)
+print(fleet.run(2, rps=100, **fields).replicas)
+step[0] = 3600.0  # the leader's wall clock is stepped an hour forward
+print(fleet.run(2, rps=10, **fields).replicas)  # 2 s later traffic dips
+"""
+
+
+def test_a_wall_clock_step_does_not_end_the_scale_down_delay() -> None:
+    here = pathlib.Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", _WALL_CLOCK_STEP], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["5", "5"]  # scaled up to 5, and the 300 s delay holds them
 
 
 def test_data_centre_replicas_count_like_the_reporting_ones_new_edge_ones_do_not() -> None:
