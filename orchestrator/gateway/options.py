@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from orchestrator import argtypes
+from orchestrator.security import ratelimit
 
 #: Largest inference request body (``--gateway-max-body``).
 MAX_BODY = 16 * 1024 * 1024
@@ -25,11 +26,19 @@ class OptionError(ValueError):
     """A gateway flag that cannot work; its message names the flag."""
 
 
+def _rate(text: str) -> float:
+    """argparse type of ``--gateway-rate``: 0 (no limit) or at least :data:`ratelimit.MIN_RATE`."""
+    rate = argtypes.number(0)(text)
+    if 0 < rate < ratelimit.MIN_RATE:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 0 (no limit) nor {ratelimit.MIN_RATE:g} or more")
+    return rate
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--location", help="the gateway's own position lat,lon (for callers that give none)")
     p.add_argument("--gateway-auth", choices=list(GATEWAY_AUTH), default="none",
                    help="'token' requires a valid API token (any role) on the gateway's model routes; 'none' leaves them open")
-    p.add_argument("--gateway-rate", type=argtypes.number(0), default=0.0, metavar="RPS",
+    p.add_argument("--gateway-rate", type=_rate, default=0.0, metavar="RPS",
                    help="per-client request rate, per gateway (client = token, else address); 0 = no limit")
     p.add_argument("--gateway-burst", type=argtypes.number(0), default=0.0, help="requests a client may send at once, 1 or more (default: the rate)")
     p.add_argument("--gateway-max-body", type=argtypes.whole_number(1), default=MAX_BODY, metavar="BYTES", help="largest inference request body")
@@ -57,6 +66,8 @@ def problem(gateway_auth: str, rate: float, burst: float, max_body: int, cold_st
         return "--gateway-auth must be 'none' or 'token'"
     if rate < 0 or burst < 0 or max_body <= 0:
         return "--gateway-rate and --gateway-burst must be >= 0, --gateway-max-body > 0"
+    if 0 < rate < ratelimit.MIN_RATE:  # a client's wait would overflow
+        return f"--gateway-rate {rate:g} is too slow: give 0 (no limit) or {ratelimit.MIN_RATE:g} requests/s or more"
     if 0 < burst < 1:  # a bucket smaller than one request's cost would refuse every request forever
         return f"--gateway-burst {burst:g} is less than one request: give 1 or more (0: the rate)"
     if not 0 <= cold_start_timeout_s <= COLD_START_MAX_S:

@@ -22,6 +22,11 @@ from edgeplane_proto import oip
 from orchestrator.security import bearer, ratelimit
 
 
+#: The longest ``Retry-After`` the rate limit gives: a client told to come back in more than a
+#: day is refused in effect, and a header of a number that long helps no one.
+RETRY_AFTER_MAX_S = 86_400
+
+
 class TokenCheckUnavailable(Exception):
     """Nothing could say whether a token is valid now (the store that holds them does not answer)."""
 
@@ -63,5 +68,5 @@ class GatewayAdmission:
         wait = self.limiter.take(key)
         if wait is not None:
             return _refuse(429, f"rate limit of {self.limiter.limit.rate:g} requests/s exceeded; retry later",
-                           {"retry-after": str(max(1, math.ceil(wait)))})
+                           {"retry-after": str(max(1, math.ceil(min(wait, RETRY_AFTER_MAX_S))))})
         return None

@@ -15,6 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+#: The slowest rate a limit may have (one request in about 11.6 days): a slower one makes a
+#: client's wait overflow (1e-320 requests/s is a number, and its wait is infinite).
+MIN_RATE = 1e-6
+
+
 @dataclass(frozen=True)
 class RateLimit:
     """``rate`` requests per second sustained, up to ``burst`` at once; rate 0 = no limit."""
@@ -35,6 +40,8 @@ class RateLimiter:
     def __init__(self, limit: RateLimit, *, clock: Callable[[], float] = time.monotonic, max_clients: int = 100_000) -> None:
         if limit.rate < 0 or limit.burst < 0:
             raise ValueError("rate and burst must be >= 0")
+        if 0 < limit.rate < MIN_RATE:
+            raise ValueError(f"rate must be 0 (no limit) or at least {MIN_RATE:g} requests/s")
         if 0 < limit.burst < 1:
             raise ValueError("burst must be 0 (the rate) or at least 1: a smaller bucket never holds one request")
         self.limit = limit

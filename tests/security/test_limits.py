@@ -53,7 +53,7 @@ def test_bucket_table_is_bounded() -> None:
     assert len(limiter) == 100
 
 
-@pytest.mark.parametrize("limit", [ratelimit.RateLimit(-1, 0), ratelimit.RateLimit(10, 0.5)])
+@pytest.mark.parametrize("limit", [ratelimit.RateLimit(-1, 0), ratelimit.RateLimit(10, 0.5), ratelimit.RateLimit(1e-320, 0)])
 def test_a_limit_that_cannot_work_is_refused(limit: ratelimit.RateLimit) -> None:
     with pytest.raises(ValueError):
         ratelimit.RateLimiter(limit)
@@ -82,6 +82,30 @@ async def test_gateway_rate_limit_answers_429_with_retry_after(tmp_path: pathlib
             assert (await http.get("/v1/sites")).status_code == 200
     finally:
         await fleet.stop()
+
+
+async def test_the_slowest_rate_asks_a_client_to_come_back_in_a_day_at_most(tmp_path: pathlib.Path) -> None:
+    fleet = await _control_plane(tmp_path, gateway_rate=1e-6)  # the slowest: one request in 11.6 days
+    try:
+        assert fleet.cp is not None
+        async with httpx.AsyncClient(base_url=fleet.cp.http_url) as http:
+            assert (await http.post("/v2/models/nope/infer", content=b"{}")).status_code == 404
+            limited = await http.post("/v2/models/nope/infer", content=b"{}")
+            assert limited.status_code == 429 and limited.headers["retry-after"] == "86400"
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("command", [["serve"], ["gateway", "--control-plane", "http://127.0.0.1:9"]])
+def test_a_gateway_rate_too_slow_to_wait_for_is_refused_on_the_command_line(
+        command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """1e-320 requests/s is a number, but a client's wait for it overflows (a 500 on its second request)."""
+    parser = cli_main.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--gateway-rate", "1e-320"])
+    assert "--gateway-rate" in capsys.readouterr().err
+    assert parser.parse_args([*command, "--gateway-rate", "0"]).gateway_rate == 0.0  # no limit
+    assert parser.parse_args([*command, "--gateway-rate", "1e-6"]).gateway_rate == 1e-6
 
 
 async def test_gateway_token_auth(tmp_path: pathlib.Path) -> None:
@@ -166,7 +190,8 @@ async def test_api_limits_body_and_objects_per_apply(tmp_path: pathlib.Path) -> 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (dict(gateway_auth="open"), "--gateway-auth"), (dict(gateway_rate=-1.0), "--gateway-rate"),
-    (dict(gateway_max_body=0), "--gateway-max-body"), (dict(leader_lease_s=0.5), "--leader-lease"),
+    (dict(gateway_max_body=0), "--gateway-max-body"),
+    (dict(gateway_rate=1e-9), "--gateway-rate 1e-09 is too slow"), (dict(leader_lease_s=0.5), "--leader-lease"),
     (dict(store_poll_s=0.0), "--store-poll"), (dict(store_threads=0), "--store-threads must be from 1 to 256"),
     # a bucket smaller than one request refuses every request forever, whatever the rate
     (dict(gateway_rate=10.0, gateway_burst=0.5), "--gateway-burst 0.5 is less than one request"),
