@@ -28,10 +28,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class BootstrapToken:
-    """A bootstrap token a join was accepted with; ``created_at`` 0.0 for one that has always
-    existed (a static ``--bootstrap-token``, an in-memory one)."""
+    """A bootstrap token a join was accepted with: ``created_seq`` is where the store's
+    sequence stood when it was made, 0 for one that has always existed (a static
+    ``--bootstrap-token``, an in-memory one)."""
 
-    created_at: float = 0.0
+    created_seq: int = 0
 
 
 class JoinAuthenticator(Protocol):
@@ -122,7 +123,7 @@ class StoreJoinAuthenticator:
             return BootstrapToken()
         with _store_in_use():
             info = self.store.verify_token(token, "bootstrap")
-        return BootstrapToken(info.created_at) if info is not None else None
+        return BootstrapToken(info.created_seq) if info is not None else None
 
     def holder_of(self, site: str) -> str:
         with _store_in_use():
@@ -130,10 +131,10 @@ class StoreJoinAuthenticator:
 
     def issue_credential(self, site: str, agent_id: str, token: BootstrapToken | None, replacing: str | None = None) -> str:
         # a join by credential counts as admitted before any revocation: one revoked since it was checked is refused
-        admitted_at = token.created_at if token is not None else 0.0
+        admitted_seq = token.created_seq if token is not None else 0
         credential = secrets.token_urlsafe(32)
         with _store_in_use():  # the revocation checked in the write's own transaction: one landing between is never undone
-            saved = self.store.save_agent(site, agent_id, credential, f"agent@{site}", replacing, admitted_at)
+            saved = self.store.save_agent(site, agent_id, credential, f"agent@{site}", replacing, admitted_seq)
         if saved is store_mod.AgentSaved.REVOKED:
             raise agent_errors.NotAuthenticated(f"site {site!r} was revoked; join it with a bootstrap token created after the revocation")
         if saved is store_mod.AgentSaved.REPLACED:

@@ -31,7 +31,7 @@ from psycopg import conninfo
 from psycopg.rows import dict_row
 
 from orchestrator.store import datacentre_records
-from orchestrator.store.sql import SqlStore
+from orchestrator.store.sql import BACKFILL_TOKEN_SEQ, SqlStore
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
 from orchestrator.store.values import Fenced, Lease, StoreError
 
@@ -68,7 +68,7 @@ END $$;
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, purpose TEXT NOT NULL,
     role TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION,
-    revoked BOOLEAN NOT NULL DEFAULT FALSE, description TEXT NOT NULL DEFAULT ''
+    revoked BOOLEAN NOT NULL DEFAULT FALSE, description TEXT NOT NULL DEFAULT '', created_seq BIGINT
 );
 CREATE TABLE IF NOT EXISTS agents (
     site TEXT PRIMARY KEY, agent_id TEXT NOT NULL, credential_digest TEXT NOT NULL,
@@ -78,6 +78,8 @@ CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL
 );
 ALTER TABLE objects ADD COLUMN IF NOT EXISTS annotations TEXT NOT NULL DEFAULT '{}';  -- databases made before annotations were kept
+ALTER TABLE tokens ADD COLUMN IF NOT EXISTS created_seq BIGINT;  -- databases made before tokens kept it
+""" + BACKFILL_TOKEN_SEQ + """;
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT NULL, body TEXT NOT NULL);
 """ + DELETED_SITES + """;
 CREATE TABLE IF NOT EXISTS left_targets (

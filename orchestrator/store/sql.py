@@ -54,6 +54,16 @@ T = TypeVar("T")
 
 #: When ``site``'s identity was last revoked (a NULL ``ts`` when it never was).
 _LAST_REVOCATION = "SELECT MAX(ts) AS ts FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'"
+#: The event id of ``site``'s last revocation (NULL when it never was): the cut-off for the
+#: bootstrap tokens a rejoin may use, ordered by the store's own sequence, not by the clocks
+#: of the replicas that stamped the token and the revocation.
+_LAST_REVOCATION_ID = "SELECT MAX(id) AS id FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'"
+#: The event id of token ``id``'s creation (token ids are unique: the one event of that name).
+TOKEN_CREATED_ID = "SELECT MAX(id) FROM events WHERE kind = 'Token' AND action = 'token-created' AND name = {}"
+#: Tokens made before the store kept ``created_seq`` take their creation event's id; one whose
+#: event retention deleted keeps NULL, read as 0: made before any revocation, so it rejoins
+#: no revoked site (make a new token for that).
+BACKFILL_TOKEN_SEQ = "UPDATE tokens SET created_seq = (" + TOKEN_CREATED_ID.format("tokens.id") + ") WHERE created_seq IS NULL"
 
 
 def _canonical(value: Any) -> str:
@@ -406,25 +416,28 @@ class SqlStore:
         expires = now + ttl_s if ttl_s else None
         description = _storable(description)
         with self._tx() as db:
-            db.execute(
-                self._q("INSERT INTO tokens (id, digest, purpose, role, created_at, expires_at, description) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                (token_id, digest(secret), purpose, role, now, expires, description),
-            )
             self._log(db, Event(actor, "token-created", "Token", token_id, description or f"{purpose} token", {"role": role, "expiresAt": expires}), now)
-        return secret, TokenInfo(token_id, purpose, role, expires, description, now)
+            db.execute(
+                self._q("INSERT INTO tokens (id, digest, purpose, role, created_at, expires_at, description, created_seq)"
+                        f" VALUES (?, ?, ?, ?, ?, ?, ?, ({TOKEN_CREATED_ID.format('?')}))"),
+                (token_id, digest(secret), purpose, role, now, expires, description, token_id),
+            )
+            seq = int(self._one(db, "SELECT created_seq FROM tokens WHERE id = ?", (token_id,))["created_seq"])
+        return secret, TokenInfo(token_id, purpose, role, expires, description, now, created_seq=seq)
 
     def verify_token(self, secret: str, purpose: str) -> TokenInfo | None:
         rows = self._fetch(self._q("SELECT * FROM tokens WHERE digest = ? AND purpose = ? AND NOT revoked"), (digest(secret), purpose))
         row = rows[0] if rows else None
         if row is None or (row["expires_at"] is not None and row["expires_at"] < self._clock()):
             return None
-        return TokenInfo(row["id"], row["purpose"], row["role"], row["expires_at"], row["description"], row["created_at"])
+        return TokenInfo(row["id"], row["purpose"], row["role"], row["expires_at"], row["description"], row["created_at"],
+                         created_seq=row["created_seq"] or 0)
 
     def tokens(self) -> list[TokenInfo]:
         """Every token ever created (no secret, no digest), oldest first: revoked and expired ones too."""
         now = self._clock()
         return [TokenInfo(r["id"], r["purpose"], r["role"], r["expires_at"], r["description"], r["created_at"],
-                          token_state(bool(r["revoked"]), r["expires_at"], now))
+                          token_state(bool(r["revoked"]), r["expires_at"], now), r["created_seq"] or 0)
                 for r in self._fetch("SELECT * FROM tokens ORDER BY created_at, id")]
 
     def revoke_token(self, token_id: str, actor: str, reason: str = "revoked") -> bool:
@@ -440,10 +453,11 @@ class SqlStore:
         return bool(self._fetch("SELECT 1 FROM tokens WHERE purpose = 'api' AND NOT revoked LIMIT 1"))
 
     def save_agent(self, site: str, agent_id: str, credential: str, actor: str, replacing: str | None = None,
-                   admitted_at: float = 0.0) -> AgentSaved:
+                   admitted_seq: int = 0) -> AgentSaved:
         """Give ``site`` a new agent identity, replacing its last one, unless that one is revoked
-        and the join was not admitted after the revocation (``admitted_at``: when the bootstrap
-        token it came with was created, 0.0 for one that always existed or a credential). With
+        and the join was not admitted after the revocation (``admitted_seq``: the
+        :attr:`~TokenInfo.created_seq` of the bootstrap token it came with, 0 for one that always
+        existed or a credential). With
         ``replacing`` (an agent id :meth:`agent_of` read, "" for none), only if the site's
         identity is still that one, not another written since, by this replica or another.
         Checked and written in one transaction: a revocation is never written over."""
@@ -452,8 +466,8 @@ class SqlStore:
         with self._tx() as db:
             row = self._one(db, "SELECT agent_id, revoked FROM agents WHERE site = ?", (site,))
             if row is not None and row["revoked"]:
-                revoked_at = self._one(db, _LAST_REVOCATION, (site,))["ts"]
-                if admitted_at <= (revoked_at or 0.0):
+                revoked_seq = self._one(db, _LAST_REVOCATION_ID, (site,))["id"]
+                if admitted_seq <= (revoked_seq or 0):
                     return AgentSaved.REVOKED
             if replacing is not None and (row["agent_id"] if row is not None else "") != replacing:
                 return AgentSaved.REPLACED
@@ -483,9 +497,9 @@ class SqlStore:
         return float(ts) if ts is not None else 0.0
 
     def revoke_agent(self, site: str, actor: str, reason: str = "agent identity revoked") -> bool:
-        """True when an agent joined as ``site``. Every call is logged: its time is the
-        cut-off for the bootstrap tokens a rejoin may use (``agent_revoked_at``), so revoking
-        again also refuses the tokens made since the last time."""
+        """True when an agent joined as ``site``. Every call is logged: its event is the
+        cut-off for the bootstrap tokens a rejoin may use (made before it in the store's event
+        sequence), so revoking again also refuses the tokens made since the last time."""
         with self._tx() as db:
             n = db.execute(self._q("UPDATE agents SET revoked = TRUE WHERE site = ?"), (site,)).rowcount
             if n:

@@ -26,7 +26,7 @@ from typing import Any
 
 from edge_agent import state as state_files
 from orchestrator.store import datacentre_records
-from orchestrator.store.sql import SqlStore, _canonical
+from orchestrator.store.sql import BACKFILL_TOKEN_SEQ, SqlStore, _canonical
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
 from orchestrator.store.values import (  # re-exported: the control plane names the store's records from here
     AgentSaved,
@@ -80,7 +80,7 @@ CREATE INDEX IF NOT EXISTS events_time ON events (ts);  -- retention deletes the
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, purpose TEXT NOT NULL,
     role TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL,
-    revoked INTEGER NOT NULL DEFAULT 0, description TEXT NOT NULL DEFAULT ''
+    revoked INTEGER NOT NULL DEFAULT 0, description TEXT NOT NULL DEFAULT '', created_seq INTEGER
 );
 CREATE TABLE IF NOT EXISTS agents (
     site TEXT PRIMARY KEY, agent_id TEXT NOT NULL, credential_digest TEXT NOT NULL,
@@ -149,6 +149,9 @@ class Store(SqlStore):
                     db.execute(stmt)
             if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
                 db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
+            if "created_seq" not in {r["name"] for r in db.execute("PRAGMA table_info(tokens)")}:  # made before tokens kept it
+                db.execute("ALTER TABLE tokens ADD COLUMN created_seq INTEGER")
+                db.execute(BACKFILL_TOKEN_SEQ)
             if any(r["name"] == "version" and r["pk"] for r in db.execute("PRAGMA table_info(deleted_sites)")):
                 datacentre_records.key_by_name(self, db, SCHEMA_DELETED_SITES)  # keyed by name and version for a while
             db.execute("COMMIT")

@@ -102,8 +102,8 @@ FLEET_ACTIONS = frozenset({
     "agent-joined", "agent-lost", "agent-recovered", "leader-elected", "wake-requested",
 })
 
-#: Events no retention removes: a site's last revocation is the cut-off for the bootstrap
-#: tokens its agent may rejoin with (``agent_revoked_at``), state the log holds, not history.
+#: Events no retention removes: a site's last revocation (its event id) is the cut-off for the
+#: bootstrap tokens its agent may rejoin with, state the log holds, not history.
 KEPT_ACTIONS = frozenset({"agent-revoked"})
 
 
@@ -153,6 +153,9 @@ class TokenInfo:
     description: str
     created_at: float = 0.0
     state: str = "active"  # "active" | "expired" | "revoked"
+    # the id of its token-created event: where it stands in the store's sequence (a revocation
+    # refuses the bootstrap tokens before it); 0 for one made before the store recorded it
+    created_seq: int = 0
 
 
 class AgentSaved(enum.Enum):

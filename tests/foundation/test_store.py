@@ -679,11 +679,58 @@ def test_a_site_revoked_as_its_join_is_written_stays_revoked(store: Store, clock
     with pytest.raises(agent_errors.NotAuthenticated, match="revoked"):
         auth.issue_credential("edge-lyon", "agent-3", static)
     # the store's own rule: a revoked identity is replaced only for a join admitted after the revocation
-    revoked = store.agent_revoked_at("edge-lyon")
-    assert store.save_agent("edge-lyon", "agent-4", "cred-4", "agent@edge-lyon", "agent-1", revoked) is store_mod.AgentSaved.REVOKED
+    _, after = store.create_token("bootstrap", "agent", 3600, "admin")
+    assert store.save_agent("edge-lyon", "agent-4", "cred-4", "agent@edge-lyon", "agent-1", after.created_seq - 1) \
+        is store_mod.AgentSaved.REVOKED
     assert not store.agent_credential_ok("edge-lyon", "cred-4")
-    assert store.save_agent("edge-lyon", "agent-5", "cred-5", "agent@edge-lyon", "agent-1", clock.now) is store_mod.AgentSaved.SAVED
+    assert store.save_agent("edge-lyon", "agent-5", "cred-5", "agent@edge-lyon", "agent-1", after.created_seq) is store_mod.AgentSaved.SAVED
     assert store.agent_credential_ok("edge-lyon", "cred-5") and store.agent_revoked_at("edge-lyon") is None
+
+
+def test_a_bootstrap_token_made_before_a_revocation_stays_refused_whatever_the_clocks_said(store: Store, clock: FakeClock) -> None:
+    """The cut-off is the store's order of events: a replica whose clock ran two minutes fast
+    made the token, NTP (or a replica with a true clock) stamped the revocation ten seconds
+    later, and the token's stamp reads after the revocation's."""
+    from orchestrator.agents import errors as agent_errors
+    from orchestrator.agents.auth import StoreJoinAuthenticator
+
+    joins = StoreJoinAuthenticator(store)
+    secret, _ = store.create_token("bootstrap", "agent", 3600, "admin")
+    token = joins.verify_bootstrap(secret)
+    assert token is not None and joins.issue_credential("edge-lyon", "agent-1", token)
+    clock.now -= 110  # stepped back to the true time, 10 s after the token was made
+    assert store.revoke_agent("edge-lyon", "admin", "device stolen")
+    again = joins.verify_bootstrap(secret)  # not expired: whoever copied it still holds a valid token
+    assert again is not None
+    with pytest.raises(agent_errors.NotAuthenticated, match="revoked"):
+        joins.issue_credential("edge-lyon", "agent-2", again)
+    clock.now -= 3600  # a token made after the revocation admits the site, however far back its clock
+    fresh = joins.verify_bootstrap(store.create_token("bootstrap", "agent", 7200, "admin")[0])
+    assert fresh is not None and joins.issue_credential("edge-lyon", "agent-3", fresh)
+
+
+def test_tokens_made_before_the_store_ordered_them_keep_their_place_or_count_as_oldest(tmp_path: pathlib.Path) -> None:
+    """A state file from before tokens kept their place in the store's sequence: a token whose
+    creation event is still logged takes that event's place; one whose event retention deleted
+    counts as made before any revocation (it rejoins no revoked site)."""
+    path = tmp_path / "state.db"
+    s = open_store(path)
+    try:
+        _, logged = s.create_token("bootstrap", "agent", None, "admin")
+        _, pruned = s.create_token("bootstrap", "agent", None, "admin")
+    finally:
+        s.close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("DELETE FROM events WHERE name = ?", (pruned.id,))
+        db.execute("ALTER TABLE tokens DROP COLUMN created_seq")
+    db.close()
+    s = open_store(path)
+    try:
+        seqs = {t.id: t.created_seq for t in s.tokens()}
+        assert seqs == {logged.id: logged.created_seq, pruned.id: 0}
+    finally:
+        s.close()
 
 
 def test_sequences_only_grow_and_survive_reopen(reopen: Callable[..., Store]) -> None:
