@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from orchestrator import catalog
 from orchestrator.api import auth
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
@@ -186,7 +187,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
             return JSONResponse({"error": str(exc)}, status_code=503)
         if info is None:
             return JSONResponse({"error": "the bearer token is unknown, revoked or expired"}, status_code=401)
-        return JSONResponse({"id": info.id, "identity": f"token:{info.id}", "role": info.role})
+        # a standalone gateway keeps the verdict no longer than this
+        return JSONResponse({"id": info.id, "identity": f"token:{info.id}", "role": info.role, "expiresAt": catalog.rfc3339(info.expires_at)})
 
     async def wake(request: Request) -> Response:
         model = request.path_params["model"]

@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -267,13 +269,31 @@ def is_token_shaped(secret: str) -> bool:
     return bool(secret) and all("!" <= c <= "~" for c in secret)
 
 
+def expiry(answer: object) -> float | None:
+    """The Unix time ``GET /v1/whoami`` says the token expires at (``expiresAt``, RFC 3339);
+    None when it never does. ValueError for an answer that is not one."""
+    text = answer.get("expiresAt") if isinstance(answer, dict) else None
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"expiresAt {text!r} is not a time")
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
 class TokenChecker:
+    """Asks the control planes whether an API token is valid, and keeps the verdict: a valid
+    one ``ttl_s`` (a revoked token passes that long at most), an invalid one
+    ``negative_ttl_s``, and a valid one past that while no control plane answers; never past
+    the token's own expiry, which ``wall`` (this machine's Unix time) is compared with."""
+
     def __init__(self, follower: TableFollower, *, ttl_s: float = 30.0, negative_ttl_s: float = 5.0, max_entries: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.follower = follower
         self.ttl_s, self.negative_ttl_s, self.max_entries = ttl_s, negative_ttl_s, max_entries
-        self.clock = clock
-        self._cache: collections.OrderedDict[str, tuple[Token | None, float]] = collections.OrderedDict()
+        self.clock, self.wall = clock, wall
+        # by key: the verdict, until when (clock) it is used without asking, and until when
+        # (clock) a valid one holds while no control plane answers (its expiry; inf: none)
+        self._cache: collections.OrderedDict[str, tuple[Token | None, float, float]] = collections.OrderedDict()
         self._asking: dict[str, asyncio.Future[Token | None]] = {}  # one control-plane call per token at a time
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
 
@@ -302,28 +322,34 @@ class TokenChecker:
             asking.add_done_callback(lambda done: (self._asking.pop(key, None), done.cancelled() or done.exception()))
         return await asyncio.shield(asking)
 
-    async def _ask(self, secret: str, key: str, hit: tuple[Token | None, float] | None) -> Token | None:
+    async def _ask(self, secret: str, key: str, hit: tuple[Token | None, float, float] | None) -> Token | None:
         urls = [self.follower.current] + [u for u in self.follower.urls if u != self.follower.current]
         for url in urls:
             try:
                 resp = await self._http.get(f"{url}/v1/whoami", headers={"authorization": f"Bearer {secret}"})
             except httpx.HTTPError:
                 continue
+            now = self.clock()
+            expires = math.inf
             if resp.status_code == 200:
                 try:
-                    token_id = resp.json().get("id")
+                    answer = resp.json()
+                    token_id, expires_at = answer.get("id"), expiry(answer)
                 except (ValueError, AttributeError):
                     continue
-                verdict = Token(str(token_id)) if token_id else None
+                if expires_at is not None:  # a span of this clock from here, so a step of the wall clock later moves nothing
+                    expires = now + expires_at - self.wall()
+                verdict = Token(str(token_id)) if token_id and expires > now else None  # expired by this gateway's clock: refused
             elif resp.status_code in (401, 403):
                 verdict = None
             else:
                 continue
-            self._cache[key] = (verdict, self.clock() + (self.ttl_s if verdict is not None else self.negative_ttl_s))
+            keep = min(now + self.ttl_s, expires) if verdict is not None else now + self.negative_ttl_s
+            self._cache[key] = (verdict, keep, expires)
             self._cache.move_to_end(key)
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
             return verdict
-        if hit is not None and hit[0] is not None:
-            return hit[0]  # known valid: stays valid while the control plane is away
+        if hit is not None and hit[0] is not None:  # known valid: stays valid while the control plane is away,
+            return hit[0] if hit[2] > self.clock() else None  # until it expires
         raise Unverifiable("no control plane answered to check the token")

@@ -336,6 +336,42 @@ async def test_token_checks_are_cached_and_outlive_the_control_plane(tmp_path: A
         await fleet.stop()
 
 
+async def test_a_token_past_its_expiry_is_refused_whether_or_not_the_control_plane_answers(tmp_path: Any) -> None:
+    """A valid verdict is kept 30 s, and past that while no control plane answers: never past
+    the token's own expiry (``expiresAt`` in ``GET /v1/whoami``)."""
+    mono, wall = [0.0], [time.time()]
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            made = [(await http.post("/v1/tokens", json={"purpose": "api", "role": "read", "ttlSeconds": ttl})).json()
+                    for ttl in (20, 3600)]
+            whoami = (await http.get("/v1/whoami", headers={"authorization": f"Bearer {made[0]['token']}"})).json()
+            assert whoami["expiresAt"] == made[0]["expiresAt"]
+        short, long = (m["token"] for m in made)
+        follower = follow.TableFollower([cp.http_url], endpoints.EndpointTable())
+        checker = follow.TokenChecker(follower, clock=lambda: mono[0], wall=lambda: wall[0])
+        try:
+            assert await checker.check(short) is not None and await checker.check(long) is not None
+
+            def elapse(seconds: float) -> None:
+                mono[0] += seconds
+                wall[0] += seconds
+
+            elapse(21)  # within the 30 s a verdict is kept, but past the short token's expiry
+            assert await checker.check(short) is None
+            assert await checker.check(long) is not None
+            await cp.stop()
+            fleet.cp = None
+            elapse(3600)  # no control plane answers, and the long token has expired too
+            assert await checker.check(long) is None
+        finally:
+            await checker.close()
+            await follower.close()
+    finally:
+        await fleet.stop()
+
+
 async def test_a_burst_of_requests_for_a_cold_model_sends_one_wake_at_a_time() -> None:
     """Each request for a model scaled to zero wakes it; the gateway sends the control plane
     one ``POST /v1/wake`` per model at a time, not one per request."""
