@@ -172,9 +172,11 @@ class ControlPlane:
             except ca_mod.CertificateError as exc:
                 raise server_config.ConfigError(f"the agents' CA: {exc}") from None
             self.ca = dataclasses.replace(loaded, agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
-            server_cert, server_key = self.ca.issue_server(server_config.agent_tls_hosts(cfg))
-            # the CA rides in the chain: an agent given only its SHA-256 (--ca-sha256) takes it from there
-            mtls = agent_service.MutualTls(self.ca, server_cert + self.ca.certificate_pem, server_key, cfg.agent_join_port)
+            try:
+                server_certificate = ca_mod.ServerCertificate(self.ca, server_config.agent_tls_hosts(cfg))
+            except ca_mod.CertificateError as exc:  # the CA expired
+                raise server_config.ConfigError(str(exc)) from None
+            mtls = agent_service.MutualTls(self.ca, server_certificate.current, cfg.agent_join_port)
         # bound first: a port in use stops the start before anything else listens
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -235,9 +235,31 @@ class MutualTls:
     server-authenticated TLS, since gRPC cannot make client certificates optional."""
 
     issuer: CertificateIssuer
-    certificate_chain: bytes  # the listener's server certificate
-    private_key: bytes
+    # the listener's (certificate chain, key) PEM, asked on every handshake: a new pair is
+    # served from the next one on (the control plane renews its certificate as it ages)
+    server_certificate: Callable[[], tuple[bytes, bytes]]
     join_port: int = 0
+
+
+def _renewing_credentials(mtls: MutualTls, client_ca: bytes | None) -> grpc.ServerCredentials:
+    """TLS credentials that take up the pair ``mtls.server_certificate`` gives when it changes."""
+    def configuration(pair: tuple[bytes, bytes]) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(pair[1], pair[0])], root_certificates=client_ca)
+
+    served = [mtls.server_certificate()]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:  # on gRPC's threads, before each handshake
+        try:
+            pair = mtls.server_certificate()
+        except Exception:  # a failure here would fail the handshake: serve the pair before, and say why
+            log.exception("cannot renew the agent listener's certificate; serving the one before")
+            return None
+        if pair == served[0]:
+            return None
+        served[0] = pair
+        return configuration(pair)
+
+    return grpc.dynamic_ssl_server_credentials(configuration(served[0]), fetch, require_client_authentication=client_ca is not None)
 
 
 @dataclass(frozen=True)
@@ -315,11 +337,10 @@ async def start_agent_server(
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     join_port = None
     if mtls is not None:
-        key_pair = [(mtls.private_key, mtls.certificate_chain)]
-        bound = _add_port(lambda: server.add_secure_port(address, grpc.ssl_server_credentials(
-            key_pair, root_certificates=mtls.issuer.certificate_pem, require_client_auth=True)), address, "agents, --agent-port")
+        bound = _add_port(lambda: server.add_secure_port(address, _renewing_credentials(mtls, mtls.issuer.certificate_pem)),
+                          address, "agents, --agent-port")
         join_address = f"[{host}]:{mtls.join_port}" if ":" in host else f"{host}:{mtls.join_port}"
-        join_port = _add_port(lambda: server.add_secure_port(join_address, grpc.ssl_server_credentials(key_pair)),
+        join_port = _add_port(lambda: server.add_secure_port(join_address, _renewing_credentials(mtls, None)),
                               join_address, "agent joins, --agent-join-port")
     elif tls is None:
         bound = _add_port(lambda: server.add_insecure_port(address), address, "agents, --agent-port")

@@ -8,6 +8,11 @@ start; it signs the agent gRPC listener's server certificate (SANs for its host,
 URI ``spiffe://edgeplane/site/<name>`` (the CN says ``site/<name>`` for humans). The
 identity comes from the CA, never from the CSR: whatever subject an agent asks for, the
 certificate names the site it joined as.
+
+No certificate it signs outlives the CA (a chain fails at the CA's expiry whatever the leaf
+says), and the listener's own certificate is issued again two thirds into its life
+(:class:`ServerCertificate`), so a control plane that runs for longer than one still
+completes every agent's handshake.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import datetime
 import ipaddress
 import os
 import pathlib
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -126,8 +133,13 @@ class CertificateAuthority:
         return cls(key, cert)
 
     def _issue(self, subject: str, public_key: ec.EllipticCurvePublicKey, sans: list[x509.GeneralName],
-               usage: x509.ObjectIdentifier, ttl: datetime.timedelta) -> bytes:
-        now = _now()
+               usage: x509.ObjectIdentifier, ttl: datetime.timedelta, now: datetime.datetime | None = None) -> bytes:
+        now = now or _now()
+        ca_ends = self.certificate.not_valid_after_utc
+        if now >= ca_ends:
+            raise CertificateError(f"the agents' CA expired at {ca_ends:%Y-%m-%d %H:%M} UTC: no certificate it signs is trusted; "
+                                   "agents must join a new CA")
+        ttl = min(ttl, ca_ends - now)  # a certificate past its CA's expiry fails its chain from then on anyway
         backdate = min(datetime.timedelta(minutes=5), ttl / 10)  # for clocks a little behind ours
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -140,8 +152,9 @@ class CertificateAuthority:
                 .sign(self.key, hashes.SHA256()))
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue_server(self, hosts: list[str]) -> tuple[bytes, bytes]:
-        """(certificate PEM, key PEM) for the agent listener, valid for ``hosts`` + loopback."""
+    def issue_server(self, hosts: list[str], now: datetime.datetime | None = None) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) for the agent listener, valid for ``hosts`` + loopback,
+        ``SERVER_DAYS`` or until the CA expires."""
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = []
         for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
@@ -150,7 +163,7 @@ class CertificateAuthority:
             except ValueError:
                 sans.append(x509.DNSName(host))
         return self._issue("edgeplane control plane", key.public_key(), sans, ExtendedKeyUsageOID.SERVER_AUTH,
-                           datetime.timedelta(days=SERVER_DAYS)), _key_pem(key)
+                           datetime.timedelta(days=SERVER_DAYS), now), _key_pem(key)
 
     def check_agent_csr(self, csr_pem: bytes) -> None:
         """Raise :class:`CertificateError` unless :meth:`issue_agent` would sign ``csr_pem``."""
@@ -161,3 +174,29 @@ class CertificateAuthority:
         public_key = check_agent_csr(csr_pem)
         return self._issue(f"site/{site}", public_key, [x509.UniformResourceIdentifier(site_uri(site))],
                            ExtendedKeyUsageOID.CLIENT_AUTH, self.agent_ttl)
+
+
+class ServerCertificate:
+    """The agent listener's certificate chain (its certificate, then the CA's) and key, issued
+    again once two thirds of its life has passed: the listener asks on every handshake, from
+    gRPC's threads."""
+
+    def __init__(self, ca: CertificateAuthority, hosts: list[str],
+                 clock: Callable[[], datetime.datetime] = _now) -> None:
+        self._ca, self._hosts, self._clock = ca, hosts, clock
+        self._lock = threading.Lock()
+        self._current = self._issue()
+
+    def _issue(self) -> tuple[bytes, bytes, datetime.datetime]:
+        now = self._clock()
+        cert, key = self._ca.issue_server(self._hosts, now)
+        ends = x509.load_pem_x509_certificate(cert).not_valid_after_utc
+        # the CA rides in the chain: an agent given only its SHA-256 (--ca-sha256) takes it from there
+        return cert + self._ca.certificate_pem, key, now + (ends - now) * 2 / 3
+
+    def current(self) -> tuple[bytes, bytes]:
+        """(chain PEM, key PEM), a new pair once the one before is due for renewal."""
+        with self._lock:
+            if self._clock() >= self._current[2]:
+                self._current = self._issue()
+            return self._current[0], self._current[1]

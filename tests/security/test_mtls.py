@@ -4,7 +4,11 @@ done yet; see docs/security.md)."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import pathlib
+import socket
+import ssl
 import stat
 
 import grpc
@@ -108,6 +112,61 @@ async def test_mutual_tls_handshake_on_the_agent_listener(tmp_path: pathlib.Path
         async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(stranger.certificate_pem, key, cert)) as ch:
             with pytest.raises(grpc.aio.AioRpcError):
                 await pb_grpc.AgentControlStub(ch).Join(request, timeout=5)
+    finally:
+        await server.stop(None)
+
+
+def test_no_certificate_outlives_the_ca_and_none_is_signed_once_it_expired(tmp_path: pathlib.Path) -> None:
+    made = ca.CertificateAuthority.load_or_create(tmp_path)
+    ca_ends = made.certificate.not_valid_after_utc - datetime.timedelta(days=400)  # a CA made 400 days ago
+    subject = made.certificate.subject
+    older = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(made.key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(made.certificate.not_valid_before_utc - datetime.timedelta(days=400))
+             .not_valid_after(ca_ends).add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .sign(made.key, hashes.SHA256()))
+    authority = ca.CertificateAuthority(made.key, older, agent_ttl=datetime.timedelta(days=3650))  # --agent-cert-days 3650
+    agent = x509.load_pem_x509_certificate(authority.issue_agent("edge-lyon", ca.new_key_and_csr("edge-lyon")[1]))
+    assert agent.not_valid_after_utc == ca_ends
+    late = ca_ends - datetime.timedelta(days=100)
+    server = x509.load_pem_x509_certificate(authority.issue_server(["127.0.0.1"], late)[0])
+    assert server.not_valid_after_utc == ca_ends
+    with pytest.raises(ca.CertificateError, match="CA expired"):
+        authority.issue_server(["127.0.0.1"], ca_ends)
+
+
+def _served_certificate(port: int, authority: ca.CertificateAuthority) -> x509.Certificate:
+    """The certificate a TLS handshake with the listener on ``port`` is given."""
+    context = ssl.create_default_context(cadata=authority.certificate_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+async def test_the_agent_listener_renews_its_certificate_before_it_expires(tmp_path: pathlib.Path) -> None:
+    """A control plane up for longer than its listener certificate lives still completes the
+    agents' handshakes: the certificate is issued again two thirds into its life."""
+    authority = ca.CertificateAuthority.load_or_create(tmp_path / "ca")
+    started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0) - datetime.timedelta(days=300)  # both valid now
+    now = [started]
+    certificate = ca.ServerCertificate(authority, ["127.0.0.1"], clock=lambda: now[0])
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), heartbeat_interval=1.0)
+    server = await service.start_agent_server(agent_hub, "127.0.0.1", 0, mtls=service.MutualTls(authority, certificate.current))
+    request = pb.JoinRequest(site="edge-lyon", bootstrap_token=TOKEN, endpoint_url="http://127.0.0.1:9", heartbeat_interval_ms=1000)
+    try:
+        assert server.join_port is not None
+        first = await asyncio.to_thread(_served_certificate, server.join_port, authority)
+        assert first.not_valid_after_utc - started == datetime.timedelta(days=ca.SERVER_DAYS)
+        now[0] = started + datetime.timedelta(days=250)  # past two thirds of its year
+        second = await asyncio.to_thread(_served_certificate, server.join_port, authority)
+        assert second.serial_number != first.serial_number
+        assert second.not_valid_after_utc - now[0] == datetime.timedelta(days=ca.SERVER_DAYS)
+        key, csr = ca.new_key_and_csr("edge-lyon")
+        creds = grpc.ssl_channel_credentials(authority.certificate_pem, key, authority.issue_agent("edge-lyon", csr))
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", creds) as ch:  # the agent port: renewed there too
+            assert (await pb_grpc.AgentControlStub(ch).Join(request, timeout=10)).agent_id
     finally:
         await server.stop(None)
 
