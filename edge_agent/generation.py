@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import math
 import random
@@ -91,7 +92,10 @@ class Admission:
         self.active = 0
         self.closed = False
         self._drained = drained
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Each waiter's future is set True when it is given a slot, False when it is refused:
+        # not an exception, which would hold its traceback's frames (the request's model
+        # among them) in a cycle with the future.
+        self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
         self.mean_s = 1.0  # moving average of how long a sequence holds its slot
 
     @property
@@ -106,16 +110,18 @@ class Admission:
             return
         if len(self._waiters) >= self.max_queued:
             raise Overloaded(max(1, math.ceil(self.mean_s * (len(self._waiters) + 1) / self.max_active)))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            await fut
+            granted = await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+            if fut.done() and not fut.cancelled() and fut.result():
                 self.release()  # granted just as the caller left: pass it on
             elif fut in self._waiters:  # unless a release() since the cancel dropped it and passed the slot on
                 self._waiters.remove(fut)
             raise
+        if not granted:
+            raise Retired
 
     def release(self, held_s: float | None = None) -> None:
         if held_s is not None:
@@ -123,7 +129,7 @@ class Admission:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
-                fut.set_result(None)  # the slot passes straight to the next waiter
+                fut.set_result(True)  # the slot passes straight to the next waiter
                 return
         self.active -= 1
         if self.closed and not self.active:
@@ -134,7 +140,7 @@ class Admission:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
-                fut.set_exception(Retired())
+                fut.set_result(False)
         if not self.active:
             self._drained()
 
@@ -144,17 +150,17 @@ class _Model:
 
     def __init__(self, served: registry.ServedModel) -> None:
         self.served = served
-        self.admission = Admission(served.max_concurrent or DEFAULT_MAX_CONCURRENT, served.max_queued
-                                   if served.max_queued or served.max_concurrent else DEFAULT_MAX_QUEUED, self._drained)
-        self.executor = ThreadPoolExecutor(max_workers=self.admission.max_active, thread_name_prefix=f"gen-{served.name}"[:15])
+        max_active = max(1, served.max_concurrent or DEFAULT_MAX_CONCURRENT)
+        self.executor = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix=f"gen-{served.name}"[:15])
+        # Not a method of this object: the admission would then hold it, a cycle that kept a
+        # dropped version's weights until the cycle collector ran.
+        self.admission = Admission(max_active, served.max_queued if served.max_queued or served.max_concurrent
+                                   else DEFAULT_MAX_QUEUED, functools.partial(self.executor.shutdown, wait=False))
 
     def retire(self) -> None:
         """No longer served (unassigned, stopped or replaced): the requests waiting for a
         slot are refused, the running generations finish, and then the threads end."""
         self.admission.close()
-
-    def _drained(self) -> None:
-        self.executor.shutdown(wait=False)
 
 
 class GenerationServer:

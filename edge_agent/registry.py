@@ -223,16 +223,21 @@ class ModelRegistry:
         wanted = {a.model: a for a in desired.assignments}
         before = self._serving_versions()
         for name in [n for n in self._slots if n not in wanted]:
-            slot = self._slots.pop(name)
-            if slot.attempt is not None:
-                slot.attempt.cancel()
-            log.info("model %s unassigned: unloaded", name)
+            self._unassign(name)
         for want in wanted.values():
             self._apply_one(want)
         self.applied_version = desired.version
-        self._on_change()
+        self._on_change()  # the server lets go of the versions dropped: freed now unless one still generates
         if self._serving_versions() != before:
             _release_freed_memory()
+
+    def _unassign(self, name: str) -> None:
+        # (a method of its own: a local of apply's would hold the slot, and the version it
+        # serves, past the memory release)
+        slot = self._slots.pop(name)
+        if slot.attempt is not None:
+            slot.attempt.cancel()
+        log.info("model %s unassigned: unloaded", name)
 
     def _apply_one(self, want: assignments.Assignment) -> None:
         slot = self._slots.get(want.model)
