@@ -23,8 +23,11 @@ the parent died before it asked. ``PARTIAL`` is also held under ``flock`` while 
 and written, so that a second writer, wherever it comes from, is refused (``unavailable``)
 rather than interleaved with the first.
 
-A download resumes with an HTTP ``Range`` request from what ``PARTIAL`` already holds.
-The child reports on stdout, one JSON object a line, and exits 0 when it finished:
+A download resumes with an HTTP ``Range`` request from what ``PARTIAL`` already holds. The
+answer's announced size is checked against the limit and the free space before ``PARTIAL``
+is re-read to hash what came before (a large one with the request closed meanwhile, and
+made again after). The child reports on stdout, one JSON object a line, and exits 0 when
+it finished:
 
 ``{"verifying": N, "total": T}``       re-reading the T bytes ``PARTIAL`` held, before resuming
                                        (at most once a second: a slow disk is not a stall)
@@ -34,7 +37,8 @@ The child reports on stdout, one JSON object a line, and exits 0 when it finishe
 ``{"error": KIND, "message": TEXT}``   the last line of a failed one (exit 1); KIND is
                                        ``unavailable`` (worth retrying), ``integrity``, or
                                        ``disk`` (``PARTIAL`` cannot be written, or the size
-                                       announced is more than the disk has free)
+                                       announced is more than the disk has free, less a
+                                       reserve of 1 % of it, 64 MB to 1 GB)
 
 The caller compares the digest, moves the file into the cache, and logs.
 """
@@ -66,6 +70,12 @@ from edgeplane_proto import artifact_hosts
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
 PROGRESS_EVERY_S = 1.0
+# A partial file of up to this many bytes (about a second off an SD card) is re-read with
+# the request that resumes it open; a larger one is re-read first and the request made again.
+REREAD_WITH_REQUEST_OPEN = 16 << 20
+# Left free by a download, for the agent's state.json and other small writes.
+RESERVE_MIN_BYTES = 64 << 20
+RESERVE_MAX_BYTES = 1 << 30
 _PR_SET_PDEATHSIG = 1
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -96,24 +106,32 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
 def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float, max_bytes: int,
                    redirect_hosts: tuple[str, ...]) -> tuple[int, str]:
     hasher = hashlib.sha256()
-    # Re-read before the Range request: a multi-GB partial on an SD card takes minutes, which
-    # the agent must not take for a stall (it kills a child silent for its socket timeout + 10 s)
     held, verify_due = os.fstat(fh.fileno()).st_size, _every(PROGRESS_EVERY_S)
 
     def verifying(n: int) -> None:
         if verify_due():
             _emit(verifying=n, total=held)
 
-    have = hash_into(fh, hasher, verifying)
-    source = _open(url, have, timeout, redirect_hosts)
+    # Asked first, from what the partial file's size says: whether the rest is refused (too
+    # large, no room), which must not wait for a re-read of what came before (minutes for a
+    # few GB off an SD card, at every retry).
+    source = _open(url, held, timeout, redirect_hosts)
+    have = held
     try:
-        if source.total is not None and source.total > max_bytes:  # refused before a byte of it is read
-            partial.unlink(missing_ok=True)
-            raise Failed("integrity", f"artifact at {url} is {source.total} bytes, {_over(max_bytes)}")
+        _refuse_unless_it_fits(source, partial, url, max_bytes, held)
+        if held and source.start != 0:  # resumed, or nothing left: the hash covers what came before
+            # The agent must not take a long re-read for a stall (it kills a child silent for
+            # its socket timeout + 10 s): it is told how far the re-read got.
+            if held <= REREAD_WITH_REQUEST_OPEN:
+                have = hash_into(fh, hasher, verifying)
+            else:  # minutes, maybe: a server would not wait that long for the request to read on
+                source.close()
+                have = hash_into(fh, hasher, verifying)
+                if source.start is not None:
+                    source = _open(url, have, timeout, redirect_hosts)
+                    _refuse_unless_it_fits(source, partial, url, max_bytes, have)
         if source.start is None:
             return have, hasher.hexdigest()  # nothing left to fetch (or bogus): the hash decides
-        if source.total is not None:
-            _refuse_unless_room(partial, url, source.total - source.start, 0 if source.start else have)
         if source.start:
             _emit(resumed=have)
         else:
@@ -183,15 +201,38 @@ def _open(url: str, have: int, timeout: float, redirect_hosts: tuple[str, ...]) 
     raise Failed("unavailable", f"GET {url} answered HTTP {response.status}")
 
 
+def _refuse_unless_it_fits(source: _Source, partial: pathlib.Path, url: str, max_bytes: int, held: int) -> None:
+    """Refuse ``source`` before a byte of it is read when the size it announces is over the
+    limit (the partial file goes: nothing of it is worth resuming) or cannot fit on the disk
+    (the partial file, ``held`` bytes, stays for when space is freed)."""
+    if source.total is None:
+        return
+    if source.total > max_bytes:
+        partial.unlink(missing_ok=True)
+        raise Failed("integrity", f"artifact at {url} is {source.total} bytes, {_over(max_bytes)}")
+    if source.start is not None:
+        _refuse_unless_room(partial, url, source.total - source.start, 0 if source.start else held)
+
+
 def _refuse_unless_room(partial: pathlib.Path, url: str, needed: int, freed: int) -> None:
-    """Refuse a download that cannot fit before a byte of it is written (``freed``: what
-    starting again from byte 0 gives back): one that filled the disk would keep it full,
-    failing the agent's other downloads and saves, and every retry would fail the same.
-    What a partial file holds is kept for when space is freed."""
+    """Refuse a download that cannot fit, with :func:`_reserve` to spare, before a byte of it
+    is written (``freed``: what starting again from byte 0 gives back): one that filled the
+    disk would keep it full, failing the agent's other downloads and its ``state.json`` saves,
+    and every retry would fail the same."""
     disk = os.statvfs(partial.parent)
+    if not disk.f_blocks:  # a file system that reports no size at all (some FUSE ones): not known
+        return
     free = disk.f_bavail * disk.f_frsize + freed
-    if needed > free and disk.f_blocks:  # (a file system that reports no size at all, some FUSE ones: not known)
-        raise Failed("disk", f"{url} needs {needed / 1e6:.1f} MB more, and {free / 1e6:.1f} MB are free")
+    kept = _reserve(disk.f_blocks * disk.f_frsize)
+    if needed > free - kept:
+        raise Failed("disk", f"{url} needs {needed / 1e6:.1f} MB more, and {free / 1e6:.1f} MB are free, "
+                             f"{kept / 1e6:.1f} MB of which are kept for the agent's own files")
+
+
+def _reserve(disk_bytes: int) -> int:
+    """What a download leaves free on a disk of ``disk_bytes``: 1 % of it, at least
+    ``RESERVE_MIN_BYTES`` and at most ``RESERVE_MAX_BYTES``."""
+    return max(RESERVE_MIN_BYTES, min(disk_bytes // 100, RESERVE_MAX_BYTES))
 
 
 def _write_all(fh: BinaryIO, chunk: bytes) -> None:

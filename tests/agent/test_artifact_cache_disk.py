@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -107,11 +108,30 @@ async def test_a_large_partial_on_a_slow_disk_resumes_rather_than_being_taken_fo
     (cache.root / (digest + ".partial")).write_bytes(data[:held])
     before, shown = len(artifact_server.ranges), []
     assert (await cache.fetch(artifact_server.url("slow-card.bin"), digest, shown.append)).read_bytes() == data
-    assert artifact_server.ranges[before:] == [f"bytes={held}-"]
+    # asked once to learn whether the rest fits, then again once the partial file is read
+    assert artifact_server.ranges[before:] == [f"bytes={held}-"] * 2
     assert shown[0].startswith("re-reading what came before: ") and shown[0].endswith(" of 25.2 MB"), shown
 
 
 _ANNOUNCED = 10**17  # bytes: no disk has that free
+
+
+@contextlib.asynccontextmanager
+async def _announcing(head: bytes) -> AsyncIterator[str]:
+    """The URL of a server that answers ``head`` and 10 bytes, then nothing: reading on
+    would wait out the socket timeout."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + b"x" * 10)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the download child hangs up
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/huge.onnx"
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize(("held", "head"), [
@@ -122,24 +142,26 @@ _ANNOUNCED = 10**17  # bytes: no disk has that free
 async def test_an_artifact_larger_than_the_free_space_is_refused_before_it_fills_the_disk(
     tmp_path: pathlib.Path, held: int, head: bytes
 ) -> None:
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(head + b"x" * 10)  # then nothing: reading on would wait out the socket timeout
-        with contextlib.suppress(ConnectionError):
-            await reader.read()  # until the download child hangs up
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/huge.onnx"
-    try:
+    async with _announcing(head) as url:
         cache = artifacts.ArtifactCache(tmp_path, max_bytes=1 << 60, timeout=60.0)
         partial = cache.root / ("0" * 64 + ".partial")
         if held:
             partial.write_bytes(b"x" * held)  # what came before the space ran out: kept to resume
+        shown: list[str] = []
         with pytest.raises(errors.ArtifactUnavailable,
                            match=rf"cannot store artifact 000000000000 in the cache .*: {url} needs {(_ANNOUNCED - held) / 1e6:.1f} "
                                  r"MB more, and \d+\.\d MB are free"):
-            await asyncio.wait_for(cache.fetch(url, "0" * 64), 20)
+            await asyncio.wait_for(cache.fetch(url, "0" * 64, shown.append), 20)
         assert partial.read_bytes() == b"x" * held if held else not partial.exists()
-    finally:
-        server.close()
+        # refused before the partial file is read back: gigabytes off an SD card, at every retry
+        assert not [line for line in shown if line.startswith("re-reading")], shown
+
+
+async def test_a_download_that_would_leave_the_disk_all_but_full_is_refused(tmp_path: pathlib.Path) -> None:
+    """The agent's state.json and its other downloads need some room too: a download that
+    took all but the last megabyte would fail them until it was removed."""
+    announced = shutil.disk_usage(tmp_path).free - (1 << 20)
+    async with _announcing(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % announced) as url:
+        cache = artifacts.ArtifactCache(tmp_path, max_bytes=1 << 60, timeout=60.0)
+        with pytest.raises(errors.ArtifactUnavailable, match=r"MB are free, \d+\.\d MB of which are kept for the agent's own files"):
+            await asyncio.wait_for(cache.fetch(url, "0" * 64), 20)
