@@ -168,6 +168,14 @@ def cuda_available() -> bool:
         return False
 
 
+def _partial_tokens(directory: pathlib.Path) -> dict[int, bytes]:
+    """The bytes of the tokens that are part of a character, from the model's tokenizer.json."""
+    try:
+        return token_bytes.partial_tokens(json.loads((directory / "tokenizer.json").read_bytes()))
+    except (OSError, ValueError):  # none: its tokens' text is all there is
+        return {}
+
+
 def _has_gpu() -> bool:
     return pathlib.Path("/dev/nvidia0").exists() or pathlib.Path("/proc/driver/nvidia/gpus").is_dir()
 
@@ -188,7 +196,10 @@ class GenAIModel:
         self.context_length = int(section.get("context_length") or config.get("search", {}).get("max_length") or 0)
         self.vocab_size = int(section.get("vocab_size") or 0)
         self._pieces: dict[int, Piece] = {}
-        self._partial: dict[int, bytes] | None = None  # read from tokenizer.json when logprobs first need it
+        # Read here, where a load is expected to take time: parsing a tokenizer.json of 10-17 MB
+        # holds the GIL for about a second, which in the first request for logprobs stalled the
+        # event loop and that request's first token.
+        self._partial = _partial_tokens(directory)
 
     @classmethod
     def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
@@ -227,7 +238,7 @@ class GenAIModel:
         only part of a character)."""
         piece = self._pieces.get(token_id)
         if piece is None:
-            raw = self._partial_tokens().get(token_id)
+            raw = self._partial.get(token_id)
             if raw is not None:
                 piece = Piece(token_bytes.display(raw), raw)
             else:
@@ -236,15 +247,6 @@ class GenAIModel:
                 piece = Piece(text, None if "\ufffd" in text and not self._partial else text.encode())
             self._pieces[token_id] = piece
         return piece
-
-    def _partial_tokens(self) -> dict[int, bytes]:
-        # (two generating threads may both read it the first time: the same table either way)
-        if self._partial is None:
-            try:
-                self._partial = token_bytes.partial_tokens(json.loads((self.directory / "tokenizer.json").read_bytes()))
-            except (OSError, ValueError):  # none: its tokens' text is all there is
-                self._partial = {}
-        return self._partial
 
     # -- generation --------------------------------------------------------------------------
 

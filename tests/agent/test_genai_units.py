@@ -284,6 +284,15 @@ def test_the_byte_tokens_of_a_byte_level_vocabulary_are_the_bytes_they_stand_for
     assert len(partial) == 128  # 0x80-0xFF: never UTF-8 alone
 
 
+def test_a_model_reads_the_bytes_of_its_tokens_when_it_loads_not_at_the_first_request_for_logprobs(
+        tmp_path: pathlib.Path) -> None:
+    folder = genai_model.build_model_dir(tmp_path / "tiny")
+    model = genai.GenAIModel.load(folder, use_cuda=False)
+    (folder / "tokenizer.json").unlink()  # tens of MB to parse, for a real model: not on a generation's way
+    ids = [int(i) for i in model.encode("é")]
+    assert [model.token_piece(i) for i in ids[-2:]] == [genai.Piece("bytes:\\xc3", b"\xc3"), genai.Piece("bytes:\\xa9", b"\xa9")]
+
+
 @pytest.mark.parametrize("decoder", [{"type": "ByteFallback"},
                                      {"type": "Sequence", "decoders": [{"type": "Replace"}, {"type": "ByteFallback"}]}])
 def test_the_byte_tokens_of_a_sentencepiece_vocabulary_are_the_bytes_they_name(decoder: dict) -> None:
