@@ -364,7 +364,8 @@ def die_with(parent: int) -> None:
         # the signal comes when the thread that started this process ends: the agent's
         # event loop runs in its main thread, so that is when the agent does
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
+    if os.getppid() != parent:  # said, for a parent that is there all the same (started through another process)
+        _emit(error="unavailable", message=f"the download's agent (pid {parent}) is no longer its parent: not started")
         sys.exit(1)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -63,7 +64,9 @@ def test_a_download_child_whose_agent_died_before_it_started_does_nothing(tmp_pa
     proc = subprocess.run([sys.executable, "-m", "edge_agent.fetch", "http://127.0.0.1:1/m.onnx", str(partial),
                            "--max-bytes", "10", "--parent-pid", str(os.getppid())],  # not the child's parent: this process is
                           capture_output=True, text=True, timeout=60)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "")
+    assert (proc.returncode, proc.stderr) == (1, "")
+    assert json.loads(proc.stdout) == {"error": "unavailable", "message": f"the download's agent (pid {os.getppid()}) "
+                                                                          "is no longer its parent: not started"}
     assert not partial.exists()
 
 
