@@ -6,7 +6,8 @@
     │   └── ArtifactIntegrityError  sha256 mismatch or size limit: never loaded
     ├── ModelLoadError           onnxruntime refused the model
     ├── InvalidInput             an infer request does not fit the model (-> HTTP 400)
-    ├── Overloaded               as many runs wait for a worker as the agent queues (-> HTTP 503)
+    ├── Overloaded               as many runs wait for a worker as the agent queues (-> HTTP 503),
+    │                            or sequences for a generative model's slot (-> HTTP 429)
     ├── ControlPlaneError        the uplink failed
     │   ├── AgentUnavailable     control plane unreachable: back off and retry
     │   ├── JoinRefused          token/credential refused, site taken, bad request

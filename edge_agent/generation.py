@@ -71,12 +71,6 @@ class Failed:
     message: str
 
 
-class Overloaded(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(retry_after)
-        self.retry_after = retry_after
-
-
 class Retired(Exception):
     """The model version stopped being served while the request waited for a slot."""
 
@@ -84,7 +78,8 @@ class Retired(Exception):
 class Admission:
     """At most ``max_active`` holders; up to ``max_queued`` waiters, served in order. Once
     :meth:`close` d, waiters and newcomers are refused (:class:`Retired`), holders keep their
-    slots, and ``drained`` runs when the last one is released."""
+    slots, and ``drained`` runs when the last one is released. One more waiter than allowed
+    is refused at once (:class:`errors.Overloaded`, with when to retry)."""
 
     def __init__(self, max_active: int, max_queued: int, drained: Callable[[], None] = lambda: None) -> None:
         self.max_active = max(1, max_active)
@@ -109,7 +104,8 @@ class Admission:
             self.active += 1
             return
         if len(self._waiters) >= self.max_queued:
-            raise Overloaded(max(1, math.ceil(self.mean_s * (len(self._waiters) + 1) / self.max_active)))
+            raise errors.Overloaded(f"{self.active} sequences running and {len(self._waiters)} waiting, as many as allowed",
+                                    max(1, math.ceil(self.mean_s * (len(self._waiters) + 1) / self.max_active)))
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
@@ -286,7 +282,7 @@ class GenerationServer:
                 await state.admission.acquire()
             except Retired:
                 raise _retired(served.name) from None
-            except Overloaded as exc:
+            except errors.Overloaded as exc:
                 raise openai_api.ApiError(
                     429, f"model {served.name!r} is at capacity ({state.admission.max_active} running, "
                          f"{state.admission.max_queued} queued); retry after {exc.retry_after}s",

@@ -14,7 +14,7 @@ import tarfile
 import pytest
 
 from edge_agent import errors, openai_api, packages
-from edge_agent.generation import Admission, Overloaded, Retired
+from edge_agent.generation import Admission, Retired
 from edge_agent.runtime import genai, token_bytes
 from edge_agent.runtime.genai import StopMatcher
 from orchestrator.testing import genai_model
@@ -192,7 +192,7 @@ async def test_admission_bounds_running_and_queued_and_hands_slots_on_in_order()
     waiter = asyncio.create_task(gate.acquire())
     await asyncio.sleep(0)
     assert gate.queued == 1
-    with pytest.raises(Overloaded) as full:
+    with pytest.raises(errors.Overloaded) as full:
         await gate.acquire()
     assert full.value.retry_after >= 1
     gate.release(0.5)
