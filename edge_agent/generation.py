@@ -168,6 +168,9 @@ class GenerationServer:
         self._metrics = metrics
         self.max_body_bytes = max_body_bytes  # of a compressed body once inflated
         self._state: dict[str, _Model] = {}  # by model name: the version served now
+        # Versions no longer served, by model name, whose sequences still run: counted in the
+        # gauges until they end (their admissions only: those hold nothing of the model).
+        self._retiring: list[tuple[str, Admission]] = []
         self.active = 0
         self.written_through = 0  # streamed tokens the generating threads wrote themselves
 
@@ -221,7 +224,7 @@ class GenerationServer:
         if self._models.get(served.name) is not served:  # unloaded while its prompt was read
             raise _retired(served.name)
         if state is not None:
-            state.retire()  # a replaced version the registry has not told of yet
+            self._retire(state)  # a replaced version the registry has not told of yet
         state = self._state[served.name] = _Model(served)
         return state
 
@@ -232,11 +235,22 @@ class GenerationServer:
         for name, state in list(self._state.items()):
             if self._models.get(name) is not state.served:
                 del self._state[name]
-                state.retire()
+                self._retire(state)
+
+    def _retire(self, state: _Model) -> None:
+        state.retire()
+        self._retiring = [(name, a) for name, a in self._retiring if a.active]
+        if state.admission.active:
+            self._retiring.append((state.served.name, state.admission))
 
     def gauges(self) -> list[tuple[str, int, int]]:
-        """``(model, sequences running, requests queued)`` per generative model."""
-        return [(name, s.admission.active, s.admission.queued) for name, s in sorted(self._state.items())]
+        """``(model, sequences running, requests queued)`` per generative model, the
+        sequences of its versions no longer served that still run included."""
+        self._retiring = [(name, a) for name, a in self._retiring if a.active]
+        running = {name: s.admission.active for name, s in self._state.items()}
+        for name, admission in self._retiring:
+            running[name] = running.get(name, 0) + admission.active
+        return [(name, n, s.admission.queued if (s := self._state.get(name)) else 0) for name, n in sorted(running.items())]
 
     def close(self) -> None:
         for state in self._state.values():

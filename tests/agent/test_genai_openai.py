@@ -424,6 +424,8 @@ async def test_an_unassigned_model_keeps_its_running_stream_refuses_its_queue_an
                         more += 1
                         if more == 3:
                             break
+                # counted as running until it ends
+                assert await s.metric("edgeplane_agent_generation_running", model=MODEL) == 1
             # and ends as any other when its client leaves
             assert (await s.http.get(f"/v1/models/{MODEL}")).status_code == 404
             # nothing holds the version any more: its threads end and its weights are freed
@@ -431,6 +433,7 @@ async def test_an_unassigned_model_keeps_its_running_stream_refuses_its_queue_an
                 await asyncio.to_thread(thread.join, 30)
                 assert not thread.is_alive()
             assert runtime() is None
+            assert await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0
     finally:
         gc.enable()
 
