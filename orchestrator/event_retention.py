@@ -13,8 +13,8 @@ deposed meanwhile is fenced, its deletes refused); each batch is one short trans
 so applies and the reconciler's writes wait for one batch at most, and a pass deletes at
 most ``max_batches`` batches of each kind before it waits ``every_s``, so a backlog
 (retention turned on over years of events) drains over several passes instead of holding
-the store. The deletes run in a worker thread, as every store call of the control plane
-does: a database that stalls must not hold the event loop.
+the store. The deletes run on the store's threads, as every store call of the control
+plane does: a database that stalls must not hold the event loop.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator import catalog, console, event_retention, following, leadership, views
+from orchestrator import capture_retention, catalog, console, event_retention, following, leadership, views
 from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
@@ -223,7 +223,7 @@ class ControlPlane:
         self.captures = capture_store.ZoneStores(cfg.data_dir / "captures")  # one SQLite file per residency zone
         self.capture_writer = capture_store.CaptureWriter(self.captures, self.registry)
         self.capture_writer.start()
-        self._background.append(asyncio.create_task(self._purge_captures(), name="capture-retention"))
+        self._background.append(asyncio.create_task(capture_retention.run(self.store, self.captures), name="capture-retention"))
         self.cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry),
                                                    position=cfg.position, capture=self.capture_writer.offer, max_body=cfg.gateway_max_body)
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry),
@@ -448,23 +448,6 @@ class ControlPlane:
         if not shared.done():
             raise TimeoutError
         return shared.result()
-
-    async def _purge_captures(self, every_s: float = 600.0) -> None:
-        """Retention: captured records past their deployment's current retentionDays, or of a
-        deployment that no longer captures, are deleted (checked every ten minutes)."""
-        async def purge() -> None:
-            try:
-                retention = await self.store.run(catalog.capture_retention, self.store)
-            except store_mod.StoreError as exc:  # the records' own expiry still runs out
-                log.warning("capture retention: the deployments' policies cannot be read (%s); purging by stored expiry", exc)
-                retention = None
-            await asyncio.to_thread(self.captures.purge, time.time(), retention)
-        while True:
-            try:
-                await purge()
-            except Exception:  # personal data past its retention: this task must outlive any one failed pass
-                log.exception("capture retention pass failed; retrying in %.0f s", every_s)
-            await asyncio.sleep(every_s)
 
     # -- agent events ------------------------------------------------------------------
 
