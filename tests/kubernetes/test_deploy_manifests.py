@@ -247,3 +247,23 @@ def test_each_replica_relays_to_the_leader_at_its_own_pod_name_on_the_agent_port
             [a.replace("$(POD_NAME)", pod) for a in container["args"]]))
         assert cfg.peer_address == expanded
         assert expanded.rsplit(":", 1)[0] in server_config.agent_tls_hosts(cfg)
+
+
+async def test_the_control_plane_gateway_asks_a_token_as_the_standalone_gateways_do(tmp_path: pathlib.Path) -> None:
+    """The in-cluster Service reaches the control plane's own gateway: its model routes must
+    not be an open way around the standalone gateways' token check."""
+    (gateway,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "edgeplane-gateway"]
+    assert cli_main.build_parser().parse_args(containers(gateway)[0]["args"]).gateway_auth == "token"
+    parsed = cli_main.build_parser().parse_args([a.replace("$(POD_NAME)", "edgeplane-control-plane-0")
+                                                 for a in edgeplane_args(*CONTROL_PLANE)])
+    config = dataclasses.replace(server_config.config_from_args(parsed), data_dir=tmp_path, store=None, host="127.0.0.1",
+                                 agent_host="127.0.0.1", port=0, agent_port=0, agent_join_port=0, peer_address=None,
+                                 insecure_agents=True)
+    cp = await server.ControlPlane(config).start()
+    try:
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            assert (await http.post("/v2/models/intent/infer", json={"inputs": []})).status_code == 401
+            assert (await http.post("/openai/v1/chat/completions", json={"model": "intent", "messages": []})).status_code == 401
+            assert (await http.get("/v2/health/live")).status_code == 200  # probes stay open
+    finally:
+        await cp.stop()
