@@ -29,6 +29,7 @@ DOCS = [(path.name, i, doc) for path in sorted(DEPLOY.glob("*.yaml"))
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 POD_NAME = "statefulset.kubernetes.io/pod-name"
 CONTROL_PLANE = ("StatefulSet", "edgeplane-control-plane")
+AGENT = ("Deployment", "edgeplane-agent-edge-lyon")
 
 
 def pod_names(sts: dict[str, Any]) -> list[str]:
@@ -122,8 +123,7 @@ def test_the_control_plane_arguments_are_ones_serve_accepts() -> None:
 
 
 def test_the_agent_arguments_are_ones_the_agent_accepts() -> None:
-    (doc,) = by_kind("DaemonSet")
-    args = edgeplane_args("DaemonSet", doc["metadata"]["name"])
+    args = edgeplane_args(*AGENT)
     parsed = agent_main.parser().parse_args(args)
     assert parsed.listen[1] == 9000 and parsed.advertise_url == "http://10.0.0.1:9000"
 
@@ -158,8 +158,7 @@ async def test_the_control_plane_answers_its_probe_paths(tmp_path: pathlib.Path)
 def test_agents_list_every_replica_each_reachable_and_named_in_the_certificate() -> None:
     config = server_config.config_from_args(cli_main.build_parser().parse_args(edgeplane_args(*CONTROL_PLANE)))
     (sts,) = [d for d in by_kind(CONTROL_PLANE[0]) if d["metadata"]["name"] == CONTROL_PLANE[1]]
-    (doc,) = by_kind("DaemonSet")
-    dialled = agent_main.parser().parse_args(edgeplane_args("DaemonSet", doc["metadata"]["name"])).control_plane.split(",")
+    dialled = agent_main.parser().parse_args(edgeplane_args(*AGENT)).control_plane.split(",")
     assert len(dialled) == sts["spec"]["replicas"] == 3  # agents find the leader among all of them
     names = server_config.agent_tls_hosts(config)
     assert all(address.rsplit(":", 1)[0] in names for address in dialled)
@@ -267,3 +266,21 @@ async def test_the_control_plane_gateway_asks_a_token_as_the_standalone_gateways
             assert (await http.get("/v2/health/live")).status_code == 200  # probes stay open
     finally:
         await cp.stop()
+
+
+def test_a_site_runs_one_agent_at_a_time_and_keeps_its_identity_on_a_claim() -> None:
+    """The control plane holds a site for one agent and refuses another (ALREADY_EXISTS) for
+    as long as the first is healthy: the agent is one pod per site, never one per node, an
+    update ends the old pod before the new one starts, and the identity a restarted pod
+    joins again with lives on a claim that follows the pod rather than on one node's disk."""
+    assert not by_kind("DaemonSet")
+    (agent,) = [d for d in by_kind(AGENT[0]) if d["metadata"]["name"] == AGENT[1]]
+    assert agent["spec"]["replicas"] == 1 and agent["spec"]["strategy"] == {"type": "Recreate"}
+    args = agent_main.parser().parse_args(edgeplane_args(*AGENT))
+    pod = agent["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"edgeplane.io/site": args.site}
+    (c,) = containers(agent)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (data,) = [volumes[m["name"]] for m in c["volumeMounts"] if m["mountPath"] == str(args.data_dir)]
+    claims = {d["metadata"]["name"]: d for d in by_kind("PersistentVolumeClaim")}
+    assert claims[data["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
