@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import socket
 from typing import Any
 
@@ -134,9 +135,10 @@ def test_secrets_the_manifests_read_are_the_ones_the_docs_say_to_create() -> Non
             for c in containers(doc) for e in c.get("env", []) for ref in [e.get("valueFrom", {})] if "secretKeyRef" in ref}
     used |= {v["secret"]["secretName"] for _, _, doc in DOCS if doc["kind"] in WORKLOADS
              for v in doc["spec"]["template"]["spec"].get("volumes", []) if "secret" in v}
-    assert used == {"edgeplane-postgres", "edgeplane-bootstrap", "edgeplane-gateway-token", "edgeplane-agent-ca"}
+    assert used == {"edgeplane-postgres", "edgeplane-bootstrap-edge-lyon", "edgeplane-gateway-token", "edgeplane-agent-ca"}
+    steps = guide.replace("$SITE", "edge-lyon")  # the per-site steps, for the site the file is written for
     for secret in used:
-        assert f"create secret generic {secret}" in guide, f"docs/deploy.md does not say how to create {secret}"
+        assert f"create secret generic {secret}" in steps, f"docs/deploy.md does not say how to create {secret}"
     for path in sorted(DEPLOY.glob("*.yaml")):
         assert f"manifests/deploy/{path.name}" in guide, f"docs/deploy.md does not mention {path.name}"
 
@@ -284,3 +286,42 @@ def test_a_site_runs_one_agent_at_a_time_and_keeps_its_identity_on_a_claim() -> 
     (data,) = [volumes[m["name"]] for m in c["volumeMounts"] if m["mountPath"] == str(args.data_dir)]
     claims = {d["metadata"]["name"]: d for d in by_kind("PersistentVolumeClaim")}
     assert claims[data["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def per_site_steps(site: str) -> list[str]:
+    """The commands docs/deploy.md gives "for each site", for that site."""
+    guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
+    start = guide.index("```sh", guide.index("for\neach site:"))
+    block = guide[start + len("```sh"):guide.index("```", start + len("```sh"))]
+    return [line for line in block.replace("edge-lyon", site).replace("$SITE", site).splitlines()
+            if line and not line.startswith("#")]
+
+
+def site_copy(site: str) -> list[dict[str, Any]]:
+    """agent.yaml copied for a site as its header says: the values marked "per site" changed."""
+    text = (DEPLOY / "agent.yaml").read_text()
+    return [d for d in yaml.safe_load_all("\n".join(line.replace("edge-lyon", site) if "per site" in line else line
+                                                    for line in text.splitlines())) if d]
+
+
+def test_the_per_site_steps_give_each_site_its_own_bootstrap_secret() -> None:
+    """The per-site steps run again for a second site: nothing they create exists already,
+    and each site's agent reads the Secret made for it (a token lasts an hour), and the
+    ConfigMap the steps before made once."""
+    guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
+    namespace: set[str] = set()
+    for site in ("edge-lyon", "edge-paris"):
+        created = [" ".join(made.groups()) for line in per_site_steps(site)
+                   if (made := re.match(r"kubectl -n edgeplane create (configmap|secret generic) (\S+)", line))]
+        assert created and not namespace & set(created), f"{site}: kubectl create refuses {sorted(namespace & set(created))}"
+        namespace |= set(created)
+        docs = site_copy(site)
+        assert {d["metadata"]["name"] for d in docs} == {f"edgeplane-agent-{site}"}
+        (agent,) = [d for d in docs if d["kind"] == "Deployment"]
+        (c,) = containers(agent)
+        assert agent_main.parser().parse_args(c["args"]).site == site
+        read = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+        assert read and {f"secret generic {name}" for name in read} <= set(created), f"{site} reads {read}, made: {created}"
+        for volume in agent["spec"]["template"]["spec"]["volumes"]:
+            if "configMap" in volume:
+                assert f"create configmap {volume['configMap']['name']} " in guide
