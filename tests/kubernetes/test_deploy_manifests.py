@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from edge_agent import main as agent_main
-from orchestrator import server, server_config
+from orchestrator import runloop, server, server_config
 from orchestrator.cli import main as cli_main
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "manifests" / "deploy"
@@ -325,3 +325,16 @@ def test_the_per_site_steps_give_each_site_its_own_bootstrap_secret() -> None:
         for volume in agent["spec"]["template"]["spec"]["volumes"]:
             if "configMap" in volume:
                 assert f"create configmap {volume['configMap']['name']} " in guide
+
+
+def test_a_stopping_gateway_leaves_the_service_before_it_stops_accepting() -> None:
+    """A gateway stops accepting at SIGTERM, while the Service's endpoints and load balancers
+    still send it requests for a moment: it waits first (preStop), and the grace period
+    covers that wait and the requests in flight it then finishes."""
+    (gateway,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "edgeplane-gateway"]
+    (c,) = containers(gateway)
+    program, seconds = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert program == "sleep" and int(seconds) >= 5
+    in_flight = runloop.http_server(None).config.timeout_graceful_shutdown
+    assert in_flight is not None
+    assert gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > int(seconds) + in_flight
