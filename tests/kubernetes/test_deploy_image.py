@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import tempfile
 import tomllib
 from typing import Any
@@ -83,7 +84,8 @@ def test_the_pods_run_as_the_image_user_without_privileges() -> None:
 
 def written(c: dict[str, Any]) -> set[pathlib.Path]:
     """Where the container's process writes, as its own parser reads its arguments."""
-    args = [a.replace("$(POD_NAME)", "pod-0").replace("$(NODE_IP)", "10.0.0.1") for a in c["args"]]
+    env = {"POD_NAME": "pod-0", "NODE_IP": "10.0.0.1", "NODE_NAME": "node-1"} | {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in c["args"]]
     if c.get("command") == ["edgeplane-agent"]:
         return {pathlib.Path(agent_main.parser().parse_args(args).data_dir)}
     parsed = cli_main.build_parser().parse_args(args)
@@ -117,3 +119,25 @@ def test_the_image_builds_the_package_from_its_sources_without_dev_extras() -> N
     (install,) = [rest for rest in final("RUN") if "pip install" in rest]
     extras = install.split("[", 1)[1].split("]", 1)[0].split(",")
     assert "dev" not in extras and set(extras) <= set(PYPROJECT["project"]["optional-dependencies"])
+
+
+def test_a_host_folder_the_agent_writes_is_given_to_its_user_first() -> None:
+    """fsGroup does not apply to a hostPath, which the kubelet creates owned by root: an init
+    container gives it to the pods' user, as root with no other capability than CHOWN."""
+    for path in sorted((ROOT / "manifests" / "deploy").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc["kind"] not in ("Deployment", "StatefulSet", "DaemonSet"):
+                continue
+            spec = doc["spec"]["template"]["spec"]
+            host = {v["name"] for v in spec.get("volumes", []) if "hostPath" in v}
+            owned = set()
+            for init in spec.get("initContainers", []):
+                ctx = init["securityContext"]
+                assert ctx["allowPrivilegeEscalation"] is False and ctx["readOnlyRootFilesystem"] is True, init["name"]
+                assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}, init["name"]
+                program, owner, *folders = init["command"]
+                assert program == "chown" and owner == f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}"
+                owned |= {m["name"] for m in init["volumeMounts"] if m["mountPath"] in folders}
+            for c in spec["containers"]:
+                written_there = {m["name"] for m in c.get("volumeMounts", []) if m["name"] in host and not m.get("readOnly")}
+                assert written_there <= owned, f"{doc['metadata']['name']}: {sorted(written_there - owned)} stay root's"

@@ -21,8 +21,11 @@ import pytest
 import yaml
 
 from edge_agent import main as agent_main
+from edge_agent import uplink
 from orchestrator import runloop, server, server_config
+from orchestrator.agents import model as agent_model
 from orchestrator.cli import main as cli_main
+from orchestrator.testing import harness
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "manifests" / "deploy"
 DOCS = [(path.name, i, doc) for path in sorted(DEPLOY.glob("*.yaml"))
@@ -30,7 +33,7 @@ DOCS = [(path.name, i, doc) for path in sorted(DEPLOY.glob("*.yaml"))
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 POD_NAME = "statefulset.kubernetes.io/pod-name"
 CONTROL_PLANE = ("StatefulSet", "edgeplane-control-plane")
-AGENT = ("Deployment", "edgeplane-agent-edge-lyon")
+AGENT = ("DaemonSet", "edgeplane-agent-edge-lyon")
 
 
 def pod_names(sts: dict[str, Any]) -> list[str]:
@@ -102,15 +105,25 @@ def test_probes_name_ports_their_container_has() -> None:
             assert "readinessProbe" in c, f"{w['metadata']['name']}: no readiness probe"
 
 
-def edgeplane_args(kind: str, name: str) -> list[str]:
+def expand(c: dict[str, Any], node: str = "node-1", host_ip: str = "10.0.0.1") -> list[str]:
+    """The container's args as Kubernetes gives them on ``node``: each $(VAR) replaced by the
+    container's env, a literal value or the downward API's node fields (others, such as
+    $(POD_NAME), are left for the caller); every $(VAR) must be defined in the container."""
+    env: dict[str, str | None] = {}
+    for e in c.get("env", []):
+        field = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        env[e["name"]] = e["value"] if "value" in e else {"spec.nodeName": node, "status.hostIP": host_ip}.get(field)
+
+    def value(m: re.Match[str]) -> str:
+        assert m[1] in env, f"$({m[1]}) is not in the container's env"
+        return env[m[1]] or m[0]
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value, a) for a in c["args"]]
+
+
+def edgeplane_args(kind: str, name: str, node: str = "node-1") -> list[str]:
     (doc,) = [d for d in by_kind(kind) if d["metadata"]["name"] == name]
     (c,) = containers(doc)
-    env = {e["name"] for e in c.get("env", [])}
-    args = [a.replace("$(NODE_IP)", "10.0.0.1") for a in c["args"]]
-    for a in c["args"]:  # every $(VAR) Kubernetes expands must be defined in the container
-        for var in [part.split(")")[0] for part in a.split("$(")[1:]]:
-            assert var in env, f"{name}: $({var}) is not in the container's env"
-    return args
+    return expand(c, node)
 
 
 def test_the_control_plane_arguments_are_ones_serve_accepts() -> None:
@@ -127,6 +140,7 @@ def test_the_agent_arguments_are_ones_the_agent_accepts() -> None:
     args = edgeplane_args(*AGENT)
     parsed = agent_main.parser().parse_args(args)
     assert parsed.listen[1] == 9000 and parsed.advertise_url == "http://10.0.0.1:9000"
+    assert parsed.site == "edge-lyon-node-1" and dict(parsed.label) == {"edgeplane.io/site-group": "edge-lyon"}
 
 
 def test_secrets_the_manifests_read_are_the_ones_the_docs_say_to_create() -> None:
@@ -270,36 +284,78 @@ async def test_the_control_plane_gateway_asks_a_token_as_the_standalone_gateways
         await cp.stop()
 
 
-def test_a_site_runs_one_agent_at_a_time_and_keeps_its_identity_on_a_claim() -> None:
-    """The control plane holds a site for one agent and refuses another (ALREADY_EXISTS) for
-    as long as the first is healthy: the agent is one pod per site, never one per node, an
-    update ends the old pod before the new one starts, and the identity a restarted pod
-    joins again with lives on a claim that follows the pod rather than on one node's disk."""
-    assert not by_kind("DaemonSet")
-    (agent,) = [d for d in by_kind(AGENT[0]) if d["metadata"]["name"] == AGENT[1]]
-    assert agent["spec"]["replicas"] == 1 and agent["spec"]["strategy"] == {"type": "Recreate"}
+def join_application(args: list[str]) -> agent_model.JoinApplication:
+    """What the agent started with ``args`` sends in its first join, as the control plane reads it."""
+    parsed = agent_main.parser().parse_args(args)
+    facts = uplink.JoinFacts(site=parsed.site, bootstrap_token=parsed.token, endpoint_url=parsed.advertise_url,
+                             agent_version="test", heartbeat_interval=parsed.heartbeat_interval, country=parsed.country,
+                             region=parsed.region, lat=parsed.lat, lon=parsed.lon, labels=dict(parsed.label))
+    request = facts.to_proto(agent_model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)), "")
+    return agent_model.JoinApplication(
+        site=request.site, bootstrap_token=request.bootstrap_token, credential=None, agent_id=request.agent_id,
+        endpoint_url=request.endpoint_url, location=agent_model.Location.from_proto(request.location),
+        labels=dict(request.labels), agent_version=request.agent_version,
+        heartbeat_interval=request.heartbeat_interval_ms / 1000 or None,
+        capacity=agent_model.Capacity.from_proto(request.capacity))
+
+
+async def test_each_node_of_the_agent_daemonset_joins_as_its_own_site(tmp_path: pathlib.Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control plane gives a site to one agent at a time: the DaemonSet's pods on two
+    nodes are two sites, both enrolled by the group's one bootstrap token, each registered on
+    join as an edge Site with the group's residency and label."""
+    (ds,) = [d for d in by_kind(AGENT[0]) if d["metadata"]["name"] == AGENT[1]]
+    (c,) = containers(ds)
+    cp = await server.ControlPlane(server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0,
+                                                              insecure_agents=True)).start()
+    try:
+        token, _ = cp.store.create_token("bootstrap", "agent", 3600, "admin")  # token create --role agent --ttl 1h
+        monkeypatch.setenv("EDGEPLANE_TOKEN", token)  # the Secret, as the pods' env gives it
+        grants = {}
+        for node, ip in (("edge-node-1", "10.0.0.1"), ("edge-node-2", "10.0.0.2")):
+            application = join_application(expand(c, node, ip))
+            grants[application.site] = await cp.hub.join_async(application)
+        assert sorted(grants) == ["edge-lyon-edge-node-1", "edge-lyon-edge-node-2"]
+        assert len({g.agent_id for g in grants.values()}) == 2
+        assert {s.site for s in cp.hub.snapshot()} == set(grants)
+        await harness.wait_until(lambda: all(cp.store.get("Site", name) for name in grants), 30, what="the sites registered on join")
+        for site in [cp.store.get("Site", name) for name in grants]:
+            assert site is not None
+            assert site.spec["tier"] == "edge" and site.spec["location"]["country"] == "FR", site
+            assert site.spec["location"]["region"] == "eu-west"
+            assert site.labels == {"edgeplane.io/site-group": "edge-lyon"}
+    finally:
+        await cp.stop()
+
+
+def test_each_node_keeps_its_site_identity_in_its_own_folder() -> None:
+    """A pod restarted or updated on a node joins again with the identity in that node's
+    folder: the old pod ends before the new one starts, the folder is created if missing,
+    and each group has its own, so a node moved to another group starts a new identity."""
+    (ds,) = [d for d in by_kind(AGENT[0]) if d["metadata"]["name"] == AGENT[1]]
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 0
+    pod = ds["spec"]["template"]["spec"]
     args = agent_main.parser().parse_args(edgeplane_args(*AGENT))
-    pod = agent["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"edgeplane.io/site": args.site}
-    (c,) = containers(agent)
+    assert pod["nodeSelector"] == dict(args.label)  # the nodes of the group, and the sites' label
+    (c,) = containers(ds)
     volumes = {v["name"]: v for v in pod["volumes"]}
     (data,) = [volumes[m["name"]] for m in c["volumeMounts"] if m["mountPath"] == str(args.data_dir)]
-    claims = {d["metadata"]["name"]: d for d in by_kind("PersistentVolumeClaim")}
-    assert claims[data["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert data["hostPath"]["type"] == "DirectoryOrCreate"
+    assert data["hostPath"]["path"].endswith("/" + pod["nodeSelector"]["edgeplane.io/site-group"])
 
 
 def per_site_steps(site: str) -> list[str]:
     """The commands docs/deploy.md gives "for each site", for that site."""
     guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
-    start = guide.index("```sh", guide.index("for\neach site:"))
+    start = guide.index("```sh", guide.index("for\neach site group:"))
     block = guide[start + len("```sh"):guide.index("```", start + len("```sh"))]
     return [line for line in block.replace("edge-lyon", site).replace("$SITE", site).splitlines()
             if line and not line.startswith("#")]
 
 
 def site_copy(site: str) -> list[dict[str, Any]]:
-    """agent.yaml copied for a site as its header says: the values marked "per site" changed."""
-    text = (DEPLOY / "agent.yaml").read_text()
+    """agent-daemonset.yaml copied for a site group as its header says: the values marked "per site" changed."""
+    text = (DEPLOY / "agent-daemonset.yaml").read_text()
     return [d for d in yaml.safe_load_all("\n".join(line.replace("edge-lyon", site) if "per site" in line else line
                                                     for line in text.splitlines())) if d]
 
@@ -317,9 +373,9 @@ def test_the_per_site_steps_give_each_site_its_own_bootstrap_secret() -> None:
         namespace |= set(created)
         docs = site_copy(site)
         assert {d["metadata"]["name"] for d in docs} == {f"edgeplane-agent-{site}"}
-        (agent,) = [d for d in docs if d["kind"] == "Deployment"]
+        (agent,) = [d for d in docs if d["kind"] == "DaemonSet"]
         (c,) = containers(agent)
-        assert agent_main.parser().parse_args(c["args"]).site == site
+        assert agent_main.parser().parse_args(expand(c, "node-1")).site == f"{site}-node-1"
         read = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
         assert read and {f"secret generic {name}" for name in read} <= set(created), f"{site} reads {read}, made: {created}"
         for volume in agent["spec"]["template"]["spec"]["volumes"]:
