@@ -1,8 +1,9 @@
 """An ASGI app behind uvicorn on a loopback port, with the settings the control plane and
 the gateway serve with (``runloop.http_server``): for tests that need real HTTP (a caller
-that leaves mid-body, a stream read line by line) without a whole control plane. And
-:class:`CannedHandler`, for the standard library's server answering what a test tells it
-(a server the CLI or the client is pointed at)."""
+that leaves mid-body, a stream read line by line) without a whole control plane;
+:func:`replica`, the agent's own HTTP server answering as a test tells it (a model replica
+the gateway routes to). And :class:`CannedHandler`, for the standard library's server
+answering what a test tells it (a server the CLI or the client is pointed at)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from edge_agent import httpmessages, httpserver
 from orchestrator import runloop
 
 
@@ -38,6 +40,19 @@ async def serving(app: Any, *, started_within_s: float = 5.0) -> AsyncIterator[i
     finally:
         server.should_exit = True
         await task
+
+
+@asynccontextmanager
+async def replica(handle: httpmessages.Handler) -> AsyncIterator[str]:
+    """The agent's HTTP server answering with ``handle`` on 127.0.0.1; yields its base URL."""
+    server = httpserver.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await server.shutdown(1)
 
 
 @asynccontextmanager

@@ -13,6 +13,7 @@ import json
 import threading
 import weakref
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -366,20 +367,28 @@ async def test_tokens_made_slower_than_a_loop_wake_up_are_written_by_the_generat
         assert 1 <= generation.written_through <= 24
 
 
+@asynccontextmanager
+async def one_running_one_queued(s: Serving) -> AsyncIterator[tuple[AsyncIterator[str], asyncio.Task[httpx.Response]]]:
+    """A long stream holding ``s``'s one slot (its first event read) and a whole request queued
+    behind it: yields the stream's lines and the queued request; the stream's client leaves after."""
+    body = {"model": MODEL, "prompt": "The agent", "max_tokens": 4000, "temperature": 0, "stream": True}
+    async with s.http.stream("POST", "/v1/completions", json=body) as running:
+        lines = running.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")  # it holds the one slot
+        waiting = asyncio.create_task(s.http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 3}))
+        for _ in range(1000):  # bounded: up to 20-50 s on a loaded machine
+            if await s.metric("edgeplane_agent_generation_queued", model=MODEL) == 1:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the second request never queued behind the running stream")
+        yield lines, waiting
+
+
 async def test_beyond_running_and_queued_requests_get_429_with_retry_after(control_plane: ControlPlane, make_agent: MakeAgent,
                                                                          packages: Packages) -> None:
     async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256, concurrent=1, queued=1):
-        body = {"model": MODEL, "prompt": "The agent", "max_tokens": 4000, "temperature": 0, "stream": True}
-        async with s.http.stream("POST", "/v1/completions", json=body) as running:
-            first = running.aiter_lines()
-            assert (await anext(first)).startswith("data: ")  # it holds the one slot
-            waiting = asyncio.create_task(s.http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 3}))
-            for _ in range(1000):  # bounded: up to 20-50 s on a loaded machine
-                if await s.metric("edgeplane_agent_generation_queued", model=MODEL) == 1:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                pytest.fail("the second request never queued behind the running stream")
+        async with one_running_one_queued(s) as (_, waiting):
             assert await s.metric("edgeplane_agent_generation_running", model=MODEL) == 1
             with pytest.raises(openai.RateLimitError) as refused:
                 await s.client.completions.create(model=MODEL, prompt="The agent", max_tokens=3)
@@ -399,17 +408,7 @@ async def test_an_unassigned_model_keeps_its_running_stream_refuses_its_queue_an
     try:
         async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256, concurrent=1, queued=1):
             runtime = weakref.ref(s.agent.registry.get(MODEL).runtime)
-            body = {"model": MODEL, "prompt": "The agent", "max_tokens": 4000, "temperature": 0, "stream": True}
-            async with s.http.stream("POST", "/v1/completions", json=body) as running:
-                lines = running.aiter_lines()
-                assert (await anext(lines)).startswith("data: ")  # it holds the one slot
-                waiting = asyncio.create_task(s.http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 3}))
-                for _ in range(1000):  # bounded: up to 20-50 s on a loaded machine
-                    if await s.metric("edgeplane_agent_generation_queued", model=MODEL) == 1:
-                        break
-                    await asyncio.sleep(0.02)
-                else:
-                    pytest.fail("the second request never queued behind the running stream")
+            async with one_running_one_queued(s) as (lines, waiting):
                 threads = [t for t in threading.enumerate() if t.name.startswith("gen-chat")]
                 assert threads
 

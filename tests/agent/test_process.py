@@ -20,6 +20,7 @@ from orchestrator.agents import model
 from orchestrator.testing import harness, onnx_models
 
 from .conftest import TOKEN, ControlPlane, Models, start_control_plane
+from .test_artifacts_runtime import _SilentServer
 
 SITE = "edge-lyon-1"
 
@@ -225,33 +226,6 @@ async def test_a_second_agent_on_the_same_data_dir_is_refused_until_the_first_is
     await spawn(control_plane.target, data)  # the kernel dropped the lock with its holder
 
 
-class _StalledArtifact:
-    """A loopback HTTP server that starts an artifact and sends nothing more, keeping each
-    connection open until its peer goes away: a download held mid-way."""
-
-    def __init__(self) -> None:
-        self.connected = asyncio.Event()
-        self.closed = asyncio.Event()
-
-    async def __aenter__(self) -> str:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/m.onnx"
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
-        await writer.drain()
-        self.connected.set()
-        with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                pass
-        self.closed.set()
-        writer.close()
-
-
 def _fetch_children(pid: int) -> list[psutil.Process]:
     with contextlib.suppress(psutil.Error):
         return [c for c in psutil.Process(pid).children() if "edge_agent.fetch" in " ".join(c.cmdline())]
@@ -273,7 +247,7 @@ async def test_kill_9_mid_download_takes_the_download_child_with_it(control_plan
     data = tmp_path / "agent"
     agent = await spawn(control_plane.target, data)
     await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
-    stalled = _StalledArtifact()
+    stalled = _SilentServer(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)  # then nothing: held mid-way
     async with stalled as url:
         control_plane.hub.set_assignments(SITE, [model.Assignment("mlp", "intent", "small", url, "0" * 64)], 1)
         await asyncio.wait_for(stalled.connected.wait(), 30)

@@ -466,6 +466,17 @@ class InProcess(NamedTuple):
     servicer: relay_leader.RelayServicer  # applies to the leader's hub what the test hands it
     stream: relay_leader._Stream
 
+    def exchange(self) -> pb.RelayAssignments:
+        """Hands the leader every report the follower's client has batched, and the client
+        what the leader sent down the stream meanwhile: the sites to report again, whole."""
+        for batch in self.client._batches():
+            for report in batch.reports:
+                self.servicer._apply(report, self.stream)
+        down = self.stream.take()
+        for site in down.report_again:
+            self.client._touched.add(site)
+        return down
+
 
 def relayed_in_process(leader_tokens: tuple[str, ...] = (), **leader_options: Any) -> InProcess:
     """A follower's hub relayed to a leader's by the relay's own client and servicer, on one
@@ -553,16 +564,9 @@ def test_an_agent_revoked_at_the_leader_is_not_taken_back_from_a_follower_that_h
     """The follower learns of a revocation from the store, a moment later; meanwhile its agent
     beats on, and the leader, which no longer holds it, asks for it whole: it is refused, and
     the follower drops it. Another agent enrolled for the site afterwards is taken."""
-    now, follower, leader, client, servicer, stream = relayed_in_process()
-
-    def deliver() -> pb.RelayAssignments:
-        for batch in client._batches():
-            for report in batch.reports:
-                servicer._apply(report, stream)
-        down = stream.take()
-        for site in down.report_again:
-            client._touched.add(site)
-        return down
+    relayed = relayed_in_process()
+    now, follower, leader, client, servicer, stream = relayed
+    deliver = relayed.exchange
 
     def join() -> model.JoinGrant:
         return follower.join(model.JoinApplication(SITE, TOKEN, None, "", "http://10.0.0.5:8080", model.Location(), {},
@@ -595,16 +599,9 @@ def test_a_revoked_agent_stays_refused_from_a_stale_follower_after_another_agent
     once; the follower, which has not heard of the revocation, still reports the revoked
     agent. Another agent's join is no proof of the revoked one: it stays refused, and the
     follower drops it."""
-    now, follower, leader, client, servicer, stream = relayed_in_process(leader_tokens=(TOKEN,), missed_heartbeats=3)
-
-    def deliver() -> pb.RelayAssignments:
-        for batch in client._batches():
-            for report in batch.reports:
-                servicer._apply(report, stream)
-        down = stream.take()
-        for site in down.report_again:
-            client._touched.add(site)
-        return down
+    relayed = relayed_in_process(leader_tokens=(TOKEN,), missed_heartbeats=3)
+    now, follower, leader, client, servicer, stream = relayed
+    deliver = relayed.exchange
 
     application = model.JoinApplication(SITE, TOKEN, None, "", "http://10.0.0.5:8080", model.Location(), {}, "test", 5.0,
                                         model.Capacity(cpu_cores=2))

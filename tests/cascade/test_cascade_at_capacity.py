@@ -7,7 +7,6 @@ moved on from counts one failover, as on the plain routes."""
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,11 +16,12 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from edge_agent import httpmessages, httpserver
+from edge_agent import httpmessages
 from edgeplane_proto import oip
 from orchestrator.api import methods
 from orchestrator.gateway import cascade, cascade_rules, endpoints, proxy, routing, upstream
 from orchestrator.ports import free_port
+from orchestrator.testing.loopback import replica
 
 Handle = Callable[[httpmessages.Request], Awaitable[httpmessages.Response]]
 RULE = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8)
@@ -29,18 +29,6 @@ ROUTE = cascade_rules.CascadeRoute("m", "dep", (cascade_rules.StageRoute("small"
                                                 cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)), {})
 PARIS = {"x-edgeplane-location": "48.85,2.35"}
 BODY = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}
-
-
-@asynccontextmanager
-async def replica(handle: Handle) -> AsyncIterator[str]:
-    server = httpserver.HttpServer(handle)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await server.start(sock)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        await server.shutdown(1)
 
 
 def sure() -> Handle:

@@ -217,6 +217,10 @@ def site_status(cp: server.ControlPlane, name: str) -> Mapping[str, Any]:
     return stored.status if stored is not None else {}
 
 
+def site_events(cp: server.ControlPlane, name: str) -> list[tuple[str, str]]:
+    return [(e.action, e.reason) for e in cp.store.events(kind="Site", name=name, limit=1000)]
+
+
 @pytest.fixture
 async def fleet(tmp_path: pathlib.Path) -> AsyncIterator[harness.Fleet]:
     fleet = harness.Fleet(tmp_path)
@@ -255,13 +259,11 @@ async def test_deleting_a_kuberay_site_deletes_its_rayservice(fleet: harness.Fle
         kube["delete"][:1] << 503  # the first delete fails
         assert (await http.delete("/v1/sites/dc-old")).status_code == 200
 
-    def events() -> list[tuple[str, str]]:
-        return [(e.action, e.reason) for e in cp.store.events(kind="Site", name="dc-old", limit=1000)]
-
-    await harness.wait_until(lambda: ("serve-removed", "the Site is deleted: its 1 Serve application(s) removed") in events(), 30,
-                             what="dc-old's applications to be removed")
+    await harness.wait_until(lambda: ("serve-removed", "the Site is deleted: its 1 Serve application(s) removed") in site_events(cp, "dc-old"),
+                             30, what="dc-old's applications to be removed")
     assert not has_rayservice(kube, "dc-old")
-    assert any(action == "datacentre-error" and "not removed yet" in reason for action, reason in events()), events()
+    assert any(action == "datacentre-error" and "not removed yet" in reason
+               for action, reason in site_events(cp, "dc-old")), site_events(cp, "dc-old")
 
 
 async def test_each_outage_of_a_data_centre_is_logged_with_its_end(fleet: harness.Fleet) -> None:
@@ -443,10 +445,6 @@ async def test_a_deleted_sites_applications_can_be_abandoned_once_its_cluster_is
     await cp.reconciler.wait_for_pass(cp.reconciler.passes)
     assert cluster.running  # left as it was: the control plane no longer owns it
     assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-old", limit=1000))
-
-
-def site_events(cp: server.ControlPlane, name: str) -> list[tuple[str, str]]:
-    return [(e.action, e.reason) for e in cp.store.events(kind="Site", name=name, limit=1000)]
 
 
 async def test_a_kuberay_site_moved_to_another_namespace_deletes_the_rayservice_it_left(

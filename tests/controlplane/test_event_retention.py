@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -156,6 +155,14 @@ def test_a_retention_given_in_code_is_checked_as_the_flags_are(events_s: float, 
     assert event_retention.Retention(events_s, audit_s).problem() == said
 
 
+def until_pruned(serve: support.ServeProcess, events: int) -> None:
+    """Waits (30 s at most) for ``serve``'s leader to have pruned ``events`` events from the log."""
+    deadline = time.monotonic() + 30
+    while f'edgeplane_events_pruned_total{{log="events"}} {float(events)}' not in httpx.get(f"{serve.url}/metrics").text:
+        assert time.monotonic() < deadline, f"the leader did not prune the old events:\n{serve.log()}"
+        time.sleep(0.05)
+
+
 def test_events_follow_goes_on_over_events_the_leader_pruned(tmp_path: pathlib.Path) -> None:
     """A script that stopped at an event since deleted (``events -w --since ID``) is told once
     on stderr that events after it were pruned, then given what was kept after it and each
@@ -168,13 +175,8 @@ def test_events_follow_goes_on_over_events_the_leader_pruned(tmp_path: pathlib.P
     serve = support.ServeProcess(data, "--events-retention", "1d").wait_ready()
     follower: subprocess.Popen[str] | None = None
     try:
-        deadline = time.monotonic() + 30
-        while 'edgeplane_events_pruned_total{log="events"} 5.0' not in httpx.get(f"{serve.url}/metrics").text:
-            assert time.monotonic() < deadline, f"the leader did not prune the old events:\n{serve.log()}"
-            time.sleep(0.05)
-        follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json", "--since", str(mark), "--kind", "models"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=support.clean_env(EDGEPLANE_SERVER=serve.url), cwd=support.REPO)
+        until_pruned(serve, 5)
+        follower = support.follow_events(serve.url, "--since", str(mark), "--kind", "models")
         for name in ("after-pruning", "and-after"):
             done = support.cli("apply", "-f", "-", server_url=serve.url, stdin=support.doc("Model", name, support.model_spec()))
             assert done.returncode == 0, done.stderr
@@ -184,8 +186,7 @@ def test_events_follow_goes_on_over_events_the_leader_pruned(tmp_path: pathlib.P
         assert not [e for e in logged if e["action"] == "agent-lost"], logged
     finally:
         if follower is not None:
-            follower.send_signal(signal.SIGINT)
-            _, err = follower.communicate(timeout=30)
+            err = support.interrupt(follower)
             assert follower.returncode == 130 and "Traceback" not in err, err
             assert [line for line in err.splitlines() if "pruned" in line] == [
                 f"warning: events before id {newest + 1} were pruned past their retention, some after id {mark} may be missing; "
@@ -205,21 +206,15 @@ def test_events_follow_of_one_kind_is_not_warned_of_other_events_pruned_after_it
     serve = support.ServeProcess(data, "--events-retention", "1d").wait_ready()
     follower: subprocess.Popen[str] | None = None
     try:
-        deadline = time.monotonic() + 30
-        while 'edgeplane_events_pruned_total{log="events"} 5.0' not in httpx.get(f"{serve.url}/metrics").text:
-            assert time.monotonic() < deadline, f"the leader did not prune the old events:\n{serve.log()}"
-            time.sleep(0.05)
-        follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json", "--kind", "models"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=support.clean_env(EDGEPLANE_SERVER=serve.url), cwd=support.REPO)
+        until_pruned(serve, 5)
+        follower = support.follow_events(serve.url, "--kind", "models")
         assert json.loads(follower.stdout.readline())["name"] == "kept-model"  # type: ignore[union-attr]
         done = support.cli("apply", "-f", "-", server_url=serve.url, stdin=support.doc("Model", "after-pruning", support.model_spec()))
         assert done.returncode == 0, done.stderr
         assert json.loads(follower.stdout.readline())["name"] == "after-pruning"  # type: ignore[union-attr]
     finally:
         if follower is not None:
-            follower.send_signal(signal.SIGINT)
-            _, err = follower.communicate(timeout=30)
+            err = support.interrupt(follower)
             assert follower.returncode == 130 and "Traceback" not in err, err
             assert "pruned" not in err, err
         serve.stop()

@@ -11,6 +11,7 @@ import asyncio
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -171,6 +172,19 @@ def cli(*args: str, server_url: str | None = None, env: dict[str, str] | None = 
         environment["EDGEPLANE_SERVER"] = server_url
     return subprocess.run([str(EDGEPLANE), *args], capture_output=True, text=True, env=environment, input=stdin,
                           timeout=timeout, cwd=cwd or REPO)
+
+
+def follow_events(server_url: str, *args: str) -> subprocess.Popen[str]:
+    """``edgeplane events --follow -o json *args`` against ``server_url``, left running: its
+    output is read line by line, and it is ended with :func:`interrupt`."""
+    return subprocess.Popen([str(EDGEPLANE), "events", "--follow", "-o", "json", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=clean_env(EDGEPLANE_SERVER=server_url), cwd=REPO)
+
+
+def interrupt(follower: subprocess.Popen[str]) -> str:
+    """Ctrl-C to ``follower``, which must then exit: what it wrote on stderr."""
+    follower.send_signal(signal.SIGINT)
+    return follower.communicate(timeout=30)[1]
 
 
 class ServeProcess:

@@ -515,9 +515,7 @@ def test_status_says_when_a_replica_is_not_notified_of_other_replicas_writes() -
 
 
 def test_events_follow_prints_each_new_event_until_interrupted(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
-    env = support.clean_env(EDGEPLANE_SERVER=serve.url)
-    follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json", "--kind", "models", "--limit", "1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=support.REPO)
+    follower = support.follow_events(serve.url, "--kind", "models", "--limit", "1")
     try:
         first = json.loads(follower.stdout.readline())  # type: ignore[union-attr]
         assert first["kind"] == "Model"  # the newest model event, as one JSON object a line
@@ -531,8 +529,7 @@ def test_events_follow_prints_each_new_event_until_interrupted(serve: support.Se
         assert [(e["action"], e["kind"], e["name"]) for e in lines][-1] == ("created", "Model", "cli-follow")
         assert all(e["id"] > first["id"] for e in lines) and {e["kind"] for e in lines} == {"Model"}
     finally:
-        follower.send_signal(signal.SIGINT)
-        _, err = follower.communicate(timeout=30)
+        err = support.interrupt(follower)
     assert follower.returncode == 130 and "Traceback" not in err, err
 
 
@@ -541,9 +538,7 @@ def test_events_follow_waits_out_a_control_plane_restart(tmp_path: pathlib.Path)
     so once on stderr, asks again, and goes on with what was logged meanwhile, nothing twice."""
     first = support.ServeProcess(tmp_path / "cp").wait_ready()
     again: support.ServeProcess | None = None
-    follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json", "--kind", "models", "--limit", "1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=support.clean_env(EDGEPLANE_SERVER=first.url),
-                                cwd=support.REPO)
+    follower = support.follow_events(first.url, "--kind", "models", "--limit", "1")
     try:
         ok("apply", "-f", "-", server=first, stdin=doc("Model", "before-restart", support.model_spec()))
         seen = [json.loads(follower.stdout.readline())]  # type: ignore[union-attr]
@@ -559,8 +554,7 @@ def test_events_follow_waits_out_a_control_plane_restart(tmp_path: pathlib.Path)
         assert [e["name"] for e in seen] == ["before-restart", "after-restart"], seen
         assert follower.poll() is None  # still following
     finally:
-        follower.send_signal(signal.SIGINT)
-        _, err = follower.communicate(timeout=30)
+        err = support.interrupt(follower)
         if again is not None:
             again.stop()
         first.stop()
@@ -578,9 +572,7 @@ def test_events_follow_starts_again_from_the_newest_events_of_another_store(tmp_
     other.close()
     first = support.ServeProcess(tmp_path / "cp").wait_ready()
     again: support.ServeProcess | None = None
-    follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json", "--kind", "models", "--limit", "1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=support.clean_env(EDGEPLANE_SERVER=first.url),
-                                cwd=support.REPO)
+    follower = support.follow_events(first.url, "--kind", "models", "--limit", "1")
     try:
         ok("apply", "-f", "-", server=first, stdin=doc("Model", "first-store", support.model_spec()))
         assert json.loads(follower.stdout.readline())["name"] == "first-store"  # type: ignore[union-attr]
@@ -590,8 +582,7 @@ def test_events_follow_starts_again_from_the_newest_events_of_another_store(tmp_
         ok("apply", "-f", "-", server=again, stdin=doc("Model", "after-restart", support.model_spec()))
         assert json.loads(follower.stdout.readline())["name"] == "after-restart"  # type: ignore[union-attr]
     finally:
-        follower.send_signal(signal.SIGINT)
-        _, err = follower.communicate(timeout=30)
+        err = support.interrupt(follower)
         if again is not None:
             again.stop()
         first.stop()
@@ -638,9 +629,7 @@ def test_events_follow_waits_out_answers_that_say_retry_later() -> None:
     outage = _Outage()
     thread = threading.Thread(target=outage.serve_forever, daemon=True)
     thread.start()
-    follower = subprocess.Popen([str(support.EDGEPLANE), "events", "--follow", "-o", "json"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=support.clean_env(EDGEPLANE_SERVER=f"http://127.0.0.1:{outage.server_port}"),
-                                cwd=support.REPO)
+    follower = support.follow_events(f"http://127.0.0.1:{outage.server_port}")
     printed: queue.Queue[str] = queue.Queue()
     # read in a thread so that a follower which prints nothing fails the test instead of hanging it
     reader = threading.Thread(target=lambda: [printed.put(follower.stdout.readline()) for _ in range(2)],  # type: ignore[union-attr]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,10 +14,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from edge_agent import httpmessages, httpserver, httpstream
+from edge_agent import httpmessages, httpstream
 from orchestrator.api import methods
 from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, upstream
 from orchestrator.testing import loopback
+from orchestrator.testing.loopback import replica
 
 Handle = Callable[[httpmessages.Request], Awaitable[httpmessages.Response]]
 DC = cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)
@@ -30,18 +30,6 @@ def chat_answer(content: str, finish: str = "stop") -> bytes:
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                                     "finish_reason": finish}],
                        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}).encode()
-
-
-@asynccontextmanager
-async def replica(handle: Handle) -> AsyncIterator[str]:
-    server = httpserver.HttpServer(handle)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await server.start(sock)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        await server.shutdown(1)
 
 
 def endpoint(site: str, tier: str, url: str, lat: float = 48.85, lon: float = 2.35, **kw: Any) -> routing.Endpoint:
@@ -425,6 +413,23 @@ async def test_a_chat_by_the_model_name_runs_the_cascade_of_the_deployment_the_c
     assert resp.json()["edgeplane"]["cascade"] == "chat-ch"
 
 
+def answering_42(generating_s: float) -> httpmessages.Handler:
+    """A stage that answers "42": streamed, a token at once, ``generating_s`` of generation and
+    the end; whole, after ``generating_s``."""
+    async def tokens() -> AsyncIterator[bytes]:
+        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "42"}}]}\n\n'
+        await asyncio.sleep(generating_s)
+        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        yield openai_routes.SSE_DONE
+
+    async def handle(request: httpmessages.Request) -> httpmessages.Response | httpstream.StreamingResponse:
+        if json.loads(request.body).get("stream"):
+            return httpstream.StreamingResponse(200, tokens())
+        await asyncio.sleep(generating_s)
+        return httpmessages.Response(200, chat_answer("The answer is 42."))
+    return handle
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_cascaded_chat_is_timed_once_from_its_first_stage_to_the_end_of_its_answer(stream: bool) -> None:
     """``edgeplane_gateway_request_seconds`` holds the caller's request, every stage that ran
@@ -433,21 +438,9 @@ async def test_a_cascaded_chat_is_timed_once_from_its_first_stage_to_the_end_of_
         await asyncio.sleep(0.2)
         return httpmessages.Response(200, chat_answer("The answer is", finish="length"))
 
-    async def tokens() -> AsyncIterator[bytes]:  # a token, 0.2 s of generation, the end
-        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "42"}}]}\n\n'
-        await asyncio.sleep(0.2)
-        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
-        yield openai_routes.SSE_DONE
-
-    async def dc(request: httpmessages.Request) -> httpmessages.Response | httpstream.StreamingResponse:
-        if json.loads(request.body).get("stream"):
-            return httpstream.StreamingResponse(200, tokens())
-        await asyncio.sleep(0.2)
-        return httpmessages.Response(200, chat_answer("The answer is 42."))
-
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
     registry = CollectorRegistry()
-    async with replica(slow_and_cut) as edge_url, replica(dc) as dc_url:
+    async with replica(slow_and_cut) as edge_url, replica(answering_42(generating_s=0.2)) as dc_url:
         table = cascade_of(first, [endpoint("edge-paris", "edge", edge_url), endpoint("dc-paris", "datacenter", dc_url)])
         async with gateway(table, registry=registry) as http:
             resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream})
@@ -466,19 +459,9 @@ async def test_a_cascaded_chat_times_its_first_token_from_the_callers_request(es
         await asyncio.sleep(0.2)
         return httpmessages.Response(200, chat_answer("The answer is" if escalated else "42.", finish="length" if escalated else "stop"))
 
-    async def tokens() -> AsyncIterator[bytes]:  # a token at once, and the end
-        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "42"}}]}\n\n'
-        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
-        yield openai_routes.SSE_DONE
-
-    async def dc(request: httpmessages.Request) -> httpmessages.Response | httpstream.StreamingResponse:
-        if json.loads(request.body).get("stream"):
-            return httpstream.StreamingResponse(200, tokens())
-        return httpmessages.Response(200, chat_answer("The answer is 42."))
-
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
     registry = CollectorRegistry()
-    async with replica(slow_edge) as edge_url, replica(dc) as dc_url:
+    async with replica(slow_edge) as edge_url, replica(answering_42(generating_s=0.0)) as dc_url:
         table = cascade_of(first, [endpoint("edge-paris", "edge", edge_url), endpoint("dc-paris", "datacenter", dc_url)])
         async with gateway(table, registry=registry) as http:
             resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream})
