@@ -64,6 +64,10 @@ TOKEN_CREATED_ID = "SELECT MAX(id) FROM events WHERE kind = 'Token' AND action =
 #: event retention deleted keeps NULL, read as 0: made before any revocation, so it rejoins
 #: no revoked site (make a new token for that).
 BACKFILL_TOKEN_SEQ = "UPDATE tokens SET created_seq = (" + TOKEN_CREATED_ID.format("tokens.id") + ") WHERE created_seq IS NULL"
+#: A token row with its place in the sequence as ``seq``. Looked up at read time, not only by the
+#: backfill when a replica of this release starts: during a rolling update a replica of the
+#: earlier release still inserts tokens without ``created_seq``, after any revocation.
+_TOKEN_ROWS = "SELECT tokens.*, COALESCE(created_seq, (" + TOKEN_CREATED_ID.format("tokens.id") + "), 0) AS seq FROM tokens"
 
 
 def _canonical(value: Any) -> str:
@@ -426,19 +430,19 @@ class SqlStore:
         return secret, TokenInfo(token_id, purpose, role, expires, description, now, created_seq=seq)
 
     def verify_token(self, secret: str, purpose: str) -> TokenInfo | None:
-        rows = self._fetch(self._q("SELECT * FROM tokens WHERE digest = ? AND purpose = ? AND NOT revoked"), (digest(secret), purpose))
+        rows = self._fetch(self._q(_TOKEN_ROWS + " WHERE digest = ? AND purpose = ? AND NOT revoked"), (digest(secret), purpose))
         row = rows[0] if rows else None
         if row is None or (row["expires_at"] is not None and row["expires_at"] < self._clock()):
             return None
         return TokenInfo(row["id"], row["purpose"], row["role"], row["expires_at"], row["description"], row["created_at"],
-                         created_seq=row["created_seq"] or 0)
+                         created_seq=int(row["seq"]))
 
     def tokens(self) -> list[TokenInfo]:
         """Every token ever created (no secret, no digest), oldest first: revoked and expired ones too."""
         now = self._clock()
         return [TokenInfo(r["id"], r["purpose"], r["role"], r["expires_at"], r["description"], r["created_at"],
-                          token_state(bool(r["revoked"]), r["expires_at"], now), r["created_seq"] or 0)
-                for r in self._fetch("SELECT * FROM tokens ORDER BY created_at, id")]
+                          token_state(bool(r["revoked"]), r["expires_at"], now), int(r["seq"]))
+                for r in self._fetch(_TOKEN_ROWS + " ORDER BY created_at, id")]
 
     def revoke_token(self, token_id: str, actor: str, reason: str = "revoked") -> bool:
         """True when the token exists (and is now revoked); revoking it again logs nothing more."""

@@ -733,6 +733,44 @@ def test_tokens_made_before_the_store_ordered_them_keep_their_place_or_count_as_
         s.close()
 
 
+def insert_token_as_the_earlier_release(location: str, token_id: str, secret: str) -> None:
+    """What a replica of the release before tokens kept ``created_seq`` writes for a new
+    bootstrap token, on the same store: its creation event, then the row without it."""
+    now = time.time()
+    event = ("admin", "token-created", "Token", token_id, "bootstrap token", "{}", now)
+    token = (token_id, store_mod.digest(secret), "bootstrap", "agent", now, "")
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            conn.execute("INSERT INTO events (actor, action, kind, name, reason, details, ts) VALUES (%s, %s, %s, %s, %s, %s, %s)", event)
+            conn.execute("INSERT INTO tokens (id, digest, purpose, role, created_at, description) VALUES (%s, %s, %s, %s, %s, %s)", token)
+        return
+    db = sqlite3.connect(location)
+    with db:
+        db.execute("INSERT INTO events (actor, action, kind, name, reason, details, ts) VALUES (?, ?, ?, ?, ?, ?, ?)", event)
+        db.execute("INSERT INTO tokens (id, digest, purpose, role, created_at, description) VALUES (?, ?, ?, ?, ?, ?)", token)
+    db.close()
+
+
+def test_a_bootstrap_token_made_by_an_earlier_release_after_a_revocation_rejoins_the_site(store: Store, location: str) -> None:
+    """During a rolling update a replica of the earlier release makes the token, after this
+    release's replicas started (so no backfill gives it its place): it is read at its
+    creation event's place, after the revocation, and admits the site."""
+    from orchestrator.agents.auth import StoreJoinAuthenticator
+
+    joins = StoreJoinAuthenticator(store)
+    first = joins.verify_bootstrap(store.create_token("bootstrap", "agent", 3600, "admin")[0])
+    assert first is not None and joins.issue_credential("edge-lyon", "agent-1", first)
+    assert store.revoke_agent("edge-lyon", "admin", "device stolen")
+    insert_token_as_the_earlier_release(location, "0ld70ken", "epb_0ld70ken_secret")
+    token = joins.verify_bootstrap("epb_0ld70ken_secret")
+    assert token is not None and token.created_seq > first.created_seq
+    assert joins.issue_credential("edge-lyon", "agent-2", token)
+    assert store.agent_of("edge-lyon") == "agent-2" and store.agent_revoked_at("edge-lyon") is None
+    assert {t.id: t.created_seq for t in store.tokens()}["0ld70ken"] == token.created_seq
+
+
 def test_sequences_only_grow_and_survive_reopen(reopen: Callable[..., Store]) -> None:
     s = reopen()
     assert [s.next_sequence("a"), s.next_sequence("a"), s.next_sequence("b")] == [1, 2, 1]
