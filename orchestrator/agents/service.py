@@ -135,6 +135,9 @@ class AgentControlServicer:
             if self._issuer is None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     "this control plane runs agents without TLS (--insecure-agents); start the agent with --insecure")
+            refusal = self._issuer.signing_refusal()
+            if refusal is not None:  # the join would be recorded, then no certificate given: the agent retries later
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"this control plane cannot sign certificates: {refusal}")
             try:
                 self._issuer.check_agent_csr(request.csr_pem.encode())
             except ValueError as exc:  # CertificateError and malformed PEM alike
@@ -216,6 +219,8 @@ class CertificateIssuer(Protocol):
 
     @property
     def certificate_pem(self) -> bytes: ...
+
+    def signing_refusal(self) -> str | None: ...
 
     def check_agent_csr(self, csr_pem: bytes) -> None: ...
 

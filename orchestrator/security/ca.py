@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import pathlib
 import threading
@@ -32,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeplane_proto import identity
+
+log = logging.getLogger(__name__)
 
 CA_DAYS = 3650
 SERVER_DAYS = 365
@@ -135,10 +138,10 @@ class CertificateAuthority:
     def _issue(self, subject: str, public_key: ec.EllipticCurvePublicKey, sans: list[x509.GeneralName],
                usage: x509.ObjectIdentifier, ttl: datetime.timedelta, now: datetime.datetime | None = None) -> bytes:
         now = now or _now()
+        refusal = self.signing_refusal(now)
+        if refusal is not None:
+            raise CertificateError(refusal)
         ca_ends = self.certificate.not_valid_after_utc
-        if now >= ca_ends:
-            raise CertificateError(f"the agents' CA expired at {ca_ends:%Y-%m-%d %H:%M} UTC: no certificate it signs is trusted; "
-                                   "agents must join a new CA")
         ttl = min(ttl, ca_ends - now)  # a certificate past its CA's expiry fails its chain from then on anyway
         backdate = min(datetime.timedelta(minutes=5), ttl / 10)  # for clocks a little behind ours
         cert = (x509.CertificateBuilder()
@@ -165,6 +168,14 @@ class CertificateAuthority:
         return self._issue("edgeplane control plane", key.public_key(), sans, ExtendedKeyUsageOID.SERVER_AUTH,
                            datetime.timedelta(days=SERVER_DAYS), now), _key_pem(key)
 
+    def signing_refusal(self, now: datetime.datetime | None = None) -> str | None:
+        """Why this CA signs nothing at ``now`` (it expired), None while it signs."""
+        ends = self.certificate.not_valid_after_utc
+        if (now or _now()) < ends:
+            return None
+        return (f"the agents' CA expired at {ends:%Y-%m-%d %H:%M:%S} UTC (its notAfter): no certificate it signs is trusted; "
+                "agents must join a new CA")
+
     def check_agent_csr(self, csr_pem: bytes) -> None:
         """Raise :class:`CertificateError` unless :meth:`issue_agent` would sign ``csr_pem``."""
         check_agent_csr(csr_pem)
@@ -179,24 +190,34 @@ class CertificateAuthority:
 class ServerCertificate:
     """The agent listener's certificate chain (its certificate, then the CA's) and key, issued
     again once two thirds of its life has passed: the listener asks on every handshake, from
-    gRPC's threads."""
+    gRPC's threads. One that ends with the CA is kept to its end (any other would end then
+    too), and past the CA's end the last one is served: nothing the CA signs is trusted any
+    more, which is said once, not on every handshake."""
 
     def __init__(self, ca: CertificateAuthority, hosts: list[str],
                  clock: Callable[[], datetime.datetime] = _now) -> None:
         self._ca, self._hosts, self._clock = ca, hosts, clock
         self._lock = threading.Lock()
         self._current = self._issue()
+        self._said_expired = False
 
     def _issue(self) -> tuple[bytes, bytes, datetime.datetime]:
         now = self._clock()
         cert, key = self._ca.issue_server(self._hosts, now)
         ends = x509.load_pem_x509_certificate(cert).not_valid_after_utc
+        renew = ends if ends >= self._ca.certificate.not_valid_after_utc else now + (ends - now) * 2 / 3
         # the CA rides in the chain: an agent given only its SHA-256 (--ca-sha256) takes it from there
-        return cert + self._ca.certificate_pem, key, now + (ends - now) * 2 / 3
+        return cert + self._ca.certificate_pem, key, renew
 
     def current(self) -> tuple[bytes, bytes]:
         """(chain PEM, key PEM), a new pair once the one before is due for renewal."""
         with self._lock:
-            if self._clock() >= self._current[2]:
-                self._current = self._issue()
+            now = self._clock()
+            if now >= self._current[2]:
+                refusal = self._ca.signing_refusal(now)
+                if refusal is None:
+                    self._current = self._issue()
+                elif not self._said_expired:
+                    self._said_expired = True
+                    log.error("%s; the agent listener keeps serving its last certificate, which agents no longer accept", refusal)
             return self._current[0], self._current[1]

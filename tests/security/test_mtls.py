@@ -116,15 +116,21 @@ async def test_mutual_tls_handshake_on_the_agent_listener(tmp_path: pathlib.Path
         await server.stop(None)
 
 
-def test_no_certificate_outlives_the_ca_and_none_is_signed_once_it_expired(tmp_path: pathlib.Path) -> None:
-    made = ca.CertificateAuthority.load_or_create(tmp_path)
-    ca_ends = made.certificate.not_valid_after_utc - datetime.timedelta(days=400)  # a CA made 400 days ago
-    subject = made.certificate.subject
+def _ca_made_earlier(folder: pathlib.Path, days: int, agent_ttl: datetime.timedelta = datetime.timedelta(days=ca.AGENT_DAYS)) -> ca.CertificateAuthority:
+    """A CA as one made ``days`` ago would be (it ends ``days`` sooner than a new one)."""
+    made = ca.CertificateAuthority.load_or_create(folder)
+    subject, earlier = made.certificate.subject, datetime.timedelta(days=days)
     older = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(made.key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(made.certificate.not_valid_before_utc - datetime.timedelta(days=400))
-             .not_valid_after(ca_ends).add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .serial_number(x509.random_serial_number()).not_valid_before(made.certificate.not_valid_before_utc - earlier)
+             .not_valid_after(made.certificate.not_valid_after_utc - earlier)
+             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
              .sign(made.key, hashes.SHA256()))
-    authority = ca.CertificateAuthority(made.key, older, agent_ttl=datetime.timedelta(days=3650))  # --agent-cert-days 3650
+    return ca.CertificateAuthority(made.key, older, agent_ttl=agent_ttl)
+
+
+def test_no_certificate_outlives_the_ca_and_none_is_signed_once_it_expired(tmp_path: pathlib.Path) -> None:
+    authority = _ca_made_earlier(tmp_path, 400, agent_ttl=datetime.timedelta(days=3650))  # --agent-cert-days 3650
+    ca_ends = authority.certificate.not_valid_after_utc
     agent = x509.load_pem_x509_certificate(authority.issue_agent("edge-lyon", ca.new_key_and_csr("edge-lyon")[1]))
     assert agent.not_valid_after_utc == ca_ends
     late = ca_ends - datetime.timedelta(days=100)
@@ -132,6 +138,48 @@ def test_no_certificate_outlives_the_ca_and_none_is_signed_once_it_expired(tmp_p
     assert server.not_valid_after_utc == ca_ends
     with pytest.raises(ca.CertificateError, match="CA expired"):
         authority.issue_server(["127.0.0.1"], ca_ends)
+
+
+def test_past_the_cas_end_the_listener_keeps_its_last_certificate_and_says_so_once(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every handshake asks for the listener's certificate: past the CA's end none can be
+    issued, and the one it has is served on (nothing the CA signs is trusted any more,
+    which is logged once, not for every agent's every handshake)."""
+    authority = _ca_made_earlier(tmp_path, 400)
+    ca_ends = authority.certificate.not_valid_after_utc
+    now = [ca_ends - datetime.timedelta(days=100)]
+    certificate = ca.ServerCertificate(authority, ["127.0.0.1"], clock=lambda: now[0])
+    last = certificate.current()
+    for step in (datetime.timedelta(days=99), datetime.timedelta(hours=23, minutes=59, seconds=59), datetime.timedelta(seconds=1),
+                 datetime.timedelta(days=1), datetime.timedelta(days=30)):
+        now[0] += step  # up to the CA's last second: it ends with the CA, so no other would last longer
+        assert certificate.current() == last
+    said = [r for r in caplog.records if r.name == ca.__name__]
+    assert len(said) == 1 and said[0].levelname == "ERROR"
+    assert f"expired at {ca_ends:%Y-%m-%d %H:%M:%S} UTC" in said[0].getMessage()
+
+
+async def test_a_join_is_refused_before_it_is_recorded_once_the_ca_expired(tmp_path: pathlib.Path) -> None:
+    """No agent certificate can be signed: the agent is told why (the CA's end) as a control
+    plane it should try again later, and its site is not joined without a certificate."""
+    expired = _ca_made_earlier(tmp_path / "expired", ca.CA_DAYS + 1)
+    listener = ca.CertificateAuthority.load_or_create(tmp_path / "listener")  # a listener the agent still trusts
+    chain, key = listener.issue_server(["127.0.0.1"])
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]), heartbeat_interval=1.0)
+    server = await service.start_agent_server(agent_hub, "127.0.0.1", 0, mtls=service.MutualTls(expired, lambda: (chain, key)))
+    csr = ca.new_key_and_csr("edge-lyon")[1].decode()
+    request = pb.JoinRequest(site="edge-lyon", bootstrap_token=TOKEN, endpoint_url="http://127.0.0.1:9", heartbeat_interval_ms=1000,
+                             csr_pem=csr)
+    try:
+        assert server.join_port is not None
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.join_port}", grpc.ssl_channel_credentials(listener.certificate_pem)) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.AgentControlStub(ch).Join(request, timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert f"CA expired at {expired.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC" in (refused.value.details() or "")
+        assert agent_hub.status("edge-lyon") is None
+    finally:
+        await server.stop(None)
 
 
 def _served_certificate(port: int, authority: ca.CertificateAuthority) -> x509.Certificate:
