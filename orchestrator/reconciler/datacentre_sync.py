@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from orchestrator import catalog
+from orchestrator.backoff import Backoff
 from orchestrator.adapters import serve_config
 from orchestrator.manifests import schema
 from orchestrator.reconciler import snapshot as snap
@@ -27,22 +28,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Backoff:
-    """When a failing call is tried next, doubling up to a cap: the loop's own, and each data centre's."""
+class DataCentreBackoff(Backoff):
+    """A data centre's backoff, and what its last failure was."""
 
-    failures: int = 0
-    next_try: float = 0.0
-    last_error: str = ""
-    since: float = 0.0  # when the first failure of this run of failures came
-    unreachable: bool = False  # a data centre's last failure was observing it (not applying or removing apps)
-    target: str | None = None  # a data centre's: where the site's applications ran when it failed
-
-    def fail(self, now: float, error: str, base: float = 1.0, cap: float = 60.0) -> None:
-        if not self.failures:
-            self.since = now
-        self.failures += 1
-        self.next_try = now + min(cap, base * 2 ** (self.failures - 1))
-        self.last_error = error
+    unreachable: bool = False  # its last failure was observing it (not applying or removing apps)
+    target: str | None = None  # where the site's applications ran when it failed
 
 
 def _left(site: str, target: str | None) -> str:
@@ -64,7 +54,7 @@ class DataCentreSync:
     observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
     applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     reapplied: dict[str, int] = field(default_factory=dict)  # by site: Serve applications applied again after another writer
-    _backoff: dict[str, Backoff] = field(default_factory=dict)
+    _backoff: dict[str, DataCentreBackoff] = field(default_factory=dict)
     # deleted sites whose applications are being removed, and targets sites moved off (_left): how many ran
     _retiring: dict[str, int] = field(default_factory=dict)
 
@@ -170,7 +160,7 @@ class DataCentreSync:
     async def _failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: str | None = None,
                          target: str | None = None) -> None:
         """``site`` failed: on ``target``, where it drives its applications, or on what it left (``key``)."""
-        backoff = self._backoff.setdefault(key or site, Backoff())
+        backoff = self._backoff.setdefault(key or site, DataCentreBackoff())
         backoff.target = target
         message = context + str(exc)
         if message != backoff.last_error:
@@ -179,7 +169,7 @@ class DataCentreSync:
         backoff.unreachable = unreachable
         log.warning("data centre %s: %s (retry in %.0fs)", site, message, backoff.next_try - self.clock())
 
-    async def _recovered(self, site: str, backoff: Backoff) -> None:
+    async def _recovered(self, site: str, backoff: DataCentreBackoff) -> None:
         """Observed again after it could not be: the outage's end is an event, and its
         backoff goes, so that the next outage is an event of its own (even with the same
         error) and is retried from the shortest delay. A backoff from applying is kept:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from orchestrator import catalog
+from orchestrator.backoff import Backoff
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
 from orchestrator.artifacts import catalog as artifacts
@@ -117,7 +118,7 @@ class Reconciler:
                 await asyncio.wait(set(self._publishes), timeout=10.0)
 
     async def _run(self) -> None:
-        backoff = datacentre_sync.Backoff()
+        backoff = Backoff()
         await self._await_takeover()
         while not self._stopping:
             try:
@@ -130,7 +131,7 @@ class Reconciler:
                 return
             try:
                 await self.reconcile_once()
-                backoff = datacentre_sync.Backoff()
+                backoff = Backoff()
             except asyncio.CancelledError:
                 raise
             except store_mod.Fenced as exc:  # the replica is about to learn it no longer leads
