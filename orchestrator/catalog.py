@@ -94,7 +94,8 @@ def read_each(objs: Iterable[store_mod.StoredObject], parse: Callable[[store_mod
 class Unreadable(ValueError):
     """A stored object this version does not read (an earlier one stored it under rules made
     stricter since): a request that needs it is refused, naming it, until it is applied again
-    or deleted; the reconciler leaves it out of planning instead (``status.phase: Unreadable``)."""
+    or deleted; the reconciler puts the fleet on hold instead (``status.phase: Unreadable``,
+    :mod:`orchestrator.reconciler.hold`)."""
 
 
 def read_stored(obj: store_mod.StoredObject, parse: Callable[[store_mod.StoredObject], T]) -> T:

@@ -55,6 +55,7 @@ from orchestrator.gateway import openai_routes, proxy, routing, upstream, wire
 from orchestrator.gateway import options as gateway_options
 from orchestrator.manifests import loader
 from orchestrator.reconciler import datacentres as dc_mod
+from orchestrator.reconciler import hold
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
@@ -409,7 +410,16 @@ class ControlPlane:
         return relay.ClientTls(self.ca.certificate_pem, key, self.ca.issue_agent(RELAY_IDENTITY, csr))
 
     async def leadership_view(self) -> dict[str, Any]:
-        """This replica and who leads: ``GET /v1/controlplane``, ``edgeplane status``."""
+        """This replica, who leads, and why changes are on hold if they are (read from the store
+        as a pass reads it: any replica says it): ``GET /v1/controlplane``, ``edgeplane status``."""
+        view = await self._leadership()
+        with contextlib.suppress(store_mod.StoreError, TimeoutError):
+            desired = await self._shared_read("desired", self.reconciler.read_desired, API_READ_S)
+            if (why := hold.reason(desired.unreadable)) is not None:
+                view["hold"] = why
+        return view
+
+    async def _leadership(self) -> dict[str, Any]:
         if self.elector is None:
             return {"replica": self.replica_id, "role": "leader", "election": "none (SQLite: this process owns the store)",
                     "leader": {"replica": self.replica_id, "fencingToken": None}, "leaderChanges": 0}

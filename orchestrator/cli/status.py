@@ -37,6 +37,8 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
         return 0
     print(f"control plane {api.server}: {health.get('status')}")
     print(_leadership_line(data["controlPlane"]))
+    if data["controlPlane"].get("hold"):  # a stored object does not read: nothing is planned or sent until it does
+        print(data["controlPlane"]["hold"])
     print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
     for name, phase in data["deployments"].items():
         print(f"  {name}: {phase}" + (f": {data['problems'][name]}" if data["problems"].get(name) else ""))

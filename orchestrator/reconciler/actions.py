@@ -65,10 +65,18 @@ class PublishEndpoints:
 
 
 @dataclass(frozen=True)
+class RefreshHealth:
+    """The table's endpoints again, their health refreshed, all else in it kept (a pass on hold)."""
+
+    endpoints: tuple[routing.Endpoint, ...]
+
+
+@dataclass(frozen=True)
 class PublishCascades:
     """The cascades the gateway runs, by model (deployments with ``spec.cascade``)."""
 
     routes: Mapping[str, cascade_rules.CascadeRoute]
 
 
-Action = RecordPlacement | PushAssignments | ForgetAgent | ApplyServeApps | SetStatuses | PublishEndpoints | PublishCascades
+Action = (RecordPlacement | PushAssignments | ForgetAgent | ApplyServeApps | SetStatuses | PublishEndpoints | RefreshHealth
+          | PublishCascades)

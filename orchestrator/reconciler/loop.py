@@ -24,7 +24,7 @@ from orchestrator.gateway import routing, wire
 from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import autoscaler as autoscaler_mod
-from orchestrator.reconciler import datacentre_sync
+from orchestrator.reconciler import datacentre_sync, hold
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.reconciler.datacentres import DataCentres
@@ -252,7 +252,7 @@ class Reconciler:
         """The stored Sites, Models and ModelDeployments as validated values, read in one
         query: applies run in threads (and on other replicas), and three reads could see a
         new deployment without the new Model it names. One this version no longer reads is
-        left out, with why (see ``planning.Frozen``)."""
+        left out, with why: the fleet is then on hold (:mod:`orchestrator.reconciler.hold`)."""
         stored: dict[str, list[store_mod.StoredObject]] = {"Site": [], "Model": [], "ModelDeployment": []}
         for o in self.store.list():
             stored.setdefault(o.kind, []).append(o)
@@ -270,15 +270,18 @@ class Reconciler:
         return self.read_desired(), tuple(self.store.placements())
 
     async def _report_unreadable(self, unreadable: Mapping[tuple[str, str], str]) -> None:
-        """An event and a warning for each stored object found unreadable, once (again if why changes)."""
+        """An event and a warning for each stored object found unreadable, once (again if why
+        changes), and a line when the hold they put the fleet on ends."""
         for (kind, name), why in sorted(unreadable.items()):
             if self._unreadable.get((kind, name)) == why:
                 continue
-            log.warning("%s %s: this version does not read it as stored (%s); left out of planning, what runs for it frozen",
-                        kind, name, why)
+            log.warning("%s %s: this version does not read it as stored (%s); every change to the fleet is on hold until it "
+                        "is applied again or deleted", kind, name, why)
             await self._record(store_mod.Event("reconciler", "unreadable", kind, name, why,
-                                               {"note": "left out of planning; what runs for it is kept as it is until it is "
-                                                        "applied again or deleted"}))
+                                               {"note": "every change to the fleet is on hold (what runs keeps running) until "
+                                                        "it is applied again or deleted"}))
+        if self._unreadable and not unreadable:
+            log.info("every stored object reads again: changes to the fleet are no longer on hold")
         self._unreadable = dict(unreadable)
 
     async def current(self) -> snap.Snapshot:
@@ -301,18 +304,17 @@ class Reconciler:
             autoscale=dict(self.autoscaler.latest),
             rejoining=rejoining,
             remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
-            unreadable=desired.unreadable, frozen_endpoints=planning.frozen_endpoints(desired, self.table.all_endpoints()),
         )
 
-    async def gather(self) -> snap.Snapshot:
+    async def gather(self, desired: snap.Desired | None = None) -> snap.Snapshot:
         """The pass's snapshot. Every store call of a pass runs in a worker thread, here and
         in :meth:`execute`: on PostgreSQL one may wait on a stalled database or on another
         replica's lock, and on the event loop it would hold the whole replica (API, gateway,
         agents, health probes) with it. The hub, the table and this reconciler's own state
-        are read and changed on the loop only."""
-        desired = await self.store.run(self.read_desired)
+        are read and changed on the loop only. ``desired``: already read."""
+        if desired is None:
+            desired = await self.store.run(self.read_desired)
         sites, models, deployments = desired.sites, desired.models, desired.deployments
-        await self._report_unreadable(desired.unreadable)
         deleted = await self.store.run(self.store.deleted_sites)  # read after the Sites: one declared again is in both
         await self.dc_sync.observe(sites, deleted)
         placements = tuple(await self.store.run(self.store.placements))
@@ -336,8 +338,6 @@ class Reconciler:
             autoscale=autoscale,
             rejoining=rejoining,
             remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
-            unreadable=desired.unreadable,
-            frozen_endpoints=planning.frozen_endpoints(desired, self.table.all_endpoints()),
         )
 
     def _resolve_artifacts(self, models: dict[str, schema.ModelSpec]) -> dict[tuple[str, str], snap.ArtifactRef]:
@@ -359,9 +359,15 @@ class Reconciler:
 
     # -- execute -------------------------------------------------------------------
 
-    async def reconcile_once(self) -> planning.PassPlan:
+    async def reconcile_once(self) -> planning.PassPlan | None:
+        """One pass: its plan, or None when the fleet is on hold (a stored object does not read)."""
         self._read_since = self.table.clock()
-        snapshot = await self.gather()
+        desired = await self.store.run(self.read_desired)
+        await self._report_unreadable(desired.unreadable)
+        if desired.unreadable:
+            await self._hold(desired.unreadable)
+            return None
+        snapshot = await self.gather(desired)
         plan = planning.plan_pass(snapshot, self.last_plan.standing if self.last_plan is not None else None)
         # What `get placements` pairs the stored rows with from now on: this pass writes its
         # rows and may then wait seconds (a data centre's apps deploying); shown with the
@@ -376,10 +382,22 @@ class Reconciler:
             item.kind == "ModelDeployment" and item.status.get("phase") in ("Progressing", "Failing")
             for a in plan.actions if isinstance(a, act.SetStatuses) for item in a.items
         )
+        await self._pass_ended()
+        return plan
+
+    async def _hold(self, unreadable: Mapping[tuple[str, str], str]) -> None:
+        """A pass on hold: nothing is observed (observing a data centre removes what a Site
+        that does not read would seem to have left), planned or sent; what runs is kept, and
+        the last plan and snapshot with it (previews, ``get placements``)."""
+        for action in hold.actions(unreadable, self.table.all_endpoints(), self.hub.snapshot()):
+            await self.execute(action)
+        self.converging = False
+        await self._pass_ended()
+
+    async def _pass_ended(self) -> None:
         async with self._pass_done:
             self.passes += 1
             self._pass_done.notify_all()
-        return plan
 
     async def execute(self, action: act.Action) -> None:
         match action:
@@ -399,6 +417,9 @@ class Reconciler:
                 await self.store.run(self.store.set_statuses, [(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since)
+                self._publish_table()
+            case act.RefreshHealth(endpoints):
+                self.table.replace(endpoints)  # the regions, reasons and pending notes as they are
                 self._publish_table()
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))

@@ -423,71 +423,20 @@ def agents_to_forget(agents: Iterable[agent_model.AgentStatus], stored_sites: Co
     return [a.site for a in agents if not a.healthy and a.site not in stored_sites]
 
 
-@dataclass(frozen=True)
-class Frozen:
-    """What a pass leaves as it is because a stored object it needs no longer reads (one an
-    earlier version stored, under a rule made stricter since). Tearing it down would stop a
-    running service over a spec that did not change; planning it is impossible. So its
-    deployments keep their placements, and the sites holding their replicas, and Sites that
-    no longer read, are sent nothing (an agent's set, a data centre's applications are
-    whole: a new one would drop them) until the object is applied again or deleted."""
-
-    deployments: frozenset[str] = frozenset()
-    sites: frozenset[str] = frozenset()
-
-
-def frozen_deployments(unreadable: Collection[tuple[str, str]], deployments: Iterable[snap.DeploymentRecord]) -> frozenset[str]:
-    """The deployments that no longer read, and those of Models that no longer read."""
-    models = {name for kind, name in unreadable if kind == "Model"}
-    return frozenset({name for kind, name in unreadable if kind == "ModelDeployment"} | {d.name for d in deployments if d.spec.model in models})
-
-
-def frozen(s: snap.Snapshot) -> Frozen:
-    deployments = frozen_deployments(s.unreadable, s.deployments)
-    sites = {name for kind, name in s.unreadable if kind == "Site"} | {r.site for r in s.placements if r.deployment in deployments}
-    return Frozen(deployments, frozenset(sites))
-
-
-def frozen_endpoints(desired: snap.Desired, in_force: Iterable[routing.Endpoint]) -> tuple[routing.Endpoint, ...]:
-    """The endpoints ``in_force`` (the table's) of what is frozen: routed to as they were."""
-    if not desired.unreadable:
-        return ()
-    deployments = frozen_deployments(desired.unreadable, desired.deployments)
-    sites = {name for kind, name in desired.unreadable if kind == "Site"}
-    return tuple(e for e in in_force if e.deployment in deployments or e.site in sites)
-
-
-def unreadable_status(why: str) -> dict[str, Any]:
-    return {"phase": "Unreadable", "reason": f"this version does not read it as stored ({why}); what runs for it runs on as it is "
-            "and the sites holding it are sent no change until it is applied again (checked by this version) or deleted"}
-
-
-def frozen_status(d: snap.DeploymentRecord, why: str, mine: list[store_mod.PlacementRow]) -> dict[str, Any]:
-    """The status of a deployment whose Model no longer reads: its replicas run on as placed."""
-    return {"phase": "Frozen", "reason": f"Model {d.spec.model!r} does not read as stored ({why}); its replicas run on as placed "
-            "and their sites are sent no change until the Model is applied again or deleted",
-            "sites": sorted({f"{r.site}:{r.variant}x{r.replicas}" for r in mine}), "observedGeneration": d.generation}
-
-
 def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -> PassPlan:
     result, standing = schedule_pass(s, standing)
-    held = frozen(s)
-    planned = placement_rows(result)
-    rows = tuple(sorted((*planned, *(r for r in s.placements if r.deployment in held.deployments)),
-                        key=lambda r: (r.deployment, r.site, r.variant)))
+    rows = placement_rows(result)
     out: list[act.Action] = []
     if rows != tuple(s.placements):
         out.append(act.RecordPlacement(rows, placement_events(result)))
     assigned, rollouts = edge_assignments(s, rows)
     for site, assignments in assigned.items():
         # a site still rejoining is sent nothing: what it gets on its return is the plan then
-        if assignments != s.assignments.get(site) and site not in s.rejoining and site not in held.sites:
+        if assignments != s.assignments.get(site) and site not in s.rejoining:
             out.append(act.PushAssignments(site, assignments))
-    out.extend(act.ForgetAgent(site) for site in agents_to_forget(s.agents, {r.name for r in s.sites} | held.sites))
+    out.extend(act.ForgetAgent(site) for site in agents_to_forget(s.agents, {r.name for r in s.sites}))
     for site, apps in serve_apps(s, rows).items():
         dc = s.datacentres.get(site)
-        if site in held.sites:
-            continue
         if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):
             out.append(act.ApplyServeApps(site, apps, dc.drift if dc is not None else ""))
     rows_of: dict[str, list[store_mod.PlacementRow]] = {}
@@ -497,20 +446,15 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     cold: set[str] = set()
     statuses: list[act.SetStatus] = []
     for d in s.deployments:
-        if d.name in held.deployments:
-            statuses.append(act.SetStatus("ModelDeployment", d.name, frozen_status(d, s.unreadable[("Model", d.spec.model)],
-                                                                                   rows_of.get(d.name, []))))
-            continue
         status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []), rollouts.get(d.name))
         statuses.append(act.SetStatus("ModelDeployment", d.name, status))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
         if d.spec.autoscaling is not None and d.spec.replicas.min == 0 and not status.get("readyReplicas"):
             cold.add(d.spec.model)  # scaled to zero, or on its way up from zero
     statuses.extend(act.SetStatus("Site", r.name, site_status(s, r)) for r in s.sites)
-    statuses.extend(act.SetStatus(kind, name, unreadable_status(why)) for (kind, name), why in sorted(s.unreadable.items()))
     out.append(act.SetStatuses(tuple(statuses)))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
-    out.append(act.PublishEndpoints((*endpoints(s, planned), *s.frozen_endpoints), regions, deployed, frozenset(cold)))
+    out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed, frozenset(cold)))
     out.append(act.PublishCascades(cascade_routes(s)))
     return PassPlan(tuple(out), result, standing)
 

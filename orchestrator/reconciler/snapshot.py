@@ -35,7 +35,8 @@ class DeploymentRecord:
 @dataclass(frozen=True)
 class Desired:
     """The stored Sites, Models and ModelDeployments as validated values, and the stored
-    objects this version no longer reads, (kind, name) -> why."""
+    objects this version no longer reads, (kind, name) -> why: while there is one, the fleet
+    is on hold (:mod:`orchestrator.reconciler.hold`)."""
 
     sites: tuple[SiteRecord, ...]
     models: Mapping[str, schema.ModelSpec]
@@ -78,11 +79,6 @@ class Snapshot:
     # The endpoints a rejoining site had in the table this control plane started with (the
     # one its last run published), by site: the table keeps them until its agent is back.
     remembered: Mapping[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
-    # Stored objects this version no longer reads, (kind, name) -> why: left out of planning,
-    # what runs for them frozen (see ``planning.frozen``).
-    unreadable: Mapping[tuple[str, str], str] = field(default_factory=dict)
-    # The endpoints of what is frozen, from the table in force: routed to as they were.
-    frozen_endpoints: tuple[routing.Endpoint, ...] = ()
 
     # Lookups by name, built once per snapshot: a pass touches every site and deployment,
     # and scanning the lists for each would make it quadratic in the fleet's size.

@@ -505,3 +505,38 @@ async def test_a_ray_site_moved_to_another_cluster_removes_its_applications_from
     assert cp.store.deleted_sites() == []
     assert cp.store.get("Site", "dc") is not None
     assert new.applications
+
+
+async def test_a_data_centre_is_neither_applied_to_nor_cleared_while_changes_are_on_hold(fleet: harness.Fleet) -> None:
+    """A Model an earlier version stored that this one does not read holds every change: a
+    deployment added to the site is not applied, and the Site deleted leaves its applications
+    running; deleting that Model ends the hold, and they are removed."""
+    cluster = Cluster()
+    cp = await start(fleet, lambda name, spec: cluster)
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        assert (await http.post("/v1/apply", content=bundle(site("dc-1"), MODEL, deployment("d", "dc-1")))).status_code == 200
+        await harness.wait_until(lambda: bool(cluster.running), 30, what="dc-1's application")
+        running = dict(cluster.running)
+        legacy = {"variants": [{"name": "v", "runtime": "ray-serve", "importPath": "pkg.mod:app", "throughputRps": 1e-320,
+                                "resources": {"cpu": 1, "memoryMiB": 256}}]}  # a throughput this version refuses even stored
+        cp.store.apply([store_mod.ObjectWrite("Model", "old", {}, legacy)], store_mod.Event("earlier-version", "apply", "", "", "apply"))
+        cp.reconciler.trigger("test")
+        await harness.wait_until(lambda: any(e.action == "unreadable" for e in cp.store.events(kind="Model", name="old")), 20,
+                                 what="Model old reported unreadable")
+        view = (await http.get("/v1/controlplane")).json()
+        assert view["hold"].startswith("changes on hold: Model 'old' cannot be read (variants.0.throughputRps"), view
+        assert view["hold"].endswith(": apply it again or delete it")
+        assert (await http.post("/v1/apply", content=deployment("d2", "dc-1"))).status_code == 200  # stored
+        await cp.reconciler.wait_for_pass(cp.reconciler.passes + 2)
+        assert cluster.running == running  # not applied
+        assert (await http.delete("/v1/sites/dc-1")).status_code == 200
+        await cp.reconciler.wait_for_pass(cp.reconciler.passes + 2)
+        assert cluster.running == running  # not removed
+        assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-1", limit=1000))
+        assert cp.store.get("Model", "old").status["phase"] == "Unreadable"  # type: ignore[union-attr]
+
+        assert (await http.delete("/v1/models/old")).status_code == 200
+        await harness.wait_until(lambda: any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-1", limit=1000)),
+                                 20, what="dc-1's applications removed once the hold ends")
+        assert cluster.running == {}
+        assert "hold" not in (await http.get("/v1/controlplane")).json()

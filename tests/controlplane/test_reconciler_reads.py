@@ -1,23 +1,28 @@
 """What a reconcile pass reads of the store: the desired state of one moment, although
 applies are written from worker threads and, with several replicas, by other processes;
 what a preview or a what-if reads, which must be the fleet as a pass sees it; and objects
-an earlier version stored under rules made stricter since, which must stop nothing else."""
+an earlier version stored under rules made stricter since: one that still reads fails only
+itself, and one that does not puts every change on hold, what runs kept as it is."""
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
 
-from orchestrator import catalog, views
-from orchestrator.api import simulate
 import pytest
 
+from orchestrator import catalog, views
+from orchestrator.agents import auth as agent_auth
+from orchestrator.agents import hub as hub_mod
+from orchestrator.agents import model as agent_model
+from orchestrator.api import simulate
 from orchestrator.artifacts import catalog as artifacts_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
 from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.reconciler import loop, planning
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import manifests
@@ -160,37 +165,75 @@ def test_a_model_an_earlier_version_stored_with_a_url_now_refused_is_only_its_va
         store.close()
 
 
-def test_an_object_this_version_does_not_read_is_reported_once_and_what_runs_for_it_is_kept(tmp_path: pathlib.Path) -> None:
+class Fleet:
+    """Agents of edge-a and edge-b joined to a real hub, on a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.hub = hub_mod.AgentHub(agent_auth.InMemoryJoinAuthenticator(["tok"]), clock=lambda: self.now, heartbeat_interval=1.0)
+        self.ids = {site: self.hub.join(agent_model.JoinApplication(
+            site, "tok", None, "", f"http://{site}:8081", agent_model.Location(), {}, "test", 1.0,
+            agent_model.Capacity(cpu_cores=4, memory_total_bytes=8 << 30))).agent_id for site in ("edge-a", "edge-b")}
+        for site in self.ids:
+            self.beat(site)
+
+    def beat(self, site: str) -> None:
+        self.hub.record_heartbeat(site, self.ids[site], agent_model.Heartbeat(
+            seq=int(self.now) + 1, sent_unix_ms=0, inflight=0, cpu_percent=1.0, memory_available_bytes=8 << 30, assignment_version=0,
+            draining=False, capacity=None, models=None, gpu_free_bytes=()))
+
+    def lose(self, site: str) -> None:
+        """``site``'s agent goes silent, and is found lost; the others beat on."""
+        self.now += 60.0
+        for other in set(self.ids) - {site}:
+            self.beat(other)
+        self.hub.sweep()
+
+
+def endpoint(deployment: str, model: str, site: str) -> routing.Endpoint:
+    return routing.Endpoint(model=model, deployment=deployment, site=site, tier="edge", country="FR", region="", lat=48.85, lon=2.35,
+                            url=f"http://{site}:8081")
+
+
+def test_while_a_stored_object_does_not_read_nothing_changes_and_a_deployment_applied_meanwhile_waits(tmp_path: pathlib.Path) -> None:
     """A throughput an earlier version took (it overflows demand / rate) and this one refuses
-    even in what is stored: the Model is left out of planning, and its deployment frozen."""
+    even in what is stored: reported once; every change waits, what runs is kept as it is,
+    until the Model is applied again, as this version checks it; then the rest is planned."""
     (tmp_path / "m1.onnx").write_bytes(b"m1")
     store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
-    serving = routing.Endpoint(model="old", deployment="d-old", site="edge-a", tier="edge", country="FR", region="", lat=48.85, lon=2.35,
-                               url="http://edge-a:8081")
+    store.replace_placements([store_mod.PlacementRow("d-old", "edge-a", "v1", 1), store_mod.PlacementRow("d1", "edge-b", "v1", 1)])
+    running = store.placements()
+    fleet = Fleet()
     table = endpoints_mod.EndpointTable()
-    table.replace([serving])  # the table in force, as a restarted control plane resumes it
-    reconciler = reconciler_of(store, tmp_path, table)
+    table.replace([endpoint("d-old", "old", "edge-a"), endpoint("d1", "m1", "edge-b")])  # the table in force
+    in_force = table.all_endpoints()
+    reconciler = loop.Reconciler(store, fleet.hub, dc_mod.DataCentres(dc_mod.LocalRay()),
+                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table)
     try:
-        for _ in range(2):
-            plan = planning.plan_pass(asyncio.run(reconciler.gather()))
-            for action in plan.actions:
-                if isinstance(action, act.RecordPlacement):
-                    store.replace_placements(action.rows)
+        async def passes(n: int) -> list[planning.PassPlan | None]:
+            return [await reconciler.reconcile_once() for _ in range(n)]
+
+        assert asyncio.run(passes(2)) == [None, None]  # on hold
         assert [(e.action, e.kind, e.name) for e in store.recent_events("Model", "old") if e.action == "unreadable"] == [
             ("unreadable", "Model", "old")]
-        assert ("d-old", "edge-a", "v1", 1) in [(r.deployment, r.site, r.variant, r.replicas) for r in store.placements()]
-        assert "phase" in status_of(plan, "ModelDeployment", "d1")  # planned (no agent has joined yet)
-        pushed = {a.site for a in plan.actions if isinstance(a, act.PushAssignments)}
-        assert "edge-a" not in pushed and "edge-b" in pushed  # edge-a's agent is sent nothing: it keeps what it serves
-        unreadable = status_of(plan, "Model", "old")
-        assert unreadable["phase"] == "Unreadable" and "throughputRps" in str(unreadable["reason"])
-        assert status_of(plan, "ModelDeployment", "d-old")["phase"] == "Frozen"
-        published = next(a for a in plan.actions if isinstance(a, act.PublishEndpoints))
-        assert serving in published.endpoints
-        # applies go on, of other objects and of the Model itself, now as this version checks it
-        catalog.apply_documents(store, loader.load_text(manifests.bundle(manifests.onnx_model("m3", "m1.onnx", SHA))), actor="test")
-        catalog.apply_documents(store, loader.load_text(manifests.bundle(manifests.onnx_model("old", "m1.onnx", SHA, variant="v1"))), actor="test")
-        plan = planning.plan_pass(asyncio.run(reconciler.gather()))
-        assert status_of(plan, "ModelDeployment", "d-old")["phase"] != "Frozen"
+        status = store.get("Model", "old").status  # type: ignore[union-attr]
+        assert status["phase"] == "Unreadable" and "throughputRps" in status["reason"]
+        catalog.apply_documents(store, loader.load_text(manifests.bundle(  # stored; placed once the hold ends
+            manifests.onnx_model("m2", "m1.onnx", SHA), manifests.deployment("d2", "m2", 1, {"tiers": ["edge"]}))), actor="test")
+        asyncio.run(passes(1))
+        assert store.placements() == running
+        assert fleet.hub.assignments("edge-a") is None and fleet.hub.assignments("edge-b") is None  # nothing sent
+        assert table.all_endpoints() == in_force
+
+        fleet.lose("edge-a")  # the only change made while on hold: the gateway stops routing to a lost agent
+        asyncio.run(passes(1))
+        assert {(e.site, e.healthy) for e in table.all_endpoints()} == {("edge-a", False), ("edge-b", True)}
+
+        catalog.apply_documents(store, loader.load_text(manifests.bundle(manifests.onnx_model("old", "m1.onnx", SHA, variant="v1"))),
+                                actor="test")
+        plan = asyncio.run(reconciler.reconcile_once())
+        assert plan is not None
+        assert "d2" in {r.deployment for r in store.placements()}
+        assert fleet.hub.assignments("edge-b") is not None  # sent its set again
     finally:
         store.close()

@@ -1,0 +1,57 @@
+"""The fleet on hold: what a pass does while a stored object cannot be read.
+
+An object an earlier version stored may break a rule made stricter since. Planning the
+rest without it is not safe: its deployments' replicas hold capacity the scheduler would
+hand to others, its Site's agent or cluster would be sent a set without them, and what it
+routes to would outlive it. So while any stored object does not read, the leader plans
+and acts on nothing (no placement, no push, no Serve apply or removal): what runs runs on
+as it is, the gateway keeps the table it has, and the reason is given on the object, in
+the log and in the control plane's view until the object is applied again (then checked
+as a manifest) or deleted. Decided here purely; the loop acts on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from orchestrator.agents import model as agent_model
+from orchestrator.gateway import routing
+from orchestrator.reconciler import actions as act
+
+Unreadable = Mapping[tuple[str, str], str]  # (kind, name) -> why this version does not read it
+
+
+def reason(unreadable: Unreadable) -> str | None:
+    """Why changes are on hold, in one line for operators, or None when nothing is held."""
+    if not unreadable:
+        return None
+    each = [f"{kind} {name!r} cannot be read ({why})" for (kind, name), why in sorted(unreadable.items())]
+    return "changes on hold: " + "; ".join(each) + ": apply it again or delete it"
+
+
+def object_status(why: str) -> dict[str, Any]:
+    return {"phase": "Unreadable", "reason": f"this version does not read it as stored ({why}); every change to the fleet is "
+            "on hold (what runs keeps running) until it is applied again (checked by this version) or deleted"}
+
+
+def refreshed(in_force: Iterable[routing.Endpoint], agents: Iterable[agent_model.AgentStatus]) -> tuple[routing.Endpoint, ...] | None:
+    """The table's endpoints with each edge one's health as its agent's now, or None when
+    none changed. An agent not connected (yet: a restart) leaves its endpoints as they are;
+    a data centre, not observed while on hold, too."""
+    health = {a.site: a.healthy for a in agents}
+    table = tuple(in_force)
+    out = tuple(dataclasses.replace(e, healthy=health[e.site]) if e.tier == "edge" and health.get(e.site, e.healthy) != e.healthy
+                else e for e in table)
+    return out if out != table else None
+
+
+def actions(unreadable: Unreadable, in_force: Iterable[routing.Endpoint],
+            agents: Iterable[agent_model.AgentStatus]) -> tuple[act.Action, ...]:
+    """A pass on hold: each unreadable object's status, and the edge endpoints' health."""
+    out: list[act.Action] = [act.SetStatuses(tuple(act.SetStatus(kind, name, object_status(why))
+                                                   for (kind, name), why in sorted(unreadable.items())))]
+    if (endpoints := refreshed(in_force, agents)) is not None:
+        out.append(act.RefreshHealth(endpoints))
+    return tuple(out)
