@@ -54,8 +54,7 @@ from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, routing, upstream, wire
 from orchestrator.gateway import options as gateway_options
 from orchestrator.manifests import loader
-from orchestrator.reconciler import datacentres as dc_mod
-from orchestrator.reconciler import hold
+from orchestrator.reconciler import datacentres as dc_mod, hold
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
@@ -410,8 +409,8 @@ class ControlPlane:
         return relay.ClientTls(self.ca.certificate_pem, key, self.ca.issue_agent(RELAY_IDENTITY, csr))
 
     async def leadership_view(self) -> dict[str, Any]:
-        """This replica, who leads, and why changes are on hold if they are (read from the store
-        as a pass reads it: any replica says it): ``GET /v1/controlplane``, ``edgeplane status``."""
+        """This replica, who leads, why changes are on hold (read as a pass reads the store, so
+        any replica says it): ``GET /v1/controlplane``, ``edgeplane status``."""
         view = await self._leadership()
         with contextlib.suppress(store_mod.StoreError, TimeoutError):
             desired = await self._shared_read("desired", self.reconciler.read_desired, API_READ_S)
