@@ -36,22 +36,30 @@ def object_status(why: str) -> dict[str, Any]:
             "on hold (what runs keeps running) until it is applied again (checked by this version) or deleted"}
 
 
-def refreshed(in_force: Iterable[routing.Endpoint], agents: Iterable[agent_model.AgentStatus]) -> tuple[routing.Endpoint, ...] | None:
+def refreshed(in_force: Iterable[routing.Endpoint], agents: Iterable[agent_model.AgentStatus],
+              awaited: Iterable[str] = ()) -> tuple[routing.Endpoint, ...] | None:
     """The table's endpoints with each edge one's health as its agent's now, or None when
-    none changed. An agent not connected (yet: a restart) leaves its endpoints as they are;
-    a data centre, not observed while on hold, too."""
+    none changed. An edge site whose agent is not connected is unhealthy (its agent was
+    revoked, forgotten or lost), unless it is still ``awaited``: just after a restart its
+    agent has not come back yet, and its endpoints stay as they are. A data centre, not
+    observed while on hold, keeps its own."""
     health = {a.site: a.healthy for a in agents}
+    keep = frozenset(awaited)
+
+    def now(e: routing.Endpoint) -> bool:
+        return health.get(e.site, e.healthy if e.site in keep else False)
+
     table = tuple(in_force)
-    out = tuple(dataclasses.replace(e, healthy=health[e.site]) if e.tier == "edge" and health.get(e.site, e.healthy) != e.healthy
-                else e for e in table)
+    out = tuple(dataclasses.replace(e, healthy=now(e)) if e.tier == "edge" and now(e) != e.healthy else e for e in table)
     return out if out != table else None
 
 
 def actions(unreadable: Unreadable, in_force: Iterable[routing.Endpoint],
-            agents: Iterable[agent_model.AgentStatus]) -> tuple[act.Action, ...]:
-    """A pass on hold: each unreadable object's status, and the edge endpoints' health."""
+            agents: Iterable[agent_model.AgentStatus], awaited: Iterable[str] = ()) -> tuple[act.Action, ...]:
+    """A pass on hold: each unreadable object's status, and the edge endpoints' health
+    (``awaited``: edge sites whose agents are not back since a restart, see :func:`refreshed`)."""
     out: list[act.Action] = [act.SetStatuses(tuple(act.SetStatus(kind, name, object_status(why))
                                                    for (kind, name), why in sorted(unreadable.items())))]
-    if (endpoints := refreshed(in_force, agents)) is not None:
+    if (endpoints := refreshed(in_force, agents, awaited)) is not None:
         out.append(act.RefreshHealth(endpoints))
     return tuple(out)

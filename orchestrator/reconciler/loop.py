@@ -365,7 +365,7 @@ class Reconciler:
         desired = await self.store.run(self.read_desired)
         await self._report_unreadable(desired.unreadable)
         if desired.unreadable:
-            await self._hold(desired.unreadable)
+            await self._hold(desired)
             return None
         snapshot = await self.gather(desired)
         plan = planning.plan_pass(snapshot, self.last_plan.standing if self.last_plan is not None else None)
@@ -385,11 +385,16 @@ class Reconciler:
         await self._pass_ended()
         return plan
 
-    async def _hold(self, unreadable: Mapping[tuple[str, str], str]) -> None:
+    async def _hold(self, desired: snap.Desired) -> None:
         """A pass on hold: nothing is observed (observing a data centre removes what a Site
         that does not read would seem to have left), planned or sent; what runs is kept, and
-        the last plan and snapshot with it (previews, ``get placements``)."""
-        for action in hold.actions(unreadable, self.table.all_endpoints(), self.hub.snapshot()):
+        the last plan and snapshot with it (previews, ``get placements``). The window for
+        agents to rejoin after a restart runs on as in any pass: a site still awaited keeps
+        its endpoints, any other whose agent is gone (revoked, say) is unhealthy at once."""
+        placements = tuple(await self.store.run(self.store.placements))
+        agents = tuple(self.hub.snapshot())
+        awaited = self._rejoining(desired.sites, placements, agents)
+        for action in hold.actions(desired.unreadable, self.table.all_endpoints(), agents, awaited):
             await self.execute(action)
         self.converging = False
         await self._pass_ended()

@@ -237,3 +237,34 @@ def test_while_a_stored_object_does_not_read_nothing_changes_and_a_deployment_ap
         assert fleet.hub.assignments("edge-b") is not None  # sent its set again
     finally:
         store.close()
+
+
+def test_on_hold_a_revoked_agent_is_not_routed_to_and_one_not_back_after_a_restart_is_until_its_window_ends(tmp_path: pathlib.Path) -> None:
+    """The table kept on hold still follows the agents: edge-b's agent revoked (a stolen
+    device) is unhealthy at the next pass; edge-a's, not back yet after a restart, keeps its
+    endpoints while the rejoin window is open, and is unhealthy once it has closed."""
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
+    store.replace_placements([store_mod.PlacementRow("d-old", "edge-a", "v1", 1), store_mod.PlacementRow("d1", "edge-b", "v1", 1)])
+    fleet = Fleet()
+    fleet.hub.forget("edge-a")  # the control plane restarted: edge-a's agent has not reconnected yet
+    table = endpoints_mod.EndpointTable()
+    table.replace([endpoint("d-old", "old", "edge-a"), endpoint("d1", "m1", "edge-b")])  # the table its last run published
+    reconciler = loop.Reconciler(store, fleet.hub, dc_mod.DataCentres(dc_mod.LocalRay()),
+                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table, clock=lambda: fleet.now)
+    reconciler.resume(rejoin_s=30.0)
+
+    def health() -> set[tuple[str, bool]]:
+        return {(e.site, e.healthy) for e in table.all_endpoints()}
+
+    try:
+        assert asyncio.run(reconciler.reconcile_once()) is None  # on hold
+        assert health() == {("edge-a", True), ("edge-b", True)}
+        fleet.hub.revoke("edge-b")
+        asyncio.run(reconciler.reconcile_once())
+        assert health() == {("edge-a", True), ("edge-b", False)}
+        fleet.now += 31.0  # the rejoin window closes with edge-a's agent still away
+        asyncio.run(reconciler.reconcile_once())
+        assert health() == {("edge-a", False), ("edge-b", False)}
+    finally:
+        store.close()
