@@ -409,19 +409,13 @@ class ControlPlane:
         return relay.ClientTls(self.ca.certificate_pem, key, self.ca.issue_agent(RELAY_IDENTITY, csr))
 
     async def leadership_view(self) -> dict[str, Any]:
-        """This replica, who leads, why changes are on hold (read as a pass reads the store, so
-        any replica says it): ``GET /v1/controlplane``, ``edgeplane status``."""
-        view = await self._leadership()
-        with contextlib.suppress(store_mod.StoreError, TimeoutError):
-            desired = await self._shared_read("desired", self.reconciler.read_desired, API_READ_S)
-            if (why := hold.reason(desired.unreadable)) is not None:
-                view["hold"] = why
-        return view
-
-    async def _leadership(self) -> dict[str, Any]:
+        """This replica, who leads, and why changes are on hold (``hold``: this process's own
+        reconciler's without an election, else what the leader published, read with the lease):
+        ``GET /v1/controlplane``, ``edgeplane status``."""
         if self.elector is None:
             return {"replica": self.replica_id, "role": "leader", "election": "none (SQLite: this process owns the store)",
-                    "leader": {"replica": self.replica_id, "fencingToken": None}, "leaderChanges": 0}
+                    "leader": {"replica": self.replica_id, "fencingToken": None}, "leaderChanges": 0,
+                    **({"hold": why} if (why := self.reconciler.on_hold) else {})}
         view: dict[str, Any] = {"replica": self.replica_id, "role": "leader" if self.elector.leading else "follower",
                                 "election": "lease", "leaseSeconds": self.elector.ttl_s, "leaderChanges": self.elector.changes,
                                 "agents": {"connected": len(self.hub.sites()) - self.hub.relayed(), "relayedHere": self.hub.relayed()}}
@@ -432,14 +426,16 @@ class ControlPlane:
             view["storeChanges"] = {"notified": feed.connected, "pollSeconds": self.config.store_poll_s,
                                     **({"lastError": feed.last_error} if feed.last_error else {})}
         try:
-            current: store_mod.Lease | None = await self._shared_read(
-                "lease", lambda: self.store.current_lease(leadership.LEASE), self.elector.ttl_s)
+            current, held = await self._shared_read(
+                "lease", lambda: (self.store.current_lease(leadership.LEASE), self.store.published(hold.PUBLISHED_KEY)), self.elector.ttl_s)
         except store_mod.StoreError as exc:
             return {**view, "leader": None, "error": str(exc)}
         except TimeoutError:
             return {**view, "leader": None, "error": f"the store did not answer in {self.elector.ttl_s:g} s"}
         view["leader"] = ({"replica": current.holder, "fencingToken": current.token, "expiresInSeconds": round(current.remaining_s, 2)}
                           if current is not None else None)
+        if held is not None and held[1]:
+            view["hold"] = held[1]
         return view
 
     async def _shared_read(self, name: str, read: Callable[[], Any], within_s: float) -> Any:

@@ -21,6 +21,7 @@ from orchestrator.gateway import routing
 from orchestrator.reconciler import actions as act
 
 Unreadable = Mapping[tuple[str, str], str]  # (kind, name) -> why this version does not read it
+PUBLISHED_KEY = "hold"  # the leader's reason, published ("" when none): any replica's view reads it, not every object
 
 
 def reason(unreadable: Unreadable) -> str | None:

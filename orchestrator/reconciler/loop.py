@@ -61,6 +61,7 @@ class Reconciler:
     _publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
     _publishes: set[asyncio.Task[None]] = field(default_factory=set)
     _published: wire.TableContents | None = None  # what the last publish wrote
+    _hold_published: tuple[str] | None = None  # the hold's reason ("" none) this leader last published; None: not yet
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease)
@@ -178,6 +179,7 @@ class Reconciler:
         self._stopping = False
         self.dc_sync.forget()
         self._published = None  # another leader may have published since this replica last did
+        self._hold_published = None
         self.autoscaler = autoscaler_mod.Autoscaler(self.clock)
         self.converging = False
         self._wake.set()  # the first pass runs at once
@@ -270,19 +272,32 @@ class Reconciler:
         return self.read_desired(), tuple(self.store.placements())
 
     async def _report_unreadable(self, unreadable: Mapping[tuple[str, str], str]) -> None:
-        """An event and a warning for each stored object found unreadable, once (again if why
-        changes), and a line when the hold they put the fleet on ends."""
-        for (kind, name), why in sorted(unreadable.items()):
-            if self._unreadable.get((kind, name)) == why:
-                continue
-            log.warning("%s %s: this version does not read it as stored (%s); every change to the fleet is on hold until it "
-                        "is applied again or deleted", kind, name, why)
-            await self._record(store_mod.Event("reconciler", "unreadable", kind, name, why,
-                                               {"note": "every change to the fleet is on hold (what runs keeps running) until "
-                                                        "it is applied again or deleted"}))
-        if self._unreadable and not unreadable:
+        """An event and a warning for each stored object found unreadable, once per leader
+        term (again if why changes), a line when the hold they put the fleet on ends, and
+        the hold's reason published for every replica's view."""
+        previous, self._unreadable = self._unreadable, dict(unreadable)  # the view says it from now on
+        try:
+            for (kind, name), why in sorted(unreadable.items()):
+                if previous.get((kind, name)) == why:
+                    continue
+                log.warning("%s %s: this version does not read it as stored (%s); every change to the fleet is on hold until "
+                            "it is applied again or deleted", kind, name, why)
+                await self._record(store_mod.Event("reconciler", "unreadable", kind, name, why,
+                                                   {"note": "every change to the fleet is on hold (what runs keeps running) until "
+                                                            "it is applied again or deleted"}))
+        except BaseException:
+            self._unreadable = previous  # reported again at the next pass
+            raise
+        if previous and not unreadable:
             log.info("every stored object reads again: changes to the fleet are no longer on hold")
-        self._unreadable = dict(unreadable)
+        if (why := (hold.reason(unreadable) or "",)) != self._hold_published:
+            await self.store.run(self.store.publish, hold.PUBLISHED_KEY, why[0], lease=self.lease)
+            self._hold_published = why
+
+    @property
+    def on_hold(self) -> str | None:
+        """Why changes to the fleet are on hold as of the last pass, or None."""
+        return hold.reason(self._unreadable)
 
     async def current(self) -> snap.Snapshot:
         """Desired state as stored now, observed state as of the last pass (for previews).

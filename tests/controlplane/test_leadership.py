@@ -221,11 +221,14 @@ async def test_the_leadership_view_on_a_stalled_database_holds_up_no_other_reque
                         database.resume()
 
                 probing = stall.probe([f"{cp.http_url}/v2/health/live"], within=2, then=resume_unless_answered)
+                asked = time.monotonic()
                 views = await asyncio.gather(*(http.get("/v1/controlplane") for _ in range(3)))
+                took = time.monotonic() - asked
                 answered.set()
                 [live] = await probing
             resumed = await http.get("/v1/controlplane")
         assert live == 200, "the liveness probe got no answer while GET /v1/controlplane waited on the database"
+        assert took < 1.5 * ttl_s, f"the views answered in {took:.1f} s, past a lease time ({ttl_s:g} s)"
         for view in views:
             assert view.status_code == 200 and view.json()["leader"] is None, view.text
             assert view.json()["error"] == f"the store did not answer in {cp.elector.ttl_s:g} s"
