@@ -46,6 +46,10 @@ class FleetCollector:
         old_r = GaugeMetricFamily("edgeplane_reconcile_passes", "Deprecated: edgeplane_reconcile_passes_total")
         old_r.add_metric([], passes)
         yield old_r
+        unreadable = GaugeMetricFamily("edgeplane_unreadable_objects", "Stored objects the leader's last pass could not read: "
+                                       "while any, every change to the fleet is on hold")
+        unreadable.add_metric([], len(getattr(getattr(self.cp, "reconciler", None), "unreadable", {})))
+        yield unreadable
         again = CounterMetricFamily("edgeplane_datacentre_reapplied",
                                     "Times a data centre's Serve applications, changed by another writer, were applied again",
                                     labels=["site"])

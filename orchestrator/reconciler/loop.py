@@ -295,6 +295,11 @@ class Reconciler:
             self._hold_published = why
 
     @property
+    def unreadable(self) -> Mapping[tuple[str, str], str]:
+        """The stored objects the last pass could not read, with why: the fleet is on hold while any is."""
+        return dict(self._unreadable)
+
+    @property
     def on_hold(self) -> str | None:
         """Why changes to the fleet are on hold as of the last pass, or None."""
         return hold.reason(self._unreadable)

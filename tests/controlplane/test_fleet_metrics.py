@@ -48,3 +48,28 @@ async def test_heartbeats_and_reconcile_passes_are_counters_that_move(tmp_path: 
         assert after["edgeplane_heartbeats_received_total"] == 2 and after["edgeplane_reconcile_passes_total"] == 1
     finally:
         store.close()
+
+
+async def test_a_stored_object_that_does_not_read_shows_in_a_gauge_until_it_is_deleted(tmp_path: pathlib.Path) -> None:
+    """Passes on hold still count as passes: the gauge is what says nothing changes meanwhile."""
+    store = store_mod.Store(tmp_path / "state.db")
+    try:
+        reconciler = loop.Reconciler(store, hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN])), dc_mod.DataCentres(dc_mod.LocalRay()),
+                                     None, endpoints_mod.EndpointTable())  # type: ignore[arg-type]
+        registry = CollectorRegistry()
+        registry.register(fleet_metrics.FleetCollector(types.SimpleNamespace(hub=reconciler.hub, reconciler=reconciler, elector=None)))  # type: ignore[arg-type]
+
+        def unreadable() -> float | None:
+            return registry.get_sample_value("edgeplane_unreadable_objects")
+
+        assert unreadable() == 0
+        legacy = {"variants": [{"name": "v", "runtime": "ray-serve", "importPath": "pkg.mod:app", "throughputRps": 1e-320,
+                                "resources": {"cpu": 1, "memoryMiB": 256}}]}  # stored by an earlier version; refused by this one
+        store.apply([store_mod.ObjectWrite("Model", "old", {}, legacy)], store_mod.Event("earlier-version", "apply", "", "", "apply"))
+        assert await reconciler.reconcile_once() is None  # on hold
+        assert unreadable() == 1
+        store.delete("Model", "old", store_mod.Event("test", "delete", "Model", "old", "delete"))
+        await reconciler.reconcile_once()
+        assert unreadable() == 0
+    finally:
+        store.close()
