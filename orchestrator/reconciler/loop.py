@@ -93,8 +93,10 @@ class Reconciler:
                 log.warning("could not read the deployments just applied: %s", exc)
                 continue
             reasons: dict[str, str] = {}
+            held = self.on_hold  # nothing is placed until it ends: a request is told why, not to retry shortly
             for d in stored:
-                why = f"deployment {d.name} was just applied; its replicas are being placed"
+                why = (f"deployment {d.name} was applied; it is placed when the hold ends ({held})" if held
+                       else f"deployment {d.name} was just applied; its replicas are being placed")
                 if isinstance(d.spec.get("model"), str):
                     reasons.setdefault(d.spec["model"], why)
                 if d.spec.get("cascade"):  # a cascade is called by its deployment's name too

@@ -25,7 +25,7 @@ from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.reconciler import loop, planning
 from orchestrator.store import sqlite as store_mod
-from orchestrator.testing import manifests
+from orchestrator.testing import harness, manifests
 
 
 class ApplyingMidRead(store_mod.Store):
@@ -267,4 +267,27 @@ def test_on_hold_a_revoked_agent_is_not_routed_to_and_one_not_back_after_a_resta
         asyncio.run(reconciler.reconcile_once())
         assert health() == {("edge-a", False), ("edge-b", False)}
     finally:
+        store.close()
+
+
+async def test_a_model_applied_while_on_hold_is_answered_with_why_it_is_not_placed(tmp_path: pathlib.Path) -> None:
+    """Not "just applied; its replicas are being placed", which it would say for the whole hold."""
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
+    table = endpoints_mod.EndpointTable()
+    reconciler = loop.Reconciler(store, Fleet().hub, dc_mod.DataCentres(dc_mod.LocalRay()),
+                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table, resync_s=3600.0)
+    running = asyncio.create_task(reconciler.run())
+    reconciler.trigger("start")
+    try:
+        await reconciler.wait_for_pass(0)  # on hold
+        catalog.apply_documents(store, loader.load_text(manifests.bundle(
+            manifests.onnx_model("m2", "m1.onnx", SHA), manifests.deployment("d2", "m2", 1, {"tiers": ["edge"]}))), actor="test")
+        reconciler.applied("test")
+        await harness.wait_until(lambda: table.unavailable_reason("m2") is not None, 10, what="m2 noted as applied")
+        why = table.unavailable_reason("m2")
+        assert why is not None and "it is placed when the hold ends (changes on hold: Model 'old' cannot be read" in why, why
+    finally:
+        reconciler.stop()
+        await running
         store.close()
