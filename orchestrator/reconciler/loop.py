@@ -160,8 +160,9 @@ class Reconciler:
         led under stays as ``lease``: a write still on its way, such as the endpoint table
         queued behind a slow one, is fenced by it and refused once another replica leads.
         ``None`` would mean a control plane alone on its database, whose writes are not
-        fenced at all."""
+        fenced at all. What its passes found unreadable is the next leader's to report."""
         self.stop()
+        self._unreadable = {}
 
     def lead(self, lease: store_mod.Lease, takeover_s: float = 0.0) -> None:
         """Before :meth:`run` on a replica that just became the leader: what this replica
@@ -182,6 +183,7 @@ class Reconciler:
         self.dc_sync.forget()
         self._published = None  # another leader may have published since this replica last did
         self._hold_published = None
+        self._unreadable = {}  # each term reports what does not read again: its events and log are this leader's
         self.autoscaler = autoscaler_mod.Autoscaler(self.clock)
         self.converging = False
         self._wake.set()  # the first pass runs at once
@@ -287,7 +289,7 @@ class Reconciler:
                 await self._record(store_mod.Event("reconciler", "unreadable", kind, name, why,
                                                    {"note": "every change to the fleet is on hold (what runs keeps running) until "
                                                             "it is applied again or deleted"}))
-        except BaseException:
+        except Exception:
             self._unreadable = previous  # reported again at the next pass
             raise
         if previous and not unreadable:

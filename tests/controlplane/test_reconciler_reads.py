@@ -291,3 +291,29 @@ async def test_a_model_applied_while_on_hold_is_answered_with_why_it_is_not_plac
         reconciler.stop()
         await running
         store.close()
+
+
+def test_an_unreadable_object_is_reported_once_per_leader_term(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
+    reconciler = reconciler_of(store, tmp_path)
+
+    def reported() -> int:
+        return sum(1 for e in store.recent_events("Model", "old") if e.action == "unreadable")
+
+    async def passes(n: int) -> None:
+        for _ in range(n):
+            await reconciler.reconcile_once()
+
+    try:
+        asyncio.run(passes(2))
+        assert reported() == 1 and reconciler.unreadable
+        reconciler.step_down()
+        assert not reconciler.unreadable  # a follower's view and metrics do not say it: the leader's do
+        lease = store.acquire_lease("reconciler", "replica-b", 30.0)
+        assert lease is not None
+        reconciler.lead(lease)
+        asyncio.run(passes(2))
+        assert reported() == 2
+    finally:
+        store.close()
