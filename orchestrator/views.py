@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.gateway import wire
 from orchestrator.manifests import loader, schema
-from orchestrator.reconciler import inventory, planning
+from orchestrator.reconciler import hold, inventory, planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
 
@@ -77,7 +77,14 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],
             for p in result.deployments.values() for x in p.latency
         ],
         "energy": energy,
+        **held(current),
     }
+
+
+def held(current: snap.Snapshot) -> dict[str, str]:
+    """``hold``, why nothing planned takes effect until the hold ends, when changes are on hold."""
+    why = hold.reason(current.unreadable)
+    return {"hold": why} if why is not None else {}
 
 
 def _ms(value: float | None) -> float | None:

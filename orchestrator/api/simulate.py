@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 from starlette.concurrency import run_in_threadpool
 
+from orchestrator import views
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.simulation import budget, report, scenario, sweep, whatif
@@ -49,8 +50,8 @@ def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None 
         work_budget: int | None = None) -> dict[str, Any]:
     """The report of one scenario, or of a sweep of the fleet as the scenario leaves it;
     raises ``scenario.ScenarioError`` (``budget.TooMuchWork`` over ``work_budget``, before
-    any planning; None: no budget)."""
-    return answer(state_of(s), body, each, top, work_budget)
+    any planning; None: no budget). While changes are on hold, ``hold`` says why."""
+    return {**answer(state_of(s), body, each, top, work_budget), **views.held(s)}
 
 
 def answer(state: whatif.State, body: bytes, each: str | None = None, top: int | None = None,

@@ -328,6 +328,7 @@ class Reconciler:
             autoscale=dict(self.autoscaler.latest),
             rejoining=rejoining,
             remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
+            unreadable=desired.unreadable,
         )
 
     async def gather(self, desired: snap.Desired | None = None) -> snap.Snapshot:

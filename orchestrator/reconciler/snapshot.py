@@ -79,6 +79,9 @@ class Snapshot:
     # The endpoints a rejoining site had in the table this control plane started with (the
     # one its last run published), by site: the table keeps them until its agent is back.
     remembered: Mapping[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
+    # Stored objects this version does not read, with why (a preview's, what-if's): while
+    # any is stored, nothing they plan takes effect (orchestrator.reconciler.hold).
+    unreadable: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
     # Lookups by name, built once per snapshot: a pass touches every site and deployment,
     # and scanning the lists for each would make it quadratic in the fleet's size.

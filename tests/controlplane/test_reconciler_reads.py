@@ -317,3 +317,15 @@ def test_an_unreadable_object_is_reported_once_per_leader_term(tmp_path: pathlib
         assert reported() == 2
     finally:
         store.close()
+
+
+def test_a_preview_and_a_what_if_while_on_hold_say_why_nothing_takes_effect(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
+    reconciler = reconciler_of(store, tmp_path)
+    try:
+        held = "changes on hold: Model 'old' cannot be read (variants.0.throughputRps"
+        assert simulate.run(asyncio.run(reconciler.current()), b"")["hold"].startswith(held)
+        assert views.preview(asyncio.run(reconciler.current()), [])["hold"].startswith(held)
+    finally:
+        store.close()
