@@ -69,6 +69,8 @@ def cmd_plan(api: ApiClient, args: argparse.Namespace) -> int:
     for r in result["results"]:
         print(f"{r['kind'].lower()}/{r['name']} would be {r['action']}")
     _print_plan(result["plan"])
+    if result["plan"].get("hold"):  # nothing planned takes effect until the hold ends
+        print(f"\n{result['plan']['hold']}")
     return 0
 
 

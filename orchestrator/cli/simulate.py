@@ -192,6 +192,8 @@ def run(api: ApiClient, args: argparse.Namespace) -> int:
         print_sweep(data, args.top or 15)
     else:
         print_report(data)
+    if args.output not in ("json", "yaml") and data.get("hold"):  # the fleet as it is, which changes on hold keep
+        print(f"\n{data['hold']}")
     read = f" (reading the manifests and planning today: {loading:.2f} s)" if args.file else ""
     print(f"\nsimulated in {elapsed:.2f} s{read}; nothing was changed", file=sys.stderr)
     return 0

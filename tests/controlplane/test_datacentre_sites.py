@@ -4,6 +4,7 @@ the seam the control plane builds KubeRay actuators with."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import pathlib
@@ -23,6 +24,7 @@ from orchestrator.adapters import kuberay, rayservice, serve_config
 from orchestrator.manifests import schema
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
+from tests.foundation import support
 
 SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
 RES = kmock.resource("ray.io", "v1", "rayservices")
@@ -507,7 +509,7 @@ async def test_a_ray_site_moved_to_another_cluster_removes_its_applications_from
     assert new.applications
 
 
-async def test_a_data_centre_is_neither_applied_to_nor_cleared_while_changes_are_on_hold(fleet: harness.Fleet) -> None:
+async def test_a_data_centre_is_neither_applied_to_nor_cleared_while_changes_are_on_hold(fleet: harness.Fleet, tmp_path: pathlib.Path) -> None:
     """A Model an earlier version stored that this one does not read holds every change: a
     deployment added to the site is not applied, and the Site deleted leaves its applications
     running; deleting that Model ends the hold, and they are removed."""
@@ -526,6 +528,12 @@ async def test_a_data_centre_is_neither_applied_to_nor_cleared_while_changes_are
         view = (await http.get("/v1/controlplane")).json()
         assert view["hold"].startswith("changes on hold: Model 'old' cannot be read (variants.0.throughputRps"), view
         assert view["hold"].endswith(": apply it again or delete it")
+        manifest = tmp_path / "d2.yaml"
+        manifest.write_text(deployment("d2", "dc-1"))
+        for command in (("plan", "-f", str(manifest)), ("simulate", "--fail-site", "dc-1"), ("status",)):  # each says so
+            shown = await asyncio.to_thread(support.cli, *command, server_url=cp.http_url)
+            assert shown.returncode == 0, shown.stderr
+            assert view["hold"] in shown.stdout.splitlines(), (command, shown.stdout)
         assert (await http.post("/v1/apply", content=deployment("d2", "dc-1"))).status_code == 200  # stored
         await cp.reconciler.wait_for_pass(cp.reconciler.passes + 2)
         assert cluster.running == running  # not applied
