@@ -270,6 +270,43 @@ def test_on_hold_a_revoked_agent_is_not_routed_to_and_one_not_back_after_a_resta
         store.close()
 
 
+def test_on_hold_after_a_restart_an_edge_site_that_does_not_read_keeps_its_endpoints_for_the_rejoin_window(tmp_path: pathlib.Path) -> None:
+    """A Site left in a form this version does not read holds the fleet; which of its rows
+    to await cannot be told from it, so its agent, not back yet, keeps its endpoints while
+    the window is open (they go once it closes), and the window is not cut short for it."""
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = store_mod.Store(tmp_path / "state.db")
+    catalog.apply_documents(store, loader.load_text(manifests.bundle(
+        manifests.edge_site("edge-a", "FR", 48.85, 2.35), manifests.onnx_model("m1", "m1.onnx", SHA),
+        manifests.deployment("d1", "m1", 1, {"tiers": ["edge"]}))), actor="test")
+    site = store.get("Site", "edge-a")
+    assert site is not None
+    store.apply([store_mod.ObjectWrite("Site", "edge-a", dict(site.labels), {**site.spec, "capacity": {"cpu": -5}})],
+                store_mod.Event("earlier-version", "apply", "", "", "apply"))  # a capacity this version refuses
+    store.replace_placements([store_mod.PlacementRow("d1", "edge-a", "v1", 1)])
+    fleet = Fleet()
+    fleet.hub.forget("edge-a")  # the control plane restarted: edge-a's agent has not reconnected yet
+    table = endpoints_mod.EndpointTable()
+    table.replace([endpoint("d1", "m1", "edge-a")])
+    reconciler = loop.Reconciler(store, fleet.hub, dc_mod.DataCentres(dc_mod.LocalRay()),
+                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table, clock=lambda: fleet.now)
+    reconciler.resume(rejoin_s=30.0)
+
+    def health() -> set[tuple[str, bool]]:
+        return {(e.site, e.healthy) for e in table.all_endpoints()}
+
+    try:
+        assert asyncio.run(reconciler.reconcile_once()) is None  # on hold
+        assert health() == {("edge-a", True)}
+        asyncio.run(reconciler.reconcile_once())
+        assert health() == {("edge-a", True)}
+        fleet.now += 31.0
+        asyncio.run(reconciler.reconcile_once())
+        assert health() == {("edge-a", False)}
+    finally:
+        store.close()
+
+
 async def test_a_model_applied_while_on_hold_is_answered_with_why_it_is_not_placed(tmp_path: pathlib.Path) -> None:
     """Not "just applied; its replicas are being placed", which it would say for the whole hold."""
     (tmp_path / "m1.onnx").write_bytes(b"m1")
