@@ -69,8 +69,6 @@ def cmd_plan(api: ApiClient, args: argparse.Namespace) -> int:
     for r in result["results"]:
         print(f"{r['kind'].lower()}/{r['name']} would be {r['action']}")
     _print_plan(result["plan"])
-    if result["plan"].get("hold"):  # nothing planned takes effect until the hold ends
-        print(f"\n{result['plan']['hold']}")
     return 0
 
 
@@ -96,6 +94,8 @@ def _print_plan(plan: dict[str, Any]) -> None:
     if energy:
         print(f"\nPredicted power {energy['watts']:.0f} W, {energy['gramsCO2PerHour']:.0f} gCO2/h"
               + (f" (now {energy['currentWatts']:.0f} W, {energy['currentGramsCO2PerHour']:.0f} gCO2/h)" if "currentWatts" in energy else ""))
+    if plan.get("hold"):  # nothing planned takes effect until the hold ends
+        print(f"\n{plan['hold']}")
 
 
 def _gpus(change: dict[str, Any]) -> str:

@@ -530,7 +530,8 @@ async def test_a_data_centre_is_neither_applied_to_nor_cleared_while_changes_are
         assert view["hold"].endswith(": apply it again or delete it")
         manifest = tmp_path / "d2.yaml"
         manifest.write_text(deployment("d2", "dc-1"))
-        for command in (("plan", "-f", str(manifest)), ("simulate", "--fail-site", "dc-1"), ("status",)):  # each says so
+        for command in (("plan", "-f", str(manifest)), ("apply", "-f", str(manifest), "--dry-run"), ("simulate", "--fail-site", "dc-1"),
+                        ("status",)):  # each says so
             shown = await asyncio.to_thread(support.cli, *command, server_url=cp.http_url)
             assert shown.returncode == 0, shown.stderr
             assert view["hold"] in shown.stdout.splitlines(), (command, shown.stdout)
