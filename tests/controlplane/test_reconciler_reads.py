@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+from collections.abc import Callable
 
 import pytest
 
@@ -239,6 +240,20 @@ def test_while_a_stored_object_does_not_read_nothing_changes_and_a_deployment_ap
         store.close()
 
 
+def restarted_without_edge_a(store: store_mod.Store, tmp_path: pathlib.Path, published: list[routing.Endpoint]
+                             ) -> tuple[Fleet, loop.Reconciler, Callable[[], set[tuple[str, bool]]]]:
+    """A reconciler just restarted (30 s for agents to rejoin) with the endpoint table its last
+    run ``published``, edge-a's agent not reconnected yet; and each endpoint's (site, health)."""
+    fleet = Fleet()
+    fleet.hub.forget("edge-a")
+    table = endpoints_mod.EndpointTable()
+    table.replace(published)
+    reconciler = loop.Reconciler(store, fleet.hub, dc_mod.DataCentres(dc_mod.LocalRay()),
+                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table, clock=lambda: fleet.now)
+    reconciler.resume(rejoin_s=30.0)
+    return fleet, reconciler, lambda: {(e.site, e.healthy) for e in table.all_endpoints()}
+
+
 def test_on_hold_a_revoked_agent_is_not_routed_to_and_one_not_back_after_a_restart_is_until_its_window_ends(tmp_path: pathlib.Path) -> None:
     """The table kept on hold still follows the agents: edge-b's agent revoked (a stolen
     device) is unhealthy at the next pass; edge-a's, not back yet after a restart, keeps its
@@ -246,17 +261,7 @@ def test_on_hold_a_revoked_agent_is_not_routed_to_and_one_not_back_after_a_resta
     (tmp_path / "m1.onnx").write_bytes(b"m1")
     store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
     store.replace_placements([store_mod.PlacementRow("d-old", "edge-a", "v1", 1), store_mod.PlacementRow("d1", "edge-b", "v1", 1)])
-    fleet = Fleet()
-    fleet.hub.forget("edge-a")  # the control plane restarted: edge-a's agent has not reconnected yet
-    table = endpoints_mod.EndpointTable()
-    table.replace([endpoint("d-old", "old", "edge-a"), endpoint("d1", "m1", "edge-b")])  # the table its last run published
-    reconciler = loop.Reconciler(store, fleet.hub, dc_mod.DataCentres(dc_mod.LocalRay()),
-                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table, clock=lambda: fleet.now)
-    reconciler.resume(rejoin_s=30.0)
-
-    def health() -> set[tuple[str, bool]]:
-        return {(e.site, e.healthy) for e in table.all_endpoints()}
-
+    fleet, reconciler, health = restarted_without_edge_a(store, tmp_path, [endpoint("d-old", "old", "edge-a"), endpoint("d1", "m1", "edge-b")])
     try:
         assert asyncio.run(reconciler.reconcile_once()) is None  # on hold
         assert health() == {("edge-a", True), ("edge-b", True)}
@@ -284,17 +289,7 @@ def test_on_hold_after_a_restart_an_edge_site_that_does_not_read_keeps_its_endpo
     store.apply([store_mod.ObjectWrite("Site", "edge-a", dict(site.labels), {**site.spec, "capacity": {"cpu": -5}})],
                 store_mod.Event("earlier-version", "apply", "", "", "apply"))  # a capacity this version refuses
     store.replace_placements([store_mod.PlacementRow("d1", "edge-a", "v1", 1)])
-    fleet = Fleet()
-    fleet.hub.forget("edge-a")  # the control plane restarted: edge-a's agent has not reconnected yet
-    table = endpoints_mod.EndpointTable()
-    table.replace([endpoint("d1", "m1", "edge-a")])
-    reconciler = loop.Reconciler(store, fleet.hub, dc_mod.DataCentres(dc_mod.LocalRay()),
-                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table, clock=lambda: fleet.now)
-    reconciler.resume(rejoin_s=30.0)
-
-    def health() -> set[tuple[str, bool]]:
-        return {(e.site, e.healthy) for e in table.all_endpoints()}
-
+    fleet, reconciler, health = restarted_without_edge_a(store, tmp_path, [endpoint("d1", "m1", "edge-a")])
     try:
         assert asyncio.run(reconciler.reconcile_once()) is None  # on hold
         assert health() == {("edge-a", True)}
