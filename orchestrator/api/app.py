@@ -195,12 +195,14 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if last and ("since" in q or "limit" in q):
             return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
-        found = await (store.run(store.recent_events, kind, q.get("name"), last) if last
-                       else store.run(store.events, since, limit, kind, q.get("name")))
-        # Event ids count from each store's own start: which store answered tells a client that
-        # follows them (the console) when ids it read before are another store's; and up to
-        # which id retention deleted events, when one it asks after may have missed some.
-        ident, pruned = await store.run(lambda: (store.store_id(), store.events_pruned_through()))
+        def read() -> tuple[list[Any], str, int]:
+            # Event ids count from each store's own start: which store answered tells a client that
+            # follows them (the console) when ids it read before are another store's; and up to
+            # which id retention deleted events, when one it asks after may have missed some.
+            found = store.recent_events(kind, q.get("name"), last) if last else store.events(since, limit, kind, q.get("name"))
+            return found, store.store_id(), store.events_pruned_through()
+
+        found, ident, pruned = await store.run(read)  # one turn on the store's threads
         return JSONResponse({"items": [_event(e) for e in found], "store": ident, "prunedThrough": pruned})
 
     async def cascades(request: Request, caller: auth.Caller) -> Response:
@@ -342,14 +344,14 @@ class BadQuery(ValueError):
 FLAG_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
-def _flag(request: Request, name: str, *others: str) -> bool:
-    """A boolean query parameter of a route that takes no others but ``others`` (``apply``,
-    ``delete``; besides ``file``, the name errors give them): ``1``, ``true``, ``yes`` or
-    ``0``, ``false``, ``no`` (any case); absent is false. Any other value or parameter is
-    refused, so that a misspelt ``dryRun`` never applies for real."""
-    unknown = sorted(set(request.query_params) - {name, *others, "file"})
+def _flag(request: Request, name: str) -> bool:
+    """The one boolean query parameter of a route (``apply``, ``delete``; besides ``file``,
+    the name errors give them): ``1``, ``true``, ``yes`` or ``0``, ``false``, ``no`` (any
+    case); absent is false. Any other value or parameter is refused, so that a misspelt
+    ``dryRun`` never applies for real."""
+    unknown = sorted(set(request.query_params) - {name, "file"})
     if unknown:
-        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes {', '.join((name, *others))} and file")
+        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route takes {name} and file")
     value = request.query_params.get(name, "false")
     if value.lower() not in FLAG_VALUES:
         raise BadQuery(f"{name} must be true or false, not {value[:40]!r}")

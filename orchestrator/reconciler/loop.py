@@ -61,7 +61,7 @@ class Reconciler:
     _publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
     _publishes: set[asyncio.Task[None]] = field(default_factory=set)
     _published: wire.TableContents | None = None  # what the last publish wrote
-    _hold_published: tuple[str] | None = None  # the hold's reason ("" none) this leader last published; None: not yet
+    _hold_published: str | None = None  # the hold's reason ("" none) this leader last published; None: not yet
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease)
@@ -294,8 +294,8 @@ class Reconciler:
             raise
         if previous and not unreadable:
             log.info("every stored object reads again: changes to the fleet are no longer on hold")
-        if (why := (hold.reason(unreadable) or "",)) != self._hold_published:
-            await self.store.run(self.store.publish, hold.PUBLISHED_KEY, why[0], lease=self.lease)
+        if (why := hold.reason(unreadable) or "") != self._hold_published:
+            await self.store.run(self.store.publish, hold.PUBLISHED_KEY, why, lease=self.lease)
             self._hold_published = why
 
     @property
