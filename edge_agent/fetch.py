@@ -68,7 +68,7 @@ from typing import BinaryIO
 from edgeplane_proto import artifact_hosts
 
 CHUNK = 1 << 20
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = artifact_hosts.MAX_REDIRECTS
 PROGRESS_EVERY_S = 1.0
 # A partial file of up to this many bytes (about a second off an SD card) is re-read with
 # the request that resumes it open; a larger one is re-read first and the request made again.
@@ -333,7 +333,7 @@ def _get(url: str, headers: Mapping[str, str], timeout: float,
 
 def _check_redirect(first: str, target: str, redirect_hosts: tuple[str, ...]) -> None:
     host = urllib.parse.urlsplit(target).hostname
-    if not host or host == urllib.parse.urlsplit(first).hostname or artifact_hosts.allows(redirect_hosts, host):
+    if not host or artifact_hosts.allows_redirect(redirect_hosts, urllib.parse.urlsplit(first).hostname, host):
         return  # (one naming no host is refused as a URL that is not http(s))
     raise Failed("unavailable", f"download of {first} refused: it redirects to {target}, whose host {host!r} is not "
                                 f"an allowed artifact host ({', '.join(redirect_hosts)}; edgeplane serve --artifact-host)")

@@ -10,6 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+MAX_REDIRECTS = 5  # a download follows at most this many redirects
+
+
+def allows_redirect(allowed: Sequence[str], start_host: str | None, host: str) -> bool:
+    """Whether a download that started at ``start_host`` may follow a redirect to ``host``:
+    its own host, or one :func:`allows`."""
+    return host == start_host or allows(allowed, host)
+
 
 def allows(allowed: Sequence[str], host: str) -> bool:
     """Whether ``host`` is one of ``allowed``: exact (any case, any port), or under a

@@ -26,7 +26,7 @@ import edge_agent
 from edgeplane_proto import artifact_hosts
 
 CHUNK = 1 << 20
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = artifact_hosts.MAX_REDIRECTS
 
 
 class ArtifactError(RuntimeError):
@@ -142,7 +142,7 @@ def _get(client: httpx.Client, uri: str, redirect_hosts: tuple[str, ...]) -> htt
         response.close()
         request = response.next_request
         host = request.url.host
-        if host != httpx.URL(uri).host and not artifact_hosts.allows(redirect_hosts, host):
+        if not artifact_hosts.allows_redirect(redirect_hosts, httpx.URL(uri).host, host):
             raise ArtifactError(f"cannot download artifact {uri}: it redirects to {request.url}, whose host {host!r} is not "
                                 f"an allowed artifact host ({', '.join(redirect_hosts)}; edgeplane serve --artifact-host)")
     raise ArtifactError(f"cannot download artifact {uri}: more than {MAX_REDIRECTS} redirects")
