@@ -122,14 +122,13 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
         if held and source.start != 0:  # resumed, or nothing left: the hash covers what came before
             # The agent must not take a long re-read for a stall (it kills a child silent for
             # its socket timeout + 10 s): it is told how far the re-read got.
-            if held <= REREAD_WITH_REQUEST_OPEN:
-                have = hash_into(fh, hasher, verifying)
-            else:  # minutes, maybe: a server would not wait that long for the request to read on
+            large = held > REREAD_WITH_REQUEST_OPEN  # minutes, maybe: a server would not wait that long for the request to read on
+            if large:
                 source.close()
-                have = hash_into(fh, hasher, verifying)
-                if source.start is not None:
-                    source = _open(url, have, timeout, redirect_hosts)
-                    _refuse_unless_it_fits(source, partial, url, max_bytes, have)
+            have = hash_into(fh, hasher, verifying)
+            if large and source.start is not None:
+                source = _open(url, have, timeout, redirect_hosts)
+                _refuse_unless_it_fits(source, partial, url, max_bytes, have)
         if source.start is None:
             return have, hasher.hexdigest()  # nothing left to fetch (or bogus): the hash decides
         if source.start:
