@@ -19,6 +19,7 @@ from typing import Any
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import routing
 from orchestrator.reconciler import actions as act
+from orchestrator.store import values as store_mod
 
 Unreadable = Mapping[tuple[str, str], str]  # (kind, name) -> why this version does not read it
 PUBLISHED_KEY = "hold"  # the leader's reason, published ("" when none): any replica's view reads it, not every object
@@ -35,6 +36,18 @@ def reason(unreadable: Unreadable) -> str | None:
 def object_status(why: str) -> dict[str, Any]:
     return {"phase": "Unreadable", "reason": f"this version does not read it as stored ({why}); every change to the fleet is "
             "on hold (what runs keeps running) until it is applied again (checked by this version) or deleted"}
+
+
+def unreadable_sites(unreadable: Unreadable) -> frozenset[str]:
+    return frozenset(name for kind, name in unreadable if kind == "Site")
+
+
+def awaited_unread(unreadable: Unreadable, placements: Iterable[store_mod.PlacementRow],
+                   agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
+    """The sites that do not read whose replicas are placed and whose agents are not back:
+    whether they are edge sites to await cannot be told from them, so they are awaited."""
+    unread, back = unreadable_sites(unreadable), {a.site for a in agents}
+    return frozenset(r.site for r in placements if r.site in unread and r.site not in back)
 
 
 def refreshed(in_force: Iterable[routing.Endpoint], agents: Iterable[agent_model.AgentStatus],

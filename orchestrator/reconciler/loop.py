@@ -418,12 +418,10 @@ class Reconciler:
         its endpoints, any other whose agent is gone (revoked, say) is unhealthy at once."""
         placements = tuple(await self.store.run(self.store.placements))
         agents = tuple(self.hub.snapshot())
-        unread = {name for kind, name in desired.unreadable if kind == "Site"}
-        if not unread:
+        if not hold.unreadable_sites(desired.unreadable):
             awaited = self._rejoining(desired.sites, placements, agents)
         elif self._rejoin_open():  # which of its sites to await cannot be told yet: none leaves the window
-            back = {a.site for a in agents}
-            awaited = self._awaited(desired.sites, placements, agents) | ({r.site for r in placements if r.site in unread} - back)
+            awaited = self._awaited(desired.sites, placements, agents) | hold.awaited_unread(desired.unreadable, placements, agents)
         else:
             awaited = frozenset()
         for action in hold.actions(desired.unreadable, self.table.all_endpoints(), agents, awaited):
