@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from orchestrator import catalog
 from orchestrator.backoff import Backoff
@@ -35,9 +36,12 @@ class DataCentreBackoff(Backoff):
     target: str | None = None  # where the site's applications ran when it failed
 
 
-def _left(site: str, target: str | None) -> str:
-    """The key of what ``site`` left on ``target`` (its backoff, its count): never a site's name."""
-    return f"{site} {target}"
+class Left(NamedTuple):
+    """The key of what ``site`` left on ``target`` (its backoff, its count), beside the keys
+    of sites' own in one dict: a value of its own, never taken for a site's name."""
+
+    site: str
+    target: str | None
 
 
 @dataclass
@@ -54,9 +58,9 @@ class DataCentreSync:
     observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
     applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     reapplied: dict[str, int] = field(default_factory=dict)  # by site: Serve applications applied again after another writer
-    _backoff: dict[str, DataCentreBackoff] = field(default_factory=dict)
-    # deleted sites whose applications are being removed, and targets sites moved off (_left): how many ran
-    _retiring: dict[str, int] = field(default_factory=dict)
+    _backoff: dict[str | Left, DataCentreBackoff] = field(default_factory=dict)
+    # deleted sites whose applications are being removed, and targets sites moved off (Left): how many ran
+    _retiring: dict[str | Left, int] = field(default_factory=dict)
 
     def forget(self) -> None:
         """What was observed and applied, and the backoffs, go: another leader may have changed them."""
@@ -75,7 +79,7 @@ class DataCentreSync:
         driven = {s.name: target_of(s.spec) for s in stored}
         for gone in set(self.observed) - declared:  # deleted, or moved to the edge tier: counted by the target it left
             observed, applied = self.observed.pop(gone), self.applied.pop(gone, ())
-            self._retiring[gone if gone not in driven else _left(gone, self.datacentres.target(gone))] = max(len(observed.apps), len(applied))
+            self._retiring[gone if gone not in driven else Left(gone, self.datacentres.target(gone))] = max(len(observed.apps), len(applied))
         for back in set(self._retiring) & declared:  # declared again: its apply takes over
             del self._retiring[back]
         for kept in (self._backoff, self._retiring):  # a site's own, for a site no longer a data centre: what it left has its own
@@ -86,14 +90,14 @@ class DataCentreSync:
                 del self._backoff[site.name]  # the old target's failures (often why it moved) hold up nothing on the new one
             if (left := self.datacentres.target(site.name)) not in (None, driven[site.name]):
                 observed = self.observed.get(site.name)
-                self._retiring[_left(site.name, left)] = max(len(observed.apps) if observed else 0,
+                self._retiring[Left(site.name, left)] = max(len(observed.apps) if observed else 0,
                                                              len(self.applied.pop(site.name, ())))
         # a record of the target its Site drives now was read racing the apply that drops it
         records = [d for d in deleted if d.target != driven.get(d.name)]
         if abandoned := self.datacentres.sites() - declared - {d.name for d in records}:
             await self._abandon(abandoned)
         for kept in (self._backoff, self._retiring):  # removed, or abandoned
-            for key in [k for k in kept if " " in k and k not in {_left(d.name, d.target) for d in records}]:
+            for key in [k for k in kept if isinstance(k, Left) and k not in {Left(d.name, d.target) for d in records}]:
                 del kept[key]
         results = await asyncio.gather(*(self._observe_one(s) for s in sites),
                                        *(self._retire(d, moved=d.name in driven) for d in records))
@@ -106,7 +110,7 @@ class DataCentreSync:
         on, owned by nothing. A cluster that cannot be reached is tried again with a backoff
         of its own (the site's new target is not held up by its old one), each new error an
         event on the Site."""
-        site, key = record.name, _left(record.name, record.target)
+        site, key = record.name, Left(record.name, record.target)
         backoff = self._backoff.get(key)
         if backoff is not None and backoff.next_try > self.clock():
             return
@@ -157,7 +161,7 @@ class DataCentreSync:
             await self._recovered(site.name, backoff)
         return snap.DataCentreObservation(True, apps, drift=actuator.drift)
 
-    async def _failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: str | None = None,
+    async def _failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: Left | None = None,
                          target: str | None = None) -> None:
         """``site`` failed: on ``target``, where it drives its applications, or on what it left (``key``)."""
         backoff = self._backoff.setdefault(key or site, DataCentreBackoff())
