@@ -31,14 +31,13 @@ def record_declared(store: SqlStore, db: Any, name: str, target: str | None) -> 
     """Site ``name`` is created (perhaps again, after a delete), driving ``target`` (None:
     the edge tier): its apply replaces the deleted one's applications, on ``target`` only;
     the deleted one's record of another target is kept as a target left."""
-    _take_over(store, db, name, target)
-    _undelete(store, db, name)
+    _undelete(store, db, name, _take_over(store, db, name, target, _deleted(store, db, name)))
 
 
 def record_moved(store: SqlStore, db: Any, name: str, left: str | None, target: str | None, spec: str, version: int) -> None:
     """Site ``name``, still declared, now drives ``target`` instead of ``left`` (None: the
     edge tier); ``spec`` is the one it had there. Nothing else drives ``left`` now."""
-    _take_over(store, db, name, target)
+    _take_over(store, db, name, target, _deleted(store, db, name))
     if left is not None:
         _leave(store, db, name, left, spec, version)
 
@@ -47,8 +46,7 @@ def record_deleted(store: SqlStore, db: Any, name: str, target: str, spec: str, 
     """Site ``name`` (on ``target``, as ``spec`` says) is deleted: its applications run on
     until removed. A record of another target, from a delete an earlier version kept, is
     kept as a target left."""
-    _take_over(store, db, name, target)
-    _undelete(store, db, name)
+    _undelete(store, db, name, _take_over(store, db, name, target, _deleted(store, db, name)))
     db.execute(store._q("INSERT INTO deleted_sites (name, spec, version) VALUES (?, ?, ?)"), (name, spec, version))
 
 
@@ -59,25 +57,32 @@ def _leave(store: SqlStore, db: Any, name: str, target: str, spec: str, version:
     db.execute(store._q("INSERT INTO left_targets (name, target, spec, version) VALUES (?, ?, ?, ?)"), (name, target, spec, version))
 
 
-def _take_over(store: SqlStore, db: Any, name: str, target: str | None) -> None:
+def _deleted(store: SqlStore, db: Any, name: str) -> Any | None:
+    """The record a delete of Site ``name`` kept (its row: spec, version), or None."""
+    return store._one(db, "SELECT spec, version FROM deleted_sites WHERE name = ?", (name,))
+
+
+def _take_over(store: SqlStore, db: Any, name: str, target: str | None, deleted: Any | None) -> Any | None:
     """Site ``name`` drives ``target`` now: its apply replaces what a record of that target
-    would remove. The records of its other targets stay."""
+    would remove. The records of its other targets stay: ``deleted`` (its delete's record,
+    read in this transaction) is returned unless it was of ``target``."""
     if target is None:
-        return
+        return deleted
     db.execute(store._q("DELETE FROM left_targets WHERE name = ? AND target = ?"), (name, target))
-    deleted = store._one(db, "SELECT spec FROM deleted_sites WHERE name = ?", (name,))
     if deleted is not None and datacentre_target(json.loads(deleted["spec"])) == target:
         db.execute(store._q("DELETE FROM deleted_sites WHERE name = ?"), (name,))
+        return None
+    return deleted
 
 
-def _undelete(store: SqlStore, db: Any, name: str) -> None:
-    """Site ``name`` is declared (or deleted) again: the deleted one's record, if any is
-    left, becomes a target it left, so the next delete keeps its own beside it."""
-    row = store._one(db, "SELECT spec, version FROM deleted_sites WHERE name = ?", (name,))
-    if row is not None:
-        if (target := datacentre_target(json.loads(row["spec"]))) is not None:
-            _leave(store, db, name, target, row["spec"], int(row["version"]))
-        db.execute(store._q("DELETE FROM deleted_sites WHERE name = ?"), (name,))
+def _undelete(store: SqlStore, db: Any, name: str, deleted: Any | None) -> None:
+    """Site ``name`` is declared (or deleted) again: the deleted one's record (``deleted``),
+    if any is left, becomes a target it left, so the next delete keeps its own beside it."""
+    if deleted is None:
+        return
+    if (target := datacentre_target(json.loads(deleted["spec"]))) is not None:
+        _leave(store, db, name, target, deleted["spec"], int(deleted["version"]))
+    db.execute(store._q("DELETE FROM deleted_sites WHERE name = ?"), (name,))
 
 
 def key_by_name(store: SqlStore, db: Any, table: str) -> None:
