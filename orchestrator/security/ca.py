@@ -136,7 +136,7 @@ class CertificateAuthority:
         return cls(key, cert)
 
     def _issue(self, subject: str, public_key: ec.EllipticCurvePublicKey, sans: list[x509.GeneralName],
-               usage: x509.ObjectIdentifier, ttl: datetime.timedelta, now: datetime.datetime | None = None) -> bytes:
+               usage: x509.ObjectIdentifier, ttl: datetime.timedelta, now: datetime.datetime | None = None) -> x509.Certificate:
         now = now or _now()
         refusal = self.signing_refusal(now)
         if refusal is not None:
@@ -153,11 +153,16 @@ class CertificateAuthority:
                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                 .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
                 .sign(self.key, hashes.SHA256()))
-        return cert.public_bytes(serialization.Encoding.PEM)
+        return cert
 
     def issue_server(self, hosts: list[str], now: datetime.datetime | None = None) -> tuple[bytes, bytes]:
         """(certificate PEM, key PEM) for the agent listener, valid for ``hosts`` + loopback,
         ``SERVER_DAYS`` or until the CA expires."""
+        cert, key = self._server_certificate(hosts, now)
+        return cert.public_bytes(serialization.Encoding.PEM), key
+
+    def _server_certificate(self, hosts: list[str], now: datetime.datetime | None) -> tuple[x509.Certificate, bytes]:
+        """:meth:`issue_server`'s certificate as made (its dates to hand) and its key PEM."""
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = []
         for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
@@ -184,7 +189,7 @@ class CertificateAuthority:
         """Sign an agent's CSR as ``site``: the identity is ours to set, not the CSR's."""
         public_key = check_agent_csr(csr_pem)
         return self._issue(f"site/{site}", public_key, [x509.UniformResourceIdentifier(site_uri(site))],
-                           ExtendedKeyUsageOID.CLIENT_AUTH, self.agent_ttl)
+                           ExtendedKeyUsageOID.CLIENT_AUTH, self.agent_ttl).public_bytes(serialization.Encoding.PEM)
 
 
 class ServerCertificate:
@@ -203,11 +208,11 @@ class ServerCertificate:
 
     def _issue(self) -> tuple[bytes, bytes, datetime.datetime]:
         now = self._clock()
-        cert, key = self._ca.issue_server(self._hosts, now)
-        ends = x509.load_pem_x509_certificate(cert).not_valid_after_utc
+        cert, key = self._ca._server_certificate(self._hosts, now)
+        ends = cert.not_valid_after_utc
         renew = ends if ends >= self._ca.certificate.not_valid_after_utc else now + (ends - now) * 2 / 3
         # the CA rides in the chain: an agent given only its SHA-256 (--ca-sha256) takes it from there
-        return cert + self._ca.certificate_pem, key, renew
+        return cert.public_bytes(serialization.Encoding.PEM) + self._ca.certificate_pem, key, renew
 
     def current(self) -> tuple[bytes, bytes]:
         """(chain PEM, key PEM), a new pair once the one before is due for renewal."""
