@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from orchestrator import capture_retention, catalog, console, event_retention, following, leadership, views
 from orchestrator.agents import auth as agent_auth
+from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
 from orchestrator.agents import relay, relay_leader
@@ -404,9 +405,14 @@ class ControlPlane:
         return self.ca.fingerprint if self.ca_file is not None else None
 
     def _relay_tls(self) -> relay.ClientTls:
-        """A client certificate from the shared agent CA for the relay stream."""
+        """A client certificate from the shared agent CA for the relay stream; past the CA's
+        end none is signed (the leader would not trust it anyway), which the relay says."""
         key, csr = identity.new_key_and_csr(RELAY_IDENTITY)
-        return relay.ClientTls(self.ca.certificate_pem, key, self.ca.issue_agent(RELAY_IDENTITY, csr))
+        try:
+            certificate = self.ca.issue_agent(RELAY_IDENTITY, csr)
+        except ca_mod.CertificateError as exc:
+            raise agent_errors.NoRelayCertificate(f"no client certificate to relay this replica's agents with: {exc}") from None
+        return relay.ClientTls(self.ca.certificate_pem, key, certificate)
 
     async def leadership_view(self) -> dict[str, Any]:
         """This replica, who leads, and why changes are on hold (``hold``: this process's own

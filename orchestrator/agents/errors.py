@@ -7,7 +7,9 @@
     │   └── InvalidJoin           malformed site, URL, labels...      -> INVALID_ARGUMENT
     ├── NotJoined                 stream from an agent that must join -> FAILED_PRECONDITION
     ├── Unavailable               the join cannot be checked now (the store) -> UNAVAILABLE
-    └── StaleAssignments          set_assignments with an older version
+    ├── StaleAssignments          set_assignments with an older version
+    └── NoRelayCertificate        a follower has no client certificate for its relay stream
+                                  (the agents' CA expired): said once, not sent anywhere
 """
 
 from __future__ import annotations
@@ -45,4 +47,8 @@ class Unavailable(AgentHubError):
 
 
 class StaleAssignments(AgentHubError):
+    pass
+
+
+class NoRelayCertificate(AgentHubError):
     pass

@@ -265,6 +265,10 @@ class RelayClient:
                 except grpc.RpcError as exc:
                     self.last_error = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                     log.info("relay to leader %s at %s: %s", leader.replica, leader.address, self.last_error)
+                except errors.NoRelayCertificate as exc:  # lasts until the replica is given a new CA: said once, tried on
+                    if str(exc) != self.last_error:
+                        log.error("relay to leader %s at %s: %s", leader.replica, leader.address, exc)
+                    self.last_error = str(exc)
                 except Exception as exc:  # a bug must not end the relay for good
                     self.last_error = repr(exc)
                     log.exception("relay to leader %s failed", leader.replica)

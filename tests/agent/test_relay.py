@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
+import logging
 import pathlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from orchestrator.agents import auth, errors, hub, model, relay, relay_leader, s
 from orchestrator.security import ca
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
+from orchestrator.testing import certificates
 
 from .conftest import SITE, TOKEN, ControlPlane, EventLog, MakeAgent, Models, start_control_plane
 from .test_agent import assignment, infer, reference, wait_model
@@ -401,6 +404,40 @@ async def test_the_relay_presents_a_certificate_from_the_shared_agent_ca(tmp_pat
     finally:
         task.cancel()
         await server.stop(None)
+
+
+async def test_past_the_agent_cas_end_a_follower_says_once_why_it_cannot_relay(
+    leader: Leader, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A follower that runs on past the agents' CA's notAfter can no longer be given a
+    client certificate for the relay stream: each try says why in its relay view (what
+    ``edgeplane status`` shows), and its log says it once, not a traceback at every try."""
+    expired = certificates.ca_ending(tmp_path / "ca", datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1))
+    replica = control_plane.ControlPlane(server_config.ServerConfig(data_dir=tmp_path))
+    replica.ca = expired  # what a replica started on the shared CA holds, a day past its end
+    tries: list[None] = []
+
+    def relay_tls() -> relay.ClientTls:
+        tries.append(None)
+        return replica._relay_tls()
+
+    client = relay.RelayClient(hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN])), "cp-f", tls=relay_tls, flush_s=0.05)
+    task = asyncio.create_task(client.run())
+    try:
+        with caplog.at_level(logging.INFO, logger=relay.__name__):
+            client.point(leader.named())
+            await until(lambda: len(tries) >= 3, "the relay to try three times")
+        ends = f"{expired.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+        assert client.view()["lastError"] == (f"no client certificate to relay this replica's agents with: the agents' CA expired at {ends} "
+                                              "(its notAfter): no certificate it signs is trusted; agents must join a new CA")
+        said = [r for r in caplog.records if r.name == relay.__name__]
+        assert [(r.levelname, r.exc_info) for r in said] == [("ERROR", None)], [r.getMessage() for r in said]
+        assert f"expired at {ends}" in said[0].getMessage()
+        assert not client.connected
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @pytest.mark.parametrize("body", ["not json", "[]", '{"replica": "cp-1", "address": "h:1"}', '{"replica": "cp-1", "address": 7, "secret": "s"}',
