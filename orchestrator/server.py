@@ -418,13 +418,15 @@ class ControlPlane:
         """This replica, who leads, and why changes are on hold (``hold``: this process's own
         reconciler's without an election, else what the leader published, read with the lease):
         ``GET /v1/controlplane``, ``edgeplane status``."""
+        agent_ca = {"agentCa": self.ca.view()} if self.ca_file is not None else {}  # until when agents can join and renew
         if self.elector is None:
             return {"replica": self.replica_id, "role": "leader", "election": "none (SQLite: this process owns the store)",
-                    "leader": {"replica": self.replica_id, "fencingToken": None}, "leaderChanges": 0,
+                    "leader": {"replica": self.replica_id, "fencingToken": None}, "leaderChanges": 0, **agent_ca,
                     **({"hold": why} if (why := self.reconciler.on_hold) else {})}
         view: dict[str, Any] = {"replica": self.replica_id, "role": "leader" if self.elector.leading else "follower",
                                 "election": "lease", "leaseSeconds": self.elector.ttl_s, "leaderChanges": self.elector.changes,
-                                "agents": {"connected": len(self.hub.sites()) - self.hub.relayed(), "relayedHere": self.hub.relayed()}}
+                                "agents": {"connected": len(self.hub.sites()) - self.hub.relayed(), "relayedHere": self.hub.relayed()},
+                                **agent_ca}
         if self.relay_client is not None and not self.elector.leading:
             view["relay"] = self.relay_client.view()
         if self._change_feed is not None:  # other replicas' writes as they commit, else read every storePollSeconds

@@ -15,6 +15,7 @@ from orchestrator.cli.http import ApiClient
 
 
 TROUBLED_PHASES = ("Invalid", "Unschedulable", "Degraded", "Failing")
+CA_WARNING_DAYS = 30  # the agents' CA's end is warned of this long before
 
 
 def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
@@ -37,6 +38,8 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
         return 0
     print(f"control plane {api.server}: {health.get('status')}")
     print(_leadership_line(data["controlPlane"]))
+    if data["controlPlane"].get("agentCa"):  # absent with --insecure-agents
+        print(*agent_ca_lines(data["controlPlane"]["agentCa"]), sep="\n")
     if data["controlPlane"].get("hold"):  # a stored object does not read: nothing is planned or sent until it does
         print(data["controlPlane"]["hold"])
     print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
@@ -66,6 +69,20 @@ def _leadership_line(cp: dict[str, Any]) -> str:
                      f"({changes.get('lastError') or 'listening not started yet'})")
         return f"replica {cp['replica']}: {cp['role']}; {who}{held}"
     return f"replica {cp['replica']}: leader (the only replica)"
+
+
+def agent_ca_lines(ca: dict[str, Any]) -> list[str]:
+    """When the agents' CA ends, and a warning from ``CA_WARNING_DAYS`` before: past it no agent
+    can join or renew its certificate, and agents must join a new CA."""
+    left_s, ends = ca["expiresInSeconds"], ca["notAfter"].replace("T", " ").replace("Z", " UTC")
+    lines = [f"agents' CA (SHA-256 {ca['sha256'][:16]}...): valid until {ends}"]
+    if left_s <= 0:
+        lines.append(f"error: the agents' CA expired at {ends}: no agent can join or renew its certificate; agents must join a new CA")
+    elif left_s < CA_WARNING_DAYS * 86400:
+        left = f"{left_s // 86400} day(s)" if left_s >= 86400 else f"{left_s // 3600} hour(s)"
+        lines.append(f"warning: the agents' CA ends in {left} ({ends}): from then on no agent can join or renew its certificate, "
+                     "and agents must join a new CA (docs/security.md)")
+    return lines
 
 
 def _agents(n: int) -> str:

@@ -181,6 +181,13 @@ class CertificateAuthority:
         return (f"the agents' CA expired at {ends:%Y-%m-%d %H:%M:%S} UTC (its notAfter): no certificate it signs is trusted; "
                 "agents must join a new CA")
 
+    def view(self, now: datetime.datetime | None = None) -> dict[str, str | int]:
+        """What ``edgeplane status`` shows of this CA (``agentCa`` in ``GET /v1/controlplane``):
+        its SHA-256, its notAfter, and the seconds left until then (below 0: past it)."""
+        ends = self.certificate.not_valid_after_utc
+        return {"sha256": self.fingerprint, "notAfter": f"{ends:%Y-%m-%dT%H:%M:%SZ}",
+                "expiresInSeconds": int((ends - (now or _now())).total_seconds())}
+
     def check_agent_csr(self, csr_pem: bytes) -> None:
         """Raise :class:`CertificateError` unless :meth:`issue_agent` would sign ``csr_pem``."""
         check_agent_csr(csr_pem)

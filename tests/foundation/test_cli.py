@@ -514,6 +514,25 @@ def test_status_says_when_a_replica_is_not_notified_of_other_replicas_writes() -
     assert _leadership_line(view).endswith("; other replicas' writes read every 2s, not notified (connection refused)")
 
 
+@pytest.mark.parametrize(("left_s", "said"), [
+    (3650 * 86400, None),
+    (30 * 86400, None),
+    (30 * 86400 - 1, "warning: the agents' CA ends in 29 day(s) (2036-12-05 01:49:52 UTC): from then on no agent can join or renew "
+                     "its certificate, and agents must join a new CA (docs/security.md)"),
+    (5 * 3600 + 59, "warning: the agents' CA ends in 5 hour(s) (2036-12-05 01:49:52 UTC): from then on no agent can join or renew "
+                    "its certificate, and agents must join a new CA (docs/security.md)"),
+    (0, "error: the agents' CA expired at 2036-12-05 01:49:52 UTC: no agent can join or renew its certificate; agents must join a new CA"),
+    (-86400, "error: the agents' CA expired at 2036-12-05 01:49:52 UTC: no agent can join or renew its certificate; "
+             "agents must join a new CA"),
+])
+def test_status_says_when_the_agents_ca_ends_and_warns_within_30_days(left_s: int, said: str | None) -> None:
+    from orchestrator.cli.status import agent_ca_lines
+
+    view = {"sha256": "ab" * 32, "notAfter": "2036-12-05T01:49:52Z", "expiresInSeconds": left_s}
+    assert agent_ca_lines(view) == ["agents' CA (SHA-256 abababababababab...): valid until 2036-12-05 01:49:52 UTC",
+                                    *([said] if said else [])]
+
+
 def test_events_follow_prints_each_new_event_until_interrupted(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
     follower = support.follow_events(serve.url, "--kind", "models", "--limit", "1")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import pathlib
 import socket
 import ssl
@@ -22,6 +23,8 @@ from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from orchestrator.agents import auth, hub, service
 from orchestrator.security import ca
+from orchestrator.testing import certificates, harness
+from tests.foundation import support
 
 TOKEN = "mtls-bootstrap"
 
@@ -180,6 +183,29 @@ async def test_a_join_is_refused_before_it_is_recorded_once_the_ca_expired(tmp_p
         assert agent_hub.status("edge-lyon") is None
     finally:
         await server.stop(None)
+
+
+async def test_status_shows_when_the_agents_ca_ends_and_warns_in_its_last_month(tmp_path: pathlib.Path) -> None:
+    """Past the CA's end no agent joins or renews: ``edgeplane status`` says when that is, and
+    within 30 days of it says what it means, in text and in ``-o json``."""
+    ends = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0) + datetime.timedelta(days=10, hours=1)
+    authority = certificates.ca_ending(tmp_path / "control-plane" / "ca", ends)
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        shown = await asyncio.to_thread(support.cli, "status", server_url=cp.http_url)
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert f"agents' CA (SHA-256 {authority.fingerprint[:16]}...): valid until {ends:%Y-%m-%d %H:%M:%S} UTC" in lines, lines
+        assert (f"warning: the agents' CA ends in 10 day(s) ({ends:%Y-%m-%d %H:%M:%S} UTC): from then on no agent can join or renew "
+                "its certificate, and agents must join a new CA (docs/security.md)") in lines, lines
+        shown = await asyncio.to_thread(support.cli, "status", "-o", "json", server_url=cp.http_url)
+        assert shown.returncode == 0, shown.stderr
+        agent_ca = json.loads(shown.stdout)["controlPlane"]["agentCa"]
+        assert agent_ca["sha256"] == authority.fingerprint and agent_ca["notAfter"] == f"{ends:%Y-%m-%dT%H:%M:%SZ}"
+        assert 10 * 86400 < agent_ca["expiresInSeconds"] <= ends.timestamp() - datetime.datetime.now(datetime.timezone.utc).timestamp()
+    finally:
+        await fleet.stop()
 
 
 def _served_certificate(port: int, authority: ca.CertificateAuthority) -> x509.Certificate:
