@@ -125,14 +125,16 @@ class EndpointTable:
 
     def note_applied(self, reasons: dict[str, str]) -> bool:
         """Note models of newly applied deployments that the table does not know, each with
-        why it has no endpoint yet; True when one was new (the table then changed)."""
+        why it has no endpoint yet, and say the new why of one noted already (changes went on
+        hold, or off it, since); True when the table changed. A note keeps the time it was
+        first made: the pass that read the store after it still drops it."""
         now = self.clock()
-        new = {m: (now, why) for m, why in reasons.items()
-               if m not in self._deployed and m not in self._by_model and m not in self._pending}
-        if new:
-            self._pending.update(new)
+        changed = {m: (self._pending[m][0] if m in self._pending else now, why) for m, why in reasons.items()
+                   if m not in self._deployed and m not in self._by_model and self._pending.get(m, (0.0, None))[1] != why}
+        if changed:
+            self._pending.update(changed)
             self.on_change()
-        return bool(new)
+        return bool(changed)
 
     def unknown_region(self, region: str, name: str = "X-Edgeplane-Region",
                        instead: str = "X-Edgeplane-Location: lat,lon") -> routing.NoRoute | None:

@@ -83,7 +83,8 @@ class Reconciler:
         """Runs beside :meth:`run`: each time objects are applied, the models of deployments
         the endpoint table does not know are noted as pending in it (and published to the
         other replicas and gateways), so that a request for one is told to retry, not that
-        the model is not deployed, until the pass that places it publishes its table."""
+        the model is not deployed, until the pass that places it publishes its table. When
+        changes go on hold or off it, the notes made already say so too."""
         while True:
             await self._applied_event.wait()
             self._applied_event.clear()
@@ -294,6 +295,8 @@ class Reconciler:
             raise
         if previous and not unreadable:
             log.info("every stored object reads again: changes to the fleet are no longer on hold")
+        if hold.reason(previous) != hold.reason(unreadable):  # models noted as pending say why they wait now
+            self._applied_event.set()
         if (why := hold.reason(unreadable) or "") != self._hold_published:
             await self.store.run(self.store.publish, hold.PUBLISHED_KEY, why, lease=self.lease)
             self._hold_published = why

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -320,6 +321,48 @@ async def test_a_model_applied_while_on_hold_is_answered_with_why_it_is_not_plac
         why = table.unavailable_reason("m2")
         assert why is not None and "it is placed when the hold ends (changes on hold: Model 'old' cannot be read" in why, why
     finally:
+        reconciler.stop()
+        await running
+        store.close()
+
+
+class ReadingHeld(store_mod.Store):
+    """A store whose next read of the whole desired state (a pass's) waits until ``go`` is set:
+    whatever happens meanwhile happens before that pass."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        super().__init__(path)
+        self.go = threading.Event()
+
+    def list(self, kind: str | None = None) -> list[store_mod.StoredObject]:
+        if kind is None:
+            assert self.go.wait(30), "the pass's read was never let through"
+        return super().list(kind)
+
+
+async def test_a_model_noted_as_being_placed_before_the_hold_began_is_answered_with_the_hold(tmp_path: pathlib.Path) -> None:
+    """Its deployment was applied while the pass that finds the fleet on hold was on its way:
+    noted "being placed" then, it would say so (retry shortly) for the whole hold."""
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320)).close()
+    store = ReadingHeld(tmp_path / "state.db")
+    table = endpoints_mod.EndpointTable()
+    reconciler = loop.Reconciler(store, Fleet().hub, dc_mod.DataCentres(dc_mod.LocalRay()),
+                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table, resync_s=3600.0)
+    running = asyncio.create_task(reconciler.run())
+    try:
+        catalog.apply_documents(store, loader.load_text(manifests.bundle(
+            manifests.onnx_model("m2", "m1.onnx", SHA), manifests.deployment("d2", "m2", 1, {"tiers": ["edge"]}))), actor="test")
+        reconciler.applied("test")  # the pass it starts waits to read
+        await harness.wait_until(lambda: table.unavailable_reason("m2") is not None, 10, what="m2 noted as applied")
+        assert table.unavailable_reason("m2") == "deployment d2 was just applied; its replicas are being placed"
+        store.go.set()
+        await reconciler.wait_for_pass(0)  # on hold
+        await harness.wait_until(lambda: "hold" in (table.unavailable_reason("m2") or ""), 10, what="m2's note to say the hold")
+        why = table.unavailable_reason("m2")
+        assert why is not None and why.startswith("deployment d2 was applied; it is placed when the hold ends (changes on hold: Model 'old'")
+    finally:
+        store.go.set()
         reconciler.stop()
         await running
         store.close()
