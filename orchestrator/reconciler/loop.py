@@ -222,9 +222,9 @@ class Reconciler:
         return self._rejoin is not None and self.clock() < self._rejoin[0]
 
     def _rejoining(self, sites: Iterable[snap.SiteRecord], placements: Iterable[store_mod.PlacementRow],
-                   agents: Iterable[agent_model.AgentStatus]) -> frozenset[str]:
+                   agents: Iterable[agent_model.AgentStatus], on_hold: bool = False) -> frozenset[str]:
         """The edge sites still awaited since :meth:`resume` (each leaves the set for good
-        when its agent joins)."""
+        when its agent joins). ``on_hold``: for a pass on hold, which plans nothing."""
         if self._rejoin is None:
             return frozenset()
         awaited = self._awaited(sites, placements, agents)
@@ -233,8 +233,10 @@ class Reconciler:
             return awaited
         self._rejoin, self._remembered = None, {}
         if awaited:
-            log.warning("%d edge site(s) that served before this control plane started did not rejoin in time (%s): "
-                        "they are planned as lost", len(awaited), ", ".join(sorted(awaited)[:5]))
+            log.warning("%d edge site(s) that served before this control plane started did not rejoin in time (%s): %s",
+                        len(awaited), ", ".join(sorted(awaited)[:5]),
+                        "the gateway no longer routes to them; changes are on hold, so they are planned as lost once it ends, "
+                        "unless their agents are back by then" if on_hold else "they are planned as lost")
         return frozenset()
 
     async def _await_takeover(self, every_s: float = 0.05) -> None:
@@ -422,7 +424,7 @@ class Reconciler:
         placements = tuple(await self.store.run(self.store.placements))
         agents = tuple(self.hub.snapshot())
         if not hold.unreadable_sites(desired.unreadable):
-            awaited = self._rejoining(desired.sites, placements, agents)
+            awaited = self._rejoining(desired.sites, placements, agents, on_hold=True)
         elif self._rejoin_open():  # which of its sites to await cannot be told yet: none leaves the window
             awaited = self._awaited(desired.sites, placements, agents) | hold.awaited_unread(desired.unreadable, placements, agents)
         else:

@@ -7,6 +7,7 @@ itself, and one that does not puts every change on hold, what runs kept as it is
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
 import threading
 from collections.abc import Callable
@@ -272,6 +273,27 @@ def test_on_hold_a_revoked_agent_is_not_routed_to_and_one_not_back_after_a_resta
         fleet.now += 31.0  # the rejoin window closes with edge-a's agent still away
         asyncio.run(reconciler.reconcile_once())
         assert health() == {("edge-a", False), ("edge-b", False)}
+    finally:
+        store.close()
+
+
+def test_on_hold_a_rejoin_window_that_closes_says_the_sites_are_planned_as_lost_only_once_the_hold_ends(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing is planned on hold: what the window's end changes is that the gateway stops
+    routing to the sites not back, and the log says that, and when they are planned as lost."""
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
+    fleet, reconciler, health = restarted_without_edge_a(store, tmp_path, [endpoint("d-old", "old", "edge-a")])
+    try:
+        assert asyncio.run(reconciler.reconcile_once()) is None  # on hold
+        fleet.now += 31.0
+        with caplog.at_level(logging.WARNING, logger=loop.__name__):
+            asyncio.run(reconciler.reconcile_once())
+        assert health() == {("edge-a", False)}
+        said = [r.getMessage() for r in caplog.records if "did not rejoin in time" in r.getMessage()]
+        assert said == ["1 edge site(s) that served before this control plane started did not rejoin in time (edge-a): the gateway "
+                        "no longer routes to them; changes are on hold, so they are planned as lost once it ends, unless their agents "
+                        "are back by then"], said
     finally:
         store.close()
 
