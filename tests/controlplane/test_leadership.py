@@ -1,12 +1,14 @@
 """The leader election on a real store file: one elector leads at a time, a leader that
 dies is replaced with a larger fencing token (its late writes refused), and a leader whose
 store stops answering steps down before its lease can run out, then leads again; and who
-leads is shown, and the leader reconciles, without a stalled database holding the replica up."""
+leads is shown, and the leader reconciles, without a stalled database holding the replica up;
+a follower shows the hold its leader published."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pathlib
 import sqlite3
@@ -27,6 +29,7 @@ from orchestrator.store import sqlite as store_mod
 from orchestrator.store.threads import StoreThreads
 from orchestrator.testing import harness, stall
 from orchestrator.testing.postgres import PostgresServer
+from tests.foundation import support
 
 TTL_S = 1.0
 
@@ -318,6 +321,44 @@ async def test_a_leader_publishes_that_it_answers_the_followers_claims(tmp_path:
         assert leader.replica == cp.replica_id and leader.answers_claims
     finally:
         await fleet.stop()
+
+
+async def test_a_follower_shows_the_hold_its_leader_published_and_its_end(tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    """A follower runs no pass: why changes to the fleet are on hold, in its ``GET
+    /v1/controlplane`` and ``edgeplane status``, is what the leader published, and it stops
+    saying so once the leader's pass finds every object readable again."""
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (leading, following):
+        leader, follower = leading.cp, following.cp
+        assert leader is not None and follower is not None
+        legacy = {"variants": [{"name": "v", "runtime": "ray-serve", "importPath": "pkg.mod:app", "throughputRps": 1e-320,
+                                "resources": {"cpu": 1, "memoryMiB": 256}}]}  # a throughput this version refuses even stored
+        await leader.store.run(leader.store.apply, [store_mod.ObjectWrite("Model", "old", {}, legacy)],
+                               store_mod.Event("earlier-version", "apply", "", "", "apply"))
+        leader.reconciler.trigger("test")
+        async with httpx.AsyncClient(base_url=follower.http_url, timeout=30) as http:
+
+            async def follower_view(held: bool) -> dict[str, object]:
+                for _ in range(300):  # the leader's next pass publishes it
+                    view: dict[str, object] = (await http.get("/v1/controlplane")).json()
+                    if ("hold" in view) == held:
+                        return view
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"the follower's view never {'showed' if held else 'stopped showing'} the hold: {view}")
+
+            view = await follower_view(held=True)
+            assert view["role"] == "follower", view
+            hold = view["hold"]
+            assert isinstance(hold, str) and hold.startswith("changes on hold: Model 'old' cannot be read (variants.0.throughputRps"), view
+            assert hold.endswith(": apply it again or delete it")
+            shown = await asyncio.to_thread(support.cli, "status", server_url=follower.http_url)
+            assert shown.returncode == 0 and hold in shown.stdout.splitlines(), (shown.stdout, shown.stderr)
+            shown = await asyncio.to_thread(support.cli, "status", "-o", "json", server_url=follower.http_url)
+            assert shown.returncode == 0 and json.loads(shown.stdout)["controlPlane"]["hold"] == hold, shown.stderr
+
+            assert (await http.delete("/v1/models/old")).status_code == 200  # through the follower: the leader's next pass reads it
+            await follower_view(held=False)
+            shown = await asyncio.to_thread(support.cli, "status", server_url=follower.http_url)
+            assert shown.returncode == 0 and "changes on hold" not in shown.stdout, shown.stdout
 
 
 async def test_a_pass_on_a_stalled_database_holds_up_no_other_request(tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
