@@ -8,8 +8,10 @@ the commands that ask once and report what they got.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.cli import render
@@ -37,56 +39,26 @@ def _events_query(limit: int, since: int | None, kind: str | None, name: str | N
 def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | None = None, kind: str | None = None,
                   name: str | None = None, every_s: float = 1.0) -> int:
     """The newest events (or those after ``since``), then each new one as it is logged, one
-    line each (``-o json``: one JSON object a line), until interrupted. A control plane that
-    cannot be reached (restarting, say) or says to retry later (503 while its store does not
-    answer, a reverse proxy's 502/503/504 while it restarts, 429 as long as its Retry-After
-    says, up to a minute) is waited for, said once on stderr; the events logged meanwhile
-    follow when it answers again. Event ids count from each store's own start: a control plane
-    back on another store (its ``store`` changed) is said once on stderr and followed from
-    that store's newest events, not from an id of the last one. When its retention deleted
-    events after the id asked from (``prunedThrough``; ``--since`` an old id, say), that is
-    said once on stderr, and what was kept follows. That is asked only of the first answer
-    after ``--since`` or after the control plane was away: ``prunedThrough`` counts every
-    kind, so a later poll, asking after the newest event of ``--kind``/``--name``, would be
-    told of other events retention deleted since, none of which it follows."""
-    params = _events_query(limit, since, kind, name)
+    line each (``-o json``: one JSON object a line), until interrupted. What to ask next, what
+    to say on stderr and how long to wait are :func:`answered` and :func:`unanswered`'s; this
+    loop only asks, prints and sleeps."""
     if output == "table":
         print("\t".join(EVENT_COLUMNS), flush=True)
     reason_width = 70 if sys.stdout.isatty() else None  # piped: whole, as tables are
-    away = False
-    store: str | None = None  # the store the ids read so far are from (None: not said yet)
-    pruned_said = 0  # the last id said to be pruned
-    check_pruned = since is not None  # an id the caller chose, not the newest one read
+    state = Follow(limit, since, check_pruned=since is not None)
     while True:
         try:
-            answer = api.request("GET", "/v1/events", params=params)
+            answer = api.request("GET", "/v1/events", params=_events_query(state.page_size, state.since, kind, name))
         except CliError as exc:
             wait = _wait_to_ask_again(exc, every_s)
             if wait is None:  # refused, not away: asking again would be refused again
                 raise
-            if not away:
-                said = f"{exc} (HTTP {exc.status})" if isinstance(exc, RetryLater) else str(exc)
-                print(f"warning: {said}; asking again every {wait:g}s", file=sys.stderr, flush=True)
-            away, check_pruned = True, "since" in params  # events logged meanwhile may age out before it answers
-            time.sleep(wait)
-            continue
-        if away:
-            print("the control plane answers again; following", file=sys.stderr, flush=True)
-            away = False
-        items, answered_from = answer["items"], answer.get("store")  # no store: a control plane older than it
-        if store is not None and answered_from is not None and answered_from != store:
-            print(f"the control plane now reads another store ({answered_from}, was {store}); following its newest events",
-                  file=sys.stderr, flush=True)
-            store, params, pruned_said, check_pruned = answered_from, _events_query(limit, None, kind, name), 0, False
-            continue  # these came after an id of the other store
-        store = answered_from or store
-        pruned = int(answer.get("prunedThrough") or 0)
-        if check_pruned and pruned > max(int(params["since"]), pruned_said):
-            print(f"warning: events before id {pruned + 1} were pruned past their retention, some after id {params['since']} "
-                  "may be missing; going on from the oldest kept", file=sys.stderr, flush=True)
-            pruned_said = pruned
-        check_pruned = False
-        for e in items:
+            step = unanswered(state, f"{exc} (HTTP {exc.status})" if isinstance(exc, RetryLater) else str(exc), wait)
+        else:
+            step = answered(state, Page.from_json(answer), every_s)
+        for line in step.said:
+            print(line, file=sys.stderr, flush=True)
+        for e in step.shown:
             if output == "table":
                 print("\t".join(str(c) for c in _event_row(e, reason_width)))
             elif output == "json":
@@ -95,9 +67,89 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
                 print("---")
                 render.dump(e, "yaml")
         sys.stdout.flush()
-        last = items[-1]["id"] if items else int(params.get("since", "0"))
-        params = _events_query(1000, last, kind, name)
-        time.sleep(every_s)
+        state = step.state
+        if step.wait_s:
+            time.sleep(step.wait_s)
+
+
+#: how many events a follow asks for at once after its first answer
+PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Follow:
+    """What a follow has seen, which decides what it asks next and what it says."""
+
+    limit: int  # --limit: how many of a store's newest events are shown first
+    since: int | None = None  # the id the next ask is after; None: the newest ``limit``
+    first: bool = True  # the next ask is the first of this store's (``limit`` events, not a PAGE)
+    store: str | None = None  # the store the ids read so far are from (None: not said yet)
+    pruned_said: int = 0  # the last id said to be pruned
+    # whether the next answer's prunedThrough is said: after an id the caller chose (--since),
+    # or after the control plane was away (events logged meanwhile may age out before it answers)
+    check_pruned: bool = False
+    away: bool = False  # the last ask got no answer
+
+    @property
+    def page_size(self) -> int:
+        return self.limit if self.first else PAGE
+
+
+@dataclass(frozen=True)
+class Page:
+    """One answer of ``GET /v1/events``."""
+
+    items: tuple[dict[str, Any], ...]
+    store: str | None = None  # None: a control plane older than ``store``
+    pruned_through: int = 0
+
+    @classmethod
+    def from_json(cls, answer: dict[str, Any]) -> Page:
+        return cls(tuple(answer["items"]), answer.get("store"), int(answer.get("prunedThrough") or 0))
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a follow does after one ask: say ``said`` on stderr, print ``shown``, wait ``wait_s`` (0: ask again at once)."""
+
+    state: Follow
+    said: tuple[str, ...] = ()
+    shown: tuple[dict[str, Any], ...] = ()
+    wait_s: float = 0.0
+
+
+def unanswered(state: Follow, problem: str, wait_s: float) -> Step:
+    """No answer (``problem``; asked again in ``wait_s``): a control plane that cannot be
+    reached (restarting, say) or says to retry later (503 while its store does not answer, a
+    reverse proxy's 502/503/504 while it restarts, 429) is said once, and waited for."""
+    said = () if state.away else (f"warning: {problem}; asking again every {wait_s:g}s",)
+    return Step(dataclasses.replace(state, away=True, check_pruned=state.since is not None), said, wait_s=wait_s)
+
+
+def answered(state: Follow, page: Page, every_s: float) -> Step:
+    """An answer: its events are shown, and the next ask is after the last of them.
+
+    Event ids count from each store's own start: a control plane back on another store (its
+    ``store`` changed) is said once, and followed from that store's newest events, not from an
+    id of the last one. When its retention deleted events after the id asked from
+    (``prunedThrough``; ``--since`` an old id, say), that is said once, and what was kept
+    follows. That is asked only of the first answer after ``--since`` or after the control
+    plane was away: ``prunedThrough`` counts every kind, so a later poll, asking after the
+    newest event of ``--kind``/``--name``, would be told of other events retention deleted
+    since, none of which it follows."""
+    said = ("the control plane answers again; following",) if state.away else ()
+    if state.store is not None and page.store is not None and page.store != state.store:
+        said += (f"the control plane now reads another store ({page.store}, was {state.store}); following its newest events",)
+        # its events came after an id of the other store: asked again at once, for this one's newest
+        return Step(Follow(state.limit, store=page.store), said)
+    pruned_said = state.pruned_said
+    if state.check_pruned and state.since is not None and page.pruned_through > max(state.since, state.pruned_said):
+        said += (f"warning: events before id {page.pruned_through + 1} were pruned past their retention, some after id "
+                 f"{state.since} may be missing; going on from the oldest kept",)
+        pruned_said = page.pruned_through
+    since = page.items[-1]["id"] if page.items else (state.since or 0)
+    after = Follow(state.limit, since, first=False, store=page.store or state.store, pruned_said=pruned_said)
+    return Step(after, said, page.items, every_s)
 
 
 #: the longest a Retry-After is honoured while following: a server asking for more would leave the follow silent
