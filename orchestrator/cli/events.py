@@ -84,7 +84,9 @@ class Follow:
     since: int | None = None  # the id the next ask is after; None: the newest ``limit``
     first: bool = True  # the next ask is the first of this store's (``limit`` events, not a PAGE)
     store: str | None = None  # the store the ids read so far are from (None: not said yet)
-    pruned_said: int = 0  # the last id said to be pruned
+    # the newest pruned id that loses nothing unsaid: one said, or one pruned before an answer
+    # of a store's newest events (which were all there was to follow then)
+    pruned_known: int = 0
     # whether the next answer's prunedThrough is said: after an id the caller chose (--since),
     # or after the control plane was away (events logged meanwhile may age out before it answers)
     check_pruned: bool = False
@@ -136,19 +138,22 @@ def answered(state: Follow, page: Page, every_s: float) -> Step:
     follows. That is asked only of the first answer after ``--since`` or after the control
     plane was away: ``prunedThrough`` counts every kind, so a later poll, asking after the
     newest event of ``--kind``/``--name``, would be told of other events retention deleted
-    since, none of which it follows."""
+    since, none of which it follows; nor is what it deleted before an answer of the newest
+    events, which were all there was to follow."""
     said = ("the control plane answers again; following",) if state.away else ()
     if state.store is not None and page.store is not None and page.store != state.store:
         said += (f"the control plane now reads another store ({page.store}, was {state.store}); following its newest events",)
         # its events came after an id of the other store: asked again at once, for this one's newest
         return Step(Follow(state.limit, store=page.store), said)
-    pruned_said = state.pruned_said
-    if state.check_pruned and state.since is not None and page.pruned_through > max(state.since, state.pruned_said):
+    pruned_known = state.pruned_known
+    if state.since is None:  # the newest events: what retention deleted before them is none this follow shows
+        pruned_known = page.pruned_through
+    elif state.check_pruned and page.pruned_through > max(state.since, state.pruned_known):
         said += (f"warning: events before id {page.pruned_through + 1} were pruned past their retention, some after id "
                  f"{state.since} may be missing; going on from the oldest kept",)
-        pruned_said = page.pruned_through
+        pruned_known = page.pruned_through
     since = page.items[-1]["id"] if page.items else (state.since or 0)
-    after = Follow(state.limit, since, first=False, store=page.store or state.store, pruned_said=pruned_said)
+    after = Follow(state.limit, since, first=False, store=page.store or state.store, pruned_known=pruned_known)
     return Step(after, said, page.items, every_s)
 
 

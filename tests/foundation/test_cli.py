@@ -612,11 +612,14 @@ def test_events_follow_starts_again_from_the_newest_events_of_another_store(tmp_
 class _Outage(http.server.ThreadingHTTPServer):
     """A control plane seen through a reverse proxy across an outage: the event log, then
     what each says while it cannot answer (the store down: 503; the proxy while the control
-    plane restarts: 502, 504; busy: 429), then the log again with one event more."""
+    plane restarts: 502, 504; busy: 429), then the log again with one event more. With
+    ``pruned_through``, its answers name their store and say retention deleted the events
+    up to that id (the fleet's own, newer than the audit event it shows first), and the
+    event logged during the outage comes after them."""
 
     EVENT = {"actor": "admin", "action": "created", "kind": "Model", "name": "m", "reason": ""}
 
-    def __init__(self) -> None:
+    def __init__(self, pruned_through: int = 0) -> None:
         self.answers: list[tuple[int, dict[str, str], bytes]] = [
             (503, {"content-type": "application/json"}, b'{"error": "the store does not answer: connection refused"}'),
             (502, {"content-type": "text/html"}, b"<html><body>502 Bad Gateway</body></html>"),
@@ -625,30 +628,30 @@ class _Outage(http.server.ThreadingHTTPServer):
         ]
         self.asked: list[str] = []
         outage = self
+        said = {"store": "s1", "prunedThrough": pruned_through} if pruned_through else {}
+        later = {**outage.EVENT, "id": max(2, pruned_through + 1), "name": "m2"}
 
         class Handler(loopback.CannedHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 outage.asked.append(self.path)
                 if len(outage.asked) == 1:
-                    answer = (200, {}, json.dumps({"items": [{**outage.EVENT, "id": 1}]}).encode())
+                    answer = (200, {}, json.dumps({"items": [{**outage.EVENT, "id": 1}], **said}).encode())
                 elif outage.answers:
                     answer = outage.answers.pop(0)
                 else:
-                    items = [{**outage.EVENT, "id": 2, "name": "m2"}] if "since=1&" in self.path else []
-                    answer = (200, {}, json.dumps({"items": items}).encode())
+                    items = [later] if "since=1&" in self.path else []
+                    answer = (200, {}, json.dumps({"items": items, **said}).encode())
                 status, headers, body = answer
                 self.reply(status, body, headers)
 
         super().__init__(("127.0.0.1", 0), Handler)
 
 
-def test_events_follow_waits_out_answers_that_say_retry_later() -> None:
-    """``events -w`` exited (code 1) at the first 503, which the control plane answers while
-    its store does not, and a reverse proxy while the control plane restarts."""
-    outage = _Outage()
+def follow_across(outage: _Outage, *args: str) -> tuple[list[int], str]:
+    """The ids of the first 2 events ``events -w *args`` prints across ``outage``, and its stderr."""
     thread = threading.Thread(target=outage.serve_forever, daemon=True)
     thread.start()
-    follower = support.follow_events(f"http://127.0.0.1:{outage.server_port}")
+    follower = support.follow_events(f"http://127.0.0.1:{outage.server_port}", *args)
     printed: queue.Queue[str] = queue.Queue()
     # read in a thread so that a follower which prints nothing fails the test instead of hanging it
     reader = threading.Thread(target=lambda: [printed.put(follower.stdout.readline()) for _ in range(2)],  # type: ignore[union-attr]
@@ -660,7 +663,6 @@ def test_events_follow_waits_out_answers_that_say_retry_later() -> None:
         except queue.Empty:
             pytest.fail("events --follow printed fewer than 2 events in 60 s")
         assert all(lines), follower.stderr.read()  # type: ignore[union-attr]
-        assert [json.loads(line)["id"] for line in lines] == [1, 2]
         assert follower.poll() is None  # still following
     finally:
         follower.send_signal(signal.SIGINT)
@@ -670,6 +672,23 @@ def test_events_follow_waits_out_answers_that_say_retry_later() -> None:
         outage.server_close()
         thread.join()
     assert follower.returncode == 130 and "Traceback" not in err, err
+    return [json.loads(line)["id"] for line in lines], err
+
+
+def test_events_follow_waits_out_answers_that_say_retry_later() -> None:
+    """``events -w`` exited (code 1) at the first 503, which the control plane answers while
+    its store does not, and a reverse proxy while the control plane restarts."""
+    ids, err = follow_across(_Outage())
+    assert ids == [1, 2]
+    assert err.splitlines() == ["warning: the store does not answer: connection refused (HTTP 503); asking again every 1s",
+                                "the control plane answers again; following"], err
+
+
+def test_events_follow_back_from_an_outage_is_not_warned_of_events_pruned_before_it_began() -> None:
+    """``events -w`` starts from the newest events, so events retention deleted before its
+    first answer are none it follows; back from an outage it said they "may be missing"."""
+    ids, err = follow_across(_Outage(pruned_through=6), "--kind", "models")
+    assert ids == [1, 7]
     assert err.splitlines() == ["warning: the store does not answer: connection refused (HTTP 503); asking again every 1s",
                                 "the control plane answers again; following"], err
 
