@@ -85,6 +85,13 @@ def decode_event(line: str, current: tuple[str | None, int | None, wire.TableCon
     return None if contents is None else (epoch_s, snapshot_version, contents)
 
 
+def next_pause(last_s: float | None, synced: bool, low_s: float, high_s: float) -> float:
+    """How long to wait before watching again after a watch failed: ``low_s`` after the
+    first failure or a watch that got a table (``synced``), else twice the last pause
+    (``last_s``), up to ``high_s``."""
+    return low_s if last_s is None or synced else min(high_s, last_s * 2)
+
+
 class TableFollower:
     def __init__(self, urls: Sequence[str], table: endpoints_mod.EndpointTable, *, token: str | None = None,
                  silence_s: float = 15.0, connect_timeout_s: float = 3.0, backoff_min_s: float = 0.2, backoff_max_s: float = 5.0,
@@ -129,7 +136,7 @@ class TableFollower:
 
     async def run(self) -> None:
         """Follow the control planes until cancelled."""
-        backoff = self.backoff_min_s
+        pause: float | None = None
         while True:
             url = self.current
             before = self.snapshots
@@ -142,17 +149,15 @@ class TableFollower:
                 log.exception("control plane %s: following the endpoint table failed", url)
                 problem = f"{type(exc).__name__}: {exc}"
             self.connected = False
-            if self.snapshots > before:
-                backoff = self.backoff_min_s
+            pause = next_pause(pause, self.snapshots > before, self.backoff_min_s, self.backoff_max_s)
             message = f"control plane {url}: {problem}"
             if message != self.last_error:
                 log.warning("%s; %s in %.1fs", message,
-                            "serving the last endpoint table, retrying" if self.ready else "no endpoint table yet, retrying", backoff)
+                            "serving the last endpoint table, retrying" if self.ready else "no endpoint table yet, retrying", pause)
             self.last_error = message
             if len(self.urls) > 1:
                 self._index = (self._index + 1) % len(self.urls)
-            await asyncio.sleep(backoff)
-            backoff = min(self.backoff_max_s, backoff * 2)
+            await asyncio.sleep(pause)
 
     async def _watch(self, url: str) -> None:
         async with self._http.stream("GET", f"{url}/v1/endpoints", params={"watch": "1"}) as resp:
@@ -280,6 +285,47 @@ def expiry(answer: object) -> float | None:
     return datetime.datetime.fromisoformat(text).timestamp()
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What the gateway knows of one token, on its own monotonic clock: ``token`` (None: not
+    valid), used without asking until ``fresh_until``; a valid one is held while no control
+    plane answers until ``valid_until``, its expiry (inf: none)."""
+
+    token: Token | None
+    fresh_until: float
+    valid_until: float = math.inf
+
+
+def judge(status: int, answer: object, *, now: float, wall: float, ttl_s: float, negative_ttl_s: float) -> Verdict | None:
+    """What one control plane's answer to ``GET /v1/whoami`` (``status``, and its parsed JSON
+    ``answer``; None when it is none) says of a token, at ``now`` on the gateway's clock and
+    ``wall`` its Unix time: a valid one is used ``ttl_s`` at most (a revoked token passes that
+    long), never past its own expiry, by which it is refused; an invalid one ``negative_ttl_s``.
+    None when the answer says nothing (a 5xx, a body not understood): the next control plane is asked."""
+    if status in (401, 403):
+        return Verdict(None, now + negative_ttl_s)
+    if status != 200 or not isinstance(answer, dict):
+        return None
+    try:
+        expires_at = expiry(answer)
+    except ValueError:
+        return None
+    # a span of this clock from here, so a step of the wall clock later moves nothing
+    valid_until = math.inf if expires_at is None else now + expires_at - wall
+    token_id = answer.get("id")
+    if not token_id or valid_until <= now:  # expired by this gateway's clock: refused
+        return Verdict(None, now + negative_ttl_s, valid_until)
+    return Verdict(Token(str(token_id)), min(now + ttl_s, valid_until), valid_until)
+
+
+def held(known: Verdict | None, now: float) -> Token | None:
+    """The verdict on a token when no control plane answered, from what was known of it
+    (``known``): valid until it expires; :class:`Unverifiable` for one known invalid or never seen."""
+    if known is None or known.token is None:
+        raise Unverifiable("no control plane answered to check the token")
+    return known.token if known.valid_until > now else None
+
+
 class TokenChecker:
     """Asks the control planes whether an API token is valid, and keeps the verdict: a valid
     one ``ttl_s`` (a revoked token passes that long at most), an invalid one
@@ -291,9 +337,7 @@ class TokenChecker:
         self.follower = follower
         self.ttl_s, self.negative_ttl_s, self.max_entries = ttl_s, negative_ttl_s, max_entries
         self.clock, self.wall = clock, wall
-        # by key: the verdict, until when (clock) it is used without asking, and until when
-        # (clock) a valid one holds while no control plane answers (its expiry; inf: none)
-        self._cache: collections.OrderedDict[str, tuple[Token | None, float, float]] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str, Verdict] = collections.OrderedDict()  # by key
         self._asking: dict[str, asyncio.Future[Token | None]] = {}  # one control-plane call per token at a time
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
 
@@ -313,8 +357,8 @@ class TokenChecker:
             return None
         key = self._key(secret)
         hit = self._cache.get(key)
-        if hit is not None and hit[1] > self.clock():
-            return hit[0]
+        if hit is not None and hit.fresh_until > self.clock():
+            return hit.token
         asking = self._asking.get(key)
         if asking is None:  # callers with the same new token wait for one call, which a caller leaving does not cancel
             asking = asyncio.ensure_future(self._ask(secret, key, hit))
@@ -322,34 +366,24 @@ class TokenChecker:
             asking.add_done_callback(lambda done: (self._asking.pop(key, None), done.cancelled() or done.exception()))
         return await asyncio.shield(asking)
 
-    async def _ask(self, secret: str, key: str, hit: tuple[Token | None, float, float] | None) -> Token | None:
+    async def _ask(self, secret: str, key: str, hit: Verdict | None) -> Token | None:
         urls = [self.follower.current] + [u for u in self.follower.urls if u != self.follower.current]
         for url in urls:
             try:
                 resp = await self._http.get(f"{url}/v1/whoami", headers={"authorization": f"Bearer {secret}"})
             except httpx.HTTPError:
                 continue
-            now = self.clock()
-            expires = math.inf
-            if resp.status_code == 200:
-                try:
-                    answer = resp.json()
-                    token_id, expires_at = answer.get("id"), expiry(answer)
-                except (ValueError, AttributeError):
-                    continue
-                if expires_at is not None:  # a span of this clock from here, so a step of the wall clock later moves nothing
-                    expires = now + expires_at - self.wall()
-                verdict = Token(str(token_id)) if token_id and expires > now else None  # expired by this gateway's clock: refused
-            elif resp.status_code in (401, 403):
-                verdict = None
-            else:
+            try:
+                answer = resp.json() if resp.status_code == 200 else None
+            except ValueError:
+                answer = None
+            verdict = judge(resp.status_code, answer, now=self.clock(), wall=self.wall(), ttl_s=self.ttl_s,
+                            negative_ttl_s=self.negative_ttl_s)
+            if verdict is None:
                 continue
-            keep = min(now + self.ttl_s, expires) if verdict is not None else now + self.negative_ttl_s
-            self._cache[key] = (verdict, keep, expires)
+            self._cache[key] = verdict
             self._cache.move_to_end(key)
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
-            return verdict
-        if hit is not None and hit[0] is not None:  # known valid: stays valid while the control plane is away,
-            return hit[0] if hit[2] > self.clock() else None  # until it expires
-        raise Unverifiable("no control plane answered to check the token")
+            return verdict.token
+        return held(hit, self.clock())
