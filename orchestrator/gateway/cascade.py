@@ -50,6 +50,7 @@ from orchestrator.distill import capture as capture_mod
 from orchestrator.distill import store as capture_store
 from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import failover
 from orchestrator.gateway import routing
 from orchestrator.gateway.options import MAX_BODY
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
@@ -195,28 +196,8 @@ class Trip:
     first_country: str | None = None
     first_confidence: float | None = None
     escalated: bool = False  # counted once in Totals.escalated, however many stages it passes
-    # the gateway's edgeplane_gateway_failovers_total, told the site of a failed attempt once another replica is tried
-    failover: Callable[[str], None] = field(default=lambda site: None)
-    # the site of the attempt under way or just failed (attempt), until its replica answers (answered)
-    _failed_at: str | None = field(default=None, init=False)
-
-    def trying(self) -> None:
-        """Another replica (of this stage or a later one) is about to run the request: if the
-        attempt before it failed, the request fails over from that one, counted as the plain
-        routes count it (a request that ends on a failure moved on from nothing)."""
-        if self._failed_at is not None:
-            self.failover(self._failed_at)
-            self._failed_at = None
-
-    def attempt(self, site: str) -> None:
-        """The replica at ``site`` is about to run the request (:meth:`trying`); until it
-        :meth:`answered`, the attempt counts as failed."""
-        self.trying()
-        self._failed_at = site
-
-    def answered(self) -> None:
-        """The replica of the last :meth:`attempt` answered: no failover from it."""
-        self._failed_at = None
+    # edgeplane_gateway_failovers_total, by the site moved on from, whether the next replica is this stage's or a later one's
+    failovers: failover.Failovers = field(default_factory=lambda: failover.Failovers(None, ""))
 
 
 @dataclass
@@ -268,9 +249,9 @@ class CascadeHandler:
         return LaterStages(lambda s: self.ranking(route, s, caller), stage, len(route.stages))
 
     async def infer(self, route: rules.CascadeRoute, mode: rules.Mode, caller: routing.Caller, request: Request, body: bytes,
-                    plain: Callable[[], Awaitable[Response]], *, failover: Callable[[str], None] = lambda site: None) -> Response:
+                    plain: Callable[[], Awaitable[Response]], *, failovers: failover.Failovers | None = None) -> Response:
         """``route``'s answer to ``request`` (``plain``'s with ``X-Edgeplane-Cascade: off``);
-        ``failover`` counts, for the gateway, each site a failed attempt moved on from."""
+        ``failovers`` counts, for the gateway, each site a failed attempt moved on from."""
         if mode == "off":
             return await plain()
         kept: bytes | encoding_mod.Refused = body  # the request as a capture record keeps it: readable, so inflated
@@ -285,7 +266,9 @@ class CascadeHandler:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         stage = rules.first_stage(route, mode)
         ranked = self.ranking(route, stage, caller)
-        trip = Trip(caller=caller, mode=mode, body=kept, failover=failover)
+        trip = Trip(caller=caller, mode=mode, body=kept)
+        if failovers is not None:
+            trip.failovers = failovers
         if route.capture is not None:
             trip.body_binary = oip.header_length(request.headers.get(oip.BINARY_HEADER.lower()))
         answer: _Attempt | None = None
@@ -388,7 +371,7 @@ class CascadeHandler:
         busy: _Attempt | None = None
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
-            trip.attempt(e.site)
+            trip.failovers.attempt(e.site)
             self.table.started(e.url)
             began = self.clock()
             try:
@@ -411,7 +394,7 @@ class CascadeHandler:
                 trip.failures.append(f"{e.site}: at capacity (HTTP 429)")
                 busy = _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)
                 continue
-            trip.answered()
+            trip.failovers.answered()
             if trip.first_site is None:
                 trip.first_site, trip.first_country = e.site, e.country
             return _Attempt(stage, upstream.status, upstream.body, upstream.headers, e.site, e.tier)

@@ -10,7 +10,7 @@ refusal patterns) and ``after_stage`` (answer, escalate, or answer saying why no
 escalated); the counters and energy are the v2 cascade's too (``CascadeHandler``), and
 so are ``edgeplane_gateway_requests_total`` (one caller request counts once, as the answer
 the caller got, however many stages ran for it) and ``edgeplane_gateway_failovers_total``
-(``Trip.attempt``).
+(the trip's :class:`~orchestrator.gateway.failover.Failovers`, which the relay of its last stage goes on with).
 A replica at capacity (429) is overloaded, as ``maxInflight`` reached is: the stage's next
 replica is tried, then the next stage; the caller gets the 429, with its ``Retry-After``,
 only when the stage the cascade ends on is at capacity.
@@ -44,6 +44,7 @@ from starlette.types import Send
 
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules as rules
+from orchestrator.gateway import failover
 from orchestrator.gateway import openai_routes, routing
 from orchestrator.gateway.upstream import UpstreamError, UpstreamTimeout
 
@@ -88,7 +89,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         return openai_routes.error(caller.status, caller.reason)
     totals = handler.stats.totals(route.deployment)
     totals.requests += 1
-    trip = cascade_mod.Trip(mode=mode, failover=lambda site: owner.gw.metrics.failovers.labels(route.model, site).inc())
+    trip = cascade_mod.Trip(mode=mode, failovers=failover.Failovers(owner.gw.metrics.failovers, route.model))
     req = _Request(owner, handler, route, body, suffix, stream, handler.clock(), arrived, totals, trip)
     stage = rules.first_stage(route, mode)
     ranked = handler.ranking(route, stage, caller)
@@ -202,7 +203,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
     busy: _Answer | None = None
     for choice in ranked[: owner.gw.max_attempts]:
         e = choice.endpoint
-        req.trip.attempt(e.site)
+        req.trip.failovers.attempt(e.site)
         owner.gw.table.started(e.url)
         began = handler.clock()
         try:
@@ -233,7 +234,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
             busy = _Answer(stage, status, content, e.site, e.tier, retry_after)
             continue
         if status != 200:
-            req.trip.answered()  # the caller's error: an answer
+            req.trip.failovers.answered()  # the caller's error: an answer
             return _Answer(stage, status, content, e.site, e.tier)
         try:
             parsed = json.loads(content)
@@ -242,7 +243,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
         if not isinstance(parsed, dict):
             req.trip.failures.append(f"{e.site}: the answer is not a JSON object")
             continue
-        req.trip.answered()
+        req.trip.failovers.answered()
         return _Answer(stage, 200, parsed, e.site, e.tier)
     return busy
 
@@ -395,7 +396,6 @@ def _relay(req: _Request, stage: int, ranked: list[routing.Ranked], escalated_at
            fallback: tuple[_Answer, float | None, str] | None) -> Response:
     raw = json.dumps({**req.body, "model": req.route.model}).encode()
     hooks = _StageHooks(req, stage, escalated_at, escalated_why, fallback)
-    req.trip.trying()  # the relay tries ranked[0] first, and counts its own failovers after that
     return openai_routes.relay(req.owner, req.route.model, ranked[: req.owner.gw.max_attempts], req.suffix, raw, req.stream,
-                               chat=req.chat, arrived=req.arrived, hooks=hooks)
+                               chat=req.chat, arrived=req.arrived, hooks=hooks, failovers=req.trip.failovers)
 

@@ -54,7 +54,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import cascade_rules, openai_cascade, routing
+from orchestrator.gateway import cascade_rules, failover, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import Stream, UpstreamError, UpstreamTimeout
 
@@ -384,10 +384,12 @@ class _Decided(Response):
 
 
 def relay(owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes, stream: bool, *, chat: bool,
-          arrived: float, hooks: RelayHooks | None = None) -> Response:
+          arrived: float, hooks: RelayHooks | None = None, failovers: failover.Failovers | None = None) -> Response:
     """Send ``raw`` (a JSON body) to the first of ``ranked`` that answers and relay its answer
-    (its first token timed from ``arrived``, the caller's request: ``time.perf_counter``)."""
-    return _Relay(owner, model, ranked, suffix, raw, {"content-type": "application/json"}, stream, chat=chat, arrived=arrived, hooks=hooks)
+    (its first token timed from ``arrived``, the caller's request: ``time.perf_counter``);
+    ``failovers``: the request's, when replicas before these failed it (a cascade's earlier stages)."""
+    return _Relay(owner, model, ranked, suffix, raw, {"content-type": "application/json"}, stream, chat=chat, arrived=arrived, hooks=hooks,
+                  failovers=failovers)
 
 
 class _Relay(Response):
@@ -395,8 +397,10 @@ class _Relay(Response):
     disconnect at any point cancels the work, which closes the upstream connection."""
 
     def __init__(self, owner: OpenAIGateway, model: str, ranked: list[routing.Ranked], suffix: str, raw: bytes,
-                 headers: dict[str, str], stream: bool, *, chat: bool, arrived: float, hooks: RelayHooks | None = None) -> None:
+                 headers: dict[str, str], stream: bool, *, chat: bool, arrived: float, hooks: RelayHooks | None = None,
+                 failovers: failover.Failovers | None = None) -> None:
         self.owner, self.model, self.ranked, self.suffix = owner, model, ranked, suffix
+        self.failovers = failovers if failovers is not None else failover.Failovers(owner.gw.metrics.failovers, model)
         self.raw, self.fwd_headers, self.stream, self.chat = raw, headers, stream, chat
         self.arrived = arrived  # the caller's request (time.perf_counter), which its first token is timed from
         self.hooks = hooks
@@ -424,10 +428,9 @@ class _Relay(Response):
         gw = self.owner.gw
         failures: list[str] = []
         at_capacity: AtCapacity | None = None
-        for i, choice in enumerate(self.ranked):
-            if i:  # the one before failed and this request moved on from it
-                gw.metrics.failovers.labels(self.model, self.ranked[i - 1].endpoint.site).inc()
+        for choice in self.ranked:
             e = choice.endpoint
+            self.failovers.attempt(e.site)
             gw.table.started(e.url)
             began = time.perf_counter()
             try:

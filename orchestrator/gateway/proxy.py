@@ -31,6 +31,7 @@ from orchestrator.api import bodies
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import cascade_rules
 from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import failover
 from orchestrator.gateway import routing
 from orchestrator.gateway.options import COLD_START_S, MAX_BODY
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
@@ -203,11 +204,10 @@ class Gateway:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         failures = []
         missing = 0  # replicas that answered 404
-        tried = ranked[: self.max_attempts]
-        for i, choice in enumerate(tried):
-            if i:  # the attempt before failed, and the request moved on from it
-                self.metrics.failovers.labels(label, tried[i - 1].endpoint.site).inc()
+        moves = failover.Failovers(self.metrics.failovers, label)
+        for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
+            moves.attempt(e.site)
             url = f"{e.url}/v2/models/{e.model}{suffix}"
             self.table.started(e.url)
             try:
@@ -300,7 +300,7 @@ class Gateway:
             return cold
         response = await handler.infer(route, mode, caller, request, body,
                                        lambda: self._forward(route.model, request, "POST", "/infer", body),
-                                       failover=lambda site: self.metrics.failovers.labels(route.model, site).inc())
+                                       failovers=failover.Failovers(self.metrics.failovers, route.model))
         if mode != "off":  # plain routing counted itself
             self.metrics.requests.labels(route.model, response.headers.get("x-edgeplane-site", ""), str(response.status_code)).inc()
         return response

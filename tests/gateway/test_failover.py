@@ -1,0 +1,38 @@
+"""What one caller request counts in ``edgeplane_gateway_failovers_total`` as it is tried
+at replica after replica (:class:`orchestrator.gateway.failover.Failovers`, which the v2
+and OpenAI routes, both cascades and the relay share), table-tested on a real counter."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from orchestrator.gateway import failover
+
+
+def counted(counter: Counter) -> dict[str, float]:
+    return {s.labels["site"]: s.value for m in counter.collect() for s in m.samples
+            if s.name.endswith("_total") and s.value}
+
+
+@pytest.mark.parametrize(("steps", "moved_on_from"), [
+    pytest.param(["a", "ok"], {}, id="the first replica answers"),
+    pytest.param(["a"], {}, id="the only replica fails: moved on from nothing"),
+    pytest.param(["a", "b", "ok"], {"a": 1}, id="the next replica answers"),
+    pytest.param(["a", "b", "c", "ok"], {"a": 1, "b": 1}, id="the third answers"),
+    pytest.param(["a", "b", "c"], {"a": 1, "b": 1}, id="every replica fails: the last counts none"),
+    pytest.param(["a", "ok", "b", "ok"], {}, id="a later stage after an answer (escalated): no failover"),
+    pytest.param(["a", "ok", "b", "c", "ok"], {"b": 1}, id="escalated, then the later stage's first replica fails"),
+    pytest.param(["a", "a", "ok"], {"a": 1}, id="the same site again"),
+])
+def test_a_request_counts_each_replica_it_moved_on_from(steps: list[str], moved_on_from: dict[str, int]) -> None:
+    counter = Counter("edgeplane_gateway_failovers", "", ["model", "site"], registry=CollectorRegistry())
+    moves = failover.Failovers(counter, "intent")
+    for step in steps:
+        if step == "ok":
+            moves.answered()
+        else:
+            moves.attempt(step)
+    assert counted(counter) == moved_on_from
+    assert {s.labels["model"] for m in counter.collect() for s in m.samples} <= {"intent"}
+
