@@ -12,7 +12,7 @@ while the control plane has no table of its own yet (it sends heartbeats then, n
 :class:`TokenChecker` answers "is this API token valid" from ``GET /v1/whoami`` with a
 small cache, so that ``--gateway-auth token`` costs one control-plane call per token per
 :attr:`TokenChecker.ttl_s`, not one per request. A token already known valid stays valid
-while no control plane answers.
+while no control plane answers, asked about again every :attr:`TokenChecker.retry_s` then.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -295,6 +296,10 @@ class Verdict:
     fresh_until: float
     valid_until: float = math.inf
 
+    def at(self, now: float) -> Token | None:
+        """The token at ``now``: None once it has expired."""
+        return self.token if self.valid_until > now else None
+
 
 def judge(status: int, answer: object, *, now: float, wall: float, ttl_s: float, negative_ttl_s: float) -> Verdict | None:
     """What one control plane's answer to ``GET /v1/whoami`` (``status``, and its parsed JSON
@@ -318,24 +323,28 @@ def judge(status: int, answer: object, *, now: float, wall: float, ttl_s: float,
     return Verdict(Token(str(token_id)), min(now + ttl_s, valid_until), valid_until)
 
 
-def held(known: Verdict | None, now: float) -> Token | None:
+def held(known: Verdict | None, now: float, retry_s: float) -> Verdict:
     """The verdict on a token when no control plane answered, from what was known of it
-    (``known``): valid until it expires; :class:`Unverifiable` for one known invalid or never seen."""
+    (``known``): one known valid stays valid until it expires, and is asked about again
+    after ``retry_s``, not at each request (each would wait out every control plane's
+    timeout, or add to the load of one whose store is down); :class:`Unverifiable` for one
+    known invalid or never seen."""
     if known is None or known.token is None:
         raise Unverifiable("no control plane answered to check the token")
-    return known.token if known.valid_until > now else None
+    return dataclasses.replace(known, fresh_until=min(now + retry_s, known.valid_until))
 
 
 class TokenChecker:
     """Asks the control planes whether an API token is valid, and keeps the verdict: a valid
     one ``ttl_s`` (a revoked token passes that long at most), an invalid one
-    ``negative_ttl_s``, and a valid one past that while no control plane answers; never past
-    the token's own expiry, which ``wall`` (this machine's Unix time) is compared with."""
+    ``negative_ttl_s``, and a valid one past that while no control plane answers (asking
+    again every ``retry_s``); never past the token's own expiry, which ``wall`` (this
+    machine's Unix time) is compared with."""
 
-    def __init__(self, follower: TableFollower, *, ttl_s: float = 30.0, negative_ttl_s: float = 5.0, max_entries: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, follower: TableFollower, *, ttl_s: float = 30.0, negative_ttl_s: float = 5.0, retry_s: float = 5.0,
+                 max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.follower = follower
-        self.ttl_s, self.negative_ttl_s, self.max_entries = ttl_s, negative_ttl_s, max_entries
+        self.ttl_s, self.negative_ttl_s, self.retry_s, self.max_entries = ttl_s, negative_ttl_s, retry_s, max_entries
         self.clock, self.wall = clock, wall
         self._cache: collections.OrderedDict[str, Verdict] = collections.OrderedDict()  # by key
         self._asking: dict[str, asyncio.Future[Token | None]] = {}  # one control-plane call per token at a time
@@ -358,7 +367,7 @@ class TokenChecker:
         key = self._key(secret)
         hit = self._cache.get(key)
         if hit is not None and hit.fresh_until > self.clock():
-            return hit.token
+            return hit.token  # fresh: not past its expiry
         asking = self._asking.get(key)
         if asking is None:  # callers with the same new token wait for one call, which a caller leaving does not cancel
             asking = asyncio.ensure_future(self._ask(secret, key, hit))
@@ -379,11 +388,13 @@ class TokenChecker:
                 answer = None
             verdict = judge(resp.status_code, answer, now=self.clock(), wall=self.wall(), ttl_s=self.ttl_s,
                             negative_ttl_s=self.negative_ttl_s)
-            if verdict is None:
-                continue
-            self._cache[key] = verdict
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-            return verdict.token
-        return held(hit, self.clock())
+            if verdict is not None:
+                return self._keep(key, verdict)
+        return self._keep(key, held(hit, self.clock(), self.retry_s))
+
+    def _keep(self, key: str, verdict: Verdict) -> Token | None:
+        self._cache[key] = verdict
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return verdict.at(self.clock())

@@ -65,17 +65,22 @@ def test_the_expiry_is_a_span_of_the_monotonic_clock_so_a_wall_clock_step_later_
     assert verdict is not None and verdict.valid_until == 107.0
 
 
-@pytest.mark.parametrize(("known", "now", "held"), [
-    pytest.param(Verdict(Token("t1"), 30.0), 10_000.0, Token("t1"), id="valid, never expires: held"),
-    pytest.param(Verdict(Token("t1"), 30.0, 3600.0), 3599.0, Token("t1"), id="valid until its expiry"),
-    pytest.param(Verdict(Token("t1"), 30.0, 3600.0), 3600.0, None, id="expired: refused"),
+@pytest.mark.parametrize(("known", "now", "kept", "token"), [
+    pytest.param(Verdict(Token("t1"), 30.0), 10_000.0, Verdict(Token("t1"), 10_005.0), Token("t1"),
+                 id="valid, never expires: held, asked about again after the pause"),
+    pytest.param(Verdict(Token("t1"), 30.0, 3600.0), 3000.0, Verdict(Token("t1"), 3005.0, 3600.0), Token("t1"),
+                 id="valid until its expiry"),
+    pytest.param(Verdict(Token("t1"), 30.0, 3600.0), 3598.0, Verdict(Token("t1"), 3600.0, 3600.0), Token("t1"),
+                 id="the pause ends at its expiry"),
+    pytest.param(Verdict(Token("t1"), 30.0, 3600.0), 3600.0, Verdict(Token("t1"), 3600.0, 3600.0), None, id="expired: refused"),
 ])
-def test_with_no_control_plane_answering_a_token_known_valid_holds_until_it_expires(known: Verdict, now: float,
-                                                                                   held: Token | None) -> None:
-    assert follow.held(known, now) == held
+def test_with_no_control_plane_answering_a_token_known_valid_holds_until_it_expires(known: Verdict, now: float, kept: Verdict,
+                                                                                   token: Token | None) -> None:
+    held = follow.held(known, now, retry_s=5.0)
+    assert (held, held.at(now)) == (kept, token)
 
 
 @pytest.mark.parametrize("known", [None, Verdict(None, 5.0)], ids=["never seen", "known invalid"])
 def test_with_no_control_plane_answering_any_other_token_is_unverifiable(known: Verdict | None) -> None:
     with pytest.raises(follow.Unverifiable):
-        follow.held(known, 0.0)
+        follow.held(known, 0.0, retry_s=5.0)

@@ -27,6 +27,10 @@ import openai
 import pytest
 import pytest_asyncio
 import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from edge_agent import httpmessages, httpserver
 from orchestrator import client as client_mod
@@ -34,7 +38,7 @@ from orchestrator.cli import main as cli
 from orchestrator.gateway import endpoints
 from orchestrator.gatewayd import follow
 from orchestrator.gatewayd import server as gatewayd
-from orchestrator.testing import genai_model, harness, manifests, onnx_models
+from orchestrator.testing import genai_model, harness, loopback, manifests, onnx_models
 from orchestrator.ports import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -439,3 +443,38 @@ async def test_edgeplane_infer_goes_through_a_standalone_gateway(gateway: gatewa
     code = await asyncio.to_thread(cli.main, ["infer", "intent", "--server", gateway.http_url, "--data", json.dumps([[0.1] * 8]), "-o", "json"])
     bare = capsys.readouterr().out
     assert code == 0 and json.loads(bare)["outputs"] == json.loads(out)["outputs"], bare
+
+
+async def test_while_no_control_plane_answers_a_token_known_valid_is_asked_about_after_a_pause_not_on_each_request() -> None:
+    """A token known valid stays valid while no control plane answers, but every request
+    with it asked each control plane again first: a control plane whose store was down got
+    one whoami per request, and behind a partition every request waited out the timeouts
+    (5 s a silent control plane). It is asked about again after a pause instead."""
+    now = [0.0]
+    asked: list[str] = []
+
+    async def whoami(request: Request) -> Response:
+        asked.append(request.headers["authorization"])
+        if down:
+            return JSONResponse({"error": "the store does not answer"}, status_code=503)
+        return JSONResponse({"id": "t1", "expiresAt": None})
+
+    down = False
+    app = Starlette(routes=[Route("/v1/whoami", whoami)])
+    async with loopback.serving(app) as port:
+        follower = follow.TableFollower([f"http://127.0.0.1:{port}"], endpoints.EndpointTable())
+        checker = follow.TokenChecker(follower, clock=lambda: now[0], ttl_s=30.0, retry_s=5.0)
+        try:
+            assert await checker.check("tok") == follow.Token("t1") and len(asked) == 1
+            down, now[0] = True, 31.0  # stale, and the control plane's store is down
+            assert [await checker.check("tok") for _ in range(3)] == [follow.Token("t1")] * 3
+            assert len(asked) == 2  # asked once; then held, not asked, for the pause
+            now[0] = 36.0
+            assert await checker.check("tok") == follow.Token("t1") and len(asked) == 3
+            down, now[0] = False, 41.0
+            assert await checker.check("tok") == follow.Token("t1") and len(asked) == 4  # answered: kept 30 s again
+            now[0] = 70.0
+            assert await checker.check("tok") == follow.Token("t1") and len(asked) == 4
+        finally:
+            await checker.close()
+            await follower.close()
