@@ -1,8 +1,9 @@
 """``edgeplane-agent``: the command an edge site operator runs.
 
 Parses flags into an :class:`edge_agent.daemon.AgentConfig`, runs the agent until SIGTERM
-or SIGINT, drains, and exits 0. The one line on stdout, ``serving <url>``, tells scripts
-(and tests) where the v2 API listens when ``--listen`` asked for port 0.
+or SIGINT, drains, and exits 0. SIGHUP (logrotate's habit, a closed terminal) leaves it
+serving: it has nothing to reload (see :data:`HANGUP`). The one line on stdout, ``serving
+<url>``, tells scripts (and tests) where the v2 API listens when ``--listen`` asked for port 0.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ log = logging.getLogger("edge_agent")
 
 #: What ends the agent (a drain, exit code 0), whenever it comes.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: What a SIGHUP does: nothing but say so. Its default action would end the agent without a
+#: drain. There is nothing to re-read: the log goes to stderr (whoever collects it rotates
+#: it), and the TLS key, certificate and CA are read from the data dir at each connection.
+HANGUP = "SIGHUP: nothing to reload (the log goes to stderr; TLS files are read at each connection); still serving"
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -355,6 +360,7 @@ async def run(config: daemon.AgentConfig, early: Sequence[int] = ()) -> None:
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, log.info, HANGUP)
     if early:
         log.info("agent stopped (%s came before it started)", signal.Signals(early[0]).name)
         return
@@ -381,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     early: list[int] = []  # until run() hands them to the event loop: kept, so that the agent stops as it would later
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, _frame: early.append(signum))
+    # Not SIG_IGN, which the agent's child processes would inherit through exec.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: None)
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

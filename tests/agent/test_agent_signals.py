@@ -90,8 +90,10 @@ async def test_a_stop_while_the_key_is_made_leaves_no_half_identity_and_the_next
         await fleet.stop()
 
 
+@pytest.mark.parametrize("hang_up_first", [False, True], ids=["", "after-a-hang-up"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_a_stop_before_the_agent_has_started_ends_it_the_same_way(tmp_path: pathlib.Path, sig: signal.Signals) -> None:
+def test_a_stop_before_the_agent_has_started_ends_it_the_same_way(tmp_path: pathlib.Path, sig: signal.Signals,
+                                                                  hang_up_first: bool) -> None:
     fifo = tmp_path / "ca.crt"
     os.mkfifo(fifo)  # the agent blocks reading it: after its flags are parsed, before its event loop runs
     cmd = [sys.executable, "-m", "edge_agent.main", "--control-plane", f"127.0.0.1:{closed_port()}", "--site", SITE,
@@ -107,6 +109,8 @@ def test_a_stop_before_the_agent_has_started_ends_it_the_same_way(tmp_path: path
             except OSError:  # ENXIO: no reader yet
                 assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.01)
+        if hang_up_first:  # not a stop: the one that follows is
+            proc.send_signal(signal.SIGHUP)
         proc.send_signal(sig)
         os.write(writer, b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
         os.close(writer)
@@ -196,3 +200,26 @@ def test_a_stop_during_a_model_load_ends_the_process_within_the_drain_timeout(tm
             proc.wait(5)
     assert_stopped_cleanly(returncode, log_path.read_text())
     assert took < 0.5 + 5, f"the process took {took:.1f}s to end"  # not the load's minute
+
+
+def test_a_hang_up_leaves_the_agent_serving_and_says_there_is_nothing_to_reload(tmp_path: pathlib.Path) -> None:
+    data_dir = tmp_path / "agent"
+    cmd = harness.agent_command(f"127.0.0.1:{closed_port()}", SITE, data_dir)
+    proc, log_path = harness.launch_agent(cmd, data_dir)
+    try:
+        url = harness.await_serving(proc, SITE, log_path)
+        proc.send_signal(signal.SIGHUP)  # logrotate's postrotate, a terminal closed
+        deadline = time.monotonic() + 30
+        while "SIGHUP" not in log_path.read_text():  # bounded: the agent says it took the signal
+            assert proc.poll() is None, f"the agent ended with {proc.returncode}: {log_path.read_text()}"
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+        assert "nothing to reload" in log_path.read_text()
+        assert httpx.get(f"{url}/v2/health/live", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert_stopped_cleanly(returncode, log_path.read_text())
