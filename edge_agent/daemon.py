@@ -17,6 +17,7 @@ import os
 import pathlib
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -180,12 +181,15 @@ class Agent:
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        started = time.time()
         try:  # one agent per data dir: two would share its state, identity and cache
             self._owner = state.hold(self.config.data_dir / "agent.owner")
         except state.Held as held:
             raise errors.StateError(f"another agent{f' (pid {held.pid})' if held.pid else ''} is using the data dir "
                                     f"{self.config.data_dir}: stop it first, or give this one another --data-dir") from None
         try:
+            if removed := state.remove_stale_temporaries(self.config.data_dir, started):
+                log.info("removed %d temporary file(s) of writes a crash cut short: %s", len(removed), ", ".join(removed))
             await self._start()
         except BaseException:
             self._release_data_dir()

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from edge_agent import assignments, errors
 
 FORMAT = 1
 _TMP_SEQ = itertools.count()
+#: How :func:`write_bytes_atomic` names its temporary files: ``.<name>.<pid>.<counter>.tmp``.
+_TMP_NAME = re.compile(r"\..+\.[0-9]+\.[0-9]+\.tmp")
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +65,34 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes, mode: int = 0o644) -> No
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temporaries(folder: pathlib.Path, before: float) -> list[str]:
+    """Remove from ``folder`` the temporary files of atomic writes that a crash or a power
+    loss cut short, last modified before ``before`` (a ``time.time()``), and return their
+    names. Called at start, with the data dir held, before any write of this agent's: the
+    pid in a name may be a live process's since a reboot, so the name alone says nothing.
+    Only regular files named as :func:`write_bytes_atomic` names them go; the files they
+    were to replace are never such a name."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not _TMP_NAME.fullmatch(entry.name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_mtime >= before:
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # a read-only disk: left, and said
+            log.warning("cannot remove %s, left by a write a crash cut short: %s", entry.path, exc.strerror or exc)
+            continue
+        removed.append(entry.name)
+    return removed
 
 
 class Held(Exception):

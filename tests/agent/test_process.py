@@ -7,7 +7,9 @@ import contextlib
 import os
 import pathlib
 import signal
+import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -162,6 +164,37 @@ async def test_damaged_state_files_are_set_aside_and_the_agent_joins_again(contr
     assert (data / "state.json.unreadable").read_text() == '{"format": 1, "site": "edge-ly'
     assert (data / "identity.json.unreadable").read_bytes() == b"\x00" * 64
     assert '"site": "edge-lyon-1"' in (data / "state.json").read_text()  # written anew, whole
+
+
+async def test_temporary_files_of_writes_a_crash_cut_short_are_removed_at_the_next_start(spawn, tmp_path: pathlib.Path) -> None:
+    data = tmp_path / "agent"
+    data.mkdir()
+    whole = '{"format": 1, "site": "edge-lyon-1", "assignments": {"version": 3, "assignments": []}}'
+    (data / "state.json").write_text(whole)
+    # as a crash between a write and its rename leaves them (the pid and counter in their names)
+    left = [".state.json.4242.7.tmp", ".identity.json.4242.0.tmp", ".agent.key.new.4242.1.tmp", ".ca.crt.99.0.tmp"]
+    for name in left:
+        (data / name).write_text('{"format": 1, "si')
+    others = ["notes.tmp", ".state.json.tmp", "state.json.unreadable", ".state.json.1.2.tmp.keep"]
+    for name in others:
+        (data / name).write_text("not the agent's")
+    (data / ".a-folder.1.2.tmp").mkdir()
+    an_hour_ago = time.time() - 3600
+    for name in [*left, *others]:
+        os.utime(data / name, (an_hour_ago, an_hour_ago))
+    agent = await spawn(f"127.0.0.1:{closed_port()}", data)
+    names = {p.name for p in data.iterdir()}
+    assert not names & set(left), names
+    assert set(others) | {".a-folder.1.2.tmp"} <= names
+    assert (data / "state.json").read_text() == whole  # the real file, untouched
+    agent.proc.send_signal(signal.SIGTERM)
+    assert await agent.wait() == 0
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_a_damaged_identity_without_a_token_is_a_clear_error(tmp_path: pathlib.Path) -> None:
