@@ -12,7 +12,7 @@ This module adds what a server needs around its ``Generator`` loop:
   the start of a stop string is held back until it cannot be);
 - log-probabilities come from the step's logits (a log-softmax over the vocabulary),
   computed only when asked for, with each token's own bytes (``runtime.token_bytes``: the
-  library decodes a token that is part of a character to U+FFFD).
+  library decodes a token that is part of a character, a special token or a NUL to U+FFFD).
 
 CUDA is used when the installed onnxruntime-genai has it (``onnxruntime-genai-cuda``, the
 ``gpu`` extra) and a GPU is present; otherwise the CPU.
@@ -168,12 +168,14 @@ def cuda_available() -> bool:
         return False
 
 
-def _partial_tokens(directory: pathlib.Path) -> dict[int, bytes]:
-    """The bytes of the tokens that are part of a character, from the model's tokenizer.json."""
+def _shown_tokens(directory: pathlib.Path) -> dict[int, Piece]:
+    """The tokens whose text the library does not decode (parts of a character, special
+    tokens, NUL), as logprobs show them, from the model's tokenizer.json."""
     try:
-        return token_bytes.partial_tokens(json.loads((directory / "tokenizer.json").read_bytes()))
+        tokenizer = json.loads((directory / "tokenizer.json").read_bytes())
     except (OSError, ValueError):  # none: its tokens' text is all there is
         return {}
+    return {token_id: Piece(text, raw) for token_id, (text, raw) in token_bytes.shown_tokens(tokenizer).items()}
 
 
 def _has_gpu() -> bool:
@@ -195,11 +197,11 @@ class GenAIModel:
         section = config.get("model", {})
         self.context_length = int(section.get("context_length") or config.get("search", {}).get("max_length") or 0)
         self.vocab_size = int(section.get("vocab_size") or 0)
-        self._pieces: dict[int, Piece] = {}
         # Read here, where a load is expected to take time: parsing a tokenizer.json of 10-17 MB
         # holds the GIL for about a second, which in the first request for logprobs stalled the
         # event loop and that request's first token.
-        self._partial = _partial_tokens(directory)
+        self._pieces: dict[int, Piece] = _shown_tokens(directory)
+        self._vocabulary_read = bool(self._pieces)
 
     @classmethod
     def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
@@ -234,17 +236,13 @@ class GenAIModel:
         return self._tokenizer.encode(text)
 
     def token_piece(self, token_id: int) -> Piece:
-        """The token as logprobs show it (the library's text of it, or its bytes when it is
-        only part of a character)."""
+        """The token as logprobs show it: the library's text of it, or, for one whose text
+        it does not decode, what the vocabulary says (its bytes, a special token's text)."""
         piece = self._pieces.get(token_id)
         if piece is None:
-            raw = self._partial.get(token_id)
-            if raw is not None:
-                piece = Piece(token_bytes.display(raw), raw)
-            else:
-                text = self._tokenizer.decode(np.array([token_id], dtype=np.int32))
-                # U+FFFD from a vocabulary not understood: a part of a character, bytes unknown
-                piece = Piece(text, None if "\ufffd" in text and not self._partial else text.encode())
+            text = self._tokenizer.decode(np.array([token_id], dtype=np.int32))
+            # U+FFFD from a vocabulary not understood: a part of a character, bytes unknown
+            piece = Piece(text, None if "\ufffd" in text and not self._vocabulary_read else text.encode())
             self._pieces[token_id] = piece
         return piece
 

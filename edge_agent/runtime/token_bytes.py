@@ -1,4 +1,5 @@
-"""The bytes of tokens that are only part of a character, read from a ``tokenizer.json``.
+"""The bytes of tokens that are only part of a character (and the text of the tokens the
+library does not decode), read from a ``tokenizer.json``.
 
 OpenAI's ``logprobs`` give each token's own bytes (``bytes``) so that a client can join the
 tokens that split a character ("é" is two tokens in a byte-level vocabulary: 0xC3, 0xA9) back
@@ -11,7 +12,11 @@ the answer; what the token is, one byte or a few, is written only in the vocabul
   decoder) has one token ``<0xC3>`` per byte.
 
 Only the tokens whose bytes are not UTF-8 on their own are kept: every other token's text,
-as the library decodes it, is already what it adds to the answer.
+as the library decodes it, is already what it adds to the answer. Two more kinds of token
+the library cannot give the text of, :func:`shown_tokens` adds: a special token
+(``<|im_end|>``, ``</s>``: the library leaves it out of what it decodes) shows as its own
+text, and one holding a NUL byte (its C API ends a string there) as that text, NUL
+included (JSON writes it ``\\u0000``): a token whose bytes are text shows that text.
 """
 
 from __future__ import annotations
@@ -26,21 +31,36 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 def partial_tokens(tokenizer: Any) -> dict[int, bytes]:
     """Token id -> the bytes of each token of a parsed ``tokenizer.json`` that is part of a
     character (its bytes are not valid UTF-8 alone); empty for a vocabulary of another kind."""
+    return {token_id: raw for token_id, raw in _token_bytes(tokenizer) if not _is_utf8(raw)}
+
+
+def shown_tokens(tokenizer: Any) -> dict[int, tuple[str, bytes]]:
+    """Token id -> (how logprobs show it, its bytes) for each token of a parsed
+    ``tokenizer.json`` whose text the library does not decode: parts of a character and
+    (shown as their bytes), tokens holding a NUL byte and special tokens (their own text)."""
+    out = {token_id: (raw.decode() if _is_utf8(raw) else display(raw), raw) for token_id, raw in _token_bytes(tokenizer)
+           if not _is_utf8(raw) or b"\x00" in raw}
+    added = tokenizer.get("added_tokens") if isinstance(tokenizer, Mapping) else None
+    for token in added if isinstance(added, list) else ():
+        if isinstance(token, Mapping) and token.get("special") is True and isinstance(token_id := token.get("id"), int) \
+                and isinstance(text := token.get("content"), str):
+            out[token_id] = (text, text.encode())
+    return out
+
+
+def _token_bytes(tokenizer: Any) -> Iterator[tuple[int, bytes]]:
+    """Token id and bytes of each token whose bytes the vocabulary spells out (a byte-level
+    BPE's, a SentencePiece vocabulary's byte tokens)."""
     if not isinstance(tokenizer, Mapping) or not isinstance(model := tokenizer.get("model"), Mapping):
-        return {}
+        return
     kinds = set(_decoder_types(tokenizer.get("decoder")))
     byte_level = _byte_level_alphabet() if "ByteLevel" in kinds else None
     byte_fallback = "ByteFallback" in kinds or bool(model.get("byte_fallback"))
-    out: dict[int, bytes] = {}
     for piece, token_id in _vocab(model.get("vocab")):
-        raw: bytes | None = None
         if byte_fallback and (m := _BYTE_TOKEN.fullmatch(piece)):
-            raw = bytes([int(m.group(1), 16)])
+            yield token_id, bytes([int(m.group(1), 16)])
         elif byte_level is not None and all(c in byte_level for c in piece):
-            raw = bytes(byte_level[c] for c in piece)
-        if raw is not None and not _is_utf8(raw):
-            out[token_id] = raw
-    return out
+            yield token_id, bytes(byte_level[c] for c in piece)
 
 
 def display(raw: bytes) -> str:

@@ -293,6 +293,25 @@ def test_a_model_reads_the_bytes_of_its_tokens_when_it_loads_not_at_the_first_re
     assert [model.token_piece(i) for i in ids[-2:]] == [genai.Piece("bytes:\\xc3", b"\xc3"), genai.Piece("bytes:\\xa9", b"\xa9")]
 
 
+def test_logprobs_show_special_tokens_and_nul_by_their_own_text(tmp_path: pathlib.Path) -> None:
+    folder = genai_model.build_model_dir(tmp_path / "tiny")
+    vocab = json.loads((folder / "tokenizer.json").read_bytes())["model"]["vocab"]
+    model = genai.GenAIModel.load(folder, use_cuda=False)
+    for special in genai_model.SPECIAL_TOKENS:  # the library decodes each to "" or U+FFFD
+        assert model.token_piece(vocab[special]) == genai.Piece(special, special.encode())
+    assert model.token_piece(vocab["\u0100"]) == genai.Piece("\x00", b"\x00")  # NUL, in a byte-level vocabulary
+    assert model.token_piece(vocab["\u010a"]) == genai.Piece("\n", b"\n")  # other control characters are text
+
+
+def test_a_sentencepiece_vocabulary_s_special_and_nul_tokens_show_as_it_has_them() -> None:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<0x00>": 3, "<0xE2>": 4, "<0x41>": 5, "\u2581the": 6}
+    added = [{"id": 0, "content": "<unk>", "special": False}, {"id": 1, "content": "<s>", "special": True},
+             {"id": 2, "content": "</s>", "special": True}]
+    tokenizer = {"model": {"type": "BPE", "vocab": vocab}, "decoder": {"type": "ByteFallback"}, "added_tokens": added}
+    assert token_bytes.shown_tokens(tokenizer) == {1: ("<s>", b"<s>"), 2: ("</s>", b"</s>"), 3: ("\x00", b"\x00"),
+                                                   4: ("bytes:\\xe2", b"\xe2")}
+
+
 @pytest.mark.parametrize("decoder", [{"type": "ByteFallback"},
                                      {"type": "Sequence", "decoders": [{"type": "Replace"}, {"type": "ByteFallback"}]}])
 def test_the_byte_tokens_of_a_sentencepiece_vocabulary_are_the_bytes_they_name(decoder: dict) -> None:
