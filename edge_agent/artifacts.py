@@ -61,8 +61,12 @@ class ArtifactCache:
         max_bytes: int = edge_agent.DEFAULT_MAX_ARTIFACT_GIB << 30,
         timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        unpack_root: pathlib.Path | None = None,
     ) -> None:
+        """``unpack_root``: where generative packages are unpacked (``<unpack_root>/<sha256>``),
+        whose room a package's download counts too."""
         self.root = root / "sha256"
+        self._unpack_root = unpack_root
         self.root.mkdir(parents=True, exist_ok=True)
         self._allow_file = allow_file_urls
         self._max_bytes = max_bytes
@@ -71,10 +75,11 @@ class ArtifactCache:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def fetch(self, url: str, sha256: str, progress: Callable[[str], None] | None = None,
-                    redirect_hosts: tuple[str, ...] = ()) -> pathlib.Path:
+                    redirect_hosts: tuple[str, ...] = (), *, package: bool = False) -> pathlib.Path:
         """Return the verified file for ``sha256``, downloading it from ``url`` if needed;
         ``progress`` hears how far a download has got ("40% of 812.3 MB"), about once a second.
-        A redirect is followed only to ``url``'s host or one of ``redirect_hosts`` (empty: any)."""
+        A redirect is followed only to ``url``'s host or one of ``redirect_hosts`` (empty: any).
+        A ``package`` (generative) is refused unless there is room to unpack it too."""
         digest = check_sha256(sha256)
         lock = self._locks.setdefault(digest, asyncio.Lock())
         async with lock:
@@ -87,7 +92,9 @@ class ArtifactCache:
             if scheme in ("http", "https") or (scheme == "file" and self._allow_file):
                 try:
                     self.root.mkdir(parents=True, exist_ok=True)  # removed by hand to free space: made again
-                    await self._download(url, digest, final, progress, redirect_hosts)
+                    unpack_into = self._unpack_root if package and self._unpack_root is not None \
+                        and not (self._unpack_root / digest).is_dir() else None
+                    await self._download(url, digest, final, progress, redirect_hosts, unpack_into)
                 except OSError as exc:  # a full or read-only cache disk: reported, retried, old model kept
                     raise errors.ArtifactUnavailable(
                         f"cannot store artifact {digest[:12]} in the cache {self.root}: {exc.strerror or exc}"
@@ -133,7 +140,7 @@ class ArtifactCache:
         return data
 
     async def _download(self, url: str, digest: str, final: pathlib.Path, progress: Callable[[str], None] | None = None,
-                        redirect_hosts: tuple[str, ...] = ()) -> None:
+                        redirect_hosts: tuple[str, ...] = (), unpack_into: pathlib.Path | None = None) -> None:
         """One download, made by ``python -m edge_agent.fetch`` in a child process, which
         is killed if this is cancelled or the child goes quiet for longer than a socket
         timeout could explain."""
@@ -143,7 +150,8 @@ class ArtifactCache:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_agent.fetch", url, str(partial),
                 "--timeout", str(self._timeout), "--max-bytes", str(self._max_bytes),
-                *(f"--redirect-host={host}" for host in redirect_hosts), f"--parent-pid={os.getpid()}",
+                *(f"--redirect-host={host}" for host in redirect_hosts),
+                *([f"--unpack-into={unpack_into}"] if unpack_into is not None else []), f"--parent-pid={os.getpid()}",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:

@@ -1,6 +1,7 @@
 """Download one artifact into its ``.partial`` file, in a process of its own.
 
-    python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N [--redirect-host HOST]... [--parent-pid PID]
+    python -m edge_agent.fetch URL PARTIAL --timeout S --max-bytes N [--redirect-host HOST]... [--unpack-into DIR]
+                               [--parent-pid PID]
 
 (``file://`` URLs too, copied from the start: the agent only passes them on with
 ``--allow-file-artifacts``.)
@@ -37,8 +38,9 @@ it finished:
 ``{"error": KIND, "message": TEXT}``   the last line of a failed one (exit 1); KIND is
                                        ``unavailable`` (worth retrying), ``integrity``, or
                                        ``disk`` (``PARTIAL`` cannot be written, or the size
-                                       announced is more than the disk has free, less a
-                                       reserve of 1 % of it, 64 MB to 1 GB)
+                                       announced, twice for a package to unpack, is more than
+                                       the disk has free, less a reserve of 1 % of it, 64 MB
+                                       to 1 GB)
 
 The caller compares the digest, moves the file into the cache, and logs.
 """
@@ -65,6 +67,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from edge_agent import diskspace
 from edgeplane_proto import artifact_hosts
 
 CHUNK = 1 << 20
@@ -73,9 +76,6 @@ PROGRESS_EVERY_S = 1.0
 # A partial file of up to this many bytes (about a second off an SD card) is re-read with
 # the request that resumes it open; a larger one is re-read first and the request made again.
 REREAD_WITH_REQUEST_OPEN = 16 << 20
-# Left free by a download, for the agent's state.json and other small writes.
-RESERVE_MIN_BYTES = 64 << 20
-RESERVE_MAX_BYTES = 1 << 30
 _PR_SET_PDEATHSIG = 1
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -87,14 +87,15 @@ class Failed(Exception):
 
 
 def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
-             redirect_hosts: tuple[str, ...] = ()) -> tuple[int, str]:
+             redirect_hosts: tuple[str, ...] = (), unpack_into: pathlib.Path | None = None) -> tuple[int, str]:
     """Fetch ``url`` into ``partial`` (resuming over HTTP), fsync it; return its size and
     sha256. ``file://`` URLs are copied from the start (the caller decides whether they
     are allowed). A redirect goes only to ``url``'s host or one of ``redirect_hosts``
-    (empty: any)."""
+    (empty: any). ``unpack_into``: the folder a generative package unpacks into, where it
+    needs room for its own size again (a tar, uncompressed: its members hold less)."""
     fh = _claim(partial)
     try:
-        return _download_into(fh, partial, url, timeout, max_bytes, redirect_hosts)
+        return _download_into(fh, partial, url, timeout, max_bytes, redirect_hosts, unpack_into)
     except BaseException:
         if os.fstat(fh.fileno()).st_size == 0:  # an attempt that wrote nothing leaves nothing to resume
             partial.unlink(missing_ok=True)
@@ -104,7 +105,7 @@ def download(url: str, partial: pathlib.Path, *, timeout: float, max_bytes: int,
 
 
 def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float, max_bytes: int,
-                   redirect_hosts: tuple[str, ...]) -> tuple[int, str]:
+                   redirect_hosts: tuple[str, ...], unpack_into: pathlib.Path | None) -> tuple[int, str]:
     hasher = hashlib.sha256()
     held, verify_due = os.fstat(fh.fileno()).st_size, _every(PROGRESS_EVERY_S)
 
@@ -118,7 +119,7 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
     source = _open(url, held, timeout, redirect_hosts)
     have = held
     try:
-        _refuse_unless_it_fits(source, partial, url, max_bytes, held)
+        _refuse_unless_it_fits(source, partial, url, max_bytes, held, unpack_into)
         if held and source.start != 0:  # resumed, or nothing left: the hash covers what came before
             # The agent must not take a long re-read for a stall (it kills a child silent for
             # its socket timeout + 10 s): it is told how far the re-read got.
@@ -128,7 +129,7 @@ def _download_into(fh: BinaryIO, partial: pathlib.Path, url: str, timeout: float
             have = hash_into(fh, hasher, verifying)
             if large and source.start is not None:
                 source = _open(url, have, timeout, redirect_hosts)
-                _refuse_unless_it_fits(source, partial, url, max_bytes, have)
+                _refuse_unless_it_fits(source, partial, url, max_bytes, have, unpack_into)
         if source.start is None:
             return have, hasher.hexdigest()  # nothing left to fetch (or bogus): the hash decides
         if source.start:
@@ -200,7 +201,8 @@ def _open(url: str, have: int, timeout: float, redirect_hosts: tuple[str, ...]) 
     raise Failed("unavailable", f"GET {url} answered HTTP {response.status}")
 
 
-def _refuse_unless_it_fits(source: _Source, partial: pathlib.Path, url: str, max_bytes: int, held: int) -> None:
+def _refuse_unless_it_fits(source: _Source, partial: pathlib.Path, url: str, max_bytes: int, held: int,
+                           unpack_into: pathlib.Path | None) -> None:
     """Refuse ``source`` before a byte of it is read when the size it announces is over the
     limit (the partial file goes: nothing of it is worth resuming) or cannot fit on the disk
     (the partial file, ``held`` bytes, stays for when space is freed)."""
@@ -210,28 +212,30 @@ def _refuse_unless_it_fits(source: _Source, partial: pathlib.Path, url: str, max
         partial.unlink(missing_ok=True)
         raise Failed("integrity", f"artifact at {url} is {source.total} bytes, {_over(max_bytes)}")
     if source.start is not None:
-        _refuse_unless_room(partial, url, source.total - source.start, 0 if source.start else held)
+        _refuse_unless_room(partial, url, source.total - source.start, 0 if source.start else held,
+                            (unpack_into, source.total) if unpack_into is not None else None)
 
 
-def _refuse_unless_room(partial: pathlib.Path, url: str, needed: int, freed: int) -> None:
-    """Refuse a download that cannot fit, with :func:`_reserve` to spare, before a byte of it
-    is written (``freed``: what starting again from byte 0 gives back): one that filled the
-    disk would keep it full, failing the agent's other downloads and its ``state.json`` saves,
-    and every retry would fail the same."""
-    disk = os.statvfs(partial.parent)
-    if not disk.f_blocks:  # a file system that reports no size at all (some FUSE ones): not known
-        return
-    free = disk.f_bavail * disk.f_frsize + freed
-    kept = _reserve(disk.f_blocks * disk.f_frsize)
-    if needed > free - kept:
-        raise Failed("disk", f"{url} needs {needed / 1e6:.1f} MB more, and {free / 1e6:.1f} MB are free, "
-                             f"{kept / 1e6:.1f} MB of which are kept for the agent's own files")
-
-
-def _reserve(disk_bytes: int) -> int:
-    """What a download leaves free on a disk of ``disk_bytes``: 1 % of it, at least
-    ``RESERVE_MIN_BYTES`` and at most ``RESERVE_MAX_BYTES``."""
-    return max(RESERVE_MIN_BYTES, min(disk_bytes // 100, RESERVE_MAX_BYTES))
+def _refuse_unless_room(partial: pathlib.Path, url: str, needed: int, freed: int,
+                        unpack: tuple[pathlib.Path, int] | None) -> None:
+    """Refuse a download that cannot fit, with a reserve to spare (:mod:`edge_agent.diskspace`),
+    before a byte of it is written (``freed``: what starting again from byte 0 gives back).
+    ``unpack``: a package's folder and the size it unpacks to, counted too (on the same disk,
+    added to the download's): a package that downloads, then fails half-unpacked on a full
+    disk, would do so again at every retry."""
+    download = diskspace.room(partial.parent)
+    needs = [(download, needed, freed)]
+    if unpack is not None:
+        folder, unpacked = unpack
+        there = diskspace.room(folder)
+        if download is not None and there is not None and there.device == download.device:
+            needs = [(download, needed + unpacked, freed)]
+        else:
+            needs.append((there, unpacked, 0))
+    for disk, size, given_back in needs:
+        if (why := diskspace.shortfall(disk, size, given_back)) is not None:
+            what = " to download and unpack" if unpack is not None else ""
+            raise Failed("disk", f"{url} needs {size / 1e6:.1f} MB more{what}, {why}")
 
 
 def _write_all(fh: BinaryIO, chunk: bytes) -> None:
@@ -376,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bytes", type=int, required=True)
     parser.add_argument("--redirect-host", action="append", default=[], metavar="HOST",
                         help="a host a redirect may go to, besides the URL's (exact, or .domain); none: any")
+    parser.add_argument("--unpack-into", type=pathlib.Path, metavar="DIR",
+                        help="a generative package, unpacked into DIR after: room for its size there too")
     parser.add_argument("--parent-pid", type=int, metavar="PID",
                         help="the agent that runs this: its death kills this process (Linux)")
     args = parser.parse_args(argv)
@@ -383,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         die_with(args.parent_pid)
     try:
         size, digest = download(args.url, args.partial, timeout=args.timeout, max_bytes=args.max_bytes,
-                                redirect_hosts=tuple(args.redirect_host))
+                                redirect_hosts=tuple(args.redirect_host), unpack_into=args.unpack_into)
     except Failed as exc:
         _emit(error=exc.kind, message=str(exc))
         return 1

@@ -14,7 +14,8 @@ is not unpacked either, and is removed from the cache to be fetched again). Then
   file system takes, and none deeper than ``MAX_DEPTH`` folders or longer than
   ``MAX_NAME_CHARS`` (a model folder is shallow; a path thousands of folders deep is only
   an attack on whatever walks it);
-- a ``genai_config.json`` file at the top.
+- a ``genai_config.json`` file at the top;
+- room for its members on the disk, with the reserve downloads keep (:mod:`edge_agent.diskspace`).
 
 Members go into a fresh temporary folder beside the final one, which is renamed into
 place only when all of them are written: a crash or a refusal leaves no half-unpacked
@@ -34,7 +35,7 @@ import shutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from edge_agent import artifacts, errors
+from edge_agent import artifacts, diskspace, errors
 
 if TYPE_CHECKING:  # tarfile and tempfile cost resident memory: imported when a package is unpacked
     import tarfile
@@ -113,9 +114,11 @@ def check_members(tar: tarfile.TarFile, max_bytes: int, max_files: int) -> list[
 
 def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
            max_bytes: int = DEFAULT_MAX_BYTES, max_files: int = DEFAULT_MAX_FILES,
-           fsync: Callable[[int], None] = os.fsync) -> pathlib.Path:
+           fsync: Callable[[int], None] = os.fsync,
+           room: Callable[[pathlib.Path], diskspace.Room | None] = diskspace.room) -> pathlib.Path:
     """The model folder of ``package`` under ``models_root/<sha256>``, unpacked if not there
-    yet. ``fsync`` is the call that makes a file's or a folder's writes durable."""
+    yet. ``fsync`` is the call that makes a file's or a folder's writes durable, ``room``
+    the one that says how much the disk has free."""
     import tarfile
     import tempfile
 
@@ -133,6 +136,7 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
         with tar:
             try:
                 members = check_members(tar, max_bytes, max_files)
+                _refuse_unless_room(room(models_root), sha256, sum(member.size for member, _ in members))
                 for member, name in members:
                     _write(tar, member, tmp / name, fsync)
             except tarfile.TarError as exc:
@@ -154,6 +158,14 @@ def unpack(package: pathlib.Path, sha256: str, models_root: pathlib.Path, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _refuse_unless_room(room: diskspace.Room | None, sha256: str, unpacked: int) -> None:
+    """ENOSPC, saying how much is missing, before the first member is written, when the
+    package's members do not fit with the reserve to spare: a disk filled halfway through
+    would fail the agent's other writes, and the unpack again at every retry."""
+    if (why := diskspace.shortfall(room, unpacked)) is not None:
+        raise OSError(errno.ENOSPC, f"package {sha256[:12]} unpacks to {unpacked / 1e6:.1f} MB, {why}")
 
 
 def _sync_folder(folder: pathlib.Path, fsync: Callable[[int], None]) -> None:

@@ -283,7 +283,8 @@ class ModelRegistry:
                 self._on_change()
 
         try:
-            path = await self._cache.fetch(want.artifact_url, want.sha256, downloading, want.artifact_hosts)
+            path = await self._cache.fetch(want.artifact_url, want.sha256, downloading, want.artifact_hosts,
+                                           package=want.runtime == assignments.RUNTIME_GENAI)
             slot.message = "loading"
             runtime: onnx.OnnxModel | genai.GenAIModel
             if want.runtime == assignments.RUNTIME_GENAI:

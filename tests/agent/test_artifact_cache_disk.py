@@ -9,20 +9,24 @@ import contextlib
 import hashlib
 import os
 import pathlib
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 
 import pytest
 
-from edge_agent import artifacts, errors
+from edge_agent import artifacts, assignments, daemon, diskspace, errors, registry, state
+from orchestrator.testing import harness
 
 from .conftest import ArtifactServer
 
 _FETCH_UNDER_A_LIMIT = """
 import asyncio, pathlib, resource, sys
-from edge_agent import artifacts, errors
+from edge_agent import artifacts, assignments, daemon, diskspace, errors, registry, state
+from orchestrator.testing import harness
 limit = int(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # inherited by the download child
 cache = artifacts.ArtifactCache(pathlib.Path(sys.argv[1]))
@@ -165,3 +169,33 @@ async def test_a_download_that_would_leave_the_disk_all_but_full_is_refused(tmp_
         cache = artifacts.ArtifactCache(tmp_path, max_bytes=1 << 60, timeout=60.0)
         with pytest.raises(errors.ArtifactUnavailable, match=r"MB are free, \d+\.\d MB of which are kept for the agent's own files"):
             await asyncio.wait_for(cache.fetch(url, "0" * 64), 20)
+
+
+async def test_a_package_with_room_to_download_but_not_to_unpack_is_refused_before_it_fills_the_disk(
+        tmp_path: pathlib.Path) -> None:
+    """A generative package is unpacked beside its cached tar (uncompressed: its members
+    hold at most its own size): one the disk holds once but not twice would download, then
+    fail half-unpacked, and do both again at every retry."""
+    room = diskspace.room(tmp_path)
+    assert room is not None
+    announced = (room.free - room.kept) * 3 // 4  # fits once, with the reserve to spare
+    async with _announcing(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % announced) as url:
+        data_dir = tmp_path / "agent"
+        data_dir.mkdir()
+        state.StateStore(data_dir).save_assignments("edge-a", assignments.AssignmentSet(1, (assignments.Assignment(
+            "chat", "d", "v", url, "0" * 64, runtime=assignments.RUNTIME_GENAI),)))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nobody = f"127.0.0.1:{s.getsockname()[1]}"
+        agent = daemon.Agent(daemon.AgentConfig(control_plane=nobody, site="edge-a", token="t", data_dir=data_dir,
+                                                listen_port=0, insecure=True, max_artifact_bytes=1 << 60))
+        await agent.start()
+        try:
+            failed = await harness.wait_until(
+                lambda: [m for m in agent.model_statuses() if m.phase is registry.ModelPhase.FAILED], 20, interval=0.01,
+                what="the package refused")
+        finally:
+            await agent.stop()
+    assert re.search(rf"{url} needs {2 * announced / 1e6:.1f} MB more to download and unpack, and \d+\.\d MB are free",
+                     failed[0].message), failed[0].message
+    assert not list((data_dir / "cache" / "sha256").iterdir())  # not a byte written

@@ -4,16 +4,18 @@ the bytes of tokens that are part of a character."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import json
 import os
 import pathlib
 import tarfile
+from collections.abc import Callable
 
 import pytest
 
-from edge_agent import errors, openai_api, packages
+from edge_agent import diskspace, errors, openai_api, packages
 from edge_agent.generation import Admission, Retired
 from edge_agent.runtime import genai, token_bytes
 from edge_agent.runtime.genai import StopMatcher
@@ -45,6 +47,26 @@ def test_an_unpacked_package_is_on_the_disk_before_it_is_renamed_into_place(tmp_
     named = ["<models>" if p == models else "<tmp>" if p == tmp else p.relative_to(tmp).as_posix() for p in synced]
     assert sorted(named[:3]) == ["genai_config.json", "sub/deeper/model.onnx", "tokenizer.json"]  # each as it is written
     assert named[3:] == ["sub/deeper", "sub", "<tmp>", "<models>"]  # then the folders, deepest first; the rename last
+
+
+def test_a_package_the_disk_has_no_room_for_is_refused_before_a_member_is_written(tmp_path: pathlib.Path) -> None:
+    members = {"genai_config.json": b"{}", "model.onnx": b"x" * 4000, "tokenizer.json": b"{}" * 500}
+    sha = _tar(tmp_path / "p.tar", members)
+    unpacked = sum(len(data) for data in members.values())
+    models = tmp_path / "models"
+    reserve = 64 << 20
+
+    def disk(spare: int) -> Callable[[pathlib.Path], diskspace.Room]:
+        """A disk with ``spare`` bytes free beyond the reserve."""
+        return lambda folder: diskspace.Room(os.stat(tmp_path).st_dev, free=reserve + spare, kept=reserve)
+
+    with pytest.raises(OSError, match=rf"package {sha[:12]} unpacks to 0\.0 MB, and 67\.1 MB are free, 67\.1 MB of which are "
+                                      "kept for the agent's own files") as failed:
+        packages.unpack(tmp_path / "p.tar", sha, models, room=disk(unpacked - 1))
+    assert failed.value.errno == errno.ENOSPC
+    assert list(models.iterdir()) == []  # nothing half-unpacked, not even an empty folder
+    folder = packages.unpack(tmp_path / "p.tar", sha, models, room=disk(unpacked))
+    assert (folder / "model.onnx").read_bytes() == b"x" * 4000
 
 
 def test_a_good_package_unpacks_once_into_its_digest_folder(tmp_path: pathlib.Path) -> None:
