@@ -14,7 +14,10 @@ COPY protos protos
 COPY edgeplane_proto edgeplane_proto
 COPY orchestrator orchestrator
 COPY edge_agent edge_agent
-# the build generates the gRPC modules from protos/ (setup.py) into the wheel
+# the build generates the gRPC modules from protos/ (setup.py) into the wheel, and bakes the
+# version agents report with this build's identifier (no .git here: give it, e.g.
+# --build-arg EDGEPLANE_BUILD=$(git describe --always --dirty))
+ARG EDGEPLANE_BUILD=""
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim

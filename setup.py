@@ -13,8 +13,11 @@ reads those arrays with simdjson alone.
 
 from __future__ import annotations
 
+import os
 import pathlib
+import re
 import runpy
+import subprocess
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -27,6 +30,31 @@ class BuildWithProtos(build_py):
     def run(self) -> None:
         runpy.run_path(str(ROOT / "protos" / "generate.py"), run_name="edgeplane_build")["generate"]()
         super().run()
+        # the version an agent of this build reports to the control plane (edge_agent.build)
+        baked = pathlib.Path(self.build_lib) / "edge_agent" / "BUILD"
+        baked.write_text(build_version(self.distribution.get_version(), build_id()) + "\n", encoding="utf-8")
+
+
+def build_id() -> str:
+    """What tells this build from another of the same version: ``EDGEPLANE_BUILD`` (an image
+    built without the repository's history: ``--build-arg EDGEPLANE_BUILD=...``), else
+    ``git describe --always --dirty`` of the tree built, else nothing."""
+    given = os.environ.get("EDGEPLANE_BUILD", "").strip()
+    if given or not (ROOT / ".git").exists():
+        return given
+    try:
+        described = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                                   text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return described.stdout.strip()
+
+
+def build_version(version: str, build: str) -> str:
+    """``version+build`` (a PEP 440 local label: letters, digits and dots), at most the 64
+    characters the control plane takes."""
+    label = re.sub(r"[^A-Za-z0-9]+", ".", build).strip(".")
+    return (f"{version}+{label}" if label else version)[:64].rstrip(".+")
 
 
 class OptionalBuildExt(build_ext):

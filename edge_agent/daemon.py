@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 import edge_agent
-from edge_agent import artifacts, assignments, capacity, errors, http, httpserver, registry, state, tls, uplink
+from edge_agent import artifacts, assignments, build, capacity, errors, http, httpserver, registry, state, tls, uplink
 from edge_agent.runtime import onnx
 
 if TYPE_CHECKING:  # imported by the first generative model: an agent that serves none never holds them
@@ -233,7 +233,7 @@ class Agent:
                 site=cfg.site,
                 bootstrap_token=cfg.token,
                 endpoint_url=self.endpoint_url,
-                agent_version=edge_agent.__version__,
+                agent_version=build.describe(),
                 heartbeat_interval=cfg.heartbeat_interval,
                 country=cfg.country,
                 region=cfg.region,

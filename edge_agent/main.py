@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 import edge_agent
-from edge_agent import errors
+from edge_agent import build, errors
 
 if TYPE_CHECKING:
     from edge_agent import daemon
@@ -240,7 +240,7 @@ def parser() -> argparse.ArgumentParser:
         description="Join an edgeplane control plane and serve its models at this edge site.",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, width=_help_width()),
     )
-    p.add_argument("--version", action="version", version=f"edgeplane-agent {edge_agent.__version__}")
+    p.add_argument("--version", action="version", version=f"edgeplane-agent {build.describe()}")
     p.add_argument("--control-plane", required=True, type=_control_planes, metavar="HOST:PORT[,HOST:PORT...]",
                    help="control plane gRPC address; several replicas' addresses separated by commas are tried in turn "
                         "(the next one when a session cannot be had)")
