@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -16,10 +17,24 @@ from orchestrator.testing import harness
 from .conftest import TOKEN, ControlPlane
 
 
+SOURCES = ("setup.py", "pyproject.toml", "README.md", "protos", "orchestrator", "edge_agent", "edgeplane_proto")
+
+
 def build_package(out: pathlib.Path, build_id: str) -> dict[str, str]:
-    """The package built as a wheel's build builds it, into ``out``; the environment that runs it from there."""
+    """The package built as a wheel's build builds it, into ``out``; the environment that runs it from there.
+
+    It builds from a copy of the sources: the build generates the gRPC modules where it runs,
+    which other tests of the session import meanwhile."""
+    sources = out.parent / "sources"
+    sources.mkdir()
+    for name in SOURCES:
+        made = harness.REPO / name
+        if made.is_dir():
+            shutil.copytree(made, sources / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        else:
+            shutil.copy2(made, sources / name)
     env = {**os.environ, "EDGEPLANE_BUILD": build_id}
-    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=harness.REPO, env=env,
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=sources, env=env,
                    check=True, capture_output=True, timeout=120)
     return {**os.environ, "PYTHONPATH": str(out), "PYTHONUNBUFFERED": "1"}
 
