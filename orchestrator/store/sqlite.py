@@ -20,6 +20,7 @@ import contextlib
 import os
 import pathlib
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -99,6 +100,29 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', random() & 922337203
 INSERT OR IGNORE INTO meta (key, value) VALUES ('events_pruned_through', 0);
 """
 
+#: How long a call waits while another process holds the lock it needs on the file (an
+#: operator's ``sqlite3`` shell in a transaction, a backup tool) before it fails.
+BUSY_TIMEOUT_S = 30.0
+#: SQLite's own wait for a lock is one sleeping loop that ``Connection.interrupt()`` does not
+#: end (it ends a statement running, not one waiting): the store waits in turns this long
+#: and between them asks whether it is closing, so a server stopped during such a stall
+#: stops within a turn, not at the end of :data:`BUSY_TIMEOUT_S`.
+BUSY_TURN_S = 0.1
+
+
+def _patiently(db: sqlite3.Connection, sql: str, args: Sequence[Any], closing: threading.Event) -> sqlite3.Cursor:
+    """``db.execute(sql, args)``, waiting up to :data:`BUSY_TIMEOUT_S` while another
+    process holds the lock it needs; StoreError at once if ``closing`` is set meanwhile."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return db.execute(sql, args)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            if closing.is_set():
+                raise StoreError("the store is closed") from None
+
 
 def _own(path: str) -> int:
     """Hold ``<path>.owner`` (see :func:`edge_agent.state.hold`): one control plane per file."""
@@ -120,6 +144,7 @@ class Store(SqlStore):
         self.path = str(path)
         self._clock = clock
         self._lock = ConnectionLock()  # the lease's calls first
+        self._closing = threading.Event()  # a call waiting for another process's lock gives up
         self._owner_fd: int | None = None
         if self.path != ":memory:":
             pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -135,15 +160,15 @@ class Store(SqlStore):
         """The connection, its schema made or brought up to date; a file SQLite cannot use
         is a :class:`StoreError` and nothing of it was changed."""
         try:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TURN_S)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the SQLite store {self.path}: {exc}") from None
         try:
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
+            _patiently(db, "PRAGMA journal_mode=WAL", (), self._closing)
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("BEGIN IMMEDIATE")
+            _patiently(db, "BEGIN IMMEDIATE", (), self._closing)
             for stmt in SCHEMA.strip().split(";"):
                 if stmt.strip():
                     db.execute(stmt)
@@ -162,11 +187,21 @@ class Store(SqlStore):
             raise StoreError(f"cannot open the SQLite store {self.path}: {exc}{hint}") from None
         return db
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 1.0) -> None:
+        """Refuse new calls, drop the queued ones and close the file. A call waiting for
+        another process's lock gives up within :data:`BUSY_TURN_S`; one still running a
+        statement after ``wait_s`` is interrupted (it fails, its transaction rolled back), so
+        the server stops, and its process exits, without waiting out :data:`BUSY_TIMEOUT_S`."""
         self.threads.close()
-        with self._lock:
+        self._closing.set()
+        if not self._lock.acquire(wait_s):
+            self._db.interrupt()
+            self._lock.acquire()
+        try:
             self._db.close()
             self._disown()
+        finally:
+            self._lock.release()
 
     def _disown(self) -> None:
         fd, self._owner_fd = self._owner_fd, None
@@ -180,7 +215,7 @@ class Store(SqlStore):
         :class:`StoreError` (the API answers 503), never half applied."""
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                _patiently(self._db, "BEGIN IMMEDIATE", (), self._closing)
             except sqlite3.Error as exc:
                 raise self._failed(exc) from exc
             try:
@@ -193,10 +228,12 @@ class Store(SqlStore):
                 raise
             else:
                 try:
-                    self._db.execute("COMMIT" if commit else "ROLLBACK")
-                except sqlite3.Error as exc:
+                    _patiently(self._db, "COMMIT" if commit else "ROLLBACK", (), self._closing)  # a COMMIT refused busy stays to retry
+                except (sqlite3.Error, StoreError) as exc:
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
+                    if isinstance(exc, StoreError):  # closing
+                        raise
                     raise self._failed(exc) from exc
 
     def _failed(self, exc: sqlite3.Error) -> StoreError:
@@ -222,7 +259,7 @@ class Store(SqlStore):
     def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             try:
-                return self._db.execute(sql, args).fetchall()
+                return _patiently(self._db, sql, args, self._closing).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"the SQLite store {self.path} could not be read: {exc}") from exc
 

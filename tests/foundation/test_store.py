@@ -1124,3 +1124,54 @@ async def test_a_closed_store_drops_the_calls_queued_behind_a_stalled_one(locati
     finally:
         go.set()
     await running
+
+
+async def test_a_sqlite_store_closed_while_another_process_holds_the_file_stops_waiting_at_once(tmp_path: pathlib.Path) -> None:
+    """Another connection holds the file's write lock (an operator's ``sqlite3`` shell in a
+    transaction): a write waits for it, but closing the store (the server stopping) ends that
+    wait within a second or so, not at the end of SQLite's 30 s busy timeout."""
+    path = tmp_path / "state.db"
+    store = open_store(str(path), threads=1)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        store.apply([write("edge-1", {"tier": "edge"})], WHO)
+        holder.execute("BEGIN IMMEDIATE")
+        entered = threading.Event()
+
+        def writing() -> object:
+            entered.set()
+            return store.apply([write("edge-2", {"tier": "edge"})], WHO)
+
+        waiting = asyncio.ensure_future(store.run(writing))
+        assert await asyncio.to_thread(entered.wait, 10)
+        started = time.monotonic()
+        await asyncio.to_thread(store.close)
+        took = time.monotonic() - started
+        assert took < 5, f"closing the store took {took:.1f} s while another connection held the file"
+        with pytest.raises(store_mod.StoreError, match="closed"):
+            await asyncio.wait_for(waiting, 5)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        store.close()
+    reopened = open_store(str(path))
+    try:
+        assert [o.name for o in reopened.list("Site")] == ["edge-1"]  # the write that waited changed nothing
+    finally:
+        reopened.close()
+
+
+def test_a_sqlite_write_waits_for_another_connection_holding_the_file(tmp_path: pathlib.Path) -> None:
+    """SQLite's lock on the file is waited for (another connection's short transaction), not
+    refused at once: the store waits in short turns only to be able to stop."""
+    path = tmp_path / "state.db"
+    store = open_store(str(path))
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.5, holder.execute, ("COMMIT",)).start()
+        store.apply([write("edge-1", {"tier": "edge"})], WHO)
+        assert [o.name for o in store.list("Site")] == ["edge-1"]
+    finally:
+        holder.close()
+        store.close()
