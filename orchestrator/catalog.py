@@ -4,14 +4,14 @@ The HTTP API and the in-process harness both go through here, so the rules hold 
 matter who calls: a request is validated as a whole (every document, and every reference
 of the valid ones against stored plus incoming objects, all reported together) before
 anything is written, and the write is one store transaction, so a file with any error
-applies nothing.
+applies nothing. The validation runs inside that transaction, under the lock every writer
+of the store takes (every replica's), so what it judged is what the write lands on.
 """
 
 from __future__ import annotations
 
 import datetime
 import re
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -145,13 +145,6 @@ def check(reading: loader.Reading, models: Mapping[str, schema.ModelSpec],
     return reading.ordered(more)
 
 
-#: Applies and deletes check against what is stored, then write: each holds this lock from its
-#: check to its write, so that in this process no write lands in between (a Model deleted
-#: between the check of a deployment naming it and that deployment's write). The API runs
-#: them in worker threads: a write waiting here never holds up the event loop.
-_WRITING = threading.Lock()
-
-
 def validate(store: store_mod.Store, reading: loader.Reading) -> None:
     """Raise :class:`ManifestError` unless the documents can be applied together."""
     incoming = [d.name for d in reading.documents if d.kind == "Model"]
@@ -201,11 +194,18 @@ def apply_reading(
     reason: str = "apply",
     dry_run: bool = False,
 ) -> ApplyResult:
-    """Apply what was read, or raise :class:`ManifestError` with every problem and apply nothing."""
-    with _WRITING:
+    """Apply what was read, or raise :class:`ManifestError` with every problem and apply nothing.
+
+    Applies and deletes check against what is stored, then write. The check runs in the
+    store's write transaction, so no write lands in between, whichever replica makes it (a
+    Model deleted between the check of a deployment naming it and that deployment's write;
+    two Models' changes each judged against the other's old variants)."""
+
+    def judged() -> list[store_mod.ObjectWrite]:
         validate(store, reading)
-        writes = writes_for(reading.documents)
-        outcomes = store.apply(writes, store_mod.Event(actor, "apply", "", "", reason), dry_run=dry_run)
+        return writes_for(reading.documents)
+
+    outcomes = store.apply(judged, store_mod.Event(actor, "apply", "", "", reason), dry_run=dry_run)
     return ApplyResult(outcomes, dry_run)
 
 
@@ -221,10 +221,11 @@ def apply_documents(
 
 
 def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, reason: str = "delete") -> store_mod.WriteOutcome:
-    with _WRITING:
+    def unused() -> None:  # in the delete's transaction, as an apply's check (apply_reading)
         if kind == "Model" and (users := _users_of(store, name)):
             raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}; delete those first")
-        return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason))
+
+    return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason), check=unused)
 
 
 def delete_site_abandoning(store: store_mod.Store, name: str, *, actor: str, reason: str = "delete", keep_site: bool = False) -> bool:
@@ -233,15 +234,14 @@ def delete_site_abandoning(store: store_mod.Store, name: str, *, actor: str, rea
     there): for a data centre whose cluster is gone for good, whose removal would otherwise be
     tried forever. ``keep_site``: only those left on targets the Site was moved away from.
     Whether the Site was deleted; :class:`NotFound` when neither it nor a removal was left."""
-    with _WRITING:
-        try:
-            if not keep_site:
-                store.delete("Site", name, store_mod.Event(actor, "delete", "Site", name, reason))
-            deleted = not keep_site
-        except store_mod.NotFound:
-            deleted = False
-        abandoned = store.abandon_deleted_site(name, store_mod.Event(
-            actor, "applications-abandoned", "Site", name, reason, {"note": "its Serve applications are no longer removed"}))
+    try:
+        if not keep_site:
+            store.delete("Site", name, store_mod.Event(actor, "delete", "Site", name, reason))
+        deleted = not keep_site
+    except store_mod.NotFound:
+        deleted = False
+    abandoned = store.abandon_deleted_site(name, store_mod.Event(
+        actor, "applications-abandoned", "Site", name, reason, {"note": "its Serve applications are no longer removed"}))
     if not (deleted or abandoned):
         if keep_site:
             raise store_mod.NotFound(f"no removal of the applications Site {name!r} left elsewhere is pending")
@@ -266,15 +266,16 @@ def delete_documents(store: store_mod.Store, docs: list[loader.LoadedDocument], 
     as does an object that does not exist unless ``missing_ok``."""
     targets = sorted(dict.fromkeys((d.kind, d.name) for d in docs), key=lambda t: DELETE_ORDER[t[0]])
     going = {name for kind, name in targets if kind == "ModelDeployment"}
-    with _WRITING:
+    def unused() -> None:  # in the delete's transaction, as an apply's check (apply_reading)
         for kind, name in targets:
             if kind == "Model" and (users := _users_of(store, name, going)):
                 raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}, which the bundle does not delete; "
                             "nothing was deleted")
-        try:
-            return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok)
-        except store_mod.NotFound as exc:
-            raise store_mod.NotFound(f"{exc}; nothing was deleted") from None
+
+    try:
+        return store.delete_many(targets, store_mod.Event(actor, "delete", "", "", reason), missing_ok=missing_ok, check=unused)
+    except store_mod.NotFound as exc:
+        raise store_mod.NotFound(f"{exc}; nothing was deleted") from None
 
 
 def rfc3339(ts: float | None) -> str | None:

@@ -190,13 +190,17 @@ class SqlStore:
             rows = self._fetch(self._q(f"SELECT * FROM objects WHERE kind = ? ORDER BY name{c}"), (kind,))
         return [self._row(r) for r in rows]
 
-    def apply(self, writes: Sequence[ObjectWrite], event: Event | None = None, dry_run: bool = False) -> list[WriteOutcome]:
+    def apply(self, writes: Sequence[ObjectWrite] | Callable[[], Sequence[ObjectWrite]], event: Event | None = None,
+              dry_run: bool = False) -> list[WriteOutcome]:
         """Create or update all objects in one transaction: all of them or none. A dry run
-        decides the same way and rolls back: what it says is what the write would do."""
+        decides the same way and rolls back: what it says is what the write would do.
+        ``writes`` may be a function that decides them (it may read this store, and raise to
+        write nothing): it runs in the transaction, under the lock every writer of the store
+        takes, another replica's included, so what it read is what they are written over."""
         now = self._clock()
         outcomes: list[WriteOutcome] = []
         with self._tx(commit=not dry_run) as db:
-            for w in writes:
+            for w in writes() if callable(writes) else writes:
                 row = self._one(db, "SELECT * FROM objects WHERE kind = ? AND name = ?", (w.kind, w.name))
                 current = self._row(row) if row else None
                 if w.expected_version is not None:
@@ -240,21 +244,28 @@ class SqlStore:
                     self._log(db, Event(event.actor, o.action, o.kind, o.name, event.reason, {**event.details, "generation": o.generation}), now)
         return outcomes
 
-    def delete(self, kind: str, name: str, event: Event, expected_version: int | None = None) -> WriteOutcome:
+    def delete(self, kind: str, name: str, event: Event, expected_version: int | None = None,
+               check: Callable[[], object] | None = None) -> WriteOutcome:
+        """``check``: run first in the transaction, as a function of :meth:`apply`'s writes."""
         now = self._clock()
         with self._tx() as db:
+            if check is not None:
+                check()
             outcome = self._delete(db, kind, name, event, now, expected_version)
             self._changed(db, "resources")
         assert outcome is not None  # a missing object raised
         return outcome
 
-    def delete_many(self, targets: Sequence[tuple[str, str]], event: Event, missing_ok: bool = False) -> list[WriteOutcome]:
+    def delete_many(self, targets: Sequence[tuple[str, str]], event: Event, missing_ok: bool = False,
+                    check: Callable[[], object] | None = None) -> list[WriteOutcome]:
         """Delete every ``(kind, name)`` in one transaction: all of them or none. An object
         that does not exist refuses the whole set (:class:`NotFound`), or with
-        ``missing_ok`` is left out of the result."""
+        ``missing_ok`` is left out of the result. ``check``: as :meth:`delete`'s."""
         now = self._clock()
         outcomes: list[WriteOutcome] = []
         with self._tx() as db:
+            if check is not None:
+                check()
             for kind, name in targets:
                 if (outcome := self._delete(db, kind, name, event, now, missing_ok=missing_ok)) is not None:
                     outcomes.append(outcome)
