@@ -34,6 +34,7 @@ WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 POD_NAME = "statefulset.kubernetes.io/pod-name"
 CONTROL_PLANE = ("StatefulSet", "edgeplane-control-plane")
 AGENT = ("DaemonSet", "edgeplane-agent-edge-lyon")
+NAMESPACES = {doc["metadata"]["name"]: doc["metadata"].get("labels", {}) for _, _, doc in DOCS if doc["kind"] == "Namespace"}
 
 
 def pod_names(sts: dict[str, Any]) -> list[str]:
@@ -59,7 +60,62 @@ def test_each_document_is_a_valid_kubernetes_object(name: str, index: int, doc: 
     typed = api._ApiClient__deserialize(doc, model_name(doc))  # type: ignore[attr-defined]
     assert api.sanitize_for_serialization(typed) == doc, f"{name} document {index}: a field the {doc['kind']} model does not know"
     if doc["kind"] != "Namespace" and doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
-        assert doc["metadata"].get("namespace") == "edgeplane", f"{name} document {index} is outside the edgeplane namespace"
+        assert doc["metadata"].get("namespace") in NAMESPACES, f"{name} document {index} is outside the namespaces namespace.yaml makes"
+
+
+#: What the Pod Security levels refuse (kubernetes.io/docs/concepts/security/pod-security-standards),
+#: the fields these manifests could set: ``baseline`` first, then what ``restricted`` adds.
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+                         "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+
+
+def pod_security_refusals(pod: dict[str, Any], level: str) -> list[str]:
+    """Why Pod Security at ``level`` (privileged, baseline, restricted) refuses the pod ``pod``."""
+    if level == "privileged":
+        return []
+    every = [*pod.get("initContainers", []), *pod["containers"]]
+    pod_ctx = pod.get("securityContext", {})
+    refusals = [f"host namespace {k}" for k in ("hostNetwork", "hostPID", "hostIPC") if pod.get(k)]
+    refusals += [f"hostPath volume {v['name']}" for v in pod.get("volumes", []) if "hostPath" in v]
+    for c in every:
+        ctx = c.get("securityContext", {})
+        refusals += [f"{c['name']}: hostPort {p['hostPort']}" for p in c.get("ports", []) if p.get("hostPort")]
+        refusals += [f"{c['name']}: privileged"] * bool(ctx.get("privileged"))
+        refusals += [f"{c['name']}: adds {cap}" for cap in ctx.get("capabilities", {}).get("add", []) if cap not in BASELINE_CAPABILITIES]
+        if ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type") == "Unconfined":
+            refusals.append(f"{c['name']}: seccomp Unconfined")
+        if level != "restricted":
+            continue
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            refusals.append(f"{c['name']}: allowPrivilegeEscalation not false")
+        if not ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) or ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0:
+            refusals.append(f"{c['name']}: may run as root")
+        if ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
+            refusals.append(f"{c['name']}: no seccomp profile")
+        caps = ctx.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            refusals.append(f"{c['name']}: capabilities not dropped")
+    if level == "restricted":
+        refusals += [f"volume {v['name']}: {kind}" for v in pod.get("volumes", [])
+                     for kind in v if kind != "name" and kind not in RESTRICTED_VOLUMES]
+    return refusals
+
+
+def test_each_pod_is_admitted_by_its_namespaces_pod_security_and_only_the_agents_need_privileged() -> None:
+    """The control plane, the gateways and PostgreSQL run where Pod Security enforces
+    ``restricted``; the agents, whose hostPath and hostPort no lower level admits, in a
+    namespace of their own that allows ``privileged``."""
+    enforced = {ns: labels.get("pod-security.kubernetes.io/enforce") for ns, labels in NAMESPACES.items()}
+    assert all(enforced.values()), f"a namespace enforces no Pod Security level: {enforced}"
+    for w in [d for kind in WORKLOADS for d in by_kind(kind)]:
+        ns, pod = w["metadata"]["namespace"], w["spec"]["template"]["spec"]
+        refused = pod_security_refusals(pod, enforced[ns])
+        assert not refused, f"{w['metadata']['name']}: namespace {ns} enforces {enforced[ns]}, which refuses {refused}"
+        if (w["kind"], w["metadata"]["name"]) == AGENT:
+            assert pod_security_refusals(pod, "baseline"), "the agents would run under baseline: their namespace need not be privileged"
+        else:
+            assert enforced[ns] == "restricted", f"{w['metadata']['name']} runs in {ns}, which enforces {enforced[ns]}"
 
 
 def test_every_workload_selects_its_own_pods_and_every_service_finds_them() -> None:
@@ -367,20 +423,21 @@ def test_the_per_site_steps_give_each_site_its_own_bootstrap_secret() -> None:
     guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
     namespace: set[str] = set()
     for site in ("edge-lyon", "edge-paris"):
-        created = [" ".join(made.groups()) for line in per_site_steps(site)
-                   if (made := re.match(r"kubectl -n edgeplane create (configmap|secret generic) (\S+)", line))]
-        assert created and not namespace & set(created), f"{site}: kubectl create refuses {sorted(namespace & set(created))}"
-        namespace |= set(created)
         docs = site_copy(site)
         assert {d["metadata"]["name"] for d in docs} == {f"edgeplane-agent-{site}"}
         (agent,) = [d for d in docs if d["kind"] == "DaemonSet"]
+        ns = agent["metadata"]["namespace"]
+        created = [" ".join(made.groups()) for line in per_site_steps(site)
+                   if (made := re.match(rf"kubectl -n {ns} create (configmap|secret generic) (\S+)", line))]
+        assert created and not namespace & set(created), f"{site}: kubectl create refuses {sorted(namespace & set(created))}"
+        namespace |= set(created)
         (c,) = containers(agent)
         assert agent_main.parser().parse_args(expand(c, "node-1")).site == f"{site}-node-1"
         read = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
         assert read and {f"secret generic {name}" for name in read} <= set(created), f"{site} reads {read}, made: {created}"
         for volume in agent["spec"]["template"]["spec"]["volumes"]:
             if "configMap" in volume:
-                assert f"create configmap {volume['configMap']['name']} " in guide
+                assert f"kubectl -n {ns} create configmap {volume['configMap']['name']} " in guide
 
 
 def test_a_stopping_gateway_leaves_the_service_before_it_stops_accepting() -> None:
