@@ -420,8 +420,8 @@ class AgentHub(relayed.RelayedAgents):
         channel.latest = model.AssignmentSet(site, version, tuple(assignments))
         channel.notify()
         record = self._records.get(site)
-        if record is not None and record.via is not None and (push := self._relays.get(record.via)) is not None:
-            push(site, channel.latest)
+        if record is not None and record.via is not None and (outbox := self._relays.get(record.via)) is not None:
+            outbox.push(site, channel.latest)
 
     def assignments(self, site: str) -> model.AssignmentSet | None:
         channel = self._channels.get(site)

@@ -79,7 +79,7 @@ class RelayServicer:
             for task in (reader, closed):
                 task.cancel()
             if stream.via is not None:
-                self._hub.detach_relay(stream.via, stream.push)
+                self._hub.detach_relay(stream.via, stream)
                 log.info("replica %s stopped relaying its agents", stream.via)
 
     async def _read(self, requests: AsyncIterator[bytes], stream: _Stream) -> str | None:
@@ -93,7 +93,7 @@ class RelayServicer:
                 if not batch.replica:
                     return "the first RelayReports must name the relaying replica"
                 stream.via = batch.replica
-                self._hub.attach_relay(stream.via, stream.push)
+                self._hub.attach_relay(stream.via, stream)
                 log.info("replica %s relays its agents here", stream.via)
             for report in batch.reports:
                 self.reports_total += 1

@@ -38,7 +38,10 @@ class RelayTap(Protocol):
         Unavailable when the leader cannot be asked now."""
 
 
-PushAssignments = Callable[[str, model.AssignmentSet], None]
+class RelayOutbox(Protocol):
+    """One relay stream on the leader, as the hub sees it: where its sites' assignment sets go."""
+
+    def push(self, site: str, assignment_set: model.AssignmentSet) -> None: ...
 
 
 class RelayedAgents:
@@ -62,7 +65,7 @@ class RelayedAgents:
 
     def __init__(self) -> None:
         self.tap: RelayTap | None = None  # set while this replica relays its agents to a leader
-        self._relays: dict[str, PushAssignments] = {}  # relaying replica -> its stream's outbox
+        self._relays: dict[str, RelayOutbox] = {}  # relaying replica -> its current stream
         # site -> (holder, why, until): sites the leader said another replica's agent holds
         self._held_elsewhere: dict[str, tuple[str, str, float]] = {}
         # site -> the agent ids revoked here: a relay that has not heard yet must not bring one back.
@@ -72,15 +75,22 @@ class RelayedAgents:
 
     # -- relayed agents (the leader's side) ------------------------------------------
 
-    def attach_relay(self, via: str, push: PushAssignments) -> None:
-        """Replica ``via`` relays agents from now on; their assignment sets go to ``push``."""
-        self._relays[via] = push
+    def attach_relay(self, via: str, outbox: RelayOutbox) -> None:
+        """Replica ``via`` relays agents from now on; their assignment sets go to ``outbox``
+        (its newest stream: one it opened again replaces the last)."""
+        self._relays[via] = outbox
 
-    def detach_relay(self, via: str, push: PushAssignments) -> None:
-        """``via``'s stream ended. Its agents' records stay and are lost in the usual time
-        unless they are reported again, through a relay or by joining here."""
-        if self._relays.get(via) is push:
+    def detach_relay(self, via: str, outbox: RelayOutbox) -> None:
+        """``via``'s stream ``outbox`` ended: its sites' sets wait here (each site's latest)
+        until their agents are reported again, through a relay or by joining here, or are
+        lost in the usual time. A newer stream of ``via``'s, attached before this one's end
+        was seen, stays."""
+        if self._relays.get(via) is outbox:
             del self._relays[via]
+
+    def relays(self) -> list[str]:
+        """The replicas that relay their agents to this hub now."""
+        return sorted(self._relays)
 
     def admit_relayed(self, application: model.JoinApplication, agent_id: str, via: str) -> None:
         """An agent that joined replica ``via``, which checked its credential. The site rule
@@ -105,8 +115,8 @@ class RelayedAgents:
             log.info("agent %s joined site %s through replica %s", agent_id, site, via)
             self._emit(model.AgentEventKind.JOINED, record, f"agent joined through replica {via}")
         latest = self._channel(site).latest
-        if latest is not None and (push := self._relays.get(via)) is not None:
-            push(site, latest)
+        if latest is not None and (outbox := self._relays.get(via)) is not None:
+            outbox.push(site, latest)
 
     def check_claim(self, site: str) -> None:
         """A relaying replica asks whether a new agent may take ``site``: SiteTaken while a live

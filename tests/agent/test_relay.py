@@ -356,6 +356,55 @@ async def test_malformed_relay_messages_end_only_that_stream(leader: Leader) -> 
     await until(lambda: leader.cp.hub.relayed() == 1, "records stay after the stream ends")
 
 
+def relay_stream(channel: grpc.aio.Channel) -> Any:
+    """A relay stream to the leader, as a relaying replica opens one."""
+    return channel.stream_stream(relay.METHOD, request_serializer=pb.RelayReports.SerializeToString,
+                                 response_deserializer=pb.RelayAssignments.FromString)(metadata=((relay.SECRET_KEY, SECRET),))
+
+
+def reported_whole(site: str, agent_id: str) -> pb.AgentReport:
+    return pb.AgentReport(site=site, agent_id=agent_id, agent=pb.JoinRequest(endpoint_url="http://127.0.0.1:2"),
+                          state=pb.Heartbeat(inflight=1))
+
+
+def intent(version: int) -> list[model.Assignment]:
+    return [model.Assignment(model="intent", sha256="ab" * 32, artifact_url=f"http://cp/v1/artifacts/{version}",
+                             deployment="d", variant="v")]
+
+
+async def test_a_relay_stream_that_ended_is_let_go_and_its_sites_sets_wait_for_the_next(leader: Leader) -> None:
+    """A replica that reconnects opens its new stream before the leader sees the old one end:
+    that end leaves the new stream in place. Once its last stream ended the leader holds
+    nothing of it (replica ids are new at each start: a leader would otherwise keep one per
+    follower restart), and a set given to its agent's site meanwhile reaches the next stream
+    that reports the agent."""
+    agents = leader.cp.hub
+    async with grpc.aio.insecure_channel(leader.cp.target) as channel:
+        old, new = relay_stream(channel), relay_stream(channel)
+        await old.write(pb.RelayReports(replica="cp-x", reports=[reported_whole("edge-ok", "agt-1")]))
+        joined = await leader.cp.events.wait_for(of(model.AgentEventKind.JOINED, "edge-ok"))
+        await new.write(pb.RelayReports(replica="cp-x", reports=[reported_whole("edge-ok", "agt-1")]))
+        await leader.cp.events.wait_for(lambda e: e.site == "edge-ok" and e is not joined and "through replica cp-x" in e.reason)
+        await old.done_writing()
+        assert await old.read() is grpc.aio.EOF
+        assert agents.relays() == ["cp-x"]  # the newer stream stays: the agent's sets go down it
+        agents.set_assignments("edge-ok", intent(1), 1)
+        down = await new.read()
+        assert [(s.site, s.set.version) for s in down.sites] == [("edge-ok", 1)]
+
+        await new.done_writing()
+        assert await new.read() is grpc.aio.EOF
+        assert agents.relays() == []
+        agents.set_assignments("edge-ok", intent(2), 2)  # kept for the agent, sent down no stream
+        again = relay_stream(channel)
+        await again.write(pb.RelayReports(replica="cp-x", reports=[reported_whole("edge-ok", "agt-1")]))
+        down = await again.read()
+        assert [(s.site, s.set.version) for s in down.sites] == [("edge-ok", 2)]
+        await again.done_writing()
+        assert await again.read() is grpc.aio.EOF
+    assert agents.relays() == []
+
+
 def test_heartbeats_merge_without_losing_what_a_later_one_leaves_out() -> None:
     client = relay.RelayClient(hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN])), "cp-f")
     first = pb.Heartbeat(seq=1, inflight=1, capacity=pb.Capacity(cpu_cores=4), models=pb.ModelStates(models=[pb.ModelState(name="m")]),
