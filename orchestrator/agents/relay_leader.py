@@ -33,7 +33,7 @@ class RelayServicer:
     def __init__(self, agent_hub: hub.AgentHub, secret: Callable[[], str | None]) -> None:
         self._hub = agent_hub
         self._secret = secret
-        self._closing: set[asyncio.Event] = set()
+        self._streams: set[_Stream] = set()
         self.reports_total = 0
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -44,8 +44,9 @@ class RelayServicer:
 
     def close_all(self) -> None:
         """End every relay stream now (this replica stopped leading)."""
-        for closing in self._closing:
-            closing.set()
+        for stream in self._streams:
+            stream.closing = True
+            stream.wake.set()
 
     async def Relay(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RelayAssignments]:
         secret = self._secret()
@@ -55,17 +56,17 @@ class RelayServicer:
         if not hmac.compare_digest(given.encode(), (secret or "").encode()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong relay secret (it changes with each leader)")
         stream = _Stream()
-        closing = asyncio.Event()
-        self._closing.add(closing)
+        self._streams.add(stream)
+        # One task per stream, and the handler awaits only the stream's own wake-up (which the
+        # reader's end sets too): when gRPC cancels the handler (its peer went away) nothing
+        # else is left waiting.
         reader = asyncio.create_task(self._read(requests, stream), name="relay-reader")
-        closed = asyncio.create_task(closing.wait())
+        reader.add_done_callback(lambda _: stream.wake.set())
         try:
             while True:
-                wake = asyncio.create_task(stream.wake.wait())
-                await asyncio.wait({reader, wake, closed}, return_when=asyncio.FIRST_COMPLETED)
-                wake.cancel()
+                await stream.wake.wait()
                 stream.wake.clear()
-                if closed.done():
+                if stream.closing:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "this control-plane replica stopped leading")
                 if stream.outbox or stream.again or stream.refused or stream.free:
                     yield stream.take()
@@ -75,9 +76,8 @@ class RelayServicer:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
                     return
         finally:
-            self._closing.discard(closing)
-            for task in (reader, closed):
-                task.cancel()
+            self._streams.discard(stream)
+            reader.cancel()
             if stream.via is not None:
                 self._hub.detach_relay(stream.via, stream)
                 log.info("replica %s stopped relaying its agents", stream.via)
@@ -154,6 +154,7 @@ class _Stream:
         self.again: set[str] = set()
         self.refused: list[pb.RelayRefusal] = []
         self.free: set[str] = set()  # claimed sites no live agent holds
+        self.closing = False  # this replica stopped leading: the stream is to end
         self.wake = asyncio.Event()
 
     def push(self, site: str, assignment_set: model.AssignmentSet) -> None:
