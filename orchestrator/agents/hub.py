@@ -124,7 +124,10 @@ class _Record:
 
 
 class _SiteChannel:
-    """Latest assignment set of a site and a wake-up for its watchers (latest wins)."""
+    """Latest assignment set of a site and a wake-up for its watchers (latest wins). The hub
+    keeps one while the site has an agent here or has been given a set since its last agent
+    was forgotten: over months of nodes coming and going (a DaemonSet names a site per node)
+    a channel per site ever seen would be a leak."""
 
     def __init__(self) -> None:
         self.latest: model.AssignmentSet | None = None
@@ -145,7 +148,7 @@ RECONNECT_GRACE_S = 5.0
 
 
 class AgentHub(relayed.RelayedAgents):
-    """Owns agent records, their health, and the assignment channel of every site.
+    """Owns agent records, their health, and the assignment channel of their sites.
 
     ``clock`` returns seconds (``time.monotonic`` by default) and stamps every time the
     hub keeps: a step of the wall clock (NTP, a virtual machine resumed) must neither lose
@@ -433,13 +436,15 @@ class AgentHub(relayed.RelayedAgents):
         """Yield the site's set now (unless the agent has it) and each newer one, until
         another agent takes the site over. Sets that arrive while one is being sent are
         collapsed: only the latest is sent."""
-        channel = self._channel(site)
         sent: model.AssignmentSet | None = None
         while True:
-            changed = channel.changed()
             record = self._records.get(site)
             if record is None or record.agent_id != agent_id:
                 return
+            # Looked up each time: once the agent was forgotten its site's channel went with it,
+            # and the same agent may have joined again before this woke.
+            channel = self._channel(site)
+            changed = channel.changed()
             latest = channel.latest
             if latest is not None and latest is not sent:
                 if sent is not None or latest.version != known_version or known_version == 0:
@@ -465,9 +470,13 @@ class AgentHub(relayed.RelayedAgents):
         return self._wall() - (self._clock() - t)
 
     def forget(self, site: str) -> None:
-        """Drop a site's agent record (e.g. the Site was deleted)."""
+        """Drop a site's agent record (e.g. the Site was deleted) and the site's assignment set:
+        its watch streams end. A set given to the site later, as the reconciler gives one to
+        an agent that joins it again (it reads no set here), starts a new channel."""
         self._records.pop(site, None)
-        self._channel(site).notify()
+        channel = self._channels.pop(site, None)
+        if channel is not None:
+            channel.notify()
         if self.tap is not None:
             self.tap.touched(site)
 

@@ -119,6 +119,35 @@ async def test_a_deleted_sites_lost_agent_is_no_longer_counted(tmp_path: pathlib
         await fleet.stop()
 
 
+async def test_a_forgotten_sites_agent_that_returns_is_sent_its_assignments_again(tmp_path: pathlib.Path) -> None:
+    """Nodes come and go (the agent DaemonSet names a site per node): once a deleted Site's
+    lost agent is forgotten the control plane keeps nothing of the site, not its last
+    assignment set either. A node back under the same name registers its Site again and is
+    sent a set, as a new site is."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        await fleet.start_agent("edge-old", country="FR", lat=48.8, lon=2.3)
+        await harness.wait_until(lambda: cp.hub.assignments("edge-old") is not None, 20, what="a first set sent")
+        await asyncio.to_thread(fleet.agents["edge-old"].stop)
+        await harness.wait_until(lambda: not cp.hub.status("edge-old").healthy, 20, what="the agent to be lost")
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            passes = cp.reconciler.passes
+            assert (await http.delete("/v1/sites/edge-old")).status_code == 200
+            await cp.reconciler.wait_for_pass(passes + 1)
+        assert cp.hub.status("edge-old") is None and cp.hub.assignments("edge-old") is None
+
+        await fleet.restart_agent("edge-old")
+
+        def applied() -> bool:
+            sent, agent = cp.hub.assignments("edge-old"), cp.hub.status("edge-old")
+            return sent is not None and agent is not None and agent.healthy and agent.assignment_version == sent.version
+        await harness.wait_until(applied, 30, what="the returning agent to be sent a set and apply it")
+        assert cp.store.get("Site", "edge-old") is not None
+    finally:
+        await fleet.stop()
+
+
 async def test_a_deleted_sites_lost_agent_is_no_longer_counted_on_the_follower_it_was_connected_to(
         tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
     """Replicas on one database: the decommissioned site's agent was connected to a follower,
