@@ -157,8 +157,8 @@ class _Base:
 
     def _gateways(self) -> list[str]:
         """The gateway URLs in the order to try: those not ejected first."""
-        now = self.cache.clock()
-        return sorted(self.servers, key=lambda u: self.cache._ejected.get(u, 0) > now)
+        ejected = self.cache.ejected()
+        return sorted(self.servers, key=lambda u: u in ejected)
 
     def _endpoints_requests(self, model: str, deadline: float | None) -> Iterator[tuple[str, str, dict[str, str], httpx.Timeout]]:
         """(gateway, URL, parameters, timeout) of the endpoint list, one per gateway in order,

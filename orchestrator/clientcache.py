@@ -68,7 +68,16 @@ class EndpointCache:
         return [e for e in entry.items if self._ejected.get(e["url"], 0) <= now]
 
     def eject(self, url: str) -> None:
-        self._ejected[url] = self.clock() + self.ejection_s
+        now = self.clock()
+        # Those whose time is up go as another comes: a client that runs for months sees
+        # replicas, and their URLs, come and go.
+        self._ejected = {u: until for u, until in self._ejected.items() if until > now}
+        self._ejected[url] = now + self.ejection_s
+
+    def ejected(self) -> frozenset[str]:
+        """The URLs (replicas, gateways) left out now."""
+        now = self.clock()
+        return frozenset(u for u, until in self._ejected.items() if until > now)
 
 
 def callable_endpoint(e: Any) -> bool:

@@ -446,6 +446,19 @@ async def test_a_versioned_request_goes_to_the_replicas_that_hold_that_version()
         await new.shutdown(1)
 
 
+def test_a_client_keeps_only_the_replicas_ejected_now() -> None:
+    """A client that runs for months meets replicas that fail and go away for good, each at
+    a URL of its own: one is left out for ``ejection_s``, and then nothing of it is kept."""
+    now = [0.0]
+    cache = client_mod.EndpointCache(clock=lambda: now[0], ejection_s=10)
+    for i in range(1000):
+        cache.eject(f"http://10.0.{i // 250}.{i % 250}:8081")
+    assert len(cache.ejected()) == 1000
+    now[0] = 10.0
+    cache.eject("http://10.1.0.1:8081")
+    assert cache.ejected() == {"http://10.1.0.1:8081"} and len(cache._ejected) == 1
+
+
 async def test_a_gateway_that_went_down_is_asked_for_the_list_once_per_ejection_not_per_request() -> None:
     """Past the list's TTL with its gateway gone, each request would ask it for the list
     again (a connect timeout each, for a gateway that drops connections) though the replica
