@@ -65,6 +65,9 @@ SDK_PREFIX = "/v1"
 SDK_PATHS = (f"{SDK_PREFIX}/models", f"{SDK_PREFIX}/chat/completions", f"{SDK_PREFIX}/completions")
 FORWARD_HEADERS = ("content-type", "accept")
 SSE_DONE = b"data: [DONE]\n\n"
+#: The longest server-sent event taken from a replica (a token's chunk is a few hundred
+#: bytes): a replica that never ends one is cut off, not buffered until memory runs out.
+MAX_EVENT_BYTES = 1 << 20
 _T = TypeVar("_T")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error"}
@@ -536,7 +539,8 @@ class _UpstreamCut(Exception):
 
 async def _events(resp: Stream, first_timeout: float, idle_timeout: float) -> AsyncIterator[bytes]:
     """Whole SSE events as they arrive (a read's worth at a time, never a partial event),
-    ending cleanly at the end of the stream; a cut or a stall raises ``_UpstreamCut``."""
+    ending cleanly at the end of the stream; a cut, a stall or an event past
+    :data:`MAX_EVENT_BYTES` raises ``_UpstreamCut``."""
     tail = b""
     timeout = first_timeout
     while True:
@@ -553,10 +557,12 @@ async def _events(resp: Stream, first_timeout: float, idle_timeout: float) -> As
             return
         timeout = idle_timeout
         tail += data
-        cut = tail.rfind(b"\n\n")
+        cut = tail.rfind(b"\n\n", max(0, len(tail) - len(data) - 1))  # what came before holds no blank line
         if cut >= 0:
             whole, tail = tail[: cut + 2], tail[cut + 2:]
             yield whole
+        if len(tail) > MAX_EVENT_BYTES:
+            raise _UpstreamCut(f"an event past {MAX_EVENT_BYTES} bytes (no blank line ends it)")
 
 
 async def _send_whole(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:

@@ -228,6 +228,44 @@ async def test_a_replica_silent_past_the_first_token_timeout_is_skipped_and_ejec
                 assert (paris_url in table.ejected()) == (i == 4), f"after request {i + 1}"
 
 
+@pytest.mark.parametrize("token_first", [False, True])
+async def test_a_replica_that_never_ends_an_event_is_cut_off_not_buffered(token_first: bool) -> None:
+    """Replicas are trusted only so far: one that streams bytes and never the blank line that
+    ends an event would have the gateway hold them all. Past ``MAX_EVENT_BYTES`` the stream
+    is cut: before its first token the caller gets a 502 that says why (no other replica
+    here) and the replica is left out; after it, an error event ends the caller's stream."""
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        try:
+            if token_first:
+                yield b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+            yield b'data: {"choices":[{"index":0,"delta":{"content":"'
+            for _ in range(8 * openai_routes.MAX_EVENT_BYTES // 65536):
+                yield b"x" * 65536
+            await asyncio.Event().wait()  # and never a blank line
+        finally:
+            closed.set()
+
+    async def paris(request: httpmessages.Request) -> httpstream.StreamingResponse:
+        return httpstream.StreamingResponse(200, endless())
+
+    async with replica(paris) as paris_url:
+        table = endpoints.EndpointTable()
+        table.replace([endpoint("edge-paris", "edge", paris_url)])
+        async with gateway(table, first_token_timeout=5.0, idle_timeout=5.0) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": True})
+        async with asyncio.timeout(10):
+            await closed.wait()  # the gateway closed the replica's stream
+    why = f"an event past {openai_routes.MAX_EVENT_BYTES} bytes"
+    if token_first:
+        assert resp.status_code == 200 and resp.text.startswith('data: {"choices"'), resp.text[:200]
+        assert why in resp.text and resp.text.endswith("data: [DONE]\n\n") and len(resp.content) < 4096
+    else:
+        assert resp.status_code == 502 and why in resp.json()["error"]["message"], resp.text[:200]
+        assert paris_url in table.ejected()
+
+
 async def test_a_stage_replica_silent_past_the_first_token_timeout_is_skipped_and_ejected_only_at_the_fifth_in_a_row() -> None:
     """A judged stage asks for the whole answer: a replica that sent its head and no body
     in time is slow at this request (a long prompt on edge hardware), not down."""
