@@ -147,9 +147,11 @@ class InferenceServer:
         return self._generation
 
     def models_changed(self) -> None:
-        """The registry changed: a generative version it no longer serves is let go of."""
+        """The registry changed: a generative version it no longer serves is let go of, and
+        the metrics of a model no longer assigned."""
         if self._generation is not None:
             self._generation.models_changed()
+        self.metrics.retain(lambda name: name == UNKNOWN_MODEL or self._models.known(name))
 
     def close(self) -> None:
         if self._generation is not None:

@@ -79,6 +79,16 @@ class AgentMetrics:
         what heartbeats carry for the control plane's autoscaler."""
         return [(model, sum(h.counts), h.sum) for model, h in self._latency.items()]
 
+    def retain(self, kept: Callable[[str], bool]) -> None:
+        """Drop the series of every model ``kept`` says no: those no longer assigned. Over
+        months of models coming and going, every heartbeat would carry each one's load and
+        every scrape its series. One assigned again counts from zero, which Prometheus
+        and the control plane's autoscaler take as a restart."""
+        self._latency = {m: h for m, h in self._latency.items() if kept(m)}
+        self._ttft = {m: h for m, h in self._ttft.items() if kept(m)}
+        self._requests = {k: n for k, n in self._requests.items() if kept(k[0])}
+        self._generation = {k: n for k, n in self._generation.items() if kept(k[0])}
+
     def observe_error(self, model: str, code: int) -> None:
         key = (model, str(code))
         self._requests[key] = self._requests.get(key, 0) + 1

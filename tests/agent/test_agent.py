@@ -109,6 +109,28 @@ async def test_assignment_is_downloaded_verified_served_and_reported(
     assert status.inflight == 0
 
 
+async def test_a_model_no_longer_assigned_leaves_the_agents_load_reports_and_metrics(
+    control_plane: ControlPlane, make_agent: MakeAgent, models: Models
+) -> None:
+    """Models come and go over months: the load each heartbeat carries for the autoscaler,
+    and the agent's metrics, are of the models assigned now. One assigned again counts anew."""
+    agent = await make_agent(control_plane)
+    await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
+    x = np.ones((1, 8), np.float32)
+    async with httpx.AsyncClient(base_url=agent.endpoint_url) as client:
+        for version in (1, 3):
+            control_plane.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=version)
+            await harness.wait_until(lambda: (s := control_plane.hub.status(SITE)) is not None and "mlp" in s.models
+                                     and s.models["mlp"].phase is model.ModelPhase.READY, 30, what="mlp ready")
+            await infer(client, x)
+            assert [(name, n) for name, n, _ in agent.model_load()] == [("mlp", 1)]
+            assert 'edgeplane_agent_infer_requests_total{code="200",model="mlp"} 1.0' in (await client.get("/metrics")).text
+            control_plane.hub.set_assignments(SITE, [], version=version + 1)
+            await harness.wait_until(lambda unassigned=version + 1: agent.assignment_version() == unassigned, 30, what="mlp unassigned")
+            assert agent.model_load() == []
+            assert 'model="mlp"' not in (await client.get("/metrics")).text
+
+
 async def test_an_agent_told_no_interval_reports_at_the_control_planes(control_plane: ControlPlane, make_agent: MakeAgent) -> None:
     agent = await make_agent(control_plane, heartbeat_interval=None)
     joined = await control_plane.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED)
