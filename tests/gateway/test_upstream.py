@@ -77,6 +77,31 @@ async def test_an_idle_connection_closed_by_the_server_is_replaced_transparently
         await server.shutdown(1)
 
 
+async def test_connections_idle_past_their_time_are_closed_and_replicas_gone_leave_nothing() -> None:
+    """Replicas come and go at addresses of their own, and a host that vanished never closes
+    its end: a connection idle for ``idle_s`` is closed, and its origin forgotten."""
+    now = [0.0]
+    (gone, gone_port), (kept, kept_port), (new, new_port) = [await echo_server() for _ in range(3)]
+    pool = UpstreamPool(idle_s=30.0, clock=lambda: now[0])
+    try:
+        for port in (gone_port, kept_port):
+            await pool.request("GET", f"http://127.0.0.1:{port}/")
+        now[0] = 10.0
+        await pool.request("GET", f"http://127.0.0.1:{kept_port}/")
+        now[0] = 35.0  # gone's connection has been idle 35 s, kept's 25 s
+        await pool.request("GET", f"http://127.0.0.1:{new_port}/")
+        for _ in range(200):
+            if not gone.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert not gone.connections and len(kept.connections) == 1 and len(new.connections) == 1
+        assert sorted(port for _, _, port in pool._idle) == sorted((kept_port, new_port))
+    finally:
+        await pool.close()
+        for server in (gone, kept, new):
+            await server.shutdown(1)
+
+
 async def test_chunked_and_close_delimited_answers() -> None:
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     server, port, _ = await raw_server(chunked, close=False)
