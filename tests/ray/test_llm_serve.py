@@ -218,13 +218,14 @@ def test_the_gateway_names_the_model_as_the_engine_serves_it() -> None:
     gateway sends each replica the name its engine answers to, and only then re-encodes."""
     import json
 
-    from orchestrator.gateway import openai_routes, routing
+    from orchestrator.gateway import failover, openai_routes, routing
 
     common = dict(model="gpt", deployment="gpt", tier="datacenter", country="FR", region="eu-west", lat=48.86, lon=2.35, api="openai")
     renamed = routing.Endpoint(site="dc-b", url="http://b:8000/ep/b", served_model="openai/gpt-oss-120b", **common)  # type: ignore[arg-type]
     same = routing.Endpoint(site="dc-c", url="http://c:8000/ep/c", **common)  # type: ignore[arg-type]
     raw = json.dumps({"model": "gpt", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
-    relay = openai_routes._Relay(None, "gpt", [], "/chat/completions", raw, {}, True, chat=True, arrived=0.0)  # type: ignore[arg-type]
+    relay = openai_routes._Relay(None, "gpt", [], "/chat/completions", raw, {}, True, chat=True, arrived=0.0,  # type: ignore[arg-type]
+                                 failovers=failover.Failovers(None, "gpt"))
     assert relay._body_for(same) is raw
     sent = json.loads(relay._body_for(renamed))
     assert sent == {"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
