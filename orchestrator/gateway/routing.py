@@ -161,6 +161,17 @@ def _residency(text: str | None, name: str) -> frozenset[str] | NoRoute:
 
 #: How many regions an error lists before it ends the list with "…".
 LISTED_REGIONS = 20
+#: How many sites an error lists before it ends the list with "…" and how many more there are:
+#: a model on every site of a large fleet would otherwise be answered a body naming thousands,
+#: on every request, while an outage makes clients retry hardest.
+LISTED_SITES = 20
+
+
+def listed_sites(sites: Collection[str]) -> str:
+    """``sites`` sorted, at most :data:`LISTED_SITES` of them, then how many more."""
+    names = sorted(sites)
+    shown = ", ".join(names[:LISTED_SITES])
+    return shown if len(names) <= LISTED_SITES else f"{shown}, … and {len(names) - LISTED_SITES:,} more"
 
 
 def check_region(region: str, known: Collection[str], name: str, instead: str) -> NoRoute | None:
@@ -208,8 +219,7 @@ def rank(
     if not live and panic:
         live = [e for e in allowed if e.healthy]
     if not live:
-        sites = ", ".join(sorted({e.site for e in allowed}))
-        return NoRoute(f"no healthy replica among the allowed sites ({sites})")
+        return NoRoute(f"no healthy replica among the allowed sites ({listed_sites({e.site for e in allowed})})")
     where = _position(caller, regions, gateway_position)
     scored = []
     for e in live:

@@ -65,6 +65,17 @@ def test_no_route_reasons(endpoints: list[routing.Endpoint], caller: routing.Cal
     assert isinstance(result, routing.NoRoute) and result.status == 503 and fragment in result.reason
 
 
+def test_the_503_for_a_model_with_no_healthy_replica_names_twenty_sites_and_counts_the_rest() -> None:
+    """A model on every site of a large fleet, none healthy (an outage, a version loading
+    everywhere): the answer stays short whatever the fleet's size."""
+    down = [ep(f"edge-{i:04d}", "FR", 48.0, 2.0, healthy=False) for i in range(5000)]
+    result = routing.rank(down, routing.Caller())
+    assert isinstance(result, routing.NoRoute) and result.status == 503
+    assert result.reason == f"no healthy replica among the allowed sites ({', '.join(f'edge-{i:04d}' for i in range(20))}, … and 4,980 more)"
+    few = routing.rank(down[:3], routing.Caller())
+    assert isinstance(few, routing.NoRoute) and few.reason == "no healthy replica among the allowed sites (edge-0000, edge-0001, edge-0002)"
+
+
 def test_region_header_uses_site_centroid() -> None:
     regions = routing.RegionIndex.from_points([("south", 40.42, -3.70), ("central", 52.5, 13.4)])
     assert sites(routing.rank([PARIS, BERLIN, MADRID], routing.Caller(region="south"), regions=regions))[0] == "madrid"
