@@ -27,6 +27,7 @@ BENCHMARKS = (
     "genai_mixed",
     "agent_heartbeats",
     "gateway",
+    "gateway_rank",
     "ray_serve_path",
     "cascade",
     "cascade_genai",

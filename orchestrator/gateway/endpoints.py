@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from orchestrator.gateway import cascade_rules, routing
+from orchestrator.gateway import cascade_rules, replica_index, routing
 
 
 def listing_order(e: routing.Endpoint) -> tuple[str, str, str, str]:
@@ -49,6 +49,8 @@ class EndpointTable:
     #: 500s (or timeouts) in a row after which a replica is ejected (Envoy's consecutive_5xx has 5 too)
     ejecting_500s: int = 5
     _by_model: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
+    #: Each model's replicas as arrays to rank from, built by the first request after a :meth:`replace`.
+    _indices: dict[str, replica_index.ReplicaIndex] = field(default_factory=dict)
     _ejected_until: dict[str, float] = field(default_factory=dict)
     _500s_in_a_row: dict[str, int] = field(default_factory=dict)
     _inflight: dict[str, int] = field(default_factory=dict)
@@ -90,6 +92,7 @@ class EndpointTable:
         # one order whatever the input's (by deployment, site, URL): a gateway that rebuilds the
         # table from deltas (gateway.wire.apply_delta) holds it exactly as the control plane does
         self._by_model = {m: tuple(sorted(es, key=listing_order)) for m, es in grouped.items()}
+        self._indices = {}
         if self._500s_in_a_row:  # counts of replicas gone from the table go with them
             urls = {e.url for es in grouped.values() for e in es}
             self._500s_in_a_row = {u: n for u, n in self._500s_in_a_row.items() if u in urls}
@@ -223,15 +226,30 @@ class EndpointTable:
         return out
 
     def rank(self, model: str, caller: routing.Caller, position: tuple[float, float] | None,
-             api: str | None = routing.API_V2) -> list[routing.Ranked] | routing.NoRoute:
+             api: str | None = routing.API_V2, limit: int | None = None) -> list[routing.Ranked] | routing.NoRoute:
         """The model's endpoints that speak ``api`` (any, when None) for ``caller``, best
-        first (``routing.rank`` on the live table: the gateway's own load and ejections
-        included); ``position`` is the gateway's, for callers that give none."""
-        endpoints = [e for e in self.with_local_load(model) if api is None or e.api == api]
-        if not endpoints and self._by_model.get(model):
-            spoken = ", ".join(sorted({e.api for e in self._by_model[model]}))
+        first, the ``limit`` best only when given (``routing.rank``'s rule on the live table:
+        the gateway's own load and ejections included); ``position`` is the gateway's, for
+        callers that give none."""
+        index = self._index(model)
+        if index is None:
+            return routing.NoRoute(routing.NOT_PLACED)
+        if api is not None and not index.speaks(api):
+            spoken = ", ".join(sorted(index.by_api))
             return routing.NoRoute(f"model {model!r} is served over {spoken} only, not {api}", 404)
-        return routing.rank(endpoints, caller, regions=self.regions, gateway_position=position, ejected=self.ejected())
+        return index.rank(caller, routing.position_of(caller, self.regions, position), api=api, ejected=self.ejected(),
+                          local_load=self._inflight, limit=limit)
+
+    def serves(self, model: str, api: str) -> bool:
+        """Whether one of ``model``'s endpoints speaks ``api``."""
+        index = self._index(model)
+        return index is not None and index.speaks(api)
+
+    def _index(self, model: str) -> replica_index.ReplicaIndex | None:
+        index = self._indices.get(model)
+        if index is None and (endpoints := self._by_model.get(model)):
+            index = self._indices[model] = replica_index.ReplicaIndex.build(endpoints)
+        return index
 
     def ejected(self) -> frozenset[str]:
         now = self.clock()

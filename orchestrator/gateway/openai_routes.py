@@ -212,8 +212,9 @@ class OpenAIGateway:
         code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(refused.status_code)  # 503: a gateway without a table yet
         return error(refused.status_code, str(message), headers=headers, code=code)
 
-    def _openai_candidates(self, model: str, request: Request, caller: routing.Caller | None = None) -> list[routing.Ranked] | Response:
-        ranked = self.gw.candidates(model, request, api=None, caller=caller)
+    def _openai_candidates(self, model: str, request: Request, caller: routing.Caller | None = None,
+                           limit: int | None = None) -> list[routing.Ranked] | Response:
+        ranked = self._ranked(model, request, caller, limit)
         if isinstance(ranked, routing.NoRoute):
             code = "model_not_found" if ranked.status == 404 else None
             return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code,
@@ -223,6 +224,13 @@ class OpenAIGateway:
             return error(400, f"model {model!r} is not a generative model; call it with the v2 inference API (/v2/models/{model}/infer)",
                          param="model", code="model_not_generative")
         return ours
+
+    def _ranked(self, model: str, request: Request, caller: routing.Caller | None, limit: int | None) -> list[routing.Ranked] | routing.NoRoute:
+        """The model's generative replicas, best first; a model with none is ranked whole
+        (over v2 too), so that why it has no replica for the caller is said before that it
+        is not generative."""
+        api = routing.API_OPENAI if self.gw.table.serves(model, routing.API_OPENAI) else None
+        return self.gw.candidates(model, request, api=api, caller=caller, limit=limit)
 
     def _refuse(self, model: str | None, answer: Response) -> Response:
         """``answer``, an error the gateway made itself, counted (``Gateway.refused``)."""
@@ -240,7 +248,7 @@ class OpenAIGateway:
             return error(caller.status, caller.reason)
         data = []
         for model in self.gw.table.models():
-            ranked = self.gw.candidates(model, request, api=None, caller=caller)
+            ranked = self._ranked(model, request, caller, limit=1)
             if isinstance(ranked, list) and any(r.endpoint.api == routing.API_OPENAI for r in ranked):
                 data.append({"id": model, "object": "model", "created": 0, "owned_by": "edgeplane"})
         return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
@@ -250,7 +258,7 @@ class OpenAIGateway:
         refused = await self._admit(request, model)
         if refused is not None:
             return refused
-        ranked = self._openai_candidates(model, request)
+        ranked = self._openai_candidates(model, request, limit=1)
         if isinstance(ranked, Response):
             return ranked
         return Response(json.dumps({"id": model, "object": "model", "created": 0, "owned_by": "edgeplane"}),
@@ -317,7 +325,7 @@ class OpenAIGateway:
             if not await self.gw.table.wait_for_endpoints(model, self.gw.cold_start_s):
                 return self._refuse(model, error(503, f"model {model!r} was scaled to zero and no replica was ready within "
                                                       f"{self.gw.cold_start_s:g}s; retry", headers={"retry-after": "5"}))
-        ranked = self._openai_candidates(model, request, caller)
+        ranked = self._openai_candidates(model, request, caller, self.gw.max_attempts)
         if isinstance(ranked, Response):
             return self._refuse(model, ranked)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}

@@ -165,8 +165,10 @@ class Gateway:
         return self.table.unknown_region(caller.region) or caller
 
     def candidates(self, model: str, request: Request, api: str | None = routing.API_V2,
-                   caller: routing.Caller | None = None) -> list[routing.Ranked] | routing.NoRoute:
-        """``model``'s replicas for the caller (read from ``request`` unless given), best first."""
+                   caller: routing.Caller | None = None, limit: int | None = None) -> list[routing.Ranked] | routing.NoRoute:
+        """``model``'s replicas for the caller (read from ``request`` unless given), best first;
+        the ``limit`` best only, when given (what a request tries: ranking all of a model on
+        thousands of sites cost each request milliseconds)."""
         if caller is None:
             found = self.caller(request)
             if isinstance(found, routing.NoRoute):
@@ -182,7 +184,7 @@ class Gateway:
                                        "first pass ends (it may be starting a data centre); retry in a few seconds", 503, retry_after=2)
             known = self.table.models()
             return routing.NoRoute(f"model {model!r} is not deployed" + (f" (deployed models: {', '.join(known)})" if known else ""), 404)
-        return self.table.rank(model, caller, self.position, api)
+        return self.table.rank(model, caller, self.position, api, limit)
 
     async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None,
                        version: str | None = None) -> Response:
@@ -195,7 +197,8 @@ class Gateway:
             return _error(caller.status, caller.reason)
         if (cold := await self._woken(model)) is not None:
             return cold
-        ranked = self.candidates(model, request, caller=caller)
+        # a version is looked for among all of them (``holding``), then the best are tried
+        ranked = self.candidates(model, request, caller=caller, limit=None if version is not None else self.max_attempts)
         if version is not None and not isinstance(ranked, routing.NoRoute):
             ranked = holding(ranked, model, version)
         if isinstance(ranked, routing.NoRoute):
@@ -319,7 +322,7 @@ class Gateway:
         if version is not None:  # only a replica knows its versions
             return await self._forward(self._model_of(request.path_params["model"]), request, "GET", _versioned(version, "/ready"),
                                        None, version)
-        ranked = self.candidates(self._model_of(request.path_params["model"]), request)
+        ranked = self.candidates(self._model_of(request.path_params["model"]), request, limit=1)
         if isinstance(ranked, routing.NoRoute):
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         return JSONResponse({"name": request.path_params["model"], "ready": True, "site": ranked[0].endpoint.site},

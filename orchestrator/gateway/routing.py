@@ -186,12 +186,25 @@ def check_region(region: str, known: Collection[str], name: str, instead: str) -
                    f"give {instead} instead", 400)
 
 
-def _position(caller: Caller, regions: RegionIndex, default: tuple[float, float] | None) -> tuple[float, float] | None:
+def position_of(caller: Caller, regions: RegionIndex, default: tuple[float, float] | None) -> tuple[float, float] | None:
+    """Where distances are measured from: the caller's coordinates, its region's centroid, or ``default``."""
     if caller.lat is not None and caller.lon is not None:
         return caller.lat, caller.lon
     if caller.region and caller.region in regions.centroids:
         return regions.centroids[caller.region]
     return default
+
+
+NOT_PLACED = "no replica of this model is placed or running yet"
+OUTSIDE_DEPLOYMENT_RESIDENCY = "no replica inside the deployment's residency"
+
+
+def outside_caller_residency(caller: Caller, countries: Collection[str]) -> str:
+    return f"no replica in the caller's residency ({', '.join(sorted(caller.residency))}); replicas run in {', '.join(sorted(countries))}"
+
+
+def no_healthy_replica(sites: Collection[str]) -> str:
+    return f"no healthy replica among the allowed sites ({listed_sites(sites)})"
 
 
 def rank(
@@ -205,22 +218,23 @@ def rank(
 ) -> list[Ranked] | NoRoute:
     """Candidates best first, or why there are none. ``panic``: when every healthy endpoint
     is ``ejected``, rank them all the same (off where a caller has another way to go: a
-    cascade's stage hands over to the next)."""
+    cascade's stage hands over to the next). The rule as it reads; the gateway applies it
+    to a model's whole table through ``replica_index``, which answers the same."""
     if not endpoints:
-        return NoRoute("no replica of this model is placed or running yet")
+        return NoRoute(NOT_PLACED)
     allowed = [e for e in endpoints if not e.allowed_countries or e.country in e.allowed_countries]
     if caller.residency:
         allowed = [e for e in allowed if e.country in caller.residency]
         if not allowed:
-            return NoRoute(f"no replica in the caller's residency ({', '.join(sorted(caller.residency))}); replicas run in {', '.join(sorted({e.country for e in endpoints}))}")
+            return NoRoute(outside_caller_residency(caller, {e.country for e in endpoints}))
     if not allowed:
-        return NoRoute("no replica inside the deployment's residency")
+        return NoRoute(OUTSIDE_DEPLOYMENT_RESIDENCY)
     live = [e for e in allowed if e.healthy and e.url not in ejected]
     if not live and panic:
         live = [e for e in allowed if e.healthy]
     if not live:
-        return NoRoute(f"no healthy replica among the allowed sites ({listed_sites({e.site for e in allowed})})")
-    where = _position(caller, regions, gateway_position)
+        return NoRoute(no_healthy_replica({e.site for e in allowed}))
+    where = position_of(caller, regions, gateway_position)
     scored = []
     for e in live:
         distance = geo.rtt_ms(where[0], where[1], e.lat, e.lon) if where else 0.0

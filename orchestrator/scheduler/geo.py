@@ -53,6 +53,16 @@ def rtt_ms(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return float(2.0 * km / FIBRE_KM_PER_MS + FIXED_RTT_MS)
 
 
+def rtt_ms_many(lat: float, lon: float, lat_rad: FloatArray, lon_rad: FloatArray, cos_lat: FloatArray) -> FloatArray:
+    """:func:`rtt_ms` from one coordinate to many, given in radians with their latitudes'
+    cosines (computed once by a caller that asks often: the gateway, per request)."""
+    p, lam = math.radians(lat), math.radians(lon)
+    h = np.sin((lat_rad - p) / 2) ** 2 + math.cos(p) * cos_lat * np.sin((lon_rad - lam) / 2) ** 2
+    np.minimum(h, 1.0, out=h)
+    km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(h))
+    return 2.0 * km / FIBRE_KM_PER_MS + FIXED_RTT_MS
+
+
 def centroid(lat_deg: npt.ArrayLike, lon_deg: npt.ArrayLike) -> tuple[float, float]:
     """Spherical centroid (mean of unit vectors), correct across the antimeridian."""
     mean = unit_vectors(lat_deg, lon_deg).reshape(-1, 3).mean(axis=0)

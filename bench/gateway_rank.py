@@ -1,0 +1,104 @@
+"""What ranking a model's replicas costs the gateway per request, by how many sites run it.
+
+    .venv/bin/python -m bench.gateway_rank [--quick] [--sizes 100,1000,5000]
+
+A model on N edge sites (the spec's task model on every site of a fleet), one in-flight
+request of the gateway's own and one ejected replica. Per request, in CPU microseconds:
+
+- ``rule (baseline)``: ``routing.rank`` over the model's whole table with the gateway's load
+  folded in: what every request cost before the table kept its models as arrays;
+- ``3 best, same place``: ``EndpointTable.rank(limit=3)`` for callers that give no position
+  (the gateway's own is used: distances computed by the first request are reused);
+- ``3 best, new place``: the same for a caller at coordinates not seen before (every
+  distance computed);
+- ``all, ranked``: every replica in order, as ``GET /v1/endpoints/{model}`` lists them;
+- ``index build``: laying the model out once per table (the first request after a change).
+
+Median of rounds, the paths taking turns. Writes bench/results/gateway_rank.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.gateway import endpoints, replica_index, routing
+
+RESULTS = Path(__file__).parent / "results" / "gateway_rank.json"
+GATEWAY = (48.85, 2.35)
+
+
+def table_of(n: int) -> endpoints.EndpointTable:
+    table = endpoints.EndpointTable()
+    table.replace([routing.Endpoint("intent", "intent-edge", f"edge-{i:05d}", "edge", "FR", "fr", 42.0 + (i % 100) / 20,
+                                    -4.0 + (i // 100) / 50, f"http://edge-{i}:8081", inflight=i % 3) for i in range(n)])
+    table.started("http://edge-7:8081")
+    table.eject("http://edge-8:8081")
+    return table
+
+
+def paths(table: endpoints.EndpointTable) -> dict[str, Callable[[int], object]]:
+    caller = routing.Caller()
+    return {
+        "rule (baseline)": lambda i: routing.rank(table.with_local_load("intent"), caller, gateway_position=GATEWAY,
+                                                  ejected=table.ejected()),
+        "3 best, same place": lambda i: table.rank("intent", caller, GATEWAY, limit=3),
+        "3 best, new place": lambda i: table.rank("intent", routing.Caller(44.0 + i * 1e-6, 3.0), GATEWAY, limit=3),
+        "all, ranked": lambda i: table.rank("intent", caller, GATEWAY),
+        "index build": lambda i: replica_index.ReplicaIndex.build(table.endpoints("intent")),
+    }
+
+
+def per_call_us(fn: Callable[[int], object], calls: int, start: int) -> float:
+    began = time.process_time()
+    for i in range(start, start + calls):
+        fn(i)
+    return (time.process_time() - began) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--sizes", default="100,1000,5000", help="replicas of the model [100,1000,5000]")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rounds = 3 if args.quick else 7
+    rows = []
+    for n in sizes:
+        table = table_of(n)
+        ways = paths(table)
+        for fn in ways.values():
+            fn(0)  # the first request builds the model's index and caches the gateway's distances
+        calls = max(5, 20_000 // n)
+        taken: dict[str, list[float]] = {name: [] for name in ways}
+        for r in range(rounds):
+            names = list(ways)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                taken[name].append(per_call_us(ways[name], calls, 1 + r * calls))
+        base = statistics.median(taken["rule (baseline)"])
+        for name, t in taken.items():
+            rows.append({"replicas": n, "path": name, "median_cpu_us": round(statistics.median(t), 1),
+                         "best_cpu_us": round(min(t), 1), "x_faster_than_rule": round(base / statistics.median(t), 1)})
+    table_out = Table(title=f"ranking one model's replicas per request ({os.cpu_count()} cores, CPU µs per call, "
+                            f"median of {rounds} rounds taking turns)")
+    for col in ("replicas", "path", "median µs", "best µs", "× vs rule"):
+        table_out.add_column(col, justify="left" if col == "path" else "right")
+    for row in rows:
+        table_out.add_row(f"{row['replicas']:,}", row["path"], f"{row['median_cpu_us']:,.1f}", f"{row['best_cpu_us']:,.1f}",
+                          f"{row['x_faster_than_rule']:,.1f}")
+    Console().print(table_out)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"benchmark": "gateway_rank", "quick": args.quick, "cpu_count": os.cpu_count(),
+                                   "load_avg_1m": os.getloadavg()[0], "rounds": rounds, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
