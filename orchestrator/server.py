@@ -40,7 +40,7 @@ from orchestrator.agents import relay, relay_leader
 from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import artifacts as artifacts_api
-from orchestrator.api import auth
+from orchestrator.api import auth, paging
 from orchestrator.api import captures as captures_api
 from orchestrator.api import distill as distill_api
 from orchestrator.api import simulate as simulate_api
@@ -523,18 +523,25 @@ class ControlPlane:
         last = self.reconciler.last_plan
         return await run_in_threadpool(views.preview, current, docs, last.result.energy if last else None)
 
-    async def placements_view(self) -> dict[str, Any]:
+    async def placements_view(self, page: paging.Page) -> dict[str, Any]:
+        """``GET /v1/placements``: the rows of ``page`` with their replicas' states, built
+        in a worker thread but for the agents' states, which the loop owns."""
         try:  # the read /metrics makes too: one between them while the database stalls
             rows = await self._shared_read("placements", self.store.placements, API_READ_S)
         except TimeoutError:
             raise store_mod.StoreError(f"the store did not answer in {API_READ_S:g} s") from None
+        rows, more = paging.page_of(rows, page, _placement_key)
         # The snapshot once the rows are read: a pass sets its own before it writes its rows,
         # so the rows are never shown with an older pass's snapshot (their sites "SiteGone").
         last = self.reconciler.last_snapshot
         # the agents' model states as they are now, not as the last pass saw them: a download's
-        # progress changes them every second without a pass (agents.hub._decisive)
-        live = dataclasses.replace(last, agents=tuple(self.hub.snapshot())) if last is not None else None
-        return views.placements(live, rows)
+        # progress changes them every second without a pass (agents.hub._decisive); those of
+        # the page's sites only
+        agents = [a for site in dict.fromkeys(r.site for r in rows) if (a := self.hub.status(site)) is not None]
+        live = dataclasses.replace(last, agents=tuple(agents)) if last is not None else None
+        view = await run_in_threadpool(views.placements, live, rows)
+        meta = paging.metadata(page, "placements", more, _placement_key(rows[-1]) if rows else None)
+        return view if meta is None else {**view, "metadata": meta}
 
     def endpoints_view(self, model: str, caller: routing.Caller) -> dict[str, Any]:
         return views.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model)
@@ -602,3 +609,8 @@ async def serve_forever(config: server_config.ServerConfig) -> None:
 
 def main(args: argparse.Namespace) -> int:
     return runloop.main(args.log_level, lambda: serve_forever(server_config.config_from_args(args)), (server_config.ConfigError,))
+
+
+def _placement_key(row: store_mod.PlacementRow) -> tuple[str, str, str]:
+    """The order the store lists placements in, which their pages follow."""
+    return row.deployment, row.site, row.variant

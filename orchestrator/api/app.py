@@ -6,7 +6,7 @@ as a 500 except a genuine bug.
 
 The event loop is shared with the gateway and the agents' streams: what takes CPU in
 proportion to a request (reading up to 4 MiB of manifests, judging and writing them, a
-dry run's schedule) runs in a worker thread, so one large apply does not hold up every
+dry run's schedule, a list's manifests and JSON) runs in a worker thread, so one large apply does not hold up every
 inference request and health probe behind it; so does every store call, which on
 PostgreSQL may wait on a stalled database or another replica's lock.
 """
@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
-from orchestrator.api import auth, bodies, methods
+from orchestrator.api import auth, bodies, methods, paging
 from orchestrator.api import simulate as simulate_api
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
@@ -49,7 +49,7 @@ class Services(Protocol):
 
     async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]: ...
     def changed(self, reason: str) -> None: ...
-    async def placements_view(self) -> dict[str, Any]: ...
+    async def placements_view(self, page: paging.Page) -> dict[str, Any]: ...
     def endpoints_view(self, model: str, caller: routing.Caller) -> dict[str, Any]: ...
     async def describe_extra(self, kind: str, name: str) -> dict[str, Any]: ...
     def cascades_view(self) -> dict[str, Any]: ...
@@ -86,7 +86,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 return await handler(request, caller)
             except bodies.BodyTooLarge as exc:
                 return error(413, str(exc))
-            except BadQuery as exc:
+            except (BadQuery, paging.BadPage) as exc:
                 return error(400, str(exc))
             except ManifestError as exc:
                 return error(422, f"{len(exc.issues)} problem(s) in the manifests; nothing was applied", issues=[i.to_dict() for i in exc.issues])
@@ -134,8 +134,21 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def list_kind(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
-        items = [catalog.to_manifest(o) for o in await store.run(store.list, kind)]
-        return JSONResponse({"kind": kind, "items": items})
+        page = paging.parse(request.query_params, kind)
+        if page.after is not None and len(page.after) != 1:
+            raise paging.BadPage("continue is not a token a page of this list gave (metadata.continue)")
+        found = await store.run(store.list, kind, page.after[0] if page.after else None,
+                                None if page.limit is None else page.limit + 1)  # one more: whether a next page has any
+        more = page.limit is not None and len(found) > page.limit
+        found = found[:page.limit]
+
+        def answer() -> Response:  # every object's manifest, then the JSON: megabytes at fleet size
+            doc: dict[str, Any] = {"kind": kind, "items": [catalog.to_manifest(o) for o in found]}
+            if (meta := paging.metadata(page, kind, more, [found[-1].name] if found else None)) is not None:
+                doc["metadata"] = meta
+            return JSONResponse(doc)
+
+        return await run_in_threadpool(answer)
 
     async def get_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
@@ -215,7 +228,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
                                                                       f"{', '.join(c['name'] for c in items) or 'none'})")
 
     async def placements(request: Request, caller: auth.Caller) -> Response:
-        return JSONResponse(await services.placements_view())
+        return await run_in_threadpool(JSONResponse, await services.placements_view(paging.parse(request.query_params, "placements")))
 
     async def endpoints(request: Request, caller: auth.Caller) -> Response:
         asking = services.table.query_caller(request.query_params)

@@ -21,6 +21,8 @@ import httpx
 from orchestrator import proxyenv, urlpath
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
+#: Items per page when the CLI reads a whole list (a Site's manifest is ~0.5 KB: ~250 KB a page).
+LIST_PAGE = 500
 
 
 class CliError(Exception):
@@ -103,6 +105,20 @@ class ApiClient:
                 return self._answer(method, path, resp)
             print(f"{_error_of(resp)}: waiting {wait:g} s", file=sys.stderr, flush=True)
             time.sleep(wait)
+
+    def request_list(self, path: str, page_size: int = LIST_PAGE) -> dict[str, Any]:
+        """The whole list at ``path`` (``GET /v1/sites``, ``/v1/placements``), asked a page of
+        ``page_size`` at a time (``limit`` and ``continue``), as one answer without the
+        pages' ``metadata``: what an unpaged ask answers, never one megabytes-large body."""
+        doc = self.request("GET", path, params={"limit": page_size})
+        items, seen = list(doc.get("items", [])), set()
+        while token := (doc.get("metadata") or {}).get("continue"):
+            if token in seen:  # a server that gives the same page again would be asked forever
+                raise CliError(f"the control plane gave the same continue token twice listing {path}")
+            seen.add(token)
+            doc = self.request("GET", path, params={"limit": page_size, "continue": token})
+            items += doc.get("items", [])
+        return {**{k: v for k, v in doc.items() if k != "metadata"}, "items": items}
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

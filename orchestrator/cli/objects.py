@@ -111,7 +111,7 @@ GET_KINDS = "sites, models, modeldeployments, placements, events, cascades"
 
 def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
     if args.kind in ("placements", "placement"):
-        data = api.request("GET", "/v1/placements")
+        data = api.request_list("/v1/placements")
         if args.name:  # NAME: one deployment's replicas
             data = {**data, "items": [p for p in data["items"] if p["deployment"] == args.name]}
         if args.output in ("json", "yaml"):
@@ -132,7 +132,7 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
         return cascade_cli.cmd_get(api, args)
     path = f"/v1/{path_segment(args.kind)}" + (f"/{path_segment(args.name)}" if args.name else "")
     try:
-        data = api.request("GET", path)
+        data = api.request("GET", path) if args.name else api.request_list(path)
     except CliError as exc:  # the control plane knows its object kinds; `get` reads three more views
         if str(exc).startswith("unknown kind"):
             raise CliError(f"unknown kind {args.kind!r}; use one of: {GET_KINDS}") from None

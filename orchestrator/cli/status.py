@@ -20,9 +20,9 @@ CA_WARNING_DAYS = 30  # the agents' CA's end is warned of this long before
 
 def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     health = api.request("GET", "/healthz")
-    sites = api.request("GET", "/v1/sites")["items"]
-    deps = api.request("GET", "/v1/modeldeployments")["items"]
-    placements = api.request("GET", "/v1/placements")
+    sites = api.request_list("/v1/sites")["items"]
+    deps = api.request_list("/v1/modeldeployments")["items"]
+    placements = api.request_list("/v1/placements")
     data = {"server": api.server, "health": health, "sites": len(sites),
             "healthySites": sum(1 for s in sites if s.get("status", {}).get("health") == "Healthy"),
             "deployments": {d["metadata"]["name"]: d.get("status", {}).get("phase", "Pending") for d in deps},

@@ -182,12 +182,17 @@ class SqlStore:
         rows = self._fetch(self._q("SELECT * FROM objects WHERE kind = ? AND name = ?"), (kind, name))
         return self._row(rows[0]) if rows else None
 
-    def list(self, kind: str | None = None) -> list[StoredObject]:
+    def list(self, kind: str | None = None, after: str | None = None, limit: int | None = None) -> list[StoredObject]:
+        """Objects by kind and name (byte-wise); of one ``kind``, those named after ``after``
+        only and the first ``limit`` only, when given (a page of the API's lists)."""
         c = self.collate
         if kind is None:
             rows = self._fetch(f"SELECT * FROM objects ORDER BY kind{c}, name{c}")
         else:
-            rows = self._fetch(self._q(f"SELECT * FROM objects WHERE kind = ? ORDER BY name{c}"), (kind,))
+            where, args = ("", [kind]) if after is None else (f" AND name{c} > ?", [kind, after])
+            page = "" if limit is None else " LIMIT ?"
+            rows = self._fetch(self._q(f"SELECT * FROM objects WHERE kind = ?{where} ORDER BY name{c}{page}"),
+                               tuple(args + ([limit] if limit is not None else [])))
         return [self._row(r) for r in rows]
 
     def apply(self, writes: Sequence[ObjectWrite] | Callable[[], Sequence[ObjectWrite]], event: Event | None = None,

@@ -495,3 +495,64 @@ def test_a_stored_time_no_date_can_show_reads_as_none() -> None:
     for ts in (1e308, float("inf"), float("nan"), -1e308):
         assert catalog.rfc3339(ts) is None, ts
     assert catalog.rfc3339(0.0) == "1970-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize("path", ["/v1/sites", "/v1/models"])
+def test_a_list_is_read_a_page_at_a_time_with_limit_and_continue(api: httpx.Client, fleet: dict, path: str) -> None:
+    def key(o: dict) -> str:
+        return o["metadata"]["name"]
+
+    whole = api.get(path).json()
+    assert "metadata" not in whole and len(whole["items"]) > 2
+    pages, params = [], {"limit": "2"}
+    for _ in range(len(whole["items"])):
+        r = api.get(path, params=params)
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+        if not (token := pages[-1]["metadata"].get("continue")):
+            break
+        params = {"limit": "2", "continue": token}
+    assert all(len(p["items"]) == 2 for p in pages[:-1]) and 1 <= len(pages[-1]["items"]) <= 2
+    assert [key(i) for p in pages for i in p["items"]] == [key(i) for i in whole["items"]]
+    assert {k: v for k, v in pages[0].items() if k not in ("items", "metadata")} == {k: v for k, v in whole.items() if k != "items"}
+
+
+@pytest.mark.parametrize("path, params, says", [
+    ("/v1/sites", {"limmit": "10"}, "unknown query parameter 'limmit'"),
+    ("/v1/placements", {"page": "2"}, "unknown query parameter 'page'"),
+    ("/v1/sites", {"limit": "0"}, "limit must be a whole number"),
+    ("/v1/sites", {"limit": "ten"}, "limit must be a whole number"),
+    ("/v1/sites", {"limit": "2", "continue": "not-a-token"}, "continue is not a token"),
+    ("/v1/sites", {"continue": "eyJsaXN0IjoiU2l0ZSIsImFmdGVyIjpbImEiXX0"}, "continue is given without limit"),
+    ("/v1/models", {"limit": "2", "continue": "eyJsaXN0IjoiU2l0ZSIsImFmdGVyIjpbImEiXX0"}, "token of the list of Site, not of Model"),
+])
+def test_a_list_refuses_a_parameter_it_does_not_read_naming_it(api: httpx.Client, path: str, params: dict, says: str) -> None:
+    r = api.get(path, params=params)
+    assert r.status_code == 400 and says in r.json()["error"], r.text
+
+
+def test_a_list_builds_its_manifests_off_the_event_loop(api: httpx.Client, fleet: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop is the gateway's and the agents' streams': a fleet's manifests and their JSON
+    (megabytes at thousands of sites) are built in a worker thread."""
+    on_loop, real = [], catalog.to_manifest
+
+    def watched(obj):  # type: ignore[no-untyped-def]
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            on_loop.append(obj.name)
+        return real(obj)
+
+    monkeypatch.setattr(catalog, "to_manifest", watched)
+    assert api.get("/v1/sites").json()["items"] and api.get("/v1/sites", params={"limit": "1"}).json()["items"]
+    assert on_loop == []
+
+
+def test_the_cli_reads_a_whole_list_in_pages_as_one_answer(api: httpx.Client, fleet: dict, control_plane: support.ServerThread) -> None:
+    from orchestrator.cli import http as cli_http
+
+    client = cli_http.ApiClient(control_plane.url, None)
+    for path in ("/v1/sites", "/v1/modeldeployments", "/v1/placements"):
+        assert client.request_list(path, page_size=2) == api.get(path).json(), path
