@@ -204,6 +204,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return error(400, "since, limit and last must be integers")
         if last < 0 or limit < 1:
             return error(400, "limit must be at least 1, and last at least 1 when given")
+        if max(limit, last) > paging.MAX_LIMIT:  # the store reads no more at a time: fewer, said nowhere, looked like the end
+            return error(400, f"limit and last are at most {paging.MAX_LIMIT:,}: page on with since=ID, the last id of a page")
         since = min(max(since, 0), EVENT_ID_MAX)  # an event id is a 64-bit integer: past the last one there is nothing
         if last and ("since" in q or "limit" in q):
             return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
