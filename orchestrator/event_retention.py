@@ -6,7 +6,9 @@ fleet that runs for years would otherwise keep them all, in a table every replic
 Two retentions, because the log holds two things: what the fleet did of itself (most of
 the rows, worth weeks) and what callers did (applies, deletes, tokens, revocations: the
 audit trail, often required for a year or more); which is which is the store's
-:data:`~orchestrator.store.values.FLEET_ACTIONS`.
+:data:`~orchestrator.store.values.FLEET_ACTIONS`. Tokens that no longer work go with the
+audit trail of them (``prune_tokens``): every enrolment makes a bootstrap token, and the
+token list would otherwise grow for the fleet's whole life.
 
 Why the leader, in batches, at a bounded rate: one replica deletes, under its lease (one
 deposed meanwhile is fenced, its deletes refused); each batch is one short transaction,
@@ -78,8 +80,8 @@ class EventPruner:
     pruned: Counter = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pruned = Counter("edgeplane_events_pruned", "Events deleted from the event log past their retention",
-                              ["log"], registry=self.registry)
+        self.pruned = Counter("edgeplane_events_pruned", "Events deleted from the event log past their retention "
+                              "(log=tokens: tokens expired or revoked before the audit retention)", ["log"], registry=self.registry)
 
     async def prune(self) -> int:
         """One pass: how many events it deleted (none on a follower)."""
@@ -94,6 +96,9 @@ class EventPruner:
                 deleted += n
                 if n < self.batch:
                     break
+            if audit:  # tokens that no longer work go with the audit trail of them
+                n = await self.store.run(self.store.prune_tokens, before, self.batch, lease)
+                self.pruned.labels("tokens").inc(n)
         return deleted
 
     async def run(self) -> None:

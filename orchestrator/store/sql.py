@@ -460,6 +460,22 @@ class SqlStore:
                           token_state(bool(r["revoked"]), r["expires_at"], now), int(r["seq"]))
                 for r in self._fetch(_TOKEN_ROWS + " ORDER BY created_at, id")]
 
+    def prune_tokens(self, before: float, limit: int = 1000, lease: Lease | None = None) -> int:
+        """Delete up to ``limit`` tokens that can never work again and that the audit trail
+        has forgotten: expired before ``before`` (epoch seconds, the audit retention's
+        cut-off), or revoked with their revocation's event deleted by that retention.
+        Returns how many went. The tokens still listed keep their place in the sequence
+        (``created_seq``), and a site's revocation is never deleted (:data:`KEPT_ACTIONS`):
+        which bootstrap tokens may rejoin a revoked site is unchanged. With ``lease``, only
+        while it is held (:class:`Fenced`)."""
+        gone = ("SELECT id FROM tokens WHERE created_at < ? AND ((expires_at IS NOT NULL AND expires_at < ?) OR (revoked AND NOT EXISTS"
+                " (SELECT 1 FROM events WHERE kind = 'Token' AND name = tokens.id AND action = 'token-revoked')))"
+                " ORDER BY created_at, id LIMIT ?")
+        with self._tx() as db:
+            if lease is not None:
+                self._fence(db, lease)
+            return int(db.execute(self._q(f"DELETE FROM tokens WHERE id IN ({gone})"), (before, before, max(1, limit))).rowcount)
+
     def revoke_token(self, token_id: str, actor: str, reason: str = "revoked") -> bool:
         """True when the token exists (and is now revoked); revoking it again logs nothing more."""
         with self._tx() as db:

@@ -80,6 +80,24 @@ async def test_the_leader_deletes_events_past_their_retention_a_bounded_number_a
     assert (pruned(p, "events"), pruned(p, "audit")) == (6, 1)
 
 
+async def test_tokens_that_no_longer_work_go_with_the_audit_trail_of_them(reopen: Callable[[], StateStore], clock: Clock) -> None:
+    """Every enrolment makes a bootstrap token: kept for good, the list of them (``GET
+    /v1/tokens``) grows with the fleet's age. One expired, or revoked, before the audit
+    retention goes with its events; a token that works, or expired within it, stays."""
+    store = reopen()
+    _, expired = store.create_token("bootstrap", "agent", 3600, "admin")
+    _, revoked = store.create_token("api", "read", None, "admin")
+    assert store.revoke_token(revoked.id, "admin")
+    _, working = store.create_token("api", "admin", None, "admin")
+    clock.now += 30 * DAY_S
+    _, lately = store.create_token("bootstrap", "agent", 3600, "admin")
+    clock.now += 355 * DAY_S  # the first three are 385 days old, the last 355: within the year
+    p = pruner(store, clock)
+    await p.prune()
+    assert [t.id for t in store.tokens()] == [working.id, lately.id]
+    assert pruned(p, "tokens") == 2
+
+
 async def test_the_store_says_up_to_which_event_id_retention_deleted(reopen: Callable[[], StateStore], clock: Clock) -> None:
     """A reader following by id learns that events after the one it stopped at are gone."""
     store = reopen()
