@@ -50,7 +50,7 @@ class EndpointTable:
     ejecting_500s: int = 5
     _by_model: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
     #: Each model's replicas as arrays to rank from, built by the first request after a :meth:`replace`.
-    _indices: dict[str, replica_index.ReplicaIndex] = field(default_factory=dict)
+    _indices: dict[tuple[str, str | None], replica_index.ReplicaIndex] = field(default_factory=dict)
     _ejected_until: dict[str, float] = field(default_factory=dict)
     _500s_in_a_row: dict[str, int] = field(default_factory=dict)
     _inflight: dict[str, int] = field(default_factory=dict)
@@ -217,6 +217,17 @@ class EndpointTable:
     def endpoints(self, model: str) -> tuple[routing.Endpoint, ...]:
         return self._by_model.get(model, ())
 
+    def target(self, name: str) -> tuple[str, str | None]:
+        """The model a request for ``name`` runs, and the one deployment whose replicas may
+        answer it (None: any of the model's). A cascade is called by its deployment's name
+        too, and then only that deployment's replicas answer, whatever the route (plain,
+        versioned, ``X-Edgeplane-Cascade: off``): another deployment of the same model may
+        place its replicas in another jurisdiction."""
+        route = self.cascades.get(name)
+        if route is None or route.model == name:
+            return name, None
+        return route.model, route.deployment
+
     def with_local_load(self, model: str) -> list[routing.Endpoint]:
         """The model's endpoints with the gateway's own in-flight count folded in."""
         out = []
@@ -226,13 +237,16 @@ class EndpointTable:
         return out
 
     def rank(self, model: str, caller: routing.Caller, position: tuple[float, float] | None,
-             api: str | None = routing.API_V2, limit: int | None = None) -> list[routing.Ranked] | routing.NoRoute:
+             api: str | None = routing.API_V2, limit: int | None = None,
+             deployment: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
         """The model's endpoints that speak ``api`` (any, when None) for ``caller``, best
         first, the ``limit`` best only when given (``routing.rank``'s rule on the live table:
         the gateway's own load and ejections included); ``position`` is the gateway's, for
-        callers that give none."""
-        index = self._index(model)
+        callers that give none; ``deployment``: that deployment's endpoints only (:meth:`target`)."""
+        index = self._index(model, deployment)
         if index is None:
+            if deployment is not None and self._by_model.get(model):
+                return routing.NoRoute(f"deployment {deployment!r} has no replica of model {model!r} running")
             return routing.NoRoute(routing.NOT_PLACED)
         if api is not None and not index.speaks(api):
             spoken = ", ".join(sorted(index.by_api))
@@ -245,10 +259,14 @@ class EndpointTable:
         index = self._index(model)
         return index is not None and index.speaks(api)
 
-    def _index(self, model: str) -> replica_index.ReplicaIndex | None:
-        index = self._indices.get(model)
-        if index is None and (endpoints := self._by_model.get(model)):
-            index = self._indices[model] = replica_index.ReplicaIndex.build(endpoints)
+    def _index(self, model: str, deployment: str | None = None) -> replica_index.ReplicaIndex | None:
+        """``model``'s replicas laid out for ranking (``deployment``'s only, when given), built
+        by the first request after the table changed."""
+        index = self._indices.get((model, deployment))
+        if index is None:
+            endpoints = [e for e in self._by_model.get(model, ()) if deployment is None or e.deployment == deployment]
+            if endpoints:
+                index = self._indices[(model, deployment)] = replica_index.ReplicaIndex.build(endpoints)
         return index
 
     def ejected(self) -> frozenset[str]:

@@ -213,8 +213,8 @@ class OpenAIGateway:
         return error(refused.status_code, str(message), headers=headers, code=code)
 
     def _openai_candidates(self, model: str, request: Request, caller: routing.Caller | None = None,
-                           limit: int | None = None) -> list[routing.Ranked] | Response:
-        ranked = self._ranked(model, request, caller, limit)
+                           limit: int | None = None, deployment: str | None = None) -> list[routing.Ranked] | Response:
+        ranked = self._ranked(model, request, caller, limit, deployment)
         if isinstance(ranked, routing.NoRoute):
             code = "model_not_found" if ranked.status == 404 else None
             return error(ranked.status, ranked.reason, param="model" if ranked.status == 404 else None, code=code,
@@ -225,12 +225,13 @@ class OpenAIGateway:
                          param="model", code="model_not_generative")
         return ours
 
-    def _ranked(self, model: str, request: Request, caller: routing.Caller | None, limit: int | None) -> list[routing.Ranked] | routing.NoRoute:
+    def _ranked(self, model: str, request: Request, caller: routing.Caller | None, limit: int | None,
+                deployment: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
         """The model's generative replicas, best first; a model with none is ranked whole
         (over v2 too), so that why it has no replica for the caller is said before that it
         is not generative."""
         api = routing.API_OPENAI if self.gw.table.serves(model, routing.API_OPENAI) else None
-        return self.gw.candidates(model, request, api=api, caller=caller, limit=limit)
+        return self.gw.candidates(model, request, api=api, caller=caller, limit=limit, deployment=deployment)
 
     def _refuse(self, model: str | None, answer: Response) -> Response:
         """``answer``, an error the gateway made itself, counted (``Gateway.refused``)."""
@@ -309,7 +310,9 @@ class OpenAIGateway:
         if isinstance(caller, routing.NoRoute):  # before a cascade runs or a cold model is woken for nothing
             return self._refuse(model, error(caller.status, caller.reason))
         route = self.gw.table.cascades.get(model) if self.gw.cascade is not None else None
+        deployment: str | None = None  # a cascade's deployment's name: plain routing among its replicas only
         if route is not None and self.gw.cascade is not None:
+            deployment = self.gw.table.target(model)[1]
             route = self.gw.cascade.resolve(route, model, caller)
             mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
             if mode is None:
@@ -318,6 +321,7 @@ class OpenAIGateway:
                 decided = _Decided(lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream, arrived))
                 return Timed(self.gw.metrics.latency, route.model, arrived, decided)
             # off (or scaled to zero: woken below): plain routing over every stage's replicas, by the model's name
+            # (those of the named deployment only, when it is a deployment's name)
             model, raw = route.model, json.dumps({**body, "model": route.model}).encode()
         if self.gw.table.is_cold(model):
             self.gw.table.wake(model)
@@ -325,7 +329,7 @@ class OpenAIGateway:
             if not await self.gw.table.wait_for_endpoints(model, self.gw.cold_start_s):
                 return self._refuse(model, error(503, f"model {model!r} was scaled to zero and no replica was ready within "
                                                       f"{self.gw.cold_start_s:g}s; retry", headers={"retry-after": "5"}))
-        ranked = self._openai_candidates(model, request, caller, self.gw.max_attempts)
+        ranked = self._openai_candidates(model, request, caller, self.gw.max_attempts, deployment)
         if isinstance(ranked, Response):
             return self._refuse(model, ranked)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}

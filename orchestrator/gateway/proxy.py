@@ -165,10 +165,12 @@ class Gateway:
         return self.table.unknown_region(caller.region) or caller
 
     def candidates(self, model: str, request: Request, api: str | None = routing.API_V2,
-                   caller: routing.Caller | None = None, limit: int | None = None) -> list[routing.Ranked] | routing.NoRoute:
+                   caller: routing.Caller | None = None, limit: int | None = None,
+                   deployment: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
         """``model``'s replicas for the caller (read from ``request`` unless given), best first;
         the ``limit`` best only, when given (what a request tries: ranking all of a model on
-        thousands of sites cost each request milliseconds)."""
+        thousands of sites cost each request milliseconds); with ``deployment``, that
+        deployment's only (``EndpointTable.target``)."""
         if caller is None:
             found = self.caller(request)
             if isinstance(found, routing.NoRoute):
@@ -184,12 +186,13 @@ class Gateway:
                                        "first pass ends (it may be starting a data centre); retry in a few seconds", 503, retry_after=2)
             known = self.table.models()
             return routing.NoRoute(f"model {model!r} is not deployed" + (f" (deployed models: {', '.join(known)})" if known else ""), 404)
-        return self.table.rank(model, caller, self.position, api, limit)
+        return self.table.rank(model, caller, self.position, api, limit, deployment)
 
     async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None,
-                       version: str | None = None) -> Response:
+                       version: str | None = None, deployment: str | None = None) -> Response:
         """``suffix`` follows ``/v2/models/{model}`` at the replica; with ``version`` it starts
-        with ``/versions/{version}``, and the replica says whether it has that version."""
+        with ``/versions/{version}``, and the replica says whether it has that version;
+        ``deployment``: that deployment's replicas only."""
         label = self.model_label(model)
         caller = self.caller(request)
         if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
@@ -198,7 +201,8 @@ class Gateway:
         if (cold := await self._woken(model)) is not None:
             return cold
         # a version is looked for among all of them (``holding``), then the best are tried
-        ranked = self.candidates(model, request, caller=caller, limit=None if version is not None else self.max_attempts)
+        ranked = self.candidates(model, request, caller=caller, limit=None if version is not None else self.max_attempts,
+                                 deployment=deployment)
         if version is not None and not isinstance(ranked, routing.NoRoute):
             ranked = holding(ranked, model, version)
         if isinstance(ranked, routing.NoRoute):
@@ -281,7 +285,8 @@ class Gateway:
             self.refused(model, 400)
             return _error(400, "the client went away before the whole body arrived")
         if version is not None:  # one model file, named by its version: no cascade of variants
-            return await self._forward(self._model_of(model), request, "POST", _versioned(version, "/infer"), body, version)
+            served, deployment = self.table.target(model)
+            return await self._forward(served, request, "POST", _versioned(version, "/infer"), body, version, deployment)
         # a cascade is called by its model's name or its deployment's
         route = self.table.cascades.get(model) if self.cascade is not None else None
         if route is not None and self.cascade is not None:
@@ -301,8 +306,9 @@ class Gateway:
         route = handler.resolve(route, name, caller)
         if (cold := await self._woken(route.model)) is not None:
             return cold
+        deployment = self.table.target(name)[1]  # off, by a deployment's name: still its replicas only
         response = await handler.infer(route, mode, caller, request, body,
-                                       lambda: self._forward(route.model, request, "POST", "/infer", body),
+                                       lambda: self._forward(route.model, request, "POST", "/infer", body, deployment=deployment),
                                        failovers=failover.Failovers(self.metrics.failovers, route.model))
         if mode != "off":  # plain routing counted itself
             self.metrics.requests.labels(route.model, response.headers.get("x-edgeplane-site", ""), str(response.status_code)).inc()
@@ -310,19 +316,19 @@ class Gateway:
 
     def _model_of(self, name: str) -> str:
         """The model a v2 name means: a cascade is called by its deployment's name too."""
-        route = self.table.cascades.get(name)
-        return route.model if route is not None else name
+        return self.table.target(name)[0]
 
     async def model_metadata(self, request: Request) -> Response:
         version = request.path_params.get("version")
-        return await self._forward(self._model_of(request.path_params["model"]), request, "GET", _versioned(version, ""), None, version)
+        model, deployment = self.table.target(request.path_params["model"])
+        return await self._forward(model, request, "GET", _versioned(version, ""), None, version, deployment)
 
     async def model_ready(self, request: Request) -> Response:
         version = request.path_params.get("version")
+        model, deployment = self.table.target(request.path_params["model"])
         if version is not None:  # only a replica knows its versions
-            return await self._forward(self._model_of(request.path_params["model"]), request, "GET", _versioned(version, "/ready"),
-                                       None, version)
-        ranked = self.candidates(self._model_of(request.path_params["model"]), request, limit=1)
+            return await self._forward(model, request, "GET", _versioned(version, "/ready"), None, version, deployment)
+        ranked = self.candidates(model, request, limit=1, deployment=deployment)
         if isinstance(ranked, routing.NoRoute):
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         return JSONResponse({"name": request.path_params["model"], "ready": True, "site": ranked[0].endpoint.site},

@@ -5,6 +5,8 @@ and table are real; the upstream is the in-memory transport (a constructor seam)
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
@@ -38,12 +40,12 @@ FLEET = [ep("task-eu", "edge-fr", "edge", "FR", 48.85, 2.35), ep("task-eu", "dc-
          ep("task-ch", "edge-ch", "edge", "CH", 46.2, 6.1), ep("task-ch", "dc-ch", "datacenter", "CH", 47.4, 8.5)]
 
 
-def gateway() -> tuple[Starlette, Transport]:
+def gateway(fleet: list[routing.Endpoint] = FLEET) -> tuple[Starlette, Transport]:
     table = endpoints.EndpointTable()
-    table.replace(FLEET)
+    table.replace(fleet)
     # as the reconciler publishes them: each under its deployment's name, the model's name to the first
     table.set_cascades({"task": EU, "task-eu": EU, "task-ch": CH})
-    transport = Transport({e.url: "sure" for e in FLEET})
+    transport = Transport({e.url: "sure" for e in fleet})
     registry = CollectorRegistry()
     handler = cascade.CascadeHandler(table, transport, cascade.CascadeMetrics.create(registry))  # type: ignore[arg-type]
     gw = proxy.Gateway(table, transport, proxy.GatewayMetrics.create(registry), cascade=handler)  # type: ignore[arg-type]
@@ -70,3 +72,31 @@ async def test_a_call_by_a_deployment_name_runs_that_deployment_cascade_only() -
         resp = await http.post("/v2/models/task-eu/infer", content=b"{}", headers={"x-edgeplane-residency": "CH"})
     assert resp.status_code == 503 and transport.calls == [], resp.text
     assert "cascade 'task-eu'" in resp.json()["error"]
+
+
+GENEVA = {"x-edgeplane-location": "46.20,6.14"}  # nearest to task-ch's replicas, stating no residency
+
+
+@pytest.mark.parametrize(("method", "path", "headers"), [
+    ("POST", "/v2/models/task-eu/infer", {"x-edgeplane-cascade": "off"}),  # plain routing, by the deployment's name
+    ("POST", "/v2/models/task-eu/versions/0123456789ab/infer", {}),
+    ("GET", "/v2/models/task-eu", {}),
+    ("GET", "/v2/models/task-eu/versions/0123456789ab/ready", {}),
+    ("GET", "/v2/models/task-eu/ready", {}),
+])
+async def test_every_route_by_a_deployment_name_is_answered_by_that_deployment_only(method: str, path: str,
+                                                                                    headers: dict[str, str]) -> None:
+    app, transport = gateway()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        resp = await http.request(method, path, content=b"{}" if method == "POST" else None, headers={**GENEVA, **headers})
+    assert resp.status_code == 200, resp.text
+    # task-ch's Swiss replicas are nearer, but task-eu's residency is the EU's
+    assert resp.headers["x-edgeplane-site"] in ("edge-fr", "dc-de")
+    assert set(transport.calls) <= {"http://edge-fr", "http://dc-de"}, transport.calls
+
+
+async def test_a_deployment_name_whose_replicas_are_all_down_is_not_answered_by_another_deployment() -> None:
+    app, transport = gateway([dataclasses.replace(e, healthy=e.deployment != "task-eu") for e in FLEET])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        resp = await http.post("/v2/models/task-eu/infer", content=b"{}", headers={**GENEVA, "x-edgeplane-cascade": "off"})
+    assert resp.status_code == 503 and transport.calls == [], resp.text

@@ -507,3 +507,34 @@ async def test_a_cascaded_chat_times_its_first_token_from_the_callers_request(es
     assert resp.headers["x-edgeplane-cascade-escalation"] == ("escalated" if escalated else "none")
     assert registry.get_sample_value("edgeplane_gateway_time_to_first_token_seconds_count", {"model": "chat"}) == 1
     assert registry.get_sample_value("edgeplane_gateway_time_to_first_token_seconds_sum", {"model": "chat"}) >= 0.2  # stage 1's 0.2 s
+
+
+@pytest.mark.parametrize("suffix", ["/chat/completions", "/completions"])
+async def test_a_deployment_name_with_the_cascade_off_is_answered_by_that_deployment_only(suffix: str) -> None:
+    """``chat-eu`` and ``chat-ch`` serve the same model, one in the EU, one in Switzerland: a
+    caller near Geneva that names ``chat-eu`` is answered in the EU, never by the nearer Swiss one."""
+    asked: list[str] = []
+
+    def answering(site: str) -> Handle:
+        async def handle(request: httpmessages.Request) -> httpmessages.Response:
+            asked.append(site)
+            return httpmessages.Response(200, chat_answer(f"from {site}"))
+        return handle
+
+    def at(deployment: str, site: str, tier: str, country: str, url: str, lat: float, lon: float) -> routing.Endpoint:
+        return routing.Endpoint("chat", deployment, site, tier, country, "", lat, lon, url, api=routing.API_OPENAI,
+                                allowed_countries=frozenset({country}))
+
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    async with replica(answering("edge-fr")) as fr, replica(answering("edge-ch")) as ch:
+        table = endpoints.EndpointTable()
+        table.replace([at("chat-eu", "edge-fr", "edge", "FR", fr, 48.85, 2.35), at("chat-ch", "edge-ch", "edge", "CH", ch, 46.2, 6.1)])
+        eu = cascade_rules.CascadeRoute("chat", "chat-eu", (first, DC), {})
+        table.set_cascades({"chat": eu, "chat-eu": eu, "chat-ch": cascade_rules.CascadeRoute("chat", "chat-ch", (first, DC), {})})
+        async with gateway(table) as http:
+            body = {"model": "chat-eu", "max_tokens": 4,
+                    **({"messages": CHAT["messages"]} if suffix == "/chat/completions" else {"prompt": "hi"})}
+            resp = await http.post(f"{openai_routes.PREFIX}{suffix}", json=body,
+                                   headers={"x-edgeplane-cascade": "off", "x-edgeplane-location": "46.20,6.14"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-edgeplane-site"] == "edge-fr" and asked == ["edge-fr"]
