@@ -229,11 +229,12 @@ class CascadeHandler:
         self.wall = wall
         self.max_body = max_body  # of a compressed request inflated for capture
 
-    def resolve(self, route: rules.CascadeRoute, name: str, caller: routing.Caller) -> rules.CascadeRoute:
+    def resolve(self, route: rules.CascadeRoute, name: str, caller: routing.Caller) -> rules.CascadeRoute | None:
         """The cascade a request to ``name`` runs for ``caller``, ``route`` being the table's
         under that name: a deployment's name means its own; a model's name, that of whichever
         of the model's deployments with a cascade plain routing would send the caller to
-        (the table holds one under the model's name only)."""
+        (the table holds one under the model's name only), or None (plain routing by the
+        model's name) when the caller may reach only deployments without one."""
         if name != route.model:
             return route
         mine = [route, *(r for r in self.table.cascades.values() if r.model == name and r.deployment != route.deployment)]

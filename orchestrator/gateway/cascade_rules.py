@@ -10,7 +10,7 @@ decision it takes is one of these functions of data, so each can be table-tested
   generative rule: mean token log-probability, ``max_tokens`` reached, refusal patterns;
 - :func:`cascade_for` — of a model's cascades (one per deployment with one), the one a
   call by the model's name runs for a caller: that of the deployment plain routing would
-  send the caller to;
+  send the caller to, or none when only deployments without one may serve the caller;
 - :func:`stage_ranking` — the replicas that may run a stage for a caller, best first:
   ``routing.rank`` on that stage's tiers only, so residency binds every stage exactly as it
   binds a plain request;
@@ -278,19 +278,25 @@ def judge_generative(rule: GenerativeRule, response: Mapping[str, Any]) -> Verdi
 
 def cascade_for(routes: Sequence[CascadeRoute], endpoints: Sequence[routing.Endpoint], caller: routing.Caller, *,
                 regions: routing.RegionIndex | None = None, gateway_position: tuple[float, float] | None = None,
-                ejected: frozenset[str] = frozenset()) -> CascadeRoute:
+                ejected: frozenset[str] = frozenset()) -> CascadeRoute | None:
     """Which of one model's cascades (``routes``, each another deployment's) a call by the
-    model's name runs for ``caller``: the deployment of the best of their replicas, ranked
-    as plain routing ranks the model's (residency, health, nearest, load), since each
-    deployment may place its stages in other jurisdictions. The first when the caller may
-    reach none of them: its cascade then says why."""
+    model's name runs for ``caller`` (``endpoints``: all the model's): the deployment of the
+    best of their replicas, ranked as plain routing ranks the model's (residency, health,
+    nearest, load), since each deployment may place its stages in other jurisdictions.
+    None when the caller may reach none of them but may reach another deployment of the
+    model (one without a cascade, say in the caller's jurisdiction): plain routing then
+    serves it, as it would a model without cascades. The first when it may reach no
+    replica of the model at all: its cascade then says why (or wakes it from zero)."""
     by_deployment = {r.deployment: r for r in routes}
-    if len(by_deployment) < 2:
-        return routes[0]
     ranked = routing.rank([e for e in endpoints if e.deployment in by_deployment], caller,
                           regions=regions if regions is not None else routing.RegionIndex(), gateway_position=gateway_position,
                           ejected=ejected)
-    return routes[0] if isinstance(ranked, routing.NoRoute) else by_deployment[ranked[0].endpoint.deployment]
+    if not isinstance(ranked, routing.NoRoute):
+        return by_deployment[ranked[0].endpoint.deployment]
+    others = routing.rank([e for e in endpoints if e.deployment not in by_deployment], caller,
+                          regions=regions if regions is not None else routing.RegionIndex(), gateway_position=gateway_position,
+                          ejected=ejected)
+    return routes[0] if isinstance(others, routing.NoRoute) else None
 
 
 def stage_ranking(route: CascadeRoute, stage: int, endpoints: Sequence[routing.Endpoint], caller: routing.Caller, *,

@@ -313,15 +313,16 @@ class OpenAIGateway:
         deployment: str | None = None  # a cascade's deployment's name: plain routing among its replicas only
         if route is not None and self.gw.cascade is not None:
             deployment = self.gw.table.target(model)[1]
-            route = self.gw.cascade.resolve(route, model, caller)
             mode = cascade_rules.parse_mode(request.headers.get("x-edgeplane-cascade"))
             if mode is None:
                 return self._refuse(model, error(400, f"X-Edgeplane-Cascade must be one of {', '.join(cascade_rules.MODES)}"))
-            if mode != "off" and not self.gw.table.is_cold(route.model):
-                decided = _Decided(lambda: openai_cascade.generate(self, route, mode, request, body, suffix, stream, arrived))
-                return Timed(self.gw.metrics.latency, route.model, arrived, decided)
-            # off (or scaled to zero: woken below): plain routing over every stage's replicas, by the model's name
-            # (those of the named deployment only, when it is a deployment's name)
+            chosen = self.gw.cascade.resolve(route, model, caller)
+            if chosen is not None and mode != "off" and not self.gw.table.is_cold(chosen.model):
+                decided = _Decided(lambda: openai_cascade.generate(self, chosen, mode, request, body, suffix, stream, arrived))
+                return Timed(self.gw.metrics.latency, chosen.model, arrived, decided)
+            # off, scaled to zero (woken below), or the caller may reach only the model's deployments without a
+            # cascade: plain routing over every stage's replicas, by the model's name (those of the named
+            # deployment only, when it is a deployment's name)
             model, raw = route.model, json.dumps({**body, "model": route.model}).encode()
         if self.gw.table.is_cold(model):
             self.gw.table.wake(model)

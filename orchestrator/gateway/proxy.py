@@ -303,7 +303,10 @@ class Gateway:
         if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
             self.refused(name, caller.status)
             return _error(caller.status, caller.reason)
-        route = handler.resolve(route, name, caller)
+        chosen = handler.resolve(route, name, caller)
+        if chosen is None:  # the caller may reach only the model's deployments without a cascade
+            return await self._forward(name, request, "POST", "/infer", body)
+        route = chosen
         if (cold := await self._woken(route.model)) is not None:
             return cold
         deployment = self.table.target(name)[1]  # off, by a deployment's name: still its replicas only

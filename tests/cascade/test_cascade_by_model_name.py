@@ -40,11 +40,12 @@ FLEET = [ep("task-eu", "edge-fr", "edge", "FR", 48.85, 2.35), ep("task-eu", "dc-
          ep("task-ch", "edge-ch", "edge", "CH", 46.2, 6.1), ep("task-ch", "dc-ch", "datacenter", "CH", 47.4, 8.5)]
 
 
-def gateway(fleet: list[routing.Endpoint] = FLEET) -> tuple[Starlette, Transport]:
+def gateway(fleet: list[routing.Endpoint] = FLEET,
+            cascades: tuple[cascade_rules.CascadeRoute, ...] = (EU, CH)) -> tuple[Starlette, Transport]:
     table = endpoints.EndpointTable()
     table.replace(fleet)
     # as the reconciler publishes them: each under its deployment's name, the model's name to the first
-    table.set_cascades({"task": EU, "task-eu": EU, "task-ch": CH})
+    table.set_cascades({"task": cascades[0], **{c.deployment: c for c in cascades}})
     transport = Transport({e.url: "sure" for e in fleet})
     registry = CollectorRegistry()
     handler = cascade.CascadeHandler(table, transport, cascade.CascadeMetrics.create(registry))  # type: ignore[arg-type]
@@ -100,3 +101,16 @@ async def test_a_deployment_name_whose_replicas_are_all_down_is_not_answered_by_
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
         resp = await http.post("/v2/models/task-eu/infer", content=b"{}", headers={**GENEVA, "x-edgeplane-cascade": "off"})
     assert resp.status_code == 503 and transport.calls == [], resp.text
+
+
+async def test_a_call_by_the_model_name_is_served_by_a_deployment_without_a_cascade_when_only_it_may_serve_the_caller() -> None:
+    us = dataclasses.replace(ep("task-us", "edge-us", "edge", "US", 40.7, -74.0), allowed_countries=frozenset({"US"}))
+    app, transport = gateway([*FLEET[:2], us], cascades=(EU,))  # task-us has no cascade
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        resp = await http.post("/v2/models/task/infer", content=b"{}", headers={"x-edgeplane-residency": "US"})
+        anyone = await http.post("/v2/models/task/infer", content=b"{}", headers={"x-edgeplane-location": "40.7,-74.0"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-edgeplane-site"] == "edge-us" and "x-edgeplane-cascade-stage" not in resp.headers
+    # a caller task-eu may serve still runs its cascade, however near task-us is
+    assert anyone.status_code == 200 and anyone.headers["x-edgeplane-cascade-stage"] == "small", anyone.text
+    assert transport.calls == ["http://edge-us", "http://edge-fr"]

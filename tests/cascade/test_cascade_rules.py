@@ -160,6 +160,32 @@ def test_other_deployments_of_the_model_are_not_stages() -> None:
     assert isinstance(rules.stage_ranking(ROUTE, 0, other, routing.Caller()), routing.NoRoute)
 
 
+def of(deployment: str, site: str, country: str, lat: float, lon: float, healthy: bool = True) -> routing.Endpoint:
+    return routing.Endpoint("task", deployment, site, "edge", country, "", lat, lon, f"http://{site}", healthy=healthy,
+                            allowed_countries=frozenset({country}))
+
+
+EU_CASCADE, CH_CASCADE = (rules.CascadeRoute("task", d, ROUTE.stages) for d in ("task-eu", "task-ch"))
+MODEL = [of("task-eu", "edge-fr", "FR", 48.85, 2.35), of("task-ch", "edge-ch", "CH", 46.2, 6.1),
+         of("task-us", "edge-us", "US", 40.7, -74.0)]  # task-us has no cascade
+
+
+@pytest.mark.parametrize(("routes", "fleet", "caller", "runs"), [
+    ([EU_CASCADE], MODEL, routing.Caller(40.7, -74.0), "task-eu"),  # no residency: the model's cascade, wherever it runs
+    ([EU_CASCADE], MODEL, routing.Caller(residency=frozenset({"FR"})), "task-eu"),
+    ([EU_CASCADE], MODEL, routing.Caller(residency=frozenset({"US"})), None),  # only task-us may serve it: plain routing
+    ([EU_CASCADE, CH_CASCADE], MODEL, routing.Caller(residency=frozenset({"CH"})), "task-ch"),
+    ([EU_CASCADE, CH_CASCADE], MODEL, routing.Caller(46.5, 6.6), "task-ch"),  # the nearest
+    ([EU_CASCADE, CH_CASCADE], MODEL, routing.Caller(residency=frozenset({"US"})), None),
+    ([EU_CASCADE], [of("task-eu", "edge-fr", "FR", 48.85, 2.35, healthy=False), MODEL[2]], routing.Caller(), None),  # the cascade is down
+    ([EU_CASCADE], MODEL[:1], routing.Caller(residency=frozenset({"US"})), "task-eu"),  # no replica at all: the cascade says why
+    ([EU_CASCADE], [], routing.Caller(), "task-eu"),  # scaled to zero: the cascade is woken
+])
+def test_cascade_for(routes: list[rules.CascadeRoute], fleet: list[routing.Endpoint], caller: routing.Caller, runs: str | None) -> None:
+    chosen = rules.cascade_for(routes, fleet, caller)
+    assert (chosen.deployment if chosen is not None else None) == runs
+
+
 def test_overloaded_when_the_best_replica_is_at_max_inflight() -> None:
     busy = [routing.Ranked(endpoint("edge-fr", "edge", "FR", inflight=4), 1.0)]
     calm = [routing.Ranked(endpoint("edge-fr", "edge", "FR", inflight=3), 1.0)]

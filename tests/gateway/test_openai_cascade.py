@@ -538,3 +538,25 @@ async def test_a_deployment_name_with_the_cascade_off_is_answered_by_that_deploy
                                    headers={"x-edgeplane-cascade": "off", "x-edgeplane-location": "46.20,6.14"})
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-edgeplane-site"] == "edge-fr" and asked == ["edge-fr"]
+
+
+async def test_a_call_by_the_model_name_is_served_by_a_deployment_without_a_cascade_when_only_it_may_serve_the_caller() -> None:
+    asked: list[str] = []
+
+    def answering(site: str) -> Handle:
+        async def handle(request: httpmessages.Request) -> httpmessages.Response:
+            asked.append(site)
+            return httpmessages.Response(200, chat_answer(f"from {site}"))
+        return handle
+
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    async with replica(answering("edge-fr")) as fr, replica(answering("edge-us")) as us:
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("chat", "chat-eu", "edge-fr", "edge", "FR", "", 48.85, 2.35, fr, api=routing.API_OPENAI),
+                       routing.Endpoint("chat", "chat-us", "edge-us", "edge", "US", "", 40.7, -74.0, us, api=routing.API_OPENAI)])
+        eu = cascade_rules.CascadeRoute("chat", "chat-eu", (first, DC), {})
+        table.set_cascades({"chat": eu, "chat-eu": eu})  # chat-us has no cascade
+        async with gateway(table) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT, headers={"x-edgeplane-residency": "US"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-edgeplane-site"] == "edge-us" and asked == ["edge-us"]
