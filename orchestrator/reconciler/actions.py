@@ -66,7 +66,8 @@ class PublishEndpoints:
 
 @dataclass(frozen=True)
 class RefreshHealth:
-    """The table's endpoints again, their health refreshed, all else in it kept (a pass on hold)."""
+    """The table's endpoints again, their health refreshed and their residency narrowed to the
+    stored specs, all else in it kept (a pass on hold)."""
 
     endpoints: tuple[routing.Endpoint, ...]
 

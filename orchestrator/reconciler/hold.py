@@ -8,6 +8,12 @@ and acts on nothing (no placement, no push, no Serve apply or removal): what run
 as it is, the gateway keeps the table it has, and the reason is given on the object, in
 the log and in the control plane's view until the object is applied again (then checked
 as a manifest) or deleted. Decided here purely; the loop acts on it.
+
+Two things of the table follow the stored state all the same, as neither can wait for the
+hold to end: an edge endpoint's health (an agent revoked or lost), and residency, a hard
+rule: a stricter ``placement.residency`` applied meanwhile, or a Site declared in another
+country, takes endpoints out of routing at once (:func:`narrowed`). Only ever narrowed: a
+hold never widens the table or adds to it, as what it would widen to was never planned.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Any
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import routing
 from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import inventory
+from orchestrator.reconciler import snapshot as snap
 from orchestrator.store import values as store_mod
 
 Unreadable = Mapping[tuple[str, str], str]  # (kind, name) -> why this version does not read it
@@ -68,12 +76,42 @@ def refreshed(in_force: Iterable[routing.Endpoint], agents: Iterable[agent_model
     return out if out != table else None
 
 
-def actions(unreadable: Unreadable, in_force: Iterable[routing.Endpoint],
+def narrowed(in_force: Iterable[routing.Endpoint], sites: Iterable[snap.SiteRecord],
+             deployments: Iterable[snap.DeploymentRecord]) -> tuple[routing.Endpoint, ...]:
+    """The table's endpoints under the residency the stored ``sites`` and ``deployments``
+    (those that read) give them now, never wider than the table's: each endpoint's allowed
+    countries are those both allow (an endpoint whose country the deployment now forbids
+    is kept, for routing to say why, but no caller reaches it), and an endpoint whose Site
+    is now declared in another country is dropped (whether a caller's residency allows it
+    holds under neither country alone). A deployment or Site that does not read, or is
+    gone, leaves its endpoints as they are."""
+    country = {s.name: s.spec.location.country for s in sites}
+    residency = {d.name: inventory.allowed_countries(d.spec) for d in deployments}
+    out = []
+    for e in in_force:
+        if country.get(e.site, e.country) != e.country:
+            continue
+        now = residency.get(e.deployment, frozenset())  # empty: any country, or not known: nothing to narrow
+        if not now or (e.allowed_countries and e.country not in e.allowed_countries):  # the latter: unreachable already
+            out.append(e)
+            continue
+        # an empty intersection would read "any": then ``now`` alone, which the endpoint's country is outside of
+        both = (e.allowed_countries & now if e.allowed_countries else now) or now
+        out.append(dataclasses.replace(e, allowed_countries=both) if both != e.allowed_countries else e)
+    return tuple(out)
+
+
+def actions(desired: snap.Desired, in_force: Iterable[routing.Endpoint],
             agents: Iterable[agent_model.AgentStatus], awaited: Iterable[str] = ()) -> tuple[act.Action, ...]:
-    """A pass on hold: each unreadable object's status, and the edge endpoints' health
-    (``awaited``: edge sites whose agents are not back since a restart, see :func:`refreshed`)."""
+    """A pass on hold: each unreadable object's status, and the table's endpoints with their
+    residency narrowed to the stored specs that read (:func:`narrowed`) and the edge ones'
+    health as their agents' (``awaited``: edge sites whose agents are not back since a
+    restart, see :func:`refreshed`)."""
     out: list[act.Action] = [act.SetStatuses(tuple(act.SetStatus(kind, name, object_status(why))
-                                                   for (kind, name), why in sorted(unreadable.items())))]
-    if (endpoints := refreshed(in_force, agents, awaited)) is not None:
+                                                   for (kind, name), why in sorted(desired.unreadable.items())))]
+    table = tuple(in_force)
+    narrow = narrowed(table, desired.sites, desired.deployments)
+    endpoints = refreshed(narrow, agents, awaited) or narrow
+    if endpoints != table:
         out.append(act.RefreshHealth(endpoints))
     return tuple(out)

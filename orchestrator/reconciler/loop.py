@@ -418,7 +418,8 @@ class Reconciler:
     async def _hold(self, desired: snap.Desired) -> None:
         """A pass on hold: nothing is observed (observing a data centre removes what a Site
         that does not read would seem to have left), planned or sent; what runs is kept, and
-        the last plan and snapshot with it (previews, ``get placements``). The window for
+        the last plan and snapshot with it (previews, ``get placements``), but the table's
+        residency is narrowed to the stored specs' at once (``hold.narrowed``). The window for
         agents to rejoin after a restart runs on as in any pass: a site still awaited keeps
         its endpoints, any other whose agent is gone (revoked, say) is unhealthy at once."""
         placements = tuple(await self.store.run(self.store.placements))
@@ -429,7 +430,7 @@ class Reconciler:
             awaited = self._awaited(desired.sites, placements, agents) | hold.awaited_unread(desired.unreadable, placements, agents)
         else:
             awaited = frozenset()
-        for action in hold.actions(desired.unreadable, self.table.all_endpoints(), agents, awaited):
+        for action in hold.actions(desired, self.table.all_endpoints(), agents, awaited):
             await self.execute(action)
         self.converging = False
         await self._pass_ended()

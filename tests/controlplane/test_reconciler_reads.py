@@ -7,6 +7,7 @@ itself, and one that does not puts every change on hold, what runs kept as it is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import pathlib
 import threading
@@ -22,11 +23,13 @@ from orchestrator.api import simulate
 from orchestrator.artifacts import catalog as artifacts_mod
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
-from orchestrator.manifests import loader
+from orchestrator.manifests import loader, schema
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import datacentres as dc_mod
-from orchestrator.reconciler import loop, planning
+from orchestrator.reconciler import hold, loop, planning
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler.residency import EU_COUNTRIES
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness, manifests
 
@@ -193,9 +196,12 @@ class Fleet:
         self.hub.sweep()
 
 
-def endpoint(deployment: str, model: str, site: str) -> routing.Endpoint:
-    return routing.Endpoint(model=model, deployment=deployment, site=site, tier="edge", country="FR", region="", lat=48.85, lon=2.35,
-                            url=f"http://{site}:8081")
+COUNTRY = {"edge-a": "FR", "edge-b": "DE"}  # as earlier_store declares them
+
+
+def endpoint(deployment: str, model: str, site: str, allowed: frozenset[str] = frozenset()) -> routing.Endpoint:
+    return routing.Endpoint(model=model, deployment=deployment, site=site, tier="edge", country=COUNTRY[site], region="", lat=48.85,
+                            lon=2.35, url=f"http://{site}:8081", allowed_countries=allowed)
 
 
 def test_while_a_stored_object_does_not_read_nothing_changes_and_a_deployment_applied_meanwhile_waits(tmp_path: pathlib.Path) -> None:
@@ -240,6 +246,62 @@ def test_while_a_stored_object_does_not_read_nothing_changes_and_a_deployment_ap
         assert fleet.hub.assignments("edge-b") is not None  # sent its set again
     finally:
         store.close()
+
+
+def test_on_hold_a_stricter_residency_or_a_site_in_another_country_takes_endpoints_out_of_routing_at_once(tmp_path: pathlib.Path) -> None:
+    """Placement waits for the hold to end; routing into a country a deployment now forbids
+    does not: d1, applied again with residency FR instead of EU, is no longer routed to its
+    replica in Germany at the next pass, nor is d-old once edge-a is declared in Switzerland."""
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
+    store.replace_placements([store_mod.PlacementRow("d-old", "edge-a", "v1", 1), store_mod.PlacementRow("d1", "edge-b", "v1", 1)])
+    fleet = Fleet()
+    table = endpoints_mod.EndpointTable()
+    table.replace([endpoint("d-old", "old", "edge-a"), endpoint("d1", "m1", "edge-b", EU_COUNTRIES)])
+    reconciler = loop.Reconciler(store, fleet.hub, dc_mod.DataCentres(dc_mod.LocalRay()),
+                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table)
+    try:
+        catalog.apply_documents(store, loader.load_text(manifests.bundle(
+            manifests.deployment("d1", "m1", 1, {"tiers": ["edge"], "residency": ["FR"]}))), actor="test")
+        assert asyncio.run(reconciler.reconcile_once()) is None  # on hold
+        ranked = table.rank("m1", routing.Caller(), None)
+        assert isinstance(ranked, routing.NoRoute) and "residency" in ranked.reason, ranked
+        assert store.placements() == [store_mod.PlacementRow("d-old", "edge-a", "v1", 1), store_mod.PlacementRow("d1", "edge-b", "v1", 1)]
+
+        catalog.apply_documents(store, loader.load_text(manifests.bundle(manifests.edge_site("edge-a", "CH", 46.2, 6.1))), actor="test")
+        asyncio.run(reconciler.reconcile_once())
+        assert table.endpoints("old") == ()  # nor routed from the country it was declared in, nor added in the new one
+    finally:
+        store.close()
+
+
+def site(name: str, country: str) -> snap.SiteRecord:
+    return snap.SiteRecord(name, {}, schema.SiteSpec.model_validate({"tier": "edge", "location": {"country": country, "lat": 0, "lon": 0}}))
+
+
+def deployment(name: str, residency: list[str]) -> snap.DeploymentRecord:
+    return snap.DeploymentRecord(name, 1, schema.ModelDeploymentSpec.model_validate(
+        {"model": "m1", "replicas": {"min": 1, "max": 1}, "placement": {"tiers": ["edge"], "residency": residency}}))
+
+
+DE_EP = endpoint("d1", "m1", "edge-b", EU_COUNTRIES)
+FR, DE, CH = frozenset({"FR"}), frozenset({"DE"}), frozenset({"CH"})
+
+
+@pytest.mark.parametrize(("in_force", "sites", "deployments", "allowed"), [
+    (DE_EP, [site("edge-b", "DE")], [deployment("d1", ["FR"])], FR),  # narrowed: Germany is no longer allowed
+    (DE_EP, [site("edge-b", "DE")], [deployment("d1", ["DE", "CH"])], DE),  # never wider than the table's
+    (DE_EP, [site("edge-b", "DE")], [deployment("d1", [])], EU_COUNTRIES),  # no residency now: kept as it was planned
+    (DE_EP, [], [], EU_COUNTRIES),  # the deployment and Site do not read (or are gone): as they are
+    (endpoint("d1", "m1", "edge-b", CH), [site("edge-b", "DE")], [deployment("d1", ["DE"])], CH),  # unreachable stays so
+    (endpoint("d1", "m1", "edge-b"), [site("edge-b", "DE")], [deployment("d1", ["FR"])], FR),  # "any" narrowed too
+    (DE_EP, [site("edge-b", "CH")], [deployment("d1", ["EU"])], None),  # declared in another country: dropped
+])
+def test_a_hold_only_narrows_the_residency_of_the_table(in_force: routing.Endpoint, sites: list[snap.SiteRecord],
+                                                        deployments: list[snap.DeploymentRecord], allowed: frozenset[str] | None) -> None:
+    out = hold.narrowed([in_force], sites, deployments)
+    assert [e.allowed_countries for e in out] == ([] if allowed is None else [allowed])
+    assert all(dataclasses.replace(e, allowed_countries=in_force.allowed_countries) == in_force for e in out)  # nothing else changes
 
 
 def restarted_without_edge_a(store: store_mod.Store, tmp_path: pathlib.Path, published: list[routing.Endpoint]
