@@ -308,12 +308,13 @@ def to_manifest(obj: store_mod.StoredObject) -> dict[str, Any]:
     }
 
 
-def capture_retention(store: store_mod.Store) -> dict[str, float | None]:
-    """How long each stored deployment that captures keeps its records now (seconds, its
-    ``spec.cascade.capture.retentionDays``), by name: None for one whose spec no longer
-    parses (its records keep the expiry they were captured with). A deployment missing here
-    (capture off, or deleted) keeps no records."""
-    out: dict[str, float | None] = {}
+def capture_retention(store: store_mod.Store) -> dict[str, capture.Covered | None]:
+    """What each stored deployment that captures keeps now, by name: for how long (its
+    ``spec.cascade.capture.retentionDays``), in which zones' stores (its ``zones``), since
+    it was created; None for one whose spec no longer parses (its records keep the expiry
+    they were captured with). A deployment missing here (capture off, or deleted) keeps no
+    records."""
+    out: dict[str, capture.Covered | None] = {}
     for obj in store.list("ModelDeployment"):
         try:
             cascade = parse_deployment(obj).cascade
@@ -321,7 +322,8 @@ def capture_retention(store: store_mod.Store) -> dict[str, float | None]:
             out[obj.name] = None
             continue
         if cascade is not None and cascade.capture is not None:
-            out[obj.name] = cascade.capture.retentionDays * capture.DAY_S
+            c = cascade.capture
+            out[obj.name] = capture.Covered(c.retentionDays * capture.DAY_S, frozenset(c.zones), obj.created_at)
     return out
 
 

@@ -11,7 +11,8 @@ that tests can state them exactly:
 - :class:`Sampler` — the sample rate and the daily cap per zone (UTC days); the random
   draw and the clock are injected.
 - :func:`expired` — retention: a record captured at ``t`` is gone after ``t +
-  retentionDays``.
+  retentionDays``; and :class:`Covered`, what a deployment's policy covers now, by which
+  the stores purge what no policy covers any more.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ class CapturePolicy:
     daily_cap: int
     retention_s: float
     zones: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Covered:
+    """What a capturing deployment's policy covers now: records captured since ``since`` (when
+    the deployment was created: older ones are those of a deleted deployment of that name),
+    for ``retention_s`` after capture, in the stores of ``zones``. A record outside any of
+    these is covered by no policy and is purged."""
+
+    retention_s: float
+    zones: frozenset[str]
+    since: float = 0.0
 
 
 def zone_countries(zone: str) -> frozenset[str]:

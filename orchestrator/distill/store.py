@@ -136,22 +136,28 @@ class ZoneStore:
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
 
-    def purge(self, now: float, retention: Mapping[str, float | None] | None) -> int:
-        """Delete the records whose retention has run out (``capture.expired``); how many.
-        ``retention`` is every capturing deployment's current retention (seconds; None: the
-        one a record was captured under stands): a record expires by the shorter of the two,
-        and a deployment missing from it (capture off, or deleted) keeps none. ``retention``
-        None (the policies cannot be read now): only the expiry a record was captured with."""
+    def purge(self, now: float, retention: Mapping[str, capture.Covered | None] | None) -> int:
+        """Delete the records whose retention has run out (``capture.expired``), and those no
+        policy covers any more; how many. ``retention`` is what every capturing deployment's
+        policy covers now (None: its spec does not read, and the expiry a record was captured
+        under stands): a record expires by the shorter of the two retentions, and is deleted
+        when its deployment keeps no records in this zone now, or was created after it
+        (re-created: the record is a deleted deployment's); a deployment missing from it
+        (capture off, or deleted) keeps none. ``retention`` None (the policies cannot be read
+        now): only the expiry a record was captured with."""
         def delete(db: sqlite3.Connection) -> int:
             deleted = db.execute("DELETE FROM records WHERE expires_at <= ?", (now,)).rowcount
             if retention is None:
                 return deleted
             for (deployment,) in db.execute("SELECT DISTINCT deployment FROM records").fetchall():
-                if deployment not in retention:
+                covered = retention.get(deployment)
+                if covered is None and deployment in retention:  # its spec does not read: the stored expiry stands
+                    continue
+                if covered is None or self.zone not in covered.zones:  # capture off or deleted; or this zone no longer listed
                     deleted += db.execute("DELETE FROM records WHERE deployment = ?", (deployment,)).rowcount
-                elif (kept := retention[deployment]) is not None:
-                    deleted += db.execute("DELETE FROM records WHERE deployment = ? AND captured_at <= ?",
-                                          (deployment, now - kept)).rowcount
+                else:
+                    deleted += db.execute("DELETE FROM records WHERE deployment = ? AND (captured_at <= ? OR captured_at < ?)",
+                                          (deployment, now - covered.retention_s, covered.since)).rowcount
             return deleted
         return self._erase(delete)
 
@@ -210,7 +216,7 @@ class ZoneStores:
                     return store
         return None
 
-    def purge(self, now: float, retention: Mapping[str, float | None] | None) -> int:
+    def purge(self, now: float, retention: Mapping[str, capture.Covered | None] | None) -> int:
         """Delete every zone's expired records (:meth:`ZoneStore.purge`); how many. A zone whose
         store fails is logged and skipped: the others' retention still runs."""
         purged = 0

@@ -38,14 +38,14 @@ ROUTE = cascade_rules.CascadeRoute("m", "dep", (
 COUNTRIES = ["FR", "DE", "IT", "CH", "US"]
 
 
-def capturing(store: store_mod.Store, retention_days: float = 30, name: str = "dep") -> None:
-    """Apply ModelDeployment ``name``, a cascade that captures in EU for ``retention_days``."""
+def capturing(store: store_mod.Store, retention_days: float = 30, name: str = "dep", zones: tuple[str, ...] = ("EU",)) -> None:
+    """Apply ModelDeployment ``name``, a cascade that captures in ``zones`` for ``retention_days``."""
     docs = [{"kind": "Model", "metadata": {"name": "m"}, "spec": {"variants": [
                 {"name": v, "runtime": "onnx", "artifact": {"uri": f"{v}.onnx", "sha256": c * 64}} for v, c in (("small", "0"), ("large", "1"))]}},
             {"kind": "ModelDeployment", "metadata": {"name": name}, "spec": {
                 "model": "m", "variant": {"edge": "small", "datacenter": "large"},
                 "cascade": {"stages": [{"variant": "small", "escalate": {"confidence": {"output": "p", "below": 0.8}}}, {"variant": "large"}],
-                            "capture": {"sampleRate": 1.0, "retentionDays": retention_days, "zones": ["EU"]}}}}]
+                            "capture": {"sampleRate": 1.0, "retentionDays": retention_days, "zones": list(zones)}}}}]
     catalog.apply_documents(store, loader.load_text("---\n".join(json.dumps({"apiVersion": "edgeplane.io/v1alpha1", **d}) + "\n" for d in docs)),
                             actor="test")
 
@@ -199,7 +199,7 @@ def test_records_expire_by_their_deployments_current_retention(tmp_path: pathlib
     """Lowering retentionDays (30 -> 1) applies to the records already captured, and a deployment
     that no longer captures (capture turned off, or the deployment deleted) keeps none."""
     day, now = capture.DAY_S, 100 * capture.DAY_S
-    store = store_mod.Store(tmp_path / "state.db")
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: 0.0)  # the deployments exist since before their records
     stores = capture_store.ZoneStores(tmp_path / "captures")
 
     def record(i: str, deployment: str, age_days: float) -> capture_store.Record:  # captured under a 30-day retention
@@ -214,12 +214,58 @@ def test_records_expire_by_their_deployments_current_retention(tmp_path: pathlib
     assert stores.zone("EU").count() == 1  # ... and deleted
     capturing(store, retention_days=30, name="unparsed")
     stores.zone("EU").add([record("kept", "unparsed", 10)])
-    assert stores.purge(now, {"dep": day, "unparsed": None}) == 0  # a policy it cannot read: the stored expiry stands
+    assert stores.purge(now, {"dep": capture.Covered(day, frozenset({"EU"})), "unparsed": None}) == 0  # a policy it cannot read: the stored expiry stands
     stores.zone("EU").add([record("past", "unparsed", 31)])
     assert stores.purge(now, None) == 1  # the policies cannot be read: the stored expiry still runs out
     assert stores.purge(now, {"unparsed": None}) == 1 and [r.id for r in stores.zone("EU").records(now=now)] == ["kept"]
     stores.close()
     store.close()
+
+
+def record_of(deployment: str, zone: str, at: float) -> capture_store.Record:
+    return capture_store.Record(capture_store.Record.new_id(), deployment, "m", zone, at, at + 30 * capture.DAY_S, "edge", "large", 0.4,
+                                b'{"inputs": [{"name": "x", "data": ["personal data"]}]}', None, b"{}", None)
+
+
+def test_records_in_a_zone_taken_out_of_the_capture_policy_are_deleted(tmp_path: pathlib.Path) -> None:
+    """zones [EU, FR] narrowed to [FR]: the EU store may no longer hold this deployment's
+    data, and the next purge (or read) deletes it there, long before its retention ends."""
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: 0.0)
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    now = 10 * capture.DAY_S
+    try:
+        capturing(store, zones=("EU", "FR"))
+        stores.zone("EU").add([record_of("dep", "EU", now - 60) for _ in range(3)])
+        stores.zone("FR").add([record_of("dep", "FR", now - 60) for _ in range(2)])
+        capturing(store, zones=("FR",))
+        app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=False), store, stores, clock=lambda: now))
+        with TestClient(app) as client:
+            assert client.get("/v1/captures/EU").json()["items"] == []
+        assert stores.zone("EU").count("dep") == 0
+        assert stores.purge(now, catalog.capture_retention(store)) == 0 and stores.zone("FR").count("dep") == 2  # still covered
+    finally:
+        stores.close()
+        store.close()
+
+
+def test_records_of_a_deleted_deployment_are_deleted_even_when_it_is_applied_again_before_the_purge(tmp_path: pathlib.Path) -> None:
+    """The deployment applied again under the same name is another one: its policy covers what
+    it captures, not what the deleted one did."""
+    clock = [0.0]
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: clock[0])
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    try:
+        capturing(store)
+        stores.zone("EU").add([record_of("dep", "EU", 100.0)])
+        clock[0] = 200.0
+        catalog.delete_object(store, "ModelDeployment", "dep", actor="test")
+        capturing(store)
+        stores.zone("EU").add([record_of("dep", "EU", 300.0)])
+        assert stores.purge(400.0, catalog.capture_retention(store)) == 1
+        assert [r.captured_at for r in stores.zone("EU").records("dep", now=400.0)] == [300.0]
+    finally:
+        stores.close()
+        store.close()
 
 
 def test_a_full_queue_drops_and_counts() -> None:
@@ -264,7 +310,7 @@ def test_manifest_capture_is_checked() -> None:
 
 
 def test_only_an_admin_reads_or_deletes_and_it_is_audited(tmp_path: pathlib.Path) -> None:
-    store = store_mod.Store(tmp_path / "state.db")
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: 0.0)  # the deployment exists since before its record
     stores = capture_store.ZoneStores(tmp_path / "captures")
     record = capture_store.Record("r1", "dep", "m", "EU", 0, 1e12, "edge", "large", 0.4, b"{}", None, b"{}", None)
     stores.zone("EU").add([record])
