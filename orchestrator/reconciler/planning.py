@@ -424,21 +424,14 @@ def agents_to_forget(agents: Iterable[agent_model.AgentStatus], stored_sites: Co
 
 
 def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -> PassPlan:
+    """The pass's actions, in the order the loop runs them: the placement written first (the
+    intent), then the routing that follows from it, before anything that waits on an agent
+    or a data centre: a Ray dashboard's calls take seconds, and until the table is replaced
+    the gateway routes by the last one, to a replica the placement just took away (a
+    stricter residency's, say)."""
     result, standing = schedule_pass(s, standing)
     rows = placement_rows(result)
-    out: list[act.Action] = []
-    if rows != tuple(s.placements):
-        out.append(act.RecordPlacement(rows, placement_events(result)))
     assigned, rollouts = edge_assignments(s, rows)
-    for site, assignments in assigned.items():
-        # a site still rejoining is sent nothing: what it gets on its return is the plan then
-        if assignments != s.assignments.get(site) and site not in s.rejoining:
-            out.append(act.PushAssignments(site, assignments))
-    out.extend(act.ForgetAgent(site) for site in agents_to_forget(s.agents, {r.name for r in s.sites}))
-    for site, apps in serve_apps(s, rows).items():
-        dc = s.datacentres.get(site)
-        if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):
-            out.append(act.ApplyServeApps(site, apps, dc.drift if dc is not None else ""))
     rows_of: dict[str, list[store_mod.PlacementRow]] = {}
     for row in rows:
         rows_of.setdefault(row.deployment, []).append(row)
@@ -452,10 +445,22 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
         if d.spec.autoscaling is not None and d.spec.replicas.min == 0 and not status.get("readyReplicas"):
             cold.add(d.spec.model)  # scaled to zero, or on its way up from zero
     statuses.extend(act.SetStatus("Site", r.name, site_status(s, r)) for r in s.sites)
-    out.append(act.SetStatuses(tuple(statuses)))
+    out: list[act.Action] = []
+    if rows != tuple(s.placements):
+        out.append(act.RecordPlacement(rows, placement_events(result)))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
     out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed, frozenset(cold)))
     out.append(act.PublishCascades(cascade_routes(s)))
+    for site, assignments in assigned.items():
+        # a site still rejoining is sent nothing: what it gets on its return is the plan then
+        if assignments != s.assignments.get(site) and site not in s.rejoining:
+            out.append(act.PushAssignments(site, assignments))
+    out.extend(act.ForgetAgent(site) for site in agents_to_forget(s.agents, {r.name for r in s.sites}))
+    for site, apps in serve_apps(s, rows).items():
+        dc = s.datacentres.get(site)
+        if apps != s.applied_apps.get(site) or (dc is not None and (not dc.reachable or dc.drift)):
+            out.append(act.ApplyServeApps(site, apps, dc.drift if dc is not None else ""))
+    out.append(act.SetStatuses(tuple(statuses)))
     return PassPlan(tuple(out), result, standing)
 
 

@@ -207,3 +207,12 @@ def test_an_onnx_application_downloads_through_redirects_only_to_the_allowed_hos
     assert args((".example.com", "mirror.example.net")) == {"artifact_uri": "https://models.example.com/m.onnx", "sha256": sha,
                                                            "model_name": "m", "artifact_hosts": [".example.com", "mirror.example.net"]}
     assert "artifact_hosts" not in args(())
+
+
+def test_a_pass_publishes_its_routing_before_it_waits_on_a_data_centre() -> None:
+    """The loop runs a pass's actions in order, and a Ray dashboard's calls take seconds: the
+    table that follows from the new placement (which may have taken a replica from a country
+    a stricter residency now forbids) goes to the gateway first, right after the placement."""
+    kinds = [type(a) for a in planning.plan_pass(_snapshot(_running("dc1", "big", 1))).actions]
+    assert kinds[:3] == [act.RecordPlacement, act.PublishEndpoints, act.PublishCascades]
+    assert act.ApplyServeApps in kinds
