@@ -55,6 +55,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,7 @@ class _Base:
         self.region, self.residency = args.header_value(region, "region"), args.header_value(residency, "residency")
         self.binary = binary
         self.cache = cache or EndpointCache()
+        self._asking = args.endpoint_params(self.location, self.region, self.residency)  # the endpoint list's query
         if token is not None and (not isinstance(token, str) or not all("!" <= c <= "~" for c in token)):
             raise ValueError("token: a token is visible ASCII only (no spaces, control or non-ASCII characters)")
         self._auth = {"authorization": f"Bearer {token}"} if token else {}
@@ -171,8 +173,15 @@ class _Base:
                 if left <= 0:
                     return
                 timeout = httpx.Timeout(min(left, self._seconds), connect=min(2.0, left))
-            yield (gateway, f"{gateway}/v1/endpoints/{path_segment(model)}", args.endpoint_params(self.location, self.region, self.residency),
-                   timeout)
+            yield (gateway, f"{gateway}/v1/endpoints/{path_segment(model)}", self._asking, timeout)
+
+    def _listing(self, model: str) -> str:
+        """Where ``model``'s endpoint list is kept in the cache: under the query that asked
+        for it, as the list is this caller's (filtered by its residency, ranked from its
+        position), and a cache shared with a client of another caller must not give it
+        theirs: one of another residency would call a replica its own forbids."""
+        query = urllib.parse.urlencode(self._asking)
+        return f"{model}?{query}" if query else model
 
     def _endpoints_answer(self, model: str, resp: httpx.Response | None) -> list[dict[str, Any]]:
         try:
@@ -180,12 +189,12 @@ class _Base:
         except ValueError:  # not JSON: no list from there (the gateway still decides)
             body = None
         if isinstance(body, Mapping):
-            self.cache.store(model, body)
-        elif self.cache.order(model):
-            self.cache.keep(model)
+            self.cache.store(self._listing(model), body)
+        elif self.cache.order(self._listing(model)):
+            self.cache.keep(self._listing(model))
         else:
-            self.cache.invalidate(model)
-        return self.cache.order(model)
+            self.cache.invalidate(self._listing(model))
+        return self.cache.order(self._listing(model))
 
     def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> Iterator[_Attempt]:
         """The replicas nearest first, then the gateways; made as they are needed (the
@@ -269,12 +278,12 @@ class _Base:
                 self.cache.eject(attempt.endpoint)
                 return True
             if resp.status_code == 404:  # moved away since the list was read: the next one may serve it
-                self.cache.invalidate(model)
+                self.cache.invalidate(self._listing(model))
                 return True
             if resp.status_code >= 400:
                 raise clientchat.read_refusal(resp)
             return False
-        self.cache.invalidate(model)
+        self.cache.invalidate(self._listing(model))
         if self._gateway_failed(attempt, resp):
             return True
         if resp is None:
@@ -335,7 +344,7 @@ class _Base:
                 self.cache.eject(attempt.endpoint)
                 return None
             if resp.status_code == 404:  # moved away since the list was read: the next one (or the gateway) may serve it
-                self.cache.invalidate(model)
+                self.cache.invalidate(self._listing(model))
                 return None
             if resp.status_code >= 400:
                 raise _refusal(resp)
@@ -345,7 +354,7 @@ class _Base:
                 return None
             return InferResult(outputs, attempt.site or "", attempt.endpoint, number)
         # Every direct endpoint failed or none is known: the gateway decided and failed over.
-        self.cache.invalidate(model)
+        self.cache.invalidate(self._listing(model))
         if self._gateway_failed(attempt, resp):
             return None
         if resp is None:
@@ -390,8 +399,8 @@ class Client(_Base):
         args.model_name(model)
         if not self.direct:
             return []
-        if not refresh and self.cache.fresh(model):
-            return self.cache.order(model)
+        if not refresh and self.cache.fresh(self._listing(model)):
+            return self.cache.order(self._listing(model))
         resp = None
         for gateway, url, params, timeout in self._endpoints_requests(model, deadline):
             try:
@@ -477,8 +486,8 @@ class AsyncClient(_Base):
         args.model_name(model)
         if not self.direct:
             return []
-        if not refresh and self.cache.fresh(model):
-            return self.cache.order(model)
+        if not refresh and self.cache.fresh(self._listing(model)):
+            return self.cache.order(self._listing(model))
         resp = None
         for gateway, url, params, timeout in self._endpoints_requests(model, deadline):
             try:

@@ -2,7 +2,9 @@
 
 The list a gateway or the control plane gave (``GET /v1/endpoints/{model}``) is kept for
 its TTL, less the entries a client cannot call, and a replica that failed a moment ago
-is left out for ``ejection_s``. No I/O and an injected clock: :mod:`orchestrator.client`'s
+is left out for ``ejection_s``. Lists are kept by a key the client gives, the model and the
+caller it was asked for (``model?residency=FR``): a cache may be shared by clients of
+several callers, and each list is its caller's. No I/O and an injected clock: :mod:`orchestrator.client`'s
 synchronous and asynchronous clients ask for the list each over its own HTTP client and
 share these decisions; a test puts a list in it and moves the clock.
 """

@@ -621,3 +621,35 @@ async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_
     finally:
         replica.close()
         await gateway.shutdown(1)
+
+
+async def test_clients_of_two_residencies_sharing_a_cache_each_get_their_own_endpoint_list() -> None:
+    """The list is the caller's: a client with no residency is sent to the German replica, and
+    one of an FR residency that shares its cache must not take that list for its own."""
+    (de, de_url), (fr, fr_url) = await v2_server("edge-de"), await v2_server("edge-fr")
+
+    def listing(url: str, site: str) -> bytes:
+        return json.dumps({"ttlSeconds": 600, "endpoints": [{"site": site, "url": url, "inferUrl": f"{url}/v2/models/m/infer"}]}).encode()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = listing(fr_url, "edge-fr") if b"residency=FR" in head.split(b"\r\n")[0] else listing(de_url, "edge-de")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(gateway, "127.0.0.1", 0)
+    gateway_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    shared = client_mod.EndpointCache()
+    x = np.ones((1, 2), dtype=np.float32)
+    try:
+        async with client_mod.AsyncClient(gateway_url, cache=shared) as anyone, \
+                client_mod.AsyncClient(gateway_url, cache=shared, residency="FR") as french:
+            assert (await anyone.infer("m", {"input": x})).site == "edge-de"
+            assert (await french.infer("m", {"input": x})).site == "edge-fr"
+            assert (await anyone.infer("m", {"input": x})).site == "edge-de"
+    finally:
+        server.close()
+        await de.shutdown(1)
+        await fr.shutdown(1)
