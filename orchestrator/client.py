@@ -175,7 +175,7 @@ class _Base:
                 timeout = httpx.Timeout(min(left, self._seconds), connect=min(2.0, left))
             yield (gateway, f"{gateway}/v1/endpoints/{path_segment(model)}", self._asking, timeout)
 
-    def _listing(self, model: str) -> str:
+    def listing_key(self, model: str) -> str:
         """Where ``model``'s endpoint list is kept in the cache: under the query that asked
         for it, as the list is this caller's (filtered by its residency, ranked from its
         position), and a cache shared with a client of another caller must not give it
@@ -189,12 +189,12 @@ class _Base:
         except ValueError:  # not JSON: no list from there (the gateway still decides)
             body = None
         if isinstance(body, Mapping):
-            self.cache.store(self._listing(model), body)
-        elif self.cache.order(self._listing(model)):
-            self.cache.keep(self._listing(model))
+            self.cache.store(self.listing_key(model), body)
+        elif self.cache.order(self.listing_key(model)):
+            self.cache.keep(self.listing_key(model))
         else:
-            self.cache.invalidate(self._listing(model))
-        return self.cache.order(self._listing(model))
+            self.cache.invalidate(self.listing_key(model))
+        return self.cache.order(self.listing_key(model))
 
     def _attempts(self, model: str, endpoints: list[dict[str, Any]], headers: dict[str, str]) -> Iterator[_Attempt]:
         """The replicas nearest first, then the gateways; made as they are needed (the
@@ -278,12 +278,12 @@ class _Base:
                 self.cache.eject(attempt.endpoint)
                 return True
             if resp.status_code == 404:  # moved away since the list was read: the next one may serve it
-                self.cache.invalidate(self._listing(model))
+                self.cache.invalidate(self.listing_key(model))
                 return True
             if resp.status_code >= 400:
                 raise clientchat.read_refusal(resp)
             return False
-        self.cache.invalidate(self._listing(model))
+        self.cache.invalidate(self.listing_key(model))
         if self._gateway_failed(attempt, resp):
             return True
         if resp is None:
@@ -344,7 +344,7 @@ class _Base:
                 self.cache.eject(attempt.endpoint)
                 return None
             if resp.status_code == 404:  # moved away since the list was read: the next one (or the gateway) may serve it
-                self.cache.invalidate(self._listing(model))
+                self.cache.invalidate(self.listing_key(model))
                 return None
             if resp.status_code >= 400:
                 raise _refusal(resp)
@@ -354,7 +354,7 @@ class _Base:
                 return None
             return InferResult(outputs, attempt.site or "", attempt.endpoint, number)
         # Every direct endpoint failed or none is known: the gateway decided and failed over.
-        self.cache.invalidate(self._listing(model))
+        self.cache.invalidate(self.listing_key(model))
         if self._gateway_failed(attempt, resp):
             return None
         if resp is None:
@@ -399,8 +399,8 @@ class Client(_Base):
         args.model_name(model)
         if not self.direct:
             return []
-        if not refresh and self.cache.fresh(self._listing(model)):
-            return self.cache.order(self._listing(model))
+        if not refresh and self.cache.fresh(self.listing_key(model)):
+            return self.cache.order(self.listing_key(model))
         resp = None
         for gateway, url, params, timeout in self._endpoints_requests(model, deadline):
             try:
@@ -486,8 +486,8 @@ class AsyncClient(_Base):
         args.model_name(model)
         if not self.direct:
             return []
-        if not refresh and self.cache.fresh(self._listing(model)):
-            return self.cache.order(self._listing(model))
+        if not refresh and self.cache.fresh(self.listing_key(model)):
+            return self.cache.order(self.listing_key(model))
         resp = None
         for gateway, url, params, timeout in self._endpoints_requests(model, deadline):
             try:

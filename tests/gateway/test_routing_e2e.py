@@ -166,7 +166,7 @@ async def test_sync_client_calls_the_nearest_replica_directly(fleet: harness.Fle
     def call(**where: object) -> client_mod.InferResult:
         with client_mod.Client(fleet.cp.http_url, binary=True, **where) as c:  # type: ignore[arg-type]
             first = c.infer("intent", {"input": x})
-            assert c.cache.fresh("intent")
+            assert c.cache.fresh(c.listing_key("intent"))
             return first
 
     by_region = await asyncio.to_thread(call, region="es")  # the endpoint list is ranked from the region too
