@@ -9,9 +9,10 @@ its own schedule and reported in status and events without holding up other site
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator import catalog
@@ -62,6 +63,7 @@ class Reconciler:
     _publishes: set[asyncio.Task[None]] = field(default_factory=set)
     _published: wire.TableContents | None = None  # what the last publish wrote
     _hold_published: str | None = None  # the hold's reason ("" none) this leader last published; None: not yet
+    _versions: collections.deque[int] = field(default_factory=collections.deque)  # the pass's assignment versions not yet sent
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease)
@@ -404,8 +406,7 @@ class Reconciler:
         # previous snapshot, rows on sites that snapshot did not know read "SiteGone". Set
         # before the rows are written: `get placements` reads the rows, then takes this.
         self.last_snapshot = snapshot
-        for action in plan.actions:
-            await self.execute(action)
+        await self._execute_all(plan.actions)
         self.last_plan = plan
         # While replicas are on their way up, look again soon rather than at the next resync.
         self.converging = any(
@@ -430,8 +431,7 @@ class Reconciler:
             awaited = self._awaited(desired.sites, placements, agents) | hold.awaited_unread(desired.unreadable, placements, agents)
         else:
             awaited = frozenset()
-        for action in hold.actions(desired, self.table.all_endpoints(), agents, awaited):
-            await self.execute(action)
+        await self._execute_all(hold.actions(desired, self.table.all_endpoints(), agents, awaited))
         self.converging = False
         await self._pass_ended()
 
@@ -440,15 +440,31 @@ class Reconciler:
             self.passes += 1
             self._pass_done.notify_all()
 
+    async def _execute_all(self, actions: Sequence[act.Action]) -> None:
+        """``actions`` in order. The pass's assignment versions are taken from the store in one
+        block, under the lease, when its first set is sent (after the placement is written):
+        one transaction per pass, not one per site. The block is below any version a later
+        leader takes, so a deposed leader that resumes mid-pass still cannot push a set that
+        agents would take for newer than the new leader's; one deposed before it took the
+        block gets none (:class:`~orchestrator.store.values.Fenced`). What a failed pass
+        leaves of its block is dropped."""
+        try:
+            for i, action in enumerate(actions):
+                if isinstance(action, act.PushAssignments) and not self._versions:
+                    count = sum(isinstance(a, act.PushAssignments) for a in actions[i:])
+                    self._versions.extend(await self.store.run(self.store.next_sequences, "assignments", count, lease=self.lease))
+                await self.execute(action)
+        finally:
+            self._versions.clear()
+
     async def execute(self, action: act.Action) -> None:
         match action:
             case act.RecordPlacement(rows, events):
                 await self.store.run(self.store.replace_placements, rows, events, lease=self.lease)
             case act.PushAssignments(site, assignments):
-                # The version comes from the store under the lease: a deposed leader that resumes
-                # mid-pass gets no version, so it cannot push a stale set that agents would take
-                # for newer than the new leader's.
-                version = await self.store.run(self.store.next_sequence, "assignments", lease=self.lease)
+                # The version comes from the store under the lease (see _execute_all): from the pass's block, else alone.
+                version = (self._versions.popleft() if self._versions
+                           else await self.store.run(self.store.next_sequence, "assignments", lease=self.lease))
                 self.hub.set_assignments(site, list(assignments), version)
             case act.ForgetAgent(site):
                 self.hub.forget_if_lost(site)

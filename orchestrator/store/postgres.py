@@ -264,17 +264,17 @@ class PostgresStore(SqlStore):
         row = db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version' RETURNING value").fetchone()
         return int(row["value"])  # type: ignore[index]
 
-    def next_sequence(self, key: str, lease: Lease | None = None) -> int:
-        """A durable counter that only grows (e.g. assignment versions agents compare); with
-        ``lease``, only while it is held (:class:`Fenced`)."""
+    def next_sequences(self, key: str, count: int, lease: Lease | None = None) -> range:
+        count = max(1, count)
         with self._tx() as db:
             if lease is not None:
                 self._fence(db, lease)
             row = db.execute(
-                "INSERT INTO meta (key, value) VALUES (%s, 1) ON CONFLICT (key) DO UPDATE SET value = meta.value + 1 RETURNING value",
-                (f"seq:{key}",),
+                "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = meta.value + %s RETURNING value",
+                (f"seq:{key}", count, count),
             ).fetchone()
-            return int(row["value"])  # type: ignore[index]
+            last = int(row["value"])  # type: ignore[index]
+        return range(last - count + 1, last + 1)
 
     def _many(self, db: psycopg.Connection[dict[str, Any]], sql: str, rows: Sequence[Sequence[Any]]) -> None:
         with db.cursor() as cur:

@@ -144,6 +144,33 @@ def test_statuses_of_a_pass_are_written_together_skipping_the_gone(store: Store)
     assert store.resource_version() == version  # status is not spec
 
 
+def test_statuses_of_more_objects_than_one_read_takes_are_written_only_where_they_changed(store: Store) -> None:
+    names = [f"s{i}" for i in range(1234)]  # more than one statement reads
+    store.apply([write(n, {"x": 1}) for n in names])
+    assert store.set_statuses([("Site", n, {"health": "Healthy"}) for n in names]) == 1234
+    changed = {"s0", "s499", "s500", "s1233"}  # each side of a batch's edge
+    assert store.set_statuses([("Site", n, {"health": "Lost" if n in changed else "Healthy"}) for n in [*names, "gone"]]) == 1234
+    assert {o.name for o in store.list("Site") if o.status["health"] == "Lost"} == changed
+
+
+def test_set_statuses_reads_the_current_statuses_a_batch_at_a_time_not_one_object_each(tmp_path: pathlib.Path) -> None:
+    def selects(n: int) -> int:
+        store = store_mod.Store(tmp_path / f"state-{n}.db")
+        try:
+            store.apply([write(f"s{i}", {"x": 1}) for i in range(n)])
+            statuses = [("Site", f"s{i}", {"health": "Healthy"}) for i in range(n)]
+            store.set_statuses(statuses)
+            seen: list[str] = []
+            store._db.set_trace_callback(seen.append)
+            store.set_statuses(statuses)  # a usual pass: nothing changed
+            store._db.set_trace_callback(None)
+            return sum(1 for statement in seen if statement.lstrip().upper().startswith("SELECT"))
+        finally:
+            store.close()
+
+    assert selects(400) == selects(10)
+
+
 def test_a_dry_run_says_what_apply_would_do_and_leaves_no_trace(store: Store) -> None:
     store.apply([write("a", {"x": 1}), write("b", {"x": 2})])
     version, before = store.resource_version(), [(o.name, dict(o.spec), o.generation) for o in store.list("Site")]
@@ -774,8 +801,11 @@ def test_a_bootstrap_token_made_by_an_earlier_release_after_a_revocation_rejoins
 def test_sequences_only_grow_and_survive_reopen(reopen: Callable[..., Store]) -> None:
     s = reopen()
     assert [s.next_sequence("a"), s.next_sequence("a"), s.next_sequence("b")] == [1, 2, 1]
+    assert s.next_sequences("a", 3) == range(3, 6)  # a block, taken at once
+    assert s.next_sequence("a") == 6
     s.close()
-    assert reopen().next_sequence("a") == 3
+    assert reopen().next_sequence("a") == 7
+    assert reopen().next_sequences("c", 2) == range(1, 3)
 
 
 def test_concurrent_writers_in_threads_lose_nothing(store: Store) -> None:
@@ -960,6 +990,8 @@ def test_a_lease_that_ran_out_is_taken_over_and_the_old_holders_writes_are_fence
     assert b.next_sequence("assignments", lease=lease_b) == 1
     with pytest.raises(store_mod.Fenced):  # no assignment version for a deposed leader
         a.next_sequence("assignments", lease=lease_a)
+    with pytest.raises(store_mod.Fenced):  # nor a block of them
+        a.next_sequences("assignments", 5, lease=lease_a)
     assert b.next_sequence("assignments", lease=lease_b) == 2
     with pytest.raises(store_mod.Fenced):  # nor its events
         a.record(Event("a", "serve-applied", "Site", "s", "late"), lease=lease_a)
