@@ -222,7 +222,7 @@ def apply_documents(
 
 def delete_object(store: store_mod.Store, kind: str, name: str, *, actor: str, reason: str = "delete") -> store_mod.WriteOutcome:
     def unused() -> None:  # in the delete's transaction, as an apply's check (apply_reading)
-        if kind == "Model" and (users := _users_of(store, name)):
+        if kind == "Model" and (users := _users(store).get(name)):
             raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}; delete those first")
 
     return store.delete(kind, name, store_mod.Event(actor, "delete", kind, name, reason), check=unused)
@@ -249,10 +249,16 @@ def delete_site_abandoning(store: store_mod.Store, name: str, *, actor: str, rea
     return deleted
 
 
-def _users_of(store: store_mod.Store, model: str, going: Iterable[str] = ()) -> list[str]:
-    """The deployments of ``model`` that stay (all but those named in ``going``), sorted."""
+def _users(store: store_mod.Store, going: Iterable[str] = ()) -> dict[str, list[str]]:
+    """The deployments that stay (all but those named in ``going``), sorted, by the model
+    they use: read once for a whole bundle, which may name hundreds of Models, inside the
+    delete's transaction, where every other writer waits."""
     leaving = set(going)
-    return sorted(o.name for o in store.list("ModelDeployment") if o.spec.get("model") == model and o.name not in leaving)
+    out: dict[str, list[str]] = {}
+    for o in store.list("ModelDeployment"):  # sorted by name
+        if isinstance(model := o.spec.get("model"), str) and o.name not in leaving:
+            out.setdefault(model, []).append(o.name)
+    return out
 
 
 #: deletion order within one bundle: dependants first (a deployment before its model)
@@ -267,8 +273,9 @@ def delete_documents(store: store_mod.Store, docs: list[loader.LoadedDocument], 
     targets = sorted(dict.fromkeys((d.kind, d.name) for d in docs), key=lambda t: DELETE_ORDER[t[0]])
     going = {name for kind, name in targets if kind == "ModelDeployment"}
     def unused() -> None:  # in the delete's transaction, as an apply's check (apply_reading)
+        users_of = _users(store, going) if any(kind == "Model" for kind, _ in targets) else {}
         for kind, name in targets:
-            if kind == "Model" and (users := _users_of(store, name, going)):
+            if kind == "Model" and (users := users_of.get(name)):
                 raise InUse(f"Model {name!r} is used by ModelDeployment {', '.join(users)}, which the bundle does not delete; "
                             "nothing was deleted")
 

@@ -42,10 +42,13 @@ def check_references(
             issues.extend(_check_deployment(_at(d), d.doc.spec, models, known))
     brought = {d.name for d in incoming if isinstance(d.doc, schema.ModelDeploymentDoc)}
     brought |= {name for kind, name in refused if kind == "ModelDeployment"}
-    staying = {name: spec for name, spec in (stored_deployments or {}).items() if name not in brought}
+    users: dict[str, list[tuple[str, schema.ModelDeploymentSpec]]] = {}  # the stored deployments that stay, by model
+    for name, spec in sorted((stored_deployments or {}).items()):
+        if name not in brought:
+            users.setdefault(spec.model, []).append((name, spec))
     for d in incoming:
         if isinstance(d.doc, schema.ModelDoc):
-            issues.extend(_check_users(d, staying, stored_models, models, known))
+            issues.extend(_check_users(d, users.get(d.name, ()), stored_models, models, known))
     return issues
 
 
@@ -57,16 +60,15 @@ def _at(d: LoadedDocument) -> Callable[[Path, str], ManifestIssue]:
     return issue
 
 
-def _check_users(d: LoadedDocument, deployments: Mapping[str, schema.ModelDeploymentSpec],
+def _check_users(d: LoadedDocument, users: Iterable[tuple[str, schema.ModelDeploymentSpec]],
                  before: Mapping[str, schema.ModelSpec], after: Mapping[str, schema.ModelSpec],
                  known: Callable[[], str]) -> list[ManifestIssue]:
-    """What Model ``d`` breaks in the stored ``deployments`` that use it, reported at ``d``:
-    each problem a deployment has with the new Model and had not with the stored one (one
-    it had already is not this Model's to answer for, nor should it block fixing others)."""
+    """What Model ``d`` breaks in the stored deployments that use it (``users``, by name),
+    reported at ``d``: each problem a deployment has with the new Model and had not with the
+    stored one (one it had already is not this Model's to answer for, nor should it block
+    fixing others)."""
     out: list[ManifestIssue] = []
-    for name, spec in sorted(deployments.items()):
-        if spec.model != d.name:
-            continue
+    for name, spec in users:
         found = _for_user(d, name)
         had = {i.message for i in _check_deployment(found, spec, before, known)} if d.name in before else set()
         out.extend(i for i in _check_deployment(found, spec, after, known) if i.message not in had)
