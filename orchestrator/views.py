@@ -95,7 +95,7 @@ def _ms(value: float | None) -> float | None:
 def _replica_gpus(s: snap.Snapshot, deployment: str, variant: str) -> dict[str, Any]:
     """What one replica takes of GPUs: how many, and how much memory on each (a vllm
     variant's from its memory model, see ``scheduler.gpu_memory``)."""
-    record = next((d for d in s.deployments if d.name == deployment), None)
+    record = s.deployment_by_name.get(deployment)
     model = s.models.get(record.spec.model) if record is not None else None
     v = next((x for x in model.variants if x.name == variant), None) if model is not None else None
     if v is None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
+import types
+from collections.abc import Callable
 
 import pytest
 
@@ -158,3 +161,33 @@ def test_a_replica_on_a_site_awaited_after_a_restart_is_rejoining_not_without_ag
     (lost,) = views.placements(s, rows)["items"]
     (awaited,) = views.placements(dataclasses.replace(s, rejoining=frozenset({"edge-lyon"})), rows)["items"]
     assert (lost["state"], awaited["state"], awaited["ready"]) == ("NoAgent", "Rejoining", 0)
+
+
+def _lines_run_previewing(deployments: int) -> int:
+    """The lines of :mod:`orchestrator.views` run to preview a fleet of ``deployments``
+    deployments with one replica each, none of them changed."""
+    docs = loader.load_text(support.join(
+        support.doc("Site", "edge-0", {"tier": "edge", "location": {"country": "FR", "lat": 48.0, "lon": 2.0}}),
+        support.doc("Model", "m", {"variants": [{"name": "v", "runtime": "onnx", "artifact": {"uri": "v.onnx", "sha256": "0" * 64},
+                                                 "resources": {"cpu": 0.1, "memoryMiB": 64}}]}),
+        *(support.doc("ModelDeployment", f"d{i:04d}", {"model": "m", "replicas": {"min": 1, "max": 1}}) for i in range(deployments))))
+    s = dataclasses.replace(example_snapshot(docs), placements=tuple(
+        store_mod.PlacementRow(f"d{i:04d}", "edge-0", "v", 1) for i in range(deployments)))
+    count = 0
+
+    def line(frame: types.FrameType, event: str, arg: object) -> Callable[..., object]:
+        nonlocal count
+        count += event == "line"
+        return line
+
+    sys.settrace(lambda frame, event, arg: line if frame.f_code.co_filename == views.__file__ else None)
+    try:
+        assert len(views.preview(s, [])["changes"]) == deployments
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def test_a_preview_finds_each_placement_rows_deployment_without_scanning_them_all() -> None:
+    few, many = _lines_run_previewing(20), _lines_run_previewing(200)
+    assert many <= 12 * few  # ten times the rows and deployments: about ten times the work, not a hundred
