@@ -129,7 +129,9 @@ def rule_of(escalation: cascade_schema.Escalation | None) -> Rule | None:
 
 def route_of(deployment: str, spec: schema.ModelDeploymentSpec, watts: Mapping[str, float],
              energy: Mapping[str, SiteEnergy]) -> CascadeRoute | None:
-    """The gateway's view of a deployment's cascade (None without one); ``watts`` by variant."""
+    """The gateway's view of a deployment's cascade (None without one); ``watts`` by variant.
+    ``energy`` is kept as given, not copied: the routes of a pass share the fleet's one map,
+    which the table document carries once (:func:`orchestrator.gateway.wire.fleet_energy`)."""
     if spec.cascade is None or not isinstance(spec.variant, dict):
         return None
     stages = []
@@ -139,7 +141,7 @@ def route_of(deployment: str, spec: schema.ModelDeploymentSpec, watts: Mapping[s
         stages.append(StageRoute(stage.variant, tiers, rule_of(stage.escalate), max_inflight, watts.get(stage.variant, 0.0)))
     c = spec.cascade.capture
     policy = CapturePolicy(c.sampleRate, c.dailyCap, c.retentionDays * DAY_S, tuple(c.zones)) if c is not None else None
-    return CascadeRoute(spec.model, deployment, tuple(stages), dict(energy), policy)
+    return CascadeRoute(spec.model, deployment, tuple(stages), energy, policy)
 
 
 def parse_mode(header: str | None) -> Mode | None:

@@ -8,13 +8,21 @@ A table document is plain JSON::
      "deployed": {"model": "why it has no endpoint"},
      "cold": ["model scaled to zero"],
      "pending": ["model of a deployment just applied, its replicas being placed"],
-     "cascades": {"model or deployment": {"model": ..., "stages": [...], ...}}}
+     "cascades": {"model or deployment": {"model": ..., "stages": [...], ...}},
+     "energy": {"site": {"carbonGPerKwh": ..., "pue": ...}}}
+
+``energy`` is the fleet's, once for every cascade (each route refers to it): written into
+each route, as releases before did, the document grew as sites × cascades × 2 (each route
+is listed under its model and its deployment), 9 MB at 5,000 sites and 20 cascades. A
+route that carries its own ``energy`` (a document of an earlier release) keeps it; a
+gateway of an earlier release reading this document ignores the top-level key and counts
+cascade energy at PUE 1 and 0 gCO2 until it is upgraded (it routes the same).
 
 The watch (``GET /v1/endpoints?watch=1``, :mod:`orchestrator.api.watch`) sends it as
 newline-delimited events: ``{"type": "snapshot", "epoch": ..., "version": ..., "table": {...}}``
 first, then after every change ``{"type": "delta", "epoch": ..., "version": v, "base": v - 1,
 "upsert": [...], "remove": [[model, deployment, site, url], ...]}`` (plus ``regions``,
-``deployed``, ``cold``, ``pending``, ``cascades`` whole when they changed), and ``{"type": "heartbeat",
+``deployed``, ``cold``, ``pending``, ``cascades`` and ``energy`` whole when they changed), and ``{"type": "heartbeat",
 ...}`` in between.
 """
 
@@ -80,21 +88,42 @@ def _rule_from_json(d: Mapping[str, Any] | None) -> rules.Rule | None:
 
 
 def cascade_to_json(route: rules.CascadeRoute) -> dict[str, Any]:
+    """A route without its sites' energy: the document carries the fleet's once (:func:`fleet_energy`)."""
     c = route.capture
     return {
         "model": route.model, "deployment": route.deployment,
         "stages": [{"variant": s.variant, "tiers": sorted(s.tiers), "rule": _rule_to_json(s.rule), "maxInflight": s.max_inflight,
                     "watts": s.watts} for s in route.stages],
-        "energy": {site: {"carbonGPerKwh": e.carbon_g_per_kwh, "pue": e.pue} for site, e in route.energy.items()},
         "capture": None if c is None else {"sampleRate": c.sample_rate, "dailyCap": c.daily_cap, "retentionS": c.retention_s,
                                            "zones": list(c.zones)},
     }
 
 
-def cascade_from_json(d: Mapping[str, Any]) -> rules.CascadeRoute:
+def fleet_energy(cascades: Mapping[str, rules.CascadeRoute]) -> dict[str, rules.SiteEnergy]:
+    """Every site's energy the routes know, once: the routes of one pass share one map of the
+    fleet's (:func:`orchestrator.reconciler.planning.cascade_routes`), so it is read once."""
+    out: dict[str, rules.SiteEnergy] = {}
+    seen: set[int] = set()
+    for route in cascades.values():
+        if id(route.energy) not in seen:
+            seen.add(id(route.energy))
+            out.update(route.energy)
+    return out
+
+
+def _energy_to_json(energy: Mapping[str, rules.SiteEnergy]) -> dict[str, Any]:
+    return {site: {"carbonGPerKwh": e.carbon_g_per_kwh, "pue": e.pue} for site, e in sorted(energy.items())}
+
+
+def _energy_from_json(d: Mapping[str, Any]) -> dict[str, rules.SiteEnergy]:
+    return {str(site): rules.SiteEnergy(float(e["carbonGPerKwh"]), float(e.get("pue", 1.0))) for site, e in d.items()}
+
+
+def cascade_from_json(d: Mapping[str, Any], energy: Mapping[str, rules.SiteEnergy] | None = None) -> rules.CascadeRoute:
+    """``energy``: the document's fleet-wide map, which the route refers to unless it carries its own."""
     stages = tuple(rules.StageRoute(str(s["variant"]), frozenset(s["tiers"]), _rule_from_json(s.get("rule")),
                                     s.get("maxInflight"), float(s.get("watts", 0.0))) for s in d["stages"])
-    energy = {str(site): rules.SiteEnergy(float(e["carbonGPerKwh"]), float(e.get("pue", 1.0))) for site, e in d.get("energy", {}).items()}
+    energy = _energy_from_json(d["energy"]) if "energy" in d else energy if energy is not None else {}
     c = d.get("capture")
     capture = None if c is None else capture_mod.CapturePolicy(float(c["sampleRate"]), int(c["dailyCap"]), float(c["retentionS"]), tuple(c["zones"]))
     return rules.CascadeRoute(str(d["model"]), str(d["deployment"]), stages, energy, capture)
@@ -126,6 +155,7 @@ def contents_to_json(c: TableContents) -> dict[str, Any]:
         "cold": sorted(c.cold),
         "pending": sorted(c.pending),
         "cascades": {name: cascade_to_json(route) for name, route in sorted(c.cascades.items())},
+        "energy": _energy_to_json(fleet_energy(c.cascades)),
     }
 
 
@@ -137,11 +167,15 @@ def contents_from_json(doc: Mapping[str, Any]) -> TableContents:
             routing.RegionIndex({str(r): (float(c[0]), float(c[1])) for r, c in doc.get("regions", {}).items()}),
             {str(m): str(why) for m, why in doc.get("deployed", {}).items()},
             frozenset(str(m) for m in doc.get("cold", ())),
-            {str(name): cascade_from_json(route) for name, route in doc.get("cascades", {}).items()},
+            _cascades_from_json(doc.get("cascades", {}), _energy_from_json(doc.get("energy", {}))),
             frozenset(str(m) for m in doc.get("pending", ())),
         )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise WireError(f"not an endpoint table: {type(exc).__name__}: {exc}") from None
+
+
+def _cascades_from_json(d: Mapping[str, Any], energy: Mapping[str, rules.SiteEnergy]) -> dict[str, rules.CascadeRoute]:
+    return {str(name): cascade_from_json(route, energy) for name, route in d.items()}
 
 
 endpoint_key = endpoints_mod.listing_order  # what names one endpoint across versions: a delta replaces or removes by it
@@ -164,8 +198,8 @@ def delta_to_json(old: TableContents, new: TableContents) -> dict[str, Any]:
         doc["deployed"] = whole["deployed"]
     if new.cold != old.cold:
         doc["cold"] = whole["cold"]
-    if new.cascades != old.cascades:
-        doc["cascades"] = whole["cascades"]
+    if new.cascades != old.cascades:  # a site's energy is in its routes: both go together
+        doc["cascades"], doc["energy"] = whole["cascades"], whole["energy"]
     if new.pending != old.pending:
         doc["pending"] = whole["pending"]
     return doc
@@ -177,7 +211,8 @@ def apply_delta(old: TableContents, doc: Mapping[str, Any]) -> TableContents:
         removed = {(str(k[0]), str(k[1]), str(k[2]), str(k[3])) for k in doc["remove"]}
         upserts = {endpoint_key(e): e for e in (endpoint_from_json(d) for d in doc["upsert"])}
         kept = [upserts.pop(endpoint_key(e), e) for e in old.endpoints if endpoint_key(e) not in removed]
-        rest = contents_from_json({"endpoints": [], **{k: doc[k] for k in ("regions", "deployed", "cold", "cascades", "pending") if k in doc}})
+        rest = contents_from_json({"endpoints": [], **{k: doc[k] for k in ("regions", "deployed", "cold", "cascades", "pending", "energy")
+                                                       if k in doc}})
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise WireError(f"not an endpoint-table delta: {type(exc).__name__}: {exc}") from None
     endpoints = sorted([*kept, *upserts.values()], key=endpoint_key)  # the table's own order
