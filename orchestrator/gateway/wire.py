@@ -28,6 +28,8 @@ first, then after every change ``{"type": "delta", "epoch": ..., "version": v, "
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -139,6 +141,17 @@ class TableContents:
     cold: frozenset[str]
     cascades: Mapping[str, rules.CascadeRoute]
     pending: frozenset[str] = frozenset()
+
+
+def only_load_changed(old: TableContents, new: TableContents) -> bool:
+    """Whether ``new`` differs from ``old`` in endpoints' in-flight counts alone (the agents'
+    load, which moves at nearly every heartbeat of a busy fleet). Only the endpoints that
+    differ are compared field by field."""
+    if (old.regions, old.deployed, old.cold, old.cascades, old.pending) != (new.regions, new.deployed, new.cold, new.cascades, new.pending):
+        return False
+    if len(old.endpoints) != len(new.endpoints):
+        return False
+    return all(a == b or dataclasses.replace(a, inflight=b.inflight) == b for a, b in zip(old.endpoints, new.endpoints, strict=True))
 
 
 def contents_of(table: endpoints_mod.EndpointTable) -> TableContents:

@@ -43,6 +43,7 @@ class Reconciler:
     table: endpoints_mod.EndpointTable
     clock: Callable[[], float] = time.monotonic
     resync_s: float = 5.0
+    load_publish_s: float = 15.0  # a table whose only change is agents' load goes to the store at most this often
     passes: int = 0
     last_plan: planning.PassPlan | None = None
     last_snapshot: snap.Snapshot | None = None
@@ -62,6 +63,7 @@ class Reconciler:
     _publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
     _publishes: set[asyncio.Task[None]] = field(default_factory=set)
     _published: wire.TableContents | None = None  # what the last publish wrote
+    _published_at: float = 0.0  # when (this reconciler's clock)
     _hold_published: str | None = None  # the hold's reason ("" none) this leader last published; None: not yet
     _versions: collections.deque[int] = field(default_factory=collections.deque)  # the pass's assignment versions not yet sent
 
@@ -496,11 +498,22 @@ class Reconciler:
         25 ms that the gateway on this loop must not wait behind, nor the store's callers
         behind it on the store's few threads) and written on the store's, one at a time and
         the latest at each turn, so that an older table never lands after a newer one. A
-        failed write is tried again at the next change or pass."""
+        failed write is tried again at the next change or pass.
+
+        A table whose only change is agents' in-flight counts is written at most every
+        ``load_publish_s``: some agent's count moves between nearly any two passes of a busy
+        fleet, and each write is the whole document (2.8 MB at 10,000 endpoints), which
+        every follower then reads whole. Any other change is written at once, with the
+        load as it is then. This replica's gateway routes with the load of each pass, and
+        the watch sends standalone gateways each change as a delta; followers' gateways
+        route with load up to that old, beside their own in-flight counts."""
         async with self._publishing:
             contents = wire.contents_of(self.table)
             if contents == self._published:
                 return
+            if (self._published is not None and self.clock() - self._published_at < self.load_publish_s
+                    and wire.only_load_changed(self._published, contents)):
+                return  # a later pass writes it (one runs at least every resync_s)
             text = await asyncio.to_thread(wire.contents_to_text, contents)
             try:
                 await self.store.run(lambda: self.store.publish(wire.PUBLISHED_KEY, text, lease=self.lease))  # the lease held when it runs
@@ -510,4 +523,4 @@ class Reconciler:
             except store_mod.StoreError as exc:
                 log.warning("endpoint table not published: %s", exc)
                 return
-            self._published = contents
+            self._published, self._published_at = contents, self.clock()
