@@ -36,7 +36,7 @@ from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
-from orchestrator.agents import relay, relay_leader
+from orchestrator.agents import backlog, relay, relay_leader
 from orchestrator.agents import service as agent_service
 from orchestrator.api import app as api_app
 from orchestrator.api import artifacts as artifacts_api
@@ -112,7 +112,7 @@ class ControlPlane:
     _leader_published: int | None = None  # the fencing token under which this replica's relay address was published
     _reads: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # the store reads in flight that callers share, by name
     _change_feed: Any = None  # shared database only: tells of other replicas' writes as they commit
-    _agent_events: asyncio.Queue[agent_model.AgentEvent] = field(default_factory=asyncio.Queue)  # to log, in order
+    _agent_events: backlog.EventBacklog = field(default_factory=backlog.EventBacklog)  # to log, in order
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -467,9 +467,8 @@ class ControlPlane:
     def _agent_event(self, event: agent_model.AgentEvent) -> None:
         """The replica an agent is connected to logs its joins, losses and recoveries (once,
         whether or not it leads); the leader plans with every agent, relayed ones too."""
-        if event.status.via is None and event.kind in LOGGED_AGENT_EVENTS:
-            self._agent_events.put_nowait(event)  # the pass it triggers comes once it is logged
-        else:
+        logged = event.status.via is None and event.kind in LOGGED_AGENT_EVENTS
+        if not (logged and self._agent_events.put(event)):  # when kept, the pass it triggers comes once it is logged
             self._trigger_for(event)
 
     def _trigger_for(self, event: agent_model.AgentEvent) -> None:
@@ -490,6 +489,9 @@ class ControlPlane:
             except Exception:  # not the store's: a fault here, with its traceback
                 log.exception("logging that agent %s of site %s %s failed", event.agent_id, event.site, event.kind.value.lower())
             self._trigger_for(event)
+            if not self._agent_events.qsize() and (dropped := self._agent_events.take_dropped()):
+                log.warning("%d agent losses and recoveries were not logged: more than %d waited on the store", dropped,
+                            self._agent_events.limit)
 
     def _log_agent_event(self, event: agent_model.AgentEvent) -> None:
         kind = event.kind
