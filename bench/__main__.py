@@ -33,6 +33,7 @@ BENCHMARKS = (
     "cascade_genai",
     "simulate",
     "manifest_read",
+    "control_plane_scale",
     "vllm_gpu",
     "distill",
     "failover",
