@@ -1,7 +1,12 @@
 """How the long-running commands (``edgeplane serve``, ``edgeplane gateway``) run: their event
 loop on uvloop when it is installed (it is, with uvicorn[standard] and Ray; a gateway's
 per-request cost is mostly event-loop overhead), until SIGINT or SIGTERM, and their HTTP
-server."""
+server.
+
+A stop signal stops them cleanly whenever it comes, as it does the agent (``edge_agent.main``):
+its handlers are in place before the service starts and before its first line of output, so
+a supervisor or a script that stops it as soon as it reads the banner gets a clean stop; one
+that comes during start-up stops the service once it has started."""
 
 from __future__ import annotations
 
@@ -10,10 +15,22 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Protocol, TypeVar
 
 import uvicorn
+
+log = logging.getLogger(__name__)
+
+#: What stops ``serve`` and the gateway (cleanly, exit code 0), whenever it comes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Service(Protocol):
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Service)
 
 #: Idle keep-alive connections are kept this long (uvicorn's default is 5 s). Clients keep
 #: theirs for 5 s too (httpx), so with equal limits a request sent on a pooled connection
@@ -30,14 +47,23 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
         return runner.run(main)
 
 
-async def until_signalled() -> None:
-    """Return at the first SIGINT or SIGTERM, then say so."""
+async def serve(start: Callable[[], Awaitable[S]], banner: Callable[[S], Iterable[str]], early: list[int]) -> None:
+    """Start the service, print its banner, run it until a stop signal, stop it. ``early``:
+    stop signals that came before the event loop took them over."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    if early:
+        log.info("stopped (%s came before it started)", signal.Signals(early[0]).name)
+        return
+    service = await start()
+    if not stop.is_set():  # else the banner would announce a service about to stop
+        for line in banner(service):
+            print(line, flush=True)
     await stop.wait()
     print("stopping...", flush=True)
+    await service.stop()
 
 
 class _HeadWithFirstBody:
@@ -154,13 +180,17 @@ def http_server(app: Any) -> uvicorn.Server:
     return server
 
 
-def main(log_level: str, start: Callable[[], Coroutine[Any, Any, Any]], config_errors: tuple[type[Exception], ...]) -> int:
-    """Run ``start()`` until a signal; a configuration error is one line and exit code 2, an
-    address that cannot be bound (an ``OSError`` naming it) one line and exit code 1."""
+def main(log_level: str, start: Callable[[], Awaitable[S]], banner: Callable[[S], Iterable[str]],
+         config_errors: tuple[type[Exception], ...]) -> int:
+    """Run ``start()``'s service until a signal; a configuration error is one line and exit
+    code 2, an address that cannot be bound (an ``OSError`` naming it) one line and exit code 1."""
+    early: list[int] = []  # until serve() hands them to the event loop: kept, so that the service stops as it would later
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        run(start())
+        run(serve(start, banner, early))
     except config_errors as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

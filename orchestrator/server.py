@@ -594,23 +594,23 @@ class ControlPlane:
         return {}
 
 
-async def serve_forever(config: server_config.ServerConfig) -> None:
-    cp = await ControlPlane(config).start()
-    print(f"edgeplane control plane: API/gateway {cp.http_url}  agents {cp.agent_target}  state {cp.store.path}", flush=True)
+def banner(cp: ControlPlane) -> list[str]:
+    """What ``edgeplane serve`` prints once it serves (its first line is what scripts wait for)."""
+    lines = [f"edgeplane control plane: API/gateway {cp.http_url}  agents {cp.agent_target}  state {cp.store.path}"]
     if cp.ca_file is not None:
-        print(f"agents: mutual TLS; first joins on {cp.agent_join_target}; give agents --ca-file {cp.ca_file}", flush=True)
+        lines.append(f"agents: mutual TLS; first joins on {cp.agent_join_target}; give agents --ca-file {cp.ca_file}")
     else:
-        print("agents: PLAINTEXT gRPC (--insecure-agents); agents need --insecure", flush=True)
+        lines.append("agents: PLAINTEXT gRPC (--insecure-agents); agents need --insecure")
     if cp.elector is not None:
-        print(f"replica {cp.replica_id}: shared store; the holder of the leader lease ({config.leader_lease_s:g}s) reconciles", flush=True)
+        lines.append(f"replica {cp.replica_id}: shared store; the holder of the leader lease ({cp.config.leader_lease_s:g}s) reconciles")
     if cp.admin_token:
-        print(f"initial admin token written to {config.data_dir / 'admin.token'}", flush=True)
-    await runloop.until_signalled()
-    await cp.stop()
+        lines.append(f"initial admin token written to {cp.config.data_dir / 'admin.token'}")
+    return lines
 
 
 def main(args: argparse.Namespace) -> int:
-    return runloop.main(args.log_level, lambda: serve_forever(server_config.config_from_args(args)), (server_config.ConfigError,))
+    return runloop.main(args.log_level, lambda: ControlPlane(server_config.config_from_args(args)).start(), banner,
+                        (server_config.ConfigError,))
 
 
 def _placement_key(row: store_mod.PlacementRow) -> tuple[str, str, str]:

@@ -204,14 +204,9 @@ def config_from_args(args: argparse.Namespace, token: str | None) -> GatewayConf
     )
 
 
-async def serve_forever(config: GatewayConfig) -> None:
-    gw = await StandaloneGateway(config).start()
-    print(f"edgeplane gateway following {', '.join(config.control_planes)}: serving {gw.http_url}", flush=True)
-    await runloop.until_signalled()
-    await gw.stop()
+def banner(gw: StandaloneGateway) -> list[str]:
+    return [f"edgeplane gateway following {', '.join(gw.config.control_planes)}: serving {gw.http_url}"]
 
 
 def main(args: argparse.Namespace, token: str | None) -> int:
-    return runloop.main(args.log_level, lambda: serve_forever(config_from_args(args, token)), (ConfigError,))
-
-
+    return runloop.main(args.log_level, lambda: StandaloneGateway(config_from_args(args, token)).start(), banner, (ConfigError,))

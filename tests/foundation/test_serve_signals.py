@@ -1,0 +1,101 @@
+"""How ``edgeplane serve`` and ``edgeplane gateway`` end: a stop signal stops them cleanly
+(``stopping...``, exit code 0) whenever it comes, as it does the agent
+(``tests/agent/test_agent_signals.py``). Real processes, found from outside: their banner on
+a pipe, a file their start-up writes. No Ray (no data-centre Site)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from . import support
+
+Command = Callable[[pathlib.Path], tuple[list[str], bytes]]
+
+
+def serve(tmp: pathlib.Path) -> tuple[list[str], bytes]:
+    return ([str(support.EDGEPLANE), "serve", "--data-dir", str(tmp / "cp"), "--port", str(support.free_port()),
+             "--agent-port", str(support.free_port()), "--agent-join-port", str(support.free_port()), "--log-level", "info"],
+            b"edgeplane control plane:")
+
+
+def gateway(tmp: pathlib.Path) -> tuple[list[str], bytes]:
+    return ([str(support.EDGEPLANE), "gateway", "--control-plane", f"http://127.0.0.1:{support.closed_port()}",
+             "--host", "127.0.0.1", "--port", "0", "--log-level", "info"], b"serving http://")
+
+
+def launch(args: list[str], tmp: pathlib.Path) -> subprocess.Popen[bytes]:
+    """Its stdout on a pipe (read with :func:`read_until`), its log in ``tmp/log``."""
+    with (tmp / "log").open("wb") as log:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=support.clean_env(),
+                                cwd=support.REPO, start_new_session=True)
+
+
+def read_until(proc: subprocess.Popen[bytes], needle: bytes, tmp: pathlib.Path, timeout: float = 30.0) -> bytes:
+    assert proc.stdout is not None
+    seen, deadline = b"", time.monotonic() + timeout
+    while needle not in seen:
+        assert time.monotonic() < deadline and proc.poll() is None, f"{seen!r}\n{(tmp / 'log').read_text(errors='replace')}"
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, f"stdout ended: {seen!r}\n{(tmp / 'log').read_text(errors='replace')}"
+        seen += chunk
+    return seen
+
+
+def finish(proc: subprocess.Popen[bytes], tmp: pathlib.Path, timeout: float = 30.0) -> tuple[int, str, str]:
+    """Its exit code, the rest of its stdout and its log."""
+    out = proc.stdout.read() if proc.stdout is not None and not proc.stdout.closed else b""
+    code = proc.wait(timeout)
+    return code, out.decode(errors="replace"), (tmp / "log").read_text(errors="replace")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def assert_stopped_cleanly(code: int, out: str, log: str) -> None:
+    assert code == 0, f"exit code {code}:\n{out}\n{log[-2000:]}"
+    assert "stopping..." in out, out
+    assert "Traceback" not in log, log[-2000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("command", [serve, gateway], ids=["serve", "gateway"])
+def test_stopped_as_soon_as_it_prints_its_banner_it_stops_cleanly(
+        tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]], command: Command, sig: signal.Signals) -> None:
+    args, banner = command(tmp_path)
+    proc = launch(args, tmp_path)
+    processes.append(proc)
+    read_until(proc, banner, tmp_path)
+    proc.send_signal(sig)
+    assert_stopped_cleanly(*finish(proc, tmp_path))
+
+
+def test_a_sigterm_during_start_up_stops_serve_cleanly_once_started(
+        tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    args, _ = serve(tmp_path)
+    proc = launch(args, tmp_path)
+    processes.append(proc)
+    ca = tmp_path / "cp" / "ca" / "ca.crt"  # made by the start, before it serves
+    deadline = time.monotonic() + 30
+    while not ca.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text(errors="replace")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    code, out, log = finish(proc, tmp_path)
+    assert_stopped_cleanly(code, out, log)
+    assert "edgeplane control plane:" not in out  # no banner for a service that is stopping
