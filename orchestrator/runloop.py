@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -58,12 +59,28 @@ async def serve(start: Callable[[], Awaitable[S]], banner: Callable[[S], Iterabl
         log.info("stopped (%s came before it started)", signal.Signals(early[0]).name)
         return
     service = await start()
-    if not stop.is_set():  # else the banner would announce a service about to stop
-        for line in banner(service):
-            print(line, flush=True)
-    await stop.wait()
-    print("stopping...", flush=True)
-    await service.stop()
+    try:
+        if not stop.is_set():  # else the banner would announce a service about to stop
+            for line in banner(service):
+                say(line)
+        await stop.wait()
+        say("stopping...")
+    finally:
+        await service.stop()
+
+
+def say(line: str) -> None:
+    """``line`` on stdout, for whoever reads it. The reader may be gone (``serve | tee`` stopped
+    with Ctrl-C, a supervisor's log pipe closed): what the process does never depends on its
+    output, so the line is dropped, and so is what follows: stdout then goes to /dev/null, as
+    Python's documentation advises for a broken pipe (the flush at exit would fail again)."""
+    try:
+        print(line, flush=True)
+    except (OSError, ValueError):  # EPIPE, EIO from a hung-up terminal; ValueError: stdout closed
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 class _HeadWithFirstBody:

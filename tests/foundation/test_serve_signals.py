@@ -5,9 +5,11 @@ a pipe, a file their start-up writes. No Ray (no data-centre Site)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -99,3 +101,59 @@ def test_a_sigterm_during_start_up_stops_serve_cleanly_once_started(
     code, out, log = finish(proc, tmp_path)
     assert_stopped_cleanly(code, out, log)
     assert "edgeplane control plane:" not in out  # no banner for a service that is stopping
+
+
+SITE = b"""apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {name: s1}
+spec:
+  tier: edge
+  location: {country: FR, region: eu-west, lat: 45.7, lon: 4.8}
+  capacity: {cpu: 8, memoryGiB: 32}
+  energy: {carbonGramsPerKWh: 56}
+"""
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    answer = b""
+    with contextlib.suppress(OSError):  # a reset: the request was cut
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_serve_whose_stdout_reader_is_gone_still_drains_and_exits_0(
+        tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """``edgeplane serve | tee cp.log`` stopped with Ctrl-C: tee is gone before serve says ``stopping...``."""
+    args, banner = serve(tmp_path)
+    port = int(args[args.index("--port") + 1])
+    proc = launch(args, tmp_path)
+    processes.append(proc)
+    read_until(proc, banner, tmp_path)
+    token = (tmp_path / "cp" / "admin.token").read_text().strip().encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # an apply in flight, half its body sent
+        sock.sendall(b"POST /v1/apply HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer " + token
+                     + b"\r\ncontent-type: application/yaml\r\ncontent-length: %d\r\n\r\n" % len(SITE) + SITE[:40])
+        assert proc.stdout is not None
+        proc.stdout.close()
+        proc.send_signal(signal.SIGTERM)
+        sock.sendall(SITE[40:])
+        answer = read_answer(sock)
+    code, _, log = finish(proc, tmp_path)
+    assert answer.startswith(b"HTTP/1.1 200"), f"{answer!r}\n{log[-2000:]}"
+    assert code == 0, log[-2000:]
+    assert "Broken pipe" not in log and "Traceback" not in log, log[-2000:]
+
+
+def test_a_gateway_whose_stdout_reader_is_gone_exits_0(tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    args, banner = gateway(tmp_path)
+    proc = launch(args, tmp_path)
+    processes.append(proc)
+    read_until(proc, banner, tmp_path)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    proc.send_signal(signal.SIGTERM)
+    code, _, log = finish(proc, tmp_path)
+    assert code == 0, log[-2000:]
+    assert "Broken pipe" not in log and "Traceback" not in log, log[-2000:]
