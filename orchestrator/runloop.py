@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 #: What stops ``serve`` and the gateway (cleanly, exit code 0), whenever it comes.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: What a SIGHUP (logrotate's habit, a closed terminal or ssh session) does: nothing but say
+#: so, as the agent does. Its default action would end the process without a stop. There is
+#: nothing to re-read: the log goes to stderr, for whoever collects it to rotate.
+HANGUP = "SIGHUP: nothing to reload (the log goes to stderr); still serving"
 
 
 class Service(Protocol):
@@ -55,6 +59,7 @@ async def serve(start: Callable[[], Awaitable[S]], banner: Callable[[S], Iterabl
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, log.info, HANGUP)
     if early:
         log.info("stopped (%s came before it started)", signal.Signals(early[0]).name)
         return
@@ -204,6 +209,8 @@ def main(log_level: str, start: Callable[[], Awaitable[S]], banner: Callable[[S]
     early: list[int] = []  # until serve() hands them to the event loop: kept, so that the service stops as it would later
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, _frame: early.append(signum))
+    # Not SIG_IGN, which the processes it starts (an embedded Ray) would inherit through exec.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: None)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

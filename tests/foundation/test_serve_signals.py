@@ -157,3 +157,20 @@ def test_a_gateway_whose_stdout_reader_is_gone_exits_0(tmp_path: pathlib.Path, p
     code, _, log = finish(proc, tmp_path)
     assert code == 0, log[-2000:]
     assert "Broken pipe" not in log and "Traceback" not in log, log[-2000:]
+
+
+@pytest.mark.parametrize("command", [serve, gateway], ids=["serve", "gateway"])
+def test_a_sighup_leaves_it_serving_and_says_so(
+        tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]], command: Command) -> None:
+    """logrotate's ``postrotate kill -HUP``, a closed terminal: nothing to reload, and no reason to stop."""
+    args, banner = command(tmp_path)
+    proc = launch(args, tmp_path)
+    processes.append(proc)
+    read_until(proc, banner, tmp_path)
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "SIGHUP: nothing to reload" not in (tmp_path / "log").read_text(errors="replace"):
+        assert proc.poll() is None and time.monotonic() < deadline, f"exit code {proc.poll()}"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert_stopped_cleanly(*finish(proc, tmp_path))
