@@ -6,7 +6,9 @@ server.
 A stop signal stops them cleanly whenever it comes, as it does the agent (``edge_agent.main``):
 its handlers are in place before the service starts and before its first line of output, so
 a supervisor or a script that stops it as soon as it reads the banner gets a clean stop; one
-that comes during start-up stops the service once it has started."""
+that comes during start-up stops the service once it has started. Once stopped, the process
+ends without waiting for worker threads still at work (the agent's way too): the stop is
+bounded, the threads are not."""
 
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import uvicorn
 
 log = logging.getLogger(__name__)
 
-#: What stops ``serve`` and the gateway (cleanly, exit code 0), whenever it comes.
+#: What stops ``serve`` and the gateway (cleanly, exit code 0), whenever it comes. A second
+#: one, while the stop goes on, ends the process at once (exit code 1): the operator insists.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: What a SIGHUP (logrotate's habit, a closed terminal or ssh session) does: nothing but say
 #: so, as the agent does. Its default action would end the process without a stop. There is
@@ -56,9 +59,16 @@ async def serve(start: Callable[[], Awaitable[S]], banner: Callable[[S], Iterabl
     """Start the service, print its banner, run it until a stop signal, stop it. ``early``:
     stop signals that came before the event loop took them over."""
     stop = asyncio.Event()
+
+    def stop_signalled(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("%s again: exiting now, without finishing the stop", sig.name)
+            exit_now(1)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_signalled, sig)
     loop.add_signal_handler(signal.SIGHUP, log.info, HANGUP)
     if early:
         log.info("stopped (%s came before it started)", signal.Signals(early[0]).name)
@@ -72,6 +82,18 @@ async def serve(start: Callable[[], Awaitable[S]], banner: Callable[[S], Iterabl
         say("stopping...")
     finally:
         await service.stop()
+    exit_now(0)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process, its log and stdout flushed. Python's own exit would first wait, with no
+    bound, for every worker thread still at work: a pass hashing a large artifact that the
+    stop cut short, a distillation's training, a store call on a stalled database."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def say(line: str) -> None:

@@ -283,6 +283,7 @@ class ControlPlane:
     async def stop(self) -> None:
         self._started = False
         self.reconciler.stop()
+        self.artifacts.close()  # a pass hashing a large artifact ends now, not when the file is read
         self.publisher.close()  # watching gateways see the stream end now, not at uvicorn's grace timeout
         if self.elector is not None:  # step down first: another replica takes over while this one closes
             for t in (self._election, self._reconciling):

@@ -41,9 +41,17 @@ class ArtifactChanged(ArtifactError):
     """The files checked for a digest have changed (or gone) since: none can be served under it."""
 
 
-def sha256_stream(fh: BinaryIO) -> str:
+class CatalogClosed(Exception):
+    """The catalog was closed (the control plane stops) while a file was hashed: the check ends
+    unfinished. Not an :class:`ArtifactError`: nothing is wrong with the artifact."""
+
+
+def sha256_stream(fh: BinaryIO, closed: threading.Event | None = None) -> str:
+    """``closed``: set, the hash ends at the next chunk (:class:`CatalogClosed`)."""
     h = hashlib.sha256()
     for chunk in iter(lambda: fh.read(CHUNK), b""):
+        if closed is not None and closed.is_set():
+            raise CatalogClosed("the artifact catalog was closed while a file was hashed")
         h.update(chunk)
     return h.hexdigest()
 
@@ -90,6 +98,13 @@ class ArtifactCatalog:
     #: the reconciler's and the API's worker threads, read by the route on the event loop.
     _checked: dict[str, dict[pathlib.Path, FileIdentity]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Set by :meth:`close`. A hash in progress (of a large artifact, minutes of reading)
+    #: ends at its next chunk: the control plane's stop is not to wait for it.
+    _closed: threading.Event = field(default_factory=threading.Event)
+
+    def close(self) -> None:
+        """End the checks in progress, and refuse those to come, with :class:`CatalogClosed`."""
+        self._closed.set()
 
     def local_path(self, uri: str) -> pathlib.Path | None:
         """The file behind a local URI, or None for remote URIs. Raises outside the roots."""
@@ -150,7 +165,7 @@ class ArtifactCatalog:
             with fh:
                 if self._identity(sha256, path) == identity:
                     return
-                actual = sha256_stream(fh)
+                actual = sha256_stream(fh, self._closed)
                 after = FileIdentity.of(os.fstat(fh.fileno()))
             if actual != sha256:
                 raise ArtifactError(f"has sha256 {actual}, the Model says {sha256}")

@@ -142,6 +142,8 @@ class Reconciler:
                 backoff = Backoff()
             except asyncio.CancelledError:
                 raise
+            except artifacts.CatalogClosed:  # the control plane stops: the pass ends where it is, and writes nothing more
+                return
             except store_mod.Fenced as exc:  # the replica is about to learn it no longer leads
                 backoff.fail(self.clock(), str(exc), base=0.5, cap=5.0)
                 log.warning("reconcile pass not written: %s", exc)

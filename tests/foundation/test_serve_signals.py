@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 
 from . import support
@@ -52,8 +53,8 @@ def read_until(proc: subprocess.Popen[bytes], needle: bytes, tmp: pathlib.Path, 
 
 def finish(proc: subprocess.Popen[bytes], tmp: pathlib.Path, timeout: float = 30.0) -> tuple[int, str, str]:
     """Its exit code, the rest of its stdout and its log."""
-    out = proc.stdout.read() if proc.stdout is not None and not proc.stdout.closed else b""
     code = proc.wait(timeout)
+    out = proc.stdout.read() if proc.stdout is not None and not proc.stdout.closed else b""
     return code, out.decode(errors="replace"), (tmp / "log").read_text(errors="replace")
 
 
@@ -174,3 +175,67 @@ def test_a_sighup_leaves_it_serving_and_says_so(
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     assert_stopped_cleanly(*finish(proc, tmp_path))
+
+
+def test_a_stop_while_a_pass_hashes_a_large_artifact_ends_without_waiting_for_the_hash(
+        tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """A new Model's local artifact is hashed by the reconcile pass: 64 GiB (sparse here) take
+    minutes to read, and the stop does not wait for them."""
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    big = root / "big.onnx"
+    with big.open("wb") as fh:
+        fh.truncate(64 << 30)
+    args, banner = serve(tmp_path)
+    port = int(args[args.index("--port") + 1])
+    proc = launch([*args, "--artifact-root", str(root)], tmp_path)
+    processes.append(proc)
+    read_until(proc, banner, tmp_path)
+    token = (tmp_path / "cp" / "admin.token").read_text().strip()
+    model = ("apiVersion: edgeplane.io/v1alpha1\nkind: Model\nmetadata: {name: big}\nspec:\n  variants:\n"
+             f"  - name: v\n    runtime: onnx\n    artifact: {{uri: big.onnx, sha256: \"{'0' * 64}\"}}\n")
+    applied = httpx.post(f"http://127.0.0.1:{port}/v1/apply", content=model, timeout=30,
+                         headers={"authorization": f"Bearer {token}", "content-type": "application/yaml"})
+    assert applied.status_code == 200, applied.text
+    deadline = time.monotonic() + 30
+    while str(big) not in open_files(proc.pid):  # the pass is reading it
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text(errors="replace")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    code, out, log = finish(proc, tmp_path, timeout=20)
+    assert time.monotonic() - started < 15  # the stop's own bounds: 1 s for agents, 5 s for requests, 10 s for the pass
+    assert_stopped_cleanly(code, out, log)
+    assert "reconcile pass failed" not in log, log[-2000:]
+
+
+def open_files(pid: int) -> set[str]:
+    names = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            names.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return names
+
+
+def test_a_second_stop_signal_ends_a_stop_that_takes_long_at_once(
+        tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """The stop gives a request in flight (here an upload that never ends) up to 5 s; Ctrl-C
+    again while it waits ends the process there and then."""
+    args, banner = serve(tmp_path)
+    port = int(args[args.index("--port") + 1])
+    proc = launch(args, tmp_path)
+    processes.append(proc)
+    read_until(proc, banner, tmp_path)
+    token = (tmp_path / "cp" / "admin.token").read_text().strip().encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v1/apply HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer " + token
+                     + b"\r\ncontent-type: application/yaml\r\ncontent-length: %d\r\n\r\n" % len(SITE) + SITE[:40])
+        proc.send_signal(signal.SIGINT)
+        read_until(proc, b"stopping...", tmp_path)
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        code = proc.wait(10)
+        assert time.monotonic() - started < 2.5, "the second Ctrl-C waited for the stop"
+    log = (tmp_path / "log").read_text(errors="replace")
+    assert code == 1, log[-2000:]
+    assert "SIGINT again: exiting now" in log, log[-2000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import BinaryIO
@@ -105,7 +106,7 @@ def test_identical_copies_at_two_paths_are_read_once_each_until_one_changes(tmp_
         (root / version / "model.onnx").write_bytes(BYTES)
     reads: list[str] = []
 
-    def counted(fh: BinaryIO) -> str:
+    def counted(fh: BinaryIO, closed: threading.Event | None = None) -> str:
         reads.append(fh.name)
         return hashlib.sha256(fh.read()).hexdigest()
 
