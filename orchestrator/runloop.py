@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -154,10 +155,61 @@ TOO_LARGE_HEAD = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type
                   b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE))
 
 
-def _http_protocol() -> Any:
-    """uvicorn's httptools protocol, its responses' heads sent with their first body bytes
-    and request heads bounded (:data:`MAX_HEAD_BYTES`, answered 431); uvicorn's own choice
-    when httptools is not there."""
+#: How long the requests in flight at a stop may take to finish (uvicorn's graceful shutdown).
+DRAIN_GRACE_S = 5
+_STOPPING = "the server is stopping; retry (another replica or gateway, or this one once it is back)"
+_STOPPED_BODY = json.dumps({"error": _STOPPING}).encode()
+#: How a started event stream ends at the grace: an error event, as the gateway ends a stream
+#: whose upstream failed (OpenAI's error object), then the end of the stream.
+_STOPPED_EVENT = (b"data: " + json.dumps({"error": {"message": _STOPPING, "type": "server_error", "param": None,
+                                                    "code": "server_stopping"}}).encode() + b"\n\ndata: [DONE]\n\n")
+
+
+def _ended_by_the_grace(app: Any, cycle: Any, stopping: Callable[[], bool]) -> Any:
+    """``app`` for one request, which the stop may cut: uvicorn cancels what is still in flight
+    when :data:`DRAIN_GRACE_S` ends, and would log the cancellation as the application's
+    fault (a traceback) and answer it 500. Cut by the stop, a request not yet answered is
+    answered 503 with Retry-After (the connection closed), a started event stream ends with an
+    error event, any other started answer is cut short (its connection closed, so that its
+    caller cannot take it for whole); one line in the log says which."""
+
+    async def run(scope: Any, receive: Any, send: Any) -> None:
+        stream = False
+
+        async def watched(message: Any) -> None:
+            nonlocal stream
+            if message["type"] == "http.response.start":
+                stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in message.get("headers", ()))
+            await send(message)
+
+        try:
+            await app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if not stopping():
+                raise
+            what = f"{scope.get('method', '')} {scope.get('path', '')}"
+            if not cycle.response_started:
+                log.warning("%s was still in flight at the end of the %g s drain: answered 503", what, DRAIN_GRACE_S)
+                await send({"type": "http.response.start", "status": 503, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", b"%d" % len(_STOPPED_BODY)),
+                    (b"retry-after", b"2"), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": _STOPPED_BODY})
+            elif stream and not cycle.response_complete:
+                log.warning("%s was still streaming at the end of the %g s drain: ended with an error event", what, DRAIN_GRACE_S)
+                await send({"type": "http.response.body", "body": _STOPPED_EVENT})
+            elif not cycle.response_complete:
+                log.warning("%s was still answering at the end of the %g s drain: its connection is closed", what, DRAIN_GRACE_S)
+                cycle.transport.close()
+                cycle.disconnected = True  # as its connection_lost will say: uvicorn has nothing more to log
+
+    return run
+
+
+def _http_protocol(stopping: Callable[[], bool]) -> Any:
+    """uvicorn's httptools protocol, its responses' heads sent with their first body bytes,
+    request heads bounded (:data:`MAX_HEAD_BYTES`, answered 431) and requests that the stop
+    cuts answered as such (:func:`_ended_by_the_grace`); uvicorn's own choice when httptools
+    is not there."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
@@ -199,6 +251,9 @@ def _http_protocol() -> Any:
             if self.cycle is not None and self.cycle is not before:  # a new request: its task has not run yet
                 self.cycle.transport = _HeadWithFirstBody(self.cycle.transport)
 
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            super()._start_asgi_task(cycle, _ended_by_the_grace(app, cycle, stopping))
+
         def send_400_response(self, msg: str) -> None:
             if self._too_large:
                 self._refuse()
@@ -214,8 +269,9 @@ def _http_protocol() -> Any:
 
 def http_server(app: Any) -> uvicorn.Server:
     """uvicorn for ``app``, driven by the caller's loop and signal handling."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5,
-                                           limit_concurrency=4096, timeout_keep_alive=KEEP_ALIVE_S, http=_http_protocol()))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=DRAIN_GRACE_S, limit_concurrency=4096,
+                                           timeout_keep_alive=KEEP_ALIVE_S, http=_http_protocol(lambda: server.should_exit)))
     # uvicorn must not take SIGTERM/SIGINT from its caller: since 0.29 it installs its own
     # handlers while it serves (``capture_signals``) and raises a caught signal again when it
     # stops, which cancelled `edgeplane demo` a second time in the middle of its clean stop

@@ -239,3 +239,60 @@ def test_a_second_stop_signal_ends_a_stop_that_takes_long_at_once(
     log = (tmp_path / "log").read_text(errors="replace")
     assert code == 1, log[-2000:]
     assert "SIGINT again: exiting now" in log, log[-2000:]
+
+
+def in_flight(port: int, head: bytes) -> socket.socket:
+    """A request whose body never comes whole, in the server's hands once a later request on
+    another connection has been answered (the server reads its connections in turn)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(head)
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    return sock
+
+
+def assert_answered_503_at_the_grace(sock: socket.socket, proc: subprocess.Popen[bytes], tmp: pathlib.Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    answer = read_answer(sock)
+    code, out, log = finish(proc, tmp)
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 503"), f"{answer!r}\n{log[-2000:]}"
+    assert b"retry-after: 2" in head and b"connection: close" in head, answer
+    assert_stopped_cleanly(code, out, log)
+    assert "still in flight at the end of the 5 s drain: answered 503" in log, log[-2000:]
+
+
+def test_a_request_still_in_flight_when_the_drain_ends_is_answered_503(
+        tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    args, banner = serve(tmp_path)
+    port = int(args[args.index("--port") + 1])
+    proc = launch(args, tmp_path)
+    processes.append(proc)
+    read_until(proc, banner, tmp_path)
+    token = (tmp_path / "cp" / "admin.token").read_text().strip().encode()
+    with in_flight(port, b"POST /v1/apply HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer " + token
+                   + b"\r\ncontent-type: application/yaml\r\ncontent-length: 4000\r\n\r\napiVersion: edgeplane.io/v1alpha1\n") as sock:
+        assert_answered_503_at_the_grace(sock, proc, tmp_path)
+
+
+def test_a_gateway_request_still_in_flight_when_the_drain_ends_is_answered_503(
+        tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """A chat completion whose body is still coming, on a gateway that follows a control plane."""
+    cp_args, cp_banner = serve(tmp_path)
+    cp_port = int(cp_args[cp_args.index("--port") + 1])
+    (tmp_path / "cp-run").mkdir()
+    cp = launch(cp_args, tmp_path / "cp-run")
+    processes.append(cp)
+    read_until(cp, cp_banner, tmp_path / "cp-run")
+    token = (tmp_path / "cp" / "admin.token").read_text().strip()
+    port = support.free_port()
+    gw = launch([str(support.EDGEPLANE), "gateway", "--control-plane", f"http://127.0.0.1:{cp_port}", "--host", "127.0.0.1",
+                 "--port", str(port), "--token", token], tmp_path)
+    processes.append(gw)
+    read_until(gw, b"serving http://", tmp_path)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code != 200:  # it has the table
+        assert time.monotonic() < deadline, (tmp_path / "log").read_text(errors="replace")
+        time.sleep(0.05)
+    with in_flight(port, b"POST /openai/v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                         b"content-length: 400\r\n\r\n{\"model\": ") as sock:
+        assert_answered_503_at_the_grace(sock, gw, tmp_path)
