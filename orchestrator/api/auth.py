@@ -118,19 +118,29 @@ class Authenticator:
 def ensure_admin_token(store: store_mod.Store, data_dir: pathlib.Path) -> str | None:
     """The initial admin token, written to ``<data_dir>/admin.token``: only while the store
     holds no API token, so a start that failed before this (a port in use) leaves neither
-    the file nor a token, and a later start never rewrites the file operators use. Returns
-    the secret it made (None: tokens exist)."""
+    the file nor a token, and a later start never rewrites the file operators use. The file
+    is written before the store has the token: a start that fails between the two (a full
+    disk, a kill) leaves a file whose token the next start replaces, never a token nobody
+    holds (with which no start would write the file again). Returns the secret it made
+    (None: tokens exist)."""
     if store.has_api_tokens():
         return None
-    secret, _ = store.create_token("api", "admin", None, "edgeplane serve", "initial admin token")
+    secret = store_mod.new_secret("api")
     path = data_dir / "admin.token"
     # a new file, 0600 from its creation, renamed over any old one: opening an existing
     # admin.token (a store reset beside it) would keep its mode, maybe readable by all
     fresh = path.with_name(f".admin.token.{os.getpid()}")
     fresh.unlink(missing_ok=True)
     fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
-    os.replace(fresh, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the store has the token
+        os.replace(fresh, path)
+    except BaseException:
+        fresh.unlink(missing_ok=True)  # not a secret left about
+        raise
+    store.create_token("api", "admin", None, "edgeplane serve", "initial admin token", secret=secret)
     log.info("wrote the initial admin token to %s", path)
     return secret

@@ -45,6 +45,7 @@ from orchestrator.store.values import (
     WriteOutcome,
     datacentre_target,
     digest,
+    new_secret,
     token_state,
 )
 
@@ -454,10 +455,12 @@ class SqlStore:
 
     # --- tokens and agent identities ---------------------------------------------------
 
-    def create_token(self, purpose: str, role: str, ttl_s: float | None, actor: str, description: str = "") -> tuple[str, TokenInfo]:
-        """Returns ``(secret, info)``; only a digest of the secret is stored."""
-        token_id = secrets.token_hex(4)
-        secret = f"ep{purpose[0]}_{token_id}_{secrets.token_urlsafe(24)}"
+    def create_token(self, purpose: str, role: str, ttl_s: float | None, actor: str, description: str = "",
+                     secret: str | None = None) -> tuple[str, TokenInfo]:
+        """Returns ``(secret, info)``; only a digest of the secret is stored. ``secret``: one
+        made beforehand by :func:`new_secret` (to be kept somewhere before the store has it)."""
+        secret = secret or new_secret(purpose)
+        token_id = secret.split("_", 2)[1]
         now = self._clock()
         expires = now + ttl_s if ttl_s else None
         description = _storable(description)

@@ -46,11 +46,12 @@ from orchestrator.store.values import (  # re-exported: the control plane names 
     WriteOutcome,
     datacentre_target,
     digest,
+    new_secret,
 )
 
 __all__ = [
     "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
-    "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "datacentre_target", "digest",
+    "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "datacentre_target", "digest", "new_secret",
 ]
 
 #: a deleted data-centre Site whose applications are still to be removed, as earlier versions

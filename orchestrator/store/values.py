@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,7 +190,13 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def new_secret(purpose: str) -> str:
+    """A new token's secret, which names its id: ``ep<purpose initial>_<id>_<random>``. Only
+    its digest is stored."""
+    return f"ep{purpose[0]}_{secrets.token_hex(4)}_{secrets.token_urlsafe(24)}"
+
+
 __all__ = [
     "FLEET_ACTIONS", "KEPT_ACTIONS", "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow",
-    "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "datacentre_target", "digest", "token_state",
+    "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "datacentre_target", "digest", "new_secret", "token_state",
 ]
