@@ -66,10 +66,22 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _write_private(path: pathlib.Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_synced(path: pathlib.Path, data: bytes, mode: int) -> None:
+    """A new file at ``path`` (any old one removed: its mode would stay), on disk when this returns."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _sync_folder(folder: pathlib.Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # The identity format is a wire contract shared with the agent.
@@ -96,8 +108,20 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(cls, folder: pathlib.Path, name: str = "edgeplane agent CA") -> CertificateAuthority:
+        """The CA in ``folder``, made there when it holds none. A new CA's two files are
+        written aside (``.ca.key.new``, ``.ca.crt.new``), then put in place, the key first:
+        ``ca.crt`` is what agents are given (its path, its fingerprint), so a CA can be
+        trusted only once it is whole. A creation cut short (a kill) before the key is in
+        place is made again; between the two, its certificate aside completes it."""
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_path, cert_path = folder / "ca.key", folder / "ca.crt"
+        new_key, new_cert = folder / ".ca.key.new", folder / ".ca.crt.new"
+        if key_path.exists() and not cert_path.exists() and new_cert.exists():
+            authority = cls._load(key_path, new_cert)  # refused unless they belong together
+            os.replace(new_cert, cert_path)
+            _sync_folder(folder)
+            log.info("completed the agent CA in %s, whose creation was cut short", folder)
+            return authority
         if key_path.exists() and cert_path.exists():
             return cls._load(key_path, cert_path)
         if key_path.exists() or cert_path.exists():  # a new CA would orphan every agent that trusts the old one
@@ -115,8 +139,11 @@ class CertificateAuthority:
                                              key_encipherment=False, data_encipherment=False, key_agreement=False,
                                              encipher_only=False, decipher_only=False), critical=True)
                 .sign(key, hashes.SHA256()))
-        _write_private(key_path, _key_pem(key))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_synced(new_key, _key_pem(key), 0o600)
+        _write_synced(new_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        os.replace(new_key, key_path)
+        os.replace(new_cert, cert_path)
+        _sync_folder(folder)
         return cls(key, cert)
 
     @classmethod

@@ -36,6 +36,27 @@ def test_ca_is_created_once_with_a_private_key(tmp_path: pathlib.Path) -> None:
     assert stat.S_IMODE((tmp_path / "ca" / "ca.key").stat().st_mode) == 0o600
 
 
+def test_a_ca_creation_cut_short_is_completed_or_made_again_and_a_whole_one_kept(tmp_path: pathlib.Path) -> None:
+    """A kill while the CA is made leaves its files aside, or its key in place and its
+    certificate aside: never a key alone, which the next start would refuse."""
+    made = tmp_path / "made"
+    original = ca.CertificateAuthority.load_or_create(made)
+    assert sorted(p.name for p in made.iterdir()) == ["ca.crt", "ca.key"]  # nothing left aside
+    between = tmp_path / "between-the-renames"
+    between.mkdir()
+    (between / "ca.key").write_bytes((made / "ca.key").read_bytes())
+    (between / ".ca.crt.new").write_bytes((made / "ca.crt").read_bytes())
+    assert ca.CertificateAuthority.load_or_create(between).fingerprint == original.fingerprint
+    assert sorted(p.name for p in between.iterdir()) == ["ca.crt", "ca.key"]
+    aside = tmp_path / "before-the-renames"
+    aside.mkdir()
+    (aside / ".ca.key.new").write_bytes((made / "ca.key").read_bytes()[:30])
+    again = ca.CertificateAuthority.load_or_create(aside)
+    assert again.fingerprint != original.fingerprint
+    assert sorted(p.name for p in aside.iterdir()) == ["ca.crt", "ca.key"]
+    assert stat.S_IMODE((aside / "ca.key").stat().st_mode) == 0o600
+
+
 def test_a_damaged_or_half_missing_ca_is_refused_never_replaced(tmp_path: pathlib.Path) -> None:
     """Agents trust the CA certificate they joined with: a new CA made in place of a damaged
     or half-missing one would orphan them all, so loading refuses, naming the file."""
