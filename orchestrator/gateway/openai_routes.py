@@ -55,7 +55,7 @@ from starlette.types import Receive, Scope, Send
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
 from orchestrator.gateway import cascade_rules, failover, openai_cascade, routing
-from orchestrator.gateway.proxy import Gateway, Timed
+from orchestrator.gateway.proxy import Gateway, Timed, retry_after_s
 from orchestrator.gateway.upstream import Stream, UpstreamError, UpstreamTimeout
 
 PREFIX = "/openai/v1"
@@ -164,13 +164,15 @@ class _Failed(Exception):
     """This attempt failed before anything reached the caller: try the next replica
     (``eject``: and leave this one out for a while; ``slow``: it took the request and sent
     nothing in time, which ejects it only as the last of several in a row; ``at_capacity``:
-    it answered 429)."""
+    it answered 429; ``retry_after``: it answered 503)."""
 
-    def __init__(self, why: str, *, eject: bool = True, slow: bool = False, at_capacity: AtCapacity | None = None) -> None:
+    def __init__(self, why: str, *, eject: bool = True, slow: bool = False, at_capacity: AtCapacity | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(why)
         self.eject = eject and not slow
         self.slow = slow
         self.at_capacity = at_capacity
+        self.retry_after = retry_after  # it answered 503 (not ready, draining): retry after this many seconds
 
 
 class OpenAIGateway:
@@ -444,6 +446,7 @@ class _Relay(Response):
         gw = self.owner.gw
         failures: list[str] = []
         at_capacity: AtCapacity | None = None
+        unavailable: list[int] = []  # the Retry-After of each replica that answered 503
         for choice in self.ranked:
             e = choice.endpoint
             self.failovers.attempt(e.site)
@@ -455,6 +458,8 @@ class _Relay(Response):
             except _Failed as exc:
                 failures.append(f"{e.site}: {exc}")
                 at_capacity = exc.at_capacity or at_capacity
+                if exc.retry_after is not None:
+                    unavailable.append(exc.retry_after)
                 if exc.slow or exc.eject:  # slow: a long prompt on slow hardware, or stuck: EndpointTable.timed_out tells
                     gw.table.failed(e.url, slow=exc.slow)
             finally:
@@ -462,6 +467,11 @@ class _Relay(Response):
                 if self.hooks is not None:
                     self.hooks.busy(e, time.perf_counter() - began)
         if self.hooks is not None and await self.hooks.failed(send, failures, at_capacity):
+            return
+        if unavailable and len(unavailable) == len(failures):  # none failed: the caller retries, as each replica said
+            gw.refused(self.model, 503)
+            await _send_whole(send, 503, error_body(f"no replica tried can answer now: {'; '.join(failures)}; retry", 503,
+                                                    code="unavailable"), {"retry-after": str(min(unavailable))})
             return
         gw.refused(self.model, 502)
         await _send_whole(send, 502, error_body(f"every replica tried failed: {'; '.join(failures)}", 502, code="upstream_failed"), {})
@@ -479,6 +489,8 @@ class _Relay(Response):
             streamed = resp.status == 200 and ctype.startswith("text/event-stream")
             if not streamed:  # a stream has answered once its first token is in (_relay_stream)
                 owner.gw.table.answered(e.url, resp.status)
+            if resp.status == 503:  # not ready, or draining: it says when to retry
+                raise _Failed("unavailable (HTTP 503)", eject=False, retry_after=retry_after_s(resp.headers.get("retry-after")))
             if resp.status >= 500:  # the table has ejected the replica if the answer calls for it
                 raise _Failed(f"HTTP {resp.status}", eject=False)
             if resp.status == 404:  # moved away a moment ago (the table follows): the next replica may serve it

@@ -211,6 +211,7 @@ class Gateway:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         failures = []
         missing = 0  # replicas that answered 404
+        unavailable: list[int] = []  # the Retry-After of each replica that answered 503: not down, not ready or draining
         moves = failover.Failovers(self.metrics.failovers, label)
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
@@ -227,6 +228,10 @@ class Gateway:
                 self.table.finished(e.url)
             status, content, upstream_headers = upstream.status, upstream.body, upstream.headers
             self.table.answered(e.url, status)
+            if status == 503:
+                failures.append(f"{e.site}: {_reason(content)} (HTTP 503)")
+                unavailable.append(retry_after_s(upstream_headers.get("retry-after")))
+                continue
             if status >= 500:
                 failures.append(f"{e.site}: HTTP {status}")
                 continue
@@ -249,6 +254,9 @@ class Gateway:
         if version is not None and missing == len(failures):
             self.refused(model, 404)
             return _error(404, f"model {model!r} has no version {version!r} at the replicas tried: {'; '.join(failures)}")
+        if unavailable and len(unavailable) == len(failures):  # none failed: the caller retries, as each replica said
+            self.refused(model, 503)
+            return _error(503, f"no replica tried can answer now: {'; '.join(failures)}; retry", retry_after=min(unavailable))
         self.refused(model, 502)
         return _error(502, f"every replica tried failed: {'; '.join(failures)}")
 
@@ -389,6 +397,16 @@ def holding(ranked: list[routing.Ranked], model: str, version: str) -> list[rout
 def _versioned(version: str | None, action: str) -> str:
     """The path after ``/v2/models/{model}`` at a replica for ``action`` of ``version`` (any, when None)."""
     return action if version is None else f"/versions/{urlpath.path_segment(version)}{action}"
+
+
+#: The longest Retry-After the gateway passes on from a replica that is unavailable for now.
+MAX_RETRY_AFTER_S = 60
+
+
+def retry_after_s(value: str | None) -> int:
+    """A replica's Retry-After in whole seconds, 1 to :data:`MAX_RETRY_AFTER_S` (1 when it
+    gave none, or a date)."""
+    return min(max(int(value), 1), MAX_RETRY_AFTER_S) if value is not None and value.strip().isdigit() else 1
 
 
 def _reason(content: bytes) -> str:

@@ -1,0 +1,84 @@
+"""A replica that answers 503 is not down: its model is not ready yet, or the agent is
+draining (a rolling restart), and it says when to retry. When every replica tried answers so,
+the gateway answers 503 with Retry-After, on the v2 and the OpenAI routes alike, not 502
+"every replica tried failed", which reads as a fault; a replica that failed among them keeps
+it a 502. Real HTTP; the replicas answer as a draining agent does (``edge_agent/http.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edge_agent import refusals
+from orchestrator.gateway import endpoints, openai_routes, proxy, routing
+from orchestrator.gateway.upstream import UpstreamPool
+from orchestrator.testing import loopback
+
+CHAT = {"model": "llm", "messages": [{"role": "user", "content": "hi"}]}
+INFER = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
+
+
+async def draining(request: Request) -> Response:
+    if request.url.path.startswith("/v1/"):
+        return Response(refusals.openai_error_body("the agent is draining", "server_error", None, "draining"), status_code=503,
+                        media_type="application/json", headers={"retry-after": "1"})
+    return Response(json.dumps({"error": "model 'm' is not ready (LOADING: downloading)"}), status_code=503,
+                    media_type="application/json")
+
+
+async def failing(request: Request) -> Response:
+    return Response(b'{"error": "boom"}', status_code=500, media_type="application/json")
+
+
+def replica(answer) -> Starlette:  # noqa: ANN001
+    return Starlette(routes=[Route("/{path:path}", answer, methods=["POST"])])
+
+
+@contextlib.asynccontextmanager
+async def gateway_over(*answers) -> AsyncIterator[httpx.AsyncClient]:  # noqa: ANN002
+    async with contextlib.AsyncExitStack() as stack:
+        ports = [await stack.enter_async_context(loopback.serving(replica(a))) for a in answers]
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint(model, model, f"site-{i}", "edge", "FR", "west", 48.85, 2.35 + i, f"http://127.0.0.1:{port}",
+                                        api=api)
+                       for i, port in enumerate(ports) for model, api in (("m", "v2"), ("llm", "openai"))])
+        registry = CollectorRegistry()
+        gateway = proxy.Gateway(table, UpstreamPool(), proxy.GatewayMetrics.create(registry))
+        app = Starlette(routes=gateway.routes() + openai_routes.OpenAIGateway(gateway, registry=registry).routes())
+        port = await stack.enter_async_context(loopback.serving(app))
+        yield await stack.enter_async_context(httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10))
+
+
+async def test_a_model_whose_only_replica_drains_is_503_with_retry_after_on_both_apis() -> None:
+    async with gateway_over(draining) as http:
+        chat = await http.post("/openai/v1/chat/completions", json=CHAT)
+        assert chat.status_code == 503, chat.text
+        assert chat.headers["retry-after"] == "1"
+        assert chat.json()["error"]["code"] == "unavailable"
+        infer = await http.post("/v2/models/m/infer", json=INFER)
+        assert infer.status_code == 503, infer.text
+        assert infer.headers["retry-after"] == "1"
+        assert "not ready" in infer.json()["error"]
+
+
+async def test_a_replica_that_failed_among_unavailable_ones_keeps_it_a_502() -> None:
+    async with gateway_over(draining, failing) as http:
+        chat = await http.post("/openai/v1/chat/completions", json=CHAT)
+        assert chat.status_code == 502, chat.text
+        infer = await http.post("/v2/models/m/infer", json=INFER)
+        assert infer.status_code == 502, infer.text
+
+
+@pytest.mark.parametrize(("header", "seconds"), [(None, 1), ("0", 1), ("7", 7), ("86400", 60), ("Wed, 21 Oct 2026 07:28:00 GMT", 1),
+                                                 ("-3", 1), (" 5 ", 5)])
+def test_a_replicas_retry_after_is_passed_on_within_bounds(header: str | None, seconds: int) -> None:
+    assert proxy.retry_after_s(header) == seconds
