@@ -128,7 +128,8 @@ class AgentMetrics:
         return ("\n".join(out) + "\n").encode()
 
     def _render_generation(self) -> list[str]:
-        if not self._generation and not self._ttft:
+        gauges = self.generation_gauges()  # live: a model no longer assigned may still finish a stream
+        if not self._generation and not self._ttft and not gauges:
             return []
         out = ["# HELP edgeplane_agent_generations_total Generations by model and outcome (completed, cancelled: the client left, failed)",
                "# TYPE edgeplane_agent_generations_total counter"]
@@ -148,7 +149,6 @@ class AgentMetrics:
                 out.append(f'edgeplane_agent_time_to_first_token_seconds_bucket{{le="{_number(bound)}",model="{name}"}} {_number(running)}')
             out.append(f'edgeplane_agent_time_to_first_token_seconds_count{{model="{name}"}} {_number(running)}')
             out.append(f'edgeplane_agent_time_to_first_token_seconds_sum{{model="{name}"}} {_number(histogram.sum)}')
-        gauges = self.generation_gauges()
         for metric, idx, help_text in (("edgeplane_agent_generation_running", 1, "Sequences being generated"),
                                        ("edgeplane_agent_generation_queued", 2, "Requests waiting for a sequence slot")):
             out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
