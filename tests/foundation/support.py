@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import types
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -67,6 +69,24 @@ def model_spec() -> dict[str, Any]:
 
 def deployment_spec(model: str = "m") -> dict[str, Any]:
     return {"model": model, "variant": "small", "replicas": {"min": 1, "max": 2}, "placement": {"residency": ["FR"]}}
+
+
+def lines_run(module: types.ModuleType, call: Callable[[], object]) -> int:
+    """How many lines of ``module`` ``call`` runs: a count of work that grows with its input
+    the way the code does (linear, quadratic), which no machine's speed changes."""
+    count = 0
+
+    def line(frame: types.FrameType, event: str, arg: object) -> Callable[..., object]:
+        nonlocal count
+        count += event == "line"
+        return line
+
+    sys.settrace(lambda frame, event, arg: line if frame.f_code.co_filename == module.__file__ else None)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count
 
 
 def line_of(text: str, needle: str, nth: int = 1) -> int:

@@ -7,9 +7,6 @@ lock. Run on a real SQLite store."""
 from __future__ import annotations
 
 import pathlib
-import sys
-import types
-from collections.abc import Callable
 
 import pytest
 
@@ -57,19 +54,11 @@ def _lines_run_checking(models: int) -> int:
     documents = loader.load_text(join(*_models(models)))
     stored = {f"d{i:03d}": schema.ModelDeploymentSpec.model_validate(support.deployment_spec(f"m{i:03d}")) for i in range(models)}
     brought = {d.name: d.doc.spec for d in documents if isinstance(d.doc, schema.ModelDoc)}
-    count = 0
 
-    def line(frame: types.FrameType, event: str, arg: object) -> Callable[..., object]:
-        nonlocal count
-        count += event == "line"
-        return line
-
-    sys.settrace(lambda frame, event, arg: line if frame.f_code.co_filename == references.__file__ else None)
-    try:
+    def check() -> None:
         assert references.check_references(documents, brought, (), stored) == []
-    finally:
-        sys.settrace(None)
-    return count
+
+    return support.lines_run(references, check)
 
 
 def test_an_apply_of_many_models_walks_the_stored_deployments_once_not_once_per_model() -> None:

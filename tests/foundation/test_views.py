@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
-import types
-from collections.abc import Callable
 
 import pytest
 
@@ -173,19 +170,11 @@ def _lines_run_previewing(deployments: int) -> int:
         *(support.doc("ModelDeployment", f"d{i:04d}", {"model": "m", "replicas": {"min": 1, "max": 1}}) for i in range(deployments))))
     s = dataclasses.replace(example_snapshot(docs), placements=tuple(
         store_mod.PlacementRow(f"d{i:04d}", "edge-0", "v", 1) for i in range(deployments)))
-    count = 0
 
-    def line(frame: types.FrameType, event: str, arg: object) -> Callable[..., object]:
-        nonlocal count
-        count += event == "line"
-        return line
-
-    sys.settrace(lambda frame, event, arg: line if frame.f_code.co_filename == views.__file__ else None)
-    try:
+    def preview() -> None:
         assert len(views.preview(s, [])["changes"]) == deployments
-    finally:
-        sys.settrace(None)
-    return count
+
+    return support.lines_run(views, preview)
 
 
 def test_a_preview_finds_each_placement_rows_deployment_without_scanning_them_all() -> None:

@@ -302,6 +302,14 @@ def answering(content: str) -> Handle:
     return handle
 
 
+def answering_as(site: str, asked: list[str]) -> Handle:
+    """A replica at ``site`` that answers ``from <site>`` and notes in ``asked`` that it was."""
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        asked.append(site)
+        return httpmessages.Response(200, chat_answer(f"from {site}"))
+    return handle
+
+
 async def test_a_stage_at_capacity_hands_over_to_its_next_replica_then_to_the_next_stage() -> None:
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
     async with replica(at_capacity("1")) as paris, replica(answering("from Lyon")) as lyon, replica(answering("from the DC")) as dc:
@@ -515,18 +523,12 @@ async def test_a_deployment_name_with_the_cascade_off_is_answered_by_that_deploy
     caller near Geneva that names ``chat-eu`` is answered in the EU, never by the nearer Swiss one."""
     asked: list[str] = []
 
-    def answering(site: str) -> Handle:
-        async def handle(request: httpmessages.Request) -> httpmessages.Response:
-            asked.append(site)
-            return httpmessages.Response(200, chat_answer(f"from {site}"))
-        return handle
-
     def at(deployment: str, site: str, tier: str, country: str, url: str, lat: float, lon: float) -> routing.Endpoint:
         return routing.Endpoint("chat", deployment, site, tier, country, "", lat, lon, url, api=routing.API_OPENAI,
                                 allowed_countries=frozenset({country}))
 
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
-    async with replica(answering("edge-fr")) as fr, replica(answering("edge-ch")) as ch:
+    async with replica(answering_as("edge-fr", asked)) as fr, replica(answering_as("edge-ch", asked)) as ch:
         table = endpoints.EndpointTable()
         table.replace([at("chat-eu", "edge-fr", "edge", "FR", fr, 48.85, 2.35), at("chat-ch", "edge-ch", "edge", "CH", ch, 46.2, 6.1)])
         eu = cascade_rules.CascadeRoute("chat", "chat-eu", (first, DC), {})
@@ -543,14 +545,8 @@ async def test_a_deployment_name_with_the_cascade_off_is_answered_by_that_deploy
 async def test_a_call_by_the_model_name_is_served_by_a_deployment_without_a_cascade_when_only_it_may_serve_the_caller() -> None:
     asked: list[str] = []
 
-    def answering(site: str) -> Handle:
-        async def handle(request: httpmessages.Request) -> httpmessages.Response:
-            asked.append(site)
-            return httpmessages.Response(200, chat_answer(f"from {site}"))
-        return handle
-
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
-    async with replica(answering("edge-fr")) as fr, replica(answering("edge-us")) as us:
+    async with replica(answering_as("edge-fr", asked)) as fr, replica(answering_as("edge-us", asked)) as us:
         table = endpoints.EndpointTable()
         table.replace([routing.Endpoint("chat", "chat-eu", "edge-fr", "edge", "FR", "", 48.85, 2.35, fr, api=routing.API_OPENAI),
                        routing.Endpoint("chat", "chat-us", "edge-us", "edge", "US", "", 40.7, -74.0, us, api=routing.API_OPENAI)])
