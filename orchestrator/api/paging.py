@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,6 +25,7 @@ T = TypeVar("T")
 
 #: The most items a page may ask for (a larger ``limit`` is refused, not cut silently).
 MAX_LIMIT = 10_000
+_LIMIT = re.compile(r"[0-9]{1,%d}" % len(str(MAX_LIMIT)))
 
 
 class BadPage(ValueError):
@@ -46,7 +48,9 @@ def parse(query: Mapping[str, str], list_name: str, takes: Collection[str] = ())
     limit = None
     if "limit" in query:
         text = query["limit"]
-        if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        # ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '٣' (which
+        # int() reads as 3), and int() refuses past 4,300 digits.
+        if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= MAX_LIMIT:
             raise BadPage(f"limit must be a whole number from 1 to {MAX_LIMIT:,}, not {text[:40]!r}")
         limit = int(text)
     after = None

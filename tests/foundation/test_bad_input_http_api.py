@@ -107,6 +107,14 @@ def test_the_endpoint_list_takes_a_good_position_or_region(api: httpx.Client, re
         assert r.json()["model"] == "intent"
 
 
+@pytest.mark.parametrize("limit", ["²", "٣", "1" * 5000, "0", "-1"])
+def test_a_list_limit_that_is_not_a_whole_number_in_range_is_400_naming_it(api: httpx.Client, limit: str) -> None:
+    for path in ("/v1/sites", "/v1/placements"):
+        r = api.get(path, params={"limit": limit})
+        assert r.status_code == 400, r.text[:300]
+        assert r.json()["error"].startswith("limit must be a whole number from 1 to 10,000")
+
+
 @pytest.mark.parametrize("body", [
     b'{"purpose": "api", "role": "read", "ttlSeconds": 1' + b"0" * 5000 + b"}",  # past the digits int() reads
     b"[" * 30_000 + b"]" * 30_000,  # nested past the parser

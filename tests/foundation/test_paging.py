@@ -50,6 +50,11 @@ def test_without_limit_the_whole_list_and_no_metadata() -> None:
     ({"limit": "2", "x": "1", "a": "2"}, ("watch",), "unknown query parameter 'a', 'x': this list takes limit, continue, watch"),
     ({"limit": "-1"}, (), "limit must be a whole number from 1 to 10,000, not '-1'"),
     ({"limit": "10001"}, (), "limit must be a whole number from 1 to 10,000"),
+    ({"limit": "²"}, (), "limit must be a whole number from 1 to 10,000, not '²'"),  # a digit to str.isdigit(), not to int()
+    ({"limit": "٣"}, (), "limit must be a whole number from 1 to 10,000, not '٣'"),  # int() reads it as 3
+    ({"limit": "1" * 5000}, (), "limit must be a whole number from 1 to 10,000, not '1111"),  # past int()'s digits
+    ({"limit": " 3"}, (), "limit must be a whole number"),
+    ({"limit": "1_0"}, (), "limit must be a whole number"),
     ({"limit": "1", "continue": "%%%"}, (), "continue is not a token"),
     ({"limit": "1", "continue": paging.continue_token("Model", ["m"])}, (), "token of the list of Model, not of placements"),
     ({"continue": paging.continue_token("placements", ["d", "s", "v"])}, (), "continue is given without limit"),
