@@ -152,6 +152,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def get_one(request: Request, caller: auth.Caller) -> Response:
         kind = catalog.resolve_kind(request.path_params["kind"])
+        paging.refuse_unknown(request.query_params, ["describe"], "this route")
         obj = await store.run(store.get, kind, request.path_params["name"])
         if obj is None:
             return error(404, f"{kind} {request.path_params['name']!r} does not exist")
@@ -198,6 +199,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def events(request: Request, caller: auth.Caller) -> Response:
         q = request.query_params
+        paging.refuse_unknown(q, ["since", "limit", "last", "kind", "name"])
         try:
             since, limit, last = int(q.get("since", "0")), int(q.get("limit", "100")), int(q.get("last", "0"))
         except ValueError:
@@ -221,6 +223,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return JSONResponse({"items": [_event(e) for e in found], "store": ident, "prunedThrough": pruned})
 
     async def cascades(request: Request, caller: auth.Caller) -> Response:
+        paging.refuse_unknown(request.query_params, [], "this route")  # a few per fleet: the list is not paged
         name = request.path_params.get("name")
         items = services.cascades_view()["items"]
         if name is None:
@@ -265,7 +268,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
         return JSONResponse(made, status_code=201)
 
     async def list_tokens(request: Request, caller: auth.Caller) -> Response:
-        """Every token's id, purpose, role, description, times and state; never a secret."""
+        """Every token's id, purpose, role, description, times and state; never a secret. Not
+        paged: expired and revoked tokens are pruned with the events that name them."""
+        paging.refuse_unknown(request.query_params, [], "this list")
         return JSONResponse({"kind": "Token", "items": [
             {"id": t.id, "purpose": t.purpose, "role": t.role, "description": t.description,
              "createdAt": catalog.rfc3339(t.created_at), "expiresAt": catalog.rfc3339(t.expires_at), "state": t.state}
@@ -306,6 +311,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             return busy
 
     async def controlplane(request: Request, caller: auth.Caller) -> Response:
+        paging.refuse_unknown(request.query_params, [], "this route")
         return JSONResponse(await services.leadership_view())
 
     async def healthz(request: Request) -> Response:

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
-from orchestrator.api import auth
+from orchestrator.api import auth, paging
 from orchestrator.distill import store as capture_store
 from orchestrator.store import sqlite as store_mod
 
@@ -46,6 +46,10 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
     async def read(request: Request, caller: auth.Caller) -> Response:
         zone = request.path_params["zone"].upper()
         q = request.query_params
+        try:
+            paging.refuse_unknown(q, ["limit", "payload", "deployment"])
+        except paging.BadPage as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
         try:
             limit = max(1, min(int(q.get("limit", "100")), 10_000))
         except ValueError:

@@ -41,10 +41,7 @@ class Page:
 def parse(query: Mapping[str, str], list_name: str, takes: Collection[str] = ()) -> Page:
     """The page ``query`` asks of the list ``list_name`` (which a token must name); ``takes``:
     the route's other parameters. Anything else is refused."""
-    unknown = sorted(set(query) - {"limit", "continue", *takes})
-    if unknown:
-        accepted = ", ".join(["limit", "continue", *sorted(takes)])
-        raise BadPage(f"unknown query parameter {', '.join(map(repr, unknown))}: this list takes {accepted}")
+    refuse_unknown(query, ["limit", "continue", *sorted(takes)])
     limit = None
     if "limit" in query:
         text = query["limit"]
@@ -59,6 +56,14 @@ def parse(query: Mapping[str, str], list_name: str, takes: Collection[str] = ())
             raise BadPage("continue is given without limit: ask the next page with the limit of the one before")
         after = _read_token(token, list_name)
     return Page(limit, after)
+
+
+def refuse_unknown(query: Collection[str], takes: Sequence[str], route: str = "this list") -> None:
+    """Refuse (:class:`BadPage`) a parameter of ``query`` that is not in ``takes``, the
+    route's parameters: read as nothing, a misspelt filter answered everything unfiltered."""
+    unknown = sorted(set(query) - set(takes))
+    if unknown:
+        raise BadPage(f"unknown query parameter {', '.join(map(repr, unknown))}: {route} takes {', '.join(takes) or 'none'}")
 
 
 def continue_token(list_name: str, key: Sequence[str]) -> str:

@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
-from orchestrator.api import auth
+from orchestrator.api import auth, paging
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
 from orchestrator.store import sqlite as store_mod
@@ -164,6 +164,10 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
                 yield publisher.heartbeat()
 
     async def endpoints(request: Request) -> Response:
+        try:
+            paging.refuse_unknown(request.query_params, ["watch"], "this route")
+        except paging.BadPage as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
         watch = request.query_params.get("watch", "")
         if watch not in ("", "0", "1", "true", "false"):
             return JSONResponse({"error": "watch must be 1 or 0"}, status_code=400)

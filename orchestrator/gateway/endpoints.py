@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 
 from orchestrator.gateway import cascade_rules, replica_index, routing
 
+#: What ``GET /v1/endpoints/{model}`` reads of its query: who is asking.
+CALLER_PARAMETERS = ("lat", "lon", "region", "residency")
+
 
 def listing_order(e: routing.Endpoint) -> tuple[str, str, str, str]:
     """How a model's endpoints are listed (ties in routing are broken by site before this)."""
@@ -153,6 +156,9 @@ class EndpointTable:
     def query_caller(self, params: Mapping[str, str]) -> routing.Caller | routing.NoRoute:
         """The caller of the endpoint list (``?lat=&lon=&region=&residency=``), or why its
         query cannot be read (400, naming the parameter)."""
+        if unknown := sorted(set(params) - set(CALLER_PARAMETERS)):  # a misspelt one would rank as if from nowhere
+            return routing.NoRoute(f"unknown query parameter {', '.join(map(repr, unknown))}: this list takes "
+                                   f"{', '.join(CALLER_PARAMETERS)}", 400)
         caller = routing.parse_query_caller(params.get("lat"), params.get("lon"), params.get("region"), params.get("residency"))
         if isinstance(caller, routing.NoRoute) or caller.region is None:
             return caller

@@ -222,6 +222,25 @@ def test_records_expire_by_their_deployments_current_retention(tmp_path: pathlib
     store.close()
 
 
+def test_a_capture_read_with_a_parameter_it_does_not_read_is_refused(tmp_path: pathlib.Path) -> None:
+    """A misspelt ``deployment`` would list every deployment's records, ``payload`` included."""
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: 0.0)
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    now = 10 * capture.DAY_S
+    try:
+        capturing(store)
+        stores.zone("EU").add([record_of("dep", "EU", now - 60)])
+        app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=False), store, stores, clock=lambda: now))
+        with TestClient(app) as client:
+            refused = client.get("/v1/captures/EU", params={"deploymnet": "other", "payload": "true"})
+            assert refused.status_code == 400
+            assert refused.json()["error"] == "unknown query parameter 'deploymnet': this list takes limit, payload, deployment"
+            assert len(client.get("/v1/captures/EU", params={"deployment": "dep", "limit": "5"}).json()["items"]) == 1
+    finally:
+        stores.close()
+        store.close()
+
+
 def record_of(deployment: str, zone: str, at: float) -> capture_store.Record:
     return capture_store.Record(capture_store.Record.new_id(), deployment, "m", zone, at, at + 30 * capture.DAY_S, "edge", "large", 0.4,
                                 b'{"inputs": [{"name": "x", "data": ["personal data"]}]}', None, b"{}", None)

@@ -115,6 +115,30 @@ def test_a_list_limit_that_is_not_a_whole_number_in_range_is_400_naming_it(api: 
         assert r.json()["error"].startswith("limit must be a whole number from 1 to 10,000")
 
 
+@pytest.mark.parametrize(("path", "params", "says"), [
+    ("/v1/tokens", {"limit": "10"}, "unknown query parameter 'limit': this list takes none"),
+    ("/v1/events", {"nme": "edge-lyon"}, "unknown query parameter 'nme': this list takes since, limit, last, kind, name"),
+    ("/v1/cascades", {"name": "x"}, "unknown query parameter 'name': this route takes none"),
+    ("/v1/cascades/x", {"verbose": "1"}, "unknown query parameter 'verbose': this route takes none"),
+    ("/v1/controlplane", {"role": "leader"}, "unknown query parameter 'role': this route takes none"),
+    ("/v1/sites/edge-lyon", {"describ": "1"}, "unknown query parameter 'describ': this route takes describe"),
+    ("/v1/endpoints", {"wacth": "1"}, "unknown query parameter 'wacth': this route takes watch"),
+    ("/v1/endpoints/intent", {"regoin": "eu-west"}, "unknown query parameter 'regoin': this list takes lat, lon, region, residency"),
+])
+def test_a_get_route_refuses_a_query_parameter_it_does_not_read(api: httpx.Client, regions: set[str], path: str,
+                                                                params: dict[str, str], says: str) -> None:
+    r = api.get(path, params=params)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"] == says
+
+
+def test_the_lists_take_the_parameters_they_read(api: httpx.Client, regions: set[str]) -> None:
+    for path, params in [("/v1/events", {"kind": "Site", "name": "edge-lyon", "since": "0", "limit": "5"}),
+                         ("/v1/events", {"last": "3"}), ("/v1/sites/edge-lyon", {"describe": "1"}), ("/v1/tokens", {}),
+                         ("/v1/cascades", {}), ("/v1/controlplane", {}), ("/v1/endpoints", {"watch": "0"})]:
+        assert api.get(path, params=params).status_code == 200, (path, params)
+
+
 @pytest.mark.parametrize("body", [
     b'{"purpose": "api", "role": "read", "ttlSeconds": 1' + b"0" * 5000 + b"}",  # past the digits int() reads
     b"[" * 30_000 + b"]" * 30_000,  # nested past the parser
