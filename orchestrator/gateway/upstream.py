@@ -370,7 +370,14 @@ class UpstreamPool:
         idle = self._idle.get(origin)
         while idle and not fresh:
             conn = idle.pop()
-            if conn.reusable:
+            if self._clock() - conn.idle_since >= self.idle_s:
+                # Past its time, and so is every older one: the replica may have closed them
+                # (its keep-alive is 75 s) without our having read it yet. The sweep runs only
+                # as connections go back, at most once per idle_s: it cannot be relied on here.
+                conn.close()
+                while idle:
+                    idle.pop().close()
+            elif conn.reusable:
                 return conn, True
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
@@ -404,7 +411,9 @@ class UpstreamPool:
 
     def _sweep(self, now: float) -> None:
         """Close the connections idle for ``idle_s`` and forget the origins left with none
-        (at most once per ``idle_s``: a request pays for no walk over every origin)."""
+        (at most once per ``idle_s``: a request pays for no walk over every origin). It frees
+        the sockets of replicas no longer asked; that none is reused past its time is
+        ``_connection``'s check."""
         self._sweep_at = now + self.idle_s
         stale = now - self.idle_s
         for origin, idle in list(self._idle.items()):

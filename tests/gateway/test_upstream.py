@@ -102,6 +102,31 @@ async def test_connections_idle_past_their_time_are_closed_and_replicas_gone_lea
             await server.shutdown(1)
 
 
+async def test_a_connection_idle_past_its_time_is_not_reused_even_before_a_sweep() -> None:
+    """The replica's keep-alive ends after 75 s, and a connection it closed meanwhile may not
+    yet read as closed here: one idle for ``idle_s`` is never sent a request, whenever the
+    pool last swept (here, a moment before the connection went idle)."""
+    now = [0.0]
+    server, port, accepted = await raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", close=False)
+    pool = UpstreamPool(idle_s=60.0, clock=lambda: now[0])
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        await pool.request("GET", url)  # swept now: the next sweep is due at 60 s
+        now[0] = 59.0
+        await pool.request("GET", url)  # reused, idle since 59 s
+        assert len(accepted) == 1
+        now[0] = 119.0  # idle 60 s: the pool's time is up, though no sweep has run since it went back
+        assert (await pool.request("GET", url)).body == b"ok"
+        assert len(accepted) == 2
+        now[0] = 150.0
+        await pool.request("GET", url)  # idle 31 s: reused
+        assert len(accepted) == 2
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_chunked_and_close_delimited_answers() -> None:
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     server, port, _ = await raw_server(chunked, close=False)
