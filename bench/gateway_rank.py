@@ -12,7 +12,12 @@ request of the gateway's own and one ejected replica. Per request, in CPU micros
 - ``3 best, new place``: the same for a caller at coordinates not seen before (every
   distance computed);
 - ``all, ranked``: every replica in order, as ``GET /v1/endpoints/{model}`` lists them;
-- ``index build``: laying the model out once per table (the first request after a change).
+- ``index build``: laying the model out once per table (the first request after a change);
+- ``cascade rule (baseline)``: a request to the model's cascade as it was ranked before its
+  stages used the arrays: ``cascade_rules.cascade_for`` (which cascade) then
+  ``stage_ranking`` of its first stage, each over the whole table;
+- ``cascade, 3 best``: the same through the table (``EndpointTable.cascade_for`` and
+  ``rank_stage(limit=3)``), as the cascade handler asks it (compared with the cascade rule).
 
 Median of rounds, the paths taking turns. Writes bench/results/gateway_rank.json.
 """
@@ -30,10 +35,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.gateway import endpoints, replica_index, routing
+from orchestrator.gateway import cascade_rules, endpoints, replica_index, routing
 
 RESULTS = Path(__file__).parent / "results" / "gateway_rank.json"
 GATEWAY = (48.85, 2.35)
+#: The model's cascade: a first stage on every edge site, then one on datacenters (none here).
+CASCADE = cascade_rules.CascadeRoute("intent", "intent-edge", (cascade_rules.StageRoute("small", frozenset({"edge"}), None),
+                                                               cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)))
 
 
 def table_of(n: int) -> endpoints.EndpointTable:
@@ -54,7 +62,16 @@ def paths(table: endpoints.EndpointTable) -> dict[str, Callable[[int], object]]:
         "3 best, new place": lambda i: table.rank("intent", routing.Caller(44.0 + i * 1e-6, 3.0), GATEWAY, limit=3),
         "all, ranked": lambda i: table.rank("intent", caller, GATEWAY),
         "index build": lambda i: replica_index.ReplicaIndex.build(table.endpoints("intent")),
+        "cascade rule (baseline)": lambda i: (
+            cascade_rules.cascade_for([CASCADE], table.with_local_load("intent"), caller, gateway_position=GATEWAY, ejected=table.ejected()),
+            cascade_rules.stage_ranking(CASCADE, 0, table.with_local_load("intent"), caller, gateway_position=GATEWAY,
+                                        ejected=table.ejected())),
+        "cascade, 3 best": lambda i: (table.cascade_for([CASCADE], caller, GATEWAY), table.rank_stage(CASCADE, 0, caller, GATEWAY, limit=3)),
     }
+
+
+def baseline_of(path: str) -> str:
+    return "cascade rule (baseline)" if path.startswith("cascade") else "rule (baseline)"
 
 
 def per_call_us(fn: Callable[[int], object], calls: int, start: int) -> float:
@@ -83,8 +100,8 @@ def main() -> None:
             names = list(ways)
             for name in names[r % len(names):] + names[:r % len(names)]:
                 taken[name].append(per_call_us(ways[name], calls, 1 + r * calls))
-        base = statistics.median(taken["rule (baseline)"])
         for name, t in taken.items():
+            base = statistics.median(taken[baseline_of(name)])
             rows.append({"replicas": n, "path": name, "median_cpu_us": round(statistics.median(t), 1),
                          "best_cpu_us": round(min(t), 1), "x_faster_than_rule": round(base / statistics.median(t), 1)})
     table_out = Table(title=f"ranking one model's replicas per request ({os.cpu_count()} cores, CPU µs per call, "

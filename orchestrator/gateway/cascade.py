@@ -133,7 +133,7 @@ class CascadeStats:
 class LaterStages(Sequence[list[routing.Ranked] | routing.NoRoute]):
     """Each stage after ``stage``'s ranking, ranked when ``after_stage`` first reads it: a stage
     that answered sure reads none, an escalation reads up to the first stage with a replica
-    (ranking reads the whole table); ``ranked`` holds those it read."""
+    (each ranking costs a stage's few best replicas); ``ranked`` holds those it read."""
 
     def __init__(self, rank: Callable[[int], list[routing.Ranked] | routing.NoRoute], stage: int, stages: int):
         self._rank = rank
@@ -238,12 +238,11 @@ class CascadeHandler:
         if name != route.model:
             return route
         mine = [route, *(r for r in self.table.cascades.values() if r.model == name and r.deployment != route.deployment)]
-        return rules.cascade_for(mine, self.table.with_local_load(name), caller, regions=self.table.regions,
-                                 gateway_position=self.position, ejected=self.table.ejected())
+        return self.table.cascade_for(mine, caller, self.position)
 
     def ranking(self, route: rules.CascadeRoute, stage: int, caller: routing.Caller) -> list[routing.Ranked] | routing.NoRoute:
-        return rules.stage_ranking(route, stage, self.table.with_local_load(route.model), caller, regions=self.table.regions,
-                                   gateway_position=self.position, ejected=self.table.ejected())
+        """The replicas of ``stage`` a request may try for ``caller`` (``max_attempts``), best first."""
+        return self.table.rank_stage(route, stage, caller, self.position, limit=self.max_attempts)
 
     def later(self, route: rules.CascadeRoute, stage: int, caller: routing.Caller) -> LaterStages:
         """The stages after ``stage``, each ranked for ``caller`` only if ``after_stage`` reads it."""

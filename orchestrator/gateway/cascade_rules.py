@@ -14,6 +14,10 @@ decision it takes is one of these functions of data, so each can be table-tested
 - :func:`stage_ranking` — the replicas that may run a stage for a caller, best first:
   ``routing.rank`` on that stage's tiers only, so residency binds every stage exactly as it
   binds a plain request;
+
+  :func:`cascade_for` and :func:`stage_ranking` state the rule over a list; the gateway
+  applies it to its table's arrays (``EndpointTable.cascade_for``, ``rank_stage``), which
+  answer the same;
 - :func:`after_stage` — given what a stage did, answer now or go to the next stage that
   can run, and why.
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -289,16 +293,26 @@ def cascade_for(routes: Sequence[CascadeRoute], endpoints: Sequence[routing.Endp
     model (one without a cascade, say in the caller's jurisdiction): plain routing then
     serves it, as it would a model without cascades. The first when it may reach no
     replica of the model at all: its cascade then says why (or wakes it from zero)."""
-    by_deployment = {r.deployment: r for r in routes}
-    ranked = routing.rank([e for e in endpoints if e.deployment in by_deployment], caller,
-                          regions=regions if regions is not None else routing.RegionIndex(), gateway_position=gateway_position,
-                          ejected=ejected)
-    if not isinstance(ranked, routing.NoRoute):
-        return by_deployment[ranked[0].endpoint.deployment]
-    others = routing.rank([e for e in endpoints if e.deployment not in by_deployment], caller,
-                          regions=regions if regions is not None else routing.RegionIndex(), gateway_position=gateway_position,
-                          ejected=ejected)
-    return routes[0] if isinstance(others, routing.NoRoute) else None
+    theirs = {r.deployment for r in routes}
+    regions = regions if regions is not None else routing.RegionIndex()
+
+    def ranked(excluded: bool) -> list[routing.Ranked] | routing.NoRoute:
+        return routing.rank([e for e in endpoints if (e.deployment in theirs) != excluded], caller, regions=regions,
+                            gateway_position=gateway_position, ejected=ejected)
+
+    return cascade_of(routes, ranked)
+
+
+def cascade_of(routes: Sequence[CascadeRoute],
+               ranked: Callable[[bool], Sequence[routing.Ranked] | routing.NoRoute]) -> CascadeRoute | None:
+    """:func:`cascade_for`'s choice, ``ranked(excluded)`` ranking the replicas of the
+    cascades' deployments (False) or of the model's other deployments (True; asked only
+    when the caller may reach none of the former). The gateway ranks them from its table's
+    arrays (``EndpointTable.cascade_for``)."""
+    mine = ranked(False)
+    if not isinstance(mine, routing.NoRoute):
+        return {r.deployment: r for r in routes}[mine[0].endpoint.deployment]
+    return routes[0] if isinstance(ranked(True), routing.NoRoute) else None
 
 
 def stage_ranking(route: CascadeRoute, stage: int, endpoints: Sequence[routing.Endpoint], caller: routing.Caller, *,
@@ -310,9 +324,18 @@ def stage_ranking(route: CascadeRoute, stage: int, endpoints: Sequence[routing.E
     spec = route.stages[stage]
     mine = [e for e in endpoints if e.deployment == route.deployment and e.tier in spec.tiers]
     if not mine:
-        return routing.NoRoute(f"stage {spec.variant!r} has no replica running")
+        return no_stage_replica(spec)
     return routing.rank(mine, caller, regions=regions if regions is not None else routing.RegionIndex(), gateway_position=gateway_position,
-                        ejected=ejected, panic=stage == len(route.stages) - 1)
+                        ejected=ejected, panic=stage_panics(route, stage))
+
+
+def no_stage_replica(spec: StageRoute) -> routing.NoRoute:
+    return routing.NoRoute(f"stage {spec.variant!r} has no replica running")
+
+
+def stage_panics(route: CascadeRoute, stage: int) -> bool:
+    """Whether ``stage``'s ejected replicas are tried when all are: at the last stage only."""
+    return stage == len(route.stages) - 1
 
 
 def first_stage(route: CascadeRoute, mode: Mode) -> int:

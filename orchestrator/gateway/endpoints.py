@@ -31,13 +31,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.gateway import cascade_rules, replica_index, routing
 
 #: What ``GET /v1/endpoints/{model}`` reads of its query: who is asking.
 CALLER_PARAMETERS = ("lat", "lon", "region", "residency")
+
+
+#: Which of a model's replicas an index holds: (model, deployments (None: all), whether those
+#: deployments are left out instead, tiers (None: all)).
+Selection = tuple[str, frozenset[str] | None, bool, frozenset[str] | None]
 
 
 def listing_order(e: routing.Endpoint) -> tuple[str, str, str, str]:
@@ -52,8 +57,9 @@ class EndpointTable:
     #: 500s (or timeouts) in a row after which a replica is ejected (Envoy's consecutive_5xx has 5 too)
     ejecting_500s: int = 5
     _by_model: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
-    #: Each model's replicas as arrays to rank from, built by the first request after a :meth:`replace`.
-    _indices: dict[tuple[str, str | None], replica_index.ReplicaIndex] = field(default_factory=dict)
+    #: Each model's replicas as arrays to rank from (a deployment's, a cascade stage's: :meth:`_index`),
+    #: built by the first request after a :meth:`replace`.
+    _indices: dict[Selection, replica_index.ReplicaIndex] = field(default_factory=dict)
     _ejected_until: dict[str, float] = field(default_factory=dict)
     _500s_in_a_row: dict[str, int] = field(default_factory=dict)
     _inflight: dict[str, int] = field(default_factory=dict)
@@ -249,7 +255,7 @@ class EndpointTable:
         first, the ``limit`` best only when given (``routing.rank``'s rule on the live table:
         the gateway's own load and ejections included); ``position`` is the gateway's, for
         callers that give none; ``deployment``: that deployment's endpoints only (:meth:`target`)."""
-        index = self._index(model, deployment)
+        index = self._index(model, None if deployment is None else frozenset({deployment}))
         if index is None:
             if deployment is not None and self._by_model.get(model):
                 return routing.NoRoute(f"deployment {deployment!r} has no replica of model {model!r} running")
@@ -260,19 +266,49 @@ class EndpointTable:
         return index.rank(caller, routing.position_of(caller, self.regions, position), api=api, ejected=self.ejected(),
                           local_load=self._inflight, limit=limit)
 
+    def rank_stage(self, route: cascade_rules.CascadeRoute, stage: int, caller: routing.Caller,
+                   position: tuple[float, float] | None, limit: int | None = None) -> list[routing.Ranked] | routing.NoRoute:
+        """:func:`cascade_rules.stage_ranking` on the live table, the ``limit`` best only when
+        given, from the stage's replicas laid out as arrays as :meth:`rank` ranks a model's."""
+        spec = route.stages[stage]
+        index = self._index(route.model, frozenset({route.deployment}), tiers=spec.tiers)
+        if index is None:
+            return cascade_rules.no_stage_replica(spec)
+        return index.rank(caller, routing.position_of(caller, self.regions, position), api=None, ejected=self.ejected(),
+                          local_load=self._inflight, panic=cascade_rules.stage_panics(route, stage), limit=limit)
+
+    def cascade_for(self, routes: Sequence[cascade_rules.CascadeRoute], caller: routing.Caller,
+                    position: tuple[float, float] | None) -> cascade_rules.CascadeRoute | None:
+        """:func:`cascade_for` of one model's cascades (``routes``) on the live table: only
+        whether anyone is reachable and who is best matters, so each side ranks its best one."""
+        theirs = frozenset(r.deployment for r in routes)
+
+        def best(excluded: bool) -> list[routing.Ranked] | routing.NoRoute:
+            index = self._index(routes[0].model, theirs, excluded=excluded)
+            if index is None:
+                return routing.NoRoute(routing.NOT_PLACED)
+            return index.rank(caller, routing.position_of(caller, self.regions, position), api=None, ejected=self.ejected(),
+                              local_load=self._inflight, limit=1)
+
+        return cascade_rules.cascade_of(routes, best)
+
     def serves(self, model: str, api: str) -> bool:
         """Whether one of ``model``'s endpoints speaks ``api``."""
         index = self._index(model)
         return index is not None and index.speaks(api)
 
-    def _index(self, model: str, deployment: str | None = None) -> replica_index.ReplicaIndex | None:
-        """``model``'s replicas laid out for ranking (``deployment``'s only, when given), built
-        by the first request after the table changed."""
-        index = self._indices.get((model, deployment))
+    def _index(self, model: str, deployments: frozenset[str] | None = None, *, excluded: bool = False,
+               tiers: frozenset[str] | None = None) -> replica_index.ReplicaIndex | None:
+        """``model``'s replicas laid out for ranking (of ``deployments`` only, or all but
+        those when ``excluded``; on ``tiers`` only), built by the first request after the
+        table changed."""
+        key: Selection = (model, deployments, excluded, tiers)
+        index = self._indices.get(key)
         if index is None:
-            endpoints = [e for e in self._by_model.get(model, ()) if deployment is None or e.deployment == deployment]
+            endpoints = [e for e in self._by_model.get(model, ())
+                         if (deployments is None or (e.deployment in deployments) != excluded) and (tiers is None or e.tier in tiers)]
             if endpoints:
-                index = self._indices[(model, deployment)] = replica_index.ReplicaIndex.build(endpoints)
+                index = self._indices[key] = replica_index.ReplicaIndex.build(endpoints)
         return index
 
     def ejected(self) -> frozenset[str]:

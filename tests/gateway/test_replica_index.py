@@ -1,13 +1,16 @@
 """The gateway's ranking from a model's table (``EndpointTable.rank`` through
-``replica_index``) answers what the rule (``routing.rank``) answers, for what a request tries."""
+``replica_index``) answers what the rule (``routing.rank``) answers, for what a request tries;
+so do a cascade's choice and its stages' rankings (``EndpointTable.cascade_for`` and
+``rank_stage``, against ``cascade_rules.cascade_for`` and ``stage_ranking``)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from orchestrator.gateway import routing
+from orchestrator.gateway import cascade, cascade_rules, routing
 from orchestrator.gateway.endpoints import EndpointTable
 from orchestrator.scheduler import geo
 
@@ -92,3 +95,78 @@ def test_a_request_from_where_one_came_before_computes_no_distance_and_builds_wh
     again = table.rank("m", routing.Caller(), (48.85, 2.35), limit=3)
     assert computed == 0
     assert not isinstance(again, routing.NoRoute) and again == first and len(again) == 3
+
+
+def random_cascades(rng: random.Random) -> list[cascade_rules.CascadeRoute]:
+    """Cascades of model ``m`` on one or both of its deployments, their stages on random tiers."""
+    routes = []
+    for deployment in rng.sample(["d1", "d2"], k=rng.randint(1, 2)):
+        stages = tuple(cascade_rules.StageRoute(f"v{i}", frozenset(rng.sample(TIERS, k=rng.randint(1, 2))), None)
+                       for i in range(rng.randint(1, 3)))
+        routes.append(cascade_rules.CascadeRoute("m", deployment, stages))
+    return routes
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_table_chooses_and_ranks_cascade_stages_as_the_rule_does(seed: int) -> None:
+    rng = random.Random(seed)
+    table, _ = random_table(rng)
+    routes = random_cascades(rng)
+    caller = routing.Caller(*rng.choice([(None, None), (48.85, 2.35), (rng.uniform(36, 56), rng.uniform(-8, 20))]),
+                            residency=rng.choice([frozenset(), frozenset({"FR"}), frozenset({"DE", "CH"}), frozenset({"PL"})]))
+    position = rng.choice([None, (50.0, 8.0)])
+    loaded = table.with_local_load("m")
+    assert table.cascade_for(routes, caller, position) == cascade_rules.cascade_for(
+        routes, loaded, caller, gateway_position=position, ejected=table.ejected())
+    for route in routes:
+        for stage in range(len(route.stages)):
+            limit = rng.choice([None, 1, 3])
+            rule = cascade_rules.stage_ranking(route, stage, loaded, caller, gateway_position=position, ejected=table.ejected())
+            got = table.rank_stage(route, stage, caller, position, limit)
+            if isinstance(rule, routing.NoRoute):
+                assert got == rule
+                continue
+            assert not isinstance(got, routing.NoRoute)
+            rule = rule[:limit]
+            assert [(r.endpoint.url, r.endpoint.tier, r.endpoint.inflight) for r in got] == \
+                [(r.endpoint.url, r.endpoint.tier, r.endpoint.inflight) for r in rule]
+            assert [r.expected_ms for r in got] == pytest.approx([r.expected_ms for r in rule], abs=1e-9)
+
+
+def test_a_cascade_request_ranks_only_the_replicas_its_stage_tries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cascade whose two stages run on 2,000 sites each: choosing the cascade and ranking
+    a stage from the gateway's position reuse the distances the first request computed, and
+    a stage's ranking is the replicas it may try, not 2,000 ranked entries."""
+    table = EndpointTable()
+    table.replace([routing.Endpoint("m", "d", f"{tier}-{i:04d}", tier, "FR", "fr", 42.0 + (i % 100) / 20, -4.0 + (i // 100) / 2,
+                                    f"http://{tier}-{i}:8081") for tier in ("edge", "datacenter") for i in range(2000)])
+    route = cascade_rules.CascadeRoute("m", "d", (cascade_rules.StageRoute("small", frozenset({"edge"}), None),
+                                                  cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)))
+    table.set_cascades({"m": route})
+    handler = cascade.CascadeHandler(table, None, cascade.CascadeMetrics.create(CollectorRegistry()),  # type: ignore[arg-type]
+                                     position=(48.85, 2.35))
+    computed = 0
+    one, many = geo.rtt_ms, geo.rtt_ms_many
+
+    def count_one(*args: float) -> float:
+        nonlocal computed
+        computed += 1
+        return one(*args)
+
+    def count_many(lat: float, lon: float, *arrays):  # noqa: ANN002, ANN202
+        nonlocal computed
+        computed += len(arrays[0])
+        return many(lat, lon, *arrays)
+
+    monkeypatch.setattr(geo, "rtt_ms", count_one)
+    monkeypatch.setattr(geo, "rtt_ms_many", count_many)
+
+    def request() -> list[list[routing.Ranked] | routing.NoRoute]:
+        assert handler.resolve(route, "m", routing.Caller()) == route
+        return [handler.ranking(route, stage, routing.Caller()) for stage in (0, 1)]
+
+    first = request()
+    computed = 0
+    again = request()
+    assert computed == 0 and again == first
+    assert [[r.endpoint.tier for r in ranked] for ranked in again] == [["edge"] * 3, ["datacenter"] * 3]  # type: ignore[union-attr]
