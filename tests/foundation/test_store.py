@@ -1168,19 +1168,22 @@ async def test_a_sqlite_store_closed_while_another_process_holds_the_file_stops_
     try:
         store.apply([write("edge-1", {"tier": "edge"})], WHO)
         holder.execute("BEGIN IMMEDIATE")
-        entered = threading.Event()
+        begun: list[str] = []
+        waiting_turns = threading.Event()
 
-        def writing() -> object:
-            entered.set()
-            return store.apply([write("edge-2", {"tier": "edge"})], WHO)
+        def traced(statement: str) -> None:  # each turn of the wait runs the write's BEGIN once more
+            begun.append(statement)
+            if begun.count("BEGIN IMMEDIATE") >= 2:
+                waiting_turns.set()
 
-        waiting = asyncio.ensure_future(store.run(writing))
-        assert await asyncio.to_thread(entered.wait, 10)
+        store._db.set_trace_callback(traced)
+        waiting = asyncio.ensure_future(store.run(store.apply, [write("edge-2", {"tier": "edge"})], WHO))
+        assert await asyncio.to_thread(waiting_turns.wait, 10), "the write never waited for the file's lock"
         started = time.monotonic()
         await asyncio.to_thread(store.close)
         took = time.monotonic() - started
         assert took < 5, f"closing the store took {took:.1f} s while another connection held the file"
-        with pytest.raises(store_mod.StoreError, match="closed"):
+        with pytest.raises(store_mod.StoreError, match="^the store is closed$"):
             await asyncio.wait_for(waiting, 5)
     finally:
         holder.execute("ROLLBACK")
