@@ -180,7 +180,10 @@ class Store(SqlStore):
                 db.execute(BACKFILL_TOKEN_SEQ)
             if any(r["name"] == "version" and r["pk"] for r in db.execute("PRAGMA table_info(deleted_sites)")):
                 datacentre_records.key_by_name(self, db, SCHEMA_DELETED_SITES)  # keyed by name and version for a while
-            db.execute("COMMIT")
+            # Where WAL cannot be had (a file system without shared memory), COMMIT waits for
+            # readers of the file like BEGIN does for writers; inside the transaction nothing
+            # else waits (SQLite does not spill its cache while it cannot lock the file).
+            _patiently(db, "COMMIT", (), self._closing)
         except sqlite3.Error as exc:  # not a database, unreadable, a full disk: rolled back with the connection
             db.close()
             hint = " (not an edgeplane state file: restore it from a backup, or give another --data-dir/--store)" \
