@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import secrets
@@ -457,11 +458,17 @@ class ControlPlane:
         shared = self._reads.get(name)
         if shared is None or shared.done():
             shared = self._reads[name] = asyncio.ensure_future(self.store.run(read))
-            shared.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, if no caller waited on
+            shared.add_done_callback(functools.partial(self._read_done, name))
         await asyncio.wait((shared,), timeout=within_s)  # the read goes on for the others if this caller goes
         if not shared.done():
             raise TimeoutError
         return shared.result()
+
+    def _read_done(self, name: str, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled():
+            done.exception()  # retrieved, if no caller waited on
+        if self._reads.get(name) is done:  # forgotten once read: a page's name is one of many
+            del self._reads[name]
 
     # -- agent events ------------------------------------------------------------------
 
@@ -529,11 +536,18 @@ class ControlPlane:
     async def placements_view(self, page: paging.Page) -> dict[str, Any]:
         """``GET /v1/placements``: the rows of ``page`` with their replicas' states, built
         in a worker thread but for the agents' states, which the loop owns."""
-        try:  # the read /metrics makes too: one between them while the database stalls
-            rows = await self._shared_read("placements", self.store.placements, API_READ_S)
+        if page.after is not None and len(page.after) != 3:
+            raise paging.BadPage("continue is not a token a page of this list gave (metadata.continue)")
+        if page.limit is None:  # the read /metrics makes too: one between them while the database stalls
+            name, read = "placements", self.store.placements
+        else:  # a page reads its rows alone (one more: whether a next page has any), not the whole table each time
+            name, read = f"placements {page.after} {page.limit}", functools.partial(self.store.placements, page.after, page.limit + 1)
+        try:
+            rows = await self._shared_read(name, read, API_READ_S)
         except TimeoutError:
             raise store_mod.StoreError(f"the store did not answer in {API_READ_S:g} s") from None
-        rows, more = paging.page_of(rows, page, _placement_key)
+        more = page.limit is not None and len(rows) > page.limit
+        rows = rows[:page.limit]
         # The snapshot once the rows are read: a pass sets its own before it writes its rows,
         # so the rows are never shown with an older pass's snapshot (their sites "SiteGone").
         last = self.reconciler.last_snapshot

@@ -366,9 +366,14 @@ class SqlStore:
 
     # --- placement intent ------------------------------------------------------------
 
-    def placements(self) -> list[PlacementRow]:
+    def placements(self, after: tuple[str, str, str] | None = None, limit: int | None = None) -> list[PlacementRow]:
+        """The placement by deployment, site and variant (byte-wise); those after ``after``
+        only and the first ``limit`` only, when given (a page of ``GET /v1/placements``)."""
         c = self.collate
-        rows = self._fetch(f"SELECT * FROM placements ORDER BY deployment{c}, site{c}, variant{c}")
+        where = "" if after is None else f" WHERE (deployment{c}, site{c}, variant{c}) > (?, ?, ?)"
+        rows = self._fetch(self._q(f"SELECT * FROM placements{where} ORDER BY deployment{c}, site{c}, variant{c}"
+                                   + ("" if limit is None else " LIMIT ?")),
+                           (*(after or ()), *(() if limit is None else (limit,))))
         return [PlacementRow(r["deployment"], r["site"], r["variant"], r["replicas"]) for r in rows]
 
     def replace_placements(self, rows: Sequence[PlacementRow], events: Sequence[Event] = (), lease: Lease | None = None) -> None:

@@ -404,6 +404,27 @@ def test_deleting_a_deployment_removes_its_placements(store: Store) -> None:
     assert [p.deployment for p in store.placements()] == ["d2"]
 
 
+def test_placements_are_read_a_page_at_a_time_after_a_key_in_byte_order(store: Store) -> None:
+    deployments = ["d1", "d2", "é", "Z"]
+    store.apply([write(d, {}, kind="ModelDeployment") for d in deployments])
+    rows = [store_mod.PlacementRow(d, s, v, 1) for d in deployments for s in ("s1", "s2") for v in ("a", "b")]
+    store.replace_placements(rows)
+    whole = store.placements()
+    assert [(p.deployment, p.site, p.variant) for p in whole] == sorted((p.deployment, p.site, p.variant) for p in rows)
+    pages, after = [], None
+    for _ in range(len(rows)):
+        page = store.placements(after, 3)
+        if not page:
+            break
+        pages.append(page)
+        after = (page[-1].deployment, page[-1].site, page[-1].variant)
+    assert [len(p) for p in pages] == [3, 3, 3, 3, 3, 1] and [r for p in pages for r in p] == whole
+    keys = [(p.deployment, p.site, p.variant) for p in whole]
+    at = keys.index(("d2", "s1", "a"))
+    assert store.placements(("d2", "s1", "a"), 2) == whole[at + 1:at + 3]  # after a key, whichever of its parts differs first
+    assert store.placements(("d2", "s1", "zz")) == whole[keys.index(("d2", "s2", "a")):]
+
+
 def test_a_deleted_datacentre_site_is_kept_until_its_applications_are_removed(reopen: Callable[..., Store]) -> None:
     """Whichever replica leads next finds where its Serve applications run, until the
     leader that removed them forgets it; declaring the Site again takes them over."""
