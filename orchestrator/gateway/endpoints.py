@@ -58,8 +58,8 @@ class EndpointTable:
     ejecting_500s: int = 5
     _by_model: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
     #: Each model's replicas as arrays to rank from (a deployment's, a cascade stage's: :meth:`_index`),
-    #: built by the first request after a :meth:`replace`.
-    _indices: dict[Selection, replica_index.ReplicaIndex] = field(default_factory=dict)
+    #: built by the first request after a :meth:`replace`; None where a known model has none there.
+    _indices: dict[Selection, replica_index.ReplicaIndex | None] = field(default_factory=dict)
     _ejected_until: dict[str, float] = field(default_factory=dict)
     _500s_in_a_row: dict[str, int] = field(default_factory=dict)
     _inflight: dict[str, int] = field(default_factory=dict)
@@ -303,12 +303,17 @@ class EndpointTable:
         those when ``excluded``; on ``tiers`` only), built by the first request after the
         table changed."""
         key: Selection = (model, deployments, excluded, tiers)
-        index = self._indices.get(key)
-        if index is None:
-            endpoints = [e for e in self._by_model.get(model, ())
-                         if (deployments is None or (e.deployment in deployments) != excluded) and (tiers is None or e.tier in tiers)]
-            if endpoints:
-                index = self._indices[key] = replica_index.ReplicaIndex.build(endpoints)
+        try:
+            return self._indices[key]
+        except KeyError:
+            pass
+        mine = self._by_model.get(model)
+        if mine is None:  # a name any caller may send: nothing is kept of it
+            return None
+        endpoints = [e for e in mine if (deployments is None or (e.deployment in deployments) != excluded) and (tiers is None or e.tier in tiers)]
+        # None kept too: a deployment or stage with no replica of a model on many sites is asked
+        # at every request, and would scan the model's replicas each time
+        index = self._indices[key] = replica_index.ReplicaIndex.build(endpoints) if endpoints else None
         return index
 
     def ejected(self) -> frozenset[str]:

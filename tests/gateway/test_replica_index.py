@@ -170,3 +170,28 @@ def test_a_cascade_request_ranks_only_the_replicas_its_stage_tries(monkeypatch: 
     again = request()
     assert computed == 0 and again == first
     assert [[r.endpoint.tier for r in ranked] for ranked in again] == [["edge"] * 3, ["datacenter"] * 3]  # type: ignore[union-attr]
+
+
+def test_a_deployment_or_stage_without_replicas_is_answered_without_reading_the_model_again() -> None:
+    """A cascade's deployment, or one of its stages, with no replica of a model on 2,000
+    sites: asked at every request, it is looked up once per table, not found by reading
+    every replica of the model each time."""
+    reads = 0
+
+    class Counted(routing.Endpoint):
+        def __getattribute__(self, name: str) -> object:
+            nonlocal reads
+            reads += name in ("deployment", "tier")
+            return super().__getattribute__(name)
+
+    table = EndpointTable()
+    table.replace([Counted("m", "d", f"edge-{i:04d}", "edge", "FR", "fr", 48.0, 2.0, f"http://edge-{i}:8081") for i in range(2000)])
+    route = cascade_rules.CascadeRoute("m", "d", (cascade_rules.StageRoute("small", frozenset({"onprem"}), None),
+                                                  cascade_rules.StageRoute("large", frozenset({"edge"}), None)))
+    per_round = []
+    for _ in range(2):
+        reads = 0
+        assert isinstance(table.rank("m", routing.Caller(), None, deployment="other"), routing.NoRoute)
+        assert table.rank_stage(route, 0, routing.Caller(), None) == routing.NoRoute("stage 'small' has no replica running")
+        per_round.append(reads)
+    assert per_round[0] >= 2000 and per_round[1] == 0
