@@ -31,7 +31,8 @@ from psycopg import conninfo
 from psycopg.rows import dict_row
 
 from orchestrator.store import datacentre_records
-from orchestrator.store.sql import BACKFILL_TOKEN_SEQ, SqlStore
+from orchestrator.store.credentials import BACKFILL_TOKEN_SEQ
+from orchestrator.store.sql import SqlStore
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
 from orchestrator.store.values import Fenced, Lease, StoreError
 

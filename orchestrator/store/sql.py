@@ -8,7 +8,8 @@ leaves behind for removal (records kept as earlier releases read them) is
 Why one base class: the SQLite file and the PostgreSQL database must honour one
 contract to the letter (one test suite runs against both), so the logic that decides
 (optimistic concurrency, generations, what counts as unchanged, which events are
-logged, how tokens and agent credentials are checked) is written once here. A backend
+logged) is written once here, and how tokens and agent credentials are checked in
+:mod:`orchestrator.store.credentials`, a part of this class kept apart. A backend
 supplies only what truly differs: its schema, how a write transaction starts and what
 serialises writers (``_tx``), how a read runs (``_fetch``), how a counter is bumped
 (``_next_version``, ``next_sequences``), how a batch is sent (``_many``), its
@@ -21,16 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from orchestrator.store import datacentre_records
+from orchestrator.store.credentials import Credentials
 from orchestrator.store.threads import StoreThreads
 from orchestrator.store.values import (
     FLEET_ACTIONS,
     KEPT_ACTIONS,
-    AgentSaved,
     Conflict,
     DeletedSite,
     Event,
@@ -41,35 +41,14 @@ from orchestrator.store.values import (
     ObjectWrite,
     PlacementRow,
     StoredObject,
-    TokenInfo,
     WriteOutcome,
     datacentre_target,
-    digest,
-    new_secret,
-    token_state,
+    storable,
 )
 
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-#: When ``site``'s identity was last revoked (a NULL ``ts`` when it never was).
-_LAST_REVOCATION = "SELECT MAX(ts) AS ts FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'"
-#: The event id of ``site``'s last revocation (NULL when it never was): the cut-off for the
-#: bootstrap tokens a rejoin may use, ordered by the store's own sequence, not by the clocks
-#: of the replicas that stamped the token and the revocation.
-_LAST_REVOCATION_ID = "SELECT MAX(id) AS id FROM events WHERE kind = 'Site' AND name = ? AND action = 'agent-revoked'"
-#: The event id of token ``id``'s creation (token ids are unique: the one event of that name).
-TOKEN_CREATED_ID = "SELECT MAX(id) FROM events WHERE kind = 'Token' AND action = 'token-created' AND name = {}"
-#: Tokens made before the store kept ``created_seq`` take their creation event's id; one whose
-#: event retention deleted keeps NULL, read as 0: made before any revocation, so it rejoins
-#: no revoked site (make a new token for that).
-BACKFILL_TOKEN_SEQ = "UPDATE tokens SET created_seq = (" + TOKEN_CREATED_ID.format("tokens.id") + ") WHERE created_seq IS NULL"
-#: A token row with its place in the sequence as ``seq``. Looked up at read time, not only by the
-#: backfill when a replica of this release starts: during a rolling update a replica of the
-#: earlier release still inserts tokens without ``created_seq``, after any revocation.
-_TOKEN_ROWS = "SELECT tokens.*, COALESCE(created_seq, (" + TOKEN_CREATED_ID.format("tokens.id") + "), 0) AS seq FROM tokens"
-
 
 #: How many objects' statuses one statement of :meth:`SqlStore.set_statuses` reads: well
 #: under the parameters a statement may carry (SQLite before 3.32 allows 999).
@@ -80,23 +59,7 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _storable(text: str) -> str:
-    """``text`` with each NUL written as ``\\x00`` and each lone UTF-16 surrogate (which JSON's
-    ``\\ud800`` escape can carry) as ``\\ud800``: PostgreSQL refuses NUL in text, neither
-    backend can encode a surrogate, and both must keep the same log. Free text comes from
-    callers and agents (a reason, a record id, an error message); JSON columns escape it
-    themselves."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            text = text.encode("utf-8", "backslashreplace").decode()
-    return text
-
-
-class SqlStore:
+class SqlStore(Credentials):
     """The shared operations; a subclass sets the dialect and the hooks below."""
 
     placeholder = "?"  # how the driver marks a parameter
@@ -400,7 +363,7 @@ class SqlStore:
     def _log(self, db: Any, e: Event, now: float) -> None:
         db.execute(
             self._q("INSERT INTO events (ts, actor, action, kind, name, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-            (now, _storable(e.actor), e.action, e.kind, _storable(e.name), _storable(e.reason), _canonical(e.details)),
+            (now, storable(e.actor), e.action, e.kind, storable(e.name), storable(e.reason), _canonical(e.details)),
         )
         self._changed(db, f"events:{e.kind}")
 
@@ -457,125 +420,6 @@ class SqlStore:
         reader that stopped before it may have missed events (not all of them: the audit trail
         is kept longer, revocations for good)."""
         return int(self._fetch("SELECT value FROM meta WHERE key = 'events_pruned_through'")[0]["value"])
-
-    # --- tokens and agent identities ---------------------------------------------------
-
-    def create_token(self, purpose: str, role: str, ttl_s: float | None, actor: str, description: str = "",
-                     secret: str | None = None) -> tuple[str, TokenInfo]:
-        """Returns ``(secret, info)``; only a digest of the secret is stored. ``secret``: one
-        made beforehand by :func:`new_secret` (to be kept somewhere before the store has it)."""
-        secret = secret or new_secret(purpose)
-        token_id = secret.split("_", 2)[1]
-        now = self._clock()
-        expires = now + ttl_s if ttl_s else None
-        description = _storable(description)
-        with self._tx() as db:
-            self._log(db, Event(actor, "token-created", "Token", token_id, description or f"{purpose} token", {"role": role, "expiresAt": expires}), now)
-            db.execute(
-                self._q("INSERT INTO tokens (id, digest, purpose, role, created_at, expires_at, description, created_seq)"
-                        f" VALUES (?, ?, ?, ?, ?, ?, ?, ({TOKEN_CREATED_ID.format('?')}))"),
-                (token_id, digest(secret), purpose, role, now, expires, description, token_id),
-            )
-            seq = int(self._one(db, "SELECT created_seq FROM tokens WHERE id = ?", (token_id,))["created_seq"])
-        return secret, TokenInfo(token_id, purpose, role, expires, description, now, created_seq=seq)
-
-    def verify_token(self, secret: str, purpose: str) -> TokenInfo | None:
-        rows = self._fetch(self._q(_TOKEN_ROWS + " WHERE digest = ? AND purpose = ? AND NOT revoked"), (digest(secret), purpose))
-        row = rows[0] if rows else None
-        if row is None or (row["expires_at"] is not None and row["expires_at"] < self._clock()):
-            return None
-        return TokenInfo(row["id"], row["purpose"], row["role"], row["expires_at"], row["description"], row["created_at"],
-                         created_seq=int(row["seq"]))
-
-    def tokens(self) -> list[TokenInfo]:
-        """Every token ever created (no secret, no digest), oldest first: revoked and expired ones too."""
-        now = self._clock()
-        return [TokenInfo(r["id"], r["purpose"], r["role"], r["expires_at"], r["description"], r["created_at"],
-                          token_state(bool(r["revoked"]), r["expires_at"], now), int(r["seq"]))
-                for r in self._fetch(_TOKEN_ROWS + " ORDER BY created_at, id")]
-
-    def prune_tokens(self, before: float, limit: int = 1000, lease: Lease | None = None) -> int:
-        """Delete up to ``limit`` tokens that can never work again and that the audit trail
-        has forgotten: expired before ``before`` (epoch seconds, the audit retention's
-        cut-off), or revoked with their revocation's event deleted by that retention.
-        Returns how many went. The tokens still listed keep their place in the sequence
-        (``created_seq``), and a site's revocation is never deleted (:data:`KEPT_ACTIONS`):
-        which bootstrap tokens may rejoin a revoked site is unchanged. With ``lease``, only
-        while it is held (:class:`Fenced`)."""
-        gone = ("SELECT id FROM tokens WHERE created_at < ? AND ((expires_at IS NOT NULL AND expires_at < ?) OR (revoked AND NOT EXISTS"
-                " (SELECT 1 FROM events WHERE kind = 'Token' AND name = tokens.id AND action = 'token-revoked')))"
-                " ORDER BY created_at, id LIMIT ?")
-        with self._tx() as db:
-            if lease is not None:
-                self._fence(db, lease)
-            return int(db.execute(self._q(f"DELETE FROM tokens WHERE id IN ({gone})"), (before, before, max(1, limit))).rowcount)
-
-    def revoke_token(self, token_id: str, actor: str, reason: str = "revoked") -> bool:
-        """True when the token exists (and is now revoked); revoking it again logs nothing more."""
-        with self._tx() as db:
-            n = db.execute(self._q("UPDATE tokens SET revoked = TRUE WHERE id = ? AND NOT revoked"), (token_id,)).rowcount
-            if n:
-                self._log(db, Event(actor, "token-revoked", "Token", token_id, reason), self._clock())
-                return True
-            return self._one(db, "SELECT 1 FROM tokens WHERE id = ?", (token_id,)) is not None
-
-    def has_api_tokens(self) -> bool:
-        return bool(self._fetch("SELECT 1 FROM tokens WHERE purpose = 'api' AND NOT revoked LIMIT 1"))
-
-    def save_agent(self, site: str, agent_id: str, credential: str, actor: str, replacing: str | None = None,
-                   admitted_seq: int = 0) -> AgentSaved:
-        """Give ``site`` a new agent identity, replacing its last one, unless that one is revoked
-        and the join was not admitted after the revocation (``admitted_seq``: the
-        :attr:`~TokenInfo.created_seq` of the bootstrap token it came with, 0 for one that always
-        existed or a credential). With
-        ``replacing`` (an agent id :meth:`agent_of` read, "" for none), only if the site's
-        identity is still that one, not another written since, by this replica or another.
-        Checked and written in one transaction: a revocation is never written over."""
-        now = self._clock()
-        site = _storable(site)
-        with self._tx() as db:
-            row = self._one(db, "SELECT agent_id, revoked FROM agents WHERE site = ?", (site,))
-            if row is not None and row["revoked"]:
-                revoked_seq = self._one(db, _LAST_REVOCATION_ID, (site,))["id"]
-                if admitted_seq <= (revoked_seq or 0):
-                    return AgentSaved.REVOKED
-            if replacing is not None and (row["agent_id"] if row is not None else "") != replacing:
-                return AgentSaved.REPLACED
-            db.execute(self._q("INSERT INTO agents (site, agent_id, credential_digest, joined_at, revoked) VALUES (?, ?, ?, ?, FALSE)"
-                               " ON CONFLICT (site) DO UPDATE SET agent_id = excluded.agent_id,"
-                               " credential_digest = excluded.credential_digest, joined_at = excluded.joined_at, revoked = FALSE"),
-                       (site, _storable(agent_id), digest(credential), now))
-        return AgentSaved.SAVED
-
-    def agent_of(self, site: str) -> str:
-        """The agent id of ``site``'s current identity (revoked or not); "" when it has none."""
-        rows = self._fetch(self._q("SELECT agent_id FROM agents WHERE site = ?"), (site,))
-        return str(rows[0]["agent_id"]) if rows else ""
-
-    def agent_credential_ok(self, site: str, credential: str) -> bool:
-        rows = self._fetch(self._q("SELECT credential_digest, revoked FROM agents WHERE site = ?"), (site,))
-        row = rows[0] if rows else None
-        return bool(row) and not row["revoked"] and secrets.compare_digest(row["credential_digest"], digest(credential))
-
-    def agent_revoked_at(self, site: str) -> float | None:
-        """When the site's agent identity was revoked, or None if it is not revoked."""
-        with self._read_lock():
-            rows = self._fetch(self._q("SELECT revoked FROM agents WHERE site = ?"), (site,))
-            if not rows or not rows[0]["revoked"]:
-                return None
-            ts = self._fetch(self._q(_LAST_REVOCATION), (site,))[0]["ts"]
-        return float(ts) if ts is not None else 0.0
-
-    def revoke_agent(self, site: str, actor: str, reason: str = "agent identity revoked") -> bool:
-        """True when an agent joined as ``site``. Every call is logged: its event is the
-        cut-off for the bootstrap tokens a rejoin may use (made before it in the store's event
-        sequence), so revoking again also refuses the tokens made since the last time."""
-        with self._tx() as db:
-            n = db.execute(self._q("UPDATE agents SET revoked = TRUE WHERE site = ?"), (site,)).rowcount
-            if n:
-                self._log(db, Event(actor, "agent-revoked", "Site", site, reason), self._clock())
-        return bool(n)
-
 
     # --- leadership ------------------------------------------------------------------
 

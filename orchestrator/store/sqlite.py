@@ -27,7 +27,8 @@ from typing import Any
 
 from edge_agent import state as state_files
 from orchestrator.store import datacentre_records
-from orchestrator.store.sql import BACKFILL_TOKEN_SEQ, SqlStore, _canonical
+from orchestrator.store.credentials import BACKFILL_TOKEN_SEQ
+from orchestrator.store.sql import SqlStore, _canonical
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
 from orchestrator.store.values import (  # re-exported: the control plane names the store's records from here
     AgentSaved,

@@ -1,7 +1,8 @@
 """The store's records and errors: what callers hand the state store and get back.
 
 Why apart from the SQL that keeps them: these are plain values (frozen dataclasses, an
-enum, the error tree, how a token's state and a secret's digest are worked out) that the
+enum, the error tree, how a token's state and a secret's digest are worked out, how free
+text is kept storable) that the
 whole control plane names, the reconciler, the API and the agents' admission among them,
 while :mod:`orchestrator.store.sql` is how both backends write and read them. Reading
 one should not mean reading the other. Callers name them through
@@ -200,3 +201,19 @@ __all__ = [
     "FLEET_ACTIONS", "KEPT_ACTIONS", "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow",
     "StoreError", "StoredObject", "TokenInfo", "WriteOutcome", "datacentre_target", "digest", "new_secret", "token_state",
 ]
+
+
+def storable(text: str) -> str:
+    """``text`` with each NUL written as ``\\x00`` and each lone UTF-16 surrogate (which JSON's
+    ``\\ud800`` escape can carry) as ``\\ud800``: PostgreSQL refuses NUL in text, neither
+    backend can encode a surrogate, and both must keep the same log. Free text comes from
+    callers and agents (a reason, a record id, an error message); JSON columns escape it
+    themselves."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode()
+    return text
