@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.adapters import serve_config
@@ -67,9 +67,11 @@ class PublishEndpoints:
 @dataclass(frozen=True)
 class RefreshHealth:
     """The table's endpoints again, their health refreshed and their residency narrowed to the
-    stored specs, all else in it kept (a pass on hold)."""
+    stored specs, all else in it kept (a pass on hold), but for why each model it leaves with
+    no endpoint has none."""
 
     endpoints: tuple[routing.Endpoint, ...]
+    unrouted: Mapping[str, str] = field(default_factory=dict)  # model -> why it has no endpoint now
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,10 @@ Two things of the table follow the stored state all the same, as neither can wai
 hold to end: an edge endpoint's health (an agent revoked or lost), and residency, a hard
 rule: a stricter ``placement.residency`` applied meanwhile, or a Site declared in another
 country, takes endpoints out of routing at once (:func:`narrowed`). Only ever narrowed: a
-hold never widens the table or adds to it, as what it would widen to was never planned.
+hold never widens the table or adds to it, as what it would widen to was never planned. A
+model that loses every endpoint so stays known, with why (:func:`unrouted`): the reason the
+table had for it (its deployment's last status, "Running") would not say why no caller
+reaches it for as long as the hold lasts.
 """
 
 from __future__ import annotations
@@ -101,17 +104,30 @@ def narrowed(in_force: Iterable[routing.Endpoint], sites: Iterable[snap.SiteReco
     return tuple(out)
 
 
+def unrouted(in_force: Iterable[routing.Endpoint], narrow: Iterable[routing.Endpoint], unreadable: Unreadable) -> dict[str, str]:
+    """Why each model that had endpoints in force and has none left after :func:`narrowed`
+    has none: its replicas' Sites are declared in another country (the one endpoint a
+    narrowing drops), until the hold ends."""
+    left = {e.model for e in narrow}
+    sites: dict[str, set[str]] = {}
+    for e in in_force:
+        if e.model not in left:
+            sites.setdefault(e.model, set()).add(e.site)
+    return {model: f"its replicas' Sites ({routing.listed_sites(names)}) are declared in another country than they were placed "
+                   f"in, and are not routed to until the hold ends ({reason(unreadable)})" for model, names in sorted(sites.items())}
+
+
 def actions(desired: snap.Desired, in_force: Iterable[routing.Endpoint],
             agents: Iterable[agent_model.AgentStatus], awaited: Iterable[str] = ()) -> tuple[act.Action, ...]:
     """A pass on hold: each unreadable object's status, and the table's endpoints with their
-    residency narrowed to the stored specs that read (:func:`narrowed`) and the edge ones'
-    health as their agents' (``awaited``: edge sites whose agents are not back since a
-    restart, see :func:`refreshed`)."""
+    residency narrowed to the stored specs that read (:func:`narrowed`), why a model so left
+    with none has none (:func:`unrouted`), and the edge ones' health as their agents'
+    (``awaited``: edge sites whose agents are not back since a restart, see :func:`refreshed`)."""
     out: list[act.Action] = [act.SetStatuses(tuple(act.SetStatus(kind, name, object_status(why))
                                                    for (kind, name), why in sorted(desired.unreadable.items())))]
     table = tuple(in_force)
     narrow = narrowed(table, desired.sites, desired.deployments)
     endpoints = refreshed(narrow, agents, awaited) or narrow
     if endpoints != table:
-        out.append(act.RefreshHealth(endpoints))
+        out.append(act.RefreshHealth(endpoints, unrouted(table, narrow, desired.unreadable)))
     return tuple(out)

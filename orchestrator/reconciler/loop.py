@@ -479,8 +479,12 @@ class Reconciler:
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since)
                 self._publish_table()
-            case act.RefreshHealth(endpoints):
-                self.table.replace(endpoints)  # the regions, reasons and pending notes as they are
+            case act.RefreshHealth(endpoints, unrouted):
+                # the regions and pending notes as they are, the reasons too but for models left with no endpoint
+                reasons = None
+                if unrouted:
+                    reasons = {m: why for m, why in self.table.deployed().items() if not self.table.is_pending(m)} | dict(unrouted)
+                self.table.replace(endpoints, deployed=reasons)
                 self._publish_table()
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))

@@ -13,6 +13,7 @@ import pathlib
 import threading
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from orchestrator import catalog, views
@@ -31,7 +32,7 @@ from orchestrator.reconciler import hold, loop, planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler.residency import EU_COUNTRIES
 from orchestrator.store import sqlite as store_mod
-from orchestrator.testing import harness, manifests
+from orchestrator.testing import harness, manifests, onnx_models
 
 
 class ApplyingMidRead(store_mod.Store):
@@ -273,6 +274,32 @@ def test_on_hold_a_stricter_residency_or_a_site_in_another_country_takes_endpoin
         assert table.endpoints("old") == ()  # nor routed from the country it was declared in, nor added in the new one
     finally:
         store.close()
+
+
+async def test_on_hold_a_model_whose_only_site_is_declared_in_another_country_answers_503_saying_why(tmp_path: pathlib.Path) -> None:
+    """Through the gateway: its one replica, on edge-paris, is no longer routed to once the
+    Site is declared in Germany; the model is still deployed, and a caller is told why it
+    cannot be reached now (the Site moved, changes on hold), not that it is running."""
+    built = onnx_models.build_mlp(tmp_path / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=3)
+    fleet_yaml = manifests.bundle(manifests.edge_site("edge-paris", "FR", 48.85, 2.35), manifests.onnx_model("intent", "intent.onnx", built.sha256),
+                                  manifests.deployment("intent-fr", "intent", 1, {"tiers": ["edge"]}))
+    body = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.1] * 8}]}
+    async with harness.serving_fleet(tmp_path, fleet_yaml, {"edge-paris": dict(country="FR", lat=48.85, lon=2.35)},
+                                     ready=lambda cp: any(e.healthy for e in cp.table.endpoints("intent")), timeout=60,
+                                     what="intent served at edge-paris") as fleet:
+        cp = fleet.cp
+        assert cp is not None
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            assert (await http.post("/v2/models/intent/infer", json=body)).status_code == 200
+            cp.store.apply([store_mod.ObjectWrite("Model", "old", {}, legacy_model(rps=1e-320))],
+                           store_mod.Event("earlier-version", "apply", "", "", "apply"))
+            moved = await http.post("/v1/apply", content=manifests.bundle(manifests.edge_site("edge-paris", "DE", 52.52, 13.40)))
+            assert moved.status_code == 200, moved.text
+            await harness.wait_until(lambda: not cp.table.endpoints("intent"), 30, what="edge-paris out of routing")
+            resp = await http.post("/v2/models/intent/infer", json=body)
+        assert resp.status_code == 503, resp.text
+        why = resp.json()["error"]
+        assert "edge-paris" in why and "another country" in why and "changes on hold: Model 'old' cannot be read" in why, why
 
 
 def site(name: str, country: str) -> snap.SiteRecord:
