@@ -168,14 +168,16 @@ def cuda_available() -> bool:
         return False
 
 
-def _shown_tokens(directory: pathlib.Path) -> dict[int, Piece]:
+def _shown_tokens(directory: pathlib.Path) -> tuple[dict[int, Piece], bool]:
     """The tokens whose text the library does not decode (parts of a character, special
-    tokens, NUL), as logprobs show them, from the model's tokenizer.json."""
+    tokens, NUL), as logprobs show them, from the model's tokenizer.json; and whether it
+    spells out its tokens' bytes in a way :mod:`token_bytes` reads."""
     try:
         tokenizer = json.loads((directory / "tokenizer.json").read_bytes())
     except (OSError, ValueError):  # none: its tokens' text is all there is
-        return {}
-    return {token_id: Piece(text, raw) for token_id, (text, raw) in token_bytes.shown_tokens(tokenizer).items()}
+        return {}, False
+    pieces = {token_id: Piece(text, raw) for token_id, (text, raw) in token_bytes.shown_tokens(tokenizer).items()}
+    return pieces, token_bytes.spells_bytes(tokenizer)
 
 
 def _has_gpu() -> bool:
@@ -200,8 +202,8 @@ class GenAIModel:
         # Read here, where a load is expected to take time: parsing a tokenizer.json of 10-17 MB
         # holds the GIL for about a second, which in the first request for logprobs stalled the
         # event loop and that request's first token.
-        self._pieces: dict[int, Piece] = _shown_tokens(directory)
-        self._vocabulary_read = bool(self._pieces)
+        self._pieces: dict[int, Piece]
+        self._pieces, self._bytes_known = _shown_tokens(directory)
 
     @classmethod
     def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
@@ -241,8 +243,8 @@ class GenAIModel:
         piece = self._pieces.get(token_id)
         if piece is None:
             text = self._tokenizer.decode(np.array([token_id], dtype=np.int32))
-            # U+FFFD from a vocabulary not understood: a part of a character, bytes unknown
-            piece = Piece(text, None if "\ufffd" in text and not self._vocabulary_read else text.encode())
+            # U+FFFD from a vocabulary whose bytes are not read: a part of a character, bytes unknown
+            piece = Piece(text, None if "\ufffd" in text and not self._bytes_known else text.encode())
             self._pieces[token_id] = piece
         return piece
 

@@ -48,6 +48,14 @@ def shown_tokens(tokenizer: Any) -> dict[int, tuple[str, bytes]]:
     return out
 
 
+def spells_bytes(tokenizer: Any) -> bool:
+    """Whether a parsed ``tokenizer.json`` spells out the bytes of its tokens in a way read
+    here (a byte-level BPE, byte fallback): when it does not, a token the library decodes to
+    U+FFFD may be part of a character whose bytes are not known. Its special tokens say
+    nothing of that."""
+    return next(_token_bytes(tokenizer), None) is not None
+
+
 def _token_bytes(tokenizer: Any) -> Iterator[tuple[int, bytes]]:
     """Token id and bytes of each token whose bytes the vocabulary spells out (a byte-level
     BPE's, a SentencePiece vocabulary's byte tokens)."""

@@ -325,6 +325,22 @@ def test_logprobs_show_special_tokens_and_nul_by_their_own_text(tmp_path: pathli
     assert model.token_piece(vocab["\u010a"]) == genai.Piece("\n", b"\n")  # other control characters are text
 
 
+def test_a_token_of_a_vocabulary_whose_bytes_are_not_read_shows_unknown_bytes_though_it_lists_special_tokens(
+        tmp_path: pathlib.Path) -> None:
+    """Its tokenizer.json names no decoder: the library still decodes byte-level tokens (from
+    its pre-tokenizer), which this agent does not read. A byte of "é" decodes to U+FFFD,
+    whose own bytes are not that token's: they are unknown, whatever special tokens it lists."""
+    folder = genai_model.build_model_dir(tmp_path / "tiny")
+    tokenizer = json.loads((folder / "tokenizer.json").read_bytes())
+    del tokenizer["decoder"]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    model = genai.GenAIModel.load(folder, use_cuda=False)
+    vocab = tokenizer["model"]["vocab"]
+    assert model.token_piece(vocab["\u00c3"]) == genai.Piece("\ufffd", None)  # 0xC3
+    special = genai_model.SPECIAL_TOKENS[0]
+    assert model.token_piece(vocab[special]) == genai.Piece(special, special.encode())
+
+
 def test_a_sentencepiece_vocabulary_s_special_and_nul_tokens_show_as_it_has_them() -> None:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<0x00>": 3, "<0xE2>": 4, "<0x41>": 5, "\u2581the": 6}
     added = [{"id": 0, "content": "<unk>", "special": False}, {"id": 1, "content": "<s>", "special": True},
