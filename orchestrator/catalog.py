@@ -317,8 +317,8 @@ def to_manifest(obj: store_mod.StoredObject) -> dict[str, Any]:
 
 def capture_retention(store: store_mod.Store) -> dict[str, capture.Covered | None]:
     """What each stored deployment that captures keeps now, by name: for how long (its
-    ``spec.cascade.capture.retentionDays``), in which zones' stores (its ``zones``), since
-    it was created; None for one whose spec no longer parses (its records keep the expiry
+    ``spec.cascade.capture.retentionDays``), in which zones' stores (its ``zones``), and
+    which deployment of that name it is (when it was created, as stored); None for one whose spec no longer parses (its records keep the expiry
     they were captured with). A deployment missing here (capture off, or deleted) keeps no
     records."""
     out: dict[str, capture.Covered | None] = {}

@@ -31,7 +31,8 @@ def overlay(s: snap.Snapshot, docs: Iterable[loader.LoadedDocument]) -> snap.Sna
             models[d.name] = d.doc.spec
         elif isinstance(d.doc, schema.ModelDeploymentDoc):
             old = deployments.get(d.name)
-            deployments[d.name] = snap.DeploymentRecord(d.name, (old.generation + 1) if old else 1, d.doc.spec)
+            deployments[d.name] = snap.DeploymentRecord(d.name, (old.generation + 1) if old else 1, d.doc.spec,
+                                                        old.created if old else None)
             if d.doc.spec.autoscaling is None:
                 # the next pass has no count for it (the autoscaler evaluates autoscaled specs
                 # only): it is sized from its demand. A count kept under changed settings is

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS records (
     input BLOB NOT NULL,
     input_binary INTEGER,
     output BLOB NOT NULL,
-    output_binary INTEGER
+    output_binary INTEGER,
+    deployment_created REAL
 );
 CREATE INDEX IF NOT EXISTS records_by_deployment ON records (deployment, captured_at);
 CREATE INDEX IF NOT EXISTS records_by_expiry ON records (expires_at);
@@ -72,6 +73,10 @@ class Record:
     input_binary: int | None  # Inference-Header-Content-Length of the request, if binary
     output: bytes
     output_binary: int | None
+    #: Which deployment of its name captured it (``capture.CapturePolicy.deployment``): one
+    #: deleted and created again is another, whose policy does not cover this record. None:
+    #: captured by an earlier release, or from a route that did not say.
+    deployment_created: float | None = None
 
     @staticmethod
     def new_id() -> str:
@@ -97,6 +102,9 @@ class ZoneStore:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+        if "deployment_created" not in columns:  # a file an earlier release wrote: its records are unstamped
+            self._db.execute("ALTER TABLE records ADD COLUMN deployment_created REAL")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -114,9 +122,10 @@ class ZoneStore:
         if wrong:  # a programming error, never a user's: the zone was decided at capture
             raise ValueError(f"records {wrong} belong to another zone than {self.zone}")
         with self._tx() as db:
-            db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            [(r.id, r.deployment, r.model, r.zone, r.captured_at, r.expires_at, r.site, r.stage,
-                             r.first_confidence, r.input, r.input_binary, r.output, r.output_binary) for r in records])
+                             r.first_confidence, r.input, r.input_binary, r.output, r.output_binary, r.deployment_created)
+                            for r in records])
 
     def records(self, deployment: str | None = None, *, model: str | None = None, now: float, retention_s: float | None = None,
                 limit: int = 1_000_000) -> list[Record]:
@@ -141,8 +150,11 @@ class ZoneStore:
         policy covers any more; how many. ``retention`` is what every capturing deployment's
         policy covers now (None: its spec does not read, and the expiry a record was captured
         under stands): a record expires by the shorter of the two retentions, and is deleted
-        when its deployment keeps no records in this zone now, or was created after it
-        (re-created: the record is a deleted deployment's); a deployment missing from it
+        when its deployment keeps no records in this zone now, or is not the one that captured
+        it (re-created: the record is a deleted deployment's; told by the identity the record
+        is stamped with, not by comparing times, which another replica's clock wrote); a
+        record an earlier release captured, unstamped, when captured before the deployment
+        was created; a deployment missing from it
         (capture off, or deleted) keeps none. ``retention`` None (the policies cannot be read
         now): only the expiry a record was captured with."""
         def delete(db: sqlite3.Connection) -> int:
@@ -156,8 +168,9 @@ class ZoneStore:
                 if covered is None or self.zone not in covered.zones:  # capture off or deleted; or this zone no longer listed
                     deleted += db.execute("DELETE FROM records WHERE deployment = ?", (deployment,)).rowcount
                 else:
-                    deleted += db.execute("DELETE FROM records WHERE deployment = ? AND (captured_at <= ? OR captured_at < ?)",
-                                          (deployment, now - covered.retention_s, covered.since)).rowcount
+                    deleted += db.execute("DELETE FROM records WHERE deployment = ? AND (captured_at <= ? OR deployment_created <> ?"
+                                          " OR (deployment_created IS NULL AND captured_at < ?))",
+                                          (deployment, now - covered.retention_s, covered.created, covered.created)).rowcount
             return deleted
         return self._erase(delete)
 

@@ -488,4 +488,4 @@ class CascadeHandler:
         self.capture(capture_store.Record(
             capture_store.Record.new_id(), route.deployment, route.model, zone, now, now + policy.retention_s,
             trip.first_site or answer.site, route.stages[answer.stage].variant, trip.first_confidence,
-            trip.body, trip.body_binary, answer.body, oip.header_length(binary)))
+            trip.body, trip.body_binary, answer.body, oip.header_length(binary), policy.deployment))

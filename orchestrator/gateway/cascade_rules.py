@@ -132,10 +132,11 @@ def rule_of(escalation: cascade_schema.Escalation | None) -> Rule | None:
 
 
 def route_of(deployment: str, spec: schema.ModelDeploymentSpec, watts: Mapping[str, float],
-             energy: Mapping[str, SiteEnergy]) -> CascadeRoute | None:
+             energy: Mapping[str, SiteEnergy], created: float | None = None) -> CascadeRoute | None:
     """The gateway's view of a deployment's cascade (None without one); ``watts`` by variant.
     ``energy`` is kept as given, not copied: the routes of a pass share the fleet's one map,
-    which the table document carries once (:func:`orchestrator.gateway.wire.fleet_energy`)."""
+    which the table document carries once (:func:`orchestrator.gateway.wire.fleet_energy`).
+    ``created``: the deployment's creation time as stored, which its records are stamped with."""
     if spec.cascade is None or not isinstance(spec.variant, dict):
         return None
     stages = []
@@ -144,7 +145,7 @@ def route_of(deployment: str, spec: schema.ModelDeploymentSpec, watts: Mapping[s
         max_inflight = stage.escalate.maxInflight if stage.escalate is not None else None
         stages.append(StageRoute(stage.variant, tiers, rule_of(stage.escalate), max_inflight, watts.get(stage.variant, 0.0)))
     c = spec.cascade.capture
-    policy = CapturePolicy(c.sampleRate, c.dailyCap, c.retentionDays * DAY_S, tuple(c.zones)) if c is not None else None
+    policy = CapturePolicy(c.sampleRate, c.dailyCap, c.retentionDays * DAY_S, tuple(c.zones), created) if c is not None else None
     return CascadeRoute(spec.model, deployment, tuple(stages), energy, policy)
 
 

@@ -97,7 +97,8 @@ def cascade_to_json(route: rules.CascadeRoute) -> dict[str, Any]:
         "stages": [{"variant": s.variant, "tiers": sorted(s.tiers), "rule": _rule_to_json(s.rule), "maxInflight": s.max_inflight,
                     "watts": s.watts} for s in route.stages],
         "capture": None if c is None else {"sampleRate": c.sample_rate, "dailyCap": c.daily_cap, "retentionS": c.retention_s,
-                                           "zones": list(c.zones)},
+                                           "zones": list(c.zones),
+                                           **({"deploymentCreated": c.deployment} if c.deployment is not None else {})},
     }
 
 
@@ -127,7 +128,9 @@ def cascade_from_json(d: Mapping[str, Any], energy: Mapping[str, rules.SiteEnerg
                                     s.get("maxInflight"), float(s.get("watts", 0.0))) for s in d["stages"])
     energy = _energy_from_json(d["energy"]) if "energy" in d else energy if energy is not None else {}
     c = d.get("capture")
-    capture = None if c is None else capture_mod.CapturePolicy(float(c["sampleRate"]), int(c["dailyCap"]), float(c["retentionS"]), tuple(c["zones"]))
+    capture = None if c is None else capture_mod.CapturePolicy(
+        float(c["sampleRate"]), int(c["dailyCap"]), float(c["retentionS"]), tuple(c["zones"]),
+        float(c["deploymentCreated"]) if c.get("deploymentCreated") is not None else None)  # absent from an earlier release's
     return rules.CascadeRoute(str(d["model"]), str(d["deployment"]), stages, energy, capture)
 
 

@@ -277,7 +277,8 @@ class Reconciler:
         return snap.Desired(
             tuple(snap.SiteRecord(n, dict(by_name["Site", n].labels), spec) for n, spec in read["Site"][0].items()),
             read["Model"][0],
-            tuple(snap.DeploymentRecord(n, by_name["ModelDeployment", n].generation, spec) for n, spec in read["ModelDeployment"][0].items()),
+            tuple(snap.DeploymentRecord(n, (o := by_name["ModelDeployment", n]).generation, spec, o.created_at)
+                  for n, spec in read["ModelDeployment"][0].items()),
             {(kind, name): why for kind, (_, bad) in read.items() for name, why in bad.items()})
 
     def _read_stored(self) -> tuple[snap.Desired, tuple[store_mod.PlacementRow, ...]]:

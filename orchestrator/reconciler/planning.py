@@ -475,7 +475,7 @@ def cascade_routes(s: snap.Snapshot) -> dict[str, cascade_rules.CascadeRoute]:
         if d.spec.cascade is None or model is None:
             continue
         watts = {v.name: inventory.to_variant(v).watts for v in model.variants}
-        route = cascade_rules.route_of(d.name, d.spec, watts, energy)
+        route = cascade_rules.route_of(d.name, d.spec, watts, energy, d.created)
         if route is not None:  # called by the deployment's name, or by the model's (the gateway picks
             out.setdefault(d.spec.model, route)  # among the model's cascades per caller: CascadeHandler.resolve)
             out.setdefault(d.name, route)

@@ -30,6 +30,9 @@ class DeploymentRecord:
     name: str
     generation: int
     spec: schema.ModelDeploymentSpec
+    #: When it was created, as stored: which deployment of its name it is (its captured
+    #: records are stamped with it); None for one not stored yet (a preview's).
+    created: float | None = None
 
 
 @dataclass(frozen=True)

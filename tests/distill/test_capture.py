@@ -4,9 +4,11 @@ expired after retention, erasable by id, and readable only by an admin (audited)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import pathlib
+import sqlite3
 import tempfile
 from typing import Any
 
@@ -23,9 +25,10 @@ from orchestrator.api import auth
 from orchestrator.api import captures as captures_api
 from orchestrator.distill import capture
 from orchestrator.distill import store as capture_store
-from orchestrator.gateway import cascade, cascade_rules, endpoints, routing
+from orchestrator.gateway import cascade, cascade_rules, endpoints, routing, wire
 from orchestrator.manifests import cascade as cascade_schema
 from orchestrator.manifests import loader
+from orchestrator.reconciler import loop, planning, snapshot
 from orchestrator.store import sqlite as store_mod
 from tests.cascade.transport import Transport
 
@@ -282,6 +285,74 @@ def test_records_of_a_deleted_deployment_are_deleted_even_when_it_is_applied_aga
         stores.zone("EU").add([record_of("dep", "EU", 300.0)])
         assert stores.purge(400.0, catalog.capture_retention(store)) == 1
         assert [r.captured_at for r in stores.zone("EU").records("dep", now=400.0)] == [300.0]
+    finally:
+        stores.close()
+        store.close()
+
+
+def published_route(store: store_mod.Store) -> cascade_rules.CascadeRoute:
+    """Deployment ``dep``'s cascade as a pass publishes it and a standalone gateway reads it."""
+    desired = loop.Reconciler(store, None, None, None, endpoints.EndpointTable()).read_desired()  # type: ignore[arg-type]
+    pass_of = snapshot.Snapshot(desired.sites, desired.models, desired.deployments, (), (), {}, {}, {}, {})
+    return wire.cascade_from_json(wire.cascade_to_json(planning.cascade_routes(pass_of)["dep"]))
+
+
+def test_a_record_captured_by_a_gateway_whose_clock_is_behind_the_replica_that_applied_the_deployment_is_kept(
+        tmp_path: pathlib.Path) -> None:
+    """On a shared database the deployment's creation time is the applying replica's clock, a
+    record's capture time the capturing gateway's: 10 s behind, a record captured in the
+    deployment's first 10 s is still its own, at every purge."""
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: 1_000.0)
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    try:
+        capturing(store)
+        fleet = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
+        stores.zone("EU").add(serve(published_route(store), fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), now=995.0))
+        assert stores.purge(2_000.0, catalog.capture_retention(store)) == 0 and stores.zone("EU").count("dep") == 1
+    finally:
+        stores.close()
+        store.close()
+
+
+def test_records_a_deleted_deployment_captured_are_deleted_whatever_the_clocks_say(tmp_path: pathlib.Path) -> None:
+    """A gateway still routing by the deleted deployment's cascade captures after the new one
+    was created: that record is the deleted one's all the same; the new one's are kept."""
+    clock = [100.0]
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: clock[0])
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    fleet = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
+    try:
+        capturing(store)
+        deleted = published_route(store)
+        clock[0] = 200.0
+        catalog.delete_object(store, "ModelDeployment", "dep", actor="test")
+        capturing(store)
+        for route in (deleted, published_route(store)):
+            stores.zone("EU").add(serve(route, fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), now=300.0))
+        assert stores.purge(400.0, catalog.capture_retention(store)) == 1
+        assert [r.deployment_created for r in stores.zone("EU").records("dep", now=400.0)] == [200.0]
+    finally:
+        stores.close()
+        store.close()
+
+
+def test_a_zone_file_an_earlier_release_wrote_takes_stamped_records_and_keeps_its_own(tmp_path: pathlib.Path) -> None:
+    """Its records carry no deployment's identity: they are the deployment's when captured
+    after it was created, as that release decided."""
+    (tmp_path / "captures").mkdir()
+    earlier = capture_store.SCHEMA.replace(",\n    deployment_created REAL", "")
+    assert "deployment_created" not in earlier
+    with contextlib.closing(sqlite3.connect(tmp_path / "captures" / "EU.db")) as db:
+        db.executescript(earlier)
+        db.execute("INSERT INTO records VALUES ('old', 'dep', 'm', 'EU', 150, 1e12, 'edge', 'large', 0.4, x'7b7d', NULL, x'7b7d', NULL)")
+        db.commit()
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: 100.0)
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    try:
+        capturing(store)
+        stores.zone("EU").add([dataclasses.replace(record_of("dep", "EU", 160.0), deployment_created=100.0)])
+        assert stores.purge(400.0, catalog.capture_retention(store)) == 0
+        assert [r.deployment_created for r in stores.zone("EU").records("dep", now=400.0)] == [None, 100.0]  # "old" first
     finally:
         stores.close()
         store.close()
