@@ -476,7 +476,7 @@ class ControlPlane:
         """The replica an agent is connected to logs its joins, losses and recoveries (once,
         whether or not it leads); the leader plans with every agent, relayed ones too."""
         logged = event.status.via is None and event.kind in LOGGED_AGENT_EVENTS
-        if not (logged and self._agent_events.put(event)):  # when kept, the pass it triggers comes once it is logged
+        if not (logged and self._agent_events.put(event)):  # the pass it triggers comes once it is logged, unless many wait
             self._trigger_for(event)
 
     def _trigger_for(self, event: agent_model.AgentEvent) -> None:
@@ -497,9 +497,9 @@ class ControlPlane:
             except Exception:  # not the store's: a fault here, with its traceback
                 log.exception("logging that agent %s of site %s %s failed", event.agent_id, event.site, event.kind.value.lower())
             self._trigger_for(event)
-            if not self._agent_events.qsize() and (dropped := self._agent_events.take_dropped()):
-                log.warning("%d agent losses and recoveries were not logged: more than %d waited on the store", dropped,
-                            self._agent_events.limit)
+            if dropped := self._agent_events.take_dropped():
+                log.warning("%d agent losses and recoveries were not logged: more than %d waited on the store, and each "
+                            "agent's latest took the place of the one before it", dropped, self._agent_events.limit)
 
     def _log_agent_event(self, event: agent_model.AgentEvent) -> None:
         kind = event.kind

@@ -1,8 +1,9 @@
 """Agents' joins, losses and recoveries wait to be logged while the store stalls. A fleet
 whose agents flap during a long stall must not queue them without end (each event holds the
-agent's whole status): past a bound, losses and recoveries are counted rather than kept,
-joins always are (logging one registers its Site), and the count is logged once the store
-has caught up."""
+agent's whole status): past a bound, a site's newer loss or recovery takes the place of its
+older one, which is counted, so that the log ends on each agent's latest state; joins are
+always kept (logging one registers its Site), and the count is logged once the store has
+caught up, or while it has not, every so often."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ from orchestrator.agents import model
 from orchestrator.testing import harness
 
 LIMIT = 20
+
+
+def application(site: str) -> model.JoinApplication:
+    return model.JoinApplication(
+        site=site, bootstrap_token=harness.BOOTSTRAP_TOKEN, credential=None, agent_id="", endpoint_url="http://127.0.0.1:9",
+        location=model.Location("FR", "eu-west", 48.8, 2.3), labels={}, agent_version="test", heartbeat_interval=60.0,
+        capacity=model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)))
 
 
 def beat(seq: int, draining: bool) -> model.Heartbeat:
@@ -60,3 +68,63 @@ async def test_a_flapping_agent_during_a_stall_queues_a_bounded_number_of_events
     finally:
         stalled.set()
         await cp.stop()
+
+
+async def test_each_agent_s_latest_loss_or_recovery_is_logged_however_many_waited(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """edge-1 flaps 400 times during a stall and ends healthy; edge-2 is lost while the backlog
+    is full. The log must not end on edge-1 lost, nor leave out edge-2's loss."""
+    monkeypatch.setattr(backlog, "LIMIT", LIMIT)
+    stalled = threading.Event()
+    log_event = server.ControlPlane._log_agent_event
+
+    def on_a_stalled_store(self: server.ControlPlane, event: model.AgentEvent) -> None:
+        stalled.wait(30)
+        log_event(self, event)
+
+    monkeypatch.setattr(server.ControlPlane, "_log_agent_event", on_a_stalled_store)
+    config = server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0, heartbeat_interval_s=60.0,
+                                        bootstrap_tokens=(harness.BOOTSTRAP_TOKEN,))
+    cp = await server.ControlPlane(config).start()
+    try:
+        ids = {site: cp.hub.join(application(site)).agent_id for site in ("edge-1", "edge-2")}
+        for seq in range(1, 401):
+            cp.hub.record_heartbeat("edge-1", ids["edge-1"], beat(seq, draining=seq % 2 == 1))
+        cp.hub.record_heartbeat("edge-2", ids["edge-2"], beat(1, draining=True))
+        assert cp.hub.status("edge-1").healthy and not cp.hub.status("edge-2").healthy  # type: ignore[union-attr]
+        stalled.set()
+        await harness.wait_until(lambda: not cp._agent_events.qsize(), 30, what="the backlog drained")
+
+        def flaps(site: str) -> list[str]:  # oldest first
+            return [e.action for e in cp.store.events(kind="Site", name=site, limit=1000) if e.action in ("agent-lost", "agent-recovered")]
+        assert flaps("edge-1")[-1] == "agent-recovered" and len(flaps("edge-1")) <= LIMIT
+        assert flaps("edge-2") == ["agent-lost"]
+    finally:
+        stalled.set()
+        await cp.stop()
+
+
+def event(site: str, kind: model.AgentEventKind, status: model.AgentStatus) -> model.AgentEvent:
+    return model.AgentEvent(kind, site, "agent", 0.0, "", status)
+
+
+async def test_events_not_logged_are_reported_once_the_backlog_drains_below_half_or_every_so_often_while_it_does_not() -> None:
+    """A fleet that goes on flapping while the store lags never lets the backlog empty."""
+    status = model.AgentStatus("edge", "agent", "http://127.0.0.1:9", True, 0.0, 0.0, model.Location(), {}, "test",
+                               model.Capacity(cpu_cores=4, memory_total_bytes=8 << 30), (), 0, 1.0, 8 << 30, {}, 0, 60.0)
+    now = [0.0]
+    waiting = backlog.EventBacklog(10, clock=lambda: now[0], report_every_s=60.0)
+    kinds = (model.AgentEventKind.LOST, model.AgentEventKind.RECOVERED)
+    for i in range(10):
+        assert waiting.put(event(f"edge-{i}", kinds[0], status))
+    assert not waiting.put(event("edge-0", kinds[1], status))  # in the place of edge-0's loss: its pass runs now
+    assert waiting.qsize() == 10 and waiting.take_dropped() == 0  # still over half
+    now[0] = 61.0
+    assert waiting.take_dropped() == 1  # reported while it still is
+    assert not waiting.put(event("edge-1", kinds[1], status))
+    got = [await waiting.get() for _ in range(6)]
+    assert [(e.site, e.kind) for e in got] == [(f"edge-{i}", kinds[0]) for i in range(2, 8)]  # edge-0 and edge-1's losses replaced
+    assert waiting.take_dropped() == 1  # below half: reported though not empty
+    assert [(e.site, e.kind) for e in [await waiting.get() for _ in range(4)]] == [
+        ("edge-8", kinds[0]), ("edge-9", kinds[0]), ("edge-0", kinds[1]), ("edge-1", kinds[1])]
+    assert waiting.qsize() == 0 and waiting.take_dropped() == 0
