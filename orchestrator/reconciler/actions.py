@@ -24,6 +24,9 @@ class RecordPlacement:
 class PushAssignments:
     site: str
     assignments: tuple[agent_model.Assignment, ...]
+    #: The set's version: none when planned; the loop takes it from the store under the lease
+    #: when it executes the pass (``Reconciler._execute_all``).
+    version: int | None = None
 
 
 @dataclass(frozen=True)

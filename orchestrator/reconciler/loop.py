@@ -9,10 +9,10 @@ its own schedule and reported in status and events without holding up other site
 from __future__ import annotations
 
 import asyncio
-import collections
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator import catalog
@@ -65,7 +65,6 @@ class Reconciler:
     _published: wire.TableContents | None = None  # what the last publish wrote
     _published_at: float = 0.0  # when (this reconciler's clock)
     _hold_published: str | None = None  # the hold's reason ("" none) this leader last published; None: not yet
-    _versions: collections.deque[int] = field(default_factory=collections.deque)  # the pass's assignment versions not yet sent
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease)
@@ -452,24 +451,23 @@ class Reconciler:
         leader takes, so a deposed leader that resumes mid-pass still cannot push a set that
         agents would take for newer than the new leader's; one deposed before it took the
         block gets none (:class:`~orchestrator.store.values.Fenced`). What a failed pass
-        leaves of its block is dropped."""
-        try:
-            for i, action in enumerate(actions):
-                if isinstance(action, act.PushAssignments) and not self._versions:
+        leaves of its block is dropped. Each set is executed with its version."""
+        versions: Iterator[int] | None = None
+        for i, action in enumerate(actions):
+            if isinstance(action, act.PushAssignments):
+                if versions is None:
                     count = sum(isinstance(a, act.PushAssignments) for a in actions[i:])
-                    self._versions.extend(await self.store.run(self.store.next_sequences, "assignments", count, lease=self.lease))
-                await self.execute(action)
-        finally:
-            self._versions.clear()
+                    versions = iter(await self.store.run(self.store.next_sequences, "assignments", count, lease=self.lease))
+                action = dataclasses.replace(action, version=next(versions))
+            await self.execute(action)
 
     async def execute(self, action: act.Action) -> None:
         match action:
             case act.RecordPlacement(rows, events):
                 await self.store.run(self.store.replace_placements, rows, events, lease=self.lease)
-            case act.PushAssignments(site, assignments):
-                # The version comes from the store under the lease (see _execute_all): from the pass's block, else alone.
-                version = (self._versions.popleft() if self._versions
-                           else await self.store.run(self.store.next_sequence, "assignments", lease=self.lease))
+            case act.PushAssignments(site, assignments, version):
+                if version is None:  # a planned set: only the pass's block, under the lease, may number it
+                    raise ValueError(f"the assignment set for {site} has no version: a pass's actions are executed by _execute_all")
                 self.hub.set_assignments(site, list(assignments), version)
             case act.ForgetAgent(site):
                 self.hub.forget_if_lost(site)
