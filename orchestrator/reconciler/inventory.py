@@ -43,12 +43,16 @@ def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, 
 
 
 def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None,
-            rejoining: Sequence[sched.Variant] | None = None) -> sched.Site:
+            rejoining: Sequence[sched.Variant] | None = None, *, cordoned: Sequence[sched.Variant] | None = None,
+            draining: bool = False) -> sched.Site:
     """The scheduler's view of a site. ``rejoining``: the site is rejoining (see
     ``site_health``) and holds replicas of these variants; until its agent reports its
     capacity again, the site is as big as they are (its declared capacity may be missing, as
     for a site its agent registered, or smaller than what the agent measured): it keeps them
-    and takes nothing new."""
+    and takes nothing new. ``cordoned``: the same for a site cordoned for maintenance, which
+    keeps what it runs (these variants) and takes nothing new whatever its capacity; a
+    planner without a notion of its own for it needs none, and a replica there is seated
+    as any. ``draining``: being drained, its replicas are placed elsewhere."""
     spec = record.spec
     healthy, _ = site_health(record, agent, dc, rejoining is not None)
     cpu = spec.capacity.cpu if spec.capacity else 0.0
@@ -59,9 +63,9 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         memory = agent.capacity.memory_total_bytes / GIB
         gpus = measured_gpus(agent.capacity)
     elif agent is None and rejoining is not None:
-        cpu = sum(v.cpu for v in rejoining)
-        memory = sum(v.memory_mib for v in rejoining) / 1024
-        gpus = tuple(sched.GpuGroup(v.gpu_model or "", v.gpus, v.gpu_memory_gib) for v in rejoining if v.gpus)
+        cpu, memory, gpus = _as_big_as(rejoining)
+    if cordoned is not None or draining:
+        cpu, memory, gpus = _as_big_as(cordoned or ())
     energy = spec.energy
     return sched.Site(
         name=record.name,
@@ -76,8 +80,15 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         carbon_g_per_kwh=energy.carbonGramsPerKWh if energy else DEFAULT_CARBON_G_PER_KWH,
         pue=energy.pue if energy else 1.0,
         healthy=healthy,
+        draining=draining,
         labels=dict(record.labels),
     )
+
+
+def _as_big_as(variants: Sequence[sched.Variant]) -> tuple[float, float, tuple[sched.GpuGroup, ...]]:
+    """The capacity (CPU, memory GiB, GPUs) that holds exactly these replicas."""
+    return (sum(v.cpu for v in variants), sum(v.memory_mib for v in variants) / 1024,
+            tuple(sched.GpuGroup(v.gpu_model or "", v.gpus, v.gpu_memory_gib) for v in variants if v.gpus))
 
 
 def to_variant(v: schema.Variant) -> sched.Variant:

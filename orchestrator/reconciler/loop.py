@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator import catalog
+from orchestrator import maintenance as maintenance_mod
 from orchestrator.backoff import Backoff
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
@@ -273,12 +274,15 @@ class Reconciler:
         parsers = {"Site": catalog.parse_site, "Model": catalog.parse_model, "ModelDeployment": catalog.parse_deployment}
         read = {kind: catalog.read_each(stored[kind], parse) for kind, parse in parsers.items()}
         by_name = {(o.kind, o.name): o for objs in stored.values() for o in objs}
+        maintenance, bad_maintenance = maintenance_mod.read_each(stored.get(maintenance_mod.KIND, ()))
+        unreadable = {(kind, name): why for kind, (_, bad) in read.items() for name, why in bad.items()}
+        unreadable.update(((maintenance_mod.KIND, name), why) for name, why in bad_maintenance.items())
         return snap.Desired(
             tuple(snap.SiteRecord(n, dict(by_name["Site", n].labels), spec) for n, spec in read["Site"][0].items()),
             read["Model"][0],
             tuple(snap.DeploymentRecord(n, (o := by_name["ModelDeployment", n]).generation, spec, o.created_at)
                   for n, spec in read["ModelDeployment"][0].items()),
-            {(kind, name): why for kind, (_, bad) in read.items() for name, why in bad.items()})
+            unreadable, maintenance)
 
     def _read_stored(self) -> tuple[snap.Desired, tuple[store_mod.PlacementRow, ...]]:
         """What :meth:`current` reads from the store, in a worker thread."""
@@ -340,6 +344,7 @@ class Reconciler:
             rejoining=rejoining,
             remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
             unreadable=desired.unreadable,
+            maintenance=desired.maintenance,
         )
 
     async def gather(self, desired: snap.Desired | None = None) -> snap.Snapshot:
@@ -374,6 +379,7 @@ class Reconciler:
             autoscale=autoscale,
             rejoining=rejoining,
             remembered={site: self._remembered[site] for site in rejoining if site in self._remembered},
+            maintenance=desired.maintenance,
         )
 
     def _resolve_artifacts(self, models: dict[str, schema.ModelSpec]) -> dict[tuple[str, str], snap.ArtifactRef]:
@@ -412,9 +418,10 @@ class Reconciler:
         self.last_snapshot = snapshot
         await self._execute_all(plan.actions)
         self.last_plan = plan
-        # While replicas are on their way up, look again soon rather than at the next resync.
+        # While replicas are on their way up, or a site drains, look again soon rather than at the next resync.
         self.converging = any(
-            item.kind == "ModelDeployment" and item.status.get("phase") in ("Progressing", "Failing")
+            (item.kind == "ModelDeployment" and item.status.get("phase") in ("Progressing", "Failing"))
+            or (item.kind == "Site" and item.status.get("maintenance", {}).get("state") == "Draining")
             for a in plan.actions if isinstance(a, act.SetStatuses) for item in a.items
         )
         await self._pass_ended()

@@ -8,6 +8,7 @@ same actions, which is what makes a pass safe to repeat after a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
@@ -15,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeplane_proto import oip
+from orchestrator import maintenance as maintenance_mod
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import cascade_rules, routing
 from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import inventory, rollout
+from orchestrator.reconciler import maintenance as drain
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import planner
 from orchestrator.scheduler import model as sched_model
@@ -114,19 +117,31 @@ def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
         return result, None
 
 
+def drain_preview(s: snap.Snapshot, site: str) -> dict[str, Any]:
+    """Where each replica of ``site`` would go were it drained now, and which would stay (``--dry-run``)."""
+    draining = maintenance_mod.Maintenance(site, maintenance_mod.Mode.DRAIN)
+    return drain.preview(s, site, schedule(dataclasses.replace(s, maintenance={**s.maintenance, site: draining})))
+
+
 def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sched_model.Deployment], list[sched_model.Replica]]:
     deployments = [inventory.to_deployment(d, s.models[d.spec.model], _autoscaled(s, d.name)) for d in s.deployments if d.spec.model in s.models]
     planned = {d.name for d in deployments}
     current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
-    held = _held_while_rejoining(s, deployments, current)
-    sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name), held.get(r.name)) for r in s.sites]
+    held = _held(s.rejoining | s.maintenance.keys(), deployments, current)
+    cordoned = {name for name, m in s.maintenance.items() if not m.draining}
+    draining = s.maintenance.keys() - cordoned
+    sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name),
+                               held.get(r.name) if r.name in s.rejoining else None,
+                               cordoned=held.get(r.name) if r.name in cordoned else None, draining=r.name in draining)
+             for r in s.sites]
     return sites, deployments, current
 
 
-def _held_while_rejoining(s: snap.Snapshot, deployments: list[sched_model.Deployment],
-                          current: list[sched_model.Replica]) -> dict[str, list[sched_model.Variant]]:
-    """The variants of the replicas each rejoining site holds (see ``inventory.to_site``)."""
-    held: dict[str, list[sched_model.Variant]] = {site: [] for site in s.rejoining}
+def _held(where: Iterable[str], deployments: list[sched_model.Deployment],
+          current: list[sched_model.Replica]) -> dict[str, list[sched_model.Variant]]:
+    """The variants of the replicas each of the sites ``where`` holds: rejoining or cordoned
+    ones (see ``inventory.to_site``)."""
+    held: dict[str, list[sched_model.Variant]] = {site: [] for site in where}
     variants = {(d.name, v.name): v for d in deployments for v in d.variants}
     for replica in current:
         variant = variants.get((replica.deployment, replica.variant))
@@ -417,6 +432,16 @@ def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
     return status
 
 
+def still_serving(s: snap.Snapshot, site: str) -> bool:
+    """Whether ``site`` still answers for some model: its agent serves one, or its data
+    centre runs applications of its own, or still has some this control plane applied."""
+    agent = s.agent_by_site.get(site)
+    if agent is not None and any(m.serving for m in agent.models.values()):
+        return True
+    dc, owns = s.datacentres.get(site), owns_app(site)
+    return bool(s.applied_apps.get(site)) or (dc is not None and any(owns(n) and a.replicas_running for n, a in dc.apps.items()))
+
+
 def agents_to_forget(agents: Iterable[agent_model.AgentStatus], stored_sites: Collection[str]) -> list[str]:
     """The sites of the lost agents among ``agents`` whose Site is not in ``stored_sites``: a
     deleted Site's agent stays while connected, and is forgotten once lost."""
@@ -430,7 +455,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     the gateway routes by the last one, to a replica the placement just took away (a
     stricter residency's, say)."""
     result, standing = schedule_pass(s, standing)
-    rows = placement_rows(result)
+    rows, drains = drain.keep_draining(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model))
     assigned, rollouts = edge_assignments(s, rows)
     rows_of: dict[str, list[store_mod.PlacementRow]] = {}
     for row in rows:
@@ -444,10 +469,10 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
         if d.spec.autoscaling is not None and d.spec.replicas.min == 0 and not status.get("readyReplicas"):
             cold.add(d.spec.model)  # scaled to zero, or on its way up from zero
-    statuses.extend(act.SetStatus("Site", r.name, site_status(s, r)) for r in s.sites)
+    statuses.extend(act.SetStatus("Site", r.name, {**site_status(s, r), **drain.site_status(s, r.name, drains, r.name in drains and still_serving(s, r.name))}) for r in s.sites)
     out: list[act.Action] = []
     if rows != tuple(s.placements):
-        out.append(act.RecordPlacement(rows, placement_events(result)))
+        out.append(act.RecordPlacement(rows, drain.events(s, result, rows, placement_events(result))))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
     out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed, frozenset(cold)))
     out.append(act.PublishCascades(cascade_routes(s)))

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from orchestrator import maintenance as maintenance_mod
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import routing
@@ -45,6 +46,7 @@ class Desired:
     models: Mapping[str, schema.ModelSpec]
     deployments: tuple[DeploymentRecord, ...]
     unreadable: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    maintenance: Mapping[str, maintenance_mod.Maintenance] = field(default_factory=dict)  # by site: cordoned or draining
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class Snapshot:
     # Stored objects this version does not read, with why (a preview's, what-if's): while
     # any is stored, nothing they plan takes effect (orchestrator.reconciler.hold).
     unreadable: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # Sites cordoned or being drained for maintenance, by name (orchestrator.maintenance):
+    # operator state kept apart from the Sites' specs.
+    maintenance: Mapping[str, maintenance_mod.Maintenance] = field(default_factory=dict)
 
     # Lookups by name, built once per snapshot: a pass touches every site and deployment,
     # and scanning the lists for each would make it quadratic in the fleet's size.

@@ -53,7 +53,7 @@ class Fleet:
         self.region_ids = {name: i for i, name in enumerate(self.region_names)}
         self.region = np.array([self.region_ids[s.region] for s in self.sites], dtype=np.int64)
         self.is_edge = np.array([s.tier is Tier.EDGE for s in self.sites], dtype=bool)
-        self.healthy = np.array([s.healthy for s in self.sites], dtype=bool)
+        self.healthy = np.array([s.open for s in self.sites], dtype=bool)  # a draining site counts as unhealthy here
         self.lat = np.array([s.lat for s in self.sites], dtype=np.float64)
         self.lon = np.array([s.lon for s in self.sites], dtype=np.float64)
         self.xyz = geo.unit_vectors(self.lat, self.lon).reshape(n, 3)

@@ -79,6 +79,11 @@ class Site:
     carbon_g_per_kwh: float = 0.0
     pue: float = 1.0
     healthy: bool = True
+    # Being drained for maintenance: like an unhealthy site its replicas are placed
+    # elsewhere and nothing new lands on it; unlike one, it still serves meanwhile (the
+    # control plane keeps its replicas until their replacements serve), which is no
+    # concern of the planner's.
+    draining: bool = False
     labels: Mapping[str, str] = field(default_factory=_empty)
     # Measured round-trip times from a region's clients to this site; wins over the
     # great-circle estimate for demand given by region.
@@ -90,6 +95,14 @@ class Site:
         object.__setattr__(self, "labels", _frozen_mapping(self.labels))
         object.__setattr__(self, "rtt_ms", MappingProxyType(dict(self.rtt_ms or {})))
         object.__setattr__(self, "gpus", tuple(self.gpus))
+
+    @property
+    def open(self) -> bool:
+        """Whether replicas may run here: healthy and not being drained."""
+        return self.healthy and not self.draining
+
+    def why_closed(self) -> str:
+        return f"site {self.name} is draining" if self.draining else f"site {self.name} is unhealthy"
 
 
 @dataclass(frozen=True)

@@ -296,7 +296,7 @@ def _broken_rule(fleet: Fleet, job: Job, site: int, variant: str) -> str | None:
     if not job.allowed[site]:  # residency, tiers, selector or health: say which
         rules = job.deployment.placement
         if not fleet.healthy[site]:
-            return f"site {name} is unhealthy"
+            return fleet.sites[site].why_closed()
         if not fleet.residency_mask(rules.residency)[site]:
             return f"residency no longer allows {fleet.sites[site].country}"
         if not fleet.tier_mask(rules.tiers)[site]:

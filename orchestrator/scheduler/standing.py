@@ -161,17 +161,18 @@ class Standing:
             order = found  # type: ignore[assignment]
         healthy = np.zeros(fleet.size, dtype=bool)
         seen = np.zeros(fleet.size, dtype=bool)
-        healthy[list(order)] = [site.healthy for site in sites]
+        healthy[list(order)] = [site.open for site in sites]
         seen[list(order)] = True
         built = fleet.sites
         for i, site in zip(order, sites):
             known = built[i]
-            if site is not known and site != known and dataclasses.replace(known, healthy=site.healthy) != site:
+            if site is not known and site != known and dataclasses.replace(known, healthy=site.healthy, draining=site.draining) != site:
                 return None  # capacity, carbon, labels or place changed
         if (healthy & ~self.open & ~fleet.healthy).any():
             return None  # unhealthy when built: every mask leaves it out
         gone = frozenset(np.flatnonzero(self.open & ~seen).tolist())
-        lost = {i: f"site {fleet.names[i]} is unhealthy" for i in np.flatnonzero(self.open & seen & ~healthy).tolist()}
+        now = dict(zip(order, sites))
+        lost = {i: now[i].why_closed() for i in np.flatnonzero(self.open & seen & ~healthy).tolist()}
         lost.update({i: f"site {fleet.names[i]} left the inventory" for i in gone})
         back = np.flatnonzero(healthy & ~self.open).tolist()
         return lost, back, gone

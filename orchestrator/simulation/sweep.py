@@ -175,7 +175,7 @@ def sweep(state: whatif.State, by: By, targets: Iterable[str] | None = None,
     impacts = []
     for n, target in enumerate(wanted):
         # A site already down (today, or failed by the scenario swept under) is not lost again.
-        impacts.append(sweeper.lose(target, [i for i in groups[target] if state.sites[i].healthy]))
+        impacts.append(sweeper.lose(target, [i for i in groups[target] if state.sites[i].open]))
         if progress is not None:
             progress(n + 1, len(wanted))
     impacts.sort(key=lambda x: (x.harm(), x.target))

@@ -1,0 +1,181 @@
+"""A drain, make before break: what a pass keeps on a draining site, and what it says.
+
+The scheduler plans a draining site as one it may not use (``Site.draining``): each of
+its replicas gets a replacement on another site that every hard rule allows (residency
+first). Were the plan's placement written as it is, the drained site's replicas would be
+removed, and leave the gateway's table, in the same pass that places their replacements:
+requests would lose that capacity while the replacements download and load, and a
+replica with nowhere to go would be removed outright. So a pass keeps, on the draining
+site, as many of each deployment's replicas as the deployment needs to have as many
+serving as it wants (``wanted``) counting only those elsewhere that serve now: a replica
+leaves the placement (and the table, and then its agent or cluster) only once its
+replacement serves, and one with nowhere allowed to go stays, reported as stuck with the
+scheduler's reason. A forced drain keeps none. Decided purely from the snapshot and the
+plan; level-based, so a pass repeated after a crash keeps the same.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator import catalog
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import result as sched_result
+from orchestrator.store import sqlite as store_mod
+
+ACTOR = "scheduler"
+
+
+@dataclass(frozen=True)
+class Stuck:
+    """Replicas of ``deployment`` left on a draining site: no other allowed site takes them."""
+
+    deployment: str
+    replicas: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where one draining site's drain stands after a pass."""
+
+    site: str
+    left: int  # replicas still placed on it
+    waiting: tuple[str, ...]  # deployments whose replacements do not serve yet
+    stuck: tuple[Stuck, ...]
+
+
+def draining_sites(s: snap.Snapshot) -> frozenset[str]:
+    return frozenset(name for name, m in s.maintenance.items() if m.draining and name in s.site_by_name)
+
+
+def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
+                  ready: Callable[[store_mod.PlacementRow, str], int]) -> tuple[tuple[store_mod.PlacementRow, ...], dict[str, Progress]]:
+    """The plan's ``rows`` with the replicas each draining site keeps until their
+    replacements serve, and each draining site's progress. ``ready(row, model)``: how many
+    of a placement row's replicas answer now (``planning.row_ready``)."""
+    draining = draining_sites(s)
+    if not draining:
+        return rows, {}
+    mine: dict[str, list[store_mod.PlacementRow]] = {}
+    for row in rows:
+        mine.setdefault(row.deployment, []).append(row)
+    there: dict[str, list[store_mod.PlacementRow]] = {}
+    for row in s.placements:
+        if row.site in draining:
+            there.setdefault(row.deployment, []).append(row)
+    kept: list[store_mod.PlacementRow] = []
+    waiting: dict[str, list[str]] = {site: [] for site in draining}
+    stuck: dict[str, list[Stuck]] = {site: [] for site in draining}
+    for name, old in sorted(there.items()):
+        d, plan = s.deployment_by_name.get(name), result.deployments.get(name)
+        if d is None or plan is None:  # deleted, or its Model is: nothing of it runs anywhere
+            continue
+        serving = sum(ready(row, d.spec.model) for row in mine.get(name, ()))
+        keep = max(0, plan.wanted - serving)
+        short = max(0, plan.wanted - plan.placed)  # of those kept, the ones with nowhere to go
+        for row in sorted(old, key=lambda r: (r.site, r.variant)):
+            if keep <= 0 or s.maintenance[row.site].force:
+                continue
+            n = min(row.replicas, keep)
+            keep -= n
+            kept.append(store_mod.PlacementRow(row.deployment, row.site, row.variant, n))
+            held = min(n, short)
+            short -= held
+            if held:
+                stuck[row.site].append(Stuck(name, held, plan.reason or "no other allowed site has room"))
+            if n > held:
+                waiting[row.site].append(name)
+    out = tuple(sorted((*rows, *kept), key=lambda r: (r.deployment, r.site, r.variant)))
+    left = Counter[str]()
+    for row in kept:
+        left[row.site] += row.replicas
+    return out, {site: Progress(site, left[site], tuple(dict.fromkeys(waiting[site])), tuple(stuck[site])) for site in sorted(draining)}
+
+
+def events(s: snap.Snapshot, result: sched_result.PlanResult, rows: Iterable[store_mod.PlacementRow],
+           logged: Iterable[store_mod.Event]) -> tuple[store_mod.Event, ...]:
+    """The placement's events (``logged``, from the plan) as a drain makes them true: a
+    replica moved off a draining site is logged as placed where it goes when it is, and
+    as removed from the draining site when it leaves it (its replacement serves), not
+    both at once when the plan first moves it."""
+    draining = draining_sites(s)
+    if not draining:
+        return tuple(logged)
+    before = Counter[tuple[str, str, str]]()
+    for row in s.placements:
+        before[(row.deployment, row.site, row.variant)] += row.replicas
+    after = Counter[tuple[str, str, str]]()
+    for row in rows:
+        after[(row.deployment, row.site, row.variant)] += row.replicas
+    added = after - before
+    out: list[store_mod.Event] = []
+    for e in logged:
+        if e.action == "replica-removed" and e.details.get("site") in draining:
+            continue
+        if e.action == "replica-moved" and e.details.get("from") in draining:
+            key = (e.name, str(e.details.get("to")), str(e.details.get("variant")))
+            if added[key] > 0:
+                added[key] -= 1
+                out.append(store_mod.Event(e.actor, "replica-placed", e.kind, e.name,
+                                           f"replacing a replica on site {e.details['from']}, which is draining",
+                                           {"site": key[1], "variant": key[2]}))
+            continue
+        out.append(e)
+    for (deployment, site, variant), n in sorted((before - after).items()):
+        if site in draining:
+            why = ("the drain is forced" if s.maintenance[site].force
+                   else f"site {site} is draining and the deployment's other replicas serve")
+            out.extend(store_mod.Event(ACTOR, "replica-removed", "ModelDeployment", deployment, why,
+                                       {"site": site, "variant": variant}) for _ in range(n))
+    return tuple(out)
+
+
+def site_status(s: snap.Snapshot, site: str, progress: Mapping[str, Progress], serves: bool) -> dict[str, Any]:
+    """What a Site's status says of its maintenance (nothing when it is schedulable):
+    ``Cordoned``; ``Draining`` while replicas are left on it or it still ``serves``; ``Drained``."""
+    m = s.maintenance.get(site)
+    if m is None:
+        return {}
+    out: dict[str, Any] = {"mode": m.mode.value, "reason": m.reason, "by": m.actor, "since": catalog.rfc3339(m.since)}
+    if not m.draining:
+        return {"schedulable": False, "maintenance": {"state": "Cordoned", **out}}
+    p = progress.get(site, Progress(site, 0, (), ()))
+    state = "Draining" if p.left or serves else "Drained"
+    out.update({"state": state, "replicasLeft": p.left, "force": m.force})
+    if p.waiting:
+        out["waitingFor"] = list(p.waiting)
+    if p.stuck:
+        out["stuck"] = [{"deployment": x.deployment, "replicas": x.replicas, "reason": x.reason} for x in p.stuck]
+    if state == "Draining" and not p.left:
+        out["note"] = "no replica is placed here any more; waiting for the site to stop serving them"
+    return {"schedulable": False, "maintenance": out}
+
+
+def preview(s: snap.Snapshot, site: str, result: sched_result.PlanResult) -> dict[str, Any]:
+    """What draining ``site`` would do, from a plan made as if it drained (``result``):
+    where each of its replicas would go, and those that would stay, with why."""
+    moves: list[dict[str, Any]] = []
+    stays: list[dict[str, Any]] = []
+    removed: list[dict[str, Any]] = []
+    for a in result.actions:
+        if isinstance(a, sched_result.MoveReplica) and a.from_site == site:
+            moves.append({"deployment": a.deployment, "variant": a.from_variant, "to": a.to_site, "toVariant": a.to_variant})
+        elif isinstance(a, sched_result.RemoveReplica) and a.site == site:
+            removed.append({"deployment": a.deployment, "variant": a.variant, "reason": a.reason})
+    moved = Counter(m["deployment"] for m in moves)
+    for row in s.placements:
+        if row.site != site:
+            continue
+        plan = result.deployments.get(row.deployment)
+        if plan is not None and plan.placed < plan.wanted:
+            stays.append({"deployment": row.deployment, "replicas": min(row.replicas, plan.wanted - plan.placed),
+                          "reason": plan.reason})
+    # A removal without a replacement of a deployment that also falls short is a replica that stays.
+    short = {x["deployment"] for x in stays}
+    removed = [r for r in removed if r["deployment"] not in short]
+    return {"site": site, "replicas": sum(r.replicas for r in s.placements if r.site == site), "moves": moves,
+            "stays": stays, "removed": removed, "moved": sum(moved.values())}

@@ -1,0 +1,146 @@
+"""Cordon and drain as a reconcile pass decides them, over the example fleet: a cordoned site
+takes nothing new and keeps what it runs; a draining site's replicas are re-placed on
+allowed sites and leave it only once their replacements serve; one with nowhere allowed
+to go stays and is reported; a forced drain removes it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from orchestrator import maintenance
+from orchestrator.adapters import serve_config
+from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import planning
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.store import sqlite as store_mod
+
+from .test_views import example_snapshot, examples
+
+
+def _at_rest() -> snap.Snapshot:
+    s = example_snapshot(examples())
+    s = dataclasses.replace(s, placements=planning.placement_rows(planning.plan_pass(s).result))
+    return _serving(s)
+
+
+def _serving(s: snap.Snapshot) -> snap.Snapshot:
+    """Every placed data-centre replica runs (their Serve applications report them all)."""
+    apps: dict[str, dict[str, serve_config.ServeAppStatus]] = {}
+    for row in s.placements:
+        if s.site_by_name[row.site].spec.tier != "datacenter":
+            continue
+        name = planning.app_name(row.site, row.deployment, row.variant)
+        apps.setdefault(row.site, {})[name] = serve_config.ServeAppStatus(
+            name, serve_config.ServeAppState.RUNNING, "", row.replicas, row.replicas, f"http://{row.site}.test/{name}")
+    return dataclasses.replace(s, datacentres={site: snap.DataCentreObservation(True, apps.get(site, {})) for site in s.datacentres})
+
+
+def _with(s: snap.Snapshot, site: str, mode: maintenance.Mode, force: bool = False) -> snap.Snapshot:
+    return dataclasses.replace(s, maintenance={**s.maintenance, site: maintenance.Maintenance(site, mode, "disk swap", "admin", 1.0e9, force)})
+
+
+def _rows(plan: planning.PassPlan, s: snap.Snapshot) -> tuple[store_mod.PlacementRow, ...]:
+    (recorded,) = [a for a in plan.actions if isinstance(a, act.RecordPlacement)] or [act.RecordPlacement(s.placements, ())]
+    return recorded.rows
+
+
+def _site_status(plan: planning.PassPlan, site: str) -> dict[str, object]:
+    return next(i.status for a in plan.actions if isinstance(a, act.SetStatuses) for i in a.items if (i.kind, i.name) == ("Site", site))
+
+
+def _on(rows: tuple[store_mod.PlacementRow, ...], site: str) -> set[store_mod.PlacementRow]:
+    return {r for r in rows if r.site == site}
+
+
+def test_a_site_cordoned_before_planning_gets_no_replica() -> None:
+    s = _with(example_snapshot(examples()), "dc-paris", maintenance.Mode.CORDON)
+    plan = planning.plan_pass(s)
+    assert not _on(_rows(plan, s), "dc-paris")
+    # French-only documents have nowhere else to go: unschedulable, never placed outside France
+    fr = plan.result.deployments["doc-fields-fr"]
+    assert fr.placed == 0 and str(fr.status) == "Unschedulable"
+    assert _site_status(plan, "dc-paris")["maintenance"]["state"] == "Cordoned"  # type: ignore[index]
+
+
+def test_a_cordoned_site_keeps_what_it_runs_and_takes_nothing_more() -> None:
+    s = _at_rest()
+    before = _on(s.placements, "dc-paris")
+    assert before
+    cordoned = _with(s, "dc-paris", maintenance.Mode.CORDON)
+    plan = planning.plan_pass(cordoned)
+    assert _on(_rows(plan, cordoned), "dc-paris") == before
+    assert not [a for a in plan.actions if isinstance(a, act.RecordPlacement)]  # nothing moved
+    # more replicas wanted of a deployment that runs there: they go elsewhere
+    record = next(d for d in cordoned.deployments if d.name == "intent-eu")
+    more = record.spec.model_copy(update={"replicas": record.spec.replicas.model_copy(update={"min": 6, "max": 6})})
+    grown = dataclasses.replace(cordoned, deployments=tuple(dataclasses.replace(d, spec=more) if d.name == "intent-eu" else d
+                                                            for d in cordoned.deployments))
+    rows = _rows(planning.plan_pass(grown), grown)
+    assert _on(rows, "dc-paris") == before
+    status = _site_status(plan, "dc-paris")
+    assert status["schedulable"] is False and status["maintenance"] == {  # type: ignore[comparison-overlap]
+        "state": "Cordoned", "mode": "cordon", "reason": "disk swap", "by": "admin", "since": "2001-09-09T01:46:40Z"}
+
+
+def test_a_drained_site_s_replicas_leave_only_once_their_replacements_serve() -> None:
+    s = _at_rest()
+    before = _on(s.placements, "dc-frankfurt")
+    assert before
+    draining = _with(s, "dc-frankfurt", maintenance.Mode.DRAIN)
+    first = planning.plan_pass(draining)
+    rows = _rows(first, draining)
+    assert _on(rows, "dc-frankfurt") == before  # kept: the replacements do not serve yet
+    def count(rows: tuple[store_mod.PlacementRow, ...], site: str) -> int:
+        return sum(r.replicas for r in rows if r.site == site)
+    # each placed again on the one other allowed data centre, beside those it holds
+    assert count(rows, "dc-paris") == count(s.placements, "dc-paris") + count(s.placements, "dc-frankfurt")
+    (published,) = [a for a in first.actions if isinstance(a, act.PublishEndpoints)]
+    assert {e.site for e in published.endpoints} >= {"dc-frankfurt"}  # still routed to
+    status = _site_status(first, "dc-frankfurt")["maintenance"]
+    assert status["state"] == "Draining" and status["replicasLeft"] == sum(r.replicas for r in before)  # type: ignore[index]
+    events = next(a.events for a in first.actions if isinstance(a, act.RecordPlacement))
+    assert events and {e.action for e in events} == {"replica-placed"}  # nothing removed yet
+    # the same pass again (nothing serves yet): the same placement, nothing written
+    pending = dataclasses.replace(draining, placements=rows)
+    assert not [a for a in planning.plan_pass(pending).actions if isinstance(a, act.RecordPlacement)]
+    # the replacements serve: the drained site's replicas leave the placement and the table
+    served = _serving(pending)
+    second = planning.plan_pass(served)
+    rows = _rows(second, served)
+    assert not _on(rows, "dc-frankfurt")
+    (published,) = [a for a in second.actions if isinstance(a, act.PublishEndpoints)]
+    assert "dc-frankfurt" not in {e.site for e in published.endpoints}
+    removed = [e for e in next(a.events for a in second.actions if isinstance(a, act.RecordPlacement))]
+    assert removed and {(e.action, e.details["site"]) for e in removed} == {("replica-removed", "dc-frankfurt")}
+    assert _site_status(second, "dc-frankfurt")["maintenance"]["state"] == "Draining"  # type: ignore[index]  # apps still applied
+    apps = {a.site: a.apps for a in second.actions if isinstance(a, act.ApplyServeApps)}
+    assert apps["dc-frankfurt"] == ()  # its applications are removed
+    done = dataclasses.replace(served, placements=rows, applied_apps={"dc-frankfurt": ()},
+                               datacentres={**served.datacentres, "dc-frankfurt": snap.DataCentreObservation(True)})
+    assert _site_status(planning.plan_pass(done), "dc-frankfurt")["maintenance"]["state"] == "Drained"  # type: ignore[index]
+
+
+def test_a_replica_with_nowhere_allowed_to_go_stays_and_is_reported() -> None:
+    s = _at_rest()
+    fr = {r for r in _on(s.placements, "dc-paris") if r.deployment == "doc-fields-fr"}
+    assert fr  # France only, and the French edge site has no agent: dc-paris is its one site
+    draining = _with(s, "dc-paris", maintenance.Mode.DRAIN)
+    plan = planning.plan_pass(_serving(dataclasses.replace(draining, placements=_rows(planning.plan_pass(draining), draining))))
+    rows = _rows(plan, draining)
+    assert {r for r in _on(rows, "dc-paris") if r.deployment == "doc-fields-fr"} == fr
+    assert not [r for r in rows if r.deployment == "doc-fields-fr" and r.site != "dc-paris"]  # never outside France
+    status = _site_status(plan, "dc-paris")["maintenance"]
+    (stuck,) = [x for x in status["stuck"] if x["deployment"] == "doc-fields-fr"]  # type: ignore[index]
+    assert stuck["replicas"] == sum(r.replicas for r in fr) and "FR" in stuck["reason"], stuck
+    assert status["state"] == "Draining"  # type: ignore[index]
+    forced = _with(s, "dc-paris", maintenance.Mode.DRAIN, force=True)
+    assert not _on(_rows(planning.plan_pass(forced), forced), "dc-paris")
+
+
+def test_a_dry_run_says_where_each_replica_would_go_and_which_would_stay() -> None:
+    s = _at_rest()
+    preview = planning.drain_preview(s, "dc-paris")
+    assert preview["replicas"] == sum(r.replicas for r in _on(s.placements, "dc-paris"))
+    assert {m["to"] for m in preview["moves"]} == {"dc-frankfurt"}
+    assert [x["deployment"] for x in preview["stays"]] == ["doc-fields-fr"]
+    assert s.maintenance == {}  # nothing changed
