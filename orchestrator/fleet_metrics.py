@@ -22,6 +22,8 @@ class FleetCollector:
         #: None while the store cannot be read: the family is left out rather than
         #: reported from an older read that nothing marks as stale.
         self.placements: Sequence[store_mod.PlacementRow] | None = ()
+        #: Sites cordoned and draining, by state, read with the placement (None: not read).
+        self.maintenance: dict[str, int] | None = {}
 
     def collect(self) -> Any:
         agents = self.cp.hub.snapshot() if hasattr(self.cp, "hub") else []
@@ -72,6 +74,12 @@ class FleetCollector:
                 for d, n in sorted(per.items()):
                     p.add_metric([d], n)
                 yield p
+            if self.maintenance is not None:
+                m = GaugeMetricFamily("edgeplane_sites_cordoned", "Sites taken out of scheduling for maintenance, by state "
+                                      "(cordoned: keeps its replicas; draining: they move elsewhere)", labels=["state"])
+                for state in ("cordoned", "draining"):
+                    m.add_metric([state], self.maintenance.get(state, 0))
+                yield m
             e = GaugeMetricFamily("edgeplane_endpoints", "Routable endpoints, by model", labels=["model"])
             for m in self.cp.table.models():
                 e.add_metric([m], len(self.cp.table.endpoints(m)))

@@ -32,7 +32,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator import capture_retention, catalog, console, event_retention, following, leadership, views
+from orchestrator import capture_retention, catalog, console, event_retention, following, leadership, maintenance, views
 from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
@@ -56,7 +56,7 @@ from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, routing, upstream, wire
 from orchestrator.gateway import options as gateway_options
 from orchestrator.manifests import loader
-from orchestrator.reconciler import datacentres as dc_mod, hold
+from orchestrator.reconciler import datacentres as dc_mod, hold, planning
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
@@ -533,6 +533,14 @@ class ControlPlane:
         last = self.reconciler.last_plan
         return await run_in_threadpool(views.preview, current, docs, last.result.energy if last else None)
 
+    async def drain_preview(self, site: str) -> dict[str, Any]:
+        current = await self.reconciler.current()
+        return await run_in_threadpool(planning.drain_preview, current, site)
+
+    async def hold_reason(self) -> str | None:
+        held = await self.store.run(self.store.published, hold.PUBLISHED_KEY)
+        return held[1] if held is not None and held[1] else None
+
     async def placements_view(self, page: paging.Page) -> dict[str, Any]:
         """``GET /v1/placements``: the rows of ``page`` with their replicas' states, built
         in a worker thread but for the agents' states, which the loop owns."""
@@ -586,6 +594,11 @@ class ControlPlane:
             if self.fleet.placements is None:
                 log.info("metrics: the placement is read again, edgeplane_replicas_placed is back")
             self.fleet.placements = placements
+        try:  # sites taken out for maintenance: any replica's store says it, not only the leader's pass
+            self.fleet.maintenance = maintenance.states(await self._shared_read("maintenance", lambda: maintenance.read_all(self.store),
+                                                                                METRICS_READ_S))
+        except (store_mod.StoreError, TimeoutError):
+            self.fleet.maintenance = None
         # Prometheus text format whatever the scraper's Accept asks: the deprecated gauges
         # edgeplane_heartbeats_received and edgeplane_reconcile_passes share their family name
         # with the counters ..._total in OpenMetrics, whose parsers refuse such a scrape whole.

@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
 from orchestrator.api import auth, bodies, methods, paging
+from orchestrator.api import maintenance as maintenance_api
 from orchestrator.api import simulate as simulate_api
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
@@ -58,6 +59,8 @@ class Services(Protocol):
     async def leadership_view(self) -> dict[str, Any]: ...
     async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]: ...
     async def metrics(self) -> bytes: ...
+    async def drain_preview(self, site: str) -> dict[str, Any]: ...
+    async def hold_reason(self) -> str | None: ...
 
 
 #: The longest a token may live (a longer or non-finite ``ttlSeconds`` is refused: no date
@@ -86,7 +89,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 return await handler(request, caller)
             except bodies.BodyTooLarge as exc:
                 return error(413, str(exc))
-            except (BadQuery, paging.BadPage) as exc:
+            except (BadQuery, maintenance_api.BadQuery, paging.BadPage) as exc:
                 return error(400, str(exc))
             except ManifestError as exc:
                 return error(422, f"{len(exc.issues)} problem(s) in the manifests; nothing was applied", issues=[i.to_dict() for i in exc.issues])
@@ -339,6 +342,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
         Route("/v1/revoke/{what}/{name}", guarded(revoke, write=True), methods=["POST"]),
         Route("/v1/controlplane", guarded(controlplane), methods=["GET"]),
         Route("/v1/{kind}/{name}/abandon-applications", guarded(abandon_applications, write=True), methods=["POST"]),
+        *maintenance_api.routes(services, guarded),
         methods.CatchAll("/v1/{kind}", guarded(list_kind), methods=["GET"]),
         methods.CatchAll("/v1/{kind}/{name}", guarded(get_one), methods=["GET"]),
         methods.CatchAll("/v1/{kind}/{name}", guarded(delete_one, write=True), methods=["DELETE"]),

@@ -5,7 +5,8 @@ line on stderr, manifest problems one per line after it), 2 wrong usage, 3 the c
 plane could not be reached. They are decided here, in one place, for every command.
 
 The commands' bodies live in a module each (``objects``: apply, plan, get, describe,
-delete; ``events``; ``status``; ``tokens``: token and revoke; ``infer``, ``chat``,
+delete; ``events``; ``status``; ``tokens``: token and revoke; ``maintenance``: cordon,
+drain and uncordon; ``infer``, ``chat``,
 ``simulate``, ``cascade``, ``distill``). Those that bring heavy imports (numpy, the
 planner, the servers) are imported only when their command runs, so that every other
 command starts quickly.
@@ -24,6 +25,7 @@ import orchestrator
 from orchestrator import argtypes
 from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import events, objects, status, tokens
+from orchestrator.cli import maintenance as maintenance_cli
 from orchestrator.cli.http import ApiClient, CliError, token_from_env
 from orchestrator.manifests.errors import ManifestError
 
@@ -218,6 +220,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--residency", type=_header_text, help="caller residency, e.g. FR")
     sp.add_argument("--timeout", type=argtypes.number(0, above=True), default=120.0, help="seconds (default 120)")
     distill_cli.add_parsers(client_parser, with_output)
+    maintenance_cli.add_parsers(client_parser, with_output, _header_text, argtypes.duration(1.0))
     return p
 
 
@@ -234,6 +237,7 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "chat": cmd_chat,
     "distill": distill_cli.cmd_distill, "captures": distill_cli.cmd_captures,
+    "cordon": maintenance_cli.cmd_cordon, "drain": maintenance_cli.cmd_drain, "uncordon": maintenance_cli.cmd_uncordon,
 }
 
 

@@ -24,6 +24,7 @@ COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("MEM GiB", lambda o: _num(_capacity(o).get("memoryGiB"))),
         ("GPUS", lambda o: _gpus(_capacity(o).get("gpus") or [])),
         ("HEALTH", lambda o: o.get("status", {}).get("health", "-")),
+        ("SCHEDULING", lambda o: scheduling(o.get("status", {}))),
         ("SOURCE", lambda o: o.get("status", {}).get("capacitySource", "declared")),
     ],
     "Model": [
@@ -40,6 +41,17 @@ COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("REASON", lambda o: o.get("status", {}).get("reason") or ""),
     ],
 }
+
+
+def scheduling(status: dict[str, Any]) -> str:
+    """A Site's maintenance in a word or three: ``Schedulable``, ``Cordoned``,
+    ``Draining (n replicas left)`` or ``Drained``."""
+    m = status.get("maintenance")
+    if not m:
+        return "Schedulable"
+    if m.get("state") == "Draining":
+        return f"Draining ({m.get('replicasLeft', 0)} replicas left)"
+    return str(m.get("state", "-"))
 
 
 def _phase(status: dict[str, Any]) -> str:

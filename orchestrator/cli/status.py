@@ -30,6 +30,8 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
             "problems": {d["metadata"]["name"]: d["status"].get("reason", "") for d in deps
                          if d.get("status", {}).get("phase") in TROUBLED_PHASES},
             "replicas": sum(p["replicas"] for p in placements["items"]),
+            # sites taken out for maintenance: cordoned, draining or drained
+            "maintenance": {s["metadata"]["name"]: render.scheduling(s["status"]) for s in sites if s.get("status", {}).get("maintenance")},
             # why a replica is not ready yet (waiting for a GPU, an agent...), by deployment
             "waiting": _waiting(placements["items"]),
             "controlPlane": api.request("GET", "/v1/controlplane")}
@@ -43,6 +45,8 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     if data["controlPlane"].get("hold"):  # a stored object does not read: nothing is planned or sent until it does
         print(data["controlPlane"]["hold"])
     print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
+    for name, state in data["maintenance"].items():
+        print(f"  {name}: {state}")
     for name, phase in data["deployments"].items():
         print(f"  {name}: {phase}" + (f": {data['problems'][name]}" if data["problems"].get(name) else ""))
         for reason in data["waiting"].get(name, []):

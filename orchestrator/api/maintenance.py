@@ -1,0 +1,106 @@
+"""Routes that take a Site out for maintenance and bring it back: cordon, drain, uncordon.
+
+``POST /v1/sites/NAME/cordon``, ``/drain`` (``?dryRun=true``: where its replicas would go,
+changing nothing; ``?force=true``: remove even those with nowhere allowed to go) and
+``/uncordon``; the caller's reason in ``X-Edgeplane-Reason``. Each writes the shared store
+(any replica answers: the leader's pass reads it) and logs who and why; doing it twice
+changes nothing the second time. What the pass makes of it shows in the Site's status.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from orchestrator import maintenance
+from orchestrator.api import auth
+from orchestrator.store import sqlite as store_mod
+
+Handler = Callable[[Request, auth.Caller], Awaitable[Response]]
+Guard = Callable[..., Callable[[Request], Awaitable[Response]]]
+FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+class Services(Protocol):
+    store: store_mod.Store
+
+    def changed(self, reason: str) -> None: ...
+    async def drain_preview(self, site: str) -> dict[str, Any]: ...
+    async def hold_reason(self) -> str | None: ...
+
+
+class BadQuery(ValueError):
+    """Answered 400 by the guard (``app.BadQuery`` is this class)."""
+
+
+def _flags(request: Request, allowed: tuple[str, ...]) -> dict[str, bool]:
+    unknown = sorted(set(request.query_params) - set(allowed))
+    if unknown:
+        takes = f"takes {' and '.join(allowed)}" if allowed else "takes none"
+        raise BadQuery(f"unknown query parameter {', '.join(map(repr, unknown))}: this route {takes}")
+    out = {}
+    for name in allowed:
+        value = request.query_params.get(name, "false")
+        if value.lower() not in FLAGS:
+            raise BadQuery(f"{name} must be true or false, not {value[:40]!r}")
+        out[name] = FLAGS[value.lower()]
+    return out
+
+
+def _reason(request: Request, default: str) -> str:
+    return (request.headers.get("x-edgeplane-reason") or default)[:500]
+
+
+def _view(change: maintenance.Change, action: str) -> dict[str, Any]:
+    now = change.now
+    return {"kind": "Site", "name": change.site, "action": action if change.changed else "unchanged",
+            "schedulable": now is None,
+            **({"maintenance": {"mode": now.mode.value, "reason": now.reason, "by": now.actor, "force": now.force}} if now else {})}
+
+
+def routes(services: Services, guarded: Guard) -> list[BaseRoute]:
+    store = services.store
+
+    async def answer(change: maintenance.Change, action: str, caller: auth.Caller) -> Response:
+        body = _view(change, action)
+        if change.changed:
+            services.changed(f"site {change.site} {action} by {caller.identity}")
+            if (held := await services.hold_reason()) is not None:
+                body["note"] = f"stored; it takes effect when the hold ends ({held})"
+        return JSONResponse(body)
+
+    async def take_out(request: Request, caller: auth.Caller, mode: maintenance.Mode, force: bool) -> Response:
+        name = request.path_params["name"]
+        change = await store.run(maintenance.take_out, store, name, mode, actor=caller.identity,
+                                 reason=_reason(request, mode.value), now=time.time(), force=force)
+        return await answer(change, "cordoned" if mode is maintenance.Mode.CORDON else "draining", caller)
+
+    async def cordon(request: Request, caller: auth.Caller) -> Response:
+        _flags(request, ())
+        return await take_out(request, caller, maintenance.Mode.CORDON, False)
+
+    async def drain(request: Request, caller: auth.Caller) -> Response:
+        flags = _flags(request, ("dryRun", "force"))
+        name = request.path_params["name"]
+        if flags["dryRun"]:
+            if await store.run(store.get, "Site", name) is None:
+                raise store_mod.NotFound(f"Site {name!r} does not exist")
+            return JSONResponse({"dryRun": True, "plan": await services.drain_preview(name)})
+        return await take_out(request, caller, maintenance.Mode.DRAIN, flags["force"])
+
+    async def uncordon(request: Request, caller: auth.Caller) -> Response:
+        _flags(request, ())
+        name = request.path_params["name"]
+        change = await store.run(maintenance.bring_back, store, name, actor=caller.identity, reason=_reason(request, "uncordon"))
+        return await answer(change, "uncordoned", caller)
+
+    return [
+        Route("/v1/sites/{name}/cordon", guarded(cordon, write=True), methods=["POST"]),
+        Route("/v1/sites/{name}/drain", guarded(drain, write=True), methods=["POST"]),
+        Route("/v1/sites/{name}/uncordon", guarded(uncordon, write=True), methods=["POST"]),
+    ]

@@ -1,0 +1,145 @@
+"""``edgeplane cordon|drain|uncordon site NAME``: take a site out for maintenance and back.
+
+``cordon``: no new replicas there, what runs keeps running. ``drain``: cordon, then move
+its replicas to other allowed sites, each leaving only once its replacement serves;
+``--dry-run`` shows where they would go, ``--wait`` follows the drain until the site
+serves nothing (or ``--timeout``: exit 1, saying what is left). ``uncordon``: schedulable
+again; nothing is moved back by force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.cli import render
+from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.cli.objects import with_reason
+
+DEFAULT_WAIT_S = 600.0
+
+
+def add_parsers(client_parser: Callable[..., argparse.ArgumentParser],
+                with_output: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+                header_text: Callable[[str], str], duration: Callable[[str], float]) -> None:
+    sp = with_output(client_parser("cordon", help="maintenance: a site takes no new replicas; what it runs keeps running"))
+    _site_args(sp, header_text)
+    sp = with_output(client_parser("drain", help="maintenance: cordon a site and move its replicas elsewhere, each once its "
+                                                 "replacement serves"))
+    _site_args(sp, header_text)
+    sp.add_argument("--dry-run", action="store_true", help="show where each replica would go, and which would stay; change nothing")
+    sp.add_argument("--force", action="store_true",
+                    help="also remove replicas that have no other allowed site (their deployments run short; residency still holds)")
+    sp.add_argument("--wait", action="store_true", help="follow the drain until the site serves nothing, printing progress")
+    sp.add_argument("--timeout", type=duration, default=DEFAULT_WAIT_S, metavar="DURATION",
+                    help="with --wait: give up after this long (e.g. 90s, 10m; default 10m), exit 1 and say what is left")
+    sp.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)  # how often --wait looks
+    sp = with_output(client_parser("uncordon", help="maintenance over: the site is schedulable again (nothing is moved back by force)"))
+    _site_args(sp, header_text)
+
+
+def _site_args(sp: argparse.ArgumentParser, header_text: Callable[[str], str]) -> None:
+    sp.add_argument("what", choices=["site"], help="what to take out: a site")
+    sp.add_argument("name", help="the Site's name")
+    sp.add_argument("--reason", type=header_text, help="why (recorded in the event log with your identity)")
+
+
+def _path(args: argparse.Namespace, action: str) -> str:
+    return f"/v1/sites/{args.name}/{action}"
+
+
+def _said(data: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.output in ("json", "yaml"):
+        render.dump(data, args.output)
+        return
+    word = data["action"]
+    print(f"site {data['name']} {word}" if word != "unchanged" else f"site {data['name']} unchanged (already so)")
+    if data.get("note"):
+        print(data["note"])
+
+
+def cmd_cordon(api: ApiClient, args: argparse.Namespace) -> int:
+    _said(api.request("POST", _path(args, "cordon"), headers=with_reason({}, args)), args)
+    return 0
+
+
+def cmd_uncordon(api: ApiClient, args: argparse.Namespace) -> int:
+    _said(api.request("POST", _path(args, "uncordon"), headers=with_reason({}, args)), args)
+    return 0
+
+
+def cmd_drain(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.dry_run:
+        if args.wait or args.force:
+            raise CliError("--dry-run changes nothing: it takes neither --wait nor --force", 2)
+        plan = api.request("POST", _path(args, "drain"), params={"dryRun": "true"})["plan"]
+        if args.output in ("json", "yaml"):
+            render.dump(plan, args.output)
+        else:
+            _print_preview(plan)
+        return 0
+    params = {"force": "true"} if args.force else {}
+    data = api.request("POST", _path(args, "drain"), params=params, headers=with_reason({}, args))
+    if not args.wait:
+        _said(data, args)
+        return 0
+    if args.output not in ("json", "yaml"):
+        _said(data, args)
+    return _wait(api, args)
+
+
+def _print_preview(plan: dict[str, Any]) -> None:
+    print(f"site {plan['site']}: {plan['replicas']} replica(s); draining it would (dry run, nothing changed):")
+    if plan["moves"]:
+        render.table("Moves", ["DEPLOYMENT", "VARIANT", "TO SITE", "AS"],
+                     [[m["deployment"], m["variant"], m["to"], m["toVariant"]] for m in plan["moves"]])
+    if plan["stays"]:
+        render.table("Stay (no other allowed site; --force removes them)", ["DEPLOYMENT", "REPLICAS", "REASON"],
+                     [[x["deployment"], x["replicas"], x["reason"]] for x in plan["stays"]])
+    if plan["removed"]:
+        render.table("Removed (no longer wanted)", ["DEPLOYMENT", "VARIANT", "REASON"],
+                     [[r["deployment"], r["variant"], r["reason"]] for r in plan["removed"]])
+    if not (plan["moves"] or plan["stays"] or plan["removed"]):
+        print("  nothing to move: it runs no replica")
+
+
+def progress_line(name: str, m: dict[str, Any]) -> str:
+    """One line of a drain's progress, as ``--wait`` prints it."""
+    state = m.get("state", "Pending")
+    if state != "Draining":
+        return f"site {name}: {state}"
+    out = f"site {name}: Draining, {m.get('replicasLeft', 0)} replica(s) left"
+    if m.get("waitingFor"):
+        out += f"; waiting for replacements of {', '.join(m['waitingFor'])} to serve"
+    for x in m.get("stuck", []):
+        out += f"; {x['deployment']} stays ({x['replicas']}): {x['reason']}"
+    if m.get("note"):
+        out += f"; {m['note']}"
+    return out
+
+
+def _wait(api: ApiClient, args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.timeout
+    last = ""
+    while True:
+        site = api.request("GET", f"/v1/sites/{args.name}")
+        m = site.get("status", {}).get("maintenance") or {}
+        # a status the pass has not written yet (just drained) reads as pending, never as done
+        m = m if m.get("mode") == "drain" else {"state": "Pending"}
+        line = progress_line(args.name, m)
+        if line != last and args.output not in ("json", "yaml"):
+            print(line, flush=True)
+        last = line
+        if m.get("state") == "Drained":
+            if args.output in ("json", "yaml"):
+                render.dump({"name": args.name, "drained": True, "maintenance": m}, args.output)
+            return 0
+        if time.monotonic() >= deadline:
+            if args.output in ("json", "yaml"):
+                render.dump({"name": args.name, "drained": False, "maintenance": m}, args.output)
+            print(f"error: site {args.name} not drained within {args.timeout:g} s: {line.split(': ', 1)[1]}", file=sys.stderr)
+            return 1
+        time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))

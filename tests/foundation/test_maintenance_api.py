@@ -1,0 +1,145 @@
+"""Cordon, drain and uncordon through the HTTP API and the ``edgeplane`` command line,
+against a real control plane on a real SQLite store (the offline example fleet: nothing
+runs, so a drain has nothing to move): round trips, idempotence, the event log, errors,
+``--dry-run``, ``-o json``, the metrics gauge, and a cordon that outlives a re-apply."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import start_control_plane
+from . import support
+from .support import cli
+
+
+@pytest.fixture(scope="module")
+def cp(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServerThread]:
+    server = start_control_plane(tmp_path_factory.mktemp("maintenance"), offline_fleet, auth="token")
+    try:
+        with httpx.Client(base_url=server.url, headers=_admin(server)) as c:
+            assert c.post("/v1/apply", content=_examples(offline_fleet)).status_code == 200
+        yield server
+    finally:
+        server.stop()
+
+
+ADMIN = "token:"  # the initial admin token's identity starts so
+
+
+def _admin(server: support.ServerThread) -> dict[str, str]:
+    assert server.cp is not None and server.cp.admin_token
+    return {"authorization": f"Bearer {server.cp.admin_token}"}
+
+
+def _examples(folder: pathlib.Path) -> str:
+    return "\n---\n".join(f.read_text() for f in sorted(folder.glob("*.yaml")))
+
+
+def _site_events(c: httpx.Client, site: str) -> list[dict[str, Any]]:
+    return [e for e in c.get("/v1/events", params={"kind": "sites", "name": site, "limit": 1000}).json()["items"]
+            if e["action"].startswith("site-")]
+
+
+def _maintenance_once_passed(c: httpx.Client, site: str, want: str | None, timeout: float = 30.0) -> dict[str, Any]:
+    """The Site's status once a pass has written the maintenance state ``want`` (None: none)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = c.get(f"/v1/sites/{site}").json().get("status", {})
+        if (status.get("maintenance") or {}).get("state") == want:
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"site {site} never showed maintenance state {want}: {status}")
+        time.sleep(0.05)
+
+
+def test_cordon_and_uncordon_round_trip_with_events_and_idempotence(cp: support.ServerThread) -> None:
+    with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+        r = c.post("/v1/sites/edge-lyon/cordon", headers={"x-edgeplane-reason": "disk swap"})
+        assert r.status_code == 200, r.text
+        by = r.json()["maintenance"]["by"]
+        assert by.startswith(ADMIN) and r.json() == {"kind": "Site", "name": "edge-lyon", "action": "cordoned", "schedulable": False,
+                                                     "maintenance": {"mode": "cordon", "reason": "disk swap", "by": by, "force": False}}
+        again = c.post("/v1/sites/edge-lyon/cordon", headers={"x-edgeplane-reason": "still the disk"})
+        assert again.status_code == 200 and again.json()["action"] == "unchanged"
+        status = _maintenance_once_passed(c, "edge-lyon", "Cordoned")
+        assert status["schedulable"] is False and status["maintenance"]["reason"] == "disk swap"
+        assert [(e["action"], e["actor"], e["reason"]) for e in _site_events(c, "edge-lyon")] == [("site-cordoned", by, "disk swap")]
+        gauge = [line for line in c.get("/metrics").text.splitlines() if line.startswith("edgeplane_sites_cordoned{")]
+        assert 'edgeplane_sites_cordoned{state="cordoned"} 1.0' in gauge, gauge
+        r = c.post("/v1/sites/edge-lyon/uncordon", headers={"x-edgeplane-reason": "done"})
+        assert r.json() == {"kind": "Site", "name": "edge-lyon", "action": "uncordoned", "schedulable": True}
+        assert c.post("/v1/sites/edge-lyon/uncordon").json()["action"] == "unchanged"
+        assert "maintenance" not in _maintenance_once_passed(c, "edge-lyon", None)
+        assert [e["action"] for e in _site_events(c, "edge-lyon")] == ["site-cordoned", "site-uncordoned"]
+
+
+def test_errors_are_clear(cp: support.ServerThread) -> None:
+    with httpx.Client(base_url=cp.url, timeout=30) as c:
+        assert c.post("/v1/sites/edge-lyon/cordon").status_code == 401
+        admin = _admin(cp)
+        read = c.post("/v1/tokens", json={"purpose": "api", "role": "read"}, headers=admin).json()["token"]
+        r = c.post("/v1/sites/edge-lyon/drain", headers={"authorization": f"Bearer {read}"})
+        assert r.status_code == 403 and "'read'" in r.json()["error"]
+        for action in ("cordon", "drain", "uncordon"):
+            r = c.post(f"/v1/sites/nowhere/{action}", headers=admin)
+            assert r.status_code == 404 and "Site 'nowhere' does not exist" in r.json()["error"], (action, r.text)
+        r = c.post("/v1/sites/edge-lyon/drain", params={"dryrun": "true"}, headers=admin)
+        assert r.status_code == 400 and "dryrun" in r.json()["error"]  # misspelt: refused, never drained
+        assert c.post("/v1/sites/edge-lyon/drain", params={"force": "maybe"}, headers=admin).status_code == 400
+        assert "maintenance" not in c.get("/v1/sites/edge-lyon", headers=admin).json().get("status", {})
+
+
+def test_a_cordon_outlives_applying_the_manifests_again(cp: support.ServerThread, offline_fleet: pathlib.Path) -> None:
+    with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+        assert c.post("/v1/sites/edge-madrid/cordon").json()["action"] == "cordoned"
+        _maintenance_once_passed(c, "edge-madrid", "Cordoned")
+        site = c.get("/v1/sites/edge-madrid").json()
+        changed = _examples(offline_fleet).replace("zone: eu-south}", "zone: eu-south, rack: b}", 1)
+        assert c.post("/v1/apply", content=changed).status_code == 200
+        assert c.get("/v1/sites/edge-madrid").json()["metadata"]["resourceVersion"] != site["metadata"]["resourceVersion"]
+        assert c.post("/v1/apply", content=_examples(offline_fleet)).status_code == 200
+        passes = cp.cp.reconciler.passes  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while cp.cp.reconciler.passes <= passes + 1 and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.05)
+        assert c.get("/v1/sites/edge-madrid").json()["status"]["maintenance"]["state"] == "Cordoned"
+        assert c.post("/v1/sites/edge-madrid/uncordon").json()["action"] == "uncordoned"
+
+
+def test_the_command_line(cp: support.ServerThread) -> None:
+    env = {"EDGEPLANE_TOKEN": cp.cp.admin_token}  # type: ignore[union-attr,dict-item]
+
+    def run(*args: str) -> Any:
+        return cli(*args, server_url=cp.url, env=env)
+
+    done = run("cordon", "site", "edge-berlin", "--reason", "firmware")
+    assert done.returncode == 0 and done.stdout.strip() == "site edge-berlin cordoned", done.stderr
+    assert run("cordon", "site", "edge-berlin").stdout.strip() == "site edge-berlin unchanged (already so)"
+    with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+        _maintenance_once_passed(c, "edge-berlin", "Cordoned")
+    table = run("get", "sites").stdout
+    assert "SCHEDULING" in table and [line for line in table.splitlines() if line.startswith("edge-berlin") and "Cordoned" in line], table
+    assert "edge-berlin: Cordoned" in run("status").stdout
+    described = run("describe", "site", "edge-berlin").stdout
+    assert "state: Cordoned" in described and "site-cordoned" in described, described
+    plan = json.loads(run("drain", "site", "edge-berlin", "--dry-run", "-o", "json").stdout)
+    assert plan == {"site": "edge-berlin", "replicas": 0, "moves": [], "stays": [], "removed": [], "moved": 0}
+    assert "nothing to move" in run("drain", "site", "edge-berlin", "--dry-run").stdout
+    with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+        assert c.get("/v1/sites/edge-berlin").json()["status"]["maintenance"]["mode"] == "cordon"  # the dry run changed nothing
+    done = run("drain", "site", "edge-berlin", "--wait", "--timeout", "30s", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["drained"] is True  # it ran nothing: drained at the first pass
+    done = run("uncordon", "site", "edge-berlin", "-o", "json")
+    assert json.loads(done.stdout)["action"] == "uncordoned"
+    missing = run("drain", "site", "nowhere")
+    assert missing.returncode == 1 and "Site 'nowhere' does not exist" in missing.stderr
+    assert run("drain", "site", "edge-berlin", "--dry-run", "--force").returncode == 2
+    assert run("cordon", "model", "edge-berlin").returncode == 2  # only sites are taken out
