@@ -1,6 +1,6 @@
 """``edgeplane``: the platform team's command line: its arguments, and which command runs.
 
-Exit codes scripts can trust: 0 done, 1 refused by the control plane (the reason is one
+Exit codes scripts can trust: 0 done, 1 refused by the control plane or not done (the reason is one
 line on stderr, manifest problems one per line after it), 2 wrong usage, 3 the control
 plane could not be reached. They are decided here, in one place, for every command.
 
