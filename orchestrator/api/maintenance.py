@@ -21,7 +21,7 @@ from orchestrator import maintenance
 from orchestrator.api import auth
 from orchestrator.store import sqlite as store_mod
 
-Handler = Callable[[Request, auth.Caller], Awaitable[Response]]
+#: ``app.build_routes``'s ``guarded``: a handler behind authentication and the error translation.
 Guard = Callable[..., Callable[[Request], Awaitable[Response]]]
 FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
@@ -35,7 +35,7 @@ class Services(Protocol):
 
 
 class BadQuery(ValueError):
-    """Answered 400 by the guard (``app.BadQuery`` is this class)."""
+    """A query parameter these routes do not take, or a flag that is not true or false (the guard answers 400)."""
 
 
 def _flags(request: Request, allowed: tuple[str, ...]) -> dict[str, bool]:
