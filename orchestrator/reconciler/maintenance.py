@@ -10,7 +10,8 @@ site, as many of each deployment's replicas as the deployment needs to have as m
 serving as it wants (``wanted``) counting only those elsewhere that serve now: a replica
 leaves the placement (and the table, and then its agent or cluster) only once its
 replacement serves, and one with nowhere allowed to go stays, reported as stuck with the
-scheduler's reason. A forced drain keeps none. Decided purely from the snapshot and the
+scheduler's reason. A forced drain keeps none, nor does a draining site that is lost
+anyway (its agent gone, its cluster unreachable). Decided purely from the snapshot and the
 plan; level-based, so a pass repeated after a crash keeps the same.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import catalog
+from orchestrator.reconciler import inventory
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
 from orchestrator.store import sqlite as store_mod
@@ -52,6 +54,14 @@ def draining_sites(s: snap.Snapshot) -> frozenset[str]:
     return frozenset(name for name, m in s.maintenance.items() if m.draining and name in s.site_by_name)
 
 
+def _holding(s: snap.Snapshot) -> frozenset[str]:
+    """The draining sites that may keep replicas until their replacements serve: not one
+    that is lost too (its agent gone, its cluster unreachable), whose replicas answer no one
+    and are placed elsewhere as any lost site's are."""
+    return frozenset(site for site in draining_sites(s) if inventory.site_health(
+        s.site_by_name[site], s.agent_by_site.get(site), s.datacentres.get(site), site in s.rejoining)[0])
+
+
 def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
                   ready: Callable[[store_mod.PlacementRow, str], int]) -> tuple[tuple[store_mod.PlacementRow, ...], dict[str, Progress]]:
     """The plan's ``rows`` with the replicas each draining site keeps until their
@@ -63,9 +73,10 @@ def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple
     mine: dict[str, list[store_mod.PlacementRow]] = {}
     for row in rows:
         mine.setdefault(row.deployment, []).append(row)
+    up = _holding(s)
     there: dict[str, list[store_mod.PlacementRow]] = {}
     for row in s.placements:
-        if row.site in draining:
+        if row.site in up:
             there.setdefault(row.deployment, []).append(row)
     kept: list[store_mod.PlacementRow] = []
     waiting: dict[str, list[str]] = {site: [] for site in draining}
@@ -102,7 +113,7 @@ def events(s: snap.Snapshot, result: sched_result.PlanResult, rows: Iterable[sto
     replica moved off a draining site is logged as placed where it goes when it is, and
     as removed from the draining site when it leaves it (its replacement serves), not
     both at once when the plan first moves it."""
-    draining = draining_sites(s)
+    draining = _holding(s)
     if not draining:
         return tuple(logged)
     before = Counter[tuple[str, str, str]]()

@@ -137,6 +137,15 @@ def test_a_replica_with_nowhere_allowed_to_go_stays_and_is_reported() -> None:
     assert not _on(_rows(planning.plan_pass(forced), forced), "dc-paris")
 
 
+def test_a_draining_site_that_is_lost_keeps_nothing() -> None:
+    s = _at_rest()
+    down = dataclasses.replace(_with(s, "dc-frankfurt", maintenance.Mode.DRAIN),
+                               datacentres={**s.datacentres, "dc-frankfurt": snap.DataCentreObservation(False, error="unreachable")})
+    plan = planning.plan_pass(down)
+    assert not _on(_rows(plan, down), "dc-frankfurt")  # placed elsewhere at once, as for any lost site
+    assert _site_status(plan, "dc-frankfurt")["maintenance"]["replicasLeft"] == 0  # type: ignore[index]
+
+
 def test_a_dry_run_says_where_each_replica_would_go_and_which_would_stay() -> None:
     s = _at_rest()
     preview = planning.drain_preview(s, "dc-paris")
