@@ -50,9 +50,9 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
     capacity again, the site is as big as they are (its declared capacity may be missing, as
     for a site its agent registered, or smaller than what the agent measured): it keeps them
     and takes nothing new. ``cordoned``: the same for a site cordoned for maintenance, which
-    keeps what it runs (these variants) and takes nothing new whatever its capacity; a
-    planner without a notion of its own for it needs none, and a replica there is seated
-    as any. ``draining``: being drained, its replicas are placed elsewhere."""
+    holds replicas of these variants and takes nothing new whatever its capacity: the
+    planner needs no notion of a cordon, as those replicas keep their seats and nothing
+    else fits. ``draining``: being drained, its replicas are placed elsewhere."""
     spec = record.spec
     healthy, _ = site_health(record, agent, dc, rejoining is not None)
     cpu = spec.capacity.cpu if spec.capacity else 0.0

@@ -469,7 +469,8 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
         if d.spec.autoscaling is not None and d.spec.replicas.min == 0 and not status.get("readyReplicas"):
             cold.add(d.spec.model)  # scaled to zero, or on its way up from zero
-    statuses.extend(act.SetStatus("Site", r.name, {**site_status(s, r), **drain.site_status(s, r.name, drains, r.name in drains and still_serving(s, r.name))}) for r in s.sites)
+    statuses.extend(act.SetStatus("Site", r.name, {**site_status(s, r), **drain.site_status(
+        s, r.name, drains, r.name in drains and still_serving(s, r.name))}) for r in s.sites)
     out: list[act.Action] = []
     if rows != tuple(s.placements):
         out.append(act.RecordPlacement(rows, drain.events(s, result, rows, placement_events(result))))

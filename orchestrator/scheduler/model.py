@@ -79,15 +79,15 @@ class Site:
     carbon_g_per_kwh: float = 0.0
     pue: float = 1.0
     healthy: bool = True
+    labels: Mapping[str, str] = field(default_factory=_empty)
+    # Measured round-trip times from a region's clients to this site; wins over the
+    # great-circle estimate for demand given by region.
+    rtt_ms: Mapping[str, float] = field(default_factory=_empty)
     # Being drained for maintenance: like an unhealthy site its replicas are placed
     # elsewhere and nothing new lands on it; unlike one, it still serves meanwhile (the
     # control plane keeps its replicas until their replacements serve), which is no
     # concern of the planner's.
     draining: bool = False
-    labels: Mapping[str, str] = field(default_factory=_empty)
-    # Measured round-trip times from a region's clients to this site; wins over the
-    # great-circle estimate for demand given by region.
-    rtt_ms: Mapping[str, float] = field(default_factory=_empty)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tier", Tier(self.tier))

@@ -1,0 +1,46 @@
+"""A site being drained (``Site.draining``), as the planner sees it: nothing lands on it,
+its replicas move to sites every hard rule allows with the drain as their reason, and one
+with nowhere allowed to go is reported, never placed outside its residency. The full plan
+and the repair of the plan in force agree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from orchestrator.scheduler import MoveReplica, Replica, plan
+from orchestrator.scheduler import standing as standing_mod
+
+from scheduler_builders import deployment, site
+
+
+@pytest.mark.parametrize(("residency", "moved_to", "status"), [
+    (None, "lyon", "Scheduled"),  # the other French site is nearest to the Paris demand
+    ({"FR"}, "lyon", "Scheduled"),
+    ({"DE"}, None, "Unschedulable"),  # the German site is the only German one: nowhere to go
+])
+def test_a_draining_site_s_replica_moves_where_the_rules_allow(residency: set[str] | None, moved_to: str | None, status: str) -> None:
+    sites = [site("paris"), site("lyon", "lyon"), site("frankfurt", "frankfurt")]
+    d = deployment(residency=residency, demand=(("paris", 10.0),))
+    first = plan(sites, [d])
+    (at,) = {r.site for r in first.replicas}
+    drained = [dataclasses.replace(s, draining=True) if s.name == at else s for s in sites]
+    result = plan(drained, [d], [Replica("d", at, "small")])
+    assert at not in {r.site for r in result.replicas}
+    assert str(result.deployments["d"].status) == status
+    if moved_to is None:
+        assert result.replicas == () and "DE" in result.deployments["d"].reason
+        return
+    (move,) = result.actions
+    assert isinstance(move, MoveReplica) and move.to_site == moved_to and move.reason.startswith(f"site {at} is draining")
+    # the plan in force, repaired for the drain, moves the same replica
+    standing = standing_mod.Standing(sites, [d], [Replica("d", at, "small")])
+    repaired = standing.repair(drained)
+    assert repaired is not None and [a.to_site for a in repaired.actions if isinstance(a, MoveReplica)] == [moved_to]
+
+
+def test_nothing_new_lands_on_a_draining_site() -> None:
+    sites = [dataclasses.replace(site("paris"), draining=True), site("lyon", "lyon")]
+    result = plan(sites, [deployment(replicas=(2, 2), demand=(("paris", 10.0),))])
+    assert {r.site for r in result.replicas} == {"lyon"}
