@@ -1,0 +1,220 @@
+"""What the API reads of a running control plane: its leadership, placements, endpoints,
+cascades, metrics and the extras of ``describe``.
+
+These are the read side of :class:`orchestrator.api.app.Services`, kept apart from the
+wiring and lifecycle in :mod:`orchestrator.server`: each answers from the live state the
+event loop owns (the hub, the table, the last pass) and from store reads that must not
+hold the loop, so a stalled database delays only the answer that needs it, and callers
+that ask meanwhile share one read. :class:`ServerViews` is a base of
+:class:`orchestrator.server.ControlPlane`, which holds the state it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from orchestrator import catalog, leadership, maintenance, server_config, views
+from orchestrator.api import paging
+from orchestrator.artifacts import signature
+from orchestrator.gateway import routing
+from orchestrator.manifests import loader
+from orchestrator.reconciler import hold, planning
+from orchestrator.store import sqlite as store_mod
+
+if TYPE_CHECKING:
+    from orchestrator import fleet_metrics
+    from orchestrator.agents import hub as hub_mod
+    from orchestrator.agents import relay
+    from orchestrator.api import simulate as simulate_api
+    from orchestrator.artifacts import catalog as artifacts
+    from orchestrator.gateway import cascade as cascade_mod
+    from orchestrator.gateway import endpoints as endpoints_mod
+    from orchestrator.reconciler.loop import Reconciler
+    from orchestrator.security import ca as ca_mod
+
+log = logging.getLogger("edgeplane")
+
+API_READ_S = 5.0  # how long GET /v1/placements waits for the store before a 503
+METRICS_READ_S = 2.0  # how long a scrape waits for the placement: well within a scraper's timeout (Prometheus: 10 s)
+
+
+class ServerViews:
+    """The API's reads; the control plane sets what they read as it starts."""
+
+    config: server_config.ServerConfig
+    store: store_mod.Store
+    hub: hub_mod.AgentHub
+    table: endpoints_mod.EndpointTable
+    reconciler: Reconciler
+    simulations: simulate_api.Simulations
+    fleet: fleet_metrics.FleetCollector
+    artifacts: artifacts.ArtifactCatalog
+    cascades: cascade_mod.CascadeHandler
+    ca: ca_mod.CertificateAuthority
+    ca_file: Any
+    replica_id: str
+    elector: leadership.Elector | None
+    relay_client: relay.RelayClient | None
+    _change_feed: Any
+    _reads: dict[str, asyncio.Future[Any]]  # the store reads in flight that callers share, by name
+
+    async def leadership_view(self) -> dict[str, Any]:
+        """This replica, who leads, and why changes are on hold (``hold``: this process's own
+        reconciler's without an election, else what the leader published, read with the lease):
+        ``GET /v1/controlplane``, ``edgeplane status``."""
+        agent_ca = {"agentCa": self.ca.view()} if self.ca_file is not None else {}  # until when agents can join and renew
+        if self.elector is None:
+            return {"replica": self.replica_id, "role": "leader", "election": "none (SQLite: this process owns the store)",
+                    "leader": {"replica": self.replica_id, "fencingToken": None}, "leaderChanges": 0, **agent_ca,
+                    **({"hold": why} if (why := self.reconciler.on_hold) else {})}
+        view: dict[str, Any] = {"replica": self.replica_id, "role": "leader" if self.elector.leading else "follower",
+                                "election": "lease", "leaseSeconds": self.elector.ttl_s, "leaderChanges": self.elector.changes,
+                                "agents": {"connected": len(self.hub.sites()) - self.hub.relayed(), "relayedHere": self.hub.relayed()},
+                                **agent_ca}
+        if self.relay_client is not None and not self.elector.leading:
+            view["relay"] = self.relay_client.view()
+        if self._change_feed is not None:  # other replicas' writes as they commit, else read every storePollSeconds
+            feed = self._change_feed
+            view["storeChanges"] = {"notified": feed.connected, "pollSeconds": self.config.store_poll_s,
+                                    **({"lastError": feed.last_error} if feed.last_error else {})}
+        try:
+            current, held = await self._shared_read(
+                "lease", lambda: (self.store.current_lease(leadership.LEASE), self.store.published(hold.PUBLISHED_KEY)), self.elector.ttl_s)
+        except store_mod.StoreError as exc:
+            return {**view, "leader": None, "error": str(exc)}
+        except TimeoutError:
+            return {**view, "leader": None, "error": f"the store did not answer in {self.elector.ttl_s:g} s"}
+        view["leader"] = ({"replica": current.holder, "fencingToken": current.token, "expiresInSeconds": round(current.remaining_s, 2)}
+                          if current is not None else None)
+        if held is not None and held[1]:
+            view["hold"] = held[1]
+        return view
+
+    async def _shared_read(self, name: str, read: Callable[[], Any], within_s: float) -> Any:
+        """``read()`` of the store, on its threads: on PostgreSQL a read is a transaction
+        that waits for the store's lock and the database, and on the event loop a stalled
+        database would hold the whole replica (API, gateway, agents, health probes). One read
+        by ``name`` at a time, which callers that come meanwhile share: a stalled database
+        piles up no calls on the store's threads (which joins and the API's reads wait for
+        too), however often ``edgeplane status`` or a scraper asks. TimeoutError past ``within_s``."""
+        shared = self._reads.get(name)
+        if shared is None or shared.done():
+            shared = self._reads[name] = asyncio.ensure_future(self.store.run(read))
+            shared.add_done_callback(functools.partial(self._read_done, name))
+        await asyncio.wait((shared,), timeout=within_s)  # the read goes on for the others if this caller goes
+        if not shared.done():
+            raise TimeoutError
+        return shared.result()
+
+    def _read_done(self, name: str, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled():
+            done.exception()  # retrieved, if no caller waited on
+        if self._reads.get(name) is done:  # forgotten once read: a page's name is one of many
+            del self._reads[name]
+
+    async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
+        # The reconciler's state is read on the loop, whose it is; the store and the schedule off it.
+        current = await self.reconciler.current()
+        last = self.reconciler.last_plan
+        return await run_in_threadpool(views.preview, current, docs, last.result.energy if last else None)
+
+    async def drain_preview(self, site: str) -> dict[str, Any]:
+        current = await self.reconciler.current()
+        return await run_in_threadpool(planning.drain_preview, current, site)
+
+    async def hold_reason(self) -> str | None:
+        held = await self.store.run(self.store.published, hold.PUBLISHED_KEY)
+        return held[1] if held is not None and held[1] else None
+
+    async def placements_view(self, page: paging.Page) -> dict[str, Any]:
+        """``GET /v1/placements``: the rows of ``page`` with their replicas' states, built
+        in a worker thread but for the agents' states, which the loop owns."""
+        if page.after is not None and len(page.after) != 3:
+            raise paging.BadPage("continue is not a token a page of this list gave (metadata.continue)")
+        if page.limit is None:  # the read /metrics makes too: one between them while the database stalls
+            name, read = "placements", self.store.placements
+        else:  # a page reads its rows alone (one more: whether a next page has any), not the whole table each time
+            name, read = f"placements {page.after} {page.limit}", functools.partial(self.store.placements, page.after, page.limit + 1)
+        try:
+            rows = await self._shared_read(name, read, API_READ_S)
+        except TimeoutError:
+            raise store_mod.StoreError(f"the store did not answer in {API_READ_S:g} s") from None
+        more = page.limit is not None and len(rows) > page.limit
+        rows = rows[:page.limit]
+        # The snapshot once the rows are read: a pass sets its own before it writes its rows,
+        # so the rows are never shown with an older pass's snapshot (their sites "SiteGone").
+        last = self.reconciler.last_snapshot
+        # the agents' model states as they are now, not as the last pass saw them: a download's
+        # progress changes them every second without a pass (agents.hub._decisive); those of
+        # the page's sites only
+        agents = [a for site in dict.fromkeys(r.site for r in rows) if (a := self.hub.status(site)) is not None]
+        live = dataclasses.replace(last, agents=tuple(agents)) if last is not None else None
+        view = await run_in_threadpool(views.placements, live, rows)
+        meta = paging.metadata(page, "placements", more, _placement_key(rows[-1]) if rows else None)
+        return view if meta is None else {**view, "metadata": meta}
+
+    def endpoints_view(self, model: str, caller: routing.Caller) -> dict[str, Any]:
+        return views.endpoint_list(self.table.rank(model, caller, self.config.position, api=None), model)
+
+    def cascades_view(self) -> dict[str, Any]:
+        return {"items": self.cascades.stats.snapshot(self.table.cascades)}
+
+    async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
+        # The store is read and the planning runs off the loop once a slot is free, so the gateway keeps answering.
+        return await self.simulations.run(self.reconciler.current, body, each, top)
+
+    async def metrics(self) -> bytes:
+        """``GET /metrics``. The placement counted is read in a worker thread first, shared
+        by the scrapes that come while it is read; the collectors read the rest (the hub, the
+        table) on the loop, whose it is. While the store fails, or has not answered within
+        :data:`METRICS_READ_S`, the scrape still answers, without ``edgeplane_replicas_placed``."""
+        try:
+            placements = await self._shared_read("placements", self.store.placements, METRICS_READ_S)
+        except (store_mod.StoreError, TimeoutError) as exc:
+            if self.fleet.placements is not None:  # once an outage, not at every scrape
+                log.warning("metrics: the placement cannot be read, edgeplane_replicas_placed is left out until it can: %s",
+                            exc or f"the store did not answer in {METRICS_READ_S:g} s")
+            self.fleet.placements = None
+        else:
+            if self.fleet.placements is None:
+                log.info("metrics: the placement is read again, edgeplane_replicas_placed is back")
+            self.fleet.placements = placements
+        try:  # sites taken out for maintenance: any replica's store says it, not only the leader's pass
+            self.fleet.maintenance = maintenance.states(await self._shared_read("maintenance", lambda: maintenance.read_all(self.store),
+                                                                                METRICS_READ_S))
+        except (store_mod.StoreError, TimeoutError):
+            self.fleet.maintenance = None
+        # Prometheus text format whatever the scraper's Accept asks: the deprecated gauges
+        # edgeplane_heartbeats_received and edgeplane_reconcile_passes share their family name
+        # with the counters ..._total in OpenMetrics, whose parsers refuse such a scrape whole.
+        return generate_latest(self.registry)
+
+    async def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
+        if kind == "ModelDeployment":
+            extra = views.describe_deployment(self.reconciler.last_plan, name)
+            cascade = next((c for c in self.cascades.stats.snapshot(self.table.cascades) if c["name"] == name), None)
+            return {**extra, "cascade": cascade} if cascade is not None else extra
+        if kind == "Model":
+            obj = await self.store.run(self.store.get, "Model", name)
+            try:
+                spec = catalog.parse_model(obj) if obj is not None else None
+            except ValueError:  # stored by an earlier version, and this one does not read it: its status says why
+                spec = None
+            if spec is None:
+                return {}
+            # in a worker thread of its own, not the store's: the artifact hashed and read
+            return {"variants": await asyncio.to_thread(signature.describe_variants, spec, self.artifacts)}
+        return {}
+
+
+def _placement_key(row: store_mod.PlacementRow) -> tuple[str, str, str]:
+    """The order the store lists placements in, which their pages follow."""
+    return row.deployment, row.site, row.variant
