@@ -10,8 +10,9 @@ Node. Deleting the Site leaves it: a Site declared again under that name is stil
 cordoned until uncordoned.
 
 The writes here check the Site in the store's write transaction and log who did it and
-why; what a cordon or drain does to the placement is decided by the reconciler's pass
-(:mod:`orchestrator.reconciler.maintenance`).
+why in that same transaction: the log is part of the change, so a crash or a refused
+write leaves both or neither. What a cordon or drain does to the placement is decided
+by the reconciler's pass (:mod:`orchestrator.reconciler.maintenance`).
 """
 
 from __future__ import annotations
@@ -113,12 +114,10 @@ def take_out(store: store_mod.Store, site: str, mode: Mode, *, actor: str, reaso
                 return []
         return [store_mod.ObjectWrite(KIND, site, {}, wanted.to_spec())]
 
-    store.apply(writes)
-    if kept:
-        return Change(site, False, kept[0])
     details = {"force": True} if force else {}
-    store.record(store_mod.Event(actor, f"site-{'cordoned' if mode is Mode.CORDON else 'drained'}", "Site", site, reason, details))
-    return Change(site, True, wanted)
+    logged = store_mod.Event(actor, f"site-{'cordoned' if mode is Mode.CORDON else 'drained'}", "Site", site, reason, details)
+    store.apply(writes, also=(logged,))
+    return Change(site, False, kept[0]) if kept else Change(site, True, wanted)
 
 
 def bring_back(store: store_mod.Store, site: str, *, actor: str, reason: str) -> Change:
@@ -129,11 +128,9 @@ def bring_back(store: store_mod.Store, site: str, *, actor: str, reason: str) ->
         if store.get("Site", site) is None and store.get(KIND, site) is None:
             raise store_mod.NotFound(f"Site {site!r} does not exist")
 
-    gone = store.delete_many([(KIND, site)], store_mod.Event(actor, "uncordon", KIND, site, reason), missing_ok=True, check=check)
-    if not gone:
-        return Change(site, False, None)
-    store.record(store_mod.Event(actor, "site-uncordoned", "Site", site, reason))
-    return Change(site, True, None)
+    gone = store.delete_many([(KIND, site)], store_mod.Event(actor, "uncordon", KIND, site, reason), missing_ok=True, check=check,
+                             also=(store_mod.Event(actor, "site-uncordoned", "Site", site, reason),))
+    return Change(site, bool(gone), None)
 
 
 def states(maintenance: Mapping[str, Maintenance]) -> dict[str, int]:

@@ -178,12 +178,14 @@ class SqlStore(Credentials):
         return [self._row(r) for r in rows]
 
     def apply(self, writes: Sequence[ObjectWrite] | Callable[[], Sequence[ObjectWrite]], event: Event | None = None,
-              dry_run: bool = False) -> list[WriteOutcome]:
+              dry_run: bool = False, also: Sequence[Event] = ()) -> list[WriteOutcome]:
         """Create or update all objects in one transaction: all of them or none. A dry run
         decides the same way and rolls back: what it says is what the write would do.
         ``writes`` may be a function that decides them (it may read this store, and raise to
         write nothing): it runs in the transaction, under the lock every writer of the store
-        takes, another replica's included, so what it read is what they are written over."""
+        takes, another replica's included, so what it read is what they are written over.
+        ``also``: events logged as they are, in the same transaction, when it changes anything
+        (an audit entry that is part of the change: both land, or neither)."""
         now = self._clock()
         outcomes: list[WriteOutcome] = []
         with self._tx(commit=not dry_run) as db:
@@ -226,6 +228,8 @@ class SqlStore(Credentials):
                     outcomes.append(WriteOutcome(w.kind, w.name, "configured", generation, rv))
             if any(o.action != "unchanged" for o in outcomes):
                 self._changed(db, "resources")
+                for e in also:
+                    self._log(db, e, now)
             if event is not None:
                 for o in (o for o in outcomes if o.action != "unchanged"):
                     self._log(db, Event(event.actor, o.action, o.kind, o.name, event.reason, {**event.details, "generation": o.generation}), now)
@@ -244,10 +248,11 @@ class SqlStore(Credentials):
         return outcome
 
     def delete_many(self, targets: Sequence[tuple[str, str]], event: Event, missing_ok: bool = False,
-                    check: Callable[[], object] | None = None) -> list[WriteOutcome]:
+                    check: Callable[[], object] | None = None, also: Sequence[Event] = ()) -> list[WriteOutcome]:
         """Delete every ``(kind, name)`` in one transaction: all of them or none. An object
         that does not exist refuses the whole set (:class:`NotFound`), or with
-        ``missing_ok`` is left out of the result. ``check``: as :meth:`delete`'s."""
+        ``missing_ok`` is left out of the result. ``check``, ``also``: as :meth:`delete`'s
+        and :meth:`apply`'s (logged when anything is deleted)."""
         now = self._clock()
         outcomes: list[WriteOutcome] = []
         with self._tx() as db:
@@ -258,6 +263,8 @@ class SqlStore(Credentials):
                     outcomes.append(outcome)
             if outcomes:
                 self._changed(db, "resources")
+                for e in also:
+                    self._log(db, e, now)
         return outcomes
 
     def _delete(self, db: Any, kind: str, name: str, event: Event, now: float, expected_version: int | None = None,

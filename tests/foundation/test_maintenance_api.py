@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from orchestrator import maintenance
+from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 
 from .conftest import start_control_plane
@@ -178,3 +180,29 @@ def test_during_a_hold_a_cordon_is_stored_and_takes_effect_when_it_ends(cp: supp
         _trigger(cp)
         _maintenance_once_passed(c, "edge-lyon", "Cordoned")
         assert c.post("/v1/sites/edge-lyon/uncordon").json()["action"] == "uncordoned"
+
+
+@pytest.mark.parametrize("change", ["cordon", "drain", "uncordon"])
+def test_a_maintenance_change_whose_event_cannot_be_logged_is_not_applied(tmp_path: pathlib.Path, change: str) -> None:
+    """The event is part of the change: a store that refuses to log it (here SQLite, told
+    to abort the insert, as a full disk would) leaves the site as it was, not taken out or
+    brought back with nothing in the log to say who or why."""
+    path = tmp_path / "state.db"
+    store = open_store(path)
+    try:
+        store.apply([store_mod.ObjectWrite("Site", "edge-lyon", {}, {})])
+        if change == "uncordon":
+            maintenance.take_out(store, "edge-lyon", maintenance.Mode.CORDON, actor="ops", reason="disk swap", now=1.0)
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TRIGGER refuse_site_events BEFORE INSERT ON events WHEN NEW.action LIKE 'site-%' "
+                       "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        before, logged = store.get(maintenance.KIND, "edge-lyon"), store.events(limit=1000)
+        with pytest.raises(store_mod.StoreError, match="disk full"):
+            if change == "uncordon":
+                maintenance.bring_back(store, "edge-lyon", actor="ops", reason="done")
+            else:
+                maintenance.take_out(store, "edge-lyon", maintenance.Mode(change), actor="ops", reason="disk swap", now=2.0)
+        assert store.get(maintenance.KIND, "edge-lyon") == before
+        assert store.events(limit=1000) == logged
+    finally:
+        store.close()
