@@ -43,16 +43,17 @@ def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, 
 
 
 def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: snap.DataCentreObservation | None,
-            rejoining: Sequence[sched.Variant] | None = None, *, cordoned: Sequence[sched.Variant] | None = None,
-            draining: bool = False) -> sched.Site:
+            rejoining: Sequence[sched.Variant] | None = None, *,
+            cordoned: Sequence[tuple[str, sched.Variant]] | None = None, draining: bool = False) -> sched.Site:
     """The scheduler's view of a site. ``rejoining``: the site is rejoining (see
     ``site_health``) and holds replicas of these variants; until its agent reports its
     capacity again, the site is as big as they are (its declared capacity may be missing, as
     for a site its agent registered, or smaller than what the agent measured): it keeps them
-    and takes nothing new. ``cordoned``: the same for a site cordoned for maintenance, which
-    holds replicas of these variants and takes nothing new whatever its capacity: the
-    planner needs no notion of a cordon, as those replicas keep their seats and nothing
-    else fits. ``draining``: being drained, its replicas are placed elsewhere."""
+    and takes nothing new. ``cordoned``: a site cordoned for maintenance, which holds these
+    replicas (deployment, variant) and takes nothing new whatever its capacity: it is as big
+    as they are, and admits only their deployments' variants, so that the room a replica
+    moving off it frees is not taken by another deployment. ``draining``: being drained,
+    its replicas are placed elsewhere."""
     spec = record.spec
     healthy, _ = site_health(record, agent, dc, rejoining is not None)
     cpu = spec.capacity.cpu if spec.capacity else 0.0
@@ -65,7 +66,7 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
     elif agent is None and rejoining is not None:
         cpu, memory, gpus = _as_big_as(rejoining)
     if cordoned is not None or draining:
-        cpu, memory, gpus = _as_big_as(cordoned or ())
+        cpu, memory, gpus = _as_big_as([v for _, v in cordoned or ()])
     energy = spec.energy
     return sched.Site(
         name=record.name,
@@ -82,6 +83,7 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         healthy=healthy,
         draining=draining,
         labels=dict(record.labels),
+        admits=frozenset((d, v.name) for d, v in cordoned) if cordoned is not None else None,
     )
 
 

@@ -131,22 +131,22 @@ def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sch
     cordoned = {name for name, m in s.maintenance.items() if not m.draining}
     draining = s.maintenance.keys() - cordoned
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name),
-                               held.get(r.name) if r.name in s.rejoining else None,
+                               [v for _, v in held[r.name]] if r.name in s.rejoining else None,
                                cordoned=held.get(r.name) if r.name in cordoned else None, draining=r.name in draining)
              for r in s.sites]
     return sites, deployments, current
 
 
 def _held(where: Iterable[str], deployments: list[sched_model.Deployment],
-          current: list[sched_model.Replica]) -> dict[str, list[sched_model.Variant]]:
-    """The variants of the replicas each of the sites ``where`` holds: rejoining or cordoned
-    ones (see ``inventory.to_site``)."""
-    held: dict[str, list[sched_model.Variant]] = {site: [] for site in where}
+          current: list[sched_model.Replica]) -> dict[str, list[tuple[str, sched_model.Variant]]]:
+    """The replicas (deployment, variant) each of the sites ``where`` holds: rejoining or
+    cordoned ones (see ``inventory.to_site``)."""
+    held: dict[str, list[tuple[str, sched_model.Variant]]] = {site: [] for site in where}
     variants = {(d.name, v.name): v for d in deployments for v in d.variants}
     for replica in current:
         variant = variants.get((replica.deployment, replica.variant))
         if replica.site in held and variant is not None:
-            held[replica.site].append(variant)
+            held[replica.site].append((replica.deployment, variant))
     return held
 
 

@@ -54,6 +54,7 @@ class Fleet:
         self.region = np.array([self.region_ids[s.region] for s in self.sites], dtype=np.int64)
         self.is_edge = np.array([s.tier is Tier.EDGE for s in self.sites], dtype=bool)
         self.healthy = np.array([s.open for s in self.sites], dtype=bool)  # a draining site counts as unhealthy here
+        self._restricted = np.array([s.admits is not None for s in self.sites], dtype=bool)
         self.lat = np.array([s.lat for s in self.sites], dtype=np.float64)
         self.lon = np.array([s.lon for s in self.sites], dtype=np.float64)
         self.xyz = geo.unit_vectors(self.lat, self.lon).reshape(n, 3)
@@ -186,8 +187,13 @@ class Fleet:
             if mask is None:
                 mask = self._shared(allowed & self.tier_mask(tiers) & self.hardware_mask(variant))
                 self._eligible_cache[key] = mask
-            out[name] = mask
+            out[name] = mask if not self._restricted.any() else self._shared(mask & self.admits_mask(deployment.name, name))
         return out
+
+    def admits_mask(self, deployment: str, variant: str) -> BoolArray:
+        """Sites that may run ``variant`` of ``deployment``: all but those that admit only
+        other pairs (``Site.admits``, a cordoned site's)."""
+        return ~self._restricted | np.array([(deployment, variant) in (s.admits or ()) for s in self.sites], dtype=bool)
 
     def _shared(self, mask: BoolArray) -> BoolArray:
         """One read-only array per distinct content: variant sizes that every site holds

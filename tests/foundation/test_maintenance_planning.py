@@ -82,6 +82,18 @@ def test_a_cordoned_site_keeps_what_it_runs_and_takes_nothing_more() -> None:
         "state": "Cordoned", "mode": "cordon", "reason": "disk swap", "by": "admin", "since": "2001-09-09T01:46:40Z"}
 
 
+def test_a_deployment_applied_while_a_site_is_cordoned_gets_no_replica_there() -> None:
+    # the new deployment would rather have dc-paris: a replica moving off it must not free its room for one
+    cordoned = _with(_at_rest(), "dc-paris", maintenance.Mode.CORDON)
+    intent = next(d for d in cordoned.deployments if d.name == "intent-eu")
+    spec = intent.spec.model_copy(update={"replicas": intent.spec.replicas.model_copy(update={"min": 4, "max": 4}), "autoscaling": None})
+    applied = dataclasses.replace(cordoned, deployments=(*cordoned.deployments, dataclasses.replace(intent, name="intent-new", spec=spec)))
+    plan = planning.plan_pass(applied)
+    on_paris = _on(_rows(plan, applied), "dc-paris")
+    assert {r.deployment for r in on_paris} <= {r.deployment for r in _on(cordoned.placements, "dc-paris")}, on_paris
+    assert plan.result.deployments["intent-new"].placed == 4
+
+
 def test_a_drained_site_s_replicas_leave_only_once_their_replacements_serve() -> None:
     s = _at_rest()
     before = _on(s.placements, "dc-frankfurt")
