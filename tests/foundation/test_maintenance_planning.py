@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 
 from orchestrator import maintenance
+from orchestrator.agents import model as agent_model
 from orchestrator.adapters import serve_config
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.store import sqlite as store_mod
 
+from .test_reconcile_repair import _joined
 from .test_views import example_snapshot, examples
 
 
@@ -156,6 +158,24 @@ def test_a_draining_site_that_is_lost_keeps_nothing() -> None:
     plan = planning.plan_pass(down)
     assert not _on(_rows(plan, down), "dc-frankfurt")  # placed elsewhere at once, as for any lost site
     assert _site_status(plan, "dc-frankfurt")["maintenance"]["replicasLeft"] == 0  # type: ignore[index]
+
+
+def test_a_draining_edge_site_whose_agent_is_lost_is_drained() -> None:
+    s = example_snapshot(examples())
+    edge = sorted(r.name for r in s.sites if r.spec.tier == "edge")
+    s = dataclasses.replace(s, agents=tuple(_joined(site) for site in edge))
+    s = dataclasses.replace(s, placements=planning.placement_rows(planning.plan_pass(s).result))
+    site, row = next((site, r) for site in edge for r in _on(s.placements, site))
+    model = s.deployment_by_name[row.deployment].spec.model
+    serving = agent_model.ModelState(model, "a" * 64, agent_model.ModelPhase.READY, serving_sha256="a" * 64,
+                                     deployment=row.deployment, variant=row.variant)
+    # its agent's last report said it served the model; then it went silent
+    agents = tuple(dataclasses.replace(a, healthy=False, models={model: serving}) if a.site == site else a for a in s.agents)
+    draining = _with(dataclasses.replace(s, agents=agents), site, maintenance.Mode.DRAIN)
+    plan = planning.plan_pass(draining)
+    assert not _on(_rows(plan, draining), site)
+    m = _site_status(plan, site)["maintenance"]
+    assert (m["state"], m["replicasLeft"]) == ("Drained", 0), m  # type: ignore[index]
 
 
 def test_a_dry_run_says_where_each_replica_would_go_and_which_would_stay() -> None:
