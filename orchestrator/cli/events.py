@@ -50,7 +50,7 @@ def follow_events(api: ApiClient, output: str, limit: int = 50, since: int | Non
         try:
             answer = api.request("GET", "/v1/events", params=_events_query(state.page_size, state.since, kind, name))
         except CliError as exc:
-            wait = _wait_to_ask_again(exc, every_s)
+            wait = wait_to_ask_again(exc, every_s)
             if wait is None:  # refused, not away: asking again would be refused again
                 raise
             step = unanswered(state, f"{exc} (HTTP {exc.status})" if isinstance(exc, RetryLater) else str(exc), wait)
@@ -161,7 +161,7 @@ def answered(state: Follow, page: Page, every_s: float) -> Step:
 MAX_RETRY_AFTER_S = 60.0
 
 
-def _wait_to_ask_again(exc: CliError, every_s: float) -> float | None:
+def wait_to_ask_again(exc: CliError, every_s: float) -> float | None:
     """How long to wait before asking again after ``exc``, or None when asking again cannot help."""
     if isinstance(exc, RetryLater):
         return min(max(every_s, exc.retry_after_s or 0.0), MAX_RETRY_AFTER_S)

@@ -3,7 +3,8 @@
 ``cordon``: no new replicas there, what runs keeps running. ``drain``: cordon, then move
 its replicas to other allowed sites, each leaving only once its replacement serves;
 ``--dry-run`` shows where they would go, ``--wait`` follows the drain until the site
-serves nothing (or ``--timeout``: exit 1, saying what is left). ``uncordon``: schedulable
+serves nothing (or ``--timeout``: exit 1, saying what is left), through a control plane
+that restarts meanwhile. ``uncordon``: schedulable
 again; nothing is moved back by force.
 """
 
@@ -15,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.cli import render
-from orchestrator.cli.http import ApiClient, CliError
+from orchestrator.cli import events, render
+from orchestrator.cli.http import ApiClient, CliError, RetryLater
 from orchestrator.cli.objects import with_reason
 
 DEFAULT_WAIT_S = 600.0
@@ -122,10 +123,32 @@ def progress_line(name: str, m: dict[str, Any]) -> str:
 
 
 def _wait(api: ApiClient, args: argparse.Namespace) -> int:
+    """Follow the drain until it is done or ``--timeout``. A control plane that cannot be
+    reached or says to retry later (restarted or upgraded during the window, as it often
+    is) is said once and asked again until the deadline: the drain is stored and goes on
+    without it."""
     deadline = time.monotonic() + args.timeout
     last = ""
+    m: dict[str, Any] = {"state": "Pending"}
+    away = False
     while True:
-        site = api.request("GET", f"/v1/sites/{args.name}")
+        try:
+            site = api.request("GET", f"/v1/sites/{args.name}")
+        except CliError as exc:
+            wait = events.wait_to_ask_again(exc, args.interval)
+            if wait is None:  # refused, not away: asking again would be refused again
+                raise
+            if not away:
+                problem = f"{exc} (HTTP {exc.status})" if isinstance(exc, RetryLater) else str(exc)
+                print(f"warning: control plane unreachable, retrying: {problem}", file=sys.stderr, flush=True)
+            away = True
+            if time.monotonic() >= deadline:
+                return _gave_up(args, m, f"{last.split(': ', 1)[1] if last else 'Pending'} (the control plane did not answer)")
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            continue
+        if away:
+            print("the control plane answers again; following", file=sys.stderr, flush=True)
+            away = False
         m = site.get("status", {}).get("maintenance") or {}
         # a status the pass has not written yet (just drained) reads as pending, never as done
         m = m if m.get("mode") == "drain" else {"state": "Pending"}
@@ -138,8 +161,12 @@ def _wait(api: ApiClient, args: argparse.Namespace) -> int:
                 render.dump({"name": args.name, "drained": True, "maintenance": m}, args.output)
             return 0
         if time.monotonic() >= deadline:
-            if args.output in ("json", "yaml"):
-                render.dump({"name": args.name, "drained": False, "maintenance": m}, args.output)
-            print(f"error: site {args.name} not drained within {args.timeout:g} s: {line.split(': ', 1)[1]}", file=sys.stderr)
-            return 1
+            return _gave_up(args, m, line.split(': ', 1)[1])
         time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))
+
+
+def _gave_up(args: argparse.Namespace, m: dict[str, Any], left: str) -> int:
+    if args.output in ("json", "yaml"):
+        render.dump({"name": args.name, "drained": False, "maintenance": m}, args.output)
+    print(f"error: site {args.name} not drained within {args.timeout:g} s: {left}", file=sys.stderr)
+    return 1

@@ -117,3 +117,52 @@ async def test_draining_a_site_under_load_fails_no_request(tmp_path: pathlib.Pat
         for site in (source, "edge-de"):
             code, out, err = await _cli(cp.http_url, cp.admin_token, "uncordon", "site", site)
             assert code == 0 and out.strip() == f"site {site} uncordoned", (out, err)
+
+
+async def test_drain_wait_follows_the_drain_through_a_control_plane_restart(tmp_path: pathlib.Path) -> None:
+    """The control plane is restarted (upgraded, say) while ``drain --wait`` follows: it says
+    so once, asks again, and exits 0 once the site is drained. The drain is kept pending
+    until then by a fleet hold (a stored object this version cannot read), lifted after the
+    restart."""
+    from orchestrator.reconciler import hold
+    from orchestrator.store import sqlite as store_mod
+
+    fleet = harness.Fleet(tmp_path)
+    proc = None
+    try:
+        cp = await fleet.start_control_plane()
+        port = int(cp.http_url.rsplit(":", 1)[1])
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            assert (await http.post("/v1/apply", content=manifests.edge_site("edge-x", "FR", 48.0, 2.35))).status_code == 200
+        cp.store.apply([store_mod.ObjectWrite("SiteMaintenance", "edge-y", {}, {"mode": "evacuate"})])
+        cp.changed("test")
+        await harness.wait_until(lambda: (p := cp.store.published(hold.PUBLISHED_KEY)) is not None and p[1], 30, what="the hold")
+        proc = await asyncio.create_subprocess_exec(
+            str(EDGEPLANE), "drain", "site", "edge-x", "--wait", "--timeout", "60s",
+            env={**_env(), "EDGEPLANE_SERVER": cp.http_url, "EDGEPLANE_TOKEN": cp.admin_token or ""},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for _ in range(10):
+            lines.append((await asyncio.wait_for(proc.stdout.readline(), 30)).decode().rstrip())
+            if lines[-1] == "site edge-x: Pending":
+                break
+        assert lines[-1] == "site edge-x: Pending", lines
+        await fleet.stop()
+        assert proc.stderr is not None  # it is told the control plane is away before it comes back
+        said = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        assert said.startswith("warning: control plane unreachable, retrying"), said
+        fleet = harness.Fleet(tmp_path)
+        cp = await fleet.start_control_plane(port=port)
+        cp.store.delete_many([("SiteMaintenance", "edge-y")], store_mod.Event("admin", "delete", "SiteMaintenance", "edge-y", "fixed"))
+        cp.changed("hold lifted")
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        lines += out.decode().splitlines()
+        assert proc.returncode == 0, (lines, err.decode())
+        assert lines[-1] == "site edge-x: Drained", lines
+        assert "unreachable" not in err.decode(), err.decode()  # said once
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await fleet.stop()
