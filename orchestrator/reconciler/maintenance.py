@@ -50,6 +50,27 @@ class Progress:
     stuck: tuple[Stuck, ...]
 
 
+@dataclass(frozen=True)
+class Stay:
+    """Replicas of a deployment a drain keeps on ``site``, as its deployment's status says."""
+
+    site: str
+    replicas: int
+    reason: str  # the scheduler's, for the deployment: why no other allowed site takes them
+
+    def note(self) -> str:
+        return f"{self.replicas} replica(s) stay on draining site {self.site}: {self.reason}"
+
+
+def stays(progress: Mapping[str, Progress]) -> dict[str, tuple[Stay, ...]]:
+    """Per deployment, the replicas draining sites keep for want of another allowed site."""
+    out: dict[str, list[Stay]] = {}
+    for site, p in sorted(progress.items()):
+        for x in p.stuck:
+            out.setdefault(x.deployment, []).append(Stay(site, x.replicas, x.reason))
+    return {name: tuple(found) for name, found in out.items()}
+
+
 def draining_sites(s: snap.Snapshot) -> frozenset[str]:
     return frozenset(name for name, m in s.maintenance.items() if m.draining and name in s.site_by_name)
 

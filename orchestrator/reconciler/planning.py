@@ -362,8 +362,11 @@ def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) 
 
 
 def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_result.DeploymentPlan | None,
-                      mine: list[store_mod.PlacementRow], rolling: rollout.Rollout | None = None) -> dict[str, Any]:
-    """What ``get``/``describe`` show for ``d``; ``mine`` are its placement rows."""
+                      mine: list[store_mod.PlacementRow], rolling: rollout.Rollout | None = None,
+                      stays: Collection[drain.Stay] = ()) -> dict[str, Any]:
+    """What ``get``/``describe`` show for ``d``; ``mine`` are its placement rows, ``stays``
+    its replicas a drain keeps for want of another allowed site: placed and serving still,
+    they count, and the deployment is short of nothing while they stay."""
     if plan is None:
         return {"phase": "Invalid", "reason": f"Model {d.spec.model!r} does not exist", "observedGeneration": d.generation}
     problems: list[str] = []  # make the deployment Failing
@@ -384,21 +387,26 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
     if rolling is not None and rolling.failed:
         problems.append(rolling.status()["halted"])
     ready = ready_replicas(s, mine, d.spec.model)
-    phase = str(plan.status)
-    if phase != "Unschedulable" and ready < plan.placed:
+    placed = plan.placed + sum(x.replicas for x in stays)
+    phase, why = str(plan.status), plan.reason
+    if stays:
+        notes.extend(x.note() for x in stays)
+        if placed >= plan.wanted:
+            phase, why = str(sched_result.Status.SCHEDULED), ""
+    if phase != "Unschedulable" and ready < placed:
         phase = "Progressing" if not problems else "Failing"
-    elif phase == "Scheduled" and ready >= plan.placed:
+    elif phase == "Scheduled" and ready >= placed:
         phase = "Running"
     if rolling is not None and phase == "Running":  # every replica answers, some on the old version
         phase = "Failing" if rolling.failed else "Progressing"
     scaled = s.autoscale.get(d.name)
-    if phase == "Running" and plan.placed == 0 and scaled is not None and scaled.replicas == 0:
+    if phase == "Running" and placed == 0 and scaled is not None and scaled.replicas == 0:
         phase = "ScaledToZero"
-    reason = "; ".join(dict.fromkeys([*problems, *notes, plan.reason]))
+    reason = "; ".join(dict.fromkeys(x for x in [*problems, *notes, why] if x))
     status = {
         "phase": phase,
         "reason": reason,
-        "replicas": plan.placed,
+        "replicas": placed,
         "wantedReplicas": plan.wanted,
         "readyReplicas": ready,
         "sites": sorted({f"{r.site}:{r.variant}x{r.replicas}" for r in mine}),
@@ -464,8 +472,10 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     deployed: dict[str, str] = {}
     cold: set[str] = set()
     statuses: list[act.SetStatus] = []
+    stays = drain.stays(drains)
     for d in s.deployments:
-        status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []), rollouts.get(d.name))
+        status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []), rollouts.get(d.name),
+                                   stays.get(d.name, ()))
         statuses.append(act.SetStatus("ModelDeployment", d.name, status))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
         if d.spec.autoscaling is not None and d.spec.replicas.min == 0 and not status.get("readyReplicas"):

@@ -72,7 +72,9 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
             return f"no site among {where} matches selector {selector}; {short}"
     healthy = fleet.healthy & ~capacity.closed  # a site lost after the fleet was built counts as unhealthy
     if not (mask & healthy).any():
-        return f"all {int(mask.sum())} matching {where} are unhealthy; {short}"
+        draining = int((mask & fleet.draining & ~capacity.closed).sum())  # being emptied for maintenance, not broken
+        state = "draining" if draining == int(mask.sum()) else f"unhealthy or draining, {draining} of them draining" if draining else "unhealthy"
+        return f"all {int(mask.sum())} matching {where} are {state}; {short}"
     variant_tiers = np.zeros(fleet.size, dtype=bool)
     for variant in deployment.variants:
         variant_tiers |= fleet.variant_tiers_mask(deployment, variant)

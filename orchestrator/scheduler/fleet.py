@@ -54,6 +54,7 @@ class Fleet:
         self.region = np.array([self.region_ids[s.region] for s in self.sites], dtype=np.int64)
         self.is_edge = np.array([s.tier is Tier.EDGE for s in self.sites], dtype=bool)
         self.healthy = np.array([s.open for s in self.sites], dtype=bool)  # a draining site counts as unhealthy here
+        self.draining = np.array([s.draining for s in self.sites], dtype=bool)
         self._restricted = np.array([s.admits is not None for s in self.sites], dtype=bool)
         self.lat = np.array([s.lat for s in self.sites], dtype=np.float64)
         self.lon = np.array([s.lon for s in self.sites], dtype=np.float64)

@@ -50,6 +50,10 @@ def _site_status(plan: planning.PassPlan, site: str) -> dict[str, object]:
     return next(i.status for a in plan.actions if isinstance(a, act.SetStatuses) for i in a.items if (i.kind, i.name) == ("Site", site))
 
 
+def _deployment_status(plan: planning.PassPlan, name: str) -> dict[str, object]:
+    return next(i.status for a in plan.actions if isinstance(a, act.SetStatuses) for i in a.items if (i.kind, i.name) == ("ModelDeployment", name))
+
+
 def _on(rows: tuple[store_mod.PlacementRow, ...], site: str) -> set[store_mod.PlacementRow]:
     return {r for r in rows if r.site == site}
 
@@ -147,8 +151,15 @@ def test_a_replica_with_nowhere_allowed_to_go_stays_and_is_reported() -> None:
     (stuck,) = [x for x in status["stuck"] if x["deployment"] == "doc-fields-fr"]  # type: ignore[index]
     assert stuck["replicas"] == sum(r.replicas for r in fr) and "FR" in stuck["reason"], stuck
     assert status["state"] == "Draining"  # type: ignore[index]
+    # the deployment is short of nothing: its replica is placed and serves where it was
+    kept = _deployment_status(plan, "doc-fields-fr")
+    assert (kept["phase"], kept["replicas"], kept["readyReplicas"]) == ("Running", 1, 1), kept
+    # the French edge site has no agent; dc-paris is draining, not unhealthy
+    assert "stay on draining site dc-paris: all 2 matching FR sites are unhealthy or draining, 1 of them draining" in kept["reason"], kept  # type: ignore[operator]
     forced = _with(s, "dc-paris", maintenance.Mode.DRAIN, force=True)
-    assert not _on(_rows(planning.plan_pass(forced), forced), "dc-paris")
+    plan = planning.plan_pass(forced)
+    assert not _on(_rows(plan, forced), "dc-paris")
+    assert (_deployment_status(plan, "doc-fields-fr")["phase"], _deployment_status(plan, "doc-fields-fr")["replicas"]) == ("Unschedulable", 0)
 
 
 def test_a_draining_site_that_is_lost_keeps_nothing() -> None:
