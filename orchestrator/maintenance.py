@@ -91,6 +91,12 @@ def read_all(store: store_mod.Store) -> dict[str, Maintenance]:
     return read_each(store.list(KIND))[0]
 
 
+def read_in_force(store: store_mod.Store) -> dict[str, Maintenance]:
+    """The maintenance of the Sites that exist: a deleted Site's is kept for a Site declared
+    again under its name, and takes no site out until then."""
+    return {name: m for name, m in read_all(store).items() if store.get("Site", name) is not None}
+
+
 def take_out(store: store_mod.Store, site: str, mode: Mode, *, actor: str, reason: str, now: float,
              force: bool = False) -> Change:
     """Cordon or drain ``site`` (:class:`~orchestrator.store.values.NotFound` when no such

@@ -188,7 +188,7 @@ class ServerViews:
                 log.info("metrics: the placement is read again, edgeplane_replicas_placed is back")
             self.fleet.placements = placements
         try:  # sites taken out for maintenance: any replica's store says it, not only the leader's pass
-            self.fleet.maintenance = maintenance.states(await self._shared_read("maintenance", lambda: maintenance.read_all(self.store),
+            self.fleet.maintenance = maintenance.states(await self._shared_read("maintenance", lambda: maintenance.read_in_force(self.store),
                                                                                 METRICS_READ_S))
         except (store_mod.StoreError, TimeoutError):
             self.fleet.maintenance = None

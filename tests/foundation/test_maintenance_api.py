@@ -17,6 +17,7 @@ import pytest
 
 from orchestrator import maintenance
 from orchestrator.store import open_store
+from orchestrator.testing import manifests
 from orchestrator.store import sqlite as store_mod
 
 from .conftest import start_control_plane
@@ -89,6 +90,17 @@ def test_cordon_and_uncordon_round_trip_with_events_and_idempotence(cp: support.
         assert c.post("/v1/sites/edge-lyon/uncordon").json()["action"] == "unchanged"
         assert "maintenance" not in _maintenance_once_passed(c, "edge-lyon", None)
         assert [e["action"] for e in _site_events(c, "edge-lyon")] == ["site-cordoned", "site-uncordoned"]
+
+
+def test_a_deleted_site_s_drain_is_not_counted_in_the_gauge(cp: support.ServerThread) -> None:
+    # drained, then deleted: a decommission. Its maintenance is kept for a Site declared again under the name.
+    with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+        assert c.post("/v1/apply", content=manifests.edge_site("edge-retired", "FR", 45.0, 3.0)).status_code == 200
+        assert c.post("/v1/sites/edge-retired/drain").status_code == 200
+        assert 'edgeplane_sites_cordoned{state="draining"} 1.0' in c.get("/metrics").text
+        assert c.delete("/v1/sites/edge-retired").status_code == 200
+        gauge = [line for line in c.get("/metrics").text.splitlines() if line.startswith("edgeplane_sites_cordoned{")]
+        assert 'edgeplane_sites_cordoned{state="draining"} 0.0' in gauge, gauge
 
 
 def test_errors_are_clear(cp: support.ServerThread) -> None:
