@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from orchestrator import maintenance
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import routing
 from orchestrator.reconciler import actions as act
@@ -36,17 +37,35 @@ Unreadable = Mapping[tuple[str, str], str]  # (kind, name) -> why this version d
 PUBLISHED_KEY = "hold"  # the leader's reason, published ("" when none): any replica's view reads it, not every object
 
 
+def way_out(kind: str, name: str) -> str:
+    """What ends the hold an unreadable object puts the fleet on. No manifest names a
+    site's maintenance, nor does the API delete it as an object: uncordoning removes it."""
+    if kind == maintenance.KIND:
+        return f"`edgeplane uncordon site {name}` removes it"
+    return "apply it again or delete it"
+
+
+def until(kind: str, name: str) -> str:
+    """:func:`way_out` as the end of "on hold until ..."."""
+    if kind == maintenance.KIND:
+        return way_out(kind, name)
+    return "it is applied again (checked by this version) or deleted"
+
+
 def reason(unreadable: Unreadable) -> str | None:
     """Why changes are on hold, in one line for operators, or None when nothing is held."""
     if not unreadable:
         return None
-    each = [f"{kind} {name!r} cannot be read ({why})" for (kind, name), why in sorted(unreadable.items())]
-    return "changes on hold: " + "; ".join(each) + ": apply it again or delete it"
+    held = sorted(unreadable.items())
+    outs = dict.fromkeys(way_out(kind, name) for (kind, name), _ in held)
+    if len(outs) == 1:
+        return "changes on hold: " + "; ".join(f"{kind} {name!r} cannot be read ({why})" for (kind, name), why in held) + f": {next(iter(outs))}"
+    return "changes on hold: " + "; ".join(f"{kind} {name!r} cannot be read ({why}): {way_out(kind, name)}" for (kind, name), why in held)
 
 
-def object_status(why: str) -> dict[str, Any]:
+def object_status(kind: str, name: str, why: str) -> dict[str, Any]:
     return {"phase": "Unreadable", "reason": f"this version does not read it as stored ({why}); every change to the fleet is "
-            "on hold (what runs keeps running) until it is applied again (checked by this version) or deleted"}
+            f"on hold (what runs keeps running) until {until(kind, name)}"}
 
 
 def unreadable_sites(unreadable: Unreadable) -> frozenset[str]:
@@ -123,7 +142,7 @@ def actions(desired: snap.Desired, in_force: Iterable[routing.Endpoint],
     residency narrowed to the stored specs that read (:func:`narrowed`), why a model so left
     with none has none (:func:`unrouted`), and the edge ones' health as their agents'
     (``awaited``: edge sites whose agents are not back since a restart, see :func:`refreshed`)."""
-    out: list[act.Action] = [act.SetStatuses(tuple(act.SetStatus(kind, name, object_status(why))
+    out: list[act.Action] = [act.SetStatuses(tuple(act.SetStatus(kind, name, object_status(kind, name, why))
                                                    for (kind, name), why in sorted(desired.unreadable.items())))]
     table = tuple(in_force)
     narrow = narrowed(table, desired.sites, desired.deployments)

@@ -297,11 +297,11 @@ class Reconciler:
             for (kind, name), why in sorted(unreadable.items()):
                 if previous.get((kind, name)) == why:
                     continue
-                log.warning("%s %s: this version does not read it as stored (%s); every change to the fleet is on hold until "
-                            "it is applied again or deleted", kind, name, why)
+                log.warning("%s %s: this version does not read it as stored (%s); every change to the fleet is on hold until %s",
+                            kind, name, why, hold.until(kind, name))
                 await self._record(store_mod.Event("reconciler", "unreadable", kind, name, why,
                                                    {"note": "every change to the fleet is on hold (what runs keeps running) until "
-                                                            "it is applied again or deleted"}))
+                                                            + hold.until(kind, name)}))
         except Exception:
             self._unreadable = previous  # reported again at the next pass
             raise
