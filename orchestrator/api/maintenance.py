@@ -88,6 +88,8 @@ def routes(services: Services, guarded: Guard) -> list[BaseRoute]:
         flags = _flags(request, ("dryRun", "force"))
         name = request.path_params["name"]
         if flags["dryRun"]:
+            if flags["force"]:  # the preview is of a drain as stored, never forced: a forced one's would mislead
+                raise BadQuery("dryRun changes nothing: it does not take force")
             if await store.run(store.get, "Site", name) is None:
                 raise store_mod.NotFound(f"Site {name!r} does not exist")
             return JSONResponse({"dryRun": True, "plan": await services.drain_preview(name)})

@@ -116,6 +116,8 @@ def test_errors_are_clear(cp: support.ServerThread) -> None:
         r = c.post("/v1/sites/edge-lyon/drain", params={"dryrun": "true"}, headers=admin)
         assert r.status_code == 400 and "dryrun" in r.json()["error"]  # misspelt: refused, never drained
         assert c.post("/v1/sites/edge-lyon/drain", params={"force": "maybe"}, headers=admin).status_code == 400
+        r = c.post("/v1/sites/edge-lyon/drain", params={"dryRun": "true", "force": "true"}, headers=admin)
+        assert r.status_code == 400 and "force" in r.json()["error"], r.text  # as --dry-run --force is: never a preview that ignores it
         assert "maintenance" not in c.get("/v1/sites/edge-lyon", headers=admin).json().get("status", {})
 
 
