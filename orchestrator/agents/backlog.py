@@ -48,6 +48,7 @@ class EventBacklog:
         self.clock, self.report_every_s = clock, report_every_s
         self._entries: collections.deque[_Entry] = collections.deque()
         self._waiting = 0  # entries whose event is still there
+        self._blanked = 0  # entries whose event a newer one replaced, still in _entries
         self._latest: dict[str, _Entry] = {}  # by site: its newest loss or recovery waiting
         self._arrived = asyncio.Event()
         self._dropped = 0
@@ -66,12 +67,19 @@ class EventBacklog:
             if older is not None and not passes_after:
                 older.event = None
                 self._waiting -= 1
+                self._blanked += 1
                 if not self._dropped:
                     self._first_dropped = self.clock()
                 self._dropped += 1
             self._latest[event.site] = entry
         self._entries.append(entry)
         self._waiting += 1
+        if self._blanked > max(self.limit, self._waiting):
+            # A stall that outlasts get() would otherwise keep one blank entry per event
+            # replaced; past as many blanks as waiting events, dropping them costs no more
+            # than the puts that made them.
+            self._entries = collections.deque(e for e in self._entries if e.event is not None)
+            self._blanked = 0
         self._arrived.set()
         return passes_after
 
@@ -82,6 +90,7 @@ class EventBacklog:
                 await self._arrived.wait()
             entry = self._entries.popleft()
             if (event := entry.event) is None:  # a newer one of its site took its place
+                self._blanked -= 1
                 continue
             self._waiting -= 1
             if self._latest.get(event.site) is entry:

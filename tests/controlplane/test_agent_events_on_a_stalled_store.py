@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import threading
+import tracemalloc
 
 import pytest
 
@@ -128,3 +129,24 @@ async def test_events_not_logged_are_reported_once_the_backlog_drains_below_half
     assert [(e.site, e.kind) for e in [await waiting.get() for _ in range(4)]] == [
         ("edge-8", kinds[0]), ("edge-9", kinds[0]), ("edge-0", kinds[1]), ("edge-1", kinds[1])]
     assert waiting.qsize() == 0 and waiting.take_dropped() == 0
+
+
+async def test_what_waits_stays_bounded_in_memory_however_long_a_fleet_flaps_while_nothing_is_taken() -> None:
+    """150 agents flapping 200,000 times past a limit of 100: each replaced event must free its
+    place, not leave a blank one behind for every flap."""
+    status = model.AgentStatus("edge", "agent", "http://127.0.0.1:9", True, 0.0, 0.0, model.Location(), {}, "test",
+                               model.Capacity(cpu_cores=4, memory_total_bytes=8 << 30), (), 0, 1.0, 8 << 30, {}, 0, 60.0)
+    waiting = backlog.EventBacklog(100)
+    kinds = (model.AgentEventKind.LOST, model.AgentEventKind.RECOVERED)
+    flaps = [event(f"edge-{i}", kind, status) for kind in kinds for i in range(150)]
+    tracemalloc.start()
+    try:
+        for n in range(200_000):
+            waiting.put(flaps[n % len(flaps)])
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert waiting.qsize() == 150
+    assert held < 1 << 20  # about 56 bytes an entry: 200,000 blanks would hold some 11 MB
+    got = [await waiting.get() for _ in range(150)]
+    assert {e.site for e in got} == {f"edge-{i}" for i in range(150)} and waiting.qsize() == 0
