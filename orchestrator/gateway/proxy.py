@@ -14,6 +14,7 @@ and not yet several in a row (``EndpointTable.answered``, ``EndpointTable.timed_
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
@@ -403,10 +404,17 @@ def _versioned(version: str | None, action: str) -> str:
 MAX_RETRY_AFTER_S = 60
 
 
+#: Retry-After as seconds: ASCII digits only (headers are read as latin-1, and ``str.isdigit``
+#: takes "²", which ``int`` refuses), few enough that reading them costs nothing.
+_SECONDS = re.compile(r"[0-9]{1,18}")
+
+
 def retry_after_s(value: str | None) -> int:
     """A replica's Retry-After in whole seconds, 1 to :data:`MAX_RETRY_AFTER_S` (1 when it
-    gave none, or a date)."""
-    return min(max(int(value), 1), MAX_RETRY_AFTER_S) if value is not None and value.strip().isdigit() else 1
+    gave none, a date, or anything else)."""
+    if value is None or not _SECONDS.fullmatch(seconds := value.strip()):
+        return 1
+    return min(max(int(seconds), 1), MAX_RETRY_AFTER_S)
 
 
 def _reason(content: bytes) -> str:

@@ -79,6 +79,19 @@ async def test_a_replica_that_failed_among_unavailable_ones_keeps_it_a_502() -> 
 
 
 @pytest.mark.parametrize(("header", "seconds"), [(None, 1), ("0", 1), ("7", 7), ("86400", 60), ("Wed, 21 Oct 2026 07:28:00 GMT", 1),
-                                                 ("-3", 1), (" 5 ", 5)])
+                                                 ("-3", 1), (" 5 ", 5), ("\xb2", 1), ("\u0663", 1), ("9" * 5000, 1)])
 def test_a_replicas_retry_after_is_passed_on_within_bounds(header: str | None, seconds: int) -> None:
     assert proxy.retry_after_s(header) == seconds
+
+
+@pytest.mark.parametrize("header", ["\xb2", "9" * 5000], ids=["superscript-two", "5000-digits"])
+async def test_a_replica_s_unreadable_retry_after_is_read_as_one_second(header: str) -> None:
+    async def unavailable(request: Request) -> Response:
+        body = (refusals.openai_error_body("the agent is draining", "server_error", None, "draining")
+                if request.url.path.startswith("/v1/") else b'{"error": "draining"}')
+        return Response(body, status_code=503, media_type="application/json", headers={"retry-after": header})
+
+    async with gateway_over(unavailable) as http:
+        for path, body in (("/openai/v1/chat/completions", CHAT), ("/v2/models/m/infer", INFER)):
+            answer = await http.post(path, json=body)
+            assert (answer.status_code, answer.headers.get("retry-after")) == (503, "1"), (path, answer.text)
