@@ -280,6 +280,8 @@ class CascadeHandler:
             got: _Attempt | None = None
             busy: _Attempt | None = None  # this stage's last 429, when no replica of it answered otherwise
             verdict = None
+            unavailable: list[int] = []  # the Retry-After of each of this stage's replicas that answered 503
+            tried_from = len(trip.failures)
             if isinstance(ranked, routing.NoRoute):
                 trip.failures.append(f"{route.stages[stage].variant}: {ranked.reason}")
                 cause = "down"
@@ -288,7 +290,7 @@ class CascadeHandler:
                                                     f"({ranked[0].endpoint.inflight} in flight at {ranked[0].endpoint.site})")
                 cause = "overloaded"
             else:
-                got = await self._run_stage(route, stage, ranked, body, headers, trip, totals)
+                got = await self._run_stage(route, stage, ranked, body, headers, trip, totals, unavailable)
                 cause = "down" if got is None else "unsure"
                 if got is not None and got.status == 429:  # at capacity: overloaded, so it hands over
                     busy, got, cause = got, None, "overloaded"
@@ -331,8 +333,11 @@ class CascadeHandler:
                                                    f"{escalated_why}, but {reason}", totals)
                     if busy is not None:  # the stage it ended on was at capacity: the caller may retry as that replica said
                         return self._at_capacity(route, busy, trip, started, reason, totals)
-                    return self._unanswered(totals, started, code,
-                                            f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}")
+                    tried = f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}"
+                    if (retry := failover.retry_after(unavailable, len(trip.failures) - tried_from)) is not None:
+                        # its every replica answered 503 (not ready, draining): the caller retries, as they said
+                        return self._unanswered(totals, started, 503, f"{tried}; retry", {"retry-after": str(retry)})
+                    return self._unanswered(totals, started, code, tried)
                 case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
                     self.escalation(route, stage, cause, totals, trip)
                     escalated_at = self.clock()  # the next stage begins: every stage before it added its time
@@ -364,10 +369,11 @@ class CascadeHandler:
         return self._respond(route, answer, confidence, trip, started, None, "not-escalated", why, totals)
 
     async def _run_stage(self, route: rules.CascadeRoute, stage: int, ranked: list[routing.Ranked], body: bytes,
-                         headers: Mapping[str, str], trip: Trip, totals: Totals) -> _Attempt | None:
+                         headers: Mapping[str, str], trip: Trip, totals: Totals, unavailable: list[int]) -> _Attempt | None:
         """The answer of the first of ``ranked`` that answers (failover on a refused
         connection, a 5xx, a 404, and a 429: a replica at capacity); None when none did, or
-        the last 429 when one was at capacity."""
+        the last 429 when one was at capacity. Each replica's 503 adds its Retry-After to
+        ``unavailable``."""
         busy: _Attempt | None = None
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
@@ -386,6 +392,8 @@ class CascadeHandler:
             self.table.answered(e.url, upstream.status)
             if upstream.status >= 500:
                 trip.failures.append(f"{e.site}: HTTP {upstream.status}")
+                if upstream.status == 503:
+                    unavailable.append(failover.retry_after_s(upstream.headers.get("retry-after")))
                 continue
             if upstream.status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
                 trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")

@@ -6,11 +6,39 @@ and a streaming cascade hands its last stage to the OpenAI relay. Each counts in
 ``edgeplane_gateway_failovers_total`` the site of an attempt that failed once another
 replica is tried (the last replica tried counts none: the request moved on from nothing),
 so one :class:`Failovers` per caller request goes with it through all of them.
+
+A replica that answers 503 is not down: its model is not ready yet, or its agent drains,
+and it says when to retry. When every replica a request (or the cascade stage it ended on)
+tried answered so, each route answers 503 with the shortest of their Retry-Afters
+(:func:`retry_after`), not 502 "failed", which reads as a fault.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 from prometheus_client import Counter
+
+#: The longest Retry-After the gateway passes on from a replica that is unavailable for now.
+MAX_RETRY_AFTER_S = 60
+#: Retry-After as seconds: ASCII digits only (headers are read as latin-1, and ``str.isdigit``
+#: takes "²", which ``int`` refuses), few enough that reading them costs nothing.
+_SECONDS = re.compile(r"[0-9]{1,18}")
+
+
+def retry_after_s(value: str | None) -> int:
+    """A replica's Retry-After in whole seconds, 1 to :data:`MAX_RETRY_AFTER_S` (1 when it
+    gave none, a date, or anything else)."""
+    if value is None or not _SECONDS.fullmatch(seconds := value.strip()):
+        return 1
+    return min(max(int(seconds), 1), MAX_RETRY_AFTER_S)
+
+
+def retry_after(unavailable: Sequence[int], failed: int) -> int | None:
+    """When the caller should retry, if each of the ``failed`` replicas tried answered 503
+    (``unavailable``: their :func:`retry_after_s`); None when one failed otherwise, or none did."""
+    return min(unavailable) if unavailable and len(unavailable) == failed else None
 
 
 class Failovers:

@@ -104,6 +104,8 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         got: _Answer | None = None
         busy: _Answer | None = None  # this stage's last 429, when no replica of it answered otherwise
         verdict: rules.Verdict | None = None
+        unavailable: list[int] = []  # the Retry-After of each of this stage's replicas that answered 503
+        tried_from = len(req.trip.failures)
         if isinstance(ranked, routing.NoRoute):
             req.trip.failures.append(f"{route.stages[stage].variant}: {ranked.reason}")
             cause = "down"
@@ -116,7 +118,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
             fallback = None if answer is None else (answer, answer_confidence, f"{escalated_why}, but")
             return _relay(req, stage, ranked, escalated_at, escalated_why, fallback)
         else:
-            got = await _call(req, stage, ranked, logprobs=isinstance(rule, rules.GenerativeRule) and rule.mean_logprob_below is not None)
+            got = await _call(req, stage, ranked, unavailable, logprobs=isinstance(rule, rules.GenerativeRule) and rule.mean_logprob_below is not None)
             cause = "down" if got is None else "unsure"
             if got is not None and got.status == 429:  # at capacity: overloaded, so it hands over
                 busy, got, cause = got, None, "overloaded"
@@ -154,6 +156,10 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                 if busy is not None:  # the stage it ended on was at capacity: the caller may retry as that replica said
                     return _at_capacity(req, busy, reason)
                 tried = "; ".join(req.trip.failures) or "nothing"
+                if (retry := failover.retry_after(unavailable, len(req.trip.failures) - tried_from)) is not None:
+                    # its every replica answered 503 (not ready, draining): the caller retries, as they said
+                    return _unanswered(req, openai_routes.error(503, f"cascade {route.deployment!r}: {reason}; tried: {tried}; retry",
+                                                                code="unavailable", headers={"retry-after": str(retry)}))
                 return _unanswered(req, openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}",
                                                             code="upstream_failed" if code == 502 else "stage_unavailable"))
             case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
@@ -191,10 +197,11 @@ def _confidence(answer: _Answer) -> float | None:
     return None if mean is None else math.exp(mean)
 
 
-async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logprobs: bool) -> _Answer | None:
+async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavailable: list[int], *, logprobs: bool) -> _Answer | None:
     """Run ``stage`` non-streaming at the first of ``ranked`` that answers (failover on a
     refused connection, a cut answer or a 5xx, as a plain request, and on a 429: a replica
-    at capacity); None when none did, or the last 429 when one was at capacity."""
+    at capacity); None when none did, or the last 429 when one was at capacity. Each
+    replica's 503 adds its Retry-After to ``unavailable``."""
     owner, handler = req.owner, req.handler
     body = {k: v for k, v in req.body.items() if k != "stream_options"}
     body["stream"] = False
@@ -225,6 +232,8 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], *, logp
         owner.gw.table.answered(e.url, status)
         if status >= 500:
             req.trip.failures.append(f"{e.site}: HTTP {status}")
+            if status == 503:
+                unavailable.append(failover.retry_after_s(retry_after))
             continue
         if status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
             req.trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")

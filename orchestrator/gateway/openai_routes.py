@@ -55,7 +55,7 @@ from starlette.types import Receive, Scope, Send
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
 from orchestrator.gateway import cascade_rules, failover, openai_cascade, routing
-from orchestrator.gateway.proxy import Gateway, Timed, retry_after_s
+from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import Stream, UpstreamError, UpstreamTimeout
 
 PREFIX = "/openai/v1"
@@ -468,10 +468,10 @@ class _Relay(Response):
                     self.hooks.busy(e, time.perf_counter() - began)
         if self.hooks is not None and await self.hooks.failed(send, failures, at_capacity):
             return
-        if unavailable and len(unavailable) == len(failures):  # none failed: the caller retries, as each replica said
+        if (retry := failover.retry_after(unavailable, len(failures))) is not None:
             gw.refused(self.model, 503)
             await _send_whole(send, 503, error_body(f"no replica tried can answer now: {'; '.join(failures)}; retry", 503,
-                                                    code="unavailable"), {"retry-after": str(min(unavailable))})
+                                                    code="unavailable"), {"retry-after": str(retry)})
             return
         gw.refused(self.model, 502)
         await _send_whole(send, 502, error_body(f"every replica tried failed: {'; '.join(failures)}", 502, code="upstream_failed"), {})
@@ -490,7 +490,7 @@ class _Relay(Response):
             if not streamed:  # a stream has answered once its first token is in (_relay_stream)
                 owner.gw.table.answered(e.url, resp.status)
             if resp.status == 503:  # not ready, or draining: it says when to retry
-                raise _Failed("unavailable (HTTP 503)", eject=False, retry_after=retry_after_s(resp.headers.get("retry-after")))
+                raise _Failed("unavailable (HTTP 503)", eject=False, retry_after=failover.retry_after_s(resp.headers.get("retry-after")))
             if resp.status >= 500:  # the table has ejected the replica if the answer calls for it
                 raise _Failed(f"HTTP {resp.status}", eject=False)
             if resp.status == 404:  # moved away a moment ago (the table follows): the next replica may serve it

@@ -14,7 +14,6 @@ and not yet several in a row (``EndpointTable.answered``, ``EndpointTable.timed_
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
@@ -231,7 +230,7 @@ class Gateway:
             self.table.answered(e.url, status)
             if status == 503:
                 failures.append(f"{e.site}: {_reason(content)} (HTTP 503)")
-                unavailable.append(retry_after_s(upstream_headers.get("retry-after")))
+                unavailable.append(failover.retry_after_s(upstream_headers.get("retry-after")))
                 continue
             if status >= 500:
                 failures.append(f"{e.site}: HTTP {status}")
@@ -255,9 +254,9 @@ class Gateway:
         if version is not None and missing == len(failures):
             self.refused(model, 404)
             return _error(404, f"model {model!r} has no version {version!r} at the replicas tried: {'; '.join(failures)}")
-        if unavailable and len(unavailable) == len(failures):  # none failed: the caller retries, as each replica said
+        if (retry := failover.retry_after(unavailable, len(failures))) is not None:
             self.refused(model, 503)
-            return _error(503, f"no replica tried can answer now: {'; '.join(failures)}; retry", retry_after=min(unavailable))
+            return _error(503, f"no replica tried can answer now: {'; '.join(failures)}; retry", retry_after=retry)
         self.refused(model, 502)
         return _error(502, f"every replica tried failed: {'; '.join(failures)}")
 
@@ -398,23 +397,6 @@ def holding(ranked: list[routing.Ranked], model: str, version: str) -> list[rout
 def _versioned(version: str | None, action: str) -> str:
     """The path after ``/v2/models/{model}`` at a replica for ``action`` of ``version`` (any, when None)."""
     return action if version is None else f"/versions/{urlpath.path_segment(version)}{action}"
-
-
-#: The longest Retry-After the gateway passes on from a replica that is unavailable for now.
-MAX_RETRY_AFTER_S = 60
-
-
-#: Retry-After as seconds: ASCII digits only (headers are read as latin-1, and ``str.isdigit``
-#: takes "²", which ``int`` refuses), few enough that reading them costs nothing.
-_SECONDS = re.compile(r"[0-9]{1,18}")
-
-
-def retry_after_s(value: str | None) -> int:
-    """A replica's Retry-After in whole seconds, 1 to :data:`MAX_RETRY_AFTER_S` (1 when it
-    gave none, a date, or anything else)."""
-    if value is None or not _SECONDS.fullmatch(seconds := value.strip()):
-        return 1
-    return min(max(int(seconds), 1), MAX_RETRY_AFTER_S)
 
 
 def _reason(content: bytes) -> str:

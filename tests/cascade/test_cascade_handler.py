@@ -96,12 +96,25 @@ def test_outcomes(fleet: list[routing.Endpoint], behaviour: dict[str, str], stat
 
 
 def test_no_stage_answers() -> None:
-    response, transport, handler = run([EDGE, DC], {"edge-fr": "down", "dc-fr": "5xx"})
+    response, transport, handler = run([EDGE, DC], {"edge-fr": "down", "dc-fr": "500"})
     assert response.status_code == 502
-    assert b"edge-fr: connection refused" in response.body and b"dc-fr: HTTP 503" in response.body
+    assert b"edge-fr: connection refused" in response.body and b"dc-fr: HTTP 500" in response.body
     assert transport.calls == ["http://edge-fr", "http://dc-fr"]
     [row] = handler.stats.snapshot({"m": ROUTE})
     assert (row["requests"], row["failed"], row["escalations"]) == (1, 1, {"down": 1})
+
+
+@pytest.mark.parametrize(("dc_lyon", "status", "retry_after"), [("draining 4", 503, "4"), ("500", 502, None)],
+                         ids=["every last-stage replica unavailable", "one failed"])
+def test_a_last_stage_whose_every_replica_answers_503_is_503_with_the_shortest_retry_after(
+        dc_lyon: str, status: int, retry_after: str | None) -> None:
+    """Not ready or draining is no fault: the caller retries as they said, as on a plain route."""
+    fleet = [EDGE, DC, ep("dc-lyon", "datacenter")]
+    response, transport, handler = run(fleet, {"edge-fr": "draining 2", "dc-fr": "draining 9", "dc-lyon": dc_lyon})
+    assert (response.status_code, response.headers.get("retry-after")) == (status, retry_after), response.body
+    assert sorted(transport.calls) == ["http://dc-fr", "http://dc-lyon", "http://edge-fr"]
+    [row] = handler.stats.snapshot({"m": ROUTE})
+    assert (row["requests"], row["failed"]) == (1, 1)
 
 
 THREE = cascade_rules.CascadeRoute("m", "dep", (

@@ -32,6 +32,8 @@ class Transport:
             raise UpstreamTimeout("no answer within 30s")
         if how == "5xx":
             return Answer(503, {"content-type": "application/json"}, oip.error_body("busy"))
+        if how.startswith("draining "):  # as a draining agent answers: 503, retry after the seconds given
+            return Answer(503, {"content-type": "application/json", "retry-after": how.split()[1]}, oip.error_body("the agent is draining"))
         if how == "500":
             return Answer(500, {"content-type": "application/json"}, oip.error_body("the run failed"))
         if how == "4xx":

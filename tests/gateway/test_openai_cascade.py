@@ -556,3 +556,32 @@ async def test_a_call_by_the_model_name_is_served_by_a_deployment_without_a_casc
             resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json=CHAT, headers={"x-edgeplane-residency": "US"})
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-edgeplane-site"] == "edge-us" and asked == ["edge-us"]
+
+
+def unavailable(retry_after: str) -> Handle:
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:  # as a draining agent answers
+        return httpmessages.Response(503, openai_routes.error_body("the agent is draining", 503, code="draining"),
+                                     headers=(("retry-after", retry_after),))
+    return handle
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cascade_whose_last_stage_answers_503_everywhere_is_503_with_the_shortest_retry_after(stream: bool) -> None:
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    stats = cascade.CascadeStats()
+    async with replica(unavailable("2")) as edge, replica(unavailable("9")) as paris, replica(unavailable("4")) as lyon, \
+            replica(refusing(500)) as failing:
+        fleet = [endpoint("edge-paris", "edge", edge), endpoint("dc-paris", "datacenter", paris),
+                 endpoint("dc-lyon", "datacenter", lyon, lat=45.76, lon=4.84)]
+        table = cascade_of(first, fleet)
+        async with gateway(table, stats) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream},
+                                   headers={"x-edgeplane-location": "48.85,2.35"})
+        async with gateway(cascade_of(first, [*fleet[:2], endpoint("dc-lyon", "datacenter", failing, lat=45.76, lon=4.84)])) as http:
+            one_failed = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream},
+                                         headers={"x-edgeplane-location": "48.85,2.35"})
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "4", resp.text
+    assert resp.json()["error"]["code"] == "unavailable"
+    [row] = stats.snapshot(table.cascades)  # no stage answered
+    assert row["answered"] == {"small": 0, "large": 0} and row["failed"] == 1
+    assert one_failed.status_code == 502 and "retry-after" not in one_failed.headers, one_failed.text

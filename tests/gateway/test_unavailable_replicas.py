@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge_agent import refusals
-from orchestrator.gateway import endpoints, openai_routes, proxy, routing
+from orchestrator.gateway import endpoints, failover, openai_routes, proxy, routing
 from orchestrator.gateway.upstream import UpstreamPool
 from orchestrator.testing import loopback
 
@@ -81,7 +81,7 @@ async def test_a_replica_that_failed_among_unavailable_ones_keeps_it_a_502() -> 
 @pytest.mark.parametrize(("header", "seconds"), [(None, 1), ("0", 1), ("7", 7), ("86400", 60), ("Wed, 21 Oct 2026 07:28:00 GMT", 1),
                                                  ("-3", 1), (" 5 ", 5), ("\xb2", 1), ("\u0663", 1), ("9" * 5000, 1)])
 def test_a_replicas_retry_after_is_passed_on_within_bounds(header: str | None, seconds: int) -> None:
-    assert proxy.retry_after_s(header) == seconds
+    assert failover.retry_after_s(header) == seconds
 
 
 @pytest.mark.parametrize("header", ["\xb2", "9" * 5000], ids=["superscript-two", "5000-digits"])
