@@ -21,6 +21,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from orchestrator.store import values
+
 T = TypeVar("T")
 
 #: The most items a page may ask for (a larger ``limit`` is refused, not cut silently).
@@ -80,6 +82,8 @@ def _read_token(token: str, list_name: str) -> tuple[str, ...]:
         raise BadPage("continue is not a token a page of this list gave (metadata.continue)")
     if doc.get("list") != list_name:
         raise BadPage(f"continue is a token of the list of {doc.get('list')}, not of {list_name}")
+    if any(values.storable(k) != k for k in after):  # a NUL or a lone surrogate: no key the store holds, nor can be asked for
+        raise BadPage("continue is not a token a page of this list gave (metadata.continue)")
     return tuple(after)
 
 

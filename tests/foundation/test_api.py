@@ -13,6 +13,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import catalog, server
+from orchestrator.api import paging
 from orchestrator.manifests import loader
 from orchestrator.store import sqlite as store_mod
 
@@ -528,6 +529,9 @@ def test_a_list_is_read_a_page_at_a_time_with_limit_and_continue(api: httpx.Clie
     ("/v1/sites", {"limit": "2", "continue": "not-a-token"}, "continue is not a token"),
     ("/v1/sites", {"continue": "eyJsaXN0IjoiU2l0ZSIsImFmdGVyIjpbImEiXX0"}, "continue is given without limit"),
     ("/v1/models", {"limit": "2", "continue": "eyJsaXN0IjoiU2l0ZSIsImFmdGVyIjpbImEiXX0"}, "token of the list of Site, not of Model"),
+    # keys no store holds nor can be asked for: a lone surrogate (SQLite cannot encode it), a NUL (PostgreSQL refuses it)
+    ("/v1/placements", {"limit": "2", "continue": paging.continue_token("placements", ("\ud800", "a", "b"))}, "continue is not a token"),
+    ("/v1/placements", {"limit": "2", "continue": paging.continue_token("placements", ("a\x00", "a", "b"))}, "continue is not a token"),
 ])
 def test_a_list_refuses_a_parameter_it_does_not_read_naming_it(api: httpx.Client, path: str, params: dict, says: str) -> None:
     r = api.get(path, params=params)
