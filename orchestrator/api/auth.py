@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from orchestrator import durable
 from orchestrator.security import tokencache
 from orchestrator.security.bearer import bearer_secret
 from orchestrator.store import sqlite as store_mod
@@ -138,6 +139,7 @@ def ensure_admin_token(store: store_mod.Store, data_dir: pathlib.Path) -> str | 
             fh.flush()
             os.fsync(fh.fileno())  # on disk before the store has the token
         os.replace(fresh, path)
+        durable.sync_folder(data_dir)  # its name too: a power cut must not leave the old file, or none, with the new token stored
     except BaseException:
         fresh.unlink(missing_ok=True)  # not a secret left about
         raise

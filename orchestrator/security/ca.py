@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeplane_proto import identity
+from orchestrator import durable
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,6 @@ def _write_synced(path: pathlib.Path, data: bytes, mode: int) -> None:
         os.fsync(fh.fileno())
 
 
-def _sync_folder(folder: pathlib.Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # The identity format is a wire contract shared with the agent.
 site_uri = identity.site_uri
 new_key_and_csr = identity.new_key_and_csr
@@ -119,7 +112,7 @@ class CertificateAuthority:
         if key_path.exists() and not cert_path.exists() and new_cert.exists():
             authority = cls._load(key_path, new_cert)  # refused unless they belong together
             os.replace(new_cert, cert_path)
-            _sync_folder(folder)
+            durable.sync_folder(folder)
             log.info("completed the agent CA in %s, whose creation was cut short", folder)
             return authority
         if key_path.exists() and cert_path.exists():
@@ -143,7 +136,7 @@ class CertificateAuthority:
         _write_synced(new_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         os.replace(new_key, key_path)
         os.replace(new_cert, cert_path)
-        _sync_folder(folder)
+        durable.sync_folder(folder)
         return cls(key, cert)
 
     @classmethod

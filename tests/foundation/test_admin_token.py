@@ -8,6 +8,11 @@ import pathlib
 import subprocess
 
 import httpx
+import pytest
+
+from orchestrator import durable
+from orchestrator.api import auth
+from orchestrator.store import sqlite as store_mod
 
 from . import support
 
@@ -35,3 +40,21 @@ def test_a_start_that_could_not_write_the_admin_token_leaves_none_and_the_next_s
         assert [t["description"] for t in listed.json()["items"]] == ["initial admin token"]
     finally:
         assert cp.stop() == 0
+
+
+def test_the_admin_token_s_name_is_on_disk_before_the_store_has_the_token(tmp_path: pathlib.Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its folder is synced once the file is in place: after a power cut the store's token
+    must not outlive the file that holds it (the next start would write none)."""
+    store = store_mod.Store(tmp_path / "store.db")
+    synced: list[tuple[pathlib.Path, bool, bool]] = []  # the folder; the file there then; the store holding a token then
+    real = durable.sync_folder
+
+    def watched(folder: pathlib.Path) -> None:
+        synced.append((folder, (folder / "admin.token").is_file(), store.has_api_tokens()))
+        real(folder)
+
+    monkeypatch.setattr(durable, "sync_folder", watched)
+    secret = auth.ensure_admin_token(store, tmp_path)
+    assert secret is not None and (tmp_path / "admin.token").read_text().strip() == secret
+    assert synced == [(tmp_path, True, False)]
