@@ -7,8 +7,8 @@ A stop signal stops them cleanly whenever it comes, as it does the agent (``edge
 its handlers are in place before the service starts and before its first line of output, so
 a supervisor or a script that stops it as soon as it reads the banner gets a clean stop; one
 that comes during start-up stops the service once it has started. Once stopped, the process
-ends without waiting for worker threads still at work (the agent's way too): the stop is
-bounded, the threads are not."""
+ends without waiting for worker threads still at work (the agent's way too), and so does
+one whose stop failed (exit code 1): the stop is bounded, the threads are not."""
 
 from __future__ import annotations
 
@@ -82,7 +82,11 @@ async def serve(start: Callable[[], Awaitable[S]], banner: Callable[[S], Iterabl
         await stop.wait()
         say("stopping...")
     finally:
-        await service.stop()
+        try:
+            await service.stop()
+        except BaseException:  # ended here all the same: Python's exit would wait on the worker threads
+            log.exception("the stop failed; exiting without it")
+            exit_now(1)
     exit_now(0)
 
 

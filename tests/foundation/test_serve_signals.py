@@ -11,6 +11,8 @@ import pathlib
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 
@@ -296,3 +298,31 @@ def test_a_gateway_request_still_in_flight_when_the_drain_ends_is_answered_503(
     with in_flight(port, b"POST /openai/v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
                          b"content-length: 400\r\n\r\n{\"model\": ") as sock:
         assert_answered_503_at_the_grace(sock, gw, tmp_path)
+
+
+#: A service whose stop fails while a worker thread of its is still at work (it never ends).
+FAILING_STOP = textwrap.dedent("""
+    import threading
+    from orchestrator import runloop
+
+    class Service:
+        async def stop(self):
+            raise RuntimeError("the store would not close")
+
+    async def start():
+        threading.Thread(target=threading.Event().wait, name="at work").start()  # not a daemon
+        return Service()
+
+    raise SystemExit(runloop.main("info", start, lambda service: ["serving"], ()))
+""")
+
+
+def test_a_stop_that_fails_says_why_and_exits_1_without_waiting_for_worker_threads(
+        tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    proc = launch([sys.executable, "-c", FAILING_STOP], tmp_path)
+    processes.append(proc)
+    read_until(proc, b"serving", tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    code, _, log = finish(proc, tmp_path, timeout=15)
+    assert code == 1, log[-2000:]
+    assert "the store would not close" in log, log[-2000:]
