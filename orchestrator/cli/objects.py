@@ -107,6 +107,10 @@ def _gpus(change: dict[str, Any]) -> str:
 
 
 GET_KINDS = "sites, models, modeldeployments, placements, events, cascades"
+#: The kinds whose lists page (``limit`` and ``continue``), as the control plane names them
+#: (``catalog.KIND_ALIASES``, not imported: it loads the store). Any other view (tokens,
+#: the control plane) is one answer, and refuses ``limit``.
+PAGED_KINDS = frozenset({"site", "sites", "model", "models", "modeldeployment", "modeldeployments", "deployment", "deployments", "md"})
 
 
 def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
@@ -132,17 +136,16 @@ def cmd_get(api: ApiClient, args: argparse.Namespace) -> int:
         return cascade_cli.cmd_get(api, args)
     path = f"/v1/{path_segment(args.kind)}" + (f"/{path_segment(args.name)}" if args.name else "")
     try:
-        data = api.request("GET", path) if args.name else api.request_list(path)
+        data = api.request_list(path) if not args.name and args.kind.lower() in PAGED_KINDS else api.request("GET", path)
     except CliError as exc:  # the control plane knows its object kinds; `get` reads three more views
         if str(exc).startswith("unknown kind"):
             raise CliError(f"unknown kind {args.kind!r}; use one of: {GET_KINDS}") from None
         raise
-    if args.output in ("json", "yaml"):
-        render.dump(data, args.output)
+    if args.output in ("json", "yaml") or data.get("kind") not in render.COLUMNS:  # a view with no table: as YAML
+        render.dump(data, args.output if args.output in ("json", "yaml") else "yaml")
         return 0
     items = data["items"] if "items" in data else [data]
-    kind = data["kind"]
-    render.objects(kind, items)
+    render.objects(data["kind"], items)
     return 0
 
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
+from orchestrator import catalog
+from orchestrator.cli import objects
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness, loopback
@@ -89,6 +91,19 @@ def test_get_output_formats(serve: support.ServeProcess, applied) -> None:  # ty
     assert "No replicas of 'no-such' placed." in ok("get", "placements", "no-such", server=serve)
     events = json.loads(ok("get", "events", "intent-eu", "-o", "json", server=serve))["items"]
     assert events and {e["name"] for e in events} == {"intent-eu"}
+
+
+def test_get_reads_the_views_that_do_not_page_whole(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    """Tokens and the control plane are one answer each; they refuse ``limit``, which a list
+    of objects is asked a page at a time with."""
+    tokens = json.loads(ok("get", "tokens", "-o", "json", server=serve))
+    assert isinstance(tokens["items"], list)
+    leadership = json.loads(ok("get", "controlplane", "-o", "json", server=serve))
+    assert leadership and "items" not in leadership
+    # no table of their own: shown as YAML
+    assert yaml.safe_load(ok("get", "tokens", server=serve))["kind"] == tokens["kind"]
+    assert yaml.safe_load(ok("get", "controlplane", server=serve)).keys() == leadership.keys()
+    assert {k for k in catalog.KIND_ALIASES} == objects.PAGED_KINDS  # every kind whose list pages is asked so
 
 
 def test_what_get_prints_applies_again(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
