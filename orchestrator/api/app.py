@@ -203,15 +203,13 @@ def build_routes(services: Services) -> list[BaseRoute]:
     async def events(request: Request, caller: auth.Caller) -> Response:
         q = request.query_params
         paging.refuse_unknown(q, ["since", "limit", "last", "kind", "name"])
-        try:
-            since, limit, last = int(q.get("since", "0")), int(q.get("limit", "100")), int(q.get("last", "0"))
-        except ValueError:
-            return error(400, "since, limit and last must be integers")
-        if last < 0 or limit < 1:
-            return error(400, "limit must be at least 1, and last at least 1 when given")
-        if max(limit, last) > paging.MAX_LIMIT:  # the store reads no more at a time: fewer, said nowhere, looked like the end
-            return error(400, f"limit and last are at most {paging.MAX_LIMIT:,}: page on with since=ID, the last id of a page")
-        since = min(max(since, 0), EVENT_ID_MAX)  # an event id is a 64-bit integer: past the last one there is nothing
+        # at most MAX_LIMIT: the store reads no more at a time (fewer, said nowhere, looked like the end)
+        limit = paging.whole_number(q["limit"], "limit", 1, paging.MAX_LIMIT) if "limit" in q else 100
+        last = paging.whole_number(q["last"], "last", 0, paging.MAX_LIMIT) if "last" in q else 0
+        digits = q.get("since", "0").removeprefix("-")
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 40):  # ASCII, as limit: int() reads '٣' as 3
+            return error(400, f"since must be an event id (a whole number), not {q['since'][:40]!r}")
+        since = min(max(int(q.get("since", "0")), 0), EVENT_ID_MAX)  # an event id is a 64-bit integer: past the last one there is nothing
         if last and ("since" in q or "limit" in q):
             return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None

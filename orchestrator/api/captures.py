@@ -5,7 +5,7 @@ an admin action, and every read and delete is written to the event log (``action
 ``capture-read`` / ``capture-delete``, actor, zone, how many records) — the audit trail
 an operator shows a data protection officer.
 
-- ``GET /v1/captures/{zone}?deployment=NAME&limit=N`` — record summaries (no payloads);
+- ``GET /v1/captures/{zone}?deployment=NAME&limit=N`` — the newest N (1 to 10,000) record summaries (no payloads);
   ``&payload=true`` adds the base64 request and answer bodies. The zone's expired records
   are purged first (each deployment's current retention).
 - ``DELETE /v1/captures/{zone}/{id}`` — erase one record (a data subject's request).
@@ -28,6 +28,9 @@ from orchestrator.api import auth, paging
 from orchestrator.distill import store as capture_store
 from orchestrator.store import sqlite as store_mod
 
+#: The most record summaries one read answers (``limit``; 100 when not given).
+MAX_RECORDS = 10_000
+
 
 def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: capture_store.ZoneStores,
            clock: Callable[[], float] = time.time) -> list[BaseRoute]:
@@ -48,12 +51,10 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         q = request.query_params
         try:
             paging.refuse_unknown(q, ["limit", "payload", "deployment"])
+            # past the most, refused as the lists do: cut silently, the newest 10,000 looked like all of them
+            limit = paging.whole_number(q["limit"], "limit", 1, MAX_RECORDS) if "limit" in q else 100
         except paging.BadPage as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        try:
-            limit = max(1, min(int(q.get("limit", "100")), 10_000))
-        except ValueError:
-            return JSONResponse({"error": "limit must be an integer"}, status_code=400)
         payload = q.get("payload", "false").lower() in ("1", "true", "yes")
         deployment = q.get("deployment")
         retention = await store.run(catalog.capture_retention, store)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -27,7 +26,6 @@ T = TypeVar("T")
 
 #: The most items a page may ask for (a larger ``limit`` is refused, not cut silently).
 MAX_LIMIT = 10_000
-_LIMIT = re.compile(r"[0-9]{1,%d}" % len(str(MAX_LIMIT)))
 
 
 class BadPage(ValueError):
@@ -44,20 +42,22 @@ def parse(query: Mapping[str, str], list_name: str, takes: Collection[str] = ())
     """The page ``query`` asks of the list ``list_name`` (which a token must name); ``takes``:
     the route's other parameters. Anything else is refused."""
     refuse_unknown(query, ["limit", "continue", *sorted(takes)])
-    limit = None
-    if "limit" in query:
-        text = query["limit"]
-        # ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '٣' (which
-        # int() reads as 3), and int() refuses past 4,300 digits.
-        if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= MAX_LIMIT:
-            raise BadPage(f"limit must be a whole number from 1 to {MAX_LIMIT:,}, not {text[:40]!r}")
-        limit = int(text)
+    limit = whole_number(query["limit"], "limit", 1, MAX_LIMIT) if "limit" in query else None
     after = None
     if token := query.get("continue"):
         if limit is None:
             raise BadPage("continue is given without limit: ask the next page with the limit of the one before")
         after = _read_token(token, list_name)
     return Page(limit, after)
+
+
+def whole_number(text: str, name: str, low: int, high: int) -> int:
+    """The query parameter ``name``'s ``text`` as a whole number from ``low`` to ``high``, else
+    :class:`BadPage` naming it. ASCII digits only: str.isdigit() also takes '²' (which int()
+    refuses) and '٣' (which int() reads as 3), and int() refuses past 4,300 digits."""
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(high))) or not low <= int(text) <= high:
+        raise BadPage(f"{name} must be a whole number from {low:,} to {high:,}, not {text[:40]!r}")
+    return int(text)
 
 
 def refuse_unknown(query: Collection[str], takes: Sequence[str], route: str = "this list") -> None:

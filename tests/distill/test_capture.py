@@ -450,3 +450,22 @@ def test_records_a_zone_cannot_write_are_counted_and_logged_once_per_error(tmp_p
     assert registry.get_sample_value("edgeplane_capture_records_total", {"zone": "CH"}) == 5
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "zone EU" in warned[0], warned  # one line for the error, not one per batch or record
+
+
+@pytest.mark.parametrize("limit", ["\u0663", "\u00b2", "1" * 5000, "0", "10001"])
+def test_a_capture_read_whose_limit_is_not_a_whole_number_in_range_is_refused(tmp_path: pathlib.Path, limit: str) -> None:
+    """As the lists refuse it: '٣' is no 3, and a limit past the most is not cut silently."""
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: 0.0)
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    now = 10 * capture.DAY_S
+    try:
+        capturing(store)
+        stores.zone("EU").add([record_of("dep", "EU", now - 60)])
+        app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=False), store, stores, clock=lambda: now))
+        with TestClient(app) as client:
+            refused = client.get("/v1/captures/EU", params={"limit": limit})
+            assert refused.status_code == 400, refused.text[:300]
+            assert refused.json()["error"].startswith("limit must be a whole number from 1 to 10,000")
+    finally:
+        stores.close()
+        store.close()

@@ -107,12 +107,20 @@ def test_the_endpoint_list_takes_a_good_position_or_region(api: httpx.Client, re
         assert r.json()["model"] == "intent"
 
 
-@pytest.mark.parametrize("limit", ["²", "٣", "1" * 5000, "0", "-1"])
+@pytest.mark.parametrize("limit", ["²", "٣", "1" * 5000, "0", "-1", "10001"])
 def test_a_list_limit_that_is_not_a_whole_number_in_range_is_400_naming_it(api: httpx.Client, limit: str) -> None:
-    for path in ("/v1/sites", "/v1/placements"):
+    for path in ("/v1/sites", "/v1/placements", "/v1/events"):
         r = api.get(path, params={"limit": limit})
         assert r.status_code == 400, r.text[:300]
-        assert r.json()["error"].startswith("limit must be a whole number from 1 to 10,000")
+        assert r.json()["error"].startswith("limit must be a whole number from 1 to 10,000"), path
+
+
+@pytest.mark.parametrize(("params", "says"), [({"last": "٣"}, "last must be a whole number from 0 to 10,000"),
+                                              ({"last": "10001"}, "last must be a whole number from 0 to 10,000"),
+                                              ({"since": "٣"}, "since must be an event id")])
+def test_an_event_page_read_from_digits_other_than_ascii_is_400_naming_it(api: httpx.Client, params: dict[str, str], says: str) -> None:
+    r = api.get("/v1/events", params=params)
+    assert r.status_code == 400 and r.json()["error"].startswith(says), r.text[:300]
 
 
 @pytest.mark.parametrize(("path", "params", "says"), [
