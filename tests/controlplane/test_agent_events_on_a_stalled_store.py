@@ -29,15 +29,11 @@ def application(site: str) -> model.JoinApplication:
         capacity=model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)))
 
 
-def beat(seq: int, draining: bool) -> model.Heartbeat:
-    return model.Heartbeat(seq=seq, sent_unix_ms=0, inflight=0, cpu_percent=1.0, memory_available_bytes=8 << 30, assignment_version=0,
-                           draining=draining, capacity=None, models=None, gpu_free_bytes=())
-
-
-async def test_a_flapping_agent_during_a_stall_queues_a_bounded_number_of_events_and_its_join_is_logged(
-        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+async def logging_on_a_stalled_store(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                     stalled: threading.Event) -> server.ControlPlane:
+    """A control plane whose backlog holds ``LIMIT`` events and whose logging of agents'
+    events waits on the store until ``stalled`` is set."""
     monkeypatch.setattr(backlog, "LIMIT", LIMIT)
-    stalled = threading.Event()
     log_event = server.ControlPlane._log_agent_event
 
     def on_a_stalled_store(self: server.ControlPlane, event: model.AgentEvent) -> None:
@@ -47,7 +43,18 @@ async def test_a_flapping_agent_during_a_stall_queues_a_bounded_number_of_events
     monkeypatch.setattr(server.ControlPlane, "_log_agent_event", on_a_stalled_store)
     config = server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0, heartbeat_interval_s=60.0,
                                         bootstrap_tokens=(harness.BOOTSTRAP_TOKEN,))
-    cp = await server.ControlPlane(config).start()
+    return await server.ControlPlane(config).start()
+
+
+def beat(seq: int, draining: bool) -> model.Heartbeat:
+    return model.Heartbeat(seq=seq, sent_unix_ms=0, inflight=0, cpu_percent=1.0, memory_available_bytes=8 << 30, assignment_version=0,
+                           draining=draining, capacity=None, models=None, gpu_free_bytes=())
+
+
+async def test_a_flapping_agent_during_a_stall_queues_a_bounded_number_of_events_and_its_join_is_logged(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    stalled = threading.Event()
+    cp = await logging_on_a_stalled_store(tmp_path, monkeypatch, stalled)
     try:
         agent_id = cp.hub.join(model.JoinApplication(
             site="edge-1", bootstrap_token=harness.BOOTSTRAP_TOKEN, credential=None, agent_id="", endpoint_url="http://127.0.0.1:9",
@@ -75,18 +82,8 @@ async def test_each_agent_s_latest_loss_or_recovery_is_logged_however_many_waite
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """edge-1 flaps 400 times during a stall and ends healthy; edge-2 is lost while the backlog
     is full. The log must not end on edge-1 lost, nor leave out edge-2's loss."""
-    monkeypatch.setattr(backlog, "LIMIT", LIMIT)
     stalled = threading.Event()
-    log_event = server.ControlPlane._log_agent_event
-
-    def on_a_stalled_store(self: server.ControlPlane, event: model.AgentEvent) -> None:
-        stalled.wait(30)
-        log_event(self, event)
-
-    monkeypatch.setattr(server.ControlPlane, "_log_agent_event", on_a_stalled_store)
-    config = server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0, heartbeat_interval_s=60.0,
-                                        bootstrap_tokens=(harness.BOOTSTRAP_TOKEN,))
-    cp = await server.ControlPlane(config).start()
+    cp = await logging_on_a_stalled_store(tmp_path, monkeypatch, stalled)
     try:
         ids = {site: cp.hub.join(application(site)).agent_id for site in ("edge-1", "edge-2")}
         for seq in range(1, 401):

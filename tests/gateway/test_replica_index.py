@@ -67,6 +67,29 @@ def test_the_table_ranks_as_the_rule_ranks(seed: int) -> None:
         assert [r.endpoint.inflight for r in got] == [e.inflight for e in (r.endpoint for r in rule)]
 
 
+class Count:
+    """How many replica distances were computed."""
+
+    n = 0
+
+
+def distances(monkeypatch: pytest.MonkeyPatch) -> Count:
+    """Count every replica distance the gateway computes from here on, one at a time or as arrays."""
+    computed, one, many = Count(), geo.rtt_ms, geo.rtt_ms_many
+
+    def count_one(*args: float) -> float:
+        computed.n += 1
+        return one(*args)
+
+    def count_many(lat: float, lon: float, *arrays):  # noqa: ANN002, ANN202
+        computed.n += len(arrays[0])
+        return many(lat, lon, *arrays)
+
+    monkeypatch.setattr(geo, "rtt_ms", count_one)
+    monkeypatch.setattr(geo, "rtt_ms_many", count_many)
+    return computed
+
+
 def test_a_request_from_where_one_came_before_computes_no_distance_and_builds_what_it_tries(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model on 2,000 sites: a request from the gateway's own position (callers that give
     none) ranks from distances the first such request computed, and gets the three replicas
@@ -74,26 +97,12 @@ def test_a_request_from_where_one_came_before_computes_no_distance_and_builds_wh
     table = EndpointTable()
     table.replace([routing.Endpoint("m", "d", f"edge-{i:04d}", "edge", "FR", "fr", 42.0 + (i % 100) / 20, -4.0 + (i // 100) / 2,
                                     f"http://edge-{i}:8081") for i in range(2000)])
-    computed = 0
-    one, many = geo.rtt_ms, geo.rtt_ms_many
-
-    def count_one(*args: float) -> float:
-        nonlocal computed
-        computed += 1
-        return one(*args)
-
-    def count_many(lat: float, lon: float, *arrays):  # noqa: ANN002, ANN202
-        nonlocal computed
-        computed += len(arrays[0])
-        return many(lat, lon, *arrays)
-
-    monkeypatch.setattr(geo, "rtt_ms", count_one)
-    monkeypatch.setattr(geo, "rtt_ms_many", count_many)
+    computed = distances(monkeypatch)
     first = table.rank("m", routing.Caller(), (48.85, 2.35), limit=3)
-    assert 0 < computed <= 2000
-    computed = 0
+    assert 0 < computed.n <= 2000
+    computed.n = 0
     again = table.rank("m", routing.Caller(), (48.85, 2.35), limit=3)
-    assert computed == 0
+    assert computed.n == 0
     assert not isinstance(again, routing.NoRoute) and again == first and len(again) == 3
 
 
@@ -145,30 +154,16 @@ def test_a_cascade_request_ranks_only_the_replicas_its_stage_tries(monkeypatch: 
     table.set_cascades({"m": route})
     handler = cascade.CascadeHandler(table, None, cascade.CascadeMetrics.create(CollectorRegistry()),  # type: ignore[arg-type]
                                      position=(48.85, 2.35))
-    computed = 0
-    one, many = geo.rtt_ms, geo.rtt_ms_many
-
-    def count_one(*args: float) -> float:
-        nonlocal computed
-        computed += 1
-        return one(*args)
-
-    def count_many(lat: float, lon: float, *arrays):  # noqa: ANN002, ANN202
-        nonlocal computed
-        computed += len(arrays[0])
-        return many(lat, lon, *arrays)
-
-    monkeypatch.setattr(geo, "rtt_ms", count_one)
-    monkeypatch.setattr(geo, "rtt_ms_many", count_many)
+    computed = distances(monkeypatch)
 
     def request() -> list[list[routing.Ranked] | routing.NoRoute]:
         assert handler.resolve(route, "m", routing.Caller()) == route
         return [handler.ranking(route, stage, routing.Caller()) for stage in (0, 1)]
 
     first = request()
-    computed = 0
+    computed.n = 0
     again = request()
-    assert computed == 0 and again == first
+    assert computed.n == 0 and again == first
     assert [[r.endpoint.tier for r in ranked] for ranked in again] == [["edge"] * 3, ["datacenter"] * 3]  # type: ignore[union-attr]
 
 
