@@ -61,7 +61,7 @@ async def test_an_event_id_past_64_bits_reads_as_past_the_last(api: httpx.AsyncC
     assert (await api.get(f"/v1/events?since=-{huge}")).json()["items"] == every
     for count in ("limit", "last"):  # more than a page holds: a 400 saying so, not a 500
         refused = await api.get(f"/v1/events?{count}={huge}")
-        assert refused.status_code == 400 and "at most 10,000" in refused.json()["error"]
+        assert refused.status_code == 400 and refused.json()["error"].startswith(f"{count} must be a whole number from")
 
 
 async def test_a_token_description_with_a_nul_is_kept_escaped(api: httpx.AsyncClient) -> None:
