@@ -134,7 +134,7 @@ def bring_back(store: store_mod.Store, site: str, *, actor: str, reason: str) ->
         if store.get("Site", site) is None and store.get(KIND, site) is None:
             raise store_mod.NotFound(f"Site {site!r} does not exist")
 
-    gone = store.delete_many([(KIND, site)], store_mod.Event(actor, "uncordon", KIND, site, reason), missing_ok=True, check=check,
+    gone = store.delete_many([(KIND, site)], None, missing_ok=True, check=check,  # one event says it: site-uncordoned
                              also=(store_mod.Event(actor, "site-uncordoned", "Site", site, reason),))
     return Change(site, bool(gone), None)
 

@@ -247,12 +247,13 @@ class SqlStore(Credentials):
         assert outcome is not None  # a missing object raised
         return outcome
 
-    def delete_many(self, targets: Sequence[tuple[str, str]], event: Event, missing_ok: bool = False,
+    def delete_many(self, targets: Sequence[tuple[str, str]], event: Event | None, missing_ok: bool = False,
                     check: Callable[[], object] | None = None, also: Sequence[Event] = ()) -> list[WriteOutcome]:
         """Delete every ``(kind, name)`` in one transaction: all of them or none. An object
         that does not exist refuses the whole set (:class:`NotFound`), or with
         ``missing_ok`` is left out of the result. ``check``, ``also``: as :meth:`delete`'s
-        and :meth:`apply`'s (logged when anything is deleted)."""
+        and :meth:`apply`'s (logged when anything is deleted); ``event`` None: each deletion
+        is not logged on its own (``also`` says what happened)."""
         now = self._clock()
         outcomes: list[WriteOutcome] = []
         with self._tx() as db:
@@ -267,7 +268,7 @@ class SqlStore(Credentials):
                     self._log(db, e, now)
         return outcomes
 
-    def _delete(self, db: Any, kind: str, name: str, event: Event, now: float, expected_version: int | None = None,
+    def _delete(self, db: Any, kind: str, name: str, event: Event | None, now: float, expected_version: int | None = None,
                 missing_ok: bool = False) -> WriteOutcome | None:
         row = self._one(db, "SELECT * FROM objects WHERE kind = ? AND name = ?", (kind, name))
         if row is None:
@@ -283,7 +284,8 @@ class SqlStore(Credentials):
         rv = self._next_version(db)
         if kind == "Site" and (target := datacentre_target(current.spec)) is not None:  # its applications run on until removed
             datacentre_records.record_deleted(self, db, name, target, _canonical(current.spec), rv)
-        self._log(db, Event(event.actor, "deleted", kind, name, event.reason, event.details), now)
+        if event is not None:
+            self._log(db, Event(event.actor, "deleted", kind, name, event.reason, event.details), now)
         return WriteOutcome(kind, name, "deleted", current.generation, rv)
 
     def set_status(self, kind: str, name: str, status: Mapping[str, Any]) -> bool:

@@ -222,3 +222,21 @@ def test_a_maintenance_change_whose_event_cannot_be_logged_is_not_applied(tmp_pa
         assert store.events(limit=1000) == logged
     finally:
         store.close()
+
+
+def test_each_cordon_drain_and_uncordon_logs_one_event(tmp_path: pathlib.Path) -> None:
+    """The log says what the operator did, once: no second line for the maintenance object it keeps."""
+    store = open_store(tmp_path / "state.db")
+    try:
+        store.apply([store_mod.ObjectWrite("Site", "edge-lyon", {}, {})])
+        logged = len(store.events(limit=1000))
+        maintenance.take_out(store, "edge-lyon", maintenance.Mode.CORDON, actor="ops", reason="disk swap", now=1.0)
+        maintenance.take_out(store, "edge-lyon", maintenance.Mode.DRAIN, actor="ops", reason="moving out", now=2.0)
+        maintenance.bring_back(store, "edge-lyon", actor="ops", reason="done")
+        maintenance.bring_back(store, "edge-lyon", actor="ops", reason="again")  # nothing to bring back: nothing logged
+        events = store.events(limit=1000)[logged:]
+        assert [(e.action, e.kind, e.name, e.reason) for e in events] == [
+            ("site-cordoned", "Site", "edge-lyon", "disk swap"), ("site-drained", "Site", "edge-lyon", "moving out"),
+            ("site-uncordoned", "Site", "edge-lyon", "done")]
+    finally:
+        store.close()
