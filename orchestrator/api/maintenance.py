@@ -9,6 +9,7 @@ changes nothing the second time. What the pass makes of it shows in the Site's s
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from orchestrator.store import sqlite as store_mod
 
 #: ``app.build_routes``'s ``guarded``: a handler behind authentication and the error translation.
 Guard = Callable[..., Callable[[Request], Awaitable[Response]]]
+log = logging.getLogger(__name__)
 FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
@@ -70,7 +72,12 @@ def routes(services: Services, guarded: Guard) -> list[BaseRoute]:
         body = _view(change, action)
         if change.changed:
             services.changed(f"site {change.site} {action} by {caller.identity}")
-            if (held := await services.hold_reason()) is not None:
+            try:  # after the commit: a failed read must not answer 503 for a change that was made
+                held = await services.hold_reason()
+            except store_mod.StoreError as exc:
+                log.warning("site %s %s, but whether changes are on hold could not be read: %s", change.site, action, exc)
+                held = None
+            if held is not None:
                 body["note"] = f"stored; it takes effect when the hold ends ({held})"
         return JSONResponse(body)
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from orchestrator import maintenance
+from orchestrator.reconciler import hold
 from orchestrator.store import open_store
 from orchestrator.testing import manifests
 from orchestrator.store import sqlite as store_mod
@@ -196,6 +197,29 @@ def test_during_a_hold_a_cordon_is_stored_and_takes_effect_when_it_ends(cp: supp
         assert c.post("/v1/sites/edge-zurich/uncordon").json()["action"] == "uncordoned"
         _maintenance_once_passed(c, "edge-lyon", "Cordoned")
         assert c.post("/v1/sites/edge-lyon/uncordon").json()["action"] == "uncordoned"
+
+
+def test_a_change_that_was_stored_is_answered_as_made_when_the_hold_cannot_be_read(
+        cp: support.ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether changes are on hold is read after the change is committed: a store that fails
+    that read (as one that drops its connection would) leaves out the note, never answering
+    503 for a change that was made, which a client would retry or report as not done."""
+    assert cp.cp is not None
+    store = cp.cp.store
+    published = store.published
+
+    def failing(key: str, *args: Any) -> Any:
+        if key == hold.PUBLISHED_KEY:
+            raise store_mod.StoreError("the database went away")
+        return published(key, *args)
+
+    monkeypatch.setattr(store, "published", failing)
+    with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+        for action, done in (("cordon", "cordoned"), ("drain", "draining"), ("uncordon", "uncordoned")):
+            r = c.post(f"/v1/sites/edge-lyon/{action}")
+            assert r.status_code == 200 and r.json()["action"] == done and "note" not in r.json(), (action, r.text)
+            stored = store.get(maintenance.KIND, "edge-lyon")
+            assert (stored is None) == (action == "uncordon"), action
 
 
 @pytest.mark.parametrize("change", ["cordon", "drain", "uncordon"])
