@@ -83,6 +83,22 @@ def _holding(s: snap.Snapshot) -> frozenset[str]:
         s.site_by_name[site], s.agent_by_site.get(site), s.datacentres.get(site), site in s.rejoining)[0])
 
 
+def _kept(rows: Iterable[store_mod.PlacementRow], keep: int, short: int,
+          forced: frozenset[str] = frozenset()) -> list[tuple[store_mod.PlacementRow, int, int]]:
+    """Of one deployment's ``rows`` on draining sites, how many replicas each keeps (``keep``
+    in all, none on a site drained by force) and how many of those have nowhere to go
+    (``short`` in all, the deployment's shortfall): each counted once, row after row."""
+    out = []
+    for row in sorted(rows, key=lambda r: (r.site, r.variant)):
+        if keep <= 0 or row.site in forced:
+            continue
+        n = min(row.replicas, keep)
+        held = min(n, short)
+        keep, short = keep - n, short - held
+        out.append((row, n, held))
+    return out
+
+
 def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
                   ready: Callable[[store_mod.PlacementRow, str], int]) -> tuple[tuple[store_mod.PlacementRow, ...], dict[str, Progress]]:
     """The plan's ``rows`` with the replicas each draining site keeps until their
@@ -95,6 +111,7 @@ def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple
     for row in rows:
         mine.setdefault(row.deployment, []).append(row)
     up = _holding(s)
+    forced = frozenset(site for site in draining if s.maintenance[site].force)
     there: dict[str, list[store_mod.PlacementRow]] = {}
     for row in s.placements:
         if row.site in up:
@@ -109,14 +126,8 @@ def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple
         serving = sum(ready(row, d.spec.model) for row in mine.get(name, ()))
         keep = max(0, plan.wanted - serving)
         short = max(0, plan.wanted - plan.placed)  # of those kept, the ones with nowhere to go
-        for row in sorted(old, key=lambda r: (r.site, r.variant)):
-            if keep <= 0 or s.maintenance[row.site].force:
-                continue
-            n = min(row.replicas, keep)
-            keep -= n
+        for row, n, held in _kept(old, keep, short, forced):
             kept.append(store_mod.PlacementRow(row.deployment, row.site, row.variant, n))
-            held = min(n, short)
-            short -= held
             if held:
                 stuck[row.site].append(Stuck(name, held, plan.reason or "no other allowed site has room"))
             if n > held:
@@ -198,16 +209,19 @@ def preview(s: snap.Snapshot, site: str, result: sched_result.PlanResult) -> dic
             moves.append({"deployment": a.deployment, "variant": a.from_variant, "to": a.to_site, "toVariant": a.to_variant})
         elif isinstance(a, sched_result.RemoveReplica) and a.site == site:
             removed.append({"deployment": a.deployment, "variant": a.variant, "reason": a.reason})
-    moved = Counter(m["deployment"] for m in moves)
+    there: dict[str, list[store_mod.PlacementRow]] = {}
     for row in s.placements:
-        if row.site != site:
+        if row.site == site:
+            there.setdefault(row.deployment, []).append(row)
+    for name, old in sorted(there.items()):
+        plan = result.deployments.get(name)
+        if plan is None or plan.placed >= plan.wanted:
             continue
-        plan = result.deployments.get(row.deployment)
-        if plan is not None and plan.placed < plan.wanted:
-            stays.append({"deployment": row.deployment, "replicas": min(row.replicas, plan.wanted - plan.placed),
-                          "reason": plan.reason})
+        everything = sum(r.replicas for r in old)  # all kept until replaced; of them, the shortfall stays
+        held = sum(h for _, _, h in _kept(old, everything, plan.wanted - plan.placed))
+        stays.append({"deployment": name, "replicas": held, "reason": plan.reason})
     # A removal without a replacement of a deployment that also falls short is a replica that stays.
     short = {x["deployment"] for x in stays}
     removed = [r for r in removed if r["deployment"] not in short]
     return {"site": site, "replicas": sum(r.replicas for r in s.placements if r.site == site), "moves": moves,
-            "stays": stays, "removed": removed, "moved": sum(moved.values())}
+            "stays": stays, "removed": removed, "moved": len(moves)}

@@ -11,8 +11,10 @@ from orchestrator import maintenance
 from orchestrator.agents import model as agent_model
 from orchestrator.adapters import serve_config
 from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import maintenance as drain
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import result as sched_result
 from orchestrator.store import sqlite as store_mod
 
 from .test_reconcile_repair import _joined
@@ -196,3 +198,23 @@ def test_a_dry_run_says_where_each_replica_would_go_and_which_would_stay() -> No
     assert {m["to"] for m in preview["moves"]} == {"dc-frankfurt"}
     assert [x["deployment"] for x in preview["stays"]] == ["doc-fields-fr"]
     assert s.maintenance == {}  # nothing changed
+
+
+def test_a_dry_run_counts_each_replica_once_when_a_deployment_runs_two_variants_there() -> None:
+    """Two variants of a deployment on the site, one short of somewhere to go: one replica
+    stays, the other moves, never more than the site runs."""
+    s = _at_rest()
+    placements = (*(r for r in s.placements if r.deployment != "assistant-dc"),
+                  store_mod.PlacementRow("assistant-dc", "dc-paris", "large", 1), store_mod.PlacementRow("assistant-dc", "dc-paris", "small", 1))
+    s = dataclasses.replace(s, placements=placements)
+    result = planning.schedule(_with(s, "dc-paris", maintenance.Mode.DRAIN))
+    moved = sched_result.MoveReplica("assistant-dc", "dc-paris", "large", "dc-frankfurt", "large", "site dc-paris is draining")
+    short = sched_result.DeploymentPlan("assistant-dc", sched_result.Status.DEGRADED, 2, 1, "no other allowed site has room")
+    result = dataclasses.replace(result, actions=(*(a for a in result.actions if getattr(a, "deployment", "") != "assistant-dc"), moved),
+                                 deployments={**result.deployments, "assistant-dc": short})
+    preview = drain.preview(s, "dc-paris", result)
+    assert [x for x in preview["stays"] if x["deployment"] == "assistant-dc"] == [
+        {"deployment": "assistant-dc", "replicas": 1, "reason": "no other allowed site has room"}]
+    assert [m for m in preview["moves"] if m["deployment"] == "assistant-dc"] == [
+        {"deployment": "assistant-dc", "variant": "large", "to": "dc-frankfurt", "toVariant": "large"}]
+    assert sum(x["replicas"] for x in preview["stays"]) + preview["moved"] <= preview["replicas"]
