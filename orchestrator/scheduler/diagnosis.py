@@ -2,7 +2,7 @@
 
 The planner knows *that* it fell short; this module finds *which* rule binds by walking
 the filters in the order a person would check them (countries, tiers, selector, health,
-hardware, free capacity, spread) and names the first one that leaves too little, with the
+cordons, hardware, free capacity, spread) and names the first one that leaves too little, with the
 numbers: "needs 2×80 GiB GPU in FR datacenter sites; FR datacenter sites have 1 free".
 """
 
@@ -75,6 +75,12 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
         draining = int((mask & fleet.draining & ~capacity.closed).sum())  # being emptied for maintenance, not broken
         state = "draining" if draining == int(mask.sum()) else f"unhealthy or draining, {draining} of them draining" if draining else "unhealthy"
         return f"all {int(mask.sum())} matching {where} are {state}; {short}"
+    admitted = np.zeros(fleet.size, dtype=bool)
+    for variant in deployment.variants:
+        admitted |= fleet.admits_mask(deployment.name, variant.name)
+    if not (mask & healthy & admitted).any():  # their capacity is what they hold: quoting it would mislead
+        return f"all {int((mask & healthy).sum())} healthy matching {where} are cordoned (they take no new deployment); {short}"
+    healthy = healthy & admitted
     variant_tiers = np.zeros(fleet.size, dtype=bool)
     for variant in deployment.variants:
         variant_tiers |= fleet.variant_tiers_mask(deployment, variant)

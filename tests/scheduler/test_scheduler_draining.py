@@ -1,7 +1,8 @@
 """A site being drained (``Site.draining``), as the planner sees it: nothing lands on it,
 its replicas move to sites every hard rule allows with the drain as their reason, and one
 with nowhere allowed to go is reported, never placed outside its residency. The full plan
-and the repair of the plan in force agree."""
+and the repair of the plan in force agree. A cordoned site (``Site.admits``) is named as
+the reason a deployment it does not run gets nothing there."""
 
 from __future__ import annotations
 
@@ -44,3 +45,14 @@ def test_nothing_new_lands_on_a_draining_site() -> None:
     sites = [dataclasses.replace(site("paris"), draining=True), site("lyon", "lyon")]
     result = plan(sites, [deployment(replicas=(2, 2), demand=(("paris", 10.0),))])
     assert {r.site for r in result.replicas} == {"lyon"}
+
+
+def test_a_deployment_kept_off_by_a_cordon_is_told_so_not_that_the_site_is_too_small() -> None:
+    """A cordoned site is as big as what it holds: its capacity is no reason to quote."""
+    paris = dataclasses.replace(site("paris", cpu=1, memory_gib=1), admits=frozenset({("a", "small")}))
+    a = deployment("a", demand=(("paris", 10.0),))
+    fr = deployment("fr", residency={"FR"}, demand=(("paris", 10.0),))
+    result = plan([paris, site("frankfurt", "frankfurt")], [a, fr], [Replica("a", "paris", "small")])
+    assert {(r.deployment, r.site) for r in result.replicas} == {("a", "paris")}
+    reason = result.deployments["fr"].reason
+    assert reason == "all 1 healthy matching FR sites are cordoned (they take no new deployment); 0 of 1 placed", reason
