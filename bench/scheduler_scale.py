@@ -1,6 +1,6 @@
 """Planning time against fleet size: 100, 1,000 and 10,000 sites, deployments at 10 %.
 
-    .venv/bin/python -m bench.scheduler_scale [--quick] [--baseline-10k] [--huge]
+    .venv/bin/python -m bench.scheduler_scale [--quick] [--baseline-10k] [--huge] [--cordoned]
 
 Each size plans ~20 replicas per deployment from scratch (10,000 sites × 1,000 deployments
 ≥ 20,000 replicas). The baseline, measured in the same run, is the same planner without
@@ -11,12 +11,15 @@ disturbed by other work on a shared machine). ``--huge`` adds 100,000 sites × 1
 deployments (≥ 200,000 replicas, one run, no baseline) and reports the process's peak
 memory before and after planning it (``ru_maxrss``; the instance itself is built first).
 ``--only-huge`` runs that size alone and writes scheduler_scale_100k.json instead.
+``--cordoned`` plans each size with one site cordoned (``Site.admits``: the pairs a plan
+from scratch put there), which sends every deployment through the cordon's checks.
 Writes bench/results/scheduler_scale.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -68,6 +71,7 @@ def main() -> None:
     )
     parser.add_argument("--huge", action="store_true", help="also 100,000 sites × 10,000 deployments (~2 min)")
     parser.add_argument("--only-huge", action="store_true", help="100,000 × 10,000 alone")
+    parser.add_argument("--cordoned", action="store_true", help="one site cordoned, holding what a first plan put there")
     args = parser.parse_args()
     sizes = [100, 1_000] if args.quick else [100, 1_000, 10_000]
     if args.only_huge:
@@ -79,6 +83,9 @@ def main() -> None:
         rng = np.random.default_rng(n_sites)
         sites = make_fleet(rng, n_sites)
         deployments = make_deployments(rng, sites, n_sites // 10, replicas_per=20)
+        if args.cordoned:
+            held = frozenset((r.deployment, r.variant) for r in plan(sites, deployments).replicas if r.site == sites[0].name)
+            sites = [dataclasses.replace(sites[0], admits=held), *sites[1:]]
         repeats = 5 if n_sites <= 1_000 else 3 if n_sites <= 10_000 else 1
         peak_before = _peak_mib()
         ours = measure(sites, deployments, Tuning(), repeats)
@@ -94,6 +101,7 @@ def main() -> None:
                 "planner": ours,
                 "full_scan": base,
                 "target_ms": TARGETS_MS.get(n_sites),
+                "cordoned": args.cordoned,
             }
         )
     table = Table(title=f"scheduler scale ({os.cpu_count()} CPUs; best of runs)")

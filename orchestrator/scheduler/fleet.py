@@ -55,7 +55,10 @@ class Fleet:
         self.is_edge = np.array([s.tier is Tier.EDGE for s in self.sites], dtype=bool)
         self.healthy = np.array([s.open for s in self.sites], dtype=bool)  # a draining site counts as unhealthy here
         self.draining = np.array([s.draining for s in self.sites], dtype=bool)
-        self._restricted = np.array([s.admits is not None for s in self.sites], dtype=bool)
+        restricted = np.array([s.admits is not None for s in self.sites], dtype=bool)
+        self._restricted_at = np.flatnonzero(restricted)  # the cordoned sites: few, so admits_mask looks at them alone
+        self._unrestricted = ~restricted
+        self._unrestricted.flags.writeable = False
         self.lat = np.array([s.lat for s in self.sites], dtype=np.float64)
         self.lon = np.array([s.lon for s in self.sites], dtype=np.float64)
         self.xyz = geo.unit_vectors(self.lat, self.lon).reshape(n, 3)
@@ -188,13 +191,19 @@ class Fleet:
             if mask is None:
                 mask = self._shared(allowed & self.tier_mask(tiers) & self.hardware_mask(variant))
                 self._eligible_cache[key] = mask
-            out[name] = mask if not self._restricted.any() else self._shared(mask & self.admits_mask(deployment.name, name))
+            out[name] = mask if not self._restricted_at.size else self._shared(mask & self.admits_mask(deployment.name, name))
         return out
 
     def admits_mask(self, deployment: str, variant: str) -> BoolArray:
         """Sites that may run ``variant`` of ``deployment``: all but those that admit only
         other pairs (``Site.admits``, a cordoned site's)."""
-        return ~self._restricted | np.array([(deployment, variant) in (s.admits or ()) for s in self.sites], dtype=bool)
+        if not self._restricted_at.size:
+            return self._unrestricted
+        mask = self._unrestricted.copy()
+        for i in self._restricted_at.tolist():
+            admits = self.sites[i].admits
+            mask[i] = admits is not None and (deployment, variant) in admits
+        return mask
 
     def _shared(self, mask: BoolArray) -> BoolArray:
         """One read-only array per distinct content: variant sizes that every site holds
