@@ -132,9 +132,20 @@ def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sch
     draining = s.maintenance.keys() - cordoned
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name),
                                [v for _, v in held[r.name]] if r.name in s.rejoining else None,
-                               cordoned=held.get(r.name) if r.name in cordoned else None, draining=r.name in draining)
+                               cordoned=_staying(r, held[r.name], deployments) if r.name in cordoned else None,
+                               draining=r.name in draining)
              for r in s.sites]
     return sites, deployments, current
+
+
+def _staying(site: snap.SiteRecord, held: list[tuple[str, sched_model.Variant]],
+             deployments: list[sched_model.Deployment]) -> list[tuple[str, sched_model.Variant]]:
+    """Of a cordoned site's replicas, those its deployments' rules still allow there: a
+    replica that must leave (its deployment's residency, tiers or selector changed) frees
+    room the site must not offer, or another replica of a deployment it runs would take it."""
+    by_name = {d.name: d for d in deployments}
+    tier, spec = sched_model.Tier(site.spec.tier), site.spec
+    return [(name, v) for name, v in held if by_name[name].allows(v, spec.location.country, tier, site.labels)]
 
 
 def _held(where: Iterable[str], deployments: list[sched_model.Deployment],

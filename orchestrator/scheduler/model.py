@@ -253,6 +253,13 @@ class Deployment:
         if self.min_replicas < 0 or self.max_replicas < self.min_replicas:
             raise ValueError(f"deployment {self.name}: replicas need 0 <= min <= max, got min={self.min_replicas} max={self.max_replicas}")
 
+    def allows(self, variant: Variant, country: str, tier: Tier, labels: Mapping[str, str]) -> bool:
+        """Whether the hard rules (residency, tiers, selector, the variant's tiers) let a
+        replica of ``variant`` run on a site of this country, tier and labels; its hardware aside."""
+        rules = self.placement
+        return ((rules.residency is None or country in rules.residency) and variant in self.variants_for(tier)
+                and all(labels.get(k) == v for k, v in rules.site_selector.items()))
+
     def variants_for(self, tier: Tier) -> tuple[Variant, ...]:
         """The variants this deployment may run on ``tier``."""
         if tier not in self.placement.tiers:

@@ -90,6 +90,27 @@ def test_a_cordoned_site_keeps_what_it_runs_and_takes_nothing_more() -> None:
         "state": "Cordoned", "mode": "cordon", "reason": "disk swap", "by": "admin", "since": "2001-09-09T01:46:40Z"}
 
 
+def test_room_a_replica_leaving_a_cordoned_site_frees_is_not_taken_by_a_deployment_it_runs() -> None:
+    """assistant-dc must leave dc-paris (its residency is now Germany only) in the pass in
+    which intent-eu, which also runs there, wants more replicas: none of them lands there."""
+    cordoned = _with(_at_rest(), "dc-paris", maintenance.Mode.CORDON)
+    before = {(r.deployment, r.variant, r.replicas) for r in _on(cordoned.placements, "dc-paris")}
+    assert {"assistant-dc", "intent-eu"} <= {d for d, _, _ in before}
+
+    def changed(d: snap.DeploymentRecord) -> snap.DeploymentRecord:
+        if d.name == "assistant-dc":
+            return dataclasses.replace(d, spec=d.spec.model_copy(update={"placement": d.spec.placement.model_copy(update={"residency": ["DE"]})}))
+        if d.name == "intent-eu":
+            return dataclasses.replace(d, spec=d.spec.model_copy(update={"replicas": d.spec.replicas.model_copy(update={"min": 6, "max": 6})}))
+        return d
+
+    changed_s = dataclasses.replace(cordoned, deployments=tuple(changed(d) for d in cordoned.deployments))
+    plan = planning.plan_pass(changed_s)
+    after = {(r.deployment, r.variant, r.replicas) for r in _on(_rows(plan, changed_s), "dc-paris")}
+    assert after == {x for x in before if x[0] != "assistant-dc"}, after
+    assert plan.result.deployments["intent-eu"].placed == 6  # the three more go elsewhere
+
+
 def test_a_deployment_applied_while_a_site_is_cordoned_gets_no_replica_there() -> None:
     # the new deployment would rather have dc-paris: a replica moving off it must not free its room for one
     cordoned = _with(_at_rest(), "dc-paris", maintenance.Mode.CORDON)
