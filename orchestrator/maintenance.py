@@ -18,10 +18,11 @@ by the reconciler's pass (:mod:`orchestrator.reconciler.maintenance`).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator import catalog
 from orchestrator.store import sqlite as store_mod
 
 KIND = "SiteMaintenance"
@@ -77,24 +78,18 @@ class Change:
 
 def read_each(stored: Iterable[store_mod.StoredObject]) -> tuple[dict[str, Maintenance], dict[str, str]]:
     """The maintenance of each Site, and by name why one does not read."""
-    found: dict[str, Maintenance] = {}
-    bad: dict[str, str] = {}
-    for obj in stored:
-        try:
-            found[obj.name] = Maintenance.from_stored(obj)
-        except ValueError as exc:
-            bad[obj.name] = str(exc)
-    return found, bad
+    return catalog.read_each(stored, Maintenance.from_stored)
 
 
-def read_all(store: store_mod.Store) -> dict[str, Maintenance]:
-    return read_each(store.list(KIND))[0]
+def in_force(found: Mapping[str, Maintenance], sites: Collection[str]) -> dict[str, Maintenance]:
+    """The maintenance of the Sites that exist (``sites``): a deleted Site's is kept for a
+    Site declared again under its name, and takes no site out until then."""
+    return {name: m for name, m in found.items() if name in sites}
 
 
 def read_in_force(store: store_mod.Store) -> dict[str, Maintenance]:
-    """The maintenance of the Sites that exist: a deleted Site's is kept for a Site declared
-    again under its name, and takes no site out until then."""
-    return {name: m for name, m in read_all(store).items() if store.get("Site", name) is not None}
+    """:func:`in_force`, read from ``store`` (one read of each kind)."""
+    return in_force(read_each(store.list(KIND))[0], {o.name for o in store.list("Site")})
 
 
 def take_out(store: store_mod.Store, site: str, mode: Mode, *, actor: str, reason: str, now: float,

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeplane")
 
 API_READ_S = 5.0  # how long GET /v1/placements waits for the store before a 503
-METRICS_READ_S = 2.0  # how long a scrape waits for the placement: well within a scraper's timeout (Prometheus: 10 s)
+METRICS_READ_S = 2.0  # how long a scrape waits for the store (placement, maintenance): well within a scraper's timeout (Prometheus: 10 s)
 
 
 class ServerViews:
@@ -139,7 +139,7 @@ class ServerViews:
         in a worker thread but for the agents' states, which the loop owns."""
         if page.after is not None and len(page.after) != 3:
             raise paging.BadPage("continue is not a token a page of this list gave (metadata.continue)")
-        if page.limit is None:  # the read /metrics makes too: one between them while the database stalls
+        if page.limit is None:  # one such read at a time while the database stalls, whoever asks
             name, read = "placements", self.store.placements
         else:  # a page reads its rows alone (one more: whether a next page has any), not the whole table each time
             name, read = f"placements {page.after} {page.limit}", functools.partial(self.store.placements, page.after, page.limit + 1)
@@ -172,26 +172,26 @@ class ServerViews:
         return await self.simulations.run(self.reconciler.current, body, each, top)
 
     async def metrics(self) -> bytes:
-        """``GET /metrics``. The placement counted is read in a worker thread first, shared
-        by the scrapes that come while it is read; the collectors read the rest (the hub, the
-        table) on the loop, whose it is. While the store fails, or has not answered within
-        :data:`METRICS_READ_S`, the scrape still answers, without ``edgeplane_replicas_placed``."""
+        """``GET /metrics``. What it counts from the store (the placement, and the sites taken
+        out for maintenance: any replica's store says it, not only the leader's pass) is read
+        in one worker-thread read, shared by the scrapes that come while it is read; the
+        collectors read the rest (the hub, the table) on the loop, whose it is. While the store
+        fails, or has not answered within :data:`METRICS_READ_S`, the scrape still answers,
+        without ``edgeplane_replicas_placed`` and ``edgeplane_sites_cordoned``."""
+        def read() -> tuple[list[store_mod.PlacementRow], dict[str, int]]:
+            return self.store.placements(), maintenance.states(maintenance.read_in_force(self.store))
+
         try:
-            placements = await self._shared_read("placements", self.store.placements, METRICS_READ_S)
+            placements, taken_out = await self._shared_read("metrics", read, METRICS_READ_S)
         except (store_mod.StoreError, TimeoutError) as exc:
             if self.fleet.placements is not None:  # once an outage, not at every scrape
-                log.warning("metrics: the placement cannot be read, edgeplane_replicas_placed is left out until it can: %s",
-                            exc or f"the store did not answer in {METRICS_READ_S:g} s")
-            self.fleet.placements = None
+                log.warning("metrics: the store cannot be read, edgeplane_replicas_placed and edgeplane_sites_cordoned "
+                            "are left out until it can: %s", exc or f"the store did not answer in {METRICS_READ_S:g} s")
+            self.fleet.placements = self.fleet.maintenance = None
         else:
             if self.fleet.placements is None:
-                log.info("metrics: the placement is read again, edgeplane_replicas_placed is back")
-            self.fleet.placements = placements
-        try:  # sites taken out for maintenance: any replica's store says it, not only the leader's pass
-            self.fleet.maintenance = maintenance.states(await self._shared_read("maintenance", lambda: maintenance.read_in_force(self.store),
-                                                                                METRICS_READ_S))
-        except (store_mod.StoreError, TimeoutError):
-            self.fleet.maintenance = None
+                log.info("metrics: the store is read again, edgeplane_replicas_placed and edgeplane_sites_cordoned are back")
+            self.fleet.placements, self.fleet.maintenance = placements, taken_out
         # Prometheus text format whatever the scraper's Accept asks: the deprecated gauges
         # edgeplane_heartbeats_received and edgeplane_reconcile_passes share their family name
         # with the counters ..._total in OpenMetrics, whose parsers refuse such a scrape whole.

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import catalog
+from orchestrator import maintenance as maintenance_mod
 from orchestrator.reconciler import inventory
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
@@ -72,7 +73,7 @@ def stays(progress: Mapping[str, Progress]) -> dict[str, tuple[Stay, ...]]:
 
 
 def draining_sites(s: snap.Snapshot) -> frozenset[str]:
-    return frozenset(name for name, m in s.maintenance.items() if m.draining and name in s.site_by_name)
+    return frozenset(name for name, m in maintenance_mod.in_force(s.maintenance, s.site_by_name).items() if m.draining)
 
 
 def _holding(s: snap.Snapshot) -> frozenset[str]:

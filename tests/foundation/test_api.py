@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import catalog, server
+from orchestrator import catalog, server, server_views
 from orchestrator.api import paging
 from orchestrator.manifests import loader
 from orchestrator.store import sqlite as store_mod
@@ -186,11 +189,39 @@ def test_a_scrape_while_the_store_fails_answers_without_the_placed_replicas(
         for name in ("edgeplane_agents", "edgeplane_reconcile_passes", "edgeplane_leader", "edgeplane_endpoints"):
             assert name in families, sorted(families)
         assert "edgeplane_replicas_placed" not in families  # no count from before the outage, read as current
+        assert "edgeplane_sites_cordoned" not in families  # read with it: the store that fails one fails both
         assert "edgeplane_replicas_placed" not in scrape()
         monkeypatch.undo()
         assert "edgeplane_replicas_placed" in scrape()  # back with the store
     said = [r.getMessage() for r in caplog.records if r.name == server.log.name and r.getMessage().startswith("metrics:")]
     assert len(said) == 2 and "left out" in said[0] and "back" in said[1], said  # once an outage, not at every scrape
+
+
+def test_a_scrape_on_a_stalled_store_waits_for_it_once(
+        api: httpx.Client, control_plane: support.ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What /metrics reads from the store is one read within METRICS_READ_S: on a stalled
+    store a scrape answers after that limit, not after one limit per thing it reads."""
+    store = store_of(control_plane)
+    stalled = threading.Event()
+    placements, listed = store.placements, store.list
+
+    def waiting(read: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            stalled.wait(30)
+            return read(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(server_views, "METRICS_READ_S", 1.0)
+    monkeypatch.setattr(store, "placements", waiting(placements))
+    monkeypatch.setattr(store, "list", waiting(listed))
+    try:
+        started = time.monotonic()
+        r = api.get("/metrics")
+        took = time.monotonic() - started
+    finally:
+        stalled.set()
+    assert r.status_code == 200 and "edgeplane_agents" in r.text and "edgeplane_sites_cordoned" not in r.text, r.text[:300]
+    assert took < 1.5, f"a scrape waited {took:.1f} s on a store limited to 1 s"
 
 
 def test_one_process_on_sqlite_always_leads(api: httpx.Client) -> None:
