@@ -5,6 +5,7 @@ runs, so a drain has nothing to move): round trips, idempotence, the event log, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
 import sqlite3
@@ -53,6 +54,13 @@ def _trigger(server: support.ServerThread) -> None:
     """A pass now, asked on the control plane's own loop (a store written behind its back)."""
     assert server.cp is not None and server._loop is not None
     server._loop.call_soon_threadsafe(server.cp.changed, "test")
+
+
+def _a_pass_started_after(server: support.ServerThread, passes: int) -> None:
+    """Returns once a pass that began after ``passes`` were counted has ended: two more, as
+    one may have been under way (TimeoutError after 30 s)."""
+    assert server.cp is not None and server._loop is not None
+    asyncio.run_coroutine_threadsafe(server.cp.reconciler.wait_for_pass(passes + 1), server._loop).result(timeout=35)
 
 
 def _site_events(c: httpx.Client, site: str) -> list[dict[str, Any]]:
@@ -131,10 +139,7 @@ def test_a_cordon_outlives_applying_the_manifests_again(cp: support.ServerThread
         assert c.post("/v1/apply", content=changed).status_code == 200
         assert c.get("/v1/sites/edge-madrid").json()["metadata"]["resourceVersion"] != site["metadata"]["resourceVersion"]
         assert c.post("/v1/apply", content=_examples(offline_fleet)).status_code == 200
-        passes = cp.cp.reconciler.passes  # type: ignore[union-attr]
-        deadline = time.monotonic() + 30
-        while cp.cp.reconciler.passes <= passes + 1 and time.monotonic() < deadline:  # type: ignore[union-attr]
-            time.sleep(0.05)
+        _a_pass_started_after(cp, cp.cp.reconciler.passes)  # type: ignore[union-attr]
         assert c.get("/v1/sites/edge-madrid").json()["status"]["maintenance"]["state"] == "Cordoned"
         assert c.post("/v1/sites/edge-madrid/uncordon").json()["action"] == "uncordoned"
 
@@ -189,10 +194,7 @@ def test_during_a_hold_a_cordon_is_stored_and_takes_effect_when_it_ends(cp: supp
                         "`edgeplane uncordon site edge-zurich` removes it"), held
         r = c.post("/v1/sites/edge-lyon/cordon")
         assert r.json()["action"] == "cordoned" and r.json()["note"].startswith("stored; it takes effect when the hold ends"), r.json()
-        passes = cp.cp.reconciler.passes
-        deadline = time.monotonic() + 30
-        while cp.cp.reconciler.passes <= passes + 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _a_pass_started_after(cp, cp.cp.reconciler.passes)
         assert "maintenance" not in c.get("/v1/sites/edge-lyon").json().get("status", {})  # nothing planned on hold
         assert c.post("/v1/sites/edge-zurich/uncordon").json()["action"] == "uncordoned"
         _maintenance_once_passed(c, "edge-lyon", "Cordoned")
