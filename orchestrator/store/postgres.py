@@ -65,6 +65,12 @@ CREATE TABLE IF NOT EXISTS events (
 );
 DO $$ BEGIN  -- not CREATE INDEX IF NOT EXISTS: that locks the table first, and would wait on a build of events_time
     IF to_regclass('events_object') IS NULL THEN CREATE INDEX events_object ON events (kind, name, id); END IF;
+    -- lists are paged in byte order (COLLATE "C", as SQLite sorts), which the primary keys, in
+    -- the database's collation, cannot give: without these each page reads and sorts its table
+    IF to_regclass('objects_bytewise') IS NULL THEN CREATE INDEX objects_bytewise ON objects (kind, name COLLATE "C"); END IF;
+    IF to_regclass('placements_bytewise') IS NULL THEN
+        CREATE INDEX placements_bytewise ON placements (deployment COLLATE "C", site COLLATE "C", variant COLLATE "C");
+    END IF;
 END $$;
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, purpose TEXT NOT NULL,
