@@ -10,6 +10,7 @@ import json
 import pathlib
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -227,6 +228,16 @@ def test_records_expire_by_their_deployments_current_retention(tmp_path: pathlib
 
 def test_a_capture_read_with_a_parameter_it_does_not_read_is_refused(tmp_path: pathlib.Path) -> None:
     """A misspelt ``deployment`` would list every deployment's records, ``payload`` included."""
+    with captures_of_one_record(tmp_path) as client:
+        refused = client.get("/v1/captures/EU", params={"deploymnet": "other", "payload": "true"})
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "unknown query parameter 'deploymnet': this list takes limit, payload, deployment"
+        assert len(client.get("/v1/captures/EU", params={"deployment": "dep", "limit": "5"}).json()["items"]) == 1
+
+
+@contextlib.contextmanager
+def captures_of_one_record(tmp_path: pathlib.Path) -> Iterator[TestClient]:
+    """The capture API over one zone's store holding one record of ``dep``, captured a minute ago."""
     store = store_mod.Store(tmp_path / "state.db", clock=lambda: 0.0)
     stores = capture_store.ZoneStores(tmp_path / "captures")
     now = 10 * capture.DAY_S
@@ -235,10 +246,7 @@ def test_a_capture_read_with_a_parameter_it_does_not_read_is_refused(tmp_path: p
         stores.zone("EU").add([record_of("dep", "EU", now - 60)])
         app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=False), store, stores, clock=lambda: now))
         with TestClient(app) as client:
-            refused = client.get("/v1/captures/EU", params={"deploymnet": "other", "payload": "true"})
-            assert refused.status_code == 400
-            assert refused.json()["error"] == "unknown query parameter 'deploymnet': this list takes limit, payload, deployment"
-            assert len(client.get("/v1/captures/EU", params={"deployment": "dep", "limit": "5"}).json()["items"]) == 1
+            yield client
     finally:
         stores.close()
         store.close()
@@ -455,17 +463,7 @@ def test_records_a_zone_cannot_write_are_counted_and_logged_once_per_error(tmp_p
 @pytest.mark.parametrize("limit", ["\u0663", "\u00b2", "1" * 5000, "0", "10001"])
 def test_a_capture_read_whose_limit_is_not_a_whole_number_in_range_is_refused(tmp_path: pathlib.Path, limit: str) -> None:
     """As the lists refuse it: '٣' is no 3, and a limit past the most is not cut silently."""
-    store = store_mod.Store(tmp_path / "state.db", clock=lambda: 0.0)
-    stores = capture_store.ZoneStores(tmp_path / "captures")
-    now = 10 * capture.DAY_S
-    try:
-        capturing(store)
-        stores.zone("EU").add([record_of("dep", "EU", now - 60)])
-        app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=False), store, stores, clock=lambda: now))
-        with TestClient(app) as client:
-            refused = client.get("/v1/captures/EU", params={"limit": limit})
-            assert refused.status_code == 400, refused.text[:300]
-            assert refused.json()["error"].startswith("limit must be a whole number from 1 to 10,000")
-    finally:
-        stores.close()
-        store.close()
+    with captures_of_one_record(tmp_path) as client:
+        refused = client.get("/v1/captures/EU", params={"limit": limit})
+        assert refused.status_code == 400, refused.text[:300]
+        assert refused.json()["error"].startswith("limit must be a whole number from 1 to 10,000")

@@ -117,6 +117,15 @@ spec:
 """
 
 
+def serving(tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> tuple[subprocess.Popen[bytes], int, bytes]:
+    """``edgeplane serve`` started and past its banner: the process, its API port and its admin token."""
+    args, banner = serve(tmp_path)
+    proc = launch(args, tmp_path)
+    processes.append(proc)
+    read_until(proc, banner, tmp_path)
+    return proc, int(args[args.index("--port") + 1]), (tmp_path / "cp" / "admin.token").read_text().strip().encode()
+
+
 def read_answer(sock: socket.socket) -> bytes:
     sock.settimeout(30)
     answer = b""
@@ -129,12 +138,7 @@ def read_answer(sock: socket.socket) -> bytes:
 def test_serve_whose_stdout_reader_is_gone_still_drains_and_exits_0(
         tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
     """``edgeplane serve | tee cp.log`` stopped with Ctrl-C: tee is gone before serve says ``stopping...``."""
-    args, banner = serve(tmp_path)
-    port = int(args[args.index("--port") + 1])
-    proc = launch(args, tmp_path)
-    processes.append(proc)
-    read_until(proc, banner, tmp_path)
-    token = (tmp_path / "cp" / "admin.token").read_text().strip().encode()
+    proc, port, token = serving(tmp_path, processes)
     with socket.create_connection(("127.0.0.1", port)) as sock:  # an apply in flight, half its body sent
         sock.sendall(b"POST /v1/apply HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer " + token
                      + b"\r\ncontent-type: application/yaml\r\ncontent-length: %d\r\n\r\n" % len(SITE) + SITE[:40])
@@ -223,12 +227,7 @@ def test_a_second_stop_signal_ends_a_stop_that_takes_long_at_once(
         tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
     """The stop gives a request in flight (here an upload that never ends) up to 5 s; Ctrl-C
     again while it waits ends the process there and then."""
-    args, banner = serve(tmp_path)
-    port = int(args[args.index("--port") + 1])
-    proc = launch(args, tmp_path)
-    processes.append(proc)
-    read_until(proc, banner, tmp_path)
-    token = (tmp_path / "cp" / "admin.token").read_text().strip().encode()
+    proc, port, token = serving(tmp_path, processes)
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(b"POST /v1/apply HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer " + token
                      + b"\r\ncontent-type: application/yaml\r\ncontent-length: %d\r\n\r\n" % len(SITE) + SITE[:40])
@@ -265,12 +264,7 @@ def assert_answered_503_at_the_grace(sock: socket.socket, proc: subprocess.Popen
 
 def test_a_request_still_in_flight_when_the_drain_ends_is_answered_503(
         tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
-    args, banner = serve(tmp_path)
-    port = int(args[args.index("--port") + 1])
-    proc = launch(args, tmp_path)
-    processes.append(proc)
-    read_until(proc, banner, tmp_path)
-    token = (tmp_path / "cp" / "admin.token").read_text().strip().encode()
+    proc, port, token = serving(tmp_path, processes)
     with in_flight(port, b"POST /v1/apply HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer " + token
                    + b"\r\ncontent-type: application/yaml\r\ncontent-length: 4000\r\n\r\napiVersion: edgeplane.io/v1alpha1\n") as sock:
         assert_answered_503_at_the_grace(sock, proc, tmp_path)
