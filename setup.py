@@ -30,8 +30,12 @@ class BuildWithProtos(build_py):
     def run(self) -> None:
         runpy.run_path(str(ROOT / "protos" / "generate.py"), run_name="edgeplane_build")["generate"]()
         super().run()
-        # the version an agent of this build reports to the control plane (edge_agent.build)
+        # the version an agent of this build reports to the control plane (edge_agent.build);
+        # an editable install runs the sources in place, which report the bare version
+        if getattr(self, "editable_mode", False):
+            return
         baked = pathlib.Path(self.build_lib) / "edge_agent" / "BUILD"
+        baked.parent.mkdir(parents=True, exist_ok=True)
         baked.write_text(build_version(self.distribution.get_version(), build_id()) + "\n", encoding="utf-8")
 
 
