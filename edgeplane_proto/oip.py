@@ -309,6 +309,11 @@ def _tensor_json(t: Tensor) -> dict[str, Any]:
         data: list[Any] = [
             v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)
         ]
+    elif arr.dtype == np.float64:
+        # orjson's native numpy writer (3.12, 3.13) overruns its buffer on a few hundred float64
+        # values spelt at their longest (24 characters, e.g. -1.1737277190147808e+247) and
+        # corrupts the process's heap; its writer of Python floats checks its room as it goes
+        data = arr.reshape(-1).tolist()
     else:
         data = np.ascontiguousarray(arr.reshape(-1))  # orjson writes it natively
     return {"name": t.name, "shape": list(arr.shape), "datatype": datatype, "data": data}
