@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -56,15 +57,25 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
         return runner.run(main)
 
 
+#: A stop signal this soon after the first is the same stop told twice, not a second one:
+#: ``make serve`` stopped by ``kill %1`` (or a service manager signalling the whole group)
+#: is signalled by the shell and again by make, which passes SIGTERM on to its children.
+SAME_STOP_S = 1.0
+
+
 async def serve(start: Callable[[], Awaitable[S]], banner: Callable[[S], Iterable[str]], early: list[int]) -> None:
     """Start the service, print its banner, run it until a stop signal, stop it. ``early``:
     stop signals that came before the event loop took them over."""
     stop = asyncio.Event()
+    first: list[float] = []
 
     def stop_signalled(sig: signal.Signals) -> None:
-        if stop.is_set():
+        now = time.monotonic()
+        if stop.is_set() and now - first[0] >= SAME_STOP_S:
             log.warning("%s again: exiting now, without finishing the stop", sig.name)
             exit_now(1)
+        if not stop.is_set():
+            first.append(now)
         stop.set()
 
     loop = asyncio.get_running_loop()
