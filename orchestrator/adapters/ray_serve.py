@@ -328,17 +328,18 @@ def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None
         replicas_target=target,
         endpoint_url=endpoint,
         detail=detail,
-        version=_running_version(app, state),
+        version=_running_version(app, state, deployments),
         ingress=ingress if isinstance(ingress, str) else "",
     )
 
 
-def _running_version(app: Mapping[str, Any], state: ServeAppState) -> str:
+def _running_version(app: Mapping[str, Any], state: ServeAppState, deployments: Mapping[str, Any]) -> str:
     """The v2 version of an ONNX application whose replicas all run the config deployed:
-    the model file it was given (``deployed_app_config``); "" while it deploys, or for
-    other applications."""
+    the model file it was given (``deployed_app_config``); "" while a new config rolls
+    out (replicas may hold either file), or for other applications."""
     deployed = app.get("deployed_app_config") or {}
-    if state is not ServeAppState.RUNNING or deployed.get("import_path") != serve_config.ONNX_IMPORT_PATH:
+    settled = state is ServeAppState.RUNNING or (state is ServeAppState.DEPLOYING and serve_config.only_scaling(deployments))
+    if not settled or deployed.get("import_path") != serve_config.ONNX_IMPORT_PATH:
         return ""
     sha256 = (deployed.get("args") or {}).get("sha256")
     return oip.model_version(sha256) if isinstance(sha256, str) else ""

@@ -36,9 +36,6 @@ MANAGED_BY = "edgeplane"
 SPEC_HASH_ANNOTATION = "edgeplane.io/spec-hash"
 SITE_LABEL = "edgeplane.io/site"
 SERVE_PORT = 8000
-#: Deployment statuses whose replicas answer: a config that only changes num_replicas (or
-#: Serve's autoscaler) moves a HEALTHY deployment to UPSCALING or DOWNSCALING meanwhile.
-SERVING_DEPLOYMENT_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
 
 
 class ClusterShapeError(DataCentreError):
@@ -327,9 +324,11 @@ def statuses_from_rayservice(
 ) -> dict[str, ServeAppStatus]:
     """Translate a RayService's ``status`` into per-application statuses.
 
-    KubeRay reports no replica counts, so a RUNNING application whose deployments all serve
-    (healthy, or scaling: Serve keeps such an application RUNNING, its replicas answering)
-    counts its configured replicas as running, anything else counts none.
+    KubeRay reports no replica counts. A RUNNING application whose deployments all serve
+    (healthy, or scaling) counts its configured replicas as running. One DEPLOYING only to
+    change its replica count (Serve says DEPLOYING while a count changes through the
+    config, as edgeplane scales it) counts one: the replicas it had keep answering, how
+    many of them is not reported. Anything else counts none.
     """
     targets: dict[str, int] = {}
     prefixes: dict[str, str] = {}
@@ -348,7 +347,6 @@ def statuses_from_rayservice(
         app = reported.get(name) or {}
         state = serve_config.parse_state(app.get("status") or "NOT_STARTED")
         deployments = app.get("serveDeploymentStatuses") or {}
-        healthy = all(d.get("status") in SERVING_DEPLOYMENT_STATES for d in deployments.values())
         detail = app.get("message") or serve_config.deployment_messages(deployments)
         if not app:
             detail = waiting or "the RayService has not reported this application yet"
@@ -358,13 +356,19 @@ def statuses_from_rayservice(
             name=name,
             status=state,
             message=serve_config.summarize_message(detail),
-            replicas_running=target if state is ServeAppState.RUNNING and healthy else 0,
+            replicas_running=_answering(state, deployments, target),
             replicas_target=target,
             endpoint_url=serve_config.route_url(serve_url, prefix),
             detail=detail,
             ingress=next(iter(deployments)) if len(deployments) == 1 else "",  # KubeRay reports no topology
         )
     return result
+
+
+def _answering(state: ServeAppState, deployments: Mapping[str, Any], target: int) -> int:
+    if state is ServeAppState.RUNNING and (not deployments or serve_config.only_scaling(deployments)):
+        return target
+    return min(target, 1) if state is ServeAppState.DEPLOYING and serve_config.only_scaling(deployments) else 0
 
 
 #: ``spec.kubernetes.context`` naming the cluster the control plane runs in, reached with

@@ -179,12 +179,20 @@ class ServeAppStatus:
     detail: str = ""  # the full message (tracebacks) when ``message`` is its summary
     #: The v2 version every replica answers ``/versions/{v}`` for (an ONNX application's
     #: model file, ``oip.model_version``), known only while Serve says they all run the
-    #: config deployed (RUNNING); "" otherwise.
+    #: config deployed (RUNNING, or DEPLOYING only to change their count); "" otherwise.
     version: str = ""
     #: The deployment its replicas are sized through, as the cluster reports it: the
     #: ingress (or only) deployment; "" while unknown. A ``ray-serve`` application that
     #: names none is sized through it (see ``ServeAppSpec.deployment``).
     ingress: str = ""
+
+    @property
+    def answers(self) -> bool:
+        """Whether requests sent to it are answered now: RUNNING, or DEPLOYING with replicas
+        running (a replica count or config changing: the replicas it has keep serving
+        until their replacements do)."""
+        return self.status is ServeAppState.RUNNING or (
+            self.status is ServeAppState.DEPLOYING and self.replicas_running >= 1)
 
 
 class DataCentreActuator(Protocol):
@@ -334,6 +342,19 @@ def configured_replicas(app: Mapping[str, Any]) -> int:
             total += int(deployment.get("num_replicas") or scaling.get("initial_replicas") or scaling.get("min_replicas") or 0)
         return total
     return sum(int(d.get("num_replicas") or 0) for d in app.get("deployments") or [])
+
+
+#: Deployment states whose replicas answer and run the config deployed: steady, or only
+#: changing in number. Serve reports an application DEPLOYING while a deployment's count
+#: changes through its config (as edgeplane scales it), RUNNING when Serve's own
+#: autoscaler changes it; either way the replicas it has keep answering.
+SCALING_DEPLOYMENT_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
+
+
+def only_scaling(deployments: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether an application's deployments (some reported) all run its deployed config, at
+    most changing their replica count (no new code or model file rolling out, none failing)."""
+    return bool(deployments) and all(d.get("status") in SCALING_DEPLOYMENT_STATES for d in deployments.values())
 
 
 def parse_state(value: object) -> ServeAppState:

@@ -109,6 +109,23 @@ def test_each_application_counts_once_in_ready_replicas_and_is_an_endpoint() -> 
     assert status_and_urls(both) == (3, ["http://127.0.0.1:8000/ep/dc1/d/big", "http://127.0.0.1:8000/ep/dc1/d/small"])
 
 
+def test_an_application_changing_its_replica_count_stays_a_healthy_endpoint() -> None:
+    """Serve reports an application DEPLOYING while its replica count changes through the
+    config, which is how every scale edgeplane makes reaches it; its running replicas keep
+    answering, so the gateway keeps routing to it (callers of a data-centre-only model got
+    503 "no healthy replica" for every scale up or down before)."""
+    def published(status: serve_config.ServeAppState, running: int) -> list[tuple[str, bool]]:
+        app = dataclasses.replace(_running("dc1", "big", running), status=status, replicas_target=3)
+        (table,) = [a for a in planning.plan_pass(_snapshot(app)).actions if isinstance(a, act.PublishEndpoints)]
+        return [(e.url, e.healthy) for e in table.endpoints]
+
+    url = "http://127.0.0.1:8000/ep/dc1/d/big"
+    assert published(serve_config.ServeAppState.DEPLOYING, 1) == [(url, True)]
+    assert published(serve_config.ServeAppState.DEPLOYING, 0) == []  # nothing answers yet
+    assert published(serve_config.ServeAppState.UNHEALTHY, 2) == [(url, False)]
+    assert published(serve_config.ServeAppState.RUNNING, 3) == [(url, True)]
+
+
 def test_sites_whose_names_hold_dashes_own_only_their_own_applications() -> None:
     # Site names are DNS labels: "a" and "b--a" are both valid, as are deployments "d" and "d--b".
     pairs = [("a", "d"), ("a", "d--b"), ("b--a", "d"), ("b", "a--d"), ("a" * 63, "d"), ("a" * 62 + "b", "d"), ("a", "d" * 63)]

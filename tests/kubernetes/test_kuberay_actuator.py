@@ -402,15 +402,24 @@ async def test_a_long_named_site_replaces_its_rayservice_named_the_earlier_way(k
         await act.close()
 
 
-@pytest.mark.parametrize("deployment_status", ["UPSCALING", "DOWNSCALING"])
-def test_a_running_application_that_scales_stays_serving(deployment_status: str) -> None:
-    """Serve keeps an application RUNNING while its replica count changes: it stays an
-    endpoint, its replicas answering."""
+@pytest.mark.parametrize(("app_status", "deployment_status", "running"), [
+    ("RUNNING", "UPSCALING", 3),  # Serve's own autoscaler
+    ("RUNNING", "DOWNSCALING", 3),
+    ("DEPLOYING", "UPSCALING", 1),  # num_replicas changed through the config, as edgeplane scales
+    ("DEPLOYING", "DOWNSCALING", 1),
+    ("DEPLOYING", "UPDATING", 0),  # a new config rolling out: not known to answer
+    ("UNHEALTHY", "UNHEALTHY", 0),
+])
+def test_an_application_that_scales_stays_serving(app_status: str, deployment_status: str, running: int) -> None:
+    """An application whose replica count changes keeps its replicas answering, whether
+    Serve says RUNNING (its autoscaler) or DEPLOYING (a count changed through the config):
+    it stays an endpoint; KubeRay reports no counts, so one DEPLOYING counts one."""
     obj = rayservice.render_rayservice("s", NS, [app("ep-intent", num_replicas=3)], SHAPE)
     obj["status"] = {"activeServiceStatus": {"applicationStatuses": {"ep-intent": {
-        "status": "RUNNING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": deployment_status}}}}}}
+        "status": app_status, "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": deployment_status}}}}}}
     status = rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
-    assert (status.status, status.replicas_running, status.replicas_target) == (ServeAppState.RUNNING, 3, 3)
+    assert (status.status, status.replicas_running, status.replicas_target) == (ServeAppState(app_status), running, 3)
+    assert status.answers is (running > 0)
 
 
 def test_the_in_cluster_context_uses_the_pods_service_account(tmp_path: pathlib.Path) -> None:

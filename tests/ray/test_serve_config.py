@@ -253,6 +253,22 @@ def test_an_onnx_applications_version_is_known_while_it_runs_the_config_deployed
     assert ray_serve.status_from_details("ep-a", other, "http://proxy:8000").version == ""  # not a file edgeplane names
 
 
+@pytest.mark.parametrize(("deployment_status", "known"), [("UPSCALING", True), ("DOWNSCALING", True), ("UPDATING", False)])
+def test_an_application_scaled_through_its_config_keeps_its_version_and_answers(deployment_status: str, known: bool) -> None:
+    """Serve says DEPLOYING while a replica count changes through the config (as edgeplane
+    scales an application): its replicas all still run the config deployed, and answer; a
+    new config rolling out (UPDATING) leaves the version unknown, the old replicas answering."""
+    sha = "cd" * 32
+    app = {"status": "DEPLOYING", "route_prefix": "/ep/a",
+           "deployed_app_config": {"import_path": serve_config.ONNX_IMPORT_PATH, "args": {"sha256": sha}},
+           "deployments": {serve_config.ONNX_DEPLOYMENT: {"status": deployment_status, "target_num_replicas": 4,
+                                                          "replicas": [{"state": "RUNNING"}, {"state": "STARTING"}]}}}
+    status = ray_serve.status_from_details("ep-a", app, "http://proxy:8000")
+    assert status.version == (sha[:12] if known else "")
+    assert status.answers
+    assert not ray_serve.status_from_details("ep-a", {**app, "deployments": {}}, "http://proxy:8000").answers  # none running yet
+
+
 def test_demand_sums_replicas() -> None:
     demand = serve_config.total_demand([onnx(), onnx(name="ep-b", gpus=0.5, num_replicas=4)])
     assert (demand.cpu, demand.memory_mib, demand.gpus) == (3.0, 1536, 2.0)
