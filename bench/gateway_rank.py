@@ -13,6 +13,12 @@ request of the gateway's own and one ejected replica. Per request, in CPU micros
   distance computed);
 - ``all, ranked``: every replica in order, as ``GET /v1/endpoints/{model}`` lists them;
 - ``index build``: laying the model out once per table (the first request after a change);
+- ``table change, model laid out again (baseline)``: a new table in which another model's
+  load moved, then the model's 3 best from its arrays laid out again: what the first
+  request after every table change cost while a change dropped every model's arrays;
+- ``table change touching one model``: the same through the table (``EndpointTable.replace``,
+  then ``rank(limit=3)``), which keeps the arrays of the models whose replicas are unchanged
+  (compared with the line above);
 - ``cascade rule (baseline)``: a request to the model's cascade as it was ranked before its
   stages used the arrays: ``cascade_rules.cascade_for`` (which cascade) then
   ``stage_ranking`` of its first stage, each over the whole table;
@@ -44,17 +50,37 @@ CASCADE = cascade_rules.CascadeRoute("intent", "intent-edge", (cascade_rules.Sta
                                                                cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)))
 
 
+def replicas_of(n: int, pager_load: int = 0) -> list[routing.Endpoint]:
+    """The model on ``n`` sites, and another model on 10 of them with ``pager_load`` in flight
+    at each: new values each time, as the control plane's passes make them."""
+    return [*(routing.Endpoint("intent", "intent-edge", f"edge-{i:05d}", "edge", "FR", "fr", 42.0 + (i % 100) / 20,
+                               -4.0 + (i // 100) / 50, f"http://edge-{i}:8081", inflight=i % 3) for i in range(n)),
+            *(routing.Endpoint("pager", "pager-edge", f"edge-{i:05d}", "edge", "FR", "fr", 42.0, -4.0 + i / 50,
+                               f"http://edge-{i}:8081", inflight=pager_load) for i in range(10))]
+
+
 def table_of(n: int) -> endpoints.EndpointTable:
     table = endpoints.EndpointTable()
-    table.replace([routing.Endpoint("intent", "intent-edge", f"edge-{i:05d}", "edge", "FR", "fr", 42.0 + (i % 100) / 20,
-                                    -4.0 + (i // 100) / 50, f"http://edge-{i}:8081", inflight=i % 3) for i in range(n)])
+    table.replace(replicas_of(n))
     table.started("http://edge-7:8081")
     table.eject("http://edge-8:8081")
     return table
 
 
-def paths(table: endpoints.EndpointTable) -> dict[str, Callable[[int], object]]:
+def paths(table: endpoints.EndpointTable, changing: endpoints.EndpointTable,
+          changes: list[list[routing.Endpoint]]) -> dict[str, Callable[[int], object]]:
+    """``changing``: a table of its own that ``changes`` replace in turn (the other paths' arrays stay)."""
     caller = routing.Caller()
+
+    def laid_out_again(i: int) -> object:
+        changing.replace(changes[i % 2])
+        index = replica_index.ReplicaIndex.build(changing.endpoints("intent"))
+        return index.rank(caller, GATEWAY, api=routing.API_V2, ejected=changing.ejected(), local_load={}, limit=3)
+
+    def one_model_changed(i: int) -> object:
+        changing.replace(changes[i % 2])
+        return changing.rank("intent", caller, GATEWAY, limit=3)
+
     return {
         "rule (baseline)": lambda i: routing.rank(table.with_local_load("intent"), caller, gateway_position=GATEWAY,
                                                   ejected=table.ejected()),
@@ -62,6 +88,8 @@ def paths(table: endpoints.EndpointTable) -> dict[str, Callable[[int], object]]:
         "3 best, new place": lambda i: table.rank("intent", routing.Caller(44.0 + i * 1e-6, 3.0), GATEWAY, limit=3),
         "all, ranked": lambda i: table.rank("intent", caller, GATEWAY),
         "index build": lambda i: replica_index.ReplicaIndex.build(table.endpoints("intent")),
+        "table change, model laid out again (baseline)": laid_out_again,
+        "table change touching one model": one_model_changed,
         "cascade rule (baseline)": lambda i: (
             cascade_rules.cascade_for([CASCADE], table.with_local_load("intent"), caller, gateway_position=GATEWAY, ejected=table.ejected()),
             cascade_rules.stage_ranking(CASCADE, 0, table.with_local_load("intent"), caller, gateway_position=GATEWAY,
@@ -71,6 +99,8 @@ def paths(table: endpoints.EndpointTable) -> dict[str, Callable[[int], object]]:
 
 
 def baseline_of(path: str) -> str:
+    if path.startswith("table change"):
+        return "table change, model laid out again (baseline)"
     return "cascade rule (baseline)" if path.startswith("cascade") else "rule (baseline)"
 
 
@@ -91,7 +121,7 @@ def main() -> None:
     rows = []
     for n in sizes:
         table = table_of(n)
-        ways = paths(table)
+        ways = paths(table, table_of(n), [replicas_of(n, load) for load in (0, 1)])
         for fn in ways.values():
             fn(0)  # the first request builds the model's index and caches the gateway's distances
         calls = max(5, 20_000 // n)
@@ -106,7 +136,7 @@ def main() -> None:
                          "best_cpu_us": round(min(t), 1), "x_faster_than_rule": round(base / statistics.median(t), 1)})
     table_out = Table(title=f"ranking one model's replicas per request ({os.cpu_count()} cores, CPU µs per call, "
                             f"median of {rounds} rounds taking turns)")
-    for col in ("replicas", "path", "median µs", "best µs", "× vs rule"):
+    for col in ("replicas", "path", "median µs", "best µs", "× vs baseline"):
         table_out.add_column(col, justify="left" if col == "path" else "right")
     for row in rows:
         table_out.add_row(f"{row['replicas']:,}", row["path"], f"{row['median_cpu_us']:,.1f}", f"{row['best_cpu_us']:,.1f}",

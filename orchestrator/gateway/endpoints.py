@@ -40,9 +40,20 @@ from orchestrator.gateway import cascade_rules, replica_index, routing
 CALLER_PARAMETERS = ("lat", "lon", "region", "residency")
 
 
-#: Which of a model's replicas an index holds: (model, deployments (None: all), whether those
+#: Which of a model's replicas an index holds: (deployments (None: all), whether those
 #: deployments are left out instead, tiers (None: all)).
-Selection = tuple[str, frozenset[str] | None, bool, frozenset[str] | None]
+Selection = tuple[frozenset[str] | None, bool, frozenset[str] | None]
+
+
+@dataclass
+class LaidOut:
+    """One model's replicas as the table held them when its indices were built, and those
+    indices (a deployment's, a cascade stage's...), None where a selection has no replica.
+    They are a function of the replicas alone: a new table that lists the model's replicas
+    alike (load and health included) keeps them."""
+
+    endpoints: tuple[routing.Endpoint, ...]
+    indices: dict[Selection, replica_index.ReplicaIndex | None] = field(default_factory=dict)
 
 
 def listing_order(e: routing.Endpoint) -> tuple[str, str, str, str]:
@@ -58,8 +69,8 @@ class EndpointTable:
     ejecting_500s: int = 5
     _by_model: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)
     #: Each model's replicas as arrays to rank from (a deployment's, a cascade stage's: :meth:`_index`),
-    #: built by the first request after a :meth:`replace`; None where a known model has none there.
-    _indices: dict[Selection, replica_index.ReplicaIndex | None] = field(default_factory=dict)
+    #: built by the first request after a :meth:`replace` that changed the model's replicas.
+    _laid_out: dict[str, LaidOut] = field(default_factory=dict)
     _ejected_until: dict[str, float] = field(default_factory=dict)
     _500s_in_a_row: dict[str, int] = field(default_factory=dict)
     _inflight: dict[str, int] = field(default_factory=dict)
@@ -101,7 +112,7 @@ class EndpointTable:
         # one order whatever the input's (by deployment, site, URL): a gateway that rebuilds the
         # table from deltas (gateway.wire.apply_delta) holds it exactly as the control plane does
         self._by_model = {m: tuple(sorted(es, key=listing_order)) for m, es in grouped.items()}
-        self._indices = {}
+        self._laid_out = self._still_laid_out()
         if self._500s_in_a_row:  # counts of replicas gone from the table go with them
             urls = {e.url for es in grouped.values() for e in es}
             self._500s_in_a_row = {u: n for u, n in self._500s_in_a_row.items() if u in urls}
@@ -297,23 +308,42 @@ class EndpointTable:
         index = self._index(model)
         return index is not None and index.speaks(api)
 
+    def _still_laid_out(self) -> dict[str, LaidOut]:
+        """The models laid out before the table changed whose replicas it lists alike, each now
+        held as its indices hold them (the new table's equal values are let go). Laying a
+        model on 5,000 sites out costs the first request after a change ~7 ms, so a change at
+        one model (a heartbeat's load, a health flip) must cost that model's alone;
+        comparing the replicas costs a fraction of it, and nothing where they are the same
+        objects (a table rebuilt from a delta keeps the endpoints it did not touch)."""
+        kept = {}
+        for model, laid in self._laid_out.items():
+            now = self._by_model.get(model)
+            if now is not None and now == laid.endpoints:
+                self._by_model[model] = laid.endpoints
+                kept[model] = laid
+        return kept
+
     def _index(self, model: str, deployments: frozenset[str] | None = None, *, excluded: bool = False,
                tiers: frozenset[str] | None = None) -> replica_index.ReplicaIndex | None:
         """``model``'s replicas laid out for ranking (of ``deployments`` only, or all but
         those when ``excluded``; on ``tiers`` only), built by the first request after the
-        table changed."""
-        key: Selection = (model, deployments, excluded, tiers)
+        model's replicas changed."""
+        laid = self._laid_out.get(model)
+        if laid is None:
+            mine = self._by_model.get(model)
+            if mine is None:  # a name any caller may send: nothing is kept of it
+                return None
+            laid = self._laid_out[model] = LaidOut(mine)
+        key: Selection = (deployments, excluded, tiers)
         try:
-            return self._indices[key]
+            return laid.indices[key]
         except KeyError:
             pass
-        mine = self._by_model.get(model)
-        if mine is None:  # a name any caller may send: nothing is kept of it
-            return None
-        endpoints = [e for e in mine if (deployments is None or (e.deployment in deployments) != excluded) and (tiers is None or e.tier in tiers)]
+        endpoints = [e for e in laid.endpoints
+                     if (deployments is None or (e.deployment in deployments) != excluded) and (tiers is None or e.tier in tiers)]
         # None kept too: a deployment or stage with no replica of a model on many sites is asked
         # at every request, and would scan the model's replicas each time
-        index = self._indices[key] = replica_index.ReplicaIndex.build(endpoints) if endpoints else None
+        index = laid.indices[key] = replica_index.ReplicaIndex.build(endpoints) if endpoints else None
         return index
 
     def ejected(self) -> frozenset[str]:

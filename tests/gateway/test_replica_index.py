@@ -5,6 +5,7 @@ so do a cascade's choice and its stages' rankings (``EndpointTable.cascade_for``
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -190,3 +191,38 @@ def test_a_deployment_or_stage_without_replicas_is_answered_without_reading_the_
         assert table.rank_stage(route, 0, routing.Caller(), None) == routing.NoRoute("stage 'small' has no replica running")
         per_round.append(reads)
     assert per_round[0] >= 2000 and per_round[1] == 0
+
+
+def sites_of(model: str, n: int = 500) -> list[routing.Endpoint]:
+    """``model`` on ``n`` sites (new values each call, as each pass of the control plane makes them)."""
+    return [routing.Endpoint(model, f"{model}-edge", f"edge-{i:04d}", "edge", "FR", "fr", 42.0 + (i % 50) / 10, -4.0 + (i // 50) / 2,
+                             f"http://edge-{i}:8081/{model}", inflight=i % 3) for i in range(n)]
+
+
+CHANGES = {
+    "load": lambda es, best: [dataclasses.replace(e, inflight=40) if e.url == best else e for e in es],
+    "health": lambda es, best: [dataclasses.replace(e, healthy=False) if e.url == best else e for e in es],
+    "a replica gone": lambda es, best: [e for e in es if e.url != best],
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_table_change_lays_out_again_only_the_models_whose_replicas_changed(monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """A new table where one model's replicas changed (a replica's load, its health, the
+    replica itself) and another's are listed alike: the changed model is ranked from its new
+    replicas, the other from what the last table laid out (no distance computed again)."""
+    table = EndpointTable()
+    table.replace([*sites_of("same"), *sites_of("changed")])
+    here = (48.85, 2.35)
+    before = {m: table.rank(m, routing.Caller(), here, limit=3) for m in ("same", "changed")}
+    best = before["changed"][0].endpoint.url  # type: ignore[index]
+    changed = CHANGES[change](sites_of("changed"), best)
+    table.replace([*sites_of("same"), *changed])
+    computed = distances(monkeypatch)
+    same = table.rank("same", routing.Caller(), here, limit=3)
+    assert computed.n == 0
+    assert same == before["same"] == routing.rank(sites_of("same"), routing.Caller(), gateway_position=here)[:3]
+    now = table.rank("changed", routing.Caller(), here, limit=3)
+    assert computed.n > 0
+    assert not isinstance(now, routing.NoRoute) and best not in [r.endpoint.url for r in now]
+    assert now == routing.rank(changed, routing.Caller(), gateway_position=here)[:3]  # type: ignore[index]
