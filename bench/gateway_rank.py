@@ -19,6 +19,10 @@ request of the gateway's own and one ejected replica. Per request, in CPU micros
 - ``table change touching one model``: the same through the table (``EndpointTable.replace``,
   then ``rank(limit=3)``), which keeps the arrays of the models whose replicas are unchanged
   (compared with the line above);
+- ``versioned, whole then held (baseline)``: a ``/versions/{v}`` request as it was ranked
+  before it had the arrays' path: every replica ranked, then those that may answer for the
+  version kept (``routing.holding``); 4 in 5 replicas hold it;
+- ``versioned, 3 best``: the same through the table (``rank(limit=3, version=v)``);
 - ``cascade rule (baseline)``: a request to the model's cascade as it was ranked before its
   stages used the arrays: ``cascade_rules.cascade_for`` (which cascade) then
   ``stage_ranking`` of its first stage, each over the whole table;
@@ -45,6 +49,8 @@ from orchestrator.gateway import cascade_rules, endpoints, replica_index, routin
 
 RESULTS = Path(__file__).parent / "results" / "gateway_rank.json"
 GATEWAY = (48.85, 2.35)
+#: The version a versioned request asks for: 4 in 5 replicas hold it, the others an older one.
+VERSION, OLDER = "0123456789ab", "ba9876543210"
 #: The model's cascade: a first stage on every edge site, then one on datacenters (none here).
 CASCADE = cascade_rules.CascadeRoute("intent", "intent-edge", (cascade_rules.StageRoute("small", frozenset({"edge"}), None),
                                                                cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)))
@@ -54,7 +60,7 @@ def replicas_of(n: int, pager_load: int = 0) -> list[routing.Endpoint]:
     """The model on ``n`` sites, and another model on 10 of them with ``pager_load`` in flight
     at each: new values each time, as the control plane's passes make them."""
     return [*(routing.Endpoint("intent", "intent-edge", f"edge-{i:05d}", "edge", "FR", "fr", 42.0 + (i % 100) / 20,
-                               -4.0 + (i // 100) / 50, f"http://edge-{i}:8081", inflight=i % 3) for i in range(n)),
+                               -4.0 + (i // 100) / 50, f"http://edge-{i}:8081", inflight=i % 3, version=OLDER if i % 5 == 0 else VERSION) for i in range(n)),
             *(routing.Endpoint("pager", "pager-edge", f"edge-{i:05d}", "edge", "FR", "fr", 42.0, -4.0 + i / 50,
                                f"http://edge-{i}:8081", inflight=pager_load) for i in range(10))]
 
@@ -90,6 +96,8 @@ def paths(table: endpoints.EndpointTable, changing: endpoints.EndpointTable,
         "index build": lambda i: replica_index.ReplicaIndex.build(table.endpoints("intent")),
         "table change, model laid out again (baseline)": laid_out_again,
         "table change touching one model": one_model_changed,
+        "versioned, whole then held (baseline)": lambda i: routing.holding(table.rank("intent", caller, GATEWAY), "intent", VERSION),
+        "versioned, 3 best": lambda i: table.rank("intent", caller, GATEWAY, limit=3, version=VERSION),
         "cascade rule (baseline)": lambda i: (
             cascade_rules.cascade_for([CASCADE], table.with_local_load("intent"), caller, gateway_position=GATEWAY, ejected=table.ejected()),
             cascade_rules.stage_ranking(CASCADE, 0, table.with_local_load("intent"), caller, gateway_position=GATEWAY,
@@ -101,6 +109,8 @@ def paths(table: endpoints.EndpointTable, changing: endpoints.EndpointTable,
 def baseline_of(path: str) -> str:
     if path.startswith("table change"):
         return "table change, model laid out again (baseline)"
+    if path.startswith("versioned"):
+        return "versioned, whole then held (baseline)"
     return "cascade rule (baseline)" if path.startswith("cascade") else "rule (baseline)"
 
 

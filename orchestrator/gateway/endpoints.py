@@ -261,11 +261,12 @@ class EndpointTable:
 
     def rank(self, model: str, caller: routing.Caller, position: tuple[float, float] | None,
              api: str | None = routing.API_V2, limit: int | None = None,
-             deployment: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
+             deployment: str | None = None, version: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
         """The model's endpoints that speak ``api`` (any, when None) for ``caller``, best
         first, the ``limit`` best only when given (``routing.rank``'s rule on the live table:
         the gateway's own load and ejections included); ``position`` is the gateway's, for
-        callers that give none; ``deployment``: that deployment's endpoints only (:meth:`target`)."""
+        callers that give none; ``deployment``: that deployment's endpoints only (:meth:`target`);
+        ``version``: those of them that may answer for it (``routing.holding``'s rule)."""
         index = self._index(model, None if deployment is None else frozenset({deployment}))
         if index is None:
             if deployment is not None and self._by_model.get(model):
@@ -275,7 +276,7 @@ class EndpointTable:
             spoken = ", ".join(sorted(index.by_api))
             return routing.NoRoute(f"model {model!r} is served over {spoken} only, not {api}", 404)
         return index.rank(caller, routing.position_of(caller, self.regions, position), api=api, ejected=self.ejected(),
-                          local_load=self._inflight, limit=limit)
+                          local_load=self._inflight, limit=limit, version=version)
 
     def rank_stage(self, route: cascade_rules.CascadeRoute, stage: int, caller: routing.Caller,
                    position: tuple[float, float] | None, limit: int | None = None) -> list[routing.Ranked] | routing.NoRoute:

@@ -166,11 +166,12 @@ class Gateway:
 
     def candidates(self, model: str, request: Request, api: str | None = routing.API_V2,
                    caller: routing.Caller | None = None, limit: int | None = None,
-                   deployment: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
+                   deployment: str | None = None, version: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
         """``model``'s replicas for the caller (read from ``request`` unless given), best first;
         the ``limit`` best only, when given (what a request tries: ranking all of a model on
         thousands of sites cost each request milliseconds); with ``deployment``, that
-        deployment's only (``EndpointTable.target``)."""
+        deployment's only (``EndpointTable.target``); with ``version``, those that may answer
+        for it (``routing.holding``)."""
         if caller is None:
             found = self.caller(request)
             if isinstance(found, routing.NoRoute):
@@ -186,7 +187,7 @@ class Gateway:
                                        "first pass ends (it may be starting a data centre); retry in a few seconds", 503, retry_after=2)
             known = self.table.models()
             return routing.NoRoute(f"model {model!r} is not deployed" + (f" (deployed models: {', '.join(known)})" if known else ""), 404)
-        return self.table.rank(model, caller, self.position, api, limit, deployment)
+        return self.table.rank(model, caller, self.position, api, limit, deployment, version)
 
     async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None,
                        version: str | None = None, deployment: str | None = None) -> Response:
@@ -200,11 +201,7 @@ class Gateway:
             return _error(caller.status, caller.reason)
         if (cold := await self._woken(model)) is not None:
             return cold
-        # a version is looked for among all of them (``holding``), then the best are tried
-        ranked = self.candidates(model, request, caller=caller, limit=None if version is not None else self.max_attempts,
-                                 deployment=deployment)
-        if version is not None and not isinstance(ranked, routing.NoRoute):
-            ranked = holding(ranked, model, version)
+        ranked = self.candidates(model, request, caller=caller, limit=self.max_attempts, deployment=deployment, version=version)
         if isinstance(ranked, routing.NoRoute):
             self.refused(model, ranked.status)
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
@@ -380,18 +377,6 @@ class Gateway:
             Route("/v2/models/{model}/versions/{version}/ready", guarded(self.model_ready), methods=["GET"]),
             Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
         ]
-
-
-def holding(ranked: list[routing.Ranked], model: str, version: str) -> list[routing.Ranked] | routing.NoRoute:
-    """The replicas of ``ranked`` that may answer for ``version``, in rank order: those that
-    report it, then those whose version is not known (a data centre's Serve app); a 404
-    naming the versions there are when none may."""
-    known = [r for r in ranked if r.endpoint.version == version]
-    unknown = [r for r in ranked if not r.endpoint.version]
-    if known or unknown:
-        return known + unknown
-    served = sorted({r.endpoint.version for r in ranked})
-    return routing.NoRoute(f"model {model!r} has no version {version!r}" + (f" (versions served: {', '.join(served)})" if served else ""), 404)
 
 
 def _versioned(version: str | None, action: str) -> str:

@@ -8,7 +8,9 @@ loop's CPU per request. :class:`ReplicaIndex` applies the same rule to arrays bu
 per endpoint table (lazily, by the first request for the model): per request, masks and
 one distance per distinct position in numpy, a partition for the ``limit`` best, and
 ranked entries for those alone. Ties resolve as the rule's stable sort does (by site, then
-the table's listing order), so both answer the same replicas in the same order.
+the table's listing order), so both answer the same replicas in the same order. A
+versioned request is ranked the same way, its replicas holding the version first, then
+those whose version is not known (``routing.holding``'s rule after ``routing.rank``'s).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class ReplicaIndex:
     cos_lat: npt.NDArray[np.float64]
     by_url: Mapping[str, Sequence[int]]
     by_api: Mapping[str, Mask]
+    version: Ints  # index into ``versions``
+    versions: tuple[str, ...]  # in order of first appearance; "" where a replica's is not known
     _distances: dict[tuple[float, float], npt.NDArray[np.float64]] = field(default_factory=dict, compare=False, repr=False)
     _tiers: dict[tuple[str, ...], Ints] = field(default_factory=dict, compare=False, repr=False)
 
@@ -54,6 +58,7 @@ class ReplicaIndex:
         # the first request after each table change pays this: comprehensions, then arrays
         n = len(endpoints)
         countries: dict[str, int] = {}
+        versions: dict[str, int] = {}
         positions: dict[tuple[float, float], int] = {}
         by_url: dict[str, list[int]] = {}
         by_api: dict[str, list[int]] = {}
@@ -75,6 +80,8 @@ class ReplicaIndex:
             lat_rad=distinct[:, 0], lon_rad=distinct[:, 1], cos_lat=np.cos(distinct[:, 0]),
             by_url=by_url,
             by_api={api: _mask(n, at) for api, at in by_api.items()},
+            version=np.array([versions.setdefault(e.version, len(versions)) for e in endpoints], dtype=np.intp),
+            versions=tuple(versions),
         )
 
     def speaks(self, api: str) -> bool:
@@ -82,10 +89,10 @@ class ReplicaIndex:
 
     def rank(self, caller: routing.Caller, where: tuple[float, float] | None, *, api: str | None,
              ejected: Collection[str] = frozenset(), local_load: Mapping[str, int] | None = None,
-             panic: bool = True, limit: int | None = None) -> list[routing.Ranked] | routing.NoRoute:
+             panic: bool = True, limit: int | None = None, version: str | None = None) -> list[routing.Ranked] | routing.NoRoute:
         """``routing.rank`` of the endpoints that speak ``api`` (all, when None) for a caller
         at ``where``, with the gateway's own in-flight counts (``local_load``, by URL) added;
-        the ``limit`` best only, when given."""
+        with ``version``, ``routing.holding`` of that ranking; the ``limit`` best only, when given."""
         spoken = self.by_api.get(api) if api is not None else np.ones(len(self.endpoints), bool)
         if spoken is None or not spoken.any():
             return routing.NoRoute(routing.NOT_PLACED)
@@ -103,6 +110,12 @@ class ReplicaIndex:
         if not live.any():
             return routing.NoRoute(routing.no_healthy_replica({self.endpoints[i].site for i in np.flatnonzero(allowed)}))
         chosen = np.flatnonzero(live)
+        later = None  # by replica chosen: 1 where its version is not known, to rank after those that hold it
+        if version is not None:
+            held = self._holding(chosen, version)
+            if isinstance(held, routing.NoRoute):
+                return held
+            chosen, later = held
         load = self.inflight
         if local_load:  # the gateway's own requests in flight: walk the shorter of the two maps
             load = load.copy()
@@ -116,10 +129,24 @@ class ReplicaIndex:
         expected = routing.INFLIGHT_PENALTY_MS * load[chosen]
         if where is not None:
             expected += self._distances_from(where)[self.position[chosen]]
-        fallback = self.endpoints[chosen[0]].fallback
+        fallback = self.endpoints[live.argmax()].fallback  # the rule's: its first live replica's
         tiers = self._tier_rank(fallback)[chosen] if fallback else None
+        if later is not None and later.any():  # (holds the version, tier) as one group
+            tiers = later * (len(fallback) + 1) + (tiers if tiers is not None else 0)
         order = best(expected, self.site_rank[chosen], tiers, limit)
         return [routing.Ranked(self._loaded(int(chosen[j]), load), float(expected[j])) for j in order]
+
+    def _holding(self, chosen: Ints, version: str) -> tuple[Ints, Ints] | routing.NoRoute:
+        """``routing.holding`` of ``chosen``: those holding ``version`` or whose version is not
+        known, with 1 for each of the latter; the rule's 404 when none may answer for it."""
+        code = self.version[chosen]
+        holds = code == (self.versions.index(version) if version in self.versions else -1)
+        unknown = code == (self.versions.index("") if "" in self.versions else -1)
+        may = holds | unknown
+        if not may.any():
+            return routing.NoRoute(routing.no_version(self.endpoints[chosen[0]].model, version,
+                                                      {self.versions[i] for i in np.unique(code)}), 404)
+        return chosen[may], unknown[may].astype(np.intp)
 
     def _loaded(self, i: int, load: npt.NDArray[np.float64]) -> routing.Endpoint:
         """Endpoint ``i`` with the gateway's own requests counted in its in-flight ones."""

@@ -207,6 +207,22 @@ def no_healthy_replica(sites: Collection[str]) -> str:
     return f"no healthy replica among the allowed sites ({listed_sites(sites)})"
 
 
+def no_version(model: str, version: str, served: Collection[str]) -> str:
+    return f"model {model!r} has no version {version!r}" + (f" (versions served: {', '.join(sorted(served))})" if served else "")
+
+
+def holding(ranked: list[Ranked], model: str, version: str) -> list[Ranked] | NoRoute:
+    """The replicas of ``ranked`` that may answer for ``version``, in rank order: those that
+    report it, then those whose version is not known (a data centre's Serve app); a 404
+    naming the versions there are when none may. The rule as it reads; the gateway applies
+    it with the ranking, through ``replica_index``, which answers the same."""
+    known = [r for r in ranked if r.endpoint.version == version]
+    unknown = [r for r in ranked if not r.endpoint.version]
+    if known or unknown:
+        return known + unknown
+    return NoRoute(no_version(model, version, {r.endpoint.version for r in ranked}), 404)
+
+
 def rank(
     endpoints: Sequence[Endpoint],
     caller: Caller,

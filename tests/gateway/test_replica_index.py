@@ -17,6 +17,7 @@ from orchestrator.scheduler import geo
 
 COUNTRIES = ("FR", "DE", "ES", "CH")
 TIERS = ("edge", "datacenter", "onprem")
+VERSIONS = ("", "0123456789ab", "ba9876543210")  # "": not known (a data centre's Serve app)
 
 
 def random_table(rng: random.Random) -> tuple[EndpointTable, list[routing.Endpoint]]:
@@ -32,7 +33,7 @@ def random_table(rng: random.Random) -> tuple[EndpointTable, list[routing.Endpoi
             "m", rng.choice(["d1", "d2"]), site, rng.choice(TIERS), rng.choice(COUNTRIES), "", lat, lon,
             f"http://{site}-{i % 3}", healthy=rng.random() > 0.2, inflight=rng.choice([0, 0, 1, 2, 7]),
             allowed_countries=rng.choice([frozenset(), frozenset({"FR", "DE"}), frozenset({"CH"})]), fallback=fallback,
-            api=rng.choice([routing.API_V2, routing.API_V2, routing.API_OPENAI])))
+            api=rng.choice([routing.API_V2, routing.API_V2, routing.API_OPENAI]), version=rng.choice(VERSIONS)))
     table = EndpointTable()
     table.replace(endpoints)
     for e in rng.sample(endpoints, k=min(len(endpoints), rng.randint(0, 6))):
@@ -66,6 +67,37 @@ def test_the_table_ranks_as_the_rule_ranks(seed: int) -> None:
             [(r.endpoint.url, r.endpoint.deployment, r.endpoint.site) for r in rule]
         assert [r.expected_ms for r in got] == pytest.approx([r.expected_ms for r in rule], abs=1e-9)
         assert [r.endpoint.inflight for r in got] == [e.inflight for e in (r.endpoint for r in rule)]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_table_ranks_a_versioned_request_as_the_rule_ranks_it(seed: int) -> None:
+    """``/versions/{v}`` requests: the replicas holding the version, then those whose version
+    is not known, each in rank order, the ``limit`` best of them (the rule: ``routing.rank``,
+    then ``routing.holding``), or the same refusal."""
+    rng = random.Random(seed)
+    table, _ = random_table(rng)
+    caller = routing.Caller(*rng.choice([(None, None), (48.85, 2.35), (rng.uniform(36, 56), rng.uniform(-8, 20))]),
+                            residency=rng.choice([frozenset(), frozenset({"FR"}), frozenset({"DE", "CH"}), frozenset({"PL"})]))
+    position = rng.choice([None, (50.0, 8.0)])
+    version = rng.choice([*VERSIONS[1:], "feedfacecafe"])
+    deployment = rng.choice([None, "d1"])
+    limit = rng.choice([None, 1, 3, 10])
+    mine = [e for e in table.with_local_load("m") if e.api == routing.API_V2 and deployment in (None, e.deployment)]
+    got = table.rank("m", caller, position, routing.API_V2, limit, deployment, version)
+    if not mine:
+        assert isinstance(got, routing.NoRoute)
+        return
+    rule = routing.rank(mine, caller, gateway_position=position, ejected=table.ejected())
+    if not isinstance(rule, routing.NoRoute):
+        rule = routing.holding(rule, "m", version)
+    if isinstance(rule, routing.NoRoute):
+        assert got == rule
+        return
+    assert not isinstance(got, routing.NoRoute)
+    rule = rule[:limit]
+    assert [(r.endpoint.url, r.endpoint.site, r.endpoint.version, r.endpoint.inflight) for r in got] == \
+        [(r.endpoint.url, r.endpoint.site, r.endpoint.version, r.endpoint.inflight) for r in rule]
+    assert [r.expected_ms for r in got] == pytest.approx([r.expected_ms for r in rule], abs=1e-9)
 
 
 class Count:
