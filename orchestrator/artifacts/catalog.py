@@ -22,6 +22,7 @@ import pathlib
 import stat
 import threading
 import urllib.parse
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -95,7 +96,8 @@ class ArtifactCatalog:
     #: empty = any host. Applied before a URL is handed to an agent or a replica.
     allowed_hosts: tuple[str, ...] = ()
     #: sha256 -> path -> identity of the file whose digest was checked there. Registered from
-    #: the reconciler's and the API's worker threads, read by the route on the event loop.
+    #: the reconciler's and the API's worker threads, read by the route on the event loop;
+    #: versions nothing uses any more are dropped after each pass (:meth:`retain`).
     _checked: dict[str, dict[pathlib.Path, FileIdentity]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     #: Set by :meth:`close`. A hash in progress (of a large artifact, minutes of reading)
@@ -187,6 +189,13 @@ class ArtifactCatalog:
             paths.pop(path, None)
             if not paths:
                 self._checked.pop(sha256, None)
+
+    def retain(self, live: Collection[str]) -> None:
+        """Forget the checks of every version not in ``live`` (those no Model, agent or data
+        centre uses any more: ``reconciler.artifact_use``): they are served no more, and a
+        version used again is hashed again."""
+        with self._lock:
+            self._checked = {sha256: paths for sha256, paths in self._checked.items() if sha256 in live}
 
     def open_checked(self, sha256: str) -> tuple[BinaryIO, FileIdentity] | None:
         """A file whose bytes were checked for ``sha256``, open for reading, or None when no

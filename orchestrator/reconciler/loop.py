@@ -25,6 +25,7 @@ from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing, wire
 from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import artifact_use
 from orchestrator.reconciler import autoscaler as autoscaler_mod
 from orchestrator.reconciler import datacentre_sync, hold
 from orchestrator.reconciler import planning
@@ -382,6 +383,11 @@ class Reconciler:
             maintenance=desired.maintenance,
         )
 
+    def _sent(self, s: snap.Snapshot) -> list[tuple[agent_model.Assignment, ...]]:
+        """The assignments each agent of the pass's sites was last sent, as the pass left them."""
+        return [a.assignments for name in {r.name for r in s.sites} | {agent.site for agent in s.agents}
+                if (a := self.hub.assignments(name)) is not None]
+
     def _resolve_artifacts(self, models: dict[str, schema.ModelSpec]) -> dict[tuple[str, str], snap.ArtifactRef]:
         out = {}
         for name, spec in models.items():
@@ -418,6 +424,8 @@ class Reconciler:
         self.last_snapshot = snapshot
         await self._execute_all(plan.actions)
         self.last_plan = plan
+        # after the pass's sets and applications went out: what they no longer name can go
+        self.artifacts.retain(artifact_use.live(snapshot.models, self._sent(snapshot), self.dc_sync.applied))
         # While replicas are on their way up, or a site drains, look again soon rather than at the next resync.
         self.converging = any(
             (item.kind == "ModelDeployment" and item.status.get("phase") in ("Progressing", "Failing"))

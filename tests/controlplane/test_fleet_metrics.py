@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import fleet_metrics
 from orchestrator.agents import auth, hub, model
+from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.reconciler import loop
@@ -29,7 +30,7 @@ async def test_heartbeats_and_reconcile_passes_are_counters_that_move(tmp_path: 
     store = store_mod.Store(tmp_path / "state.db")
     try:
         agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN]))
-        reconciler = loop.Reconciler(store, agent_hub, dc_mod.DataCentres(dc_mod.LocalRay()), None,  # type: ignore[arg-type]
+        reconciler = loop.Reconciler(store, agent_hub, dc_mod.DataCentres(dc_mod.LocalRay()), artifacts.ArtifactCatalog((tmp_path,)),
                                      endpoints_mod.EndpointTable())
         registry = CollectorRegistry()
         registry.register(fleet_metrics.FleetCollector(types.SimpleNamespace(hub=agent_hub, reconciler=reconciler, elector=None)))  # type: ignore[arg-type]
@@ -55,7 +56,7 @@ async def test_a_stored_object_that_does_not_read_shows_in_a_gauge_until_it_is_d
     store = store_mod.Store(tmp_path / "state.db")
     try:
         reconciler = loop.Reconciler(store, hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN])), dc_mod.DataCentres(dc_mod.LocalRay()),
-                                     None, endpoints_mod.EndpointTable())  # type: ignore[arg-type]
+                                     artifacts.ArtifactCatalog((tmp_path,)), endpoints_mod.EndpointTable())
         registry = CollectorRegistry()
         registry.register(fleet_metrics.FleetCollector(types.SimpleNamespace(hub=reconciler.hub, reconciler=reconciler, elector=None)))  # type: ignore[arg-type]
 
