@@ -69,12 +69,14 @@ class PublishEndpoints:
 
 @dataclass(frozen=True)
 class RefreshHealth:
-    """The table's endpoints again, their health refreshed and their residency narrowed to the
-    stored specs, all else in it kept (a pass on hold), but for why each model it leaves with
-    no endpoint has none."""
+    """The table's endpoints again, less those of deleted deployments, their health refreshed
+    and their residency narrowed to the stored specs, all else in it kept (a pass on hold), but
+    for why each model it leaves with no endpoint has none."""
 
     endpoints: tuple[routing.Endpoint, ...]
     unrouted: Mapping[str, str] = field(default_factory=dict)  # model -> why it has no endpoint now
+    #: Models no stored deployment serves any more (theirs were deleted): not deployed, as outside a hold.
+    undeployed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

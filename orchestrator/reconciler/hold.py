@@ -17,6 +17,12 @@ hold never widens the table or adds to it, as what it would widen to was never p
 model that loses every endpoint so stays known, with why (:func:`unrouted`): the reason the
 table had for it (its deployment's last status, "Running") would not say why no caller
 reaches it for as long as the hold lasts.
+
+A deployment deleted meanwhile is not a change to plan but the operator's decision that
+callers be sent there no more: its endpoints and cascade leave the table at once
+(:func:`stored`), and a model no stored deployment serves then is not deployed, as
+outside a hold. Its replicas run on until the hold ends, as a removal is planned like any
+other change.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 from orchestrator import maintenance
 from orchestrator.agents import model as agent_model
-from orchestrator.gateway import routing
+from orchestrator.gateway import cascade_rules, routing
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import inventory
 from orchestrator.reconciler import snapshot as snap
@@ -123,6 +129,24 @@ def narrowed(in_force: Iterable[routing.Endpoint], sites: Iterable[snap.SiteReco
     return tuple(out)
 
 
+def stored(desired: snap.Desired) -> frozenset[str]:
+    """The ModelDeployments stored now, read or not: a deployment not among them was deleted."""
+    return frozenset(d.name for d in desired.deployments) | frozenset(name for kind, name in desired.unreadable if kind == "ModelDeployment")
+
+
+def undeployed(in_force: Iterable[routing.Endpoint], left: Iterable[routing.Endpoint], deployed: Iterable[str],
+               desired: snap.Desired) -> frozenset[str]:
+    """The models the table knows (with endpoints, or ``deployed`` without) that no stored
+    deployment serves any more, once the deleted ones' endpoints are dropped (``left``). A
+    deployment that does not read may serve any model: while one is stored, only the models
+    whose endpoints were dropped are known to be gone."""
+    served = {d.spec.model for d in desired.deployments} | {e.model for e in left}
+    if any(kind == "ModelDeployment" for kind, _ in desired.unreadable):
+        kept = frozenset(e.deployment for e in left)
+        return frozenset(e.model for e in in_force if e.deployment not in kept) - served
+    return frozenset({e.model for e in in_force} | set(deployed)) - served
+
+
 def unrouted(in_force: Iterable[routing.Endpoint], narrow: Iterable[routing.Endpoint], unreadable: Unreadable) -> dict[str, str]:
     """Why each model that had endpoints in force and has none left after :func:`narrowed`
     has none: its replicas' Sites are declared in another country (the one endpoint a
@@ -137,16 +161,29 @@ def unrouted(in_force: Iterable[routing.Endpoint], narrow: Iterable[routing.Endp
 
 
 def actions(desired: snap.Desired, in_force: Iterable[routing.Endpoint],
-            agents: Iterable[agent_model.AgentStatus], awaited: Iterable[str] = ()) -> tuple[act.Action, ...]:
-    """A pass on hold: each unreadable object's status, and the table's endpoints with their
-    residency narrowed to the stored specs that read (:func:`narrowed`), why a model so left
-    with none has none (:func:`unrouted`), and the edge ones' health as their agents'
-    (``awaited``: edge sites whose agents are not back since a restart, see :func:`refreshed`)."""
+            agents: Iterable[agent_model.AgentStatus], awaited: Iterable[str] = (),
+            cascades: Mapping[str, cascade_rules.CascadeRoute] | None = None, deployed: Iterable[str] = ()) -> tuple[act.Action, ...]:
+    """A pass on hold: each unreadable object's status, and the table's endpoints less those
+    of deployments deleted since (:func:`stored`; their ``cascades`` too, and the models so
+    left ``deployed`` by none: :func:`undeployed`), with their residency narrowed to the
+    stored specs that read (:func:`narrowed`), why a model so left with none has none
+    (:func:`unrouted`), and the edge ones' health as their agents' (``awaited``: edge sites
+    whose agents are not back since a restart, see :func:`refreshed`)."""
     out: list[act.Action] = [act.SetStatuses(tuple(act.SetStatus(kind, name, object_status(kind, name, why))
                                                    for (kind, name), why in sorted(desired.unreadable.items())))]
-    table = tuple(in_force)
-    narrow = narrowed(table, desired.sites, desired.deployments)
+    table, names = tuple(in_force), stored(desired)
+    live = tuple(e for e in table if e.deployment in names)
+    gone = undeployed(table, live, deployed, desired)
+    narrow = narrowed(live, desired.sites, desired.deployments)
     endpoints = refreshed(narrow, agents, awaited) or narrow
-    if endpoints != table:
-        out.append(act.RefreshHealth(endpoints, unrouted(table, narrow, desired.unreadable)))
+    if endpoints != table or gone:
+        out.append(act.RefreshHealth(endpoints, unrouted(live, narrow, desired.unreadable), gone))
+    routes = dict(cascades or {})
+    kept = {name: r for name, r in routes.items() if r.deployment in names}
+    for name, r in routes.items():  # a model's name that led to a deleted cascade leads to another of its cascades, if any
+        if r.deployment not in names and name == r.model:
+            if other := next((o for o in kept.values() if o.model == name), None):
+                kept[name] = other
+    if kept != routes:
+        out.append(act.PublishCascades(kept))
     return tuple(out)

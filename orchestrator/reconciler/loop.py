@@ -439,7 +439,8 @@ class Reconciler:
         """A pass on hold: nothing is observed (observing a data centre removes what a Site
         that does not read would seem to have left), planned or sent; what runs is kept, and
         the last plan and snapshot with it (previews, ``get placements``), but the table's
-        residency is narrowed to the stored specs' at once (``hold.narrowed``). The window for
+        residency is narrowed to the stored specs' at once (``hold.narrowed``), and what a
+        deployment deleted meanwhile routed to leaves it (``hold.stored``). The window for
         agents to rejoin after a restart runs on as in any pass: a site still awaited keeps
         its endpoints, any other whose agent is gone (revoked, say) is unhealthy at once."""
         placements = tuple(await self.store.run(self.store.placements))
@@ -450,7 +451,8 @@ class Reconciler:
             awaited = self._awaited(desired.sites, placements, agents) | hold.awaited_unread(desired.unreadable, placements, agents)
         else:
             awaited = frozenset()
-        await self._execute_all(hold.actions(desired, self.table.all_endpoints(), agents, awaited))
+        deployed = (m for m, _ in self.table.deployed().items() if not self.table.is_pending(m))
+        await self._execute_all(hold.actions(desired, self.table.all_endpoints(), agents, awaited, self.table.cascades, deployed))
         self.converging = False
         await self._pass_ended()
 
@@ -493,12 +495,13 @@ class Reconciler:
             case act.PublishEndpoints(endpoints, regions, deployed, cold):
                 self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since)
                 self._publish_table()
-            case act.RefreshHealth(endpoints, unrouted):
+            case act.RefreshHealth(endpoints, unrouted, undeployed):
                 # the regions and pending notes as they are, the reasons too but for models left with no endpoint
                 reasons = None
-                if unrouted:
-                    reasons = {m: why for m, why in self.table.deployed().items() if not self.table.is_pending(m)} | dict(unrouted)
-                self.table.replace(endpoints, deployed=reasons)
+                if unrouted or undeployed:
+                    reasons = {m: why for m, why in self.table.deployed().items()
+                               if not self.table.is_pending(m) and m not in undeployed} | dict(unrouted)
+                self.table.replace(endpoints, deployed=reasons, cold=self.table.cold() - undeployed if undeployed else None)
                 self._publish_table()
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))

@@ -22,6 +22,7 @@ from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
 from orchestrator.api import simulate
 from orchestrator.artifacts import catalog as artifacts_mod
+from orchestrator.gateway import cascade_rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing
 from orchestrator.manifests import loader, schema
@@ -272,6 +273,31 @@ def test_on_hold_a_stricter_residency_or_a_site_in_another_country_takes_endpoin
         catalog.apply_documents(store, loader.load_text(manifests.bundle(manifests.edge_site("edge-a", "CH", 46.2, 6.1))), actor="test")
         asyncio.run(reconciler.reconcile_once())
         assert table.endpoints("old") == ()  # nor routed from the country it was declared in, nor added in the new one
+    finally:
+        store.close()
+
+
+def test_on_hold_a_deleted_deployment_is_no_longer_routed_to_nor_its_cascade_run(tmp_path: pathlib.Path) -> None:
+    """A delete is the operator's decision, not a change to plan: d1 deleted while on hold is
+    routed to no more at the next pass (its replica runs on until the hold ends), and its
+    model, which no other deployment serves, is not deployed (404), as outside a hold; d-old,
+    whose Model does not read, is kept as it is."""
+    (tmp_path / "m1.onnx").write_bytes(b"m1")
+    store = earlier_store(tmp_path / "state.db", legacy_model(rps=1e-320))
+    store.replace_placements([store_mod.PlacementRow("d-old", "edge-a", "v1", 1), store_mod.PlacementRow("d1", "edge-b", "v1", 1)])
+    table = endpoints_mod.EndpointTable()
+    table.replace([endpoint("d-old", "old", "edge-a"), endpoint("d1", "m1", "edge-b")], deployed={"old": "", "m1": ""})
+    route = cascade_rules.CascadeRoute("m1", "d1", (cascade_rules.StageRoute("v1", frozenset({"edge"}), None),))
+    table.set_cascades({"m1": route, "d1": route})
+    fleet = Fleet()
+    reconciler = loop.Reconciler(store, fleet.hub, dc_mod.DataCentres(dc_mod.LocalRay()),
+                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table)
+    try:
+        catalog.delete_object(store, "ModelDeployment", "d1", actor="test")
+        assert asyncio.run(reconciler.reconcile_once()) is None  # on hold
+        assert [e.deployment for e in table.all_endpoints()] == ["d-old"]
+        assert table.cascades == {} and not table.knows("m1") and table.unavailable_reason("m1") is None
+        assert fleet.hub.assignments("edge-b") is None  # nothing sent: its replica is removed once the hold ends
     finally:
         store.close()
 
