@@ -16,7 +16,10 @@ handling (the messages and their bytes are ``edge_agent.httpmessages``'s):
   was for (``edge_agent.refusals``: OpenAI's error object under ``/v1``), and a body still on
   its way when refused is read and dropped before the close, so the client reads its answer;
 - write flow control (a client that does not read does not grow our buffers without
-  bound) and a graceful shutdown that lets in-flight requests finish.
+  bound) and a graceful shutdown that lets in-flight requests finish. The listener stays
+  open meanwhile: a connection made during the drain (a gateway's, its idle one closed) is
+  answered 503 ``draining`` with Retry-After, so that callers fail over and retry instead of
+  reading a refused connection as a fault; it does not hold the drain up.
 
 Each response goes out in a single ``write`` (head and body together), so Nagle's
 algorithm never holds a body back waiting for the client's delayed ACK.
@@ -164,6 +167,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._last_words: Response | None = None  # a refusal waiting for earlier answers
         self._drain_after = False  # ... and whether to drain the refused request once it is out
         self._passthrough: Passthrough | None = None  # the socket lent to a stream's thread
+        self._late = False  # made during the drain: each request is answered 503 draining
         self._reset()
 
     def _reset(self) -> None:
@@ -179,7 +183,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        if len(self._server.connections) >= self._server.max_connections:
+        if len(self._server.connections) + len(self._server.late) >= self._server.max_connections:
             # Not read: the client may see a reset instead of the answer when its request
             # arrived first. What matters is that the descriptors keep a margin.
             self._server.turned_away += 1
@@ -188,7 +192,8 @@ class _Connection(asyncio.BufferedProtocol):
                                                      "once; try again", "too_many_connections", None), keep_alive=False))
             self._transport.close()
             return
-        self._server.connections.add(self)
+        self._late = self._server.stopping
+        (self._server.late if self._late else self._server.connections).add(self)
         self._arm(self._limits.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -263,6 +268,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_body = True
+        if self._late:  # refused before its body, which is read and dropped
+            raise _Refused(Response(503, refusals.error_body(503, "the agent is stopping; retry at another replica", "draining",
+                                                             self._target()), headers=(("retry-after", "1"),)), drain=True)
         declared = self._headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._limits.max_body_bytes:
             raise self._too_large()
@@ -558,6 +566,7 @@ class HttpServer:
         self.max_connections = self.limits.max_connections or default_max_connections()
         self.turned_away = 0  # connections answered 503 at once: max_connections were open
         self.connections: set[_Connection] = set()
+        self.late: set[_Connection] = set()  # made during the drain: refused, and not waited for
         self.stopping = False
         self.pending = 0  # requests received and not answered yet, on every connection
         self._server: asyncio.Server | None = None
@@ -573,6 +582,7 @@ class HttpServer:
 
     def forget(self, conn: _Connection) -> None:
         self.connections.discard(conn)
+        self.late.discard(conn)
         if not self.connections:
             self._all_closed.set()
 
@@ -581,11 +591,11 @@ class HttpServer:
         self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, close idle connections, let busy ones answer (up to ``timeout``):
-        a request still arriving is busy too, and is answered (``connection: close``) once whole."""
+        """Close idle connections, let busy ones answer (up to ``timeout``): a request still
+        arriving is busy too, and is answered (``connection: close``) once whole. New
+        connections are refused with 503 meanwhile (a closed listener would read as a fault
+        to the gateway, a 502 when no replica is left), then the listener closes."""
         self.stopping = True
-        if self._server is not None:
-            self._server.close()
         for conn in list(self.connections):
             if conn.idle and not conn.receiving:
                 conn.close()
@@ -594,7 +604,9 @@ class HttpServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._all_closed.wait()
-        for conn in list(self.connections):  # the drain time is spent: unread answers are dropped too
+        if self._server is not None:
+            self._server.close()
+        for conn in [*self.connections, *self.late]:  # the drain time is spent: unread answers are dropped too
             conn.abort()
         if self._server is not None:
             await self._server.wait_closed()

@@ -355,6 +355,33 @@ async def test_shutdown_lets_the_request_in_flight_finish_and_closes_idle_ones()
     idle_writer.close()
 
 
+async def test_a_connection_made_during_the_drain_is_answered_503_with_retry_after_and_the_drain_ends_with_the_last_request() -> None:
+    """A client (the gateway, after the drain closed its idle connection) is told the agent is
+    stopping and when to retry, not refused the connection; it does not hold the drain up."""
+    server, echo, port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(echo.entered.wait(), 5)
+    stopping = asyncio.create_task(server.shutdown(30))
+    await asyncio.sleep(0)  # the drain has started
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+        for path in ("/v2/models/m/infer", "/v1/chat/completions"):
+            late = await http.post(path, content=b"x" * 10_000)
+            assert (late.status_code, late.headers.get("retry-after"), late.headers.get("connection")) == (503, "1", "close"), late.text
+        assert late.json()["error"]["code"] == "draining"
+    assert [r.path for r in echo.seen] == ["/slow"]  # the handler was not asked
+    silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)  # connected during the drain, sends nothing
+    echo.release.set()
+    status, _, _ = await read_response(reader)
+    assert status == 200
+    await asyncio.wait_for(stopping, 5)  # well within the drain's 30 s
+    assert await closed(silent_reader)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    writer.close()
+    silent_writer.close()
+
+
 async def test_shutdown_lets_a_request_still_being_uploaded_arrive_and_answers_it() -> None:
     server, _, port = await start()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -6,8 +6,10 @@ it a 502. Real HTTP; the replicas answer as a draining agent does (``edge_agent/
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -18,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge_agent import refusals
+from edge_agent import httpmessages, httpserver, refusals
 from orchestrator.gateway import endpoints, failover, openai_routes, proxy, routing
 from orchestrator.gateway.upstream import UpstreamPool
 from orchestrator.testing import loopback
@@ -47,6 +49,13 @@ def replica(answer) -> Starlette:  # noqa: ANN001
 async def gateway_over(*answers) -> AsyncIterator[httpx.AsyncClient]:  # noqa: ANN002
     async with contextlib.AsyncExitStack() as stack:
         ports = [await stack.enter_async_context(loopback.serving(replica(a))) for a in answers]
+        yield await stack.enter_async_context(gateway_at(ports))
+
+
+@contextlib.asynccontextmanager
+async def gateway_at(ports: list[int]) -> AsyncIterator[httpx.AsyncClient]:
+    """A gateway whose models m (v2) and llm (OpenAI) have a replica on each of ``ports``."""
+    async with contextlib.AsyncExitStack() as stack:
         table = endpoints.EndpointTable()
         table.replace([routing.Endpoint(model, model, f"site-{i}", "edge", "FR", "west", 48.85, 2.35 + i, f"http://127.0.0.1:{port}",
                                         api=api)
@@ -68,6 +77,41 @@ async def test_a_model_whose_only_replica_drains_is_503_with_retry_after_on_both
         assert infer.status_code == 503, infer.text
         assert infer.headers["retry-after"] == "1"
         assert "not ready" in infer.json()["error"]
+
+
+async def test_a_model_whose_every_agent_is_stopping_is_503_with_retry_after_not_502() -> None:
+    """A rolling restart: both agents got SIGTERM and drain, a request still running on each.
+    The agents' own HTTP server answers the gateway's new connections (their idle ones were
+    closed by the drain) that they are stopping, and the gateway says when to retry."""
+    release = asyncio.Event()
+    running = 0
+
+    async def busy(request: httpmessages.Request) -> httpmessages.Response:
+        nonlocal running
+        running += 1
+        await release.wait()
+        return httpmessages.Response(200, b"{}")
+
+    servers, socks = [httpserver.HttpServer(busy) for _ in range(2)], [socket.socket() for _ in range(2)]
+    for server, sock in zip(servers, socks, strict=True):
+        sock.bind(("127.0.0.1", 0))
+        await server.start(sock)
+    ports = [sock.getsockname()[1] for sock in socks]
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(gateway_at(ports))
+        direct = await stack.enter_async_context(httpx.AsyncClient(timeout=10))
+        in_flight = [asyncio.create_task(direct.post(f"http://127.0.0.1:{p}/v2/models/m/infer", json=INFER)) for p in ports]
+        while running < 2:
+            await asyncio.sleep(0.01)
+        stopping = [asyncio.create_task(server.shutdown(30)) for server in servers]
+        await asyncio.sleep(0)  # both drains have started
+        try:
+            for path, body in (("/openai/v1/chat/completions", CHAT), ("/v2/models/m/infer", INFER)):
+                answer = await http.post(path, json=body)
+                assert (answer.status_code, answer.headers.get("retry-after")) == (503, "1"), (path, answer.text)
+        finally:
+            release.set()
+            await asyncio.gather(*in_flight, *stopping)
 
 
 async def test_a_replica_that_failed_among_unavailable_ones_keeps_it_a_502() -> None:
