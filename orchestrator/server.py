@@ -110,6 +110,7 @@ class ControlPlane(server_views.ServerViews):
     _reads: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # the store reads in flight that callers share, by name
     _change_feed: Any = None  # shared database only: tells of other replicas' writes as they commit
     _agent_events: backlog.EventBacklog = field(default_factory=backlog.EventBacklog)  # to log, in order
+    distills: distill_api.Runs = field(default_factory=distill_api.Runs)  # the distillation runs under way, stopped first
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -240,7 +241,7 @@ class ControlPlane(server_views.ServerViews):
                                 + watch_api.routes(self.authenticator, self.store, self.publisher)
                                 + captures_api.routes(self.authenticator, self.store, self.captures)
                                 + distill_api.routes(self.authenticator, self.store, self.captures, self.artifacts, self.changed,
-                                                     self.cascades_view))
+                                                     self.cascades_view, runs=self.distills))
         self._uvicorn = runloop.http_server(app)
         self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="http"))
         for _ in range(500):
@@ -279,6 +280,9 @@ class ControlPlane(server_views.ServerViews):
 
     async def stop(self) -> None:
         self._started = False
+        # first, while the store and the HTTP server are up: a run records that it stopped,
+        # and its caller reads that as its result
+        await self.distills.stop(runloop.DRAIN_GRACE_S)
         self.reconciler.stop()
         self.artifacts.close()  # a pass hashing a large artifact ends now, not when the file is read
         self.publisher.close()  # watching gateways see the stream end now, not at uvicorn's grace timeout

@@ -19,6 +19,11 @@ What it does, in order, and why nothing is published otherwise:
    Model is read again at that moment and only the artifact changes, applied over the
    version read (``resourceVersion``): a change made during the run is never undone, and
    one made in between is a conflict in the result. One run per deployment at a time.
+
+The result's ``state`` says how the run ended: ``published``, ``rejected`` (the gate kept
+the serving student), ``failed`` (``error`` says why) or ``stopped``: the control plane
+stopping asks each run to stop at its next step (:meth:`Runs.stop`), which it does within
+the stop's grace, writing no artifact and changing no object, and records it so.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -158,10 +164,36 @@ def _summary(result: dict[str, Any]) -> str:
     return (f"not published: {why}" + (f" ({measured})" if measured else ""))[:500]
 
 
+def state_of(result: dict[str, Any]) -> str:
+    """How a run ended, in one word (see the module's docstring)."""
+    if result.get("published"):
+        return "published"
+    return "failed" if result.get("error") else "rejected"
+
+
+class Runs:
+    """The runs under way on this control plane, by deployment, and the stop that ends them
+    between two steps (a run is in a worker thread: it is asked, not cancelled)."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.stopping = threading.Event()
+
+    async def stop(self, timeout: float) -> None:
+        """Ask every run to stop at its next step and wait up to ``timeout`` for them to end
+        (each records that it stopped); a step longer than that is cut by the process's exit."""
+        self.stopping.set()
+        if self.running:
+            _, late = await asyncio.wait(list(self.running.values()), timeout=timeout)
+            if late:
+                log.warning("%d distillation run(s) did not reach a step's end within %.0f s of the stop", len(late), timeout)
+
+
 def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: capture_store.ZoneStores,
            artifacts: ArtifactCatalog, changed: Callable[[str], None], cascades_view: Callable[[], dict[str, Any]],
-           clock: Callable[[], float] = time.time) -> list[BaseRoute]:
-    running: dict[str, asyncio.Task[None]] = {}  # deployment -> its run on this control plane
+           clock: Callable[[], float] = time.time, runs: Runs | None = None) -> list[BaseRoute]:
+    runs = runs or Runs()
+    running = runs.running  # deployment -> its run on this control plane
 
     async def distill(request: Request) -> Response:
         caller = await authenticator.admit(request, write=True, needs="distillation needs 'admin'")
@@ -178,6 +210,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return JSONResponse({"error": str(exc)}, status_code=400)
         if name in running:  # two runs would train from the same student and the later one replace the first's
             return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
+        if runs.stopping.is_set():
+            return JSONResponse({"error": "the control plane is stopping; run it again once it is back"}, status_code=503,
+                                headers={"retry-after": "5"})
         try:  # the objects on the store's threads; the artifacts (a network mount, maybe) and the zones' records on another
             plan = await asyncio.to_thread(_plan, *await store.run(_read, store, name), captures, artifacts, name, zone)
         except (Refused, catalog.Unreadable) as exc:
@@ -201,6 +236,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         async def produce() -> None:
             try:
                 result = await asyncio.to_thread(work)
+            except job.Stopped as exc:
+                log.info("distill %s: %s", name, exc)
+                result = {"published": False, "state": "stopped", "error": str(exc)}
             except (ValueError, OSError, RuntimeError) as exc:  # DistillError, a bad artifact, onnxruntime
                 result = {"published": False, "error": str(exc)}
             except Exception as exc:  # a fault of ours: the caller still gets a result, the log the traceback
@@ -215,7 +253,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         def _run(plan: dict[str, Any], records: list[capture_store.Record], progress: job.Progress) -> dict[str, Any]:
             outcome = job.run(records, plan["current"], plan["root"], input_name=plan["input"], output_name=plan["output"],
                               teacher_variant=plan["teacher"], threshold=plan["threshold"], epochs=epochs, min_gain=float(min_gain),
-                              progress=progress)
+                              progress=progress, stopped=runs.stopping.is_set)
             return {"published": outcome.artifact is not None, **outcome.report}
 
         async def _finish(name: str, plan: dict[str, Any], result: dict[str, Any], caller: auth.Caller) -> dict[str, Any]:
@@ -239,6 +277,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                 else:
                     result["generation"] = applied.outcomes[0].generation
                     changed(f"distill {name} by {caller.identity}")
+            result.setdefault("state", state_of(result))
             await store.run(store.record, store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
             return result
 

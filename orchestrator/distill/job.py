@@ -17,6 +17,10 @@ trains a new student warm-started from the serving one (:mod:`orchestrator.disti
 Only a passing candidate's ONNX file is kept, named by its sha256 under the artifact
 root (``distilled/<sha256>.onnx``). Publishing it is the caller's: a new artifact on the
 Model's edge variant, applied like any manifest, so the deployment's rollout takes it.
+
+A run asked to stop (its control plane stops) ends at its next step's boundary, between
+two epochs of training or before the candidate is written or moved into place, with
+:class:`Stopped`: its candidate, if written, was in a temporary folder, which goes with it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ Progress = Callable[[dict[str, object]], None]
 
 class DistillError(ValueError):
     """The run cannot start or cannot finish (too few records, wrong model); nothing is published."""
+
+
+class Stopped(Exception):
+    """The run was asked to stop and ended at a step's boundary (``step`` says which); it wrote nothing."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(f"stopped {step}: the control plane stopped; nothing was written or published")
+        self.step = step
 
 
 @dataclass(frozen=True)
@@ -165,9 +177,16 @@ class Outcome:
 
 def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib.Path, *, input_name: str, output_name: str,
         teacher_variant: str, threshold: Threshold, epochs: int = 60, lr: float = 3e-4, held_out_share: float = 0.2,
-        min_records: int = 50, seed: int = 0, progress: Progress | None = None, min_gain: float = 0.005) -> Outcome:
-    """Train, evaluate, gate; write the candidate into the artifact root only when it passes."""
+        min_records: int = 50, seed: int = 0, progress: Progress | None = None, min_gain: float = 0.005,
+        stopped: Callable[[], bool] = lambda: False) -> Outcome:
+    """Train, evaluate, gate; write the candidate into the artifact root only when it passes.
+    ``stopped``: asked at each step's boundary; once true, the run ends there (:class:`Stopped`)."""
     say = progress or (lambda _: None)
+
+    def boundary(step: str) -> None:
+        if stopped():
+            raise Stopped(step)
+
     train_records = [r for r in records if not held_out(r.id, held_out_share)]
     test_records = [r for r in records if held_out(r.id, held_out_share)]
     try:
@@ -190,11 +209,21 @@ def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib
     say({"phase": "train", "examples": len(train.x), "escalated": int(train.by_teacher.sum()), "heldOut": len(held.x),
          "leftOut": left_out})
     hidden = serving.layers[0][0].shape[1]
+    epoch_done = 0
+
+    def trained_epoch(epoch: int, loss: float) -> None:
+        nonlocal epoch_done
+        epoch_done = epoch
+        say({"phase": "train", "epoch": epoch, "epochs": epochs, "loss": round(loss, 5)})
+
+    boundary("before training")
     trained = student_mod.distil(train.soft, train.x, hidden, seed, epochs=epochs, lr=lr,
-                                   init=serving if len(serving.layers) == 2 and serving.activation == "Relu" else None,
-                                   progress=lambda epoch, loss: say({"phase": "train", "epoch": epoch, "epochs": epochs,
-                                                                     "loss": round(loss, 5)}))
+                                 init=serving if len(serving.layers) == 2 and serving.activation == "Relu" else None,
+                                 progress=trained_epoch, stopped=stopped)
+    if trained is None:
+        raise Stopped(f"after epoch {epoch_done} of {epochs}")
     candidate = replace(trained, input_name=serving.input_name, output_name=serving.output_name)
+    boundary("after training, before the candidate was written")
     artifact_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=artifact_root) as tmp:
         built = student_mod.write_onnx(candidate, pathlib.Path(tmp) / "candidate.onnx", "distilled")
@@ -204,6 +233,7 @@ def run(records: Sequence[Record], current: pathlib.Path, artifact_root: pathlib
                                   "leftOutRecords": left_out}
         if not report.passed:
             return Outcome(out, None)
+        boundary("after verifying, before the candidate was kept")
         final = artifact_root / "distilled" / f"{built.sha256}.onnx"
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(built.path, final)

@@ -70,9 +70,11 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def distil(teacher_probs: np.ndarray, x: np.ndarray, hidden: int, seed: int, epochs: int = 60, batch: int = 256,
-           lr: float = 3e-3, init: Mlp | None = None, progress: Callable[[int, float], None] | None = None) -> Mlp:
+           lr: float = 3e-3, init: Mlp | None = None, progress: Callable[[int, float], None] | None = None,
+           stopped: Callable[[], bool] = lambda: False) -> Mlp | None:
     """Train a one-hidden-layer ReLU student on ``teacher_probs`` (soft targets) with Adam;
-    ``init`` warm-starts from an existing student of that shape; ``progress(epoch, loss)``."""
+    ``init`` warm-starts from an existing student of that shape; ``progress(epoch, loss)``.
+    None when ``stopped`` was true before an epoch: the training ended there."""
     rng = np.random.default_rng(seed)
     dim, classes = x.shape[1], teacher_probs.shape[1]
     if init is not None:
@@ -84,6 +86,8 @@ def distil(teacher_probs: np.ndarray, x: np.ndarray, hidden: int, seed: int, epo
     squares = [np.zeros_like(p) for p in params]
     step = 0
     for epoch in range(epochs):
+        if stopped():
+            return None
         loss, seen = 0.0, 0
         order = rng.permutation(len(x))
         for start in range(0, len(x), batch):

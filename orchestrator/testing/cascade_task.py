@@ -72,6 +72,7 @@ def build(*, dim: int = 16, classes: int = 4, teacher_width: int = 1024, teacher
     flip = rng.random(len(x)) < label_noise
     labels = np.where(flip, rng.integers(0, classes, len(x)), labels)
     student = distil(probs[:train], x[:train], student_hidden, seed + 2, epochs=epochs)
+    assert student is not None  # nothing asks it to stop
     v_end = train + validation
     return Task(dim, classes, teacher, student, x[v_end:], labels[v_end:], x[train:v_end], labels[train:v_end])
 

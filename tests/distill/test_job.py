@@ -73,6 +73,24 @@ def test_a_worse_run_publishes_nothing(task: cascade_task.Task, tmp_path: pathli
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]  # no candidate left behind
 
 
+@pytest.mark.parametrize(("asked_at", "step"), [
+    ({"phase": "train", "epoch": 3}, "after epoch 3 of 20"),  # between two epochs
+    ({"phase": "verify"}, "after verifying, before the candidate was kept"),  # the candidate written, passing, not yet in place
+])
+def test_a_run_asked_to_stop_ends_at_its_next_step_and_leaves_nothing(task: cascade_task.Task, tmp_path: pathlib.Path,
+                                                                       asked_at: dict[str, object], step: str) -> None:
+    seen: list[dict[str, object]] = []
+
+    def stopped() -> bool:
+        return any(asked_at.items() <= p.items() for p in seen)
+
+    with pytest.raises(job.Stopped) as stop:
+        go(task, records(task, 2000), tmp_path, epochs=20, progress=seen.append, stopped=stopped)
+    assert stop.value.step == step
+    assert max(p.get("epoch", 0) for p in seen) == (3 if "epoch" in asked_at else 20)  # type: ignore[type-var]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]
+
+
 def test_too_little_data_is_refused(task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
     with pytest.raises(job.DistillError, match="too little captured data"):
         go(task, records(task, 20), tmp_path)
