@@ -318,9 +318,9 @@ def to_manifest(obj: store_mod.StoredObject) -> dict[str, Any]:
 def capture_retention(store: store_mod.Store) -> dict[str, capture.Covered | None]:
     """What each stored deployment that captures keeps now, by name: for how long (its
     ``spec.cascade.capture.retentionDays``), in which zones' stores (its ``zones``), and
-    which deployment of that name it is (when it was created, as stored); None for one whose spec no longer parses (its records keep the expiry
-    they were captured with). A deployment missing here (capture off, or deleted) keeps no
-    records."""
+    which capture of which deployment of that name it is (``store_mod.capture_since``); None
+    for one whose spec no longer parses (its records keep the expiry they were captured
+    with). A deployment missing here (capture off, or deleted) keeps no records."""
     out: dict[str, capture.Covered | None] = {}
     for obj in store.list("ModelDeployment"):
         try:
@@ -330,7 +330,7 @@ def capture_retention(store: store_mod.Store) -> dict[str, capture.Covered | Non
             continue
         if cascade is not None and cascade.capture is not None:
             c = cascade.capture
-            out[obj.name] = capture.Covered(c.retentionDays * capture.DAY_S, frozenset(c.zones), obj.created_at)
+            out[obj.name] = capture.Covered(c.retentionDays * capture.DAY_S, frozenset(c.zones), store_mod.capture_since(obj))
     return out
 
 

@@ -215,6 +215,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                                 headers={"retry-after": "5"})
         try:  # the objects on the store's threads; the artifacts (a network mount, maybe) and the zones' records on another
             plan = await asyncio.to_thread(_plan, *await store.run(_read, store, name), captures, artifacts, name, zone)
+            retention = await store.run(catalog.capture_retention, store)
         except (Refused, catalog.Unreadable) as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         if name in running:  # one started meanwhile
@@ -227,6 +228,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             loop.call_soon_threadsafe(lines.put_nowait, {"progress": p})
 
         def work() -> dict[str, Any]:
+            # as every read: first what no policy covers now goes (captured before capture was turned off and on again, say)
+            captures.zone(plan["zone"]).purge(clock(), retention)
             # a deployment re-created under this name for another model: its old records are not this model's traffic
             policy = plan["spec"].cascade.capture  # its retentionDays now, not when a record was captured
             records = captures.zone(plan["zone"]).records(name, model=plan["spec"].model, now=clock(),

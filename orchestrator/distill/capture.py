@@ -34,17 +34,19 @@ class CapturePolicy:
     daily_cap: int
     retention_s: float
     zones: tuple[str, ...]
-    #: Which deployment of its name the policy is: its creation time as the control plane's
-    #: store holds it, an identity (never compared with a clock), stamped on each record it
-    #: captures; None when the route does not say (one of an earlier release's control plane).
+    #: Which deployment of its name the policy is, and which of its captures: its creation
+    #: time as the control plane's store holds it, or when its capture was last turned on
+    #: again, an identity (never compared with a clock), stamped on each record it captures;
+    #: None when the route does not say (one of an earlier release's control plane).
     deployment: float | None = None
 
 
 @dataclass(frozen=True)
 class Covered:
-    """What a capturing deployment's policy covers now: records of the deployment ``created``
-    (its creation time as stored: a record stamped with another is a deleted deployment's of
-    that name), for ``retention_s`` after capture, in the stores of ``zones``. A record
+    """What a capturing deployment's policy covers now: records of the deployment and capture
+    ``created`` (its creation time as stored, or when its capture was last turned on again: a
+    record stamped with another is a deleted deployment's of that name, or was captured before
+    capture was turned off), for ``retention_s`` after capture, in the stores of ``zones``. A record
     outside any of these is covered by no policy and is purged. A record no route stamped
     (captured by an earlier release) is the deployment's when captured after ``created``;
     None: which deployment it is is not known, and no record is purged for it."""

@@ -151,7 +151,8 @@ class ZoneStore:
         policy covers now (None: its spec does not read, and the expiry a record was captured
         under stands): a record expires by the shorter of the two retentions, and is deleted
         when its deployment keeps no records in this zone now, or is not the one that captured
-        it (re-created: the record is a deleted deployment's; told by the identity the record
+        it (re-created: the record is a deleted deployment's; or its capture was turned off and
+        on again since the record was captured; told by the identity the record
         is stamped with, not by comparing times, which another replica's clock wrote); a
         record an earlier release captured, unstamped, when captured before the deployment
         was created; a deployment missing from it

@@ -281,7 +281,7 @@ class Reconciler:
         return snap.Desired(
             tuple(snap.SiteRecord(n, dict(by_name["Site", n].labels), spec) for n, spec in read["Site"][0].items()),
             read["Model"][0],
-            tuple(snap.DeploymentRecord(n, (o := by_name["ModelDeployment", n]).generation, spec, o.created_at)
+            tuple(snap.DeploymentRecord(n, (o := by_name["ModelDeployment", n]).generation, spec, store_mod.capture_since(o))
                   for n, spec in read["ModelDeployment"][0].items()),
             unreadable, maintenance)
 

@@ -31,8 +31,9 @@ class DeploymentRecord:
     name: str
     generation: int
     spec: schema.ModelDeploymentSpec
-    #: When it was created, as stored: which deployment of its name it is (its captured
-    #: records are stamped with it); None for one not stored yet (a preview's).
+    #: Which deployment of its name it is, and which of its captures is in force: when it was
+    #: created, or its capture last turned on again, as stored (``store.capture_since``: its
+    #: captured records are stamped with it); None for one not stored yet (a preview's).
     created: float | None = None
 
 

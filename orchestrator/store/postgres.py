@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS objects (
     kind TEXT NOT NULL, name TEXT NOT NULL,
     labels TEXT NOT NULL, annotations TEXT NOT NULL DEFAULT '{}', spec TEXT NOT NULL, status TEXT NOT NULL DEFAULT '{}',
     generation BIGINT NOT NULL, resource_version BIGINT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL, capture_since DOUBLE PRECISION,
     PRIMARY KEY (kind, name)
 );
 CREATE TABLE IF NOT EXISTS placements (
@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL
 );
 ALTER TABLE objects ADD COLUMN IF NOT EXISTS annotations TEXT NOT NULL DEFAULT '{}';  -- databases made before annotations were kept
+ALTER TABLE objects ADD COLUMN IF NOT EXISTS capture_since DOUBLE PRECISION;  -- made before capture turned on again was told apart
 ALTER TABLE tokens ADD COLUMN IF NOT EXISTS created_seq BIGINT;  -- databases made before tokens kept it
 """ + BACKFILL_TOKEN_SEQ + """;
 CREATE TABLE IF NOT EXISTS published (key TEXT PRIMARY KEY, version BIGINT NOT NULL, body TEXT NOT NULL);

@@ -42,6 +42,7 @@ from orchestrator.store.values import (
     PlacementRow,
     StoredObject,
     WriteOutcome,
+    captures,
     datacentre_target,
     storable,
 )
@@ -156,6 +157,7 @@ class SqlStore(Credentials):
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             annotations=json.loads(row["annotations"]),
+            capture_since=row["capture_since"],
         )
 
     # --- objects --------------------------------------------------------------------
@@ -218,12 +220,14 @@ class SqlStore(Credentials):
                 else:
                     rv = self._next_version(db)
                     generation = current.generation + (1 if _canonical(current.spec) != spec else 0)
+                    # capture turned on again is another consent: what was captured before it was off is not covered
+                    since = now if w.kind == "ModelDeployment" and captures(w.spec) and not captures(current.spec) else current.capture_since
                     if w.kind == "Site" and (left := datacentre_target(current.spec)) != (target := datacentre_target(w.spec)):
                         datacentre_records.record_moved(self, db, w.name, left, target, _canonical(current.spec), rv)
                     db.execute(
                         self._q("UPDATE objects SET labels = ?, annotations = ?, spec = ?, generation = ?, resource_version = ?,"
-                                " updated_at = ? WHERE kind = ? AND name = ?"),
-                        (labels, annotations, spec, generation, rv, now, w.kind, w.name),
+                                " updated_at = ?, capture_since = ? WHERE kind = ? AND name = ?"),
+                        (labels, annotations, spec, generation, rv, now, since, w.kind, w.name),
                     )
                     outcomes.append(WriteOutcome(w.kind, w.name, "configured", generation, rv))
             if any(o.action != "unchanged" for o in outcomes):

@@ -45,6 +45,7 @@ from orchestrator.store.values import (  # re-exported: the control plane names 
     StoreError,
     TokenInfo,
     WriteOutcome,
+    capture_since,
     datacentre_target,
     digest,
     new_secret,
@@ -52,7 +53,7 @@ from orchestrator.store.values import (  # re-exported: the control plane names 
 
 __all__ = [
     "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
-    "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "datacentre_target", "digest", "new_secret",
+    "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "capture_since", "datacentre_target", "digest", "new_secret",
 ]
 
 #: a deleted data-centre Site whose applications are still to be removed, as earlier versions
@@ -65,7 +66,7 @@ CREATE TABLE IF NOT EXISTS objects (
     kind TEXT NOT NULL, name TEXT NOT NULL,
     labels TEXT NOT NULL, annotations TEXT NOT NULL DEFAULT '{}', spec TEXT NOT NULL, status TEXT NOT NULL DEFAULT '{}',
     generation INTEGER NOT NULL, resource_version INTEGER NOT NULL,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, capture_since REAL,
     PRIMARY KEY (kind, name)
 );
 CREATE TABLE IF NOT EXISTS placements (
@@ -174,8 +175,11 @@ class Store(SqlStore):
             for stmt in SCHEMA.strip().split(";"):
                 if stmt.strip():
                     db.execute(stmt)
-            if "annotations" not in {r["name"] for r in db.execute("PRAGMA table_info(objects)")}:  # a file made before annotations were kept
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(objects)")}
+            if "annotations" not in columns:  # a file made before annotations were kept
                 db.execute("ALTER TABLE objects ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
+            if "capture_since" not in columns:  # made before capture turned on again was told apart
+                db.execute("ALTER TABLE objects ADD COLUMN capture_since REAL")
             if "created_seq" not in {r["name"] for r in db.execute("PRAGMA table_info(tokens)")}:  # made before tokens kept it
                 db.execute("ALTER TABLE tokens ADD COLUMN created_seq INTEGER")
                 db.execute(BACKFILL_TOKEN_SEQ)

@@ -47,6 +47,10 @@ class StoredObject:
     created_at: float
     updated_at: float
     annotations: Mapping[str, str] = field(default_factory=dict)
+    #: A ModelDeployment's: when an apply turned its ``spec.cascade.capture`` on again after it
+    #: was off (the store's clock); None: on since it was created, or never on. See
+    #: :func:`capture_since`.
+    capture_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,21 @@ def datacentre_target(spec: Mapping[str, Any]) -> str | None:
         return f"ray {str(ray.get('address', '')).rstrip('/')}"
     kube = spec.get("kubernetes") or {}
     return f"kubernetes {kube.get('context', '')} {kube.get('namespace') or 'default'}"
+
+
+def captures(spec: Mapping[str, Any]) -> bool:
+    """Whether a ModelDeployment's stored spec captures (has ``cascade.capture``)."""
+    cascade = spec.get("cascade")
+    return isinstance(cascade, Mapping) and cascade.get("capture") is not None
+
+
+def capture_since(obj: StoredObject) -> float:
+    """Which capture of a ModelDeployment is in force, as an identity its captured records are
+    stamped with: when it was created (a deployment deleted and applied again is another), or
+    when its capture was last turned on again after it was off (turned off, the records
+    captured until then are covered no more, whether or not it is turned on again before the
+    purge). A time of the store's clock, only ever compared for equality."""
+    return obj.capture_since if obj.capture_since is not None else obj.created_at
 
 
 @dataclass(frozen=True)

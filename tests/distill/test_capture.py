@@ -344,6 +344,45 @@ def test_records_a_deleted_deployment_captured_are_deleted_whatever_the_clocks_s
         store.close()
 
 
+def capture_off(store: store_mod.Store, name: str = "dep") -> None:
+    """Apply ModelDeployment ``name`` again as stored, without ``spec.cascade.capture``."""
+    obj = store.get("ModelDeployment", name)
+    assert obj is not None
+    spec = json.loads(json.dumps(obj.spec))
+    del spec["cascade"]["capture"]
+    catalog.apply_documents(store, loader.load_text(json.dumps({"apiVersion": "edgeplane.io/v1alpha1", "kind": "ModelDeployment",
+                                                                "metadata": {"name": name}, "spec": spec})), actor="test")
+
+
+def test_records_captured_before_capture_was_turned_off_are_deleted_even_when_it_is_turned_on_again_before_the_purge(
+        tmp_path: pathlib.Path) -> None:
+    """Turning capture off withdraws what it was kept for: turned on again, capture covers what
+    it captures from then on, not what was captured before, whatever the clocks say (a
+    gateway still routing by the earlier route captures after it was turned on again)."""
+    clock = [100.0]
+    store = store_mod.Store(tmp_path / "state.db", clock=lambda: clock[0])
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    fleet = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
+    try:
+        capturing(store)
+        before = published_route(store)
+        stores.zone("EU").add(serve(before, fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), now=150.0))
+        clock[0] = 200.0
+        capture_off(store)
+        clock[0] = 250.0
+        capturing(store)
+        again = published_route(store)
+        for route in (before, again):
+            stores.zone("EU").add(serve(route, fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), now=300.0))
+        assert stores.purge(400.0, catalog.capture_retention(store)) == 2
+        assert [r.deployment_created for r in stores.zone("EU").records("dep", now=400.0)] == [again.capture.deployment]  # type: ignore[union-attr]
+        capturing(store, retention_days=20)  # changed, still on: what it keeps is kept
+        assert stores.purge(400.0, catalog.capture_retention(store)) == 0 and stores.zone("EU").count("dep") == 1
+    finally:
+        stores.close()
+        store.close()
+
+
 def test_a_zone_file_an_earlier_release_wrote_takes_stamped_records_and_keeps_its_own(tmp_path: pathlib.Path) -> None:
     """Its records carry no deployment's identity: they are the deployment's when captured
     after it was created, as that release decided."""

@@ -56,8 +56,9 @@ class Plane:
         catalog.apply_documents(self.store, loader.load_text(text), actor="test")
 
     def capture(self, n: int, *, model: str = "task", input_name: str = cascade_task.INPUT, output_name: str = cascade_task.OUTPUT,
-                age_days: float = 1.0) -> None:
-        """``n`` records of cascade traffic as the gateway captures it, ``age_days`` old."""
+                age_days: float = 1.0, stamp: float | None = None) -> None:
+        """``n`` records of cascade traffic as the gateway captures it, ``age_days`` old;
+        ``stamp``: the capture in force they were captured under (``Record.deployment_created``)."""
         t = self.task
         x = np.random.default_rng(3).standard_normal((n, t.dim)).astype(np.float32)
         sp, tp = t.student.probabilities(x), t.teacher.probabilities(x)
@@ -68,7 +69,8 @@ class Plane:
             body, _ = oip.encode_request({input_name: x[i:i + 1]})
             answer, _ = oip.encode_response(oip.InferResponse("task", (oip.Tensor(output_name, (tp if escalated else sp)[i:i + 1]),)))
             records.append(capture_store.Record(capture_store.Record.new_id(), "task", model, "EU", at, at + 30 * DAY, "edge-paris",
-                                                "teacher" if escalated else "student", float(sp[i].max()), body, None, answer, None))
+                                                "teacher" if escalated else "student", float(sp[i].max()), body, None, answer, None,
+                                                stamp))
         self.captures.zone("EU").add(records)
 
     def app(self, artifacts: ArtifactCatalog | None = None) -> Starlette:
@@ -103,6 +105,22 @@ def test_records_of_another_model_under_the_same_deployment_name_are_not_trained
     plane.capture(300)
     status, result = plane.distill(epochs=1)
     assert status == 200 and result["trainExamples"] + result["heldOutExamples"] == 300, result
+
+
+def test_records_captured_before_capture_was_turned_off_and_on_again_are_not_trained_on(plane: Plane) -> None:
+    def in_force() -> float | None:
+        covered = catalog.capture_retention(plane.store)["task"]
+        return covered.created if covered is not None else None
+
+    plane.capture(400, stamp=in_force())
+    without = json.loads(json.dumps([d for d in map(json.loads, plane.manifests().split("---\n")) if d["kind"] == "ModelDeployment"][0]))
+    del without["spec"]["cascade"]["capture"]
+    plane.apply(json.dumps(without))  # capture off: what it captured is kept for nothing now
+    plane.apply(plane.manifests())  # and on again, before any purge
+    plane.capture(300, stamp=in_force())
+    status, result = plane.distill(epochs=1)
+    assert status == 200 and result["trainExamples"] + result["heldOutExamples"] == 300, result
+    assert plane.captures.zone("EU").count("task") == 300
 
 
 def test_records_older_than_the_current_retention_are_not_trained_on(plane: Plane) -> None:

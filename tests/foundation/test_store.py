@@ -232,6 +232,40 @@ def test_a_store_made_before_annotations_gains_them(reopen: Callable[..., Store]
     assert again.get("Site", "old").annotations == {"note": "kept"}  # type: ignore[union-attr]
 
 
+def capturing(on: bool, retention_days: int = 30) -> ObjectWrite:
+    capture = {"capture": {"retentionDays": retention_days, "zones": ["EU"]}} if on else {}
+    return ObjectWrite("ModelDeployment", "d", {}, {"model": "m", "cascade": {"stages": [{"variant": "v"}], **capture}})
+
+
+def test_capture_turned_on_again_is_another_capture_also_on_a_store_made_before_it_was_told_apart(
+        reopen: Callable[..., Store], location: str, clock: FakeClock) -> None:
+    """Which capture of a deployment is in force (what its records are stamped with) is its
+    creation until its capture is turned off and on again; a change while on keeps it."""
+    reopen(clock).apply([capturing(True)])
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            conn.execute("ALTER TABLE objects DROP COLUMN capture_since")
+    else:
+        with contextlib.closing(sqlite3.connect(location)) as db:
+            db.execute("ALTER TABLE objects DROP COLUMN capture_since")
+            db.commit()
+    store = reopen(clock)
+
+    def in_force() -> float:
+        obj = store.get("ModelDeployment", "d")
+        assert obj is not None
+        return store_mod.capture_since(obj)
+
+    assert in_force() == 1_000_000.0  # since it was created
+    for now, on, retention, since in ((1_000_010.0, True, 20, 1_000_000.0), (1_000_020.0, False, 20, 1_000_000.0),
+                                      (1_000_030.0, True, 20, 1_000_030.0), (1_000_040.0, True, 10, 1_000_030.0)):
+        clock.now = now
+        store.apply([capturing(on, retention)])
+        assert in_force() == since, (now, on)
+
+
 def test_a_version_expected_of_an_object_that_is_gone_says_so(store: Store) -> None:
     [v1] = store.apply([write("a", {"x": 1})])
     store.delete("Site", "a", WHO)
