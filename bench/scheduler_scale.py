@@ -11,7 +11,7 @@ disturbed by other work on a shared machine). ``--huge`` adds 100,000 sites × 1
 deployments (≥ 200,000 replicas, one run, no baseline) and reports the process's peak
 memory before and after planning it (``ru_maxrss``; the instance itself is built first).
 ``--only-huge`` runs that size alone and writes scheduler_scale_100k.json instead.
-``--cordoned`` plans each size with one site cordoned (``Site.admits``: the pairs a plan
+``--cordoned`` plans each size with one site cordoned (``Site.admits``: the replicas a plan
 from scratch put there), which sends every deployment through the cordon's checks.
 Writes bench/results/scheduler_scale.json.
 """
@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def main() -> None:
         sites = make_fleet(rng, n_sites)
         deployments = make_deployments(rng, sites, n_sites // 10, replicas_per=20)
         if args.cordoned:
-            held = frozenset((r.deployment, r.variant) for r in plan(sites, deployments).replicas if r.site == sites[0].name)
+            held = Counter((r.deployment, r.variant) for r in plan(sites, deployments).replicas if r.site == sites[0].name)
             sites = [dataclasses.replace(sites[0], admits=held), *sites[1:]]
         repeats = 5 if n_sites <= 1_000 else 3 if n_sites <= 10_000 else 1
         peak_before = _peak_mib()

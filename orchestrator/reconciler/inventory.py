@@ -6,6 +6,7 @@ site without a live agent becomes unhealthy, and where ``EU`` becomes 27 countri
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 from orchestrator.agents import model as agent_model
@@ -51,8 +52,8 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
     for a site its agent registered, or smaller than what the agent measured): it keeps them
     and takes nothing new. ``cordoned``: a site cordoned for maintenance, which holds these
     replicas (deployment, variant) and takes nothing new whatever its capacity: it is as big
-    as they are, and admits only their deployments' variants, so that the room a replica
-    moving off it frees is not taken by another deployment. ``draining``: being drained,
+    as they are, and admits as many of each (deployment, variant) as it holds and no other,
+    so that the room a replica moving off it frees is taken by no replica at all. ``draining``: being drained,
     its replicas are placed elsewhere."""
     spec = record.spec
     healthy, _ = site_health(record, agent, dc, rejoining is not None)
@@ -83,7 +84,7 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         healthy=healthy,
         draining=draining,
         labels=dict(record.labels),
-        admits=frozenset((d, v.name) for d, v in cordoned) if cordoned is not None else None,
+        admits=Counter((d, v.name) for d, v in cordoned) if cordoned is not None else None,
     )
 
 

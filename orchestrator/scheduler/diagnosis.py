@@ -98,6 +98,8 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
         if not eligible.any():
             continue
         room = eligible & capacity.fits_mask(variant)
+        if capacity.slots:  # a cordoned site's room is for the replicas it held, not for more
+            room &= ~capacity.spent(deployment.name, variant.name)
         if taken is not None and room.any() and not (room & ~taken).any():
             reasons.append(_taken_reason(fleet, job, room))
             continue

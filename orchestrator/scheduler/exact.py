@@ -176,7 +176,7 @@ def _seats(fleet: Fleet, deployments: Sequence[Deployment], current: Sequence[Re
             continue
         if serving.get((dep.model, site), dep.name) != dep.name:
             continue
-        if capacity.take(site, dep.runnable_variants()[replica.variant]) is not None:
+        if capacity.take(site, dep.runnable_variants()[replica.variant], dep.name) is not None:
             seats[dep.name] += 1
             if fleet.is_edge[site]:
                 serving[(dep.model, site)] = dep.name

@@ -57,6 +57,9 @@ class Fleet:
         self.draining = np.array([s.draining for s in self.sites], dtype=bool)
         restricted = np.array([s.admits is not None for s in self.sites], dtype=bool)
         self._restricted_at = np.flatnonzero(restricted)  # the cordoned sites: few, so admits_mask looks at them alone
+        # per cordoned site, how many replicas of each (deployment, variant) it may run (``Capacity`` counts them down)
+        self.admits: dict[int, Mapping[tuple[str, str], int]] = {
+            i: self.sites[i].admits or {} for i in self._restricted_at.tolist()}
         self._unrestricted = ~restricted
         self._unrestricted.flags.writeable = False
         self.lat = np.array([s.lat for s in self.sites], dtype=np.float64)
@@ -407,6 +410,11 @@ class Capacity:
 
     ``bound``: GPU models some variant must run on. A variant that takes any model leaves
     their cards to those variants where another group fits (``gpu_group``).
+
+    A cordoned site (``Site.admits``) also counts, per (deployment, variant), the replicas
+    it may still take: its room is as big as what it holds, and the room one deployment's
+    replica frees by leaving must not go to another's, nor to a second copy of one it
+    holds. Only cordoned sites are counted: the others pay one empty-dict test per call.
     """
 
     def __init__(self, fleet: Fleet, bound: frozenset[str] = frozenset()) -> None:
@@ -422,6 +430,7 @@ class Capacity:
         # a few sites, so refreshing those beats a pass over 100,000 sites per deployment.
         self._changed: list[int] = []
         self._fits: dict[Size, tuple[BoolArray, int]] = {}
+        self.slots: dict[int, dict[tuple[str, str], int]] = {i: dict(pairs) for i, pairs in fleet.admits.items()}
 
     def fits_mask(self, variant: Variant) -> BoolArray:
         """Per site: room for one more replica of ``variant`` now. The array is shared and
@@ -482,6 +491,14 @@ class Capacity:
                 best = rank
         return None if best is None else best[3]
 
+    def spent(self, deployment: str, variant: str) -> BoolArray:
+        """The cordoned sites that take no more replicas of ``variant`` of ``deployment``
+        (as many run there as it held when cordoned), whatever room they have."""
+        mask = np.zeros(self.fleet.size, dtype=bool)
+        for site, pairs in self.slots.items():
+            mask[site] = pairs.get((deployment, variant), 0) <= 0
+        return mask
+
     def has_room(self, site: int, variant: Variant) -> bool:
         return (
             self.cpu[site] >= variant.cpu - 1e-9
@@ -489,14 +506,20 @@ class Capacity:
             and self.gpu_group(site, variant) is not None
         )
 
-    def take(self, site: int, variant: Variant) -> int | None:
-        """Reserve one replica's resources; the GPU group used, or None if it does not fit."""
+    def take(self, site: int, variant: Variant, deployment: str) -> int | None:
+        """Reserve one replica's resources for ``deployment``; the GPU group used, or None
+        if it does not fit (or a cordoned site runs no more of the pair)."""
         cpu, memory = self.cpu.item(site), self.memory_mib.item(site)  # Python floats: cheaper
         if cpu < variant.cpu - 1e-9 or memory < variant.memory_mib - 1e-9:
             return None
         group = self.gpu_group(site, variant) if variant.gpus else -1
         if group is None:
             return None
+        if self.slots and site in self.slots:
+            pairs, pair = self.slots[site], (deployment, variant.name)
+            if pairs.get(pair, 0) <= 0:
+                return None
+            pairs[pair] -= 1
         self.cpu[site] = cpu - variant.cpu
         self.memory_mib[site] = memory - variant.memory_mib
         if group >= 0:
@@ -504,16 +527,21 @@ class Capacity:
         self._changed.append(site)
         return group
 
-    def give_back(self, site: int, variant: Variant, group: int) -> None:
+    def give_back(self, site: int, variant: Variant, group: int, deployment: str) -> None:
         self._changed.append(site)
+        if self.slots and site in self.slots:
+            pair = (deployment, variant.name)
+            self.slots[site][pair] = self.slots[site].get(pair, 0) + 1
         self.cpu[site] += variant.cpu
         self.memory_mib[site] += variant.memory_mib
         if group >= 0:
             self.gpu_count[site, group] += variant.gpus
 
-    def hold(self, site: int, variant: Variant, group: int) -> None:
+    def hold(self, site: int, variant: Variant, group: int, deployment: str) -> None:
         """Take back exactly what ``give_back`` returned (same GPU group)."""
         self._changed.append(site)
+        if self.slots and site in self.slots:
+            self.slots[site][(deployment, variant.name)] -= 1
         self.cpu[site] -= variant.cpu
         self.memory_mib[site] -= variant.memory_mib
         if group >= 0:
@@ -537,3 +565,5 @@ class Capacity:
         self.cpu[site] = self.fleet.cpu[site]
         self.memory_mib[site] = self.fleet.memory_mib[site]
         self.gpu_count[site] = self.fleet.gpu_count[site]
+        if site in self.fleet.admits:
+            self.slots[site] = dict(self.fleet.admits[site])

@@ -88,15 +88,15 @@ class Site:
     # control plane keeps its replicas until their replacements serve), which is no
     # concern of the planner's.
     draining: bool = False
-    # The (deployment, variant) pairs the site may run, None for any: a site cordoned for
-    # maintenance runs those it held when cordoned, and no other, whatever room a replica
-    # that moves off it frees.
-    admits: frozenset[tuple[str, str]] | None = None
+    # How many replicas of each (deployment, variant) the site may run, None for any
+    # number of any: a site cordoned for maintenance runs as many of each as it held when
+    # cordoned, and no more, of no other, whatever room a replica that moves off it frees.
+    admits: Mapping[tuple[str, str], int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tier", Tier(self.tier))
         if self.admits is not None:
-            object.__setattr__(self, "admits", frozenset(self.admits))
+            object.__setattr__(self, "admits", MappingProxyType({pair: n for pair, n in self.admits.items() if n > 0}))
         object.__setattr__(self, "country", self.country.upper())
         object.__setattr__(self, "labels", _frozen_mapping(self.labels))
         object.__setattr__(self, "rtt_ms", MappingProxyType(dict(self.rtt_ms or {})))

@@ -199,7 +199,7 @@ def _plan(
     # replacement to phase 2 with that seat gone: two or three moves where one was due.
     for job in order:
         for site, variant, group in job.seats:
-            capacity.give_back(site, variant, group)
+            capacity.give_back(site, variant, group, job.deployment.name)
         job.started = True
         ran = sum(job.running.values())
         grow(
@@ -281,7 +281,7 @@ def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], c
                                 "(an edge agent serves a model for one deployment)")
             continue
         variant = next(v for v in job.deployment.variants if v.name == replica.variant)
-        group = capacity.take(site, variant)
+        group = capacity.take(site, variant, replica.deployment)
         if group is None:
             dropped.setdefault(replica, f"site {replica.site} no longer has room for it")
             continue
@@ -359,15 +359,15 @@ def _keep_if_no_better(fleet: Fleet, capacity: Capacity, job: Job) -> None:
     if taken is not None and any(taken[site] for site, _, _ in job.seats):
         return  # a deployment of the same model took one of the seats since
     for site, variant, group in job.placed:
-        capacity.give_back(site, variant, group)
+        capacity.give_back(site, variant, group, job.deployment.name)
     back: list[tuple[int, Variant, int]] = []
     for site, variant, _ in job.seats:
-        group = capacity.take(site, variant)
+        group = capacity.take(site, variant, job.deployment.name)
         if group is None:  # another deployment took the seat since: keep what was found
             for s, v, g in back:
-                capacity.give_back(s, v, g)
+                capacity.give_back(s, v, g, job.deployment.name)
             for s, v, g in job.placed:
-                capacity.hold(s, v, g)
+                capacity.hold(s, v, g, job.deployment.name)
             return
         back.append((site, variant, group))
     job.placed = back
@@ -428,7 +428,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
         while len(job.placed) < upto:
             if spread is not None and not spread.allows(options.domain[o]):
                 break
-            group = capacity.take(site, variant)
+            group = capacity.take(site, variant, job.deployment.name)
             if group is None:
                 full = True  # capacity only shrinks while this deployment is planned
                 break
@@ -447,7 +447,7 @@ def _greedy(capacity: Capacity, job: Job, options: candidates.Options, spread: D
                 if same == 0:
                     continue
                 for _ in range(min(same, upto - len(job.placed))):
-                    group = capacity.take(site, variant)
+                    group = capacity.take(site, variant, job.deployment.name)
                     if group is None:
                         full = True
                         break
@@ -577,10 +577,10 @@ def _swap(capacity: Capacity, job: Job, a_key: tuple[int, str], to_site: int, to
     """Move one replica ``a_key`` → (to_site, to_variant) if the target has room."""
     at = max(i for i, (s, v, _) in enumerate(job.placed) if (s, v.name) == a_key)
     site, variant, group = job.placed[at]
-    capacity.give_back(site, variant, group)
-    new_group = capacity.take(to_site, to_variant)
+    capacity.give_back(site, variant, group, job.deployment.name)
+    new_group = capacity.take(to_site, to_variant, job.deployment.name)
     if new_group is None:
-        capacity.hold(site, variant, group)
+        capacity.hold(site, variant, group, job.deployment.name)
         return False
     job.placed[at] = (to_site, to_variant, new_group)
     return True

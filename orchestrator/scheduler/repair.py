@@ -82,10 +82,10 @@ def _trade(
 ) -> bool:
     """Move ``other.placed[i]`` off ``site`` if that lets ``variant`` of ``job`` in."""
     _, their_variant, their_group = other.placed[i]
-    capacity.give_back(site, their_variant, their_group)
-    ours = capacity.take(site, variant)
+    capacity.give_back(site, their_variant, their_group, other.deployment.name)
+    ours = capacity.take(site, variant, job.deployment.name)
     if ours is None:
-        capacity.hold(site, their_variant, their_group)
+        capacity.hold(site, their_variant, their_group, other.deployment.name)
         return False
     best: tuple[float, int, Variant] | None = None
     for candidate in other.variants():  # it may change variant, e.g. edge → data centre
@@ -100,10 +100,10 @@ def _trade(
             score = float(fleet.intensity[t]) * candidate.watts
             if best is None or score < best[0]:
                 best = (score, t, candidate)
-    group = None if best is None else capacity.take(best[1], best[2])
+    group = None if best is None else capacity.take(best[1], best[2], other.deployment.name)
     if best is None or group is None:
-        capacity.give_back(site, variant, ours)
-        capacity.hold(site, their_variant, their_group)
+        capacity.give_back(site, variant, ours, job.deployment.name)
+        capacity.hold(site, their_variant, their_group, other.deployment.name)
         return False
     target, their_variant = best[1], best[2]
     other.placed[i] = (target, their_variant, group)
@@ -188,7 +188,7 @@ def _drop_spent(givers: list[_Giver], n: int) -> None:
 def _swap_for_more(capacity: Capacity, job: Job, site: int, other: Job, i: int) -> bool:
     """Give back ``other.placed[i]`` if at least two replicas of ``job`` then fit there."""
     _, their_variant, their_group = other.placed[i]
-    capacity.give_back(site, their_variant, their_group)
+    capacity.give_back(site, their_variant, their_group, other.deployment.name)
     added: list[tuple[int, Variant, int]] = []
     spread = job.spread
     for variant in job.variants():
@@ -197,7 +197,7 @@ def _swap_for_more(capacity: Capacity, job: Job, site: int, other: Job, i: int) 
         while len(job.placed) + len(added) < job.wanted:
             if spread is not None and not spread.allows(int(spread.keys[site])):
                 break
-            group = capacity.take(site, variant)
+            group = capacity.take(site, variant, job.deployment.name)
             if group is None:
                 break
             added.append((site, variant, group))
@@ -208,8 +208,8 @@ def _swap_for_more(capacity: Capacity, job: Job, site: int, other: Job, i: int) 
         job.placed.extend(added)
         return True
     for s, variant, group in reversed(added):
-        capacity.give_back(s, variant, group)
+        capacity.give_back(s, variant, group, job.deployment.name)
         if spread is not None:
             spread.shift(int(spread.keys[s]), -1)
-    capacity.hold(site, their_variant, their_group)
+    capacity.hold(site, their_variant, their_group, other.deployment.name)
     return False

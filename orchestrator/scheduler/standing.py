@@ -220,7 +220,7 @@ class Standing:
                 # from no replica, as a full plan would, its running seats still free of
                 # move cost; the others stay as they are.
                 for site, variant, group in job.placed:
-                    capacity.give_back(site, variant, group)
+                    capacity.give_back(site, variant, group, job.deployment.name)
                 job.placed = []
                 job.spread = self._spread(job)
                 planner.grow(fleet, capacity, job, self.tuning, upto=job.wanted)

@@ -2,7 +2,8 @@
 its replicas move to sites every hard rule allows with the drain as their reason, and one
 with nowhere allowed to go is reported, never placed outside its residency. The full plan
 and the repair of the plan in force agree. A cordoned site (``Site.admits``) is named as
-the reason a deployment it does not run gets nothing there."""
+the reason a deployment it does not run gets nothing there, and runs no more of any
+deployment than it held, in a full plan as in a repair."""
 
 from __future__ import annotations
 
@@ -49,10 +50,41 @@ def test_nothing_new_lands_on_a_draining_site() -> None:
 
 def test_a_deployment_kept_off_by_a_cordon_is_told_so_not_that_the_site_is_too_small() -> None:
     """A cordoned site is as big as what it holds: its capacity is no reason to quote."""
-    paris = dataclasses.replace(site("paris", cpu=1, memory_gib=1), admits=frozenset({("a", "small")}))
+    paris = dataclasses.replace(site("paris", cpu=1, memory_gib=1), admits={("a", "small"): 1})
     a = deployment("a", demand=(("paris", 10.0),))
     fr = deployment("fr", residency={"FR"}, demand=(("paris", 10.0),))
     result = plan([paris, site("frankfurt", "frankfurt")], [a, fr], [Replica("a", "paris", "small")])
     assert {(r.deployment, r.site) for r in result.replicas} == {("a", "paris")}
     reason = result.deployments["fr"].reason
     assert reason == "all 1 healthy matching FR sites are cordoned (they take no new deployment); 0 of 1 placed", reason
+
+
+def test_room_a_replica_moving_off_a_cordoned_site_frees_goes_to_no_other_replica() -> None:
+    """``a`` moves off the cordoned site (its demand is in Berlin) while ``b``, which runs
+    there, grows and would rather have the site's low carbon: ``b`` still runs one there."""
+    paris = dataclasses.replace(site("paris", cpu=2, memory_gib=2, carbon=10), admits={("a", "small"): 1, ("b", "small"): 1})
+    a = deployment("a", demand=(("berlin", 10.0),))
+    b = deployment("b", replicas=(2, 2), demand=(("paris", 10.0),))
+    sites = [paris, site("berlin", "berlin", carbon=500), site("lyon", "lyon", carbon=500)]
+    result = plan(sites, [a, b], [Replica("a", "paris", "small"), Replica("b", "paris", "small")])
+    assert [r.site for r in result.replicas if r.deployment == "a"] == ["berlin"]  # it did move
+    assert sorted((r.deployment, r.site) for r in result.replicas if r.site == "paris") == [("b", "paris")], result.replicas
+    assert result.deployments["b"].placed == 2
+
+
+@pytest.mark.parametrize("how", ["plan", "repair"])
+def test_a_lost_replica_does_not_take_a_cordoned_site_s_room_by_moving_another_off_it(how: str) -> None:
+    """``b``'s replica on lyon is lost and France has no room left but the cordoned site's:
+    moving ``a`` off it to make room would add a ``b`` replica there."""
+    paris = dataclasses.replace(site("paris", cpu=2, memory_gib=2), admits={("a", "small"): 1, ("b", "small"): 1})
+    a = deployment("a", demand=(("paris", 10.0),))
+    b = deployment("b", replicas=(2, 2), residency={"FR"}, demand=(("paris", 10.0),))
+    sites = [paris, site("berlin", "berlin", cpu=1, memory_gib=1), site("lyon", "lyon", cpu=1, memory_gib=1)]
+    current = [Replica("a", "paris", "small"), Replica("b", "paris", "small"), Replica("b", "lyon", "small")]
+    lost = [*sites[:2], dataclasses.replace(sites[2], healthy=False)]
+    result = (plan(lost, [a, b], current) if how == "plan"
+              else standing_mod.Standing(sites, [a, b], current).repair(lost))
+    assert result is not None
+    assert sorted((r.deployment, r.site) for r in result.replicas) == [("a", "paris"), ("b", "paris")], result.replicas
+    assert result.deployments["b"].placed == 1
+
