@@ -100,6 +100,12 @@ def _kept(rows: Iterable[store_mod.PlacementRow], keep: int, short: int,
     return out
 
 
+def _why_stuck(plan: sched_result.DeploymentPlan) -> str:
+    """Why no other allowed site takes a deployment's replicas: the scheduler's reason
+    without its count, which leaves out the replicas the drain keeps."""
+    return plan.shortfall.cause if plan.shortfall is not None else "no other allowed site has room"
+
+
 def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
                   ready: Callable[[store_mod.PlacementRow, str], int]) -> tuple[tuple[store_mod.PlacementRow, ...], dict[str, Progress]]:
     """The plan's ``rows`` with the replicas each draining site keeps until their
@@ -130,7 +136,7 @@ def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple
         for row, n, held in _kept(old, keep, short, forced):
             kept.append(store_mod.PlacementRow(row.deployment, row.site, row.variant, n))
             if held:
-                stuck[row.site].append(Stuck(name, held, plan.reason or "no other allowed site has room"))
+                stuck[row.site].append(Stuck(name, held, _why_stuck(plan)))
             if n > held:
                 waiting[row.site].append(name)
     out = tuple(sorted((*rows, *kept), key=lambda r: (r.deployment, r.site, r.variant)))
@@ -220,7 +226,7 @@ def preview(s: snap.Snapshot, site: str, result: sched_result.PlanResult) -> dic
             continue
         everything = sum(r.replicas for r in old)  # all kept until replaced; of them, the shortfall stays
         held = sum(h for _, _, h in _kept(old, everything, plan.wanted - plan.placed))
-        stays.append({"deployment": name, "replicas": held, "reason": plan.reason})
+        stays.append({"deployment": name, "replicas": held, "reason": _why_stuck(plan)})
     # A removal without a replacement of a deployment that also falls short is a replica that stays.
     short = {x["deployment"] for x in stays}
     removed = [r for r in removed if r["deployment"] not in short]

@@ -400,10 +400,11 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
     ready = ready_replicas(s, mine, d.spec.model)
     placed = plan.placed + sum(x.replicas for x in stays)
     phase, why = str(plan.status), plan.reason
-    if stays:
+    if stays:  # their note says why they stay; the scheduler's count leaves them out
         notes.extend(x.note() for x in stays)
+        why = "" if placed >= plan.wanted else f"{placed} of {plan.wanted} placed"
         if placed >= plan.wanted:
-            phase, why = str(sched_result.Status.SCHEDULED), ""
+            phase = str(sched_result.Status.SCHEDULED)
     if phase != "Unschedulable" and ready < placed:
         phase = "Progressing" if not problems else "Failing"
     elif phase == "Scheduled" and ready >= placed:

@@ -15,6 +15,7 @@ import numpy as np
 from orchestrator.scheduler.fleet import Capacity, Fleet
 from orchestrator.scheduler.model import ALL_TIERS, Deployment, Variant
 from orchestrator.scheduler.residency import EU_COUNTRIES
+from orchestrator.scheduler.result import Shortfall
 
 if TYPE_CHECKING:
     from orchestrator.scheduler.planner import Job
@@ -50,47 +51,50 @@ def _no_variant(deployment: Deployment) -> str:
     return f"no variant of {deployment.model} may run on the allowed tiers (ray-serve runs only in data centres, as does vllm)"
 
 
-def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
+def explain(fleet: Fleet, capacity: Capacity, job: Job) -> Shortfall:
     """The binding constraint for ``job``, given the capacity left right after it ran."""
     deployment = job.deployment
     rules = deployment.placement
     countries = describe_countries(rules.residency)
     where = describe_where(deployment)
-    short = f"{len(job.placed)} of {job.wanted} placed"
+
+    def short(constraint: str, detail: str = "") -> Shortfall:
+        return Shortfall(constraint, len(job.placed), job.wanted, detail)
+
     if rules.residency is not None and not rules.residency:
-        return f"residency lists no country; {short}"
+        return short("residency lists no country")
     mask = fleet.residency_mask(rules.residency) & ~capacity.gone  # sites deleted since the fleet was built: as a full plan
     if not mask.any():
-        return f"no site in {countries}; {short}"
+        return short(f"no site in {countries}")
     mask = mask & fleet.tier_mask(rules.tiers)
     if not mask.any():
-        return f"no {'/'.join(sorted(rules.tiers))} site in {countries}; {short}"
+        return short(f"no {'/'.join(sorted(rules.tiers))} site in {countries}")
     if rules.site_selector:
         mask = mask & fleet.selector_mask(rules.site_selector)
         if not mask.any():
             selector = ",".join(f"{k}={v}" for k, v in sorted(rules.site_selector.items()))
-            return f"no site among {where} matches selector {selector}; {short}"
+            return short(f"no site among {where} matches selector {selector}")
     healthy = fleet.healthy & ~capacity.closed  # a site lost after the fleet was built counts as unhealthy
     if not (mask & healthy).any():
         draining = int((mask & fleet.draining & ~capacity.closed).sum())  # being emptied for maintenance, not broken
         state = "draining" if draining == int(mask.sum()) else f"unhealthy or draining, {draining} of them draining" if draining else "unhealthy"
-        return f"all {int(mask.sum())} matching {where} are {state}; {short}"
+        return short(f"all {int(mask.sum())} matching {where} are {state}")
     admitted = np.zeros(fleet.size, dtype=bool)
     for variant in deployment.variants:
         admitted |= fleet.admits_mask(deployment.name, variant.name)
     if not (mask & healthy & admitted).any():  # their capacity is what they hold: quoting it would mislead
-        return f"all {int((mask & healthy).sum())} healthy matching {where} are cordoned (they take no new deployment); {short}"
+        return short(f"all {int((mask & healthy).sum())} healthy matching {where} are cordoned (they take no new deployment)")
     healthy = healthy & admitted
     variant_tiers = np.zeros(fleet.size, dtype=bool)
     for variant in deployment.variants:
         variant_tiers |= fleet.variant_tiers_mask(deployment, variant)
     if not (mask & healthy & variant_tiers).any():
-        return f"{_no_variant(deployment)}; {short}"
+        return short(_no_variant(deployment))
     variants = job.variants()
     need = " or ".join(f"{v.name} ({v.describe()})" for v in variants)
-    head = f"needs {job.wanted} × {need} in {where}; {short}"
+    head = f"needs {job.wanted} × {need} in {where}"
     if not (job.any_eligible & healthy).any():
-        return f"{head}: no healthy one has the hardware ({_largest(fleet, mask & healthy)})"
+        return short(head, f"no healthy one has the hardware ({_largest(fleet, mask & healthy)})")
     reasons = []
     taken = job.taken(fleet)
     for variant in variants:
@@ -104,9 +108,9 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> str:
             reasons.append(_taken_reason(fleet, job, room))
             continue
         if room.any():
-            return f"{head}: {_spread_reason(fleet, capacity, job)}"
+            return short(head, _spread_reason(fleet, capacity, job))
         reasons.append(_resource_reason(fleet, capacity, variant, eligible, where))
-    return f"{head}: " + "; ".join(reasons)
+    return short(head, "; ".join(reasons))
 
 
 def _taken_reason(fleet: Fleet, job: Job, room: np.ndarray) -> str:

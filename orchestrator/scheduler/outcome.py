@@ -121,6 +121,7 @@ def build_one(fleet: Fleet, job: Job, dropped: Mapping[Replica, str]) -> tuple[D
             latency=tuple(latency),
             energy=Energy(watts, grams),
             notes=tuple(job.notes),
+            shortfall=job.shortfall if len(job.placed) < job.wanted else None,
         ),
         cost,
     )
@@ -163,7 +164,7 @@ def _status(job: Job) -> tuple[Status, str]:
         return Status.SCHEDULED, f"{placed} replica(s): {_why_count(job)}" + (
             f"; {placed - job.wanted} more placed than wanted" if placed > job.wanted else "")
     status = Status.DEGRADED if placed >= deployment.min_replicas else Status.UNSCHEDULABLE
-    return status, job.shortfall
+    return status, str(job.shortfall or "")
 
 
 def _why_count(job: Job) -> str:

@@ -48,7 +48,7 @@ from orchestrator.scheduler.model import (
     Weights,
 )
 from orchestrator.scheduler.objective import LocatedDemand, locate_demand
-from orchestrator.scheduler.result import PlanResult
+from orchestrator.scheduler.result import PlanResult, Shortfall
 
 
 RELOCATION_ROUNDS = 4  # improving moves per deployment; later ones gain little
@@ -73,7 +73,7 @@ class Job:
     spread: DomainCounts | None = None
     options: candidates.Options | None = None  # the candidates, kept between the two phases
     complete: bool = False  # the candidates are every feasible site
-    shortfall: str = ""  # why fewer than wanted were placed
+    shortfall: Shortfall | None = None  # why fewer than wanted were placed
     keep_margin: float = 0.0  # extra cost points a running replica's move must save
     eligible_count: int = 0  # sites eligible for any variant
     # Deployments of the same model: on an edge site only one of them may hold replicas.

@@ -119,6 +119,28 @@ class Objective:
 
 
 @dataclass(frozen=True)
+class Shortfall:
+    """Why a deployment got fewer replicas than it wants: the rule that binds
+    (``constraint``, and ``detail`` when there is more to say) and the count placed. Kept
+    apart so that a caller who adds replicas the plan does not count (a drain keeps some
+    on their site) can say the reason with the count true, or without it."""
+
+    constraint: str
+    placed: int
+    wanted: int
+    detail: str = ""
+
+    @property
+    def cause(self) -> str:
+        """The reason without the count."""
+        return f"{self.constraint}: {self.detail}" if self.detail else self.constraint
+
+    def __str__(self) -> str:
+        counted = f"{self.constraint}; {self.placed} of {self.wanted} placed"
+        return f"{counted}: {self.detail}" if self.detail else counted
+
+
+@dataclass(frozen=True)
 class DeploymentPlan:
     """One deployment's outcome."""
 
@@ -131,6 +153,7 @@ class DeploymentPlan:
     latency: tuple[DemandLatency, ...] = ()
     energy: Energy = field(default_factory=Energy)
     notes: tuple[str, ...] = ()  # e.g. demand points that could not be located
+    shortfall: Shortfall | None = None  # why fewer than wanted are placed (``reason`` says it with the count)
 
 
 @dataclass(frozen=True)

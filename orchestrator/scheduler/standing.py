@@ -208,7 +208,7 @@ class Standing:
         before = {name: list(job.placed) for name, job in touched.items()}
         for job in sorted(touched.values(), key=planner.scarcity):
             for attempt in range(2):
-                job.options, job.complete, job.shortfall = None, False, ""
+                job.options, job.complete, job.shortfall = None, False, None
                 job.spread = self._spread(job)
                 if attempt == 0 and not _skewed(job.spread):
                     planner.grow(fleet, capacity, job, self.tuning, upto=job.wanted)

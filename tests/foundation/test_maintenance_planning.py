@@ -185,6 +185,28 @@ def test_a_replica_with_nowhere_allowed_to_go_stays_and_is_reported() -> None:
     assert (_deployment_status(plan, "doc-fields-fr")["phase"], _deployment_status(plan, "doc-fields-fr")["replicas"]) == ("Unschedulable", 0)
 
 
+def test_replicas_a_drain_keeps_are_not_reported_as_unplaced() -> None:
+    """The one French replica stays on the draining site: the deployment and the site say
+    why no other site takes it, without the scheduler's count ("0 of 1 placed"), which
+    leaves out the replica that stays; a deployment still short with them says the count
+    that includes them."""
+    s = _at_rest()
+    draining = _with(s, "dc-paris", maintenance.Mode.DRAIN)
+    plan = planning.plan_pass(_serving(dataclasses.replace(draining, placements=_rows(planning.plan_pass(draining), draining))))
+    why = "all 2 matching FR sites are unhealthy or draining, 1 of them draining"
+    (stuck,) = [x for x in _site_status(plan, "dc-paris")["maintenance"]["stuck"] if x["deployment"] == "doc-fields-fr"]  # type: ignore[index]
+    assert stuck["reason"] == why, stuck
+    assert _deployment_status(plan, "doc-fields-fr")["reason"] == f"1 replica(s) stay on draining site dc-paris: {why}"
+    # two wanted: the one that stays counts, and the reason says so
+    record = draining.deployment_by_name["doc-fields-fr"]
+    more = record.spec.model_copy(update={"replicas": record.spec.replicas.model_copy(update={"min": 2, "max": 2})})
+    grown = dataclasses.replace(draining, deployments=tuple(dataclasses.replace(d, spec=more) if d.name == "doc-fields-fr" else d
+                                                            for d in draining.deployments))
+    status = _deployment_status(planning.plan_pass(_serving(grown)), "doc-fields-fr")
+    assert (status["phase"], status["replicas"]) == ("Unschedulable", 1), status
+    assert status["reason"] == f"1 replica(s) stay on draining site dc-paris: {why}; 1 of 2 placed", status
+
+
 def test_a_draining_site_that_is_lost_keeps_nothing() -> None:
     s = _at_rest()
     down = dataclasses.replace(_with(s, "dc-frankfurt", maintenance.Mode.DRAIN),
