@@ -33,6 +33,7 @@ class DataCentreBackoff(Backoff):
     """A data centre's backoff, and what its last failure was."""
 
     unreachable: bool = False  # its last failure was observing it (not applying or removing apps)
+    unreachable_since: float = 0.0  # when observing it began to fail (this run of failures)
     target: str | None = None  # where the site's applications ran when it failed
 
 
@@ -49,12 +50,15 @@ class DataCentreSync:
     """What a leader observed of, applied to and is removing from its data centres.
 
     ``clock`` and ``lease`` are read at each call: the reconciler's, which change (a test's
-    stopped clock, a new lease when the replica leads again)."""
+    stopped clock, a new lease when the replica leads again). ``lost_after``: how long a
+    site may stay out of reach before it is declared lost (``DataCentreObservation.lost``),
+    the time an agent is given before it is (its missed heartbeats)."""
 
     store: store_mod.Store
     datacentres: DataCentres
     clock: Callable[[], float]
     lease: Callable[[], store_mod.Lease | None]
+    lost_after: float
     observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
     applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     reapplied: dict[str, int] = field(default_factory=dict)  # by site: Serve applications applied again after another writer
@@ -145,21 +149,28 @@ class DataCentreSync:
     async def _observe_one(self, site: snap.SiteRecord) -> snap.DataCentreObservation:
         backoff = self._backoff.get(site.name)
         if backoff is not None and backoff.next_try > self.clock():
-            return snap.DataCentreObservation(False, error=backoff.last_error)
+            return self._unreachable(site.name)
         try:
             actuator = await self.datacentres.actuator(site.name, site.spec)
             apps = await actuator.observe()
         except (serve_config.DataCentreError, OSError, RuntimeError) as exc:
             await self._failed(site.name, exc, unreachable=True, target=target_of(site.spec))
-            return snap.DataCentreObservation(False, error=str(exc))
+            return self._unreachable(site.name, str(exc))
         except Exception as exc:  # an adapter's fault is this site's alone: the others' pass goes on
             log.exception("data centre %s: observing it failed", site.name)
             await self._failed(site.name, exc, f"observing it failed: {type(exc).__name__}: ", unreachable=True,
                                   target=target_of(site.spec))
-            return snap.DataCentreObservation(False, error=self._backoff[site.name].last_error)
+            return self._unreachable(site.name)
         if backoff is not None and backoff.unreachable:
             await self._recovered(site.name, backoff)
         return snap.DataCentreObservation(True, apps, drift=actuator.drift)
+
+    def _unreachable(self, site: str, error: str | None = None) -> snap.DataCentreObservation:
+        """``site`` out of reach: lost once it has been for ``lost_after``. A leader that
+        just took over counts from its own first try, as it does for agents."""
+        backoff = self._backoff[site]
+        return snap.DataCentreObservation(False, error=backoff.last_error if error is None else error,
+                                          lost=self.clock() - backoff.unreachable_since >= self.lost_after)
 
     async def _failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: Left | None = None,
                          target: str | None = None) -> None:
@@ -170,6 +181,8 @@ class DataCentreSync:
         if message != backoff.last_error:
             await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
         backoff.fail(self.clock(), message)
+        if unreachable and not backoff.unreachable:
+            backoff.unreachable_since = self.clock()
         backoff.unreachable = unreachable
         log.warning("data centre %s: %s (retry in %.0fs)", site, message, backoff.next_try - self.clock())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class Reconciler:
     clock: Callable[[], float] = time.monotonic
     resync_s: float = 5.0
     load_publish_s: float = 15.0  # a table whose only change is agents' load goes to the store at most this often
+    # A data centre out of reach this long is declared lost, as an agent is after its missed
+    # heartbeats (the server passes that time); by default never: not known gone, never drained.
+    datacentre_lost_after_s: float = math.inf
     passes: int = 0
     last_plan: planning.PassPlan | None = None
     last_snapshot: snap.Snapshot | None = None
@@ -69,7 +73,8 @@ class Reconciler:
     _hold_published: str | None = None  # the hold's reason ("" none) this leader last published; None: not yet
 
     def __post_init__(self) -> None:
-        self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease)
+        self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease,
+                                                      lost_after=self.datacentre_lost_after_s)
         # A request for a model scaled to zero starts a pass at once, not at the next resync.
         self.table.on_wake = lambda model: self.trigger(f"request for {model}, scaled to zero")
 

@@ -200,7 +200,13 @@ def site_status(s: snap.Snapshot, site: str, progress: Mapping[str, Progress], s
         out["waitingFor"] = list(p.waiting)
     if p.stuck:
         out["stuck"] = [{"deployment": x.deployment, "replicas": x.replicas, "reason": x.reason} for x in p.stuck]
-    if state == "Draining" and not p.left:
+    dc = s.datacentres.get(site)
+    if dc is not None and not dc.reachable and not p.left:  # what runs there is not seen: say why it is done or not
+        out["note"] = (f"its cluster does not answer ({dc.error}) and is declared lost: its Serve applications there "
+                       "are not seen removed, and are removed if it answers again" if state == "Drained" else
+                       f"no replica is placed here any more; its cluster does not answer ({dc.error}): its Serve "
+                       "applications there are not seen removed (Drained once they are, or once it is declared lost)")
+    elif state == "Draining" and not p.left:
         out["note"] = "no replica is placed here any more; waiting for the site to stop serving them"
     return {"schedulable": False, "maintenance": out}
 

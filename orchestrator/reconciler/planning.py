@@ -455,11 +455,16 @@ def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
 def still_serving(s: snap.Snapshot, site: str) -> bool:
     """Whether ``site`` still answers for some model: its agent serves one, or its data
     centre runs applications of its own, or still has some this control plane applied. A
-    lost agent answers no one (the gateway routes nothing to it), whatever it last reported."""
+    lost agent answers no one (the gateway routes nothing to it), whatever it last reported.
+    A data centre out of reach may run anything (a leader that took over since knows of no
+    apply): it counts as serving until it is declared lost, by the rule that declares an
+    agent lost (``DataCentreObservation.lost``)."""
     agent = s.agent_by_site.get(site)
     if agent is not None and agent.healthy and any(m.serving for m in agent.models.values()):
         return True
     dc, owns = s.datacentres.get(site), owns_app(site)
+    if dc is not None and not dc.reachable:
+        return not dc.lost
     return bool(s.applied_apps.get(site)) or (dc is not None and any(owns(n) and a.replicas_running for n, a in dc.apps.items()))
 
 
