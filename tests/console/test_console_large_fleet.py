@@ -90,7 +90,7 @@ async def test_a_poll_rewrites_only_the_sites_that_changed(browser, tmp_path: pa
             assert changed and changed <= {"edge-7"}, changed  # the map's point and the table's row of that site, nothing else
 
             await page.fill("#sites-filter", "edge-777")
-            assert await page.locator("#sites-body tr").all_inner_texts() == ["edge-777\tedge\tFR\tHealthy\t1\tm7\t0"]
+            assert await page.locator("#sites-body tr").all_inner_texts() == ["edge-777\tedge\tFR\tHealthy\tSchedulable\t1\tm7\t0"]
             assert await page.is_hidden("#sites-more")
         finally:
             await page.close()

@@ -14,6 +14,19 @@ const state = { sites: [], deployments: [], placements: [], events: [], lastEven
 // its replicas over a control-plane restart and waits for its agent to come back.
 const HEALTH_CLASS = { Healthy: "Healthy", Rejoining: "waiting" };
 
+// A site's maintenance as `edgeplane get sites` words it (render.scheduling), and the
+// tooltip's lines on it: who took it out, since when, why, and what a drain waits for.
+function scheduling(status) {
+  const m = status && status.maintenance;
+  if (!m) return { state: "Schedulable", word: "Schedulable", about: [] };
+  const word = m.state === "Draining" ? `Draining (${m.replicasLeft || 0} replicas left)` : String(m.state || "-");
+  const about = [`scheduling: ${word}, by ${m.by || "?"} since ${m.since || "?"}${m.reason ? `: ${m.reason}` : ""}`];
+  if (m.waitingFor && m.waitingFor.length) about.push(`waiting for replacements of ${m.waitingFor.join(", ")} to serve`);
+  for (const x of m.stuck || []) about.push(`${x.deployment} stays (${x.replicas}): ${x.reason}`);
+  if (m.note) about.push(m.note);
+  return { state: String(m.state || "-"), word, about };
+}
+
 function text(tag, value, cls) { const td = document.createElement(tag); td.textContent = value; if (cls) td.className = cls; return td; }
 
 function row(cells) { const tr = document.createElement("tr"); for (const c of cells) tr.appendChild(c); return tr; }
@@ -133,7 +146,8 @@ function siteViews() {
     const loc = s.spec.location;
     return {
       name: s.metadata.name, tier: s.spec.tier, country: loc.country, region: loc.region || "", lat: loc.lat, lon: loc.lon,
-      health: (s.status && s.status.health) || "Unknown", replicas: here.replicas, models: [...here.models].sort(),
+      health: (s.status && s.status.health) || "Unknown", scheduling: scheduling(s.status),
+      replicas: here.replicas, models: [...here.models].sort(),
       requests: Math.round(state.requests[s.metadata.name] || 0), rate: state.rates[s.metadata.name] || 0,
       failed: failed.has(s.metadata.name),
     };
@@ -150,7 +164,10 @@ const siteRows = new Map();  // site name → { tr, shown }
 function renderSiteRows(views) {
   const words = $("sites-filter").value.trim().toLowerCase().split(/\s+/).filter(Boolean);
   const matching = words.length
-    ? views.filter((v) => { const about = [v.name, v.tier, v.country, v.region, v.health].join(" ").toLowerCase(); return words.every((w) => about.includes(w)); })
+    ? views.filter((v) => {
+      const about = [v.name, v.tier, v.country, v.region, v.health, v.scheduling.word].join(" ").toLowerCase();
+      return words.every((w) => about.includes(w));
+    })
     : views;
   const shownViews = matching.slice(0, SITE_ROWS);
   const more = $("sites-more");
@@ -159,7 +176,8 @@ function renderSiteRows(views) {
   const body = $("sites-body");
   let before = null;
   for (const v of shownViews) {
-    const cells = [[v.name], [v.tier], [v.country], [v.health, HEALTH_CLASS[v.health] || "bad"], [String(v.replicas)],
+    const cells = [[v.name], [v.tier], [v.country], [v.health, HEALTH_CLASS[v.health] || "bad"],
+      [v.scheduling.word, v.scheduling.state === "Schedulable" ? "" : "maintenance"], [String(v.replicas)],
       [v.models.join(", ")], [v.requests ? `${v.requests} (${v.rate.toFixed(1)}/s)` : "0"]];
     const shown = cells.flat().join("\u0000");
     let r = siteRows.get(v.name);

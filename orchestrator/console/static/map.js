@@ -70,7 +70,7 @@ export class FleetMap {
     for (const path of this.land.children) path.classList.toggle("zone", countries.has(path.dataset.country));
   }
 
-  // sites: [{name, lat, lon, health, replicas, models, rate, failed}]. A fleet has thousands of
+  // sites: [{name, lat, lon, health, scheduling, replicas, models, rate, failed}]. A fleet has thousands of
   // sites and this runs every poll: each site's <g> is kept by name and each of its parts is
   // written only when what it shows changed (with traffic, only the rate labels change), so a
   // poll that changes nothing writes nothing to the page.
@@ -99,18 +99,21 @@ export class FleetMap {
         node.circle.setAttribute("r", String(r));
         for (const [t, dy] of [[node.name, 4], [node.rate, 16]]) { t.setAttribute("x", lx); t.setAttribute("y", (y + dy).toFixed(1)); }
       });
-      node.set("state", [s.health, s.replicas, s.failed].join(), () => {
+      node.set("state", [s.health, s.scheduling.state, s.replicas, s.failed].join(), () => {
         node.g.dataset.health = s.health;
+        node.g.dataset.scheduling = s.scheduling.state;
         node.g.dataset.replicas = String(s.replicas);
         node.g.dataset.failed = s.failed ? "true" : "false";
       });
-      const name = labelled ? `${s.name} (${s.replicas})` : "";
+      const away = s.scheduling.state === "Schedulable" ? "" : ` · ${s.scheduling.state}`;
+      const name = labelled ? `${s.name} (${s.replicas})${away}` : "";
       node.set("name", name, () => { node.name.textContent = name; });
       const requests = s.requests ? `${s.requests} req${s.rate ? `, ${s.rate.toFixed(1)}/s` : ""}` : "";
       const rate = labelled ? requests : "";
       node.set("rate", rate, () => { node.rate.textContent = rate; });
       const title = `${s.name} — ${s.tier}, ${s.country}${s.region ? " / " + s.region : ""}\nhealth: ${s.health}\nreplicas: ${s.replicas}\n`
-        + `models: ${s.models.join(", ") || "none"}${requests ? `\nrequests: ${requests}` : ""}`;
+        + `models: ${s.models.join(", ") || "none"}${requests ? `\nrequests: ${requests}` : ""}`
+        + s.scheduling.about.map((line) => `\n${line}`).join("");
       node.set("title", title, () => { node.title.textContent = title; });
     }
     for (const [name, node] of this.siteNodes) {
