@@ -11,7 +11,10 @@ serving as it wants (``wanted``) counting only those elsewhere that serve now: a
 leaves the placement (and the table, and then its agent or cluster) only once its
 replacement serves, and one with nowhere allowed to go stays, reported as stuck with the
 scheduler's reason. A forced drain keeps none, nor does a draining site that is lost
-anyway (its agent gone, its cluster unreachable). Decided purely from the snapshot and the
+anyway (its agent gone, its cluster unreachable). Such a site is drained once it serves
+nothing: a lost agent answers no one, but a data centre out of reach may still run its
+applications, and counts as serving until they are seen removed or it is declared lost by
+the agents' rule (``DataCentreObservation.lost``). Decided purely from the snapshot and the
 plan; level-based, so a pass repeated after a crash keeps the same.
 """
 
