@@ -110,6 +110,8 @@ def _print_preview(plan: dict[str, Any]) -> None:
 def progress_line(name: str, m: dict[str, Any]) -> str:
     """One line of a drain's progress, as ``--wait`` prints it."""
     state = m.get("state", "Pending")
+    if state == "Pending":
+        return f"site {name}: Pending (the control plane has not planned the drain yet)"
     if state != "Draining":
         return f"site {name}: {state}"
     out = f"site {name}: Draining, {m.get('replicasLeft', 0)} replica(s) left"

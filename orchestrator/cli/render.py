@@ -50,7 +50,8 @@ def scheduling(status: dict[str, Any]) -> str:
     if not m:
         return "Schedulable"
     if m.get("state") == "Draining":
-        return f"Draining ({m.get('replicasLeft', 0)} replicas left)"
+        left = m.get("replicasLeft", 0)
+        return f"Draining ({left} replica{'' if left == 1 else 's'} left)"
     return str(m.get("state", "-"))
 
 

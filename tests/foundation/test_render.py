@@ -290,3 +290,10 @@ def test_bad_input_is_one_line_and_no_request_is_sent(argv: list[str], env: dict
         monkeypatch.setenv(key, here(value))
     assert cli_main.main([here(a) for a in argv]) == code
     assert capsys.readouterr().err.splitlines() == [here(expected)]
+
+
+def test_a_draining_site_counts_its_replicas_left_in_words() -> None:
+    assert render.scheduling({}) == "Schedulable"
+    assert render.scheduling({"maintenance": {"state": "Draining", "replicasLeft": 1}}) == "Draining (1 replica left)"
+    assert render.scheduling({"maintenance": {"state": "Draining", "replicasLeft": 3}}) == "Draining (3 replicas left)"
+    assert render.scheduling({"maintenance": {"state": "Cordoned"}}) == "Cordoned"

@@ -19,7 +19,7 @@ const HEALTH_CLASS = { Healthy: "Healthy", Rejoining: "waiting" };
 function scheduling(status) {
   const m = status && status.maintenance;
   if (!m) return { state: "Schedulable", word: "Schedulable", about: [] };
-  const word = m.state === "Draining" ? `Draining (${m.replicasLeft || 0} replicas left)` : String(m.state || "-");
+  const word = m.state === "Draining" ? `Draining (${m.replicasLeft || 0} replica${m.replicasLeft === 1 ? "" : "s"} left)` : String(m.state || "-");
   const about = [`scheduling: ${word}, by ${m.by || "?"} since ${m.since || "?"}${m.reason ? `: ${m.reason}` : ""}`];
   if (m.waitingFor && m.waitingFor.length) about.push(`waiting for replacements of ${m.waitingFor.join(", ")} to serve`);
   for (const x of m.stuck || []) about.push(`${x.deployment} stays (${x.replicas}): ${x.reason}`);
