@@ -329,6 +329,7 @@ def status_from_details(name: str, app: Mapping[str, Any], serve_url: str | None
         endpoint_url=endpoint,
         detail=detail,
         version=_running_version(app, state, deployments),
+        deployments_up=all(any(r.get("state") == "RUNNING" for r in d.get("replicas") or []) for d in deployments.values()),
         ingress=ingress if isinstance(ingress, str) else "",
     )
 

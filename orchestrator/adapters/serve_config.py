@@ -186,13 +186,17 @@ class ServeAppStatus:
     #: names none is sized through it (see ``ServeAppSpec.deployment``).
     ingress: str = ""
 
+    #: Whether every deployment of the application has a replica running (an ingress up
+    #: while the model deployment behind it still starts answers nothing).
+    deployments_up: bool = True
+
     @property
     def answers(self) -> bool:
-        """Whether requests sent to it are answered now: RUNNING, or DEPLOYING with replicas
-        running (a replica count or config changing: the replicas it has keep serving
-        until their replacements do)."""
+        """Whether requests sent to it are answered now: RUNNING, or DEPLOYING with a
+        replica of each deployment running (a replica count or config changing: the
+        replicas it has keep serving until their replacements do)."""
         return self.status is ServeAppState.RUNNING or (
-            self.status is ServeAppState.DEPLOYING and self.replicas_running >= 1)
+            self.status is ServeAppState.DEPLOYING and self.replicas_running >= 1 and self.deployments_up)
 
 
 class DataCentreActuator(Protocol):

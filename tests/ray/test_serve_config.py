@@ -269,6 +269,19 @@ def test_an_application_scaled_through_its_config_keeps_its_version_and_answers(
     assert not ray_serve.status_from_details("ep-a", {**app, "deployments": {}}, "http://proxy:8000").answers  # none running yet
 
 
+def test_an_application_whose_ingress_is_up_before_its_model_answers_nothing_yet() -> None:
+    """On its first deploy an application's ingress may run before the deployment behind it
+    (a Ray Serve LLM's engine before its OpenAI ingress, or the other way): it is not
+    routed to until every deployment has a replica running."""
+    app = {"status": "DEPLOYING", "route_prefix": "/ep/a", "deployment_topology": {"ingress_deployment": "Ingress"},
+           "deployments": {"Ingress": {"status": "HEALTHY", "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]},
+                           "Model": {"status": "UPDATING", "target_num_replicas": 1, "replicas": [{"state": "STARTING"}]}}}
+    status = ray_serve.status_from_details("ep-a", app, "http://proxy:8000")
+    assert status.replicas_running == 1 and not status.answers
+    app["deployments"]["Model"]["replicas"] = [{"state": "RUNNING"}]
+    assert ray_serve.status_from_details("ep-a", app, "http://proxy:8000").answers
+
+
 def test_demand_sums_replicas() -> None:
     demand = serve_config.total_demand([onnx(), onnx(name="ep-b", gpus=0.5, num_replicas=4)])
     assert (demand.cpu, demand.memory_mib, demand.gpus) == (3.0, 1536, 2.0)
