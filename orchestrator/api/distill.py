@@ -29,6 +29,7 @@ the stop's grace, writing no artifact and changing no object, and records it so.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import json
 import logging
 import threading
@@ -220,6 +221,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return JSONResponse({"error": str(exc)}, status_code=409)
         if name in running:  # one started meanwhile
             return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
+        if runs.stopping.is_set():  # the stop began meanwhile: it waits only for the runs it finds
+            return JSONResponse({"error": "the control plane is stopping; run it again once it is back"}, status_code=503,
+                                headers={"retry-after": "5"})
 
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -242,7 +246,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             except job.Stopped as exc:
                 log.info("distill %s: %s", name, exc)
                 result = {"published": False, "state": "stopped", "error": str(exc)}
-            except (ValueError, OSError, RuntimeError) as exc:  # DistillError, a bad artifact, onnxruntime
+            except (ValueError, OSError, RuntimeError, sqlite3.Error) as exc:  # DistillError, a bad artifact, onnxruntime, the zone's records
                 result = {"published": False, "error": str(exc)}
             except Exception as exc:  # a fault of ours: the caller still gets a result, the log the traceback
                 log.exception("distill %s failed", name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import pathlib
 import time
 from typing import Any
@@ -68,16 +69,16 @@ async def test_a_run_under_way_when_the_control_plane_stops_is_stopped_at_its_ne
                 async for line in resp.aiter_lines():
                     item = json.loads(line) if line.strip() else {}
                     if item.get("progress", {}).get("epoch") == 1 and stopping is None:
-                        began = time.monotonic()
                         stopping = asyncio.create_task(fleet.stop())
                     result = item.get("result", result)
         assert stopping is not None
         await asyncio.wait_for(stopping, 30)
-        assert time.monotonic() - began < 10, "the stop waited for the whole run"
     finally:
         await fleet.stop()
     assert result.get("state") == "stopped" and not result["published"], result
     assert "stopped" in result["error"] and "Traceback" not in result["error"], result
+    done = re.search(r"after epoch (\d+) of 1000", result["error"])
+    assert done is not None and int(done[1]) < 900, f"the stop waited for the whole run: {result}"
     store = store_mod.Store(tmp_path / "control-plane" / "state.db")
     try:
         events = [e for e in store.recent_events("ModelDeployment", "task") if e.action == "distill"]
