@@ -1,6 +1,6 @@
 """Planning time against fleet size: 100, 1,000 and 10,000 sites, deployments at 10 %.
 
-    .venv/bin/python -m bench.scheduler_scale [--quick] [--baseline-10k] [--huge] [--cordoned]
+    .venv/bin/python -m bench.scheduler_scale [--quick] [--baseline-10k] [--huge] [--cordoned] [--power-budget F]
 
 Each size plans ~20 replicas per deployment from scratch (10,000 sites × 1,000 deployments
 ≥ 20,000 replicas). The baseline, measured in the same run, is the same planner without
@@ -13,6 +13,9 @@ memory before and after planning it (``ru_maxrss``; the instance itself is built
 ``--only-huge`` runs that size alone and writes scheduler_scale_100k.json instead.
 ``--cordoned`` plans each size with one site cordoned (``Site.admits``: the replicas a plan
 from scratch put there), which sends every deployment through the cordon's checks.
+``--power-budget F`` gives every site a power budget of F × what its hardware would draw
+busy (the scheduler's per-CPU, per-GiB and per-GPU estimates × PUE), so that the budget, not
+the hardware, binds on a site that fills up (F < 1).
 Writes bench/results/scheduler_scale.json.
 """
 
@@ -33,7 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.scheduler_instances import make_deployments, make_fleet
-from orchestrator.scheduler import Tuning, plan
+from orchestrator.scheduler import Site, Tuning, plan
+from orchestrator.scheduler.model import WATTS_PER_CPU, WATTS_PER_GPU, WATTS_PER_GPU_MEMORY_GIB, WATTS_PER_MEMORY_GIB
 
 RESULTS = Path(__file__).parent / "results" / "scheduler_scale.json"
 RESULTS_HUGE = Path(__file__).parent / "results" / "scheduler_scale_100k.json"  # --only-huge
@@ -62,6 +66,12 @@ def measure(sites, deployments, tuning: Tuning, repeats: int) -> dict:
     }
 
 
+def _busy_watts(site: Site) -> float:
+    """What ``site`` would draw with every CPU, GiB and GPU reserved (facility watts)."""
+    gpus = sum(g.count * (WATTS_PER_GPU + g.memory_gib * WATTS_PER_GPU_MEMORY_GIB) for g in site.gpus)
+    return (site.cpu * WATTS_PER_CPU + site.memory_gib * WATTS_PER_MEMORY_GIB + gpus) * site.pue
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 sites only")
@@ -73,6 +83,7 @@ def main() -> None:
     parser.add_argument("--huge", action="store_true", help="also 100,000 sites × 10,000 deployments (~2 min)")
     parser.add_argument("--only-huge", action="store_true", help="100,000 × 10,000 alone")
     parser.add_argument("--cordoned", action="store_true", help="one site cordoned, holding what a first plan put there")
+    parser.add_argument("--power-budget", type=float, metavar="F", help="every site a power budget of F × its hardware's busy draw")
     args = parser.parse_args()
     sizes = [100, 1_000] if args.quick else [100, 1_000, 10_000]
     if args.only_huge:
@@ -84,6 +95,8 @@ def main() -> None:
         rng = np.random.default_rng(n_sites)
         sites = make_fleet(rng, n_sites)
         deployments = make_deployments(rng, sites, n_sites // 10, replicas_per=20)
+        if args.power_budget is not None:
+            sites = [dataclasses.replace(s, power_budget_watts=args.power_budget * _busy_watts(s)) for s in sites]
         if args.cordoned:
             held = Counter((r.deployment, r.variant) for r in plan(sites, deployments).replicas if r.site == sites[0].name)
             sites = [dataclasses.replace(sites[0], admits=held), *sites[1:]]
@@ -103,6 +116,7 @@ def main() -> None:
                 "full_scan": base,
                 "target_ms": TARGETS_MS.get(n_sites),
                 "cordoned": args.cordoned,
+                "power_budget": args.power_budget,
             }
         )
     table = Table(title=f"scheduler scale ({os.cpu_count()} CPUs; best of runs)")

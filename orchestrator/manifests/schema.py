@@ -122,6 +122,9 @@ class Capacity(Strict):
 class Energy(Strict):
     carbonGramsPerKWh: NonNegative
     pue: float = Field(default=1.0, ge=1.0, le=3.0)
+    #: The most the site's feed carries for the replicas edgeplane places there, in watts
+    #: drawn at the facility (their estimated draw × pue): a hard limit, like capacity.
+    powerBudgetWatts: float | None = Field(default=None, gt=0, le=1e9)
 
 
 class RaySite(Strict):

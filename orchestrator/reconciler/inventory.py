@@ -81,6 +81,7 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         gpus=gpus,
         carbon_g_per_kwh=energy.carbonGramsPerKWh if energy else DEFAULT_CARBON_G_PER_KWH,
         pue=energy.pue if energy else 1.0,
+        power_budget_watts=energy.powerBudgetWatts if energy else None,  # cordoned or not: what it holds must fit it
         healthy=healthy,
         draining=draining,
         labels=dict(record.labels),

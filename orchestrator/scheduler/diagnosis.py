@@ -2,7 +2,7 @@
 
 The planner knows *that* it fell short; this module finds *which* rule binds by walking
 the filters in the order a person would check them (countries, tiers, selector, health,
-cordons, hardware, free capacity, spread) and names the first one that leaves too little, with the
+cordons, hardware, free capacity, power budget, spread) and names the first one that leaves too little, with the
 numbers: "needs 2×80 GiB GPU in FR datacenter sites; FR datacenter sites have 1 free".
 """
 
@@ -153,7 +153,28 @@ def _resource_reason(fleet: Fleet, capacity: Capacity, variant: Variant, eligibl
     memory = float(capacity.memory_mib[sites].max()) / 1024
     if memory < variant.memory_mib / 1024 - 1e-9:
         return f"{where} have at most {memory:g} GiB free memory on one site, {variant.memory_mib / 1024:g} GiB needed"
+    if capacity.budgeted:
+        best = int(sites[np.argmax(capacity.power[sites])])
+        if capacity.power_short(best, variant):
+            # the site with the most left is short: every site has a budget, all spent
+            head = "" if sites.size == 1 else f"the power budgets of all {sites.size} {where} are spent, the most left at "
+            return head + power_reason(fleet, capacity, best, variant)
+        return f"no one site among {where} has the CPU, memory, GPU and power budget free together"
     return f"no one site among {where} has the CPU, memory and GPU free together"
+
+
+def power_reason(fleet: Fleet, capacity: Capacity, site: int, variant: Variant) -> str:
+    """e.g. "site edge-lyon: power budget 150 W, 140 W used, replica needs 24 W": facility
+    watts (the replicas' estimated draw × PUE), as the budget is given."""
+    pue = fleet.pue.item(site)
+    budget = fleet.power.item(site) * pue
+    used = budget - max(capacity.power.item(site), 0.0) * pue
+    return (f"site {fleet.names[site]}: power budget {_watts(budget)}, {_watts(used)} used, "
+            f"replica needs {_watts(variant.watts * pue)}")
+
+
+def _watts(value: float) -> str:
+    return f"{round(value, 1):g} W"
 
 
 def _spread_reason(fleet: Fleet, capacity: Capacity, job: Job) -> str:

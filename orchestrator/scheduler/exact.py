@@ -7,7 +7,7 @@ planner takes milliseconds). It models the same hard rules and the same objectiv
 - ``x[d,o]`` integer: replicas of deployment d at option o = (site, variant, GPU group);
   options exist only where residency, tiers, selector, health, the variant's tiers and
   the site's total hardware allow (the same masks as the planner);
-- site capacity: CPU, memory, and GPUs per GPU group, summed over deployments;
+- site capacity: CPU, memory, GPUs per GPU group and the power budget, summed over deployments;
 - ``open[d,s]`` binary and ``y[d,p,s]`` the share of demand point p served from s: the
   classic facility-location form of "nearest replica"; ``u[d,p]`` charges the unserved
   RTT when nothing is placed;
@@ -101,6 +101,7 @@ def solve(
     cpu_use: dict[int, list[tuple[int, float]]] = {}
     mem_use: dict[int, list[tuple[int, float]]] = {}
     gpu_use: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    power_use: dict[int, list[tuple[int, float]]] = {}
     edge_x: dict[tuple[str, int], dict[str, list[int]]] = {}  # (model, edge site) → deployment → x columns
     for dep in deployments:
         w = dep.weights or weights
@@ -124,6 +125,8 @@ def solve(
                     all_x.append(col)
                     cpu_use.setdefault(s, []).append((col, variant.cpu))
                     mem_use.setdefault(s, []).append((col, variant.memory_mib))
+                    if fleet.budgeted[s]:
+                        power_use.setdefault(s, []).append((col, variant.watts))
                     if k >= 0:
                         gpu_use.setdefault((s, k), []).append((col, float(variant.gpus)))
                     if now:
@@ -148,6 +151,8 @@ def solve(
         b.row(terms, -np.inf, float(fleet.memory_mib[s]) + 1e-9)
     for (s, k), terms in gpu_use.items():
         b.row(terms, -np.inf, float(fleet.gpu_count[s, k]))
+    for s, terms in power_use.items():
+        b.row(terms, -np.inf, float(fleet.power[s]) + 1e-9)
     replicas, optimal, gap, message = _run(b, x_of, fleet, time_limit_s)
     return ExactResult(
         replicas=replicas,

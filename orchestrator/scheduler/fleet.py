@@ -77,6 +77,13 @@ class Fleet:
                 self.gpu_memory[i, k] = group.memory_gib
                 self.gpu_model[i, k] = group.model
         self.pue = np.array([s.pue for s in self.sites], dtype=np.float64)
+        # The power budget as the IT watts it leaves the replicas (budget / PUE), +inf where
+        # none is set: a budget is then one more resource drawn down, and a fleet without any
+        # skips it altogether (``any_budget``).
+        self.budgeted = np.array([s.power_budget_watts is not None for s in self.sites], dtype=bool)
+        self.power = np.array([s.power_budget_watts / s.pue if s.power_budget_watts is not None else np.inf
+                               for s in self.sites], dtype=np.float64)
+        self.any_budget = bool(self.budgeted.any())
         # gCO2 per hour per watt drawn by a replica: grid g/kWh × PUE / 1000
         self.intensity = np.array([s.carbon_g_per_kwh * s.pue / 1000.0 for s in self.sites], dtype=np.float64)
         self.measured_rtt = {i: s.rtt_ms for i, s in enumerate(self.sites) if s.rtt_ms}
@@ -406,7 +413,8 @@ def bound_gpu_models(deployments: Iterable[Deployment]) -> frozenset[str]:
 
 
 class Capacity:
-    """Free CPU, memory and GPUs per site; drawn down and given back as replicas move.
+    """Free CPU, memory, GPUs and power budget per site; drawn down and given back as
+    replicas move (power only where some site has a budget: ``Fleet.any_budget``).
 
     ``bound``: GPU models some variant must run on. A variant that takes any model leaves
     their cards to those variants where another group fits (``gpu_group``).
@@ -423,6 +431,8 @@ class Capacity:
         self.cpu = fleet.cpu.copy()
         self.memory_mib = fleet.memory_mib.copy()
         self.gpu_count = fleet.gpu_count.copy()
+        self.power = fleet.power.copy()  # IT watts each site's budget has left (+inf: none)
+        self.budgeted = fleet.any_budget
         self.closed = np.zeros(fleet.size, dtype=bool)  # lost since the fleet was built (``close``)
         self.gone = np.zeros(fleet.size, dtype=bool)  # of those, the ones no longer in the inventory at all
         # Sites whose free capacity changed, in order; a cached ``fits_mask`` per variant
@@ -435,12 +445,14 @@ class Capacity:
     def fits_mask(self, variant: Variant) -> BoolArray:
         """Per site: room for one more replica of ``variant`` now. The array is shared and
         kept up to date by later calls: read it, do not keep or change it."""
-        key = size_of(variant)
+        key = size_of(variant) if not self.budgeted else (*size_of(variant), variant.watts)
         found = self._fits.get(key)
         if found is None or len(self._changed) - found[1] > self.fleet.size // 8:
             fits = (self.cpu >= variant.cpu - 1e-9) & (self.memory_mib >= variant.memory_mib - 1e-9)
             if variant.gpus:
                 fits &= self.fleet.gpu_fit(self.gpu_count, variant).any(axis=1)
+            if self.budgeted:
+                fits &= self.power >= variant.watts - 1e-9
         else:
             fits, seen = found
             if seen < len(self._changed):
@@ -456,6 +468,8 @@ class Capacity:
         if variant.gpus:
             big = self.fleet.gpu_big(variant, sites)
             ok &= (big & (self.gpu_count[sites] >= variant.gpus)).any(axis=1)
+        if self.budgeted:
+            ok &= self.power[sites] >= variant.watts - 1e-9
         return ok
 
     def room(self, sites: IntArray, variant: Variant) -> npt.NDArray[np.int64]:
@@ -466,6 +480,8 @@ class Capacity:
         if variant.gpus:
             big = self.fleet.gpu_big(variant, sites)
             n = np.minimum(n, ((self.gpu_count[sites] // variant.gpus) * big).sum(axis=1))
+        if self.budgeted:  # +inf / watts stays +inf: the minimum above bounds it
+            n = np.minimum(n, np.floor((self.power[sites] + 1e-9) / max(variant.watts, 1e-9)))
         return n.astype(np.int64)
 
     def gpu_group(self, site: int, variant: Variant) -> int | None:
@@ -503,14 +519,19 @@ class Capacity:
         return (
             self.cpu[site] >= variant.cpu - 1e-9
             and self.memory_mib[site] >= variant.memory_mib - 1e-9
+            and not self.power_short(site, variant)
             and self.gpu_group(site, variant) is not None
         )
+
+    def power_short(self, site: int, variant: Variant) -> bool:
+        """Whether ``site``'s power budget has too little left for one replica of ``variant``."""
+        return self.budgeted and self.power.item(site) < variant.watts - 1e-9
 
     def take(self, site: int, variant: Variant, deployment: str) -> int | None:
         """Reserve one replica's resources for ``deployment``; the GPU group used, or None
         if it does not fit (or a cordoned site runs no more of the pair)."""
         cpu, memory = self.cpu.item(site), self.memory_mib.item(site)  # Python floats: cheaper
-        if cpu < variant.cpu - 1e-9 or memory < variant.memory_mib - 1e-9:
+        if cpu < variant.cpu - 1e-9 or memory < variant.memory_mib - 1e-9 or self.power_short(site, variant):
             return None
         group = self.gpu_group(site, variant) if variant.gpus else -1
         if group is None:
@@ -522,6 +543,8 @@ class Capacity:
             pairs[pair] -= 1
         self.cpu[site] = cpu - variant.cpu
         self.memory_mib[site] = memory - variant.memory_mib
+        if self.budgeted:
+            self.power[site] -= variant.watts
         if group >= 0:
             self.gpu_count[site, group] -= variant.gpus
         self._changed.append(site)
@@ -534,6 +557,8 @@ class Capacity:
             self.slots[site][pair] = self.slots[site].get(pair, 0) + 1
         self.cpu[site] += variant.cpu
         self.memory_mib[site] += variant.memory_mib
+        if self.budgeted:
+            self.power[site] += variant.watts
         if group >= 0:
             self.gpu_count[site, group] += variant.gpus
 
@@ -544,6 +569,8 @@ class Capacity:
             self.slots[site][(deployment, variant.name)] -= 1
         self.cpu[site] -= variant.cpu
         self.memory_mib[site] -= variant.memory_mib
+        if self.budgeted:
+            self.power[site] -= variant.watts
         if group >= 0:
             self.gpu_count[site, group] -= variant.gpus
 
@@ -555,6 +582,7 @@ class Capacity:
         self.gone[site] = gone
         self.cpu[site] = -1.0
         self.memory_mib[site] = -1.0
+        self.power[site] = -1.0
         self.gpu_count[site] = 0
 
     def reopen(self, site: int) -> None:
@@ -564,6 +592,7 @@ class Capacity:
         self.gone[site] = False
         self.cpu[site] = self.fleet.cpu[site]
         self.memory_mib[site] = self.fleet.memory_mib[site]
+        self.power[site] = self.fleet.power[site]
         self.gpu_count[site] = self.fleet.gpu_count[site]
         if site in self.fleet.admits:
             self.slots[site] = dict(self.fleet.admits[site])

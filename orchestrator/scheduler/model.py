@@ -92,6 +92,9 @@ class Site:
     # number of any: a site cordoned for maintenance runs as many of each as it held when
     # cordoned, and no more, of no other, whatever room a replica that moves off it frees.
     admits: Mapping[tuple[str, str], int] | None = None
+    # The most the site's feed carries for the replicas placed here, in facility watts
+    # (their estimated draw × ``pue``); None for no limit. A hard limit, like capacity.
+    power_budget_watts: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tier", Tier(self.tier))

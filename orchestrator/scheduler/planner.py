@@ -283,7 +283,8 @@ def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], c
         variant = next(v for v in job.deployment.variants if v.name == replica.variant)
         group = capacity.take(site, variant, replica.deployment)
         if group is None:
-            dropped.setdefault(replica, f"site {replica.site} no longer has room for it")
+            dropped.setdefault(replica, f"no longer within the power budget: {diagnosis.power_reason(fleet, capacity, site, variant)}"
+                               if capacity.power_short(site, variant) else f"site {replica.site} no longer has room for it")
             continue
         if fleet.is_edge[site]:
             serving[claim] = replica.deployment

@@ -81,9 +81,11 @@ class DemandChange(_Strict):
 
 
 class SiteChange(_Strict):
-    """Another grid intensity or capacity for one existing site."""
+    """Another grid intensity, power budget or capacity for one existing site."""
 
     carbonGramsPerKWh: float | None = Field(default=None, ge=0, le=1e6)
+    #: Another power budget (facility watts, as ``spec.energy.powerBudgetWatts``).
+    powerBudgetWatts: float | None = Field(default=None, gt=0, le=1e9)
     capacity: schema.Capacity | None = None
     #: Multiplies CPU, memory and GPU counts (0.5: half the site is lost).
     capacityFactor: float | None = Field(default=None, ge=0, le=1000)
@@ -131,6 +133,7 @@ class DemandScale:
 @dataclass(frozen=True)
 class SiteEdit:
     carbon_g_per_kwh: float | None = None
+    power_budget_watts: float | None = None
     cpu: float | None = None
     memory_gib: float | None = None
     gpus: tuple[sched.GpuGroup, ...] | None = None
@@ -166,6 +169,8 @@ class Changes:
         for name, e in sorted(self.edits.items()):
             if e.carbon_g_per_kwh is not None:
                 parts.append(f"{name} carbon {e.carbon_g_per_kwh:g} g/kWh")
+            if e.power_budget_watts is not None:
+                parts.append(f"{name} power budget {e.power_budget_watts:g} W")
             if e.capacity_factor is not None:
                 parts.append(f"{name} capacity ×{e.capacity_factor:g}")
             elif e.cpu is not None:
@@ -189,6 +194,7 @@ def site_from_spec(name: str, labels: Mapping[str, str], spec: schema.SiteSpec) 
         gpus=tuple(sched.GpuGroup(g.model, g.count, g.memoryGiB) for g in capacity.gpus) if capacity else (),
         carbon_g_per_kwh=spec.energy.carbonGramsPerKWh if spec.energy else DEFAULT_CARBON_G_PER_KWH,
         pue=spec.energy.pue if spec.energy else 1.0,
+        power_budget_watts=spec.energy.powerBudgetWatts if spec.energy else None,
         labels=dict(labels),
     )
 
@@ -200,6 +206,7 @@ def from_doc(doc: ScenarioDoc) -> Changes:
         cap = c.capacity
         edits[name] = SiteEdit(
             carbon_g_per_kwh=c.carbonGramsPerKWh,
+            power_budget_watts=c.powerBudgetWatts,
             cpu=cap.cpu if cap else None,
             memory_gib=cap.memoryGiB if cap else None,
             gpus=tuple(sched.GpuGroup(g.model, g.count, g.memoryGiB) for g in cap.gpus) if cap else None,

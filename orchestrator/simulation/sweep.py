@@ -58,11 +58,14 @@ class SweepResult:
     scenario: str = "no change"  # what the fleet was put through before the sweep
 
 
-def _usage(fleet: Fleet, state: whatif.State) -> tuple[np.ndarray, np.ndarray, dict[str, list[sched.GpuGroup]], dict[str, list[tuple[int, int, int]]]]:
-    """CPU and memory (GiB) each site's replicas take, and the GPU group each replica takes:
-    the one the planner gives it, seating the running replicas in the planner's order."""
+def _usage(fleet: Fleet, state: whatif.State) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, list[sched.GpuGroup]],
+                                                     dict[str, list[tuple[int, int, int]]]]:
+    """CPU, memory (GiB) and power (IT watts) each site's replicas take, and the GPU group
+    each replica takes: the one the planner gives it, seating the running replicas in the
+    planner's order."""
     cpu = np.zeros(len(state.sites))
     mem = np.zeros(len(state.sites))
+    watts = np.zeros(len(state.sites))
     gpus = Capacity(fleet, bound_gpu_models(state.deployments))
     taken: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # deployment -> (site, group, gpus) per GPU replica
     variants = {d.name: {v.name: v for v in d.variants} for d in state.deployments}
@@ -73,13 +76,14 @@ def _usage(fleet: Fleet, state: whatif.State) -> tuple[np.ndarray, np.ndarray, d
             continue
         cpu[i] += v.cpu
         mem[i] += v.memory_mib / 1024
+        watts[i] += v.watts
         k = gpus.gpu_group(i, v) if v.gpus else None
         if k is not None:
             gpus.gpu_count[i, k] -= v.gpus
             taken[r.deployment].append((i, k, v.gpus))
     free = {s.name: [dataclasses.replace(g, count=int(gpus.gpu_count[i, k])) for k, g in enumerate(s.gpus)]
             for i, s in enumerate(state.sites)}
-    return cpu, mem, free, taken
+    return cpu, mem, watts, free, taken
 
 
 class Sweeper:
@@ -99,10 +103,10 @@ class Sweeper:
         for r in state.current:
             self.replicas_by_deployment[r.deployment].append(r)
             self.deployments_at[r.site].add(r.deployment)
-        self.cpu, self.mem, free_gpus, self.gpu_taken = _usage(self.fleet, state)
+        self.cpu, self.mem, self.watts, free_gpus, self.gpu_taken = _usage(self.fleet, state)
         self.reserved = [
             dataclasses.replace(s, cpu=max(0.0, s.cpu - self.cpu[i]), memory_gib=max(0.0, s.memory_gib - self.mem[i]),
-                                gpus=tuple(free_gpus[s.name]))
+                                gpus=tuple(free_gpus[s.name]), power_budget_watts=_less(s.power_budget_watts, self.watts[i] * s.pue))
             for i, s in enumerate(state.sites)
         ]
         self.short_before = {d.name: max(0, d.wanted_replicas() - len(self.replicas_by_deployment.get(d.name, [])))
@@ -121,6 +125,7 @@ class Sweeper:
         replanned = sorted({other for d in affected for other in self.of_model[self.by_name[d].model]})
         back_cpu: dict[int, float] = defaultdict(float)
         back_mem: dict[int, float] = defaultdict(float)
+        back_watts: dict[int, float] = defaultdict(float)
         back_gpu: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         current: list[sched.Replica] = []
         for d in replanned:
@@ -132,6 +137,7 @@ class Sweeper:
                     continue
                 back_cpu[i] += v.cpu
                 back_mem[i] += v.memory_mib / 1024
+                back_watts[i] += v.watts
                 current.append(r)
             for i, k, n in self.gpu_taken.get(d, ()):
                 back_gpu[i][k] += n
@@ -139,7 +145,8 @@ class Sweeper:
         for i in set(back_cpu) | set(back_gpu):
             s = planned_sites[i]
             gpus = tuple(dataclasses.replace(g, count=g.count + back_gpu[i].get(k, 0)) for k, g in enumerate(s.gpus))
-            planned_sites[i] = dataclasses.replace(s, cpu=s.cpu + back_cpu[i], memory_gib=s.memory_gib + back_mem[i], gpus=gpus)
+            planned_sites[i] = dataclasses.replace(s, cpu=s.cpu + back_cpu[i], memory_gib=s.memory_gib + back_mem[i], gpus=gpus,
+                                                   power_budget_watts=_less(s.power_budget_watts, -back_watts[i] * s.pue))
         for i in lost:
             planned_sites[i] = dataclasses.replace(planned_sites[i], healthy=False)
         deployments = [self.by_name[d] for d in replanned]
@@ -154,6 +161,11 @@ class Sweeper:
         p95_delta = None if after.p95_ms is None or self.before.p95_ms is None else after.p95_ms - self.before.p95_ms
         return Impact(target, len(lost), replicas_lost, moved, sum(worse.values()), tuple(sorted(worse)),
                       after.unserved_rps, after.p95_ms, p95_delta, after.g_co2_per_hour)
+
+
+def _less(budget: float | None, watts: float) -> float | None:
+    """A power budget less ``watts`` (facility watts; negative gives back), None for none."""
+    return None if budget is None else max(0.0, budget - watts)
 
 
 def _target_of(site: sched.Site, by: By) -> str:

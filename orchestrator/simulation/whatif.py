@@ -164,6 +164,8 @@ def _edit(site: sched.Site, e: SiteEdit) -> sched.Site:
     fields: dict[str, object] = {}
     if e.carbon_g_per_kwh is not None:
         fields["carbon_g_per_kwh"] = e.carbon_g_per_kwh
+    if e.power_budget_watts is not None:
+        fields["power_budget_watts"] = e.power_budget_watts
     if e.capacity_factor is not None:
         f = e.capacity_factor
         fields.update(cpu=site.cpu * f, memory_gib=site.memory_gib * f,

@@ -63,6 +63,8 @@ def violations(sites: Sequence[Site], deployments: Sequence[Deployment], replica
             need = sum(v.gpus for v in variants if v.gpus and v.gpu_memory_gib >= floor)
             if need > sum(g.count for g in s.gpus if g.memory_gib >= floor):
                 found.append(f"{name}: gpu")
+        if s.power_budget_watts is not None and sum(v.watts for v in variants) * s.pue > s.power_budget_watts + 1e-6:
+            found.append(f"{name}: power budget")
     for d in deployments:
         if d.placement.spread is None:
             continue

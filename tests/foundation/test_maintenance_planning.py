@@ -10,7 +10,9 @@ import dataclasses
 from orchestrator import maintenance
 from orchestrator.agents import model as agent_model
 from orchestrator.adapters import serve_config
+from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import inventory
 from orchestrator.reconciler import maintenance as drain
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
@@ -261,3 +263,24 @@ def test_a_dry_run_counts_each_replica_once_when_a_deployment_runs_two_variants_
     assert [m for m in preview["moves"] if m["deployment"] == "assistant-dc"] == [
         {"deployment": "assistant-dc", "variant": "large", "to": "dc-frankfurt", "toVariant": "large"}]
     assert sum(x["replicas"] for x in preview["stays"]) + preview["moved"] <= preview["replicas"]
+
+
+def test_a_cordoned_site_whose_power_budget_is_lowered_keeps_only_what_the_budget_covers() -> None:
+    """A cordoned site is as big as what it holds; its power budget still binds, and the
+    replicas past it move (the others stay, nothing new lands)."""
+    s = _at_rest()
+    paris = s.site_by_name["dc-paris"]
+    variants = {(d.name, v.name): inventory.to_variant(v) for d in s.deployments for v in s.models[d.spec.model].variants}
+    held = [variants[(r.deployment, r.variant)] for r in _on(s.placements, "dc-paris") for _ in range(r.replicas)]
+    assert len(held) >= 2
+    pue = paris.spec.energy.pue if paris.spec.energy else 1.0
+    budget = (sum(v.watts for v in held) - min(v.watts for v in held) / 2) * pue  # one replica too many
+    energy = schema.Energy(carbonGramsPerKWh=56, pue=pue, powerBudgetWatts=budget)
+    lowered = dataclasses.replace(paris, spec=paris.spec.model_copy(update={"energy": energy}))
+    cordoned = _with(dataclasses.replace(s, sites=tuple(lowered if r.name == "dc-paris" else r for r in s.sites)),
+                     "dc-paris", maintenance.Mode.CORDON)
+    plan = planning.plan_pass(cordoned)
+    after = [variants[(r.deployment, r.variant)] for r in _on(_rows(plan, cordoned), "dc-paris") for _ in range(r.replicas)]
+    assert len(after) < len(held) and sum(v.watts for v in after) * pue <= budget
+    moved = [a for a in plan.result.actions if isinstance(a, sched_result.MoveReplica)]
+    assert moved and all(a.from_site == "dc-paris" and "no longer within the power budget" in a.reason for a in moved)

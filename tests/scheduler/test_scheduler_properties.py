@@ -32,7 +32,7 @@ REGIONS = ["r1", "r2", "r3", "r4"]
 
 sites_st = st.lists(
     st.builds(
-        lambda i, country, region, tier, cpu, mem, gpus, healthy, zone, lat, lon, carbon: Site(
+        lambda i, country, region, tier, cpu, mem, gpus, healthy, zone, lat, lon, carbon, budget: Site(
             name=f"s{i}",
             tier=tier,
             country=country,
@@ -45,6 +45,7 @@ sites_st = st.lists(
             carbon_g_per_kwh=carbon,
             healthy=healthy,
             labels={"zone": zone},
+            power_budget_watts=budget,
         ),
         st.integers(0, 10**6),
         st.sampled_from(COUNTRIES),
@@ -61,6 +62,7 @@ sites_st = st.lists(
         st.floats(35, 60),
         st.floats(-10, 20),
         st.floats(0, 800),
+        st.one_of(st.none(), st.floats(1, 400)),  # a power budget, often tighter than the hardware
     ),
     min_size=1,
     max_size=10,

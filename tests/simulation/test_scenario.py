@@ -61,6 +61,7 @@ def test_a_bare_spec_and_an_empty_document_are_accepted() -> None:
     ("spec: {demand: [{region: a, lat: 1, lon: 2, factor: 2}]}", "not both"),
     ("spec: {demand: [{region: a, factor: -1}]}", "spec.demand.0.factor"),
     ("spec: {sites: {a: {capacity: {cpu: 1, memoryGiB: 1}, capacityFactor: 2}}}", "not both"),
+    ("spec: {sites: {a: {powerBudgetWatts: 0}}}", "spec.sites.a.powerBudgetWatts"),
     ("kind: Site", "kind"),
     ("[1, 2]", "a scenario is a mapping"),
     ("spec: {fail: [", "d.yaml:1: not valid YAML"),
@@ -104,6 +105,16 @@ def test_a_merged_mapping_that_merges_another_brings_its_own_keys_and_only_they_
         scenario.load_data("b: &b {x: 1}\na: {inner: &m {<<: *b, x: 2, x: 3}}\nc: {<<: *m}\n", "d.yaml")
     with pytest.raises(scenario.ScenarioError, match=r"d.yaml:1: not valid YAML \(expected a mapping for merging, but found itself\)"):
         scenario.load_data("a: &a {x: 1, <<: *a}\n", "d.yaml")
+
+
+def test_a_site_change_may_set_another_power_budget() -> None:
+    changes = scenario.load_text("spec: {sites: {edge-lyon: {powerBudgetWatts: 150}}}", "d.yaml")
+    assert changes.edits["edge-lyon"].power_budget_watts == 150
+    assert changes.describe() == "edge-lyon power budget 150 W"
+    added = scenario.load_text(
+        "spec:\n  addSites:\n  - metadata: {name: edge-new}\n    spec: {tier: edge, location: {country: FR, lat: 45, lon: 4},\n"
+        "      capacity: {cpu: 4, memoryGiB: 8}, energy: {carbonGramsPerKWh: 50, pue: 1.2, powerBudgetWatts: 300}}\n", "d.yaml")
+    assert added.added[0].power_budget_watts == 300
 
 
 def test_added_sites_default_to_the_control_planes_grid_intensity() -> None:

@@ -10,7 +10,7 @@ import pytest
 from orchestrator.scheduler import model as sched
 from orchestrator.simulation import measure, report, scenario, sweep, whatif
 
-from .fleets import BERLIN, FRANKFURT, LYON, MADRID, PARIS, SITES, deployment, site
+from .fleets import BERLIN, FRANKFURT, LYON, MADRID, PARIS, SITES, SMALL, deployment, site
 
 PARIS_DEMAND = (sched.DemandPoint(rps=80, lat=48.86, lon=2.35),)
 
@@ -118,6 +118,27 @@ def test_capacity_cut_moves_what_no_longer_fits() -> None:
     assert at_paris >= 1
     r = whatif.simulate(st, scenario.Changes(edits={"edge-paris": scenario.SiteEdit(capacity_factor=0.0)}))
     assert len(r.moved) == at_paris and all(m.from_site == "edge-paris" for m in r.moved)
+
+
+def test_a_lowered_power_budget_moves_what_it_no_longer_covers_and_says_so() -> None:
+    st = state(deployment("d", residency={"FR"}, replicas=4, demand=PARIS_DEMAND))
+    at_paris = where(st, "d").count("edge-paris")
+    assert at_paris >= 1
+    budget = (at_paris - 0.5) * SMALL.watts  # room for one replica less
+    changes = scenario.Changes(edits={"edge-paris": scenario.SiteEdit(power_budget_watts=budget)})
+    assert changes.describe() == f"edge-paris power budget {budget:g} W"
+    r = whatif.simulate(st, changes)
+    assert [(m.from_site, m.to_site) for m in r.moved] == [("edge-paris", "edge-lyon")]
+    assert "no longer within the power budget" in r.moved[0].reason
+
+
+def test_a_sweep_places_a_lost_sites_replicas_within_the_others_power_budgets() -> None:
+    """Lyon's budget holds one replica, which ``other`` runs: ``fr`` has nowhere to go."""
+    lyon = dataclasses.replace(LYON, power_budget_watts=SMALL.watts, carbon_g_per_kwh=400)
+    other = deployment("other", residency={"FR"}, demand=(sched.DemandPoint(rps=10, lat=LYON.lat, lon=LYON.lon),))
+    st = state(deployment("fr", residency={"FR"}, replicas=2, demand=PARIS_DEMAND), other, sites=(PARIS, lyon, BERLIN))
+    assert (where(st, "fr"), where(st, "other")) == (["edge-paris", "edge-paris"], ["edge-lyon"])
+    assert _swept_and_simulated(st, "edge-paris") == (2, 2)
 
 
 def test_an_added_site_near_demand_attracts_the_replica() -> None:
