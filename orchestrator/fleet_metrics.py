@@ -24,6 +24,8 @@ class FleetCollector:
         self.placements: Sequence[store_mod.PlacementRow] | None = ()
         #: Sites cordoned and draining, by state, read with the placement (None: not read).
         self.maintenance: dict[str, int] | None = {}
+        #: Per site with a power budget, its ``status.power`` (budgetWatts, estimatedWatts), read with the placement.
+        self.power: dict[str, dict[str, float]] | None = {}
 
     def collect(self) -> Any:
         agents = self.cp.hub.snapshot() if hasattr(self.cp, "hub") else []
@@ -80,6 +82,13 @@ class FleetCollector:
                 for state in ("cordoned", "draining"):
                     m.add_metric([state], self.maintenance.get(state, 0))
                 yield m
+            if self.power is not None:
+                w = GaugeMetricFamily("edgeplane_site_power_watts", "Power of the sites with a budget, in facility watts: the "
+                                      "estimated draw of the replicas placed there (× PUE) and the budget", labels=["site", "kind"])
+                for site, power in sorted(self.power.items()):
+                    w.add_metric([site, "estimated"], power.get("estimatedWatts", 0.0))
+                    w.add_metric([site, "budget"], power.get("budgetWatts", 0.0))
+                yield w
             e = GaugeMetricFamily("edgeplane_endpoints", "Routable endpoints, by model", labels=["model"])
             for m in self.cp.table.models():
                 e.add_metric([m], len(self.cp.table.endpoints(m)))

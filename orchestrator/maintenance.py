@@ -87,9 +87,10 @@ def in_force(found: Mapping[str, Maintenance], sites: Collection[str]) -> dict[s
     return {name: m for name, m in found.items() if name in sites}
 
 
-def read_in_force(store: store_mod.Store) -> dict[str, Maintenance]:
-    """:func:`in_force`, read from ``store`` (one read of each kind)."""
-    return in_force(read_each(store.list(KIND))[0], {o.name for o in store.list("Site")})
+def read_in_force(store: store_mod.Store, sites: Collection[str] | None = None) -> dict[str, Maintenance]:
+    """:func:`in_force`, read from ``store`` (one read of each kind; ``sites``: the stored
+    Sites' names, when the caller read them already)."""
+    return in_force(read_each(store.list(KIND))[0], sites if sites is not None else {o.name for o in store.list("Site")})
 
 
 def take_out(store: store_mod.Store, site: str, mode: Mode, *, actor: str, reason: str, now: float,

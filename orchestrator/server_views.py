@@ -177,21 +177,25 @@ class ServerViews:
         in one worker-thread read, shared by the scrapes that come while it is read; the
         collectors read the rest (the hub, the table) on the loop, whose it is. While the store
         fails, or has not answered within :data:`METRICS_READ_S`, the scrape still answers,
-        without ``edgeplane_replicas_placed`` and ``edgeplane_sites_cordoned``."""
-        def read() -> tuple[list[store_mod.PlacementRow], dict[str, int]]:
-            return self.store.placements(), maintenance.states(maintenance.read_in_force(self.store))
+        without ``edgeplane_replicas_placed``, ``edgeplane_sites_cordoned`` and
+        ``edgeplane_site_power_watts`` (the leader's last pass's estimate, in the Sites' status)."""
+        def read() -> tuple[list[store_mod.PlacementRow], dict[str, int], dict[str, dict[str, float]]]:
+            sites = self.store.list("Site")
+            taken_out = maintenance.states(maintenance.read_in_force(self.store, {o.name for o in sites}))
+            return self.store.placements(), taken_out, {o.name: o.status["power"] for o in sites if o.status.get("power")}
 
         try:
-            placements, taken_out = await self._shared_read("metrics", read, METRICS_READ_S)
+            placements, taken_out, power = await self._shared_read("metrics", read, METRICS_READ_S)
         except (store_mod.StoreError, TimeoutError) as exc:
             if self.fleet.placements is not None:  # once an outage, not at every scrape
-                log.warning("metrics: the store cannot be read, edgeplane_replicas_placed and edgeplane_sites_cordoned "
-                            "are left out until it can: %s", exc or f"the store did not answer in {METRICS_READ_S:g} s")
-            self.fleet.placements = self.fleet.maintenance = None
+                log.warning("metrics: the store cannot be read, edgeplane_replicas_placed, edgeplane_sites_cordoned and "
+                            "edgeplane_site_power_watts are left out until it can: %s", exc or f"the store did not answer in {METRICS_READ_S:g} s")
+            self.fleet.placements = self.fleet.maintenance = self.fleet.power = None
         else:
             if self.fleet.placements is None:
-                log.info("metrics: the store is read again, edgeplane_replicas_placed and edgeplane_sites_cordoned are back")
-            self.fleet.placements, self.fleet.maintenance = placements, taken_out
+                log.info("metrics: the store is read again, edgeplane_replicas_placed, edgeplane_sites_cordoned and "
+                         "edgeplane_site_power_watts are back")
+            self.fleet.placements, self.fleet.maintenance, self.fleet.power = placements, taken_out, power
         # Prometheus text format whatever the scraper's Accept asks: the deprecated gauges
         # edgeplane_heartbeats_received and edgeplane_reconcile_passes share their family name
         # with the counters ..._total in OpenMetrics, whose parsers refuse such a scrape whole.

@@ -25,6 +25,7 @@ COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("GPUS", lambda o: _gpus(_capacity(o).get("gpus") or [])),
         ("HEALTH", lambda o: o.get("status", {}).get("health", "-")),
         ("SCHEDULING", lambda o: scheduling(o.get("status", {}))),
+        ("POWER W", lambda o: power(o.get("status", {}))),
         ("SOURCE", lambda o: o.get("status", {}).get("capacitySource", "declared")),
     ],
     "Model": [
@@ -53,6 +54,15 @@ def scheduling(status: dict[str, Any]) -> str:
         left = m.get("replicasLeft", 0)
         return f"Draining ({left} replica{'' if left == 1 else 's'} left)"
     return str(m.get("state", "-"))
+
+
+def power(status: dict[str, Any]) -> str:
+    """A budgeted site's estimated draw against its budget, facility watts: ``144/150``
+    (``-`` without a budget)."""
+    p = status.get("power")
+    if not p:
+        return "-"
+    return f"{p.get('estimatedWatts', 0):g}/{p.get('budgetWatts', 0):g}"
 
 
 def _phase(status: dict[str, Any]) -> str:

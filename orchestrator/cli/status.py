@@ -32,6 +32,8 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
             "replicas": sum(p["replicas"] for p in placements["items"]),
             # sites taken out for maintenance: cordoned, draining or drained
             "maintenance": {s["metadata"]["name"]: render.scheduling(s["status"]) for s in sites if s.get("status", {}).get("maintenance")},
+            # the estimated draw of the sites with a power budget against it (facility watts)
+            "power": {s["metadata"]["name"]: s["status"]["power"] for s in sites if s.get("status", {}).get("power")},
             # why a replica is not ready yet (waiting for a GPU, an agent...), by deployment
             "waiting": _waiting(placements["items"]),
             "controlPlane": api.request("GET", "/v1/controlplane")}
@@ -47,6 +49,9 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
     print(f"sites: {data['sites']} ({data['healthySites']} healthy), replicas placed: {data['replicas']}")
     for name, state in data["maintenance"].items():
         print(f"  {name}: {state}")
+    for name, power in data["power"].items():  # over: replicas moving off after the budget was lowered
+        over = " (over budget)" if power.get("estimatedWatts", 0) > power.get("budgetWatts", 0) else ""
+        print(f"  {name}: power {render.power({'power': power})} W{over}")
     for name, phase in data["deployments"].items():
         print(f"  {name}: {phase}" + (f": {data['problems'][name]}" if data["problems"].get(name) else ""))
         for reason in data["waiting"].get(name, []):

@@ -297,3 +297,19 @@ def test_a_draining_site_counts_its_replicas_left_in_words() -> None:
     assert render.scheduling({"maintenance": {"state": "Draining", "replicasLeft": 1}}) == "Draining (1 replica left)"
     assert render.scheduling({"maintenance": {"state": "Draining", "replicasLeft": 3}}) == "Draining (3 replicas left)"
     assert render.scheduling({"maintenance": {"state": "Cordoned"}}) == "Cordoned"
+
+
+@pytest.mark.parametrize(("status", "shown"), [
+    ({"health": "Healthy", "power": {"estimatedWatts": 144.0, "budgetWatts": 150.0}}, "144/150"),
+    ({"health": "Healthy", "power": {"estimatedWatts": 37.5, "budgetWatts": 1500.0}}, "37.5/1500"),
+    ({"health": "Healthy"}, "-"),  # no budget
+    ({}, "-"),  # before the first pass
+])
+def test_a_site_shows_its_estimated_draw_against_its_power_budget(status: dict[str, Any], shown: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    site = {"metadata": {"name": "edge-lyon"}, "spec": {**support.edge_site_spec(), "energy": {"carbonGramsPerKWh": 56, "powerBudgetWatts": 150}},
+            "status": status}
+    render.objects("Site", [site])
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[-3:] == ["POWER", "W", "SOURCE"]
+    assert row.split()[-2] == shown, row
