@@ -174,7 +174,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("what", choices=["token", "agent"])
     sp.add_argument("name", help="the token's id, or the agent's site")
     sp.add_argument("--reason", type=_header_text, help="why (recorded in the event log with your identity)")
-    sp = with_output(client_parser("simulate", help="what-if: fail sites/regions, scale demand, change carbon; nothing changes"))
+    sp = with_output(client_parser("simulate", help="what-if: fail sites/regions, scale demand, change carbon or power budgets; nothing changes"))
     sp.add_argument("-f", "--file", action="append", help="simulate the fleet of these manifests here, not the live one (repeatable)")
     sp.add_argument("--scenario", help="scenario file (kind: Scenario; see docs/simulation.md)")
     sp.add_argument("--fail-site", action="append", default=[], metavar="SITE", help="a site lost (repeatable)")
@@ -186,6 +186,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
                     help="scale demand: REGION=2, LAT,LON=1.5 or '*'=1.2 (all demand)")
     sp.add_argument("--carbon", action="append", default=[], metavar="SITE=G_PER_KWH", help="another grid intensity for a site")
     sp.add_argument("--capacity", action="append", default=[], metavar="SITE=FACTOR", help="scale a site's capacity (0.5: half lost)")
+    sp.add_argument("--power-budget", action="append", default=[], metavar="SITE=WATTS",
+                    help="another power budget for a site (facility watts, as spec.energy.powerBudgetWatts)")
     each = sp.add_mutually_exclusive_group()
     each.add_argument("--each-site", action="store_true", help="N-1 sweep: lose each site in turn, rank by harm")
     each.add_argument("--each-region", action="store_true", help="N-1 sweep: lose each region in turn, rank by harm")

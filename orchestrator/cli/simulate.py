@@ -77,7 +77,8 @@ ANSWER_TIMEOUT = httpx.Timeout(30.0, read=600.0)
 
 FAIL_FLAGS = {"sites": "--fail-site", "regions": "--fail-region", "countries": "--fail-country", "tiers": "--fail-tier"}
 #: Which option set each field of a site's change.
-SITE_FLAGS = {"carbonGramsPerKWh": ("--carbon", "carbon"), "capacityFactor": ("--capacity", "capacity")}
+SITE_FLAGS = {"carbonGramsPerKWh": ("--carbon", "carbon"), "capacityFactor": ("--capacity", "capacity"),
+              "powerBudgetWatts": ("--power-budget", "power_budget")}
 
 
 def _flag_changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,6 +104,9 @@ def _flag_changes(args: argparse.Namespace) -> dict[str, Any]:
     for text in args.capacity:
         site, value = _pair(text, "--capacity")
         spec.setdefault("sites", {}).setdefault(site, {})["capacityFactor"] = value
+    for text in args.power_budget:
+        site, value = _pair(text, "--power-budget")
+        spec.setdefault("sites", {}).setdefault(site, {})["powerBudgetWatts"] = value
     return spec
 
 

@@ -49,6 +49,15 @@ def test_the_cli_simulates_the_examples_offline() -> None:
     assert "edge-lyon" not in {i["target"] for i in swept["ranked"]}
 
 
+def test_a_lowered_power_budget_from_the_command_line_moves_what_it_no_longer_covers() -> None:
+    proc = run_cli("simulate", "-f", "manifests/examples", "--power-budget", "edge-lyon=1", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["scenario"] == "edge-lyon power budget 1 W", data["scenario"]
+    gone = data["moves"] + [r for r in data["removed"] if r["site"] == "edge-lyon"]
+    assert gone and all(m.get("from", m.get("site")) == "edge-lyon" and "power budget" in m["reason"] for m in gone), gone
+
+
 def test_a_scenario_file_without_a_spec_takes_the_command_line_changes(tmp_path: pathlib.Path) -> None:
     drill = tmp_path / "drill.yaml"
     drill.write_text("apiVersion: edgeplane.io/v1alpha1\nkind: Scenario\nmetadata: {name: drill}\n")
@@ -68,6 +77,7 @@ def test_a_scenario_file_without_a_spec_takes_the_command_line_changes(tmp_path:
     (["--capacity", "edge-lyon=-1"], 2, "--capacity 'edge-lyon=-1': the number must be 0 or more"),
     (["--demand", "eu-west=nan"], 2, "--demand 'eu-west=nan': the number must be 0 or more"),
     (["--capacity", "edge-lyon=2000"], 2, "--capacity 'edge-lyon=2000': Input should be less than or equal to 1000"),
+    (["--power-budget", "edge-lyon=0"], 2, "--power-budget 'edge-lyon=0': Input should be greater than 0"),
     (["-f", "manifests/examples/sites.yaml"], 1, "Site 'dc-paris' is also declared in"),
 ])
 def test_bad_cli_input_is_one_line(args: list[str], code: int, message: str) -> None:
