@@ -519,7 +519,7 @@ class Capacity:
         return (
             self.cpu[site] >= variant.cpu - 1e-9
             and self.memory_mib[site] >= variant.memory_mib - 1e-9
-            and not self.power_short(site, variant)
+            and not (self.budgeted and self.power.item(site) < variant.watts - 1e-9)
             and self.gpu_group(site, variant) is not None
         )
 
@@ -531,7 +531,9 @@ class Capacity:
         """Reserve one replica's resources for ``deployment``; the GPU group used, or None
         if it does not fit (or a cordoned site runs no more of the pair)."""
         cpu, memory = self.cpu.item(site), self.memory_mib.item(site)  # Python floats: cheaper
-        if cpu < variant.cpu - 1e-9 or memory < variant.memory_mib - 1e-9 or self.power_short(site, variant):
+        if cpu < variant.cpu - 1e-9 or memory < variant.memory_mib - 1e-9:
+            return None
+        if self.budgeted and self.power.item(site) < variant.watts - 1e-9:  # inline: the no-budget case pays one test
             return None
         group = self.gpu_group(site, variant) if variant.gpus else -1
         if group is None:
