@@ -118,7 +118,7 @@ def test_a_cordoned_site_keeps_only_what_its_budget_covers() -> None:
     """A cordoned site is as big as what it holds, and its budget still binds: lowered while
     cordoned, the replicas past it move."""
     held = [Replica("d", "lyon", "small")] * 3
-    lyon = dataclasses.replace(budgeted("lyon", "lyon", 50, cpu=3), admits=frozenset({("d", "small")}))
+    lyon = dataclasses.replace(budgeted("lyon", "lyon", 50, cpu=3), admits={("d", "small"): 3})
     dep = deployment(variants=(W24,), replicas=(3, 3), demand=(("lyon", 10.0),))
     result = plan([lyon, budgeted("paris", "paris", None)], [dep], held)
     assert per_site(result) == {"lyon": 2, "paris": 1}
