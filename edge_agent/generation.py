@@ -86,7 +86,7 @@ class Admission:
         self.max_queued = max(0, max_queued)
         self.active = 0
         self.closed = False
-        self._drained = drained
+        self.drained = drained
         # Each waiter's future is set True when it is given a slot, False when it is refused:
         # not an exception, which would hold its traceback's frames (the request's model
         # among them) in a cycle with the future.
@@ -122,14 +122,29 @@ class Admission:
     def release(self, held_s: float | None = None) -> None:
         if held_s is not None:
             self.mean_s = 0.8 * self.mean_s + 0.2 * held_s
+        # Over a lowered limit the slot is not passed on: it goes, until the holders are few enough.
+        if self.active <= self.max_active and self._grant():
+            return  # the slot passed straight to the next waiter
+        self.active -= 1
+        if self.closed and not self.active:
+            self.drained()
+
+    def resize(self, max_active: int, max_queued: int) -> None:
+        """New limits: holders keep their slots (over a lowered limit too, until they
+        release them), waiters beyond a raised one are let in at once."""
+        self.max_active = max(1, max_active)
+        self.max_queued = max(0, max_queued)
+        while self.active < self.max_active and self._grant():
+            self.active += 1
+
+    def _grant(self) -> bool:
+        """Give a slot to the first waiter still there; False when there is none."""
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
-                fut.set_result(True)  # the slot passes straight to the next waiter
-                return
-        self.active -= 1
-        if self.closed and not self.active:
-            self._drained()
+                fut.set_result(True)
+                return True
+        return False
 
     def close(self) -> None:
         self.closed = True
@@ -138,7 +153,13 @@ class Admission:
             if not fut.done():
                 fut.set_result(False)
         if not self.active:
-            self._drained()
+            self.drained()
+
+
+def _limits(served: registry.ServedModel) -> tuple[int, int]:
+    """``(sequences at once, requests waiting)`` as ``served``'s assignment sets them."""
+    return (max(1, served.max_concurrent or DEFAULT_MAX_CONCURRENT),
+            served.max_queued if served.max_queued or served.max_concurrent else DEFAULT_MAX_QUEUED)
 
 
 class _Model:
@@ -146,12 +167,29 @@ class _Model:
 
     def __init__(self, served: registry.ServedModel) -> None:
         self.served = served
-        max_active = max(1, served.max_concurrent or DEFAULT_MAX_CONCURRENT)
-        self.executor = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix=f"gen-{served.name}"[:15])
+        self.limits = max_active, max_queued = _limits(served)
+        self.executor = self._threads(max_active)
         # Not a method of this object: the admission would then hold it, a cycle that kept a
         # dropped version's weights until the cycle collector ran.
-        self.admission = Admission(max_active, served.max_queued if served.max_queued or served.max_concurrent
-                                   else DEFAULT_MAX_QUEUED, functools.partial(self.executor.shutdown, wait=False))
+        self.admission = Admission(max_active, max_queued, functools.partial(self.executor.shutdown, wait=False))
+
+    def _threads(self, n: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"gen-{self.served.name}"[:15])
+
+    def follow_limits(self) -> None:
+        """Take up the limits the version's assignment sets now (changed with the same
+        artifact): running sequences keep their slots and threads, new ones obey them."""
+        limits = _limits(self.served)
+        if limits == self.limits:
+            return
+        if limits[0] != self.limits[0]:
+            # New sequences go to threads as many as the new limit; the old ones end with the
+            # sequences they run.
+            old, self.executor = self.executor, self._threads(limits[0])
+            old.shutdown(wait=False)
+            self.admission.drained = functools.partial(self.executor.shutdown, wait=False)
+        self.limits = limits
+        self.admission.resize(*limits)
 
     def retire(self) -> None:
         """No longer served (unassigned, stopped or replaced): the requests waiting for a
@@ -230,12 +268,14 @@ class GenerationServer:
 
     def models_changed(self) -> None:
         """Let go of the versions the registry no longer serves, so that their weights and
-        threads are freed once their running generations end (called by the registry's
-        owner on every change)."""
+        threads are freed once their running generations end, and apply the limits of those
+        it still serves (called by the registry's owner on every change)."""
         for name, state in list(self._state.items()):
             if self._models.get(name) is not state.served:
                 del self._state[name]
                 self._retire(state)
+            else:
+                state.follow_limits()
 
     def _retire(self, state: _Model) -> None:
         state.retire()

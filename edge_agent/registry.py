@@ -259,6 +259,8 @@ class ModelRegistry:
             slot.phase, slot.message = ModelPhase.READY, "stopped"
             return
         if slot.serving is not None and slot.serving.sha256 == want.sha256:
+            # The same version: only its limits may have changed, and they apply to it as it runs.
+            slot.serving.max_concurrent, slot.serving.max_queued = want.max_concurrent_sequences, want.max_queued
             slot.phase, slot.message = ModelPhase.READY, ""
             return
         attempt = f" (attempt {slot.failures + 1})" if slot.failures else ""

@@ -367,6 +367,14 @@ async def test_tokens_made_slower_than_a_loop_wake_up_are_written_by_the_generat
         assert 1 <= generation.written_through <= 24
 
 
+async def applied(s: Serving, version: int) -> None:
+    for _ in range(1500):  # bounded: up to 30-75 s on a loaded machine
+        if s.agent.registry.applied_version == version:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"the agent never applied assignment set {version}")
+
+
 @asynccontextmanager
 async def one_running_one_queued(s: Serving) -> AsyncIterator[tuple[AsyncIterator[str], asyncio.Task[httpx.Response]]]:
     """A long stream holding ``s``'s one slot (its first event read) and a whole request queued
@@ -397,6 +405,30 @@ async def test_beyond_running_and_queued_requests_get_429_with_retry_after(contr
         # The stream's client left: the queued request gets the slot and is answered.
         answered = await asyncio.wait_for(waiting, 30)
         assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 3
+
+
+async def test_new_limits_for_the_same_version_apply_to_the_loaded_model(control_plane: ControlPlane, make_agent: MakeAgent,
+                                                                           packages: Packages) -> None:
+    async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256, concurrent=4, queued=16):
+        runtime = s.agent.registry.get(MODEL).runtime
+        # The same artifact, one sequence at a time and none waiting now.
+        control_plane.hub.set_assignments(SITE, [assignment(packages.slow_url, packages.slow.sha256, concurrent=1, queued=0)],
+                                          version=2)
+        await applied(s, 2)
+        assert s.agent.registry.get(MODEL).runtime is runtime  # not loaded again
+        body = {"model": MODEL, "prompt": "The agent", "max_tokens": 4000, "temperature": 0, "stream": True}
+        async with s.http.stream("POST", "/v1/completions", json=body) as running:
+            assert (await anext(running.aiter_lines())).startswith("data: ")  # it holds the one slot
+            with pytest.raises(openai.RateLimitError):
+                await s.client.completions.create(model=MODEL, prompt="The agent", max_tokens=3)
+        # Raised again: two run at once.
+        control_plane.hub.set_assignments(SITE, [assignment(packages.slow_url, packages.slow.sha256, concurrent=2, queued=0)],
+                                          version=3)
+        await applied(s, 3)
+        async with s.http.stream("POST", "/v1/completions", json=body) as running:
+            assert (await anext(running.aiter_lines())).startswith("data: ")
+            answer = await s.client.completions.create(model=MODEL, prompt="The agent", max_tokens=3)
+            assert answer.usage is not None and answer.usage.completion_tokens == 3
 
 
 async def test_an_unassigned_model_keeps_its_running_stream_refuses_its_queue_and_is_freed(

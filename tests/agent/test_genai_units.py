@@ -278,6 +278,26 @@ async def test_a_closed_admission_refuses_its_waiters_and_tells_when_its_holders
     assert drained == [True] and (gate.active, gate.queued) == (0, 0)
 
 
+async def test_new_limits_let_waiters_in_at_once_or_hold_newcomers_until_holders_are_few_enough() -> None:
+    gate = Admission(1, 4)
+    await gate.acquire()
+    waiters = [asyncio.create_task(gate.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.resize(3, 4)  # raised: two waiters get the new slots at once
+    await asyncio.wait_for(asyncio.gather(*waiters[:2]), 1)
+    assert (gate.active, gate.queued) == (3, 1)
+    gate.resize(1, 1)  # lowered: every holder keeps its slot
+    assert (gate.active, gate.queued) == (3, 1)
+    with pytest.raises(errors.Overloaded):  # one waits, as many as allowed now
+        await gate.acquire()
+    gate.release()
+    gate.release()  # two slots given back without passing either on: 1 running, over none
+    assert (gate.active, gate.queued) == (1, 1) and not waiters[2].done()
+    gate.release()  # now the waiter may run
+    await asyncio.wait_for(waiters[2], 1)
+    assert (gate.active, gate.queued) == (1, 0)
+
+
 def test_request_parsing_defaults_and_names() -> None:
     r = openai_api.parse(json.dumps({"model": "m", "prompt": ["one"], "logprobs": 2}).encode(), chat=False)
     assert (r.prompt, r.max_tokens, r.options.logprobs, r.options.top_logprobs, r.options.temperature) == ("one", 16, True, 2, 1.0)
