@@ -58,8 +58,9 @@ WRITE_THROUGH_MIN_GAP_S = 0.25e-3
 # spaces or punctuation, far shorter). A prompt longer than the context times this is
 # refused before it is tokenized (about 50 ms a MiB).
 MAX_TOKEN_CHARS = 1024
-# A prompt of more characters than this is formatted and tokenized on a worker thread (the
-# library lets go of the GIL meanwhile), so that the event loop goes on answering other
+# A prompt of more characters than this (a chat's messages counted with what their template
+# writes around them, openai_api.prompt_chars) is formatted and tokenized on a worker thread
+# (the library lets go of the GIL meanwhile), so that the event loop goes on answering other
 # requests; a shorter one costs less than the hand-over to a thread.
 INLINE_PROMPT_CHARS = 16 * 1024
 _READ = ("GET", "HEAD")
@@ -317,6 +318,8 @@ class GenerationServer:
             label = served.name
             runtime: genai.GenAIModel = served.runtime  # type: ignore[assignment]
             limit = runtime.context_length
+            if len(body.messages) >= limit:
+                raise openai_api.too_many_messages(body, limit)
             chars = openai_api.prompt_chars(body)
             if chars > limit * MAX_TOKEN_CHARS:
                 raise openai_api.prompt_too_long(body, limit, chars)

@@ -30,6 +30,9 @@ MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
 MAX_TOKENS = 1 << 30
 MAX_REPETITION_PENALTY = 10.0
+#: The least a chat template writes around each message besides its role and content
+#: (ChatML's "<|im_start|>", "\n" and "<|im_end|>\n" are 24 characters).
+MESSAGE_CHARS = 16
 #: The parameters each route acts on.
 #: ``top_k`` and ``repetition_penalty`` are vLLM's: the gateway may send one body to an edge
 #: agent or to a vLLM replica in a data centre, and both act on them.
@@ -330,8 +333,21 @@ def _prompt_param(request: GenerationRequest) -> str:
     return "messages" if request.chat else "prompt"
 
 
+def too_many_messages(request: GenerationRequest, limit: int) -> ApiError:
+    """More messages than the context has tokens: a chat template writes at least one token
+    per message (its role's marker), so these cannot fit, however short they are."""
+    return ApiError(400, f"This model's maximum context length is {limit} tokens. However, the request has "
+                         f"{len(request.messages)} messages, each at least one token. Please reduce the number of messages.",
+                    param="messages", code="context_length_exceeded")
+
+
 def prompt_chars(request: GenerationRequest) -> int:
-    return sum(len(m["content"]) for m in request.messages) if request.chat else len(request.prompt)
+    """The prompt's length in characters, as the work of formatting and tokenizing it goes:
+    a chat message counts what its template writes around it too, so that many empty
+    messages are no free prompt."""
+    if not request.chat:
+        return len(request.prompt)
+    return sum(MESSAGE_CHARS + len(m["role"]) + len(m["content"]) for m in request.messages)
 
 
 # --- responses ------------------------------------------------------------------------------

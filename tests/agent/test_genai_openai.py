@@ -272,39 +272,53 @@ async def test_a_generative_model_is_not_ready_for_v2_over_grpc_as_over_http(
 # --- disconnects and overload ---------------------------------------------------------------------
 
 
-async def test_a_long_prompt_is_tokenized_while_the_agent_answers_other_requests(small: Serving) -> None:
-    """A prompt over ``INLINE_PROMPT_CHARS`` is formatted and tokenized on a worker thread:
-    the event loop answers meanwhile. (Tokenizing is held here until the other request is
-    answered; on the event loop, nothing could be answered until it ended.)"""
-    from edge_agent import generation
-
-    runtime = small.agent.registry.get(MODEL).runtime
+async def answered_while_held(s: Serving, runtime: object, method: str, messages: list[dict[str, str]]) -> httpx.Response:
+    """Post a chat of ``messages`` whose ``runtime.<method>`` is held until another request
+    was answered (on the event loop, nothing could be answered until it ended); its answer."""
     held, release, returned = threading.Event(), threading.Event(), threading.Event()
-    encode = runtime.encode
+    real = getattr(runtime, method)
 
-    def held_encode(text: str):  # type: ignore[no-untyped-def]
+    def hold(arg):  # type: ignore[no-untyped-def]
         held.set()
         release.wait(10)
         try:
-            return encode(text)
+            return real(arg)
         finally:
             returned.set()
 
-    runtime.encode = held_encode
+    setattr(runtime, method, hold)
     try:
-        content = "the edge site serves tokens " * (generation.INLINE_PROMPT_CHARS // 20)
-        long = asyncio.create_task(small.http.post("/v1/chat/completions", json={"model": MODEL, "messages": [
-            {"role": "user", "content": content}]}))
-        assert await asyncio.to_thread(held.wait, 30), "the long prompt was never tokenized"
-        listed = await small.http.get("/v1/models")
-        answered_while_tokenizing = not returned.is_set()
+        posted = asyncio.create_task(s.http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}))
+        assert await asyncio.to_thread(held.wait, 30), f"the prompt never reached {method}"
+        listed = await s.http.get("/v1/models")
+        answered_while_held = not returned.is_set()
         release.set()
-        refused = await long
+        answer = await posted
     finally:
         release.set()
-        del runtime.encode
-    assert listed.status_code == 200 and answered_while_tokenizing
+        delattr(runtime, method)
+    assert listed.status_code == 200 and answered_while_held, f"nothing was answered while {method} ran"
+    return answer
+
+
+async def test_a_long_prompt_is_tokenized_while_the_agent_answers_other_requests(small: Serving) -> None:
+    """A prompt over ``INLINE_PROMPT_CHARS`` is formatted and tokenized on a worker thread:
+    the event loop answers meanwhile."""
+    from edge_agent import generation
+
+    content = "the edge site serves tokens " * (generation.INLINE_PROMPT_CHARS // 20)
+    refused = await answered_while_held(small, small.agent.registry.get(MODEL).runtime, "encode", [{"role": "user", "content": content}])
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_many_empty_messages_are_formatted_while_the_agent_answers_other_requests(
+        control_plane: ControlPlane, make_agent: MakeAgent, packages: Packages) -> None:
+    """Empty contents are no free prompt: what the template writes around each message is
+    formatted and tokenized too, on a worker thread past ``INLINE_PROMPT_CHARS``."""
+    async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256):
+        messages = [{"role": "user", "content": ""}] * 2000  # within the context of 4,096 tokens
+        answer = await answered_while_held(s, s.agent.registry.get(MODEL).runtime, "chat_prompt", messages)
+        assert answer.status_code in (200, 400), answer.text
 
 
 async def test_a_client_that_disconnects_stops_its_generation(control_plane: ControlPlane, make_agent: MakeAgent,

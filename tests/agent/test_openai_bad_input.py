@@ -213,6 +213,26 @@ async def test_a_prompt_far_over_the_context_is_refused_before_it_is_tokenized(s
     await still_serves(small)
 
 
+async def test_more_messages_than_the_context_holds_are_refused_before_they_are_formatted(small: Serving) -> None:
+    runtime = small.agent.registry.get(MODEL).runtime
+    formatted: list[int] = []
+    template = runtime.chat_prompt
+
+    def counted(messages):  # type: ignore[no-untyped-def]
+        formatted.append(len(messages))
+        return template(messages)
+
+    runtime.chat_prompt = counted
+    try:
+        with pytest.raises(openai.BadRequestError) as refused:  # 300 messages, each at least one token, context 256
+            await small.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ""}] * 300)
+    finally:
+        del runtime.chat_prompt
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "messages"
+    assert "300 messages" in refused.value.message and not formatted
+    await still_serves(small)
+
+
 # --- clients that leave ------------------------------------------------------------------------
 
 
