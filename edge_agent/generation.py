@@ -63,6 +63,10 @@ MAX_TOKEN_CHARS = 1024
 # (the library lets go of the GIL meanwhile), so that the event loop goes on answering other
 # requests; a shorter one costs less than the hand-over to a thread.
 INLINE_PROMPT_CHARS = 16 * 1024
+# A body of more bytes than this is read as JSON and checked on a worker thread, as a long
+# prompt is tokenized: tens of MiB of JSON hold the event loop for seconds; a smaller one
+# costs less than the hand-over to a thread.
+INLINE_BODY_BYTES = 64 * 1024
 _READ = ("GET", "HEAD")
 _ROUTES = {"/v1/models": _READ, **{path: ("POST",) for path in refusals.GENERATE_PATHS}}
 
@@ -313,7 +317,11 @@ class GenerationServer:
         started = time.perf_counter()
         label = "(unknown)"
         try:
-            body = openai_api.parse(await self._inflated(request), chat=chat)
+            raw = await self._inflated(request)
+            if len(raw) > INLINE_BODY_BYTES:
+                body = await asyncio.to_thread(openai_api.parse, raw, chat=chat)
+            else:
+                body = openai_api.parse(raw, chat=chat)
             served = self._find(body.model)
             label = served.name
             runtime: genai.GenAIModel = served.runtime  # type: ignore[assignment]

@@ -10,8 +10,8 @@ As OpenAI's API does, a field that is not one of the route's parameters is refus
 not act on (``tools``, ``logit_bias``, penalties, ``response_format``...) is taken only at
 the value that asks for nothing (absent, null, or its neutral value): any other value is
 refused (``unsupported_parameter``), so an answer never quietly leaves out what was asked.
-Parameters about the caller (``user``, ``metadata``...) are checked for their type and
-otherwise ignored.
+Parameters about the caller (``user``, ``metadata``...) are checked for their type (and
+``metadata`` for OpenAI's bounds) and otherwise ignored.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
 MAX_TOKENS = 1 << 30
 MAX_REPETITION_PENALTY = 10.0
+MAX_METADATA_PAIRS = 16  # as OpenAI's API bounds metadata
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
 #: The least a chat template writes around each message besides its role and content
 #: (ChatML's "<|im_start|>", "\n" and "<|im_end|>\n" are 24 characters).
 MESSAGE_CHARS = 16
@@ -165,6 +168,20 @@ def _check_parameters(body: Mapping[str, Any], chat: bool) -> None:
         if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
             raise _bad(name, f"must be {'an object' if kind is dict else 'a boolean' if kind is bool else 'a string'}, "
                              f"got {_show(value)}")
+    if body.get("metadata"):
+        _check_metadata(body["metadata"])
+
+
+def _check_metadata(metadata: Mapping[str, Any]) -> None:
+    """OpenAI's bounds on ``metadata``: ignored here, but not unbounded."""
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise _bad("metadata", f"may hold at most {MAX_METADATA_PAIRS} key-value pairs, got {len(metadata)}")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise _bad("metadata", f"keys are at most {MAX_METADATA_KEY} characters long, got one of {len(key)}")
+        if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE:
+            raise _bad("metadata", f"values are strings of at most {MAX_METADATA_VALUE} characters, got {_show(value)} "
+                                   f"for {_name(key)}")
 
 
 def _content(value: Any, param: str) -> str:

@@ -272,21 +272,23 @@ async def test_a_generative_model_is_not_ready_for_v2_over_grpc_as_over_http(
 # --- disconnects and overload ---------------------------------------------------------------------
 
 
-async def answered_while_held(s: Serving, runtime: object, method: str, messages: list[dict[str, str]]) -> httpx.Response:
-    """Post a chat of ``messages`` whose ``runtime.<method>`` is held until another request
-    was answered (on the event loop, nothing could be answered until it ended); its answer."""
+async def answered_while_held(s: Serving, part: object, method: str, messages: list[dict[str, str]]) -> httpx.Response:
+    """Post a chat of ``messages`` whose ``part.<method>`` (a model's, or a module's) is held
+    until another request was answered (on the event loop, nothing could be answered until
+    it ended); its answer."""
     held, release, returned = threading.Event(), threading.Event(), threading.Event()
-    real = getattr(runtime, method)
+    real = getattr(part, method)
+    own = method in vars(part)
 
-    def hold(arg):  # type: ignore[no-untyped-def]
+    def hold(*args, **kwargs):  # type: ignore[no-untyped-def]
         held.set()
         release.wait(10)
         try:
-            return real(arg)
+            return real(*args, **kwargs)
         finally:
             returned.set()
 
-    setattr(runtime, method, hold)
+    setattr(part, method, hold)
     try:
         posted = asyncio.create_task(s.http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}))
         assert await asyncio.to_thread(held.wait, 30), f"the prompt never reached {method}"
@@ -296,7 +298,10 @@ async def answered_while_held(s: Serving, runtime: object, method: str, messages
         answer = await posted
     finally:
         release.set()
-        delattr(runtime, method)
+        if own:
+            setattr(part, method, real)
+        else:
+            delattr(part, method)
     assert listed.status_code == 200 and answered_while_held, f"nothing was answered while {method} ran"
     return answer
 
@@ -308,6 +313,15 @@ async def test_a_long_prompt_is_tokenized_while_the_agent_answers_other_requests
 
     content = "the edge site serves tokens " * (generation.INLINE_PROMPT_CHARS // 20)
     refused = await answered_while_held(small, small.agent.registry.get(MODEL).runtime, "encode", [{"role": "user", "content": content}])
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_a_large_body_is_read_while_the_agent_answers_other_requests(small: Serving) -> None:
+    """A body over ``INLINE_BODY_BYTES`` is read as JSON and checked on a worker thread."""
+    from edge_agent import generation, openai_api
+
+    content = "the edge site serves tokens " * (generation.INLINE_BODY_BYTES // 20)
+    refused = await answered_while_held(small, openai_api, "parse", [{"role": "user", "content": content}])
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
 
 

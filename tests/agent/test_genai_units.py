@@ -298,6 +298,22 @@ async def test_new_limits_let_waiters_in_at_once_or_hold_newcomers_until_holders
     assert (gate.active, gate.queued) == (1, 0)
 
 
+@pytest.mark.parametrize(("metadata", "said"), [
+    ({str(i): "v" for i in range(17)}, "at most 16 key-value pairs, got 17"),
+    ({"k" * 65: "v"}, "keys are at most 64 characters long, got one of 65"),
+    ({"k": "v" * 513}, "values are strings of at most 512 characters"),
+    ({"k": 0}, "values are strings of at most 512 characters, got 0 for k"),
+])
+def test_metadata_past_openai_s_bounds_is_refused_naming_it(metadata: dict, said: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "metadata": metadata}
+    with pytest.raises(openai_api.ApiError) as refused:
+        openai_api.parse(json.dumps(body).encode(), chat=True)
+    assert (refused.value.status, refused.value.param) == (400, "metadata") and said in refused.value.message
+    within = {**body, "metadata": {str(i): "v" * 512 for i in range(16)} | {"k" * 64: ""}}
+    within["metadata"].pop("0")
+    assert openai_api.parse(json.dumps(within).encode(), chat=True).model == "m"
+
+
 def test_request_parsing_defaults_and_names() -> None:
     r = openai_api.parse(json.dumps({"model": "m", "prompt": ["one"], "logprobs": 2}).encode(), chat=False)
     assert (r.prompt, r.max_tokens, r.options.logprobs, r.options.top_logprobs, r.options.temperature) == ("one", 16, True, 2, 1.0)
