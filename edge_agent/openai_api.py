@@ -60,6 +60,9 @@ _CHAT_NEUTRAL = tuple(name for name in _NEUTRAL if name not in ("best_of", "suff
 CHAT_PARAMETERS = _CHAT_USED | set(_CHAT_NEUTRAL) | set(_IGNORED)
 COMPLETION_PARAMETERS = _COMPLETION_USED | set(_COMPLETION_NEUTRAL) | {"user"}
 STREAM_OPTIONS = ("include_usage", "include_obfuscation")
+#: A message's parts of a tool conversation, which these models are not shown: refused
+#: unless empty, as ``tools`` is.
+_TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
 
 
 class ApiError(Exception):
@@ -208,6 +211,10 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         role = msg.get("role")
         if role not in ROLES:
             raise _bad(f"{param}.role", f"must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
+        for field in _TOOL_FIELDS:  # the templates are given role and content only: the call would be left out
+            if msg.get(field):
+                raise _bad(f"{param}.{field}", "is not supported by this model server (it does not call tools); "
+                                               "leave it out", code="unsupported_parameter")
         if "content" not in msg or msg["content"] is None:
             raise _bad(f"{param}.content", "is required")
         if msg.get("name") is not None and not isinstance(msg["name"], str):

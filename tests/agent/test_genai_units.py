@@ -298,6 +298,24 @@ async def test_new_limits_let_waiters_in_at_once_or_hold_newcomers_until_holders
     assert (gate.active, gate.queued) == (1, 0)
 
 
+CALL = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]
+
+
+@pytest.mark.parametrize(("messages", "param"), [
+    ([{"role": "assistant", "content": "", "tool_calls": CALL}], "messages[0].tool_calls"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": CALL}], "messages[1].tool_calls"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": CALL}], "messages[1].tool_calls"),
+    ([{"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}}], "messages[0].function_call"),
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "20C"}], "messages[1].tool_call_id"),
+])
+def test_a_tool_conversation_in_the_history_is_refused_naming_the_call(messages: list, param: str) -> None:
+    with pytest.raises(openai_api.ApiError) as refused:
+        openai_api.parse(json.dumps({"model": "m", "messages": messages}).encode(), chat=True)
+    assert (refused.value.status, refused.value.param) == (400, param)
+    empty = [{"role": "assistant", "content": "a", "tool_calls": [], "function_call": None}, {"role": "tool", "content": "b"}]
+    assert len(openai_api.parse(json.dumps({"model": "m", "messages": empty}).encode(), chat=True).messages) == 2
+
+
 @pytest.mark.parametrize(("metadata", "said"), [
     ({str(i): "v" for i in range(17)}, "at most 16 key-value pairs, got 17"),
     ({"k" * 65: "v"}, "keys are at most 64 characters long, got one of 65"),

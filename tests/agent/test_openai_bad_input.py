@@ -129,6 +129,9 @@ async def test_what_failed_with_500_is_a_400_naming_the_field(small: Serving, ro
     ({"a\nb": 1}, '"a\\nb"', "unknown_parameter"),
     ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", None),
     ({"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name", None),
+    ({"messages": [*USER, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "20C"}]}, "messages[1].tool_calls", "unsupported_parameter"),
     ({"model": 5}, "model", None),
 ])
 async def test_chat_parameters_that_were_ignored_are_refused(small: Serving, extra: dict[str, Any], param: str,
