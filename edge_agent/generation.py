@@ -608,8 +608,18 @@ def _retired(name: str) -> openai_api.ApiError:
 
 
 def _tokens(runtime: genai.GenAIModel, body: openai_api.GenerationRequest, chat: bool) -> Any:
-    """The request's prompt as token ids: its messages in the model's chat template, or its text."""
-    return runtime.encode(runtime.chat_prompt(body.messages) if chat else body.prompt)
+    """The request's prompt as token ids: its messages in the model's chat template, or its text.
+    A message may not carry the model's special tokens: its content would become turns of
+    the chat (a completion's prompt is the caller's own to write, special tokens and all)."""
+    if not chat:
+        return runtime.encode(body.prompt)
+    for i, message in enumerate(body.messages):
+        special = runtime.special_token_in(message["content"])
+        if special is not None:
+            param = f"messages[{i}].content"
+            raise openai_api.ApiError(400, f"{param}: holds {special!r}, a special token of this model's chat format, which a "
+                                           "message may not carry", param=param, code="invalid_content")
+    return runtime.encode(runtime.chat_prompt(body.messages))
 
 
 def _json(obj: object, status: int = 200) -> Response:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -168,16 +169,19 @@ def cuda_available() -> bool:
         return False
 
 
-def _shown_tokens(directory: pathlib.Path) -> tuple[dict[int, Piece], bool]:
+def _shown_tokens(directory: pathlib.Path) -> tuple[dict[int, Piece], bool, re.Pattern[str] | None]:
     """The tokens whose text the library does not decode (parts of a character, special
-    tokens, NUL), as logprobs show them, from the model's tokenizer.json; and whether it
-    spells out its tokens' bytes in a way :mod:`token_bytes` reads."""
+    tokens, NUL), as logprobs show them, from the model's tokenizer.json; whether it
+    spells out its tokens' bytes in a way :mod:`token_bytes` reads; and a pattern that
+    finds the text of its special tokens (None: it has none)."""
     try:
         tokenizer = json.loads((directory / "tokenizer.json").read_bytes())
     except (OSError, ValueError):  # none: its tokens' text is all there is
-        return {}, False
+        return {}, False, None
     pieces = {token_id: Piece(text, raw) for token_id, (text, raw) in token_bytes.shown_tokens(tokenizer).items()}
-    return pieces, token_bytes.spells_bytes(tokenizer)
+    specials = sorted(set(token_bytes.special_texts(tokenizer)), key=len, reverse=True)  # the longest of overlapping ones
+    pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+    return pieces, token_bytes.spells_bytes(tokenizer), pattern
 
 
 def _has_gpu() -> bool:
@@ -203,7 +207,7 @@ class GenAIModel:
         # holds the GIL for about a second, which in the first request for logprobs stalled the
         # event loop and that request's first token.
         self._pieces: dict[int, Piece]
-        self._pieces, self._bytes_known = _shown_tokens(directory)
+        self._pieces, self._bytes_known, self._specials = _shown_tokens(directory)
 
     @classmethod
     def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
@@ -233,6 +237,14 @@ class GenAIModel:
             return self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True)
         except oga.OgaError as exc:
             raise errors.InvalidInput(f"the model's chat template could not format the messages: {exc}") from exc
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first special token's text in ``text`` (``<|im_end|>``), if any. The library
+        tokenizes a templated prompt with no way to take part of it as plain text: a
+        message's content holding such text would become the token itself (an end of turn,
+        a turn of another role), so the server refuses it."""
+        found = self._specials.search(text) if self._specials is not None else None
+        return found.group() if found else None
 
     def encode(self, text: str) -> np.ndarray:
         return self._tokenizer.encode(text)

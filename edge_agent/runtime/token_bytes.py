@@ -48,6 +48,15 @@ def shown_tokens(tokenizer: Any) -> dict[int, tuple[str, bytes]]:
     return out
 
 
+def special_texts(tokenizer: Any) -> tuple[str, ...]:
+    """The text of each special token of a parsed ``tokenizer.json`` (``<|im_start|>``,
+    ``</s>``...): the library's tokenizer reads such text as the token wherever it occurs."""
+    added = tokenizer.get("added_tokens") if isinstance(tokenizer, Mapping) else None
+    return tuple(token["content"] for token in (added if isinstance(added, list) else ())
+                 if isinstance(token, Mapping) and token.get("special") is True and isinstance(token.get("content"), str)
+                 and token["content"])
+
+
 def spells_bytes(tokenizer: Any) -> bool:
     """Whether a parsed ``tokenizer.json`` spells out the bytes of its tokens in a way read
     here (a byte-level BPE, byte fallback): when it does not, a token the library decodes to
