@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from edge_agent import diskspace, errors, openai_api, packages
-from edge_agent.generation import Admission, Retired
+from edge_agent.admission import Admission, Retired
 from edge_agent.runtime import genai, token_bytes
 from edge_agent.runtime.genai import StopMatcher
 from orchestrator.testing import genai_model
