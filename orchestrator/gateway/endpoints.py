@@ -6,7 +6,7 @@ records failures with :meth:`eject`, which takes an endpoint out of rotation at 
 before any heartbeat could say so (passive outlier ejection). An ejection lasts
 ``ejection_s``; an endpoint that fails again after it is readmitted is ejected again.
 Every answer a replica gives is told to :meth:`answered`: 502, 503 and 504 eject at once
-(the replica cannot answer now), while a 500 is an error of that one request and ejects
+(the replica cannot answer now; a 503 with a Retry-After for no longer than it says), while a 500 is an error of that one request and ejects
 only after ``ejecting_500s`` in a row with no other answer between them (a replica whose
 session broke answers 500 to everything; one odd body must not take a healthy replica
 from every caller). A request the replica took and did not answer in time
@@ -354,18 +354,21 @@ class EndpointTable:
             del self._ejected_until[u]
         return frozenset(self._ejected_until)
 
-    def eject(self, url: str) -> None:
-        self._ejected_until[url] = self.clock() + self.ejection_s
+    def eject(self, url: str, for_s: float | None = None) -> None:
+        """Take ``url`` out of rotation for ``ejection_s``, or ``for_s`` when that is shorter."""
+        self._ejected_until[url] = self.clock() + (self.ejection_s if for_s is None else min(for_s, self.ejection_s))
         self._500s_in_a_row.pop(url, None)
 
-    def answered(self, url: str, status: int) -> None:
+    def answered(self, url: str, status: int, retry_after_s: float | None = None) -> None:
         """Record a replica's answer: 502, 503 and 504 eject it, the ``ejecting_500s``-th
-        500 (or timeout) in a row too; any other answer ends a run of them."""
+        500 (or timeout) in a row too; any other answer ends a run of them. A 503 that says
+        when to retry (``retry_after_s``, its Retry-After) ejects for that long at most: a
+        replica whose model was replaced while a request waited serves the new one at once."""
         if status < 500:
             if self._500s_in_a_row:
                 self._500s_in_a_row.pop(url, None)
         elif status != 500:
-            self.eject(url)
+            self.eject(url, retry_after_s if status == 503 else None)
         else:
             self._failed_one(url)
 

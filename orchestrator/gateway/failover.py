@@ -35,6 +35,11 @@ def retry_after_s(value: str | None) -> int:
     return min(max(int(seconds), 1), MAX_RETRY_AFTER_S)
 
 
+def stated_retry_s(value: str | None) -> int | None:
+    """:func:`retry_after_s` of a Retry-After the replica sent; None when it sent none."""
+    return None if value is None else retry_after_s(value)
+
+
 def retry_after(unavailable: Sequence[int], failed: int) -> int | None:
     """When the caller should retry, if each of the ``failed`` replicas tried answered 503
     (``unavailable``: their :func:`retry_after_s`); None when one failed otherwise, or none did."""

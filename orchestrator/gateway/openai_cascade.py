@@ -229,7 +229,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
         finally:
             owner.gw.table.finished(e.url)
             handler.charge(req.route, stage, e.site, handler.clock() - began, req.trip, req.totals)
-        owner.gw.table.answered(e.url, status)
+        owner.gw.table.answered(e.url, status, failover.stated_retry_s(retry_after))
         if status >= 500:
             req.trip.failures.append(f"{e.site}: HTTP {status}")
             if status == 503:

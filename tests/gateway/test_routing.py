@@ -125,6 +125,23 @@ def test_ejection_expires_with_the_clock() -> None:
     assert table.ejected() == frozenset()
 
 
+@pytest.mark.parametrize(("status", "retry_after_s", "ejected_s"), [
+    (503, 1, 1),  # a model replaced while the request waited: the new version serves at once
+    (503, 60, 5),  # never longer than an ejection
+    (503, None, 5),
+    (502, 1, 5),  # only a 503 says when the replica is back
+])
+def test_a_503_that_says_when_to_retry_ejects_for_that_long_at_most(status: int, retry_after_s: int | None, ejected_s: float) -> None:
+    now = [100.0]
+    table = EndpointTable(clock=lambda: now[0], ejection_s=5)
+    table.replace([PARIS])
+    table.answered("http://paris", status, retry_after_s)
+    now[0] += ejected_s - 0.1
+    assert table.ejected() == {"http://paris"}
+    now[0] += 0.2
+    assert table.ejected() == frozenset()
+
+
 def test_a_replica_is_ejected_at_its_fifth_500_in_a_row_and_at_once_for_502_503_504() -> None:
     """A 500 is an error of one request; a run of them is a broken replica. Any other
     answer ends the run, and a replica that leaves the table leaves its count behind."""

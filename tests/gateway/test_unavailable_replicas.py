@@ -46,17 +46,17 @@ def replica(answer) -> Starlette:  # noqa: ANN001
 
 
 @contextlib.asynccontextmanager
-async def gateway_over(*answers) -> AsyncIterator[httpx.AsyncClient]:  # noqa: ANN002
+async def gateway_over(*answers, table: endpoints.EndpointTable | None = None) -> AsyncIterator[httpx.AsyncClient]:  # noqa: ANN002
     async with contextlib.AsyncExitStack() as stack:
         ports = [await stack.enter_async_context(loopback.serving(replica(a))) for a in answers]
-        yield await stack.enter_async_context(gateway_at(ports))
+        yield await stack.enter_async_context(gateway_at(ports, table))
 
 
 @contextlib.asynccontextmanager
-async def gateway_at(ports: list[int]) -> AsyncIterator[httpx.AsyncClient]:
+async def gateway_at(ports: list[int], table: endpoints.EndpointTable | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """A gateway whose models m (v2) and llm (OpenAI) have a replica on each of ``ports``."""
     async with contextlib.AsyncExitStack() as stack:
-        table = endpoints.EndpointTable()
+        table = table or endpoints.EndpointTable()
         table.replace([routing.Endpoint(model, model, f"site-{i}", "edge", "FR", "west", 48.85, 2.35 + i, f"http://127.0.0.1:{port}",
                                         api=api)
                        for i, port in enumerate(ports) for model, api in (("m", "v2"), ("llm", "openai"))])
@@ -139,3 +139,24 @@ async def test_a_replica_s_unreadable_retry_after_is_read_as_one_second(header: 
         for path, body in (("/openai/v1/chat/completions", CHAT), ("/v2/models/m/infer", INFER)):
             answer = await http.post(path, json=body)
             assert (answer.status_code, answer.headers.get("retry-after")) == (503, "1"), (path, answer.text)
+
+
+async def test_a_replica_s_503_ejects_it_no_longer_than_its_retry_after_says() -> None:
+    """An agent whose model was replaced while a request waited answers 503 with
+    ``Retry-After: 1``: it serves the new version at once, and must not be passed over for
+    the whole ejection."""
+    async def replaced(request: Request) -> Response:
+        body = (refusals.openai_error_body("model 'llm' was unloaded or replaced while this request waited; retry", "server_error",
+                                           "model", "model_not_ready")
+                if request.url.path.startswith("/v1/") else b'{"error": "replaced"}')
+        return Response(body, status_code=503, media_type="application/json", headers={"retry-after": "2"})
+
+    now = [100.0]
+    table = endpoints.EndpointTable(clock=lambda: now[0], ejection_s=15)
+    async with gateway_over(replaced, table=table) as http:
+        for path, body in (("/openai/v1/chat/completions", CHAT), ("/v2/models/m/infer", INFER)):
+            answer = await http.post(path, json=body)
+            assert answer.status_code == 503, (path, answer.text)
+            assert len(table.ejected()) == 1, path
+            now[0] += 2.1
+            assert table.ejected() == frozenset(), path
