@@ -48,10 +48,15 @@ class AgentMetrics:
         self.generation_gauges: Callable[[], list[tuple[str, int, int]]] = list
         # (open, turned away) HTTP connections: set by the daemon to its HTTP server's
         self.connections: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        # Whether a model's series are kept (see retain): a request that ends after its model
+        # was unassigned (a stream running on) would otherwise add them back.
+        self._kept: Callable[[str], bool] = lambda _: True
 
     def generation(self, model: str, what: str, n: int) -> None:
         """Count ``n`` of ``what``: an outcome (completed, cancelled, failed) or
         prompt_tokens / completion_tokens."""
+        if not self._kept(model):
+            return
         key = (model, what)
         self._generation[key] = self._generation.get(key, 0) + n
 
@@ -61,11 +66,15 @@ class AgentMetrics:
     def observe_ttft(self, model: str, seconds: float) -> None:
         histogram = self._ttft.get(model)
         if histogram is None:
+            if not self._kept(model):
+                return
             histogram = self._ttft[model] = _Histogram(len(LATENCY_BUCKETS))
         histogram.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         histogram.sum += seconds
 
     def observe_ok(self, model: str, seconds: float) -> None:
+        if not self._kept(model):
+            return
         key = (model, "200")
         self._requests[key] = self._requests.get(key, 0) + 1
         histogram = self._latency.get(model)
@@ -83,13 +92,17 @@ class AgentMetrics:
         """Drop the series of every model ``kept`` says no: those no longer assigned. Over
         months of models coming and going, every heartbeat would carry each one's load and
         every scrape its series. One assigned again counts from zero, which Prometheus
-        and the control plane's autoscaler take as a restart."""
+        and the control plane's autoscaler take as a restart. What a dropped model's requests
+        still running count when they end is not counted."""
+        self._kept = kept
         self._latency = {m: h for m, h in self._latency.items() if kept(m)}
         self._ttft = {m: h for m, h in self._ttft.items() if kept(m)}
         self._requests = {k: n for k, n in self._requests.items() if kept(k[0])}
         self._generation = {k: n for k, n in self._generation.items() if kept(k[0])}
 
     def observe_error(self, model: str, code: int) -> None:
+        if not self._kept(model):
+            return
         key = (model, str(code))
         self._requests[key] = self._requests.get(key, 0) + 1
 
