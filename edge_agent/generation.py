@@ -234,7 +234,7 @@ class GenerationServer:
         try:
             raw = await self._inflated(request)
             if len(raw) > INLINE_BODY_BYTES:
-                body = await asyncio.to_thread(openai_api.parse, raw, chat=chat)
+                body = await asyncio.to_thread(openai_api.parse, raw, chat=chat, interruptible=True)
             else:
                 body = openai_api.parse(raw, chat=chat)
             served = self._find(body.model)

@@ -332,6 +332,25 @@ def test_metadata_past_openai_s_bounds_is_refused_naming_it(metadata: dict, said
     assert openai_api.parse(json.dumps(within).encode(), chat=True).model == "m"
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "messages": [{"role": "user", "content": "caf\\u00e9 \\"q\\" \xc3\xa9"}], "temperature": 0.5, "seed": 12345678901234567890}',
+    '{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'.encode("utf-16"),
+    b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b'{"model": "m", "messages": [}',
+    b'\xff\xfe{',
+    b'[' * 100_000,
+])
+def test_a_body_read_on_a_worker_thread_is_read_as_any_other(raw: bytes) -> None:
+    def outcome(**how: bool) -> object:
+        try:
+            return openai_api.parse(raw, chat=True, **how)
+        except openai_api.ApiError as refused:
+            return (refused.status, refused.param, refused.message.split(":")[0])
+
+    assert outcome(interruptible=True) == outcome()
+
+
 def test_request_parsing_defaults_and_names() -> None:
     r = openai_api.parse(json.dumps({"model": "m", "prompt": ["one"], "logprobs": 2}).encode(), chat=False)
     assert (r.prompt, r.max_tokens, r.options.logprobs, r.options.top_logprobs, r.options.temperature) == ("one", 16, True, 2, 1.0)
