@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -147,6 +147,20 @@ def route_of(deployment: str, spec: schema.ModelDeploymentSpec, watts: Mapping[s
     c = spec.cascade.capture
     policy = CapturePolicy(c.sampleRate, c.dailyCap, c.retentionDays * DAY_S, tuple(c.zones), created) if c is not None else None
     return CascadeRoute(spec.model, deployment, tuple(stages), energy, policy)
+
+
+def routes_by_name(routes: Iterable[CascadeRoute]) -> dict[str, CascadeRoute]:
+    """The gateway's cascades by the names callers call them by, of ``routes`` (one per
+    deployment, in the order the deployments are stored): each under its deployment's name,
+    and the first of a model's under the model's (a call by the model's name runs whichever
+    of the model's the caller is routed to: :func:`cascade_for`). The reconciler's planner
+    publishes these, and a pass on hold re-points a model's name by them when its cascade
+    was deleted, so both choose alike."""
+    out: dict[str, CascadeRoute] = {}
+    for route in routes:
+        out.setdefault(route.model, route)
+        out.setdefault(route.deployment, route)
+    return out
 
 
 def parse_mode(header: str | None) -> Mode | None:

@@ -28,7 +28,7 @@ other change.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from orchestrator import maintenance
@@ -179,11 +179,17 @@ def actions(desired: snap.Desired, in_force: Iterable[routing.Endpoint],
     if endpoints != table or gone:
         out.append(act.RefreshHealth(endpoints, unrouted(live, narrow, desired.unreadable), gone))
     routes = dict(cascades or {})
-    kept = {name: r for name, r in routes.items() if r.deployment in names}
-    for name, r in routes.items():  # a model's name that led to a deleted cascade leads to another of its cascades, if any
-        if r.deployment not in names and name == r.model:
-            if other := next((o for o in kept.values() if o.model == name), None):
-                kept[name] = other
-    if kept != routes:
+    if (kept := cascades_left(routes, names)) != routes:
         out.append(act.PublishCascades(kept))
     return tuple(out)
+
+
+def cascades_left(cascades: Mapping[str, cascade_rules.CascadeRoute], names: Collection[str]) -> dict[str, cascade_rules.CascadeRoute]:
+    """The table's ``cascades`` less those of deployments deleted (not among the stored
+    ``names``). A model's name that led to a deleted cascade leads to the one of the model's
+    left that the planner would publish under it (:func:`cascade_rules.routes_by_name`, over
+    the deployments in the order the store lists them: by name), or is dropped with the last."""
+    left = {r.deployment: r for r in cascades.values() if r.deployment in names}
+    again = cascade_rules.routes_by_name(left[name] for name in sorted(left))
+    return {name: r if r.deployment in names else again[name] for name, r in cascades.items()
+            if r.deployment in names or (name == r.model and name in again)}

@@ -548,14 +548,12 @@ def cascade_routes(s: snap.Snapshot) -> dict[str, cascade_rules.CascadeRoute]:
     each site's grid intensity and PUE (for the energy and gCO2 of each request)."""
     energy = {r.name: cascade_rules.SiteEnergy(r.spec.energy.carbonGramsPerKWh if r.spec.energy else inventory.DEFAULT_CARBON_G_PER_KWH,
                                                r.spec.energy.pue if r.spec.energy else 1.0) for r in s.sites}
-    out: dict[str, cascade_rules.CascadeRoute] = {}
+    routes = []
     for d in s.deployments:
         model = s.models.get(d.spec.model)
         if d.spec.cascade is None or model is None:
             continue
         watts = {v.name: inventory.to_variant(v).watts for v in model.variants}
-        route = cascade_rules.route_of(d.name, d.spec, watts, energy, d.created)
-        if route is not None:  # called by the deployment's name, or by the model's (the gateway picks
-            out.setdefault(d.spec.model, route)  # among the model's cascades per caller: CascadeHandler.resolve)
-            out.setdefault(d.name, route)
-    return out
+        if (route := cascade_rules.route_of(d.name, d.spec, watts, energy, d.created)) is not None:
+            routes.append(route)
+    return cascade_rules.routes_by_name(routes)

@@ -302,6 +302,34 @@ def test_on_hold_a_deleted_deployment_is_no_longer_routed_to_nor_its_cascade_run
         store.close()
 
 
+def cascading(*deployments: str) -> snap.Desired:
+    """Model ``task`` and its ``deployments``, each with a cascade, as stored while Model
+    ``old`` does not read."""
+    io = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+          "outputs": [{"name": "p", "datatype": "FP32", "shape": [-1, 2]}]}
+    variants = [{"name": v, "runtime": "onnx", "artifact": {"uri": f"{v}.onnx", "sha256": SHA}, **io} for v in ("small", "large")]
+    cascade = {"stages": [{"variant": "small", "escalate": {"confidence": {"output": "p", "below": 0.8}}}, {"variant": "large"}]}
+    docs = loader.load_text(manifests.bundle(manifests.doc("Model", "task", {"variants": variants}), *(
+        manifests.doc("ModelDeployment", name, {"model": "task", "variant": {"edge": "small", "datacenter": "large"}, "cascade": cascade})
+        for name in deployments)))
+    return snap.Desired((), {d.name: d.doc.spec for d in docs if isinstance(d.doc, schema.ModelDoc)},
+                        tuple(snap.DeploymentRecord(d.name, 1, d.doc.spec) for d in docs if isinstance(d.doc, schema.ModelDeploymentDoc)),
+                        {("Model", "old"): "why"})
+
+
+def test_on_hold_a_model_name_whose_cascade_was_deleted_leads_to_the_one_the_planner_would_choose() -> None:
+    """Whatever order the table lists its cascades in: the first of the model's left as stored."""
+    planned = planning.cascade_routes(snap.Snapshot((), (before := cascading("d-a", "d-b", "d-c")).models, before.deployments,
+                                                    (), (), {}, {}, {}, {}))
+    assert planned["task"].deployment == "d-a"
+    in_force = {name: planned[name] for name in ("d-c", "task", "d-a", "d-b")}
+    after = cascading("d-b", "d-c")  # d-a deleted while on hold
+    published = [a.routes for a in hold.actions(after, (), (), cascades=in_force) if isinstance(a, act.PublishCascades)]
+    replanned = planning.cascade_routes(snap.Snapshot((), after.models, after.deployments, (), (), {}, {}, {}, {}))
+    assert published == [{"task": planned["d-b"], "d-b": planned["d-b"], "d-c": planned["d-c"]}]
+    assert published[0]["task"].deployment == replanned["task"].deployment == "d-b"
+
+
 async def test_on_hold_a_model_whose_only_site_is_declared_in_another_country_answers_503_saying_why(tmp_path: pathlib.Path) -> None:
     """Through the gateway: its one replica, on edge-paris, is no longer routed to once the
     Site is declared in Germany; the model is still deployed, and a caller is told why it
