@@ -345,7 +345,7 @@ while True:
 
 HTTP_SERVER_FLOOR = _FLOOR_RUN + """
 import asyncio, socket
-from edge_agent import httpmessages, httpserver
+from edge_agent import httplistener, httpmessages
 
 
 async def handler(request):
@@ -354,7 +354,7 @@ async def handler(request):
 
 async def main():
     listener = socket.create_server(("127.0.0.1", 0))
-    server = httpserver.HttpServer(handler)
+    server = httplistener.HttpServer(handler)
     await server.start(listener)
     print(listener.getsockname()[1], flush=True)
     await asyncio.Event().wait()

@@ -36,7 +36,7 @@ from rich.table import Table
 
 from bench.agent_common import write_results
 from bench.agent_infer import infer_request
-from edge_agent import http, httpserver, registry
+from edge_agent import http, httplistener, httpserver, registry
 from edge_agent.runtime import onnx
 from orchestrator.testing import onnx_models
 from orchestrator.testing.agent_parts import OneModel
@@ -80,7 +80,7 @@ async def run(rounds: int) -> list[dict]:
         with ThreadPoolExecutor(2) as pool:
             app = http.InferenceServer(OneModel(registry.ServedModel("tiny", tiny.sha256, model)), pool)  # type: ignore[arg-type]
             app.ready = True
-            server = httpserver.HttpServer(app.handle)
+            server = httplistener.HttpServer(app.handle)
             app.received = lambda: server.pending
             conn = httpserver._Connection(server)
             transport = _KeptBytes()

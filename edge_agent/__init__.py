@@ -9,8 +9,9 @@ serves them over the Open Inference Protocol, and keeps serving when the uplink 
 ``artifacts``  content-addressed, resumable, sha256-verified artifact cache
 ``runtime``    model execution (``runtime.onnx`` is the only user of onnxruntime)
 ``http``       the v2 API routes and /metrics
-``httpserver`` the HTTP/1.1 server those routes run on (``httpstream``: its streamed answers;
-             ``refusals``: the errors it answers itself, in the shape of the API asked)
+``httpserver`` the HTTP/1.1 connections those routes run on (``httpstream``: their streamed
+             answers; ``refusals``: the errors they answer themselves, in the shape of the
+             API asked; ``httplistener``: the listener, its connection limit and the drain)
 ``metrics``    the Prometheus series, in the text format
 ``capacity``   measured hardware and load
 ``state``      what survives a restart (last assignment set, identity)

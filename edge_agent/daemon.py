@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 import edge_agent
-from edge_agent import artifacts, assignments, build, capacity, errors, http, httpserver, registry, state, tls, uplink
+from edge_agent import artifacts, assignments, build, capacity, errors, http, httplistener, registry, state, tls, uplink
 from edge_agent.runtime import onnx
 
 if TYPE_CHECKING:  # imported by the first generative model: an agent that serves none never holds them
@@ -55,7 +55,7 @@ class AgentConfig:
     lat: float | None = None
     lon: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
-    max_body_bytes: int = httpserver.DEFAULT_MAX_BODY_BYTES
+    max_body_bytes: int = httplistener.DEFAULT_MAX_BODY_BYTES
     drain_timeout: float = 30.0
     write_timeout: float = 60.0  # a client that reads nothing for this long is dropped
     max_connections: int = 0  # HTTP connections at once (0: half the open-file limit)
@@ -132,7 +132,7 @@ class Agent:
         # then the cache and unpacked packages are kept, however many GB they hold
         self._told = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._http: httpserver.HttpServer | None = None
+        self._http: httplistener.HttpServer | None = None
         self._grpc: grpc.aio.Server | None = None
         self.grpc_port = 0
         self.uplink: uplink.Uplink | None = None
@@ -205,9 +205,9 @@ class Agent:
         sock = _bind(cfg.listen_host, cfg.listen_port)
         port = sock.getsockname()[1]
         self.endpoint_url = cfg.advertise_url or _default_url(cfg.listen_host, port)
-        self._http = httpserver.HttpServer(
-            self.server.handle, httpserver.Limits(max_body_bytes=cfg.max_body_bytes, write_timeout=cfg.write_timeout,
-                                                  max_connections=cfg.max_connections)
+        self._http = httplistener.HttpServer(
+            self.server.handle, httplistener.Limits(max_body_bytes=cfg.max_body_bytes, write_timeout=cfg.write_timeout,
+                                                    max_connections=cfg.max_connections)
         )
         await self._http.start(sock)
         http_server = self._http

@@ -1,9 +1,10 @@
-"""The agent's HTTP/1.1 server: asyncio protocol + httptools (the llhttp parser).
+"""The agent's HTTP/1.1 connections: asyncio protocol + httptools (the llhttp parser).
 
 The agent serves one small, fixed API (``edge_agent.http``), so it does not carry an ASGI
 server and web framework: together they were 8 MB of the idle agent's resident memory and
 about half of the per-request overhead. Parsing is llhttp's; what is here is connection
-handling (the messages and their bytes are ``edge_agent.httpmessages``'s):
+handling (the messages and their bytes are ``edge_agent.httpmessages``'s; the listener,
+which connections are taken in and the drain, ``edge_agent.httplistener``'s):
 
 - keep-alive (HTTP/1.1 default, ``Connection: close``, HTTP/1.0's ``Connection:
   keep-alive``, echoed), pipelined requests answered in order, one at a time per connection;
@@ -16,18 +17,17 @@ handling (the messages and their bytes are ``edge_agent.httpmessages``'s):
   was for (``edge_agent.refusals``: OpenAI's error object under ``/v1``), and a body still on
   its way when refused is read and dropped before the close, so the client reads its answer;
 - write flow control (a client that does not read does not grow our buffers without
-  bound) and a graceful shutdown that lets in-flight requests finish. The listener stays
-  open meanwhile: a connection made during the drain (a gateway's, its idle one closed) is
-  answered 503 ``draining`` with Retry-After, so that callers fail over and retry instead of
-  reading a refused connection as a fault; it does not hold the drain up.
+  bound); during a drain, each answer closes its connection, an idle one closes, and a
+  connection made then is answered 503 ``draining`` with Retry-After.
 
 Each response goes out in a single ``write`` (head and body together), so Nagle's
 algorithm never holds a body back waiting for the client's delayed ACK.
 
-Reads go into one buffer per server (:data:`READ_BUFFER_BYTES`), parsed as soon as they are
-read: the parser keeps copies of what it needs, so no bytes object is made per read, and a
-body of up to a few MiB that has arrived is read whole (a request of a batch of 64 rows of
-1,024 float32 values took two reads and two turns of the loop with asyncio's own 256 KiB).
+Reads go into one buffer per server (``httplistener.READ_BUFFER_BYTES``), parsed as soon
+as they are read: the parser keeps copies of what it needs, so no bytes object is made per
+read, and a body of up to a few MiB that has arrived is read whole (a request of a batch of
+64 rows of 1,024 float32 values took two reads and two turns of the loop with asyncio's own
+256 KiB).
 
 A stream whose items are made on another thread (a generation's tokens) may write them
 itself (:class:`Passthrough`, in ``edge_agent.httpstream``) instead of waking the event loop
@@ -38,60 +38,50 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
-import mmap
-import os
-import socket
 import types
 import urllib.parse
 from collections.abc import Coroutine, Generator
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import httptools
 
-import edge_agent
 from edge_agent import refusals
 from edge_agent.httpmessages import Handler, Request, Response, encode, encode_stream_head
 # Streamed answers are their own module; handlers and tests know them by these names too.
 from edge_agent.httpstream import LAST_CHUNK, Passthrough, StreamingResponse, encode_chunk
 
+if TYPE_CHECKING:  # the listener imports this module to make its connections
+    from edge_agent import httplistener
+
 log = logging.getLogger(__name__)
 
 
-DEFAULT_MAX_BODY_BYTES = edge_agent.DEFAULT_MAX_REQUEST_BYTES
 BODY_PROGRESS_BYTES = 64 * 1024  # 2 KiB/s at the default request timeout
 
-#: The most one read takes from a connection. The buffer is an anonymous mapping: memory
-#: is only used as reads reach into it.
-READ_BUFFER_BYTES = 4 * 1024 * 1024
+
+#: What the server makes of a connection just made: served; made during the drain (each of its
+#: requests is answered 503 draining, and the drain does not wait for it); or turned away at
+#: once, as ``max_connections`` are open.
+Admission = Literal["serving", "late", "full"]
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_header_bytes: int = 64 * 1024
-    # One window from a request's first byte for its head and the first BODY_PROGRESS_BYTES
-    # of its body together (the head's end does not start a new one: one timer per request),
-    # then a new one each time a further BODY_PROGRESS_BYTES has come: a large batch over a
-    # slow link is not cut off while it keeps coming, a stalled or trickling one is.
-    request_timeout: float = 30.0
-    idle_timeout: float = 75.0  # keep-alive connection with nothing to do
-    # A client that reads nothing of its answer for this long is cut off: its stream's
-    # producer (a generation holding a sequence slot) is closed instead of waiting forever.
-    write_timeout: float = 60.0
-    max_pipelined: int = 32  # requests read ahead of the one being answered
-    # Connections served at once; one more is answered 503 and closed. 0: half the process's
-    # descriptor limit, so that a flood of idle connections leaves the other half to model
-    # loads, downloads and the control-plane link (see default_max_connections).
-    max_connections: int = 0
+class Server(Protocol):
+    """What a connection reads and keeps up to date of the server it is one of
+    (``httplistener.HttpServer``)."""
 
+    handler: Handler
+    limits: httplistener.Limits
+    max_connections: int
+    stopping: bool  # draining: each answer closes its connection, and an idle one closes
+    pending: int  # requests received and not answered yet, on every connection
 
-def default_max_connections() -> int:
-    """Half the soft limit on open descriptors (at least 64)."""
-    soft = os.sysconf("SC_OPEN_MAX")  # RLIMIT_NOFILE's soft limit, -1 when there is none
-    return 1 << 16 if soft < 0 else max(64, soft // 2)
+    @property
+    def read_buffer(self) -> memoryview: ...
+
+    def admit(self, conn: _Connection) -> Admission: ...
+
+    def forget(self, conn: _Connection) -> None: ...
 
 
 def _error(status: int, message: str, code: str, path: str | None) -> Response:
@@ -146,7 +136,7 @@ def _carry_on(coro: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[Any
 
 
 class _Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: HttpServer) -> None:
+    def __init__(self, server: Server) -> None:
         self._server = server
         self._limits = server.limits
         self._loop = asyncio.get_running_loop()
@@ -183,17 +173,16 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        if len(self._server.connections) + len(self._server.late) >= self._server.max_connections:
+        admission = self._server.admit(self)
+        if admission == "full":
             # Not read: the client may see a reset instead of the answer when its request
             # arrived first. What matters is that the descriptors keep a margin.
-            self._server.turned_away += 1
             self._closing = True
             self._transport.write(encode(_error(503, f"this agent serves {self._server.max_connections} connections at "
                                                      "once; try again", "too_many_connections", None), keep_alive=False))
             self._transport.close()
             return
-        self._late = self._server.stopping
-        (self._server.late if self._late else self._server.connections).add(self)
+        self._late = admission == "late"
         self._arm(self._limits.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -237,7 +226,7 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 self._refuse(_error(400, f"malformed HTTP request: {exc}", "malformed_request", self._target()))
         # Answering starts once the whole read is parsed, so the handler sees every request
-        # that arrived with this one (``HttpServer.pending``).
+        # that arrived with this one (``Server.pending``).
         if self._queue and (self._worker is None or self._worker.done()):
             self._worker = _start_eagerly(self._loop, self._answer())
 
@@ -555,58 +544,3 @@ class _Connection(asyncio.BufferedProtocol):
             self.close()  # a refused request drained long enough, or an idle keep-alive connection: just close
         else:
             self._refuse(_error(408, "request not received in time", "request_timeout", self._target()))
-
-
-class HttpServer:
-    """Serves ``handler`` on a bound, listening-ready socket."""
-
-    def __init__(self, handler: Handler, limits: Limits | None = None) -> None:
-        self.handler = handler
-        self.limits = limits or Limits()
-        self.max_connections = self.limits.max_connections or default_max_connections()
-        self.turned_away = 0  # connections answered 503 at once: max_connections were open
-        self.connections: set[_Connection] = set()
-        self.late: set[_Connection] = set()  # made during the drain: refused, and not waited for
-        self.stopping = False
-        self.pending = 0  # requests received and not answered yet, on every connection
-        self._server: asyncio.Server | None = None
-        self._all_closed = asyncio.Event()
-        self._read_buffer: memoryview | None = None
-
-    @property
-    def read_buffer(self) -> memoryview:
-        """Where every connection of this server reads to (one loop: one read at a time)."""
-        if self._read_buffer is None:
-            self._read_buffer = memoryview(mmap.mmap(-1, READ_BUFFER_BYTES))
-        return self._read_buffer
-
-    def forget(self, conn: _Connection) -> None:
-        self.connections.discard(conn)
-        self.late.discard(conn)
-        if not self.connections:
-            self._all_closed.set()
-
-    async def start(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
-
-    async def shutdown(self, timeout: float) -> None:
-        """Close idle connections, let busy ones answer (up to ``timeout``): a request still
-        arriving is busy too, and is answered (``connection: close``) once whole. New
-        connections are refused with 503 meanwhile (a closed listener would read as a fault
-        to the gateway, a 502 when no replica is left), then the listener closes."""
-        self.stopping = True
-        for conn in list(self.connections):
-            if conn.idle and not conn.receiving:
-                conn.close()
-        if self.connections:
-            self._all_closed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._all_closed.wait()
-        if self._server is not None:
-            self._server.close()
-        for conn in [*self.connections, *self.late]:  # the drain time is spent: unread answers are dropped too
-            conn.abort()
-        if self._server is not None:
-            await self._server.wait_closed()

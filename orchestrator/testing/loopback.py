@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from edge_agent import httpmessages, httpserver
+from edge_agent import httplistener, httpmessages
 from orchestrator import runloop
 
 
@@ -45,7 +45,7 @@ async def serving(app: Any, *, started_within_s: float = 5.0) -> AsyncIterator[i
 @asynccontextmanager
 async def replica(handle: httpmessages.Handler) -> AsyncIterator[str]:
     """The agent's HTTP server answering with ``handle`` on 127.0.0.1; yields its base URL."""
-    server = httpserver.HttpServer(handle)
+    server = httplistener.HttpServer(handle)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await server.start(sock)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from edge_agent import daemon, httpmessages, httpserver, registry
+from edge_agent import daemon, httplistener, httpmessages, registry
 from orchestrator.agents import auth, hub, model, service
 from orchestrator.testing import onnx_models
 
@@ -22,9 +22,9 @@ SITE = "edge-paris-1"
 MakeAgent = Callable[..., Awaitable[daemon.Agent]]
 
 
-async def serve_http(handler: httpmessages.Handler, limits: httpserver.Limits | None = None) -> tuple[httpserver.HttpServer, int]:
+async def serve_http(handler: httpmessages.Handler, limits: httplistener.Limits | None = None) -> tuple[httplistener.HttpServer, int]:
     """The agent's HTTP server answering with ``handler`` on a free loopback port: (server, port)."""
-    server = httpserver.HttpServer(handler, limits)
+    server = httplistener.HttpServer(handler, limits)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await server.start(sock)

@@ -10,9 +10,9 @@ import os
 import httpx
 import pytest
 
-from edge_agent import httpserver
+from edge_agent import httplistener, httpserver
 from edge_agent.httpmessages import Request, Response
-from edge_agent.httpserver import Limits
+from edge_agent.httplistener import Limits
 from orchestrator.testing import harness
 
 from .conftest import serve_http, slow_reader
@@ -37,7 +37,7 @@ class Echo:
         return Response(200, body, content_type="text/plain", headers=(("x-len", str(len(request.body))),))
 
 
-async def start(limits: Limits | None = None) -> tuple[httpserver.HttpServer, Echo, int]:
+async def start(limits: Limits | None = None) -> tuple[httplistener.HttpServer, Echo, int]:
     echo = Echo()
     server, port = await serve_http(echo, limits)
     return server, echo, port
@@ -113,7 +113,7 @@ async def test_large_bodies_read_in_turns_on_two_connections_stay_their_own() ->
     """Every connection reads into the server's one buffer: bodies larger than it, sent
     piece by piece on two connections in turn, each reach their handler whole."""
     server, echo, port = await start()
-    size = httpserver.READ_BUFFER_BYTES + 300_000
+    size = httplistener.READ_BUFFER_BYTES + 300_000
     bodies = [bytes([n]) * size for n in (1, 2)]
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in bodies]
     try:
@@ -201,8 +201,8 @@ async def test_a_connection_past_the_limit_is_answered_503_and_closed_and_a_free
 
 def test_the_default_connection_limit_is_half_the_open_file_limit() -> None:
     soft = os.sysconf("SC_OPEN_MAX")
-    assert httpserver.default_max_connections() == (1 << 16 if soft < 0 else max(64, soft // 2))
-    assert httpserver.HttpServer(Echo()).max_connections == httpserver.default_max_connections()
+    assert httplistener.default_max_connections() == (1 << 16 if soft < 0 else max(64, soft // 2))
+    assert httplistener.HttpServer(Echo()).max_connections == httplistener.default_max_connections()
 
 
 async def test_expect_100_continue_is_answered_before_the_body() -> None:
@@ -523,14 +523,14 @@ async def test_a_waiting_answer_is_cancelled_when_its_client_leaves() -> None:
 BIG = 16 << 20  # far more than the socket buffers hold
 
 
-async def serve_big(limits: Limits) -> tuple[httpserver.HttpServer, int]:
+async def serve_big(limits: Limits) -> tuple[httplistener.HttpServer, int]:
     async def big(request: Request) -> Response:
         return Response(200, b"x" * int(request.query or BIG), content_type="application/octet-stream")
 
     return await serve_http(big, limits)
 
 
-async def dropped(server: httpserver.HttpServer) -> bool:
+async def dropped(server: httplistener.HttpServer) -> bool:
     for _ in range(100):  # bounded: 10 s
         if not server.connections:
             return True

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from edge_agent import httpserver
+from edge_agent import httplistener
 from edge_agent.httpmessages import Request, Response
-from edge_agent.httpserver import Limits
+from edge_agent.httplistener import Limits
 
 from .conftest import serve_http
 from .test_httpserver import closed, read_response
@@ -39,14 +39,14 @@ class Handler:
         return Response(200, b'{"ok": true}')
 
 
-async def start(limits: Limits = LIMITS) -> tuple[httpserver.HttpServer, Handler, int]:
+async def start(limits: Limits = LIMITS) -> tuple[httplistener.HttpServer, Handler, int]:
     handler = Handler()
     server, port = await serve_http(handler, limits)
     return server, handler, port
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[httpserver.HttpServer, Handler, int]]:
+async def served() -> AsyncIterator[tuple[httplistener.HttpServer, Handler, int]]:
     server, handler, port = await start()
     yield server, handler, port
     await server.shutdown(1)
@@ -100,7 +100,7 @@ async def refused(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
 @pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/completions?x=1", "http://agent:8090/v1/models", "/v1",
                                     "/v1%2Fchat/completions"])
 async def test_a_refused_request_to_v1_gets_an_openai_error_object(
-        served: tuple[httpserver.HttpServer, Handler, int], request_bytes: bytes, status: int, code: str, target: str) -> None:
+        served: tuple[httplistener.HttpServer, Handler, int], request_bytes: bytes, status: int, code: str, target: str) -> None:
     _, handler, port = served
     got, _, body = await refused(port, request_bytes.replace(b"{target}", target.encode()))
     error = openai_error(body)
@@ -115,7 +115,7 @@ async def test_a_refused_request_to_v1_gets_an_openai_error_object(
 
 @pytest.mark.parametrize("target", ["/v2/models/m/infer", "/v2", "/metrics", "/v1x/models", "/v10/chat/completions"])
 @pytest.mark.parametrize(("request_bytes", "status", "code"), REFUSED[:3])
-async def test_a_refused_request_elsewhere_keeps_the_v2_error(served: tuple[httpserver.HttpServer, Handler, int],
+async def test_a_refused_request_elsewhere_keeps_the_v2_error(served: tuple[httplistener.HttpServer, Handler, int],
                                                                request_bytes: bytes, status: int, code: str, target: str) -> None:
     _, _, port = served
     got, _, body = await refused(port, request_bytes.replace(b"{target}", target.encode()))
@@ -123,14 +123,14 @@ async def test_a_refused_request_elsewhere_keeps_the_v2_error(served: tuple[http
 
 
 @pytest.mark.parametrize("raw", [b"NONSENSE\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(200))])
-async def test_a_request_whose_target_never_came_gets_the_v2_error(served: tuple[httpserver.HttpServer, Handler, int],
+async def test_a_request_whose_target_never_came_gets_the_v2_error(served: tuple[httplistener.HttpServer, Handler, int],
                                                                    raw: bytes) -> None:
     _, _, port = served
     got, _, body = await refused(port, raw)
     assert got == 400 and isinstance(json.loads(body)["error"], str)
 
 
-async def test_a_refusal_after_a_v1_answer_is_shaped_by_its_own_target(served: tuple[httpserver.HttpServer, Handler, int]) -> None:
+async def test_a_refusal_after_a_v1_answer_is_shaped_by_its_own_target(served: tuple[httplistener.HttpServer, Handler, int]) -> None:
     _, _, port = served
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -142,7 +142,7 @@ async def test_a_refusal_after_a_v1_answer_is_shaped_by_its_own_target(served: t
         writer.close()
 
 
-async def test_a_failing_v1_handler_is_an_openai_server_error(served: tuple[httpserver.HttpServer, Handler, int]) -> None:
+async def test_a_failing_v1_handler_is_an_openai_server_error(served: tuple[httplistener.HttpServer, Handler, int]) -> None:
     _, _, port = served
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         r = await client.post("/v1/chat/completions/boom", json={})
@@ -183,7 +183,7 @@ def chunks(total: int, size: int = 1 << 20):  # noqa: ANN201
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 @pytest.mark.parametrize("target", ["/v1/chat/completions", "/v2/models/m/infer"])
 async def test_a_standard_client_reads_the_413_of_a_body_larger_than_the_socket_buffers(
-        served: tuple[httpserver.HttpServer, Handler, int], framing: str, target: str) -> None:
+        served: tuple[httplistener.HttpServer, Handler, int], framing: str, target: str) -> None:
     """httpx (as OpenAI's SDK, on it) sends its whole request before it reads: the server
     must take the body it refused, or its close resets the connection under the answer."""
     server, handler, port = served
@@ -201,7 +201,7 @@ async def test_a_standard_client_reads_the_413_of_a_body_larger_than_the_socket_
     assert len(server.connections) <= 1
 
 
-async def test_a_body_refused_behind_an_answer_in_progress_is_drained_too(served: tuple[httpserver.HttpServer, Handler, int]) -> None:
+async def test_a_body_refused_behind_an_answer_in_progress_is_drained_too(served: tuple[httplistener.HttpServer, Handler, int]) -> None:
     _, handler, port = served
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:

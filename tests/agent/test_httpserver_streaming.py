@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from edge_agent import httpserver, httpstream
+from edge_agent import httplistener, httpserver, httpstream
 from edge_agent.httpmessages import Request, Response
 from edge_agent.httpserver import StreamingResponse
 
@@ -84,7 +84,7 @@ class Streams:
         raise RuntimeError("producer bug")
 
 
-async def start(limits: httpserver.Limits | None = None) -> tuple[httpserver.HttpServer, Streams, int]:
+async def start(limits: httplistener.Limits | None = None) -> tuple[httplistener.HttpServer, Streams, int]:
     streams = Streams()
     server, port = await serve_http(streams, limits)
     return server, streams, port
@@ -139,7 +139,7 @@ async def test_a_client_that_does_not_read_holds_the_producer_back() -> None:
 
 
 async def test_a_client_that_reads_nothing_for_the_write_timeout_is_dropped_and_its_producer_closed() -> None:
-    server, streams, port = await start(httpserver.Limits(write_timeout=0.5))
+    server, streams, port = await start(httplistener.Limits(write_timeout=0.5))
     try:
         reader, writer = await slow_reader(port)
         writer.write(b"GET /big?n=400 HTTP/1.1\r\nHost: x\r\n\r\n")  # 25 MiB, never read

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent import httpmessages, httpserver
+from edge_agent import httplistener, httpmessages
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 
@@ -48,7 +48,7 @@ def server() -> Iterator[tuple[Scripted, str]]:
     lt = LoopThread("client-fuzz")
     scripted = Scripted()
     scripted.loop = lt  # AsyncClient runs here too
-    http = httpserver.HttpServer(scripted)
+    http = httplistener.HttpServer(scripted)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
 

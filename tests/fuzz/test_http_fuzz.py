@@ -27,9 +27,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent import httpserver
+from edge_agent import httplistener, httpserver
 from edge_agent.httpmessages import Request, Response
-from edge_agent.httpserver import Limits, StreamingResponse
+from edge_agent.httplistener import Limits
+from edge_agent.httpserver import StreamingResponse
 
 from .conftest import EXAMPLES, FUZZ, TRIED, LoopThread
 
@@ -207,7 +208,7 @@ class Transport(asyncio.Transport):
         return default
 
 
-async def drive(server: httpserver.HttpServer, streams: list[bytes], schedule: random.Random) -> list[Transport]:
+async def drive(server: httplistener.HttpServer, streams: list[bytes], schedule: random.Random) -> list[Transport]:
     """Feed each stream to a connection of its own, in reads of ``schedule``'s sizes,
     connections taking turns as ``schedule`` picks, the loop turning between reads."""
     conns = []
@@ -254,7 +255,7 @@ def run(streams: list[bytes], seed: int, limits: Limits = LIMITS) -> list[bytes]
 
     async def main() -> list[bytes]:
         asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
-        server = httpserver.HttpServer(echo, limits)
+        server = httplistener.HttpServer(echo, limits)
         transports = await drive(server, streams, random.Random(seed))
         return [bytes(t.out) for t in transports]
 
@@ -331,11 +332,11 @@ def test_damaged_pipelines_get_whole_answers_and_a_refusal(pipeline: list[Spec],
 # -- real sockets --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[httpserver.HttpServer, int]]:
+def served() -> Iterator[tuple[httplistener.HttpServer, int]]:
     lt = LoopThread("http-fuzz")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = httpserver.HttpServer(echo, Limits(max_body_bytes=2048, max_header_bytes=1024, max_pipelined=3))
+    server = httplistener.HttpServer(echo, Limits(max_body_bytes=2048, max_header_bytes=1024, max_pipelined=3))
 
     async def start() -> None:
         await server.start(sock)
@@ -370,7 +371,7 @@ def read_answers_lenient(out: bytes) -> list[tuple[int, bytes]]:
 
 @settings(FUZZ, max_examples=max(1, EXAMPLES // 3))  # real sockets: 30 ms an example, where the cuts above take 10
 @given(st.lists(st.lists(specs(), min_size=1, max_size=4), min_size=1, max_size=4), st.integers(0, 2**32))
-def test_pipelines_on_concurrent_sockets(served: tuple[httpserver.HttpServer, int], pipelines: list[list[Spec]],
+def test_pipelines_on_concurrent_sockets(served: tuple[httplistener.HttpServer, int], pipelines: list[list[Spec]],
                                          seed: int) -> None:
     TRIED["http: pipelines on loopback sockets"] += 1
     _, port = served

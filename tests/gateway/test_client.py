@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from edge_agent import httpmessages, httpserver
+from edge_agent import httplistener, httpmessages
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 
 
-async def v2_server(site: str) -> tuple[httpserver.HttpServer, str]:
+async def v2_server(site: str) -> tuple[httplistener.HttpServer, str]:
     """Answers every infer with the input doubled, in the encoding it came in."""
 
     async def handle(request: httpmessages.Request) -> httpmessages.Response:
@@ -34,7 +34,7 @@ async def v2_server(site: str) -> tuple[httpserver.HttpServer, str]:
             headers.append((oip.BINARY_HEADER, str(header_len)))
         return httpmessages.Response(200, body, headers=tuple(headers))
 
-    server = httpserver.HttpServer(handle)
+    server = httplistener.HttpServer(handle)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await server.start(sock)
@@ -122,13 +122,13 @@ async def test_when_every_replica_fails_the_gateway_answers(silent: str) -> None
         await gateway.shutdown(1)
 
 
-async def answering(status: int, body: dict[str, object]) -> tuple[httpserver.HttpServer, str]:
+async def answering(status: int, body: dict[str, object]) -> tuple[httplistener.HttpServer, str]:
     """Answers every request with ``status`` and ``body`` (a gateway with no table, or a chat replica)."""
 
     async def handle(request: httpmessages.Request) -> httpmessages.Response:
         return httpmessages.Response(status, json.dumps(body).encode(), headers=(("x-edgeplane-site", f"status-{status}"),))
 
-    server = httpserver.HttpServer(handle)
+    server = httplistener.HttpServer(handle)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await server.start(sock)
@@ -520,7 +520,7 @@ async def test_a_chat_is_one_answer_n_other_than_1_is_refused_and_other_choices_
         asked.append(request.path)
         return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
 
-    server = httpserver.HttpServer(handle)
+    server = httplistener.HttpServer(handle)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await server.start(sock)
@@ -608,7 +608,7 @@ async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_
                 {"site": "edge-cut", "url": replica_url, "api": "openai"}]}).encode())
         return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
 
-    gateway = httpserver.HttpServer(handle)
+    gateway = httplistener.HttpServer(handle)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await gateway.start(sock)

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edge_agent import httpmessages, httpserver
+from edge_agent import httplistener, httpmessages
 from orchestrator import client as client_mod
 from orchestrator.cli import main as cli
 from orchestrator.gateway import endpoints
@@ -389,7 +389,7 @@ async def test_a_burst_of_requests_for_a_cold_model_sends_one_wake_at_a_time() -
         await answer.wait()  # held: every later wake of the same model finds this one on its way
         return httpmessages.Response(202, b'{"woken": true}', headers=(("content-type", "application/json"),))
 
-    server = httpserver.HttpServer(control_plane)
+    server = httplistener.HttpServer(control_plane)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await server.start(sock)

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge_agent import httpmessages, httpserver, refusals
+from edge_agent import httplistener, httpmessages, refusals
 from orchestrator.gateway import endpoints, failover, openai_routes, proxy, routing
 from orchestrator.gateway.upstream import UpstreamPool
 from orchestrator.testing import loopback
@@ -92,7 +92,7 @@ async def test_a_model_whose_every_agent_is_stopping_is_503_with_retry_after_not
         await release.wait()
         return httpmessages.Response(200, b"{}")
 
-    servers, socks = [httpserver.HttpServer(busy) for _ in range(2)], [socket.socket() for _ in range(2)]
+    servers, socks = [httplistener.HttpServer(busy) for _ in range(2)], [socket.socket() for _ in range(2)]
     for server, sock in zip(servers, socks, strict=True):
         sock.bind(("127.0.0.1", 0))
         await server.start(sock)

@@ -10,16 +10,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from edge_agent import httpmessages, httpserver
+from edge_agent import httplistener, httpmessages
 from orchestrator.gateway import endpoints, proxy, routing
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
 
-async def echo_server() -> tuple[httpserver.HttpServer, int]:
+async def echo_server() -> tuple[httplistener.HttpServer, int]:
     async def handle(request: httpmessages.Request) -> httpmessages.Response:
         return httpmessages.Response(200, request.body, headers=(("x-path", request.path),))
 
-    server = httpserver.HttpServer(handle)
+    server = httplistener.HttpServer(handle)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await server.start(sock)
@@ -230,11 +230,11 @@ ANSWER = httpmessages.Response(200, b'{"model_name":"m","outputs":[]}', headers=
 
 
 async def gateway_over(handle: httpmessages.Handler, *, timeout: float = 30.0, replicas: int = 2, registry: CollectorRegistry | None = None
-                       ) -> tuple[list[httpserver.HttpServer], endpoints.EndpointTable, UpstreamPool, Starlette]:
+                       ) -> tuple[list[httplistener.HttpServer], endpoints.EndpointTable, UpstreamPool, Starlette]:
     """The gateway's v2 routes over ``replicas`` real loopback servers that answer with ``handle``."""
     servers, table = [], endpoints.EndpointTable()
     for i in range(replicas):
-        server = httpserver.HttpServer(handle)
+        server = httplistener.HttpServer(handle)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         await server.start(sock)
