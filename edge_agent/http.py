@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from edge_agent import generation
 from edgeplane_proto import encoding as encoding_mod
 from edgeplane_proto import oip
+from edgeplane_proto.headers import DRAINING
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class InferenceServer:
             if request.method == "POST":
                 if self.draining:
                     return Response(503, refusals.openai_error_body("the agent is draining", "server_error", None, "draining"),
-                                    headers=(("retry-after", "1"),))
+                                    headers=(("retry-after", "1"), (DRAINING, "1")))
             return await self.generation.handle(request)
         fixed = self._fixed.get(path)
         if fixed is not None:

@@ -50,6 +50,7 @@ from edge_agent import refusals
 from edge_agent.httpmessages import Handler, Request, Response, encode, encode_stream_head
 # Streamed answers are their own module; handlers and tests know them by these names too.
 from edge_agent.httpstream import LAST_CHUNK, Passthrough, StreamingResponse, encode_chunk
+from edgeplane_proto.headers import DRAINING
 
 if TYPE_CHECKING:  # the listener imports this module to make its connections
     from edge_agent import httplistener
@@ -259,7 +260,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._in_body = True
         if self._late:  # refused before its body, which is read and dropped
             raise _Refused(Response(503, refusals.error_body(503, "the agent is stopping; retry at another replica", "draining",
-                                                             self._target()), headers=(("retry-after", "1"),)), drain=True)
+                                                             self._target()), headers=(("retry-after", "1"), (DRAINING, "1"))), drain=True)
         declared = self._headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._limits.max_body_bytes:
             raise self._too_large()

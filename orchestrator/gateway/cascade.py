@@ -389,7 +389,7 @@ class CascadeHandler:
             finally:
                 self.table.finished(e.url)
                 self.charge(route, stage, e.site, self.clock() - began, trip, totals)
-            self.table.answered(e.url, upstream.status, failover.stated_retry_s(upstream.headers.get("retry-after")))
+            self.table.answered(e.url, upstream.status, failover.ejection_s(upstream.headers))
             if upstream.status >= 500:
                 trip.failures.append(f"{e.site}: HTTP {upstream.status}")
                 if upstream.status == 503:

@@ -16,9 +16,11 @@ tried answered so, each route answers 503 with the shortest of their Retry-After
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import Counter
+
+from edgeplane_proto.headers import DRAINING
 
 #: The longest Retry-After the gateway passes on from a replica that is unavailable for now.
 MAX_RETRY_AFTER_S = 60
@@ -35,9 +37,15 @@ def retry_after_s(value: str | None) -> int:
     return min(max(int(seconds), 1), MAX_RETRY_AFTER_S)
 
 
-def stated_retry_s(value: str | None) -> int | None:
-    """:func:`retry_after_s` of a Retry-After the replica sent; None when it sent none."""
-    return None if value is None else retry_after_s(value)
+def ejection_s(answer_headers: Mapping[str, str]) -> int | None:
+    """At most how long a replica's 503 takes it out of rotation: the Retry-After it gave, in
+    seconds (:func:`retry_after_s`); None, its whole ejection, when it gave none or another
+    form (a date), or said it is draining (an agent stopping: asking it again each second
+    would only send more requests to a replica that is going away)."""
+    value = answer_headers.get("retry-after")
+    if value is None or answer_headers.get(DRAINING) is not None or not _SECONDS.fullmatch(value.strip()):
+        return None
+    return retry_after_s(value)
 
 
 def retry_after(unavailable: Sequence[int], failed: int) -> int | None:

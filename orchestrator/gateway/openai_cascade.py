@@ -220,7 +220,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
                                             {"content-type": "application/json"}, stream=False) as resp:
                     async with asyncio.timeout(owner.first_token_timeout):
                         status, content = resp.status, await resp.body()
-                    retry_after = resp.headers.get("retry-after")
+                    retry_after, ejection = resp.headers.get("retry-after"), failover.ejection_s(resp.headers)
             except (UpstreamError, TimeoutError) as exc:
                 req.trip.failures.append(f"{e.site}: {exc or type(exc).__name__}")
                 # slow at this request (a long prompt on slow hardware): ejected only at the fifth in a row, as by the relay
@@ -229,7 +229,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
         finally:
             owner.gw.table.finished(e.url)
             handler.charge(req.route, stage, e.site, handler.clock() - began, req.trip, req.totals)
-        owner.gw.table.answered(e.url, status, failover.stated_retry_s(retry_after))
+        owner.gw.table.answered(e.url, status, ejection)
         if status >= 500:
             req.trip.failures.append(f"{e.site}: HTTP {status}")
             if status == 503:

@@ -488,7 +488,7 @@ class _Relay(Response):
             ctype = resp.headers.get("content-type", "application/json")
             streamed = resp.status == 200 and ctype.startswith("text/event-stream")
             if not streamed:  # a stream has answered once its first token is in (_relay_stream)
-                owner.gw.table.answered(e.url, resp.status, failover.stated_retry_s(resp.headers.get("retry-after")))
+                owner.gw.table.answered(e.url, resp.status, failover.ejection_s(resp.headers))
             if resp.status == 503:  # not ready, or draining: it says when to retry
                 raise _Failed("unavailable (HTTP 503)", eject=False, retry_after=failover.retry_after_s(resp.headers.get("retry-after")))
             if resp.status >= 500:  # the table has ejected the replica if the answer calls for it

@@ -224,7 +224,7 @@ class Gateway:
             finally:
                 self.table.finished(e.url)
             status, content, upstream_headers = upstream.status, upstream.body, upstream.headers
-            self.table.answered(e.url, status, failover.stated_retry_s(upstream_headers.get("retry-after")))
+            self.table.answered(e.url, status, failover.ejection_s(upstream_headers))
             if status == 503:
                 failures.append(f"{e.site}: {_reason(content)} (HTTP 503)")
                 unavailable.append(failover.retry_after_s(upstream_headers.get("retry-after")))

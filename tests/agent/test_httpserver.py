@@ -10,6 +10,7 @@ import os
 import httpx
 import pytest
 
+from edgeplane_proto.headers import DRAINING
 from edge_agent import httplistener, httpserver
 from edge_agent.httpmessages import Request, Response
 from edge_agent.httplistener import Limits
@@ -368,6 +369,7 @@ async def test_a_connection_made_during_the_drain_is_answered_503_with_retry_aft
         for path in ("/v2/models/m/infer", "/v1/chat/completions"):
             late = await http.post(path, content=b"x" * 10_000)
             assert (late.status_code, late.headers.get("retry-after"), late.headers.get("connection")) == (503, "1", "close"), late.text
+            assert late.headers.get(DRAINING) == "1"  # a gateway takes it out for its whole ejection
         assert late.json()["error"]["code"] == "draining"
     assert [r.path for r in echo.seen] == ["/slow"]  # the handler was not asked
     silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)  # connected during the drain, sends nothing

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge_agent import httplistener, httpmessages, refusals
+from edgeplane_proto.headers import DRAINING
 from orchestrator.gateway import endpoints, failover, openai_routes, proxy, routing
 from orchestrator.gateway.upstream import UpstreamPool
 from orchestrator.testing import loopback
@@ -159,4 +160,25 @@ async def test_a_replica_s_503_ejects_it_no_longer_than_its_retry_after_says() -
             assert answer.status_code == 503, (path, answer.text)
             assert len(table.ejected()) == 1, path
             now[0] += 2.1
+            assert table.ejected() == frozenset(), path
+
+
+@pytest.mark.parametrize("said", [{"retry-after": "1", DRAINING: "1"}, {"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"},
+                                  {"retry-after": "soon"}, {}],
+                         ids=["draining", "http-date", "unreadable", "none"])
+async def test_a_503_ejects_a_replica_for_the_whole_ejection_unless_it_says_how_long_in_seconds(said: dict[str, str]) -> None:
+    """Only a Retry-After in seconds from a replica that is not going away shortens its
+    ejection: an agent that says it is draining (its 503s carry Retry-After: 1 for direct
+    callers) would otherwise be asked again each second until it stops."""
+    async def unavailable(request: Request) -> Response:
+        return Response(b'{"error": "unavailable"}', status_code=503, media_type="application/json", headers=said)
+
+    now = [100.0]
+    table = endpoints.EndpointTable(clock=lambda: now[0], ejection_s=15)
+    async with gateway_over(unavailable, table=table) as http:
+        for path, body in (("/openai/v1/chat/completions", CHAT), ("/v2/models/m/infer", INFER)):
+            assert (await http.post(path, json=body)).status_code == 503, path
+            now[0] += 14.9
+            assert len(table.ejected()) == 1, path
+            now[0] += 0.2
             assert table.ejected() == frozenset(), path
