@@ -114,7 +114,8 @@ def progress_line(name: str, m: dict[str, Any]) -> str:
         return f"site {name}: Pending (the control plane has not planned the drain yet)"
     if state != "Draining":
         return f"site {name}: {state}"
-    out = f"site {name}: Draining, {m.get('replicasLeft', 0)} replica(s) left"
+    left = m.get("replicasLeft", 0)
+    out = f"site {name}: Draining, {left} replica{'' if left == 1 else 's'} left"
     if m.get("waitingFor"):
         out += f"; waiting for replacements of {', '.join(m['waitingFor'])} to serve"
     for x in m.get("stuck", []):

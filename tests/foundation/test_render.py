@@ -313,3 +313,9 @@ def test_a_site_shows_its_estimated_draw_against_its_power_budget(status: dict[s
     header, row = capsys.readouterr().out.splitlines()
     assert header.split()[-3:] == ["POWER", "W", "SOURCE"]
     assert row.split()[-2] == shown, row
+
+
+def test_a_drain_s_progress_line_counts_its_replicas_left_in_words() -> None:
+    from orchestrator.cli import maintenance as cli_maintenance
+    assert cli_maintenance.progress_line("s", {"state": "Draining", "replicasLeft": 1}) == "site s: Draining, 1 replica left"
+    assert cli_maintenance.progress_line("s", {"state": "Draining", "replicasLeft": 2}) == "site s: Draining, 2 replicas left"
