@@ -430,12 +430,14 @@ class AgentHub(relayed.RelayedAgents):
         channel = self._channels.get(site)
         return channel.latest if channel else None
 
-    async def watch_assignments(
-        self, site: str, agent_id: str, known_version: int = 0
-    ) -> AsyncIterator[model.AssignmentSet]:
-        """Yield the site's set now (unless the agent has it) and each newer one, until
-        another agent takes the site over. Sets that arrive while one is being sent are
-        collapsed: only the latest is sent."""
+    async def watch_assignments(self, site: str, agent_id: str) -> AsyncIterator[model.AssignmentSet]:
+        """Yield the site's set now and each newer one, until another agent takes the site
+        over. Sets that arrive while one is being sent are collapsed: only the latest is sent.
+
+        The set is sent on every open, even when the agent says it has that version: a
+        control plane restored from a backup numbers its next set with a version the agent
+        already applied (from the lost future), and skipping it would leave the agent on a
+        set no deployment asks for. A set is small and the agent applies it idempotently."""
         sent: model.AssignmentSet | None = None
         while True:
             record = self._records.get(site)
@@ -447,8 +449,7 @@ class AgentHub(relayed.RelayedAgents):
             changed = channel.changed()
             latest = channel.latest
             if latest is not None and latest is not sent:
-                if sent is not None or latest.version != known_version or known_version == 0:
-                    yield latest
+                yield latest
                 sent = latest
             await changed.wait()
 

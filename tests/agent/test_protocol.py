@@ -119,6 +119,22 @@ async def test_assignments_stream_sends_latest_set(
     assert ended.value.code() is grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_a_watch_opened_with_the_version_the_agent_applied_still_gets_the_current_set(
+    channel: grpc.aio.Channel, control_plane: ControlPlane
+) -> None:
+    """A control plane restored from an older backup numbers its next set with a version the
+    agent already applied (a set the restore lost): the agent's reopened watch names that
+    version, and must be sent the restored control plane's set all the same."""
+    stub = pb_grpc.AgentControlStub(channel)
+    joined = await stub.Join(join_request())
+    kept = model.Assignment("kept", "dep", "small", "http://x/m.onnx", "b" * 64)
+    control_plane.hub.set_assignments("edge-1", [kept], 7)
+    watch = stub.WatchAssignments(pb.WatchAssignmentsRequest(known_version=7), metadata=identity("edge-1", joined))
+    first = await asyncio.wait_for(watch.read(), 5)
+    assert first.version == 7 and [a.model for a in first.assignments] == ["kept"]
+    watch.cancel()
+
+
 @pytest.mark.parametrize(
     "payload",
     [b"\xff\xff\xff\xff\x0f garbage", b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256)) * 4],
