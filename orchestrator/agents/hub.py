@@ -430,6 +430,10 @@ class AgentHub(relayed.RelayedAgents):
         channel = self._channels.get(site)
         return channel.latest if channel else None
 
+    def latest_version(self) -> int:
+        """The highest version of the sets this hub holds (0: none)."""
+        return max((c.latest.version for c in self._channels.values() if c.latest is not None), default=0)
+
     async def watch_assignments(self, site: str, agent_id: str) -> AsyncIterator[model.AssignmentSet]:
         """Yield the site's set now and each newer one, until another agent takes the site
         over. Sets that arrive while one is being sent are collapsed: only the latest is sent.

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from orchestrator import catalog
 from orchestrator import maintenance as maintenance_mod
 from orchestrator.backoff import Backoff
+from orchestrator.agents import errors as agent_errors
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
 from orchestrator.artifacts import catalog as artifacts
@@ -473,15 +474,29 @@ class Reconciler:
         leader takes, so a deposed leader that resumes mid-pass still cannot push a set that
         agents would take for newer than the new leader's; one deposed before it took the
         block gets none (:class:`~orchestrator.store.values.Fenced`). What a failed pass
-        leaves of its block is dropped. Each set is executed with its version."""
+        leaves of its block is dropped. Each set is executed with its version.
+
+        A block that starts at or below a version the hub already holds means the store's
+        counter went back (restored from a backup, or a standby that missed the last commits):
+        the block is taken again above the hub's versions, which moves the counter past them,
+        as agents take only a newer set for news."""
         versions: Iterator[int] | None = None
         for i, action in enumerate(actions):
             if isinstance(action, act.PushAssignments):
                 if versions is None:
                     count = sum(isinstance(a, act.PushAssignments) for a in actions[i:])
-                    versions = iter(await self.store.run(self.store.next_sequences, "assignments", count, lease=self.lease))
+                    versions = iter(await self._assignment_versions(count))
                 action = dataclasses.replace(action, version=next(versions))
             await self.execute(action)
+
+    async def _assignment_versions(self, count: int) -> range:
+        block = await self.store.run(self.store.next_sequences, "assignments", count, lease=self.lease)
+        if block.start <= (sent := self.hub.latest_version()):
+            log.warning("the store's assignment counter went back (%d, and sets up to version %d were sent): restored "
+                        "from a backup? It is moved past them, and agents are sent sets from version %d on",
+                        block.start - 1, sent, sent + 1)
+            block = await self.store.run(self.store.next_sequences, "assignments", count, lease=self.lease, above=sent)
+        return block
 
     async def execute(self, action: act.Action) -> None:
         match action:
@@ -490,7 +505,10 @@ class Reconciler:
             case act.PushAssignments(site, assignments, version):
                 if version is None:  # a planned set: only the pass's block, under the lease, may number it
                     raise ValueError(f"the assignment set for {site} has no version: a pass's actions are executed by _execute_all")
-                self.hub.set_assignments(site, list(assignments), version)
+                try:
+                    self.hub.set_assignments(site, list(assignments), version)
+                except agent_errors.StaleAssignments as exc:  # one site's set: the pass goes on for the others
+                    log.error("assignment set for site %s not sent: %s", site, exc)
             case act.ForgetAgent(site):
                 self.hub.forget_if_lost(site)
             case act.ApplyServeApps(site, apps, drift):

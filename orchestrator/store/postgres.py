@@ -272,14 +272,15 @@ class PostgresStore(SqlStore):
         row = db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version' RETURNING value").fetchone()
         return int(row["value"])  # type: ignore[index]
 
-    def next_sequences(self, key: str, count: int, lease: Lease | None = None) -> range:
+    def next_sequences(self, key: str, count: int, lease: Lease | None = None, above: int = 0) -> range:
         count = max(1, count)
         with self._tx() as db:
             if lease is not None:
                 self._fence(db, lease)
             row = db.execute(
-                "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = meta.value + %s RETURNING value",
-                (f"seq:{key}", count, count),
+                "INSERT INTO meta (key, value) VALUES (%s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value, %s) + %s RETURNING value",
+                (f"seq:{key}", above + count, above, count),
             ).fetchone()
             last = int(row["value"])  # type: ignore[index]
         return range(last - count + 1, last + 1)

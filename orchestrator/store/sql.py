@@ -93,13 +93,15 @@ class SqlStore(Credentials):
     def _many(self, db: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         raise NotImplementedError
 
-    def next_sequences(self, key: str, count: int, lease: Lease | None = None) -> range:
+    def next_sequences(self, key: str, count: int, lease: Lease | None = None, above: int = 0) -> range:
         """The next ``count`` values (at least one) of a durable counter that only grows (e.g.
         assignment versions agents compare), taken in one transaction: a pass that sends N
         sites their sets takes one block, not N round trips and commits. With ``lease``, only
         while it is held (:class:`Fenced`): a block is taken under the lease, so every value
         in it is below any the next leader takes. Values a failed pass leaves unused are
-        skipped (readers compare versions, they never count them)."""
+        skipped (readers compare versions, they never count them). With ``above``, the block
+        starts above it too, and the counter is moved past it: a store restored from a backup
+        has a counter below values already handed out, and the caller that knows them says so."""
         raise NotImplementedError
 
     def next_sequence(self, key: str, lease: Lease | None = None) -> int:

@@ -255,12 +255,12 @@ class Store(SqlStore):
         db.execute("UPDATE meta SET value = value + 1 WHERE key = 'resource_version'")
         return int(db.execute("SELECT value FROM meta WHERE key = 'resource_version'").fetchone()[0])
 
-    def next_sequences(self, key: str, count: int, lease: Lease | None = None) -> range:
+    def next_sequences(self, key: str, count: int, lease: Lease | None = None, above: int = 0) -> range:
         with self._tx() as db:
             if lease is not None:
                 self._fence(db, lease)
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, 0)", (f"seq:{key}",))
-            db.execute("UPDATE meta SET value = value + ? WHERE key = ?", (max(1, count), f"seq:{key}"))
+            db.execute("UPDATE meta SET value = MAX(value, ?) + ? WHERE key = ?", (above, max(1, count), f"seq:{key}"))
             last = int(db.execute("SELECT value FROM meta WHERE key = ?", (f"seq:{key}",)).fetchone()[0])
         return range(last - max(1, count) + 1, last + 1)
 

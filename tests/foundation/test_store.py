@@ -880,6 +880,18 @@ def test_sequences_only_grow_and_survive_reopen(reopen: Callable[..., Store]) ->
     assert reopen().next_sequences("c", 2) == range(1, 3)
 
 
+def test_a_sequence_block_taken_above_values_handed_out_moves_the_counter_past_them(reopen: Callable[..., Store]) -> None:
+    """A restored store's counter is below values already handed out: the caller that knows
+    them takes its block above them, and the counter stays past them."""
+    s = reopen()
+    assert s.next_sequences("a", 2) == range(1, 3)
+    assert s.next_sequences("a", 2, above=20) == range(21, 23)
+    assert s.next_sequences("a", 1, above=5) == range(23, 24)  # a counter already past: as without
+    assert s.next_sequences("new", 2, above=4) == range(5, 7)
+    s.close()
+    assert reopen().next_sequence("a") == 24
+
+
 def test_concurrent_writers_in_threads_lose_nothing(store: Store) -> None:
     """Many threads doing read-modify-write with expected versions: every increment lands once."""
     store.apply([write("counter", {"n": 0})])
