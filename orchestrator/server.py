@@ -68,6 +68,7 @@ WAKE_EVERY_S = 1.0  # a follower logs at most one wake a second per model
 #: The agents' events logged (by the replica the agent is connected to).
 LOGGED_AGENT_EVENTS = frozenset({agent_model.AgentEventKind.JOINED, agent_model.AgentEventKind.LOST, agent_model.AgentEventKind.RECOVERED})
 API_READ_S = server_views.API_READ_S
+AGENT_CA_KEY = "agent-ca"  # published: the SHA-256 of the CA the store's agents trust
 RELAY_IDENTITY = "control-plane-relay"  # the name in a relaying replica's client certificate (mutual TLS)
 
 
@@ -166,10 +167,21 @@ class ControlPlane(server_views.ServerViews):
         agent_host = cfg.agent_host or cfg.host
         mtls = None
         if not cfg.insecure_agents:
+            # The store keeps which CA its agents trust: a ca/ folder lost (a backup of the store
+            # alone, a new disk) or swapped is refused, not silently replaced by a new CA.
+            recorded = await self.store.run(self.store.published, AGENT_CA_KEY)
+            trusted = recorded[1] if recorded is not None else None
             try:
-                loaded = ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca")
+                loaded = ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca", trusted=trusted, replace=cfg.new_agent_ca)
             except ca_mod.CertificateError as exc:
                 raise server_config.ConfigError(f"the agents' CA: {exc}") from None
+            if loaded.fingerprint != trusted:
+                # Another CA in the folder is not refused: replicas that hold different ones say so
+                # through the relay (relay.Leader.unlike), and the one copied in last is kept.
+                await self.store.run(self.store.publish, AGENT_CA_KEY, loaded.fingerprint)
+                if trusted is not None:
+                    log.warning("the agent CA in %s (SHA-256 %s) is not the one the store's agents trusted (%s): agents "
+                                "enrolled with that one must enrol again", cfg.data_dir / "ca", loaded.fingerprint, trusted)
             self.ca = dataclasses.replace(loaded, agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
             try:
                 server_certificate = ca_mod.ServerCertificate(self.ca, server_config.agent_tls_hosts(cfg))

@@ -38,6 +38,7 @@ class ServerConfig:
     agent_port: int = 8081
     agent_join_port: int = 8082  # first joins (bootstrap token + CSR) over server-authenticated TLS
     insecure_agents: bool = False  # plaintext agent gRPC: only when explicitly asked for
+    new_agent_ca: bool = False  # a new CA where ca/ lost the one the store's agents trust: they enrol again
     agent_cert_ttl_s: float = ca_mod.AGENT_DAYS * 86400.0  # agents renew theirs two thirds in
     auth: str = "none"  # "none" (loopback only) | "token"
     position: tuple[float, float] | None = None  # the gateway's own location
@@ -112,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,
         agent_join_port=join_port(args.agent_port, args.agent_join_port), insecure_agents=args.insecure_agents,
+        new_agent_ca=args.new_agent_ca,
         agent_cert_ttl_s=args.agent_cert_days * 86400.0,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,

@@ -100,12 +100,17 @@ class CertificateAuthority:
         return self.certificate.fingerprint(hashes.SHA256()).hex()
 
     @classmethod
-    def load_or_create(cls, folder: pathlib.Path, name: str = "edgeplane agent CA") -> CertificateAuthority:
+    def load_or_create(cls, folder: pathlib.Path, name: str = "edgeplane agent CA", trusted: str | None = None,
+                       replace: bool = False) -> CertificateAuthority:
         """The CA in ``folder``, made there when it holds none. A new CA's two files are
         written aside (``.ca.key.new``, ``.ca.crt.new``), then put in place, the key first:
         ``ca.crt`` is what agents are given (its path, its fingerprint), so a CA can be
         trusted only once it is whole. A creation cut short (a kill) before the key is in
-        place is made again; between the two, its certificate aside completes it."""
+        place is made again; between the two, its certificate aside completes it.
+
+        ``trusted``: the fingerprint of the CA the enrolled agents trust (the store keeps it).
+        A folder that lost it is refused, not given a new CA, unless ``replace`` says the
+        operator wants one, knowing that every agent must then enrol again."""
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_path, cert_path = folder / "ca.key", folder / "ca.crt"
         new_key, new_cert = folder / ".ca.key.new", folder / ".ca.crt.new"
@@ -121,6 +126,10 @@ class CertificateAuthority:
             there, missing = (key_path, cert_path) if key_path.exists() else (cert_path, key_path)
             raise CertificateError(f"{folder} holds {there.name} but not {missing.name}: restore it (a new CA would not be "
                                    "trusted by the agents that joined); only a folder with neither gets a new CA")
+        if trusted is not None and not replace:
+            raise CertificateError(f"{folder} holds no CA, and the store's agents trust the CA with SHA-256 {trusted}: restore "
+                                   f"{folder} from a backup (a new CA would not be trusted by the agents that joined), or start "
+                                   "with --new-agent-ca to make a new one, after which every agent must enrol again")
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = _now()

@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import json
 import pathlib
+import shutil
 import socket
 import ssl
 import stat
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from edgeplane_proto import identity
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from edgeplane_proto.agent.v1 import agent_pb2_grpc as pb_grpc
+from orchestrator import server_config
 from orchestrator.agents import auth, hub, service
 from orchestrator.security import ca
 from orchestrator.testing import certificates, harness
@@ -78,6 +80,36 @@ def test_a_damaged_or_half_missing_ca_is_refused_never_replaced(tmp_path: pathli
     with pytest.raises(ca.CertificateError, match="ca.key is not an unencrypted PEM private key"):
         ca.CertificateAuthority.load_or_create(folder)
     assert (folder / "ca.key").read_text() == "not a key"
+
+
+async def test_a_control_plane_whose_ca_folder_was_lost_refuses_to_start_until_told_to_make_a_new_ca(
+        tmp_path: pathlib.Path) -> None:
+    """The store comes back with its enrolled agents but ``ca/`` does not (a backup of the
+    store alone, a new disk): a new CA made silently would orphan every agent. The start is
+    refused, naming the folder and the CA the agents trust, until the operator restores the
+    folder or asks for a new CA with --new-agent-ca."""
+    fleet = harness.Fleet(tmp_path)
+    folder = tmp_path / "control-plane" / "ca"
+    try:
+        trusted = (await fleet.start_control_plane()).ca.fingerprint
+        await fleet.stop()
+        kept = tmp_path / "ca-backup"
+        folder.rename(kept)
+        with pytest.raises(server_config.ConfigError) as refused:
+            await fleet.start_control_plane()
+        assert f"{folder} holds no CA" in str(refused.value) and trusted in str(refused.value)
+        assert "--new-agent-ca" in str(refused.value) and not (folder / "ca.key").exists()
+        shutil.rmtree(folder)
+        kept.rename(folder)  # restored: it starts with the CA its agents trust
+        assert (await fleet.start_control_plane()).ca.fingerprint == trusted
+        await fleet.stop()
+        shutil.rmtree(folder)
+        made = (await fleet.start_control_plane(new_agent_ca=True)).ca.fingerprint
+        assert made != trusted
+        await fleet.stop()
+        assert (await fleet.start_control_plane()).ca.fingerprint == made  # the new CA is the one trusted now
+    finally:
+        await fleet.stop()
 
 
 def test_agent_identity_comes_from_the_ca_not_the_csr(tmp_path: pathlib.Path) -> None:
