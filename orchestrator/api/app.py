@@ -99,8 +99,10 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 return error(404, str(exc))
             except (store_mod.Conflict, catalog.InUse) as exc:
                 return error(409, str(exc))
-            except store_mod.StoreError as exc:  # the database unreachable or failing: retry later
-                return error(503, str(exc))
+            except store_mod.StoreError as exc:  # the database unreachable, read-only or failing: retry later
+                refused = error(503, str(exc))
+                refused.headers["retry-after"] = "2"
+                return refused
 
         return endpoint
 

@@ -10,7 +10,8 @@ kept as canonical JSON text, not ``jsonb``, so "unchanged" means byte-equal cano
 JSON on both backends. The driver is psycopg 3; a connection that broke (the server
 restarted, the network dropped) is replaced on the next call, and the call that saw
 the break raises :class:`StoreUnavailable` without pretending to know whether a write
-in flight committed. The operations themselves are shared with the SQLite store in
+in flight committed, as does a database that refuses writes (a read-only standby); no
+psycopg error leaves the store. The operations themselves are shared with the SQLite store in
 :mod:`orchestrator.store.sql`; this file holds only what is PostgreSQL's own: the
 schema, the connection and its transaction, the counters, and leases for leadership.
 """
@@ -223,9 +224,9 @@ class PostgresStore(SqlStore):
                 conn = self._connection()
                 try:
                     return conn.execute(sql, args).fetchall()  # type: ignore[arg-type]
-                except psycopg.OperationalError as e:
+                except psycopg.Error as e:
                     if attempt == 2 or not conn.broken:
-                        raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
+                        raise _failed(self.path, e) from e
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
@@ -242,23 +243,23 @@ class PostgresStore(SqlStore):
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                     self._pending = set()
                     break
-                except psycopg.OperationalError as e:
+                except psycopg.Error as e:
                     if attempt == 2 or not conn.broken:
-                        raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
+                        raise _failed(self.path, e) from e
             try:
                 yield conn
             except BaseException as e:
-                with contextlib.suppress(psycopg.OperationalError):
+                with contextlib.suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
-                if isinstance(e, psycopg.OperationalError):
-                    raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
+                if isinstance(e, psycopg.Error):
+                    raise _failed(self.path, e) from e
                 raise
             try:
                 if commit and self._pending:  # delivered at the commit, never for a rolled-back write
                     conn.execute("SELECT pg_notify(%s, what) FROM unnest(%s::text[]) AS what", (CHANNEL, sorted(self._pending)))
                 conn.execute("COMMIT" if commit else "ROLLBACK")
-            except psycopg.OperationalError as e:
-                raise StoreUnavailable(f"the PostgreSQL store at {self.path} failed: {_one_line(e)}") from e
+            except psycopg.Error as e:
+                raise _failed(self.path, e) from e
 
     def _changed(self, db: psycopg.Connection[dict[str, Any]], what: str) -> None:
         self._pending.add(what)
@@ -422,6 +423,19 @@ class ChangeFeed:
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
+
+
+def _failed(path: str, error: psycopg.Error) -> StoreError:
+    """The store's error for a failed statement: no psycopg error leaves the store. One the
+    database may not give next time (unreachable, a session it ended, read-only during a
+    failover) is :class:`StoreUnavailable`, to retry; a statement refused for what it is (a
+    constraint, a bug) is a plain :class:`StoreError`, the psycopg error its cause."""
+    if isinstance(error, psycopg.errors.ReadOnlySqlTransaction):
+        return StoreUnavailable(f"the PostgreSQL store at {path} refuses writes (read-only: a standby, or a database set "
+                                f"read-only); retry once it takes writes again: {_one_line(error)}")
+    if isinstance(error, (psycopg.OperationalError, psycopg.InternalError)):  # InternalError: e.g. a session ended idle in a transaction
+        return StoreUnavailable(f"the PostgreSQL store at {path} failed: {_one_line(error)}")
+    return StoreError(f"the PostgreSQL store at {path} refused the operation: {_one_line(error)}")
 
 
 def _redacted(url: str) -> str:
