@@ -215,15 +215,17 @@ def build_routes(services: Services) -> list[BaseRoute]:
         if last and ("since" in q or "limit" in q):
             return error(400, "last (the newest events) cannot be combined with since and limit (a page forward from an event)")
         kind = catalog.resolve_event_kind(q["kind"]) if q.get("kind") else None
-        def read() -> tuple[list[Any], str, int]:
+        def read() -> tuple[list[Any], str, int, int]:
             # Event ids count from each store's own start: which store answered tells a client that
-            # follows them (the console) when ids it read before are another store's; and up to
-            # which id retention deleted events, when one it asks after may have missed some.
+            # follows them (the console) when ids it read before are another store's; up to which
+            # id retention deleted events, when one it asks after may have missed some; and the
+            # newest id, when one it read is past it (the store restored from an older backup).
             found = store.recent_events(kind, q.get("name"), last) if last else store.events(since, limit, kind, q.get("name"))
-            return found, store.store_id(), store.events_pruned_through()
+            pruned = store.events_pruned_through()
+            return found, store.store_id(), pruned, max(store.events_last_id(), pruned)
 
-        found, ident, pruned = await store.run(read)  # one turn on the store's threads
-        return JSONResponse({"items": [_event(e) for e in found], "store": ident, "prunedThrough": pruned})
+        found, ident, pruned, newest = await store.run(read)  # one turn on the store's threads
+        return JSONResponse({"items": [_event(e) for e in found], "store": ident, "prunedThrough": pruned, "lastId": newest})
 
     async def cascades(request: Request, caller: auth.Caller) -> Response:
         paging.refuse_unknown(request.query_params, [], "this route")  # a few per fleet: the list is not paged

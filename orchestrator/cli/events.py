@@ -91,10 +91,14 @@ class Follow:
     # or after the control plane was away (events logged meanwhile may age out before it answers)
     check_pruned: bool = False
     away: bool = False  # the last ask got no answer
+    # the time (ts) of the last event shown (None: none shown yet); once the store went back,
+    # its events up to then (the backup's, shown before) are not shown again
+    last_ts: str | None = None
+    shown_after: str | None = None  # the next answer (a page of the newest) shows only events later than this ts
 
     @property
     def page_size(self) -> int:
-        return self.limit if self.first else PAGE
+        return self.limit if self.first and self.shown_after is None else PAGE
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,13 @@ class Page:
     items: tuple[dict[str, Any], ...]
     store: str | None = None  # None: a control plane older than ``store``
     pruned_through: int = 0
+    last_id: int | None = None  # the store's newest event id; None: a control plane older than ``lastId``
 
     @classmethod
     def from_json(cls, answer: dict[str, Any]) -> Page:
-        return cls(tuple(answer["items"]), answer.get("store"), int(answer.get("prunedThrough") or 0))
+        last_id = answer.get("lastId")
+        return cls(tuple(answer["items"]), answer.get("store"), int(answer.get("prunedThrough") or 0),
+                   int(last_id) if last_id is not None else None)
 
 
 @dataclass(frozen=True)
@@ -139,12 +146,25 @@ def answered(state: Follow, page: Page, every_s: float) -> Step:
     plane was away: ``prunedThrough`` counts every kind, so a later poll, asking after the
     newest event of ``--kind``/``--name``, would be told of other events retention deleted
     since, none of which it follows; nor is what it deleted before an answer of the newest
-    events, which were all there was to follow."""
+    events, which were all there was to follow.
+
+    A store whose newest id (``lastId``) is below the id asked after went back (restored from
+    an older backup, keeping its ``store``): the ids it hands out now were read before, from
+    the lost events. That is said once, and its newest events are asked for at once, of which
+    only those logged since the last shown (by time, to the second) are shown: the backup's were."""
     said = ("the control plane answers again; following",) if state.away else ()
     if state.store is not None and page.store is not None and page.store != state.store:
         said += (f"the control plane now reads another store ({page.store}, was {state.store}); following its newest events",)
         # its events came after an id of the other store: asked again at once, for this one's newest
         return Step(Follow(state.limit, store=page.store), said)
+    if state.last_ts is not None and state.since is not None and page.last_id is not None and page.last_id < state.since:
+        said += (f"warning: the control plane's store went back (restored from a backup?): its newest event is id "
+                 f"{page.last_id}, before id {state.since} already read; following its events logged since",)
+        return Step(Follow(state.limit, store=page.store or state.store, shown_after=state.last_ts), said)
+    items = page.items
+    if state.shown_after is not None:
+        # to the second: one of the same second as the last shown is shown, rather than lost
+        items = tuple(e for e in items if str(e.get("ts", "")) >= state.shown_after)
     pruned_known = state.pruned_known
     if state.since is None:  # the newest events: what retention deleted before them is none this follow shows
         pruned_known = page.pruned_through
@@ -153,8 +173,9 @@ def answered(state: Follow, page: Page, every_s: float) -> Step:
                  f"{state.since} may be missing; going on from the oldest kept",)
         pruned_known = page.pruned_through
     since = page.items[-1]["id"] if page.items else (state.since or 0)
-    after = Follow(state.limit, since, first=False, store=page.store or state.store, pruned_known=pruned_known)
-    return Step(after, said, page.items, every_s)
+    last_ts = items[-1].get("ts") if items else state.last_ts
+    after = Follow(state.limit, since, first=False, store=page.store or state.store, pruned_known=pruned_known, last_ts=last_ts)
+    return Step(after, said, items, every_s)
 
 
 #: the longest a Retry-After is honoured while following: a server asking for more would leave the follow silent

@@ -436,6 +436,12 @@ class SqlStore(Credentials):
         is kept longer, revocations for good)."""
         return int(self._fetch("SELECT value FROM meta WHERE key = 'events_pruned_through'")[0]["value"])
 
+    def events_last_id(self) -> int:
+        """The newest event id logged and not pruned, 0 while none is: below an id a reader
+        read from this store, the store went back (restored from a backup: a copy keeps its
+        :meth:`store_id`, and numbers new events from the copy's last)."""
+        return int(self._fetch("SELECT COALESCE(MAX(id), 0) AS id FROM events")[0]["id"])
+
     # --- leadership ------------------------------------------------------------------
 
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:

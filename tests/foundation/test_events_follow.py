@@ -13,8 +13,13 @@ AWAY = "warning: cannot reach http://cp:8080; asking again every 1s"
 BACK = "the control plane answers again; following"
 
 
-def ev(i: int) -> dict[str, object]:
-    return {"id": i, "actor": "cli", "action": "created", "kind": "Model", "name": f"m{i}", "reason": ""}
+T3, T9, T10 = "2026-01-01T10:00:03Z", "2026-01-01T11:00:09Z", "2026-01-01T11:00:10Z"
+WENT_BACK = ("warning: the control plane's store went back (restored from a backup?): its newest event is id 4, before id 9 "
+             "already read; following its events logged since")
+
+
+def ev(i: int, ts: str | None = None) -> dict[str, object]:
+    return {"id": i, "actor": "cli", "action": "created", "kind": "Model", "name": f"m{i}", "reason": ""} | ({"ts": ts} if ts else {})
 
 
 def pruned(through: int, since: int) -> str:
@@ -66,6 +71,20 @@ def pruned(through: int, since: int) -> str:
                  Page((ev(40),), "s1", pruned_through=35),
                  Step(Follow(50, 40, first=False, store="s1", pruned_known=35), (BACK, pruned(35, 9)), (ev(40),), 1.0),
                  id="back after retention deleted more"),
+    pytest.param(Follow(50, 9, first=False, store="s1", last_ts=T9), Page((), "s1", last_id=4),
+                 Step(Follow(50, store="s1", shown_after=T9), (WENT_BACK,)),
+                 id="the store went back: said, its newest asked at once"),
+    pytest.param(Follow(50, 9, first=False, store="s1", last_ts=T9, away=True, check_pruned=True), Page((), "s1", last_id=4),
+                 Step(Follow(50, store="s1", shown_after=T9), (BACK, WENT_BACK)),
+                 id="back on a store that went back: both said"),
+    pytest.param(Follow(50, store="s1", shown_after=T9), Page((ev(3, T3), ev(4, T9), ev(5, T10)), "s1", last_id=5),
+                 Step(Follow(50, 5, first=False, store="s1", last_ts=T10), (), (ev(4, T9), ev(5, T10)), 1.0),
+                 id="after it went back: the backup's events not shown again, none since lost"),
+    pytest.param(Follow(50, 9, first=False, store="s1", last_ts=T9), Page((), "s1", last_id=9),
+                 Step(Follow(50, 9, first=False, store="s1", last_ts=T9), (), (), 1.0), id="an empty poll at the newest id"),
+    pytest.param(Follow(50, 1000, check_pruned=True), Page((), "s1", last_id=4),
+                 Step(Follow(50, 1000, first=False, store="s1"), (), (), 1.0),
+                 id="--since past the newest, nothing read: waited for, not a store that went back"),
 ])
 def test_an_answer_decides_what_is_shown_said_and_asked_next(state: Follow, page: Page, step: Step) -> None:
     assert events.answered(state, page, every_s=1.0) == step
@@ -87,7 +106,7 @@ def test_a_failed_ask_is_said_once_and_waited_out(state: Follow, step: Step) -> 
 
 
 @pytest.mark.parametrize(("state", "size"), [(Follow(50), 50), (Follow(50, 5), 50), (Follow(50, 5, first=False), PAGE),
-                                             (Follow(7, store="s2"), 7)])
+                                             (Follow(7, store="s2"), 7), (Follow(7, store="s1", shown_after="t"), PAGE)])
 def test_a_store_first_answer_is_limit_events_then_pages(state: Follow, size: int) -> None:
     assert state.page_size == size
 
