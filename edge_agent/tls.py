@@ -73,7 +73,19 @@ class AgentTls:
     ca_sha256: str | None = None  # or its pin: SHA-256 of the CA certificate (DER), lowercase hex
 
     def needs_pinned_ca(self) -> bool:
-        return self.ca_sha256 is not None and self.ca_file is None and not self.saved_ca_path.exists()
+        """Whether the CA must be fetched by its pin: none is saved, or the saved one is not the
+        pin's (the pin is the operator's word, newer than a file the agent saved itself: an
+        agent enrolled again at a control plane with a new CA)."""
+        return self.ca_sha256 is not None and self.ca_file is None and self.saved_ca_sha256() != self.ca_sha256
+
+    def saved_ca_sha256(self) -> str | None:
+        """The SHA-256 (of the DER) of the CA saved in the data dir; None when none is, or it is unreadable."""
+        import ssl
+
+        try:
+            return hashlib.sha256(ssl.PEM_cert_to_DER_cert(self.saved_ca_path.read_text())).hexdigest()
+        except (OSError, ValueError):
+            return None
 
     async def fetch_pinned_ca(self, target: str) -> None:
         """Take the CA whose SHA-256 is the pin from the certificate chain ``target`` presents

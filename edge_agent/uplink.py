@@ -320,6 +320,9 @@ class Uplink:
         """First join over the join port: bootstrap token + CSR in, client certificate out."""
         target = agent_tls.join_target_for(self._target)
         if agent_tls.needs_pinned_ca():
+            if (saved := agent_tls.saved_ca_sha256()) is not None:
+                log.warning("the CA saved in %s (SHA-256 %s) is not the one --ca-sha256 names: replacing it with the one "
+                            "%s presents under that SHA-256", agent_tls.saved_ca_path, saved, target)
             try:
                 await agent_tls.fetch_pinned_ca(target)
             except errors.AgentUnavailable as exc:

@@ -23,6 +23,7 @@ import yaml
 
 from orchestrator import catalog
 from orchestrator.cli import objects
+from orchestrator.security import ca
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness, loopback
@@ -346,6 +347,35 @@ def test_an_agent_given_only_the_cas_sha256_joins_and_a_wrong_one_never_does(
     finally:
         agent.stop()
         impostor.stop()
+
+
+def test_an_agent_given_a_new_cas_sha256_replaces_the_ca_it_saved_from_an_earlier_one(
+    serve: support.ServeProcess, applied, tmp_path: pathlib.Path  # type: ignore[no-untyped-def]
+) -> None:
+    """An agent enrolled again at a control plane with a new CA (its key and certificate
+    removed, a new token and the new CA's --ca-sha256 given) kept verifying against the CA it
+    had saved from the old one, and never joined: the pin is the operator's word, newer."""
+    made = cli("token", "create", server_url=serve.url)
+    assert made.returncode == 0, made.stderr
+    pin = hashlib.sha256(ssl.PEM_cert_to_DER_cert(serve.ca_file.read_text())).hexdigest()
+    data_dir = tmp_path / "edge-porto"
+    data_dir.mkdir()
+    old = ca.CertificateAuthority.load_or_create(tmp_path / "old-ca")
+    (data_dir / "ca.crt").write_bytes(old.certificate_pem)  # saved when it enrolled at the old control plane
+    cmd = harness.agent_command(f"127.0.0.1:{serve.agent_port}", "edge-porto", data_dir, token=made.stdout.strip(),
+                                heartbeat_interval=0.3, tls=(serve.ca_file, f"127.0.0.1:{serve.join_port}"))
+    at = cmd.index("--ca-file")
+    cmd[at:at + 2] = ["--ca-sha256", pin]
+    agent = harness.spawn_agent(cmd, "edge-porto", data_dir)
+    try:
+        deadline = time.monotonic() + 30
+        while "joined control plane" not in agent.log():
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.1)
+        assert (data_dir / "ca.crt").read_text() == serve.ca_file.read_text()
+        assert "is not the one --ca-sha256 names: replacing it" in agent.log()
+    finally:
+        agent.stop()
 
 
 def test_api_tokens_with_auth_on(tmp_path: pathlib.Path, offline_fleet: pathlib.Path) -> None:
