@@ -118,13 +118,15 @@ class Authenticator:
 
 def ensure_admin_token(store: store_mod.Store, data_dir: pathlib.Path) -> str | None:
     """The initial admin token, written to ``<data_dir>/admin.token``: only while the store
-    holds no API token, so a start that failed before this (a port in use) leaves neither
-    the file nor a token, and a later start never rewrites the file operators use. The file
-    is written before the store has the token: a start that fails between the two (a full
-    disk, a kill) leaves a file whose token the next start replaces, never a token nobody
-    holds (with which no start would write the file again). Returns the secret it made
-    (None: tokens exist)."""
-    if store.has_api_tokens():
+    holds no admin token that works, so a start that failed before this (a port in use)
+    leaves neither the file nor a token, and a later start never rewrites the file operators
+    use while its token works. One whose admin tokens have all expired or been revoked (a
+    restore brings back expired ones too) writes a new one: else nobody could administer it
+    again. The file is written before the store has the token: a start that fails between
+    the two (a full disk, a kill) leaves a file whose token the next start replaces, never a
+    token nobody holds (with which no start would write the file again). Returns the secret
+    it made (None: an admin token works)."""
+    if store.has_admin_token():
         return None
     secret = store_mod.new_secret("api")
     path = data_dir / "admin.token"

@@ -112,6 +112,11 @@ class Credentials:
     def has_api_tokens(self) -> bool:
         return bool(self._fetch("SELECT 1 FROM tokens WHERE purpose = 'api' AND NOT revoked LIMIT 1"))
 
+    def has_admin_token(self) -> bool:
+        """Whether an admin API token still works (not revoked, not expired)."""
+        return bool(self._fetch(self._q("SELECT 1 FROM tokens WHERE purpose = 'api' AND role = 'admin' AND NOT revoked "
+                                        "AND (expires_at IS NULL OR expires_at >= ?) LIMIT 1"), (self._clock(),)))
+
     def save_agent(self, site: str, agent_id: str, credential: str, actor: str, replacing: str | None = None,
                    admitted_seq: int = 0) -> AgentSaved:
         """Give ``site`` a new agent identity, replacing its last one, unless that one is revoked

@@ -58,3 +58,29 @@ def test_the_admin_token_s_name_is_on_disk_before_the_store_has_the_token(tmp_pa
     secret = auth.ensure_admin_token(store, tmp_path)
     assert secret is not None and (tmp_path / "admin.token").read_text().strip() == secret
     assert synced == [(tmp_path, True, False)]
+
+
+def test_a_store_whose_admin_tokens_all_expired_or_were_revoked_gets_a_new_admin_token_at_the_next_start(
+        tmp_path: pathlib.Path) -> None:
+    """Admin tokens that no longer work (expired, revoked; a restored backup brings back
+    expired ones too) left the control plane with no way to administer it: a start wrote no
+    new admin.token while any API token was stored. One that works is kept, and its file."""
+    now = [1_000_000.0]
+    store = store_mod.Store(tmp_path / "store.db", clock=lambda: now[0])
+    try:
+        first = auth.ensure_admin_token(store, tmp_path)
+        assert first is not None and auth.ensure_admin_token(store, tmp_path) is None
+        initial = store.verify_token(first, "api")
+        assert initial is not None
+        short, _ = store.create_token("api", "admin", 3600, "admin", "an admin's token for a day's work")
+        store.create_token("api", "read", None, "admin", "a dashboard")  # it administers nothing
+        store.revoke_token(initial.id, "admin")
+        assert auth.ensure_admin_token(store, tmp_path) is None  # the short-lived one still works
+        now[0] += 7200  # it expired
+        (tmp_path / "admin.token").unlink()  # and the file is lost, or holds the revoked one
+        written = auth.ensure_admin_token(store, tmp_path)
+        assert written is not None and (tmp_path / "admin.token").read_text().strip() == written
+        given = store.verify_token(written, "api")
+        assert given is not None and given.role == "admin" and store.verify_token(short, "api") is None
+    finally:
+        store.close()

@@ -655,9 +655,10 @@ def test_tokens_expire_by_the_injected_clock(store: Store, clock: FakeClock) -> 
     assert store.events()[-1].action == "token-created" and store.events()[-1].actor == "admin"
 
 
-def test_tokens_revoke_and_only_digests_are_stored(store: Store, location: str) -> None:
+def test_tokens_revoke_and_only_digests_are_stored(store: Store, location: str, clock: FakeClock) -> None:
     secret, info = store.create_token("api", "read", None, "admin")
     assert info.expires_at is None and store.has_api_tokens()
+    assert not store.has_admin_token()  # a read token administers nothing
     assert store.verify_token(secret + "x", "api") is None
     assert store.revoke_token(info.id, "admin") is True
     assert store.verify_token(secret, "api") is None
@@ -666,6 +667,10 @@ def test_tokens_revoke_and_only_digests_are_stored(store: Store, location: str) 
     assert [e.action for e in store.events()][-1] == "token-revoked"
     raw = stored_bytes(location)
     assert secret.encode() not in raw and store_mod.digest(secret).encode() in raw
+    admin_secret, _ = store.create_token("api", "admin", 60, "admin")
+    assert store.has_admin_token()
+    clock.now += 61
+    assert not store.has_admin_token() and store.verify_token(admin_secret, "api") is None  # expired: it works no more
 
 
 def test_tokens_are_listed_with_their_state_and_never_their_secret(store: Store, clock: FakeClock) -> None:
