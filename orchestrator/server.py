@@ -175,13 +175,17 @@ class ControlPlane(server_views.ServerViews):
                 loaded = ca_mod.CertificateAuthority.load_or_create(cfg.data_dir / "ca", trusted=trusted, replace=cfg.new_agent_ca)
             except ca_mod.CertificateError as exc:
                 raise server_config.ConfigError(f"the agents' CA: {exc}") from None
-            if loaded.fingerprint != trusted:
-                # Another CA in the folder is not refused: replicas that hold different ones say so
-                # through the relay (relay.Leader.unlike), and the one copied in last is kept.
+            if trusted is None or (cfg.new_agent_ca and loaded.fingerprint != trusted):
                 await self.store.run(self.store.publish, AGENT_CA_KEY, loaded.fingerprint)
                 if trusted is not None:
-                    log.warning("the agent CA in %s (SHA-256 %s) is not the one the store's agents trusted (%s): agents "
-                                "enrolled with that one must enrol again", cfg.data_dir / "ca", loaded.fingerprint, trusted)
+                    log.warning("the agents' CA is now the one in %s (SHA-256 %s), in place of %s (--new-agent-ca): every "
+                                "agent must enrol again", cfg.data_dir / "ca", loaded.fingerprint, trusted)
+            elif loaded.fingerprint != trusted:
+                # Not refused: replicas that hold different CAs also say so through the relay
+                # (relay.Leader.unlike), and a CA made again on purpose is taken with --new-agent-ca.
+                log.warning("the CA in %s (SHA-256 %s) is not the one the store's agents trust (%s): they are refused here; "
+                            "give every replica the CA they trust, or start with --new-agent-ca to make this one theirs "
+                            "(every agent must then enrol again)", cfg.data_dir / "ca", loaded.fingerprint, trusted)
             self.ca = dataclasses.replace(loaded, agent_ttl=datetime.timedelta(seconds=cfg.agent_cert_ttl_s))
             try:
                 server_certificate = ca_mod.ServerCertificate(self.ca, server_config.agent_tls_hosts(cfg))

@@ -38,7 +38,7 @@ class ServerConfig:
     agent_port: int = 8081
     agent_join_port: int = 8082  # first joins (bootstrap token + CSR) over server-authenticated TLS
     insecure_agents: bool = False  # plaintext agent gRPC: only when explicitly asked for
-    new_agent_ca: bool = False  # a new CA where ca/ lost the one the store's agents trust: they enrol again
+    new_agent_ca: bool = False  # ca/'s CA (made if none) replaces the one the store's agents trust: they enrol again
     agent_cert_ttl_s: float = ca_mod.AGENT_DAYS * 86400.0  # agents renew theirs two thirds in
     auth: str = "none"  # "none" (loopback only) | "token"
     position: tuple[float, float] | None = None  # the gateway's own location

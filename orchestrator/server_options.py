@@ -64,7 +64,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-agents", action="store_true",
                    help="plaintext agent gRPC with bearer credentials instead of mutual TLS (agents then need --insecure)")
     p.add_argument("--new-agent-ca", action="store_true",
-                   help="make a new agent CA where <data-dir>/ca has lost the one the store's agents trust: every agent must enrol again")
+                   help="make the CA in <data-dir>/ca (a new one where it holds none) the one the store's agents trust, in place of the "
+                        "one they trusted: every agent must enrol again")
     p.add_argument("--agent-cert-days", type=argtypes.number(0, 3650, above=True), default=float(AGENT_DAYS), metavar="DAYS",
                    help="lifetime of the client certificates agents receive; agents renew theirs two thirds in")
     p.add_argument("--auth", choices=["none", "token"], default="none",

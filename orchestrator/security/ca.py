@@ -128,8 +128,9 @@ class CertificateAuthority:
                                    "trusted by the agents that joined); only a folder with neither gets a new CA")
         if trusted is not None and not replace:
             raise CertificateError(f"{folder} holds no CA, and the store's agents trust the CA with SHA-256 {trusted}: restore "
-                                   f"{folder} from a backup (a new CA would not be trusted by the agents that joined), or start "
-                                   "with --new-agent-ca to make a new one, after which every agent must enrol again")
+                                   f"{folder} from a backup, or copy it from another replica (a new CA would not be trusted by "
+                                   "the agents that joined), or start with --new-agent-ca to make a new one, after which every "
+                                   "agent must enrol again")
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = _now()

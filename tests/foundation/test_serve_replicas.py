@@ -235,7 +235,9 @@ def test_replicas_with_different_agent_cas_say_so_and_relay_over_mutual_tls_once
     tmp_path: pathlib.Path, offline_fleet: pathlib.Path, postgres: PostgresServer
 ) -> None:
     url = postgres.create_database()
-    replicas = start_replicas(tmp_path, offline_fleet, [url, url], insecure_agents=False)  # each makes its own CA
+    for i in range(2):  # each its own CA (a replica given none while the store knows one is refused)
+        assert support.cli("ca", "init", str(tmp_path / f"cp-{i}" / "ca")).returncode == 0
+    replicas = start_replicas(tmp_path, offline_fleet, [url, url], insecure_agents=False)
     try:
         leader = the_leader(replicas)
         follower = next(r for r in replicas if r is not leader)
