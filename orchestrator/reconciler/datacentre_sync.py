@@ -147,8 +147,11 @@ class DataCentreSync:
             log.warning("data centre %s: the Serve applications the Site left are abandoned: no longer removed", site)
 
     async def _observe_one(self, site: snap.SiteRecord) -> snap.DataCentreObservation:
+        """What runs on ``site``'s cluster. A backoff from observing it holds the next try;
+        one from applying does not: the cluster answered, and what it runs (the last apply's
+        applications, say, that a drain waits to see removed) is seen while the apply waits."""
         backoff = self._backoff.get(site.name)
-        if backoff is not None and backoff.next_try > self.clock():
+        if backoff is not None and backoff.unreachable and backoff.next_try > self.clock():
             return self._unreachable(site.name)
         try:
             actuator = await self.datacentres.actuator(site.name, site.spec)
@@ -163,7 +166,9 @@ class DataCentreSync:
             return self._unreachable(site.name)
         if backoff is not None and backoff.unreachable:
             await self._recovered(site.name, backoff)
-        return snap.DataCentreObservation(True, apps, drift=actuator.drift)
+            backoff = None
+        # the site's status says why its apply is retried
+        return snap.DataCentreObservation(True, apps, error=backoff.last_error if backoff is not None else "", drift=actuator.drift)
 
     def _unreachable(self, site: str, error: str | None = None) -> snap.DataCentreObservation:
         """``site`` out of reach: lost once it has been for ``lost_after``. A leader that

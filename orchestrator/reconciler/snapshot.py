@@ -54,7 +54,7 @@ class Desired:
 class DataCentreObservation:
     reachable: bool
     apps: Mapping[str, serve_config.ServeAppStatus] = field(default_factory=dict)
-    error: str = ""
+    error: str = ""  # why it is out of reach; reachable, why the apply being retried failed
     drift: str = ""  # how its edgeplane applications differ from what this leader applied last
     # Unreachable as long as an agent may miss heartbeats before it is declared lost: what
     # it runs is written off as a lost agent's is (a drain of it is done), not known gone.

@@ -9,13 +9,14 @@ there: what it reports must not rest on that."""
 from __future__ import annotations
 
 import pathlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import httpx
 import pytest
 
 from orchestrator import server
+from orchestrator.adapters import serve_config
 from orchestrator.testing import harness
 from tests.controlplane.test_datacentre_sites import MODEL, Cluster, bundle, site, site_status
 
@@ -88,3 +89,44 @@ async def test_a_drained_data_centre_out_of_reach_as_long_as_a_lost_agent_is_dra
     assert down.running  # nothing could remove them; they are once it answers
     down.down = False
     await harness.wait_until(lambda: not down.running, 30, what="dc-a's applications removed once it answers")
+
+
+class Refusing(Cluster):
+    """A cluster that answers but refuses what is applied while ``refusing`` (a Serve config
+    it rejects, say): what it ran before runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusing = False
+        self.refused = 0
+
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+        if self.refusing:
+            self.refused += 1
+            raise serve_config.DataCentreError("the Serve config is refused: 422 Unprocessable Entity")
+        await super().apply(apps)
+
+
+async def test_a_drained_data_centre_that_refuses_the_apply_is_draining_while_its_applications_run(
+        fleet: harness.Fleet) -> None:
+    """The refusal is no outage: the cluster is observed meanwhile, and the site is not
+    taken for lost while what it was told to remove is seen running."""
+    refusing, other = Refusing(), Cluster()
+    clusters = {"dc-a": refusing, "dc-b": other}
+    cp = await fleet.start_control_plane(kube_factory=lambda name, spec: clusters[name], resync_s=0.2)
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, DEPLOYMENT))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: bool(refusing.running), 30, what="d running on dc-a")
+        assert (await http.post("/v1/apply", content=site("dc-b"))).status_code == 200
+        refusing.refusing = True
+        assert (await http.post("/v1/sites/dc-a/drain")).status_code == 200
+    # through two backoffs: what the site reports while the apply waits
+    await harness.wait_until(lambda: bool(other.running) and (refusing.refused >= 3 or maintenance(cp, "dc-a").get("state") == "Drained"),
+                             30, what="d on dc-b and dc-a's apply retried")
+    m = maintenance(cp, "dc-a")
+    assert m["state"] == "Draining" and m["replicasLeft"] == 0 and "declared lost" not in m.get("note", ""), m
+    assert "422" in site_status(cp, "dc-a").get("error", ""), site_status(cp, "dc-a")  # why it waits
+    refusing.refusing = False
+    await harness.wait_until(lambda: maintenance(cp, "dc-a").get("state") == "Drained", 30, what="dc-a drained")
+    assert refusing.running == {}
