@@ -93,7 +93,7 @@ class DataCentreSync:
             if (backoff := self._backoff.get(site.name)) is not None and backoff.target != driven[site.name]:
                 del self._backoff[site.name]  # the old target's failures (often why it moved) hold up nothing on the new one
             if (left := self.datacentres.target(site.name)) not in (None, driven[site.name]):
-                observed = self.observed.get(site.name)
+                observed = self.observed.pop(site.name, None)  # the old target's: the new one is not seen yet
                 self._retiring[Left(site.name, left)] = max(len(observed.apps) if observed else 0,
                                                              len(self.applied.pop(site.name, ())))
         # a record of the target its Site drives now was read racing the apply that drops it
@@ -172,10 +172,12 @@ class DataCentreSync:
 
     def _unreachable(self, site: str, error: str | None = None) -> snap.DataCentreObservation:
         """``site`` out of reach: lost once it has been for ``lost_after``. A leader that
-        just took over counts from its own first try, as it does for agents."""
-        backoff = self._backoff[site]
+        just took over counts from its own first try, as it does for agents. What it ran
+        when last observed goes along (``last_apps``)."""
+        backoff, last = self._backoff[site], self.observed.get(site)
         return snap.DataCentreObservation(False, error=backoff.last_error if error is None else error,
-                                          lost=self.clock() - backoff.unreachable_since >= self.lost_after)
+                                          lost=self.clock() - backoff.unreachable_since >= self.lost_after,
+                                          last_apps=None if last is None else last.apps if last.reachable else last.last_apps)
 
     async def _failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: Left | None = None,
                          target: str | None = None) -> None:

@@ -205,7 +205,9 @@ def site_status(s: snap.Snapshot, site: str, progress: Mapping[str, Progress], s
         out["stuck"] = [{"deployment": x.deployment, "replicas": x.replicas, "reason": x.reason} for x in p.stuck]
     dc = s.datacentres.get(site)
     if dc is not None and not dc.reachable and not p.left:  # what runs there is not seen: say why it is done or not
-        out["note"] = (f"its cluster does not answer ({dc.error}) and is declared lost: its Serve applications there "
+        out["note"] = (f"its cluster does not answer ({dc.error}); its Serve applications there were seen removed before"
+                       if state == "Drained" and not dc.lost else
+                       f"its cluster does not answer ({dc.error}) and is declared lost: its Serve applications there "
                        "are not seen removed, and are removed if it answers again" if state == "Drained" else
                        f"no replica is placed here any more; its cluster does not answer ({dc.error}): its Serve "
                        "applications there are not seen removed (Drained once they are, or once it is declared lost)")

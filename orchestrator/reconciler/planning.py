@@ -479,16 +479,18 @@ def still_serving(s: snap.Snapshot, site: str) -> bool:
     """Whether ``site`` still answers for some model: its agent serves one, or its data
     centre runs applications of its own, or still has some this control plane applied. A
     lost agent answers no one (the gateway routes nothing to it), whatever it last reported.
-    A data centre out of reach may run anything (a leader that took over since knows of no
-    apply): it counts as serving until it is declared lost, by the rule that declares an
-    agent lost (``DataCentreObservation.lost``)."""
+    A data centre out of reach is judged by what it ran when this leader last saw it; not
+    seen since this leader took over, it may run anything (it knows of no apply) and counts
+    as serving. Either way it serves no more once declared lost, by the rule that declares
+    an agent lost (``DataCentreObservation.lost``)."""
     agent = s.agent_by_site.get(site)
     if agent is not None and agent.healthy and any(m.serving for m in agent.models.values()):
         return True
     dc, owns = s.datacentres.get(site), owns_app(site)
-    if dc is not None and not dc.reachable:
+    if dc is not None and not dc.reachable and (dc.lost or dc.last_apps is None):
         return not dc.lost
-    return bool(s.applied_apps.get(site)) or (dc is not None and any(owns(n) and a.replicas_running for n, a in dc.apps.items()))
+    seen = {} if dc is None else dc.apps if dc.reachable else dc.last_apps or {}
+    return bool(s.applied_apps.get(site)) or any(owns(n) and a.replicas_running for n, a in seen.items())
 
 
 def agents_to_forget(agents: Iterable[agent_model.AgentStatus], stored_sites: Collection[str]) -> list[str]:

@@ -59,6 +59,10 @@ class DataCentreObservation:
     # Unreachable as long as an agent may miss heartbeats before it is declared lost: what
     # it runs is written off as a lost agent's is (a drain of it is done), not known gone.
     lost: bool = False
+    # Unreachable: what it ran when this leader last observed it (None: not since it leads,
+    # or since the site moved there), so that one seen running none of ours (drained, then
+    # powered off) is not taken to serve again.
+    last_apps: Mapping[str, serve_config.ServeAppStatus] | None = None
 
 
 @dataclass(frozen=True)

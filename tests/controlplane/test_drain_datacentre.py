@@ -130,3 +130,24 @@ async def test_a_drained_data_centre_that_refuses_the_apply_is_draining_while_it
     refusing.refusing = False
     await harness.wait_until(lambda: maintenance(cp, "dc-a").get("state") == "Drained", 30, what="dc-a drained")
     assert refusing.running == {}
+
+
+async def test_a_data_centre_drained_then_powered_off_stays_drained(fleet: harness.Fleet) -> None:
+    """Its applications were seen removed before it stopped answering: nothing says they
+    came back, and the site is not taken to serve them again until it is declared lost."""
+    clusters = {"dc-a": Cluster(), "dc-b": Cluster()}
+    cp = await fleet.start_control_plane(kube_factory=lambda name, spec: clusters[name], resync_s=0.2,
+                                         heartbeat_interval_s=60.0)  # not declared lost within the test
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, DEPLOYMENT))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: bool(clusters["dc-a"].running), 30, what="d running on dc-a")
+        assert (await http.post("/v1/apply", content=site("dc-b"))).status_code == 200
+        assert (await http.post("/v1/sites/dc-a/drain")).status_code == 200
+    await harness.wait_until(lambda: maintenance(cp, "dc-a").get("state") == "Drained", 30, what="dc-a drained")
+    assert clusters["dc-a"].running == {}
+    clusters["dc-a"].down = True
+    await harness.wait_until(lambda: "cannot reach the cluster" in maintenance(cp, "dc-a").get("note", ""), 30,
+                             what="dc-a's status to say its cluster does not answer")
+    m = maintenance(cp, "dc-a")
+    assert m["state"] == "Drained" and "seen removed before" in m["note"], m
