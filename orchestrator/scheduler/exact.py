@@ -14,7 +14,9 @@ planner takes milliseconds). It models the same hard rules and the same objectiv
 - ``new[d,s,v] ≥ x - running``: the move charge;
 - shortfall below the wanted count and below ``min`` priced as in ``Weights``;
 - spread: ``lo[d] ≤ count(domain) ≤ lo[d] + maxSkew`` for every eligible domain;
-- one deployment per model on an edge site (its agent serves a model once).
+- one deployment per model on an edge site (its agent serves a model once);
+- a cordoned site (``Site.admits``) holds at most as many of each (deployment, variant)
+  as it admits, as the planner's seats there do.
 
 By default it does not model the planner's rule that running replicas keep their seats
 against other deployments: the MILP is then free to reshuffle everything, and on contended
@@ -103,6 +105,7 @@ def solve(
     gpu_use: dict[tuple[int, int], list[tuple[int, float]]] = {}
     power_use: dict[int, list[tuple[int, float]]] = {}
     edge_x: dict[tuple[str, int], dict[str, list[int]]] = {}  # (model, edge site) → deployment → x columns
+    cordoned_x: dict[tuple[int, str, str], list[int]] = {}  # (cordoned site, deployment, variant) → x columns
     for dep in deployments:
         w = dep.weights or weights
         wanted = dep.wanted_replicas()
@@ -133,6 +136,8 @@ def solve(
                         new_terms.setdefault((s, variant.name), []).append(col)
                     if fleet.is_edge[s]:
                         edge_x.setdefault((dep.model, s), {}).setdefault(dep.name, []).append(col)
+                    if s in fleet.admits:
+                        cordoned_x.setdefault((s, dep.name, variant.name), []).append(col)
         for (s, name), cols in new_terms.items():
             new = b.var(w.move_per_replica, 0, np.inf, False)
             now = running[(dep.name, s, name)]
@@ -145,6 +150,8 @@ def solve(
         _spread_rows(b, fleet, dep, xs_at)
         _latency(b, fleet, dep, w, wanted, xs_at)
     _one_deployment_per_model(b, edge_x, {d.name: d.wanted_replicas() for d in deployments})
+    for (s, name, variant_name), cols in cordoned_x.items():
+        b.row([(c, 1.0) for c in cols], -np.inf, float(fleet.admits[s].get((name, variant_name), 0)))
     for s, terms in cpu_use.items():
         b.row(terms, -np.inf, float(fleet.cpu[s]) + 1e-9)
     for s, terms in mem_use.items():

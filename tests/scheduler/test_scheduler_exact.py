@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -66,6 +67,19 @@ def test_move_cost_keeps_running_replicas():
     assert placed(stay) == [("d", "lyon-1")]
     go = exact.solve(sites, [dep], [Replica("d", "lyon-1", "small")], weights=Weights(move_per_replica=1.0))
     assert placed(go) == [("d", "paris-1")]
+
+
+def test_a_cordoned_site_keeps_no_more_of_a_deployment_than_it_admits():
+    """Room for two, but cordoned holding one: the baseline places no replica there that the
+    planner would not, so they are compared on the same problem."""
+    paris = dataclasses.replace(site("paris-1", "paris", cpu=2), admits={("d", "small"): 1})
+    dep = deployment(replicas=(2, 2), demand=(("paris", 10),))
+    current = [Replica("d", "paris-1", "small")]
+    best = exact.solve([paris], [dep], current)
+    assert placed(best) == placed(plan([paris], [dep], current)) == [("d", "paris-1")]
+    lyon = site("lyon-1", "lyon", cpu=2)
+    best = exact.solve([paris, lyon], [dep], current)
+    assert placed(best) == [("d", "lyon-1"), ("d", "paris-1")]
 
 
 def test_milp_matches_brute_force_and_planner_is_close():
