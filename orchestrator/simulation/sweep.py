@@ -104,9 +104,17 @@ class Sweeper:
             self.replicas_by_deployment[r.deployment].append(r)
             self.deployments_at[r.site].add(r.deployment)
         self.cpu, self.mem, self.watts, free_gpus, self.gpu_taken = _usage(self.fleet, state)
+        # What the running replicas leave, below zero where a site holds more than it has (a
+        # power budget lowered below its draw, say): what a re-plan gives back fills that
+        # first, and only the sum is clamped, or the re-planned deployments would be given
+        # room the others already overdraw.
+        self.spare_cpu = [s.cpu - float(self.cpu[i]) for i, s in enumerate(state.sites)]
+        self.spare_mem = [s.memory_gib - float(self.mem[i]) for i, s in enumerate(state.sites)]
+        self.spare_watts = [None if s.power_budget_watts is None else s.power_budget_watts - float(self.watts[i]) * s.pue
+                            for i, s in enumerate(state.sites)]
         self.reserved = [
-            dataclasses.replace(s, cpu=max(0.0, s.cpu - self.cpu[i]), memory_gib=max(0.0, s.memory_gib - self.mem[i]),
-                                gpus=tuple(free_gpus[s.name]), power_budget_watts=_less(s.power_budget_watts, self.watts[i] * s.pue))
+            dataclasses.replace(s, cpu=max(0.0, self.spare_cpu[i]), memory_gib=max(0.0, self.spare_mem[i]),
+                                gpus=tuple(free_gpus[s.name]), power_budget_watts=_budget(self.spare_watts[i]))
             for i, s in enumerate(state.sites)
         ]
         self.short_before = {d.name: max(0, d.wanted_replicas() - len(self.replicas_by_deployment.get(d.name, [])))
@@ -145,8 +153,9 @@ class Sweeper:
         for i in set(back_cpu) | set(back_gpu):
             s = planned_sites[i]
             gpus = tuple(dataclasses.replace(g, count=g.count + back_gpu[i].get(k, 0)) for k, g in enumerate(s.gpus))
-            planned_sites[i] = dataclasses.replace(s, cpu=s.cpu + back_cpu[i], memory_gib=s.memory_gib + back_mem[i], gpus=gpus,
-                                                   power_budget_watts=_less(s.power_budget_watts, -back_watts[i] * s.pue))
+            planned_sites[i] = dataclasses.replace(s, cpu=max(0.0, self.spare_cpu[i] + back_cpu[i]),
+                                                   memory_gib=max(0.0, self.spare_mem[i] + back_mem[i]), gpus=gpus,
+                                                   power_budget_watts=_budget(self.spare_watts[i], back_watts[i] * s.pue))
         for i in lost:
             planned_sites[i] = dataclasses.replace(planned_sites[i], healthy=False)
         deployments = [self.by_name[d] for d in replanned]
@@ -163,9 +172,10 @@ class Sweeper:
                       after.unserved_rps, after.p95_ms, p95_delta, after.g_co2_per_hour)
 
 
-def _less(budget: float | None, watts: float) -> float | None:
-    """A power budget less ``watts`` (facility watts; negative gives back), None for none."""
-    return None if budget is None else max(0.0, budget - watts)
+def _budget(spare: float | None, back: float = 0.0) -> float | None:
+    """The power budget handed to the planner: ``spare`` facility watts (below zero where a
+    site overdraws) plus ``back`` given back, never below zero; None for none."""
+    return None if spare is None else max(0.0, spare + back)
 
 
 def _target_of(site: sched.Site, by: By) -> str:

@@ -141,6 +141,19 @@ def test_a_sweep_places_a_lost_sites_replicas_within_the_others_power_budgets() 
     assert _swept_and_simulated(st, "edge-paris") == (2, 2)
 
 
+@pytest.mark.parametrize("lowered", [{"power_budget_watts": 100}, {"cpu": 2}])
+def test_a_sweep_gives_a_site_holding_more_than_it_has_no_room_it_does_not_have(lowered: dict[str, float]) -> None:
+    """Paris runs three replicas of 50 W and 1 CPU each with room for two (its power budget
+    or its capacity lowered): ``a``'s two take it all, so ``b``'s there has no room once
+    Lyon is lost, as a full simulation finds."""
+    fifty = dataclasses.replace(SMALL, power_watts=50)
+    paris = dataclasses.replace(PARIS, **lowered)
+    a, b = (deployment(name, residency={"FR"}, replicas=2, variant=fifty) for name in ("a", "b"))
+    running = (("a", PARIS), ("a", PARIS), ("b", PARIS), ("b", LYON))
+    st = whatif.State((paris, LYON), (a, b), tuple(sched.Replica(d, s.name, "small") for d, s in running))
+    assert _swept_and_simulated(st, LYON.name) == (2, 2)
+
+
 def test_an_added_site_near_demand_attracts_the_replica() -> None:
     st = state(deployment("d", residency={"ES", "FR"}, demand=PARIS_DEMAND), sites=(MADRID,))
     new = site("edge-paris-2", "FR", "eu-west", 48.85, 2.36)
