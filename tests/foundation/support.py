@@ -184,6 +184,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def shared_agent_ca(*data_dirs: pathlib.Path) -> None:
+    """Give control-plane replicas one agents' CA, as docs/deploy.md has an operator do
+    (``edgeplane ca init`` once, the folder copied to each): a replica started with none
+    while the store knows one is refused."""
+    made = cli("ca", "init", str(data_dirs[0] / "ca"))
+    assert made.returncode == 0, made.stderr
+    for other in data_dirs[1:]:
+        shutil.copytree(data_dirs[0] / "ca", other / "ca")
+
+
 def cli(*args: str, server_url: str | None = None, env: dict[str, str] | None = None, stdin: str | None = None,
         timeout: float = 60.0, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed ``edgeplane`` command."""

@@ -20,6 +20,7 @@ def test_state_in_postgresql_survives_kill_9_and_is_seen_by_another_control_plan
     tmp_path: pathlib.Path, offline_fleet: pathlib.Path, postgres: PostgresServer
 ) -> None:
     url = postgres.create_database()
+    support.shared_agent_ca(tmp_path / "one", tmp_path / "two")
     first = support.ServeProcess(tmp_path / "one", "--store", url, artifact_root=offline_fleet).wait_ready()
     try:
         first.cli_ok("apply", "-f", str(offline_fleet))

@@ -205,6 +205,7 @@ def test_a_paused_leader_is_replaced_and_steps_down_when_it_resumes(
     takes over with a larger token; the old leader, resumed, finds its lease gone and
     follows; there is one leader throughout."""
     url = postgres.create_database()
+    support.shared_agent_ca(tmp_path / "one", tmp_path / "two")
     replicas = [support.ServeProcess(tmp_path / name, "--store", url, "--leader-lease", str(LEASE_S), artifact_root=offline_fleet)
                 for name in ("one", "two")]
     try:
