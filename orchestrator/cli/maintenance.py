@@ -19,6 +19,7 @@ from typing import Any
 from orchestrator.cli import events, render
 from orchestrator.cli.http import ApiClient, CliError, RetryLater
 from orchestrator.cli.objects import with_reason
+from orchestrator.urlpath import path_segment
 
 DEFAULT_WAIT_S = 600.0
 
@@ -49,7 +50,7 @@ def _site_args(sp: argparse.ArgumentParser, header_text: Callable[[str], str]) -
 
 
 def _path(args: argparse.Namespace, action: str) -> str:
-    return f"/v1/sites/{args.name}/{action}"
+    return f"/v1/sites/{path_segment(args.name)}/{action}"
 
 
 def _said(data: dict[str, Any], args: argparse.Namespace) -> None:
@@ -136,7 +137,7 @@ def _wait(api: ApiClient, args: argparse.Namespace) -> int:
     away = False
     while True:
         try:
-            site = api.request("GET", f"/v1/sites/{args.name}")
+            site = api.request("GET", f"/v1/sites/{path_segment(args.name)}")
         except CliError as exc:
             wait = events.wait_to_ask_again(exc, args.interval)
             if wait is None:  # refused, not away: asking again would be refused again

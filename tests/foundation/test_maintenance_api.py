@@ -174,6 +174,11 @@ def test_the_command_line(cp: support.ServerThread) -> None:
     assert missing.returncode == 1 and "Site 'nowhere' does not exist" in missing.stderr
     assert run("drain", "site", "edge-berlin", "--dry-run", "--force").returncode == 2
     assert run("cordon", "model", "edge-berlin").returncode == 2  # only sites are taken out
+    # a name is one path segment: this one names no Site, never a forced drain of edge-berlin
+    tricked = run("cordon", "site", "edge-berlin/drain?force=true#")
+    assert tricked.returncode == 1 and "drain" not in tricked.stdout, (tricked.stdout, tricked.stderr)
+    with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+        assert "maintenance" not in c.get("/v1/sites/edge-berlin").json()["status"]
 
 
 def test_during_a_hold_a_cordon_is_stored_and_takes_effect_when_it_ends(cp: support.ServerThread) -> None:
