@@ -76,7 +76,7 @@ def continue_token(list_name: str, key: Sequence[str]) -> str:
 def _read_token(token: str, list_name: str) -> tuple[str, ...]:
     try:
         doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested past the parser's depth
         doc = None
     if not isinstance(doc, dict) or not isinstance(after := doc.get("after"), list) or not all(isinstance(k, str) for k in after):
         raise BadPage("continue is not a token a page of this list gave (metadata.continue)")

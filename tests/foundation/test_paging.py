@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from orchestrator.api import paging
@@ -69,3 +71,11 @@ def test_a_token_of_another_shape_is_refused() -> None:
     page = paging.parse({"limit": "1", "continue": paging.continue_token("placements", ["only-one-key"])}, "placements")
     with pytest.raises(paging.BadPage):
         paging.page_of(ROWS, page, lambda r: r)
+
+
+def test_a_token_of_json_nested_past_the_parser_s_depth_is_refused() -> None:
+    """json.loads raises RecursionError, not ValueError, for an array nested too deep: a
+    crafted token of 2,000 '[' was a 500 on every paged list."""
+    token = base64.urlsafe_b64encode(b"[" * 2000).decode().rstrip("=")
+    with pytest.raises(paging.BadPage, match="continue is not a token"):
+        paging.parse({"limit": "1", "continue": token}, "sites")
