@@ -26,7 +26,8 @@ from starlette.routing import Route
 
 from orchestrator.artifacts import catalog as catalog_mod
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+#: ASCII digits, at most 19 (a file's offsets fit in them; more is a range not understood, not an int() to parse)
+_RANGE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
 
 
 def route(catalog: catalog_mod.ArtifactCatalog) -> Route:
