@@ -1,4 +1,5 @@
-"""A drain, make before break: what a pass keeps on a draining site, and what it says.
+"""Make before break: what a pass keeps on a site the plan takes replicas off, for a drain
+or any other move, and what it says.
 
 The scheduler plans a draining site as one it may not use (``Site.draining``): each of
 its replicas gets a replacement on another site that every hard rule allows (residency
@@ -14,8 +15,19 @@ scheduler's reason. A forced drain keeps none, nor does a draining site that is 
 anyway (its agent gone, its cluster unreachable). Such a site is drained once it serves
 nothing: a lost agent answers no one, but a data centre out of reach may still run its
 applications, and counts as serving until they are seen removed or it is declared lost by
-the agents' rule (``DataCentreObservation.lost``). Decided purely from the snapshot and the
-plan; level-based, so a pass repeated after a crash keeps the same.
+the agents' rule (``DataCentreObservation.lost``).
+
+Any other move is made before it breaks the same way (``keep_until_replaced``): a replica
+the plan takes off a site that does not drain (its deployment's siteSelector, tiers or
+demand changed, a spread, a power budget, a Site's labels or location) stays placed,
+routed to and assigned while the plan's replacements do not serve yet, and the deployment
+is ``Progressing`` meanwhile. Only as many as the replacements placed: with none to come,
+the operator's new rules win at once. Never outside the deployment's residency, which is
+the law of where requests may go, not the operator's preference (a draining site keeps no
+such replica either); never on a lost site; and never past a site's capacity or power
+budget where the plan gives its room to another replica (``_fitting``). Decided purely
+from the snapshot and the plan; level-based, so a pass repeated after a crash keeps the
+same: the kept rows are in the placement written.
 """
 
 from __future__ import annotations
@@ -29,6 +41,8 @@ from orchestrator import catalog
 from orchestrator import maintenance as maintenance_mod
 from orchestrator.reconciler import inventory
 from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import fleet as sched_fleet
+from orchestrator.scheduler import model as sched_model
 from orchestrator.scheduler import result as sched_result
 from orchestrator.store import sqlite as store_mod
 
@@ -52,6 +66,17 @@ class Progress:
     left: int  # replicas still placed on it
     waiting: tuple[str, ...]  # deployments whose replacements do not serve yet
     stuck: tuple[Stuck, ...]
+
+
+@dataclass(frozen=True)
+class Handover:
+    """Replicas of a deployment kept on ``site`` (which does not drain) until their replacements serve."""
+
+    site: str
+    replicas: int
+
+    def note(self) -> str:
+        return f"{self.replicas} replica(s) stay on site {self.site} until their replacements serve"
 
 
 @dataclass(frozen=True)
@@ -80,11 +105,17 @@ def draining_sites(s: snap.Snapshot) -> frozenset[str]:
 
 
 def _holding(s: snap.Snapshot) -> frozenset[str]:
-    """The draining sites that may keep replicas until their replacements serve: not one
-    that is lost too (its agent gone, its cluster unreachable), whose replicas answer no one
-    and are placed elsewhere as any lost site's are."""
-    return frozenset(site for site in draining_sites(s) if inventory.site_health(
-        s.site_by_name[site], s.agent_by_site.get(site), s.datacentres.get(site), site in s.rejoining)[0])
+    """The draining sites that may keep replicas until their replacements serve (``_may_hold``)."""
+    return frozenset(site for site in draining_sites(s) if _may_hold(s, site))
+
+
+def _may_hold(s: snap.Snapshot, site: str) -> bool:
+    """Whether ``site`` may keep replicas the plan takes off it until their replacements
+    serve: not one that is lost (its agent gone, its cluster unreachable), whose replicas
+    answer no one and are placed elsewhere as any lost site's are."""
+    record = s.site_by_name.get(site)
+    return record is not None and inventory.site_health(record, s.agent_by_site.get(site), s.datacentres.get(site),
+                                                        site in s.rejoining)[0]
 
 
 def _kept(rows: Iterable[store_mod.PlacementRow], keep: int, short: int,
@@ -109,24 +140,25 @@ def _why_stuck(plan: sched_result.DeploymentPlan) -> str:
     return plan.shortfall.cause if plan.shortfall is not None else "no other allowed site has room"
 
 
-def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
-                  ready: Callable[[store_mod.PlacementRow, str], int]) -> tuple[tuple[store_mod.PlacementRow, ...], dict[str, Progress]]:
-    """The plan's ``rows`` with the replicas each draining site keeps until their
-    replacements serve, and each draining site's progress. ``ready(row, model)``: how many
-    of a placement row's replicas answer now (``planning.row_ready``)."""
+def keep_until_replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
+                        ready: Callable[[store_mod.PlacementRow, str], int]
+                        ) -> tuple[tuple[store_mod.PlacementRow, ...], dict[str, Progress], dict[str, tuple[Handover, ...]]]:
+    """The plan's ``rows`` with the replicas it takes off a site kept there until their
+    replacements serve; each draining site's progress; per deployment, the replicas kept
+    on sites that do not drain (a move: see the module's docstring). ``ready(row, model)``:
+    how many of a placement row's replicas answer now (``planning.row_ready``)."""
     draining = draining_sites(s)
-    if not draining:
-        return rows, {}
+    forced = frozenset(site for site in draining if s.maintenance[site].force)
     mine: dict[str, list[store_mod.PlacementRow]] = {}
     for row in rows:
         mine.setdefault(row.deployment, []).append(row)
-    up = _holding(s)
-    forced = frozenset(site for site in draining if s.maintenance[site].force)
-    there: dict[str, list[store_mod.PlacementRow]] = {}
+    planned = {(row.deployment, row.site) for row in rows}
+    there: dict[str, list[store_mod.PlacementRow]] = {}  # rows of sites the plan takes a deployment off
     for row in s.placements:
-        if row.site in up:
+        if (row.deployment, row.site) not in planned and _may_keep(s, row):
             there.setdefault(row.deployment, []).append(row)
     kept: list[store_mod.PlacementRow] = []
+    moving: list[tuple[store_mod.PlacementRow, int]] = []
     waiting: dict[str, list[str]] = {site: [] for site in draining}
     stuck: dict[str, list[Stuck]] = {site: [] for site in draining}
     for name, old in sorted(there.items()):
@@ -136,17 +168,82 @@ def keep_draining(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple
         serving = sum(ready(row, d.spec.model) for row in mine.get(name, ()))
         keep = max(0, plan.wanted - serving)
         short = max(0, plan.wanted - plan.placed)  # of those kept, the ones with nowhere to go
-        for row, n, held in _kept(old, keep, short, forced):
+        replacing = 0  # replacements that do not serve yet, of those the drain waits for
+        for row, n, held in _kept([r for r in old if r.site in draining], keep, short, forced):
             kept.append(store_mod.PlacementRow(row.deployment, row.site, row.variant, n))
             if held:
                 stuck[row.site].append(Stuck(name, held, _why_stuck(plan)))
             if n > held:
                 waiting[row.site].append(name)
+            replacing += n - held
+        # A replica moved waits only for a replacement the plan placed: with none to come,
+        # it leaves as the plan says (the operator's rules no longer want it there).
+        pending = max(0, min(keep, plan.placed - serving) - replacing)
+        moving.extend((row, n) for row, n, _ in _kept([r for r in old if r.site not in draining], pending, 0))
+    handed: dict[str, list[Handover]] = {}
+    for row, n in _fitting(s, result, moving):
+        kept.append(store_mod.PlacementRow(row.deployment, row.site, row.variant, n))
+        handed.setdefault(row.deployment, []).append(Handover(row.site, n))
     out = tuple(sorted((*rows, *kept), key=lambda r: (r.deployment, r.site, r.variant)))
     left = Counter[str]()
     for row in kept:
         left[row.site] += row.replicas
-    return out, {site: Progress(site, left[site], tuple(dict.fromkeys(waiting[site])), tuple(stuck[site])) for site in sorted(draining)}
+    progress = {site: Progress(site, left[site], tuple(dict.fromkeys(waiting[site])), tuple(stuck[site])) for site in sorted(draining)}
+    return out, progress, {name: tuple(h) for name, h in handed.items()}
+
+
+def _may_keep(s: snap.Snapshot, row: store_mod.PlacementRow) -> bool:
+    """Whether a replica the plan takes off its site may stay there until its replacement
+    serves: on a site that answers (``_may_hold``), as a variant its Model still has, and
+    in a country the deployment's residency allows. Residency is the law, not a choice of
+    where to run: no caller is ever routed outside it, not even for the seconds a
+    replacement takes. A changed siteSelector, tiers or demand is the operator's choice,
+    made knowing that replicas move: the old one answers until the new one does."""
+    d = s.deployment_by_name.get(row.deployment)
+    model = s.models.get(d.spec.model) if d is not None else None
+    if d is None or model is None or not any(v.name == row.variant for v in model.variants) or not _may_hold(s, row.site):
+        return False
+    allowed = inventory.allowed_countries(d.spec)
+    return not allowed or s.site_by_name[row.site].spec.location.country in allowed
+
+
+def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tuple[store_mod.PlacementRow, int]]
+             ) -> list[tuple[store_mod.PlacementRow, int]]:
+    """Of the ``moving`` replicas, those that may stay on their sites beside what the plan
+    puts there: all of them on a site where the plan places no replica that was not there
+    before (it runs what it ran, if over a budget just lowered, which its status shows),
+    else those that fit with the newcomers in its capacity and power budget. A site is never
+    run past either for a replica the plan gave their room to: the moved one goes at once."""
+    if not moving:
+        return []
+    names = sorted({row.site for row, _ in moving})
+    fleet = sched_fleet.Fleet([inventory.to_site(s.site_by_name[n], s.agent_by_site.get(n), s.datacentres.get(n),
+                                                 None) for n in names])
+    room = sched_fleet.Capacity(fleet)
+    variants: dict[tuple[str, str], sched_model.Variant | None] = {}
+
+    def variant(deployment: str, name: str) -> sched_model.Variant | None:
+        if (deployment, name) not in variants:
+            d = s.deployment_by_name.get(deployment)
+            model = s.models.get(d.spec.model) if d is not None else None
+            found = next((v for v in model.variants if v.name == name), None) if model is not None else None
+            variants[(deployment, name)] = inventory.to_variant(found) if found is not None else None
+        return variants[(deployment, name)]
+    arrived: set[str] = set()
+    for r in result.replicas:
+        v = variant(r.deployment, r.variant)
+        if r.site in fleet.index and v is not None:
+            room.take(fleet.index[r.site], v, r.deployment)
+            if not r.kept:
+                arrived.add(r.site)
+    out = []
+    for row, n in moving:
+        v = variant(row.deployment, row.variant)
+        fits = n if row.site not in arrived else sum(
+            1 for _ in range(n) if v is not None and room.take(fleet.index[row.site], v, row.deployment) is not None)
+        if fits:
+            out.append((row, fits))
+    return out
 
 
 def events(s: snap.Snapshot, result: sched_result.PlanResult, rows: Iterable[store_mod.PlacementRow],

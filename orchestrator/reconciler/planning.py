@@ -374,10 +374,12 @@ def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) 
 
 def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_result.DeploymentPlan | None,
                       mine: list[store_mod.PlacementRow], rolling: rollout.Rollout | None = None,
-                      stays: Collection[drain.Stay] = ()) -> dict[str, Any]:
+                      stays: Collection[drain.Stay] = (), handovers: Collection[drain.Handover] = ()) -> dict[str, Any]:
     """What ``get``/``describe`` show for ``d``; ``mine`` are its placement rows, ``stays``
     its replicas a drain keeps for want of another allowed site: placed and serving still,
-    they count, and the deployment is short of nothing while they stay."""
+    they count, and the deployment is short of nothing while they stay. ``handovers``: its
+    replicas kept on sites the plan moved them off until their replacements serve, which
+    leave the counts (their replacements are counted) and keep it Progressing."""
     if plan is None:
         return {"phase": "Invalid", "reason": f"Model {d.spec.model!r} does not exist", "observedGeneration": d.generation}
     problems: list[str] = []  # make the deployment Failing
@@ -397,7 +399,8 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
                 notes.append(f"{r.site}: {app.message}")
     if rolling is not None and rolling.failed:
         problems.append(rolling.status()["halted"])
-    ready = ready_replicas(s, mine, d.spec.model)
+    leaving = {x.site for x in handovers}
+    ready = ready_replicas(s, [r for r in mine if r.site not in leaving], d.spec.model)
     placed = plan.placed + sum(x.replicas for x in stays)
     phase, why = str(plan.status), plan.reason
     if stays:  # their note says why they stay; the scheduler's count leaves them out
@@ -405,7 +408,8 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
         why = "" if placed >= plan.wanted else f"{placed} of {plan.wanted} placed"
         if placed >= plan.wanted:
             phase = str(sched_result.Status.SCHEDULED)
-    if phase != "Unschedulable" and ready < placed:
+    notes.extend(x.note() for x in handovers)
+    if phase != "Unschedulable" and (ready < placed or handovers):
         phase = "Progressing" if not problems else "Failing"
     elif phase == "Scheduled" and ready >= placed:
         phase = "Running"
@@ -506,7 +510,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     the gateway routes by the last one, to a replica the placement just took away (a
     stricter residency's, say)."""
     result, standing = schedule_pass(s, standing)
-    rows, drains = drain.keep_draining(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model))
+    rows, drains, handovers = drain.keep_until_replaced(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model))
     assigned, rollouts = edge_assignments(s, rows)
     rows_of: dict[str, list[store_mod.PlacementRow]] = {}
     for row in rows:
@@ -517,7 +521,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     stays = drain.stays(drains)
     for d in s.deployments:
         status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []), rollouts.get(d.name),
-                                   stays.get(d.name, ()))
+                                   stays.get(d.name, ()), handovers.get(d.name, ()))
         statuses.append(act.SetStatus("ModelDeployment", d.name, status))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
         if d.spec.autoscaling is not None and d.spec.replicas.min == 0 and not status.get("readyReplicas"):

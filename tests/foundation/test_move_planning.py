@@ -1,0 +1,110 @@
+"""A replica the plan moves off a site that does not drain (a changed siteSelector, tiers,
+demand, spread or power budget) leaves it as a drained one does: only once its replacement
+serves, counted in its site's room meanwhile; never where the deployment's residency no
+longer allows it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from orchestrator import maintenance
+
+from orchestrator.manifests import loader, schema
+from orchestrator.reconciler import actions as act
+from orchestrator.reconciler import planning
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.testing import manifests
+
+from . import test_reconcile_repair, test_views
+
+from .test_maintenance_planning import _at_rest, _deployment_status, _on, _rows, _serving, _with
+
+
+def _placement(d: snap.DeploymentRecord, **changes: Any) -> snap.DeploymentRecord:
+    return dataclasses.replace(d, spec=d.spec.model_copy(update={"placement": d.spec.placement.model_copy(update=changes)}))
+
+
+def _changed(s: snap.Snapshot, name: str, **changes: Any) -> snap.Snapshot:
+    return dataclasses.replace(s, deployments=tuple(_placement(d, **changes) if d.name == name else d for d in s.deployments))
+
+
+def _published_sites(plan: planning.PassPlan, deployment: str) -> set[str]:
+    (published,) = [a for a in plan.actions if isinstance(a, act.PublishEndpoints)]
+    return {e.site for e in published.endpoints if e.deployment == deployment}
+
+
+def test_a_replica_moved_by_its_site_selector_stays_until_its_replacement_serves() -> None:
+    s = _at_rest()
+    paris = {r for r in _on(s.placements, "dc-paris") if r.deployment == "intent-eu"}
+    assert paris
+    moved = _changed(s, "intent-eu", siteSelector={"zone": "eu-central"})  # Frankfurt only
+    first = planning.plan_pass(moved)
+    rows = _rows(first, moved)
+    assert {r for r in _on(rows, "dc-paris") if r.deployment == "intent-eu"} == paris  # kept: nothing new serves yet
+    assert "dc-paris" in _published_sites(first, "intent-eu")  # and still routed to
+    status = _deployment_status(first, "intent-eu")
+    assert status["phase"] == "Progressing", status
+    assert f"{sum(r.replicas for r in paris)} replica(s) stay on site dc-paris until their replacements serve" in str(status["reason"])
+    # a pass repeated before they serve keeps the same (level-based: a restarted control plane too)
+    again = dataclasses.replace(moved, placements=rows)
+    assert _rows(planning.plan_pass(again), again) == rows
+    # once every replica in Frankfurt serves, Paris is let go
+    serving = _serving(dataclasses.replace(moved, placements=rows))
+    done = planning.plan_pass(serving)
+    assert not {r for r in _on(_rows(done, serving), "dc-paris") if r.deployment == "intent-eu"}
+    assert _published_sites(done, "intent-eu") == {"dc-frankfurt"}
+    assert _deployment_status(done, "intent-eu")["phase"] != "Progressing"
+
+
+@pytest.mark.parametrize("drained", [False, True])
+def test_a_replica_outside_a_narrowed_residency_leaves_at_once(drained: bool) -> None:
+    s = _with(_at_rest(), "dc-paris", maintenance.Mode.DRAIN) if drained else _at_rest()
+    narrowed = _changed(s, "intent-eu", residency=["DE"])
+    plan = planning.plan_pass(narrowed)
+    assert not {r for r in _on(_rows(plan, narrowed), "dc-paris") if r.deployment == "intent-eu"}
+    assert "dc-paris" not in _published_sites(plan, "intent-eu")
+    assert "stay on site" not in str(_deployment_status(plan, "intent-eu")["reason"])
+
+
+def _edge_fleet(*deployments: tuple[str, str, str]) -> snap.Snapshot:
+    """Two edge sites of 8 cores (zones a and b) with their agents, and a 6-core model per
+    deployment (name, model, zone): one replica fills a site."""
+    models = sorted({m for _, m, _ in deployments})
+    text = manifests.bundle(
+        *(manifests.doc("Site", f"edge-{z}", {"tier": "edge", "location": {"country": "FR", "lat": 48.0, "lon": 2.3}},
+                        labels={"zone": z}) for z in "ab"),
+        *(manifests.doc("Model", m, {"variants": [{"name": "cpu", "runtime": "onnx", "artifact": {"uri": f"{m}.onnx", "sha256": "0" * 64},
+                                                   "resources": {"cpu": 6, "memoryMiB": 1024}}]}) for m in models),
+        *(manifests.deployment(name, m, 1, {"residency": ["FR"], "siteSelector": {"zone": z}}) for name, m, z in deployments))
+    s = test_views.example_snapshot(loader.load_text(text))
+    return dataclasses.replace(s, agents=tuple(test_reconcile_repair._joined(site) for site in ("edge-a", "edge-b")))
+
+
+def _placed(s: snap.Snapshot) -> snap.Snapshot:
+    return dataclasses.replace(s, placements=_rows(planning.plan_pass(s), s))
+
+
+def test_a_moved_replica_stays_only_where_its_room_is_not_given_to_another() -> None:
+    before = _placed(_edge_fleet(("first", "m1", "a")))
+    assert {(r.deployment, r.site) for r in before.placements} == {("first", "edge-a")}
+    moved = _edge_fleet(("first", "m1", "b"))
+    rows = _rows(planning.plan_pass(dataclasses.replace(moved, placements=before.placements)), moved)
+    assert {(r.deployment, r.site) for r in rows} == {("first", "edge-a"), ("first", "edge-b")}  # kept on edge-a meanwhile
+    # a deployment placed on edge-a in the same pass takes the room: the site never holds both
+    crowded = _edge_fleet(("first", "m1", "b"), ("second", "m2", "a"))
+    rows = _rows(planning.plan_pass(dataclasses.replace(crowded, placements=before.placements)), crowded)
+    assert {(r.deployment, r.site) for r in rows} == {("first", "edge-b"), ("second", "edge-a")}
+
+
+def test_a_replica_moved_off_a_lowered_power_budget_stays_until_its_replacement_serves() -> None:
+    before = _placed(_edge_fleet(("first", "m1", "a")))
+    budgeted = dataclasses.replace(before, sites=tuple(
+        dataclasses.replace(r, spec=r.spec.model_copy(update={"energy": schema.Energy(carbonGramsPerKWh=50, powerBudgetWatts=1)}))
+        if r.name == "edge-a" else r for r in before.sites))
+    budgeted = _changed(budgeted, "first", siteSelector={})
+    plan = planning.plan_pass(budgeted)
+    assert plan.result.deployments["first"].replicas[0].site == "edge-b"
+    assert {(r.deployment, r.site) for r in _rows(plan, budgeted)} == {("first", "edge-a"), ("first", "edge-b")}
