@@ -3,7 +3,8 @@
 Start order gives autonomy: the HTTP server and the models of the last saved assignment
 set come up first, from the local cache, whether or not the control plane answers; the
 uplink then connects in the background and keeps retrying. Stop order drains: readiness
-turns 503, a final heartbeat says "draining", in-flight requests finish, then we exit.
+turns 503, a final heartbeat says "draining" and is seen taken (the gateway routes
+nothing here once it is), in-flight requests finish, then we exit.
 """
 
 from __future__ import annotations
@@ -260,15 +261,12 @@ class Agent:
         log.info("draining (%d request(s) in flight)", self.server.inflight)
         if self.uplink is not None:
             await self.uplink.stop()
+            await self._uplink_ended()
         await asyncio.gather(  # both drain within the one timeout
             *([self._http.shutdown(self.config.drain_timeout)] if self._http is not None else []),
             *([self._grpc.stop(self.config.drain_timeout)] if self._grpc is not None else []),
         )
         for task in self._tasks:
-            if task.get_name() == "uplink":
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(2.0):
-                        await asyncio.shield(task)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -279,6 +277,17 @@ class Agent:
         await self._runs_ended(max(0.0, deadline - loop.time()))
         self._release_data_dir()
         log.info("agent stopped")
+
+    async def _uplink_ended(self) -> None:
+        """Wait (2 s at most) for the uplink to end its session: its last heartbeat, marked
+        draining, has then reached the control plane, which routes nothing more here. Only
+        then may the listener close: a gateway still routing here would meet a refused
+        connection, a 502 where no other replica answers, instead of this agent's 503."""
+        for task in self._tasks:
+            if task.get_name() == "uplink":
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await asyncio.shield(task)
 
     async def _runs_ended(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the runs under way to end, without holding the event loop."""

@@ -246,7 +246,8 @@ class Uplink:
                     await self._stopping.wait()
 
     async def stop(self) -> None:
-        """Send one last heartbeat marked draining (best effort) and end the session."""
+        """Send one last heartbeat marked draining (best effort) and end the session: the task
+        running :meth:`run` ends once the control plane has it (or the session fails)."""
         self._stopping.set()
         self._wake.set()
 

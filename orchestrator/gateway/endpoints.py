@@ -134,6 +134,14 @@ class EndpointTable:
                     waiter.set_result(None)
         self.on_change()
 
+    def mark_down(self, url: str) -> None:
+        """Route to the replicas at ``url`` no more, before the next table says so: their agent
+        is stopping or lost (its draining heartbeat is in). The next :meth:`replace` rules,
+        and says the same once its pass has seen the agent."""
+        url = url.rstrip("/")
+        if any(e.url == url and e.healthy for es in self._by_model.values() for e in es):
+            self.replace([dataclasses.replace(e, healthy=False) if e.url == url else e for e in self.all_endpoints()])
+
     def set_cascades(self, routes: dict[str, cascade_rules.CascadeRoute]) -> None:
         self.cascades = dict(routes)
         self.on_change()

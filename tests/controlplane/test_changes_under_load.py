@@ -137,3 +137,22 @@ async def test_a_replica_moved_toward_its_demand_answers_until_its_replacement_s
             await asyncio.wait_for(traffic.answered.wait(), 30)
         assert traffic.served.get("edge-b"), traffic.report()
         assert traffic.failures == [], traffic.report()
+
+
+async def test_callers_of_an_only_replica_whose_agent_stops_get_503_never_502(tmp_path: pathlib.Path) -> None:
+    model = _mlp(tmp_path)
+    only = {"edge-a": 48.0}
+    text = manifests.bundle(manifests.edge_site("edge-a", "FR", 48.0, 2.35, region="fr"),
+                            manifests.onnx_model("intent", model.path.name, model.sha256),
+                            manifests.deployment("intent-fr", "intent", 1, {"residency": ["FR"], "tiers": ["edge"]}))
+    async with harness.serving_fleet(tmp_path, text, _agents(only), artifact_roots=(model.path.parent,),
+                                     ready=lambda cp: _healthy_at(cp) == ["edge-a"], what="the replica") as fleet:
+        cp = fleet.cp
+        assert cp is not None
+        async with Traffic(cp.http_url, model, callers=3) as traffic:
+            await asyncio.to_thread(fleet.agents["edge-a"].stop)  # SIGTERM; returns once the agent has exited
+            refused = len(traffic.failures)
+            await harness.wait_until(lambda: len(traffic.failures) >= refused + 50, 30, what="callers answered after the agent stopped")
+        assert traffic.failures, traffic.report()
+        wrong = [f for f in traffic.failures if not f.startswith("503 ")]  # no replica answers: none failed
+        assert wrong == [], f"{len(wrong)} not a 503: {wrong[:3]}; " + traffic.report()
