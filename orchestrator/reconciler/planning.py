@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,8 +310,23 @@ def llm_app(llm: schema.LlmSpec, model: str) -> serve_config.LlmApp:
                                accelerator_type=llm.acceleratorType)
 
 
-def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple[routing.Endpoint, ...]:
-    """Replicas that can answer now: only where the current placement puts them."""
+def serves_for(state: agent_model.ModelState, deployment: str, sent: Iterable[agent_model.Assignment]) -> bool:
+    """Whether an agent's model (``state``) answers for ``deployment``: it says it serves it
+    for that deployment (or for none: an older agent), or serves the very bytes of the
+    assignment ``sent`` to it for that deployment. A deployment replaced by another of the
+    same model is served on by the same loaded model: the agent's next heartbeat names the
+    new deployment, and its callers must not wait for it."""
+    if not state.serving:
+        return False
+    return state.deployment in ("", deployment) or any(
+        a.model == state.name and a.deployment == deployment and a.sha256 == state.serving_sha256 for a in sent)
+
+
+def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow],
+              assigned: Mapping[str, tuple[agent_model.Assignment, ...]] | None = None) -> tuple[routing.Endpoint, ...]:
+    """Replicas that can answer now: only where the current placement puts them.
+    ``assigned``: what this pass sends each edge agent (``edge_assignments``), where it
+    sends any; the others answer by what they were last sent."""
     deployments, sites, agents = s.deployment_by_name, s.site_by_name, s.agent_by_site
     # One endpoint per Serve application in a data centre (one per variant placed there); an
     # edge agent serves a model once, at one URL.
@@ -335,7 +350,8 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> tuple
                            for e in s.remembered.get(site.name, ()) if e.deployment == d.name and e.model == d.spec.model)
                 continue
             state = agent.models.get(d.spec.model) if agent else None
-            if agent is None or state is None or not state.serving or state.deployment not in ("", d.name):
+            sent = (assigned or {}).get(site.name, s.assignments.get(site.name, ()))
+            if agent is None or state is None or not serves_for(state, d.name, sent):
                 continue
             out.append(routing.Endpoint(url=agent.endpoint_url.rstrip("/"), healthy=agent.healthy, inflight=agent.inflight,
                                         version=oip.model_version(state.serving_sha256), **common))
@@ -365,8 +381,8 @@ def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) 
     if site is not None and site.spec.tier == "edge":
         agent = s.agent_by_site.get(row.site)
         state = agent.models.get(model) if agent is not None and model is not None else None
-        return row.replicas if (agent is not None and agent.healthy and state is not None and state.serving
-                                and state.deployment in ("", row.deployment)) else 0
+        return row.replicas if (agent is not None and agent.healthy and state is not None
+                                and serves_for(state, row.deployment, s.assignments.get(row.site, ()))) else 0
     dc = s.datacentres.get(row.site)
     app = dc.apps.get(app_name(row.site, row.deployment, row.variant)) if dc is not None and dc.reachable else None
     return min(row.replicas, app.replicas_running) if app is not None else 0
@@ -534,7 +550,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     if rows != tuple(s.placements):
         out.append(act.RecordPlacement(rows, drain.events(s, result, rows, placement_events(result))))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
-    out.append(act.PublishEndpoints(endpoints(s, rows), regions, deployed, frozenset(cold)))
+    out.append(act.PublishEndpoints(endpoints(s, rows, assigned), regions, deployed, frozenset(cold)))
     out.append(act.PublishCascades(cascade_routes(s)))
     for site, assignments in assigned.items():
         # a site still rejoining is sent nothing: what it gets on its return is the plan then

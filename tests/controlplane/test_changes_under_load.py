@@ -156,3 +156,36 @@ async def test_callers_of_an_only_replica_whose_agent_stops_get_503_never_502(tm
         assert traffic.failures, traffic.report()
         wrong = [f for f in traffic.failures if not f.startswith("503 ")]  # no replica answers: none failed
         assert wrong == [], f"{len(wrong)} not a 503: {wrong[:3]}; " + traffic.report()
+
+
+def _serving_for(cp: server.ControlPlane, site: str) -> str | None:
+    status = cp.hub.status(site)
+    state = status.models.get("intent") if status is not None else None
+    return state.deployment if state is not None else None
+
+
+def _deployment(name: str) -> str:
+    return manifests.deployment(name, "intent", 1, {"residency": ["FR"], "tiers": ["edge"]})
+
+
+async def test_a_deployment_replaced_by_another_of_the_same_model_is_served_throughout(tmp_path: pathlib.Path) -> None:
+    model = _mlp(tmp_path)
+    text = manifests.bundle(manifests.edge_site("edge-a", "FR", 48.0, 2.35, region="fr"),
+                            manifests.onnx_model("intent", model.path.name, model.sha256), _deployment("intent-a"))
+
+    def served_for(cp: server.ControlPlane) -> list[str]:
+        return [e.deployment for e in cp.table.endpoints("intent") if e.healthy]
+
+    async with harness.serving_fleet(tmp_path, text, _agents({"edge-a": 48.0}), artifact_roots=(model.path.parent,),
+                                     ready=lambda cp: served_for(cp) == ["intent-a"], what="the replica") as fleet:
+        cp = fleet.cp
+        assert cp is not None
+        async with Traffic(cp.http_url, model) as traffic, httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            await _apply(cp, _deployment("intent-b"))  # the agent serves the model once: for intent-a, first by name
+            r = await http.delete("/v1/modeldeployments/intent-a")
+            assert r.status_code == 200, r.text
+            await harness.wait_until(lambda: served_for(cp) == ["intent-b"], 30, what="the replica answering for intent-b")
+            await harness.wait_until(lambda: _serving_for(cp, "edge-a") == "intent-b", 30, what="the agent's heartbeat naming intent-b")
+            traffic.answered.clear()
+            await asyncio.wait_for(traffic.answered.wait(), 30)
+        assert traffic.failures == [], traffic.report()
