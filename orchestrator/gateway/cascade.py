@@ -337,6 +337,9 @@ class CascadeHandler:
                     if (retry := failover.retry_after(unavailable, len(trip.failures) - tried_from)) is not None:
                         # its every replica answered 503 (not ready, draining): the caller retries, as they said
                         return self._unanswered(totals, started, 503, f"{tried}; retry", {"retry-after": str(retry)})
+                    if code == 503 and (retry := self.table.retry_after(route.model)) is not None:
+                        # no replica yet: the deployment was just applied or its replicas start
+                        return self._unanswered(totals, started, 503, f"{tried}; retry", {"retry-after": str(retry)})
                     return self._unanswered(totals, started, code, tried)
                 case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):
                     self.escalation(route, stage, cause, totals, trip)

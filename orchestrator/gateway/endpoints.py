@@ -83,6 +83,9 @@ class EndpointTable:
     _pending_followed: frozenset[str] = frozenset()
     #: Models scaled to zero by autoscaling: a request starts a replica.
     _cold: frozenset[str] = frozenset()
+    #: Models with replicas placed that do not answer yet (their deployment is Progressing):
+    #: a caller is told when to retry, as for a pending model.
+    _starting: frozenset[str] = frozenset()
     #: Requests that found a cold model, by model, since the control plane started.
     wakes: dict[str, int] = field(default_factory=dict)
     #: Called with the model on each wake (the reconciler's trigger).
@@ -100,12 +103,14 @@ class EndpointTable:
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
                 deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None,
-                read_since: float | None = None, pending: Iterable[str] | None = None) -> None:
+                read_since: float | None = None, pending: Iterable[str] | None = None,
+                starting: Iterable[str] | None = None) -> None:
         """The new table. ``read_since``: when the pass that made it began reading the store
         (:attr:`clock` time); pending notes made before then are dropped, as that pass saw
         their deployments (it placed them, or says in ``deployed`` why it could not).
         ``pending``: the models that the table this one follows notes as pending (their
-        reasons are in its ``deployed``)."""
+        reasons are in its ``deployed``). ``starting``: the models whose replicas are placed
+        but do not answer yet. None (for each of these): as the table has it."""
         grouped: dict[str, list[routing.Endpoint]] = {}
         for e in endpoints:
             grouped.setdefault(e.model, []).append(e)
@@ -123,6 +128,8 @@ class EndpointTable:
             self._deployed = dict(deployed)
         if cold is not None:
             self._cold = frozenset(cold)
+        if starting is not None:
+            self._starting = frozenset(starting)
         if pending is not None:
             self._pending_followed = frozenset(pending)
         if read_since is not None:
@@ -191,6 +198,15 @@ class EndpointTable:
 
     def cold(self) -> frozenset[str]:
         return self._cold
+
+    def starting(self) -> frozenset[str]:
+        return self._starting
+
+    def retry_after(self, model: str) -> int | None:
+        """When a caller of ``model``, which has no replica to answer, may retry (seconds):
+        2 while its deployment was just applied or its replicas start, when a retry soon
+        can succeed; None when nothing is on its way (the reason says why)."""
+        return 2 if self.is_pending(model) or model in self._starting else None
 
     def is_cold(self, model: str) -> bool:
         return model in self._cold and not self._by_model.get(model)

@@ -181,7 +181,7 @@ class Gateway:
             reason = self.table.unavailable_reason(model)
             if reason is not None:
                 return routing.NoRoute(f"model {model!r} has no replica to answer: {reason}", 503,
-                                       retry_after=2 if self.table.is_pending(model) else None)
+                                       retry_after=self.table.retry_after(model))
             if not self.table.published:
                 return routing.NoRoute(f"model {model!r} is not known yet: the gateway has no endpoint table until the control plane's "
                                        "first pass ends (it may be starting a data centre); retry in a few seconds", 503, retry_after=2)

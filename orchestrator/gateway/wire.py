@@ -8,6 +8,7 @@ A table document is plain JSON::
      "deployed": {"model": "why it has no endpoint"},
      "cold": ["model scaled to zero"],
      "pending": ["model of a deployment just applied, its replicas being placed"],
+     "starting": ["model whose replicas are placed and do not answer yet"],
      "cascades": {"model or deployment": {"model": ..., "stages": [...], ...}},
      "energy": {"site": {"carbonGPerKwh": ..., "pue": ...}}}
 
@@ -22,7 +23,7 @@ The watch (``GET /v1/endpoints?watch=1``, :mod:`orchestrator.api.watch`) sends i
 newline-delimited events: ``{"type": "snapshot", "epoch": ..., "version": ..., "table": {...}}``
 first, then after every change ``{"type": "delta", "epoch": ..., "version": v, "base": v - 1,
 "upsert": [...], "remove": [[model, deployment, site, url], ...]}`` (plus ``regions``,
-``deployed``, ``cold``, ``pending``, ``cascades`` and ``energy`` whole when they changed), and ``{"type": "heartbeat",
+``deployed``, ``cold``, ``pending``, ``starting``, ``cascades`` and ``energy`` whole when they changed), and ``{"type": "heartbeat",
 ...}`` in between.
 """
 
@@ -144,13 +145,15 @@ class TableContents:
     cold: frozenset[str]
     cascades: Mapping[str, rules.CascadeRoute]
     pending: frozenset[str] = frozenset()
+    starting: frozenset[str] = frozenset()
 
 
 def only_load_changed(old: TableContents, new: TableContents) -> bool:
     """Whether ``new`` differs from ``old`` in endpoints' in-flight counts alone (the agents'
     load, which moves at nearly every heartbeat of a busy fleet). Only the endpoints that
     differ are compared field by field."""
-    if (old.regions, old.deployed, old.cold, old.cascades, old.pending) != (new.regions, new.deployed, new.cold, new.cascades, new.pending):
+    if ((old.regions, old.deployed, old.cold, old.cascades, old.pending, old.starting)
+            != (new.regions, new.deployed, new.cold, new.cascades, new.pending, new.starting)):
         return False
     if len(old.endpoints) != len(new.endpoints):
         return False
@@ -160,7 +163,7 @@ def only_load_changed(old: TableContents, new: TableContents) -> bool:
 def contents_of(table: endpoints_mod.EndpointTable) -> TableContents:
     """Everything a gateway routes with; the gateway's own load and ejections stay local."""
     return TableContents(tuple(table.all_endpoints()), table.regions, table.deployed(), table.cold(), dict(table.cascades),
-                         table.pending())
+                         table.pending(), table.starting())
 
 
 def contents_to_json(c: TableContents) -> dict[str, Any]:
@@ -170,6 +173,7 @@ def contents_to_json(c: TableContents) -> dict[str, Any]:
         "deployed": dict(sorted(c.deployed.items())),
         "cold": sorted(c.cold),
         "pending": sorted(c.pending),
+        "starting": sorted(c.starting),
         "cascades": {name: cascade_to_json(route) for name, route in sorted(c.cascades.items())},
         "energy": _energy_to_json(fleet_energy(c.cascades)),
     }
@@ -185,6 +189,7 @@ def contents_from_json(doc: Mapping[str, Any]) -> TableContents:
             frozenset(str(m) for m in doc.get("cold", ())),
             _cascades_from_json(doc.get("cascades", {}), _energy_from_json(doc.get("energy", {}))),
             frozenset(str(m) for m in doc.get("pending", ())),
+            frozenset(str(m) for m in doc.get("starting", ())),
         )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise WireError(f"not an endpoint table: {type(exc).__name__}: {exc}") from None
@@ -207,7 +212,7 @@ def delta_to_json(old: TableContents, new: TableContents) -> dict[str, Any]:
         "upsert": [endpoint_to_json(e) for k, e in after.items() if before.get(k) != e],
         "remove": [list(k) for k in before if k not in after],
     }
-    whole = contents_to_json(TableContents((), new.regions, new.deployed, new.cold, new.cascades, new.pending))
+    whole = contents_to_json(TableContents((), new.regions, new.deployed, new.cold, new.cascades, new.pending, new.starting))
     if new.regions != old.regions:
         doc["regions"] = whole["regions"]
     if new.deployed != old.deployed:
@@ -218,6 +223,8 @@ def delta_to_json(old: TableContents, new: TableContents) -> dict[str, Any]:
         doc["cascades"], doc["energy"] = whole["cascades"], whole["energy"]
     if new.pending != old.pending:
         doc["pending"] = whole["pending"]
+    if new.starting != old.starting:
+        doc["starting"] = whole["starting"]
     return doc
 
 
@@ -227,7 +234,7 @@ def apply_delta(old: TableContents, doc: Mapping[str, Any]) -> TableContents:
         removed = {(str(k[0]), str(k[1]), str(k[2]), str(k[3])) for k in doc["remove"]}
         upserts = {endpoint_key(e): e for e in (endpoint_from_json(d) for d in doc["upsert"])}
         kept = [upserts.pop(endpoint_key(e), e) for e in old.endpoints if endpoint_key(e) not in removed]
-        rest = contents_from_json({"endpoints": [], **{k: doc[k] for k in ("regions", "deployed", "cold", "cascades", "pending", "energy")
+        rest = contents_from_json({"endpoints": [], **{k: doc[k] for k in ("regions", "deployed", "cold", "cascades", "pending", "starting", "energy")
                                                        if k in doc}})
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise WireError(f"not an endpoint-table delta: {type(exc).__name__}: {exc}") from None
@@ -239,13 +246,14 @@ def apply_delta(old: TableContents, doc: Mapping[str, Any]) -> TableContents:
         rest.cold if "cold" in doc else old.cold,
         rest.cascades if "cascades" in doc else old.cascades,
         rest.pending if "pending" in doc else old.pending,
+        rest.starting if "starting" in doc else old.starting,
     )
 
 
 def apply(table: endpoints_mod.EndpointTable, c: TableContents) -> None:
     """Replace ``table``'s contents with ``c`` (cold-start waiters for models that now have an endpoint wake)."""
     table.set_cascades(dict(c.cascades))
-    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold, pending=c.pending)
+    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold, pending=c.pending, starting=c.starting)
 
 
 def table_to_json(table: endpoints_mod.EndpointTable) -> dict[str, Any]:

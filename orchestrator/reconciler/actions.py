@@ -65,6 +65,7 @@ class PublishEndpoints:
     regions: routing.RegionIndex
     deployed: Mapping[str, str]  # model -> why it has no endpoint, when it has none
     cold: frozenset[str] = frozenset()  # models scaled to zero (or starting from zero): requests wait
+    starting: frozenset[str] = frozenset()  # models with replicas placed that do not answer yet: callers retry
 
 
 @dataclass(frozen=True)

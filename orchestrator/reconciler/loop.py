@@ -515,8 +515,8 @@ class Reconciler:
                 await self.dc_sync.apply(site, apps, drift)
             case act.SetStatuses(items):
                 await self.store.run(self.store.set_statuses, [(i.kind, i.name, i.status) for i in items], lease=self.lease)
-            case act.PublishEndpoints(endpoints, regions, deployed, cold):
-                self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since)
+            case act.PublishEndpoints(endpoints, regions, deployed, cold, starting):
+                self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since, starting=starting)
                 self._publish_table()
             case act.RefreshHealth(endpoints, unrouted, undeployed):
                 # the regions and pending notes as they are, the reasons too but for models left with no endpoint

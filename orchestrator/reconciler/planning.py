@@ -533,6 +533,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
         rows_of.setdefault(row.deployment, []).append(row)
     deployed: dict[str, str] = {}
     cold: set[str] = set()
+    starting: set[str] = set()
     statuses: list[act.SetStatus] = []
     stays = drain.stays(drains)
     for d in s.deployments:
@@ -540,6 +541,8 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
                                    stays.get(d.name, ()), handovers.get(d.name, ()))
         statuses.append(act.SetStatus("ModelDeployment", d.name, status))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
+        if status["phase"] == "Progressing":
+            starting.add(d.spec.model)
         if d.spec.autoscaling is not None and d.spec.replicas.min == 0 and not status.get("readyReplicas"):
             cold.add(d.spec.model)  # scaled to zero, or on its way up from zero
     power = site_power(s, rows)
@@ -550,7 +553,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     if rows != tuple(s.placements):
         out.append(act.RecordPlacement(rows, drain.events(s, result, rows, placement_events(result))))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
-    out.append(act.PublishEndpoints(endpoints(s, rows, assigned), regions, deployed, frozenset(cold)))
+    out.append(act.PublishEndpoints(endpoints(s, rows, assigned), regions, deployed, frozenset(cold), frozenset(starting)))
     out.append(act.PublishCascades(cascade_routes(s)))
     for site, assignments in assigned.items():
         # a site still rejoining is sent nothing: what it gets on its return is the plan then

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from edge_agent import httplistener, httpmessages, refusals
 from edgeplane_proto.headers import DRAINING
-from orchestrator.gateway import endpoints, failover, openai_routes, proxy, routing
+from orchestrator.gateway import cascade, cascade_rules, endpoints, failover, openai_routes, proxy, routing
 from orchestrator.gateway.upstream import UpstreamPool
 from orchestrator.testing import loopback
 
@@ -182,3 +182,27 @@ async def test_a_503_ejects_a_replica_for_the_whole_ejection_unless_it_says_how_
             assert len(table.ejected()) == 1, path
             now[0] += 0.2
             assert table.ejected() == frozenset(), path
+
+
+async def test_a_model_whose_replicas_are_starting_is_503_with_retry_after_on_every_route() -> None:
+    """Placed, not answering yet (its deployment is Progressing): a retry soon can succeed, on
+    the v2 and OpenAI routes and through a cascade alike; a model with nothing on its way
+    (no site for it) is 503 without one."""
+    table = endpoints.EndpointTable()
+    progressing = "deployment {} is Progressing: 1 replica(s): replicas.min = 1"
+    table.replace([], deployed={m: progressing.format(m) for m in ("m", "llm", "c")} | {"nowhere": "deployment nowhere is Unschedulable"},
+                  starting={"m", "llm", "c"})
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8))
+    table.set_cascades({"c": cascade_rules.CascadeRoute("c", "c", (first, cascade_rules.StageRoute("large", frozenset({"datacenter"}), None)), {})})
+    registry = CollectorRegistry()
+    pool = UpstreamPool()
+    gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry),
+                            cascade=cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry)))
+    app = Starlette(routes=gateway.routes() + openai_routes.OpenAIGateway(gateway, registry=registry).routes())
+    async with loopback.serving(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        answers = [await http.post("/v2/models/m/infer", json=INFER), await http.post("/openai/v1/chat/completions", json=CHAT),
+                   await http.post("/v2/models/c/infer", json=INFER)]
+        nowhere = await http.post("/v2/models/nowhere/infer", json=INFER)
+    for r in answers:
+        assert (r.status_code, r.headers.get("retry-after")) == (503, "2"), r.text
+    assert nowhere.status_code == 503 and "retry-after" not in nowhere.headers, nowhere.text

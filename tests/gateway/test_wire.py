@@ -130,3 +130,18 @@ def test_a_pending_model_lasts_until_a_pass_that_read_the_store_after_it() -> No
     table.note_applied({"late": "being placed"})
     table.replace([V2], deployed={"intent": "", "late": "deployment late is Pending: no site"}, read_since=99.0)
     assert not table.is_pending("late") and table.unavailable_reason("late") == "deployment late is Pending: no site"
+
+
+def test_a_model_whose_replicas_start_is_retried_on_every_gateway() -> None:
+    table = endpoints.EndpointTable()
+    table.replace([V2], deployed={"intent": "", "slow": "deployment slow is Progressing: 1 replica(s)", "stuck": "no site"},
+                  starting={"slow"})
+    assert table.retry_after("slow") == 2 and table.retry_after("stuck") is None
+    followed = wire.contents_from_json(json.loads(json.dumps(wire.table_to_json(table))))
+    follower = endpoints.EndpointTable()
+    wire.apply(follower, followed)
+    assert follower.retry_after("slow") == 2 and follower.retry_after("stuck") is None
+    served = dataclasses.replace(followed, starting=frozenset())  # its replica answers now
+    delta = wire.delta_to_json(followed, served)
+    assert delta["starting"] == [] and wire.apply_delta(followed, delta).starting == frozenset()
+    assert not wire.only_load_changed(followed, served)
