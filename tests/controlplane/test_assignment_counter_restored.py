@@ -26,6 +26,7 @@ from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import manifests
 
 SHA = hashlib.sha256(b"m1").hexdigest()
+SHA2 = hashlib.sha256(b"m2").hexdigest()
 SITES = ("edge-a", "edge-b")
 PLACEMENT = manifests.spread_by_site(tiers=["edge"])
 
@@ -38,6 +39,7 @@ def _counter(db: pathlib.Path) -> int:
 def test_a_pass_after_the_stores_counter_went_back_sends_every_site_a_newer_set(
         tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "m1.onnx").write_bytes(b"m1")
+    (tmp_path / "m2.onnx").write_bytes(b"m2")
     db = tmp_path / "state.db"
     store = store_mod.Store(db)
     try:
@@ -62,8 +64,8 @@ def test_a_pass_after_the_stores_counter_went_back_sends_every_site_a_newer_set(
             # the counter goes back to where a backup taken before these sets left it
             with sqlite3.connect(db) as conn:
                 conn.execute("UPDATE meta SET value = 0 WHERE key = 'seq:assignments'")
-            catalog.apply_documents(store, loader.load_text(manifests.bundle(
-                manifests.deployment("d1", "m1", 1, PLACEMENT))), actor="test")  # one site's set changes
+            catalog.apply_documents(store, loader.load_text(manifests.bundle(  # one site's set gains a model
+                manifests.onnx_model("m2", "m2.onnx", SHA2), manifests.deployment("d2", "m2", 1, PLACEMENT))), actor="test")
             await reconciler.reconcile_once()
             if reconciler._publishes:
                 await asyncio.wait(set(reconciler._publishes))
