@@ -14,16 +14,12 @@ import sqlite3
 import pytest
 
 from orchestrator import catalog
-from orchestrator.agents import auth as agent_auth
-from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
-from orchestrator.artifacts import catalog as artifacts_mod
-from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.manifests import loader
-from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.reconciler import loop
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import manifests
+from tests.controlplane import support
 
 SHA = hashlib.sha256(b"m1").hexdigest()
 SHA2 = hashlib.sha256(b"m2").hexdigest()
@@ -47,16 +43,7 @@ def test_a_pass_after_the_stores_counter_went_back_sends_every_site_a_newer_set(
             *(manifests.edge_site(s, "FR", 48.0 + i, 2.0, region="fr") for i, s in enumerate(SITES)),
             manifests.onnx_model("m1", "m1.onnx", SHA),
             manifests.deployment("d1", "m1", len(SITES), PLACEMENT))), actor="test")
-        hub = hub_mod.AgentHub(agent_auth.InMemoryJoinAuthenticator(["tok"]), heartbeat_interval=1.0)
-        for s in SITES:
-            agent_id = hub.join(agent_model.JoinApplication(
-                s, "tok", None, "", f"http://{s}:8081", agent_model.Location(), {}, "test", 1.0,
-                agent_model.Capacity(cpu_cores=4, memory_total_bytes=8 << 30))).agent_id
-            hub.record_heartbeat(s, agent_id, agent_model.Heartbeat(
-                seq=1, sent_unix_ms=0, inflight=0, cpu_percent=1.0, memory_available_bytes=8 << 30, assignment_version=0,
-                draining=False, capacity=None, models=None, gpu_free_bytes=()))
-        reconciler = loop.Reconciler(store, hub, dc_mod.DataCentres(dc_mod.LocalRay()),
-                                     artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), endpoints_mod.EndpointTable())
+        hub, reconciler = support.reconciler_with_agents(store, SITES, tmp_path)
 
         async def two_passes() -> tuple[dict[str, object], dict[str, object]]:
             await reconciler.reconcile_once()

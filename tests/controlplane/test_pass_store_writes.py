@@ -12,16 +12,10 @@ import hashlib
 import pathlib
 
 from orchestrator import catalog
-from orchestrator.agents import auth as agent_auth
-from orchestrator.agents import hub as hub_mod
-from orchestrator.agents import model as agent_model
-from orchestrator.artifacts import catalog as artifacts_mod
-from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.manifests import loader
-from orchestrator.reconciler import datacentres as dc_mod
-from orchestrator.reconciler import loop
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import manifests
+from tests.controlplane import support
 
 SHA = hashlib.sha256(b"m1").hexdigest()
 
@@ -38,16 +32,7 @@ def _first_pass(root: pathlib.Path, n: int) -> tuple[list[str], list[int]]:
             *(manifests.edge_site(s, "FR", 48.0 + i / 100, 2.0, region="fr") for i, s in enumerate(sites)),
             manifests.onnx_model("m1", "m1.onnx", SHA),
             manifests.deployment("d1", "m1", n, manifests.spread_by_site(tiers=["edge"])))), actor="test")
-        hub = hub_mod.AgentHub(agent_auth.InMemoryJoinAuthenticator(["tok"]), heartbeat_interval=1.0)
-        for s in sites:
-            agent_id = hub.join(agent_model.JoinApplication(
-                s, "tok", None, "", f"http://{s}:8081", agent_model.Location(), {}, "test", 1.0,
-                agent_model.Capacity(cpu_cores=4, memory_total_bytes=8 << 30))).agent_id
-            hub.record_heartbeat(s, agent_id, agent_model.Heartbeat(
-                seq=1, sent_unix_ms=0, inflight=0, cpu_percent=1.0, memory_available_bytes=8 << 30, assignment_version=0,
-                draining=False, capacity=None, models=None, gpu_free_bytes=()))
-        reconciler = loop.Reconciler(store, hub, dc_mod.DataCentres(dc_mod.LocalRay()),
-                                     artifacts_mod.ArtifactCatalog((root,), "http://cp"), endpoints_mod.EndpointTable())
+        hub, reconciler = support.reconciler_with_agents(store, sites, root)
         statements: list[str] = []
         store._db.set_trace_callback(statements.append)
 
