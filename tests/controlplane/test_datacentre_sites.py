@@ -223,15 +223,6 @@ def site_events(cp: server.ControlPlane, name: str) -> list[tuple[str, str]]:
     return [(e.action, e.reason) for e in cp.store.events(kind="Site", name=name, limit=1000)]
 
 
-@pytest.fixture
-async def fleet(tmp_path: pathlib.Path) -> AsyncIterator[harness.Fleet]:
-    fleet = harness.Fleet(tmp_path)
-    try:
-        yield fleet
-    finally:
-        await fleet.stop()
-
-
 async def start(fleet: harness.Fleet, factory: Callable[[str, schema.SiteSpec], Any]) -> server.ControlPlane:
     return await fleet.start_control_plane(kube_factory=factory, resync_s=0.2)
 

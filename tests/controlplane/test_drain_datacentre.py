@@ -8,12 +8,10 @@ there: what it reports must not rest on that."""
 
 from __future__ import annotations
 
-import pathlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
-import pytest
 
 from orchestrator import server
 from orchestrator.adapters import serve_config
@@ -29,15 +27,6 @@ spec:
   replicas: {min: 1, max: 1}
   placement: {tiers: [datacenter]}
 """
-
-
-@pytest.fixture
-async def fleet(tmp_path: pathlib.Path) -> AsyncIterator[harness.Fleet]:
-    fleet = harness.Fleet(tmp_path)
-    try:
-        yield fleet
-    finally:
-        await fleet.stop()
 
 
 def maintenance(cp: server.ControlPlane, name: str) -> Mapping[str, Any]:
