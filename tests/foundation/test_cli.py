@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -598,33 +600,61 @@ def test_events_follow_prints_each_new_event_until_interrupted(serve: support.Se
     assert follower.returncode == 130 and "Traceback" not in err, err
 
 
+@dataclasses.dataclass
+class _Following:
+    """``events -w --kind models --limit 1`` following a control plane (``first``) that the
+    test stops and starts ``again`` on the same ports."""
+
+    first: support.ServeProcess
+    follower: subprocess.Popen[str]
+    again: support.ServeProcess | None = None
+    err: str = ""  # what the follower wrote on stderr, once interrupted
+
+    def start_again(self, data_dir: pathlib.Path) -> support.ServeProcess:
+        """A control plane on ``data_dir`` (the first one's, or another store) on the first one's
+        ports, once the first one has stopped."""
+        self.first.stop()
+        self.again = support.ServeProcess(data_dir, ports=(self.first.port, self.first.agent_port, self.first.join_port)).wait_ready()
+        return self.again
+
+    def next_name(self) -> str:
+        """The name of the next event the follower prints."""
+        return json.loads(self.follower.stdout.readline())["name"]  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def _following_a_restart(data_dir: pathlib.Path) -> Iterator[_Following]:
+    """A control plane on ``data_dir`` followed by ``events -w``, which must exit 130 on Ctrl-C
+    without a traceback once the test is done with it; every control plane started is stopped."""
+    first = support.ServeProcess(data_dir).wait_ready()
+    following = _Following(first, support.follow_events(first.url, "--kind", "models", "--limit", "1"))
+    try:
+        yield following
+    finally:
+        following.err = support.interrupt(following.follower)
+        if following.again is not None:
+            following.again.stop()
+        first.stop()
+    assert following.follower.returncode == 130 and "Traceback" not in following.err, following.err
+
+
 def test_events_follow_waits_out_a_control_plane_restart(tmp_path: pathlib.Path) -> None:
     """``events -w`` exited (code 3) when the control plane went away for a restart. It says
     so once on stderr, asks again, and goes on with what was logged meanwhile, nothing twice."""
-    first = support.ServeProcess(tmp_path / "cp").wait_ready()
-    again: support.ServeProcess | None = None
-    follower = support.follow_events(first.url, "--kind", "models", "--limit", "1")
-    try:
-        ok("apply", "-f", "-", server=first, stdin=doc("Model", "before-restart", support.model_spec()))
-        seen = [json.loads(follower.stdout.readline())]  # type: ignore[union-attr]
-        assert seen[0]["name"] == "before-restart", seen
-        first.stop()
-        again = support.ServeProcess(tmp_path / "cp", ports=(first.port, first.agent_port, first.join_port)).wait_ready()
+    with _following_a_restart(tmp_path / "cp") as following:
+        ok("apply", "-f", "-", server=following.first, stdin=doc("Model", "before-restart", support.model_spec()))
+        seen = [following.next_name()]
+        assert seen == ["before-restart"], seen
+        again = following.start_again(tmp_path / "cp")
         ok("apply", "-f", "-", server=again, stdin=doc("Model", "after-restart", support.model_spec()))
         deadline = time.monotonic() + 30
-        while seen[-1]["name"] != "after-restart" and time.monotonic() < deadline:
-            line = follower.stdout.readline()  # type: ignore[union-attr]
-            assert line, follower.stderr.read()  # type: ignore[union-attr]
-            seen.append(json.loads(line))
-        assert [e["name"] for e in seen] == ["before-restart", "after-restart"], seen
-        assert follower.poll() is None  # still following
-    finally:
-        err = support.interrupt(follower)
-        if again is not None:
-            again.stop()
-        first.stop()
-    assert follower.returncode == 130 and "Traceback" not in err, err
-    assert err.count("warning: cannot reach") == 1 and "the control plane answers again; following" in err, err
+        while seen[-1] != "after-restart" and time.monotonic() < deadline:
+            line = following.follower.stdout.readline()  # type: ignore[union-attr]
+            assert line, following.follower.stderr.read()  # type: ignore[union-attr]
+            seen.append(json.loads(line)["name"])
+        assert seen == ["before-restart", "after-restart"], seen
+        assert following.follower.poll() is None  # still following
+    assert following.err.count("warning: cannot reach") == 1 and "the control plane answers again; following" in following.err, following.err
 
 
 def test_events_follow_starts_again_from_the_newest_events_of_another_store(tmp_path: pathlib.Path) -> None:
@@ -635,24 +665,14 @@ def test_events_follow_starts_again_from_the_newest_events_of_another_store(tmp_
     other = open_store(tmp_path / "other" / "state.db")
     other.record(*[store_mod.Event("admin", "created", "Model", f"other-{i}", "") for i in range(50)])
     other.close()
-    first = support.ServeProcess(tmp_path / "cp").wait_ready()
-    again: support.ServeProcess | None = None
-    follower = support.follow_events(first.url, "--kind", "models", "--limit", "1")
-    try:
-        ok("apply", "-f", "-", server=first, stdin=doc("Model", "first-store", support.model_spec()))
-        assert json.loads(follower.stdout.readline())["name"] == "first-store"  # type: ignore[union-attr]
-        first.stop()
-        again = support.ServeProcess(tmp_path / "other", ports=(first.port, first.agent_port, first.join_port)).wait_ready()
-        assert json.loads(follower.stdout.readline())["name"] == "other-49"  # type: ignore[union-attr]
+    with _following_a_restart(tmp_path / "cp") as following:
+        ok("apply", "-f", "-", server=following.first, stdin=doc("Model", "first-store", support.model_spec()))
+        assert following.next_name() == "first-store"
+        again = following.start_again(tmp_path / "other")
+        assert following.next_name() == "other-49"
         ok("apply", "-f", "-", server=again, stdin=doc("Model", "after-restart", support.model_spec()))
-        assert json.loads(follower.stdout.readline())["name"] == "after-restart"  # type: ignore[union-attr]
-    finally:
-        err = support.interrupt(follower)
-        if again is not None:
-            again.stop()
-        first.stop()
-    assert follower.returncode == 130 and "Traceback" not in err, err
-    assert len([line for line in err.splitlines() if "now reads another store" in line]) == 1, err
+        assert following.next_name() == "after-restart"
+    assert len([line for line in following.err.splitlines() if "now reads another store" in line]) == 1, following.err
 
 
 def test_events_follow_across_a_restore_from_an_older_backup_prints_what_is_logged_after_it(tmp_path: pathlib.Path) -> None:
@@ -660,36 +680,28 @@ def test_events_follow_across_a_restore_from_an_older_backup_prints_what_is_logg
     backup's last: ``events -w``, asking after an id of the lost events, printed nothing logged
     after the restore until the new ids passed the old. It says the store went back, and
     prints what is logged from then on."""
-    first = support.ServeProcess(tmp_path / "cp").wait_ready()
-    again: support.ServeProcess | None = None
-    follower = support.follow_events(first.url, "--kind", "models", "--limit", "1")
-    try:
+    with _following_a_restart(tmp_path / "cp") as following:
+        first = following.first
         ok("apply", "-f", "-", server=first, stdin=doc("Model", "before-backup", support.model_spec()))
-        assert json.loads(follower.stdout.readline())["name"] == "before-backup"  # type: ignore[union-attr]
+        assert following.next_name() == "before-backup"
         backup = tmp_path / "backup.db"
         with sqlite3.connect(tmp_path / "cp" / "state.db") as src, sqlite3.connect(backup) as dst:
             src.backup(dst)
         for i in range(3):
             ok("apply", "-f", "-", server=first, stdin=doc("Model", f"lost-{i}", support.model_spec()))
-            assert json.loads(follower.stdout.readline())["name"] == f"lost-{i}"  # type: ignore[union-attr]
+            assert following.next_name() == f"lost-{i}"
         first.stop()
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(f"{tmp_path / 'cp' / 'state.db'}{suffix}").unlink(missing_ok=True)
         backup.rename(tmp_path / "cp" / "state.db")
-        again = support.ServeProcess(tmp_path / "cp", ports=(first.port, first.agent_port, first.join_port)).wait_ready()
+        again = following.start_again(tmp_path / "cp")
         ok("apply", "-f", "-", server=again, stdin=doc("Model", "after-restore", support.model_spec()))
         names: list[str] = []
         while "after-restore" not in names and len(names) < 2:
-            names.append(json.loads(follower.stdout.readline())["name"])  # type: ignore[union-attr]
+            names.append(following.next_name())
         # (the backup's last one, logged within the same second as the last printed, may come again first)
         assert names in (["after-restore"], ["before-backup", "after-restore"]), names
-    finally:
-        err = support.interrupt(follower)
-        if again is not None:
-            again.stop()
-        first.stop()
-    assert follower.returncode == 130 and "Traceback" not in err, err
-    assert len([line for line in err.splitlines() if "store went back (restored from a backup?)" in line]) == 1, err
+    assert len([line for line in following.err.splitlines() if "store went back (restored from a backup?)" in line]) == 1, following.err
 
 
 class _Outage(http.server.ThreadingHTTPServer):
