@@ -305,6 +305,13 @@ def published_route(store: store_mod.Store) -> cascade_rules.CascadeRoute:
     return wire.cascade_from_json(wire.cascade_to_json(planning.cascade_routes(pass_of)["dep"]))
 
 
+def escalated(route: cascade_rules.CascadeRoute, now: float) -> list[capture_store.Record]:
+    """What a gateway routing by ``route`` captures at ``now`` of one request that edge-fr is
+    unsure of and dc-fr answers."""
+    fleet = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
+    return serve(route, fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), now=now)
+
+
 def test_a_record_captured_by_a_gateway_whose_clock_is_behind_the_replica_that_applied_the_deployment_is_kept(
         tmp_path: pathlib.Path) -> None:
     """On a shared database the deployment's creation time is the applying replica's clock, a
@@ -314,8 +321,7 @@ def test_a_record_captured_by_a_gateway_whose_clock_is_behind_the_replica_that_a
     stores = capture_store.ZoneStores(tmp_path / "captures")
     try:
         capturing(store)
-        fleet = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
-        stores.zone("EU").add(serve(published_route(store), fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), now=995.0))
+        stores.zone("EU").add(escalated(published_route(store), now=995.0))
         assert stores.purge(2_000.0, catalog.capture_retention(store)) == 0 and stores.zone("EU").count("dep") == 1
     finally:
         stores.close()
@@ -328,7 +334,6 @@ def test_records_a_deleted_deployment_captured_are_deleted_whatever_the_clocks_s
     clock = [100.0]
     store = store_mod.Store(tmp_path / "state.db", clock=lambda: clock[0])
     stores = capture_store.ZoneStores(tmp_path / "captures")
-    fleet = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
     try:
         capturing(store)
         deleted = published_route(store)
@@ -336,7 +341,7 @@ def test_records_a_deleted_deployment_captured_are_deleted_whatever_the_clocks_s
         catalog.delete_object(store, "ModelDeployment", "dep", actor="test")
         capturing(store)
         for route in (deleted, published_route(store)):
-            stores.zone("EU").add(serve(route, fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), now=300.0))
+            stores.zone("EU").add(escalated(route, now=300.0))
         assert stores.purge(400.0, catalog.capture_retention(store)) == 1
         assert [r.deployment_created for r in stores.zone("EU").records("dep", now=400.0)] == [200.0]
     finally:
@@ -362,18 +367,17 @@ def test_records_captured_before_capture_was_turned_off_are_deleted_even_when_it
     clock = [100.0]
     store = store_mod.Store(tmp_path / "state.db", clock=lambda: clock[0])
     stores = capture_store.ZoneStores(tmp_path / "captures")
-    fleet = [ep("edge-fr", "edge", "FR"), ep("dc-fr", "datacenter", "FR")]
     try:
         capturing(store)
         before = published_route(store)
-        stores.zone("EU").add(serve(before, fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), now=150.0))
+        stores.zone("EU").add(escalated(before, now=150.0))
         clock[0] = 200.0
         capture_off(store)
         clock[0] = 250.0
         capturing(store)
         again = published_route(store)
         for route in (before, again):
-            stores.zone("EU").add(serve(route, fleet, {"edge-fr": "unsure", "dc-fr": "sure"}, routing.Caller(), now=300.0))
+            stores.zone("EU").add(escalated(route, now=300.0))
         assert stores.purge(400.0, catalog.capture_retention(store)) == 2
         assert [r.deployment_created for r in stores.zone("EU").records("dep", now=400.0)] == [again.capture.deployment]  # type: ignore[union-attr]
         capturing(store, retention_days=20)  # changed, still on: what it keeps is kept
