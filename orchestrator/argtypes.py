@@ -5,7 +5,9 @@ in one line."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
+import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -53,6 +55,19 @@ def lat_lon(text: str) -> tuple[float, float]:
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):  # NaN fails both
         raise argparse.ArgumentTypeError(f"{text!r} is outside -90..90, -180..180")
     return lat, lon
+
+
+def host_name(text: str) -> str:
+    """argparse type of ``--allowed-host``: a DNS name or an IP address, without a port (any
+    port is allowed), in lower case."""
+    name = text.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", name) or len(name) > 253:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name or address (give it without scheme or port, e.g. ops.example.com)")
+    return name
 
 
 def port_number(text: str) -> int:

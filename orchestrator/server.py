@@ -43,6 +43,7 @@ from orchestrator.api import artifacts as artifacts_api
 from orchestrator.api import auth
 from orchestrator.api import captures as captures_api
 from orchestrator.api import distill as distill_api
+from orchestrator.api import origins
 from orchestrator.api import simulate as simulate_api
 from orchestrator.api import watch as watch_api
 from orchestrator.artifacts import catalog as artifacts
@@ -259,7 +260,9 @@ class ControlPlane(server_views.ServerViews):
                                 + captures_api.routes(self.authenticator, self.store, self.captures)
                                 + distill_api.routes(self.authenticator, self.store, self.captures, self.artifacts, self.changed,
                                                      self.cascades_view, runs=self.distills))
-        self._uvicorn = runloop.http_server(app)
+        # another web site's page, through the operator's browser, is refused (api/origins.py)
+        guard = origins.guard_for(cfg.auth != "token", cfg.allowed_hosts, cfg.public_url)
+        self._uvicorn = runloop.http_server(origins.OriginGuard(app, guard))
         self._tasks.append(asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="http"))
         for _ in range(500):
             if self._uvicorn.started:

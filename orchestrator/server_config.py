@@ -48,6 +48,7 @@ class ServerConfig:
     artifact_roots: tuple[pathlib.Path, ...] = ()
     artifact_hosts: tuple[str, ...] = ()  # allowed hosts of remote artifact URLs; empty = any
     public_url: str | None = None  # how agents and Ray replicas reach this server
+    allowed_hosts: tuple[str, ...] = ()  # names callers reach this server by besides loopback ones and public_url's (api/origins.py)
     agent_tls_names: tuple[str, ...] = ()  # more names (DNS or IP) agents may dial; the agent certificate names them
     local_ray: local_ray.LocalRayEndpoints | None = None  # use this cluster for ray.address: local
     local_ray_cpus: int | None = None
@@ -117,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         agent_cert_ttl_s=args.agent_cert_days * 86400.0,
         auth=args.auth, position=position, heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
         artifact_roots=tuple(pathlib.Path(r) for r in args.artifact_root), artifact_hosts=tuple(args.artifact_host), public_url=args.public_url, bootstrap_tokens=tokens,
+        allowed_hosts=tuple(args.allowed_host),
         agent_tls_names=tuple(args.agent_tls_name),
         gateway_auth=args.gateway_auth, gateway_rate=args.gateway_rate, gateway_burst=args.gateway_burst,
         gateway_max_body=args.gateway_max_body,

@@ -79,6 +79,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact-host", action="append", default=[],
                    help="allowed host for http(s) artifact URIs, exact or .domain for subdomains (repeatable; default: any)")
     p.add_argument("--public-url", help="URL agents and Ray replicas use to reach this server")
+    p.add_argument("--allowed-host", action="append", default=[], type=argtypes.host_name, metavar="NAME",
+                   help="a name browsers and clients reach this server by, besides loopback ones and the --public-url host "
+                        "(repeatable): with --auth none only those are answered (docs/security.md)")
     p.add_argument("--agent-tls-name", action="append", default=[], metavar="NAME",
                    help="a DNS name or address agents dial (repeatable): the agent listener's certificate names it, "
                         "as it names --agent-host and the --public-url host")
