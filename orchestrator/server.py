@@ -236,6 +236,7 @@ class ControlPlane(server_views.ServerViews):
         self.admission = admission.GatewayAdmission(
             ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
             self._verify_gateway_token if cfg.gateway_auth == "token" else None,
+            self.authenticator.tokens.known,
         )
         self.captures = capture_store.ZoneStores(cfg.data_dir / "captures")  # one SQLite file per residency zone
         self.capture_writer = capture_store.CaptureWriter(self.captures, self.registry)

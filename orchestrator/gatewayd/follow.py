@@ -13,12 +13,13 @@ while the control plane has no table of its own yet (it sends heartbeats then, n
 small cache, so that ``--gateway-auth token`` costs one control-plane call per token per
 :attr:`TokenChecker.ttl_s`, not one per request. A token already known valid stays valid
 while no control plane answers, asked about again every :attr:`TokenChecker.retry_s` then.
+Its verdicts are bounded as the control plane's are (:class:`~orchestrator.security.tokencache.VerdictTable`):
+made-up tokens push out other refusals only, never the valid tokens in use.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import datetime
@@ -36,7 +37,7 @@ import orjson
 
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
-from orchestrator.security import admission
+from orchestrator.security import admission, tokencache
 
 log = logging.getLogger("edgeplane.gateway")
 
@@ -342,11 +343,12 @@ class TokenChecker:
     machine's Unix time) is compared with."""
 
     def __init__(self, follower: TableFollower, *, ttl_s: float = 30.0, negative_ttl_s: float = 5.0, retry_s: float = 5.0,
-                 max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 max_entries: int = tokencache.MAX_ENTRIES, max_refused: int = tokencache.MAX_REFUSED,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.follower = follower
-        self.ttl_s, self.negative_ttl_s, self.retry_s, self.max_entries = ttl_s, negative_ttl_s, retry_s, max_entries
+        self.ttl_s, self.negative_ttl_s, self.retry_s = ttl_s, negative_ttl_s, retry_s
         self.clock, self.wall = clock, wall
-        self._cache: collections.OrderedDict[str, Verdict] = collections.OrderedDict()  # by key
+        self._cache: tokencache.VerdictTable[Verdict] = tokencache.VerdictTable(max_entries, max_refused)  # by key
         self._asking: dict[str, asyncio.Future[Token | None]] = {}  # one control-plane call per token at a time
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
 
@@ -359,6 +361,13 @@ class TokenChecker:
     @staticmethod
     def _key(secret: str) -> str:
         return hashlib.sha256(secret.encode()).hexdigest()
+
+    def known(self, secret: str) -> Token | None:
+        """The token when a kept verdict says it is valid, fresh or not, and it has not expired;
+        None for one refused or never seen. Asks nothing (the admission tells a token in use
+        from a guess with it before a control plane is asked)."""
+        hit = self._cache.get(self._key(secret)) if is_token_shaped(secret) else None
+        return hit.at(self.clock()) if hit is not None else None
 
     async def check(self, secret: str) -> Token | None:
         """Valid (a :class:`Token`) or not (None); :class:`Unverifiable` when nobody can tell."""
@@ -393,8 +402,5 @@ class TokenChecker:
         return self._keep(key, held(hit, self.clock(), self.retry_s))
 
     def _keep(self, key: str, verdict: Verdict) -> Token | None:
-        self._cache[key] = verdict
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
+        self._cache.put(key, verdict, valid=verdict.token is not None)
         return verdict.at(self.clock())

@@ -122,7 +122,8 @@ class StandaloneGateway:
         self.registry = CollectorRegistry()
         self._http = upstream.UpstreamPool(connect_timeout=2.0, timeout=30.0)
         self.admission = admission.GatewayAdmission(ratelimit.RateLimiter(ratelimit.RateLimit(cfg.gateway_rate, cfg.gateway_burst)),
-                                                    self.checker.check if cfg.gateway_auth == "token" else None)
+                                                    self.checker.check if cfg.gateway_auth == "token" else None,
+                                                    self.checker.known)
         self._limited = cfg.gateway_auth == "token" or cfg.gateway_rate > 0
         cascades = cascade_mod.CascadeHandler(self.table, self._http, cascade_mod.CascadeMetrics.create(self.registry), position=cfg.position)
         self.gateway = proxy.Gateway(self.table, self._http, proxy.GatewayMetrics.create(self.registry), position=cfg.position,

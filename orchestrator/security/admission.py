@@ -7,6 +7,13 @@ The gateway calls :meth:`GatewayAdmission.check` before routing a model request;
 client key of the rate limit is the token's id when the caller presents a valid token,
 else its peer address: behind a proxy every caller shares the proxy's address, so put the
 limit on tokens there.
+
+With tokens required, a request whose token is not known valid (none, a guess, one not
+checked yet or refused) first takes from its address's bucket, and only then is its token
+looked up: checked after the lookup, a client sending a new made-up token each time would
+never be limited, and each of its guesses would cost a store lookup (on a standalone gateway,
+a call to the control plane). A token known valid (:attr:`GatewayAdmission.known`, which asks
+nothing) skips the address, so clients behind one proxy are limited by their tokens alone.
 """
 
 from __future__ import annotations
@@ -44,27 +51,34 @@ class VerifiedToken(Protocol):
 
 class GatewayAdmission:
     def __init__(self, limiter: ratelimit.RateLimiter,
-                 verify_token: Callable[[str], Awaitable[VerifiedToken | None]] | None = None) -> None:
+                 verify_token: Callable[[str], Awaitable[VerifiedToken | None]] | None = None,
+                 known_token: Callable[[str], VerifiedToken | None] | None = None) -> None:
         """``verify_token`` set = every model request needs a valid API token (any role); it
-        must not block the event loop (a store lookup runs in a worker thread, its verdict kept)."""
+        must not block the event loop (a store lookup runs in a worker thread, its verdict kept).
+        ``known_token``: the token when a verdict already kept says it is valid, without asking
+        (None: every token is taken for one that needs a lookup)."""
         self.limiter = limiter
         self._verify = verify_token
+        self.known = known_token or (lambda secret: None)
 
     async def check(self, request: Request) -> Response | None:
-        key = None
-        header = request.headers.get("authorization")
-        if self._verify is not None:
-            secret = bearer.bearer_secret(header)
-            try:
-                info = await self._verify(secret) if secret is not None else None
-            except TokenCheckUnavailable as exc:
-                return _refuse(503, f"cannot check the API token now: {exc}; retry", {"retry-after": "2"})
-            if info is None:
-                return _refuse(401, "the gateway needs 'Authorization: Bearer <token>' with a valid API token",
-                               {"www-authenticate": "Bearer"})
-            key = f"token:{info.id}"
-        if key is None:
-            key = f"addr:{request.client.host if request.client else '?'}"
+        address = f"addr:{request.client.host if request.client else '?'}"
+        if self._verify is None:
+            return self._take(address)
+        secret = bearer.bearer_secret(request.headers.get("authorization"))
+        if secret is None or self.known(secret) is None:  # a lookup, or a refusal: paid by the address first
+            if (limited := self._take(address)) is not None:
+                return limited
+        try:
+            info = await self._verify(secret) if secret is not None else None
+        except TokenCheckUnavailable as exc:
+            return _refuse(503, f"cannot check the API token now: {exc}; retry", {"retry-after": "2"})
+        if info is None:
+            return _refuse(401, "the gateway needs 'Authorization: Bearer <token>' with a valid API token",
+                           {"www-authenticate": "Bearer"})
+        return self._take(f"token:{info.id}")
+
+    def _take(self, key: str) -> Response | None:
         wait = self.limiter.take(key)
         if wait is not None:
             return _refuse(429, f"rate limit of {self.limiter.limit.rate:g} requests/s exceeded; retry later",

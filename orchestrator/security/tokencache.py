@@ -8,6 +8,11 @@ callers with the same token share one lookup, and its verdict is kept
 :attr:`TokenVerdicts.ttl_s` seconds, so the gateway's hot path costs a dictionary read, not a
 thread hop and a query per request.
 
+The kept verdicts are bounded, least recently used out first (:class:`VerdictTable`), and
+refusals are kept apart from valid tokens: a client that sends made-up tokens, each a new
+refusal, only ever pushes out other refusals, never the valid tokens in use, which would then
+each cost a lookup again.
+
 What that costs revocation: :meth:`TokenVerdicts.forget` drops every verdict at once, and the
 process that revokes a token calls it, so there the token is refused at once; another replica
 sharing the store refuses it within ``ttl_s``. A valid verdict never outlives the token's own
@@ -26,6 +31,7 @@ from typing import Generic, Protocol, TypeVar
 
 TTL_S = 5.0
 MAX_ENTRIES = 10_000
+MAX_REFUSED = 1_000  # refusals kept (a client retrying a revoked token), apart from the valid ones
 
 
 class Expiring(Protocol):
@@ -36,24 +42,57 @@ class Expiring(Protocol):
 
 
 T = TypeVar("T", bound=Expiring)
+V = TypeVar("V")
+
+
+class VerdictTable(Generic[V]):
+    """Verdicts by key, in two bounded tables: valid tokens' (``max_valid``) and refusals'
+    (``max_refused``), each dropping its least recently used entry when full; reading one
+    makes it the most recently used."""
+
+    def __init__(self, max_valid: int, max_refused: int) -> None:
+        self.max_valid, self.max_refused = max_valid, max_refused
+        self._valid: collections.OrderedDict[bytes | str, V] = collections.OrderedDict()
+        self._refused: collections.OrderedDict[bytes | str, V] = collections.OrderedDict()
+
+    def get(self, key: bytes | str) -> V | None:
+        for table in (self._valid, self._refused):
+            if (found := table.get(key)) is not None:
+                table.move_to_end(key)
+                return found
+        return None
+
+    def put(self, key: bytes | str, verdict: V, *, valid: bool) -> None:
+        self._valid.pop(key, None)
+        self._refused.pop(key, None)
+        table, limit = (self._valid, self.max_valid) if valid else (self._refused, self.max_refused)
+        table[key] = verdict
+        while len(table) > limit:
+            table.popitem(last=False)
+
+    def clear(self) -> None:
+        self._valid.clear()
+        self._refused.clear()
 
 
 class TokenVerdicts(Generic[T]):
     def __init__(self, lookup: Callable[[str], Awaitable[T | None]], *, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 max_refused: int = MAX_REFUSED, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         """``lookup``: the check (the store's), which waits off the event loop; ``wall``: the
-        clock the tokens' expiry is on (the store's)."""
+        clock the tokens' expiry is on (the store's); ``max_entries`` valid tokens kept and
+        ``max_refused`` refusals."""
         self._lookup = lookup
-        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self.ttl_s = ttl_s
         self._clock, self._wall = clock, wall
-        self._kept: collections.OrderedDict[bytes, tuple[T | None, float]] = collections.OrderedDict()  # digest -> (verdict, until)
+        self._kept: VerdictTable[tuple[T | None, float]] = VerdictTable(max_entries, max_refused)  # digest -> (verdict, until)
         self._asking: dict[bytes, asyncio.Future[T | None]] = {}
         self._generation = 0  # bumped by forget(): a lookup begun before it must not be kept
 
     async def verify(self, secret: str) -> T | None:
         """The token's description when it is valid, None when not; the lookup's error (the
         store's) when it must ask and cannot."""
-        key = hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+        key = _digest(secret)
         kept = self._kept.get(key)
         if kept is not None and kept[1] > self._clock() and not self._expired(kept[0]):
             return kept[0]
@@ -63,6 +102,13 @@ class TokenVerdicts(Generic[T]):
             self._asking[key] = asking
             asking.add_done_callback(lambda done: self._asked(key, done))
         return await asyncio.shield(asking)
+
+    def known(self, secret: str) -> T | None:
+        """The token when a kept verdict says it is valid, fresh or not, and it has not expired
+        since; None for a token refused or never seen. Asks nothing: the gateway tells a token
+        in use from a guess with it before any lookup (:mod:`orchestrator.security.admission`)."""
+        kept = self._kept.get(_digest(secret))
+        return kept[0] if kept is not None and kept[0] is not None and not self._expired(kept[0]) else None
 
     def forget(self) -> None:
         """Drop every verdict (a token was revoked): the next check of each token asks again."""
@@ -80,11 +126,12 @@ class TokenVerdicts(Generic[T]):
         generation = self._generation
         verdict = await self._lookup(secret)
         if generation == self._generation:
-            self._kept[key] = (verdict, self._clock() + self.ttl_s)
-            self._kept.move_to_end(key)
-            while len(self._kept) > self.max_entries:
-                self._kept.popitem(last=False)
+            self._kept.put(key, (verdict, self._clock() + self.ttl_s), valid=verdict is not None)
         return verdict
 
     def _expired(self, verdict: T | None) -> bool:
         return verdict is not None and verdict.expires_at is not None and verdict.expires_at < self._wall()
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()

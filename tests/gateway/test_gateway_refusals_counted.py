@@ -41,6 +41,10 @@ async def verify(secret: str) -> Token | None:
     return Token("t1") if secret == GOOD else None
 
 
+def known(secret: str) -> Token | None:  # once checked: a kept verdict
+    return Token("t1") if secret == GOOD else None
+
+
 def counted(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
     """edgeplane_gateway_requests_total by (model, code)."""
     out: dict[tuple[str, str], float] = {}
@@ -90,7 +94,7 @@ async def open_gateway() -> AsyncIterator[Served]:
 
 @pytest.fixture
 async def guarded_gateway() -> AsyncIterator[Served]:
-    async for served in serve(admission.GatewayAdmission(ratelimit.RateLimiter(ratelimit.RateLimit(0.001, 2)), verify)):
+    async for served in serve(admission.GatewayAdmission(ratelimit.RateLimiter(ratelimit.RateLimit(0.001, 4)), verify, known)):
         yield served
 
 
@@ -120,11 +124,13 @@ async def test_admission_refusals_are_counted(guarded_gateway: Served) -> None:
     assert (await http.post("/v2/models/not-deployed/infer", content=b"{}", headers=bearer("wrong"))).status_code == 401
     assert (await http.post("/v2/models/m/infer", content=b"{}", headers=bearer(DOWN))).status_code == 503
     assert (await http.post("/openai/v1/chat/completions", json=CHAT, headers=bearer("wrong"))).status_code == 401
-    codes = [(await http.post("/v2/models/m/infer", content=b"x" * 4096, headers=bearer(GOOD))).status_code for _ in range(3)]
-    assert codes == [413, 413, 429]  # a burst of 2, then the token's bucket is spent
+    # a burst of 4: the refusals above spent the address's, a valid token has its own
+    assert (await http.post("/v2/models/m/infer", content=b"{}", headers=bearer("wrong"))).status_code == 429
+    codes = [(await http.post("/v2/models/m/infer", content=b"x" * 4096, headers=bearer(GOOD))).status_code for _ in range(5)]
+    assert codes == [413, 413, 413, 413, 429]
     assert (await http.post("/openai/v1/chat/completions", json=CHAT, headers=bearer(GOOD))).status_code == 429
-    assert counted(registry) == {("m", "401"): 1, (proxy.UNKNOWN_MODEL, "401"): 2, ("m", "503"): 1, ("m", "413"): 2,
-                                 ("m", "429"): 1, (proxy.UNKNOWN_MODEL, "429"): 1}
+    assert counted(registry) == {("m", "401"): 1, (proxy.UNKNOWN_MODEL, "401"): 2, ("m", "503"): 1, ("m", "413"): 4,
+                                 ("m", "429"): 2, (proxy.UNKNOWN_MODEL, "429"): 1}
 
 
 async def test_bad_caller_or_cascade_headers_are_counted_on_a_v2_cascade_as_on_a_plain_model(open_gateway: Served) -> None:

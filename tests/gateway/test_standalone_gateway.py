@@ -203,6 +203,40 @@ async def test_the_gateway_checks_api_tokens_with_the_control_plane(fleet: harne
         await gw.stop()
 
 
+async def test_made_up_tokens_are_limited_by_address_before_the_control_plane_is_asked(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each new made-up token used to be a GET /v1/whoami (a store lookup on the control
+    plane) however low --gateway-rate was, and was never answered 429."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        secret, _ = cp.store.create_token("api", "read", None, "test", "app")
+        looked_up: list[str] = []
+        verify = cp.store.verify_token
+
+        def counted(token: str, purpose: str) -> object:
+            looked_up.append(token)
+            return verify(token, purpose)
+
+        monkeypatch.setattr(cp.store, "verify_token", counted)
+        config = gatewayd.GatewayConfig(control_planes=(cp.http_url,), port=0, gateway_auth="token", gateway_rate=0.01, gateway_burst=3.0)
+        gw = await gatewayd.StandaloneGateway(config).start()
+        try:
+            assert await gw.follower.wait_snapshot(0, 60)
+            async with httpx.AsyncClient(base_url=gw.http_url, timeout=30) as http:
+                ok = {"authorization": f"Bearer {secret}"}
+                assert (await http.post("/v2/models/m/infer", json=BODY, headers=ok)).status_code == 404
+                codes = [(await http.post("/v2/models/m/infer", json=BODY, headers={"authorization": f"Bearer ep_guess{i}"})).status_code
+                         for i in range(40)]
+                assert codes == [401, 401] + [429] * 38, codes
+                assert (await http.post("/v2/models/m/infer", json=BODY, headers=ok)).status_code == 404  # its own bucket
+        finally:
+            await gw.stop()
+        assert looked_up == [secret, "ep_guess0", "ep_guess1"]
+    finally:
+        await fleet.stop()
+
+
 async def test_an_agent_lost_reaches_the_gateway_through_the_watch(gateway: gatewayd.StandaloneGateway, fleet: harness.Fleet) -> None:
     fleet.agents["edge-berlin"].kill(signal.SIGKILL)
     await await_table(gateway, lambda: not any(e.healthy and e.site == "edge-berlin" for e in gateway.table.endpoints("intent")),

@@ -109,24 +109,56 @@ def test_a_gateway_rate_too_slow_to_wait_for_is_refused_on_the_command_line(
 
 
 async def test_gateway_token_auth(tmp_path: pathlib.Path) -> None:
-    fleet = await _control_plane(tmp_path, gateway_auth="token", gateway_rate=0.01, gateway_burst=2.0)
+    fleet = await _control_plane(tmp_path, gateway_auth="token", gateway_rate=0.01, gateway_burst=4.0)
     try:
         cp = fleet.cp
         assert cp is not None
         secret, _ = cp.store.create_token("api", "read", None, "test", "app")
         bootstrap, _ = cp.store.create_token("bootstrap", "agent", 60, "test", "agent")
         async with httpx.AsyncClient(base_url=cp.http_url) as http:
+            ok = {"authorization": f"Bearer {secret}"}
+            assert (await http.post("/v2/models/m/infer", content=b"{}", headers=ok)).status_code == 404
             assert (await http.post("/v2/models/m/infer", content=b"{}")).status_code == 401
             bad = await http.post("/v2/models/m/infer", content=b"{}", headers={"authorization": "Bearer nope"})
             assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
             # a bootstrap token is for agents, not for the gateway
             assert (await http.get("/v2/models/m", headers={"authorization": f"Bearer {bootstrap}"})).status_code == 401
+            # the address's burst of 4 is spent (the valid token's first check and three refusals)...
+            assert (await http.get("/v2/models/m", headers={"authorization": "Bearer nope"})).status_code == 429
+            # ...the token's is its own: its fifth request is limited
+            assert [(await http.get("/v2/models/m/ready", headers=ok)).status_code for _ in range(4)] == [404, 404, 404, 429]
+            assert (await http.get("/v2/health/ready")).status_code == 200
+    finally:
+        await fleet.stop()
+
+
+async def test_made_up_tokens_are_limited_by_address_before_they_cost_a_lookup(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each new made-up token used to be looked up in the store before the rate limit was
+    asked, and refused (401) without ever being limited."""
+    fleet = await _control_plane(tmp_path, gateway_auth="token", gateway_rate=0.01, gateway_burst=3.0)
+    try:
+        cp = fleet.cp
+        assert cp is not None
+        secret, _ = cp.store.create_token("api", "read", None, "test", "app")
+        looked_up: list[str] = []
+        verify = cp.store.verify_token
+
+        def counted(token: str, purpose: str) -> object:
+            looked_up.append(token)
+            return verify(token, purpose)
+
+        monkeypatch.setattr(cp.store, "verify_token", counted)
+        async with httpx.AsyncClient(base_url=cp.http_url) as http:
             ok = {"authorization": f"Bearer {secret}"}
             assert (await http.post("/v2/models/m/infer", content=b"{}", headers=ok)).status_code == 404
-            assert (await http.get("/v2/models/m/ready", headers=ok)).status_code == 404
-            # with a token the bucket is the token's: a third request in the burst is limited
-            assert (await http.get("/v2/models/m", headers=ok)).status_code == 429
-            assert (await http.get("/v2/health/ready")).status_code == 200
+            codes = [(await http.post("/v2/models/m/infer", content=b"{}", headers={"authorization": f"Bearer ep_guess{i}"})).status_code
+                     for i in range(40)]
+            assert codes == [401, 401] + [429] * 38, codes  # the address's burst of 3, its first spent on the valid token
+            assert int((await http.post("/v2/models/m/infer", content=b"{}")).headers["retry-after"]) >= 1
+            # a token in use keeps its own bucket: the flood from its address does not limit it
+            assert (await http.post("/v2/models/m/infer", content=b"{}", headers=ok)).status_code == 404
+        assert looked_up == [secret, "ep_guess0", "ep_guess1"]
     finally:
         await fleet.stop()
 

@@ -91,13 +91,32 @@ async def test_forget_drops_every_verdict_and_one_looked_up_before_it_is_not_kep
     assert await tokens.verify("a") is None  # but its verdict was not kept
 
 
-async def test_the_verdicts_kept_are_bounded() -> None:
+async def test_the_verdicts_kept_are_bounded_and_made_up_tokens_push_out_no_valid_one() -> None:
     now = [0.0]
-    lookups = Lookups({})
-    tokens = verdicts(lookups, now, max_entries=3)
-    for secret in ("a", "b", "c", "d", "a"):
+    lookups = Lookups({"a": Info("a"), "b": Info("b"), "c": Info("c")})
+    tokens = verdicts(lookups, now, max_entries=2, max_refused=2)
+    for secret in ("a", "b", *(f"guess{i}" for i in range(100))):
         await tokens.verify(secret)
-    assert lookups.asked == 5  # "a" was dropped to keep 3
+    assert lookups.asked == 102
+    assert (await tokens.verify("a"), await tokens.verify("b"), lookups.asked) == (Info("a"), Info("b"), 102)  # still kept
+    assert (await tokens.verify("guess0"), lookups.asked) == (None, 103)  # refusals push out refusals
+    await tokens.verify("a")  # used: the most recently used
+    await tokens.verify("c")  # a third valid token pushes out the least recently used one, b
+    assert (await tokens.verify("a"), lookups.asked) == (Info("a"), 104)
+    assert (await tokens.verify("b"), lookups.asked) == (Info("b"), 105)
+
+
+async def test_a_token_known_valid_is_told_without_a_lookup_until_it_expires() -> None:
+    now = [1000.0]
+    lookups = Lookups({"a": Info("a"), "b": Info("b", expires_at=1010.0)})
+    tokens = verdicts(lookups, now, ttl_s=5.0)
+    assert [tokens.known(s) for s in ("a", "b", "nope")] == [None, None, None]  # never seen
+    for secret in ("a", "b", "nope"):
+        await tokens.verify(secret)
+    now[0] += 6.0  # past the ttl: still known, asked again by the next verify
+    assert [tokens.known(s) for s in ("a", "b", "nope")] == [Info("a"), Info("b", 1010.0), None]
+    now[0] += 5.0  # b has expired
+    assert (tokens.known("b"), lookups.asked) == (None, 3)
 
 
 async def test_a_token_revoked_through_this_control_plane_is_refused_at_once(tmp_path: pathlib.Path) -> None:
