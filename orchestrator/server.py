@@ -55,6 +55,7 @@ from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import openai_routes, proxy, upstream, wire
 from orchestrator.gateway import options as gateway_options
 from orchestrator.reconciler import datacentres as dc_mod
+from orchestrator.reconciler import observed
 from orchestrator.security import ca as ca_mod
 from orchestrator.reconciler.loop import Reconciler
 from orchestrator.security import admission, ratelimit
@@ -110,6 +111,7 @@ class ControlPlane(server_views.ServerViews):
     _relay_secret: str | None = None  # set while leading: what relaying replicas must present
     _leader_published: int | None = None  # the fencing token under which this replica's relay address was published
     _reads: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # the store reads in flight that callers share, by name
+    _leaders_view: tuple[int, observed.Observed] | None = None  # a follower: the leader's observed fleet last read, with its version
     _change_feed: Any = None  # shared database only: tells of other replicas' writes as they commit
     _agent_events: backlog.EventBacklog = field(default_factory=backlog.EventBacklog)  # to log, in order
     distills: distill_api.Runs = field(default_factory=distill_api.Runs)  # the distillation runs under way, stopped first

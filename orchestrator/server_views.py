@@ -26,7 +26,7 @@ from orchestrator.api import paging
 from orchestrator.artifacts import signature
 from orchestrator.gateway import routing
 from orchestrator.manifests import loader
-from orchestrator.reconciler import hold, planning
+from orchestrator.reconciler import hold, observed, planning
 from orchestrator.store import sqlite as store_mod
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from orchestrator.artifacts import catalog as artifacts
     from orchestrator.gateway import cascade as cascade_mod
     from orchestrator.gateway import endpoints as endpoints_mod
+    from orchestrator.reconciler import snapshot as snap
     from orchestrator.reconciler.loop import Reconciler
     from orchestrator.security import ca as ca_mod
 
@@ -65,6 +66,7 @@ class ServerViews:
     relay_client: relay.RelayClient | None
     _change_feed: Any
     _reads: dict[str, asyncio.Future[Any]]  # the store reads in flight that callers share, by name
+    _leaders_view: tuple[int, observed.Observed] | None  # the last observed fleet read of the leader's, with its version
 
     async def leadership_view(self) -> dict[str, Any]:
         """This replica, who leads, and why changes are on hold (``hold``: this process's own
@@ -120,14 +122,41 @@ class ServerViews:
         if self._reads.get(name) is done:  # forgotten once read: a page's name is one of many
             del self._reads[name]
 
+    async def leaders_view(self) -> observed.Observed | None:
+        """On a replica that does not lead, what the leader's last pass observed and
+        published (:mod:`orchestrator.reconciler.observed`): previews and views plan and
+        read with it, not with this replica's own hub, which holds only the agents connected
+        here. None on the leader, and until a leader has published one. Read again only when
+        a newer one was published, and decoded off the loop."""
+        if self.elector is None or self.elector.leading:
+            return None
+        cached = self._leaders_view
+        try:
+            got = await self._shared_read("observed", functools.partial(
+                self.store.published, observed.PUBLISHED_KEY, cached[0] if cached is not None else 0), API_READ_S)
+        except TimeoutError:
+            raise store_mod.StoreError(f"the store did not answer in {API_READ_S:g} s") from None
+        if got is not None:
+            try:
+                self._leaders_view = cached = (got[0], await asyncio.to_thread(observed.from_text, got[1]))
+            except ValueError as exc:  # a leader of another version: this replica's own view, as before
+                log.warning("%s", exc)
+        return cached[1] if cached is not None else None
+
+    async def current(self) -> snap.Snapshot:
+        """The snapshot previews plan with: the leader's observations on a follower."""
+        return await self.reconciler.current(await self.leaders_view())
+
     async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
         # The reconciler's state is read on the loop, whose it is; the store and the schedule off it.
-        current = await self.reconciler.current()
+        leaders = await self.leaders_view()
+        current = await self.reconciler.current(leaders)
         last = self.reconciler.last_plan
-        return await run_in_threadpool(views.preview, current, docs, last.result.energy if last else None)
+        energy = leaders.energy if leaders is not None else last.result.energy if last is not None else None
+        return await run_in_threadpool(views.preview, current, docs, energy)
 
     async def drain_preview(self, site: str) -> dict[str, Any]:
-        current = await self.reconciler.current()
+        current = await self.current()
         return await run_in_threadpool(planning.drain_preview, current, site)
 
     async def hold_reason(self) -> str | None:
@@ -149,14 +178,17 @@ class ServerViews:
             raise store_mod.StoreError(f"the store did not answer in {API_READ_S:g} s") from None
         more = page.limit is not None and len(rows) > page.limit
         rows = rows[:page.limit]
-        # The snapshot once the rows are read: a pass sets its own before it writes its rows,
-        # so the rows are never shown with an older pass's snapshot (their sites "SiteGone").
-        last = self.reconciler.last_snapshot
-        # the agents' model states as they are now, not as the last pass saw them: a download's
-        # progress changes them every second without a pass (agents.hub._decisive); those of
-        # the page's sites only
-        agents = [a for site in dict.fromkeys(r.site for r in rows) if (a := self.hub.status(site)) is not None]
-        live = dataclasses.replace(last, agents=tuple(agents)) if last is not None else None
+        if (leaders := await self.leaders_view()) is not None:  # a follower: the states the leader observed
+            live = leaders.over(await self.store.run(self.reconciler.read_desired), ())
+        else:
+            # The snapshot once the rows are read: a pass sets its own before it writes its rows,
+            # so the rows are never shown with an older pass's snapshot (their sites "SiteGone").
+            last = self.reconciler.last_snapshot
+            # the agents' model states as they are now, not as the last pass saw them: a download's
+            # progress changes them every second without a pass (agents.hub._decisive); those of
+            # the page's sites only
+            agents = [a for site in dict.fromkeys(r.site for r in rows) if (a := self.hub.status(site)) is not None]
+            live = dataclasses.replace(last, agents=tuple(agents)) if last is not None else None
         view = await run_in_threadpool(views.placements, live, rows)
         meta = paging.metadata(page, "placements", more, _placement_key(rows[-1]) if rows else None)
         return view if meta is None else {**view, "metadata": meta}
@@ -169,7 +201,7 @@ class ServerViews:
 
     async def simulate(self, body: bytes, each: str | None, top: int | None) -> dict[str, Any]:
         # The store is read and the planning runs off the loop once a slot is free, so the gateway keeps answering.
-        return await self.simulations.run(self.reconciler.current, body, each, top)
+        return await self.simulations.run(self.current, body, each, top)
 
     async def metrics(self) -> bytes:
         """``GET /metrics``. What it counts from the store (the placement, and the sites taken
@@ -203,7 +235,8 @@ class ServerViews:
 
     async def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":
-            extra = views.describe_deployment(self.reconciler.last_plan, name)
+            leaders = await self.leaders_view()
+            extra = dict(leaders.described.get(name, {})) if leaders is not None else views.describe_deployment(self.reconciler.last_plan, name)
             cascade = next((c for c in self.cascades.stats.snapshot(self.table.cascades) if c["name"] == name), None)
             return {**extra, "cascade": cascade} if cascade is not None else extra
         if kind == "Model":

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from orchestrator import catalog
+from orchestrator import catalog, views
 from orchestrator import maintenance as maintenance_mod
 from orchestrator.backoff import Backoff
 from orchestrator.agents import errors as agent_errors
@@ -30,6 +30,7 @@ from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import artifact_use
 from orchestrator.reconciler import autoscaler as autoscaler_mod
 from orchestrator.reconciler import datacentre_sync, hold
+from orchestrator.reconciler import observed as observed_mod
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.reconciler.datacentres import DataCentres
@@ -72,6 +73,7 @@ class Reconciler:
     _published: wire.TableContents | None = None  # what the last publish wrote
     _published_at: float = 0.0  # when (this reconciler's clock)
     _hold_published: str | None = None  # the hold's reason ("" none) this leader last published; None: not yet
+    _observed_published: str | None = None  # the observed fleet this leader last published; None: not yet
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease,
@@ -197,6 +199,7 @@ class Reconciler:
         self.dc_sync.forget()
         self._published = None  # another leader may have published since this replica last did
         self._hold_published = None
+        self._observed_published = None
         self._unreadable = {}  # each term reports what does not read again: its events and log are this leader's
         self.autoscaler = autoscaler_mod.Autoscaler(self.clock)
         self.converging = False
@@ -330,14 +333,17 @@ class Reconciler:
         """Why changes to the fleet are on hold as of the last pass, or None."""
         return hold.reason(self._unreadable)
 
-    async def current(self) -> snap.Snapshot:
+    async def current(self, leaders: observed_mod.Observed | None = None) -> snap.Snapshot:
         """Desired state as stored now, observed state as of the last pass (for previews).
 
         The store is read in a worker thread (see :meth:`gather`), the reconciler's own
         state on the loop, whose it is. Edge sites still rejoining after a restart are in it
         as a pass has them (keeping their replicas): a preview or what-if would otherwise
-        plan them as lost."""
+        plan them as lost. ``leaders``: what the leader published it observed, for a replica
+        that does not lead (its own hub holds only the agents connected to it)."""
         desired, placements = await self.store.run(self._read_stored)
+        if leaders is not None:
+            return leaders.over(desired, placements)
         sites, models, deployments = desired.sites, desired.models, desired.deployments
         agents = tuple(self.hub.snapshot())
         last = self.last_snapshot
@@ -432,6 +438,7 @@ class Reconciler:
         self.last_plan = plan
         # after the pass's sets and applications went out: what they no longer name can go
         self.artifacts.retain(artifact_use.live(snapshot.models, self._sent(snapshot), self.dc_sync.applied))
+        await self._publish_observed(snapshot, plan)
         # While replicas are on their way up, or a site drains, look again soon rather than at the next resync.
         self.converging = any(
             (item.kind == "ModelDeployment" and item.status.get("phase") in ("Progressing", "Failing"))
@@ -529,6 +536,25 @@ class Reconciler:
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))
                 self._publish_table()
+
+    async def _publish_observed(self, s: snap.Snapshot, plan: planning.PassPlan) -> None:
+        """What this pass observed goes to the store for the other replicas' previews and
+        views (:mod:`~orchestrator.reconciler.observed`), when it changed. A failed write is
+        tried again at the next pass; the pass goes on."""
+        o = observed_mod.Observed(s.agents, s.datacentres, s.artifacts, s.autoscale, s.rejoining, plan.result.energy,
+                                  {name: views.describe_deployment(plan, name) for name in plan.result.deployments})
+        text = await asyncio.to_thread(observed_mod.to_text, o)  # a large fleet's takes milliseconds the gateway must not wait
+        if text == self._observed_published:
+            return
+        try:
+            await self.store.run(self.store.publish, observed_mod.PUBLISHED_KEY, text, lease=self.lease)
+        except store_mod.Fenced as exc:
+            log.info("observed fleet not published: %s", exc)
+            return
+        except store_mod.StoreError as exc:
+            log.warning("observed fleet not published: %s", exc)
+            return
+        self._observed_published = text
 
     def _publish_table(self) -> None:
         """The table goes to the store, the same document the watch sends to standalone

@@ -1,0 +1,127 @@
+"""What the leader's last pass observed, published in the store for the other replicas.
+
+Every replica serves the API, but only the leader's pass observes the fleet: its hub holds
+every agent (those relayed by followers too), its pass each data centre's applications,
+each artifact checked, the autoscaler's counts and the plan in force. A follower's own hub
+holds only the agents connected to it, so a preview planned there (``apply --dry-run``,
+``drain --dry-run``, ``simulate``) would take every other site for agent-less, and
+``get placements`` or ``describe`` would show no replica state. The leader therefore
+publishes the observed half of its pass's snapshot, with what ``describe`` shows of its
+plan, as it publishes the endpoint table (``PUBLISHED_KEY``), and only when it changed;
+a follower answers those reads from it.
+
+Agents' load (heartbeat times, in-flight counts, CPU, free memory) is left out: no
+preview or view reads it, and it would change the document at every pass. What is kept
+of heartbeat times is whether the agent reported since it joined.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.adapters import serve_config
+from orchestrator.agents import model as agent_model
+from orchestrator.reconciler import autoscaler
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import result as sched_result
+
+PUBLISHED_KEY = "observed"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The observed half of a pass's snapshot, and what ``describe`` shows of its plan."""
+
+    agents: tuple[agent_model.AgentStatus, ...] = ()
+    datacentres: Mapping[str, snap.DataCentreObservation] = field(default_factory=dict)
+    artifacts: Mapping[tuple[str, str], snap.ArtifactRef] = field(default_factory=dict)
+    autoscale: Mapping[str, autoscaler.Recommendation] = field(default_factory=dict)
+    rejoining: frozenset[str] = frozenset()
+    energy: sched_result.Energy | None = None  # of the placement in force
+    described: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # describe's extra, by deployment
+
+    def over(self, desired: snap.Desired, placements: tuple[Any, ...]) -> snap.Snapshot:
+        """A snapshot of ``desired`` as stored now with what the leader observed."""
+        return snap.Snapshot(
+            desired.sites, desired.models, desired.deployments, placements, self.agents,
+            datacentres=self.datacentres, artifacts=self.artifacts, assignments={}, applied_apps={},
+            autoscale=self.autoscale, rejoining=self.rejoining, unreadable=desired.unreadable, maintenance=desired.maintenance)
+
+
+def to_text(o: Observed) -> str:
+    return json.dumps(_document(o), sort_keys=True, separators=(",", ":"))
+
+
+def from_text(text: str) -> Observed:
+    """The published document; ValueError (KeyError, TypeError included) when this version cannot read it."""
+    try:
+        doc = json.loads(text)
+        return Observed(
+            agents=tuple(_agent(a) for a in doc["agents"]),
+            datacentres={site: _datacentre(d) for site, d in doc["datacentres"].items()},
+            artifacts={(a["model"], a["variant"]): snap.ArtifactRef(a["url"], a["error"], tuple(a["hosts"])) for a in doc["artifacts"]},
+            autoscale={name: autoscaler.Recommendation(**r) for name, r in doc["autoscale"].items()},
+            rejoining=frozenset(doc["rejoining"]),
+            energy=sched_result.Energy(**doc["energy"]) if doc["energy"] is not None else None,
+            described=doc["described"],
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"the observed fleet the leader published is not one this version reads: {exc!r}") from exc
+
+
+def _document(o: Observed) -> dict[str, Any]:
+    return {
+        "agents": [_agent_doc(a) for a in sorted(o.agents, key=lambda a: a.site)],
+        "datacentres": {site: _datacentre_doc(d) for site, d in o.datacentres.items()},
+        "artifacts": [{"model": m, "variant": v, "url": r.url, "error": r.error, "hosts": list(r.hosts)}
+                      for (m, v), r in sorted(o.artifacts.items())],
+        "autoscale": {name: vars(r) for name, r in o.autoscale.items()},
+        "rejoining": sorted(o.rejoining),
+        "energy": vars(o.energy) if o.energy is not None else None,
+        "described": o.described,
+    }
+
+
+def _agent_doc(a: agent_model.AgentStatus) -> dict[str, Any]:
+    c, loc = a.capacity, a.location
+    return {
+        "site": a.site, "agentId": a.agent_id, "endpointUrl": a.endpoint_url, "healthy": a.healthy, "reported": a.reported,
+        "location": [loc.country, loc.region, loc.lat, loc.lon], "labels": dict(a.labels), "agentVersion": a.agent_version,
+        "capacity": {"cpuCores": c.cpu_cores, "memoryTotalBytes": c.memory_total_bytes, "executionProviders": list(c.execution_providers),
+                     "gpus": [[g.index, g.model, g.memory_total_bytes] for g in c.gpus]},
+        "providers": list(a.providers), "assignmentVersion": a.assignment_version, "heartbeatInterval": a.heartbeat_interval,
+        "via": a.via,
+        "models": [[m.name, m.sha256, m.phase.value, m.message, m.provider, m.serving_sha256, m.deployment, m.variant, m.failures]
+                   for m in a.models.values()],
+    }
+
+
+def _agent(d: Mapping[str, Any]) -> agent_model.AgentStatus:
+    c = d["capacity"]
+    models = (agent_model.ModelState(name, sha, agent_model.ModelPhase(phase), message, provider, 0, serving, deployment, variant, failures)
+              for name, sha, phase, message, provider, serving, deployment, variant, failures in d["models"])
+    return agent_model.AgentStatus(
+        site=d["site"], agent_id=d["agentId"], endpoint_url=d["endpointUrl"], healthy=d["healthy"],
+        # only whether it reported since it joined is published (``reported``), not when
+        last_heartbeat=1.0 if d["reported"] else 0.0, joined_at=0.0,
+        location=agent_model.Location(*d["location"]), labels=agent_model.frozen_mapping(d["labels"]), agent_version=d["agentVersion"],
+        capacity=agent_model.Capacity(c["cpuCores"], c["memoryTotalBytes"], tuple(agent_model.Gpu(*g) for g in c["gpus"]),
+                                      tuple(c["executionProviders"])),
+        providers=tuple(d["providers"]), inflight=0, cpu_percent=0.0, memory_available_bytes=0,
+        models={m.name: m for m in models}, assignment_version=d["assignmentVersion"], heartbeat_interval=d["heartbeatInterval"],
+        via=d["via"],
+    )
+
+
+def _datacentre_doc(d: snap.DataCentreObservation) -> dict[str, Any]:
+    return {"reachable": d.reachable, "error": d.error, "drift": d.drift, "lost": d.lost,
+            "apps": {name: {**vars(app), "status": app.status.value} for name, app in d.apps.items()}}
+
+
+def _datacentre(d: Mapping[str, Any]) -> snap.DataCentreObservation:
+    apps = {name: serve_config.ServeAppStatus(**{**app, "status": serve_config.ServeAppState(app["status"])})
+            for name, app in d["apps"].items()}
+    return snap.DataCentreObservation(d["reachable"], apps, d["error"], d["drift"], d["lost"])

@@ -1,0 +1,126 @@
+"""What a replica that does not lead answers of the fleet, on a real PostgreSQL shared by two
+in-process control planes with real agents: previews (``apply --dry-run``, ``drain
+--dry-run``), ``get placements`` and ``describe`` plan and read with what the leader
+observed (every agent, wherever it is connected), not with the follower's own hub."""
+
+from __future__ import annotations
+
+import pathlib
+
+import httpx
+import pytest
+
+from orchestrator import server
+from orchestrator.adapters import serve_config
+from orchestrator.agents import model as agent_model
+from orchestrator.reconciler import autoscaler, observed, snapshot
+from orchestrator.scheduler import result as sched_result
+from orchestrator.testing import harness, manifests, onnx_models
+from orchestrator.testing.postgres import PostgresServer
+
+FR_SITES = {"edge-a": 48.0, "edge-b": 49.0}
+
+
+def fr_fleet(model: onnx_models.BuiltModel, replicas: int) -> str:
+    return manifests.bundle(
+        *(manifests.edge_site(name, "FR", lat, 2.35, region="fr") for name, lat in FR_SITES.items()),
+        manifests.onnx_model("intent", model.path.name, model.sha256),
+        manifests.deployment("intent-fr", "intent", replicas, {"residency": ["FR"], "tiers": ["edge"]}),
+    )
+
+
+async def a_pass_after_now(cp: server.ControlPlane) -> None:
+    """Until a pass that began after this call has ended (and published what it observed)."""
+    after = cp.reconciler.passes + 1  # the pass under way may have gathered before
+    cp.reconciler.trigger("test")
+    await cp.reconciler.wait_for_pass(after)
+
+
+async def test_previews_through_a_follower_plan_with_the_agents_connected_to_the_leader(
+        tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    model = onnx_models.build_mlp(tmp_path / "a" / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (leading, following):
+        leader, follower = leading.cp, following.cp
+        assert leader is not None and follower is not None
+        async with httpx.AsyncClient(base_url=leader.http_url, timeout=30) as lead, \
+                httpx.AsyncClient(base_url=follower.http_url, timeout=30) as f:
+            assert (await lead.post("/v1/apply", content=fr_fleet(model, 1))).status_code == 200
+            for name, lat in FR_SITES.items():  # both agents joined the leader, none the follower
+                await leading.start_agent(name, country="FR", region="fr", lat=lat, lon=2.35)
+            rows = await harness.wait_until(lambda: leader.store.placements() or None, 30, what="the replica placed")
+            await a_pass_after_now(leader)
+            (source,) = {r.site for r in rows}
+            (other,) = set(FR_SITES) - {source}
+
+            drained = [await c.post(f"/v1/sites/{source}/drain", params={"dryRun": "true"}) for c in (lead, f)]
+            assert [r.status_code for r in drained] == [200, 200], [r.text for r in drained]
+            assert other in drained[0].text, drained[0].text  # the replica moves to the other site
+            assert drained[1].json() == drained[0].json()
+
+            scaled = [await c.post("/v1/apply", params={"dryRun": "true"}, content=fr_fleet(model, 2)) for c in (lead, f)]
+            assert [r.status_code for r in scaled] == [200, 200], [r.text for r in scaled]
+            plan = scaled[1].json()["plan"]
+            assert plan == scaled[0].json()["plan"]
+            assert sum(c["after"] for c in plan["changes"]) == 2 and "removed" not in {c["change"] for c in plan["changes"]}, plan
+
+
+async def test_placements_and_describe_through_a_follower_say_the_replicas_state(
+        tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    model = onnx_models.build_mlp(tmp_path / "a" / "artifacts" / "intent.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    yaml_text = manifests.bundle(manifests.edge_site("edge-a", "FR", 48.0, 2.35),
+                                 manifests.onnx_model("intent", model.path.name, model.sha256),
+                                 manifests.deployment("intent-fr", "intent", 1, {"residency": ["FR"], "tiers": ["edge"]}))
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (leading, following):
+        leader, follower = leading.cp, following.cp
+        assert leader is not None and follower is not None
+        async with httpx.AsyncClient(base_url=leader.http_url, timeout=30) as lead, \
+                httpx.AsyncClient(base_url=follower.http_url, timeout=30) as f:
+            assert (await lead.post("/v1/apply", content=yaml_text)).status_code == 200
+            await leading.start_agent("edge-a", country="FR", lat=48.0, lon=2.35)
+
+            def serving() -> bool:
+                agent = leader.hub.status("edge-a")
+                return agent is not None and (m := agent.models.get("intent")) is not None and m.serving
+            await harness.wait_until(serving, 60, what="the model served at edge-a")
+            await a_pass_after_now(leader)
+
+            at_leader, at_follower = [(await c.get("/v1/placements")).json()["items"] for c in (lead, f)]
+            assert at_leader[0]["state"] == "READY" and at_leader[0]["ready"] == 1, at_leader
+            assert at_follower == at_leader
+
+            described = [(await c.get("/v1/modeldeployments/intent-fr", params={"describe": "true"})).json() for c in (lead, f)]
+            assert described[0]["placement"]["placed"] == 1, described[0]
+            assert described[1]["placement"] == described[0]["placement"]
+
+
+def observed_fleet() -> observed.Observed:
+    gpu = agent_model.Gpu(0, "L4", 24 << 30, memory_free_bytes=0)
+    states = {"intent": agent_model.ModelState("intent", "a" * 64, agent_model.ModelPhase.LOADING, "fetching 40%", "CPU",
+                                               serving_sha256="b" * 64, deployment="intent-fr", variant="small", failures=1)}
+    agent = agent_model.AgentStatus(
+        "edge-a", "agent-1", "http://10.0.0.1:9000", True, last_heartbeat=1.0, joined_at=0.0,
+        location=agent_model.Location("FR", "idf", 48.8, 2.3), labels=agent_model.frozen_mapping({"rack": "r1"}),
+        agent_version="1.2", capacity=agent_model.Capacity(8, 16 << 30, (gpu,), ("CPUExecutionProvider",)),
+        providers=("CPUExecutionProvider",), inflight=0, cpu_percent=0.0, memory_available_bytes=0, models=states,
+        assignment_version=7, heartbeat_interval=0.5, via="replica-b")
+    app = serve_config.ServeAppStatus("dc-intent", serve_config.ServeAppState.RUNNING, "", 2, 2, "http://dc/intent", version="v1")
+    return observed.Observed(
+        agents=(agent,),
+        datacentres={"dc-paris": snapshot.DataCentreObservation(True, {"dc-intent": app}), "dc-lyon": snapshot.DataCentreObservation(
+            False, error="connection refused", lost=True)},
+        artifacts={("intent", "small"): snapshot.ArtifactRef("http://cp/v1/artifacts/" + "a" * 64, hosts=("cp",)),
+                   ("intent", "big"): snapshot.ArtifactRef(None, "not found")},
+        autoscale={"intent-fr": autoscaler.Recommendation(3, "rps", 10.0, 2, 2, 12.5)},
+        rejoining=frozenset({"edge-b"}), energy=sched_result.Energy(120.0, 30.5),
+        described={"intent-fr": {"placement": {"placed": 1}}})
+
+
+@pytest.mark.parametrize("published", [observed_fleet(), observed.Observed()], ids=["a fleet", "nothing yet"])
+def test_what_the_leader_observed_reads_back_as_it_published_it(published: observed.Observed) -> None:
+    assert observed.from_text(observed.to_text(published)) == published
+
+
+@pytest.mark.parametrize("text", ["[]", '{"agents": []}', '{"agents": [{"site": "x"}], "datacentres": {}}'])
+def test_an_observed_fleet_this_version_cannot_read_is_a_value_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        observed.from_text(text)
