@@ -74,6 +74,10 @@ class Reconciler:
     _published_at: float = 0.0  # when (this reconciler's clock)
     _hold_published: str | None = None  # the hold's reason ("" none) this leader last published; None: not yet
     _observed_published: str | None = None  # the observed fleet this leader last published; None: not yet
+    # sha256 -> the URI a Model named, of each version in use: a version agents are kept on
+    # that no stored Model names any more is checked and served from it (see observed_mod)
+    _sources: dict[str, str] = field(default_factory=dict)
+    _inherit: bool = True  # the next pass first takes the sources the last leader published
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease,
@@ -200,6 +204,7 @@ class Reconciler:
         self._published = None  # another leader may have published since this replica last did
         self._hold_published = None
         self._observed_published = None
+        self._inherit = True
         self._unreadable = {}  # each term reports what does not read again: its events and log are this leader's
         self.autoscaler = autoscaler_mod.Autoscaler(self.clock)
         self.converging = False
@@ -370,10 +375,18 @@ class Reconciler:
             desired = await self.store.run(self.read_desired)
         sites, models, deployments = desired.sites, desired.models, desired.deployments
         deleted = await self.store.run(self.store.deleted_sites)  # read after the Sites: one declared again is in both
+        if self._inherit:
+            await self._inherit_sources()
         await self.dc_sync.observe(sites, deleted)
         placements = tuple(await self.store.run(self.store.placements))
         agents = tuple(self.hub.snapshot())
         rejoining = self._rejoining(sites, placements, agents)
+        assignments = {name: a.assignments for name in sorted({s.name for s in sites} | {agent.site for agent in agents})
+                       if (a := self.hub.assignments(name)) is not None}
+        self._sources.update((v.artifact.sha256, v.artifact.uri) for spec in models.values() for v in spec.variants if v.artifact is not None)
+        sent = {a.sha256: uri for sent in assignments.values() for a in sent if (uri := self._sources.get(a.sha256)) is not None}
+        # a new local artifact is hashed here, in a thread: the gateway shares this loop
+        refs, versions = await asyncio.to_thread(self._resolve_artifacts, models, sent)
         autoscale = self.autoscaler.evaluate(((d.name, d.spec) for d in deployments), placements, {a.site: a for a in agents},
                                              self.table.wakes)
         return snap.Snapshot(
@@ -383,11 +396,9 @@ class Reconciler:
             placements=placements,
             agents=agents,
             datacentres=dict(self.dc_sync.observed),
-            # a new local artifact is hashed here, in a thread: the gateway shares this loop
-            artifacts=await asyncio.to_thread(self._resolve_artifacts, models),
-            # agents of sites no longer stored too: they are told to serve nothing
-            assignments={name: a.assignments for name in sorted({s.name for s in sites} | {agent.site for agent in agents})
-                         if (a := self.hub.assignments(name)) is not None},
+            artifacts=refs,
+            versions=versions,
+            assignments=assignments,  # agents of sites no longer stored too: they are told to serve nothing
             applied_apps=dict(self.dc_sync.applied),
             autoscale=autoscale,
             rejoining=rejoining,
@@ -400,7 +411,18 @@ class Reconciler:
         return [a.assignments for name in {r.name for r in s.sites} | {agent.site for agent in s.agents}
                 if (a := self.hub.assignments(name)) is not None]
 
-    def _resolve_artifacts(self, models: dict[str, schema.ModelSpec]) -> dict[tuple[str, str], snap.ArtifactRef]:
+    def _resolve_artifacts(self, models: Mapping[str, schema.ModelSpec], sent: Mapping[str, str]
+                           ) -> tuple[dict[tuple[str, str], snap.ArtifactRef], dict[str, str]]:
+        """Where each variant of the stored ``models`` is downloaded from, and each version
+        agents were ``sent`` (sha256 -> its source), this control plane's URL for it: a
+        version a halted rollout keeps may be named by no stored Model, and was sent by a
+        leader that may be gone. One that cannot be checked keeps the URL it was sent with."""
+        versions = {}
+        for sha256, uri in sent.items():
+            try:
+                versions[sha256] = self.artifacts.register(uri, sha256)
+            except (artifacts.ArtifactError, OSError) as exc:
+                log.warning("version %s that agents were sent cannot be served from here: %s", sha256[:12], exc)
         out = {}
         for name, spec in models.items():
             for v in spec.variants:
@@ -411,7 +433,19 @@ class Reconciler:
                                                            hosts=self.artifacts.allowed_hosts)
                 except (artifacts.ArtifactError, OSError) as exc:
                     out[(name, v.name)] = snap.ArtifactRef(None, f"Model {name} variant {v.name}: {exc}")
-        return out
+        return out, versions
+
+    async def _inherit_sources(self) -> None:
+        """A new leader (or a control plane that restarted) takes the sources of the versions
+        in use that the last leader published: agents may be kept on one no Model names."""
+        try:
+            got = await self.store.run(self.store.published, observed_mod.PUBLISHED_KEY)
+            inherited = observed_mod.from_text(got[1]).sources if got is not None else {}
+        except ValueError as exc:
+            log.warning("%s; versions agents are kept on that no Model names are served by the leader that sent them only", exc)
+            inherited = {}
+        self._sources = {**self._sources, **inherited}
+        self._inherit = False
 
     async def _record(self, event: store_mod.Event) -> None:
         """An event of the pass, written in a worker thread under the lease it runs under."""
@@ -437,7 +471,9 @@ class Reconciler:
         await self._execute_all(plan.actions)
         self.last_plan = plan
         # after the pass's sets and applications went out: what they no longer name can go
-        self.artifacts.retain(artifact_use.live(snapshot.models, self._sent(snapshot), self.dc_sync.applied))
+        live = artifact_use.live(snapshot.models, self._sent(snapshot), self.dc_sync.applied)
+        self.artifacts.retain(live)
+        self._sources = {sha256: uri for sha256, uri in self._sources.items() if sha256 in live}
         await self._publish_observed(snapshot, plan)
         # While replicas are on their way up, or a site drains, look again soon rather than at the next resync.
         self.converging = any(
@@ -542,7 +578,7 @@ class Reconciler:
         views (:mod:`~orchestrator.reconciler.observed`), when it changed. A failed write is
         tried again at the next pass; the pass goes on."""
         o = observed_mod.Observed(s.agents, s.datacentres, s.artifacts, s.autoscale, s.rejoining, plan.result.energy,
-                                  {name: views.describe_deployment(plan, name) for name in plan.result.deployments})
+                                  {name: views.describe_deployment(plan, name) for name in plan.result.deployments}, dict(self._sources))
         text = await asyncio.to_thread(observed_mod.to_text, o)  # a large fleet's takes milliseconds the gateway must not wait
         if text == self._observed_published:
             return

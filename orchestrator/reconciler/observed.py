@@ -13,6 +13,10 @@ a follower answers those reads from it.
 Agents' load (heartbeat times, in-flight counts, CPU, free memory) is left out: no
 preview or view reads it, and it would change the document at every pass. What is kept
 of heartbeat times is whether the agent reported since it joined.
+
+The document also says where each version in use came from (``sources``: sha256 -> the
+URI a Model named): a version a halted rollout keeps on some sites is named by no stored
+Model any more, and a new leader could neither check nor serve it without its source.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Observed:
     rejoining: frozenset[str] = frozenset()
     energy: sched_result.Energy | None = None  # of the placement in force
     described: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # describe's extra, by deployment
+    sources: Mapping[str, str] = field(default_factory=dict)  # sha256 -> URI, of each version in use
 
     def over(self, desired: snap.Desired, placements: tuple[Any, ...]) -> snap.Snapshot:
         """A snapshot of ``desired`` as stored now with what the leader observed."""
@@ -67,6 +72,7 @@ def from_text(text: str) -> Observed:
             rejoining=frozenset(doc["rejoining"]),
             energy=sched_result.Energy(**doc["energy"]) if doc["energy"] is not None else None,
             described=doc["described"],
+            sources=dict(doc["sources"]),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"the observed fleet the leader published is not one this version reads: {exc!r}") from exc
@@ -82,6 +88,7 @@ def _document(o: Observed) -> dict[str, Any]:
         "rejoining": sorted(o.rejoining),
         "energy": vars(o.energy) if o.energy is not None else None,
         "described": o.described,
+        "sources": dict(o.sources),
     }
 
 

@@ -229,12 +229,13 @@ def edge_assignments(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]
             if site in decision.new:
                 sha, url = variant.artifact.sha256, ref.url
             elif site in decision.kept:  # waiting for its turn: the version it serves (cached there)
-                # From where that version was sent (to this site, or to another: a site
-                # placed while a rollout is halted has never had it); "" if to none since
-                # this control plane started, and the site serves it from its cache.
-                # Never the current variant's URL: its bytes have another sha256.
+                # From this control plane when it knows the version's source, else from
+                # where it was sent (to this site, or to another: a site placed while a
+                # rollout is halted has never had it); "" if to none since this control
+                # plane started, and the site serves it from its cache. Never the current
+                # variant's URL: its bytes have another sha256.
                 sha = decision.kept[site]
-                url = s.urls_sent.get((model, sha), "")
+                url = s.versions.get(sha) or s.urls_sent.get((model, sha), "")
             else:
                 continue
             g = variant.generative

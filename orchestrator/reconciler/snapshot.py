@@ -98,6 +98,10 @@ class Snapshot:
     # Sites cordoned or being drained for maintenance, by name (orchestrator.maintenance):
     # operator state kept apart from the Sites' specs.
     maintenance: Mapping[str, maintenance_mod.Maintenance] = field(default_factory=dict)
+    # sha256 -> where this control plane serves it, of each version agents were last sent
+    # whose source it knows: one a halted rollout keeps may be named by no stored Model, and
+    # the URL it was sent with may be a leader's that is gone.
+    versions: Mapping[str, str] = field(default_factory=dict)
 
     # Lookups by name, built once per snapshot: a pass touches every site and deployment,
     # and scanning the lists for each would make it quadratic in the fleet's size.

@@ -112,7 +112,7 @@ def observed_fleet() -> observed.Observed:
                    ("intent", "big"): snapshot.ArtifactRef(None, "not found")},
         autoscale={"intent-fr": autoscaler.Recommendation(3, "rps", 10.0, 2, 2, 12.5)},
         rejoining=frozenset({"edge-b"}), energy=sched_result.Energy(120.0, 30.5),
-        described={"intent-fr": {"placement": {"placed": 1}}})
+        described={"intent-fr": {"placement": {"placed": 1}}}, sources={"a" * 64: "intent.onnx"})
 
 
 @pytest.mark.parametrize("published", [observed_fleet(), observed.Observed()], ids=["a fleet", "nothing yet"])

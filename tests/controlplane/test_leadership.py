@@ -2,15 +2,18 @@
 dies is replaced with a larger fencing token (its late writes refused), and a leader whose
 store stops answering steps down before its lease can run out, then leads again; and who
 leads is shown, and the leader reconciles, without a stalled database holding the replica up;
-a follower shows the hold its leader published."""
+a follower shows the hold its leader published; a new leader sends and serves the version a
+halted rollout keeps."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import sqlite3
 import threading
 import time
@@ -27,7 +30,7 @@ from orchestrator.reconciler import loop
 from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 from orchestrator.store.threads import StoreThreads
-from orchestrator.testing import harness, stall
+from orchestrator.testing import harness, manifests, onnx_models, stall
 from orchestrator.testing.postgres import PostgresServer
 from tests.foundation import support
 
@@ -429,3 +432,57 @@ async def test_a_renewal_on_a_stalled_database_is_not_queued_behind_the_backlog(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         store.close()
+
+
+async def test_a_new_leader_sends_and_serves_the_version_a_halted_rollout_keeps(tmp_path: pathlib.Path,
+                                                                                   postgres: PostgresServer) -> None:
+    """After a failover mid-rollout, the sites a halted rollout keeps on the old version (named
+    by no stored Model any more) are sent it from the new leader, which serves it: an agent
+    that lost its cache downloads it there, not from the leader that is gone."""
+    art, sites = tmp_path / "art", {"edge-a": 48.0, "edge-b": 49.0}
+    old = onnx_models.build_mlp(art / "old.onnx", in_dim=8, hidden=16, out_dim=4, seed=1)
+    broken = b"not an onnx model" * 64
+    (art / "broken.onnx").write_bytes(broken)
+
+    def fleet(uri: str, sha256: str) -> str:
+        return manifests.bundle(*(manifests.edge_site(n, "FR", lat, 2.35) for n, lat in sites.items()),
+                                manifests.onnx_model("intent", uri, sha256), manifests.doc("ModelDeployment", "intent-fr", {
+                                    "model": "intent", "replicas": {"min": 2, "max": 2}, "rollout": {"maxUnavailable": 1},
+                                    "placement": {"residency": ["FR"], "tiers": ["edge"], "spread": {"by": "site", "maxSkew": 1}}}))
+
+    def urls_sent(cp: server.ControlPlane) -> set[str]:
+        return {x.artifact_url for s in sites if (got := cp.hub.assignments(s)) is not None for x in got.assignments
+                if x.sha256 == old.sha256}
+
+    store = postgres.create_database()
+    fa, fb = harness.Fleet(tmp_path / "a"), harness.Fleet(tmp_path / "b")
+    try:
+        a = await fa.start_control_plane(store=store, artifact_roots=(art,))
+        await harness.wait_until(lambda: a.elector is not None and a.elector.leading, 30, what="a leads")
+        shutil.copytree(tmp_path / "a" / "control-plane" / "ca", tmp_path / "b" / "control-plane" / "ca")
+        b = await fb.start_control_plane(store=store, artifact_roots=(art,))
+        async with httpx.AsyncClient(base_url=a.http_url, timeout=30) as http:
+            assert (await http.post("/v1/apply", content=fleet("old.onnx", old.sha256))).status_code == 200
+            for site, lat in sites.items():  # the agents are connected to the follower, and stay with it
+                await fb.start_agent(site, country="FR", lat=lat, lon=2.35)
+            await harness.wait_until(lambda: all((st := b.hub.status(s)) is not None and (m := st.models.get("intent")) is not None
+                                                 and m.serving_sha256 == old.sha256 for s in sites), 60, what="the old version served")
+            assert (await http.post("/v1/apply", content=fleet("broken.onnx", hashlib.sha256(broken).hexdigest()))).status_code == 200
+
+        def halted() -> bool:
+            obj = b.store.get("ModelDeployment", "intent-fr")
+            return obj is not None and "halted" in (obj.status or {}).get("rollout", {})
+        await harness.wait_until(halted, 60, what="the rollout halted")
+        assert {u.split("/v1/")[0] for u in urls_sent(b)} == {a.http_url}
+
+        await fa.stop()
+        await harness.wait_until(lambda: b.elector is not None and b.elector.leading and b.reconciler.lease is not None, 30, what="b leads")
+        await harness.wait_until(lambda: urls_sent(b) == {f"{b.http_url}/v1/artifacts/{old.sha256}"} or None, 30,
+                                 what=f"the kept version sent from the new leader, not {urls_sent(b)}")
+        assert halted()
+        async with httpx.AsyncClient(timeout=10) as http:
+            served = await http.get(f"{b.http_url}/v1/artifacts/{old.sha256}")
+        assert served.status_code == 200 and hashlib.sha256(served.content).hexdigest() == old.sha256
+    finally:
+        await fb.stop()
+        await fa.stop()
