@@ -21,13 +21,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator import leadership
+from orchestrator import catalog, leadership
 from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import relay
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
 from orchestrator.reconciler import loop as reconciler_mod
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import artifact_use, planning
 from orchestrator.store import sqlite as store_mod
 
 log = logging.getLogger("edgeplane")
@@ -68,7 +68,8 @@ class StoreFollower:
         in case a notification was lost: on the leader, a change of the store's resourceVersion wakes
         the reconciler (an apply made through a follower reaches no reconciler) and wakes
         logged by followers reach its table; on a follower, the endpoint table and
-        cascades the leader published replace this gateway's."""
+        cascades the leader published replace this gateway's, and artifact versions nothing
+        uses any more are forgotten."""
         seen, table_version, leader_version = -1, 0, 0
         wakes_seen: int | None = None  # the last event read for followers' wakes (leading only)
         revocations_seen: int | None = None  # the last Site event read for revoked agents
@@ -95,6 +96,7 @@ class StoreFollower:
                     continue
                 wakes_seen = None
                 await self._forget_lost_agents_of_deleted_sites()
+                await self._forget_unused_versions()
                 leader = await self.store.run(self.store.published, LEADER_KEY, leader_version)
                 if leader is not None and not self.elector.leading and self.relay_client is not None:
                     leader_version, body = leader
@@ -120,6 +122,18 @@ class StoreFollower:
         stored = await self.store.run(lambda: {r.name for r in self.store.list("Site")})
         for site in planning.agents_to_forget(lost, stored):
             self.hub.forget_if_lost(site)
+
+    async def _forget_unused_versions(self) -> None:
+        """A follower checks artifact versions too (``describe`` of a Model does) but runs no
+        pass, whose end forgets on the leader the versions nothing uses: forgotten here at
+        each poll, as there, those no stored Model and no set relayed to this replica's
+        agents names. The Models are read only while the catalog holds a version."""
+        artifacts = self.reconciler.artifacts
+        if not artifacts.checked():
+            return
+        models, _ = await self.store.run(lambda: catalog.read_each(self.store.list("Model"), catalog.parse_model))
+        sent = [got.assignments for site in self.hub.sites() if (got := self.hub.assignments(site)) is not None]
+        artifacts.retain(artifact_use.live(models, sent, {}))
 
     async def _read_wakes(self, since: int) -> int:
         """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""

@@ -190,6 +190,11 @@ class ArtifactCatalog:
             if not paths:
                 self._checked.pop(sha256, None)
 
+    def checked(self) -> frozenset[str]:
+        """The versions it serves: those checked and not forgotten since."""
+        with self._lock:
+            return frozenset(self._checked)
+
     def retain(self, live: Collection[str]) -> None:
         """Forget the checks of every version not in ``live`` (those no Model, agent or data
         centre uses any more: ``reconciler.artifact_use``): they are served no more, and a

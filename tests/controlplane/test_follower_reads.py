@@ -1,11 +1,14 @@
 """What a replica that does not lead answers of the fleet, on a real PostgreSQL shared by two
 in-process control planes with real agents: previews (``apply --dry-run``, ``drain
 --dry-run``), ``get placements`` and ``describe`` plan and read with what the leader
-observed (every agent, wherever it is connected), not with the follower's own hub."""
+observed (every agent, wherever it is connected), not with the follower's own hub; and the
+artifact versions a follower checks for ``describe`` are forgotten once nothing uses them,
+as the leader forgets its own."""
 
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import httpx
 import pytest
@@ -91,6 +94,32 @@ async def test_placements_and_describe_through_a_follower_say_the_replicas_state
             described = [(await c.get("/v1/modeldeployments/intent-fr", params={"describe": "true"})).json() for c in (lead, f)]
             assert described[0]["placement"]["placed"] == 1, described[0]
             assert described[1]["placement"] == described[0]["placement"]
+
+
+async def test_a_follower_forgets_the_versions_it_checked_once_nothing_uses_them(
+        tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    art = tmp_path / "art"
+    store = postgres.create_database()
+    fa, fb = harness.Fleet(tmp_path / "a"), harness.Fleet(tmp_path / "b")
+    try:
+        a = await fa.start_control_plane(store=store, artifact_roots=(art,))
+        await harness.wait_until(lambda: a.elector is not None and a.elector.leading, 30, what="a leads")
+        shutil.copytree(tmp_path / "a" / "control-plane" / "ca", tmp_path / "b" / "control-plane" / "ca")
+        b = await fb.start_control_plane(store=store, artifact_roots=(art,))
+        shas = []
+        async with httpx.AsyncClient(base_url=b.http_url, timeout=30) as f:
+            for i in range(4):  # a Model updated, and described, through the follower each time
+                v = onnx_models.build_mlp(art / f"v{i}.onnx", in_dim=8, hidden=16, out_dim=4, seed=i)
+                shas.append(v.sha256)
+                assert (await f.post("/v1/apply", content=manifests.onnx_model("intent", v.path.name, v.sha256))).status_code == 200
+                described = (await f.get("/v1/models/intent", params={"describe": "true"})).json()
+                assert "error" not in described["variants"][0], described
+            await harness.wait_until(lambda: b.artifacts.checked() == {shas[-1]} or None, 30,
+                                     what="the follower to hold only the version the Model names")
+            assert [(await f.head(f"/v1/artifacts/{sha}")).status_code for sha in shas] == [404, 404, 404, 200]
+    finally:
+        await fb.stop()
+        await fa.stop()
 
 
 def observed_fleet() -> observed.Observed:
