@@ -25,7 +25,6 @@ from orchestrator.agents import model as agent_model
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import routing, wire
-from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import artifact_use
 from orchestrator.reconciler import autoscaler as autoscaler_mod
@@ -78,6 +77,7 @@ class Reconciler:
     # that no stored Model names any more is checked and served from it (see observed_mod)
     _sources: dict[str, str] = field(default_factory=dict)
     _inherit: bool = True  # the next pass first takes the sources the last leader published
+    _unservable: set[str] = field(default_factory=set)  # versions in sets that cannot be checked here (warned once)
 
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease,
@@ -384,9 +384,12 @@ class Reconciler:
         assignments = {name: a.assignments for name in sorted({s.name for s in sites} | {agent.site for agent in agents})
                        if (a := self.hub.assignments(name)) is not None}
         self._sources.update((v.artifact.sha256, v.artifact.uri) for spec in models.values() for v in spec.variants if v.artifact is not None)
-        sent = {a.sha256: uri for sent in assignments.values() for a in sent if (uri := self._sources.get(a.sha256)) is not None}
+        sent = {a.sha256: uri for got in assignments.values() for a in got if (uri := self._sources.get(a.sha256)) is not None}
         # a new local artifact is hashed here, in a thread: the gateway shares this loop
-        refs, versions = await asyncio.to_thread(self._resolve_artifacts, models, sent)
+        refs, versions, unservable = await asyncio.to_thread(artifact_use.resolve, self.artifacts, models, sent)
+        for sha256 in unservable.keys() - self._unservable:  # once, not at every pass
+            log.warning("version %s that agents were sent cannot be served from here: %s", sha256[:12], unservable[sha256])
+        self._unservable = set(unservable)
         autoscale = self.autoscaler.evaluate(((d.name, d.spec) for d in deployments), placements, {a.site: a for a in agents},
                                              self.table.wakes)
         return snap.Snapshot(
@@ -410,30 +413,6 @@ class Reconciler:
         """The assignments each agent of the pass's sites was last sent, as the pass left them."""
         return [a.assignments for name in {r.name for r in s.sites} | {agent.site for agent in s.agents}
                 if (a := self.hub.assignments(name)) is not None]
-
-    def _resolve_artifacts(self, models: Mapping[str, schema.ModelSpec], sent: Mapping[str, str]
-                           ) -> tuple[dict[tuple[str, str], snap.ArtifactRef], dict[str, str]]:
-        """Where each variant of the stored ``models`` is downloaded from, and each version
-        agents were ``sent`` (sha256 -> its source), this control plane's URL for it: a
-        version a halted rollout keeps may be named by no stored Model, and was sent by a
-        leader that may be gone. One that cannot be checked keeps the URL it was sent with."""
-        versions = {}
-        for sha256, uri in sent.items():
-            try:
-                versions[sha256] = self.artifacts.register(uri, sha256)
-            except (artifacts.ArtifactError, OSError) as exc:
-                log.warning("version %s that agents were sent cannot be served from here: %s", sha256[:12], exc)
-        out = {}
-        for name, spec in models.items():
-            for v in spec.variants:
-                if v.artifact is None:
-                    continue
-                try:
-                    out[(name, v.name)] = snap.ArtifactRef(self.artifacts.register(v.artifact.uri, v.artifact.sha256),
-                                                           hosts=self.artifacts.allowed_hosts)
-                except (artifacts.ArtifactError, OSError) as exc:
-                    out[(name, v.name)] = snap.ArtifactRef(None, f"Model {name} variant {v.name}: {exc}")
-        return out, versions
 
     async def _inherit_sources(self) -> None:
         """A new leader (or a control plane that restarted) takes the sources of the versions

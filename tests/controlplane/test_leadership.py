@@ -465,8 +465,12 @@ async def test_a_new_leader_sends_and_serves_the_version_a_halted_rollout_keeps(
             assert (await http.post("/v1/apply", content=fleet("old.onnx", old.sha256))).status_code == 200
             for site, lat in sites.items():  # the agents are connected to the follower, and stay with it
                 await fb.start_agent(site, country="FR", lat=lat, lon=2.35)
-            await harness.wait_until(lambda: all((st := b.hub.status(s)) is not None and (m := st.models.get("intent")) is not None
-                                                 and m.serving_sha256 == old.sha256 for s in sites), 60, what="the old version served")
+
+            def serving_old(cp: server.ControlPlane) -> bool:
+                return all((st := cp.hub.status(s)) is not None and (m := st.models.get("intent")) is not None
+                           and m.serving_sha256 == old.sha256 for s in sites)
+            # as the leader knows it (relayed): a site it knows to serve nothing would get the new version at once
+            await harness.wait_until(lambda: serving_old(a), 60, what="the old version served")
             assert (await http.post("/v1/apply", content=fleet("broken.onnx", hashlib.sha256(broken).hexdigest()))).status_code == 200
 
         def halted() -> bool:
