@@ -248,6 +248,15 @@ class CascadeHandler:
         """The stages after ``stage``, each ranked for ``caller`` only if ``after_stage`` reads it."""
         return LaterStages(lambda s: self.ranking(route, s, caller), stage, len(route.stages))
 
+    def retry_after(self, route: rules.CascadeRoute, status: int, unavailable: Sequence[int], failed: int) -> int | None:
+        """When the caller of a cascade that ended unanswered with ``status`` may retry (seconds),
+        on either API: the shortest Retry-After of the stage's replicas when each of the
+        ``failed`` ones tried answered 503 (``unavailable``); else, for a 503, the table's for
+        the cascade's model (its deployment was just applied or its replicas start); else None."""
+        if (retry := failover.retry_after(unavailable, failed)) is not None:
+            return retry
+        return self.table.retry_after(route.model) if status == 503 else None
+
     async def infer(self, route: rules.CascadeRoute, mode: rules.Mode, caller: routing.Caller, request: Request, body: bytes,
                     plain: Callable[[], Awaitable[Response]], *, failovers: failover.Failovers | None = None) -> Response:
         """``route``'s answer to ``request`` (``plain``'s with ``X-Edgeplane-Cascade: off``);
@@ -334,11 +343,7 @@ class CascadeHandler:
                     if busy is not None:  # the stage it ended on was at capacity: the caller may retry as that replica said
                         return self._at_capacity(route, busy, trip, started, reason, totals)
                     tried = f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}"
-                    if (retry := failover.retry_after(unavailable, len(trip.failures) - tried_from)) is not None:
-                        # its every replica answered 503 (not ready, draining): the caller retries, as they said
-                        return self._unanswered(totals, started, 503, f"{tried}; retry", {"retry-after": str(retry)})
-                    if code == 503 and (retry := self.table.retry_after(route.model)) is not None:
-                        # no replica yet: the deployment was just applied or its replicas start
+                    if (retry := self.retry_after(route, code, unavailable, len(trip.failures) - tried_from)) is not None:
                         return self._unanswered(totals, started, 503, f"{tried}; retry", {"retry-after": str(retry)})
                     return self._unanswered(totals, started, code, tried)
                 case rules.Escalate(stage=next_stage, candidates=candidates, reason=why):

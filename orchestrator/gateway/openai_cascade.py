@@ -156,8 +156,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
                 if busy is not None:  # the stage it ended on was at capacity: the caller may retry as that replica said
                     return _at_capacity(req, busy, reason)
                 tried = "; ".join(req.trip.failures) or "nothing"
-                if (retry := failover.retry_after(unavailable, len(req.trip.failures) - tried_from)) is not None:
-                    # its every replica answered 503 (not ready, draining): the caller retries, as they said
+                if (retry := handler.retry_after(route, code, unavailable, len(req.trip.failures) - tried_from)) is not None:
                     return _unanswered(req, openai_routes.error(503, f"cascade {route.deployment!r}: {reason}; tried: {tried}; retry",
                                                                 code="unavailable", headers={"retry-after": str(retry)}))
                 return _unanswered(req, openai_routes.error(code, f"cascade {route.deployment!r}: {reason}; tried: {tried}",

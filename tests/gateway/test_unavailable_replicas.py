@@ -186,8 +186,8 @@ async def test_a_503_ejects_a_replica_for_the_whole_ejection_unless_it_says_how_
 
 async def test_a_model_whose_replicas_are_starting_is_503_with_retry_after_on_every_route() -> None:
     """Placed, not answering yet (its deployment is Progressing): a retry soon can succeed, on
-    the v2 and OpenAI routes and through a cascade alike; a model with nothing on its way
-    (no site for it) is 503 without one."""
+    the v2 and OpenAI routes and through a cascade on either alike; a model with nothing on
+    its way (no site for it) is 503 without one."""
     table = endpoints.EndpointTable()
     progressing = "deployment {} is Progressing: 1 replica(s): replicas.min = 1"
     table.replace([], deployed={m: progressing.format(m) for m in ("m", "llm", "c")} | {"nowhere": "deployment nowhere is Unschedulable"},
@@ -201,7 +201,7 @@ async def test_a_model_whose_replicas_are_starting_is_503_with_retry_after_on_ev
     app = Starlette(routes=gateway.routes() + openai_routes.OpenAIGateway(gateway, registry=registry).routes())
     async with loopback.serving(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
         answers = [await http.post("/v2/models/m/infer", json=INFER), await http.post("/openai/v1/chat/completions", json=CHAT),
-                   await http.post("/v2/models/c/infer", json=INFER)]
+                   await http.post("/v2/models/c/infer", json=INFER), await http.post("/openai/v1/chat/completions", json=CHAT | {"model": "c"})]
         nowhere = await http.post("/v2/models/nowhere/infer", json=INFER)
     for r in answers:
         assert (r.status_code, r.headers.get("retry-after")) == (503, "2"), r.text
