@@ -14,6 +14,7 @@ PostgreSQL may wait on a stalled database or another replica's lock.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -35,6 +36,8 @@ from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.simulation.scenario import ScenarioError
 from orchestrator.store import sqlite as store_mod
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
 
@@ -99,10 +102,13 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 return error(404, str(exc))
             except (store_mod.Conflict, catalog.InUse) as exc:
                 return error(409, str(exc))
-            except store_mod.StoreError as exc:  # the database unreachable, read-only or failing: retry later
+            except store_mod.StoreUnavailable as exc:  # the database unreachable, read-only or full: retry later
                 refused = error(503, str(exc))
                 refused.headers["retry-after"] = "2"
                 return refused
+            except store_mod.StoreError as exc:  # refused for what it is (a constraint, a bug): a retry gets the same
+                log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+                return error(500, str(exc))
 
         return endpoint
 

@@ -35,7 +35,7 @@ from orchestrator.store import datacentre_records
 from orchestrator.store.credentials import BACKFILL_TOKEN_SEQ
 from orchestrator.store.sql import SqlStore
 from orchestrator.store.threads import DEFAULT_THREADS, ConnectionLock, StoreThreads
-from orchestrator.store.values import Fenced, Lease, StoreError
+from orchestrator.store.values import Fenced, Lease, StoreError, StoreUnavailable
 
 __all__ = ["ChangeFeed", "EventsIndex", "Fenced", "Lease", "PostgresStore", "StoreUnavailable"]
 
@@ -124,10 +124,6 @@ IDLE_IN_TRANSACTION_S = 5.0
 CHANNEL = "edgeplane_changes"  # what a write transaction changed, told to every replica at its commit (NOTIFY)
 
 
-class StoreUnavailable(StoreError):
-    """The database could not be reached; the call may or may not have taken effect."""
-
-
 class PostgresStore(SqlStore):
     placeholder = "%s"
     collate = ' COLLATE "C"'  # byte-wise, as SQLite sorts text
@@ -200,7 +196,7 @@ class PostgresStore(SqlStore):
 
     def _connection(self) -> psycopg.Connection[dict[str, Any]]:
         if self._closed:
-            raise StoreError("the store is closed")
+            raise StoreUnavailable("the store is closed")
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
                 self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **self.connect_options())

@@ -43,6 +43,7 @@ from orchestrator.store.values import (  # re-exported: the control plane names 
     PlacementRow,
     StoredObject,
     StoreError,
+    StoreUnavailable,
     TokenInfo,
     WriteOutcome,
     capture_since,
@@ -53,7 +54,7 @@ from orchestrator.store.values import (  # re-exported: the control plane names 
 
 __all__ = [
     "AgentSaved", "Conflict", "DeletedSite", "Event", "Fenced", "Lease", "LoggedEvent", "NotFound", "ObjectWrite", "PlacementRow", "SCHEMA", "Store",
-    "StoredObject", "StoreError", "TokenInfo", "WriteOutcome", "_canonical", "capture_since", "datacentre_target", "digest", "new_secret",
+    "StoredObject", "StoreError", "StoreUnavailable", "TokenInfo", "WriteOutcome", "_canonical", "capture_since", "datacentre_target", "digest", "new_secret",
 ]
 
 #: a deleted data-centre Site whose applications are still to be removed, as earlier versions
@@ -124,7 +125,21 @@ def _patiently(db: sqlite3.Connection, sql: str, args: Sequence[Any], closing: t
             if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
             if closing.is_set():
-                raise StoreError("the store is closed") from None
+                raise StoreUnavailable("the store is closed") from None
+
+
+#: SQLite's refusals that the same call may not meet later: another process holding the file
+#: past :data:`BUSY_TIMEOUT_S`, a full disk, an I/O error, a file made read-only.
+_FOR_NOW = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR,
+                      sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_INTERRUPT})
+
+
+def _refused(exc: sqlite3.Error, message: str) -> StoreError:
+    """The store's error for ``exc``, as PostgreSQL's store tells them apart: one SQLite may
+    not give next time is :class:`StoreUnavailable`, to retry; one refused for what it is (a
+    constraint, a bug) a plain :class:`StoreError`."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return StoreUnavailable(message) if code is not None and code & 0xFF in _FOR_NOW else StoreError(message)
 
 
 def _own(path: str) -> int:
@@ -221,7 +236,7 @@ class Store(SqlStore):
     def _tx(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction; ``commit=False`` rolls it back at the end (a dry run). A
         write SQLite refuses (a full disk, an I/O error) is rolled back whole and raised as
-        :class:`StoreError` (the API answers 503), never half applied."""
+        :class:`StoreError` (see :func:`_failed`), never half applied."""
         with self._lock:
             try:
                 _patiently(self._db, "BEGIN IMMEDIATE", (), self._closing)
@@ -246,7 +261,7 @@ class Store(SqlStore):
                     raise self._failed(exc) from exc
 
     def _failed(self, exc: sqlite3.Error) -> StoreError:
-        return StoreError(f"the SQLite store {self.path} refused the operation: {exc}; nothing was changed")
+        return _refused(exc, f"the SQLite store {self.path} refused the operation: {exc}; nothing was changed")
 
     def _lease_now(self, db: sqlite3.Connection) -> float:
         return self._clock()  # one machine: its processes share this clock
@@ -269,7 +284,7 @@ class Store(SqlStore):
             try:
                 return _patiently(self._db, sql, args, self._closing).fetchall()
             except sqlite3.Error as exc:
-                raise StoreError(f"the SQLite store {self.path} could not be read: {exc}") from exc
+                raise _refused(exc, f"the SQLite store {self.path} could not be read: {exc}") from exc
 
     def _read_lock(self) -> contextlib.AbstractContextManager[Any]:
         return self._lock

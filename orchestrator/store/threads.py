@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-from orchestrator.store.values import StoreError
+from orchestrator.store.values import StoreUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -56,7 +56,7 @@ class StoreThreads:
 
     async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(*args, **kwargs)`` on one of these threads, with the caller's context (as
-        ``asyncio.to_thread`` runs it on the default pool). StoreError once closed."""
+        ``asyncio.to_thread`` runs it on the default pool). StoreUnavailable once closed."""
         return await self._submit(self._pool, fn, *args, **kwargs)
 
     async def run_first(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -69,7 +69,7 @@ class StoreThreads:
         try:
             answer = asyncio.get_running_loop().run_in_executor(pool, call)
         except RuntimeError:  # shut down: the server is stopping
-            raise StoreError("the store is closed") from None
+            raise StoreUnavailable("the store is closed") from None
         return await answer
 
     def close(self) -> None:

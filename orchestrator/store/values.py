@@ -23,6 +23,13 @@ class StoreError(Exception):
     """Base of the store's errors."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot take the call for now (unreachable, read-only during a failover, a
+    full disk, the store closing): asking again later may succeed, and a write may or may not
+    have taken effect. Any other :class:`StoreError` is refused for what it is (a constraint,
+    a bug): asking again gets the same answer."""
+
+
 class Conflict(StoreError):
     """A write named a resourceVersion that is no longer current."""
 

@@ -1147,10 +1147,26 @@ def test_other_processes_commits_are_told_as_they_commit(reopen: Callable[..., S
         feed.close()
 
 
+def test_a_write_sqlite_refuses_for_what_it_is_is_a_store_error_not_one_to_retry(tmp_path: pathlib.Path) -> None:
+    """A constraint on the file (here a trigger that aborts the insert) refuses the same write
+    every time: a plain StoreError, as PostgreSQL's store gives, not StoreUnavailable."""
+    s = open_store(tmp_path / "state.db")
+    try:
+        with sqlite3.connect(tmp_path / "state.db") as db:
+            db.execute("CREATE TRIGGER no_lab_sites BEFORE INSERT ON objects WHEN NEW.name LIKE 'lab-%' "
+                       "BEGIN SELECT RAISE(ABORT, 'no lab sites here'); END")
+        with pytest.raises(store_mod.StoreError, match="no lab sites here") as refused:
+            s.apply([ObjectWrite("Site", "lab-1", {}, {"tier": "edge"})], Event("t", "created", "Site", "lab-1", "seed"))
+        assert not isinstance(refused.value, store_mod.StoreUnavailable)
+        assert s.get("Site", "lab-1") is None
+    finally:
+        s.close()
+
+
 def test_a_write_a_full_sqlite_disk_refuses_is_a_store_error_and_changes_nothing(tmp_path: pathlib.Path) -> None:
     """SQLite's own page limit stands in for a full disk (SQLITE_FULL either way): the
-    write is rolled back whole and raised as the store's error (the API answers 503), where
-    sqlite3's own exception reached the API as a 500."""
+    write is rolled back whole and raised as the store's error, one to retry (the API answers
+    503), where sqlite3's own exception reached the API as a 500."""
     s = open_store(tmp_path / "state.db")
     try:
         s.apply([ObjectWrite("Site", "edge-1", {}, {"tier": "edge"})], Event("t", "created", "Site", "edge-1", "seed"))
@@ -1158,7 +1174,7 @@ def test_a_write_a_full_sqlite_disk_refuses_is_a_store_error_and_changes_nothing
         # no page beyond those it has (SQLite raises the limit to the file's current size)
         assert s._db.execute("PRAGMA max_page_count = 1").fetchone()[0] == s._db.execute("PRAGMA page_count").fetchone()[0]  # type: ignore[attr-defined]
         big = [ObjectWrite("Site", f"edge-{i}", {}, {"tier": "edge", "note": "x" * 4000}) for i in range(2, 40)]
-        with pytest.raises(store_mod.StoreError, match=r"refused the operation: database or disk is full; nothing was changed"):
+        with pytest.raises(store_mod.StoreUnavailable, match=r"refused the operation: database or disk is full; nothing was changed"):
             s.apply(big, Event("t", "created", "Site", "many", "bulk"))
         assert s.list() == before and s.events() == logged
         s._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]  # room again: writes go on
