@@ -130,3 +130,22 @@ def test_a_lost_agent_of_a_deleted_site_is_forgotten_after_it_is_sent_nothing() 
     emptied = [i for i, a in enumerate(plan.actions) if isinstance(a, act.PushAssignments) and a.site == "edge-gone"]
     assert emptied and not plan.actions[emptied[0]].assignments  # type: ignore[union-attr]
     assert emptied[0] < plan.actions.index(act.ForgetAgent("edge-gone"))  # an agent coming back finds the empty set
+
+
+def test_a_deployment_a_reachable_data_centre_refuses_to_apply_is_failing_not_starting() -> None:
+    """The cluster answers but refuses the Serve config (a 422, say): only the operator can
+    fix that, so the deployment waiting on it is Failing, saying where and why, and its model
+    is not among those starting (which gateways answer with Retry-After) while it lasts."""
+    from .test_maintenance_planning import _at_rest, _deployment_status  # it imports this module
+
+    s = _at_rest()
+    refused = "the Serve config is refused: 422 Unprocessable Entity"
+    paris = s.datacentres["dc-paris"]
+    apps = {n: a for n, a in paris.apps.items() if "assistant-dc" not in n}  # its application never came
+    s = dataclasses.replace(s, datacentres={**s.datacentres, "dc-paris": snap.DataCentreObservation(True, apps, error=refused)})
+    plan = planning.plan_pass(s)
+    status = _deployment_status(plan, "assistant-dc")
+    assert status["phase"] == "Failing" and f"dc-paris: {refused}" in str(status["reason"]), status
+    (published,) = [a for a in plan.actions if isinstance(a, act.PublishEndpoints)]
+    assert "assistant" not in published.starting and "assistant-dc is Failing" in published.deployed["assistant"], published
+    assert _deployment_status(plan, "doc-fields-fr")["phase"] == "Running"  # its replica there serves still
