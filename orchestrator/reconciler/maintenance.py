@@ -21,7 +21,10 @@ Any other move is made before it breaks the same way (``keep_until_replaced``): 
 the plan takes off a site that does not drain (its deployment's siteSelector, tiers or
 demand changed, a spread, a power budget, a Site's labels or location) stays placed,
 routed to and assigned while the plan's replacements do not serve yet, and the deployment
-is ``Progressing`` meanwhile. Only as many as the replacements placed: with none to come,
+is ``Progressing`` meanwhile. Counted per (deployment, site, variant): the plan keeping 1 of
+3 replicas on a site moves 2, and a data centre's replicas whose deployment switches
+variant there move to the new variant's (an edge agent switches a variant in place,
+answering with the old until the new one loads). Only as many as the replacements placed: with none to come,
 the operator's new rules win at once. Never outside the deployment's residency, which is
 the law of where requests may go, not the operator's preference (a draining site keeps no
 such replica either); never on a lost site; and never past a site's capacity or power
@@ -39,6 +42,7 @@ from typing import Any
 
 from orchestrator import catalog
 from orchestrator import maintenance as maintenance_mod
+from orchestrator.manifests import schema
 from orchestrator.reconciler import inventory
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import fleet as sched_fleet
@@ -68,15 +72,22 @@ class Progress:
     stuck: tuple[Stuck, ...]
 
 
+def _replicas(n: int) -> str:
+    return "1 replica stays" if n == 1 else f"{n} replicas stay"
+
+
 @dataclass(frozen=True)
 class Handover:
-    """Replicas of a deployment kept on ``site`` (which does not drain) until their replacements serve."""
+    """Replicas of a deployment (as ``variant``) kept on ``site`` (which does not drain)
+    until their replacements serve."""
 
     site: str
+    variant: str
     replicas: int
 
     def note(self) -> str:
-        return f"{self.replicas} replica(s) stay on site {self.site} until their replacements serve"
+        whose = "its replacement serves" if self.replicas == 1 else "their replacements serve"
+        return f"{_replicas(self.replicas)} on site {self.site} until {whose}"
 
 
 @dataclass(frozen=True)
@@ -88,7 +99,7 @@ class Stay:
     reason: str  # the scheduler's, for the deployment: why no other allowed site takes them
 
     def note(self) -> str:
-        return f"{self.replicas} replica(s) stay on draining site {self.site}: {self.reason}"
+        return f"{_replicas(self.replicas)} on draining site {self.site}: {self.reason}"
 
 
 def stays(progress: Mapping[str, Progress]) -> dict[str, tuple[Stay, ...]]:
@@ -120,9 +131,10 @@ def _may_hold(s: snap.Snapshot, site: str) -> bool:
 
 def _kept(rows: Iterable[store_mod.PlacementRow], keep: int, short: int,
           forced: frozenset[str] = frozenset()) -> list[tuple[store_mod.PlacementRow, int, int]]:
-    """Of one deployment's ``rows`` on draining sites, how many replicas each keeps (``keep``
-    in all, none on a site drained by force) and how many of those have nowhere to go
-    (``short`` in all, the deployment's shortfall): each counted once, row after row."""
+    """Of one deployment's ``rows`` the plan takes replicas off (each row as many replicas as
+    it takes off), how many each keeps (``keep`` in all, none on a site drained by force)
+    and how many of those have nowhere to go (``short`` in all, the deployment's shortfall):
+    each counted once, row after row."""
     out = []
     for row in sorted(rows, key=lambda r: (r.site, r.variant)):
         if keep <= 0 or row.site in forced:
@@ -152,11 +164,18 @@ def keep_until_replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows:
     mine: dict[str, list[store_mod.PlacementRow]] = {}
     for row in rows:
         mine.setdefault(row.deployment, []).append(row)
-    planned = {(row.deployment, row.site) for row in rows}
-    there: dict[str, list[store_mod.PlacementRow]] = {}  # rows of sites the plan takes a deployment off
+    planned = Counter[tuple[str, str, str]]()
+    for row in rows:
+        planned[(row.deployment, row.site, row.variant)] += row.replicas
+    # An edge agent serves a model once and switches its variant in place, answering with the
+    # old one until the new one loads: a row of another variant kept beside it would only
+    # make two assignments of one model.
+    in_place = {(row.deployment, row.site) for row in rows if s.site_by_name[row.site].spec.tier == "edge"}
+    there: dict[str, list[store_mod.PlacementRow]] = {}  # per deployment, the replicas the plan takes off a site, by row
     for row in s.placements:
-        if (row.deployment, row.site) not in planned and _may_keep(s, row):
-            there.setdefault(row.deployment, []).append(row)
+        off = row.replicas - planned[(row.deployment, row.site, row.variant)]
+        if off > 0 and (row.deployment, row.site) not in in_place and _may_keep(s, row):
+            there.setdefault(row.deployment, []).append(store_mod.PlacementRow(row.deployment, row.site, row.variant, off))
     kept: list[store_mod.PlacementRow] = []
     moving: list[tuple[store_mod.PlacementRow, int]] = []
     waiting: dict[str, list[str]] = {site: [] for site in draining}
@@ -183,8 +202,9 @@ def keep_until_replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows:
     handed: dict[str, list[Handover]] = {}
     for row, n in _fitting(s, result, moving):
         kept.append(store_mod.PlacementRow(row.deployment, row.site, row.variant, n))
-        handed.setdefault(row.deployment, []).append(Handover(row.site, n))
-    out = tuple(sorted((*rows, *kept), key=lambda r: (r.deployment, r.site, r.variant)))
+        handed.setdefault(row.deployment, []).append(Handover(row.site, row.variant, n))
+    placed = planned + Counter({(row.deployment, row.site, row.variant): row.replicas for row in kept})  # one row per key
+    out = tuple(store_mod.PlacementRow(*key, n) for key, n in sorted(placed.items()))
     left = Counter[str]()
     for row in kept:
         left[row.site] += row.replicas
@@ -200,11 +220,17 @@ def _may_keep(s: snap.Snapshot, row: store_mod.PlacementRow) -> bool:
     replacement takes. A changed siteSelector, tiers or demand is the operator's choice,
     made knowing that replicas move: the old one answers until the new one does."""
     d = s.deployment_by_name.get(row.deployment)
-    model = s.models.get(d.spec.model) if d is not None else None
-    if d is None or model is None or not any(v.name == row.variant for v in model.variants) or not _may_hold(s, row.site):
+    if d is None or _variant(s, row.deployment, row.variant) is None or not _may_hold(s, row.site):
         return False
     allowed = inventory.allowed_countries(d.spec)
     return not allowed or s.site_by_name[row.site].spec.location.country in allowed
+
+
+def _variant(s: snap.Snapshot, deployment: str, name: str) -> schema.Variant | None:
+    """``deployment``'s Model's variant ``name``; None once the deployment, its Model or that variant is gone."""
+    d = s.deployment_by_name.get(deployment)
+    model = s.models.get(d.spec.model) if d is not None else None
+    return next((v for v in model.variants if v.name == name), None) if model is not None else None
 
 
 def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tuple[store_mod.PlacementRow, int]]
@@ -224,9 +250,7 @@ def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tup
 
     def variant(deployment: str, name: str) -> sched_model.Variant | None:
         if (deployment, name) not in variants:
-            d = s.deployment_by_name.get(deployment)
-            model = s.models.get(d.spec.model) if d is not None else None
-            found = next((v for v in model.variants if v.name == name), None) if model is not None else None
+            found = _variant(s, deployment, name)
             variants[(deployment, name)] = inventory.to_variant(found) if found is not None else None
         return variants[(deployment, name)]
     arrived: set[str] = set()

@@ -416,8 +416,10 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
                 notes.append(f"{r.site}: {app.message}")
     if rolling is not None and rolling.failed:
         problems.append(rolling.status()["halted"])
-    leaving = {x.site for x in handovers}
-    ready = ready_replicas(s, [r for r in mine if r.site not in leaving], d.spec.model)
+    leaving = Counter[tuple[str, str]]()
+    for x in handovers:
+        leaving[(x.site, x.variant)] += x.replicas
+    ready = sum(max(0, row_ready(s, r, d.spec.model) - leaving[(r.site, r.variant)]) for r in mine)
     placed = plan.placed + sum(x.replicas for x in stays)
     phase, why = str(plan.status), plan.reason
     if stays:  # their note says why they stay; the scheduler's count leaves them out

@@ -180,7 +180,7 @@ def test_a_replica_with_nowhere_allowed_to_go_stays_and_is_reported() -> None:
     kept = _deployment_status(plan, "doc-fields-fr")
     assert (kept["phase"], kept["replicas"], kept["readyReplicas"]) == ("Running", 1, 1), kept
     # the French edge site has no agent; dc-paris is draining, not unhealthy
-    assert "stay on draining site dc-paris: all 2 matching FR sites are unhealthy or draining, 1 of them draining" in kept["reason"], kept  # type: ignore[operator]
+    assert "1 replica stays on draining site dc-paris: all 2 matching FR sites are unhealthy or draining, 1 of them draining" in kept["reason"], kept  # type: ignore[operator]
     forced = _with(s, "dc-paris", maintenance.Mode.DRAIN, force=True)
     plan = planning.plan_pass(forced)
     assert not _on(_rows(plan, forced), "dc-paris")
@@ -198,7 +198,7 @@ def test_replicas_a_drain_keeps_are_not_reported_as_unplaced() -> None:
     why = "all 2 matching FR sites are unhealthy or draining, 1 of them draining"
     (stuck,) = [x for x in _site_status(plan, "dc-paris")["maintenance"]["stuck"] if x["deployment"] == "doc-fields-fr"]  # type: ignore[index]
     assert stuck["reason"] == why, stuck
-    assert _deployment_status(plan, "doc-fields-fr")["reason"] == f"1 replica(s) stay on draining site dc-paris: {why}"
+    assert _deployment_status(plan, "doc-fields-fr")["reason"] == f"1 replica stays on draining site dc-paris: {why}"
     # two wanted: the one that stays counts, and the reason says so
     record = draining.deployment_by_name["doc-fields-fr"]
     more = record.spec.model_copy(update={"replicas": record.spec.replicas.model_copy(update={"min": 2, "max": 2})})
@@ -206,7 +206,7 @@ def test_replicas_a_drain_keeps_are_not_reported_as_unplaced() -> None:
                                                             for d in draining.deployments))
     status = _deployment_status(planning.plan_pass(_serving(grown)), "doc-fields-fr")
     assert (status["phase"], status["replicas"]) == ("Unschedulable", 1), status
-    assert status["reason"] == f"1 replica(s) stay on draining site dc-paris: {why}; 1 of 2 placed", status
+    assert status["reason"] == f"1 replica stays on draining site dc-paris: {why}; 1 of 2 placed", status
 
 
 def test_a_draining_site_that_is_lost_keeps_nothing() -> None:
@@ -267,7 +267,8 @@ def test_a_dry_run_counts_each_replica_once_when_a_deployment_runs_two_variants_
 
 def test_a_cordoned_site_whose_power_budget_is_lowered_keeps_only_what_the_budget_covers() -> None:
     """A cordoned site is as big as what it holds; its power budget still binds, and the
-    replicas past it move (the others stay, nothing new lands)."""
+    replicas past it move (the others stay, nothing new lands): once their replacements serve,
+    as any move is made before it breaks."""
     s = _at_rest()
     paris = s.site_by_name["dc-paris"]
     variants = {(d.name, v.name): inventory.to_variant(v) for d in s.deployments for v in s.models[d.spec.model].variants}
@@ -280,7 +281,10 @@ def test_a_cordoned_site_whose_power_budget_is_lowered_keeps_only_what_the_budge
     cordoned = _with(dataclasses.replace(s, sites=tuple(lowered if r.name == "dc-paris" else r for r in s.sites)),
                      "dc-paris", maintenance.Mode.CORDON)
     plan = planning.plan_pass(cordoned)
-    after = [variants[(r.deployment, r.variant)] for r in _on(_rows(plan, cordoned), "dc-paris") for _ in range(r.replicas)]
+    rows = _rows(plan, cordoned)
+    assert sum(r.replicas for r in _on(rows, "dc-paris")) == len(held)  # until the replacements serve
+    served = _serving(dataclasses.replace(cordoned, placements=rows))
+    after = [variants[(r.deployment, r.variant)] for r in _on(_rows(planning.plan_pass(served), served), "dc-paris") for _ in range(r.replicas)]
     assert len(after) < len(held) and sum(v.watts for v in after) * pue <= budget
     moved = [a for a in plan.result.actions if isinstance(a, sched_result.MoveReplica)]
     assert moved and all(a.from_site == "dc-paris" and "no longer within the power budget" in a.reason for a in moved)

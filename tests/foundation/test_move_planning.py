@@ -47,7 +47,7 @@ def test_a_replica_moved_by_its_site_selector_stays_until_its_replacement_serves
     assert "dc-paris" in _published_sites(first, "intent-eu")  # and still routed to
     status = _deployment_status(first, "intent-eu")
     assert status["phase"] == "Progressing", status
-    assert f"{sum(r.replicas for r in paris)} replica(s) stay on site dc-paris until their replacements serve" in str(status["reason"])
+    assert f"{sum(r.replicas for r in paris)} replicas stay on site dc-paris until their replacements serve" in str(status["reason"])
     # a pass repeated before they serve keeps the same (level-based: a restarted control plane too)
     again = dataclasses.replace(moved, placements=rows)
     assert _rows(planning.plan_pass(again), again) == rows
@@ -108,3 +108,42 @@ def test_a_replica_moved_off_a_lowered_power_budget_stays_until_its_replacement_
     plan = planning.plan_pass(budgeted)
     assert plan.result.deployments["first"].replicas[0].site == "edge-b"
     assert {(r.deployment, r.site) for r in _rows(plan, budgeted)} == {("first", "edge-a"), ("first", "edge-b")}
+
+
+def _paris_cpu(s: snap.Snapshot, cpu: float) -> snap.Snapshot:
+    return dataclasses.replace(s, sites=tuple(
+        dataclasses.replace(r, spec=r.spec.model_copy(update={"capacity": r.spec.capacity.model_copy(update={"cpu": cpu})}))
+        if r.name == "dc-paris" else r for r in s.sites))
+
+
+def _intent_eu(rows: tuple[Any, ...]) -> set[tuple[str, str, int]]:
+    return {(r.site, r.variant, r.replicas) for r in rows if r.deployment == "intent-eu"}
+
+
+def test_a_replica_moved_off_a_site_that_keeps_others_of_its_deployment_stays_until_its_replacement_serves() -> None:
+    """Paris's room lowered: the plan keeps 2 of intent-eu's 3 replicas there and places the
+    third in Frankfurt. The one leaving Paris answers until Frankfurt's new one does."""
+    s = _at_rest()
+    assert _intent_eu(s.placements) == {("dc-paris", "full", 3), ("dc-frankfurt", "full", 2)}
+    lowered = _paris_cpu(s, 1.0)
+    first = planning.plan_pass(lowered)
+    rows = _rows(first, lowered)
+    assert _intent_eu(rows) == {("dc-paris", "full", 3), ("dc-frankfurt", "full", 3)}, rows
+    status = _deployment_status(first, "intent-eu")
+    assert status["phase"] == "Progressing" and "1 replica stays on site dc-paris until its replacement serves" in str(status["reason"]), status
+    serving = _serving(dataclasses.replace(lowered, placements=rows))
+    assert _intent_eu(_rows(planning.plan_pass(serving), serving)) == {("dc-paris", "full", 2), ("dc-frankfurt", "full", 3)}
+
+
+def test_a_replica_switching_variant_on_its_data_centre_stays_until_the_new_variant_serves() -> None:
+    s = _at_rest()
+    switched = dataclasses.replace(s, deployments=tuple(
+        dataclasses.replace(d, spec=d.spec.model_copy(update={"variant": {"edge": "distilled", "datacenter": "distilled"}}))
+        if d.name == "intent-eu" else d for d in s.deployments))
+    first = planning.plan_pass(switched)
+    rows = _rows(first, switched)
+    assert _intent_eu(rows) == {("dc-paris", "full", 3), ("dc-frankfurt", "full", 2),
+                                ("dc-paris", "distilled", 3), ("dc-frankfurt", "distilled", 2)}, rows
+    assert "3 replicas stay on site dc-paris until their replacements serve" in str(_deployment_status(first, "intent-eu")["reason"])
+    serving = _serving(dataclasses.replace(switched, placements=rows))
+    assert _intent_eu(_rows(planning.plan_pass(serving), serving)) == {("dc-paris", "distilled", 3), ("dc-frankfurt", "distilled", 2)}
