@@ -411,11 +411,13 @@ class AgentHub(relayed.RelayedAgents):
     # -- assignments ----------------------------------------------------------------
 
     def set_assignments(
-        self, site: str, assignments: list[model.Assignment], version: int
+        self, site: str, assignments: list[model.Assignment], version: int, *, replacing: bool = False
     ) -> None:
-        """Replace the desired set of ``site`` and push it to its agent (latest wins)."""
+        """Replace the desired set of ``site`` and push it to its agent (latest wins; a set
+        older than the one held is refused, unless ``replacing``: the leader's set relayed,
+        see :meth:`accept_assignments`)."""
         channel = self._channel(site)
-        if channel.latest is not None and version < channel.latest.version:
+        if not replacing and channel.latest is not None and version < channel.latest.version:
             raise errors.StaleAssignments(
                 f"assignment version {version} for site {site!r} is older than "
                 f"{channel.latest.version}"

@@ -61,7 +61,7 @@ class RelayedAgents:
         def record_heartbeat(self, site: str, agent_id: str, beat: model.Heartbeat) -> None: ...
         def forget(self, site: str) -> None: ...
         def assignments(self, site: str) -> model.AssignmentSet | None: ...
-        def set_assignments(self, site: str, assignments: list[model.Assignment], version: int) -> None: ...
+        def set_assignments(self, site: str, assignments: list[model.Assignment], version: int, *, replacing: bool = False) -> None: ...
 
     def __init__(self) -> None:
         self.tap: RelayTap | None = None  # set while this replica relays its agents to a leader
@@ -170,10 +170,14 @@ class RelayedAgents:
         return list(self._records)
 
     def accept_assignments(self, site: str, assignments: list[model.Assignment], version: int) -> None:
-        """A set the leader sent through the relay: kept unless it is not newer."""
+        """A set the leader sent through the relay: kept whenever it differs from the one
+        held, newer or not. The relay brings the leader's sets in the order it made them, each
+        its latest for the site, and a leader restarted on a store restored from a backup
+        numbers its sets below those a follower holds from before it: refusing them would
+        leave the agent on a set no deployment asks for."""
         latest = self.assignments(site)
-        if latest is None or version > latest.version:
-            self.set_assignments(site, assignments, version)
+        if latest is None or (latest.version, latest.assignments) != (version, tuple(assignments)):
+            self.set_assignments(site, assignments, version, replacing=True)
 
     def _refuse_if_held_elsewhere(self, site: str, now: float, agent_id: str | None) -> None:
         """SiteTaken while the leader said another replica's agent holds ``site``: only while

@@ -112,6 +112,26 @@ async def test_an_agent_on_a_follower_is_planned_by_the_leader_and_served_its_as
     assert lost.status.healthy is False
 
 
+async def test_a_leader_restarted_on_a_restored_store_reaches_a_follower_s_agent_with_its_lower_numbered_set(
+    leader: Leader, follower: tuple[ControlPlane, relay.RelayClient], make_agent: MakeAgent, models: Models
+) -> None:
+    """The store restored from a backup, the leader restarts with no set in memory and numbers
+    the next one below the set the follower holds: the leader's set still reaches the agent."""
+    cp, client = follower
+    client.point(leader.named())
+    await make_agent(cp)
+    joined = await leader.cp.events.wait_for(of(model.AgentEventKind.JOINED))
+    leader.cp.hub.set_assignments(SITE, [assignment(models.v1_url, models.v1)], version=7)
+    await wait_model(leader.cp, lambda s: s.serving_sha256 == models.v1.sha256)
+
+    leader.cp.hub.forget(SITE)  # as a restarted leader holds nothing of it until it is relayed again
+    await leader.cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED and e is not joined)
+    leader.cp.hub.set_assignments(SITE, [assignment(models.v2_url, models.v2)], version=3)
+    state = await wait_model(leader.cp, lambda s: s.serving_sha256 == models.v2.sha256 and s.phase is model.ModelPhase.READY)
+    assert state.serving_sha256 == models.v2.sha256
+    assert cp.hub.assignments(SITE) == leader.cp.hub.assignments(SITE)
+
+
 async def test_joins_and_model_changes_are_relayed_at_once_not_at_the_next_flush(
     leader: Leader, make_agent: MakeAgent, models: Models
 ) -> None:
