@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import signal
 from typing import Any
 
 import httpx
@@ -192,21 +193,32 @@ async def test_a_deployment_replaced_by_another_of_the_same_model_is_served_thro
 
 
 async def test_callers_of_a_deployment_applied_again_are_told_to_retry_until_it_serves(tmp_path: pathlib.Path) -> None:
+    """The agent is held (SIGSTOP) from the moment it has let the deleted model go until the
+    pass that places it again has published: a caller then meets the replica starting
+    whatever the timing; the agent is let go, and callers are told to retry until it serves."""
     model = _mlp(tmp_path)
     text = manifests.bundle(manifests.edge_site("edge-a", "FR", 48.0, 2.35, region="fr"),
                             manifests.onnx_model("intent", model.path.name, model.sha256), _deployment("intent-fr"))
     async with harness.serving_fleet(tmp_path, text, _agents({"edge-a": 48.0}), artifact_roots=(model.path.parent,),
-                                     ready=lambda cp: _healthy_at(cp) == ["edge-a"], what="the replica") as fleet:
+                                     ready=lambda cp: _healthy_at(cp) == ["edge-a"], what="the replica",
+                                     missed_heartbeats=60) as fleet:  # held for a moment, the agent is not lost meanwhile
         cp = fleet.cp
         assert cp is not None
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
             r = await http.delete("/v1/modeldeployments/intent-fr")
             assert r.status_code == 200, r.text
-            await harness.wait_until(lambda: "intent" not in cp.table.models(), 30, what="the model gone from the table")
-        await _apply(cp, _deployment("intent-fr"))
-        traffic = Traffic(cp.http_url, model)
+            await harness.wait_until(lambda: "intent" not in cp.hub.status("edge-a").models, 30,  # type: ignore[union-attr]
+                                     what="the agent to let the model go")
+            agent, traffic = fleet.agents["edge-a"], Traffic(cp.http_url, model)
+            agent.kill(signal.SIGSTOP)
+            try:
+                await _apply(cp, _deployment("intent-fr"))
+                await harness.wait_until(lambda: "intent" in cp.table.starting(), 30, what="the pass that places it again")
+                r = await http.post(traffic.path, json=traffic.body, headers={"x-edgeplane-residency": "FR"})
+                assert (r.status_code, r.headers.get("retry-after")) == (503, "2"), r.text
+            finally:
+                agent.kill(signal.SIGCONT)
         async with traffic:  # returns once a request is served again
             pass
-        assert traffic.failures, "no caller came while the replica started: " + traffic.report()
         wrong = [f for f in traffic.failures if not f.startswith("503 retry-after=2:")]
         assert wrong == [], f"{len(wrong)} not a 503 with Retry-After: {wrong[:3]}; " + traffic.report()
