@@ -444,11 +444,17 @@ class ControlPlane(server_views.ServerViews):
     def _agent_event(self, event: agent_model.AgentEvent) -> None:
         """The replica an agent is connected to logs its joins, losses and recoveries (once,
         whether or not it leads); the leader plans with every agent, relayed ones too."""
-        if event.kind is agent_model.AgentEventKind.LOST and (self.elector is None or self.elector.leading):
+        leading = self.elector is None or self.elector.leading
+        if event.kind is agent_model.AgentEventKind.LOST:
             # At once, not after the event is logged and a pass has run: a draining agent
             # closes its listener once this heartbeat is in, and the gateway would meet a
             # refused connection (502) meanwhile, where callers should get 503 or another replica.
-            self.table.mark_down(event.status.endpoint_url)
+            if leading:  # its table, and the one the other replicas' gateways follow
+                self.reconciler.mark_down(event.status.endpoint_url)
+            elif event.status.via is None:  # a follower's own agent: its gateway, before the leader hears
+                self.table.mark_down(event.status.endpoint_url)
+        elif event.kind in (agent_model.AgentEventKind.RECOVERED, agent_model.AgentEventKind.JOINED):
+            self.table.mark_up(event.status.endpoint_url)
         logged = event.status.via is None and event.kind in LOGGED_AGENT_EVENTS
         if not (logged and self._agent_events.put(event)):  # the pass it triggers comes once it is logged, unless many wait
             self._trigger_for(event)

@@ -100,19 +100,38 @@ class EndpointTable:
     published: bool = False
     #: The regions a caller may name: those of the sites (:attr:`regions`) and of the endpoints.
     _known_regions: frozenset[str] = frozenset()
+    #: URLs marked down (:meth:`mark_down`: their agent is lost), with when (:attr:`clock`).
+    #: A pass under way at the mark read the agent healthy: every table keeps them down until
+    #: one whose health was read after the mark replaces it, or, followed from another
+    #: replica, one that lists them down or not at all (that replica has seen the loss).
+    _down: dict[str, float] = field(default_factory=dict)
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
                 deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None,
                 read_since: float | None = None, pending: Iterable[str] | None = None,
-                starting: Iterable[str] | None = None) -> None:
+                starting: Iterable[str] | None = None, health_since: float | None = None,
+                followed: bool = False) -> None:
         """The new table. ``read_since``: when the pass that made it began reading the store
         (:attr:`clock` time); pending notes made before then are dropped, as that pass saw
         their deployments (it placed them, or says in ``deployed`` why it could not).
         ``pending``: the models that the table this one follows notes as pending (their
         reasons are in its ``deployed``). ``starting``: the models whose replicas are placed
-        but do not answer yet. None (for each of these): as the table has it."""
+        but do not answer yet. None (for each of these): as the table has it.
+        ``health_since``: when the endpoints' health was read (default ``read_since``);
+        URLs marked down before then are routed as the table says, those marked since stay
+        down. ``followed``: the table is another replica's (its marks are its own)."""
+        if health_since is None:
+            health_since = read_since
+        endpoints = list(endpoints)
+        if health_since is not None:
+            self._down = {url: at for url, at in self._down.items() if at >= health_since}
+        if followed and self._down:
+            listed = {e.url for e in endpoints if e.healthy}
+            self._down = {url: at for url, at in self._down.items() if url in listed}
         grouped: dict[str, list[routing.Endpoint]] = {}
         for e in endpoints:
+            if e.healthy and e.url in self._down:
+                e = dataclasses.replace(e, healthy=False)
             grouped.setdefault(e.model, []).append(e)
         # one order whatever the input's (by deployment, site, URL): a gateway that rebuilds the
         # table from deltas (gateway.wire.apply_delta) holds it exactly as the control plane does
@@ -141,13 +160,21 @@ class EndpointTable:
                     waiter.set_result(None)
         self.on_change()
 
-    def mark_down(self, url: str) -> None:
+    def mark_down(self, url: str) -> bool:
         """Route to the replicas at ``url`` no more, before the next table says so: their agent
-        is stopping or lost (its draining heartbeat is in). The next :meth:`replace` rules,
-        and says the same once its pass has seen the agent."""
+        is stopping or lost (its draining heartbeat is in). It stays down in the tables that
+        replace this one until one whose health was read after now (see :attr:`_down`), or
+        until :meth:`mark_up`. True when the table changed."""
         url = url.rstrip("/")
+        self._down[url] = self.clock()
         if any(e.url == url and e.healthy for es in self._by_model.values() for e in es):
-            self.replace([dataclasses.replace(e, healthy=False) if e.url == url else e for e in self.all_endpoints()])
+            self.replace(self.all_endpoints())
+            return True
+        return False
+
+    def mark_up(self, url: str) -> None:
+        """The agent at ``url`` is back: the tables that follow route to it as they say."""
+        self._down.pop(url.rstrip("/"), None)
 
     def set_cascades(self, routes: dict[str, cascade_rules.CascadeRoute]) -> None:
         self.cascades = dict(routes)

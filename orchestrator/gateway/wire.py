@@ -253,7 +253,7 @@ def apply_delta(old: TableContents, doc: Mapping[str, Any]) -> TableContents:
 def apply(table: endpoints_mod.EndpointTable, c: TableContents) -> None:
     """Replace ``table``'s contents with ``c`` (cold-start waiters for models that now have an endpoint wake)."""
     table.set_cascades(dict(c.cascades))
-    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold, pending=c.pending, starting=c.starting)
+    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold, pending=c.pending, starting=c.starting, followed=True)
 
 
 def table_to_json(table: endpoints_mod.EndpointTable) -> dict[str, Any]:

@@ -546,7 +546,8 @@ class Reconciler:
                 if unrouted or undeployed:
                     reasons = {m: why for m, why in self.table.deployed().items()
                                if not self.table.is_pending(m) and m not in undeployed} | dict(unrouted)
-                self.table.replace(endpoints, deployed=reasons, cold=self.table.cold() - undeployed if undeployed else None)
+                self.table.replace(endpoints, deployed=reasons, cold=self.table.cold() - undeployed if undeployed else None,
+                                   health_since=self._read_since)
                 self._publish_table()
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))
@@ -570,6 +571,13 @@ class Reconciler:
             log.warning("observed fleet not published: %s", exc)
             return
         self._observed_published = text
+
+    def mark_down(self, url: str) -> None:
+        """Route to ``url`` no more, at once (its agent is lost): in this replica's table, kept
+        down by the tables of passes that read the store before now, and in the one published
+        for the other replicas' gateways."""
+        if self.table.mark_down(url):
+            self._publish_table()
 
     def _publish_table(self) -> None:
         """The table goes to the store, the same document the watch sends to standalone

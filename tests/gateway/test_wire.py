@@ -145,3 +145,42 @@ def test_a_model_whose_replicas_start_is_retried_on_every_gateway() -> None:
     delta = wire.delta_to_json(followed, served)
     assert delta["starting"] == [] and wire.apply_delta(followed, delta).starting == frozenset()
     assert not wire.only_load_changed(followed, served)
+
+
+def _healthy(table: endpoints.EndpointTable) -> bool:
+    (e,) = table.endpoints("intent")
+    return e.healthy
+
+
+def test_a_replica_marked_down_stays_down_until_a_pass_that_read_its_health_after_the_mark() -> None:
+    """Its agent lost: a pass already under way read it healthy, and must not route to it again."""
+    now = [100.0]
+    table = endpoints.EndpointTable(clock=lambda: now[0])
+    table.replace([V2], deployed={"intent": ""}, read_since=90.0)
+    table.mark_down(V2.url + "/")
+    assert not _healthy(table)
+    now[0] = 101.0
+    table.replace([V2], deployed={"intent": ""}, read_since=99.0)  # began reading before the mark
+    assert not _healthy(table)
+    table.replace([V2], deployed={"intent": ""}, health_since=99.5)  # a pass on hold, as old
+    assert not _healthy(table)
+    table.replace([V2], deployed={"intent": ""}, read_since=100.5)  # read after it: it says what is
+    assert _healthy(table)
+
+
+def test_a_replica_marked_down_on_a_follower_stays_down_until_the_leader_s_table_has_seen_it_go() -> None:
+    healthy = wire.TableContents((V2,), routing.RegionIndex(), {"intent": ""}, frozenset(), {})
+    down = dataclasses.replace(healthy, endpoints=(dataclasses.replace(V2, healthy=False),))
+    follower = endpoints.EndpointTable()
+    wire.apply(follower, healthy)
+    follower.mark_down(V2.url)
+    assert not _healthy(follower)
+    wire.apply(follower, healthy)  # the leader's, from before it heard of the loss
+    assert not _healthy(follower)
+    wire.apply(follower, down)  # it heard
+    wire.apply(follower, healthy)  # and saw the agent back since
+    assert _healthy(follower)
+    follower.mark_down(V2.url)
+    follower.mark_up(V2.url)  # the agent came back here before the leader heard it go
+    wire.apply(follower, healthy)
+    assert _healthy(follower)
