@@ -175,7 +175,7 @@ class ServerViews:
         try:
             rows = await self._shared_read(name, read, API_READ_S)
         except TimeoutError:
-            raise store_mod.StoreError(f"the store did not answer in {API_READ_S:g} s") from None
+            raise store_mod.StoreUnavailable(f"the store did not answer in {API_READ_S:g} s") from None
         more = page.limit is not None and len(rows) > page.limit
         rows = rows[:page.limit]
         if (leaders := await self.leaders_view()) is not None:  # a follower: the states the leader observed
