@@ -217,7 +217,7 @@ async def test_a_caller_gone_before_its_body_arrived_is_no_error(fleet: harness.
         before = set(tasks)
         url = urllib.parse.urlsplit(base)
         reader, writer = await asyncio.open_connection(url.hostname, url.port)
-        writer.write(f"POST {url.path}/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        writer.write(f"POST {url.path}/chat/completions HTTP/1.1\r\nhost: {url.netloc}\r\ncontent-type: application/json\r\n"
                      "content-length: 100000\r\n\r\n".encode() + b'{"model": "chat", "messages": [')
         await writer.drain()
         answering = await harness.wait_until(lambda tasks=tasks, before=before: tasks - before, 30, what="the gateway to start answering")
