@@ -22,7 +22,7 @@ async def test_an_idle_keep_alive_connection_outlives_the_clients_5_seconds(tmp_
     try:
         host, port = cp.http_url.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 200")
         length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
@@ -30,7 +30,7 @@ async def test_an_idle_keep_alive_connection_outlives_the_clients_5_seconds(tmp_
         # Idle past a client's 5 s: the server must not close (EOF) the connection meanwhile.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(reader.read(1), 6.5)
-        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
         writer.close()
     finally:

@@ -142,7 +142,7 @@ def test_serve_whose_stdout_reader_is_gone_still_drains_and_exits_0(
     """``edgeplane serve | tee cp.log`` stopped with Ctrl-C: tee is gone before serve says ``stopping...``."""
     proc, port, token = serving(tmp_path, processes)
     with socket.create_connection(("127.0.0.1", port)) as sock:  # an apply in flight, half its body sent
-        sock.sendall(b"POST /v1/apply HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer " + token
+        sock.sendall(b"POST /v1/apply HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer " + token
                      + b"\r\ncontent-type: application/yaml\r\ncontent-length: %d\r\n\r\n" % len(SITE) + SITE[:40])
         assert proc.stdout is not None
         proc.stdout.close()
@@ -231,7 +231,7 @@ def test_a_second_stop_signal_ends_a_stop_that_takes_long_at_once(
     again while it waits ends the process there and then."""
     proc, port, token = serving(tmp_path, processes)
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/apply HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer " + token
+        sock.sendall(b"POST /v1/apply HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer " + token
                      + b"\r\ncontent-type: application/yaml\r\ncontent-length: %d\r\n\r\n" % len(SITE) + SITE[:40])
         proc.send_signal(signal.SIGINT)
         read_until(proc, b"stopping...", tmp_path)
@@ -268,7 +268,7 @@ def assert_answered_503_at_the_grace(sock: socket.socket, proc: subprocess.Popen
 def test_a_request_still_in_flight_when_the_drain_ends_is_answered_503(
         tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]) -> None:
     proc, port, token = serving(tmp_path, processes)
-    with in_flight(port, b"POST /v1/apply HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer " + token
+    with in_flight(port, b"POST /v1/apply HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer " + token
                    + b"\r\ncontent-type: application/yaml\r\ncontent-length: 4000\r\n\r\napiVersion: edgeplane.io/v1alpha1\n") as sock:
         assert_answered_503_at_the_grace(sock, proc, tmp_path)
 
