@@ -35,6 +35,10 @@ class DataCentreBackoff(Backoff):
     unreachable: bool = False  # its last failure was observing it (not applying or removing apps)
     unreachable_since: float = 0.0  # when observing it began to fail (this run of failures)
     target: str | None = None  # where the site's applications ran when it failed
+    # the last failure was the cluster refusing the call (its error not ``retryable``, e.g.
+    # a Serve config it answers 422 to): the operator's to fix, where a retryable one (Ray
+    # starting, a dropped connection) passes on its own
+    refused: bool = False
 
 
 class Left(NamedTuple):
@@ -168,7 +172,8 @@ class DataCentreSync:
             await self._recovered(site.name, backoff)
             backoff = None
         # the site's status says why its apply is retried
-        return snap.DataCentreObservation(True, apps, error=backoff.last_error if backoff is not None else "", drift=actuator.drift)
+        return snap.DataCentreObservation(True, apps, error=backoff.last_error if backoff is not None else "", drift=actuator.drift,
+                                          refused=backoff is not None and backoff.refused)
 
     def _unreachable(self, site: str, error: str | None = None) -> snap.DataCentreObservation:
         """``site`` out of reach: lost once it has been for ``lost_after``. A leader that
@@ -188,6 +193,7 @@ class DataCentreSync:
         if message != backoff.last_error:
             await self._record(store_mod.Event("reconciler", "datacentre-error", "Site", site, message))
         backoff.fail(self.clock(), message)
+        backoff.refused = getattr(exc, "retryable", True) is False
         if unreachable and not backoff.unreachable:
             backoff.unreachable_since = self.clock()
         backoff.unreachable = unreachable

@@ -124,11 +124,12 @@ def _agent(d: Mapping[str, Any]) -> agent_model.AgentStatus:
 
 
 def _datacentre_doc(d: snap.DataCentreObservation) -> dict[str, Any]:
-    return {"reachable": d.reachable, "error": d.error, "drift": d.drift, "lost": d.lost,
+    return {"reachable": d.reachable, "error": d.error, "drift": d.drift, "lost": d.lost, "refused": d.refused,
             "apps": {name: {**vars(app), "status": app.status.value} for name, app in d.apps.items()}}
 
 
 def _datacentre(d: Mapping[str, Any]) -> snap.DataCentreObservation:
     apps = {name: serve_config.ServeAppStatus(**{**app, "status": serve_config.ServeAppState(app["status"])})
             for name, app in d["apps"].items()}
-    return snap.DataCentreObservation(d["reachable"], apps, d["error"], d["drift"], d["lost"])
+    # "refused" is absent from a document an earlier leader wrote
+    return snap.DataCentreObservation(d["reachable"], apps, d["error"], d["drift"], d["lost"], refused=d.get("refused", False))

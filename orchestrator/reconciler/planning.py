@@ -408,7 +408,7 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
         dc = s.datacentres.get(r.site)
         if dc is not None:
             app = dc.apps.get(app_name(r.site, d.name, r.variant))
-            if not dc.reachable or dc.error:  # reachable, its error is an apply it refused: the operator's to fix
+            if not dc.reachable or dc.refused:  # a refused apply is the operator's to fix; a retryable one is retried
                 problems.append(f"{r.site}: {dc.error}")
             elif app is not None and app.status in (serve_config.ServeAppState.DEPLOY_FAILED, serve_config.ServeAppState.UNHEALTHY):
                 problems.append(f"{r.site}: {app.status.value}: {app.message}")

@@ -63,6 +63,9 @@ class DataCentreObservation:
     # or since the site moved there), so that one seen running none of ours (drained, then
     # powered off) is not taken to serve again.
     last_apps: Mapping[str, serve_config.ServeAppStatus] | None = None
+    # Reachable: the apply being retried was refused (``error``), not failed for a while
+    # (Ray starting, say): the deployments waiting on it are Failing, not starting.
+    refused: bool = False
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,24 @@ class Cluster:
         pass
 
 
+class Refusing:
+    """A cluster that answers but fails each apply with ``error``."""
+
+    drift = ""
+
+    def __init__(self, error: serve_config.DataCentreError) -> None:
+        self.error = error
+
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+        raise self.error
+
+    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
+        return {}
+
+    async def close(self) -> None:
+        pass
+
+
 @pytest.fixture
 async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
     async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
@@ -540,3 +558,25 @@ async def test_a_data_centre_is_neither_applied_to_nor_cleared_while_changes_are
                                  20, what="dc-1's applications removed once the hold ends")
         assert cluster.running == {}
         assert "hold" not in (await http.get("/v1/controlplane")).json()
+
+
+async def test_only_an_apply_the_cluster_refuses_makes_its_deployment_failing(fleet: harness.Fleet) -> None:
+    """Ray not answering yet is retried and passes on its own: the deployment is Progressing
+    while the site's status says why. A config the cluster refuses is the operator's to fix:
+    Failing, naming the site."""
+    cluster = Refusing(serve_config.RayUnreachable("http://127.0.0.1:8265", "connection refused"))
+    cp = await start(fleet, lambda name, spec: cluster)
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc-1"), MODEL, deployment("d", "dc-1")))
+        assert applied.status_code == 200, applied.text
+
+    def phase() -> tuple[str, str]:
+        stored = cp.store.get("ModelDeployment", "d")
+        status = stored.status if stored is not None else {}
+        return status.get("phase", ""), str(status.get("reason", ""))
+
+    await harness.wait_until(lambda: "unreachable" in site_status(cp, "dc-1").get("error", ""), 30, what="dc-1's apply to fail")
+    await harness.wait_until(lambda: phase()[0] == "Progressing", 30, what="d to be Progressing")
+    cluster.error = serve_config.ServeConfigRejected("422: bad field")
+    await harness.wait_until(lambda: phase()[0] == "Failing", 90, what="d to be Failing")
+    assert "dc-1: Ray Serve rejected the config: 422: bad field" in phase()[1], phase()

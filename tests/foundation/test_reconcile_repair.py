@@ -142,10 +142,28 @@ def test_a_deployment_a_reachable_data_centre_refuses_to_apply_is_failing_not_st
     refused = "the Serve config is refused: 422 Unprocessable Entity"
     paris = s.datacentres["dc-paris"]
     apps = {n: a for n, a in paris.apps.items() if "assistant-dc" not in n}  # its application never came
-    s = dataclasses.replace(s, datacentres={**s.datacentres, "dc-paris": snap.DataCentreObservation(True, apps, error=refused)})
+    s = dataclasses.replace(s, datacentres={**s.datacentres, "dc-paris": snap.DataCentreObservation(True, apps, error=refused, refused=True)})
     plan = planning.plan_pass(s)
     status = _deployment_status(plan, "assistant-dc")
     assert status["phase"] == "Failing" and f"dc-paris: {refused}" in str(status["reason"]), status
     (published,) = [a for a in plan.actions if isinstance(a, act.PublishEndpoints)]
     assert "assistant" not in published.starting and "assistant-dc is Failing" in published.deployed["assistant"], published
     assert _deployment_status(plan, "doc-fields-fr")["phase"] == "Running"  # its replica there serves still
+
+
+def test_a_deployment_whose_data_centre_fails_an_apply_for_a_while_is_starting_not_failing() -> None:
+    """The cluster answers, but the apply failed in a way that passes on its own (Ray still
+    starting, a dropped connection): the apply is retried, so the deployment is not Failing
+    and its model is among those starting (gateways answer 503 with Retry-After)."""
+    from .test_maintenance_planning import _at_rest, _deployment_status  # it imports this module
+
+    s = _at_rest()
+    paris = s.datacentres["dc-paris"]
+    apps = {n: a for n, a in paris.apps.items() if "assistant-dc" not in n}  # its application not there yet
+    passing = "Ray dashboard at http://127.0.0.1:8265 is unreachable: connection refused"
+    s = dataclasses.replace(s, datacentres={**s.datacentres, "dc-paris": snap.DataCentreObservation(True, apps, error=passing)})
+    plan = planning.plan_pass(s)
+    status = _deployment_status(plan, "assistant-dc")
+    assert status["phase"] != "Failing", status
+    (published,) = [a for a in plan.actions if isinstance(a, act.PublishEndpoints)]
+    assert "assistant" in published.starting, published
