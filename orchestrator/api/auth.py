@@ -70,7 +70,7 @@ class Authenticator:
         return await self.tokens.verify(secret)
 
     def forget_tokens(self) -> None:
-        """A token was revoked: every kept verdict goes, so this process refuses it at once."""
+        """A token was revoked: every kept verdict goes stale, so this process refuses it at once."""
         self.tokens.forget()
 
     async def caller(self, authorization: str | None) -> Caller:

@@ -13,11 +13,13 @@ refusals are kept apart from valid tokens: a client that sends made-up tokens, e
 refusal, only ever pushes out other refusals, never the valid tokens in use, which would then
 each cost a lookup again.
 
-What that costs revocation: :meth:`TokenVerdicts.forget` drops every verdict at once, and the
-process that revokes a token calls it, so there the token is refused at once; another replica
+What that costs revocation: :meth:`TokenVerdicts.forget` makes every verdict stale at once, and
+the process that revokes a token calls it, so there the token is refused at once; another replica
 sharing the store refuses it within ``ttl_s``. A valid verdict never outlives the token's own
 expiry. Nothing is kept when the lookup fails (the store does not answer): the error reaches
-the caller, which answers 503.
+the caller, which answers 503. A stale verdict is not dropped: :meth:`TokenVerdicts.known`
+still tells the tokens in use from guesses by it, so that one revocation does not send every
+valid client behind a proxy to the proxy address's rate-limit bucket (its next check asks).
 """
 
 from __future__ import annotations
@@ -70,10 +72,6 @@ class VerdictTable(Generic[V]):
         while len(table) > limit:
             table.popitem(last=False)
 
-    def clear(self) -> None:
-        self._valid.clear()
-        self._refused.clear()
-
 
 class TokenVerdicts(Generic[T]):
     def __init__(self, lookup: Callable[[str], Awaitable[T | None]], *, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES,
@@ -85,7 +83,8 @@ class TokenVerdicts(Generic[T]):
         self._lookup = lookup
         self.ttl_s = ttl_s
         self._clock, self._wall = clock, wall
-        self._kept: VerdictTable[tuple[T | None, float]] = VerdictTable(max_entries, max_refused)  # digest -> (verdict, until)
+        # digest -> (verdict, until, the generation it was looked up in: one before forget() is stale)
+        self._kept: VerdictTable[tuple[T | None, float, int]] = VerdictTable(max_entries, max_refused)
         self._asking: dict[bytes, asyncio.Future[T | None]] = {}
         self._generation = 0  # bumped by forget(): a lookup begun before it must not be kept
 
@@ -94,7 +93,7 @@ class TokenVerdicts(Generic[T]):
         store's) when it must ask and cannot."""
         key = _digest(secret)
         kept = self._kept.get(key)
-        if kept is not None and kept[1] > self._clock() and not self._expired(kept[0]):
+        if kept is not None and kept[1] > self._clock() and kept[2] == self._generation and not self._expired(kept[0]):
             return kept[0]
         asking = self._asking.get(key)
         if asking is None:  # callers with the same token wait for one lookup, which a caller leaving does not cancel
@@ -104,16 +103,16 @@ class TokenVerdicts(Generic[T]):
         return await asyncio.shield(asking)
 
     def known(self, secret: str) -> T | None:
-        """The token when a kept verdict says it is valid, fresh or not, and it has not expired
-        since; None for a token refused or never seen. Asks nothing: the gateway tells a token
+        """The token when a kept verdict says it is valid, fresh or not (stale after a
+        revocation too), and it has not expired since; None for a token refused or never seen. Asks nothing: the gateway tells a token
         in use from a guess with it before any lookup (:mod:`orchestrator.security.admission`)."""
         kept = self._kept.get(_digest(secret))
         return kept[0] if kept is not None and kept[0] is not None and not self._expired(kept[0]) else None
 
     def forget(self) -> None:
-        """Drop every verdict (a token was revoked): the next check of each token asks again."""
+        """Every kept verdict goes stale (a token was revoked): the next check of each token
+        asks again. They are kept for :meth:`known`: the revoked token's own check refuses it."""
         self._generation += 1
-        self._kept.clear()
         self._asking.clear()  # lookups under way may have read the store before the revocation
 
     def _asked(self, key: bytes, done: asyncio.Future[T | None]) -> None:
@@ -126,7 +125,7 @@ class TokenVerdicts(Generic[T]):
         generation = self._generation
         verdict = await self._lookup(secret)
         if generation == self._generation:
-            self._kept.put(key, (verdict, self._clock() + self.ttl_s), valid=verdict is not None)
+            self._kept.put(key, (verdict, self._clock() + self.ttl_s, generation), valid=verdict is not None)
         return verdict
 
     def _expired(self, verdict: T | None) -> bool:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from starlette.requests import Request
 
-from orchestrator.security import tokencache
+from orchestrator.security import admission, ratelimit, tokencache
 from orchestrator.testing import harness, stall
 from orchestrator.testing.postgres import PostgresServer
 
@@ -74,7 +75,7 @@ async def test_callers_with_one_token_share_one_lookup_and_a_failure_is_not_kept
     assert await tokens.verify("b") is None and lookups.asked == 3
 
 
-async def test_forget_drops_every_verdict_and_one_looked_up_before_it_is_not_kept() -> None:
+async def test_forget_makes_every_verdict_stale_and_one_looked_up_before_it_is_not_kept() -> None:
     now = [0.0]
     lookups = Lookups({"a": Info("a")})
     tokens = verdicts(lookups, now)
@@ -117,6 +118,28 @@ async def test_a_token_known_valid_is_told_without_a_lookup_until_it_expires() -
     assert [tokens.known(s) for s in ("a", "b", "nope")] == [Info("a"), Info("b", 1010.0), None]
     now[0] += 5.0  # b has expired
     assert (tokens.known("b"), lookups.asked) == (None, 3)
+
+
+async def test_valid_clients_behind_one_proxy_are_not_rate_limited_by_its_address_after_a_revocation() -> None:
+    """A revocation makes every verdict stale, but the tokens in use are still known valid:
+    each takes from its own bucket, and only its next check asks the store again (so the
+    revoked token is refused at once all the same)."""
+    now = [0.0]
+    lookups = Lookups({"good1": Info("good1"), "good2": Info("good2"), "revoked": Info("revoked")})
+    tokens = verdicts(lookups, now)
+    gateway = admission.GatewayAdmission(ratelimit.RateLimiter(ratelimit.RateLimit(0.01, 3)), tokens.verify, tokens.known)
+
+    async def status(secret: str) -> int:
+        request = Request({"type": "http", "method": "POST", "path": "/", "client": ("10.0.0.9", 1),
+                           "headers": [(b"authorization", f"Bearer {secret}".encode())]})
+        refused = await gateway.check(request)
+        return 200 if refused is None else refused.status_code
+
+    assert [await status(s) for s in ("good1", "good2", "revoked")] == [200] * 3  # the proxy's burst: their first checks
+    del lookups.valid["revoked"]
+    tokens.forget()
+    assert [await status(s) for s in ("good1", "good2", "good1", "revoked")] == [200, 200, 200, 401]
+    assert lookups.asked == 6  # each asked once again after the revocation
 
 
 async def test_a_token_revoked_through_this_control_plane_is_refused_at_once(tmp_path: pathlib.Path) -> None:
