@@ -135,7 +135,7 @@ class ServerViews:
             got = await self._shared_read("observed", functools.partial(
                 self.store.published, observed.PUBLISHED_KEY, cached[0] if cached is not None else 0), API_READ_S)
         except TimeoutError:
-            raise store_mod.StoreError(f"the store did not answer in {API_READ_S:g} s") from None
+            raise _unanswered() from None
         if got is not None:
             try:
                 self._leaders_view = cached = (got[0], await asyncio.to_thread(observed.from_text, got[1]))
@@ -175,7 +175,7 @@ class ServerViews:
         try:
             rows = await self._shared_read(name, read, API_READ_S)
         except TimeoutError:
-            raise store_mod.StoreUnavailable(f"the store did not answer in {API_READ_S:g} s") from None
+            raise _unanswered() from None
         more = page.limit is not None and len(rows) > page.limit
         rows = rows[:page.limit]
         if (leaders := await self.leaders_view()) is not None:  # a follower: the states the leader observed
@@ -255,3 +255,9 @@ class ServerViews:
 def _placement_key(row: store_mod.PlacementRow) -> tuple[str, str, str]:
     """The order the store lists placements in, which their pages follow."""
     return row.deployment, row.site, row.variant
+
+
+def _unanswered() -> store_mod.StoreUnavailable:
+    """A read the store did not answer within :data:`API_READ_S`: unavailable for now, which
+    the API answers 503 with Retry-After (a stalled database, a failover), never a 500."""
+    return store_mod.StoreUnavailable(f"the store did not answer in {API_READ_S:g} s")

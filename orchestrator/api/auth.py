@@ -100,8 +100,9 @@ class Authenticator:
         """The caller of ``request``, or the answer that refuses it: 400 for a path or query
         holding a NUL character (no name holds one, and PostgreSQL cannot store one: it
         would reach the store as a lookup or an event's name), 401 without a valid token,
-        403 for a ``write`` by a caller who may not (``needs`` says what it takes), 503 when
-        the store that holds the tokens does not answer."""
+        403 for a ``write`` by a caller who may not (``needs`` says what it takes), 503 with
+        Retry-After when the store that holds the tokens does not answer for now, 500 when it
+        refuses the lookup for what it is (as the API answers the store's errors)."""
         if "\x00" in request.scope["path"] or b"%00" in request.scope.get("query_string", b""):
             return JSONResponse({"error": "the request's path or query holds a NUL character, which no name or value here may hold"},
                                 status_code=400)
@@ -109,8 +110,11 @@ class Authenticator:
             caller = await self.caller(request.headers.get("authorization"))
         except Unauthorized as exc:
             return JSONResponse({"error": str(exc)}, status_code=401)
-        except store_mod.StoreError as exc:  # the token is looked up in a store that does not answer
-            return JSONResponse({"error": str(exc)}, status_code=503)
+        except store_mod.StoreUnavailable as exc:  # the token is looked up in a store that does not answer: retry later
+            return JSONResponse({"error": str(exc)}, status_code=503, headers={"retry-after": "2"})
+        except store_mod.StoreError as exc:  # refused for what it is (a bug, a broken schema): a retry gets the same
+            log.error("checking the token of %s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+            return JSONResponse({"error": str(exc)}, status_code=500)
         if write and not caller.may_write():
             return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; {needs}"}, status_code=403)
         return caller

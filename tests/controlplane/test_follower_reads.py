@@ -18,7 +18,8 @@ from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.reconciler import autoscaler, observed, snapshot
 from orchestrator.scheduler import result as sched_result
-from orchestrator.testing import harness, manifests, onnx_models
+from orchestrator.store import sqlite as store_mod
+from orchestrator.testing import harness, manifests, onnx_models, stall
 from orchestrator.testing.postgres import PostgresServer
 
 FR_SITES = {"edge-a": 48.0, "edge-b": 49.0}
@@ -142,6 +143,19 @@ def observed_fleet() -> observed.Observed:
         autoscale={"intent-fr": autoscaler.Recommendation(3, "rps", 10.0, 2, 2, 12.5)},
         rejoining=frozenset({"edge-b"}), energy=sched_result.Energy(120.0, 30.5),
         described={"intent-fr": {"placement": {"placed": 1}}}, sources={"a" * 64: "intent.onnx"})
+
+
+async def test_a_follower_whose_store_does_not_answer_the_leaders_view_is_unavailable_for_now(
+        tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    """A preview or a view through a follower that cannot read what the leader observed is
+    answered 503 with Retry-After (the store unavailable for now), as a placements read that
+    times out is, never a 500 for a store refusing the call."""
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (_, following):
+        follower = following.cp
+        assert follower is not None and follower.store.backend_pid
+        with stall.stalled(follower.store.backend_pid):
+            with pytest.raises(store_mod.StoreUnavailable, match="did not answer"):
+                await follower.leaders_view()
 
 
 @pytest.mark.parametrize("published", [observed_fleet(), observed.Observed()], ids=["a fleet", "nothing yet"])

@@ -186,6 +186,29 @@ async def test_gateway_answers_503_with_retry_after_while_the_token_store_does_n
         await fleet.stop()
 
 
+async def test_the_control_api_tells_a_token_store_down_for_now_from_one_refusing_the_lookup(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the API answers the store's errors: one the store may take later is 503 with
+    Retry-After, which the CLI waits out; one refused for what it is is a 500, not retried."""
+    fleet = await _control_plane(tmp_path, auth="token")
+    try:
+        cp = fleet.cp
+        assert cp is not None
+        errors = {503: store_mod.StoreUnavailable("cannot reach the PostgreSQL store at db: connection refused"),
+                  500: store_mod.StoreError("relation \"tokens\" does not exist")}
+        for code, error in errors.items():
+            def lookup(secret: str, purpose: str, error: Exception = error) -> None:
+                raise error
+
+            monkeypatch.setattr(cp.store, "verify_token", lookup)
+            async with httpx.AsyncClient(base_url=cp.http_url, headers={"authorization": f"Bearer ep_{code}"}) as http:
+                answer = await http.get("/v1/sites")
+            assert answer.status_code == code and str(error) in answer.json()["error"], (code, answer.text)
+            assert ("retry-after" in answer.headers) == (code == 503), answer.headers
+    finally:
+        await fleet.stop()
+
+
 async def test_gateway_body_limit(tmp_path: pathlib.Path) -> None:
     fleet = await _control_plane(tmp_path, gateway_max_body=1024)
     try:
