@@ -72,7 +72,10 @@ class Reconciler:
     _published: wire.TableContents | None = None  # what the last publish wrote
     _published_at: float = 0.0  # when (this reconciler's clock)
     _hold_published: str | None = None  # the hold's reason ("" none) this leader last published; None: not yet
-    _observed_published: str | None = None  # the observed fleet this leader last published; None: not yet
+    _observing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _observed_next: observed_mod.Observed | None = None  # the latest pass's, not written yet
+    _observed_published: tuple[str, str] | None = None  # the observed fleet this leader last published, and its decisive part
+    _observed_at: float = 0.0  # when (this reconciler's clock)
     # sha256 -> the URI a Model named, of each version in use: a version agents are kept on
     # that no stored Model names any more is checked and served from it (see observed_mod)
     _sources: dict[str, str] = field(default_factory=dict)
@@ -129,14 +132,19 @@ class Reconciler:
                 await self._pass_done.wait_for(lambda: self.passes > after)
         return self.passes
 
+    async def publishes_done(self, timeout: float = 10.0) -> None:
+        """Until the writes to the store begun so far beside the passes (the table, the
+        observed fleet) have ended, at most ``timeout`` seconds."""
+        if self._publishes:
+            await asyncio.wait(set(self._publishes), timeout=timeout)
+
     async def run(self) -> None:
         notes = asyncio.create_task(self._note_pending(), name="pending-deployments")
         try:
             await self._run()
         finally:
             notes.cancel()
-            if self._publishes:  # a write in a thread goes on anyway: the store stays open until it ends
-                await asyncio.wait(set(self._publishes), timeout=10.0)
+            await self.publishes_done()  # a write in a thread goes on anyway: the store stays open until it ends
 
     async def _run(self) -> None:
         backoff = Backoff()
@@ -453,7 +461,7 @@ class Reconciler:
         live = artifact_use.live(snapshot.models, self._sent(snapshot), self.dc_sync.applied)
         self.artifacts.retain(live)
         self._sources = {sha256: uri for sha256, uri in self._sources.items() if sha256 in live}
-        await self._publish_observed(snapshot, plan)
+        self._publish_observed(snapshot, plan)
         # While replicas are on their way up, or a site drains, look again soon rather than at the next resync.
         self.converging = any(
             (item.kind == "ModelDeployment" and item.status.get("phase") in ("Progressing", "Failing"))
@@ -553,24 +561,42 @@ class Reconciler:
                 self.table.set_cascades(dict(routes))
                 self._publish_table()
 
-    async def _publish_observed(self, s: snap.Snapshot, plan: planning.PassPlan) -> None:
+    def _publish_observed(self, s: snap.Snapshot, plan: planning.PassPlan) -> None:
         """What this pass observed goes to the store for the other replicas' previews and
-        views (:mod:`~orchestrator.reconciler.observed`), when it changed. A failed write is
-        tried again at the next pass; the pass goes on."""
-        o = observed_mod.Observed(s.agents, s.datacentres, s.artifacts, s.autoscale, s.rejoining, plan.result.energy,
-                                  {name: views.describe_deployment(plan, name) for name in plan.result.deployments}, dict(self._sources))
-        text = await asyncio.to_thread(observed_mod.to_text, o)  # a large fleet's takes milliseconds the gateway must not wait
-        if text == self._observed_published:
-            return
-        try:
-            await self.store.run(self.store.publish, observed_mod.PUBLISHED_KEY, text, lease=self.lease)
-        except store_mod.Fenced as exc:
-            log.info("observed fleet not published: %s", exc)
-            return
-        except store_mod.StoreError as exc:
-            log.warning("observed fleet not published: %s", exc)
-            return
-        self._observed_published = text
+        views (:mod:`~orchestrator.reconciler.observed`), beside the pass as the table does."""
+        self._observed_next = observed_mod.Observed(
+            s.agents, s.datacentres, s.artifacts, s.autoscale, s.rejoining, plan.result.energy,
+            {name: views.describe_deployment(plan, name) for name in plan.result.deployments}, dict(self._sources))
+        task = asyncio.get_running_loop().create_task(self._publish_observed_latest(), name="publish-observed")
+        self._publishes.add(task)
+        task.add_done_callback(self._publishes.discard)
+
+    async def _publish_observed_latest(self) -> None:
+        """The latest pass's observed fleet, when it changed, encoded in a worker thread (a
+        large fleet's takes milliseconds the gateway must not wait) and written one at a time,
+        so an older one never lands after a newer one. A change of download progress alone
+        (the messages of models loading, which move at nearly every pass of a download, as
+        :func:`orchestrator.agents.hub._decisive` judges) is written at most every
+        ``load_publish_s``, as the table's load is: each write is the whole document, which
+        every follower reads whole. A failed write is tried again at the next pass."""
+        async with self._observing:
+            o, self._observed_next = self._observed_next, None
+            if o is None:  # a later turn's: written by the turn that took it
+                return
+            texts = await asyncio.to_thread(observed_mod.to_texts, o)
+            last = self._observed_published
+            if last is not None and (texts[0] == last[0] or (
+                    texts[1] == last[1] and self.clock() - self._observed_at < self.load_publish_s)):
+                return  # unchanged, or only progress: a later pass writes it
+            try:
+                await self.store.run(self.store.publish, observed_mod.PUBLISHED_KEY, texts[0], lease=self.lease)
+            except store_mod.Fenced as exc:
+                log.info("observed fleet not published: %s", exc)
+                return
+            except store_mod.StoreError as exc:
+                log.warning("observed fleet not published: %s", exc)
+                return
+            self._observed_published, self._observed_at = texts, self.clock()
 
     def mark_down(self, url: str) -> None:
         """Route to ``url`` no more, at once (its agent is lost): in this replica's table, kept

@@ -11,7 +11,9 @@ plan, as it publishes the endpoint table (``PUBLISHED_KEY``), and only when it c
 a follower answers those reads from it.
 
 Agents' load (heartbeat times, in-flight counts, CPU, free memory) is left out: no
-preview or view reads it, and it would change the document at every pass. What is kept
+preview or view reads it, and it would change the document at every pass. A download's
+progress (a loading model's message) is kept, but a change of it alone is written at most
+every ``load_publish_s`` (:func:`to_texts` tells it). What is kept
 of heartbeat times is whether the agent reported since it joined.
 
 The document also says where each version in use came from (``sources``: sha256 -> the
@@ -58,6 +60,18 @@ class Observed:
 
 def to_text(o: Observed) -> str:
     return json.dumps(_document(o), sort_keys=True, separators=(",", ":"))
+
+
+def to_texts(o: Observed) -> tuple[str, str]:
+    """The published document (:func:`to_text`), and the same but for the messages of the
+    models agents are loading: its decisive part, which a download's progress leaves as it is."""
+    doc = _document(o)
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    for agent in doc["agents"]:
+        for m in agent["models"]:  # [name, sha256, phase, message, ...] (_agent_doc)
+            if m[2] == agent_model.ModelPhase.LOADING.value:
+                m[3] = ""
+    return text, json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
 def from_text(text: str) -> Observed:

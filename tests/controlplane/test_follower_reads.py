@@ -38,6 +38,7 @@ async def a_pass_after_now(cp: server.ControlPlane) -> None:
     after = cp.reconciler.passes + 1  # the pass under way may have gathered before
     cp.reconciler.trigger("test")
     await cp.reconciler.wait_for_pass(after)
+    await cp.reconciler.publishes_done()  # written beside the pass
 
 
 async def test_previews_through_a_follower_plan_with_the_agents_connected_to_the_leader(
