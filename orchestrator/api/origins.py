@@ -6,19 +6,22 @@ can send ``POST http://127.0.0.1:8080/v1/sites/NAME/drain?force=true``: a CORS "
 request" (no custom header, a text/plain body at most) goes out without a preflight, only
 its answer is hidden from the page, so the site drains. A page whose own name its DNS later
 resolves to 127.0.0.1 (DNS rebinding) is even same-origin with the server, and reads every
-answer, captured requests included. Two checks close both, as Jupyter and Docker Desktop do:
+answer, captured requests included. Two checks close both, as Jupyter and Docker Desktop do,
+without token auth:
 
 - a request that may change something (any method but GET, HEAD and OPTIONS) is refused when
   it carries an ``Origin`` that is not the server's own: browsers send ``Origin`` with every
   such request, the console's own are same-origin, and the CLI, the Python client and agents
   send none;
-- without token auth, a request is answered only when its ``Host`` is a loopback name or
-  address, the ``--public-url``'s host or a name given with ``--allowed-host``: a rebinding
-  page's requests name the attacker's host.
+- a request is answered only when its ``Host`` is a loopback name or address, the
+  ``--public-url``'s host or a name given with ``--allowed-host``: a rebinding page's
+  requests name the attacker's host.
 
 With ``--auth token`` a caller is known by its bearer token, which a page of another site
 cannot make the browser send (an ``Authorization`` header needs a preflight this server never
-approves), so the server then answers any ``Host`` (a reverse proxy's, a load balancer's).
+approves), so neither check adds anything: the server answers any ``Host`` (a reverse
+proxy's, a load balancer's) and any ``Origin`` (the console behind a proxy that rewrites
+``Host``, whose requests then name another origin than the ``Host`` they arrive with).
 The decision (:func:`refusal`) is pure; :class:`OriginGuard` applies it in front of every
 route, the gateway's and the artifacts' included.
 """
@@ -40,30 +43,27 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 @dataclass(frozen=True)
 class Guard:
     """What the server counts as itself. ``open_api``: no token auth, so only requests that
-    name it by a loopback name or an allowed one are answered; ``names``: host names allowed
-    besides the loopback ones (lower case, no port); ``origins``: ``host[:port]`` of origins
-    that are the server's besides the one each request names (the ``--public-url``'s)."""
+    name it by a loopback name or an allowed one are answered, and only writes from its own
+    origins; ``names``: host names allowed besides the loopback ones (lower case, no port),
+    the ``--public-url``'s included."""
 
     open_api: bool
     names: frozenset[str] = frozenset()
-    origins: frozenset[str] = frozenset()
 
 
 def guard_for(open_api: bool, allowed_hosts: tuple[str, ...], public_url: str | None) -> Guard:
     """The guard of a server configured with ``--auth``, ``--allowed-host`` and ``--public-url``."""
     names = {h.lower().rstrip(".") for h in allowed_hosts}
-    origins: set[str] = set()
-    if public_url:
-        parts = urllib.parse.urlsplit(public_url)
-        if parts.hostname:
-            names.add(parts.hostname.lower().rstrip("."))
-            origins.add(parts.netloc.rpartition("@")[2].lower())
-    return Guard(open_api, frozenset(names), frozenset(origins))
+    if public_url and (public := urllib.parse.urlsplit(public_url).hostname):
+        names.add(public.lower().rstrip("."))
+    return Guard(open_api, frozenset(names))
 
 
 def refusal(guard: Guard, method: str, host: str | None, origin: str | None) -> str | None:
     """Why a request with these ``Host`` and ``Origin`` headers is refused, or None to answer it."""
-    if guard.open_api and host is not None and not _answers_to(guard, host):
+    if not guard.open_api:  # every write needs a bearer token, which no page of another site can send
+        return None
+    if host is not None and not _answers_to(guard, host):
         return (f"this control plane runs without token auth and answers only to loopback names and those given with "
                 f"--allowed-host or --public-url, not {host[:100]!r}")
     if method.upper() not in SAFE_METHODS and origin is not None and not _own_origin(guard, origin, host):
@@ -93,7 +93,7 @@ def _own_origin(guard: Guard, origin: str, host: str | None) -> bool:
     if parts.scheme not in ("http", "https") or not parts.netloc:  # "null": a sandboxed frame, a file:// page
         return False
     netloc = parts.netloc.lower()
-    if (host is not None and netloc == host.lower()) or netloc in guard.origins:
+    if host is not None and netloc == host.lower():
         return True
     return _hostname(netloc) in guard.names
 
