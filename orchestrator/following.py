@@ -71,6 +71,8 @@ class StoreFollower:
         cascades the leader published replace this gateway's, and artifact versions nothing
         uses any more are forgotten."""
         seen, table_version, leader_version = -1, 0, 0
+        # when the last read of the table began: a newer table was written after it
+        asked_at: float | None = None
         wakes_seen: int | None = None  # the last event read for followers' wakes (leading only)
         revocations_seen: int | None = None  # the last Site event read for revoked agents
         while True:
@@ -82,6 +84,7 @@ class StoreFollower:
                 revocations_seen = await read_revocations(self.store, self.hub, revocations_seen)
                 if self.elector.leading:
                     table_version = leader_version = 0  # read again whenever this replica follows again
+                    asked_at = None
                     lease = self.reconciler.lease
                     if lease is not None and self.published_under() != lease.token:
                         await self.store.run(self.publish_leader, lease)
@@ -101,14 +104,25 @@ class StoreFollower:
                 if leader is not None and not self.elector.leading and self.relay_client is not None:
                     leader_version, body = leader
                     self.relay_client.follow(relay.Leader.from_json(body))  # ValueError: logged below, read again when it changes
+                started = self.table.clock()
                 got = await self.store.run(self.store.published, wire.PUBLISHED_KEY, table_version)
+                written_after, asked_at = asked_at, started  # a read that failed tells nothing of what was written
                 if got is not None and not self.elector.leading:
                     table_version, body = got
-                    wire.apply_json(self.table, json.loads(body))  # all or nothing
+                    wire.apply_json(self.table, json.loads(body), self._heard_before(written_after))  # all or nothing
             except store_mod.StoreError as exc:
                 log.warning("following the store: %s", exc)
             except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
                 log.warning("what the leader published (its endpoint table or relay address) is unreadable here: %s", exc)
+
+    def _heard_before(self, written_after: float | None) -> float | None:
+        """A table written after ``written_after`` comes from a leader that had heard of this
+        replica's agents lost more than an agent's loss time before (relayed within a second;
+        with the relay down, the leader declares them lost itself once their heartbeats stop
+        coming), so its word on them outranks this replica's marks."""
+        if written_after is None:
+            return None
+        return written_after - self.hub.heartbeat_interval * self.hub.missed_heartbeats
 
     async def _forget_lost_agents_of_deleted_sites(self) -> None:
         """A follower forgets its lost agents whose Site is no longer stored, as the leader's

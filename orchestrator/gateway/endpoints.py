@@ -103,14 +103,16 @@ class EndpointTable:
     #: URLs marked down (:meth:`mark_down`: their agent is lost), with when (:attr:`clock`).
     #: A pass under way at the mark read the agent healthy: every table keeps them down until
     #: one whose health was read after the mark replaces it, or, followed from another
-    #: replica, one that lists them down or not at all (that replica has seen the loss).
+    #: replica, one that lists them down or not at all (that replica has seen the loss), or
+    #: one written after that replica must have heard of the loss (``heard_before``): its
+    #: down-then-healthy tables may both have come between two reads of this one's.
     _down: dict[str, float] = field(default_factory=dict)
 
     def replace(self, endpoints: Iterable[routing.Endpoint], regions: routing.RegionIndex | None = None,
                 deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None,
                 read_since: float | None = None, pending: Iterable[str] | None = None,
                 starting: Iterable[str] | None = None, health_since: float | None = None,
-                followed: bool = False) -> None:
+                followed: bool = False, heard_before: float | None = None) -> None:
         """The new table. ``read_since``: when the pass that made it began reading the store
         (:attr:`clock` time); pending notes made before then are dropped, as that pass saw
         their deployments (it placed them, or says in ``deployed`` why it could not).
@@ -119,7 +121,8 @@ class EndpointTable:
         but do not answer yet. None (for each of these): as the table has it.
         ``health_since``: when the endpoints' health was read (default ``read_since``);
         URLs marked down before then are routed as the table says, those marked since stay
-        down. ``followed``: the table is another replica's (its marks are its own)."""
+        down. ``followed``: the table is another replica's (its marks are its own), written
+        after it had heard of every loss marked here before ``heard_before`` (None: not known)."""
         if health_since is None:
             health_since = read_since
         endpoints = list(endpoints)
@@ -127,7 +130,8 @@ class EndpointTable:
             self._down = {url: at for url, at in self._down.items() if at >= health_since}
         if followed and self._down:
             listed = {e.url for e in endpoints if e.healthy}
-            self._down = {url: at for url, at in self._down.items() if url in listed}
+            self._down = {url: at for url, at in self._down.items()
+                          if url in listed and (heard_before is None or at >= heard_before)}
         grouped: dict[str, list[routing.Endpoint]] = {}
         for e in endpoints:
             if e.healthy and e.url in self._down:

@@ -250,10 +250,12 @@ def apply_delta(old: TableContents, doc: Mapping[str, Any]) -> TableContents:
     )
 
 
-def apply(table: endpoints_mod.EndpointTable, c: TableContents) -> None:
-    """Replace ``table``'s contents with ``c`` (cold-start waiters for models that now have an endpoint wake)."""
+def apply(table: endpoints_mod.EndpointTable, c: TableContents, heard_before: float | None = None) -> None:
+    """Replace ``table``'s contents with ``c`` (cold-start waiters for models that now have an
+    endpoint wake); ``heard_before``: see :meth:`~orchestrator.gateway.endpoints.EndpointTable.replace`."""
     table.set_cascades(dict(c.cascades))
-    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold, pending=c.pending, starting=c.starting, followed=True)
+    table.replace(c.endpoints, c.regions, dict(c.deployed), c.cold, pending=c.pending, starting=c.starting, followed=True,
+                  heard_before=heard_before)
 
 
 def table_to_json(table: endpoints_mod.EndpointTable) -> dict[str, Any]:
@@ -272,9 +274,9 @@ def contents_to_text(c: TableContents) -> str:
     return orjson.dumps(contents_to_json(c), option=orjson.OPT_SORT_KEYS).decode()
 
 
-def apply_json(table: endpoints_mod.EndpointTable, doc: Mapping[str, Any]) -> None:
+def apply_json(table: endpoints_mod.EndpointTable, doc: Mapping[str, Any], heard_before: float | None = None) -> None:
     """Replace ``table``'s contents with ``doc``'s (all or nothing: a bad document changes nothing)."""
-    apply(table, contents_from_json(doc))
+    apply(table, contents_from_json(doc), heard_before)
 
 
 def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) -> dict[str, Any]:
