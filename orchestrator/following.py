@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from orchestrator import catalog, leadership
 from orchestrator.agents import hub as hub_mod
+from orchestrator.agents import model as agent_model
 from orchestrator.agents import relay
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
@@ -55,6 +56,8 @@ class StoreFollower:
     publish_leader: Callable[[store_mod.Lease], None]  # in a worker thread: this leader's relay address, under its lease
     published_under: Callable[[], int | None]  # the fencing token the relay address was last published under
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # what the versions in use were last judged by: (resourceVersion, sets relayed here, versions checked)
+    _versions_judged: tuple[int, tuple[tuple[str, agent_model.AssignmentSet], ...], frozenset[str]] | None = None
 
     def told(self, what: str) -> None:
         """Another replica's write committed (the store's change feed, on the loop): wake
@@ -99,7 +102,6 @@ class StoreFollower:
                     continue
                 wakes_seen = None
                 await self._forget_lost_agents_of_deleted_sites()
-                await self._forget_unused_versions()
                 leader = await self.store.run(self.store.published, LEADER_KEY, leader_version)
                 if leader is not None and not self.elector.leading and self.relay_client is not None:
                     leader_version, body = leader
@@ -114,6 +116,12 @@ class StoreFollower:
                 log.warning("following the store: %s", exc)
             except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
                 log.warning("what the leader published (its endpoint table or relay address) is unreadable here: %s", exc)
+            if self.elector.leading:
+                continue
+            try:  # apart: a Models read that fails holds up neither the table nor the relay address
+                await self._forget_unused_versions()
+            except store_mod.StoreError as exc:
+                log.warning("following the store (artifact versions in use): %s", exc)
 
     def _heard_before(self, written_after: float | None) -> float | None:
         """A table written after ``written_after`` comes from a leader that had heard of this
@@ -141,13 +149,19 @@ class StoreFollower:
         """A follower checks artifact versions too (``describe`` of a Model does) but runs no
         pass, whose end forgets on the leader the versions nothing uses: forgotten here at
         each poll, as there, those no stored Model and no set relayed to this replica's
-        agents names. The Models are read only while the catalog holds a version."""
+        agents names. The Models are read and parsed only while the catalog holds a version,
+        and only when something changed since the last time: a stored object (the store's
+        resourceVersion), a set relayed here, or the versions checked."""
         artifacts = self.reconciler.artifacts
-        if not artifacts.checked():
+        if not (checked := artifacts.checked()):
+            return
+        sets = tuple((site, got) for site in sorted(self.hub.sites()) if (got := self.hub.assignments(site)) is not None)
+        stored = await self.store.run(self.store.resource_version)  # read before the Models: a later write is seen next time
+        if (stored, sets, checked) == self._versions_judged:
             return
         models, _ = await self.store.run(lambda: catalog.read_each(self.store.list("Model"), catalog.parse_model))
-        sent = [got.assignments for site in self.hub.sites() if (got := self.hub.assignments(site)) is not None]
-        artifacts.retain(artifact_use.live(models, sent, {}))
+        artifacts.retain(artifact_use.live(models, [got.assignments for _, got in sets], {}))
+        self._versions_judged = (stored, sets, artifacts.checked())
 
     async def _read_wakes(self, since: int) -> int:
         """Followers' wakes logged after event ``since`` reach this (leading) replica's table."""

@@ -112,6 +112,7 @@ class ControlPlane(server_views.ServerViews):
     _leader_published: int | None = None  # the fencing token under which this replica's relay address was published
     _reads: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # the store reads in flight that callers share, by name
     _leaders_view: tuple[int, observed.Observed] | None = None  # a follower: the leader's observed fleet last read, with its version
+    _leaders_unreadable: int = 0  # a follower: the version of the last one it could not read (0: none)
     _change_feed: Any = None  # shared database only: tells of other replicas' writes as they commit
     _agent_events: backlog.EventBacklog = field(default_factory=backlog.EventBacklog)  # to log, in order
     distills: distill_api.Runs = field(default_factory=distill_api.Runs)  # the distillation runs under way, stopped first

@@ -67,6 +67,7 @@ class ServerViews:
     _change_feed: Any
     _reads: dict[str, asyncio.Future[Any]]  # the store reads in flight that callers share, by name
     _leaders_view: tuple[int, observed.Observed] | None  # the last observed fleet read of the leader's, with its version
+    _leaders_unreadable: int  # the version of the last observed fleet of the leader's that this version could not read
 
     async def leadership_view(self) -> dict[str, Any]:
         """This replica, who leads, and why changes are on hold (``hold``: this process's own
@@ -131,20 +132,23 @@ class ServerViews:
         if self.elector is None or self.elector.leading:
             return None
         cached = self._leaders_view
+        # asked from the newest version read, readable or not: one this version cannot read
+        # is neither read nor warned of again until the leader publishes another
+        since = max(cached[0] if cached is not None else 0, self._leaders_unreadable)
         try:
-            got = await self._shared_read("observed", functools.partial(
-                self.store.published, observed.PUBLISHED_KEY, cached[0] if cached is not None else 0), API_READ_S)
+            got = await self._shared_read("observed", functools.partial(self.store.published, observed.PUBLISHED_KEY, since), API_READ_S)
         except TimeoutError:
             raise _unanswered() from None
         if got is not None:
             try:
                 self._leaders_view = cached = (got[0], await asyncio.to_thread(observed.from_text, got[1]))
-            except ValueError as exc:  # a leader of another version: this replica's own view, as before
+            except ValueError as exc:  # a leader of another version: the last one read, or this replica's own view
+                self._leaders_unreadable = got[0]
                 log.warning("%s", exc)
         return cached[1] if cached is not None else None
 
     async def current(self) -> snap.Snapshot:
-        """The snapshot previews plan with: the leader's observations on a follower."""
+        """The snapshot what-ifs plan with: the leader's observations on a follower."""
         return await self.reconciler.current(await self.leaders_view())
 
     async def preview(self, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
@@ -153,11 +157,12 @@ class ServerViews:
         current = await self.reconciler.current(leaders)
         last = self.reconciler.last_plan
         energy = leaders.energy if leaders is not None else last.result.energy if last is not None else None
-        return await run_in_threadpool(views.preview, current, docs, energy)
+        return {**await run_in_threadpool(views.preview, current, docs, energy), **_observed_at(leaders)}
 
     async def drain_preview(self, site: str) -> dict[str, Any]:
-        current = await self.current()
-        return await run_in_threadpool(planning.drain_preview, current, site)
+        leaders = await self.leaders_view()
+        current = await self.reconciler.current(leaders)
+        return {**await run_in_threadpool(planning.drain_preview, current, site), **_observed_at(leaders)}
 
     async def hold_reason(self) -> str | None:
         held = await self.store.run(self.store.published, hold.PUBLISHED_KEY)
@@ -189,7 +194,7 @@ class ServerViews:
             # the page's sites only
             agents = [a for site in dict.fromkeys(r.site for r in rows) if (a := self.hub.status(site)) is not None]
             live = dataclasses.replace(last, agents=tuple(agents)) if last is not None else None
-        view = await run_in_threadpool(views.placements, live, rows)
+        view = {**await run_in_threadpool(views.placements, live, rows), **_observed_at(leaders)}
         meta = paging.metadata(page, "placements", more, _placement_key(rows[-1]) if rows else None)
         return view if meta is None else {**view, "metadata": meta}
 
@@ -236,7 +241,8 @@ class ServerViews:
     async def describe_extra(self, kind: str, name: str) -> dict[str, Any]:
         if kind == "ModelDeployment":
             leaders = await self.leaders_view()
-            extra = dict(leaders.described.get(name, {})) if leaders is not None else views.describe_deployment(self.reconciler.last_plan, name)
+            extra = ({**leaders.described.get(name, {}), **_observed_at(leaders)} if leaders is not None
+                     else views.describe_deployment(self.reconciler.last_plan, name))
             cascade = next((c for c in self.cascades.stats.snapshot(self.table.cascades) if c["name"] == name), None)
             return {**extra, "cascade": cascade} if cascade is not None else extra
         if kind == "Model":
@@ -255,6 +261,14 @@ class ServerViews:
 def _placement_key(row: store_mod.PlacementRow) -> tuple[str, str, str]:
     """The order the store lists placements in, which their pages follow."""
     return row.deployment, row.site, row.variant
+
+
+def _observed_at(leaders: observed.Observed | None) -> dict[str, Any]:
+    """On a follower, when the leader wrote what an answer comes from (``observedAt``): it
+    writes at each change, so an old time after the leader is gone tells a stale answer."""
+    if leaders is None or leaders.at is None:
+        return {}
+    return {"observedAt": catalog.rfc3339(leaders.at)}
 
 
 def _unanswered() -> store_mod.StoreUnavailable:

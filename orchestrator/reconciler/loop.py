@@ -427,7 +427,8 @@ class Reconciler:
         in use that the last leader published: agents may be kept on one no Model names."""
         try:
             got = await self.store.run(self.store.published, observed_mod.PUBLISHED_KEY)
-            inherited = observed_mod.from_text(got[1]).sources if got is not None else {}
+            # decoded off the loop: a large fleet's document takes milliseconds the gateway must not wait
+            inherited = (await asyncio.to_thread(observed_mod.from_text, got[1])).sources if got is not None else {}
         except ValueError as exc:
             log.warning("%s; versions agents are kept on that no Model names are served by the leader that sent them only", exc)
             inherited = {}
@@ -588,8 +589,10 @@ class Reconciler:
             if last is not None and (texts[0] == last[0] or (
                     texts[1] == last[1] and self.clock() - self._observed_at < self.load_publish_s)):
                 return  # unchanged, or only progress: a later pass writes it
+            # stamped with the time it is written, which the comparisons leave out: what changed is told without it
+            text = await asyncio.to_thread(observed_mod.to_text, dataclasses.replace(o, at=time.time()))
             try:
-                await self.store.run(self.store.publish, observed_mod.PUBLISHED_KEY, texts[0], lease=self.lease)
+                await self.store.run(self.store.publish, observed_mod.PUBLISHED_KEY, text, lease=self.lease)
             except store_mod.Fenced as exc:
                 log.info("observed fleet not published: %s", exc)
                 return

@@ -49,6 +49,7 @@ class Observed:
     energy: sched_result.Energy | None = None  # of the placement in force
     described: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # describe's extra, by deployment
     sources: Mapping[str, str] = field(default_factory=dict)  # sha256 -> URI, of each version in use
+    at: float | None = None  # when the leader wrote it (wall clock): a follower's answers from it say so (observedAt)
 
     def over(self, desired: snap.Desired, placements: tuple[Any, ...]) -> snap.Snapshot:
         """A snapshot of ``desired`` as stored now with what the leader observed."""
@@ -87,6 +88,7 @@ def from_text(text: str) -> Observed:
             energy=sched_result.Energy(**doc["energy"]) if doc["energy"] is not None else None,
             described=doc["described"],
             sources=dict(doc["sources"]),
+            at=doc.get("observedAt"),  # absent from an earlier leader's
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"the observed fleet the leader published is not one this version reads: {exc!r}") from exc
@@ -103,6 +105,7 @@ def _document(o: Observed) -> dict[str, Any]:
         "energy": vars(o.energy) if o.energy is not None else None,
         "described": o.described,
         "sources": dict(o.sources),
+        "observedAt": o.at,
     }
 
 

@@ -7,8 +7,10 @@ as the leader forgets its own."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import shutil
+import time
 
 import httpx
 import pytest
@@ -60,12 +62,14 @@ async def test_previews_through_a_follower_plan_with_the_agents_connected_to_the
             drained = [await c.post(f"/v1/sites/{source}/drain", params={"dryRun": "true"}) for c in (lead, f)]
             assert [r.status_code for r in drained] == [200, 200], [r.text for r in drained]
             assert other in drained[0].text, drained[0].text  # the replica moves to the other site
-            assert drained[1].json() == drained[0].json()
+            leads, follows = drained[0].json()["plan"], drained[1].json()["plan"]
+            assert "observedAt" not in leads and "observedAt" in follows  # as of the leader's write
+            assert {k: v for k, v in follows.items() if k != "observedAt"} == leads
 
             scaled = [await c.post("/v1/apply", params={"dryRun": "true"}, content=fr_fleet(model, 2)) for c in (lead, f)]
             assert [r.status_code for r in scaled] == [200, 200], [r.text for r in scaled]
             plan = scaled[1].json()["plan"]
-            assert plan == scaled[0].json()["plan"]
+            assert plan.pop("observedAt") == follows["observedAt"] and plan == scaled[0].json()["plan"]
             assert sum(c["after"] for c in plan["changes"]) == 2 and "removed" not in {c["change"] for c in plan["changes"]}, plan
 
 
@@ -89,13 +93,16 @@ async def test_placements_and_describe_through_a_follower_say_the_replicas_state
             await harness.wait_until(serving, 60, what="the model served at edge-a")
             await a_pass_after_now(leader)
 
-            at_leader, at_follower = [(await c.get("/v1/placements")).json()["items"] for c in (lead, f)]
-            assert at_leader[0]["state"] == "READY" and at_leader[0]["ready"] == 1, at_leader
-            assert at_follower == at_leader
+            at_leader, at_follower = [(await c.get("/v1/placements")).json() for c in (lead, f)]
+            assert at_leader["items"][0]["state"] == "READY" and at_leader["items"][0]["ready"] == 1, at_leader
+            assert at_follower["items"] == at_leader["items"]
+            # the follower's answer says when the leader wrote what it comes from, so a stale one can be told
+            assert "observedAt" not in at_leader and at_follower["observedAt"].startswith(str(time.gmtime().tm_year)), at_follower
 
             described = [(await c.get("/v1/modeldeployments/intent-fr", params={"describe": "true"})).json() for c in (lead, f)]
             assert described[0]["placement"]["placed"] == 1, described[0]
             assert described[1]["placement"] == described[0]["placement"]
+            assert described[1]["observedAt"] == at_follower["observedAt"], described[1]
 
 
 async def test_a_follower_forgets_the_versions_it_checked_once_nothing_uses_them(
@@ -143,7 +150,7 @@ def observed_fleet() -> observed.Observed:
                    ("intent", "big"): snapshot.ArtifactRef(None, "not found")},
         autoscale={"intent-fr": autoscaler.Recommendation(3, "rps", 10.0, 2, 2, 12.5)},
         rejoining=frozenset({"edge-b"}), energy=sched_result.Energy(120.0, 30.5),
-        described={"intent-fr": {"placement": {"placed": 1}}}, sources={"a" * 64: "intent.onnx"})
+        described={"intent-fr": {"placement": {"placed": 1}}}, sources={"a" * 64: "intent.onnx"}, at=1_700_000_000.5)
 
 
 async def test_a_follower_whose_store_does_not_answer_the_leaders_view_is_unavailable_for_now(
@@ -157,6 +164,21 @@ async def test_a_follower_whose_store_does_not_answer_the_leaders_view_is_unavai
         with stall.stalled(follower.store.backend_pid):
             with pytest.raises(store_mod.StoreUnavailable, match="did not answer"):
                 await follower.leaders_view()
+
+
+async def test_a_follower_reads_and_warns_of_an_observed_fleet_it_cannot_read_once(
+        tmp_path: pathlib.Path, postgres: PostgresServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A leader of another version published it: the follower answers from the last one it
+    read (or its own view) and asks again only for a newer one, not from version 0 at each
+    request, warning each time."""
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (leading, following):
+        leader, follower = leading.cp, following.cp
+        assert leader is not None and follower is not None
+        leader.store.publish(observed.PUBLISHED_KEY, '{"agents": "from another version"}', lease=leader.reconciler.lease)
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                await follower.leaders_view()
+        assert sum("not one this version reads" in r.getMessage() for r in caplog.records) == 1, caplog.text
 
 
 @pytest.mark.parametrize("published", [observed_fleet(), observed.Observed()], ids=["a fleet", "nothing yet"])
