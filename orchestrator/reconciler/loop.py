@@ -4,6 +4,8 @@ A pass runs when something changed (an apply, an agent joining or going silent) 
 least every ``resync_s`` to observe data centres. The loop never dies: a failing pass
 is logged and retried with backoff; a data centre that cannot be reached is retried on
 its own schedule and reported in status and events without holding up other sites.
+What the pass tells the other replicas through the store is written beside it by
+:mod:`orchestrator.reconciler.publishing`.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from orchestrator.agents import hub as hub_mod
 from orchestrator.agents import model as agent_model
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import routing, wire
+from orchestrator.gateway import routing
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import artifact_use
 from orchestrator.reconciler import autoscaler as autoscaler_mod
 from orchestrator.reconciler import datacentre_sync, hold
 from orchestrator.reconciler import observed as observed_mod
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import planning, publishing
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.reconciler.datacentres import DataCentres
 from orchestrator.store import sqlite as store_mod
@@ -67,15 +69,7 @@ class Reconciler:
     _takeover: tuple[float, frozenset[str]] | None = None  # a new leader's first pass waits: (until, edge sites to rejoin)
     _rejoin: tuple[float, frozenset[str] | None] | None = None  # a restart: (until, edge sites not back yet; None: not read yet)
     _remembered: dict[str, tuple[routing.Endpoint, ...]] = field(default_factory=dict)  # a restart: the table's endpoints, by site
-    _publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _publishes: set[asyncio.Task[None]] = field(default_factory=set)
-    _published: wire.TableContents | None = None  # what the last publish wrote
-    _published_at: float = 0.0  # when (this reconciler's clock)
-    _hold_published: str | None = None  # the hold's reason ("" none) this leader last published; None: not yet
-    _observing: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _observed_next: observed_mod.Observed | None = None  # the latest pass's, not written yet
-    _observed_published: tuple[str, str] | None = None  # the observed fleet this leader last published, and its decisive part
-    _observed_at: float = 0.0  # when (this reconciler's clock)
+    publisher: publishing.Publisher = field(init=False)  # what this leader tells the other replicas through the store
     # sha256 -> the URI a Model named, of each version in use: a version agents are kept on
     # that no stored Model names any more is checked and served from it (see observed_mod)
     _sources: dict[str, str] = field(default_factory=dict)
@@ -85,6 +79,8 @@ class Reconciler:
     def __post_init__(self) -> None:
         self.dc_sync = datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: self.clock(), lease=lambda: self.lease,
                                                       lost_after=self.datacentre_lost_after_s)
+        self.publisher = publishing.Publisher(self.store, self.table, clock=lambda: self.clock(), lease=lambda: self.lease,
+                                              load_publish_s=self.load_publish_s)
         # A request for a model scaled to zero starts a pass at once, not at the next resync.
         self.table.on_wake = lambda model: self.trigger(f"request for {model}, scaled to zero")
 
@@ -123,7 +119,7 @@ class Reconciler:
                 if d.spec.get("cascade"):  # a cascade is called by its deployment's name too
                     reasons.setdefault(d.name, why)
             if self.table.note_applied(reasons):
-                self._publish_table()
+                self.publisher.table_changed()
 
     async def wait_for_pass(self, after: int, timeout: float = 30.0) -> int:
         """Wait until a pass numbered > ``after`` has finished (for tests and the CLI)."""
@@ -135,8 +131,7 @@ class Reconciler:
     async def publishes_done(self, timeout: float = 10.0) -> None:
         """Until the writes to the store begun so far beside the passes (the table, the
         observed fleet) have ended, at most ``timeout`` seconds."""
-        if self._publishes:
-            await asyncio.wait(set(self._publishes), timeout=timeout)
+        await self.publisher.done(timeout)
 
     async def run(self) -> None:
         notes = asyncio.create_task(self._note_pending(), name="pending-deployments")
@@ -209,9 +204,7 @@ class Reconciler:
         self.lease = lease
         self._stopping = False
         self.dc_sync.forget()
-        self._published = None  # another leader may have published since this replica last did
-        self._hold_published = None
-        self._observed_published = None
+        self.publisher.forget()  # another leader may have published since this replica last did
         self._inherit = True
         self._unreadable = {}  # each term reports what does not read again: its events and log are this leader's
         self.autoscaler = autoscaler_mod.Autoscaler(self.clock)
@@ -332,9 +325,7 @@ class Reconciler:
             log.info("every stored object reads again: changes to the fleet are no longer on hold")
         if hold.reason(previous) != hold.reason(unreadable):  # models noted as pending say why they wait now
             self._applied_event.set()
-        if (why := hold.reason(unreadable) or "") != self._hold_published:
-            await self.store.run(self.store.publish, hold.PUBLISHED_KEY, why, lease=self.lease)
-            self._hold_published = why
+        await self.publisher.hold(hold.reason(unreadable) or "")
 
     @property
     def unreadable(self) -> Mapping[tuple[str, str], str]:
@@ -462,7 +453,9 @@ class Reconciler:
         live = artifact_use.live(snapshot.models, self._sent(snapshot), self.dc_sync.applied)
         self.artifacts.retain(live)
         self._sources = {sha256: uri for sha256, uri in self._sources.items() if sha256 in live}
-        self._publish_observed(snapshot, plan)
+        self.publisher.observed(observed_mod.Observed(
+            snapshot.agents, snapshot.datacentres, snapshot.artifacts, snapshot.autoscale, snapshot.rejoining, plan.result.energy,
+            {name: views.describe_deployment(plan, name) for name in plan.result.deployments}, dict(self._sources)))
         # While replicas are on their way up, or a site drains, look again soon rather than at the next resync.
         self.converging = any(
             (item.kind == "ModelDeployment" and item.status.get("phase") in ("Progressing", "Failing"))
@@ -548,7 +541,7 @@ class Reconciler:
                 await self.store.run(self.store.set_statuses, [(i.kind, i.name, i.status) for i in items], lease=self.lease)
             case act.PublishEndpoints(endpoints, regions, deployed, cold, starting):
                 self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since, starting=starting)
-                self._publish_table()
+                self.publisher.table_changed()
             case act.RefreshHealth(endpoints, unrouted, undeployed):
                 # the regions and pending notes as they are, the reasons too but for models left with no endpoint
                 reasons = None
@@ -557,94 +550,11 @@ class Reconciler:
                                if not self.table.is_pending(m) and m not in undeployed} | dict(unrouted)
                 self.table.replace(endpoints, deployed=reasons, cold=self.table.cold() - undeployed if undeployed else None,
                                    health_since=self._read_since)
-                self._publish_table()
+                self.publisher.table_changed()
             case act.PublishCascades(routes):
                 self.table.set_cascades(dict(routes))
-                self._publish_table()
-
-    def _publish_observed(self, s: snap.Snapshot, plan: planning.PassPlan) -> None:
-        """What this pass observed goes to the store for the other replicas' previews and
-        views (:mod:`~orchestrator.reconciler.observed`), beside the pass as the table does."""
-        self._observed_next = observed_mod.Observed(
-            s.agents, s.datacentres, s.artifacts, s.autoscale, s.rejoining, plan.result.energy,
-            {name: views.describe_deployment(plan, name) for name in plan.result.deployments}, dict(self._sources))
-        task = asyncio.get_running_loop().create_task(self._publish_observed_latest(), name="publish-observed")
-        self._publishes.add(task)
-        task.add_done_callback(self._publishes.discard)
-
-    async def _publish_observed_latest(self) -> None:
-        """The latest pass's observed fleet, when it changed, encoded in a worker thread (a
-        large fleet's takes milliseconds the gateway must not wait) and written one at a time,
-        so an older one never lands after a newer one. A change of download progress alone
-        (the messages of models loading, which move at nearly every pass of a download, as
-        :func:`orchestrator.agents.hub._decisive` judges) is written at most every
-        ``load_publish_s``, as the table's load is: each write is the whole document, which
-        every follower reads whole. A failed write is tried again at the next pass."""
-        async with self._observing:
-            o, self._observed_next = self._observed_next, None
-            if o is None:  # a later turn's: written by the turn that took it
-                return
-            texts = await asyncio.to_thread(observed_mod.to_texts, o)
-            last = self._observed_published
-            if last is not None and (texts[0] == last[0] or (
-                    texts[1] == last[1] and self.clock() - self._observed_at < self.load_publish_s)):
-                return  # unchanged, or only progress: a later pass writes it
-            # stamped with the time it is written, which the comparisons leave out: what changed is told without it
-            text = await asyncio.to_thread(observed_mod.to_text, dataclasses.replace(o, at=time.time()))
-            try:
-                await self.store.run(self.store.publish, observed_mod.PUBLISHED_KEY, text, lease=self.lease)
-            except store_mod.Fenced as exc:
-                log.info("observed fleet not published: %s", exc)
-                return
-            except store_mod.StoreError as exc:
-                log.warning("observed fleet not published: %s", exc)
-                return
-            self._observed_published, self._observed_at = texts, self.clock()
+                self.publisher.table_changed()
 
     def mark_down(self, url: str) -> None:
-        """Route to ``url`` no more, at once (its agent is lost): in this replica's table, kept
-        down by the tables of passes that read the store before now, and in the one published
-        for the other replicas' gateways."""
-        if self.table.mark_down(url):
-            self._publish_table()
-
-    def _publish_table(self) -> None:
-        """The table goes to the store, the same document the watch sends to standalone
-        gateways: several replicas' gateways route from the leader's, and a control plane
-        that restarts routes from the one it left until its agents have rejoined (see
-        :meth:`resume`). Beside the pass, which goes on meanwhile."""
-        task = asyncio.get_running_loop().create_task(self._publish_latest(), name="publish-table")
-        self._publishes.add(task)
-        task.add_done_callback(self._publishes.discard)
-
-    async def _publish_latest(self) -> None:
-        """Only a table that changed, encoded in a worker thread (at 10,000 endpoints, about
-        25 ms that the gateway on this loop must not wait behind, nor the store's callers
-        behind it on the store's few threads) and written on the store's, one at a time and
-        the latest at each turn, so that an older table never lands after a newer one. A
-        failed write is tried again at the next change or pass.
-
-        A table whose only change is agents' in-flight counts is written at most every
-        ``load_publish_s``: some agent's count moves between nearly any two passes of a busy
-        fleet, and each write is the whole document (2.8 MB at 10,000 endpoints), which
-        every follower then reads whole. Any other change is written at once, with the
-        load as it is then. This replica's gateway routes with the load of each pass, and
-        the watch sends standalone gateways each change as a delta; followers' gateways
-        route with load up to that old, beside their own in-flight counts."""
-        async with self._publishing:
-            contents = wire.contents_of(self.table)
-            if contents == self._published:
-                return
-            if (self._published is not None and self.clock() - self._published_at < self.load_publish_s
-                    and wire.only_load_changed(self._published, contents)):
-                return  # a later pass writes it (one runs at least every resync_s)
-            text = await asyncio.to_thread(wire.contents_to_text, contents)
-            try:
-                await self.store.run(lambda: self.store.publish(wire.PUBLISHED_KEY, text, lease=self.lease))  # the lease held when it runs
-            except store_mod.Fenced as exc:  # no longer leading: the new leader publishes
-                log.info("endpoint table not published: %s", exc)
-                return
-            except store_mod.StoreError as exc:
-                log.warning("endpoint table not published: %s", exc)
-                return
-            self._published, self._published_at = contents, self.clock()
+        """Route to ``url`` no more, at once (its agent is lost): see :meth:`~orchestrator.reconciler.publishing.Publisher.mark_down`."""
+        self.publisher.mark_down(url)

@@ -54,8 +54,7 @@ def test_a_pass_after_the_stores_counter_went_back_sends_every_site_a_newer_set(
             catalog.apply_documents(store, loader.load_text(manifests.bundle(  # one site's set gains a model
                 manifests.onnx_model("m2", "m2.onnx", SHA2), manifests.deployment("d2", "m2", 1, PLACEMENT))), actor="test")
             await reconciler.reconcile_once()
-            if reconciler._publishes:
-                await asyncio.wait(set(reconciler._publishes))
+            await reconciler.publishes_done()
             return sent, {s: hub.assignments(s) for s in SITES}
 
         with caplog.at_level(logging.WARNING, logger=loop.__name__):

@@ -177,8 +177,8 @@ def test_an_endpoint_table_queued_before_the_lease_was_lost_is_fenced(tmp_path: 
         a_lease = a_store.acquire_lease("leader", "a", 10.0)
         assert a_lease is not None
         reconciler = loop.Reconciler(a_store, None, None, None, _table_at("old-site"), lease=a_lease)  # type: ignore[arg-type]
-        await reconciler._publishing.acquire()  # an earlier publish is still being written
-        reconciler._publish_table()
+        await reconciler.publisher._publishing.acquire()  # an earlier publish is still being written
+        reconciler.publisher.table_changed()
         await asyncio.sleep(0)
         deposed = types.SimpleNamespace(reconciler=reconciler, _reconciling=None, _relay_secret="x",
                                         relay_servicer=types.SimpleNamespace(close_all=lambda: None),
@@ -191,8 +191,8 @@ def test_an_endpoint_table_queued_before_the_lease_was_lost_is_fenced(tmp_path: 
         b_table = wire.contents_to_text(wire.contents_of(_table_at("new-site")))
         b_store.publish(wire.PUBLISHED_KEY, b_table, lease=b_lease)
 
-        reconciler._publishing.release()  # the slow write ends: a's queued publish runs
-        await asyncio.wait(set(reconciler._publishes), timeout=5)
+        reconciler.publisher._publishing.release()  # the slow write ends: a's queued publish runs
+        await reconciler.publishes_done(timeout=5)
         published = b_store.published(wire.PUBLISHED_KEY)
         assert published is not None and published[1] == b_table, "the deposed leader's table replaced the new leader's"
 
