@@ -72,10 +72,17 @@ class StoreFollower:
         the reconciler (an apply made through a follower reaches no reconciler) and wakes
         logged by followers reach its table; on a follower, the endpoint table and
         cascades the leader published replace this gateway's, and artifact versions nothing
-        uses any more are forgotten."""
+        uses any more are forgotten.
+
+        A table read is the leader's word on this replica's agents lost more than an agent's
+        loss time before the read: by then the leader heard of the loss (relayed within a
+        second; with the relay down, it declares them lost itself once their heartbeats stop
+        coming) and wrote a table that lists them down, so a later one that lists them healthy
+        saw them back (rejoined elsewhere). The table held is taken again for such a mark when
+        no newer one comes: the leader's down-then-healthy tables may both have come between
+        two reads here."""
         seen, table_version, leader_version = -1, 0, 0
-        # when the last read of the table began: a newer table was written after it
-        asked_at: float | None = None
+        followed: wire.TableContents | None = None  # the leader's table last applied here
         wakes_seen: int | None = None  # the last event read for followers' wakes (leading only)
         revocations_seen: int | None = None  # the last Site event read for revoked agents
         while True:
@@ -87,7 +94,7 @@ class StoreFollower:
                 revocations_seen = await read_revocations(self.store, self.hub, revocations_seen)
                 if self.elector.leading:
                     table_version = leader_version = 0  # read again whenever this replica follows again
-                    asked_at = None
+                    followed = None
                     lease = self.reconciler.lease
                     if lease is not None and self.published_under() != lease.token:
                         await self.store.run(self.publish_leader, lease)
@@ -106,12 +113,14 @@ class StoreFollower:
                 if leader is not None and not self.elector.leading and self.relay_client is not None:
                     leader_version, body = leader
                     self.relay_client.follow(relay.Leader.from_json(body))  # ValueError: logged below, read again when it changes
-                started = self.table.clock()
+                heard_before = self.table.clock() - self.hub.heartbeat_interval * self.hub.missed_heartbeats
                 got = await self.store.run(self.store.published, wire.PUBLISHED_KEY, table_version)
-                written_after, asked_at = asked_at, started  # a read that failed tells nothing of what was written
                 if got is not None and not self.elector.leading:
                     table_version, body = got
-                    wire.apply_json(self.table, json.loads(body), self._heard_before(written_after))  # all or nothing
+                    followed = wire.contents_from_json(json.loads(body))  # all or nothing
+                    wire.apply(self.table, followed, heard_before)
+                elif followed is not None and self.table.marked_before(heard_before):
+                    wire.apply(self.table, followed, heard_before)  # the table held is the leader's word on them by now
             except store_mod.StoreError as exc:
                 log.warning("following the store: %s", exc)
             except ValueError as exc:  # WireError, or not JSON: a table this version cannot read
@@ -122,15 +131,6 @@ class StoreFollower:
                 await self._forget_unused_versions()
             except store_mod.StoreError as exc:
                 log.warning("following the store (artifact versions in use): %s", exc)
-
-    def _heard_before(self, written_after: float | None) -> float | None:
-        """A table written after ``written_after`` comes from a leader that had heard of this
-        replica's agents lost more than an agent's loss time before (relayed within a second;
-        with the relay down, the leader declares them lost itself once their heartbeats stop
-        coming), so its word on them outranks this replica's marks."""
-        if written_after is None:
-            return None
-        return written_after - self.hub.heartbeat_interval * self.hub.missed_heartbeats
 
     async def _forget_lost_agents_of_deleted_sites(self) -> None:
         """A follower forgets its lost agents whose Site is no longer stored, as the leader's

@@ -104,7 +104,7 @@ class EndpointTable:
     #: A pass under way at the mark read the agent healthy: every table keeps them down until
     #: one whose health was read after the mark replaces it, or, followed from another
     #: replica, one that lists them down or not at all (that replica has seen the loss), or
-    #: one written after that replica must have heard of the loss (``heard_before``): its
+    #: one read after that replica must have heard of the loss (``heard_before``): its
     #: down-then-healthy tables may both have come between two reads of this one's.
     _down: dict[str, float] = field(default_factory=dict)
 
@@ -121,8 +121,8 @@ class EndpointTable:
         but do not answer yet. None (for each of these): as the table has it.
         ``health_since``: when the endpoints' health was read (default ``read_since``);
         URLs marked down before then are routed as the table says, those marked since stay
-        down. ``followed``: the table is another replica's (its marks are its own), written
-        after it had heard of every loss marked here before ``heard_before`` (None: not known)."""
+        down. ``followed``: the table is another replica's (its marks are its own), its word
+        on every loss marked here before ``heard_before`` (None: on none)."""
         if health_since is None:
             health_since = read_since
         endpoints = list(endpoints)
@@ -175,6 +175,10 @@ class EndpointTable:
             self.replace(self.all_endpoints())
             return True
         return False
+
+    def marked_before(self, at: float) -> bool:
+        """Whether a URL marked down before ``at`` is still marked."""
+        return any(marked < at for marked in self._down.values())
 
     def mark_up(self, url: str) -> None:
         """The agent at ``url`` is back: the tables that follow route to it as they say."""

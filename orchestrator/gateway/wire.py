@@ -274,9 +274,9 @@ def contents_to_text(c: TableContents) -> str:
     return orjson.dumps(contents_to_json(c), option=orjson.OPT_SORT_KEYS).decode()
 
 
-def apply_json(table: endpoints_mod.EndpointTable, doc: Mapping[str, Any], heard_before: float | None = None) -> None:
+def apply_json(table: endpoints_mod.EndpointTable, doc: Mapping[str, Any]) -> None:
     """Replace ``table``'s contents with ``doc``'s (all or nothing: a bad document changes nothing)."""
-    apply(table, contents_from_json(doc), heard_before)
+    apply(table, contents_from_json(doc))
 
 
 def endpoint_list(ranked: list[routing.Ranked] | routing.NoRoute, model: str) -> dict[str, Any]:

@@ -188,15 +188,15 @@ def test_a_replica_marked_down_on_a_follower_stays_down_until_the_leader_s_table
 
 def test_a_replica_marked_down_on_a_follower_comes_back_with_a_table_the_leader_wrote_after_it_heard() -> None:
     """The agent rejoined another replica: the leader's down-then-healthy tables both came
-    between two reads of the follower's, which sees it healthy only. A table written after
-    the leader must have heard of the loss says what is."""
+    between two reads of the follower's, which sees it healthy only. A table read after the
+    leader must have heard of the loss says what is."""
     now = [100.0]
     healthy = wire.TableContents((V2,), routing.RegionIndex(), {"intent": ""}, frozenset(), {})
     follower = endpoints.EndpointTable(clock=lambda: now[0])
     wire.apply(follower, healthy)
     follower.mark_down(V2.url)
     now[0] = 130.0
-    wire.apply(follower, healthy, heard_before=99.0)  # written before the leader can have heard of the loss
-    assert not _healthy(follower)
+    wire.apply(follower, healthy, heard_before=99.0)  # read before the leader can have heard of the loss
+    assert not _healthy(follower) and follower.marked_before(100.5)
     wire.apply(follower, healthy, heard_before=100.5)  # after
-    assert _healthy(follower)
+    assert _healthy(follower) and not follower.marked_before(1000.0)
