@@ -118,16 +118,8 @@ class Publisher:
                     and wire.only_load_changed(self._published, contents)):
                 return  # a later pass writes it (one runs at least every resync_s)
             text = await asyncio.to_thread(wire.contents_to_text, contents)
-            lease = self.lease
-            try:
-                await self.store.run(lambda: self.store.publish(wire.PUBLISHED_KEY, text, lease=lease()))  # the lease held when it runs
-            except store_mod.Fenced as exc:  # no longer leading: the new leader publishes
-                log.info("endpoint table not published: %s", exc)
-                return
-            except store_mod.StoreError as exc:
-                log.warning("endpoint table not published: %s", exc)
-                return
-            self._published, self._published_at = contents, self.clock()
+            if await self._write(wire.PUBLISHED_KEY, text, "endpoint table"):
+                self._published, self._published_at = contents, self.clock()
 
     async def _observed_latest(self) -> None:
         """The latest pass's observed fleet, when it changed, encoded in a worker thread (a
@@ -148,12 +140,20 @@ class Publisher:
                 return  # unchanged, or only progress: a later pass writes it
             # stamped with the time it is written, which the comparisons leave out: what changed is told without it
             text = await asyncio.to_thread(observed_mod.to_text, dataclasses.replace(o, at=time.time()))
-            try:
-                await self.store.run(self.store.publish, observed_mod.PUBLISHED_KEY, text, lease=self.lease())
-            except store_mod.Fenced as exc:
-                log.info("observed fleet not published: %s", exc)
-                return
-            except store_mod.StoreError as exc:
-                log.warning("observed fleet not published: %s", exc)
-                return
-            self._observed_published, self._observed_at = texts, self.clock()
+            if await self._write(observed_mod.PUBLISHED_KEY, text, "observed fleet"):
+                self._observed_published, self._observed_at = texts, self.clock()
+
+    async def _write(self, key: str, text: str, what: str) -> bool:
+        """Publish ``text`` under ``key`` with the lease held when the write runs; False when
+        it was not written (no longer leading: the new leader publishes; or the store failed:
+        a later pass writes it again)."""
+        lease = self.lease
+        try:
+            await self.store.run(lambda: self.store.publish(key, text, lease=lease()))
+        except store_mod.Fenced as exc:
+            log.info("%s not published: %s", what, exc)
+            return False
+        except store_mod.StoreError as exc:
+            log.warning("%s not published: %s", what, exc)
+            return False
+        return True
