@@ -527,15 +527,21 @@ class Capacity:
         """Whether ``site``'s power budget has too little left for one replica of ``variant``."""
         return self.budgeted and self.power.item(site) < variant.watts - 1e-9
 
-    def take(self, site: int, variant: Variant, deployment: str) -> int | None:
-        """Reserve one replica's resources for ``deployment``; the GPU group used, or None
-        if it does not fit (or a cordoned site runs no more of the pair)."""
+    def take(self, site: int, variant: Variant, deployment: str, group: int | None = None) -> int | None:
+        """Reserve one replica's resources for ``deployment``, in GPU group ``group`` if
+        given (a ``seating``'s), else ``gpu_group``'s; the group used, or None if it does
+        not fit (or a cordoned site runs no more of the pair)."""
         cpu, memory = self.cpu.item(site), self.memory_mib.item(site)  # Python floats: cheaper
         if cpu < variant.cpu - 1e-9 or memory < variant.memory_mib - 1e-9:
             return None
         if self.budgeted and self.power.item(site) < variant.watts - 1e-9:  # inline: the no-budget case pays one test
             return None
-        group = self.gpu_group(site, variant) if variant.gpus else -1
+        if not variant.gpus:
+            group = -1
+        elif group is None:
+            group = self.gpu_group(site, variant)
+        elif group < 0 or self.gpu_count.item(site, group) < variant.gpus:
+            group = None
         if group is None:
             return None
         if self.slots and site in self.slots:

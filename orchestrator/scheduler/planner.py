@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.scheduler import candidates, diagnosis, gcpause, objective, outcome, repair
+from orchestrator.scheduler import candidates, diagnosis, gcpause, objective, outcome, repair, seating
 from orchestrator.scheduler.spread import DomainCounts
 from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray, bound_gpu_models
 from orchestrator.scheduler.model import (
@@ -260,6 +260,7 @@ def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], c
     """
     dropped: dict[Replica, str] = {}
     serving: dict[tuple[str, int], str] = {}  # (model, edge site) → the deployment seated there
+    standing: list[tuple[Replica, Job, int, Variant]] = []
     for replica in current:
         job = jobs.get(replica.deployment)
         if job is None:
@@ -274,14 +275,25 @@ def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], c
         if reason is not None:
             dropped[replica] = reason
             continue
+        standing.append((replica, job, site, next(v for v in job.deployment.variants if v.name == replica.variant)))
+    # The GPU groups of a site's replicas are seated together, not in the order of names:
+    # one by one, a one-GPU replica can take a card of the pair a two-GPU one holds.
+    at: dict[int, list[int]] = {}
+    for n, (_, _, site, variant) in enumerate(standing):
+        if variant.gpus:
+            at.setdefault(site, []).append(n)
+    groups: dict[int, int | None] = {}
+    for site, seated in at.items():
+        groups.update(zip(seated, seating.seat(capacity, site, [standing[n][3] for n in seated])))
+    for n, (replica, job, site, variant) in enumerate(standing):
         claim = (job.deployment.model, site)
         owner = serving.get(claim, replica.deployment)
         if owner != replica.deployment:  # the first by name keeps the edge site, as its agent does
             dropped[replica] = (f"model {claim[0]} runs on edge site {replica.site} for deployment {owner} "
                                 "(an edge agent serves a model for one deployment)")
             continue
-        variant = next(v for v in job.deployment.variants if v.name == replica.variant)
-        group = capacity.take(site, variant, replica.deployment)
+        seat = groups.get(n, -1)
+        group = None if seat is None else capacity.take(site, variant, replica.deployment, seat)
         if group is None:
             dropped.setdefault(replica, f"no longer within the power budget: {diagnosis.power_reason(fleet, capacity, site, variant)}"
                                if capacity.power_short(site, variant) else f"site {replica.site} no longer has room for it")

@@ -11,12 +11,16 @@ from scheduler_builders import deployment, site
 from bench.scheduler_instances import make_deployments, make_fleet
 
 from orchestrator.scheduler import (
+    GpuGroup,
     MoveReplica,
     PlaceReplica,
     RemoveReplica,
     Replica,
+    Site,
     Status,
+    Tier,
     Tuning,
+    Variant,
     diff_by_site,
     plan,
 )
@@ -154,3 +158,31 @@ def test_planning_a_fleet_from_its_own_plan_moves_nothing(n_sites, n_deployments
     again = plan(sites, deployments, first.as_running())
     assert again.actions == ()
     assert again.replicas and all(r.kept for r in again.replicas)
+
+
+ONE_GPU = Variant("one", "ray-serve", cpu=1, memory_mib=1024, gpus=1, gpu_memory_gib=16)
+TWO_GPUS = Variant("two", "ray-serve", cpu=1, memory_mib=1024, gpus=2, gpu_memory_gib=16)
+MIXED_CARDS = Site("dc", Tier.DATACENTER, "FR", "fr", 48.8, 2.3, cpu=64, memory_gib=256,
+                   gpus=(GpuGroup("T4", 2, 16), GpuGroup("A100", 1, 80)))
+
+
+def test_replanning_a_site_of_mixed_cards_keeps_every_gpu_replica():
+    deps = [deployment("alpha", variants=(ONE_GPU,)), deployment("beta", variants=(TWO_GPUS,))]
+    first = plan([MIXED_CARDS], deps)
+    assert sorted(r.deployment for r in first.replicas) == ["alpha", "beta"]
+    again = plan([MIXED_CARDS], deps, first.as_running())
+    assert again.actions == ()
+    assert again.deployments["beta"].status is Status.SCHEDULED
+
+
+def test_running_gpu_replicas_packed_unlike_the_planner_keep_their_seats():
+    # 6 + 4 GPUs hold 3 + 3 and 2 + 2; seated one by one, largest first, the 2-GPU pair
+    # would be split across the groups and the last replica left without one
+    dc = site("dc", tier="datacenter", cpu=64, memory_gib=256, gpus=((6, 16), (4, 16)))
+    sizes = {"a": 3, "b": 3, "c": 2, "d": 2}
+    deps = [deployment(name, variants=(Variant("v", "ray-serve", cpu=1, memory_mib=1024, gpus=n, gpu_memory_gib=16),))
+            for name, n in sizes.items()]
+    running = [Replica(name, "dc", "v") for name in sizes]
+    result = plan([dc], deps, running)
+    assert result.actions == ()
+    assert all(d.status is Status.SCHEDULED for d in result.deployments.values())

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.scheduler import MoveReplica, PlaceReplica, RemoveReplica, Replica, Status, Variant, plan
+from orchestrator.scheduler import GpuGroup, MoveReplica, PlaceReplica, RemoveReplica, Replica, Status, Variant, plan
 from orchestrator.scheduler.standing import Standing
 from orchestrator.testing.placement_rules import violations
 from scheduler_builders import deployment, site
@@ -260,3 +260,13 @@ def test_gpu_groups_are_taken_so_that_a_valid_plan_seats_again():
     assert plan(sites, deps, running).actions == ()
     again = standing.repair(sites)
     assert again is not None and again.actions == ()
+
+
+def test_a_plan_seating_gpu_replicas_on_mixed_cards_can_stand():
+    one = Variant("one", "ray-serve", cpu=1, memory_mib=1024, gpus=1, gpu_memory_gib=16)
+    two = Variant("two", "ray-serve", cpu=1, memory_mib=1024, gpus=2, gpu_memory_gib=16)
+    dc = dataclasses.replace(site("dc", tier="datacenter", cpu=64, memory_gib=256),
+                             gpus=(GpuGroup("T4", 2, 16), GpuGroup("A100", 1, 80)))
+    deps = [deployment("alpha", variants=(one,)), deployment("beta", variants=(two,))]
+    standing = Standing([dc], deps, plan([dc], deps).as_running())
+    assert {name: d.placed for name, d in standing.result.deployments.items()} == {"alpha": 1, "beta": 1}
