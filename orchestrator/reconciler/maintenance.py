@@ -48,6 +48,7 @@ from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import fleet as sched_fleet
 from orchestrator.scheduler import model as sched_model
 from orchestrator.scheduler import result as sched_result
+from orchestrator.scheduler import seating
 from orchestrator.store import sqlite as store_mod
 
 ACTOR = "scheduler"
@@ -254,16 +255,23 @@ def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tup
             variants[(deployment, name)] = inventory.to_variant(found) if found is not None else None
         return variants[(deployment, name)]
     arrived: set[str] = set()
+    placed: dict[str, list[tuple[str, sched_model.Variant]]] = {}
     for r in result.replicas:
         v = variant(r.deployment, r.variant)
         if r.site in fleet.index and v is not None:
-            room.take(fleet.index[r.site], v, r.deployment)
+            placed.setdefault(r.site, []).append((r.deployment, v))
             if not r.kept:
                 arrived.add(r.site)
+    full: set[str] = set()  # sites the plan's own replicas fill past what this count can seat: keep nothing there
+    for name, replicas in placed.items():
+        site = fleet.index[name]
+        groups = seating.seat(room, site, [v for _, v in replicas])
+        if not all(g is not None and room.take(site, v, d, g) is not None for (d, v), g in zip(replicas, groups)):
+            full.add(name)
     out = []
     for row, n in moving:
         v = variant(row.deployment, row.variant)
-        fits = n if row.site not in arrived else sum(
+        fits = n if row.site not in arrived else 0 if row.site in full else sum(
             1 for _ in range(n) if v is not None and room.take(fleet.index[row.site], v, row.deployment) is not None)
         if fits:
             out.append((row, fits))

@@ -147,3 +147,33 @@ def test_a_replica_switching_variant_on_its_data_centre_stays_until_the_new_vari
     assert "3 replicas stay on site dc-paris until their replacements serve" in str(_deployment_status(first, "intent-eu")["reason"])
     serving = _serving(dataclasses.replace(switched, placements=rows))
     assert _intent_eu(_rows(planning.plan_pass(serving), serving)) == {("dc-paris", "distilled", 3), ("dc-frankfurt", "distilled", 2)}
+
+
+def _gpu_fleet(*deployments: tuple[str, str, str]) -> snap.Snapshot:
+    """Two data centres of 2 × 16 GiB T4 + 1 × 80 GiB A100, told apart by their zone label;
+    ``deployments``: (name, model, zone) with model m-one (1 GPU) or m-two (2 GPUs)."""
+    def dc(name: str, zone: str) -> str:
+        return manifests.doc("Site", name, {
+            "tier": "datacenter", "location": {"country": "FR", "lat": 48.8, "lon": 2.3},
+            "capacity": {"cpu": 64, "memoryGiB": 256, "gpus": [{"model": "T4", "count": 2, "memoryGiB": 16},
+                                                              {"model": "A100", "count": 1, "memoryGiB": 80}]},
+            "ray": {"address": "local"}}, labels={"zone": zone})
+
+    def model(name: str, gpus: int) -> str:
+        return manifests.doc("Model", name, {"variants": [{
+            "name": "gpu", "runtime": "ray-serve", "importPath": "pkg.mod:app",
+            "resources": {"cpu": 1, "memoryMiB": 1024, "gpus": gpus, "gpuMemoryGiB": 16}}]})
+    return test_views.example_snapshot(loader.load_text(manifests.bundle(
+        dc("dc-x", "a"), dc("dc-y", "b"), model("m-one", 1), model("m-two", 2),
+        *(manifests.deployment(n, m, 1, {"siteSelector": {"zone": z}}) for n, m, z in deployments))))
+
+
+def test_a_replica_kept_until_replaced_never_takes_gpus_the_plan_gave_to_newcomers() -> None:
+    before = _gpu_fleet(("mover", "m-one", "a"))
+    before = dataclasses.replace(before, placements=_rows(planning.plan_pass(before), before))
+    assert [(r.deployment, r.site) for r in before.placements] == [("mover", "dc-x")]
+    # mover now belongs in zone b, and two newcomers fill dc-x's 3 GPUs (1 + 2)
+    after = dataclasses.replace(_gpu_fleet(("mover", "m-one", "b"), ("alpha", "m-one", "a"), ("beta", "m-two", "a")),
+                                placements=before.placements)
+    on_x = {r.deployment: r.replicas for r in _on(_rows(planning.plan_pass(after), after), "dc-x")}
+    assert on_x == {"alpha": 1, "beta": 1}  # mover's replica is not kept past the GPUs dc-x has
