@@ -24,6 +24,7 @@ import numpy as np
 from orchestrator.scheduler import model as sched
 from orchestrator.scheduler import planner
 from orchestrator.scheduler import result as sched_result
+from orchestrator.scheduler import seating
 from orchestrator.scheduler.fleet import Capacity, Fleet, bound_gpu_models
 from orchestrator.simulation import measure as measure_mod
 from orchestrator.simulation import whatif
@@ -58,17 +59,18 @@ class SweepResult:
     scenario: str = "no change"  # what the fleet was put through before the sweep
 
 
-def _usage(fleet: Fleet, state: whatif.State) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, list[sched.GpuGroup]],
+def _usage(fleet: Fleet, state: whatif.State) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, list[int]],
                                                      dict[str, list[tuple[int, int, int]]]]:
-    """CPU, memory (GiB) and power (IT watts) each site's replicas take, and the GPU group
-    each replica takes: the one the planner gives it, seating the running replicas in the
-    planner's order."""
+    """CPU, memory (GiB) and power (IT watts) each site's replicas take, the GPUs each
+    site's groups have left (below zero where they hold more than fits), and the GPU group
+    each replica takes: the one the planner seats it in."""
     cpu = np.zeros(len(state.sites))
     mem = np.zeros(len(state.sites))
     watts = np.zeros(len(state.sites))
     gpus = Capacity(fleet, bound_gpu_models(state.deployments))
     taken: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # deployment -> (site, group, gpus) per GPU replica
     variants = {d.name: {v.name: v for v in d.variants} for d in state.deployments}
+    at: dict[int, list[tuple[str, sched.Variant]]] = defaultdict(list)
     for r in sorted(state.current, key=lambda r: (r.deployment, r.site, r.variant)):
         i = fleet.index.get(r.site)
         v = variants.get(r.deployment, {}).get(r.variant)
@@ -77,12 +79,16 @@ def _usage(fleet: Fleet, state: whatif.State) -> tuple[np.ndarray, np.ndarray, n
         cpu[i] += v.cpu
         mem[i] += v.memory_mib / 1024
         watts[i] += v.watts
-        k = gpus.gpu_group(i, v) if v.gpus else None
-        if k is not None:
+        if v.gpus and fleet.gpu_groups:
+            at[i].append((r.deployment, v))
+    for i, running in at.items():
+        for (deployment, v), k in zip(running, seating.seat(gpus, i, [v for _, v in running])):
+            if k is None:  # more than the site holds: its GPUs still count, below zero (``Sweeper.spare_gpus``)
+                big = fleet.gpu_big(v, np.array([i]))[0]
+                k = int(np.argmax(np.where(big, gpus.gpu_count[i], np.iinfo(np.int64).min)))
             gpus.gpu_count[i, k] -= v.gpus
-            taken[r.deployment].append((i, k, v.gpus))
-    free = {s.name: [dataclasses.replace(g, count=int(gpus.gpu_count[i, k])) for k, g in enumerate(s.gpus)]
-            for i, s in enumerate(state.sites)}
+            taken[deployment].append((i, k, v.gpus))
+    free = {s.name: [int(gpus.gpu_count[i, k]) for k in range(len(s.gpus))] for i, s in enumerate(state.sites)}
     return cpu, mem, watts, free, taken
 
 
@@ -103,7 +109,7 @@ class Sweeper:
         for r in state.current:
             self.replicas_by_deployment[r.deployment].append(r)
             self.deployments_at[r.site].add(r.deployment)
-        self.cpu, self.mem, self.watts, free_gpus, self.gpu_taken = _usage(self.fleet, state)
+        self.cpu, self.mem, self.watts, self.spare_gpus, self.gpu_taken = _usage(self.fleet, state)
         # What the running replicas leave, below zero where a site holds more than it has (a
         # power budget lowered below its draw, say): what a re-plan gives back fills that
         # first, and only the sum is clamped, or the re-planned deployments would be given
@@ -114,7 +120,8 @@ class Sweeper:
                             for i, s in enumerate(state.sites)]
         self.reserved = [
             dataclasses.replace(s, cpu=max(0.0, self.spare_cpu[i]), memory_gib=max(0.0, self.spare_mem[i]),
-                                gpus=tuple(free_gpus[s.name]), power_budget_watts=_budget(self.spare_watts[i]))
+                                gpus=tuple(dataclasses.replace(g, count=max(0, self.spare_gpus[s.name][k])) for k, g in enumerate(s.gpus)),
+                                power_budget_watts=_budget(self.spare_watts[i]))
             for i, s in enumerate(state.sites)
         ]
         self.short_before = {d.name: max(0, d.wanted_replicas() - len(self.replicas_by_deployment.get(d.name, [])))
@@ -152,7 +159,8 @@ class Sweeper:
         planned_sites = list(self.reserved)
         for i in set(back_cpu) | set(back_gpu):
             s = planned_sites[i]
-            gpus = tuple(dataclasses.replace(g, count=g.count + back_gpu[i].get(k, 0)) for k, g in enumerate(s.gpus))
+            spare = self.spare_gpus[s.name]
+            gpus = tuple(dataclasses.replace(g, count=max(0, spare[k] + back_gpu[i].get(k, 0))) for k, g in enumerate(s.gpus))
             planned_sites[i] = dataclasses.replace(s, cpu=max(0.0, self.spare_cpu[i] + back_cpu[i]),
                                                    memory_gib=max(0.0, self.spare_mem[i] + back_mem[i]), gpus=gpus,
                                                    power_budget_watts=_budget(self.spare_watts[i], back_watts[i] * s.pue))

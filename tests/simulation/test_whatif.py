@@ -247,6 +247,18 @@ def test_a_sweep_books_running_gpu_replicas_on_the_cards_of_their_model() -> Non
     assert _swept_and_simulated(st, "dc-b") == (1, 1)
 
 
+
+def test_a_sweep_counts_every_gpu_a_site_of_mixed_cards_runs() -> None:
+    """dc-a's 2 T4s run beta (2 GPUs) and its A100 alpha (1): losing dc-b leaves gamma no GPU."""
+    one = sched.Variant("one", sched.Runtime.RAY_SERVE, cpu=1, memory_mib=1024, gpus=1, gpu_memory_gib=16)
+    two = dataclasses.replace(one, name="two", gpus=2)
+    dc_a = dataclasses.replace(FRANKFURT, name="dc-a", gpus=(sched.GpuGroup("T4", 2, 16), sched.GpuGroup("A100", 1, 80)))
+    dc_b = dataclasses.replace(FRANKFURT, name="dc-b", gpus=(sched.GpuGroup("T4", 1, 16),))
+    alpha, beta, gamma = deployment("alpha", variant=one), deployment("beta", variant=two), deployment("gamma", variant=one)
+    running = (sched.Replica("alpha", "dc-a", "one"), sched.Replica("beta", "dc-a", "two"), sched.Replica("gamma", "dc-b", "one"))
+    assert _swept_and_simulated(whatif.State((dc_a, dc_b), (alpha, beta, gamma), running), "dc-b") == (1, 1)
+
+
 def test_a_sweep_under_a_scenario_starts_from_the_scenarios_plan() -> None:
     st = state(deployment("fr", residency={"FR"}, replicas=2, demand=PARIS_DEMAND), deployment("eu", replicas=2))
     changes = scenario.Changes(fail_sites=frozenset({"edge-paris"}), demand=(scenario.DemandScale(2.0),))
