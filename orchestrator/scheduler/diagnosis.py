@@ -94,6 +94,10 @@ def explain(fleet: Fleet, capacity: Capacity, job: Job) -> Shortfall:
     need = " or ".join(f"{v.name} ({v.describe()})" for v in variants)
     head = f"needs {job.wanted} × {need} in {where}"
     if not (job.any_eligible & healthy).any():
+        for variant in variants if fleet.any_budget else ():
+            sized = mask & healthy & fleet.variant_tiers_mask(deployment, variant) & fleet.sized_mask(variant)
+            if sized.any():  # the hardware is there, no budget feeds one replica
+                return short(head, _resource_reason(fleet, capacity, variant, sized, where))
         return short(head, f"no healthy one has the hardware ({_largest(fleet, mask & healthy)})")
     reasons = []
     taken = job.taken(fleet)

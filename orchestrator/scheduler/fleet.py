@@ -98,7 +98,7 @@ class Fleet:
         self._unit_cache: dict[tuple[float, float], FloatArray] = {}
         self._points_cache: dict[tuple[tuple[float, float], ...], FloatArray] = {}
         self._static_cache: dict[tuple[float, float, bool], FloatArray] = {}
-        self._hardware_cache: dict[Size, BoolArray] = {}
+        self._hardware_cache: dict[tuple[object, ...], BoolArray] = {}
         # Deployments repeat a few rule sets (a country, the EU, anywhere) and variant
         # sizes: at 100,000 sites × 10,000 deployments one mask per deployment would be
         # gigabytes and most of the planning time, one per distinct rule set is neither.
@@ -195,7 +195,7 @@ class Fleet:
                 rules.tiers,
                 tuple(sorted(rules.site_selector.items())),
                 tiers,
-                size_of(variant),
+                self.hardware_key(variant),
             )
             mask = self._eligible_cache.get(key)
             if mask is None:
@@ -279,16 +279,28 @@ class Fleet:
             self._arange = np.arange(self.size)
         return self._arange
 
+    def hardware_key(self, variant: Variant) -> tuple[object, ...]:
+        """What ``hardware_mask`` depends on: the variant's size, and its watts where a site has a budget."""
+        return size_of(variant) if not self.any_budget else (*size_of(variant), variant.watts)
+
     def hardware_mask(self, variant: Variant) -> BoolArray:
-        """Sites whose total capacity holds one replica (whatever else runs there)."""
-        key = size_of(variant)
+        """Sites whose total capacity and power budget hold one replica (whatever else runs
+        there): a budget that never feeds one is as final as too few cores."""
+        key = self.hardware_key(variant)
         cached = self._hardware_cache.get(key)
         if cached is not None:
             return cached
+        fits = self.sized_mask(variant)
+        if self.any_budget:
+            fits &= self.power >= variant.watts - 1e-9
+        self._hardware_cache[key] = fits
+        return fits
+
+    def sized_mask(self, variant: Variant) -> BoolArray:
+        """Sites whose cores, memory and GPUs hold one replica, their power budgets aside."""
         fits = (self.cpu >= variant.cpu - 1e-9) & (self.memory_mib >= variant.memory_mib - 1e-9)
         if variant.gpus:
             fits &= self.gpu_fit(self.gpu_count, variant).any(axis=1)
-        self._hardware_cache[key] = fits
         return fits
 
     def gpu_fit(self, counts: npt.NDArray[np.int64], variant: Variant) -> BoolArray:

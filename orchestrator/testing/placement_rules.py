@@ -12,7 +12,7 @@ from orchestrator.scheduler.model import Deployment, Replica, Site, Tier, Varian
 
 
 def eligible(s: Site, d: Deployment) -> bool:
-    """Whether ``s`` may hold a replica of ``d`` at all (capacity left aside)."""
+    """Whether ``s`` may hold a replica of ``d`` at all (what else runs there left aside)."""
     rules = d.placement
     if not s.healthy or s.tier not in rules.tiers:
         return False
@@ -24,6 +24,7 @@ def eligible(s: Site, d: Deployment) -> bool:
         s.cpu >= v.cpu
         and s.memory_gib * 1024 >= v.memory_mib
         and (not v.gpus or any(g.count >= v.gpus and g.memory_gib >= v.gpu_memory_gib for g in s.gpus))
+        and (s.power_budget_watts is None or v.watts * s.pue <= s.power_budget_watts + 1e-6)
         for v in d.variants_for(s.tier)
     )
 

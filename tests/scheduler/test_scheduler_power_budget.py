@@ -129,3 +129,13 @@ def test_the_exact_baseline_respects_the_budget() -> None:
     sites = [budgeted("lyon", "lyon", 48, carbon=10), budgeted("paris", "paris", None, carbon=500)]
     best = exact.solve(sites, [deployment(variants=(W24,), replicas=(3, 3), demand=(("lyon", 10.0),))])
     assert Counter(r.site for r in best.replicas) == {"lyon": 2, "paris": 1}
+
+
+def test_a_site_whose_budget_feeds_no_replica_is_no_spread_domain() -> None:
+    # 20 W never feeds a 24 W replica, as 0.5 CPU never holds a 1-CPU one: the spread is over the hall alone
+    spread = deployment(replicas=(2, 2), variants=(W24,), spread=("site", 1))
+    sites = [budgeted("cabinet", "paris", 20, cpu=8), budgeted("hall", "lyon", None, cpu=8)]
+    result = plan(sites, [spread])
+    assert (result.deployments["d"].placed, result.deployments["d"].status) == (2, Status.SCHEDULED), result.deployments["d"].reason
+    assert violations(sites, [spread], result.as_running()) == []
+    assert len(exact.solve(sites, [spread]).replicas) == 2
