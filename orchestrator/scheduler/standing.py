@@ -95,6 +95,7 @@ class Standing:
         for job in self.jobs.values():
             job.placed, job.seats, job.started = job.seats, [], True
             if len(job.placed) < job.wanted:
+                job.spread = self._spread(job)  # a spread that holds it short says so, as the planner's reason does
                 job.shortfall = diagnosis.explain(fleet, self.capacity, job)
             self._settle(job, ())
 
@@ -193,6 +194,13 @@ class Standing:
                 for (site, variant), _ in job.running.items():
                     if site == i:
                         dropped[Replica(name, fleet.names[i], variant)] = why
+        if lost:  # a spread domain lost, full or not, no longer caps the skew of what it held short
+            closed = np.array(sorted(lost), dtype=np.int64)
+            touched.update(
+                (n, j)
+                for n, j in self.jobs.items()
+                if j.deployment.placement.spread is not None and len(j.placed) < j.wanted and j.any_eligible[closed].any()
+            )
         for i in back:
             self.open[i] = True
             capacity.reopen(i)

@@ -270,3 +270,21 @@ def test_a_plan_seating_gpu_replicas_on_mixed_cards_can_stand():
     deps = [deployment("alpha", variants=(one,)), deployment("beta", variants=(two,))]
     standing = Standing([dc], deps, plan([dc], deps).as_running())
     assert {name: d.placed for name, d in standing.result.deployments.items()} == {"alpha": 1, "beta": 1}
+
+
+def test_losing_a_full_spread_domain_lets_the_repair_place_what_it_held_short():
+    # the cabinet, full of a deployment that may run nowhere else, held d to one replica
+    # (maxSkew 1 over two sites); once it is lost, the hall alone is the spread
+    cabinet = site("cabinet", "paris", cpu=4, labels={"zone": "a"})
+    hall = site("hall", "lyon", cpu=8)
+    spread = deployment("d", replicas=(2, 2), spread=("site", 1))
+    filler = deployment("filler", variants=(Variant("big", "onnx", cpu=4, memory_mib=512),), selector={"zone": "a"})
+    running = plan([cabinet, hall], [spread, filler]).as_running()
+    standing = Standing([cabinet, hall], [spread, filler], running)
+    held = standing.result.deployments["d"]
+    assert held.placed == 1 and "spread by site maxSkew 1" in held.reason, held.reason
+    lost = [dataclasses.replace(cabinet, healthy=False), hall]
+    repaired = standing.repair(lost)
+    assert repaired is not None and violations(lost, [spread, filler], repaired.as_running()) == []
+    assert (repaired.deployments["d"].placed, repaired.deployments["d"].status) == (2, Status.SCHEDULED)
+    assert any(isinstance(a, PlaceReplica) and a.deployment == "d" and a.site == "hall" for a in repaired.actions)
