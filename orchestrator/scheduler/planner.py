@@ -271,7 +271,7 @@ def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], c
             dropped[replica] = f"site {replica.site} left the inventory"
             continue
         job.running[(site, replica.variant)] += 1
-        reason = _broken_rule(fleet, job, site, replica.variant)
+        reason = _broken_rule(fleet, capacity, job, site, replica.variant)
         if reason is not None:
             dropped[replica] = reason
             continue
@@ -304,7 +304,7 @@ def seat_incumbents(fleet: Fleet, capacity: Capacity, jobs: Mapping[str, Job], c
     return dropped
 
 
-def _broken_rule(fleet: Fleet, job: Job, site: int, variant: str) -> str | None:
+def _broken_rule(fleet: Fleet, capacity: Capacity, job: Job, site: int, variant: str) -> str | None:
     name = fleet.names[site]
     if not job.allowed[site]:  # residency, tiers, selector or health: say which
         rules = job.deployment.placement
@@ -316,8 +316,18 @@ def _broken_rule(fleet: Fleet, job: Job, site: int, variant: str) -> str | None:
             return f"tier {fleet.sites[site].tier} no longer allowed"
         return f"site {name} no longer matches the site selector"
     if variant not in job.eligible or not job.eligible[variant][site]:
+        size = next((v for v in job.variants() if v.name == variant), None)
+        if size is not None and capacity.power_short(site, size) and _sized(fleet, site, size):  # the budget, not the hardware
+            return f"no longer within the power budget: {diagnosis.power_reason(fleet, capacity, site, size)}"
         return f"variant {variant} no longer allowed or no longer fits on {name}"
     return None
+
+
+def _sized(fleet: Fleet, site: int, variant: Variant) -> bool:
+    """Whether ``site``'s cores, memory and GPUs hold one replica of ``variant``, its budget aside."""
+    at = np.array([site])
+    return bool(fleet.cpu[site] >= variant.cpu - 1e-9 and fleet.memory_mib[site] >= variant.memory_mib - 1e-9
+                and (not variant.gpus or (fleet.gpu_big(variant, at) & (fleet.gpu_count[at] >= variant.gpus)).any()))
 
 
 # -- one deployment ------------------------------------------------------------------------
