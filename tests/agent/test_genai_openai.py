@@ -444,11 +444,27 @@ async def test_new_limits_for_the_same_version_apply_to_the_loaded_model(control
                                           version=2)
         await applied(s, 2)
         assert s.agent.registry.get(MODEL).runtime is runtime  # not loaded again
-        body = {"model": MODEL, "prompt": "The agent", "max_tokens": 4000, "temperature": 0, "stream": True}
-        async with s.http.stream("POST", "/v1/completions", json=body) as running:
-            assert (await anext(running.aiter_lines())).startswith("data: ")  # it holds the one slot
+        # One sequence holds the one slot until let go (a tiny model's stream may end before a
+        # second request arrives, freeing it).
+        held, release = threading.Event(), threading.Event()
+        real = runtime.generate
+
+        def holding(*args, held=held, release=release, real=real, **kwargs):  # type: ignore[no-untyped-def]
+            held.set()
+            release.wait(30)
+            return real(*args, **kwargs)
+
+        runtime.generate = holding  # type: ignore[method-assign]
+        try:
+            first = asyncio.create_task(s.client.completions.create(model=MODEL, prompt="The agent", max_tokens=3))
+            assert await asyncio.to_thread(held.wait, 30), "the first request never started generating"
             with pytest.raises(openai.RateLimitError):
                 await s.client.completions.create(model=MODEL, prompt="The agent", max_tokens=3)
+        finally:
+            release.set()
+            del runtime.generate
+        assert (await first).usage.completion_tokens == 3  # type: ignore[union-attr]
+        body = {"model": MODEL, "prompt": "The agent", "max_tokens": 4000, "temperature": 0, "stream": True}
         # Raised again: two run at once.
         control_plane.hub.set_assignments(SITE, [assignment(packages.slow_url, packages.slow.sha256, concurrent=2, queued=0)],
                                           version=3)
