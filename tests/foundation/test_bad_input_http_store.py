@@ -106,7 +106,7 @@ async def test_every_guarded_route_answers_503_while_the_token_store_does_not_an
         cp = await fleet.start_control_plane()
 
         def unreachable(secret: str, purpose: str) -> None:
-            raise store_mod.StoreError("cannot reach the PostgreSQL store at db: connection refused")
+            raise store_mod.StoreUnavailable("cannot reach the PostgreSQL store at db: connection refused")
 
         monkeypatch.setattr(cp.store, "verify_token", unreachable)
         async with httpx.AsyncClient(base_url=cp.http_url, timeout=30, headers={"authorization": "Bearer ep_x"}) as http:
