@@ -38,8 +38,7 @@ def _first_pass(root: pathlib.Path, n: int) -> tuple[list[str], list[int]]:
 
         async def one_pass() -> None:
             await reconciler.reconcile_once()
-            if reconciler._publishes:  # the table's write, beside the pass, is the pass's too
-                await asyncio.wait(set(reconciler._publishes))
+            await reconciler.publishes_done()  # the table's write, beside the pass, is the pass's too
 
         asyncio.run(one_pass())
         store._db.set_trace_callback(None)
