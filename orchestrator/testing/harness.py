@@ -235,16 +235,17 @@ class Fleet:
 
 
 @contextlib.asynccontextmanager
-async def leader_and_follower(root: pathlib.Path, store: str, **leader_config: Any) -> AsyncIterator[tuple[Fleet, Fleet]]:
+async def leader_and_follower(root: pathlib.Path, store: str, both: Mapping[str, Any] | None = None,
+                              **leader_config: Any) -> AsyncIterator[tuple[Fleet, Fleet]]:
     """Two control-plane replicas on one database (``store``), the first leading once this
-    yields (with ``leader_config`` over the defaults); they share one agent CA, so an agent
-    joins either. Both torn down after."""
+    yields (with ``both`` over the defaults, and ``leader_config`` over those for the
+    leader); they share one agent CA, so an agent joins either. Both torn down after."""
     leading, following = Fleet(root / "a"), Fleet(root / "b")
     try:
-        leader = await leading.start_control_plane(store=store, **leader_config)
+        leader = await leading.start_control_plane(store=store, **{**(both or {}), **leader_config})
         await wait_until(lambda: leader.elector is not None and leader.elector.leading, 30, what="a leader")
         shutil.copytree(root / "a" / "control-plane" / "ca", root / "b" / "control-plane" / "ca")
-        await following.start_control_plane(store=store)
+        await following.start_control_plane(store=store, **(both or {}))
         yield leading, following
     finally:
         await following.stop()

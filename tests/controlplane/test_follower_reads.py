@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import shutil
 import time
 
 import httpx
@@ -108,13 +107,9 @@ async def test_placements_and_describe_through_a_follower_say_the_replicas_state
 async def test_a_follower_forgets_the_versions_it_checked_once_nothing_uses_them(
         tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
     art = tmp_path / "art"
-    store = postgres.create_database()
-    fa, fb = harness.Fleet(tmp_path / "a"), harness.Fleet(tmp_path / "b")
-    try:
-        a = await fa.start_control_plane(store=store, artifact_roots=(art,))
-        await harness.wait_until(lambda: a.elector is not None and a.elector.leading, 30, what="a leads")
-        shutil.copytree(tmp_path / "a" / "control-plane" / "ca", tmp_path / "b" / "control-plane" / "ca")
-        b = await fb.start_control_plane(store=store, artifact_roots=(art,))
+    async with harness.leader_and_follower(tmp_path, postgres.create_database(), both={"artifact_roots": (art,)}) as (_, fb):
+        b = fb.cp
+        assert b is not None
         shas = []
         async with httpx.AsyncClient(base_url=b.http_url, timeout=30) as f:
             for i in range(4):  # a Model updated, and described, through the follower each time
@@ -126,9 +121,6 @@ async def test_a_follower_forgets_the_versions_it_checked_once_nothing_uses_them
             await harness.wait_until(lambda: b.artifacts.checked() == {shas[-1]} or None, 30,
                                      what="the follower to hold only the version the Model names")
             assert [(await f.head(f"/v1/artifacts/{sha}")).status_code for sha in shas] == [404, 404, 404, 200]
-    finally:
-        await fb.stop()
-        await fa.stop()
 
 
 def observed_fleet() -> observed.Observed:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import sqlite3
 import threading
 import time
@@ -454,13 +453,9 @@ async def test_a_new_leader_sends_and_serves_the_version_a_halted_rollout_keeps(
         return {x.artifact_url for s in sites if (got := cp.hub.assignments(s)) is not None for x in got.assignments
                 if x.sha256 == old.sha256}
 
-    store = postgres.create_database()
-    fa, fb = harness.Fleet(tmp_path / "a"), harness.Fleet(tmp_path / "b")
-    try:
-        a = await fa.start_control_plane(store=store, artifact_roots=(art,))
-        await harness.wait_until(lambda: a.elector is not None and a.elector.leading, 30, what="a leads")
-        shutil.copytree(tmp_path / "a" / "control-plane" / "ca", tmp_path / "b" / "control-plane" / "ca")
-        b = await fb.start_control_plane(store=store, artifact_roots=(art,))
+    async with harness.leader_and_follower(tmp_path, postgres.create_database(), both={"artifact_roots": (art,)}) as (fa, fb):
+        a, b = fa.cp, fb.cp
+        assert a is not None and b is not None
         async with httpx.AsyncClient(base_url=a.http_url, timeout=30) as http:
             assert (await http.post("/v1/apply", content=fleet("old.onnx", old.sha256))).status_code == 200
             for site, lat in sites.items():  # the agents are connected to the follower, and stay with it
@@ -487,6 +482,3 @@ async def test_a_new_leader_sends_and_serves_the_version_a_halted_rollout_keeps(
         async with httpx.AsyncClient(timeout=10) as http:
             served = await http.get(f"{b.http_url}/v1/artifacts/{old.sha256}")
         assert served.status_code == 200 and hashlib.sha256(served.content).hexdigest() == old.sha256
-    finally:
-        await fb.stop()
-        await fa.stop()
