@@ -40,6 +40,7 @@ from orchestrator.gatewayd import follow
 from orchestrator.gatewayd import server as gatewayd
 from orchestrator.testing import genai_model, harness, loopback, manifests, onnx_models
 from orchestrator.ports import free_port
+from tests import token_lookups
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -211,14 +212,7 @@ async def test_made_up_tokens_are_limited_by_address_before_the_control_plane_is
     try:
         cp = await fleet.start_control_plane()
         secret, _ = cp.store.create_token("api", "read", None, "test", "app")
-        looked_up: list[str] = []
-        verify = cp.store.verify_token
-
-        def counted(token: str, purpose: str) -> object:
-            looked_up.append(token)
-            return verify(token, purpose)
-
-        monkeypatch.setattr(cp.store, "verify_token", counted)
+        looked_up = token_lookups.counted(monkeypatch, cp.store)
         config = gatewayd.GatewayConfig(control_planes=(cp.http_url,), port=0, gateway_auth="token", gateway_rate=0.01, gateway_burst=3.0)
         gw = await gatewayd.StandaloneGateway(config).start()
         try:

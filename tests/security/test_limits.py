@@ -13,6 +13,7 @@ from orchestrator.gatewayd import server as gatewayd
 from orchestrator.security import ratelimit
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
+from tests import token_lookups
 
 
 class FakeClock:
@@ -141,14 +142,7 @@ async def test_made_up_tokens_are_limited_by_address_before_they_cost_a_lookup(
         cp = fleet.cp
         assert cp is not None
         secret, _ = cp.store.create_token("api", "read", None, "test", "app")
-        looked_up: list[str] = []
-        verify = cp.store.verify_token
-
-        def counted(token: str, purpose: str) -> object:
-            looked_up.append(token)
-            return verify(token, purpose)
-
-        monkeypatch.setattr(cp.store, "verify_token", counted)
+        looked_up = token_lookups.counted(monkeypatch, cp.store)
         async with httpx.AsyncClient(base_url=cp.http_url) as http:
             ok = {"authorization": f"Bearer {secret}"}
             assert (await http.post("/v2/models/m/infer", content=b"{}", headers=ok)).status_code == 404
