@@ -110,11 +110,16 @@ class Credentials:
             return self._one(db, "SELECT 1 FROM tokens WHERE id = ?", (token_id,)) is not None
 
     def has_api_tokens(self) -> bool:
-        return bool(self._fetch("SELECT 1 FROM tokens WHERE purpose = 'api' AND NOT revoked LIMIT 1"))
+        """Whether an API token of any role still works (not revoked, not expired)."""
+        return self._has_working_api_token("")
 
     def has_admin_token(self) -> bool:
         """Whether an admin API token still works (not revoked, not expired)."""
-        return bool(self._fetch(self._q("SELECT 1 FROM tokens WHERE purpose = 'api' AND role = 'admin' AND NOT revoked "
+        return self._has_working_api_token("AND role = 'admin' ")
+
+    def _has_working_api_token(self, role_clause: str) -> bool:
+        # as verify_token: a token that expired is refused, so it no more counts than a revoked one
+        return bool(self._fetch(self._q(f"SELECT 1 FROM tokens WHERE purpose = 'api' {role_clause}AND NOT revoked "
                                         "AND (expires_at IS NULL OR expires_at >= ?) LIMIT 1"), (self._clock(),)))
 
     def save_agent(self, site: str, agent_id: str, credential: str, actor: str, replacing: str | None = None,

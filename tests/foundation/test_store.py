@@ -673,6 +673,17 @@ def test_tokens_revoke_and_only_digests_are_stored(store: Store, location: str, 
     assert not store.has_admin_token() and store.verify_token(admin_secret, "api") is None  # expired: it works no more
 
 
+def test_an_expired_api_token_no_longer_counts_as_one(store: Store, clock: FakeClock) -> None:
+    """As an expired admin token does not count as one that works: a restored backup brings
+    expired tokens back, and none of them lets anyone in."""
+    store.create_token("api", "read", 60, "admin")
+    assert store.has_api_tokens()
+    clock.now += 61
+    assert not store.has_api_tokens()
+    store.create_token("api", "read", None, "admin")
+    assert store.has_api_tokens()
+
+
 def test_tokens_are_listed_with_their_state_and_never_their_secret(store: Store, clock: FakeClock) -> None:
     read_secret, read = store.create_token("api", "read", None, "admin", "dashboards")
     clock.now += 1
