@@ -494,8 +494,8 @@ class ControlPlane(server_views.ServerViews):
     async def _verify_gateway_token(self, secret: str) -> store_mod.TokenInfo | None:
         try:  # the control API's verdicts: off the event loop, kept a few seconds, forgotten on a revocation
             return await self.authenticator.verify(secret)
-        except store_mod.StoreError as exc:  # the gateway answers 503, as the control API does
-            raise admission.TokenCheckUnavailable(str(exc)) from exc
+        except store_mod.StoreError as exc:  # the gateway answers 503, as the control API does; verify logged what the store said
+            raise admission.TokenCheckUnavailable("the store that holds the tokens does not answer") from exc
 
     def ready(self) -> bool:
         return self._started

@@ -103,12 +103,12 @@ def build_routes(services: Services) -> list[BaseRoute]:
             except (store_mod.Conflict, catalog.InUse) as exc:
                 return error(409, str(exc))
             except store_mod.StoreUnavailable as exc:  # the database unreachable, read-only or full: retry later
-                refused = error(503, str(exc))
-                refused.headers["retry-after"] = "2"
-                return refused
+                if not caller.may_write():  # told only to retry (auth.store_refusal): the log says what the store said
+                    log.warning("%s %s by %s: %s", request.method, request.url.path, caller.identity, exc)
+                return auth.store_refusal(exc, caller)
             except store_mod.StoreError as exc:  # refused for what it is (a constraint, a bug): a retry gets the same
                 log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
-                return error(500, str(exc))
+                return auth.store_refusal(exc, caller)
 
         return endpoint
 

@@ -4,6 +4,10 @@ Two roles: ``read`` (GET) and ``admin`` (everything). Tokens live hashed in the 
 the admin token that ``edgeplane serve`` writes on first start is one of them. With auth
 off (the loopback-only default), every caller is ``anonymous`` with admin rights; the
 server refuses to start on a non-loopback address in that mode.
+
+What the store says when it fails (a PostgreSQL store names its database's host) is for the
+control plane's log and its admins: a caller whose token could not be checked, or one with a
+read token, is told only to retry (:func:`store_refusal`).
 """
 
 from __future__ import annotations
@@ -24,11 +28,17 @@ from orchestrator.security import tokencache
 from orchestrator.security.bearer import bearer_secret
 from orchestrator.store import sqlite as store_mod
 
-__all__ = ["ROLES", "Authenticator", "Caller", "Unauthorized", "bearer_secret", "ensure_admin_token", "is_loopback"]
+__all__ = ["ROLES", "Authenticator", "Caller", "Unauthorized", "bearer_secret", "ensure_admin_token", "is_loopback", "store_refusal"]
 
 log = logging.getLogger(__name__)
 
 ROLES = ("read", "admin")
+
+#: What a caller who is not an admin is told of a store that does not answer for now, or that failed.
+STORE_UNAVAILABLE = "the control plane's store does not answer for now; retry later"
+STORE_FAILED = "the control plane's store failed; the control plane's log says why"
+#: How often one failure of the token store, the same each time, is logged again while it lasts.
+STORE_ERROR_LOG_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,20 @@ class Caller:
 
 class Unauthorized(Exception):
     pass
+
+
+def store_refusal(exc: store_mod.StoreError, caller: Caller | None) -> JSONResponse:
+    """The answer to a request the store failed: 503 with Retry-After while it does not answer
+    for now (:class:`StoreUnavailable`), else 500 (a retry gets the same). What the store said
+    goes to an admin ``caller`` only; anyone else (no caller: a token not checked yet) is told
+    :data:`STORE_UNAVAILABLE` or :data:`STORE_FAILED`, and the log has the rest."""
+    unavailable = isinstance(exc, store_mod.StoreUnavailable)
+    if caller is not None and caller.may_write():
+        message = str(exc)
+    else:
+        message = STORE_UNAVAILABLE if unavailable else STORE_FAILED
+    return JSONResponse({"error": message}, status_code=503 if unavailable else 500,
+                        headers={"retry-after": "2"} if unavailable else None)
 
 
 def is_loopback(host: str) -> bool:
@@ -64,10 +88,23 @@ class Authenticator:
         self.store, self.required = store, required
         self.tokens: tokencache.TokenVerdicts[store_mod.TokenInfo] = tokencache.TokenVerdicts(
             lambda secret: self.store.run(self.store.verify_token, secret, "api"), ttl_s=ttl_s, wall=wall)
+        self._logged: tuple[str, float] | None = None  # the last store failure logged, and when (monotonic)
 
     async def verify(self, secret: str) -> store_mod.TokenInfo | None:
-        """The API token ``secret`` when valid, else None; StoreError when the store does not answer."""
-        return await self.tokens.verify(secret)
+        """The API token ``secret`` when valid, else None; StoreError when the store does not
+        answer, logged here: the callers it refuses are not told what the store said."""
+        try:
+            return await self.tokens.verify(secret)
+        except store_mod.StoreError as exc:
+            self._log_store_error(exc)
+            raise
+
+    def _log_store_error(self, exc: store_mod.StoreError) -> None:
+        # once per failure and minute, not per request: a flood of callers while the store is down would flood the log
+        now, said = time.monotonic(), str(exc)
+        if self._logged is None or self._logged[0] != said or now - self._logged[1] >= STORE_ERROR_LOG_S:
+            self._logged = (said, now)
+            log.warning("cannot check API tokens: %s", said)
 
     def forget_tokens(self) -> None:
         """A token was revoked: every kept verdict goes stale, so this process refuses it at once."""
@@ -102,7 +139,8 @@ class Authenticator:
         would reach the store as a lookup or an event's name), 401 without a valid token,
         403 for a ``write`` by a caller who may not (``needs`` says what it takes), 503 with
         Retry-After when the store that holds the tokens does not answer for now, 500 when it
-        refuses the lookup for what it is (as the API answers the store's errors)."""
+        refuses the lookup for what it is (as the API answers the store's errors), neither
+        saying what the store said (:func:`store_refusal`)."""
         if "\x00" in request.scope["path"] or b"%00" in request.scope.get("query_string", b""):
             return JSONResponse({"error": "the request's path or query holds a NUL character, which no name or value here may hold"},
                                 status_code=400)
@@ -110,11 +148,8 @@ class Authenticator:
             caller = await self.caller(request.headers.get("authorization"))
         except Unauthorized as exc:
             return JSONResponse({"error": str(exc)}, status_code=401)
-        except store_mod.StoreUnavailable as exc:  # the token is looked up in a store that does not answer: retry later
-            return JSONResponse({"error": str(exc)}, status_code=503, headers={"retry-after": "2"})
-        except store_mod.StoreError as exc:  # refused for what it is (a bug, a broken schema): a retry gets the same
-            log.error("checking the token of %s %s: %s", request.method, request.url.path, exc, exc_info=exc)
-            return JSONResponse({"error": str(exc)}, status_code=500)
+        except store_mod.StoreError as exc:  # 503 for a store that does not answer for now; logged by verify
+            return store_refusal(exc, None)
         if write and not caller.may_write():
             return JSONResponse({"error": f"{caller.identity} has role {caller.role!r}; {needs}"}, status_code=403)
         return caller

@@ -187,8 +187,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
             return JSONResponse({"id": None, "identity": "anonymous", "role": "admin"})
         try:
             info = await authenticator.verify(secret)
-        except store_mod.StoreError as exc:  # the store that holds the tokens does not answer
-            return JSONResponse({"error": str(exc)}, status_code=503)
+        except store_mod.StoreError as exc:  # the store that holds the tokens does not answer (logged by verify)
+            return auth.store_refusal(exc, None)
         if info is None:
             return JSONResponse({"error": "the bearer token is unknown, revoked or expired"}, status_code=401)
         # a standalone gateway keeps the verdict no longer than this
