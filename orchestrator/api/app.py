@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from orchestrator import catalog
+from orchestrator import catalog, reasons
 from orchestrator.api import auth, bodies, methods, paging
 from orchestrator.api import maintenance as maintenance_api
 from orchestrator.api import simulate as simulate_api
@@ -393,7 +393,7 @@ def _flag(request: Request, name: str) -> bool:
 
 def _reason(request: Request, default: str) -> str:
     """The caller's stated reason (``X-Edgeplane-Reason``), kept short for the event log."""
-    return (request.headers.get("x-edgeplane-reason") or default)[:500]
+    return reasons.from_header(request.headers.get(reasons.HEADER), default)
 
 
 def _event(e: store_mod.LoggedEvent) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from orchestrator import catalog
+from orchestrator import catalog, reasons
 from orchestrator.api import auth, paging
 from orchestrator.distill import store as capture_store
 from orchestrator.store import sqlite as store_mod
@@ -75,7 +75,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             return len(items), json.dumps({"zone": zone, "items": items}).encode()
         count, body = await asyncio.to_thread(read_zone)
         await store.run(store.record, store_mod.Event(caller.identity, "capture-read", "ModelDeployment", deployment or "*",
-                                                      (request.headers.get("x-edgeplane-reason") or "read captured records")[:500],
+                                                      reasons.from_header(request.headers.get(reasons.HEADER), "read captured records"),
                                                       {"zone": zone, "records": count, "payload": payload}))
         return Response(body, media_type="application/json")
 
@@ -83,7 +83,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         zone, record_id = request.path_params["zone"].upper(), request.path_params["id"]
         deleted = await asyncio.to_thread(captures.zone(zone).delete, record_id)
         await store.run(store.record, store_mod.Event(caller.identity, "capture-delete", "CapturedRecord", record_id,
-                                                      (request.headers.get("x-edgeplane-reason") or "erasure request")[:500],
+                                                      reasons.from_header(request.headers.get(reasons.HEADER), "erasure request"),
                                                       {"zone": zone, "deleted": deleted}))
         if not deleted:
             return JSONResponse({"error": f"no record {record_id!r} in zone {zone}"}, status_code=404)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from orchestrator import maintenance
+from orchestrator import maintenance, reasons
 from orchestrator.api import auth
 from orchestrator.store import sqlite as store_mod
 
@@ -55,7 +55,7 @@ def _flags(request: Request, allowed: tuple[str, ...]) -> dict[str, bool]:
 
 
 def _reason(request: Request, default: str) -> str:
-    return (request.headers.get("x-edgeplane-reason") or default)[:500]
+    return reasons.from_header(request.headers.get(reasons.HEADER), default)
 
 
 def _view(change: maintenance.Change, action: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 import orchestrator
-from orchestrator import argtypes
+from orchestrator import argtypes, reasons
 from orchestrator.cli import distill as distill_cli
 from orchestrator.cli import events, objects, status, tokens
 from orchestrator.cli import maintenance as maintenance_cli
@@ -72,9 +72,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _header_text(text: str) -> str:
-    """argparse type of the options sent as HTTP headers (``--reason``, ``--region``,
-    ``--residency``): a header value holds printable ASCII only, and cannot keep blanks at
-    its ends (they are dropped)."""
+    """argparse type of the options sent as HTTP headers as they are (``--region``,
+    ``--residency``; ``--reason`` is encoded, :mod:`orchestrator.reasons`): a header value
+    holds printable ASCII only, and cannot keep blanks at its ends (they are dropped)."""
     if not all(" " <= c <= "~" for c in text):
         raise argparse.ArgumentTypeError(f"{text!r}: only printable ASCII travels in an HTTP header (no accents, no line breaks)")
     return text.strip()
@@ -132,7 +132,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = with_output(client_parser("apply", help="create or update objects from manifests (atomic)"))
     sp.add_argument("-f", "--file", required=True, action="append", help=objects.FILE_HELP)
     sp.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
-    sp.add_argument("--reason", type=_header_text, help="why (recorded in the event log with your identity)")
+    sp.add_argument("--reason", type=reasons.cleaned, help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("plan", help="show what apply would change, per site"))
     sp.add_argument("-f", "--file", required=True, action="append", help=objects.FILE_HELP)
     sp = with_output(client_parser("get", help=f"list objects: {objects.GET_KINDS}"))
@@ -151,7 +151,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
                     help="with --abandon-applications: keep the Site, give up only the applications it left on a cluster it was moved off")
     sp.add_argument("kind", nargs="?")
     sp.add_argument("name", nargs="?")
-    sp.add_argument("--reason", type=_header_text, help="why (recorded in the event log with your identity)")
+    sp.add_argument("--reason", type=reasons.cleaned, help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("events", help="the audit/event log: the newest events, oldest first"))
     sp.add_argument("--limit", type=argtypes.item_count, default=50, help="how many, 1 to 10000 (default 50)")
     sp.add_argument("--since", type=argtypes.whole_number(0), metavar="ID", help="the events after this one instead of the newest (to follow the log)")
@@ -173,7 +173,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp = client_parser("revoke", help="revoke a token, or an agent's identity (its streams end; it must join again with a new token)")
     sp.add_argument("what", choices=["token", "agent"])
     sp.add_argument("name", help="the token's id, or the agent's site")
-    sp.add_argument("--reason", type=_header_text, help="why (recorded in the event log with your identity)")
+    sp.add_argument("--reason", type=reasons.cleaned, help="why (recorded in the event log with your identity)")
     sp = with_output(client_parser("simulate", help="what-if: fail sites/regions, scale demand, change carbon or power budgets; nothing changes"))
     sp.add_argument("-f", "--file", action="append", help="simulate the fleet of these manifests here, not the live one (repeatable)")
     sp.add_argument("--scenario", help="scenario file (kind: Scenario; see docs/simulation.md)")
@@ -222,7 +222,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--residency", type=_header_text, help="caller residency, e.g. FR")
     sp.add_argument("--timeout", type=argtypes.number(0, above=True), default=120.0, help="seconds (default 120)")
     distill_cli.add_parsers(client_parser, with_output)
-    maintenance_cli.add_parsers(client_parser, with_output, _header_text, argtypes.duration(1.0))
+    maintenance_cli.add_parsers(client_parser, with_output, argtypes.duration(1.0))
     return p
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator import reasons
 from orchestrator.cli import events, render
 from orchestrator.cli.http import ApiClient, CliError, RetryLater
 from orchestrator.cli.objects import with_reason
@@ -26,12 +27,12 @@ DEFAULT_WAIT_S = 600.0
 
 def add_parsers(client_parser: Callable[..., argparse.ArgumentParser],
                 with_output: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
-                header_text: Callable[[str], str], duration: Callable[[str], float]) -> None:
+                duration: Callable[[str], float]) -> None:
     sp = with_output(client_parser("cordon", help="maintenance: a site takes no new replicas; what it runs keeps running"))
-    _site_args(sp, header_text)
+    _site_args(sp)
     sp = with_output(client_parser("drain", help="maintenance: cordon a site and move its replicas elsewhere, each once its "
                                                  "replacement serves"))
-    _site_args(sp, header_text)
+    _site_args(sp)
     sp.add_argument("--dry-run", action="store_true", help="show where each replica would go, and which would stay; change nothing")
     sp.add_argument("--force", action="store_true",
                     help="also remove replicas that have no other allowed site (their deployments run short; residency still holds)")
@@ -40,13 +41,13 @@ def add_parsers(client_parser: Callable[..., argparse.ArgumentParser],
                     help="with --wait: give up after this long (e.g. 90s, 10m; default 10m), exit 1 and say what is left")
     sp.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)  # how often --wait looks
     sp = with_output(client_parser("uncordon", help="maintenance over: the site is schedulable again (nothing is moved back by force)"))
-    _site_args(sp, header_text)
+    _site_args(sp)
 
 
-def _site_args(sp: argparse.ArgumentParser, header_text: Callable[[str], str]) -> None:
+def _site_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("what", choices=["site"], help="what to take out: a site")
     sp.add_argument("name", help="the Site's name")
-    sp.add_argument("--reason", type=header_text, help="why (recorded in the event log with your identity)")
+    sp.add_argument("--reason", type=reasons.cleaned, help="why (recorded in the event log with your identity)")
 
 
 def _path(args: argparse.Namespace, action: str) -> str:

@@ -13,6 +13,7 @@ import pathlib
 import types
 from typing import Any
 
+from orchestrator import reasons
 from orchestrator.cli import events, render, textfile
 from orchestrator.cli.http import ApiClient, CliError, NoRoute
 from orchestrator.manifests.errors import ManifestError
@@ -163,9 +164,9 @@ def cmd_describe(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 def with_reason(headers: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
-    """``--reason`` travels as X-Edgeplane-Reason and lands in the event log."""
+    """``--reason`` travels as X-Edgeplane-Reason (percent-encoded when it is not ASCII) and lands in the event log."""
     reason = getattr(args, "reason", None)
-    return {**headers, "x-edgeplane-reason": reason} if reason else headers
+    return {**headers, reasons.HEADER: reasons.to_header(reason)} if reason else headers
 
 
 def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:

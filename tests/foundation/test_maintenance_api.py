@@ -181,6 +181,28 @@ def test_the_command_line(cp: support.ServerThread) -> None:
         assert "maintenance" not in c.get("/v1/sites/edge-berlin").json()["status"]
 
 
+def test_a_reason_in_any_language_reaches_the_event_log_as_written(cp: support.ServerThread) -> None:
+    """The CLI could not send a reason that is not ASCII (the HTTP client refused to put it in a
+    header), and the server read the UTF-8 bytes curl sends as latin-1, storing them garbled."""
+    env = {"EDGEPLANE_TOKEN": cp.cp.admin_token}  # type: ignore[union-attr,dict-item]
+    with httpx.Client(base_url=cp.url, headers=_admin(cp), timeout=30) as c:
+        assert c.post("/v1/apply", content=manifests.edge_site("edge-grenoble", "FR", 45.19, 5.72)).status_code == 200
+        said = ["maintenance électrique (coupure 2 h, 100% du site)", "UTF-8'' is what a reason may start with", "終わり"]
+        for action, reason in zip(("cordon", "uncordon", "drain"), said):
+            done = cli(action, "site", "edge-grenoble", "--reason", reason, server_url=cp.url, env=env)
+            assert done.returncode == 0, done.stderr
+        # as curl -H sends it: the reason's UTF-8 bytes as they are; an ASCII one is read as ever
+        for action, raw in (("uncordon", "réparé".encode()), ("cordon", b"disk swap, 50%20 done")):
+            assert c.post(f"/v1/sites/edge-grenoble/{action}", headers={"x-edgeplane-reason": raw}).status_code == 200
+        # a line break does not make a line of its own in the log
+        assert c.post("/v1/sites/edge-grenoble/uncordon", headers={"x-edgeplane-reason": "UTF-8''one%0Atwo"}).status_code == 200
+    listed = cli("events", "--kind", "sites", "--name", "edge-grenoble", "-o", "json", server_url=cp.url, env=env)
+    assert listed.returncode == 0, listed.stderr
+    events = json.loads(listed.stdout)["items"]
+    assert [e["reason"] for e in events if e["action"].startswith("site-")] == [
+        *said, "réparé", "disk swap, 50%20 done", "one two"], listed.stdout
+
+
 def test_during_a_hold_a_cordon_is_stored_and_takes_effect_when_it_ends(cp: support.ServerThread) -> None:
     """A stored object this version does not read (here a maintenance mode it does not know,
     as a later release might store) puts every change on hold: a cordon is stored, says so,
