@@ -10,6 +10,11 @@ a multi-GB artifact never holds the event loop.
 
 Agents resume an interrupted download with ``Range: bytes=N-``: one range is honoured, any
 other request gets the whole file, as HTTP allows.
+
+No token is asked, with ``--auth token`` too: a data centre's Ray Serve replicas download
+here and hold none. Only a digest the caller already knows, of an artifact still in use, is
+served, and nothing lists them (docs/security.md, "Not enforced yet", says who knows one and
+how to keep confidential weights off reach).
 """
 
 from __future__ import annotations
