@@ -14,6 +14,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator import units
+
 COLUMNS: dict[str, list[tuple[str, Any]]] = {
     "Site": [
         ("NAME", lambda o: o["metadata"]["name"]),
@@ -62,7 +64,7 @@ def power(status: dict[str, Any]) -> str:
     p = status.get("power")
     if not p:
         return "-"
-    return f"{p.get('estimatedWatts', 0):g}/{p.get('budgetWatts', 0):g}"
+    return f"{units.show_watts(p.get('estimatedWatts', 0))}/{units.show_watts(p.get('budgetWatts', 0))}"
 
 
 def _phase(status: dict[str, Any]) -> str:

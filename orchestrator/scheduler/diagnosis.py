@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from orchestrator import units
 from orchestrator.scheduler.fleet import Capacity, Fleet
 from orchestrator.scheduler.model import ALL_TIERS, Deployment, Variant
 from orchestrator.scheduler.residency import EU_COUNTRIES
@@ -178,7 +179,7 @@ def power_reason(fleet: Fleet, capacity: Capacity, site: int, variant: Variant) 
 
 
 def _watts(value: float) -> str:
-    return f"{round(value, 1):g} W"
+    return f"{units.show_watts(value)} W"
 
 
 def _spread_reason(fleet: Fleet, capacity: Capacity, job: Job) -> str:

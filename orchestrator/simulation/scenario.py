@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator import units
 from orchestrator.manifests import parsing, schema
 from orchestrator.scheduler import model as sched
 
@@ -170,7 +171,7 @@ class Changes:
             if e.carbon_g_per_kwh is not None:
                 parts.append(f"{name} carbon {e.carbon_g_per_kwh:g} g/kWh")
             if e.power_budget_watts is not None:
-                parts.append(f"{name} power budget {e.power_budget_watts:g} W")
+                parts.append(f"{name} power budget {units.show_watts(e.power_budget_watts)} W")
             if e.capacity_factor is not None:
                 parts.append(f"{name} capacity ×{e.capacity_factor:g}")
             elif e.cpu is not None:

@@ -300,6 +300,8 @@ def test_a_draining_site_counts_its_replicas_left_in_words() -> None:
 @pytest.mark.parametrize(("status", "shown"), [
     ({"health": "Healthy", "power": {"estimatedWatts": 144.0, "budgetWatts": 150.0}}, "144/150"),
     ({"health": "Healthy", "power": {"estimatedWatts": 37.5, "budgetWatts": 1500.0}}, "37.5/1500"),
+    # a data hall in plain watts, every digit kept (no 1.23457e+06/2e+06)
+    ({"health": "Healthy", "power": {"estimatedWatts": 1234567.8, "budgetWatts": 2000000.0}}, "1234567.8/2000000"),
     ({"health": "Healthy"}, "-"),  # no budget
     ({}, "-"),  # before the first pass
 ])

@@ -111,6 +111,8 @@ def test_a_site_change_may_set_another_power_budget() -> None:
     changes = scenario.load_text("spec: {sites: {edge-lyon: {powerBudgetWatts: 150}}}", "d.yaml")
     assert changes.edits["edge-lyon"].power_budget_watts == 150
     assert changes.describe() == "edge-lyon power budget 150 W"
+    hall = scenario.load_text("spec: {sites: {dc-paris: {powerBudgetWatts: 2500000.5}}}", "d.yaml")
+    assert hall.describe() == "dc-paris power budget 2500000.5 W"
     added = scenario.load_text(
         "spec:\n  addSites:\n  - metadata: {name: edge-new}\n    spec: {tier: edge, location: {country: FR, lat: 45, lon: 4},\n"
         "      capacity: {cpu: 4, memoryGiB: 8}, energy: {carbonGramsPerKWh: 50, pue: 1.2, powerBudgetWatts: 300}}\n", "d.yaml")
