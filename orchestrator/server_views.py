@@ -155,9 +155,7 @@ class ServerViews:
         # The reconciler's state is read on the loop, whose it is; the store and the schedule off it.
         leaders = await self.leaders_view()
         current = await self.reconciler.current(leaders)
-        last = self.reconciler.last_plan
-        energy = leaders.energy if leaders is not None else last.result.energy if last is not None else None
-        return {**await run_in_threadpool(views.preview, current, docs, energy), **_observed_at(leaders)}
+        return {**await run_in_threadpool(views.preview, current, docs), **_observed_at(leaders)}
 
     async def drain_preview(self, site: str) -> dict[str, Any]:
         leaders = await self.leaders_view()

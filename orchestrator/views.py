@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.gateway import wire
 from orchestrator.manifests import loader, schema
-from orchestrator.reconciler import hold, inventory, planning
+from orchestrator.reconciler import hold, inventory, planning, power
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
 
@@ -41,10 +41,10 @@ def overlay(s: snap.Snapshot, docs: Iterable[loader.LoadedDocument]) -> snap.Sna
     return replace(s, sites=tuple(sites.values()), models=models, deployments=tuple(deployments.values()), autoscale=autoscale)
 
 
-def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],
-            current_energy: sched_result.Energy | None = None) -> dict[str, Any]:
-    """``current_energy`` is that of the placement the last reconcile pass decided (the one
-    running), so a dry run schedules once, for the future only."""
+def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
+    """The next pass's plan once ``docs`` are applied, set against the placement in force
+    (``current``'s rows): the changes' before and "now" energy alike, a replica kept while
+    its replacement starts included."""
     future = overlay(current, docs)
     result = planning.schedule(future)
     before = Counter({(r.deployment, r.site, r.variant): r.replicas for r in current.placements})
@@ -63,9 +63,9 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument],
             change = "added" if a > b else "removed"
         changes.append({"site": site, "deployment": deployment, "variant": variant, "before": b, "after": a, "change": change,
                         **_replica_gpus(future, deployment, variant)})
-    energy: dict[str, Any] = {"watts": result.energy.watts, "gramsCO2PerHour": result.energy.g_co2_per_hour}
-    if current_energy is not None:
-        energy.update(currentWatts=current_energy.watts, currentGramsCO2PerHour=current_energy.g_co2_per_hour)
+    now = power.placement_energy(current, current.placements)
+    energy = {"watts": result.energy.watts, "gramsCO2PerHour": result.energy.g_co2_per_hour,
+              "currentWatts": now.watts, "currentGramsCO2PerHour": now.g_co2_per_hour}
     return {
         "changes": changes,
         "deployments": [

@@ -454,7 +454,7 @@ class Reconciler:
         self.artifacts.retain(live)
         self._sources = {sha256: uri for sha256, uri in self._sources.items() if sha256 in live}
         self.publisher.observed(observed_mod.Observed(
-            snapshot.agents, snapshot.datacentres, snapshot.artifacts, snapshot.autoscale, snapshot.rejoining, plan.result.energy,
+            snapshot.agents, snapshot.datacentres, snapshot.artifacts, snapshot.autoscale, snapshot.rejoining,
             {name: views.describe_deployment(plan, name) for name in plan.result.deployments}, dict(self._sources)))
         # While replicas are on their way up, or a site drains, look again soon rather than at the next resync.
         self.converging = any(

@@ -32,7 +32,6 @@ from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.reconciler import autoscaler
 from orchestrator.reconciler import snapshot as snap
-from orchestrator.scheduler import result as sched_result
 
 PUBLISHED_KEY = "observed"
 
@@ -46,7 +45,6 @@ class Observed:
     artifacts: Mapping[tuple[str, str], snap.ArtifactRef] = field(default_factory=dict)
     autoscale: Mapping[str, autoscaler.Recommendation] = field(default_factory=dict)
     rejoining: frozenset[str] = frozenset()
-    energy: sched_result.Energy | None = None  # of the placement in force
     described: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # describe's extra, by deployment
     sources: Mapping[str, str] = field(default_factory=dict)  # sha256 -> URI, of each version in use
     at: float | None = None  # when the leader wrote it (wall clock): a follower's answers from it say so (observedAt)
@@ -85,7 +83,6 @@ def from_text(text: str) -> Observed:
             artifacts={(a["model"], a["variant"]): snap.ArtifactRef(a["url"], a["error"], tuple(a["hosts"])) for a in doc["artifacts"]},
             autoscale={name: autoscaler.Recommendation(**r) for name, r in doc["autoscale"].items()},
             rejoining=frozenset(doc["rejoining"]),
-            energy=sched_result.Energy(**doc["energy"]) if doc["energy"] is not None else None,
             described=doc["described"],
             sources=dict(doc["sources"]),
             at=doc.get("observedAt"),  # absent from an earlier leader's
@@ -102,7 +99,7 @@ def _document(o: Observed) -> dict[str, Any]:
                       for (m, v), r in sorted(o.artifacts.items())],
         "autoscale": {name: vars(r) for name, r in o.autoscale.items()},
         "rejoining": sorted(o.rejoining),
-        "energy": vars(o.energy) if o.energy is not None else None,
+        "energy": None,  # read by followers of earlier versions, which require it (a preview now measures the rows)
         "described": o.described,
         "sources": dict(o.sources),
         "observedAt": o.at,

@@ -24,6 +24,7 @@ from orchestrator.manifests import schema
 from orchestrator.reconciler import actions as act
 from orchestrator.reconciler import inventory, rollout
 from orchestrator.reconciler import maintenance as drain
+from orchestrator.reconciler import power as power_mod
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import planner
 from orchestrator.scheduler import model as sched_model
@@ -475,29 +476,6 @@ def site_status(s: snap.Snapshot, record: snap.SiteRecord) -> dict[str, Any]:
     return status
 
 
-def site_power(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow]) -> dict[str, dict[str, float]]:
-    """Per site with a power budget, the budget and the estimated draw of the replicas
-    ``rows`` put there (facility watts: their watts × PUE, as the budget is given). A replica
-    kept while its replacement starts counts: it still draws."""
-    energy = {r.name: r.spec.energy for r in s.sites if r.spec.energy is not None and r.spec.energy.powerBudgetWatts is not None}
-    if not energy:
-        return {}
-    models = {d.name: s.models.get(d.spec.model) for d in s.deployments}
-    watts = dict.fromkeys(energy, 0.0)
-    each: dict[tuple[str, str], float] = {}
-    for row in rows:
-        model = models.get(row.deployment)
-        if row.site not in watts or model is None:
-            continue
-        key = (row.deployment, row.variant)
-        if key not in each:
-            variant = next((v for v in model.variants if v.name == row.variant), None)
-            each[key] = inventory.to_variant(variant).watts if variant is not None else 0.0
-        watts[row.site] += each[key] * row.replicas
-    return {site: {"estimatedWatts": round(watts[site] * e.pue, 1), "budgetWatts": float(e.powerBudgetWatts or 0.0)}
-            for site, e in energy.items()}
-
-
 def still_serving(s: snap.Snapshot, site: str) -> bool:
     """Whether ``site`` still answers for some model: its agent serves one, or its data
     centre runs applications of its own, or still has some this control plane applied. A
@@ -548,7 +526,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
             starting.add(d.spec.model)
         if d.spec.autoscaling is not None and d.spec.replicas.min == 0 and not status.get("readyReplicas"):
             cold.add(d.spec.model)  # scaled to zero, or on its way up from zero
-    power = site_power(s, rows)
+    power = power_mod.site_power(s, rows)
     statuses.extend(act.SetStatus("Site", r.name, {**site_status(s, r), **({"power": power[r.name]} if r.name in power else {}),
                                                    **drain.site_status(s, r.name, drains, r.name in drains and still_serving(s, r.name))})
                     for r in s.sites)

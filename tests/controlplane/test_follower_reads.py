@@ -18,7 +18,6 @@ from orchestrator import server
 from orchestrator.adapters import serve_config
 from orchestrator.agents import model as agent_model
 from orchestrator.reconciler import autoscaler, observed, snapshot
-from orchestrator.scheduler import result as sched_result
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness, manifests, onnx_models, stall
 from orchestrator.testing.postgres import PostgresServer
@@ -141,7 +140,7 @@ def observed_fleet() -> observed.Observed:
         artifacts={("intent", "small"): snapshot.ArtifactRef("http://cp/v1/artifacts/" + "a" * 64, hosts=("cp",)),
                    ("intent", "big"): snapshot.ArtifactRef(None, "not found")},
         autoscale={"intent-fr": autoscaler.Recommendation(3, "rps", 10.0, 2, 2, 12.5)},
-        rejoining=frozenset({"edge-b"}), energy=sched_result.Energy(120.0, 30.5),
+        rejoining=frozenset({"edge-b"}),
         described={"intent-fr": {"placement": {"placed": 1}}}, sources={"a" * 64: "intent.onnx"}, at=1_700_000_000.5)
 
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator import maintenance
-
+from orchestrator import maintenance, views
+from orchestrator.api import simulate as api_simulate
 from orchestrator.manifests import loader, schema
 from orchestrator.reconciler import actions as act
-from orchestrator.reconciler import planning
+from orchestrator.reconciler import inventory, planning
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.testing import manifests
 
@@ -133,6 +133,22 @@ def test_a_replica_moved_off_a_site_that_keeps_others_of_its_deployment_stays_un
     assert status["phase"] == "Progressing" and "1 replica stays on site dc-paris until its replacement serves" in str(status["reason"]), status
     serving = _serving(dataclasses.replace(lowered, placements=rows))
     assert _intent_eu(_rows(planning.plan_pass(serving), serving)) == {("dc-paris", "full", 2), ("dc-frankfurt", "full", 3)}
+
+
+def test_plan_s_power_now_counts_a_replica_kept_until_its_replacement_serves() -> None:
+    """While intent-eu's third replica moves from Paris to Frankfurt, the one leaving Paris
+    still runs and draws: `plan`'s "now" is the placement in force, as `simulate` measures
+    it today, and above what the plan leads to by that one replica."""
+    lowered = _paris_cpu(_at_rest(), 1.0)
+    moving = dataclasses.replace(lowered, placements=_rows(planning.plan_pass(lowered), lowered))
+    assert _intent_eu(moving.placements) == {("dc-paris", "full", 3), ("dc-frankfurt", "full", 3)}
+    energy = views.preview(moving, [])["energy"]
+    today = api_simulate.answer(api_simulate.state_of(moving), b"")["before"]
+    assert (round(energy["currentWatts"], 1), round(energy["currentGramsCO2PerHour"], 1)) == (today["watts"], today["gramsCO2PerHour"])
+    (full,) = [v for v in moving.models[moving.deployment_by_name["intent-eu"].spec.model].variants if v.name == "full"]
+    paris = moving.site_by_name["dc-paris"].spec.energy
+    assert paris is not None
+    assert energy["currentWatts"] - energy["watts"] == pytest.approx(inventory.to_variant(full).watts * paris.pue)
 
 
 def test_a_replica_switching_variant_on_its_data_centre_stays_until_the_new_variant_serves() -> None:
