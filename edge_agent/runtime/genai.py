@@ -7,6 +7,12 @@ This module adds what a server needs around its ``Generator`` loop:
 - one sequence runs on a worker thread, one ``generate_next_token`` at a time, and hands
   each token to the caller's ``emit`` as it is produced; between two steps it checks a
   cancel flag, so a client that went away stops its generation within one step;
+- the prompt is read (prefilled) in chunks of at most ``prefill_chunk`` tokens, the cancel
+  flag checked between two: a prompt of thousands of tokens takes seconds on an edge CPU,
+  and read at once it held the model's slot (and the requests queued behind it) to the end
+  for a client that had left. The library's generator takes ``append_tokens`` again and
+  again, extending its KV cache: the logits, and so a greedy answer, are those of one
+  append (``tests/agent/test_genai_units.py``), for about the same time;
 - stop strings are matched here, in the generating thread, so generation ends on the
   token that completes one and the text before it is all that is sent (text that could be
   the start of a stop string is held back until it cannot be);
@@ -47,6 +53,11 @@ from edge_agent.runtime import oga, onnx, token_bytes
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+#: The most prompt tokens read in one call (see the module docstring). With the test
+#: model's slow variant here (``slow-chat`` of ``tests/agent/test_genai_openai.py``) a prompt
+#: of 2,992 tokens took 4.0 s in chunks of 256 against 4.5 s at once (medians of three), and
+#: a cancel set 0.5 s in ended it at 0.7 s against 5.1 s.
+PREFILL_CHUNK_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -194,12 +205,14 @@ class GenAIModel:
 
     kind = "onnx-genai"
 
-    def __init__(self, directory: pathlib.Path, model: oga.Model, provider: str) -> None:
+    def __init__(self, directory: pathlib.Path, model: oga.Model, provider: str,
+                 prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> None:
         config = json.loads((directory / "genai_config.json").read_text())
         self.directory = directory
         self._model = model
         self._tokenizer = model.tokenizer
         self.provider = provider
+        self.prefill_chunk = max(1, prefill_chunk)
         section = config.get("model", {})
         self.context_length = int(section.get("context_length") or config.get("search", {}).get("max_length") or 0)
         self.vocab_size = int(section.get("vocab_size") or 0)
@@ -211,7 +224,7 @@ class GenAIModel:
 
     @classmethod
     def load(cls, directory: pathlib.Path, *, use_cuda: bool | None = None, spin_between_runs: bool = False,
-             spin_after_run_us: int = 0) -> GenAIModel:
+             spin_after_run_us: int = 0, prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> GenAIModel:
         try:
             oga.api()
         except ImportError as exc:
@@ -227,7 +240,7 @@ class GenAIModel:
             model = oga.Model(directory, overlay, providers=["cuda"] if cuda else [])
         except (oga.OgaError, OSError) as exc:
             raise errors.ModelLoadError(f"onnxruntime-genai could not load the model: {exc}") from exc
-        return cls(directory, model, CUDA if cuda else CPU)
+        return cls(directory, model, CUDA if cuda else CPU, prefill_chunk)
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -296,7 +309,11 @@ class GenAIModel:
     def _steps(self, generator: oga.Generator, stream: oga.TokenizerStream, prompt: np.ndarray, options: SamplingOptions,
                emit: Callable[[TokenEvent | Finished], None], cancel: Cancel, window: Window | None) -> tuple[str, int, str]:
         """Prefill, then one step per token; ``(finish reason, tokens produced, held-back text)``."""
-        generator.append_tokens(prompt)
+        chunk = self.prefill_chunk
+        for start in range(0, int(prompt.shape[0]), chunk):
+            if cancel.is_set:
+                return "cancelled", 0, ""
+            generator.append_tokens(prompt[start:start + chunk])
         stops = StopMatcher(options.stop)
         produced = 0
         reason = "length"

@@ -464,3 +464,22 @@ def test_a_generative_model_loads_with_either_spinning_policy_and_generates_the_
                          genai.Cancel())
         texts.append("".join(e.text for e in events if isinstance(e, genai.TokenEvent)))
     assert texts[0] and texts[0] == texts[1] == texts[2]
+
+
+def test_a_prompt_read_in_chunks_gives_the_answer_and_logprobs_of_one_read(tmp_path: pathlib.Path) -> None:
+    """The prompt is appended to the generator in chunks (so that a cancel is seen between
+    two): the model's scores, and so a greedy answer, are those of the prompt read at once."""
+    genai_model.build_model_dir(tmp_path)
+    prompt_text = "the edge site serves tokens quickly and the gateway routes the request " * 6
+    answers = []
+    for chunk in (4096, 64, 7):
+        runtime = genai.GenAIModel.load(tmp_path, use_cuda=False, prefill_chunk=chunk)
+        prompt = runtime.encode(prompt_text)
+        assert 150 < prompt.shape[0] < 200  # several chunks, within the context of 256
+        events: list[object] = []
+        finished = runtime.generate(prompt, genai.SamplingOptions(max_tokens=40, temperature=0, logprobs=True, top_logprobs=3),
+                                    events.append, genai.Cancel())
+        tokens = [e for e in events if isinstance(e, genai.TokenEvent)]
+        assert finished.reason == "length" and len(tokens) == 40
+        answers.append([(e.token_id, e.logprob, [(p.text, lp) for p, lp in e.top]) for e in tokens])
+    assert answers[0] == answers[1] == answers[2]
