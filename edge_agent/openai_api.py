@@ -16,6 +16,7 @@ Parameters about the caller (``user``, ``metadata``...) are checked for their ty
 
 from __future__ import annotations
 
+import functools
 import json
 import json.decoder
 import json.scanner
@@ -35,6 +36,13 @@ MAX_REPETITION_PENALTY = 10.0
 MAX_METADATA_PAIRS = 16  # as OpenAI's API bounds metadata
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
+#: No object these routes take has more keys than a route has parameters (and ``metadata``
+#: 16): a body read on a worker thread with a wider one is refused before it is built.
+MAX_OBJECT_KEYS = 1024
+#: A body read on a worker thread with more values than this is refused as it is read: a
+#: chat of 60,000 messages holds about 200,000 (a message, its role, its content), more than
+#: the context of a model these agents serve has room for; freeing this many takes ~10 ms.
+MAX_BODY_VALUES = 1 << 18
 #: The least a chat template writes around each message besides its role and content
 #: (ChatML's "<|im_start|>", "\n" and "<|im_end|>\n" are 24 characters).
 MESSAGE_CHARS = 16
@@ -235,25 +243,63 @@ def _stop(value: Any) -> tuple[str, ...]:
     raise _bad("stop", f"must be a string or a list of up to {MAX_STOPS} strings")
 
 
+class _TooLarge(ValueError):
+    """A body past :data:`MAX_OBJECT_KEYS` or :data:`MAX_BODY_VALUES`, found while it is read."""
+
+
 def _interruptible_decoder() -> json.JSONDecoder:
-    """A JSON decoder that lets other threads run while it reads: json's C scanner holds the
-    GIL for a whole body (seconds for one of millions of values, on a worker thread too),
-    its pure-Python one gives it up between values. Long strings are still read by a
-    regular expression at once: a large prompt costs tens of milliseconds more, not seconds."""
+    """A JSON decoder that lets other threads run while it reads, and stops at a body wider
+    than any the routes take. json's C scanner holds the GIL for a whole body (seconds for
+    one of millions of values, on a worker thread too), its pure-Python one gives it up
+    between values. Long strings are still read by a regular expression at once: a large
+    prompt costs tens of milliseconds more, not seconds.
+
+    What it cannot give up is the GIL inside one C call: an object's pairs become a dict in
+    one (1-2 s for 3 million keys, the event loop stalled as long whichever thread makes it),
+    and a tree is freed in one. So objects are refused past :data:`MAX_OBJECT_KEYS` keys
+    before they are built, and a body past :data:`MAX_BODY_VALUES` values as it is read.
+    One decoder per body: it counts that body's values."""
     decoder = json.JSONDecoder()
     decoder.parse_string = json.decoder.py_scanstring  # type: ignore[attr-defined]
+    values = 0
+
+    def counted(scan_once: Any, string: str, idx: int) -> Any:
+        nonlocal values
+        values += 1
+        if values > MAX_BODY_VALUES:
+            raise _TooLarge(f"it holds more than {MAX_BODY_VALUES} values")
+        return scan_once(string, idx)
+
+    def parse_object(s_and_end: Any, strict: bool, scan_once: Any, *hooks: Any) -> Any:
+        keys = 0
+
+        def value(string: str, idx: int) -> Any:
+            nonlocal keys
+            keys += 1
+            if keys > MAX_OBJECT_KEYS:
+                raise _TooLarge(f"an object holds more than {MAX_OBJECT_KEYS} keys")
+            return counted(scan_once, string, idx)
+
+        return json.decoder.JSONObject(s_and_end, strict, value, *hooks)  # type: ignore[attr-defined]
+
+    def parse_array(s_and_end: Any, scan_once: Any) -> Any:
+        return json.decoder.JSONArray(s_and_end, functools.partial(counted, scan_once))  # type: ignore[attr-defined]
+
+    decoder.parse_object, decoder.parse_array = parse_object, parse_array  # type: ignore[method-assign,assignment]
     decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
     return decoder
-
-
-_INTERRUPTIBLE = _interruptible_decoder()
 
 
 def parse(raw: bytes, *, chat: bool, interruptible: bool = False) -> GenerationRequest:
     """A validated request, or :class:`ApiError` (400) naming the field. ``interruptible``:
     read on a worker thread, letting other threads run meanwhile (see :func:`_interruptible_decoder`)."""
     try:
-        body = _INTERRUPTIBLE.decode(raw.decode(json.detect_encoding(raw), "surrogatepass")) if interruptible else json.loads(raw)
+        if interruptible:
+            body = _interruptible_decoder().decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        else:
+            body = json.loads(raw)
+    except _TooLarge as exc:
+        raise ApiError(400, f"the request body is wider than any these routes take: {exc}") from None
     except ValueError as exc:  # not UTF-8 either
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
     except RecursionError:

@@ -351,6 +351,25 @@ def test_a_body_read_on_a_worker_thread_is_read_as_any_other(raw: bytes) -> None
     assert outcome(interruptible=True) == outcome()
 
 
+@pytest.mark.parametrize(("extra", "said"), [
+    ({"metadata": {str(i): "" for i in range(openai_api.MAX_OBJECT_KEYS + 1)}}, "an object holds more than 1024 keys"),
+    ({"metadata": {"k": [[{}] * 1000] * 300}}, "it holds more than 262144 values"),
+    ({"stop": [""] * openai_api.MAX_BODY_VALUES}, "it holds more than 262144 values"),
+])
+def test_a_body_wider_than_any_route_takes_is_refused_while_it_is_read(extra: dict, said: str) -> None:
+    """Read on a worker thread, a body is refused as soon as it is wider than any the routes
+    take: building (and freeing) its millions of values holds the GIL, and so the event loop."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(openai_api.ApiError) as refused:
+        openai_api.parse(json.dumps({**body, **extra}).encode(), chat=True, interruptible=True)
+    assert refused.value.status == 400 and refused.value.message.endswith(said), refused.value.message
+    # Just within the bounds it is read, and refused for what it holds.
+    keys = {"metadata": {str(i): "" for i in range(openai_api.MAX_OBJECT_KEYS)}}
+    with pytest.raises(openai_api.ApiError) as refused:
+        openai_api.parse(json.dumps({**body, **keys}).encode(), chat=True, interruptible=True)
+    assert refused.value.param == "metadata" and "at most 16 key-value pairs, got 1024" in refused.value.message
+
+
 def test_request_parsing_defaults_and_names() -> None:
     r = openai_api.parse(json.dumps({"model": "m", "prompt": ["one"], "logprobs": 2}).encode(), chat=False)
     assert (r.prompt, r.max_tokens, r.options.logprobs, r.options.top_logprobs, r.options.temperature) == ("one", 16, True, 2, 1.0)
