@@ -39,6 +39,7 @@ written at once.) ``bench/genai_agent.py`` measures both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import re
@@ -173,6 +174,19 @@ class StopMatcher:
         return out
 
 
+def runtime_seed(seed: int) -> int:
+    """The library's sampler seed for a caller's ``seed`` (any integer OpenAI's API takes, 64
+    bits). The library takes a 32-bit signed ``random_seed`` and seeds at random from any
+    negative one: a seed from 0 to 2**31 - 1 is given as it is, and any other is hashed into
+    that range, so that distinct seeds sample differently but for a chance of one in two
+    billion (masking them to the range made 5 and 2**31 + 5 sample alike), and one seed
+    samples alike on every agent (a hash of its bytes, not Python's ``hash``)."""
+    if 0 <= seed < 1 << 31:
+        return seed
+    digest = hashlib.blake2b(seed.to_bytes(16, "little", signed=True), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (1 << 31)
+
+
 def cuda_available() -> bool:
     try:
         return oga.cuda_built() and _has_gpu()
@@ -287,7 +301,7 @@ class GenAIModel:
         if options.temperature > 0:
             search.update(do_sample=True, temperature=float(options.temperature), top_p=float(options.top_p), top_k=self._top_k(options.top_k))
             if options.seed is not None:
-                search["random_seed"] = int(options.seed) & 0x7FFFFFFF
+                search["random_seed"] = runtime_seed(options.seed)
         else:
             search["do_sample"] = False
         generator = oga.Generator(self._model, search)

@@ -198,6 +198,20 @@ async def test_seed_makes_sampling_reproducible(small: Serving) -> None:
     assert {await sample(s) for s in (1, 2, 3)} != {first}
 
 
+async def test_seeds_that_differ_beyond_the_sampler_s_31_bits_sample_differently(small: Serving) -> None:
+    """OpenAI's ``seed`` is 64-bit; the library's sampler takes 31 bits. Seeds that differ
+    only past them (or in their sign) sampled alike; each samples as itself now, and the
+    same seed alike every time."""
+    async def sample(seed: int) -> str:
+        r = await small.client.completions.create(model=MODEL, prompt="The agent", max_tokens=24, temperature=2.0, seed=seed)
+        return r.choices[0].text
+
+    seeds = (5, 5 + (1 << 31), 5 - (1 << 31), 5 - (1 << 63), (1 << 64) - 1)
+    texts = [await sample(seed) for seed in seeds]
+    assert len(set(texts)) == len(seeds), texts
+    assert [await sample(seed) for seed in seeds[1:]] == texts[1:]
+
+
 async def test_a_top_k_past_the_vocabulary_samples_among_every_token(small: Serving, packages: Packages) -> None:
     vocabulary = json.loads((packages.small.directory / "genai_config.json").read_text())["model"]["vocab_size"]
 

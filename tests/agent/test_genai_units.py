@@ -502,3 +502,19 @@ def test_a_prompt_read_in_chunks_gives_the_answer_and_logprobs_of_one_read(tmp_p
         assert finished.reason == "length" and len(tokens) == 40
         answers.append([(e.token_id, e.logprob, [(p.text, lp) for p, lp in e.top]) for e in tokens])
     assert answers[0] == answers[1] == answers[2]
+
+
+@pytest.mark.parametrize(("seed", "sampler"), [
+    (0, 0), (5, 5), ((1 << 31) - 1, (1 << 31) - 1),  # the library's own range
+    (-1, 1328900597), (-5, 2089307668),  # the library seeds at random from a negative one
+    (1 << 31, 308764361), ((1 << 64) - 1, 1831381674), (-(1 << 63), 342188716),  # hashed: the same on every agent
+])
+def test_a_seed_is_the_sampler_s_own_in_its_range_and_hashed_into_it_beyond(seed: int, sampler: int) -> None:
+    assert genai.runtime_seed(seed) == sampler
+
+
+def test_seeds_the_sampler_cannot_take_as_they_are_stay_distinct() -> None:
+    beyond = [5 + k * (1 << 31) for k in range(-8, 9) if k] + [-1, (1 << 63) - 1, -(1 << 63), (1 << 64) - 1]
+    mapped = [genai.runtime_seed(seed) for seed in beyond]
+    assert all(0 <= m < 1 << 31 for m in mapped)
+    assert len(set(mapped) | {5}) == len(beyond) + 1
