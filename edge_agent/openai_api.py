@@ -285,7 +285,7 @@ def _interruptible_decoder() -> json.JSONDecoder:
     def parse_array(s_and_end: Any, scan_once: Any) -> Any:
         return json.decoder.JSONArray(s_and_end, functools.partial(counted, scan_once))  # type: ignore[attr-defined]
 
-    decoder.parse_object, decoder.parse_array = parse_object, parse_array  # type: ignore[method-assign,assignment]
+    decoder.parse_object, decoder.parse_array = parse_object, parse_array  # type: ignore[attr-defined]
     decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
     return decoder
 
