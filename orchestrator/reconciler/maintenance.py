@@ -45,6 +45,7 @@ from orchestrator import maintenance as maintenance_mod
 from orchestrator.manifests import schema
 from orchestrator.reconciler import inventory
 from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import capacity as sched_capacity
 from orchestrator.scheduler import fleet as sched_fleet
 from orchestrator.scheduler import model as sched_model
 from orchestrator.scheduler import result as sched_result
@@ -246,7 +247,7 @@ def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tup
     names = sorted({row.site for row, _ in moving})
     fleet = sched_fleet.Fleet([inventory.to_site(s.site_by_name[n], s.agent_by_site.get(n), s.datacentres.get(n),
                                                  None) for n in names])
-    room = sched_fleet.Capacity(fleet)
+    room = sched_capacity.Capacity(fleet)
     variants: dict[tuple[str, str], sched_model.Variant | None] = {}
 
     def variant(deployment: str, name: str) -> sched_model.Variant | None:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray
+from orchestrator.scheduler.capacity import Capacity
+from orchestrator.scheduler.fleet import BoolArray, Fleet, IntArray
 from orchestrator.scheduler.model import Variant, Weights
 from orchestrator.scheduler.spread import DomainCounts
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from orchestrator import units
-from orchestrator.scheduler.fleet import Capacity, Fleet
+from orchestrator.scheduler.capacity import Capacity
+from orchestrator.scheduler.fleet import Fleet
 from orchestrator.scheduler.model import ALL_TIERS, Deployment, Variant
 from orchestrator.scheduler.residency import EU_COUNTRIES
 from orchestrator.scheduler.result import Shortfall

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, sparse
 
-from orchestrator.scheduler.fleet import Capacity, Fleet, bound_gpu_models
+from orchestrator.scheduler.capacity import Capacity, bound_gpu_models
+from orchestrator.scheduler.fleet import Fleet
 from orchestrator.scheduler.model import DEFAULT_WEIGHTS, Deployment, Replica, Site, Weights
 from orchestrator.scheduler.objective import evaluate, locate_demand, replica_cost
 from orchestrator.scheduler.result import Objective

@@ -36,7 +36,8 @@ import numpy as np
 
 from orchestrator.scheduler import candidates, diagnosis, gcpause, objective, outcome, repair, seating
 from orchestrator.scheduler.spread import DomainCounts
-from orchestrator.scheduler.fleet import BoolArray, Capacity, Fleet, IntArray, bound_gpu_models
+from orchestrator.scheduler.capacity import Capacity, bound_gpu_models
+from orchestrator.scheduler.fleet import BoolArray, Fleet, IntArray
 from orchestrator.scheduler.model import (
     DEFAULT_TUNING,
     DEFAULT_WEIGHTS,

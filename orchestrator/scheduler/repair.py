@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orchestrator.scheduler.fleet import Capacity, Fleet
+from orchestrator.scheduler.capacity import Capacity
+from orchestrator.scheduler.fleet import Fleet
 from orchestrator.scheduler.model import Variant
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from orchestrator.scheduler.fleet import Capacity
+from orchestrator.scheduler.capacity import Capacity
 from orchestrator.scheduler.model import Variant
 
 #: States the search visits per site before it settles for the scarcest-first seating;

@@ -34,7 +34,8 @@ from itertools import chain
 import numpy as np
 
 from orchestrator.scheduler import diagnosis, gcpause, outcome, planner, repair
-from orchestrator.scheduler.fleet import Capacity, Fleet, bound_gpu_models
+from orchestrator.scheduler.capacity import Capacity, bound_gpu_models
+from orchestrator.scheduler.fleet import Fleet
 from orchestrator.scheduler.model import (
     DEFAULT_TUNING,
     DEFAULT_WEIGHTS,

@@ -25,7 +25,8 @@ from orchestrator.scheduler import model as sched
 from orchestrator.scheduler import planner
 from orchestrator.scheduler import result as sched_result
 from orchestrator.scheduler import seating
-from orchestrator.scheduler.fleet import Capacity, Fleet, bound_gpu_models
+from orchestrator.scheduler.capacity import Capacity, bound_gpu_models
+from orchestrator.scheduler.fleet import Fleet
 from orchestrator.simulation import measure as measure_mod
 from orchestrator.simulation import whatif
 
