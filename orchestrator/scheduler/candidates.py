@@ -24,7 +24,7 @@ from orchestrator.scheduler.model import Variant, Weights
 from orchestrator.scheduler.spread import DomainCounts
 
 if TYPE_CHECKING:
-    from orchestrator.scheduler.planner import Job
+    from orchestrator.scheduler.job import Job
 
 
 @dataclass

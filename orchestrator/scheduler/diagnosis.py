@@ -20,7 +20,7 @@ from orchestrator.scheduler.residency import EU_COUNTRIES
 from orchestrator.scheduler.result import Shortfall
 
 if TYPE_CHECKING:
-    from orchestrator.scheduler.planner import Job
+    from orchestrator.scheduler.job import Job
 
 
 def describe_countries(residency: frozenset[str] | None) -> str:

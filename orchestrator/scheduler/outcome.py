@@ -31,7 +31,7 @@ from orchestrator.scheduler.result import (
 )
 
 if TYPE_CHECKING:
-    from orchestrator.scheduler.planner import Job
+    from orchestrator.scheduler.job import Job
 
 
 def build(

@@ -30,7 +30,7 @@ from orchestrator.scheduler.fleet import Fleet
 from orchestrator.scheduler.model import Variant
 
 if TYPE_CHECKING:
-    from orchestrator.scheduler.planner import Job
+    from orchestrator.scheduler.job import Job
 
 SITES_TRIED = 64  # per replica sought; the lowest-carbon full sites come first
 TRADES_TRIED = 256  # per replica sought: bounds the work when nothing can give way

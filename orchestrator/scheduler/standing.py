@@ -36,6 +36,8 @@ import numpy as np
 from orchestrator.scheduler import diagnosis, gcpause, outcome, planner, repair
 from orchestrator.scheduler.capacity import Capacity, bound_gpu_models
 from orchestrator.scheduler.fleet import Fleet
+from orchestrator.scheduler.incumbents import seat_incumbents
+from orchestrator.scheduler.job import Job, pair_rivals, prepare, scarcity
 from orchestrator.scheduler.model import (
     DEFAULT_TUNING,
     DEFAULT_WEIGHTS,
@@ -72,8 +74,8 @@ class Standing:
     def _build(self, sites: Sequence[Site], deployments: Sequence[Deployment], placement: Iterable[Replica]) -> None:
         self.fleet = fleet = Fleet(sites, self.region_locations)
         weights = self.weights
-        self.jobs = {d.name: planner.prepare(fleet, d, d.weights or weights) for d in deployments}
-        planner.pair_rivals(self.jobs.values())
+        self.jobs = {d.name: prepare(fleet, d, d.weights or weights) for d in deployments}
+        pair_rivals(self.jobs.values())
         if len(self.jobs) != len(deployments):
             names = [d.name for d in deployments]
             dup = sorted(n for n in self.jobs if names.count(n) > 1)
@@ -82,7 +84,7 @@ class Standing:
         self.deployments = tuple(deployments)
         self.capacity = Capacity(fleet, bound_gpu_models(deployments))
         current = sorted(placement, key=lambda r: (r.deployment, r.site, r.variant))
-        dropped = planner.seat_incumbents(fleet, self.capacity, self.jobs, current)
+        dropped = seat_incumbents(fleet, self.capacity, self.jobs, current)
         if dropped:
             replica, why = min(dropped.items(), key=lambda kv: (kv[0].deployment, kv[0].site, kv[0].variant))
             raise ValueError(f"replica of {replica.deployment!r} ({replica.variant}) on {replica.site!r} cannot stand: {why}")
@@ -185,7 +187,7 @@ class Standing:
                 grow_short: bool = False) -> PlanResult:
         fleet, capacity = self.fleet, self.capacity
         dropped: dict[Replica, str] = {}
-        touched: dict[str, planner.Job] = {}
+        touched: dict[str, Job] = {}
         for i, why in sorted(lost.items()):
             self.open[i] = False
             capacity.close(i, gone=i in gone)
@@ -215,7 +217,7 @@ class Standing:
                 if j.deployment.placement.spread is not None and j.any_eligible[returned].any() and _skewed(self._spread(j))
             )
         before = {name: list(job.placed) for name, job in touched.items()}
-        for job in sorted(touched.values(), key=planner.scarcity):
+        for job in sorted(touched.values(), key=scarcity):
             for attempt in range(2):
                 job.options, job.complete, job.shortfall = None, False, None
                 job.spread = self._spread(job)
@@ -234,10 +236,10 @@ class Standing:
                 job.spread = self._spread(job)
                 planner.grow(fleet, capacity, job, self.tuning, upto=job.wanted)
                 break
-        short = [job for job in sorted(touched.values(), key=planner.scarcity) if len(job.placed) < job.wanted]
+        short = [job for job in sorted(touched.values(), key=scarcity) if len(job.placed) < job.wanted]
         if short:
             # As a full plan would: shift another deployment's replica to make room.
-            order = sorted(self.jobs.values(), key=planner.scarcity)
+            order = sorted(self.jobs.values(), key=scarcity)
             held = {job.deployment.name: list(job.placed) for job in order}
             for job in short:
                 repair.make_room(fleet, capacity, job, order)
@@ -261,7 +263,7 @@ class Standing:
             self._settle(job, {site for site, _ in job.running})
         return self._assemble(plans, costs, actions)
 
-    def _spread(self, job: planner.Job) -> DomainCounts | None:
+    def _spread(self, job: Job) -> DomainCounts | None:
         """The spread counts of ``job``'s kept replicas, over the sites still open."""
         rules = job.deployment.placement.spread
         if rules is None:
@@ -278,7 +280,7 @@ class Standing:
             counts.shift(int(keys[site]), +1)
         return counts
 
-    def _settle(self, job: planner.Job, was_at: Iterable[int]) -> None:
+    def _settle(self, job: Job, was_at: Iterable[int]) -> None:
         """``job``'s placement is now the one in force: every replica kept."""
         name = job.deployment.name
         for site in was_at:

@@ -11,7 +11,7 @@ candidates per deployment over every site (one unit each): one plan of ``D`` dep
 on ``S`` sites is ``S × (FLEET_UNITS + D)``. An N-1 sweep (``sweep``) plans once per lost
 site or region that hosts a replica, and only the deployments it hosted with the other
 deployments of their models. A deployment with several demand points adds its relocation
-pass (``planner._relocate``): each round scores every replica against every candidate
+pass (``relocation.relocate``): each round scores every replica against every candidate
 site at every demand point, and the candidates grow with the points, so a deployment of
 many replicas and points costs more than its share of sites (``_relocation``). Scaling demand
 matches every demand change against every demand point (one unit each). Fitted to
@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from orchestrator.scheduler import model as sched
-from orchestrator.scheduler import planner
+from orchestrator.scheduler import relocation as sched_relocation
 from orchestrator.simulation import whatif
 from orchestrator.simulation.scenario import Changes, ScenarioError
 
@@ -92,7 +92,7 @@ def _relocation(d: sched.Deployment, sites: int) -> int:
         return 0
     wanted = d.wanted_replicas()
     candidates = min(sites, 4 * points + wanted + (sched.DEFAULT_TUNING.candidates or sites)) * len(d.variants)
-    return wanted * candidates * points * planner.RELOCATION_ROUNDS // RELOCATION_SCORES_PER_UNIT
+    return wanted * candidates * points * sched_relocation.RELOCATION_ROUNDS // RELOCATION_SCORES_PER_UNIT
 
 
 def _with_sweep(work: Work, state: whatif.State, changes: Changes, each: str, scaled: list[sched.Deployment]) -> Work:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from orchestrator.scheduler import Variant, gcpause, geo
 from orchestrator.scheduler.fleet import Fleet
 from orchestrator.scheduler.outcome import _copies
-from orchestrator.scheduler.planner import _smallest
+from orchestrator.scheduler.relocation import _smallest
 from scheduler_builders import CITIES, deployment, site
 
 small_ints = st.lists(st.integers(0, 40), max_size=60)
