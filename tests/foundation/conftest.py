@@ -1,4 +1,5 @@
-"""Fixtures of the foundation suite: an offline copy of the example fleet and a control plane.
+"""Fixtures of the foundation suite: an offline copy of the example fleet and a control plane
+(in a thread, or ``edgeplane serve`` as a subprocess for the command line's tests).
 
 One control plane per test module (module scope) keeps the suite fast; tests that need a
 pristine store start their own.
@@ -7,6 +8,7 @@ pristine store start their own.
 from __future__ import annotations
 
 import pathlib
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -36,3 +38,22 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathl
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory, offline_fleet: pathlib.Path) -> Iterator[support.ServeProcess]:
+    """``edgeplane serve`` as a subprocess (auth off, loopback), shared by the tests of one
+    module: the command line's tests run ``edgeplane`` against it."""
+    proc = support.ServeProcess(tmp_path_factory.mktemp("cli") / "data", artifact_root=offline_fleet).wait_ready()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def applied(serve: support.ServeProcess, offline_fleet: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    """The example fleet applied to ``serve`` with ``edgeplane apply -f``."""
+    proc = support.cli("apply", "-f", str(offline_fleet), server_url=serve.url)
+    assert proc.returncode == 0, proc.stderr
+    return proc

@@ -204,6 +204,13 @@ def cli(*args: str, server_url: str | None = None, env: dict[str, str] | None = 
                           timeout=timeout, cwd=cwd or REPO)
 
 
+def ok(*args: str, server: ServeProcess, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    """``cli`` against ``server``, which must succeed: its stdout."""
+    proc = cli(*args, server_url=server.url, **kwargs)
+    assert proc.returncode == 0, f"edgeplane {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
 def follow_events(server_url: str, *args: str) -> subprocess.Popen[str]:
     """``edgeplane events --follow -o json *args`` against ``server_url``, left running: its
     output is read line by line, and it is ended with :func:`interrupt`."""

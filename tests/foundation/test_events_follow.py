@@ -1,6 +1,6 @@
 """What ``edgeplane events -w`` asks next and says, after each answer or each failed ask:
 :func:`orchestrator.cli.events.answered` and :func:`~orchestrator.cli.events.unanswered`,
-table-tested. The follow itself, against a real control plane, is in test_cli.py."""
+table-tested. The follow itself, against a real control plane, is in test_cli_events_follow.py."""
 
 from __future__ import annotations
 

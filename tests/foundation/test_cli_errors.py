@@ -1,0 +1,79 @@
+"""What ``edgeplane`` tells a user when a command fails, against ``edgeplane serve`` as a
+subprocess: the exit code that says whose fault it was (1 refused, 2 usage, 3 nothing
+listening), one line on stderr and no traceback, and a name that never reaches another
+object."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+
+from . import support
+from .support import cli, doc, ok
+
+
+def test_exit_codes(serve: support.ServeProcess, tmp_path: pathlib.Path) -> None:
+    # 1: refused by the control plane, with a one-line reason
+    proc = cli("get", "widgets", server_url=serve.url)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        "error: unknown kind 'widgets'; use one of: sites, models, modeldeployments, placements, events, cascades"]
+    # 2: wrong usage
+    assert cli("get", server_url=serve.url).returncode == 2
+    assert cli("frobnicate", server_url=serve.url).returncode == 2
+    assert cli("get", "sites", "-o", "xml", server_url=serve.url).returncode == 2
+    proc = cli("delete", server_url=serve.url)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: give -f FILE or KIND NAME")
+    proc = cli("apply", "-f", str(tmp_path / "missing.yaml"), server_url=serve.url)
+    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    assert cli("apply", "-f", str(tmp_path / "empty"), server_url=serve.url).returncode == 2
+    proc = cli("token", "create", "--ttl", "soon", server_url=serve.url)
+    assert proc.returncode == 2 and "--ttl 'soon'" in proc.stderr
+    for ttl in ("0", "0h", "nan", "inf"):
+        proc = cli("token", "create", f"--ttl={ttl}", server_url=serve.url)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: --ttl '{ttl}': a lifetime must be more than 0", proc
+    # 3: nothing listening
+    dead = f"http://127.0.0.1:{support.closed_port()}"
+    proc = cli("get", "sites", server_url=dead)
+    assert proc.returncode == 3, proc
+    assert proc.stderr.startswith(f"error: cannot reach the control plane at {dead}")
+    assert cli("--server", dead, "status").returncode == 3  # the flag works as well as the variable
+    proc = cli("get", "sites", server_url=serve.url, env={"EDGEPLANE_TOKEN_FILE": str(tmp_path / "no-token")})
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: EDGEPLANE_TOKEN_FILE {tmp_path / 'no-token'}: No such file or directory"
+    proc = cli("chat", "assistant", "Hello", server_url=dead)  # the client's way: replicas, then the gateway
+    assert proc.returncode == 3 and f"is 'edgeplane serve' running at {dead}?" in proc.stderr, proc
+    # 0
+    assert cli("--server", serve.url, "get", "sites").returncode == 0
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    """`edgeplane get sites -o yaml | head`: the pipe closes before the command writes."""
+    env = support.clean_env(EDGEPLANE_SERVER=serve.url)
+    proc = subprocess.Popen([str(support.EDGEPLANE), "get", "sites", "-o", "yaml"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # like `head` that has read its lines and gone
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 1
+    assert err == "", err
+
+
+def test_a_name_is_one_path_segment_never_another_object(serve: support.ServeProcess, applied) -> None:  # type: ignore[no-untyped-def]
+    """A name goes into the URL escaped: ``..``, ``/``, ``?`` and ``%`` in it name that object
+    (which does not exist), never another path or a query."""
+    ok("apply", "-f", "-", server=serve, stdin=doc("Site", "cli-victim", support.edge_site_spec()))
+    try:
+        for argv in (["delete", "model", "../sites/cli-victim"], ["captures", "EU", "--delete", "../../sites/cli-victim"]):
+            assert cli(*argv, server_url=serve.url).returncode == 1
+            assert "cli-victim" in ok("get", "site", "cli-victim", server=serve), f"edgeplane {' '.join(argv)} deleted Site cli-victim"
+        for argv, error in ((["get", "sites", "edge-lyon?x=1"], "Site 'edge-lyon?x=1' does not exist"),
+                            (["get", "site", ".."], "Site '..' does not exist"),
+                            (["describe", "site", "edge-lyon%2f"], "Site 'edge-lyon%2f' does not exist"),
+                            (["describe", "site", "edge-lyon/"],  # the server redirects to edge-lyon: not the object asked for
+                             "the control plane answered GET /v1/site/edge-lyon%2F with HTTP 307 and no JSON object"),
+                            (["infer", "intent-classifier?x=1", "--data", '{"input": [[0.5]]}'], "model 'intent-classifier?x=1' is not deployed")):
+            proc = cli(*argv, server_url=serve.url)
+            assert proc.returncode == 1 and proc.stderr.splitlines()[0].startswith(f"error: {error}"), proc
+            assert len(proc.stderr.splitlines()) == 1 and proc.stdout == "", proc
+    finally:
+        ok("delete", "site", "cli-victim", server=serve)
