@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-from orchestrator.scheduler.fleet import BoolArray, Fleet, IntArray, Size, size_of
+from orchestrator.scheduler.fleet import WATTS_SLACK, BoolArray, Fleet, IntArray, Size, size_of
 from orchestrator.scheduler.model import Deployment, Variant
 
 
@@ -64,7 +64,7 @@ class Capacity:
             if variant.gpus:
                 fits &= self.fleet.gpu_fit(self.gpu_count, variant).any(axis=1)
             if self.budgeted:
-                fits &= self.power >= variant.watts - 1e-9
+                fits &= self.power >= variant.watts - WATTS_SLACK
         else:
             fits, seen = found
             if seen < len(self._changed):
@@ -81,7 +81,7 @@ class Capacity:
             big = self.fleet.gpu_big(variant, sites)
             ok &= (big & (self.gpu_count[sites] >= variant.gpus)).any(axis=1)
         if self.budgeted:
-            ok &= self.power[sites] >= variant.watts - 1e-9
+            ok &= self.power[sites] >= variant.watts - WATTS_SLACK
         return ok
 
     def room(self, sites: IntArray, variant: Variant) -> npt.NDArray[np.int64]:
@@ -93,7 +93,7 @@ class Capacity:
             big = self.fleet.gpu_big(variant, sites)
             n = np.minimum(n, ((self.gpu_count[sites] // variant.gpus) * big).sum(axis=1))
         if self.budgeted:  # +inf / watts stays +inf: the minimum above bounds it
-            n = np.minimum(n, np.floor((self.power[sites] + 1e-9) / max(variant.watts, 1e-9)))
+            n = np.minimum(n, np.floor((self.power[sites] + WATTS_SLACK) / max(variant.watts, 1e-9)))
         return n.astype(np.int64)
 
     def gpu_group(self, site: int, variant: Variant) -> int | None:
@@ -131,13 +131,13 @@ class Capacity:
         return (
             self.cpu[site] >= variant.cpu - 1e-9
             and self.memory_mib[site] >= variant.memory_mib - 1e-9
-            and not (self.budgeted and self.power.item(site) < variant.watts - 1e-9)
+            and not (self.budgeted and self.power.item(site) < variant.watts - WATTS_SLACK)
             and self.gpu_group(site, variant) is not None
         )
 
     def power_short(self, site: int, variant: Variant) -> bool:
         """Whether ``site``'s power budget has too little left for one replica of ``variant``."""
-        return self.budgeted and self.power.item(site) < variant.watts - 1e-9
+        return self.budgeted and self.power.item(site) < variant.watts - WATTS_SLACK
 
     def take(self, site: int, variant: Variant, deployment: str, group: int | None = None) -> int | None:
         """Reserve one replica's resources for ``deployment``, in GPU group ``group`` if
@@ -146,7 +146,7 @@ class Capacity:
         cpu, memory = self.cpu.item(site), self.memory_mib.item(site)  # Python floats: cheaper
         if cpu < variant.cpu - 1e-9 or memory < variant.memory_mib - 1e-9:
             return None
-        if self.budgeted and self.power.item(site) < variant.watts - 1e-9:  # inline: the no-budget case pays one test
+        if self.budgeted and self.power.item(site) < variant.watts - WATTS_SLACK:  # inline: the no-budget case pays one test
             return None
         if not variant.gpus:
             group = -1

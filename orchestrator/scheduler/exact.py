@@ -38,7 +38,7 @@ import numpy as np
 from scipy import optimize, sparse
 
 from orchestrator.scheduler.capacity import Capacity, bound_gpu_models
-from orchestrator.scheduler.fleet import Fleet
+from orchestrator.scheduler.fleet import WATTS_SLACK, Fleet
 from orchestrator.scheduler.model import DEFAULT_WEIGHTS, Deployment, Replica, Site, Weights
 from orchestrator.scheduler.objective import evaluate, locate_demand, replica_cost
 from orchestrator.scheduler.result import Objective
@@ -160,7 +160,7 @@ def solve(
     for (s, k), terms in gpu_use.items():
         b.row(terms, -np.inf, float(fleet.gpu_count[s, k]))
     for s, terms in power_use.items():
-        b.row(terms, -np.inf, float(fleet.power[s]) + 1e-9)
+        b.row(terms, -np.inf, float(fleet.power[s]) + WATTS_SLACK)
     replicas, optimal, gap, message = _run(b, x_of, fleet, time_limit_s)
     return ExactResult(
         replicas=replicas,

@@ -19,6 +19,11 @@ from orchestrator.scheduler.model import DemandPoint, Deployment, Site, Tier, Va
 
 NEAREST_KEPT = 256  # sites remembered per demand point, nearest first
 
+#: Watts a budget may seem short by and still feed a replica: drawing thousands of replicas
+#: of a few watts from a budget one at a time leaves some 1e-8 W of float error, which a
+#: budget set to hold them exactly must not count against the last one.
+WATTS_SLACK = 1e-6
+
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -292,7 +297,7 @@ class Fleet:
             return cached
         fits = self.sized_mask(variant)
         if self.any_budget:
-            fits &= self.power >= variant.watts - 1e-9
+            fits &= self.power >= variant.watts - WATTS_SLACK
         self._hardware_cache[key] = fits
         return fits
 

@@ -143,3 +143,13 @@ def test_a_site_whose_budget_feeds_no_replica_is_no_spread_domain() -> None:
     assert (result.deployments["d"].placed, result.deployments["d"].status) == (2, Status.SCHEDULED), result.deployments["d"].reason
     assert violations(sites, [spread], result.as_running()) == []
     assert len(exact.solve(sites, [spread]).replicas) == 2
+
+
+def test_a_budget_that_feeds_exactly_n_replicas_takes_all_n_however_many_watts_are_drawn_down() -> None:
+    """Thousands of 3.4 W replicas drawn from a budget one at a time leave a few 1e-8 W of
+    float error: the last replica of a budget set to hold them exactly still fits."""
+    w = Variant("w", "onnx", cpu=0.5, memory_mib=64, throughput_rps=1000, power_watts=3.4)
+    hall = dataclasses.replace(site("hall", "paris", cpu=5000, memory_gib=1000), power_budget_watts=34_000.0)
+    d = deployment("d", variants=(w,), replicas=(10_000, 10_000), demand=(("paris", 100.0),))
+    result = plan([hall], [d])
+    assert per_site(result) == {"hall": 10_000}, result.deployments["d"].reason
