@@ -28,9 +28,15 @@ answering with the old until the new one loads). Only as many as the replacement
 the operator's new rules win at once. Never outside the deployment's residency, which is
 the law of where requests may go, not the operator's preference (a draining site keeps no
 such replica either); never on a lost site; and never past a site's capacity or power
-budget where the plan gives its room to another replica (``_fitting``). Decided purely
+budget (``_fitting``). Decided purely
 from the snapshot and the plan; level-based, so a pass repeated after a crash keeps the
 same: the kept rows are in the placement written.
+
+A kept replica's room is its own until its replacement serves: a plan that gives it to
+another deployment's newcomer is made again with the room held (``room_held``), and the
+newcomer goes elsewhere or waits (``Wait``), rather than callers losing the kept replica
+before its replacement answers. Planning twice costs a second plan only on the passes that
+would give such room away.
 """
 
 from __future__ import annotations
@@ -90,6 +96,37 @@ class Handover:
     def note(self) -> str:
         whose = "its replacement serves" if self.replicas == 1 else "their replacements serve"
         return f"{_replicas(self.replicas)} on site {self.site} until {whose}"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Replicas of a deployment the plan would put on ``sites`` but for the room replicas
+    kept there until replaced hold (``room_held``): they come once those are replaced."""
+
+    sites: tuple[str, ...]
+    replicas: int
+    schedulable: bool  # with them, as many replicas as the deployment needs are placed
+
+    def note(self) -> str:
+        which = "1 replica waits" if self.replicas == 1 else f"{self.replicas} replicas wait"
+        return (f"{which} for room on site {', '.join(self.sites)}, held by replicas moved off it "
+                "until their replacements serve")
+
+
+def waits(first: sched_result.PlanResult, second: sched_result.PlanResult,
+          held: Mapping[str, object]) -> dict[str, Wait]:
+    """Per deployment, its replicas that ``first`` (the plan that gave the room away) put on
+    a site whose room is ``held``, and ``second`` (the plan with it held) placed nowhere."""
+    out: dict[str, Wait] = {}
+    for name, plan in second.deployments.items():
+        gone = Counter(r.site for r in first.replicas if r.deployment == name and r.site in held)
+        gone.subtract(r.site for r in second.replicas if r.deployment == name)
+        before = first.deployments.get(name)
+        n = min(sum(n for n in gone.values() if n > 0), (before.placed if before is not None else 0) - plan.placed)
+        if n > 0:
+            out[name] = Wait(tuple(sorted(site for site, k in gone.items() if k > 0)), n,
+                             before is not None and before.status != sched_result.Status.UNSCHEDULABLE)
+    return out
 
 
 @dataclass(frozen=True)
@@ -154,13 +191,18 @@ def _why_stuck(plan: sched_result.DeploymentPlan) -> str:
     return plan.shortfall.cause if plan.shortfall is not None else "no other allowed site has room"
 
 
-def keep_until_replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
-                        ready: Callable[[store_mod.PlacementRow, str], int]
-                        ) -> tuple[tuple[store_mod.PlacementRow, ...], dict[str, Progress], dict[str, tuple[Handover, ...]]]:
-    """The plan's ``rows`` with the replicas it takes off a site kept there until their
-    replacements serve; each draining site's progress; per deployment, the replicas kept
-    on sites that do not drain (a move: see the module's docstring). ``ready(row, model)``:
-    how many of a placement row's replicas answer now (``planning.row_ready``)."""
+@dataclass(frozen=True)
+class _Leaving:
+    """What a plan takes off sites that a pass keeps until replaced, before any room is counted."""
+
+    drained: list[store_mod.PlacementRow]  # kept on draining sites
+    moving: list[tuple[store_mod.PlacementRow, int]]  # kept on the others, where they fit (``_fitting``)
+    waiting: dict[str, list[str]]
+    stuck: dict[str, list[Stuck]]
+
+
+def _leaving(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
+             ready: Callable[[store_mod.PlacementRow, str], int]) -> _Leaving:
     draining = draining_sites(s)
     forced = frozenset(site for site in draining if s.maintenance[site].force)
     mine: dict[str, list[store_mod.PlacementRow]] = {}
@@ -178,10 +220,7 @@ def keep_until_replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows:
         off = row.replicas - planned[(row.deployment, row.site, row.variant)]
         if off > 0 and (row.deployment, row.site) not in in_place and _may_keep(s, row):
             there.setdefault(row.deployment, []).append(store_mod.PlacementRow(row.deployment, row.site, row.variant, off))
-    kept: list[store_mod.PlacementRow] = []
-    moving: list[tuple[store_mod.PlacementRow, int]] = []
-    waiting: dict[str, list[str]] = {site: [] for site in draining}
-    stuck: dict[str, list[Stuck]] = {site: [] for site in draining}
+    out = _Leaving([], [], {site: [] for site in draining}, {site: [] for site in draining})
     for name, old in sorted(there.items()):
         d, plan = s.deployment_by_name.get(name), result.deployments.get(name)
         if d is None or plan is None:  # deleted, or its Model is: nothing of it runs anywhere
@@ -191,27 +230,61 @@ def keep_until_replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows:
         short = max(0, plan.wanted - plan.placed)  # of those kept, the ones with nowhere to go
         replacing = 0  # replacements that do not serve yet, of those the drain waits for
         for row, n, held in _kept([r for r in old if r.site in draining], keep, short, forced):
-            kept.append(store_mod.PlacementRow(row.deployment, row.site, row.variant, n))
+            out.drained.append(store_mod.PlacementRow(row.deployment, row.site, row.variant, n))
             if held:
-                stuck[row.site].append(Stuck(name, held, _why_stuck(plan)))
+                out.stuck[row.site].append(Stuck(name, held, _why_stuck(plan)))
             if n > held:
-                waiting[row.site].append(name)
+                out.waiting[row.site].append(name)
             replacing += n - held
         # A replica moved waits only for a replacement the plan placed: with none to come,
         # it leaves as the plan says (the operator's rules no longer want it there).
         pending = max(0, min(keep, plan.placed - serving) - replacing)
-        moving.extend((row, n) for row, n, _ in _kept([r for r in old if r.site not in draining], pending, 0))
+        out.moving.extend((row, n) for row, n, _ in _kept([r for r in old if r.site not in draining], pending, 0))
+    return out
+
+
+def keep_until_replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
+                        ready: Callable[[store_mod.PlacementRow, str], int]
+                        ) -> tuple[tuple[store_mod.PlacementRow, ...], dict[str, Progress], dict[str, tuple[Handover, ...]]]:
+    """The plan's ``rows`` with the replicas it takes off a site kept there until their
+    replacements serve; each draining site's progress; per deployment, the replicas kept
+    on sites that do not drain (a move: see the module's docstring). ``ready(row, model)``:
+    how many of a placement row's replicas answer now (``planning.row_ready``)."""
+    leaving = _leaving(s, result, rows, ready)
+    kept = list(leaving.drained)
     handed: dict[str, list[Handover]] = {}
-    for row, n in _fitting(s, result, moving):
+    for row, n in _fitting(s, result, leaving.moving):
         kept.append(store_mod.PlacementRow(row.deployment, row.site, row.variant, n))
         handed.setdefault(row.deployment, []).append(Handover(row.site, row.variant, n))
-    placed = planned + Counter({(row.deployment, row.site, row.variant): row.replicas for row in kept})  # one row per key
-    out = tuple(store_mod.PlacementRow(*key, n) for key, n in sorted(placed.items()))
+    planned = Counter[tuple[str, str, str]]()
+    for row in (*rows, *kept):  # one row per key
+        planned[(row.deployment, row.site, row.variant)] += row.replicas
+    out = tuple(store_mod.PlacementRow(*key, n) for key, n in sorted(planned.items()))
     left = Counter[str]()
     for row in kept:
         left[row.site] += row.replicas
-    progress = {site: Progress(site, left[site], tuple(dict.fromkeys(waiting[site])), tuple(stuck[site])) for site in sorted(draining)}
+    progress = {site: Progress(site, left[site], tuple(dict.fromkeys(leaving.waiting[site])), tuple(leaving.stuck[site]))
+                for site in sorted(leaving.waiting)}
     return out, progress, {name: tuple(h) for name, h in handed.items()}
+
+
+def room_held(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
+              ready: Callable[[store_mod.PlacementRow, str], int]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Per site, the replicas (deployment, variant) kept there until replaced whose room a
+    plan must leave them, when ``result`` gives some of it to another deployment's newcomers;
+    empty when it gives none. The room is theirs until their replacements serve: planned
+    again without it (``planning.schedule_pass``), the newcomers go elsewhere or wait,
+    instead of the kept replicas leaving their callers before their replacements answer.
+    A deployment's own replacement on the same site (a data centre's variant switch) is no
+    newcomer here: where both do not fit, the old one leaves as before."""
+    moving = _leaving(s, result, rows, ready).moving
+    held = _fitting(s, result, moving, rivals=False)
+    if sum(n for _, n in held) <= sum(n for _, n in _fitting(s, result, moving)):
+        return {}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for row, n in held:
+        out.setdefault(row.site, []).extend([(row.deployment, row.variant)] * n)
+    return {site: tuple(pairs) for site, pairs in out.items()}
 
 
 def _may_keep(s: snap.Snapshot, row: store_mod.PlacementRow) -> bool:
@@ -235,13 +308,15 @@ def _variant(s: snap.Snapshot, deployment: str, name: str) -> schema.Variant | N
     return next((v for v in model.variants if v.name == name), None) if model is not None else None
 
 
-def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tuple[store_mod.PlacementRow, int]]
-             ) -> list[tuple[store_mod.PlacementRow, int]]:
+def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tuple[store_mod.PlacementRow, int]],
+             rivals: bool = True) -> list[tuple[store_mod.PlacementRow, int]]:
     """Of the ``moving`` replicas, those that may stay on their sites beside what the plan
     puts there: all of them on a site where the plan places no replica that was not there
     before (it runs what it ran, if over a budget just lowered, which its status shows),
     else those that fit with the newcomers in its capacity and power budget. A site is never
-    run past either for a replica the plan gave their room to: the moved one goes at once."""
+    run past either for a replica the plan gave their room to: the moved one goes at once
+    (and the pass plans again with its room held: ``room_held``). ``rivals``: whether the
+    newcomers of deployments that move none off the site count."""
     if not moving:
         return []
     names = sorted({row.site for row, _ in moving})
@@ -257,9 +332,10 @@ def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tup
         return variants[(deployment, name)]
     arrived: set[str] = set()
     placed: dict[str, list[tuple[str, sched_model.Variant]]] = {}
+    leaving = {(row.deployment, row.site) for row, _ in moving}
     for r in result.replicas:
         v = variant(r.deployment, r.variant)
-        if r.site in fleet.index and v is not None:
+        if r.site in fleet.index and v is not None and (rivals or r.kept or (r.deployment, r.site) in leaving):
             placed.setdefault(r.site, []).append((r.deployment, v))
             if not r.kept:
                 arrived.add(r.site)

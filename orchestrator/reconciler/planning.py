@@ -97,25 +97,31 @@ def schedule(s: snap.Snapshot) -> sched_result.PlanResult:
 
 
 def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
-                  ) -> tuple[sched_result.PlanResult, standing_mod.Standing | None]:
+                  ) -> tuple[sched_result.PlanResult, standing_mod.Standing | None, dict[str, drain.Wait]]:
     """``schedule`` for a reconcile pass, with the plan in force of the one before.
 
     When ``standing`` is that plan (the same deployments, every replica where it put it)
     and only sites were lost or came back, it is repaired: the lost replicas move, nothing
     else does, in milliseconds. Otherwise a full plan; one that changes nothing becomes
-    the standing plan the next pass may repair (the placement is at rest)."""
+    the standing plan the next pass may repair (the placement is at rest). One that gives
+    the room of replicas kept until replaced to newcomers is made again with that room
+    held: the replicas each deployment waits for meanwhile (``maintenance.room_held``)."""
     sites, deployments, current = scheduler_inputs(s)
     if standing is not None and standing.stands_for(deployments, current):
         repaired = standing.repair(sites)
         if repaired is not None:
-            return repaired, standing
+            return repaired, standing, {}
     result = planner.plan(sites, deployments, current)
+    held = drain.room_held(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model))
+    if held:  # the plan's newcomers there go elsewhere or wait
+        second = planner.plan(scheduler_inputs(s, held)[0], deployments, current)
+        return second, None, drain.waits(result, second, held)
     if result.actions:
-        return result, None
+        return result, None, {}
     try:
-        return result, standing_mod.Standing(sites, deployments, current)
+        return result, standing_mod.Standing(sites, deployments, current), {}
     except ValueError:  # cannot happen for a plan at rest; the next pass plans in full
-        return result, None
+        return result, None, {}
 
 
 def drain_preview(s: snap.Snapshot, site: str) -> dict[str, Any]:
@@ -124,17 +130,23 @@ def drain_preview(s: snap.Snapshot, site: str) -> dict[str, Any]:
     return drain.preview(s, site, schedule(dataclasses.replace(s, maintenance={**s.maintenance, site: draining})))
 
 
-def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sched_model.Deployment], list[sched_model.Replica]]:
+def scheduler_inputs(s: snap.Snapshot, kept: Mapping[str, Iterable[tuple[str, str]]] | None = None
+                     ) -> tuple[list[sched_model.Site], list[sched_model.Deployment], list[sched_model.Replica]]:
+    """The scheduler's sites, deployments and replicas; ``kept``: per site, the replicas
+    (deployment, variant) kept there until replaced, whose room the site keeps for them
+    (``maintenance.room_held``)."""
     deployments = [inventory.to_deployment(d, s.models[d.spec.model], _autoscaled(s, d.name)) for d in s.deployments if d.spec.model in s.models]
     planned = {d.name for d in deployments}
     current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
     held = _held(s.rejoining | s.maintenance.keys(), deployments, current)
     cordoned = {name for name, m in s.maintenance.items() if not m.draining}
     draining = s.maintenance.keys() - cordoned
+    variants = {(d.name, v.name): v for d in deployments for v in d.variants}
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name),
                                [v for _, v in held[r.name]] if r.name in s.rejoining else None,
                                cordoned=_staying(r, held[r.name], deployments) if r.name in cordoned else None,
-                               draining=r.name in draining)
+                               draining=r.name in draining,
+                               held=[variants[pair] for pair in (kept or {}).get(r.name, ()) if pair in variants])
              for r in s.sites]
     return sites, deployments, current
 
@@ -392,12 +404,14 @@ def row_ready(s: snap.Snapshot, row: store_mod.PlacementRow, model: str | None) 
 
 def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_result.DeploymentPlan | None,
                       mine: list[store_mod.PlacementRow], rolling: rollout.Rollout | None = None,
-                      stays: Collection[drain.Stay] = (), handovers: Collection[drain.Handover] = ()) -> dict[str, Any]:
+                      stays: Collection[drain.Stay] = (), handovers: Collection[drain.Handover] = (),
+                      wait: drain.Wait | None = None) -> dict[str, Any]:
     """What ``get``/``describe`` show for ``d``; ``mine`` are its placement rows, ``stays``
     its replicas a drain keeps for want of another allowed site: placed and serving still,
     they count, and the deployment is short of nothing while they stay. ``handovers``: its
     replicas kept on sites the plan moved them off until their replacements serve, which
-    leave the counts (their replacements are counted) and keep it Progressing."""
+    leave the counts (their replacements are counted) and keep it Progressing. ``wait``: its
+    replicas that wait for room such replicas hold, which come once they leave: Progressing too."""
     if plan is None:
         return {"phase": "Invalid", "reason": f"Model {d.spec.model!r} does not exist", "observedGeneration": d.generation}
     problems: list[str] = []  # make the deployment Failing
@@ -428,7 +442,9 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
         why = "" if placed >= plan.wanted else f"{placed} of {plan.wanted} placed"
         if placed >= plan.wanted:
             phase = str(sched_result.Status.SCHEDULED)
-    notes.extend(x.note() for x in handovers)
+    notes.extend(x.note() for x in (*handovers, *([wait] if wait else [])))
+    if wait is not None and wait.schedulable and phase == "Unschedulable":
+        phase, why = "Progressing", f"{placed} of {plan.wanted} placed"
     if phase != "Unschedulable" and (ready < placed or handovers):
         phase = "Progressing" if not problems else "Failing"
     elif phase == "Scheduled" and ready >= placed:
@@ -506,7 +522,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     or a data centre: a Ray dashboard's calls take seconds, and until the table is replaced
     the gateway routes by the last one, to a replica the placement just took away (a
     stricter residency's, say)."""
-    result, standing = schedule_pass(s, standing)
+    result, standing, waits = schedule_pass(s, standing)
     rows, drains, handovers = drain.keep_until_replaced(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model))
     assigned, rollouts = edge_assignments(s, rows)
     rows_of: dict[str, list[store_mod.PlacementRow]] = {}
@@ -519,7 +535,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     stays = drain.stays(drains)
     for d in s.deployments:
         status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []), rollouts.get(d.name),
-                                   stays.get(d.name, ()), handovers.get(d.name, ()))
+                                   stays.get(d.name, ()), handovers.get(d.name, ()), waits.get(d.name))
         statuses.append(act.SetStatus("ModelDeployment", d.name, status))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
         if status["phase"] == "Progressing":

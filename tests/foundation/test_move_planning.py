@@ -87,16 +87,25 @@ def _placed(s: snap.Snapshot) -> snap.Snapshot:
     return dataclasses.replace(s, placements=_rows(planning.plan_pass(s), s))
 
 
-def test_a_moved_replica_stays_only_where_its_room_is_not_given_to_another() -> None:
+def test_a_moved_replica_keeps_its_room_from_a_deployment_placed_beside_it() -> None:
     before = _placed(_edge_fleet(("first", "m1", "a")))
     assert {(r.deployment, r.site) for r in before.placements} == {("first", "edge-a")}
     moved = _edge_fleet(("first", "m1", "b"))
     rows = _rows(planning.plan_pass(dataclasses.replace(moved, placements=before.placements)), moved)
     assert {(r.deployment, r.site) for r in rows} == {("first", "edge-a"), ("first", "edge-b")}  # kept on edge-a meanwhile
-    # a deployment placed on edge-a in the same pass takes the room: the site never holds both
-    crowded = _edge_fleet(("first", "m1", "b"), ("second", "m2", "a"))
-    rows = _rows(planning.plan_pass(dataclasses.replace(crowded, placements=before.placements)), crowded)
-    assert {(r.deployment, r.site) for r in rows} == {("first", "edge-b"), ("second", "edge-a")}
+    # a deployment new to edge-a, which cannot hold both, waits for the room: edge-a's callers
+    # keep the moved replica until its replacement serves, and the site never holds both
+    crowded = dataclasses.replace(_edge_fleet(("first", "m1", "b"), ("second", "m2", "a")), placements=before.placements)
+    plan = planning.plan_pass(crowded)
+    rows = _rows(plan, crowded)
+    assert {(r.deployment, r.site) for r in rows} == {("first", "edge-a"), ("first", "edge-b")}
+    assert plan.result.deployments["second"].placed == 0
+    status = _deployment_status(plan, "second")
+    assert status["phase"] == "Progressing", status  # it comes once the room is free: not Unschedulable
+    assert "1 replica waits for room on site edge-a" in str(status["reason"]), status
+    # level-based: the pass repeated before the replacement serves decides the same
+    again = dataclasses.replace(crowded, placements=rows)
+    assert _rows(planning.plan_pass(again), again) == rows
 
 
 def test_a_replica_moved_off_a_lowered_power_budget_stays_until_its_replacement_serves() -> None:
@@ -184,12 +193,21 @@ def _gpu_fleet(*deployments: tuple[str, str, str]) -> snap.Snapshot:
         *(manifests.deployment(n, m, 1, {"siteSelector": {"zone": z}}) for n, m, z in deployments))))
 
 
-def test_a_replica_kept_until_replaced_never_takes_gpus_the_plan_gave_to_newcomers() -> None:
+def test_a_replica_kept_until_replaced_holds_its_gpu_until_its_replacement_serves() -> None:
     before = _gpu_fleet(("mover", "m-one", "a"))
     before = dataclasses.replace(before, placements=_rows(planning.plan_pass(before), before))
     assert [(r.deployment, r.site) for r in before.placements] == [("mover", "dc-x")]
-    # mover now belongs in zone b, and two newcomers fill dc-x's 3 GPUs (1 + 2)
-    after = dataclasses.replace(_gpu_fleet(("mover", "m-one", "b"), ("alpha", "m-one", "a"), ("beta", "m-two", "a")),
-                                placements=before.placements)
-    on_x = {r.deployment: r.replicas for r in _on(_rows(planning.plan_pass(after), after), "dc-x")}
-    assert on_x == {"alpha": 1, "beta": 1}  # mover's replica is not kept past the GPUs dc-x has
+    # mover now belongs in zone b, and three newcomers want dc-x's 3 GPUs: the card mover
+    # holds is not theirs until mover's replacement serves, so one of them waits
+    newcomers = [(name, "m-one", "a") for name in ("alpha", "beta", "gamma")]
+    after = dataclasses.replace(_gpu_fleet(("mover", "m-one", "b"), *newcomers), placements=before.placements)
+    plan = planning.plan_pass(after)
+    rows = _rows(plan, after)
+    on_x = {r.deployment: r.replicas for r in _on(rows, "dc-x")}
+    assert on_x.pop("mover") == 1 and sum(on_x.values()) == 2, rows  # never past the GPUs dc-x has
+    assert {r.deployment: r.replicas for r in _on(rows, "dc-y")} == {"mover": 1}
+    assert sorted(plan.result.deployments[name].placed for name, _, _ in newcomers) == [0, 1, 1]
+    # once mover serves in dc-y, its room on dc-x goes to the newcomer that waited
+    serving = _serving(dataclasses.replace(after, placements=rows))
+    on_x = {r.deployment: r.replicas for r in _on(_rows(planning.plan_pass(serving), serving), "dc-x")}
+    assert on_x == {"alpha": 1, "beta": 1, "gamma": 1}
