@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -355,33 +356,60 @@ def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tup
     return out
 
 
+def _replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
+              ready: Callable[[store_mod.PlacementRow, str], int]) -> Counter[tuple[str, str, str]]:
+    """Per (deployment, site, variant), the replicas moved off a site that does not drain
+    which leave it in this pass because their replacements serve: those a pass would keep
+    were none of the deployment's replicas serving yet, and this one keeps no more."""
+    def kept(moving: list[tuple[store_mod.PlacementRow, int]]) -> Counter[tuple[str, str, str]]:
+        return Counter({(row.deployment, row.site, row.variant): n for row, n in _fitting(s, result, moving)})
+    return kept(_leaving(s, result, rows, lambda row, model: 0).moving) - kept(_leaving(s, result, rows, ready).moving)
+
+
 def events(s: snap.Snapshot, result: sched_result.PlanResult, rows: Iterable[store_mod.PlacementRow],
-           logged: Iterable[store_mod.Event]) -> tuple[store_mod.Event, ...]:
-    """The placement's events (``logged``, from the plan) as a drain makes them true: a
-    replica moved off a draining site is logged as placed where it goes when it is, and
-    as removed from the draining site when it leaves it (its replacement serves), not
-    both at once when the plan first moves it."""
+           logged: Iterable[store_mod.Event], ready: Callable[[store_mod.PlacementRow, str], int]) -> tuple[store_mod.Event, ...]:
+    """The placement's events (``logged``, from the plan) as make before break makes them
+    true: a replica moved off a site that keeps it until its replacement serves is logged as
+    its replacement placed where it goes, and as removed from the site it leaves when it
+    leaves (its replacement serves: said so, with the plan's reason for the move), not both
+    at once when the plan first moves it. ``ready`` as for ``keep_until_replaced``."""
+    rows = tuple(rows)
     draining = _holding(s)
-    if not draining:
-        return tuple(logged)
+    plan = Counter((r.deployment, r.site, r.variant) for r in result.replicas)
+    planned = tuple(store_mod.PlacementRow(*key, n) for key, n in sorted(plan.items()))
     before = Counter[tuple[str, str, str]]()
     for row in s.placements:
         before[(row.deployment, row.site, row.variant)] += row.replicas
     after = Counter[tuple[str, str, str]]()
     for row in rows:
         after[(row.deployment, row.site, row.variant)] += row.replicas
+    staying = Counter[tuple[str, str]]()  # replicas kept until replaced on sites that do not drain
+    for (deployment, site, _), n in (after - plan).items():
+        if site not in draining:
+            staying[(deployment, site)] += n
+    replaced = _replaced(s, result, planned, ready)
+    if not draining and not staying and not replaced:
+        return tuple(logged)
     added = after - before
     out: list[store_mod.Event] = []
     for e in logged:
         if e.action == "replica-removed" and e.details.get("site") in draining:
             continue
-        if e.action == "replica-moved" and e.details.get("from") in draining:
+        source = str(e.details.get("from"))
+        if e.action == "replica-moved" and (source in draining or staying[(e.name, source)] > 0):
+            if source not in draining:
+                staying[(e.name, source)] -= 1
             key = (e.name, str(e.details.get("to")), str(e.details.get("variant")))
             if added[key] > 0:
                 added[key] -= 1
-                out.append(store_mod.Event(e.actor, "replica-placed", e.kind, e.name,
-                                           f"replacing a replica on site {e.details['from']}, which is draining",
-                                           {"site": key[1], "variant": key[2]}))
+                why = (f"replacing a replica on site {source}, which is draining" if source in draining else
+                       f"replacing a replica on site {source}, which stays until this one serves: {e.reason}")
+                out.append(store_mod.Event(e.actor, "replica-placed", e.kind, e.name, why, {"site": key[1], "variant": key[2]}))
+            continue
+        key = (e.name, str(e.details.get("site")), str(e.details.get("variant")))
+        if e.action == "replica-removed" and replaced[key] > 0:
+            replaced[key] -= 1
+            out.append(dataclasses.replace(e, reason=f"replaced by {_serving_elsewhere(s, rows, key, ready)}, serving ({e.reason})"))
             continue
         out.append(e)
     for (deployment, site, variant), n in sorted((before - after).items()):
@@ -391,6 +419,14 @@ def events(s: snap.Snapshot, result: sched_result.PlanResult, rows: Iterable[sto
             out.extend(store_mod.Event(ACTOR, "replica-removed", "ModelDeployment", deployment, why,
                                        {"site": site, "variant": variant}) for _ in range(n))
     return tuple(out)
+
+
+def _serving_elsewhere(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow], key: tuple[str, str, str],
+                       ready: Callable[[store_mod.PlacementRow, str], int]) -> str:
+    """Where the deployment of a replica that leaves (``key``: deployment, site, variant) serves now, but there."""
+    d = s.deployment_by_name[key[0]]
+    return ", ".join(sorted({r.site for r in rows if r.deployment == key[0] and (r.site, r.variant) != key[1:]
+                             and ready(r, d.spec.model)})) or "its other replicas"
 
 
 def site_status(s: snap.Snapshot, site: str, progress: Mapping[str, Progress], serves: bool) -> dict[str, Any]:

@@ -211,3 +211,23 @@ def test_a_replica_kept_until_replaced_holds_its_gpu_until_its_replacement_serve
     serving = _serving(dataclasses.replace(after, placements=rows))
     on_x = {r.deployment: r.replicas for r in _on(_rows(planning.plan_pass(serving), serving), "dc-x")}
     assert on_x == {"alpha": 1, "beta": 1, "gamma": 1}
+
+
+def _events(plan: planning.PassPlan) -> list[tuple[str, str, dict[str, Any]]]:
+    (recorded,) = [a for a in plan.actions if isinstance(a, act.RecordPlacement)]
+    return [(e.action, e.reason, dict(e.details)) for e in recorded.events]
+
+
+def test_a_moved_replica_is_logged_as_replaced_when_its_replacement_serves() -> None:
+    before = _gpu_fleet(("mover", "m-one", "a"))
+    before = dataclasses.replace(before, placements=_rows(planning.plan_pass(before), before))
+    after = dataclasses.replace(_gpu_fleet(("mover", "m-one", "b")), placements=before.placements)
+    first = planning.plan_pass(after)
+    # the move starts: its replacement is placed, the replica it replaces stays
+    ((action, reason, details),) = _events(first)
+    assert (action, details) == ("replica-placed", {"site": "dc-y", "variant": "gpu"}), reason
+    assert reason.startswith("replacing a replica on site dc-x, which stays until this one serves"), reason
+    serving = _serving(dataclasses.replace(after, placements=_rows(first, after)))
+    ((action, reason, details),) = _events(planning.plan_pass(serving))
+    assert (action, details) == ("replica-removed", {"site": "dc-x", "variant": "gpu"})
+    assert reason == "replaced by dc-y, serving (site dc-x no longer matches the site selector)", reason
