@@ -74,8 +74,8 @@ class StoreFollower:
         cascades the leader published replace this gateway's, and artifact versions nothing
         uses any more are forgotten.
 
-        A table read is the leader's word on this replica's agents lost more than an agent's
-        loss time before the read: by then the leader heard of the loss (relayed within a
+        A table read is the leader's word on this replica's agents lost more than the agent's
+        loss time (its own heartbeat interval × missed heartbeats) before the read: by then the leader heard of the loss (relayed within a
         second; with the relay down, it declares them lost itself once their heartbeats stop
         coming) and wrote a table that lists them down, so a later one that lists them healthy
         saw them back (rejoined elsewhere). The table held is taken again for such a mark when
@@ -113,7 +113,7 @@ class StoreFollower:
                 if leader is not None and not self.elector.leading and self.relay_client is not None:
                     leader_version, body = leader
                     self.relay_client.follow(relay.Leader.from_json(body))  # ValueError: logged below, read again when it changes
-                heard_before = self.table.clock() - self.hub.heartbeat_interval * self.hub.missed_heartbeats
+                heard_before = self._heard_before()
                 got = await self.store.run(self.store.published, wire.PUBLISHED_KEY, table_version)
                 if got is not None and not self.elector.leading:
                     table_version, body = got
@@ -131,6 +131,20 @@ class StoreFollower:
                 await self._forget_unused_versions()
             except store_mod.StoreError as exc:
                 log.warning("following the store (artifact versions in use): %s", exc)
+
+    def _heard_before(self) -> Callable[[str], float]:
+        """Per URL, when a loss marked here must have been marked for the leader to have heard
+        of it by now: its agent's loss time before now, by the agent's own heartbeat interval
+        (an agent may be started with another than the hub's default, and the leader declares
+        it lost by that one), or by the hub's default for a URL no agent here has."""
+        now, missed = self.table.clock(), self.hub.missed_heartbeats
+        own: dict[str, float] = {}
+
+        def heard_before(url: str) -> float:
+            if not own:  # asked only while a loss is marked: the agents are listed then, once per read
+                own.update((a.endpoint_url.rstrip("/"), now - a.heartbeat_interval * missed) for a in self.hub.snapshot())
+            return own.get(url, now - self.hub.heartbeat_interval * missed)
+        return heard_before
 
     async def _forget_lost_agents_of_deleted_sites(self) -> None:
         """A follower forgets its lost agents whose Site is no longer stored, as the leader's

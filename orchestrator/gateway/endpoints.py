@@ -56,6 +56,15 @@ class LaidOut:
     indices: dict[Selection, replica_index.ReplicaIndex | None] = field(default_factory=dict)
 
 
+#: When a loss marked here must have been marked for another replica to have heard of it by
+#: now: one time for all, or per URL (:meth:`EndpointTable.replace`'s ``heard_before``).
+HeardBefore = float | Callable[[str], float]
+
+
+def _at(heard_before: HeardBefore, url: str) -> float:
+    return heard_before(url) if callable(heard_before) else heard_before
+
+
 def listing_order(e: routing.Endpoint) -> tuple[str, str, str, str]:
     """How a model's endpoints are listed (ties in routing are broken by site before this)."""
     return e.model, e.deployment, e.site, e.url
@@ -112,7 +121,7 @@ class EndpointTable:
                 deployed: dict[str, str] | None = None, cold: Iterable[str] | None = None,
                 read_since: float | None = None, pending: Iterable[str] | None = None,
                 starting: Iterable[str] | None = None, health_since: float | None = None,
-                followed: bool = False, heard_before: float | None = None) -> None:
+                followed: bool = False, heard_before: HeardBefore | None = None) -> None:
         """The new table. ``read_since``: when the pass that made it began reading the store
         (:attr:`clock` time); pending notes made before then are dropped, as that pass saw
         their deployments (it placed them, or says in ``deployed`` why it could not).
@@ -122,7 +131,9 @@ class EndpointTable:
         ``health_since``: when the endpoints' health was read (default ``read_since``);
         URLs marked down before then are routed as the table says, those marked since stay
         down. ``followed``: the table is another replica's (its marks are its own), its word
-        on every loss marked here before ``heard_before`` (None: on none)."""
+        on every loss marked here before ``heard_before`` (None: on none; per URL where it is
+        a function of the URL: agents heartbeat at intervals of their own, and the other
+        replica takes as long to hear of each one's loss)."""
         if health_since is None:
             health_since = read_since
         endpoints = list(endpoints)
@@ -131,7 +142,7 @@ class EndpointTable:
         if followed and self._down:
             listed = {e.url for e in endpoints if e.healthy}
             self._down = {url: at for url, at in self._down.items()
-                          if url in listed and (heard_before is None or at >= heard_before)}
+                          if url in listed and (heard_before is None or at >= _at(heard_before, url))}
         grouped: dict[str, list[routing.Endpoint]] = {}
         for e in endpoints:
             if e.healthy and e.url in self._down:
@@ -176,9 +187,9 @@ class EndpointTable:
             return True
         return False
 
-    def marked_before(self, at: float) -> bool:
-        """Whether a URL marked down before ``at`` is still marked."""
-        return any(marked < at for marked in self._down.values())
+    def marked_before(self, at: HeardBefore) -> bool:
+        """Whether a URL marked down before ``at`` (per URL where it is a function) is still marked."""
+        return any(marked < _at(at, url) for url, marked in self._down.items())
 
     def mark_up(self, url: str) -> None:
         """The agent at ``url`` is back: the tables that follow route to it as they say."""

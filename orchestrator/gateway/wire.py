@@ -250,7 +250,7 @@ def apply_delta(old: TableContents, doc: Mapping[str, Any]) -> TableContents:
     )
 
 
-def apply(table: endpoints_mod.EndpointTable, c: TableContents, heard_before: float | None = None) -> None:
+def apply(table: endpoints_mod.EndpointTable, c: TableContents, heard_before: endpoints_mod.HeardBefore | None = None) -> None:
     """Replace ``table``'s contents with ``c`` (cold-start waiters for models that now have an
     endpoint wake); ``heard_before``: see :meth:`~orchestrator.gateway.endpoints.EndpointTable.replace`."""
     table.set_cascades(dict(c.cascades))

@@ -11,6 +11,7 @@ import pathlib
 from orchestrator import following, leadership
 from orchestrator.agents import auth as agent_auth
 from orchestrator.agents import hub as hub_mod
+from orchestrator.agents import model as agent_model
 from orchestrator.artifacts import catalog as artifacts_mod
 from orchestrator.gateway import endpoints, routing, wire
 from orchestrator.reconciler import datacentres as dc_mod
@@ -69,3 +70,37 @@ async def test_a_followers_lost_agent_that_rejoined_elsewhere_is_routed_to_again
 
 def healthy_at(table: endpoints.EndpointTable, url: str) -> bool:
     return any(e.healthy for e in table.endpoints("intent") if e.url == url)
+
+
+async def test_a_followers_mark_on_its_lost_agent_lasts_the_agents_own_loss_time(tmp_path: pathlib.Path) -> None:
+    """The follower's own agent, which heartbeats every 0.75 s where the hub's default is
+    0.25 s, is lost and marked down in its gateway; the leader, not told (its relay is down),
+    declares it lost only once 4 of the agent's own intervals pass without a heartbeat, and
+    its tables list it healthy meanwhile. The follower routes to it again only after those
+    3 s, not after 4 of the hub's default intervals (1 s), while it is still lost."""
+    store = store_mod.Store(tmp_path / "state.db")
+    lease = store.acquire_lease(leadership.LEASE, "leader", 60.0)
+    assert lease is not None
+    hub = hub_mod.AgentHub(agent_auth.InMemoryJoinAuthenticator(["tok"]), heartbeat_interval=0.25, missed_heartbeats=4)
+    hub.join(agent_model.JoinApplication("edge-paris", "tok", None, "", URL, agent_model.Location(), {}, "test", 0.75,
+                                         agent_model.Capacity(cpu_cores=4, memory_total_bytes=8 << 30)))
+    table = endpoints.EndpointTable()
+    reconciler = loop.Reconciler(store, hub, dc_mod.DataCentres(dc_mod.LocalRay()),
+                                 artifacts_mod.ArtifactCatalog((tmp_path,), "http://cp"), table)
+    elector = leadership.Elector(store, "follower", 60.0, on_gain=lambda lease: None, on_lose=lambda why: None)  # never run: it follows
+    follower = following.StoreFollower(store, elector, hub, table, reconciler, None, lambda lease: None, lambda: None)
+    reads = asyncio.create_task(follower.run(every_s=0.02))
+    try:
+        store.publish(wire.PUBLISHED_KEY, table_text(ENDPOINT), lease=lease)
+        await harness.wait_until(lambda: healthy_at(table, URL), 10, interval=0.01, what="the follower to route to the agent")
+        table.mark_down(URL)  # its own agent, lost (as the server marks it at the hub's LOST event)
+        marked = table.clock()
+        lyon = dataclasses.replace(ENDPOINT, site="edge-lyon", url="http://10.0.0.2:9000")
+        store.publish(wire.PUBLISHED_KEY, table_text(ENDPOINT, lyon), lease=lease)  # the leader's, still listing it healthy
+        await harness.wait_until(lambda: len(table.endpoints("intent")) == 2, 10, interval=0.01, what="the leader's next table")
+        assert not healthy_at(table, URL)
+        await harness.wait_until(lambda: healthy_at(table, URL), 10, interval=0.01, what="the leader's word on the agent")
+        assert table.clock() - marked >= 0.75 * hub.missed_heartbeats
+    finally:
+        reads.cancel()
+        store.close()
