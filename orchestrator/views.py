@@ -7,7 +7,7 @@ applied), so ``plan`` shows exactly what the next pass would do with the same in
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -112,16 +112,19 @@ def _replica_gpus(s: snap.Snapshot, deployment: str, variant: str) -> dict[str, 
 
 
 def placements(s: snap.Snapshot | None, rows: Iterable[Any]) -> dict[str, Any]:
+    rows = list(rows)
+    holding = {(r.deployment, r.site) for r in (*rows, *(s.placements if s is not None else ()))}
     items = []
     for r in rows:
         item: dict[str, Any] = {"deployment": r.deployment, "site": r.site, "variant": r.variant, "replicas": r.replicas}
         if s is not None:
-            item.update(_replica_state(s, r))
+            item.update(_replica_state(s, r, holding))
         items.append(item)
     return {"items": items}
 
 
-def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
+def _replica_state(s: snap.Snapshot, row: Any, holding: Collection[tuple[str, str]]) -> dict[str, Any]:
+    """What one placement row's replicas do; ``holding``: the (deployment, site) pairs placed."""
     site = s.site_by_name.get(row.site)
     if site is None:
         return {"state": "SiteGone"}
@@ -137,10 +140,16 @@ def _replica_state(s: snap.Snapshot, row: Any) -> dict[str, Any]:
         if agent is None:
             return {"state": "NoAgent", "ready": 0, "reason": "no edge agent has joined this site"}
         state = agent.models.get(deployment.spec.model) if deployment else None
-        if state is not None and state.deployment not in ("", row.deployment):
-            return {"state": "Conflict", "ready": 0,
-                    "reason": f"not sent: the agent serves model {state.name} for deployment {state.deployment} "
-                              "(an agent serves a model once, for the first deployment by name)"}
+        if state is not None and state.deployment not in ("", row.deployment) and not ready:
+            # A conflict only while the other deployment holds the site: one deleted or moved
+            # away hands the loaded model over at the agent's next assignment.
+            if state.deployment in s.deployment_by_name and (state.deployment, row.site) in holding:
+                return {"state": "Conflict", "ready": 0,
+                        "reason": f"not sent: the agent serves model {state.name} for deployment {state.deployment} "
+                                  "(an agent serves a model once, for the first deployment by name)"}
+            return unsent or {"state": "Assigned", "ready": 0,
+                              "reason": f"the agent serves model {state.name} for deployment {state.deployment}, "
+                                        "which no longer holds this site, until it takes this one"}
         if state is None:
             return unsent or {"state": "Assigned", "ready": 0, "reason": "sent to the agent, which has not reported the model yet"}
         out = {"state": state.phase.value if agent.healthy else "AgentUnhealthy", "ready": ready, "provider": state.provider}

@@ -152,6 +152,35 @@ def test_a_second_deployment_of_a_model_the_agent_serves_for_another_is_a_confli
     assert [planning.row_ready(s, r, "intent-classifier") for r in rows] == [1, 0]
 
 
+@pytest.mark.parametrize("sent", [False, True])
+def test_a_deployment_taking_over_a_deleted_ones_model_on_an_agent_is_no_conflict(sent: bool) -> None:
+    """intent-eu is deleted and intent-eu-next, of the same model, applied in one change: its
+    replica takes the agent's model over. Until the agent's next heartbeat names the new
+    deployment, the agent serves the model for the deleted one, which holds no site any
+    more: no Conflict. Once the new deployment's assignment is sent (the very bytes the agent
+    serves), the replica answers for it."""
+    s = example_snapshot(examples())
+    old = next(d for d in s.deployments if d.name == "intent-eu")
+    new = dataclasses.replace(old, name="intent-eu-next")
+    sha = "35831637b80bdd36f96771ab77bf514a108f89a6d67ea078d044bfcc8b228703"
+    state = agent_model.ModelState("intent-classifier", sha, agent_model.ModelPhase.READY, serving_sha256=sha, deployment=old.name,
+                                   variant="distilled")
+    agent = agent_model.AgentStatus("edge-lyon", "agt-1", "http://127.0.0.1:9", True, 0.0, 0.0, agent_model.Location("FR", "", None, None),
+                                    {}, "test", agent_model.Capacity(8, 32 << 30, (), ("CPUExecutionProvider",)), ("CPUExecutionProvider",),
+                                    0, 0.0, 16 << 30, {"intent-classifier": state}, 0, 0.5)
+    rows = (store_mod.PlacementRow(new.name, "edge-lyon", "distilled", 1),)
+    assignment = agent_model.Assignment("intent-classifier", new.name, "distilled", "http://cp/a", sha)
+    s = dataclasses.replace(s, deployments=tuple(new if d.name == old.name else d for d in s.deployments), agents=(agent,),
+                            placements=rows, assignments={"edge-lyon": (assignment,)} if sent else {})
+    (shown,) = views.placements(s, rows)["items"]
+    assert shown["state"] != "Conflict", shown
+    if sent:
+        assert (shown["state"], shown["ready"]) == ("READY", 1), shown
+    else:
+        assert (shown["state"], shown["ready"]) == ("Assigned", 0), shown
+        assert f"for deployment {old.name}" in shown["reason"], shown
+
+
 def test_a_replica_on_a_site_awaited_after_a_restart_is_rejoining_not_without_agent() -> None:
     s = example_snapshot(examples())
     rows = [store_mod.PlacementRow("intent-eu", "edge-lyon", "distilled", 1)]
