@@ -349,7 +349,9 @@ def parse_model(obj: store_mod.StoredObject) -> schema.ModelSpec:
 def register_agent_site(store: store_mod.Store, site: str, agent_id: str, location: agent_model.Location,
                         labels: Mapping[str, str]) -> None:
     """An agent joined a site nobody declared: record it as an edge Site from what it
-    reports, or log why it cannot be scheduled."""
+    reports, or log why it cannot be scheduled. Create-only: the caller read "not declared"
+    in an earlier transaction, and an operator's declaration applied since (another thread,
+    another replica) stands; the agent's guess never replaces it."""
     actor = f"agent:{agent_id}"
     if not location.country or location.lat is None or location.lon is None:
         store.record(store_mod.Event(actor, "site-undeclared", "Site", site,
@@ -359,7 +361,9 @@ def register_agent_site(store: store_mod.Store, site: str, agent_id: str, locati
                                         **({"region": location.region} if location.region else {})}}
     try:
         schema.SiteSpec.model_validate(doc)
-        store.apply([store_mod.ObjectWrite("Site", site, dict(labels), doc)],
+        store.apply([store_mod.ObjectWrite("Site", site, dict(labels), doc, expected_version=0)],
                     store_mod.Event(actor, "register", "Site", site, "site registered by its agent on join"))
+    except store_mod.Conflict:  # declared meanwhile: the declaration is the Site, and it is scheduled
+        return
     except (ValueError, store_mod.StoreError) as exc:
         store.record(store_mod.Event(actor, "site-undeclared", "Site", site, f"cannot register: {exc}"))
