@@ -18,7 +18,9 @@ What it does, in order, and why nothing is published otherwise:
    normal apply path, so the deployment's ``spec.rollout`` canaries it to the edge. The
    Model is read again at that moment and only the artifact changes, applied over the
    version read (``resourceVersion``): a change made during the run is never undone, and
-   one made in between is a conflict in the result. One run per deployment at a time.
+   one made in between is a conflict in the result. The caller's token is looked up again
+   in the store at that moment: one revoked (on any replica) or expired during the run
+   publishes nothing (``failed``). One run per deployment at a time.
 
 The result's ``state`` says how the run ended: ``published``, ``rejected`` (the gate kept
 the serving student), ``failed`` (``error`` says why) or ``stopped``: the control plane
@@ -200,6 +202,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         caller = await authenticator.admit(request, write=True, needs="distillation needs 'admin'")
         if isinstance(caller, Response):
             return caller
+        secret = auth.bearer_secret(request.headers.get("authorization"))  # checked again before the run publishes
         name = request.path_params["deployment"]
         try:
             raw = await bodies.read_body(request, MAX_BODY)
@@ -269,6 +272,9 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                       "liveEscalationRateBefore": live.get("escalationRate"), **result}
             if result["published"]:
                 def publish() -> catalog.ApplyResult:
+                    # from the store, not the verdicts kept a few seconds: another replica's revocation counts at once
+                    if secret is not None and store.verify_token(secret, "api") is None:
+                        raise Refused("the token that started the run was revoked or has expired since")
                     # the Model as it is now, not as it was before training; in a thread, as the API's
                     # applies: it may wait for one of them to be written
                     model_obj = store.get("Model", plan["spec"].model)

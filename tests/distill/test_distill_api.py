@@ -73,8 +73,9 @@ class Plane:
                                                 stamp))
         self.captures.zone("EU").add(records)
 
-    def app(self, artifacts: ArtifactCatalog | None = None) -> Starlette:
-        return Starlette(routes=distill_api.routes(auth.Authenticator(self.store, required=False), self.store, self.captures,
+    def app(self, artifacts: ArtifactCatalog | None = None, *, tokens: bool = False) -> Starlette:
+        """``tokens``: the API needs a bearer token, as on a non-loopback address."""
+        return Starlette(routes=distill_api.routes(auth.Authenticator(self.store, required=tokens), self.store, self.captures,
                                                    artifacts or ArtifactCatalog((self.artifacts,)), lambda _: None, lambda: {"items": []},
                                                    clock=lambda: NOW))
 
@@ -138,10 +139,11 @@ async def serving(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-async def run_while(http: httpx.AsyncClient, meanwhile: Callable[[], Awaitable[None]]) -> dict[str, Any]:
-    """POST a run; call ``meanwhile`` once it trains; its result."""
+async def run_while(http: httpx.AsyncClient, meanwhile: Callable[[], Awaitable[None]], token: str | None = None) -> dict[str, Any]:
+    """POST a run (with bearer ``token``); call ``meanwhile`` once it trains; its result."""
     result: dict[str, Any] = {}
-    async with http.stream("POST", "/v1/distill/task", json={"epochs": 60}) as resp:
+    headers = {"authorization": f"Bearer {token}"} if token is not None else {}
+    async with http.stream("POST", "/v1/distill/task", json={"epochs": 60}, headers=headers) as resp:
         assert resp.status_code == 200
         async for line in resp.aiter_lines():
             item = json.loads(line) if line.strip() else {}
@@ -184,6 +186,24 @@ async def test_a_run_whose_serving_student_was_replaced_meanwhile_publishes_noth
         result = await run_while(http, meanwhile)
     assert not result["published"] and "changed during the run" in result["error"], result
     assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == other
+
+
+async def test_a_run_whose_admin_token_is_revoked_meanwhile_publishes_nothing(plane: Plane) -> None:
+    """Revoking a leaked admin token stops what it started: revoked on another replica (this
+    process keeps its verdict a few seconds), the run still publishes no new edge artifact."""
+    plane.capture(2000)
+    secret, token = plane.store.create_token("api", "admin", None, "test", "leaked")
+    before = plane.store.get("Model", "task").spec["variants"][0]["artifact"]
+
+    async def meanwhile() -> None:
+        assert plane.store.revoke_token(token.id, "token:other-admin", "leaked")
+    async with serving(plane.app(tokens=True)) as http:
+        result = await run_while(http, meanwhile, secret)
+    assert not result["published"] and result["state"] == "failed", result
+    assert "revoked or has expired" in result["error"], result
+    assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == before
+    [event] = [e for e in plane.store.events(limit=100) if e.action == "distill"]
+    assert event.reason.startswith("not published: the new Model was not applied: the token"), event.reason
 
 
 async def test_a_run_whose_artifacts_lie_on_a_mount_that_stalls_leaves_the_store_to_other_callers(
