@@ -13,8 +13,9 @@
   back and sends heartbeats: that empty table is no fleet's, and a gateway that took it
   would answer "not deployed" for models its replicas serve. A gateway of any version
   keeps routing with the table it has meanwhile; the one-shot answer is a 503 then. The token is checked again before
-  each event after the snapshot: once it is revoked or expires, the stream ends (and a
-  reconnect gets 401).
+  each event after the first (the heartbeats while the snapshot is held back, and the
+  snapshot, included): once it is revoked or expires, the stream ends (and a reconnect
+  gets 401).
 - ``GET /v1/whoami``: who the bearer token is (200) or 401: a gateway with
   ``--gateway-auth token`` checks its callers' tokens with it.
 - ``POST /v1/wake/{model}``: a request for a model scaled to zero reached a standalone
@@ -146,9 +147,12 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, publisher:
         return endpoint
 
     async def stream(authorization: str | None) -> AsyncIterator[bytes]:
+        # admitted just now: the first event needs no second look at the token, every later one does
         while not publisher.published and not publisher.closed:  # no table of the fleet yet: nothing to send but liveness
             yield publisher.heartbeat()
             await publisher.wait_change(publisher.version, heartbeat_s)
+            if not await authenticator.still_valid(authorization):  # revoked while it waited: not the table it waited for
+                return
         if publisher.closed:
             return
         seen = publisher.version

@@ -22,12 +22,16 @@ HEARTBEAT_S = 0.1
 
 
 @asynccontextmanager
-async def watch_server(store: store_mod.Store) -> AsyncIterator[str]:
-    """The watch routes on loopback behind uvicorn, with auth on and quick heartbeats; yields the base URL."""
-    table = endpoints.EndpointTable()
-    table.replace([])  # a control plane after its first pass: the watch sends its snapshot at once
-    publisher = watch_api.TablePublisher(table)
-    app = Starlette(routes=watch_api.routes(auth.Authenticator(store, required=True), store, publisher, heartbeat_s=HEARTBEAT_S))
+async def watch_server(store: store_mod.Store, publisher: watch_api.TablePublisher | None = None,
+                       authenticator: auth.Authenticator | None = None) -> AsyncIterator[str]:
+    """The watch routes on loopback behind uvicorn, with auth on and quick heartbeats; yields the base URL.
+    Without ``publisher``, that of a control plane after its first pass: the watch sends its snapshot at once."""
+    if publisher is None:
+        table = endpoints.EndpointTable()
+        table.replace([])
+        publisher = watch_api.TablePublisher(table)
+    authenticator = authenticator or auth.Authenticator(store, required=True)
+    app = Starlette(routes=watch_api.routes(authenticator, store, publisher, heartbeat_s=HEARTBEAT_S))
     try:
         async with loopback.serving(app) as port:
             yield f"http://127.0.0.1:{port}"
@@ -66,5 +70,32 @@ async def test_the_watch_of_a_token_ends_once_it_is_revoked_or_expired(tmp_path:
                 assert '"heartbeat"' in await anext(kept)  # another token's watch is untouched
             again = await http.get("/v1/endpoints", params={"watch": "1"}, headers={"authorization": f"Bearer {secret}"})
             assert again.status_code == 401
+    finally:
+        store.close()
+
+
+async def test_a_token_revoked_while_its_watch_waits_for_the_first_table_is_never_sent_it(tmp_path: pathlib.Path) -> None:
+    """A replica that has no table yet (a follower before it read the leader's) holds the
+    snapshot back and sends heartbeats: a token revoked meanwhile ends the watch there, and
+    the fleet's table, once it comes, goes to no one on that token."""
+    store = store_mod.Store(tmp_path / "state.db")
+    secret, info = store.create_token("api", "read", None, "admin", "standalone gateway")
+    table = endpoints.EndpointTable()  # no table yet
+    publisher = watch_api.TablePublisher(table)
+    authenticator = auth.Authenticator(store, required=True)
+    try:
+        async with watch_server(store, publisher, authenticator) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            async with http.stream("GET", "/v1/endpoints?watch=1", headers={"authorization": f"Bearer {secret}"}) as mine:
+                assert mine.status_code == 200
+                lines = mine.aiter_lines()
+                assert '"heartbeat"' in await anext(lines)
+                store.revoke_token(info.id, "admin", "leaked in a CI log")
+                authenticator.forget_tokens()  # as the replica that revokes it does
+                table.replace([])  # the first table comes
+                publisher.publish()
+                rest: list[str] = []
+                async with asyncio.timeout(50 * HEARTBEAT_S):
+                    rest.extend([line async for line in lines])
+                assert not any('"snapshot"' in line for line in rest), rest
     finally:
         store.close()
