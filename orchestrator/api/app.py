@@ -79,6 +79,17 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
 Handler = Callable[[Request, auth.Caller], Awaitable[Response]]
 
 
+def store_refusal(request: Request, exc: store_mod.StoreError, caller: auth.Caller) -> JSONResponse:
+    """What every route answers when the store refuses its call (:func:`auth.store_refusal`:
+    503 with Retry-After while the database is unreachable, read-only or full, else 500),
+    with the log saying what the store said where the caller is not told it."""
+    if not isinstance(exc, store_mod.StoreUnavailable):  # refused for what it is (a constraint, a bug): a retry gets the same
+        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+    elif not caller.may_write():  # told only to retry
+        log.warning("%s %s by %s: %s", request.method, request.url.path, caller.identity, exc)
+    return auth.store_refusal(exc, caller)
+
+
 def build_routes(services: Services) -> list[BaseRoute]:
     store = services.store
     started = time.monotonic()  # before the gateway answers: its counters start here
@@ -102,13 +113,8 @@ def build_routes(services: Services) -> list[BaseRoute]:
                 return error(404, str(exc))
             except (store_mod.Conflict, catalog.InUse) as exc:
                 return error(409, str(exc))
-            except store_mod.StoreUnavailable as exc:  # the database unreachable, read-only or full: retry later
-                if not caller.may_write():  # told only to retry (auth.store_refusal): the log says what the store said
-                    log.warning("%s %s by %s: %s", request.method, request.url.path, caller.identity, exc)
-                return auth.store_refusal(exc, caller)
-            except store_mod.StoreError as exc:  # refused for what it is (a constraint, a bug): a retry gets the same
-                log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
-                return auth.store_refusal(exc, caller)
+            except store_mod.StoreError as exc:
+                return store_refusal(request, exc, caller)
 
         return endpoint
 

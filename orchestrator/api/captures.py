@@ -8,7 +8,10 @@ an operator shows a data protection officer.
 - ``GET /v1/captures/{zone}?deployment=NAME&limit=N`` — the newest N (1 to 10,000) record summaries (no payloads);
   ``&payload=true`` adds the base64 request and answer bodies. The zone's expired records
   are purged first (each deployment's current retention).
-- ``DELETE /v1/captures/{zone}/{id}`` — erase one record (a data subject's request).
+- ``DELETE /v1/captures/{zone}/{id}`` — erase one record (a data subject's request). Its
+  audit event is written first: an erasure the event log cannot take now is not made
+  (503 with Retry-After, as every route answers a store that does not answer; asking again
+  erases it), so the log never misses one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog, reasons
+from orchestrator.api import app as api_app
 from orchestrator.api import auth, paging
 from orchestrator.distill import store as capture_store
 from orchestrator.store import sqlite as store_mod
@@ -43,7 +47,10 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             if zone not in captures.zones():
                 return JSONResponse({"error": f"no captured data in zone {zone!r} (zones: {', '.join(captures.zones()) or 'none'})"},
                                     status_code=404)
-            return await handler(request, caller)
+            try:
+                return await handler(request, caller)
+            except store_mod.StoreError as exc:
+                return api_app.store_refusal(request, exc, caller)
         return endpoint
 
     async def read(request: Request, caller: auth.Caller) -> Response:
@@ -81,11 +88,13 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
 
     async def delete(request: Request, caller: auth.Caller) -> Response:
         zone, record_id = request.path_params["zone"].upper(), request.path_params["id"]
-        deleted = await asyncio.to_thread(captures.zone(zone).delete, record_id)
+        records = captures.zone(zone)
+        held = await asyncio.to_thread(records.holds, record_id)
+        # the audit first (two databases: no transaction holds both): a failed write of it leaves the record, to erase again
         await store.run(store.record, store_mod.Event(caller.identity, "capture-delete", "CapturedRecord", record_id,
                                                       reasons.from_header(request.headers.get(reasons.HEADER), "erasure request"),
-                                                      {"zone": zone, "deleted": deleted}))
-        if not deleted:
+                                                      {"zone": zone, "deleted": held}))
+        if not (held and await asyncio.to_thread(records.delete, record_id)):  # (or erased meanwhile, by a purge)
             return JSONResponse({"error": f"no record {record_id!r} in zone {zone}"}, status_code=404)
         return JSONResponse({"zone": zone, "id": record_id, "action": "deleted"})
 

@@ -140,6 +140,10 @@ class ZoneStore:
             rows = self._db.execute(sql + " ORDER BY captured_at, id LIMIT ?", [*args, limit]).fetchall()
         return [Record(*row) for row in rows]
 
+    def holds(self, record_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone() is not None
+
     def count(self, deployment: str | None = None, *, model: str | None = None) -> int:
         sql, args = _of("SELECT COUNT(*) FROM records WHERE 1", [], deployment, model)
         with self._lock:

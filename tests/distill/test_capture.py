@@ -474,6 +474,44 @@ def test_only_an_admin_reads_or_deletes_and_it_is_audited(tmp_path: pathlib.Path
     store.close()
 
 
+def filled(store: store_mod.Store) -> None:
+    """The state store's disk is full: no page beyond those it has, and no room left in them."""
+    store._db.execute("PRAGMA max_page_count = 1")  # type: ignore[attr-defined]  # (as many as it has: it never shrinks)
+    for i in range(100_000):
+        try:
+            store.record(store_mod.Event("test", "filler", "Site", f"filler-{i}", "x" * 400))
+        except store_mod.StoreUnavailable:
+            return
+    raise AssertionError("the store never filled")
+
+
+def test_an_erasure_the_event_log_cannot_take_is_not_made_and_is_answered_503(tmp_path: pathlib.Path) -> None:
+    """Every erasure is in the audit trail: while the state store cannot write its event (a
+    full disk here; a failover, a stalled database), the record stays and the caller is told
+    to ask again (503, Retry-After), as every route answers then; asked again, it is erased
+    and logged."""
+    store = store_mod.Store(tmp_path / "state.db")
+    stores = capture_store.ZoneStores(tmp_path / "captures")
+    record = record_of("dep", "EU", 0.0)
+    stores.zone("EU").add([record])
+    app = Starlette(routes=captures_api.routes(auth.Authenticator(store, required=False), store, stores, clock=lambda: 1000.0))
+    try:
+        filled(store)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            refused = client.delete(f"/v1/captures/EU/{record.id}")
+            assert refused.status_code == 503 and refused.headers.get("retry-after"), (refused.status_code, refused.text[:300])
+            assert "full" in refused.json()["error"]
+            assert stores.zone("EU").count() == 1  # not erased unlogged
+            store._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]  # room again
+            assert client.delete(f"/v1/captures/EU/{record.id}").status_code == 200
+        assert stores.zone("EU").count() == 0
+        audit = [(e.name, e.details) for e in store.events(0, 100_000) if e.action == "capture-delete"]
+        assert audit == [(record.id, {"zone": "EU", "deleted": True})], audit
+    finally:
+        stores.close()
+        store.close()
+
+
 def test_records_a_zone_cannot_write_are_counted_and_logged_once_per_error(tmp_path: pathlib.Path,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     """A zone whose store cannot be written (here its file is a directory) lost every record

@@ -206,6 +206,15 @@ async def test_a_run_whose_admin_token_is_revoked_meanwhile_publishes_nothing(pl
     assert event.reason.startswith("not published: the new Model was not applied: the token"), event.reason
 
 
+def test_a_run_asked_for_while_the_store_does_not_answer_is_told_to_ask_again(plane: Plane) -> None:
+    plane.capture(300)
+    plane.store.threads.close()  # what the store's calls meet while it is closing
+    with TestClient(plane.app(), raise_server_exceptions=False) as client:
+        resp = client.post("/v1/distill/task", json={"epochs": 1})
+    assert resp.status_code == 503 and resp.headers.get("retry-after"), (resp.status_code, resp.text[:300])
+    assert "closed" in resp.json()["error"]
+
+
 async def test_a_run_whose_artifacts_lie_on_a_mount_that_stalls_leaves_the_store_to_other_callers(
         task: cascade_task.Task, tmp_path: pathlib.Path) -> None:
     """Looking up the serving student (on a network mount that stopped answering, say) is
