@@ -233,15 +233,11 @@ def delete_site_abandoning(store: store_mod.Store, name: str, *, actor: str, rea
     the Serve applications it left (they run on, owned by nothing, if their cluster is still
     there): for a data centre whose cluster is gone for good, whose removal would otherwise be
     tried forever. ``keep_site``: only those left on targets the Site was moved away from.
-    Whether the Site was deleted; :class:`NotFound` when neither it nor a removal was left."""
-    try:
-        if not keep_site:
-            store.delete("Site", name, store_mod.Event(actor, "delete", "Site", name, reason))
-        deleted = not keep_site
-    except store_mod.NotFound:
-        deleted = False
-    abandoned = store.abandon_deleted_site(name, store_mod.Event(
-        actor, "applications-abandoned", "Site", name, reason, {"note": "its Serve applications are no longer removed"}))
+    Both in one transaction: a store that fails the second keeps the Site as well. Whether
+    the Site was deleted; :class:`NotFound` when neither it nor a removal was left."""
+    deleted, abandoned = store.abandon_deleted_site(
+        name, store_mod.Event(actor, "applications-abandoned", "Site", name, reason, {"note": "its Serve applications are no longer removed"}),
+        deleting=None if keep_site else store_mod.Event(actor, "delete", "Site", name, reason))
     if not (deleted or abandoned):
         if keep_site:
             raise store_mod.NotFound(f"no removal of the applications Site {name!r} left elsewhere is pending")

@@ -119,17 +119,16 @@ def forget(store: SqlStore, site: DeletedSite, lease: Lease | None = None) -> No
             db.execute(store._q(f"DELETE FROM {table} WHERE name = ? AND version = ?"), (site.name, site.version))
 
 
-def abandon(store: SqlStore, name: str, event: Event) -> bool:
+def abandon(store: SqlStore, db: Any, name: str, event: Event, now: float) -> bool:
     """An operator gives up removing the applications Site ``name`` left behind (their
     cluster is gone for good): its records go, every target it left, with ``event``,
     and no replica tries again. False when there was none."""
-    with store._tx() as db:
-        if not any(store._one(db, f"SELECT name FROM {table} WHERE name = ?", (name,)) for table in ("deleted_sites", "left_targets")):
-            return False
-        db.execute(store._q("DELETE FROM deleted_sites WHERE name = ?"), (name,))
-        db.execute(store._q("DELETE FROM left_targets WHERE name = ?"), (name,))
-        store._changed(db, "resources")
-        store._log(db, event, store._clock())
+    if not any(store._one(db, f"SELECT name FROM {table} WHERE name = ?", (name,)) for table in ("deleted_sites", "left_targets")):
+        return False
+    db.execute(store._q("DELETE FROM deleted_sites WHERE name = ?"), (name,))
+    db.execute(store._q("DELETE FROM left_targets WHERE name = ?"), (name,))
+    store._changed(db, "resources")
+    store._log(db, event, now)
     return True
 
 

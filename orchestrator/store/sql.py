@@ -337,10 +337,17 @@ class SqlStore(Credentials):
         """Its applications are removed: the record goes, unless the Site was deleted again since."""
         datacentre_records.forget(self, site, lease)
 
-    def abandon_deleted_site(self, name: str, event: Event) -> bool:
+    def abandon_deleted_site(self, name: str, event: Event, deleting: Event | None = None) -> tuple[bool, bool]:
         """An operator gives up removing the applications Site ``name`` left behind: its
-        records go, every target it left, with ``event``. False when there was none."""
-        return datacentre_records.abandon(self, name, event)
+        records go, every target it left, with ``event``. With ``deleting``, the Site is
+        deleted first if it is still stored (and its targets given up with the rest), in the
+        same transaction: both or neither. (Whether it was deleted, whether any was left.)"""
+        now = self._clock()
+        with self._tx() as db:
+            deleted = deleting is not None and self._delete(db, "Site", name, deleting, now, missing_ok=True) is not None
+            if deleted:
+                self._changed(db, "resources")
+            return deleted, datacentre_records.abandon(self, db, name, event, now)
 
     # --- placement intent ------------------------------------------------------------
 

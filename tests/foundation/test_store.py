@@ -520,7 +520,7 @@ def test_a_datacentre_site_moved_off_its_target_keeps_the_old_one_until_its_appl
     a.apply([write("dc", other)])  # back: its apply takes the applications there over
     a.apply([write("dc", {"tier": "edge"})])
     assert [d.target for d in b.deleted_sites()] == ["kubernetes c ns", "ray http://ray:8265", "kubernetes c other"]
-    assert a.abandon_deleted_site("dc", Event("alice", "applications-abandoned", "Site", "dc", "gone"))
+    assert a.abandon_deleted_site("dc", Event("alice", "applications-abandoned", "Site", "dc", "gone")) == (False, True)
     assert b.deleted_sites() == []
 
 
