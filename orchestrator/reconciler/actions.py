@@ -50,6 +50,9 @@ class SetStatus:
     kind: str
     name: str
     status: Mapping[str, Any]
+    #: When the object the status was worked out from was stored: one of that name deleted
+    #: and applied again since is another, and is not given it. None: whichever is stored.
+    created_at: float | None = None
 
 
 @dataclass(frozen=True)

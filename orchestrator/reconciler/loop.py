@@ -294,9 +294,9 @@ class Reconciler:
         unreadable = {(kind, name): why for kind, (_, bad) in read.items() for name, why in bad.items()}
         unreadable.update(((maintenance_mod.KIND, name), why) for name, why in bad_maintenance.items())
         return snap.Desired(
-            tuple(snap.SiteRecord(n, dict(by_name["Site", n].labels), spec) for n, spec in read["Site"][0].items()),
+            tuple(snap.SiteRecord(n, dict((o := by_name["Site", n]).labels), spec, o.created_at) for n, spec in read["Site"][0].items()),
             read["Model"][0],
-            tuple(snap.DeploymentRecord(n, (o := by_name["ModelDeployment", n]).generation, spec, store_mod.capture_since(o))
+            tuple(snap.DeploymentRecord(n, (o := by_name["ModelDeployment", n]).generation, spec, store_mod.capture_since(o), o.created_at)
                   for n, spec in read["ModelDeployment"][0].items()),
             unreadable, maintenance)
 
@@ -538,7 +538,8 @@ class Reconciler:
             case act.ApplyServeApps(site, apps, drift):
                 await self.dc_sync.apply(site, apps, drift)
             case act.SetStatuses(items):
-                await self.store.run(self.store.set_statuses, [(i.kind, i.name, i.status) for i in items], lease=self.lease)
+                await self.store.run(self.store.set_statuses, [(i.kind, i.name, i.status) for i in items], lease=self.lease,
+                                     created={(i.kind, i.name): i.created_at for i in items if i.created_at is not None})
             case act.PublishEndpoints(endpoints, regions, deployed, cold, starting):
                 self.table.replace(endpoints, regions, dict(deployed), cold, read_since=self._read_since, starting=starting)
                 self.publisher.table_changed()

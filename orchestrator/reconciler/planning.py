@@ -538,7 +538,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     for d in s.deployments:
         status = deployment_status(s, d, result.deployments.get(d.name), rows_of.get(d.name, []), rollouts.get(d.name),
                                    stays.get(d.name, ()), handovers.get(d.name, ()), waits.get(d.name))
-        statuses.append(act.SetStatus("ModelDeployment", d.name, status))
+        statuses.append(act.SetStatus("ModelDeployment", d.name, status, d.created_at))
         deployed[d.spec.model] = f"deployment {d.name} is {status['phase']}: {status['reason']}"
         if status["phase"] == "Progressing":
             starting.add(d.spec.model)
@@ -546,7 +546,8 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
             cold.add(d.spec.model)  # scaled to zero, or on its way up from zero
     power = power_mod.site_power(s, rows)
     statuses.extend(act.SetStatus("Site", r.name, {**site_status(s, r), **({"power": power[r.name]} if r.name in power else {}),
-                                                   **drain.site_status(s, r.name, drains, r.name in drains and still_serving(s, r.name))})
+                                                   **drain.site_status(s, r.name, drains, r.name in drains and still_serving(s, r.name))},
+                                  r.created_at)
                     for r in s.sites)
     out: list[act.Action] = []
     if rows != tuple(s.placements):

@@ -24,6 +24,9 @@ class SiteRecord:
     name: str
     labels: Mapping[str, str]
     spec: schema.SiteSpec
+    #: Which Site of its name was read: when it was stored (the store's clock), so that the
+    #: pass's status for it lands on no other (:class:`~orchestrator.reconciler.actions.SetStatus`).
+    created_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class DeploymentRecord:
     #: created, or its capture last turned on again, as stored (``store.capture_since``: its
     #: captured records are stamped with it); None for one not stored yet (a preview's).
     created: float | None = None
+    #: Which deployment of its name was read, as :attr:`SiteRecord.created_at`.
+    created_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -298,9 +298,13 @@ class SqlStore(Credentials):
         """Record observed status; returns False when the object is gone. Does not bump generation."""
         return self.set_statuses([(kind, name, status)]) == 1
 
-    def set_statuses(self, statuses: Sequence[tuple[str, str, Mapping[str, Any]]], lease: Lease | None = None) -> int:
+    def set_statuses(self, statuses: Sequence[tuple[str, str, Mapping[str, Any]]], lease: Lease | None = None,
+                     created: Mapping[tuple[str, str], float] | None = None) -> int:
         """Record many observed statuses in one transaction, writing only those that
-        changed; objects that are gone are skipped. Returns how many objects exist.
+        changed; objects that are gone are skipped, and so is one whose ``created`` time
+        (``StoredObject.created_at``, by kind and name) is not the stored one's: deleted and
+        applied again since, it is another object, which a status of the one read must not
+        describe. Returns how many objects exist.
         (A reconcile pass over 11,000 objects took 0.14-0.27 s one transaction each.) The
         current statuses are read a batch of names per statement, not one object each: the
         write lock is held meanwhile, and on PostgreSQL each statement is a round trip.
@@ -317,9 +321,10 @@ class SqlStore(Credentials):
                 for start in range(0, len(of_kind), _STATUS_BATCH):
                     batch = of_kind[start:start + _STATUS_BATCH]
                     marks = ", ".join("?" * len(batch))
-                    for row in db.execute(self._q(f"SELECT name, status FROM objects WHERE kind = ? AND name IN ({marks})"),
+                    for row in db.execute(self._q(f"SELECT name, status, created_at FROM objects WHERE kind = ? AND name IN ({marks})"),
                                           (kind, *batch)).fetchall():
-                        current[kind, row["name"]] = row["status"]
+                        if created is None or created.get((kind, row["name"]), row["created_at"]) == row["created_at"]:
+                            current[kind, row["name"]] = row["status"]
             changed = [(value, kind, name) for (kind, name), value in encoded.items()
                        if (kind, name) in current and current[kind, name] != value]
             if changed:

@@ -144,6 +144,18 @@ def test_statuses_of_a_pass_are_written_together_skipping_the_gone(store: Store)
     assert store.resource_version() == version  # status is not spec
 
 
+def test_a_status_of_an_object_deleted_and_created_again_since_it_was_read_is_not_written(store: Store, clock: FakeClock) -> None:
+    store.apply([write("a", {"x": 1}), write("b", {"x": 1})])
+    read = {("Site", o.name): o.created_at for o in store.list("Site")}
+    clock.now += 1
+    store.delete("Site", "a", WHO)
+    store.apply([write("a", {"x": 2})])
+    existing = store.set_statuses([("Site", "a", {"health": "Healthy"}), ("Site", "b", {"health": "Healthy"})], created=read)
+    assert existing == 1  # the "a" that was read is gone
+    a, b = store.get("Site", "a"), store.get("Site", "b")
+    assert a is not None and dict(a.status) == {} and b is not None and dict(b.status) == {"health": "Healthy"}
+
+
 def test_statuses_of_more_objects_than_one_read_takes_are_written_only_where_they_changed(store: Store) -> None:
     names = [f"s{i}" for i in range(1234)]  # more than one statement reads
     store.apply([write(n, {"x": 1}) for n in names])
