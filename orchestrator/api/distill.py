@@ -25,7 +25,9 @@ What it does, in order, and why nothing is published otherwise:
 The result's ``state`` says how the run ended: ``published``, ``rejected`` (the gate kept
 the serving student), ``failed`` (``error`` says why) or ``stopped``: the control plane
 stopping asks each run to stop at its next step (:meth:`Runs.stop`), which it does within
-the stop's grace, writing no artifact and changing no object, and records it so.
+the stop's grace, writing no artifact and changing no object, and records it so. A store
+that refuses the publish or the ``distill`` event still ends the stream with the result:
+``failed`` with why, and ``notRecorded`` when the event could not be written.
 """
 
 from __future__ import annotations
@@ -290,11 +292,22 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                     applied = await store.run(publish)
                 except (ManifestError, store_mod.Conflict, Refused, catalog.Unreadable) as exc:
                     result = {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
+                except store_mod.StoreUnavailable as exc:  # the write may have landed: the caller must look, not assume
+                    result = {**result, "published": False,
+                              "error": f"the store did not answer the new Model's apply, which may or may not have taken effect "
+                                       f"(see Model {plan['spec'].model!r}): {exc}"}
+                except store_mod.StoreError as exc:
+                    log.error("distill %s: publishing: %s", name, exc, exc_info=exc)
+                    result = {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
                 else:
                     result["generation"] = applied.outcomes[0].generation
                     changed(f"distill {name} by {caller.identity}")
             result.setdefault("state", state_of(result))
-            await store.run(store.record, store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
+            try:
+                await store.run(store.record, store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
+            except store_mod.StoreError as exc:  # the caller still gets the result it waited minutes for, saying so
+                log.warning("distill %s: the report was not recorded: %s", name, exc)
+                result["notRecorded"] = f"the distill event was not recorded: {exc}"
             return result
 
         # started here, not when the response streams: the run goes on (and ends, freeing the

@@ -477,12 +477,14 @@ def test_only_an_admin_reads_or_deletes_and_it_is_audited(tmp_path: pathlib.Path
 def filled(store: store_mod.Store) -> None:
     """The state store's disk is full: no page beyond those it has, and no room left in them."""
     store._db.execute("PRAGMA max_page_count = 1")  # type: ignore[attr-defined]  # (as many as it has: it never shrinks)
-    for i in range(100_000):
-        try:
-            store.record(store_mod.Event("test", "filler", "Site", f"filler-{i}", "x" * 400))
-        except store_mod.StoreUnavailable:
-            return
-    raise AssertionError("the store never filled")
+    for size in (400, 20, 0):  # then smaller, into what room the larger left
+        for i in range(100_000):
+            try:
+                store.record(store_mod.Event("test", "filler", "Site", f"filler-{size}-{i}", "x" * size))
+            except store_mod.StoreUnavailable:
+                break
+        else:
+            raise AssertionError("the store never filled")
 
 
 def test_an_erasure_the_event_log_cannot_take_is_not_made_and_is_answered_503(tmp_path: pathlib.Path) -> None:

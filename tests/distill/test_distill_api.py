@@ -26,6 +26,7 @@ from orchestrator.distill import store as capture_store
 from orchestrator.manifests import loader
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import cascade_task, loopback
+from tests.distill.test_capture import filled
 
 THRESHOLD = 0.9
 CAPTURE = {"sampleRate": 1.0, "dailyCap": 100_000, "retentionDays": 30, "zones": ["EU"]}
@@ -204,6 +205,23 @@ async def test_a_run_whose_admin_token_is_revoked_meanwhile_publishes_nothing(pl
     assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == before
     [event] = [e for e in plane.store.events(limit=100) if e.action == "distill"]
     assert event.reason.startswith("not published: the new Model was not applied: the token"), event.reason
+
+
+async def test_a_run_whose_publish_the_store_refuses_still_ends_with_its_result(plane: Plane) -> None:
+    """The state store's disk fills while the run trains: neither the new Model nor the
+    distill event can be written, and the caller is told so in the result line, where the
+    stream ended with none."""
+    plane.capture(2000)
+    before = plane.store.get("Model", "task").spec["variants"][0]["artifact"]
+
+    async def meanwhile() -> None:
+        await asyncio.to_thread(filled, plane.store)
+    async with serving(plane.app()) as http:
+        result = await run_while(http, meanwhile)
+    assert result.get("state") == "failed" and not result["published"], result
+    assert "may or may not have taken effect" in result["error"] and "full" in result["error"], result["error"]
+    assert "not recorded" in result["notRecorded"], result
+    assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == before
 
 
 def test_a_run_asked_for_while_the_store_does_not_answer_is_told_to_ask_again(plane: Plane) -> None:
