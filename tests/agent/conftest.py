@@ -10,12 +10,16 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 
 from edge_agent import daemon, httplistener, httpmessages, registry
 from orchestrator.agents import auth, hub, model, service
 from orchestrator.testing import onnx_models
+
+if TYPE_CHECKING:
+    from tests.agent import genai_serving
 
 TOKEN = "bootstrap-token-for-tests"
 SITE = "edge-paris-1"
@@ -118,6 +122,23 @@ def artifact_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Artifa
     )
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def packages(artifact_server: ArtifactServer) -> genai_serving.Packages:
+    """The generative tests' two chat packages, built once for the session."""
+    from tests.agent import genai_serving as serving  # here: that module takes this one's names
+
+    return serving.build_packages(artifact_server)
+
+
+@pytest.fixture
+async def small(control_plane: ControlPlane, make_agent: MakeAgent, packages: genai_serving.Packages) -> AsyncIterator[genai_serving.Serving]:
+    """An agent serving the fast chat package."""
+    from tests.agent import genai_serving as serving
+
+    async for s in serving.serve(control_plane, make_agent, packages.small_url, packages.small.sha256):
+        yield s
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from .conftest import ControlPlane, MakeAgent
-from .test_genai_openai import MODEL, USER, Packages, Serving, packages, serve  # noqa: F401 (packages: the fixture)
+from .genai_serving import MODEL, USER, Packages, Serving, serve
 
 PROMPT = {"model": MODEL, "prompt": "The agent"}
 CHAT = {"model": MODEL, "messages": USER}

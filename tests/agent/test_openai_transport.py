@@ -23,7 +23,7 @@ import pytest
 from orchestrator.agents import model
 
 from .conftest import SITE, ControlPlane, MakeAgent
-from .test_genai_openai import MODEL, USER, Packages, Serving, assignment, packages, wait_state  # noqa: F401 (packages: the fixture)
+from .genai_serving import MODEL, USER, Packages, Serving, assignment, wait_state
 from .test_httpserver import read_response
 from .test_openai_bad_input import error_of, still_serves
 
