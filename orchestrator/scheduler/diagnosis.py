@@ -14,7 +14,7 @@ import numpy as np
 
 from orchestrator import units
 from orchestrator.scheduler.capacity import Capacity
-from orchestrator.scheduler.fleet import Fleet
+from orchestrator.scheduler.fleet import WATTS_SLACK, Fleet
 from orchestrator.scheduler.model import ALL_TIERS, Deployment, Variant
 from orchestrator.scheduler.residency import EU_COUNTRIES
 from orchestrator.scheduler.result import Shortfall
@@ -162,8 +162,14 @@ def _resource_reason(fleet: Fleet, capacity: Capacity, variant: Variant, eligibl
     if capacity.budgeted:
         best = int(sites[np.argmax(capacity.power[sites])])
         if capacity.power_short(best, variant):
-            # the site with the most left is short: every site has a budget, all spent
-            head = "" if sites.size == 1 else f"the power budgets of all {sites.size} {where} are spent, the most left at "
+            # the site with the most left is short: every site has a budget, all spent, or
+            # none ever feeds one replica (a street cabinet's breaker below the model's draw)
+            if sites.size == 1:
+                return power_reason(fleet, capacity, best, variant)
+            if (fleet.power[sites] < variant.watts - WATTS_SLACK).all():
+                head = f"the power budgets of all {sites.size} {where} are too small for one replica, the largest at "
+                return head + power_reason(fleet, capacity, int(sites[np.argmax(fleet.power[sites])]), variant)
+            head = f"the power budgets of all {sites.size} {where} are spent, the most left at "
             return head + power_reason(fleet, capacity, best, variant)
         return f"no one site among {where} has the CPU, memory, GPU and power budget free together"
     return f"no one site among {where} has the CPU, memory and GPU free together"

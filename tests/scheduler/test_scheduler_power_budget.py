@@ -50,12 +50,15 @@ def test_replicas_of_several_deployments_stay_within_a_site_power_budget() -> No
         ([budgeted("lyon", "lyon", 20)], W24, 0, "site lyon: power budget 20 W, 0 W used, replica needs 24 W"),
         ([budgeted("lyon", "lyon", 50), budgeted("paris", "paris", 30)], W24, 3,
          "the power budgets of all 2 FR sites are spent, the most left at site paris: power budget 30 W, 24 W used, replica needs 24 W"),
+        # no budget feeds one replica: too small, not spent
+        ([budgeted("lyon", "lyon", 20), budgeted("paris", "paris", 12)], W24, 0,
+         "the power budgets of all 2 FR sites are too small for one replica, the largest at site lyon: power budget 20 W, 0 W used, replica needs 24 W"),
         # a data hall's megawatts in plain watts, every digit kept
         ([budgeted("hall", "paris", 1234567.8, tier="datacenter")],
          Variant("rack", "ray-serve", cpu=1, memory_mib=1024, power_watts=300000.5), 4,
          "site hall: power budget 1234567.8 W, 1200002 W used, replica needs 300000.5 W"),
     ],
-    ids=["pue", "estimated-watts", "budget-below-one-replica", "several-sites", "megawatts"],
+    ids=["pue", "estimated-watts", "budget-below-one-replica", "several-sites", "several-sites-too-small", "megawatts"],
 )
 def test_a_deployment_short_of_power_says_which_budget_binds(sites, variant, placed, words) -> None:
     dep = deployment(variants=(variant,), replicas=(5, 5), residency={"FR"})
