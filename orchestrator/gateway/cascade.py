@@ -7,8 +7,7 @@ connection error or a 5xx, counted in ``edgeplane_gateway_failovers_total`` as t
 the site moved on from, whether the next replica tried is the stage's or a later stage's); its answer is decoded and judged
 (:mod:`orchestrator.gateway.cascade_rules`, pure), and either returned or the request
 goes to the next stage. A stage with no allowed replica, failing, or overloaded
-(``maxInflight``) hands over at once (a middle one too: the request goes on to the first
-later stage that can run), so the cascade is also the fallback. A replica at capacity
+(``maxInflight``) hands over at once, so the cascade is also the fallback. A replica at capacity
 (429) is overloaded too, as on the OpenAI routes: the stage's next replica is tried, then
 the next stage; the caller gets a 429, with the ``Retry-After`` of the last replica that
 said so, only when no stage answered and the stage the cascade ended on was at capacity. Residency

@@ -373,8 +373,8 @@ def after_stage(route: CascadeRoute, stage: int, verdict: Verdict | None, has_an
     caller, in order (empty when ``stage`` is the last), read only as far as the decision
     needs (none for a sure answer); ``unroutable`` why ``stage`` had
     no replica to try, if it had none. A later stage with no allowed replica is passed
-    over for the one after it, as a first stage with none hands over: with three or four
-    stages a middle one that the caller may not use must not end the cascade.
+    over for the one after it, as a first stage with none hands over. A manifest's cascade
+    has two stages (one per tier); the rule does not depend on it.
     """
     if has_answer and (verdict is None or not verdict.escalate):
         return Answer()

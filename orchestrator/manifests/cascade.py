@@ -34,7 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 #: Runtimes whose stages answer through the OpenAI routes; ``ray-serve`` may be either.
 GENERATIVE_RUNTIMES = frozenset({"onnx-genai", "vllm"})
 TENSOR_RUNTIMES = frozenset({"onnx"})
-MAX_STAGES = 4
+#: One stage per tier: a stage's replicas are the deployment's on the tiers ``spec.variant``
+#: gives its variant, and ``spec.variant`` names one variant per tier (edge, datacenter).
+MAX_STAGES = 2
 
 VariantName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 TensorName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -130,9 +132,17 @@ class Capture(_Strict):
 
 
 class Cascade(_Strict):
-    stages: list[Stage] = Field(min_length=2, max_length=MAX_STAGES)
+    stages: list[Stage] = Field(min_length=2)
     #: Opt-in capture of requests for distillation; absent = nothing is kept.
     capture: Capture | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _one_per_tier(cls, v: list[Stage]) -> list[Stage]:
+        if len(v) > MAX_STAGES:
+            raise ValueError(f"a cascade has at most {MAX_STAGES} stages, one per tier: each stage is the variant "
+                             f"spec.variant names for one tier (edge or datacenter); got {len(v)}")
+        return v
 
     @model_validator(mode="after")
     def _stages(self) -> Cascade:

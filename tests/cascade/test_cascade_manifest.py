@@ -81,6 +81,10 @@ BAD: list[tuple[str, Any, Any, str, str]] = [
      "spec.cascade", "takes no 'escalate'"),
     ("one stage", {}, deployment({"stages": [{"variant": "small", "escalate": {"maxInflight": 2}}]}),
      "spec.cascade.stages", "at least 2"),
+    ("three stages, one more than tiers", {}, deployment({"stages": [
+        {"variant": "small", "escalate": {"maxInflight": 2}}, {"variant": "large", "escalate": {"maxInflight": 2}},
+        {"variant": "huge"}]}),
+     "spec.cascade.stages", "at most 2 stages, one per tier"),
     ("repeated stage", {}, deployment({"stages": [{"variant": "small", "escalate": {"maxInflight": 2}}, {"variant": "small"}]}),
      "spec.cascade", "repeated: small"),
     ("unknown field", {}, deployment(stages({"confidence": {"output": "probabilities", "below": 0.5, "above": 1}})),
