@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import edge_agent
 from edge_agent import build, errors
+from edgeplane_proto import endpoint_url
 
 if TYPE_CHECKING:
     from edge_agent import daemon
@@ -105,6 +106,14 @@ def _site(value: str) -> str:
     """The control plane refuses any other name at the join: say so before starting."""
     if not SITE_NAME.fullmatch(value):
         raise argparse.ArgumentTypeError(f"{value!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters")
+    return value
+
+
+def _advertise_url(value: str) -> str:
+    """The control plane refuses any other URL at every join: say so before starting."""
+    refused = endpoint_url.refusal(value)
+    if refused is not None:
+        raise argparse.ArgumentTypeError(refused)
     return value
 
 
@@ -210,6 +219,8 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args: Sequence[str] | None = None,
                          namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
         parsed, extras = super().parse_known_args(args, namespace)
+        if (parsed.lat is None) != (parsed.lon is None):
+            self.error(f"argument {'--lat' if parsed.lon is None else '--lon'}: --lat and --lon go together")
         if not parsed.insecure and parsed.join_address is None:  # the first join dials the port after the agent port
             for target in parsed.control_plane.split(","):
                 if _host_port(target)[1] == 65535:
@@ -251,13 +262,14 @@ def parser() -> argparse.ArgumentParser:
                    help=f"v2 HTTP listen address (port 0 = any free port) [127.0.0.1:{edge_agent.DEFAULT_LISTEN_PORT}]")
     p.add_argument("--grpc-listen", type=_host_port, default=None, metavar="HOST:PORT",
                    help="also serve the v2 protocol over gRPC (inference.GRPCInferenceService) here")
-    p.add_argument("--advertise-url", help="URL the control plane should route to (default: from --listen)")
+    p.add_argument("--advertise-url", type=_advertise_url, metavar="URL",
+                   help="http(s) URL the control plane should route to (default: from --listen)")
     p.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("/var/lib/edgeplane-agent"),
                    help="cache, saved assignments and identity [/var/lib/edgeplane-agent]")
     p.add_argument("--country", default="", type=_country, help="ISO 3166 alpha-2 country code, e.g. FR")
     p.add_argument("--region", default="", help="region name, e.g. eu-west")
-    p.add_argument("--lat", type=_number, help="the site's latitude (with --lon), for nearest-replica routing")
-    p.add_argument("--lon", type=_number, help="the site's longitude")
+    p.add_argument("--lat", type=_between(-90, 90), help="the site's latitude (with --lon), for nearest-replica routing")
+    p.add_argument("--lon", type=_between(-180, 180), help="the site's longitude")
     p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE",
                    help="a site label the manifests' selectors can match (repeatable)")
     p.add_argument("--heartbeat-interval", type=_between(edge_agent.MIN_HEARTBEAT_S, edge_agent.MAX_HEARTBEAT_S),
@@ -266,11 +278,12 @@ def parser() -> argparse.ArgumentParser:
                    "5 s by default]")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext gRPC with a bearer credential instead of mutual TLS (only with 'edgeplane serve --insecure-agents')")
-    p.add_argument("--ca-file", type=pathlib.Path,
-                   help="the control plane's CA certificate (<control-plane data dir>/ca/ca.crt), trusted for the first join")
-    p.add_argument("--ca-sha256", type=_sha256, metavar="HEX",
-                   help="instead of --ca-file: the SHA-256 of the control plane's CA certificate ('edgeplane token create' "
-                        "prints it); the agent takes the CA from the join listener only if it matches, and keeps it")
+    trust = p.add_mutually_exclusive_group()
+    trust.add_argument("--ca-file", type=pathlib.Path,
+                       help="the control plane's CA certificate (<control-plane data dir>/ca/ca.crt), trusted for the first join")
+    trust.add_argument("--ca-sha256", type=_sha256, metavar="HEX",
+                       help="instead of --ca-file: the SHA-256 of the control plane's CA certificate ('edgeplane token create' "
+                            "prints it); the agent takes the CA from the join listener only if it matches, and keeps it")
     p.add_argument("--join-address", type=_dial_address, metavar="HOST:PORT",
                    help="the control plane's join listener for the first join (default: the --control-plane address in use, port + 1)")
     p.add_argument("--allow-file-artifacts", action="store_true", help="accept file:// artifact URLs")
@@ -311,14 +324,8 @@ def parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> daemon.AgentConfig:
     from edge_agent import daemon  # imported by main() once unused modules are refused
 
-    if (args.lat is None) != (args.lon is None):
-        raise SystemExit("edgeplane-agent: --lat and --lon go together")
-    if args.ca_file is not None and args.ca_sha256 is not None:
-        raise SystemExit("edgeplane-agent: give --ca-file or --ca-sha256, not both")
     if args.ca_file is not None:
         _check_ca_file(args.ca_file)
-    if args.lat is not None and not (-90 <= args.lat <= 90 and -180 <= args.lon <= 180):  # NaN fails too
-        raise SystemExit(f"edgeplane-agent: --lat {args.lat} --lon {args.lon} is outside -90..90, -180..180")
     return daemon.AgentConfig(
         control_plane=args.control_plane,
         site=args.site,

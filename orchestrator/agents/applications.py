@@ -9,10 +9,9 @@ accepts from a manifest or can use, and a join that breaks a rule is refused
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import urllib.parse
 
+from edgeplane_proto import endpoint_url
 from orchestrator.agents import errors, model
 from orchestrator.manifests import schema
 
@@ -20,7 +19,6 @@ SITE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch: "$" 
 MAX_LABELS = 64
 MAX_LABEL_KEY_CHARS = 253  # a manifest's label limits (schema.LabelKey, schema.LabelValue)
 MAX_LABEL_VALUE_CHARS = 63
-MAX_URL_CHARS = 2048
 MAX_VERSION_CHARS = 64
 _LABEL_KEY = re.compile(schema.LABEL_KEY_PATTERN)
 _LABEL_VALUE = re.compile(schema.LABEL_VALUE_PATTERN)
@@ -33,25 +31,9 @@ def check(application: model.JoinApplication) -> None:
             f"site name {application.site!r} must be a DNS label: lowercase letters, digits "
             "and '-', at most 63 characters"
         )
-    url = urllib.parse.urlsplit(application.endpoint_url)
-    try:
-        port_ok = url.port != 0  # None: the scheme's
-    except ValueError:  # out of range or not a number: a gateway could not forward to it
-        port_ok = False
-    if url.scheme not in ("http", "https") or not url.hostname or not port_ok:
-        raise errors.InvalidJoin(
-            f"endpoint_url {application.endpoint_url!r} must be an http(s) URL with a host and, if any, a port from 1 to 65535"
-        )
-    try:
-        if ipaddress.ip_address(url.hostname).is_unspecified:
-            raise errors.InvalidJoin(
-                f"endpoint_url {application.endpoint_url!r} uses an unspecified address; "
-                "advertise a reachable one"
-            )
-    except ValueError:
-        pass  # a host name
-    if len(application.endpoint_url) > MAX_URL_CHARS:
-        raise errors.InvalidJoin(f"endpoint_url is {len(application.endpoint_url)} characters; at most {MAX_URL_CHARS}")
+    refused = endpoint_url.refusal(application.endpoint_url)
+    if refused is not None:
+        raise errors.InvalidJoin(f"endpoint_url: {refused}")
     if len(application.agent_version) > MAX_VERSION_CHARS:
         raise errors.InvalidJoin(f"agent_version is {len(application.agent_version)} characters; at most {MAX_VERSION_CHARS}")
     if len(application.labels) > MAX_LABELS:

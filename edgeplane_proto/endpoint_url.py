@@ -1,0 +1,32 @@
+"""Which URL an agent may offer as its endpoint: ``edgeplane-agent --advertise-url``.
+
+One rule on both ends. The control plane refuses a join whose URL breaks it (a gateway
+forwards requests to that URL), and the agent checks its flag against it before starting:
+an agent that offered such a URL would be refused at every join, and retry for ever.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import urllib.parse
+
+MAX_CHARS = 2048
+
+
+def refusal(url: str) -> str | None:
+    """Why ``url`` cannot be an agent's endpoint, or None when it can."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port_ok = parts.port != 0  # None: the scheme's
+    except ValueError:  # out of range or not a number: a gateway could not forward to it
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        return f"{url!r} must be an http(s) URL with a host and, if any, a port from 1 to 65535"
+    try:
+        if ipaddress.ip_address(parts.hostname).is_unspecified:
+            return f"{url!r} uses an unspecified address; advertise a reachable one"
+    except ValueError:
+        pass  # a host name
+    if len(url) > MAX_CHARS:
+        return f"the URL is {len(url)} characters; at most {MAX_CHARS}"
+    return None
