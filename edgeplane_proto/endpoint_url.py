@@ -1,4 +1,5 @@
-"""Which URL an agent may offer as its endpoint: ``edgeplane-agent --advertise-url``.
+"""Which URL a process may give others to reach it: an agent's endpoint
+(``edgeplane-agent --advertise-url``), the control plane's ``--public-url``.
 
 One rule on both ends. The control plane refuses a join whose URL breaks it (a gateway
 forwards requests to that URL), and the agent checks its flag against it before starting:

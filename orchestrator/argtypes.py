@@ -8,8 +8,11 @@ import argparse
 import ipaddress
 import math
 import re
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, NoReturn
+
+from edgeplane_proto import endpoint_url
 
 
 #: ``--log-level`` values, any case (``type=str.lower``).
@@ -68,6 +71,34 @@ def host_name(text: str) -> str:
     if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", name) or len(name) > 253:
         raise argparse.ArgumentTypeError(f"{text!r} is not a host name or address (give it without scheme or port, e.g. ops.example.com)")
     return name
+
+
+def reachable_url(text: str) -> str:
+    """argparse type of a URL this process gives others to reach it (``--public-url``): the
+    rule an agent's endpoint is held to (:mod:`edgeplane_proto.endpoint_url`)."""
+    refused = endpoint_url.refusal(text)
+    if refused is not None:
+        raise argparse.ArgumentTypeError(refused)
+    return text
+
+
+def dial_address(text: str) -> str:
+    """argparse type of a ``HOST:PORT`` other processes dial (``--peer-address``), kept as
+    written: a port from 1 to 65535, an IPv6 host in brackets, no wildcard address."""
+    parts = urllib.parse.urlsplit(f"//{text}")
+    try:
+        port = parts.port
+    except ValueError:  # out of range, not a number, or an IPv6 host without brackets
+        port = None
+    if not parts.hostname or not port or parts.path or parts.query or parts.fragment or parts.username is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT with a port from 1 to 65535 (an IPv6 address in "
+                                         "brackets, e.g. [2001:db8::5]:8081)")
+    try:
+        if ipaddress.ip_address(parts.hostname).is_unspecified:
+            raise argparse.ArgumentTypeError(f"{text!r} is an address to listen on, not one to dial: give a reachable one")
+    except ValueError:
+        pass  # a host name
+    return text
 
 
 def port_number(text: str) -> int:

@@ -101,7 +101,7 @@ def join_port(agent_port: int, given: int | None) -> int:
     if agent_port == 0:
         return 0
     if agent_port == 65535:
-        raise SystemExit("edgeplane serve: --agent-port 65535 leaves no port + 1 for first joins: give --agent-join-port")
+        raise ConfigError("--agent-port 65535 leaves no port + 1 for first joins: give --agent-join-port")
     return agent_port + 1
 
 
@@ -109,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     try:
         position = gateway_options.position(args.location)
     except gateway_options.OptionError as exc:
-        raise SystemExit(f"edgeplane serve: {exc}") from None
+        raise ConfigError(str(exc)) from None
     tokens = tuple(args.bootstrap_token) + ((os.environ["EDGEPLANE_BOOTSTRAP_TOKEN"],) if os.environ.get("EDGEPLANE_BOOTSTRAP_TOKEN") else ())
     return ServerConfig(
         data_dir=pathlib.Path(args.data_dir), host=args.host, port=args.port, agent_host=args.agent_host, agent_port=args.agent_port,

@@ -45,7 +45,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="N", help="threads the store's calls run on (joins, API reads and writes, the reconciler's), apart from "
                                      "every other worker thread, so a stalled database holds up only what waits on it; the store "
                                      "has one connection, so more threads only wait on it")
-    p.add_argument("--peer-address", metavar="HOST:PORT",
+    p.add_argument("--peer-address", type=argtypes.dial_address, metavar="HOST:PORT",
                    help="with a PostgreSQL store: where the other replicas reach this one's agent port to relay their "
                         "agents while it leads [the agent listener; this host's name when it listens on all addresses]")
     p.add_argument("--events-retention", type=argtypes.duration(event_retention.MIN_S), default=event_retention.EVENTS_S,
@@ -78,7 +78,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact-root", action="append", default=[], help="folder local artifact URIs may read from (repeatable)")
     p.add_argument("--artifact-host", action="append", default=[],
                    help="allowed host for http(s) artifact URIs, exact or .domain for subdomains (repeatable; default: any)")
-    p.add_argument("--public-url", help="URL agents and Ray replicas use to reach this server")
+    p.add_argument("--public-url", type=argtypes.reachable_url, metavar="URL",
+                   help="http(s) URL agents and Ray replicas use to reach this server")
     p.add_argument("--allowed-host", action="append", default=[], type=argtypes.host_name, metavar="NAME",
                    help="a name browsers and clients reach this server by, besides loopback ones and the --public-url host "
                         "(repeatable): with --auth none only those are answered (docs/security.md)")

@@ -94,11 +94,35 @@ def test_the_join_port_is_where_agents_look_for_it(flags: list[str], join: int) 
     assert config.agent_join_port == join
 
 
-def test_an_agent_port_with_no_port_after_it_needs_a_join_port() -> None:
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--agent-port", "65535"], "--agent-port 65535 leaves no port + 1 for first joins: give --agent-join-port"),
+    (["--location", "100,0"], "--location '100,0' is outside -90..90, -180..180"),
+    (["--location", "abc"], "--location 'abc' is not lat,lon"),
+    (["--public-url", "ftp://cp.example"], "argument --public-url: 'ftp://cp.example' must be an http(s) URL with a host"),
+    (["--public-url", "cp.example:8080"], "argument --public-url: 'cp.example:8080' must be an http(s) URL with a host"),
+    (["--peer-address", "nohostport"], "argument --peer-address: 'nohostport' is not HOST:PORT"),
+    (["--peer-address", "::1:8081"], "argument --peer-address: '::1:8081' is not HOST:PORT"),
+    (["--peer-address", "0.0.0.0:8081"], "argument --peer-address: '0.0.0.0:8081' is an address to listen on, not one to dial"),
+])
+def test_a_serve_option_that_cannot_work_is_a_usage_error(flags: list[str], message: str, tmp_path: pathlib.Path) -> None:
+    """Exit code 2, as every usage error (1 is a port in use): one line naming the option,
+    before anything is created."""
+    proc = subprocess.run([str(support.EDGEPLANE), "serve", *flags], capture_output=True, text=True, timeout=60,
+                          env=support.clean_env(), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--public-url", "https://cp.example.com"), ("--public-url", "http://[2001:db8::5]:8080/edgeplane"),
+    ("--peer-address", "cp-0.cp.edgeplane.svc:8081"), ("--peer-address", "[2001:db8::5]:8081"),
+])
+def test_good_public_urls_and_peer_addresses_are_taken_as_written(flag: str, value: str) -> None:
     from orchestrator.cli import main as cli_main
 
-    with pytest.raises(SystemExit, match="--agent-port 65535 leaves no port \\+ 1 for first joins: give --agent-join-port"):
-        server_config.config_from_args(cli_main.build_parser().parse_args(["serve", "--agent-port", "65535"]))
+    config = server_config.config_from_args(cli_main.build_parser().parse_args(["serve", flag, value]))
+    assert (config.public_url if flag == "--public-url" else config.peer_address) == value
 
 
 @pytest.mark.parametrize("command", [
