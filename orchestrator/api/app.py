@@ -312,8 +312,9 @@ def build_routes(services: Services) -> list[BaseRoute]:
 
     async def simulate(request: Request, caller: auth.Caller) -> Response:
         """A what-if changes nothing, so read tokens may ask it."""
-        body = await bodies.read_body(request, MAX_BODY)
         q = request.query_params
+        paging.refuse_unknown(q, ["each", "top"], "this route")
+        body = await bodies.read_body(request, MAX_BODY)
         try:
             top = int(q["top"]) if "top" in q else None
         except ValueError:

@@ -89,6 +89,17 @@ async def test_a_scenario_body_or_parameter_that_cannot_work_is_refused_not_a_50
 
 
 @pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("params", [{"Top": "5"}, {"each": "site", "tops": "5"}, {"dry_run": "true"}])
+async def test_an_unknown_query_parameter_is_refused_not_ignored(served, params: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """As on every other route: read as nothing, a misspelt ``top`` was answered as if it had not been given."""
+    async with httpx.AsyncClient(base_url=served.http_url) as http:
+        resp = await http.post("/v1/simulate", params=params, content=b"")
+    assert resp.status_code == 400, resp.text
+    unknown = next(k for k in params if k not in ("each", "top"))
+    assert resp.json()["error"] == f"unknown query parameter {unknown!r}: this route takes each, top"
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_an_empty_body_is_the_fleet_as_it_is(served) -> None:  # type: ignore[no-untyped-def]
     async with httpx.AsyncClient(base_url=served.http_url) as http:
         for body in (b"", b"null", b"{}"):
