@@ -98,7 +98,7 @@ def _read(store: store_mod.Store, name: str) -> tuple[store_mod.StoredObject, st
     """The deployment and its Model, as stored now: all :func:`_plan` asks of the store."""
     obj = store.get("ModelDeployment", name)
     if obj is None:
-        raise Refused(f"ModelDeployment {name!r} does not exist")
+        raise store_mod.NotFound(f"ModelDeployment {name!r} does not exist")  # 404, as every route answers a missing object
     return obj, store.get("Model", catalog.read_stored(obj, catalog.parse_deployment).model)
 
 
@@ -225,6 +225,8 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             retention = await store.run(catalog.capture_retention, store)
         except (Refused, catalog.Unreadable) as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
+        except store_mod.NotFound as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
         except store_mod.StoreError as exc:
             return api_app.store_refusal(request, exc, caller)
         if name in running:  # one started meanwhile

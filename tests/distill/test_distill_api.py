@@ -224,6 +224,13 @@ async def test_a_run_whose_publish_the_store_refuses_still_ends_with_its_result(
     assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == before
 
 
+def test_a_deployment_that_does_not_exist_is_not_found(plane: Plane) -> None:
+    """404, as every route answers a missing object; 409 stays for one that exists but cannot be distilled."""
+    with TestClient(plane.app()) as client:
+        resp = client.post("/v1/distill/nope", json={"epochs": 1})
+    assert resp.status_code == 404 and resp.json() == {"error": "ModelDeployment 'nope' does not exist"}, resp.text
+
+
 def test_a_run_asked_for_while_the_store_does_not_answer_is_told_to_ask_again(plane: Plane) -> None:
     plane.capture(300)
     plane.store.threads.close()  # what the store's calls meet while it is closing
