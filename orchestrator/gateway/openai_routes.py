@@ -8,12 +8,13 @@ SDK at ``{gateway}/openai/v1``. A chat or text completion is routed by the body'
 that speak OpenAI (``Endpoint.api``); whichever engine answers behind ``{url}/v1`` (the
 agent, the data-centre Serve app, later another engine) is the same to the gateway.
 
-Streams are relayed event by event as they arrive, never buffered whole. The answer to
-the caller is committed only once its first token is in hand (a chat stream's leading
-empty ``role`` event is held until then): a replica that fails before that — refused
-connection, 5xx, a stream cut before any token — is ejected (for a 500, an error of that
-one request, only at the fifth in a row: ``EndpointTable.answered``) and the request goes
-to the next candidate, so no caller sees it. A replica that took the request and sent no
+Streams are relayed event by event as they arrive, never buffered whole
+(:mod:`orchestrator.gateway.event_stream` reads them). The answer to the caller is
+committed only once its first token is in hand (a chat stream's leading empty ``role``
+event is held until then): a replica that fails before that — refused connection, 5xx, a
+stream cut before any token — is ejected (for a 500, an error of that one request, only
+at the fifth in a row: ``EndpointTable.answered``) and the request goes to the next
+candidate, so no caller sees it. A replica that took the request and sent no
 token within the first-token timeout is skipped the same way but, like a 500, ejected
 only at the fifth in a row (``EndpointTable.timed_out``): one long prompt on slow edge
 hardware must not take the replica from every caller. After the commit an upstream
@@ -42,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -54,7 +55,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import cascade_rules, failover, openai_cascade, routing
+from orchestrator.gateway import cascade_rules, event_stream, failover, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import Stream, UpstreamError, UpstreamTimeout
 
@@ -65,9 +66,6 @@ SDK_PREFIX = "/v1"
 SDK_PATHS = (f"{SDK_PREFIX}/models", f"{SDK_PREFIX}/chat/completions", f"{SDK_PREFIX}/completions")
 FORWARD_HEADERS = ("content-type", "accept")
 SSE_DONE = b"data: [DONE]\n\n"
-#: The longest server-sent event taken from a replica (a token's chunk is a few hundred
-#: bytes): a replica that never ends one is cut off, not buffered until memory runs out.
-MAX_EVENT_BYTES = 1 << 20
 _T = TypeVar("_T")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error"}
@@ -524,7 +522,7 @@ class _Relay(Response):
 
     async def _relay_stream(self, e: routing.Endpoint, resp: Stream, send: Send) -> None:
         owner = self.owner
-        events = _events(resp, owner.first_token_timeout, owner.idle_timeout)
+        events = event_stream.Reader(resp, owner.first_token_timeout, owner.idle_timeout).batches()
         held: list[bytes] = []
         # Hold the opening until a token (or the end): a failure before it is retried elsewhere.
         try:
@@ -535,7 +533,7 @@ class _Relay(Response):
             else:
                 if not held or not b"".join(held).endswith(SSE_DONE):
                     raise _Failed("stream ended before its first token")
-        except _UpstreamCut as exc:
+        except event_stream.Cut as exc:
             raise _Failed(str(exc), slow=exc.silent) from None
         owner.gw.table.answered(e.url, 200)
         owner.gw.metrics.requests.labels(self.model, e.site, "200").inc()
@@ -547,47 +545,11 @@ class _Relay(Response):
         try:
             async for batch in events:
                 await send({"type": "http.response.body", "body": batch, "more_body": True})
-        except _UpstreamCut as exc:
+        except event_stream.Cut as exc:
             # Not ejected here: the next request finds out at once (a refused connection is retried).
             owner.gw.metrics.streams_cut.labels(self.model, e.site).inc()
             await send({"type": "http.response.body", "body": sse_error(f"{e.site}: {exc}") + SSE_DONE, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-class _UpstreamCut(Exception):
-    """The replica's stream broke or went silent (``silent``)."""
-
-    def __init__(self, why: str, *, silent: bool = False) -> None:
-        super().__init__(why)
-        self.silent = silent
-
-
-async def _events(resp: Stream, first_timeout: float, idle_timeout: float) -> AsyncIterator[bytes]:
-    """Whole SSE events as they arrive (a read's worth at a time, never a partial event),
-    ending cleanly at the end of the stream; a cut, a stall or an event past
-    :data:`MAX_EVENT_BYTES` raises ``_UpstreamCut``."""
-    tail = b""
-    timeout = first_timeout
-    while True:
-        try:
-            async with asyncio.timeout(timeout):
-                data = await resp.read()
-        except UpstreamError as exc:
-            raise _UpstreamCut(f"stream cut: {exc}") from None
-        except TimeoutError:
-            raise _UpstreamCut(f"no data for {timeout:g}s", silent=True) from None
-        if not data:
-            if tail.strip():
-                raise _UpstreamCut("stream ended inside an event")
-            return
-        timeout = idle_timeout
-        tail += data
-        cut = tail.rfind(b"\n\n", max(0, len(tail) - len(data) - 1))  # what came before holds no blank line
-        if cut >= 0:
-            whole, tail = tail[: cut + 2], tail[cut + 2:]
-            yield whole
-        if len(tail) > MAX_EVENT_BYTES:
-            raise _UpstreamCut(f"an event past {MAX_EVENT_BYTES} bytes (no blank line ends it)")
 
 
 async def _send_whole(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:

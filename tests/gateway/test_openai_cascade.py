@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 
 from edge_agent import httpmessages, httpstream
 from orchestrator.api import methods
-from orchestrator.gateway import cascade, cascade_rules, endpoints, openai_routes, proxy, routing, upstream
+from orchestrator.gateway import cascade, cascade_rules, endpoints, event_stream, openai_routes, proxy, routing, upstream
 from orchestrator.testing import loopback
 from orchestrator.testing.loopback import replica
 
@@ -241,7 +241,7 @@ async def test_a_replica_that_never_ends_an_event_is_cut_off_not_buffered(token_
             if token_first:
                 yield b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
             yield b'data: {"choices":[{"index":0,"delta":{"content":"'
-            for _ in range(8 * openai_routes.MAX_EVENT_BYTES // 65536):
+            for _ in range(8 * event_stream.MAX_EVENT_BYTES // 65536):
                 yield b"x" * 65536
             await asyncio.Event().wait()  # and never a blank line
         finally:
@@ -257,7 +257,7 @@ async def test_a_replica_that_never_ends_an_event_is_cut_off_not_buffered(token_
             resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": True})
         async with asyncio.timeout(10):
             await closed.wait()  # the gateway closed the replica's stream
-    why = f"an event past {openai_routes.MAX_EVENT_BYTES} bytes"
+    why = f"an event past {event_stream.MAX_EVENT_BYTES} bytes"
     if token_first:
         assert resp.status_code == 200 and resp.text.startswith('data: {"choices"'), resp.text[:200]
         assert why in resp.text and resp.text.endswith("data: [DONE]\n\n") and len(resp.content) < 4096

@@ -1,0 +1,79 @@
+"""A replica's server-sent events as the OpenAI relay reads them: whole, and timed.
+
+The relay (:mod:`orchestrator.gateway.openai_routes`) passes a replica's stream on event by
+event and must never hand its caller half of one. Events are split at any blank line,
+whatever the line ends: the SSE standard allows CRLF, LF and CR, and servers built on
+sse-starlette end their events with ``\\r\\n\\r\\n``. The events are passed on with LF line
+ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from orchestrator.gateway.upstream import UpstreamError
+
+#: The longest server-sent event taken from a replica (a token's chunk is a few hundred
+#: bytes): a replica that never ends one is cut off, not buffered until memory runs out.
+MAX_EVENT_BYTES = 1 << 20
+
+
+class Cut(Exception):
+    """The replica's stream broke or went silent (``silent``: it may be merely slow)."""
+
+    def __init__(self, why: str, *, silent: bool = False) -> None:
+        super().__init__(why)
+        self.silent = silent
+
+
+class Body(Protocol):
+    """A streamed answer's body (``upstream.Stream``): its bytes as they arrive, ``b""`` at its end."""
+
+    async def read(self) -> bytes: ...
+
+
+class Reader:
+    """Whole SSE events of ``resp`` as they arrive (a read's worth at a time, never a partial
+    event), ending cleanly at the end of the body; a cut, a stall or an event past
+    :data:`MAX_EVENT_BYTES` raises :class:`Cut`. The first read waits ``first_timeout``,
+    the others ``idle_timeout``."""
+
+    def __init__(self, resp: Body, first_timeout: float, idle_timeout: float) -> None:
+        self.resp = resp
+        self.timeout = first_timeout
+        self.idle_timeout = idle_timeout
+
+    async def _read(self) -> bytes:
+        try:
+            async with asyncio.timeout(self.timeout):
+                data = await self.resp.read()
+        except UpstreamError as exc:
+            raise Cut(f"stream cut: {exc}") from None
+        except TimeoutError:
+            raise Cut(f"no data for {self.timeout:g}s", silent=True) from None
+        self.timeout = self.idle_timeout
+        return data
+
+    async def batches(self) -> AsyncIterator[bytes]:
+        tail = b""
+        lf_owed = False  # the last read ended in CR: an LF that starts the next is the rest of its CRLF
+        while True:
+            data = await self._read()
+            if not data:
+                if tail.strip():
+                    raise Cut("stream ended inside an event")
+                return
+            if lf_owed and data.startswith(b"\n"):
+                data = data[1:]
+            lf_owed = data.endswith(b"\r")
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            tail += data
+            cut = tail.rfind(b"\n\n", max(0, len(tail) - len(data) - 1))  # what came before holds no blank line
+            if cut >= 0:
+                whole, tail = tail[: cut + 2], tail[cut + 2:]
+                yield whole
+            if len(tail) > MAX_EVENT_BYTES:
+                raise Cut(f"an event past {MAX_EVENT_BYTES} bytes (no blank line ends it)")

@@ -1,0 +1,166 @@
+"""The OpenAI relay against replicas that stream in ways of their own: raw HTTP servers on
+loopback whose bytes each test writes, behind the real gateway app; and the reading of
+their events (:mod:`orchestrator.gateway.event_stream`) on bodies split as a test says."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+
+from orchestrator.gateway import endpoints, event_stream, openai_routes, proxy, routing
+from orchestrator.gateway.upstream import UpstreamPool
+from orchestrator.testing import loopback
+
+WAIT = 30.0  # generous: CI machines are loaded
+CHAT = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+CALLER = {"x-edgeplane-location": "48.85,2.35"}  # site-0 is the nearest, site-1 the next
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+DONE = b"data: [DONE]\n\n"
+
+Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def event(obj: dict | str, end: bytes = b"\n") -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj)
+    return b"data: " + data.encode() + end + end
+
+
+def delta(**fields: str | None) -> dict:
+    finish = fields.pop("finish", None)
+    return {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": fields, "finish_reason": finish}]}
+
+
+OPENING = event(delta(role="assistant", content=""))
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def read_request(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    await reader.readexactly(length)
+
+
+async def healthy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(OPENING) + chunk(event(delta(content="hello"))) + chunk(event(delta(finish="stop")))
+                     + chunk(DONE) + b"0\r\n\r\n")
+        await writer.drain()
+
+
+class Replica:
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.requests += 1
+        try:
+            await self.behaviour(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def gateway(*behaviours: Behaviour, first_token_timeout: float = 10.0, idle_timeout: float = 10.0
+                  ) -> AsyncIterator[tuple[httpx.AsyncClient, list[Replica], endpoints.EndpointTable, CollectorRegistry]]:
+    """A gateway whose generative model ``llm`` has one replica per behaviour (site-0, site-1...)."""
+    replicas = [Replica(b) for b in behaviours]
+    async with contextlib.AsyncExitStack() as stack:
+        for r in replicas:
+            r.server = await asyncio.start_server(r._serve, "127.0.0.1", 0)
+            stack.push_async_callback(r.server.wait_closed)
+            stack.callback(r.server.close)
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("llm", "llm", f"site-{i}", "edge", "FR", "west", 48.85, 2.35 + i, f"http://127.0.0.1:{r.port}",
+                                        api=routing.API_OPENAI) for i, r in enumerate(replicas)])
+        registry = CollectorRegistry()
+        pool = UpstreamPool(timeout=WAIT)
+        stack.push_async_callback(pool.close)
+        gw = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry))
+        oa = openai_routes.OpenAIGateway(gw, registry=registry, first_token_timeout=first_token_timeout, idle_timeout=idle_timeout)
+        port = await stack.enter_async_context(loopback.serving(Starlette(routes=oa.routes())))
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=WAIT))
+        yield http, replicas, table, registry
+
+
+async def chat(http: httpx.AsyncClient) -> httpx.Response:
+    async with asyncio.timeout(WAIT):
+        return await http.post("/openai/v1/chat/completions", json=CHAT, headers=CALLER)
+
+
+def contents(answer: httpx.Response) -> list[object]:
+    """What the caller's SDK reads: each event's data, as JSON where it is."""
+    events = [e.removeprefix("data: ") for e in answer.text.split("\n\n") if e]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def served(answer: httpx.Response) -> tuple[str | None, bool]:
+    """Which site answered, and whether its stream ended with an error event."""
+    return answer.headers.get("x-edgeplane-site"), any(isinstance(e, dict) and "error" in e for e in contents(answer))
+
+
+class Scripted:
+    """A body whose reads return these pieces, then its end."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    async def read(self) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+async def events_of(*pieces: bytes) -> list[bytes]:
+    reader = event_stream.Reader(Scripted(*pieces), WAIT, WAIT)
+    return [batch async for batch in reader.batches()]
+
+
+@pytest.mark.parametrize(("pieces", "batches"), [
+    pytest.param([b"data: a\n\ndata: b\n\n"], [b"data: a\n\ndata: b\n\n"], id="LF: one read, one batch"),
+    pytest.param([b"data: a\r\n\r\n", b"data: b\r\n\r\n"], [b"data: a\n\n", b"data: b\n\n"], id="CRLF"),
+    pytest.param([b"data: a\r\rdata: b\r\r"], [b"data: a\n\ndata: b\n\n"], id="CR"),
+    pytest.param([b"data: a\r", b"\n\r\n"], [b"data: a\n\n"], id="a CRLF split between two reads"),
+    pytest.param([b"data: a\r", b"data: b\r\r"], [b"data: a\ndata: b\n\n"], id="a CR ending a read is one line end"),
+    pytest.param([b"data: a\n", b"\n"], [b"data: a\n\n"], id="the blank line in the next read"),
+    pytest.param([b"data: a\r\n\r", b"\n"], [b"data: a\n\n"], id="a CRLF blank line split between two reads"),
+    pytest.param([b"data: a\r\n\r"], [b"data: a\n\n"], id="a CR ending the body ends its last line"),
+])
+async def test_events_are_split_at_any_blank_line_whatever_the_line_ends(pieces: list[bytes], batches: list[bytes]) -> None:
+    assert await events_of(*pieces) == batches
+
+
+async def test_a_body_that_ends_inside_an_event_is_a_cut() -> None:
+    with pytest.raises(event_stream.Cut, match="inside an event"):
+        await events_of(b"data: a\n\n", b"data: b\r\n")
+
+
+async def test_a_stream_whose_lines_end_in_crlf_is_relayed() -> None:
+    """As servers built on sse-starlette send it."""
+    async def crlf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + b"".join(chunk(event(e, b"\r\n")) for e in (delta(role="assistant", content="hello"), delta(finish="stop"), "[DONE]"))
+                     + b"0\r\n\r\n")
+        await writer.drain()
+
+    async with gateway(crlf) as (http, _, _, _):
+        answer = await chat(http)
+    assert answer.status_code == 200, answer.text
+    assert contents(answer) == [delta(role="assistant", content="hello"), delta(finish="stop"), "[DONE]"]
