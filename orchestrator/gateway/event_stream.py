@@ -1,10 +1,15 @@
 """A replica's server-sent events as the OpenAI relay reads them: whole, and timed.
 
 The relay (:mod:`orchestrator.gateway.openai_routes`) passes a replica's stream on event by
-event and must never hand its caller half of one. Events are split at any blank line,
-whatever the line ends: the SSE standard allows CRLF, LF and CR, and servers built on
-sse-starlette end their events with ``\\r\\n\\r\\n``. The events are passed on with LF line
-ends.
+event and must never hand its caller half of one, nor wait for its first token longer than
+it was told:
+
+- Events are split at any blank line, whatever the line ends: the SSE standard allows
+  CRLF, LF and CR, and servers built on sse-starlette end their events with
+  ``\\r\\n\\r\\n``. The events are passed on with LF line ends.
+- Until the first token a read waits only until the first-token deadline: a chat stream's
+  opening event (an empty ``role`` delta, which an engine sends before its prefill) is not
+  a token, and must not stretch the wait to the idle timeout.
 """
 
 from __future__ import annotations
@@ -37,24 +42,32 @@ class Body(Protocol):
 class Reader:
     """Whole SSE events of ``resp`` as they arrive (a read's worth at a time, never a partial
     event), ending cleanly at the end of the body; a cut, a stall or an event past
-    :data:`MAX_EVENT_BYTES` raises :class:`Cut`. The first read waits ``first_timeout``,
-    the others ``idle_timeout``."""
+    :data:`MAX_EVENT_BYTES` raises :class:`Cut`. Until :meth:`answering` is called, reads
+    wait only until ``first_token_by`` (the event loop's clock); after it, ``idle_timeout``
+    between two reads."""
 
-    def __init__(self, resp: Body, first_timeout: float, idle_timeout: float) -> None:
+    def __init__(self, resp: Body, first_token_by: float, idle_timeout: float) -> None:
         self.resp = resp
-        self.timeout = first_timeout
+        self.first_token_by: float | None = first_token_by
         self.idle_timeout = idle_timeout
 
+    def answering(self) -> None:
+        """The first token is in: from now on only a pause past the idle timeout is a stall."""
+        self.first_token_by = None
+
     async def _read(self) -> bytes:
+        due = self.first_token_by
         try:
-            async with asyncio.timeout(self.timeout):
-                data = await self.resp.read()
+            if due is not None:
+                async with asyncio.timeout_at(due):
+                    return await self.resp.read()
+            async with asyncio.timeout(self.idle_timeout):
+                return await self.resp.read()
         except UpstreamError as exc:
             raise Cut(f"stream cut: {exc}") from None
         except TimeoutError:
-            raise Cut(f"no data for {self.timeout:g}s", silent=True) from None
-        self.timeout = self.idle_timeout
-        return data
+            why = "no first token in time" if due is not None else f"no data for {self.idle_timeout:g}s"
+            raise Cut(why, silent=True) from None
 
     async def batches(self) -> AsyncIterator[bytes]:
         tail = b""

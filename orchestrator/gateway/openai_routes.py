@@ -14,10 +14,10 @@ committed only once its first token is in hand (a chat stream's leading empty ``
 event is held until then): a replica that fails before that — refused connection, 5xx, a
 stream cut before any token — is ejected (for a 500, an error of that one request, only
 at the fifth in a row: ``EndpointTable.answered``) and the request goes to the next
-candidate, so no caller sees it. A replica that took the request and sent no
-token within the first-token timeout is skipped the same way but, like a 500, ejected
-only at the fifth in a row (``EndpointTable.timed_out``): one long prompt on slow edge
-hardware must not take the replica from every caller. After the commit an upstream
+candidate, so no caller sees it. A replica that took the request and sent no token within
+the first-token timeout (an opening is no token) is skipped the same way but, like a 500,
+ejected only at the fifth in a row (``EndpointTable.timed_out``): one long prompt on slow
+edge hardware must not take the replica from every caller. After the commit an upstream
 failure ends the stream with an SSE error event and ``[DONE]``, counted in
 ``edgeplane_gateway_streams_cut`` (not a failover: the request stays where it is). A caller that goes away cancels the
 upstream request, which closes its connection, and the replica stops generating.
@@ -476,6 +476,7 @@ class _Relay(Response):
 
     async def _attempt(self, e: routing.Endpoint, send: Send) -> None:
         owner = self.owner
+        first_token_by = asyncio.get_running_loop().time() + owner.first_token_timeout  # the head's wait counts too
         try:
             resp = await owner.post(f"{e.url}/v1{self.suffix}", self._body_for(e), self.fwd_headers, stream=self.stream)
         except UpstreamTimeout as exc:
@@ -516,13 +517,14 @@ class _Relay(Response):
                         out[name] = v
                 await _send_whole(send, resp.status, content, {**out, "content-type": ctype})
                 return
-            await self._relay_stream(e, resp, send)
+            await self._relay_stream(e, resp, send, first_token_by)
         finally:
             resp.close()  # an unfinished answer closes its connection: the replica sees the caller leave
 
-    async def _relay_stream(self, e: routing.Endpoint, resp: Stream, send: Send) -> None:
+    async def _relay_stream(self, e: routing.Endpoint, resp: Stream, send: Send, first_token_by: float) -> None:
         owner = self.owner
-        events = event_stream.Reader(resp, owner.first_token_timeout, owner.idle_timeout).batches()
+        reader = event_stream.Reader(resp, first_token_by, owner.idle_timeout)
+        events = reader.batches()
         held: list[bytes] = []
         # Hold the opening until a token (or the end): a failure before it is retried elsewhere.
         try:
@@ -535,6 +537,7 @@ class _Relay(Response):
                     raise _Failed("stream ended before its first token")
         except event_stream.Cut as exc:
             raise _Failed(str(exc), slow=exc.silent) from None
+        reader.answering()
         owner.gw.table.answered(e.url, 200)
         owner.gw.metrics.requests.labels(self.model, e.site, "200").inc()
         owner.ttft.labels(self.model).observe(time.perf_counter() - self.arrived)

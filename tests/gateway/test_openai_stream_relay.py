@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -129,7 +130,7 @@ class Scripted:
 
 
 async def events_of(*pieces: bytes) -> list[bytes]:
-    reader = event_stream.Reader(Scripted(*pieces), WAIT, WAIT)
+    reader = event_stream.Reader(Scripted(*pieces), asyncio.get_running_loop().time() + WAIT, WAIT)
     return [batch async for batch in reader.batches()]
 
 
@@ -164,3 +165,33 @@ async def test_a_stream_whose_lines_end_in_crlf_is_relayed() -> None:
         answer = await chat(http)
     assert answer.status_code == 200, answer.text
     assert contents(answer) == [delta(role="assistant", content="hello"), delta(finish="stop"), "[DONE]"]
+
+
+def opens_then(wait: Callable[[asyncio.StreamReader], Awaitable[object]]) -> Behaviour:
+    """A replica that sends the head and the chat's opening at once, as an engine does before
+    its prefill, then answers once ``wait`` is over."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(OPENING))
+        await writer.drain()
+        await wait(reader)
+        writer.write(chunk(event(delta(content="late"))) + chunk(event(delta(finish="stop"))) + chunk(DONE) + b"0\r\n\r\n")
+        await writer.drain()
+    return answer
+
+
+async def test_a_first_token_after_the_opening_is_waited_for_until_the_first_token_timeout() -> None:
+    """The idle timeout is for pauses between tokens; a prefill longer than it is no stall."""
+    async with gateway(opens_then(lambda _: asyncio.sleep(1.0)), first_token_timeout=WAIT, idle_timeout=0.2) as (http, _, _, _):
+        answer = await chat(http)
+    assert served(answer) == ("site-0", False), answer.text
+    assert contents(answer)[1] == delta(content="late")
+
+
+async def test_a_replica_with_no_first_token_after_its_opening_is_left_within_the_first_token_timeout() -> None:
+    async with gateway(opens_then(lambda reader: reader.read()), healthy, first_token_timeout=0.5, idle_timeout=10) as (http, _, _, _):
+        began = time.monotonic()
+        answer = await chat(http)
+        took = time.monotonic() - began
+    assert served(answer) == ("site-1", False), answer.text
+    assert took < 5, f"the first token was waited for {took:.1f}s, as long as a pause between tokens"
