@@ -1,28 +1,39 @@
-"""A replica's server-sent events as the OpenAI relay reads them: whole, and timed.
+"""A replica's server-sent events as the OpenAI relay reads them: whole, timed, and told apart.
 
-The relay (:mod:`orchestrator.gateway.openai_routes`) passes a replica's stream on event by
-event and must never hand its caller half of one, nor wait for its first token longer than
-it was told:
+The relay (:mod:`orchestrator.gateway.openai_routes`) commits a stream to its caller only
+once the answer has begun, and after that must know whether the replica finished it. Both
+depend on reading the events right, which is this module's job:
 
 - Events are split at any blank line, whatever the line ends: the SSE standard allows
-  CRLF, LF and CR, and servers built on sse-starlette end their events with
-  ``\\r\\n\\r\\n``. The events are passed on with LF line ends.
+  CRLF, LF and CR, and servers built on sse-starlette end their events with ``\\r\\n\\r\\n``.
+  The events are passed on with LF line ends.
 - Until the first token a read waits only until the first-token deadline: a chat stream's
-  opening event (an empty ``role`` delta, which an engine sends before its prefill) is not
-  a token, and must not stretch the wait to the idle timeout.
+  opening event (an empty ``role`` delta, which an engine sends before its prefill) or a
+  keep-alive comment is not a token, and must not stretch the wait to the idle timeout.
+- :func:`lead` says what a stream began with (nothing yet, a token, an error,
+  ``[DONE]``), so that an error before the first token is a failed attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import json
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from orchestrator.gateway.upstream import UpstreamError
 
 #: The longest server-sent event taken from a replica (a token's chunk is a few hundred
 #: bytes): a replica that never ends one is cut off, not buffered until memory runs out.
 MAX_EVENT_BYTES = 1 << 20
+
+
+class Kind(enum.Enum):
+    NOTHING = "nothing"  # no token: a chat's opening (empty ``role`` delta), a comment, a keep-alive
+    TOKEN = "token"  # the answer: a token, a finish, a usage chunk, anything else the caller reads
+    ERROR = "error"  # an OpenAI error object
+    DONE = "done"  # ``data: [DONE]``
 
 
 class Cut(Exception):
@@ -90,3 +101,50 @@ class Reader:
                 yield whole
             if len(tail) > MAX_EVENT_BYTES:
                 raise Cut(f"an event past {MAX_EVENT_BYTES} bytes (no blank line ends it)")
+
+
+def lead(batch: bytes) -> tuple[Kind, Any] | None:
+    """The first event of ``batch`` (whole events, LF line ends) that is more than nothing,
+    with its data read as JSON where it is an object (None otherwise); None when there is none."""
+    for event in batch.split(b"\n\n"):
+        if (k := _kind(event)) is not None and k[0] is not Kind.NOTHING:
+            return k
+    return None
+
+
+def _kind(event: bytes) -> tuple[Kind, Any] | None:
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:  # a comment, a retry field, an extra blank line
+        return None
+    data = b"\n".join(lines)
+    if data == b"[DONE]":
+        return Kind.DONE, None
+    try:
+        obj = json.loads(data) if data.startswith(b"{") else None
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and obj.get("error"):
+        return Kind.ERROR, obj
+    return (Kind.NOTHING if _opens(obj) else Kind.TOKEN), obj
+
+
+def error_message(obj: Any) -> str:
+    """The message of an error event's object, as far as it has one."""
+    err = obj.get("error") if isinstance(obj, dict) else None
+    message = err.get("message") if isinstance(err, dict) else err
+    return str(message) if message else "an error event"
+
+
+def _opens(obj: Any) -> bool:
+    """A chat stream's opening chunk: a ``role`` in each delta and nothing else yet (no
+    content, reasoning or tool call, no logprobs, no finish)."""
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict) or choice.get("finish_reason") or choice.get("logprobs"):
+            return False
+        if any(value for key, value in delta.items() if key != "role"):
+            return False
+    return True

@@ -14,7 +14,8 @@ committed only once its first token is in hand (a chat stream's leading empty ``
 event is held until then): a replica that fails before that — refused connection, 5xx, a
 stream cut before any token — is ejected (for a 500, an error of that one request, only
 at the fifth in a row: ``EndpointTable.answered``) and the request goes to the next
-candidate, so no caller sees it. A replica that took the request and sent no token within
+candidate, so no caller sees it; an error event, or ``[DONE]``, before any token counts as
+a 500. A replica that took the request and sent no token within
 the first-token timeout (an opening is no token) is skipped the same way but, like a 500,
 ejected only at the fifth in a row (``EndpointTable.timed_out``): one long prompt on slow
 edge hardware must not take the replica from every caller. After the commit an upstream
@@ -110,19 +111,6 @@ def _unknown_paths(prefix: str) -> Route:
 
 def sse_error(message: str, code: str = "upstream_failed") -> bytes:
     return b"data: " + error_body(message, 502, code=code) + b"\n\n"
-
-
-def _is_preamble(event: bytes) -> bool:
-    """A chat stream's opening event: an empty ``role`` delta, no token, no finish."""
-    try:
-        obj = json.loads(event[len(b"data: "):]) if event.startswith(b"data: {") else None
-    except ValueError:
-        return False
-    if not isinstance(obj, dict) or "error" in obj or not obj.get("choices"):
-        return False
-    choice = obj["choices"][0]
-    delta = choice.get("delta") if isinstance(choice, dict) else None
-    return isinstance(delta, dict) and not delta.get("content") and not choice.get("finish_reason")
 
 
 class RelayHooks(Protocol):
@@ -526,15 +514,22 @@ class _Relay(Response):
         reader = event_stream.Reader(resp, first_token_by, owner.idle_timeout)
         events = reader.batches()
         held: list[bytes] = []
-        # Hold the opening until a token (or the end): a failure before it is retried elsewhere.
+        # Hold what comes before the first token (a chat's opening): a failure before it is retried elsewhere.
         try:
             async for batch in events:
                 held.append(batch)
-                if not (self.chat and len(held) == 1 and batch.count(b"\n\n") == 1 and _is_preamble(batch)):
+                lead = event_stream.lead(batch)
+                if lead is None:
+                    continue
+                kind, obj = lead
+                if kind is event_stream.Kind.TOKEN:
                     break
+                owner.gw.table.answered(e.url, 500)  # the replica's own error (or an empty answer): a 500 in all but name
+                if kind is event_stream.Kind.ERROR:
+                    raise _Failed(f"error before the first token: {event_stream.error_message(obj)}", eject=False)
+                raise _Failed("stream ended before its first token ([DONE] with no token)", eject=False)
             else:
-                if not held or not b"".join(held).endswith(SSE_DONE):
-                    raise _Failed("stream ended before its first token")
+                raise _Failed("stream ended before its first token")
         except event_stream.Cut as exc:
             raise _Failed(str(exc), slow=exc.silent) from None
         reader.answering()

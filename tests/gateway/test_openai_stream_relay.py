@@ -1,6 +1,7 @@
-"""The OpenAI relay against replicas that stream in ways of their own: raw HTTP servers on
-loopback whose bytes each test writes, behind the real gateway app; and the reading of
-their events (:mod:`orchestrator.gateway.event_stream`) on bodies split as a test says."""
+"""The OpenAI relay against replicas that stream badly or in ways of their own: raw HTTP
+servers on loopback whose bytes each test writes, behind the real gateway app; and the
+reading of their events (:mod:`orchestrator.gateway.event_stream`) on bodies split as a
+test says. Before the first token a bad stream goes to the next replica unseen."""
 
 from __future__ import annotations
 
@@ -195,3 +196,53 @@ async def test_a_replica_with_no_first_token_after_its_opening_is_left_within_th
         took = time.monotonic() - began
     assert served(answer) == ("site-1", False), answer.text
     assert took < 5, f"the first token was waited for {took:.1f}s, as long as a pause between tokens"
+
+
+GENERATION_FAILED = event({"error": {"message": "failed to allocate the KV cache", "type": "server_error", "param": None,
+                                     "code": "generation_failed"}})
+
+
+@pytest.mark.parametrize(("batch", "kind"), [
+    pytest.param(OPENING, None, id="a chat's opening: nothing yet"),
+    pytest.param(b": keep-alive\n\n" + OPENING, None, id="a comment and an opening: nothing yet"),
+    pytest.param(OPENING + event(delta(content="hi")), event_stream.Kind.TOKEN, id="a token after the opening"),
+    pytest.param(event(delta(role="assistant", content="hi")), event_stream.Kind.TOKEN, id="an opening that holds a token"),
+    pytest.param(event(delta(finish="stop")), event_stream.Kind.TOKEN, id="a finish with no token: an answer"),
+    pytest.param(event({"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0}]}}]}),
+                 event_stream.Kind.TOKEN, id="a tool call"),
+    pytest.param(event({"choices": [{"index": 0, "text": "", "finish_reason": None}]}), event_stream.Kind.TOKEN,
+                 id="a text completion's chunk"),
+    pytest.param(OPENING + GENERATION_FAILED + DONE, event_stream.Kind.ERROR, id="an error"),
+    pytest.param(OPENING + DONE, event_stream.Kind.DONE, id="[DONE] with no token"),
+])
+def test_what_a_stream_begins_with(batch: bytes, kind: event_stream.Kind | None) -> None:
+    lead = event_stream.lead(batch)
+    assert (lead and lead[0]) == kind
+
+
+@pytest.mark.parametrize("ending", [GENERATION_FAILED + DONE, DONE], ids=["an error event", "[DONE] with no token"])
+async def test_a_stream_that_ends_before_its_first_token_goes_to_the_next_replica(ending: bytes) -> None:
+    """The head and the opening left before the prefill, which then failed: the caller sees nothing of it."""
+    async def fails_at_prefill(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(OPENING) + chunk(ending) + b"0\r\n\r\n")
+        await writer.drain()
+
+    async with gateway(fails_at_prefill, healthy) as (http, (sick, _), table, _):
+        answer = await chat(http)
+        assert sick.requests == 1
+        assert served(answer) == ("site-1", False), answer.text
+        assert contents(answer) == [delta(role="assistant", content=""), delta(content="hello"), delta(finish="stop"), "[DONE]"]
+        assert not table.ejected()  # like a 500: an error of this one request
+
+
+async def test_a_stream_that_fails_before_its_first_token_at_every_replica_is_a_502_saying_why() -> None:
+    async def fails_at_prefill(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(OPENING) + chunk(GENERATION_FAILED + DONE) + b"0\r\n\r\n")
+        await writer.drain()
+
+    async with gateway(fails_at_prefill) as (http, _, _, _):
+        answer = await chat(http)
+    assert answer.status_code == 502
+    assert "site-0: error before the first token: failed to allocate the KV cache" in answer.json()["error"]["message"]
