@@ -10,8 +10,9 @@ depend on reading the events right, which is this module's job:
 - Until the first token a read waits only until the first-token deadline: a chat stream's
   opening event (an empty ``role`` delta, which an engine sends before its prefill) or a
   keep-alive comment is not a token, and must not stretch the wait to the idle timeout.
-- :func:`lead` says what a stream began with (nothing yet, a token, an error,
-  ``[DONE]``), so that an error before the first token is a failed attempt.
+- :func:`lead` and :func:`ending` say what a stream began and ended with (nothing yet, a
+  token, an error, ``[DONE]``), so that an error before the first token is a failed
+  attempt, and a stream that stops without ``[DONE]`` a cut one.
 """
 
 from __future__ import annotations
@@ -110,6 +111,19 @@ def lead(batch: bytes) -> tuple[Kind, Any] | None:
         if (k := _kind(event)) is not None and k[0] is not Kind.NOTHING:
             return k
     return None
+
+
+def ending(*batches: bytes) -> list[Kind]:
+    """The kinds of the last two events that carry data in ``batches`` (in order): how a
+    stream ended. Only those are read, whatever the batches' length."""
+    found: list[Kind] = []
+    for batch in reversed(batches):
+        for event in reversed(batch.split(b"\n\n")):
+            if (k := _kind(event)) is not None:
+                found.insert(0, k[0])
+                if len(found) == 2:
+                    return found
+    return found
 
 
 def _kind(event: bytes) -> tuple[Kind, Any] | None:

@@ -19,8 +19,9 @@ a 500. A replica that took the request and sent no token within
 the first-token timeout (an opening is no token) is skipped the same way but, like a 500,
 ejected only at the fifth in a row (``EndpointTable.timed_out``): one long prompt on slow
 edge hardware must not take the replica from every caller. After the commit an upstream
-failure ends the stream with an SSE error event and ``[DONE]``, counted in
-``edgeplane_gateway_streams_cut`` (not a failover: the request stays where it is). A caller that goes away cancels the
+failure (a cut, a pause past the idle timeout, an end without ``[DONE]``) ends the stream
+with an SSE error event and ``[DONE]``, counted in ``edgeplane_gateway_streams_cut`` (not
+a failover: the request stays where it is). A caller that goes away cancels the
 upstream request, which closes its connection, and the replica stops generating.
 
 A ``model`` naming a cascade (``spec.cascade``, by its deployment's or its model's name)
@@ -540,13 +541,20 @@ class _Relay(Response):
         head += [(k.encode(), v.encode()) for k, v in self._out(e).items()]
         await send({"type": "http.response.start", "status": 200, "headers": head})
         await send({"type": "http.response.body", "body": b"".join(held), "more_body": True})
+        prev, last = b"", b"".join(held)  # how the stream ended ([DONE], an error before it) is read there
+        cut: event_stream.Cut | None = None
         try:
             async for batch in events:
+                prev, last = last, batch
                 await send({"type": "http.response.body", "body": batch, "more_body": True})
         except event_stream.Cut as exc:
+            cut = exc
+        if cut is None and event_stream.ending(prev, last)[-1:] != [event_stream.Kind.DONE]:
+            cut = event_stream.Cut("stream ended without [DONE]")  # half an answer, which the caller must not take for all of it
+        if cut is not None:
             # Not ejected here: the next request finds out at once (a refused connection is retried).
             owner.gw.metrics.streams_cut.labels(self.model, e.site).inc()
-            await send({"type": "http.response.body", "body": sse_error(f"{e.site}: {exc}") + SSE_DONE, "more_body": True})
+            await send({"type": "http.response.body", "body": sse_error(f"{e.site}: {cut}") + SSE_DONE, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -1,7 +1,8 @@
 """The OpenAI relay against replicas that stream badly or in ways of their own: raw HTTP
 servers on loopback whose bytes each test writes, behind the real gateway app; and the
 reading of their events (:mod:`orchestrator.gateway.event_stream`) on bodies split as a
-test says. Before the first token a bad stream goes to the next replica unseen."""
+test says. Before the first token a bad stream goes to the next replica unseen; after it,
+the caller is told the stream broke."""
 
 from __future__ import annotations
 
@@ -246,3 +247,38 @@ async def test_a_stream_that_fails_before_its_first_token_at_every_replica_is_a_
         answer = await chat(http)
     assert answer.status_code == 502
     assert "site-0: error before the first token: failed to allocate the KV cache" in answer.json()["error"]["message"]
+
+
+def cut(registry: CollectorRegistry, site: str) -> float:
+    return registry.get_sample_value("edgeplane_gateway_streams_cut_total", {"model": "llm", "site": site}) or 0.0
+
+
+async def close_delimited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + OPENING
+                 + event(delta(content="The answer is")))
+    await writer.drain()  # and the connection closes
+
+
+async def chunked_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(SSE_HEAD + chunk(OPENING) + chunk(event(delta(content="The answer is"))) + b"0\r\n\r\n")
+    await writer.drain()
+
+
+@pytest.mark.parametrize("behaviour", [close_delimited, chunked_end], ids=["closed", "chunked body ended"])
+async def test_a_stream_that_ends_without_done_after_its_first_token_ends_with_an_error(behaviour: Behaviour) -> None:
+    async with gateway(behaviour) as (http, _, _, registry):
+        answer = await chat(http)
+        assert answer.status_code == 200
+        *relayed, error, done = contents(answer)
+        assert relayed == [delta(role="assistant", content=""), delta(content="The answer is")]
+        assert (error["error"]["message"], done) == ("site-0: stream ended without [DONE]", "[DONE]")
+        assert cut(registry, "site-0") == 1
+
+
+async def test_a_stream_that_ends_with_done_is_not_counted_cut() -> None:
+    async with gateway(healthy) as (http, _, _, registry):
+        answer = await chat(http)
+        assert served(answer) == ("site-0", False) and contents(answer)[-1] == "[DONE]"
+        assert cut(registry, "site-0") == 0
