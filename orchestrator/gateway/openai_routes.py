@@ -15,14 +15,16 @@ event is held until then): a replica that fails before that — refused connecti
 stream cut before any token — is ejected (for a 500, an error of that one request, only
 at the fifth in a row: ``EndpointTable.answered``) and the request goes to the next
 candidate, so no caller sees it; an error event, or ``[DONE]``, before any token counts as
-a 500. A replica that took the request and sent no token within
-the first-token timeout (an opening is no token) is skipped the same way but, like a 500,
-ejected only at the fifth in a row (``EndpointTable.timed_out``): one long prompt on slow
-edge hardware must not take the replica from every caller. After the commit an upstream
-failure (a cut, a pause past the idle timeout, an end without ``[DONE]``) ends the stream
-with an SSE error event and ``[DONE]``, counted in ``edgeplane_gateway_streams_cut`` (not
-a failover: the request stays where it is). A caller that goes away cancels the
-upstream request, which closes its connection, and the replica stops generating.
+a 500. A replica that took the request and sent no token within the first-token timeout
+(an opening is no token) is skipped the same way but, like a 500, ejected only at the
+fifth in a row (``EndpointTable.timed_out``): one long prompt on slow edge hardware must
+not take the replica from every caller. After the commit an upstream failure (a cut, a
+pause past the idle timeout, an end without ``[DONE]``) ends the stream with an SSE error
+event and ``[DONE]``, counted in ``edgeplane_gateway_streams_cut`` (not a failover: the
+request stays where it is). The replica is judged by how its stream ended, not by its
+first token: a pause counts as a timeout, a cut ejects it, an error event counts as a 500,
+and only a stream that ended with ``[DONE]`` as an answer. A caller that goes away cancels
+the upstream request, which closes its connection, and the replica stops generating.
 
 A ``model`` naming a cascade (``spec.cascade``, by its deployment's or its model's name)
 goes to :mod:`orchestrator.gateway.openai_cascade`, which judges each stage's whole answer
@@ -534,7 +536,6 @@ class _Relay(Response):
         except event_stream.Cut as exc:
             raise _Failed(str(exc), slow=exc.silent) from None
         reader.answering()
-        owner.gw.table.answered(e.url, 200)
         owner.gw.metrics.requests.labels(self.model, e.site, "200").inc()
         owner.ttft.labels(self.model).observe(time.perf_counter() - self.arrived)
         head = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -549,12 +550,17 @@ class _Relay(Response):
                 await send({"type": "http.response.body", "body": batch, "more_body": True})
         except event_stream.Cut as exc:
             cut = exc
-        if cut is None and event_stream.ending(prev, last)[-1:] != [event_stream.Kind.DONE]:
+        ending = event_stream.ending(prev, last)
+        if cut is None and ending[-1:] != [event_stream.Kind.DONE]:
             cut = event_stream.Cut("stream ended without [DONE]")  # half an answer, which the caller must not take for all of it
+        # The replica is judged by how its stream ended, not by its first token: one that
+        # stalls or breaks after every first token is left out as one that fails before it.
         if cut is not None:
-            # Not ejected here: the next request finds out at once (a refused connection is retried).
+            owner.gw.table.failed(e.url, slow=cut.silent)
             owner.gw.metrics.streams_cut.labels(self.model, e.site).inc()
             await send({"type": "http.response.body", "body": sse_error(f"{e.site}: {cut}") + SSE_DONE, "more_body": True})
+        else:
+            owner.gw.table.answered(e.url, 500 if ending[0] is event_stream.Kind.ERROR else 200)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

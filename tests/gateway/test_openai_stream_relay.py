@@ -2,7 +2,8 @@
 servers on loopback whose bytes each test writes, behind the real gateway app; and the
 reading of their events (:mod:`orchestrator.gateway.event_stream`) on bodies split as a
 test says. Before the first token a bad stream goes to the next replica unseen; after it,
-the caller is told the stream broke."""
+the caller is told the stream broke, and the replica is judged by how its stream ended,
+not by its first token."""
 
 from __future__ import annotations
 
@@ -282,3 +283,43 @@ async def test_a_stream_that_ends_with_done_is_not_counted_cut() -> None:
         answer = await chat(http)
         assert served(answer) == ("site-0", False) and contents(answer)[-1] == "[DONE]"
         assert cut(registry, "site-0") == 0
+
+
+def first_token_then(then: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> Behaviour:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(SSE_HEAD + chunk(OPENING) + chunk(event(delta(content="Sure,"))))
+            await writer.drain()
+            await then(reader, writer)
+    return answer
+
+
+async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()  # wedged until the gateway gives up and closes the connection
+    raise ConnectionError
+
+
+async def fails(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(chunk(GENERATION_FAILED + DONE) + b"0\r\n\r\n")
+    await writer.drain()
+
+
+@pytest.mark.parametrize("then", [stalls, fails], ids=["stalls", "sends an error"])
+async def test_a_replica_that_fails_after_every_first_token_is_ejected_at_the_fifth_in_a_row(then: Behaviour) -> None:
+    """Like a 500 or a silent stream before the first token: one long pause must not take
+    the replica from every caller, one that does it every time is left out."""
+    async with gateway(first_token_then(then), healthy, idle_timeout=0.2) as (http, _, table, _):
+        assert [served(await chat(http)) for _ in range(table.ejecting_500s)] == [("site-0", True)] * table.ejecting_500s
+        assert served(await chat(http)) == ("site-1", False)
+
+
+async def test_a_replica_whose_connection_breaks_after_the_first_token_is_ejected() -> None:
+    async def breaks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+        raise ConnectionError
+
+    async with gateway(first_token_then(breaks), healthy) as (http, _, _, registry):
+        assert served(await chat(http)) == ("site-0", True)
+        assert served(await chat(http)) == ("site-1", False)
+        assert cut(registry, "site-0") == 1
