@@ -585,3 +585,30 @@ async def test_a_cascade_whose_last_stage_answers_503_everywhere_is_503_with_the
     [row] = stats.snapshot(table.cascades)  # no stage answered
     assert row["answered"] == {"small": 0, "large": 0} and row["failed"] == 1
     assert one_failed.status_code == 502 and "retry-after" not in one_failed.headers, one_failed.text
+
+
+def failing_at_prefill() -> httpmessages.Handler:
+    """A stage replica whose generation fails after it sent the head and the chat's opening, as the agent's does."""
+    async def events() -> AsyncIterator[bytes]:
+        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
+        yield (b'data: {"error": {"message": "failed to allocate the KV cache", "type": "server_error", "param": null, '
+               b'"code": "generation_failed"}}\n\n' + openai_routes.SSE_DONE)
+
+    async def handle(request: httpmessages.Request) -> httpstream.StreamingResponse:
+        return httpstream.StreamingResponse(200, events())
+    return handle
+
+
+async def test_a_streamed_stage_replica_that_fails_before_its_first_token_hands_over_to_the_stages_next_replica() -> None:
+    first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
+    stats = cascade.CascadeStats()
+    async with replica(truncated) as edge, replica(failing_at_prefill()) as paris, replica(answering_42(generating_s=0)) as lyon:
+        table = cascade_of(first, [endpoint("edge-paris", "edge", edge), endpoint("dc-paris", "datacenter", paris),
+                                   endpoint("dc-lyon", "datacenter", lyon, lat=45.76, lon=4.84)])
+        async with gateway(table, stats) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": True},
+                                   headers={"x-edgeplane-location": "48.85,2.35"})
+    assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "dc-lyon", resp.text
+    assert '"42"' in resp.text and '"error"' not in resp.text, resp.text
+    [row] = stats.snapshot(table.cascades)
+    assert row["answered"] == {"small": 0, "large": 1} and row["failed"] == 0
