@@ -247,10 +247,10 @@ class CascadeHandler:
         """The stages after ``stage``, each ranked for ``caller`` only if ``after_stage`` reads it."""
         return LaterStages(lambda s: self.ranking(route, s, caller), stage, len(route.stages))
 
-    def retry_after(self, route: rules.CascadeRoute, status: int, unavailable: Sequence[int], failed: int) -> int | None:
+    def retry_after(self, route: rules.CascadeRoute, status: int, unavailable: Sequence[int | None], failed: int) -> int | None:
         """When the caller of a cascade that ended unanswered with ``status`` may retry (seconds),
         on either API: the shortest Retry-After of the stage's replicas when each of the
-        ``failed`` ones tried answered 503 (``unavailable``); else, for a 503, the table's for
+        ``failed`` ones tried answered 503 or 404 (``unavailable``: :func:`failover.retry_after`); else, for a 503, the table's for
         the cascade's model (its deployment was just applied or its replicas start); else None."""
         if (retry := failover.retry_after(unavailable, failed)) is not None:
             return retry
@@ -288,7 +288,7 @@ class CascadeHandler:
             got: _Attempt | None = None
             busy: _Attempt | None = None  # this stage's last 429, when no replica of it answered otherwise
             verdict = None
-            unavailable: list[int] = []  # the Retry-After of each of this stage's replicas that answered 503
+            unavailable: list[int | None] = []  # the Retry-After of each of this stage's replicas that answered 503, None for a 404
             tried_from = len(trip.failures)
             if isinstance(ranked, routing.NoRoute):
                 trip.failures.append(f"{route.stages[stage].variant}: {ranked.reason}")
@@ -376,11 +376,11 @@ class CascadeHandler:
         return self._respond(route, answer, confidence, trip, started, None, "not-escalated", why, totals)
 
     async def _run_stage(self, route: rules.CascadeRoute, stage: int, ranked: list[routing.Ranked], body: bytes,
-                         headers: Mapping[str, str], trip: Trip, totals: Totals, unavailable: list[int]) -> _Attempt | None:
+                         headers: Mapping[str, str], trip: Trip, totals: Totals, unavailable: list[int | None]) -> _Attempt | None:
         """The answer of the first of ``ranked`` that answers (failover on a refused
         connection, a 5xx, a 404, and a 429: a replica at capacity); None when none did, or
         the last 429 when one was at capacity. Each replica's 503 adds its Retry-After to
-        ``unavailable``."""
+        ``unavailable``, and each 404 None."""
         busy: _Attempt | None = None
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
@@ -403,6 +403,7 @@ class CascadeHandler:
                     unavailable.append(failover.retry_after_s(upstream.headers.get("retry-after")))
                 continue
             if upstream.status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
+                unavailable.append(None)
                 trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")
                 continue
             if upstream.status == 429:  # full (the replica is fine): another replica, or the next stage, may not be

@@ -10,7 +10,9 @@ so one :class:`Failovers` per caller request goes with it through all of them.
 A replica that answers 503 is not down: its model is not ready yet, or its agent drains,
 and it says when to retry. When every replica a request (or the cascade stage it ended on)
 tried answered so, each route answers 503 with the shortest of their Retry-Afters
-(:func:`retry_after`), not 502 "failed", which reads as a fault.
+(:func:`retry_after`), not 502 "failed", which reads as a fault. A replica that answered 404
+has not failed either (the model moved away from it a moment ago, and the table follows):
+among 503s it leaves the answer a 503.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ def ejection_s(answer_headers: Mapping[str, str]) -> int | None:
     return retry_after_s(value)
 
 
-def retry_after(unavailable: Sequence[int], failed: int) -> int | None:
+def retry_after(unavailable: Sequence[int | None], failed: int) -> int | None:
     """When the caller should retry, if each of the ``failed`` replicas tried answered 503
-    (``unavailable``: their :func:`retry_after_s`); None when one failed otherwise, or none did."""
-    return min(unavailable) if unavailable and len(unavailable) == failed else None
+    or 404 (``unavailable``: the :func:`retry_after_s` of each 503, None for each 404: it no
+    longer serves the model) and one at least answered 503; None when one failed otherwise."""
+    waits = [s for s in unavailable if s is not None]
+    return min(waits) if waits and len(unavailable) == failed else None
 
 
 class Failovers:

@@ -104,7 +104,7 @@ async def generate(owner: openai_routes.OpenAIGateway, route: rules.CascadeRoute
         got: _Answer | None = None
         busy: _Answer | None = None  # this stage's last 429, when no replica of it answered otherwise
         verdict: rules.Verdict | None = None
-        unavailable: list[int] = []  # the Retry-After of each of this stage's replicas that answered 503
+        unavailable: list[int | None] = []  # the Retry-After of each of this stage's replicas that answered 503, None for a 404
         tried_from = len(req.trip.failures)
         if isinstance(ranked, routing.NoRoute):
             req.trip.failures.append(f"{route.stages[stage].variant}: {ranked.reason}")
@@ -196,11 +196,11 @@ def _confidence(answer: _Answer) -> float | None:
     return None if mean is None else math.exp(mean)
 
 
-async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavailable: list[int], *, logprobs: bool) -> _Answer | None:
+async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavailable: list[int | None], *, logprobs: bool) -> _Answer | None:
     """Run ``stage`` non-streaming at the first of ``ranked`` that answers (failover on a
     refused connection, a cut answer or a 5xx, as a plain request, and on a 429: a replica
     at capacity); None when none did, or the last 429 when one was at capacity. Each
-    replica's 503 adds its Retry-After to ``unavailable``."""
+    replica's 503 adds its Retry-After to ``unavailable``, and each 404 None."""
     owner, handler = req.owner, req.handler
     body = {k: v for k, v in req.body.items() if k != "stream_options"}
     body["stream"] = False
@@ -235,6 +235,7 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
                 unavailable.append(failover.retry_after_s(retry_after))
             continue
         if status == 404:  # the stage's model moved away a moment ago: the next replica may serve it
+            unavailable.append(None)
             req.trip.failures.append(f"{e.site}: does not serve {e.model!r} now (HTTP 404)")
             continue
         if status == 429:  # its sequences are full (the replica is fine): another replica, or the next stage, may not be

@@ -153,15 +153,17 @@ class _Failed(Exception):
     """This attempt failed before anything reached the caller: try the next replica
     (``eject``: and leave this one out for a while; ``slow``: it took the request and sent
     nothing in time, which ejects it only as the last of several in a row; ``at_capacity``:
-    it answered 429; ``retry_after``: it answered 503)."""
+    it answered 429; ``retry_after``: it answered 503; ``moved``: it answered 404, it no
+    longer serves the model)."""
 
     def __init__(self, why: str, *, eject: bool = True, slow: bool = False, at_capacity: AtCapacity | None = None,
-                 retry_after: int | None = None) -> None:
+                 retry_after: int | None = None, moved: bool = False) -> None:
         super().__init__(why)
         self.eject = eject and not slow
         self.slow = slow
         self.at_capacity = at_capacity
         self.retry_after = retry_after  # it answered 503 (not ready, draining): retry after this many seconds
+        self.moved = moved
 
 
 class OpenAIGateway:
@@ -435,7 +437,7 @@ class _Relay(Response):
         gw = self.owner.gw
         failures: list[str] = []
         at_capacity: AtCapacity | None = None
-        unavailable: list[int] = []  # the Retry-After of each replica that answered 503
+        unavailable: list[int | None] = []  # the Retry-After of each replica that answered 503, None for each 404
         for choice in self.ranked:
             e = choice.endpoint
             self.failovers.attempt(e.site)
@@ -447,7 +449,7 @@ class _Relay(Response):
             except _Failed as exc:
                 failures.append(f"{e.site}: {exc}")
                 at_capacity = exc.at_capacity or at_capacity
-                if exc.retry_after is not None:
+                if exc.retry_after is not None or exc.moved:
                     unavailable.append(exc.retry_after)
                 if exc.slow or exc.eject:  # slow: a long prompt on slow hardware, or stuck: EndpointTable.timed_out tells
                     gw.table.failed(e.url, slow=exc.slow)
@@ -484,7 +486,7 @@ class _Relay(Response):
             if resp.status >= 500:  # the table has ejected the replica if the answer calls for it
                 raise _Failed(f"HTTP {resp.status}", eject=False)
             if resp.status == 404:  # moved away a moment ago (the table follows): the next replica may serve it
-                raise _Failed(f"does not serve {self.model!r} now (HTTP 404)", eject=False)  # the agent itself is fine
+                raise _Failed(f"does not serve {self.model!r} now (HTTP 404)", eject=False, moved=True)  # the agent itself is fine
             if not streamed:
                 try:
                     async with asyncio.timeout(owner.first_token_timeout):

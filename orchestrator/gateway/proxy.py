@@ -208,7 +208,8 @@ class Gateway:
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         failures = []
         missing = 0  # replicas that answered 404
-        unavailable: list[int] = []  # the Retry-After of each replica that answered 503: not down, not ready or draining
+        # The Retry-After of each replica that answered 503 (not down: not ready, or draining), None for each 404
+        unavailable: list[int | None] = []
         moves = failover.Failovers(self.metrics.failovers, label)
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
@@ -237,6 +238,7 @@ class Gateway:
                 # follows a moment later), or not that version: the next replica may. The
                 # agent itself is fine.
                 missing += 1
+                unavailable.append(None)
                 failures.append(f"{e.site}: {_reason(content)} (HTTP 404)" if version is not None
                                 else f"{e.site}: does not serve {model!r} now (HTTP 404)")
                 continue

@@ -115,6 +115,43 @@ async def test_a_model_whose_every_agent_is_stopping_is_503_with_retry_after_not
             await asyncio.gather(*in_flight, *stopping)
 
 
+async def moved(request: Request) -> Response:
+    """An agent the model was moved away from a moment ago (the table still lists it)."""
+    if request.url.path.startswith("/v1/"):
+        return Response(refusals.openai_error_body("model 'llm' is not served here", "invalid_request_error", "model", "model_not_found"),
+                        status_code=404, media_type="application/json")
+    return Response(b'{"error": "model \'m\' is not served here"}', status_code=404, media_type="application/json")
+
+
+async def loading(request: Request) -> Response:
+    return Response(b'{"error": "model is not ready (LOADING: downloading)"}', status_code=503, media_type="application/json",
+                    headers={"retry-after": "2"})
+
+
+@pytest.mark.parametrize(("path", "body"), [("/openai/v1/chat/completions", CHAT), ("/v2/models/m/infer", INFER)], ids=["openai", "v2"])
+async def test_a_model_moved_from_one_replica_and_loading_at_the_next_is_503_with_retry_after_not_502(path: str, body: dict) -> None:
+    """A model moved (or its deployment rolled): the old site answers 404, the new one 503
+    while it loads. Neither failed, and a retry in 2 s can succeed."""
+    async with gateway_over(moved, loading) as http:
+        answer = await http.post(path, json=body)
+    assert (answer.status_code, answer.headers.get("retry-after")) == (503, "2"), answer.text
+    assert "HTTP 404" in answer.text and "HTTP 503" in answer.text, answer.text
+
+
+@pytest.mark.parametrize(("unavailable", "failed", "retry"), [
+    pytest.param([2], 1, 2, id="one 503"),
+    pytest.param([5, 2], 2, 2, id="the shortest of two 503s"),
+    pytest.param([None, 2], 2, 2, id="a 404 and a 503"),
+    pytest.param([2, None, None], 3, 2, id="a 503 and two 404s"),
+    pytest.param([None], 1, None, id="only a 404: no replica said when"),
+    pytest.param([None, 2], 3, None, id="a 404, a 503 and a failure"),
+    pytest.param([2], 2, None, id="a 503 and a failure"),
+    pytest.param([], 0, None, id="nothing tried"),
+])
+def test_when_a_caller_may_retry_after_the_replicas_tried(unavailable: list[int | None], failed: int, retry: int | None) -> None:
+    assert failover.retry_after(unavailable, failed) == retry
+
+
 async def test_a_replica_that_failed_among_unavailable_ones_keeps_it_a_502() -> None:
     async with gateway_over(draining, failing) as http:
         chat = await http.post("/openai/v1/chat/completions", json=CHAT)
