@@ -365,10 +365,9 @@ class CascadeHandler:
                      totals: Totals) -> Response:
         """The 429 of a cascade that ends on a stage at capacity: the caller may retry when
         that replica said."""
-        retry_after = busy.headers.get("retry-after")
         return self._unanswered(totals, started, 429,
                                 f"cascade {route.deployment!r}: {reason}; tried: {'; '.join(trip.failures) or 'nothing'}",
-                                {"retry-after": retry_after} if retry_after is not None else None)
+                                failover.passed_on(busy.headers.get("retry-after")))
 
     def _not_escalated(self, route: rules.CascadeRoute, answer: _Attempt, confidence: float | None, trip: Trip,
                        started: float, why: str, totals: Totals) -> Response:

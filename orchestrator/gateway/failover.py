@@ -39,6 +39,13 @@ def retry_after_s(value: str | None) -> int:
     return min(max(int(seconds), 1), MAX_RETRY_AFTER_S)
 
 
+def passed_on(value: str | None) -> dict[str, str]:
+    """The Retry-After header to give the caller for a replica's (a 429's, a refusal's),
+    bounded as :func:`retry_after_s`: a client that honours it (urllib3's ``Retry`` does, with
+    no cap) would wait as long as it says, decades for a wrong clock. None given, none."""
+    return {} if value is None else {"retry-after": str(retry_after_s(value))}
+
+
 def ejection_s(answer_headers: Mapping[str, str]) -> int | None:
     """At most how long a replica's 503 takes it out of rotation: the Retry-After it gave, in
     seconds (:func:`retry_after_s`); None, its whole ejection, when it gave none or another

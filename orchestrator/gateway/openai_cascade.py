@@ -176,7 +176,7 @@ def _at_capacity(req: _Request, busy: _Answer, reason: str) -> Response:
     failed, streamed or not), and the caller may retry when that replica said."""
     tried = "; ".join(req.trip.failures) or "nothing"
     return _unanswered(req, openai_routes.error(429, f"cascade {req.route.deployment!r}: {reason}; tried: {tried}", code="rate_limit_exceeded",
-                                                headers={"retry-after": busy.retry_after} if busy.retry_after is not None else None))
+                                                headers=failover.passed_on(busy.retry_after)))
 
 
 def _unanswered(req: _Request, answer: Response) -> Response:
@@ -296,8 +296,7 @@ def _respond(req: _Request, answer: _Answer, confidence: float | None, escalated
     sites = req.trip.sites if sites is None else sites
     headers = _headers(req, answer.stage, answer.site, answer.tier, confidence, escalation, reason, sites)
     if not isinstance(answer.body, dict):
-        if answer.retry_after is not None:
-            headers["retry-after"] = answer.retry_after
+        headers.update(failover.passed_on(answer.retry_after))
         return Response(answer.body, status_code=answer.status, media_type="application/json", headers=headers)
     body = {**answer.body, "edgeplane": _metadata(req, answer.stage, confidence, escalation, reason, sites)}
     if not _asks_logprobs(req.body) and isinstance(body.get("choices"), list):

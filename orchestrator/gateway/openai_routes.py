@@ -505,9 +505,7 @@ class _Relay(Response):
                 out = self._out(e)
                 if resp.status == 200:
                     owner.ttft.labels(self.model).observe(time.perf_counter() - self.arrived)
-                for name in ("retry-after",):
-                    if (v := resp.headers.get(name)) is not None:
-                        out[name] = v
+                out.update(failover.passed_on(resp.headers.get("retry-after")))
                 await _send_whole(send, resp.status, content, {**out, "content-type": ctype})
                 return
             await self._relay_stream(e, resp, send, first_token_by)

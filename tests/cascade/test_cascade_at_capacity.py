@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
@@ -111,11 +112,14 @@ async def test_a_stage_at_capacity_hands_over_to_the_next_stage() -> None:
     assert not table.ejected()
 
 
-async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_retry_after() -> None:
-    async with replica(at_capacity("1")) as edge, replica(at_capacity("7")) as dc:
+@pytest.mark.parametrize(("said", "passed_on"), [("7", "7"), ("999999999", "60"), ("Fri, 01 Jan 2100 00:00:00 GMT", "1")],
+                         ids=["seconds", "31-years", "a-date"])
+async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_retry_after(said: str, passed_on: str) -> None:
+    """The replica's Retry-After within 1 to 60 s, as a 503's: a client that honours it waits no longer."""
+    async with replica(at_capacity("1")) as edge, replica(at_capacity(said)) as dc:
         async with gateway([ep("edge-paris", "edge", edge), ep("dc-paris", "datacenter", dc)]) as (http, table, stats):
             resp = await infer(http)
-    assert resp.status_code == 429 and resp.headers["retry-after"] == "7", resp.text
+    assert resp.status_code == 429 and resp.headers["retry-after"] == passed_on, resp.text
     message = resp.json()["error"]
     assert "'large' is at capacity (dc-paris: HTTP 429)" in message and "edge-paris: at capacity" in message
     assert row(stats)["answered"] == {"small": 0, "large": 0} and row(stats)["failed"] == 1  # no stage answered

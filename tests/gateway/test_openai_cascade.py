@@ -344,15 +344,18 @@ async def test_the_last_stage_at_capacity_hands_over_to_its_next_replica_streami
     assert row["answered"] == {"small": 0, "large": 1} and row["failed"] == 0
 
 
+@pytest.mark.parametrize(("said", "passed_on"), [("7", "7"), ("999999999", "60"), ("Fri, 01 Jan 2100 00:00:00 GMT", "1")],
+                         ids=["seconds", "31-years", "a-date"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_retry_after(stream: bool) -> None:
+async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_retry_after(stream: bool, said: str, passed_on: str) -> None:
+    """The replica's Retry-After within 1 to 60 s, as a 503's: a client that honours it waits no longer."""
     first = cascade_rules.StageRoute("small", frozenset({"edge"}), cascade_rules.GenerativeRule(truncated=True))
     stats = cascade.CascadeStats()
-    async with replica(at_capacity("1")) as edge, replica(at_capacity("7")) as dc:
+    async with replica(at_capacity("1")) as edge, replica(at_capacity(said)) as dc:
         table = cascade_of(first, [endpoint("edge-paris", "edge", edge), endpoint("dc-paris", "datacenter", dc)])
         async with gateway(table, stats) as http:
             resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": stream})
-    assert resp.status_code == 429 and resp.headers["retry-after"] == "7", resp.text
+    assert resp.status_code == 429 and resp.headers["retry-after"] == passed_on, resp.text
     assert resp.json()["error"]["code"] == "rate_limit_exceeded"
     message = resp.json()["error"]["message"]
     assert "'large' is at capacity (dc-paris: HTTP 429)" in message and "edge-paris: at capacity" in message and not table.ejected()

@@ -179,6 +179,21 @@ async def test_a_replica_s_unreadable_retry_after_is_read_as_one_second(header: 
             assert (answer.status_code, answer.headers.get("retry-after")) == (503, "1"), (path, answer.text)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize(("said", "passed_on"), [("7", "7"), ("999999999", "60"), ("Fri, 01 Jan 2100 00:00:00 GMT", "1")],
+                         ids=["seconds", "31-years", "a-date"])
+async def test_a_replica_at_capacity_s_retry_after_is_passed_on_within_bounds(stream: bool, said: str, passed_on: str) -> None:
+    """A 429's Retry-After reaches the caller as a 503's does, 1 to 60 s: a client that
+    honours it (urllib3's Retry, with no cap) would otherwise wait as long as a wrong clock says."""
+    async def full(request: Request) -> Response:
+        return Response(refusals.openai_error_body("at capacity", "rate_limit_error", None, "rate_limit_exceeded"), status_code=429,
+                        media_type="application/json", headers={"retry-after": said})
+
+    async with gateway_over(full) as http:
+        answer = await http.post("/openai/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert (answer.status_code, answer.headers.get("retry-after")) == (429, passed_on), answer.text
+
+
 async def test_a_replica_s_503_ejects_it_no_longer_than_its_retry_after_says() -> None:
     """An agent whose model was replaced while a request waited answers 503 with
     ``Retry-After: 1``: it serves the new version at once, and must not be passed over for
