@@ -396,6 +396,9 @@ class CascadeHandler:
                 self.table.finished(e.url)
                 self.charge(route, stage, e.site, self.clock() - began, trip, totals)
             self.table.answered(e.url, upstream.status, failover.ejection_s(upstream.headers))
+            if (redirected := failover.redirect(upstream.status, upstream.headers)) is not None:
+                trip.failures.append(f"{e.site}: {redirected}")
+                continue
             if upstream.status >= 500:
                 trip.failures.append(f"{e.site}: HTTP {upstream.status}")
                 if upstream.status == 503:

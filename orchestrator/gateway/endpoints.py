@@ -430,11 +430,14 @@ class EndpointTable:
         self._500s_in_a_row.pop(url, None)
 
     def answered(self, url: str, status: int, retry_after_s: float | None = None) -> None:
-        """Record a replica's answer: 502, 503 and 504 eject it, the ``ejecting_500s``-th
-        500 (or timeout) in a row too; any other answer ends a run of them. A 503 that says
+        """Record a replica's answer: 502, 503 and 504 eject it, and a redirect (3xx: an
+        ingress in front of it redirects, every request alike; the gateway follows none), the
+        ``ejecting_500s``-th 500 (or timeout) in a row too; any other answer ends a run of them. A 503 that says
         when to retry (``retry_after_s``, its Retry-After) ejects for that long at most: a
         replica whose model was replaced while a request waited serves the new one at once."""
-        if status < 500:
+        if 300 <= status < 400:
+            self.eject(url)
+        elif status < 500:
             if self._500s_in_a_row:
                 self._500s_in_a_row.pop(url, None)
         elif status != 500:

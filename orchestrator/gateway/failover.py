@@ -13,6 +13,12 @@ tried answered so, each route answers 503 with the shortest of their Retry-After
 (:func:`retry_after`), not 502 "failed", which reads as a fault. A replica that answered 404
 has not failed either (the model moved away from it a moment ago, and the table follows):
 among 503s it leaves the answer a 503.
+
+A replica's redirect is no answer (:func:`redirect`): an ingress in front of it sending
+plain HTTP to HTTPS, or an auth proxy to its login page. The gateway follows none (the
+request would leave the replicas it chose) and passes none on (its caller has nothing to
+follow), so the request moves on, and the replica is ejected as one that is down
+(``EndpointTable.answered``): every request to it would be redirected alike.
 """
 
 from __future__ import annotations
@@ -63,6 +69,15 @@ def retry_after(unavailable: Sequence[int | None], failed: int) -> int | None:
     longer serves the model) and one at least answered 503; None when one failed otherwise."""
     waits = [s for s in unavailable if s is not None]
     return min(waits) if waits and len(unavailable) == failed else None
+
+
+def redirect(status: int, answer_headers: Mapping[str, str]) -> str | None:
+    """Why a replica's answer with ``status`` is a failed attempt when it is a redirect (any
+    3xx), naming where to; None for any other status."""
+    if not 300 <= status < 400:
+        return None
+    where = answer_headers.get("location")
+    return f"redirected{f' to {where[:200]}' if where else ''} (HTTP {status})"
 
 
 class Failovers:

@@ -219,7 +219,8 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
                                             {"content-type": "application/json"}, stream=False) as resp:
                     async with asyncio.timeout(owner.first_token_timeout):
                         status, content = resp.status, await resp.body()
-                    retry_after, ejection = resp.headers.get("retry-after"), failover.ejection_s(resp.headers)
+                    headers = resp.headers
+                    retry_after, ejection = headers.get("retry-after"), failover.ejection_s(headers)
             except (UpstreamError, TimeoutError) as exc:
                 req.trip.failures.append(f"{e.site}: {exc or type(exc).__name__}")
                 # slow at this request (a long prompt on slow hardware): ejected only at the fifth in a row, as by the relay
@@ -229,6 +230,9 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
             owner.gw.table.finished(e.url)
             handler.charge(req.route, stage, e.site, handler.clock() - began, req.trip, req.totals)
         owner.gw.table.answered(e.url, status, ejection)
+        if (redirected := failover.redirect(status, headers)) is not None:
+            req.trip.failures.append(f"{e.site}: {redirected}")
+            continue
         if status >= 500:
             req.trip.failures.append(f"{e.site}: HTTP {status}")
             if status == 503:

@@ -481,6 +481,8 @@ class _Relay(Response):
             streamed = resp.status == 200 and ctype.startswith("text/event-stream")
             if not streamed:  # a stream has answered once its first token is in (_relay_stream)
                 owner.gw.table.answered(e.url, resp.status, failover.ejection_s(resp.headers))
+            if (redirected := failover.redirect(resp.status, resp.headers)) is not None:  # the table has ejected it
+                raise _Failed(redirected, eject=False)
             if resp.status == 503:  # not ready, or draining: it says when to retry
                 raise _Failed("unavailable (HTTP 503)", eject=False, retry_after=failover.retry_after_s(resp.headers.get("retry-after")))
             if resp.status >= 500:  # the table has ejected the replica if the answer calls for it

@@ -226,6 +226,9 @@ class Gateway:
                 self.table.finished(e.url)
             status, content, upstream_headers = upstream.status, upstream.body, upstream.headers
             self.table.answered(e.url, status, failover.ejection_s(upstream_headers))
+            if (redirected := failover.redirect(status, upstream_headers)) is not None:
+                failures.append(f"{e.site}: {redirected}")
+                continue
             if status == 503:
                 failures.append(f"{e.site}: {_reason(content)} (HTTP 503)")
                 unavailable.append(failover.retry_after_s(upstream_headers.get("retry-after")))
