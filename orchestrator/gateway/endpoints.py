@@ -445,6 +445,12 @@ class EndpointTable:
         else:
             self._failed_one(url)
 
+    def malformed(self, url: str) -> None:
+        """Record a 200 that is no answer (a proxy's own page where a stream was asked for, JSON
+        cut short): like a 500, an error of that request until ``ejecting_500s`` in a row; a
+        replica behind a proxy that answers every request so is then ejected."""
+        self._failed_one(url)
+
     def timed_out(self, url: str) -> None:
         """Record a request the replica took and did not answer in time: like a 500, an
         error of that request until ``ejecting_500s`` of them in a row."""

@@ -229,6 +229,11 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
         finally:
             owner.gw.table.finished(e.url)
             handler.charge(req.route, stage, e.site, handler.clock() - began, req.trip, req.totals)
+        parsed = openai_routes.json_object(content) if status == 200 else None
+        if status == 200 and parsed is None:  # cut short, or a proxy's own page: the next replica may answer
+            owner.gw.table.malformed(e.url)
+            req.trip.failures.append(f"{e.site}: the answer is not a JSON object")
+            continue
         owner.gw.table.answered(e.url, status, ejection)
         if (redirected := failover.redirect(status, headers)) is not None:
             req.trip.failures.append(f"{e.site}: {redirected}")
@@ -246,16 +251,9 @@ async def _call(req: _Request, stage: int, ranked: list[routing.Ranked], unavail
             req.trip.failures.append(f"{e.site}: at capacity (HTTP 429)")
             busy = _Answer(stage, status, content, e.site, e.tier, retry_after)
             continue
-        if status != 200:
-            req.trip.failovers.answered()  # the caller's error: an answer
+        if parsed is None:  # not a 200: the caller's error, an answer all the same
+            req.trip.failovers.answered()
             return _Answer(stage, status, content, e.site, e.tier)
-        try:
-            parsed = json.loads(content)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            req.trip.failures.append(f"{e.site}: the answer is not a JSON object")
-            continue
         req.trip.failovers.answered()
         return _Answer(stage, 200, parsed, e.site, e.tier)
     return busy

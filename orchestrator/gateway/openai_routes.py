@@ -49,7 +49,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.requests import ClientDisconnect, Request
@@ -351,6 +351,15 @@ class OpenAIGateway:
         ]
 
 
+def json_object(content: bytes) -> dict[str, Any] | None:
+    """A replica's whole answer as the JSON object every completion is; None when it is not one."""
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
 def engine_model(e: routing.Endpoint, asked: str) -> str:
     """The ``model`` a request for ``asked`` names at ``e``: a vllm variant's
     ``servedModelName`` may differ from the Model's name, and its engine serves only that."""
@@ -479,7 +488,10 @@ class _Relay(Response):
         try:
             ctype = resp.headers.get("content-type", "application/json")
             streamed = resp.status == 200 and ctype.startswith("text/event-stream")
-            if not streamed:  # a stream has answered once its first token is in (_relay_stream)
+            if resp.status == 200 and streamed != self.stream:  # a proxy's own page, say, where a stream was asked for
+                owner.gw.table.malformed(e.url)
+                raise _Failed(f"answered a {'streamed' if self.stream else 'whole'} request with {ctype} (HTTP 200)", eject=False)
+            if resp.status != 200:  # a 200 has answered once it is read whole, or a stream once its first token is in
                 owner.gw.table.answered(e.url, resp.status, failover.ejection_s(resp.headers))
             if (redirected := failover.redirect(resp.status, resp.headers)) is not None:  # the table has ejected it
                 raise _Failed(redirected, eject=False)
@@ -497,6 +509,11 @@ class _Relay(Response):
                     raise _Failed(f"answer cut: {exc}") from None
                 except TimeoutError:
                     raise _Failed(f"answer cut: no end within {owner.first_token_timeout:g}s", slow=True) from None
+                if resp.status == 200:
+                    if json_object(content) is None:  # cut short, or not JSON at all: the next replica may answer
+                        owner.gw.table.malformed(e.url)
+                        raise _Failed("the answer is not a JSON object", eject=False)
+                    owner.gw.table.answered(e.url, 200)
                 if resp.status == 429 and self.hooks is not None:  # full (the replica is fine): the next one may not be
                     raise _Failed("at capacity (HTTP 429)", eject=False,
                                   at_capacity=AtCapacity(e, content, resp.headers.get("retry-after")))

@@ -1,8 +1,10 @@
 """A replica's answer that the caller could not use is a failed attempt, not an answer to
 relay: a redirect (an ingress sending plain HTTP to HTTPS, an auth proxy sending to its
-login page), which no caller of the gateway can follow. The request moves on to the next
-replica, the one that gave it is ejected, and when none is left the 502 says what each
-replica did; a cascade's stage moves on alike. Real HTTP on loopback; the replicas are small
+login page), which no caller of the gateway can follow, or a 200 that is not what was asked
+(a proxy's own HTML page where a stream was asked for, a chat completion cut short). The
+request moves on to the next replica, and when none is left the 502 says what each replica
+did; a cascade's stage moves on alike. A redirecting replica is ejected at once (every request
+to it is redirected); one whose 200 was no answer as a 500 is, at the fifth in a row. Real HTTP on loopback; the replicas are small
 Starlette apps."""
 
 from __future__ import annotations
@@ -95,3 +97,42 @@ async def test_a_model_whose_only_replica_redirects_is_a_502_saying_where_to(pat
     assert answer.status_code == (503 if cascaded else 502), answer.text  # a cascade's next stage has no replica at all
     assert "site-0: redirected to https://replica.example/ (HTTP 308)" in answer.text, answer.text
     assert "location" not in answer.headers
+
+
+PAGE = "<html><body><h1>502 Bad Gateway</h1><hr>nginx</body></html>"
+
+
+async def a_proxy_s_page(request: Request) -> Response:
+    return Response(PAGE, media_type="text/html")
+
+
+async def cut_short(request: Request) -> Response:
+    return Response('{"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assis',
+                    media_type="application/json")
+
+
+@pytest.mark.parametrize("cascaded", [False, True], ids=["plain", "cascade"])
+@pytest.mark.parametrize(("sick", "stream"), [(a_proxy_s_page, True), (a_proxy_s_page, False), (cut_short, False)],
+                         ids=["html-to-a-stream", "html-to-a-whole-chat", "json-cut-short"])
+async def test_a_chat_answered_200_with_no_answer_moves_on_to_the_next_replica(sick, stream: bool, cascaded: bool) -> None:  # noqa: ANN001
+    table = endpoints.EndpointTable()
+    async with gateway_over(sick, healthy, table=table, cascaded=cascaded) as http:
+        answer = await http.post("/openai/v1/chat/completions", json={**CHAT, "stream": stream}, headers=NEAREST)
+    assert (answer.status_code, answer.headers["x-edgeplane-site"]) == (200, "site-1"), answer.text
+    if stream:
+        assert answer.headers["content-type"].startswith("text/event-stream") and answer.text.endswith("data: [DONE]\n\n")
+    else:
+        assert answer.json()["choices"][0]["message"]["content"] == "hello"
+    assert not table.ejected()  # one odd answer: an error of that request, as a 500 is
+
+
+@pytest.mark.parametrize("cascaded", [False, True], ids=["plain", "cascade"])
+async def test_a_replica_whose_every_200_is_a_proxy_s_page_is_ejected_at_the_fifth_in_a_row(cascaded: bool) -> None:
+    table = endpoints.EndpointTable(ejecting_500s=5)
+    async with gateway_over(a_proxy_s_page, table=table, cascaded=cascaded) as http:
+        for i in range(5):
+            answer = await http.post("/openai/v1/chat/completions", json={**CHAT, "stream": True})
+            # a cascade's stage runs whole, and its next stage has no replica at all
+            why = "the answer is not a JSON object" if cascaded else "answered a streamed request with text/html"
+            assert (answer.status_code, f"site-0: {why}" in answer.text) == ((503 if cascaded else 502), True), answer.text
+            assert bool(table.ejected()) == (i == 4), f"after request {i + 1}"

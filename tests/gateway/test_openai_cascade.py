@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 
 from edge_agent import httpmessages, httpstream
 from orchestrator.api import methods
-from orchestrator.gateway import cascade, cascade_rules, endpoints, event_stream, openai_routes, proxy, routing, upstream
+from orchestrator.gateway import cascade, cascade_rules, endpoints, event_stream, openai_cascade, openai_routes, proxy, routing, upstream
 from orchestrator.testing import loopback
 from orchestrator.testing.loopback import replica
 
@@ -30,6 +30,14 @@ def chat_answer(content: str, finish: str = "stop") -> bytes:
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                                     "finish_reason": finish}],
                        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}).encode()
+
+
+def chat_reply(request: httpmessages.Request, content: str, finish: str = "stop") -> httpmessages.Response:
+    """:func:`chat_answer` as a replica gives it: as a stream when the request asks for one."""
+    if not json.loads(request.body).get("stream"):
+        return httpmessages.Response(200, chat_answer(content, finish))
+    events = openai_cascade.replay(json.loads(chat_answer(content, finish)), chat=True, usage=False)
+    return httpmessages.Response(200, b"".join(events), content_type="text/event-stream")
 
 
 def endpoint(site: str, tier: str, url: str, lat: float = 48.85, lon: float = 2.35, **kw: Any) -> routing.Endpoint:
@@ -213,7 +221,7 @@ async def test_a_replica_silent_past_the_first_token_timeout_is_skipped_and_ejec
 
     async def lyon(request: httpmessages.Request) -> httpmessages.Response:
         asked.append("edge-lyon")
-        return httpmessages.Response(200, chat_answer("from Lyon"))
+        return chat_reply(request, "from Lyon")
 
     async with replica(paris) as paris_url, replica(lyon) as lyon_url:
         fleet = [endpoint("edge-paris", "edge", paris_url), endpoint("edge-lyon", "edge", lyon_url, lat=45.76, lon=4.84)]
@@ -298,7 +306,7 @@ def at_capacity(retry_after: str) -> Handle:
 
 def answering(content: str) -> Handle:
     async def handle(request: httpmessages.Request) -> httpmessages.Response:
-        return httpmessages.Response(200, chat_answer(content))
+        return chat_reply(request, content)
     return handle
 
 
@@ -306,7 +314,7 @@ def answering_as(site: str, asked: list[str]) -> Handle:
     """A replica at ``site`` that answers ``from <site>`` and notes in ``asked`` that it was."""
     async def handle(request: httpmessages.Request) -> httpmessages.Response:
         asked.append(site)
-        return httpmessages.Response(200, chat_answer(f"from {site}"))
+        return chat_reply(request, f"from {site}")
     return handle
 
 
@@ -376,7 +384,7 @@ def requests_counted(registry: CollectorRegistry) -> dict[tuple[str, str, str], 
 
 
 async def truncated(request: httpmessages.Request) -> httpmessages.Response:  # cut at max_tokens: escalate
-    return httpmessages.Response(200, chat_answer("The answer is", finish="length"))
+    return chat_reply(request, "The answer is", finish="length")
 
 
 @pytest.mark.parametrize(("edge", "dc", "counted"), [
