@@ -15,6 +15,11 @@ took 120 µs, measured against the same server. What it does:
   sent once more on a new connection: the server may have closed the idle socket just as
   we picked it, and every request the gateway forwards is idempotent;
 - limits: connect timeout, total timeout per request, answer size;
+- TCP keep-alive probes on every connection (``keepalive``): a replica's host that lost
+  power or its link sends no RST, and a connection to it would otherwise look open for as
+  long as the kernel's default (two hours): an idle one until ``idle_s``, and one waiting for
+  a whole generated answer, which has no time limit, until the caller gives up. A live
+  replica's kernel answers the probes, however long its model takes;
 - every failure is an :class:`UpstreamError`, which the gateway turns into failover.
 
 A streamed answer (:class:`Stream`) is handed over as soon as its head arrived; its body
@@ -43,6 +48,9 @@ import httptools
 
 
 STREAM_HIGH_WATER = 64 * 1024  # unread bytes of a streamed body at which its socket is paused
+#: TCP keep-alive of the connections to replicas: (seconds idle before the first probe, seconds
+#: between probes, unanswered probes that end the connection): a vanished host is found in ~25 s.
+KEEPALIVE = (10, 5, 3)
 
 
 class UpstreamError(Exception):
@@ -297,6 +305,7 @@ class UpstreamPool:
         max_idle_per_origin: int = 32,
         max_body: int = 64 * 1024 * 1024,
         idle_s: float = 60.0,  # under the agent's 75 s: the pool lets go first
+        keepalive: tuple[int, int, int] = KEEPALIVE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.connect_timeout = connect_timeout
@@ -304,6 +313,7 @@ class UpstreamPool:
         self.max_idle = max_idle_per_origin
         self.max_body = max_body
         self.idle_s = idle_s
+        self.keepalive = keepalive
         self._clock = clock
         self._sweep_at = 0.0
         # origin -> its idle connections, the oldest first
@@ -394,6 +404,7 @@ class UpstreamPool:
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keep_alive(sock, self.keepalive)
         return conn, False
 
     def _release(self, origin: tuple[str, str, int], conn: _Connection) -> None:
@@ -433,6 +444,16 @@ class UpstreamPool:
             while idle:
                 idle.pop().close()
         self._idle.clear()
+
+
+def _keep_alive(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
+    """Probe ``sock``'s peer after ``keepalive[0]`` s of silence, every ``keepalive[1]`` s,
+    and drop it after ``keepalive[2]`` unanswered probes (where the platform lets these be set:
+    Linux does; elsewhere the system's own timings apply)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), keepalive, strict=True):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _request_head(method: str, url: str, body: bytes | None, headers: Mapping[str, str] | None) -> tuple[tuple[str, str, int], bytes]:

@@ -77,6 +77,22 @@ async def test_an_idle_connection_closed_by_the_server_is_replaced_transparently
         await server.shutdown(1)
 
 
+async def test_connections_probe_their_replica_so_a_host_gone_without_a_word_is_dropped() -> None:
+    """A host that lost power sends no RST: only keep-alive probes find that a connection to it
+    is dead, whether idle in the pool or waiting for an answer with no time limit."""
+    server, port = await echo_server()
+    pool = UpstreamPool(keepalive=(7, 2, 4))
+    try:
+        await pool.request("GET", f"http://127.0.0.1:{port}/")
+        [[conn]] = pool._idle.values()
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert [sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, o)) for o in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")] == [7, 2, 4]
+    finally:
+        await pool.close()
+        await server.shutdown(1)
+
+
 async def test_connections_idle_past_their_time_are_closed_and_replicas_gone_leave_nothing() -> None:
     """Replicas come and go at addresses of their own, and a host that vanished never closes
     its end: a connection idle for ``idle_s`` is closed, and its origin forgotten."""
