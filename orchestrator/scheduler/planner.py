@@ -18,6 +18,9 @@ A pure function of its arguments. The shape of the algorithm, and why:
    which is what makes the lazy greedy exact step by step and cheap.
 4. A relocation pass then moves single replicas while that lowers the cost, which repairs
    the greedy's early choices (``relocation``).
+5. A deployment still short may shift another's replica to another site, switch one this
+   plan started to a smaller variant in its seat, or give one back for two of its own
+   (``repair``).
 
 When the hard rules leave room for fewer than ``replicas.min`` replicas, the planner still
 places what fits and reports the deployment Unschedulable with the binding constraint:
@@ -130,6 +133,8 @@ def _plan(
     for job in order:
         if len(job.placed) < job.wanted:
             repair.make_room(fleet, capacity, job, order)
+        if len(job.placed) < job.wanted:
+            repair.switch_variant(fleet, capacity, job, order)
         if len(job.placed) < job.wanted:
             repair.trade_down(capacity, job, order)
     for job in order:

@@ -8,7 +8,15 @@ a single replica of another deployment whose move to another site with room free
 capacity, and makes that trade. The moved replica keeps its count (a move, never a drop),
 and deployments with a spread rule are left alone so their balance is never broken.
 
-When no move frees room, ``trade_down`` looks at sizes: a deployment of two-GPU replicas
+When no move frees room, ``switch_variant`` looks at the occupants' own variants: a
+deployment planned first may fill the only site a short one can use with its large
+variant, where its small one would leave room for both. Switching it there keeps its count
+and its site (so its latency), and costs only what the objective charges a smaller variant
+(carbon, fit, a start), far less than a missing replica. Only replicas this plan started
+are switched: a running replica is never downsized for another deployment, since on a
+full site its smaller self cannot start before it stops.
+
+When neither frees room, ``trade_down`` looks at sizes: a deployment of two-GPU replicas
 grown past its minimum may hold the GPUs that two one-GPU replicas of a short deployment
 need. Every missing replica costs the same, so giving one large replica back for two or
 more small ones in its place lowers the cost; planning in scarcity order (largest GPU
@@ -25,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from orchestrator.scheduler import objective
 from orchestrator.scheduler.capacity import Capacity
 from orchestrator.scheduler.fleet import Fleet
 from orchestrator.scheduler.model import Variant
@@ -112,6 +121,105 @@ def _trade(
     if job.spread is not None:
         job.spread.shift(int(job.spread.keys[site]), +1)
     return True
+
+
+def switch_variant(fleet: Fleet, capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:
+    """Add replicas to ``job`` by switching single new replicas of other deployments to
+    another of their variants on the same site, where ``job``'s then fit beside them."""
+    # Only the sites full for ``job`` now can be traded on, and this pass fills no other:
+    # the replicas elsewhere need not be counted.
+    taken = job.taken(fleet)
+    full = np.zeros(fleet.size, dtype=bool)
+    for variant in job.variants():
+        full |= job.eligible[variant.name] & ~capacity.fits_mask(variant)
+    if taken is not None:
+        full &= ~taken
+    if not full.any():
+        return
+    on = full.tolist()
+    held: dict[Job, Counter[tuple[int, str]]] = {}  # per deployment that may switch: replicas per (site, variant)
+    at: dict[int, list[Job]] = {}  # per full site, the deployments holding a replica there
+    for other in jobs:
+        if other is job or other.deployment.placement.spread is not None or len(other.eligible) < 2:
+            continue
+        counts = Counter((s, v.name) for s, v, _ in other.placed if on[s])
+        if counts:
+            held[other] = counts
+            for site in {s for s, _ in counts}:
+                at.setdefault(site, []).append(other)
+    while len(job.placed) < job.wanted and at and _switch_once(fleet, capacity, job, held, at):
+        pass
+
+
+def _switch_once(fleet: Fleet, capacity: Capacity, job: Job, held: dict[Job, Counter[tuple[int, str]]],
+                 at: dict[int, list[Job]]) -> bool:
+    tries = TRADES_TRIED
+    taken = job.taken(fleet)
+    for variant in job.variants():
+        full = np.flatnonzero(job.eligible[variant.name] & ~capacity.fits_mask(variant)
+                              & (True if taken is None else ~taken))
+        full = full[[s in at for s in full.tolist()]] if full.size else full
+        if job.spread is not None and full.size:
+            full = np.array([s for s in full.tolist() if job.spread.allows(int(job.spread.keys[s]))], dtype=np.int64)
+        order = np.argsort(fleet.intensity[full], kind="stable")[:SITES_TRIED]
+        for site in full[order].tolist():
+            for other in at[site]:
+                counts = held[other]
+                # only replicas beyond those running now: this plan started them
+                for key in [k for k, n in counts.items() if k[0] == site and n > other.running.get(k, 0)]:
+                    switched = _switch(fleet, capacity, job, variant, site, other, key[1])
+                    if switched is not None:
+                        counts[key] -= 1
+                        counts[(site, switched)] += 1
+                        return True
+                    tries -= 1
+                    if tries == 0:
+                        return False
+    return False
+
+
+def _switch(fleet: Fleet, capacity: Capacity, job: Job, variant: Variant, site: int, other: Job, name: str) -> str | None:
+    """Switch one replica of ``other`` at ``site`` from variant ``name`` to another of its
+    variants if ``variant`` of ``job`` then fits beside it, and place as many of ``job``'s
+    there as then fit; the variant switched to, or None."""
+    i = max(n for n, (s, v, _) in enumerate(other.placed) if s == site and v.name == name)
+    _, theirs, their_group = other.placed[i]
+    capacity.give_back(site, theirs, their_group, other.deployment.name)
+    ours = capacity.take(site, variant, job.deployment.name)
+    if ours is None:
+        capacity.hold(site, theirs, their_group, other.deployment.name)
+        return None
+    # The cheapest other variant the objective allows there, if ``job``'s missing replica
+    # costs more than the switch adds to ``other`` (with the default weights, always).
+    gain = (objective.shortfall_cost(job.deployment, len(job.placed), job.weights)
+            - objective.shortfall_cost(job.deployment, len(job.placed) + 1, job.weights))
+    before = objective.replica_cost(fleet, site, theirs, other.weights)
+    found: tuple[Variant, int] | None = None
+    for candidate in sorted((v for v in other.variants() if v.name != name and other.eligible[v.name][site]),
+                            key=lambda v: objective.replica_cost(fleet, site, v, other.weights)):
+        if objective.replica_cost(fleet, site, candidate, other.weights) - before >= gain:
+            break
+        group = capacity.take(site, candidate, other.deployment.name)
+        if group is not None:
+            found = (candidate, group)
+            break
+    if found is None:
+        capacity.give_back(site, variant, ours, job.deployment.name)
+        capacity.hold(site, theirs, their_group, other.deployment.name)
+        return None
+    other.placed[i] = (site, found[0], found[1])
+    job.placed.append((site, variant, ours))
+    spread = job.spread
+    if spread is not None:
+        spread.shift(int(spread.keys[site]), +1)
+    while len(job.placed) < job.wanted and (spread is None or spread.allows(int(spread.keys[site]))):
+        more = capacity.take(site, variant, job.deployment.name)
+        if more is None:
+            break
+        job.placed.append((site, variant, more))
+        if spread is not None:
+            spread.shift(int(spread.keys[site]), +1)
+    return found[0].name
 
 
 def trade_down(capacity: Capacity, job: Job, jobs: Sequence[Job]) -> None:

@@ -11,7 +11,8 @@ greedy, against the capacity the others hold: replicas moved = replicas lost, an
 work grows with the deployments that ran on the lost sites, not with the fleet.
 Deployments short of their wanted count try again whenever capacity comes back; when a
 lost replica finds no room, the planner's ``repair.make_room`` may shift another
-deployment's replica, as a full plan would.
+deployment's replica, as a full plan would (and ``repair.switch_variant`` /
+``trade_down`` touch only replicas the repair itself placed: the kept ones run now).
 
 New sites (with no other change) rebuild the standing plan over the larger fleet, every
 replica kept, and let short deployments grow into them. Anything else (a site whose
@@ -243,6 +244,8 @@ class Standing:
             held = {job.deployment.name: list(job.placed) for job in order}
             for job in short:
                 repair.make_room(fleet, capacity, job, order)
+                if len(job.placed) < job.wanted:
+                    repair.switch_variant(fleet, capacity, job, order)
                 if len(job.placed) < job.wanted:
                     repair.trade_down(capacity, job, order)
                 if len(job.placed) < job.wanted:

@@ -118,3 +118,29 @@ def test_trading_down_counts_the_giving_deployments_replicas_once_not_once_per_t
     result = plan(sites, [big, small])
     assert Counter(r.deployment for r in result.as_running()) == {"b": 2000}
     assert sum(counted) <= 1000
+
+
+FULL = Variant("full", "ray-serve", cpu=4, memory_mib=4096)
+SMALL_OF_A = Variant("small", "onnx", cpu=1, memory_mib=1024)
+
+
+def test_a_replica_this_plan_started_switches_to_its_smaller_variant_so_a_short_deployment_fits():
+    # One German data centre. ``a`` may run anywhere in the EU and was planned first: its
+    # ``full`` variant filled the site (a distilled one in a data centre is a misfit), and
+    # the German-only ``b`` found no room. No other site takes ``a``, so no move helps, and
+    # ``a`` at its min gives nothing back; run as ``small``, both fit. Before switches were
+    # tried: 12,008 points against the MILP's 34.5 (``b`` short, below its min).
+    dc = site("dc-de", "frankfurt", tier="datacenter", cpu=4, memory_gib=32)
+    far = site("dc-us", "virginia", tier="datacenter", cpu=64, memory_gib=256)
+    a = deployment("a", variants=(FULL, SMALL_OF_A), residency={"FR", "DE"}, demand=(("frankfurt", 10),))
+    b = deployment("b", residency={"DE"}, demand=(("frankfurt", 10),))
+    best = exact.solve([dc, far], [a, b])
+    assert best.optimal
+    assert Counter((r.deployment, r.variant) for r in best.replicas) == {("a", "small"): 1, ("b", "small"): 1}
+    ours = plan([dc, far], [a, b])
+    assert Counter((r.deployment, r.site, r.variant) for r in ours.as_running()) == {
+        ("a", "dc-de", "small"): 1,
+        ("b", "dc-de", "small"): 1,
+    }
+    assert ours.deployments["b"].shortfall is None
+    assert gap(ours.objective.total, best.objective.total) <= 1e-6
