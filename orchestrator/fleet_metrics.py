@@ -91,5 +91,7 @@ class FleetCollector:
                 yield w
             e = GaugeMetricFamily("edgeplane_endpoints", "Routable endpoints, by model", labels=["model"])
             for m in self.cp.table.models():
-                e.add_metric([m], len(self.cp.table.endpoints(m)))
+                # a lost agent's replicas stay listed, unhealthy, and no request goes to them:
+                # counted, a model every request of which gets a 503 would read as served
+                e.add_metric([m], sum(1 for ep in self.cp.table.endpoints(m) if ep.healthy))
             yield e

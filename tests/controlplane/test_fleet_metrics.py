@@ -13,6 +13,7 @@ from orchestrator import fleet_metrics
 from orchestrator.agents import auth, hub, model
 from orchestrator.artifacts import catalog as artifacts
 from orchestrator.gateway import endpoints as endpoints_mod
+from orchestrator.gateway import routing
 from orchestrator.reconciler import datacentres as dc_mod
 from orchestrator.reconciler import loop
 from orchestrator.store import sqlite as store_mod
@@ -74,3 +75,28 @@ async def test_a_stored_object_that_does_not_read_shows_in_a_gauge_until_it_is_d
         assert unreadable() == 0
     finally:
         store.close()
+
+
+def routable(table: endpoints_mod.EndpointTable) -> dict[str, float]:
+    """``edgeplane_endpoints`` of a scrape, by model."""
+    cp = types.SimpleNamespace(hub=hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN])), elector=None, store=None, table=table)
+    registry = CollectorRegistry()
+    registry.register(fleet_metrics.FleetCollector(cp))  # type: ignore[arg-type]
+    return {s.labels["model"]: s.value for f in text_string_to_metric_families(generate_latest(registry).decode())
+            if f.name == "edgeplane_endpoints" for s in f.samples}
+
+
+def test_the_endpoints_of_lost_agents_are_not_counted_as_routable() -> None:
+    """A lost agent's replicas stay in the table, unhealthy, and no request is sent to them:
+    with the last one lost every request gets a 503, and the gauge an alert watches reads 0."""
+    def at(site: str, healthy: bool = True) -> routing.Endpoint:
+        return routing.Endpoint("m", "d", site, "edge", "FR", "eu-west", 48.8, 2.3, f"http://{site}:8080", healthy=healthy)
+
+    table = endpoints_mod.EndpointTable()
+    table.replace([at("edge-1"), at("edge-2")])
+    assert routable(table) == {"m": 2}
+    table.replace([at("edge-1"), at("edge-2", healthy=False)])  # a pass read edge-2's agent lost
+    assert routable(table) == {"m": 1}
+    table.mark_down("http://edge-1:8080")  # the leader heard edge-1's agent is lost, before the next pass
+    assert isinstance(table.rank("m", routing.Caller(), None), routing.NoRoute)
+    assert routable(table) == {"m": 0}
