@@ -28,7 +28,9 @@ class FleetCollector:
         self.power: dict[str, dict[str, float]] | None = {}
 
     def collect(self) -> Any:
-        agents = self.cp.hub.snapshot() if hasattr(self.cp, "hub") else []
+        # Each replica counts the agents connected to it and their heartbeats, summed across
+        # replicas: the leader's relayed records (``via``) are a follower's agents, counted there.
+        agents = [a for a in self.cp.hub.snapshot() if a.via is None] if hasattr(self.cp, "hub") else []
         g = GaugeMetricFamily("edgeplane_agents", "Joined edge agents by health", labels=["health"])
         g.add_metric(["healthy"], sum(1 for a in agents if a.healthy))
         g.add_metric(["unhealthy"], sum(1 for a in agents if not a.healthy))

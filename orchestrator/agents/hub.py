@@ -186,6 +186,7 @@ class AgentHub(relayed.RelayedAgents):
         self._records: dict[str, _Record] = {}
         self._channels: dict[str, _SiteChannel] = {}
         self.lag = LagHistogram()
+        #: Heartbeats of the agents connected here; those a follower relays are counted there.
         self.heartbeats_total = 0
         self._beat_waiters: dict[str, asyncio.Event] = {}
         # The sweeper's sleep between sweeps, and what wakes it early: an agent joining with a
@@ -292,7 +293,8 @@ class AgentHub(relayed.RelayedAgents):
         if record is None or record.agent_id != agent_id:
             raise errors.NotJoined(f"agent {agent_id!r} does not hold site {site!r}; join again")
         now = self._clock()
-        self.heartbeats_total += 1
+        if record.via is None:  # a relayed beat is counted by the replica it reached (edgeplane_heartbeats_received_total)
+            self.heartbeats_total += 1
         if beat.sent_unix_ms:
             self.lag.observe(self._wall() * 1000.0 - beat.sent_unix_ms)
         first = record.last_heartbeat <= record.joined_at < now  # not AgentStatus.reported until this beat

@@ -100,3 +100,31 @@ def test_the_endpoints_of_lost_agents_are_not_counted_as_routable() -> None:
     table.mark_down("http://edge-1:8080")  # the leader heard edge-1's agent is lost, before the next pass
     assert isinstance(table.rank("m", routing.Caller(), None), routing.NoRoute)
     assert routable(table) == {"m": 0}
+
+
+def test_an_agent_relayed_by_a_follower_is_counted_once_across_replicas() -> None:
+    """The leader holds a follower's agent as a relayed record and applies its heartbeats:
+    the documented query sums each replica's count, so only the follower counts it."""
+    leader, follower = (hub.AgentHub(auth.InMemoryJoinAuthenticator([TOKEN])) for _ in range(2))
+
+    def application(site: str) -> model.JoinApplication:
+        return model.JoinApplication(site, TOKEN, None, "", f"http://{site}:8080", model.Location(), {}, "test", 1.0, model.Capacity(cpu_cores=2))
+
+    def beat() -> model.Heartbeat:
+        return model.Heartbeat(seq=1, sent_unix_ms=0, inflight=0, cpu_percent=1.0, memory_available_bytes=1 << 30,
+                               assignment_version=0, draining=False, capacity=None, models=None, gpu_free_bytes=())
+
+    own = leader.join(application("edge-1"))
+    relayed = follower.join(application("edge-2"))
+    leader.admit_relayed(application("edge-2"), relayed.agent_id, "cp-2")  # as the relay brings it
+    leader.record_heartbeat("edge-1", own.agent_id, beat())
+    follower.record_heartbeat("edge-2", relayed.agent_id, beat())
+    assert leader.relayed_heartbeat("edge-2", relayed.agent_id, beat(), "cp-2")  # the follower relays its beat
+
+    def scraped(at: hub.AgentHub) -> tuple[float, float]:
+        registry = CollectorRegistry()
+        registry.register(fleet_metrics.FleetCollector(types.SimpleNamespace(hub=at, elector=None)))  # type: ignore[arg-type]
+        agents = sum(registry.get_sample_value("edgeplane_agents", {"health": h}) or 0 for h in ("healthy", "unhealthy"))
+        return agents, registry.get_sample_value("edgeplane_heartbeats_received_total") or 0
+
+    assert scraped(leader) == (1, 1) and scraped(follower) == (1, 1)
