@@ -191,10 +191,11 @@ class OpenAIGateway:
 
     # admission ---------------------------------------------------------------------------
 
-    async def _admit(self, request: Request, model: str | None = None) -> Response | None:
-        """Token auth and rate limits of the v2 routes, answered as OpenAI error objects.
+    async def _admit(self, request: Request, model: str | None = None, *, inference: bool) -> Response | None:
+        """Token auth and rate limits of the v2 routes, answered as OpenAI error objects, and
+        counted for ``inference`` requests (``Gateway.admit``).
         With auth off the ``Authorization`` header is not looked at: the SDK always sends one."""
-        refused = await self.gw.admit(request, model)
+        refused = await self.gw.admit(request, model, inference=inference)
         if refused is None:
             return None
         try:
@@ -234,7 +235,7 @@ class OpenAIGateway:
     # routes ------------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        refused = await self._admit(request)
+        refused = await self._admit(request, inference=False)
         if refused is not None:
             return refused
         caller = self.gw.caller(request)
@@ -249,7 +250,7 @@ class OpenAIGateway:
 
     async def get_model(self, request: Request) -> Response:
         model = request.path_params["model"]
-        refused = await self._admit(request, model)
+        refused = await self._admit(request, model, inference=False)
         if refused is not None:
             return refused
         ranked = self._openai_candidates(model, request, limit=1)
@@ -266,7 +267,7 @@ class OpenAIGateway:
 
     async def _generate(self, request: Request, suffix: str) -> Response:
         arrived = time.perf_counter()  # the caller's clock: its first token and its answer are timed from here (Timed)
-        refused = await self._admit(request)
+        refused = await self._admit(request, inference=True)
         if refused is not None:
             return refused
         try:

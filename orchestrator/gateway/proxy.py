@@ -144,12 +144,13 @@ class Gateway:
         (an OpenAI request names it in the body)."""
         self.metrics.requests.labels(UNKNOWN_MODEL if model is None else self.model_label(self._model_of(model)), "", str(status)).inc()
 
-    async def admit(self, request: Request, model: str | None) -> Response | None:
-        """Auth and rate limits (``admit``): None to go on, else the refusal to answer, counted."""
+    async def admit(self, request: Request, model: str | None, *, inference: bool) -> Response | None:
+        """Auth and rate limits (``admit``): None to go on, else the refusal to answer, counted
+        when the request is an ``inference`` one (a metadata read is not)."""
         if self._admit is None:
             return None
         refused = await self._admit(request)
-        if refused is not None:
+        if refused is not None and inference:
             self.refused(model, refused.status_code)
         return refused
 
@@ -190,20 +191,23 @@ class Gateway:
         return self.table.rank(model, caller, self.position, api, limit, deployment, version)
 
     async def _forward(self, model: str, request: Request, method: str, suffix: str, body: bytes | None,
-                       version: str | None = None, deployment: str | None = None) -> Response:
+                       version: str | None = None, deployment: str | None = None, *, inference: bool = True) -> Response:
         """``suffix`` follows ``/v2/models/{model}`` at the replica; with ``version`` it starts
         with ``/versions/{version}``, and the replica says whether it has that version;
-        ``deployment``: that deployment's replicas only."""
+        ``deployment``: that deployment's replicas only. Its answer is counted in
+        ``edgeplane_gateway_requests`` when the request is an ``inference`` one: a metadata
+        read (which KServe clients make before their calls) is not."""
         label = self.model_label(model)
+        refused = self.refused if inference else _not_counted
         caller = self.caller(request)
         if isinstance(caller, routing.NoRoute):  # before a cold model is woken for nothing
-            self.refused(model, caller.status)
+            refused(model, caller.status)
             return _error(caller.status, caller.reason)
-        if (cold := await self._woken(model)) is not None:
+        if (cold := await self._woken(model, inference=inference)) is not None:
             return cold
         ranked = self.candidates(model, request, caller=caller, limit=self.max_attempts, deployment=deployment, version=version)
         if isinstance(ranked, routing.NoRoute):
-            self.refused(model, ranked.status)
+            refused(model, ranked.status)
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
         headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
         failures = []
@@ -245,7 +249,8 @@ class Gateway:
                 failures.append(f"{e.site}: {_reason(content)} (HTTP 404)" if version is not None
                                 else f"{e.site}: does not serve {model!r} now (HTTP 404)")
                 continue
-            self.metrics.requests.labels(label, e.site, str(status)).inc()
+            if inference:
+                self.metrics.requests.labels(label, e.site, str(status)).inc()
             out_headers = {"x-edgeplane-site": e.site, "x-edgeplane-tier": e.tier}
             binary = upstream_headers.get(oip.BINARY_HEADER.lower())
             if binary is not None:
@@ -254,24 +259,26 @@ class Gateway:
                 out_headers["accept-encoding"] = accepted  # the codings the replica reads (RFC 9110)
             return Response(content, status_code=status, media_type=upstream_headers.get("content-type", "application/json"), headers=out_headers)
         if version is not None and missing == len(failures):
-            self.refused(model, 404)
+            refused(model, 404)
             return _error(404, f"model {model!r} has no version {version!r} at the replicas tried: {'; '.join(failures)}")
         if (retry := failover.retry_after(unavailable, len(failures))) is not None:
-            self.refused(model, 503)
+            refused(model, 503)
             return _error(503, f"no replica tried can answer now: {'; '.join(failures)}; retry", retry_after=retry)
-        self.refused(model, 502)
+        refused(model, 502)
         return _error(502, f"every replica tried failed: {'; '.join(failures)}")
 
-    async def _woken(self, model: str) -> Response | None:
+    async def _woken(self, model: str, *, inference: bool = True) -> Response | None:
         """None once ``model`` has a replica; when it was scaled to zero, this request asks
-        for one and waits for it (cold start), and the 503 to answer when none came in time."""
+        for one and waits for it (cold start), and the 503 to answer when none came in time
+        (counted for an ``inference`` request)."""
         if not self.table.is_cold(model):
             return None
         self.table.wake(model)
         self.metrics.cold_starts.labels(self.model_label(model)).inc()
         if await self.table.wait_for_endpoints(model, self.cold_start_s):
             return None
-        self.refused(model, 503)
+        if inference:
+            self.refused(model, 503)
         why = self.table.unavailable_reason(model) or "no replica yet"
         return _error(503, f"model {model!r} was scaled to zero and no replica was ready within "
                            f"{self.cold_start_s:g}s ({why}); retry", retry_after=5)
@@ -283,7 +290,7 @@ class Gateway:
         return Timed(self.metrics.latency, self.model_label(self._model_of(model)), arrived, answer)
 
     async def _infer(self, request: Request, model: str, version: str | None) -> Response:
-        refused = await self.admit(request, model)
+        refused = await self.admit(request, model, inference=True)
         if refused is not None:
             return refused
         try:
@@ -334,13 +341,13 @@ class Gateway:
     async def model_metadata(self, request: Request) -> Response:
         version = request.path_params.get("version")
         model, deployment = self.table.target(request.path_params["model"])
-        return await self._forward(model, request, "GET", _versioned(version, ""), None, version, deployment)
+        return await self._forward(model, request, "GET", _versioned(version, ""), None, version, deployment, inference=False)
 
     async def model_ready(self, request: Request) -> Response:
         version = request.path_params.get("version")
         model, deployment = self.table.target(request.path_params["model"])
         if version is not None:  # only a replica knows its versions
-            return await self._forward(model, request, "GET", _versioned(version, "/ready"), None, version, deployment)
+            return await self._forward(model, request, "GET", _versioned(version, "/ready"), None, version, deployment, inference=False)
         ranked = self.candidates(model, request, limit=1, deployment=deployment)
         if isinstance(ranked, routing.NoRoute):
             return _error(ranked.status, ranked.reason, retry_after=ranked.retry_after)
@@ -362,7 +369,7 @@ class Gateway:
             return handler
 
         async def endpoint(request: Request) -> Response:
-            refused = await self.admit(request, request.path_params["model"])
+            refused = await self.admit(request, request.path_params["model"], inference=False)
             return refused if refused is not None else await handler(request)
 
         return endpoint
@@ -382,6 +389,10 @@ class Gateway:
             Route("/v2/models/{model}/versions/{version}/ready", guarded(self.model_ready), methods=["GET"]),
             Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
         ]
+
+
+def _not_counted(model: str | None, status: int) -> None:
+    """What a metadata read's refusal adds to the counts: nothing (``Gateway._forward``)."""
 
 
 def _versioned(version: str | None, action: str) -> str:

@@ -133,6 +133,15 @@ async def test_admission_refusals_are_counted(guarded_gateway: Served) -> None:
                                  ("m", "429"): 2, (proxy.UNKNOWN_MODEL, "429"): 1}
 
 
+async def test_refused_metadata_reads_are_not_counted_as_inference_requests(guarded_gateway: Served) -> None:
+    """``edgeplane_gateway_requests`` counts inference requests: a model's metadata read that
+    admission refuses is no more one than a metadata read answered."""
+    http, registry = guarded_gateway.http, guarded_gateway.registry
+    reads = ["/v2/models/m", "/v2/models/m/ready", "/v2/models/m/versions/1", "/openai/v1/models", "/openai/v1/models/m"]
+    assert [(await http.get(path)).status_code for path in reads] == [401] * 4 + [429]
+    assert counted(registry) == {}
+
+
 async def test_bad_caller_or_cascade_headers_are_counted_on_a_v2_cascade_as_on_a_plain_model(open_gateway: Served) -> None:
     http, registry = open_gateway.http, open_gateway.registry
     assert (await http.post("/v2/models/m/infer", content=b"{}", headers={"x-edgeplane-location": "north"})).status_code == 400

@@ -42,7 +42,13 @@ async def infer(request: Request) -> Response:
     return Response(json.dumps({"model_name": "m", "outputs": []}), media_type="application/json")
 
 
-REPLICA = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v2/models/m/infer", infer, methods=["POST"])])
+async def metadata(request: Request) -> Response:
+    return Response(json.dumps({"name": "m", "versions": ["1"], "platform": "onnxruntime_onnx", "inputs": [], "outputs": []}),
+                    media_type="application/json")
+
+
+REPLICA = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v2/models/m/infer", infer, methods=["POST"]),
+                            Route("/v2/models/m", metadata, methods=["GET"]), Route("/v2/models/m/versions/{version}", metadata, methods=["GET"])])
 
 
 @asynccontextmanager
@@ -129,3 +135,27 @@ async def test_the_gateways_own_answers_are_counted_not_timed_on_both_route_fami
         await pool.close()
     assert requests_counted(registry) == {("m", "", "400"): 2, ("m", "", "502"): 3}
     assert timed(registry, "m") == (None, None)
+
+
+async def test_metadata_reads_are_neither_counted_nor_timed_as_inference_requests() -> None:
+    """A KServe client reads a model's metadata before its calls: its inference requests are
+    counted once each, as many as are timed, whatever it read (answered by a replica or not)."""
+    registry = CollectorRegistry()
+    async with loopback.serving(REPLICA) as port:
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("m", "d", "paris", "edge", "FR", "fr", 48.85, 2.35, f"http://127.0.0.1:{port}")])
+        pool = UpstreamPool()
+        gw = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry))
+        app = Starlette(routes=gw.routes() + openai_routes.OpenAIGateway(gw, registry=registry).routes())
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
+                for _ in range(3):
+                    for path in ("/v2/models/m", "/v2/models/m/versions/1", "/v2/models/m/ready"):
+                        assert (await http.get(path)).status_code == 200, path
+                    assert (await http.post("/v2/models/m/infer", json={"inputs": []})).status_code == 200
+                assert (await http.get("/v2/models/gone")).status_code == 404  # no replica asked
+                assert (await http.get(f"{openai_routes.PREFIX}/models")).status_code == 200
+        finally:
+            await pool.close()
+    assert requests_counted(registry) == {("m", "paris", "200"): 3}
+    assert timed(registry, "m")[0] == 3
