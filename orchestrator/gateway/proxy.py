@@ -59,8 +59,10 @@ class GatewayMetrics:
             failovers=Counter("edgeplane_gateway_failovers", "Attempts that failed and moved to the next endpoint", ["model", "site"], registry=registry),
             streams_cut=Counter("edgeplane_gateway_streams_cut", "Streamed answers their replica broke off after the first token reached the caller",
                                 ["model", "site"], registry=registry),
+            # to minutes: a generation is timed to its last token, and above the last bucket
+            # every answer reads alike (+Inf)
             latency=Histogram("edgeplane_gateway_request_seconds", "Time from a request's arrival to the end of a replica's answer to it", ["model"], registry=registry,
-                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)),
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30, 60, 120, 300)),
             cold_starts=Counter("edgeplane_gateway_cold_starts", "Requests that found their model scaled to zero and waited for a replica",
                                 ["model"], registry=registry),
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -159,3 +160,18 @@ async def test_metadata_reads_are_neither_counted_nor_timed_as_inference_request
             await pool.close()
     assert requests_counted(registry) == {("m", "paris", "200"): 3}
     assert timed(registry, "m")[0] == 3
+
+
+
+async def test_an_answer_that_took_minutes_is_timed_in_a_bucket_of_its_own() -> None:
+    """A generation is timed to its last token: an answer of two and a half minutes is told
+    apart from one of ten seconds, else every quantile of a generative model reads as the last bucket."""
+    registry = CollectorRegistry()
+    latency = proxy.GatewayMetrics.create(registry).latency
+    for took in (9.5, 150):
+        answer = Response(b"{}", media_type="application/json", headers={"x-edgeplane-site": "paris"})
+        timed_answer = proxy.Timed(latency, "m", time.perf_counter() - took, answer)  # the request arrived ``took`` ago
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=timed_answer), base_url="http://gateway") as http:
+            assert (await http.get("/")).status_code == 200
+    buckets = {le: registry.get_sample_value("edgeplane_gateway_request_seconds_bucket", {"model": "m", "le": le}) for le in ("10.0", "300.0")}
+    assert buckets == {"10.0": 1, "300.0": 2}
