@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from orchestrator import catalog, leadership, maintenance, server_config, views
 from orchestrator.api import paging
 from orchestrator.artifacts import signature
-from orchestrator.gateway import routing
+from orchestrator.gateway import routing, series
 from orchestrator.manifests import loader
 from orchestrator.reconciler import hold, observed, planning
 from orchestrator.store import sqlite as store_mod
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from orchestrator.artifacts import catalog as artifacts
     from orchestrator.gateway import cascade as cascade_mod
     from orchestrator.gateway import endpoints as endpoints_mod
+    from orchestrator.gateway import openai_routes
     from orchestrator.reconciler import snapshot as snap
     from orchestrator.reconciler.loop import Reconciler
     from orchestrator.security import ca as ca_mod
@@ -59,6 +60,7 @@ class ServerViews:
     fleet: fleet_metrics.FleetCollector
     artifacts: artifacts.ArtifactCatalog
     cascades: cascade_mod.CascadeHandler
+    openai_gateway: openai_routes.OpenAIGateway
     ca: ca_mod.CertificateAuthority
     ca_file: Any
     replica_id: str
@@ -231,6 +233,7 @@ class ServerViews:
                 log.info("metrics: the store is read again, edgeplane_replicas_placed, edgeplane_sites_cordoned and "
                          "edgeplane_site_power_watts are back")
             self.fleet.placements, self.fleet.maintenance, self.fleet.power = placements, taken_out, power
+        series.prune(self.table, self.openai_gateway.labelled())  # the gateway's series of models and sites gone
         # Prometheus text format whatever the scraper's Accept asks: the deprecated gauges
         # edgeplane_heartbeats_received and edgeplane_reconcile_passes share their family name
         # with the counters ..._total in OpenMetrics, whose parsers refuse such a scrape whole.

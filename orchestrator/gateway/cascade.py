@@ -51,6 +51,7 @@ from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import failover
 from orchestrator.gateway import routing
+from orchestrator.gateway import series
 from orchestrator.gateway.options import MAX_BODY
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
@@ -82,6 +83,11 @@ class CascadeMetrics:
                            ["cascade", "site"], registry=registry),
             co2=Counter("edgeplane_cascade_co2_grams", "Estimated gCO2 of cascade requests", ["cascade", "site"], registry=registry),
         )
+
+    def labelled(self) -> list[series.Labelled]:
+        return [(self.answered, ("cascade", "stage")), (self.escalations, ("cascade", "stage", "cause")),
+                (self.not_escalated, ("cascade", "stage")), (self.added, ("cascade",)), (self.energy, ("cascade", "site")),
+                (self.co2, ("cascade", "site"))]
 
 
 @dataclass

@@ -33,12 +33,11 @@ from orchestrator.gateway import cascade_rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import failover
 from orchestrator.gateway import routing
+from orchestrator.gateway import series
 from orchestrator.gateway.options import COLD_START_S, MAX_BODY
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
-#: The ``model`` label of requests for a name the table does not know: the name is the
-#: caller's, and every label value is a series the process keeps for good.
-UNKNOWN_MODEL = "_unknown"
+UNKNOWN_MODEL = series.UNKNOWN_MODEL  # the name a caller gave, when the table does not know it
 
 # content-encoding: a compressed body (gzip, deflate) is inflated by the replica, as the body is never decoded here
 FORWARD_HEADERS = ("content-type", "content-encoding", oip.BINARY_HEADER.lower(), "accept")
@@ -66,6 +65,10 @@ class GatewayMetrics:
             cold_starts=Counter("edgeplane_gateway_cold_starts", "Requests that found their model scaled to zero and waited for a replica",
                                 ["model"], registry=registry),
         )
+
+    def labelled(self) -> list[series.Labelled]:
+        return [(self.requests, ("model", "site", "code")), (self.failovers, ("model", "site")), (self.streams_cut, ("model", "site")),
+                (self.latency, ("model",)), (self.cold_starts, ("model",))]
 
 
 class Timed(Response):
@@ -133,6 +136,10 @@ class Gateway:
         self.max_body = max_body
         self.cold_start_s = cold_start_s  # how long a request for a model scaled to zero waits
         self.cascade = cascade  # runs requests to models whose deployment has spec.cascade
+
+    def labelled(self) -> list[series.Labelled]:
+        """Its metrics (its cascades' too) for ``series.prune``."""
+        return self.metrics.labelled() + (self.cascade.metrics.labelled() if self.cascade is not None else [])
 
     def model_label(self, model: str) -> str:
         """``model`` as the metrics' label: itself when the table knows it, else :data:`UNKNOWN_MODEL`."""

@@ -40,7 +40,7 @@ from orchestrator.gatewayd import follow
 from orchestrator import runloop, urlpath
 from orchestrator.gateway import cascade as cascade_mod
 from orchestrator.gateway import endpoints as endpoints_mod
-from orchestrator.gateway import openai_routes, options, proxy, routing, upstream, wire
+from orchestrator.gateway import openai_routes, options, proxy, routing, series, upstream, wire
 from orchestrator.security import admission, ratelimit
 
 log = logging.getLogger("edgeplane.gateway")
@@ -184,6 +184,7 @@ class StandaloneGateway:
         return JSONResponse({"status": "ok"})
 
     async def _metrics(self, request: Request) -> Response:
+        series.prune(self.table, self.openai_gateway.labelled())
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
