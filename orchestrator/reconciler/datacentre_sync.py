@@ -84,6 +84,8 @@ class DataCentreSync:
         site neither declared nor kept was abandoned (``delete site --abandon-applications``)."""
         sites = [s for s in stored if s.spec.tier == "datacenter"]
         declared = {s.name for s in sites}
+        # a series per site ever declared would outlive its Site (edgeplane_datacentre_reapplied_total)
+        self.reapplied = {site: n for site, n in self.reapplied.items() if site in declared}
         driven = {s.name: target_of(s.spec) for s in stored}
         for gone in set(self.observed) - declared:  # deleted, or moved to the edge tier: counted by the target it left
             observed, applied = self.observed.pop(gone), self.applied.pop(gone, ())

@@ -18,6 +18,7 @@ import kmock
 import kubernetes
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import server
 from orchestrator.adapters import kuberay, rayservice, serve_config
@@ -580,3 +581,23 @@ async def test_only_an_apply_the_cluster_refuses_makes_its_deployment_failing(fl
     cluster.error = serve_config.ServeConfigRejected("422: bad field")
     await harness.wait_until(lambda: phase()[0] == "Failing", 90, what="d to be Failing")
     assert "dc-1: Ray Serve rejected the config: 422: bad field" in phase()[1], phase()
+
+
+async def test_a_deleted_sites_reapply_count_leaves_the_metrics(fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
+    """Its series would be kept for the life of the process, one per data centre ever declared."""
+    cluster = Cluster()
+    cluster.drift = "another writer's apply"  # at every pass: each applies ours again
+    cp = await start(fleet, kuberay_on(kube, **{"dc-1": cluster}))
+
+    async def reapplied(http: httpx.AsyncClient) -> set[str]:
+        return {s.labels["site"] for f in text_string_to_metric_families((await http.get("/metrics")).text)
+                if f.name == "edgeplane_datacentre_reapplied" for s in f.samples}
+
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        assert (await http.post("/v1/apply", content=bundle(site("dc-1"), MODEL, deployment("d", "dc-1")))).status_code == 200
+        await harness.wait_until(lambda: any(a == "serve-reapplied" for a, _ in site_events(cp, "dc-1")), 30, what="dc-1 applied again")
+        assert await reapplied(http) == {"dc-1"}
+        assert (await http.delete("/v1/sites/dc-1")).status_code == 200
+        await harness.wait_until(lambda: any(a == "serve-removed" for a, _ in site_events(cp, "dc-1")), 30,
+                                 what="a pass that removed the deleted site's applications")
+        assert await reapplied(http) == set()
