@@ -238,6 +238,8 @@ class AgentHub(relayed.RelayedAgents):
         now = self._clock()
         current = self._records.get(site)
         same_agent = proof.by_credential and current is not None and agent_id == current.agent_id
+        if same_agent and current is not None and current.via is not None:
+            self._moved_off(current, now, "the leader")
         record = self._new_record(application, agent_id, now, joined_at=now)
         self._records[site] = record
         self._revoked.get(site, set()).discard(agent_id)  # this agent proved itself since its revocation (_decide)

@@ -39,9 +39,12 @@ class RelayTap(Protocol):
 
 
 class RelayOutbox(Protocol):
-    """One relay stream on the leader, as the hub sees it: where its sites' assignment sets go."""
+    """One relay stream on the leader, as the hub sees it: where its sites' assignment sets
+    go, and its agents the relaying replica is to drop."""
 
     def push(self, site: str, assignment_set: model.AssignmentSet) -> None: ...
+
+    def refuse(self, site: str, agent_id: str, message: str, holder: str = "", retry_after_s: float = 0.0) -> None: ...
 
 
 class RelayedAgents:
@@ -105,6 +108,8 @@ class RelayedAgents:
         self._refuse_if_held(site, now, agent_id)
         current = self._records.get(site)
         joined_at = current.joined_at if current is not None and current.agent_id == agent_id else now
+        if current is not None and current.via not in (None, via) and current.agent_id == agent_id:
+            self._moved_off(current, now, f"replica {via}")
         record = self._new_record(application, agent_id, now, joined_at=joined_at, via=via)
         self._records[site] = record
         self._rethink_sweep(record)
@@ -117,6 +122,16 @@ class RelayedAgents:
         latest = self._channel(site).latest
         if latest is not None and (outbox := self._relays.get(via)) is not None:
             outbox.push(site, latest)
+
+    def _moved_off(self, record: Any, now: float, to: str) -> None:
+        """``record``'s agent, relayed by ``record.via``, now connects ``to`` another replica:
+        ``record.via`` is told to drop it (the agent's stream there has ended or will), or its
+        sweep would find it lost, log a loss that no recovery follows and count it unhealthy
+        for as long as the Site exists. Other agents' joins for the site are refused there
+        until it could be lost. Not told while its relay stream is down: it learns nothing then."""
+        if (outbox := self._relays.get(record.via)) is not None:
+            outbox.refuse(record.site, record.agent_id, f"agent {record.agent_id} moved to {to}", record.agent_id,
+                          max(0.0, record.deadline - now))
 
     def check_claim(self, site: str) -> None:
         """A relaying replica asks whether a new agent may take ``site``: SiteTaken while a live

@@ -165,6 +165,29 @@ async def test_a_deleted_sites_lost_agent_is_no_longer_counted_on_the_follower_i
             assert await agents_gauge(http) == {"healthy": 0, "unhealthy": 0}
 
 
+async def test_an_agent_that_moves_from_a_follower_to_the_leader_is_not_left_lost_on_the_follower(
+        tmp_path: pathlib.Path, postgres: PostgresServer) -> None:
+    """Its connection to the follower ended and it joined the leader with its credential:
+    the follower, told by the leader, drops it rather than find it lost at its deadline, log
+    a loss no recovery follows and count it unhealthy for as long as its Site exists."""
+    async with harness.leader_and_follower(tmp_path, postgres.create_database()) as (leading, following):
+        leader, follower = leading.cp, following.cp
+        assert leader is not None and follower is not None
+        agent = await following.start_agent("edge-1", country="FR", lat=48.8, lon=2.3, heartbeat_interval=3.0)
+        await harness.wait_until(lambda: (s := leader.hub.status("edge-1")) is not None and s.via is not None, 20,
+                                 what="the agent relayed to the leader")
+        agent.kill()
+        cmd = harness.agent_command(leader.agent_target, "edge-1", agent.data_dir, country="FR", lat=48.8, lon=2.3,
+                                    heartbeat_interval=3.0, tls=(leader.ca_file, leader.agent_join_target))
+        following.agents["edge-1"] = await harness.spawn_agent_async(cmd, "edge-1", agent.data_dir)  # stopped with the fleet
+        await harness.wait_until(lambda: (s := leader.hub.status("edge-1")) is not None and s.via is None and s.healthy, 30,
+                                 what="the agent connected to the leader")
+        await harness.wait_until(lambda: follower.hub.status("edge-1") is None, 10, what="the follower to drop the agent")
+        assert "agent-lost" not in [e.action for e in leader.store.events(kind="Site", name="edge-1", limit=100)]
+        async with httpx.AsyncClient(base_url=follower.http_url, timeout=30) as http:
+            assert await agents_gauge(http) == {"healthy": 0, "unhealthy": 0}
+
+
 async def agents_gauge(http: httpx.AsyncClient) -> dict[str, float]:
     text = (await http.get("/metrics")).text
     return {s.labels["health"]: s.value for f in text_string_to_metric_families(text) if f.name == "edgeplane_agents" for s in f.samples}
