@@ -75,23 +75,15 @@ async def test_a_large_body_is_read_while_the_agent_answers_other_requests(small
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
 
 
-async def test_a_body_of_millions_of_keys_is_refused_without_stalling_the_agent(small: Serving) -> None:
+async def test_a_body_of_millions_of_keys_is_refused_before_it_is_built(small: Serving) -> None:
     """33 MiB holding 3 million ``metadata`` keys: read on a worker thread, the object was
     still made into a dict in one call holding the GIL (seconds, the event loop stalled
-    whichever thread made it); it is refused while it is read, before it is built."""
+    whichever thread made it); it is refused while it is read, before it is built. The body
+    ends in a syntax error that reading it to its end would report instead."""
     keys = b",".join(b'"%x":""' % i for i in range(3_000_000))
-    raw = b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"metadata":{%s}}' % (MODEL.encode(), keys)
+    raw = b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"metadata":{%s,}}' % (MODEL.encode(), keys)
     del keys
-    loop = asyncio.get_running_loop()
-    posted = asyncio.create_task(small.http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}))
-    longest, last = 0.0, loop.time()
-    while not posted.done():  # the agent shares this event loop: how long it was held at most
-        await asyncio.sleep(0.005)
-        now = loop.time()
-        longest, last = max(longest, now - last), now
-    refused = await posted
-    # Held for one call of 1-2 s before; now for no more than a body's bytes take to copy.
-    assert longest < 0.5, longest
+    refused = await small.http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert refused.status_code == 400 and "wider than any these routes take" in refused.json()["error"]["message"], refused.text
     assert (await small.http.get("/v1/models")).status_code == 200
 
