@@ -13,6 +13,7 @@ appended; the operator's application statuses come back in the object's ``status
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -328,7 +329,9 @@ def statuses_from_rayservice(
     (healthy, or scaling) counts its configured replicas as running. One DEPLOYING only to
     change its replica count (Serve says DEPLOYING while a count changes through the
     config, as edgeplane scales it) counts one: the replicas it had keep answering, how
-    many of them is not reported. Anything else counts none.
+    many of them is not reported. Anything else counts none. Callers reach every
+    application through the RayService's Serve service: with no ready endpoint behind it,
+    none answers, whatever the applications last reported.
     """
     targets: dict[str, int] = {}
     prefixes: dict[str, str] = {}
@@ -337,9 +340,9 @@ def statuses_from_rayservice(
         prefixes[app["name"]] = app.get("route_prefix") or "/"
     status = obj.get("status") or {}
     reported = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
-    waiting = "; ".join(
-        c.get("message", "") for c in status.get("conditions") or [] if c.get("status") != "True"
-    )
+    waiting = "; ".join(dict.fromkeys(
+        c.get("message", "") for c in status.get("conditions") or [] if c.get("status") != "True"))
+    unreachable = _no_serve_endpoint(obj)
     result: dict[str, ServeAppStatus] = {}
     for name in {*targets, *reported}:
         if not serve_config.is_owned(name, owned_prefix):
@@ -352,7 +355,7 @@ def statuses_from_rayservice(
             detail = waiting or "the RayService has not reported this application yet"
         target = targets.get(name, 0)
         prefix = prefixes.get(name, "/")
-        result[name] = ServeAppStatus(
+        read = ServeAppStatus(
             name=name,
             status=state,
             message=serve_config.summarize_message(detail),
@@ -362,6 +365,10 @@ def statuses_from_rayservice(
             detail=detail,
             ingress=next(iter(deployments)) if len(deployments) == 1 else "",  # KubeRay reports no topology
         )
+        if unreachable and (read.answers or read.replicas_running):
+            read = dataclasses.replace(read, status=ServeAppState.UNHEALTHY, replicas_running=0,
+                                       message=unreachable, detail=unreachable)
+        result[name] = read
     return result
 
 
@@ -369,6 +376,27 @@ def _answering(state: ServeAppState, deployments: Mapping[str, Any], target: int
     if state is ServeAppState.RUNNING and (not deployments or serve_config.only_scaling(deployments)):
         return target
     return min(target, 1) if state is ServeAppState.DEPLOYING and serve_config.only_scaling(deployments) else 0
+
+
+def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if isinstance(c, Mapping) and c.get("type") == kind), None)
+
+
+def _no_serve_endpoint(obj: Mapping[str, Any]) -> str:
+    """Why no caller reaches the RayService's Serve service, or "" when some can (or it is
+    not known). KubeRay counts the service's ready endpoints (Serve proxies that pass their
+    health check) into ``numServeEndpoints``, which it leaves out when 0, and from v1.3 sets
+    the ``Ready`` condition True exactly when there is one: a status with neither says
+    nothing (an older KubeRay)."""
+    status = obj.get("status") or {}
+    count, ready = status.get("numServeEndpoints"), _condition(status, "Ready")
+    if count is None and (ready is None or ready.get("status") == "True"):
+        return ""
+    if count is not None and count != 0:
+        return ""
+    service = f"{(obj.get('metadata') or {}).get('name', '')}-serve-svc"
+    why = f" ({ready['message']})" if ready is not None and ready.get("message") else ""
+    return f"the Serve service {service} has no ready endpoint: no Serve proxy passes its health check{why}"
 
 
 #: ``spec.kubernetes.context`` naming the cluster the control plane runs in, reached with

@@ -1,0 +1,75 @@
+"""Reading a RayService's ``status`` as KubeRay (v1.3 on) writes it into application statuses.
+
+The objects are rendered as edgeplane sends them, and their statuses are shaped as
+``rayservice_controller.go`` writes them: conditions, ``numServeEndpoints`` (left out when
+0), and the applications of the active and pending Ray clusters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.adapters import rayservice, serve_config
+from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
+
+SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
+HEALTHY = {"status": "RUNNING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": "HEALTHY"}}}
+
+
+def onnx_app(replicas: int = 2) -> ServeAppSpec:
+    return ServeAppSpec(name="ep-intent", route_prefix="/ep/intent", model_name="intent", runtime="onnx",
+                        num_replicas=replicas, cpu=1.0, memory_mib=1024,
+                        artifact_uri="https://models.example/m.onnx", sha256="b" * 64)
+
+
+def condition(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": "2026-12-07T07:00:00Z", "observedGeneration": 1}
+
+
+READY = condition("Ready", "True", "NonZeroServeEndpoints", "Number of serve endpoints is greater than 0")
+NO_ENDPOINT = condition("Ready", "False", "ZeroServeEndpoints", "Number of serve endpoints dropped to 0")
+NO_UPGRADE = condition("UpgradeInProgress", "False", "NoPendingCluster", "Active Ray cluster exists and no pending Ray cluster")
+
+
+def read(status: dict[str, Any], replicas: int = 2) -> serve_config.ServeAppStatus:
+    obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(replicas)], SHAPE)
+    obj["status"] = status
+    return rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
+
+
+@pytest.mark.parametrize("endpoints", [
+    {"conditions": [NO_ENDPOINT, NO_UPGRADE]},  # as KubeRay writes it: a count of 0 is left out
+    {"numServeEndpoints": 0, "conditions": [NO_ENDPOINT, NO_UPGRADE]},
+    {"numServeEndpoints": 0},
+])
+@pytest.mark.parametrize("app", [
+    HEALTHY,
+    {"status": "DEPLOYING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": "UPSCALING"}}},
+])
+def test_an_application_behind_a_serve_service_with_no_endpoint_does_not_answer(
+        endpoints: dict[str, Any], app: dict[str, Any]) -> None:
+    status = read({**endpoints, "activeServiceStatus": {
+        "rayClusterName": "edgeplane-paris-dc-abc12", "applicationStatuses": {"ep-intent": app}}})
+    assert (status.status, status.replicas_running, status.answers) == (ServeAppState.UNHEALTHY, 0, False)
+    assert status.message == ("the Serve service edgeplane-paris-dc-serve-svc has no ready endpoint: no Serve proxy "
+                              "passes its health check" + (" (Number of serve endpoints dropped to 0)" if "conditions" in endpoints else ""))
+
+
+@pytest.mark.parametrize("endpoints", [
+    {"numServeEndpoints": 2, "conditions": [READY, NO_UPGRADE]},
+    {},  # a KubeRay that reports neither
+])
+def test_an_application_behind_a_serve_service_with_endpoints_answers(endpoints: dict[str, Any]) -> None:
+    status = read({**endpoints, "activeServiceStatus": {
+        "rayClusterName": "edgeplane-paris-dc-abc12", "applicationStatuses": {"ep-intent": HEALTHY}}})
+    assert (status.status, status.replicas_running, status.answers) == (ServeAppState.RUNNING, 2, True)
+
+
+def test_a_failed_application_keeps_its_own_error_when_no_endpoint_is_ready() -> None:
+    failed = {"status": "DEPLOY_FAILED", "message": "ValueError: bad model", "serveDeploymentStatuses": {}}
+    status = read({"conditions": [NO_ENDPOINT, NO_UPGRADE], "activeServiceStatus": {
+        "rayClusterName": "edgeplane-paris-dc-abc12", "applicationStatuses": {"ep-intent": failed}}})
+    assert (status.status, status.message) == (ServeAppState.DEPLOY_FAILED, "ValueError: bad model")
