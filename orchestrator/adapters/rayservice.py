@@ -329,7 +329,10 @@ def statuses_from_rayservice(
     (healthy, or scaling) counts its configured replicas as running. One DEPLOYING only to
     change its replica count (Serve says DEPLOYING while a count changes through the
     config, as edgeplane scales it) counts one: the replicas it had keep answering, how
-    many of them is not reported. Anything else counts none. Callers reach every
+    many of them is not reported. Anything else counts none. A status of an older spec
+    (KubeRay behind: ``observedGeneration`` below ``metadata.generation``) describes the
+    applications as that spec configured them, whose counts are gone: one that answers
+    counts one. Callers reach every
     application through the RayService's Serve service: with no ready endpoint behind it,
     none answers, whatever the applications last reported.
     """
@@ -342,7 +345,7 @@ def statuses_from_rayservice(
     reported = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
     waiting = "; ".join(dict.fromkeys(
         c.get("message", "") for c in status.get("conditions") or [] if c.get("status") != "True"))
-    unreachable = _no_serve_endpoint(obj)
+    unreachable, behind = _no_serve_endpoint(obj), _behind(obj)
     result: dict[str, ServeAppStatus] = {}
     for name in {*targets, *reported}:
         if not serve_config.is_owned(name, owned_prefix):
@@ -365,6 +368,9 @@ def statuses_from_rayservice(
             detail=detail,
             ingress=next(iter(deployments)) if len(deployments) == 1 else "",  # KubeRay reports no topology
         )
+        if behind and app and read.replicas_running > 1:
+            note = "; ".join(filter(None, [behind, detail]))
+            read = dataclasses.replace(read, replicas_running=1, message=serve_config.summarize_message(note), detail=note)
         if unreachable and (read.answers or read.replicas_running):
             read = dataclasses.replace(read, status=ServeAppState.UNHEALTHY, replicas_running=0,
                                        message=unreachable, detail=unreachable)
@@ -380,6 +386,17 @@ def _answering(state: ServeAppState, deployments: Mapping[str, Any], target: int
 
 def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if isinstance(c, Mapping) and c.get("type") == kind), None)
+
+
+def _behind(obj: Mapping[str, Any]) -> str:
+    """Why the status describes an older spec than the object's, or "" when it does not (or
+    either generation is missing): KubeRay writes ``observedGeneration`` as it reconciles."""
+    generation = (obj.get("metadata") or {}).get("generation")
+    observed = (obj.get("status") or {}).get("observedGeneration")
+    if not isinstance(generation, int) or not isinstance(observed, int) or observed >= generation:
+        return ""
+    return (f"KubeRay has not reconciled generation {generation} of the RayService yet (its status is of "
+            f"generation {observed}): one replica is counted until it has")
 
 
 def _no_serve_endpoint(obj: Mapping[str, Any]) -> str:

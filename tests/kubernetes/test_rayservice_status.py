@@ -73,3 +73,31 @@ def test_a_failed_application_keeps_its_own_error_when_no_endpoint_is_ready() ->
     status = read({"conditions": [NO_ENDPOINT, NO_UPGRADE], "activeServiceStatus": {
         "rayClusterName": "edgeplane-paris-dc-abc12", "applicationStatuses": {"ep-intent": failed}}})
     assert (status.status, status.message) == (ServeAppState.DEPLOY_FAILED, "ValueError: bad model")
+
+
+def behind(status: dict[str, Any], replicas: int, generation: int) -> serve_config.ServeAppStatus:
+    """``status`` read for an object whose spec (``replicas``) is of ``generation``."""
+    obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(replicas)], SHAPE)
+    obj["metadata"]["generation"] = generation
+    obj["status"] = status
+    return rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
+
+
+SERVING_GENERATION_1 = {
+    "observedGeneration": 1, "numServeEndpoints": 1, "conditions": [READY, NO_UPGRADE],
+    "activeServiceStatus": {"rayClusterName": "edgeplane-paris-dc-abc12", "applicationStatuses": {"ep-intent": HEALTHY}},
+}
+
+
+def test_a_status_of_an_older_spec_counts_one_replica_of_a_new_target() -> None:
+    """Scaled 1 -> 3 while KubeRay has not caught up: what runs is the one replica of the
+    spec it last reconciled, not the three of the spec it has not."""
+    status = behind(SERVING_GENERATION_1, replicas=3, generation=2)
+    assert (status.status, status.replicas_running, status.replicas_target, status.answers) == (
+        ServeAppState.RUNNING, 1, 3, True)
+    assert status.message.startswith("KubeRay has not reconciled generation 2 of the RayService yet")
+
+
+def test_a_status_of_the_spec_as_it_is_counts_the_target() -> None:
+    status = behind({**SERVING_GENERATION_1, "observedGeneration": 2}, replicas=3, generation=2)
+    assert (status.status, status.replicas_running, status.message) == (ServeAppState.RUNNING, 3, "")
