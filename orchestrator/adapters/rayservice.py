@@ -332,9 +332,12 @@ def statuses_from_rayservice(
     many of them is not reported. Anything else counts none. A status of an older spec
     (KubeRay behind: ``observedGeneration`` below ``metadata.generation``) describes the
     applications as that spec configured them, whose counts are gone: one that answers
-    counts one. Callers reach every
-    application through the RayService's Serve service: with no ready endpoint behind it,
-    none answers, whatever the applications last reported.
+    counts one. Callers reach every application through the RayService's Serve service:
+    with no ready endpoint behind it, none answers, whatever the applications last reported.
+
+    Until KubeRay has a Ray cluster serving (a site's first is promoted only once every
+    application runs on it), it reports the applications under ``pendingServiceStatus``:
+    their failures are read from there, and none of them counts as running.
     """
     targets: dict[str, int] = {}
     prefixes: dict[str, str] = {}
@@ -342,7 +345,8 @@ def statuses_from_rayservice(
         targets[app["name"]] = serve_config.configured_replicas(app)
         prefixes[app["name"]] = app.get("route_prefix") or "/"
     status = obj.get("status") or {}
-    reported = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
+    active, pending = status.get("activeServiceStatus") or {}, status.get("pendingServiceStatus") or {}
+    reported, upcoming = active.get("applicationStatuses") or {}, pending.get("applicationStatuses") or {}
     waiting = "; ".join(dict.fromkeys(
         c.get("message", "") for c in status.get("conditions") or [] if c.get("status") != "True"))
     unreachable, behind = _no_serve_endpoint(obj), _behind(obj)
@@ -350,32 +354,51 @@ def statuses_from_rayservice(
     for name in {*targets, *reported}:
         if not serve_config.is_owned(name, owned_prefix):
             continue
-        app = reported.get(name) or {}
-        state = serve_config.parse_state(app.get("status") or "NOT_STARTED")
-        deployments = app.get("serveDeploymentStatuses") or {}
-        detail = app.get("message") or serve_config.deployment_messages(deployments)
-        if not app:
+        target, url = targets.get(name, 0), serve_config.route_url(serve_url, prefixes.get(name, "/"))
+        if reported.get(name):
+            read = _reading(name, reported[name], target, url)
+            if behind and read.replicas_running > 1:
+                note = "; ".join(filter(None, [behind, read.detail]))
+                read = dataclasses.replace(read, replicas_running=1, message=serve_config.summarize_message(note), detail=note)
+        elif upcoming.get(name):
+            read = _on_new_cluster(_reading(name, upcoming[name], target, url), pending.get("rayClusterName") or "")
+        else:
             detail = waiting or "the RayService has not reported this application yet"
-        target = targets.get(name, 0)
-        prefix = prefixes.get(name, "/")
-        read = ServeAppStatus(
-            name=name,
-            status=state,
-            message=serve_config.summarize_message(detail),
-            replicas_running=_answering(state, deployments, target),
-            replicas_target=target,
-            endpoint_url=serve_config.route_url(serve_url, prefix),
-            detail=detail,
-            ingress=next(iter(deployments)) if len(deployments) == 1 else "",  # KubeRay reports no topology
-        )
-        if behind and app and read.replicas_running > 1:
-            note = "; ".join(filter(None, [behind, detail]))
-            read = dataclasses.replace(read, replicas_running=1, message=serve_config.summarize_message(note), detail=note)
+            read = ServeAppStatus(name=name, status=ServeAppState.NOT_STARTED, message=serve_config.summarize_message(detail),
+                                  replicas_running=0, replicas_target=target, endpoint_url=url, detail=detail)
         if unreachable and (read.answers or read.replicas_running):
             read = dataclasses.replace(read, status=ServeAppState.UNHEALTHY, replicas_running=0,
                                        message=unreachable, detail=unreachable)
         result[name] = read
     return result
+
+
+def _reading(name: str, app: Mapping[str, Any], target: int, url: str) -> ServeAppStatus:
+    """One application as a Ray cluster's Serve reports it, through KubeRay."""
+    state = serve_config.parse_state(app.get("status") or "NOT_STARTED")
+    deployments = app.get("serveDeploymentStatuses") or {}
+    detail = app.get("message") or serve_config.deployment_messages(deployments)
+    return ServeAppStatus(
+        name=name,
+        status=state,
+        message=serve_config.summarize_message(detail),
+        replicas_running=_answering(state, deployments, target),
+        replicas_target=target,
+        endpoint_url=url,
+        detail=detail,
+        ingress=next(iter(deployments)) if len(deployments) == 1 else "",  # KubeRay reports no topology
+    )
+
+
+def _on_new_cluster(read: ServeAppStatus, cluster: str) -> ServeAppStatus:
+    """An application on a Ray cluster KubeRay sends no traffic to yet (a site's first, or
+    one it builds beside the active cluster), which it does once every application there
+    runs: its failures are its own to show, but none of its replicas answers."""
+    if read.status not in (ServeAppState.RUNNING, ServeAppState.DEPLOYING):
+        return dataclasses.replace(read, replicas_running=0)
+    why = read.detail or f"starting on Ray cluster {cluster}; KubeRay sends it traffic once every application runs there"
+    return dataclasses.replace(read, status=ServeAppState.DEPLOYING, replicas_running=0,
+                               message=serve_config.summarize_message(why), detail=why)
 
 
 def _answering(state: ServeAppState, deployments: Mapping[str, Any], target: int) -> int:

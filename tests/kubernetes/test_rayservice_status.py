@@ -101,3 +101,31 @@ def test_a_status_of_an_older_spec_counts_one_replica_of_a_new_target() -> None:
 def test_a_status_of_the_spec_as_it_is_counts_the_target() -> None:
     status = behind({**SERVING_GENERATION_1, "observedGeneration": 2}, replicas=3, generation=2)
     assert (status.status, status.replicas_running, status.message) == (ServeAppState.RUNNING, 3, "")
+
+
+INITIALIZING = [condition("Ready", "False", "Initializing", "RayService is initializing"),
+                condition("UpgradeInProgress", "False", "Initializing", "RayService is initializing")]
+IMPORT_FAILED = {"status": "DEPLOY_FAILED", "serveDeploymentStatuses": {},
+                 "message": "Traceback (most recent call last):\n  File \"x\"\nModuleNotFoundError: No module named 'llm_service'"}
+
+
+@pytest.mark.parametrize(("app", "state", "message"), [
+    (IMPORT_FAILED, ServeAppState.DEPLOY_FAILED, "ModuleNotFoundError: No module named 'llm_service'"),
+    ({"status": "DEPLOYING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {
+        "status": "UPDATING", "message": "Deployment is waiting for resources"}}},
+     ServeAppState.DEPLOYING, "OnnxModel: Deployment is waiting for resources"),
+    # Running on a cluster KubeRay has not switched the Serve service to: not answering yet.
+    (HEALTHY, ServeAppState.DEPLOYING,
+     "starting on Ray cluster edgeplane-paris-dc-abc12; KubeRay sends it traffic once every application runs there"),
+])
+def test_an_application_on_a_sites_first_cluster_reads_as_its_pending_cluster_reports_it(
+        app: dict[str, Any], state: ServeAppState, message: str) -> None:
+    status = read({"conditions": INITIALIZING, "activeServiceStatus": {}, "pendingServiceStatus": {
+        "rayClusterName": "edgeplane-paris-dc-abc12", "applicationStatuses": {"ep-intent": app}}})
+    assert (status.status, status.message, status.replicas_running, status.answers) == (state, message, 0, False)
+
+
+def test_an_application_not_reported_on_any_cluster_says_what_kuberay_waits_for() -> None:
+    status = read({"conditions": INITIALIZING})
+    assert (status.status, status.message, status.replicas_running) == (
+        ServeAppState.NOT_STARTED, "RayService is initializing", 0)
