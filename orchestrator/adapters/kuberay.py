@@ -117,6 +117,7 @@ class KubeRayActuator:
         self._timeout = request_timeout_s
         self._learnt: dict[str, str] = {}
         self._applied_hash: str | None = None  # the spec hash last applied; "": the RayService deleted
+        self._active: rayservice.ActiveApplications | None = None  # what stands in during a cluster upgrade
         self.drift = ""
 
     def __repr__(self) -> str:
@@ -186,13 +187,15 @@ class KubeRayActuator:
         current = await self._get()
         drift = self._drift(current)
         if current is None:
-            self.drift = drift
+            self.drift, self._active = drift, None
             return {}
         if self._applied_hash and (unreadable := rayservice.configured_applications(current)[1]):
             drift = "; ".join(filter(None, [drift, f"RayService {self._namespace}/{self._name}: {unreadable}"]))
         self.drift = drift
         self._learn(current)
-        return rayservice.statuses_from_rayservice(current, self._serve_url)
+        statuses = rayservice.statuses_from_rayservice(current, self._serve_url, kept=self._active)
+        self._active = rayservice.keep_active(current, statuses, self._active)
+        return statuses
 
     async def close(self) -> None:
         await asyncio.to_thread(self._api_client.close)

@@ -320,8 +320,23 @@ def configured_applications(obj: Mapping[str, Any]) -> tuple[list[Mapping[str, A
     return apps, ""
 
 
+@dataclass(frozen=True)
+class ActiveApplications:
+    """The applications of a RayService's active Ray cluster as last read.
+
+    While KubeRay (v1.3 on) builds a new cluster beside the active one (for a changed pod,
+    head or Ray image), it reports the new cluster's applications only, and none of the
+    active cluster's, which serves on until the new one takes over: those it last reported
+    stand in for them meanwhile. The caller keeps them from one reading to the next
+    (:func:`keep_active`)."""
+
+    cluster: str
+    statuses: Mapping[str, ServeAppStatus]
+
+
 def statuses_from_rayservice(
-    obj: Mapping[str, Any], serve_url: str, owned_prefix: str = serve_config.OWNED_PREFIX
+    obj: Mapping[str, Any], serve_url: str, owned_prefix: str = serve_config.OWNED_PREFIX,
+    *, kept: ActiveApplications | None = None,
 ) -> dict[str, ServeAppStatus]:
     """Translate a RayService's ``status`` into per-application statuses.
 
@@ -337,7 +352,10 @@ def statuses_from_rayservice(
 
     Until KubeRay has a Ray cluster serving (a site's first is promoted only once every
     application runs on it), it reports the applications under ``pendingServiceStatus``:
-    their failures are read from there, and none of them counts as running.
+    their failures are read from there, and none of them counts as running. While it builds
+    a new cluster beside the active one, the applications ``kept`` of the active cluster
+    that answered stand in for its own (the count within the target now), and a failure on
+    the new cluster, which the switch waits on, is told in their message.
     """
     targets: dict[str, int] = {}
     prefixes: dict[str, str] = {}
@@ -350,8 +368,10 @@ def statuses_from_rayservice(
     waiting = "; ".join(dict.fromkeys(
         c.get("message", "") for c in status.get("conditions") or [] if c.get("status") != "True"))
     unreachable, behind = _no_serve_endpoint(obj), _behind(obj)
+    standing = {} if reported or kept is None or kept.cluster != _upgraded(status) else {
+        name: s for name, s in kept.statuses.items() if s.answers}
     result: dict[str, ServeAppStatus] = {}
-    for name in {*targets, *reported}:
+    for name in {*targets, *reported, *standing}:
         if not serve_config.is_owned(name, owned_prefix):
             continue
         target, url = targets.get(name, 0), serve_config.route_url(serve_url, prefixes.get(name, "/"))
@@ -360,6 +380,8 @@ def statuses_from_rayservice(
             if behind and read.replicas_running > 1:
                 note = "; ".join(filter(None, [behind, read.detail]))
                 read = dataclasses.replace(read, replicas_running=1, message=serve_config.summarize_message(note), detail=note)
+        elif name in standing:
+            read = _stand_in(standing[name], target, url, upcoming.get(name), pending.get("rayClusterName") or "")
         elif upcoming.get(name):
             read = _on_new_cluster(_reading(name, upcoming[name], target, url), pending.get("rayClusterName") or "")
         else:
@@ -388,6 +410,41 @@ def _reading(name: str, app: Mapping[str, Any], target: int, url: str) -> ServeA
         detail=detail,
         ingress=next(iter(deployments)) if len(deployments) == 1 else "",  # KubeRay reports no topology
     )
+
+
+def keep_active(
+    obj: Mapping[str, Any], statuses: Mapping[str, ServeAppStatus], kept: ActiveApplications | None
+) -> ActiveApplications | None:
+    """What of a reading (``statuses``, read with ``kept``) to keep for the next: the active
+    cluster's applications when it reported them, and those kept before while it is the
+    same cluster and reports none (a new one being built) or its status is of an older spec
+    (its counts cut to one, while the cluster runs what it ran)."""
+    active = (obj.get("status") or {}).get("activeServiceStatus") or {}
+    cluster, reported = active.get("rayClusterName") or "", active.get("applicationStatuses") or {}
+    same = kept if kept is not None and kept.cluster == cluster else None
+    if cluster and reported and not (same is not None and _behind(obj)):
+        return ActiveApplications(cluster, {name: statuses[name] for name in reported if name in statuses})
+    return same
+
+
+def _upgraded(status: Mapping[str, Any]) -> str:
+    """The active cluster while KubeRay builds a new one beside it, else ""."""
+    active, pending = status.get("activeServiceStatus") or {}, status.get("pendingServiceStatus") or {}
+    return (active.get("rayClusterName") or "") if pending.get("rayClusterName") else ""
+
+
+def _stand_in(kept: ServeAppStatus, target: int, url: str, upcoming: Mapping[str, Any] | None,
+              cluster: str) -> ServeAppStatus:
+    """An application of the active cluster while KubeRay builds a new one, as last read:
+    the active cluster runs the config it had, so its count stands, within the target now."""
+    read = dataclasses.replace(kept, replicas_running=min(kept.replicas_running, target), replicas_target=target,
+                               endpoint_url=url)
+    new = _reading(kept.name, upcoming, target, url) if upcoming else None
+    if new is None or new.status not in (ServeAppState.DEPLOY_FAILED, ServeAppState.UNHEALTHY):
+        return read
+    where = f"on the new Ray cluster {cluster}, which KubeRay switches to once every application runs there"
+    return dataclasses.replace(read, message=f"{new.status.value} {where}: {new.message}",
+                               detail=f"{new.status.value} {where}: {new.detail}")
 
 
 def _on_new_cluster(read: ServeAppStatus, cluster: str) -> ServeAppStatus:

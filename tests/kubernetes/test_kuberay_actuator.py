@@ -230,6 +230,30 @@ async def test_create_observe_patch_delete(
     assert _writes(kube) == ["POST", "PATCH", "DELETE"]
 
 
+async def test_applications_answer_from_the_active_cluster_while_kuberay_builds_a_new_one(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
+) -> None:
+    """KubeRay (v1.3 on) reports only the new cluster's applications while it builds one
+    beside the active cluster, which serves on until the switch."""
+    healthy = RUNNING_STATUS["activeServiceStatus"]["applicationStatuses"]["ep-intent"]
+    ready = {"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints", "message": "",
+             "lastTransitionTime": "2026-12-07T07:00:00Z"}
+    upgrade = {**ready, "type": "UpgradeInProgress", "reason": "BothActivePendingClustersExist"}
+    await actuator.apply([app("ep-intent")])
+    _set_status(kube, {"numServeEndpoints": 2, "conditions": [ready], "activeServiceStatus": {
+        "rayClusterName": "edgeplane-paris-dc-abc12", "applicationStatuses": {"ep-intent": healthy}}})
+    assert (await actuator.observe())["ep-intent"].replicas_running == 2
+
+    kube.objects[RES, NS, "edgeplane-paris-dc"].patch({"status": {
+        "conditions": [ready, upgrade],
+        "activeServiceStatus": {"applicationStatuses": None},
+        "pendingServiceStatus": {"rayClusterName": "edgeplane-paris-dc-xyz89", "applicationStatuses": {"ep-intent": {
+            "status": "DEPLOYING", "serveDeploymentStatuses": {"OnnxModel": {"status": "UPDATING"}}}}}}})
+    for _ in range(2):  # and on, from what was read before the upgrade
+        during = (await actuator.observe())["ep-intent"]
+        assert (during.status, during.replicas_running, during.answers) == (ServeAppState.RUNNING, 2, True)
+
+
 async def test_a_rayservice_another_writer_changed_is_drift_until_applied_again(
     kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
 ) -> None:

@@ -129,3 +129,87 @@ def test_an_application_not_reported_on_any_cluster_says_what_kuberay_waits_for(
     status = read({"conditions": INITIALIZING})
     assert (status.status, status.message, status.replicas_running) == (
         ServeAppState.NOT_STARTED, "RayService is initializing", 0)
+
+
+ACTIVE, NEW = "edgeplane-paris-dc-abc12", "edgeplane-paris-dc-xyz89"
+UPGRADING = [READY, condition("UpgradeInProgress", "True", "BothActivePendingClustersExist",
+                              "Both active and pending Ray clusters exist")]
+
+
+def upgrading(pending_apps: dict[str, Any]) -> dict[str, Any]:
+    """What KubeRay writes while it builds a new cluster: the active one's applications left out."""
+    return {"observedGeneration": 2, "numServeEndpoints": 2, "conditions": UPGRADING,
+            "activeServiceStatus": {"rayClusterName": ACTIVE},
+            "pendingServiceStatus": {"rayClusterName": NEW, "applicationStatuses": pending_apps}}
+
+
+def serving(replicas: int) -> rayservice.ActiveApplications:
+    return rayservice.ActiveApplications(ACTIVE, {"ep-intent": read({
+        "numServeEndpoints": 2, "conditions": [READY, NO_UPGRADE],
+        "activeServiceStatus": {"rayClusterName": ACTIVE, "applicationStatuses": {"ep-intent": HEALTHY}}}, replicas)})
+
+
+def read_upgrading(status: dict[str, Any], kept: rayservice.ActiveApplications | None, replicas: int = 2) -> serve_config.ServeAppStatus:
+    obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(replicas)], SHAPE)
+    obj["status"] = status
+    return rayservice.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)["ep-intent"]
+
+
+UPDATING = {"status": "DEPLOYING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": "UPDATING"}}}
+
+
+@pytest.mark.parametrize(("before", "now", "running"), [(2, 2, 2), (2, 3, 2), (3, 1, 1)])
+def test_an_application_answers_from_the_active_cluster_while_a_new_one_is_built(before: int, now: int, running: int) -> None:
+    """The active cluster runs the config it had until the switch: its count stands, within the target now."""
+    status = read_upgrading(upgrading({"ep-intent": UPDATING}), serving(before), now)
+    assert (status.status, status.replicas_running, status.replicas_target, status.answers) == (
+        ServeAppState.RUNNING, running, now, True)
+
+
+def test_a_failure_on_the_new_cluster_is_told_while_the_active_one_answers() -> None:
+    status = read_upgrading(upgrading({"ep-intent": IMPORT_FAILED}), serving(2))
+    assert (status.status, status.replicas_running, status.answers) == (ServeAppState.RUNNING, 2, True)
+    assert status.message == (f"DEPLOY_FAILED on the new Ray cluster {NEW}, which KubeRay switches to once every "
+                              "application runs there: ModuleNotFoundError: No module named 'llm_service'")
+
+
+@pytest.mark.parametrize(("status", "kept"), [
+    (upgrading({"ep-intent": UPDATING}), None),  # nothing read before the upgrade (a restarted control plane)
+    (upgrading({"ep-intent": UPDATING}), rayservice.ActiveApplications("edgeplane-paris-dc-old01", serving(2).statuses)),
+    # an application the upgrade adds: only the new cluster has it
+    (upgrading({"ep-intent": UPDATING}), rayservice.ActiveApplications(ACTIVE, {})),
+])
+def test_an_application_not_read_on_the_active_cluster_waits_for_the_new_one(
+        status: dict[str, Any], kept: rayservice.ActiveApplications | None) -> None:
+    waiting = read_upgrading(status, kept)
+    assert (waiting.status, waiting.replicas_running, waiting.answers) == (ServeAppState.DEPLOYING, 0, False)
+
+
+def test_no_serve_endpoint_during_an_upgrade_means_no_application_answers() -> None:
+    status = {**upgrading({"ep-intent": UPDATING}), "numServeEndpoints": 0, "conditions": [NO_ENDPOINT, UPGRADING[1]]}
+    assert read_upgrading(status, serving(2)).answers is False
+
+
+def test_the_active_clusters_applications_are_kept_through_an_upgrade_and_replaced_after_the_switch() -> None:
+    obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(2)], SHAPE)
+    kept = serving(2)
+    obj["status"] = upgrading({"ep-intent": UPDATING})
+    assert rayservice.keep_active(obj, {}, kept) is kept
+    # the new cluster promoted: its own applications are kept from now on
+    obj["status"] = {"numServeEndpoints": 2, "conditions": [READY, NO_UPGRADE],
+                     "activeServiceStatus": {"rayClusterName": NEW, "applicationStatuses": {"ep-intent": HEALTHY}}}
+    statuses = rayservice.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)
+    assert rayservice.keep_active(obj, statuses, kept) == rayservice.ActiveApplications(NEW, statuses)
+
+
+def test_a_status_of_an_older_spec_leaves_what_was_kept_of_the_same_cluster() -> None:
+    """Its count is cut to one while the cluster still runs what it ran: an upgrade that
+    follows stands in with the count read before."""
+    obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(3)], SHAPE)
+    obj["metadata"]["generation"] = 2
+    obj["status"] = {**SERVING_GENERATION_1, "activeServiceStatus": {
+        "rayClusterName": ACTIVE, "applicationStatuses": {"ep-intent": HEALTHY}}}
+    kept = serving(2)
+    statuses = rayservice.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)
+    assert statuses["ep-intent"].replicas_running == 1
+    assert rayservice.keep_active(obj, statuses, kept) is kept
