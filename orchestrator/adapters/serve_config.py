@@ -337,15 +337,32 @@ def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
 
 def configured_replicas(app: Mapping[str, Any]) -> int:
     """Replicas a rendered application asks for: its sized deployments', or for a Ray
-    Serve LLM application its engines' (fixed, or the autoscaling start)."""
+    Serve LLM application its engines' (fixed, or the autoscaling start). It is read back
+    from a cluster, where a hand may have edited it: a count Serve scales itself
+    (``num_replicas: auto``) counts where it starts, and what is no count counts none."""
     if app.get("import_path") == LLM_IMPORT_PATH:
-        total = 0
-        for config in (app.get("args") or {}).get("llm_configs") or []:
-            deployment = config.get("deployment_config") or {} if isinstance(config, Mapping) else {}
-            scaling = deployment.get("autoscaling_config") or {}
-            total += int(deployment.get("num_replicas") or scaling.get("initial_replicas") or scaling.get("min_replicas") or 0)
-        return total
-    return sum(int(d.get("num_replicas") or 0) for d in app.get("deployments") or [])
+        args = app.get("args")
+        configs = args.get("llm_configs") if isinstance(args, Mapping) else None
+        return sum(_deployment_replicas(c.get("deployment_config"))
+                   for c in configs if isinstance(c, Mapping)) if isinstance(configs, list) else 0
+    deployments = app.get("deployments")
+    return sum(_deployment_replicas(d) for d in deployments) if isinstance(deployments, list) else 0
+
+
+def _deployment_replicas(deployment: object) -> int:
+    """A deployment's ``num_replicas``, or where its autoscaling starts (Serve's default for
+    ``auto``: one replica)."""
+    if not isinstance(deployment, Mapping):
+        return 0
+    count = deployment.get("num_replicas")
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    scaling = deployment.get("autoscaling_config")
+    scaling = scaling if isinstance(scaling, Mapping) else {}
+    for start in (scaling.get("initial_replicas"), scaling.get("min_replicas")):
+        if isinstance(start, int) and not isinstance(start, bool) and (start or count == "auto"):
+            return start
+    return 1 if count == "auto" else 0
 
 
 #: Deployment states whose replicas answer and run the config deployed: steady, or only

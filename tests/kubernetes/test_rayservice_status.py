@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
 from orchestrator.adapters import rayservice, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
@@ -213,3 +214,22 @@ def test_a_status_of_an_older_spec_leaves_what_was_kept_of_the_same_cluster() ->
     statuses = rayservice.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)
     assert statuses["ep-intent"].replicas_running == 1
     assert rayservice.keep_active(obj, statuses, kept) is kept
+
+
+@pytest.mark.parametrize(("deployment", "target"), [
+    ({"name": "OnnxModel", "num_replicas": "auto"}, 1),  # Serve's autoscaling, from its default start
+    ({"name": "OnnxModel", "num_replicas": "auto", "autoscaling_config": {"min_replicas": 2, "max_replicas": 5}}, 2),
+    ({"name": "OnnxModel", "num_replicas": "auto", "autoscaling_config": {"initial_replicas": 3, "min_replicas": 1}}, 3),
+    ({"name": "OnnxModel", "num_replicas": "three"}, 0),
+    ("OnnxModel", 0),
+])
+def test_a_hand_edited_replica_count_is_read_not_raised(deployment: Any, target: int) -> None:
+    """The serve config is read back from the cluster, where anyone may have edited it: a
+    count Serve scales itself reads as where it starts, one that is no count as none."""
+    obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(2)], SHAPE)
+    obj["spec"]["serveConfigV2"] = yaml.safe_dump({"applications": [
+        {"name": "ep-intent", "route_prefix": "/ep/intent", "import_path": "orchestrator.serving.onnx_app:build",
+         "deployments": [deployment]}]})
+    obj["status"] = {"activeServiceStatus": {"rayClusterName": ACTIVE, "applicationStatuses": {"ep-intent": HEALTHY}}}
+    status = rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
+    assert (status.status, status.replicas_target, status.replicas_running) == (ServeAppState.RUNNING, target, target)
