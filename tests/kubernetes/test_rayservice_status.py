@@ -233,3 +233,16 @@ def test_a_hand_edited_replica_count_is_read_not_raised(deployment: Any, target:
     obj["status"] = {"activeServiceStatus": {"rayClusterName": ACTIVE, "applicationStatuses": {"ep-intent": HEALTHY}}}
     status = rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
     assert (status.status, status.replicas_target, status.replicas_running) == (ServeAppState.RUNNING, target, target)
+
+
+@pytest.mark.parametrize("status", [
+    SERVING_GENERATION_1,
+    {"conditions": [NO_ENDPOINT, NO_UPGRADE], "activeServiceStatus": {
+        "rayClusterName": ACTIVE, "applicationStatuses": {"ep-intent": HEALTHY}}},
+    {"conditions": INITIALIZING, "pendingServiceStatus": {
+        "rayClusterName": ACTIVE, "applicationStatuses": {"ep-intent": IMPORT_FAILED}}},
+    upgrading({"ep-intent": UPDATING}),
+])
+def test_the_statuses_read_here_are_ones_the_crd_admits(rayservice_validator: Any, status: dict[str, Any]) -> None:
+    obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(2)], SHAPE)
+    rayservice_validator.validate({**obj, "status": status})
