@@ -199,6 +199,10 @@ class DataCentreSync:
         if unreachable and not backoff.unreachable:
             backoff.unreachable_since = self.clock()
         backoff.unreachable = unreachable
+        if unreachable and self.clock() < (lost_at := backoff.unreachable_since + self.lost_after):
+            # declared lost only by a try that fails once its loss time has come, not by a
+            # backoff that happens to wait past it while the cluster answers again
+            backoff.next_try = min(backoff.next_try, lost_at)
         log.warning("data centre %s: %s (retry in %.0fs)", site, message, backoff.next_try - self.clock())
 
     async def _recovered(self, site: str, backoff: DataCentreBackoff) -> None:

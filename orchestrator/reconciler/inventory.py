@@ -33,13 +33,17 @@ def site_health(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, 
                 rejoining: bool = False) -> tuple[bool, str]:
     """Whether the scheduler may keep and place replicas at the site, and the status's word
     for it. ``rejoining``: an edge site whose agent served before this control plane
-    started and has not come back yet keeps its replicas meanwhile."""
+    started and has not come back yet keeps its replicas meanwhile. A data centre out of
+    reach keeps its replicas until it is declared lost (``DataCentreObservation.lost``), as
+    an agent keeps them through a missed heartbeat: its cluster most likely still serves
+    (an API server restarting, a dropped connection), and moving off rebuilds elsewhere what
+    runs there, then deletes it once it answers."""
     if record.spec.tier == "edge":
         if agent is None:
             return (True, "Rejoining") if rejoining else (False, "NoAgent")
         return (True, "Healthy") if agent.healthy else (False, "Unhealthy")
     if dc is not None and not dc.reachable:
-        return False, "Unreachable"
+        return not dc.lost, "Unreachable"
     return True, "Healthy"
 
 

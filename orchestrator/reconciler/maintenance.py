@@ -12,10 +12,11 @@ serving as it wants (``wanted``) counting only those elsewhere that serve now: a
 leaves the placement (and the table, and then its agent or cluster) only once its
 replacement serves, and one with nowhere allowed to go stays, reported as stuck with the
 scheduler's reason. A forced drain keeps none, nor does a draining site that is lost
-anyway (its agent gone, its cluster unreachable). Such a site is drained once it serves
-nothing: a lost agent answers no one, but a data centre out of reach may still run its
-applications, and counts as serving until they are seen removed or it is declared lost by
-the agents' rule (``DataCentreObservation.lost``).
+anyway (its agent gone, its cluster out of reach past its loss time). Such a site is
+drained once it serves nothing: a lost agent answers no one, but a data centre out of
+reach may still run its applications, and counts as serving until they are seen removed
+or it is declared lost by the agents' rule (``DataCentreObservation.lost``); until then it
+keeps its replicas as any draining site does.
 
 Any other move is made before it breaks the same way (``keep_until_replaced``): a replica
 the plan takes off a site that does not drain (its deployment's siteSelector, tiers or
@@ -162,8 +163,8 @@ def _holding(s: snap.Snapshot) -> frozenset[str]:
 
 def _may_hold(s: snap.Snapshot, site: str) -> bool:
     """Whether ``site`` may keep replicas the plan takes off it until their replacements
-    serve: not one that is lost (its agent gone, its cluster unreachable), whose replicas
-    answer no one and are placed elsewhere as any lost site's are."""
+    serve: not one that is lost (its agent gone, its cluster out of reach past its loss
+    time), whose replicas answer no one and are placed elsewhere as any lost site's are."""
     record = s.site_by_name.get(site)
     return record is not None and inventory.site_health(record, s.agent_by_site.get(site), s.datacentres.get(site),
                                                         site in s.rejoining)[0]

@@ -138,8 +138,11 @@ def scheduler_inputs(s: snap.Snapshot, kept: Mapping[str, Iterable[tuple[str, st
     deployments = [inventory.to_deployment(d, s.models[d.spec.model], _autoscaled(s, d.name)) for d in s.deployments if d.spec.model in s.models]
     planned = {d.name for d in deployments}
     current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
-    held = _held(s.rejoining | s.maintenance.keys(), deployments, current)
-    cordoned = {name for name, m in s.maintenance.items() if not m.draining}
+    # A data centre out of reach but not declared lost holds its replicas as a cordoned site
+    # does: they most likely still serve, and one that does not answer is given nothing new.
+    unseen = {name for name, dc in s.datacentres.items() if not dc.reachable and not dc.lost} - s.maintenance.keys()
+    held = _held(s.rejoining | s.maintenance.keys() | unseen, deployments, current)
+    cordoned = {name for name, m in s.maintenance.items() if not m.draining} | unseen
     draining = s.maintenance.keys() - cordoned
     variants = {(d.name, v.name): v for d in deployments for v in d.variants}
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name),

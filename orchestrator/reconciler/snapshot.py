@@ -62,7 +62,8 @@ class DataCentreObservation:
     error: str = ""  # why it is out of reach; reachable, why the apply being retried failed
     drift: str = ""  # how its edgeplane applications differ from what this leader applied last
     # Unreachable as long as an agent may miss heartbeats before it is declared lost: what
-    # it runs is written off as a lost agent's is (a drain of it is done), not known gone.
+    # it runs is written off as a lost agent's is (its replicas are placed elsewhere, a
+    # drain of it is done), not known gone. Until then it keeps its replicas.
     lost: bool = False
     # Unreachable: what it ran when this leader last observed it (None: not since it leads,
     # or since the site moved there), so that one seen running none of ours (drained, then

@@ -1,5 +1,6 @@
 """Draining a data centre whose cluster does not answer: its replicas are placed elsewhere
-at once (as any unreachable site's), but the site is not ``Drained`` while its Serve
+(each leaving once its replacement serves, as on any draining site, or at once once the site
+is declared lost), but the site is not ``Drained`` while its Serve
 applications may still run there. It is once they are seen removed (the cluster answers
 again and is cleared), or once it has been out of reach as long as an agent is given before
 it is declared lost; the site's status says which, and why it waits meanwhile. The control

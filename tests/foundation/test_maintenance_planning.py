@@ -212,7 +212,7 @@ def test_replicas_a_drain_keeps_are_not_reported_as_unplaced() -> None:
 def test_a_draining_site_that_is_lost_keeps_nothing() -> None:
     s = _at_rest()
     down = dataclasses.replace(_with(s, "dc-frankfurt", maintenance.Mode.DRAIN),
-                               datacentres={**s.datacentres, "dc-frankfurt": snap.DataCentreObservation(False, error="unreachable")})
+                               datacentres={**s.datacentres, "dc-frankfurt": snap.DataCentreObservation(False, error="unreachable", lost=True)})
     plan = planning.plan_pass(down)
     assert not _on(_rows(plan, down), "dc-frankfurt")  # placed elsewhere at once, as for any lost site
     assert _site_status(plan, "dc-frankfurt")["maintenance"]["replicasLeft"] == 0  # type: ignore[index]

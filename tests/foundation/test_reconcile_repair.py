@@ -30,7 +30,7 @@ def test_a_lost_data_centre_moves_only_its_replicas() -> None:
     busiest = max(s.datacentres, key=lambda name: sum(r.replicas for r in s.placements if r.site == name))
     lost = sum(r.replicas for r in s.placements if r.site == busiest)
     assert lost
-    down = dataclasses.replace(s, datacentres={**s.datacentres, busiest: snap.DataCentreObservation(False)})
+    down = dataclasses.replace(s, datacentres={**s.datacentres, busiest: snap.DataCentreObservation(False, lost=True)})
     repaired = planning.plan_pass(down, rest.standing)
     assert repaired.standing is rest.standing  # repaired, not planned again
     actions = repaired.result.actions
@@ -40,6 +40,32 @@ def test_a_lost_data_centre_moves_only_its_replicas() -> None:
     assert any(isinstance(a, sched_result.MoveReplica) for a in actions)
     # here the full plan (what a pass without the standing plan runs) does the same
     assert planning.plan_pass(down).result.actions == actions
+
+
+def test_a_data_centre_out_of_reach_keeps_its_replicas_and_takes_no_new_ones_until_it_is_declared_lost() -> None:
+    """Its cluster most likely still serves (its API server restarting, a dropped
+    connection): moving off would build everything it runs again elsewhere, then remove it
+    there once it answers. So its replicas stay until it has been out of reach as long as an
+    agent is given (``lost``), and one that does not answer is given nothing new meanwhile."""
+    s = example_snapshot(examples())
+    s = _applied(s, planning.plan_pass(s))
+    there = {r for r in s.placements if r.site == "dc-paris"}
+    assert any(r.deployment == "doc-fields-fr" for r in there)
+    record = s.deployment_by_name["doc-fields-fr"]
+    grown = record.spec.model_copy(update={"replicas": record.spec.replicas.model_copy(update={"min": 3, "max": 3})})
+    s = dataclasses.replace(s, deployments=tuple(dataclasses.replace(d, spec=grown) if d is record else d for d in s.deployments))
+    assert {r.replicas for r in planning.placement_rows(planning.plan_pass(s).result)
+            if (r.site, r.deployment) == ("dc-paris", "doc-fields-fr")} == {3}  # where the two new ones go while it answers
+
+    def planned(dc: snap.DataCentreObservation) -> tuple[set[store_mod.PlacementRow], dict[str, object]]:
+        plan = planning.plan_pass(dataclasses.replace(s, datacentres={**s.datacentres, "dc-paris": dc}))
+        status = next(i.status for a in plan.actions if isinstance(a, act.SetStatuses) for i in a.items if (i.kind, i.name) == ("Site", "dc-paris"))
+        return {r for r in planning.placement_rows(plan.result) if r.site == "dc-paris"}, status
+
+    kept, status = planned(snap.DataCentreObservation(False, error="HTTP 503: the API server is shutting down"))
+    assert kept == there and status["health"] == "Unreachable", (kept, status)
+    gone, _ = planned(snap.DataCentreObservation(False, error="HTTP 503: the API server is shutting down", lost=True))
+    assert not gone
 
 
 def test_a_changed_deployment_plans_in_full() -> None:
