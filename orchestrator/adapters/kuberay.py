@@ -116,6 +116,7 @@ class KubeRayActuator:
         )
         self._timeout = request_timeout_s
         self._learnt: dict[str, str] = {}
+        self._left_out: dict[str, ServeAppStatus] = {}  # by name: applications no pod of the shape holds, as last applied
         self._applied_hash: str | None = None  # the spec hash last applied; "": the RayService deleted
         self._active: rayservice.ActiveApplications | None = None  # what stands in during a cluster upgrade
         self.drift = ""
@@ -139,6 +140,10 @@ class KubeRayActuator:
         current = await self._get()
         if current is not None:
             self._learn(current)
+        # One application no pod of this shape holds fails alone: the others are applied.
+        misfits = rayservice.misfits(apps, self._shape)
+        self._left_out = {name: self._left_out_status(name, why) for name, why in misfits.items()}
+        apps = [a for a in apps if a.name not in misfits]
         if not apps:
             if current is not None:
                 log.info(
@@ -188,19 +193,25 @@ class KubeRayActuator:
         drift = self._drift(current)
         if current is None:
             self.drift, self._active = drift, None
-            return {}
+            return dict(self._left_out)
         if self._applied_hash and (unreadable := rayservice.configured_applications(current)[1]):
             drift = "; ".join(filter(None, [drift, f"RayService {self._namespace}/{self._name}: {unreadable}"]))
         self.drift = drift
         self._learn(current)
         statuses = rayservice.statuses_from_rayservice(current, self._serve_url, kept=self._active)
         self._active = rayservice.keep_active(current, statuses, self._active)
-        return statuses
+        return {**self._left_out, **statuses}
 
     async def close(self) -> None:
         await asyncio.to_thread(self._api_client.close)
 
     # -- internals ---------------------------------------------------------------------
+
+    def _left_out_status(self, name: str, why: str) -> ServeAppStatus:
+        """An application left out of the RayService as no worker pod holds its replicas:
+        failed, saying why, for its deployment's status."""
+        message = f"{why}: left out of RayService {self._namespace}/{self._name}"
+        return ServeAppStatus(name, serve_config.ServeAppState.DEPLOY_FAILED, message, 0, 0, None, detail=message)
 
     def _drift(self, current: Mapping[str, Any] | None) -> str:
         """How the RayService differs from what this actuator last applied, by its spec hash

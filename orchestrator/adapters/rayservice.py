@@ -40,7 +40,8 @@ SERVE_PORT = 8000
 
 
 class ClusterShapeError(DataCentreError):
-    """A replica asks for more than any pod of the configured shape offers."""
+    """The replicas need more pods than the configured shape allows, or one asks for more
+    than a pod offers (``apply()`` leaves such an application out first: ``misfits``)."""
 
     retryable = False
 
@@ -132,20 +133,43 @@ def _container(name: str, shape: RayClusterShape, pod: PodShape, image: str | No
     }
 
 
-def _pods_for(apps: Sequence[ServeAppSpec], pod: PodShape, shape: RayClusterShape) -> int:
-    demand = serve_config.total_demand(apps)
+def _worker_pod(app: ServeAppSpec, shape: RayClusterShape) -> tuple[str, PodShape] | None:
+    """The kind and shape of worker pod that runs ``app``'s replicas; None for a Ray Serve
+    LLM application, whose group's pods are sized from its applications."""
+    if app.llm is not None:
+        return None
+    return ("GPU", shape.gpu_worker) if app.gpus > 0 else ("CPU", shape.cpu_worker)
+
+
+def _misfit(app: ServeAppSpec, kind: str, pod: PodShape, shape: RayClusterShape) -> str:
+    """Why a replica of ``app`` fits no ``kind`` worker pod of shape ``pod``; "" when it fits."""
     usable_mib = pod.memory_gib * 1024 * shape.usable_memory_fraction
-    if demand.largest_replica_cpu > pod.cpu or demand.largest_replica_memory_mib > usable_mib:
-        raise ClusterShapeError(
-            f"a replica asks for {demand.largest_replica_cpu} CPU / "
-            f"{demand.largest_replica_memory_mib} MiB but a worker pod offers {pod.cpu} CPU / "
-            f"{usable_mib:.0f} MiB usable"
-        )
-    if demand.largest_replica_gpus > pod.gpus:
-        raise ClusterShapeError(
-            f"a replica asks for {demand.largest_replica_gpus} GPUs but a GPU worker pod "
-            f"has {pod.gpus}"
-        )
+    if app.cpu > pod.cpu or app.memory_mib > usable_mib or app.gpus > pod.gpus:
+        gpus = f" / {_quantity(app.gpus)} GPU" if app.gpus else ""
+        offers = f" / {pod.gpus} GPU" if pod.gpus else ""
+        return (f"a replica asks for {_quantity(app.cpu)} CPU / {app.memory_mib} MiB{gpus} but a {kind} worker "
+                f"pod offers {_quantity(pod.cpu)} CPU / {usable_mib:.0f} MiB usable{offers}")
+    return ""
+
+
+def misfits(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> dict[str, str]:
+    """The applications whose replicas fit no worker pod of ``shape``, by name: why. The
+    scheduler places by a site's declared capacity, which knows nothing of pod shapes, so
+    such an application is left out of the RayService (and reported as failed) rather than
+    failing the site's others with it."""
+    out = {}
+    for app in apps:
+        if (worker := _worker_pod(app, shape)) is not None and (why := _misfit(app, *worker, shape)):
+            out[app.name] = why
+    return out
+
+
+def _pods_for(apps: Sequence[ServeAppSpec], pod: PodShape, shape: RayClusterShape) -> int:
+    for app in apps:
+        kind = (_worker_pod(app, shape) or ("", pod))[0]
+        if why := _misfit(app, kind, pod, shape):
+            raise ClusterShapeError(why)
+    usable_mib = pod.memory_gib * 1024 * shape.usable_memory_fraction
     needed = pod_packing.pods_needed(
         [(pod_packing.Resources(a.cpu, a.memory_mib, a.gpus), a.num_replicas) for a in apps],
         pod_packing.Resources(pod.cpu, usable_mib, pod.gpus),

@@ -123,7 +123,7 @@ def test_worker_groups_are_sized_from_the_apps(
     [
         (app("ep-a", cpu=16), "CPU"),
         (app("ep-a", memory_mib=64 * 1024), "MiB"),
-        (app("ep-a", gpus=2), "GPUs"),
+        (app("ep-a", gpus=2), "2 GPU but a GPU worker pod offers"),
         (app("ep-a", num_replicas=1000), "limit"),
     ],
 )
@@ -252,6 +252,26 @@ async def test_applications_answer_from_the_active_cluster_while_kuberay_builds_
     for _ in range(2):  # and on, from what was read before the upgrade
         during = (await actuator.observe())["ep-intent"]
         assert (during.status, during.replicas_running, during.answers) == (ServeAppState.RUNNING, 2, True)
+
+
+async def test_an_application_no_pod_holds_is_left_out_and_reported_while_the_others_are_applied(
+    kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
+) -> None:
+    """The scheduler places by the Site's declared capacity, which knows no pod shape: one
+    such replica must not stop the site's other applications from changing."""
+    await actuator.apply([app("ep-intent"), app("ep-big", cpu=8)])
+    served = yaml.safe_load(kube.objects[RES, NS, "edgeplane-paris-dc"]["spec"]["serveConfigV2"])["applications"]
+    assert [a["name"] for a in served] == ["ep-intent"]
+    big = (await actuator.observe())["ep-big"]
+    assert (big.status, big.replicas_running, big.endpoint_url) == (ServeAppState.DEPLOY_FAILED, 0, None)
+    assert big.message == ("a replica asks for 8 CPU / 1024 MiB but a CPU worker pod offers 4 CPU / 9830 MiB usable: "
+                           "left out of RayService edge-dc/edgeplane-paris-dc"), big.message
+
+    await actuator.apply([app("ep-big", cpu=8)])  # the one left: nothing to run
+    assert (RES, NS, "edgeplane-paris-dc") not in kube.objects or kube.objects[RES, NS, "edgeplane-paris-dc"].deleted
+    assert (await actuator.observe())["ep-big"].status is ServeAppState.DEPLOY_FAILED
+    await actuator.apply([app("ep-intent")])
+    assert "ep-big" not in await actuator.observe()
 
 
 async def test_a_rayservice_another_writer_changed_is_drift_until_applied_again(

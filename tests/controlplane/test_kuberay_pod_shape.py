@@ -1,0 +1,71 @@
+"""A replica the KubeRay pod shape cannot hold, on a site whose declared capacity can (the
+scheduler places by the Site, the RayService sizes its workers by the shape): its deployment
+is Failing, saying so, and the site's other applications are applied and removed as ever.
+The Kubernetes API is a stateful emulator (kmock) over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+import kmock
+import pytest
+import yaml
+
+from orchestrator import server
+from orchestrator.adapters import rayservice
+from orchestrator.testing import harness
+from tests.controlplane.test_datacentre_sites import MODEL, RES, bundle, deployment, kuberay_on, site, start
+
+BIG_MODEL = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: big}
+spec:
+  variants:
+    - {name: v, runtime: ray-serve, importPath: "pkg.big:app", resources: {cpu: 8, memoryMiB: 256}}
+"""
+
+BIG_DEPLOYMENT = """
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: big}
+spec:
+  model: big
+  replicas: {min: 1, max: 1}
+  placement: {tiers: [datacenter], siteSelector: {site: dc-1}}
+"""
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
+    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
+        yield emulator
+
+
+def served(kube: kmock.KubernetesEmulator) -> set[str]:
+    """The applications dc-1's RayService runs."""
+    key = (RES, "ns-dc-1", rayservice.rayservice_name("dc-1"))
+    if key not in kube.objects or (obj := kube.objects[key]).deleted:
+        return set()
+    return {a["name"] for a in yaml.safe_load(obj["spec"]["serveConfigV2"])["applications"]}
+
+
+def status(cp: server.ControlPlane, name: str) -> Mapping[str, Any]:
+    stored = cp.store.get("ModelDeployment", name)
+    return stored.status if stored is not None else {}
+
+
+async def test_a_replica_no_pod_holds_fails_its_deployment_alone(fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
+    cp = await start(fleet, kuberay_on(kube))  # 4-CPU CPU workers, on a Site of 64 CPUs
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc-1"), MODEL, deployment("d", "dc-1"), BIG_MODEL, BIG_DEPLOYMENT))
+        assert applied.status_code == 200, applied.text
+        await harness.wait_until(lambda: len(served(kube)) == 1, 30, what="d's application in dc-1's RayService")
+        await harness.wait_until(lambda: status(cp, "big").get("phase") == "Failing", 30, what="big to be Failing")
+        assert "dc-1: DEPLOY_FAILED: a replica asks for 8 CPU / 256 MiB but a CPU worker pod offers 4 CPU" in status(cp, "big")["reason"]
+        assert "error" not in cp.store.get("Site", "dc-1").status  # type: ignore[union-attr]
+
+        assert (await http.delete("/v1/modeldeployments/d")).status_code == 200
+    await harness.wait_until(lambda: not served(kube), 30, what="d's application to leave dc-1's RayService")
