@@ -6,8 +6,9 @@ applications the REST adapter would PUT, and ``rayClusterConfig`` is sized from 
 ask for (a CPU worker group, a GPU worker group when any replica wants a GPU, and for Ray
 Serve LLM applications one group per accelerator type and tensor-parallel size, each pod
 holding the GPUs of one replica on a node with that GPU model). Worker groups keep their
-order across changes, since KubeRay updates a cluster in place only when new groups are
-appended; the operator's application statuses come back in the object's ``status``.
+order, and an LLM group its pod while that still fits, across changes, since KubeRay
+updates a cluster in place only when new groups are appended; the operator's application
+statuses come back in the object's ``status``.
 """
 
 from __future__ import annotations
@@ -195,10 +196,30 @@ def _worker_group(
     }
 
 
-def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> list[dict[str, Any]]:
+def _running_pods(running: Sequence[Any], shape: RayClusterShape) -> dict[str, PodShape]:
+    """The pod of each running worker group, by group name, read as :func:`_container`
+    writes it; a group written otherwise (a hand edit) is left out, and sized anew."""
+    out: dict[str, PodShape] = {}
+    for group in running:
+        try:
+            requests = group["template"]["spec"]["containers"][0]["resources"]["requests"]
+            memory = str(requests["memory"])
+            if memory.endswith("Gi"):
+                out[str(group["groupName"])] = PodShape(cpu=float(requests["cpu"]), memory_gib=float(memory[:-2]),
+                                                        gpus=int(requests.get(shape.gpu_resource, 0)))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            continue
+    return out
+
+
+def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape, running: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """One worker group per (accelerator type, tensor-parallel size) of the LLM apps: a pod
     per replica (its autoscaling maximum when Serve scales it), holding that replica's GPUs,
-    on nodes of that GPU model."""
+    on nodes of that GPU model, as big as its largest application asks. A group the cluster
+    runs keeps its pod while that still holds every application in it: shrinking it (its
+    largest application removed) would change the group's template, and KubeRay would build
+    a whole new cluster for that (see :func:`arrange_worker_groups`)."""
+    kept = _running_pods(running, shape)
     by_kind: dict[tuple[str, int], list[ServeAppSpec]] = {}
     for a in apps:
         assert a.llm is not None
@@ -212,6 +233,9 @@ def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> list[di
         memory_gib = max([shape.llm_worker.memory_gib]
                          + [a.memory_mib / 1024 / shape.usable_memory_fraction for a in mine])
         pod = PodShape(cpu=max([shape.llm_worker.cpu] + [a.cpu for a in mine]), memory_gib=math.ceil(memory_gib), gpus=tp)
+        if (was := kept.get(names[accelerator, tp])) is not None and (
+                was.gpus == pod.gpus and was.cpu >= pod.cpu and was.memory_gib >= pod.memory_gib):
+            pod = was
         group = _worker_group(names[accelerator, tp], pods, pod, shape)
         template = group["template"]["spec"]
         template["containers"] = [_container("ray-worker", shape, pod, image=shape.llm_image)]
@@ -298,7 +322,7 @@ def render_rayservice(
                 "gpu", _pods_for(gpu_apps, shape.gpu_worker, shape), shape.gpu_worker, shape
             )
         )
-    groups += _llm_groups(llm_apps, shape)
+    groups += _llm_groups(llm_apps, shape, running_groups)
     spec = {
         "serveConfigV2": yaml.safe_dump(render_serve_config(apps, learnt), sort_keys=True),
         "rayClusterConfig": {

@@ -350,11 +350,12 @@ async def test_unreachable_api_server() -> None:
     await act.close()
 
 
-def llm_app(name: str, accelerator: str | None, tp: int, replicas: int, autoscaling: tuple[int, int] | None = None) -> ServeAppSpec:
+def llm_app(name: str, accelerator: str | None, tp: int, replicas: int, autoscaling: tuple[int, int] | None = None,
+            memory_gib: int = 96) -> ServeAppSpec:
     llm = serve_config.LlmApp(model_id=name[3:], source=f"/mnt/models/{name[3:]}", engine_kwargs={"max_model_len": 8192},
                               tensor_parallel_size=tp, accelerator_type=accelerator, autoscaling=autoscaling)
     return ServeAppSpec(name=name, route_prefix=f"/ep/{name[3:]}", model_name=name[3:], runtime="vllm",
-                        num_replicas=replicas, cpu=8.0, memory_mib=96 * 1024, gpus=float(tp), llm=llm)
+                        num_replicas=replicas, cpu=8.0, memory_mib=memory_gib * 1024, gpus=float(tp), llm=llm)
 
 
 LLM_SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0",
@@ -506,8 +507,11 @@ GPU_APP = app("ep-vision", gpus=1.0, memory_mib=1024)
         [[app("ep-a"), GPU_APP], [app("ep-a")], [app("ep-a"), GPU_APP]],
         [[llm_app("ep-chat", "L4", 1, 1)], [llm_app("ep-chat", "L4", 1, 1), llm_app("ep-big", "H100", 1, 1)], [llm_app("ep-big", "H100", 1, 2)]],
         [[app("ep-a", num_replicas=1)], [app("ep-a", num_replicas=9)]],
+        [[llm_app("ep-chat", "H100", 1, 1, memory_gib=16), llm_app("ep-coder", "H100", 1, 1)], [llm_app("ep-chat", "H100", 1, 1, memory_gib=16)],
+         [llm_app("ep-chat", "H100", 1, 1, memory_gib=16), llm_app("ep-coder", "H100", 1, 1)]],
     ],
-    ids=["gpu-app-beside-an-llm", "last-gpu-app-removed-then-back", "llm-types-come-and-go", "replicas-only"],
+    ids=["gpu-app-beside-an-llm", "last-gpu-app-removed-then-back", "llm-types-come-and-go", "replicas-only",
+         "largest-llm-app-removed-then-back"],
 )
 def test_adding_or_removing_an_application_updates_the_running_cluster_in_place(
         rayservice_validator: Any, steps: list[list[ServeAppSpec]]) -> None:
