@@ -194,6 +194,17 @@ class Capacity:
         if group >= 0:
             self.gpu_count[site, group] -= variant.gpus
 
+    def trade(self, site: int, variant: Variant, group: int, deployment: str,
+              to_site: int, to_variant: Variant, to_deployment: str) -> int | None:
+        """Give back one replica of ``deployment`` (``site``, ``variant``, ``group``) and take
+        one of ``to_variant`` for ``to_deployment`` on ``to_site``: the group taken, or None
+        with the first replica held again as it was."""
+        self.give_back(site, variant, group, deployment)
+        taken = self.take(to_site, to_variant, to_deployment)
+        if taken is None:
+            self.hold(site, variant, group, deployment)
+        return taken
+
     def close(self, site: int, gone: bool = False) -> None:
         """Nothing fits at ``site`` any more (it was lost, or left the inventory: ``gone``,
         which a full plan would not know of); what ran there is gone too."""

@@ -122,10 +122,8 @@ def _swap(capacity: Capacity, job: Job, a_key: tuple[int, str], to_site: int, to
     """Move one replica ``a_key`` → (to_site, to_variant) if the target has room."""
     at = max(i for i, (s, v, _) in enumerate(job.placed) if (s, v.name) == a_key)
     site, variant, group = job.placed[at]
-    capacity.give_back(site, variant, group, job.deployment.name)
-    new_group = capacity.take(to_site, to_variant, job.deployment.name)
+    new_group = capacity.trade(site, variant, group, job.deployment.name, to_site, to_variant, job.deployment.name)
     if new_group is None:
-        capacity.hold(site, variant, group, job.deployment.name)
         return False
     job.placed[at] = (to_site, to_variant, new_group)
     return True

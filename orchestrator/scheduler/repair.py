@@ -92,10 +92,8 @@ def _trade(
 ) -> bool:
     """Move ``other.placed[i]`` off ``site`` if that lets ``variant`` of ``job`` in."""
     _, their_variant, their_group = other.placed[i]
-    capacity.give_back(site, their_variant, their_group, other.deployment.name)
-    ours = capacity.take(site, variant, job.deployment.name)
+    ours = capacity.trade(site, their_variant, their_group, other.deployment.name, site, variant, job.deployment.name)
     if ours is None:
-        capacity.hold(site, their_variant, their_group, other.deployment.name)
         return False
     best: tuple[float, int, Variant] | None = None
     for candidate in other.variants():  # it may change variant, e.g. edge → data centre
@@ -184,10 +182,8 @@ def _switch(fleet: Fleet, capacity: Capacity, job: Job, variant: Variant, site: 
     there as then fit; the variant switched to, or None."""
     i = max(n for n, (s, v, _) in enumerate(other.placed) if s == site and v.name == name)
     _, theirs, their_group = other.placed[i]
-    capacity.give_back(site, theirs, their_group, other.deployment.name)
-    ours = capacity.take(site, variant, job.deployment.name)
+    ours = capacity.trade(site, theirs, their_group, other.deployment.name, site, variant, job.deployment.name)
     if ours is None:
-        capacity.hold(site, theirs, their_group, other.deployment.name)
         return None
     # The cheapest other variant the objective allows there, if ``job``'s missing replica
     # costs more than the switch adds to ``other`` (with the default weights, always).
