@@ -156,7 +156,13 @@ def _replica_state(s: snap.Snapshot, row: Any, holding: Collection[tuple[str, st
         return out | ({"reason": state.message} if state.message and ready < row.replicas else {})
     dc = s.datacentres.get(row.site)
     if dc is None or not dc.reachable:
-        return {"state": "Unreachable", "ready": 0, "reason": dc.error if dc is not None and dc.error else "the data centre does not answer"}
+        why = dc.error if dc is not None and dc.error else "the data centre does not answer"
+        # not seen, so not counted ready; but not gone either: the gateway still routes to it
+        last = dc.routed.get(planning.app_name(row.site, row.deployment, row.variant)) if dc is not None else None
+        if last is not None and last.replicas_running:
+            why += (f"; routed to as last observed ({last.status.value}, {last.replicas_running} running) until it answers "
+                    "or is declared lost")
+        return {"state": "Unreachable", "ready": 0, "reason": why}
     app = dc.apps.get(planning.app_name(row.site, row.deployment, row.variant))
     if app is None:
         return unsent or {"state": "Pending", "ready": 0, "reason": "the Serve application is not deployed yet"}

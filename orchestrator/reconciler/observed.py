@@ -137,13 +137,22 @@ def _agent(d: Mapping[str, Any]) -> agent_model.AgentStatus:
     )
 
 
+def _apps_doc(apps: Mapping[str, serve_config.ServeAppStatus]) -> dict[str, Any]:
+    return {name: {**vars(app), "status": app.status.value} for name, app in apps.items()}
+
+
+def _apps(doc: Mapping[str, Any]) -> dict[str, serve_config.ServeAppStatus]:
+    return {name: serve_config.ServeAppStatus(**{**app, "status": serve_config.ServeAppState(app["status"])}) for name, app in doc.items()}
+
+
 def _datacentre_doc(d: snap.DataCentreObservation) -> dict[str, Any]:
+    # lastApps: a follower's placements say what the gateway routes to while it is out of reach
     return {"reachable": d.reachable, "error": d.error, "drift": d.drift, "lost": d.lost, "refused": d.refused,
-            "apps": {name: {**vars(app), "status": app.status.value} for name, app in d.apps.items()}}
+            "apps": _apps_doc(d.apps), "lastApps": None if d.last_apps is None else _apps_doc(d.last_apps)}
 
 
 def _datacentre(d: Mapping[str, Any]) -> snap.DataCentreObservation:
-    apps = {name: serve_config.ServeAppStatus(**{**app, "status": serve_config.ServeAppState(app["status"])})
-            for name, app in d["apps"].items()}
-    # "refused" is absent from a document an earlier leader wrote
-    return snap.DataCentreObservation(d["reachable"], apps, d["error"], d["drift"], d["lost"], refused=d.get("refused", False))
+    # "refused" and "lastApps" are absent from a document an earlier leader wrote
+    last = d.get("lastApps")
+    return snap.DataCentreObservation(d["reachable"], _apps(d["apps"]), d["error"], d["drift"], d["lost"],
+                                      last_apps=None if last is None else _apps(last), refused=d.get("refused", False))

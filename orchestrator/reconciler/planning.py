@@ -374,13 +374,12 @@ def endpoints(s: snap.Snapshot, rows: Iterable[store_mod.PlacementRow],
                                         version=oip.model_version(state.serving_sha256), **common))
         else:
             dc = s.datacentres.get(site.name)
-            app = dc.apps.get(app_name(site.name, d.name, variant_name)) if dc else None
+            app = dc.routed.get(app_name(site.name, d.name, variant_name)) if dc else None
             if app is None or app.endpoint_url is None or app.replicas_running < 1:
                 continue
-            healthy = dc is not None and dc.reachable and app.answers
             if v is not None and v.llm is not None:  # Ray Serve LLM: OpenAI routes under the route prefix
                 common.update(served_model=v.llm.servedModelName or d.spec.model)
-            out.append(routing.Endpoint(url=app.endpoint_url.rstrip("/"), healthy=healthy, version=app.version, **common))
+            out.append(routing.Endpoint(url=app.endpoint_url.rstrip("/"), healthy=app.answers, version=app.version, **common))
     return tuple(out)
 
 

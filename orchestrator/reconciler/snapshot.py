@@ -73,6 +73,16 @@ class DataCentreObservation:
     # (Ray starting, say): the deployments waiting on it are Failing, not starting.
     refused: bool = False
 
+    @property
+    def routed(self) -> Mapping[str, serve_config.ServeAppStatus]:
+        """The applications the gateway routes to: those it runs; out of reach but not lost,
+        those it ran when last observed, as its Serve proxy (not the API that does not
+        answer) most likely serves them on, and the gateway's failover and ejection handle a
+        replica that does not; lost, none."""
+        if self.reachable:
+            return self.apps
+        return {} if self.lost else self.last_apps or {}
+
 
 @dataclass(frozen=True)
 class ArtifactRef:

@@ -136,7 +136,9 @@ def observed_fleet() -> observed.Observed:
     return observed.Observed(
         agents=(agent,),
         datacentres={"dc-paris": snapshot.DataCentreObservation(True, {"dc-intent": app}), "dc-lyon": snapshot.DataCentreObservation(
-            False, error="connection refused", lost=True)},
+            False, error="connection refused", lost=True),
+            # out of reach for now: followers' placements say what the gateway routes to meanwhile
+            "dc-nice": snapshot.DataCentreObservation(False, error="HTTP 503", last_apps={"dc-intent": app})},
         artifacts={("intent", "small"): snapshot.ArtifactRef("http://cp/v1/artifacts/" + "a" * 64, hosts=("cp",)),
                    ("intent", "big"): snapshot.ArtifactRef(None, "not found")},
         autoscale={"intent-fr": autoscaler.Recommendation(3, "rps", 10.0, 2, 2, 12.5)},
