@@ -128,7 +128,7 @@ class KubeRayActuator:
     def name(self) -> str:
         return self._name
 
-    async def apply(self, apps: Sequence[ServeAppSpec]) -> None:
+    async def apply(self, apps: Sequence[ServeAppSpec]) -> dict[str, str]:
         for app in apps:
             if not serve_config.is_owned(app.name):
                 raise ValueError(
@@ -143,7 +143,11 @@ class KubeRayActuator:
         # One application no pod of this shape holds fails alone: the others are applied.
         misfits = rayservice.misfits(apps, self._shape)
         self._left_out = {name: self._left_out_status(name, why) for name, why in misfits.items()}
-        apps = [a for a in apps if a.name not in misfits]
+        await self._write(current, [a for a in apps if a.name not in misfits])
+        return misfits
+
+    async def _write(self, current: dict[str, Any] | None, apps: Sequence[ServeAppSpec]) -> None:
+        """The RayService made to run ``apps``: created, patched, left as it is, or deleted for none."""
         if not apps:
             if current is not None:
                 log.info(

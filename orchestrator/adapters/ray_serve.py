@@ -116,7 +116,7 @@ class RayServeActuator:
     def dashboard_url(self) -> str:
         return self._dashboard_url
 
-    async def apply(self, apps: Sequence[ServeAppSpec]) -> None:
+    async def apply(self, apps: Sequence[ServeAppSpec]) -> Mapping[str, str]:
         names = [a.name for a in apps]
         if len(set(names)) != len(names):
             raise ValueError(f"application names must be unique, got {names}")
@@ -137,6 +137,7 @@ class RayServeActuator:
         )
         await self._request("PUT", APPLICATIONS_PATH, json=config)
         self._sent = {a["name"]: a for a in config["applications"] if self._owns(a["name"])}
+        return {}  # Serve takes every application; one no node holds waits, as observe() says
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:
         details = await self._get_details()

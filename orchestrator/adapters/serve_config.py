@@ -208,8 +208,10 @@ class DataCentreActuator(Protocol):
     #: leader's, or a hand edit; the reconciler applies its own again.
     drift: str
 
-    async def apply(self, apps: Sequence[ServeAppSpec]) -> None:
-        """Make edgeplane's applications on the site exactly ``apps``."""
+    async def apply(self, apps: Sequence[ServeAppSpec]) -> Mapping[str, str]:
+        """Make edgeplane's applications on the site exactly ``apps``; those it did not apply
+        as asked (a KubeRay cluster that cannot hold them), by name: why, which
+        :meth:`observe` reports too. The others are applied."""
         ...
 
     async def observe(self) -> Mapping[str, ServeAppStatus]:

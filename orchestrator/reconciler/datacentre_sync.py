@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -69,10 +69,13 @@ class DataCentreSync:
     _backoff: dict[str | Left, DataCentreBackoff] = field(default_factory=dict)
     # deleted sites whose applications are being removed, and targets sites moved off (Left): how many ran
     _retiring: dict[str | Left, int] = field(default_factory=dict)
+    # by site: the applications its last apply did not apply as asked (left out), by name: why
+    _not_as_asked: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def forget(self) -> None:
         """What was observed and applied, and the backoffs, go: another leader may have changed them."""
         self.applied.clear()
+        self._not_as_asked.clear()
         self._backoff.clear()
         self.observed.clear()
 
@@ -226,7 +229,7 @@ class DataCentreSync:
             return
         try:
             actuator = await self.datacentres.actuator(site, catalog.parse_site(obj))
-            await actuator.apply(apps)
+            not_as_asked = dict(await actuator.apply(apps))
         except (serve_config.DataCentreError, OSError, RuntimeError, ValueError) as exc:
             await self._failed(site, exc, target=store_mod.datacentre_target(obj.spec))
             return
@@ -240,11 +243,21 @@ class DataCentreSync:
             log.warning("data centre %s: its Serve applications were changed by another writer (%s); applied ours again", site, drift)
             await self._record(store_mod.Event("reconciler", "serve-reapplied", "Site", site,
                                                f"changed by another writer ({drift}); applied this control plane's again"))
-        if apps != self.applied.get(site):
-            await self._record(store_mod.Event("reconciler", "serve-applied", "Site", site,
-                                               f"{len(apps)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in apps)))
+        if apps != self.applied.get(site) or not_as_asked != self._not_as_asked.get(site, {}):
+            await self._record(store_mod.Event("reconciler", "serve-applied", "Site", site, applied_reason(apps, not_as_asked)))
         self.applied[site] = apps
+        self._not_as_asked[site] = not_as_asked
 
     async def _record(self, event: store_mod.Event) -> None:
         """An event on a Site, written in a worker thread under the lease held when it runs."""
         await self.store.run(self.store.record, event, lease=self.lease())
+
+
+def applied_reason(apps: tuple[serve_config.ServeAppSpec, ...], not_as_asked: Mapping[str, str]) -> str:
+    """What a ``serve-applied`` event says: the applications applied, and apart, those the
+    cluster did not take as asked (left out, or kept at fewer replicas), each with why."""
+    applied = [a for a in apps if a.name not in not_as_asked]
+    said = f"{len(applied)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in applied)
+    if not_as_asked:
+        said += f"; {len(not_as_asked)} not applied as asked: " + "; ".join(f"{name}: {why}" for name, why in sorted(not_as_asked.items()))
+    return said

@@ -81,7 +81,7 @@ class Broken:
     def __init__(self, in_observe: bool) -> None:
         self.in_observe = in_observe
 
-    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
         raise KeyError("name")
 
     async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
@@ -101,8 +101,9 @@ class Outages:
     def __init__(self) -> None:
         self.down = False
 
-    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
         await self.observe()
+        return {}
 
     async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
         if self.down:
@@ -123,9 +124,10 @@ class Cluster:
         self.running: dict[str, serve_config.ServeAppSpec] = {}
         self.down = False
 
-    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
         await self.observe()
         self.running = {a.name: a for a in apps}
+        return {}
 
     async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
         if self.down:
@@ -145,7 +147,7 @@ class Refusing:
     def __init__(self, error: serve_config.DataCentreError) -> None:
         self.error = error
 
-    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
         raise self.error
 
     async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
@@ -601,3 +603,4 @@ async def test_a_deleted_sites_reapply_count_leaves_the_metrics(fleet: harness.F
         await harness.wait_until(lambda: any(a == "serve-removed" for a, _ in site_events(cp, "dc-1")), 30,
                                  what="a pass that removed the deleted site's applications")
         assert await reapplied(http) == set()
+

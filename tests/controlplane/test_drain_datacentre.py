@@ -90,11 +90,11 @@ class Refusing(Cluster):
         self.refusing = False
         self.refused = 0
 
-    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> None:
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
         if self.refusing:
             self.refused += 1
             raise serve_config.DataCentreError("the Serve config is refused: 422 Unprocessable Entity")
-        await super().apply(apps)
+        return await super().apply(apps)
 
 
 async def test_a_drained_data_centre_that_refuses_the_apply_is_draining_while_its_applications_run(

@@ -16,7 +16,7 @@ import yaml
 from orchestrator import server
 from orchestrator.adapters import rayservice
 from orchestrator.testing import harness
-from tests.controlplane.test_datacentre_sites import MODEL, RES, bundle, deployment, kuberay_on, site, start
+from tests.controlplane.test_datacentre_sites import MODEL, RES, bundle, deployment, kuberay_on, site, site_events, start
 
 BIG_MODEL = """
 apiVersion: edgeplane.io/v1alpha1
@@ -69,3 +69,21 @@ async def test_a_replica_no_pod_holds_fails_its_deployment_alone(fleet: harness.
 
         assert (await http.delete("/v1/modeldeployments/d")).status_code == 200
     await harness.wait_until(lambda: not served(kube), 30, what="d's application to leave dc-1's RayService")
+
+
+async def test_the_serve_applied_event_names_apart_the_applications_left_out_and_why(
+        fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
+    """It listed one left out of the RayService as applied."""
+    cp = await start(fleet, kuberay_on(kube))
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        applied = await http.post("/v1/apply", content=bundle(site("dc-1"), MODEL, deployment("d", "dc-1"), BIG_MODEL, BIG_DEPLOYMENT))
+        assert applied.status_code == 200, applied.text
+
+    def said() -> list[str]:
+        return [reason for action, reason in site_events(cp, "dc-1") if action == "serve-applied"]
+
+    await harness.wait_until(lambda: any("ep-big" in reason for reason in said()), 30, what="dc-1 given both deployments")
+    assert served(kube) == {"ep-d.v.dc-1"}
+    assert said() == ["1 Serve application(s): ep-d.v.dc-1x1; 1 not applied as asked: ep-big.v.dc-1: a replica asks for "
+                      "8 CPU / 256 MiB but a CPU worker pod offers 4 CPU / 9830 MiB usable"], said()
+
