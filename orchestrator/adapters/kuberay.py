@@ -11,6 +11,7 @@ control plane's event loop never blocks on the API server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -117,6 +118,7 @@ class KubeRayActuator:
         self._timeout = request_timeout_s
         self._learnt: dict[str, str] = {}
         self._left_out: dict[str, ServeAppStatus] = {}  # by name: applications no pod of the shape holds, as last applied
+        self._held: dict[str, tuple[int, str]] = {}  # by name: applications kept below their count at the pod limit: it, why
         self._applied_hash: str | None = None  # the spec hash last applied; "": the RayService deleted
         self._active: rayservice.ActiveApplications | None = None  # what stands in during a cluster upgrade
         self.drift = ""
@@ -140,11 +142,18 @@ class KubeRayActuator:
         current = await self._get()
         if current is not None:
             self._learn(current)
-        # One application no pod of this shape holds fails alone: the others are applied.
+        # One application no pod of this shape holds, or past its pod limit, fails alone:
+        # the others are applied.
+        asked = {a.name: a.num_replicas for a in apps}
         misfits = rayservice.misfits(apps, self._shape)
-        self._left_out = {name: self._left_out_status(name, why) for name, why in misfits.items()}
-        await self._write(current, [a for a in apps if a.name not in misfits])
-        return misfits
+        running = {a["name"]: serve_config.configured_replicas(a) for a in rayservice.configured_applications(current or {})[0]}
+        apps, limited = rayservice.within_limit([a for a in apps if a.name not in misfits], self._shape, running)
+        applied = {a.name for a in apps}
+        left = {**misfits, **{name: why for name, why in limited.items() if name not in applied}}
+        self._left_out = {name: self._left_out_status(name, why) for name, why in left.items()}
+        self._held = {name: (asked[name], why) for name, why in limited.items() if name in applied}
+        await self._write(current, apps)
+        return {**left, **{name: why for name, (_, why) in self._held.items()}}
 
     async def _write(self, current: dict[str, Any] | None, apps: Sequence[ServeAppSpec]) -> None:
         """The RayService made to run ``apps``: created, patched, left as it is, or deleted for none."""
@@ -204,6 +213,10 @@ class KubeRayActuator:
         self._learn(current)
         statuses = rayservice.statuses_from_rayservice(current, self._serve_url, kept=self._active)
         self._active = rayservice.keep_active(current, statuses, self._active)
+        for name, (wanted, why) in self._held.items():  # its deployment says why it does not grow
+            if (held := statuses.get(name)) is not None:
+                statuses[name] = dataclasses.replace(held, replicas_target=wanted, message="; ".join(filter(None, [held.message, why])),
+                                                     detail="; ".join(filter(None, [held.detail, why])))
         return {**self._left_out, **statuses}
 
     async def close(self) -> None:

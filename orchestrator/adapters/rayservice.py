@@ -42,7 +42,8 @@ SERVE_PORT = 8000
 
 class ClusterShapeError(DataCentreError):
     """The replicas need more pods than the configured shape allows, or one asks for more
-    than a pod offers (``apply()`` leaves such an application out first: ``misfits``)."""
+    than a pod offers (``apply()`` leaves such applications out first: ``misfits``,
+    ``within_limit``)."""
 
     retryable = False
 
@@ -165,17 +166,71 @@ def misfits(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> dict[str, s
     return out
 
 
+def _packed(apps: Sequence[ServeAppSpec], pod: PodShape, shape: RayClusterShape) -> int | None:
+    """The ``pod``s that hold ``apps``' replicas; None past ``shape.max_worker_pods``."""
+    usable_mib = pod.memory_gib * 1024 * shape.usable_memory_fraction
+    return pod_packing.pods_needed([(pod_packing.Resources(a.cpu, a.memory_mib, a.gpus), a.num_replicas) for a in apps],
+                                   pod_packing.Resources(pod.cpu, usable_mib, pod.gpus), shape.max_worker_pods)
+
+
+def _llm_pods(app: ServeAppSpec) -> int:
+    """The pods an LLM application's group gives it: one per replica, its autoscaling maximum when Serve scales it."""
+    assert app.llm is not None
+    return app.llm.autoscaling[1] if app.llm.autoscaling else app.num_replicas
+
+
+def _past_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> str:
+    """The worker pods ``apps`` would take past ``shape.max_worker_pods`` ("" none): each
+    group has the limit of its own."""
+    plain = [a for a in apps if a.llm is None]
+    for kind, pod, mine in (("CPU", shape.cpu_worker, [a for a in plain if a.gpus <= 0]),
+                            ("GPU", shape.gpu_worker, [a for a in plain if a.gpus > 0])):
+        if _packed(mine, pod, shape) is None:
+            return f"{kind} worker pods"
+    llm: dict[tuple[str, int], int] = {}
+    for a in apps:
+        if a.llm is not None:
+            kind = (a.llm.accelerator_type or "GPU", a.llm.tensor_parallel_size)
+            llm[kind] = llm.get(kind, 0) + _llm_pods(a)
+    return next((f"{accelerator} x{tp} LLM worker pods" for (accelerator, tp), pods in sorted(llm.items())
+                 if pods > shape.max_worker_pods), "")
+
+
+def within_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape,
+                 running: Mapping[str, int]) -> tuple[list[ServeAppSpec], dict[str, str]]:
+    """The applications to apply so that no worker group passes ``shape.max_worker_pods``,
+    and those applied otherwise than asked, by name: why. Past the limit the RayService is
+    refused whole, which would hold up every change on the site (a deletion, a scale-down, a
+    drain) for the room one application asks. So those the RayService runs (``running``:
+    their configured replica counts) keep their room first, then come new ones, each by
+    name: one that would pass the limit is left out, and one it runs that grows past it
+    stays at the count it runs (left out, it would be removed from the cluster)."""
+    if not _past_limit(apps, shape):
+        return list(apps), {}
+    chosen: dict[str, ServeAppSpec] = {}
+    why: dict[str, str] = {}
+    for app in sorted(apps, key=lambda a: (a.name not in running, a.name)):
+        past = _past_limit([*chosen.values(), app], shape)
+        if not past:
+            chosen[app.name] = app
+            continue
+        limit = f"would take the RayService's {past} past the limit of {shape.max_worker_pods} (max_worker_pods)"
+        runs = running.get(app.name, 0)
+        held = dataclasses.replace(app, num_replicas=runs)
+        if 0 < runs < app.num_replicas and not _past_limit([*chosen.values(), held], shape):
+            chosen[app.name] = held
+            why[app.name] = f"kept at the {runs} replica(s) it runs: {app.num_replicas} {limit}"
+        else:
+            why[app.name] = f"its replicas {limit}"
+    return [chosen[a.name] for a in apps if a.name in chosen], why
+
+
 def _pods_for(apps: Sequence[ServeAppSpec], pod: PodShape, shape: RayClusterShape) -> int:
     for app in apps:
         kind = (_worker_pod(app, shape) or ("", pod))[0]
         if why := _misfit(app, kind, pod, shape):
             raise ClusterShapeError(why)
-    usable_mib = pod.memory_gib * 1024 * shape.usable_memory_fraction
-    needed = pod_packing.pods_needed(
-        [(pod_packing.Resources(a.cpu, a.memory_mib, a.gpus), a.num_replicas) for a in apps],
-        pod_packing.Resources(pod.cpu, usable_mib, pod.gpus),
-        shape.max_worker_pods,
-    )
+    needed = _packed(apps, pod, shape)
     if needed is None:
         raise ClusterShapeError(
             f"the applications need more worker pods than the limit of {shape.max_worker_pods}"
@@ -227,7 +282,7 @@ def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape, running: S
     names = _llm_group_names(list(by_kind))
     groups = []
     for (accelerator, tp), mine in sorted(by_kind.items()):
-        pods = sum(a.llm.autoscaling[1] if a.llm and a.llm.autoscaling else a.num_replicas for a in mine)
+        pods = sum(_llm_pods(a) for a in mine)
         if pods > shape.max_worker_pods:
             raise ClusterShapeError(f"the LLM applications need {pods} GPU pods, above the limit of {shape.max_worker_pods}")
         memory_gib = max([shape.llm_worker.memory_gib]

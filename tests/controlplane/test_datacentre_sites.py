@@ -218,7 +218,7 @@ def dashboards() -> Iterator[tuple[ServeDashboard, ServeDashboard]]:
         dashboard.stop()
 
 
-def kuberay_on(kube: kmock.KubernetesEmulator, **broken: Any) -> Callable[[str, schema.SiteSpec], Any]:
+def kuberay_on(kube: kmock.KubernetesEmulator, shape: rayservice.RayClusterShape = SHAPE, **broken: Any) -> Callable[[str, schema.SiteSpec], Any]:
     """A ``kube_factory``: a KubeRay actuator on the emulator per site, or the one given by name."""
     def build(name: str, spec: schema.SiteSpec) -> Any:
         if name in broken:
@@ -226,7 +226,7 @@ def kuberay_on(kube: kmock.KubernetesEmulator, **broken: Any) -> Callable[[str, 
         assert spec.kubernetes is not None
         config = kubernetes.client.Configuration()
         config.host, config.retries = str(kube.url).rstrip("/"), 0
-        return kuberay.KubeRayActuator(kubernetes.client.ApiClient(config), spec.kubernetes.namespace, name, shape=SHAPE)
+        return kuberay.KubeRayActuator(kubernetes.client.ApiClient(config), spec.kubernetes.namespace, name, shape=shape)
     return build
 
 

@@ -9,6 +9,7 @@ created). Status is written into the stored object directly, as the operator wou
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pathlib
 import re
 from collections.abc import AsyncIterator
@@ -272,6 +273,65 @@ async def test_an_application_no_pod_holds_is_left_out_and_reported_while_the_ot
     assert (await actuator.observe())["ep-big"].status is ServeAppState.DEPLOY_FAILED
     await actuator.apply([app("ep-intent")])
     assert "ep-big" not in await actuator.observe()
+
+
+def _served(kube: kmock.KubernetesEmulator) -> dict[str, int]:
+    """The applications the RayService configures, by name: their replica counts."""
+    serve = yaml.safe_load(kube.objects[RES, NS, "edgeplane-paris-dc"]["spec"]["serveConfigV2"])
+    return {a["name"]: a["deployments"][0]["num_replicas"] for a in serve["applications"]}
+
+
+async def test_applications_past_the_worker_pod_limit_are_left_out_and_the_others_still_change(
+    kube: kmock.KubernetesEmulator,
+) -> None:
+    """Replicas that would pass ``max_worker_pods`` failed the site's whole apply: nothing
+    was written, so a deleted deployment's application ran on and no scale reached the
+    site. The applications the RayService runs come first, then new ones by name: a new one
+    past the limit is left out and reported, and the deletion goes through."""
+    shape = dataclasses.replace(SHAPE, max_worker_pods=2)
+    actuator = kuberay.KubeRayActuator(_client(str(kube.url)), NS, "paris-dc", shape=shape)
+    try:
+        whole_pod = {"num_replicas": 1, "cpu": 4.0}  # a CPU worker pod each
+        assert await actuator.apply([app("ep-a", **whole_pod), app("ep-c", **whole_pod)]) == {}
+        left = await actuator.apply([app("ep-d", **whole_pod), app("ep-b", **whole_pod), app("ep-a", **whole_pod)])
+        assert _served(kube) == {"ep-a": 1, "ep-b": 1}  # ep-c deleted, ep-d past the limit
+        why = "its replicas would take the RayService's CPU worker pods past the limit of 2 (max_worker_pods)"
+        assert left == {"ep-d": why}, left
+        d = (await actuator.observe())["ep-d"]
+        assert (d.status, d.replicas_running, d.endpoint_url) == (ServeAppState.DEPLOY_FAILED, 0, None)
+        assert d.message == f"{why}: left out of RayService edge-dc/edgeplane-paris-dc", d.message
+
+        assert await actuator.apply([app("ep-d", **whole_pod), app("ep-b", **whole_pod)]) == {}  # room once ep-a goes
+        assert _served(kube) == {"ep-b": 1, "ep-d": 1}
+        assert (await actuator.observe())["ep-d"].status is ServeAppState.NOT_STARTED
+    finally:
+        await actuator.close()
+
+
+async def test_an_application_whose_scale_up_passes_the_worker_pod_limit_keeps_the_replicas_it_runs(
+    kube: kmock.KubernetesEmulator,
+) -> None:
+    """Left out, it would be removed from the cluster, its model gone from the site for
+    asking for more; it stays at the count it runs and says why it does not grow."""
+    shape = dataclasses.replace(SHAPE, max_worker_pods=2)
+    actuator = kuberay.KubeRayActuator(_client(str(kube.url)), NS, "paris-dc", shape=shape)
+    try:
+        await actuator.apply([app("ep-a", num_replicas=1, cpu=4.0), app("ep-b", num_replicas=1, cpu=4.0)])
+        healthy = {"status": "RUNNING", "serveDeploymentStatuses": {"OnnxModel": {"status": "HEALTHY"}}}
+        _set_status(kube, {"activeServiceStatus": {"applicationStatuses": {"ep-a": healthy, "ep-b": healthy}}})
+        left = await actuator.apply([app("ep-a", num_replicas=3, cpu=4.0), app("ep-b", num_replicas=1, cpu=4.0)])
+        assert _served(kube) == {"ep-a": 1, "ep-b": 1}
+        why = ("kept at the 1 replica(s) it runs: 3 would take the RayService's CPU worker pods past the limit of 2 "
+               "(max_worker_pods)")
+        assert left == {"ep-a": why}, left
+        a = (await actuator.observe())["ep-a"]
+        assert (a.status, a.replicas_running, a.replicas_target, a.message) == (ServeAppState.RUNNING, 1, 3, why), a
+
+        await actuator.apply([app("ep-a", num_replicas=2, cpu=4.0)])  # ep-b deleted: room for it
+        assert _served(kube) == {"ep-a": 2}
+        assert (await actuator.observe())["ep-a"].message == ""
+    finally:
+        await actuator.close()
 
 
 async def test_a_rayservice_another_writer_changed_is_drift_until_applied_again(

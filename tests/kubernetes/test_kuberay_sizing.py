@@ -112,3 +112,21 @@ def test_accelerator_types_that_slug_alike_get_groups_of_their_own() -> None:
     llm_names = [n for n in names if n.startswith("llm-a100-80g-")]
     assert len(llm_names) == 2 and all(n.endswith("-x1") for n in llm_names)
     assert all(len(n) <= 63 for n in names)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(app_sets(), st.integers(1, 8))
+def test_the_applications_kept_within_the_pod_limit_always_make_a_rayservice(apps: list[ServeAppSpec], limit: int) -> None:
+    """Whatever is asked, what is applied is never refused whole: every application is
+    applied or said to be left out, and a set within the limit is applied as asked."""
+    shape = dataclasses.replace(SHAPE, max_worker_pods=limit)
+    fitting = [a for a in apps if a.name not in rayservice.misfits(apps, shape)]
+    kept, why = rayservice.within_limit(fitting, shape, {})
+    rayservice.render_rayservice("paris-dc", "edge-dc", kept, shape)  # refuses nothing
+    assert {a.name for a in kept} | set(why) == {a.name for a in fitting}
+    try:
+        rayservice.render_rayservice("paris-dc", "edge-dc", fitting, shape)
+    except rayservice.ClusterShapeError:
+        assert why
+    else:
+        assert (kept, why) == (fitting, {})
