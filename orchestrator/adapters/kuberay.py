@@ -22,7 +22,7 @@ import kubernetes
 import urllib3
 from kubernetes.client.rest import ApiException
 
-from orchestrator.adapters import rayservice, serve_config
+from orchestrator.adapters import rayservice, rayservice_status, serve_config
 from orchestrator.adapters.serve_config import (
     DataCentreError,
     ServeAppSpec,
@@ -56,6 +56,8 @@ class KubernetesRejected(KubernetesError):
     retryable = False
 
 
+#: ``spec.kubernetes.context`` naming the cluster the control plane runs in, reached with
+#: its pod's service account (``manifests/deploy/rbac.yaml`` grants it RayServices).
 IN_CLUSTER = "in-cluster"
 
 
@@ -120,7 +122,7 @@ class KubeRayActuator:
         self._left_out: dict[str, ServeAppStatus] = {}  # by name: applications no pod of the shape holds, as last applied
         self._held: dict[str, tuple[int, str]] = {}  # by name: applications kept below their count at the pod limit: it, why
         self._applied_hash: str | None = None  # the spec hash last applied; "": the RayService deleted
-        self._active: rayservice.ActiveApplications | None = None  # what stands in during a cluster upgrade
+        self._active: rayservice_status.ActiveApplications | None = None  # what stands in during a cluster upgrade
         self.drift = ""
 
     def __repr__(self) -> str:
@@ -211,8 +213,8 @@ class KubeRayActuator:
             drift = "; ".join(filter(None, [drift, f"RayService {self._namespace}/{self._name}: {unreadable}"]))
         self.drift = drift
         self._learn(current)
-        statuses = rayservice.statuses_from_rayservice(current, self._serve_url, kept=self._active)
-        self._active = rayservice.keep_active(current, statuses, self._active)
+        statuses = rayservice_status.statuses_from_rayservice(current, self._serve_url, kept=self._active)
+        self._active = rayservice_status.keep_active(current, statuses, self._active)
         for name, (wanted, why) in self._held.items():  # its deployment says why it does not grow
             if (held := statuses.get(name)) is not None:
                 statuses[name] = dataclasses.replace(held, replicas_target=wanted, message="; ".join(filter(None, [held.message, why])),

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from orchestrator import ports
-from orchestrator.adapters import kuberay, rayservice, serve_config
+from orchestrator.adapters import kuberay, rayservice, rayservice_status, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
 from orchestrator.reconciler import planning
 
@@ -76,7 +76,7 @@ def test_two_variants_of_a_deployment_on_a_site_are_two_applications_each_at_its
     rayservice_validator.validate(obj)
     running = {"status": "RUNNING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": "HEALTHY"}}}
     obj["status"] = {"activeServiceStatus": {"applicationStatuses": {a.name: running for a in apps}}}
-    statuses = rayservice.statuses_from_rayservice(obj, "http://svc:8000")
+    statuses = rayservice_status.statuses_from_rayservice(obj, "http://svc:8000")
     assert {s.endpoint_url: s.replicas_running for s in statuses.values()} == {
         "http://svc:8000/ep/b--a/d/big": 2, "http://svc:8000/ep/b--a/d/small": 2}
 
@@ -458,7 +458,7 @@ def test_llm_app_status_from_the_rayservice_counts_its_engine_replicas() -> None
         "ep-gpt": {"status": "RUNNING", "serveDeploymentStatuses": {"OpenAiIngress": healthy, "LLMServer:gpt": healthy}},
         "ep-llama": {"status": "DEPLOYING", "serveDeploymentStatuses": {"LLMServer:llama": {"status": "UPDATING"}}},
     }}}
-    statuses = rayservice.statuses_from_rayservice(obj, "http://svc:8000")
+    statuses = rayservice_status.statuses_from_rayservice(obj, "http://svc:8000")
     assert (statuses["ep-gpt"].replicas_running, statuses["ep-gpt"].replicas_target) == (2, 2)
     assert statuses["ep-gpt"].endpoint_url == "http://svc:8000/ep/gpt"
     assert (statuses["ep-llama"].status, statuses["ep-llama"].replicas_running, statuses["ep-llama"].replicas_target) == (
@@ -522,7 +522,7 @@ def test_an_application_that_scales_stays_serving(app_status: str, deployment_st
     obj = rayservice.render_rayservice("s", NS, [app("ep-intent", num_replicas=3)], SHAPE)
     obj["status"] = {"activeServiceStatus": {"applicationStatuses": {"ep-intent": {
         "status": app_status, "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": deployment_status}}}}}}
-    status = rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
+    status = rayservice_status.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
     assert (status.status, status.replicas_running, status.replicas_target) == (ServeAppState(app_status), running, 3)
     assert status.answers is (running > 0)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.adapters import rayservice, serve_config
+from orchestrator.adapters import rayservice, rayservice_status, serve_config
 from orchestrator.adapters.serve_config import ServeAppSpec, ServeAppState
 
 SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
@@ -38,7 +38,7 @@ NO_UPGRADE = condition("UpgradeInProgress", "False", "NoPendingCluster", "Active
 def read(status: dict[str, Any], replicas: int = 2) -> serve_config.ServeAppStatus:
     obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(replicas)], SHAPE)
     obj["status"] = status
-    return rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
+    return rayservice_status.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
 
 
 @pytest.mark.parametrize("endpoints", [
@@ -81,7 +81,7 @@ def behind(status: dict[str, Any], replicas: int, generation: int) -> serve_conf
     obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(replicas)], SHAPE)
     obj["metadata"]["generation"] = generation
     obj["status"] = status
-    return rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
+    return rayservice_status.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
 
 
 SERVING_GENERATION_1 = {
@@ -144,16 +144,16 @@ def upgrading(pending_apps: dict[str, Any]) -> dict[str, Any]:
             "pendingServiceStatus": {"rayClusterName": NEW, "applicationStatuses": pending_apps}}
 
 
-def serving(replicas: int) -> rayservice.ActiveApplications:
-    return rayservice.ActiveApplications(ACTIVE, {"ep-intent": read({
+def serving(replicas: int) -> rayservice_status.ActiveApplications:
+    return rayservice_status.ActiveApplications(ACTIVE, {"ep-intent": read({
         "numServeEndpoints": 2, "conditions": [READY, NO_UPGRADE],
         "activeServiceStatus": {"rayClusterName": ACTIVE, "applicationStatuses": {"ep-intent": HEALTHY}}}, replicas)})
 
 
-def read_upgrading(status: dict[str, Any], kept: rayservice.ActiveApplications | None, replicas: int = 2) -> serve_config.ServeAppStatus:
+def read_upgrading(status: dict[str, Any], kept: rayservice_status.ActiveApplications | None, replicas: int = 2) -> serve_config.ServeAppStatus:
     obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(replicas)], SHAPE)
     obj["status"] = status
-    return rayservice.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)["ep-intent"]
+    return rayservice_status.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)["ep-intent"]
 
 
 UPDATING = {"status": "DEPLOYING", "serveDeploymentStatuses": {serve_config.ONNX_DEPLOYMENT: {"status": "UPDATING"}}}
@@ -176,12 +176,12 @@ def test_a_failure_on_the_new_cluster_is_told_while_the_active_one_answers() -> 
 
 @pytest.mark.parametrize(("status", "kept"), [
     (upgrading({"ep-intent": UPDATING}), None),  # nothing read before the upgrade (a restarted control plane)
-    (upgrading({"ep-intent": UPDATING}), rayservice.ActiveApplications("edgeplane-paris-dc-old01", serving(2).statuses)),
+    (upgrading({"ep-intent": UPDATING}), rayservice_status.ActiveApplications("edgeplane-paris-dc-old01", serving(2).statuses)),
     # an application the upgrade adds: only the new cluster has it
-    (upgrading({"ep-intent": UPDATING}), rayservice.ActiveApplications(ACTIVE, {})),
+    (upgrading({"ep-intent": UPDATING}), rayservice_status.ActiveApplications(ACTIVE, {})),
 ])
 def test_an_application_not_read_on_the_active_cluster_waits_for_the_new_one(
-        status: dict[str, Any], kept: rayservice.ActiveApplications | None) -> None:
+        status: dict[str, Any], kept: rayservice_status.ActiveApplications | None) -> None:
     waiting = read_upgrading(status, kept)
     assert (waiting.status, waiting.replicas_running, waiting.answers) == (ServeAppState.DEPLOYING, 0, False)
 
@@ -195,12 +195,12 @@ def test_the_active_clusters_applications_are_kept_through_an_upgrade_and_replac
     obj = rayservice.render_rayservice("paris-dc", "edge-dc", [onnx_app(2)], SHAPE)
     kept = serving(2)
     obj["status"] = upgrading({"ep-intent": UPDATING})
-    assert rayservice.keep_active(obj, {}, kept) is kept
+    assert rayservice_status.keep_active(obj, {}, kept) is kept
     # the new cluster promoted: its own applications are kept from now on
     obj["status"] = {"numServeEndpoints": 2, "conditions": [READY, NO_UPGRADE],
                      "activeServiceStatus": {"rayClusterName": NEW, "applicationStatuses": {"ep-intent": HEALTHY}}}
-    statuses = rayservice.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)
-    assert rayservice.keep_active(obj, statuses, kept) == rayservice.ActiveApplications(NEW, statuses)
+    statuses = rayservice_status.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)
+    assert rayservice_status.keep_active(obj, statuses, kept) == rayservice_status.ActiveApplications(NEW, statuses)
 
 
 def test_a_status_of_an_older_spec_leaves_what_was_kept_of_the_same_cluster() -> None:
@@ -211,9 +211,9 @@ def test_a_status_of_an_older_spec_leaves_what_was_kept_of_the_same_cluster() ->
     obj["status"] = {**SERVING_GENERATION_1, "activeServiceStatus": {
         "rayClusterName": ACTIVE, "applicationStatuses": {"ep-intent": HEALTHY}}}
     kept = serving(2)
-    statuses = rayservice.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)
+    statuses = rayservice_status.statuses_from_rayservice(obj, "http://svc:8000", kept=kept)
     assert statuses["ep-intent"].replicas_running == 1
-    assert rayservice.keep_active(obj, statuses, kept) is kept
+    assert rayservice_status.keep_active(obj, statuses, kept) is kept
 
 
 @pytest.mark.parametrize(("deployment", "target"), [
@@ -231,7 +231,7 @@ def test_a_hand_edited_replica_count_is_read_not_raised(deployment: Any, target:
         {"name": "ep-intent", "route_prefix": "/ep/intent", "import_path": "orchestrator.serving.onnx_app:build",
          "deployments": [deployment]}]})
     obj["status"] = {"activeServiceStatus": {"rayClusterName": ACTIVE, "applicationStatuses": {"ep-intent": HEALTHY}}}
-    status = rayservice.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
+    status = rayservice_status.statuses_from_rayservice(obj, "http://svc:8000")["ep-intent"]
     assert (status.status, status.replicas_target, status.replicas_running) == (ServeAppState.RUNNING, target, target)
 
 
