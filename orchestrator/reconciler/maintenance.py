@@ -367,27 +367,31 @@ def _replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[sto
     return kept(_leaving(s, result, rows, lambda row, model: 0).moving) - kept(_leaving(s, result, rows, ready).moving)
 
 
-def events(s: snap.Snapshot, result: sched_result.PlanResult, rows: Iterable[store_mod.PlacementRow],
-           logged: Iterable[store_mod.Event], ready: Callable[[store_mod.PlacementRow, str], int]) -> tuple[store_mod.Event, ...]:
+def events(s: snap.Snapshot, result: sched_result.PlanResult, planned: tuple[store_mod.PlacementRow, ...],
+           rows: Iterable[store_mod.PlacementRow], logged: Iterable[store_mod.Event],
+           ready: Callable[[store_mod.PlacementRow, str], int]) -> tuple[store_mod.Event, ...]:
     """The placement's events (``logged``, from the plan) as make before break makes them
     true: a replica moved off a site that keeps it until its replacement serves is logged as
     its replacement placed where it goes, and as removed from the site it leaves when it
     leaves (its replacement serves: said so, with the plan's reason for the move), not both
-    at once when the plan first moves it. ``ready`` as for ``keep_until_replaced``."""
+    at once when the plan first moves it, nor while it stays (each pass until then plans it
+    away again). ``planned`` and ``ready`` as ``keep_until_replaced`` was given them, which
+    made ``rows``."""
     rows = tuple(rows)
     draining = _holding(s)
-    plan = Counter((r.deployment, r.site, r.variant) for r in result.replicas)
-    planned = tuple(store_mod.PlacementRow(*key, n) for key, n in sorted(plan.items()))
+    plan = Counter[tuple[str, str, str]]()
+    for row in planned:
+        plan[(row.deployment, row.site, row.variant)] += row.replicas
     before = Counter[tuple[str, str, str]]()
     for row in s.placements:
         before[(row.deployment, row.site, row.variant)] += row.replicas
     after = Counter[tuple[str, str, str]]()
     for row in rows:
         after[(row.deployment, row.site, row.variant)] += row.replicas
-    staying = Counter[tuple[str, str]]()  # replicas kept until replaced on sites that do not drain
-    for (deployment, site, _), n in (after - plan).items():
-        if site not in draining:
-            staying[(deployment, site)] += n
+    kept = Counter({key: n for key, n in (after - plan).items() if key[1] not in draining})  # until replaced
+    staying = Counter[tuple[str, str]]()  # the same, per (deployment, site): a move's event names no variant left
+    for (deployment, site, _), n in kept.items():
+        staying[(deployment, site)] += n
     replaced = _replaced(s, result, planned, ready)
     if not draining and not staying and not replaced:
         return tuple(logged)
@@ -411,6 +415,10 @@ def events(s: snap.Snapshot, result: sched_result.PlanResult, rows: Iterable[sto
         if e.action == "replica-removed" and replaced[key] > 0:
             replaced[key] -= 1
             out.append(dataclasses.replace(e, reason=f"replaced by {_serving_elsewhere(s, rows, key, ready)}, serving ({e.reason})"))
+            continue
+        if e.action == "replica-removed" and kept[key] > 0:  # still placed: logged when it leaves
+            kept[key] -= 1
+            staying[key[:2]] -= 1
             continue
         out.append(e)
     for (deployment, site, variant), n in sorted((before - after).items()):

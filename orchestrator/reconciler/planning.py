@@ -527,7 +527,8 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     result, standing, waits = schedule_pass(s, standing)
     def ready(row: store_mod.PlacementRow, model: str) -> int:
         return row_ready(s, row, model)
-    rows, drains, handovers = drain.keep_until_replaced(s, result, placement_rows(result), ready)
+    planned = placement_rows(result)
+    rows, drains, handovers = drain.keep_until_replaced(s, result, planned, ready)
     assigned, rollouts = edge_assignments(s, rows)
     rows_of: dict[str, list[store_mod.PlacementRow]] = {}
     for row in rows:
@@ -553,7 +554,7 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
                     for r in s.sites)
     out: list[act.Action] = []
     if rows != tuple(s.placements):
-        out.append(act.RecordPlacement(rows, drain.events(s, result, rows, placement_events(result), ready)))
+        out.append(act.RecordPlacement(rows, drain.events(s, result, planned, rows, placement_events(result), ready)))
     regions = routing.RegionIndex.from_points((r.spec.location.region or "", r.spec.location.lat, r.spec.location.lon) for r in s.sites)
     out.append(act.PublishEndpoints(endpoints(s, rows, assigned), regions, deployed, frozenset(cold), frozenset(starting)))
     out.append(act.PublishCascades(cascade_routes(s)))

@@ -231,3 +231,21 @@ def test_a_moved_replica_is_logged_as_replaced_when_its_replacement_serves() -> 
     ((action, reason, details),) = _events(planning.plan_pass(serving))
     assert (action, details) == ("replica-removed", {"site": "dc-x", "variant": "gpu"})
     assert reason == "replaced by dc-y, serving (site dc-x no longer matches the site selector)", reason
+
+
+def test_a_moved_replica_is_logged_as_removed_once_when_it_leaves_not_while_it_stays() -> None:
+    before = _gpu_fleet(("mover", "m-one", "a"))
+    before = dataclasses.replace(before, placements=_rows(planning.plan_pass(before), before))
+    after = dataclasses.replace(_gpu_fleet(("mover", "m-one", "b")), placements=before.placements)
+    rows = _rows(planning.plan_pass(after), after)
+    # before dc-y serves, another deployment is applied: the placement changes, and mover's
+    # replica on dc-x, still placed and routed to, is not logged as removed
+    busier = dataclasses.replace(_gpu_fleet(("mover", "m-one", "b"), ("other", "m-two", "a")), placements=rows)
+    meanwhile = planning.plan_pass(busier)
+    rows = _rows(meanwhile, busier)
+    assert ("mover", "dc-x") in {(r.deployment, r.site) for r in rows}
+    assert [(a, d) for a, _, d in _events(meanwhile) if a == "replica-removed"] == []
+    serving = _serving(dataclasses.replace(busier, placements=rows))
+    removed = [(r, d) for a, r, d in _events(planning.plan_pass(serving)) if a == "replica-removed"]
+    assert removed == [("replaced by dc-y, serving (site dc-x no longer matches the site selector)",
+                        {"site": "dc-x", "variant": "gpu"})], removed
