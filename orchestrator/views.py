@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.gateway import wire
 from orchestrator.manifests import loader, schema
-from orchestrator.reconciler import hold, inventory, planning, power
+from orchestrator.reconciler import hold, inventory, maintenance, planning, power
 from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
 
@@ -44,9 +44,10 @@ def overlay(s: snap.Snapshot, docs: Iterable[loader.LoadedDocument]) -> snap.Sna
 def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[str, Any]:
     """The next pass's plan once ``docs`` are applied, set against the placement in force
     (``current``'s rows): the changes' before and "now" energy alike, a replica kept while
-    its replacement starts included."""
+    its replacement starts included. A deployment that waits for room such a replica holds
+    says so, ``Progressing`` where it comes once that room is free, as the pass's status does."""
     future = overlay(current, docs)
-    result = planning.schedule(future)
+    result, _, waits = planning.plan_full(future, *planning.scheduler_inputs(future))
     before = Counter({(r.deployment, r.site, r.variant): r.replicas for r in current.placements})
     after = Counter((r.deployment, r.site, r.variant) for r in result.replicas)
     moved_sites = {a.from_site for a in result.actions if isinstance(a, sched_result.MoveReplica)} | {
@@ -69,7 +70,7 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[s
     return {
         "changes": changes,
         "deployments": [
-            {"name": p.name, "phase": str(p.status), "replicas": p.placed, "wanted": p.wanted, "reason": p.reason,
+            {"name": p.name, **_phase(p, waits.get(p.name)), "replicas": p.placed, "wanted": p.wanted,
              "replicaReasons": [{"site": r.site, "variant": r.variant, "reason": r.reason} for r in p.replicas]}
             for p in result.deployments.values()
         ],
@@ -80,6 +81,15 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[s
         "energy": energy,
         **held(current),
     }
+
+
+def _phase(plan: sched_result.DeploymentPlan, wait: maintenance.Wait | None) -> dict[str, str]:
+    """A planned deployment's phase and reason, and its replicas that wait for held room (``deployment_status``'s words)."""
+    if wait is None:
+        return {"phase": str(plan.status), "reason": plan.reason}
+    schedulable = wait.schedulable and plan.status == sched_result.Status.UNSCHEDULABLE
+    return {"phase": "Progressing" if schedulable else str(plan.status),
+            "reason": f"{wait.note()}; {f'{plan.placed} of {plan.wanted} placed' if schedulable else plan.reason}"}
 
 
 def held(current: snap.Snapshot) -> dict[str, str]:

@@ -92,8 +92,23 @@ class PassPlan:
 
 
 def schedule(s: snap.Snapshot) -> sched_result.PlanResult:
-    """Run the scheduler on the snapshot (deployments of a model not declared are left out)."""
-    return planner.plan(*scheduler_inputs(s))
+    """Run the scheduler on the snapshot (deployments of a model not declared are left out)
+    as a pass does when it plans in full (``plan_full``): what a preview shows."""
+    return plan_full(s, *scheduler_inputs(s))[0]
+
+
+def plan_full(s: snap.Snapshot, sites: list[sched_model.Site], deployments: list[sched_model.Deployment],
+              current: list[sched_model.Replica]) -> tuple[sched_result.PlanResult, bool, dict[str, drain.Wait]]:
+    """A full plan of ``s`` (``scheduler_inputs``): one that gives the room of replicas kept
+    until replaced to newcomers is made again with that room held, so that they go elsewhere
+    or wait. The plan; whether it was made again; the replicas each deployment waits for
+    meanwhile (``maintenance.room_held``)."""
+    result = planner.plan(sites, deployments, current)
+    held = drain.room_held(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model))
+    if not held:
+        return result, False, {}
+    second = planner.plan(scheduler_inputs(s, held)[0], deployments, current)
+    return second, True, drain.waits(result, second, held)
 
 
 def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
@@ -111,11 +126,9 @@ def schedule_pass(s: snap.Snapshot, standing: standing_mod.Standing | None
         repaired = standing.repair(sites)
         if repaired is not None:
             return repaired, standing, {}
-    result = planner.plan(sites, deployments, current)
-    held = drain.room_held(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model))
-    if held:  # the plan's newcomers there go elsewhere or wait
-        second = planner.plan(scheduler_inputs(s, held)[0], deployments, current)
-        return second, None, drain.waits(result, second, held)
+    result, again, waits = plan_full(s, sites, deployments, current)
+    if again:  # the plan's newcomers there go elsewhere or wait: not at rest
+        return result, None, waits
     if result.actions:
         return result, None, {}
     try:

@@ -108,6 +108,19 @@ def test_a_moved_replica_keeps_its_room_from_a_deployment_placed_beside_it() -> 
     assert _rows(planning.plan_pass(again), again) == rows
 
 
+def test_plan_previews_a_deployment_that_waits_for_a_moved_replica_s_room_as_the_pass_leaves_it() -> None:
+    before = _placed(_edge_fleet(("first", "m1", "a")))
+    crowded = dataclasses.replace(_edge_fleet(("first", "m1", "b"), ("second", "m2", "a")), placements=before.placements)
+    previewed = views.preview(crowded, [])
+    assert not [c for c in previewed["changes"] if c["deployment"] == "second" and c["after"]], previewed["changes"]
+    (second,) = [d for d in previewed["deployments"] if d["name"] == "second"]
+    assert (second["phase"], second["replicas"]) == ("Progressing", 0), second
+    assert "1 replica waits for room on site edge-a" in second["reason"], second
+    assert second["phase"] == _deployment_status(planning.plan_pass(crowded), "second")["phase"]
+    # the plan a drain's preview starts from holds the room alike
+    assert planning.schedule(crowded).deployments["second"].placed == 0
+
+
 def test_a_replica_moved_off_a_lowered_power_budget_stays_until_its_replacement_serves() -> None:
     before = _placed(_edge_fleet(("first", "m1", "a")))
     budgeted = dataclasses.replace(before, sites=tuple(
