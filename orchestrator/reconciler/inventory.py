@@ -60,8 +60,8 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
     as they are, and admits as many of each (deployment, variant) as it holds and no other,
     so that the room a replica moving off it frees is taken by no replica at all. ``draining``: being drained,
     its replicas are placed elsewhere. ``held``: replicas that leave the site once their
-    replacements serve, and hold their room (CPU, memory, GPUs, power) until then: the site
-    is that much smaller to the plan."""
+    replacements serve, and hold their room (CPU, memory, GPUs, power) until then
+    (``Site.held``): not free to the plan, and named as held in its reasons."""
     spec = record.spec
     healthy, _ = site_health(record, agent, dc, rejoining is not None)
     cpu = spec.capacity.cpu if spec.capacity else 0.0
@@ -75,10 +75,6 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         cpu, memory, gpus = _as_big_as(rejoining)
     energy = spec.energy
     budget = energy.powerBudgetWatts if energy else None
-    if held:
-        cpu, memory, gpus = _less(cpu, memory, gpus, held)
-        if budget is not None and energy is not None:  # the budget is in facility watts
-            budget = max(0.0, budget - sum(v.watts for v in held) * energy.pue)
     if cordoned is not None or draining:
         cpu, memory, gpus = _as_big_as([v for _, v in cordoned or ()])
     return sched.Site(
@@ -98,6 +94,7 @@ def to_site(record: snap.SiteRecord, agent: agent_model.AgentStatus | None, dc: 
         draining=draining,
         labels=dict(record.labels),
         admits=Counter((d, v.name) for d, v in cordoned) if cordoned is not None else None,
+        held=tuple(held),
     )
 
 
@@ -105,21 +102,6 @@ def _as_big_as(variants: Sequence[sched.Variant]) -> tuple[float, float, tuple[s
     """The capacity (CPU, memory GiB, GPUs) that holds exactly these replicas."""
     return (sum(v.cpu for v in variants), sum(v.memory_mib for v in variants) / 1024,
             tuple(sched.GpuGroup(v.gpu_model or "", v.gpus, v.gpu_memory_gib) for v in variants if v.gpus))
-
-
-def _less(cpu: float, memory: float, gpus: tuple[sched.GpuGroup, ...], variants: Sequence[sched.Variant]
-          ) -> tuple[float, float, tuple[sched.GpuGroup, ...]]:
-    """The capacity (CPU, memory GiB, GPUs) left once these replicas are seated: each GPU
-    replica, most GPUs first, in the smallest cards that fit it, as the planner seats them."""
-    counts = [g.count for g in gpus]
-    for v in sorted((v for v in variants if v.gpus), key=lambda v: (-v.gpus, -v.gpu_memory_gib)):
-        fit = [k for k, g in enumerate(gpus) if counts[k] >= v.gpus and g.memory_gib >= v.gpu_memory_gib - 1e-9
-               and (not v.gpu_model or g.model == v.gpu_model)]
-        if fit:
-            k = min(fit, key=lambda k: (gpus[k].memory_gib, counts[k], k))
-            counts[k] -= v.gpus
-    return (max(0.0, cpu - sum(v.cpu for v in variants)), max(0.0, memory - sum(v.memory_mib for v in variants) / 1024),
-            tuple(sched.GpuGroup(g.model, n, g.memory_gib) for g, n in zip(gpus, counts) if n))
 
 
 def to_variant(v: schema.Variant) -> sched.Variant:

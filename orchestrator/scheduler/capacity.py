@@ -31,6 +31,8 @@ class Capacity:
     ``bound``: GPU models some variant must run on. A variant that takes any model leaves
     their cards to those variants where another group fits (``gpu_group``).
 
+    A site's room held for replicas leaving it (``Site.held``) is taken from the start.
+
     A cordoned site (``Site.admits``) also counts, per (deployment, variant), the replicas
     it may still take: its room is as big as what it holds, and the room one deployment's
     replica frees by leaving must not go to another's, nor to a second copy of one it
@@ -53,6 +55,22 @@ class Capacity:
         self._changed: list[int] = []
         self._fits: dict[Size, tuple[BoolArray, int]] = {}
         self.slots: dict[int, dict[tuple[str, str], int]] = {i: dict(pairs) for i, pairs in fleet.admits.items()}
+        for site in fleet.held:
+            self._take_held(site)
+
+    def _take_held(self, site: int) -> None:
+        """Take the room ``site`` holds for replicas leaving it (``Site.held``), each GPU
+        replica (most GPUs first) in the cards ``gpu_group`` gives it, as the planner seated
+        it; none of it below zero (a site since made smaller holds what is left)."""
+        for v in sorted(self.fleet.held[site], key=lambda v: (-v.gpus, -v.gpu_memory_gib)):
+            group = self.gpu_group(site, v)
+            if group is not None and group >= 0:
+                self.gpu_count[site, group] -= v.gpus
+            self.cpu[site] = max(0.0, self.cpu.item(site) - v.cpu)
+            self.memory_mib[site] = max(0.0, self.memory_mib.item(site) - v.memory_mib)
+            if self.budgeted:
+                self.power[site] = max(0.0, self.power.item(site) - v.watts)
+        self._changed.append(site)
 
     def fits_mask(self, variant: Variant) -> BoolArray:
         """Per site: room for one more replica of ``variant`` now. The array is shared and
@@ -227,3 +245,5 @@ class Capacity:
         self.gpu_count[site] = self.fleet.gpu_count[site]
         if site in self.fleet.admits:
             self.slots[site] = dict(self.fleet.admits[site])
+        if site in self.fleet.held:
+            self._take_held(site)

@@ -142,6 +142,25 @@ def _largest(fleet: Fleet, mask: np.ndarray) -> str:
 
 
 def _resource_reason(fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.ndarray, where: str) -> str:
+    """Which of CPU, memory, GPUs and power budget ``eligible`` sites have too little of
+    free, and the room held there for replicas leaving them (``Site.held``)."""
+    return _short_of(fleet, capacity, variant, eligible, where) + _held(fleet, np.flatnonzero(eligible))
+
+
+def _held(fleet: Fleet, sites: np.ndarray) -> str:
+    """The room of replicas that leave ``sites`` once their replacements serve, which the
+    sites' free room leaves out: what a reason must name, or it reads as a site smaller
+    than it is."""
+    holding = [i for i in sites.tolist() if i in fleet.held]
+    if not holding:
+        return ""
+    n = sum(len(fleet.held[i]) for i in holding)
+    names = ", ".join(fleet.names[i] for i in holding[:3]) + (f" and {len(holding) - 3} more" if len(holding) > 3 else "")
+    return (f"; {'site' if len(holding) == 1 else 'sites'} {names} {'holds' if len(holding) == 1 else 'hold'} the room of "
+            f"{'1 replica' if n == 1 else f'{n} replicas'} moved off until {'its replacement serves' if n == 1 else 'their replacements serve'}")
+
+
+def _short_of(fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.ndarray, where: str) -> str:
     sites = np.flatnonzero(eligible)
     if variant.gpus:
         big = fleet.gpu_big(variant, sites)
@@ -177,12 +196,15 @@ def _resource_reason(fleet: Fleet, capacity: Capacity, variant: Variant, eligibl
 
 def power_reason(fleet: Fleet, capacity: Capacity, site: int, variant: Variant) -> str:
     """e.g. "site edge-lyon: power budget 150 W, 140 W used, replica needs 24 W": facility
-    watts (the replicas' estimated draw × PUE), as the budget is given."""
+    watts (the replicas' estimated draw × PUE), as the budget is given; what is used
+    counts the room held for replicas leaving the site (``Site.held``), and says so."""
     pue = fleet.pue.item(site)
     budget = fleet.power.item(site) * pue
     used = budget - max(capacity.power.item(site), 0.0) * pue
-    return (f"site {fleet.names[site]}: power budget {_watts(budget)}, {_watts(used)} used, "
-            f"replica needs {_watts(variant.watts * pue)}")
+    held = sum(v.watts for v in fleet.held.get(site, ())) * pue
+    return (f"site {fleet.names[site]}: power budget {_watts(budget)}, {_watts(used)} used"
+            + (f" ({_watts(held)} of it held by replicas moved off until replaced)" if held else "")
+            + f", replica needs {_watts(variant.watts * pue)}")
 
 
 def _watts(value: float) -> str:

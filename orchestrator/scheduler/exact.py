@@ -153,14 +153,15 @@ def solve(
     _one_deployment_per_model(b, edge_x, {d.name: d.wanted_replicas() for d in deployments})
     for (s, name, variant_name), cols in cordoned_x.items():
         b.row([(c, 1.0) for c in cols], -np.inf, float(fleet.admits[s].get((name, variant_name), 0)))
+    free = Capacity(fleet, bound_gpu_models(deployments))  # less the room sites hold for replicas leaving them
     for s, terms in cpu_use.items():
-        b.row(terms, -np.inf, float(fleet.cpu[s]) + 1e-9)
+        b.row(terms, -np.inf, float(free.cpu[s]) + 1e-9)
     for s, terms in mem_use.items():
-        b.row(terms, -np.inf, float(fleet.memory_mib[s]) + 1e-9)
+        b.row(terms, -np.inf, float(free.memory_mib[s]) + 1e-9)
     for (s, k), terms in gpu_use.items():
-        b.row(terms, -np.inf, float(fleet.gpu_count[s, k]))
+        b.row(terms, -np.inf, float(free.gpu_count[s, k]))
     for s, terms in power_use.items():
-        b.row(terms, -np.inf, float(fleet.power[s]) + WATTS_SLACK)
+        b.row(terms, -np.inf, float(free.power[s]) + WATTS_SLACK)
     replicas, optimal, gap, message = _run(b, x_of, fleet, time_limit_s)
     return ExactResult(
         replicas=replicas,

@@ -89,6 +89,9 @@ class Fleet:
         self.power = np.array([s.power_budget_watts / s.pue if s.power_budget_watts is not None else np.inf
                                for s in self.sites], dtype=np.float64)
         self.any_budget = bool(self.budgeted.any())
+        # Per site, the replicas whose room it holds until their replacements serve (``Site.held``):
+        # its hardware above is whole, and ``capacity.Capacity`` starts with that room taken.
+        self.held = {i: s.held for i, s in enumerate(self.sites) if s.held}
         # gCO2 per hour per watt drawn by a replica: grid g/kWh × PUE / 1000
         self.intensity = np.array([s.carbon_g_per_kwh * s.pue / 1000.0 for s in self.sites], dtype=np.float64)
         self.measured_rtt = {i: s.rtt_ms for i, s in enumerate(self.sites) if s.rtt_ms}

@@ -95,6 +95,10 @@ class Site:
     # The most the site's feed carries for the replicas placed here, in facility watts
     # (their estimated draw × ``pue``); None for no limit. A hard limit, like capacity.
     power_budget_watts: float | None = None
+    # Replicas that leave the site once their replacements elsewhere serve, and hold their
+    # room (CPU, memory, GPUs, power) until then: the site has the hardware it has, but
+    # that room is not free to the plan (``capacity.Capacity``), and a reason says so.
+    held: tuple[Variant, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tier", Tier(self.tier))
@@ -104,6 +108,7 @@ class Site:
         object.__setattr__(self, "labels", _frozen_mapping(self.labels))
         object.__setattr__(self, "rtt_ms", MappingProxyType(dict(self.rtt_ms or {})))
         object.__setattr__(self, "gpus", tuple(self.gpus))
+        object.__setattr__(self, "held", tuple(self.held))
 
     @property
     def open(self) -> bool:

@@ -121,6 +121,33 @@ def test_plan_previews_a_deployment_that_waits_for_a_moved_replica_s_room_as_the
     assert planning.schedule(crowded).deployments["second"].placed == 0
 
 
+def test_a_deployment_kept_out_of_a_moved_replica_s_room_is_told_the_room_is_held_not_that_the_site_is_smaller() -> None:
+    before = _placed(_edge_fleet(("first", "m1", "a")))
+    crowded = dataclasses.replace(_edge_fleet(("first", "m1", "b"), ("second", "m2", "a")), placements=before.placements)
+    reason = planning.plan_pass(crowded).result.deployments["second"].reason
+    assert "hardware" not in reason, reason  # edge-a has its 8 cores: 6 of them are held
+    assert reason.endswith("FR sites have at most 2 free CPU on one site, 6 needed; "
+                           "site edge-a holds the room of 1 replica moved off until its replacement serves"), reason
+
+
+def _budget(s: snap.Snapshot, site: str, watts: float) -> snap.Snapshot:
+    return dataclasses.replace(s, sites=tuple(
+        dataclasses.replace(r, spec=r.spec.model_copy(update={"energy": schema.Energy(carbonGramsPerKWh=50, powerBudgetWatts=watts)}))
+        if r.name == site else r for r in s.sites))
+
+
+def test_a_power_budget_held_for_a_moved_replica_reads_as_used_of_the_declared_budget() -> None:
+    before = _budget(_gpu_fleet(("mover", "m-one", "a")), "dc-x", 200)  # one replica's 136.4 W
+    before = dataclasses.replace(before, placements=_rows(planning.plan_pass(before), before))
+    after = dataclasses.replace(_budget(_gpu_fleet(("mover", "m-one", "b"), ("other", "m-one", "a")), "dc-x", 200),
+                                placements=before.placements)
+    plan = planning.plan_pass(after)
+    assert plan.result.deployments["other"].placed == 0
+    reason = plan.result.deployments["other"].reason
+    assert ("site dc-x: power budget 200 W, 136.4 W used (136.4 W of it held by replicas moved off until replaced), "
+            "replica needs 136.4 W") in reason, reason
+
+
 def test_a_replica_moved_off_a_lowered_power_budget_stays_until_its_replacement_serves() -> None:
     before = _placed(_edge_fleet(("first", "m1", "a")))
     budgeted = dataclasses.replace(before, sites=tuple(
