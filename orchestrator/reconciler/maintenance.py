@@ -275,7 +275,7 @@ def room_held(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[sto
     """Per site, the replicas (deployment, variant) kept there until replaced whose room a
     plan must leave them, when ``result`` gives some of it to another deployment's newcomers;
     empty when it gives none. The room is theirs until their replacements serve: planned
-    again without it (``planning.schedule_pass``), the newcomers go elsewhere or wait,
+    again without it (``planning.plan_full``), the newcomers go elsewhere or wait,
     instead of the kept replicas leaving their callers before their replacements answer.
     A deployment's own replacement on the same site (a data centre's variant switch) is no
     newcomer here: where both do not fit, the old one leaves as before."""
