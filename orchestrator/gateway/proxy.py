@@ -205,7 +205,8 @@ class Gateway:
         with ``/versions/{version}``, and the replica says whether it has that version;
         ``deployment``: that deployment's replicas only. Its answer is counted in
         ``edgeplane_gateway_requests`` when the request is an ``inference`` one: a metadata
-        read (which KServe clients make before their calls) is not."""
+        read (which KServe clients make before their calls) is not, nor its failovers and cold
+        starts, which would then outnumber the requests."""
         label = self.model_label(model)
         refused = self.refused if inference else _not_counted
         caller = self.caller(request)
@@ -223,7 +224,7 @@ class Gateway:
         missing = 0  # replicas that answered 404
         # The Retry-After of each replica that answered 503 (not down: not ready, or draining), None for each 404
         unavailable: list[int | None] = []
-        moves = failover.Failovers(self.metrics.failovers, label)
+        moves = failover.Failovers(self.metrics.failovers if inference else None, label)
         for choice in ranked[: self.max_attempts]:
             e = choice.endpoint
             moves.attempt(e.site)
@@ -278,12 +279,14 @@ class Gateway:
 
     async def _woken(self, model: str, *, inference: bool = True) -> Response | None:
         """None once ``model`` has a replica; when it was scaled to zero, this request asks
-        for one and waits for it (cold start), and the 503 to answer when none came in time
-        (counted for an ``inference`` request)."""
+        for one and waits for it (cold start), and the 503 to answer when none came in time;
+        counted for an ``inference`` request only (a metadata read wakes the model all the same:
+        the client's call follows it)."""
         if not self.table.is_cold(model):
             return None
         self.table.wake(model)
-        self.metrics.cold_starts.labels(self.model_label(model)).inc()
+        if inference:
+            self.metrics.cold_starts.labels(self.model_label(model)).inc()
         if await self.table.wait_for_endpoints(model, self.cold_start_s):
             return None
         if inference:

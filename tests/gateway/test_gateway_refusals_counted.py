@@ -56,6 +56,11 @@ def counted(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
     return out
 
 
+def sampled(registry: CollectorRegistry, name: str) -> float:
+    """The sum of ``name``'s samples, every label."""
+    return sum(s.value for f in registry.collect() for s in f.samples if s.name == name)
+
+
 def latency_count(registry: CollectorRegistry) -> float:
     return sum(s.value for f in registry.collect() for s in f.samples if s.name == "edgeplane_gateway_request_seconds_count")
 
@@ -140,6 +145,23 @@ async def test_refused_metadata_reads_are_not_counted_as_inference_requests(guar
     reads = ["/v2/models/m", "/v2/models/m/ready", "/v2/models/m/versions/1", "/openai/v1/models", "/openai/v1/models/m"]
     assert [(await http.get(path)).status_code for path in reads] == [401] * 4 + [429]
     assert counted(registry) == {}
+
+
+async def test_metadata_reads_count_no_failover_and_no_cold_start(open_gateway: Served) -> None:
+    """A metadata read is no inference request, so neither the replicas it moved on from nor
+    the cold start it waited for are counted: failovers would outnumber requests. The
+    inference requests after them are."""
+    http, registry, table = open_gateway.http, open_gateway.registry, open_gateway.table
+    lyon = dataclasses.replace(PARIS, site="lyon", url="http://127.0.0.1:7")  # both refuse the connection
+    table.replace([PARIS, lyon], deployed={"cold": "deployment c is ScaledToZero"}, cold={"cold"})
+    assert [(await http.get(path)).status_code for path in ("/v2/models/m", "/v2/models/m/versions/1/ready")] == [502, 502]
+    assert (await http.get("/v2/models/cold")).status_code == 503
+    assert sampled(registry, "edgeplane_gateway_failovers_total") == 0
+    assert sampled(registry, "edgeplane_gateway_cold_starts_total") == 0
+    assert (await http.post("/v2/models/m/infer", content=b"{}")).status_code == 502
+    assert (await http.post("/v2/models/cold/infer", content=b"{}")).status_code == 503
+    assert sampled(registry, "edgeplane_gateway_failovers_total") == 1
+    assert sampled(registry, "edgeplane_gateway_cold_starts_total") == 1
 
 
 async def test_bad_caller_or_cascade_headers_are_counted_on_a_v2_cascade_as_on_a_plain_model(open_gateway: Served) -> None:
