@@ -20,7 +20,9 @@ What it does, in order, and why nothing is published otherwise:
    version read (``resourceVersion``): a change made during the run is never undone, and
    one made in between is a conflict in the result. The caller's token is looked up again
    in the store at that moment: one revoked (on any replica) or expired during the run
-   publishes nothing (``failed``). One run per deployment at a time.
+   publishes nothing (``failed``). Those reads are a store call of their own, before the
+   apply's: a store that does not answer them has applied nothing, and the result says so.
+   One run per deployment at a time.
 
 The result's ``state`` says how the run ended: ``published``, ``rejected`` (the gate kept
 the serving student), ``failed`` (``error`` says why) or ``stopped``: the control plane
@@ -278,32 +280,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             result = {"deployment": name, "zone": plan["zone"], "variant": plan["edge"],
                       "liveEscalationRateBefore": live.get("escalationRate"), **result}
             if result["published"]:
-                def publish() -> catalog.ApplyResult:
-                    # from the store, not the verdicts kept a few seconds: another replica's revocation counts at once
-                    if secret is not None and store.verify_token(secret, "api") is None:
-                        raise Refused("the token that started the run was revoked or has expired since")
-                    # the Model as it is now, not as it was before training; in a thread, as the API's
-                    # applies: it may wait for one of them to be written
-                    model_obj = store.get("Model", plan["spec"].model)
-                    if model_obj is None:
-                        raise Refused(f"Model {plan['spec'].model!r} was deleted during the run")
-                    return catalog.apply_documents(store, loader.load_text(_published_model(model_obj, plan["edge"], plan["serving"],
-                                                                                            result["artifact"])),
-                                                   actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
-                try:
-                    applied = await store.run(publish)
-                except (ManifestError, store_mod.Conflict, Refused, catalog.Unreadable) as exc:
-                    result = {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
-                except store_mod.StoreUnavailable as exc:  # the write may have landed: the caller must look, not assume
-                    result = {**result, "published": False,
-                              "error": f"the store did not answer the new Model's apply, which may or may not have taken effect "
-                                       f"(see Model {plan['spec'].model!r}): {exc}"}
-                except store_mod.StoreError as exc:
-                    log.error("distill %s: publishing: %s", name, exc, exc_info=exc)
-                    result = {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
-                else:
-                    result["generation"] = applied.outcomes[0].generation
-                    changed(f"distill {name} by {caller.identity}")
+                result = await _publish(name, plan, result, caller)
             result.setdefault("state", state_of(result))
             try:
                 await store.run(store.record, store_mod.Event(caller.identity, "distill", "ModelDeployment", name, _summary(result), result))
@@ -311,6 +288,49 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                 log.warning("distill %s: the report was not recorded: %s", name, exc)
                 result["notRecorded"] = f"the distill event was not recorded: {exc}"
             return result
+
+        async def _publish(name: str, plan: dict[str, Any], result: dict[str, Any], caller: auth.Caller) -> dict[str, Any]:
+            """``result`` once its artifact is applied to the Model, or saying why it was not."""
+            def current() -> store_mod.StoredObject:
+                # from the store, not the verdicts kept a few seconds: another replica's revocation counts at once
+                if secret is not None and store.verify_token(secret, "api") is None:
+                    raise Refused("the token that started the run was revoked or has expired since")
+                # the Model as it is now, not as it was before training
+                model_obj = store.get("Model", plan["spec"].model)
+                if model_obj is None:
+                    raise Refused(f"Model {plan['spec'].model!r} was deleted during the run")
+                return model_obj
+
+            def publish(model_obj: store_mod.StoredObject) -> catalog.ApplyResult:
+                # applied over the version read: a change made since is a conflict, never undone
+                return catalog.apply_documents(store, loader.load_text(_published_model(model_obj, plan["edge"], plan["serving"],
+                                                                                        result["artifact"])),
+                                               actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
+
+            # Checked in a call of its own, which writes nothing: a store that does not answer it
+            # is told apart from one that does not answer the apply, which may have landed.
+            try:
+                model_obj = await store.run(current)
+            except Refused as exc:
+                return {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
+            except store_mod.StoreError as exc:
+                return {**result, "published": False,
+                        "error": f"the new Model was not applied: the store did not answer when the run's token and the Model "
+                                 f"were read again before it: {exc}"}
+            try:
+                # in a thread, as the API's applies: it may wait for one of them to be written
+                applied = await store.run(publish, model_obj)
+            except (ManifestError, store_mod.Conflict, Refused, catalog.Unreadable) as exc:
+                return {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
+            except store_mod.StoreUnavailable as exc:  # the write may have landed: the caller must look, not assume
+                return {**result, "published": False,
+                        "error": f"the store did not answer the new Model's apply, which may or may not have taken effect "
+                                 f"(see Model {plan['spec'].model!r}): {exc}"}
+            except store_mod.StoreError as exc:
+                log.error("distill %s: publishing: %s", name, exc, exc_info=exc)
+                return {**result, "published": False, "error": f"the new Model was not applied: {exc}"}
+            changed(f"distill {name} by {caller.identity}")
+            return {**result, "generation": applied.outcomes[0].generation}
 
         # started here, not when the response streams: the run goes on (and ends, freeing the
         # deployment) even if the caller hangs up before reading a line

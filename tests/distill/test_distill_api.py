@@ -224,6 +224,24 @@ async def test_a_run_whose_publish_the_store_refuses_still_ends_with_its_result(
     assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == before
 
 
+async def test_a_run_whose_token_the_store_cannot_check_again_says_nothing_was_applied(plane: Plane) -> None:
+    """The store stops answering while the run trains: the token that started it cannot be
+    looked up again, so the Model is not applied, and the result says so rather than that
+    the apply may have taken effect."""
+    plane.capture(2000)
+    secret, _ = plane.store.create_token("api", "admin", None, "test", "operator")
+    before = plane.store.get("Model", "task").spec["variants"][0]["artifact"]
+
+    async def meanwhile() -> None:
+        plane.store.threads.close()  # what the store's calls meet while it is closing
+    async with serving(plane.app(tokens=True)) as http:
+        result = await run_while(http, meanwhile, secret)
+    assert not result["published"] and result["state"] == "failed", result
+    assert result["error"].startswith("the new Model was not applied: the store did not answer"), result["error"]
+    assert "may or may not" not in result["error"] and "not recorded" in result["notRecorded"], result
+    assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == before
+
+
 def test_a_deployment_that_does_not_exist_is_not_found(plane: Plane) -> None:
     """404, as every route answers a missing object; 409 stays for one that exists but cannot be distilled."""
     with TestClient(plane.app()) as client:
