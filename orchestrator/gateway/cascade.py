@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, overload
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -51,7 +52,6 @@ from orchestrator.gateway import cascade_rules as rules
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import failover
 from orchestrator.gateway import routing
-from orchestrator.gateway import series
 from orchestrator.gateway.options import MAX_BODY
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
@@ -84,10 +84,8 @@ class CascadeMetrics:
             co2=Counter("edgeplane_cascade_co2_grams", "Estimated gCO2 of cascade requests", ["cascade", "site"], registry=registry),
         )
 
-    def labelled(self) -> list[series.Labelled]:
-        return [(self.answered, ("cascade", "stage")), (self.escalations, ("cascade", "stage", "cause")),
-                (self.not_escalated, ("cascade", "stage")), (self.added, ("cascade",)), (self.energy, ("cascade", "site")),
-                (self.co2, ("cascade", "site"))]
+    def labelled(self) -> list[MetricWrapperBase]:
+        return [self.answered, self.escalations, self.not_escalated, self.added, self.energy, self.co2]
 
 
 @dataclass

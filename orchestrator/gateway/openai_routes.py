@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -59,7 +60,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeplane_proto import encoding as encoding_mod
 from orchestrator.api import bodies, methods
-from orchestrator.gateway import cascade_rules, event_stream, failover, openai_cascade, routing, series
+from orchestrator.gateway import cascade_rules, event_stream, failover, openai_cascade, routing
 from orchestrator.gateway.proxy import Gateway, Timed
 from orchestrator.gateway.upstream import Stream, UpstreamError, UpstreamTimeout
 
@@ -175,8 +176,8 @@ class OpenAIGateway:
         self.ttft = Histogram("edgeplane_gateway_time_to_first_token_seconds", "Time from a generation request's arrival to the first token sent to its caller",
                               ["model"], registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
-    def labelled(self) -> list[series.Labelled]:  # every gateway metric by model or site, for series.prune
-        return self.gw.labelled() + [(self.ttft, ("model",))]
+    def labelled(self) -> list[MetricWrapperBase]:  # every gateway metric by model or site, for series.prune
+        return self.gw.labelled() + [self.ttft]
 
     async def post(self, url: str, body: bytes, headers: dict[str, str], *, stream: bool) -> Stream:
         """POST to a replica; returns once the answer's head arrived. A stream's head comes

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -66,9 +67,8 @@ class GatewayMetrics:
                                 ["model"], registry=registry),
         )
 
-    def labelled(self) -> list[series.Labelled]:
-        return [(self.requests, ("model", "site", "code")), (self.failovers, ("model", "site")), (self.streams_cut, ("model", "site")),
-                (self.latency, ("model",)), (self.cold_starts, ("model",))]
+    def labelled(self) -> list[MetricWrapperBase]:
+        return [self.requests, self.failovers, self.streams_cut, self.latency, self.cold_starts]
 
 
 class Timed(Response):
@@ -137,7 +137,7 @@ class Gateway:
         self.cold_start_s = cold_start_s  # how long a request for a model scaled to zero waits
         self.cascade = cascade  # runs requests to models whose deployment has spec.cascade
 
-    def labelled(self) -> list[series.Labelled]:
+    def labelled(self) -> list[MetricWrapperBase]:
         """Its metrics (its cascades' too) for ``series.prune``."""
         return self.metrics.labelled() + (self.cascade.metrics.labelled() if self.cascade is not None else [])
 

@@ -16,9 +16,6 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from orchestrator.gateway import endpoints as endpoints_mod
 
-#: A metric and its label names, in the order it was declared with (``remove`` takes its values so).
-Labelled = tuple[MetricWrapperBase, tuple[str, ...]]
-
 #: The ``model`` label of requests for a name the table does not know: the name is the
 #: caller's, and every label value is a series the process keeps (a series that stays).
 UNKNOWN_MODEL = "_unknown"
@@ -35,14 +32,24 @@ def stale(labels: Mapping[str, str], known: endpoints_mod.EndpointTable, sites: 
     return bool(site) and site not in sites
 
 
-def prune(table: endpoints_mod.EndpointTable, metrics: Iterable[Labelled]) -> None:
+def label_names(metric: MetricWrapperBase) -> tuple[str, ...]:
+    """``metric``'s label names, in the order it was declared with (``remove`` takes its
+    values so). Read from the metric, not repeated beside it: a label added to a metric and
+    not to such a copy would stop its pruning, or break the scrape that prunes.
+    prometheus_client has no public reader of them; its metrics have kept them there since
+    label support began."""
+    return tuple(metric._labelnames)
+
+
+def prune(table: endpoints_mod.EndpointTable, metrics: Iterable[MetricWrapperBase]) -> None:
     """Remove the series of ``metrics`` that are :func:`stale` in ``table``. Nothing before
     the table's first version: a gateway that has not heard from the control plane yet knows
     no model, which is not that every model is gone."""
     if not table.published:
         return
     sites = frozenset(e.site for e in table.all_endpoints())
-    for metric, names in metrics:
+    for metric in metrics:
+        names = label_names(metric)
         gone = {tuple(s.labels[n] for n in names) for family in metric.collect() for s in family.samples
                 if stale(s.labels, table, sites)}
         for values in gone:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import pathlib
 
 import httpx
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.samples import Sample
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orchestrator.gateway import endpoints, openai_routes, proxy, routing, series
+from orchestrator.gateway import cascade, endpoints, openai_routes, proxy, routing, series
 from orchestrator.gateway.upstream import UpstreamPool
 from orchestrator.testing import harness, loopback, manifests
 
@@ -96,3 +98,29 @@ async def test_the_series_of_a_site_no_replica_is_at_any_more_go_and_the_others_
     series.prune(table, openai.labelled())  # as each scrape does
     assert counted(registry) == {("m", "lyon"), (proxy.UNKNOWN_MODEL, "")}
     assert registry.get_sample_value("edgeplane_gateway_request_seconds_count", {"model": "m"}) == 2  # the model's own stay
+
+
+def test_every_gateway_metric_lets_go_of_a_gone_models_cascades_and_sites_series() -> None:
+    """Each metric's series are removed by its own label names, whatever they are: a label
+    added to one of them does not stop its pruning. Histograms' buckets go with their series."""
+    registry = CollectorRegistry()
+    table = endpoints.EndpointTable()
+    table.replace([routing.Endpoint("kept", "d", "paris", "edge", "FR", "fr", 48.85, 2.35, "http://127.0.0.1:9")])
+    pool = UpstreamPool()
+    handler = cascade.CascadeHandler(table, pool, cascade.CascadeMetrics.create(registry))
+    metrics = openai_routes.OpenAIGateway(proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry), cascade=handler),
+                                          registry=registry).labelled()
+    gone = {"model": "gone", "cascade": "gone", "site": "gone-site"}
+    for metric in metrics:
+        child = metric.labels(**{name: gone.get(name, "x") for name in series.label_names(metric)})
+        if isinstance(child, Histogram):
+            child.observe(1.0)
+        else:
+            child.inc()
+    assert all(samples(metric) for metric in metrics)
+    series.prune(table, metrics)
+    assert {metric.describe()[0].name: samples(metric) for metric in metrics if samples(metric)} == {}
+
+
+def samples(metric: MetricWrapperBase) -> list[Sample]:
+    return [s for family in metric.collect() for s in family.samples]
