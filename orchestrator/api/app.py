@@ -14,7 +14,6 @@ PostgreSQL may wait on a stalled database or another replica's lock.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -36,8 +35,6 @@ from orchestrator.manifests import loader
 from orchestrator.manifests.errors import ManifestError
 from orchestrator.simulation.scenario import ScenarioError
 from orchestrator.store import sqlite as store_mod
-
-log = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
 
@@ -79,17 +76,6 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
 Handler = Callable[[Request, auth.Caller], Awaitable[Response]]
 
 
-def store_refusal(request: Request, exc: store_mod.StoreError, caller: auth.Caller) -> JSONResponse:
-    """What every route answers when the store refuses its call (:func:`auth.store_refusal`:
-    503 with Retry-After while the database is unreachable, read-only or full, else 500),
-    with the log saying what the store said where the caller is not told it."""
-    if not isinstance(exc, store_mod.StoreUnavailable):  # refused for what it is (a constraint, a bug): a retry gets the same
-        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
-    elif not caller.may_write():  # told only to retry
-        log.warning("%s %s by %s: %s", request.method, request.url.path, caller.identity, exc)
-    return auth.store_refusal(exc, caller)
-
-
 def build_routes(services: Services) -> list[BaseRoute]:
     store = services.store
     started = time.monotonic()  # before the gateway answers: its counters start here
@@ -114,7 +100,7 @@ def build_routes(services: Services) -> list[BaseRoute]:
             except (store_mod.Conflict, catalog.InUse) as exc:
                 return error(409, str(exc))
             except store_mod.StoreError as exc:
-                return store_refusal(request, exc, caller)
+                return auth.store_refusal(exc, caller, request)
 
         return endpoint
 

@@ -54,16 +54,23 @@ class Unauthorized(Exception):
     pass
 
 
-def store_refusal(exc: store_mod.StoreError, caller: Caller | None) -> JSONResponse:
+def store_refusal(exc: store_mod.StoreError, caller: Caller | None, request: Request | None = None) -> JSONResponse:
     """The answer to a request the store failed: 503 with Retry-After while it does not answer
-    for now (:class:`StoreUnavailable`), else 500 (a retry gets the same). What the store said
-    goes to an admin ``caller`` only; anyone else (no caller: a token not checked yet) is told
-    :data:`STORE_UNAVAILABLE` or :data:`STORE_FAILED`, and the log has the rest."""
+    for now (:class:`StoreUnavailable`: the database unreachable, read-only or full), else 500
+    (a retry gets the same). What the store said goes to an admin ``caller`` only; anyone else
+    (no caller: a token not checked yet) is told :data:`STORE_UNAVAILABLE` or
+    :data:`STORE_FAILED`. With the route's ``request``, the log says what the store said where
+    the caller is not told it, and every failure that is no passing one; without it the
+    failure is logged already (a token's lookup logs its own: ``Authenticator.verify``)."""
     unavailable = isinstance(exc, store_mod.StoreUnavailable)
-    if caller is not None and caller.may_write():
-        message = str(exc)
-    else:
-        message = STORE_UNAVAILABLE if unavailable else STORE_FAILED
+    admin = caller is not None and caller.may_write()
+    if request is not None:
+        if not unavailable:  # refused for what it is (a constraint, a bug): a retry gets the same
+            log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+        elif not admin:  # told only to retry
+            who = caller.identity if caller is not None else "a caller not known yet"
+            log.warning("%s %s by %s: %s", request.method, request.url.path, who, exc)
+    message = str(exc) if admin else STORE_UNAVAILABLE if unavailable else STORE_FAILED
     return JSONResponse({"error": message}, status_code=503 if unavailable else 500,
                         headers={"retry-after": "2"} if unavailable else None)
 

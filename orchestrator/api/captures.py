@@ -27,7 +27,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog, reasons
-from orchestrator.api import app as api_app
 from orchestrator.api import auth, paging
 from orchestrator.distill import store as capture_store
 from orchestrator.store import sqlite as store_mod
@@ -50,7 +49,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             try:
                 return await handler(request, caller)
             except store_mod.StoreError as exc:
-                return api_app.store_refusal(request, exc, caller)
+                return auth.store_refusal(exc, caller, request)
         return endpoint
 
     async def read(request: Request, caller: auth.Caller) -> Response:

@@ -48,7 +48,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from orchestrator import catalog
-from orchestrator.api import app as api_app
 from orchestrator.api import auth, bodies
 from orchestrator.artifacts.catalog import ArtifactCatalog, ArtifactError
 from orchestrator.distill import capture as capture_mod
@@ -230,7 +229,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         except store_mod.NotFound as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
         except store_mod.StoreError as exc:
-            return api_app.store_refusal(request, exc, caller)
+            return auth.store_refusal(exc, caller, request)
         if name in running:  # one started meanwhile
             return JSONResponse({"error": f"a distillation of {name!r} is running; wait for its result"}, status_code=409)
         if runs.stopping.is_set():  # the stop began meanwhile: it waits only for the runs it finds
