@@ -15,7 +15,8 @@ MAX_CHARS = 2048
 
 
 def refusal(url: str) -> str | None:
-    """Why ``url`` cannot be an agent's endpoint, or None when it can."""
+    """Why ``url`` cannot be given to others to reach a process at (an agent's endpoint, the
+    control plane's public URL), or None when it can. The callers name their flag."""
     parts = urllib.parse.urlsplit(url)
     try:
         port_ok = parts.port != 0  # None: the scheme's
@@ -25,7 +26,7 @@ def refusal(url: str) -> str | None:
         return f"{url!r} must be an http(s) URL with a host and, if any, a port from 1 to 65535"
     try:
         if ipaddress.ip_address(parts.hostname).is_unspecified:
-            return f"{url!r} uses an unspecified address; advertise a reachable one"
+            return f"{url!r} is an address to listen on, not one others can reach: give one they can"
     except ValueError:
         pass  # a host name
     if len(url) > MAX_CHARS:
