@@ -2,8 +2,8 @@
 
 Captured requests are personal data, so unlike the rest of the API even reading them is
 an admin action, and every read and delete is written to the event log (``action``
-``capture-read`` / ``capture-delete``, actor, zone, how many records) — the audit trail
-an operator shows a data protection officer.
+``capture-read`` / ``capture-delete``, actor, zone, how many records read or whether the
+one to erase was found) — the audit trail an operator shows a data protection officer.
 
 - ``GET /v1/captures/{zone}?deployment=NAME&limit=N`` — the newest N (1 to 10,000) record summaries (no payloads);
   ``&payload=true`` adds the base64 request and answer bodies. The zone's expired records
@@ -11,7 +11,9 @@ an operator shows a data protection officer.
 - ``DELETE /v1/captures/{zone}/{id}`` — erase one record (a data subject's request). Its
   audit event is written first: an erasure the event log cannot take now is not made
   (503 with Retry-After, as every route answers a store that does not answer; asking again
-  erases it), so the log never misses one.
+  erases it), so the log never misses one. Being written first, it says whether the record
+  was there (``found``), not that it was erased: a purge may erase it first, and the caller
+  is then answered 404.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
         # the audit first (two databases: no transaction holds both): a failed write of it leaves the record, to erase again
         await store.run(store.record, store_mod.Event(caller.identity, "capture-delete", "CapturedRecord", record_id,
                                                       reasons.from_header(request.headers.get(reasons.HEADER), "erasure request"),
-                                                      {"zone": zone, "deleted": held}))
+                                                      {"zone": zone, "found": held}))
         if not (held and await asyncio.to_thread(records.delete, record_id)):  # (or erased meanwhile, by a purge)
             return JSONResponse({"error": f"no record {record_id!r} in zone {zone}"}, status_code=404)
         return JSONResponse({"zone": zone, "id": record_id, "action": "deleted"})

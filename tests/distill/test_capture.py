@@ -468,8 +468,9 @@ def test_only_an_admin_reads_or_deletes_and_it_is_audited(tmp_path: pathlib.Path
         assert got.status_code == 200 and [i["id"] for i in got.json()["items"]] == ["r1"] and got.json()["items"][0]["input"]
         assert client.delete("/v1/captures/EU/r1", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
         assert client.delete("/v1/captures/EU/r1", headers={"Authorization": f"Bearer {admin}"}).status_code == 404
-    audit = [(e.action, e.details.get("zone")) for e in store.events(0, 100) if e.action.startswith("capture-")]
-    assert audit == [("capture-read", "EU"), ("capture-delete", "EU"), ("capture-delete", "EU")]
+    audit = [(e.action, e.details) for e in store.events(0, 100) if e.action.startswith("capture-")]
+    assert audit == [("capture-read", {"zone": "EU", "records": 1, "payload": True}),
+                     ("capture-delete", {"zone": "EU", "found": True}), ("capture-delete", {"zone": "EU", "found": False})], audit
     stores.close()
     store.close()
 
@@ -508,7 +509,7 @@ def test_an_erasure_the_event_log_cannot_take_is_not_made_and_is_answered_503(tm
             assert client.delete(f"/v1/captures/EU/{record.id}").status_code == 200
         assert stores.zone("EU").count() == 0
         audit = [(e.name, e.details) for e in store.events(0, 100_000) if e.action == "capture-delete"]
-        assert audit == [(record.id, {"zone": "EU", "deleted": True})], audit
+        assert audit == [(record.id, {"zone": "EU", "found": True})], audit
     finally:
         stores.close()
         store.close()
