@@ -141,23 +141,19 @@ async def test_a_client_that_disconnects_stops_its_generation(control_plane: Con
         assert await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL) < generated + 4000
 
 
-async def test_a_client_that_disconnects_during_a_long_prefill_frees_the_slot_before_the_prompt_is_read(
+async def test_a_client_that_disconnects_during_a_long_prefill_frees_its_slot_and_is_counted_cancelled(
         control_plane: ControlPlane, make_agent: MakeAgent, packages: Packages) -> None:
-    """A long prompt is read in chunks with the cancel flag checked between two: a client that
-    leaves while its prompt is read frees the slot (and the requests queued behind it) within
-    a chunk, not once the whole prompt is read."""
+    """A client that leaves while its long prompt is read cancels its sequence: the slot is
+    freed, the generation counted ``cancelled``, and no token made. That the read stops at the
+    next chunk rather than at the prompt's end is shown on the runtime
+    (``test_genai_units.test_a_cancel_while_a_long_prompt_is_read_stops_the_read_at_the_next_chunk``)."""
     prompt = "the edge site serves tokens quickly " * 230
     assert 2500 < token_count(packages.slow, prompt) < 4000
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
     async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256, concurrent=1):
-        started = asyncio.get_running_loop().time()
-        whole = await s.http.post("/v1/completions", json=body)
-        read_at_once = asyncio.get_running_loop().time() - started  # nearly all of it reading the prompt
-        assert whole.status_code == 200, whole.text
-
         host, port = s.agent.endpoint_url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        payload = json.dumps({**body, "stream": True}).encode()
+        payload = json.dumps(body).encode()
         writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                      % (len(payload), payload))
         for _ in range(1500):  # bounded: up to 30-75 s on a loaded machine
@@ -165,16 +161,13 @@ async def test_a_client_that_disconnects_during_a_long_prefill_frees_the_slot_be
                 break
             await asyncio.sleep(0.01)
         writer.close()
-        left = asyncio.get_running_loop().time()
-        for _ in range(1500):  # bounded: up to 30-75 s on a loaded machine
+        for _ in range(1500):
             if await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0:
                 break
             await asyncio.sleep(0.01)
-        freed_after = asyncio.get_running_loop().time() - left
+        assert await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0
         assert await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 1
-        assert await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL) == 1  # the first request's only
-        # Within a chunk of 256 tokens, a tenth of this prompt: far less than reading it all.
-        assert freed_after < read_at_once / 2, (freed_after, read_at_once)
+        assert not await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL)
 
 
 async def test_tokens_made_slower_than_a_loop_wake_up_are_written_by_the_generating_thread(

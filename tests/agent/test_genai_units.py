@@ -518,3 +518,32 @@ def test_seeds_the_sampler_cannot_take_as_they_are_stay_distinct() -> None:
     mapped = [genai.runtime_seed(seed) for seed in beyond]
     assert all(0 <= m < 1 << 31 for m in mapped)
     assert len(set(mapped) | {5}) == len(beyond) + 1
+
+
+class CancelledAfter(genai.Cancel):
+    """A cancel that comes once the runtime has asked ``after`` times whether it came: a
+    prefill asks before each chunk, so it comes with ``after`` chunks of the prompt read."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after, self.asked = after, 0
+
+    @property
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked > self.after
+
+
+def test_a_cancel_while_a_long_prompt_is_read_stops_the_read_at_the_next_chunk(tmp_path: pathlib.Path) -> None:
+    """A client that leaves while its prompt is read frees the model's slot (and the requests
+    queued behind it) within a chunk: the rest of the prompt is never read, and no token made."""
+    genai_model.build_model_dir(tmp_path)
+    runtime = genai.GenAIModel.load(tmp_path, use_cuda=False, prefill_chunk=16)
+    prompt = runtime.encode("the edge site serves tokens quickly and the gateway routes the request " * 6)
+    chunks = -(-int(prompt.shape[0]) // 16)
+    assert chunks >= 8
+    events: list[object] = []
+    cancel = CancelledAfter(2)
+    finished = runtime.generate(prompt, genai.SamplingOptions(max_tokens=40, temperature=0), events.append, cancel)
+    assert (finished.reason, finished.completion_tokens) == ("cancelled", 0) and events == [finished]
+    assert cancel.asked == 3  # before the first, the second and the third chunk: two of them read, then it stopped
