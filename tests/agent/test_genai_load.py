@@ -98,6 +98,21 @@ async def test_many_empty_messages_are_formatted_while_the_agent_answers_other_r
         assert answer.status_code in (200, 400), answer.text
 
 
+async def leave_once_running(s: Serving, body: dict[str, object]) -> None:
+    """POST ``body`` to /v1/completions over a bare connection, and close it once the agent
+    runs its generation (a client that left)."""
+    host, port = s.agent.endpoint_url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    payload = json.dumps(body).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                 % (len(payload), payload))
+    for _ in range(1500):  # bounded: up to 30-75 s on a loaded machine
+        if await s.metric("edgeplane_agent_generation_running", model=MODEL) == 1:
+            break
+        await asyncio.sleep(0.01)
+    writer.close()
+
+
 async def test_a_client_that_disconnects_stops_its_generation(control_plane: ControlPlane, make_agent: MakeAgent,
                                                               packages: Packages) -> None:
     async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256):
@@ -122,16 +137,7 @@ async def test_a_client_that_disconnects_stops_its_generation(control_plane: Con
         assert 3 <= generated < 4000
 
         # Not streamed: the client leaves while the whole answer is being generated.
-        host, port = s.agent.endpoint_url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        payload = json.dumps({**body, "stream": False}).encode()
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                     % (len(payload), payload))
-        for _ in range(1500):  # bounded: up to 30-75 s on a loaded machine
-            if await s.metric("edgeplane_agent_generation_running", model=MODEL) == 1:
-                break
-            await asyncio.sleep(0.02)
-        writer.close()
+        await leave_once_running(s, {**body, "stream": False})
         for _ in range(1500):  # bounded: up to 30-75 s on a loaded machine
             if await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 2 \
                     and await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0:
@@ -151,16 +157,7 @@ async def test_a_client_that_disconnects_during_a_long_prefill_frees_its_slot_an
     assert 2500 < token_count(packages.slow, prompt) < 4000
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
     async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256, concurrent=1):
-        host, port = s.agent.endpoint_url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        payload = json.dumps(body).encode()
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                     % (len(payload), payload))
-        for _ in range(1500):  # bounded: up to 30-75 s on a loaded machine
-            if await s.metric("edgeplane_agent_generation_running", model=MODEL) == 1:
-                break
-            await asyncio.sleep(0.01)
-        writer.close()
+        await leave_once_running(s, body)
         for _ in range(1500):
             if await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0:
                 break
