@@ -4,6 +4,8 @@ Why a hub and not the store: heartbeats arrive thousands of times a second and m
 O(1) each, so they update an in-memory record and never touch disk; only *changes* that
 matter to placement (an agent joined, was lost, came back, its capacity or model states
 moved) reach the rest of the control plane, through the injected ``on_change`` callback.
+What it keeps per site (an agent's record, the site's assignment channel) is
+:mod:`orchestrator.agents.records`'.
 
 Site identity rule: a site is held by at most one agent at a time. A Join for a site
 whose current agent is still healthy (it has not missed ``missed_heartbeats`` heartbeats)
@@ -35,9 +37,8 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 
-from orchestrator.agents import applications, auth, errors, identity, model, relayed
+from orchestrator.agents import applications, auth, errors, identity, model, records, relayed
 
 log = logging.getLogger(__name__)
 
@@ -65,81 +66,6 @@ class LagHistogram:
             if seen >= rank and count:
                 return self.BOUNDS_MS[i] if i < len(self.BOUNDS_MS) else float("inf")
         return float("inf")
-
-
-@dataclass
-class _Record:
-    """Mutable state of one agent; only the hub touches it."""
-
-    site: str
-    agent_id: str
-    endpoint_url: str
-    location: model.Location
-    labels: object  # Mapping[str, str], frozen
-    agent_version: str
-    joined_at: float
-    heartbeat_interval: float
-    capacity: model.Capacity
-    last_heartbeat: float
-    deadline: float
-    healthy: bool = True
-    inflight: int = 0
-    cpu_percent: float = 0.0
-    memory_available_bytes: int = 0
-    assignment_version: int = 0
-    models: dict[str, model.ModelState] = field(default_factory=dict)
-    model_load: Mapping[str, model.ModelLoad] = field(default_factory=dict)
-    via: str | None = None  # the replica that relays this agent; None: connected here
-    quiet_s: float = 0.0  # the silence its last heartbeat announced (a generative model's load)
-    streams: int = 0  # its heartbeat streams open on this hub
-    broke_at: float | None = None  # when its last heartbeat stream here (or at its relay) ended, if none came since
-
-    def live(self, now: float) -> bool:
-        """Healthy and not past its deadline: it holds its site against other agents."""
-        return self.healthy and now <= self.deadline
-
-    def status(self) -> model.AgentStatus:
-        return model.AgentStatus(
-            site=self.site,
-            agent_id=self.agent_id,
-            endpoint_url=self.endpoint_url,
-            healthy=self.healthy,
-            last_heartbeat=self.last_heartbeat,
-            joined_at=self.joined_at,
-            location=self.location,
-            labels=self.labels,  # type: ignore[arg-type]
-            agent_version=self.agent_version,
-            capacity=self.capacity,
-            providers=self.capacity.execution_providers,
-            inflight=self.inflight,
-            cpu_percent=self.cpu_percent,
-            memory_available_bytes=self.memory_available_bytes,
-            models=dict(self.models),
-            assignment_version=self.assignment_version,
-            heartbeat_interval=self.heartbeat_interval,
-            model_load=self.model_load,
-            via=self.via,
-            quiet_until=self.last_heartbeat + self.quiet_s if self.quiet_s else 0.0,
-        )
-
-
-class _SiteChannel:
-    """Latest assignment set of a site and a wake-up for its watchers (latest wins). The hub
-    keeps one while the site has an agent here or has been given a set since its last agent
-    was forgotten: over months of nodes coming and going (a DaemonSet names a site per node)
-    a channel per site ever seen would be a leak."""
-
-    def __init__(self) -> None:
-        self.latest: model.AssignmentSet | None = None
-        self._changed = asyncio.Event()
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def changed(self) -> asyncio.Event:
-        """Take this *before* reading ``latest``: it is set by the next ``notify``."""
-        return self._changed
 
 
 #: After an agent's heartbeat stream ends, how long (at least one heartbeat interval) it has
@@ -183,8 +109,8 @@ class AgentHub(relayed.RelayedAgents):
         self._interval_bounds = (min_heartbeat_interval, max_heartbeat_interval)
         self.missed_heartbeats = missed_heartbeats
         self.reconnect_grace = reconnect_grace
-        self._records: dict[str, _Record] = {}
-        self._channels: dict[str, _SiteChannel] = {}
+        self._records: dict[str, records.Record] = {}
+        self._channels: dict[str, records.SiteChannel] = {}
         self.lag = LagHistogram()
         #: Heartbeats of the agents connected here; those a follower relays are counted there.
         self.heartbeats_total = 0
@@ -408,7 +334,7 @@ class AgentHub(relayed.RelayedAgents):
             except Exception:  # the loop never dies: a bad callback is logged, not fatal
                 log.exception("agent sweep failed")
 
-    def _rethink_sweep(self, record: _Record) -> None:
+    def _rethink_sweep(self, record: records.Record) -> None:
         if record.heartbeat_interval / 2 < self._sweep_step:
             self._shorter_interval.set()
 
@@ -541,7 +467,7 @@ class AgentHub(relayed.RelayedAgents):
         crashed. Nothing changes while it announced a quiet spell, or once it has joined
         again (a new session is a new record) or left."""
         record = handle
-        assert isinstance(record, _Record)
+        assert isinstance(record, records.Record)
         record.streams -= 1
         if record.streams > 0 or self._records.get(record.site) is not record or not record.healthy:
             return
@@ -549,23 +475,23 @@ class AgentHub(relayed.RelayedAgents):
         if self.tap is not None:
             self.tap.disconnected(record.site, record.agent_id)
 
-    def _ended(self, record: _Record) -> None:
+    def _ended(self, record: records.Record) -> None:
         now = self._clock()
         if record.last_heartbeat + record.quiet_s > now:
             return  # loading a model: the spell it announced stands
         record.broke_at = now
         record.deadline = min(record.deadline, now + max(record.heartbeat_interval, self.reconnect_grace))
 
-    def _allowance(self, record: _Record) -> float:
+    def _allowance(self, record: records.Record) -> float:
         """How long after a heartbeat the agent is healthy without another."""
         return max(record.heartbeat_interval * self.missed_heartbeats, record.quiet_s)
 
     # -- internals ------------------------------------------------------------------
 
     def _new_record(self, application: model.JoinApplication, agent_id: str, now: float, *, joined_at: float,
-                    via: str | None = None) -> _Record:
+                    via: str | None = None) -> records.Record:
         interval = self._clamp(application.heartbeat_interval)
-        return _Record(
+        return records.Record(
             site=application.site,
             agent_id=agent_id,
             endpoint_url=application.endpoint_url,
@@ -580,10 +506,10 @@ class AgentHub(relayed.RelayedAgents):
             via=via,
         )
 
-    def _channel(self, site: str) -> _SiteChannel:
+    def _channel(self, site: str) -> records.SiteChannel:
         channel = self._channels.get(site)
         if channel is None:
-            channel = self._channels[site] = _SiteChannel()
+            channel = self._channels[site] = records.SiteChannel()
         return channel
 
     def _clamp(self, requested: float | None) -> float:
@@ -591,7 +517,7 @@ class AgentHub(relayed.RelayedAgents):
         value = requested if requested else self.heartbeat_interval
         return min(max(value, low), high)
 
-    def _emit(self, kind: model.AgentEventKind, record: _Record, reason: str) -> model.AgentEvent:
+    def _emit(self, kind: model.AgentEventKind, record: records.Record, reason: str) -> model.AgentEvent:
         event = model.AgentEvent(kind, record.site, record.agent_id, self._clock(), reason, record.status())
         if self._on_change is not None:
             try:
