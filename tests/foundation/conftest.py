@@ -2,18 +2,22 @@
 (in a thread, or ``edgeplane serve`` as a subprocess for the command line's tests).
 
 One control plane per test module (module scope) keeps the suite fast; tests that need a
-pristine store start their own.
+pristine store start their own. The state store's tests (``test_store_*.py``) take a
+``store`` on each backend in turn: an SQLite file and a database on the session's PostgreSQL.
 """
 
 from __future__ import annotations
 
 import pathlib
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from orchestrator import server_config
+from orchestrator.store import StateStore as Store
+from orchestrator.store import open_store
 
 from . import support
 
@@ -57,3 +61,35 @@ def applied(serve: support.ServeProcess, offline_fleet: pathlib.Path) -> subproc
     proc = support.cli("apply", "-f", str(offline_fleet), server_url=serve.url)
     assert proc.returncode == 0, proc.stderr
     return proc
+
+
+@pytest.fixture
+def clock() -> support.FakeClock:
+    return support.FakeClock()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> str:
+    """Where a test's store lives: an SQLite file, or a fresh database on the session's server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.db")
+    return request.getfixturevalue("postgres").create_database()
+
+
+@pytest.fixture
+def reopen(location: str) -> Iterator[Callable[..., Store]]:
+    """Opens (again) the store at this test's location; closes all it opened at the end."""
+    opened: list[Store] = []
+
+    def make(clock: Callable[[], float] = time.time) -> Store:
+        opened.append(open_store(location, clock=clock))
+        return opened[-1]
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(reopen: Callable[..., Store], clock: support.FakeClock) -> Store:
+    return reopen(clock)

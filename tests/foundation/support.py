@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from orchestrator import server, server_config
+from orchestrator.store.sqlite import Event, ObjectWrite
 from orchestrator.testing import harness
 from orchestrator.ports import free_port
 from orchestrator.testing.manifests import API_VERSION, doc  # noqa: F401 (the foundation tests' manifest text)
@@ -295,3 +296,33 @@ def desired_state(store: Any) -> list[tuple[Any, ...]]:
 def user_events(store: Any) -> list[Any]:
     """The event log without the reconciler's own entries, which may land at any time."""
     return [e for e in store.events(limit=100_000) if e.actor != "reconciler"]
+
+
+# --- the state store's tests (both backends; their fixtures are conftest.py's) -------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stored_bytes(location: str) -> bytes:
+    """Everything the backend keeps on disk or in its tables, as bytes."""
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+            return b"".join(str(conn.execute(f"SELECT * FROM {t}").fetchall()).encode() for t in tables)
+    folder = pathlib.Path(location).parent
+    return b"".join(p.read_bytes() for p in folder.iterdir() if p.name.startswith(pathlib.Path(location).name))
+
+
+def write(name: str, spec: dict, labels: dict | None = None, expected: int | None = None, kind: str = "Site") -> ObjectWrite:
+    return ObjectWrite(kind, name, labels or {}, spec, expected)
+
+
+WHO = Event("alice", "apply", "", "", "rollout ticket 42")
