@@ -1,5 +1,6 @@
 """Fixtures for the agent tests: real gRPC on loopback, a real HTTP artifact server with
-Range support, real ONNX models built on the spot, and an awaitable log of hub events."""
+Range support, real ONNX models built on the spot, an awaitable log of hub events, and a
+leader and a follower replica for the relay tests (their helpers are ``relaying``'s)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from edge_agent import daemon, httplistener, httpmessages, registry
-from orchestrator.agents import auth, hub, model, service
+from orchestrator.agents import auth, hub, model, relay, relay_leader, service
 from orchestrator.testing import onnx_models
 
 if TYPE_CHECKING:
@@ -264,3 +265,42 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
     for agent in started:
         if not agent.server.draining:
             await agent.stop()
+
+
+# --- a replica that does not lead, relaying its agents to the leader -------------------------
+
+SECRET = "relay-secret-for-tests"
+
+
+@dataclass
+class Leader:
+    cp: ControlPlane
+    servicer: relay_leader.RelayServicer
+    secret: str | None = SECRET
+
+    def named(self, secret: str = SECRET) -> relay.Leader:
+        return relay.Leader("cp-leader", self.cp.target, secret, answers_claims=True)
+
+
+@pytest.fixture
+async def leader() -> AsyncIterator[Leader]:
+    events = EventLog()
+    agent_hub = hub.AgentHub(auth.InMemoryJoinAuthenticator([]), on_change=events, heartbeat_interval=0.2, missed_heartbeats=3)
+    holder: list[Leader] = []
+    servicer = relay_leader.RelayServicer(agent_hub, lambda: holder[0].secret)
+    server = await service.start_agent_server(agent_hub, "127.0.0.1", 0, more=(servicer.handler(),))
+    holder.append(Leader(ControlPlane(agent_hub, server, events), servicer))
+    yield holder[0]
+    await server.stop(grace=None)
+
+
+@pytest.fixture
+async def follower() -> AsyncIterator[tuple[ControlPlane, relay.RelayClient]]:
+    cp = await start_control_plane()
+    client = relay.RelayClient(cp.hub, "cp-follower", flush_s=0.05)
+    task = asyncio.create_task(client.run())
+    yield cp, client
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await cp.server.stop(grace=None)
