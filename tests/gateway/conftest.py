@@ -1,14 +1,18 @@
-"""One control plane and three edge agents (FR, DE, ES), shared by the gateway tests."""
+"""One control plane and three edge agents (FR, DE, ES), shared by the gateway tests, and a
+loopback server that never answers (``silent``) for the client's."""
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from orchestrator.testing import harness, manifests, onnx_models
+
+from .loopback import hanging
 
 AGENTS = {
     "edge-paris": dict(country="FR", region="fr", lat=48.8566, lon=2.3522),
@@ -45,3 +49,10 @@ async def fleet(model_file: tuple[pathlib.Path, onnx_models.BuiltModel]):
     async with harness.serving_fleet(root, fleet_yaml(built.sha256), AGENTS, ready=intent_and_fields_ready, timeout=120,
                                      what="3 intent endpoints and the fields endpoint") as f:
         yield f
+
+
+@pytest_asyncio.fixture
+async def silent() -> AsyncIterator[str]:
+    """Accepts connections, reads, never answers."""
+    async with hanging() as url:
+        yield url

@@ -1,0 +1,91 @@
+"""Loopback servers the client tests talk to, in place of replicas and gateways: one that
+doubles its input, one that answers one status, one that takes requests and never answers,
+a port that refuses connections, and an endpoint cache that names them (no control plane)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+
+from edge_agent import httplistener, httpmessages
+from edgeplane_proto import oip
+from orchestrator import client as client_mod
+
+
+async def v2_server(site: str) -> tuple[httplistener.HttpServer, str]:
+    """Answers every infer with the input doubled, in the encoding it came in."""
+
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        header = request.headers.get(oip.BINARY_HEADER.lower())
+        decoded = oip.decode_request(request.body, int(header) if header else None)
+        answer = oip.InferResponse("m", (oip.Tensor("output", decoded.inputs[0].array * 2),))
+        body, header_len = oip.encode_response(answer, binary=header is not None)
+        headers = [("x-edgeplane-site", site)]
+        if header_len is not None:
+            headers.append((oip.BINARY_HEADER, str(header_len)))
+        return httpmessages.Response(200, body, headers=tuple(headers))
+
+    server = httplistener.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def hanging(endpoint_list: bytes | None = None) -> AsyncIterator[str]:
+    """Takes every request and never answers it, but ``GET /v1/endpoints/...`` when it has
+    ``endpoint_list`` to answer: each connection is held until the caller leaves, and
+    closed when the server is."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if endpoint_list is not None and head.startswith(b"GET /v1/endpoints/"):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(endpoint_list), endpoint_list))
+                await writer.drain()
+            else:
+                while await reader.read(1 << 16):  # until the caller leaves
+                    pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+def cache_with(*endpoints: tuple[str, str]) -> client_mod.EndpointCache:
+    cache = client_mod.EndpointCache()
+    cache.store("m", {"ttlSeconds": 600, "endpoints": [
+        {"site": site, "url": url, "inferUrl": f"{url}/v2/models/m/infer"} for site, url in endpoints]})
+    return cache
+
+
+async def answering(status: int, body: dict[str, object]) -> tuple[httplistener.HttpServer, str]:
+    """Answers every request with ``status`` and ``body`` (a gateway with no table, or a chat replica)."""
+
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(status, json.dumps(body).encode(), headers=(("x-edgeplane-site", f"status-{status}"),))
+
+    server = httplistener.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def refused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connections are refused

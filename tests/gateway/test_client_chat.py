@@ -1,0 +1,222 @@
+"""Chats through the Python client against real loopback servers: a chat moves to the next
+gateway or replica before its first token and keeps nothing of the failed attempt but its
+time, it is one answer, its replicas, gateway and endpoint lookup share one timeout, and the
+chat command ends a cut answer's line before its one-line error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from edge_agent import httplistener, httpmessages
+from orchestrator import client as client_mod
+
+from .loopback import answering, hanging, refused_url
+
+
+async def test_a_chat_moves_to_the_next_gateway_before_its_first_token() -> None:
+    failing, failing_url = await answering(502, {"error": {"message": "every replica tried failed"}})
+    answer = {"choices": [{"message": {"role": "assistant", "content": "from the second gateway"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    good, good_url = await answering(200, answer)
+    try:
+        async with client_mod.AsyncClient([refused_url(), failing_url, good_url], direct=False, timeout=5) as c:
+            chat = c.chat("m", [{"role": "user", "content": "hi"}], stream=False)
+            assert [t async for t in chat] == ["from the second gateway"]
+            assert chat.url == good_url and chat.attempts == 3
+    finally:
+        await failing.shutdown(1)
+        await good.shutdown(1)
+
+
+async def test_a_chat_replica_that_no_longer_serves_the_model_sends_the_chat_on() -> None:
+    """The same for generative models: the client's direct path and the gateway's OpenAI route."""
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+
+    from orchestrator.gateway import endpoints, openai_routes, proxy, routing, upstream
+
+    stale, stale_url = await answering(404, {"error": {"message": "model 'm' is not served here", "code": "model_not_found"}})
+    answer = {"choices": [{"message": {"role": "assistant", "content": "from edge-b"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    good, good_url = await answering(200, answer)
+    try:
+        cache = client_mod.EndpointCache()
+        cache.store("m", {"ttlSeconds": 600, "endpoints": [
+            {"site": site, "url": url, "api": "openai"} for site, url in (("edge-moved", stale_url), ("edge-b", good_url))]})
+        async with client_mod.AsyncClient("http://127.0.0.1:9", cache=cache, timeout=5) as c:
+            chat = c.chat("m", [{"role": "user", "content": "hi"}], stream=False)
+            assert [t async for t in chat] == ["from edge-b"] and chat.attempts == 2
+
+        table = endpoints.EndpointTable()
+        table.replace([routing.Endpoint("m", "m", "edge-moved", "edge", "FR", "fr", 48.85, 2.35, stale_url, api=routing.API_OPENAI),
+                       routing.Endpoint("m", "m", "edge-b", "edge", "DE", "de", 52.52, 13.40, good_url, api=routing.API_OPENAI)])
+        pool = upstream.UpstreamPool()
+        registry = CollectorRegistry()
+        gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry))
+        app = Starlette(routes=openai_routes.OpenAIGateway(gateway, registry=registry).routes())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                                   headers={"x-edgeplane-location": "48.85,2.35"})
+        await pool.close()
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "from edge-b", resp.text
+        assert stale_url not in table.ejected()
+    finally:
+        await stale.shutdown(1)
+        await good.shutdown(1)
+
+
+async def test_the_chat_command_ends_a_cut_answer_s_line_before_its_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A replica that dies mid-answer: what arrived stays on stdout, ended by a newline, and
+    the error is one line on stderr (no traceback)."""
+    from orchestrator.cli import main as cli
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        if not head.startswith(b"POST /openai/v1/chat/completions"):  # the endpoint list: none known, use the gateway
+            # this server closes every connection after one answer, so it says so; else the client
+            # may send its next request on the pooled connection just as the close arrives
+            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+                         b"connection: close\r\n\r\n{}")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                         b"connection: close\r\n\r\n")
+            for text in ("Hel", "lo"):
+                event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        writer.close()  # mid-answer: no [DONE], no last chunk
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        code = await asyncio.to_thread(cli.main, ["chat", "m", "hi", "--server", url])
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "Hello\n", (out, err)
+    assert err.startswith(f"error: the answer from {url} was cut after 5 characters: ") and len(err.strip().splitlines()) == 1, err
+
+
+async def test_a_chat_is_one_answer_n_other_than_1_is_refused_and_other_choices_are_not_read() -> None:
+    """A chat yields one text: ``n=2`` is refused before anything is sent (the engine would
+    generate an answer no one reads), and events of any choice but the first, which an
+    engine interleaves with it, are left out rather than spliced into its text."""
+    def chunk(index: int, text: str) -> bytes:
+        return b"data: " + json.dumps({"choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}).encode() + b"\n\n"
+
+    stream = b"".join(chunk(i, t) for i, t in ((0, "Paris"), (1, "Lyon"), (0, " is"), (1, " is"), (0, " big."), (1, " small."))) + b"data: [DONE]\n\n"
+    asked = []
+
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        asked.append(request.path)
+        return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
+
+    server = httplistener.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    messages = [{"role": "user", "content": "a city?"}]
+    try:
+        async with client_mod.AsyncClient(url, direct=False) as c:
+            for n in (2, 0, 1.0, True):
+                with pytest.raises(ValueError, match="one answer"):
+                    c.chat("m", messages, n=n)
+            assert asked == []
+            assert "".join([t async for t in c.chat("m", messages, n=1)]) == "Paris is big."
+        with client_mod.Client(url, direct=False) as sc:
+            with pytest.raises(ValueError, match="one answer"):
+                sc.chat("m", messages, n=3)
+    finally:
+        await server.shutdown(1)
+
+
+async def test_a_chat_s_replicas_and_gateway_share_one_timeout(silent: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two replicas and the gateway that take the chat and never answer: each attempt had
+    the whole timeout (``--timeout 1`` gave up after 3 s, asking "is 'edgeplane serve'
+    running?"); the attempts share it, and the call gives up at the timeout saying the
+    answer did not come. (The upper bounds leave a loaded machine room: what matters is
+    not three times the timeout.)"""
+    from orchestrator.cli import main as cli
+
+    replicas = [{"site": f"edge-{i}", "url": silent, "api": "openai"} for i in range(2)]
+    messages = [{"role": "user", "content": "hi"}]
+    async with hanging(json.dumps({"ttlSeconds": 600, "endpoints": replicas}).encode()) as url:
+        async with client_mod.AsyncClient(url, timeout=1) as c:
+            started = time.monotonic()
+            chat = c.chat("m", messages)
+            with pytest.raises(client_mod.TimedOut, match=r"no answer within the timeout \(1 s"):
+                [t async for t in chat]
+            assert 0.9 < time.monotonic() - started < 2.8
+        started = time.monotonic()
+        code = await asyncio.to_thread(cli.main, ["chat", "m", "hi", "--server", url, "--timeout", "1"])
+        took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 3 and took < 2.8, (code, took, err)
+    assert err.startswith("error: no answer within the timeout (1 s") and "edgeplane serve" not in err, err
+
+
+@pytest.mark.parametrize("make", [client_mod.Client, client_mod.AsyncClient])
+async def test_a_chat_s_endpoint_lookup_is_part_of_its_one_timeout(make: type[client_mod.Client] | type[client_mod.AsyncClient]) -> None:
+    """Three gateways that take the endpoint list's lookup and never answer it: each
+    lookup had the client's whole timeout, so a chat with ``timeout=1`` gave up after 3 s;
+    the lookup now has what is left of the chat's one timeout."""
+    async with hanging() as a, hanging() as b, hanging() as c:
+        def chat() -> None:
+            with client_mod.Client([a, b, c], timeout=1) as client:
+                list(client.chat("m", [{"role": "user", "content": "hi"}]))
+
+        started = time.monotonic()
+        with pytest.raises(client_mod.TimedOut, match=r"no answer within the timeout \(1 s"):
+            if make is client_mod.Client:
+                await asyncio.to_thread(chat)
+            else:
+                async with client_mod.AsyncClient([a, b, c], timeout=1) as client:
+                    [t async for t in client.chat("m", [{"role": "user", "content": "hi"}])]
+        assert time.monotonic() - started < 2.8  # not once per gateway
+
+
+async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_time() -> None:
+    """A replica that sent a finish and usage, then no text and no end: the answer the
+    gateway gives has its own (none here), and its time to first token counts from the
+    call, the failed attempt included, as the caller waited."""
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)
+        event = json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: %s\n\n" % event)
+        await writer.drain()
+        writer.close()
+
+    replica = await asyncio.start_server(cut, "127.0.0.1", 0)
+    replica_url = f"http://127.0.0.1:{replica.sockets[0].getsockname()[1]}"
+    stream = b'data: {"choices": [{"index": 0, "delta": {"content": "hello"}}]}\n\ndata: [DONE]\n\n'
+
+    async def handle(request: httpmessages.Request) -> httpmessages.Response:
+        if request.path.startswith("/v1/endpoints/"):
+            return httpmessages.Response(200, json.dumps({"ttlSeconds": 600, "endpoints": [
+                {"site": "edge-cut", "url": replica_url, "api": "openai"}]}).encode())
+        return httpmessages.Response(200, stream, headers=(("content-type", "text/event-stream"),))
+
+    gateway = httplistener.HttpServer(handle)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await gateway.start(sock)
+    try:
+        async with client_mod.AsyncClient(f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
+            chat = c.chat("m", [{"role": "user", "content": "hi"}])
+            assert [t async for t in chat] == ["hello"] and chat.attempts == 2
+        assert chat.finish_reason is None and chat.usage is None
+        assert chat.ttft_s is not None and chat.ttft_s >= 0.3
+    finally:
+        replica.close()
+        await gateway.shutdown(1)

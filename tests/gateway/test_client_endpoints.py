@@ -1,0 +1,124 @@
+"""What a Python client is made with and where it sends: it needs a URL, a proxy in the
+environment it cannot use is a ValueError naming it, a model name is one path segment of
+every URL, a versioned request goes to the replicas that hold that version, and clients of
+two residencies sharing a cache each get their own endpoint list."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import httpx
+import numpy as np
+import pytest
+
+from edgeplane_proto import oip
+from orchestrator import client as client_mod
+
+from .loopback import answering, v2_server
+
+
+@pytest.mark.parametrize("servers", [[], [""], "", [None]])
+def test_a_client_needs_a_url(servers: object) -> None:
+    with pytest.raises(ValueError, match="gateway"):
+        client_mod.Client(servers)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("make", [client_mod.Client, client_mod.AsyncClient])
+@pytest.mark.parametrize(("setting", "said"), [
+    ("socks5://ops:s3cret@127.0.0.1:1080", "a SOCKS proxy needs the socksio package (pip install socksio)"),
+    ("socks4://127.0.0.1:1080", "Unknown scheme for proxy URL"),
+    ("http://ops:s3cret@127.0.0.1:abc", "not a URL (Invalid port: 'abc')"),
+    ("http://[::1", "not a URL (Invalid port"),
+])
+def test_a_proxy_in_the_environment_that_cannot_be_used_is_a_value_error_naming_it(
+        make: type[client_mod.Client] | type[client_mod.AsyncClient], setting: str, said: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``ssh -D`` tunnel in ALL_PROXY: httpx mounts the proxies of the environment as the
+    client is made, and what it cannot use is a setting that cannot work, said before
+    anything is sent (and its password is not)."""
+    for name in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ALL_PROXY", setting)
+    with pytest.raises(ValueError) as raised:
+        make("http://127.0.0.1:8088")
+    message = str(raised.value)
+    assert message.startswith(f"ALL_PROXY='{setting.replace('ops:s3cret', '***')}': {said}"), message
+    assert "s3cret" not in message, message
+
+
+def test_a_model_name_is_one_path_segment_of_every_url_the_client_builds() -> None:
+    """``a?x=1`` is that model, not model ``a`` with a query; ``..`` is not a step up."""
+    with client_mod.Client("http://127.0.0.1:9") as c:
+        for name, segment in (("a?x=1", "a%3Fx%3D1"), ("../sites/x", "..%2Fsites%2Fx"), ("..", "%2E%2E"), ("intent", "intent")):
+            ((_, url, _, _),) = c._endpoints_requests(name, None)
+            assert url == f"http://127.0.0.1:9/v1/endpoints/{segment}", url
+            (attempt,) = c._attempts(name, [], {})
+            assert str(attempt.url) == f"http://127.0.0.1:9/v2/models/{segment}/infer", attempt.url
+
+
+async def test_a_versioned_request_goes_to_the_replicas_that_hold_that_version() -> None:
+    """During a rollout the table knows each edge replica's version: a request for one goes
+    to the replicas that report it, however far down the ranking (the three nearest hold
+    the old one here), then to replicas whose version is not known; no replica holding it
+    is a 404 from the gateway naming the versions there are, without a call."""
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+
+    from orchestrator.gateway import endpoints, proxy, routing, upstream
+
+    old_servers = [await answering(404, {"error": "no such version"}) for _ in range(3)]
+    new, new_url = await v2_server("edge-far")
+    table = endpoints.EndpointTable()
+    table.replace([*(routing.Endpoint("m", "m", f"edge-{i}", "edge", "FR", "fr", 48.85, 2.35 + i / 100, url, version="aaaaaaaaaaaa")
+                     for i, (_, url) in enumerate(old_servers)),
+                   routing.Endpoint("m", "m", "edge-far", "edge", "DE", "de", 52.52, 13.40, new_url, version="bbbbbbbbbbbb")])
+    pool = upstream.UpstreamPool()
+    gateway = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(CollectorRegistry()))
+    body = oip.encode_request({"input": np.ones((1, 4), dtype=np.float32)})[0]
+    try:
+        transport = httpx.ASGITransport(app=Starlette(routes=gateway.routes()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            resp = await http.post("/v2/models/m/versions/bbbbbbbbbbbb/infer", content=body, headers={"x-edgeplane-location": "48.85,2.35"})
+            assert resp.status_code == 200 and resp.headers["x-edgeplane-site"] == "edge-far", resp.text
+            resp = await http.post("/v2/models/m/versions/cccccccccccc/infer", content=body, headers={"x-edgeplane-location": "48.85,2.35"})
+            assert resp.status_code == 404, resp.text
+            assert resp.json()["error"] == "model 'm' has no version 'cccccccccccc' (versions served: aaaaaaaaaaaa, bbbbbbbbbbbb)"
+    finally:
+        await pool.close()
+        for server, _ in old_servers:
+            await server.shutdown(1)
+        await new.shutdown(1)
+
+
+async def test_clients_of_two_residencies_sharing_a_cache_each_get_their_own_endpoint_list() -> None:
+    """The list is the caller's: a client with no residency is sent to the German replica, and
+    one of an FR residency that shares its cache must not take that list for its own."""
+    (de, de_url), (fr, fr_url) = await v2_server("edge-de"), await v2_server("edge-fr")
+
+    def listing(url: str, site: str) -> bytes:
+        return json.dumps({"ttlSeconds": 600, "endpoints": [{"site": site, "url": url, "inferUrl": f"{url}/v2/models/m/infer"}]}).encode()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = listing(fr_url, "edge-fr") if b"residency=FR" in head.split(b"\r\n")[0] else listing(de_url, "edge-de")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(gateway, "127.0.0.1", 0)
+    gateway_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    shared = client_mod.EndpointCache()
+    x = np.ones((1, 2), dtype=np.float32)
+    try:
+        async with client_mod.AsyncClient(gateway_url, cache=shared) as anyone, \
+                client_mod.AsyncClient(gateway_url, cache=shared, residency="FR") as french:
+            assert (await anyone.infer("m", {"input": x})).site == "edge-de"
+            assert (await french.infer("m", {"input": x})).site == "edge-fr"
+            assert (await anyone.infer("m", {"input": x})).site == "edge-de"
+    finally:
+        server.close()
+        await de.shutdown(1)
+        await fr.shutdown(1)
