@@ -1,6 +1,7 @@
 """Fixtures for the agent tests: real gRPC on loopback, a real HTTP artifact server with
 Range support, real ONNX models built on the spot, an awaitable log of hub events, and a
-leader and a follower replica for the relay tests (their helpers are ``relaying``'s)."""
+leader and a follower replica for the relay tests (their helpers are ``relaying``'s), and a
+hub on an injected clock for the hub tests (what they hand it is ``hub_support``'s)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import pytest
 from edge_agent import daemon, httplistener, httpmessages, registry
 from orchestrator.agents import auth, hub, model, relay, relay_leader, service
 from orchestrator.testing import onnx_models
+
+from . import hub_support
 
 if TYPE_CHECKING:
     from tests.agent import genai_serving
@@ -304,3 +307,26 @@ async def follower() -> AsyncIterator[tuple[ControlPlane, relay.RelayClient]]:
     with pytest.raises(asyncio.CancelledError):
         await task
     await cp.server.stop(grace=None)
+
+
+# --- a hub on an injected clock, no network (the hub tests) ---------------------------------
+
+
+@pytest.fixture
+def clock() -> hub_support.FakeClock:
+    return hub_support.FakeClock()
+
+
+@pytest.fixture
+def events() -> list[model.AgentEvent]:
+    return []
+
+
+@pytest.fixture
+def agent_hub(clock: hub_support.FakeClock, events: list[model.AgentEvent]) -> hub.AgentHub:
+    return hub.AgentHub(
+        auth.InMemoryJoinAuthenticator([hub_support.TOKEN]),
+        on_change=events.append,
+        clock=clock,
+        missed_heartbeats=3,
+    )

@@ -1,0 +1,66 @@
+"""The hub's assignment channels: the latest set wins and an older version is refused, and a
+site whose agent is forgotten leaves nothing behind and starts afresh if it returns. No
+network."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from orchestrator.agents import errors, model
+
+from .hub_support import application
+
+
+async def test_assignments_latest_wins_and_stale_versions_refused(agent_hub) -> None:
+    grant = agent_hub.join(application())
+    a = model.Assignment("m", "d", "v", "http://x/m.onnx", "a" * 64)
+    agent_hub.set_assignments("edge-1", [a], 1)
+    agent_hub.set_assignments("edge-1", [a, a], 2)
+    with pytest.raises(errors.StaleAssignments):
+        agent_hub.set_assignments("edge-1", [], 1)
+    stream = agent_hub.watch_assignments("edge-1", grant.agent_id)
+    first = await anext(stream)
+    assert first.version == 2 and len(first.assignments) == 2
+    agent_hub.set_assignments("edge-1", [], 3)
+    agent_hub.set_assignments("edge-1", [a], 4)
+    assert (await asyncio.wait_for(anext(stream), 1)).version == 4
+    # A watch opened again gets the current set first, then each newer one.
+    again = agent_hub.watch_assignments("edge-1", grant.agent_id)
+    assert (await asyncio.wait_for(anext(again), 1)).version == 4
+    agent_hub.set_assignments("edge-1", [], 5)
+    assert (await asyncio.wait_for(anext(again), 1)).version == 5
+
+
+async def test_a_site_whose_agent_is_forgotten_leaves_nothing_and_starts_afresh_if_it_returns(agent_hub, clock) -> None:
+    """Nodes come and go for months (the agent DaemonSet names a site per node): a site whose
+    lost agent is forgotten, after its last (empty) set, leaves nothing in the hub; its watch
+    stream ends. Back under the same name, it is given a set again, as to a new site."""
+    a = model.Assignment("m", "d", "v", "http://x/m.onnx", "a" * 64)
+    for i in range(3):
+        site = f"edge-lyon-node-{i}"
+        agent_hub.join(application(site))
+        agent_hub.set_assignments(site, [a], 2 * i + 1)
+        clock.now += 10.0  # the node is gone: its agent misses its heartbeats
+        agent_hub.sweep()
+        agent_hub.set_assignments(site, [], 2 * i + 2)
+        agent_hub.forget_if_lost(site)  # its Site is no longer stored
+        assert agent_hub.status(site) is None and agent_hub.assignments(site) is None
+    assert agent_hub.sites() == []
+
+    grant = agent_hub.join(application("edge-lyon-node-0"))
+    watch = agent_hub.watch_assignments("edge-lyon-node-0", grant.agent_id)
+    agent_hub.set_assignments("edge-lyon-node-0", [a], 7)  # the reconciler reads no set for it: it sends one
+    assert (await asyncio.wait_for(anext(watch), 1)).version == 7
+    # forgotten while watched, and back with its credential before the stream woke: it watches the new set
+    following = asyncio.ensure_future(anext(watch))
+    agent_hub.forget("edge-lyon-node-0")
+    agent_hub.join(application("edge-lyon-node-0", credential=grant.credential, agent_id=grant.agent_id))
+    agent_hub.set_assignments("edge-lyon-node-0", [], 8)
+    assert (await asyncio.wait_for(following, 1)).version == 8
+    # forgotten for good: the stream ends
+    agent_hub.forget("edge-lyon-node-0")
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(watch), 1)
+    assert agent_hub.assignments("edge-lyon-node-0") is None
