@@ -503,4 +503,4 @@ def test_a_distill_body_past_its_limit_is_a_413(control_plane: support.ServerThr
 
 def test_good_distill_options_reach_the_deployment_check(control_plane: support.ServerThread) -> None:
     resp = httpx.post(f"{control_plane.url}/v1/distill/nowhere", json={"zone": "eu", "epochs": 3, "minGain": 0}, timeout=30)
-    assert resp.status_code == 409 and resp.json()["error"] == "ModelDeployment 'nowhere' does not exist"
+    assert resp.status_code == 404 and resp.json()["error"] == "ModelDeployment 'nowhere' does not exist"
