@@ -110,9 +110,10 @@ def array_from_json(spec: Mapping[str, Any], where: str) -> np.ndarray:
         if not all(isinstance(v, bytes) for v in flat):
             raise ProtocolError(f"{where}: BYTES data must be strings")
         return _array_from_list(flat, datatype, shape, where)
-    array = _numbers_to_array(spec["data"], numpy_dtype(datatype), datatype, shape, where)
+    named = f"{where} {spec.get('name')!r}"
+    array = _numbers_to_array(spec["data"], numpy_dtype(datatype), datatype, shape, named)
     if datatype != "BOOL" and not isinstance(spec["data"], np.ndarray) and _may_hold_bool(array) and _holds_bool(spec["data"]):
-        raise ProtocolError(f"{where} {spec.get('name')!r}: {datatype} data must be numbers, not JSON booleans (true/false); "
+        raise ProtocolError(f"{named}: {datatype} data must be numbers, not JSON booleans (true/false); "
                             "send them as 1 and 0, or give the tensor datatype BOOL")
     return array
 
@@ -151,17 +152,46 @@ def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tup
         raise ProtocolError(f"{where}: {datatype} data must be a list of numbers nested evenly: {exc}") from exc
     if values.dtype.kind not in "biuf":
         raise ProtocolError(f"{where}: {datatype} data must be numbers, got {_kind_name(values)}")
-    if values.dtype.kind == "f" and dtype.kind == "u":
-        values = _exact_unsigned(data, values, where)
+    if values.dtype.kind == "f" and dtype.kind in "iu":
+        values = _whole_numbers(data, values, datatype, where)
     count = math.prod(shape)
     if values.size != count:
         raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, data has {values.size}")
     if dtype.kind in "iu" and values.dtype.kind in "iu" and values.size and values.dtype != dtype:
-        info = np.iinfo(dtype)
-        low, high = values.min(), values.max()
-        if low < info.min or high > info.max:
-            raise ProtocolError(f"{where}: data does not fit {datatype}: values span {low}..{high}")
+        _check_range(int(values.min()), int(values.max()), dtype, datatype, where)
     return values.astype(dtype, copy=False).reshape(shape)
+
+
+def _whole_numbers(data: Any, values: np.ndarray, datatype: str, where: str) -> np.ndarray:
+    """The data of an integer tensor that numpy read as floats (a value written
+    with a fraction or an exponent, or integers on both sides of 2**63) as integers.
+
+    JSON does not tell 2 from 2.0, and the protocol lets a server coerce a value to the
+    tensor's datatype: a whole number is taken as the integer it is. A cast would also turn
+    1.5 into 1, 300.7 into 44 (UINT8) and 1e12 into -2**31 (INT32), other numbers than the
+    sender's, so a value with a fraction (or NaN) is refused, and the range is checked
+    after as for integers."""
+    if exact_in_float64(values):
+        whole = values == np.trunc(values)  # NaN is not
+        if not whole.all():
+            odd = values.reshape(-1)[np.argmin(whole.reshape(-1))]
+            raise ProtocolError(f"{where}: {datatype} data must be whole numbers, got {float(odd)!r}")
+        return values.astype(np.int64)
+    # Past 2**53 the float64s may have rounded an integer written beside them: each value
+    # as JSON gave it (Python compares ints and floats exactly).
+    given = np.asarray(data, dtype=object).reshape(-1).tolist()
+    odd = next((v for v in given if isinstance(v, float) and not v.is_integer()), None)  # infinities too
+    if odd is not None:
+        raise ProtocolError(f"{where}: {datatype} data must be whole numbers, got {odd!r}")
+    low, high = min(given), max(given)
+    _check_range(low, high, numpy_dtype(datatype), datatype, where)
+    return np.array([int(v) for v in given], dtype=np.uint64 if low >= 0 else np.int64).reshape(values.shape)
+
+
+def _check_range(low: float, high: float, dtype: np.dtype[Any], datatype: str, where: str) -> None:
+    info = np.iinfo(dtype)
+    if low < info.min or high > info.max:
+        raise ProtocolError(f"{where}: data does not fit {datatype}: values span {low}..{high}")
 
 
 #: Integers past this may round on the way through float64 (the general path casts them
@@ -188,17 +218,6 @@ def _flat_floats(data: list[Any]) -> np.ndarray | None:
 def exact_in_float64(values: np.ndarray) -> bool:
     """Whether every value is below 2**53 in size (NaN compares false: it passes)."""
     return not (np.abs(values) >= _EXACT_IN_FLOAT64).any()
-
-
-def _exact_unsigned(data: Any, values: np.ndarray, where: str) -> np.ndarray:
-    """Integers on both sides of 2**63 promote to float64, which rounds those past 2**53:
-    read them as uint64 instead (negatives are then refused as not fitting)."""
-    if not all(isinstance(v, int) for v in np.asarray(data, dtype=object).reshape(-1)):
-        return values
-    try:
-        return np.asarray(data, dtype=np.uint64)
-    except OverflowError as exc:
-        raise ProtocolError(f"{where}: data does not fit UINT64: {exc}") from exc
 
 
 def _check_depth(data: list[Any]) -> None:

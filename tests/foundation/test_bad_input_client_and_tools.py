@@ -202,6 +202,10 @@ def test_a_replica_that_answers_something_else_than_v2_is_skipped(canned: Canned
     (b"<html>Welcome to nginx</html>", "text/html"),
     (b'{"outputs": [{"name": "output", "datatype": "FP32", "shape": [3], "data": [1]}]}', "application/json"),
     (b'{"status": "ok"}', "application/json"),
+    # integer outputs whose numbers a cast would change (1.5 -> 1, 300.7 -> 44, 1e12 -> -2**31)
+    (b'{"outputs": [{"name": "output", "datatype": "INT64", "shape": [2], "data": [1.5, 2.7]}]}', "application/json"),
+    (b'{"outputs": [{"name": "output", "datatype": "UINT8", "shape": [2], "data": [-1.5, 300.7]}]}', "application/json"),
+    (b'{"outputs": [{"name": "output", "datatype": "INT32", "shape": [2], "data": [1e12, 0.0]}]}', "application/json"),
 ])
 async def test_a_gateway_that_answers_something_else_than_v2_is_a_bad_answer(canned: Canned, answer: bytes, content_type: str) -> None:
     canned.on("GET", "/v1/endpoints/", 404, {"error": "no"}).on("POST", "/v2/models/m/infer", 200, answer, **{"content-type": content_type})

@@ -6,6 +6,7 @@ spells one NaN), so a codec that rounds floats through a shorter form fails here
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -176,6 +177,28 @@ def test_flat_json_numbers_decode_as_numpy_casts_them(datatype: str, values: lis
         expected = np.asarray(values).astype(oip_tensors.DATATYPES[datatype])
         got = oip.decode_request(body).inputs[0].array
     assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()
+
+
+INTEGER = [d for d in NUMERIC if oip_tensors.DATATYPES[d].kind in "iu"]
+
+
+@pytest.mark.parametrize("datatype", INTEGER)
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.one_of(st.floats(), st.integers(-(2**64), 2**64), st.sampled_from([2.0, -0.0, 1e3, 2.0**63])),
+                       min_size=1, max_size=12))
+def test_integer_json_data_decodes_as_the_numbers_given_or_is_refused(datatype: str, values: list) -> None:
+    # JSON does not tell 2 from 2.0: a whole number is the integer it is, wherever it stands;
+    # a fraction, NaN, an infinity or a value past the datatype is refused, never cast to
+    # another number (1.5 -> 1, 300.7 -> 44 as UINT8, 1e12 -> -2**31 as INT32).
+    info = np.iinfo(oip_tensors.DATATYPES[datatype])
+    body = json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [len(values)], "data": values}]}).encode()
+    fits = all((isinstance(v, int) or v.is_integer()) and info.min <= v <= info.max for v in values)
+    if not fits:
+        with pytest.raises(oip.ProtocolError, match=r"inputs\[0\] 'x': "):
+            oip.decode_request(body)
+        return
+    got = oip.decode_request(body).inputs[0].array
+    assert got.dtype == oip_tensors.DATATYPES[datatype] and got.tolist() == values
 
 
 @pytest.mark.parametrize("bad", ["1.5", None, [1.0], {"v": 1}])
