@@ -306,9 +306,7 @@ def _tensor_json(t: Tensor) -> dict[str, Any]:
     arr = t.array
     datatype = oip_tensors.datatype_of(arr)
     if datatype == "BYTES":
-        data: list[Any] = [
-            v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)
-        ]
+        data: list[Any] = _texts(t.name, arr)
     elif arr.dtype == np.float64:
         # orjson's native numpy writer (3.12, 3.13) overruns its buffer on a few hundred float64
         # values spelt at their longest (24 characters, e.g. -1.1737277190147808e+247) and
@@ -317,6 +315,23 @@ def _tensor_json(t: Tensor) -> dict[str, Any]:
     else:
         data = np.ascontiguousarray(arr.reshape(-1))  # orjson writes it natively
     return {"name": t.name, "shape": list(arr.shape), "datatype": datatype, "data": data}
+
+
+def _texts(name: str, arr: np.ndarray) -> list[str]:
+    """A BYTES tensor's elements as JSON strings. JSON carries text only: bytes that are not
+    UTF-8 (an image, a protobuf) are refused rather than sent with U+FFFD in place of what
+    they held; the binary extension carries any bytes."""
+    texts = []
+    for index, value in enumerate(arr.reshape(-1)):
+        if not isinstance(value, bytes):
+            texts.append(str(value))
+            continue
+        try:
+            texts.append(value.decode())
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"tensor {name!r}: BYTES element {index} is not UTF-8 text ({exc.reason} at byte {exc.start}), "
+                                "which JSON cannot carry: send it as a binary tensor (binary=True)") from None
+    return texts
 
 
 def _finite(tensors: Sequence[Tensor]) -> bool:

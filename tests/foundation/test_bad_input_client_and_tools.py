@@ -147,6 +147,15 @@ def test_tensors_the_protocol_cannot_carry_are_refused_naming_the_input(inputs: 
         c.infer("m", inputs)
 
 
+def test_bytes_json_cannot_carry_are_refused_before_sending_unless_binary() -> None:
+    jpeg = np.array([b"\xff\xd8\xff\xe0\x00\x10JFIF"], dtype=object)
+    with client_mod.Client(closed_url(), binary=False, timeout=2) as c, pytest.raises(
+            ValueError, match=r"tensor 'image': BYTES element 0 is not UTF-8 .* binary tensor \(binary=True\)"):
+        c.infer("m", {"image": jpeg})  # refused here: sent, it would be Unreachable
+    with client_mod.Client(closed_url(), binary=True, timeout=2) as c, pytest.raises(client_mod.Unreachable):
+        c.infer("m", {"image": jpeg})
+
+
 @pytest.mark.parametrize("model, error", [("", ValueError), (None, TypeError), (7, TypeError)])
 def test_a_model_name_must_be_a_non_empty_string(model: Any, error: type) -> None:
     with client_mod.Client(closed_url(), timeout=2) as c:

@@ -179,6 +179,34 @@ def test_flat_json_numbers_decode_as_numpy_casts_them(datatype: str, values: lis
     assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()
 
 
+def _utf8(item: bytes) -> bool:
+    try:
+        item.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=st.lists(st.binary(max_size=8) | st.text(max_size=4).map(str.encode), min_size=1, max_size=6))
+def test_bytes_arrive_exactly_or_are_refused_before_they_leave(binary: bool, items: list[bytes]) -> None:
+    # JSON carries text: bytes that are not UTF-8 (an image) are refused, never sent with
+    # U+FFFD in their place; the binary extension carries any bytes.
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    if not binary and not all(map(_utf8, items)):
+        first = next(i for i, item in enumerate(items) if not _utf8(item))
+        for encode in (lambda: oip.encode_request({"x": arr}), lambda: oip.encode_response(oip.InferResponse("m", (oip.Tensor("x", arr),)))):
+            with pytest.raises(oip.ProtocolError, match=rf"tensor 'x': BYTES element {first} is not UTF-8 .* binary tensor \(binary=True\)"):
+                encode()
+        return
+    request = oip.decode_request(*oip.encode_request({"x": arr}, binary=binary))
+    assert request.inputs[0].array.tolist() == items
+    answer = oip.decode_response(*oip.encode_response(oip.InferResponse("m", request.inputs), binary=binary))
+    assert answer.outputs[0].array.tolist() == items
+
+
 INTEGER = [d for d in NUMERIC if oip_tensors.DATATYPES[d].kind in "iu"]
 
 

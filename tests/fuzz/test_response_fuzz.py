@@ -23,10 +23,11 @@ RULES = [rules.TensorRule("p", logits=False, measure="top", below=0.8), rules.Te
 
 
 @st.composite
-def arrays(draw: st.DrawFn) -> np.ndarray:
+def arrays(draw: st.DrawFn, binary: bool) -> np.ndarray:
     shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
     if draw(st.integers(0, 5)) == 0:
-        return np.array(draw(st.lists(st.binary(max_size=6), min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
+        items = st.binary(max_size=6) if binary else st.text(max_size=6).map(str.encode)  # JSON carries text only
+        return np.array(draw(st.lists(items, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
                         dtype=object).reshape(shape)
     dtype = np.dtype(draw(st.sampled_from(DTYPES)))
     raw = draw(st.binary(min_size=int(np.prod(shape)) * dtype.itemsize, max_size=int(np.prod(shape)) * dtype.itemsize))
@@ -41,8 +42,9 @@ def bodies(draw: st.DrawFn) -> tuple[bytes, int | None]:
         return draw(st.binary(max_size=200)), draw(st.none() | st.integers(-2, 210))
     if kind == 1:
         return json.dumps(draw(json_values)).encode(), None
-    outputs = tuple(oip.Tensor(draw(st.sampled_from(["p", "q", ""])), draw(arrays())) for _ in range(draw(st.integers(0, 3))))
-    body, length = oip.encode_response(oip.InferResponse("m", outputs), binary=draw(st.booleans()))
+    binary = draw(st.booleans())
+    outputs = tuple(oip.Tensor(draw(st.sampled_from(["p", "q", ""])), draw(arrays(binary))) for _ in range(draw(st.integers(0, 3))))
+    body, length = oip.encode_response(oip.InferResponse("m", outputs), binary=binary)
     if kind == 2:
         return body, length
     # one field of one output changed to anything (or the header length changed)
