@@ -303,7 +303,7 @@ def _request_head(doc: Any) -> _RequestHead:
 
 
 def _tensor_json(t: Tensor) -> dict[str, Any]:
-    arr = t.array
+    arr = oip_tensors.native(t.array)
     datatype = oip_tensors.datatype_of(arr)
     if datatype == "BYTES":
         data: list[Any] = _texts(t.name, arr)

@@ -52,6 +52,10 @@ def datatype_of(array: np.ndarray) -> str:
     name = _DTYPE_TO_NAME.get(array.dtype)
     if name is not None:
         return name
+    if not array.dtype.isnative:  # big-endian (FITS, HDF5, the network's order): same values, same datatype
+        name = _DTYPE_TO_NAME.get(array.dtype.newbyteorder("="))
+        if name is not None:
+            return name
     if array.dtype.kind in "OSU":
         return "BYTES"
     raise ProtocolError(f"numpy dtype {array.dtype} has no v2 datatype")
@@ -288,7 +292,15 @@ def tensor_bytes(arr: np.ndarray, datatype: str) -> bytes:
             b = v if isinstance(v, bytes) else str(v).encode()
             parts.append(len(b).to_bytes(4, "little") + b)
         return b"".join(parts)
-    return np.ascontiguousarray(arr).tobytes()
+    return np.ascontiguousarray(native(arr)).tobytes()
+
+
+def native(arr: np.ndarray) -> np.ndarray:
+    """``arr`` in the machine's byte order: binary tensors are written and read in it (the
+    wire's little-endian on the hosts edgeplane runs on), and orjson writes only such numpy
+    arrays. One in the other order (read from FITS or HDF5, ``np.frombuffer(raw, ">f4")``)
+    is converted, a copy; any other is ``arr`` itself."""
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
 # -- the gRPC form (inference.GRPCInferenceService) -----------------------------------

@@ -81,6 +81,22 @@ def test_tensor_round_trips_exactly(datatype: str, binary: bool, data: st.DataOb
     _same(second, decoded.outputs[1].array)
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("datatype", [d for d in NUMERIC if oip_tensors.DATATYPES[d].itemsize > 1])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_big_endian_array_travels_as_its_datatype_with_its_values(datatype: str, binary: bool, data: st.DataObject) -> None:
+    # Arrays read from FITS, HDF5 or the network are big-endian: the same values, the same
+    # datatype, little-endian on the wire.
+    x = data.draw(tensors(datatype), label="x")
+    big = x.astype(x.dtype.newbyteorder(">"))
+    assert oip_tensors.datatype_of(big) == datatype
+    request = oip.decode_request(*oip.encode_request({"x": big}, binary=binary))
+    _same(x, request.inputs[0].array)
+    answer = oip.decode_response(*oip.encode_response(oip.InferResponse("m", (oip.Tensor("x", big),)), binary=binary))
+    _same(x, answer.outputs[0].array)
+
+
 def test_json_nonfinite_values_use_the_literals_v2_clients_read() -> None:
     arr = np.array([np.nan, np.inf, -np.inf, 1.5], dtype=np.float32)
     body, _ = oip.encode_request({"x": arr})

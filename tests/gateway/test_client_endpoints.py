@@ -1,7 +1,8 @@
 """What a Python client is made with and where it sends: it needs a URL, a proxy in the
 environment it cannot use is a ValueError naming it, a model name is one path segment of
 every URL, a versioned request goes to the replicas that hold that version, and clients of
-two residencies sharing a cache each get their own endpoint list."""
+two residencies sharing a cache each get their own endpoint list, and an array in either
+byte order is sent as its datatype."""
 
 from __future__ import annotations
 
@@ -122,3 +123,15 @@ async def test_clients_of_two_residencies_sharing_a_cache_each_get_their_own_end
         server.close()
         await de.shutdown(1)
         await fr.shutdown(1)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+async def test_a_big_endian_array_is_sent_as_its_datatype_with_its_values(binary: bool) -> None:
+    x = np.arange(-3, 3).astype(">f4")  # as np.frombuffer(raw, ">f4") reads network data
+    server, url = await v2_server("edge")  # answers the input doubled
+    try:
+        async with client_mod.AsyncClient(url, direct=False, binary=binary, timeout=5) as c:
+            result = await c.infer("m", {"input": x})
+    finally:
+        await server.shutdown(1)
+    assert result["output"].dtype == np.float32 and result["output"].tolist() == (x * 2).tolist()
