@@ -156,18 +156,18 @@ def _numbers_to_array(data: Any, dtype: np.dtype[Any], datatype: str, shape: tup
         raise ProtocolError(f"{where}: {datatype} data must be a list of numbers nested evenly: {exc}") from exc
     if values.dtype.kind not in "biuf":
         raise ProtocolError(f"{where}: {datatype} data must be numbers, got {_kind_name(values)}")
-    if values.dtype.kind == "f" and dtype.kind in "iu":
+    if values.dtype.kind == "f" and dtype.kind in "biu":
         values = _whole_numbers(data, values, datatype, where)
     count = math.prod(shape)
     if values.size != count:
         raise ProtocolError(f"{where}: shape {list(shape)} needs {count} elements, data has {values.size}")
-    if dtype.kind in "iu" and values.dtype.kind in "iu" and values.size and values.dtype != dtype:
+    if dtype.kind in "biu" and values.dtype.kind in "iu" and values.size and values.dtype != dtype:
         _check_range(int(values.min()), int(values.max()), dtype, datatype, where)
     return values.astype(dtype, copy=False).reshape(shape)
 
 
 def _whole_numbers(data: Any, values: np.ndarray, datatype: str, where: str) -> np.ndarray:
-    """The data of an integer tensor that numpy read as floats (a value written
+    """The data of an integer or BOOL tensor that numpy read as floats (a value written
     with a fraction or an exponent, or integers on both sides of 2**63) as integers.
 
     JSON does not tell 2 from 2.0, and the protocol lets a server coerce a value to the
@@ -175,27 +175,30 @@ def _whole_numbers(data: Any, values: np.ndarray, datatype: str, where: str) -> 
     1.5 into 1, 300.7 into 44 (UINT8) and 1e12 into -2**31 (INT32), other numbers than the
     sender's, so a value with a fraction (or NaN) is refused, and the range is checked
     after as for integers."""
+    expected = "true and false, or 1 and 0" if datatype == "BOOL" else "whole numbers"
     if exact_in_float64(values):
         whole = values == np.trunc(values)  # NaN is not
         if not whole.all():
             odd = values.reshape(-1)[np.argmin(whole.reshape(-1))]
-            raise ProtocolError(f"{where}: {datatype} data must be whole numbers, got {float(odd)!r}")
+            raise ProtocolError(f"{where}: {datatype} data must be {expected}, got {float(odd)!r}")
         return values.astype(np.int64)
     # Past 2**53 the float64s may have rounded an integer written beside them: each value
     # as JSON gave it (Python compares ints and floats exactly).
     given = np.asarray(data, dtype=object).reshape(-1).tolist()
     odd = next((v for v in given if isinstance(v, float) and not v.is_integer()), None)  # infinities too
     if odd is not None:
-        raise ProtocolError(f"{where}: {datatype} data must be whole numbers, got {odd!r}")
+        raise ProtocolError(f"{where}: {datatype} data must be {expected}, got {odd!r}")
     low, high = min(given), max(given)
     _check_range(low, high, numpy_dtype(datatype), datatype, where)
     return np.array([int(v) for v in given], dtype=np.uint64 if low >= 0 else np.int64).reshape(values.shape)
 
 
 def _check_range(low: float, high: float, dtype: np.dtype[Any], datatype: str, where: str) -> None:
-    info = np.iinfo(dtype)
-    if low < info.min or high > info.max:
-        raise ProtocolError(f"{where}: data does not fit {datatype}: values span {low}..{high}")
+    # A BOOL element is one byte, 1 or 0, in the binary form: a JSON number is one of those too.
+    least, most = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    if low < least or high > most:
+        hint = " (BOOL data are true and false, or 1 and 0)" if dtype.kind == "b" else ""
+        raise ProtocolError(f"{where}: data does not fit {datatype}: values span {low}..{high}{hint}")
 
 
 #: Integers past this may round on the way through float64 (the general path casts them

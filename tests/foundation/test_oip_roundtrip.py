@@ -223,20 +223,22 @@ def test_bytes_arrive_exactly_or_are_refused_before_they_leave(binary: bool, ite
     assert answer.outputs[0].array.tolist() == items
 
 
-INTEGER = [d for d in NUMERIC if oip_tensors.DATATYPES[d].kind in "iu"]
+#: The datatypes whose JSON numbers are integers, with the values each holds.
+WHOLE = {d: (0, 1) if d == "BOOL" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+         for d, dtype in oip_tensors.DATATYPES.items() if dtype.kind in "biu"}
 
 
-@pytest.mark.parametrize("datatype", INTEGER)
+@pytest.mark.parametrize("datatype", WHOLE)
 @settings(max_examples=60, deadline=None)
-@given(values=st.lists(st.one_of(st.floats(), st.integers(-(2**64), 2**64), st.sampled_from([2.0, -0.0, 1e3, 2.0**63])),
+@given(values=st.lists(st.one_of(st.floats(), st.integers(-(2**64), 2**64), st.sampled_from([0, 1, 1.0, 2.0, -0.0, 1e3, 2.0**63])),
                        min_size=1, max_size=12))
-def test_integer_json_data_decodes_as_the_numbers_given_or_is_refused(datatype: str, values: list) -> None:
+def test_integer_and_bool_json_data_decode_as_the_numbers_given_or_are_refused(datatype: str, values: list) -> None:
     # JSON does not tell 2 from 2.0: a whole number is the integer it is, wherever it stands;
-    # a fraction, NaN, an infinity or a value past the datatype is refused, never cast to
-    # another number (1.5 -> 1, 300.7 -> 44 as UINT8, 1e12 -> -2**31 as INT32).
-    info = np.iinfo(oip_tensors.DATATYPES[datatype])
+    # a fraction, NaN, an infinity or a value past the datatype (BOOL: 0 and 1) is refused,
+    # never cast to another number (1.5 -> 1, 300.7 -> 44 as UINT8, 2 -> true as BOOL).
+    least, most = WHOLE[datatype]
     body = json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [len(values)], "data": values}]}).encode()
-    fits = all((isinstance(v, int) or v.is_integer()) and info.min <= v <= info.max for v in values)
+    fits = all((isinstance(v, int) or v.is_integer()) and least <= v <= most for v in values)
     if not fits:
         with pytest.raises(oip.ProtocolError, match=r"inputs\[0\] 'x': "):
             oip.decode_request(body)
