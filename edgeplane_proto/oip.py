@@ -400,10 +400,15 @@ def decode_response(body: bytes, header_length: int | None = None) -> InferRespo
         raise ProtocolError("response body must be a JSON object with \"outputs\"")
     outputs = []
     offset = 0
+    seen: set[str] = set()
     for i, spec in enumerate(doc["outputs"]):
         where = f"outputs[{i}]"
         if not isinstance(spec, dict):
             raise ProtocolError(f"{where} must be an object")
+        name = str(spec.get("name"))
+        if name in seen:  # a model's outputs have one name each: which of the two would be its?
+            raise ProtocolError(f"{where}: output {name!r} given twice")
+        seen.add(name)
         size = _binary_size(spec, where)
         if size is not None:
             shape = oip_tensors.check_shape(spec.get("shape"), where)
@@ -413,7 +418,7 @@ def decode_response(body: bytes, header_length: int | None = None) -> InferRespo
             offset += size
         else:
             arr = oip_tensors.array_from_json(spec, where)
-        outputs.append(Tensor(str(spec.get("name")), arr))
+        outputs.append(Tensor(name, arr))
     return InferResponse(
         model_name=str(doc.get("model_name", "")),
         model_version=doc.get("model_version"),

@@ -216,6 +216,8 @@ def test_a_replica_that_answers_something_else_than_v2_is_skipped(canned: Canned
     (b'{"outputs": [{"name": "output", "datatype": "UINT8", "shape": [2], "data": [-1.5, 300.7]}]}', "application/json"),
     (b'{"outputs": [{"name": "output", "datatype": "INT32", "shape": [2], "data": [1e12, 0.0]}]}', "application/json"),
     (b'{"outputs": [{"name": "output", "datatype": "BOOL", "shape": [2], "data": [2, 0]}]}', "application/json"),
+    (b'{"outputs": [{"name": "output", "datatype": "FP32", "shape": [1], "data": [1]},'
+     b' {"name": "output", "datatype": "FP32", "shape": [1], "data": [2]}]}', "application/json"),  # which one is it?
 ])
 async def test_a_gateway_that_answers_something_else_than_v2_is_a_bad_answer(canned: Canned, answer: bytes, content_type: str) -> None:
     canned.on("GET", "/v1/endpoints/", 404, {"error": "no"}).on("POST", "/v2/models/m/infer", 200, answer, **{"content-type": content_type})

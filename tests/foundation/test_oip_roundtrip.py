@@ -154,6 +154,15 @@ def test_answers_with_binary_fields_of_the_wrong_type_are_refused_clearly(output
         oip.decode_response(head + tail, len(head))
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_an_answer_that_gives_one_output_twice_is_refused(binary: bool) -> None:
+    """Read into a mapping by name, as the client and the cascade read answers, one of the two
+    would be dropped without a word: a model's outputs have one name each."""
+    twice = (oip.Tensor("y", np.ones(2, np.float32)), oip.Tensor("z", np.zeros(1, np.int64)), oip.Tensor("y", np.zeros(2, np.float32)))
+    with pytest.raises(oip.ProtocolError, match=r"^outputs\[2\]: output 'y' given twice$"):
+        oip.decode_response(*oip.encode_response(oip.InferResponse("m", twice), binary=binary))
+
+
 @pytest.mark.parametrize("datatype", ["FP64", "BYTES"])
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_an_empty_tensor_whose_other_sides_no_array_can_hold_is_refused_clearly(datatype: str, binary: bool) -> None:
