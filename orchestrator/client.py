@@ -99,7 +99,7 @@ def _decode(resp: httpx.Response) -> Mapping[str, np.ndarray] | str:
 
 def _refusal(resp: httpx.Response) -> InferenceError:
     try:
-        message = resp.json().get("error", resp.text)
+        message = clientchat.read_json(resp.content).get("error", resp.text)
     except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
         message = resp.text or resp.reason_phrase
     return InferenceError(resp.status_code, str(message)[:500])
@@ -185,7 +185,7 @@ class _Base:
 
     def _endpoints_answer(self, model: str, resp: httpx.Response | None) -> list[dict[str, Any]]:
         try:
-            body = resp.json() if resp is not None and resp.status_code == 200 else None
+            body = clientchat.read_json(resp.content) if resp is not None and resp.status_code == 200 else None
         except ValueError:  # not JSON: no list from there (the gateway still decides)
             body = None
         if isinstance(body, Mapping):

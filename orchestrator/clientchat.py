@@ -59,6 +59,16 @@ class _Event:
     done: bool = False
 
 
+def read_json(data: bytes | str) -> Any:
+    """A JSON value from a server; ``ValueError`` for anything else, a value nested too deep
+    for the parser included (``json`` raises ``RecursionError`` for it, which no caller of
+    a client expects)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deep to read") from None
+
+
 def parse_event(line: str) -> _Event | None:
     """One SSE line of a chat stream; None for lines that carry nothing (comments, blanks)."""
     if not line.startswith("data:"):
@@ -67,7 +77,7 @@ def parse_event(line: str) -> _Event | None:
     if data == "[DONE]":
         return _Event(done=True)
     try:
-        obj = json.loads(data)
+        obj = read_json(data)
     except ValueError:
         return _Event(error=f"an event that is not JSON: {data[:100]!r}")
     if not isinstance(obj, dict):
@@ -104,7 +114,7 @@ def cut(chat: Chat, why: object) -> StreamCut:
 def read_refusal(resp: httpx.Response) -> InferenceError:
     code = None
     try:
-        err = resp.json().get("error", resp.text)
+        err = read_json(resp.content).get("error", resp.text)
         message = err.get("message", err) if isinstance(err, dict) else err
         code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
     except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
@@ -127,7 +137,7 @@ def check_ended(chat: Chat) -> None:
 def read_whole(chat: Chat, resp: httpx.Response) -> str:
     """The text of a whole (not streamed) answer; ``Retry`` when the body is not one."""
     try:
-        obj = resp.json()
+        obj = read_json(resp.content)
         choice = obj["choices"][0]
         text = choice["message"]["content"] or ""
         if not isinstance(text, str):

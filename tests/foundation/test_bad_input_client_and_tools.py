@@ -33,6 +33,7 @@ from . import support
 
 X = np.ones((1, 4), dtype=np.float32)
 HELLO = [{"role": "user", "content": "hello"}]
+DEEP = b"[" * 100_000  # JSON nested past the parser: Python's raises RecursionError, not ValueError
 
 
 # --- a loopback server that answers each path from a table ------------------------------------
@@ -184,6 +185,7 @@ def test_chat_messages_and_parameters_must_be_json() -> None:
     json.dumps(endpoint_list({"site": "edge-a", "url": "http://127.0.0.1:9"})).encode(),
     json.dumps(endpoint_list({"site": "edge-a", "url": "::not a url", "inferUrl": "::not a url"})).encode(),
     json.dumps({"endpoints": [], "ttlSeconds": "soon"}).encode(),
+    DEEP,
 ])
 def test_an_endpoint_list_that_cannot_be_read_sends_the_request_through_the_gateway(canned: Canned, endpoints: bytes) -> None:
     canned.on("GET", "/v1/endpoints/", 200, endpoints).on("POST", "/v2/models/m/infer", 200, v2_answer(), **{"x-edgeplane-site": "gw-site"})
@@ -234,6 +236,14 @@ def test_a_refusal_whose_body_is_not_an_object_is_an_inference_error(canned: Can
         c.infer("m", {"input": X})
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_refusal_nested_past_the_json_parser_is_an_inference_error(canned: Canned, chat: bool) -> None:
+    canned.on("GET", "/v1/endpoints/", 404, {"error": "no"})
+    canned.on("POST", "/openai/v1/chat/completions" if chat else "/v2/models/m/infer", 400, DEEP)
+    with client_mod.Client(canned.url, timeout=5) as c, pytest.raises(client_mod.InferenceError, match=r"HTTP 400: \[\[\["):
+        list(c.chat("m", HELLO)) if chat else c.infer("m", {"input": X})
+
+
 def test_a_gateway_that_never_answers_costs_the_timeout_then_is_unreachable() -> None:
     import socket
 
@@ -274,7 +284,8 @@ def test_a_stream_that_stops_before_its_done_after_text_is_a_cut(canned: Canned)
         replica.close()
 
 
-@pytest.mark.parametrize("stream", [b"data: {not json\n\n", b"data: [1, 2]\n\n", b"<html>oops</html>", sse(done=False)])
+@pytest.mark.parametrize("stream", [b"data: {not json\n\n", b"data: [1, 2]\n\n", b"data: " + DEEP + b"\n\n", b"<html>oops</html>",
+                                    sse(done=False)])
 def test_a_replica_whose_stream_is_broken_before_the_first_token_is_skipped(canned: Canned, stream: bytes) -> None:
     replica = Canned().on("POST", "/v1/chat/completions", 200, stream, **{"content-type": "text/event-stream"})
     try:
@@ -287,9 +298,10 @@ def test_a_replica_whose_stream_is_broken_before_the_first_token_is_skipped(cann
         replica.close()
 
 
+@pytest.mark.parametrize("answer", [{"id": "x"}, DEEP])
 @pytest.mark.parametrize("stream", [True, False])
-async def test_a_gateway_chat_answer_that_is_not_openai_is_an_edgeplane_error(canned: Canned, stream: bool) -> None:
-    canned.on("GET", "/v1/endpoints/", 404, {"error": "no"}).on("POST", "/openai/v1/chat/completions", 200, {"id": "x"})
+async def test_a_gateway_chat_answer_that_is_not_openai_is_an_edgeplane_error(canned: Canned, stream: bool, answer: Any) -> None:
+    canned.on("GET", "/v1/endpoints/", 404, {"error": "no"}).on("POST", "/openai/v1/chat/completions", 200, answer)
     with client_mod.Client(canned.url, timeout=5) as c, pytest.raises(client_mod.EdgeplaneError, match="the gateway's answer failed"):
         list(c.chat("m", HELLO, stream=stream))
     async with client_mod.AsyncClient(canned.url, timeout=5) as ac:
