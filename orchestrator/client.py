@@ -316,11 +316,17 @@ class _Base:
         self.cache.eject(attempt.endpoint)
 
     def _chat_line(self, chat: Chat, attempt: _Attempt, line: str) -> str | None:
-        """The text of one line; raises ``clientchat.Retry`` before the first token, ``StreamCut`` after."""
+        """The text of one line; raises ``clientchat.Retry`` before the first token, ``StreamCut``
+        after, and ``TimedOut`` when the chat's timeout has passed with no text yet: a
+        keep-alive comment or an empty ``role`` delta is no answer, though each restarts the
+        read timeout of the transport, so a stuck engine behind a server that sends them
+        would otherwise be waited on for ever."""
         event = clientchat.parse_event(line)
         if event is not None and event.done:
             chat._ended = True
-        if event is None or event.done:
+            return None
+        if event is None:
+            self._check_begun(chat)
             return None
         if event.error is not None:
             if not chat.text:
@@ -334,7 +340,12 @@ class _Base:
             chat.ttft_s = time.perf_counter() - chat._started
             chat.site = attempt.site or chat.site
         chat.text += event.text
+        self._check_begun(chat)
         return event.text or None
+
+    def _check_begun(self, chat: Chat) -> None:
+        if not chat.text and time.perf_counter() >= chat._deadline:
+            raise TimedOut(self._seconds, chat.attempts)
 
     def _outcome(self, model: str, attempt: _Attempt, number: int, resp: httpx.Response | None,
                  error: Exception | None) -> InferResult | None:

@@ -1,6 +1,6 @@
 """Loopback servers the client tests talk to, in place of replicas and gateways: one that
 doubles its input, one that answers one status, one that takes requests and never answers,
-a port that refuses connections, and an endpoint cache that names them (no control plane)."""
+one that streams one event over and over, a port that refuses connections, and an endpoint cache that names them (no control plane)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,43 @@ async def hanging(endpoint_list: bytes | None = None) -> AsyncIterator[str]:
         server.close()
         for writer in writers:
             writer.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def streaming(event: bytes, *, every_s: float = 0.05, most: int = 100) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """Answers each request with an event stream that sends ``event`` every ``every_s``
+    seconds, ``most`` times at most (then it stops, with no ``[DONE]``), until the caller
+    leaves; ``left`` is set once a caller has closed its connection."""
+    left = asyncio.Event()
+
+    async def until_closed(reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1 << 16):  # the request's body, then nothing until the caller leaves
+                pass
+        left.set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        gone = asyncio.ensure_future(until_closed(reader))
+        try:
+            for _ in range(most):
+                writer.write(event)
+                await writer.drain()
+                if (await asyncio.wait([gone], timeout=every_s))[0]:
+                    break
+        except ConnectionError:
+            pass
+        finally:
+            gone.cancel()
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", left
+    finally:
+        server.close()
         await server.wait_closed()
 
 

@@ -1,7 +1,8 @@
 """Chats through the Python client against real loopback servers: a chat moves to the next
 gateway or replica before its first token and keeps nothing of the failed attempt but its
-time, it is one answer, its replicas, gateway and endpoint lookup share one timeout, and the
-chat command ends a cut answer's line before its one-line error."""
+time, it is one answer, its replicas, gateway and endpoint lookup share one timeout (which
+keep-alives before the first token do not stretch), and the chat command ends a cut
+answer's line before its one-line error."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from edge_agent import httplistener, httpmessages
 from orchestrator import client as client_mod
 
-from .loopback import answering, hanging, refused_url
+from .loopback import answering, hanging, refused_url, streaming
 
 
 async def test_a_chat_moves_to_the_next_gateway_before_its_first_token() -> None:
@@ -182,6 +183,33 @@ async def test_a_chat_s_endpoint_lookup_is_part_of_its_one_timeout(make: type[cl
                 async with client_mod.AsyncClient([a, b, c], timeout=1) as client:
                     [t async for t in client.chat("m", [{"role": "user", "content": "hi"}])]
         assert time.monotonic() - started < 2.8  # not once per gateway
+
+
+ROLE_DELTA = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": null}]}\n\n'
+
+
+@pytest.mark.parametrize("make", [client_mod.Client, client_mod.AsyncClient])
+@pytest.mark.parametrize("keepalive", [b": ping\n\n", ROLE_DELTA], ids=["comment", "role-delta"])
+async def test_keep_alives_before_the_first_token_do_not_stretch_a_chat_past_its_timeout(
+        make: type[client_mod.Client] | type[client_mod.AsyncClient], keepalive: bytes) -> None:
+    """A server that sends keep-alive comments or an empty role delta while its engine is
+    stuck: each restarted the transport's read timeout, so a chat with ``timeout=1`` waited
+    as long as they came (4 s here, then the stream ended with no answer); it raises
+    TimedOut at its timeout, as a stream that sends nothing does."""
+    messages = [{"role": "user", "content": "hi"}]
+    async with streaming(keepalive, every_s=0.1, most=40) as (url, _):
+        def chat() -> None:
+            with client_mod.Client(url, direct=False, timeout=1) as client:
+                list(client.chat("m", messages))
+
+        started = time.monotonic()
+        with pytest.raises(client_mod.TimedOut, match=r"no answer within the timeout \(1 s"):
+            if make is client_mod.Client:
+                await asyncio.to_thread(chat)
+            else:
+                async with client_mod.AsyncClient(url, direct=False, timeout=1) as client:
+                    [t async for t in client.chat("m", messages)]
+        assert time.monotonic() - started < 2.8
 
 
 async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_time() -> None:
