@@ -457,7 +457,7 @@ class Client(_Base):
                     resp.read()
                     yield clientchat.read_whole(chat, resp)
                     return
-                for line in resp.iter_lines():
+                for line in clientchat.lines_of(resp.iter_bytes()):
                     text = self._chat_line(chat, attempt, line)
                     if text:
                         yield text
@@ -544,7 +544,7 @@ class AsyncClient(_Base):
                     await resp.aread()
                     yield clientchat.read_whole(chat, resp)
                     return
-                async for line in resp.aiter_lines():
+                async for line in clientchat.alines_of(resp.aiter_bytes()):
                     text = self._chat_line(chat, attempt, line)
                     if text:
                         yield text

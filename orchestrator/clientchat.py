@@ -7,21 +7,31 @@ replica or gateway, when to move on): this module only reads what one attempt an
 for both the synchronous and the asynchronous client. An answer it cannot read is a
 :class:`Retry` (the next attempt may answer); once text has been delivered the client
 makes a failure a :class:`~orchestrator.clienterrors.StreamCut` (:func:`cut`), as the
-text cannot be taken back.
+text cannot be taken back. A stream's lines are split here too, each held to
+:data:`MAX_LINE`, as one that never ends would otherwise be kept in memory until it does.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
+import re
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from orchestrator.clienterrors import InferenceError, StreamCut
+
+#: The longest line of an event stream the client takes, in characters (a token's event is
+#: a few hundred): the gateway's relay holds a replica's events to the same size
+#: (``orchestrator.gateway.event_stream.MAX_EVENT_BYTES``), which is not imported from
+#: there as an application's client does not load the gateway.
+MAX_LINE = 1 << 20
+_LINE_END = re.compile(r"\r\n|\r|\n")  # the SSE standard's; str.splitlines also splits at U+2028, which JSON text may hold
 
 
 @dataclass
@@ -124,6 +134,52 @@ def read_refusal(resp: httpx.Response) -> InferenceError:
 
 class Retry(Exception):
     """This attempt failed before its first token: the next one may answer."""
+
+
+class _Lines:
+    """An event stream's lines as its bytes arrive; ``Retry`` for a line past :data:`MAX_LINE`."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial: list[str] = []  # the line begun, in the pieces it came in (joined once it ends)
+        self._size = 0
+        self._after_cr = False  # the last piece ended with CR: an LF first in the next is the same line end
+
+    def feed(self, data: bytes, final: bool = False) -> list[str]:
+        text = self._decoder.decode(data, final)
+        if self._after_cr and text.startswith("\n"):
+            text = text[1:]
+        if text:
+            self._after_cr = text.endswith("\r")
+        *ended, rest = _LINE_END.split(text)
+        lines = ["".join(self._partial) + ended[0], *ended[1:]] if ended else []
+        if ended:
+            self._partial, self._size = [], 0
+        self._partial.append(rest)
+        self._size += len(rest)
+        if self._size > MAX_LINE:
+            raise Retry(f"an event line past {MAX_LINE} characters (no line break ends it)")
+        if final and self._size:
+            lines.append("".join(self._partial))  # a last line with no line break, as it was
+        return lines
+
+
+def lines_of(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The lines of an event stream read in ``chunks`` (a response's bytes)."""
+    lines = _Lines()
+    for chunk in chunks:
+        yield from lines.feed(chunk)
+    yield from lines.feed(b"", final=True)
+
+
+async def alines_of(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """:func:`lines_of` for an asynchronous response."""
+    lines = _Lines()
+    async for chunk in chunks:
+        for line in lines.feed(chunk):
+            yield line
+    for line in lines.feed(b"", final=True):
+        yield line
 
 
 def check_ended(chat: Chat) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -65,11 +66,18 @@ async def hanging(endpoint_list: bytes | None = None) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
+@dataclasses.dataclass
+class Streaming:
+    url: str
+    left: asyncio.Event  # set once a caller has closed its connection
+    sent: int = 0  # bytes of the stream written to callers
+
+
 @contextlib.asynccontextmanager
-async def streaming(event: bytes, *, every_s: float = 0.05, most: int = 100) -> AsyncIterator[tuple[str, asyncio.Event]]:
-    """Answers each request with an event stream that sends ``event`` every ``every_s``
-    seconds, ``most`` times at most (then it stops, with no ``[DONE]``), until the caller
-    leaves; ``left`` is set once a caller has closed its connection."""
+async def streaming(event: bytes, *, opening: bytes = b"", every_s: float = 0.05, most: int = 100) -> AsyncIterator[Streaming]:
+    """Answers each request with an event stream: ``opening``, then ``event`` every
+    ``every_s`` seconds, ``most`` times at most (then it stops, with no ``[DONE]``), until
+    the caller leaves."""
     left = asyncio.Event()
 
     async def until_closed(reader: asyncio.StreamReader) -> None:
@@ -83,8 +91,10 @@ async def streaming(event: bytes, *, every_s: float = 0.05, most: int = 100) -> 
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
         gone = asyncio.ensure_future(until_closed(reader))
         try:
+            writer.write(opening)
             for _ in range(most):
                 writer.write(event)
+                stream.sent += len(event)
                 await writer.drain()
                 if (await asyncio.wait([gone], timeout=every_s))[0]:
                     break
@@ -95,8 +105,9 @@ async def streaming(event: bytes, *, every_s: float = 0.05, most: int = 100) -> 
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    stream = Streaming(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", left)
     try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", left
+        yield stream
     finally:
         server.close()
         await server.wait_closed()

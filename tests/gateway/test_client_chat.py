@@ -197,7 +197,9 @@ async def test_keep_alives_before_the_first_token_do_not_stretch_a_chat_past_its
     as long as they came (4 s here, then the stream ended with no answer); it raises
     TimedOut at its timeout, as a stream that sends nothing does."""
     messages = [{"role": "user", "content": "hi"}]
-    async with streaming(keepalive, every_s=0.1, most=40) as (url, _):
+    async with streaming(keepalive, every_s=0.1, most=40) as stream:
+        url = stream.url
+
         def chat() -> None:
             with client_mod.Client(url, direct=False, timeout=1) as client:
                 list(client.chat("m", messages))
@@ -210,6 +212,47 @@ async def test_keep_alives_before_the_first_token_do_not_stretch_a_chat_past_its
                 async with client_mod.AsyncClient(url, direct=False, timeout=1) as client:
                     [t async for t in client.chat("m", messages)]
         assert time.monotonic() - started < 2.8
+
+
+TOKEN = b'data: {"choices": [{"index": 0, "delta": {"content": "hi!"}, "finish_reason": null}]}\n\n'
+
+
+@pytest.mark.parametrize("make", [client_mod.Client, client_mod.AsyncClient])
+async def test_an_event_that_never_ends_is_cut_off_not_buffered(make: type[client_mod.Client] | type[client_mod.AsyncClient]) -> None:
+    """A replica that streams one line with no line break (32 MiB of it here) was read
+    until it stopped, all of it kept in memory: a line past the limit fails the attempt,
+    so the chat moves on before its first token and is cut after it. (What was sent
+    includes what the kernel's socket buffers took before the client left.)"""
+    never_ends = b"a" * (1 << 16)
+    async with (streaming(never_ends, opening=b"data: ", every_s=0, most=512) as before,
+                streaming(never_ends, opening=TOKEN + b"data: ", every_s=0, most=512) as after,
+                streaming(TOKEN + b"data: [DONE]\n\n", most=1) as gateway):
+        cache = client_mod.EndpointCache()
+        cache.store("m", {"ttlSeconds": 600, "endpoints": [{"site": "edge-a", "url": before.url, "api": "openai"}]})
+
+        def moved_on() -> client_mod.Chat:
+            with client_mod.Client(gateway.url, cache=cache, timeout=5) as client:
+                answer = client.chat("m", [{"role": "user", "content": "hi"}])
+                list(answer)
+            return answer
+
+        def cut() -> None:
+            with client_mod.Client(after.url, direct=False, timeout=5) as client:
+                list(client.chat("m", [{"role": "user", "content": "hi"}]))
+
+        if make is client_mod.Client:
+            answer = await asyncio.to_thread(moved_on)
+            with pytest.raises(client_mod.StreamCut, match="cut after 3 characters: an event line past"):
+                await asyncio.to_thread(cut)
+        else:
+            async with client_mod.AsyncClient(gateway.url, cache=cache, timeout=5) as aclient:
+                answer = aclient.chat("m", [{"role": "user", "content": "hi"}])
+                [t async for t in answer]
+            with pytest.raises(client_mod.StreamCut, match="cut after 3 characters: an event line past"):
+                async with client_mod.AsyncClient(after.url, direct=False, timeout=5) as aclient:
+                    [t async for t in aclient.chat("m", [{"role": "user", "content": "hi"}])]
+        assert answer.text == "hi!" and answer.attempts == 2 and before.url in cache.ejected()
+        assert before.sent < 16 << 20 and after.sent < 16 << 20, (before.sent, after.sent)
 
 
 async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_time() -> None:
