@@ -56,6 +56,7 @@ import functools
 import json
 import time
 import urllib.parse
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -235,7 +236,10 @@ class _Base:
         args.check_messages(messages)
         clientchat.check_one_choice(params)
         chat = Chat(None)
-        chat._deltas = self._chat(chat, model, messages, stream, params)  # Client: an iterator; AsyncClient: an async one
+        # Client: an iterator; AsyncClient: an async one. It refers to the chat weakly: the chat
+        # refers to it, and a cycle would keep an answer the caller dropped streaming until
+        # the next cycle collection. (Only the closing of a dropped chat runs without it.)
+        chat._deltas = self._chat(weakref.proxy(chat), model, messages, stream, params)
         return chat
 
     def _chat(self, chat: Chat, model: str, messages: Sequence[Mapping[str, str]], stream: bool,

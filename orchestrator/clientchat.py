@@ -39,7 +39,13 @@ class Chat:
     """One answer: iterate it for the text deltas; ``site``, ``ttft_s`` (seconds from the
     start of the chat, its first iteration, to the first token: the endpoint list's lookup
     and failed attempts included, as the caller waited through them), ``usage`` and
-    ``finish_reason`` (of the attempt that answers) are filled in as it arrives."""
+    ``finish_reason`` (of the attempt that answers) are filled in as it arrives.
+
+    An answer read only in part holds its connection, and the replica goes on generating,
+    until it is closed: :meth:`close` (``with``), :meth:`aclose` (``async with``) for an
+    :class:`~orchestrator.client.AsyncClient`'s, or when nothing refers to it any more
+    (the deltas refer to the chat weakly, so that dropping it closes the stream at once,
+    not at the next cycle collection)."""
 
     _deltas: Any
     site: str = ""
@@ -54,10 +60,56 @@ class Chat:
     _deadline: float = field(default=math.inf, repr=False)  # and when its timeout ends
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._deltas)
+        return _Reading(self, self._deltas)
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return self._deltas.__aiter__()
+        return _Reading(self, self._deltas)
+
+    def close(self) -> None:
+        """Ends the answer where it is: its connection is closed and iterating it yields no
+        more; what arrived (``text``, ``site``, ``usage``, ...) stays."""
+        if not hasattr(self._deltas, "close"):
+            raise TypeError("an AsyncClient's chat is closed with 'await chat.aclose()' or 'async with'")
+        self._deltas.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, for a chat of either client."""
+        if hasattr(self._deltas, "aclose"):
+            await self._deltas.aclose()
+        else:
+            self.close()
+
+    def __enter__(self) -> Chat:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Chat:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _Reading:
+    """An iteration of a chat's deltas, which keeps the chat alive while it goes on (a
+    ``for`` over ``client.chat(...)`` holds nothing else of it)."""
+
+    def __init__(self, chat: Chat, deltas: Any) -> None:
+        self._chat, self._deltas = chat, deltas
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._deltas.__anext__()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ answer's line before its one-line error."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -253,6 +254,57 @@ async def test_an_event_that_never_ends_is_cut_off_not_buffered(make: type[clien
                     [t async for t in aclient.chat("m", [{"role": "user", "content": "hi"}])]
         assert answer.text == "hi!" and answer.attempts == 2 and before.url in cache.ejected()
         assert before.sent < 16 << 20 and after.sent < 16 << 20, (before.sent, after.sent)
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("how", ["with", "close", "dropped"])
+async def test_a_chat_read_in_part_can_be_closed_and_frees_its_connection(how: str) -> None:
+    """An application that stops reading (``break``) and keeps the answer for its details
+    held its connection, and the replica generated on, for as long as the answer lived:
+    ``Chat`` had no close nor context manager, and its deltas referred back to it, so even
+    a dropped one streamed on until a cycle collection. Each way of letting it go closes the
+    connection now, while the client stays open, and what arrived stays readable."""
+    async with streaming(TOKEN, every_s=0.02, most=500) as replica:
+        with client_mod.Client(replica.url, direct=False, timeout=5) as client:
+            def read_in_part() -> client_mod.Chat:
+                answer = client.chat("m", HI)
+                with answer if how == "with" else contextlib.nullcontext():
+                    for _ in answer:
+                        break
+                if how == "close":
+                    answer.close()
+                return answer
+
+            def drop() -> None:
+                for _ in client.chat("m", HI):
+                    break
+
+            if how == "dropped":
+                await asyncio.to_thread(drop)
+            else:
+                answer = await asyncio.to_thread(read_in_part)
+                assert answer.text == "hi!" and answer.url == replica.url
+            await asyncio.wait_for(replica.left.wait(), 2)
+
+
+@pytest.mark.parametrize("how", ["async with", "aclose", "dropped"])
+async def test_an_async_chat_read_in_part_can_be_closed_and_frees_its_connection(how: str) -> None:
+    async with streaming(TOKEN, every_s=0.02, most=500) as replica:
+        async with client_mod.AsyncClient(replica.url, direct=False, timeout=5) as client:
+            if how == "dropped":
+                async for _ in client.chat("m", HI):
+                    break
+            else:
+                answer = client.chat("m", HI)
+                async with answer if how == "async with" else contextlib.nullcontext():
+                    async for _ in answer:
+                        break
+                if how == "aclose":
+                    await answer.aclose()
+                assert answer.text == "hi!" and answer.url == replica.url
+            await asyncio.wait_for(replica.left.wait(), 2)
 
 
 async def test_a_chat_that_moves_on_keeps_nothing_of_the_failed_attempt_but_its_time() -> None:
