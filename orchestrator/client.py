@@ -22,7 +22,7 @@ Tensors travel with the v2 binary extension by default (every edgeplane endpoint
 Ray replica and gateway, speaks it): 256 floats cost about 5 µs to send as bytes and
 140 µs as JSON. Pass ``binary=False`` for a server that only takes JSON.
 
-:class:`AsyncClient` is the same over ``httpx.AsyncClient``.
+:class:`AsyncClient` is the same over ``httpx.AsyncClient`` (one for each event loop it is used in).
 
 Several gateways: ``Client(["http://gw1:8088", "http://gw2:8088"])`` (standalone
 ``edgeplane gateway`` processes, or control planes). The endpoint list is asked of the
@@ -52,8 +52,10 @@ and the checks of what a caller gives in :mod:`orchestrator.clientargs`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import threading
 import time
 import urllib.parse
 import weakref
@@ -474,15 +476,44 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """Asynchronous client with the same behaviour as :class:`Client`."""
+    """Asynchronous client with the same behaviour as :class:`Client`.
+
+    One client may serve several event loops, one after another (``asyncio.run`` once per
+    call: a script, a synchronous wrapper, a notebook cell run again) or side by side in
+    threads: each loop gets its own connections, as a connection belongs to the loop that
+    opened it (one kept from a loop that has ended raised ``RuntimeError('Event loop is
+    closed')`` in the next). Those of an ended loop are let go when another loop begins;
+    :meth:`aclose` closes those of the loop it runs in. A ``transport`` given is shared by
+    them all."""
 
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
                  **kwargs: Any):
         super().__init__(server, timeout=timeout, **kwargs)
+        self._transport = transport
+        self._by_loop: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._making = threading.Lock()  # loops in other threads may begin at the same time
+        self._unused: httpx.AsyncClient | None = self._new_http()  # made now: a proxy it cannot use is an error of the arguments
+
+    def _new_http(self) -> httpx.AsyncClient:
         try:
-            self._http = httpx.AsyncClient(timeout=self._timeout, transport=transport)
+            return httpx.AsyncClient(timeout=self._timeout, transport=self._transport)
         except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise ValueError(proxyenv.explain(exc)) from None
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The HTTP client of the running event loop."""
+        loop = asyncio.get_running_loop()
+        http = self._by_loop.get(loop)
+        if http is None:
+            with self._making:
+                # those of loops that ended go: nothing can close their connections now, and
+                # their sockets are closed as they are collected
+                by_loop = {other: h for other, h in self._by_loop.items() if not other.is_closed()}
+                http = by_loop.get(loop) or self._unused or self._new_http()
+                self._unused, by_loop[loop] = None, http
+                self._by_loop = by_loop
+        return http
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -491,7 +522,12 @@ class AsyncClient(_Base):
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        with self._making:
+            mine, unused = self._by_loop.pop(asyncio.get_running_loop(), None), self._unused
+            self._unused = None
+        for http in (mine, unused):
+            if http is not None:
+                await http.aclose()
 
     async def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
         """The model's replicas nearest first (cached for the list's TTL); [] with ``direct=False``."""

@@ -1,8 +1,8 @@
 """What a Python client is made with and where it sends: it needs a URL, a proxy in the
 environment it cannot use is a ValueError naming it, a model name is one path segment of
-every URL, a versioned request goes to the replicas that hold that version, and clients of
-two residencies sharing a cache each get their own endpoint list, and an array in either
-byte order is sent as its datatype."""
+every URL, a versioned request goes to the replicas that hold that version, clients of
+two residencies sharing a cache each get their own endpoint list, an array in either byte
+order is sent as its datatype, and an async client serves one event loop after another."""
 
 from __future__ import annotations
 
@@ -135,3 +135,22 @@ async def test_a_big_endian_array_is_sent_as_its_datatype_with_its_values(binary
     finally:
         await server.shutdown(1)
     assert result["output"].dtype == np.float32 and result["output"].tolist() == (x * 2).tolist()
+
+
+async def test_an_async_client_serves_one_event_loop_after_another() -> None:
+    """``asyncio.run`` once per call (a script, a synchronous wrapper, a notebook cell run
+    again): the second call took the connection the first loop had left in the pool and
+    raised a bare ``RuntimeError('Event loop is closed')``; each loop has its own now."""
+    server, url = await v2_server("edge-a")
+    client = client_mod.AsyncClient(url, direct=False, timeout=5)
+
+    async def doubled() -> list[float]:
+        return (await client.infer("m", {"input": np.array([1.0, 2.0], np.float32)}))["output"].tolist()
+
+    try:
+        for _ in range(3):
+            assert await asyncio.to_thread(asyncio.run, doubled()) == [2.0, 4.0]
+        assert await doubled() == [2.0, 4.0]  # and this test's loop, still running, has its own
+    finally:
+        await client.aclose()
+        await server.shutdown(1)
