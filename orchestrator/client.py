@@ -395,7 +395,9 @@ class Client(_Base):
                  **kwargs: Any):
         super().__init__(server, timeout=timeout, **kwargs)
         try:
-            self._http = httpx.Client(timeout=self._timeout, transport=transport)
+            # the environment's proxies as proxyenv reads them (NO_PROXY=10.0.0.0/8 included);
+            # a transport given is used as it is, as httpx does
+            self._http = httpx.Client(timeout=self._timeout, transport=transport or proxyenv.transport(), trust_env=False)
         except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise ValueError(proxyenv.explain(exc)) from None
 
@@ -496,7 +498,7 @@ class AsyncClient(_Base):
 
     def _new_http(self) -> httpx.AsyncClient:
         try:
-            return httpx.AsyncClient(timeout=self._timeout, transport=self._transport)
+            return httpx.AsyncClient(timeout=self._timeout, transport=self._transport or proxyenv.async_transport(), trust_env=False)
         except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise ValueError(proxyenv.explain(exc)) from None
 

@@ -89,7 +89,7 @@ class ApiClient:
         if problem is not None:
             raise CliError(f"{source} {urlpath.redacted(self.server)!r} is not a URL such as {DEFAULT_SERVER} ({problem})", 2)
         try:
-            self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+            self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, transport=proxyenv.transport(), trust_env=False)
         except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise CliError(proxyenv.explain(exc), 2) from None
 

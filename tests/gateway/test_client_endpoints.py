@@ -1,5 +1,6 @@
 """What a Python client is made with and where it sends: it needs a URL, a proxy in the
-environment it cannot use is a ValueError naming it, a model name is one path segment of
+environment it cannot use is a ValueError naming it, NO_PROXY is read as curl reads it
+(address blocks included), a model name is one path segment of
 every URL, a versioned request goes to the replicas that hold that version, clients of
 two residencies sharing a cache each get their own endpoint list, an array in either byte
 order is sent as its datatype, and an async client serves one event loop after another."""
@@ -9,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 
 import httpx
 import numpy as np
 import pytest
 
+from edge_agent import httplistener, httpmessages
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
+from orchestrator import proxyenv
 
 from .loopback import answering, v2_server
 
@@ -47,6 +51,82 @@ def test_a_proxy_in_the_environment_that_cannot_be_used_is_a_value_error_naming_
     message = str(raised.value)
     assert message.startswith(f"ALL_PROXY='{setting.replace('ops:s3cret', '***')}': {said}"), message
     assert "s3cret" not in message, message
+
+
+@pytest.mark.parametrize(("no_proxy", "url", "direct"), [
+    ("127.0.0.0/8", "http://127.0.0.1:8088/", True),
+    ("10.0.0.0/8, 127.0.0.0/8", "http://127.0.0.1:8088/", True),
+    ("10.0.0.0/8", "http://127.0.0.1:8088/", False),
+    ("10.0.0.0/8", "http://10.20.30.40/", True),
+    ("10.0.0.0/8", "http://edge.example/", False),  # names are not resolved to decide
+    ("127.0.0.1", "http://127.0.0.1:8088/", True),
+    ("127.0.0.1:9000", "http://127.0.0.1:8088/", False),
+    ("127.0.0.1:9000", "http://127.0.0.1:9000/", True),
+    ("fd00::/8", "http://[fd00::1]:8080/", True),
+    ("[::1]", "http://[::1]:8080/", True),
+    ("example.com", "http://example.com/", True),
+    ("example.com", "http://api.EXAMPLE.com/", True),
+    ("example.com", "http://badexample.com/", False),
+    (".example.com", "http://example.com/", False),
+    (".example.com", "http://api.example.com/", True),
+    ("*.example.com", "http://api.example.com/", True),
+    ("localhost", "http://localhost:8080/", True),
+    ("*", "http://anything.example/", True),
+    ("", "http://127.0.0.1:8088/", False),
+])
+def test_no_proxy_exempts_hosts_domains_and_address_blocks(no_proxy: str, url: str, direct: bool) -> None:
+    """As curl, Go and requests read it: httpx took ``127.0.0.0/8`` for the one host 127.0.0.0."""
+    settings = proxyenv.settings_of({"http": "http://proxy:3128", "no": no_proxy})
+    assert proxyenv.proxy_for(settings, httpx.URL(url)) == (None if direct else "http://proxy:3128")
+
+
+def test_a_proxy_is_chosen_by_scheme_then_all_proxy() -> None:
+    settings = proxyenv.settings_of({"https": "tls-proxy:3128", "all": "http://any-proxy:3128"})
+    assert proxyenv.proxy_for(settings, httpx.URL("https://gw.example/")) == "http://tls-proxy:3128"
+    assert proxyenv.proxy_for(settings, httpx.URL("http://gw.example/")) == "http://any-proxy:3128"
+
+
+@pytest.mark.parametrize("make", [client_mod.Client, client_mod.AsyncClient])
+@pytest.mark.parametrize(("no_proxy", "direct"), [("127.0.0.0/8", True), ("10.0.0.0/8,127.0.0.0/8", True), ("10.0.0.0/8", False)])
+async def test_a_client_calls_an_address_inside_a_no_proxy_block_directly(
+        make: type[client_mod.Client] | type[client_mod.AsyncClient], no_proxy: str, direct: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    proxied: list[str] = []
+
+    async def proxy(request: httpmessages.Request) -> httpmessages.Response:
+        proxied.append(request.path)
+        return httpmessages.Response(502, b'{"error": "the proxy cannot reach that network"}')
+
+    proxy_server = httplistener.HttpServer(proxy)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await proxy_server.start(sock)
+    gateway, url = await v2_server("gw-site")
+    for name in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{sock.getsockname()[1]}")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    x = {"input": np.array([1.0], np.float32)}
+
+    def infer() -> client_mod.InferResult:
+        with client_mod.Client(url, direct=False, timeout=5) as c:
+            return c.infer("m", x)
+
+    async def ainfer() -> client_mod.InferResult:
+        async with client_mod.AsyncClient(url, direct=False, timeout=5) as c:
+            return await c.infer("m", x)
+
+    try:
+        if direct:
+            result = await (asyncio.to_thread(infer) if make is client_mod.Client else ainfer())
+            assert result["output"].tolist() == [2.0] and proxied == []
+        else:
+            with pytest.raises(client_mod.InferenceError, match="the proxy cannot reach that network"):
+                await (asyncio.to_thread(infer) if make is client_mod.Client else ainfer())
+            assert len(proxied) == 1
+    finally:
+        await proxy_server.shutdown(1)
+        await gateway.shutdown(1)
 
 
 def test_a_model_name_is_one_path_segment_of_every_url_the_client_builds() -> None:
