@@ -105,7 +105,7 @@ def _refusal(resp: httpx.Response) -> InferenceError:
         message = clientchat.read_json(resp.content).get("error", resp.text)
     except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
         message = resp.text or resp.reason_phrase
-    return InferenceError(resp.status_code, str(message)[:500])
+    return InferenceError(resp.status_code, str(message)[:500], retry_after=clientchat.retry_after(resp))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -14,6 +14,8 @@ text cannot be taken back. A stream's lines are split here too, each held to
 from __future__ import annotations
 
 import codecs
+import datetime
+import email.utils
 import json
 import math
 import re
@@ -181,7 +183,22 @@ def read_refusal(resp: httpx.Response) -> InferenceError:
         code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
     except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
         message = resp.text or resp.reason_phrase
-    return InferenceError(resp.status_code, str(message)[:500], code)
+    return InferenceError(resp.status_code, str(message)[:500], code, retry_after(resp))
+
+
+def retry_after(resp: httpx.Response) -> float | None:
+    """The seconds a refusal's ``Retry-After`` asks to wait (given in seconds or as an HTTP
+    date); None without one that can be read."""
+    value = resp.headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": a date with no zone, which HTTP's never is
+        return None
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 class Retry(Exception):

@@ -44,12 +44,15 @@ class TimedOut(Unreachable):
 
 class InferenceError(EdgeplaneError):
     """A replica refused the request (4xx): retrying elsewhere would not help. ``code`` is
-    the OpenAI API's error code when the refusal gave one (``context_length_exceeded``)."""
+    the OpenAI API's error code when the refusal gave one (``context_length_exceeded``);
+    ``retry_after`` the seconds its ``Retry-After`` asked the caller to wait, when it gave
+    one (a replica at capacity, a gateway's rate limit: 429)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, retry_after: float | None = None):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.code = code
+        self.retry_after = retry_after
 
 
 class StreamCut(EdgeplaneError):

@@ -1,19 +1,21 @@
 """How the Python client fails a request over, against real loopback servers and without a
 control plane (the endpoint list is put in its cache): a replica that never answers costs
 the timeout, a gateway answers when every replica failed, gateways are tried in order, a
-replica that no longer serves the model or answers 500 sends the request on, and which
-replicas and gateways are ejected for how long."""
+replica that no longer serves the model or answers 500 sends the request on, one at
+capacity does not, and which replicas and gateways are ejected for how long."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import httpx
 import numpy as np
 import pytest
 
+from edge_agent import httplistener, httpmessages
 from edgeplane_proto import oip
 from orchestrator import client as client_mod
 
@@ -167,6 +169,34 @@ async def test_a_replica_s_500_fails_over_without_taking_it_from_everyone(status
     finally:
         for server in (failing, replica, chat):
             await server.shutdown(1)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+async def test_a_replica_at_capacity_is_a_refusal_that_says_when_to_retry(chat: bool) -> None:
+    """A replica whose sequences are full answers 429 with ``Retry-After``: the request is
+    not moved elsewhere, as the gateway does not move it (that would move the queue), and
+    the application is told how long to wait, which the client dropped."""
+    async def full(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(429, b'{"error": "model \'m\' is at capacity"}', headers=(("retry-after", "3"),))
+
+    server = httplistener.HttpServer(full)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    cache = client_mod.EndpointCache()
+    cache.store("m", {"ttlSeconds": 600, "endpoints": [{"site": "edge-a", "url": url, "api": "openai" if chat else "v2",
+                                                         "inferUrl": f"{url}/v2/models/m/infer"}]})
+    try:
+        async with client_mod.AsyncClient(refused_url(), cache=cache, timeout=5) as c:
+            with pytest.raises(client_mod.InferenceError, match="at capacity") as refused:
+                if chat:
+                    [t async for t in c.chat("m", [{"role": "user", "content": "hi"}])]
+                else:
+                    await c.infer("m", {"input": np.ones(1, np.float32)})
+        assert refused.value.status == 429 and refused.value.retry_after == 3.0
+    finally:
+        await server.shutdown(1)
 
 
 async def test_a_cascade_stage_s_500_escalates_without_ejecting_the_replica() -> None:
