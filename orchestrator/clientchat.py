@@ -218,8 +218,7 @@ class _Lines:
         text = self._decoder.decode(data, final)
         if self._after_cr and text.startswith("\n"):
             text = text[1:]
-        if text:
-            self._after_cr = text.endswith("\r")
+        self._after_cr = text.endswith("\r")
         *ended, rest = _LINE_END.split(text)
         lines = ["".join(self._partial) + ended[0], *ended[1:]] if ended else []
         if ended:

@@ -17,6 +17,7 @@ import pytest
 
 from edge_agent import httplistener, httpmessages
 from orchestrator import client as client_mod
+from orchestrator import clientchat
 
 from .loopback import answering, hanging, refused_url, streaming
 
@@ -213,6 +214,18 @@ async def test_keep_alives_before_the_first_token_do_not_stretch_a_chat_past_its
                 async with client_mod.AsyncClient(url, direct=False, timeout=1) as client:
                     [t async for t in client.chat("m", messages)]
         assert time.monotonic() - started < 2.8
+
+
+@pytest.mark.parametrize(("chunks", "lines"), [
+    ([b"data: a\n\ndata: b\n\n"], ["data: a", "", "data: b", ""]),
+    ([b"data: a\r\n\r\n"], ["data: a", ""]),
+    ([b"data: a\r", b"\n", b"\r\n"], ["data: a", ""]),  # a CRLF split between two reads is one line end
+    ([b"data: a\r", b"\n", b"\n"], ["data: a", ""]),
+    ([b"data: a\r\rdata: b"], ["data: a", "", "data: b"]),  # CR alone ends a line; the last needs none
+    ([b"da", b"ta: \xe2\x80", b"\xa8\n"], ["data: \u2028"]),  # a character split between reads; U+2028 ends no line
+])
+def test_an_event_stream_is_split_into_lines_as_the_sse_standard_says(chunks: list[bytes], lines: list[str]) -> None:
+    assert list(clientchat.lines_of(chunks)) == lines
 
 
 TOKEN = b'data: {"choices": [{"index": 0, "delta": {"content": "hi!"}, "finish_reason": null}]}\n\n'
