@@ -24,16 +24,6 @@ from orchestrator.testing import harness
 from tests.controlplane.test_datacentre_sites import (MODEL, ServeDashboard, bundle, deployment, has_rayservice, kuberay_on, site,
                                                      site_events, site_status, start)
 
-ANYWHERE = """
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {name: d}
-spec:
-  model: m
-  replicas: {min: 1, max: 1}
-  placement: {tiers: [datacenter]}
-"""
-
 
 @pytest.fixture
 async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
@@ -45,7 +35,7 @@ async def test_a_kubernetes_api_outage_shorter_than_the_loss_time_neither_moves_
         fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
     cp = await start(fleet, kuberay_on(kube))  # declared lost after 3 heartbeats of 0.5 s
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        applied = await http.post("/v1/apply", content=bundle(site("dc-1"), site("dc-2"), MODEL, ANYWHERE))
+        applied = await http.post("/v1/apply", content=bundle(site("dc-1"), site("dc-2"), MODEL, deployment("d")))
         assert applied.status_code == 200, applied.text
     await harness.wait_until(lambda: has_rayservice(kube, "dc-1") or has_rayservice(kube, "dc-2"), 30, what="d's RayService")
     home, other = ("dc-1", "dc-2") if has_rayservice(kube, "dc-1") else ("dc-2", "dc-1")

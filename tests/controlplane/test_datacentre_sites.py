@@ -46,7 +46,9 @@ spec:
 """
 
 
-def deployment(name: str, on: str) -> str:
+def deployment(name: str, on: str | None = None) -> str:
+    """One replica of model m in a data centre: site ``on``, or any."""
+    selector = f", siteSelector: {{site: {on}}}" if on is not None else ""
     return f"""
 apiVersion: edgeplane.io/v1alpha1
 kind: ModelDeployment
@@ -54,7 +56,7 @@ metadata: {{name: {name}}}
 spec:
   model: m
   replicas: {{min: 1, max: 1}}
-  placement: {{tiers: [datacenter], siteSelector: {{site: {on}}}}}
+  placement: {{tiers: [datacenter]{selector}}}
 """
 
 

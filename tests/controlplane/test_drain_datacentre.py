@@ -17,17 +17,7 @@ import httpx
 from orchestrator import server
 from orchestrator.adapters import serve_config
 from orchestrator.testing import harness
-from tests.controlplane.test_datacentre_sites import MODEL, Cluster, bundle, site, site_status
-
-DEPLOYMENT = """
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {name: d}
-spec:
-  model: m
-  replicas: {min: 1, max: 1}
-  placement: {tiers: [datacenter]}
-"""
+from tests.controlplane.test_datacentre_sites import MODEL, Cluster, bundle, deployment, site, site_status
 
 
 def maintenance(cp: server.ControlPlane, name: str) -> Mapping[str, Any]:
@@ -42,7 +32,7 @@ async def drained_while_down(fleet: harness.Fleet, heartbeat_interval_s: float) 
     factory = lambda name, spec: clusters[name]  # noqa: E731
     cp = await fleet.start_control_plane(kube_factory=factory, resync_s=0.2)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, DEPLOYMENT))
+        applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, deployment("d")))
         assert applied.status_code == 200, applied.text
         await harness.wait_until(lambda: bool(clusters["dc-a"].running), 30, what="d running on dc-a")
         assert (await http.post("/v1/apply", content=site("dc-b"))).status_code == 200
@@ -105,7 +95,7 @@ async def test_a_drained_data_centre_that_refuses_the_apply_is_draining_while_it
     clusters = {"dc-a": refusing, "dc-b": other}
     cp = await fleet.start_control_plane(kube_factory=lambda name, spec: clusters[name], resync_s=0.2)
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, DEPLOYMENT))
+        applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, deployment("d")))
         assert applied.status_code == 200, applied.text
         await harness.wait_until(lambda: bool(refusing.running), 30, what="d running on dc-a")
         assert (await http.post("/v1/apply", content=site("dc-b"))).status_code == 200
@@ -129,7 +119,7 @@ async def test_a_data_centre_drained_then_powered_off_stays_drained(fleet: harne
     cp = await fleet.start_control_plane(kube_factory=lambda name, spec: clusters[name], resync_s=0.2,
                                          heartbeat_interval_s=60.0)  # not declared lost within the test
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, DEPLOYMENT))
+        applied = await http.post("/v1/apply", content=bundle(site("dc-a"), MODEL, deployment("d")))
         assert applied.status_code == 200, applied.text
         await harness.wait_until(lambda: bool(clusters["dc-a"].running), 30, what="d running on dc-a")
         assert (await http.post("/v1/apply", content=site("dc-b"))).status_code == 200
