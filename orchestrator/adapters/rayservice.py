@@ -199,27 +199,34 @@ def within_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape,
     """The applications to apply so that no worker group passes ``shape.max_worker_pods``,
     and those applied otherwise than asked, by name: why. Past the limit the RayService is
     refused whole, which would hold up every change on the site (a deletion, a scale-down, a
-    drain) for the room one application asks. So those the RayService runs (``running``:
-    their configured replica counts) keep their room first, then come new ones, each by
-    name: one that would pass the limit is left out, and one it runs that grows past it
-    stays at the count it runs (left out, it would be removed from the cluster)."""
+    drain) for the room one application asks.
+
+    ``running`` is the replica count of each application the RayService runs. Left out, such
+    an application would be removed from the cluster; so each first keeps its room at the
+    count it runs (no more than asked), then each by name grows to what it asks where there
+    is room, else stays at the count it runs: one application's growth never takes another's
+    room. New ones come last, by name, and one there is no room for is left out."""
     if not _past_limit(apps, shape):
         return list(apps), {}
+    limit = f"would take the RayService's {{}} past the limit of {shape.max_worker_pods} (max_worker_pods)"
+    asked = {a.name: a for a in apps}
     chosen: dict[str, ServeAppSpec] = {}
     why: dict[str, str] = {}
-    for app in sorted(apps, key=lambda a: (a.name not in running, a.name)):
-        past = _past_limit([*chosen.values(), app], shape)
-        if not past:
-            chosen[app.name] = app
-            continue
-        limit = f"would take the RayService's {past} past the limit of {shape.max_worker_pods} (max_worker_pods)"
-        runs = running.get(app.name, 0)
-        held = dataclasses.replace(app, num_replicas=runs)
-        if 0 < runs < app.num_replicas and not _past_limit([*chosen.values(), held], shape):
-            chosen[app.name] = held
-            why[app.name] = f"kept at the {runs} replica(s) it runs: {app.num_replicas} {limit}"
+    for name in sorted(set(asked) & set(running)):  # only a shape made smaller refuses one of these
+        floor = dataclasses.replace(asked[name], num_replicas=min(asked[name].num_replicas, running[name]))
+        if not _past_limit([*chosen.values(), floor], shape):
+            chosen[name] = floor
+    for name in sorted(chosen):
+        app, others = asked[name], [a for n, a in chosen.items() if n != name]
+        if not (past := _past_limit([*others, app], shape)):
+            chosen[name] = app
         else:
-            why[app.name] = f"its replicas {limit}"
+            why[name] = f"kept at the {running[name]} replica(s) it runs: {app.num_replicas} {limit.format(past)}"
+    for app in sorted((a for a in apps if a.name not in chosen), key=lambda a: a.name):
+        if past := _past_limit([*chosen.values(), app], shape):
+            why[app.name] = f"its replicas {limit.format(past)}"
+        else:
+            chosen[app.name] = app
     return [chosen[a.name] for a in apps if a.name in chosen], why
 
 

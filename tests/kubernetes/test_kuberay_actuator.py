@@ -334,6 +334,24 @@ async def test_an_application_whose_scale_up_passes_the_worker_pod_limit_keeps_t
         await actuator.close()
 
 
+async def test_an_application_that_grows_never_takes_the_room_of_one_that_runs_unchanged(
+    kube: kmock.KubernetesEmulator,
+) -> None:
+    """ep-a, first by name, asks one pod more and would take ep-b's pod: ep-b, asked as it
+    runs, would be removed from the cluster for another's growth. It keeps its pod, and ep-a
+    stays at the count it runs until there is room."""
+    shape = dataclasses.replace(SHAPE, max_worker_pods=2)
+    actuator = kuberay.KubeRayActuator(_client(str(kube.url)), NS, "paris-dc", shape=shape)
+    try:
+        await actuator.apply([app("ep-a", num_replicas=1, cpu=4.0), app("ep-b", num_replicas=1, cpu=4.0)])
+        left = await actuator.apply([app("ep-a", num_replicas=2, cpu=4.0), app("ep-b", num_replicas=1, cpu=4.0)])
+        assert _served(kube) == {"ep-a": 1, "ep-b": 1}
+        assert left == {"ep-a": "kept at the 1 replica(s) it runs: 2 would take the RayService's CPU worker pods past the "
+                                "limit of 2 (max_worker_pods)"}, left
+    finally:
+        await actuator.close()
+
+
 async def test_a_rayservice_another_writer_changed_is_drift_until_applied_again(
     kube: kmock.KubernetesEmulator, actuator: kuberay.KubeRayActuator
 ) -> None:

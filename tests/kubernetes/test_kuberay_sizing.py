@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.adapters import rayservice, serve_config
@@ -130,3 +130,28 @@ def test_the_applications_kept_within_the_pod_limit_always_make_a_rayservice(app
         assert why
     else:
         assert (kept, why) == (fitting, {})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(app_sets(), st.data(), st.integers(1, 8))
+def test_an_application_the_rayservice_runs_is_never_left_out_for_another_ones_growth(
+        apps: list[ServeAppSpec], data: st.DataObject, limit: int) -> None:
+    """Left out, an application the RayService runs would be removed from the cluster: each
+    keeps its room, and one asked at no more replicas than it runs is applied as asked,
+    whatever the others ask."""
+    shape = dataclasses.replace(SHAPE, max_worker_pods=limit)
+    fitting = [a for a in apps if a.name not in rayservice.misfits(apps, shape)]
+    running = {a.name: data.draw(st.integers(0, 8)) for a in fitting if data.draw(st.booleans())}
+    try:
+        rayservice.render_rayservice("paris-dc", "edge-dc", [dataclasses.replace(a, num_replicas=running[a.name])
+                                                             for a in fitting if a.name in running], shape)
+    except rayservice.ClusterShapeError:
+        assume(False)  # what runs fits the shape: it was applied to it
+    kept, why = rayservice.within_limit(fitting, shape, running)
+    rayservice.render_rayservice("paris-dc", "edge-dc", kept, shape)  # refuses nothing
+    counts = {a.name: a.num_replicas for a in kept}
+    for a in fitting:
+        if a.name in running:
+            assert counts.get(a.name, -1) >= min(a.num_replicas, running[a.name]), (a.name, counts, why)
+            if a.num_replicas <= running[a.name]:
+                assert (counts[a.name], why.get(a.name)) == (a.num_replicas, None)
