@@ -177,6 +177,15 @@ def _llm_pods(app: ServeAppSpec) -> int:
     return app.llm.autoscaling[1] if app.llm.autoscaling else app.num_replicas
 
 
+def _llm_by_group(apps: Sequence[ServeAppSpec]) -> dict[tuple[str, int], list[ServeAppSpec]]:
+    """The LLM applications of each worker group, by (accelerator type, "" for any; tensor-parallel size)."""
+    by_group: dict[tuple[str, int], list[ServeAppSpec]] = {}
+    for a in apps:
+        if a.llm is not None:
+            by_group.setdefault((a.llm.accelerator_type or "", a.llm.tensor_parallel_size), []).append(a)
+    return by_group
+
+
 def _past_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> str:
     """The worker pods ``apps`` would take past ``shape.max_worker_pods`` ("" none): each
     group has the limit of its own."""
@@ -185,13 +194,8 @@ def _past_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> str:
                             ("GPU", shape.gpu_worker, [a for a in plain if a.gpus > 0])):
         if _packed(mine, pod, shape) is None:
             return f"{kind} worker pods"
-    llm: dict[tuple[str, int], int] = {}
-    for a in apps:
-        if a.llm is not None:
-            kind = (a.llm.accelerator_type or "GPU", a.llm.tensor_parallel_size)
-            llm[kind] = llm.get(kind, 0) + _llm_pods(a)
-    return next((f"{accelerator} x{tp} LLM worker pods" for (accelerator, tp), pods in sorted(llm.items())
-                 if pods > shape.max_worker_pods), "")
+    return next((f"{accelerator or 'GPU'} x{tp} LLM worker pods" for (accelerator, tp), mine in sorted(_llm_by_group(apps).items())
+                 if sum(map(_llm_pods, mine)) > shape.max_worker_pods), "")
 
 
 def within_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape,
@@ -280,14 +284,11 @@ def _llm_groups(apps: Sequence[ServeAppSpec], shape: RayClusterShape, running: S
     largest application removed) would change the group's template, and KubeRay would build
     a whole new cluster for that (see :func:`arrange_worker_groups`)."""
     kept = _running_pods(running, shape)
-    by_kind: dict[tuple[str, int], list[ServeAppSpec]] = {}
-    for a in apps:
-        assert a.llm is not None
-        by_kind.setdefault((a.llm.accelerator_type or "", a.llm.tensor_parallel_size), []).append(a)
+    by_kind = _llm_by_group(apps)
     names = _llm_group_names(list(by_kind))
     groups = []
     for (accelerator, tp), mine in sorted(by_kind.items()):
-        pods = sum(_llm_pods(a) for a in mine)
+        pods = sum(map(_llm_pods, mine))
         if pods > shape.max_worker_pods:
             raise ClusterShapeError(f"the LLM applications need {pods} GPU pods, above the limit of {shape.max_worker_pods}")
         memory_gib = max([shape.llm_worker.memory_gib]

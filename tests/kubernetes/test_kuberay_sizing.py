@@ -155,3 +155,11 @@ def test_an_application_the_rayservice_runs_is_never_left_out_for_another_ones_g
             assert counts.get(a.name, -1) >= min(a.num_replicas, running[a.name]), (a.name, counts, why)
             if a.num_replicas <= running[a.name]:
                 assert (counts[a.name], why.get(a.name)) == (a.num_replicas, None)
+
+
+def test_llm_applications_on_any_gpu_and_on_a_type_named_gpu_are_held_to_the_pod_limit_group_by_group() -> None:
+    shape = dataclasses.replace(SHAPE, max_worker_pods=2)
+    apps = [llm(0, 2, "", 1), llm(1, 2, "GPU", 1)]  # two groups of two pods
+    assert rayservice.within_limit(apps, shape, {}) == (apps, {})
+    groups = rayservice.render_rayservice("s", "ns", apps, shape)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert sorted(g["replicas"] for g in groups if g["groupName"].startswith("llm-")) == [2, 2]
