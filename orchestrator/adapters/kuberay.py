@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 import urllib3
+import yaml
 from kubernetes.client.rest import ApiException
 
 from orchestrator.adapters import rayservice, rayservice_status, serve_config
@@ -120,7 +121,9 @@ class KubeRayActuator:
         self._timeout = request_timeout_s
         self._learnt: dict[str, str] = {}
         self._left_out: dict[str, ServeAppStatus] = {}  # by name: applications no pod of the shape holds, as last applied
-        self._held: dict[str, tuple[int, str]] = {}  # by name: applications kept below their count at the pod limit: it, why
+        self._held: dict[str, tuple[int, str]] = {}  # by name: applications kept short of their ask: the count asked, why
+        # by name: each application as last applied, and its Serve config entry as written
+        self._applied: dict[str, tuple[ServeAppSpec, str]] = {}
         self._applied_hash: str | None = None  # the spec hash last applied; "": the RayService deleted
         self._active: rayservice_status.ActiveApplications | None = None  # what stands in during a cluster upgrade
         self.drift = ""
@@ -144,18 +147,19 @@ class KubeRayActuator:
         current = await self._get()
         if current is not None:
             self._learn(current)
-        # One application no pod of this shape holds, or past its pod limit, fails alone:
-        # the others are applied.
-        asked = {a.name: a.num_replicas for a in apps}
-        misfits = rayservice.misfits(apps, self._shape)
-        running = {a["name"]: serve_config.configured_replicas(a) for a in rayservice.configured_applications(current or {})[0]}
-        apps, limited = rayservice.within_limit([a for a in apps if a.name not in misfits], self._shape, running)
-        applied = {a.name for a in apps}
-        left = {**misfits, **{name: why for name, why in limited.items() if name not in applied}}
-        self._left_out = {name: self._left_out_status(name, why) for name, why in left.items()}
-        self._held = {name: (asked[name], why) for name, why in limited.items() if name in applied}
-        await self._write(current, apps)
-        return {**left, **{name: why for name, (_, why) in self._held.items()}}
+        # One application no pod of this shape holds, or past its pod limit, fails alone
+        # (one the RayService runs stays as it runs): the others are applied.
+        asked = {a.name: a for a in apps}
+        running = {c["name"]: self._as_it_runs(c, asked[c["name"]])
+                   for c in rayservice.configured_applications(current or {})[0] if c["name"] in asked}
+        chosen, limited = rayservice.within_limit(apps, self._shape, running)
+        applied = {a.name for a in chosen}
+        self._left_out = {name: self._left_out_status(name, why) for name, why in limited.items() if name not in applied}
+        self._held = {name: (asked[name].num_replicas, why) for name, why in limited.items() if name in applied}
+        await self._write(current, chosen)
+        self._applied = {a.name: (a, _configured(entry))
+                         for a, entry in zip(chosen, rayservice.render_serve_config(chosen, self._learnt)["applications"])}
+        return limited
 
     async def _write(self, current: dict[str, Any] | None, apps: Sequence[ServeAppSpec]) -> None:
         """The RayService made to run ``apps``: created, patched, left as it is, or deleted for none."""
@@ -225,6 +229,14 @@ class KubeRayActuator:
         await asyncio.to_thread(self._api_client.close)
 
     # -- internals ---------------------------------------------------------------------
+
+    def _as_it_runs(self, configured: Mapping[str, Any], asked: ServeAppSpec) -> ServeAppSpec:
+        """The application the RayService's Serve config entry ``configured`` runs: as this
+        actuator last applied it while the entry is still that; else (written by a control
+        plane before this one, or by hand) ``asked`` at the count it configures."""
+        if (last := self._applied.get(asked.name)) is not None and last[1] == _configured(configured):
+            return last[0]
+        return dataclasses.replace(asked, num_replicas=serve_config.configured_replicas(configured))
 
     def _left_out_status(self, name: str, why: str) -> ServeAppStatus:
         """An application left out of the RayService as no worker pod holds its replicas:
@@ -305,6 +317,11 @@ class KubeRayActuator:
             raise KubernetesUnreachable(
                 f"{where}: the Kubernetes API is unreachable: {exc}"
             ) from exc
+
+
+def _configured(entry: Mapping[str, Any]) -> str:
+    """A Serve config entry as ``serveConfigV2`` holds it, to compare one rendered with one read back."""
+    return yaml.safe_dump(dict(entry), sort_keys=True)
 
 
 def _api_reason(exc: ApiException) -> str:

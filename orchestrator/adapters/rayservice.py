@@ -19,7 +19,7 @@ import hashlib
 import importlib.metadata
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,8 +155,8 @@ def _misfit(app: ServeAppSpec, kind: str, pod: PodShape, shape: RayClusterShape)
 def misfits(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> dict[str, str]:
     """The applications whose replicas fit no worker pod of ``shape``, by name: why. The
     scheduler places by a site's declared capacity, which knows nothing of pod shapes, so
-    such an application is left out of the RayService (and reported as failed) rather than
-    failing the site's others with it."""
+    such an application is left out of the RayService (and reported as failed), or kept as
+    it runs (:func:`within_limit`), rather than failing the site's others with it."""
     out = {}
     for app in apps:
         if (worker := _worker_pod(app, shape)) is not None and (why := _misfit(app, *worker, shape)):
@@ -198,37 +198,50 @@ def _past_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape) -> str:
                  if sum(map(_llm_pods, mine)) > shape.max_worker_pods), "")
 
 
-def within_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape,
-                 running: Mapping[str, int]) -> tuple[list[ServeAppSpec], dict[str, str]]:
-    """The applications to apply so that no worker group passes ``shape.max_worker_pods``,
-    and those applied otherwise than asked, by name: why. Past the limit the RayService is
-    refused whole, which would hold up every change on the site (a deletion, a scale-down, a
-    drain) for the room one application asks.
+def _refused(chosen: Iterable[ServeAppSpec], app: ServeAppSpec, shape: RayClusterShape) -> str:
+    """Why ``app`` cannot join the applications ``chosen`` on the RayService ("" it can)."""
+    if (worker := _worker_pod(app, shape)) is not None and (why := _misfit(app, *worker, shape)):
+        return why
+    if past := _past_limit([*chosen, app], shape):
+        return f"its replicas would take the RayService's {past} past the limit of {shape.max_worker_pods} (max_worker_pods)"
+    return ""
 
-    ``running`` is the replica count of each application the RayService runs. Left out, such
-    an application would be removed from the cluster; so each first keeps its room at the
-    count it runs (no more than asked), then each by name grows to what it asks where there
-    is room, else stays at the count it runs: one application's growth never takes another's
-    room. New ones come last, by name, and one there is no room for is left out."""
-    if not _past_limit(apps, shape):
+
+def within_limit(apps: Sequence[ServeAppSpec], shape: RayClusterShape,
+                 running: Mapping[str, ServeAppSpec]) -> tuple[list[ServeAppSpec], dict[str, str]]:
+    """The applications to apply so that every replica fits a worker pod and no worker group
+    passes ``shape.max_worker_pods``, and those applied otherwise than asked, by name: why.
+    Past the limit the RayService is refused whole, which would hold up every change on the
+    site (a deletion, a scale-down, a drain) for the room one application asks.
+
+    ``running`` is each application the RayService runs, as it runs. Left out, such an
+    application would be removed from the cluster, its model gone from the site for asking
+    more; so each first keeps its room as it runs (at no more replicas than asked), then each
+    by name takes what it asks where there is room, else its new config at the count it runs,
+    else stays as it runs. One application's growth never takes another's room. New ones
+    come last, by name, and one there is no room for is left out."""
+    if not misfits(apps, shape) and not _past_limit(apps, shape):
         return list(apps), {}
-    limit = f"would take the RayService's {{}} past the limit of {shape.max_worker_pods} (max_worker_pods)"
     asked = {a.name: a for a in apps}
     chosen: dict[str, ServeAppSpec] = {}
     why: dict[str, str] = {}
     for name in sorted(set(asked) & set(running)):  # only a shape made smaller refuses one of these
-        floor = dataclasses.replace(asked[name], num_replicas=min(asked[name].num_replicas, running[name]))
-        if not _past_limit([*chosen.values(), floor], shape):
+        floor = dataclasses.replace(running[name], num_replicas=min(asked[name].num_replicas, running[name].num_replicas))
+        if not _refused(chosen.values(), floor, shape):
             chosen[name] = floor
     for name in sorted(chosen):
-        app, others = asked[name], [a for n, a in chosen.items() if n != name]
-        if not (past := _past_limit([*others, app], shape)):
+        others, app, runs = [a for n, a in chosen.items() if n != name], asked[name], running[name].num_replicas
+        held = dataclasses.replace(app, num_replicas=runs)
+        if not (refused := _refused(others, app, shape)):
             chosen[name] = app
+        elif runs < app.num_replicas and not _refused(others, held, shape):
+            chosen[name] = held
+            why[name] = f"kept at the {runs} replica(s) it runs: {app.num_replicas} {refused.removeprefix('its replicas ')}"
         else:
-            why[name] = f"kept at the {running[name]} replica(s) it runs: {app.num_replicas} {limit.format(past)}"
+            why[name] = f"kept as it runs, its update not applied: {refused}"
     for app in sorted((a for a in apps if a.name not in chosen), key=lambda a: a.name):
-        if past := _past_limit([*chosen.values(), app], shape):
-            why[app.name] = f"its replicas {limit.format(past)}"
+        if refused := _refused(chosen.values(), app, shape):
+            why[app.name] = refused
         else:
             chosen[app.name] = app
     return [chosen[a.name] for a in apps if a.name in chosen], why

@@ -255,7 +255,7 @@ class DataCentreSync:
 
 def applied_reason(apps: tuple[serve_config.ServeAppSpec, ...], not_as_asked: Mapping[str, str]) -> str:
     """What a ``serve-applied`` event says: the applications applied, and apart, those the
-    cluster did not take as asked (left out, or kept at fewer replicas), each with why."""
+    cluster did not take as asked (left out, or kept at fewer replicas or as it runs), each with why."""
     applied = [a for a in apps if a.name not in not_as_asked]
     said = f"{len(applied)} Serve application(s): " + ", ".join(f"{a.name}x{a.num_replicas}" for a in applied)
     if not_as_asked:

@@ -468,6 +468,47 @@ def test_too_many_llm_pods_are_refused() -> None:
         rayservice.render_rayservice("s", NS, [llm_app("ep-x", "H100", 1, 65)], LLM_SHAPE)
 
 
+def _configured(kube: kmock.KubernetesEmulator) -> dict[str, Any]:
+    """The Serve config entries of the RayService, by application name."""
+    return {a["name"]: a for a in yaml.safe_load(kube.objects[RES, NS, "edgeplane-paris-dc"]["spec"]["serveConfigV2"])["applications"]}
+
+
+@pytest.mark.parametrize(
+    ("runs", "update", "limit", "why"),
+    [
+        (app("ep-a", num_replicas=4, cpu=1.0), app("ep-a", num_replicas=4, cpu=4.0), 2,
+         "its replicas would take the RayService's CPU worker pods past the limit of 2 (max_worker_pods)"),
+        (llm_app("ep-a", "H100", 1, 1, autoscaling=(1, 2)), llm_app("ep-a", "H100", 1, 1, autoscaling=(1, 8)), 4,
+         "its replicas would take the RayService's H100 x1 LLM worker pods past the limit of 4 (max_worker_pods)"),
+        (app("ep-a", num_replicas=1, cpu=1.0), app("ep-a", num_replicas=1, cpu=8.0), 2,
+         "a replica asks for 8 CPU / 1024 MiB but a CPU worker pod offers 4 CPU / 9830 MiB usable"),
+    ],
+    ids=["more-cpu-a-replica", "llm-autoscaling-maximum", "no-longer-fits-a-pod"],
+)
+async def test_an_application_whose_update_the_cluster_cannot_take_runs_on_as_it_runs(
+    kube: kmock.KubernetesEmulator, runs: ServeAppSpec, update: ServeAppSpec, limit: int, why: str,
+) -> None:
+    """Left out of the RayService, it would be removed from the cluster, its model gone from
+    the site for an update the cluster cannot take; its status says why it is not updated."""
+    shape = dataclasses.replace(LLM_SHAPE, max_worker_pods=limit)
+    actuator = kuberay.KubeRayActuator(_client(str(kube.url)), NS, "paris-dc", shape=shape)
+    try:
+        assert await actuator.apply([runs, app("ep-b", num_replicas=1, cpu=4.0)]) == {}
+        before = _configured(kube)
+        _set_status(kube, {"activeServiceStatus": {"applicationStatuses": {
+            name: {"status": "RUNNING", "serveDeploymentStatuses": {"d": {"status": "HEALTHY"}}} for name in before}}})
+        kept = f"kept as it runs, its update not applied: {why}"
+        assert await actuator.apply([update, app("ep-b", num_replicas=1, cpu=4.0)]) == {"ep-a": kept}
+        assert _configured(kube) == before
+        a = (await actuator.observe())["ep-a"]
+        assert (a.status, a.message) == (ServeAppState.RUNNING, kept), a
+
+        assert await actuator.apply([update, app("ep-b", num_replicas=1, cpu=4.0)]) == {"ep-a": kept}  # and on
+        assert _configured(kube) == before
+    finally:
+        await actuator.close()
+
+
 def test_llm_app_status_from_the_rayservice_counts_its_engine_replicas() -> None:
     apps = [llm_app("ep-gpt", "H100", 1, 2), llm_app("ep-llama", "H100", 8, 1, autoscaling=(1, 3))]
     obj = rayservice.render_rayservice("s", NS, apps, LLM_SHAPE)

@@ -120,41 +120,44 @@ def test_the_applications_kept_within_the_pod_limit_always_make_a_rayservice(app
     """Whatever is asked, what is applied is never refused whole: every application is
     applied or said to be left out, and a set within the limit is applied as asked."""
     shape = dataclasses.replace(SHAPE, max_worker_pods=limit)
-    fitting = [a for a in apps if a.name not in rayservice.misfits(apps, shape)]
-    kept, why = rayservice.within_limit(fitting, shape, {})
+    kept, why = rayservice.within_limit(apps, shape, {})
     rayservice.render_rayservice("paris-dc", "edge-dc", kept, shape)  # refuses nothing
-    assert {a.name for a in kept} | set(why) == {a.name for a in fitting}
+    assert {a.name for a in kept} | set(why) == {a.name for a in apps}
+    assert set(rayservice.misfits(apps, shape)) <= set(why) - {a.name for a in kept}
     try:
-        rayservice.render_rayservice("paris-dc", "edge-dc", fitting, shape)
+        rayservice.render_rayservice("paris-dc", "edge-dc", apps, shape)
     except rayservice.ClusterShapeError:
         assert why
     else:
-        assert (kept, why) == (fitting, {})
+        assert (kept, why) == (apps, {})
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(app_sets(), st.data(), st.integers(1, 8))
-def test_an_application_the_rayservice_runs_is_never_left_out_for_another_ones_growth(
-        apps: list[ServeAppSpec], data: st.DataObject, limit: int) -> None:
+def test_an_application_the_rayservice_runs_is_never_left_out(apps: list[ServeAppSpec], data: st.DataObject, limit: int) -> None:
     """Left out, an application the RayService runs would be removed from the cluster: each
-    keeps its room, and one asked at no more replicas than it runs is applied as asked,
-    whatever the others ask."""
+    keeps its room whatever the others ask, its update taken where there is room, else it
+    stays at the count it runs, else as it runs; and one asked at no more replicas than it
+    runs, and otherwise unchanged, is applied as asked."""
     shape = dataclasses.replace(SHAPE, max_worker_pods=limit)
-    fitting = [a for a in apps if a.name not in rayservice.misfits(apps, shape)]
-    running = {a.name: data.draw(st.integers(0, 8)) for a in fitting if data.draw(st.booleans())}
+    running = {a.name: dataclasses.replace(a, num_replicas=data.draw(st.integers(0, 8)),
+                                           cpu=data.draw(st.sampled_from([a.cpu, a.cpu, 0.5, 1, 4])))  # as before an update
+               for a in apps if data.draw(st.booleans())}
     try:
-        rayservice.render_rayservice("paris-dc", "edge-dc", [dataclasses.replace(a, num_replicas=running[a.name])
-                                                             for a in fitting if a.name in running], shape)
+        rayservice.render_rayservice("paris-dc", "edge-dc", list(running.values()), shape)
     except rayservice.ClusterShapeError:
         assume(False)  # what runs fits the shape: it was applied to it
-    kept, why = rayservice.within_limit(fitting, shape, running)
+    kept, why = rayservice.within_limit(apps, shape, running)
     rayservice.render_rayservice("paris-dc", "edge-dc", kept, shape)  # refuses nothing
-    counts = {a.name: a.num_replicas for a in kept}
-    for a in fitting:
-        if a.name in running:
-            assert counts.get(a.name, -1) >= min(a.num_replicas, running[a.name]), (a.name, counts, why)
-            if a.num_replicas <= running[a.name]:
-                assert (counts[a.name], why.get(a.name)) == (a.num_replicas, None)
+    applied = {a.name: a for a in kept}
+    for a in apps:
+        if (runs := running.get(a.name)) is None:
+            continue
+        n = runs.num_replicas
+        assert applied.get(a.name) in (a, dataclasses.replace(a, num_replicas=n),
+                                       dataclasses.replace(runs, num_replicas=min(n, a.num_replicas))), (a, runs, why)
+        if runs == dataclasses.replace(a, num_replicas=n) and a.num_replicas <= n:
+            assert (applied[a.name], why.get(a.name)) == (a, None)
 
 
 def test_llm_applications_on_any_gpu_and_on_a_type_named_gpu_are_held_to_the_pod_limit_group_by_group() -> None:
