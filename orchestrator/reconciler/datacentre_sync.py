@@ -92,6 +92,7 @@ class DataCentreSync:
         driven = {s.name: target_of(s.spec) for s in stored}
         for gone in set(self.observed) - declared:  # deleted, or moved to the edge tier: counted by the target it left
             observed, applied = self.observed.pop(gone), self.applied.pop(gone, ())
+            self._not_as_asked.pop(gone, None)
             self._retiring[gone if gone not in driven else Left(gone, self.datacentres.target(gone))] = max(len(observed.apps), len(applied))
         for back in set(self._retiring) & declared:  # declared again: its apply takes over
             del self._retiring[back]
@@ -103,6 +104,7 @@ class DataCentreSync:
                 del self._backoff[site.name]  # the old target's failures (often why it moved) hold up nothing on the new one
             if (left := self.datacentres.target(site.name)) not in (None, driven[site.name]):
                 observed = self.observed.pop(site.name, None)  # the old target's: the new one is not seen yet
+                self._not_as_asked.pop(site.name, None)
                 self._retiring[Left(site.name, left)] = max(len(observed.apps) if observed else 0,
                                                              len(self.applied.pop(site.name, ())))
         # a record of the target its Site drives now was read racing the apply that drops it
