@@ -3,8 +3,9 @@
 A site declared with ``spec.kubernetes`` (kubeconfig context + namespace) does not expose a
 Ray dashboard to edgeplane; the KubeRay operator runs the cluster and applies Serve configs.
 So the placement for the site becomes one ``RayService`` object (``ray.io/v1``) that
-edgeplane owns, rendered and read by :mod:`orchestrator.adapters.rayservice`; this module
-creates, patches, deletes and observes it. The kubernetes client is synchronous; calls run in a worker thread so the
+edgeplane owns, rendered by :mod:`orchestrator.adapters.rayservice` and its status read by
+:mod:`orchestrator.adapters.rayservice_status`; this module creates, patches, deletes and
+observes it. The kubernetes client is synchronous; calls run in a worker thread so the
 control plane's event loop never blocks on the API server.
 """
 
