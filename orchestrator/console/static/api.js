@@ -3,6 +3,14 @@ const KEY = "edgeplane.token";
 
 export class Unauthorized extends Error {}
 
+// No answer within the time the request was given: the control plane (or whatever sits in
+// front of it) took the request and holds it, hung, or the network dropped it unseen.
+export class Unanswered extends Error {}
+
+// How long a request may take, its answer read included, unless its caller says otherwise: one
+// the control plane never answers must fail, or the poll waiting on it would never poll again.
+export const TIMEOUT_MS = 10_000;
+
 // A 429: the control plane is busy (every what-if slot taken); retryAfter is its Retry-After in seconds.
 export class Busy extends Error {
   constructor(message, retryAfter) { super(message); this.retryAfter = retryAfter; }
@@ -37,14 +45,34 @@ export function token() {
 }
 export function setToken(value) { value ? sessionStorage.setItem(KEY, value) : sessionStorage.removeItem(KEY); }
 
-// `signal` (an AbortController's) gives up on the request: the promise rejects with an AbortError.
-async function call(method, path, body, signal) {
+// The signal that gives up at `ms` or when `signal` (a caller's AbortController's) does.
+function within(ms, signal) {
+  const timeout = AbortSignal.timeout(ms);
+  if (!signal) return timeout;
+  if (AbortSignal.any) return AbortSignal.any([signal, timeout]);
+  const both = new AbortController();  // a browser without AbortSignal.any (before 2023)
+  for (const s of [signal, timeout]) {
+    if (s.aborted) both.abort(s.reason); else s.addEventListener("abort", () => both.abort(s.reason), { once: true });
+  }
+  return both.signal;
+}
+
+// `signal` (an AbortController's) gives up on the request: the promise rejects with an AbortError;
+// past `timeoutMs` it rejects with Unanswered.
+async function call(method, path, body, signal, timeoutMs = TIMEOUT_MS) {
   const headers = {};
   if (token()) headers.authorization = `Bearer ${token()}`;
   if (body !== undefined) headers["content-type"] = "application/json";
-  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal });
-  if (resp.status === 401) throw new Unauthorized((await resp.json()).error || "unauthorized");
-  const text = await resp.text();
+  const giveUp = within(timeoutMs, signal);
+  let resp, text;
+  try {
+    resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal: giveUp });
+    text = await resp.text();
+  } catch (err) {
+    if (giveUp.aborted && giveUp.reason?.name === "TimeoutError") throw new Unanswered(`no answer in ${timeoutMs / 1000} s`);
+    throw err;
+  }
+  if (resp.status === 401) throw new Unauthorized(JSON.parse(text).error || "unauthorized");
   if (!resp.ok) {
     let message = text;
     try { message = JSON.parse(text).error || text; } catch (_) { /* not JSON */ }
@@ -58,7 +86,7 @@ async function call(method, path, body, signal) {
 }
 
 export const get = (path) => call("GET", path);
-export const post = (path, body, signal) => call("POST", path, body, signal);
+export const post = (path, body, signal, timeoutMs) => call("POST", path, body, signal, timeoutMs);
 
 // Gateway requests per site from the Prometheus text (edgeplane_gateway_requests_total{site=...}).
 export function requestsBySite(metrics) {

@@ -303,8 +303,10 @@ async function runWhatif(event) {
   }
 }
 
-// How long a what-if waits for a slot that other callers hold, as the CLI does.
+// How long a what-if waits for a slot that other callers hold, and for its answer once it
+// runs (a large fleet's takes minutes), as the CLI does.
 const SIMULATE_WAIT_MS = 120_000;
+const SIMULATE_ANSWER_MS = 600_000;
 
 // POST /v1/simulate; while the control plane is busy with other what-ifs (429), waits as its
 // Retry-After asks, saying so in `out`, for up to SIMULATE_WAIT_MS, unless `signal` gives up.
@@ -312,7 +314,7 @@ async function simulate(body, out, signal) {
   const giveUp = Date.now() + SIMULATE_WAIT_MS;
   for (;;) {
     try {
-      return await api.post("/v1/simulate", body, signal);
+      return await api.post("/v1/simulate", body, signal, SIMULATE_ANSWER_MS);
     } catch (err) {
       if (!(err instanceof api.Busy) || Date.now() + err.retryAfter * 1000 > giveUp) throw err;
       const note = text("p", `${err.message}: waiting ${err.retryAfter} s`, "muted");
