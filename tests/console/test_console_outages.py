@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import re
 
 import httpx
 import pytest
@@ -73,3 +74,48 @@ async def test_a_request_never_answered_fails_the_poll_and_the_console_polls_on(
     finally:
         release.set()
         await page.close()
+
+
+async def asks_while_refused(browser, cp, status: int, headers: dict[str, str], asks: int):  # type: ignore[no-untyped-def]
+    """The page open on `cp`, then /v1/sites refused with `status` and `headers` until it has
+    been asked `asks` times: when each was asked (the loop's clock) and the header at the last."""
+    loop = asyncio.get_running_loop()
+    refusing, asked, enough = False, [], asyncio.Event()
+
+    async def sites(route):  # type: ignore[no-untyped-def]
+        if not refusing:
+            await route.continue_()
+            return
+        asked.append(loop.time())
+        if len(asked) >= asks:
+            enough.set()
+        await route.fulfill(status=status, content_type="application/json", headers=headers,
+                            body='{"error": "the store does not answer for now; retry"}')
+
+    page = await browser.new_page()
+    await page.route("**/v1/sites", sites)
+    await page.goto(f"{cp.http_url}/ui/")
+    await page.wait_for_selector(OSLO, timeout=15_000)
+    refusing = True
+    await asyncio.wait_for(enough.wait(), timeout=60)
+    header = await page.inner_text("#server-state")
+    refusing = False
+    await page.wait_for_function(header_starts_with("live"), timeout=70_000)  # and it comes back on its own
+    await page.close()
+    return [b - a for a, b in zip(asked, asked[1:])], header
+
+
+async def test_the_poll_waits_as_long_as_a_503_s_retry_after_asks(browser, cp) -> None:  # type: ignore[no-untyped-def]
+    """The store does not answer and the API says to ask again in 3 s: every page left open
+    waits that long, instead of asking each second."""
+    gaps, header = await asks_while_refused(browser, cp, 503, {"retry-after": "3"}, asks=3)
+    assert all(gap >= 2.9 for gap in gaps), gaps
+    # a wait is stretched by up to a fifth, so that the pages do not all ask again at once
+    assert re.fullmatch(r"unreachable: 503: the store does not answer for now; retry · asking again in [34] s", header), header
+
+
+async def test_a_control_plane_that_keeps_failing_is_asked_less_and_less_often(browser, cp) -> None:  # type: ignore[no-untyped-def]
+    """A proxy's 502 at each poll, with no Retry-After: each wait is twice the last."""
+    gaps, header = await asks_while_refused(browser, cp, 502, {}, asks=4)
+    assert [gap >= least for gap, least in zip(gaps, (0.9, 1.9, 3.9))] == [True] * 3, gaps
+    assert re.fullmatch(r"unreachable: 502: .* · asking again in \d+ s", header), header

@@ -11,9 +11,20 @@ export class Unanswered extends Error {}
 // the control plane never answers must fail, or the poll waiting on it would never poll again.
 export const TIMEOUT_MS = 10_000;
 
-// A 429: the control plane is busy (every what-if slot taken); retryAfter is its Retry-After in seconds.
-export class Busy extends Error {
+// A refusal that says to ask again later (503: the store does not answer for now; 429: the
+// control plane is busy); retryAfter is its Retry-After in seconds, or null where it gives none.
+export class RetryLater extends Error {
   constructor(message, retryAfter) { super(message); this.retryAfter = retryAfter; }
+}
+
+// A 429: every what-if slot taken; retryAfter is its Retry-After, 5 s where it gives none.
+export class Busy extends RetryLater {}
+
+// The seconds a Retry-After asks for (at least one, so a wait always waits), or null: an HTTP
+// date is read as none, as the CLI reads it.
+function retryAfter(resp) {
+  const seconds = Number(resp.headers.get("retry-after") ?? NaN);
+  return Number.isFinite(seconds) ? Math.max(1, seconds) : null;
 }
 
 // A token pasted from a chat or a PDF brings characters no token has: whitespace around it and
@@ -76,7 +87,8 @@ async function call(method, path, body, signal, timeoutMs = TIMEOUT_MS) {
   if (!resp.ok) {
     let message = text;
     try { message = JSON.parse(text).error || text; } catch (_) { /* not JSON */ }
-    if (resp.status === 429) throw new Busy(message, Math.max(1, Number(resp.headers.get("retry-after")) || 5));
+    if (resp.status === 429) throw new Busy(message, retryAfter(resp) ?? 5);
+    if (resp.status === 503) throw new RetryLater(`${resp.status}: ${message}`, retryAfter(resp));
     throw new Error(`${resp.status}: ${message}`);
   }
   if (path !== "/metrics") return JSON.parse(text);

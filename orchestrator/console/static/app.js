@@ -5,7 +5,24 @@ import { FleetMap } from "./map.js";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
+// After a failed poll the next waits twice as long as the last, up to BACKOFF_MAX_MS, and at
+// least what a refusal's Retry-After asks, up to MAX_RETRY_AFTER_S (as `edgeplane events
+// --follow` caps it: more would leave the page silent): every page left open asks a control
+// plane in trouble less, not five requests a second.
+const BACKOFF_MAX_MS = 30_000;
+const MAX_RETRY_AFTER_S = 60;
+
+// How long to wait before the next poll, after `failures` failed in a row (0: the last one was
+// answered). `jitter` (0 to 1) stretches a wait by up to a fifth, so that the pages a failure
+// met at once do not all ask again at once.
+function pollDelayMs(failures, retryAfterS, jitter) {
+  if (!failures) return POLL_MS;
+  const backoff = Math.min(POLL_MS * 2 ** (failures - 1), BACKOFF_MAX_MS);
+  return Math.max(backoff, Math.min(retryAfterS ?? 0, MAX_RETRY_AFTER_S) * 1000) * (1 + jitter / 5);
+}
+
 const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true, store: undefined,
+                failures: 0,  // polls failed in a row
                 replicas: new Map(), requests: {}, rates: {}, whatif: null, map: null, timer: null,
                 signedIn: 0,  // bumped at each sign-in and sign-out: a poll from before neither draws nor polls again
                 whatifRun: null };  // the running what-if's AbortController: given up at sign-out or at the next run
@@ -44,6 +61,7 @@ function showLogin(message) {
 
 async function start() {
   const signedIn = ++state.signedIn;
+  state.failures = 0;
   $("login").hidden = true;
   $("console").hidden = false;
   $("logout").hidden = !api.token();
@@ -57,6 +75,7 @@ async function start() {
 async function poll() {
   clearTimeout(state.timer);
   const signedIn = state.signedIn;
+  let wait = POLL_MS;
   try {
     const [sites, deployments, placements, events, metrics] = await Promise.all([
       api.get("/v1/sites"), api.get("/v1/modeldeployments"), api.get("/v1/placements"), newEvents(),
@@ -72,14 +91,16 @@ async function poll() {
     state.reloadEvents = false;
     if (metrics !== null) updateRequests(metrics);
     $("server-state").textContent = `live · ${new Date().toLocaleTimeString()}`;
+    state.failures = 0;
     render();
   } catch (err) {
     if (signedIn !== state.signedIn) return;
     state.reloadEvents = true;  // what answers next may be another control plane, or another store
     if (err instanceof api.Unauthorized) { showLogin(err.message); return; }
-    $("server-state").textContent = `unreachable: ${err.message}`;
+    wait = pollDelayMs(++state.failures, err instanceof api.RetryLater ? err.retryAfter : null, Math.random());
+    $("server-state").textContent = `unreachable: ${err.message} · asking again in ${Math.round(wait / 1000)} s`;
   }
-  state.timer = setTimeout(poll, POLL_MS);
+  state.timer = setTimeout(poll, wait);
 }
 
 // The events after the last one shown; or the newest 200, in place of the list, at first,
