@@ -119,3 +119,30 @@ async def test_a_control_plane_that_keeps_failing_is_asked_less_and_less_often(b
     gaps, header = await asks_while_refused(browser, cp, 502, {}, asks=4)
     assert [gap >= least for gap, least in zip(gaps, (0.9, 1.9, 3.9))] == [True] * 3, gaps
     assert re.fullmatch(r"unreachable: 502: .* · asking again in \d+ s", header), header
+
+
+async def test_a_base_map_that_fails_to_load_as_the_page_opens_is_asked_again(browser, cp) -> None:  # type: ignore[no-untyped-def]
+    """A proxy's 502 for the base map as the page opens (the control plane restarting just
+    then): the tables are drawn meanwhile, the map pane says why it is empty, and the map
+    with its sites follows once the base map loads."""
+    failed: list[str] = []
+
+    async def world(route):  # type: ignore[no-untyped-def]
+        if len(failed) < 2:
+            failed.append(route.request.url)
+            await route.fulfill(status=502, content_type="text/html", body="<html>Bad Gateway</html>")
+            return
+        await route.continue_()
+
+    page = await browser.new_page()
+    try:
+        await page.route("**/vendor/countries-110m.json", world)
+        await page.goto(f"{cp.http_url}/ui/")
+        await page.wait_for_selector("#sites-body tr >> text=edge-oslo", timeout=15_000)
+        await page.wait_for_function("() => document.getElementById('map-state').textContent"
+                                     ".startsWith('base map: 502: <html>Bad Gateway</html> · asking again in')", timeout=10_000)
+        await page.wait_for_selector(OSLO, timeout=15_000)
+        assert len(failed) == 2 and await page.locator("#map path.country").count() > 150
+        assert await page.is_hidden("#map-state")
+    finally:
+        await page.close()

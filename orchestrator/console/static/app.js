@@ -23,6 +23,7 @@ function pollDelayMs(failures, retryAfterS, jitter) {
 
 const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true, store: undefined,
                 failures: 0,  // polls failed in a row
+                mapLoading: false,  // the base map is asked (and asked again until it loads)
                 replicas: new Map(), requests: {}, rates: {}, whatif: null, map: null, timer: null,
                 signedIn: 0,  // bumped at each sign-in and sign-out: a poll from before neither draws nor polls again
                 whatifRun: null };  // the running what-if's AbortController: given up at sign-out or at the next run
@@ -65,11 +66,29 @@ async function start() {
   $("login").hidden = true;
   $("console").hidden = false;
   $("logout").hidden = !api.token();
-  if (!state.map) {
-    const [world, iso] = await Promise.all([fetch("vendor/countries-110m.json").then((r) => r.json()), fetch("iso-countries.json").then((r) => r.json())]);
-    if (!state.map) state.map = new FleetMap($("map"), world, iso);
-  }
+  loadMap();
   if (signedIn === state.signedIn) poll();
+}
+
+// The base map, asked until it loads, as a failed poll is asked again: its files come from the
+// control plane, which may be restarting as the page opens. The tables are polled meanwhile.
+async function loadMap() {
+  if (state.map || state.mapLoading) return;
+  state.mapLoading = true;
+  for (let failures = 1; ; failures++) {
+    try {
+      const [world, iso] = await Promise.all([api.get("vendor/countries-110m.json"), api.get("iso-countries.json")]);
+      state.map = new FleetMap($("map"), world, iso);
+      $("map-state").hidden = true;
+      drawMap(siteViews());
+      return;
+    } catch (err) {
+      const wait = pollDelayMs(failures, err instanceof api.RetryLater ? err.retryAfter : null, Math.random());
+      $("map-state").textContent = `base map: ${err.message} · asking again in ${Math.round(wait / 1000)} s`;
+      $("map-state").hidden = false;
+      await new Promise((resolve) => setTimeout(resolve, wait));
+    }
+  }
 }
 
 async function poll() {
@@ -219,9 +238,7 @@ function render() {
   const replicas = views.reduce((n, v) => n + v.replicas, 0);
   $("summary").textContent = `${views.length} sites (${healthy} healthy${rejoining ? `, ${rejoining} rejoining` : ""}) · `
     + `${state.deployments.length} deployments · ${replicas} replicas`;
-  state.map.drawSites(views);
-  renderResidency();
-  if (state.whatif) state.map.drawMoves(state.whatif.moves, Object.fromEntries(views.map((v) => [v.name, v])));
+  drawMap(views);
   renderSiteRows(views);
   $("deployments-body").replaceChildren(...state.deployments.map((d) => {
     const st = d.status || {};
@@ -250,9 +267,18 @@ function render() {
   fillWhatifTargets(views);
 }
 
+// The sites, residency zones and what-if moves on the map, once the base map has loaded.
+function drawMap(views) {
+  if (!state.map) return;
+  state.map.drawSites(views);
+  renderResidency();
+  if (state.whatif) state.map.drawMoves(state.whatif.moves, Object.fromEntries(views.map((v) => [v.name, v])));
+}
+
 function residencyOf(d) { return (d.spec.placement && d.spec.placement.residency) || []; }
 
 function renderResidency() {
+  if (!state.map) return;
   const chosen = $("residency-of").value;
   const zone = new Set();
   for (const d of state.deployments) {
