@@ -1,6 +1,7 @@
 """The console left open across a control-plane restart at the same address: request counts
 stay "since the page opened", and the Events tab follows the control plane that answers now,
 even when its store numbers events from lower down (a wiped data dir, a restored backup).
+A site's requests are counted whatever its name.
 
 The gateway's request counter, the one /metrics exports, stands in for requests it answered.
 """
@@ -107,6 +108,36 @@ async def test_request_counts_add_up_the_replicas_that_answer_in_turn(browser, t
         await page.wait_for_function(f"() => document.querySelector('{RATE}').textContent.startsWith('7 req')", timeout=15_000)
         await served_at_least(len(served) + 6)
         assert (await page.text_content(RATE) or "").startswith("7 req")
+    finally:
+        await page.close()
+        await fleet.stop()
+
+
+async def test_a_site_named_as_an_object_property_counts_its_requests(browser, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """`constructor` is a valid site name: its requests are counted as any other site's, not
+    read as a property every JavaScript object has (which showed 0, and NaN in the sums)."""
+    fleet = harness.Fleet(tmp_path)
+    answered = {"n": 0}
+
+    async def metrics(route):  # type: ignore[no-untyped-def]
+        body = "".join(f'edgeplane_gateway_requests_total{{code="200",model="intent",site="{site}"}} {answered["n"]}.0\n'
+                       for site in ("constructor", "edge-oslo"))
+        await route.fulfill(status=200, body=body, headers={
+            "content-type": "text/plain", "x-edgeplane-replica": "a", "x-edgeplane-uptime": "3600"})
+
+    page = await browser.new_page()
+    try:
+        cp = await fleet.start_control_plane()
+        await apply(cp.http_url, manifests.bundle(SITE, manifests.edge_site("constructor", "NO", 60.39, 5.32, region="no")))
+        await page.route("**/metrics", metrics)
+        await page.goto(f"{cp.http_url}/ui/")
+        await page.wait_for_selector("#map g.site[data-site=constructor]", timeout=10_000)
+        answered["n"] = 3  # each site's gateway answers 3 requests after the page opened
+        for site in ("edge-oslo", "constructor"):
+            await page.wait_for_function(
+                f"() => document.querySelector('#map g.site[data-site={site}] text.rate').textContent.startsWith('3 req')", timeout=10_000)
+        rows = {r.split("\t")[0]: r.split("\t")[7] for r in await page.locator("#sites-body tr").all_inner_texts()}
+        assert rows["constructor"].startswith("3 (") and rows["edge-oslo"].startswith("3 ("), rows
     finally:
         await page.close()
         await fleet.stop()

@@ -100,13 +100,14 @@ async function call(method, path, body, signal, timeoutMs = TIMEOUT_MS) {
 export const get = (path) => call("GET", path);
 export const post = (path, body, signal, timeoutMs) => call("POST", path, body, signal, timeoutMs);
 
-// Gateway requests per site from the Prometheus text (edgeplane_gateway_requests_total{site=...}).
+// Gateway requests per site from the Prometheus text (edgeplane_gateway_requests_total{site=...}),
+// in a Map: a site may be named as a plain object's property is (`constructor`).
 export function requestsBySite(metrics) {
-  const out = {};
+  const out = new Map();
   const re = /^edgeplane_gateway_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)$/gm;
   for (const m of metrics.matchAll(re)) {
     const site = /site="([^"]*)"/.exec(m[1]);
-    if (site) out[site[1]] = (out[site[1]] || 0) + Number(m[2]);
+    if (site) out.set(site[1], (out.get(site[1]) || 0) + Number(m[2]));
   }
   return out;
 }

@@ -24,7 +24,8 @@ function pollDelayMs(failures, retryAfterS, jitter) {
 const state = { sites: [], deployments: [], placements: [], events: [], lastEvent: 0, reloadEvents: true, store: undefined,
                 failures: 0,  // polls failed in a row
                 mapLoading: false,  // the base map is asked (and asked again until it loads)
-                replicas: new Map(), requests: {}, rates: {}, whatif: null, map: null, timer: null,
+                // every table keyed by a site's name is a Map: a site may be named `constructor`
+                replicas: new Map(), requests: new Map(), rates: new Map(), whatif: null, map: null, timer: null,
                 signedIn: 0,  // bumped at each sign-in and sign-out: a poll from before neither draws nor polls again
                 whatifRun: null };  // the running what-if's AbortController: given up at sign-out or at the next run
 
@@ -151,22 +152,22 @@ function updateRequests({ text, replica, uptimeS }) {
   let seen = state.replicas.get(replica);
   if (!seen) {
     const startedAt = now - uptimeS * 1000;
-    seen = startedAt > OPENED_AT ? { counts: {}, at: startedAt, rates: {} } : { counts, at: now, rates: {} };
+    seen = startedAt > OPENED_AT ? { counts: new Map(), at: startedAt, rates: new Map() } : { counts, at: now, rates: new Map() };
     state.replicas.set(replica, seen);
   }
   const dt = (now - seen.at) / 1000;
-  for (const site of new Set([...Object.keys(counts), ...Object.keys(seen.counts)])) {
-    const n = counts[site] || 0, before = seen.counts[site] || 0;
+  for (const site of new Set([...counts.keys(), ...seen.counts.keys()])) {
+    const n = counts.get(site) || 0, before = seen.counts.get(site) || 0;
     const added = n >= before ? n - before : n;
-    state.requests[site] = (state.requests[site] || 0) + added;
-    if (dt > 0) seen.rates[site] = added / dt;
+    state.requests.set(site, (state.requests.get(site) || 0) + added);
+    if (dt > 0) seen.rates.set(site, added / dt);
   }
   seen.counts = counts;
   seen.at = now;
-  state.rates = {};
+  state.rates = new Map();
   for (const r of state.replicas.values()) {
     if (now - r.at > RATE_WINDOW_MS) continue;
-    for (const [site, rate] of Object.entries(r.rates)) state.rates[site] = (state.rates[site] || 0) + rate;
+    for (const [site, rate] of r.rates) state.rates.set(site, (state.rates.get(site) || 0) + rate);
   }
 }
 
@@ -188,7 +189,7 @@ function siteViews() {
       name: s.metadata.name, tier: s.spec.tier, country: loc.country, region: loc.region || "", lat: loc.lat, lon: loc.lon,
       health: (s.status && s.status.health) || "Unknown", scheduling: scheduling(s.status),
       replicas: here.replicas, models: [...here.models].sort(),
-      requests: Math.round(state.requests[s.metadata.name] || 0), rate: state.rates[s.metadata.name] || 0,
+      requests: Math.round(state.requests.get(s.metadata.name) || 0), rate: state.rates.get(s.metadata.name) || 0,
       failed: failed.has(s.metadata.name),
     };
   });
@@ -272,7 +273,7 @@ function drawMap(views) {
   if (!state.map) return;
   state.map.drawSites(views);
   renderResidency();
-  if (state.whatif) state.map.drawMoves(state.whatif.moves, Object.fromEntries(views.map((v) => [v.name, v])));
+  if (state.whatif) state.map.drawMoves(state.whatif.moves, new Map(views.map((v) => [v.name, v])));
 }
 
 function residencyOf(d) { return (d.spec.placement && d.spec.placement.residency) || []; }
@@ -320,7 +321,7 @@ function forgetWhatif() {
   state.whatifRun = null;
   state.whatif = null;
   $("whatif-result").replaceChildren();
-  if (state.map) state.map.drawMoves([], {});
+  if (state.map) state.map.drawMoves([], new Map());
 }
 
 async function runWhatif(event) {

@@ -121,12 +121,13 @@ export class FleetMap {
     }
   }
 
+  // sitesByName: a Map of the sites drawn, by name.
   drawMoves(moves, sitesByName) {
     this.moves.replaceChildren();
     if (!this.bounds) return;
     const project = this.bounds.project;
     for (const m of moves) {
-      const a = sitesByName[m.from], b = sitesByName[m.to];
+      const a = sitesByName.get(m.from), b = sitesByName.get(m.to);
       if (!a || !b) continue;
       const [x1, y1] = project(a.lon, a.lat), [x2, y2] = project(b.lon, b.lat);
       const mx = (x1 + x2) / 2 - (y2 - y1) * 0.15, my = (y1 + y2) / 2 + (x2 - x1) * 0.15;
