@@ -293,14 +293,16 @@ function renderResidency() {
 
 const EU = ["AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT", "LV", "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE"];
 
+// One choice per deployment, named with its residency: rebuilt when either changes (a
+// deployment applied again with another residency keeps its name).
 function fillResidencyChoices() {
   const select = $("residency-of");
-  const names = state.deployments.map((d) => d.metadata.name);
-  const have = [...select.options].slice(1).map((o) => o.value);
-  if (have.join() === names.join()) return;
+  const choices = state.deployments.map((d) => [d.metadata.name, `${d.metadata.name} (${residencyOf(d).join(",") || "any"})`]);
+  const have = [...select.options].slice(1).map((o) => [o.value, o.text]);
+  if (JSON.stringify(have) === JSON.stringify(choices)) return;
   const keep = select.value;
-  select.replaceChildren(new Option("every deployment", ""), ...names.map((n) => new Option(`${n} (${residencyOf(state.deployments.find((d) => d.metadata.name === n)).join(",") || "any"})`, n)));
-  select.value = names.includes(keep) ? keep : "";
+  select.replaceChildren(new Option("every deployment", ""), ...choices.map(([name, label]) => new Option(label, name)));
+  select.value = choices.some(([name]) => name === keep) ? keep : "";
 }
 
 function fillWhatifTargets(views) {
