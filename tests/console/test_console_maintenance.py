@@ -19,7 +19,7 @@ from orchestrator.testing import harness
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-SINCE = "2026-12-07T04:00:00Z"
+SINCE = "2026-01-15T04:00:00Z"
 MAINTENANCE: dict[str, dict[str, Any]] = {
     "edge-cordoned": {"state": "Cordoned", "mode": "cordon", "reason": "disk swap", "by": "alice", "since": SINCE},
     "edge-draining": {"state": "Draining", "mode": "drain", "reason": "os upgrade", "by": "bob", "since": SINCE, "replicasLeft": 2,
@@ -51,7 +51,9 @@ async def test_each_site_s_maintenance_shows_on_the_map_and_in_the_table(browser
     f = harness.Fleet(tmp_path)
     try:
         cp = await f.start_control_plane()
-        page = await browser.new_page()
+        # the tooltip says when in the browser's zone, as the Events tab does
+        context = await browser.new_context(locale="en-GB", timezone_id="Europe/Paris")
+        page = await context.new_page()
         try:
             for path in ("/v1/sites", "/v1/modeldeployments", "/v1/placements"):
                 await page.route(f"**{path}", answer)
@@ -66,12 +68,12 @@ async def test_each_site_s_maintenance_shows_on_the_map_and_in_the_table(browser
             label = await page.locator("#map g.site[data-site=edge-draining] text.name").text_content()
             assert label == "edge-draining (2) · Draining", label
             tooltip = await page.locator("#map g.site[data-site=edge-draining] title").text_content() or ""
-            assert "scheduling: Draining (2 replicas left), by bob since 2026-12-07T04:00:00Z: os upgrade" in tooltip, tooltip
+            assert "scheduling: Draining (2 replicas left), by bob since 15/01/2026 05:00:00 CET: os upgrade" in tooltip, tooltip
             assert "waiting for replacements of d to serve" in tooltip and "fr-only stays (1): all 1 matching FR sites are draining" in tooltip
             assert "scheduling" not in (await page.locator("#map g.site[data-site=edge-open] title").text_content() or "")
             await page.fill("#sites-filter", "cordoned")
             assert [r.split("\t")[0] for r in await page.locator("#sites-body tr").all_inner_texts()] == ["edge-cordoned"]
         finally:
-            await page.close()
+            await context.close()
     finally:
         await f.stop()

@@ -39,11 +39,21 @@ function scheduling(status) {
   const m = status && status.maintenance;
   if (!m) return { state: "Schedulable", word: "Schedulable", about: [] };
   const word = m.state === "Draining" ? `Draining (${m.replicasLeft || 0} replica${m.replicasLeft === 1 ? "" : "s"} left)` : String(m.state || "-");
-  const about = [`scheduling: ${word}, by ${m.by || "?"} since ${m.since || "?"}${m.reason ? `: ${m.reason}` : ""}`];
+  const about = [`scheduling: ${word}, by ${m.by || "?"} since ${m.since ? localTime(m.since) : "?"}${m.reason ? `: ${m.reason}` : ""}`];
   if (m.waitingFor && m.waitingFor.length) about.push(`waiting for replacements of ${m.waitingFor.join(", ")} to serve`);
   for (const x of m.stuck || []) about.push(`${x.deployment} stays (${x.replicas}): ${x.reason}`);
   if (m.note) about.push(m.note);
   return { state: String(m.state || "-"), word, about };
+}
+
+// A time from the API (RFC 3339 in UTC, or seconds since the epoch) as this browser's clock
+// reads it, with its zone, and its date unless it is today: the Events tab opens on the newest
+// 200 events, which in a quiet fleet go back weeks.
+function localTime(ts) {
+  const at = new Date(typeof ts === "number" ? ts * 1000 : ts);
+  if (Number.isNaN(at.getTime())) return String(ts);
+  const time = at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", timeZoneName: "short" });
+  return at.toDateString() === new Date().toDateString() ? time : `${at.toLocaleDateString()} ${time}`;
 }
 
 function text(tag, value, cls) { const td = document.createElement(tag); td.textContent = value; if (cls) td.className = cls; return td; }
@@ -258,7 +268,7 @@ function render() {
   const list = $("events-list");
   list.replaceChildren(...state.events.slice(-100).reverse().map((e) => {
     const li = document.createElement("li");
-    li.appendChild(text("span", new Date(typeof e.ts === "number" ? e.ts * 1000 : e.ts).toLocaleTimeString(), "when"));
+    li.appendChild(text("span", localTime(e.ts), "when"));
     li.appendChild(text("span", `${e.action} ${e.kind}/${e.name} by ${e.actor} — ${e.reason}`));  // who, as the audit log says
     li.dataset.action = e.action;
     li.dataset.id = e.id;
