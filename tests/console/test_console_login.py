@@ -179,3 +179,28 @@ async def test_a_what_if_still_running_at_sign_out_is_not_shown_after_the_next_s
     finally:
         release.set()
         await context.close()
+
+
+async def test_a_401_from_a_proxy_in_front_shows_the_sign_in_form(browser, guarded) -> None:  # type: ignore[no-untyped-def]
+    """A proxy in front of the control plane (its own sign-in gone stale) refuses with a page of
+    its own, not the API's JSON: the console asks to sign in all the same."""
+    cp, read = guarded
+    context = await browser.new_context()
+    page = await context.new_page()
+    refused = False
+
+    async def proxy(route):  # type: ignore[no-untyped-def]
+        if refused:
+            await route.fulfill(status=401, content_type="text/html", body="<html><body>Session expired</body></html>")
+        else:
+            await route.continue_()
+
+    try:
+        await page.route("**/v1/**", proxy)
+        await open_signed_out(page, cp.http_url)
+        await sign_in(page, read)
+        refused = True
+        await page.wait_for_selector(SIGNED_OUT, timeout=10_000)
+        assert await page.inner_text("#login-error") == "unauthorized"
+    finally:
+        await context.close()

@@ -83,10 +83,12 @@ async function call(method, path, body, signal, timeoutMs = TIMEOUT_MS) {
     if (giveUp.aborted && giveUp.reason?.name === "TimeoutError") throw new Unanswered(`no answer in ${timeoutMs / 1000} s`);
     throw err;
   }
-  if (resp.status === 401) throw new Unauthorized(JSON.parse(text).error || "unauthorized");
   if (!resp.ok) {
-    let message = text;
-    try { message = JSON.parse(text).error || text; } catch (_) { /* not JSON */ }
+    let message = null;
+    try { message = JSON.parse(text).error; } catch (_) { /* not JSON: a proxy's page, say */ }
+    // A 401 from a proxy in front of the control plane comes with a page of its own: the sign-in form all the same.
+    if (resp.status === 401) throw new Unauthorized(message || "unauthorized");
+    message = message || text;
     if (resp.status === 429) throw new Busy(message, retryAfter(resp) ?? 5);
     if (resp.status === 503) throw new RetryLater(`${resp.status}: ${message}`, retryAfter(resp));
     throw new Error(`${resp.status}: ${message}`);
