@@ -9,6 +9,11 @@ no data and are served without a token.
 Every response under ``/ui`` carries the headers of a page that takes a bearer token: no
 framing by another site (clickjacking the sign-in form), scripts, styles, images and
 requests from this origin only, no MIME sniffing, and no Referer leaving the page.
+
+The page's files are sent with ``Cache-Control: no-cache``: a browser keeps them but asks
+whether they changed (their ETag) before each use. Without it a browser may reuse a file it
+holds for as long as its own heuristic says, and after an upgrade run the old app.js with
+the new index.html or api.js.
 """
 
 from __future__ import annotations
@@ -33,17 +38,22 @@ SECURITY_HEADERS = {
 }
 
 
-class _Hardened:
-    """An ASGI app whose every HTTP response also carries SECURITY_HEADERS."""
+#: what the page's own files are sent with besides SECURITY_HEADERS
+FILE_HEADERS = {**SECURITY_HEADERS, "cache-control": "no-cache"}
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class _Hardened:
+    """An ASGI app whose every HTTP response also carries ``headers`` (those it does not set itself)."""
+
+    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
         self.app = app
+        self.headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                extra = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items() if k.encode() not in present]
+                extra = [(k.encode(), v.encode()) for k, v in self.headers.items() if k.encode() not in present]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
@@ -67,5 +77,5 @@ def routes() -> list[BaseRoute]:
     return [
         Route("/ui", to_index, methods=["GET"]),
         Route("/ui/iso-countries.json", iso, methods=["GET"]),
-        Mount("/ui", app=_Hardened(StaticFiles(directory=STATIC, html=True)), name="console"),
+        Mount("/ui", app=_Hardened(StaticFiles(directory=STATIC, html=True), FILE_HEADERS), name="console"),
     ]

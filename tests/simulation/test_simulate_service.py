@@ -110,6 +110,18 @@ async def test_the_console_files_are_served_without_a_token(served) -> None:  # 
     assert data.status_code == 401  # the data behind the page still needs the token
 
 
+async def test_the_console_s_files_are_checked_for_changes_before_each_use(served) -> None:  # type: ignore[no-untyped-def]
+    """After an upgrade a browser must not run the old app.js it kept with the new page: it
+    keeps the files, but asks whether each changed (a 304 when not)."""
+    cp, _, _ = served
+    async with httpx.AsyncClient(base_url=cp.http_url) as http:
+        for path in ("/ui/", "/ui/app.js", "/ui/api.js", "/ui/map.js", "/ui/console.css", "/ui/vendor/countries-110m.json"):
+            resp = await http.get(path)
+            assert (resp.status_code, resp.headers.get("cache-control")) == (200, "no-cache"), path
+            again = await http.get(path, headers={"if-none-match": resp.headers["etag"]})
+            assert again.status_code == 304, path
+
+
 async def test_the_console_cannot_be_framed_and_loads_only_its_own_files(served) -> None:  # type: ignore[no-untyped-def]
     """The page takes a bearer token: another site must not frame it, nor the browser sniff its files."""
     cp, _, _ = served
