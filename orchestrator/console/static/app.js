@@ -12,11 +12,10 @@ const POLL_MS = 1000;
 const BACKOFF_MAX_MS = 30_000;
 const MAX_RETRY_AFTER_S = 60;
 
-// How long to wait before the next poll, after `failures` failed in a row (0: the last one was
-// answered). `jitter` (0 to 1) stretches a wait by up to a fifth, so that the pages a failure
-// met at once do not all ask again at once.
+// How long to wait before asking again, after `failures` (1 or more) failed in a row. `jitter`
+// (0 to 1) stretches a wait by up to a fifth, so that the pages a failure met at once do not
+// all ask again at once.
 function pollDelayMs(failures, retryAfterS, jitter) {
-  if (!failures) return POLL_MS;
   const backoff = Math.min(POLL_MS * 2 ** (failures - 1), BACKOFF_MAX_MS);
   return Math.max(backoff, Math.min(retryAfterS ?? 0, MAX_RETRY_AFTER_S) * 1000) * (1 + jitter / 5);
 }
@@ -71,7 +70,7 @@ function showLogin(message) {
   $("server-state").textContent = "signed out";
 }
 
-async function start() {
+function start() {
   const signedIn = ++state.signedIn;
   state.failures = 0;
   $("login").hidden = true;
