@@ -14,8 +14,6 @@ text cannot be taken back. A stream's lines are split here too, each held to
 from __future__ import annotations
 
 import codecs
-import datetime
-import email.utils
 import json
 import math
 import re
@@ -26,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from edgeplane_proto import retry_after as retry_header
 from orchestrator.clienterrors import InferenceError, StreamCut
 
 #: The longest line of an event stream the client takes, in characters (a token's event is
@@ -189,16 +188,7 @@ def read_refusal(resp: httpx.Response) -> InferenceError:
 def retry_after(resp: httpx.Response) -> float | None:
     """The seconds a refusal's ``Retry-After`` asks to wait (given in seconds or as an HTTP
     date); None without one that can be read."""
-    value = resp.headers.get("retry-after", "").strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # "-0000": a date with no zone, which HTTP's never is
-        return None
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+    return retry_header.seconds(resp.headers.get("retry-after"))
 
 
 class Retry(Exception):

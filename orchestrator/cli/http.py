@@ -10,7 +10,6 @@ keeps going (``events -w``) waits out like a server that cannot be reached.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from edgeplane_proto import retry_after as retry_header
 from orchestrator import proxyenv, urlpath
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
@@ -197,8 +197,5 @@ def _error_of(resp: httpx.Response) -> str:
 
 def _retry_after(resp: httpx.Response) -> float | None:
     """The seconds a ``Retry-After`` asks for (at least one, so a wait always waits), or None."""
-    try:
-        seconds = float(resp.headers.get("retry-after", ""))
-    except ValueError:
-        return None
-    return max(1.0, seconds) if math.isfinite(seconds) else None
+    seconds = retry_header.seconds(resp.headers.get("retry-after"))
+    return None if seconds is None else max(1.0, seconds)

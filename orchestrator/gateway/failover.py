@@ -23,26 +23,23 @@ follow), so the request moves on, and the replica is ejected as one that is down
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 from prometheus_client import Counter
 
+from edgeplane_proto import retry_after as retry_header
 from edgeplane_proto.headers import DRAINING
 
 #: The longest Retry-After the gateway passes on from a replica that is unavailable for now.
 MAX_RETRY_AFTER_S = 60
-#: Retry-After as seconds: ASCII digits only (headers are read as latin-1, and ``str.isdigit``
-#: takes "²", which ``int`` refuses), few enough that reading them costs nothing.
-_SECONDS = re.compile(r"[0-9]{1,18}")
 
 
 def retry_after_s(value: str | None) -> int:
     """A replica's Retry-After in whole seconds, 1 to :data:`MAX_RETRY_AFTER_S` (1 when it
     gave none, a date, or anything else)."""
-    if value is None or not _SECONDS.fullmatch(seconds := value.strip()):
+    if (seconds := retry_header.delay_seconds(value)) is None:
         return 1
-    return min(max(int(seconds), 1), MAX_RETRY_AFTER_S)
+    return min(max(seconds, 1), MAX_RETRY_AFTER_S)
 
 
 def passed_on(value: str | None) -> dict[str, str]:
@@ -58,7 +55,7 @@ def ejection_s(answer_headers: Mapping[str, str]) -> int | None:
     form (a date), or said it is draining (an agent stopping: asking it again each second
     would only send more requests to a replica that is going away)."""
     value = answer_headers.get("retry-after")
-    if value is None or answer_headers.get(DRAINING) is not None or not _SECONDS.fullmatch(value.strip()):
+    if answer_headers.get(DRAINING) is not None or retry_header.delay_seconds(value) is None:
         return None
     return retry_after_s(value)
 

@@ -172,12 +172,19 @@ async def test_a_replica_s_500_fails_over_without_taking_it_from_everyone(status
 
 
 @pytest.mark.parametrize("chat", [False, True])
-async def test_a_replica_at_capacity_is_a_refusal_that_says_when_to_retry(chat: bool) -> None:
+@pytest.mark.parametrize(("said", "waits"), [
+    ("3", 3.0),
+    ("\xb2", None),  # latin-1 "²": a digit to str.isdigit, not to float
+    ("Mon, 01 Jan 2024 00:00:00 +99999999999999999", None),  # a zone past any calendar
+    ("Mon, 01 Jan 99999999999999999999 00:00:00 GMT", None),
+], ids=["seconds", "superscript-two", "zone-overflows", "year-overflows"])
+async def test_a_replica_at_capacity_is_a_refusal_that_says_when_to_retry(chat: bool, said: str, waits: float | None) -> None:
     """A replica whose sequences are full answers 429 with ``Retry-After``: the request is
     not moved elsewhere, as the gateway does not move it (that would move the queue), and
-    the application is told how long to wait, which the client dropped."""
+    the application is told how long to wait. A Retry-After that cannot be read says
+    nothing: the refusal is still the refusal, not an error of the client's own."""
     async def full(request: httpmessages.Request) -> httpmessages.Response:
-        return httpmessages.Response(429, b'{"error": "model \'m\' is at capacity"}', headers=(("retry-after", "3"),))
+        return httpmessages.Response(429, b'{"error": "model \'m\' is at capacity"}', headers=(("retry-after", said),))
 
     server = httplistener.HttpServer(full)
     sock = socket.socket()
@@ -194,7 +201,7 @@ async def test_a_replica_at_capacity_is_a_refusal_that_says_when_to_retry(chat: 
                     [t async for t in c.chat("m", [{"role": "user", "content": "hi"}])]
                 else:
                     await c.infer("m", {"input": np.ones(1, np.float32)})
-        assert refused.value.status == 429 and refused.value.retry_after == 3.0
+        assert refused.value.status == 429 and refused.value.retry_after == waits
     finally:
         await server.shutdown(1)
 
