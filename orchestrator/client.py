@@ -47,15 +47,14 @@ This module decides where each request goes and sends it; the parts it decides w
 beside it, each importable from here as well: the error tree in
 :mod:`orchestrator.clienterrors`, the endpoint list cache in :mod:`orchestrator.clientcache`,
 a chat's answer and the OpenAI wire format it is read from in :mod:`orchestrator.clientchat`,
+an :class:`AsyncClient`'s HTTP client for each event loop in :mod:`orchestrator.clientloops`,
 and the checks of what a caller gives in :mod:`orchestrator.clientargs`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
-import threading
 import time
 import urllib.parse
 import weakref
@@ -71,6 +70,7 @@ from orchestrator import clientargs as args
 from orchestrator import clientchat, proxyenv
 from orchestrator.clientcache import EndpointCache
 from orchestrator.clientchat import Chat
+from orchestrator.clientloops import LoopClients
 from orchestrator.clienterrors import BadAnswer, EdgeplaneError, InferenceError, NoEndpoint, StreamCut, TimedOut, Unreachable
 from orchestrator.urlpath import path_segment
 
@@ -491,31 +491,12 @@ class AsyncClient(_Base):
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
                  **kwargs: Any):
         super().__init__(server, timeout=timeout, **kwargs)
-        self._transport = transport
-        self._by_loop: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
-        self._making = threading.Lock()  # loops in other threads may begin at the same time
-        self._unused: httpx.AsyncClient | None = self._new_http()  # made now: a proxy it cannot use is an error of the arguments
-
-    def _new_http(self) -> httpx.AsyncClient:
-        try:
-            return httpx.AsyncClient(timeout=self._timeout, transport=self._transport or proxyenv.async_transport(), trust_env=False)
-        except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
-            raise ValueError(proxyenv.explain(exc)) from None
+        self._loops = LoopClients(self._timeout, transport)
 
     @property
     def _http(self) -> httpx.AsyncClient:
         """The HTTP client of the running event loop."""
-        loop = asyncio.get_running_loop()
-        http = self._by_loop.get(loop)
-        if http is None:
-            with self._making:
-                # those of loops that ended go: nothing can close their connections now, and
-                # their sockets are closed as they are collected
-                by_loop = {other: h for other, h in self._by_loop.items() if not other.is_closed()}
-                http = by_loop.get(loop) or self._unused or self._new_http()
-                self._unused, by_loop[loop] = None, http
-                self._by_loop = by_loop
-        return http
+        return self._loops.current()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -524,12 +505,7 @@ class AsyncClient(_Base):
         await self.aclose()
 
     async def aclose(self) -> None:
-        with self._making:
-            mine, unused = self._by_loop.pop(asyncio.get_running_loop(), None), self._unused
-            self._unused = None
-        for http in (mine, unused):
-            if http is not None:
-                await http.aclose()
+        await self._loops.aclose()
 
     async def endpoints(self, model: str, refresh: bool = False) -> list[dict[str, Any]]:
         """The model's replicas nearest first (cached for the list's TTL); [] with ``direct=False``."""

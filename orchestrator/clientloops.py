@@ -1,0 +1,58 @@
+"""An :class:`~orchestrator.client.AsyncClient`'s HTTP clients, one for each event loop it
+is used in.
+
+A connection belongs to the event loop that opened it: one kept in the pool after its loop
+ended raised ``RuntimeError('Event loop is closed')`` in the next loop to take it (``asyncio.run``
+once per call: a script, a synchronous wrapper, a notebook cell run again). So each loop
+gets its own ``httpx.AsyncClient``, made the first time the loop sends; those of loops that
+ended are let go when another begins, as nothing can close their connections any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+
+from orchestrator import proxyenv
+
+
+class LoopClients:
+    """The HTTP clients of the event loops a client is used in."""
+
+    def __init__(self, timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport | None) -> None:
+        self._timeout, self._transport = timeout, transport
+        self._by_loop: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._making = threading.Lock()  # loops in other threads may begin at the same time
+        self._unused: httpx.AsyncClient | None = self._new()  # made now: a proxy it cannot use is an error of the arguments
+
+    def _new(self) -> httpx.AsyncClient:
+        try:
+            return httpx.AsyncClient(timeout=self._timeout, transport=self._transport or proxyenv.async_transport(), trust_env=False)
+        except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
+            raise ValueError(proxyenv.explain(exc)) from None
+
+    def current(self) -> httpx.AsyncClient:
+        """The HTTP client of the running event loop."""
+        loop = asyncio.get_running_loop()
+        http = self._by_loop.get(loop)
+        if http is None:
+            with self._making:
+                # those of loops that ended go: nothing can close their connections now, and
+                # their sockets are closed as they are collected
+                by_loop = {other: h for other, h in self._by_loop.items() if not other.is_closed()}
+                http = by_loop.get(loop) or self._unused or self._new()
+                self._unused, by_loop[loop] = None, http
+                self._by_loop = by_loop
+        return http
+
+    async def aclose(self) -> None:
+        """Closes the running loop's HTTP client (and the one made for the first loop, if no
+        loop took it)."""
+        with self._making:
+            mine, unused = self._by_loop.pop(asyncio.get_running_loop(), None), self._unused
+            self._unused = None
+        for http in (mine, unused):
+            if http is not None:
+                await http.aclose()
