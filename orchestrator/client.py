@@ -485,8 +485,8 @@ class AsyncClient(_Base):
     threads: each loop gets its own connections, as a connection belongs to the loop that
     opened it (one kept from a loop that has ended raised ``RuntimeError('Event loop is
     closed')`` in the next). Those of an ended loop are let go when another loop begins;
-    :meth:`aclose` closes those of the loop it runs in. A ``transport`` given is shared by
-    them all."""
+    :meth:`aclose` closes those of the loop it runs in and ends the client: a call after it
+    raises ``RuntimeError``. A ``transport`` given is shared by them all."""
 
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
                  **kwargs: Any):

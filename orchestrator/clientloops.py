@@ -6,6 +6,8 @@ ended raised ``RuntimeError('Event loop is closed')`` in the next loop to take i
 once per call: a script, a synchronous wrapper, a notebook cell run again). So each loop
 gets its own ``httpx.AsyncClient``, made the first time the loop sends; those of loops that
 ended are let go when another begins, as nothing can close their connections any more.
+A client closed (``aclose``) stays closed: a call after it raises, as httpx's own did, where
+making it a new HTTP client would leave that one's connections for no one to close.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class LoopClients:
         self._timeout, self._transport = timeout, transport
         self._by_loop: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
         self._making = threading.Lock()  # loops in other threads may begin at the same time
+        self._closed = False
         self._unused: httpx.AsyncClient | None = self._new()  # made now: a proxy it cannot use is an error of the arguments
 
     def _new(self) -> httpx.AsyncClient:
@@ -34,11 +37,13 @@ class LoopClients:
             raise ValueError(proxyenv.explain(exc)) from None
 
     def current(self) -> httpx.AsyncClient:
-        """The HTTP client of the running event loop."""
+        """The HTTP client of the running event loop; ``RuntimeError`` once closed."""
         loop = asyncio.get_running_loop()
         http = self._by_loop.get(loop)
         if http is None:
             with self._making:
+                if self._closed:
+                    raise RuntimeError("this AsyncClient was closed (aclose): make another to send more")
                 # those of loops that ended go: nothing can close their connections now, and
                 # their sockets are closed as they are collected
                 by_loop = {other: h for other, h in self._by_loop.items() if not other.is_closed()}
@@ -49,10 +54,10 @@ class LoopClients:
 
     async def aclose(self) -> None:
         """Closes the running loop's HTTP client (and the one made for the first loop, if no
-        loop took it)."""
+        loop took it), and lets go of the others: no loop sends through them again."""
         with self._making:
-            mine, unused = self._by_loop.pop(asyncio.get_running_loop(), None), self._unused
-            self._unused = None
+            mine, unused = self._by_loop.get(asyncio.get_running_loop()), self._unused
+            self._by_loop, self._unused, self._closed = {}, None, True
         for http in (mine, unused):
             if http is not None:
                 await http.aclose()

@@ -3,7 +3,8 @@ environment it cannot use is a ValueError naming it, NO_PROXY is read as curl re
 (address blocks included), a model name is one path segment of
 every URL, a versioned request goes to the replicas that hold that version, clients of
 two residencies sharing a cache each get their own endpoint list, an array in either byte
-order is sent as its datatype, and an async client serves one event loop after another."""
+order is sent as its datatype, and an async client serves one event loop after another
+until it is closed."""
 
 from __future__ import annotations
 
@@ -233,4 +234,22 @@ async def test_an_async_client_serves_one_event_loop_after_another() -> None:
         assert await doubled() == [2.0, 4.0]  # and this test's loop, still running, has its own
     finally:
         await client.aclose()
+        await server.shutdown(1)
+
+
+async def test_an_async_client_closed_refuses_to_send_more() -> None:
+    """A call after ``aclose`` made the client a new HTTP client, whose connections no one
+    would close; it raises, as the HTTP client's own did, and the client stays closed."""
+    server, url = await v2_server("edge-a")
+    client = client_mod.AsyncClient(url, direct=False, timeout=5)
+    try:
+        assert (await client.infer("m", {"input": np.ones(2, np.float32)})).site == "edge-a"
+        await client.aclose()
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="closed"):
+                await client.infer("m", {"input": np.ones(2, np.float32)})
+        with pytest.raises(RuntimeError, match="closed"):
+            [t async for t in client.chat("m", [{"role": "user", "content": "hi"}])]
+        await client.aclose()  # closing again is no error
+    finally:
         await server.shutdown(1)
