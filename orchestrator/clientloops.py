@@ -6,7 +6,10 @@ ended raised ``RuntimeError('Event loop is closed')`` in the next loop to take i
 once per call: a script, a synchronous wrapper, a notebook cell run again). So each loop
 gets its own ``httpx.AsyncClient``, made the first time the loop sends; those of loops that
 ended are let go when another begins, as nothing can close their connections any more.
-A client closed (``aclose``) stays closed: a call after it raises, as httpx's own did, where
+
+Each loop's is made on that loop, at its first request, so what it costs is that loop's wait:
+the TLS context (the CA certificates read, tens of milliseconds) is made once, with the first,
+and shared by all. A client closed (``aclose``) stays closed: a call after it raises, as httpx's own did, where
 making it a new HTTP client would leave that one's connections for no one to close.
 """
 
@@ -25,6 +28,7 @@ class LoopClients:
 
     def __init__(self, timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport | None) -> None:
         self._timeout, self._transport = timeout, transport
+        self._tls = None if transport is not None else httpx.create_ssl_context()
         self._by_loop: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
         self._making = threading.Lock()  # loops in other threads may begin at the same time
         self._closed = False
@@ -32,7 +36,7 @@ class LoopClients:
 
     def _new(self) -> httpx.AsyncClient:
         try:
-            return httpx.AsyncClient(timeout=self._timeout, transport=self._transport or proxyenv.async_transport(), trust_env=False)
+            return httpx.AsyncClient(timeout=self._timeout, transport=self._transport or proxyenv.async_transport(self._tls), trust_env=False)
         except proxyenv.UNUSABLE as exc:  # a proxy from the environment httpx cannot use, found as it is mounted
             raise ValueError(proxyenv.explain(exc)) from None
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -168,13 +169,16 @@ def transport() -> httpx.BaseTransport:
     return _Routing(_Routes[httpx.BaseTransport](settings, direct, lambda url: httpx.HTTPTransport(proxy=url)))
 
 
-def async_transport() -> httpx.AsyncBaseTransport:
-    """:func:`transport` for an asynchronous client."""
+def async_transport(tls: ssl.SSLContext | None = None) -> httpx.AsyncBaseTransport:
+    """:func:`transport` for an asynchronous client; ``tls``, when given, is the TLS context of
+    each of its connections (made once by a client that makes several transports: building
+    one reads the CA certificates, tens of milliseconds), else each transport makes its own."""
     settings = settings_of(urllib.request.getproxies())
-    direct = httpx.AsyncHTTPTransport()
+    verify: ssl.SSLContext | bool = True if tls is None else tls
+    direct = httpx.AsyncHTTPTransport(verify=verify)
     if settings.everywhere or not settings.proxies:
         return direct
-    return _AsyncRouting(_Routes[httpx.AsyncBaseTransport](settings, direct, lambda url: httpx.AsyncHTTPTransport(proxy=url)))
+    return _AsyncRouting(_Routes[httpx.AsyncBaseTransport](settings, direct, lambda url: httpx.AsyncHTTPTransport(verify=verify, proxy=url)))
 
 
 def explain(exc: Exception) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 
 import httpx
 import numpy as np
@@ -253,3 +254,33 @@ async def test_an_async_client_closed_refuses_to_send_more() -> None:
         await client.aclose()  # closing again is no error
     finally:
         await server.shutdown(1)
+
+
+async def test_an_async_client_reads_the_ca_certificates_once_not_on_each_event_loop_s_first_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each event loop's HTTP client is made on that loop, at its first request: reading the CA
+    certificates there (tens of milliseconds) blocked every other task of the loop meanwhile."""
+    reads = 0
+    load = ssl.SSLContext.load_verify_locations
+
+    def counted(self: ssl.SSLContext, *args: object, **kwargs: object) -> None:
+        nonlocal reads
+        reads += 1
+        load(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+    server, url = await v2_server("edge-a")
+    client = client_mod.AsyncClient(url, direct=False, timeout=5)
+    read_to_make = reads
+
+    async def doubled() -> list[float]:
+        return (await client.infer("m", {"input": np.array([1.0], np.float32)}))["output"].tolist()
+
+    try:
+        for _ in range(3):
+            assert await asyncio.to_thread(asyncio.run, doubled()) == [2.0]
+        assert await doubled() == [2.0]
+    finally:
+        await client.aclose()
+        await server.shutdown(1)
+    assert read_to_make >= 1 and reads == read_to_make
