@@ -486,7 +486,8 @@ class AsyncClient(_Base):
     opened it (one kept from a loop that has ended raised ``RuntimeError('Event loop is
     closed')`` in the next). Those of an ended loop are let go when another loop begins;
     :meth:`aclose` closes those of the loop it runs in and ends the client: a call after it
-    raises ``RuntimeError``. A ``transport`` given is shared by them all."""
+    raises ``RuntimeError``. A ``transport`` given is the caller's: every loop sends through
+    it (give one only to a client used in one loop), and the client does not close it."""
 
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
                  **kwargs: Any):

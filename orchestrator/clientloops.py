@@ -9,7 +9,9 @@ ended are let go when another begins, as nothing can close their connections any
 
 Each loop's is made on that loop, at its first request, so what it costs is that loop's wait:
 the TLS context (the CA certificates read, tens of milliseconds) is made once, with the first,
-and shared by all. A client closed (``aclose``) stays closed: a call after it raises, as httpx's own did, where
+and shared by all. A transport the caller gave is the caller's: every loop's client sends
+through it (so it serves one loop, as its connections are that loop's) and none closes it.
+A client closed (``aclose``) stays closed: a call after it raises, as httpx's own did, where
 making it a new HTTP client would leave that one's connections for no one to close.
 """
 
@@ -27,7 +29,8 @@ class LoopClients:
     """The HTTP clients of the event loops a client is used in."""
 
     def __init__(self, timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport | None) -> None:
-        self._timeout, self._transport = timeout, transport
+        self._timeout = timeout
+        self._transport = None if transport is None else _Lent(transport)
         self._tls = None if transport is not None else httpx.create_ssl_context()
         self._by_loop: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
         self._making = threading.Lock()  # loops in other threads may begin at the same time
@@ -65,3 +68,17 @@ class LoopClients:
         for http in (mine, unused):
             if http is not None:
                 await http.aclose()
+
+
+class _Lent(httpx.AsyncBaseTransport):
+    """A transport the caller gave: requests go through it, and closing a client leaves it
+    open (the caller closes it, as it may send through it elsewhere)."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self._transport = transport
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pass

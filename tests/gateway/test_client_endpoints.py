@@ -284,3 +284,24 @@ async def test_an_async_client_reads_the_ca_certificates_once_not_on_each_event_
         await client.aclose()
         await server.shutdown(1)
     assert read_to_make >= 1 and reads == read_to_make
+
+
+async def test_an_async_client_leaves_the_transport_it_was_given_open() -> None:
+    """A transport given is the caller's, who may send through it elsewhere: closing the
+    client closed it, for every client and loop using it."""
+    class Recorded(httpx.AsyncHTTPTransport):
+        closed = False
+
+        async def aclose(self) -> None:
+            self.closed = True
+            await super().aclose()
+
+    server, url = await v2_server("edge-a")
+    transport = Recorded()
+    try:
+        async with client_mod.AsyncClient(url, direct=False, timeout=5, transport=transport) as client:
+            assert (await client.infer("m", {"input": np.ones(1, np.float32)})).site == "edge-a"
+        assert not transport.closed
+    finally:
+        await transport.aclose()
+        await server.shutdown(1)
