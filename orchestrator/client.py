@@ -100,12 +100,13 @@ def _decode(resp: httpx.Response) -> Mapping[str, np.ndarray] | str:
     return {t.name: t.array for t in decoded.outputs}
 
 
-def _refusal(resp: httpx.Response) -> InferenceError:
-    try:
-        message = clientchat.read_json(resp.content).get("error", resp.text)
-    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
-        message = resp.text or resp.reason_phrase
-    return InferenceError(resp.status_code, str(message)[:500], retry_after=clientchat.retry_after(resp))
+def _gateway_refusal(resp: httpx.Response) -> EdgeplaneError:
+    """A gateway's 4xx or 5xx answer: its 404 and 503 say no replica can answer (for now,
+    with the 503's Retry-After), anything else is a refusal."""
+    refusal = clientchat.read_refusal(resp)
+    if resp.status_code in (404, 503):
+        return NoEndpoint(refusal.args[0], retry_after=refusal.retry_after)
+    return refusal
 
 
 @functools.lru_cache(maxsize=1024)
@@ -298,8 +299,7 @@ class _Base:
                 raise TimedOut(self._seconds, chat.attempts) from error  # nothing listening there is Unreachable
             raise Unreachable(error) from error
         if resp.status_code >= 400:
-            refusal = clientchat.read_refusal(resp)
-            raise NoEndpoint(refusal.args[0]) if resp.status_code in (404, 503) else refusal
+            raise _gateway_refusal(resp)
         return False
 
     def _chat_request(self, attempt: _Attempt, body: bytes, timeouts: dict[str, float]) -> httpx.Request:
@@ -364,7 +364,7 @@ class _Base:
                 self.cache.invalidate(self.listing_key(model))
                 return None
             if resp.status_code >= 400:
-                raise _refusal(resp)
+                raise clientchat.read_refusal(resp)
             outputs = _decode(resp)
             if isinstance(outputs, str):  # not a v2 answer: a broken replica, like a 5xx
                 self.cache.eject(attempt.endpoint)
@@ -376,10 +376,8 @@ class _Base:
             return None
         if resp is None:
             raise Unreachable(error) from error
-        if resp.status_code in (404, 503):
-            raise NoEndpoint(_refusal(resp).args[0])
         if resp.status_code >= 400:
-            raise _refusal(resp)
+            raise _gateway_refusal(resp)
         outputs = _decode(resp)
         if isinstance(outputs, str):
             if not attempt.last:

@@ -175,6 +175,9 @@ def cut(chat: Chat, why: object) -> StreamCut:
 
 
 def read_refusal(resp: httpx.Response) -> InferenceError:
+    """A refusal as the client raises it, from a replica or a gateway, for inference or a
+    chat: its message (a v2 error's string, an OpenAI error's ``message`` and ``code``) and
+    how long its ``Retry-After`` asks to wait."""
     code = None
     try:
         err = read_json(resp.content).get("error", resp.text)

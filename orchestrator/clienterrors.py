@@ -23,7 +23,13 @@ class EdgeplaneError(Exception):
 
 
 class NoEndpoint(EdgeplaneError):
-    """The control plane knows no allowed, healthy replica for the model."""
+    """The control plane knows no allowed, healthy replica for the model. ``retry_after``:
+    the seconds the gateway's ``Retry-After`` asked the caller to wait, when it gave one (a
+    503: replicas not ready yet, or draining)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unreachable(EdgeplaneError):

@@ -206,6 +206,29 @@ async def test_a_replica_at_capacity_is_a_refusal_that_says_when_to_retry(chat: 
         await server.shutdown(1)
 
 
+@pytest.mark.parametrize("chat", [False, True])
+async def test_a_gateway_with_no_replica_ready_says_when_to_retry(chat: bool) -> None:
+    """A gateway whose replicas are not ready yet (or drain) answers 503 with Retry-After:
+    ``NoEndpoint`` says how long it asked to wait, as a refusal's ``InferenceError`` does."""
+    async def not_ready(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(503, b'{"error": "no replica of \'m\' is ready yet"}', headers=(("retry-after", "2"),))
+
+    server = httplistener.HttpServer(not_ready)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock)
+    try:
+        async with client_mod.AsyncClient(f"http://127.0.0.1:{sock.getsockname()[1]}", direct=False, timeout=5) as c:
+            with pytest.raises(client_mod.NoEndpoint, match="ready yet") as refused:
+                if chat:
+                    [t async for t in c.chat("m", [{"role": "user", "content": "hi"}])]
+                else:
+                    await c.infer("m", {"input": np.ones(1, np.float32)})
+        assert refused.value.retry_after == 2.0
+    finally:
+        await server.shutdown(1)
+
+
 async def test_a_cascade_stage_s_500_escalates_without_ejecting_the_replica() -> None:
     """The OpenAI cascade treats a stage's 500 as the plain routes do: the request goes on
     to the next stage, and the replica that answered it stays in the table."""
