@@ -13,7 +13,6 @@ text cannot be taken back. A stream's lines are split here too, each held to
 
 from __future__ import annotations
 
-import codecs
 import json
 import math
 import re
@@ -27,12 +26,12 @@ import httpx
 from edgeplane_proto import retry_after as retry_header
 from orchestrator.clienterrors import InferenceError, StreamCut
 
-#: The longest line of an event stream the client takes, in characters (a token's event is
+#: The longest line of an event stream the client takes, in bytes (a token's event is
 #: a few hundred): the gateway's relay holds a replica's events to the same size
 #: (``orchestrator.gateway.event_stream.MAX_EVENT_BYTES``), which is not imported from
 #: there as an application's client does not load the gateway.
 MAX_LINE = 1 << 20
-_LINE_END = re.compile(r"\r\n|\r|\n")  # the SSE standard's; str.splitlines also splits at U+2028, which JSON text may hold
+_LINE_END = re.compile(rb"\r\n|\r|\n")  # the SSE standard's; str.splitlines also splits at U+2028, which JSON text may hold
 
 
 @dataclass
@@ -199,30 +198,29 @@ class Retry(Exception):
 
 
 class _Lines:
-    """An event stream's lines as its bytes arrive; ``Retry`` for a line past :data:`MAX_LINE`."""
+    """An event stream's lines as its bytes arrive; ``Retry`` for a line past :data:`MAX_LINE`,
+    whether or not it has ended: one read may hold several MiB (a gzip stream's, decompressed).
+    Lines are split as bytes, then decoded: no byte of a UTF-8 character is CR or LF."""
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._partial: list[str] = []  # the line begun, in the pieces it came in (joined once it ends)
-        self._size = 0
-        self._after_cr = False  # the last piece ended with CR: an LF first in the next is the same line end
+        self._partial = bytearray()  # the line begun
+        self._after_cr = False  # the last read ended with CR: an LF first in the next is the same line end
 
     def feed(self, data: bytes, final: bool = False) -> list[str]:
-        text = self._decoder.decode(data, final)
-        if self._after_cr and text.startswith("\n"):
-            text = text[1:]
-        self._after_cr = text.endswith("\r")
-        *ended, rest = _LINE_END.split(text)
-        lines = ["".join(self._partial) + ended[0], *ended[1:]] if ended else []
+        if data:
+            if self._after_cr and data.startswith(b"\n"):
+                data = data[1:]
+            self._after_cr = data.endswith(b"\r")
+        *ended, rest = _LINE_END.split(data)
         if ended:
-            self._partial, self._size = [], 0
-        self._partial.append(rest)
-        self._size += len(rest)
-        if self._size > MAX_LINE:
-            raise Retry(f"an event line past {MAX_LINE} characters (no line break ends it)")
-        if final and self._size:
-            lines.append("".join(self._partial))  # a last line with no line break, as it was
-        return lines
+            ended[0] = bytes(self._partial) + ended[0]
+            self._partial = bytearray()
+        self._partial += rest
+        if len(self._partial) > MAX_LINE or any(len(line) > MAX_LINE for line in ended):
+            raise Retry(f"an event line past {MAX_LINE} bytes")
+        if final and self._partial:
+            ended.append(bytes(self._partial))  # a last line with no line break, as it was
+        return [line.decode("utf-8", "replace") for line in ended]
 
 
 def lines_of(chunks: Iterable[bytes]) -> Iterator[str]:

@@ -228,6 +228,16 @@ def test_an_event_stream_is_split_into_lines_as_the_sse_standard_says(chunks: li
     assert list(clientchat.lines_of(chunks)) == lines
 
 
+@pytest.mark.parametrize("chunks", [
+    [b"data: " + b"a" * (3 << 20) + b"\n\n"],  # ended in the read it came in: one read of a gzip stream may hold MiBs
+    [b"data: " + "\u00e9".encode() * (clientchat.MAX_LINE // 2) + b"\n"],  # fewer characters than the limit, more bytes
+    [b"data: " + b"a" * (1 << 19), b"a" * (1 << 19), b"\n"],
+])
+def test_an_event_line_past_the_limit_is_refused_whether_or_not_it_ended(chunks: list[bytes]) -> None:
+    with pytest.raises(clientchat.Retry, match="past"):
+        list(clientchat.lines_of(chunks))
+
+
 TOKEN = b'data: {"choices": [{"index": 0, "delta": {"content": "hi!"}, "finish_reason": null}]}\n\n'
 
 
