@@ -43,12 +43,12 @@ _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 @dataclass(frozen=True)
 class _Exempt:
     """One entry of ``NO_PROXY``: an address block (an address is a block of one), or a
-    domain with its subdomains (``.example.com``: the subdomains only); with a port, that
-    port only."""
+    domain with its subdomains; with a port, that port only. A leading dot (``.example.com``)
+    is ignored, as curl and Python's urllib ignore it: it exempts example.com too (Go's rule,
+    the subdomains only, would send example.com itself to the proxy a curl beside it skips)."""
 
     network: _Network | None = None
     domain: str = ""
-    subdomains_only: bool = False
     port: int | None = None
 
     def covers(self, host: str, port: int) -> bool:
@@ -59,7 +59,7 @@ class _Exempt:
                 return ipaddress.ip_address(host) in self.network
             except ValueError:  # a name: no block holds it (names are not resolved to decide)
                 return False
-        return host.endswith("." + self.domain) or (host == self.domain and not self.subdomains_only)
+        return host == self.domain or host.endswith("." + self.domain)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _exempt(entry: str) -> _Exempt:
     try:  # an address or a block: 10.0.0.0/8, 127.0.0.1, ::1, [::1], fd00::/8
         return _Exempt(network=ipaddress.ip_network(host.strip("[]"), strict=False), port=port)
     except ValueError:
-        return _Exempt(domain=host.lstrip("*").lstrip("."), subdomains_only=host.startswith((".", "*")), port=port)
+        return _Exempt(domain=host.removeprefix("*").lstrip("."), port=port)
 
 
 def proxy_for(settings: Settings, url: httpx.URL) -> str | None:

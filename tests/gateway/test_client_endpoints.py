@@ -69,15 +69,16 @@ def test_a_proxy_in_the_environment_that_cannot_be_used_is_a_value_error_naming_
     ("example.com", "http://example.com/", True),
     ("example.com", "http://api.EXAMPLE.com/", True),
     ("example.com", "http://badexample.com/", False),
-    (".example.com", "http://example.com/", False),
+    (".example.com", "http://example.com/", True),  # the leading dot is ignored, as curl and urllib ignore it
     (".example.com", "http://api.example.com/", True),
+    (".example.com", "http://badexample.com/", False),
     ("*.example.com", "http://api.example.com/", True),
     ("localhost", "http://localhost:8080/", True),
     ("*", "http://anything.example/", True),
     ("", "http://127.0.0.1:8088/", False),
 ])
 def test_no_proxy_exempts_hosts_domains_and_address_blocks(no_proxy: str, url: str, direct: bool) -> None:
-    """As curl, Go and requests read it: httpx took ``127.0.0.0/8`` for the one host 127.0.0.0."""
+    """As curl reads it: httpx took ``127.0.0.0/8`` for the one host 127.0.0.0."""
     settings = proxyenv.settings_of({"http": "http://proxy:3128", "no": no_proxy})
     assert proxyenv.proxy_for(settings, httpx.URL(url)) == (None if direct else "http://proxy:3128")
 
