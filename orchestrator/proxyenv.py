@@ -8,7 +8,10 @@ honour) as the one host ``10.0.0.0``, so every call into the block went to the p
 :func:`settings_of` reads them (as :func:`urllib.request.getproxies` finds them, as httpx
 did) and :func:`proxy_for` decides, purely, where one URL goes; :func:`transport` and
 :func:`async_transport` give a client's transport, which sends each request as decided.
-The CLI and the Python client make their HTTP clients with them and ``trust_env=False``.
+Every HTTP client of edgeplane is made with them and ``trust_env=False`` (:func:`client` and
+:func:`async_client` make one so): the CLI's, the Python client's, the standalone gateway's
+(following the control plane), a data-centre replica's artifact downloads and the Ray Serve
+adapter's.
 
 A proxy transport is made with the client, before any request (so ``NO_PROXY`` does not
 help): one httpx cannot use raises there, an ``ImportError`` for a SOCKS proxy
@@ -27,7 +30,7 @@ import ssl
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -179,6 +182,23 @@ def async_transport(tls: ssl.SSLContext | None = None) -> httpx.AsyncBaseTranspo
     if settings.everywhere or not settings.proxies:
         return direct
     return _AsyncRouting(_Routes[httpx.AsyncBaseTransport](settings, direct, lambda url: httpx.AsyncHTTPTransport(verify=verify, proxy=url)))
+
+
+def client(**options: Any) -> httpx.Client:
+    """An ``httpx.Client`` (``options`` as httpx takes them) that sends as the environment's
+    proxy settings say, read here; ``ValueError`` (:func:`explain`) for a proxy httpx cannot use."""
+    try:
+        return httpx.Client(transport=transport(), trust_env=False, **options)
+    except UNUSABLE as exc:
+        raise ValueError(explain(exc)) from None
+
+
+def async_client(transport: httpx.AsyncBaseTransport | None = None, **options: Any) -> httpx.AsyncClient:
+    """:func:`client` for asynchronous calls; a ``transport`` given is used as it is."""
+    try:
+        return httpx.AsyncClient(transport=transport or async_transport(), trust_env=False, **options)
+    except UNUSABLE as exc:
+        raise ValueError(explain(exc)) from None
 
 
 def explain(exc: Exception) -> str:

@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 
 from orchestrator import ports as ports_mod
+from orchestrator import proxyenv
 from orchestrator.adapters import ray_serve
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class LocalRayCluster:
         interval = 0.2
         headers = {"Authorization": f"Bearer {endpoints.token()}"}
         url = endpoints.dashboard_url + ray_serve.APPLICATIONS_PATH
-        with httpx.Client(timeout=5.0) as client:
+        with proxyenv.client(timeout=5.0) as client:  # the dashboard as the Ray Serve adapter calls it
             for _ in range(int(self._startup_timeout_s / interval) + 1):
                 if self._process is None or self._process.poll() is not None:
                     raise LocalRayError(f"ray start exited early:\n{_tail(log_path)}")

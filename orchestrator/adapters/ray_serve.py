@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from edgeplane_proto import oip
+from orchestrator import proxyenv
 from orchestrator.adapters import serve_config
 from orchestrator.adapters.serve_config import (
     DataCentreActuator,
@@ -100,9 +101,7 @@ class RayServeActuator:
         self._http_options = dict(http_options or {})
         self._owned_prefix = owned_prefix
         self._owns = owns or (lambda name: serve_config.is_owned(name, owned_prefix))
-        self._client = httpx.AsyncClient(
-            base_url=self._dashboard_url, timeout=timeout_s, transport=transport
-        )
+        self._client = proxyenv.async_client(transport, base_url=self._dashboard_url, timeout=timeout_s)
         # Ingress deployment of each ray-serve application, learnt from the cluster, so
         # that an application without an explicit ``deployment`` can still be sized.
         self._ingress: dict[str, str] = {}

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import httpx
 import orjson
 
+from orchestrator import proxyenv
 from orchestrator.gateway import endpoints as endpoints_mod
 from orchestrator.gateway import wire
 from orchestrator.security import admission, tokencache
@@ -106,7 +107,7 @@ class TableFollower:
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
         self.clock = clock
         self._headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(silence_s, connect=connect_timeout_s), headers=self._headers)
+        self._http = proxyenv.async_client(timeout=httpx.Timeout(silence_s, connect=connect_timeout_s), headers=self._headers)
         self._index = 0
         #: The URL of the control plane the last snapshot came from (None before the first).
         self.source: str | None = None
@@ -350,7 +351,7 @@ class TokenChecker:
         self.clock, self.wall = clock, wall
         self._cache: tokencache.VerdictTable[Verdict] = tokencache.VerdictTable(max_entries, max_refused)  # by key
         self._asking: dict[str, asyncio.Future[Token | None]] = {}  # one control-plane call per token at a time
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
+        self._http = proxyenv.async_client(timeout=httpx.Timeout(5.0, connect=2.0))
 
     async def close(self) -> None:
         for asking in list(self._asking.values()):

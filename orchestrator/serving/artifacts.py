@@ -24,6 +24,7 @@ import httpx
 
 import edge_agent
 from edgeplane_proto import artifact_hosts
+from orchestrator import proxyenv
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = artifact_hosts.MAX_REDIRECTS
@@ -107,7 +108,7 @@ def _download(uri: str, path: pathlib.Path, sha256: str, timeout_s: float, redir
     try:
         with (
             os.fdopen(fd, "wb") as out,
-            httpx.Client(timeout=timeout_s) as client,
+            proxyenv.client(timeout=timeout_s) as client,
             contextlib.closing(_get(client, uri, redirect_hosts)) as response,
         ):
             response.raise_for_status()
@@ -125,7 +126,7 @@ def _download(uri: str, path: pathlib.Path, sha256: str, timeout_s: float, redir
                 f"artifact {uri} has sha256 {digest.hexdigest()}, expected {sha256}: refusing to load it"
             )
         os.replace(tmp_name, path)
-    except (httpx.HTTPError, OSError) as exc:
+    except (httpx.HTTPError, OSError, ValueError) as exc:  # ValueError: proxy settings httpx cannot use
         raise ArtifactError(f"cannot download artifact {uri}: {exc}") from exc
     finally:
         if os.path.exists(tmp_name):

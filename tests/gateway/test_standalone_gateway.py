@@ -368,6 +368,35 @@ async def test_token_checks_are_cached_and_outlive_the_control_plane(tmp_path: A
         await fleet.stop()
 
 
+async def test_the_gateway_calls_a_control_plane_inside_a_no_proxy_block_directly(tmp_path: Any,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``NO_PROXY=127.0.0.0/8`` holds for the gateway as for the client and the CLI: httpx,
+    left to read the environment, took the block for the one host 127.0.0.0 and sent the
+    watch and the token checks to ``HTTP_PROXY``, here a port nothing listens on."""
+    fleet = harness.Fleet(tmp_path)
+    try:
+        cp = await fleet.start_control_plane()
+        async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+            token = (await http.post("/v1/tokens", json={"purpose": "api", "role": "read"})).json()["token"]
+        for name in [k for k in os.environ if k.lower().endswith("_proxy")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.0/8")
+        follower = follow.TableFollower([cp.http_url], endpoints.EndpointTable(), backoff_max_s=0.5)
+        checker = follow.TokenChecker(follower)
+        following = asyncio.create_task(follower.run())
+        try:
+            assert await follower.wait_snapshot(0, timeout=30), follower.last_error
+            assert await checker.check(token) is not None
+        finally:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+            await checker.close()
+            await follower.close()
+    finally:
+        await fleet.stop()
+
+
 async def test_a_token_past_its_expiry_is_refused_whether_or_not_the_control_plane_answers(tmp_path: Any) -> None:
     """A valid verdict is kept 30 s, and past that while no control plane answers: never past
     the token's own expiry (``expiresAt`` in ``GET /v1/whoami``)."""
