@@ -17,7 +17,10 @@ MAX_CHARS = 2048
 def refusal(url: str) -> str | None:
     """Why ``url`` cannot be given to others to reach a process at (an agent's endpoint, the
     control plane's public URL), or None when it can. The callers name their flag."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # "http://[::1": an IPv6 host not closed, which no one could reach
+        return f"{url!r} is not a URL ({exc})"
     try:
         port_ok = parts.port != 0  # None: the scheme's
     except ValueError:  # out of range or not a number: a gateway could not forward to it

@@ -37,6 +37,7 @@ BASE = ["--control-plane", "127.0.0.1:8081", "--token", "t", "--data-dir", "/tmp
     (["--site", "edge-x", "--advertise-url", "10.1.2.3:8090"], "argument --advertise-url: '10.1.2.3:8090' must be an http(s) URL"),
     (["--site", "edge-x", "--advertise-url", "ftp://10.1.2.3"], "argument --advertise-url: 'ftp://10.1.2.3' must be an http(s) URL"),
     (["--site", "edge-x", "--advertise-url", "http://10.1.2.3:99999"], "must be an http(s) URL with a host and, if any, a port"),
+    (["--site", "edge-x", "--advertise-url", "http://[::1"], "argument --advertise-url: 'http://[::1' is not a URL (Invalid IPv6 URL)"),
     (["--site", "edge-x", "--advertise-url", "http://0.0.0.0:8090"], "argument --advertise-url: 'http://0.0.0.0:8090' is an address to listen on, not one others can reach"),
     (["--site", "edge-x", "--workers", "-1"], "argument --workers: -1 is not from 0 to 1024"),
     (["--site", "edge-x", "--max-queued-runs", "-1"], "argument --max-queued-runs: -1 is not from 0 to"),

@@ -216,6 +216,7 @@ def test_a_site_the_leader_says_another_replica_holds_is_refused_here_until_the_
         ({"endpoint_url": "http://10.0.0.5:99999"}, errors.InvalidJoin),  # a gateway could not forward to these
         ({"endpoint_url": "http://10.0.0.5:80a"}, errors.InvalidJoin),
         ({"endpoint_url": "http://10.0.0.5:0"}, errors.InvalidJoin),
+        ({"endpoint_url": "http://[::1"}, errors.InvalidJoin),  # not a URL at all
         ({"location": model.Location("France")}, errors.InvalidJoin),
         ({"location": model.Location("XX")}, errors.InvalidJoin),  # two capitals, no country: it would be placed nowhere
         ({"location": model.Location("FR", "", 91.0, 0.0)}, errors.InvalidJoin),

@@ -100,6 +100,7 @@ def test_the_join_port_is_where_agents_look_for_it(flags: list[str], join: int) 
     (["--location", "abc"], "--location 'abc' is not lat,lon"),
     (["--public-url", "ftp://cp.example"], "argument --public-url: 'ftp://cp.example' must be an http(s) URL with a host"),
     (["--public-url", "cp.example:8080"], "argument --public-url: 'cp.example:8080' must be an http(s) URL with a host"),
+    (["--public-url", "http://[::1"], "argument --public-url: 'http://[::1' is not a URL (Invalid IPv6 URL)"),
     (["--public-url", "http://[::]:8080"], "argument --public-url: 'http://[::]:8080' is an address to listen on, not one others can reach"),
     (["--peer-address", "nohostport"], "argument --peer-address: 'nohostport' is not HOST:PORT"),
     (["--peer-address", "::1:8081"], "argument --peer-address: '::1:8081' is not HOST:PORT"),
