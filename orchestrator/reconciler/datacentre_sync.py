@@ -239,6 +239,8 @@ class DataCentreSync:
             log.exception("data centre %s: applying its Serve applications failed", site)
             await self._failed(site, exc, f"applying failed: {type(exc).__name__}: ", target=store_mod.datacentre_target(obj.spec))
             return
+        if backoff is not None and backoff.unreachable:  # the cluster answered this apply before the next observe
+            await self._recovered(site, backoff)
         self._backoff.pop(site, None)
         if drift:  # e.g. a deposed leader's apply that landed after this leader's
             self.reapplied[site] = self.reapplied.get(site, 0) + 1
