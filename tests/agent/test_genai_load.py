@@ -113,6 +113,16 @@ async def leave_once_running(s: Serving, body: dict[str, object]) -> None:
     writer.close()
 
 
+async def cancelled(s: Serving, n: int) -> None:
+    """Wait (bounded: up to 30-75 s on a loaded machine) until ``n`` generations were counted
+    cancelled and none runs; the caller asserts both."""
+    for _ in range(1500):
+        if await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == n \
+                and await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_a_client_that_disconnects_stops_its_generation(control_plane: ControlPlane, make_agent: MakeAgent,
                                                               packages: Packages) -> None:
     async for s in serve(control_plane, make_agent, packages.slow_url, packages.slow.sha256):
@@ -126,11 +136,7 @@ async def test_a_client_that_disconnects_stops_its_generation(control_plane: Con
                 if got == 3:
                     break
         # The connection is closed: the generating thread sees the cancel within one step.
-        for _ in range(1500):  # bounded: up to 30-75 s on a loaded machine
-            if await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 1 \
-                    and await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0:
-                break
-            await asyncio.sleep(0.05)
+        await cancelled(s, 1)
         assert await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 1
         assert await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0
         generated = await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL)
@@ -138,11 +144,7 @@ async def test_a_client_that_disconnects_stops_its_generation(control_plane: Con
 
         # Not streamed: the client leaves while the whole answer is being generated.
         await leave_once_running(s, {**body, "stream": False})
-        for _ in range(1500):  # bounded: up to 30-75 s on a loaded machine
-            if await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 2 \
-                    and await s.metric("edgeplane_agent_generation_running", model=MODEL) == 0:
-                break
-            await asyncio.sleep(0.05)
+        await cancelled(s, 2)
         assert await s.metric("edgeplane_agent_generations_total", model=MODEL, outcome="cancelled") == 2
         assert await s.metric("edgeplane_agent_completion_tokens_total", model=MODEL) < generated + 4000
 
