@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 from collections.abc import AsyncIterator
 
+import kmock
 import pytest
 
 from orchestrator.testing import harness
@@ -20,3 +21,10 @@ async def fleet(tmp_path: pathlib.Path) -> AsyncIterator[harness.Fleet]:
         yield fleet
     finally:
         await fleet.stop()
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
+    """A stateful Kubernetes API emulator served over real HTTP on loopback."""
+    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
+        yield emulator

@@ -11,7 +11,7 @@ import contextlib
 import http.server
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,14 +21,8 @@ import pytest
 from orchestrator.adapters import rayservice
 from orchestrator.gateway import wire
 from orchestrator.testing import harness
-from tests.controlplane.test_datacentre_sites import (MODEL, ServeDashboard, bundle, deployment, has_rayservice, kuberay_on, site,
-                                                     site_events, site_status, start)
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
-    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
-        yield emulator
+from tests.controlplane.datacentres import (MODEL, ServeDashboard, bundle, deployment, has_rayservice, kuberay_on, site,
+                                            site_events, site_status, start)
 
 
 async def test_a_kubernetes_api_outage_shorter_than_the_loss_time_neither_moves_replicas_nor_deletes_the_rayservice(

@@ -17,7 +17,7 @@ import httpx
 from orchestrator import server
 from orchestrator.adapters import serve_config
 from orchestrator.testing import harness
-from tests.controlplane.test_datacentre_sites import MODEL, Cluster, bundle, deployment, site, site_status
+from tests.controlplane.datacentres import MODEL, Cluster, bundle, deployment, site, site_status
 
 
 def maintenance(cp: server.ControlPlane, name: str) -> Mapping[str, Any]:

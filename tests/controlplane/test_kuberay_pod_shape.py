@@ -6,18 +6,17 @@ are replicas past the shape's pod limit. The Kubernetes API is a stateful emulat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import kmock
-import pytest
 import yaml
 
 from orchestrator import server
 from orchestrator.adapters import rayservice
 from orchestrator.testing import harness
-from tests.controlplane.test_datacentre_sites import SHAPE, MODEL, RES, bundle, deployment, kuberay_on, site, site_events, start
+from tests.controlplane.datacentres import SHAPE, MODEL, RES, bundle, deployment, kuberay_on, site, site_events, start
 
 BIG_MODEL = """
 apiVersion: edgeplane.io/v1alpha1
@@ -37,12 +36,6 @@ spec:
   replicas: {min: 1, max: 1}
   placement: {tiers: [datacenter], siteSelector: {site: dc-1}}
 """
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
-    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
-        yield emulator
 
 
 def served(kube: kmock.KubernetesEmulator) -> set[str]:

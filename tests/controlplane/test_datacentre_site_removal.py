@@ -1,215 +1,26 @@
-"""Data-centre sites through the whole control plane: each KubeRay site is a RayService on a
-stateful Kubernetes API emulator (kmock) over real HTTP, reached through ``kube_factory``,
-the seam the control plane builds KubeRay actuators with."""
+"""A data centre's Site deleted, or moved to another cluster, namespace or tier, through the
+whole control plane: what it ran on the cluster it left is removed, after a restart too,
+while the API server fails, or given up by an operator once that cluster is gone for good;
+its new cluster is applied to at once. KubeRay sites are RayServices on a stateful
+Kubernetes API emulator (kmock) over real HTTP, reached through ``kube_factory``; Ray sites
+are Serve REST APIs on loopback."""
 
 from __future__ import annotations
 
-import asyncio
-import http.server
-import json
-import pathlib
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import kmock
-import kubernetes
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import server
-from orchestrator.adapters import kuberay, rayservice, serve_config
-from orchestrator.manifests import schema
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
-from tests.foundation import support
-
-SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
-RES = kmock.resource("ray.io", "v1", "rayservices")
-
-
-def site(name: str, on: str = "") -> str:
-    """A data-centre Site on KubeRay in namespace ``ns-<name>``, or ``on`` another target
-    (a ``kubernetes:`` or ``ray:`` line)."""
-    return f"""
-apiVersion: edgeplane.io/v1alpha1
-kind: Site
-metadata: {{name: {name}, labels: {{site: {name}}}}}
-spec:
-  tier: datacenter
-  location: {{country: FR, region: eu-west, lat: 48.85, lon: 2.35}}
-  capacity: {{cpu: 64, memoryGiB: 256}}
-  {on or f"kubernetes: {{context: test, namespace: ns-{name}}}"}
-"""
-
-
-def deployment(name: str, on: str | None = None) -> str:
-    """One replica of model m in a data centre: site ``on``, or any."""
-    selector = f", siteSelector: {{site: {on}}}" if on is not None else ""
-    return f"""
-apiVersion: edgeplane.io/v1alpha1
-kind: ModelDeployment
-metadata: {{name: {name}}}
-spec:
-  model: m
-  replicas: {{min: 1, max: 1}}
-  placement: {{tiers: [datacenter]{selector}}}
-"""
-
-
-MODEL = """
-apiVersion: edgeplane.io/v1alpha1
-kind: Model
-metadata: {name: m}
-spec:
-  variants:
-    - {name: v, runtime: ray-serve, importPath: "pkg.mod:app", resources: {cpu: 1, memoryMiB: 256}}
-"""
-
-
-def bundle(*docs: str) -> str:
-    return "---".join(docs)
-
-
-class Broken:
-    """An actuator that fails the way a fault in an adapter would, not as a
-    DataCentreError: in observe(), or in apply() only."""
-
-    drift = ""
-
-    def __init__(self, in_observe: bool) -> None:
-        self.in_observe = in_observe
-
-    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
-        raise KeyError("name")
-
-    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
-        if self.in_observe:
-            raise KeyError("name")
-        return {}
-
-    async def close(self) -> None:
-        pass
-
-
-class Outages:
-    """An actuator whose cluster can be taken away and brought back."""
-
-    drift = ""
-
-    def __init__(self) -> None:
-        self.down = False
-
-    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
-        await self.observe()
-        return {}
-
-    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
-        if self.down:
-            raise serve_config.DataCentreError("cannot reach the cluster: connection refused")
-        return {}
-
-    async def close(self) -> None:
-        pass
-
-
-class Cluster:
-    """A data centre's cluster that outlives any control plane: what runs there is what was
-    last applied, and it can be taken away and brought back."""
-
-    drift = ""
-
-    def __init__(self) -> None:
-        self.running: dict[str, serve_config.ServeAppSpec] = {}
-        self.down = False
-
-    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
-        await self.observe()
-        self.running = {a.name: a for a in apps}
-        return {}
-
-    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
-        if self.down:
-            raise serve_config.DataCentreError("cannot reach the cluster: connection refused")
-        return {n: serve_config.ServeAppStatus(n, serve_config.ServeAppState.RUNNING, "", a.num_replicas, a.num_replicas,
-                                               f"http://127.0.0.1:9{a.route_prefix}") for n, a in self.running.items()}
-
-    async def close(self) -> None:  # closing a client stops nothing on the cluster
-        pass
-
-
-class Refusing:
-    """A cluster that answers but fails each apply with ``error``."""
-
-    drift = ""
-
-    def __init__(self, error: serve_config.DataCentreError) -> None:
-        self.error = error
-
-    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
-        raise self.error
-
-    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
-        return {}
-
-    async def close(self) -> None:
-        pass
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[kmock.KubernetesEmulator]:
-    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
-        yield emulator
-
-
-class ServeDashboard:
-    """A Ray dashboard's Serve REST API on loopback, whose applications run as soon as they
-    are PUT; ``stop()`` takes the cluster away for good."""
-
-    def __init__(self) -> None:
-        self.applications: dict[str, dict[str, Any]] = {}
-        dashboard = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.rstrip("/") != "/api/serve/applications":
-                    return self.send_error(404)
-                self.answer({"applications": {name: dashboard.running(app) for name, app in dict(dashboard.applications).items()},
-                             "http_options": {"port": 8000}})
-
-            def do_PUT(self) -> None:
-                config = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                dashboard.applications = {a["name"]: a for a in config["applications"]}
-                self.answer({})
-
-            def answer(self, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    @staticmethod
-    def running(app: Mapping[str, Any]) -> dict[str, Any]:
-        replicas = int((app.get("deployments") or [{}])[0].get("num_replicas", 1))
-        return {"status": "RUNNING", "source": "declarative", "route_prefix": app.get("route_prefix"), "deployed_app_config": app,
-                "deployment_topology": {"ingress_deployment": "Ingress"},
-                "deployments": {"Ingress": {"target_num_replicas": replicas, "replicas": [{"state": "RUNNING"}] * replicas}}}
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+from tests.controlplane.datacentres import (MODEL, Cluster, ServeDashboard, bundle, deployment, has_rayservice, kuberay_on, site,
+                                            site_events, site_status, start)
 
 
 @pytest.fixture
@@ -220,48 +31,16 @@ def dashboards() -> Iterator[tuple[ServeDashboard, ServeDashboard]]:
         dashboard.stop()
 
 
-def kuberay_on(kube: kmock.KubernetesEmulator, shape: rayservice.RayClusterShape = SHAPE, **broken: Any) -> Callable[[str, schema.SiteSpec], Any]:
-    """A ``kube_factory``: a KubeRay actuator on the emulator per site, or the one given by name."""
-    def build(name: str, spec: schema.SiteSpec) -> Any:
-        if name in broken:
-            return broken[name]
-        assert spec.kubernetes is not None
-        config = kubernetes.client.Configuration()
-        config.host, config.retries = str(kube.url).rstrip("/"), 0
-        return kuberay.KubeRayActuator(kubernetes.client.ApiClient(config), spec.kubernetes.namespace, name, shape=shape)
-    return build
-
-
-def has_rayservice(kube: kmock.KubernetesEmulator, name: str, namespace: str = "") -> bool:
-    key = (RES, namespace or f"ns-{name}", rayservice.rayservice_name(name))
-    return key in kube.objects and not kube.objects[key].deleted
-
-
-def site_status(cp: server.ControlPlane, name: str) -> Mapping[str, Any]:
-    stored = cp.store.get("Site", name)
-    return stored.status if stored is not None else {}
-
-
-def site_events(cp: server.ControlPlane, name: str) -> list[tuple[str, str]]:
-    return [(e.action, e.reason) for e in cp.store.events(kind="Site", name=name, limit=1000)]
-
-
-async def start(fleet: harness.Fleet, factory: Callable[[str, schema.SiteSpec], Any]) -> server.ControlPlane:
-    return await fleet.start_control_plane(kube_factory=factory, resync_s=0.2)
-
-
-async def test_a_site_whose_adapter_fails_unexpectedly_holds_up_no_other_site(
-        fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
-    cp = await start(fleet, kuberay_on(kube, **{"dc-unobserved": Broken(in_observe=True), "dc-unapplied": Broken(in_observe=False)}))
+async def delete_while_unreachable(cp: server.ControlPlane, cluster: Cluster, name: str) -> None:
+    """``name`` declared with a deployment on it, running; then deleted while its cluster is down."""
     async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        applied = await http.post("/v1/apply", content=bundle(site("dc-unobserved"), site("dc-unapplied"), site("dc-ok"),
-                                                               MODEL, deployment("d", "dc-ok")))
+        applied = await http.post("/v1/apply", content=bundle(site(name), MODEL, deployment("d", name)))
         assert applied.status_code == 200, applied.text
-    await harness.wait_until(lambda: has_rayservice(kube, "dc-ok"), 30, what="dc-ok's RayService")
-    await harness.wait_until(lambda: "observing it failed: KeyError" in site_status(cp, "dc-unobserved").get("error", ""), 30,
-                             what="dc-unobserved's status to say why it is not observed")
-    await harness.wait_until(lambda: any("applying failed: KeyError" in e.reason for e in cp.store.events(kind="Site", name="dc-unapplied")),
-                             30, what="an event saying why dc-unapplied is not applied")
+        await harness.wait_until(lambda: bool(cluster.running), 30, what=f"{name}'s application")
+        cluster.down = True
+        assert (await http.delete(f"/v1/sites/{name}")).status_code == 200
+    await harness.wait_until(lambda: any("not removed yet" in e.reason for e in cp.store.events(kind="Site", name=name, limit=1000)),
+                             30, what=f"{name}'s removal to fail")
 
 
 async def test_deleting_a_kuberay_site_deletes_its_rayservice(fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
@@ -280,45 +59,6 @@ async def test_deleting_a_kuberay_site_deletes_its_rayservice(fleet: harness.Fle
     assert not has_rayservice(kube, "dc-old")
     assert any(action == "datacentre-error" and "not removed yet" in reason
                for action, reason in site_events(cp, "dc-old")), site_events(cp, "dc-old")
-
-
-async def test_each_outage_of_a_data_centre_is_logged_with_its_end(fleet: harness.Fleet) -> None:
-    """A second outage with the same error as the first was in the site's status but not in
-    the event log, and was retried after the first one's longer delay."""
-    cluster = Outages()
-    cp = await start(fleet, lambda name, spec: cluster)
-    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        assert (await http.post("/v1/apply", content=site("dc-1"))).status_code == 200
-
-    def events() -> list[str]:
-        return [e.action for e in cp.store.events(kind="Site", name="dc-1", limit=1000)
-                if e.action.startswith("datacentre-")]
-
-    def observed() -> bool:
-        status = site_status(cp, "dc-1")
-        return bool(status) and "error" not in status
-
-    await harness.wait_until(observed, 20, what="dc-1 observed")
-    for outage in (1, 2):
-        cluster.down = True
-        await harness.wait_until(lambda: "cannot reach the cluster" in site_status(cp, "dc-1").get("error", ""), 20,
-                                 what=f"outage {outage} in dc-1's status")
-        cluster.down = False
-        await harness.wait_until(observed, 20, what=f"dc-1 observed after outage {outage}")
-    await harness.wait_until(lambda: len(events()) >= 4, 10, what="both outages in the event log")
-    assert events() == ["datacentre-error", "datacentre-recovered"] * 2
-
-
-async def delete_while_unreachable(cp: server.ControlPlane, cluster: Cluster, name: str) -> None:
-    """``name`` declared with a deployment on it, running; then deleted while its cluster is down."""
-    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        applied = await http.post("/v1/apply", content=bundle(site(name), MODEL, deployment("d", name)))
-        assert applied.status_code == 200, applied.text
-        await harness.wait_until(lambda: bool(cluster.running), 30, what=f"{name}'s application")
-        cluster.down = True
-        assert (await http.delete(f"/v1/sites/{name}")).status_code == 200
-    await harness.wait_until(lambda: any("not removed yet" in e.reason for e in cp.store.events(kind="Site", name=name, limit=1000)),
-                             30, what=f"{name}'s removal to fail")
 
 
 async def test_a_deleted_sites_applications_are_removed_after_a_restart(fleet: harness.Fleet) -> None:
@@ -523,70 +263,6 @@ async def test_a_ray_site_moved_to_another_cluster_removes_its_applications_from
     assert new.applications
 
 
-async def test_a_data_centre_is_neither_applied_to_nor_cleared_while_changes_are_on_hold(fleet: harness.Fleet, tmp_path: pathlib.Path) -> None:
-    """A Model an earlier version stored that this one does not read holds every change: a
-    deployment added to the site is not applied, and the Site deleted leaves its applications
-    running; deleting that Model ends the hold, and they are removed."""
-    cluster = Cluster()
-    cp = await start(fleet, lambda name, spec: cluster)
-    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        assert (await http.post("/v1/apply", content=bundle(site("dc-1"), MODEL, deployment("d", "dc-1")))).status_code == 200
-        await harness.wait_until(lambda: bool(cluster.running), 30, what="dc-1's application")
-        running = dict(cluster.running)
-        legacy = {"variants": [{"name": "v", "runtime": "ray-serve", "importPath": "pkg.mod:app", "throughputRps": 1e-320,
-                                "resources": {"cpu": 1, "memoryMiB": 256}}]}  # a throughput this version refuses even stored
-        cp.store.apply([store_mod.ObjectWrite("Model", "old", {}, legacy)], store_mod.Event("earlier-version", "apply", "", "", "apply"))
-        cp.reconciler.trigger("test")
-        await harness.wait_until(lambda: any(e.action == "unreadable" for e in cp.store.events(kind="Model", name="old")), 20,
-                                 what="Model old reported unreadable")
-        view = (await http.get("/v1/controlplane")).json()
-        assert view["hold"].startswith("changes on hold: Model 'old' cannot be read (variants.0.throughputRps"), view
-        assert view["hold"].endswith(": apply it again or delete it")
-        manifest = tmp_path / "d2.yaml"
-        manifest.write_text(deployment("d2", "dc-1"))
-        for command in (("plan", "-f", str(manifest)), ("apply", "-f", str(manifest), "--dry-run"), ("simulate", "--fail-site", "dc-1"),
-                        ("status",)):  # each says so
-            shown = await asyncio.to_thread(support.cli, *command, server_url=cp.http_url)
-            assert shown.returncode == 0, shown.stderr
-            assert view["hold"] in shown.stdout.splitlines(), (command, shown.stdout)
-        assert (await http.post("/v1/apply", content=deployment("d2", "dc-1"))).status_code == 200  # stored
-        await cp.reconciler.wait_for_pass(cp.reconciler.passes + 2)
-        assert cluster.running == running  # not applied
-        assert (await http.delete("/v1/sites/dc-1")).status_code == 200
-        await cp.reconciler.wait_for_pass(cp.reconciler.passes + 2)
-        assert cluster.running == running  # not removed
-        assert not any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-1", limit=1000))
-        assert cp.store.get("Model", "old").status["phase"] == "Unreadable"  # type: ignore[union-attr]
-
-        assert (await http.delete("/v1/models/old")).status_code == 200
-        await harness.wait_until(lambda: any(e.action == "serve-removed" for e in cp.store.events(kind="Site", name="dc-1", limit=1000)),
-                                 20, what="dc-1's applications removed once the hold ends")
-        assert cluster.running == {}
-        assert "hold" not in (await http.get("/v1/controlplane")).json()
-
-
-async def test_only_an_apply_the_cluster_refuses_makes_its_deployment_failing(fleet: harness.Fleet) -> None:
-    """Ray not answering yet is retried and passes on its own: the deployment is Progressing
-    while the site's status says why. A config the cluster refuses is the operator's to fix:
-    Failing, naming the site."""
-    cluster = Refusing(serve_config.RayUnreachable("http://127.0.0.1:8265", "connection refused"))
-    cp = await start(fleet, lambda name, spec: cluster)
-    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
-        applied = await http.post("/v1/apply", content=bundle(site("dc-1"), MODEL, deployment("d", "dc-1")))
-        assert applied.status_code == 200, applied.text
-
-    def phase() -> tuple[str, str]:
-        stored = cp.store.get("ModelDeployment", "d")
-        status = stored.status if stored is not None else {}
-        return status.get("phase", ""), str(status.get("reason", ""))
-
-    await harness.wait_until(lambda: "unreachable" in site_status(cp, "dc-1").get("error", ""), 30, what="dc-1's apply to fail")
-    await harness.wait_until(lambda: phase()[0] == "Progressing", 30, what="d to be Progressing")
-    cluster.error = serve_config.ServeConfigRejected("422: bad field")
-    await harness.wait_until(lambda: phase()[0] == "Failing", 90, what="d to be Failing")
-    assert "dc-1: Ray Serve rejected the config: 422: bad field" in phase()[1], phase()
-
-
 async def test_a_deleted_sites_reapply_count_leaves_the_metrics(fleet: harness.Fleet, kube: kmock.KubernetesEmulator) -> None:
     """Its series would be kept for the life of the process, one per data centre ever declared."""
     cluster = Cluster()
@@ -605,4 +281,3 @@ async def test_a_deleted_sites_reapply_count_leaves_the_metrics(fleet: harness.F
         await harness.wait_until(lambda: any(a == "serve-removed" for a, _ in site_events(cp, "dc-1")), 30,
                                  what="a pass that removed the deleted site's applications")
         assert await reapplied(http) == set()
-

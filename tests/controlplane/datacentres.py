@@ -1,0 +1,168 @@
+"""Data-centre sites for the control-plane tests: their manifests, a cluster that outlives
+any control plane, a Ray dashboard's Serve REST API on loopback, and the ``kube_factory``
+that builds KubeRay actuators on a stateful Kubernetes API emulator (kmock) over real HTTP.
+The emulator itself is conftest.py's ``kube``."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import kmock
+import kubernetes
+
+from orchestrator import server
+from orchestrator.adapters import kuberay, rayservice, serve_config
+from orchestrator.manifests import schema
+from orchestrator.testing import harness
+
+SHAPE = rayservice.RayClusterShape(image="registry.example/edgeplane-ray:2.60.0", ray_version="2.60.0")
+RES = kmock.resource("ray.io", "v1", "rayservices")
+
+
+def site(name: str, on: str = "") -> str:
+    """A data-centre Site on KubeRay in namespace ``ns-<name>``, or ``on`` another target
+    (a ``kubernetes:`` or ``ray:`` line)."""
+    return f"""
+apiVersion: edgeplane.io/v1alpha1
+kind: Site
+metadata: {{name: {name}, labels: {{site: {name}}}}}
+spec:
+  tier: datacenter
+  location: {{country: FR, region: eu-west, lat: 48.85, lon: 2.35}}
+  capacity: {{cpu: 64, memoryGiB: 256}}
+  {on or f"kubernetes: {{context: test, namespace: ns-{name}}}"}
+"""
+
+
+def deployment(name: str, on: str | None = None) -> str:
+    """One replica of model m in a data centre: site ``on``, or any."""
+    selector = f", siteSelector: {{site: {on}}}" if on is not None else ""
+    return f"""
+apiVersion: edgeplane.io/v1alpha1
+kind: ModelDeployment
+metadata: {{name: {name}}}
+spec:
+  model: m
+  replicas: {{min: 1, max: 1}}
+  placement: {{tiers: [datacenter]{selector}}}
+"""
+
+
+MODEL = """
+apiVersion: edgeplane.io/v1alpha1
+kind: Model
+metadata: {name: m}
+spec:
+  variants:
+    - {name: v, runtime: ray-serve, importPath: "pkg.mod:app", resources: {cpu: 1, memoryMiB: 256}}
+"""
+
+
+def bundle(*docs: str) -> str:
+    return "---".join(docs)
+
+
+class Cluster:
+    """A data centre's cluster that outlives any control plane: what runs there is what was
+    last applied, and it can be taken away and brought back."""
+
+    drift = ""
+
+    def __init__(self) -> None:
+        self.running: dict[str, serve_config.ServeAppSpec] = {}
+        self.down = False
+
+    async def apply(self, apps: Sequence[serve_config.ServeAppSpec]) -> Mapping[str, str]:
+        await self.observe()
+        self.running = {a.name: a for a in apps}
+        return {}
+
+    async def observe(self) -> Mapping[str, serve_config.ServeAppStatus]:
+        if self.down:
+            raise serve_config.DataCentreError("cannot reach the cluster: connection refused")
+        return {n: serve_config.ServeAppStatus(n, serve_config.ServeAppState.RUNNING, "", a.num_replicas, a.num_replicas,
+                                               f"http://127.0.0.1:9{a.route_prefix}") for n, a in self.running.items()}
+
+    async def close(self) -> None:  # closing a client stops nothing on the cluster
+        pass
+
+
+class ServeDashboard:
+    """A Ray dashboard's Serve REST API on loopback, whose applications run as soon as they
+    are PUT; ``stop()`` takes the cluster away for good."""
+
+    def __init__(self) -> None:
+        self.applications: dict[str, dict[str, Any]] = {}
+        dashboard = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.rstrip("/") != "/api/serve/applications":
+                    return self.send_error(404)
+                self.answer({"applications": {name: dashboard.running(app) for name, app in dict(dashboard.applications).items()},
+                             "http_options": {"port": 8000}})
+
+            def do_PUT(self) -> None:
+                config = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                dashboard.applications = {a["name"]: a for a in config["applications"]}
+                self.answer({})
+
+            def answer(self, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def running(app: Mapping[str, Any]) -> dict[str, Any]:
+        replicas = int((app.get("deployments") or [{}])[0].get("num_replicas", 1))
+        return {"status": "RUNNING", "source": "declarative", "route_prefix": app.get("route_prefix"), "deployed_app_config": app,
+                "deployment_topology": {"ingress_deployment": "Ingress"},
+                "deployments": {"Ingress": {"target_num_replicas": replicas, "replicas": [{"state": "RUNNING"}] * replicas}}}
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def kuberay_on(kube: kmock.KubernetesEmulator, shape: rayservice.RayClusterShape = SHAPE, **broken: Any) -> Callable[[str, schema.SiteSpec], Any]:
+    """A ``kube_factory``: a KubeRay actuator on the emulator per site, or the one given by name."""
+    def build(name: str, spec: schema.SiteSpec) -> Any:
+        if name in broken:
+            return broken[name]
+        assert spec.kubernetes is not None
+        config = kubernetes.client.Configuration()
+        config.host, config.retries = str(kube.url).rstrip("/"), 0
+        return kuberay.KubeRayActuator(kubernetes.client.ApiClient(config), spec.kubernetes.namespace, name, shape=shape)
+    return build
+
+
+def has_rayservice(kube: kmock.KubernetesEmulator, name: str, namespace: str = "") -> bool:
+    key = (RES, namespace or f"ns-{name}", rayservice.rayservice_name(name))
+    return key in kube.objects and not kube.objects[key].deleted
+
+
+def site_status(cp: server.ControlPlane, name: str) -> Mapping[str, Any]:
+    stored = cp.store.get("Site", name)
+    return stored.status if stored is not None else {}
+
+
+def site_events(cp: server.ControlPlane, name: str) -> list[tuple[str, str]]:
+    return [(e.action, e.reason) for e in cp.store.events(kind="Site", name=name, limit=1000)]
+
+
+async def start(fleet: harness.Fleet, factory: Callable[[str, schema.SiteSpec], Any]) -> server.ControlPlane:
+    return await fleet.start_control_plane(kube_factory=factory, resync_s=0.2)
