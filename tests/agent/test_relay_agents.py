@@ -127,6 +127,8 @@ async def test_the_follower_s_agents_reach_a_new_leader_whole(
 class EarlierReleaseServicer(relay_leader.RelayServicer):
     """A leader of the release before claims: a report with no field it knows is dropped unanswered."""
 
+    # the servicer's private step for one report, overridden: nothing public stands between
+    # a relay stream and the hub it applies reports to
     def _apply(self, report: pb.AgentReport, stream: relay_leader._Stream) -> None:
         if not report.claim:
             super()._apply(report, stream)

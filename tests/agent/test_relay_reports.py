@@ -5,13 +5,11 @@ identity. Relayed in process, on one injected clock."""
 
 from __future__ import annotations
 
-
-
 from edgeplane_proto.agent.v1 import agent_pb2 as pb
 from orchestrator.agents import auth, hub, model, relay, relay_leader, service
 
 from .conftest import SECRET, SITE, TOKEN
-from .relaying import relayed_in_process
+from .relaying import apply, batches, leader_stream, pending_beat, relayed_in_process
 
 
 def test_heartbeats_merge_without_losing_what_a_later_one_leaves_out() -> None:
@@ -20,11 +18,11 @@ def test_heartbeats_merge_without_losing_what_a_later_one_leaves_out() -> None:
                          model_load=[pb.ModelLoad(name="m", requests_total=5)])
     client.beat("s", "a", first)
     client.beat("s", "a", pb.Heartbeat(seq=2, inflight=2))
-    agent_id, merged = client._beats["s"]
+    agent_id, merged = pending_beat(client, "s")
     assert (agent_id, merged.seq, merged.inflight, merged.capacity.cpu_cores) == ("a", 2, 2, 4)
     assert [m.name for m in merged.models.models] == ["m"] and merged.model_load[0].requests_total == 5
     client.beat("s", "b", pb.Heartbeat(seq=1))  # another agent took the site: nothing carried over
-    assert not client._beats["s"][1].HasField("capacity")
+    assert not pending_beat(client, "s")[1].HasField("capacity")
 
 
 def test_an_agent_reported_whole_carries_what_is_left_of_its_quiet_spell() -> None:
@@ -43,12 +41,10 @@ def test_an_agent_reported_whole_carries_what_is_left_of_its_quiet_spell() -> No
 
     now[0] += 5.0  # the stream to the leader starts again while the model loads
     client.touched(SITE)
-    [batch] = client._batches()
+    [batch] = batches(client)
     [report] = batch.reports
     assert report.HasField("agent") and report.state.quiet_ms == 15_000
-    stream = relay_leader._Stream()
-    stream.via = "cp-follower"
-    relay_leader.RelayServicer(leader, lambda: SECRET)._apply(report, stream)
+    apply(relay_leader.RelayServicer(leader, lambda: SECRET), report, leader_stream("cp-follower"))
 
     now[0] += 14.9  # past the usual 3 s, inside the announced spell
     assert leader.sweep() == [] and leader.status(SITE).healthy  # type: ignore[union-attr]
@@ -63,9 +59,9 @@ def test_the_end_of_an_agent_s_stream_at_a_follower_reaches_the_leader() -> None
     now, follower, leader, client, servicer, stream = relayed_in_process(missed_heartbeats=3, reconnect_grace=1.0)
 
     def deliver() -> list[pb.AgentReport]:
-        reports = [r for batch in client._batches() for r in batch.reports]
+        reports = [r for batch in batches(client) for r in batch.reports]
         for report in reports:
-            servicer._apply(report, stream)
+            apply(servicer, report, stream)
         return reports
 
     grant = follower.join(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test",
@@ -100,9 +96,9 @@ def test_an_agent_restarting_on_a_follower_with_its_identity_reaches_the_leader_
     now, follower, leader, client, servicer, stream = relayed_in_process(missed_heartbeats=3)
 
     def deliver() -> None:
-        for batch in client._batches():
+        for batch in batches(client):
             for report in batch.reports:
-                servicer._apply(report, stream)
+                apply(servicer, report, stream)
 
     def join(endpoint: str, interval: float, credential: str | None = None, agent_id: str = "") -> model.JoinGrant:
         return follower.join(model.JoinApplication(SITE, TOKEN if credential is None else "", credential, agent_id, endpoint,
@@ -129,12 +125,12 @@ def test_heartbeats_merged_past_the_leader_s_limit_go_in_parts_and_the_end_of_th
     now, follower, leader, client, servicer, stream = relayed_in_process(missed_heartbeats=3, reconnect_grace=1.0)
 
     def deliver() -> list[pb.RelayReports]:
-        batches = client._batches()
-        for batch in batches:
+        sent = batches(client)
+        for batch in sent:
             assert batch.ByteSize() <= service.MAX_RECEIVE_BYTES
             for report in batch.reports:
-                servicer._apply(report, stream)
-        return batches
+                apply(servicer, report, stream)
+        return sent
 
     grant = follower.join(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test",
                                                 5.0, model.Capacity(cpu_cores=2)))

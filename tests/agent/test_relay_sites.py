@@ -22,6 +22,13 @@ from .conftest import SITE, TOKEN, ControlPlane, Leader, MakeAgent, start_contro
 from .relaying import of, relayed_in_process, until
 
 
+def held_elsewhere(replica_hub: hub.AgentHub) -> set[str]:
+    """The sites a replica's hub refuses joins for, as the leader said another replica's
+    agent holds them. Read from the hub's private record: a join refused shows it, but a
+    join tried to find out would take the site when the word has not come yet."""
+    return set(replica_hub._held_elsewhere)
+
+
 async def test_one_live_agent_per_site_holds_across_replicas(
     leader: Leader, follower: tuple[ControlPlane, relay.RelayClient], make_agent: MakeAgent, tmp_path: pathlib.Path
 ) -> None:
@@ -40,7 +47,7 @@ async def test_one_live_agent_per_site_holds_across_replicas(
 
         # its own replica knows no holder, but the leader does: the claimant is refused, and so
         # are other joins for the site there, with the leader's reason
-        await until(lambda: SITE in other.hub._held_elsewhere, "the leader refused the claimant")
+        await until(lambda: SITE in held_elsewhere(other.hub), "the leader refused the claimant")
         assert other.hub.status(SITE) is None
         with pytest.raises(errors.SiteTaken, match=f"held by live agent {first.agent_id} through replica cp-follower") as taken:
             other.hub.join(model.JoinApplication(SITE, TOKEN, None, "", "http://127.0.0.1:9", model.Location(), {}, "test",

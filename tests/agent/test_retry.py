@@ -174,6 +174,15 @@ async def test_mismatching_upgrade_keeps_being_refused_while_the_old_version_ser
     assert agent.registry.retry_due_in() is None
 
 
+def trim_found_and_run() -> bool:
+    """Whether the agent finds glibc's ``malloc_trim``, once its release of freed memory has
+    run outside the stand-in. Through the registry's private functions: the agent runs them
+    only inside a converge, and nothing public says whether the trim was found."""
+    found = registry._malloc_trim() is not None
+    registry._release_freed_memory()
+    return found
+
+
 async def test_freed_memory_is_returned_when_the_serving_set_changes(
     tmp_path: pathlib.Path, models: Models, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,5 +196,4 @@ async def test_freed_memory_is_returned_when_the_serving_set_changes(
     await models_reg.converge(assignments.AssignmentSet(3, ()))
     assert len(trims) == 2  # unloaded
     monkeypatch.undo()
-    assert registry._malloc_trim() is not None  # glibc, on the machines the tests run on
-    registry._release_freed_memory()
+    assert trim_found_and_run()  # glibc, on the machines the tests run on

@@ -59,6 +59,19 @@ def make_uplink(tmp_path: pathlib.Path, tool: Tool, clock: Clock) -> uplink.Upli
                          agent_tls=tool, clock=clock)  # type: ignore[arg-type]
 
 
+# A join asks for a renewal and a session ends when one is due, each inside a session with a
+# control plane; these tests take the two steps alone, through the uplink's private methods,
+# as no public call reaches them without a control plane to join.
+async def renewal_request(up: uplink.Uplink) -> tuple[bytes, bytes] | None:
+    """The key and CSR the uplink's next join would send for a renewal, or None."""
+    return await up._renewal_request()
+
+
+async def renewal_due(up: uplink.Uplink) -> None:
+    """Raises RenewalDue when a session would end for its certificate's renewal."""
+    await up._renewal_due()
+
+
 @pytest.mark.parametrize(("left", "retry"), [
     (20 * DAY, 3600.0),  # most of a month-long certificate left: an hour
     (4 * 3600.0, 3600.0),
@@ -76,24 +89,24 @@ async def test_a_renewal_that_fails_with_ten_minutes_left_is_asked_again_before_
     caplog.set_level(logging.WARNING, logger="edge_agent.uplink")
     tool, clock = Tool((NOW - 1200.0, NOW + 600.0)), Clock()  # due, ten minutes left
     up = make_uplink(tmp_path, tool, clock)
-    assert await up._renewal_request() is None  # the join goes on without renewing
+    assert await renewal_request(up) is None  # the join goes on without renewing
     asked = [float(m.group(1)) for r in caplog.records if (m := re.search(r"asking again in ([0-9.]+)s", r.getMessage()))]
     assert asked and NOW + asked[0] < NOW + 600.0
     clock.now += asked[0]
     with pytest.raises(errors.RenewalDue):  # the session ends then, for a join that renews
-        await asyncio.wait_for(up._renewal_due(), 1)
+        await asyncio.wait_for(renewal_due(up), 1)
 
 
 @pytest.mark.parametrize("when", ["at the join", "at the retry time"])
 async def test_dates_that_cannot_be_read_do_not_end_the_session(tmp_path: pathlib.Path, when: str) -> None:
     tool, clock = Tool(), Clock()
     up = make_uplink(tmp_path, tool, clock)
-    assert await up._renewal_request() is None  # logged; the join goes on
+    assert await renewal_request(up) is None  # logged; the join goes on
     runs = tool.runs
     if when == "at the retry time":
         clock.now += 300.0
         runs += 1  # the dates are read again, and the tool fails again
-    watcher = asyncio.create_task(up._renewal_due())  # runs beside the session's streams
+    watcher = asyncio.create_task(renewal_due(up))  # runs beside the session's streams
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(asyncio.shield(watcher), 0.2)
     watcher.cancel()

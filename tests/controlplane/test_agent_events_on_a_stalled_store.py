@@ -34,6 +34,8 @@ async def logging_on_a_stalled_store(tmp_path: pathlib.Path, monkeypatch: pytest
     """A control plane whose backlog holds ``LIMIT`` events and whose logging of agents'
     events waits on the store until ``stalled`` is set."""
     monkeypatch.setattr(backlog, "LIMIT", LIMIT)
+    # the control plane's private step that logs one agent's event, stood in to wait: it is
+    # the one write these tests stall, and the control plane takes no seam for it
     log_event = server.ControlPlane._log_agent_event
 
     def on_a_stalled_store(self: server.ControlPlane, event: model.AgentEvent) -> None:
@@ -44,6 +46,12 @@ async def logging_on_a_stalled_store(tmp_path: pathlib.Path, monkeypatch: pytest
     config = server_config.ServerConfig(data_dir=tmp_path, port=0, agent_port=0, agent_join_port=0, heartbeat_interval_s=60.0,
                                         bootstrap_tokens=(harness.BOOTSTRAP_TOKEN,))
     return await server.ControlPlane(config).start()
+
+
+def events_waiting(cp: server.ControlPlane) -> int:
+    """How many agents' events wait to be logged. Read from the control plane's private
+    backlog: nothing public shows it, and the tests watch it stay bounded, then drain."""
+    return cp._agent_events.qsize()
 
 
 def beat(seq: int, draining: bool) -> model.Heartbeat:
@@ -62,10 +70,10 @@ async def test_a_flapping_agent_during_a_stall_queues_a_bounded_number_of_events
             capacity=model.Capacity(4, 8 << 30, (), ("CPUExecutionProvider",)))).agent_id
         for seq in range(1, 401):  # 200 losses and 200 recoveries while the first event waits on the store
             cp.hub.record_heartbeat("edge-1", agent_id, beat(seq, draining=seq % 2 == 1))
-        assert cp._agent_events.qsize() <= LIMIT
+        assert events_waiting(cp) <= LIMIT
         with caplog.at_level(logging.WARNING, logger="orchestrator"):
             stalled.set()
-            await harness.wait_until(lambda: not cp._agent_events.qsize() and any(
+            await harness.wait_until(lambda: not events_waiting(cp) and any(
                 "were not logged" in r.getMessage() for r in caplog.records), 30, what="the backlog drained")
         assert cp.store.get("Site", "edge-1") is not None  # the join was logged, its Site registered
         logged = [e.action for e in cp.store.events(kind="Site", name="edge-1", limit=1000)]
@@ -91,7 +99,7 @@ async def test_each_agent_s_latest_loss_or_recovery_is_logged_however_many_waite
         cp.hub.record_heartbeat("edge-2", ids["edge-2"], beat(1, draining=True))
         assert cp.hub.status("edge-1").healthy and not cp.hub.status("edge-2").healthy  # type: ignore[union-attr]
         stalled.set()
-        await harness.wait_until(lambda: not cp._agent_events.qsize(), 30, what="the backlog drained")
+        await harness.wait_until(lambda: not events_waiting(cp), 30, what="the backlog drained")
 
         def flaps(site: str) -> list[str]:  # oldest first
             return [e.action for e in cp.store.events(kind="Site", name=site, limit=1000) if e.action in ("agent-lost", "agent-recovered")]

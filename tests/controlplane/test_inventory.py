@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import harness
 from orchestrator.testing.postgres import PostgresServer
+from tests.foundation.support import sqlite_connection
 
 pytestmark = pytest.mark.asyncio
 
@@ -82,7 +83,7 @@ async def test_a_join_the_store_cannot_take_is_retried_not_refused(tmp_path: pat
     fleet = harness.Fleet(tmp_path)
     try:
         cp = await fleet.start_control_plane()
-        cp.store._db.execute("PRAGMA max_page_count = 1")  # type: ignore[attr-defined]  # no page beyond those it has
+        sqlite_connection(cp.store).execute("PRAGMA max_page_count = 1")  # no page beyond those it has
         for i in range(200):  # fill the pages it has, so that the join's writes need new ones
             with contextlib.suppress(store_mod.StoreError):
                 cp.store.record(store_mod.Event("test", "filler", "Site", f"filler-{i}", "x" * 200))
@@ -92,7 +93,7 @@ async def test_a_join_the_store_cannot_take_is_retried_not_refused(tmp_path: pat
         await harness.wait_until(lambda: "UNAVAILABLE: the control plane cannot check this join now" in agent.log(), 30,
                                  what="the join answered UNAVAILABLE")
         assert "database or disk is full" in agent.log() and cp.hub.status("edge-full") is None
-        cp.store._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]
+        sqlite_connection(cp.store).execute("PRAGMA max_page_count = 1073741823")
         await harness.wait_until(lambda: (s := cp.hub.status("edge-full")) is not None and s.healthy, 60, what="the agent to join")
     finally:
         await fleet.stop()

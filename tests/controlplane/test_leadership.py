@@ -59,6 +59,24 @@ class Replica:
             await self.task
 
 
+# What these tests time their moves by, read from private fields: nothing public shows the
+# lease call an elector waits on, nor holds a publish of the table as a slow write would,
+# and a control plane steps down only when its own lease runs out.
+def lease_call(elector: leadership.Elector) -> asyncio.Future[store_mod.Lease | None] | None:
+    """The store call for the lease that ``elector`` waits on, once it has asked one."""
+    return None if elector._attempt is None else elector._attempt[1]
+
+
+def publishing(reconciler: loop.Reconciler) -> asyncio.Lock:
+    """The lock a publish of ``reconciler``'s endpoint table holds while it is written."""
+    return reconciler.publisher._publishing
+
+
+def lose_lead(deposed: object, reason: str) -> None:
+    """What a control plane does as it steps down, on ``deposed`` (the parts of it the step uses)."""
+    server.ControlPlane._lose_lead(deposed, reason)  # type: ignore[arg-type]
+
+
 async def until(what: str, check: Callable[[], object], within_s: float = 30.0) -> None:
     deadline = time.monotonic() + within_s
     while not check():
@@ -146,9 +164,9 @@ def test_a_cancel_that_comes_as_the_store_answers_ends_the_campaign() -> None:
         store = GatedStore()
         elector = leadership.Elector(store, "a", TTL_S, lambda lease: None, lambda reason: None)
         task = asyncio.create_task(elector.run())
-        await until("the first call", lambda: elector._attempt is not None)
+        await until("the first call", lambda: lease_call(elector) is not None)
         await asyncio.sleep(0.02)  # the elector waits for the answer
-        elector._attempt[1].add_done_callback(lambda _: task.cancel())  # in the turn the answer comes
+        lease_call(elector).add_done_callback(lambda _: task.cancel())  # type: ignore[union-attr]  # in the turn the answer comes
         store.gate.set()
         done, _ = await asyncio.wait((task,), timeout=5)
         assert done, "the campaign went on after it was cancelled"
@@ -176,13 +194,13 @@ def test_an_endpoint_table_queued_before_the_lease_was_lost_is_fenced(tmp_path: 
         a_lease = a_store.acquire_lease("leader", "a", 10.0)
         assert a_lease is not None
         reconciler = loop.Reconciler(a_store, None, None, None, _table_at("old-site"), lease=a_lease)  # type: ignore[arg-type]
-        await reconciler.publisher._publishing.acquire()  # an earlier publish is still being written
+        await publishing(reconciler).acquire()  # an earlier publish is still being written
         reconciler.publisher.table_changed()
         await asyncio.sleep(0)
         deposed = types.SimpleNamespace(reconciler=reconciler, _reconciling=None, _relay_secret="x",
                                         relay_servicer=types.SimpleNamespace(close_all=lambda: None),
                                         hub=types.SimpleNamespace(drop_relayed=lambda: None))
-        server.ControlPlane._lose_lead(deposed, "the lease ran out before it was renewed")  # type: ignore[arg-type]
+        lose_lead(deposed, "the lease ran out before it was renewed")
 
         clock[0] += 11  # a's lease runs out; b leads and publishes its table
         b_lease = b_store.acquire_lease("leader", "b", 10.0)
@@ -190,7 +208,7 @@ def test_an_endpoint_table_queued_before_the_lease_was_lost_is_fenced(tmp_path: 
         b_table = wire.contents_to_text(wire.contents_of(_table_at("new-site")))
         b_store.publish(wire.PUBLISHED_KEY, b_table, lease=b_lease)
 
-        reconciler.publisher._publishing.release()  # the slow write ends: a's queued publish runs
+        publishing(reconciler).release()  # the slow write ends: a's queued publish runs
         await reconciler.publishes_done(timeout=5)
         published = b_store.published(wire.PUBLISHED_KEY)
         assert published is not None and published[1] == b_table, "the deposed leader's table replaced the new leader's"
@@ -419,7 +437,7 @@ async def test_a_renewal_on_a_stalled_database_is_not_queued_behind_the_backlog(
         with stall.stalled(store.backend_pid) as database:
             backlog = [asyncio.ensure_future(store.run(read)) for _ in range(48)]
             done.clear()
-            await until("a renewal asked on the stalled database", lambda: elector._attempt is not None, within_s=5)
+            await until("a renewal asked on the stalled database", lambda: lease_call(elector) is not None, within_s=5)
             await asyncio.sleep(0.2)  # the renewal now waits for the connection
             database.resume()
             await asyncio.wait_for(asyncio.gather(*backlog), 30)

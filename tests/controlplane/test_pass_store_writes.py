@@ -16,6 +16,7 @@ from orchestrator.manifests import loader
 from orchestrator.store import sqlite as store_mod
 from orchestrator.testing import manifests
 from tests.controlplane import support
+from tests.foundation.support import sqlite_connection
 
 SHA = hashlib.sha256(b"m1").hexdigest()
 
@@ -34,14 +35,14 @@ def _first_pass(root: pathlib.Path, n: int) -> tuple[list[str], list[int]]:
             manifests.deployment("d1", "m1", n, manifests.spread_by_site(tiers=["edge"])))), actor="test")
         hub, reconciler = support.reconciler_with_agents(store, sites, root)
         statements: list[str] = []
-        store._db.set_trace_callback(statements.append)
+        sqlite_connection(store).set_trace_callback(statements.append)
 
         async def one_pass() -> None:
             await reconciler.reconcile_once()
             await reconciler.publishes_done()  # the table's write, beside the pass, is the pass's too
 
         asyncio.run(one_pass())
-        store._db.set_trace_callback(None)
+        sqlite_connection(store).set_trace_callback(None)
         versions = [a.version for s in sites if (a := hub.assignments(s)) is not None and a.assignments]
         return statements, versions
     finally:

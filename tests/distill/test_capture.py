@@ -32,6 +32,7 @@ from orchestrator.manifests import loader
 from orchestrator.reconciler import loop, planning, snapshot
 from orchestrator.store import sqlite as store_mod
 from tests.cascade.transport import Transport
+from tests.foundation.support import sqlite_connection
 
 RULE = cascade_rules.TensorRule("p", logits=False, measure="top", below=0.8)
 POLICY = capture.CapturePolicy(sample_rate=1.0, daily_cap=1000, retention_s=7 * capture.DAY_S, zones=("EU",))
@@ -477,7 +478,7 @@ def test_only_an_admin_reads_or_deletes_and_it_is_audited(tmp_path: pathlib.Path
 
 def filled(store: store_mod.Store) -> None:
     """The state store's disk is full: no page beyond those it has, and no room left in them."""
-    store._db.execute("PRAGMA max_page_count = 1")  # type: ignore[attr-defined]  # (as many as it has: it never shrinks)
+    sqlite_connection(store).execute("PRAGMA max_page_count = 1")  # (as many as it has: it never shrinks)
     for size in (400, 20, 0):  # then smaller, into what room the larger left
         for i in range(100_000):
             try:
@@ -505,7 +506,7 @@ def test_an_erasure_the_event_log_cannot_take_is_not_made_and_is_answered_503(tm
             assert refused.status_code == 503 and refused.headers.get("retry-after"), (refused.status_code, refused.text[:300])
             assert "full" in refused.json()["error"]
             assert stores.zone("EU").count() == 1  # not erased unlogged
-            store._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]  # room again
+            sqlite_connection(store).execute("PRAGMA max_page_count = 1073741823")  # room again
             assert client.delete(f"/v1/captures/EU/{record.id}").status_code == 200
         assert stores.zone("EU").count() == 0
         audit = [(e.name, e.details) for e in store.events(0, 100_000) if e.action == "capture-delete"]

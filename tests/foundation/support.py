@@ -8,10 +8,12 @@ reconciler reports them Unreachable instead of starting a local Ray cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,6 +25,7 @@ from typing import Any
 import yaml
 
 from orchestrator import server, server_config
+from orchestrator.store import sqlite as sqlite_store
 from orchestrator.store.sqlite import Event, ObjectWrite
 from orchestrator.testing import harness
 from orchestrator.ports import free_port
@@ -136,7 +139,7 @@ class ServerThread:
     def __init__(self, config: server_config.ServerConfig):
         self.config = config
         self.cp: server.ControlPlane | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the control plane's, once it runs
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -144,7 +147,7 @@ class ServerThread:
 
     def _run(self) -> None:
         async def main() -> None:
-            self._loop = asyncio.get_running_loop()
+            self.loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             try:
                 self.cp = await server.ControlPlane(self.config).start()
@@ -172,8 +175,8 @@ class ServerThread:
         return self.cp.http_url
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self.loop is not None and self._stop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "the control plane did not stop"
 
@@ -299,6 +302,30 @@ def user_events(store: Any) -> list[Any]:
 
 
 # --- the state store's tests (both backends; their fixtures are conftest.py's) -------------
+
+
+# The stores keep their connections to themselves: every use goes through the store's lock
+# and its retries. The tests below need one for what only the connection itself shows or
+# holds, and read it through these helpers, the one place they do.
+def sqlite_connection(store: Any) -> sqlite3.Connection:
+    """The SQLite store's own connection, for what holds per connection only: ``PRAGMA
+    max_page_count`` (SQLite's page limit stands in for a full disk) and
+    ``set_trace_callback`` (the statements a call runs). A second connection to the file
+    would not do."""
+    assert isinstance(store, sqlite_store.Store), store
+    return store._db
+
+
+def postgres_dsn(store: Any) -> str:
+    """The connection string the PostgreSQL store's connection was opened with, as psycopg
+    reports it: the options the store added to its URL, and those the URL set itself."""
+    return str(store._connection().info.dsn)
+
+
+def postgres_transaction(store: Any) -> contextlib.AbstractContextManager[Any]:
+    """A write transaction of the PostgreSQL store, held open by the test as a writer
+    paused inside one would (its write lock taken)."""
+    return store._tx()
 
 
 class FakeClock:

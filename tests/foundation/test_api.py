@@ -514,12 +514,12 @@ def test_a_store_that_cannot_write_answers_503_with_why_and_applies_nothing(tmp_
         assert cp.cp is not None
         with httpx.Client(base_url=cp.url, timeout=30) as http:
             body = loader.bundle([(p.name, p.read_text()) for p in sorted(offline_fleet.glob("*.yaml"))])
-            cp.cp.store._db.execute("PRAGMA max_page_count = 1")  # type: ignore[attr-defined]  # no page beyond those it has
+            support.sqlite_connection(cp.cp.store).execute("PRAGMA max_page_count = 1")  # no page beyond those it has
             r = http.post("/v1/apply", content=body)
             assert r.status_code == 503, r.text
             assert "database or disk is full; nothing was changed" in r.json()["error"]
             assert http.get("/v1/sites").json()["items"] == []
-            cp.cp.store._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]
+            support.sqlite_connection(cp.cp.store).execute("PRAGMA max_page_count = 1073741823")
             assert http.post("/v1/apply", content=body).status_code == 200
     finally:
         cp.stop()

@@ -15,16 +15,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 
 
+def actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """What ``parser`` takes: its options and positionals, and its subcommands as one action.
+    Read from argparse's private list, the one place these tests do: argparse has no public
+    reader of what a parser takes, only the help text it prints from it."""
+    return list(parser._actions)
+
+
 def command(*path: str) -> argparse.ArgumentParser:
     parser = main.build_parser()
     for name in path:
-        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        parser = next(a.choices[name] for a in actions(parser)  # the subcommands': a parser by name
+                      if isinstance(a.choices, dict) and isinstance(a.choices.get(name), argparse.ArgumentParser))
     return parser
 
 
 def options(parser: argparse.ArgumentParser) -> list[tuple[str, ...]]:
     """Each option's spellings (``("-o", "--output")``), help left out."""
-    return [tuple(a.option_strings) for a in parser._actions if a.option_strings and a.dest != "help"]
+    return [tuple(a.option_strings) for a in actions(parser) if a.option_strings and a.dest != "help"]
 
 
 def named_in(text: str, spellings: tuple[str, ...]) -> bool:

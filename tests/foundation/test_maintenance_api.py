@@ -52,15 +52,15 @@ def _examples(folder: pathlib.Path) -> str:
 
 def _trigger(server: support.ServerThread) -> None:
     """A pass now, asked on the control plane's own loop (a store written behind its back)."""
-    assert server.cp is not None and server._loop is not None
-    server._loop.call_soon_threadsafe(server.cp.changed, "test")
+    assert server.cp is not None and server.loop is not None
+    server.loop.call_soon_threadsafe(server.cp.changed, "test")
 
 
 def _a_pass_started_after(server: support.ServerThread, passes: int) -> None:
     """Returns once a pass that began after ``passes`` were counted has ended: two more, as
     one may have been under way (TimeoutError after 30 s)."""
-    assert server.cp is not None and server._loop is not None
-    asyncio.run_coroutine_threadsafe(server.cp.reconciler.wait_for_pass(passes + 1), server._loop).result(timeout=35)
+    assert server.cp is not None and server.loop is not None
+    asyncio.run_coroutine_threadsafe(server.cp.reconciler.wait_for_pass(passes + 1), server.loop).result(timeout=35)
 
 
 def _site_events(c: httpx.Client, site: str) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from orchestrator.reconciler import snapshot as snap
 from orchestrator.scheduler import result as sched_result
 from orchestrator.store import sqlite as store_mod
 
-from .test_reconcile_repair import _joined
+from .test_reconcile_repair import joined
 from .test_views import example_snapshot, examples
 
 
@@ -221,7 +221,7 @@ def test_a_draining_site_that_is_lost_keeps_nothing() -> None:
 def test_a_draining_edge_site_whose_agent_is_lost_is_drained() -> None:
     s = example_snapshot(examples())
     edge = sorted(r.name for r in s.sites if r.spec.tier == "edge")
-    s = dataclasses.replace(s, agents=tuple(_joined(site) for site in edge))
+    s = dataclasses.replace(s, agents=tuple(joined(site) for site in edge))
     s = dataclasses.replace(s, placements=planning.placement_rows(planning.plan_pass(s).result))
     site, row = next((site, r) for site in edge for r in _on(s.placements, site))
     model = s.deployment_by_name[row.deployment].spec.model

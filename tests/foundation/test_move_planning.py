@@ -80,7 +80,7 @@ def _edge_fleet(*deployments: tuple[str, str, str]) -> snap.Snapshot:
                                                    "resources": {"cpu": 6, "memoryMiB": 1024}}]}) for m in models),
         *(manifests.deployment(name, m, 1, {"residency": ["FR"], "siteSelector": {"zone": z}}) for name, m, z in deployments))
     s = test_views.example_snapshot(loader.load_text(text))
-    return dataclasses.replace(s, agents=tuple(test_reconcile_repair._joined(site) for site in ("edge-a", "edge-b")))
+    return dataclasses.replace(s, agents=tuple(test_reconcile_repair.joined(site) for site in ("edge-a", "edge-b")))
 
 
 def _placed(s: snap.Snapshot) -> snap.Snapshot:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -264,12 +265,24 @@ def test_a_non_number_anywhere_in_a_long_flat_list_is_refused(bad: object) -> No
         oip.decode_request(body)
 
 
+# The JSON read's private steps, the one place these tests take them: which way a body is
+# read, and the parser a thread keeps, show in nothing public but the speed.
+def parsed(body: bytes) -> Any:
+    """The document ``decode_request`` reads ``body`` into, before its tensors are built."""
+    return oip._loads_tensors(body)
+
+
+def thread_parser() -> Any:
+    """The simdjson parser this thread keeps for its next body, or None."""
+    return getattr(oip_reader._reused, "parser", None)
+
+
 def test_a_flat_float_tensor_is_read_straight_into_an_array() -> None:
     # The fast read must stay in use: a silent fall-back to orjson would pass every
     # exactness test here and only show as a slower agent.
     x = np.random.default_rng(3).standard_normal((64, 1024)).astype(np.float32)
     body, _ = oip.encode_request({"input": x}, binary=False)
-    assert isinstance(oip._loads_tensors(body)["inputs"][0]["data"], np.ndarray)
+    assert isinstance(parsed(body)["inputs"][0]["data"], np.ndarray)
     assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
 
 
@@ -306,9 +319,9 @@ def _fast_body(rows: int) -> tuple[bytes, np.ndarray]:
 
 def test_a_value_kept_from_an_earlier_parse_does_not_push_bodies_off_the_fast_read() -> None:
     body, x = _fast_body(4)
-    oip._loads_tensors(body)  # this thread now has its parser
-    kept = oip_reader._reused.parser.parse(b'{"a": [1, 2]}')["a"]  # holds the parser, as a leak would
-    doc = oip._loads_tensors(body)
+    parsed(body)  # this thread now has its parser
+    kept = thread_parser().parse(b'{"a": [1, 2]}')["a"]  # holds the parser, as a leak would
+    doc = parsed(body)
     assert isinstance(doc["inputs"][0]["data"], np.ndarray)
     assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
     assert kept.as_list() == [1, 2]  # the old parser's value is still readable
@@ -322,7 +335,7 @@ def test_each_thread_reads_with_its_own_parser_and_large_bodies_with_a_parser_of
 
     def decode(name: str) -> None:
         assert oip.decode_request(body).inputs[0].array.tobytes() == x.tobytes()
-        seen[name] = oip_reader._reused.parser
+        seen[name] = thread_parser()
 
     threads = [threading.Thread(target=decode, args=(n,)) for n in ("a", "b")]
     for t in threads:
@@ -333,10 +346,10 @@ def test_each_thread_reads_with_its_own_parser_and_large_bodies_with_a_parser_of
 
     large, big = _fast_body(128)
     assert len(large) > oip_reader.REUSED_PARSER_MAX_BYTES
-    before = getattr(oip_reader._reused, "parser", None)
-    assert isinstance(oip._loads_tensors(large)["inputs"][0]["data"], np.ndarray)
+    before = thread_parser()
+    assert isinstance(parsed(large)["inputs"][0]["data"], np.ndarray)
     assert oip.decode_request(large).inputs[0].array.tobytes() == big.tobytes()
-    assert getattr(oip_reader._reused, "parser", None) is before  # not kept for this thread's next body
+    assert thread_parser() is before  # not kept for this thread's next body
 
 
 # -- request heads kept once read --------------------------------------------------------------

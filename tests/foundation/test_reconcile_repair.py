@@ -92,7 +92,7 @@ def test_a_data_centre_another_writer_changed_is_given_this_leader_s_apps_again(
     assert again == [act.ApplyServeApps(site, given[site], "missing: x")]
 
 
-def _joined(site: str) -> agent_model.AgentStatus:
+def joined(site: str) -> agent_model.AgentStatus:
     """A healthy agent at ``site`` that measured 8 cores and 32 GiB."""
     capacity = agent_model.Capacity(8, 32 << 30, (), ("CPUExecutionProvider",))
     return agent_model.AgentStatus(site, f"agt-{site}", "http://127.0.0.1:9", True, 0.0, 0.0, agent_model.Location("", "", None, None), {},
@@ -112,7 +112,7 @@ def test_edge_sites_still_rejoining_keep_their_replicas_and_are_sent_nothing() -
     returning then would unload from."""
     s = example_snapshot(examples())
     edge = frozenset(r.name for r in s.sites if r.spec.tier == "edge")
-    served = dataclasses.replace(s, agents=tuple(_joined(site) for site in sorted(edge)))
+    served = dataclasses.replace(s, agents=tuple(joined(site) for site in sorted(edge)))
     before = _on(edge, planning.placement_rows(planning.plan_pass(served).result))  # what the edge ran before the restart
     assert before, "replicas on edge sites before the restart"
     undeclared = tuple(dataclasses.replace(r, spec=r.spec.model_copy(update={"capacity": None})) if r.name in edge else r for r in s.sites)
@@ -149,8 +149,8 @@ def test_a_lost_agent_of_a_deleted_site_is_forgotten_after_it_is_sent_nothing() 
     s = example_snapshot(examples())
     edge = sorted(r.name for r in s.sites if r.spec.tier == "edge")
     kept_lost, deleted = edge[0], edge[1]
-    gone = dataclasses.replace(_joined("edge-gone"), healthy=False)
-    agents = (dataclasses.replace(_joined(kept_lost), healthy=False), _joined(deleted), gone)
+    gone = dataclasses.replace(joined("edge-gone"), healthy=False)
+    agents = (dataclasses.replace(joined(kept_lost), healthy=False), joined(deleted), gone)
     plan = planning.plan_pass(dataclasses.replace(s, sites=tuple(r for r in s.sites if r.name != deleted), agents=agents))
     assert [a for a in plan.actions if isinstance(a, act.ForgetAgent)] == [act.ForgetAgent("edge-gone")]
     emptied = [i for i, a in enumerate(plan.actions) if isinstance(a, act.PushAssignments) and a.site == "edge-gone"]

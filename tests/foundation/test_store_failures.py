@@ -17,7 +17,7 @@ from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 from orchestrator.store.sqlite import Event, ObjectWrite
 
-from .support import WHO, write
+from .support import WHO, postgres_transaction, sqlite_connection, write
 
 
 def test_a_write_sqlite_refuses_for_what_it_is_is_a_store_error_not_one_to_retry(tmp_path: pathlib.Path) -> None:
@@ -45,12 +45,13 @@ def test_a_write_a_full_sqlite_disk_refuses_is_a_store_error_and_changes_nothing
         s.apply([ObjectWrite("Site", "edge-1", {}, {"tier": "edge"})], Event("t", "created", "Site", "edge-1", "seed"))
         before, logged = s.list(), s.events()
         # no page beyond those it has (SQLite raises the limit to the file's current size)
-        assert s._db.execute("PRAGMA max_page_count = 1").fetchone()[0] == s._db.execute("PRAGMA page_count").fetchone()[0]  # type: ignore[attr-defined]
+        db = sqlite_connection(s)
+        assert db.execute("PRAGMA max_page_count = 1").fetchone()[0] == db.execute("PRAGMA page_count").fetchone()[0]
         big = [ObjectWrite("Site", f"edge-{i}", {}, {"tier": "edge", "note": "x" * 4000}) for i in range(2, 40)]
         with pytest.raises(store_mod.StoreUnavailable, match=r"refused the operation: database or disk is full; nothing was changed"):
             s.apply(big, Event("t", "created", "Site", "many", "bulk"))
         assert s.list() == before and s.events() == logged
-        s._db.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]  # room again: writes go on
+        db.execute("PRAGMA max_page_count = 1073741823")  # room again: writes go on
         s.apply(big, Event("t", "created", "Site", "many", "bulk"))
         assert len(s.list("Site")) == 39
     finally:
@@ -71,7 +72,7 @@ def test_a_writer_paused_inside_a_transaction_holds_the_write_lock_only_for_a_wh
 
     def paused() -> None:
         try:
-            with paused_store._tx() as db:  # holds the write lock
+            with postgres_transaction(paused_store) as db:  # holds the write lock
                 inside.set()
                 resume.wait(30)  # sends nothing, as a stopped process
                 db.execute("SELECT 1")
@@ -138,7 +139,7 @@ async def test_a_sqlite_store_closed_while_another_process_holds_the_file_stops_
             if begun.count("BEGIN IMMEDIATE") >= 2:
                 waiting_turns.set()
 
-        store._db.set_trace_callback(traced)
+        sqlite_connection(store).set_trace_callback(traced)
         waiting = asyncio.ensure_future(store.run(store.apply, [write("edge-2", {"tier": "edge"})], WHO))
         assert await asyncio.to_thread(waiting_turns.wait, 10), "the write never waited for the file's lock"
         started = time.monotonic()

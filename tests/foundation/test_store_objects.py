@@ -18,7 +18,7 @@ from orchestrator.store import open_store
 from orchestrator.store import sqlite as store_mod
 from orchestrator.store.sqlite import Conflict, NotFound, ObjectWrite
 
-from .support import WHO, FakeClock, write
+from .support import WHO, FakeClock, sqlite_connection, write
 
 
 def test_generation_counts_spec_changes_and_resource_version_counts_every_write(store: Store, clock: FakeClock) -> None:
@@ -106,9 +106,9 @@ def test_set_statuses_reads_the_current_statuses_a_batch_at_a_time_not_one_objec
             statuses = [("Site", f"s{i}", {"health": "Healthy"}) for i in range(n)]
             store.set_statuses(statuses)
             seen: list[str] = []
-            store._db.set_trace_callback(seen.append)
+            sqlite_connection(store).set_trace_callback(seen.append)
             store.set_statuses(statuses)  # a usual pass: nothing changed
-            store._db.set_trace_callback(None)
+            sqlite_connection(store).set_trace_callback(None)
             return sum(1 for statement in seen if statement.lstrip().upper().startswith("SELECT"))
         finally:
             store.close()

@@ -10,8 +10,9 @@ import pytest
 
 from orchestrator.store.postgres import PostgresStore, StoreUnavailable
 from orchestrator.store.sqlite import Event, ObjectWrite
-
 from orchestrator.testing import postgres as postgres_server
+
+from .support import postgres_dsn
 
 
 @pytest.fixture
@@ -54,13 +55,13 @@ def test_connections_detect_a_silent_database_within_seconds_unless_the_url_says
     url = own_server.create_database()
     store = PostgresStore(url)
     try:
-        dsn = store._connection().info.dsn
+        dsn = postgres_dsn(store)
         assert "tcp_user_timeout=10000" in dsn and "keepalives_idle=5" in dsn, dsn
     finally:
         store.close()
     store = PostgresStore(url + "?tcp_user_timeout=2500&keepalives_idle=9")
     try:
-        dsn = store._connection().info.dsn
+        dsn = postgres_dsn(store)
         assert "tcp_user_timeout=2500" in dsn and "keepalives_idle=9" in dsn and "keepalives_count=3" in dsn, dsn
     finally:
         store.close()

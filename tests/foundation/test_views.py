@@ -109,6 +109,12 @@ def test_plan_of_an_edit_to_autoscaling_wants_what_the_next_pass_places(autoscal
     assert planned["reason"] == expected
 
 
+def status_waiting(placements: list[dict[str, object]]) -> dict[str, list[str]]:
+    """What ``edgeplane status`` shows under ``waiting`` for these placements. Through the
+    command's private step: the command reads them over the API, and this test has none."""
+    return status_cli._waiting(placements)
+
+
 def test_a_waiting_replica_says_why_in_placements_and_status() -> None:
     docs = examples()
     waiting = "Deployment 'full' has 1 replica that cannot be scheduled: resources {'GPU': 1.0} not available"
@@ -124,7 +130,7 @@ def test_a_waiting_replica_says_why_in_placements_and_status() -> None:
                                                 "state": "DEPLOYING", "ready": 0, "reason": waiting}
     assert items[("intent-eu", "dc-frankfurt")]["reason"] == "connection refused"
     assert items[("intent-eu", "edge-lyon")]["reason"] == "no edge agent has joined this site"
-    assert status_cli._waiting(list(items.values())) == {
+    assert status_waiting(list(items.values())) == {
         "assistant": [f"dc-paris: {waiting}"],
         "intent-eu": ["dc-frankfurt: connection refused", "edge-lyon: no edge agent has joined this site"],
     }

@@ -137,6 +137,12 @@ def upstream() -> Iterator[tuple[LoopThread, Server, int]]:
         lt.close()
 
 
+def idle_connections(pool: UpstreamPool) -> dict[tuple[str, str, int], list[Any]]:
+    """The connections ``pool`` keeps idle, by origin. Read from its private record: the
+    pool shows no connection, and a settled exchange waits for it to see the server's close."""
+    return {origin: list(idle) for origin, idle in pool._idle.items()}
+
+
 async def ask(pool: UpstreamPool, url: str, streamed: bool) -> tuple[int, dict[str, str], bytes]:
     if not streamed:
         answer: Answer = await pool.request("GET", url)
@@ -163,7 +169,7 @@ def exchange(lt: LoopThread, server: Server, port: int, script: list[Scripted], 
                 if settle and i:
                     await asyncio.wait_for(server.finished.wait(), 10)
                     for _ in range(1000):  # bounded: a few turns of the loop bring the close
-                        if all(conn.closed for idle in pool._idle.values() for conn in idle):
+                        if all(conn.closed for idle in idle_connections(pool).values() for conn in idle):
                             break
                         await asyncio.sleep(0)
                 server.finished.clear()

@@ -9,10 +9,12 @@ until it is closed."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import socket
 import ssl
+import threading
 
 import httpx
 import numpy as np
@@ -133,13 +135,33 @@ async def test_a_client_calls_an_address_inside_a_no_proxy_block_directly(
 
 
 def test_a_model_name_is_one_path_segment_of_every_url_the_client_builds() -> None:
-    """``a?x=1`` is that model, not model ``a`` with a query; ``..`` is not a step up."""
-    with client_mod.Client("http://127.0.0.1:9") as c:
-        for name, segment in (("a?x=1", "a%3Fx%3D1"), ("../sites/x", "..%2Fsites%2Fx"), ("..", "%2E%2E"), ("intent", "intent")):
-            ((_, url, _, _),) = c._endpoints_requests(name, None)
-            assert url == f"http://127.0.0.1:9/v1/endpoints/{segment}", url
-            (attempt,) = c._attempts(name, [], {})
-            assert str(attempt.url) == f"http://127.0.0.1:9/v2/models/{segment}/infer", attempt.url
+    """``a?x=1`` is that model, not model ``a`` with a query; ``..`` is not a step up. The
+    gateway knows no model: the client asks it for the list, then for the inference."""
+    asked: list[str] = []
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            asked.append(self.path.split("?")[0])  # the request target as sent, not decoded
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_error(404)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with client_mod.Client(f"http://127.0.0.1:{server.server_address[1]}") as c:
+            for name, segment in (("a?x=1", "a%3Fx%3D1"), ("../sites/x", "..%2Fsites%2Fx"), ("..", "%2E%2E"), ("intent", "intent")):
+                asked.clear()
+                with pytest.raises(client_mod.NoEndpoint):
+                    c.infer(name, {"x": np.zeros(1, np.float32)})
+                assert asked == [f"/v1/endpoints/{segment}", f"/v2/models/{segment}/infer"], asked
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 async def test_a_versioned_request_goes_to_the_replicas_that_hold_that_version() -> None:

@@ -209,11 +209,18 @@ async def test_the_replicas_refusal_reaches_the_caller_and_the_replica_keeps_ser
         await still_serves(base)
 
 
+def request_tasks(owner: Any) -> set[asyncio.Task[None]]:
+    """The tasks answering requests on ``owner``'s HTTP server (a control plane or a
+    standalone gateway), one each. Read through its private uvicorn server: neither shows
+    the requests it is answering, and the test waits for one that lost its caller to end."""
+    return owner._uvicorn.server_state.tasks
+
+
 async def test_a_caller_gone_before_its_body_arrived_is_no_error(fleet: harness.Fleet, gateway: gatewayd.StandaloneGateway,
                                                                 no_errors_logged: None) -> None:
     assert fleet.cp is not None
-    for base, server in ((f"{fleet.cp.http_url}/openai/v1", fleet.cp._uvicorn), (f"{gateway.http_url}/v1", gateway._uvicorn)):
-        tasks = server.server_state.tasks  # one per request being answered
+    for base, owner in ((f"{fleet.cp.http_url}/openai/v1", fleet.cp), (f"{gateway.http_url}/v1", gateway)):
+        tasks = request_tasks(owner)
         before = set(tasks)
         url = urllib.parse.urlsplit(base)
         reader, writer = await asyncio.open_connection(url.hostname, url.port)

@@ -68,7 +68,7 @@ class Replica:
         self.requests = 0
         self.server: asyncio.Server | None = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.requests += 1
         try:
             await self.behaviour(reader, writer)
@@ -90,7 +90,7 @@ async def gateway(*behaviours: Behaviour, first_token_timeout: float = 10.0, idl
     replicas = [Replica(b) for b in behaviours]
     async with contextlib.AsyncExitStack() as stack:
         for r in replicas:
-            r.server = await asyncio.start_server(r._serve, "127.0.0.1", 0)
+            r.server = await asyncio.start_server(r.serve, "127.0.0.1", 0)
             stack.push_async_callback(r.server.wait_closed)
             stack.callback(r.server.close)
         table = endpoints.EndpointTable()

@@ -201,6 +201,12 @@ def test_local_inflight_counts_in_ranking() -> None:
     assert all(e.inflight == 0 for e in table.with_local_load("m"))
 
 
+def waiters(table: EndpointTable) -> dict[str, object]:
+    """The callers ``table`` holds waiting for a model's endpoints, by model. Read from its
+    private record: no public reader shows a waiter left behind by a caller that gave up."""
+    return dict(table._waiters)
+
+
 async def test_a_cold_model_is_woken_and_waited_for() -> None:
     import asyncio
 
@@ -219,4 +225,4 @@ async def test_a_cold_model_is_woken_and_waited_for() -> None:
     assert not table.is_cold("m")  # it has an endpoint now, whatever the last pass said
     table.replace([], cold={"m"})
     assert await table.wait_for_endpoints("m", 0.05) is False  # nobody came: the caller gives up
-    assert table._waiters == {}
+    assert waiters(table) == {}

@@ -433,6 +433,13 @@ async def test_a_token_past_its_expiry_is_refused_whether_or_not_the_control_pla
         await fleet.stop()
 
 
+async def wakes_answered(follower: follow.TableFollower) -> None:
+    """Waits (10 s at most) until every wake call ``follower`` sent has its answer. Read from
+    its private record of the calls on their way: it shows none, and the test must know a
+    call is over before it asks whether a later request sends another."""
+    await asyncio.wait_for(asyncio.gather(*follower._wakes.values()), 10)
+
+
 async def test_a_burst_of_requests_for_a_cold_model_sends_one_wake_at_a_time() -> None:
     """Each request for a model scaled to zero wakes it; the gateway sends the control plane
     one ``POST /v1/wake`` per model at a time, not one per request."""
@@ -457,9 +464,9 @@ async def test_a_burst_of_requests_for_a_cold_model_sends_one_wake_at_a_time() -
         follower.wake("other")
         await asyncio.wait_for(both.wait(), 10)
         answer.set()
-        await asyncio.wait_for(asyncio.gather(*follower._wakes.values()), 10)  # every call sent has its answer
+        await wakes_answered(follower)
         follower.wake("lazy")  # the call answered: a later request asks again
-        await asyncio.wait_for(asyncio.gather(*follower._wakes.values()), 10)
+        await wakes_answered(follower)
     finally:
         await follower.close()
         await server.shutdown(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +14,13 @@ from starlette.applications import Starlette
 from edge_agent import httplistener, httpmessages
 from orchestrator.gateway import endpoints, proxy, routing
 from orchestrator.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+
+
+def idle_connections(pool: UpstreamPool) -> dict[tuple[str, str, int], list[Any]]:
+    """The connections ``pool`` keeps idle, by origin (scheme, host, port). Read from its
+    private record: the pool shows no connection, and these tests look at the socket of one
+    and at which origins it still holds."""
+    return {origin: list(idle) for origin, idle in pool._idle.items()}
 
 
 async def echo_server() -> tuple[httplistener.HttpServer, int]:
@@ -84,7 +92,7 @@ async def test_connections_probe_their_replica_so_a_host_gone_without_a_word_is_
     pool = UpstreamPool(keepalive=(7, 2, 4))
     try:
         await pool.request("GET", f"http://127.0.0.1:{port}/")
-        [[conn]] = pool._idle.values()
+        [[conn]] = idle_connections(pool).values()
         sock = conn.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert [sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, o)) for o in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")] == [7, 2, 4]
@@ -111,7 +119,7 @@ async def test_connections_idle_past_their_time_are_closed_and_replicas_gone_lea
                 break
             await asyncio.sleep(0.01)
         assert not gone.connections and len(kept.connections) == 1 and len(new.connections) == 1
-        assert sorted(port for _, _, port in pool._idle) == sorted((kept_port, new_port))
+        assert sorted(port for _, _, port in idle_connections(pool)) == sorted((kept_port, new_port))
     finally:
         await pool.close()
         for server in (gone, kept, new):

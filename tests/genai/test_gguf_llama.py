@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -29,8 +31,27 @@ LAYERS, HIDDEN, HEADS, KV_HEADS, FFN, CONTEXT = 2, 32, 4, 2, 64, 64  # quantized
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
 
 
+# Private steps these tests take alone, the one place they are read: the tokenizer the tiny
+# model trains, the one a GGUF's vocabulary becomes, and the blocks a quantized tensor is
+# read into show in nothing public short of building a model, or converting a whole file
+# (these tests write a header, or one tensor).
+def trained_tokenizer(vocab_size: int) -> Any:
+    """The byte-level BPE the tiny generative test model trains on its corpus."""
+    return genai_model._train_tokenizer(genai_model.corpus(), vocab_size)
+
+
+def gguf_tokenizer(reader: Any) -> tuple[Any, list[str], dict[str, int]]:
+    """The converter's tokenizer for a GGUF file's vocabulary, the vocabulary, and its special tokens' ids."""
+    return gguf_llama._tokenizer(reader)
+
+
+def quantized_blocks(tensor: Any) -> Any:
+    """The converter's 4-bit blocks of a GGUF tensor; None for a type it does not keep so."""
+    return gguf_llama._blocks(tensor)
+
+
 def _tokenizer_lists() -> tuple[list[str], list[str], list[int]]:
-    tok = genai_model._train_tokenizer(genai_model.corpus(), 384)
+    tok = trained_tokenizer(384)
     doc = json.loads(tok.to_str())
     vocab = doc["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
@@ -39,9 +60,11 @@ def _tokenizer_lists() -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, [3 if t in special else 1 for t in tokens]
 
 
-def write_gguf(path: pathlib.Path, *, arch: str = "llama", tokenizer: str = "gpt2", seed: int = 0) -> dict[str, np.ndarray]:
+def write_gguf(path: pathlib.Path, *, arch: str = "llama", tokenizer: str = "gpt2", seed: int = 0,
+               changed: Mapping[str, np.ndarray | None] | None = None) -> dict[str, np.ndarray]:
     """A small Llama GGUF with random weights; returns the float weights as the converter
-    should read them back (the quantized ones already round-tripped through their format)."""
+    should read them back (the quantized ones already round-tripped through their format).
+    ``changed``: tensors written in place of those drawn, or (None) left out."""
     tokens, merges, types = _tokenizer_lists()
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
@@ -73,7 +96,10 @@ def write_gguf(path: pathlib.Path, *, arch: str = "llama", tokenizer: str = "gpt
         values = (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.3 * rng.standard_normal(shape)).astype(np.float32)
         kind = {"ffn_up": gguf.GGMLQuantizationType.Q4_1, "ffn_gate": gguf.GGMLQuantizationType.Q4_0,
                 "ffn_down": gguf.GGMLQuantizationType.Q8_0}.get(name.split(".")[-2])
-        if kind is None:
+        if changed and name in changed:
+            if (given := changed[name]) is not None:
+                w.add_tensor(name, given)
+        elif kind is None:
             w.add_tensor(name, values)
             weights[name] = values
         else:  # quantized as in a real file: the converter must dequantize it
@@ -274,13 +300,13 @@ def test_a_control_or_unused_token_at_two_ids_is_converted_at_its_first(tmp_path
     first = types.index(3)
     types[first] = kinds[0]
     write_header(tmp_path / "m.gguf", **{"tokenizer.ggml.tokens": [*tokens, tokens[first]], "tokenizer.ggml.token_type": [*types, kinds[1]]})
-    tok, _, special = gguf_llama._tokenizer(GGUFReader(str(tmp_path / "m.gguf")))
+    tok, _, special = gguf_tokenizer(GGUFReader(str(tmp_path / "m.gguf")))
     assert tok.token_to_id(tokens[first]) == first
     assert special.get(tokens[first], first) == first and all(tok.token_to_id(t) == i for t, i in special.items())
     with pytest.raises(gguf_llama.GGUFError, match=f"tokens 300 and {len(tokens) + 1} are both"):  # a normal token, still refused
         write_header(tmp_path / "n.gguf", **{"tokenizer.ggml.tokens": [*tokens, tokens[first], tokens[300]],
                                              "tokenizer.ggml.token_type": [*types, kinds[1], 3]})
-        gguf_llama._tokenizer(GGUFReader(str(tmp_path / "n.gguf")))
+        gguf_tokenizer(GGUFReader(str(tmp_path / "n.gguf")))
 
 
 @pytest.mark.timeout(300)
@@ -380,15 +406,17 @@ def test_a_file_missing_a_tensor_or_with_a_wrong_shape_is_refused_before_anythin
     write_gguf(tmp_path / "m.gguf")
     reader = GGUFReader(str(tmp_path / "m.gguf"))
     shape = gguf_llama.read_shape(reader)
-    weights = gguf_llama._weights(reader)
-    gguf_llama._check_weights(shape, weights)  # the file as written is whole
     assert gguf_llama.read_shape(reader, 16).context_length == 16 and shape.context_length == CONTEXT
     with pytest.raises(gguf_llama.GGUFError, match="a context length of 0 tokens"):
         gguf_llama.read_shape(reader, 0)
-    with pytest.raises(gguf_llama.GGUFError, match="no tensor 'blk.1.ffn_up.weight'"):
-        gguf_llama._check_weights(shape, {k: v for k, v in weights.items() if k != "blk.1.ffn_up.weight"})
-    with pytest.raises(gguf_llama.GGUFError, match=r"'blk.0.attn_k.weight' has shape \[32, 32\], the header says \[16, 32\]"):
-        gguf_llama._check_weights(shape, {**weights, "blk.0.attn_k.weight": np.zeros((32, 32), np.float32)})
+    for name, changed, why in (
+            ("missing", {"blk.1.ffn_up.weight": None}, "no tensor 'blk.1.ffn_up.weight'"),
+            ("misshapen", {"blk.0.attn_k.weight": np.zeros((32, 32), np.float32)},
+             r"'blk.0.attn_k.weight' has shape \[32, 32\], the header says \[16, 32\]")):
+        write_gguf(tmp_path / f"{name}.gguf", changed=changed)
+        with pytest.raises(gguf_llama.GGUFError, match=why):
+            gguf_llama.convert(tmp_path / f"{name}.gguf", tmp_path / name)
+        assert [p.name for p in tmp_path.iterdir() if p.suffix != ".gguf"] == [], name  # nothing written, beside it either
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(gguf_llama.GGUFError, match="exists and is not an empty folder"):
@@ -447,10 +475,10 @@ def test_the_kept_blocks_hold_the_values_gguf_reads_from_the_file(kind: str) -> 
     halves = 2 if kind == "Q4_0" else 4  # d, and m / dmin: finite float16 values, as a real file has
     raw[..., :halves] = rng.uniform(-0.1, 0.1, (rows, row_blocks, halves // 2)).astype(np.float16).view(np.uint8)
     raw = raw.reshape(rows, -1)
-    blocks = gguf_llama._blocks(SimpleNamespace(tensor_type=qtype, data=raw))
+    blocks = quantized_blocks(SimpleNamespace(tensor_type=qtype, data=raw))
     assert blocks is not None and blocks.shape == (rows, 512)
     values = blocks.scale[..., None] * (blocks.q.astype(np.float32) - (8 if blocks.low is None else 0))
     if blocks.low is not None:
         values = values + blocks.low[..., None]
     np.testing.assert_allclose(values.reshape(rows, 512), gguf.quants.dequantize(raw, qtype), rtol=1e-6, atol=1e-7)
-    assert gguf_llama._blocks(SimpleNamespace(tensor_type=gguf.GGMLQuantizationType.Q8_0, data=raw)) is None
+    assert quantized_blocks(SimpleNamespace(tensor_type=gguf.GGMLQuantizationType.Q8_0, data=raw)) is None

@@ -213,19 +213,42 @@ def test_an_engine_that_fits_no_node_is_reported_like_any_gpu_shortage(nodes: li
         assert reason == ""
 
 
-def test_the_gateway_names_the_model_as_the_engine_serves_it() -> None:
+async def test_the_gateway_names_the_model_as_the_engine_serves_it() -> None:
     """A vllm variant's servedModelName may differ from the Model's name: the OpenAI
     gateway sends each replica the name its engine answers to, and only then re-encodes."""
     import json
 
-    from orchestrator.gateway import failover, openai_routes, routing
+    import httpx
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+
+    from edge_agent import httpmessages
+    from orchestrator.gateway import endpoints, openai_routes, proxy, routing, upstream
+    from orchestrator.testing.loopback import replica
+
+    received: list[bytes] = []
+
+    async def engine(request: httpmessages.Request) -> httpmessages.Response:
+        received.append(request.body)
+        return httpmessages.Response(200, b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\n'
+                                     + openai_routes.SSE_DONE, content_type="text/event-stream")
 
     common = dict(model="gpt", deployment="gpt", tier="datacenter", country="FR", region="eu-west", lat=48.86, lon=2.35, api="openai")
-    renamed = routing.Endpoint(site="dc-b", url="http://b:8000/ep/b", served_model="openai/gpt-oss-120b", **common)  # type: ignore[arg-type]
-    same = routing.Endpoint(site="dc-c", url="http://c:8000/ep/c", **common)  # type: ignore[arg-type]
     raw = json.dumps({"model": "gpt", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
-    relay = openai_routes._Relay(None, "gpt", [], "/chat/completions", raw, {}, True, chat=True, arrived=0.0,  # type: ignore[arg-type]
-                                 failovers=failover.Failovers(None, "gpt"))
-    assert relay._body_for(same) is raw
-    sent = json.loads(relay._body_for(renamed))
-    assert sent == {"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with replica(engine) as url:
+        for served in ("", "openai/gpt-oss-120b"):
+            table = endpoints.EndpointTable()
+            table.replace([routing.Endpoint(site="dc-b", url=url, served_model=served, **common)])  # type: ignore[arg-type]
+            pool, registry = upstream.UpstreamPool(), CollectorRegistry()
+            gw = proxy.Gateway(table, pool, proxy.GatewayMetrics.create(registry))
+            app = Starlette(routes=openai_routes.OpenAIGateway(gw, registry=registry).routes())
+            try:
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
+                    resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", content=raw,
+                                           headers={"content-type": "application/json"})
+            finally:
+                await pool.close()
+            assert resp.status_code == 200, resp.text
+    same, renamed = received
+    assert same == raw  # the caller's body as it came
+    assert json.loads(renamed) == {"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
