@@ -70,7 +70,7 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[s
     return {
         "changes": changes,
         "deployments": [
-            {"name": p.name, **_phase(p, waits.get(p.name)), "replicas": p.placed, "wanted": p.wanted,
+            {"name": p.name, **planned_phase(p, waits.get(p.name)), "replicas": p.placed, "wanted": p.wanted,
              "replicaReasons": [{"site": r.site, "variant": r.variant, "reason": r.reason} for r in p.replicas]}
             for p in result.deployments.values()
         ],
@@ -83,7 +83,7 @@ def preview(current: snap.Snapshot, docs: list[loader.LoadedDocument]) -> dict[s
     }
 
 
-def _phase(plan: sched_result.DeploymentPlan, wait: maintenance.Wait | None) -> dict[str, str]:
+def planned_phase(plan: sched_result.DeploymentPlan, wait: maintenance.Wait | None) -> dict[str, str]:
     """A planned deployment's phase and reason, and its replicas that wait for held room (``deployment_status``'s words)."""
     if wait is None:
         return {"phase": str(plan.status), "reason": plan.reason}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from orchestrator import views
 from orchestrator.reconciler import planning
 from orchestrator.reconciler import snapshot as snap
+from orchestrator.scheduler import model as sched_model
 from orchestrator.simulation import budget, report, scenario, sweep, whatif
 
 SWEEPS = ("site", "region")
@@ -41,9 +42,17 @@ class Busy(Exception):
 
 
 def state_of(s: snap.Snapshot) -> whatif.State:
-    """The planner's inputs for ``s``, exactly as a reconcile pass builds them."""
+    """The planner's inputs for ``s``, exactly as a reconcile pass builds them, planned as
+    the pass plans them (``planning.plan_full``) whatever sites and demand a what-if gives:
+    the room replicas moved off a site hold there until their replacements serve is held."""
     sites, deployments, current = planning.scheduler_inputs(s)
-    return whatif.State(tuple(sites), tuple(deployments), tuple(current))
+
+    def plan(sites: Sequence[sched_model.Site], deployments: Sequence[sched_model.Deployment],
+             current: Sequence[sched_model.Replica]) -> whatif.Planned:
+        result, _, waits = planning.plan_full(s, sites, deployments, current)
+        return whatif.Planned(result, {name: whatif.Waiting(wait.replicas, **views.planned_phase(result.deployments[name], wait))
+                                       for name, wait in waits.items()})
+    return whatif.State(tuple(sites), tuple(deployments), tuple(current), plan)
 
 
 def run(s: snap.Snapshot, body: bytes, each: str | None = None, top: int | None = None,

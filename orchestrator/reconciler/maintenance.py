@@ -271,22 +271,34 @@ def keep_until_replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows:
 
 
 def room_held(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],
-              ready: Callable[[store_mod.PlacementRow, str], int]) -> dict[str, tuple[tuple[str, str], ...]]:
+              ready: Callable[[store_mod.PlacementRow, str], int], sites: Iterable[sched_model.Site] = ()
+              ) -> dict[str, tuple[tuple[str, str], ...]]:
     """Per site, the replicas (deployment, variant) kept there until replaced whose room a
     plan must leave them, when ``result`` gives some of it to another deployment's newcomers;
     empty when it gives none. The room is theirs until their replacements serve: planned
     again without it (``planning.plan_full``), the newcomers go elsewhere or wait,
     instead of the kept replicas leaving their callers before their replacements answer.
     A deployment's own replacement on the same site (a data centre's variant switch) is no
-    newcomer here: where both do not fit, the old one leaves as before."""
+    newcomer here: where both do not fit, the old one leaves as before. ``sites``: those
+    ``result`` was planned on, whose size (a what-if's, say) the room is counted in."""
     moving = _leaving(s, result, rows, ready).moving
-    held = _fitting(s, result, moving, rivals=False)
-    if sum(n for _, n in held) <= sum(n for _, n in _fitting(s, result, moving)):
+    planned = {site.name: site for site in sites}
+    held = _fitting(s, result, moving, rivals=False, planned=planned)
+    if sum(n for _, n in held) <= sum(n for _, n in _fitting(s, result, moving, planned=planned)):
         return {}
     out: dict[str, list[tuple[str, str]]] = {}
     for row, n in held:
         out.setdefault(row.site, []).extend([(row.deployment, row.variant)] * n)
     return {site: tuple(pairs) for site, pairs in out.items()}
+
+
+def holding(sites: Iterable[sched_model.Site], deployments: Iterable[sched_model.Deployment],
+            held: Mapping[str, Iterable[tuple[str, str]]]) -> list[sched_model.Site]:
+    """``sites`` keeping the room of the replicas (deployment, variant) ``room_held`` found
+    held on each (``Site.held``), for a plan made again (``planning.plan_full``)."""
+    variants = {(d.name, v.name): v for d in deployments for v in d.variants}
+    return [dataclasses.replace(site, held=tuple(variants[pair] for pair in held[site.name] if pair in variants))
+            if site.name in held else site for site in sites]
 
 
 def _may_keep(s: snap.Snapshot, row: store_mod.PlacementRow) -> bool:
@@ -311,19 +323,20 @@ def _variant(s: snap.Snapshot, deployment: str, name: str) -> schema.Variant | N
 
 
 def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tuple[store_mod.PlacementRow, int]],
-             rivals: bool = True) -> list[tuple[store_mod.PlacementRow, int]]:
+             rivals: bool = True, planned: Mapping[str, sched_model.Site] | None = None
+             ) -> list[tuple[store_mod.PlacementRow, int]]:
     """Of the ``moving`` replicas, those that may stay on their sites beside what the plan
     puts there: all of them on a site where the plan places no replica that was not there
     before (it runs what it ran, if over a budget just lowered, which its status shows),
     else those that fit with the newcomers in its capacity and power budget. A site is never
     run past either for a replica the plan gave their room to: the moved one goes at once
     (and the pass plans again with its room held: ``room_held``). ``rivals``: whether the
-    newcomers of deployments that move none off the site count."""
+    newcomers of deployments that move none off the site count; ``planned``: the sites the
+    plan was made on, by name, whose size counts (``_sized``)."""
     if not moving:
         return []
     names = sorted({row.site for row, _ in moving})
-    fleet = sched_fleet.Fleet([inventory.to_site(s.site_by_name[n], s.agent_by_site.get(n), s.datacentres.get(n),
-                                                 None) for n in names])
+    fleet = sched_fleet.Fleet([_sized(s, n, planned or {}) for n in names])
     room = sched_capacity.Capacity(fleet)
     variants: dict[tuple[str, str], sched_model.Variant | None] = {}
 
@@ -355,6 +368,15 @@ def _fitting(s: snap.Snapshot, result: sched_result.PlanResult, moving: list[tup
         if fits:
             out.append((row, fits))
     return out
+
+
+def _sized(s: snap.Snapshot, name: str, planned: Mapping[str, sched_model.Site]) -> sched_model.Site:
+    """Site ``name`` at its full size: as the plan sized it (a what-if may change it), but
+    where the plan sized it to what it holds (cordoned, draining or rejoining), as it is."""
+    site = planned.get(name)
+    if site is None or site.admits is not None or site.draining or name in s.rejoining:
+        return inventory.to_site(s.site_by_name[name], s.agent_by_site.get(name), s.datacentres.get(name), None)
+    return dataclasses.replace(site, held=())
 
 
 def _replaced(s: snap.Snapshot, result: sched_result.PlanResult, rows: tuple[store_mod.PlacementRow, ...],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,17 +97,18 @@ def schedule(s: snap.Snapshot) -> sched_result.PlanResult:
     return plan_full(s, *scheduler_inputs(s))[0]
 
 
-def plan_full(s: snap.Snapshot, sites: list[sched_model.Site], deployments: list[sched_model.Deployment],
-              current: list[sched_model.Replica]) -> tuple[sched_result.PlanResult, bool, dict[str, drain.Wait]]:
-    """A full plan of ``s`` (``scheduler_inputs``): one that gives the room of replicas kept
-    until replaced to newcomers is made again with that room held, so that they go elsewhere
-    or wait. The plan; whether it was made again; the replicas each deployment waits for
-    meanwhile (``maintenance.room_held``)."""
+def plan_full(s: snap.Snapshot, sites: Sequence[sched_model.Site], deployments: Sequence[sched_model.Deployment],
+              current: Sequence[sched_model.Replica]) -> tuple[sched_result.PlanResult, bool, dict[str, drain.Wait]]:
+    """A full plan of ``s`` (``scheduler_inputs``, or those as a what-if changes them: its
+    sites are sized as given): one that gives the room of replicas kept until replaced to
+    newcomers is made again with that room held, so that they go elsewhere or wait. The
+    plan; whether it was made again; the replicas each deployment waits for meanwhile
+    (``maintenance.room_held``)."""
     result = planner.plan(sites, deployments, current)
-    held = drain.room_held(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model))
+    held = drain.room_held(s, result, placement_rows(result), lambda row, model: row_ready(s, row, model), sites)
     if not held:
         return result, False, {}
-    second = planner.plan(scheduler_inputs(s, held)[0], deployments, current)
+    second = planner.plan(drain.holding(sites, deployments, held), deployments, current)
     return second, True, drain.waits(result, second, held)
 
 
@@ -143,11 +144,9 @@ def drain_preview(s: snap.Snapshot, site: str) -> dict[str, Any]:
     return drain.preview(s, site, schedule(dataclasses.replace(s, maintenance={**s.maintenance, site: draining})))
 
 
-def scheduler_inputs(s: snap.Snapshot, kept: Mapping[str, Iterable[tuple[str, str]]] | None = None
-                     ) -> tuple[list[sched_model.Site], list[sched_model.Deployment], list[sched_model.Replica]]:
-    """The scheduler's sites, deployments and replicas; ``kept``: per site, the replicas
-    (deployment, variant) kept there until replaced, whose room the site keeps for them
-    (``maintenance.room_held``)."""
+def scheduler_inputs(s: snap.Snapshot) -> tuple[list[sched_model.Site], list[sched_model.Deployment], list[sched_model.Replica]]:
+    """The scheduler's sites, deployments and replicas (the room a site keeps for replicas
+    kept there until replaced is ``plan_full``'s to hold: ``maintenance.holding``)."""
     deployments = [inventory.to_deployment(d, s.models[d.spec.model], _autoscaled(s, d.name)) for d in s.deployments if d.spec.model in s.models]
     planned = {d.name for d in deployments}
     current = [r for r in inventory.current_replicas(s.placements) if r.deployment in planned]
@@ -157,12 +156,10 @@ def scheduler_inputs(s: snap.Snapshot, kept: Mapping[str, Iterable[tuple[str, st
     held = _held(s.rejoining | s.maintenance.keys() | unseen, deployments, current)
     cordoned = {name for name, m in s.maintenance.items() if not m.draining} | unseen
     draining = s.maintenance.keys() - cordoned
-    variants = {(d.name, v.name): v for d in deployments for v in d.variants}
     sites = [inventory.to_site(r, s.agent_by_site.get(r.name), s.datacentres.get(r.name),
                                [v for _, v in held[r.name]] if r.name in s.rejoining else None,
                                cordoned=_staying(r, held[r.name], deployments) if r.name in cordoned else None,
-                               draining=r.name in draining,
-                               held=[variants[pair] for pair in (kept or {}).get(r.name, ()) if pair in variants])
+                               draining=r.name in draining)
              for r in s.sites]
     return sites, deployments, current
 

@@ -45,7 +45,7 @@ def report(r: whatif.Report) -> dict[str, Any]:
         "removed": [{"deployment": a.deployment, "site": a.site, "variant": a.variant, "reason": a.reason} for a in r.removed],
         "unschedulable": [
             {"deployment": s.deployment, "phase": s.status, "wanted": s.wanted, "placed": s.placed,
-             "shortToday": s.short_today, "newlyShort": s.new, "reason": s.reason}
+             "shortToday": s.short_today, "newlyShort": s.new, "waiting": s.waiting, "reason": s.reason}
             for s in r.short
         ],
         "residency": {

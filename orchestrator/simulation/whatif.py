@@ -2,7 +2,7 @@
 
 ``simulate`` is a pure function of its arguments: it changes copies of the planner's input
 values (sites failed, capacity or grid intensity changed, demand scaled, sites added),
-asks the same planner the control plane uses to plan from today's placement, and reports
+plans them as the control plane does from today's placement (``State.plan``), and reports
 the difference: replicas moved, replicas that no longer fit (with the planner's reason),
 latency percentiles per demand point, power and emissions, and an independent audit that
 no replica sits outside its deployment's residency.
@@ -14,8 +14,8 @@ import dataclasses
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from orchestrator.scheduler import model as sched
 from orchestrator.scheduler import planner
@@ -26,12 +26,45 @@ from orchestrator.simulation.scenario import MAX_DEMAND_FACTOR, Changes, DemandS
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """Replicas of a deployment that a plan leaves out only for the room replicas moved off
+    a site hold there until their replacements serve: they come once it is free. ``phase``
+    and ``reason``: the deployment's, as the control plane says them."""
+
+    replicas: int
+    phase: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Planned:
+    result: sched_result.PlanResult
+    waiting: Mapping[str, Waiting]  # by deployment
+
+
+#: How a fleet is planned from its running replicas: (sites, deployments, current) -> Planned.
+Plan = Callable[[Sequence[sched.Site], Sequence[sched.Deployment], Sequence[sched.Replica]], Planned]
+
+
+def plan_alone(sites: Sequence[sched.Site], deployments: Sequence[sched.Deployment],
+               current: Sequence[sched.Replica]) -> Planned:
+    """The planner's plan, where no replica moving holds room on the site it leaves."""
+    return Planned(planner.plan(sites, deployments, current), {})
+
+
+@dataclass(frozen=True)
 class State:
-    """The fleet as the planner sees it and the replicas running (today's plan)."""
+    """The fleet as the planner sees it and the replicas running (today's plan).
+
+    ``plan``: how the control plane plans it. While replicas move, those leaving a site keep
+    their room there until their replacements serve, and a pass plans again with that room
+    held: the control plane gives its own (``api.simulate.state_of``), so that a what-if
+    never places a replica where the pass would not."""
 
     sites: tuple[sched.Site, ...]
     deployments: tuple[sched.Deployment, ...]
     current: tuple[sched.Replica, ...]
+    plan: Plan = field(default=plan_alone, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -53,11 +86,13 @@ class Shortfall:
     placed: int
     reason: str
     short_today: int  # replicas it was already short of in today's placement
+    waiting: int = 0  # of those not placed, the ones that wait for held room (``Waiting``)
 
     @property
     def new(self) -> int:
-        """Replicas short because of the scenario (not already short today)."""
-        return max(0, self.wanted - self.placed - self.short_today)
+        """Replicas short because of the scenario (not already short today, nor waiting
+        for room that replicas moving hold until their replacements serve)."""
+        return max(0, self.wanted - self.placed - self.waiting - self.short_today)
 
 
 @dataclass(frozen=True)
@@ -149,15 +184,15 @@ def apply_changes(state: State, changes: Changes) -> tuple[tuple[sched.Site, ...
 def under(state: State, changes: Changes) -> State:
     """The fleet as ``changes`` leave it: its sites and demand, placed the way the planner
     would place them from today's replicas (what a sweep under a scenario starts from)."""
-    sites, deployments, result = _planned(state, changes)
-    return State(sites, deployments, result.as_running())
+    sites, deployments, planned = _planned(state, changes)
+    return State(sites, deployments, planned.result.as_running(), state.plan)
 
 
-def _planned(state: State, changes: Changes) -> tuple[tuple[sched.Site, ...], tuple[sched.Deployment, ...], sched_result.PlanResult]:
-    """The planner's inputs under ``changes`` and its plan of them from today's replicas."""
+def _planned(state: State, changes: Changes) -> tuple[tuple[sched.Site, ...], tuple[sched.Deployment, ...], Planned]:
+    """The planner's inputs under ``changes`` and their plan from today's replicas (``State.plan``)."""
     check(state, changes)
     sites, deployments = apply_changes(state, changes)
-    return sites, deployments, planner.plan(sites, deployments, state.current)
+    return sites, deployments, state.plan(sites, deployments, state.current)
 
 
 def _edit(site: sched.Site, e: SiteEdit) -> sched.Site:
@@ -232,7 +267,8 @@ def simulate(state: State, changes: Changes, *, before: measure_mod.Metrics | No
 
     ``before`` may pass today's metrics when the caller measured them already (a sweep).
     """
-    sites, deployments, result = _planned(state, changes)
+    sites, deployments, planned = _planned(state, changes)
+    result = planned.result
     today_fleet = Fleet(state.sites)
     measured = measure_mod.measure(today_fleet, state.deployments, state.current)
     if before is None:
@@ -253,15 +289,16 @@ def simulate(state: State, changes: Changes, *, before: measure_mod.Metrics | No
     after = measure_mod.summarize(measured)
     running = replica_counts(state.current)
     short_today = {d.name: max(0, d.wanted_replicas() - running.get(d.name, 0)) for d in state.deployments}
-    return _report(changes, before, after, result, sites, deployments, replicas, short_today)
+    return _report(changes, before, after, planned, sites, deployments, replicas, short_today)
 
 
-def _report(changes: Changes, before: measure_mod.Metrics, after: measure_mod.Metrics, result: sched_result.PlanResult,
+def _report(changes: Changes, before: measure_mod.Metrics, after: measure_mod.Metrics, planned: Planned,
             sites: Sequence[sched.Site], deployments: Sequence[sched.Deployment], replicas: Sequence[sched.Replica],
             short_today: Mapping[str, int]) -> Report:
+    result = planned.result
     moved = tuple(Move(a.deployment, a.from_site, a.to_site, a.to_variant, a.reason)
                   for a in result.actions if isinstance(a, sched_result.MoveReplica))
-    short = tuple(Shortfall(p.name, str(p.status), p.wanted, p.placed, p.reason, short_today.get(p.name, 0))
+    short = tuple(_shortfall(p, planned.waiting.get(p.name), short_today.get(p.name, 0))
                   for p in result.deployments.values() if p.placed < p.wanted)
     return Report(
         name=changes.name,
@@ -275,6 +312,12 @@ def _report(changes: Changes, before: measure_mod.Metrics, after: measure_mod.Me
         crossings=audit_residency(sites, deployments, replicas),
         replicas=tuple(replicas),
     )
+
+
+def _shortfall(p: sched_result.DeploymentPlan, waiting: Waiting | None, short_today: int) -> Shortfall:
+    if waiting is None:
+        return Shortfall(p.name, str(p.status), p.wanted, p.placed, p.reason, short_today)
+    return Shortfall(p.name, waiting.phase, p.wanted, p.placed, waiting.reason, short_today, waiting.replicas)
 
 
 def today(sites: Sequence[sched.Site], deployments: Sequence[sched.Deployment]) -> State:
