@@ -143,8 +143,11 @@ def _largest(fleet: Fleet, mask: np.ndarray) -> str:
 
 def _resource_reason(fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.ndarray, where: str) -> str:
     """Which of CPU, memory, GPUs and power budget ``eligible`` sites have too little of
-    free, and the room held there for replicas leaving them (``Site.held``)."""
-    return _short_of(fleet, capacity, variant, eligible, where) + _held(fleet, np.flatnonzero(eligible))
+    free, and the room held there for replicas leaving them (``Site.held``), each site's
+    named once: a budget's reason names what its site holds (``power_reason``)."""
+    short, named = _short_of(fleet, capacity, variant, eligible, where)
+    sites = np.flatnonzero(eligible)
+    return short + _held(fleet, sites[sites != named] if named is not None else sites)
 
 
 def _held(fleet: Fleet, sites: np.ndarray) -> str:
@@ -160,7 +163,9 @@ def _held(fleet: Fleet, sites: np.ndarray) -> str:
             f"{'1 replica' if n == 1 else f'{n} replicas'} moved off until {'its replacement serves' if n == 1 else 'their replacements serve'}")
 
 
-def _short_of(fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.ndarray, where: str) -> str:
+def _short_of(fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.ndarray, where: str) -> tuple[str, int | None]:
+    """What ``eligible`` sites have too little of, and the site whose power budget it
+    quotes (``power_reason``, which names the room that site holds), if one."""
     sites = np.flatnonzero(eligible)
     if variant.gpus:
         big = fleet.gpu_big(variant, sites)
@@ -171,27 +176,28 @@ def _short_of(fleet: Fleet, capacity: Capacity, variant: Variant, eligible: np.n
             return (
                 f"{where} have {free} free {model}GPU(s) with ≥{variant.gpu_memory_gib:.4g} GiB "
                 f"(at most {best} on one site), {variant.gpus} needed per replica"
-            )
+            ), None
     cpu = float(capacity.cpu[sites].max())
     if cpu < variant.cpu - 1e-9:
-        return f"{where} have at most {cpu:g} free CPU on one site, {variant.cpu:g} needed"
+        return f"{where} have at most {cpu:g} free CPU on one site, {variant.cpu:g} needed", None
     memory = float(capacity.memory_mib[sites].max()) / 1024
     if memory < variant.memory_mib / 1024 - 1e-9:
-        return f"{where} have at most {memory:g} GiB free memory on one site, {variant.memory_mib / 1024:g} GiB needed"
+        return f"{where} have at most {memory:g} GiB free memory on one site, {variant.memory_mib / 1024:g} GiB needed", None
     if capacity.budgeted:
         best = int(sites[np.argmax(capacity.power[sites])])
         if capacity.power_short(best, variant):
             # the site with the most left is short: every site has a budget, all spent, or
             # none ever feeds one replica (a street cabinet's breaker below the model's draw)
             if sites.size == 1:
-                return power_reason(fleet, capacity, best, variant)
+                return power_reason(fleet, capacity, best, variant), best
             if (fleet.power[sites] < variant.watts - WATTS_SLACK).all():
+                largest = int(sites[np.argmax(fleet.power[sites])])
                 head = f"the power budgets of all {sites.size} {where} are too small for one replica, the largest at "
-                return head + power_reason(fleet, capacity, int(sites[np.argmax(fleet.power[sites])]), variant)
+                return head + power_reason(fleet, capacity, largest, variant), largest
             head = f"the power budgets of all {sites.size} {where} are spent, the most left at "
-            return head + power_reason(fleet, capacity, best, variant)
-        return f"no one site among {where} has the CPU, memory, GPU and power budget free together"
-    return f"no one site among {where} has the CPU, memory and GPU free together"
+            return head + power_reason(fleet, capacity, best, variant), best
+        return f"no one site among {where} has the CPU, memory, GPU and power budget free together", None
+    return f"no one site among {where} has the CPU, memory and GPU free together", None
 
 
 def power_reason(fleet: Fleet, capacity: Capacity, site: int, variant: Variant) -> str:

@@ -50,3 +50,41 @@ def test_a_repaired_plan_leaves_held_room_free_on_a_site_that_comes_back() -> No
     repaired = standing.repair([a, dataclasses.replace(b, healthy=False)])
     assert repaired is not None
     assert [r.site for r in repaired.replicas] == ["edge-a", "edge-a"], repaired.replicas
+
+
+HUNDRED = Variant("hundred", "onnx", cpu=1, memory_mib=1024, power_watts=100)
+
+
+def _budgeted(name: str, watts: float, held: int = 0) -> object:
+    return dataclasses.replace(site(name), power_budget_watts=watts, held=(HUNDRED,) * held)
+
+
+@pytest.mark.parametrize("sites, wanted, reason", [
+    ([_budgeted("edge-a", 150)], 2,
+     "site edge-a: power budget 150 W, 100 W used, replica needs 100 W"),
+    ([_budgeted("edge-a", 150, held=1)], 1,
+     "site edge-a: power budget 150 W, 100 W used (100 W of it held by replicas moved off until replaced), "
+     "replica needs 100 W"),
+    ([_budgeted("edge-a", 250, held=2)], 1,
+     "site edge-a: power budget 250 W, 200 W used (200 W of it held by replicas moved off until replaced), "
+     "replica needs 100 W"),
+    ([_budgeted("edge-a", 150, held=1), _budgeted("edge-b", 120, held=1)], 1,
+     "the power budgets of all 2 sites are spent, the most left at site edge-a: power budget 150 W, 100 W used "
+     "(100 W of it held by replicas moved off until replaced), replica needs 100 W; "
+     "site edge-b holds the room of 1 replica moved off until its replacement serves"),
+    ([_budgeted("edge-a", 150, held=1), _budgeted("edge-b", 120, held=1), _budgeted("edge-c", 110, held=1)], 1,
+     "the power budgets of all 3 sites are spent, the most left at site edge-a: power budget 150 W, 100 W used "
+     "(100 W of it held by replicas moved off until replaced), replica needs 100 W; "
+     "sites edge-b, edge-c hold the room of 2 replicas moved off until their replacements serve"),
+    ([_budgeted("edge-a", 150), _budgeted("edge-b", 120, held=1)], 2,
+     "the power budgets of all 2 sites are spent, the most left at site edge-a: power budget 150 W, 100 W used, "
+     "replica needs 100 W; site edge-b holds the room of 1 replica moved off until its replacement serves"),
+    ([_budgeted("edge-a", 110), _budgeted("edge-b", 120, held=1)], 2,
+     "the power budgets of all 2 sites are spent, the most left at site edge-b: power budget 120 W, 100 W used "
+     "(100 W of it held by replicas moved off until replaced), replica needs 100 W"),
+], ids=["none-held", "one-site-holding", "one-site-holding-two", "two-sites-holding", "three-sites-holding",
+        "another-site-holds", "only-the-site-named-holds"])
+def test_a_power_budget_s_reason_names_the_room_a_site_holds_once(sites, wanted, reason) -> None:  # type: ignore[no-untyped-def]
+    (p,) = plan(sites, [deployment(variants=(HUNDRED,), replicas=(wanted, wanted))]).deployments.values()
+    assert p.placed == wanted - 1, p.reason
+    assert p.reason.endswith(f"placed: {reason}"), p.reason
