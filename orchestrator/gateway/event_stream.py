@@ -54,7 +54,7 @@ class Body(Protocol):
 class Reader:
     """Whole SSE events of ``resp`` as they arrive (a read's worth at a time, never a partial
     event), ending cleanly at the end of the body; a cut, a stall or an event past
-    :data:`MAX_EVENT_BYTES` raises :class:`Cut`. Until :meth:`answering` is called, reads
+    :data:`MAX_EVENT_BYTES` (ended or not) raises :class:`Cut`. Until :meth:`answering` is called, reads
     wait only until ``first_token_by`` (the event loop's clock); after it, ``idle_timeout``
     between two reads."""
 
@@ -99,6 +99,10 @@ class Reader:
             cut = tail.rfind(b"\n\n", max(0, len(tail) - len(data) - 1))  # what came before holds no blank line
             if cut >= 0:
                 whole, tail = tail[: cut + 2], tail[cut + 2:]
+                # Ended in this read, an event is held to the limit as one unfinished is: the
+                # reads before may hold less than the limit, and this one the rest of it.
+                if len(whole) > MAX_EVENT_BYTES and max(map(len, whole.split(b"\n\n"))) > MAX_EVENT_BYTES:
+                    raise Cut(f"an event past {MAX_EVENT_BYTES} bytes")
                 yield whole
             if len(tail) > MAX_EVENT_BYTES:
                 raise Cut(f"an event past {MAX_EVENT_BYTES} bytes (no blank line ends it)")

@@ -140,6 +140,31 @@ async def test_a_replica_that_never_ends_an_event_is_cut_off_not_buffered(token_
         assert paris_url in table.ejected()
 
 
+@pytest.mark.parametrize("token_first", [False, True])
+async def test_a_whole_event_past_the_limit_is_cut_off_as_an_unfinished_one_is(token_first: bool) -> None:
+    """An event past ``MAX_EVENT_BYTES`` that ends in the read that brings its end (a replica
+    writing it at once) is held to the limit too: the reads before it hold less than the
+    limit, so only a check of every event, not of the one still unfinished, finds it."""
+    big = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * event_stream.MAX_EVENT_BYTES + b'"}}]}\n\n'
+    token = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+
+    async def paris(request: httpmessages.Request) -> httpmessages.Response:
+        return httpmessages.Response(200, (token if token_first else b"") + big + b"data: [DONE]\n\n", content_type="text/event-stream")
+
+    async with replica(paris) as paris_url:
+        table = endpoints.EndpointTable()
+        table.replace([endpoint("edge-paris", "edge", paris_url)])
+        async with gateway(table, first_token_timeout=5.0, idle_timeout=5.0) as http:
+            resp = await http.post(f"{openai_routes.PREFIX}/chat/completions", json={**CHAT, "stream": True})
+    why = f"an event past {event_stream.MAX_EVENT_BYTES} bytes"
+    if token_first:
+        assert resp.status_code == 200 and resp.text.startswith('data: {"choices"'), resp.text[:200]
+        assert why in resp.text and resp.text.endswith("data: [DONE]\n\n") and len(resp.content) < 4096, resp.text[-300:]
+    else:
+        assert resp.status_code == 502 and why in resp.json()["error"]["message"], resp.text[:200]
+        assert paris_url in table.ejected()
+
+
 async def test_a_stage_replica_silent_past_the_first_token_timeout_is_skipped_and_ejected_only_at_the_fifth_in_a_row() -> None:
     """A judged stage asks for the whole answer: a replica that sent its head and no body
     in time is slow at this request (a long prompt on edge hardware), not down."""
