@@ -23,6 +23,8 @@ follow), so the request moves on, and the replica is ejected as one that is down
 
 from __future__ import annotations
 
+import datetime
+import math
 from collections.abc import Mapping, Sequence
 
 from prometheus_client import Counter
@@ -34,12 +36,15 @@ from edgeplane_proto.headers import DRAINING
 MAX_RETRY_AFTER_S = 60
 
 
-def retry_after_s(value: str | None) -> int:
-    """A replica's Retry-After in whole seconds, 1 to :data:`MAX_RETRY_AFTER_S` (1 when it
-    gave none, a date, or anything else)."""
-    if (seconds := retry_header.delay_seconds(value)) is None:
-        return 1
-    return min(max(seconds, 1), MAX_RETRY_AFTER_S)
+def retry_after_s(value: str | None, now: datetime.datetime | None = None) -> int:
+    """A replica's Retry-After in whole seconds, 1 to :data:`MAX_RETRY_AFTER_S`, given in
+    seconds or as an HTTP date (measured from ``now``, the current time when None); 1 when
+    it gave none, one that cannot be read, or a date past (its clock behind the gateway's)."""
+    return _bounded(retry_header.seconds(value, now))
+
+
+def _bounded(seconds: float | None) -> int:
+    return 1 if seconds is None else min(max(math.ceil(seconds), 1), MAX_RETRY_AFTER_S)
 
 
 def passed_on(value: str | None) -> dict[str, str]:
@@ -50,14 +55,13 @@ def passed_on(value: str | None) -> dict[str, str]:
 
 
 def ejection_s(answer_headers: Mapping[str, str]) -> int | None:
-    """At most how long a replica's 503 takes it out of rotation: the Retry-After it gave, in
-    seconds (:func:`retry_after_s`); None, its whole ejection, when it gave none or another
-    form (a date), or said it is draining (an agent stopping: asking it again each second
-    would only send more requests to a replica that is going away)."""
-    value = answer_headers.get("retry-after")
-    if answer_headers.get(DRAINING) is not None or retry_header.delay_seconds(value) is None:
+    """At most how long a replica's 503 takes it out of rotation: the Retry-After it gave,
+    in seconds or as a date (:func:`retry_after_s`); None, its whole ejection, when it gave
+    none or one that cannot be read, or said it is draining (an agent stopping: asking it
+    again each second would only send more requests to a replica that is going away)."""
+    if answer_headers.get(DRAINING) is not None or (seconds := retry_header.seconds(answer_headers.get("retry-after"))) is None:
         return None
-    return retry_after_s(value)
+    return _bounded(seconds)
 
 
 def retry_after(unavailable: Sequence[int | None], failed: int) -> int | None:

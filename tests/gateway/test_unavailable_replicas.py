@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge_agent import httplistener, httpmessages, refusals
+from edgeplane_proto import retry_after as retry_header
 from edgeplane_proto.headers import DRAINING
 from orchestrator.gateway import cascade, cascade_rules, endpoints, failover, openai_routes, proxy, routing
 from orchestrator.gateway.upstream import UpstreamPool
@@ -160,10 +162,32 @@ async def test_a_replica_that_failed_among_unavailable_ones_keeps_it_a_502() -> 
         assert infer.status_code == 502, infer.text
 
 
-@pytest.mark.parametrize(("header", "seconds"), [(None, 1), ("0", 1), ("7", 7), ("86400", 60), ("Wed, 21 Oct 2026 07:28:00 GMT", 1),
+NOW = datetime.datetime(2026, 10, 21, 7, 28, tzinfo=datetime.timezone.utc)
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    (None, None), ("0", 0.0), ("7", 7.0), (" 5 ", 5.0), ("86400", 86400.0),
+    ("Wed, 21 Oct 2026 07:28:30 GMT", 30.0),  # IMF-fixdate, the form RFC 9110 sends
+    ("Wednesday, 21-Oct-26 07:28:30 GMT", 30.0),  # RFC 850's, which a recipient must still read
+    ("Wed Oct 21 07:28:30 2026", 30.0),  # asctime's, in UTC with no zone named
+    ("Wed, 21 Oct 2026 07:27:00 GMT", 0.0),  # past: no wait
+    ("Wed, 21 Oct 2026 07:28:30 -0000", None),  # a zone unknown: no HTTP date
+    ("Wed, 21 Oct 2026 07:28:30", None), ("soon", None), ("-3", None), ("\xb2", None), ("\u0663", None), ("9" * 5000, None),
+])
+def test_a_retry_after_is_read_in_seconds_or_as_an_http_date(header: str | None, seconds: float | None) -> None:
+    """The reader the client, the CLI and the gateway share: both forms RFC 9110 gives,
+    and the three forms of its date."""
+    assert retry_header.seconds(header, NOW) == seconds
+
+
+@pytest.mark.parametrize(("header", "seconds"), [(None, 1), ("0", 1), ("7", 7), ("86400", 60), ("Wed, 21 Oct 2026 07:28:30 GMT", 30),
+                                                 ("Wed, 21 Oct 2026 07:28:00 GMT", 1), ("Wed Oct 21 07:28:10 2026", 10),
+                                                 ("Wed, 21 Oct 2015 07:28:00 GMT", 1), ("Fri, 01 Jan 2100 00:00:00 GMT", 60),
                                                  ("-3", 1), (" 5 ", 5), ("\xb2", 1), ("\u0663", 1), ("9" * 5000, 1)])
 def test_a_replicas_retry_after_is_passed_on_within_bounds(header: str | None, seconds: int) -> None:
-    assert failover.retry_after_s(header) == seconds
+    """In whole seconds from 1 to 60, either form: a date past (a replica's clock behind the
+    gateway's), or one that cannot be read, is the least."""
+    assert failover.retry_after_s(header, NOW) == seconds
 
 
 @pytest.mark.parametrize("header", ["\xb2", "9" * 5000], ids=["superscript-two", "5000-digits"])
@@ -180,8 +204,9 @@ async def test_a_replica_s_unreadable_retry_after_is_read_as_one_second(header: 
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize(("said", "passed_on"), [("7", "7"), ("999999999", "60"), ("Fri, 01 Jan 2100 00:00:00 GMT", "1")],
-                         ids=["seconds", "31-years", "a-date"])
+@pytest.mark.parametrize(("said", "passed_on"), [("7", "7"), ("999999999", "60"), ("Fri, 01 Jan 2100 00:00:00 GMT", "60"),
+                                                 ("Wed, 21 Oct 2015 07:28:00 GMT", "1")],
+                         ids=["seconds", "31-years", "a-date-far-off", "a-date-past"])
 async def test_a_replica_at_capacity_s_retry_after_is_passed_on_within_bounds(stream: bool, said: str, passed_on: str) -> None:
     """A 429's Retry-After reaches the caller as a 503's does, 1 to 60 s: a client that
     honours it (urllib3's Retry, with no cap) would otherwise wait as long as a wrong clock says."""
@@ -194,34 +219,34 @@ async def test_a_replica_at_capacity_s_retry_after_is_passed_on_within_bounds(st
     assert (answer.status_code, answer.headers.get("retry-after")) == (429, passed_on), answer.text
 
 
-async def test_a_replica_s_503_ejects_it_no_longer_than_its_retry_after_says() -> None:
+@pytest.mark.parametrize(("said", "ejected_s"), [("2", 2), ("Wed, 21 Oct 2015 07:28:00 GMT", 1)], ids=["seconds", "a-date-past"])
+async def test_a_replica_s_503_ejects_it_no_longer_than_its_retry_after_says(said: str, ejected_s: int) -> None:
     """An agent whose model was replaced while a request waited answers 503 with
     ``Retry-After: 1``: it serves the new version at once, and must not be passed over for
-    the whole ejection."""
+    the whole ejection. A date says how long as well (one past: the least, 1 s)."""
     async def replaced(request: Request) -> Response:
         body = (refusals.openai_error_body("model 'llm' was unloaded or replaced while this request waited; retry", "server_error",
                                            "model", "model_not_ready")
                 if request.url.path.startswith("/v1/") else b'{"error": "replaced"}')
-        return Response(body, status_code=503, media_type="application/json", headers={"retry-after": "2"})
+        return Response(body, status_code=503, media_type="application/json", headers={"retry-after": said})
 
     now = [100.0]
     table = endpoints.EndpointTable(clock=lambda: now[0], ejection_s=15)
     async with gateway_over(replaced, table=table) as http:
         for path, body in (("/openai/v1/chat/completions", CHAT), ("/v2/models/m/infer", INFER)):
             answer = await http.post(path, json=body)
-            assert answer.status_code == 503, (path, answer.text)
+            assert (answer.status_code, answer.headers.get("retry-after")) == (503, str(ejected_s)), (path, answer.text)
             assert len(table.ejected()) == 1, path
-            now[0] += 2.1
+            now[0] += ejected_s + 0.1
             assert table.ejected() == frozenset(), path
 
 
-@pytest.mark.parametrize("said", [{"retry-after": "1", DRAINING: "1"}, {"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"},
-                                  {"retry-after": "soon"}, {}],
-                         ids=["draining", "http-date", "unreadable", "none"])
-async def test_a_503_ejects_a_replica_for_the_whole_ejection_unless_it_says_how_long_in_seconds(said: dict[str, str]) -> None:
-    """Only a Retry-After in seconds from a replica that is not going away shortens its
-    ejection: an agent that says it is draining (its 503s carry Retry-After: 1 for direct
-    callers) would otherwise be asked again each second until it stops."""
+@pytest.mark.parametrize("said", [{"retry-after": "1", DRAINING: "1"}, {"retry-after": "soon"}, {}],
+                         ids=["draining", "unreadable", "none"])
+async def test_a_503_ejects_a_replica_for_the_whole_ejection_unless_it_says_how_long(said: dict[str, str]) -> None:
+    """Only a Retry-After (in seconds or as a date) from a replica that is not going away
+    shortens its ejection: an agent that says it is draining (its 503s carry Retry-After: 1
+    for direct callers) would otherwise be asked again each second until it stops."""
     async def unavailable(request: Request) -> Response:
         return Response(b'{"error": "unavailable"}', status_code=503, media_type="application/json", headers=said)
 
