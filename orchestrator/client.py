@@ -34,6 +34,10 @@ past its TTL, the list held is used and asked for again after ``ejection_s``.
 ``direct=False`` sends every request through the gateways (replicas the callers cannot
 reach, or one place to meter).
 
+No answer is read past ``max_answer_bytes`` (:data:`MAX_ANSWER_BYTES`, 64 MiB, by default:
+the most the gateway takes from a replica): a larger one raises :class:`BadAnswer`, read
+no further (:mod:`orchestrator.clientbody`); a replica's is left for the next attempt.
+
 Errors: arguments that cannot work (a server URL without ``http://``, a location outside
 -90..90/-180..180, a region that cannot travel in an HTTP header, a tensor of a dtype the
 v2 protocol has no name for, a chat's ``n`` other than 1, a proxy in the environment that
@@ -48,7 +52,8 @@ beside it, each importable from here as well: the error tree in
 :mod:`orchestrator.clienterrors`, the endpoint list cache in :mod:`orchestrator.clientcache`,
 a chat's answer and the OpenAI wire format it is read from in :mod:`orchestrator.clientchat`,
 an :class:`AsyncClient`'s HTTP client for each event loop in :mod:`orchestrator.clientloops`,
-and the checks of what a caller gives in :mod:`orchestrator.clientargs`.
+an answer's body read within its bound in :mod:`orchestrator.clientbody`, and the checks of
+what a caller gives in :mod:`orchestrator.clientargs`.
 """
 
 from __future__ import annotations
@@ -67,15 +72,16 @@ import numpy as np
 
 from edgeplane_proto import oip
 from orchestrator import clientargs as args
-from orchestrator import clientchat, proxyenv
+from orchestrator import clientbody, clientchat, proxyenv
+from orchestrator.clientbody import MAX_ANSWER_BYTES
 from orchestrator.clientcache import EndpointCache
 from orchestrator.clientchat import Chat
 from orchestrator.clientloops import LoopClients
 from orchestrator.clienterrors import BadAnswer, EdgeplaneError, InferenceError, NoEndpoint, StreamCut, TimedOut, Unreachable
 from orchestrator.urlpath import path_segment
 
-__all__ = ["AsyncClient", "BadAnswer", "Chat", "Client", "EdgeplaneError", "EndpointCache", "InferResult", "InferenceError",
-           "NoEndpoint", "StreamCut", "TimedOut", "Unreachable"]
+__all__ = ["MAX_ANSWER_BYTES", "AsyncClient", "BadAnswer", "Chat", "Client", "EdgeplaneError", "EndpointCache", "InferResult",
+           "InferenceError", "NoEndpoint", "StreamCut", "TimedOut", "Unreachable"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,8 @@ class _Attempt:
 class _Base:
     def __init__(self, server: str | Sequence[str], *, timeout: float = 30.0, token: str | None = None,
                  location: tuple[float, float] | None = None, region: str | None = None, residency: str | None = None,
-                 binary: bool = True, cache: EndpointCache | None = None, direct: bool = True):
+                 binary: bool = True, cache: EndpointCache | None = None, direct: bool = True,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES):
         self.servers = args.servers(server)
         self.server = self.servers[0]
         self.direct = direct
@@ -142,6 +149,7 @@ class _Base:
         self._auth = {"authorization": f"Bearer {token}"} if token else {}
         self._seconds = args.seconds(timeout)
         self._timeout = httpx.Timeout(self._seconds, connect=min(2.0, self._seconds))
+        self.max_answer_bytes = args.byte_count(max_answer_bytes, "max_answer_bytes")
 
     def _body(self, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> tuple[bytes, dict[str, str]]:
         body, header_len = oip.encode_request(args.tensors(inputs), binary=self.binary)
@@ -316,6 +324,8 @@ class _Base:
         if attempt.endpoint is None:
             if not attempt.last:
                 return  # the next gateway
+            if isinstance(exc, BadAnswer):
+                raise exc
             if isinstance(exc, httpx.TimeoutException):
                 raise TimedOut(self._seconds, chat.attempts) from None
             raise EdgeplaneError(f"the gateway's answer failed: {exc}") from None
@@ -374,6 +384,8 @@ class _Base:
         self.cache.invalidate(self.listing_key(model))
         if self._gateway_failed(attempt, resp):
             return None
+        if isinstance(error, BadAnswer):  # an answer past max_answer_bytes
+            raise error
         if resp is None:
             raise Unreachable(error) from error
         if resp.status_code >= 400:
@@ -421,14 +433,22 @@ class Client(_Base):
         resp = None
         for gateway, url, params, timeout in self._endpoints_requests(model, deadline):
             try:
-                resp = self._http.get(url, params=params, headers=self._auth, timeout=timeout)
+                resp = self._read(self._http.build_request("GET", url, params=params, headers=self._auth, timeout=timeout))
                 break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, BadAnswer):
                 self.cache.eject(gateway)
         return self._endpoints_answer(model, resp)
 
     def _post(self, attempt: _Attempt, body: bytes) -> httpx.Response:
-        return self._http.send(self._request(attempt, body))
+        return self._read(self._request(attempt, body))
+
+    def _read(self, request: httpx.Request) -> httpx.Response:
+        """The answer to ``request``, read whole within ``max_answer_bytes``."""
+        resp = self._http.send(request, stream=True)
+        try:
+            return clientbody.read(resp, self.max_answer_bytes)
+        finally:
+            resp.close()
 
     def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
         args.model_name(model)
@@ -437,7 +457,7 @@ class Client(_Base):
             resp, error = None, None
             try:
                 resp = self._post(attempt, body)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, BadAnswer) as exc:
                 error = exc
             result = self._outcome(model, attempt, number, resp, error)
             if result is not None:
@@ -455,13 +475,11 @@ class Client(_Base):
                 continue
             try:
                 if resp.status_code >= 400:
-                    resp.read()
-                    if self._chat_refused(chat, model, attempt, resp, None):
+                    if self._chat_refused(chat, model, attempt, clientbody.read(resp, self.max_answer_bytes), None):
                         continue
                 self._chat_answering(chat, attempt, resp)
                 if not stream:
-                    resp.read()
-                    yield clientchat.read_whole(chat, resp)
+                    yield clientchat.read_whole(chat, clientbody.read(resp, self.max_answer_bytes))
                     return
                 for line in clientchat.lines_of(resp.iter_bytes()):
                     text = self._chat_line(chat, attempt, line)
@@ -469,7 +487,7 @@ class Client(_Base):
                         yield text
                 clientchat.check_ended(chat)
                 return
-            except (clientchat.Retry, httpx.HTTPError) as exc:
+            except (clientchat.Retry, BadAnswer, httpx.HTTPError) as exc:
                 self._chat_failed(chat, attempt, exc)
             finally:
                 resp.close()
@@ -519,14 +537,22 @@ class AsyncClient(_Base):
         resp = None
         for gateway, url, params, timeout in self._endpoints_requests(model, deadline):
             try:
-                resp = await self._http.get(url, params=params, headers=self._auth, timeout=timeout)
+                resp = await self._read(self._http.build_request("GET", url, params=params, headers=self._auth, timeout=timeout))
                 break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, BadAnswer):
                 self.cache.eject(gateway)
         return self._endpoints_answer(model, resp)
 
     async def _post(self, attempt: _Attempt, body: bytes) -> httpx.Response:
-        return await self._http.send(self._request(attempt, body))
+        return await self._read(self._request(attempt, body))
+
+    async def _read(self, request: httpx.Request) -> httpx.Response:
+        """The answer to ``request``, read whole within ``max_answer_bytes``."""
+        resp = await self._http.send(request, stream=True)
+        try:
+            return await clientbody.aread(resp, self.max_answer_bytes)
+        finally:
+            await resp.aclose()
 
     async def infer(self, model: str, inputs: Mapping[str, Any] | Sequence[oip.Tensor]) -> InferResult:
         args.model_name(model)
@@ -535,7 +561,7 @@ class AsyncClient(_Base):
             resp, error = None, None
             try:
                 resp = await self._post(attempt, body)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, BadAnswer) as exc:
                 error = exc
             result = self._outcome(model, attempt, number, resp, error)
             if result is not None:
@@ -553,13 +579,11 @@ class AsyncClient(_Base):
                 continue
             try:
                 if resp.status_code >= 400:
-                    await resp.aread()
-                    if self._chat_refused(chat, model, attempt, resp, None):
+                    if self._chat_refused(chat, model, attempt, await clientbody.aread(resp, self.max_answer_bytes), None):
                         continue
                 self._chat_answering(chat, attempt, resp)
                 if not stream:
-                    await resp.aread()
-                    yield clientchat.read_whole(chat, resp)
+                    yield clientchat.read_whole(chat, await clientbody.aread(resp, self.max_answer_bytes))
                     return
                 async for line in clientchat.alines_of(resp.aiter_bytes()):
                     text = self._chat_line(chat, attempt, line)
@@ -567,7 +591,7 @@ class AsyncClient(_Base):
                         yield text
                 clientchat.check_ended(chat)
                 return
-            except (clientchat.Retry, httpx.HTTPError) as exc:
+            except (clientchat.Retry, BadAnswer, httpx.HTTPError) as exc:
                 self._chat_failed(chat, attempt, exc)
             finally:
                 await resp.aclose()

@@ -82,6 +82,14 @@ def seconds(timeout: Any) -> float:
     return float(timeout)
 
 
+def byte_count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a whole number of bytes, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} {value!r}: give a whole number of bytes, 1 or more")
+    return int(value)
+
+
 def model_name(model: Any) -> str:
     if not isinstance(model, str):
         raise TypeError(f"model must be a string, not {type(model).__name__}")

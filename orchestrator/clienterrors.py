@@ -9,7 +9,7 @@ uses: each ``httpx`` exception is translated where it is caught. ::
     │   └── TimedOut     a chat's answer did not come within the client's timeout
     ├── InferenceError   a refusal (4xx): retrying elsewhere would not help
     ├── StreamCut        a generation failed after part of its text was delivered
-    └── BadAnswer        an answer that is not what the protocol says
+    └── BadAnswer        an answer that is not what the protocol says, or larger than the client reads
 
 Arguments that cannot work are not in this tree: they raise ``ValueError`` (``TypeError``
 for a wrong type) before anything is sent.
@@ -67,4 +67,5 @@ class StreamCut(EdgeplaneError):
 
 class BadAnswer(EdgeplaneError):
     """The gateway answered with something that is not what the protocol says (not a v2
-    inference response, not OpenAI JSON or events): the URL may lead to another service."""
+    inference response, not OpenAI JSON or events): the URL may lead to another service.
+    Or an answer larger than the client's ``max_answer_bytes``, which it did not read."""
