@@ -234,9 +234,12 @@ class KubeRayActuator:
     def _as_it_runs(self, configured: Mapping[str, Any], asked: ServeAppSpec) -> ServeAppSpec:
         """The application the RayService's Serve config entry ``configured`` runs: as this
         actuator last applied it while the entry is still that; else (written by a control
-        plane before this one, or by hand) ``asked`` at the count it configures."""
+        plane before this one restarted or took over) as the entry says; else (an entry
+        edited by hand, which does not say) ``asked`` at the count it configures."""
         if (last := self._applied.get(asked.name)) is not None and last[1] == _configured(configured):
             return last[0]
+        if (read := serve_config.application_from_config(configured, asked)) is not None:
+            return read
         return dataclasses.replace(asked, num_replicas=serve_config.configured_replicas(configured))
 
     def _left_out_status(self, name: str, why: str) -> ServeAppStatus:

@@ -308,6 +308,54 @@ def render_application(spec: ServeAppSpec, sized_deployment: str | None = None) 
     return app
 
 
+def application_from_config(entry: Mapping[str, Any], asked: ServeAppSpec) -> ServeAppSpec | None:
+    """The application a Serve config entry read back from a cluster runs, such that
+    :func:`render_application` renders ``entry`` again exactly; what the entry does not say
+    (a ``ray-serve`` application's model name, an LLM replica's memory and GPUs, which size
+    its pod, not its config) is ``asked``'s. A control plane that did not write the entry
+    (it restarted, or took over as leader) reads how the application runs from it. None for
+    an entry edgeplane does not render so (a hand edit): it cannot say."""
+    try:
+        spec = _read_application(entry, asked)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None
+    return spec if render_application(spec) == dict(entry) else None
+
+
+_MIB = 1024 * 1024
+
+
+def _read_application(entry: Mapping[str, Any], asked: ServeAppSpec) -> ServeAppSpec:
+    """:func:`application_from_config` before its check that the result renders ``entry``;
+    raises on an entry it cannot read."""
+    import_path, args = entry["import_path"], dict(entry["args"])
+    common: dict[str, Any] = {"name": entry["name"], "route_prefix": entry["route_prefix"], "model_name": asked.model_name}
+    if import_path == LLM_IMPORT_PATH:
+        (config,) = args["llm_configs"]
+        engine = dict(config["engine_kwargs"])
+        tp = engine.pop("tensor_parallel_size")
+        scaling = config["deployment_config"].get("autoscaling_config")
+        bounds = (scaling["min_replicas"], scaling["max_replicas"]) if scaling is not None else None
+        replicas = scaling["initial_replicas"] if scaling is not None else config["deployment_config"]["num_replicas"]
+        loading = config["model_loading_config"]
+        llm = LlmApp(model_id=loading["model_id"], source=loading["model_source"], engine_kwargs=engine, tensor_parallel_size=tp,
+                     accelerator_type=config.get("accelerator_type"), autoscaling=bounds)
+        return ServeAppSpec(**common, runtime="vllm", num_replicas=replicas, cpu=config["placement_group_config"]["bundles"][0]["CPU"] * tp,
+                            memory_mib=asked.memory_mib, gpus=asked.gpus, llm=llm)
+    (deployment,) = entry["deployments"]
+    options = deployment["ray_actor_options"]
+    if options.get("memory", 0) % _MIB:
+        raise ValueError("memory is not whole MiB")
+    common.update(num_replicas=deployment["num_replicas"], cpu=options["num_cpus"], gpus=options.get("num_gpus", 0.0),
+                  memory_mib=options.get("memory", 0) // _MIB)
+    if import_path in (ONNX_IMPORT_PATH, GENAI_IMPORT_PATH):
+        artifact = {"artifact_uri": args.pop("artifact_uri"), "sha256": args.pop("sha256"), "model_name": args.pop("model_name"),
+                    "artifact_hosts": tuple(args.pop("artifact_hosts", ()))}
+        runtime = "onnx" if import_path == ONNX_IMPORT_PATH else "onnx-genai"
+        return ServeAppSpec(**{**common, **artifact}, runtime=runtime, args=args)
+    return ServeAppSpec(**common, runtime="ray-serve", import_path=import_path, args=args, deployment=deployment["name"])
+
+
 def llm_config(spec: ServeAppSpec) -> dict[str, Any]:
     """The ``LLMConfig`` (as Serve's config file spells it) of a ``vllm`` application.
 
