@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -34,6 +35,7 @@ class DataCentreBackoff(Backoff):
 
     unreachable: bool = False  # its last failure was observing it (not applying or removing apps)
     unreachable_since: float = 0.0  # when observing it began to fail (this run of failures)
+    unreachable_at: float | None = None  # the same, by the wall clock: published, for a new leader (DataCentreObservation)
     target: str | None = None  # where the site's applications ran when it failed
     # the last failure was the cluster refusing the call (its error not ``retryable``, e.g.
     # a Serve config it answers 422 to): the operator's to fix, where a retryable one (Ray
@@ -56,13 +58,15 @@ class DataCentreSync:
     ``clock`` and ``lease`` are read at each call: the reconciler's, which change (a test's
     stopped clock, a new lease when the replica leads again). ``lost_after``: how long a
     site may stay out of reach before it is declared lost (``DataCentreObservation.lost``),
-    the time an agent is given before it is (its missed heartbeats)."""
+    the time an agent is given before it is (its missed heartbeats). ``wall``: the wall clock,
+    which tells a leader that takes over mid-outage when it began (:meth:`inherit`)."""
 
     store: store_mod.Store
     datacentres: DataCentres
     clock: Callable[[], float]
     lease: Callable[[], store_mod.Lease | None]
     lost_after: float
+    wall: Callable[[], float] = time.time
     observed: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
     applied: dict[str, tuple[serve_config.ServeAppSpec, ...]] = field(default_factory=dict)
     reapplied: dict[str, int] = field(default_factory=dict)  # by site: Serve applications applied again after another writer
@@ -71,6 +75,8 @@ class DataCentreSync:
     _retiring: dict[str | Left, int] = field(default_factory=dict)
     # by site: the applications its last apply did not apply as asked (left out), by name: why
     _not_as_asked: dict[str, dict[str, str]] = field(default_factory=dict)
+    # by site: what the last leader published it observed, taken at the next observe (inherit)
+    _inherited: dict[str, snap.DataCentreObservation] = field(default_factory=dict)
 
     def forget(self) -> None:
         """What was observed and applied, and the backoffs, go: another leader may have changed them."""
@@ -78,6 +84,29 @@ class DataCentreSync:
         self._not_as_asked.clear()
         self._backoff.clear()
         self.observed.clear()
+        self._inherited.clear()
+
+    def inherit(self, observations: Mapping[str, snap.DataCentreObservation]) -> None:
+        """What the last leader (another replica, or this control plane before it restarted)
+        published it observed of each data centre, for the next :meth:`observe` to start
+        from. Without it a site out of reach had no last observation, so the gateway stopped
+        routing to it at once, and its loss time ran again from this leader's first try."""
+        self._inherited = dict(observations)
+
+    def _take_over(self, site: snap.SiteRecord, last: snap.DataCentreObservation) -> None:
+        """``site`` as the last leader left it: its last observation, and, out of reach, the
+        outage as it began then, so that it is declared lost at the same time; it is tried
+        at once, and an error it answers as then is no new event. An outage an earlier
+        version's leader published does not say when it began: taken as unseen, since
+        routed as last observed it could be routed again once that leader declared it lost."""
+        if last.reachable:
+            self.observed[site.name] = last
+        elif last.unreachable_at is not None:
+            self.observed[site.name] = last
+            since = self.clock() - max(0.0, self.wall() - last.unreachable_at)
+            self._backoff[site.name] = DataCentreBackoff(
+                failures=1, next_try=self.clock(), last_error=last.error, since=since, unreachable=True, unreachable_since=since,
+                unreachable_at=last.unreachable_at, target=target_of(site.spec))
 
     async def observe(self, stored: list[snap.SiteRecord], deleted: Iterable[store_mod.DeletedSite] = ()) -> None:
         """Observe the declared data centres; remove the applications left on a target no
@@ -87,6 +116,10 @@ class DataCentreSync:
         site neither declared nor kept was abandoned (``delete site --abandon-applications``)."""
         sites = [s for s in stored if s.spec.tier == "datacenter"]
         declared = {s.name for s in sites}
+        inherited, self._inherited = self._inherited, {}
+        for site in sites:
+            if (last := inherited.get(site.name)) is not None and site.name not in self.observed:
+                self._take_over(site, last)
         # a series per site ever declared would outlive its Site (edgeplane_datacentre_reapplied_total)
         self.reapplied = {site: n for site, n in self.reapplied.items() if site in declared}
         driven = {s.name: target_of(s.spec) for s in stored}
@@ -183,13 +216,14 @@ class DataCentreSync:
                                           refused=backoff is not None and backoff.refused)
 
     def _unreachable(self, site: str, error: str | None = None) -> snap.DataCentreObservation:
-        """``site`` out of reach: lost once it has been for ``lost_after``. A leader that
-        just took over counts from its own first try, as it does for agents. What it ran
-        when last observed goes along (``last_apps``)."""
+        """``site`` out of reach: lost once it has been for ``lost_after``, counted from when
+        the outage began, by the last leader's account for one that began before this one
+        led (:meth:`inherit`). What it ran when last observed goes along (``last_apps``)."""
         backoff, last = self._backoff[site], self.observed.get(site)
         return snap.DataCentreObservation(False, error=backoff.last_error if error is None else error,
                                           lost=self.clock() - backoff.unreachable_since >= self.lost_after,
-                                          last_apps=None if last is None else last.apps if last.reachable else last.last_apps)
+                                          last_apps=None if last is None else last.apps if last.reachable else last.last_apps,
+                                          unreachable_at=backoff.unreachable_at)
 
     async def _failed(self, site: str, exc: Exception, context: str = "", unreachable: bool = False, key: Left | None = None,
                          target: str | None = None) -> None:
@@ -202,7 +236,7 @@ class DataCentreSync:
         backoff.fail(self.clock(), message)
         backoff.refused = getattr(exc, "retryable", True) is False
         if unreachable and not backoff.unreachable:
-            backoff.unreachable_since = self.clock()
+            backoff.unreachable_since, backoff.unreachable_at = self.clock(), self.wall()
         backoff.unreachable = unreachable
         if unreachable and self.clock() < (lost_at := backoff.unreachable_since + self.lost_after):
             # declared lost only by a try that fails once its loss time has come, not by a

@@ -375,7 +375,7 @@ class Reconciler:
         sites, models, deployments = desired.sites, desired.models, desired.deployments
         deleted = await self.store.run(self.store.deleted_sites)  # read after the Sites: one declared again is in both
         if self._inherit:
-            await self._inherit_sources()
+            await self._inherit_observed()
         await self.dc_sync.observe(sites, deleted)
         placements = tuple(await self.store.run(self.store.placements))
         agents = tuple(self.hub.snapshot())
@@ -413,17 +413,21 @@ class Reconciler:
         return [a.assignments for name in {r.name for r in s.sites} | {agent.site for agent in s.agents}
                 if (a := self.hub.assignments(name)) is not None]
 
-    async def _inherit_sources(self) -> None:
-        """A new leader (or a control plane that restarted) takes the sources of the versions
-        in use that the last leader published: agents may be kept on one no Model names."""
+    async def _inherit_observed(self) -> None:
+        """A new leader (or a control plane that restarted) takes from what the last leader
+        published it observed the sources of the versions in use (agents may be kept on one
+        no Model names) and each data centre's last observation (one out of reach is routed
+        as last observed, and declared lost when it would have been)."""
         try:
             got = await self.store.run(self.store.published, observed_mod.PUBLISHED_KEY)
             # decoded off the loop: a large fleet's document takes milliseconds the gateway must not wait
-            inherited = (await asyncio.to_thread(observed_mod.from_text, got[1])).sources if got is not None else {}
+            inherited = await asyncio.to_thread(observed_mod.from_text, got[1]) if got is not None else observed_mod.Observed()
         except ValueError as exc:
-            log.warning("%s; versions agents are kept on that no Model names are served by the leader that sent them only", exc)
-            inherited = {}
-        self._sources = {**self._sources, **inherited}
+            log.warning("%s; versions agents are kept on that no Model names are served by the leader that sent them only, "
+                        "and a data centre out of reach is routed to only once observed", exc)
+            inherited = observed_mod.Observed()
+        self._sources = {**self._sources, **inherited.sources}
+        self.dc_sync.inherit(inherited.datacentres)
         self._inherit = False
 
     async def _record(self, event: store_mod.Event) -> None:

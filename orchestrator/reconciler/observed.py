@@ -18,7 +18,10 @@ of heartbeat times is whether the agent reported since it joined.
 
 The document also says where each version in use came from (``sources``: sha256 -> the
 URI a Model named): a version a halted rollout keeps on some sites is named by no stored
-Model any more, and a new leader could neither check nor serve it without its source.
+Model any more, and a new leader could neither check nor serve it without its source. For
+the same reason a new leader (or a control plane that restarted) takes each data centre's
+last observation from it: one out of reach is routed as it was last observed, and declared
+lost when the old leader would have (``unreachableAt``), not from the new one's first try.
 """
 
 from __future__ import annotations
@@ -147,12 +150,15 @@ def _apps(doc: Mapping[str, Any]) -> dict[str, serve_config.ServeAppStatus]:
 
 def _datacentre_doc(d: snap.DataCentreObservation) -> dict[str, Any]:
     # lastApps: a follower's placements say what the gateway routes to while it is out of reach
+    # unreachableAt: a new leader declares it lost when this one would have
     return {"reachable": d.reachable, "error": d.error, "drift": d.drift, "lost": d.lost, "refused": d.refused,
-            "apps": _apps_doc(d.apps), "lastApps": None if d.last_apps is None else _apps_doc(d.last_apps)}
+            "apps": _apps_doc(d.apps), "lastApps": None if d.last_apps is None else _apps_doc(d.last_apps),
+            "unreachableAt": d.unreachable_at}
 
 
 def _datacentre(d: Mapping[str, Any]) -> snap.DataCentreObservation:
-    # "refused" and "lastApps" are absent from a document an earlier leader wrote
+    # "refused", "lastApps" and "unreachableAt" are absent from a document an earlier leader wrote
     last = d.get("lastApps")
     return snap.DataCentreObservation(d["reachable"], _apps(d["apps"]), d["error"], d["drift"], d["lost"],
-                                      last_apps=None if last is None else _apps(last), refused=d.get("refused", False))
+                                      last_apps=None if last is None else _apps(last), refused=d.get("refused", False),
+                                      unreachable_at=d.get("unreachableAt"))

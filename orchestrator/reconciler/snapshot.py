@@ -65,10 +65,14 @@ class DataCentreObservation:
     # it runs is written off as a lost agent's is (its replicas are placed elsewhere, a
     # drain of it is done), not known gone. Until then it keeps its replicas.
     lost: bool = False
-    # Unreachable: what it ran when this leader last observed it (None: not since it leads,
-    # or since the site moved there), so that one seen running none of ours (drained, then
-    # powered off) is not taken to serve again.
+    # Unreachable: what it ran when last observed, by this leader or the one it took over
+    # from (None: not since either led, or since the site moved there), so that one seen
+    # running none of ours (drained, then powered off) is not taken to serve again.
     last_apps: Mapping[str, serve_config.ServeAppStatus] | None = None
+    # Unreachable: when this outage began (wall clock, seconds since the epoch), as the
+    # leader that first found it out of reach saw it: published with the rest, so that a
+    # leader taking over mid-outage declares it lost when the old one would have.
+    unreachable_at: float | None = None
     # Reachable: the apply being retried was refused (``error``), not failed for a while
     # (Ray starting, say): the deployments waiting on it are Failing, not starting.
     refused: bool = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import pathlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -17,11 +18,19 @@ from typing import Any
 import httpx
 import kmock
 import pytest
+import yaml
 
-from orchestrator.adapters import rayservice
+from orchestrator import server
+from orchestrator.adapters import rayservice, serve_config
 from orchestrator.gateway import wire
+from orchestrator.manifests import schema
+from orchestrator.reconciler import datacentre_sync, observed
+from orchestrator.reconciler import datacentres as dc_mod
+from orchestrator.reconciler import snapshot as snap
+from orchestrator.store import open_store
 from orchestrator.testing import harness
-from tests.controlplane.datacentres import (MODEL, ServeDashboard, bundle, deployment, has_rayservice, kuberay_on, site,
+from orchestrator.testing.postgres import PostgresServer
+from tests.controlplane.datacentres import (MODEL, Cluster, ServeDashboard, bundle, deployment, has_rayservice, kuberay_on, site,
                                             site_events, site_status, start)
 
 
@@ -127,3 +136,131 @@ async def test_a_data_centre_out_of_reach_stays_routed_as_last_observed_until_it
 
         await harness.wait_until(lambda: not published(), 30, what="dc-1 declared lost and its endpoints gone")
         assert (await http.post("/v2/models/m/infer", json=INFER)).status_code == 503
+
+
+
+def outage_of(cp: server.ControlPlane, name: str) -> dict[str, Any]:
+    """What the leader last published it observed of data centre ``name`` ({}: nothing yet)."""
+    found = cp.store.published(observed.PUBLISHED_KEY)
+    return {} if found is None else json.loads(found[1])["datacentres"].get(name, {})
+
+
+def routed_to(cp: server.ControlPlane, name: str) -> list[str]:
+    """The endpoints of data centre ``name`` in the table the leader published."""
+    found = cp.store.published(wire.PUBLISHED_KEY)
+    return [] if found is None else [e["url"] for e in json.loads(found[1])["endpoints"] if e["site"] == name]
+
+
+#: Declared lost 20 s after its outage began: time enough for a new leader to take over first.
+LOST_AFTER = {"resync_s": 0.2, "heartbeat_interval_s": 0.5, "missed_heartbeats": 40}
+
+
+async def out_of_reach(cp: server.ControlPlane, dashboard: ServeDashboard, proxy: ServeProxy) -> float:
+    """dc-1 serving d, then its dashboard down: when the leader ``cp`` says its outage began."""
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        on = f"ray: {{address: '{dashboard.url}', serveUrl: '{proxy.url}'}}"
+        applied = await http.post("/v1/apply", content=bundle(site("dc-1", on=on), MODEL, deployment("d", "dc-1")))
+        assert applied.status_code == 200, applied.text
+    await harness.wait_until(lambda: bool(routed_to(cp, "dc-1")), 30, what="d's endpoint on dc-1")
+    dashboard.stop()
+    await harness.wait_until(lambda: outage_of(cp, "dc-1").get("reachable") is False, 30, what="dc-1 out of reach")
+    began = outage_of(cp, "dc-1")["unreachableAt"]
+    assert isinstance(began, float), outage_of(cp, "dc-1")
+    return began
+
+
+async def routes_as_last_observed(cp: server.ControlPlane, proxy: ServeProxy, began: float) -> None:
+    """The leader ``cp``, which did not lead when dc-1's outage began, routes to it as last
+    observed, says so, and counts the outage from when it ``began``; then declares it lost."""
+    await cp.reconciler.wait_for_pass(cp.reconciler.passes + 2)
+    assert routed_to(cp, "dc-1") == [f"{proxy.url}/ep/dc-1/d/v"]
+    async with httpx.AsyncClient(base_url=cp.http_url, timeout=30) as http:
+        answered = await http.post("/v2/models/m/infer", json=INFER)
+        assert answered.status_code == 200, answered.text
+        [placed] = (await http.get("/v1/placements")).json()["items"]
+        assert placed["state"] == "Unreachable" and "last observed" in placed["reason"], placed
+    assert outage_of(cp, "dc-1")["unreachableAt"] == began, outage_of(cp, "dc-1")
+    await harness.wait_until(lambda: not routed_to(cp, "dc-1"), 60, what="dc-1 declared lost and its endpoints gone")
+
+
+async def test_a_new_leader_routes_a_data_centre_out_of_reach_as_last_observed_until_the_old_ones_loss_time(
+        tmp_path: pathlib.Path, postgres: PostgresServer, serve_site: tuple[ServeDashboard, ServeProxy]) -> None:
+    """The last observation lived in the leader's memory: a replica that took over during the
+    outage had none, so its first pass dropped the data centre's endpoints from every gateway
+    at once, and it counted the loss time again from its own first try. The new leader takes
+    the last observation and when the outage began from what the old one published."""
+    dashboard, proxy = serve_site
+    both = {"kube_factory": kuberay_on(kmock.KubernetesEmulator()), **LOST_AFTER}
+    async with harness.leader_and_follower(tmp_path, postgres.create_database(), both=both) as (fa, fb):
+        assert fa.cp is not None and (b := fb.cp) is not None
+        began = await out_of_reach(fa.cp, dashboard, proxy)
+        await fa.stop()
+        await harness.wait_until(lambda: b.elector is not None and b.elector.leading and b.reconciler.lease is not None, 30, what="b leads")
+        await routes_as_last_observed(b, proxy, began)
+
+
+async def test_a_control_plane_restarted_during_an_outage_routes_the_data_centre_as_last_observed(
+        fleet: harness.Fleet, serve_site: tuple[ServeDashboard, ServeProxy]) -> None:
+    dashboard, proxy = serve_site
+    began = await out_of_reach(await fleet.start_control_plane(kube_factory=kuberay_on(kmock.KubernetesEmulator()), **LOST_AFTER),
+                               dashboard, proxy)
+    await fleet.stop()
+    await routes_as_last_observed(await fleet.start_control_plane(kube_factory=kuberay_on(kmock.KubernetesEmulator()), **LOST_AFTER),
+                                  proxy, began)
+
+
+
+APP = serve_config.ServeAppSpec(name="ep-d.v.dc-1", route_prefix="/ep/dc-1/d/v", model_name="m", runtime="ray-serve", num_replicas=1,
+                                import_path="pkg.mod:app")
+
+
+class Leaders:
+    """Data-centre syncs of successive leaders over one store and one cluster (dc-1), on
+    clocks of the test's: each leader's own monotonic clock, one wall clock."""
+
+    def __init__(self, tmp_path: pathlib.Path) -> None:
+        self.cluster, self.wall = Cluster(), 1000.0
+        self.cluster.running = {APP.name: APP}
+        self.datacentres = dc_mod.DataCentres(dc_mod.LocalRay(), kube_factory=lambda name, spec: self.cluster)
+        self.store = open_store(tmp_path / "state.db")
+        self.sites = [snap.SiteRecord("dc-1", {}, schema.SiteSpec.model_validate(yaml.safe_load(site("dc-1"))["spec"]))]
+
+    def leader(self, clock: list[float]) -> datacentre_sync.DataCentreSync:
+        return datacentre_sync.DataCentreSync(self.store, self.datacentres, clock=lambda: clock[0], lease=lambda: None, lost_after=60.0,
+                                              wall=lambda: self.wall)
+
+
+async def test_a_leader_that_takes_over_mid_outage_declares_the_data_centre_lost_when_the_old_one_would_have(tmp_path: pathlib.Path) -> None:
+    """The old leader finds the cluster out of reach at wall time 1000; 60 s make it lost.
+    The new one takes over 50 s in: it routes as last observed, and 10 s later, not 60, it is lost."""
+    fleet = Leaders(tmp_path)
+    old = fleet.leader([5.0])
+    await old.observe(fleet.sites)
+    fleet.cluster.down = True
+    await old.observe(fleet.sites)
+    assert old.observed["dc-1"].unreachable_at == 1000.0
+
+    fleet.wall += 50
+    clock = [80000.0]
+    new = fleet.leader(clock)
+    new.inherit(observed.from_text(observed.to_text(observed.Observed(datacentres=old.observed))).datacentres)
+    await new.observe(fleet.sites)
+    first = new.observed["dc-1"]
+    assert (first.reachable, first.lost, list(first.routed)) == (False, False, [APP.name]), first
+    for _ in range(2):  # its retry is due at the loss time at the latest
+        fleet.wall, clock[0] = fleet.wall + 5, clock[0] + 5
+        await new.observe(fleet.sites)
+    assert new.observed["dc-1"].lost and not new.observed["dc-1"].routed
+    assert [e.action for e in fleet.store.events(kind="Site", name="dc-1", limit=100)].count("datacentre-error") == 1  # one outage
+
+
+async def test_a_data_centre_an_earlier_versions_leader_found_out_of_reach_is_not_routed_as_last_observed(tmp_path: pathlib.Path) -> None:
+    """Its document says not when the outage began: routed as last observed, one it had
+    declared lost would be routed to again for a whole loss time."""
+    fleet = Leaders(tmp_path)
+    fleet.cluster.down = True
+    running = serve_config.ServeAppStatus(APP.name, serve_config.ServeAppState.RUNNING, "", 1, 1, "http://127.0.0.1:9/ep/dc-1/d/v")
+    new = fleet.leader([0.0])
+    new.inherit({"dc-1": snap.DataCentreObservation(False, error="down", lost=True, last_apps={APP.name: running})})
+    await new.observe(fleet.sites)
+    assert not new.observed["dc-1"].routed
