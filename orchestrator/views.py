@@ -168,11 +168,8 @@ def _replica_state(s: snap.Snapshot, row: Any, holding: Collection[tuple[str, st
     if dc is None or not dc.reachable:
         why = dc.error if dc is not None and dc.error else "the data centre does not answer"
         # not seen, so not counted ready; but not gone either: the gateway still routes to it
-        last = dc.routed.get(planning.app_name(row.site, row.deployment, row.variant)) if dc is not None else None
-        if last is not None and last.replicas_running:
-            why += (f"; routed to as last observed ({last.status.value}, {last.replicas_running} running) until it answers "
-                    "or is declared lost")
-        return {"state": "Unreachable", "ready": 0, "reason": why}
+        routed = dc.routed_unseen(planning.app_name(row.site, row.deployment, row.variant)) if dc is not None else ""
+        return {"state": "Unreachable", "ready": 0, "reason": "; ".join(filter(None, [why, routed]))}
     app = dc.apps.get(planning.app_name(row.site, row.deployment, row.variant))
     if app is None:
         return unsent or {"state": "Pending", "ready": 0, "reason": "the Serve application is not deployed yet"}

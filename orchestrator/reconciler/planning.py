@@ -436,7 +436,7 @@ def deployment_status(s: snap.Snapshot, d: snap.DeploymentRecord, plan: sched_re
         if dc is not None:
             app = dc.apps.get(app_name(r.site, d.name, r.variant))
             if not dc.reachable or dc.refused:  # a refused apply is the operator's to fix; a retryable one is retried
-                problems.append(f"{r.site}: {dc.error}")
+                problems.append("; ".join(filter(None, [f"{r.site}: {dc.error}", dc.routed_unseen(app_name(r.site, d.name, r.variant))])))
             elif app is not None and app.status in (serve_config.ServeAppState.DEPLOY_FAILED, serve_config.ServeAppState.UNHEALTHY):
                 problems.append(f"{r.site}: {app.status.value}: {app.message}")
             elif app is not None and app.message and app.replicas_running < app.replicas_target:

@@ -87,6 +87,16 @@ class DataCentreObservation:
             return self.apps
         return {} if self.lost else self.last_apps or {}
 
+    def routed_unseen(self, app: str) -> str:
+        """Out of reach, what the gateway still routes to of application ``app``, as last
+        observed ("" nothing). Not seen, those replicas are not counted ready; the placement
+        and the deployment say that they are routed to, or either would read as if nothing
+        answered where the gateway answers."""
+        last = None if self.reachable else self.routed.get(app)
+        if last is None or last.endpoint_url is None or last.replicas_running < 1:  # as the endpoint table takes them
+            return ""
+        return f"routed to as last observed ({last.status.value}, {last.replicas_running} running) until it answers or is declared lost"
+
 
 @dataclass(frozen=True)
 class ArtifactRef:

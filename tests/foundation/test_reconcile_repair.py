@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from orchestrator import views
 from orchestrator.agents import model as agent_model
 from orchestrator.gateway import routing
 from orchestrator.reconciler import actions as act
@@ -193,3 +194,24 @@ def test_a_deployment_whose_data_centre_fails_an_apply_for_a_while_is_starting_n
     assert status["phase"] != "Failing", status
     (published,) = [a for a in plan.actions if isinstance(a, act.PublishEndpoints)]
     assert "assistant" in published.starting, published
+
+
+def test_a_deployment_served_by_a_data_centre_out_of_reach_says_it_is_routed_there_as_last_observed() -> None:
+    """Its placement said the replicas there were routed to as last observed, and the gateway
+    answered from them, but the deployment said only the data centre's error, 0 ready: as
+    if nothing answered. Both now say it, and count them alike (not seen, so not ready)."""
+    from .test_maintenance_planning import _at_rest, _deployment_status  # it imports this module
+
+    s = _at_rest()
+    paris = s.datacentres["dc-paris"]
+    error = "HTTP 503: the API server is shutting down"
+    s = dataclasses.replace(s, datacentres={**s.datacentres, "dc-paris": snap.DataCentreObservation(False, error=error, last_apps=paris.apps)})
+    rows = [r for r in s.placements if (r.site, r.deployment) == ("dc-paris", "doc-fields-fr")]
+    assert rows
+    routed = f"routed to as last observed (RUNNING, {rows[0].replicas} running) until it answers or is declared lost"
+    status = _deployment_status(planning.plan_pass(s), "doc-fields-fr")
+    assert f"dc-paris: {error}; {routed}" in str(status["reason"]), status
+    [placed] = views.placements(s, rows)["items"]
+    assert (placed["state"], placed["ready"], placed["reason"]) == ("Unreachable", 0, f"{error}; {routed}"), placed
+    mine = [r for r in s.placements if r.deployment == "doc-fields-fr"]
+    assert status["readyReplicas"] == sum(p["ready"] for p in views.placements(s, mine)["items"]), status
