@@ -569,8 +569,11 @@ def plan_pass(s: snap.Snapshot, standing: standing_mod.Standing | None = None) -
     out.append(act.PublishEndpoints(endpoints(s, rows, assigned), regions, deployed, frozenset(cold), frozenset(starting)))
     out.append(act.PublishCascades(cascade_routes(s)))
     for site, assignments in assigned.items():
-        # a site still rejoining is sent nothing: what it gets on its return is the plan then
-        if assignments != s.assignments.get(site) and site not in s.rejoining:
+        # A site with no agent here (still rejoining, or not back in time and planned as lost)
+        # is sent nothing: the hub hands a site's last set to its agent as it joins, and the
+        # agent unloads at once what that set leaves out, though the pass its join starts may
+        # give it straight back. What an agent gets on its return is the plan then.
+        if assignments != s.assignments.get(site) and site in s.agent_by_site:
             out.append(act.PushAssignments(site, assignments))
     out.extend(act.ForgetAgent(site) for site in agents_to_forget(s.agents, {r.name for r in s.sites}))
     for site, apps in serve_apps(s, rows).items():
