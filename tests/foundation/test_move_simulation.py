@@ -32,7 +32,7 @@ def _fleet(first: str, second: str | None, cores_a: int = 8) -> snap.Snapshot:
         manifests.deployment("first", "m1", 1, {"residency": ["FR"], "siteSelector": {"zone": first}}),
         manifests.deployment("second", "m2", 1, {"residency": ["FR"], **({"siteSelector": {"zone": second}} if second else {})}))
     s = test_views.example_snapshot(loader.load_text(text))
-    agents = [test_reconcile_repair._joined(f"edge-{z}") for z in "abc"]
+    agents = [test_reconcile_repair.joined(f"edge-{z}") for z in "abc"]
     agents[0] = dataclasses.replace(agents[0], capacity=dataclasses.replace(agents[0].capacity, cpu_cores=cores_a))
     return dataclasses.replace(s, agents=tuple(agents))
 
