@@ -30,6 +30,14 @@ from orchestrator.testing import ray_cluster as ray_cluster_harness
 # in every process edgeplane runs it (docs/security.md).
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+# Every process a test starts (`edgeplane serve`, `edgeplane-agent`, Ray workers) imports this
+# checkout's code, as the test process does, even when the virtual environment holds an
+# editable install of another checkout of the project: an installed console script otherwise
+# imports from wherever edgeplane was installed, and the test would drive code it did not read.
+_CHECKOUT = str(pathlib.Path(__file__).resolve().parents[1])
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _CHECKOUT:
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_CHECKOUT, os.environ.get("PYTHONPATH", "")]))
+
 # A suite started in the background of a shell without job control (`nohup make test &` in a
 # script) starts with SIGINT ignored, and every process it starts inherits that: a test that
 # stops a CLI with SIGINT, as a user's Ctrl-C does, would wait for it forever.
