@@ -5,7 +5,8 @@ an admin action, and every read and delete is written to the event log (``action
 ``capture-read`` / ``capture-delete``, actor, zone, how many records read or whether the
 one to erase was found) — the audit trail an operator shows a data protection officer.
 
-- ``GET /v1/captures/{zone}?deployment=NAME&limit=N`` — the newest N (1 to 10,000) record summaries (no payloads);
+- ``GET /v1/captures/{zone}?deployment=NAME&limit=N`` — the newest N (1 to 10,000; 100 when not given) record
+  summaries, oldest first (no payloads);
   ``&payload=true`` adds the base64 request and answer bodies. The zone's expired records
   are purged first (each deployment's current retention).
 - ``DELETE /v1/captures/{zone}/{id}`` — erase one record (a data subject's request). Its
@@ -73,7 +74,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             zs = captures.zone(zone)
             zs.purge(clock(), retention)
             items = []
-            for r in zs.records(deployment, now=clock(), limit=limit):
+            for r in zs.records(deployment, now=clock(), limit=limit, newest=True):
                 item = r.summary()
                 item["capturedAt"], item["expiresAt"] = catalog.rfc3339(r.captured_at), catalog.rfc3339(r.expires_at)
                 if payload:

@@ -132,5 +132,5 @@ def add_parsers(client_parser: Any, with_output: Any) -> None:
     sp = with_output(client_parser("captures", help="captured cascade records of one residency zone (admin; audited)"))
     sp.add_argument("zone", help="the residency zone the records are kept in: EU, or a country code such as CH")
     sp.add_argument("--deployment", help="only records of this cascade deployment")
-    sp.add_argument("--limit", type=argtypes.item_count, default=100, help="how many, 1 to 10000 (default 100)")
+    sp.add_argument("--limit", type=argtypes.item_count, default=100, help="how many of the newest records, 1 to 10000 (default 100)")
     sp.add_argument("--delete", metavar="ID", help="erase one record")

@@ -128,17 +128,19 @@ class ZoneStore:
                             for r in records])
 
     def records(self, deployment: str | None = None, *, model: str | None = None, now: float, retention_s: float | None = None,
-                limit: int = 1_000_000) -> list[Record]:
-        """Unexpired records (of ``deployment`` serving ``model``, when given), oldest first;
-        ``retention_s``, the deployment's current retention, expires them too when it is shorter
-        than the one they were captured under."""
+                limit: int = 1_000_000, newest: bool = False) -> list[Record]:
+        """Unexpired records (of ``deployment`` serving ``model``, when given), oldest first: the
+        ``limit`` oldest, or with ``newest`` the ``limit`` newest (what was just captured, which
+        an erasure asks after); ``retention_s``, the deployment's current retention, expires
+        them too when it is shorter than the one they were captured under."""
         sql, args = "SELECT * FROM records WHERE expires_at > ?", [now]
         if retention_s is not None:
             sql, args = sql + " AND captured_at > ?", [*args, now - retention_s]
         sql, args = _of(sql, args, deployment, model)
+        order = " ORDER BY captured_at DESC, id DESC" if newest else " ORDER BY captured_at, id"
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY captured_at, id LIMIT ?", [*args, limit]).fetchall()
-        return [Record(*row) for row in rows]
+            rows = self._db.execute(sql + order + " LIMIT ?", [*args, limit]).fetchall()
+        return [Record(*row) for row in (reversed(rows) if newest else rows)]
 
     def holds(self, record_id: str) -> bool:
         with self._lock:

@@ -552,3 +552,18 @@ def test_a_capture_read_whose_limit_is_not_a_whole_number_in_range_is_refused(tm
         refused = client.get("/v1/captures/EU", params={"limit": limit})
         assert refused.status_code == 400, refused.text[:300]
         assert refused.json()["error"].startswith("limit must be a whole number from 1 to 10,000")
+
+
+def test_a_capture_read_with_a_limit_answers_the_newest_records(tmp_path: pathlib.Path) -> None:
+    """A data subject asks to erase what was just captured of them: with more records in the
+    zone than a read may answer, the newest must be among those listed, or no ID to erase
+    is ever shown. The answer lists them oldest first, as the event log's newest N."""
+    with captures_of_one_record(tmp_path) as client:
+        stores = capture_store.ZoneStores(tmp_path / "captures")
+        now = 10 * capture.DAY_S
+        later = [record_of("dep", "EU", now - 60 + i) for i in range(1, 4)]
+        stores.zone("EU").add(later)
+        stores.close()
+        got = client.get("/v1/captures/EU", params={"limit": "2"})
+        assert got.status_code == 200, got.text[:300]
+        assert [i["id"] for i in got.json()["items"]] == [later[1].id, later[2].id]
