@@ -22,6 +22,9 @@ What it does, in order, and why nothing is published otherwise:
    in the store at that moment: one revoked (on any replica) or expired during the run
    publishes nothing (``failed``). Those reads are a store call of their own, before the
    apply's: a store that does not answer them has applied nothing, and the result says so.
+   Before them the zone's records are read again: a record the run trained on that was
+   erased meanwhile (not expired) publishes nothing either, and the candidate, derived from
+   it, is deleted (``failed``, saying how many).
    One run per deployment at a time.
 
 The result's ``state`` says how the run ended: ``published``, ``rejected`` (the gate kept
@@ -40,7 +43,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -171,6 +174,15 @@ def _summary(result: dict[str, Any]) -> str:
     return (f"not published: {why}" + (f" ({measured})" if measured else ""))[:500]
 
 
+def erased_meanwhile(read: Sequence[tuple[str, float, float]], held: set[str], now: float, retention_s: float) -> int:
+    """How many of the records a run ``read`` (id, captured at, expires at) its zone no longer
+    ``held`` though none of them is due to expire by ``now`` (by its own expiry or the
+    deployment's retention): erased while the run trained (a data subject's erasure; or
+    purged, capture turned off meanwhile), not expired."""
+    return sum(1 for record_id, captured_at, expires_at in read
+               if record_id not in held and now < min(expires_at, captured_at + retention_s))
+
+
 def state_of(result: dict[str, Any]) -> str:
     """How a run ended, in one word (see the module's docstring)."""
     if result.get("published"):
@@ -238,6 +250,7 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
 
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        read: list[tuple[str, float, float]] = []  # (id, captured at, expires at) of each record the run trains on
 
         def progress(p: dict[str, object]) -> None:
             loop.call_soon_threadsafe(lines.put_nowait, {"progress": p})
@@ -249,7 +262,22 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
             policy = plan["spec"].cascade.capture  # its retentionDays now, not when a record was captured
             records = captures.zone(plan["zone"]).records(name, model=plan["spec"].model, now=clock(),
                                                           retention_s=policy.retentionDays * capture_mod.DAY_S)
+            read.extend((r.id, r.captured_at, r.expires_at) for r in records)
             return _run(plan, records, progress)
+
+        def erased() -> str | None:
+            """Why the student must not be published when records it trained on were erased
+            since they were read (it learned from them); None when none was."""
+            try:
+                held = captures.zone(plan["zone"]).held([r[0] for r in read])
+            except (sqlite3.Error, OSError) as exc:
+                return f"the zone's records could not be read again to check that none was erased during the run: {exc}"
+            n = erased_meanwhile(read, held, clock(), plan["spec"].cascade.capture.retentionDays * capture_mod.DAY_S)
+            if not n:
+                return None
+            return (f"{n} of the records it trained on {'was' if n == 1 else 'were'} erased during the run (a data subject's "
+                    f"erasure, or capture turned off): the student learned from {'it' if n == 1 else 'them'}, so it is not "
+                    f"published and its file is deleted; run it again to train on the records kept")
 
         async def produce() -> None:
             try:
@@ -306,6 +334,13 @@ def routes(authenticator: auth.Authenticator, store: store_mod.Store, captures: 
                                                                                         result["artifact"])),
                                                actor=caller.identity, reason=f"distill {name}: new {plan['edge']} artifact")
 
+            if (why := await asyncio.to_thread(erased)) is not None:
+                # the candidate is derived from the erased records: not kept where it was written
+                kept = plan["root"] / result["artifact"]["uri"]
+                if kept.resolve() != plan["current"].resolve():
+                    await asyncio.to_thread(kept.unlink, missing_ok=True)
+                unpublished = {k: v for k, v in result.items() if k != "artifact"}
+                return {**unpublished, "published": False, "error": f"the new Model was not applied: {why}"}
             # Checked in a call of its own, which writes nothing: a store that does not answer it
             # is told apart from one that does not answer the apply, which may have landed.
             try:

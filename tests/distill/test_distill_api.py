@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 from edgeplane_proto import oip
 from orchestrator import catalog
 from orchestrator.api import auth
+from orchestrator.api import captures as captures_api
 from orchestrator.api import distill as distill_api
 from orchestrator.artifacts.catalog import ArtifactCatalog
 from orchestrator.distill import store as capture_store
@@ -205,6 +206,26 @@ async def test_a_run_whose_admin_token_is_revoked_meanwhile_publishes_nothing(pl
     assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == before
     [event] = [e for e in plane.store.events(limit=100) if e.action == "distill"]
     assert event.reason.startswith("not published: the new Model was not applied: the token"), event.reason
+
+
+async def test_a_record_erased_while_a_run_trains_is_in_no_student_it_publishes(plane: Plane) -> None:
+    """A data subject's erasure lands while the run trains on what it read before: the
+    student learned from the erased record, so it is not published, and its file, a copy
+    derived from the record, is not kept either."""
+    plane.capture(2000)
+    before = plane.store.get("Model", "task").spec["variants"][0]["artifact"]
+    erased = plane.captures.zone("EU").records(now=NOW, limit=1)[0].id
+    app = Starlette(routes=[*plane.app().routes, *captures_api.routes(auth.Authenticator(plane.store, required=False), plane.store,
+                                                                        plane.captures, clock=lambda: NOW)])
+
+    async def meanwhile() -> None:
+        assert (await http.delete(f"/v1/captures/EU/{erased}")).status_code == 200
+    async with serving(app) as http:
+        result = await run_while(http, meanwhile)
+    assert not result["published"] and result["state"] == "failed", result
+    assert "1 of the records it trained on was erased" in result["error"], result["error"]
+    assert plane.store.get("Model", "task").spec["variants"][0]["artifact"] == before
+    assert list((plane.artifacts / "distilled").glob("*.onnx")) == []
 
 
 async def test_a_run_whose_publish_the_store_refuses_still_ends_with_its_result(plane: Plane) -> None:
