@@ -112,8 +112,9 @@ async def test_a_stage_at_capacity_hands_over_to_the_next_stage() -> None:
     assert not table.ejected()
 
 
-@pytest.mark.parametrize(("said", "passed_on"), [("7", "7"), ("999999999", "60"), ("Fri, 01 Jan 2100 00:00:00 GMT", "1")],
-                         ids=["seconds", "31-years", "a-date"])
+@pytest.mark.parametrize(("said", "passed_on"), [("7", "7"), ("999999999", "60"), ("Fri, 01 Jan 2100 00:00:00 GMT", "60"),
+                                                 ("Wed, 21 Oct 2015 07:28:00 GMT", "1")],
+                         ids=["seconds", "31-years", "a-date-far-off", "a-date-past"])
 async def test_a_cascade_whose_last_stage_is_at_capacity_answers_429_with_its_retry_after(said: str, passed_on: str) -> None:
     """The replica's Retry-After within 1 to 60 s, as a 503's: a client that honours it waits no longer."""
     async with replica(at_capacity("1")) as edge, replica(at_capacity(said)) as dc:
