@@ -19,6 +19,7 @@ import pathlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -101,8 +102,12 @@ class Agent:
         probe: capacity.CapacityProbe | None = None,
         load_model: registry.Loader | None = None,
         model_retry: registry.RetryPolicy | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: this machine's wall clock, which the uplink reads (certificate dates,
+        the times its heartbeats are sent)."""
         self.config = config
+        self._clock = clock
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._probe = probe or capacity.CapacityProbe(onnx.available_providers)
         # the cores this process may use (affinity, cgroup quota), which it reports too: a
@@ -247,6 +252,7 @@ class Agent:
             self._receive_assignments,
             agent_tls=None if cfg.insecure else tls.AgentTls(
                 cfg.data_dir, cfg.join_address, cfg.ca_file, cfg.ca_sha256),
+            clock=self._clock,
         )
         self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         log.info("agent for site %s serving v2 on %s (%d inference threads)", cfg.site, self.endpoint_url, self.workers)

@@ -151,27 +151,44 @@ class AgentTls:
         return self.data_dir / "agent.crt.renewal.json"
 
     async def renewal_time(self) -> tuple[float, float]:
-        """(when to renew the saved certificate, when it expires), as Unix times. Read
-        from the certificate once (by the identity tool) and kept next to it, keyed by its
-        digest, so that a restart costs no child process."""
+        """(when to renew the saved certificate, when it expires), as Unix times by this
+        machine's clock. Read from the certificate once (by the identity tool) and kept next
+        to it, keyed by its digest, so that a restart costs no child process.
+
+        A certificate received (:meth:`save`'s ``received_at``) before it begins by this
+        machine's clock was made by a control plane whose clock is ahead of this one by as
+        much at least (it backdates by a few minutes only): both times are moved earlier by
+        that much, or the renewal, two thirds into the certificate's life by this clock,
+        could come after its end by the control plane's, which then refuses it."""
         cert = self.cert_path.read_bytes()
         digest = hashlib.sha256(cert + self.key_path.read_bytes()).hexdigest()
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        kept: Any = None
+        with contextlib.suppress(OSError, ValueError):
             kept = json.loads(self.schedule_path.read_text())
-            if kept["sha256"] == digest:
-                return float(kept["renewAt"]), float(kept["expires"])
+        kept = kept if isinstance(kept, dict) and kept.get("sha256") == digest else {}
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            return float(kept["renewAt"]), float(kept["expires"])
+        received_at = kept.get("receivedAt")  # saved with the certificate, its dates not read yet
+        if not isinstance(received_at, (int, float)) or isinstance(received_at, bool):
+            received_at = None
         # the tool checks that the key is the certificate's too (errors.CertificateUnusable)
         dates = await _identity_tool("validity", str(self.cert_path), str(self.key_path))
         not_before, not_after = float(dates["notBefore"]), float(dates["notAfter"])
-        renew_at = not_before + (not_after - not_before) * RENEW_AT
+        behind = max(0.0, not_before - received_at) if received_at is not None else 0.0
+        renew_at = not_before + (not_after - not_before) * RENEW_AT - behind
+        schedule: dict[str, Any] = {"sha256": digest, "renewAt": renew_at, "expires": not_after - behind}
+        if received_at is not None:
+            schedule["receivedAt"] = received_at
         with contextlib.suppress(OSError):  # only a cache: a read-only disk costs a child process per start
-            state.write_atomic(self.schedule_path, {"sha256": digest, "renewAt": renew_at, "expires": not_after}, 0o600)
-        return renew_at, not_after
+            state.write_atomic(self.schedule_path, schedule, 0o600)
+        return renew_at, not_after - behind
 
-    def save(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes) -> None:
+    def save(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes, received_at: float | None = None) -> None:
         """Replace key and certificate as a pair: both are written beside the old ones
         (``.new``), then renamed key first; :meth:`recover` finishes or drops a pair that a
-        crash interrupted, so the two never stay mismatched."""
+        crash interrupted, so the two never stay mismatched. ``received_at``: when the
+        control plane's answer came, by this machine's clock (:meth:`renewal_time` compares
+        it with the certificate's start); kept beside the certificate, best effort."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if ca_pem and self.ca_file is None:
             state.write_bytes_atomic(self.saved_ca_path, ca_pem, 0o600)
@@ -180,6 +197,10 @@ class AgentTls:
         state.write_bytes_atomic(cert_new, certificate_pem, 0o600)
         os.replace(key_new, self.key_path)
         os.replace(cert_new, self.cert_path)
+        if received_at is not None:
+            digest = hashlib.sha256(certificate_pem + key_pem).hexdigest()
+            with contextlib.suppress(OSError):  # without it the certificate's dates alone set the renewal
+                state.write_atomic(self.schedule_path, {"sha256": digest, "receivedAt": received_at}, 0o600)
 
     def set_aside(self) -> list[pathlib.Path]:
         """Rename an unusable key and certificate to ``<name>.unreadable``, so that the

@@ -348,7 +348,7 @@ class Uplink:
         if not response.certificate_pem:
             raise errors.JoinRefused("the control plane issued no client certificate; is it running with --insecure-agents?")
         self._answered = True
-        agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
+        agent_tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode(), received_at=self._clock())
         self._renew_at = self._expires = None
         self._adopt(state.Identity(self._facts.site, response.agent_id, response.credential))
         log.info("enrolled: client certificate for site %s issued by the control plane's CA", self._facts.site)
@@ -441,7 +441,7 @@ class Uplink:
             self._renewal_failed("the control plane issued no new client certificate")
             return
         try:
-            self._tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode())
+            self._tls.save(key_pem, response.certificate_pem.encode(), response.ca_pem.encode(), received_at=self._clock())
         except OSError as exc:
             self._renewal_failed(f"cannot save the renewed certificate: {exc}")
             return

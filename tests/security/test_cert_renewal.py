@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from edge_agent import daemon
 from edge_agent import tls as agent_tls
 from edgeplane_proto import identity
 from orchestrator.testing import harness
@@ -38,6 +39,42 @@ async def test_an_agent_renews_its_certificate_twice_and_outlives_the_first(tmp_
         assert "cryptography" not in maps  # keys, CSRs and dates came from a child process
         assert "renewed" in agent.log()
     finally:
+        await fleet.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_agent_whose_clock_is_behind_renews_before_its_certificate_expires(tmp_path: pathlib.Path) -> None:
+    """An edge machine's clock a while behind the control plane's (no NTP since it was powered
+    off): by its own clock the certificate it receives begins later than it does, and two
+    thirds into its life by that clock is past its end by the control plane's, which then
+    refuses it (the agent must enrol again with a new bootstrap token). The agent's clock is
+    its uplink's, injected; TLS itself checks by the machine's (right) clock."""
+    fleet = harness.Fleet(tmp_path)
+    agent = None
+    try:
+        # 9 s certificates, renewed about 6 s in: an agent 6 s behind would ask 12 s in, after its expiry
+        cp = await fleet.start_control_plane(agent_cert_ttl_s=9.0)
+        assert cp.ca_file is not None
+        data_dir = tmp_path / "agent"
+        agent = daemon.Agent(daemon.AgentConfig(
+            control_plane=cp.agent_target, site="edge-a", token=harness.BOOTSTRAP_TOKEN, data_dir=data_dir, listen_port=0,
+            heartbeat_interval=0.5, ca_file=cp.ca_file, join_address=cp.agent_join_target, workers=1, country="FR",
+            lat=48.8, lon=2.3), clock=lambda: time.time() - 6.0)
+        await agent.start()
+        cert_path = data_dir / "agent.crt"
+        await harness.wait_until(cert_path.exists, 30, what="enrolment")
+        first = cert_path.read_bytes()
+        # renewed (the control plane signs a renewal only over a certificate still valid) ...
+        await harness.wait_until(lambda: cert_path.read_bytes() != first, 30, interval=0.1, what="the renewal")
+        renewed = cert_path.read_bytes()
+        assert identity.site_of(renewed) == "edge-a"
+        # ... and heard from over mutual TLS with the new certificate once the first has expired
+        await harness.wait_until(lambda: time.time() > identity.validity(first)[1] + 1, 30, what="first certificate expired")
+        after = await asyncio.wait_for(cp.hub.next_heartbeat("edge-a"), 10)
+        assert after.healthy
+    finally:
+        if agent is not None:
+            await agent.stop()
         await fleet.stop()
 
 
