@@ -174,7 +174,11 @@ class Uplink:
         backoff: RetryPolicy = RECONNECT,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: the wall clock, for what is dated (certificates, heartbeats' send
+        times); ``monotonic``: for how long a session lasted, which a step of the wall clock
+        (NTP, a virtual machine resumed) must not lengthen or shorten."""
         # several control-plane replicas: a session that cannot be had moves to the next address
         self._targets = [target] if isinstance(target, str) else list(target)
         if not self._targets:
@@ -189,6 +193,7 @@ class Uplink:
         self._backoff = backoff
         self._rng = rng or random.Random()
         self._clock = clock
+        self._monotonic = monotonic
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.interval = _asked_interval(facts.heartbeat_interval) or DEFAULT_HEARTBEAT_S  # until the join answers
@@ -219,7 +224,7 @@ class Uplink:
         attempt = 0
         while not self._stopping.is_set():
             self._answered = False
-            started = self._clock()
+            started = self._monotonic()
             try:
                 await self._session()
             except errors.RenewalDue:
@@ -231,7 +236,7 @@ class Uplink:
                 _report(exc)
             if self._stopping.is_set():
                 return
-            if self._answered and self._clock() - started >= self.interval:
+            if self._answered and self._monotonic() - started >= self.interval:
                 # The control plane answered and the session lasted a heartbeat: it restarted
                 # or dropped us, not an outage. One that ends every session at once (a crash
                 # loop) keeps the ladder climbing, so a fleet does not rejoin it in a storm.

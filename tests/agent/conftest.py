@@ -10,6 +10,7 @@ import http.server
 import pathlib
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -240,6 +241,7 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
         cp: ControlPlane,
         site: str = SITE,
         model_retry: registry.RetryPolicy | None = None,
+        clock: Callable[[], float] = time.time,
         **overrides: object,
     ) -> daemon.Agent:
         config = daemon.AgentConfig(
@@ -259,7 +261,7 @@ async def make_agent(tmp_path: pathlib.Path) -> AsyncIterator[MakeAgent]:
             labels={"tier": "edge"},
             **overrides,  # type: ignore[arg-type]
         )
-        agent = daemon.Agent(config, model_retry=model_retry or registry.RetryPolicy())
+        agent = daemon.Agent(config, model_retry=model_retry or registry.RetryPolicy(), clock=clock)
         await agent.start()
         started.append(agent)
         return agent

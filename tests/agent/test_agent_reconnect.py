@@ -5,8 +5,11 @@ restarted on the same address; the delays are read from the agent's own log."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -43,13 +46,14 @@ async def answered(cp: ControlPlane) -> None:
 
 
 async def restart_after_each_join(make_agent: MakeAgent, caplog: pytest.LogCaptureFixture, connected_s: float,
-                                  restarts: int = RESTARTS, heartbeat_s: float = HEARTBEAT_S) -> list[float]:
+                                  restarts: int = RESTARTS, heartbeat_s: float = HEARTBEAT_S,
+                                  clock: Callable[[], float] = time.time) -> list[float]:
     """Restart the control plane ``restarts`` times, each ``connected_s`` after the agent
-    joined it; the reconnect delays that followed the joins."""
+    (its wall clock ``clock``) joined it; the reconnect delays that followed the joins."""
     caplog.set_level(logging.INFO, logger="edge_agent.uplink")
     cp = await start_control_plane(heartbeat_interval=heartbeat_s)
     port = cp.server.port
-    await make_agent(cp)
+    await make_agent(cp, clock=clock)
     try:
         for _ in range(restarts):
             await cp.events.wait_for(lambda e: e.kind is model.AgentEventKind.JOINED and e.site == SITE)
@@ -69,6 +73,17 @@ async def test_restarts_that_each_come_back_do_not_climb_the_backoff(make_agent:
     # Each session lasts a heartbeat or two (0.2 s here): far shorter than the four the ladder used to need.
     delays = await restart_after_each_join(make_agent, caplog, connected_s=2 * HEARTBEAT_S)
     # The first step of the ladder each time (jittered between half and all of it; the log rounds to 0.1 s).
+    assert all(d <= round(RECONNECT.initial, 1) for d in delays), delays
+
+
+async def test_a_wall_clock_stepped_back_during_sessions_does_not_climb_the_backoff(
+        make_agent: MakeAgent, caplog: pytest.LogCaptureFixture) -> None:
+    """An edge machine's wall clock stepped back (NTP correcting one that ran ahead, a virtual
+    machine resumed): a session that lasted heartbeats looked as if it had lasted less than
+    none, as a crash loop's do, and each reconnect waited a step higher up the ladder."""
+    steps = itertools.count()
+    delays = await restart_after_each_join(make_agent, caplog, connected_s=2 * HEARTBEAT_S,
+                                           clock=lambda: time.time() - 3600.0 * next(steps))  # an hour back at each read
     assert all(d <= round(RECONNECT.initial, 1) for d in delays), delays
 
 
