@@ -65,7 +65,8 @@ def cmd_apply(api: ApiClient, args: argparse.Namespace) -> int:
 def cmd_plan(api: ApiClient, args: argparse.Namespace) -> int:
     result = _post_apply(api, args, dry_run=True)
     if args.output in ("json", "yaml"):
-        render.dump(result["plan"], args.output)
+        # what the table says, whole: each object's would-be action, then the replica plan
+        render.dump({"results": result["results"], **result["plan"]}, args.output)
         return 0
     for r in result["results"]:
         print(f"{r['kind'].lower()}/{r['name']} would be {r['action']}")

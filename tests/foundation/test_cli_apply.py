@@ -146,3 +146,19 @@ def test_repeated_f_is_one_atomic_bundle(serve: support.ServeProcess, applied, t
     out = ok("delete", *everything, server=serve, stdin=stdin).splitlines()
     assert out == ["modeldeployment/multi-dep deleted", "model/multi-model deleted", "site/edge-multi deleted", "site/edge-stdin deleted"]
     assert cli("apply", "-f", "-", "-f", "-", server_url=serve.url, stdin="").returncode == 2
+
+
+def test_plan_as_json_or_yaml_says_which_objects_would_change(serve: support.ServeProcess, applied, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """A script reads plan -o json to learn what an apply would change: an object changed
+    with no replica moving (more CPU on a site) is a change all the same, as the table says."""
+    path = tmp_path / "bigger.yaml"
+    path.write_text(doc("Site", "edge-lyon", {**support.edge_site_spec(), "capacity": {"cpu": 12, "memoryGiB": 48}}) + "---\n"
+                    + doc("Site", "edge-plan-new", support.edge_site_spec()))
+    table = ok("plan", "-f", str(path), server=serve).splitlines()
+    assert table[:2] == ["site/edge-lyon would be configured", "site/edge-plan-new would be created"], table
+    for fmt, parse in (("json", json.loads), ("yaml", yaml.safe_load)):
+        plan = parse(ok("plan", "-f", str(path), "-o", fmt, server=serve))
+        assert [(r["kind"], r["name"], r["action"]) for r in plan["results"]] == [
+            ("Site", "edge-lyon", "configured"), ("Site", "edge-plan-new", "created")], plan
+        assert {"changes", "deployments"} <= plan.keys(), plan  # the replica plan as before
+    assert cli("get", "site", "edge-plan-new", server_url=serve.url).returncode == 1  # plan applied nothing
