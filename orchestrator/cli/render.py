@@ -125,24 +125,34 @@ def _finite(value: Any) -> Any:
 def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """One object a line under a header. A terminal gets its own width (the widest cells end
     in "…", a long REASON at 70 characters); piped output (scripts, grep) gets every cell
-    whole, however wide: a script cannot see what was cut."""
+    whole, however wide: a script cannot see what was cut. Whether stdout is a terminal is
+    asked of stdout itself: rich takes FORCE_COLOR or TTY_COMPATIBLE, which CI pipelines set
+    for coloured logs, for one, and cut a pipe's lines to 80 columns."""
     console = Console()
+    terminal = _stdout_is_terminal()
     # Every string goes in as Text: rich reads "[...]" in a plain str as markup, and the cells
     # hold what users wrote (an event's reason, a token's description): "[incident-42]" vanished
     # and "[/x]" raised MarkupError.
     t = Table(title=Text(title) if title is not None else None, box=None, header_style="bold", pad_edge=False)
     for h in headers:
-        if h in ("REASON",) and console.is_terminal:
+        if h in ("REASON",) and terminal:
             t.add_column(Text(h), no_wrap=True, overflow="ellipsis", max_width=70)
         else:
             t.add_column(Text(h), no_wrap=True)  # one object, one line: tables stay greppable
     for r in rows:
         t.add_row(*[Text(str(c)) for c in r])
-    if console.is_terminal:
+    if terminal:
         console.print(t)
         return
     whole = Measurement.get(console, console.options.update_width(sys.maxsize), t).maximum
     Console(width=whole).print(t)
+
+
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
 
 
 def objects(kind: str, items: list[dict[str, Any]]) -> None:
